@@ -1,0 +1,166 @@
+"""The problem registry: parametrized CVXPY problems built by name.
+
+A catalog module (``convexddn.problems.*``) declares a builder with
+:func:`register`; users list the catalog with :func:`names`, build a
+:class:`ProblemSpec` with :func:`build`, or get a ready
+:class:`~convexddn.layer.ConvexLayer` with :func:`build_layer` (also exported as
+``convexddn.layer``)::
+
+    >>> spec = build("lp_ball", n=512, p=1)
+    >>> layer = build_layer("robust_pool", n=2048, penalty="huber", alpha=1.0)
+
+Builders take keyword options only; unknown option names, missing required ones and
+bad values raise :class:`~convexddn.errors.OptionError` listing what is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from typing import Any, Callable
+
+import cvxpy as cp
+
+from .errors import OptionError
+
+__all__ = ["ProblemSpec", "register", "names", "build", "build_layer", "describe"]
+
+# The catalog modules imported on first use: importing them registers their problems.
+_CATALOG = ("qp", "projection", "pooling")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemSpec:
+    """A parametrized problem ready for :class:`~convexddn.layer.ConvexLayer`.
+
+    Attributes:
+        name: the registry name.
+        problem: the DPP ``cvxpy.Problem``.
+        parameters: its parameters, in the order a layer takes tensors.
+        variables: the variables a layer returns, in order.
+        description: one line saying what the problem computes.
+        options: the options it was built with (defaults filled in).
+    """
+
+    name: str
+    problem: cp.Problem
+    parameters: tuple[cp.Parameter, ...]
+    variables: tuple[cp.Variable, ...]
+    description: str
+    options: dict[str, Any]
+
+    @property
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each parameter (one batch element), by parameter name."""
+        return {p.name(): tuple(p.shape) for p in self.parameters}
+
+    @property
+    def variable_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each returned variable (one batch element), by variable name."""
+        return {v.name(): tuple(v.shape) for v in self.variables}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    builder: Callable[..., tuple]
+    description: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_loaded = False
+
+
+def register(name: str, description: str) -> Callable[[Callable], Callable]:
+    """Decorator adding a builder to the registry under ``name``.
+
+    The builder takes keyword options and returns ``(problem, parameters,
+    variables)``. It validates its own options with errors from
+    :mod:`convexddn.errors`.
+
+    Raises:
+        OptionError: ``name`` is already registered.
+    """
+    def decorate(builder: Callable[..., tuple]) -> Callable[..., tuple]:
+        if name in _REGISTRY and _REGISTRY[name].builder is not builder:
+            raise OptionError(f"problem name {name!r} is already registered")
+        _REGISTRY[name] = _Entry(builder, description)
+        return builder
+    return decorate
+
+
+def _load_catalog() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _CATALOG:
+            importlib.import_module(f"convexddn.problems.{module}")
+        _loaded = True
+
+
+def names() -> list[str]:
+    """Sorted names of every registered problem."""
+    _load_catalog()
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    _load_catalog()
+    if name not in _REGISTRY:
+        raise OptionError(f"unknown problem {name!r}; registered problems are {names()}")
+    return _REGISTRY[name]
+
+
+def describe(name: str) -> str:
+    """One line: the problem's description and its options with their defaults."""
+    entry = _entry(name)
+    opts = []
+    for p in inspect.signature(entry.builder).parameters.values():
+        opts.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}")
+    return f"{entry.description} [options: {', '.join(opts)}]"
+
+
+def build(name: str, **options: Any) -> ProblemSpec:
+    """Build the registered problem ``name`` with the given options.
+
+    Raises:
+        OptionError: unknown name (the message lists the registered ones), unknown or
+            missing option (lists the valid ones), or an invalid option value.
+        NonconvexError: a convex-only builder asked for a nonconvex variant.
+    """
+    entry = _entry(name)
+    sig = inspect.signature(entry.builder)
+    valid = list(sig.parameters)
+    unknown = [k for k in options if k not in sig.parameters]
+    if unknown:
+        raise OptionError(f"unknown option(s) {unknown} for problem {name!r}; valid options are {valid}")
+    missing = [p.name for p in sig.parameters.values()
+               if p.default is inspect.Parameter.empty and p.name not in options]
+    if missing:
+        raise OptionError(f"problem {name!r} needs option(s) {missing}; valid options are {valid}")
+    bound = sig.bind(**options)
+    bound.apply_defaults()
+    problem, parameters, variables = entry.builder(**bound.arguments)
+    return ProblemSpec(name, problem, tuple(parameters), tuple(variables),
+                       entry.description, dict(bound.arguments))
+
+
+def build_layer(name: str, *, solver: str = "Clarabel", solver_args: dict[str, Any] | None = None,
+                fallback: str | None = "SCS", mode: str = "auto", tol: float = 1e-6,
+                **options: Any):
+    """Build the registered problem ``name`` and wrap it in a ConvexLayer.
+
+    Keyword arguments ``solver``, ``solver_args``, ``fallback``, ``mode`` and ``tol``
+    go to :class:`~convexddn.layer.ConvexLayer`; the rest are the problem's options.
+    """
+    from .layer import ConvexLayer
+
+    spec = build(name, **options)
+    return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables),
+                       solver=solver, solver_args=solver_args, fallback=fallback,
+                       mode=mode, tol=tol)
+
+
+def int_option(name: str, value: Any, minimum: int = 1) -> int:
+    """Validate an integer option (used by the catalog builders)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
