@@ -1,0 +1,350 @@
+"""The problem registry and its catalog: every problem against an independent answer.
+
+Solutions are compared with closed forms (projections, the mean) or with an
+independent solve (CVXPY's own Clarabel call, or a 1-D root find for pooling);
+gradients with closed forms where they exist and with central finite differences
+in float64 for every parameter.
+"""
+from __future__ import annotations
+
+import math
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn import registry
+from convexddn.errors import NonconvexError, OptionError
+
+F64 = torch.float64
+
+
+def fd_check(layer, params, k, gen, eps=1e-5, tol=1e-5):
+    """Directional central finite difference of ⟨w, layer(params)⟩ in parameter k."""
+    args = [p.clone().requires_grad_(i == k) for i, p in enumerate(params)]
+    out = layer(*args)
+    w = torch.randn(out.shape, dtype=F64, generator=gen)
+    (grad,) = torch.autograd.grad(out, args[k], w)
+    d = torch.randn(params[k].shape, dtype=F64, generator=gen)
+    with torch.no_grad():
+        plus = layer(*[p + eps * d if i == k else p for i, p in enumerate(params)])
+        minus = layer(*[p - eps * d if i == k else p for i, p in enumerate(params)])
+    fd = float(((plus - minus) * w).sum() / (2 * eps))
+    analytic = float((grad * d).sum())
+    assert abs(analytic - fd) <= tol * (1 + abs(fd)), (k, analytic, fd)
+
+
+# ----------------------------------------------------------------------------- machinery
+
+
+def test_names_lists_catalog():
+    assert registry.names() == ["birkhoff", "lp_ball", "qp", "robust_pool", "simplex"]
+
+
+def test_build_returns_spec():
+    spec = registry.build("lp_ball", n=5, p=1)
+    assert isinstance(spec, cddn.ProblemSpec)
+    assert spec.parameter_shapes == {"x": (5,)}
+    assert spec.variable_shapes == {"y": (5,)}
+    assert spec.options == {"n": 5, "p": 1, "radius": 1.0}
+    assert spec.problem.is_dpp() and "Lp ball" in spec.description
+
+
+def test_layer_shortcut_builds_convex_layer():
+    layer = cddn.layer("simplex", n=3)
+    assert isinstance(layer, cddn.ConvexLayer)
+    y = layer(torch.tensor([0.1, 0.2, 5.0], dtype=F64))
+    assert torch.allclose(y, torch.tensor([0.0, 0.0, 1.0], dtype=F64), atol=1e-8)
+
+
+def test_describe_lists_options():
+    assert "options: n, penalty='quadratic', alpha=1.0" in registry.describe("robust_pool")
+
+
+def test_build_invalid_name_lists_valid():
+    with pytest.raises(OptionError, match=r"unknown problem 'lasso'.*\['birkhoff', 'lp_ball', 'qp'"):
+        registry.build("lasso", n=3)
+
+
+def test_build_invalid_option_lists_valid():
+    with pytest.raises(OptionError, match=r"unknown option\(s\) \['radious'\].*valid options are \['n', 'p', 'radius'\]"):
+        registry.build("lp_ball", n=3, radious=2.0)
+    with pytest.raises(OptionError, match=r"needs option\(s\) \['n'\]"):
+        registry.build("simplex")
+    with pytest.raises(OptionError, match="n must be an integer >= 1, got 0"):
+        registry.build("simplex", n=0)
+    with pytest.raises(OptionError, match="p must be one of 1, 2, inf, got 3"):
+        registry.build("lp_ball", n=3, p=3)
+    with pytest.raises(OptionError, match="radius must be finite and > 0"):
+        registry.build("lp_ball", n=3, radius=-1.0)
+
+
+def test_register_duplicate_name_rejected():
+    with pytest.raises(OptionError, match="already registered"):
+        registry.register("qp", "another")(lambda n: None)
+
+
+def test_register_user_problem():
+    @registry.register("test_scaled_box", "argmin ½‖u − x‖² s.t. |u| ≤ c")
+    def scaled_box(n: int, c: float = 0.5):
+        x = cp.Parameter(n, name="x")
+        u = cp.Variable(n, name="u")
+        return cp.Problem(cp.Minimize(cp.sum_squares(u - x)), [cp.abs(u) <= c]), [x], [u]
+
+    try:
+        layer = cddn.layer("test_scaled_box", n=3, c=0.5)
+        x = torch.tensor([1.0, -0.2, -3.0], dtype=F64)
+        assert torch.allclose(layer(x), x.clamp(-0.5, 0.5), atol=1e-8)
+    finally:
+        registry._REGISTRY.pop("test_scaled_box")
+
+
+# ----------------------------------------------------------------------------- lp_ball
+
+
+def l1_ball_sort(v: torch.Tensor, r: float) -> torch.Tensor:
+    a = v.abs()
+    inside = a.sum(-1, keepdim=True) <= r
+    s, _ = a.sort(-1, descending=True)
+    cs = s.cumsum(-1) - r
+    k = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype)
+    rho = (s - cs / k > 0).sum(-1, keepdim=True)
+    theta = cs.gather(-1, rho - 1) / rho
+    return torch.where(inside, v, v.sign() * (a - theta).clamp(min=0))
+
+
+CLOSED_FORMS = {
+    1: l1_ball_sort,
+    2: lambda v, r: v * (r / v.norm(dim=-1, keepdim=True)).clamp(max=1.0),
+    math.inf: lambda v, r: v.clamp(-r, r),
+}
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
+def test_lp_ball_closed_form(p, batch):
+    r = 1.5
+    layer = cddn.layer("lp_ball", n=6, p=p, radius=r)
+    gen = torch.Generator().manual_seed(11)
+    x = (2 * torch.randn(*batch, 6, dtype=F64, generator=gen)).requires_grad_()
+    y = layer(x)
+    ref = CLOSED_FORMS[p](x, r)
+    assert y.shape == batch + (6,)
+    assert torch.allclose(y, ref, atol=1e-7)
+    g = torch.randn(y.shape, dtype=F64, generator=gen)
+    (gy,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(gy, gr, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_ball_finite_differences(p):
+    layer = cddn.layer("lp_ball", n=5, p=p)
+    gen = torch.Generator().manual_seed(5)
+    fd_check(layer, [2 * torch.randn(3, 5, dtype=F64, generator=gen)], 0, gen)
+
+
+# ----------------------------------------------------------------------------- simplex
+
+
+def sparsemax(v: torch.Tensor) -> torch.Tensor:
+    s, _ = v.sort(-1, descending=True)
+    cs = s.cumsum(-1) - 1
+    k = torch.arange(1, v.shape[-1] + 1, dtype=v.dtype)
+    rho = (s - cs / k > 0).sum(-1, keepdim=True)
+    tau = cs.gather(-1, rho - 1) / rho
+    return (v - tau).clamp(min=0)
+
+
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
+def test_simplex_closed_form(batch):
+    layer = cddn.layer("simplex", n=5)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(*batch, 5, dtype=F64, generator=gen).requires_grad_()
+    y = layer(x)
+    ref = sparsemax(x)
+    assert torch.allclose(y, ref, atol=1e-7)
+    assert torch.allclose(y.sum(-1), torch.ones(batch, dtype=F64), atol=1e-8)
+    g = torch.randn(y.shape, dtype=F64, generator=gen)
+    (gy,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(gy, gr, atol=1e-6)
+    fd_check(layer, [x.detach()], 0, gen)
+
+
+# ----------------------------------------------------------------------------- birkhoff
+
+
+def cvxpy_solve(spec, values):
+    for prm, val in zip(spec.parameters, values):
+        prm.value = np.asarray(val, dtype=np.float64)
+    spec.problem.solve(solver="CLARABEL", tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    return [np.asarray(v.value) for v in spec.variables]
+
+
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
+def test_birkhoff_independent_solve(batch):
+    n = 3
+    layer = cddn.layer("birkhoff", n=n)
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(*batch, n, n, dtype=F64, generator=gen)
+    Y = layer(X)
+    assert Y.shape == batch + (n, n)
+    assert torch.allclose(Y.sum(-1), torch.ones(batch + (n,), dtype=F64), atol=1e-7)
+    assert torch.allclose(Y.sum(-2), torch.ones(batch + (n,), dtype=F64), atol=1e-7)
+    spec = registry.build("birkhoff", n=n)
+    flat_X, flat_Y = X.reshape(-1, n, n), Y.reshape(-1, n, n)
+    for i in range(flat_X.shape[0]):
+        (ref,) = cvxpy_solve(spec, [flat_X[i].numpy()])
+        assert np.abs(flat_Y[i].numpy() - ref).max() < 1e-6
+
+
+def test_birkhoff_finite_differences():
+    layer = cddn.layer("birkhoff", n=3)
+    gen = torch.Generator().manual_seed(8)
+    fd_check(layer, [torch.randn(2, 3, 3, dtype=F64, generator=gen)], 0, gen)
+
+
+# ----------------------------------------------------------------------------- robust_pool
+
+
+def pool_reference(x: np.ndarray, penalty: str, alpha: float) -> float:
+    """Minimise the 1-D convex objective by bisection on its derivative."""
+    dphi = {
+        "quadratic": lambda z: z,
+        "pseudo_huber": lambda z: z / np.sqrt(1 + (z / alpha) ** 2),
+        "huber": lambda z: np.clip(z, -alpha, alpha),
+    }[penalty]
+    lo, hi = x.min(), x.max()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if dphi(mid - x).sum() > 0:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
+def pool_weights(x, y, penalty, alpha):
+    """Table 1 of Gould et al.: dy/dxᵢ = φ''(y − xᵢ) / Σⱼ φ''(y − xⱼ)."""
+    z = y.unsqueeze(-1) - x
+    w = {
+        "quadratic": torch.ones_like(z),
+        "pseudo_huber": (1 + (z / alpha) ** 2) ** -1.5,
+        "huber": (z.abs() <= alpha).to(z.dtype),
+    }[penalty]
+    return w / w.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("penalty", ["quadratic", "pseudo_huber", "huber"])
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
+def test_robust_pool_independent_solve_and_table1_gradient(penalty, batch):
+    alpha, n = 1.0, 7
+    layer = cddn.layer("robust_pool", n=n, penalty=penalty, alpha=alpha)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(*batch, n, dtype=F64, generator=gen)
+    x[..., 0] += 6.0  # an outlier
+    x.requires_grad_()
+    y = layer(x)
+    assert y.shape == batch
+    flat = x.detach().reshape(-1, n).numpy()
+    ref = torch.tensor([pool_reference(r, penalty, alpha) for r in flat], dtype=F64).reshape(batch)
+    assert torch.allclose(y, ref, atol=1e-7)
+    if penalty == "quadratic":
+        assert torch.allclose(y, x.mean(-1), atol=1e-8)
+    g = torch.randn(batch, dtype=F64, generator=gen)
+    (gx,) = torch.autograd.grad(y, x, g)
+    want = g.unsqueeze(-1) * pool_weights(x.detach(), ref, penalty, alpha)
+    assert torch.allclose(gx, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("penalty", ["pseudo_huber", "huber"])
+def test_robust_pool_finite_differences(penalty):
+    layer = cddn.layer("robust_pool", n=6, penalty=penalty, alpha=0.7)
+    gen = torch.Generator().manual_seed(1)
+    fd_check(layer, [torch.randn(3, 6, dtype=F64, generator=gen)], 0, gen)
+
+
+@pytest.mark.parametrize("penalty", ["welsch", "trunc_quad"])
+def test_robust_pool_invalid_nonconvex(penalty):
+    with pytest.raises(NonconvexError, match=rf"'{penalty}' is nonconvex.*convexddn.RobustPool"):
+        registry.build("robust_pool", n=4, penalty=penalty)
+
+
+def test_robust_pool_invalid_options():
+    with pytest.raises(OptionError, match=r"penalty must be one of \['quadratic', 'pseudo_huber', 'huber'\]"):
+        registry.build("robust_pool", n=4, penalty="cauchy")
+    with pytest.raises(OptionError, match="alpha must be finite and > 0, got 0"):
+        registry.build("robust_pool", n=4, penalty="huber", alpha=0)
+
+
+# ----------------------------------------------------------------------------- qp
+
+
+def qp_data(gen, batch, n=4, m=3, p=1):
+    L = torch.randn(*batch, n, n, dtype=F64, generator=gen) / 2 + torch.eye(n, dtype=F64)
+    q = torch.randn(*batch, n, dtype=F64, generator=gen)
+    G = torch.randn(*batch, m, n, dtype=F64, generator=gen)
+    h = torch.rand(*batch, m, dtype=F64, generator=gen) * 0.2
+    A = torch.randn(*batch, p, n, dtype=F64, generator=gen)
+    b = torch.randn(*batch, p, dtype=F64, generator=gen) * 0.2
+    return [L, q, G, h, A, b]
+
+
+@pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
+def test_qp_independent_solve(batch):
+    layer = cddn.layer("qp", n=4, n_ineq=3, n_eq=1)
+    gen = torch.Generator().manual_seed(21)
+    data = qp_data(gen, batch)
+    y = layer(*data)
+    assert y.shape == batch + (4,)
+    spec = registry.build("qp", n=4, n_ineq=3, n_eq=1)
+    flat = [d.reshape((-1,) + d.shape[len(batch):]) for d in data]
+    for i in range(flat[0].shape[0]):
+        (ref,) = cvxpy_solve(spec, [d[i].numpy() for d in flat])
+        assert np.abs(y.reshape(-1, 4)[i].numpy() - ref).max() < 1e-6
+
+
+def test_qp_finite_differences_every_parameter():
+    layer = cddn.layer("qp", n=4, n_ineq=3, n_eq=1)
+    gen = torch.Generator().manual_seed(22)
+    data = qp_data(gen, (3,))
+    for k in range(len(data)):
+        fd_check(layer, data, k, gen)
+
+
+def test_qp_unconstrained_closed_form():
+    """argmin ½uᵀLLᵀu + qᵀu = −(LLᵀ)⁻¹q, differentiated by torch."""
+    layer = cddn.layer("qp", n=3, learn="Lq")
+    gen = torch.Generator().manual_seed(3)
+    L = (torch.randn(3, 3, dtype=F64, generator=gen) + 2 * torch.eye(3, dtype=F64)).requires_grad_()
+    q = torch.randn(2, 3, dtype=F64, generator=gen).requires_grad_()  # batched q, shared L
+    y = layer(L, q)
+    ref = -torch.linalg.solve(L @ L.T, q.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(y, ref, atol=1e-8)
+    g = torch.randn(2, 3, dtype=F64, generator=gen)
+    for got, want in zip(torch.autograd.grad(y, (L, q), g), torch.autograd.grad(ref, (L, q), g)):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("learn", ["L", "q", "Gh", "Ab", "LqGhAb", ()])
+def test_qp_every_learn_choice_is_dpp(learn):
+    G = np.eye(4)[:3]
+    spec = registry.build("qp", n=4, n_ineq=3, n_eq=1, learn=learn, ridge=0.1,
+                          L=np.eye(4), q=np.ones(4), G=G, h=np.ones(3),
+                          A=np.ones((1, 4)), b=np.ones(1))
+    assert spec.problem.is_dpp()
+    assert [p.name() for p in spec.parameters] == [k for k in "LqGhAb" if k in learn]
+
+
+def test_qp_invalid_options():
+    with pytest.raises(OptionError, match=r"learn must name blocks among .*got \['Z'\]"):
+        registry.build("qp", n=3, learn="Z")
+    with pytest.raises(OptionError, match=r"G is not learned.*shape \(2, 3\)"):
+        registry.build("qp", n=3, n_ineq=2, learn="q")
+    with pytest.raises(OptionError, match=r"option h must have shape \(2,\), got \(3,\)"):
+        registry.build("qp", n=3, n_ineq=2, learn="q", G=np.ones((2, 3)), h=np.ones(3))
+    with pytest.raises(OptionError, match="ridge must be a number >= 0"):
+        registry.build("qp", n=3, ridge=-1)
