@@ -1,0 +1,535 @@
+"""Tests of convexddn.projection: Lp ball/sphere and simplex projections."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck
+from torch.autograd.functional import jacobian
+
+from convexddn.errors import DTypeError, NonFiniteError, OptionError, ShapeError
+from convexddn.projection import (
+    LpProjection,
+    SimplexProjection,
+    project_lp,
+    project_simplex,
+)
+
+PS = [1, 2, math.inf]
+MODES = ["ball", "sphere"]
+CASES = list(itertools.product(PS, MODES))
+F64 = torch.float64
+
+
+def _norm(y: torch.Tensor, p: float, dim: int = -1) -> torch.Tensor:
+    return torch.linalg.vector_norm(y, ord=p, dim=dim)
+
+
+def _x(*shape: int, scale: float = 1.0, seed: int = 0, dtype=F64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype) * scale
+
+
+def _cvxpy_ball(x: np.ndarray, p: float, r: float) -> np.ndarray:
+    """Independent solve of argmin ½‖u − x‖² s.t. ‖u‖_p ≤ r, tight tolerances."""
+    u = cp.Variable(x.shape[0])
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(u - x)), [cp.norm(u, p) <= r])
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    return u.value
+
+
+def _cvxpy_simplex(x: np.ndarray) -> np.ndarray:
+    u = cp.Variable(x.shape[0])
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(u - x)), [u >= 0, cp.sum(u) == 1])
+    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    return u.value
+
+
+# --------------------------------------------------------------------------- feasibility
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+@pytest.mark.parametrize("scale", [0.05, 0.3, 5.0])
+def test_project_lp_feasible(p, mode, scale):
+    r = 1.3
+    x = _x(16, 7, scale=scale)
+    y = project_lp(x, p, mode, r)
+    n = _norm(y, p)
+    assert (n <= r + 1e-12).all()
+    if mode == "sphere":
+        torch.testing.assert_close(n, torch.full_like(n, r), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("p", PS)
+def test_project_lp_ball_inside_is_identity(p):
+    x = _x(5, 6)
+    x = x / _norm(x, p).unsqueeze(-1) * 0.9  # strictly inside the unit ball
+    torch.testing.assert_close(project_lp(x, p, "ball", 1.0), x, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+def test_project_lp_idempotent(p, mode):
+    x = _x(8, 9, scale=2.0, seed=3)
+    y = project_lp(x, p, mode, 0.7)
+    torch.testing.assert_close(project_lp(y, p, mode, 0.7), y, atol=1e-12, rtol=0)
+
+
+# --------------------------------------------------------------------------- optimality
+
+
+@pytest.mark.parametrize("p", PS)
+def test_project_lp_ball_matches_cvxpy(p):
+    # Rows both inside and outside the ball.
+    x = torch.cat([_x(3, 6, scale=2.0, seed=1), _x(2, 6, scale=0.1, seed=2)])
+    r = 1.5
+    y = project_lp(x, p, "ball", r)
+    ref = np.stack([_cvxpy_ball(row, p, r) for row in x.numpy()])
+    np.testing.assert_allclose(y.numpy(), ref, atol=1e-6)
+
+
+def _l1_sphere_brute(x: np.ndarray, r: float) -> tuple[float, np.ndarray]:
+    """The L1 sphere is the union of its 2ⁿ facets {s∘u ≥ 0, sᵀu = r}: best facet wins."""
+    best = (math.inf, None)
+    for signs in itertools.product([-1.0, 1.0], repeat=x.shape[0]):
+        s = np.array(signs)
+        u = cp.Variable(x.shape[0])
+        prob = cp.Problem(
+            cp.Minimize(cp.sum_squares(u - x)), [cp.multiply(s, u) >= 0, s @ u == r]
+        )
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+        dist = float(np.linalg.norm(u.value - x))
+        if dist < best[0]:
+            best = (dist, u.value)
+    return best
+
+
+def _linf_sphere_brute(x: np.ndarray, r: float) -> tuple[float, np.ndarray]:
+    """The L∞ sphere is the union of its 2n facets {u_i = ±r, |u_j| ≤ r}: best facet wins."""
+    best = (math.inf, None)
+    for i in range(x.shape[0]):
+        for sign in (-1.0, 1.0):
+            u = np.clip(x, -r, r)
+            u[i] = sign * r
+            dist = float(np.linalg.norm(u - x))
+            if dist < best[0]:
+                best = (dist, u)
+    return best
+
+
+@pytest.mark.parametrize("scale", [0.2, 3.0])
+def test_project_l1_sphere_global_min(scale):
+    r = 1.0
+    x = _x(3, 3, scale=scale, seed=5)
+    y = project_lp(x, 1, "sphere", r)
+    for xi, yi in zip(x.numpy(), y.numpy()):
+        dist, u = _l1_sphere_brute(xi, r)
+        assert abs(np.linalg.norm(yi - xi) - dist) <= 1e-7
+        np.testing.assert_allclose(yi, u, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.2, 3.0])
+def test_project_linf_sphere_global_min(scale):
+    r = 1.0
+    x = _x(6, 4, scale=scale, seed=6)
+    y = project_lp(x, math.inf, "sphere", r)
+    for xi, yi in zip(x.numpy(), y.numpy()):
+        dist, u = _linf_sphere_brute(xi, r)
+        assert abs(np.linalg.norm(yi - xi) - dist) <= 1e-12
+        np.testing.assert_allclose(yi, u, atol=1e-12)
+
+
+def test_project_l2_sphere_global_min():
+    # Dense sampling of the circle: no sampled point is closer than the projection.
+    r = 2.0
+    theta = torch.linspace(0, 2 * math.pi, 200_001, dtype=F64)
+    circle = r * torch.stack([theta.cos(), theta.sin()], -1)
+    x = torch.cat([_x(4, 2, scale=0.3, seed=7), _x(4, 2, scale=4.0, seed=8)])
+    y = project_lp(x, 2, "sphere", r)
+    best = torch.cdist(x, circle).min(-1).values
+    torch.testing.assert_close((y - x).norm(dim=-1), best, atol=1e-9, rtol=0)
+
+
+def test_project_lp_known_values():
+    # Worked by hand.
+    # L1 ball, r = 2: sorted |x| = 3, 1, 0.5; ρ = 1, θ = 3 − 2 = 1.
+    x = torch.tensor([3.0, -1.0, 0.5], dtype=F64)
+    torch.testing.assert_close(project_lp(x, 1, "ball", 2.0), torch.tensor([2.0, 0, 0], dtype=F64))
+    # L1 sphere from inside, r = 1.5: ‖x‖₁ = 0.75, each |x_i| grows by 0.25; 0 goes to +.
+    x = torch.tensor([0.5, -0.25, 0.0], dtype=F64)
+    torch.testing.assert_close(
+        project_lp(x, 1, "sphere", 1.5), torch.tensor([0.75, -0.5, 0.25], dtype=F64)
+    )
+    # -0.0 counts as a zero too (tie rule: + side).
+    x = torch.tensor([0.5, -0.0], dtype=F64)
+    torch.testing.assert_close(
+        project_lp(x, 1, "sphere", 1.0), torch.tensor([0.75, 0.25], dtype=F64)
+    )
+    # L∞ sphere from inside: ties in |x| push the first one; its sign is kept.
+    x = torch.tensor([0.2, -0.5, 0.5], dtype=F64)
+    torch.testing.assert_close(
+        project_lp(x, math.inf, "sphere", 1.0), torch.tensor([0.2, -1.0, 0.5], dtype=F64)
+    )
+    # L∞ sphere at 0 pushes the first coordinate to +r.
+    torch.testing.assert_close(
+        project_lp(torch.zeros(3, dtype=F64), "inf", "sphere", 2.0),
+        torch.tensor([2.0, 0, 0], dtype=F64),
+    )
+    # L2 ball, r = 1: (3, 4) has norm 5.
+    torch.testing.assert_close(
+        project_lp(torch.tensor([3.0, 4.0], dtype=F64), 2, "ball", 1.0),
+        torch.tensor([0.6, 0.8], dtype=F64),
+    )
+
+
+def test_project_l2_sphere_zero():
+    x = torch.zeros(2, 3, dtype=F64, requires_grad=True)
+    y = project_lp(x, 2, "sphere", 1.5)
+    torch.testing.assert_close(y.detach(), torch.tensor([[1.5, 0, 0]] * 2, dtype=F64))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_project_lp_p_spellings():
+    x = _x(3, 5, scale=2.0)
+    for spellings in ([1, 1.0], [2, 2.0], [math.inf, float("inf"), "inf", torch.inf]):
+        outs = [project_lp(x, p, "sphere", 1.0) for p in spellings]
+        for out in outs[1:]:
+            assert torch.equal(out, outs[0])
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_project_lp_grad(p, mode, scale):
+    # Random inputs: no ties, no zero coordinates, no coordinate at a threshold.
+    x = _x(4, 5, scale=scale, seed=11).requires_grad_(True)
+    r = torch.tensor([1.0, 0.7, 1.3, 0.9], dtype=F64, requires_grad=True)
+    assert gradcheck(lambda a, b: project_lp(a, p, mode, b), (x, r))
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+def test_project_lp_grad_dim0(p, mode):
+    x = _x(5, 3, 2, scale=2.0, seed=12).requires_grad_(True)
+    r = torch.tensor([[1.0, 0.5], [0.8, 1.2], [2.0, 0.3]], dtype=F64, requires_grad=True)
+    assert gradcheck(lambda a, b: project_lp(a, p, mode, b, dim=0), (x, r))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_project_l2_jacobian_closed_form(mode):
+    r = 1.5
+    x = _x(6, scale=2.0, seed=13)
+    x = x / x.norm() * 3.0  # outside the ball
+    y = project_lp(x, 2, mode, r)
+    expected = (torch.eye(6, dtype=F64) - torch.outer(y, y) / r**2) * r / x.norm()
+    jac = jacobian(lambda a: project_lp(a, 2, mode, r), x)
+    torch.testing.assert_close(jac, expected)
+    inside = x / x.norm() * 0.5
+    jac_in = jacobian(lambda a: project_lp(a, 2, "ball", r), inside)
+    torch.testing.assert_close(jac_in, torch.eye(6, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_project_l2_sphere_matches_normalize(dtype):
+    r = 1.7
+    x1 = _x(5, 8, scale=2.0, seed=14, dtype=dtype).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = _x(5, 8, seed=15, dtype=dtype)
+    y1 = project_lp(x1, 2, "sphere", r)
+    y2 = x2 / x2.norm(dim=-1, keepdim=True) * r
+    torch.testing.assert_close(y1, y2)
+    (g1,) = torch.autograd.grad(y1, x1, g)
+    (g2,) = torch.autograd.grad(y2, x2, g)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_project_linf_ball_matches_clamp(dtype):
+    r = 0.8
+    x1 = _x(6, 9, seed=16, dtype=dtype).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = _x(6, 9, seed=17, dtype=dtype)
+    y1 = project_lp(x1, math.inf, "ball", r)
+    y2 = x2.clamp(-r, r)
+    assert torch.equal(y1, y2)
+    assert torch.equal(torch.autograd.grad(y1, x1, g)[0], torch.autograd.grad(y2, x2, g)[0])
+
+
+def test_project_l1_jacobian_closed_form():
+    x = _x(7, scale=2.0, seed=18)
+    r = 1.0
+    y = project_lp(x, 1, "ball", r)
+    s = y.sign()
+    m = s.abs()
+    expected = torch.diag(m) - torch.outer(s, s) / m.sum()
+    torch.testing.assert_close(jacobian(lambda a: project_lp(a, 1, "ball", r), x), expected)
+
+
+# --------------------------------------------------------------------------- simplex
+
+
+def test_project_simplex():
+    x = torch.cat([_x(4, 6, scale=s, seed=19) for s in (0.1, 1.0, 10.0)])
+    y = project_simplex(x)
+    assert (y >= 0).all()
+    torch.testing.assert_close(y.sum(-1), torch.ones(12, dtype=F64))
+    ref = np.stack([_cvxpy_simplex(row) for row in x.numpy()])
+    np.testing.assert_allclose(y.numpy(), ref, atol=1e-6)
+    torch.testing.assert_close(project_simplex(y), y, atol=1e-12, rtol=0)
+
+
+def test_project_simplex_known_values():
+    # Support {1, 0.5}: τ = (1.5 − 1)/2 = 0.25.
+    x = torch.tensor([1.0, 0.5, -1.0], dtype=F64)
+    torch.testing.assert_close(project_simplex(x), torch.tensor([0.75, 0.25, 0.0], dtype=F64))
+    # Shift invariance and large values (τ without cancellation).
+    big = torch.full((3,), 1e7, dtype=torch.float32)
+    torch.testing.assert_close(project_simplex(big), torch.full((3,), 1 / 3))
+
+
+def test_project_simplex_grad():
+    x = _x(5, 6, scale=1.0, seed=20).requires_grad_(True)
+    assert gradcheck(project_simplex, (x,))
+    x0 = _x(6, scale=0.5, seed=21)
+    y = project_simplex(x0)
+    m = (y > 0).to(F64)
+    expected = torch.diag(m) - torch.outer(m, m) / m.sum()
+    torch.testing.assert_close(jacobian(project_simplex, x0), expected)
+
+
+def test_project_simplex_batched():
+    x = _x(2, 3, 5, seed=22)
+    y = project_simplex(x, dim=1)
+    for i in range(2):
+        for k in range(5):
+            torch.testing.assert_close(y[i, :, k], project_simplex(x[i, :, k]))
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+@pytest.mark.parametrize("batch", [(), (1,), (2, 3)])
+@pytest.mark.parametrize("n", [1, 5])
+def test_project_lp_batched(p, mode, batch, n):
+    x = _x(*batch, n, scale=1.5, seed=23)
+    y = project_lp(x, p, mode, 0.9)
+    assert y.shape == x.shape
+    flat_x, flat_y = x.reshape(-1, n), y.reshape(-1, n)
+    for row_x, row_y in zip(flat_x, flat_y):
+        torch.testing.assert_close(row_y, project_lp(row_x, p, mode, 0.9))
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+def test_project_lp_dim(p, mode):
+    x = _x(3, 6, 4, scale=1.5, seed=24)
+    y = project_lp(x, p, mode, 1.1, dim=1)
+    torch.testing.assert_close(y, project_lp(x.movedim(1, -1), p, mode, 1.1).movedim(-1, 1))
+    torch.testing.assert_close(y, project_lp(x, p, mode, 1.1, dim=-2))
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+def test_project_lp_radius_tensor(p, mode):
+    x = _x(3, 4, 5, scale=1.5, seed=25)
+    # Batch shape without dim 0 is (4, 5): one radius per dim-1 slice, broadcast over 5.
+    r = torch.tensor([[0.5], [1.0], [2.0], [3.0]], dtype=F64)
+    y = project_lp(x, p, mode, r, dim=0)
+    for j in range(4):
+        torch.testing.assert_close(y[:, j], project_lp(x[:, j], p, mode, float(r[j]), dim=0))
+    # A scalar tensor works as a float does.
+    torch.testing.assert_close(
+        project_lp(x, p, mode, torch.tensor(0.8)), project_lp(x, p, mode, 0.8)
+    )
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_project_lp_dtype(p, mode, dtype):
+    x = _x(4, 6, scale=2.0, seed=26, dtype=dtype)
+    y = project_lp(x, p, mode, 1.0)
+    assert y.dtype == dtype
+    assert project_simplex(x).dtype == dtype
+    ref = project_lp(x.double(), p, mode, 1.0)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+def test_project_lp_empty_batch(p, mode):
+    x = torch.zeros(0, 5, dtype=F64, requires_grad=True)
+    y = project_lp(x, p, mode, 1.0)
+    assert y.shape == (0, 5)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert g.shape == (0, 5)
+    assert project_simplex(x.detach()).shape == (0, 5)
+
+
+def test_project_lp_large_values():
+    # Row norms / sums that overflow float32 while every entry is finite.
+    x = torch.full((2, 4), 1e20)
+    torch.testing.assert_close(project_lp(x, 2, "sphere", 1.0), torch.full((2, 4), 0.5))
+    x = torch.tensor([[3e37, -3e37, 3e37, 3e37]])
+    y = project_lp(x, 1, "ball", 4e37)
+    torch.testing.assert_close(y, torch.tensor([[1e37, -1e37, 1e37, 1e37]]))
+
+
+def test_project_lp_inputs_untouched():
+    x = _x(3, 4, scale=3.0)
+    before = x.clone()
+    for p, mode in CASES:
+        project_lp(x, p, mode, 1.0)
+    project_simplex(x)
+    assert torch.equal(x, before)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_lp_projection_module():
+    proj = LpProjection(p="inf", mode="sphere", radius=2.0, dim=0)
+    assert repr(proj) == (
+        "LpProjection(p=inf, mode='sphere', radius=2.0, dim=0, backend='native')"
+    )
+    x = _x(4, 3, seed=27)
+    assert torch.equal(proj(x), project_lp(x, math.inf, "sphere", 2.0, dim=0))
+    assert "radius=Tensor(3,)" in repr(LpProjection(radius=torch.ones(3)))
+    assert repr(SimplexProjection(dim=1)) == "SimplexProjection(dim=1, backend='native')"
+
+
+def test_lp_projection_module_learns_radius():
+    proj = LpProjection(p=2, mode="sphere", radius=nn.Parameter(torch.tensor(1.0, dtype=F64)))
+    assert [n for n, _ in proj.named_parameters()] == ["radius"]
+    x = _x(3, 4, seed=28)
+    proj(x).square().sum().backward()
+    # ‖y‖² = r² per row, so d/dr Σ‖y‖² = 2·rows·r = 6.
+    torch.testing.assert_close(proj.radius.grad, torch.tensor(6.0, dtype=F64))
+    buf = LpProjection(radius=torch.tensor([1.0, 2.0]))
+    assert [n for n, _ in buf.named_buffers()] == ["radius"]
+
+
+def test_lp_projection_module_invalid():
+    with pytest.raises(OptionError, match="p must be one of"):
+        LpProjection(p=3)
+    with pytest.raises(OptionError, match="mode must be one of"):
+        LpProjection(mode="disc")
+    with pytest.raises(OptionError, match="radius must be finite and > 0"):
+        LpProjection(radius=0.0)
+    with pytest.raises(OptionError, match="nonconvex"):
+        LpProjection(mode="sphere", backend="cvxpy")
+    with pytest.raises(OptionError, match="backend must be one of"):
+        SimplexProjection(backend="scs")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_project_lp_invalid():
+    x = _x(2, 3)
+    bad = x.clone()
+    bad[0, 1] = float("nan")
+    bad[1, 2] = float("inf")
+    for p, mode in CASES:
+        with pytest.raises(NonFiniteError, match=r"x must be finite, got 1 NaN and 1 Inf"):
+            project_lp(bad, p, mode)
+    with pytest.raises(NonFiniteError, match=r"x must be finite, got 0 NaN and 1 Inf"):
+        project_lp(torch.tensor([1.0, -float("inf")]), math.inf, "ball")
+    with pytest.raises(ShapeError, match=r"at least one entry along dim=-1"):
+        project_lp(torch.zeros(3, 0))
+    with pytest.raises(ShapeError, match="out of range"):
+        project_lp(x, dim=2)
+    with pytest.raises(ShapeError, match="out of range"):
+        project_lp(torch.tensor(1.0))
+    with pytest.raises(OptionError, match="dim must be a single int"):
+        project_lp(x, dim=(0, 1))
+    with pytest.raises(OptionError, match=r"radius must be finite and > 0, got 0"):
+        project_lp(x, radius=0)
+    with pytest.raises(OptionError, match=r"radius must be finite and > 0"):
+        project_lp(x, radius=torch.tensor([1.0, -1.0]))
+    with pytest.raises(ShapeError, match=r"radius must broadcast to the shape of x"):
+        project_lp(x, radius=torch.ones(3))
+    with pytest.raises(OptionError, match=r"p must be one of \[1, 2, inf, 'inf'\], got 3"):
+        project_lp(x, p=3)
+    with pytest.raises(OptionError, match="p must be one of"):
+        project_lp(x, p=torch.tensor(2.0))
+    with pytest.raises(OptionError, match=r"mode must be one of \['ball', 'sphere'\]"):
+        project_lp(x, mode="shell")
+    with pytest.raises(OptionError, match=r"backend must be one of \['native', 'cvxpy'\]"):
+        project_lp(x, backend="jax")
+    with pytest.raises(DTypeError, match="x must have a floating-point dtype"):
+        project_lp(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(DTypeError, match="radius must have a floating-point dtype"):
+        project_lp(x, radius=torch.tensor([1, 2]))
+    with pytest.raises(DTypeError, match="x must be a torch.Tensor"):
+        project_lp([1.0, 2.0])
+
+
+def test_project_simplex_invalid():
+    with pytest.raises(NonFiniteError, match=r"x must be finite, got 1 NaN and 0 Inf"):
+        project_simplex(torch.tensor([0.5, float("nan")]))
+    with pytest.raises(NonFiniteError, match=r"got 0 NaN and 1 Inf"):
+        project_simplex(torch.tensor([0.5, -float("inf")]))
+    with pytest.raises(ShapeError, match="at least one entry along dim=0"):
+        project_simplex(torch.zeros(0, 3), dim=0)
+    with pytest.raises(DTypeError, match="floating-point"):
+        project_simplex(torch.ones(3, dtype=torch.int32))
+    with pytest.raises(OptionError, match="backend must be one of"):
+        project_simplex(torch.ones(3), backend="osqp")
+
+
+def test_project_lp_cvxpy_invalid():
+    x = _x(2, 3)
+    with pytest.raises(OptionError, match="mode='sphere' is nonconvex"):
+        project_lp(x, 2, "sphere", backend="cvxpy")
+    with pytest.raises(OptionError, match="needs backend='native'"):
+        project_lp(x, 2, "ball", torch.tensor(1.0, requires_grad=True), backend="cvxpy")
+    with pytest.raises(OptionError, match=r"one radius for all rows, got a tensor of shape \(2,"):
+        project_lp(x, 2, "ball", torch.tensor([1.0, 2.0]), backend="cvxpy")
+
+
+# --------------------------------------------------------------------------- cvxpy backend
+
+
+@pytest.mark.parametrize("p", PS)
+def test_project_lp_cvxpy_agrees(p):
+    pytest.importorskip("convexddn.registry")
+    # Rows outside the ball and one inside. Moderate scale: the cone solver stops on a
+    # relative duality gap, so its solution error grows like sqrt(gap · objective)
+    # (measured: 1.5e-5 for p=1 at scale 2, 1.7e-6 at scale 1).
+    x = torch.cat([_x(3, 6, scale=1.0, seed=29), _x(1, 6, scale=0.1, seed=30)])
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    g = _x(4, 6, seed=31)
+    y1 = project_lp(x1, p, "ball", 1.2)
+    y2 = project_lp(x2, p, "ball", 1.2, backend="cvxpy")
+    assert y2.dtype == F64 and y2.shape == (4, 6)
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=0)
+    (g1,) = torch.autograd.grad(y1, x1, g)
+    (g2,) = torch.autograd.grad(y2, x2, g)
+    torch.testing.assert_close(g2, g1, atol=1e-4, rtol=0)
+
+
+def test_project_simplex_cvxpy_agrees():
+    pytest.importorskip("convexddn.registry")
+    x = _x(4, 6, seed=32)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    g = _x(4, 6, seed=33)
+    y1 = project_simplex(x1)
+    y2 = project_simplex(x2, backend="cvxpy")
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=0)
+    (g1,) = torch.autograd.grad(y1, x1, g)
+    (g2,) = torch.autograd.grad(y2, x2, g)
+    torch.testing.assert_close(g2, g1, atol=1e-4, rtol=0)
+
+
+def test_project_lp_cvxpy_dim_and_empty():
+    pytest.importorskip("convexddn.registry")
+    x = _x(5, 2, seed=34)
+    y = project_lp(x, 2, "ball", 0.5, dim=0, backend="cvxpy")
+    torch.testing.assert_close(y, project_lp(x, 2, "ball", 0.5, dim=0), atol=1e-5, rtol=0)
+    assert project_lp(torch.zeros(0, 4, dtype=F64), 1, backend="cvxpy").shape == (0, 4)
