@@ -111,7 +111,7 @@ class ConvexLayer(nn.Module):
             (default ``"SCS"``), or ``None``. A fallback that succeeds emits a
             :class:`~convexddn.errors.SolverWarning`.
         mode: adjoint mode of diffcp: ``"auto"`` (dense factorisation for small
-            cone programs, LSMR above 1200 rows + columns), ``"dense"``, ``"lsmr"``
+            cone programs, LSMR above 400 rows + columns), ``"dense"``, ``"lsmr"``
             or ``"lsqr"``.
         tol: largest accepted relative KKT residual of a solution (default 1e-6).
         refine: at most this many Newton steps on the cone program's residual map

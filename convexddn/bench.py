@@ -1,0 +1,342 @@
+"""``convexddn bench``: speed and agreement of the convex (cvxpy) and native paths.
+
+For every robust pooling penalty and every Lp-ball projection (p = 1, 2, ∞) plus the
+simplex, at a small and a paper-sized shape, the benchmark times forward and backward
+of each path that supports the node, per sample (one leading batch element), beside
+mean pooling ``x.mean(-1)`` timed in the same run, and measures how far the paths'
+solutions and gradients are apart (float64, same upstream gradient).
+
+Outputs (under ``--out``, default ``results/``): a markdown table on stdout,
+``bench.json`` with every figure and the machine, ``bench.png`` (log-scale bars).
+
+Timing protocol: each figure is the median over ``repeats`` rounds; within a round
+the nodes run interleaved, so drifting load from other processes hits all alike.
+The first call of each node (compilation, CVXPY canonicalisation) is a warm-up and is
+not counted. The cvxpy path runs a fixed number of rows (it costs milliseconds per
+row, not per tensor) and is scaled per sample; at the paper size it is skipped with
+the time it would take, estimated from the small shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from .pooling import robust_pool
+from .projection import project_lp, project_simplex
+
+POOL_PENALTIES = ("quadratic", "pseudo_huber", "huber", "welsch", "trunc_quad")
+CONVEX_PENALTIES = ("quadratic", "pseudo_huber", "huber")
+PROJECTIONS = (("lp_ball p=1", 1), ("lp_ball p=2", 2), ("lp_ball p=inf", math.inf), ("simplex", None))
+
+# (name, pooling shape (B, C, N), projection shape (B, n))
+SHAPES = {
+    "small": ((4, 64, 256), (16, 64)),
+    "paper": ((24, 1024, 2048), (256, 512)),
+}
+CVXPY_ROWS = 8  # rows solved by the cvxpy path per measurement (milliseconds each)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor,
+             device: torch.device) -> tuple[float, float]:
+    x = x.detach().requires_grad_(True)
+    _sync(device)
+    t0 = time.perf_counter()
+    y = fn(x)
+    _sync(device)
+    t1 = time.perf_counter()
+    torch.autograd.grad(y, x, g)
+    _sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _median_times(ops: dict[str, Callable[[], tuple[float, float]]], repeats: int,
+                  progress) -> dict[str, tuple[float, float]]:
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ops}
+    for name, op in ops.items():  # warm-up: compile, canonicalise, allocate
+        op()
+        progress.update(1)
+    for _ in range(repeats):
+        for name, op in ops.items():
+            times[name].append(op())
+        progress.update(len(ops))
+    return {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
+            for k, v in times.items()}
+
+
+def _agreement(native: Callable, cvxpy: Callable, x: torch.Tensor) -> tuple[float, float]:
+    """Largest |difference| of solutions and of gradients (float64, same upstream grad)."""
+    x64 = x.detach().double()
+    gen = torch.Generator().manual_seed(0)
+    outs, grads = [], []
+    g = None
+    for fn in (native, cvxpy):
+        xi = x64.clone().requires_grad_(True)
+        y = fn(xi)
+        if g is None:
+            g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+        (gx,) = torch.autograd.grad(y, xi, g)
+        outs.append(y.detach())
+        grads.append(gx)
+    return float((outs[0] - outs[1]).abs().max()), float((grads[0] - grads[1]).abs().max())
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) -> list[dict]:
+    B, C, N = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    x[..., : N // 10] += 5.0  # 10 % outliers, so the robust penalties have work to do
+    g = torch.randn(B, C, generator=gen).to(device=device, dtype=dtype)
+    ops: dict[str, Callable[[], tuple[float, float]]] = {
+        "mean": lambda: _fwd_bwd(lambda t: t.mean(-1), x, g, device),
+        "sort": lambda: (_timed_sort(x, device), float("nan")),
+    }
+    for p in POOL_PENALTIES:
+        ops[p] = (lambda p=p: _fwd_bwd(lambda t: robust_pool(t, p, 1.0), x, g, device))
+    native = _median_times(ops, repeats, progress)
+    rows = []
+    mean_f, mean_b = native["mean"]
+    for name in ("mean", "sort") + POOL_PENALTIES:
+        f, b = native[name]
+        rows.append(_row("pooling", name if name in ("mean", "sort") else name,
+                         "torch" if name in ("mean", "sort") else "native",
+                         shape, dtype, device, f / B, b / B, f / mean_f, b / mean_b))
+    rows[1]["note"] = "one x.sort(-1) of the same tensor (forward only)"
+    rows[1]["bwd_ms_per_sample"] = None
+    rows[1]["bwd_rel_mean"] = None
+    for p in CONVEX_PENALTIES:
+        row = _row("pooling", p, "cvxpy", shape, dtype, device, None, None, None, None)
+        if with_cvxpy:
+            sub = x.reshape(-1, N)[:CVXPY_ROWS].cpu()
+            sub_g = g.reshape(-1)[:CVXPY_ROWS].cpu()
+            f, b = _fwd_bwd(lambda t: robust_pool(t, p, 1.0, backend="cvxpy"), sub, sub_g, torch.device("cpu"))
+            progress.update(1)
+            per_row_f, per_row_b = f / CVXPY_ROWS, b / CVXPY_ROWS
+            row.update(fwd_ms_per_sample=1e3 * per_row_f * C, bwd_ms_per_sample=1e3 * per_row_b * C,
+                       fwd_rel_mean=per_row_f * C * B / mean_f, bwd_rel_mean=per_row_b * C * B / mean_b,
+                       note=f"timed on {CVXPY_ROWS} rows (one solve each), scaled to {C} rows per sample")
+            ds, dg = _agreement(lambda t: robust_pool(t, p, 1.0), lambda t: robust_pool(t, p, 1.0, backend="cvxpy"),
+                                x.reshape(-1, N)[:8].cpu())
+            progress.update(1)
+            row.update(max_solution_diff=ds, max_grad_diff=dg)
+            for r in rows:
+                if r["node"] == p and r["path"] == "native":
+                    r.update(max_solution_diff=ds, max_grad_diff=dg)
+        else:
+            row["note"] = "skipped: one cone program per row is too slow at this size"
+        rows.append(row)
+    return rows
+
+
+def _timed_sort(x: torch.Tensor, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    x.sort(-1)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _proj_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) -> list[dict]:
+    B, n = shape
+    gen = torch.Generator().manual_seed(1)
+    x = (2 * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
+    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    def native_fn(p):
+        return (lambda t: project_simplex(t)) if p is None else (lambda t: project_lp(t, p, "ball"))
+
+    def cvxpy_fn(p):
+        return ((lambda t: project_simplex(t, backend="cvxpy")) if p is None
+                else (lambda t: project_lp(t, p, "ball", backend="cvxpy")))
+
+    ops = {"mean": lambda: _fwd_bwd(lambda t: t.mean(-1), x, g[:, 0], device),
+           "l2 closed form": lambda: _fwd_bwd(lambda t: t * (1 / t.norm(dim=-1, keepdim=True)).clamp(max=1), x, g, device),
+           "clamp": lambda: _fwd_bwd(lambda t: t.clamp(-1, 1), x, g, device)}
+    for name, p in PROJECTIONS:
+        ops[name] = (lambda p=p: _fwd_bwd(native_fn(p), x, g, device))
+    native = _median_times(ops, repeats, progress)
+    mean_f, mean_b = native["mean"]
+    rows = []
+    for name, (f, b) in native.items():
+        path = "native" if name.startswith(("lp_ball", "simplex")) else "torch"
+        rows.append(_row("projection", name, path, shape, dtype, device, f / B, b / B, f / mean_f, b / mean_b))
+    for name, p in PROJECTIONS:
+        row = _row("projection", name, "cvxpy", shape, dtype, device, None, None, None, None)
+        if with_cvxpy:
+            sub, sub_g = x[:CVXPY_ROWS].cpu(), g[:CVXPY_ROWS].cpu()
+            rows_done = sub.shape[0]
+            f, b = _fwd_bwd(cvxpy_fn(p), sub, sub_g, torch.device("cpu"))
+            progress.update(1)
+            row.update(fwd_ms_per_sample=1e3 * f / rows_done, bwd_ms_per_sample=1e3 * b / rows_done,
+                       fwd_rel_mean=f / rows_done * B / mean_f, bwd_rel_mean=b / rows_done * B / mean_b,
+                       note=f"timed on {rows_done} rows")
+            ds, dg = _agreement(native_fn(p), cvxpy_fn(p), x[:8].cpu())
+            progress.update(1)
+            row.update(max_solution_diff=ds, max_grad_diff=dg)
+            for r in rows:
+                if r["node"] == name and r["path"] == "native":
+                    r.update(max_solution_diff=ds, max_grad_diff=dg)
+        else:
+            row["note"] = "skipped: one cone program per row is too slow at this size"
+        rows.append(row)
+    return rows
+
+
+def _row(family, node, path, shape, dtype, device, f, b, fr, br) -> dict[str, Any]:
+    return {
+        "family": family, "node": node, "path": path, "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "fwd_ms_per_sample": None if f is None else 1e3 * f,
+        "bwd_ms_per_sample": None if b is None else 1e3 * b,
+        "fwd_rel_mean": fr, "bwd_rel_mean": br,
+        "max_solution_diff": None, "max_grad_diff": None, "note": "",
+    }
+
+
+def _estimate_skipped(rows: list[dict]) -> None:
+    """Fill the skipped cvxpy rows' notes with the time the small shape predicts."""
+    small = {(r["family"], r["node"]): r for r in rows
+             if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is not None}
+    for r in rows:
+        ref = small.get((r["family"], r["node"]))
+        if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is None and ref is not None:
+            per_row = (ref["fwd_ms_per_sample"] + ref["bwd_ms_per_sample"]) / (
+                ref["shape"][1] if r["family"] == "pooling" else 1)
+            n_rows = math.prod(r["shape"][:-1])
+            scale = r["shape"][-1] / ref["shape"][-1]  # at least linear in the row length
+            hours = per_row * n_rows * scale / 3.6e6
+            r["note"] = (f"skipped: {n_rows} cone programs of size {r['shape'][-1]}; "
+                         f"≥ {hours:.1f} h at the small shape's rate")
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None:
+        return "—"
+    if kind == "ms":
+        return f"{v:.3g}"
+    if kind == "x":
+        return f"{v:.2f}×"
+    return f"{v:.1e}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = []
+    for family in ("pooling", "projection"):
+        lines += [f"### {family}", "",
+                  "| node | path | shape | fwd ms/sample | bwd ms/sample | fwd / mean | bwd / mean "
+                  "| max Δ solution | max Δ gradient | note |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in result["rows"]:
+            if r["family"] != family:
+                continue
+            lines.append(
+                f"| {r['node']} | {r['path']} | {tuple(r['shape'])} | {_fmt(r['fwd_ms_per_sample'], 'ms')} "
+                f"| {_fmt(r['bwd_ms_per_sample'], 'ms')} | {_fmt(r['fwd_rel_mean'], 'x')} "
+                f"| {_fmt(r['bwd_rel_mean'], 'x')} | {_fmt(r['max_solution_diff'], 'e')} "
+                f"| {_fmt(r['max_grad_diff'], 'e')} | {r['note']} |")
+        lines.append("")
+    m = result["machine"]
+    lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
+                 f"({m['torch_threads']} threads), device {m['device']}; medians of "
+                 f"{result['repeats']} rounds; mean = `x.mean(-1)` of the same tensor.")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["fwd_ms_per_sample"] is not None and r["node"] != "sort"]
+    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: (len(s), math.prod(s)))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 5), squeeze=False)
+    colors = {"native": "tab:blue", "cvxpy": "tab:orange", "torch": "tab:gray"}
+    for ax, shape in zip(axes[0], shapes):
+        sel = [r for r in rows if tuple(r["shape"]) == shape]
+        labels = [f"{r['node']}\n({r['path']})" for r in sel]
+        total = [r["fwd_ms_per_sample"] + (r["bwd_ms_per_sample"] or 0.0) for r in sel]
+        ax.barh(range(len(sel)), total, color=[colors[r["path"]] for r in sel])
+        ax.set_yticks(range(len(sel)), labels, fontsize=7)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("forward + backward, ms per sample (log)")
+        ax.set_title(f"{sel[0]['family']} {shape}")
+    fig.suptitle(f"convexddn bench ({result['machine']['device']}, torch {result['machine']['torch']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
+        out: str | None = "results", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Run the benchmark; write bench.json and bench.png under ``out`` (unless None)."""
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import OptionError
+
+        raise OptionError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
+    names = ["small"] if quick else ["small", "paper"]
+    repeats = repeats or (3 if quick else 5)
+    n_ops = (2 + len(POOL_PENALTIES)) + (3 + len(PROJECTIONS))
+    total = sum((repeats + 1) * n_ops + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
+                for n in names)
+    rows: list[dict] = []
+    with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op") as progress:
+        warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed
+        for name in names:
+            pool_shape, proj_shape = SHAPES[name]
+            rows += _pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress)
+            rows += _proj_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
+    _estimate_skipped(rows)
+    result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows}
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        plot(result, os.path.join(out, "bench.png"))
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 3)")
+    parser.add_argument("--out", default="results", help="output folder (default results/)")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(quick=args.quick, device=args.device, repeats=args.repeats, out=args.out)
+    print(format_table(result))
+    print(f"\nwrote {os.path.join(args.out, 'bench.json')} and {os.path.join(args.out, 'bench.png')}")
+    return 0
