@@ -16,7 +16,10 @@ gradient errors of order 1 on an L1-ball projection with cvxpylayers' defaults).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
+import weakref
 import warnings
 from typing import Any
 
@@ -67,6 +70,10 @@ def canonical_solver_name(name: str) -> str:
         if s.lower() == str(name).lower():
             return s
     raise KeyError(name)
+
+
+class WorkerError(RuntimeError):
+    """A worker process died; ConvexLayer re-raises it as a SolverError."""
 
 
 class ConeSolveFailure(Exception):
@@ -233,6 +240,10 @@ class CheckedDiffcp(SolverInterface):
             with at most 400 rows + columns, ``"lsmr"`` above.
         tol: largest accepted relative KKT residual (see :func:`kkt_residual`).
         solver_args: keyword arguments for the first solver, over our defaults.
+        refine_steps: Newton steps polishing each solution (see :class:`_ConeProgram`).
+        workers: processes solving and differentiating chunks of the batch; 1 solves
+            in this process. cvxpylayers' own thread pool gives no speed-up (the
+            solvers hold the GIL), so we use processes.
     """
 
     canon_solver = "DIFFCP"
@@ -240,8 +251,11 @@ class CheckedDiffcp(SolverInterface):
 
     def __init__(self, solver: str = "Clarabel", fallback: str | None = "SCS",
                  mode: str = "auto", tol: float = 1e-6,
-                 solver_args: dict[str, Any] | None = None, refine_steps: int = 5) -> None:
+                 solver_args: dict[str, Any] | None = None, refine_steps: int = 5,
+                 workers: int = 1) -> None:
         self.refine_steps = refine_steps
+        self.workers = workers
+        self._executor = None
         self.solver = solver
         self.fallback = fallback
         self.mode = mode
@@ -269,6 +283,7 @@ class CheckedDiffcp(SolverInterface):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["last_info"] = None
+        state["_executor"] = None  # a pool belongs to one process
         state.pop("_cones_cpp", None)  # C++ objects: rebuilt on unpickling
         return state
 
@@ -293,7 +308,7 @@ class CheckedDiffcp(SolverInterface):
         x, y, s = (np.asarray(res[k], dtype=np.float64) for k in ("x", "y", "s"))
         return x, y, s, status
 
-    def _try(self, method: str, args: dict[str, Any], A, b, c, needs_grad: bool):
+    def _try(self, method: str, args: dict[str, Any], A, b, c):
         program = _ConeProgram(A, b, c, self._cones, self._cones_cpp, self._mode)
         try:
             x, y, s, status = self._solve_with(method, args, A, b, c)
@@ -309,71 +324,134 @@ class CheckedDiffcp(SolverInterface):
             return None, f"{method}: {err}"
         if not r <= self.tol:
             return None, f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
-        adjoint = program.adjoint(x, y, s) if needs_grad else None
-        return (x, y, s, adjoint, status, r), None
+        return (program, x, y, s, status, r), None
+
+    def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> _Solved:
+        """Solve one batch element with the solver, then the fallback; never raises."""
+        A, b, c = self._problem(q, a)
+        out, why = self._try(self.solver, args, A, b, c)
+        used, note = self.solver, None
+        if out is None and self.fallback is not None and self.fallback != self.solver:
+            out, why2 = self._try(self.fallback, {}, A, b, c)
+            used = self.fallback
+            if out is not None:
+                note = f"{why}; solved by the fallback {self.fallback}"
+            else:
+                why = f"{why}; fallback {why2}"
+        if out is None:
+            return _Solved(None, None, None, None, used, why, float("inf"), None)
+        program, x, y, s, status, r = out
+        return _Solved(program, x, y, s, used, status, r, note)
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
-        # Small dense factorisations: BLAS threads only fight torch's OpenMP pool here
-        # (measured: a 326×326 solve took 150 ms instead of 1 ms under load).
-        with threadpool_limits(1, user_api="blas"):
-            return self._solve_batch(P, q, A, solver_args, needs_grad)
-
-    def _solve_batch(self, P, q, A, solver_args, needs_grad):
         if P is not None:  # DIFFCP canonicalisation never keeps a quadratic term
             raise RuntimeError("unexpected quadratic objective in the cone program")
         q_np = q.detach().cpu().double().numpy()
         a_np = A.detach().cpu().double().numpy()
-        call_args = {**self.solver_args, **(solver_args or {})}
-        xs, ys, adjoints, failed, statuses = [], [], [], [], []
-        info = SolveInfo([], [], [])
-        for i in range(q_np.shape[0]):
-            Ai, bi, ci = self._problem(q_np[i], a_np[i])
-            out, why = self._try(self.solver, call_args, Ai, bi, ci, needs_grad)
-            used = self.solver
-            if out is None and self.fallback is not None and self.fallback != self.solver:
-                out, why2 = self._try(self.fallback, {}, Ai, bi, ci, needs_grad)
-                used = self.fallback
-                if out is not None:
-                    warnings.warn(f"batch element {i}: {why}; solved by the fallback "
-                                  f"{self.fallback}", SolverWarning, stacklevel=4)
-                else:
-                    why = f"{why}; fallback {why2}"
-            if out is None:
-                failed.append(i)
-                statuses.append(why)
-                xs.append(np.zeros(Ai.shape[1]))
-                ys.append(np.zeros(Ai.shape[0]))
-                adjoints.append(None)
-                continue
-            x, y, s, DT, status, r = out
-            xs.append(x)
-            ys.append(y)
-            adjoints.append(DT)
-            info.solvers.append(used)
-            info.statuses.append(status)
-            info.residuals.append(r)
+        args = {**self.solver_args, **(solver_args or {})}
+        batch = q_np.shape[0]
+        pool = self._pool(batch)
+        if pool is None:
+            # Small dense factorisations: BLAS threads only fight torch's OpenMP pool
+            # here (measured: a 326×326 solve took 150 ms instead of 1 ms under load).
+            with threadpool_limits(1, user_api="blas"):
+                results = [self.solve_one(q_np[i], a_np[i], args) for i in range(batch)]
+        else:
+            chunks = _chunks(batch, self.workers)
+            results = self._gather(pool, [(_solve_chunk, self, q_np[ix], a_np[ix], args) for ix in chunks])
+        failed = [i for i, r in enumerate(results) if r.x is None]
         if failed:
-            raise ConeSolveFailure(failed, statuses)
-        self.last_info = info
-        primal = torch.from_numpy(np.stack(xs)).to(q.dtype)
-        dual = torch.from_numpy(np.stack(ys)).to(q.dtype)
-        return primal, dual, adjoints
+            raise ConeSolveFailure(failed, [results[i].status for i in failed])
+        for i, r in enumerate(results):
+            if r.note is not None:
+                warnings.warn(f"batch element {i}: {r.note}", SolverWarning, stacklevel=4)
+        self.last_info = SolveInfo([r.solver for r in results], [r.status for r in results],
+                                   [r.residual for r in results])
+        primal = torch.from_numpy(np.stack([r.x for r in results])).to(q.dtype)
+        dual = torch.from_numpy(np.stack([r.y for r in results])).to(q.dtype)
+        if not needs_grad:
+            return primal, dual, None
+        if pool is None:
+            state = [("local", r.program, r.x, r.y, r.s) for r in results]
+        else:
+            state = [("remote", q_np[i], a_np[i], r.x, r.y, r.s) for i, r in enumerate(results)]
+        return primal, dual, state
+
+    def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Gradient of one element's (q, A-values) given the solution's cotangent."""
+        if item[0] == "local":
+            _, program, x, y, s = item
+        else:
+            _, q, a, x, y, s = item
+            A, b, c = self._problem(q, a)
+            program = _ConeProgram(A, b, c, self._cones, self._cones_cpp, self._mode)
+        dA, db, dc = program.adjoint(x, y, s)(dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
+        # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
+        return np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]])
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
-        with threadpool_limits(1, user_api="blas"):
-            return self._derivative_batch(dprimal, ddual, saved_state)
-
-    def _derivative_batch(self, dprimal, ddual, saved_state):
         dx_all = dprimal.detach().cpu().double().numpy()
         dy_all = ddual.detach().cpu().double().numpy()
-        rows_a = self._indices[: self._n_a]
-        cols_a = self._cols[: self._n_a]
-        dqs, das = [], []
-        for i, vjp in enumerate(saved_state):
-            dA, db, dc = vjp(dx_all[i], dy_all[i], rows_a, cols_a)
-            # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
-            das.append(np.concatenate([-dA, db[self._b_rows]]))
-            dqs.append(np.concatenate([dc, [0.0]]))
-        dq = torch.from_numpy(np.stack(dqs)).to(dprimal.dtype)
-        dA_t = torch.from_numpy(np.stack(das)).to(dprimal.dtype)
+        batch = dx_all.shape[0]
+        pool = self._pool(batch) if saved_state and saved_state[0][0] == "remote" else None
+        if pool is None:
+            with threadpool_limits(1, user_api="blas"):
+                grads = [self.vjp_one(saved_state[i], dx_all[i], dy_all[i]) for i in range(batch)]
+        else:
+            grads = self._gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix], dy_all[ix])
+                                        for ix in _chunks(batch, self.workers)])
+        dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
+        dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t
+
+    def _gather(self, pool, calls: list[tuple]) -> list:
+        try:
+            jobs = [pool.submit(*call) for call in calls]
+            return [r for job in jobs for r in job.result()]
+        except concurrent.futures.process.BrokenProcessPool as err:
+            self._executor = None
+            raise WorkerError(
+                f"a worker process of the layer (workers={self.workers}) died: {err}. Worker "
+                "processes are spawned; a script that calls the layer at import time must "
+                "guard its entry point with `if __name__ == '__main__':`") from err
+
+    def _pool(self, batch: int):
+        """The worker pool, started on first use; None when solving in this process."""
+        if self.workers <= 1 or batch < 2:
+            return None
+        if self._executor is None:
+            ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads
+            self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        return self._executor
+
+
+@dataclasses.dataclass
+class _Solved:
+    program: Any
+    x: np.ndarray | None
+    y: np.ndarray | None
+    s: np.ndarray | None
+    solver: str
+    status: str
+    residual: float
+    note: str | None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["program"] = None  # holds C++ cones; workers return numbers only
+        return state
+
+
+def _chunks(batch: int, workers: int) -> list[np.ndarray]:
+    return [ix for ix in np.array_split(np.arange(batch), min(workers, batch)) if ix.size]
+
+
+def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict) -> list[_Solved]:
+    with threadpool_limits(1, user_api="blas"):
+        return [solver.solve_one(q[i], a[i], args) for i in range(q.shape[0])]
+
+
+def _vjp_chunk(solver: CheckedDiffcp, items: list, dx: np.ndarray, dy: np.ndarray) -> list:
+    with threadpool_limits(1, user_api="blas"):
+        return [solver.vjp_one(item, dx[i], dy[i]) for i, item in enumerate(items)]

@@ -25,7 +25,7 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
 from ._checks import check_finite, check_positive, check_tensor
-from ._cone import MODES, SOLVERS, CheckedDiffcp, ConeSolveFailure, SolveInfo, canonical_solver_name
+from ._cone import MODES, SOLVERS, CheckedDiffcp, ConeSolveFailure, SolveInfo, WorkerError, canonical_solver_name
 from .errors import (
     InfeasibleError,
     InputError,
@@ -119,6 +119,9 @@ class ConvexLayer(nn.Module):
             is kept). Interior-point solvers stall near 1e-5 on projections whose
             squared objective became a second-order cone; refinement brings them to
             ~1e-12.
+        workers: number of worker processes that solve and differentiate chunks of
+            the batch (default 1: in this process). Workers start on the first
+            batched call (about a second: they import torch) and live with the layer.
 
     Shape:
         - Input: one tensor per parameter, of shape ``(*batch_i, *param.shape)``;
@@ -161,6 +164,7 @@ class ConvexLayer(nn.Module):
         mode: str = "auto",
         tol: float = 1e-6,
         refine: int = 5,
+        workers: int = 1,
     ) -> None:
         super().__init__()
         try:
@@ -178,6 +182,8 @@ class ConvexLayer(nn.Module):
         check_positive("tol", tol)
         if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
             raise OptionError(f"refine must be an integer >= 0, got {refine!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise OptionError(f"workers must be an integer >= 1, got {workers!r}")
         if solver_args is not None and not isinstance(solver_args, dict):
             raise OptionError(f"solver_args must be a dict, got {type(solver_args).__name__}")
         _validate_problem(problem, parameters, variables)
@@ -187,8 +193,9 @@ class ConvexLayer(nn.Module):
         self.variables_ = list(variables)
         self.solver, self.fallback, self.mode, self.tol = solver, fallback, mode, tol
         self.refine = refine
+        self.workers = workers
         self.solver_args = dict(solver_args or {})
-        self._backend = CheckedDiffcp(solver, fallback, mode, tol, self.solver_args, refine)
+        self._backend = CheckedDiffcp(solver, fallback, mode, tol, self.solver_args, refine, workers)
         try:
             self._layer = CvxpyLayer(problem, parameters=list(parameters),
                                      variables=list(variables), solver=self._backend)
@@ -204,7 +211,7 @@ class ConvexLayer(nn.Module):
         params = ", ".join(f"{p.name()}{tuple(p.shape)}" for p in self.parameters_)
         vars_ = ", ".join(f"{v.name()}{tuple(v.shape)}" for v in self.variables_)
         return (f"parameters=[{params}], variables=[{vars_}], solver={self.solver!r}, "
-                f"fallback={self.fallback!r}, mode={self.mode!r}, tol={self.tol:g}, refine={self.refine}")
+                f"fallback={self.fallback!r}, mode={self.mode!r}, tol={self.tol:g}, refine={self.refine}, workers={self.workers}")
 
     def _batch_shape(self, values: Sequence[torch.Tensor]) -> tuple[int, ...]:
         batch_shapes = []
@@ -264,6 +271,8 @@ class ConvexLayer(nn.Module):
             sols = self._layer(*flat)
         except ConeSolveFailure as fail:
             raise self._solver_error(fail, batch) from None
+        except WorkerError as err:
+            raise SolverError(str(err)) from err
         outs = tuple(
             s.reshape(shape).to(device=device, dtype=out_dtype) for s, shape in zip(sols, out_shapes)
         )

@@ -145,18 +145,18 @@ def build(name: str, **options: Any) -> ProblemSpec:
 
 def build_layer(name: str, *, solver: str = "Clarabel", solver_args: dict[str, Any] | None = None,
                 fallback: str | None = "SCS", mode: str = "auto", tol: float = 1e-6,
-                refine: int = 5, **options: Any):
+                refine: int = 5, workers: int = 1, **options: Any):
     """Build the registered problem ``name`` and wrap it in a ConvexLayer.
 
-    Keyword arguments ``solver``, ``solver_args``, ``fallback``, ``mode``, ``tol`` and
-    ``refine`` go to :class:`~convexddn.layer.ConvexLayer`; the rest are the problem's options.
+    Keyword arguments ``solver``, ``solver_args``, ``fallback``, ``mode``, ``tol``,
+    ``refine`` and ``workers`` go to :class:`~convexddn.layer.ConvexLayer`; the rest are the problem's options.
     """
     from .layer import ConvexLayer
 
     spec = build(name, **options)
     return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables),
                        solver=solver, solver_args=solver_args, fallback=fallback,
-                       mode=mode, tol=tol, refine=refine)
+                       mode=mode, tol=tol, refine=refine, workers=workers)
 
 
 def int_option(name: str, value: Any, minimum: int = 1) -> int:

@@ -392,3 +392,25 @@ def test_convex_layer_fallback_warns_and_solves():
     with pytest.warns(SolverWarning, match="solved by the fallback SCS"):
         y = layer(torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0]))
     assert torch.allclose(y, torch.tensor([0.5, 0.0]), atol=1e-6)
+
+
+def test_convex_layer_workers_match_single_process():
+    layer1 = cddn.layer("qp", n=6, n_ineq=4, n_eq=1)
+    layer2 = cddn.layer("qp", n=6, n_ineq=4, n_eq=1, workers=2)
+    gen = torch.Generator().manual_seed(5)
+    data = [torch.randn(8, 6, 6, dtype=torch.float64, generator=gen) / 2 + torch.eye(6, dtype=torch.float64),
+            torch.randn(8, 6, dtype=torch.float64, generator=gen),
+            torch.randn(8, 4, 6, dtype=torch.float64, generator=gen),
+            torch.rand(8, 4, dtype=torch.float64, generator=gen),
+            torch.randn(8, 1, 6, dtype=torch.float64, generator=gen),
+            torch.randn(8, 1, dtype=torch.float64, generator=gen)]
+    outs = []
+    for layer in (layer1, layer2):
+        args = [d.clone().requires_grad_() for d in data]
+        y = layer(*args)
+        outs.append((y.detach(), torch.autograd.grad((y * y).sum(), args)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for g1, g2 in zip(outs[0][1], outs[1][1]):
+        assert torch.equal(g1, g2)
+    with pytest.raises(OptionError, match="workers must be an integer >= 1, got 0"):
+        cddn.layer("qp", n=6, workers=0)
