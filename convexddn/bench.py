@@ -221,6 +221,52 @@ def _row(family, node, path, shape, dtype, device, f, b, fr, br) -> dict[str, An
     }
 
 
+_MEMORY_PROBE = """
+import gc, os, sys, threading, time, torch
+from convexddn.pooling import robust_pool
+shape, penalty = tuple(map(int, sys.argv[1].split(","))), sys.argv[2]
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+op = (lambda t: t.mean(-1)) if penalty == "mean" else (lambda t: robust_pool(t, penalty, 1.0))
+x = torch.randn(shape).requires_grad_(True)
+g = torch.randn(shape[:-1])
+torch.autograd.grad(op(x), x, g)  # warm-up: compilation and kernel loading are not counted
+gc.collect()
+base, peak, done = rss(), [0], [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+t = threading.Thread(target=sample); t.start()
+(gx,) = torch.autograd.grad(op(x), x, g)
+done[0] = True; t.join()
+print(max(peak[0], rss()) - base, x.numel() * x.element_size())
+"""
+
+
+def peak_memory(shape: tuple[int, ...], penalties=("mean",) + POOL_PENALTIES) -> list[dict[str, Any]]:
+    """Peak resident memory added by one forward + backward, per penalty, in units of
+    the input tensor's size: a fresh process each, after a warm-up call, sampling the
+    resident set every 0.5 ms during the call. The gradient itself is one input-sized
+    tensor, so 1× is the floor for any node."""
+    import subprocess
+    import sys
+
+    # Large blocks always mmapped, so freed memory leaves the resident set at once and
+    # RSS tracks what is live (glibc's adaptive threshold would keep freed blocks).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    rows = []
+    for p in penalties:
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, ",".join(map(str, shape)), p],
+                             capture_output=True, text=True, check=True, env=env).stdout.split()
+        added, size = int(out[0]), int(out[1])
+        rows.append({"node": p, "shape": list(shape), "peak_added_bytes": added,
+                     "input_bytes": size, "peak_over_input": added / size})
+    return rows
+
+
 def _estimate_skipped(rows: list[dict]) -> None:
     """Fill the skipped cvxpy rows' notes with the time the small shape predicts."""
     small = {(r["family"], r["node"]): r for r in rows
@@ -262,6 +308,12 @@ def format_table(result: dict[str, Any]) -> str:
                 f"| {_fmt(r['bwd_ms_per_sample'], 'ms')} | {_fmt(r['fwd_rel_mean'], 'x')} "
                 f"| {_fmt(r['bwd_rel_mean'], 'x')} | {_fmt(r['max_solution_diff'], 'e')} "
                 f"| {_fmt(r['max_grad_diff'], 'e')} | {r['note']} |")
+        lines.append("")
+    if result.get("memory"):
+        lines += ["### memory (forward + backward, fresh process each)", "",
+                  "| node | shape | peak added / input size |", "|---|---|---:|"]
+        for r in result["memory"]:
+            lines.append(f"| {r['node']} | {tuple(r['shape'])} | {r['peak_over_input']:.2f}× |")
         lines.append("")
     m = result["machine"]
     lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
@@ -319,7 +371,8 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             rows += _pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress)
             rows += _proj_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
     _estimate_skipped(rows)
-    result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows}
+    memory = peak_memory(SHAPES[names[-1]][0]) if dev.type == "cpu" else []
+    result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows, "memory": memory}
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench.json"), "w") as f:
