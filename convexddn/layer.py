@@ -201,6 +201,12 @@ class ConvexLayer(nn.Module):
                                      variables=list(variables), solver=self._backend)
         except (ValueError, NotImplementedError, AssertionError) as err:
             raise ProblemError(f"cvxpylayers cannot use this problem: {err}") from err
+        # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU path.
+        # We always hand it CPU float64 tensors (it then uses scipy copies), and sparse
+        # buffers break deepcopy, DistributedDataParallel and .to(): drop them.
+        for name in ("P", "q", "A"):
+            self._layer._buffers.pop(name, None)
+            object.__setattr__(self._layer, name, None)
 
     @property
     def last_solve(self) -> SolveInfo | None:

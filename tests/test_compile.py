@@ -1,0 +1,155 @@
+"""The native nodes under ``torch.compile``: same results as eager, forward and backward.
+
+Graph breaks are allowed (the solvers test convergence on the host). The ``eager``
+backend replays the captured ops as they are, so its results must be bit-identical;
+``aot_eager`` traces through AOTAutograd's decompositions, which may reassociate a
+reduction, so it gets a few-ulp tolerance; one test runs the default inductor backend
+on a tiny shape. Everything is skipped with the reason where torch.compile cannot run.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import convexddn as cddn
+
+DT = torch.float64
+
+
+def _compile_unavailable() -> str | None:
+    if not hasattr(torch, "compile"):
+        return "torch.compile does not exist in this torch version"
+    try:
+        import torch._dynamo as dynamo
+    except Exception as err:  # noqa: BLE001 - any import failure means: unavailable
+        return f"torch._dynamo cannot be imported: {err}"
+    supported = getattr(dynamo, "is_dynamo_supported", lambda: True)
+    if not supported():
+        return "torch.compile (dynamo) is not supported on this platform / Python version"
+    return None
+
+
+REASON = _compile_unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+PENALTIES = ("quadratic", "pseudo_huber", "huber", "welsch", "trunc_quad")
+LP_CASES = [(p, mode) for p in (1, 2, math.inf) for mode in ("ball", "sphere")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: no recompilation limit reached across tests
+    (which would silently fall back to eager and make the comparison vacuous)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def data(seed: int = 0, shape=(3, 7)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = 1.3 * torch.randn(shape, generator=g, dtype=DT)
+    x[..., 0] += 4.0  # an outlier in every row for the robust penalties
+    return x
+
+
+def forward_backward(fn, module: nn.Module, x: torch.Tensor):
+    """Output and the gradients of a fixed functional w.r.t. x and the module's parameters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cddn.errors.ConvexDDNWarning)
+        xr = x.clone().requires_grad_(True)
+        y = fn(xr)
+        v = torch.linspace(-1.0, 2.0, y.numel(), dtype=y.dtype).reshape(y.shape)
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((y * v).sum(), [xr, *params])
+    return y.detach(), grads
+
+
+def compare(module: nn.Module, x: torch.Tensor, backend: str) -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    eager = forward_backward(module, module, x)
+    counter = CompileCounterWithBackend(backend)
+    compiled_fn = torch.compile(module, backend=counter)
+    got = forward_backward(compiled_fn, module, x)
+    # Something was captured and compiled (graph breaks are fine, all-eager is not).
+    assert counter.frame_count >= 1 and counter.op_count >= 1, (counter.frame_count, counter.op_count)
+    # A second call runs the cached compiled code (the first one may have compiled).
+    again = forward_backward(compiled_fn, module, x)
+    for res in (got, again):
+        if backend == "eager":
+            assert torch.equal(res[0], eager[0])
+            for a, b in zip(res[1], eager[1]):
+                assert torch.equal(a, b)
+        else:
+            # A few ulps (float64) for reassociated reductions.
+            torch.testing.assert_close(res[0], eager[0], rtol=1e-13, atol=1e-13)
+            for a, b in zip(res[1], eager[1]):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(eager[0]).all()
+
+
+# Per node, aot_eager: it also traces the backward (AOTAutograd). The eager backend is
+# covered by the model test below (each compile costs ~1 s on a small CPU).
+@pytest.mark.parametrize("backend", ["aot_eager"])
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_robust_pool_compiled_matches_eager(penalty, backend):
+    pool = cddn.RobustPool(penalty, alpha=nn.Parameter(torch.tensor(0.9, dtype=DT)))
+    compare(pool, data(), backend)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+@pytest.mark.parametrize("p,mode", LP_CASES)
+def test_lp_projection_compiled_matches_eager(p, mode, backend):
+    proj = cddn.LpProjection(p=p, mode=mode, radius=nn.Parameter(torch.tensor(1.5, dtype=DT)))
+    compare(proj, data(1), backend)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_simplex_projection_compiled_matches_eager(backend):
+    compare(cddn.SimplexProjection(), data(2), backend)
+
+
+class SmallNet(nn.Module):
+    """Linear → L1-ball projection → Welsch pooling over dims (1, 2) → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(7, 6).to(DT)
+        self.proj = cddn.LpProjection(p=1, radius=2.0)
+        self.pool = cddn.RobustPool("welsch", alpha=nn.Parameter(torch.tensor(1.2, dtype=DT)), dim=(1, 2))
+        self.head = nn.Linear(1, 1).to(DT)
+
+    def forward(self, x):
+        z = self.proj(self.lin(x)).reshape(x.shape[0], 3, 2 * x.shape[1])
+        return self.head(self.pool(z).unsqueeze(-1))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_model_with_native_nodes_compiled_matches_eager(backend):
+    compare(SmallNet(), data(3, shape=(4, 3, 7)), backend)
+
+
+def test_inductor_backend_tiny_shape():
+    """The default backend (inductor, which generates C++ on the CPU) on a tiny shape."""
+    if shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        pytest.skip("inductor on the CPU needs a C++ compiler, none found on PATH")
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"torch._inductor cannot be imported: {err}")
+    x = data(4, shape=(2, 5))
+    for module in (cddn.LpProjection(p=2, radius=nn.Parameter(torch.tensor(1.5, dtype=DT))),
+                   cddn.RobustPool("pseudo_huber", alpha=nn.Parameter(torch.tensor(0.9, dtype=DT)))):
+        eager = forward_backward(module, module, x)
+        got = forward_backward(torch.compile(module), module, x)
+        # Inductor fuses and may vectorise reductions: a few ulps, more for the iterative
+        # solver, whose stopping test sees the rounding of each Newton step (tol 1e-12).
+        torch.testing.assert_close(got[0], eager[0], rtol=1e-10, atol=1e-10)
+        for a, b in zip(got[1], eager[1]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
