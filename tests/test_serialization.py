@@ -164,11 +164,6 @@ def test_state_dict_keys_name_the_learnable_options():
     assert set(nodes["declarative"].state_dict()) == {"logw"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library gap in convexddn/pooling.py RobustPool.__init__: a plain tensor alpha is "
-    "stored as an ordinary attribute (self.alpha = alpha), not a buffer (LpProjection "
-    "registers a tensor radius as a buffer), so it is missing from state_dict and "
-    "module.to(dtype/device) does not move it"))
 def test_robust_pool_tensor_alpha_is_a_buffer():
     pool = cddn.RobustPool("huber", alpha=torch.tensor([0.5, 1.0, 2.0], dtype=DT))
     assert "alpha" in pool.state_dict()

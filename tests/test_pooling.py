@@ -1,0 +1,490 @@
+"""Tests of convexddn.pooling: robust pooling with the five penalties of Gould et al. Table 1.
+
+Reference values come from the paper's definitions written out here (not from the
+module), from brute-force minimisation, and from closed forms (the mean).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from convexddn import pooling
+from convexddn.errors import (
+    ConvexDDNWarning,
+    DTypeError,
+    GradientWarning,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+    SolverWarning,
+)
+from convexddn.pooling import PENALTIES, Penalty, RobustPool, robust_pool
+
+ALPHAS = (0.2, 1.0, 5.0)
+CONVEX = ("quadratic", "pseudo_huber", "huber")
+
+
+def phi_ref(name: str, z: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """Gould et al. Table 1, written out independently of the module."""
+    if name == "quadratic":
+        return 0.5 * z**2
+    if name == "pseudo_huber":
+        return alpha**2 * (torch.sqrt(1 + (z / alpha) ** 2) - 1)
+    if name == "huber":
+        return torch.where(z.abs() <= alpha, 0.5 * z**2, alpha * (z.abs() - 0.5 * alpha))
+    if name == "welsch":
+        return 1 - torch.exp(-(z**2) / (2 * alpha**2))
+    if name == "trunc_quad":
+        return torch.where(z.abs() <= alpha, 0.5 * z**2, 0.5 * alpha**2 * torch.ones_like(z))
+    raise AssertionError(name)
+
+
+def objective(name: str, x: torch.Tensor, u: torch.Tensor, alpha) -> torch.Tensor:
+    """sum_i phi(u - x_i) over the last dim; u broadcasts against x[..., 0]."""
+    return phi_ref(name, u.unsqueeze(-1) - x, alpha).sum(-1)
+
+
+def with_outliers(seed: int, shape=(3, 9), dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    # Two gross outliers per row, 6 to 10 away on either side.
+    sign = torch.where(torch.rand(shape[:-1] + (2,), generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    x[..., :2] = sign * (6 + 4 * torch.rand(shape[:-1] + (2,), generator=g, dtype=dtype))
+    return x
+
+
+def kink_margin(x: torch.Tensor, y: torch.Tensor, alpha: float) -> float:
+    return float(((y.detach().unsqueeze(-1) - x.detach()).abs() - alpha).abs().min())
+
+
+def input_away_from_kinks(penalty: str, alpha: float) -> torch.Tensor:
+    """The first seed whose solution keeps every |y - x_i| at least 1e-3 from alpha (the
+    kinks of Huber and truncated quadratic), so finite differences stay on one piece."""
+    for seed in range(100):
+        x = with_outliers(seed)
+        y = robust_pool(x, penalty, alpha)
+        if penalty not in ("huber", "trunc_quad") or kink_margin(x, y, alpha) > 1e-3:
+            return x
+    raise AssertionError(f"no seed in 0..99 keeps {penalty} at alpha={alpha} away from kinks")
+
+
+# --------------------------------------------------------------------------- penalties
+
+
+def test_penalty_resolve():
+    for name in PENALTIES:
+        pen = Penalty.resolve(name)
+        assert isinstance(pen, Penalty) and pen.name == name
+        assert Penalty.resolve(pen) is pen
+    assert set(PENALTIES) == {"quadratic", "pseudo_huber", "huber", "welsch", "trunc_quad"}
+    assert [Penalty.resolve(p).convex for p in PENALTIES] == [True, True, True, False, False]
+
+
+def test_penalty_invalid():
+    with pytest.raises(OptionError) as err:
+        Penalty.resolve("hubber")
+    for name in PENALTIES:
+        assert name in str(err.value)
+    assert "hubber" in str(err.value)
+    with pytest.raises(OptionError, match="penalty"):
+        Penalty.resolve(3)
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+def test_penalty_derivatives(name):
+    """phi matches Table 1; dphi, d2phi and d2phi_dalpha match autograd of Table 1's phi."""
+    pen = Penalty.resolve(name)
+    g = torch.Generator().manual_seed(1)
+    z = 6 * torch.rand(200, generator=g, dtype=torch.float64) - 3
+    alpha = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    z = z[((z.abs() - 0.8).abs() > 1e-3)].requires_grad_(True)  # away from the kinks
+    ref = phi_ref(name, z, alpha)
+    torch.testing.assert_close(pen.phi(z, alpha), ref)
+    (d1,) = torch.autograd.grad(ref.sum(), z, create_graph=True)
+    torch.testing.assert_close(pen.dphi(z, alpha), d1)
+    d2 = torch.autograd.grad(d1.sum(), z, retain_graph=True, allow_unused=True)[0]
+    d2 = torch.zeros_like(z) if d2 is None else d2
+    torch.testing.assert_close(pen.d2phi(z, alpha), d2)
+    # d2phi/dz dalpha, one residual at a time (alpha is shared).
+    mixed = torch.stack(
+        [
+            torch.autograd.grad(d1[i], alpha, retain_graph=True, allow_unused=True)[0]
+            or torch.zeros((), dtype=torch.float64)
+            for i in range(z.numel())
+        ]
+    )
+    torch.testing.assert_close(pen.d2phi_dalpha(z, alpha), mixed)
+    # The scaled weights keep the ratios the backward uses.
+    w, wa = pen.weights(z.detach(), alpha.detach())
+    w0, wa0 = pen.d2phi(z, alpha).detach(), pen.d2phi_dalpha(z, alpha).detach()
+    if w0.abs().sum() > 0:
+        torch.testing.assert_close(w / w.sum(), w0 / w0.sum())
+        torch.testing.assert_close(wa.sum() / w.sum(), wa0.sum() / w0.sum())
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def test_robust_pool_quadratic_is_mean():
+    x = with_outliers(0, (4, 6, 11)).requires_grad_(True)
+    y = robust_pool(x, "quadratic", alpha=0.3)
+    torch.testing.assert_close(y, x.mean(-1))
+    g = torch.randn(4, 6, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, (g / 11).unsqueeze(-1).expand(4, 6, 11))
+
+
+@pytest.mark.parametrize("name", CONVEX)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_robust_pool_convex_global(name, alpha):
+    """Convex penalties: stationary, and no grid point has a lower objective."""
+    x = with_outliers(3, (4, 10))
+    y = robust_pool(x, name, alpha)
+    grid = torch.linspace(-12, 12, 48001, dtype=torch.float64)
+    f_grid = objective(name, x.unsqueeze(1), grid.expand(4, -1), alpha)
+    assert (objective(name, x, y, alpha) <= f_grid.min(-1).values + 1e-12).all()
+    # Optimality: sum_i phi'(y - x_i) = 0.
+    u = y.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(name, x, u, alpha).sum(), u)
+    assert grad.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("alpha", ALPHAS + (0.05, 2.5))
+@pytest.mark.parametrize("seed", range(4))
+def test_robust_pool_trunc_quad_exact(alpha, seed):
+    """Truncated quadratic: the global minimiser, by brute force.
+
+    The objective at every mean of a contiguous run of the sorted row (the global
+    minimiser is one of them) and on a dense grid is never below the returned value."""
+    x = with_outliers(seed, (3, 12))
+    x[0, 5:8] = x[0, 2:5] + 0.001 * alpha  # near-duplicates
+    y = robust_pool(x, "trunc_quad", alpha)
+    f_y = objective("trunc_quad", x, y, alpha)
+    s = x.sort(-1).values
+    n = s.shape[-1]
+    means = torch.stack([s[:, i:j].mean(-1) for i in range(n) for j in range(i + 1, n + 1)], -1)
+    f_runs = objective("trunc_quad", x.unsqueeze(1), means, alpha)
+    torch.testing.assert_close(f_y, f_runs.min(-1).values, rtol=0, atol=1e-12)
+    grid = torch.linspace(-12, 12, 96001, dtype=torch.float64)
+    f_grid = objective("trunc_quad", x.unsqueeze(1), grid.expand(3, -1), alpha)
+    assert (f_y <= f_grid.min(-1).values + 1e-12).all()
+
+
+def test_robust_pool_trunc_quad_beats_local_search():
+    """A row where neither the mean nor the median start leads a local search (repeated
+    inlier means) to the global minimiser, the mean of the four points near 20."""
+    x = torch.tensor([[0.0, 0.1, 0.2, 2.5, 2.6, 20.0, 20.05, 20.1, 20.15]], dtype=torch.float64)
+    for start in (x.mean(-1), x.median(-1).values):
+        u = start
+        for _ in range(50):
+            inl = ((u.unsqueeze(-1) - x).abs() <= 1.0).double()
+            u = torch.where(inl.sum(-1) > 0, (inl * x).sum(-1) / inl.sum(-1).clamp(min=1), u)
+        assert abs(float(u) - 20.075) > 1.0
+    y = robust_pool(x, "trunc_quad", 1.0)
+    torch.testing.assert_close(y, torch.tensor([20.075], dtype=torch.float64))
+
+
+def _welsch_local_min(x: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Reference: plain IRLS (u <- weighted mean), monotone to the local minimum."""
+    for _ in range(5000):
+        w = torch.exp(-((u.unsqueeze(-1) - x) ** 2) / (2 * alpha**2))
+        u = (w * x).sum(-1) / w.sum(-1)
+    return u
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_robust_pool_welsch_two_starts(alpha):
+    x = with_outliers(5, (6, 15))
+    y = robust_pool(x, "welsch", alpha)
+    f_y = objective("welsch", x, y, alpha)
+    mean, median = x.mean(-1), x.median(-1).values
+    for start in (mean, median):
+        assert (f_y <= objective("welsch", x, start, alpha) + 1e-12).all()
+        local = _welsch_local_min(x, start, alpha)
+        assert (f_y <= objective("welsch", x, local, alpha) + 1e-10).all()
+    # A local minimum: stationary with positive curvature.
+    u = y.clone().requires_grad_(True)
+    f = objective("welsch", x, u, alpha).sum()
+    (g,) = torch.autograd.grad(f, u, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), u)
+    assert g.abs().max() < 1e-9 and (h > 0).all()
+
+
+def test_robust_pool_welsch_keeps_lower_objective():
+    """Mean start and median start reach different local minima; the lower one wins."""
+    jitter = 0.01 * torch.arange(10, dtype=torch.float64)
+    # Lower median (torch's convention) in the 2-point cluster at 5; the mean (9.8)
+    # descends into the 4-point cluster at 12, which has the lower objective.
+    x_mean_wins = torch.tensor([0, 0, 0, 5, 5, 12, 12, 12, 12, 40], dtype=torch.float64) + jitter
+    # Lower median in the 5-point cluster at 0; the mean (4.8) descends to the 2 points at 6.
+    x_median_wins = torch.tensor([0, 0, 0, 0, 0, 6, 6, 12, 12, 12], dtype=torch.float64) + jitter
+    x = torch.stack([x_mean_wins, x_median_wins])
+    from_mean = _welsch_local_min(x, x.mean(-1), 1.0)
+    from_median = _welsch_local_min(x, x.median(-1).values, 1.0)
+    torch.testing.assert_close(from_mean, torch.tensor([12.065, 6.055], dtype=torch.float64), rtol=0, atol=0.05)
+    torch.testing.assert_close(from_median, torch.tensor([5.035, 0.02], dtype=torch.float64), rtol=0, atol=0.05)
+    y = robust_pool(x, "welsch", 1.0)
+    expected = torch.stack([from_mean[0], from_median[1]])
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_robust_pool_grad(name, alpha):
+    x = input_away_from_kinks(name, alpha)
+    if name in ("huber", "trunc_quad"):
+        assert kink_margin(x, robust_pool(x, name, alpha), alpha) > 1e-3
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: robust_pool(t, name, alpha), (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_robust_pool_grad_alpha(name, alpha):
+    x = input_away_from_kinks(name, alpha).requires_grad_(True)
+    # One alpha per row, and one shared alpha.
+    a_rows = torch.full((3,), alpha, dtype=torch.float64) * torch.tensor([1.0, 1.1, 0.9], dtype=torch.float64)
+    if name == "huber":
+        assert kink_margin(x, robust_pool(x, name, a_rows), a_rows.unsqueeze(-1)) > 1e-3
+    a_rows.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t, a: robust_pool(t, name, a), (x, a_rows), eps=1e-6, atol=1e-6)
+    a_one = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: robust_pool(x.detach(), name, a), (a_one,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["quadratic", "trunc_quad"])
+def test_robust_pool_grad_alpha_zero(name):
+    """y does not depend on alpha (quadratic) or is locally constant in it (trunc_quad)."""
+    x = input_away_from_kinks(name, 1.0)
+    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    (ga,) = torch.autograd.grad(robust_pool(x, name, a).sum(), a)
+    assert ga.item() == 0.0
+
+
+def test_robust_pool_grad_singular_warns():
+    """Welsch at x = (-1, 1), alpha = 1: the minimiser 0 has sum_i phi''(y - x_i) = 0 (the
+    implicit gradient does not exist); that row gets a zero gradient and one warning."""
+    x = torch.tensor([[-1.0, 1.0], [0.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    y = robust_pool(x, "welsch", 1.0)
+    assert abs(y[0].item()) < 1e-6
+    with pytest.warns(GradientWarning, match=r"1 of 2 row\(s\)") as rec:
+        (gx,) = torch.autograd.grad(y.sum(), x)
+    assert len([w for w in rec if issubclass(w.category, GradientWarning)]) == 1
+    assert torch.isfinite(gx).all()
+    assert (gx[0] == 0).all()
+    torch.testing.assert_close(gx[1], torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_robust_pool_huber_flat_minimum():
+    """Huber with two far points: every u in [-9, 9] is a minimiser; the result is one of
+    them and its gradient is finite."""
+    x = torch.tensor([[-10.0, 10.0]], dtype=torch.float64, requires_grad=True)
+    y = robust_pool(x, "huber", 1.0)
+    assert -9.0 <= y.item() <= 9.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientWarning)
+        (gx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(gx).all()
+
+
+def test_robust_pool_grad_welsch_far_outliers():
+    """Welsch weights underflow for points hundreds of alphas away; the gradient must
+    still be the inlier average, not NaN."""
+    x = torch.tensor([[0.0, 0.1, 0.2, 500.0, -800.0]], dtype=torch.float32, requires_grad=True)
+    y = robust_pool(x, "welsch", 0.05)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(gx).all()
+    torch.testing.assert_close(gx.sum(), torch.tensor(1.0))
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+def test_robust_pool_batched(name):
+    x = with_outliers(7, (2, 3, 4, 5))
+    y = robust_pool(x, name, 1.0, dim=(2, 3))
+    assert y.shape == (2, 3)
+    torch.testing.assert_close(y, robust_pool(x.reshape(2, 3, 20), name, 1.0))
+    yk = robust_pool(x, name, 1.0, dim=(-1, 2), keepdim=True)
+    assert yk.shape == (2, 3, 1, 1)
+    torch.testing.assert_close(yk.reshape(2, 3), y)
+    y1 = robust_pool(x, name, 1.0, dim=1)
+    torch.testing.assert_close(y1, robust_pool(x.movedim(1, -1), name, 1.0))
+    # Each row on its own gives the same answer as the batch.
+    rows = x.reshape(6, 20)
+    torch.testing.assert_close(
+        torch.stack([robust_pool(r, name, 1.0) for r in rows]), robust_pool(rows, name, 1.0)
+    )
+    assert robust_pool(rows[:1], name, 1.0).shape == (1,)
+    assert robust_pool(rows[0], name, 1.0).shape == ()
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+def test_robust_pool_empty_batch(name):
+    x = torch.empty(0, 3, 7, dtype=torch.float64, requires_grad=True)
+    y = robust_pool(x, name, 1.0)
+    assert y.shape == (0, 3)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx.shape == x.shape
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+def test_robust_pool_dtype(name):
+    x64 = with_outliers(11, (5, 33))
+    x32 = x64.float().requires_grad_(True)
+    y32 = robust_pool(x32, name, 1.0)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), robust_pool(x64, name, 1.0), rtol=0, atol=1e-4)
+    (gx,) = torch.autograd.grad(y32.sum(), x32)
+    assert gx.dtype == torch.float32
+    # Half precisions are solved in float32 and cast back.
+    y16 = robust_pool(x64.bfloat16(), name, 1.0)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.double(), robust_pool(x64.bfloat16().double(), name, 1.0), rtol=0.02, atol=0.02)
+
+
+def test_robust_pool_alpha_broadcast():
+    x = with_outliers(2, (2, 3, 10))
+    alpha = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)  # per channel
+    y = robust_pool(x, "huber", alpha)
+    for c in range(3):
+        torch.testing.assert_close(y[:, c], robust_pool(x[:, c], "huber", float(alpha[c])))
+    yk = robust_pool(x, "huber", alpha.view(1, 3, 1), keepdim=True)
+    torch.testing.assert_close(yk.squeeze(-1), y)
+
+
+def test_robust_pool_not_converged_warns():
+    x = with_outliers(0, (3, 9))
+    with pytest.warns(SolverWarning, match="did not reach tol"):
+        robust_pool(x, "pseudo_huber", 0.2, max_iter=1)
+
+
+def test_robust_pool_compile_fallback(monkeypatch):
+    """A failing torch.compile falls back to the eager kernels with a warning."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(pooling, "_COMPILED", {})
+    monkeypatch.setattr(pooling, "_COMPILE_FAILED", set())
+    x = with_outliers(0, (3, 9)).requires_grad_(True)
+    with pytest.warns(ConvexDDNWarning, match="torch.compile failed"):
+        y = robust_pool(x, "huber", 1.0, compile=True)
+    torch.testing.assert_close(y, robust_pool(x, "huber", 1.0, compile=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per kernel, not per call
+        robust_pool(x, "huber", 1.0, compile=True)
+
+
+# --------------------------------------------------------------------------- module
+
+
+def test_robust_pool_module():
+    pool = RobustPool("welsch", alpha=0.5, dim=(1, 2), keepdim=True)
+    text = repr(pool)
+    assert "penalty='welsch'" in text and "alpha=0.5" in text and "dim=(1, 2)" in text
+    assert "keepdim=True" in text
+    x = with_outliers(4, (2, 5, 6))
+    torch.testing.assert_close(pool(x), robust_pool(x, "welsch", 0.5, (1, 2), True))
+    # A learnable alpha.
+    pool = RobustPool("pseudo_huber", alpha=torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64)))
+    assert len(list(pool.parameters())) == 1
+    pool(x).sum().backward()
+    assert pool.alpha.grad is not None and torch.isfinite(pool.alpha.grad)
+    with pytest.raises(OptionError, match="penalty"):
+        RobustPool("median")
+    with pytest.raises(OptionError, match="alpha"):
+        RobustPool("huber", alpha=0.0)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_robust_pool_invalid():
+    x = with_outliers(0, (3, 9))
+    bad = x.clone()
+    bad[0, 1] = math.nan
+    bad[2, 3] = math.inf
+    for name in PENALTIES:
+        with pytest.raises(NonFiniteError, match=r"x must be finite, got 1 NaN and 1 Inf"):
+            robust_pool(bad, name, 1.0)
+    neg = x.clone()
+    neg[1, 0] = -math.inf
+    with pytest.raises(NonFiniteError, match=r"0 NaN and 1 Inf"):
+        robust_pool(neg, "trunc_quad", 1.0)
+    with pytest.raises(ShapeError, match="at least one entry along every pooled dim"):
+        robust_pool(torch.empty(3, 0), "huber", 1.0)
+    with pytest.raises(ShapeError, match="out of range"):
+        robust_pool(x, "huber", 1.0, dim=2)
+    for alpha in (0.0, -1.0, math.nan):
+        with pytest.raises(OptionError, match="alpha must be finite and > 0"):
+            robust_pool(x, "huber", alpha)
+    with pytest.raises(OptionError, match="alpha must be finite and > 0"):
+        robust_pool(x, "huber", torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ShapeError, match=r"alpha must broadcast to the output shape \(3,\)"):
+        robust_pool(x, "huber", torch.ones(4, dtype=torch.float64))
+    with pytest.raises(OptionError) as err:
+        robust_pool(x, "bisquare", 1.0)
+    assert all(name in str(err.value) for name in PENALTIES)
+    with pytest.raises(DTypeError, match="floating-point dtype.*torch.int64"):
+        robust_pool(torch.ones(3, 4, dtype=torch.int64), "huber", 1.0)
+    with pytest.raises(DTypeError, match="alpha"):
+        robust_pool(x, "huber", torch.tensor(1))
+    with pytest.raises(OptionError, match="backend must be one of"):
+        robust_pool(x, "huber", 1.0, backend="scipy")
+    for name in ("welsch", "trunc_quad"):
+        with pytest.raises(OptionError, match="nonconvex"):
+            robust_pool(x, name, 1.0, backend="cvxpy")
+    with pytest.raises(OptionError, match="max_iter"):
+        robust_pool(x, "huber", 1.0, max_iter=0)
+    with pytest.raises(OptionError, match="tol"):
+        robust_pool(x, "huber", 1.0, tol=-1.0)
+    with pytest.raises(OptionError, match="compile"):
+        robust_pool(x, "huber", 1.0, compile="yes")
+
+
+def test_robust_pool_invalid_leaves_input():
+    x = with_outliers(0, (3, 9))
+    x[0, 0] = math.nan
+    before = x.clone()
+    with pytest.raises(NonFiniteError):
+        robust_pool(x, "welsch", 1.0)
+    assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.nan_to_num(), before.nan_to_num())
+
+
+# --------------------------------------------------------------------------- cvxpy backend
+
+
+@pytest.mark.parametrize("name", CONVEX)
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_robust_pool_cvxpy_agrees(name, alpha):
+    """backend='cvxpy' (the registry's robust_pool problem through ConvexLayer) and the
+    native solver agree: solution to 1e-5, gradient to 1e-4, float64."""
+    pytest.importorskip("convexddn.registry")
+    x = input_away_from_kinks(name, alpha)[:, :8].contiguous()
+    xn = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    yn = robust_pool(xn, name, alpha)
+    yc = robust_pool(xc, name, alpha, backend="cvxpy")
+    assert yc.dtype == torch.float64 and yc.shape == (3,)
+    torch.testing.assert_close(yc, yn, rtol=0, atol=1e-5)
+    g = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    (gn,) = torch.autograd.grad(yn, xn, g)
+    (gc,) = torch.autograd.grad(yc, xc, g)
+    torch.testing.assert_close(gc, gn, rtol=0, atol=1e-4)
+
+
+def test_robust_pool_cvxpy_invalid():
+    x = with_outliers(0, (3, 8))
+    with pytest.raises(OptionError, match="one alpha"):
+        robust_pool(x, "huber", torch.ones(3, dtype=torch.float64), backend="cvxpy")
+    with pytest.raises(OptionError, match="cannot differentiate with respect to alpha"):
+        robust_pool(x, "huber", torch.tensor(1.0, dtype=torch.float64, requires_grad=True), backend="cvxpy")
