@@ -1,0 +1,25 @@
+"""The README's code runs as printed."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import torch
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_tour_runs():
+    text = README.read_text()
+    code = re.search(r"## A short tour\n\n```python\n(.*?)```", text, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README tour", "exec"), namespace)
+    assert namespace["Y"].shape == (4, 6)
+    assert torch.allclose(namespace["Y"].sum(-1), torch.ones(4), atol=1e-6)
+    assert namespace["feat"].shape == (4, 64)
+    assert namespace["ball"].abs().sum(-1).max() <= 2.0 + 1e-5
+
+
+def test_readme_names_the_two_commands():
+    text = README.read_text()
+    assert "make test" in text and "make bench" in text
