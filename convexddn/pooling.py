@@ -484,9 +484,12 @@ def _resolve_tol(tol: float | None, dtype: torch.dtype) -> float:
     return _DEFAULT_TOL.get(dtype, 1e-6) if tol is None else tol
 
 
-def _iterate(step: Callable, name: str, x, state: list, a, tol, max_iter, use_compile) -> list:
+def _iterate(step: Callable, name: str, x, state: list, a, tol, max_iter, use_compile,
+             warn: bool = True) -> tuple[list, torch.Tensor | None]:
     """Run ``state = step(x, *state, a)`` (which also returns the step length) until each
-    row's step is at most ``tol * (alpha + |u|)``, ``u = state[0]``.
+    row's step is at most ``tol * (alpha + |u|)``, ``u = state[0]``. Returns the final
+    state and, when some rows hit ``max_iter``, a mask of those rows (else None); with
+    ``warn`` they are reported at once.
 
     Converged rows are frozen; once at most 3/4 of the rows are still moving, the
     moving rows are gathered into a smaller problem, so the long tail of slow rows costs
@@ -502,6 +505,7 @@ def _iterate(step: Callable, name: str, x, state: list, a, tol, max_iter, use_co
         n_todo = int(todo.sum())
         if n_todo == 0:
             break
+        todo_active = active  # the rows `todo` refers to, before any shrinking below
         if 4 * n_todo <= 3 * todo.numel():
             keep = todo.nonzero().squeeze(-1)
             _store(out, state, active)
@@ -509,9 +513,14 @@ def _iterate(step: Callable, name: str, x, state: list, a, tol, max_iter, use_co
             x, state = x[keep], [t[keep] for t in state]
             a = a[keep] if a.dim() > 0 else a
     else:
-        _warn_not_converged(name, n_todo, out[0].shape[0], tol)
+        unconverged = torch.zeros(out[0].shape[0], dtype=torch.bool, device=out[0].device)
+        unconverged[todo.nonzero().squeeze(-1) if todo_active is None else todo_active[todo]] = True
+        if warn:
+            _warn_not_converged(name, n_todo, out[0].shape[0], tol)
+        _store(out, state, active)
+        return out, unconverged
     _store(out, state, active)
-    return out
+    return out, None
 
 
 def _warn_not_converged(name: str, n_todo: int, rows: int, tol: float) -> None:
@@ -542,7 +551,7 @@ def _newton_solve(step: Callable, name: str, x, a, tol, max_iter, use_compile):
     state = [u, lo, hi]
     n_todo = int((step_len > tol * (a + u.abs())).sum())
     if n_todo and max_iter > 1:
-        state = _iterate(step, name, x, state, a, tol, max_iter - 1, use_compile)
+        state, _ = _iterate(step, name, x, state, a, tol, max_iter - 1, use_compile)
     elif n_todo:
         _warn_not_converged(name, n_todo, x.shape[0], tol)
     return state[0].squeeze(-1)
@@ -558,15 +567,26 @@ def _median_start(x: torch.Tensor) -> torch.Tensor:
 def _welsch_solve(x, a, tol, max_iter, use_compile):
     starts = [x.mean(-1, keepdim=True), _median_start(x)]
     _check_rows_finite(x, torch.cat(starts, -1))
-    finals, objectives = [], []
+    finals, objectives, stuck = [], [], []
     for u in starts:
         state = [u, torch.full_like(u, math.inf), u, (a * torch.ones_like(u)).to(u.dtype)]
-        u, f, _, _ = _iterate(_welsch_step, "welsch", x, state, a, tol, max_iter, use_compile)
+        (u, f, _, _), unconverged = _iterate(_welsch_step, "welsch", x, state, a, tol, max_iter,
+                                             use_compile, warn=False)
         finals.append(u)
         objectives.append(f)
+        stuck.append(unconverged)
     # Keep the start with the lower objective (evaluated at the last accepted point,
     # within tol of the returned one).
-    return torch.where(objectives[1] < objectives[0], finals[1], finals[0]).squeeze(-1)
+    second = (objectives[1] < objectives[0]).squeeze(-1)
+    # Warn only for rows whose kept start did not converge: a mean start far from every
+    # point sits where the Welsch objective is flat, and loses to the median start anyway.
+    if stuck[0] is not None or stuck[1] is not None:
+        none = torch.zeros_like(second)
+        bad = torch.where(second, none if stuck[1] is None else stuck[1], none if stuck[0] is None else stuck[0])
+        n_bad = int(bad.sum())
+        if n_bad:
+            _warn_not_converged("welsch", n_bad, x.shape[0], tol)
+    return torch.where(second.unsqueeze(-1), finals[1], finals[0]).squeeze(-1)
 
 
 def _trunc_quad_runs(s: torch.Tensor, lft: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

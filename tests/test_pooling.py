@@ -488,3 +488,21 @@ def test_robust_pool_cvxpy_invalid():
         robust_pool(x, "huber", torch.ones(3, dtype=torch.float64), backend="cvxpy")
     with pytest.raises(OptionError, match="cannot differentiate with respect to alpha"):
         robust_pool(x, "huber", torch.tensor(1.0, dtype=torch.float64, requires_grad=True), backend="cvxpy")
+
+
+def test_robust_pool_welsch_no_warning_when_kept_start_converged():
+    # The mean start (10) sits where the Welsch objective is flat and stalls; the median
+    # start (0) wins and converged, so nothing is reported.
+    x = torch.tensor([[0.0] * 9 + [100.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_pool(x, "welsch", 1.0)
+    assert abs(float(y)) < 1e-12
+
+
+def test_robust_pool_warns_when_max_iter_reached():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 50, dtype=torch.float64, generator=gen)
+    x[:, :25] += 30.0
+    with pytest.warns(SolverWarning, match=r"row\(s\) did not reach tol"):
+        robust_pool(x, "huber", 0.1, max_iter=2)
