@@ -315,9 +315,10 @@ def _estimate_skipped(rows: list[dict]) -> None:
                 ref["shape"][1] if r["family"] == "pooling" else 1)
             n_rows = math.prod(r["shape"][:-1])
             scale = r["shape"][-1] / ref["shape"][-1]  # at least linear in the row length
-            hours = per_row * n_rows * scale / 3.6e6
+            seconds = per_row * n_rows * scale / 1e3
+            took = f"{seconds / 3600:.1f} h" if seconds > 3600 else f"{seconds / 60:.1f} min"
             r["note"] = (f"skipped: {n_rows} cone programs of size {r['shape'][-1]}; "
-                         f"≥ {hours:.1f} h at the small shape's rate")
+                         f"≥ {took} at the small shape's rate")
 
 
 def _fmt(v: Any, kind: str) -> str:
@@ -378,17 +379,25 @@ def plot(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     rows = [r for r in result["rows"] if r["fwd_ms_per_sample"] is not None and r["node"] != "sort"]
-    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: (len(s), math.prod(s)))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 5), squeeze=False)
+    # pooling panels first, small shape before large
+    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: (-len(s), math.prod(s)))
+    ncols = 2
+    nrows = -(-len(shapes) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(12, 4.5 * nrows), squeeze=False)
     colors = {"native": "tab:blue", "cvxpy": "tab:orange", "torch": "tab:gray"}
-    for ax, shape in zip(axes[0], shapes):
+    for ax in axes.flat[len(shapes):]:
+        ax.axis("off")
+    for ax, shape in zip(axes.flat, shapes):
         sel = [r for r in rows if tuple(r["shape"]) == shape]
         labels = [f"{r['node']}\n({r['path']})" for r in sel]
         total = [r["fwd_ms_per_sample"] + (r["bwd_ms_per_sample"] or 0.0) for r in sel]
         ax.barh(range(len(sel)), total, color=[colors[r["path"]] for r in sel])
         ax.set_yticks(range(len(sel)), labels, fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.invert_yaxis()
         ax.set_xlabel("forward + backward, ms per sample (log)")
         ax.set_title(f"{sel[0]['family']} {shape}")
