@@ -62,3 +62,17 @@ def test_cli_bench_invalid_device(tmp_path):
 
     with pytest.raises(OptionError, match="device 'cuda'"):
         cli.main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_cli_experiment_quick_writes_every_row(tmp_path, capsys):
+    from convexddn.experiments.pointcloud import DEFAULT_POOLINGS, Config
+
+    assert cli.main(["experiment", "pointcloud", "--quick", "--out", str(tmp_path)]) == 0
+    assert "| outliers |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "pointcloud.json").read_text())
+    assert (tmp_path / "pointcloud.png").stat().st_size > 10_000
+    rates = Config.quick().rates
+    got = {(r["pooling"], round(r["rate"], 6)) for r in result["rows"]}
+    assert got == {(p, round(rate, 6)) for p in DEFAULT_POOLINGS for rate in rates}
+    for row in result["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["map"] <= 1.0

@@ -414,3 +414,13 @@ def test_convex_layer_workers_match_single_process():
         assert torch.equal(g1, g2)
     with pytest.raises(OptionError, match="workers must be an integer >= 1, got 0"):
         cddn.layer("qp", n=6, workers=0)
+
+
+def test_convex_layer_under_no_grad():
+    # cvxpylayers + diffcp raised TypeError when `mode` was passed without gradients.
+    layer = cddn.layer("lp_ball", n=4, p=1, mode="dense")
+    x = torch.tensor([[2.0, -1.0, 0.5, 0.0]], requires_grad=True)
+    with torch.no_grad():
+        y = layer(x)
+    assert not y.requires_grad
+    assert torch.allclose(y, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-6)
