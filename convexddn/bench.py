@@ -143,21 +143,11 @@ def _pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) 
     for p in CONVEX_PENALTIES:
         row = _row("pooling", p, "cvxpy", shape, dtype, device, None, None, None, None)
         if with_cvxpy:
-            sub = x.reshape(-1, N)[:CVXPY_ROWS].cpu()
-            sub_g = g.reshape(-1)[:CVXPY_ROWS].cpu()
-            f, b = _fwd_bwd(lambda t: robust_pool(t, p, 1.0, backend="cvxpy"), sub, sub_g, torch.device("cpu"))
-            progress.update(1)
-            per_row_f, per_row_b = f / CVXPY_ROWS, b / CVXPY_ROWS
-            row.update(fwd_ms_per_sample=1e3 * per_row_f * C, bwd_ms_per_sample=1e3 * per_row_b * C,
-                       fwd_rel_mean=per_row_f * C * B / mean_f, bwd_rel_mean=per_row_b * C * B / mean_b,
-                       note=f"timed on {CVXPY_ROWS} rows (one solve each), scaled to {C} rows per sample")
-            ds, dg = _agreement(lambda t: robust_pool(t, p, 1.0), lambda t: robust_pool(t, p, 1.0, backend="cvxpy"),
-                                x.reshape(-1, N)[:8].cpu())
-            progress.update(1)
-            row.update(max_solution_diff=ds, max_grad_diff=dg)
-            for r in rows:
-                if r["node"] == p and r["path"] == "native":
-                    r.update(max_solution_diff=ds, max_grad_diff=dg)
+            _measure_cvxpy(row, rows, lambda t: robust_pool(t, p, 1.0),
+                           lambda t: robust_pool(t, p, 1.0, backend="cvxpy"),
+                           x.reshape(-1, N)[:CVXPY_ROWS], g.reshape(-1)[:CVXPY_ROWS], C / CVXPY_ROWS,
+                           B, mean_f, mean_b, progress,
+                           f"timed on {CVXPY_ROWS} rows (one solve each), scaled to {C} rows per sample")
         else:
             row["note"] = "skipped: one cone program per row is too slow at this size"
         rows.append(row)
@@ -228,23 +218,29 @@ def _proj_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) 
     for name, p in PROJECTIONS:
         row = _row("projection", name, "cvxpy", shape, dtype, device, None, None, None, None)
         if with_cvxpy:
-            sub, sub_g = x[:CVXPY_ROWS].cpu(), g[:CVXPY_ROWS].cpu()
-            rows_done = sub.shape[0]
-            f, b = _fwd_bwd(cvxpy_fn(p), sub, sub_g, torch.device("cpu"))
-            progress.update(1)
-            row.update(fwd_ms_per_sample=1e3 * f / rows_done, bwd_ms_per_sample=1e3 * b / rows_done,
-                       fwd_rel_mean=f / rows_done * B / mean_f, bwd_rel_mean=b / rows_done * B / mean_b,
-                       note=f"timed on {rows_done} rows")
-            ds, dg = _agreement(native_fn(p), cvxpy_fn(p), x[:8].cpu())
-            progress.update(1)
-            row.update(max_solution_diff=ds, max_grad_diff=dg)
-            for r in rows:
-                if r["node"] == name and r["path"] == "native":
-                    r.update(max_solution_diff=ds, max_grad_diff=dg)
+            done = min(CVXPY_ROWS, B)
+            _measure_cvxpy(row, rows, native_fn(p), cvxpy_fn(p), x[:done], g[:done], 1 / done,
+                           B, mean_f, mean_b, progress, f"timed on {done} rows")
         else:
             row["note"] = "skipped: one cone program per row is too slow at this size"
         rows.append(row)
     return rows
+
+
+def _measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable, x: torch.Tensor,
+                   g: torch.Tensor, per_sample: float, B: int, mean_f: float, mean_b: float,
+                   progress, note: str) -> None:
+    """Time the cvxpy path on a few rows (scaled by ``per_sample`` to one sample) and
+    record how far it is from the native path, on ``row`` and on the native row."""
+    f, b = _fwd_bwd(cvxpy, x.cpu(), g.cpu(), torch.device("cpu"))
+    progress.update(1)
+    fs, bs = f * per_sample, b * per_sample
+    row.update(fwd_ms_per_sample=1e3 * fs, bwd_ms_per_sample=1e3 * bs,
+               fwd_rel_mean=fs * B / mean_f, bwd_rel_mean=bs * B / mean_b, note=note)
+    ds, dg = _agreement(native, cvxpy, x[:8].cpu())
+    progress.update(1)
+    for r in [row] + [r for r in rows if r["node"] == row["node"] and r["path"] == "native"]:
+        r.update(max_solution_diff=ds, max_grad_diff=dg)
 
 
 def _row(family, node, path, shape, dtype, device, f, b, fr, br) -> dict[str, Any]:
@@ -301,6 +297,58 @@ def peak_memory(shape: tuple[int, ...], penalties=("mean",) + POOL_PENALTIES) ->
         added, size = int(out[0]), int(out[1])
         rows.append({"node": p, "shape": list(shape), "peak_added_bytes": added,
                      "input_bytes": size, "peak_over_input": added / size})
+    return rows
+
+
+def _nnls_layer(workers: int):
+    """A user problem: non-negative least squares with learnable A and b."""
+    import cvxpy as cp
+
+    from .layer import ConvexLayer
+
+    A = cp.Parameter((30, 20), name="A")
+    b = cp.Parameter(30, name="b")
+    z = cp.Variable(20, name="z")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ z - b)), [z >= 0])
+    return ConvexLayer(prob, [A, b], [z], workers=workers)
+
+
+def workers_speedup(batch: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
+    """Forward + backward time of ConvexLayer with 1 and with `cpu_count` worker
+    processes (pools started before timing), on the registry QP and a user problem."""
+    from .registry import build_layer
+
+    cores = os.cpu_count() or 1
+    gen = torch.Generator().manual_seed(0)
+    n, m, p = 50, 40, 10
+    qp_data = [torch.randn(batch, n, n, dtype=torch.float64, generator=gen) / n ** 0.5
+               + torch.eye(n, dtype=torch.float64),
+               torch.randn(batch, n, dtype=torch.float64, generator=gen),
+               torch.randn(batch, m, n, dtype=torch.float64, generator=gen),
+               torch.rand(batch, m, dtype=torch.float64, generator=gen) * 0.1,
+               torch.randn(batch, p, n, dtype=torch.float64, generator=gen),
+               torch.randn(batch, p, dtype=torch.float64, generator=gen) * 0.1]
+    nnls_data = [torch.randn(batch, 30, 20, dtype=torch.float64, generator=gen),
+                 torch.randn(batch, 30, dtype=torch.float64, generator=gen)]
+    cases = [("qp (n=50, 40 ≤, 10 =)", lambda w: build_layer("qp", n=n, n_ineq=m, n_eq=p, workers=w), qp_data),
+             ("user NNLS (30×20)", _nnls_layer, nnls_data)]
+    rows = []
+    for name, make, data in cases:
+        times = {}
+        for w in sorted({1, cores}):
+            layer = make(w)
+            layer(*data)  # starts the pool, canonicalises
+            runs = []
+            for _ in range(repeats):
+                args = [d.clone().requires_grad_(True) for d in data]
+                t0 = time.perf_counter()
+                y = layer(*args)
+                torch.autograd.grad(y.sum(), args)
+                runs.append(time.perf_counter() - t0)
+            times[w] = statistics.median(runs)
+        rows.append({"problem": name, "batch": batch, "cores": cores,
+                     "seconds_1_process": times[1], "seconds_workers": times[cores],
+                     "speedup": times[1] / times[cores]})
     return rows
 
 
@@ -362,6 +410,14 @@ def format_table(result: dict[str, Any]) -> str:
                   "| node | shape | peak added / input size |", "|---|---|---:|"]
         for r in result["memory"]:
             lines.append(f"| {r['node']} | {tuple(r['shape'])} | {r['peak_over_input']:.2f}× |")
+        lines.append("")
+    if result.get("workers"):
+        lines += ["### ConvexLayer worker processes (forward + backward, float64)", "",
+                  "| problem | batch | 1 process s | workers = cores s | speed-up | cores |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in result["workers"]:
+            lines.append(f"| {r['problem']} | {r['batch']} | {r['seconds_1_process']:.2f} "
+                         f"| {r['seconds_workers']:.2f} | {r['speedup']:.2f}× | {r['cores']} |")
         lines.append("")
     m = result["machine"]
     lines.append("Targets (issue 3) apply at the paper's shape (24, 1024, 2048); the DDN reference "
@@ -431,7 +487,9 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             rows += _proj_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
     _estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0]) if dev.type == "cpu" else []
-    result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows, "memory": memory}
+    workers = [] if quick else workers_speedup()
+    result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows,
+              "memory": memory, "workers": workers}
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench.json"), "w") as f:
