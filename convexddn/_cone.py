@@ -238,8 +238,9 @@ class CheckedDiffcp(SolverInterface):
     Args:
         solver: first solver, one of ``"Clarabel"``, ``"SCS"``, ``"ECOS"``.
         fallback: solver tried on the elements where ``solver`` fails, or ``None``.
-        mode: how the adjoint (and refinement) systems are solved; ``"auto"`` picks ``"dense"`` for cone programs
-            with at most 400 rows + columns, ``"lsmr"`` above.
+        mode: how the adjoint and refinement systems are solved; ``"auto"`` picks
+            ``"dense"`` for cone programs with at most 400 rows + columns, ``"lsmr"``
+            above.
         tol: largest accepted relative KKT residual (see :func:`kkt_residual`).
         solver_args: keyword arguments for the first solver, over our defaults.
         refine_steps: Newton steps polishing each solution (see :class:`_ConeProgram`).
