@@ -215,6 +215,9 @@ def _proj_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) 
             ratio = f / native[base][0]
             rows[-1].update(target=f"fwd ≤ {limit:g}× {base}", target_met=bool(ratio <= limit),
                             fwd_rel_target_base=ratio, target_base=base)
+            if base != "sort":  # the closed forms have a backward to compare with too
+                both = (f + b) / sum(native[base])
+                rows[-1]["fwd_bwd_rel_target_base"] = both
     for name, p in PROJECTIONS:
         row = _row("projection", name, "cvxpy", shape, dtype, device, None, None, None, None)
         if with_cvxpy:
@@ -395,6 +398,8 @@ def format_table(result: dict[str, Any]) -> str:
             if "target" in r:
                 note = (f"{'✓' if r['target_met'] else '✗'} target {r['target']} "
                         f"(fwd {r['fwd_rel_target_base']:.2f}× {r['target_base']})")
+                if "fwd_bwd_rel_target_base" in r:
+                    note += f"; fwd+bwd {r['fwd_bwd_rel_target_base']:.2f}× {r['target_base']}"
                 if "first_call_s" in r:
                     note += f"; first call {r['first_call_s']:.1f} s"
                 if "speedup_vs_ddn_reference" in r:
