@@ -30,11 +30,9 @@ from typing import Any, Callable
 
 import torch
 
-from .pooling import robust_pool
+from .pooling import CONVEX_PENALTIES, robust_pool
+from .pooling import PENALTIES as POOL_PENALTIES
 from .projection import project_lp, project_simplex
-
-POOL_PENALTIES = ("quadratic", "pseudo_huber", "huber", "welsch", "trunc_quad")
-CONVEX_PENALTIES = ("quadratic", "pseudo_huber", "huber")
 PROJECTIONS = (("lp_ball p=1", 1), ("lp_ball p=2", 2), ("lp_ball p=inf", math.inf), ("simplex", None))
 
 # (name, pooling shape (B, C, N), projection shape (B, n))

@@ -69,6 +69,7 @@ __all__ = [
     "Welsch",
     "TruncatedQuadratic",
     "PENALTIES",
+    "CONVEX_PENALTIES",
     "robust_pool",
     "RobustPool",
 ]
@@ -301,6 +302,8 @@ _REGISTRY: dict[str, Penalty] = {
 
 #: Valid penalty names, in the order of Gould et al. Table 1.
 PENALTIES: tuple[str, ...] = tuple(_REGISTRY)
+#: The convex ones: those the registry's CVXPY ``robust_pool`` problem accepts.
+CONVEX_PENALTIES: tuple[str, ...] = tuple(p for p in PENALTIES if _REGISTRY[p].convex)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -733,13 +736,6 @@ class _RobustPoolFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- cvxpy backend
 
 
-@functools.lru_cache(maxsize=32)
-def _cvxpy_layer(n: int, penalty: str, alpha: float) -> nn.Module:
-    from . import registry  # lazy: cvxpy is only needed on this path
-
-    return registry.build_layer("robust_pool", n=n, penalty=penalty, alpha=alpha)
-
-
 def _cvxpy_alpha(alpha: float | torch.Tensor) -> float:
     if isinstance(alpha, torch.Tensor):
         if alpha.numel() != 1:
@@ -940,8 +936,9 @@ def _cvxpy_pool(x2: torch.Tensor, penalty: str, alpha: float) -> torch.Tensor:
     if rows == 0:
         return x2.sum(-1)
     _check_rows_finite(x2, x2.mean(-1))
-    layer = _cvxpy_layer(n, penalty, alpha)
-    return layer(x2)
+    from .registry import shared_layer  # lazy: cvxpy is only needed on this path
+
+    return shared_layer("robust_pool", n=n, penalty=penalty, alpha=alpha)(x2)
 
 
 class RobustPool(nn.Module):

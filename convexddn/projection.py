@@ -20,7 +20,6 @@ docstring says which. Gradcheck holds everywhere else.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Any
@@ -42,8 +41,12 @@ _BACKENDS = ["native", "cvxpy"]
 # --------------------------------------------------------------------------- options
 
 
-def _normalize_p(p: Any) -> float:
-    """Map the accepted spellings of p to 1, 2 or math.inf."""
+def normalize_p(p: Any) -> float:
+    """Map the accepted spellings of p (1, 2, inf, "inf") to 1, 2 or math.inf.
+
+    Raises:
+        OptionError: any other value (the message lists the valid ones).
+    """
     # bool is an int subclass and tensors make ``in`` ambiguous: reject both up front.
     if isinstance(p, bool) or not isinstance(p, (int, float, str)):
         raise OptionError(f"p must be one of {_P_VALID}, got {p!r}")
@@ -391,14 +394,6 @@ class _LinfProjection(torch.autograd.Function):
 # --------------------------------------------------------------------------- cvxpy path
 
 
-@functools.lru_cache(maxsize=32)
-def _cvxpy_layer(name: str, **kwargs: Any) -> nn.Module:
-    # Imported here: the registry pulls in cvxpy, which the native path never needs.
-    from . import registry
-
-    return registry.build_layer(name, **kwargs)
-
-
 def _cvxpy_radius(radius: float | torch.Tensor) -> float:
     if isinstance(radius, torch.Tensor):
         if radius.requires_grad:
@@ -419,7 +414,10 @@ def _project_cvxpy(x: torch.Tensor, d: int, name: str, **kwargs: Any) -> torch.T
     if x.numel() == 0:
         return x.clone()
     check_finite("x", x)
-    layer = _cvxpy_layer(name, n=x.shape[d], **kwargs)
+    # Imported here: the registry pulls in cvxpy, which the native path never needs.
+    from .registry import shared_layer
+
+    layer = shared_layer(name, n=x.shape[d], **kwargs)
     return layer(x.movedim(d, -1)).movedim(-1, d)
 
 
@@ -511,7 +509,7 @@ def project_lp(
         True
     """
     x = check_tensor("x", x)
-    p = _normalize_p(p)
+    p = normalize_p(p)
     check_choice("mode", mode, _MODES)
     check_choice("backend", backend, _BACKENDS)
     d = _check_dim(dim, x)
@@ -614,7 +612,7 @@ class LpProjection(nn.Module):
         backend: str = "native",
     ) -> None:
         super().__init__()
-        self.p = _normalize_p(p)
+        self.p = normalize_p(p)
         check_choice("mode", mode, _MODES)
         check_choice("backend", backend, _BACKENDS)
         if isinstance(dim, bool) or not isinstance(dim, int):

@@ -15,6 +15,7 @@ bad values raise :class:`~convexddn.errors.OptionError` listing what is valid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 from typing import Any, Callable
@@ -23,7 +24,7 @@ import cvxpy as cp
 
 from .errors import OptionError
 
-__all__ = ["ProblemSpec", "register", "names", "build", "build_layer", "describe"]
+__all__ = ["ProblemSpec", "register", "names", "build", "build_layer", "shared_layer", "describe"]
 
 # The catalog modules imported on first use: importing them registers their problems.
 _CATALOG = ("qp", "projection", "pooling")
@@ -157,6 +158,17 @@ def build_layer(name: str, *, solver: str = "Clarabel", solver_args: dict[str, A
     return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables),
                        solver=solver, solver_args=solver_args, fallback=fallback,
                        mode=mode, tol=tol, refine=refine, workers=workers)
+
+
+@functools.lru_cache(maxsize=64)
+def shared_layer(name: str, **options: Any):
+    """:func:`build_layer` with default solver settings, built once per (name, options).
+
+    The native nodes' ``backend="cvxpy"`` paths call this on every forward; canonicalising
+    a CVXPY problem costs far more than a small solve, so the layers are kept (at most
+    64). Options must be hashable.
+    """
+    return build_layer(name, **options)
 
 
 def int_option(name: str, value: Any, minimum: int = 1) -> int:

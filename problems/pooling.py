@@ -12,10 +12,10 @@ import numpy as np
 
 from convexddn._checks import check_positive
 from convexddn.errors import NonconvexError, OptionError
+from convexddn.pooling import CONVEX_PENALTIES, PENALTIES
 from convexddn.registry import int_option, register
 
-CONVEX_PENALTIES = ("quadratic", "pseudo_huber", "huber")
-NONCONVEX_PENALTIES = ("welsch", "trunc_quad")
+NONCONVEX_PENALTIES = tuple(p for p in PENALTIES if p not in CONVEX_PENALTIES)
 
 
 def penalty_objective(z: cp.Expression, penalty: str, alpha: float) -> cp.Expression:

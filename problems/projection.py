@@ -6,19 +6,8 @@ import math
 import cvxpy as cp
 
 from convexddn._checks import check_positive
-from convexddn.errors import OptionError
+from convexddn.projection import normalize_p
 from convexddn.registry import int_option, register
-
-P_VALUES = (1, 2, math.inf)
-
-
-def parse_p(p: object) -> float:
-    """Accept 1, 2, inf (float or the string "inf"); raise OptionError otherwise."""
-    if isinstance(p, str) and p.lower() in ("inf", "infinity"):
-        return math.inf
-    if isinstance(p, (int, float)) and not isinstance(p, bool) and p in P_VALUES:
-        return float(p)
-    raise OptionError(f"p must be one of 1, 2, inf, got {p!r}")
 
 
 @register("lp_ball", "Euclidean projection onto the Lp ball: argmin_u ½‖u − x‖² s.t. ‖u‖_p ≤ radius")
@@ -28,7 +17,7 @@ def lp_ball(n: int, p: float = 2, radius: float = 1.0):
     Parameters: ``x`` of shape ``(n,)``. Variable: ``y`` of shape ``(n,)``.
     """
     n = int_option("n", n)
-    p = parse_p(p)
+    p = normalize_p(p)
     check_positive("radius", radius)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")

@@ -75,7 +75,7 @@ def test_build_invalid_option_lists_valid():
         registry.build("simplex")
     with pytest.raises(OptionError, match="n must be an integer >= 1, got 0"):
         registry.build("simplex", n=0)
-    with pytest.raises(OptionError, match="p must be one of 1, 2, inf, got 3"):
+    with pytest.raises(OptionError, match=r"p must be one of \[1, 2, inf, 'inf'\], got 3"):
         registry.build("lp_ball", n=3, p=3)
     with pytest.raises(OptionError, match="radius must be finite and > 0"):
         registry.build("lp_ball", n=3, radius=-1.0)
