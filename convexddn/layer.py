@@ -191,11 +191,10 @@ class ConvexLayer(nn.Module):
         self.problem = problem
         self.parameters_ = list(parameters)
         self.variables_ = list(variables)
-        self.solver, self.fallback, self.mode, self.tol = solver, fallback, mode, tol
-        self.refine = refine
-        self.workers = workers
-        self.solver_args = dict(solver_args or {})
-        self._backend = CheckedDiffcp(solver, fallback, mode, tol, self.solver_args, refine, workers)
+        # The solver options live in the backend only (read back through properties), so
+        # there is one copy of them and no attribute that silently does nothing.
+        self._backend = CheckedDiffcp(solver, fallback, mode, tol, dict(solver_args or {}),
+                                      refine, workers)
         try:
             self._layer = CvxpyLayer(problem, parameters=list(parameters),
                                      variables=list(variables), solver=self._backend)
@@ -208,6 +207,15 @@ class ConvexLayer(nn.Module):
             self._layer._buffers.pop(name, None)
             object.__setattr__(self._layer, name, None)
 
+    solver = property(lambda self: self._backend.solver, doc="The first solver.")
+    fallback = property(lambda self: self._backend.fallback, doc="The fallback solver, or None.")
+    mode = property(lambda self: self._backend.mode, doc="How adjoint systems are solved.")
+    tol = property(lambda self: self._backend.tol, doc="Largest accepted KKT residual.")
+    refine = property(lambda self: self._backend.refine_steps, doc="Newton polishing steps.")
+    workers = property(lambda self: self._backend.workers, doc="Worker processes.")
+    solver_args = property(lambda self: dict(self._backend.solver_args),
+                           doc="Solver keyword arguments (a copy).")
+
     @property
     def last_solve(self) -> SolveInfo | None:
         """Solver, status and KKT residual of each element of the last successful call."""
@@ -217,7 +225,8 @@ class ConvexLayer(nn.Module):
         params = ", ".join(f"{p.name()}{tuple(p.shape)}" for p in self.parameters_)
         vars_ = ", ".join(f"{v.name()}{tuple(v.shape)}" for v in self.variables_)
         return (f"parameters=[{params}], variables=[{vars_}], solver={self.solver!r}, "
-                f"fallback={self.fallback!r}, mode={self.mode!r}, tol={self.tol:g}, refine={self.refine}, workers={self.workers}")
+                f"fallback={self.fallback!r}, mode={self.mode!r}, tol={self.tol:g}, "
+                f"refine={self.refine}, workers={self.workers}")
 
     def _batch_shape(self, values: Sequence[torch.Tensor]) -> tuple[int, ...]:
         batch_shapes = []
