@@ -38,7 +38,7 @@ from diffcp.cone_program import solve_internal
 from scipy.sparse import linalg as sla
 from threadpoolctl import threadpool_limits
 
-from .errors import SolverWarning
+from .errors import SolverError, SolverWarning
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
@@ -74,8 +74,8 @@ def canonical_solver_name(name: str) -> str:
     raise KeyError(name)
 
 
-class WorkerError(RuntimeError):
-    """A worker process died; ConvexLayer re-raises it as a SolverError."""
+class WorkerError(SolverError):
+    """A worker process of ConvexLayer(workers=k) died, in the forward or the backward."""
 
 
 class ConeSolveFailure(Exception):

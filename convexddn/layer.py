@@ -25,7 +25,7 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
 from ._checks import check_finite, check_positive, check_tensor
-from ._cone import MODES, SOLVERS, CheckedDiffcp, ConeSolveFailure, SolveInfo, WorkerError, canonical_solver_name
+from ._cone import MODES, SOLVERS, CheckedDiffcp, ConeSolveFailure, SolveInfo, canonical_solver_name
 from .errors import (
     InfeasibleError,
     InputError,
@@ -286,8 +286,6 @@ class ConvexLayer(nn.Module):
             sols = self._layer(*flat)
         except ConeSolveFailure as fail:
             raise self._solver_error(fail, batch) from None
-        except WorkerError as err:
-            raise SolverError(str(err)) from err
         outs = tuple(
             s.reshape(shape).to(device=device, dtype=out_dtype) for s, shape in zip(sols, out_shapes)
         )

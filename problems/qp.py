@@ -52,7 +52,7 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str | tuple = ("L", "q", "
     n_ineq = int_option("n_ineq", n_ineq, 0)
     n_eq = int_option("n_eq", n_eq, 0)
     rank = n if rank is None else int_option("rank", rank)
-    learned = tuple(learn) if not isinstance(learn, str) else tuple(learn)
+    learned = tuple(learn)  # a string such as "Lqh" splits into its letters
     bad = [k for k in learned if k not in QP_DATA]
     if bad:
         raise OptionError(f"learn must name blocks among {list(QP_DATA)}, got {bad}")

@@ -416,3 +416,16 @@ def test_convex_layer_under_no_grad():
         y = layer(x)
     assert not y.requires_grad
     assert torch.allclose(y, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
+    layer = cddn.layer("simplex", n=3, workers=2)
+    x = torch.tensor([[0.1, 0.2, 0.7], [1.0, 0.0, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
+    want = layer(x)
+    for proc in list(layer._backend._executor._processes.values()):
+        proc.kill()
+        proc.join()
+    with pytest.raises(SolverError, match=r"worker process .* died"):
+        layer(x)
+    # The broken pool is dropped; the next call starts a fresh one.
+    assert torch.equal(layer(x), want)
