@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..bench import machine
 from .._checks import check_choice
 from ..errors import ConvexDDNWarning, OptionError, ShapeError
 from .pointnet import POOLINGS, PointNet
@@ -392,18 +393,6 @@ class _CountLibraryWarnings(warnings.catch_warnings):
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "cpu_count": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run(config: Config | None = None) -> dict[str, Any]:
     """Run the experiment and return its results (also written to ``config.out``).
 
@@ -477,7 +466,7 @@ def _run(cfg: Config, device: torch.device) -> dict[str, Any]:
         "classes": classes,
         "n_train": len(train_y),
         "n_test": len(test_y),
-        "machine": _machine(device),
+        "machine": machine(device),
         "rows": rows,
         "models": models,
     }
@@ -616,7 +605,7 @@ def main(args: argparse.Namespace) -> int:
     result = run(config_from_args(args))
     print(format_table(result))
     print(f"\nwall time {result['wall_seconds']:.1f} s on {result['machine']['device']} "
-          f"({result['machine']['threads']} threads, torch {result['machine']['torch']})")
+          f"({result['machine']['torch_threads']} threads, torch {result['machine']['torch']})")
     for m in result["models"]:
         if m["warnings"]:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(m["warnings"].items()))
