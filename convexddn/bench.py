@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from ._machine import machine
 from .pooling import CONVEX_PENALTIES, robust_pool
 from .pooling import PENALTIES as POOL_PENALTIES
 from .projection import project_lp, project_simplex
@@ -93,21 +94,6 @@ def _agreement(native: Callable, cvxpy: Callable, x: torch.Tensor) -> tuple[floa
         outs.append(y.detach())
         grads.append(gx)
     return float((outs[0] - outs[1]).abs().max()), float((grads[0] - grads[1]).abs().max())
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) -> list[dict]:

@@ -27,10 +27,16 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
-def _experiment(args: argparse.Namespace) -> int:
-    from .experiments import pointcloud
+def _experiment_module(name: str):
+    import importlib
 
-    return pointcloud.main(args)
+    from .experiments import EXPERIMENTS
+
+    return importlib.import_module(f".experiments.{EXPERIMENTS[name][0]}", __package__)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    return _experiment_module(args.experiment).main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.set_defaults(func=_bench)
     p_exp = sub.add_parser("experiment", help="run an experiment")
     exp_sub = p_exp.add_subparsers(dest="experiment", required=True)
-    p_pc = exp_sub.add_parser("pointcloud", help="point-cloud classification with outliers (Gould et al. §7)")
-    from .experiments.pointcloud import add_arguments as pc_args
+    from .experiments import EXPERIMENTS
 
-    pc_args(p_pc)
-    p_pc.set_defaults(func=_experiment)
+    for name, (_module, help_text) in EXPERIMENTS.items():
+        p_exp_one = exp_sub.add_parser(name, help=help_text)
+        _experiment_module(name).add_arguments(p_exp_one)
+        p_exp_one.set_defaults(func=_experiment)
     return parser
 
 

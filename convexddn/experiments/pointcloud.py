@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..bench import machine
+from .._machine import machine
 from .._checks import check_choice
 from ..errors import ConvexDDNWarning, OptionError, ShapeError
 from .pointnet import POOLINGS, PointNet
