@@ -7,6 +7,7 @@ the tensor's own device and only the final boolean crosses to the host.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Iterable
 
 import torch
@@ -47,13 +48,37 @@ def check_positive(name: str, value: Any) -> None:
         ok = bool((torch.isfinite(value) & (value > 0)).all())
         shown = value.detach().flatten()[:4].tolist()
     else:
-        try:
-            ok = math.isfinite(float(value)) and float(value) > 0
-        except (TypeError, ValueError):
-            raise OptionError(f"{name} must be a positive number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise OptionError(f"{name} must be a positive number, got {value!r}")
+        ok = math.isfinite(float(value)) and float(value) > 0
         shown = value
     if not ok:
         raise OptionError(f"{name} must be finite and > 0, got {shown!r}")
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """Return ``value`` if it is an integer (not a bool) ``>= minimum``, else raise ``OptionError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise OptionError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise ``OptionError`` unless ``value`` is ``True`` or ``False`` (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        expected = "True, False or None" if allow_none else "True or False"
+        raise OptionError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_dim_option(name: str, dim: Any) -> None:
+    """Raise ``OptionError`` unless ``dim`` is an int or a non-empty tuple of ints (no bools)."""
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in dims):
+        raise OptionError(f"{name} must be an int or a non-empty tuple of ints, got {dim!r}")
 
 
 def check_choice(name: str, value: Any, valid: Iterable[Any]) -> None:
@@ -65,12 +90,12 @@ def check_choice(name: str, value: Any, valid: Iterable[Any]) -> None:
 
 def normalize_dims(name: str, dim: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     """Turn ``dim`` (an int or tuple, negative allowed) into sorted non-negative dims."""
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    if len(dims) == 0:
-        raise OptionError(f"{name} must name at least one dimension, got {dim!r}")
+    check_dim_option(name, dim)
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
     out = []
     for d in dims:
-        if not isinstance(d, int) or not -ndim <= d < ndim:
+        d = int(d)
+        if not -ndim <= d < ndim:
             raise ShapeError(
                 f"{name}={dim!r} is out of range for a tensor with {ndim} dimension(s)"
             )
@@ -78,3 +103,20 @@ def normalize_dims(name: str, dim: int | tuple[int, ...], ndim: int) -> tuple[in
     if len(set(out)) != len(out):
         raise OptionError(f"{name} must not repeat a dimension, got {dim!r}")
     return tuple(sorted(out))
+
+
+#: The accepted spellings of p for Lp balls and spheres.
+P_VALID = [1, 2, math.inf, "inf"]
+
+
+def normalize_p(p: Any) -> float:
+    """Map the accepted spellings of p (1, 2, inf, "inf") to 1, 2 or math.inf.
+
+    Raises:
+        OptionError: any other value (the message lists the valid ones).
+    """
+    # bool is an int subclass and tensors make ``in`` ambiguous: reject both up front.
+    if isinstance(p, bool) or not isinstance(p, (int, float, str)):
+        raise OptionError(f"p must be one of {P_VALID}, got {p!r}")
+    check_choice("p", p, P_VALID)
+    return math.inf if p == "inf" else p

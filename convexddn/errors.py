@@ -24,6 +24,8 @@ __all__ = [
     "SolverError",
     "InfeasibleError",
     "UnboundedError",
+    "WorkerError",
+    "GradientCheckError",
     "ConvexDDNWarning",
     "GradientWarning",
     "SolverWarning",
@@ -92,6 +94,22 @@ class InfeasibleError(SolverError):
 
 class UnboundedError(SolverError):
     """The objective is unbounded below for some batch elements."""
+
+
+class WorkerError(SolverError):
+    """A worker process of ``ConvexLayer(workers=k)`` died, in the forward or the backward."""
+
+
+class GradientCheckError(ConvexDDNError, AssertionError):
+    """Raised by :func:`convexddn.testing.check_gradients` with ``raise_on_fail=True``.
+
+    Attributes:
+        report: the :class:`~convexddn.testing.GradientReport` of the failed check.
+    """
+
+    def __init__(self, report: object) -> None:
+        super().__init__(str(report))
+        self.report = report
 
 
 class ConvexDDNWarning(UserWarning):

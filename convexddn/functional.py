@@ -1,10 +1,10 @@
 """Stateless functional forms of every native node, like ``torch.nn.functional``.
 
-Each function does the work; the modules :class:`convexddn.RobustPool`,
-:class:`convexddn.LpProjection` and :class:`convexddn.SimplexProjection` only hold
+Each function does the work; the modules (:class:`convexddn.RobustPool`,
+:class:`convexddn.LpProjection`, :class:`convexddn.SimplexProjection`, …) only hold
 options and call these.
 """
-from .pooling import robust_pool
-from .projection import project_lp, project_simplex
+from .nodes.pooling import robust_pool
+from .nodes.projection import project_lp, project_simplex
 
 __all__ = ["robust_pool", "project_lp", "project_simplex"]

@@ -12,26 +12,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from ._checks import check_finite, check_positive, check_tensor
-from .errors import ConvexDDNError, DTypeError, InputError
+from .errors import DTypeError, GradientCheckError, InputError
 
 __all__ = ["GradientReport", "GradientCheckError", "check_gradients"]
-
-
-class GradientCheckError(ConvexDDNError, AssertionError):
-    """Raised by :func:`check_gradients` with ``raise_on_fail=True`` when the check fails.
-
-    Attributes:
-        report: the :class:`GradientReport` of the failed check.
-    """
-
-    def __init__(self, report: "GradientReport") -> None:
-        super().__init__(str(report))
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -94,7 +82,7 @@ def check_gradients(
     eps: float = 1e-6,
     atol: float = 1e-5,
     rtol: float = 1e-3,
-    n_directions: Optional[int] = None,
+    n_directions: int | None = None,
     raise_on_fail: bool = False,
     seed: int = 0,
 ) -> GradientReport:

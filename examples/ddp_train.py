@@ -36,7 +36,7 @@ class PoolProjectNet(nn.Module):
         super().__init__()
         self.embed = nn.Linear(d, n)
         self.pool = cddn.RobustPool("pseudo_huber", alpha=nn.Parameter(torch.tensor(1.0)), dim=1)
-        self.proj = cddn.layer("lp_ball", n=n, p=1, radius=radius)
+        self.proj = cddn.layer("lp_ball", n=n, p=1, radius=radius, backend="cvxpy")
         self.head = nn.Linear(n, 1)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:

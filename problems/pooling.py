@@ -2,37 +2,20 @@
 
 .. math:: y(x) = \\operatorname*{argmin}_u \\sum_{i=1}^n \\phi(u - x_i; \\alpha)
 
-The nonconvex penalties (Welsch, truncated quadratic) have no CVXPY form; the native
+The objective is each penalty's own CVXPY form (:meth:`Penalty.cvxpy`, one source for
+its maths). The nonconvex penalties (Welsch, truncated quadratic) have none; the native
 node :class:`convexddn.RobustPool` solves them.
 """
 from __future__ import annotations
 
 import cvxpy as cp
-import numpy as np
 
-from convexddn._checks import check_positive
+from convexddn._checks import check_int, check_positive
+from convexddn.convex.registry import register
 from convexddn.errors import NonconvexError, OptionError
-from convexddn.pooling import CONVEX_PENALTIES, PENALTIES
-from convexddn.registry import int_option, register
+from convexddn.nodes.pooling.penalties import CONVEX_PENALTIES, PENALTIES, Penalty
 
 NONCONVEX_PENALTIES = tuple(p for p in PENALTIES if p not in CONVEX_PENALTIES)
-
-
-def penalty_objective(z: cp.Expression, penalty: str, alpha: float) -> cp.Expression:
-    """Σᵢ φ(zᵢ; α) for a convex penalty, in the conventions of Table 1.
-
-    quadratic ½z²; pseudo-Huber α²(√(1 + (z/α)²) − 1); Huber ½z² for |z| ≤ α and
-    α(|z| − ½α) beyond (cvxpy's ``huber(z, α)`` is twice that).
-    """
-    if penalty == "quadratic":
-        return 0.5 * cp.sum_squares(z)
-    if penalty == "pseudo_huber":
-        n = z.shape[0]
-        stacked = cp.vstack([np.full(n, alpha), z])  # columns (α, zᵢ)
-        return alpha * cp.sum(cp.norm(stacked, 2, axis=0)) - n * alpha ** 2
-    if penalty == "huber":
-        return 0.5 * cp.sum(cp.huber(z, alpha))
-    raise OptionError(f"penalty must be one of {list(CONVEX_PENALTIES)}, got {penalty!r}")
 
 
 @register("robust_pool", "convex robust pooling: argmin_u Σᵢ φ(u − xᵢ; α) for quadratic, pseudo_huber, huber")
@@ -41,7 +24,7 @@ def robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0):
 
     Parameters: ``x`` of shape ``(n,)``. Variable: ``y``, a scalar.
     """
-    n = int_option("n", n)
+    n = check_int("n", n, minimum=1)
     if penalty in NONCONVEX_PENALTIES:
         raise NonconvexError(
             f"penalty {penalty!r} is nonconvex and has no CVXPY form; use the native node "
@@ -54,5 +37,5 @@ def robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0):
     check_positive("alpha", alpha)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(name="y")
-    problem = cp.Problem(cp.Minimize(penalty_objective(y - x, penalty, float(alpha))))
+    problem = cp.Problem(cp.Minimize(Penalty.resolve(penalty).cvxpy(y - x, float(alpha))))
     return problem, [x], [y]

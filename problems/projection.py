@@ -5,9 +5,8 @@ import math
 
 import cvxpy as cp
 
-from convexddn._checks import check_positive
-from convexddn.projection import normalize_p
-from convexddn.registry import int_option, register
+from convexddn._checks import check_int, check_positive, normalize_p
+from convexddn.convex.registry import register
 
 
 @register("lp_ball", "Euclidean projection onto the Lp ball: argmin_u ½‖u − x‖² s.t. ‖u‖_p ≤ radius")
@@ -16,7 +15,7 @@ def lp_ball(n: int, p: float = 2, radius: float = 1.0):
 
     Parameters: ``x`` of shape ``(n,)``. Variable: ``y`` of shape ``(n,)``.
     """
-    n = int_option("n", n)
+    n = check_int("n", n, minimum=1)
     p = normalize_p(p)
     check_positive("radius", radius)
     x = cp.Parameter(n, name="x")
@@ -33,7 +32,7 @@ def simplex(n: int):
     Parameters: ``x`` of shape ``(n,)``. Variable: ``y`` of shape ``(n,)``.
     References: Martins & Astudillo, "From softmax to sparsemax", ICML 2016.
     """
-    n = int_option("n", n)
+    n = check_int("n", n, minimum=1)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")
     problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [y >= 0, cp.sum(y) == 1])
@@ -47,7 +46,7 @@ def birkhoff(n: int):
     The convex relaxation of permutation matrices used for permutation learning.
     Parameters: ``X`` of shape ``(n, n)``. Variable: ``Y`` of shape ``(n, n)``.
     """
-    n = int_option("n", n)
+    n = check_int("n", n, minimum=1)
     X = cp.Parameter((n, n), name="X")
     Y = cp.Variable((n, n), name="Y")
     ones = [Y >= 0, cp.sum(Y, axis=1) == 1, cp.sum(Y, axis=0) == 1]

@@ -6,8 +6,9 @@ from typing import Any
 import cvxpy as cp
 import numpy as np
 
+from convexddn._checks import check_int
 from convexddn.errors import OptionError
-from convexddn.registry import int_option, register
+from convexddn.convex.registry import register
 
 QP_DATA = ("L", "q", "G", "h", "A", "b")
 
@@ -48,10 +49,10 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str | tuple = ("L", "q", "
     Parameters (in order): the learned blocks among L (n, rank), q (n,), G (n_ineq, n),
     h (n_ineq,), A (n_eq, n), b (n_eq,). Variable: ``y`` of shape ``(n,)``.
     """
-    n = int_option("n", n)
-    n_ineq = int_option("n_ineq", n_ineq, 0)
-    n_eq = int_option("n_eq", n_eq, 0)
-    rank = n if rank is None else int_option("rank", rank)
+    n = check_int("n", n, minimum=1)
+    n_ineq = check_int("n_ineq", n_ineq, minimum=0)
+    n_eq = check_int("n_eq", n_eq, minimum=0)
+    rank = n if rank is None else check_int("rank", rank, minimum=1)
     learned = tuple(learn)  # a string such as "Lqh" splits into its letters
     bad = [k for k in learned if k not in QP_DATA]
     if bad:

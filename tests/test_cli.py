@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from convexddn import cli, registry
-from convexddn.bench import CONVEX_PENALTIES, POOL_PENALTIES, PROJECTIONS
+from convexddn.bench.cases import CONVEX_PENALTIES, POOL_PENALTIES, PROJECTIONS
 
 
 def test_cli_list_prints_one_line_per_problem(capsys):

@@ -20,6 +20,7 @@ one applies. ``derandomize=True`` makes the examples the same on every run.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -248,12 +249,23 @@ small = batched(max_n=4, max_batch_dims=1, dtypes=(torch.float64,), scales=(1.0,
 AGREE = 1e-6
 
 
+@functools.lru_cache(maxsize=64)
+def _cone_layer(name: str, n: int, **options):
+    # Canonicalising costs far more than a small solve: one layer per (problem, size).
+    return cddn.layer(name, n=n, backend="cvxpy", **options)
+
+
+def cone(name: str, x: torch.Tensor, **options) -> torch.Tensor:
+    """The registry problem ``name`` solved as a cone program over the last dim of x."""
+    return _cone_layer(name, x.shape[-1], **options)(x)
+
+
 @CVXPY
 @given(x=small, p=st.sampled_from([1, 2, math.inf]), radius=st.sampled_from([0.3, 1.0, 2.5]))
 def test_project_lp_native_matches_cvxpy(x, p, radius):
     ctx = quiet()
     try:
-        y_cvx = project_lp(x, p, "ball", radius, backend="cvxpy")
+        y_cvx = cone("lp_ball", x, p=p, radius=radius)
     finally:
         ctx.__exit__(None, None, None)
     y = project_lp(x, p, "ball", radius)
@@ -266,7 +278,7 @@ def test_project_lp_native_matches_cvxpy(x, p, radius):
 def test_project_simplex_native_matches_cvxpy(x):
     ctx = quiet()
     try:
-        y_cvx = project_simplex(x, backend="cvxpy")
+        y_cvx = cone("simplex", x)
     finally:
         ctx.__exit__(None, None, None)
     torch.testing.assert_close(y_cvx, project_simplex(x), rtol=0, atol=AGREE)
@@ -277,7 +289,7 @@ def test_project_simplex_native_matches_cvxpy(x):
 def test_robust_pool_native_matches_cvxpy(x, penalty, alpha):
     ctx = quiet()
     try:
-        y_cvx = robust_pool(x, penalty, alpha=alpha, backend="cvxpy")
+        y_cvx = cone("robust_pool", x, penalty=penalty, alpha=alpha)
     finally:
         ctx.__exit__(None, None, None)
     y = robust_pool(x, penalty, alpha=alpha)
@@ -285,7 +297,7 @@ def test_robust_pool_native_matches_cvxpy(x, penalty, alpha):
     # The Huber minimiser is not unique when no residual is an inlier (a flat piece of
     # the objective): compare objective values there, solutions elsewhere.
     if y.numel():
-        obj = lambda u: cddn.pooling.Penalty.resolve(penalty).objective(x, u, alpha)  # noqa: E731
+        obj = lambda u: cddn.nodes.Penalty.resolve(penalty).objective(x, u, alpha)  # noqa: E731
         torch.testing.assert_close(obj(y_cvx), obj(y), rtol=0, atol=AGREE * (1 + x.shape[-1]))
         if penalty != "huber":
             torch.testing.assert_close(y_cvx, y, rtol=0, atol=AGREE)
@@ -308,9 +320,9 @@ def test_project_lp_grad_native_matches_cvxpy(case):
     x = torch.tensor(rows, dtype=torch.float64)
     g = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]], dtype=torch.float64)
     grads = []
-    for backend in ("native", "cvxpy"):
+    for fn in (lambda t: project_lp(t, p, "ball", radius), lambda t: cone("lp_ball", t, p=p, radius=radius)):
         xr = x.clone().requires_grad_(True)
-        (gx,) = torch.autograd.grad(project_lp(xr, p, "ball", radius, backend=backend), xr, g)
+        (gx,) = torch.autograd.grad(fn(xr), xr, g)
         grads.append(gx)
     # The ConvexLayer's adjoint is accurate to ~1e-7 (dense mode on these sizes).
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
@@ -322,7 +334,7 @@ def test_convex_layer_grad_no_active_constraint(problem):
     import cvxpy as cp
 
     if problem == "lp_ball_p1_inside":
-        layer = cddn.layer("lp_ball", n=3, p=1, radius=1.0)
+        layer = cddn.layer("lp_ball", n=3, p=1, radius=1.0, backend="cvxpy")
         x = torch.tensor([[0.1, 0.2, -0.1]], dtype=torch.float64, requires_grad=True)
     else:
         xp = cp.Parameter(3, name="x")
@@ -383,7 +395,7 @@ def test_robust_pool_over_dims_is_pooling_the_flattened_set(case, penalty):
         if penalty == "welsch":
             # A local method: a different summation order may pick the other of two
             # nearly equal local minima; compare objective values instead.
-            obj = cddn.pooling.Penalty.resolve(penalty).objective
+            obj = cddn.nodes.Penalty.resolve(penalty).objective
             torch.testing.assert_close(obj(flat.double(), y.double().reshape(ref.shape), 0.8),
                                        obj(flat.double(), ref.double(), 0.8), rtol=0, atol=1e-4 * n)
         else:

@@ -56,7 +56,7 @@ def make_nodes() -> dict[str, nn.Module]:
     state_dict round trip has something to carry."""
     nodes: dict[str, nn.Module] = {
         "convex_box": box_layer(),
-        "convex_registry_l1": cddn.layer("lp_ball", n=N, p=1, radius=0.7),
+        "convex_registry_l1": cddn.layer("lp_ball", n=N, p=1, radius=0.7, backend="cvxpy"),
         "lp_l1_ball": cddn.LpProjection(p=1, mode="ball", radius=0.7),
         "lp_l2_sphere_param": cddn.LpProjection(p=2, mode="sphere",
                                                 radius=nn.Parameter(torch.tensor(1.3, dtype=DT))),

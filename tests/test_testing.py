@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from convexddn.errors import ConvexDDNError, DTypeError, InputError, NonFiniteError, OptionError
-from convexddn.implicit import DeclarativeNode
+from convexddn import DeclarativeNode
 from convexddn.testing import GradientCheckError, GradientReport, check_gradients
 
 DT = torch.float64

@@ -1,4 +1,4 @@
-"""Tests of convexddn.projection: Lp ball/sphere and simplex projections."""
+"""Tests of convexddn.nodes.projection: Lp ball/sphere and simplex projections."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +13,8 @@ from torch.autograd import gradcheck
 from torch.autograd.functional import jacobian
 
 from convexddn.errors import DTypeError, NonFiniteError, OptionError, ShapeError
-from convexddn.projection import (
+import convexddn as cddn
+from convexddn.nodes.projection import (
     LpProjection,
     SimplexProjection,
     project_lp,
@@ -394,12 +395,12 @@ def test_project_lp_inputs_untouched():
 def test_lp_projection_module():
     proj = LpProjection(p="inf", mode="sphere", radius=2.0, dim=0)
     assert repr(proj) == (
-        "LpProjection(p=inf, mode='sphere', radius=2.0, dim=0, backend='native')"
+        "LpProjection(p=inf, mode='sphere', radius=2.0, dim=0)"
     )
     x = _x(4, 3, seed=27)
     assert torch.equal(proj(x), project_lp(x, math.inf, "sphere", 2.0, dim=0))
     assert "radius=Tensor(3,)" in repr(LpProjection(radius=torch.ones(3)))
-    assert repr(SimplexProjection(dim=1)) == "SimplexProjection(dim=1, backend='native')"
+    assert repr(SimplexProjection(dim=1)) == "SimplexProjection(dim=1)"
 
 
 def test_lp_projection_module_learns_radius():
@@ -420,10 +421,12 @@ def test_lp_projection_module_invalid():
         LpProjection(mode="disc")
     with pytest.raises(OptionError, match="radius must be finite and > 0"):
         LpProjection(radius=0.0)
-    with pytest.raises(OptionError, match="nonconvex"):
-        LpProjection(mode="sphere", backend="cvxpy")
-    with pytest.raises(OptionError, match="backend must be one of"):
-        SimplexProjection(backend="scs")
+    with pytest.raises(OptionError, match="dim must be an integer"):
+        SimplexProjection(dim=True)
+    with pytest.raises(OptionError, match="dim must be an integer"):
+        LpProjection(dim=1.0)
+    with pytest.raises(OptionError, match="radius must be a positive number"):
+        LpProjection(radius="1")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -445,8 +448,10 @@ def test_project_lp_invalid():
         project_lp(x, dim=2)
     with pytest.raises(ShapeError, match="out of range"):
         project_lp(torch.tensor(1.0))
-    with pytest.raises(OptionError, match="dim must be a single int"):
+    with pytest.raises(OptionError, match="dim must be an integer"):
         project_lp(x, dim=(0, 1))
+    with pytest.raises(OptionError, match="radius must be a positive number"):
+        project_lp(x, radius="1")
     with pytest.raises(OptionError, match=r"radius must be finite and > 0, got 0"):
         project_lp(x, radius=0)
     with pytest.raises(OptionError, match=r"radius must be finite and > 0"):
@@ -459,8 +464,6 @@ def test_project_lp_invalid():
         project_lp(x, p=torch.tensor(2.0))
     with pytest.raises(OptionError, match=r"mode must be one of \['ball', 'sphere'\]"):
         project_lp(x, mode="shell")
-    with pytest.raises(OptionError, match=r"backend must be one of \['native', 'cvxpy'\]"):
-        project_lp(x, backend="jax")
     with pytest.raises(DTypeError, match="x must have a floating-point dtype"):
         project_lp(torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(DTypeError, match="radius must have a floating-point dtype"):
@@ -478,18 +481,13 @@ def test_project_simplex_invalid():
         project_simplex(torch.zeros(0, 3), dim=0)
     with pytest.raises(DTypeError, match="floating-point"):
         project_simplex(torch.ones(3, dtype=torch.int32))
-    with pytest.raises(OptionError, match="backend must be one of"):
-        project_simplex(torch.ones(3), backend="osqp")
 
 
 def test_project_lp_cvxpy_invalid():
-    x = _x(2, 3)
-    with pytest.raises(OptionError, match="mode='sphere' is nonconvex"):
-        project_lp(x, 2, "sphere", backend="cvxpy")
-    with pytest.raises(OptionError, match="needs backend='native'"):
-        project_lp(x, 2, "ball", torch.tensor(1.0, requires_grad=True), backend="cvxpy")
-    with pytest.raises(OptionError, match=r"one radius for all rows, got a tensor of shape \(2,"):
-        project_lp(x, 2, "ball", torch.tensor([1.0, 2.0]), backend="cvxpy")
+    with pytest.raises(OptionError, match="radius must be finite and > 0"):
+        cddn.layer("lp_ball", n=3, p=2, radius=0.0, backend="cvxpy")
+    with pytest.raises(OptionError, match="p must be one of"):
+        cddn.layer("lp_ball", n=3, p=3, backend="cvxpy")
 
 
 # --------------------------------------------------------------------------- cvxpy backend
@@ -497,7 +495,6 @@ def test_project_lp_cvxpy_invalid():
 
 @pytest.mark.parametrize("p", PS)
 def test_project_lp_cvxpy_agrees(p):
-    pytest.importorskip("convexddn.registry")
     # Rows outside the ball and one inside. Moderate scale: the cone solver stops on a
     # relative duality gap, so its solution error grows like sqrt(gap · objective)
     # (measured: 1.5e-5 for p=1 at scale 2, 1.7e-6 at scale 1).
@@ -506,7 +503,7 @@ def test_project_lp_cvxpy_agrees(p):
     x2 = x.clone().requires_grad_(True)
     g = _x(4, 6, seed=31)
     y1 = project_lp(x1, p, "ball", 1.2)
-    y2 = project_lp(x2, p, "ball", 1.2, backend="cvxpy")
+    y2 = cddn.layer("lp_ball", n=6, p=p, radius=1.2, backend="cvxpy")(x2)
     assert y2.dtype == F64 and y2.shape == (4, 6)
     torch.testing.assert_close(y2, y1, atol=1e-5, rtol=0)
     (g1,) = torch.autograd.grad(y1, x1, g)
@@ -515,13 +512,12 @@ def test_project_lp_cvxpy_agrees(p):
 
 
 def test_project_simplex_cvxpy_agrees():
-    pytest.importorskip("convexddn.registry")
     x = _x(4, 6, seed=32)
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
     g = _x(4, 6, seed=33)
     y1 = project_simplex(x1)
-    y2 = project_simplex(x2, backend="cvxpy")
+    y2 = cddn.layer("simplex", n=6, backend="cvxpy")(x2)
     torch.testing.assert_close(y2, y1, atol=1e-5, rtol=0)
     (g1,) = torch.autograd.grad(y1, x1, g)
     (g2,) = torch.autograd.grad(y2, x2, g)
@@ -529,8 +525,21 @@ def test_project_simplex_cvxpy_agrees():
 
 
 def test_project_lp_cvxpy_dim_and_empty():
-    pytest.importorskip("convexddn.registry")
     x = _x(5, 2, seed=34)
-    y = project_lp(x, 2, "ball", 0.5, dim=0, backend="cvxpy")
+    cone = cddn.layer("lp_ball", n=5, p=2, radius=0.5, backend="cvxpy")
+    y = cone(x.movedim(0, -1)).movedim(-1, 0)
     torch.testing.assert_close(y, project_lp(x, 2, "ball", 0.5, dim=0), atol=1e-5, rtol=0)
-    assert project_lp(torch.zeros(0, 4, dtype=F64), 1, backend="cvxpy").shape == (0, 4)
+    assert cddn.layer("lp_ball", n=4, p=1, backend="cvxpy")(torch.zeros(0, 4, dtype=F64)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("name, options", [("lp_ball", {"p": 1}), ("lp_ball", {"p": 2}),
+                                           ("lp_ball", {"p": math.inf}), ("simplex", {})])
+def test_layer_auto_is_native_and_exact(name, options):
+    """convexddn.layer gives the native node for projections, same answer as the function."""
+    layer = cddn.layer(name, n=6, **options)
+    assert not isinstance(layer, cddn.ConvexLayer)
+    x = _x(4, 6, seed=35)
+    want = project_simplex(x) if name == "simplex" else project_lp(x, options["p"], "ball", 1.0)
+    torch.testing.assert_close(layer(x), want)
+    with pytest.raises(ShapeError, match=r"trailing shape \(6,\)"):
+        layer(_x(4, 5))

@@ -1,13 +1,12 @@
 """The problem registry: parametrized CVXPY problems built by name.
 
 A catalog module (``convexddn.problems.*``) declares a builder with
-:func:`register`; users list the catalog with :func:`names`, build a
-:class:`ProblemSpec` with :func:`build`, or get a ready
-:class:`~convexddn.layer.ConvexLayer` with :func:`build_layer` (also exported as
-``convexddn.layer``)::
+:func:`register`; users list the catalog with :func:`names` and build a
+:class:`ProblemSpec` with :func:`build`. :func:`convexddn.layer` turns a registry
+problem into the fastest exact layer (a native node where one exists, else a
+:class:`~convexddn.ConvexLayer`)::
 
     >>> spec = build("lp_ball", n=512, p=1)
-    >>> layer = build_layer("robust_pool", n=2048, penalty="huber", alpha=1.0)
 
 Builders take keyword options only; unknown option names, missing required ones and
 bad values raise :class:`~convexddn.errors.OptionError` listing what is valid.
@@ -15,16 +14,15 @@ bad values raise :class:`~convexddn.errors.OptionError` listing what is valid.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
 from typing import Any, Callable
 
 import cvxpy as cp
 
-from .errors import OptionError
+from ..errors import OptionError
 
-__all__ = ["ProblemSpec", "register", "names", "build", "build_layer", "shared_layer", "describe"]
+__all__ = ["ProblemSpec", "register", "names", "build", "describe"]
 
 # The catalog modules imported on first use: importing them registers their problems.
 _CATALOG = ("qp", "projection", "pooling")
@@ -32,7 +30,7 @@ _CATALOG = ("qp", "projection", "pooling")
 
 @dataclasses.dataclass(frozen=True)
 class ProblemSpec:
-    """A parametrized problem ready for :class:`~convexddn.layer.ConvexLayer`.
+    """A parametrized problem ready for :class:`~convexddn.ConvexLayer`.
 
     Attributes:
         name: the registry name.
@@ -142,37 +140,3 @@ def build(name: str, **options: Any) -> ProblemSpec:
     problem, parameters, variables = entry.builder(**bound.arguments)
     return ProblemSpec(name, problem, tuple(parameters), tuple(variables),
                        entry.description, dict(bound.arguments))
-
-
-def build_layer(name: str, *, solver: str = "Clarabel", solver_args: dict[str, Any] | None = None,
-                fallback: str | None = "SCS", mode: str = "auto", tol: float = 1e-6,
-                refine: int = 5, workers: int = 1, **options: Any):
-    """Build the registered problem ``name`` and wrap it in a ConvexLayer.
-
-    Keyword arguments ``solver``, ``solver_args``, ``fallback``, ``mode``, ``tol``,
-    ``refine`` and ``workers`` go to :class:`~convexddn.layer.ConvexLayer`; the rest are the problem's options.
-    """
-    from .layer import ConvexLayer
-
-    spec = build(name, **options)
-    return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables),
-                       solver=solver, solver_args=solver_args, fallback=fallback,
-                       mode=mode, tol=tol, refine=refine, workers=workers)
-
-
-@functools.lru_cache(maxsize=64)
-def shared_layer(name: str, **options: Any):
-    """:func:`build_layer` with default solver settings, built once per (name, options).
-
-    The native nodes' ``backend="cvxpy"`` paths call this on every forward; canonicalising
-    a CVXPY problem costs far more than a small solve, so the layers are kept (at most
-    64). Options must be hashable.
-    """
-    return build_layer(name, **options)
-
-
-def int_option(name: str, value: Any, minimum: int = 1) -> int:
-    """Validate an integer option (used by the catalog builders)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value

@@ -1,4 +1,4 @@
-"""Checked solves of cone programs, plugged into cvxpylayers as its solver.
+"""The per-element backend: checked solves of cone programs, one batch element at a time.
 
 cvxpylayers canonicalises a DPP problem into a parametrized cone program
 
@@ -27,18 +27,16 @@ from typing import Any
 
 import diffcp
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 import torch
 from cvxpy.reductions.solvers.conic_solvers.scs_conif import dims_to_solver_dict
 from cvxpylayers.interfaces.base import SolverInterface
-from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from diffcp.cone_program import solve_internal
-from scipy.sparse import linalg as sla
 from threadpoolctl import threadpool_limits
 
-from .errors import SolverError, SolverWarning
+from ..errors import SolverWarning, WorkerError
+from .cone import ResidualMap
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
@@ -74,10 +72,6 @@ def canonical_solver_name(name: str) -> str:
     raise KeyError(name)
 
 
-class WorkerError(SolverError):
-    """A worker process of ConvexLayer(workers=k) died, in the forward or the backward."""
-
-
 class ConeSolveFailure(Exception):
     """Raised inside the solver with flat batch indices; ConvexLayer re-raises it."""
 
@@ -96,142 +90,6 @@ class SolveInfo:
     residuals: list[float]
 
 
-def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
-                 x: np.ndarray, y: np.ndarray, s: np.ndarray) -> float:
-    """Largest relative violation of primal/dual feasibility, cone membership and gap."""
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(s))):
-        return float("inf")
-    Ax = A @ x
-    ATy = A.T @ y
-    cx, by = float(c @ x), float(b @ y)
-
-    def inf(v: np.ndarray) -> float:
-        return float(np.max(np.abs(v))) if v.size else 0.0
-
-    primal = inf(Ax + s - b) / (1.0 + max(inf(b), inf(Ax), inf(s)))
-    dual = inf(ATy + c) / (1.0 + max(inf(c), inf(ATy)))
-    gap = abs(cx + by) / (1.0 + abs(cx) + abs(by))
-    s_cone = inf(s - cone_lib.pi(s, cones, dual=False)) / (1.0 + inf(s))
-    y_cone = inf(y - cone_lib.pi(y, cones, dual=True)) / (1.0 + inf(y))
-    return max(primal, dual, gap, s_cone, y_cone)
-
-
-class _ConeProgram:
-    """One cone program with diffcp's residual-map derivative, for refining and differentiating.
-
-    With :math:`z = (u, v, w)`, :math:`\\Pi` the projection onto
-    :math:`\\mathbb{R}^n \\times K^* \\times \\mathbb{R}_+` and the skew matrix
-    :math:`Q = [[0, A^T, c], [-A, 0, b], [-c^T, -b^T, 0]]`, a solution satisfies
-    :math:`R(z) = (Q - I)\\Pi(z) + z = 0` (Busseti, Moursi & Boyd, 2019). Its derivative
-    :math:`M = (Q - I) D\\Pi(z) + I` serves twice: Newton steps :math:`z \\leftarrow z - M^{-1}
-    R(z)` polish the interior-point solution (which stalls near 1e-5 on projections whose
-    quadratic objective became a second-order cone), and :math:`M^{-T}` gives the adjoint
-    derivative (Agrawal et al., "Differentiating through a cone program", 2019).
-    """
-
-    def __init__(self, A, b, c, cones, cones_cpp, mode: str) -> None:
-        self.A, self.b, self.c = A, b, c
-        self.cones, self.cones_cpp, self.mode = cones, cones_cpp, mode
-        self.m, self.n = A.shape
-        self.Q = sp.csc_matrix(sp.bmat([
-            [None, A.T, c[:, None]],
-            [-A, None, b[:, None]],
-            [-c[None, :], -b[None, :], None],
-        ]))
-
-    def _pi(self, z: np.ndarray) -> np.ndarray:
-        n, m = self.n, self.m
-        return np.concatenate([z[:n], cone_lib.pi(z[n:n + m], self.cones, dual=True),
-                               np.maximum(z[-1:], 0.0)])
-
-    def _residual(self, z: np.ndarray) -> np.ndarray:
-        pz = self._pi(z)
-        return self.Q @ pz - pz + z
-
-    def _operator(self, z: np.ndarray):
-        n, m = self.n, self.m
-        u, v, w = z[:n], z[n:n + m], float(z[-1])
-        if self.mode == "dense":
-            return _diffcp.M_dense(self.Q.toarray(), self.cones_cpp, u, v, w)
-        return _diffcp.M_operator(self.Q, self.cones_cpp, u, v, w)
-
-    def _solve(self, M, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
-        """Minimum-norm solution of M d = rhs (or Mᵀ d = rhs).
-
-        M is singular at every solution (R is positively homogeneous), so a plain LU
-        solve returns a finite vector with an arbitrary, often huge, component along
-        the null space of Mᵀ, which the adjoint's formula does not cancel (seen:
-        gradients off by 8 on a projection with no active constraint). The minimum-norm
-        least-squares solution is the one the derivative is defined by.
-        """
-        if self.mode == "dense":
-            mat = M.T if transpose else M
-            return scipy.linalg.lstsq(mat, rhs, cond=1e-12, lapack_driver="gelsy",
-                                      check_finite=False)[0]
-        size = rhs.size
-        op = M.transpose() if transpose else M
-        lin = sla.LinearOperator((size, size), matvec=op.matvec, rmatvec=op.rmatvec)
-        solver = sla.lsqr if self.mode == "lsqr" else sla.lsmr
-        return solver(lin, rhs, atol=1e-12, btol=1e-12, maxiter=10 * size)[0]
-
-    def _triple(self, z: np.ndarray):
-        """(x, y, s) of a point z = (u, v, w) scaled to w = 1: y = Π_{K*}(v), s = y − v."""
-        z = z / z[-1]
-        n, m = self.n, self.m
-        y = cone_lib.pi(z[n:n + m], self.cones, dual=True)
-        return z, (z[:n], y, y - z[n:n + m])
-
-    def refine(self, x, y, s, steps: int):
-        """Newton steps on R(z) from the solver's point; returns (x, y, s, residual).
-
-        The solver's own (x, y, s) is first replaced by the triple of z = (x, y − s, 1),
-        whose complementarity is exact by construction, so the KKT residual also
-        measures what an interior point leaves in y ∘ s. R is only piecewise smooth: a
-        full step may first land on another piece and converge from there (seen on box
-        constraints: residual 1e-6 → 1 → 1e-16), so steps are taken in full and the best
-        point seen is kept.
-        """
-        z, best = self._triple(np.concatenate([x, y - s, [1.0]]))
-        best_r = kkt_residual(self.A, self.b, self.c, self.cones, *best)
-        for _ in range(steps):
-            if not np.isfinite(best_r) or best_r < 1e-14:
-                break
-            try:
-                z = z - self._solve(self._operator(z), self._residual(z))
-            except (ValueError, RuntimeError, ArithmeticError):
-                break
-            # M is singular along z itself (R is positively homogeneous), so the step
-            # may rescale z, even flip it; only its direction matters.
-            if not np.all(np.isfinite(z)) or z[-1] == 0:
-                break
-            z, cand = self._triple(z)
-            r = kkt_residual(self.A, self.b, self.c, self.cones, *cand)
-            if r < best_r:
-                best, best_r = cand, r
-        return (*best, best_r)
-
-    def adjoint(self, x, y, s):
-        """The map (dx, dy) -> (dA at any (row, col), db, dc) of the solution's derivative."""
-        n, m = self.n, self.m
-        z = np.concatenate([x, y - s, [1.0]])
-        M = self._operator(z)
-        dproj = _diffcp.dprojection(z[n:n + m], self.cones_cpp, True)
-        pi_z = self._pi(z)
-
-        def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-            dw = -(x @ dx + y @ dy)
-            dz = np.concatenate([dx, dproj.rmatvec(dy), [dw]])
-            if not np.any(dz):
-                return np.zeros(rows.size), np.zeros(m), np.zeros(n)
-            r = self._solve(M, dz, transpose=True)
-            dA = pi_z[cols] * r[rows + n] - pi_z[n + rows] * r[cols]
-            db = pi_z[n:n + m] * r[-1] - pi_z[-1] * r[n:n + m]
-            dc = pi_z[:n] * r[-1] - pi_z[-1] * r[:n]
-            return dA, db, dc
-
-        return vjp
-
-
 class CheckedDiffcp(SolverInterface):
     """cvxpylayers solver interface: diffcp per element, every solve verified.
 
@@ -241,9 +99,9 @@ class CheckedDiffcp(SolverInterface):
         mode: how the adjoint and refinement systems are solved; ``"auto"`` picks
             ``"dense"`` for cone programs with at most 400 rows + columns, ``"lsmr"``
             above.
-        tol: largest accepted relative KKT residual (see :func:`kkt_residual`).
+        tol: largest accepted relative KKT residual (see :func:`.cone.kkt_residual`).
         solver_args: keyword arguments for the first solver, over our defaults.
-        refine_steps: Newton steps polishing each solution (see :class:`_ConeProgram`).
+        refine: Newton steps polishing each solution (see :class:`.cone.ResidualMap`).
         workers: processes solving and differentiating chunks of the batch; 1 solves
             in this process. cvxpylayers' own thread pool gives no speed-up (the
             solvers hold the GIL), so we use processes.
@@ -254,9 +112,9 @@ class CheckedDiffcp(SolverInterface):
 
     def __init__(self, solver: str = "Clarabel", fallback: str | None = "SCS",
                  mode: str = "auto", tol: float = 1e-6,
-                 solver_args: dict[str, Any] | None = None, refine_steps: int = 5,
+                 solver_args: dict[str, Any] | None = None, refine: int = 5,
                  workers: int = 1) -> None:
-        self.refine_steps = refine_steps
+        self.refine = refine
         self.workers = workers
         self._executor = None
         self.solver = solver
@@ -312,15 +170,15 @@ class CheckedDiffcp(SolverInterface):
         return x, y, s, status
 
     def _try(self, method: str, args: dict[str, Any], A, b, c):
-        program = _ConeProgram(A, b, c, self._cones, self._cones_cpp, self._mode)
+        program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
         try:
             x, y, s, status = self._solve_with(method, args, A, b, c)
-            x, y, s, r = program.refine(x, y, s, self.refine_steps)
-            if r > _POLISH_ABOVE and method != "SCS" and self.refine_steps > 0:
+            x, y, s, r = program.refine(x, y, s, self.refine)
+            if r > _POLISH_ABOVE and method != "SCS" and self.refine > 0:
                 # An interior point can sit where R is not smooth; SCS, warm-started
                 # there, lands on the cones' faces, from where Newton converges.
                 x2, y2, s2, _ = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))
-                x2, y2, s2, r2 = program.refine(x2, y2, s2, self.refine_steps)
+                x2, y2, s2, r2 = program.refine(x2, y2, s2, self.refine)
                 if r2 < r:
                     x, y, s, r = x2, y2, s2, r2
         except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError) as err:
@@ -387,7 +245,7 @@ class CheckedDiffcp(SolverInterface):
         else:
             _, q, a, x, y, s = item
             A, b, c = self._problem(q, a)
-            program = _ConeProgram(A, b, c, self._cones, self._cones_cpp, self._mode)
+            program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
         dA, db, dc = program.adjoint(x, y, s)(dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
         return np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]])

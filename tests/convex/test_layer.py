@@ -191,7 +191,7 @@ def test_convex_layer_l1_ball_accuracy_issue_case():
     """The case measured on cvxpylayers' defaults (solution error 2e-2, gradient error 1):
     the Euclidean projection onto the unit L1 ball, n = 512, batch 16."""
     n = 512
-    layer = cddn.layer("lp_ball", n=n, p=1)
+    layer = cddn.layer("lp_ball", n=n, p=1, backend="cvxpy")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, n, dtype=torch.float64, generator=gen, requires_grad=True)
 
@@ -295,8 +295,8 @@ def test_convex_layer_invalid_options():
     params, variables = layer_args[0].parameters_, layer_args[0].variables_
     with pytest.raises(OptionError, match=r"solver must be one of .*'gurobi'"):
         cddn.ConvexLayer(prob, params, variables, solver="gurobi")
-    with pytest.raises(OptionError, match="mode must be one of"):
-        cddn.ConvexLayer(prob, params, variables, mode="fast")
+    with pytest.raises(OptionError, match="adjoint must be one of"):
+        cddn.ConvexLayer(prob, params, variables, adjoint="fast")
     with pytest.raises(OptionError, match="tol must be finite and > 0"):
         cddn.ConvexLayer(prob, params, variables, tol=0)
     with pytest.raises(OptionError, match="refine must be an integer >= 0, got -1"):
@@ -410,7 +410,7 @@ def test_convex_layer_workers_match_single_process():
 
 def test_convex_layer_under_no_grad():
     # cvxpylayers + diffcp raised TypeError when `mode` was passed without gradients.
-    layer = cddn.layer("lp_ball", n=4, p=1, mode="dense")
+    layer = cddn.layer("lp_ball", n=4, p=1, backend="cvxpy", adjoint="dense")
     x = torch.tensor([[2.0, -1.0, 0.5, 0.0]], requires_grad=True)
     with torch.no_grad():
         y = layer(x)
@@ -419,7 +419,7 @@ def test_convex_layer_under_no_grad():
 
 
 def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
-    layer = cddn.layer("simplex", n=3, workers=2)
+    layer = cddn.layer("simplex", n=3, workers=2, backend="cvxpy")
     x = torch.tensor([[0.1, 0.2, 0.7], [1.0, 0.0, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
     want = layer(x)
     for proc in list(layer._backend._executor._processes.values()):

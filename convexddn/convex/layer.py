@@ -24,9 +24,8 @@ import torch
 from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
-from ._checks import check_finite, check_positive, check_tensor
-from ._cone import MODES, SOLVERS, CheckedDiffcp, ConeSolveFailure, SolveInfo, canonical_solver_name
-from .errors import (
+from .._checks import check_choice, check_finite, check_int, check_positive, check_tensor
+from ..errors import (
     InfeasibleError,
     InputError,
     NotDPPError,
@@ -36,6 +35,7 @@ from .errors import (
     SolverError,
     UnboundedError,
 )
+from .per_element import MODES, SOLVERS, CheckedDiffcp, ConeSolveFailure, SolveInfo, canonical_solver_name
 
 __all__ = ["ConvexLayer"]
 
@@ -110,9 +110,9 @@ class ConvexLayer(nn.Module):
         fallback: solver tried on the batch elements where ``solver`` fails
             (default ``"SCS"``), or ``None``. A fallback that succeeds emits a
             :class:`~convexddn.errors.SolverWarning`.
-        mode: adjoint mode of diffcp: ``"auto"`` (dense factorisation for small
-            cone programs, LSMR above 400 rows + columns), ``"dense"``, ``"lsmr"``
-            or ``"lsqr"``.
+        adjoint: how the adjoint (and refinement) systems are solved: ``"auto"``
+            (dense factorisation for small cone programs, LSMR above 400 rows +
+            columns), ``"dense"``, ``"lsmr"`` or ``"lsqr"``.
         tol: largest accepted relative KKT residual of a solution (default 1e-6).
         refine: at most this many Newton steps on the cone program's residual map
             polish each solution (default 5; the point with the lowest KKT residual
@@ -135,7 +135,8 @@ class ConvexLayer(nn.Module):
     Raises:
         ProblemError, NotDPPError: at construction, for a problem that is not convex,
             not DPP, or whose parameters/variables do not match.
-        OptionError: unknown solver, fallback or mode; tol <= 0.
+        OptionError: unknown solver, fallback or adjoint; tol <= 0; refine or workers
+            not an integer in range.
         DTypeError: a non-tensor or non-floating tensor.
         ShapeError: wrong number of tensors, wrong trailing shape, batch shapes that
             do not broadcast, tensors on different devices.
@@ -161,7 +162,7 @@ class ConvexLayer(nn.Module):
         solver: str = "Clarabel",
         solver_args: dict[str, Any] | None = None,
         fallback: str | None = "SCS",
-        mode: str = "auto",
+        adjoint: str = "auto",
         tol: float = 1e-6,
         refine: int = 5,
         workers: int = 1,
@@ -177,13 +178,10 @@ class ConvexLayer(nn.Module):
             except KeyError:
                 raise OptionError(
                     f"fallback must be one of {list(SOLVERS)} or None, got {fallback!r}") from None
-        if mode not in MODES:
-            raise OptionError(f"mode must be one of {list(MODES)}, got {mode!r}")
+        check_choice("adjoint", adjoint, MODES)
         check_positive("tol", tol)
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise OptionError(f"refine must be an integer >= 0, got {refine!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise OptionError(f"workers must be an integer >= 1, got {workers!r}")
+        check_int("refine", refine, minimum=0)
+        check_int("workers", workers, minimum=1)
         if solver_args is not None and not isinstance(solver_args, dict):
             raise OptionError(f"solver_args must be a dict, got {type(solver_args).__name__}")
         _validate_problem(problem, parameters, variables)
@@ -193,7 +191,7 @@ class ConvexLayer(nn.Module):
         self.variables_ = list(variables)
         # The solver options live in the backend only (read back through properties), so
         # there is one copy of them and no attribute that silently does nothing.
-        self._backend = CheckedDiffcp(solver, fallback, mode, tol, dict(solver_args or {}),
+        self._backend = CheckedDiffcp(solver, fallback, adjoint, tol, dict(solver_args or {}),
                                       refine, workers)
         try:
             self._layer = CvxpyLayer(problem, parameters=list(parameters),
@@ -209,9 +207,9 @@ class ConvexLayer(nn.Module):
 
     solver = property(lambda self: self._backend.solver, doc="The first solver.")
     fallback = property(lambda self: self._backend.fallback, doc="The fallback solver, or None.")
-    mode = property(lambda self: self._backend.mode, doc="How adjoint systems are solved.")
+    adjoint = property(lambda self: self._backend.mode, doc="How adjoint systems are solved.")
     tol = property(lambda self: self._backend.tol, doc="Largest accepted KKT residual.")
-    refine = property(lambda self: self._backend.refine_steps, doc="Newton polishing steps.")
+    refine = property(lambda self: self._backend.refine, doc="Newton polishing steps.")
     workers = property(lambda self: self._backend.workers, doc="Worker processes.")
     solver_args = property(lambda self: dict(self._backend.solver_args),
                            doc="Solver keyword arguments (a copy).")
@@ -225,7 +223,7 @@ class ConvexLayer(nn.Module):
         params = ", ".join(f"{p.name()}{tuple(p.shape)}" for p in self.parameters_)
         vars_ = ", ".join(f"{v.name()}{tuple(v.shape)}" for v in self.variables_)
         return (f"parameters=[{params}], variables=[{vars_}], solver={self.solver!r}, "
-                f"fallback={self.fallback!r}, mode={self.mode!r}, tol={self.tol:g}, "
+                f"fallback={self.fallback!r}, adjoint={self.adjoint!r}, tol={self.tol:g}, "
                 f"refine={self.refine}, workers={self.workers}")
 
     def _batch_shape(self, values: Sequence[torch.Tensor]) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Tests of convexddn.implicit: DeclarativeNode and the generic implicit backward.
+"""Tests of convexddn.nodes.implicit: DeclarativeNode and the generic implicit backward.
 
 Every expected value comes from a closed form written out here (or from autograd
 through an independent closed-form expression), never from the code under test.
@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-import convexddn.implicit as implicit
+import convexddn.nodes.linear_solvers as linear_solvers
 from convexddn.errors import (
     DTypeError,
     GradientWarning,
@@ -19,7 +19,9 @@ from convexddn.errors import (
     ShapeError,
     SolverError,
 )
-from convexddn.implicit import DeclarativeNode, declarative_vjp, solve_kkt_dense
+from convexddn.nodes.declarative import DeclarativeNode
+from convexddn.nodes.implicit import declarative_vjp
+from convexddn.nodes.linear_solvers import solve_kkt_dense
 
 DT = torch.float64
 
@@ -418,7 +420,7 @@ def test_auto_uses_cg_above_dense_max(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("dense solve used for m > dense_max")
 
-    monkeypatch.setattr(implicit, "solve_kkt_dense", refuse)
+    monkeypatch.setattr(linear_solvers, "solve_kkt_dense", refuse)
     n = 70
     x = torch.randn(2, n, generator=_gen(1), dtype=DT)
     v = torch.randn(2, n, generator=_gen(2), dtype=DT)

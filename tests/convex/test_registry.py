@@ -53,7 +53,7 @@ def test_build_returns_spec():
 
 
 def test_layer_shortcut_builds_convex_layer():
-    layer = cddn.layer("simplex", n=3)
+    layer = cddn.layer("simplex", n=3, backend="cvxpy")
     assert isinstance(layer, cddn.ConvexLayer)
     y = layer(torch.tensor([0.1, 0.2, 5.0], dtype=F64))
     assert torch.allclose(y, torch.tensor([0.0, 0.0, 1.0], dtype=F64), atol=1e-8)
@@ -126,7 +126,7 @@ CLOSED_FORMS = {
 @pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
 def test_lp_ball_closed_form(p, batch):
     r = 1.5
-    layer = cddn.layer("lp_ball", n=6, p=p, radius=r)
+    layer = cddn.layer("lp_ball", n=6, p=p, radius=r, backend="cvxpy")
     gen = torch.Generator().manual_seed(11)
     x = (2 * torch.randn(*batch, 6, dtype=F64, generator=gen)).requires_grad_()
     y = layer(x)
@@ -141,7 +141,7 @@ def test_lp_ball_closed_form(p, batch):
 
 @pytest.mark.parametrize("p", [1, 2, math.inf])
 def test_lp_ball_finite_differences(p):
-    layer = cddn.layer("lp_ball", n=5, p=p)
+    layer = cddn.layer("lp_ball", n=5, p=p, backend="cvxpy")
     gen = torch.Generator().manual_seed(5)
     fd_check(layer, [2 * torch.randn(3, 5, dtype=F64, generator=gen)], 0, gen)
 
@@ -160,7 +160,7 @@ def sparsemax(v: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
 def test_simplex_closed_form(batch):
-    layer = cddn.layer("simplex", n=5)
+    layer = cddn.layer("simplex", n=5, backend="cvxpy")
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(*batch, 5, dtype=F64, generator=gen).requires_grad_()
     y = layer(x)
@@ -242,7 +242,7 @@ def pool_weights(x, y, penalty, alpha):
 @pytest.mark.parametrize("batch", [(), (4,), (2, 3)])
 def test_robust_pool_independent_solve_and_table1_gradient(penalty, batch):
     alpha, n = 1.0, 7
-    layer = cddn.layer("robust_pool", n=n, penalty=penalty, alpha=alpha)
+    layer = cddn.layer("robust_pool", n=n, penalty=penalty, alpha=alpha, backend="cvxpy")
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(*batch, n, dtype=F64, generator=gen)
     x[..., 0] += 6.0  # an outlier
@@ -262,7 +262,7 @@ def test_robust_pool_independent_solve_and_table1_gradient(penalty, batch):
 
 @pytest.mark.parametrize("penalty", ["pseudo_huber", "huber"])
 def test_robust_pool_finite_differences(penalty):
-    layer = cddn.layer("robust_pool", n=6, penalty=penalty, alpha=0.7)
+    layer = cddn.layer("robust_pool", n=6, penalty=penalty, alpha=0.7, backend="cvxpy")
     gen = torch.Generator().manual_seed(1)
     fd_check(layer, [torch.randn(3, 6, dtype=F64, generator=gen)], 0, gen)
 

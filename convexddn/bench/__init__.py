@@ -1,0 +1,78 @@
+"""``convexddn bench``: speed and agreement of the convex (cone program) and native paths.
+
+For every robust pooling penalty and every Lp-ball projection (p = 1, 2, ∞) plus the
+simplex, at a small and a paper-sized shape, the benchmark times forward and backward
+of each path that supports the node, per sample, beside mean pooling timed in the same
+run, and measures how far the paths' solutions and gradients are apart (float64, same
+upstream gradient).
+
+Outputs (under ``--out``, default ``results/``): a markdown table on stdout,
+``bench.json`` with every figure and the machine, ``bench.png`` (log-scale bars).
+
+The package: :mod:`.harness` (timing and memory, no case in it), :mod:`.cases` (what is
+measured), :mod:`.report` (markdown, JSON, plot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from .._machine import machine
+from ..errors import OptionError
+from .cases import CONVEX_PENALTIES, POOL_PENALTIES, PROJECTIONS, SHAPES, pool_cases, projection_cases, workers_speedup
+from .harness import peak_memory
+from .report import estimate_skipped, format_table, plot
+
+__all__ = ["run", "add_arguments", "main", "format_table"]
+
+
+def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
+        out: str | None = "results", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Run the benchmark; write bench.json and bench.png under ``out`` (unless None)."""
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
+    names = ["small"] if quick else ["small", "paper"]
+    repeats = repeats or (3 if quick else 5)
+    n_ops = (2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS))
+    total = sum((repeats + 1) * n_ops + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
+                for n in names)
+    rows: list[dict] = []
+    with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op") as progress:
+        warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed
+        for name in names:
+            pool_shape, proj_shape = SHAPES[name]
+            rows += pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress)
+            rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
+    estimate_skipped(rows)
+    memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []
+    workers = [] if quick else workers_speedup()
+    result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows,
+              "memory": memory, "workers": workers}
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        plot(result, os.path.join(out, "bench.png"))
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 3)")
+    parser.add_argument("--out", default="results", help="output folder (default results/)")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(quick=args.quick, device=args.device, repeats=args.repeats, out=args.out)
+    print(format_table(result))
+    print(f"\nwrote {os.path.join(args.out, 'bench.json')} and {os.path.join(args.out, 'bench.png')}")
+    return 0

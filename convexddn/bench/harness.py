@@ -1,0 +1,98 @@
+"""The timing and memory harness of ``convexddn bench``: it knows no particular case.
+
+Timing protocol: each figure is the median over ``repeats`` rounds; within a round the
+operations run interleaved, so drifting load from other processes hits all alike. The
+first call of each operation (compilation, CVXPY canonicalisation) is a warm-up and is
+not counted. Peak memory is measured in a fresh process per operation
+(:mod:`.memory_probe`).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["sync", "fwd_bwd", "median_times", "agreement", "timed_sort", "peak_memory"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor,
+             device: torch.device) -> tuple[float, float]:
+    x = x.detach().requires_grad_(True)
+    sync(device)
+    t0 = time.perf_counter()
+    y = fn(x)
+    sync(device)
+    t1 = time.perf_counter()
+    torch.autograd.grad(y, x, g)
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def median_times(ops: dict[str, Callable[[], tuple[float, float]]], repeats: int,
+                  progress, warmups: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ops}
+    for name, op in ops.items():  # warm-up: compile, canonicalise, allocate
+        t0 = time.perf_counter()
+        op()
+        if warmups is not None:
+            warmups[name] = time.perf_counter() - t0
+        progress.update(1)
+    for _ in range(repeats):
+        for name, op in ops.items():
+            times[name].append(op())
+        progress.update(len(ops))
+    return {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
+            for k, v in times.items()}
+
+
+def agreement(native: Callable, cvxpy: Callable, x: torch.Tensor) -> tuple[float, float]:
+    """Largest |difference| of solutions and of gradients (float64, same upstream grad)."""
+    x64 = x.detach().double()
+    gen = torch.Generator().manual_seed(0)
+    outs, grads = [], []
+    g = None
+    for fn in (native, cvxpy):
+        xi = x64.clone().requires_grad_(True)
+        y = fn(xi)
+        if g is None:
+            g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+        (gx,) = torch.autograd.grad(y, xi, g)
+        outs.append(y.detach())
+        grads.append(gx)
+    return float((outs[0] - outs[1]).abs().max()), float((grads[0] - grads[1]).abs().max())
+
+
+def timed_sort(x: torch.Tensor, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    x.sort(-1)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def peak_memory(shape: tuple[int, ...], penalties: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Peak resident memory added by one forward + backward, per penalty, in units of
+    the input tensor's size: a fresh process each, after a warm-up call, sampling the
+    resident set every 0.5 ms during the call. The gradient itself is one input-sized
+    tensor, so 1× is the floor for any node."""
+    # Large blocks always mmapped, so freed memory leaves the resident set at once and
+    # RSS tracks what is live (glibc's adaptive threshold would keep freed blocks).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    rows = []
+    for p in penalties:
+        out = subprocess.run([sys.executable, "-m", "convexddn.bench.memory_probe", ",".join(map(str, shape)), p],
+                             capture_output=True, text=True, check=True, env=env).stdout.split()
+        added, size = int(out[0]), int(out[1])
+        rows.append({"node": p, "shape": list(shape), "peak_added_bytes": added,
+                     "input_bytes": size, "peak_over_input": added / size})
+    return rows

@@ -1,0 +1,121 @@
+"""The report of ``convexddn bench``: markdown table, JSON, plot."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["estimate_skipped", "format_table", "plot"]
+
+
+def estimate_skipped(rows: list[dict]) -> None:
+    """Fill the skipped cvxpy rows' notes with the time the small shape predicts."""
+    small = {(r["family"], r["node"]): r for r in rows
+             if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is not None}
+    for r in rows:
+        ref = small.get((r["family"], r["node"]))
+        if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is None and ref is not None:
+            per_row = (ref["fwd_ms_per_sample"] + ref["bwd_ms_per_sample"]) / (
+                ref["shape"][1] if r["family"] == "pooling" else 1)
+            n_rows = math.prod(r["shape"][:-1])
+            scale = r["shape"][-1] / ref["shape"][-1]  # at least linear in the row length
+            seconds = per_row * n_rows * scale / 1e3
+            took = f"{seconds / 3600:.1f} h" if seconds > 3600 else f"{seconds / 60:.1f} min"
+            r["note"] = (f"skipped: {n_rows} cone programs of size {r['shape'][-1]}; "
+                         f"≥ {took} at the small shape's rate")
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None:
+        return "—"
+    if kind == "ms":
+        return f"{v:.3g}"
+    if kind == "x":
+        return f"{v:.2f}×"
+    return f"{v:.1e}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = []
+    for family in ("pooling", "projection"):
+        lines += [f"### {family}", "",
+                  "| node | path | shape | fwd ms/sample | bwd ms/sample | fwd / mean | bwd / mean "
+                  "| max Δ solution | max Δ gradient | note |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in result["rows"]:
+            if r["family"] != family:
+                continue
+            note = r["note"]
+            if "first_call_s" in r:
+                note = f"first call {r['first_call_s']:.1f} s"
+            if "goal" in r:
+                note = (f"{'✓' if r['goal_met'] else '✗'} goal {r['goal']} "
+                        f"(fwd {r['fwd_rel_goal_base']:.2f}× {r['goal_base']})")
+                if "fwd_bwd_rel_goal_base" in r:
+                    note += f"; fwd+bwd {r['fwd_bwd_rel_goal_base']:.2f}× {r['goal_base']}"
+                if "first_call_s" in r:
+                    note += f"; first call {r['first_call_s']:.1f} s"
+                if "speedup_vs_ddn_reference" in r:
+                    note += f"; {r['speedup_vs_ddn_reference']:.0f}× faster than the DDN reference"
+            lines.append(
+                f"| {r['node']} | {r['path']} | {tuple(r['shape'])} | {_fmt(r['fwd_ms_per_sample'], 'ms')} "
+                f"| {_fmt(r['bwd_ms_per_sample'], 'ms')} | {_fmt(r['fwd_rel_mean'], 'x')} "
+                f"| {_fmt(r['bwd_rel_mean'], 'x')} | {_fmt(r['max_solution_diff'], 'e')} "
+                f"| {_fmt(r['max_grad_diff'], 'e')} | {note} |")
+        lines.append("")
+    if result.get("memory"):
+        lines += ["### memory (forward + backward, fresh process each)", "",
+                  "| node | shape | peak added / input size |", "|---|---|---:|"]
+        for r in result["memory"]:
+            lines.append(f"| {r['node']} | {tuple(r['shape'])} | {r['peak_over_input']:.2f}× |")
+        lines.append("")
+    if result.get("workers"):
+        lines += ["### ConvexLayer worker processes (forward + backward, float64)", "",
+                  "| problem | batch | 1 process s | workers = cores s | speed-up | cores |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in result["workers"]:
+            lines.append(f"| {r['problem']} | {r['batch']} | {r['seconds_1_process']:.2f} "
+                         f"| {r['seconds_workers']:.2f} | {r['speedup']:.2f}× | {r['cores']} |")
+        lines.append("")
+    m = result["machine"]
+    lines.append("Goals apply at the paper's shape (24, 1024, 2048) (see the README's Benchmarks); "
+                 "the DDN reference figures (forward, × mean pooling: quadratic 90, Huber 200, "
+                 "Welsch 400) were measured side by side on this kind of machine when the goals "
+                 "were set.")
+    lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
+                 f"({m['torch_threads']} threads), device {m['device']}; medians of "
+                 f"{result['repeats']} rounds; mean = `x.mean(-1)` of the same tensor.")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import NullFormatter
+
+    rows = [r for r in result["rows"] if r["fwd_ms_per_sample"] is not None and r["node"] != "sort"]
+    # pooling panels first, small shape before large
+    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: (-len(s), math.prod(s)))
+    ncols = 2
+    nrows = -(-len(shapes) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(12, 4.5 * nrows), squeeze=False)
+    colors = {"native": "tab:blue", "cvxpy": "tab:orange", "torch": "tab:gray"}
+    for ax in axes.flat[len(shapes):]:
+        ax.axis("off")
+    for ax, shape in zip(axes.flat, shapes):
+        sel = [r for r in rows if tuple(r["shape"]) == shape]
+        labels = [f"{r['node']}\n({r['path']})" for r in sel]
+        total = [r["fwd_ms_per_sample"] + (r["bwd_ms_per_sample"] or 0.0) for r in sel]
+        ax.barh(range(len(sel)), total, color=[colors[r["path"]] for r in sel])
+        ax.set_yticks(range(len(sel)), labels, fontsize=7)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.invert_yaxis()
+        ax.set_xlabel("forward + backward, ms per sample (log)")
+        ax.set_title(f"{sel[0]['family']} {shape}")
+    fig.suptitle(f"convexddn bench ({result['machine']['device']}, torch {result['machine']['torch']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

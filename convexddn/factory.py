@@ -1,0 +1,124 @@
+"""``convexddn.layer(name, ...)``: the fastest exact layer for a registry problem.
+
+The registry (:mod:`convexddn.convex.registry`) states each problem in CVXPY. Where a
+problem has a native node that computes the same solution exactly (closed form or an
+exact batched solver), :func:`layer` returns that node; otherwise it returns the
+:class:`~convexddn.ConvexLayer` of the cone program. ``backend="cvxpy"`` forces the cone
+program, ``backend="native"`` insists on the node. Both take the same input and give the
+same output (tests check that they agree).
+
+This module sits above both paths: it imports the registry and the nodes, and neither
+of them imports it.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ._checks import check_choice, check_tensor
+from .convex import registry
+from .convex.layer import ConvexLayer
+from .errors import OptionError, ShapeError
+from .nodes.pooling import CONVEX_PENALTIES, RobustPool
+from .nodes.projection import LpProjection, SimplexProjection
+
+__all__ = ["layer", "BACKENDS", "NATIVE"]
+
+BACKENDS = ("auto", "native", "cvxpy")
+
+# Keyword arguments that configure the ConvexLayer rather than the problem.
+_LAYER_OPTIONS = tuple(
+    name for name in inspect.signature(ConvexLayer.__init__).parameters
+    if name not in ("self", "problem", "parameters", "variables")
+)
+
+
+def _lp_ball(n: int, p: Any = 2, radius: float = 1.0) -> nn.Module:
+    return LpProjection(p=p, mode="ball", radius=radius, dim=-1)
+
+
+def _simplex(n: int) -> nn.Module:
+    return SimplexProjection(dim=-1)
+
+
+def _robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0) -> nn.Module | None:
+    # Only the convex penalties are registry problems; the builder rejects the others.
+    return RobustPool(penalty=penalty, alpha=alpha, dim=-1) if penalty in CONVEX_PENALTIES else None
+
+
+#: Registry problems with an exact native node: name -> builder taking the problem's options.
+NATIVE: dict[str, Callable[..., nn.Module | None]] = {
+    "lp_ball": _lp_ball,
+    "simplex": _simplex,
+    "robust_pool": _robust_pool,
+}
+
+
+class RegistryNode(nn.Module):
+    """A native node standing for a registry problem: checks the input like the ConvexLayer.
+
+    Shape:
+        - Input: ``(*batch, n)``, the problem's parameter ``x``.
+        - Output: what the registry problem's variable is, with the batch shape in front.
+    """
+
+    def __init__(self, name: str, n: int, node: nn.Module) -> None:
+        super().__init__()
+        self.name, self.n, self.node = name, n, node
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Solve the problem for every row of ``x``: ``(*batch, n) -> (*batch, ...)``."""
+        check_tensor("parameter 0 (x)", x)
+        if x.dim() < 1 or x.shape[-1] != self.n:
+            raise ShapeError(
+                f"parameter 0 (x) must have shape (*batch, {self.n}) i.e. trailing shape "
+                f"({self.n},), got {tuple(x.shape)}")
+        return self.node(x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, n={self.n}"
+
+
+def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
+    """The fastest exact layer for the registry problem ``name``.
+
+    Args:
+        name: a registry name (:func:`convexddn.registry.names`).
+        backend: ``"auto"`` (default: the native node where the problem has one, else
+            the :class:`~convexddn.ConvexLayer`), ``"native"`` (the node, or an
+            ``OptionError``) or ``"cvxpy"`` (always the cone program).
+        **options: the problem's options (e.g. ``n=512, p=1``) and, for the cone
+            program, :class:`~convexddn.ConvexLayer`'s options (``solver``, ``tol``, …).
+
+    Returns:
+        An ``nn.Module`` taking the problem's parameters (``(*batch, *param.shape)``)
+        and returning its variables.
+
+    Raises:
+        OptionError: unknown name, backend or option; ``backend="native"`` for a
+            problem without a native node; ConvexLayer options with a native node.
+
+    Example::
+
+        >>> proj = layer("lp_ball", n=512, p=1)        # native: sort-based, exact
+        >>> cone = layer("lp_ball", n=512, p=1, backend="cvxpy")   # the cone program
+    """
+    check_choice("backend", backend, BACKENDS)
+    layer_opts = {k: options.pop(k) for k in list(options) if k in _LAYER_OPTIONS}
+    spec = registry.build(name, **options)  # validates the problem's options
+    if backend != "cvxpy" and name in NATIVE:
+        node = NATIVE[name](**spec.options)
+        if node is not None:
+            if layer_opts:
+                raise OptionError(
+                    f"options {sorted(layer_opts)} configure the cone program, but problem "
+                    f"{name!r} is solved by its native node; pass backend='cvxpy' to use them")
+            return RegistryNode(name, spec.options["n"], node)
+    if backend == "native":
+        raise OptionError(
+            f"problem {name!r} with options {spec.options} has no native node; the native "
+            f"problems are {sorted(NATIVE)} (robust_pool with {list(CONVEX_PENALTIES)})")
+    return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), **layer_opts)

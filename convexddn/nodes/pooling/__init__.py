@@ -1,0 +1,32 @@
+"""Robust pooling (Gould et al. Table 1): penalties, kernels, solvers and the node.
+
+- :mod:`.penalties`: :class:`Penalty` and the five built-in penalties, each owning its
+  maths, its CVXPY form (convex ones) and its solver hook;
+- :mod:`.kernels`: fused Newton/IRLS steps and the backward, derived from the penalties;
+- :mod:`.solvers`: iteration drivers (safeguarded Newton, Welsch, exact truncated quadratic);
+- :mod:`.node`: the autograd Function, :func:`robust_pool` and :class:`RobustPool`.
+"""
+from .node import RobustPool, robust_pool
+from .penalties import (
+    CONVEX_PENALTIES,
+    PENALTIES,
+    Huber,
+    Penalty,
+    PseudoHuber,
+    Quadratic,
+    TruncatedQuadratic,
+    Welsch,
+)
+
+__all__ = [
+    "Penalty",
+    "Quadratic",
+    "PseudoHuber",
+    "Huber",
+    "Welsch",
+    "TruncatedQuadratic",
+    "PENALTIES",
+    "CONVEX_PENALTIES",
+    "robust_pool",
+    "RobustPool",
+]

@@ -1,0 +1,360 @@
+"""Robust pooling as a declarative node: the autograd Function, :func:`robust_pool`, :class:`RobustPool`.
+
+.. math::
+
+    y(x) \\in \\operatorname*{argmin}_{u \\in \\mathbb{R}} \\sum_{i=1}^{n} \\phi(u - x_i; \\alpha)
+
+The forward calls the penalty's solver hook (:meth:`.penalties.Penalty.solve`); the
+backward is the closed form of Gould et al. Table 1 as a vector–Jacobian product
+(§6.1): with :math:`w_i = \\phi''(y - x_i)`,
+
+.. math::
+
+    \\frac{\\partial y}{\\partial x_i} = \\frac{w_i}{\\sum_j w_j}, \\qquad
+    \\frac{\\partial y}{\\partial \\alpha} =
+        -\\frac{\\sum_j \\partial_\\alpha \\phi'(y - x_j)}{\\sum_j w_j},
+
+never forming a Jacobian.
+
+References:
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks",
+    IEEE TPAMI 2021 (Table 1; §6.1: vjp).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..._checks import check_bool, check_dim_option, check_int, check_positive, check_tensor, normalize_dims
+from ...errors import DTypeError, GradientWarning, OptionError, ShapeError
+from .kernels import backward_kernel, compile_available, run
+from .penalties import Penalty
+
+__all__ = ["robust_pool", "RobustPool"]
+
+# Default stopping tolerance on the Newton step, relative to (alpha + |y|). float32 cannot
+# resolve much below 1e-6 of the scale once the sums over a row carry rounding noise.
+_DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+_DEFAULT_MAX_ITER = 100
+
+# compile=None compiles only tensors at least this large: below it the one-off compile
+# (tens of seconds on a small CPU) costs more than eager kernels ever will.
+_AUTO_COMPILE_NUMEL = 1 << 22
+
+
+def _resolve_tol(tol: float | None, dtype: torch.dtype) -> float:
+    return _DEFAULT_TOL.get(dtype, 1e-6) if tol is None else tol
+
+
+class _RobustPoolFunction(torch.autograd.Function):
+    """y = argmin_u sum_i phi(u - x_i; alpha) over the last dim of x (R, N) -> (R,).
+
+    ``alpha`` is a tensor of shape (R,) or 0-d; the options ride along as constants.
+    """
+
+    @staticmethod
+    def forward(x, alpha, penalty, tol, max_iter, use_compile):  # type: ignore[override]
+        if x.shape[0] == 0:
+            return x.new_empty((0,))
+        a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
+        return penalty.solve(x, a, tol, max_iter, use_compile)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, alpha, penalty, _tol, _max_iter, use_compile = inputs
+        ctx.save_for_backward(x, alpha, output)
+        ctx.penalty = penalty
+        ctx.use_compile = use_compile
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, alpha, y = ctx.saved_tensors
+        need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_alpha = None
+        rows, n = x.shape
+        if rows == 0:
+            return (x.new_zeros(x.shape) if need_x else None,
+                    torch.zeros_like(alpha) if need_alpha else None, None, None, None, None)
+        if ctx.penalty.name == "quadratic":
+            # dy/dx_i = 1/N exactly: a broadcast view, nothing to compute.
+            if need_x:
+                grad_x = (grad_y / n).unsqueeze(-1).expand(rows, n)
+            if need_alpha:
+                grad_alpha = torch.zeros_like(alpha)
+            return grad_x, grad_alpha, None, None, None, None
+        a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
+        kernel = backward_kernel(ctx.penalty, bool(need_alpha))
+        gx, ga, ok = run(kernel, ctx.use_compile, x, y.unsqueeze(-1), a, grad_y.unsqueeze(-1))
+        bad = ~ok
+        if bool(bad.any()):
+            warnings.warn(
+                f"robust_pool(penalty={ctx.penalty.name!r}): the Hessian sum_i phi''(y - x_i) is "
+                f"zero, singular or negative for {int(bad.sum())} of {rows} row(s) (no inliers, "
+                f"or a non-isolated minimiser); their gradient is set to zero",
+                GradientWarning,
+                stacklevel=2,
+            )
+        if need_x:
+            grad_x = gx
+        if need_alpha:
+            grad_alpha = ga if alpha.dim() > 0 else ga.sum()
+        return grad_x, grad_alpha, None, None, None, None
+
+
+def _check_alpha(alpha: Any) -> None:
+    if isinstance(alpha, torch.Tensor):
+        if not alpha.is_floating_point():
+            raise DTypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise OptionError(f"alpha must be a positive number or tensor, got {alpha!r}")
+    check_positive("alpha", alpha)
+
+
+def _check_options(penalty: Any, keepdim: Any, tol: Any, max_iter: Any, compile: Any) -> Penalty:
+    pen = Penalty.resolve(penalty)
+    check_bool("keepdim", keepdim)
+    if tol is not None:
+        check_positive("tol", tol)
+    if max_iter is not None:
+        check_int("max_iter", max_iter, minimum=1)
+    check_bool("compile", compile, allow_none=True)
+    return pen
+
+
+def robust_pool(
+    x: torch.Tensor,
+    penalty: str | Penalty = "quadratic",
+    alpha: float | torch.Tensor = 1.0,
+    dim: int | tuple[int, ...] = -1,
+    keepdim: bool = False,
+    *,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    compile: bool | None = None,
+) -> torch.Tensor:
+    """Robust pooling: the minimiser of a robust penalty of the residuals.
+
+    .. math::
+
+        y = \\operatorname*{argmin}_{u} \\sum_{i} \\phi(u - x_i; \\alpha)
+
+    over the entries :math:`x_i` of ``x`` along ``dim`` (Gould et al. Table 1; the
+    penalties are listed in this module's docstring and in :data:`PENALTIES`).
+
+    Forward: ``quadratic`` is the mean. ``pseudo_huber`` and ``huber`` (convex) run a
+    Newton iteration from the median start below, safeguarded by a bracket of the root
+    (an IRLS step or bisection when the Newton point leaves it), until the step is at
+    most ``tol * (alpha + |y|)``; convexity makes the start immaterial to the result. ``welsch`` (nonconvex) runs a Newton iteration whose
+    accepted objective never increases (a rejected Newton point is replaced by a
+    majorise-minimise step) from two starts, the mean and a median, to the same
+    tolerance, and keeps the one with the lower objective: a local minimum, not
+    certified global. The median start is the exact lower median (torch's convention)
+    for rows of at most 129 entries, else the lower median of at most 129 evenly
+    strided entries, because an exact median of every row costs as much as the whole
+    solve. Rows converge independently; the ones still moving are regathered so that a
+    few slow rows do not cost full passes over ``x``.
+    ``trunc_quad`` returns the exact global minimiser (sort, prefix sums and the 2N
+    candidate inlier runs; O(N log N)).
+
+    Backward: the closed form of Table 1 as a vector–Jacobian product,
+    ``grad_x_i = grad_y * w_i / sum_j w_j`` with ``w_i = phi''(y - x_i)``, and
+    ``grad_alpha = -grad_y * sum_j d2phi/dz dalpha / sum_j w_j``, without forming a
+    Jacobian. Where ``sum_j w_j`` is zero, singular or negative (Huber or truncated
+    quadratic with no inliers, a Welsch point that is not a strict minimum) that row's
+    gradient is zero and a :class:`~convexddn.errors.GradientWarning` is issued once
+    per call. At the kinks of Huber and truncated quadratic (:math:`|y - x_i| = \\alpha`)
+    the inlier side is taken.
+
+    Args:
+        x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
+        penalty: one of :data:`PENALTIES` or a :class:`Penalty`. Default ``"quadratic"``.
+        alpha: penalty scale > 0: a number, or a tensor broadcastable to the output shape
+            (as without ``keepdim``); it may require grad. Default ``1.0``.
+        dim: the dimension, or tuple of dimensions, pooled over. Default ``-1``.
+        keepdim: keep the pooled dimensions with size 1. Default ``False``.
+        tol: stopping tolerance of the iterative solvers, relative to
+            ``alpha + |y|``. Default ``None``: 1e-12 for float64, 1e-6 otherwise.
+        max_iter: iteration limit of the iterative solvers (per start for Welsch);
+            hitting it issues a :class:`~convexddn.errors.SolverWarning`. Default 100.
+        compile: fuse the iterations and the backward with :func:`torch.compile`
+            (``True``), run eagerly (``False``), or decide by size (``None``, default:
+            compile tensors of at least 2**22 elements). A compile failure falls back to
+            eager with a warning. The first compiled call pays a one-off compile.
+
+    Shape:
+        - Input: ``(*)``, with at least one entry along every pooled dimension.
+        - Output: ``x.shape`` without the pooled dimensions, or with them set to 1 when
+          ``keepdim=True``; same dtype and device as ``x``.
+
+    Raises:
+        DTypeError: ``x`` is not a floating-point tensor, or ``alpha`` is an integer tensor.
+        NonFiniteError: ``x`` holds NaN or Inf (checked through per-row statistics the
+            solver computes anyway: one host sync per call; the message gives the counts).
+        ShapeError: a pooled dimension is empty or out of range, or ``alpha`` does not
+            broadcast to the output shape.
+        OptionError: unknown ``penalty`` (the message lists the valid ones),
+            ``alpha <= 0``, invalid ``dim``, ``keepdim``, ``tol``, ``max_iter`` or
+            ``compile``.
+
+    .. note::
+        The iterative solvers decide when to stop on the host: one device-to-host sync
+        per iteration (typically 3 to 6 per call), and one in the backward to decide
+        whether to warn. The quadratic and truncated-quadratic solvers do not iterate.
+        The cone-program form of the convex penalties is the registry's ``robust_pool``
+        problem: ``convexddn.layer("robust_pool", n=N, penalty=..., backend="cvxpy")``.
+
+    References:
+        S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI
+        2021, Table 1 and §6.1.
+    """
+    check_tensor("x", x)
+    pen = _check_options(penalty, keepdim, tol, max_iter, compile)
+    _check_alpha(alpha)
+    dims = normalize_dims("dim", dim, x.ndim) if x.ndim > 0 else None
+    if dims is None:
+        raise ShapeError("x must have at least one dimension to pool over, got a 0-d tensor")
+    for d in dims:
+        if x.shape[d] == 0:
+            raise ShapeError(
+                f"x must have at least one entry along every pooled dim, got shape "
+                f"{tuple(x.shape)} pooled over dim={dim!r}"
+            )
+    keep = [d for d in range(x.ndim) if d not in dims]
+    batch = [x.shape[d] for d in keep]
+    n = math.prod(x.shape[d] for d in dims)
+    x2 = x.permute(*keep, *dims).reshape(-1, n)
+
+    if isinstance(alpha, torch.Tensor):
+        if alpha.device != x.device:
+            raise OptionError(f"alpha must be on x's device {x.device}, got {alpha.device}")
+        a = alpha
+        if keepdim and a.dim() == x.ndim:
+            a = a.squeeze(dims) if len(dims) else a
+        try:
+            a = torch.broadcast_to(a, batch)
+        except RuntimeError:
+            raise ShapeError(
+                f"alpha must broadcast to the output shape {tuple(batch)}, got shape "
+                f"{tuple(alpha.shape)}"
+            ) from None
+        a = a.reshape(-1) if batch else a.reshape(())
+    else:
+        a = torch.tensor(float(alpha), dtype=x.dtype, device=x.device)
+
+    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    xw = x2.to(work)
+    aw = a.to(work)
+    use_compile = (
+        compile_available() and x2.numel() >= _AUTO_COMPILE_NUMEL
+        if compile is None
+        else bool(compile) and compile_available()
+    )
+    y2 = _RobustPoolFunction.apply(
+        xw,
+        aw,
+        pen,
+        _resolve_tol(tol, work),
+        _DEFAULT_MAX_ITER if max_iter is None else max_iter,
+        use_compile,
+    ).to(x.dtype)
+
+    y = y2.reshape(batch)
+    if keepdim:
+        for d in dims:
+            y = y.unsqueeze(d)
+    return y
+
+
+class RobustPool(nn.Module):
+    """Robust pooling as a module: :func:`robust_pool` with stored options.
+
+    .. math::
+
+        y = \\operatorname*{argmin}_{u} \\sum_{i} \\phi(u - x_i; \\alpha)
+
+    Args:
+        penalty: one of :data:`PENALTIES` or a :class:`Penalty`. Default ``"quadratic"``.
+        alpha: penalty scale > 0, a number or a tensor broadcastable to the output shape
+            (an :class:`~torch.nn.Parameter` makes it learnable). Default ``1.0``.
+        dim: dimension or tuple of dimensions pooled over. Default ``-1``.
+        keepdim: keep the pooled dimensions with size 1. Default ``False``.
+        tol, max_iter, compile: solver options, see :func:`robust_pool`.
+
+    Shape:
+        - Input: ``(*)``; e.g. ``(B, C, N)`` with ``dim=-1`` or ``(B, C, H, W)`` with
+          ``dim=(2, 3)``.
+        - Output: the input shape without the pooled dimensions (``(B, C)`` in both
+          examples), or with them kept as 1 when ``keepdim=True``.
+
+    Raises:
+        OptionError: invalid options, at construction (see :func:`robust_pool`).
+        Errors of :func:`robust_pool` for bad input, at call time.
+
+    Examples::
+
+        >>> pool = RobustPool("huber", alpha=1.0, dim=-1)
+        >>> pool(torch.randn(8, 64, 1024)).shape
+        torch.Size([8, 64])
+
+    References:
+        S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
+    """
+
+    def __init__(
+        self,
+        penalty: str | Penalty = "quadratic",
+        alpha: float | torch.Tensor = 1.0,
+        dim: int | tuple[int, ...] = -1,
+        keepdim: bool = False,
+        *,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        compile: bool | None = None,
+    ) -> None:
+        super().__init__()
+        pen = _check_options(penalty, keepdim, tol, max_iter, compile)
+        _check_alpha(alpha)
+        check_dim_option("dim", dim)
+        self.penalty = pen
+        if isinstance(alpha, torch.Tensor) and not isinstance(alpha, nn.Parameter):
+            # A buffer, so that state_dict holds it and .to() moves it.
+            self.register_buffer("alpha", alpha.detach().clone())
+        else:
+            self.alpha = alpha
+        self.dim = dim
+        self.keepdim = keepdim
+        self.tol = tol
+        self.max_iter = max_iter
+        self.compile = compile
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool ``x`` with the stored options: ``(*) -> (*)`` without the pooled dims."""
+        return robust_pool(
+            x,
+            self.penalty,
+            self.alpha,
+            self.dim,
+            self.keepdim,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            compile=self.compile,
+        )
+
+    def extra_repr(self) -> str:
+        alpha = self.alpha
+        if isinstance(alpha, torch.Tensor):
+            alpha = f"Tensor{tuple(alpha.shape)}" if alpha.numel() != 1 else f"{float(alpha.detach()):g}"
+        parts = [f"penalty={self.penalty.name!r}", f"alpha={alpha}", f"dim={self.dim}", f"keepdim={self.keepdim}"]
+        if self.tol is not None:
+            parts.append(f"tol={self.tol:g}")
+        if self.max_iter is not None:
+            parts.append(f"max_iter={self.max_iter}")
+        if self.compile is not None:
+            parts.append(f"compile={self.compile}")
+        return ", ".join(parts)
