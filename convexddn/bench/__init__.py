@@ -24,7 +24,15 @@ import torch
 
 from .._machine import machine
 from ..errors import OptionError
-from .cases import CONVEX_PENALTIES, POOL_PENALTIES, PROJECTIONS, SHAPES, pool_cases, projection_cases, workers_speedup
+from .cases import (
+    CONVEX_PENALTIES,
+    POOL_PENALTIES,
+    PROJECTIONS,
+    SHAPES,
+    pool_cases,
+    projection_cases,
+    workers_speedup,
+)
 from .harness import peak_memory
 from .report import estimate_skipped, format_table, plot
 

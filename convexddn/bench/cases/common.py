@@ -1,0 +1,42 @@
+"""Pieces shared by the benchmark cases: row records and the cone-program comparison."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..harness import agreement, fwd_bwd
+
+# (name, pooling shape (B, C, N), projection shape (B, n))
+SHAPES = {
+    "small": ((4, 64, 256), (16, 64)),
+    "paper": ((24, 1024, 2048), (256, 512)),
+}
+CVXPY_ROWS = 8  # rows solved by the cone-program path per measurement (milliseconds each)
+
+
+def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable, x: torch.Tensor,
+                   g: torch.Tensor, per_sample: float, B: int, mean_f: float, mean_b: float,
+                   progress, note: str) -> None:
+    """Time the cvxpy path on a few rows (scaled by ``per_sample`` to one sample) and
+    record how far it is from the native path, on ``row`` and on the native row."""
+    f, b = fwd_bwd(cvxpy, x.cpu(), g.cpu(), torch.device("cpu"))
+    progress.update(1)
+    fs, bs = f * per_sample, b * per_sample
+    row.update(fwd_ms_per_sample=1e3 * fs, bwd_ms_per_sample=1e3 * bs,
+               fwd_rel_mean=fs * B / mean_f, bwd_rel_mean=bs * B / mean_b, note=note)
+    ds, dg = agreement(native, cvxpy, x[:8].cpu())
+    progress.update(1)
+    for r in [row] + [r for r in rows if r["node"] == row["node"] and r["path"] == "native"]:
+        r.update(max_solution_diff=ds, max_grad_diff=dg)
+
+
+def row_record(family, node, path, shape, dtype, device, f, b, fr, br) -> dict[str, Any]:
+    return {
+        "family": family, "node": node, "path": path, "shape": list(shape),
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "fwd_ms_per_sample": None if f is None else 1e3 * f,
+        "bwd_ms_per_sample": None if b is None else 1e3 * b,
+        "fwd_rel_mean": fr, "bwd_rel_mean": br,
+        "max_solution_diff": None, "max_grad_diff": None, "note": "",
+    }
