@@ -33,10 +33,17 @@ from .cases import (
     projection_cases,
     workers_speedup,
 )
+from .cases.convex import convex_cases
 from .harness import peak_memory
 from .report import estimate_skipped, format_table, plot
 
 __all__ = ["run", "add_arguments", "main", "format_table"]
+
+# (problem, batch) pairs of the convex-path comparison: the names of
+# convexddn.bench.cases.convex.CONVEX_PROBLEMS.
+CONVEX_QUICK = [("qp50", 16), ("sparsemax16", 64)]
+CONVEX_FULL = [("qp50", 1), ("qp50", 64), ("qp50", 1024), ("qp100", 128), ("sparsemax16", 1024),
+               ("l1ball512", 128)]
 
 
 def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
@@ -52,6 +59,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     n_ops = (2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS))
     total = sum((repeats + 1) * n_ops + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
                 for n in names)
+    total += 5 * (min(repeats, 3) + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL)
     rows: list[dict] = []
     with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op") as progress:
         warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed
@@ -59,11 +67,13 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             pool_shape, proj_shape = SHAPES[name]
             rows += pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress)
             rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
+        convex_problems = CONVEX_QUICK if quick else CONVEX_FULL
+        convex = convex_cases(convex_problems, min(repeats, 3), progress, device)
     estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []
     workers = [] if quick else workers_speedup()
     result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows,
-              "memory": memory, "workers": workers}
+              "convex": convex, "memory": memory, "workers": workers}
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench.json"), "w") as f:

@@ -8,15 +8,18 @@ The layer computes
     \\quad\\text{s.t.}\\quad g(\\theta, u) \\le 0,\\; h(\\theta, u) = 0
 
 for a disciplined parametrized program (DPP) whose parameters ``θ`` come from
-tensors, and differentiates the solution implicitly through the KKT conditions
-of its cone program (cvxpylayers + diffcp; Agrawal et al., NeurIPS 2019). What it
-adds over calling cvxpylayers directly: any leading batch shape per parameter,
-the caller's dtype and device, accurate defaults, every solve verified, and
-precise errors.
+tensors, and differentiates the solution implicitly through the optimality conditions
+of its cone program. Two backends: the batched torch interior point
+(:mod:`.batched`: every element at once, on the parameters' device) and the
+per-element path (:mod:`.per_element`: Clarabel/SCS/ECOS one element at a time, Newton
+polish). ``solver="auto"`` uses the batched one where it applies and re-solves any
+element it does not certify with the per-element one, before any error.
 """
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from typing import Any, Sequence
 
 import cvxpy as cp
@@ -25,65 +28,21 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
 from .._checks import check_choice, check_finite, check_int, check_positive, check_tensor
-from ..errors import (
-    InfeasibleError,
-    InputError,
-    NotDPPError,
-    OptionError,
-    ProblemError,
-    ShapeError,
-    SolverError,
-    UnboundedError,
-)
-from .per_element import MODES, SOLVERS, CheckedDiffcp, ConeSolveFailure, SolveInfo, canonical_solver_name
+from ..errors import InputError, OptionError, ProblemError, ShapeError, SolverWarning
+from .batched import BatchedProgram, UnsupportedProblem
+from .per_element import MODES, SOLVERS, CheckedDiffcp
+from .status import SolveInfo, failure_error, unravel
+from .validation import check_parameter_attributes, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
 
+#: Accepted ``solver`` values: the two backends' switches and the per-element solvers.
+SOLVER_CHOICES = ("auto", "batched") + SOLVERS
+ON_FAILURE = ("raise", "mask")
 
-def _offending_expression(problem: cp.Problem) -> str:
-    """Name the first objective or constraint that breaks DCP or DPP, where CVXPY can."""
-    parts = [("objective", problem.objective)] + [
-        (f"constraint {i}", c) for i, c in enumerate(problem.constraints)
-    ]
-    for label, part in parts:
-        try:
-            if not part.is_dcp():
-                return f"{label} `{part}` is not DCP"
-            if not part.is_dcp(dpp=True):
-                return f"{label} `{part}` is not DPP"
-        except Exception:  # noqa: BLE001 — CVXPY raises various errors here
-            continue
-    return "CVXPY could not pin down the expression"
-
-
-def _validate_problem(problem: Any, parameters: Sequence, variables: Sequence) -> None:
-    if not isinstance(problem, cp.Problem):
-        raise ProblemError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}")
-    if not problem.is_dcp():
-        raise ProblemError(
-            f"problem must be convex (DCP): {_offending_expression(problem)}")
-    if not problem.is_dpp():
-        raise NotDPPError(
-            "problem must be DPP (disciplined parametrized programming: parameters may "
-            "enter only affinely, or multiply parameter-free expressions) so that it "
-            f"can be canonicalised once: {_offending_expression(problem)}")
-    if not isinstance(parameters, (list, tuple)) or not all(
-            isinstance(p, cp.Parameter) for p in parameters):
-        raise ProblemError("parameters must be a list of cvxpy.Parameter")
-    if not isinstance(variables, (list, tuple)) or not variables or not all(
-            isinstance(v, cp.Variable) for v in variables):
-        raise ProblemError("variables must be a non-empty list of cvxpy.Variable")
-    declared = {p.id for p in problem.parameters()}
-    given = [p.id for p in parameters]
-    if len(set(given)) != len(given) or set(given) != declared:
-        names = sorted(p.name() for p in problem.parameters())
-        raise ProblemError(
-            f"parameters must list each of the problem's parameters exactly once "
-            f"({names}), got {[p.name() for p in parameters]}")
-    known = {v.id for v in problem.variables()}
-    for v in variables:
-        if v.id not in known:
-            raise ProblemError(f"variable {v.name()} is not a variable of the problem")
+# The batched path factorises dense (B, k, k) systems; above this many bytes per call
+# (estimated by BatchedProgram.memory_estimate) "auto" uses the per-element path.
+_BATCHED_MAX_BYTES = {"cpu": 4 << 30, "cuda": 16 << 30}
 
 
 class ConvexLayer(nn.Module):
@@ -93,63 +52,69 @@ class ConvexLayer(nn.Module):
 
         y(\\theta) = \\operatorname*{argmin}_{u \\in C(\\theta)} f(\\theta, u)
 
-    Each call fills the CVXPY parameters with tensors, solves one cone program per
+    Each call fills the CVXPY parameters with tensors, solves the cone program of every
     batch element, checks each solution against its KKT conditions, and returns the
-    requested variables. The backward pass differentiates the cone program's
-    optimality conditions (no unrolling).
+    requested variables. The backward pass differentiates the optimality conditions at
+    the solution (no unrolling).
 
     Args:
-        problem: a DPP ``cvxpy.Problem``.
+        problem: a DPP ``cvxpy.Problem`` (DCP, or DGP with ``gp=True``).
         parameters: the problem's ``cp.Parameter`` objects, in the order the tensors
             are passed to :meth:`forward`. Must list every parameter exactly once.
         variables: the ``cp.Variable`` objects to return, in that order.
-        solver: ``"Clarabel"`` (default, interior point, accurate), ``"SCS"`` or
-            ``"ECOS"``; case-insensitive.
-        solver_args: keyword arguments for the solver, over convexddn's tight
-            defaults (e.g. ``{"max_iter": 1000}`` for Clarabel).
-        fallback: solver tried on the batch elements where ``solver`` fails
-            (default ``"SCS"``), or ``None``. A fallback that succeeds emits a
+        solver: ``"auto"`` (default: the batched torch interior point for LPs, QPs
+            and SOCPs that fit in memory, the per-element path otherwise; elements the
+            batched solver does not certify are re-solved per element),
+            ``"batched"`` (the batched solver only; an ``OptionError`` for problems it
+            does not cover), or ``"Clarabel"``, ``"SCS"``, ``"ECOS"`` (the per-element
+            path with that first solver); case-insensitive.
+        solver_args: keyword arguments for the per-element solver, over convexddn's
+            tight defaults (e.g. ``{"max_iter": 1000}`` for Clarabel); unknown keys
+            raise ``OptionError``.
+        fallback: per-element solver tried where the first one fails (default
+            ``"SCS"``), or ``None``. A fallback that succeeds emits a
             :class:`~convexddn.errors.SolverWarning`.
-        adjoint: how the adjoint (and refinement) systems are solved: ``"auto"``
-            (dense factorisation for small cone programs, LSMR above 400 rows +
-            columns), ``"dense"``, ``"lsmr"`` or ``"lsqr"``.
+        adjoint: how the per-element adjoint (and polish) systems are solved:
+            ``"auto"`` (dense up to 400 rows + columns, LSMR above), ``"dense"``,
+            ``"lsmr"`` or ``"lsqr"``.
         tol: largest accepted relative KKT residual of a solution (default 1e-6).
-        refine: at most this many Newton steps on the cone program's residual map
-            polish each solution (default 5; the point with the lowest KKT residual
-            is kept). Interior-point solvers stall near 1e-5 on projections whose
-            squared objective became a second-order cone; refinement brings them to
-            ~1e-12.
-        workers: number of worker processes that solve and differentiate chunks of
-            the batch (default 1: in this process). Workers start on the first
-            batched call (about a second: they import torch) and live with the layer.
+        refine: Newton steps polishing each per-element solution (default 5).
+        workers: worker processes for the per-element path (default 1: in this process).
+        gp: the problem is a log-log convex program (geometric programming); its
+            parameters must be positive. Solved on the per-element path.
+        on_failure: ``"raise"`` (default: an error naming the failing batch indices) or
+            ``"mask"``: failing elements' outputs are NaN, no gradient flows to them,
+            ``last_solve.solved`` marks them and a ``SolverWarning`` names them.
 
     Shape:
-        - Input: one tensor per parameter, of shape ``(*batch_i, *param.shape)``;
-          the ``batch_i`` broadcast together to ``batch`` (unbatched parameters are
-          shared by every element).
+        - Input: one tensor per parameter, positionally or by CVXPY name
+          (``layer(x=X)``), of shape ``(*batch_i, *param.shape)``; the ``batch_i``
+          broadcast together to ``batch`` (unbatched parameters are shared).
         - Output: ``(*batch, *var.shape)`` per variable: a tensor when there is one
-          variable, a tuple in ``variables`` order otherwise. dtype is the promoted
-          dtype of the inputs, device the inputs' device (the solve runs on the CPU
-          in float64).
+          variable, a tuple in ``variables`` order otherwise; the promoted dtype of the
+          inputs, on the inputs' device.
 
     Raises:
-        ProblemError, NotDPPError: at construction, for a problem that is not convex,
-            not DPP, or whose parameters/variables do not match.
-        OptionError: unknown solver, fallback or adjoint; tol <= 0; refine or workers
-            not an integer in range.
+        ProblemError, NotDPPError: at construction, for a problem that is not convex
+            (DCP/DGP), not DPP, has no parameters or integer variables, or whose
+            parameters/variables do not match.
+        OptionError: an invalid option, or unknown ``solver_args`` keys.
         DTypeError: a non-tensor or non-floating tensor.
-        ShapeError: wrong number of tensors, wrong trailing shape, batch shapes that
-            do not broadcast, tensors on different devices.
+        ShapeError: wrong number of tensors or names, wrong trailing shape, batch
+            shapes that do not broadcast.
+        InputError: tensors on several devices; a value that breaks its parameter's
+            declared attribute (``nonneg``, ``pos``, ``PSD`` …).
         NonFiniteError: NaN or Inf in a parameter (names it and counts them).
-        InfeasibleError, UnboundedError, SolverError: a solve failed; the error names
-            the failing batch indices and the solver status.
+        InfeasibleError, UnboundedError, SolverError: a solve failed (with
+            ``on_failure="raise"``); the error names the failing batch indices and the
+            solver status.
 
     Example::
 
         >>> x = cp.Parameter(3); y = cp.Variable(3)
         >>> prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
         >>> layer = ConvexLayer(prob, parameters=[x], variables=[y])
-        >>> layer(torch.tensor([[1.0, -2.0, 3.0]]))
+        >>> layer(torch.tensor([[1.0, -2.0, 3.0]])).round(decimals=6)
         tensor([[1., 0., 3.]])
     """
 
@@ -159,72 +124,144 @@ class ConvexLayer(nn.Module):
         parameters: Sequence[cp.Parameter],
         variables: Sequence[cp.Variable],
         *,
-        solver: str = "Clarabel",
+        solver: str = "auto",
         solver_args: dict[str, Any] | None = None,
         fallback: str | None = "SCS",
         adjoint: str = "auto",
         tol: float = 1e-6,
         refine: int = 5,
         workers: int = 1,
+        gp: bool = False,
+        on_failure: str = "raise",
     ) -> None:
         super().__init__()
-        try:
-            solver = canonical_solver_name(solver)
-        except KeyError:
-            raise OptionError(f"solver must be one of {list(SOLVERS)}, got {solver!r}") from None
+        solver = _solver_choice("solver", solver, SOLVER_CHOICES)
         if fallback is not None:
-            try:
-                fallback = canonical_solver_name(fallback)
-            except KeyError:
-                raise OptionError(
-                    f"fallback must be one of {list(SOLVERS)} or None, got {fallback!r}") from None
+            fallback = _solver_choice("fallback", fallback, SOLVERS)
         check_choice("adjoint", adjoint, MODES)
         check_positive("tol", tol)
         check_int("refine", refine, minimum=0)
         check_int("workers", workers, minimum=1)
-        if solver_args is not None and not isinstance(solver_args, dict):
-            raise OptionError(f"solver_args must be a dict, got {type(solver_args).__name__}")
-        _validate_problem(problem, parameters, variables)
+        if not isinstance(gp, bool):
+            raise OptionError(f"gp must be True or False, got {gp!r}")
+        check_choice("on_failure", on_failure, ON_FAILURE)
+        first = solver if solver in SOLVERS else "Clarabel"
+        solver_args = validate_solver_args(first, solver_args)
+        validate_problem(problem, parameters, variables, gp)
 
         self.problem = problem
         self.parameters_ = list(parameters)
         self.variables_ = list(variables)
-        # The solver options live in the backend only (read back through properties), so
-        # there is one copy of them and no attribute that silently does nothing.
-        self._backend = CheckedDiffcp(solver, fallback, adjoint, tol, dict(solver_args or {}),
-                                      refine, workers)
-        try:
-            self._layer = CvxpyLayer(problem, parameters=list(parameters),
-                                     variables=list(variables), solver=self._backend)
-        except (ValueError, NotImplementedError, AssertionError) as err:
-            raise ProblemError(f"cvxpylayers cannot use this problem: {err}") from err
-        # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU path.
-        # We always hand it CPU float64 tensors (it then uses scipy copies), and sparse
-        # buffers break deepcopy, DistributedDataParallel and .to(): drop them.
-        for name in ("P", "q", "A"):
-            self._layer._buffers.pop(name, None)
-            object.__setattr__(self._layer, name, None)
+        self.solver, self.gp, self.on_failure = solver, gp, on_failure
+        # The per-element options live in its backend only (read back through
+        # properties), so there is one copy of them.
+        self._backend = CheckedDiffcp(first, fallback, adjoint, tol, solver_args, refine, workers)
+        self._layer: CvxpyLayer | None = None
+        self._batched: BatchedProgram | None = None
+        if solver in ("auto", "batched") and not gp:
+            try:
+                self._batched = BatchedProgram(problem, self.parameters_, self.variables_,
+                                               tol_accept=min(tol, 1e-8))
+            except UnsupportedProblem as err:
+                if solver == "batched":
+                    raise OptionError(f"solver='batched' cannot solve this problem: {err}") from None
+        elif solver == "batched":
+            raise OptionError("solver='batched' does not take gp=True problems; use solver='auto'")
+        if self._batched is None:
+            self._per_element_layer()  # canonicalise now: errors belong to construction
+        self._local = threading.local()
+        self._build_lock = threading.Lock()
 
-    solver = property(lambda self: self._backend.solver, doc="The first solver.")
-    fallback = property(lambda self: self._backend.fallback, doc="The fallback solver, or None.")
-    adjoint = property(lambda self: self._backend.mode, doc="How adjoint systems are solved.")
+    fallback = property(lambda self: self._backend.fallback, doc="The per-element fallback solver, or None.")
+    adjoint = property(lambda self: self._backend.mode, doc="How per-element adjoint systems are solved.")
     tol = property(lambda self: self._backend.tol, doc="Largest accepted KKT residual.")
-    refine = property(lambda self: self._backend.refine, doc="Newton polishing steps.")
-    workers = property(lambda self: self._backend.workers, doc="Worker processes.")
+    refine = property(lambda self: self._backend.refine, doc="Newton polishing steps (per element).")
+    workers = property(lambda self: self._backend.workers, doc="Per-element worker processes.")
     solver_args = property(lambda self: dict(self._backend.solver_args),
-                           doc="Solver keyword arguments (a copy).")
+                           doc="Per-element solver keyword arguments (a copy).")
 
     @property
     def last_solve(self) -> SolveInfo | None:
-        """Solver, status and KKT residual of each element of the last successful call."""
-        return self._backend.last_info
+        """This thread's last successful (or masked) call: backend, solver, status, KKT
+        residual and solved flag of each element (None before the first call)."""
+        return getattr(self._local, "info", None)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        state.pop("_build_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self._build_lock = threading.Lock()
 
     def extra_repr(self) -> str:
         params = ", ".join(f"{p.name()}{tuple(p.shape)}" for p in self.parameters_)
         vars_ = ", ".join(f"{v.name()}{tuple(v.shape)}" for v in self.variables_)
         return (f"parameters=[{params}], variables=[{vars_}], solver={self.solver!r}, "
                 f"fallback={self.fallback!r}, adjoint={self.adjoint!r}, tol={self.tol:g}, "
-                f"refine={self.refine}, workers={self.workers}")
+                f"refine={self.refine}, workers={self.workers}"
+                + (", gp=True" if self.gp else "")
+                + (f", on_failure={self.on_failure!r}" if self.on_failure != "raise" else ""))
+
+    # ------------------------------------------------------------------ the backends
+
+    def _per_element_layer(self) -> CvxpyLayer:
+        """cvxpylayers' canonicalisation with our checked per-element solver (built once)."""
+        if self._layer is None:
+            try:
+                layer = CvxpyLayer(self.problem, parameters=self.parameters_,
+                                   variables=self.variables_, solver=self._backend, gp=self.gp)
+            except (ValueError, NotImplementedError, AssertionError) as err:
+                raise ProblemError(f"cvxpylayers cannot use this problem: {err}") from err
+            # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU
+            # path. We hand it CPU float64 tensors (it then uses scipy copies), and sparse
+            # buffers break deepcopy, DistributedDataParallel and .to(): drop them.
+            for name in ("P", "q", "A"):
+                layer._buffers.pop(name, None)
+                object.__setattr__(layer, name, None)
+            self._layer = layer
+        return self._layer
+
+    def _use_batched(self, n_batch: int, device: torch.device) -> bool:
+        if self._batched is None:
+            return False
+        if self.solver == "batched":
+            return True
+        limit = _BATCHED_MAX_BYTES.get(device.type, _BATCHED_MAX_BYTES["cpu"])
+        return self._batched.memory_estimate(n_batch) <= limit
+
+    def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict) -> tuple[list, dict]:
+        cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
+        with self._build_lock:
+            layer = self._per_element_layer()
+        sols = layer(*cpu, solver_args=solver_args)
+        info = self._backend.last_info
+        return list(sols), {"solvers": info.solvers, "statuses": info.statuses,
+                            "residuals": info.residuals, "solved": info.solved}
+
+    # ------------------------------------------------------------------ the call
+
+    def _bind(self, values: tuple, named: dict[str, Any]) -> list[Any]:
+        """Positional tensors first, then the rest by CVXPY parameter name."""
+        names = [p.name() for p in self.parameters_]
+        if len(values) > len(names):
+            raise ShapeError(f"expected {len(names)} tensor(s), one per parameter {names}, got {len(values)}")
+        bound: list[Any] = list(values) + [None] * (len(names) - len(values))
+        for key, value in named.items():
+            if key not in names:
+                raise ShapeError(f"unknown parameter name {key!r}; the parameters are {names}")
+            i = names.index(key)
+            if i < len(values):
+                raise ShapeError(f"parameter {key!r} was given both by position ({i}) and by name")
+            bound[i] = value
+        missing = [n for n, v in zip(names, bound) if v is None]
+        if missing:
+            raise ShapeError(
+                f"expected {len(names)} tensor(s), one per parameter {names}; missing {missing}")
+        return bound
 
     def _batch_shape(self, values: Sequence[torch.Tensor]) -> tuple[int, ...]:
         batch_shapes = []
@@ -242,20 +279,25 @@ class ConvexLayer(nn.Module):
             desc = ", ".join(f"{p.name()}: {s}" for p, s in zip(self.parameters_, batch_shapes))
             raise ShapeError(f"batch shapes of the parameters do not broadcast: {desc}") from None
 
-    def forward(self, *values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Solve the problem for the given parameter values; see the class docstring."""
-        if len(values) != len(self.parameters_):
-            raise ShapeError(
-                f"expected {len(self.parameters_)} tensor(s), one per parameter "
-                f"{[p.name() for p in self.parameters_]}, got {len(values)}")
+    @torch.compiler.disable  # a clean graph break: the solve is not traceable
+    def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
+                **named: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Solve the problem for the given parameter values; see the class docstring.
+
+        ``solver_args`` (per call) are merged over the constructor's for the
+        per-element solver.
+        """
+        values = self._bind(values, named)
         for i, (value, param) in enumerate(zip(values, self.parameters_)):
             check_tensor(f"parameter {i} ({param.name()})", value)
         devices = {v.device for v in values}
         if len(devices) > 1:
             raise InputError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
         batch = self._batch_shape(values)
         for i, (value, param) in enumerate(zip(values, self.parameters_)):
             check_finite(f"parameter {i} ({param.name()})", value)
+        check_parameter_attributes(values, self.parameters_)
 
         out_dtype = values[0].dtype
         for v in values[1:]:
@@ -263,7 +305,6 @@ class ConvexLayer(nn.Module):
         device = values[0].device
         n_batch = math.prod(batch)
         out_shapes = [batch + tuple(v.shape) for v in self.variables_]
-
         if n_batch == 0:
             # Keep the graph connected so that backward on an empty output works.
             zero = sum((v.sum() * 0 for v in values), torch.zeros((), dtype=out_dtype, device=device))
@@ -272,38 +313,75 @@ class ConvexLayer(nn.Module):
 
         flat = []
         for value, param in zip(values, self.parameters_):
-            k = len(param.shape)
-            v64 = value.to(device="cpu", dtype=torch.float64)
-            if value.dim() == k and batch:
-                flat.append(v64)  # unbatched: cvxpylayers shares it across the batch
-            elif batch:
-                flat.append(v64.expand(batch + tuple(param.shape)).reshape((n_batch,) + tuple(param.shape)))
-            else:
-                flat.append(v64)
-        try:
-            sols = self._layer(*flat)
-        except ConeSolveFailure as fail:
-            raise self._solver_error(fail, batch) from None
-        outs = tuple(
-            s.reshape(shape).to(device=device, dtype=out_dtype) for s, shape in zip(sols, out_shapes)
-        )
-        return outs[0] if len(outs) == 1 else outs
+            shape = tuple(param.shape)
+            v64 = value.to(torch.float64)
+            # Unbatched parameters stay shared (both backends broadcast them).
+            flat.append(v64 if value.dim() == len(shape) else
+                        v64.expand(batch + shape).reshape((n_batch,) + shape))
+        if not batch:
+            flat = [v if v.dim() == len(p.shape) + 1 else v.unsqueeze(0)
+                    for v, p in zip(flat, self.parameters_)]
+        sols, info = self._solve(flat, n_batch, device, call_args)
+        failed = [i for i, ok in enumerate(info["solved"]) if not ok]
+        if failed and self.on_failure == "raise":
+            raise failure_error(failed, [info["statuses"][i] for i in failed], batch)
+        solved = torch.tensor(info["solved"], dtype=torch.bool).reshape(batch)
+        if failed:
+            idx = unravel(failed, batch)
+            warnings.warn(
+                f"ConvexLayer: {len(failed)} batch element(s) not solved, their outputs set to NaN "
+                f"(on_failure='mask'): indices {idx[:20]}; statuses "
+                f"{[info['statuses'][i] for i in failed[:5]]}", SolverWarning, stacklevel=2)
+        outs = []
+        ok = solved.to(device).reshape(-1)
+        for s, shape in zip(sols, out_shapes):
+            s = s.to(device=device).reshape((n_batch,) + shape[len(batch):])
+            if failed:
+                s = torch.where(ok.view((-1,) + (1,) * (s.dim() - 1)), s, torch.full_like(s, math.nan))
+            outs.append(s.reshape(shape).to(out_dtype))
+        self._local.info = SolveInfo(info["backend"], info["solvers"], info["statuses"],
+                                     info["residuals"], solved)
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def _solver_error(self, fail: ConeSolveFailure, batch: tuple[int, ...]) -> SolverError:
-        if batch:
-            idx = [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), batch)) for i in fail.indices]
-        else:
-            idx = [() for _ in fail.indices]
-        lowered = [s.lower() for s in fail.statuses]
-        if all("infeasible" in s for s in lowered):
-            cls, what = InfeasibleError, "infeasible"
-        elif all("unbounded" in s for s in lowered):
-            cls, what = UnboundedError, "unbounded"
-        else:
-            cls, what = SolverError, "not solved"
-        shown = "; ".join(f"{i}: {s}" for i, s in list(zip(idx, fail.statuses))[:5])
-        more = f" (and {len(idx) - 5} more)" if len(idx) > 5 else ""
-        return cls(
-            f"problem {what} at {len(idx)} batch index(es) {idx[:20]}{'…' if len(idx) > 20 else ''} "
-            f"of batch shape {batch}; solver status: {shown}{more}",
-            indices=idx, statuses=fail.statuses)
+    def _solve(self, flat: list[torch.Tensor], n_batch: int, device: torch.device,
+               call_args: dict) -> tuple[list[torch.Tensor], dict]:
+        """Both backends: batched first where it applies, then per element for the rest."""
+        if not self._use_batched(n_batch, device):
+            sols, info = self._solve_per_element(flat, call_args)
+            info["backend"] = ["per_element"] * n_batch
+            return sols, info
+        sols, binfo = self._batched(*flat)
+        sols = list(sols)
+        statuses = binfo.status_names()
+        residuals = binfo.residual.tolist()
+        solved = binfo.solved.tolist()
+        info = {"backend": ["batched"] * n_batch, "solvers": ["batched"] * n_batch,
+                "statuses": statuses, "residuals": residuals, "solved": solved}
+        redo = [i for i, ok in enumerate(solved) if not ok]
+        if redo:
+            # Re-solve what the batched solver did not certify, one element at a time,
+            # and merge: autograd flows to each element through the path that solved it.
+            sub = [v[redo] if v.dim() > len(p.shape) else v for v, p in zip(flat, self.parameters_)]
+            if all(v.dim() == len(p.shape) for v, p in zip(flat, self.parameters_)):
+                sub = [v.unsqueeze(0) for v in sub]
+            fixed, pinfo = self._solve_per_element(sub, call_args)
+            index = torch.tensor(redo, device=device)
+            for k, (s, f) in enumerate(zip(sols, fixed)):
+                sols[k] = s.index_copy(0, index, f.to(device=s.device, dtype=s.dtype))
+            for j, i in enumerate(redo):
+                info["backend"][i] = "per_element"
+                info["solvers"][i] = pinfo["solvers"][j]
+                info["statuses"][i] = pinfo["statuses"][j]
+                info["residuals"][i] = pinfo["residuals"][j]
+                info["solved"][i] = pinfo["solved"][j]
+        return sols, info
+
+
+def _solver_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+    """The case-insensitive choice among ``valid``, in its canonical spelling."""
+    if isinstance(value, str):
+        for v in valid:
+            if v.lower() == value.lower():
+                return v
+    extra = " or None" if name == "fallback" else ""
+    raise OptionError(f"{name} must be one of {list(valid)}{extra}, got {value!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import threading
 import warnings
 import weakref
 from typing import Any
@@ -64,30 +65,14 @@ _DENSE_MAX_N = 400
 _POLISH_ABOVE = 1e-11
 
 
-def canonical_solver_name(name: str) -> str:
-    """Map a case-insensitive solver name to diffcp's spelling, or raise KeyError."""
-    for s in SOLVERS:
-        if s.lower() == str(name).lower():
-            return s
-    raise KeyError(name)
-
-
-class ConeSolveFailure(Exception):
-    """Raised inside the solver with flat batch indices; ConvexLayer re-raises it."""
-
-    def __init__(self, indices: list[int], statuses: list[str]) -> None:
-        super().__init__(f"failed at {indices}: {statuses}")
-        self.indices = indices
-        self.statuses = statuses
-
-
 @dataclasses.dataclass
-class SolveInfo:
-    """What the last call solved: per-element solver, status and KKT residual."""
+class ElementInfo:
+    """What one call of the backend did, per flat batch element (this thread's last call)."""
 
     solvers: list[str]
     statuses: list[str]
     residuals: list[float]
+    solved: list[bool]
 
 
 class CheckedDiffcp(SolverInterface):
@@ -122,7 +107,18 @@ class CheckedDiffcp(SolverInterface):
         self.mode = mode
         self.tol = tol
         self.solver_args = dict(solver_args or {})
-        self.last_info: SolveInfo | None = None
+        self._init_unpicklable()
+
+    def _init_unpicklable(self) -> None:
+        # The last call's info is per thread (two threads calling one layer must not read
+        # each other's statuses); the pool is created once, under a lock.
+        self._local = threading.local()
+        self._pool_lock = threading.Lock()
+
+    @property
+    def last_info(self) -> ElementInfo | None:
+        """This thread's last call: per-element solver, status, KKT residual, solved flag."""
+        return getattr(self._local, "info", None)
 
     def setup(self, ctx: Any) -> None:
         indices, indptr, (m, np1) = ctx.reduced_A.problem_data_index
@@ -143,13 +139,14 @@ class CheckedDiffcp(SolverInterface):
     # cvxpylayers pickles nothing of ours, but deepcopy/pickle of the layer do.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["last_info"] = None
+        for key in ("_local", "_pool_lock", "_cones_cpp"):  # per process; C++ objects rebuilt
+            state.pop(key, None)
         state["_executor"] = None  # a pool belongs to one process
-        state.pop("_cones_cpp", None)  # C++ objects: rebuilt on unpickling
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._init_unpicklable()
         if "_cones" in state:
             self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
 
@@ -220,26 +217,29 @@ class CheckedDiffcp(SolverInterface):
         else:
             chunks = _chunks(batch, self.workers)
             results = self._gather(pool, [(_solve_chunk, self, q_np[ix], a_np[ix], args) for ix in chunks])
-        failed = [i for i, r in enumerate(results) if r.x is None]
-        if failed:
-            raise ConeSolveFailure(failed, [results[i].status for i in failed])
+        # Failed elements are reported, never raised here: the layer decides (raise, or
+        # mask them); their outputs are zeros and their gradients exactly zero.
+        n, m = self._shape[1] - 1, self._shape[0]
+        self._local.info = ElementInfo([r.solver for r in results], [r.status for r in results],
+                                       [r.residual for r in results], [r.x is not None for r in results])
         for i, r in enumerate(results):
-            if r.note is not None:
+            if r.note is not None and r.x is not None:
                 warnings.warn(f"batch element {i}: {r.note}", SolverWarning, stacklevel=4)
-        self.last_info = SolveInfo([r.solver for r in results], [r.status for r in results],
-                                   [r.residual for r in results])
-        primal = torch.from_numpy(np.stack([r.x for r in results])).to(q.dtype)
-        dual = torch.from_numpy(np.stack([r.y for r in results])).to(q.dtype)
+        primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
+        dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else r.y for r in results])).to(q.dtype)
         if not needs_grad:
             return primal, dual, None
         if pool is None:
-            state = [("local", r.program, r.x, r.y, r.s) for r in results]
+            state = [None if r.x is None else ("local", r.program, r.x, r.y, r.s) for r in results]
         else:
-            state = [("remote", q_np[i], a_np[i], r.x, r.y, r.s) for i, r in enumerate(results)]
+            state = [None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s)
+                     for i, r in enumerate(results)]
         return primal, dual, state
 
     def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gradient of one element's (q, A-values) given the solution's cotangent."""
+        if item is None:  # an element that was not solved: no gradient flows to it
+            return np.zeros(self._shape[1]), np.zeros(self._indices.size)
         if item[0] == "local":
             _, program, x, y, s = item
         else:
@@ -254,7 +254,8 @@ class CheckedDiffcp(SolverInterface):
         dx_all = dprimal.detach().cpu().double().numpy()
         dy_all = ddual.detach().cpu().double().numpy()
         batch = dx_all.shape[0]
-        pool = self._pool(batch) if saved_state and saved_state[0][0] == "remote" else None
+        remote = any(item is not None and item[0] == "remote" for item in saved_state)
+        pool = self._pool(batch) if remote else None
         if pool is None:
             with threadpool_limits(1, user_api="blas"):
                 grads = [self.vjp_one(saved_state[i], dx_all[i], dy_all[i]) for i in range(batch)]
@@ -280,11 +281,12 @@ class CheckedDiffcp(SolverInterface):
         """The worker pool, started on first use; None when solving in this process."""
         if self.workers <= 1 or batch < 2:
             return None
-        if self._executor is None:
-            ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads
-            self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
-            weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
-        return self._executor
+        with self._pool_lock:
+            if self._executor is None:
+                ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads
+                self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+                weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+            return self._executor
 
 
 @dataclasses.dataclass

@@ -1,0 +1,62 @@
+"""What a ConvexLayer call solved, per batch element, and the error for the ones it did not.
+
+:class:`SolveInfo` is what ``layer.last_solve`` returns (per thread); :func:`failure_error`
+turns failed elements into the one error of :mod:`convexddn.errors` that fits them all,
+naming their indices in the caller's batch shape and the solver's status.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import InfeasibleError, SolverError, UnboundedError
+
+__all__ = ["SolveInfo", "failure_error", "unravel"]
+
+
+@dataclasses.dataclass
+class SolveInfo:
+    """Per-element outcome of a ConvexLayer call (flat batch order).
+
+    Attributes:
+        backend: per element, the path that produced the returned solution
+            (``"batched"`` for the torch interior point, ``"per_element"`` for
+            Clarabel/SCS/ECOS one at a time).
+        solvers: per element, the solver whose solution was returned (or tried last).
+        statuses: per element, the status that solver reported.
+        residuals: per element, the relative KKT residual of the returned solution.
+        solved: a bool tensor of the caller's batch shape: True where the element was
+            solved (False only with ``on_failure="mask"``, where its output is NaN).
+    """
+
+    backend: list[str]
+    solvers: list[str]
+    statuses: list[str]
+    residuals: list[float]
+    solved: torch.Tensor
+
+
+def unravel(flat: list[int], batch: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Flat indices -> index tuples into ``batch`` (empty tuples for an unbatched call)."""
+    if not batch:
+        return [() for _ in flat]
+    return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), batch)) for i in flat]
+
+
+def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...]) -> SolverError:
+    """The error for the failed elements: Infeasible/Unbounded only when *every* one is."""
+    idx = unravel(flat, batch)
+    lowered = [s.lower() for s in statuses]
+    if all("infeasible" in s for s in lowered):
+        cls, what = InfeasibleError, "infeasible"
+    elif all("unbounded" in s for s in lowered):
+        cls, what = UnboundedError, "unbounded"
+    else:
+        cls, what = SolverError, "not solved"
+    shown = "; ".join(f"{i}: {s}" for i, s in list(zip(idx, statuses))[:5])
+    more = f" (and {len(idx) - 5} more)" if len(idx) > 5 else ""
+    return cls(
+        f"problem {what} at {len(idx)} batch index(es) {idx[:20]}{'…' if len(idx) > 20 else ''} "
+        f"of batch shape {batch}; solver status: {shown}{more}",
+        indices=idx, statuses=statuses)

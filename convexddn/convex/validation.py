@@ -1,0 +1,174 @@
+"""Checks that ConvexLayer runs before it solves: the problem, the solver options, the tensors.
+
+- :func:`validate_problem`: a DCP (or, with ``gp=True``, DGP) and DPP problem, with
+  parameters, no integer variables, and parameter/variable lists that match it;
+- :func:`validate_solver_args`: solver keyword arguments the chosen solver knows;
+- :func:`check_parameter_attributes`: tensors that honour what each ``cp.Parameter``
+  declares (``nonneg``, ``pos``, ``symmetric``, ``PSD`` …), checked on the tensors'
+  own device, relative to their scale.
+
+Every check raises an error of :mod:`convexddn.errors` that names the argument, what
+was expected and what came.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import cvxpy as cp
+import torch
+
+from ..errors import InputError, NotDPPError, OptionError, ProblemError
+
+__all__ = ["validate_problem", "validate_solver_args", "solver_args_for", "check_parameter_attributes"]
+
+# Keyword arguments each solver takes (diffcp passes them through). Clarabel's are read
+# from its own settings object; SCS's and ECOS's are their documented settings.
+_SCS_ARGS = ("max_iters", "eps_abs", "eps_rel", "eps_infeas", "alpha", "rho_x", "scale",
+             "adaptive_scale", "normalize", "acceleration_lookback", "acceleration_interval",
+             "time_limit_secs", "verbose", "write_data_filename", "log_csv_filename")
+_ECOS_ARGS = ("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc", "reltol_inacc",
+              "max_iters", "nitref", "verbose")
+
+
+@functools.lru_cache(maxsize=None)
+def _clarabel_args() -> tuple[str, ...]:
+    import clarabel
+
+    return tuple(k for k in dir(clarabel.DefaultSettings()) if not k.startswith("_") and k != "default")
+
+
+def solver_args_for(solver: str) -> tuple[str, ...]:
+    """The keyword arguments ``solver`` ("Clarabel", "SCS" or "ECOS") accepts."""
+    return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
+
+
+
+def validate_solver_args(solver: str, args: Any, what: str = "solver_args") -> dict[str, Any]:
+    """Return ``args`` as a dict, or raise ``OptionError`` naming unknown keys and the valid ones."""
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise OptionError(f"{what} must be a dict, got {type(args).__name__}")
+    valid = solver_args_for(solver)
+    unknown = sorted(k for k in args if k not in valid)
+    if unknown:
+        raise OptionError(
+            f"{what} has key(s) {unknown} that solver {solver!r} does not take; valid keys "
+            f"are {sorted(valid)}")
+    return dict(args)
+
+
+def _offending_expression(problem: cp.Problem, gp: bool) -> str:
+    """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can."""
+    parts = [("objective", problem.objective)] + [
+        (f"constraint {i}", c) for i, c in enumerate(problem.constraints)
+    ]
+    rule = "DGP" if gp else "DCP"
+    for label, part in parts:
+        try:
+            ok = part.is_dgp() if gp else part.is_dcp()
+            if not ok:
+                return f"{label} `{part}` is not {rule}"
+            ok = part.is_dgp(dpp=True) if gp else part.is_dcp(dpp=True)
+            if not ok:
+                return f"{label} `{part}` is not DPP"
+        except Exception:  # noqa: BLE001 — CVXPY raises various errors here
+            continue
+    return "CVXPY could not pin down the expression"
+
+
+def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp: bool = False) -> None:
+    """Raise ``ProblemError``/``NotDPPError`` unless ConvexLayer can use the problem."""
+    if not isinstance(problem, cp.Problem):
+        raise ProblemError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}")
+    if gp:
+        if not problem.is_dgp():
+            raise ProblemError(
+                f"problem must be log-log convex (DGP) with gp=True: {_offending_expression(problem, gp)}")
+        if not problem.is_dgp(dpp=True):
+            raise NotDPPError(f"problem must be DGP and DPP with gp=True: {_offending_expression(problem, gp)}")
+    else:
+        if not problem.is_dcp():
+            if problem.is_dgp():
+                raise ProblemError("problem is not DCP but is log-log convex (DGP): pass gp=True")
+            raise ProblemError(f"problem must be convex (DCP): {_offending_expression(problem, gp)}")
+        if not problem.is_dpp():
+            raise NotDPPError(
+                "problem must be DPP (disciplined parametrized programming: parameters may "
+                "enter only affinely, or multiply parameter-free expressions) so that it "
+                f"can be canonicalised once: {_offending_expression(problem, gp)}")
+    if problem.is_mixed_integer():
+        names = [v.name() for v in problem.variables() if v.attributes["boolean"] or v.attributes["integer"]]
+        raise ProblemError(
+            f"problem has integer or boolean variable(s) {names}: mixed-integer problems are not "
+            "differentiable (their solution is piecewise constant in the parameters); relax them "
+            "to continuous variables")
+    if not problem.parameters():
+        raise ProblemError(
+            "problem has no cvxpy.Parameter: its solution is a constant, so there is nothing to "
+            "pass in or differentiate; declare the data that varies as cp.Parameter")
+    if not isinstance(parameters, (list, tuple)) or not all(
+            isinstance(p, cp.Parameter) for p in parameters):
+        raise ProblemError("parameters must be a list of cvxpy.Parameter")
+    if not isinstance(variables, (list, tuple)) or not variables or not all(
+            isinstance(v, cp.Variable) for v in variables):
+        raise ProblemError("variables must be a non-empty list of cvxpy.Variable")
+    declared = {p.id for p in problem.parameters()}
+    given = [p.id for p in parameters]
+    if len(set(given)) != len(given) or set(given) != declared:
+        names = sorted(p.name() for p in problem.parameters())
+        raise ProblemError(
+            f"parameters must list each of the problem's parameters exactly once "
+            f"({names}), got {[p.name() for p in parameters]}")
+    known = {v.id for v in problem.variables()}
+    for v in variables:
+        if v.id not in known:
+            raise ProblemError(f"variable {v.name()} is not a variable of the problem")
+
+
+def _violations(value: torch.Tensor, attr: str) -> torch.Tensor:
+    """Per-entry (or per-matrix) violation mask of one declared attribute."""
+    scale = value.detach().abs().amax() if value.numel() else value.new_zeros(())
+    tol = 1e-12 * torch.clamp(scale, min=1.0) if value.dtype == torch.float64 else 1e-6 * torch.clamp(scale, min=1.0)
+    if attr == "nonneg":
+        return value < 0
+    if attr == "nonpos":
+        return value > 0
+    if attr == "pos":
+        return value <= 0
+    if attr == "neg":
+        return value >= 0
+    sym = value - value.transpose(-1, -2)
+    asym = (sym.abs() > 8 * tol).flatten(-2).any(-1)
+    if attr == "symmetric":
+        return asym
+    # PSD/NSD: symmetric, and the smallest (largest) eigenvalue within rounding of >= 0 (<= 0).
+    eig = torch.linalg.eigvalsh(0.5 * (value + value.transpose(-1, -2)).double())
+    bad = eig.amin(-1) < -64 * tol if attr == "PSD" else eig.amax(-1) > 64 * tol
+    return asym | bad
+
+
+_CHECKED_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "symmetric", "PSD", "NSD")
+
+
+def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter]) -> None:
+    """Raise ``InputError`` where a tensor breaks an attribute its ``cp.Parameter`` declares.
+
+    CVXPY canonicalises a problem assuming the declared attributes (a ``nonneg`` λ makes
+    ``λ‖x‖₁`` convex); a value that breaks them gives a wrong answer or a misleading
+    diagnosis ("unbounded"), so it is refused here, naming the parameter. One host sync
+    per declared attribute.
+    """
+    for i, (value, param) in enumerate(zip(values, parameters)):
+        for attr in _CHECKED_ATTRIBUTES:
+            if not param.attributes.get(attr):
+                continue
+            bad = _violations(value, attr)
+            n_bad = int(bad.sum())
+            if n_bad:
+                what = "entries" if attr in ("nonneg", "nonpos", "pos", "neg") else "matrices"
+                raise InputError(
+                    f"parameter {i} ({param.name()}) is declared {attr}=True, got {n_bad} {what} "
+                    f"that are not (shape {tuple(value.shape)}); pass values that satisfy the "
+                    f"declaration or drop it from the cp.Parameter")
