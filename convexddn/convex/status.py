@@ -44,13 +44,27 @@ def unravel(flat: list[int], batch: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), batch)) for i in flat]
 
 
+def _kind(status: str) -> str:
+    """'unbounded' (a dual infeasibility certificate), 'infeasible' (a primal one) or 'other'.
+
+    Solvers spell these differently (Clarabel ``DualInfeasible``, SCS ``unbounded``, …);
+    "dual infeasible" means the primal is unbounded, so it is tested first.
+    """
+    s = status.lower().replace(" ", "").replace("_", "")
+    if "unbounded" in s or "dualinfeasible" in s:
+        return "unbounded"
+    if "infeasible" in s:
+        return "infeasible"
+    return "other"
+
+
 def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...]) -> SolverError:
     """The error for the failed elements: Infeasible/Unbounded only when *every* one is."""
     idx = unravel(flat, batch)
-    lowered = [s.lower() for s in statuses]
-    if all("infeasible" in s for s in lowered):
+    kinds = [_kind(s) for s in statuses]
+    if all(k == "infeasible" for k in kinds):
         cls, what = InfeasibleError, "infeasible"
-    elif all("unbounded" in s for s in lowered):
+    elif all(k == "unbounded" for k in kinds):
         cls, what = UnboundedError, "unbounded"
     else:
         cls, what = SolverError, "not solved"

@@ -255,7 +255,8 @@ def test_convex_layer_solve_info_and_pickle():
     layer, _ = nonneg_projection()
     layer(torch.tensor([[1.0, -1.0, 0.5]]))
     info = layer.last_solve
-    assert info.solvers == ["Clarabel"] and max(info.residuals) <= 1e-6
+    assert info.solvers == ["batched"] and info.backend == ["batched"] and max(info.residuals) <= 1e-6
+    assert info.solved.shape == (1,) and bool(info.solved.all())
     clone = pickle.loads(pickle.dumps(layer))
     x = torch.tensor([[0.3, -0.2, 5.0]], dtype=torch.float64)
     assert torch.equal(clone(x), layer(x))
@@ -374,21 +375,23 @@ def test_convex_layer_unbounded():
 
 def test_convex_layer_solver_failure_is_solver_error():
     # One iteration cannot solve anything: the KKT check rejects the iterate.
-    layer = _box_layer(fallback=None, solver_args={"max_iter": 1}, refine=0)
+    layer = _box_layer(solver="Clarabel", fallback=None, solver_args={"max_iter": 1}, refine=0)
     with pytest.raises(SolverError, match=r"KKT residual"):
         layer(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 2.0]))
 
 
 def test_convex_layer_fallback_warns_and_solves():
-    layer = _box_layer(solver_args={"max_iter": 1}, fallback="SCS", refine=0)
+    layer = _box_layer(solver="Clarabel", solver_args={"max_iter": 1}, fallback="SCS", refine=0)
     with pytest.warns(SolverWarning, match="solved by the fallback SCS"):
         y = layer(torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0]))
     assert torch.allclose(y, torch.tensor([0.5, 0.0]), atol=1e-6)
+    # last_solve names the solver that produced the returned solution, not the first one.
+    assert layer.last_solve.solvers == ["SCS"] and layer.last_solve.backend == ["per_element"]
 
 
 def test_convex_layer_workers_match_single_process():
-    layer1 = cddn.layer("qp", n=6, n_ineq=4, n_eq=1)
-    layer2 = cddn.layer("qp", n=6, n_ineq=4, n_eq=1, workers=2)
+    layer1 = cddn.layer("qp", n=6, n_ineq=4, n_eq=1, solver="Clarabel")
+    layer2 = cddn.layer("qp", n=6, n_ineq=4, n_eq=1, solver="Clarabel", workers=2)
     gen = torch.Generator().manual_seed(5)
     data = [torch.randn(8, 6, 6, dtype=torch.float64, generator=gen) / 2 + torch.eye(6, dtype=torch.float64),
             torch.randn(8, 6, dtype=torch.float64, generator=gen),
@@ -410,7 +413,7 @@ def test_convex_layer_workers_match_single_process():
 
 def test_convex_layer_under_no_grad():
     # cvxpylayers + diffcp raised TypeError when `mode` was passed without gradients.
-    layer = cddn.layer("lp_ball", n=4, p=1, backend="cvxpy", adjoint="dense")
+    layer = cddn.layer("lp_ball", n=4, p=1, backend="cvxpy", solver="Clarabel", adjoint="dense")
     x = torch.tensor([[2.0, -1.0, 0.5, 0.0]], requires_grad=True)
     with torch.no_grad():
         y = layer(x)
@@ -419,7 +422,7 @@ def test_convex_layer_under_no_grad():
 
 
 def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
-    layer = cddn.layer("simplex", n=3, workers=2, backend="cvxpy")
+    layer = cddn.layer("simplex", n=3, workers=2, backend="cvxpy", solver="Clarabel")
     x = torch.tensor([[0.1, 0.2, 0.7], [1.0, 0.0, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
     want = layer(x)
     for proc in list(layer._backend._executor._processes.values()):

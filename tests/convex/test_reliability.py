@@ -1,0 +1,236 @@
+"""ConvexLayer: nothing silent — named errors, declared attributes, threads, per-element failure policy."""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn.convex.status import failure_error
+from convexddn.errors import (
+    InfeasibleError,
+    InputError,
+    OptionError,
+    ProblemError,
+    ShapeError,
+    SolverError,
+    SolverWarning,
+    UnboundedError,
+)
+
+F64 = torch.float64
+
+
+def _projection(n: int = 3, **kwargs) -> cddn.ConvexLayer:
+    x = cp.Parameter(n, name="x")
+    y = cp.Variable(n, name="y")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    return cddn.ConvexLayer(prob, [x], [y], **kwargs)
+
+
+def _box(**kwargs) -> cddn.ConvexLayer:
+    """argmin ‖y‖² s.t. lo ≤ y ≤ hi: infeasible where lo > hi; closed form clamp(0, lo, hi)."""
+    lo = cp.Parameter(2, name="lo")
+    hi = cp.Parameter(2, name="hi")
+    y = cp.Variable(2, name="y")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y)), [y >= lo, y <= hi])
+    return cddn.ConvexLayer(prob, [lo, hi], [y], **kwargs)
+
+
+# ------------------------------------------------------------------ named errors at construction
+
+
+def test_convex_layer_no_parameter_invalid():
+    y = cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - 1)))
+    with pytest.raises(ProblemError, match="no cvxpy.Parameter"):
+        cddn.ConvexLayer(prob, [], [y])
+
+
+def test_convex_layer_mixed_integer_invalid():
+    x = cp.Parameter(2, name="x")
+    y = cp.Variable(2, name="y", integer=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)))
+    with pytest.raises(ProblemError, match=r"integer or boolean variable.*not differentiable"):
+        cddn.ConvexLayer(prob, [x], [y])
+
+
+def test_convex_layer_unknown_solver_args_invalid():
+    with pytest.raises(OptionError, match=r"\['max_iterz'\].*valid keys are .*'max_iter'"):
+        _projection(solver_args={"max_iterz": 3})
+    with pytest.raises(OptionError, match=r"'eps_abs'"):
+        _projection(solver="SCS", solver_args={"eps_abs": 1e-9, "bogus": 1})
+    layer = _projection()
+    with pytest.raises(OptionError, match=r"solver_args \(per call\)"):
+        layer(torch.ones(3), solver_args={"nope": 1})
+
+
+def test_convex_layer_dgp_needs_gp_flag():
+    x = cp.Parameter(pos=True, name="x")
+    y = cp.Variable(pos=True, name="y")
+    prob = cp.Problem(cp.Minimize(x / y + y), [y >= 0.5])  # log-log convex, not DCP
+    with pytest.raises(ProblemError, match="pass gp=True"):
+        cddn.ConvexLayer(prob, [x], [y])
+    layer = cddn.ConvexLayer(prob, [x], [y], gp=True)
+    xs = torch.tensor([1.0, 4.0], dtype=F64, requires_grad=True)
+    out = layer(xs)
+    # min x/y + y over y >= 0.5: y* = max(sqrt(x), 0.5), so dy*/dx = 1 / (2 sqrt(x)).
+    torch.testing.assert_close(out, torch.tensor([1.0, 2.0], dtype=F64), atol=1e-6, rtol=0)
+    (g,) = torch.autograd.grad(out.sum(), xs)
+    torch.testing.assert_close(g, torch.tensor([0.5, 0.25], dtype=F64), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ declared parameter attributes
+
+
+def test_convex_layer_parameter_attributes_checked():
+    """A lasso with λ declared nonneg: a negative λ is refused, naming the parameter."""
+    A = cp.Parameter((4, 3), name="A")
+    b = cp.Parameter(4, name="b")
+    lam = cp.Parameter(nonneg=True, name="lam")
+    x = cp.Variable(3, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + lam * cp.norm(x, 1)))
+    layer = cddn.ConvexLayer(prob, [A, b, lam], [x])
+    gen = torch.Generator().manual_seed(0)
+    Ad, bd = torch.randn(4, 3, dtype=F64, generator=gen), torch.randn(4, dtype=F64, generator=gen)
+    with pytest.raises(InputError, match=r"parameter 2 \(lam\) is declared nonneg=True, got 1 entries"):
+        layer(Ad, bd, torch.tensor(-1.0, dtype=F64))
+    layer(Ad, bd, torch.tensor(0.5, dtype=F64))  # fine
+
+
+def test_convex_layer_psd_parameter_checked():
+    P = cp.Parameter((2, 2), PSD=True, name="P")
+    q = cp.Parameter(2, name="q")
+    x = cp.Variable(2, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + q @ x + cp.sum(P @ x)), [cp.norm(x, 2) <= 1])
+    layer = cddn.ConvexLayer(prob, [P, q], [x])
+    with pytest.raises(InputError, match=r"parameter 0 \(P\) is declared PSD=True"):
+        layer(torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=F64), torch.ones(2, dtype=F64))
+    with pytest.raises(InputError, match="PSD=True"):
+        layer(torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=F64), torch.ones(2, dtype=F64))  # not symmetric
+
+
+# ------------------------------------------------------------------ calls by keyword
+
+
+def test_convex_layer_keyword_call():
+    layer = _box()
+    lo, hi = torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([1.0, 2.0], dtype=F64)
+    want = torch.tensor([0.5, 0.0], dtype=F64)
+    torch.testing.assert_close(layer(lo=lo, hi=hi), want, atol=1e-7, rtol=0)
+    torch.testing.assert_close(layer(hi=hi, lo=lo), want, atol=1e-7, rtol=0)
+    torch.testing.assert_close(layer(lo, hi=hi), want, atol=1e-7, rtol=0)
+    with pytest.raises(ShapeError, match=r"unknown parameter name 'low'.*\['lo', 'hi'\]"):
+        layer(low=lo, hi=hi)
+    with pytest.raises(ShapeError, match="both by position"):
+        layer(lo, lo=lo, hi=hi)
+    with pytest.raises(ShapeError, match=r"missing \['hi'\]"):
+        layer(lo=lo)
+
+
+# ------------------------------------------------------------------ failures: which error, and masking
+
+
+def test_failure_error_names_infeasible_only_when_all_are():
+    err = failure_error([0, 3], ["primal infeasible", "primal infeasible"], (4,))
+    assert type(err) is InfeasibleError and err.indices == [(0,), (3,)]
+    mixed = failure_error([0, 3], ["primal infeasible", "max iterations"], (2, 2))
+    assert type(mixed) is SolverError and mixed.indices == [(0, 0), (1, 1)]
+    assert type(failure_error([1], ["dual infeasible (unbounded)"], (2,))) is UnboundedError
+
+
+def test_convex_layer_infeasible_element_in_mixed_batch_raises_with_index():
+    layer = _box()
+    lo = torch.tensor([[0.5, -1.0], [3.0, 0.0], [0.0, 0.0]], dtype=F64)
+    hi = torch.tensor([[1.0, 2.0], [1.0, 1.0], [1.0, 1.0]], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(InfeasibleError, match=r"\[\(1,\)\]") as info:
+            layer(lo, hi)
+    assert info.value.indices == [(1,)]
+
+
+def test_convex_layer_on_failure_mask_in_training_loop():
+    """One infeasible element per batch does not stop training: its output is NaN, no
+    gradient reaches it, last_solve.solved marks it, and a warning names it."""
+    layer = _box(on_failure="mask")
+    offset = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    opt = torch.optim.SGD([offset], lr=0.1)
+    lo = torch.tensor([[0.5, -1.0], [3.0, 0.0], [0.2, 0.1]], dtype=F64)
+    hi = torch.tensor([[1.0, 2.0], [1.0, 1.0], [1.0, 1.0]], dtype=F64)
+    target = torch.tensor([0.8, 0.5], dtype=F64)
+    for _ in range(3):
+        with pytest.warns(SolverWarning, match=r"1 batch element\(s\) not solved.*\[\(1,\)\]"):
+            y = layer(lo + offset, hi)
+        solved = layer.last_solve.solved
+        assert solved.tolist() == [True, False, True]
+        assert bool(torch.isnan(y[1]).all()) and bool(torch.isfinite(y[solved]).all())
+        loss = ((y[solved] - target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        assert bool(torch.isfinite(offset.grad).all()) and float(offset.grad.abs().sum()) > 0
+        opt.step()
+
+
+def test_convex_layer_on_failure_invalid():
+    with pytest.raises(OptionError, match=r"on_failure must be one of \['raise', 'mask'\]"):
+        _projection(on_failure="skip")
+
+
+# ------------------------------------------------------------------ threads
+
+
+def test_convex_layer_last_solve_is_per_thread():
+    """Each thread reads the statuses of its own last call, never another thread's."""
+    layer = _box(solver="Clarabel")
+    errors = []
+
+    def work(k: int) -> None:
+        lo = torch.full((k + 1, 2), -1.0, dtype=F64)
+        hi = torch.full((k + 1, 2), 1.0, dtype=F64)
+        for _ in range(5):
+            layer(lo, hi)
+            if len(layer.last_solve.statuses) != k + 1:
+                errors.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_convex_layer_worker_pool_created_once_under_concurrent_first_calls():
+    layer = _box(solver="Clarabel", workers=2)
+    lo = torch.full((4, 2), -1.0, dtype=F64)
+    hi = torch.full((4, 2), 1.0, dtype=F64)
+    pools = []
+
+    def first_call() -> None:
+        layer(lo, hi)
+        pools.append(id(layer._backend._executor))
+
+    threads = [threading.Thread(target=first_call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(pools) == 4 and len(set(pools)) == 1
+
+
+def test_convex_layer_state_untouched_after_failure():
+    layer = _box()
+    ok_lo, ok_hi = torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([1.0, 2.0], dtype=F64)
+    layer(ok_lo, ok_hi)
+    before = layer.last_solve
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(InfeasibleError):
+            layer(torch.tensor([3.0, 0.0], dtype=F64), ok_hi)
+    assert layer.last_solve is before
+    assert np.isfinite(before.residuals).all()
