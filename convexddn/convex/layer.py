@@ -240,7 +240,7 @@ class ConvexLayer(nn.Module):
         sols = layer(*cpu, solver_args=solver_args)
         info = self._backend.last_info
         return list(sols), {"solvers": info.solvers, "statuses": info.statuses,
-                            "residuals": info.residuals, "solved": info.solved}
+                            "residuals": info.residuals, "solved": info.solved, "kinds": info.kinds}
 
     # ------------------------------------------------------------------ the call
 
@@ -324,7 +324,8 @@ class ConvexLayer(nn.Module):
         sols, info = self._solve(flat, n_batch, device, call_args)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
         if failed and self.on_failure == "raise":
-            raise failure_error(failed, [info["statuses"][i] for i in failed], batch)
+            raise failure_error(failed, [info["statuses"][i] for i in failed], batch,
+                                [info["kinds"][i] for i in failed])
         solved = torch.tensor(info["solved"], dtype=torch.bool).reshape(batch)
         if failed:
             idx = unravel(failed, batch)
@@ -356,7 +357,8 @@ class ConvexLayer(nn.Module):
         residuals = binfo.residual.tolist()
         solved = binfo.solved.tolist()
         info = {"backend": ["batched"] * n_batch, "solvers": ["batched"] * n_batch,
-                "statuses": statuses, "residuals": residuals, "solved": solved}
+                "statuses": statuses, "residuals": residuals, "solved": solved,
+                "kinds": ["solved"] * n_batch}
         redo = [i for i, ok in enumerate(solved) if not ok]
         if redo:
             # Re-solve what the batched solver did not certify, one element at a time,
@@ -374,6 +376,7 @@ class ConvexLayer(nn.Module):
                 info["statuses"][i] = pinfo["statuses"][j]
                 info["residuals"][i] = pinfo["residuals"][j]
                 info["solved"][i] = pinfo["solved"][j]
+                info["kinds"][i] = pinfo["kinds"][j]
         return sols, info
 
 

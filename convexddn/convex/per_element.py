@@ -37,7 +37,8 @@ from diffcp.cone_program import solve_internal
 from threadpoolctl import threadpool_limits
 
 from ..errors import SolverWarning, WorkerError
-from .cone import ResidualMap
+from .cone import ResidualMap, verify_certificate
+from .status import status_kind
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
@@ -73,6 +74,7 @@ class ElementInfo:
     statuses: list[str]
     residuals: list[float]
     solved: list[bool]
+    kinds: list[str]
 
 
 class CheckedDiffcp(SolverInterface):
@@ -170,6 +172,7 @@ class CheckedDiffcp(SolverInterface):
         program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
         try:
             x, y, s, status = self._solve_with(method, args, A, b, c)
+            x0, y0 = x, y  # the solver's own point: a certificate when it claims one
             x, y, s, r = program.refine(x, y, s, self.refine)
             if r > _POLISH_ABOVE and method != "SCS" and self.refine > 0:
                 # An interior point can sit where R is not smooth; SCS, warm-started
@@ -179,27 +182,39 @@ class CheckedDiffcp(SolverInterface):
                 if r2 < r:
                     x, y, s, r = x2, y2, s2, r2
         except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError) as err:
-            return None, f"{method}: {err}"
+            return None, (f"{method}: {err}", "other")
         if not r <= self.tol:
-            return None, f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
+            why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
+            claim = status_kind(status)
+            if claim != "other":
+                # Believe an infeasibility or unboundedness status only with its certificate:
+                # badly scaled data provoke such statuses on well-posed problems.
+                if verify_certificate(A, b, c, self._cones, x0, y0, claim):
+                    return None, (why + "; certificate verified", claim)
+                why += (f"; its {claim} certificate does not verify: the data may be badly scaled "
+                        f"(largest |b| {np.abs(b).max(initial=0):.1e}, |c| {np.abs(c).max(initial=0):.1e}, "
+                        f"|A| {abs(A).max() if A.nnz else 0:.1e})")
+            return None, (why, "other")
         return (program, x, y, s, status, r), None
 
     def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> _Solved:
         """Solve one batch element with the solver, then the fallback; never raises."""
         A, b, c = self._problem(q, a)
-        out, why = self._try(self.solver, args, A, b, c)
+        out, fail = self._try(self.solver, args, A, b, c)
         used, note = self.solver, None
         if out is None and self.fallback is not None and self.fallback != self.solver:
-            out, why2 = self._try(self.fallback, {}, A, b, c)
+            out, fail2 = self._try(self.fallback, {}, A, b, c)
             used = self.fallback
             if out is not None:
-                note = f"{why}; solved by the fallback {self.fallback}"
+                note = f"{fail[0]}; solved by the fallback {self.fallback}"
             else:
-                why = f"{why}; fallback {why2}"
+                # A verified certificate from either solver decides the kind of failure.
+                kind = fail[1] if fail[1] != "other" else fail2[1]
+                fail = (f"{fail[0]}; fallback {fail2[0]}", kind)
         if out is None:
-            return _Solved(None, None, None, None, used, why, float("inf"), None)
+            return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
         program, x, y, s, status, r = out
-        return _Solved(program, x, y, s, used, status, r, note)
+        return _Solved(program, x, y, s, used, status, r, note, "solved")
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
         if P is not None:  # DIFFCP canonicalisation never keeps a quadratic term
@@ -221,7 +236,8 @@ class CheckedDiffcp(SolverInterface):
         # mask them); their outputs are zeros and their gradients exactly zero.
         n, m = self._shape[1] - 1, self._shape[0]
         self._local.info = ElementInfo([r.solver for r in results], [r.status for r in results],
-                                       [r.residual for r in results], [r.x is not None for r in results])
+                                       [r.residual for r in results], [r.x is not None for r in results],
+                                       [r.kind for r in results])
         for i, r in enumerate(results):
             if r.note is not None and r.x is not None:
                 warnings.warn(f"batch element {i}: {r.note}", SolverWarning, stacklevel=4)
@@ -299,6 +315,7 @@ class _Solved:
     status: str
     residual: float
     note: str | None
+    kind: str = "solved"  # or "infeasible"/"unbounded" (certificate verified) or "other"
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

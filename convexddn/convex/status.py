@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InfeasibleError, SolverError, UnboundedError
 
-__all__ = ["SolveInfo", "failure_error", "unravel"]
+__all__ = ["SolveInfo", "failure_error", "status_kind", "unravel"]
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ def unravel(flat: list[int], batch: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), batch)) for i in flat]
 
 
-def _kind(status: str) -> str:
+def status_kind(status: str) -> str:
     """'unbounded' (a dual infeasibility certificate), 'infeasible' (a primal one) or 'other'.
 
     Solvers spell these differently (Clarabel ``DualInfeasible``, SCS ``unbounded``, …);
@@ -58,16 +58,23 @@ def _kind(status: str) -> str:
     return "other"
 
 
-def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...]) -> SolverError:
-    """The error for the failed elements: Infeasible/Unbounded only when *every* one is."""
+def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...],
+                  kinds: list[str] | None = None) -> SolverError:
+    """The error for the failed elements: Infeasible/Unbounded only when *every* one is.
+
+    ``kinds`` (per failed element: "infeasible", "unbounded" or "other", from verified
+    certificates) decide the class; without them the statuses are read.
+    """
     idx = unravel(flat, batch)
-    kinds = [_kind(s) for s in statuses]
+    kinds = [status_kind(s) for s in statuses] if kinds is None else kinds
     if all(k == "infeasible" for k in kinds):
         cls, what = InfeasibleError, "infeasible"
     elif all(k == "unbounded" for k in kinds):
         cls, what = UnboundedError, "unbounded"
     else:
         cls, what = SolverError, "not solved"
+        if any("badly scaled" in s for s in statuses):
+            what = "not solved (the data may be badly scaled)"
     shown = "; ".join(f"{i}: {s}" for i, s in list(zip(idx, statuses))[:5])
     more = f" (and {len(idx) - 5} more)" if len(idx) > 5 else ""
     return cls(

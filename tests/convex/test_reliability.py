@@ -234,3 +234,48 @@ def test_convex_layer_state_untouched_after_failure():
             layer(torch.tensor([3.0, 0.0], dtype=F64), ok_hi)
     assert layer.last_solve is before
     assert np.isfinite(before.residuals).all()
+
+
+# ------------------------------------------------------------------ badly scaled data
+
+
+def _scaled_qp(s: float, **kwargs):
+    """min ½‖Lᵀy‖² + qᵀy s.t. Gy ≤ h with L = s·I, q = (s², −s², 1): y* = (−1, 1, −1/s²),
+    strictly convex and feasible (constraints inactive) at every scale s."""
+    L = cp.Parameter((3, 3), name="L")
+    q = cp.Parameter(3, name="q")
+    G = cp.Parameter((2, 3), name="G")
+    h = cp.Parameter(2, name="h")
+    y = cp.Variable(3, name="y")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L.T @ y) + q @ y), [G @ y <= h])
+    layer = cddn.ConvexLayer(prob, [L, q, G, h], [y], **kwargs)
+    data = [s * torch.eye(3, dtype=F64), torch.tensor([s * s, -s * s, 1.0], dtype=F64),
+            torch.tensor([[1.0, 0, 0], [0, 0, 1]], dtype=F64), torch.tensor([s * s, 1.0], dtype=F64)]
+    return layer, data, torch.tensor([-1.0, 1.0, -1 / s ** 2], dtype=F64)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e4, 1e5])
+def test_convex_layer_badly_scaled_qp_solves_on_batched_path(scale):
+    layer, data, want = _scaled_qp(scale)
+    y = layer(*data)
+    assert layer.last_solve.statuses == ["solved"]
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e5])
+def test_convex_layer_badly_scaled_qp_per_element_never_wrong(scale):
+    """The per-element path turns the quadratic into a second-order cone (magnitudes
+    s⁴): it must solve, or say the data may be badly scaled — never return a wrong vector
+    (it returned y ≈ −2e4 with status 'Unbounded' before) and never call the problem
+    unbounded or infeasible."""
+    layer, data, want = _scaled_qp(scale, solver="Clarabel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        try:
+            y = layer(*data)
+        except (InfeasibleError, UnboundedError) as err:  # a wrong diagnosis
+            pytest.fail(f"wrong diagnosis: {err}")
+        except SolverError as err:
+            assert "badly scaled" in str(err)
+            return
+    torch.testing.assert_close(y, want, atol=1e-6 * scale, rtol=0)
