@@ -141,12 +141,20 @@ class ResidualMap:
         """
         if self.mode == "dense":
             mat = M.T if transpose else M
-            return scipy.linalg.lstsq(mat, rhs, cond=1e-12, lapack_driver="gelsy",
-                                      check_finite=False)[0]
+            sol, _, rank, _ = scipy.linalg.lstsq(mat, rhs, cond=1e-12, lapack_driver="gelsy",
+                                                 check_finite=False)
+            # R is positively homogeneous, so M is singular along z: rank N - 1 at a
+            # differentiable solution. A lower rank means the solution is not unique (or
+            # not differentiable there): the minimum-norm answer is then one choice among many.
+            self.degenerate = rank < rhs.size - 1
+            return sol
         size = rhs.size
         op = M.transpose() if transpose else M
         lin = sla.LinearOperator((size, size), matvec=op.matvec, rmatvec=op.rmatvec)
         solver = sla.lsqr if self.mode == "lsqr" else sla.lsmr
+        # The iterative solvers give no reliable rank (M is always singular along z), so
+        # degeneracy is detected on the dense path only (<= 400 rows + columns by default).
+        self.degenerate = False
         return solver(lin, rhs, atol=1e-12, btol=1e-12, maxiter=10 * size)[0]
 
     def _triple(self, z: np.ndarray):

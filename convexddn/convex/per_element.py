@@ -36,7 +36,7 @@ from diffcp import cones as cone_lib
 from diffcp.cone_program import solve_internal
 from threadpoolctl import threadpool_limits
 
-from ..errors import SolverWarning, WorkerError
+from ..errors import GradientWarning, SolverWarning, WorkerError
 from .cone import ResidualMap, verify_certificate
 from .status import status_kind
 
@@ -255,7 +255,7 @@ class CheckedDiffcp(SolverInterface):
     def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gradient of one element's (q, A-values) given the solution's cotangent."""
         if item is None:  # an element that was not solved: no gradient flows to it
-            return np.zeros(self._shape[1]), np.zeros(self._indices.size)
+            return np.zeros(self._shape[1]), np.zeros(self._indices.size), False
         if item[0] == "local":
             _, program, x, y, s = item
         else:
@@ -264,7 +264,8 @@ class CheckedDiffcp(SolverInterface):
             program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
         dA, db, dc = program.adjoint(x, y, s)(dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
-        return np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]])
+        return (np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]]),
+                bool(getattr(program, "degenerate", False)))
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
         dx_all = dprimal.detach().cpu().double().numpy()
@@ -278,6 +279,14 @@ class CheckedDiffcp(SolverInterface):
         else:
             grads = self._gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix], dy_all[ix])
                                         for ix in _chunks(batch, self.workers)])
+        degenerate = [i for i, g in enumerate(grads) if g[2]]
+        if degenerate:
+            warnings.warn(
+                f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) (flat "
+                f"indices {degenerate[:20]}) is not unique or not differentiable (the derivative "
+                "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
+                "zero multiplier); their gradient is the minimum-norm one of many",
+                GradientWarning, stacklevel=3)
         dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t

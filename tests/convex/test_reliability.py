@@ -12,6 +12,7 @@ import torch
 import convexddn as cddn
 from convexddn.convex.status import failure_error
 from convexddn.errors import (
+    GradientWarning,
     InfeasibleError,
     InputError,
     OptionError,
@@ -279,3 +280,24 @@ def test_convex_layer_badly_scaled_qp_per_element_never_wrong(scale):
             assert "badly scaled" in str(err)
             return
     torch.testing.assert_close(y, want, atol=1e-6 * scale, rtol=0)
+
+
+# ------------------------------------------------------------------ non-unique solutions
+
+
+def test_convex_layer_degenerate_lp_gradient_warns_per_element():
+    """costs (1, 1, 2) on the simplex: every (t, 1 − t, 0) is optimal, so dy/dc does not
+    exist (finite differences give ±1/(2h)); the backward says so instead of a silent 0."""
+    c = cp.Parameter(3, name="c")
+    y = cp.Variable(3, name="y")
+    prob = cp.Problem(cp.Minimize(c @ y), [y >= 0, cp.sum(y) == 1])
+    layer = cddn.ConvexLayer(prob, [c], [y], solver="Clarabel")
+    cc = torch.tensor([1.0, 1.0, 2.0], dtype=F64, requires_grad=True)
+    out = layer(cc)
+    with pytest.warns(GradientWarning, match="not unique or not differentiable"):
+        torch.autograd.grad(out[0], cc)
+    # A unique vertex: no warning.
+    cc = torch.tensor([1.0, 1.5, 2.0], dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        torch.autograd.grad(layer(cc)[0], cc)
