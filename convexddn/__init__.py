@@ -15,6 +15,7 @@ Layers defined by *what* they compute — the solution of an optimization proble
 """
 from . import errors, functional
 from .convex import ConvexLayer, ProblemSpec, registry
+from .convex.compat import CvxpyLayer
 from .factory import layer
 from .nodes import DeclarativeNode, LpProjection, RobustPool, SimplexProjection
 
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvexLayer",
+    "CvxpyLayer",
     "DeclarativeNode",
     "LpProjection",
     "ProblemSpec",

@@ -21,6 +21,7 @@ from torch import nn
 from ._checks import check_choice, check_tensor
 from .convex import registry
 from .convex.layer import ConvexLayer
+from .convex.learned import LearnedLayer
 from .errors import OptionError, ShapeError
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.projection import LpProjection, SimplexProjection
@@ -95,7 +96,10 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
 
     Returns:
         An ``nn.Module`` taking the problem's parameters (``(*batch, *param.shape)``)
-        and returning its variables.
+        and returning its variables. Where the problem learns some of its parameters
+        (:attr:`~convexddn.ProblemSpec.learned`, e.g. ``layer("qp", n=10, n_ineq=5,
+        learn="Gh", inputs="q")``), a :class:`~convexddn.convex.learned.LearnedLayer`
+        holding them as ``nn.Parameter`` s and taking the other parameters.
 
     Raises:
         OptionError: unknown name, backend or option; ``backend="native"`` for a
@@ -109,7 +113,7 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
     check_choice("backend", backend, BACKENDS)
     layer_opts = {k: options.pop(k) for k in list(options) if k in _LAYER_OPTIONS}
     spec = registry.build(name, **options)  # validates the problem's options
-    if backend != "cvxpy" and name in NATIVE:
+    if backend != "cvxpy" and name in NATIVE and not spec.learned:
         node = NATIVE[name](**spec.options)
         if node is not None:
             if layer_opts:
@@ -121,4 +125,6 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         raise OptionError(
             f"problem {name!r} with options {spec.options} has no native node; the native "
             f"problems are {sorted(NATIVE)} (robust_pool with {list(CONVEX_PENALTIES)})")
-    return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), **layer_opts)
+    convex = ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), **layer_opts)
+    # Parameters the problem learns (e.g. qp's learn="Gh") become nn.Parameters of the module.
+    return LearnedLayer(convex, spec.learned) if spec.learned else convex

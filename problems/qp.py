@@ -5,21 +5,30 @@ from typing import Any
 
 import cvxpy as cp
 import numpy as np
+import torch
 
 from convexddn._checks import check_int
-from convexddn.errors import OptionError
 from convexddn.convex.registry import register
+from convexddn.errors import OptionError
 
 QP_DATA = ("L", "q", "G", "h", "A", "b")
 
 
-def _fixed(name: str, value: Any, shape: tuple[int, ...], default: np.ndarray | None) -> np.ndarray:
-    if value is None:
-        if default is None:
-            raise OptionError(
-                f"{name} is not learned (not in `learn`), so a fixed value of shape {shape} "
-                f"must be given as option {name}=...")
-        return default
+def _blocks(option: str, value: Any) -> tuple[str, ...]:
+    """``"Gh"``, ``("G", "h")`` or ``""`` -> the block names, checked."""
+    if isinstance(value, str):
+        names = tuple(value)  # "Lqh" splits into its letters
+    elif isinstance(value, (tuple, list)) and all(isinstance(k, str) for k in value):
+        names = tuple(value)
+    else:
+        raise OptionError(f"{option} must be a string such as 'Gh' or a tuple of block names, got {value!r}")
+    bad = [k for k in names if k not in QP_DATA]
+    if bad:
+        raise OptionError(f"{option} must name blocks among {list(QP_DATA)}, got {bad}")
+    return names
+
+
+def _fixed(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float64)
     if arr.shape != shape:
         raise OptionError(f"option {name} must have shape {shape}, got {arr.shape}")
@@ -28,8 +37,44 @@ def _fixed(name: str, value: Any, shape: tuple[int, ...], default: np.ndarray | 
     return arr
 
 
+def _randn(*shape: int) -> np.ndarray:
+    # torch's global generator, so that torch.manual_seed makes a model reproducible,
+    # as it does for nn.Linear's initial weights.
+    return torch.randn(*shape, dtype=torch.float64).numpy()
+
+
+def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[str, np.ndarray],
+                    shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Initial values of the learned blocks: given ones, else strictly feasible defaults.
+
+    L = I and q = 0; A and G have N(0, 1/n) entries. A point z0 is drawn from N(0, I)
+    (moved onto {A z = b} when b is a constant; z0 = 0 when A is an input) and b = A z0,
+    h = G z0 + 1 (h = 1 when G is an input), so that z0 satisfies the equalities and,
+    with margin 1, the inequalities.
+    """
+    init: dict[str, np.ndarray] = {}
+    for k, default in (("L", lambda: np.eye(n, rank)), ("q", lambda: np.zeros(n)),
+                       ("A", lambda: _randn(*shapes["A"]) / np.sqrt(n)),
+                       ("G", lambda: _randn(*shapes["G"]) / np.sqrt(n))):
+        if k in learned:
+            init[k] = values[k] if k in values else default()
+    A, G = init.get("A", values.get("A")), init.get("G", values.get("G"))
+    n_eq = shapes["A"][0]
+    z0 = _randn(n)
+    if n_eq and A is None:
+        z0 = np.zeros(n)  # A comes at call time: z = 0 satisfies A z = b for b = 0
+    elif n_eq and "b" in values and "b" not in learned:
+        pinv = np.linalg.pinv(A)
+        z0 = pinv @ values["b"] + z0 - pinv @ (A @ z0)
+    if "b" in learned:
+        init["b"] = values["b"] if "b" in values else (A @ z0 if A is not None else np.zeros(n_eq))
+    if "h" in learned:
+        init["h"] = values["h"] if "h" in values else (G @ z0 if G is not None else 0.0) + np.ones(shapes["h"])
+    return init
+
+
 @register("qp", "dense QP: argmin_u ½‖Lᵀu‖² + ridge/2‖u‖² + qᵀu s.t. Gu ≤ h, Au = b")
-def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str | tuple = ("L", "q", "G", "h", "A", "b"),
+def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | None = None,
        ridge: float = 0.0, rank: int | None = None, L: Any = None, q: Any = None,
        G: Any = None, h: Any = None, A: Any = None, b: Any = None):
     """.. math::
@@ -37,39 +82,75 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str | tuple = ("L", "q", "
         y = \\operatorname*{argmin}_u \\tfrac12\\|L^T u\\|^2 + \\tfrac{\\rho}{2}\\|u\\|^2 + q^T u
         \\quad\\text{s.t.}\\quad G u \\le h,\\; A u = b
 
+    Each data block L (n, rank), q (n,), G (n_ineq, n), h (n_ineq,), A (n_eq, n),
+    b (n_eq,) is one of three kinds:
+
+    - **learned** (named in ``learn``): an ``nn.Parameter`` of the layer that
+      :func:`convexddn.layer` returns, initialised from the option's value if given, else
+      L = I, q = 0, A and G with N(0, 1/n) entries, and b = A z0, h = G z0 + 1 for a
+      random z0 (on {A z = b} when b is a constant; 0 when A is an input; h = 1 when G
+      is an input), so that the initial constraints are strictly feasible; drawn from
+      torch's global generator (``torch.manual_seed``);
+    - **an input** (named in ``inputs``): a tensor passed at call time, by position in
+      the order L, q, G, h, A, b or by name;
+    - **a constant**: the option's value, else L = I, q = 0 (G, h, A, b must be given).
+
     Args:
         n: number of variables. n_ineq, n_eq: number of inequality / equality rows.
-        learn: which of L, q, G, h, A, b are parameters (a tuple of names or a string
-            such as ``"Lqh"``); the others are constants given as options. Data of an
-            empty block (n_ineq or n_eq = 0) is dropped. Every choice is DPP.
+        learn: the learned blocks, as a string such as ``"Gh"`` or a tuple of names
+            (default ``""``: none).
+        inputs: the blocks passed at call time. Default: every block not given a value
+            when nothing is learned (``layer("qp", n=4, n_ineq=3)(L, q, G, h)``), none
+            when ``learn`` is given.
         ridge: ρ ≥ 0; ρ > 0 makes the problem strictly convex.
         rank: columns of L (default n).
-        L, q, G, h, A, b: fixed values of the blocks not learned (defaults: L = I, q = 0).
+        L, q, G, h, A, b: values of the constant blocks, or initial values of learned
+            ones. Blocks of an empty constraint (n_ineq or n_eq = 0) are dropped.
 
-    Parameters (in order): the learned blocks among L (n, rank), q (n,), G (n_ineq, n),
-    h (n_ineq,), A (n_eq, n), b (n_eq,). Variable: ``y`` of shape ``(n,)``.
+    Parameters (in order): the learned and input blocks among L, q, G, h, A, b (every
+    choice is DPP). Variable: ``y`` of shape ``(n,)``.
+
+    Raises:
+        OptionError: an unknown block name, a block both learned and an input, an input
+            also given a value, a constant with neither a value nor a default, a value of
+            the wrong shape or not finite, ridge < 0.
     """
     n = check_int("n", n, minimum=1)
     n_ineq = check_int("n_ineq", n_ineq, minimum=0)
     n_eq = check_int("n_eq", n_eq, minimum=0)
     rank = n if rank is None else check_int("rank", rank, minimum=1)
-    learned = tuple(learn)  # a string such as "Lqh" splits into its letters
-    bad = [k for k in learned if k not in QP_DATA]
-    if bad:
-        raise OptionError(f"learn must name blocks among {list(QP_DATA)}, got {bad}")
+    learned = _blocks("learn", learn)
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
         raise OptionError(f"ridge must be a number >= 0, got {ridge!r}")
     shapes = {"L": (n, rank), "q": (n,), "G": (n_ineq, n), "h": (n_ineq,), "A": (n_eq, n), "b": (n_eq,)}
-    defaults = {"L": np.eye(n, rank), "q": np.zeros(n)}
-    given = {"L": L, "q": q, "G": G, "h": h, "A": A, "b": b}
+    given = {k: v for k, v in zip(QP_DATA, (L, q, G, h, A, b)) if v is not None}
     active = [k for k in QP_DATA if not (k in "Gh" and n_ineq == 0) and not (k in "Ab" and n_eq == 0)]
+    if inputs is None:
+        passed = () if learned else tuple(k for k in active if k not in given)
+    else:
+        passed = _blocks("inputs", inputs)
+    both = [k for k in active if k in learned and k in passed]
+    if both:
+        raise OptionError(f"block(s) {both} are both in learn and in inputs; name each in one of them")
+    clash = [k for k in active if k in passed and k in given]
+    if clash:
+        raise OptionError(f"block(s) {clash} are inputs (passed at call time) and also given a "
+                          "value; drop the value or the block from inputs")
+    values = {k: _fixed(k, given[k], shapes[k]) for k in active if k in given}
+    defaults = {"L": np.eye(n, rank), "q": np.zeros(n)}
     data, params = {}, []
     for k in active:
-        if k in learned:
+        if k in learned or k in passed:
             data[k] = cp.Parameter(shapes[k], name=k)
             params.append(data[k])
+        elif k in values:
+            data[k] = values[k]
+        elif k in defaults:
+            data[k] = defaults[k]
         else:
-            data[k] = _fixed(k, given[k], shapes[k], defaults.get(k))
+            raise OptionError(
+                f"{k} is not learned (not in `learn`) nor an input (not in `inputs`), so a fixed "
+                f"value of shape {shapes[k]} must be given as option {k}=...")
     y = cp.Variable(n, name="y")
     objective = 0.5 * cp.sum_squares(data["L"].T @ y) + data["q"] @ y
     if ridge > 0:
@@ -79,4 +160,6 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str | tuple = ("L", "q", "
         constraints.append(data["G"] @ y <= data["h"])
     if n_eq:
         constraints.append(data["A"] @ y == data["b"])
-    return cp.Problem(cp.Minimize(objective), constraints), params, [y]
+    learned_active = tuple(k for k in active if k in learned)
+    init = _initial_values(n, rank, learned_active, values, shapes)
+    return cp.Problem(cp.Minimize(objective), constraints), params, [y], init

@@ -179,7 +179,7 @@ def test_robust_pool_tensor_alpha_is_a_buffer():
     ("lp_ball", {"n": N, "p": 2, "radius": 1.5}),
     ("simplex", {"n": N}),
     ("robust_pool", {"n": N, "penalty": "pseudo_huber", "alpha": 0.5}),
-    ("qp", {"n": N, "n_ineq": 2, "learn": "qh", "ridge": 0.1,
+    ("qp", {"n": N, "n_ineq": 2, "inputs": "qh", "ridge": 0.1,
             "G": [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]]}),
 ])
 def test_registry_rebuild_by_name_gives_identical_outputs(name, options):

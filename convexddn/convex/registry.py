@@ -19,8 +19,9 @@ import inspect
 from typing import Any, Callable
 
 import cvxpy as cp
+import numpy as np
 
-from ..errors import OptionError
+from ..errors import OptionError, ProblemError
 
 __all__ = ["ProblemSpec", "register", "names", "build", "describe"]
 
@@ -35,10 +36,14 @@ class ProblemSpec:
     Attributes:
         name: the registry name.
         problem: the DPP ``cvxpy.Problem``.
-        parameters: its parameters, in the order a layer takes tensors.
+        parameters: its parameters, in the order a :class:`~convexddn.ConvexLayer` takes
+            tensors (the learned ones included).
         variables: the variables a layer returns, in order.
         description: one line saying what the problem computes.
         options: the options it was built with (defaults filled in).
+        learned: the parameters a layer learns, by name, with their initial values
+            (``numpy`` arrays of the parameter's shape); :func:`convexddn.layer` makes
+            them ``nn.Parameter`` s of the returned module. Empty when nothing is learned.
     """
 
     name: str
@@ -47,6 +52,12 @@ class ProblemSpec:
     variables: tuple[cp.Variable, ...]
     description: str
     options: dict[str, Any]
+    learned: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def inputs(self) -> tuple[cp.Parameter, ...]:
+        """The parameters passed at call time: :attr:`parameters` less the learned ones."""
+        return tuple(p for p in self.parameters if p.name() not in self.learned)
 
     @property
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -73,7 +84,9 @@ def register(name: str, description: str) -> Callable[[Callable], Callable]:
     """Decorator adding a builder to the registry under ``name``.
 
     The builder takes keyword options and returns ``(problem, parameters,
-    variables)``. It validates its own options with errors from
+    variables)``, or ``(problem, parameters, variables, learned)`` where ``learned``
+    maps the names of the parameters a layer should learn to their initial values
+    (:attr:`ProblemSpec.learned`). It validates its own options with errors from
     :mod:`convexddn.errors`.
 
     Raises:
@@ -137,6 +150,14 @@ def build(name: str, **options: Any) -> ProblemSpec:
         raise OptionError(f"problem {name!r} needs option(s) {missing}; valid options are {valid}")
     bound = sig.bind(**options)
     bound.apply_defaults()
-    problem, parameters, variables = entry.builder(**bound.arguments)
+    problem, parameters, variables, *rest = entry.builder(**bound.arguments)
+    declared = {k: np.asarray(v, dtype=np.float64) for k, v in (rest[0] if rest else {}).items()}
+    shapes = {p.name(): tuple(p.shape) for p in parameters}
+    for key, value in declared.items():
+        # A catalog bug, not a user error: say which builder broke the contract.
+        if key not in shapes or value.shape != shapes[key]:
+            raise ProblemError(f"registry builder {name!r} declared learned parameter {key!r} with "
+                               f"shape {value.shape}; its parameters are {shapes}")
+    learned = {k: declared[k] for k in shapes if k in declared}  # in parameter order
     return ProblemSpec(name, problem, tuple(parameters), tuple(variables),
-                       entry.description, dict(bound.arguments))
+                       entry.description, dict(bound.arguments), learned)

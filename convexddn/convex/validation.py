@@ -121,10 +121,13 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
         raise ProblemError(
             f"parameters must list each of the problem's parameters exactly once "
             f"({names}), got {[p.name() for p in parameters]}")
+    # Constraint duals may be returned too (cvxpylayers' "dual variables" pattern).
     known = {v.id for v in problem.variables()}
+    known |= {d.id for c in problem.constraints for d in c.dual_variables}
     for v in variables:
         if v.id not in known:
-            raise ProblemError(f"variable {v.name()} is not a variable of the problem")
+            raise ProblemError(f"variable {v.name()} is neither a variable of the problem nor "
+                               "the dual variable of one of its constraints")
 
 
 def _violations(value: torch.Tensor, attr: str) -> torch.Tensor:

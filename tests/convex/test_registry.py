@@ -317,7 +317,7 @@ def test_qp_finite_differences_every_parameter():
 
 def test_qp_unconstrained_closed_form():
     """argmin ½uᵀLLᵀu + qᵀu = −(LLᵀ)⁻¹q, differentiated by torch."""
-    layer = cddn.layer("qp", n=3, learn="Lq")
+    layer = cddn.layer("qp", n=3, inputs="Lq")
     gen = torch.Generator().manual_seed(3)
     L = (torch.randn(3, 3, dtype=F64, generator=gen) + 2 * torch.eye(3, dtype=F64)).requires_grad_()
     q = torch.randn(2, 3, dtype=F64, generator=gen).requires_grad_()  # batched q, shared L

@@ -1,0 +1,262 @@
+"""``CvxpyLayer``: cvxpylayers' interface on top of :class:`ConvexLayer`.
+
+A cvxpylayers user migrates by changing one import::
+
+    from cvxpylayers.torch import CvxpyLayer     # before
+    from convexddn import CvxpyLayer             # after
+
+The constructor and the call take exactly cvxpylayers 1.2's arguments
+(``CvxpyLayer(problem, parameters, variables, solver=None, gp=False, verbose=False,
+canon_backend=None, solver_args=None)``; ``layer(*params, solver_args=None,
+warm_start=False)``) and the call always returns a tuple, one tensor per variable, so
+``x, = layer(A, b)`` and ``layer(A, b)[0]`` mean what they meant. What changes is what
+:class:`ConvexLayer` adds: every solution verified against its KKT conditions and
+polished, exact gradients, the caller's dtype and device, any leading batch shape, and
+errors from :mod:`convexddn.errors`.
+
+``solver_args`` are read the way a cvxpylayers user means them, in three groups:
+
+- **applied** (:data:`APPLIED_SOLVER_ARGS`): ``solve_method`` picks the solver
+  (``"SCS"``, ``"ECOS"`` or ``"Clarabel"``); ``max_iters`` (or Clarabel's ``max_iter``)
+  and ``verbose`` reach that solver under its own spelling;
+- **ignored, with one warning per layer** (:data:`IGNORED_SOLVER_ARGS`): solver
+  tolerances (SCS's ``eps``, ECOS's ``abstol``, Clarabel's ``tol_*``, ...), SCS's
+  convergence tuning (``acceleration_lookback``, ``normalize``, ...) and diffcp's
+  derivative settings (``mode``, ``n_jobs_forward``, ``n_jobs_backward``): each solution
+  is polished by Newton steps and accepted only with a KKT residual below the layer's
+  ``tol``, and the adjoint is solved to full accuracy, so these keys cannot make the
+  answer more accurate;
+- anything else raises :class:`~convexddn.errors.OptionError` listing the valid keys.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import cvxpy as cp
+import torch
+from torch import nn
+
+from ..errors import ConvexDDNWarning, OptionError
+from .layer import ConvexLayer
+
+__all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
+
+# Our solvers by lower-case name (``solve_method`` and ``solver=`` spellings).
+_SOLVERS = {"clarabel": "Clarabel", "scs": "SCS", "ecos": "ECOS"}
+
+# cvxpylayers' backends (its ``solver=``) all map to ConvexLayer's default, "auto" (the
+# batched interior point where it applies, per-element Clarabel otherwise), unless
+# ``solve_method`` names a solver. MOREAU and MPAX (other algorithms) are replaced with
+# the one warning; CuClarabel's batched interior point is what "auto" does.
+_BACKENDS = ("diffcp", "cuclarabel", "moreau", "mpax")
+_REPLACED_BACKENDS = ("moreau", "mpax")
+
+#: solver_args that reach our solvers: key -> {solver: that solver's spelling}. With
+#: "auto" they reach the per-element solver (Clarabel), which solves whatever the batched
+#: interior point does not certify.
+APPLIED_SOLVER_ARGS: dict[str, dict[str, str]] = {
+    "max_iters": {"SCS": "max_iters", "ECOS": "max_iters", "Clarabel": "max_iter", "auto": "max_iter"},
+    "max_iter": {"SCS": "max_iters", "ECOS": "max_iters", "Clarabel": "max_iter", "auto": "max_iter"},
+    "verbose": {"SCS": "verbose", "ECOS": "verbose", "Clarabel": "verbose", "auto": "verbose"},
+}
+
+_TOLERANCE = "a solver tolerance (solutions are polished and verified to the layer's tol)"
+_SCS_TUNING = "SCS convergence tuning (solutions are polished and verified to the layer's tol)"
+_DERIVATIVE = "diffcp's derivative settings (the adjoint is solved to full accuracy)"
+
+#: solver_args accepted and ignored (one warning per layer): key -> why.
+IGNORED_SOLVER_ARGS: dict[str, str] = {
+    **{k: _TOLERANCE for k in (
+        "eps", "eps_abs", "eps_rel", "eps_infeas",                      # SCS
+        "abstol", "reltol", "feastol", "abstol_inacc", "reltol_inacc", "feastol_inacc",  # ECOS
+        "tol_gap_abs", "tol_gap_rel", "tol_feas", "tol_infeas_abs", "tol_infeas_rel",
+        "tol_ktratio")},                                                # Clarabel
+    **{k: _SCS_TUNING for k in (
+        "acceleration_lookback", "acceleration_interval", "normalize", "scale",
+        "adaptive_scale", "rho_x", "alpha")},
+    **{k: _DERIVATIVE for k in ("mode", "n_jobs_forward", "n_jobs_backward", "derivative_kwargs")},
+}
+
+_VALID_KEYS = sorted({"solve_method", *APPLIED_SOLVER_ARGS, *IGNORED_SOLVER_ARGS})
+
+
+def _solver_name(value: Any, what: str) -> str:
+    if isinstance(value, str) and value.lower() in _SOLVERS:
+        return _SOLVERS[value.lower()]
+    raise OptionError(f"{what} must be one of {sorted(_SOLVERS.values())}, got {value!r}")
+
+
+class CvxpyLayer(nn.Module):
+    """cvxpylayers' ``CvxpyLayer``, solved and differentiated by :class:`ConvexLayer`.
+
+    .. math::
+
+        (x_1^\\star, \\dots, x_k^\\star)(\\theta) = \\operatorname*{argmin}_{x}
+        f(\\theta, x) \\quad\\text{s.t.}\\quad x \\in C(\\theta)
+
+    Args:
+        problem: a DPP ``cvxpy.Problem`` (with ``gp=True``: a DGP problem, DPP under
+            ``is_dgp(dpp=True)``).
+        parameters: its ``cp.Parameter`` objects, in the order tensors are passed.
+        variables: the ``cp.Variable`` objects to return, in that order.
+        solver: ``None``, ``"DIFFCP"`` or ``"CUCLARABEL"`` (default: the
+            ``solve_method`` of ``solver_args`` if given, else :class:`ConvexLayer`'s
+            ``"auto"``: a batched interior point for LPs, QPs and SOCPs, per-element
+            Clarabel otherwise); ``"CLARABEL"``, ``"SCS"``, ``"ECOS"`` pick that
+            per-element solver; ``"MOREAU"`` and ``"MPAX"`` are replaced by the default
+            with the one warning. Case-insensitive.
+        gp: the problem is log-log convex (geometric program): parameters and
+            variables are positive and the problem is solved in log space.
+        verbose: print the solver's log (``verbose=True`` for the solver).
+        canon_backend: accepted for compatibility and ignored (with the one warning).
+        solver_args: defaults for every call; see the module docstring.
+
+    A per-element solver falls back to Clarabel where SCS or ECOS fails and to SCS where
+    Clarabel fails (a :class:`~convexddn.errors.SolverWarning` says so). The layer's knobs
+    (``tol``, ``refine``, ``adjoint``, ``workers``) keep :class:`ConvexLayer`'s defaults;
+    use :class:`ConvexLayer` directly to change them.
+
+    Shape:
+        - Input: one tensor per parameter, ``(*batch_i, *param.shape)``; the batch
+          shapes broadcast (cvxpylayers allows one optional leading dimension; any
+          number works here).
+        - Output: a tuple with one ``(*batch, *var.shape)`` tensor per variable, even for
+          one variable. dtype is the inputs' promoted dtype (cvxpylayers always returns
+          float64), device the inputs' device.
+
+    Raises:
+        OptionError: an unknown solver, a custom ``SolverInterface``, ``solver_args``
+            that is not a dict or has a key outside the valid ones (the message lists
+            them), ``warm_start=True``.
+        ProblemError, NotDPPError: the problem is not DCP/DPP (DGP with ``gp=True``) or
+            the parameters/variables do not match it (ValueError subclasses, as in
+            cvxpylayers).
+        ShapeError, DTypeError, NonFiniteError: bad tensors (see :class:`ConvexLayer`).
+        InfeasibleError, UnboundedError, SolverError: a solve failed (RuntimeError
+            subclasses; cvxpylayers raises ``diffcp.SolverError`` there).
+
+    Example::
+
+        >>> x = cp.Variable(2); A = cp.Parameter((3, 2)); b = cp.Parameter(3)
+        >>> prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
+        >>> layer = CvxpyLayer(prob, parameters=[A, b], variables=[x])
+        >>> solution, = layer(torch.randn(3, 2), torch.randn(3))
+    """
+
+    def __init__(
+        self,
+        problem: cp.Problem,
+        parameters: Sequence[cp.Parameter],
+        variables: Sequence[cp.Variable],
+        solver: Any = None,
+        gp: bool = False,
+        verbose: bool = False,
+        canon_backend: str | None = None,
+        solver_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._warned = False
+        self._gp = gp
+        # (nn.Module owns the names _parameters and parameters: keep the CVXPY objects apart)
+        self._declared = (problem, list(parameters), list(variables))
+        method, self._args, ignored = self._translate(solver_args, "solver_args")
+        backend = self._backend(solver)
+        if verbose:
+            self._args["verbose"] = True
+        if canon_backend is not None:
+            ignored.append("canon_backend")
+        if isinstance(solver, str) and solver.lower() in _REPLACED_BACKENDS:
+            ignored.append(f"solver={solver!r}")
+        self._solver = method or backend or "auto"
+        # One ConvexLayer per solver used; a per-call solve_method adds one on first use.
+        self.layers = nn.ModuleDict({self._solver: self._make(self._solver)})
+        self._warn(ignored, stacklevel=3)
+
+    @staticmethod
+    def _backend(solver: Any) -> str | None:
+        if solver is None:
+            return None
+        if isinstance(solver, str):
+            key = solver.lower()
+            if key in _BACKENDS:
+                return None
+            if key in _SOLVERS:
+                return _SOLVERS[key]
+        valid = ["DIFFCP", "CUCLARABEL", "MOREAU", "MPAX", *sorted(_SOLVERS.values())]
+        raise OptionError(
+            f"solver must be None or one of {valid} (a custom SolverInterface cannot be "
+            f"used: convexddn solves with its own checked backend), got {solver!r}")
+
+    def _translate(self, args: Any, what: str) -> tuple[str | None, dict[str, Any], list[str]]:
+        """Split cvxpylayers' solver_args into (solver, applied args, ignored keys)."""
+        if args is None:
+            return None, {}, []
+        if not isinstance(args, dict):
+            raise OptionError(f"{what} must be a dict or None, got {type(args).__name__}")
+        unknown = sorted(str(k) for k in args if k not in _VALID_KEYS)
+        if unknown:
+            raise OptionError(
+                f"{what} has unknown key(s) {unknown}; valid keys are {_VALID_KEYS} "
+                "(see convexddn.convex.compat for what each does here)")
+        method = _solver_name(args["solve_method"], f"{what}['solve_method']") \
+            if "solve_method" in args else None
+        applied = {k: v for k, v in args.items() if k in APPLIED_SOLVER_ARGS}
+        if "max_iters" in applied and "max_iter" in applied:
+            raise OptionError(f"{what} gives both max_iters and max_iter; give one")
+        return method, applied, [k for k in args if k in IGNORED_SOLVER_ARGS]
+
+    def _warn(self, ignored: list[str], stacklevel: int) -> None:
+        if ignored and not self._warned:
+            self._warned = True
+            why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, 'no effect here')}"
+                                    for k in ignored}))
+            warnings.warn(
+                f"CvxpyLayer ignores {ignored} ({why}). convexddn accepts a solution only "
+                f"with a KKT residual <= {self.convex_layer.tol:g} and differentiates it "
+                "exactly. This warning is shown once per layer.",
+                ConvexDDNWarning, stacklevel=stacklevel)
+
+    @staticmethod
+    def _native(args: dict[str, Any], solver: str) -> dict[str, Any]:
+        """cvxpylayers' spelling -> the solver's spelling."""
+        return {APPLIED_SOLVER_ARGS[k][solver]: v for k, v in args.items()}
+
+    def _make(self, solver: str) -> ConvexLayer:
+        return ConvexLayer(*self._declared, solver=solver,
+                           fallback="Clarabel" if solver in ("SCS", "ECOS") else "SCS",
+                           solver_args=self._native(self._args, solver), gp=self._gp)
+
+    @property
+    def convex_layer(self) -> ConvexLayer:
+        """The :class:`ConvexLayer` of the constructor's solver (``last_solve``, ``tol``, ...)."""
+        return self.layers[self._solver]
+
+    def extra_repr(self) -> str:
+        return f"solver={self._solver!r}, gp={self._gp}"
+
+    def forward(
+        self,
+        *params: torch.Tensor,
+        solver_args: dict[str, Any] | None = None,
+        warm_start: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """Solve for the given parameter values: a tuple, one tensor per variable.
+
+        Args:
+            *params: one tensor per parameter, in the constructor's order.
+            solver_args: per-call solver arguments, over the constructor's (see the
+                module docstring); a ``solve_method`` here picks the solver of this call.
+            warm_start: must be False (cvxpylayers supports it only with ``MOREAU``).
+        """
+        if warm_start:
+            raise OptionError(
+                "warm_start=True is not supported: convexddn solves each problem from "
+                "scratch (cvxpylayers supports it only with solver='MOREAU')")
+        method, args, ignored = self._translate(solver_args, "solver_args")
+        self._warn(ignored, stacklevel=5)
+        solver = method or self._solver
+        if solver not in self.layers:
+            self.layers[solver] = self._make(solver)
+        out = self.layers[solver](*params, solver_args=self._native(args, solver))
+        return out if isinstance(out, tuple) else (out,)

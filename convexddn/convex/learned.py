@@ -1,0 +1,96 @@
+"""A registry layer some of whose CVXPY parameters are learned: ``nn.Parameter`` s it owns.
+
+:func:`convexddn.layer` returns this module when a registry problem declares learned
+parameters (:attr:`~convexddn.ProblemSpec.learned`, e.g. ``layer("qp", learn="Gh")``):
+the learned parameters live in :attr:`LearnedLayer.learned` and reach the solver with
+every call, the others are passed at call time, and gradients flow to both.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ProblemError, ShapeError
+from .layer import ConvexLayer
+
+__all__ = ["LearnedLayer"]
+
+
+class LearnedLayer(nn.Module):
+    """A :class:`ConvexLayer` whose learned parameters are ``nn.Parameter`` s of this module.
+
+    .. math::
+
+        y(x) = \\operatorname*{argmin}_{u \\in C(x, \\theta)} f(x, \\theta, u)
+
+    with :math:`\\theta` the learned parameters (:attr:`learned`, trained with the rest
+    of a model) and :math:`x` the inputs passed at call time. Each learned parameter is
+    shared by every batch element.
+
+    Args:
+        layer: the :class:`ConvexLayer` of the whole problem (every CVXPY parameter).
+        learned: initial value of each learned parameter, by CVXPY name (arrays or
+            tensors of the parameter's shape); stored in ``torch.get_default_dtype()``.
+
+    Shape:
+        - Input: the non-learned parameters, positionally in the layer's order or by
+          CVXPY name, each ``(*batch_i, *param.shape)``.
+        - Output: the layer's variables, ``(*batch, *var.shape)``; dtype promoted over
+          the inputs and the learned parameters.
+
+    Raises:
+        ProblemError: ``learned`` names a parameter the layer does not have.
+        ShapeError: a learned parameter passed at call time, an unknown name, a missing
+            or surplus input (the message lists the inputs), plus :class:`ConvexLayer`'s
+            errors.
+    """
+
+    def __init__(self, layer: ConvexLayer, learned: Mapping[str, Any]) -> None:
+        super().__init__()
+        names = [p.name() for p in layer.parameters_]
+        unknown = [k for k in learned if k not in names]
+        if unknown:
+            raise ProblemError(f"learned parameter(s) {unknown} are not parameters of the layer {names}")
+        self.layer = layer
+        # In the layer's parameter order (a plain dict would be sorted by ParameterDict).
+        self.learned = nn.ParameterDict([
+            (k, nn.Parameter(torch.as_tensor(np.asarray(learned[k]), dtype=torch.get_default_dtype()).clone()))
+            for k in names if k in learned])
+        self._inputs = [k for k in names if k not in learned]
+
+    @property
+    def inputs(self) -> list[str]:
+        """Names of the parameters passed at call time, in positional order."""
+        return list(self._inputs)
+
+    def extra_repr(self) -> str:
+        return f"inputs={self._inputs}, learned={list(self.learned)}"
+
+    def _bind(self, values: Sequence[Any], named: dict[str, Any]) -> dict[str, Any]:
+        if len(values) > len(self._inputs):
+            raise ShapeError(f"expected {len(self._inputs)} input tensor(s) {self._inputs}, got "
+                             f"{len(values)} (learned parameters {list(self.learned)} are not passed)")
+        bound = dict(zip(self._inputs, values))
+        for key, value in named.items():
+            if key in self.learned:
+                raise ShapeError(f"{key!r} is learned (a parameter of this module, .learned[{key!r}]), "
+                                 f"not an input; the inputs are {self._inputs}")
+            if key not in self._inputs:
+                raise ShapeError(f"unknown input name {key!r}; the inputs are {self._inputs}")
+            if key in bound:
+                raise ShapeError(f"input {key!r} was given both by position and by name")
+            bound[key] = value
+        missing = [k for k in self._inputs if k not in bound]
+        if missing:
+            raise ShapeError(f"expected {len(self._inputs)} input tensor(s) {self._inputs}; missing {missing}")
+        return bound
+
+    def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Solve with the learned parameters and the given inputs; see the class docstring."""
+        bound = self._bind(values, named)
+        full = [self.learned[p.name()] if p.name() in self.learned else bound[p.name()]
+                for p in self.layer.parameters_]
+        return self.layer(*full)

@@ -1,0 +1,409 @@
+"""CvxpyLayer: cvxpylayers' interface on ConvexLayer, tested with cvxpylayers' own usage
+patterns (its README examples and its torch test file) against closed forms, CVXPY's own
+solves and cvxpylayers itself."""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from cvxpylayers.interfaces.base import SolverInterface
+from cvxpylayers.torch import CvxpyLayer as Reference
+
+from convexddn.convex.compat import APPLIED_SOLVER_ARGS, IGNORED_SOLVER_ARGS, CvxpyLayer
+from convexddn.errors import (
+    ConvexDDNWarning,
+    InfeasibleError,
+    OptionError,
+    ProblemError,
+    UnboundedError,
+)
+
+F64 = torch.float64
+
+
+def directional_fd_check(fn, params, gen, eps=1e-5, tol=1e-5):
+    """⟨w, J d⟩ by autograd against a central finite difference along one random
+    direction d in every parameter at once (three solves instead of gradcheck's 2N)."""
+    args = [p.clone().requires_grad_() for p in params]
+    out = fn(*args)
+    w = torch.randn(out.shape, dtype=F64, generator=gen)
+    grads = torch.autograd.grad(out, args, w)
+    d = [torch.randn(p.shape, dtype=F64, generator=gen) for p in params]
+    with torch.no_grad():
+        plus = fn(*[p + eps * di for p, di in zip(params, d)])
+        minus = fn(*[p - eps * di for p, di in zip(params, d)])
+    fd = float(((plus - minus) * w).sum() / (2 * eps))
+    analytic = float(sum((g * di).sum() for g, di in zip(grads, d)))
+    assert abs(analytic - fd) <= tol * (1 + abs(fd)), (analytic, fd)
+
+
+def readme_problem():
+    """cvxpylayers' README example: argmin_{x >= 0} ½‖Ax − b‖₁ (an LP)."""
+    n, m = 2, 3
+    x = cp.Variable(n)
+    A = cp.Parameter((m, n))
+    b = cp.Parameter(m)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.pnorm(A @ x - b, p=1)), [x >= 0])
+    return problem, A, b, x
+
+
+def ridge_problem(m: int = 6, n: int = 3):
+    """cvxpylayers' test_least_squares: argmin ‖Ax − b‖² + ‖x‖² = (AᵀA + I)⁻¹Aᵀb."""
+    A = cp.Parameter((m, n))
+    b = cp.Parameter(m)
+    x = cp.Variable(n)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + cp.sum_squares(x)))
+    return problem, A, b, x
+
+
+def ridge_closed_form(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = A.shape[-1]
+    lhs = A.transpose(-1, -2) @ A + torch.eye(n, dtype=A.dtype)
+    return torch.linalg.solve(lhs, (A.transpose(-1, -2) @ b.unsqueeze(-1))).squeeze(-1)
+
+
+# ---------------------------------------------------------------- README patterns
+
+
+def test_cvxpy_layer_readme_example_tuple_and_objective():
+    """The README's torch example, written as there: `(solution,) = layer(A, b)`; the
+    LP may have several minimisers, so its optimal value is compared with CVXPY's."""
+    problem, A, b, x = readme_problem()
+    layer = CvxpyLayer(problem, parameters=[A, b], variables=[x])
+    gen = torch.Generator().manual_seed(0)
+    A_tch = torch.randn(3, 2, generator=gen, requires_grad=True)
+    b_tch = torch.randn(3, generator=gen, requires_grad=True)
+    out = layer(A_tch, b_tch)
+    assert isinstance(out, tuple) and len(out) == 1
+    (solution,) = out
+    assert solution.shape == (2,) and solution.dtype == torch.float32
+    solution.sum().backward()
+    assert A_tch.grad.shape == (3, 2) and b_tch.grad.shape == (3,)
+
+    A.value, b.value = A_tch.detach().double().numpy(), b_tch.detach().double().numpy()
+    best = problem.solve(solver="CLARABEL")
+    sol = solution.detach().double().numpy()
+    assert (sol >= -1e-6).all()
+    assert abs(0.5 * np.abs(A.value @ sol - b.value).sum() - best) < 1e-5
+
+
+def test_cvxpy_layer_one_variable_index_zero_is_the_solution_not_a_row():
+    """`layer(A, b)[0]` is the whole batched solution (with a bare tensor it would be
+    the first batch row, the silent bug of a literal class swap)."""
+    problem, A, b, x = ridge_problem()
+    layer = CvxpyLayer(problem, parameters=[A, b], variables=[x])
+    gen = torch.Generator().manual_seed(1)
+    At = torch.randn(4, 6, 3, dtype=F64, generator=gen)
+    bt = torch.randn(4, 6, dtype=F64, generator=gen)
+    first = layer(At, bt)[0]
+    (unpacked,) = layer(At, bt)
+    assert first.shape == (4, 3) and torch.equal(first, unpacked)
+    assert torch.allclose(first, ridge_closed_form(At, bt), atol=1e-8)
+
+
+def test_cvxpy_layer_least_squares_eps_pattern_and_gradients():
+    """cvxpylayers' test_least_squares: `layer(A, b, solver_args={"eps": 1e-10})[0]`,
+    solution and both gradients against the closed form differentiated by torch."""
+    problem, A, b, x = ridge_problem(m=8, n=4)
+    layer = CvxpyLayer(problem, [A, b], [x])
+    gen = torch.Generator().manual_seed(2)
+    A_th = torch.randn(8, 4, dtype=F64, generator=gen, requires_grad=True)
+    b_th = torch.randn(8, dtype=F64, generator=gen, requires_grad=True)
+    with pytest.warns(ConvexDDNWarning, match=r"ignores \['eps'\]"):
+        sol = layer(A_th, b_th, solver_args={"eps": 1e-10})[0]
+    ref = ridge_closed_form(A_th, b_th)
+    assert torch.allclose(sol, ref, atol=1e-9)
+    got = torch.autograd.grad(sol.sum(), [A_th, b_th])
+    want = torch.autograd.grad(ref.sum(), [A_th, b_th])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-7)
+
+
+def test_cvxpy_layer_broadcasting_unbatched_and_batched():
+    """cvxpylayers' test_broadcasting: an unbatched A shared by a batch of b."""
+    problem, A, b, x = ridge_problem()
+    layer = CvxpyLayer(problem, [A, b], [x])
+    gen = torch.Generator().manual_seed(3)
+    A_th = torch.randn(6, 3, dtype=F64, generator=gen, requires_grad=True)
+    b_th = torch.randn(2, 6, dtype=F64, generator=gen, requires_grad=True)
+    (sol,) = layer(A_th, b_th)
+    ref = ridge_closed_form(A_th.expand(2, 6, 3), b_th)
+    assert sol.shape == (2, 3) and torch.allclose(sol, ref, atol=1e-9)
+    got = torch.autograd.grad(sol.sum(), [A_th, b_th])
+    want = torch.autograd.grad(ref.sum(), [A_th, b_th])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-7)
+
+
+def test_cvxpy_layer_batched_socp_matches_cvxpylayers_and_finite_differences():
+    """cvxpylayers' test_simple_batch_socp: the same solutions as cvxpylayers (run with
+    SCS at eps 1e-10, its accuracy) and gradients against central finite differences
+    (cvxpylayers runs gradcheck: 2N solves, too slow for a unit test)."""
+    n, m, batch = 4, 1, 3
+    P_sqrt = cp.Parameter((n, n), name="P_sqrt")
+    q = cp.Parameter((n, 1), name="q")
+    A = cp.Parameter((m, n), name="A")
+    b = cp.Parameter((m, 1), name="b")
+    x = cp.Variable((n, 1), name="x")
+    objective = 0.5 * cp.sum_squares(P_sqrt @ x) + q.T @ x
+    prob = cp.Problem(cp.Minimize(objective), [A @ x == b, cp.norm(x) <= 1])
+    ours = CvxpyLayer(prob, [P_sqrt, q, A, b], [x])
+    reference = Reference(prob, [P_sqrt, q, A, b], [x])
+    gen = torch.Generator().manual_seed(243)
+    data = [torch.randn(batch, n, n, dtype=F64, generator=gen) + 2 * torch.eye(n, dtype=F64),
+            torch.randn(batch, n, 1, dtype=F64, generator=gen),
+            torch.randn(batch, m, n, dtype=F64, generator=gen),
+            0.1 * torch.randn(batch, m, 1, dtype=F64, generator=gen)]
+    (ref,) = reference(*data, solver_args={"solve_method": "SCS", "eps": 1e-10, "max_iters": 100_000})
+    (sol,) = ours(*data)
+    assert sol.shape == (batch, n, 1)
+    assert (sol - ref).abs().max() < 1e-6
+    for _ in range(2):
+        directional_fd_check(lambda *t: ours(*t)[0], data, gen)
+
+
+def test_cvxpy_layer_shared_parameter_solver_args_pattern():
+    """cvxpylayers' test_shared_parameter: two layers share A, called with SCS's
+    recommended solver_args; minimum-norm least squares has a closed form (pinv)."""
+    gen = np.random.default_rng(243)
+    A = cp.Parameter((6, 3))
+    x = cp.Variable(3)
+    b1, b2 = gen.standard_normal(6), gen.standard_normal(6)
+    layer1 = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b1))), parameters=[A], variables=[x])
+    layer2 = CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b2))), parameters=[A], variables=[x])
+    solver_args = {"eps": 1e-10, "acceleration_lookback": 0, "max_iters": 10000}
+    A_tch = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvexDDNWarning)  # eps, acceleration_lookback
+        out = torch.cat([layer1(A_tch, solver_args=solver_args)[0], layer2(A_tch, solver_args=solver_args)[0]])
+    ref = torch.cat([torch.linalg.lstsq(A_tch, torch.from_numpy(b).unsqueeze(-1)).solution.squeeze(-1)
+                     for b in (b1, b2)])
+    assert torch.allclose(out, ref, atol=1e-9)
+    g = torch.linspace(-1, 1, 6, dtype=F64)
+    (got,) = torch.autograd.grad(out, A_tch, g)
+    (want,) = torch.autograd.grad(ref, A_tch, g)
+    assert torch.allclose(got, want, atol=1e-7)
+
+
+# ---------------------------------------------------------------- gp=True
+
+
+def readme_gp_problem():
+    x, y, z = cp.Variable(pos=True), cp.Variable(pos=True), cp.Variable(pos=True)
+    a = cp.Parameter(pos=True, value=2.0)
+    b = cp.Parameter(pos=True, value=1.0)
+    c = cp.Parameter(value=0.5)
+    problem = cp.Problem(cp.Minimize(1 / (x * y * z)), [a * (x * y + x * z + y * z) <= b, x >= y ** c])
+    return problem, (a, b, c), (x, y, z)
+
+
+def test_cvxpy_layer_gp_readme_example():
+    """cvxpylayers' README LLCP, as written there: three outputs, backward, values that
+    match cvxpylayers and CVXPY; the solution depends on b/a only, so the exact identity
+    a ∂x/∂a + b ∂x/∂b = 0 checks the gradients."""
+    problem, (a, b, c), (x, y, z) = readme_gp_problem()
+    assert problem.is_dgp(dpp=True)
+    layer = CvxpyLayer(problem, parameters=[a, b, c], variables=[x, y, z], gp=True)
+    a_tch = torch.tensor(a.value, requires_grad=True)
+    b_tch = torch.tensor(b.value, requires_grad=True)
+    c_tch = torch.tensor(c.value, requires_grad=True)
+    x_star, y_star, z_star = layer(a_tch, b_tch, c_tch)
+    sum_of_solution = x_star + y_star + z_star
+    sum_of_solution.backward()
+    assert x_star.shape == () and a_tch.grad is not None
+
+    # The same in float64, checked.
+    a_tch, b_tch, c_tch = (torch.tensor(v, dtype=F64, requires_grad=True) for v in (2.0, 1.0, 0.5))
+    x_star, y_star, z_star = layer(a_tch, b_tch, c_tch)
+    (x_star + y_star + z_star).backward()
+    problem.solve(gp=True, solver="CLARABEL")
+    ours = np.array([x_star.item(), y_star.item(), z_star.item()])
+    assert np.abs(ours - np.array([x.value, y.value, z.value])).max() < 1e-6
+    ref = Reference(problem, parameters=[a, b, c], variables=[x, y, z], gp=True)
+    with torch.no_grad():
+        ref_out = ref(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64), torch.tensor(0.5, dtype=F64))
+    assert np.abs(ours - np.array([r.item() for r in ref_out])).max() < 1e-5
+    assert abs(x_star.item() - y_star.item() ** 0.5) < 1e-8  # x ≥ √y is active
+    assert abs(a_tch.item() * a_tch.grad.item() + b_tch.item() * b_tch.grad.item()) < 1e-7
+
+
+def test_cvxpy_layer_gp_closed_form_gradients():
+    """argmin a x + b y s.t. x y ≥ c (a GP): x = √(bc/a), y = √(ac/b); batched."""
+    x, y = cp.Variable(pos=True), cp.Variable(pos=True)
+    a, b, c = cp.Parameter(pos=True), cp.Parameter(pos=True), cp.Parameter(pos=True)
+    problem = cp.Problem(cp.Minimize(a * x + b * y), [c / (x * y) <= 1])
+    layer = CvxpyLayer(problem, parameters=[a, b, c], variables=[x, y], gp=True)
+    gen = torch.Generator().manual_seed(5)
+    vals = [(torch.rand(3, dtype=F64, generator=gen) + 0.5).requires_grad_() for _ in range(3)]
+    xs, ys = layer(*vals)
+    A, B, C = vals
+    want_x, want_y = torch.sqrt(B * C / A), torch.sqrt(A * C / B)
+    assert torch.allclose(xs, want_x, atol=1e-8) and torch.allclose(ys, want_y, atol=1e-8)
+    v = torch.randn(2, 3, dtype=F64, generator=gen)
+    got = torch.autograd.grad(xs @ v[0] + ys @ v[1], vals)
+    want = torch.autograd.grad(want_x @ v[0] + want_y @ v[1], vals)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)
+
+
+# ---------------------------------------------------------------- solver_args
+
+
+def test_cvxpy_layer_solver_args_solve_method_and_max_iters_applied():
+    problem, A, b, x = ridge_problem()
+    layer = CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "SCS", "max_iters": 50_000})
+    assert layer.convex_layer.solver == "SCS" and layer.convex_layer.solver_args == {"max_iters": 50_000}
+    assert layer.convex_layer.fallback == "Clarabel"
+    gen = torch.Generator().manual_seed(6)
+    At, bt = torch.randn(2, 6, 3, dtype=F64, generator=gen), torch.randn(2, 6, dtype=F64, generator=gen)
+    (sol,) = layer(At, bt)
+    assert layer.convex_layer.last_solve.solvers == ["SCS", "SCS"]
+    assert torch.allclose(sol, ridge_closed_form(At, bt), atol=1e-8)
+    # A per-call solve_method picks the solver of that call.
+    (sol,) = layer(At, bt, solver_args={"solve_method": "ecos"})
+    assert layer.layers["ECOS"].last_solve.solvers == ["ECOS", "ECOS"]
+    assert torch.allclose(sol, ridge_closed_form(At, bt), atol=1e-8)
+    # max_iters reaches Clarabel as max_iter: one iteration does not solve it.
+    layer(At, bt, solver_args={"solve_method": "Clarabel"})
+    assert layer.layers["Clarabel"].last_solve.statuses == ["Solved", "Solved"]
+    layer(At, bt, solver_args={"solve_method": "Clarabel", "max_iters": 1})
+    assert "Solved" not in layer.layers["Clarabel"].last_solve.statuses
+    assert APPLIED_SOLVER_ARGS["max_iters"]["Clarabel"] == "max_iter"
+
+
+def test_cvxpy_layer_ignored_solver_args_warn_once_per_layer():
+    problem, A, b, x = ridge_problem()
+    At, bt = torch.randn(6, 3, dtype=F64), torch.randn(6, dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = CvxpyLayer(problem, [A, b], [x], solver_args={"eps": 1e-8, "mode": "dense"})
+        layer(At, bt, solver_args={"acceleration_lookback": 0, "n_jobs_forward": 4})
+        layer(At, bt, solver_args={"eps": 1e-12})
+        other = CvxpyLayer(problem, [A, b], [x])
+        other(At, bt, solver_args={"n_jobs_backward": 2, "eps_abs": 1e-9})
+        other(At, bt, solver_args={"eps": 1e-9})
+    ours = [w for w in caught if issubclass(w.category, ConvexDDNWarning)]
+    assert len(ours) == 2  # one per layer
+    assert "['eps', 'mode']" in str(ours[0].message) and "once per layer" in str(ours[0].message)
+    assert "n_jobs_backward" in str(ours[1].message)
+    for key in ("eps", "acceleration_lookback", "n_jobs_forward", "n_jobs_backward", "mode"):
+        assert key in IGNORED_SOLVER_ARGS
+
+
+def test_cvxpy_layer_unknown_solver_args_raise():
+    problem, A, b, x = ridge_problem()
+    with pytest.raises(OptionError, match=r"unknown key\(s\) \['bogus'\]; valid keys are \[.*'eps'.*'solve_method'"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"bogus": 1})
+    layer = CvxpyLayer(problem, [A, b], [x])
+    At, bt = torch.randn(6, 3), torch.randn(6)
+    with pytest.raises(OptionError, match=r"unknown key\(s\) \['max_iterations'\]"):
+        layer(At, bt, solver_args={"max_iterations": 3})
+    with pytest.raises(OptionError, match="solver_args must be a dict or None, got list"):
+        layer(At, bt, solver_args=["eps"])
+    with pytest.raises(OptionError, match=r"solve_method'\] must be one of \['Clarabel', 'ECOS', 'SCS'\], got 'OSQP'"):
+        layer(At, bt, solver_args={"solve_method": "OSQP"})
+    with pytest.raises(OptionError, match="both max_iters and max_iter"):
+        layer(At, bt, solver_args={"max_iters": 3, "max_iter": 3})
+
+
+# ---------------------------------------------------------------- constructor, dtype, errors
+
+
+def test_cvxpy_layer_keeps_dtype():
+    """cvxpylayers 1.2 returns float64 whatever comes in; we return the inputs' dtype."""
+    problem, A, b, x = ridge_problem()
+    layer = CvxpyLayer(problem, [A, b], [x])
+    reference = Reference(problem, [A, b], [x])
+    At, bt = torch.randn(2, 6, 3), torch.randn(2, 6)
+    assert reference(At, bt)[0].dtype == torch.float64
+    (sol32,) = layer(At, bt)
+    (sol64,) = layer(At.double(), bt.double())
+    assert sol32.dtype == torch.float32 and sol64.dtype == torch.float64
+    assert torch.allclose(sol64, ridge_closed_form(At.double(), bt.double()), atol=1e-9)
+    assert torch.allclose(sol32, sol64.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", [None, "DIFFCP", cp.CUCLARABEL, "diffcp"])
+def test_cvxpy_layer_backends_map_to_auto(solver):
+    problem, A, b, x = ridge_problem()
+    layer = CvxpyLayer(problem, [A, b], [x], solver=solver)
+    assert layer.convex_layer.solver == "auto"
+
+
+def test_cvxpy_layer_replaced_backend_and_canon_backend_warn():
+    problem, A, b, x = ridge_problem()
+    with pytest.warns(ConvexDDNWarning, match=r"ignores \[\"solver='MOREAU'\"\]"):
+        layer = CvxpyLayer(problem, [A, b], [x], solver="MOREAU")
+    assert layer.convex_layer.solver == "auto"
+    with pytest.warns(ConvexDDNWarning, match="canon_backend"):
+        CvxpyLayer(problem, [A, b], [x], canon_backend="SCIPY")
+    layer = CvxpyLayer(problem, [A, b], [x], solver="ECOS", verbose=True)
+    assert layer.convex_layer.solver == "ECOS" and layer.convex_layer.solver_args == {"verbose": True}
+
+
+def test_cvxpy_layer_invalid():
+    problem, A, b, x = ridge_problem()
+    with pytest.raises(OptionError, match="solver must be None or one of .*got 'OSQP'"):
+        CvxpyLayer(problem, [A, b], [x], solver="OSQP")
+    custom = SolverInterface.from_functions(lambda *args: None, lambda *args: None)
+    with pytest.raises(OptionError, match="custom SolverInterface cannot be used"):
+        CvxpyLayer(problem, [A, b], [x], solver=custom)
+    # cvxpylayers' test_not_enough_parameters / test_too_many_variables: ValueError.
+    with pytest.raises(ValueError):
+        CvxpyLayer(problem, [A], [x])
+    with pytest.raises(ProblemError):
+        CvxpyLayer(problem, [A, b], [x, cp.Variable(1)])
+    layer = CvxpyLayer(problem, [A, b], [x])
+    with pytest.raises(ValueError):  # cvxpylayers' test_not_enough_parameters_at_call_time
+        layer(torch.randn(6, 3))
+    with pytest.raises(ValueError):  # test_incorrect_parameter_shape
+        layer(torch.randn(4, 6, 3), torch.randn(4, 12))
+    with pytest.raises(OptionError, match="warm_start=True is not supported"):
+        layer(torch.randn(6, 3), torch.randn(6), warm_start=True)
+
+
+def test_cvxpy_layer_infeasible_and_unbounded():
+    """cvxpylayers' test_infeasible / test_unbounded; ours raise RuntimeError subclasses
+    naming the status (cvxpylayers raises diffcp.SolverError)."""
+    x = cp.Variable(1)
+    param = cp.Parameter(1)
+    layer = CvxpyLayer(cp.Problem(cp.Minimize(param), [x >= 1, x <= -1]), [param], [x])
+    with pytest.raises(InfeasibleError):
+        layer(torch.ones(1))
+    layer = CvxpyLayer(cp.Problem(cp.Minimize(x), [x <= param]), [param], [x])
+    with pytest.raises(UnboundedError):
+        layer(torch.ones(1))
+    assert issubclass(InfeasibleError, RuntimeError)
+
+
+def test_cvxpy_layer_several_variables_in_order():
+    """argmin ‖u − p‖² + ‖v − 2p‖² s.t. u ≥ 0: (max(p, 0), 2p), returned in the
+    constructor's order, whatever order is asked."""
+    p = cp.Parameter(3)
+    u, v = cp.Variable(3), cp.Variable(3)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(u - p) + cp.sum_squares(v - 2 * p)), [u >= 0])
+    layer = CvxpyLayer(problem, [p], [v, u])
+    pt = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)
+    vs, us = layer(pt)
+    assert torch.allclose(us, pt.clamp(min=0), atol=1e-8) and torch.allclose(vs, 2 * pt, atol=1e-8)
+
+
+def test_cvxpy_layer_dual_variables_readme_example():
+    """cvxpylayers' README: `variables=[x, eq_con.dual_variables[0]]` returns the
+    multiplier too; against CVXPY's own dual value."""
+    x = cp.Variable(2)
+    c = cp.Parameter(2)
+    b = cp.Parameter()
+    eq_con = cp.sum(x) == b
+    prob = cp.Problem(cp.Minimize(c @ x + 0.5 * cp.sum_squares(x)), [eq_con, x >= -5])
+    layer = CvxpyLayer(prob, parameters=[c, b], variables=[x, eq_con.dual_variables[0]])
+    c_tch = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    b_tch = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    x_star, eq_dual = layer(c_tch, b_tch)
+    c.value, b.value = c_tch.detach().numpy(), 1.0
+    prob.solve(solver="CLARABEL")
+    assert np.abs(x_star.detach().numpy() - x.value).max() < 1e-7
+    assert abs(eq_dual.item() - eq_con.dual_value) < 1e-7

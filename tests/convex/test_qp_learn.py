@@ -1,0 +1,185 @@
+"""The qp registry layer's learn= / inputs=: learned blocks are nn.Parameters of the
+module, inputs are passed at call time, the rest are constants."""
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn.convex import registry
+from convexddn.convex.learned import LearnedLayer
+from convexddn.errors import OptionError, ProblemError, ShapeError
+
+F64 = torch.float64
+
+
+def halfspace_projection(q: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """argmin ½‖y‖² + qᵀy s.t. gᵀy ≤ h  =  −q − max(0, (−gᵀq − h)/‖g‖²) g (closed form)."""
+    step = torch.clamp((-(q @ g) - h) / (g @ g), min=0)
+    return -q - step.unsqueeze(-1) * g
+
+
+def max_margin(G: np.ndarray, h: np.ndarray, A: np.ndarray | None = None, b: np.ndarray | None = None) -> float:
+    """The largest t with G z + t ≤ h (and A z = b) for some z: > 0 iff strictly feasible."""
+    z, t = cp.Variable(G.shape[1]), cp.Variable()
+    cons = [G @ z + t <= h, t <= 10]
+    if A is not None:
+        cons.append(A @ z == b)
+    return cp.Problem(cp.Maximize(t), cons).solve(solver="CLARABEL")
+
+
+def test_qp_learn_makes_parameters():
+    torch.manual_seed(0)
+    layer = cddn.layer("qp", n=10, n_ineq=5, learn="qGh")
+    assert isinstance(layer, LearnedLayer)
+    shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    assert shapes == {"learned.q": (10,), "learned.G": (5, 10), "learned.h": (5,)}
+    assert layer.inputs == []
+    assert torch.equal(layer.learned["q"], torch.zeros(10))
+    # The documented default: strictly feasible, with margin 1 at the drawn point z0.
+    G, h = (layer.learned[k].detach().double().numpy() for k in "Gh")
+    assert max_margin(G, h) >= 1 - 1e-6
+    y = layer()  # nothing passed at call time; L = I fixed
+    assert y.shape == (10,) and y.dtype == torch.float32
+    # q = 0 and h > G·0 ⇒ y = 0; the gradient in q is −(sum of ones) there (dy/dq = −I).
+    y.sum().backward()
+    assert torch.allclose(y, torch.zeros(10), atol=1e-6)
+    assert torch.allclose(layer.learned["q"].grad, -torch.ones(10), atol=1e-5)
+
+
+def test_qp_learn_closed_form_values_and_gradients():
+    """One learned half-space (g, h), q passed at call time, against the closed form."""
+    torch.manual_seed(1)
+    layer = cddn.layer("qp", n=3, n_ineq=1, learn="Gh", inputs="q",
+                       G=[[1.0, -0.5, 2.0]], h=[0.3]).double()
+    assert torch.equal(layer.learned["G"], torch.tensor([[1.0, -0.5, 2.0]], dtype=F64))
+    q = torch.randn(6, 3, dtype=F64, requires_grad=True)
+    y = layer(q)
+    g, h = layer.learned["G"][0], layer.learned["h"][0]
+    ref = halfspace_projection(q, g, h)
+    assert y.dtype == F64 and torch.allclose(y, ref, atol=1e-8)
+    w = torch.randn(6, 3, dtype=F64)
+    got = torch.autograd.grad(y, [q, layer.learned["G"], layer.learned["h"]], w)
+    want = torch.autograd.grad(ref, [q, g, h], w)
+    assert torch.allclose(got[0], want[0], atol=1e-6)
+    assert torch.allclose(got[1][0], want[1], atol=1e-6)
+    assert torch.allclose(got[2][0], want[2], atol=1e-6)
+
+
+def test_qp_learn_trains_parameters():
+    """Gradient descent through the solver on a learned h. Every element keeps the
+    constraint gᵀy ≤ h active, where y = −q − (gᵀ(−q) − h) g/‖g‖², so the mean squared
+    error to the teacher's (h = 0.2) output is (h − 0.2)²/4 and each step with lr = 1
+    halves h − 0.2: exactly 0.8/2⁶ after 6 steps."""
+    torch.manual_seed(2)
+    g = [[1.0, 1.0]]
+    teacher = cddn.layer("qp", n=2, n_ineq=1, inputs="q", G=g, h=[0.2])
+    student = cddn.layer("qp", n=2, n_ineq=1, learn="h", inputs="q", G=g, h=[1.0])
+    q = -torch.rand(16, 2) - 0.6  # gᵀ(−q) > 1.2 > h: the constraint is active throughout
+    with torch.no_grad():
+        target = teacher(q)
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    for _ in range(6):
+        opt.zero_grad()
+        ((student(q) - target) ** 2).mean().backward()
+        opt.step()
+    assert abs(student.learned["h"].item() - (0.2 + 0.8 / 2 ** 6)) < 1e-5
+
+
+def test_qp_inputs_by_position_or_name():
+    torch.manual_seed(3)
+    layer = cddn.layer("qp", n=3, n_ineq=2, n_eq=1, learn="Gh", inputs="qb", A=[[1.0, 1.0, 1.0]])
+    assert layer.inputs == ["q", "b"]
+    q, b = torch.randn(4, 3, dtype=F64), torch.randn(4, 1, dtype=F64)
+    layer = layer.double()
+    by_position = layer(q, b)
+    assert torch.equal(layer(q=q, b=b), by_position)
+    assert torch.equal(layer(q, b=b), by_position)
+    assert torch.allclose(by_position.sum(-1, keepdim=True), b, atol=1e-8)  # A y = b
+    with pytest.raises(ShapeError, match=r"'G' is learned .*the inputs are \['q', 'b'\]"):
+        layer(q, b, G=torch.zeros(2, 3))
+    with pytest.raises(ShapeError, match=r"unknown input name 'x'"):
+        layer(q, x=b)
+    with pytest.raises(ShapeError, match=r"missing \['b'\]"):
+        layer(q)
+    with pytest.raises(ShapeError, match=r"expected 2 input tensor\(s\) \['q', 'b'\], got 3"):
+        layer(q, b, b)
+    with pytest.raises(ShapeError, match="both by position and by name"):
+        layer(q, b, q=q)
+
+
+def test_qp_default_inputs_unchanged():
+    """Nothing learned: every block without a value is passed at call time (as before)."""
+    layer = cddn.layer("qp", n=4, n_ineq=3)
+    assert isinstance(layer, cddn.ConvexLayer) and not list(layer.parameters())
+    assert [p.name() for p in layer.parameters_] == ["L", "q", "G", "h"]
+    spec = registry.build("qp", n=4, n_ineq=3, G=np.eye(4)[:3])
+    assert [p.name() for p in spec.parameters] == ["L", "q", "h"] and spec.learned == {}
+
+
+def test_qp_spec_declares_learned_and_inputs():
+    torch.manual_seed(4)
+    spec = registry.build("qp", n=4, n_ineq=3, n_eq=2, learn="GhAb", inputs="q")
+    assert [p.name() for p in spec.parameters] == ["q", "G", "h", "A", "b"]
+    assert [p.name() for p in spec.inputs] == ["q"]
+    assert list(spec.learned) == ["G", "h", "A", "b"]  # in parameter order
+    assert {k: v.shape for k, v in spec.learned.items()} == {"G": (3, 4), "h": (3,), "A": (2, 4), "b": (2,)}
+    ln = spec.learned
+    assert max_margin(ln["G"], ln["h"], ln["A"], ln["b"]) >= 1 - 1e-6
+    # b a constant: z0 is moved onto {A z = b}, so the learned h is still feasible.
+    A, b = np.array([[1.0, 2.0, 0.0, -1.0]]), np.array([5.0])
+    spec = registry.build("qp", n=4, n_ineq=3, n_eq=1, learn="Gh", A=A, b=b)
+    assert max_margin(spec.learned["G"], spec.learned["h"], A, b) >= 1 - 1e-6
+    # The same seed, the same initial values (torch's global generator).
+    torch.manual_seed(5)
+    first = registry.build("qp", n=4, n_ineq=3, learn="Gh").learned
+    torch.manual_seed(5)
+    second = registry.build("qp", n=4, n_ineq=3, learn="Gh").learned
+    assert all(np.array_equal(first[k], second[k]) for k in "Gh")
+
+
+def test_qp_learned_state_dict_round_trip():
+    torch.manual_seed(6)
+    trained = cddn.layer("qp", n=3, n_ineq=2, learn="Gh", inputs="q")
+    torch.manual_seed(7)
+    fresh = cddn.layer("qp", n=3, n_ineq=2, learn="Gh", inputs="q")
+    assert set(trained.state_dict()) == {"learned.G", "learned.h"}
+    q = torch.randn(5, 3)
+    assert not torch.equal(fresh(q), trained(q))
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh(q), trained(q))
+
+
+def test_qp_learn_invalid():
+    with pytest.raises(OptionError, match=r"\['h'\] are both in learn and in inputs"):
+        registry.build("qp", n=3, n_ineq=2, learn="Gh", inputs="qh")
+    with pytest.raises(OptionError, match=r"\['G'\] are inputs .* and also given a value"):
+        registry.build("qp", n=3, n_ineq=2, inputs="Gh", G=np.ones((2, 3)))
+    with pytest.raises(OptionError, match=r"G is not learned .* nor an input .*shape \(2, 3\)"):
+        registry.build("qp", n=3, n_ineq=2, learn="h", inputs="q")
+    with pytest.raises(OptionError, match=r"inputs must name blocks among .*got \['x'\]"):
+        registry.build("qp", n=3, inputs="x")
+    with pytest.raises(OptionError, match="learn must be a string such as 'Gh'"):
+        registry.build("qp", n=3, learn=5)
+    with pytest.raises(OptionError, match=r"option G must have shape \(2, 3\), got \(3, 2\)"):
+        cddn.layer("qp", n=3, n_ineq=2, learn="Gh", G=np.ones((3, 2)))
+
+
+def test_qp_describe_shows_options_as_typed():
+    line = registry.describe("qp")
+    assert "learn=''" in line and "inputs=None" in line and "('L'" not in line
+
+
+def test_spec_learned_contract_is_checked(monkeypatch):
+    """A catalog builder declaring a learned value of the wrong shape is a ProblemError."""
+    def bad(n: int = 2):
+        x = cp.Parameter(n, name="x")
+        y = cp.Variable(n, name="y")
+        return cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], [y], {"x": np.zeros(n + 1)}
+
+    registry.names()  # load the catalog first, so the fixture restores exactly it
+    monkeypatch.setitem(registry._REGISTRY, "bad_learned", registry._Entry(bad, "test only"))
+    with pytest.raises(ProblemError, match=r"declared learned parameter 'x' with shape \(3,\)"):
+        registry.build("bad_learned")
