@@ -2,13 +2,71 @@
 
     convexddn list                              the problem registry, one line each
     convexddn bench [--quick] [--device cuda]   speed and agreement tables (make bench)
-    convexddn experiment pointcloud [--quick]   robustness of pooling to outliers
+    convexddn experiment NAME [--quick]         the paper's experiments (``experiment --help``)
+    convexddn --version
+
+Start-up stays short: ``--help``, ``--version`` and the table of commands import neither
+torch nor cvxpy. A command's options are added to the parser only once that command is
+chosen on the command line, and its module is imported then (the experiments through
+:data:`convexddn.experiments.EXPERIMENTS`).
+
+Exit status: 0 on success; 2 for a user mistake — an unknown command or option, a bad
+option value (``--device gpu``, a CUDA device that is not there, ``--repeats 0``), or an
+error from :mod:`convexddn.errors` that is about the input (those deriving from
+``ValueError`` or ``TypeError``) — reported as one line on stderr, without a traceback.
+Other failures (a solver that fails, a bug) keep their traceback.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+from . import __version__
+
+__all__ = ["build_parser", "main"]
+
+PROG = "convexddn"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (argparse prints the usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _LazyCommands(argparse._SubParsersAction):
+    """Subcommands whose options are added when the subcommand is chosen, not before.
+
+    ``add_lazy_parser(name, setup, help=...)`` registers ``name`` with its one-line help
+    (enough for the parent's ``--help``); ``setup(parser)`` runs — and imports what it
+    needs — only when ``name`` appears on the command line.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._setups: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def add_lazy_parser(self, name: str, setup: Callable[[argparse.ArgumentParser], None],
+                        **kwargs: Any) -> argparse.ArgumentParser:
+        parser = self.add_parser(name, **kwargs)
+        self._setups[name] = setup
+        return parser
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Sequence[str], option_string: str | None = None) -> None:
+        # argparse has checked values[0] against the choices before calling the action.
+        setup = self._setups.pop(values[0], None)
+        if setup is not None:
+            setup(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
+# --- list ---------------------------------------------------------------------------------
+
+def _setup_list(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(func=_list, command_prog=parser.prog)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -21,48 +79,97 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench --------------------------------------------------------------------------------
+
+def _setup_bench(parser: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(parser)
+    parser.set_defaults(func=_bench, command_prog=parser.prog)
+
+
+def _check_bench_options(args: argparse.Namespace) -> None:
+    """Reject option values the bench would misread (``repeats=0`` means its default)."""
+    from .errors import OptionError
+    from .experiments.running import resolve_device
+
+    resolve_device(args.device)
+    if args.repeats is not None and args.repeats < 1:
+        raise OptionError(f"--repeats must be a positive number of timed rounds, got {args.repeats}")
+
+
 def _bench(args: argparse.Namespace) -> int:
+    _check_bench_options(args)
     from . import bench
 
     return bench.main(args)
 
 
-def _experiment_module(name: str):
-    import importlib
+# --- experiment ---------------------------------------------------------------------------
 
+def _setup_experiments(parser: argparse.ArgumentParser) -> None:
     from .experiments import EXPERIMENTS
 
-    return importlib.import_module(f".experiments.{EXPERIMENTS[name][0]}", __package__)
+    names = parser.add_subparsers(dest="experiment", required=True, metavar="NAME",
+                                  action=_LazyCommands, title="experiments")
+    for name, (module, help_text) in EXPERIMENTS.items():
+        names.add_lazy_parser(name, _experiment_setup(module), help=help_text,
+                              description=help_text)
 
 
-def _experiment(args: argparse.Namespace) -> int:
-    return _experiment_module(args.experiment).main(args)
+def _experiment_setup(module: str) -> Callable[[argparse.ArgumentParser], None]:
+    def setup(parser: argparse.ArgumentParser) -> None:
+        import importlib
 
+        experiment = importlib.import_module(f".experiments.{module}", __package__)
+        experiment.add_arguments(parser)
+        parser.set_defaults(func=experiment.main, command_prog=parser.prog)
+    return setup
+
+
+# --- the command --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convexddn", description="Deep declarative networks in PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="list the problem registry")
-    p_list.set_defaults(func=_list)
-    p_bench = sub.add_parser("bench", help="time and compare the convex and native paths")
-    from .bench import add_arguments as bench_args
-
-    bench_args(p_bench)
-    p_bench.set_defaults(func=_bench)
-    p_exp = sub.add_parser("experiment", help="run an experiment")
-    exp_sub = p_exp.add_subparsers(dest="experiment", required=True)
-    from .experiments import EXPERIMENTS
-
-    for name, (_module, help_text) in EXPERIMENTS.items():
-        p_exp_one = exp_sub.add_parser(name, help=help_text)
-        _experiment_module(name).add_arguments(p_exp_one)
-        p_exp_one.set_defaults(func=_experiment)
+    """The ``convexddn`` parser. Commands' own options are added when a command is parsed."""
+    parser = _Parser(prog=PROG, description="Deep declarative networks in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     action=_LazyCommands, title="commands")
+    commands.add_lazy_parser("list", _setup_list, help="list the problem registry and its options",
+                             description="List the problem registry: name, what it computes, options.")
+    commands.add_lazy_parser("bench", _setup_bench, help="time and compare the convex and native paths",
+                             description="Time forward and backward of the convex (cone program) "
+                                         "and native paths, and measure how far they agree.")
+    commands.add_lazy_parser("experiment", _setup_experiments, help="run one of the paper's experiments",
+                             description="Run one of the paper's experiments.")
     return parser
 
 
+def _is_user_error(err: BaseException) -> bool:
+    # convexddn.errors: the errors about the caller's input also derive from ValueError or
+    # TypeError; SolverError (RuntimeError) and GradientCheckError (AssertionError) do not.
+    from .errors import ConvexDDNError
+
+    return isinstance(err, ConvexDDNError) and isinstance(err, (ValueError, TypeError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command; return its exit status (0, or 2 for a user mistake).
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    try:
+        return args.func(args)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"{args.command_prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

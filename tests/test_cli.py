@@ -1,21 +1,78 @@
-"""The `convexddn` command: list, and the smoke runs of bench and the experiment."""
+"""The `convexddn` command: start-up, list, user mistakes, and the smoke runs of bench and the experiment."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+import convexddn
 from convexddn import cli, registry
 from convexddn.bench.cases import CONVEX_PENALTIES, POOL_PENALTIES, PROJECTIONS
 
+# Modules a command's parser must not import before that command runs.
+HEAVY = ("torch", "cvxpy", "torch._dynamo", "convexddn.bench", "convexddn.experiments.pointcloud")
 
-def test_cli_list_prints_one_line_per_problem(capsys):
-    assert cli.main(["list"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == registry.names()
-    assert all("options:" in line for line in lines)
+
+def _run(*code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "\n".join(code)], capture_output=True, text=True)
+
+
+def _one_line_error(err: str, *expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+# --- start-up -------------------------------------------------------------------------
+
+def test_cli_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"convexddn {convexddn.__version__}"
+
+
+def test_cli_help_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("list", "bench", "experiment", "--version"):
+        assert command in out
+
+
+def test_cli_help_imports_nothing_heavy():
+    # `convexddn --help` answers in well under a second only if neither importing the
+    # package (convexddn/__init__.py runs first) nor building the parser loads torch,
+    # cvxpy or a command's module: each command imports what it needs when it runs.
+    result = _run(
+        "import contextlib, io, json, sys",
+        f"heavy = {HEAVY!r}",
+        "from convexddn import cli",
+        "at_import = [m for m in heavy if m in sys.modules]",
+        "with contextlib.redirect_stdout(io.StringIO()):",
+        "    codes = [cli.main(['--help']), cli.main(['--version']), cli.main(['experiment', '--help'])]",
+        "added = [m for m in heavy if m in sys.modules and m not in at_import]",
+        "print(json.dumps({'codes': codes, 'import': at_import, 'help': added}))",
+    )
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["codes"] == [0, 0, 0]
+    assert got["help"] == [], "the parser imported a command's modules"
+    assert got["import"] == [], "importing convexddn loads heavy modules before the CLI runs"
+
+
+def test_cli_experiment_options_added_only_when_chosen(capsys):
+    from convexddn.experiments import EXPERIMENTS
+
+    assert cli.main(["experiment", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name, (_module, help_text) in EXPERIMENTS.items():
+        assert name in out
+    assert "--quick" not in out  # an experiment's own options belong to its own help
+    assert cli.main(["experiment", "pointcloud", "--help"]) == 0
+    assert "--quick" in capsys.readouterr().out
 
 
 def test_cli_console_script_entry_point():
@@ -24,16 +81,109 @@ def test_cli_console_script_entry_point():
     assert "robust_pool" in out and "lp_ball" in out
 
 
-def test_cli_invalid_command(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["frobnicate"])
-    assert "invalid choice" in capsys.readouterr().err
+# --- list -----------------------------------------------------------------------------
+
+def test_cli_list_prints_one_line_per_problem(capsys):
+    assert cli.main(["list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == registry.names()
+    for line, name in zip(lines, registry.names()):
+        assert line.split(maxsplit=1)[1] == registry.describe(name)
+
+
+def test_cli_list_shows_options_as_passed(capsys):
+    # As a user types them: n=… for a required option, then the defaults.
+    assert cli.main(["list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "n=…, p=2, radius=1.0" in lines["lp_ball"]
+    assert "n=…, penalty='quadratic', alpha=1.0" in lines["robust_pool"]
+    assert "(" not in lines["qp"].split("learn=")[1].split(",")[0]  # a string, not a tuple
+
+
+# --- user mistakes: one line on stderr, exit status 2 -----------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["frobnicate"], ("convexddn: error:", "invalid choice", "frobnicate")),
+    ([], ("convexddn: error:", "COMMAND")),
+    (["list", "--frob"], ("unrecognized arguments: --frob",)),
+    (["bench", "--repeats", "x"], ("convexddn bench: error:", "--repeats", "'x'")),
+    (["experiment", "nope"], ("convexddn experiment: error:", "invalid choice", "nope")),
+    (["experiment", "pointcloud", "--frob"], ("unrecognized arguments: --frob",)),
+])
+def test_cli_usage_errors(argv, expected, capsys):
+    assert cli.main(argv) == 2
+    _one_line_error(capsys.readouterr().err, *expected)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "--device", "gpu"], ("convexddn bench: error:", "'gpu'", "'cpu', 'cuda' or 'cuda:N'")),
+    (["bench", "--repeats", "0"], ("convexddn bench: error:", "--repeats", "got 0")),
+    (["bench", "--repeats", "-3"], ("--repeats", "got -3")),
+    (["experiment", "pointcloud", "--device", "gpu", "--quick"], ("error:", "'gpu'")),
+])
+def test_cli_bad_option_values(argv, expected, tmp_path, capsys):
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys.readouterr().err, *expected)
+    assert not any(tmp_path.iterdir())  # rejected before any work
+
+
+def test_cli_missing_cuda_device(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    for argv in (["bench", "--quick"], ["experiment", "pointcloud", "--quick"]):
+        assert cli.main([*argv, "--device", "cuda", "--out", str(tmp_path)]) == 2
+        _one_line_error(capsys.readouterr().err, "error:", "cuda", "CUDA device")
+
+
+def test_cli_library_input_errors_exit_2(monkeypatch, capsys):
+    # An error of convexddn.errors about the input (a ValueError/TypeError one) is a user
+    # mistake: one line, status 2. Any other error keeps its traceback.
+    from convexddn.errors import OptionError, SolverError
+
+    def fail_with(err):
+        def command(args):
+            raise err
+        return command
+
+    monkeypatch.setattr(cli, "_list", fail_with(OptionError("n must be positive, got 0")))
+    assert cli.main(["list"]) == 2
+    _one_line_error(capsys.readouterr().err, "convexddn list: error: n must be positive, got 0")
+    monkeypatch.setattr(cli, "_list", fail_with(SolverError("solver failed")))
+    with pytest.raises(SolverError):
+        cli.main(["list"])
+
+
+def test_cli_console_script_user_error_has_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "convexddn.cli", "bench", "--device", "gpu"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    _one_line_error(result.stderr, "convexddn bench: error:")
+
+
+def test_cli_output_has_no_tracker_wording(capsys):
+    for argv in (["--help"], ["list"], ["bench", "--help"], ["experiment", "--help"],
+                 ["experiment", "pointcloud", "--help"]):
+        cli.main(argv)
+        captured = capsys.readouterr()
+        text = captured.out + captured.err
+        assert not re.search(r"\bissues?\s*#?\d", text, re.I), (argv, text)
+
+
+# --- the commands' smoke runs -----------------------------------------------------------
+
+def _no_progress_bars(err: str) -> None:
+    # stderr is not a terminal here: progress bars must stay off (no \r redraws in logs).
+    assert "\r" not in err, err[:500]
 
 
 def test_cli_bench_quick_writes_every_row(tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "| huber | cvxpy |" in out and "### projection" in out
+    _no_progress_bars(captured.err)
     result = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert result["machine"]["torch"] and result["quick"] is True
@@ -53,26 +203,24 @@ def test_cli_bench_quick_writes_every_row(tmp_path, capsys):
     assert rows[("pooling", "mean", "torch")]["fwd_rel_mean"] == pytest.approx(1.0)
 
 
-def test_cli_bench_invalid_device(tmp_path):
-    import torch
+def test_cli_experiment_runs_through_the_table(monkeypatch, capsys):
+    # The command's wiring: EXPERIMENTS -> the module, imported when chosen -> its options
+    # -> its main -> its exit status. A stand-in module keeps this instant; each
+    # experiment's own run is tested in tests/experiments/.
+    import types
 
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device exists here")
-    from convexddn.errors import OptionError
+    from convexddn import experiments
 
-    with pytest.raises(OptionError, match="device 'cuda'"):
-        cli.main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)])
+    calls = []
+    fake = types.ModuleType("convexddn.experiments._cli_probe")
+    fake.add_arguments = lambda parser: parser.add_argument("--size", type=int, default=3)
+    fake.main = lambda args: calls.append(args.size) or 7
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(experiments.EXPERIMENTS, "probe", ("_cli_probe", "a stand-in experiment"))
 
-
-def test_cli_experiment_quick_writes_every_row(tmp_path, capsys):
-    from convexddn.experiments.pointcloud import DEFAULT_POOLINGS, Config
-
-    assert cli.main(["experiment", "pointcloud", "--quick", "--out", str(tmp_path)]) == 0
-    assert "| outliers |" in capsys.readouterr().out
-    result = json.loads((tmp_path / "pointcloud.json").read_text())
-    assert (tmp_path / "pointcloud.png").stat().st_size > 10_000
-    rates = Config.quick().rates
-    got = {(r["pooling"], round(r["rate"], 6)) for r in result["rows"]}
-    assert got == {(p, round(rate, 6)) for p in DEFAULT_POOLINGS for rate in rates}
-    for row in result["rows"]:
-        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["map"] <= 1.0
+    assert cli.main(["experiment", "probe", "--size", "5"]) == 7
+    assert calls == [5]
+    assert cli.main(["experiment", "--help"]) == 0
+    assert "a stand-in experiment" in capsys.readouterr().out
+    assert cli.main(["experiment", "probe", "--frob"]) == 2
+    _one_line_error(capsys.readouterr().err, "unrecognized arguments: --frob")

@@ -61,7 +61,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
                 for n in names)
     total += 5 * (min(repeats, 3) + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL)
     rows: list[dict] = []
-    with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op") as progress:
+    with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op", disable=None) as progress:
         warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed
         for name in names:
             pool_shape, proj_shape = SHAPES[name]

@@ -126,7 +126,7 @@ def describe(name: str) -> str:
     entry = _entry(name)
     opts = []
     for p in inspect.signature(entry.builder).parameters.values():
-        opts.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}")
+        opts.append(f"{p.name}=…" if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}")
     return f"{entry.description} [options: {', '.join(opts)}]"
 
 

@@ -1,0 +1,161 @@
+"""The documentation site: its generated parts, its code, its build in strict mode.
+
+The full build needs the [docs] extra (MkDocs Material, mkdocstrings) and is skipped
+without it; CI runs it anyway as ``make docs`` after ``make test`` (see ``.ci/run``).
+The other tests need only the library.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+# Guide pages whose ```python blocks must run as printed (each page in one namespace).
+RUNNABLE_PAGES = ("getting-started.md", "which-path.md", "registry.md", "declarative-node.md",
+                  "nodes-pooling.md", "nodes-projection.md")
+
+
+def _load_hook(name: str):
+    spec = importlib.util.spec_from_file_location(f"_docs_hook_{name}", DOCS / "hooks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _has(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+# --- generated content (no docs tools needed) -------------------------------------------
+
+def test_docs_registry_catalog_lists_every_problem():
+    import convexddn
+    from convexddn.factory import NATIVE
+
+    table = _load_hook("generated").registry_catalog()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == convexddn.registry.names()
+    for row in rows:
+        name = row.split("`")[1]
+        assert convexddn.registry.describe(name).replace("|", r"\|") in row
+        assert ("native node" in row) == (name in NATIVE)
+
+
+def test_docs_path_costs_table_from_bench_json():
+    table = _load_hook("generated").path_costs(DOCS / "bench.json")
+    rows = [line for line in table.splitlines() if line.startswith("| pooling") or line.startswith("| projection")]
+    result = json.loads((DOCS / "bench.json").read_text())
+    measured = {(r["family"], r["node"], tuple(r["shape"])) for r in result["rows"]
+                if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is not None}
+    assert len(rows) == len(measured) > 0
+    for row in rows:
+        ratio = float(row.split("|")[5].strip().rstrip("×").replace(",", ""))
+        assert ratio > 1  # the cone program is the slower path on every measured problem
+
+
+def test_docs_api_pages_document_every_export_once():
+    hook = _load_hook("generated")
+    documented: dict[str, int] = {}
+    for page in hook.API_PAGES:
+        text = hook.api_page(page)
+        for path in re.findall(r"^::: ([\w.]+)$", text, re.M):
+            documented[path] = documented.get(path, 0) + 1
+        module = hook._module(page)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if hook._documented(obj):
+                # documented here, or linked to where it is
+                assert f"::: {page}.{name}\n" in text or f"`{name}`: documented as" in text, (page, name)
+    assert all(count == 1 for count in documented.values())
+    assert set(hook._api_owners().values()) <= set(documented)
+
+
+@pytest.mark.skipif(not _has("griffe"), reason="needs the [docs] extra (griffe)")
+def test_docs_rst_docstrings_become_markdown():
+    convert = _load_hook("rst_docstrings")._rewrite_blocks
+    text = ("Summary.\n\n.. math::\n\n    y = \\min_u f(u)\n\nArgs:\n    tol, max_iter: solver options.\n"
+            "        More.\n\nExamples::\n\n    >>> 1 + 1\n    2\n\n.. note::\n    Careful.\n")
+    out = convert(text)
+    assert "$$\ny = \\min_u f(u)\n$$" in out
+    assert "    tol: solver options.\n        More.\n    max_iter: solver options.\n        More." in out
+    assert "Examples:\n" in out and "Examples::" not in out
+    assert "!!! note\n\n    Careful." in out
+
+
+# --- the pages' code and wording ---------------------------------------------------------
+
+def test_docs_code_blocks_run():
+    # In a fresh interpreter: the registry page registers a problem of its own.
+    pages = {name: re.findall(r"```python\n(.*?)```", (DOCS / name).read_text(), re.S)
+             for name in RUNNABLE_PAGES}
+    assert all(pages.values()), [name for name, blocks in pages.items() if not blocks]
+    script = "\n".join([
+        "import contextlib, io, json, sys",
+        f"pages = json.loads({json.dumps(json.dumps(pages))})",
+        "for name, blocks in pages.items():",
+        "    namespace = {}",
+        "    for i, block in enumerate(blocks):",
+        "        with contextlib.redirect_stdout(io.StringIO()):",
+        "            exec(compile(block, f'docs/{name} block {i + 1}', 'exec'), namespace)",
+        "print('ok')",
+    ])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_docs_have_no_tracker_wording():
+    # Readers do not have the project's tracker: say "goal" and where it comes from.
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("**/*.md"))]
+    offenders = [f"{page.relative_to(ROOT)}:{i}: {line.strip()}"
+                 for page in pages for i, line in enumerate(page.read_text().splitlines(), 1)
+                 if re.search(r"\bissues?\s*#?\d|target \(issue", line, re.I)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_docs_every_page_is_in_the_nav():
+    # A page missing from mkdocs.yml's nav builds, but no reader finds it. bench.md is
+    # the benchmark's raw output, shown inside benchmarks.md.
+    nav = set(re.findall(r"^\s*- [^:]+: ([\w/.-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.M))
+    pages = {str(p.relative_to(DOCS)) for p in DOCS.glob("**/*.md")} - {"bench.md"}
+    assert pages <= nav, f"add to the nav in mkdocs.yml: {sorted(pages - nav)}"
+    assert nav <= pages, f"the nav names missing pages: {sorted(nav - pages)}"
+
+
+def test_py_typed_marker_is_packaged():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    assert (ROOT / "convexddn" / "py.typed").is_file()
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in config["tool"]["setuptools"]["package-data"]["convexddn"]
+
+
+# --- the site ----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not _has("mkdocs", "mkdocstrings", "material", "mkdocstrings_handlers.python"),
+                    reason="needs the [docs] extra; CI builds the site with `make docs`")
+def test_docs_build_strict(tmp_path):
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    import convexddn
+
+    catalog = (site / "registry" / "index.html").read_text()
+    assert all(f"<code>{name}</code>" in catalog for name in convexddn.registry.names())
+    api = (site / "api" / "functional" / "index.html").read_text()
+    assert "arithmatex" in api  # the docstrings' maths reached MathJax
+    assert ":math:" not in api and ".. math::" not in api
+    errors = (site / "api" / "errors" / "index.html").read_text()
+    assert all(name in errors for name in convexddn.errors.__all__)
