@@ -260,7 +260,8 @@ class ConvexLayer(nn.Module):
         missing = [n for n, v in zip(names, bound) if v is None]
         if missing:
             raise ShapeError(
-                f"expected {len(names)} tensor(s), one per parameter {names}; missing {missing}")
+                f"expected {len(names)} tensor(s), one per parameter {names}, got "
+                f"{len(values) + len(named)}; missing {missing}")
         return bound
 
     def _batch_shape(self, values: Sequence[torch.Tensor]) -> tuple[int, ...]:
