@@ -33,6 +33,11 @@ _LAZY = {
     "LpProjection": ".nodes",
     "RobustPool": ".nodes",
     "SimplexProjection": ".nodes",
+    "EigenDecomposition": ".nodes",
+    "LeastSquares": ".nodes",
+    "WeightedLeastSquares": ".nodes",
+    "RobustVectorPool": ".nodes",
+    "PnP": ".nodes",
 }
 _SUBMODULES = ("errors", "functional", "testing", "convex", "nodes", "bench", "experiments")
 
@@ -40,10 +45,15 @@ __all__ = [
     "ConvexLayer",
     "CvxpyLayer",
     "DeclarativeNode",
+    "EigenDecomposition",
+    "LeastSquares",
     "LpProjection",
+    "PnP",
     "ProblemSpec",
     "RobustPool",
+    "RobustVectorPool",
     "SimplexProjection",
+    "WeightedLeastSquares",
     "errors",
     "functional",
     "layer",
@@ -72,4 +82,14 @@ if TYPE_CHECKING:  # for type checkers and documentation tools: the eager import
     from .convex import ConvexLayer, ProblemSpec, registry
     from .convex.compat import CvxpyLayer
     from .factory import layer
-    from .nodes import DeclarativeNode, LpProjection, RobustPool, SimplexProjection
+    from .nodes import (
+        DeclarativeNode,
+        EigenDecomposition,
+        LeastSquares,
+        LpProjection,
+        PnP,
+        RobustPool,
+        RobustVectorPool,
+        SimplexProjection,
+        WeightedLeastSquares,
+    )

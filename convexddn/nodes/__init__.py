@@ -4,14 +4,34 @@
 - :mod:`.projection`: Lp-ball/sphere and simplex projections;
 - :mod:`.declarative`: :class:`DeclarativeNode`, the base class for users' own nodes;
 - :mod:`.implicit`: the generic implicit vector–Jacobian product;
-- :mod:`.linear_solvers`: the KKT solvers it uses (dense and CG).
+- :mod:`.linear_solvers`: the KKT solvers it uses (dense and CG);
+- :mod:`.eigen`, :mod:`.least_squares` / :mod:`.linear_fit`, :mod:`.vector_pool`,
+  :mod:`.pnp`: eigen decomposition, (weighted) least squares, robust vector pooling,
+  perspective-n-point.
 """
 from .declarative import DeclarativeNode
+from .eigen import EigenDecomposition, EigenResult, eigen_decomposition
+from .least_squares import least_squares
+from .linear_fit import LeastSquares, LinearFit, WeightedLeastSquares, linear_fit
+from .pnp import PnP, pnp
+from .vector_pool import RobustVectorPool, robust_vector_pool
 from .pooling import Penalty, RobustPool, robust_pool
 from .projection import LpProjection, SimplexProjection, project_lp, project_simplex
 
 __all__ = [
     "DeclarativeNode",
+    "EigenDecomposition",
+    "EigenResult",
+    "eigen_decomposition",
+    "least_squares",
+    "LeastSquares",
+    "LinearFit",
+    "WeightedLeastSquares",
+    "linear_fit",
+    "PnP",
+    "pnp",
+    "RobustVectorPool",
+    "robust_vector_pool",
     "Penalty",
     "RobustPool",
     "robust_pool",

@@ -1,0 +1,312 @@
+"""Weighted, ridge-regularised least squares as a declarative node.
+
+.. math::
+
+    x(A, b, w, \\rho) = \\operatorname*{argmin}_{u \\in \\mathbb{R}^N}
+        \\tfrac12 \\|W^{1/2}(A u - b)\\|_2^2 + \\tfrac12 \\sum_n \\rho_n u_n^2,
+    \\qquad W = \\operatorname{diag}(w),
+
+solved by a Householder QR of the stacked matrix
+:math:`[W^{1/2} A;\\ \\operatorname{diag}(\\rho)^{1/2}]` in float64 (float32 input is
+promoted, so condition numbers up to ~1e6 keep float64-grade answers: QR's error grows
+like ``eps·cond`` where the normal equations' grows like ``eps·cond²``).
+
+The backward pass differentiates the optimality condition
+:math:`H x = A^\\top W b`, :math:`H = A^\\top W A + \\operatorname{diag}(\\rho) = R^\\top R`
+(Gould et al. 2021, Prop. 4.4). With the incoming gradient :math:`g`, one pair of
+triangular solves gives :math:`v = H^{-1} g`; then, with the residual
+:math:`r = b - A x`,
+
+.. math::
+
+    \\bar b = W A v, \\quad \\bar A = W (r v^\\top - A v x^\\top), \\quad
+    \\bar w_m = (A v)_m\\, r_m, \\quad \\bar\\rho_n = -v_n x_n,
+
+summed over the columns of ``b`` when it has several. No Jacobian is formed.
+
+Public name: :func:`least_squares`; the least-squares pooling layers built on it are
+in :mod:`convexddn.nodes.linear_fit`.
+
+References:
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._checks import check_finite, check_tensor
+from ..errors import DTypeError, InputError, OptionError, ShapeError, SolverError
+
+__all__ = ["least_squares"]
+
+_WORK = torch.float64
+_MAX_INDICES_SHOWN = 8
+
+
+# --------------------------------------------------------------------------- node
+
+
+def _factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
+    """QR of [W^{1/2} A; diag(ρ)^{1/2}] over the batch of the factor (not of b)."""
+    sw = None if w is None else w.sqrt().unsqueeze(-1)
+    At = A if sw is None else sw * A
+    if ridge is not None:
+        n = A.shape[-1]
+        root = torch.diag_embed(ridge.sqrt().expand(*ridge.shape[:-1], n))
+        shape = torch.broadcast_shapes(At.shape[:-2], root.shape[:-2])
+        At = torch.cat([At.expand(*shape, *At.shape[-2:]), root.expand(*shape, n, n)], -2)
+    Q, R = torch.linalg.qr(At)
+    return Q, R, sw
+
+
+def _rank_deficient(R: torch.Tensor) -> torch.Tensor:
+    """Mask of the batch elements whose H = RᵀR is singular to working precision."""
+    d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
+    tol = max(R.shape[-2], R.shape[-1], 1) * torch.finfo(R.dtype).eps
+    top = d.amax(-1, keepdim=True) if d.shape[-1] else torch.ones_like(d[..., :1])
+    return (d <= tol * top).any(-1) | (top.squeeze(-1) == 0)
+
+
+def _raise_rank(bad: torch.Tensor) -> None:
+    idx = torch.nonzero(bad)
+    shown = [tuple(int(i) for i in row) for row in idx[:_MAX_INDICES_SHOWN].tolist()]
+    more = ", ..." if idx.shape[0] > _MAX_INDICES_SHOWN else ""
+    raise SolverError(
+        f"least_squares: the weighted, regularised design matrix is rank deficient "
+        f"(AᵀWA + diag(ridge) is singular to float64 precision) for {idx.shape[0]} of "
+        f"{bad.numel()} batch element(s) (indices into the batch of A, weights and "
+        f"ridge: {shown}{more}); the minimiser is not unique — pass ridge > 0",
+        indices=[tuple(int(i) for i in row) for row in idx.tolist()],
+        statuses=["rank deficient"] * idx.shape[0],
+    )
+
+
+class _LeastSquaresFunction(torch.autograd.Function):
+    """x = argmin ½‖W^{1/2}(Au − b)‖² + ½ Σ ρ_n u_n² for A (…, M, N), b (…, M, K)."""
+
+    @staticmethod
+    def forward(A, b, w, ridge, out_dtype):  # type: ignore[override]
+        A, b = A.to(_WORK), b.to(_WORK)
+        w = None if w is None else w.to(_WORK)
+        ridge = None if ridge is None else ridge.to(_WORK)
+        Q, R, sw = _factor(A, w, ridge)
+        bt = b if sw is None else sw * b
+        # Only the first M rows of Q meet b: the ridge rows of the stacked rhs are zero.
+        rhs = Q[..., : A.shape[-2], :].mT @ bt
+        x = torch.linalg.solve_triangular(R, rhs, upper=True)
+        # A copy even in float64: the returned x must not be the saved (non-differentiable)
+        # x. The caller checks the rank mask (one host sync with its input checks).
+        return x.to(out_dtype, copy=True), R, x, _rank_deficient(R)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        A, b, w, ridge, _ = inputs
+        _, R, x, bad = output
+        ctx.mark_non_differentiable(R, x, bad)
+        ctx.save_for_backward(A, b, w, ridge, R, x)
+        ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _gR, _gx, _gbad):  # type: ignore[override]
+        A, b, w, ridge, R, x = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        A, b = A.to(_WORK), b.to(_WORK)
+        # v = H⁻¹ g = R⁻¹ R⁻ᵀ g: two triangular solves with the forward's factor.
+        v = torch.linalg.solve_triangular(R.mT, g.to(_WORK), upper=False)
+        v = torch.linalg.solve_triangular(R, v, upper=True)
+        Av = A @ v
+        wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
+        grads: list[Any] = [None, None, None, None, None]
+        if need[0] or need[2]:
+            r = b - A @ x
+        if need[0]:
+            gA = r @ v.mT - Av @ x.mT
+            grads[0] = gA if wcol is None else wcol * gA
+        if need[1]:
+            grads[1] = Av if wcol is None else wcol * Av
+        if need[2]:
+            grads[2] = (Av * r).sum(-1)
+        if need[3]:
+            grads[3] = -(v * x).sum(-1)
+        for i, t in enumerate((A, b, w, ridge)):
+            if grads[i] is not None:
+                grads[i] = grads[i].sum_to_size(t.shape).to(ctx.dtypes[i])
+        return tuple(grads)
+
+
+_LeastSquaresFunction.forward.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    _LeastSquaresFunction.forward
+)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise InputError(f"{name} must be on A's device {ref.device}, got {t.device}")
+
+
+def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_rank: torch.Tensor) -> None:
+    """Input and result checks with one host sync, after the solve.
+
+    NaN or Inf in any input reaches x (QR propagates it), so a non-finite x sends each
+    input through :func:`check_finite`, which names the culprit; negative weights or
+    ridge raise InputError; a rank-deficient element raises SolverError.
+    """
+    signed = [(name, t) for name, t in named if name in ("weights", "ridge") and t.numel() > 0]
+    stats = [x.sum(), bad_rank.any().to(x.dtype)] + [t.detach().amin().to(x.dtype) for _, t in signed]
+    total, rank, *lows = torch.stack(stats).tolist()
+    if not math.isfinite(total):
+        for name, t in named:
+            check_finite(name, t)
+    for (name, _), low in zip(signed, lows):
+        if low < 0:
+            raise InputError(f"{name} must be >= 0 everywhere, got a minimum of {low:g}")
+    if not math.isfinite(total):
+        raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
+    if rank:
+        _raise_rank(bad_rank)
+
+
+def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
+    """``None`` for a zero scalar ridge, else a tensor broadcastable to (*, N)."""
+    if isinstance(ridge, torch.Tensor):
+        check_tensor("ridge", ridge)
+        _same_device("ridge", ridge, like)
+        r = ridge if ridge.ndim > 0 else ridge.reshape(1)
+        if r.shape[-1] not in (1, n):
+            raise ShapeError(
+                f"ridge must broadcast to (*, N) with N={n} (use shape (*, 1) for one ridge "
+                f"per batch element), got shape {tuple(ridge.shape)}"
+            )
+        return r
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
+        raise OptionError(f"ridge must be a number >= 0 or a tensor, got {ridge!r}")
+    if not ridge >= 0 or ridge == float("inf"):
+        raise OptionError(f"ridge must be finite and >= 0, got {ridge!r}")
+    return None if ridge == 0 else torch.full((1,), float(ridge), dtype=like.dtype, device=like.device)
+
+
+def least_squares(
+    A: torch.Tensor,
+    b: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    ridge: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    r"""Weighted ridge least squares, batched, with an implicit backward.
+
+    .. math::
+
+        x = \operatorname*{argmin}_{u} \|W^{1/2}(A u - b)\|_2^2 + \sum_n \rho_n u_n^2
+          = (A^\top W A + \operatorname{diag}\rho)^{-1} A^\top W b
+
+    Forward: Householder QR of :math:`[W^{1/2}A;\ \operatorname{diag}(\rho)^{1/2}]` and
+    one triangular solve, in float64 whatever the input dtype (the result is cast
+    back), so float32 inputs with condition numbers up to ~1e6 get float64-grade
+    solutions and gradients. When ``A``, ``weights`` and ``ridge`` have fewer batch
+    elements than ``b`` (one design matrix, many right-hand sides) the factorisation is
+    done once per distinct matrix.
+
+    Backward: :math:`v = H^{-1} g` by two triangular solves with the forward's
+    :math:`R` (:math:`H = R^\top R`), then :math:`\bar b = W A v`,
+    :math:`\bar A = W(r v^\top - A v x^\top)`, :math:`\bar w = (A v) \circ r` and
+    :math:`\bar\rho = -v \circ x` with :math:`r = b - A x` (summed over the columns of
+    a matrix ``b``, and over broadcast batch dimensions).
+
+    Args:
+        A: design matrices ``(*, M, N)``, floating point.
+        b: targets, ``(*, M)`` (one right-hand side: ``b.ndim == A.ndim - 1``) or
+            ``(*, M, K)`` (K right-hand sides: ``b.ndim == A.ndim``); same dtype as ``A``.
+        weights: nonnegative row weights ``(*, M)``, or ``None`` for all ones.
+            Default: ``None``.
+        ridge: :math:`\rho \ge 0`: a number, or a tensor broadcastable to ``(*, N)``
+            (per coordinate; shape ``(*, 1)`` for one value per batch element). It may
+            require grad. Default: ``0``.
+
+    Shape:
+        - ``A (*, M, N)``, ``b (*, M)`` or ``(*, M, K)``, ``weights (*, M)``; the batch
+          dimensions ``*`` broadcast against each other.
+        - Output: ``(*, N)`` or ``(*, N, K)``, in the dtype of ``A`` and ``b``.
+
+    Raises:
+        DTypeError: a tensor is not floating point, or ``A`` and ``b`` differ in dtype.
+        ShapeError: ``A`` is not a batch of matrices, ``b``/``weights``/``ridge`` do
+            not match its M, N or batch shape, or ``M < N`` with ``ridge = 0``.
+        NonFiniteError: a tensor holds NaN or Inf.
+        InputError: negative weights or ridge; tensors on different devices.
+        OptionError: ``ridge`` is neither a number >= 0 nor a tensor.
+        SolverError: :math:`A^\top W A + \operatorname{diag}\rho` is singular to
+            float64 precision for some batch elements (named in the message and in
+            ``indices``); pass ``ridge > 0``.
+
+    References:
+        S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
+
+    Examples::
+
+        >>> A, b = torch.randn(4, 20, 3), torch.randn(4, 20)
+        >>> x = least_squares(A, b)
+        >>> torch.allclose(x, torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1), atol=1e-5)
+        True
+    """
+    A = check_tensor("A", A)
+    b = check_tensor("b", b)
+    if A.ndim < 2:
+        raise ShapeError(f"A must be matrices of shape (*, M, N), got shape {tuple(A.shape)}")
+    if b.dtype != A.dtype:
+        raise DTypeError(f"b must have A's dtype {A.dtype}, got {b.dtype}")
+    _same_device("b", b, A)
+    m, n = A.shape[-2:]
+    if b.ndim == A.ndim - 1:
+        vector, bm = True, b.unsqueeze(-1)
+    elif b.ndim == A.ndim:
+        vector, bm = False, b
+    else:
+        raise ShapeError(
+            f"b must have shape (*, M) or (*, M, K) with as many batch dims as A "
+            f"{tuple(A.shape)}, got shape {tuple(b.shape)}"
+        )
+    if bm.shape[-2] != m:
+        raise ShapeError(f"b must have M={m} rows like A {tuple(A.shape)}, got shape {tuple(b.shape)}")
+    named = [("A", A), ("b", b)]
+    if weights is not None:
+        weights = check_tensor("weights", weights)
+        _same_device("weights", weights, A)
+        if weights.ndim < 1 or weights.shape[-1] != m:
+            raise ShapeError(f"weights must have shape (*, M) with M={m}, got shape {tuple(weights.shape)}")
+        named.append(("weights", weights))
+    r = _as_ridge(ridge, n, A)
+    if isinstance(ridge, torch.Tensor):
+        named.append(("ridge", ridge))
+    if r is None and m < n:
+        raise ShapeError(
+            f"least_squares needs M >= N rows when ridge = 0 (else the minimiser is not "
+            f"unique), got A of shape {tuple(A.shape)}; pass ridge > 0"
+        )
+    try:
+        batch = torch.broadcast_shapes(
+            A.shape[:-2], bm.shape[:-2],
+            () if weights is None else weights.shape[:-1],
+            () if r is None else r.shape[:-1],
+        )
+    except RuntimeError:
+        raise ShapeError(
+            f"the batch shapes of A {tuple(A.shape[:-2])}, b {tuple(bm.shape[:-2])}"
+            + ("" if weights is None else f", weights {tuple(weights.shape[:-1])}")
+            + ("" if r is None else f", ridge {tuple(r.shape[:-1])}")
+            + " do not broadcast"
+        ) from None
+    if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
+        x, _, _, bad_rank = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype)
+    else:
+        x, _, _, bad_rank = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype)
+    _check_result(named, x, bad_rank)
+    x = x.expand(*batch, n, bm.shape[-1]) if x.shape[:-2] != batch else x
+    return x.squeeze(-1) if vector else x

@@ -1,0 +1,206 @@
+"""Least-squares pooling: fit a linear model to a set of feature vectors.
+
+.. math::
+
+    (\\beta, \\beta_0) = \\operatorname*{argmin}_{u, u_0}
+        \\sum_{t=1}^{T} w_t\\, (x_t^\\top u + u_0 - y_t)^2 + \\rho \\|u\\|_2^2
+
+The layer form of :func:`convexddn.nodes.least_squares.least_squares` (the reference's
+basic and weighted least-squares layers; with the time index as target it is rank
+pooling): :func:`linear_fit` builds :math:`A = [x^\\top, \\mathbf 1]` and the ridge
+:math:`(\\rho, \\dots, \\rho, 0)`, so the intercept is not regularised, and the node's
+implicit backward reaches the features, the targets, the weights and the ridge.
+
+Public names: :func:`linear_fit`, :class:`LinearFit`, :class:`LeastSquares`,
+:class:`WeightedLeastSquares`.
+
+References:
+    B. Fernando and S. Gould, "Learning End-to-end Video Classification with
+    Rank-Pooling", ICML 2016.
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .._checks import check_bool, check_tensor
+from ..errors import OptionError, ShapeError
+from .least_squares import least_squares
+
+__all__ = ["linear_fit", "LinearFit", "LeastSquares", "WeightedLeastSquares"]
+
+
+class LinearFit(NamedTuple):
+    """Output of :func:`linear_fit`: ``coef (*, C)`` and ``intercept (*)``."""
+
+    coef: torch.Tensor
+    intercept: torch.Tensor
+
+
+def linear_fit(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    ridge: float | torch.Tensor = 1e-3,
+    bias: bool = True,
+) -> LinearFit:
+    r"""Fit a linear model to a set of feature vectors: least-squares pooling.
+
+    .. math::
+
+        (\beta, \beta_0) = \operatorname*{argmin}_{u, u_0}
+            \sum_{t=1}^{T} w_t\, (x_t^\top u + u_0 - y_t)^2 + \rho \|u\|_2^2
+
+    over the T feature vectors :math:`x_t \in \mathbb{R}^C` (the columns of ``x``),
+    with targets :math:`y_t` (e.g. the time index for rank pooling) and the intercept
+    :math:`u_0` left unregularised. A thin wrapper of :func:`least_squares` with
+    :math:`A = [x^\top, \mathbf 1]` and ridge :math:`(\rho, \dots, \rho, 0)`; gradients
+    reach ``x``, ``target``, ``weights`` and a tensor ``ridge``.
+
+    Args:
+        x: features ``(*, C, T)``.
+        target: targets ``(*, T)``; batch dims broadcast (``(1, T)`` or ``(T,)`` shares
+            one target, e.g. a learnable one, across the batch).
+        weights: nonnegative weights ``(*, T)`` or ``None``. Default: ``None``.
+        ridge: :math:`\rho \ge 0`, a number or a tensor broadcastable to the batch
+            shape ``(*)``. Default: ``1e-3`` (as the reference's layers).
+        bias: fit the intercept :math:`u_0` (else it is 0). Default: ``True``.
+
+    Shape:
+        - Input: ``x (*, C, T)``, ``target (*, T)``, ``weights (*, T)``.
+        - Output: :class:`LinearFit` ``coef (*, C)``, ``intercept (*)``.
+
+    Raises:
+        As :func:`least_squares` (``A`` there is ``x`` transposed); OptionError for a
+        non-bool ``bias``.
+
+    Examples::
+
+        >>> x = torch.randn(8, 16, 10)          # 8 sequences of 10 16-D features
+        >>> t = torch.arange(10.0)               # rank pooling: fit the time index
+        >>> fit = linear_fit(x, t, ridge=1e-2)
+        >>> fit.coef.shape, fit.intercept.shape
+        (torch.Size([8, 16]), torch.Size([8]))
+    """
+    x = check_tensor("x", x)
+    target = check_tensor("target", target)
+    check_bool("bias", bias)
+    if x.ndim < 2:
+        raise ShapeError(f"x must have shape (*, C, T), got shape {tuple(x.shape)}")
+    c = x.shape[-2]
+    A = x.mT
+    r: Any = ridge
+    if bias:
+        A = torch.cat([A, torch.ones_like(A[..., :1])], -1)
+    if isinstance(ridge, torch.Tensor):
+        check_tensor("ridge", ridge)
+        rr = ridge.unsqueeze(-1).to(x.dtype)
+        if bias:
+            rr = torch.cat([rr.expand(*rr.shape[:-1], c), torch.zeros_like(rr)], -1)
+        r = rr
+    elif bias and not (isinstance(ridge, bool) or not isinstance(ridge, (int, float))) and ridge > 0:
+        r = torch.cat([torch.full((c,), float(ridge)), torch.zeros(1)]).to(dtype=x.dtype, device=x.device)
+    if target.ndim < 1 or target.shape[-1] != x.shape[-1]:
+        raise ShapeError(
+            f"target must have shape (*, T) with T={x.shape[-1]} like x {tuple(x.shape)}, "
+            f"got shape {tuple(target.shape)}"
+        )
+    # least_squares tells b's vector form by its rank: give A and target equal batch ranks.
+    extra = target.ndim - (A.ndim - 1)
+    if extra > 0:
+        A = A.reshape((1,) * extra + A.shape)
+    elif extra < 0:
+        target = target.reshape((1,) * -extra + target.shape)
+    sol = least_squares(A, target.to(x.dtype), weights, r)
+    if bias:
+        return LinearFit(sol[..., :c], sol[..., c])
+    return LinearFit(sol, sol.new_zeros(sol.shape[:-1]))
+
+
+def _check_layer_options(ridge: Any, bias: Any) -> None:
+    check_bool("bias", bias)
+    if isinstance(ridge, torch.Tensor):
+        check_tensor("ridge", ridge)
+    elif isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
+        raise OptionError(f"ridge must be a finite number >= 0 or a tensor, got {ridge!r}")
+
+
+class LeastSquares(nn.Module):
+    r"""Least-squares pooling: fit :math:`y_t \approx x_t^\top\beta + \beta_0` to a set.
+
+    .. math::
+
+        (\beta, \beta_0) = \operatorname*{argmin}_{u, u_0}
+            \sum_t (x_t^\top u + u_0 - y_t)^2 + \rho \|u\|_2^2
+
+    The module form of :func:`linear_fit` without weights (the reference's basic
+    least-squares layer); :class:`WeightedLeastSquares` takes per-item weights.
+
+    Args:
+        ridge: :math:`\rho \ge 0`, a number or a tensor (an ``nn.Parameter`` is
+            learned; another tensor is stored as a buffer). Default: ``1e-3``.
+        bias: fit the intercept. Default: ``True``.
+
+    Shape:
+        - Input: ``x (*, C, T)``, ``target (*, T)``.
+        - Output: :class:`LinearFit` ``coef (*, C)``, ``intercept (*)``.
+
+    Raises:
+        OptionError: invalid ``ridge`` or ``bias`` at construction; calls raise as
+            :func:`least_squares`.
+
+    Examples::
+
+        >>> pool = LeastSquares(ridge=1e-2)
+        >>> pool(torch.randn(4, 32, 12), torch.linspace(0, 1, 12)).coef.shape
+        torch.Size([4, 32])
+    """
+
+    def __init__(self, ridge: float | torch.Tensor = 1e-3, bias: bool = True) -> None:
+        super().__init__()
+        _check_layer_options(ridge, bias)
+        if isinstance(ridge, torch.Tensor) and not isinstance(ridge, nn.Parameter):
+            self.register_buffer("ridge", ridge.detach().clone())
+        else:
+            self.ridge = ridge
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> LinearFit:
+        return linear_fit(x, target, None, self.ridge, self.bias)
+
+    def extra_repr(self) -> str:
+        r = self.ridge
+        if isinstance(r, torch.Tensor):
+            shown = f"Tensor{tuple(r.shape)}" if r.numel() != 1 else f"{float(r.detach()):g}"
+        else:
+            shown = f"{r:g}"
+        return f"ridge={shown}, bias={self.bias}"
+
+
+class WeightedLeastSquares(LeastSquares):
+    r"""Weighted least-squares pooling: :class:`LeastSquares` with per-item weights.
+
+    .. math::
+
+        (\beta, \beta_0) = \operatorname*{argmin}_{u, u_0}
+            \sum_t w_t (x_t^\top u + u_0 - y_t)^2 + \rho \|u\|_2^2
+
+    Args:
+        ridge: :math:`\rho \ge 0`. Default: ``1e-3``.
+        bias: fit the intercept. Default: ``True``.
+
+    Shape:
+        - Input: ``x (*, C, T)``, ``target (*, T)``, ``weights (*, T)`` (nonnegative).
+        - Output: :class:`LinearFit` ``coef (*, C)``, ``intercept (*)``.
+
+    Raises:
+        As :class:`LeastSquares`.
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+    ) -> LinearFit:
+        return linear_fit(x, target, weights, self.ridge, self.bias)

@@ -1,0 +1,362 @@
+"""Perspective-n-point: camera pose from 2-D/3-D correspondences, a declarative node.
+
+.. math::
+
+    \\theta(q, p, w, K) \\in \\operatorname*{argmin}_{\\theta = (r, t) \\in \\mathbb{R}^6}
+        \\sum_{i=1}^{N} w_i\\, \\phi\\big(\\|\\pi_K(R(r)\\, p_i + t) - q_i\\|_2; \\alpha\\big)
+
+with :math:`R(r)` the rotation of the axis-angle vector :math:`r` (Rodrigues),
+:math:`\\pi_K(X) = (f_x X_1/X_3 + c_x,\\ f_y X_2/X_3 + c_y)` the pinhole projection and
+:math:`\\phi` one of the robust penalties of :class:`~convexddn.RobustPool` applied to the
+reprojection distance (``quadratic``: least-squares reprojection error; ``huber``: the
+reference's ``reproj_huber``).
+
+Forward: a batched direct linear transform (DLT) start, then damped Newton
+(Levenberg–Marquardt on the exact 6×6 Hessian, shifted to be positive definite, each
+step accepted only if it lowers the objective), all batch elements at once, in float64.
+
+Backward (Gould et al. Prop. 4.4, §6.1):
+:math:`v = H^{-1} \\bar\\theta` with the exact 6×6 Hessian at the solution, then
+:math:`\\bar x = -\\partial_x (\\nabla_\\theta f \\cdot v)` for each input x by one autograd
+call on the objective; no solver iteration is differentiated.
+
+Public names: :func:`pnp`, :class:`PnP`.
+
+References:
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
+    D. Campbell, L. Liu and S. Gould, "Solving the Blind Perspective-n-Point Problem
+    End-To-End With Robust Differentiable Geometric Optimization", ECCV 2020.
+    R. Hartley and A. Zisserman, "Multiple View Geometry", 2nd ed., §7.1 (DLT).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .._checks import check_finite, check_int, check_positive, check_tensor
+from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
+from ._pnp_geometry import axis_angle_to_matrix, dlt, normalised
+from .pooling.penalties import Penalty
+
+__all__ = ["pnp", "PnP", "axis_angle_to_matrix"]
+
+# Everything runs in float64 (a 6-parameter problem: the cost is in the N points, and
+# float32 reprojection errors cannot resolve the pose to much better than 1e-4).
+_WORK = torch.float64
+# On the step, relative to 1 + max|θ|: f = Σ w φ resolves a step only down to about
+# sqrt(eps·f/‖H‖) ~ 1e-9, and the quadratic convergence of Newton's method leaves an
+# error of order (last step)² anyway.
+_DEFAULT_TOL = 1e-8
+_DEFAULT_MAX_ITER = 100
+# Below this reprojection distance (relative to alpha) the penalty is evaluated by its
+# Taylor expansion φ(0) + φ''(0) z²/2, a smooth function of z² = ‖e‖²: autograd through
+# ‖e‖ has no second derivative at e = 0, where noise-free data puts every residual.
+# The expansion's relative error there is O((z/alpha)²) <= 1e-8.
+_TAYLOR_RADIUS = 1e-4
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def _objective(theta, p2d, p3d, w, K, a, pen: Penalty) -> torch.Tensor:
+    """Σ_i w_i φ(‖π_K(R p_i + t) − q_i‖; α) per batch element, (B,)."""
+    X = p3d @ axis_angle_to_matrix(theta[:, :3]).mT + theta[:, None, 3:]
+    proj = X[..., :2] / X[..., 2:]
+    if K is not None:
+        proj = proj * K[:, None, :2] + K[:, None, 2:]
+    e = proj - p2d
+    s = (e * e).sum(-1)
+    tau2 = (_TAYLOR_RADIUS * a) ** 2
+    small = s < tau2
+    z = torch.sqrt(torch.where(small, tau2 * torch.ones_like(s), s))
+    zero = torch.zeros_like(s)
+    near = pen.phi(zero, a) + 0.5 * pen.d2phi(zero, a) * s
+    return (w * torch.where(small, near, pen.phi(z, a))).sum(-1)
+
+
+def _grad_hess(theta, xs, pen, create_graph=False):
+    """f, ∇f (B, 6) and the exact Hessian (B, 6, 6) by autograd on the objective."""
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_()
+        f = _objective(th, *xs, pen)
+        g = torch.autograd.grad(f.sum(), th, create_graph=True)[0]
+        # All six Hessian rows in one vmapped backward pass (one per unit vector).
+        eye = torch.eye(6, dtype=th.dtype, device=th.device).unsqueeze(1).expand(6, *g.shape)
+        H = torch.autograd.grad(g, th, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph)[0]
+    return f.detach(), g if create_graph else g.detach(), H.movedim(0, -2), th
+
+
+def _solve(theta, xs, pen, tol, max_iter):
+    """Damped Newton on the exact Hessian: the step solves (H + μI) δ = −∇f with μ the
+    amount that makes H + μI positive definite plus a Levenberg–Marquardt damping
+    λ·max|diag H| (λ shrinks after an accepted step, grows after a rejected one); a
+    step is kept only if f does not rise above its rounding floor."""
+    B = theta.shape[0]
+    # λ starts small and falls tenfold per accepted step: a damping of λ·max|diag H|
+    # slows convergence to a rate of about λ·cond(H), so it must vanish near the minimum.
+    lam = torch.full((B,), 1e-6, dtype=theta.dtype, device=theta.device)
+    eps = torch.finfo(theta.dtype).eps
+    n_todo = B
+    for _ in range(max_iter):
+        f, g, H, _ = _grad_hess(theta, xs, pen)
+        ev, Q = torch.linalg.eigh(H)
+        scale = ev.abs().amax(-1).clamp(min=eps)
+        shift = (-ev[:, 0]).clamp(min=0) + lam * scale
+        step = -(Q @ ((Q.mT @ g.unsqueeze(-1)).squeeze(-1) / (ev + shift.unsqueeze(-1))).unsqueeze(-1)).squeeze(-1)
+        finite = torch.isfinite(step).all(-1)
+        step = torch.where(finite.unsqueeze(-1), step, torch.zeros_like(step))
+        f_new = _objective(theta + step, *xs, pen)
+        # f resolves a step only down to ~sqrt(eps·f/‖H‖): below that, where the model is
+        # convex and predicts a decrease under f's rounding, the Newton step is taken
+        # on the model's word (the quadratic regime, where it is exact to second order).
+        pred = -(g * step).sum(-1) - 0.5 * (step * (H @ step.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        unresolved = (ev[:, 0] > 0) & (pred <= 1e3 * eps * f.abs())
+        ok = finite & torch.isfinite(f_new) & ((f_new <= f + 8 * eps * f.abs()) | unresolved)
+        # Done after a step below tol; Newton's quadratic convergence leaves an error far
+        # below the last step.
+        small = step.abs().amax(-1) <= tol * (1 + theta.abs().amax(-1))
+        done = small & ok
+        theta = torch.where(ok.unsqueeze(-1), theta + step, theta)
+        lam = torch.where(ok, (lam / 10).clamp(min=1e-15), lam * 10)
+        n_todo = int((~done).sum())
+        if n_todo == 0:
+            return theta
+    warnings.warn(f"pnp: {n_todo} of {B} problem(s) did not reach tol={tol:g} within max_iter={max_iter}; "
+                  "returning the last iterate", SolverWarning, stacklevel=4)
+    return theta
+
+
+# --------------------------------------------------------------------------- node
+
+
+class _PnPFunction(torch.autograd.Function):
+    """θ = argmin_θ Σ w_i φ(‖π(R p_i + t) − q_i‖) for (B, N, ·) inputs -> (B, 6)."""
+
+    @staticmethod
+    def forward(p2d, p3d, w, K, alpha, init, pen, tol, max_iter):  # type: ignore[override]
+        xs = (p2d, p3d, w, K, alpha)
+        theta = dlt(normalised(p2d, K), p3d, w) if init is None else init
+        return _solve(theta, xs, pen, tol, max_iter)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        p2d, p3d, w, K, alpha = inputs[:5]
+        ctx.save_for_backward(p2d, p3d, w, K, alpha, output)
+        ctx.pen = inputs[6]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_theta):  # type: ignore[override]
+        p2d, p3d, w, K, alpha, theta = ctx.saved_tensors
+        need = ctx.needs_input_grad[:5]
+        _, _, H, _ = _grad_hess(theta, (p2d, p3d, w, K, alpha), ctx.pen)
+        v, info = torch.linalg.solve_ex(H, g_theta)
+        ok = (info == 0) & torch.isfinite(v).all(-1)
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().flatten()
+            warnings.warn(f"pnp: the Hessian at the solution is singular for {bad.numel()} of {theta.shape[0]} "
+                          f"problem(s) (flat indices {bad[:8].tolist()}); their gradient is set to zero",
+                          GradientWarning, stacklevel=2)
+            v = torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v))
+        xs = [None if t is None else t.detach().requires_grad_(n)
+              for t, n in zip((p2d, p3d, w, K, alpha), need)]
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_()
+            gf = torch.autograd.grad(_objective(th, *xs, ctx.pen).sum(), th, create_graph=True)[0]
+            wanted = [t for t, n in zip(xs, need) if n]
+            got = iter(torch.autograd.grad((gf * v).sum(), wanted, allow_unused=True)) if wanted else iter(())
+        out = []
+        for t, n in zip(xs, need):
+            gr = next(got) if n else None
+            out.append(None if not n else (torch.zeros_like(t) if gr is None else -gr))
+        return (*out, None, None, None, None)
+
+
+_PnPFunction.forward.__signature__ = inspect.signature(_PnPFunction.forward)  # type: ignore[attr-defined]
+
+
+def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> Penalty:
+    pen = Penalty.resolve(penalty)
+    if isinstance(alpha, torch.Tensor):
+        check_tensor("alpha", alpha)
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise OptionError(f"alpha must be a positive number or tensor, got {alpha!r}")
+    check_positive("alpha", alpha)
+    if tol is not None:
+        check_positive("tol", tol)
+    if max_iter is not None:
+        check_int("max_iter", max_iter, minimum=1)
+    return pen
+
+
+def pnp(
+    p2d: torch.Tensor,
+    p3d: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    K: torch.Tensor | None = None,
+    *,
+    penalty: str | Penalty = "quadratic",
+    alpha: float | torch.Tensor = 1.0,
+    init: torch.Tensor | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> torch.Tensor:
+    r"""Camera pose from 2-D/3-D correspondences by robust reprojection error.
+
+    .. math::
+
+        \theta = (r, t) \in \operatorname*{argmin}_{r, t}
+            \sum_i w_i\, \phi\big(\|\pi_K(R(r) p_i + t) - q_i\|_2; \alpha\big)
+
+    Forward: a weighted DLT start (needs N >= 6 points not all on one plane; else pass
+    ``init``), then Levenberg–Marquardt on the exact 6×6 Hessian from that start, every
+    step accepted only if it lowers the objective, to ``tol``. The result is a local
+    minimiser: with gross outliers the DLT start (a least-squares fit) can lie outside
+    the basin of the robust minimum, so pass ``init`` (e.g. from RANSAC) in that case.
+
+    Backward: :math:`v = H^{-1}\bar\theta` with :math:`H = \nabla^2_{\theta} f` at the
+    solution, then :math:`\bar x = -\partial_x(\nabla_\theta f(\theta, x)^\top v)` for
+    ``p2d``, ``p3d``, ``weights``, ``K`` and a tensor ``alpha`` (second derivatives of the
+    objective by autograd; the solver is not differentiated). A singular :math:`H` gives
+    that problem a zero gradient and a :class:`~convexddn.errors.GradientWarning`.
+
+    Args:
+        p2d: image points :math:`q_i`, ``(*, N, 2)`` (pixels with ``K``, else normalised).
+        p3d: world points :math:`p_i`, ``(*, N, 3)``.
+        weights: nonnegative :math:`w_i`, ``(*, N)``, or ``None`` for ones.
+        K: intrinsics ``(*, 4)`` as ``(fx, fy, cx, cy)``, or ``None``.
+        penalty: a penalty name of :class:`~convexddn.RobustPool` or a ``Penalty``.
+            Default: ``"quadratic"`` (least-squares reprojection error).
+        alpha: penalty scale > 0, a number or a tensor broadcastable to ``(*)``.
+        init: start ``(*, 6)``, or ``None`` for the DLT.
+        tol: step tolerance relative to ``1 + max|θ|``. Default: 1e-8 (computations
+            run in float64 whatever the input dtype; the output has the inputs' dtype).
+        max_iter: Levenberg–Marquardt iterations; reaching it issues a
+            :class:`~convexddn.errors.SolverWarning`. Default: 100.
+
+    Shape:
+        - Input: as above; the batch dims ``*`` broadcast against each other.
+        - Output: ``(*, 6)``: axis-angle rotation ``[..., :3]`` (radians) and
+          translation ``[..., 3:]``, mapping world to camera coordinates.
+
+    Raises:
+        DTypeError: a tensor is not floating point.
+        ShapeError: mismatched shapes, or N < 6 without ``init``.
+        NonFiniteError: an input holds NaN or Inf.
+        InputError: negative weights, all-zero weights for a problem, or tensors on
+            different devices.
+        OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol`` or ``max_iter``.
+
+    References:
+        S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
+        D. Campbell, L. Liu and S. Gould, ECCV 2020 (the reference's PnP node).
+    """
+    pen = _check_options(penalty, alpha, tol, max_iter)
+    p2d, p3d = check_tensor("p2d", p2d), check_tensor("p3d", p3d)
+    if p2d.ndim < 2 or p2d.shape[-1] != 2 or p3d.ndim < 2 or p3d.shape[-1] != 3 or p2d.shape[-2] != p3d.shape[-2]:
+        raise ShapeError(f"p2d must be (*, N, 2) and p3d (*, N, 3) with the same N, got shapes "
+                         f"{tuple(p2d.shape)} and {tuple(p3d.shape)}")
+    n = p2d.shape[-2]
+    if init is None and n < 6:
+        raise ShapeError(f"pnp needs N >= 6 correspondences for its DLT start, got N={n}; pass init")
+    dtype = _WORK
+    named = {"p2d": (p2d, 2), "p3d": (p3d, 2)}
+    if weights is not None:
+        named["weights"] = (check_tensor("weights", weights), 1)
+        if weights.ndim < 1 or weights.shape[-1] != n:
+            raise ShapeError(f"weights must be (*, N) with N={n}, got shape {tuple(weights.shape)}")
+    if K is not None:
+        named["K"] = (check_tensor("K", K), 1)
+        if K.ndim < 1 or K.shape[-1] != 4:
+            raise ShapeError(f"K must be (*, 4) as (fx, fy, cx, cy), got shape {tuple(K.shape)}")
+    if init is not None:
+        named["init"] = (check_tensor("init", init), 1)
+        if init.ndim < 1 or init.shape[-1] != 6:
+            raise ShapeError(f"init must be (*, 6), got shape {tuple(init.shape)}")
+    if isinstance(alpha, torch.Tensor):
+        named["alpha"] = (alpha, 0)
+    try:
+        batch = torch.broadcast_shapes(*[t.shape[: t.ndim - k] for t, k in named.values()])
+    except RuntimeError:
+        shapes = ", ".join(f"{k} {tuple(t.shape[: t.ndim - c])}" for k, (t, c) in named.items())
+        raise ShapeError(f"the batch shapes of {shapes} do not broadcast") from None
+    for name, (t, _) in named.items():
+        if t.device != p2d.device:
+            raise InputError(f"{name} must be on p2d's device {p2d.device}, got {t.device}")
+        check_finite(name, t)
+    if weights is not None and weights.numel():
+        if bool((weights < 0).any()):
+            raise InputError(f"weights must be >= 0, got a minimum of {float(weights.min()):g}")
+        if bool((weights.sum(-1) == 0).any()):
+            raise InputError("weights must not be all zero for a problem (the pose is then undetermined)")
+
+    def flat(t, k):
+        return t.to(dtype).expand(*batch, *t.shape[t.ndim - k:]).reshape(-1, *t.shape[t.ndim - k:])
+
+    q, p = flat(p2d, 2), flat(p3d, 2)
+    w = flat(weights, 1) if weights is not None else torch.ones_like(q[..., 0])
+    Kf = flat(K, 1) if K is not None else None
+    if isinstance(alpha, torch.Tensor):
+        a = flat(alpha, 0).unsqueeze(-1)
+    else:
+        a = torch.tensor(float(alpha), dtype=dtype, device=q.device)
+    th0 = flat(init, 1) if init is not None else None
+    if q.shape[0] == 0:
+        return q.new_zeros(*batch, 6)
+    args = (q, p, w, Kf, a, None if th0 is None else th0.detach(), pen,
+            _DEFAULT_TOL if tol is None else float(tol), _DEFAULT_MAX_ITER if max_iter is None else max_iter)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, w, a) + (() if Kf is None else (Kf,))):
+        theta = _PnPFunction.apply(*args)
+    else:
+        theta = _PnPFunction.forward(*args)
+    return theta.reshape(*batch, 6).to(torch.promote_types(p2d.dtype, p3d.dtype))
+
+
+class PnP(nn.Module):
+    r"""Module form of :func:`pnp`: camera pose from 2-D/3-D correspondences.
+
+    .. math::
+
+        \theta \in \operatorname*{argmin}_{r, t} \sum_i w_i\,
+            \phi\big(\|\pi_K(R(r) p_i + t) - q_i\|_2; \alpha\big)
+
+    Args:
+        penalty, alpha, tol, max_iter: see :func:`pnp` (an ``nn.Parameter`` alpha is
+            learned; another tensor is stored as a buffer).
+
+    Shape:
+        - Input: ``p2d (*, N, 2)``, ``p3d (*, N, 3)``, optional ``weights (*, N)``,
+          ``K (*, 4)`` and ``init (*, 6)``.
+        - Output: ``(*, 6)`` (axis-angle, translation).
+
+    Raises:
+        OptionError: invalid options at construction; calls raise as :func:`pnp`.
+    """
+
+    def __init__(self, penalty: str | Penalty = "quadratic", alpha: float | torch.Tensor = 1.0,
+                 tol: float | None = None, max_iter: int | None = None) -> None:
+        super().__init__()
+        self.penalty = _check_options(penalty, alpha, tol, max_iter)
+        if isinstance(alpha, torch.Tensor) and not isinstance(alpha, nn.Parameter):
+            self.register_buffer("alpha", alpha.detach().clone())
+        else:
+            self.alpha = alpha
+        self.tol, self.max_iter = tol, max_iter
+
+    def forward(self, p2d: torch.Tensor, p3d: torch.Tensor, weights: torch.Tensor | None = None,
+                K: torch.Tensor | None = None, init: torch.Tensor | None = None) -> torch.Tensor:
+        return pnp(p2d, p3d, weights, K, penalty=self.penalty, alpha=self.alpha, init=init,
+                   tol=self.tol, max_iter=self.max_iter)
+
+    def extra_repr(self) -> str:
+        a = self.alpha
+        if isinstance(a, torch.Tensor):
+            a = f"Tensor{tuple(a.shape)}" if a.numel() != 1 else f"{float(a.detach()):g}"
+        parts = [f"penalty={self.penalty.name!r}", f"alpha={a}"]
+        parts += [f"{k}={v}" for k, v in (("tol", self.tol), ("max_iter", self.max_iter)) if v is not None]
+        return ", ".join(parts)

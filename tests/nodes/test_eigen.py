@@ -1,0 +1,214 @@
+"""Tests of convexddn.nodes.eigen: top-k eigenpairs of symmetric matrices.
+
+Expected values come from the eigen equation X V = V Λ, from torch.linalg.eigvalsh,
+from torch's own eigh autograd (an independent implementation) on sign-invariant
+losses, and from finite differences (gradcheck); never from the module's own output.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from convexddn.errors import DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError
+from convexddn.nodes.eigen import EigenDecomposition, EigenResult, eigen_decomposition
+
+
+def sym(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(shape, generator=g, dtype=dtype)
+    return X + X.mT
+
+
+def with_spectrum(lam, seed=0, batch=()):
+    """Q diag(lam) Qᵀ in float64 for a random orthogonal Q."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(lam)
+    Q = torch.linalg.qr(torch.randn(batch + (n, n), generator=g, dtype=torch.float64)).Q
+    return Q @ torch.diag(torch.tensor(lam, dtype=torch.float64)) @ Q.mT
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("k", [None, 1, 3])
+@pytest.mark.parametrize("largest", [True, False])
+def test_eigen_decomposition_eigen_equation(k, largest):
+    X = sym((4, 6, 6))
+    lam, V = eigen_decomposition(X, k, largest=largest)
+    kk = 6 if k is None else k
+    assert lam.shape == (4, kk) and V.shape == (4, 6, kk)
+    torch.testing.assert_close(X @ V, V * lam.unsqueeze(-2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(V.mT @ V, torch.eye(kk, dtype=X.dtype).expand(4, kk, kk), atol=1e-13, rtol=0)
+    ref = torch.linalg.eigvalsh(X)  # ascending
+    expected = ref.flip(-1)[..., :kk] if largest else ref[..., :kk]
+    torch.testing.assert_close(lam, expected, atol=1e-12, rtol=0)
+
+
+def test_eigen_decomposition_sign_convention():
+    V = eigen_decomposition(sym((5, 7, 7), seed=1)).eigenvectors
+    # The largest-magnitude component of every returned eigenvector is positive.
+    top = V.abs().argmax(-2, keepdim=True)
+    assert bool((V.gather(-2, top) > 0).all())
+
+
+def test_eigen_decomposition_symmetrises_input():
+    X = torch.randn(3, 5, 5, dtype=torch.float64)
+    lam, V = eigen_decomposition(X)
+    S = 0.5 * (X + X.mT)
+    torch.testing.assert_close(S @ V, V * lam.unsqueeze(-2), atol=1e-12, rtol=0)
+
+
+def test_eigen_decomposition_batched():
+    X = sym((2, 3, 5, 5), seed=2)
+    lam, V = eigen_decomposition(X, 2)
+    assert lam.shape == (2, 3, 2) and V.shape == (2, 3, 5, 2)
+    lam0, V0 = eigen_decomposition(X[1, 2], 2)
+    torch.testing.assert_close(lam[1, 2], lam0)
+    torch.testing.assert_close(V[1, 2], V0)
+    empty = eigen_decomposition(torch.zeros(0, 4, 4), 2)
+    assert empty.eigenvalues.shape == (0, 2) and empty.eigenvectors.shape == (0, 4, 2)
+
+
+def test_eigen_decomposition_dtype_device():
+    X = sym((2, 4, 4), dtype=torch.float32)
+    lam, V = eigen_decomposition(X)
+    assert lam.dtype == V.dtype == torch.float32 and V.device == X.device
+    assert isinstance(eigen_decomposition(X), EigenResult)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("k", [None, 1, 3])
+@pytest.mark.parametrize("largest", [True, False])
+def test_eigen_decomposition_grad(k, largest):
+    X = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda X: tuple(eigen_decomposition(X, k, largest=largest)), (X,))
+
+
+def test_eigen_decomposition_grad_matches_torch_eigh():
+    # Sign-invariant loss: Σ_i v_iᵀ B v_i + λ_i², compared with autograd through torch.linalg.eigh.
+    X = sym((3, 6, 6), seed=3)
+    B = sym((3, 6, 6), seed=4)
+
+    def loss(lam, V):
+        return ((V * (B @ V)).sum((-2, -1)) + (lam**2).sum(-1)).sum()
+
+    Xa = X.clone().requires_grad_()
+    loss(*eigen_decomposition(Xa, 4)).backward()
+    Xb = X.clone().requires_grad_()
+    lam, V = torch.linalg.eigh(0.5 * (Xb + Xb.mT))
+    loss(lam[..., -4:], V[..., -4:]).backward()
+    torch.testing.assert_close(Xa.grad, Xb.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_eigen_decomposition_grad_eigenvalues_only():
+    # dλ_i/dX = v_i v_iᵀ (closed form); no eigenvector term, no warning even if degenerate.
+    X = with_spectrum([3.0, 3.0, 1.0, -2.0])
+    Xg = X.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lam, V = eigen_decomposition(Xg, 4)
+        lam[2].backward()
+    v = V[:, 2].detach()
+    torch.testing.assert_close(Xg.grad, torch.outer(v, v), atol=1e-12, rtol=0)
+
+
+def test_eigen_decomposition_float32_near_degenerate():
+    # Relative gap 1e-4: a float32 eigen solve would give gradients wrong by ~1e-3·scale/gap.
+    X = with_spectrum([1.0, 1.0 + 1e-4, 0.5, -0.3, 0.2, -0.7], seed=5, batch=(4,)).float()
+    G = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        Xd = X.to(dtype, copy=True).requires_grad_()
+        V = eigen_decomposition(Xd).eigenvectors
+        (V * G.to(dtype)).sum().backward()
+        grads.append(Xd.grad.double())
+    err = (grads[0] - grads[1]).norm() / grads[1].norm()
+    assert err < 1e-3, err
+
+
+def test_eigen_decomposition_degenerate_warns_and_stays_finite():
+    X = torch.stack([with_spectrum([2.0, 2.0, 1.0, -1.0], seed=7), with_spectrum([3.0, 2.0, 1.0, -1.0], seed=8)])
+    Xg = X.clone().requires_grad_()
+    V = eigen_decomposition(Xg, 2).eigenvectors
+    with pytest.warns(GradientWarning, match=r"1 of 2 batch element\(s\) \(indices \[\(0,\)\]"):
+        V.sum().backward()
+    assert bool(torch.isfinite(Xg.grad).all())
+
+
+def test_eigen_decomposition_degenerate_subspace_exact():
+    # Top-2 eigenvalues equal, well separated from the rest: the projector V Vᵀ is smooth
+    # and its gradient needs no dropped term (no warning, gradcheck passes).
+    X = with_spectrum([2.0, 2.0, 0.5, -1.0], seed=9, batch=(2,)).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+
+        def projector(X):
+            V = eigen_decomposition(X, 2).eigenvectors
+            return V @ V.mT
+
+        assert torch.autograd.gradcheck(projector, (X,))
+
+
+def test_eigen_decomposition_gap_tol_option():
+    X = with_spectrum([1.0, 1.0 + 1e-6, 0.0], seed=10).requires_grad_()
+    V = eigen_decomposition(X, 1, gap_tol=1e-3).eigenvectors
+    with pytest.warns(GradientWarning):
+        V.sum().backward()
+    X.grad = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        eigen_decomposition(X, 1, gap_tol=0.0).eigenvectors.sum().backward()
+
+
+# --------------------------------------------------------------------------- module and errors
+
+
+def test_eigen_decomposition_module():
+    m = EigenDecomposition(k=2, largest=False)
+    assert "k=2" in repr(m) and "largest=False" in repr(m) and "gap_tol=None" in repr(m)
+    X = sym((3, 4, 4), seed=11)
+    out = m(X)
+    torch.testing.assert_close(out.eigenvalues, torch.linalg.eigvalsh(X)[..., :2])
+
+
+def test_eigen_decomposition_invalid():
+    X = sym((2, 4, 4))
+    with pytest.raises(DTypeError, match="X"):
+        eigen_decomposition(torch.ones(4, 4, dtype=torch.int64))
+    with pytest.raises(ShapeError, match="square"):
+        eigen_decomposition(torch.randn(3, 4))
+    with pytest.raises(ShapeError, match="square"):
+        eigen_decomposition(torch.randn(4))
+    with pytest.raises(ShapeError, match="N >= 1"):
+        eigen_decomposition(torch.randn(0, 0))
+    with pytest.raises(OptionError, match="k must be at most N=4"):
+        eigen_decomposition(X, 5)
+    for bad in (0, True, 1.5):
+        with pytest.raises(OptionError, match="k"):
+            eigen_decomposition(X, bad)
+    with pytest.raises(OptionError, match="largest"):
+        eigen_decomposition(X, largest=1)
+    with pytest.raises(OptionError, match="gap_tol"):
+        eigen_decomposition(X, gap_tol=-1.0)
+    with pytest.raises(OptionError, match="k"):
+        EigenDecomposition(k=0)
+    Xn = X.clone()
+    Xn[1, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="1 NaN"):
+        eigen_decomposition(Xn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eigen_decomposition_cuda():
+    X = sym((3, 8, 8)).cuda().requires_grad_()
+    lam, V = eigen_decomposition(X, 3)
+    assert V.is_cuda
+    (V.sum() + lam.sum()).backward()
+    Xc = X.detach().cpu().requires_grad_()
+    lc, Vc = eigen_decomposition(Xc, 3)
+    (Vc.sum() + lc.sum()).backward()
+    torch.testing.assert_close(X.grad.cpu(), Xc.grad, atol=1e-9, rtol=1e-9)

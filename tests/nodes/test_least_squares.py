@@ -1,0 +1,235 @@
+"""Tests of convexddn.nodes.least_squares: weighted ridge least squares and LS pooling.
+
+Expected values come from the normal equations written out here, from
+torch.linalg.lstsq (LAPACK), from consistent systems with a known solution, and from
+finite differences (gradcheck).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convexddn.errors import DTypeError, InputError, NonFiniteError, OptionError, ShapeError, SolverError
+from convexddn.nodes.least_squares import least_squares
+from convexddn.nodes.linear_fit import LeastSquares, LinearFit, WeightedLeastSquares, linear_fit
+
+D = torch.float64
+
+
+def rand(*shape, seed=0, dtype=D):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def normal_equations(A, b, w, rho):
+    """(AᵀWA + diag ρ)⁻¹ AᵀWb, written out for b (*, M, K)."""
+    Aw = A * w.unsqueeze(-1)
+    H = Aw.mT @ A + torch.diag_embed(rho.expand(*A.shape[:-2], A.shape[-1]))
+    return torch.linalg.solve(H, Aw.mT @ b)
+
+
+def with_condition(cond, m=12, n=5, batch=3, seed=0):
+    """A = U diag(s) Vᵀ with singular values log-spaced from 1 to 1/cond (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(batch, m, n, generator=g, dtype=D)).Q
+    V = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=D)).Q
+    s = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), n, dtype=D)
+    return U @ torch.diag(s) @ V.mT
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def test_least_squares_matches_lstsq():
+    A, b = rand(4, 9, 3), rand(4, 9, seed=1)
+    x = least_squares(A, b)
+    ref = torch.linalg.lstsq(A, b.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+    torch.testing.assert_close(x, ref, atol=1e-12, rtol=1e-12)
+    B = rand(4, 9, 2, seed=2)
+    torch.testing.assert_close(least_squares(A, B), torch.linalg.lstsq(A, B, driver="gelsd").solution)
+
+
+def test_least_squares_weighted_ridge_closed_form():
+    A, b = rand(3, 8, 4), rand(3, 8, 2, seed=1)
+    w = torch.rand(3, 8, generator=torch.Generator().manual_seed(2), dtype=D)
+    for ridge, rho in ((0.3, torch.tensor([0.3], dtype=D)),
+                       (torch.tensor([[0.1], [0.2], [0.5]], dtype=D), torch.tensor([[0.1], [0.2], [0.5]], dtype=D)),
+                       (torch.tensor([0.0, 1.0, 2.0, 0.5], dtype=D), torch.tensor([0.0, 1.0, 2.0, 0.5], dtype=D))):
+        x = least_squares(A, b, w, ridge)
+        torch.testing.assert_close(x, normal_equations(A, b, w, rho), atol=1e-12, rtol=1e-10)
+
+
+def test_least_squares_underdetermined_with_ridge():
+    A, b = rand(2, 3, 6), rand(2, 3, seed=1)
+    x = least_squares(A, b, ridge=0.5)
+    ref = normal_equations(A, b.unsqueeze(-1), torch.ones(2, 3, dtype=D), torch.tensor([0.5], dtype=D))
+    torch.testing.assert_close(x, ref.squeeze(-1), atol=1e-12, rtol=1e-10)
+
+
+def test_least_squares_broadcast_shared_matrix():
+    A, b = rand(1, 10, 3), rand(5, 10, seed=1)
+    x = least_squares(A, b)
+    assert x.shape == (5, 3)
+    torch.testing.assert_close(x[2], least_squares(A[0], b[2]))
+    assert least_squares(rand(0, 4, 2), rand(0, 4)).shape == (0, 2)
+
+
+def test_least_squares_float32_ill_conditioned():
+    # cond(A) = 1e6 in float32: solved in float64, so the answer is the float64 answer
+    # of the same (float32-representable) data, and so are the gradients.
+    A = with_condition(1e6).float()
+    b = (A.double() @ rand(3, 5, seed=3).unsqueeze(-1)).squeeze(-1).float() + 1e-3 * rand(3, 12, seed=4, dtype=torch.float32)
+    w = torch.rand(3, 12, generator=torch.Generator().manual_seed(5)) + 0.5
+    ref = torch.linalg.lstsq((A.double() * w.double().sqrt().unsqueeze(-1)), (b.double() * w.double().sqrt()).unsqueeze(-1),
+                             driver="gelsd").solution.squeeze(-1)
+    x32 = least_squares(A, b, w)
+    assert x32.dtype == torch.float32
+    assert ((x32.double() - ref).norm() / ref.norm()) < 1e-6
+    grads = []
+    for dtype in (torch.float32, D):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (A, b, w)]
+        x = least_squares(*leaves)
+        (x * torch.arange(1.0, 6.0, dtype=dtype)).sum().backward()
+        grads.append([t.grad.double() for t in leaves])
+    for g32, g64 in zip(*grads):
+        assert ((g32 - g64).norm() / g64.norm()) < 1e-3
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def test_least_squares_grad():
+    A = rand(2, 7, 3).requires_grad_()
+    b = rand(2, 7, seed=1).requires_grad_()
+    B = rand(2, 7, 2, seed=2).requires_grad_()
+    w = (torch.rand(2, 7, generator=torch.Generator().manual_seed(3), dtype=D) + 0.1).requires_grad_()
+    r_row = torch.tensor([[0.2], [0.7]], dtype=D, requires_grad=True)
+    r_coord = torch.tensor([0.1, 0.05, 0.4], dtype=D, requires_grad=True)
+    r_scalar = torch.tensor(0.3, dtype=D, requires_grad=True)
+    # fast_mode: finite differences along random directions (a few solves, not one per entry).
+    def gc(fn, inputs):
+        return torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+    assert gc(lambda A, b: least_squares(A, b), (A, b))
+    assert gc(lambda A, b, w, r: least_squares(A, b, w, r), (A, b, w, r_row))
+    assert gc(lambda A, B, w, r: least_squares(A, B, w, r), (A, B, w, r_coord))
+    assert gc(lambda A, b, r: least_squares(A[:1], b, None, r), (A, b, r_scalar))
+
+
+def test_least_squares_grad_closed_form():
+    # x = A⁺b for full-rank A: d/db of gᵀx is A⁺ᵀ g (pinv written independently).
+    A, b = rand(6, 3), rand(6, seed=1).requires_grad_()
+    g = rand(3, seed=2)
+    (least_squares(A, b) * g).sum().backward()
+    torch.testing.assert_close(b.grad, torch.linalg.pinv(A).mT @ g, atol=1e-12, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- linear_fit and modules
+
+
+def test_linear_fit_matches_lstsq_with_intercept():
+    x, t = rand(4, 3, 10), rand(10, seed=1)
+    fit = linear_fit(x, t, ridge=0.0)
+    A = torch.cat([x.mT, torch.ones(4, 10, 1, dtype=D)], -1)
+    ref = torch.linalg.lstsq(A, t.expand(4, 10).unsqueeze(-1)).solution.squeeze(-1)
+    torch.testing.assert_close(fit.coef, ref[:, :3])
+    torch.testing.assert_close(fit.intercept, ref[:, 3])
+
+
+def test_linear_fit_intercept_not_regularised():
+    # A huge ridge drives the slope to 0; the intercept is then the weighted mean target.
+    x, t = rand(2, 4, 9), rand(2, 9, seed=1)
+    w = torch.rand(2, 9, generator=torch.Generator().manual_seed(2), dtype=D)
+    fit = linear_fit(x, t, w, ridge=1e12)
+    assert fit.coef.abs().max() < 1e-9
+    torch.testing.assert_close(fit.intercept, (w * t).sum(-1) / w.sum(-1), atol=1e-9, rtol=0)
+    nob = linear_fit(x, t, w, ridge=0.1, bias=False)
+    assert bool((nob.intercept == 0).all())
+
+
+def test_linear_fit_grad():
+    x = rand(2, 3, 8).requires_grad_()
+    t = torch.arange(8.0, dtype=D).requires_grad_()
+    w = (torch.rand(2, 8, generator=torch.Generator().manual_seed(1), dtype=D) + 0.1).requires_grad_()
+    rho = torch.tensor(0.2, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, t, w, r: tuple(linear_fit(x, t, w, r)), (x, t, w, rho), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, t, r: tuple(linear_fit(x, t, None, r, bias=False)), (x, t, rho),
+                                    fast_mode=True)
+
+
+def test_least_squares_modules():
+    x, t = rand(3, 4, 12), torch.linspace(0, 1, 12, dtype=D)
+    m = LeastSquares(ridge=0.01)
+    assert repr(m) == "LeastSquares(ridge=0.01, bias=True)"
+    out = m(x, t)
+    assert isinstance(out, LinearFit) and out.coef.shape == (3, 4) and out.intercept.shape == (3,)
+    w = torch.rand(3, 12, dtype=D)
+    wm = WeightedLeastSquares(ridge=torch.nn.Parameter(torch.tensor(0.05, dtype=D)))
+    fit = wm(x, t, w)
+    torch.testing.assert_close(fit.coef, linear_fit(x, t, w, 0.05).coef)
+    fit.coef.sum().backward()
+    assert wm.ridge.grad is not None and torch.isfinite(wm.ridge.grad)
+    buf = LeastSquares(ridge=torch.tensor(0.1))
+    assert "ridge" in dict(buf.named_buffers())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_least_squares_invalid():
+    A, b = rand(2, 5, 3), rand(2, 5)
+    with pytest.raises(DTypeError, match="A"):
+        least_squares(torch.ones(5, 3, dtype=torch.int64), b[0])
+    with pytest.raises(DTypeError, match="b must have A's dtype"):
+        least_squares(A, b.float())
+    with pytest.raises(ShapeError, match="b must have M=5"):
+        least_squares(A, rand(2, 4))
+    with pytest.raises(ShapeError, match=r"\(\*, M\) or \(\*, M, K\)"):
+        least_squares(A, rand(5))
+    with pytest.raises(ShapeError, match="weights"):
+        least_squares(A, b, torch.ones(2, 4, dtype=D))
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        least_squares(A, rand(3, 5))
+    with pytest.raises(ShapeError, match="M >= N"):
+        least_squares(rand(2, 3), rand(2))
+    with pytest.raises(ShapeError, match="ridge"):
+        least_squares(A, b, ridge=torch.ones(2, dtype=D))
+    with pytest.raises(InputError, match="weights must be >= 0"):
+        least_squares(A, b, -torch.ones(2, 5, dtype=D))
+    with pytest.raises(InputError, match="ridge must be >= 0"):
+        least_squares(A, b, ridge=torch.tensor([-1.0], dtype=D))
+    for bad in (-1.0, float("inf"), "x", True):
+        with pytest.raises(OptionError, match="ridge"):
+            least_squares(A, b, ridge=bad)
+    An = A.clone()
+    An[0, 1, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match="A must be finite, got 0 NaN and 1 Inf"):
+        least_squares(An, b)
+    with pytest.raises(OptionError, match="ridge"):
+        LeastSquares(ridge=-1.0)
+    with pytest.raises(OptionError, match="bias"):
+        LeastSquares(bias=None)
+    with pytest.raises(ShapeError, match="target"):
+        linear_fit(rand(2, 3, 8), rand(7))
+
+
+def test_least_squares_rank_deficient():
+    A = rand(3, 6, 3)
+    A[1, :, 2] = A[1, :, 0]  # element 1 is rank deficient
+    with pytest.raises(SolverError, match=r"1 of 3 batch element\(s\).*\[\(1,\)\]") as info:
+        least_squares(A, rand(3, 6))
+    assert info.value.indices == [(1,)]
+    least_squares(A, rand(3, 6), ridge=1e-3)  # regularised: fine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_least_squares_cuda():
+    A = rand(4, 9, 3).cuda().requires_grad_()
+    b = rand(4, 9, seed=1).cuda().requires_grad_()
+    w = torch.rand(4, 9, dtype=D).cuda().requires_grad_()
+    x = least_squares(A, b, w, 0.1)
+    assert x.is_cuda
+    x.sum().backward()
+    Ac, bc, wc = (t.detach().cpu().requires_grad_() for t in (A, b, w))
+    least_squares(Ac, bc, wc, 0.1).sum().backward()
+    torch.testing.assert_close(A.grad.cpu(), Ac.grad)
+    torch.testing.assert_close(w.grad.cpu(), wc.grad)

@@ -1,0 +1,183 @@
+"""Tests of convexddn.nodes.pnp: camera pose from 2-D/3-D correspondences.
+
+Expected values come from the pose that generated the data (noise-free), from
+scipy.optimize.least_squares / minimize on the objective written out here (rotations by
+scipy's Rotation), from torch.linalg.matrix_exp and from finite differences (gradcheck).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares as scipy_lsq
+from scipy.optimize import minimize
+from scipy.spatial.transform import Rotation
+
+from convexddn.errors import DTypeError, InputError, NonFiniteError, OptionError, ShapeError
+from convexddn.nodes._pnp_geometry import matrix_to_axis_angle
+from convexddn.nodes.pnp import PnP, axis_angle_to_matrix, pnp
+
+D = torch.float64
+
+
+def scene(seed, batch=(3,), n=12, noise=0.0):
+    """Random poses and points 2–4 units in front of the camera; returns q, p, theta."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(*batch, 6, generator=g, dtype=D)
+    theta[..., 3:] *= 0.3
+    R = torch.linalg.matrix_exp(skew(theta[..., :3]))
+    xy = 2 * torch.rand(*batch, n, 2, generator=g, dtype=D) - 1
+    z = 2 * torch.rand(*batch, n, 1, generator=g, dtype=D) + 2
+    p = (torch.cat([z * xy, z], -1) - theta[..., None, 3:]) @ R  # Rᵀ(X_cam − t)
+    q = xy + noise * torch.randn(*batch, n, 2, generator=g, dtype=D)
+    return q, p, theta
+
+
+def skew(r):
+    z = torch.zeros_like(r[..., 0])
+    return torch.stack([z, -r[..., 2], r[..., 1], r[..., 2], z, -r[..., 0], -r[..., 1], r[..., 0], z], -1).unflatten(-1, (3, 3))
+
+
+def residuals_np(th, q, p):
+    R = Rotation.from_rotvec(th[:3]).as_matrix()
+    X = p @ R.T + th[3:]
+    return (X[:, :2] / X[:, 2:] - q).ravel()
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_axis_angle_to_matrix_matches_matrix_exp():
+    r = torch.cat([torch.randn(5, 3, dtype=D), 1e-7 * torch.randn(2, 3, dtype=D), torch.zeros(1, 3, dtype=D)])
+    torch.testing.assert_close(axis_angle_to_matrix(r), torch.linalg.matrix_exp(skew(r)), atol=1e-14, rtol=0)
+
+
+def test_matrix_to_axis_angle_round_trip():
+    axis = torch.nn.functional.normalize(torch.randn(6, 3, dtype=D), dim=-1)
+    angles = torch.tensor([1e-9, 0.3, 1.5, 3.0, torch.pi - 1e-8, 2.0], dtype=D)
+    R = axis_angle_to_matrix(axis * angles[:, None])
+    torch.testing.assert_close(axis_angle_to_matrix(matrix_to_axis_angle(R)), R, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def test_pnp_noise_free_recovers_pose():
+    q, p, theta = scene(0, batch=(2, 3))
+    torch.testing.assert_close(pnp(q, p), theta, atol=1e-9, rtol=0)
+
+
+def test_pnp_intrinsics():
+    q, p, theta = scene(1)
+    K = torch.tensor([500.0, 480.0, 320.0, 240.0], dtype=D)
+    pix = q * K[:2] + K[2:]
+    torch.testing.assert_close(pnp(pix, p, K=K), theta, atol=1e-9, rtol=0)
+
+
+def test_pnp_least_squares_matches_scipy():
+    q, p, theta = scene(2, noise=0.01)
+    est = pnp(q, p)
+    for b in range(3):
+        ref = scipy_lsq(residuals_np, theta[b].numpy(), args=(q[b].numpy(), p[b].numpy()), xtol=1e-15, ftol=1e-15, gtol=1e-15)
+        np.testing.assert_allclose(est[b].numpy(), ref.x, atol=1e-8)
+
+
+def test_pnp_huber_outliers():
+    q, p, theta = scene(3, n=30, noise=0.002)
+    q[..., :3, :] += 0.5  # three gross outliers per view, 10%
+    est = pnp(q, p, penalty="huber", alpha=0.01, init=theta)
+    for b in range(3):
+        def f(th):
+            z = np.linalg.norm(residuals_np(th, q[b].numpy(), p[b].numpy()).reshape(-1, 2), axis=1)
+            return np.where(z <= 0.01, 0.5 * z**2, 0.01 * (z - 0.005)).sum()
+        for start in (est[b].numpy(), theta[b].numpy()):
+            ref = minimize(f, start, method="BFGS", options={"gtol": 1e-12})
+            assert f(est[b].numpy()) <= ref.fun + 1e-12
+    ls = pnp(q, p)
+    # The robust estimate stays near the true pose; least squares is pulled away.
+    assert (est - theta).abs().max() < 0.01 < (ls - theta).abs().max()
+
+
+def test_pnp_init_few_points():
+    q, p, theta = scene(4, n=4)
+    est = pnp(q, p, init=theta + 0.01)
+    torch.testing.assert_close(est, theta, atol=1e-9, rtol=0)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("penalty", ["quadratic", "huber", "welsch"])
+def test_pnp_grad(penalty):
+    q, p, _ = scene(5, batch=(2,), n=8, noise=0.01)
+    w = torch.rand(2, 8, generator=torch.Generator().manual_seed(6), dtype=D) + 0.5
+    a = torch.tensor(0.05, dtype=D)
+    leaves = [t.clone().requires_grad_() for t in (q, p, w, a)]
+    # fast_mode: finite differences along random directions (each costs a full solve).
+    assert torch.autograd.gradcheck(lambda q, p, w, a: pnp(q, p, w, penalty=penalty, alpha=a), leaves, fast_mode=True)
+
+
+def test_pnp_grad_intrinsics():
+    q, p, _ = scene(7, batch=(2,), n=8, noise=0.01)
+    K = torch.tensor([[500.0, 480.0, 320.0, 240.0], [400.0, 400.0, 300.0, 200.0]], dtype=D, requires_grad=True)
+    pix = q * K[:, None, :2].detach() + K[:, None, 2:].detach()
+    assert torch.autograd.gradcheck(lambda K: pnp(pix, p, K=K), (K,), fast_mode=True)
+
+
+def test_pnp_grad_noise_free():
+    # Every residual is 0 at the solution: the penalty's Taylor form keeps the Hessian exact.
+    q, p, _ = scene(8, batch=(2,), n=7)
+    qr = q.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda q: pnp(q, p, penalty="pseudo_huber", alpha=0.1), (qr,), fast_mode=True)
+
+
+# --------------------------------------------------------------------------- module and errors
+
+
+def test_pnp_module():
+    m = PnP("huber", alpha=0.1, max_iter=50)
+    assert repr(m) == "PnP(penalty='huber', alpha=0.1, max_iter=50)"
+    q, p, theta = scene(9)
+    torch.testing.assert_close(m(q, p), theta, atol=1e-9, rtol=0)
+    assert pnp(q[:0], p[:0]).shape == (0, 6)
+
+
+def test_pnp_invalid():
+    q, p, _ = scene(10)
+    with pytest.raises(DTypeError):
+        pnp(q.long(), p)
+    with pytest.raises(ShapeError, match="p2d must be"):
+        pnp(q, p[..., :2])
+    with pytest.raises(ShapeError, match="N >= 6"):
+        pnp(q[:, :5], p[:, :5])
+    with pytest.raises(ShapeError, match="weights"):
+        pnp(q, p, torch.ones(3, 5, dtype=D))
+    with pytest.raises(ShapeError, match="K must be"):
+        pnp(q, p, K=torch.ones(3, dtype=D))
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        pnp(q, p[:2])
+    with pytest.raises(InputError, match="weights must be >= 0"):
+        pnp(q, p, -torch.ones(3, 12, dtype=D))
+    with pytest.raises(InputError, match="all zero"):
+        pnp(q, p, torch.zeros(3, 12, dtype=D))
+    with pytest.raises(OptionError, match="penalty"):
+        pnp(q, p, penalty="l1")
+    with pytest.raises(OptionError, match="alpha"):
+        PnP(alpha=-1.0)
+    qn = q.clone()
+    qn[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="p2d"):
+        pnp(qn, p)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pnp_cuda():
+    q, p, theta = scene(11, noise=0.01)
+    qc = q.cuda().requires_grad_()
+    est = pnp(qc, p.cuda(), penalty="huber", alpha=0.05)
+    est.sum().backward()
+    qh = q.clone().requires_grad_()
+    ref = pnp(qh, p, penalty="huber", alpha=0.05)
+    ref.sum().backward()
+    torch.testing.assert_close(est.cpu(), ref, atol=1e-9, rtol=0)
+    torch.testing.assert_close(qc.grad.cpu(), qh.grad, atol=1e-7, rtol=1e-7)

@@ -1,0 +1,235 @@
+"""Tests of convexddn.nodes.vector_pool: robust pooling of a set of vectors.
+
+Expected values come from the mean (closed form), scipy minimisers of the objective
+written out here, brute force over inlier subsets (truncated quadratic: the global
+minimiser is the mean of its own inliers), and finite differences (gradcheck).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from convexddn.errors import DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError, SolverWarning
+from convexddn.nodes.vector_pool import RobustVectorPool, robust_vector_pool
+
+D = torch.float64
+NAMES = ("quadratic", "pseudo_huber", "huber", "welsch", "trunc_quad")
+
+
+def phi_ref(name, z, a):
+    """Gould et al. Table 1 on a distance z >= 0, written out independently (numpy)."""
+    if name == "quadratic":
+        return 0.5 * z**2
+    if name == "pseudo_huber":
+        return a * a * (np.sqrt(1 + (z / a) ** 2) - 1)
+    if name == "huber":
+        return np.where(z <= a, 0.5 * z**2, a * (z - 0.5 * a))
+    if name == "welsch":
+        return 1 - np.exp(-(z**2) / (2 * a * a))
+    return 0.5 * np.minimum(z**2, a * a)
+
+
+def objective(name, X, u, a):
+    """Σ_i φ(‖u − x_i‖) for X (N, C), u (C,)."""
+    return float(phi_ref(name, np.linalg.norm(u[None] - X, axis=1), a).sum())
+
+
+def clustered(seed, batch=3, c=3, n=12, dtype=D):
+    """(batch, c, n) inliers around the origin plus three gross outliers per set."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c, n, generator=g, dtype=dtype)
+    x[..., :3] += 8.0
+    return x
+
+
+def kink_margin(x, y, a):
+    """min_i | ‖y − x_i‖ − alpha | for x (B, C, N), y (B, C)."""
+    return float(((y.unsqueeze(-1) - x).norm(dim=-2) - a).abs().min())
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def test_robust_vector_pool_quadratic_is_mean():
+    x = clustered(0)
+    torch.testing.assert_close(robust_vector_pool(x, "quadratic"), x.mean(-1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber"])
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_robust_vector_pool_convex_global(name, alpha):
+    x = clustered(1)
+    y = robust_vector_pool(x, name, alpha)
+    for b in range(x.shape[0]):
+        X = x[b].T.numpy()
+        res = minimize(lambda u: objective(name, X, u, alpha), X.mean(0), method="Nelder-Mead",
+                       options={"xatol": 1e-11, "fatol": 1e-14, "maxiter": 20000})
+        assert abs(objective(name, X, y[b].numpy(), alpha) - res.fun) <= 1e-10 * (1 + abs(res.fun))
+        np.testing.assert_allclose(y[b].numpy(), res.x, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_robust_vector_pool_trunc_quad_global_small(seed):
+    # Brute force: the global minimiser is the mean of some subset (its own inliers).
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(9, 2, generator=g, dtype=D) * 1.5
+    a = 1.2
+    y = robust_vector_pool(X.T, "trunc_quad", a, dim=-1, vector_dim=0).numpy()
+    Xn = X.numpy()
+    best = min(objective("trunc_quad", Xn, Xn[list(S)].mean(0), a)
+               for r in range(1, 10) for S in itertools.combinations(range(9), r))
+    assert objective("trunc_quad", Xn, y, a) <= best + 1e-12
+
+
+@pytest.mark.parametrize("name", ["welsch", "trunc_quad"])
+def test_robust_vector_pool_beats_mean_and_median_starts(name):
+    # A tight cluster of 6 far from a loose cluster of 7: local searches from the mean
+    # and from the coordinate median (the reference's two starts) end in the loose one.
+    g = torch.Generator().manual_seed(0)
+    X = torch.cat([10 + 0.1 * torch.randn(6, 2, generator=g, dtype=D), 1.5 * torch.randn(7, 2, generator=g, dtype=D)])
+    Xn = X.numpy()
+    local = [minimize(lambda u: objective(name, Xn, u, 1.0), s, method="Nelder-Mead",
+                      options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 5000}).fun
+             for s in (Xn.mean(0), np.median(Xn, 0))]
+    y = robust_vector_pool(X.T.unsqueeze(0), name, 1.0)[0].numpy()
+    f = objective(name, Xn, y, 1.0)
+    assert f < min(local) - 1.0
+    assert np.linalg.norm(y - Xn[:6].mean(0)) < 0.1
+    # starts=0 keeps only the reference's two starts (and its worse minimum).
+    y0 = robust_vector_pool(X.T.unsqueeze(0), name, 1.0, starts=0)[0].numpy()
+    assert objective(name, Xn, y0, 1.0) > f + 1.0
+
+
+def test_robust_vector_pool_welsch_stationary():
+    x = clustered(2)
+    y = robust_vector_pool(x, "welsch", 1.0)
+    d = y.unsqueeze(-1) - x
+    grad = (d * torch.exp(-0.5 * (d * d).sum(-2, keepdim=True))).sum(-1)
+    assert grad.abs().max() < 1e-10
+
+
+def test_robust_vector_pool_dims():
+    x = torch.randn(2, 4, 3, 5, dtype=D)
+    y = robust_vector_pool(x, "huber", 1.0, dim=(-2, -1), vector_dim=1)
+    assert y.shape == (2, 4)
+    ref = robust_vector_pool(x.flatten(-2), "huber", 1.0)
+    torch.testing.assert_close(y, ref)
+    # Vectors last: (B, N, C) pooled over dim 1.
+    z = robust_vector_pool(x.flatten(-2).mT, "huber", 1.0, dim=1, vector_dim=2)
+    torch.testing.assert_close(z, ref)
+    # Batch dims after the vector dim stay in order: (C, B, N) -> (C, B).
+    w = robust_vector_pool(x.flatten(-2).permute(1, 0, 2), "huber", 1.0, dim=-1, vector_dim=0)
+    torch.testing.assert_close(w, ref.T)
+    assert robust_vector_pool(torch.randn(0, 3, 4), "welsch").shape == (0, 3)
+
+
+def test_robust_vector_pool_float32_matches_float64():
+    x = clustered(3)
+    for name in NAMES:
+        y64 = robust_vector_pool(x, name, 1.0)
+        y32 = robust_vector_pool(x.float(), name, 1.0)
+        assert y32.dtype == torch.float32
+        torch.testing.assert_close(y32.double(), y64, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_robust_vector_pool_grad(name):
+    x = clustered(4, batch=2, c=3, n=8)
+    y = robust_vector_pool(x, name, 1.0)
+    assert name not in ("huber", "trunc_quad") or kink_margin(x, y, 1.0) > 1e-3
+    xr = x.clone().requires_grad_()
+    alpha = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
+    # Nonconvex penalties run a multi-start search per call: fast_mode checks random
+    # directions (a few solves) instead of one finite difference per entry.
+    fast = name in ("welsch", "trunc_quad")
+    assert torch.autograd.gradcheck(lambda x, a: robust_vector_pool(x, name, a), (xr, alpha), fast_mode=fast)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+def test_robust_vector_pool_grad_more_dims_than_points(name):
+    # C = 6 > N = 4: the backward solves the Woodbury (N×N) system.
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(5), dtype=D).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: robust_vector_pool(x, name, 2.0), (x,), fast_mode=name == "welsch")
+
+
+def test_robust_vector_pool_grad_quadratic_closed_form():
+    x = clustered(6).requires_grad_()
+    g = torch.randn(3, 3, dtype=D)
+    (robust_vector_pool(x, "quadratic") * g).sum().backward()
+    torch.testing.assert_close(x.grad, (g / 12).unsqueeze(-1).expand(3, 3, 12))
+
+
+def test_robust_vector_pool_singular_hessian_warns():
+    # Huber, two points 10 apart, alpha 1: every point of the segment is a minimiser.
+    x = torch.tensor([[[-5.0, 5.0], [0.0, 0.0]]], dtype=D, requires_grad=True)
+    y = robust_vector_pool(x, "huber", 1.0)
+    with pytest.warns(GradientWarning, match="singular for 1 of 1"):
+        y.sum().backward()
+    assert bool((x.grad == 0).all())
+
+
+# --------------------------------------------------------------------------- module and errors
+
+
+def test_robust_vector_pool_module():
+    alpha = torch.nn.Parameter(torch.tensor(1.0, dtype=D))
+    m = RobustVectorPool("welsch", alpha, dim=(-2, -1), vector_dim=1, starts=4)
+    assert repr(m).startswith("RobustVectorPool(penalty='welsch', alpha=1, dim=(-2, -1), vector_dim=1")
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    m(x).sum().backward()
+    assert alpha.grad is not None and torch.isfinite(alpha.grad)
+    assert "alpha" in dict(RobustVectorPool("huber", torch.tensor(2.0)).named_buffers())
+
+
+def test_robust_vector_pool_not_converged_warns():
+    with pytest.warns(SolverWarning, match="did not reach"):
+        robust_vector_pool(clustered(7), "pseudo_huber", 0.1, max_iter=1)
+
+
+def test_robust_vector_pool_invalid():
+    x = clustered(8)
+    with pytest.raises(DTypeError):
+        robust_vector_pool(torch.ones(2, 3, 4, dtype=torch.int64))
+    with pytest.raises(OptionError, match="penalty"):
+        robust_vector_pool(x, "cauchy")
+    with pytest.raises(OptionError, match="alpha"):
+        robust_vector_pool(x, "huber", 0.0)
+    with pytest.raises(ShapeError, match="vector_dim"):
+        robust_vector_pool(x, "huber", dim=(-2, -1))
+    with pytest.raises(ShapeError, match="out of range"):
+        robust_vector_pool(x, "huber", dim=3)
+    with pytest.raises(ShapeError, match="at least one entry"):
+        robust_vector_pool(torch.randn(2, 3, 0), "huber")
+    with pytest.raises(ShapeError, match="alpha must broadcast"):
+        robust_vector_pool(x, "huber", torch.ones(4, dtype=D))
+    with pytest.raises(OptionError, match="starts"):
+        robust_vector_pool(x, "welsch", starts=-1)
+    with pytest.raises(OptionError, match="max_iter"):
+        robust_vector_pool(x, "welsch", max_iter=0)
+    with pytest.raises(OptionError, match="tol"):
+        RobustVectorPool("welsch", tol=-1.0)
+    xn = x.clone()
+    xn[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="1 NaN"):
+        robust_vector_pool(xn, "huber")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_robust_vector_pool_cuda():
+    for name in NAMES:
+        x = clustered(9).cuda().requires_grad_()
+        y = robust_vector_pool(x, name, 1.0)
+        assert y.is_cuda
+        y.sum().backward()
+        xc = x.detach().cpu().requires_grad_()
+        yc = robust_vector_pool(xc, name, 1.0)
+        yc.sum().backward()
+        torch.testing.assert_close(y.cpu(), yc, atol=1e-9, rtol=0)
+        torch.testing.assert_close(x.grad.cpu(), xc.grad, atol=1e-7, rtol=1e-7)
