@@ -3,7 +3,8 @@
 :func:`check_gradients` compares a node's backward (implicit or otherwise) with central
 finite differences in float64 and reports the worst error, instead of the pass/fail of
 :func:`torch.autograd.gradcheck`. Users call it on their own
-:class:`~convexddn.DeclarativeNode` subclasses; it works for any callable ``x -> y``.
+:class:`~convexddn.DeclarativeNode` subclasses, with any number of inputs; the
+parameters of a module are checked too. It works for any callable ``(*xs) -> y``.
 
 References:
     S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021.
@@ -11,15 +12,15 @@ References:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ._checks import check_finite, check_positive, check_tensor
 from .errors import DTypeError, GradientCheckError, InputError
 
-__all__ = ["GradientReport", "GradientCheckError", "check_gradients"]
+__all__ = ["GradientCheckError", "GradientReport", "check_gradients"]
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,15 @@ class GradientReport:
         max_rel_error: ``max_abs_error`` divided by the largest ``|fd|`` (normwise, so
             entries that are zero do not blow it up).
         worst: where the largest absolute error is: ``(output index, input index)``
-            into the flattened output and input for a full Jacobian, or
+            into the flattened output and the flattened, concatenated inputs and
+            parameters (in the order of ``wrt``) for a full Jacobian, or
             ``(direction,)`` for a directional check.
         n_compared: how many Jacobian entries or directional derivatives were compared.
         mode: ``"jacobian"`` (every entry) or ``"directional"`` (random projections).
         eps, atol, rtol: the settings used.
+        wrt: the names of what was differentiated: ``"x"`` (one input) or ``"input i"``,
+            then ``"param <name>"`` for each parameter of a module that requires grad.
+        worst_wrt: the entry of ``wrt`` where the largest error is (Jacobian mode).
     """
 
     ok: bool
@@ -48,6 +53,8 @@ class GradientReport:
     eps: float
     atol: float
     rtol: float
+    wrt: tuple[str, ...] = ()
+    worst_wrt: str = ""
 
     def __str__(self) -> str:
         verdict = "passed" if self.ok else "FAILED"
@@ -56,65 +63,77 @@ class GradientReport:
             if self.mode == "jacobian" and len(self.worst) == 2
             else f"direction {self.worst[0]}" if self.worst else "n/a"
         )
+        if self.worst_wrt:
+            where += f" ({self.worst_wrt})"
+        checked = f" w.r.t. {', '.join(self.wrt)}" if self.wrt else ""
         return (
             f"gradient check {verdict}: max abs error {self.max_abs_error:.3e}, "
             f"max rel error {self.max_rel_error:.3e} (worst at {where}) over "
-            f"{self.n_compared} {self.mode} comparison(s); "
+            f"{self.n_compared} {self.mode} comparison(s){checked}; "
             f"eps={self.eps:g}, atol={self.atol:g}, rtol={self.rtol:g}"
         )
 
 
-def _as_float64(fn: Callable[[torch.Tensor], torch.Tensor]):
-    """A float64 copy of a module whose floating tensors are not float64; else ``fn``."""
+def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
+    """``fn``, or a float64 copy of a module (always a copy when its parameters are checked).
+
+    The copy keeps the caller's module untouched: its dtype, and its parameters, which
+    the finite differences perturb.
+    """
     if not isinstance(fn, torch.nn.Module):
         return fn
     tensors = list(fn.parameters()) + list(fn.buffers())
-    if all(t.dtype == torch.float64 for t in tensors if t.is_floating_point()):
+    all64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+    has_params = any(p.requires_grad for p in fn.parameters())
+    if all64 and not (with_params and has_params):
         return fn
-    # Copy so that the caller's module keeps its dtype.
     return copy.deepcopy(fn).to(torch.float64)
 
 
 def check_gradients(
-    node_or_fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    *,
+    node_or_fn: Callable[..., torch.Tensor],
+    *inputs: torch.Tensor,
     eps: float = 1e-6,
     atol: float = 1e-5,
     rtol: float = 1e-3,
     n_directions: int | None = None,
     raise_on_fail: bool = False,
     seed: int = 0,
+    params: bool = True,
 ) -> GradientReport:
-    """Compare the backward of ``node_or_fn`` at ``x`` with central finite differences.
+    """Compare the backward of ``node_or_fn`` at ``inputs`` with central finite differences.
 
-    With :math:`J` the Jacobian of :math:`y = \\text{node}(x)` given by its backward
-    (one vector–Jacobian product per output entry) and
+    With :math:`J` the Jacobian of :math:`y = \\text{node}(x_1, \\dots, x_k)` with
+    respect to :math:`z = (x_1, \\dots, x_k, \\theta)` (the inputs and, for a module,
+    its parameters :math:`\\theta` that require grad) given by its backward (one
+    vector–Jacobian product per output entry) and
 
     .. math::
 
-        \\tilde J_{:, j} = \\frac{y(x + \\varepsilon e_j) - y(x - \\varepsilon e_j)}
+        \\tilde J_{:, j} = \\frac{y(z + \\varepsilon e_j) - y(z - \\varepsilon e_j)}
         {2 \\varepsilon},
 
     the check passes when :math:`|J - \\tilde J| \\le \\text{atol} + \\text{rtol}
     |\\tilde J|` entrywise. With ``n_directions = k`` it compares instead ``k`` random
     projections :math:`w_i^\\top J u_i` against
-    :math:`w_i^\\top (y(x + \\varepsilon u_i) - y(x - \\varepsilon u_i)) / 2\\varepsilon`,
+    :math:`w_i^\\top (y(z + \\varepsilon u_i) - y(z - \\varepsilon u_i)) / 2\\varepsilon`,
     which costs ``k`` backward and ``2k`` forward calls instead of one backward per
-    output and two forwards per input.
+    output and two forwards per entry of :math:`z`.
 
-    Everything runs in float64: ``x`` is converted, and a module with lower-precision
-    parameters or buffers is checked through a float64 copy (the caller's module is left
-    untouched). For nodes whose forward is an iterative solver the finite differences
-    carry the solver's error divided by ``eps``: with a solver tolerance near ``1e-8``
-    (e.g. a :class:`~convexddn.ConvexLayer`) use ``eps=1e-4`` or so, and keep ``x``
-    away from points where the solution is not differentiable (kinks, changes of the
-    active set).
+    Everything runs in float64: the inputs are converted, and a module is checked
+    through a float64 copy when it has lower-precision parameters or buffers, or
+    parameters to check (the finite differences perturb the copy's parameters; the
+    caller's module is left untouched). For nodes whose forward is an iterative solver
+    the finite differences carry the solver's error divided by ``eps``: with a solver
+    tolerance near ``1e-8`` (e.g. a :class:`~convexddn.ConvexLayer`) use ``eps=1e-4``
+    or so, and keep the inputs away from points where the solution is not
+    differentiable (kinks, changes of the active set).
 
     Args:
         node_or_fn: a :class:`~convexddn.DeclarativeNode`, any ``torch.nn.Module`` or
-            callable mapping a tensor to a tensor.
-        x: the point to check at; any shape the node accepts.
+            callable mapping tensors to a tensor.
+        *inputs: the point to check at, one tensor per input of the node; any shapes
+            the node accepts.
         eps: finite-difference step. Default ``1e-6``.
         atol: absolute tolerance. Default ``1e-5``.
         rtol: relative tolerance. Default ``1e-3``.
@@ -123,37 +142,52 @@ def check_gradients(
         raise_on_fail: raise :class:`GradientCheckError` instead of returning a failed
             report. Default ``False``.
         seed: seed of the random directions. Default ``0``.
+        params: also check the gradients of a module's parameters that require grad.
+            Default ``True``.
 
     Returns:
         A :class:`GradientReport`; ``report.ok`` tells whether the check passed and
         ``str(report)`` summarises it.
 
     Shape:
-        - x: any shape; the Jacobian is taken over the flattened input and output.
+        - inputs: any shapes; the Jacobian is taken over the flattened output and the
+          flattened, concatenated inputs and parameters.
 
     Raises:
-        DTypeError: if ``x`` is not a floating-point tensor or the node does not return
-            a floating-point tensor.
-        NonFiniteError: if ``x`` contains NaN or Inf.
+        DTypeError: if an input is not a floating-point tensor or the node does not
+            return a floating-point tensor.
+        NonFiniteError: if an input contains NaN or Inf.
         OptionError: if ``eps``, ``atol``, ``rtol`` or ``n_directions`` is not positive.
-        InputError: if the node's output is not connected to ``x`` by autograd.
+        InputError: if no input is given, or the node's output is not connected to the
+            inputs (or parameters) by autograd.
         GradientCheckError: with ``raise_on_fail=True``, when the check fails.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021.
     """
-    x = check_tensor("x", x)
-    check_finite("x", x)
+    if not inputs:
+        raise InputError("check_gradients needs at least one input tensor after node_or_fn")
+    names = ["x"] if len(inputs) == 1 else [f"input {i}" for i in range(len(inputs))]
+    for name, x in zip(names, inputs):
+        check_tensor(name, x)
+        check_finite(name, x)
     check_positive("eps", eps)
     check_positive("atol", atol)
     check_positive("rtol", rtol)
     if n_directions is not None:
         check_positive("n_directions", n_directions)
-    fn = _as_float64(node_or_fn)
-    x64 = x.detach().to(torch.float64)
+    fn = _float64_copy(node_or_fn, params)
+    point = [x.detach().to(torch.float64) for x in inputs]
+    thetas: list[torch.Tensor] = []
+    if params and isinstance(fn, torch.nn.Module):
+        for pname, p in fn.named_parameters():
+            if p.requires_grad:
+                thetas.append(p)
+                names.append(f"param {pname}")
+    sizes = [t.numel() for t in point] + [p.numel() for p in thetas]
 
-    def evaluate(z: torch.Tensor) -> torch.Tensor:
-        out = fn(z)
+    def evaluate(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = fn(*xs)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise DTypeError(
@@ -161,51 +195,69 @@ def check_gradients(
             )
         return out.to(torch.float64)
 
+    def shifted(delta: torch.Tensor) -> torch.Tensor:
+        """y at z + delta (delta flat over inputs and parameters)."""
+        parts = list(torch.split(delta, sizes))
+        xs = [x + d.reshape(x.shape) for x, d in zip(point, parts)]
+        saved = [p.detach().clone() for p in thetas]
+        try:
+            with torch.no_grad():
+                for p, d in zip(thetas, parts[len(point):]):
+                    p.add_(d.reshape(p.shape))
+            return evaluate(xs).detach()
+        finally:
+            with torch.no_grad():
+                for p, s in zip(thetas, saved):
+                    p.copy_(s)
+
+    total = sum(sizes)
     with torch.enable_grad():
-        xg = x64.clone().requires_grad_(True)
+        xg = [x.clone().requires_grad_(True) for x in point]
         y = evaluate(xg)
+        wrt = xg + thetas
         if y.numel() and not y.requires_grad:
             raise InputError(
-                "node_or_fn's output does not depend on x through autograd "
+                "node_or_fn's output does not depend on its inputs through autograd "
                 "(no backward to check); was it computed under torch.no_grad()?"
             )
 
         def vjp(w: torch.Tensor) -> torch.Tensor:
-            (g,) = torch.autograd.grad(y, xg, w, retain_graph=True, allow_unused=True)
-            return torch.zeros_like(xg) if g is None else g
+            gs = torch.autograd.grad(y, wrt, w, retain_graph=True, allow_unused=True)
+            return torch.cat([
+                (torch.zeros_like(t) if g is None else g).flatten() for t, g in zip(wrt, gs)
+            ])
 
         # The finite differences run with grad mode on, as in training: some back
         # ends behave differently under no_grad.
+        device = point[0].device
         if n_directions is None:
             mode = "jacobian"
             eye_out = torch.eye(y.numel(), dtype=torch.float64, device=y.device)
-            rows = [vjp(e.reshape(y.shape)).flatten() for e in eye_out]
-            analytic = torch.stack(rows) if rows else y.new_zeros(0, x64.numel())
+            rows = [vjp(e.reshape(y.shape)) for e in eye_out]
+            analytic = torch.stack(rows) if rows else y.new_zeros(0, total)
             cols = []
-            for j in range(x64.numel()):
-                step = torch.zeros(x64.numel(), dtype=torch.float64, device=x64.device)
+            for j in range(total):
+                step = torch.zeros(total, dtype=torch.float64, device=device)
                 step[j] = eps
-                step = step.reshape(x64.shape)
-                diff = (evaluate(x64 + step) - evaluate(x64 - step)) / (2 * eps)
-                cols.append(diff.detach().flatten())
+                cols.append(((shifted(step) - shifted(-step)) / (2 * eps)).flatten())
             numeric = torch.stack(cols, dim=1) if cols else y.new_zeros(y.numel(), 0)
         else:
             mode = "directional"
             gen = torch.Generator(device="cpu").manual_seed(seed)
             a_vals, n_vals = [], []
             for _ in range(int(n_directions)):
-                u = torch.randn(x64.shape, generator=gen, dtype=torch.float64)
-                u = (u / u.norm().clamp_min(1e-300)).to(x64.device)
+                u = torch.randn(total, generator=gen, dtype=torch.float64)
+                u = (u / u.norm().clamp_min(1e-300)).to(device)
                 w = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
                 a_vals.append((vjp(w) * u).sum())
-                diff = (evaluate(x64 + eps * u) - evaluate(x64 - eps * u)) / (2 * eps)
-                n_vals.append((w * diff.detach()).sum())
+                diff = (shifted(eps * u) - shifted(-eps * u)) / (2 * eps)
+                n_vals.append((w * diff).sum())
             analytic = torch.stack(a_vals)
             numeric = torch.stack(n_vals)
 
     err = (analytic - numeric).abs()
     if err.numel() == 0:
-        report = GradientReport(True, 0.0, 0.0, (), 0, mode, eps, atol, rtol)
+        report = GradientReport(True, 0.0, 0.0, (), 0, mode, eps, atol, rtol, tuple(names))
     else:
         # NaN in either Jacobian must fail, so compare with a negated "within tolerance".
         within = err <= atol + rtol * numeric.abs()
@@ -214,11 +266,16 @@ def check_gradients(
         worst = (
             (flat // err.shape[1], flat % err.shape[1]) if err.ndim == 2 else (flat,)
         )
+        worst_wrt = ""
+        if err.ndim == 2:
+            bounds = torch.tensor(sizes).cumsum(0)
+            worst_wrt = names[int((bounds <= worst[1]).sum())]
         max_abs = float(err.flatten()[flat])
         scale = float(numeric.abs().max())
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
         report = GradientReport(
-            ok, max_abs, max_rel, worst, err.numel(), mode, eps, atol, rtol
+            ok, max_abs, max_rel, worst, err.numel(), mode, eps, atol, rtol,
+            tuple(names), worst_wrt,
         )
     if raise_on_fail and not report.ok:
         raise GradientCheckError(report)

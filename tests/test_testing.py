@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convexddn.errors import ConvexDDNError, DTypeError, InputError, NonFiniteError, OptionError
 from convexddn import DeclarativeNode
+from convexddn.errors import (
+    ConvexDDNError,
+    DTypeError,
+    InputError,
+    NonFiniteError,
+    OptionError,
+    SolverError,
+)
 from convexddn.testing import GradientCheckError, GradientReport, check_gradients
 
 DT = torch.float64
@@ -98,7 +105,7 @@ def test_check_gradients_passes_on_declarative_node():
 
 
 def test_check_gradients_directional_passes():
-    report = check_gradients(SumToOne(), _x(2, 3, 5), n_directions=4)
+    report = check_gradients(SumToOne(batch_dims=2), _x(2, 3, 5), n_directions=4)
     assert report.ok and report.mode == "directional" and report.n_compared == 4
     assert report.max_abs_error < 1e-8
 
@@ -120,7 +127,11 @@ def test_check_gradients_fails_on_wrong_backward():
 
 def test_check_gradients_fails_on_missing_constraints():
     x = torch.tensor([[1.5, 0.5, -0.7]], dtype=DT)
-    report = check_gradients(ClampForgotConstraints(), x)
+    # The node's own check sees that solve's point is not stationary for the declared
+    # problem (y - x != 0 at the clipped entries) and refuses to differentiate.
+    with pytest.raises(SolverError, match="not a KKT point"):
+        check_gradients(ClampForgotConstraints(), x)
+    report = check_gradients(ClampForgotConstraints(check_solution=False), x)
     assert not report.ok
     # The clipped entries have true derivative 0 but the backward claims 1.
     assert report.max_abs_error == pytest.approx(1.0, abs=1e-6)
@@ -167,7 +178,9 @@ def test_check_gradients_float32_module_copied_to_float64():
             return 0.5 * ((y @ self.Q) * y).sum(-1) - (x * y).sum(-1)
 
         def solve(self, x):
-            return torch.linalg.solve(self.Q, x.T).T
+            # The objective sees only the symmetric part of Q; so must solve (the
+            # parameter check finds the mismatch for a non-symmetric perturbation).
+            return torch.linalg.solve(0.5 * (self.Q + self.Q.T), x.T).T
 
     node = Quadratic()
     report = check_gradients(node, _x(3, 2).float())
@@ -188,3 +201,74 @@ def test_check_gradients_invalid_inputs():
         check_gradients(lambda z: z.tolist(), _x(2))
     with pytest.raises(InputError, match="autograd"):
         check_gradients(lambda z: z.detach() * 2, _x(2))
+
+
+class WeightedMean(DeclarativeNode):
+    """argmin_u sum_i w_i (u - p_i)^2 + c (u - q)^2 with learned weights w = exp(logw)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.logw = torch.nn.Parameter(torch.linspace(-0.5, 0.5, n, dtype=DT))
+        self.c = torch.nn.Parameter(torch.tensor(0.7, dtype=DT))
+
+    def objective(self, p, q, *, y):
+        w = self.logw.exp()
+        return (w * (y - p) ** 2).sum(-1) + self.c * ((y - q) ** 2).sum(-1)
+
+    def solve(self, p, q):
+        w = self.logw.exp()
+        return ((w * p).sum(-1, keepdim=True) + self.c * q) / (w.sum() + self.c)
+
+
+def test_check_gradients_two_inputs_and_parameters():
+    node = WeightedMean(4)
+    report = check_gradients(node, _x(3, 4), _x(3, 1, seed=1))
+    assert report.ok and report.max_abs_error < 1e-8
+    assert report.wrt == ("input 0", "input 1", "param logw", "param c")
+    # 3 outputs x (12 + 3 inputs + 4 + 1 parameters).
+    assert report.n_compared == 3 * 20
+    # The caller's module is not perturbed (a copy is checked).
+    torch.testing.assert_close(node.logw.detach(), torch.linspace(-0.5, 0.5, 4, dtype=DT))
+    directional = check_gradients(node, _x(3, 4), _x(3, 1, seed=1), n_directions=3)
+    assert directional.ok and directional.n_compared == 3
+    assert check_gradients(node, _x(3, 4), _x(3, 1, seed=1), params=False).wrt == (
+        "input 0", "input 1")
+
+
+class WrongParamGrad(torch.autograd.Function):
+    """y = a * x, whose backward gives the parameter a gradient twice too large."""
+
+    @staticmethod
+    def forward(x, a):
+        return a * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a = ctx.saved_tensors
+        return grad * a, 2.0 * (grad * x).sum()
+
+
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(1.5))  # float32: checked via a copy
+
+    def forward(self, x):
+        return WrongParamGrad.apply(x, self.a)
+
+
+def test_check_gradients_finds_wrong_parameter_gradient():
+    report = check_gradients(Scale(), _x(2, 3))
+    assert not report.ok
+    assert report.worst_wrt == "param a"
+    assert "param a" in str(report)
+    assert check_gradients(Scale(), _x(2, 3), params=False).ok
+
+
+def test_check_gradients_needs_an_input():
+    with pytest.raises(InputError, match="at least one input"):
+        check_gradients(torch.tanh)

@@ -4,7 +4,7 @@ A declarative node computes
 
 .. math::
 
-    y(x) \\in \\operatorname*{argmin}_{u \\in \\mathbb{R}^m} f(x, u)
+    y(x_1, \\dots, x_k) \\in \\operatorname*{argmin}_{u} f(x_1, \\dots, x_k, u)
     \\quad\\text{subject to}\\quad h(x, u) = 0,\\; g(x, u) \\le 0,
 
 by any algorithm the user likes, and differentiates the solution by the implicit
@@ -18,58 +18,42 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import torch
+from torch.nn.utils.stateless import _reparametrize_module
 
-from .._checks import check_choice, check_finite, check_int, check_positive, check_tensor
-from ..errors import DTypeError, ShapeError, SolverError
-from .implicit import declarative_vjp
-from .linear_solvers import _MAX_INDICES_SHOWN, LINEAR_SOLVERS, LinearSolver
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_int,
+    check_positive,
+    check_tensor,
+)
+from ..errors import (
+    DTypeError,
+    GradientWarning,
+    InputError,
+    OptionError,
+    ProblemError,
+    ShapeError,
+    SolverError,
+)
+from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
+from .graph import check_graph
+from .implicit import _constraint, _format_indices, _objective, declarative_vjp
+from .linear_solvers import LINEAR_SOLVERS, LinearSolver
 
 __all__ = ["DeclarativeNode"]
 
 Tensor = torch.Tensor
-
-
-class _DeclarativeFunction(torch.autograd.Function):
-    """Runs ``node.solve`` forward and :func:`declarative_vjp` backward."""
-
-    @staticmethod
-    def forward(node: "DeclarativeNode", x: Tensor, *params: Tensor) -> Tensor:
-        return node._checked_solve(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        node, x = inputs[0], inputs[1]
-        ctx.node = node
-        ctx.save_for_backward(x, output, *inputs[2:])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y: Tensor):
-        x, y, *params = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if not any(needs[1:]):
-            return (None,) * len(needs)
-        node: DeclarativeNode = ctx.node
-        wanted = [p for p, need in zip(params, needs[2:]) if need]
-        grad_x, grad_wanted = declarative_vjp(
-            node.objective,
-            x,
-            y,
-            grad_y,
-            equality_constraints=node.equality_constraints,
-            inequality_constraints=node.inequality_constraints,
-            params=wanted,
-            linear_solver=node.linear_solver,
-            dense_max=node.dense_max,
-            active_tol=node.active_tol,
-            cg_options={"tol": node.cg_tol, "max_iter": node.cg_max_iter},
-        )
-        it = iter(grad_wanted)
-        grad_params = [next(it) if need else None for need in needs[2:]]
-        return (None, grad_x if needs[1] else None, *grad_params)
+_WORK_DTYPES = (torch.float64, torch.float32)
 
 
 class DeclarativeNode(torch.nn.Module):
@@ -77,54 +61,91 @@ class DeclarativeNode(torch.nn.Module):
 
     .. math::
 
-        y(x) \\in \\operatorname*{argmin}_{u \\in \\mathbb{R}^m} f(x, u)
+        y(x_1, \\dots, x_k) \\in \\operatorname*{argmin}_{u} f(x, u)
         \\quad\\text{subject to}\\quad h(x, u) = 0,\\; g(x, u) \\le 0.
 
     Subclass it and write:
 
-    - ``objective(self, x, y)``: :math:`f`, batched: ``x`` ``(B, n)``, ``y`` ``(B, m)``
-      to ``(B,)``, in differentiable torch code; row ``b`` must depend only on
-      ``x[b]`` and ``y[b]``.
-    - ``solve(self, x)``: any algorithm returning the minimiser ``y`` ``(B, m)`` (a
-      tensor, not a tuple; multipliers are recovered by least squares, eq. 25). It runs
-      without gradient tracking and its steps are never differentiated.
-    - optionally ``equality_constraints(self, x, y)`` returning :math:`h` ``(B, p)``
-      and ``inequality_constraints(self, x, y)`` returning :math:`g` ``(B, q)``; the
-      defaults return ``None`` (no constraints).
+    - ``objective(self, *xs, y)``: :math:`f`, batched, in differentiable torch code,
+      returning shape ``(B,)``; row ``b`` must depend only on the rows ``b`` of the
+      inputs and of ``y``. ``def objective(self, x, y)`` (positional ``y``) and
+      ``def objective(self, a, b, *, y)`` both work.
+    - ``solve(self, *xs)``: any algorithm returning the minimiser ``y``, shape
+      ``(B, ...)`` of any trailing shape (a tensor, not a tuple: multipliers are
+      recovered by least squares, eq. 25). It runs without gradient tracking and its
+      steps are never differentiated.
+    - optionally ``equality_constraints(self, *xs, y)`` returning :math:`h` and
+      ``inequality_constraints(self, *xs, y)`` returning :math:`g`, each ``(B, ...)``
+      of any trailing shape; the defaults return ``None`` (no constraints).
 
-    Calling ``node(x)`` returns ``y`` with the implicit backward of
-    :func:`declarative_vjp` attached (Prop. 4.4 to 4.6): gradients flow to ``x`` and to
-    every parameter of the module that requires grad. A subclass that defines
-    ``__init__`` must call ``super().__init__()`` (all arguments are optional).
+    Every input and ``y`` have the batch dimension first (``batch_dims`` leading
+    dimensions, flattened into one for the user's methods, which always see
+    ``(B, ...)``); the rest is the example's shape, whatever it is.
+    Calling ``node(*xs)`` returns ``y`` with the implicit backward of
+    :func:`~convexddn.nodes.implicit.declarative_vjp` attached (Prop. 4.4 to 4.6):
+    gradients flow to every input and every parameter of the module that requires
+    grad. The backward forms and solves the implicit system in ``implicit_dtype``
+    (float64 by default) whatever the inputs' dtype: the parameters and buffers of the
+    node are cast for the duration (so they must be parameters or buffers, not plain
+    tensor attributes, when a float64 objective needs them), and the gradients are
+    cast back. It also verifies the returned solution (``check_solution``), reports
+    singular or ill-conditioned systems (non-unique solutions) and active
+    inequalities with zero multipliers, each with a
+    :class:`~convexddn.errors.GradientWarning` naming the batch elements.
 
-    The forward synchronises with the device once (to check that ``solve`` returned
-    finite values); the backward a few times (see :func:`declarative_vjp`). Double
-    backward is not supported.
+    A subclass that defines ``__init__`` must call ``super().__init__()`` (all
+    arguments are optional). Double backward is not supported (it raises).
 
     Args:
         linear_solver: ``"auto"`` (default), ``"dense"``, ``"cg"`` or a callable; see
-            :func:`declarative_vjp`.
+            :func:`~convexddn.nodes.implicit.declarative_vjp`.
         dense_max: largest ``m + p + q`` for which ``"auto"`` picks the dense solve.
-            Default ``64``.
+            Default ``None``: the measured rule of
+            :func:`~convexddn.nodes.linear_solvers.resolve_linear_solver` (dense up to
+            64 unknowns, or while ``B (m + p + q)^3 <= 3e8``, CG above with a dense
+            fallback when it does not converge quickly).
         active_tol: inequality constraints with ``g >= -active_tol`` count as active.
             Default ``1e-6``.
         cg_tol: relative residual tolerance of CG. Default ``None`` (``1e-10`` in
-            float64, ``1e-5`` otherwise).
+            float64, ``1e-5`` in float32).
         cg_max_iter: CG iteration cap. Default ``None`` (``10 * m``).
+        batch_dims: how many leading dimensions of every input (and of the output)
+            are batch dimensions. ``0``: the inputs are one problem. Default ``1``.
+        check_solution: verify in backward that ``solve`` returned a KKT point
+            (relative residuals; warning above ``solution_tol``, SolverError above 0.1).
+            Default ``True``.
+        solution_tol: relative KKT residual that triggers the warning. Default
+            ``None``: ``max(1e-6, sqrt(eps))`` of the inputs' dtype.
+        implicit_dtype: ``torch.float64`` (default) or ``torch.float32``: the dtype the
+            backward's linear algebra runs in.
 
     Shape:
-        - Input: :math:`(*, n)`; a 1-D input is a single problem.
-        - Output: :math:`(*, m)`, same dtype and device as the input.
+        - Inputs: :math:`(*\\text{batch}, *S_i)`, the same batch shape for all.
+        - Output: :math:`(*\\text{batch}, *S_y)`, same dtype and device as the inputs.
 
     Raises:
-        DTypeError: if ``x`` is not a floating-point tensor, or ``solve`` returns a
-            non-tensor or a tensor of another dtype.
-        ShapeError: if ``x`` is 0-dimensional or ``solve`` returns a shape other than
-            ``(B, m)``; in backward, if ``objective`` or a constraint returns the wrong
-            shape.
-        NonFiniteError: if ``x`` contains NaN or Inf.
-        SolverError: if ``solve`` returns NaN or Inf (with the failing batch indices).
-        OptionError: for invalid options.
+        DTypeError: an input is not a floating-point tensor, inputs differ in dtype,
+            or ``solve`` returns a non-tensor or another dtype.
+        ShapeError: an input has fewer than ``batch_dims`` dimensions, batch shapes
+            differ, or ``solve``, ``objective`` or a constraint returns the wrong shape.
+        InputError: inputs on different devices, a call with a number of inputs the
+            methods do not take, or a tensor requiring grad that is neither an input
+            nor a parameter used in the objective or constraints.
+        ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not
+            call ``super().__init__()``, or the objective does not depend on ``y``.
+        NonFiniteError: an input contains NaN or Inf.
+        SolverError: ``solve`` returns NaN or Inf, or (in backward) a point far from
+            a KKT point; with the failing batch indices.
+        OptionError: invalid options.
+
+    The shape, dependency and closed-over-tensor checks run at the first forward with
+    grad mode on (and at every forward whose output would not require grad), before
+    any backward: one evaluation of the objective and constraints.
+
+    .. note::
+        During the backward the node's parameters and buffers read as
+        ``implicit_dtype`` casts; do not run the same node instance concurrently in
+        another thread meanwhile (replicas, as DataParallel and DDP make, are fine).
 
     Examples::
 
@@ -143,91 +164,245 @@ class DeclarativeNode(torch.nn.Module):
         self,
         *,
         linear_solver: str | LinearSolver = "auto",
-        dense_max: int = 64,
+        dense_max: int | None = None,
         active_tol: float = 1e-6,
         cg_tol: float | None = None,
         cg_max_iter: int | None = None,
+        batch_dims: int = 1,
+        check_solution: bool = True,
+        solution_tol: float | None = None,
+        implicit_dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
         if not callable(linear_solver):
             check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
-        check_int("dense_max", dense_max, minimum=0)
+        if dense_max is not None:
+            check_int("dense_max", dense_max, minimum=0)
         check_positive("active_tol", active_tol)
         if cg_tol is not None:
             check_positive("cg_tol", cg_tol)
         if cg_max_iter is not None:
             check_int("cg_max_iter", cg_max_iter, minimum=1)
+        check_int("batch_dims", batch_dims, minimum=0)
+        check_bool("check_solution", check_solution)
+        if solution_tol is not None:
+            check_positive("solution_tol", solution_tol)
+        if implicit_dtype not in _WORK_DTYPES:
+            raise OptionError(
+                f"implicit_dtype must be one of {list(_WORK_DTYPES)}, got {implicit_dtype!r}"
+            )
         self.linear_solver = linear_solver
-        self.dense_max = int(dense_max)
+        self.dense_max = None if dense_max is None else int(dense_max)
         self.active_tol = float(active_tol)
         self.cg_tol = cg_tol
-        self.cg_max_iter = cg_max_iter
+        self.cg_max_iter = None if cg_max_iter is None else int(cg_max_iter)
+        self.batch_dims = int(batch_dims)
+        self.check_solution = check_solution
+        self.solution_tol = solution_tol
+        self.implicit_dtype = implicit_dtype
+        self._validated = False
+        self._ddn_initialised = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_ddn_checked", False):
+            return
+
+        @functools.wraps(init)
+        def checked_init(self, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            if not self.__dict__.get("_ddn_initialised", False):
+                raise ProblemError(
+                    f"{type(self).__name__}.__init__ must call super().__init__() (the "
+                    "DeclarativeNode options are keyword arguments of it, all optional)"
+                )
+
+        checked_init._ddn_checked = True  # type: ignore[attr-defined]
+        cls.__init__ = checked_init  # type: ignore[misc]
 
     # ---- the user's part ------------------------------------------------------------
 
-    def objective(self, x: Tensor, y: Tensor) -> Tensor:
-        """The objective :math:`f(x, y)`: ``(B, n), (B, m) -> (B,)``."""
-        raise NotImplementedError(f"{type(self).__name__} must define objective(self, x, y)")
+    def objective(self, *xs: Tensor, y: Tensor) -> Tensor:
+        """The objective :math:`f(x, y)`: inputs ``(B, ...)``, ``y`` ``(B, ...)`` -> ``(B,)``."""
+        raise NotImplementedError
 
-    def solve(self, x: Tensor) -> Tensor:
-        """A minimiser ``y`` ``(B, m)`` of the problem for each row of ``x`` ``(B, n)``."""
-        raise NotImplementedError(f"{type(self).__name__} must define solve(self, x)")
+    def solve(self, *xs: Tensor) -> Tensor:
+        """A minimiser ``y`` ``(B, ...)`` of the problem for each batch element."""
+        raise NotImplementedError
 
-    def equality_constraints(self, x: Tensor, y: Tensor) -> Tensor | None:
-        """Equality constraints ``(B, p)``, feasible where zero; ``None`` for none."""
+    def equality_constraints(self, *xs: Tensor, y: Tensor) -> Tensor | None:
+        """Equality constraints ``(B, ...)``, feasible where zero; ``None`` for none."""
         return None
 
-    def inequality_constraints(self, x: Tensor, y: Tensor) -> Tensor | None:
-        """Inequality constraints ``(B, q)``, feasible where ``<= 0``; ``None`` for none."""
+    def inequality_constraints(self, *xs: Tensor, y: Tensor) -> Tensor | None:
+        """Inequality constraints ``(B, ...)``, feasible where ``<= 0``; ``None`` for none."""
         return None
 
     # ---- machinery ------------------------------------------------------------------
 
-    def _checked_solve(self, x: Tensor) -> Tensor:
+    def _call(self, method: str):
+        """The user's ``method`` as ``fn(*xs, y)``, whatever its way of taking ``y``."""
+        fn = getattr(self, method)
+        if y_by_keyword(type(self), method):
+            return lambda *args: fn(*args[:-1], y=args[-1])
+        return fn
+
+    def _check_structure(self, n: int) -> None:
+        name = type(self).__name__
+        if not self.__dict__.get("_ddn_initialised", False):
+            raise ProblemError(f"{name}.__init__ must call super().__init__()")
+        missing = [m for m in ("objective", "solve")
+                   if getattr(type(self), m) is getattr(DeclarativeNode, m)]
+        if missing:
+            raise ProblemError(
+                f"{name} must define {' and '.join(missing)}: objective(self, *xs, y) "
+                "returning (B,), and solve(self, *xs) returning y of shape (B, ...)"
+            )
+        error = arity_error(type(self), n)
+        if error:
+            raise InputError(error)
+
+    @contextlib.contextmanager
+    def _in_dtype(self, dtype: torch.dtype) -> Iterator[None]:
+        """Within: floating parameters and buffers read as ``dtype`` (differentiably)."""
+        with torch.enable_grad():  # the casts must carry gradients back to parameters
+            casts = {
+                name: t.to(dtype)
+                for name, t in [*self.named_parameters(remove_duplicate=False),
+                                *self.named_buffers(remove_duplicate=False)]
+                if t.is_floating_point() and t.dtype != dtype
+            }
+        if not casts:
+            yield
+            return
+        with _reparametrize_module(self, casts):
+            yield
+
+    def _checked_solve(self, xs: tuple[Tensor, ...]) -> Tensor:
         with torch.no_grad():
-            y = self.solve(x)
+            y = self.solve(*xs)
         name = f"{type(self).__name__}.solve"
         if not isinstance(y, torch.Tensor):
-            raise DTypeError(f"{name} must return a torch.Tensor, got {type(y).__name__}")
-        if y.dtype != x.dtype:
-            raise DTypeError(f"{name} must return the dtype of x ({x.dtype}), got {y.dtype}")
-        if y.ndim != 2 or y.shape[0] != x.shape[0]:
+            hint = " (return y alone: multipliers are recovered by eq. 25)" if isinstance(
+                y, tuple) else ""
+            raise DTypeError(f"{name} must return a torch.Tensor, got {type(y).__name__}{hint}")
+        if y.dtype != xs[0].dtype:
+            raise DTypeError(f"{name} must return the inputs' dtype ({xs[0].dtype}), got {y.dtype}")
+        batch = xs[0].shape[0]
+        if y.ndim == 0 or y.shape[0] != batch:
             raise ShapeError(
-                f"{name} must return shape (B, m) with B = {x.shape[0]} for x of shape "
-                f"{tuple(x.shape)}, got {tuple(y.shape)}"
+                f"{name} must return shape (B, ...) with B = {batch} (the batch dimension "
+                f"first), got {tuple(y.shape)}"
             )
         y = y.detach()
-        # Returning (a view of) the input would make autograd treat y as x itself.
-        if y.numel() and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        # Returning (a view of) an input would make autograd treat y as that input.
+        storages = {x.untyped_storage().data_ptr() for x in xs if x.numel()}
+        if y.numel() and y.untyped_storage().data_ptr() in storages:
             y = y.clone()
         return y
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
+        """Shapes, dependence on y and closed-over tensors, before any backward."""
+        name = type(self).__name__
+        known = tuple(self.parameters())
+        with torch.enable_grad(), self._in_dtype(self.implicit_dtype):
+            xg = tuple(x.detach().to(self.implicit_dtype).requires_grad_(True) for x in xs)
+            yg = y.detach().to(self.implicit_dtype).requires_grad_(True)
+            f = _objective(f"{name}.objective", self._call("objective"), xg, yg)
+            cons = [_constraint(f"{name}.{m}", self._call(m), xg, yg)
+                    for m in ("equality_constraints", "inequality_constraints")]
+            of_f, of_c = check_graph(name, f, [c for c in cons if c is not None], yg,
+                                     allowed=xg + known)
+            leaves = {**of_f, **of_c}
+        unused = [i for i, (x, g) in enumerate(zip(xs, xg))
+                  if x.requires_grad and id(g) not in leaves]
+        if unused:
+            warnings.warn(
+                f"{name}: input(s) {unused} require grad but neither the objective nor the "
+                "constraints depend on them, so their gradient is zero; if solve uses "
+                "them as problem data, the objective must use them too (not detached)",
+                GradientWarning,
+                stacklevel=3,
+            )
+
+    def _vjp(self, xs, y, grad_y, params, batch_shape):
+        wanted_params = tuple(params)
+        with self._in_dtype(self.implicit_dtype):
+            return declarative_vjp(
+                self._call("objective"),
+                tuple(xs),
+                y,
+                grad_y,
+                equality_constraints=self._call("equality_constraints"),
+                inequality_constraints=self._call("inequality_constraints"),
+                params=wanted_params,
+                known=tuple(self.parameters()),
+                linear_solver=self.linear_solver,
+                dense_max=self.dense_max,
+                active_tol=self.active_tol,
+                cg_options={"tol": self.cg_tol, "max_iter": self.cg_max_iter},
+                check_solution=self.check_solution,
+                solution_tol=self.solution_tol,
+                work_dtype=self.implicit_dtype,
+                name=type(self).__name__,
+                batch_shape=batch_shape,
+            )
+
+    def _flatten_inputs(self, xs: tuple[Any, ...]) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        names = ["x"] if len(xs) == 1 else [f"input {i}" for i in range(len(xs))]
+        xs = tuple(check_tensor(n, x) for n, x in zip(names, xs))
+        for n, x in zip(names, xs):
+            check_finite(n, x)
+        first = xs[0]
+        for n, x in zip(names[1:], xs[1:]):
+            if x.dtype != first.dtype:
+                raise DTypeError(
+                    f"all inputs must have one dtype: input 0 is {first.dtype}, {n} is {x.dtype}"
+                )
+            if x.device != first.device:
+                raise InputError(
+                    f"all inputs must be on one device: input 0 is on {first.device}, {n} on "
+                    f"{x.device}"
+                )
+        k = self.batch_dims
+        for n, x in zip(names, xs):
+            if x.ndim < k:
+                raise ShapeError(
+                    f"{n} must have at least batch_dims={k} dimension(s) (the batch "
+                    f"dimensions first), got shape {tuple(x.shape)}"
+                )
+        batch_shape = tuple(first.shape[:k])
+        for n, x in zip(names[1:], xs[1:]):
+            if tuple(x.shape[:k]) != batch_shape:
+                raise ShapeError(
+                    f"every input must have the batch shape of input 0, {batch_shape} (its "
+                    f"first batch_dims={k} dimension(s)); {n} has shape {tuple(x.shape)}"
+                )
+        batch = math.prod(batch_shape)
+        return tuple(x.reshape((batch,) + tuple(x.shape[k:])) for x in xs), batch_shape
+
+    def forward(self, *xs: Tensor) -> Tensor:
         """Solve for ``y`` and attach the implicit backward; see the class docstring."""
-        x = check_tensor("x", x)
-        if x.ndim == 0:
-            raise ShapeError("x must have shape (*batch, n) with at least one dimension, got ()")
-        check_finite("x", x)
-        batch_shape = x.shape[:-1]
-        flat = x.reshape(math.prod(batch_shape), x.shape[-1])
+        self._check_structure(len(xs))
+        if not xs:
+            raise InputError(f"{type(self).__name__} needs at least one input tensor")
+        flat, batch_shape = self._flatten_inputs(xs)
         params = tuple(p for p in self.parameters() if p.requires_grad)
-        y = _DeclarativeFunction.apply(self, flat, *params)
-        bad = ~torch.isfinite(y).all(dim=-1)
+        y = DeclarativeFunction.apply(self, len(flat), batch_shape, *flat, *params)
+        bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)
         if y.numel() and bool(bad.any()):
-            flat_idx = torch.nonzero(bad).flatten()
-            if batch_shape:
-                idx = torch.stack(torch.unravel_index(flat_idx, tuple(batch_shape)), -1)
-                indices = [tuple(i) for i in idx.tolist()]
-            else:
-                indices = [()]
+            indices = _format_indices(bad, batch_shape)
             raise SolverError(
                 f"{type(self).__name__}.solve returned NaN or Inf for {len(indices)} of "
-                f"{bad.numel()} batch element(s), at batch indices "
-                f"{indices[:_MAX_INDICES_SHOWN]}",
+                f"{bad.numel()} batch element(s), at batch indices {indices[:8]}",
                 indices=indices,
                 statuses=["non-finite solution"] * len(indices),
             )
-        return y.reshape(*batch_shape, y.shape[-1])
+        if torch.is_grad_enabled() and (not self._validated or not y.requires_grad):
+            self._probe(flat, y)
+            self._validated = True
+        return y.reshape(tuple(batch_shape) + tuple(y.shape[1:]))
 
     def extra_repr(self) -> str:
         solver = self.linear_solver if isinstance(self.linear_solver, str) else (
@@ -236,5 +411,7 @@ class DeclarativeNode(torch.nn.Module):
         return (
             f"linear_solver={solver!r}, dense_max={self.dense_max}, "
             f"active_tol={self.active_tol:g}, cg_tol={self.cg_tol}, "
-            f"cg_max_iter={self.cg_max_iter}"
+            f"cg_max_iter={self.cg_max_iter}, batch_dims={self.batch_dims}, "
+            f"check_solution={self.check_solution}, solution_tol={self.solution_tol}, "
+            f"implicit_dtype={self.implicit_dtype}"
         )

@@ -4,13 +4,14 @@
 
 .. math::
 
-    y(x) \\in \\operatorname*{argmin}_{u} f(x, u)
+    y(x_1, \\dots, x_k) \\in \\operatorname*{argmin}_{u} f(x, u)
     \\quad\\text{subject to}\\quad h(x, u) = 0,\\; g(x, u) \\le 0
 
 through its first-order optimality conditions, given only ``f``, ``h`` and ``g`` as
 differentiable torch code: one KKT system per batch element (solved by a linear solver
 of :mod:`.linear_solvers`) and one autograd vector–Jacobian product, never forming
-:math:`D^2_{XY} f` nor :math:`Dy`.
+:math:`D^2_{XY} f` nor :math:`Dy`. Everything is formed and solved in float64 (by
+default) whatever the dtype of the data, and cast back at the end.
 
 References:
     S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks",
@@ -18,19 +19,27 @@ References:
 """
 from __future__ import annotations
 
+import functools
+import math
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from .._checks import check_positive
-from ..errors import DTypeError, GradientWarning, ShapeError
-from .linear_solvers import LinearSolver, resolve_linear_solver
+from ..errors import DTypeError, GradientWarning, ShapeError, SolverError
+from .graph import check_graph
+from .linear_solvers import LinearSolver, resolve_linear_solver, shown_indices
+from .optimality import default_solution_tol, kkt_residuals
 
 __all__ = ["declarative_vjp"]
 
 Tensor = torch.Tensor
-ConstraintFn = Callable[[Tensor, Tensor], "Tensor | None"]
+#: ``fn(*xs, y)``: a constraint function, returning ``(B, ...)`` or ``None``.
+ConstraintFn = Callable[..., "Tensor | None"]
+
+#: Relative KKT residual above which the solution is rejected with a SolverError.
+SOLUTION_ERROR_TOL = 0.1
 
 
 def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
@@ -44,20 +53,14 @@ def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
         return torch.zeros_like(inputs).unsqueeze(0) if g is None else g.unsqueeze(0)
     try:
         (g,) = torch.autograd.grad(
-            output,
-            inputs,
-            cotangents,
-            retain_graph=True,
-            allow_unused=True,
+            output, inputs, cotangents, retain_graph=True, allow_unused=True,
             is_grads_batched=True,
         )
     except RuntimeError:
         # Some user ops have no vmap rule; one vjp per direction is the slow, safe path.
         rows = []
         for c in cotangents:
-            (gi,) = torch.autograd.grad(
-                output, inputs, c, retain_graph=True, allow_unused=True
-            )
+            (gi,) = torch.autograd.grad(output, inputs, c, retain_graph=True, allow_unused=True)
             rows.append(torch.zeros_like(inputs) if gi is None else gi)
         return torch.stack(rows)
     if g is None:
@@ -65,45 +68,66 @@ def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
     return g
 
 
-def _check_output(name: str, value: object, shape: tuple[int, ...], what: str) -> Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise DTypeError(f"{name} must return a torch.Tensor, got {type(value).__name__}")
-    if tuple(value.shape) != shape:
-        raise ShapeError(f"{name} must return shape {what} = {shape}, got {tuple(value.shape)}")
-    return value
+def _objective(name: str, fn: Callable[..., Tensor], xs, y: Tensor) -> Tensor:
+    f = fn(*xs, y)
+    if not isinstance(f, torch.Tensor):
+        raise DTypeError(f"{name} must return a torch.Tensor, got {type(f).__name__}")
+    if tuple(f.shape) != (y.shape[0],):
+        raise ShapeError(
+            f"{name} must return shape (B,) = ({y.shape[0]},), one value per batch "
+            f"element, got {tuple(f.shape)}"
+        )
+    return f
 
 
-def _constraint(
-    name: str, fn: ConstraintFn | None, x: Tensor, y: Tensor
-) -> Tensor | None:
+def _constraint(name: str, fn: ConstraintFn | None, xs, y: Tensor) -> Tensor | None:
+    """``fn(*xs, y)`` flattened to ``(B, p)``; ``None`` when absent or empty."""
     if fn is None:
         return None
-    c = fn(x, y)
+    c = fn(*xs, y)
     if c is None:
         return None
     if not isinstance(c, torch.Tensor):
         raise DTypeError(f"{name} must return a torch.Tensor or None, got {type(c).__name__}")
-    if c.ndim != 2 or c.shape[0] != x.shape[0]:
+    if c.ndim == 0 or c.shape[0] != y.shape[0]:
         raise ShapeError(
-            f"{name} must return shape (B, p) with B = {x.shape[0]}, got {tuple(c.shape)}"
+            f"{name} must return shape (B, ...) with B = {y.shape[0]} (one row of "
+            f"constraints per batch element), got {tuple(c.shape)}"
         )
-    return c
+    c = c.reshape(y.shape[0], math.prod(c.shape[1:]))
+    return c if c.shape[1] else None
+
+
+def _format_indices(mask: Tensor, batch_shape: Sequence[int] | None) -> list[tuple[int, ...]]:
+    flat = torch.nonzero(mask).flatten()
+    if batch_shape is None:
+        return [(int(i),) for i in flat.tolist()]
+    if len(batch_shape) == 0:
+        return [() for _ in flat.tolist()]
+    idx = torch.stack(torch.unravel_index(flat, tuple(batch_shape)), -1)
+    return [tuple(i) for i in idx.tolist()]
 
 
 def declarative_vjp(
-    objective: Callable[[Tensor, Tensor], Tensor],
-    x: Tensor,
+    objective: Callable[..., Tensor],
+    xs: Tensor | Sequence[Tensor],
     y: Tensor,
     grad_y: Tensor,
     *,
     equality_constraints: ConstraintFn | None = None,
     inequality_constraints: ConstraintFn | None = None,
     params: Sequence[Tensor] = (),
+    known: Sequence[Tensor] = (),
     linear_solver: str | LinearSolver = "auto",
-    dense_max: int = 64,
+    dense_max: int | None = None,
     active_tol: float = 1e-6,
     cg_options: dict[str, Any] | None = None,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
+    check_solution: bool = True,
+    solution_tol: float | None = None,
+    work_dtype: torch.dtype = torch.float64,
+    name: str = "",
+    batch_shape: Sequence[int] | None = None,
+) -> tuple[Tensor | tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Vector–Jacobian product of a declarative node's solution, by implicit differentiation.
 
     ``y`` must satisfy, for every batch element, the first-order optimality conditions
@@ -131,119 +155,222 @@ def declarative_vjp(
     y`, so :math:`-w` is the :math:`\\bar v` of §6.1) and Prop. 4.5. The linear
     system is solved once per batch element (§6.1) by ``linear_solver``; the product
     with :math:`D^2_{xy} L` is one autograd vjp, so neither that matrix nor :math:`Dy`
-    is formed. Gradients for ``params`` (tensors the
-    objective or constraints use, e.g. module parameters) come from the same vjp.
+    is formed. ``x`` and ``y`` may have any shape after the batch dimension: ``y`` is
+    flattened to ``m`` entries for the linear algebra and handed to the user's
+    functions in its own shape.
 
-    Degenerate cases: an active inequality with a zero multiplier (no strict
-    complementarity) is treated as an equality, which gives one one-sided derivative; a
-    negative multiplier means ``y`` is not a KKT point and the gradient is meaningless.
-    Linearly dependent active constraints or a singular Hessian give a singular system:
-    the pseudo-inverse solution is used with a
-    :class:`~convexddn.errors.GradientWarning`.
+    Checks, each naming the batch elements concerned:
+
+    - the returned point is verified (``check_solution``): the KKT residuals of
+      :func:`~convexddn.nodes.optimality.kkt_residuals`, relative to the problem's
+      scale, give a :class:`~convexddn.errors.GradientWarning` above ``solution_tol``
+      and a :class:`~convexddn.errors.SolverError` above ``0.1``; an active inequality
+      with a zero multiplier (strict complementarity fails: only one-sided derivatives
+      exist) gives a warning;
+    - a singular or ill-conditioned KKT system gives a warning (the pseudo-inverse
+      solution is used where singular), on the dense and the CG path alike;
+    - ``objective`` must depend on ``y`` through autograd, and every tensor that
+      requires grad in the objective's or the constraints' graph must be in ``xs``,
+      ``y`` or ``known`` (else it would silently get no gradient).
 
     Args:
-        objective: ``f(x, y) -> (B,)``; each entry must depend only on its own row.
-        x: input ``(B, n)``.
-        y: solution ``(B, m)``.
-        grad_y: incoming gradient ``(B, m)``.
-        equality_constraints: ``h(x, y) -> (B, p)``, feasible where zero, or ``None``
-            (the default).
-        inequality_constraints: ``g(x, y) -> (B, q)``, feasible where ``<= 0``, or
-            ``None`` (the default).
-        params: further tensors to differentiate with respect to. Default ``()``.
-        linear_solver: ``"auto"`` (default: ``"dense"`` when ``m + p + q <=
-            dense_max``, else ``"cg"``), ``"dense"`` (:func:`solve_kkt_dense`),
+        objective: ``f(*xs, y) -> (B,)``; each entry must depend only on its own row.
+        xs: the inputs, each ``(B, ...)``; a tensor or a sequence of tensors.
+        y: the solution ``(B, ...)``.
+        grad_y: incoming gradient, shaped like ``y``.
+        equality_constraints: ``h(*xs, y) -> (B, ...)``, feasible where zero, or ``None``.
+        inequality_constraints: ``g(*xs, y) -> (B, ...)``, feasible where ``<= 0``, or
+            ``None``.
+        params: further tensors to differentiate with respect to (e.g. a module's
+            parameters). Default ``()``.
+        known: tensors that may require grad in the graph without being differentiated
+            (e.g. parameters not asked for). ``params`` are always known.
+        linear_solver: ``"auto"`` (default: ``"dense"`` for small systems, ``"cg"``
+            for large ones; see ``dense_max``), ``"dense"`` (:func:`solve_kkt_dense`),
             ``"cg"`` (:func:`solve_kkt_cg`) or a callable with the same signature.
-        dense_max: size limit of the ``"auto"`` dense choice. Default ``64``.
+        dense_max: size limit ``m + p + q`` of the ``"auto"`` dense choice. Default
+            ``None``: the measured rule of
+            :func:`~convexddn.nodes.linear_solvers.resolve_linear_solver`.
         active_tol: inequality constraints with ``g >= -active_tol`` are active.
             Default ``1e-6``.
+        cg_options: keyword arguments of :func:`solve_kkt_cg` (``tol``, ``max_iter``).
+        check_solution: verify the KKT conditions at ``y``. Default ``True``.
+        solution_tol: relative residual that triggers the warning. Default ``None``
+            (``max(1e-6, sqrt(eps))`` of ``y``'s dtype).
+        work_dtype: dtype of the linear algebra. Default float64.
+        name: prefix for messages (e.g. the node's class name).
+        batch_shape: the caller's batch shape, to report indices in it.
 
     Returns:
-        ``(grad_x, grad_params)``: ``grad_x`` of shape ``(B, n)`` and one gradient per
-        entry of ``params`` (zeros where a parameter is unused).
-
-    Shape:
-        - x: :math:`(B, n)`, y and grad_y: :math:`(B, m)`, output :math:`(B, n)`.
+        ``(grad_xs, grad_params)``: one gradient per input, in the input's dtype
+        (a tensor if ``xs`` was a tensor, else a tuple), and one per entry of
+        ``params`` (zeros where a parameter is unused).
 
     Raises:
         ShapeError: if ``objective`` does not return ``(B,)`` or a constraint function
-            does not return ``(B, p)``.
+            does not return ``(B, ...)``.
         DTypeError: if one of them returns something other than a tensor.
+        ProblemError: if ``objective`` does not depend on ``y``.
+        InputError: if a tensor outside ``xs``, ``y``, ``params`` and ``known`` requires
+            grad in their graph.
+        SolverError: if ``y`` is far from a KKT point (relative residual above 0.1).
         OptionError: for an unknown ``linear_solver`` name.
 
     Warns:
-        GradientWarning: when the linear system is singular or CG did not converge, and
-            when the gradient would contain NaN or Inf (those entries are set to zero).
+        GradientWarning: see the checks above; also when the gradient would contain
+        NaN or Inf (those entries are set to zero).
 
     .. note::
-        Each call synchronises with the device a few times (singularity and finiteness
-        tests, and CG convergence every ``check_every`` iterations); nothing loops over
-        batch elements.
+        Each call synchronises with the device a few times (the checks, and CG
+        convergence every ``check_every`` iterations); nothing loops over batch
+        elements.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021,
         Prop. 4.4, 4.5, 4.6, eq. 25, §4.7.4 and §6.1.
     """
-    check_positive("dense_max", dense_max)
+    single = isinstance(xs, torch.Tensor)
+    xs = (xs,) if single else tuple(xs)
     params = tuple(params)
-    batch, m = y.shape
+    batch = y.shape[0]
+    m = math.prod(y.shape[1:])
+    prefix = f"{name}." if name else ""
+    who = f"{name}: " if name else ""
+    if batch == 0 or m == 0:
+        zeros = tuple(torch.zeros_like(x) for x in xs)
+        return (zeros[0] if single else zeros), tuple(torch.zeros_like(p) for p in params)
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        yg = y.detach().requires_grad_(True)
-        f = _check_output("objective", objective(xg, yg), (batch,), "(B,)")
-        eq = _constraint("equality_constraints", equality_constraints, xg, yg)
-        ineq = _constraint("inequality_constraints", inequality_constraints, xg, yg)
+        xg = tuple(x.detach().to(work_dtype).requires_grad_(True) for x in xs)
+        yg = y.detach().to(work_dtype).reshape(batch, m).requires_grad_(True)
+        yv = yg.view(y.shape)
+        f = _objective(f"{prefix}objective", objective, xg, yv)
+        eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
+        ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
+        _, of_c = check_graph(name, f, [c for c in (eq, ineq) if c is not None], yg,
+                              allowed=xg + params + tuple(known))
+        # Dependent constraints make the multipliers non-unique; that matters for the
+        # gradient only through data that enters the constraints.
+        data_in_constraints = any(id(t) in of_c for t in xg + params)
         parts = [c for c in (eq, ineq) if c is not None]
-        solver = resolve_linear_solver(
-            linear_solver, m + sum(c.shape[1] for c in parts), int(dense_max), cg_options
-        )
+        n_eq = 0 if eq is None else eq.shape[1]
+        c = A = lam = inactive = None
+        (gf,) = _grads(f.sum(), yg, create_graph=False)
         if parts:
             c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             r = c.shape[1]
-            inactive = torch.zeros(batch, r, dtype=torch.bool, device=y.device)
+            inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
             if ineq is not None:
-                inactive[:, r - ineq.shape[1]:] = ineq.detach() < -active_tol
-            eye_r = torch.eye(r, dtype=y.dtype, device=y.device)
+                inactive[:, n_eq:] = ineq.detach() < -active_tol
+            eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
             A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
             A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
-            (gf,) = _grads(f.sum(), yg, create_graph=False)
             # eq. 25: the multipliers that best satisfy stationarity at the given y.
             lam = -(torch.linalg.pinv(A.transpose(1, 2)) @ gf.unsqueeze(-1)).squeeze(-1)
             lagrangian = f.sum() + (lam * c).sum()
         else:
-            c, A, inactive = None, None, None
             lagrangian = f.sum()
         (gL,) = _grads(lagrangian, yg, create_graph=True)
+        if check_solution:
+            tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
+            _verify(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol),
+                    tol, batch_shape)
 
         def hvp(directions: Tensor) -> Tensor:
             return _batched_vjp(gL, yg, directions)
 
-        w, mu = solver(hvp, A, inactive, grad_y.to(y.dtype))
+        solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
+                                       dense_max, cg_options, batch)
+        if isinstance(linear_solver, str):
+            solver = functools.partial(solver, warn_dependent=data_in_constraints)
+        w, mu = solver(hvp, A, inactive, grad_y.detach().to(work_dtype).reshape(batch, m))
         # -(w^T D_x (grad_y L) + mu^T D_x c): the product with B = D^2_xy L as one vjp.
         target = -(gL * w.detach()).sum()
         if c is not None:
             target = target - (c * mu.detach()).sum()
-        grads = _grads(target, (xg,) + params, create_graph=False)
+        grads = _grads(target, xg + params, create_graph=False)
     grads = tuple(g.detach() for g in grads)
-    # Never hand back NaN silently: one host sync to test, zeros with a warning if so.
+    dtypes = [x.dtype for x in xs] + [p.dtype for p in params]
+    cast = tuple(g.to(dt) for g, dt in zip(grads, dtypes))
+    # Never hand back NaN or Inf silently: one host sync for both tests below.
     bad = [~torch.isfinite(g) for g in grads]
-    if bool(torch.stack([b.any() for b in bad]).any()):
+    lost = [~torch.isfinite(c) & ~b for c, b in zip(cast, bad)]
+    flags = torch.stack([t.any() for t in bad + lost]) if grads else torch.zeros(0)
+    if bool(flags.any()):
         counts = [int(b.sum()) for b in bad]
-        warnings.warn(
-            f"the implicit gradient has {counts[0]} non-finite entries for x and "
-            f"{sum(counts[1:])} for params (the objective or constraints are not twice "
-            "differentiable at the solution?); they are set to zero",
-            GradientWarning,
-            stacklevel=2,
+        if sum(counts):
+            warnings.warn(
+                f"{who}the implicit gradient has {sum(counts[:len(xs)])} non-finite "
+                f"entries for the inputs and {sum(counts[len(xs):])} for params (the "
+                "objective or constraints are not twice differentiable at the "
+                "solution?); they are set to zero",
+                GradientWarning,
+                stacklevel=2,
+            )
+            cast = tuple(torch.where(b, 0.0, c) for c, b in zip(cast, bad))
+        over = [int(t.sum()) for t in lost]
+        if sum(over):
+            warnings.warn(
+                f"{who}{sum(over)} gradient entries are finite in {work_dtype} but "
+                f"overflow the inputs' or parameters' dtype ({dtypes[0]}): they are Inf "
+                "(the true gradient is that large; use a wider dtype)",
+                GradientWarning,
+                stacklevel=2,
+            )
+    grad_xs, grad_params = cast[:len(xs)], cast[len(xs):]
+    return (grad_xs[0] if single else grad_xs), grad_params
+
+
+def _verify(prefix: str, res, tol: float, batch_shape) -> None:
+    """Raise or warn where ``y`` is not a KKT point; warn where complementarity fails."""
+    worst = res.worst
+    error_tol = max(SOLUTION_ERROR_TOL, 10 * tol)
+    fatal = worst > error_tol
+    poor = (worst > tol) & ~fatal
+    hint = (
+        "solve stopped early or returned a wrong point, the objective or constraints do "
+        "not describe what solve computes (e.g. a clamp without its inequality "
+        "constraints), an inequality multiplier is negative, or the objective is "
+        "non-smooth at the solution (e.g. |u| at u = 0), where the derivative does not "
+        "exist"
+    )
+    stat, feas = float(res.stationarity.amax()), float(res.feasibility.amax())
+    if bool(fatal.any()):
+        indices = _format_indices(fatal, batch_shape)
+        raise SolverError(
+            f"{prefix}solve returned a point that is not a KKT point of the declared "
+            f"problem for {len(indices)} of {fatal.numel()} batch element(s), at batch "
+            f"indices {indices[:8]}: relative stationarity residual {stat:.2e}, "
+            f"feasibility residual {feas:.2e} (rejected above {error_tol:g}); likely "
+            f"causes: {hint}. Pass check_solution=False to differentiate anyway",
+            indices=indices,
+            statuses=["not a KKT point"] * len(indices),
         )
-        grads = tuple(torch.where(b, 0.0, g) for g, b in zip(grads, bad))
-    return grads[0], grads[1:]
+    if bool(poor.any()):
+        warnings.warn(
+            f"{prefix}solve returned a point that satisfies the first-order (KKT) "
+            f"conditions only approximately for {shown_indices(poor)}: relative "
+            f"stationarity residual {stat:.2e}, feasibility residual {feas:.2e} "
+            f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely "
+            f"causes: {hint}",
+            GradientWarning,
+            stacklevel=4,
+        )
+    if bool(res.weakly_active.any()):
+        warnings.warn(
+            f"{prefix}solve returned a point where an active inequality constraint has a "
+            "zero multiplier (strict complementarity fails) for "
+            f"{shown_indices(res.weakly_active)}: the solution is at a kink of its own, "
+            "only one-sided derivatives exist, and the "
+            "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6)",
+            GradientWarning,
+            stacklevel=4,
+        )
 
 
 def _grads(out: Tensor, inputs, create_graph: bool) -> tuple[Tensor, ...]:
     """``torch.autograd.grad`` that gives zeros for inputs ``out`` does not depend on."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    if not out.requires_grad:
+    if not out.requires_grad or not inputs:
         return tuple(torch.zeros_like(t) for t in inputs)
     gs = torch.autograd.grad(
         out, inputs, retain_graph=True, create_graph=create_graph, allow_unused=True

@@ -4,38 +4,79 @@ Each solver maps ``(hvp, A, inactive, v)`` to ``(w, mu)``, the solution of
 
 .. math::
 
-    \\begin{bmatrix} H & A^\\top \\\\ A & 0 \\end{bmatrix}
+    \\begin{bmatrix} H & A^\\top \\\\ A & D \\end{bmatrix}
     \\begin{bmatrix} w \\\\ \\mu \\end{bmatrix}
     = \\begin{bmatrix} v \\\\ 0 \\end{bmatrix}
 
-for every batch element, with ``H`` given only through Hessian–vector products:
-:func:`solve_kkt_dense` forms the (small) matrix and factorises it,
-:func:`solve_kkt_cg` runs projected conjugate gradients. :func:`resolve_linear_solver`
-is the one place where ``"auto"`` chooses between them.
+for every batch element, with ``H`` given only through Hessian–vector products and
+``D`` the diagonal that pins the multipliers of inactive constraints to zero:
+:func:`solve_kkt_dense` forms the matrix and factorises it, :func:`solve_kkt_cg` runs
+projected conjugate gradients (:mod:`.krylov`). Both flag the same degeneracies, with
+the same :class:`~convexddn.errors.GradientWarning`: a *singular* system (the solution
+is not locally unique, so its derivative does not exist; the pseudo-inverse solution is
+used) and an *ill-conditioned* one (nearly so). The tests are scale-aware: they look at
+the equilibrated matrix, so multiplying the objective or a constraint by 1e10 changes
+nothing. :func:`resolve_linear_solver` is the one place where ``"auto"`` chooses.
+
+References:
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks",
+    IEEE TPAMI 44(8), 2021 (Prop. 4.5, §4.7.4, §6.1).
 """
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .._checks import check_choice
 from ..errors import GradientWarning
+from .dense import ILL_CONDITIONED, dense_kkt
+from .krylov import projected_cg
 
-__all__ = ["solve_kkt_dense", "solve_kkt_cg", "resolve_linear_solver", "LINEAR_SOLVERS",
-           "HVP", "LinearSolver", "shown_indices"]
+__all__ = [
+    "CG_BUDGET_MIN",
+    "DENSE_MAX",
+    "DENSE_WORK",
+    "HVP",
+    "ILL_CONDITIONED",
+    "LINEAR_SOLVERS",
+    "LinearSolver",
+    "resolve_linear_solver",
+    "shown_indices",
+    "solve_kkt_cg",
+    "solve_kkt_dense",
+]
 
 Tensor = torch.Tensor
 #: ``hvp(D)`` maps directions ``D`` of shape ``(k, B, m)`` to ``H_b d`` of the same shape.
 HVP = Callable[[Tensor], Tensor]
 #: ``solver(hvp, A, inactive, v) -> (w, mu)``; see :func:`solve_kkt_dense`.
-LinearSolver = Callable[[HVP, "Tensor | None", "Tensor | None", Tensor], "tuple[Tensor, Tensor | None]"]
+LinearSolver = Callable[
+    [HVP, "Tensor | None", "Tensor | None", Tensor], "tuple[Tensor, Tensor | None]"
+]
 
 #: Names accepted for ``linear_solver``.
 LINEAR_SOLVERS = ("auto", "dense", "cg")
 
+#: ``"auto"`` solves densely while ``N = m + p + q <= DENSE_MAX`` or
+#: ``B N^3 <= DENSE_WORK`` (``B`` batch elements): measured on CPU (torch 2.13,
+#: float64), forming H from m batched Hessian-vector products plus one LU beats CG up
+#: to N ~ 500-700 for one element and N ~ 100-130 for 16, on well-conditioned
+#: problems (CG needs ~20-60 products per system, each a full autograd pass, and
+#: more as the condition number grows: at condition 1e4 dense won everywhere measured).
+DENSE_MAX = 64
+DENSE_WORK = 3e8
+#: Under ``"auto"``, CG runs at most ``max(CG_BUDGET_MIN, N // 16)`` iterations before
+#: unconverged elements go to the dense solve (measured: for an entropic transport node
+#: with N = 960 the dense solve took as long as ~75 CG iterations).
+CG_BUDGET_MIN = 50
+
+
+#: Largest dense KKT batch (bytes, float64) that "auto" and the CG fallback will form.
+_DENSE_BYTES = 1 << 30
 _MAX_INDICES_SHOWN = 8
 
 
@@ -47,26 +88,58 @@ def shown_indices(mask: Tensor) -> str:
     return f"{idx.numel()} of {mask.numel()} batch element(s) (flat indices {shown}{more})"
 
 
-def _symmetric_pinv_solve(
-    K: Tensor, rhs: Tensor, rcond: float | None = None
-) -> tuple[Tensor, Tensor]:
-    """Solve ``K s = rhs`` for a batch of symmetric ``K`` with the pseudo-inverse.
+def warn_degenerate(
+    singular: Tensor,
+    dependent: Tensor | None,
+    ill: Tensor,
+    cond: Tensor | None,
+    stacklevel: int,
+) -> None:
+    """The one warning text per degeneracy of the KKT system, on every path."""
+    if bool(singular.any()):
+        warnings.warn(
+            "the KKT system of the implicit derivative is singular for "
+            f"{shown_indices(singular)}: the solution is not locally unique (a flat "
+            "objective, a symmetry, or a Hessian singular on the constraints' tangent "
+            "space), so its derivative does not exist; the gradient uses the "
+            "minimum-norm least-squares (pseudo-inverse) solution (Gould et al. 2021, "
+            "§4.7.4)",
+            GradientWarning,
+            stacklevel=stacklevel + 1,
+        )
+    if dependent is not None:
+        dependent = dependent & ~singular
+        if bool(dependent.any()):
+            warnings.warn(
+                "the active constraints are linearly dependent for "
+                f"{shown_indices(dependent)}: the KKT system is singular and the "
+                "multipliers are not unique, so the derivative with respect to data "
+                "that enters only the constraints is not unique either; the gradient "
+                "uses the minimum-norm multipliers (drop redundant constraints to "
+                "silence this)",
+                GradientWarning,
+                stacklevel=stacklevel + 1,
+            )
+    ill = ill & ~singular
+    if bool(ill.any()):
+        worst = "" if cond is None else (
+            f" (condition number up to {float(torch.where(ill, cond, 0).amax()):.1e})"
+        )
+        warnings.warn(
+            f"the KKT system of the implicit derivative is ill-conditioned{worst} for "
+            f"{shown_indices(ill)}: the solution is close to non-unique and the gradient "
+            "is very sensitive to the data and to the accuracy of solve",
+            GradientWarning,
+            stacklevel=stacklevel + 1,
+        )
 
-    One eigendecomposition serves both as the solve and as the singularity test, so a
-    singular element gets the minimum-norm least-squares solution instead of Inf/NaN.
-    Returns the solution ``(B, N)`` and a ``(B,)`` mask of the singular elements.
-    """
-    n = K.shape[-1]
-    K = 0.5 * (K + K.transpose(-1, -2))
-    evals, evecs = torch.linalg.eigh(K)
-    if rcond is None:
-        rcond = n * torch.finfo(K.dtype).eps
-    scale = evals.abs().amax(dim=-1, keepdim=True)
-    keep = evals.abs() > rcond * scale
-    inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-    coeff = (evecs.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1) * inv
-    sol = (evecs @ coeff.unsqueeze(-1)).squeeze(-1)
-    return sol, ~keep.all(dim=-1)
+
+def dense_bytes(batch: int, size: int) -> int:
+    """Memory of a dense float64 KKT batch ``(B, N, N)`` plus its factorisation."""
+    return 3 * 8 * batch * size * size
+
+
+# --------------------------------------------------------------------------- dense
 
 
 def solve_kkt_dense(
@@ -76,6 +149,8 @@ def solve_kkt_dense(
     v: Tensor,
     *,
     rcond: float | None = None,
+    ill_conditioned: float = ILL_CONDITIONED,
+    warn_dependent: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Solve the batched KKT system by building it densely from Hessian-vector products.
 
@@ -91,132 +166,55 @@ def solve_kkt_dense(
     Jacobian of the active constraints (inactive rows zeroed) and :math:`D_b` the
     diagonal with ones on inactive constraints, which pins their :math:`\\mu` to zero.
     :math:`H_b` is assembled from ``m`` Hessian-vector products done in one batched
-    autograd call. The solve uses an eigendecomposition of the symmetric KKT matrix:
-    where it is singular (relative eigenvalue below ``rcond``) the pseudo-inverse
-    (minimum-norm least-squares) solution is used and a
-    :class:`~convexddn.errors.GradientWarning` is issued (Gould et al. §4.7.4).
+    autograd call. The matrix :math:`K_b` is equilibrated (symmetric Ruiz scaling, so
+    the tests below do not depend on the units of the objective or of the constraints)
+    and LU-factorised; its condition number :math:`\\kappa` is estimated by three
+    power and inverse iterations. Where :math:`\\kappa \\ge 1/\\text{rcond}` the system
+    is singular: the minimum-norm least-squares (pseudo-inverse) solution is used
+    (Gould et al. §4.7.4) and a :class:`~convexddn.errors.GradientWarning` names the
+    batch elements; where :math:`\\kappa \\ge` ``ill_conditioned`` the warning says the
+    system is ill-conditioned.
 
     Args:
         hvp: maps directions ``(k, B, m)`` to Hessian-vector products ``(k, B, m)``.
         A: active-constraint Jacobian ``(B, r, m)`` with inactive rows zero, or ``None``.
         inactive: ``(B, r)`` bool mask of dropped inequality constraints, or ``None``.
         v: right-hand side ``(B, m)`` (the incoming gradient).
-        rcond: relative eigenvalue cut-off for singularity. Default
-            ``(m + r) * finfo(dtype).eps``.
+        rcond: reciprocal condition number below which the system counts as singular.
+            Default ``10 (m + r) eps``.
+        ill_conditioned: condition number from which a warning is issued. Default
+            :data:`ILL_CONDITIONED` (``1e10``).
+        warn_dependent: warn about linearly dependent active constraints (whose
+            multipliers are then not unique). :func:`declarative_vjp` turns it off when
+            no input or parameter enters the constraints: the gradient is then unique.
 
     Returns:
         ``(w, mu)`` with shapes ``(B, m)`` and ``(B, r)`` (``mu`` is ``None`` without
         constraints).
 
     Shape:
-        Cost ``O(B (m + r)^3)`` time and ``O(B (m + r)^2)`` memory, so meant for small
-        ``m + r`` (the ``"auto"`` choice uses it up to 64).
+        Cost ``O(B (m + r)^3)`` time and ``O(B (m + r)^2)`` memory; see
+        :data:`DENSE_MAX` for where ``"auto"`` stops using it.
 
     Warns:
-        GradientWarning: when the KKT matrix is singular for some batch elements. Checking
-        this costs one host synchronisation per call.
+        GradientWarning: when the KKT matrix is singular or ill-conditioned for some
+        batch elements (one host synchronisation per call).
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021, Prop. 4.5,
         §4.7.4 and §6.1.
     """
-    w, mu, singular = _dense_kkt(hvp, A, inactive, v, rcond)
-    if bool(singular.any()):
-        warnings.warn(
-            "the Hessian of the Lagrangian (or the KKT matrix with the active "
-            f"constraints) is singular or not finite for {shown_indices(singular)}; the "
-            "gradient uses the pseudo-inverse (least-squares) solution, zero where the "
-            "matrix is not finite (Gould et al. 2021, §4.7.4)",
-            GradientWarning,
-            stacklevel=3,
-        )
-    return w, mu
+    res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned)
+    warn_degenerate(res.singular, res.dependent if warn_dependent else None, res.ill,
+                    res.cond, stacklevel=2)
+    return res.w, res.mu
 
 
-def _dense_kkt(
-    hvp: HVP,
-    A: Tensor | None,
-    inactive: Tensor | None,
-    v: Tensor,
-    rcond: float | None,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """:func:`solve_kkt_dense` without the warning; also returns the singular mask."""
-    batch, m = v.shape
-    basis = torch.eye(m, dtype=v.dtype, device=v.device).unsqueeze(1).expand(m, batch, m)
-    # hvp(e_j)[j, b, :] is column j of H_b.
-    H = hvp(basis).permute(1, 2, 0)
-    if A is None:
-        K, rhs = H, v
-    else:
-        r = A.shape[1]
-        pin = torch.diag_embed(inactive.to(v.dtype)) if inactive is not None else (
-            v.new_zeros(batch, r, r)
-        )
-        K = torch.cat(
-            [torch.cat([H, A.transpose(1, 2)], dim=2), torch.cat([A, pin], dim=2)], dim=1
-        )
-        rhs = torch.cat([v, v.new_zeros(batch, r)], dim=1)
-    # A NaN/Inf Hessian (e.g. from sqrt at 0 in the objective) would make eigh fail for
-    # the whole batch; such elements get a zero solution and are reported as singular.
-    finite = torch.isfinite(K).all(dim=-1).all(dim=-1) & torch.isfinite(rhs).all(dim=-1)
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    K = torch.where(finite[:, None, None], K, eye)
-    rhs = torch.where(finite[:, None], rhs, 0.0)
-    sol, singular = _symmetric_pinv_solve(K, rhs, rcond)
-    singular = singular | ~finite
-    if A is None:
-        return sol, None, singular
-    return sol[:, :m], sol[:, m:], singular
+# --------------------------------------------------------------------------- CG
 
 
 def _default_cg_tol(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
-
-
-def _batched_cg(
-    hvp: HVP, R: Tensor, tol: float, max_iter: int, check_every: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Conjugate gradients on ``H_b z = r_kb`` for every system of ``R`` ``(k, B, m)``.
-
-    Systems that converge or break down (non-positive curvature) are frozen in place
-    while the others go on. Returns the iterates, the converged mask ``(k, B)`` and the
-    final relative residuals ``(k, B)``.
-    """
-    eps = torch.finfo(R.dtype).eps
-    tiny = torch.finfo(R.dtype).tiny
-    Z = torch.zeros_like(R)
-    res = R.clone()
-    P = res.clone()
-    rs = (res * res).sum(-1, keepdim=True)
-    b2 = rs.clone()
-    thresh = (tol * tol) * b2
-    done = rs <= thresh
-    broken = torch.zeros_like(done)
-    curv = torch.zeros_like(rs)
-    for it in range(max_iter):
-        HP = hvp(P)
-        pp = (P * P).sum(-1, keepdim=True)
-        pHp = (P * HP).sum(-1, keepdim=True)
-        curv = torch.maximum(curv, pHp / pp.clamp_min(tiny))
-        running = ~(done | broken)
-        # A direction with (numerically) no positive curvature means H is singular or
-        # indefinite on it: stop that system at its current iterate instead of dividing.
-        bad = running & (pHp <= 100 * eps * curv * pp)
-        step = running & ~bad
-        alpha = torch.where(step, rs / torch.where(step, pHp, torch.ones_like(pHp)), 0.0)
-        Z = Z + alpha * P
-        res = res - alpha * HP
-        rs_new = (res * res).sum(-1, keepdim=True)
-        beta = torch.where(step, rs_new / rs.clamp_min(tiny), 0.0)
-        P = torch.where(step, res + beta * P, P)
-        rs = torch.where(step, rs_new, rs)
-        broken = broken | bad
-        done = done | (step & (rs_new <= thresh))
-        # Convergence is tested only every few iterations to limit host syncs.
-        if (it + 1) % check_every == 0 and bool((done | broken).all()):
-            break
-    rel = (rs / b2.clamp_min(tiny)).sqrt().squeeze(-1)
-    return Z, done.squeeze(-1), rel
 
 
 def solve_kkt_cg(
@@ -229,25 +227,29 @@ def solve_kkt_cg(
     max_iter: int | None = None,
     check_every: int = 10,
     rcond: float | None = None,
-    dense_fallback_max: int = 256,
+    ill_conditioned: float = ILL_CONDITIONED,
+    dense_fallback_bytes: int = _DENSE_BYTES,
+    warn_dependent: bool = True,
+    budget: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Solve the batched KKT system matrix-free with conjugate gradients.
+    """Solve the batched KKT system matrix-free with projected conjugate gradients.
 
-    Same system as :func:`solve_kkt_dense`. Without constraints it runs batched CG on
-    :math:`H_b w_b = v_b` using only Hessian-vector products. With ``r`` constraints it
-    eliminates :math:`w` through the Schur complement:
+    Same system as :func:`solve_kkt_dense`. CG runs on :math:`H w = v` restricted to
+    the null space of the active constraints,
 
     .. math::
 
-        (A H^{-1} A^\\top + D)\\,\\mu = A H^{-1} v, \\qquad
-        w = H^{-1} v - H^{-1} A^\\top \\mu,
+        P H P\\, w = P v, \\qquad P = I - A^\\top (A A^\\top + D)^{+} A, \\qquad
+        \\mu = (A A^\\top + D)^{+} A (v - H w),
 
-    with CG run on the ``r + 1`` right-hand sides :math:`[v, A^\\top]` at once and the
-    small ``r × r`` system solved densely. This needs :math:`H` (the Hessian of the
-    Lagrangian) positive definite, which is stricter than the dense path, where
-    :math:`H` need only be positive definite on the null space of :math:`A`. Started at
-    zero, CG on a singular positive semi-definite :math:`H` with a consistent right-hand
-    side converges to the minimum-norm (pseudo-inverse) solution.
+    using only Hessian-vector products (Gould, Hribar & Nocedal 2001), so, like the
+    dense path, it needs :math:`H` positive definite only on that null space. Alongside
+    the system it iterates on a fixed pseudo-random probe: CG started at zero on a
+    consistent singular system converges quietly to the minimum-norm solution, and
+    the probe is what reveals the singularity (a breakdown, :math:`p^\\top H p \\approx
+    0`) or an ill-conditioned system (no convergence in ``max_iter``). Dependent active
+    constraints (:math:`A A^\\top` singular) count as singular. The warnings are those
+    of :func:`solve_kkt_dense`.
 
     Args:
         hvp: maps directions ``(k, B, m)`` to Hessian-vector products ``(k, B, m)``.
@@ -259,74 +261,91 @@ def solve_kkt_cg(
         max_iter: iteration cap. Default ``10 * m``.
         check_every: iterations between convergence tests (each one host sync).
             Default ``10``.
-        rcond: cut-off for the dense Schur-complement solve; see :func:`solve_kkt_dense`.
-        dense_fallback_max: when CG fails for some batch elements and ``m + r`` is at
-            most this, the whole KKT system is rebuilt densely and those elements get
-            the pseudo-inverse solution of :func:`solve_kkt_dense`. Default ``256``.
+        rcond: reciprocal condition number for :math:`A A^\\top` and for the dense
+            fallback; see :func:`solve_kkt_dense`.
+        ill_conditioned: passed to the dense fallback. Default ``1e10``.
+        warn_dependent: see :func:`solve_kkt_dense`.
+        budget: with a dense fallback available, stop CG after this many iterations
+            (instead of ``max_iter``) and hand every element whose system or probe is
+            unfinished to the dense solve: CG is only worth it when it converges fast
+            (the ``"auto"`` choice sets it). Default ``None``.
+        dense_fallback_bytes: where CG fails for some batch elements (no convergence, or
+            :math:`H` indefinite on the null space) and the dense system of the batch
+            fits in this many bytes, those elements get the dense solution. Default
+            1 GiB.
 
     Returns:
         ``(w, mu)`` with shapes ``(B, m)`` and ``(B, r)`` (``mu`` is ``None`` without
         constraints).
 
     Warns:
-        GradientWarning: when CG did not reach ``tol`` (singular, indefinite or badly
-        conditioned :math:`H`) or the Schur complement is singular; the affected
-        elements get the dense pseudo-inverse solution, or past ``dense_fallback_max``
-        the last CG iterate, which is always finite.
+        GradientWarning: singular or ill-conditioned systems (as the dense path), and CG
+        failures past the dense fallback's size (those elements keep the last, finite,
+        CG iterate).
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021, Prop. 4.5
-        and §6.1.
+        and §6.1. N. I. M. Gould, M. E. Hribar and J. Nocedal, "On the solution of
+        equality constrained quadratic programming problems arising in optimization",
+        SIAM J. Sci. Comput. 23(4), 2001.
     """
     batch, m = v.shape
     if tol is None:
         tol = _default_cg_tol(v.dtype)
     if max_iter is None:
         max_iter = 10 * m
-    R = v.unsqueeze(0) if A is None else torch.cat([v.unsqueeze(0), A.transpose(0, 1)], 0)
-    Z, converged, rel = _batched_cg(hvp, R, tol, max_iter, check_every)
-    if A is None:
-        w, mu = Z[0], None
-    else:
-        ZA = Z[1:]
-        S = torch.einsum("bim,jbm->bij", A, ZA)
-        if inactive is not None:
-            S = S + torch.diag_embed(inactive.to(v.dtype))
-        mu, singular = _symmetric_pinv_solve(S, torch.einsum("bim,bm->bi", A, Z[0]), rcond)
-        # A singular Schur complement is handled like a CG failure: dense pinv if allowed.
-        converged = converged & ~singular.unsqueeze(0)
-        w = Z[0] - torch.einsum("jbm,bj->bm", ZA, mu)
-    failed = ~converged.all(dim=0)
+    if rcond is None:
+        rcond = 10 * (m + (0 if A is None else A.shape[1])) * torch.finfo(v.dtype).eps
+    size = m + (0 if A is None else A.shape[1])
+    can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
+    if budget is not None and can_fall_back:
+        max_iter = min(max_iter, budget)
+    out = projected_cg(hvp, A, inactive, v, tol, max_iter, check_every, rcond, ill_conditioned)
+    w, mu = out.w, out.mu
+    singular, dependent, ill = out.singular, out.dependent, out.ill & ~out.singular
+    failed = ~out.converged
+    if budget is not None and can_fall_back:
+        failed = failed | out.unfinished  # let the exact dense test decide
+    cond = out.cond
     if bool(failed.any()):
-        what = (
-            f"conjugate gradients did not reach tol={tol:g} (worst relative residual "
-            f"{float(rel.amax()):.2e}) or the active constraints are dependent for "
-            f"{shown_indices(failed)}; the Hessian may be singular or indefinite"
-        )
-        size = m + (0 if A is None else A.shape[1])
-        if size <= dense_fallback_max:
-            w_d, mu_d, _ = _dense_kkt(hvp, A, inactive, v, rcond)
-            w = torch.where(failed.unsqueeze(-1), w_d, w)
+        if can_fall_back:
+            res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned)
+            w = torch.where(failed.unsqueeze(-1), res.w, w)
             if mu is not None:
-                mu = torch.where(failed.unsqueeze(-1), mu_d, mu)
-            how = "those elements use the dense pseudo-inverse (least-squares) solution"
+                mu = torch.where(failed.unsqueeze(-1), res.mu, mu)
+            singular = torch.where(failed, res.singular, singular)
+            ill = torch.where(failed, res.ill, ill)
+            cond = torch.where(failed, res.cond, cond)
         else:
-            how = (
-                f"m + r = {size} exceeds dense_fallback_max={dense_fallback_max}, so "
-                "those elements use the last (finite) CG iterate"
+            warnings.warn(
+                f"conjugate gradients did not reach tol={tol:g} (worst relative residual "
+                f"{float(out.residual.amax()):.2e}) for {shown_indices(failed)}, and the "
+                f"dense system ({dense_bytes(batch, size) / 2**30:.1f} GiB) is over "
+                "dense_fallback_bytes: those elements keep the last CG iterate",
+                GradientWarning,
+                stacklevel=2,
             )
-        warnings.warn(
-            f"{what}; {how} (Gould et al. 2021, §4.7.4)", GradientWarning, stacklevel=3
-        )
+    warn_degenerate(singular, dependent if warn_dependent else None, ill, cond, stacklevel=2)
     return w, mu
 
 
-def resolve_linear_solver(linear_solver: str | LinearSolver, size: int, dense_max: int,
-                          cg_options: dict[str, Any] | None = None) -> LinearSolver:
-    """The solver for a KKT system of ``size = m + p + q`` unknowns.
+# --------------------------------------------------------------------------- choice
+
+
+def resolve_linear_solver(
+    linear_solver: str | LinearSolver,
+    size: int,
+    dense_max: int | None,
+    cg_options: dict[str, Any] | None = None,
+    batch: int = 1,
+) -> LinearSolver:
+    """The solver for a batch of ``batch`` KKT systems of ``size = m + p + q`` unknowns.
 
     ``"dense"``, ``"cg"`` (with ``cg_options`` such as ``tol`` and ``max_iter``), or
-    ``"auto"``: dense up to ``dense_max`` unknowns, CG above. A callable is returned as is.
+    ``"auto"``: dense up to ``dense_max`` unknowns when it is given; otherwise dense
+    while ``size <= DENSE_MAX`` or ``batch * size**3 <= DENSE_WORK`` (the measured
+    crossover), and the dense batch fits in 1 GiB; CG above. A callable is returned as
+    is.
 
     Raises:
         OptionError: an unknown name.
@@ -334,6 +353,17 @@ def resolve_linear_solver(linear_solver: str | LinearSolver, size: int, dense_ma
     if callable(linear_solver):
         return linear_solver
     check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
-    if linear_solver == "dense" or (linear_solver == "auto" and size <= dense_max):
+    if dense_max is not None:
+        small = size <= dense_max
+    else:
+        small = size <= DENSE_MAX or batch * size**3 <= DENSE_WORK
+    if linear_solver == "dense" or (
+        linear_solver == "auto" and small and dense_bytes(batch, size) <= _DENSE_BYTES
+    ):
         return solve_kkt_dense
-    return functools.partial(solve_kkt_cg, **(cg_options or {})) if cg_options else solve_kkt_cg
+    options = {k: v for k, v in (cg_options or {}).items() if v is not None}
+    if linear_solver == "auto" and "max_iter" not in options:
+        # Ski rental: CG gets about the time of the dense solve, then the unconverged
+        # elements go to the dense solve if it fits in memory.
+        options["budget"] = max(CG_BUDGET_MIN, size // 16)
+    return functools.partial(solve_kkt_cg, **options) if options else solve_kkt_cg

@@ -10,18 +10,21 @@ import warnings
 import pytest
 import torch
 
-import convexddn.nodes.linear_solvers as linear_solvers
 from convexddn.errors import (
     DTypeError,
     GradientWarning,
+    InputError,
     NonFiniteError,
     OptionError,
+    ProblemError,
     ShapeError,
     SolverError,
 )
+from convexddn.nodes import linear_solvers
 from convexddn.nodes.declarative import DeclarativeNode
 from convexddn.nodes.implicit import declarative_vjp
 from convexddn.nodes.linear_solvers import solve_kkt_dense
+from convexddn.testing import check_gradients
 
 DT = torch.float64
 
@@ -61,8 +64,9 @@ class Quadratic(DeclarativeNode):
         return 0.5 * ((y @ self.Q) * y).sum(-1) - (x * y).sum(-1)
 
     def solve(self, x):
+        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         Qs = 0.5 * (self.Q + self.Q.T)
-        return torch.linalg.solve(Qs, x.T).T
+        return torch.linalg.solve(Qs.to(work), x.to(work).T).T.to(x.dtype)
 
 
 class SumToOne(DeclarativeNode):
@@ -377,7 +381,7 @@ def test_batch_shapes(batch):
     n = 5
     x = torch.randn(*batch, n, generator=_gen(2), dtype=DT)
     v = torch.randn(*batch, n, generator=_gen(3), dtype=DT)
-    node = SumToOne()
+    node = SumToOne(batch_dims=len(batch))
     y = node(x)
     assert y.shape == (*batch, n)
     torch.testing.assert_close(y, x - (x.sum(-1, keepdim=True) - 1) / n)
@@ -424,10 +428,12 @@ def test_auto_uses_cg_above_dense_max(monkeypatch):
     n = 70
     x = torch.randn(2, n, generator=_gen(1), dtype=DT)
     v = torch.randn(2, n, generator=_gen(2), dtype=DT)
-    grad = _vjp(SumToOne(), x, v)  # m + p = 71 > 64
+    grad = _vjp(SumToOne(dense_max=64), x, v)  # m + p = 71 > 64
     torch.testing.assert_close(grad, v - v.mean(-1, keepdim=True))
     with pytest.raises(AssertionError, match="dense solve used"):
         _vjp(SumToOne(dense_max=100), x, v)
+    with pytest.raises(AssertionError, match="dense solve used"):
+        _vjp(SumToOne(), x, v)  # the measured default, DENSE_MAX, is above 71
 
 
 def test_declarative_vjp_with_custom_linear_solver():
@@ -475,7 +481,7 @@ def test_invalid_non_finite_input():
 
 
 def test_invalid_scalar_input():
-    with pytest.raises(ShapeError, match="at least one dimension"):
+    with pytest.raises(ShapeError, match="at least batch_dims=1 dimension"):
         Mean()(torch.tensor(1.0))
 
 
@@ -508,10 +514,10 @@ def test_invalid_solve_non_finite():
             return y
 
     with pytest.raises(SolverError, match="Inf") as info:
-        Wrong()(torch.randn(2, 3, 4, dtype=DT))
+        Wrong(batch_dims=2)(torch.randn(2, 3, 4, dtype=DT))
     assert info.value.indices == [(0, 1), (1, 1)]
     with pytest.raises(SolverError, match="NaN") as info:
-        Wrong()(torch.randn(4, 4, dtype=DT)[0])  # unbatched: x of shape (4,)
+        Wrong(batch_dims=0)(torch.randn(4, dtype=DT))  # unbatched: x of shape (4,)
     assert info.value.indices == [()]
 
 
@@ -528,7 +534,7 @@ def test_invalid_objective_shape():
 def test_invalid_constraint_shape():
     class Wrong(SumToOne):
         def equality_constraints(self, x, y):
-            return y.sum(-1) - 1
+            return (y.sum(-1) - 1)[:1]  # one row for a batch of 3
 
     x = torch.randn(3, 4, dtype=DT, requires_grad=True)
     with pytest.raises(ShapeError, match="equality_constraints"):
@@ -543,7 +549,7 @@ def test_invalid_options():
 
 
 def test_missing_methods():
-    with pytest.raises(NotImplementedError, match="solve"):
+    with pytest.raises(ProblemError, match="must define objective and solve"):
         DeclarativeNode()(torch.randn(2, 3))
 
 
@@ -560,3 +566,528 @@ def test_non_finite_hessian_warns_and_gives_finite_gradient():
     with pytest.warns(GradientWarning):
         SqrtAtZero()(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+# ---- issue 12: any number of inputs of any shape, parameters, closed-over tensors ------
+
+
+class LowRank(DeclarativeNode):
+    """Y (B, 3, 3) = argmin ½‖Y − M‖² + ½α‖Y‖², M = (P₃ P₃ᵀ) ∘ q (column j times q_j).
+
+    Inputs P (B, 4, 2) (row 3 unused) and q (B, 3); α = softplus(a) a parameter.
+    Closed form: Y = M / (1 + α).
+    """
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.a = torch.nn.Parameter(torch.tensor(0.3, dtype=DT))
+
+    @staticmethod
+    def target(P, q):
+        P3 = P[:, :3]
+        return (P3 @ P3.transpose(1, 2)) * q.unsqueeze(1)
+
+    def objective(self, P, q, *, y):
+        alpha = torch.nn.functional.softplus(self.a)
+        return 0.5 * ((y - self.target(P, q)) ** 2).sum((1, 2)) + 0.5 * alpha * (y**2).sum((1, 2))
+
+    def solve(self, P, q):
+        return self.target(P, q) / (1 + torch.nn.functional.softplus(self.a))
+
+
+def test_two_inputs_any_shapes_closed_form():
+    P = torch.randn(5, 4, 2, generator=_gen(1), dtype=DT, requires_grad=True)
+    q = torch.randn(5, 3, generator=_gen(2), dtype=DT, requires_grad=True)
+    v = torch.randn(5, 3, 3, generator=_gen(3), dtype=DT)
+    node = LowRank()
+    y = node(P, q)
+    assert y.shape == (5, 3, 3)
+    gP, gq, ga = torch.autograd.grad(y, (P, q, node.a), v)
+    # Reference: autograd through the closed form (an independent expression).
+    Pr, qr = P.detach().requires_grad_(True), q.detach().requires_grad_(True)
+    ar = node.a.detach().clone().requires_grad_(True)
+    ref = LowRank.target(Pr, qr) / (1 + torch.nn.functional.softplus(ar))
+    want = torch.autograd.grad(ref, (Pr, qr, ar), v)
+    for got, exp in zip((gP, gq, ga), want):
+        torch.testing.assert_close(got, exp)
+    assert torch.equal(gP[:, 3], torch.zeros_like(gP[:, 3]))  # the unused row
+
+
+def test_two_inputs_gradcheck_and_parameter_check():
+    P = torch.randn(2, 4, 2, generator=_gen(4), dtype=DT, requires_grad=True)
+    q = torch.randn(2, 3, generator=_gen(5), dtype=DT, requires_grad=True)
+    node = LowRank()
+    assert torch.autograd.gradcheck(node, (P, q))
+    report = check_gradients(node, P, q)
+    assert report.ok and report.wrt == ("input 0", "input 1", "param a")
+    assert report.max_abs_error < 1e-8
+
+
+def test_positional_y_and_legacy_single_input():
+    # def objective(self, x, y) (the old form) and def objective(self, x, *, y) agree.
+    class KeywordMean(DeclarativeNode):
+        def objective(self, x, *, y):
+            return ((y - x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return x.mean(-1, keepdim=True)
+
+    x = torch.randn(3, 5, generator=_gen(6), dtype=DT)
+    v = torch.randn(3, 1, generator=_gen(7), dtype=DT)
+    torch.testing.assert_close(_vjp(KeywordMean(), x, v), _vjp(Mean(), x, v))
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1, 2])
+def test_batch_dims_option(batch_dims):
+    batch = (2, 3)[:batch_dims]
+    P = torch.randn(*batch, 4, 2, generator=_gen(8), dtype=DT)
+    q = torch.randn(*batch, 3, generator=_gen(9), dtype=DT)
+    node = LowRank(batch_dims=batch_dims)
+    y = node(P, q)
+    assert y.shape == (*batch, 3, 3)
+    flat = LowRank()(P.reshape(-1, 4, 2), q.reshape(-1, 3))
+    torch.testing.assert_close(y.reshape(-1, 3, 3), flat)
+
+
+def test_mismatched_batch_shapes_and_input_count():
+    P = torch.randn(2, 4, 2, dtype=DT)
+    with pytest.raises(ShapeError, match=r"batch shape of input 0, \(2,\)"):
+        LowRank()(P, torch.randn(3, 3, dtype=DT))
+    with pytest.raises(InputError, match="called with 1 input"):
+        LowRank()(P)
+    with pytest.raises(DTypeError, match="one dtype"):
+        LowRank()(P, torch.randn(2, 3))
+
+
+def test_closed_over_tensor_requiring_grad_raises():
+    w = torch.tensor(2.0, dtype=DT, requires_grad=True)
+
+    class Closed(DeclarativeNode):
+        def objective(self, x, y):
+            return ((y - w * x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return w.detach() * x
+
+    x = torch.randn(2, 3, dtype=DT)
+    # Nothing else requires grad: the forward itself catches it (else w.grad = None).
+    with pytest.raises(InputError, match=r"neither an input nor a parameter.*nn\.Parameter"):
+        Closed()(x)
+    with pytest.raises(InputError, match="Pass it as an input"):
+        Closed()(x.requires_grad_(True)).sum().backward()
+    assert w.grad is None and x.grad is None
+
+
+def test_buffer_requiring_grad_is_closed_over_too():
+    class Buffered(Mean):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("s", torch.tensor(1.5, dtype=DT, requires_grad=True))
+
+        def objective(self, x, y):
+            return self.s * ((y - x) ** 2).sum(-1)
+
+    with pytest.raises(InputError, match="neither an input nor a parameter"):
+        Buffered()(torch.randn(2, 3, dtype=DT))
+
+
+def test_float32_parameters_and_buffers_in_float64_backward():
+    # The backward evaluates the objective in float64: float32 parameters and buffers
+    # are cast for it (y @ Q with Q float32 would otherwise fail in float64).
+    Q = _spd(4, seed=10)
+    node = Quadratic(Q.float())
+    x = torch.randn(3, 4, generator=_gen(11), dtype=DT).float()
+    v = torch.randn(3, 4, generator=_gen(12), dtype=DT)
+    (node(x) * v.float()).sum().backward()
+    assert node.Q.grad.dtype == torch.float32 and node.Q.dtype == torch.float32
+    Qr = node.Q.detach().double().requires_grad_(True)
+    ref = torch.linalg.solve(0.5 * (Qr + Qr.T), x.double().T).T
+    (gQ,) = torch.autograd.grad((ref * v).sum(), Qr)
+    torch.testing.assert_close(node.Q.grad.double(), gQ, rtol=1e-5, atol=1e-6)
+
+
+# ---- float32 / half precision: float64-grade gradients ---------------------------------
+
+
+class LeastSquares(DeclarativeNode):
+    """y = argmin ½‖A y − b‖², two inputs A (B, n, m) and b (B, n)."""
+
+    def objective(self, A, b, y):
+        return 0.5 * ((A @ y.unsqueeze(-1)).squeeze(-1) - b).pow(2).sum(-1)
+
+    def solve(self, A, b):
+        work = torch.float32 if A.dtype in (torch.float16, torch.bfloat16) else A.dtype
+        y = torch.linalg.lstsq(A.to(work), b.to(work).unsqueeze(-1)).solution
+        return y.squeeze(-1).to(A.dtype)
+
+
+def _ill_conditioned_ls(batch=2, n=20, m=8, cond_h=9e5, seed=0):
+    g = _gen(seed)
+    s = torch.logspace(0, -0.5 * torch.log10(torch.tensor(cond_h)).item(), m, dtype=DT)
+    A = torch.stack([
+        torch.linalg.qr(torch.randn(n, m, generator=g, dtype=DT))[0] @ torch.diag(s)
+        @ torch.linalg.qr(torch.randn(m, m, generator=g, dtype=DT))[0].T
+        for _ in range(batch)
+    ])
+    return A, torch.randn(batch, n, generator=g, dtype=DT)
+
+
+def _ls_vjp(A, b, v):
+    """Closed-form VJP of y = A⁺b (full column rank): (Ā, b̄) = (r wᵀ − A w yᵀ, A w)."""
+    H = A.transpose(1, 2) @ A
+    y = torch.linalg.solve(H, A.transpose(1, 2) @ b.unsqueeze(-1)).squeeze(-1)
+    w = torch.linalg.solve(H, v.unsqueeze(-1)).squeeze(-1)
+    r = b - (A @ y.unsqueeze(-1)).squeeze(-1)
+    Aw = (A @ w.unsqueeze(-1)).squeeze(-1)
+    return r.unsqueeze(-1) * w.unsqueeze(1) - Aw.unsqueeze(-1) * y.unsqueeze(1), Aw
+
+
+def test_float32_ill_conditioned_least_squares():
+    # Issue 12: condition number 9e5 in float32 was called singular (float32 round-off)
+    # and the pseudo-inverse gave gradients ~100 % off. Now formed and solved in float64.
+    A, b = _ill_conditioned_ls()
+    A32, b32 = A.float().requires_grad_(True), b.float().requires_grad_(True)
+    v = torch.randn(2, 8, generator=_gen(13), dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        gA, gb = torch.autograd.grad(LeastSquares()(A32, b32), (A32, b32), v.float())
+    assert gA.dtype == torch.float32
+    want_A, want_b = _ls_vjp(A32.detach().double(), b32.detach().double(), v)
+    assert (gA.double() - want_A).norm() / want_A.norm() < 1e-4
+    assert (gb.double() - want_b).norm() / want_b.norm() < 1e-5
+
+
+class AllEigenvectors(DeclarativeNode):
+    """All eigenvectors V (B, N, N) of a symmetric X: stationary points of
+    Σ_k v_kᵀ X v_k on ‖v_k‖ = 1 (saddle points but one: the KKT matrix is indefinite)."""
+
+    def objective(self, X, y):
+        return -0.5 * (y * (X @ y)).sum((-1, -2))
+
+    def equality_constraints(self, X, y):
+        return (y * y).sum(-2) - 1
+
+    def solve(self, X):
+        return torch.linalg.eigh(X)[1]
+
+
+def _eig_vjp(X, G, V_signs):
+    """Closed form: X̄ = sym(V (F ∘ VᵀG) Vᵀ), F_ji = 1/(λ_i − λ_j), F_ii = 0.
+
+    Each eigenvector's sign is taken from ``V_signs`` (the node's output).
+    """
+    lam, V = torch.linalg.eigh(X)
+    V = V * torch.sign((V * V_signs).sum(-2, keepdim=True))
+    diff = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # [j, i] = λ_i − λ_j
+    eye = torch.eye(lam.shape[-1], dtype=torch.bool)
+    F = torch.where(eye, 0.0, 1.0 / torch.where(eye, 1.0, diff))
+    gX = V @ (F * (V.transpose(-1, -2) @ G)) @ V.transpose(-1, -2)
+    return 0.5 * (gX + gX.transpose(-1, -2))
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_all_eigenvectors(solver, dtype):
+    # Issue 12: float32 was called singular and the CG path failed on this indefinite
+    # KKT system (gradient ~100 % off); CG now falls back to the dense solve.
+    g = _gen(14)
+    X = torch.randn(2, 6, 6, generator=g, dtype=DT)
+    X = (0.5 * (X + X.transpose(1, 2))).to(dtype).requires_grad_(True)
+    G = torch.randn(2, 6, 6, generator=g, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        V = AllEigenvectors(linear_solver=solver)(X)
+        (gX,) = torch.autograd.grad(V, X, G.to(dtype))
+    gX = 0.5 * (gX + gX.transpose(1, 2)).double()
+    want = _eig_vjp(X.detach().double(), G, V.detach().double())
+    assert (gX - want).norm() / want.norm() < (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_backward(dtype):
+    # Issue 10: raw linalg errors in backward for half dtypes.
+    Q = _spd(4, seed=15)
+    node = Quadratic(Q).to(dtype)
+    x = torch.randn(3, 4, generator=_gen(16), dtype=DT).to(dtype).requires_grad_(True)
+    v = torch.randn(3, 4, generator=_gen(17), dtype=DT)
+    y = node(x)
+    assert y.dtype == dtype
+    (g,) = torch.autograd.grad(y, x, v.to(dtype))
+    assert g.dtype == dtype
+    Qh = node.Q.detach().double()
+    want = v.to(dtype).double() @ torch.linalg.inv(0.5 * (Qh + Qh.T))
+    torch.testing.assert_close(g.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_half_precision_overflow_warns():
+    # A gradient finite in float64 but beyond float16's 65504 is Inf, with a warning.
+    class Tiny(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5e-6 * (y**2).sum(-1) - (x * y).sum(-1)
+
+        def solve(self, x):
+            return x * 1e6
+
+    x = torch.full((1, 2), 1e-3, dtype=torch.float16, requires_grad=True)
+    with pytest.warns(GradientWarning, match="overflow"):
+        (g,) = torch.autograd.grad(Tiny(check_solution=False)(x).sum(), x)
+    assert torch.isinf(g).all()
+
+
+# ---- issue 10: named errors at the first forward ------------------------------------------
+
+
+def test_missing_super_init_raises_at_construction():
+    class NoSuper(Mean):
+        def __init__(self):
+            self.scale = 2.0
+
+    with pytest.raises(ProblemError, match=r"NoSuper\.__init__ must call super\(\)\.__init__\(\)"):
+        NoSuper()
+
+
+def test_missing_solve_raises_at_first_forward():
+    class NoSolve(DeclarativeNode):
+        def objective(self, x, y):
+            return ((y - x) ** 2).sum(-1)
+
+    x = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    with pytest.raises(ProblemError, match="NoSolve must define solve"):
+        NoSolve()(x)
+
+
+def test_wrong_shapes_raise_at_first_forward_before_any_backward():
+    class WrongObjective(Mean):
+        def objective(self, x, y):
+            return (y - x) ** 2  # (B, n), not (B,)
+
+    x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    w = torch.ones(1, dtype=DT, requires_grad=True)
+    with pytest.raises(ShapeError, match=r"objective must return shape \(B,\) = \(3,\)"):
+        (w * x).sum() + WrongObjective()(x).sum()  # the error comes in forward
+    assert x.grad is None and w.grad is None
+
+    class WrongSolve(Mean):
+        def solve(self, x):
+            return x.mean(-1, keepdim=True)[1:]
+
+    with pytest.raises(ShapeError, match=r"WrongSolve\.solve must return shape \(B, .*B = 3"):
+        WrongSolve()(x)
+
+
+def test_objective_that_ignores_y_raises():
+    # Issue 10: y.detach() in the objective gave a zero gradient silently.
+    class Detached(DeclarativeNode):
+        def objective(self, x, y):
+            return ((y.detach() - x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return x.clone()
+
+    with pytest.raises(ProblemError, match="does not depend on y"):
+        Detached()(torch.randn(2, 3, dtype=DT, requires_grad=True))
+
+
+def test_unused_input_warns():
+    class IgnoresQ(DeclarativeNode):
+        def objective(self, x, q, y):
+            return ((y - x) ** 2).sum(-1)
+
+        def solve(self, x, q):
+            return x.clone()
+
+    with pytest.warns(GradientWarning, match=r"input\(s\) \[1\] require grad"):
+        IgnoresQ()(torch.randn(2, 3, dtype=DT), torch.randn(2, 3, dtype=DT, requires_grad=True))
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("cg_max_iter", 2.5), ("dense_max", 2.7), ("dense_max", 1e9), ("batch_dims", -1),
+     ("check_solution", "yes"), ("solution_tol", 0.0), ("implicit_dtype", torch.float16),
+     ("cg_tol", -1.0)],
+)
+def test_invalid_options_named(option, value):
+    with pytest.raises(OptionError, match=option):
+        Mean(**{option: value})
+
+
+# ---- issue 12: is the returned point a KKT point? --------------------------------------
+
+
+def test_non_stationary_solution_raises_with_indices():
+    class Half(Mean):
+        def solve(self, x):
+            y = x.mean(-1, keepdim=True)
+            y[1] *= 0.5  # element 1 is not the minimiser
+            return y
+
+    x = torch.randn(3, 4, generator=_gen(18), dtype=DT) + 3.0
+    with pytest.raises(SolverError, match="not a KKT point") as info:
+        Half()(x.requires_grad_(True)).sum().backward()
+    assert info.value.indices == [(1,)]
+    # The check can be turned off.
+    Half(check_solution=False)(x).sum().backward()
+
+
+def test_slightly_non_stationary_solution_warns():
+    class Sloppy(Mean):
+        def solve(self, x):
+            return x.mean(-1, keepdim=True) * (1 + 1e-4)
+
+    x = torch.randn(3, 4, generator=_gen(19), dtype=DT) + 3.0
+    with pytest.warns(GradientWarning, match=r"only approximately for 3 of 3"):
+        Sloppy()(x.requires_grad_(True)).sum().backward()
+
+
+def test_solution_just_inside_active_constraint_is_rejected():
+    # Issue 12: a solution 3e-6 inside its active constraint counts as interior, where
+    # the unconstrained gradient (the identity) is wrong; stationarity fails there.
+    class ShortBall(Ball):
+        def solve(self, x):
+            return super().solve(x) * (1 - 3e-6)
+
+    x = torch.tensor([[3.0, 4.0], [0.3, 0.4]], dtype=DT, requires_grad=True)
+    with pytest.raises(SolverError, match="not a KKT point") as info:
+        ShortBall()(x).sum().backward()
+    assert info.value.indices == [(0,)]
+
+
+def test_non_smooth_objective_at_kink_is_reported():
+    # Total variation ½‖y − x‖² + λ Σ|y_{i+1} − y_i| at a fused solution: autograd's
+    # subgradient 0 of |·| at 0 makes y look non-stationary (the derivative does not
+    # exist there); today's code gave the identity Jacobian silently.
+    class TV(DeclarativeNode):
+        lam = 0.5
+
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1) + self.lam * (y[:, 1:] - y[:, :-1]).abs().sum(-1)
+
+        def solve(self, x):
+            return x.mean(-1, keepdim=True).expand_as(x).clone()  # fused: exact for small gaps
+
+    x = torch.tensor([[0.0, 0.2, 0.1]], dtype=DT, requires_grad=True)
+    with pytest.raises((SolverError, GradientWarning)) as info, warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        TV()(x).sum().backward()
+    assert "KKT" in str(info.value)
+
+
+def test_strict_complementarity_failure_warns():
+    x = torch.tensor([[1.0, 0.2, -0.3, -2.0]], dtype=DT, requires_grad=True)  # x_0 = hi
+    with pytest.warns(GradientWarning, match="strict complementarity"):
+        Box()(x).sum().backward()
+
+
+# ---- issue 10: singular systems on both paths, dependent constraints, scale --------------
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_singular_hessian_consistent_rhs_warns_on_both_paths(solver):
+    # v in the range of H: CG converges quietly to the min-norm solution; the probe must
+    # still reveal that H is singular (the solution y = M⁺x is not unique).
+    M = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 2.0]], dtype=DT)
+    x = torch.randn(4, 2, generator=_gen(20), dtype=DT)
+    v = torch.randn(4, 3, generator=_gen(21), dtype=DT) @ (M.T @ M)
+    with pytest.warns(GradientWarning, match="singular"):
+        grad = _vjp(MinNormLeastSquares(M, linear_solver=solver), x, v)
+    torch.testing.assert_close(grad, v @ torch.linalg.pinv(M))
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_dependent_constraints(solver):
+    # Written twice, the constraint has non-unique multipliers. That matters (and is
+    # reported) only when data enters the constraints; the gradient is right either way.
+    class HyperplaneTwice(Hyperplane):
+        def equality_constraints(self, x, y):
+            c = super().equality_constraints(x, y)
+            return torch.cat([c, 2 * c], -1)
+
+    class SumToOneTwice(SumToOne):
+        def equality_constraints(self, x, y):
+            c = super().equality_constraints(x, y)
+            return torch.cat([c, 2 * c], -1)
+
+    m = 5
+    x = torch.randn(3, m + 1, generator=_gen(22), dtype=DT)
+    v = torch.randn(3, m, generator=_gen(23), dtype=DT)
+    with pytest.warns(GradientWarning, match="linearly dependent"):
+        grad = _vjp(HyperplaneTwice(linear_solver=solver), x, v)
+    torch.testing.assert_close(grad[:, :-1], v - v.mean(-1, keepdim=True))
+    torch.testing.assert_close(grad[:, -1], v.mean(-1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        grad = _vjp(SumToOneTwice(linear_solver=solver), x[:, :m], v)
+    torch.testing.assert_close(grad, v - v.mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_singularity_test_is_scale_aware(solver):
+    # Objective ×1e12 and the constraint ×1e-6: the KKT matrix mixes scales 1e12 and
+    # 1e-6, an unscaled eigenvalue test calls it singular; it is perfectly regular.
+    class Scaled(SumToOne):
+        def objective(self, x, y):
+            return 1e12 * super().objective(x, y)
+
+        def equality_constraints(self, x, y):
+            return 1e-6 * super().equality_constraints(x, y)
+
+    n = 6
+    x = torch.randn(2, n, generator=_gen(24), dtype=DT)
+    v = torch.randn(2, n, generator=_gen(25), dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        grad = _vjp(Scaled(linear_solver=solver), x, v)
+    torch.testing.assert_close(grad, v - v.mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_ill_conditioned_hessian_warns(solver):
+    U = torch.linalg.qr(torch.randn(6, 6, generator=_gen(26), dtype=DT))[0]
+    Q = U @ torch.diag(torch.logspace(0, 12, 6, dtype=DT)) @ U.T
+    x = torch.randn(2, 6, generator=_gen(27), dtype=DT)
+    with pytest.warns(GradientWarning, match="ill-conditioned"):
+        _vjp(Quadratic(Q, linear_solver=solver, cg_max_iter=60), x, torch.ones(2, 6, dtype=DT))
+
+
+def test_auto_rule_uses_batch_and_size(monkeypatch):
+    used = []
+    monkeypatch.setattr(linear_solvers, "solve_kkt_dense",
+                        lambda *a, **k: used.append("dense") or solve_kkt_dense(*a, **k))
+    n = 300  # N = 301: N^3 = 2.7e7 <= DENSE_WORK for one element, 16 N^3 is not
+    for batch in (1, 16):
+        x = torch.randn(batch, n, generator=_gen(28), dtype=DT)
+        _vjp(SumToOne(), x, torch.randn(batch, n, generator=_gen(29), dtype=DT))
+    assert used == ["dense"]
+
+
+def test_double_backward_raises_clearly():
+    x = torch.randn(2, 3, generator=_gen(30), dtype=DT, requires_grad=True)
+    y = SumToOne()(x)
+    (g,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="does not support double backward"):
+        g.sum().backward()
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.gradgradcheck(SumToOne(), (x,))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_cuda_two_inputs_parameters_and_checks(solver):
+    """The whole backward (checks, both linear solvers, float64 casts) on CUDA tensors."""
+    dev = torch.device("cuda")
+    P = torch.randn(3, 4, 2, generator=_gen(31), dtype=DT).to(dev).requires_grad_(True)
+    q = torch.randn(3, 3, generator=_gen(32), dtype=DT).to(dev).requires_grad_(True)
+    node = LowRank(linear_solver=solver).to(dev)
+    v = torch.randn(3, 3, 3, generator=_gen(33), dtype=DT).to(dev)
+    gP, gq, ga = torch.autograd.grad(node(P, q), (P, q, node.a), v)
+    assert gP.device.type == "cuda" and gq.device.type == "cuda"
+    cpu = LowRank()
+    ref = torch.autograd.grad(cpu(P.detach().cpu().requires_grad_(True),
+                                  q.detach().cpu().requires_grad_(True)), (cpu.a,), v.cpu())
+    torch.testing.assert_close(ga.cpu(), ref[0])
+    A, b = _ill_conditioned_ls()
+    A32 = A.float().to(dev).requires_grad_(True)
+    (gA,) = torch.autograd.grad(LeastSquares(linear_solver=solver)(A32, b.float().to(dev)), A32,
+                                torch.ones(2, 8, device=dev))
+    want, _ = _ls_vjp(A32.detach().double().cpu(), b.float().double(), torch.ones(2, 8, dtype=DT))
+    assert (gA.double().cpu() - want).norm() / want.norm() < 1e-4

@@ -12,8 +12,8 @@ from torch import nn
 from torch.autograd import gradcheck
 from torch.autograd.functional import jacobian
 
-from convexddn.errors import DTypeError, NonFiniteError, OptionError, ShapeError
 import convexddn as cddn
+from convexddn.errors import DTypeError, NonFiniteError, OptionError, ShapeError
 from convexddn.nodes.projection import (
     LpProjection,
     SimplexProjection,
@@ -400,7 +400,7 @@ def test_lp_projection_module():
     x = _x(4, 3, seed=27)
     assert torch.equal(proj(x), project_lp(x, math.inf, "sphere", 2.0, dim=0))
     assert "radius=Tensor(3,)" in repr(LpProjection(radius=torch.ones(3)))
-    assert repr(SimplexProjection(dim=1)) == "SimplexProjection(dim=1)"
+    assert repr(SimplexProjection(dim=1)) == "SimplexProjection(dim=1, z=1.0)"
 
 
 def test_lp_projection_module_learns_radius():
@@ -543,3 +543,197 @@ def test_layer_auto_is_native_and_exact(name, options):
     torch.testing.assert_close(layer(x), want)
     with pytest.raises(ShapeError, match=r"trailing shape \(6,\)"):
         layer(_x(4, 5))
+
+
+# --------------------------------------------------------------------------- numerical range
+
+
+def _simplex_fraction(d: list[int], z: int):
+    """Exact projection of integer offsets d onto {v ≥ 0, Σv = z} (Fractions, by hand)."""
+    from fractions import Fraction
+
+    u = sorted(d, reverse=True)
+    best = None
+    for rho in range(1, len(u) + 1):
+        theta = Fraction(sum(u[:rho]) - z, rho)
+        if u[rho - 1] - theta > 0:
+            best = theta
+    return [max(Fraction(di) - best, Fraction(0)) for di in d]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_project_l1_huge_values_exact(mode):
+    # x = 2^60 + 2^8·k is exact in float64 (ulp 2^8); r = 2^10. The threshold is ~2^60,
+    # so computing |x| − θ directly cancels to 0; the exact answer has size ~r.
+    k = [5, -3, 4, 1, -4]
+    x = torch.tensor([math.copysign(2.0**60 + 2.0**8 * abs(v), v) for v in k], dtype=F64)
+    r = 2.0**10
+    expected = _simplex_fraction([2**8 * abs(v) for v in k], 2**10)
+    want = torch.tensor([math.copysign(float(e), v) for e, v in zip(expected, k)], dtype=F64)
+    y = project_lp(x, 1, mode, r)
+    torch.testing.assert_close(y, want, rtol=1e-15, atol=0)
+    assert y.abs().sum() == r
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_project_l1_huge_values(mode, dtype):
+    # Issue 10: |x| ≫ r/eps gave zeros (or a point far outside the ball).
+    x = torch.tensor([[1e30, -1e30, 3e29], [1e30, 5e29, 1.0]], dtype=dtype)
+    want = torch.tensor([[0.5, -0.5, 0.0], [1.0, 0.0, 0.0]], dtype=dtype)
+    y = project_lp(x, 1, mode, 1.0)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_project_l1_tiny_radius(mode):
+    # Issue 10: the p=1 sphere of radius 1e-30 returned 0. By hand: the largest |x|
+    # alone carries the whole (tiny) radius; two equal largest share it.
+    x = torch.tensor([[0.7, -0.2, 0.1], [-0.5, 0.5, 0.25]], dtype=F64)
+    y = project_lp(x, 1, mode, 1e-30)
+    want = torch.tensor([[1e-30, 0.0, 0.0], [-5e-31, 5e-31, 0.0]], dtype=F64)
+    torch.testing.assert_close(y, want, rtol=1e-15, atol=0)
+    assert torch.equal(y.abs().sum(-1), torch.full((2,), 1e-30, dtype=F64))
+
+
+def test_project_l1_scale_equivariant():
+    # P_{ar}(a x) = a P_r(x) exactly for powers of two a, across the whole range.
+    x = _x(6, 9, scale=2.0, seed=40)
+    for mode in MODES:
+        base = project_lp(x, 1, mode, 0.8)
+        for k in (-1000, -300, -60, 60, 300, 1000):
+            a = 2.0**k
+            torch.testing.assert_close(project_lp(x * a, 1, mode, 0.8 * a), base * a,
+                                       rtol=4e-16, atol=0)
+
+
+def test_project_l1_sphere_underflow_warns():
+    # 1e-45 is the smallest float32 subnormal: a quarter of it rounds to 0, off the sphere.
+    x = torch.ones(2, 4)
+    with pytest.warns(cddn.errors.ConvexDDNWarning, match="rounded to zero"):
+        project_lp(x, 1, "sphere", 1e-45)
+
+
+def _l2_vjp_closed_form(x: torch.Tensor, r: float, g: torch.Tensor):
+    """(r/‖x‖)(I − ûûᵀ)g for û = x/‖x‖ (x of moderate size)."""
+    u = x / x.norm(dim=-1, keepdim=True)
+    return (g - u * (u * g).sum(-1, keepdim=True)) * (r / x.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_project_l2_grad_tiny_radius(mode):
+    # Issue 10: the backward divided by r², which underflows for r = 1e-300: Inf grads.
+    x = torch.tensor([[3.0, 4.0, 1.0], [-1.0, 2.0, 0.5]], dtype=F64, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, -1.0], [0.5, -1.0, 2.0]], dtype=F64)
+    r = 1e-300
+    y = project_lp(x, 2, mode, r)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(grad, _l2_vjp_closed_form(x.detach(), r, g), rtol=1e-14, atol=0)
+    rr = torch.tensor([r, r], dtype=F64, requires_grad=True)
+    (grad_r,) = torch.autograd.grad(project_lp(x.detach(), 2, mode, rr), rr, g)
+    u = x.detach() / x.detach().norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(grad_r, (u * g).sum(-1), rtol=1e-14, atol=0)
+
+
+def test_project_l2_subnormal_input():
+    # Exact subnormals: [3, 4, 1]·2^-1040. y = r x/‖x‖ and Dy = (r/‖x‖)(I − ûûᵀ).
+    base = torch.tensor([[3.0, 4.0, 1.0]], dtype=F64)
+    x = (base * 2.0**-1040).requires_grad_(True)
+    assert x.detach().abs().max() < torch.finfo(F64).tiny
+    g = torch.tensor([[1.0, 2.0, -1.0]], dtype=F64)
+    r = 1e-10
+    y = project_lp(x, 2, "sphere", r)
+    torch.testing.assert_close(y.detach(), r * base / base.norm(), rtol=1e-15, atol=0)
+    (grad,) = torch.autograd.grad(y, x, g)
+    want = _l2_vjp_closed_form(base, r, g) * 2.0**520 * 2.0**520  # 2^1040 > max double
+    torch.testing.assert_close(grad, want, rtol=1e-14, atol=0)
+
+
+def test_project_l2_squares_in_subnormal_range():
+    # Entries ~2^-520: their squares are subnormal (bits lost) but the answer is O(1).
+    base = torch.tensor([[3.0, 4.0, 1.0], [1.0, 1.0, 1.0]], dtype=F64)
+    y = project_lp(base * 2.0**-520, 2, "sphere", 1.0)
+    torch.testing.assert_close(y, base / base.norm(dim=-1, keepdim=True), rtol=1e-15, atol=0)
+
+
+def test_project_l2_gradient_overflow_warns():
+    # r/‖x‖ = 2^1060/√26 > float64 max: the gradient cannot be represented.
+    x = (torch.tensor([[3.0, 4.0, 1.0]], dtype=F64) * 2.0**-1060).requires_grad_(True)
+    y = project_lp(x, 2, "sphere", 1.0)
+    with pytest.warns(cddn.errors.GradientWarning, match="overflows"):
+        torch.autograd.grad(y, x, torch.ones_like(y))
+
+
+# --------------------------------------------------------------------------- simplex radius
+
+
+def test_project_simplex_radius_known_values():
+    # Support {1, 0.5}: τ = (1.5 − 2)/2 = −0.25, y = x − τ on the support, sum 2.
+    x = torch.tensor([1.0, 0.5, -1.0], dtype=F64)
+    want = torch.tensor([1.25, 0.75, 0.0], dtype=F64)
+    torch.testing.assert_close(project_simplex(x, z=2.0), want)
+    # Equal large entries share z; a tiny z goes to the largest entry alone.
+    torch.testing.assert_close(project_simplex(torch.full((3,), 1e7), z=6.0), torch.full((3,), 2.0))
+    tiny = torch.tensor([1e-30, 0.0, 0.0], dtype=F64)
+    torch.testing.assert_close(project_simplex(x, z=1e-30), tiny, rtol=1e-15, atol=0)
+    # Per-row radii: z broadcasts over the batch shape.
+    xb = torch.stack([x, x])
+    zb = torch.tensor([1.0, 2.0], dtype=F64)
+    yb = project_simplex(xb, z=zb)
+    torch.testing.assert_close(yb.sum(-1), zb)
+    torch.testing.assert_close(yb[1], project_simplex(x, z=2.0))
+
+
+def test_project_simplex_radius_grad():
+    x = _x(4, 6, scale=1.0, seed=41).requires_grad_(True)
+    z = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=F64, requires_grad=True)
+    assert gradcheck(lambda a, b: project_simplex(a, z=b), (x, z))
+    # Closed form: dy/dz = m/|S| (m the support indicator).
+    y = project_simplex(x.detach(), z=z.detach())
+    m = (y > 0).to(F64)
+    g = _x(4, 6, seed=42)
+    (gz,) = torch.autograd.grad(project_simplex(x.detach(), z=z), z, g)
+    torch.testing.assert_close(gz, (m * g).sum(-1) / m.sum(-1))
+
+
+def test_simplex_projection_module_radius():
+    proj = SimplexProjection(z=nn.Parameter(torch.tensor(2.0, dtype=F64)))
+    assert [n for n, _ in proj.named_parameters()] == ["z"]
+    assert repr(proj) == "SimplexProjection(dim=-1, z=Tensor())"
+    x = _x(3, 5, seed=43)
+    proj(x).sum().backward()
+    # Σy = z per row, so d/dz Σ_rows Σy = 3.
+    torch.testing.assert_close(proj.z.grad, torch.tensor(3.0, dtype=F64))
+    torch.testing.assert_close(SimplexProjection(z=0.5)(x), project_simplex(x, z=0.5))
+
+
+def test_project_simplex_radius_invalid():
+    x = _x(2, 3)
+    with pytest.raises(OptionError, match=r"z must be finite and > 0"):
+        project_simplex(x, z=0.0)
+    with pytest.raises(OptionError, match=r"z must be finite and > 0"):
+        project_simplex(x, z=torch.tensor([1.0, -1.0]))
+    with pytest.raises(ShapeError, match=r"z must broadcast"):
+        project_simplex(x, z=torch.ones(3))
+    with pytest.raises(DTypeError, match="z must have a floating-point dtype"):
+        project_simplex(x, z=torch.tensor([1, 2]))
+    with pytest.raises(OptionError, match="z must be"):
+        SimplexProjection(z=-1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_projection_numerical_range_cuda():
+    dev = torch.device("cuda")
+    x = torch.tensor([[1e30, -1e30, 3e29]], device=dev)
+    assert project_lp(x, 1, "sphere", 1.0).cpu().tolist() == [[0.5, -0.5, 0.0]]
+    xs = torch.tensor([[3.0, 4.0, 1.0]], dtype=F64, device=dev, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, -1.0]], dtype=F64, device=dev)
+    (grad,) = torch.autograd.grad(project_lp(xs, 2, "sphere", 1e-300), xs, g)
+    torch.testing.assert_close(grad.cpu(), _l2_vjp_closed_form(xs.detach().cpu(), 1e-300, g.cpu()),
+                               rtol=1e-14, atol=0)
+    z = torch.tensor([1.0, 2.0], dtype=F64, device=dev, requires_grad=True)
+    xb = torch.tensor([[1.0, 0.5, -1.0], [1.0, 0.5, -1.0]], dtype=F64, device=dev)
+    y = project_simplex(xb, z=z)
+    torch.testing.assert_close(y[1].cpu(), torch.tensor([1.25, 0.75, 0.0], dtype=F64))
+    (gz,) = torch.autograd.grad(y.sum(), z)
+    torch.testing.assert_close(gz.cpu(), torch.ones(2, dtype=F64))

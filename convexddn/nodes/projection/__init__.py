@@ -3,6 +3,12 @@
 - :mod:`.kernels`: the closed-form forwards and their autograd Functions;
 - :mod:`.node`: option checks, :func:`project_lp`, :func:`project_simplex` and the modules.
 """
-from .node import LpProjection, SimplexProjection, normalize_p, project_lp, project_simplex
+from .node import (
+    LpProjection,
+    SimplexProjection,
+    normalize_p,
+    project_lp,
+    project_simplex,
+)
 
-__all__ = ["project_lp", "project_simplex", "LpProjection", "SimplexProjection", "normalize_p"]
+__all__ = ["LpProjection", "SimplexProjection", "normalize_p", "project_lp", "project_simplex"]

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..._checks import check_finite
+from ...errors import ConvexDDNWarning, GradientWarning
+
 
 def _along(values: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
     """Reshape a 1-D tensor so it lies along dim d of an ndim-dimensional tensor."""
@@ -49,16 +52,48 @@ def needs_graph(x: torch.Tensor, r: float | torch.Tensor) -> bool:
     )
 
 
+# --------------------------------------------------------------------------- range
+
+
+def _small_norm(dtype: torch.dtype) -> float:
+    """Below this ‖x‖₂ the squares of the largest entries are subnormal: rescale first."""
+    info = torch.finfo(dtype)
+    return math.sqrt(info.tiny / info.eps)
+
+
+def _may_underflow(r: float | torch.Tensor, n: int, dtype: torch.dtype) -> bool:
+    """Whether r/n can round to zero (host test for a float radius; a tensor: assume so)."""
+    if isinstance(r, torch.Tensor):
+        return True
+    return r < n * torch.finfo(dtype).tiny
+
+
+def warn_unrepresentable(y: torch.Tensor, d: int, what: str) -> None:
+    """Warn when whole rows of a sphere projection rounded to zero (radius too small)."""
+    zero = y.abs().amax(d) == 0
+    if bool(zero.any()):
+        warnings.warn(
+            f"{what}: the radius is too small for {y.dtype} ({int(zero.sum())} of "
+            f"{zero.numel()} projected vector(s) rounded to zero, which is not on the "
+            "sphere); use a larger radius or a wider dtype",
+            ConvexDDNWarning,
+            stacklevel=4,
+        )
+
+
 # --------------------------------------------------------------------------- L2
 
 
 def l2_forward(
     x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Returns ``(y, scale, overflow)``: ``scale = r/‖x‖`` (ball: ``min(1, ·)``) per row,
+    and whether it overflowed (then ``Dy`` cannot be represented)."""
     norm = torch.linalg.vector_norm(x, dim=d, keepdim=True)
     scale = r / norm
-    # One host sync covers NaN/Inf input, norm overflow or underflow, and zero rows.
-    if not bool(((scale > 0) & (scale < math.inf)).all()):
+    # One host sync covers NaN/Inf input, norm overflow or underflow (or a norm whose
+    # squares lost bits to subnormals), and zero rows.
+    if not bool(((scale > 0) & (scale < math.inf) & (norm >= _small_norm(x.dtype))).all()):
         check_finite("x", x)
         a = _row_scale(x.abs(), d)
         xs = x / a
@@ -70,14 +105,27 @@ def l2_forward(
             e0 = torch.zeros_like(x).narrow(d, 0, 1).fill_(1.0)
             y.narrow(d, 0, 1).add_(torch.where(zero, e0 * r, torch.zeros_like(e0)))
             scale = torch.where(zero, torch.zeros_like(ratio), ratio / a)
+            if _may_underflow(r, x.shape[d], x.dtype):
+                warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
         else:
             factor = torch.minimum(a, ratio)
             y = xs * factor
             scale = factor / a
-        return y, scale
+        return y, scale, bool(torch.isinf(scale).any())
     if not sphere:
         scale = scale.clamp(max=1.0)
-    return x * scale, scale
+    return x * scale, scale, False
+
+
+def _unit(y: torch.Tensor, r: float | torch.Tensor, d: int) -> torch.Tensor:
+    """y/‖y‖ (= y/r on the sphere), without squaring r or y: safe for any radius."""
+    info = torch.finfo(y.dtype)
+    if not isinstance(r, torch.Tensor) and r >= info.tiny / info.eps:
+        return y / r  # y is a normal number here: exact enough, one pass
+    ys = y / _row_scale(y.abs(), d)
+    return ys / torch.linalg.vector_norm(ys, dim=d, keepdim=True).clamp_min(
+        torch.finfo(y.dtype).tiny
+    )
 
 
 @_bind_fast
@@ -91,27 +139,37 @@ class L2ProjectionFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, r, d, sphere = inputs
-        y, scale = output
+        y, scale, overflow = output
         ctx.mark_non_differentiable(scale)
         ctx.save_for_backward(y, scale, r if isinstance(r, torch.Tensor) else None)
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
-        ctx.d, ctx.sphere = d, sphere
+        ctx.d, ctx.sphere, ctx.overflow = d, sphere, overflow
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, _grad_scale):  # type: ignore[override]
+    def backward(ctx, grad_y, _grad_scale, _grad_overflow):  # type: ignore[override]
         y, scale, r_t = ctx.saved_tensors
         r = ctx.r_float if r_t is None else r_t
-        # Dy = (r/‖x‖)(I − y yᵀ/r²) outside the ball, I inside: v ↦ s·(v − y (yᵀv)/r²).
-        coef = (y * grad_y).sum(ctx.d, keepdim=True) / (r * r)
+        if ctx.overflow:
+            warnings.warn(
+                "project_lp(p=2): the gradient r/‖x‖·(I − ûûᵀ) overflows "
+                f"{y.dtype} (‖x‖ is {float((r / scale).amin()):.1e} at the smallest): it "
+                "is Inf (NaN where the projected gradient is 0)",
+                GradientWarning,
+                stacklevel=2,
+            )
+        # Dy = (r/‖x‖)(I − ûûᵀ) outside the ball (û = y/r), I inside:
+        # v ↦ s·(v − û(ûᵀv)).
+        u = _unit(y, r, ctx.d)
+        coef = (u * grad_y).sum(ctx.d, keepdim=True)
         if not ctx.sphere:
             coef = coef * (scale < 1)
         grad_x = grad_r = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(grad_y, y, coef, value=-1.0).mul_(scale)
+            grad_x = torch.addcmul(grad_y, u, coef, value=-1.0).mul_(scale)
         if ctx.needs_input_grad[1]:
-            # dy/dr = y/r outside the ball (zero inside): yᵀv / r.
-            grad_r = _sum_to(coef * r, r_t)
+            # dy/dr = û outside the ball (zero inside): ûᵀv.
+            grad_r = _sum_to(coef, r_t)
         return grad_x, grad_r, None, None
 
 
@@ -135,34 +193,55 @@ def _sorted_threshold(
     return (c.gather(d, rho.long() - 1) - z) / rho
 
 
+def _shifted_simplex(
+    t: torch.Tensor, z: float | torch.Tensor, d: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Project ``t`` (each row's max 0) onto {v ≥ 0, Σv = z}: ``(v, θ)``; None on overflow.
+
+    Working relative to the row maximum keeps every quantity at the scale of z: the
+    answer is max(t − θ, 0) with θ ∈ [−z, 0] (y_max ≤ z gives θ ≥ −z), so entries at
+    or below −z are never in the support: raising them to −z leaves ρ and θ unchanged,
+    bounds the prefix sums by n·z, and speeds up the sort (many equal keys). Without
+    the shift, θ ≈ max|x| cancels against |x| and |x| ≫ z/eps gives zeros.
+    """
+    # In place: entries below -z stay below θ, so t keeps its use for the answer.
+    t = t.clamp_(min=-z) if isinstance(z, float) else torch.maximum(t, -z, out=t)
+    u = t.sort(dim=d, descending=True).values
+    c = u.cumsum(d)
+    if not bool(torch.isfinite(c.narrow(d, c.shape[d] - 1, 1)).all()):
+        return None
+    theta = _sorted_threshold(u, c, z, d)
+    return (t - theta).clamp_(min=0.0), theta
+
+
 def l1_forward(
     x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ax = x.abs()
-    # y_max = u₁ − θ ≤ r gives θ ≥ u₁ − r, so entries at or below u₁ − r are never in the
-    # support; raising them to that floor leaves ρ and θ unchanged, and a sort with many
-    # equal keys is several times faster.
-    floor = ax.amax(d, keepdim=True) - r
-    u = ax.clamp(min=floor).sort(dim=d, descending=True).values
-    c = u.cumsum(d)
-    if not bool(torch.isfinite(c.narrow(d, c.shape[d] - 1, 1)).all()):
+    top = ax.amax(d, keepdim=True)
+    # |x| onto the r-simplex, in coordinates relative to max|x| (exact for the entries
+    # that can be in the support, by Sterbenz's lemma).
+    out = _shifted_simplex(ax - top, r, d)
+    if out is None:  # NaN/Inf in x (which poison the sums), or a true overflow
         check_finite("x", x)
-        # Finite x whose |x| sums overflow: P_r(x) = a·P_{r/a}(x/a) for any a > 0.
-        a = _row_scale(ax, d)
+        # Prefix sums of n entries ~r overflow: P_r(x) = a·P_{r/a}(x/a), a ≥ r.
+        a = torch.maximum(_row_scale(ax, d), torch.as_tensor(r, dtype=x.dtype, device=x.device))
         y, active = l1_forward(x / a, r / a, d, sphere)
         return y * a, active
-    theta = _sorted_threshold(u, c, r, d)
-    # Inside the ball θ < 0; the ball keeps x (θ = 0), the sphere pushes every coordinate
-    # out by −θ along sign(x) — the nearest facet of the cross-polytope.
+    t, theta = out
+    # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
+    # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
+    # facet of the cross-polytope).
     if sphere:
         active = torch.ones_like(theta, dtype=torch.bool)
+        if _may_underflow(r, x.shape[d], x.dtype):
+            warn_unrepresentable(t, d, "project_lp(p=1, mode='sphere')")
     else:
-        theta = theta.clamp(min=0.0)
-        active = theta > 0
-    t = (ax - theta).clamp_(min=0.0)
+        active = (theta + top) > 0
+        return torch.where(active, torch.copysign(t, x), x), active
     # Zero coordinates go to the + side (the tie rule of the sphere-from-inside case):
     # adding +0.0 turns −0.0 into +0.0, so copysign sees a + sign for every zero.
-    return torch.copysign(t, x + 0.0 if sphere else x), active
+    return torch.copysign(t, x + 0.0), active
 
 
 @_bind_fast
@@ -203,42 +282,48 @@ class L1ProjectionFn(torch.autograd.Function):
         return grad_x, grad_r, None, None
 
 
-def simplex_forward(x: torch.Tensor, d: int) -> torch.Tensor:
+def simplex_forward(x: torch.Tensor, z: float | torch.Tensor, d: int) -> torch.Tensor:
     lo, hi = torch.aminmax(x, dim=d, keepdim=True)
     if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
-        check_finite("x", x)
+        check_finite("x", x)  # -Inf would be clamped away below: test here
     # The projection is shift invariant; shifting by the row max keeps τ's prefix sums at
-    # the scale of the answer (no cancellation for large x). y_max ≤ 1 gives τ ≥ max − 1,
-    # so entries at or below max − 1 are never in the support: raising them to that floor
-    # leaves ρ and τ unchanged, rules out overflow in the cumsum, and speeds up the sort.
-    xs = x - hi
-    u = xs.clamp(min=-1.0).sort(dim=d, descending=True).values
-    tau = _sorted_threshold(u, u.cumsum(d), 1.0, d)
-    return (xs - tau).clamp_(min=0.0)
+    # the scale of the answer (no cancellation for large x).
+    out = _shifted_simplex(x - hi, z, d)
+    if out is None:
+        # n entries ~z overflow the prefix sums: P_z(x) = z·P_1(x/z).
+        return simplex_forward(x / z, 1.0, d) * z
+    return out[0]
 
 
 @_bind_fast
 class SimplexProjectionFn(torch.autograd.Function):
-    """Sparsemax forward and VJP (Martins & Astudillo 2016)."""
+    """Sparsemax (radius z) forward and VJP (Martins & Astudillo 2016)."""
 
     @staticmethod
-    def forward(x, d):  # type: ignore[override]
-        return simplex_forward(x, d)
+    def forward(x, z, d):  # type: ignore[override]
+        return simplex_forward(x, z, d)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.save_for_backward(output)
-        ctx.d = inputs[1]
+        _, z, d = inputs
+        ctx.save_for_backward(output, z if isinstance(z, torch.Tensor) else None)
+        ctx.d = d
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):  # type: ignore[override]
-        (y,) = ctx.saved_tensors
+        y, z_t = ctx.saved_tensors
         # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
         m = y.sign()  # y ≥ 0, so this is the support indicator (float: faster than bool)
         gm = m * grad_y
         mean = gm.sum(ctx.d, keepdim=True) / m.sum(ctx.d, keepdim=True).clamp_(min=1.0)
-        return torch.addcmul(gm, m, mean, value=-1.0), None
+        grad_x = grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(gm, m, mean, value=-1.0)
+        if ctx.needs_input_grad[1]:
+            # τ = (Σ_S x − z)/|S|, so dy/dz = m/|S|: the support mean of v.
+            grad_z = _sum_to(mean, z_t)
+        return grad_x, grad_z, None
 
 
 # --------------------------------------------------------------------------- L∞

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._checks import check_choice, check_int, check_positive, check_tensor, normalize_dims, normalize_p
+from ..._checks import (
+    check_choice,
+    check_int,
+    check_positive,
+    check_tensor,
+    normalize_dims,
+    normalize_p,
+)
 from ...errors import ShapeError
 from .kernels import (
     L1ProjectionFn,
@@ -39,7 +46,7 @@ from .kernels import (
     simplex_forward,
 )
 
-__all__ = ["project_lp", "project_simplex", "LpProjection", "SimplexProjection", "normalize_p"]
+__all__ = ["LpProjection", "SimplexProjection", "normalize_p", "project_lp", "project_simplex"]
 
 _MODES = ["ball", "sphere"]
 
@@ -62,21 +69,23 @@ def _check_dim(dim: Any, x: torch.Tensor) -> int:
     return d
 
 
-def _check_radius_option(radius: Any) -> None:
+def _check_radius_option(radius: Any, name: str = "radius") -> None:
     """Validate a radius on its own (constructor time): a positive number or tensor."""
     if isinstance(radius, torch.Tensor):
-        check_tensor("radius", radius)
-    check_positive("radius", radius)
+        check_tensor(name, radius)
+    check_positive(name, radius)
 
 
-def _prepare_radius(radius: Any, x: torch.Tensor, d: int) -> float | torch.Tensor:
+def _prepare_radius(
+    radius: Any, x: torch.Tensor, d: int, name: str = "radius"
+) -> float | torch.Tensor:
     """Return radius as a float, or as a tensor that broadcasts against x with dim kept.
 
     A tensor radius must broadcast to x's shape with ``dim`` removed (one radius per
     projected vector, or any broadcastable part of that); it is converted to x's dtype
     and device (differentiably, so a radius that requires grad gets its gradient).
     """
-    _check_radius_option(radius)
+    _check_radius_option(radius, name)
     if not isinstance(radius, torch.Tensor):
         return float(radius)
     reduced = x.shape[:d] + x.shape[d + 1:]
@@ -86,7 +95,7 @@ def _prepare_radius(radius: Any, x: torch.Tensor, d: int) -> float | torch.Tenso
         ok = False
     if not ok:
         raise ShapeError(
-            f"radius must broadcast to the shape of x without dim={d}, {tuple(reduced)}, "
+            f"{name} must broadcast to the shape of x without dim={d}, {tuple(reduced)}, "
             f"got shape {tuple(radius.shape)}"
         )
     r = radius.to(dtype=x.dtype, device=x.device)
@@ -141,9 +150,17 @@ def project_lp(
     is zero. ``radius`` gets its gradient when it is a tensor that requires grad
     (:math:`\partial y/\partial r` is :math:`y/r`, :math:`s \circ m/|S|` and
     :math:`\operatorname{sign}(y)` on the pinned coordinates for p = 2, 1, inf; 0 inside
-    the ball). Accuracy is that of the dtype relative to :math:`\max_i |x_i|`: for
-    :math:`r` below its rounding error (e.g. ``p=1``, float32, :math:`|x| \sim 10^8 r`)
-    the threshold cancels and the result may fall short of the sphere.
+    the ball).
+
+    Numerical range: every projection is computed scale-invariantly. ``p=1`` works
+    relative to each row's :math:`\max_i |x_i|` (the threshold never cancels against
+    :math:`|x|`, so :math:`|x| \gg r/\varepsilon` and tiny radii keep full relative
+    accuracy); ``p=2`` rescales rows whose norm would overflow or lose bits to
+    subnormals, and its backward never squares ``r``. Where the true result cannot be
+    represented in the dtype (a sphere radius so small that the projection rounds to
+    zero; a gradient :math:`r/\|x\|` beyond the largest float for subnormal ``x``)
+    a :class:`~convexddn.errors.ConvexDDNWarning` /
+    :class:`~convexddn.errors.GradientWarning` says so.
 
     Args:
         x: input tensor, floating point.
@@ -164,6 +181,10 @@ def project_lp(
             does not broadcast to the batch shape.
         OptionError: unknown ``p`` or ``mode`` (the message lists the valid ones),
             ``radius`` ≤ 0 or not a number, ``dim`` not an int.
+
+    Warns:
+        ConvexDDNWarning: a sphere projection rounded to zero (radius below the dtype's
+            range). GradientWarning: in backward, a ``p=2`` gradient that overflows.
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021 (§5.2, Table 2).
@@ -190,42 +211,56 @@ def project_lp(
     return (LinfProjectionFn.apply if graph else linf_forward)(x, r, d, sphere)
 
 
-def project_simplex(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    r"""Euclidean projection onto the probability simplex (sparsemax), over one dim.
+def project_simplex(
+    x: torch.Tensor, dim: int = -1, z: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    r"""Euclidean projection onto the simplex of radius z (sparsemax for z = 1), over one dim.
 
     .. math::
 
         y(x) = \operatorname*{argmin}_{u} \tfrac12 \|u - x\|_2^2
-        \quad\text{s.t.}\quad u \ge 0,\ \mathbf{1}^\top u = 1
+        \quad\text{s.t.}\quad u \ge 0,\ \mathbf{1}^\top u = z
 
     Solved by one sort: :math:`y = \max(x - \tau, 0)` with :math:`\tau` from the
-    sorted prefix sums (Duchi et al. 2008; Martins & Astudillo 2016). The gradient is the
-    VJP of :math:`\mathrm{D}y = \operatorname{diag}(m) - m m^\top/|S|`, :math:`m` the
-    support indicator (a coordinate exactly at the threshold counts as outside).
+    sorted prefix sums (Duchi et al. 2008; Martins & Astudillo 2016), computed relative
+    to each row's maximum so that no large value cancels. The gradient is the VJP of
+    :math:`\mathrm{D}y = \operatorname{diag}(m) - m m^\top/|S|`, :math:`m` the support
+    indicator (a coordinate exactly at the threshold counts as outside), and
+    :math:`\partial y/\partial z = m/|S|` when ``z`` is a tensor that requires grad.
 
     Args:
         x: input tensor, floating point.
         dim: the dimension projected over. Default: -1.
+        z: the sum of the result, a positive float or a positive tensor broadcastable
+            to ``x``'s shape with ``dim`` removed (one per projected vector). Default: 1.
 
     Shape:
         - Input: :math:`(*, n, *)` with ``n`` at ``dim``; leading batch may be empty.
         - Output: same shape, dtype and device as ``x``.
 
     Raises:
-        DTypeError: ``x`` is not floating point.
+        DTypeError: ``x`` (or a tensor ``z``) is not floating point.
         NonFiniteError: ``x`` contains NaN or Inf.
-        ShapeError: ``dim`` is out of range or ``x`` is empty along ``dim``.
-        OptionError: ``dim`` is not an int.
+        ShapeError: ``dim`` is out of range, ``x`` is empty along ``dim``, or ``z``
+            does not broadcast to the batch shape.
+        OptionError: ``dim`` is not an int, ``z`` ≤ 0 or not a number.
 
     References:
         Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.
         Duchi et al., ICML 2008. Gould, Hartley & Campbell, TPAMI 2021.
+
+    Examples::
+
+        >>> y = project_simplex(torch.tensor([1.0, 0.5, -1.0]), z=2.0)
+        >>> y.tolist()
+        [1.25, 0.75, 0.0]
     """
     x = check_tensor("x", x)
     d = _check_dim(dim, x)
-    if needs_graph(x, 1.0):
-        return SimplexProjectionFn.apply(x, d)
-    return simplex_forward(x, d)
+    zz = _prepare_radius(z, x, d, name="z")
+    if needs_graph(x, zz):
+        return SimplexProjectionFn.apply(x, zz, d)
+    return simplex_forward(x, zz, d)
 
 
 class LpProjection(nn.Module):
@@ -290,31 +325,42 @@ class LpProjection(nn.Module):
 
 
 class SimplexProjection(nn.Module):
-    r"""Module form of :func:`project_simplex` (sparsemax).
+    r"""Module form of :func:`project_simplex` (sparsemax for ``z = 1``).
 
     .. math::
 
-        y(x) = \operatorname*{argmin}_{u \ge 0,\ \mathbf{1}^\top u = 1} \tfrac12 \|u - x\|_2^2
+        y(x) = \operatorname*{argmin}_{u \ge 0,\ \mathbf{1}^\top u = z} \tfrac12 \|u - x\|_2^2
 
     Args:
         dim: the dimension projected over. Default: -1.
+        z: the sum of the result: a positive float or tensor (a tensor is stored as a
+            buffer, an ``nn.Parameter`` as a parameter and then learned). Default: 1.0.
 
     Shape:
         - Input: :math:`(*, n, *)`; Output: same shape.
 
     Raises:
-        OptionError: at construction for a ``dim`` that is not an int; the call raises
-            as :func:`project_simplex`.
+        OptionError: at construction for a ``dim`` that is not an int or ``z`` ≤ 0;
+            the call raises as :func:`project_simplex`.
     """
 
-    def __init__(self, dim: int = -1) -> None:
+    def __init__(self, dim: int = -1, z: float | torch.Tensor = 1.0) -> None:
         super().__init__()
         check_int("dim", dim)
+        _check_radius_option(z, name="z")
         self.dim = dim
+        if isinstance(z, nn.Parameter):
+            self.z = z
+        elif isinstance(z, torch.Tensor):
+            self.register_buffer("z", z)
+        else:
+            self.z = float(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` onto the simplex: ``(*, n, *) -> (*, n, *)``."""
-        return project_simplex(x, self.dim)
+        return project_simplex(x, self.dim, self.z)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+        z = self.z
+        shown = f"Tensor{tuple(z.shape)}" if isinstance(z, torch.Tensor) else f"{z}"
+        return f"dim={self.dim}, z={shown}"

@@ -1,0 +1,110 @@
+"""The autograd Function behind :class:`~convexddn.DeclarativeNode`, and how it calls the user.
+
+Forward: the node's ``solve`` (never differentiated). Backward: the node's implicit
+vector–Jacobian product (:func:`.implicit.declarative_vjp`). With ``create_graph=True``
+the first-order gradients are returned through :class:`_SecondOrderUnsupported`, so
+that a second differentiation raises a clear error instead of silently giving zero.
+:func:`y_by_keyword` and :func:`arity_error` read the signatures of the user's methods
+(``objective(self, x, y)`` and ``objective(self, *xs, y)`` both work).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+__all__ = ["DeclarativeFunction", "arity_error", "y_by_keyword"]
+
+Tensor = torch.Tensor
+
+
+class _SecondOrderUnsupported(torch.autograd.Function):
+    """Passes first-order gradients through; differentiating them raises a clear error."""
+
+    @staticmethod
+    def forward(ctx, n_anchor: int, *tensors: Tensor):  # type: ignore[override]
+        return tuple(t.clone() for t in tensors[n_anchor:])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise NotImplementedError(
+            "DeclarativeNode does not support double backward (second derivatives of the "
+            "solution, e.g. create_graph=True then a second backward, gradgradcheck or "
+            "Hessian-vector products through the node): its backward is the implicit "
+            "first-order derivative only"
+        )
+
+
+class DeclarativeFunction(torch.autograd.Function):
+    """Runs ``node.solve`` forward and :func:`declarative_vjp` backward."""
+
+    @staticmethod
+    def forward(node: Any, n_inputs: int, batch_shape: tuple[int, ...],
+                *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        return node._checked_solve(tensors[:n_inputs])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        node, n, batch_shape = inputs[:3]
+        ctx.node, ctx.n_inputs, ctx.batch_shape = node, n, batch_shape
+        ctx.params = inputs[3 + n:]
+        ctx.save_for_backward(*inputs[3:3 + n], output)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        *xs, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        if not any(needs):
+            return (None,) * (3 + len(needs))
+        node = ctx.node
+        with torch.no_grad():
+            grad_xs, grad_params = node._vjp(xs, y, grad_y, ctx.params, ctx.batch_shape)
+        grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
+        if torch.is_grad_enabled():
+            # create_graph=True: make a second differentiation fail loudly, not give 0.
+            anchors = [t for t in (grad_y, *xs, *ctx.params) if t.requires_grad]
+            present = [g for g in grads if g is not None]
+            if anchors and present:
+                wrapped = iter(_SecondOrderUnsupported.apply(len(anchors), *anchors, *present))
+                grads = [None if g is None else next(wrapped) for g in grads]
+        return (None, None, None, *grads)
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.cache
+def y_by_keyword(cls: type, method: str) -> bool:
+    """Whether ``cls.method`` takes ``y`` as a keyword-only argument (``*xs, y``)."""
+    sig = _signature(getattr(cls, method))
+    p = None if sig is None else sig.parameters.get("y")
+    return p is not None and p.kind == inspect.Parameter.KEYWORD_ONLY
+
+
+@functools.lru_cache(maxsize=256)
+def arity_error(cls: type, n: int) -> str | None:
+    """Why ``cls``'s methods cannot take ``n`` inputs (``None`` if they can); cached."""
+    name = cls.__name__
+    for method, with_y in (("solve", False), ("objective", True),
+                           ("equality_constraints", True), ("inequality_constraints", True)):
+        sig = _signature(getattr(cls, method))
+        if sig is None:
+            continue
+        args = [None] * (n + 1)  # self first: the methods are looked up on the class
+        try:
+            if not with_y:
+                sig.bind(*args)
+            elif y_by_keyword(cls, method):
+                sig.bind(*args, y=None)
+            else:
+                sig.bind(*args, None)
+        except TypeError as err:
+            return (f"{name} was called with {n} input(s), which {name}.{method}{sig} "
+                    f"cannot take ({err})")
+    return None

@@ -1,0 +1,96 @@
+"""Which tensors an objective really depends on: a walk of its autograd graph.
+
+The implicit backward differentiates ``f(x, y)`` and the constraints with respect to
+``y``, the inputs and the node's parameters. Two user mistakes would make that silently
+wrong, and both are visible in the graph of ``f`` before anything is solved:
+
+- ``f`` does not depend on ``y`` (``y.detach()``, ``.item()``, numpy): every
+  derivative would be zero;
+- ``f`` uses a tensor that requires grad but is none of those (a closed-over tensor,
+  e.g. ``self.w = w`` set from outside): it would get no gradient, without a word.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..errors import InputError, ProblemError
+
+__all__ = ["autograd_leaves", "check_graph"]
+
+Tensor = torch.Tensor
+
+
+def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None) -> dict[int, Tensor]:
+    """The leaf tensors requiring grad that ``outputs`` depend on, by ``id``.
+
+    With ``stop``, the walk ends at the first leaf whose id is not in ``stop`` (enough
+    to report it without walking a large foreign graph).
+    """
+    leaves: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    stack = []
+    for t in outputs:
+        if t is None or not t.requires_grad:
+            continue
+        if t.grad_fn is None:
+            leaves[id(t)] = t
+        else:
+            stack.append(t.grad_fn)
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:  # AccumulateGrad: a leaf
+            leaves[id(var)] = var
+            if stop is not None and id(var) not in stop:
+                return leaves
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return leaves
+
+
+def _describe(t: Tensor) -> str:
+    return f"a tensor of shape {tuple(t.shape)} and dtype {t.dtype}"
+
+
+def check_graph(
+    name: str,
+    objective: Tensor,
+    constraints: Sequence[Tensor],
+    y: Tensor,
+    allowed: Sequence[Tensor],
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Raise if ``objective`` ignores ``y`` or a graph uses a foreign tensor requiring grad.
+
+    Returns the leaves of the objective and of the constraints, separately (to tell
+    which inputs each uses).
+
+    Raises:
+        ProblemError: ``objective`` is not connected to ``y`` by autograd.
+        InputError: a leaf that requires grad is neither ``y`` nor in ``allowed``.
+    """
+    prefix = f"{name}." if name else ""
+    known = {id(t) for t in allowed} | {id(y)}
+    of_objective = autograd_leaves([objective], stop=known)
+    of_constraints = autograd_leaves(constraints, stop=known)
+    leaves = {**of_objective, **of_constraints}
+    foreign = [t for i, t in leaves.items() if i not in known]
+    if foreign:
+        raise InputError(
+            f"{prefix}objective or its constraints use {_describe(foreign[0])} that "
+            "requires grad but is neither an input nor a parameter of the node, so it "
+            "would get no gradient. Pass it as an input (node(x, w) with "
+            "objective(self, x, w, y) and solve(self, x, w)), or make it a parameter of "
+            "the node (self.w = nn.Parameter(...)); detach it if it needs no gradient"
+        )
+    if id(y) not in of_objective:
+        raise ProblemError(
+            f"{prefix}objective does not depend on y through autograd (does it use "
+            "y.detach(), .item() or numpy?): every derivative of the solution would be "
+            "zero. Write the objective in differentiable torch operations on y"
+        )
+    return of_objective, of_constraints

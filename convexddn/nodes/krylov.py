@@ -1,0 +1,242 @@
+"""Batched projected conjugate gradients with a singularity probe (matrix-free KKT solves).
+
+:func:`projected_cg` solves, for every batch element at once,
+
+.. math::
+
+    \\min_{w}\\ \\tfrac12 w^\\top H w - v^\\top w \\quad\\text{s.t.}\\quad A w = 0,
+
+i.e. the KKT system of :mod:`.linear_solvers` with ``H`` given only through
+Hessian–vector products, by CG on the null space of ``A`` (Gould, Hribar & Nocedal
+2001). It needs ``H`` positive definite on that null space only (as the dense solve
+does), not on the whole space.
+
+References:
+    N. I. M. Gould, M. E. Hribar and J. Nocedal, "On the solution of equality
+    constrained quadratic programming problems arising in optimization", SIAM J. Sci.
+    Comput. 23(4), 2001.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "CGResult",
+    "constraint_gram",
+    "independent_rows",
+    "projected_cg",
+    "pseudo_random_directions",
+]
+
+Tensor = torch.Tensor
+
+#: Lanczos steps kept for the condition estimate (the extreme Ritz values settle first).
+_LANCZOS_STEPS = 100
+
+# The golden angle: cos(j * φ) visits [-1, 1] without short cycles, a reproducible
+# "random" vector that needs no generator (and so no device-specific RNG state).
+_GOLDEN_ANGLE = 2.399963229728653
+
+
+def pseudo_random_directions(m: int, batch: int, dtype: torch.dtype, device) -> Tensor:
+    """A fixed, unit-norm, dense direction per batch element, ``(B, m)``."""
+    j = torch.arange(m, dtype=dtype, device=device) + 1.0
+    u = torch.cos(j * _GOLDEN_ANGLE) + 0.5 * torch.sin(j * j * 0.7548776662466927)
+    u = u / u.norm().clamp_min(torch.finfo(dtype).tiny)
+    return u.expand(batch, m).clone()
+
+
+class CGResult(NamedTuple):
+    """Output of :func:`projected_cg`; masks and residuals are ``(B,)``."""
+
+    w: Tensor
+    mu: Tensor | None
+    converged: Tensor  #: the system reached ``tol`` without a breakdown
+    singular: Tensor  #: the probe broke down: H singular (or indefinite) on the null space
+    dependent: Tensor | None  #: the active constraints are linearly dependent
+    ill: Tensor  #: the probe did not converge in ``max_iter``
+    residual: Tensor  #: final relative residual of the system
+    unfinished: Tensor  #: the probe neither converged nor broke down within max_iter
+    cond: Tensor  #: condition number of H on the null space, from the probe's Ritz values
+
+
+def constraint_gram(
+    A: Tensor, inactive: Tensor | None, rcond: float
+) -> tuple[Tensor, Tensor]:
+    """``(A A^T + D)^+`` ``(B, r, r)`` and its rank deficit ``(B,)``.
+
+    ``D`` has ones on inactive constraints (whose rows of ``A`` are zero). The Gram
+    matrix is equilibrated first, so that a constraint written in large units is not
+    called dependent; eigenvalues below ``rcond`` times the largest are dropped.
+    """
+    M = A @ A.transpose(1, 2)
+    if inactive is not None:
+        M = M + torch.diag_embed(inactive.to(A.dtype))
+    s = torch.diagonal(M, dim1=-2, dim2=-1)
+    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
+    evals, evecs = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    top = evals.abs().amax(-1, keepdim=True)
+    keep = evals.abs() > rcond * top
+    inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
+    Minv = s.unsqueeze(-1) * ((evecs * inv.unsqueeze(-2)) @ evecs.transpose(1, 2)) * s.unsqueeze(-2)
+    return Minv, (~keep).sum(-1)
+
+
+def independent_rows(
+    A: Tensor, inactive: Tensor | None, rcond: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rewrite the active constraints' Jacobian with independent rows: ``(A', pin, T, dependent)``.
+
+    With the eigendecomposition :math:`S A A^\\top S = V \\Lambda V^\\top` (``S`` the
+    diagonal equilibration), :math:`A' = V^\\top S A` has the same row space as ``A``,
+    with orthogonal rows; the rows of (numerically) zero eigenvalues — dependent
+    constraints, and inactive ones, whose rows of ``A`` are zero — are zeroed and
+    pinned (``pin``: ones on the diagonal of the multiplier block), so the KKT matrix
+    built from ``A'`` is regular whenever the Hessian is regular on the tangent space.
+    Multipliers map back as :math:`\\mu = T \\mu'` with :math:`T = S V` (the
+    minimum-norm ones, in the equilibrated metric, when the constraints are dependent).
+    ``dependent`` flags the elements with more null rows than inactive constraints.
+    """
+    M = A @ A.transpose(1, 2)
+    s = torch.diagonal(M, dim1=-2, dim2=-1)
+    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
+    evals, V = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    keep = evals > rcond * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    T = s.unsqueeze(-1) * V
+    A2 = (T.transpose(1, 2) @ A) * keep.unsqueeze(-1)
+    pin = torch.diag_embed((~keep).to(A.dtype))
+    n_null = (~keep).sum(-1)
+    n_inactive = 0 if inactive is None else inactive.sum(-1)
+    return A2, pin, T, n_null > n_inactive
+
+
+def projected_cg(
+    hvp: Callable[[Tensor], Tensor],
+    A: Tensor | None,
+    inactive: Tensor | None,
+    v: Tensor,
+    tol: float,
+    max_iter: int,
+    check_every: int,
+    rcond: float,
+    ill_conditioned: float = 1e10,
+) -> CGResult:
+    """Projected CG on ``v`` and on a fixed probe, frozen per system once done or broken.
+
+    A system *breaks down* when a search direction has (numerically) no positive
+    curvature, :math:`p^\\top H p \\le 100\\,\\varepsilon \\max(\\text{curvature seen})
+    \\|p\\|^2`: :math:`H` is singular (zero curvature) or indefinite (negative) on the
+    null space; the latter is not a degeneracy of the KKT system, only of CG. Started at zero
+    on a consistent singular system, CG converges to the minimum-norm solution without
+    meeting the null space; the probe (dense, so with a component in every direction)
+    does meet it, which is why it is there. The probe's CG coefficients also give its
+    Lanczos tridiagonal matrix, whose extreme eigenvalues (Ritz values, which converge
+    first) estimate the condition number of :math:`H` on the null space.
+    """
+    batch, m = v.shape
+    eps = torch.finfo(v.dtype).eps
+    tiny = torch.finfo(v.dtype).tiny
+    if A is None:
+        Minv = dependent = None
+
+        def project(Z: Tensor) -> Tensor:
+            return Z
+    else:
+        Minv, deficit = constraint_gram(A, inactive, rcond)
+        dependent = deficit > 0
+
+        A_c = A.contiguous()
+        At = A.transpose(1, 2).contiguous()
+
+        def project(Z: Tensor) -> Tensor:
+            # P Z = Z - A^T M^+ A Z: the component in the null space of the active A.
+            Zb = Z.permute(1, 2, 0)  # (B, m, k)
+            corr = At @ (Minv @ (A_c @ Zb))
+            return Z - corr.permute(2, 0, 1)
+    probe = pseudo_random_directions(m, batch, v.dtype, v.device)
+    probe = probe * v.norm(dim=-1, keepdim=True).clamp_min(1.0)
+    Res = torch.stack([v, probe])  # (2, B, m): unprojected residuals b - H x
+    G = project(Res)
+    X = torch.zeros_like(Res)
+    P = G.clone()
+    rg = (G * G).sum(-1, keepdim=True)
+    thresh = (tol * tol) * rg
+    done = rg <= thresh
+    broken = torch.zeros_like(done)
+    negative = torch.zeros_like(done)
+    curv = torch.zeros_like(rg)
+    lanczos: list[tuple[Tensor, Tensor, Tensor]] = []  # the probe's (alpha, beta, step)
+    for it in range(max_iter):
+        HP = hvp(P)
+        pp = (P * P).sum(-1, keepdim=True)
+        pHp = (P * HP).sum(-1, keepdim=True)
+        curv = torch.maximum(curv, pHp / pp.clamp_min(tiny))
+        running = ~(done | broken)
+        bad = running & (pHp <= 100 * eps * curv * pp)
+        negative = negative | (bad & (pHp < -100 * eps * curv * pp))
+        step = running & ~bad
+        alpha = torch.where(step, rg / torch.where(step, pHp, torch.ones_like(pHp)), 0.0)
+        X = X + alpha * P
+        Res = Res - alpha * HP
+        G_new = project(Res)
+        rg_new = (G_new * G_new).sum(-1, keepdim=True)
+        beta = torch.where(step, rg_new / rg.clamp_min(tiny), 0.0)
+        P = torch.where(step, G_new + beta * P, P)
+        rg = torch.where(step, rg_new, rg)
+        broken = broken | bad
+        done = done | (step & (rg_new <= thresh))
+        if it < _LANCZOS_STEPS:
+            lanczos.append((alpha[1, :, 0], beta[1, :, 0], step[1, :, 0]))
+        # Convergence is tested only every few iterations to limit host syncs.
+        if (it + 1) % check_every == 0 and bool((done | broken).all()):
+            break
+    rel = (rg / (thresh / (tol * tol)).clamp_min(tiny)).sqrt().squeeze(-1)
+    done, broken, negative = done.squeeze(-1), broken.squeeze(-1), negative.squeeze(-1)
+    cond = _ritz_condition(lanczos, batch, v)
+    cond = torch.where(broken[1], float("inf"), cond)
+    w = X[0]
+    mu = None
+    if A is not None:
+        # A^T mu = v - H w on the range of A^T (the null-space part is what CG zeroed).
+        Hw = hvp(w.unsqueeze(0))[0]
+        mu = (Minv @ (A @ (v - Hw).unsqueeze(-1))).squeeze(-1)
+    return CGResult(
+        w=w,
+        mu=mu,
+        # Negative curvature means indefinite, not singular: CG cannot tell more, so
+        # the element counts as failed (the caller's dense fallback decides).
+        converged=done[0] & ~broken[0] & ~negative[1],
+        singular=broken[1] & ~negative[1],
+        dependent=dependent,
+        ill=(~done[1] & ~broken[1]) | (cond >= ill_conditioned),
+        residual=rel[0],
+        cond=cond,
+        unfinished=~done[1] & ~broken[1],
+    )
+
+
+def _ritz_condition(steps: list[tuple[Tensor, Tensor, Tensor]], batch: int, like: Tensor) -> Tensor:
+    """Condition estimate from the CG coefficients of one system (Lanczos tridiagonal).
+
+    ``T_jj = 1/α_j + β_{j-1}/α_{j-1}`` and ``T_j,j+1 = sqrt(β_j)/α_j`` (Saad, Iterative
+    Methods, §6.7.3); frozen steps are padded with ``T_00`` on the diagonal, inside the
+    spectrum, so they move neither extreme Ritz value.
+    """
+    if not steps:
+        return torch.ones(batch, dtype=like.dtype, device=like.device)
+    alpha = torch.stack([a for a, _, _ in steps], -1)  # (B, k)
+    beta = torch.stack([b for _, b, _ in steps], -1)
+    valid = torch.stack([s for _, _, s in steps], -1)
+    safe = torch.where(valid, alpha, torch.ones_like(alpha))
+    inv = 1.0 / safe
+    prev = torch.cat([torch.zeros_like(beta[:, :1]), beta[:, :-1] * inv[:, :-1]], -1)
+    diag = torch.where(valid, inv + prev, inv[:, :1])
+    off = torch.where(valid[:, 1:], beta[:, :-1].clamp_min(0).sqrt() * inv[:, :-1], 0.0)
+    T = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    ritz = torch.linalg.eigvalsh(T)
+    lo, hi = ritz[:, 0], ritz[:, -1]
+    cond = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(like.dtype).tiny), float("inf"))
+    return torch.where(valid.any(-1), cond, torch.ones_like(cond))
