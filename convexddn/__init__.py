@@ -38,6 +38,9 @@ _LAZY = {
     "WeightedLeastSquares": ".nodes",
     "RobustVectorPool": ".nodes",
     "PnP": ".nodes",
+    "OptimalTransport": ".nodes",
+    "Entmax": ".nodes",
+    "TotalVariation1d": ".nodes",
 }
 _SUBMODULES = ("errors", "functional", "testing", "convex", "nodes", "bench", "experiments")
 
@@ -46,13 +49,16 @@ __all__ = [
     "CvxpyLayer",
     "DeclarativeNode",
     "EigenDecomposition",
+    "Entmax",
     "LeastSquares",
     "LpProjection",
+    "OptimalTransport",
     "PnP",
     "ProblemSpec",
     "RobustPool",
     "RobustVectorPool",
     "SimplexProjection",
+    "TotalVariation1d",
     "WeightedLeastSquares",
     "errors",
     "functional",
@@ -85,11 +91,14 @@ if TYPE_CHECKING:  # for type checkers and documentation tools: the eager import
     from .nodes import (
         DeclarativeNode,
         EigenDecomposition,
+        Entmax,
         LeastSquares,
         LpProjection,
+        OptimalTransport,
         PnP,
         RobustPool,
         RobustVectorPool,
         SimplexProjection,
+        TotalVariation1d,
         WeightedLeastSquares,
     )

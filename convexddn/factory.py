@@ -23,7 +23,9 @@ from .convex import registry
 from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
 from .errors import OptionError, ShapeError
+from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
+from .nodes.total_variation import TotalVariation1d
 from .nodes.projection import LpProjection, SimplexProjection
 
 __all__ = ["layer", "BACKENDS", "NATIVE"]
@@ -50,11 +52,26 @@ def _robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0) -> nn.M
     return RobustPool(penalty=penalty, alpha=alpha, dim=-1) if penalty in CONVEX_PENALTIES else None
 
 
+def _sparsemax(n: int) -> nn.Module:
+    return Entmax(alpha=2.0, dim=-1)
+
+
+def _entmax(n: int, alpha: float = 1.5) -> nn.Module:
+    return Entmax(alpha=alpha, dim=-1)
+
+
+def _tv1d(n: int, lam: float = 1.0) -> nn.Module:
+    return TotalVariation1d(lam=lam, dim=-1)
+
+
 #: Registry problems with an exact native node: name -> builder taking the problem's options.
 NATIVE: dict[str, Callable[..., nn.Module | None]] = {
     "lp_ball": _lp_ball,
     "simplex": _simplex,
     "robust_pool": _robust_pool,
+    "sparsemax": _sparsemax,
+    "entmax": _entmax,
+    "tv1d": _tv1d,
 }
 
 

@@ -26,7 +26,7 @@ from ..errors import OptionError, ProblemError
 __all__ = ["ProblemSpec", "register", "names", "build", "describe"]
 
 # The catalog modules imported on first use: importing them registers their problems.
-_CATALOG = ("qp", "projection", "pooling")
+_CATALOG = ("qp", "projection", "pooling", "transport", "sparse")
 
 
 @dataclasses.dataclass(frozen=True)

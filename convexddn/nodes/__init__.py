@@ -9,21 +9,31 @@
 - :mod:`.linear_solvers`: the KKT solvers it uses (:mod:`.dense`, :mod:`.krylov`);
 - :mod:`.eigen`, :mod:`.least_squares` / :mod:`.linear_fit`, :mod:`.vector_pool`,
   :mod:`.pnp`: eigen decomposition, (weighted) least squares, robust vector pooling,
-  perspective-n-point.
+  perspective-n-point; :mod:`.transport` (entropic optimal transport), :mod:`.entmax`
+  (sparse attention), :mod:`.total_variation` (1-D TV denoising).
 """
 from .declarative import DeclarativeNode
 from .eigen import EigenDecomposition, EigenResult, eigen_decomposition
+from .entmax import Entmax, entmax
 from .least_squares import least_squares
 from .linear_fit import LeastSquares, LinearFit, WeightedLeastSquares, linear_fit
 from .pnp import PnP, pnp
 from .vector_pool import RobustVectorPool, robust_vector_pool
 from .pooling import Penalty, RobustPool, robust_pool
 from .projection import LpProjection, SimplexProjection, project_lp, project_simplex
+from .total_variation import TotalVariation1d, tv_denoise
+from .transport import OptimalTransport, sinkhorn
 
 __all__ = [
     "DeclarativeNode",
     "EigenDecomposition",
     "EigenResult",
+    "Entmax",
+    "entmax",
+    "OptimalTransport",
+    "sinkhorn",
+    "TotalVariation1d",
+    "tv_denoise",
     "eigen_decomposition",
     "least_squares",
     "LeastSquares",

@@ -40,7 +40,8 @@ def fd_check(layer, params, k, gen, eps=1e-5, tol=1e-5):
 
 
 def test_names_lists_catalog():
-    assert registry.names() == ["birkhoff", "lp_ball", "qp", "robust_pool", "simplex"]
+    assert registry.names() == ["birkhoff", "entmax", "lp_ball", "ot_entropic", "ot_lp", "qp", "robust_pool",
+                              "simplex", "sparsemax", "tv1d"]
 
 
 def test_build_returns_spec():

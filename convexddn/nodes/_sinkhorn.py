@@ -1,0 +1,232 @@
+r"""The batched entropic-OT solver behind :func:`convexddn.nodes.transport.sinkhorn`.
+
+Everything here works on ``(B, M, N)`` costs with ``N ≤ M`` and unit-mass marginals
+``a`` ``(B, M)``, ``b`` ``(B, N)`` (the public function arranges both), in the dtype it
+is given (float64 from the public function).
+
+The plan is :math:`P_{ij} = \exp(\alpha_i + \beta_j - C_{ij}/\varepsilon)`. The solver
+keeps the potentials and forms :math:`P` with the rows exact (:math:`\alpha` from one
+log-domain row update), so the reduced dual
+
+.. math::
+
+    \varphi(\beta) = \langle a, \alpha(\beta)\rangle + \langle b, \beta\rangle, \qquad
+    \nabla\varphi = b - P^\top\mathbf 1, \qquad \nabla^2\varphi = -S, \qquad
+    S = \operatorname{diag}(P^\top\mathbf 1) - P^\top\operatorname{diag}(P\mathbf 1)^{-1}P,
+
+is concave; the column error :math:`\|P^\top\mathbf 1 - b\|_1` is the stopping test.
+Rounds alternate a Newton step on :math:`\varphi` (step halving under the Armijo rule,
+steps capped at 20 in each potential) and a block of Sinkhorn iterations done as matrix
+scaling of the current plan (two matrix–vector products per iteration, no ``exp``).
+Sinkhorn converges linearly, fast when :math:`\varepsilon` is large compared with the
+spread of the costs and very slowly when it is small; Newton converges quadratically
+near the optimum; each element takes whichever served it better in the last round.
+When the costs spread over more than 50ε, ε-scaling first solves loosely for
+ε = spread/50, spread/200, … and warm-starts each stage from the last, so that the final
+stage starts near its optimum. (Past a spread of about 10³ε the plan's support is
+disconnected in float64 and convergence to ``tol`` may need more than ``max_iter``; the
+caller then warns.)
+
+Arguments of ``exp`` below the dtype's normal range are never formed: CPUs take a
+slow path for them (about 50x per element) and their denormal results slow every later
+operation. Plan entries below ``e·tiny`` (6e-308 in float64) are exactly 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Sinkhorn iterations between two checks of the column error (each check forms P).
+BLOCK = 10
+# Newton is tried below this column error, and its step counts as having served an
+# element when it at least halves the error; elsewhere a Sinkhorn block follows.
+NEWTON_BELOW = 0.1
+NEWTON_GAIN = 0.5
+# An element whose last Sinkhorn block cut its error by this factor or more stays on
+# Sinkhorn: a few more blocks are cheaper than Newton steps.
+FAST_BLOCK = 1e-3
+# ε-scaling: used when the costs spread over more than SCALE_ABOVE·ε; the stages
+# start at spread/SCALE_ABOVE, shrink by SCALE_STEP, and stop each at STAGE_TOL.
+SCALE_ABOVE = 50.0
+SCALE_STEP = 0.25
+STAGE_TOL = 1e-4
+# Step halvings tried along one Newton direction.
+HALVINGS = 12
+# Largest change of a potential in one Newton step (a trust region): near-singular S
+# far from the optimum gives huge directions that a line search alone may accept.
+MAX_STEP = 20.0
+# Below this column error φ's rounding hides the progress of a step, so a lower error
+# alone accepts it (Newton is then in its quadratic phase).
+QUADRATIC = 1e-6
+
+
+def _lo(dtype: torch.dtype) -> float:
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
+def _lse(x: torch.Tensor, dim: int, lo: float) -> torch.Tensor:
+    """logsumexp with the terms below e·tiny clamped there: each is under one ulp of the sum."""
+    m = x.amax(dim, keepdim=True)
+    return m.squeeze(dim) + (x - m).clamp_(min=lo).exp_().sum(dim).log_()
+
+
+def _flush(P: torch.Tensor, below: float) -> torch.Tensor:
+    return P.masked_fill(P < below, 0.0)
+
+
+class _State:
+    """Potentials β, the α of one exact row update, the plan and the checks on it."""
+
+    def __init__(self, beta, ce, a, la, b, lo):
+        x = beta.unsqueeze(-2) - ce
+        self.alpha = la - _lse(x, -1, lo)
+        self.beta = beta
+        z = x.add_(self.alpha.unsqueeze(-1))
+        self.P = z.clamp(min=lo).exp_().masked_fill_(z < lo, 0.0)
+        self.r, self.c = self.P.sum(-1), self.P.sum(-2)
+        self.err = (self.c - b).abs().sum(-1)
+        self.phi = (a * self.alpha).sum(-1) + (b * beta).sum(-1)
+
+    def take(self, other: _State, mask: torch.Tensor) -> None:
+        """Adopt ``other``'s values on the batch elements in ``mask``."""
+        m1 = mask.unsqueeze(-1)
+        for name in ("alpha", "beta", "r", "c"):
+            setattr(self, name, torch.where(m1, getattr(other, name), getattr(self, name)))
+        self.P = torch.where(mask[..., None, None], other.P, self.P)
+        self.err = torch.where(mask, other.err, self.err)
+        self.phi = torch.where(mask, other.phi, self.phi)
+
+
+def schur_solve(
+    P: torch.Tensor, r: torch.Tensor, rhs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with S x = rhs and x_N = 0, for S = diag(Pᵀ1) − Pᵀ diag(1/r) P and r = P1.
+
+    S is the Laplacian of the weights W = Pᵀ diag(1/r) P (S1 = 0), so its leading
+    (N−1)×(N−1) block is positive definite whenever the support of P connects every row
+    and column, and the dropped equation holds automatically when 1ᵀrhs = 0. The
+    diagonal is formed as the sum of the off-diagonal weights, not as Pᵀ1 − diag(W),
+    which cancels catastrophically when rows concentrate on one column (small eps).
+    Entries of P below √tiny are left out here (their products would be denormal; their
+    relative weight is under 1e-150). Returns x and the mask of batch elements whose
+    Cholesky failed, which are solved by pseudo-inverse (least norm) instead.
+    """
+    n = P.shape[-1]
+    Pf = _flush(P, torch.finfo(P.dtype).tiny ** 0.5)
+    W = Pf.transpose(-1, -2) @ (Pf / r.unsqueeze(-1))
+    W.diagonal(dim1=-2, dim2=-1).zero_()
+    S = torch.diag_embed(W.sum(-1)) - W
+    Sk, rk = S[..., : n - 1, : n - 1], rhs[..., : n - 1].unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(Sk)
+    bad = info != 0
+    x = torch.cholesky_solve(rk, L)
+    if bool(bad.any()):
+        x[bad] = torch.linalg.pinv(Sk[bad], hermitian=True) @ rk[bad]
+    return torch.cat([x.squeeze(-1), torch.zeros_like(rhs[..., :1])], dim=-1), bad
+
+
+def _scaling_block(st: _State, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` Sinkhorn iterations as matrix scaling of the current plan; returns β.
+
+    diag(u) P diag(v) is the plan of (α + log u, β + log v), so alternating
+    v = b / Pᵀu, u = a / Pv are Sinkhorn's updates. u and v are clamped to
+    [1/cap, cap]: a column sum that underflowed would give v = inf, and a clamped update
+    is a partial step towards that coordinate's maximiser, which still ascends φ.
+    Entries of P below tiny·cap are left out so that no product is denormal. The
+    caller's exact log-domain row update then absorbs the block's rounding.
+    """
+    finfo = torch.finfo(st.P.dtype)
+    cap = finfo.max ** 0.25
+    P = _flush(st.P, finfo.tiny * cap)
+    Pt = P.transpose(-1, -2)
+    u = torch.ones_like(a).unsqueeze(-2)
+    # Row-vector products (uᵀP, vᵀPᵀ): about twice as fast as P @ column on CPU.
+    for _ in range(steps):
+        v = (b.unsqueeze(-2) / (u @ P)).clamp_(1 / cap, cap)
+        u = (a.unsqueeze(-2) / (v @ Pt)).clamp_(1 / cap, cap)
+    return st.beta + v.squeeze(-2).log()
+
+
+def solve(
+    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan and its column error ‖Pᵀ1 − b‖₁ (rows exact), batched.
+
+    Stops when every element's error is at most ``tol`` or after ``max_iter`` Sinkhorn
+    iterations plus Newton steps in all; the caller reports elements above ``tol``.
+    When ε is small against the spread of the costs, the problem is first solved for a
+    decreasing sequence of ε (ε-scaling), each stage warm-started from the last one's
+    potentials and solved loosely: the last stage then starts near its optimum, where
+    Newton converges, instead of in Sinkhorn's slow regime.
+    """
+    spread = float((C.amax((-2, -1)) - C.amin((-2, -1))).max()) if C.numel() else 0.0
+    stage_eps = eps
+    if spread > SCALE_ABOVE * eps:
+        stage_eps = spread / SCALE_ABOVE
+    beta, used = None, 0
+    while True:
+        last = stage_eps <= eps
+        P, err, beta, it = _solve_at(
+            C, a, b, eps if last else stage_eps, max_iter - used,
+            tol if last else max(tol, STAGE_TOL), beta,
+        )
+        used += it
+        if last or used >= max_iter:
+            return P, err
+        # β/ε is the potential in units of cost: keep that across the stages.
+        nxt = max(eps, stage_eps * SCALE_STEP)
+        beta = beta * (stage_eps / nxt)
+        stage_eps = nxt
+
+
+def _solve_at(
+    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
+    beta: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One ε: (plan, column error, final β, iterations used), from ``beta`` (or 0)."""
+    lo = _lo(C.dtype)
+    ce = C / eps
+    la = a.log()
+    st = _State(torch.zeros_like(b) if beta is None else beta, ce, a, la, b, lo)
+    it = 0
+    # Each element's error reduction over its last Sinkhorn block (0: none run yet).
+    rate = torch.zeros_like(st.err)
+    while True:
+        todo = st.err > tol
+        if not bool(todo.any()) or it >= max_iter:
+            return st.P, st.err, st.beta, it
+        served = torch.zeros_like(todo)
+        newton = todo & (st.err < NEWTON_BELOW) & (rate > FAST_BLOCK)
+        if bool(newton.any()):
+            it += 1
+            # S d = ∇φ; the (a − r) term accounts for rows exact only up to rounding.
+            corr = ((a - st.r) / st.r).unsqueeze(-2) @ st.P
+            grad = b - st.c - corr.squeeze(-2)
+            d, bad = schur_solve(st.P, st.r, grad)
+            d = d * (MAX_STEP / d.abs().amax(-1, keepdim=True)).clamp(max=1.0)
+            slope = (grad * d).sum(-1)
+            pending, t = newton & ~bad & (slope > 0), 1.0
+            for _ in range(HALVINGS):
+                trial = _State(st.beta + t * d, ce, a, la, b, lo)
+                # Armijo on φ; or, in the quadratic phase, a lower error.
+                ok = pending & torch.isfinite(trial.phi) & (
+                    (trial.phi >= st.phi + 0.1 * t * slope)
+                    | ((trial.err < st.err) & (st.err < QUADRATIC))
+                )
+                served |= ok & (trial.err < NEWTON_GAIN * st.err)
+                st.take(trial, ok)
+                pending &= ~ok
+                if not bool(pending.any()):
+                    break
+                t *= 0.5
+        rest = todo & ~served
+        if bool(rest.any()) and it < max_iter:
+            steps = min(BLOCK, max_iter - it)
+            it += steps
+            after = _State(_scaling_block(st, a, b, steps), ce, a, la, b, lo)
+            rate = torch.where(rest, after.err / st.err, rate)
+            if bool(rest.all()):
+                st = after
+            else:
+                st.take(after, rest)

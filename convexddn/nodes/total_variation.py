@@ -1,0 +1,360 @@
+r"""1-D total variation denoising as a declarative node, solved exactly.
+
+.. math::
+
+    y(x, \lambda) = \operatorname*{argmin}_{u \in \mathbb R^n}
+    \tfrac12 \|u - x\|_2^2 + \lambda \sum_{i=1}^{n-1} |u_{i+1} - u_i|
+
+**Solver.** The dual is the box-constrained quadratic program
+:math:`\min_{|z| \le \lambda} \tfrac12 \|x - D^\top z\|^2` (:math:`D` the difference
+operator, :math:`y = x - D^\top z`), whose Hessian :math:`DD^\top` is a tridiagonal
+M-matrix. It is solved by the primal–dual active-set method (Hintermüller, Ito &
+Kunisch 2003): given the set of edges where :math:`z_i = \pm\lambda` (the jumps of
+:math:`y`, with their signs :math:`\sigma_i`), the rest of the optimality conditions
+say that :math:`y` is constant between jumps, so each segment
+:math:`\{s, \dots, e\}` takes the value
+
+.. math::
+
+    y_{s..e} = \frac{1}{e - s + 1}\Big(\sum_{i=s}^{e} x_i + \lambda(\sigma_e - \sigma_{s-1})\Big)
+    \qquad (\sigma_0 = \sigma_n = 0),
+
+and :math:`z = \operatorname{cumsum}(y - x)`; the next active set is
+:math:`\{i : |z_i + c\,(y_{i+1} - y_i)| > \lambda\}` with the sign of that quantity.
+Each step is a handful of batched passes (segment sums by ``scatter_add``, one
+``cumsum``), every row of the batch at once. It stops exactly, not at a tolerance:
+when the segment solution satisfies the optimality conditions
+(:math:`|z_i| \le \lambda` on free edges, :math:`\sigma_i (y_{i+1} - y_i) \ge 0` on
+jumps), which is then the exact minimiser up to rounding. Why this and not Condat's
+direct algorithm or the taut string: those are exact and O(n) but sequential with
+data-dependent backtracking, which torch cannot batch without a Python loop over
+elements; the active-set steps are data-parallel, and with :math:`c = 1/4`
+(:math:`1/\lambda_{\max}(DD^\top)`) they took 3–30 steps on every signal we tried up to
+n = 10⁴ (about 100 when λ is so large that only a few segments remain).
+
+**Backward.** On the final segments :math:`y` is an affine function of :math:`x` and
+:math:`\lambda`: :math:`\partial y/\partial x` averages over each segment (a symmetric
+projection), and :math:`\partial y_{s..e}/\partial\lambda = (\sigma_e - \sigma_{s-1})/(e-s+1)`.
+This is the exact derivative wherever the active set is stable; it does not exist
+where an edge is at a tie (a free edge with :math:`|z_i| = \lambda`, or a jump of size 0),
+which is detected (to a few ulps) and reported with a ``GradientWarning``; the
+gradient returned there is the one of the current segmentation.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .._checks import check_bool, check_finite, check_int, check_tensor, normalize_dims
+from ..errors import GradientWarning, OptionError, ShapeError, SolverError
+
+__all__ = ["TotalVariation1d", "tv_denoise"]
+
+# The active-set parameter c: 1/4 = 1/λ_max(DDᵀ) (other values cycle, see module doc).
+_C = 0.25
+
+
+# --------------------------------------------------------------------------- solver
+
+
+def _segment_ids(sigma: torch.Tensor) -> torch.Tensor:
+    """Segment index of each of the n entries, from the n−1 jump signs (B, n−1)."""
+    # Counted in floating point (exact below 2**53): an int64 cumsum is several times
+    # slower on CPU.
+    jump = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1)
+    jump[:, 1:] = sigma.abs()
+    return jump.cumsum_(1).long()
+
+
+def _segment_mean(v: torch.Tensor, seg: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Replace every entry of v (B, n) by the mean of its segment."""
+    sums = torch.zeros_like(v).scatter_add_(1, seg, v)
+    return (sums / count).gather(1, seg)
+
+
+def _counts(seg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Segment lengths (1 where a segment id is unused, to keep the division finite).
+    return torch.zeros_like(like).scatter_add_(1, seg, torch.ones_like(like)).clamp_(min=1.0)
+
+
+def _edge_terms(sigma: torch.Tensor) -> torch.Tensor:
+    """t with t_i = σ_i − σ_{i−1} (σ_0 = σ_n = 0): y is the segment mean of x + λ t."""
+    t = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1)
+    t[:, :-1] = sigma
+    t[:, 1:] -= sigma
+    return t
+
+
+def _primal(x, lam, sigma):
+    seg = _segment_ids(sigma)
+    count = _counts(seg, x)
+    return _segment_mean(x + lam * _edge_terms(sigma), seg, count)
+
+
+def _solve(
+    x: torch.Tensor, lam: torch.Tensor, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, σ, tie) for x (B, n), n ≥ 2, λ (B, 1) ≥ 0; tie flags rows at a tie."""
+    n = x.shape[1]
+    eps = torch.finfo(x.dtype).eps
+    # Rounding bound for z = cumsum(y − x) and for the jumps of y: n·ulp of the data.
+    tol = 4 * n * eps * (x.abs().amax(1, keepdim=True) + lam)
+    dx = x[:, 1:] - x[:, :-1]
+    sigma = (_C * dx > lam).to(x.dtype) - (_C * dx < -lam).to(x.dtype)
+    y = torch.empty_like(x)
+    sig_out = torch.empty_like(sigma)
+    tie = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    todo = torch.ones_like(tie)
+    for _ in range(max_iter):
+        yk = _primal(x, lam, sigma)
+        mu = yk[:, 1:] - yk[:, :-1]
+        active = sigma != 0
+        z = torch.where(active, lam * sigma, torch.cumsum(yk - x, 1)[:, :-1])
+        # Optimality: free edges inside the box, jumps in the direction of their sign.
+        ok = torch.where(active, sigma * mu >= -tol, z.abs() <= lam + tol).all(1)
+        done = todo & ok
+        if bool(done.any()):
+            y[done], sig_out[done] = yk[done], sigma[done]
+            near = torch.where(active, mu.abs() <= tol, z.abs() >= lam - tol) & (lam > 0)
+            tie[done] = near[done].any(1)
+            todo &= ~ok
+            if not bool(todo.any()):
+                return y, sig_out, tie
+        v = z + _C * mu
+        new = (v > lam).to(x.dtype) - (v < -lam).to(x.dtype)
+        sigma = torch.where(todo.unsqueeze(1), new, sigma)
+    rows = todo.nonzero().flatten().tolist()
+    raise SolverError(
+        f"tv_denoise: the active-set method did not converge in max_iter={max_iter} "
+        f"steps for {len(rows)} row(s) (flattened batch indices {rows[:10]}); raise "
+        "max_iter",
+        indices=[(i,) for i in rows],
+        statuses=["max_iter"] * len(rows),
+    )
+
+
+def _bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    # ``Function.apply`` re-derives forward's signature on every call unless it is stored.
+    cls.forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+    return cls
+
+
+@_bind_fast
+class _TVFn(torch.autograd.Function):
+    """Exact TV-1D forward; backward by segment averaging (x) and boundary signs (λ)."""
+
+    @staticmethod
+    def forward(x, lam, max_iter):  # type: ignore[override]
+        y, sigma, tie = _solve(x, lam, max_iter)
+        return y, sigma, tie
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _, sigma, tie = output
+        ctx.mark_non_differentiable(sigma, tie)
+        ctx.save_for_backward(sigma, tie)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _gs, _gt):  # type: ignore[override]
+        sigma, tie = ctx.saved_tensors
+        if bool(tie.any()):
+            warnings.warn(
+                "tv_denoise: the solution is at a tie (an edge where |z| = lam exactly, "
+                "or a jump of size 0) in row(s) "
+                f"{tie.nonzero().flatten().tolist()[:10]} of the flattened batch: the "
+                "derivative does not exist there; the gradient of the current "
+                "segmentation (a one-sided one) is returned",
+                GradientWarning,
+                stacklevel=2,
+            )
+        seg = _segment_ids(sigma)
+        g = _segment_mean(grad_y, seg, _counts(seg, grad_y))
+        grad_x = g if ctx.needs_input_grad[0] else None
+        grad_lam = None
+        if ctx.needs_input_grad[1]:
+            # ∂y_i/∂λ = segment mean of t; the segment-mean operator is symmetric.
+            grad_lam = (g * _edge_terms(sigma)).sum(1, keepdim=True)
+        return grad_x, grad_lam, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_lam_option(lam: Any) -> None:
+    if isinstance(lam, torch.Tensor):
+        check_tensor("lam", lam)
+        if lam.numel() and not bool((torch.isfinite(lam) & (lam >= 0)).all()):
+            raise OptionError(
+                f"lam must be finite and >= 0, got {lam.detach().flatten()[:4].tolist()}"
+            )
+        return
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (
+        math.isfinite(float(lam)) and float(lam) >= 0
+    ):
+        raise OptionError(f"lam must be a finite number >= 0 or a tensor, got {lam!r}")
+
+
+def _check_max_iter(max_iter: Any) -> int:
+    return check_int("max_iter", max_iter, minimum=1)
+
+
+def tv_denoise(
+    x: torch.Tensor, lam: float | torch.Tensor = 1.0, dim: int = -1, *, max_iter: int = 1000
+) -> torch.Tensor:
+    r"""1-D total variation denoising (the fused-lasso signal approximator), exact.
+
+    .. math::
+
+        y = \operatorname*{argmin}_u \tfrac12 \|u - x\|_2^2
+        + \lambda \sum_i |u_{i+1} - u_i|
+
+    over one dimension of ``x``. The result is piecewise constant; each segment holds
+    the mean of ``x`` over it, moved by :math:`\lambda(\sigma_e - \sigma_{s-1})/\text{len}`
+    towards its neighbours (:math:`\sigma = \pm 1` the signs of the jumps at its ends, 0
+    at the ends of the signal). Solved exactly by a batched primal–dual active-set method
+    on the dual (module docstring), in float64 whatever the input dtype. Gradients with
+    respect to ``x`` (segment averages of the incoming gradient) and ``lam`` (when it is a
+    tensor that requires grad) are exact; at ties (an edge exactly at the
+    merge/split point) a ``GradientWarning`` says that the derivative does not exist.
+
+    Args:
+        x: signals, floating point.
+        lam: :math:`\lambda \ge 0`: a number, or a tensor broadcastable to ``x``'s shape
+            with ``dim`` removed (one λ per signal), learnable. Default: 1.0.
+        dim: the dimension along which the signal runs. Default: -1.
+        max_iter: most active-set steps. Default: 1000.
+
+    Shape:
+        - Input: :math:`(*, n, *)` with ``n`` at ``dim``.
+        - Output: same shape, dtype and device as ``x``.
+
+    Raises:
+        DTypeError: ``x`` or a tensor ``lam`` is not floating point.
+        NonFiniteError: ``x`` has NaN or Inf.
+        ShapeError: ``dim`` out of range, ``x`` empty along ``dim``, or ``lam`` does not
+            broadcast to the batch shape.
+        OptionError: ``lam`` negative or not finite; ``max_iter`` or ``dim`` not ints.
+        SolverError: the active-set method did not finish in ``max_iter`` steps (names
+            the rows; not seen in testing).
+
+    Warns:
+        GradientWarning: in the backward, for rows at a tie.
+
+    References:
+        Rudin, Osher & Fatemi, Physica D 1992. Condat, "A Direct Algorithm for 1-D
+        Total Variation Denoising", IEEE SPL 2013. Hintermüller, Ito & Kunisch, "The
+        primal-dual active set strategy as a semismooth Newton method", SIAM J. Optim.
+        2003. Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021.
+
+    Examples::
+
+        >>> x = torch.tensor([0.0, 0.1, 2.0, 2.1])
+        >>> tv_denoise(x, lam=0.5)
+        tensor([0.3000, 0.3000, 1.8000, 1.8000])
+    """
+    x = check_tensor("x", x)
+    _check_lam_option(lam)
+    max_iter = _check_max_iter(max_iter)
+    check_int("dim", dim)
+    d = normalize_dims("dim", dim, x.ndim)[0]
+    n = x.shape[d]
+    if n == 0:
+        raise ShapeError(f"x must have at least one entry along dim={dim}, got shape {tuple(x.shape)}")
+    check_finite("x", x)
+    batch = x.shape[:d] + x.shape[d + 1:]
+    if isinstance(lam, torch.Tensor):
+        try:
+            ok = torch.broadcast_shapes(lam.shape, batch) == batch
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ShapeError(
+                f"lam must broadcast to the shape of x without dim={dim}, {tuple(batch)}, "
+                f"got shape {tuple(lam.shape)}"
+            )
+        if lam.device != x.device:
+            raise ShapeError(f"lam must be on x's device {x.device}, got {lam.device}")
+    if x.numel() == 0:
+        return x.clone()
+    work = torch.float64
+    xs = x.to(work).movedim(d, -1)
+    rows = xs.reshape(-1, n)
+    if isinstance(lam, torch.Tensor):
+        lam_rows = lam.to(work).expand(batch).reshape(-1, 1)
+    else:
+        lam_rows = torch.full((rows.shape[0], 1), float(lam), dtype=work, device=x.device)
+    if n == 1:
+        return x.clone()
+    if torch.is_grad_enabled() and (x.requires_grad or lam_rows.requires_grad):
+        y = _TVFn.apply(rows, lam_rows, max_iter)[0]
+    else:
+        y = _solve(rows, lam_rows, max_iter)[0]
+    return y.reshape(xs.shape).movedim(-1, d).to(x.dtype)
+
+
+class TotalVariation1d(nn.Module):
+    r"""Module form of :func:`tv_denoise`, with an optionally learnable :math:`\lambda`.
+
+    .. math::
+
+        y = \operatorname*{argmin}_u \tfrac12 \|u - x\|_2^2 + \lambda \sum_i |u_{i+1} - u_i|
+
+    Args:
+        lam: :math:`\lambda \ge 0`, a number or a tensor (one per signal). Default: 1.0.
+        learnable: store ``lam`` as an ``nn.Parameter`` and learn it. Default: False.
+        dim: the dimension along which the signal runs. Default: -1.
+        max_iter: most active-set steps. Default: 1000.
+
+    Shape:
+        - Input: :math:`(*, n, *)`; Output: same shape.
+
+    Raises:
+        OptionError: at construction for a negative ``lam`` or bad options; the call
+            raises as :func:`tv_denoise` (including when training drove a learnable
+            ``lam`` below 0).
+
+    Examples::
+
+        >>> tv = TotalVariation1d(lam=0.5, learnable=True)
+        >>> y = tv(torch.randn(8, 100))
+        >>> y.sum().backward(); tv.lam.grad.shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        lam: float | torch.Tensor = 1.0,
+        learnable: bool = False,
+        dim: int = -1,
+        *,
+        max_iter: int = 1000,
+    ) -> None:
+        super().__init__()
+        _check_lam_option(lam)
+        check_bool("learnable", learnable)
+        check_int("dim", dim)
+        self.max_iter = _check_max_iter(max_iter)
+        self.dim, self.learnable = dim, learnable
+        if learnable:
+            value = lam.detach().clone() if isinstance(lam, torch.Tensor) else torch.tensor(float(lam))
+            self.lam = nn.Parameter(value if value.is_floating_point() else value.double())
+        elif isinstance(lam, torch.Tensor):
+            self.register_buffer("lam", lam)
+        else:
+            self.lam = float(lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tv_denoise(x, self.lam, self.dim, max_iter=self.max_iter)
+
+    def extra_repr(self) -> str:
+        lam = self.lam
+        shown = f"Tensor{tuple(lam.shape)}" if isinstance(lam, torch.Tensor) else f"{lam}"
+        return f"lam={shown}, learnable={self.learnable}, dim={self.dim}, max_iter={self.max_iter}"

@@ -1,0 +1,60 @@
+"""Optimal transport between two discrete marginals, as CVXPY problems.
+
+.. math:: P(C, a, b) = \\operatorname*{argmin}_{P \\ge 0,\\ P1 = a,\\ P^T1 = b} \\langle C, P\\rangle - \\varepsilon H(P)
+
+``ot_lp`` is the unregularised linear program (ε = 0); ``ot_entropic`` the entropic
+problem that the native node :func:`convexddn.nodes.transport.sinkhorn` solves (the
+exponential cone makes it slow; the native node is exact and thousands of times faster).
+Both need marginals of equal mass: one column constraint is left out as redundant (as the
+native node's backward does), so ``b``'s last entry is implied by ``Σa − Σ_{j<n} b_j``.
+"""
+from __future__ import annotations
+
+import cvxpy as cp
+
+from convexddn._checks import check_int, check_positive
+from convexddn.convex.registry import register
+
+
+def _transport(m: int, n: int) -> tuple[cp.Parameter, cp.Parameter, cp.Parameter, cp.Variable, list]:
+    m = check_int("m", m, minimum=1)
+    n = check_int("n", n, minimum=1)
+    C = cp.Parameter((m, n), name="C")
+    a = cp.Parameter(m, name="a", nonneg=True)
+    b = cp.Parameter(n, name="b", nonneg=True)
+    P = cp.Variable((m, n), name="P")
+    constraints = [P >= 0, cp.sum(P, axis=1) == a]
+    if n > 1:
+        # The last column sum follows from the others when Σa = Σb; stating it too would
+        # leave a redundant equality and a rank-deficient derivative system.
+        constraints.append(cp.sum(P[:, : n - 1], axis=0) == b[: n - 1])
+    return C, a, b, P, constraints
+
+
+@register("ot_lp", "optimal transport LP: argmin_P <C, P> s.t. P ≥ 0, P1 = a, Pᵀ1 = b")
+def ot_lp(m: int, n: int):
+    """.. math:: P = \\operatorname*{argmin}_{P \\ge 0,\\ P1 = a,\\ P^T1 = b} \\langle C, P\\rangle
+
+    Parameters: ``C`` ``(m, n)``, ``a`` ``(m,)``, ``b`` ``(n,)`` (nonnegative, equal
+    sums). Variable: ``P`` ``(m, n)``. The solution is a vertex (generically unique);
+    its derivative with respect to ``C`` is zero wherever it is unique.
+    """
+    C, a, b, P, constraints = _transport(m, n)
+    problem = cp.Problem(cp.Minimize(cp.sum(cp.multiply(C, P))), constraints)
+    return problem, [C, a, b], [P]
+
+
+@register("ot_entropic", "entropic optimal transport: argmin_P <C, P> − ε H(P) s.t. P1 = a, Pᵀ1 = b")
+def ot_entropic(m: int, n: int, eps: float = 1.0):
+    """.. math:: P = \\operatorname*{argmin}_{P1 = a,\\ P^T1 = b} \\langle C, P\\rangle + \\varepsilon \\sum_{ij} P_{ij} \\log P_{ij}
+
+    (``-ε Σ entr(P)``; the ``+ε ΣP`` term of the entropy is constant on the feasible
+    set.) Parameters: ``C`` ``(m, n)``, ``a`` ``(m,)``, ``b`` ``(n,)`` (positive,
+    equal sums). Variable: ``P`` ``(m, n)``. Native node:
+    :func:`convexddn.nodes.transport.sinkhorn` with the same ``eps``.
+    """
+    check_positive("eps", eps)
+    C, a, b, P, constraints = _transport(m, n)
+    objective = cp.sum(cp.multiply(C, P)) - float(eps) * cp.sum(cp.entr(P))
+    problem = cp.Problem(cp.Minimize(objective), constraints)
+    return problem, [C, a, b], [P]

@@ -1,0 +1,215 @@
+"""Tests of convexddn.nodes.entmax: α-entmax, softmax and sparsemax as its special cases."""
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from torch.autograd import gradcheck
+from torch.autograd.functional import jacobian
+
+from convexddn.errors import (
+    DTypeError,
+    InputError,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+)
+from convexddn.nodes.entmax import Entmax, entmax
+
+F64 = torch.float64
+ALPHAS = [1.25, 1.5, 1.75, 2.0, 3.0]
+
+
+def _x(*shape: int, seed: int = 0, scale: float = 1.0, dtype=F64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * scale
+
+
+def _sparsemax_sort(x: torch.Tensor) -> torch.Tensor:
+    """Martins & Astudillo 2016, Alg. 1: the closed form by sorting (last dim)."""
+    u, _ = x.sort(-1, descending=True)
+    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+    cs = u.cumsum(-1)
+    support = (1 + k * u > cs).sum(-1, keepdim=True)
+    tau = (cs.gather(-1, support - 1) - 1) / support
+    return (x - tau).clamp(min=0)
+
+
+def _entmax15_sort(x: torch.Tensor) -> torch.Tensor:
+    """Peters, Niculae & Martins 2019, Alg. 2: exact 1.5-entmax by sorting (last dim)."""
+    u = x / 2
+    u = u - u.amax(-1, keepdim=True)
+    us, _ = u.sort(-1, descending=True)
+    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+    mean = us.cumsum(-1) / k
+    ss = k * ((us * us).cumsum(-1) / k - mean * mean)
+    tau = mean - ((1 - ss) / k).clamp(min=0).sqrt()
+    support = (tau <= us).sum(-1, keepdim=True)
+    return (u - tau.gather(-1, support - 1)).clamp(min=0) ** 2
+
+
+def _cvxpy_entmax(x: np.ndarray, alpha: float) -> np.ndarray:
+    p = cp.Variable(x.shape[0])
+    objective = cp.sum(cp.power(p, alpha)) / (alpha * (alpha - 1)) - x @ p
+    cp.Problem(cp.Minimize(objective), [p >= 0, cp.sum(p) == 1]).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11
+    )
+    return p.value
+
+
+# --------------------------------------------------------------------------- solution
+
+
+def test_entmax_alpha1_is_softmax():
+    x = _x(4, 7)
+    assert torch.equal(entmax(x, alpha=1.0), torch.softmax(x, -1))
+    assert torch.allclose(entmax(x, alpha=1.0 + 1e-6), torch.softmax(x, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_entmax_alpha2_is_sparsemax(scale):
+    x = _x(6, 9, seed=1, scale=scale)
+    assert torch.allclose(entmax(x, alpha=2.0), _sparsemax_sort(x), atol=1e-15)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_entmax15_matches_sort_closed_form(scale):
+    x = _x(6, 9, seed=2, scale=scale)
+    p = entmax(x, alpha=1.5)
+    assert torch.allclose(p, _entmax15_sort(x), atol=1e-15, rtol=1e-13)
+    if scale >= 10:
+        assert (p == 0).any()  # sparse once the scores spread out
+
+
+def test_entmax_long_sparse_rows():
+    # Long rows with small supports: the solver drops the entries below τ midway.
+    x = _x(16, 500, seed=13, scale=5.0)
+    p = entmax(x, alpha=1.5)
+    assert (p > 0).sum(-1).max() < 125
+    assert torch.allclose(p, _entmax15_sort(x), atol=1e-15, rtol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_entmax_matches_cvxpy(alpha):
+    x = _x(7, seed=3, scale=2.0)
+    expected = _cvxpy_entmax(x.numpy(), alpha)
+    np.testing.assert_allclose(entmax(x, alpha).numpy(), expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS + [1.05, 6.0])
+def test_entmax_optimality(alpha):
+    # p_i = [(α−1)x_i − τ]_+^{1/(α−1)}: one τ for the support, every other entry below it.
+    x = _x(5, 40, seed=4, scale=3.0)
+    p = entmax(x, alpha)
+    assert torch.allclose(p.sum(-1), torch.ones(5, dtype=F64), atol=1e-15)
+    assert (p >= 0).all()
+    z = (alpha - 1) * x
+    on = p > 0
+    tau = torch.where(on, z - p ** (alpha - 1), torch.nan)
+    lo = torch.where(on, tau, torch.inf).amin(-1)
+    hi = torch.where(on, tau, -torch.inf).amax(-1)
+    assert ((hi - lo) < 1e-12 * (1 + z.abs().amax(-1))).all()
+    off = torch.where(on, -torch.inf, z).amax(-1)
+    assert (off <= hi + 1e-12).all()
+
+
+def test_entmax_dim_batch_and_dtypes():
+    x = _x(2, 5, 3, seed=5)
+    for alpha in (1.0, 1.5, 2.0, 2.5):
+        p = entmax(x, alpha, dim=1)
+        q = entmax(x.transpose(1, 2), alpha).transpose(1, 2)
+        assert torch.allclose(p, q, atol=1e-15)
+    p32 = entmax(x.float(), 1.5, dim=1)
+    assert p32.dtype == torch.float32
+    assert torch.allclose(p32.double(), entmax(x, 1.5, dim=1), atol=1e-6)
+    p16 = entmax(x.to(torch.bfloat16), 1.5, dim=1)
+    assert p16.dtype == torch.bfloat16
+    assert entmax(torch.zeros(0, 4, dtype=F64)).shape == (0, 4)
+    assert torch.equal(entmax(torch.ones(3, 1, dtype=F64)), torch.ones(3, 1, dtype=F64))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0, 3.0])
+def test_entmax_masked_entries(alpha):
+    # -inf masks an entry: probability 0 and the rest as if it were absent.
+    x = _x(3, 6, seed=6)
+    masked = x.clone()
+    masked[:, 2] = -torch.inf
+    p = entmax(masked, alpha)
+    assert (p[:, 2] == 0).all()
+    keep = [0, 1, 3, 4, 5]
+    assert torch.allclose(p[:, keep], entmax(x[:, keep], alpha), atol=1e-15)
+    xg = masked.clone().requires_grad_()
+    (g,) = torch.autograd.grad((entmax(xg, alpha) * x).sum(), xg)
+    assert torch.isfinite(g).all() and (g[:, 2] == 0).all()
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_entmax_grad(alpha):
+    x = _x(3, 8, seed=7, scale=2.0).requires_grad_()
+    assert gradcheck(lambda t: entmax(t, alpha), (x,), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0])
+def test_entmax_jacobian_closed_form(alpha):
+    # Peters et al. 2019: J = diag(s) − s sᵀ / 1ᵀs, s = p^{2−α} on the support.
+    x = _x(9, seed=8, scale=2.0)
+    p = entmax(x, alpha)
+    s = torch.where(p > 0, p.clamp(min=1e-300) ** (2 - alpha), torch.zeros_like(p))
+    expected = torch.diag(s) - torch.outer(s, s) / s.sum()
+    assert torch.allclose(jacobian(lambda t: entmax(t, alpha), x), expected, atol=1e-12)
+
+
+def test_entmax_grad_dim():
+    x = _x(2, 6, 3, seed=9).requires_grad_()
+    assert gradcheck(lambda t: entmax(t, 1.5, dim=1), (x,), atol=1e-8, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- module, errors
+
+
+def test_entmax_module():
+    m = Entmax(alpha=1.5, dim=1)
+    assert repr(m) == "Entmax(alpha=1.5, dim=1)"
+    x = _x(2, 5, 3, seed=10)
+    assert torch.equal(m(x), entmax(x, 1.5, 1))
+    with pytest.raises(OptionError, match="alpha"):
+        Entmax(alpha=0.5)
+    with pytest.raises(OptionError, match="dim"):
+        Entmax(dim=1.0)
+
+
+def test_entmax_invalid():
+    x = _x(2, 4, seed=11)
+    with pytest.raises(DTypeError, match="x"):
+        entmax(torch.ones(2, 3, dtype=torch.int64))
+    for alpha in (0.5, -1.0, float("nan"), float("inf"), True, "1.5"):
+        with pytest.raises(OptionError, match="alpha"):
+            entmax(x, alpha)
+    with pytest.raises(ShapeError, match="dim"):
+        entmax(x, 1.5, dim=2)
+    with pytest.raises(ShapeError, match="at least one entry"):
+        entmax(torch.ones(2, 0, dtype=F64))
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[0, 1] = bad
+        with pytest.raises(NonFiniteError, match="x"):
+            entmax(y, 1.5)
+    y = x.clone()
+    y[1] = -torch.inf
+    with pytest.raises(InputError, match="all -inf"):
+        entmax(y, 1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_entmax_cuda():
+    x = _x(4, 9, seed=12)
+    for alpha in (1.0, 1.5, 2.0, 2.5):
+        xc = x.cuda().requires_grad_()
+        p = entmax(xc, alpha)
+        assert p.device.type == "cuda"
+        assert torch.allclose(p.cpu(), entmax(x, alpha), atol=1e-12)
+        p.pow(2).sum().backward()

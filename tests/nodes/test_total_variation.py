@@ -1,0 +1,256 @@
+"""Tests of convexddn.nodes.total_variation: exact 1-D total variation denoising."""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from torch.autograd import gradcheck
+from torch.autograd.functional import jacobian
+
+from convexddn.errors import (
+    DTypeError,
+    GradientWarning,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+)
+from convexddn.nodes.total_variation import TotalVariation1d, tv_denoise
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _signal(kind: str, b: int, n: int, seed: int) -> torch.Tensor:
+    g = _gen(seed)
+    if kind == "walk":
+        return torch.randn(b, n, generator=g, dtype=F64).cumsum(1)
+    if kind == "noise":
+        return torch.randn(b, n, generator=g, dtype=F64)
+    if kind == "steps":  # the DDN tutorial's signal
+        base = torch.floor(torch.linspace(-5, 5, n, dtype=F64))
+        return base + 0.5 * torch.randn(b, n, generator=g, dtype=F64)
+    if kind == "ties":  # small integers: many equal neighbours and exact ties
+        return torch.floor(torch.rand(b, n, generator=g, dtype=F64) * 3)
+    raise ValueError(kind)
+
+
+def _certificate(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> tuple[float, float]:
+    """Violation of the optimality conditions, from x and y only (independent of the solver).
+
+    y is optimal iff z = cumsum(y − x) (the dual, with z_n = 0) has |z_i| ≤ λ and
+    z_i = λ sign(y_{i+1} − y_i) wherever y jumps. Returns (box violation, sign violation),
+    relative to the scale of the data.
+    """
+    scale = x.abs().amax(-1, keepdim=True) + lam
+    z = torch.cumsum(y - x, -1)
+    end = z[..., -1:].abs() / scale
+    z = z[..., :-1]
+    box = ((z.abs() - lam).clamp(min=0) / scale).amax(-1, keepdim=True)
+    jump = y[..., 1:] - y[..., :-1]
+    moving = jump.abs() > 1e-9 * scale
+    sign = torch.where(moving, (z - lam * jump.sign()).abs() / scale, torch.zeros_like(z))
+    return float(torch.maximum(box, end).max()), float(sign.max())
+
+
+def _cvxpy_tv(x: np.ndarray, lam: float) -> np.ndarray:
+    u = cp.Variable(x.shape[0])
+    objective = 0.5 * cp.sum_squares(u - x) + lam * cp.norm1(cp.diff(u))
+    cp.Problem(cp.Minimize(objective)).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12
+    )
+    return u.value
+
+
+# --------------------------------------------------------------------------- solution
+
+
+def test_tv_two_points_closed_form():
+    # n = 2: y moves each point λ towards the other, or both to the mean if they meet.
+    x = torch.tensor([[0.0, 3.0], [0.0, 1.0], [2.0, -2.0], [1.0, 1.5]], dtype=F64)
+    lam = 0.75
+    d = x[:, 1] - x[:, 0]
+    step = torch.where(d.abs() > 2 * lam, lam * d.sign(), d / 2)
+    expected = torch.stack([x[:, 0] + step, x[:, 1] - step], 1)
+    assert torch.allclose(tv_denoise(x, lam), expected, atol=1e-15)
+
+
+def test_tv_docstring_example():
+    y = tv_denoise(torch.tensor([0.0, 0.1, 2.0, 2.1]), lam=0.5)
+    assert torch.allclose(y, torch.tensor([0.3, 0.3, 1.8, 1.8]), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["walk", "noise", "steps", "ties"])
+@pytest.mark.parametrize("lam", [0.01, 0.5, 5.0, 100.0])
+def test_tv_optimality_certificate(kind, lam):
+    x = _signal(kind, 16, 200, seed=1)
+    y = tv_denoise(x, lam)
+    box, sign = _certificate(x, y, torch.tensor(lam, dtype=F64))
+    assert box < 1e-12 and sign < 1e-12
+
+
+@pytest.mark.parametrize("lam", [0.3, 2.0, 30.0])
+def test_tv_matches_cvxpy(lam):
+    x = _signal("walk", 1, 30, seed=2)[0]
+    np.testing.assert_allclose(tv_denoise(x, lam).numpy(), _cvxpy_tv(x.numpy(), lam), atol=1e-8)
+
+
+def test_tv_limits():
+    x = _signal("walk", 4, 50, seed=3)
+    assert torch.equal(tv_denoise(x, 0.0), x)
+    # λ beyond max |cumsum(x − mean)|: one segment, the mean.
+    big = float((x - x.mean(1, keepdim=True)).cumsum(1).abs().max()) * 1.01
+    assert torch.allclose(tv_denoise(x, big), x.mean(1, keepdim=True).expand_as(x), atol=1e-12)
+    assert torch.equal(tv_denoise(torch.ones(3, 1, dtype=F64), 1.0), torch.ones(3, 1, dtype=F64))
+
+
+def test_tv_per_row_lambda_dim_and_dtypes():
+    x = _signal("steps", 3, 40, seed=4)
+    lam = torch.tensor([0.1, 1.0, 10.0], dtype=F64)
+    y = tv_denoise(x, lam)
+    for i in range(3):
+        assert torch.allclose(y[i], tv_denoise(x[i], float(lam[i])), atol=1e-14)
+    xt = x.T.reshape(40, 3, 1)
+    assert torch.allclose(tv_denoise(xt, lam.view(3, 1), dim=0).reshape(40, 3).T, y, atol=1e-14)
+    y32 = tv_denoise(x.float(), lam.float())
+    assert y32.dtype == torch.float32 and torch.allclose(y32.double(), y, atol=1e-5)
+    assert tv_denoise(torch.zeros(0, 5, dtype=F64), 1.0).shape == (0, 5)
+
+
+def test_tv_large_batch_long_signal():
+    x = _signal("walk", 8, 3000, seed=5)
+    y = tv_denoise(x, 3.0)
+    box, sign = _certificate(x, y, torch.tensor(3.0, dtype=F64))
+    assert box < 1e-11 and sign < 1e-11
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _segments(y: torch.Tensor) -> list[list[int]]:
+    runs, start = [], 0
+    for i in range(1, y.shape[0] + 1):
+        if i == y.shape[0] or abs(float(y[i] - y[i - 1])) > 1e-12:
+            runs.append(list(range(start, i)))
+            start = i
+    return runs
+
+
+def test_tv_jacobian_closed_form():
+    # dy/dx averages over each constant segment; dy/dλ = (σ_e − σ_{s−1}) / length.
+    x = _signal("steps", 1, 25, seed=6)[0]
+    lam = 0.8
+    y = tv_denoise(x, lam)
+    J = torch.zeros(25, 25, dtype=F64)
+    dlam = torch.zeros(25, dtype=F64)
+    segs = _segments(y)
+    assert 1 < len(segs) < 25
+    for seg in segs:
+        s, e = seg[0], seg[-1]
+        left = float(torch.sign(y[s] - y[s - 1])) if s > 0 else 0.0
+        right = float(torch.sign(y[e + 1] - y[e])) if e < 24 else 0.0
+        J[s:e + 1, s:e + 1] = 1.0 / len(seg)
+        dlam[s:e + 1] = (right - left) / len(seg)
+    assert torch.allclose(jacobian(lambda t: tv_denoise(t, lam), x), J, atol=1e-14)
+    lam_t = torch.tensor(lam, dtype=F64)
+    assert torch.allclose(jacobian(lambda l: tv_denoise(x, l), lam_t), dlam, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["walk", "steps", "noise"])
+def test_tv_grad(kind):
+    x = _signal(kind, 3, 12, seed=7).requires_grad_()
+    lam = torch.tensor([0.2, 0.7, 1.5], dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)  # generic data: no ties
+        assert gradcheck(lambda x, l: tv_denoise(x, l), (x, lam), atol=1e-8, rtol=1e-6)
+    scalar = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    assert gradcheck(lambda x, l: tv_denoise(x, l), (x, scalar), atol=1e-8, rtol=1e-6)
+
+
+def test_tv_pass_through_gradient_is_wrong():
+    # The DDN tutorial's backward passes the gradient through (identity); the true
+    # Jacobian averages over segments, so they differ on any signal with merged points.
+    x = _signal("steps", 1, 20, seed=8).requires_grad_()
+    w = torch.randn(1, 20, generator=_gen(9), dtype=F64)
+    (g,) = torch.autograd.grad((tv_denoise(x, 1.0) * w).sum(), x)
+    assert (g - w).abs().max() > 0.1
+
+
+def test_tv_tie_warns():
+    # x = (0, 1), λ = 1/2: the two points just meet; the derivative does not exist.
+    x = torch.tensor([0.0, 1.0], dtype=F64, requires_grad=True)
+    y = tv_denoise(x, 0.5)
+    assert torch.allclose(y, torch.full((2,), 0.5, dtype=F64))
+    with pytest.warns(GradientWarning, match="tie"):
+        y.sum().backward()
+
+
+# --------------------------------------------------------------------------- module, errors
+
+
+def test_total_variation_module_learns_lambda():
+    torch.manual_seed(0)
+    tv = TotalVariation1d(lam=0.02, learnable=True)  # under-smoothing at first
+    assert isinstance(tv.lam, torch.nn.Parameter)
+    assert "learnable=True" in repr(tv)
+    clean = torch.floor(torch.linspace(0, 4, 60, dtype=F64)).expand(8, 60)
+    noisy = clean + 0.3 * torch.randn(8, 60, generator=_gen(10), dtype=F64)
+    opt = torch.optim.Adam(tv.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (tv(noisy.float()) - clean.float()).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+    assert float(tv.lam.detach()) > 0.1
+    fixed = TotalVariation1d(lam=2.0)
+    assert fixed.lam == 2.0 and "learnable=False" in repr(fixed)
+    assert torch.equal(fixed(noisy), tv_denoise(noisy, 2.0))
+
+
+def test_tv_invalid():
+    x = _signal("walk", 2, 6, seed=11)
+    with pytest.raises(DTypeError, match="x"):
+        tv_denoise(torch.ones(2, 3, dtype=torch.int64))
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="x"):
+        tv_denoise(bad)
+    for lam in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(OptionError, match="lam"):
+            tv_denoise(x, lam)
+    with pytest.raises(OptionError, match="lam"):
+        tv_denoise(x, torch.tensor([1.0, -1.0], dtype=F64))
+    with pytest.raises(DTypeError, match="lam"):
+        tv_denoise(x, torch.tensor([1, 2]))
+    with pytest.raises(ShapeError, match="lam must broadcast"):
+        tv_denoise(x, torch.ones(3, dtype=F64))
+    with pytest.raises(ShapeError, match="dim"):
+        tv_denoise(x, 1.0, dim=3)
+    with pytest.raises(ShapeError, match="at least one entry"):
+        tv_denoise(torch.ones(2, 0, dtype=F64))
+    with pytest.raises(OptionError, match="max_iter"):
+        tv_denoise(x, 1.0, max_iter=0)
+    with pytest.raises(OptionError, match="lam"):
+        TotalVariation1d(lam=-0.1)
+    with pytest.raises(OptionError, match="learnable"):
+        TotalVariation1d(learnable="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tv_cuda():
+    x = _signal("steps", 4, 50, seed=12)
+    lam = torch.tensor(0.7, dtype=F64, device="cuda", requires_grad=True)
+    xc = x.cuda().requires_grad_()
+    y = tv_denoise(xc, lam)
+    assert y.device.type == "cuda"
+    assert torch.allclose(y.cpu(), tv_denoise(x, 0.7), atol=1e-12)
+    y.pow(2).sum().backward()
+    assert lam.grad is not None and xc.grad.device.type == "cuda"

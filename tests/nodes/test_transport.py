@@ -1,0 +1,299 @@
+"""Tests of convexddn.nodes.transport: entropic optimal transport (log-domain Sinkhorn)."""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from convexddn.errors import (
+    DTypeError,
+    GradientWarning,
+    InputError,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+    SolverWarning,
+)
+from convexddn.nodes.transport import OptimalTransport, sinkhorn
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _cost(*shape: int, seed: int = 0, dtype=F64) -> torch.Tensor:
+    return torch.rand(*shape, generator=_gen(seed), dtype=dtype)
+
+
+def _marginal(n: int, seed: int, dtype=F64) -> torch.Tensor:
+    v = torch.rand(n, generator=_gen(seed), dtype=dtype) + 0.2
+    return v / v.sum()
+
+
+def _cvxpy_entropic(C: np.ndarray, a: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    """Independent solve of argmin <C, P> − eps H(P) s.t. marginals (exponential cone)."""
+    P = cp.Variable(C.shape)
+    objective = cp.sum(cp.multiply(C, P)) - eps * cp.sum(cp.entr(P))
+    constraints = [cp.sum(P, axis=1) == a, cp.sum(P, axis=0) == b]
+    cp.Problem(cp.Minimize(objective), constraints).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11
+    )
+    return P.value
+
+
+def _gibbs_residual(P: torch.Tensor, C: torch.Tensor, eps: float) -> torch.Tensor:
+    """Max |double-centred log P + C/eps|: zero iff P_ij = exp(α_i + β_j − C_ij/eps).
+
+    The stationarity condition of the entropic problem, checked on the logs, so every
+    entry counts equally however small it is.
+    """
+    L = P.log() + C / eps
+    R = L - L.mean(-1, keepdim=True) - L.mean(-2, keepdim=True) + L.mean((-2, -1), keepdim=True)
+    return R.abs().max()
+
+
+# --------------------------------------------------------------------------- solution
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.1, 0.05])
+@pytest.mark.parametrize("shape", [(3, 4), (5, 2), (2, 7, 7)])
+def test_sinkhorn_optimality(shape, eps):
+    C = _cost(*shape, seed=1)
+    m, n = shape[-2:]
+    a, b = _marginal(m, 2), _marginal(n, 3)
+    P = sinkhorn(C, a, b, eps=eps)
+    assert P.shape == C.shape and P.dtype == F64
+    assert torch.allclose(P.sum(-1), a.expand(P.shape[:-1]), atol=1e-15, rtol=1e-13)
+    # Columns within the default tol (1e-12, relative L1).
+    assert (P.sum(-2) - b).abs().sum(-1).max() <= 1e-12
+    assert _gibbs_residual(P, C, eps) < 1e-9
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.1])
+def test_sinkhorn_matches_cvxpy(eps):
+    C = _cost(3, 4, seed=4)
+    a, b = _marginal(3, 5), _marginal(4, 6)
+    P = sinkhorn(C, a, b, eps=eps).numpy()
+    expected = _cvxpy_entropic(C.numpy(), a.numpy(), b.numpy(), eps)
+    # Clarabel's exponential cone stops near 1e-7 here; the objective shows which is
+    # closer to the minimum (both are feasible to 1e-12).
+    np.testing.assert_allclose(P, expected, atol=1e-6)
+
+    def objective(P):
+        return (C.numpy() * P).sum() + eps * (P * np.log(P)).sum()
+
+    assert objective(P) <= objective(expected) + 1e-13
+
+
+def test_sinkhorn_small_eps_tiny_entries_exact():
+    # Costs in [0, 4) at eps = 0.05: entries reach ~1e-31 and below; the log-domain
+    # solve keeps their relative precision (checked on the logs).
+    C = 4 * _cost(2, 100, 100, seed=7)
+    P = sinkhorn(C, eps=0.05)
+    assert P.min() < 1e-30
+    assert _gibbs_residual(P, C, 0.05) < 1e-9
+    assert (P.sum(-2) - 0.01).abs().sum(-1).max() <= 1e-12
+
+
+def test_sinkhorn_sharp_costs_converge():
+    # Gaussian costs at small eps: a nearly-permutation plan, where plain Sinkhorn
+    # converges very slowly; the Newton steps finish it to the tolerance.
+    C = torch.randn(2, 40, 40, generator=_gen(8), dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        P = sinkhorn(C, eps=0.05)
+    assert (P.sum(-2) - 1 / 40).abs().sum(-1).max() < 1e-12
+    assert _gibbs_residual(P, C, 0.05) < 1e-8
+
+
+def test_sinkhorn_marginal_mass():
+    # b is rescaled to a's mass: P1 = a, Pᵀ1 = b Σa / Σb.
+    C = _cost(4, 3, seed=9)
+    a = torch.tensor([1.0, 2.0, 0.5, 0.5], dtype=F64)
+    b = torch.tensor([1.0, 1.0, 2.0], dtype=F64)
+    P = sinkhorn(C, a, b, eps=0.3)
+    assert torch.allclose(P.sum(-1), a, atol=1e-14)
+    assert torch.allclose(P.sum(-2), b * a.sum() / b.sum(), atol=1e-12)
+    # Scaling the marginals scales the plan.
+    assert torch.allclose(sinkhorn(C, 3 * a, b, eps=0.3), 3 * P, atol=1e-13)
+
+
+def test_sinkhorn_defaults_uniform():
+    C = _cost(3, 5, seed=10)
+    P = sinkhorn(C, eps=0.2)
+    assert torch.allclose(P.sum(-1), torch.full((3,), 1 / 3, dtype=F64), atol=1e-15)
+    assert torch.allclose(P.sum(-2), torch.full((5,), 1 / 5, dtype=F64), atol=1e-13)
+    assert torch.allclose(P, sinkhorn(C, torch.ones(3, dtype=F64) / 3, torch.ones(5, dtype=F64), eps=0.2))
+
+
+def test_sinkhorn_large_eps_is_independent_coupling():
+    # eps → ∞: the entropy dominates and P → a bᵀ.
+    C = _cost(3, 4, seed=11)
+    a, b = _marginal(3, 12), _marginal(4, 13)
+    P = sinkhorn(C, a, b, eps=1e6)
+    assert torch.allclose(P, a[:, None] * b[None, :], atol=1e-6)
+
+
+def test_sinkhorn_batched_broadcast():
+    C = _cost(2, 3, 4, 5, seed=14)
+    a = _marginal(4, 15)  # shared
+    b = torch.stack([_marginal(5, 16 + i) for i in range(3)]).unsqueeze(0)  # (1, 3, 5)
+    P = sinkhorn(C, a, b, eps=0.2)
+    assert P.shape == (2, 3, 4, 5)
+    for i in range(2):
+        for j in range(3):
+            one = sinkhorn(C[i, j], a, b[0, j], eps=0.2)
+            assert torch.allclose(P[i, j], one, atol=1e-14)
+
+
+def test_sinkhorn_empty_batch_and_trivial_sides():
+    assert sinkhorn(torch.zeros(0, 3, 4, dtype=F64)).shape == (0, 3, 4)
+    a = _marginal(4, 17)
+    P = sinkhorn(_cost(4, 1, seed=18), a, eps=0.1)  # one column: P = a
+    assert torch.allclose(P[:, 0], a, atol=1e-15)
+    assert torch.allclose(sinkhorn(_cost(1, 1, seed=19)), torch.ones(1, 1, dtype=F64))
+
+
+def test_sinkhorn_float32_and_no_grad():
+    C = _cost(2, 6, 5, seed=20)
+    P64 = sinkhorn(C, eps=0.1)
+    P32 = sinkhorn(C.float(), eps=0.1)
+    assert P32.dtype == torch.float32
+    assert torch.allclose(P32.double(), P64, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        assert torch.equal(sinkhorn(C.requires_grad_(), eps=0.1), P64)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.2, 0.05])
+@pytest.mark.parametrize("shape", [(3, 4), (4, 3)])
+def test_sinkhorn_grad(shape, eps):
+    m, n = shape
+    C = _cost(2, m, n, seed=21).requires_grad_()
+    a = (_marginal(m, 22) * 2).requires_grad_()
+    b = _marginal(n, 23).expand(2, n).clone().requires_grad_()
+    assert gradcheck(lambda C, a, b: sinkhorn(C, a, b, eps=eps), (C, a, b), atol=1e-8, rtol=1e-6)
+
+
+def test_sinkhorn_grad_small_eps_not_vanishing():
+    # At eps = 0.05 a backward through e^{-C/eps} loses the small entries; the implicit
+    # one is checked against central differences at 1e-8.
+    C = _cost(1, 6, 6, seed=24).requires_grad_()
+    assert gradcheck(lambda C: sinkhorn(C, eps=0.05), (C,), atol=1e-8, rtol=1e-6)
+    w = torch.randn(1, 6, 6, generator=_gen(25), dtype=F64)
+    (g,) = torch.autograd.grad((sinkhorn(C, eps=0.05) * w).sum(), C)
+    assert g.abs().max() > 1e-3
+
+
+def test_sinkhorn_grad_marginal_direction():
+    # The gradient with respect to b is orthogonal to b (b is rescaled to a's mass), and
+    # scaling a scales P: ⟨∂L/∂a, a⟩ = ⟨∂L/∂P, P⟩.
+    C = _cost(3, 4, seed=26)
+    a = _marginal(3, 27).requires_grad_()
+    b = _marginal(4, 28).requires_grad_()
+    V = torch.randn(3, 4, generator=_gen(29), dtype=F64)
+    P = sinkhorn(C, a, b, eps=0.3)
+    ga, gb = torch.autograd.grad((P * V).sum(), (a, b))
+    b = b.detach()
+    assert abs(float((gb * b).sum())) < 1e-12
+    assert abs(float((ga * a.detach()).sum() - (V * P.detach()).sum())) < 1e-12
+
+
+def test_doubly_stochastic_attention():
+    # Sinkformer-style attention: P = sinkhorn(-QKᵀ/√d, 1, 1) is doubly stochastic;
+    # the whole block differentiates through Q, K and V.
+    g = _gen(30)
+    Q, K, V = (torch.randn(2, 5, 4, generator=g, dtype=F64).requires_grad_() for _ in range(3))
+    ones = torch.ones(5, dtype=F64)
+
+    def attention(Q, K, V, eps=1.0):
+        P = sinkhorn(-(Q @ K.transpose(-1, -2)) / 2.0, ones, ones, eps=eps)
+        return P @ V, P
+
+    _, P = attention(Q, K, V)
+    assert torch.allclose(P.sum(-1), torch.ones(2, 5, dtype=F64), atol=1e-14)
+    assert torch.allclose(P.sum(-2), torch.ones(2, 5, dtype=F64), atol=1e-12)
+    # Its first row normalisation is softmax; balancing the columns moves it off softmax.
+    soft = torch.softmax(Q @ K.transpose(-1, -2) / 2.0, -1)
+    assert not torch.allclose(P, soft, atol=1e-3)
+    q, k, v = (t[:1, :4, :3].detach().clone().requires_grad_() for t in (Q, K, V))
+    ones = ones[:4]
+    assert gradcheck(lambda Q, K, V: attention(Q, K, V)[0], (q, k, v), atol=1e-8, rtol=1e-6)
+    # The small eps of the DDN attention tutorial: sharp, still exact.
+    assert gradcheck(lambda Q: attention(Q, k, v, 0.05)[0], (q,), atol=1e-8, rtol=1e-6)
+
+
+def test_sinkhorn_disconnected_support_warns():
+    # Costs so far apart that P is block diagonal to float64: the marginal gradients
+    # are not unique there; the cost gradient still is.
+    C = torch.tensor([[0.0, 1e4], [1e4, 0.0]], dtype=F64, requires_grad=True)
+    a = torch.tensor([0.5, 0.5], dtype=F64, requires_grad=True)
+    P = sinkhorn(C, a, eps=1.0)
+    with pytest.warns(GradientWarning, match="disconnected"):
+        gC, _ = torch.autograd.grad(P[0, 0], (C, a))
+    assert torch.isfinite(gC).all()
+
+
+# --------------------------------------------------------------------------- module, errors
+
+
+def test_optimal_transport_module():
+    ot = OptimalTransport(eps=0.2, max_iter=500)
+    assert "eps=0.2" in repr(ot) and "max_iter=500" in repr(ot)
+    C = _cost(2, 3, 3, seed=31)
+    assert torch.equal(ot(C), sinkhorn(C, eps=0.2, max_iter=500))
+    with pytest.raises(OptionError, match="eps"):
+        OptimalTransport(eps=0.0)
+
+
+def test_sinkhorn_not_converged_warns():
+    C = torch.randn(1, 30, 30, generator=_gen(32), dtype=F64)
+    with pytest.warns(SolverWarning, match="did not reach tol"):
+        sinkhorn(C, eps=0.01, max_iter=2)
+
+
+def test_sinkhorn_invalid():
+    C = _cost(3, 4, seed=33)
+    with pytest.raises(DTypeError, match="cost"):
+        sinkhorn(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ShapeError, match="cost"):
+        sinkhorn(torch.ones(4, dtype=F64))
+    with pytest.raises(ShapeError, match="cost"):
+        sinkhorn(torch.ones(3, 0, dtype=F64))
+    with pytest.raises(ShapeError, match="a must have shape"):
+        sinkhorn(C, torch.ones(4, dtype=F64))
+    with pytest.raises(ShapeError, match="b must have shape"):
+        sinkhorn(C, None, torch.ones(3, dtype=F64))
+    with pytest.raises(ShapeError, match="broadcast"):
+        sinkhorn(_cost(2, 3, 4, seed=34), torch.ones(5, 3, dtype=F64))
+    bad = C.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="cost"):
+        sinkhorn(bad)
+    with pytest.raises(NonFiniteError, match="a"):
+        sinkhorn(C, torch.tensor([1.0, float("inf"), 1.0], dtype=F64))
+    with pytest.raises(InputError, match="b must be > 0"):
+        sinkhorn(C, None, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=F64))
+    with pytest.raises(DTypeError, match="a"):
+        sinkhorn(C, [1.0, 1.0, 1.0])
+    for kwargs in ({"eps": 0.0}, {"eps": -1.0}, {"eps": True}, {"eps": float("inf")},
+                   {"max_iter": 0}, {"max_iter": 2.5}, {"tol": -1.0}, {"tol": "x"}):
+        with pytest.raises(OptionError):
+            sinkhorn(C, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sinkhorn_cuda():
+    C = _cost(2, 6, 5, seed=35)
+    P = sinkhorn(C.cuda().requires_grad_(), eps=0.1)
+    assert P.device.type == "cuda"
+    assert torch.allclose(P.cpu(), sinkhorn(C, eps=0.1), atol=1e-12)
+    P.sum().backward()
