@@ -34,6 +34,7 @@ from .cases import (
     workers_speedup,
 )
 from .cases.convex import convex_cases
+from .cases.nodes import node_cases
 from .harness import peak_memory
 from .report import estimate_skipped, format_table, plot
 
@@ -59,7 +60,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     n_ops = (2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS))
     total = sum((repeats + 1) * n_ops + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
                 for n in names)
-    total += 5 * (min(repeats, 3) + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL)
+    total += 5 * (min(repeats, 3) + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL) + 6 * repeats
     rows: list[dict] = []
     with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op", disable=None) as progress:
         warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed
@@ -69,11 +70,12 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
         convex_problems = CONVEX_QUICK if quick else CONVEX_FULL
         convex = convex_cases(convex_problems, min(repeats, 3), progress, device)
+        nodes = node_cases(repeats, progress) if dev.type == "cpu" else []
     estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []
     workers = [] if quick else workers_speedup()
     result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows,
-              "convex": convex, "memory": memory, "workers": workers}
+              "convex": convex, "nodes": nodes, "memory": memory, "workers": workers}
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench.json"), "w") as f:

@@ -82,6 +82,17 @@ def format_table(result: dict[str, Any]) -> str:
                 f"| {_fmt(r['max_solution_diff'], 'e')} | {_fmt(r['max_grad_diff'], 'e')} | {note} |")
         lines += ["", "Δ: largest difference from the per-element path (which agrees with central "
                   "finite differences to ~1e-8 in tests/convex).", ""]
+    if result.get("nodes"):
+        lines += ["### node library (forward / backward, medians; reference ÷ ours where the DDN "
+                  "reference is present)", "",
+                  "| node | input | fwd ms | bwd ms | DDN reference fwd / bwd ms | speed-up fwd / bwd | note |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in result["nodes"]:
+            ref = (f"{r['ref_fwd_ms']:.3g} / {r['ref_bwd_ms']:.3g}" if "ref_fwd_ms" in r else "—")
+            speed = (f"{r['speedup_fwd']:.2f}× / {r['speedup_bwd']:.2f}×" if "speedup_fwd" in r else "—")
+            lines.append(f"| {r['node']} | {r['shape']} | {r['fwd_ms']:.3g} | {r['bwd_ms']:.3g} | {ref} "
+                         f"| {speed} | {r.get('note', '')} |")
+        lines.append("")
     if result.get("memory"):
         lines += ["### memory (forward + backward, fresh process each)", "",
                   "| node | shape | peak added / input size |", "|---|---|---:|"]
