@@ -1,0 +1,270 @@
+"""The batched backend: a DPP problem solved for a whole batch at once, in torch.
+
+:class:`BatchedProgram` canonicalises once (:mod:`.canonical`), then each call fills the
+dense data of every element from the parameters, solves all of them together with the
+interior-point method of :mod:`.interior_point` on the parameters' device, and maps the
+solutions back to the requested variables. Gradients come from implicit
+differentiation of the optimality conditions at the solution (:func:`cone_vjp`), never
+from unrolling the iterations.
+
+**Backward.** At the solution :math:`(x, z)` with slack :math:`s`, the interior point
+satisfies :math:`Px + A^T z + q = 0`, :math:`Ax + s = b` and, to first order along the
+central path, :math:`ds = -H\\,dz` with :math:`H = W^T W` the Nesterov–Todd scaling
+(:math:`H = 0` on equality rows; on a nonnegative row :math:`H = s/z`, which tends to
+0 on active and ∞ on inactive constraints). Differentiating,
+
+.. math::
+
+    K \\begin{bmatrix} dx \\\\ dz \\end{bmatrix} = -\\begin{bmatrix} dP\\,x + dq + dA^T z
+    \\\\ dA\\,x - db \\end{bmatrix}, \\qquad K = \\begin{bmatrix} P & A^T \\\\ A & -H
+    \\end{bmatrix},
+
+the differentiated KKT system with complementarity of OptNet (Amos & Kolter, 2017),
+written for symmetric cones (on a second-order cone :math:`H` takes its limit on the
+tangent space of the boundary, see :class:`~.symmetric_cones.NTScaling`). With
+:math:`K u = (\\bar x, \\bar z)` for the cotangents, :math:`\\bar q = -u_x`,
+:math:`\\bar b = u_z`, :math:`\\bar P = -\\tfrac12(u_x x^T + x u_x^T)`,
+:math:`\\bar A = -(z u_x^T + u_z x^T)`. :math:`K` is the matrix the forward factors at
+every iteration; it factors it once more at the solution (its Newton step there is the
+error estimate that certifies each element), and the backward reuses that
+factorisation: one batched solve, no new factorisation. We chose this over the residual-map
+derivative (Agrawal et al., 2019) because it keeps the quadratic term, stays symmetric
+(Cholesky instead of LU of an :math:`(n+m+1)`-square matrix) and reuses the solver.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import cvxpy as cp
+import torch
+
+from ..errors import DTypeError, InputError, OptionError, ShapeError
+from .canonical import UnsupportedProblem, canonicalise
+from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
+
+__all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]
+
+
+@dataclass
+class BatchedSolveInfo:
+    """Per-element outcome of a :class:`BatchedProgram` call (all tensors ``(B,)``).
+
+    ``status`` holds codes of :attr:`names`; ``residual`` the relative KKT residual of
+    the returned point (see :func:`~.interior_point.kkt_measures`, cone violations
+    included); ``solved`` is ``status == 0`` (residual <= ``tol_accept`` and estimated
+    error <= ``tol_error``); ``iterations`` counts interior-point iterations; ``error``
+    is the estimated relative error of the solution (one Newton step's size).
+    """
+
+    status: torch.Tensor
+    residual: torch.Tensor
+    solved: torch.Tensor
+    iterations: torch.Tensor
+    error: torch.Tensor | None = None
+    names: ClassVar[dict[int, str]] = STATUS_NAMES
+
+    def status_names(self) -> list[str]:
+        """The status of each element as a string (a host transfer)."""
+        return [self.names[int(s)] for s in self.status.tolist()]
+
+
+def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3):
+    """Vector–Jacobian product of a batched cone solve; see the module docstring.
+
+    Args:
+        sol: a solution from ``solve_cone_batch(..., keep_state=True)``.
+        gx, gz: cotangents of ``sol.x`` ``(B, n)`` and ``sol.z`` ``(B, m)``.
+
+    Returns:
+        ``(gP, gq, gA, gb)``, exactly zero for elements that are not solved, whose
+        cotangent is zero or whose final KKT matrix could not be factorised.
+    """
+    d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
+    rc = d.c.sqrt()[:, None]
+    ux, uz, _ = kkt.solve((rc * d.D * gx).unsqueeze(-1), (d.E * gz / rc).unsqueeze(-1), refine)
+    ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
+    uz = d.E * uz.squeeze(-1) / rc
+    # (A solved element's KKT matrix was factorised: its failure would have made the
+    # error estimate infinite and the element unsolved.)
+    ok = ((sol.status == SOLVED) & ~kkt.failed & ((gx != 0).any(1) | (gz != 0).any(1)))[:, None]
+    ux = torch.where(ok, ux, 0.0)
+    uz = torch.where(ok, uz, 0.0)
+    x, z = torch.where(ok, sol.x, 0.0), torch.where(ok, sol.z, 0.0)
+    gP = -0.5 * (ux[:, :, None] * x[:, None, :] + x[:, :, None] * ux[:, None, :])
+    gA = -(z[:, :, None] * ux[:, None, :] + uz[:, :, None] * x[:, None, :])
+    return gP, -ux, gA, uz
+
+
+class _ConeSolve(torch.autograd.Function):
+    """(P, q, A, b) -> (x, z) of the cone program, differentiated by :func:`cone_vjp`."""
+
+    @staticmethod
+    def forward(P, q, A, b, layout, options, needs_grad):
+        sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
+                               keep_state=needs_grad, **options)
+        state = (sol, layout, options.get("refine", 1)) if needs_grad else None
+        return sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error, state
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.state = output[6]
+        ctx.mark_non_differentiable(*output[2:6])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gx, gz, *_):
+        if ctx.state is None:
+            return None, None, None, None, None, None, None
+        sol, layout, refine = ctx.state
+        gx = torch.zeros_like(sol.x) if gx is None else gx
+        gz = torch.zeros_like(sol.z) if gz is None else gz
+        gP, gq, gA, gb = cone_vjp(sol, layout, gx, gz, refine + 2)
+        return gP, gq, gA, gb, None, None, None
+
+
+class BatchedProgram:
+    """A DPP problem, canonicalised once, solved for a batch of parameters in torch.
+
+    .. math::
+
+        y(\\theta_i) = \\operatorname*{argmin}_x \\tfrac12 x^T P(\\theta_i) x +
+        q(\\theta_i)^T x \\ \\text{s.t.}\\ A(\\theta_i) x + s = b(\\theta_i),\\ s \\in K
+        \\qquad i = 1, \\dots, B
+
+    with :math:`K` a product of zero, nonnegative and second-order cones (LPs, QPs,
+    SOCPs); all elements iterate together on the parameters' device. The object holds
+    the options and the canonical data only (plain tensors: deep-copyable, picklable).
+
+    Args:
+        problem, parameters, variables: as for :class:`~convexddn.ConvexLayer` (the
+            problem is assumed DCP and DPP; variables may be constraint duals).
+        tol: interior-point target tolerance (relative, equilibrated units).
+        tol_accept: largest relative KKT residual reported as solved.
+        tol_error: largest estimated relative solution error reported as solved (the
+            size of one Newton step at the solution, equilibrated units).
+        max_iter: interior-point iterations at most.
+        refine: iterative-refinement steps per KKT solve (once the iterates are close).
+        polish: Newton steps on the exact KKT conditions after the iterations:
+            ``"auto"`` (programs with second-order cones, and elements left above
+            ``tol``), ``"always"`` (solutions to ~1e-15, ~20 % slower on QPs) or
+            ``"never"``.
+        presolve: eliminate CVXPY's auxiliary variables (see :mod:`.canonical`).
+        dtype: the precision of the solve (float64 by default; float32 needs
+            ``tol_accept >= 1e-6``).
+
+    Raises:
+        UnsupportedProblem: exponential, PSD or power cones, symmetric variables.
+        OptionError: an invalid option.
+    """
+
+    def __init__(self, problem: cp.Problem, parameters: Sequence[cp.Parameter],
+                 variables: Sequence[cp.Variable], *, tol: float = 1e-10,
+                 tol_accept: float = 1e-8, tol_error: float = 1e-7, max_iter: int = 100, refine: int = 1,
+                 polish: str = "auto", presolve: bool = True, dtype: torch.dtype = torch.float64) -> None:
+        for name, v in (("tol", tol), ("tol_accept", tol_accept), ("tol_error", tol_error)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise OptionError(f"{name} must be a number in (0, 1), got {v!r}")
+        if dtype == torch.float32 and tol_accept < 1e-6:
+            raise OptionError(f"dtype=torch.float32 cannot certify residuals below ~1e-6: pass "
+                              f"tol_accept >= 1e-6 (and tol, tol_error to match), got {tol_accept!r}")
+        for name, v, lo in (("max_iter", max_iter, 1), ("refine", refine, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise OptionError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if polish not in ("auto", "always", "never"):
+            raise OptionError(f"polish must be 'auto', 'always' or 'never', got {polish!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise OptionError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        self.tol, self.tol_accept, self.tol_error = float(tol), float(tol_accept), float(tol_error)
+        self.max_iter, self.refine = max_iter, refine
+        self.dtype, self.polish = dtype, polish
+        self.parameter_names = [p.name() for p in parameters]
+        self.parameter_shapes = [tuple(p.shape) for p in parameters]
+        self.data = canonicalise(problem, list(parameters), list(variables), presolve)
+
+    def __repr__(self) -> str:
+        n, m = self.sizes
+        return (f"BatchedProgram(n={n}, m={m}, cone={self.data.layout}, tol={self.tol:g}, "
+                f"tol_accept={self.tol_accept:g}, max_iter={self.max_iter}, refine={self.refine}, "
+                f"polish={self.polish!r})")
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(variables, constraint rows) of the dense program each element solves."""
+        return self.data.n, self.data.layout.m
+
+    @property
+    def flops_per_iteration(self) -> int:
+        """Arithmetic of one interior-point iteration per element (factorisation and
+        products): ~n³/3 + m n² dense, ~m + n for a diagonal KKT structure. Measured on
+        one CPU core: n = 100 ran 5-6× faster than the per-element path, n = 1024 (an
+        L1-ball projection in R^512) 50× slower; prefer the per-element path above
+        ~1e6 here on a CPU."""
+        n, m = self.sizes
+        if self.data.structure.diagonal:
+            return 20 * (n + m)
+        return n ** 3 // 3 + m * n * n + 20 * (n + m)
+
+    def memory_estimate(self, batch: int) -> int:
+        """Rough peak bytes of one forward + backward at this batch size."""
+        n, m = self.sizes
+        item = torch.finfo(self.dtype).bits // 8
+        return int(batch * item * (8 * n * n + 6 * m * n + 40 * (n + m)))
+
+    def _batch(self, values: Sequence[torch.Tensor]) -> int:
+        names, shapes = self.parameter_names, self.parameter_shapes
+        if len(values) != len(names):
+            raise ShapeError(f"expected {len(names)} tensor(s), one per parameter {names}, got {len(values)}")
+        sizes = set()
+        for i, (v, name, shape) in enumerate(zip(values, names, shapes)):
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise DTypeError(f"parameter {i} ({name}) must be a floating-point tensor, "
+                                 f"got {type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
+            if tuple(v.shape) == shape:
+                continue
+            if v.dim() != len(shape) + 1 or tuple(v.shape[1:]) != shape:
+                raise ShapeError(f"parameter {i} ({name}) must have shape {shape} or "
+                                 f"(B, {', '.join(map(str, shape))}), got {tuple(v.shape)}")
+            sizes.add(v.shape[0])
+        if len(sizes) > 1:
+            raise ShapeError(f"batched parameters must share one batch size, got {sorted(sizes)}")
+        if len({v.device for v in values}) > 1:
+            raise InputError(f"all parameters must be on one device, got {sorted({str(v.device) for v in values})}")
+        return sizes.pop() if sizes else 1
+
+    def __call__(self, *values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
+        """Solve every element; never raises for a per-element failure.
+
+        Shape:
+            ``values[i]``: ``(B, *param_i.shape)`` or ``param_i.shape`` (shared) ->
+            one ``(B, *var.shape)`` tensor per variable (``B = 1`` if none is batched).
+
+        Returns:
+            ``(outputs, info)``: outputs connected to autograd (failed elements: finite
+            values, exactly zero gradient), and a :class:`BatchedSolveInfo`.
+        """
+        B = self._batch(values)
+        values = [v.to(self.dtype) for v in values]
+        needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in values)
+        data = self.data
+        if B == 0:
+            z = sum(v.sum() for v in values) * 0
+            outs = tuple(values[0].new_zeros((0,) + v.shape) + z for v in data.variables)
+            e = values[0].new_zeros(0)
+            return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e)
+        p = data.parameter_vector(values, B)
+        P, q, A, b, extra = data.fill(p)
+        options = dict(tol=self.tol, tol_accept=self.tol_accept, tol_error=self.tol_error,
+                       max_iter=self.max_iter, refine=self.refine,
+                       polish=self.polish, structure=data.structure, error_cols=data.error_cols,
+                       error_duals=data.error_duals)
+        x, z, status, residual, iterations, error, _ = _ConeSolve.apply(P, q, A, b, data.layout, options,
+                                                                         needs_grad)
+        xf, zf = data.recover(x, z, extra)
+        solved = status == SOLVED
+        outs = []
+        for out in data.outputs(xf, zf):
+            # Failed elements: keep their (finite) values but cut them off the graph.
+            mask = solved.view((-1,) + (1,) * (out.dim() - 1))
+            outs.append(torch.where(mask, out, out.detach()) if needs_grad else out)
+        return tuple(outs), BatchedSolveInfo(status, residual, solved, iterations, error)

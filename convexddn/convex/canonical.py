@@ -1,0 +1,395 @@
+"""A DPP problem as dense batched cone-program data, built once, filled per call in torch.
+
+cvxpylayers canonicalises a DPP problem (with the quadratic objective kept, as its
+Clarabel/Moreau interfaces do) into a cone program whose data are linear in the
+parameter vector :math:`p = (\\theta, 1)`:
+
+.. math::
+
+    \\min_x \\tfrac12 x^T P(p) x + q(p)^T x \\quad\\text{s.t.}\\quad A(p) x + s = b(p),
+    \\; s \\in \\{0\\}^z \\times \\mathbb{R}^l_+ \\times Q^{q_1} \\times \\dots
+
+:class:`ConeData` keeps each datum's sparse map as index arrays, so that filling the
+dense ``(B, ·, ·)`` tensors is one ``index_add`` per block, on the parameters' device
+and differentiable by autograd.
+
+**Presolve.** CVXPY introduces an auxiliary variable :math:`u = Lx + c` with an equality
+row for every quadratic term (``sum_squares(L @ x)`` becomes :math:`\\|u\\|^2`), which
+doubles the variables and adds as many equality rows. A variable that appears in
+exactly one constraint row, an equality with a constant coefficient :math:`a \\ne 0`, is
+eliminated: with :math:`x = (x_K, x_U)`, :math:`x_U = u_0 - M x_K`,
+:math:`u_0 = b_R / a`, :math:`M = A_{RK} / a`,
+
+.. math::
+
+    P' = P_{KK} - P_{KU} M - M^T P_{UK} + M^T P_{UU} M, \\qquad
+    q' = q_K + P_{KU} u_0 - M^T (q_U + P_{UU} u_0),
+
+the rows :math:`R` disappear, and their multipliers are recovered from stationarity,
+:math:`z_R = -(P_{U\\cdot} x + q_U) / a`. All of it is torch, so gradients flow through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+import torch
+from cvxpylayers.interfaces.base import SolverInterface
+
+from .kkt import DENSE, KKTStructure
+from .symmetric_cones import ConeLayout
+
+__all__ = ["ConeData", "UnsupportedProblem", "canonicalise"]
+
+
+class UnsupportedProblem(Exception):
+    """The problem needs what the batched solver does not cover (exp/PSD/power cones…)."""
+
+
+class _CanonOnly(SolverInterface):
+    """Asks cvxpylayers for Clarabel's canonicalisation with the quadratic term kept."""
+
+    canon_solver = "CLARABEL"
+    supports_quad_obj = True
+
+    def solve_torch_batch(self, *args: Any) -> Any:  # never called: canonicalisation only
+        raise NotImplementedError
+
+    def derivative_torch_batch(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class _Map:
+    """target[b, pos[k]] += coef[k] * p[b, col[k]] for a flat target of ``size``."""
+
+    pos: torch.Tensor
+    col: torch.Tensor
+    coef: torch.Tensor
+    size: int
+
+    def fill(self, p: torch.Tensor, cache: dict, key: str) -> torch.Tensor:
+        if key not in cache:
+            cache[key] = (self.pos.to(p.device), self.col.to(p.device), self.coef.to(p.device, p.dtype))
+        pos, col, coef = cache[key]
+        out = p.new_zeros(p.shape[0], self.size)
+        # index_select, not p[:, col]: its backward is an index_add, where advanced
+        # indexing's is a serial accumulate-put (several times slower on CPU).
+        return out.index_add(1, pos, p.index_select(1, col) * coef)
+
+
+@dataclass
+class _Var:
+    source: str  # "primal" or "dual"
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+
+
+class ConeData:
+    """The parameter -> (P, q, A, b) maps of one canonicalised problem, presolved.
+
+    Attributes:
+        n, layout: variables and cone of the *reduced* program the solver sees.
+        n_full, m_full: sizes before presolve. eliminated: variables removed.
+    """
+
+    def __init__(self, maps: dict[str, _Map], layout: ConeLayout, n_keep: int, n_elim: int,
+                 keep: np.ndarray, elim: np.ndarray, rows_keep: np.ndarray, rows_elim: np.ndarray,
+                 elim_coef: np.ndarray, puu_diag: bool, pku_zero: bool, n_full: int, m_full: int,
+                 param_cols: list[tuple[int, int]], triu: list, variables: list[_Var]) -> None:
+        self.maps, self.layout = maps, layout
+        self.n, self.eliminated = n_keep, n_elim
+        self.keep, self.elim = torch.as_tensor(keep), torch.as_tensor(elim)
+        self.rows_keep, self.rows_elim = torch.as_tensor(rows_keep), torch.as_tensor(rows_elim)
+        self.elim_coef = torch.as_tensor(elim_coef, dtype=torch.float64)
+        self.puu_diag, self.pku_zero = puu_diag, pku_zero
+        self.n_full, self.m_full = n_full, m_full
+        self.param_cols, self.triu, self.variables = param_cols, triu, variables
+        self.n_cols = sum(size for _, size, _ in param_cols) + 1
+        self.structure: KKTStructure = DENSE
+        self.error_cols: torch.Tensor | None = None
+        self.error_duals: torch.Tensor | None = None
+        self._cache: dict = {}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # device copies of the index arrays
+        return state
+
+    def _dev(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        key = (name, str(like.device), like.dtype)
+        if key not in self._cache:
+            t = getattr(self, name)
+            self._cache[key] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
+        return self._cache[key]
+
+    def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
+        """p = (θ, 1) of each element, (B, n_cols), in CVXPY's column order."""
+        cols: list[torch.Tensor] = [values[0]] * len(values)
+        for i, v in enumerate(values):
+            order, _, shape = self.param_cols[i]
+            if self.triu[i] is not None:
+                r, c = self.triu[i]
+                flat = v[..., r.to(v.device), c.to(v.device)]
+            else:
+                flat = _fortran_flatten(v, len(shape))
+            cols[order] = flat.expand(batch, -1) if v.dim() == len(shape) else flat
+        return torch.cat(cols + [values[0].new_ones(batch, 1)], 1)
+
+    def fill(self, p: torch.Tensor):
+        """Dense reduced data ``(P, q, A, b)`` and what :meth:`recover` needs."""
+        B = p.shape[0]
+        nK, nU, mr = self.n, self.eliminated, self.layout.m
+        get = lambda k: self.maps[k].fill(p, self._cache, k)  # noqa: E731
+        P = get("PKK").view(B, nK, nK)
+        q = get("qK")
+        A = get("A").view(B, mr, nK)
+        b = get("b")
+        extra = None
+        if nU:
+            M = get("M").view(B, nU, nK)
+            u0 = get("u0")
+            qU = get("qU")
+            if self.puu_diag:
+                puu = get("PUU")  # (B, nU) diagonal
+                PM, Pu0 = puu[:, :, None] * M, puu * u0
+            else:
+                PUU = get("PUU").view(B, nU, nU)
+                PM, Pu0 = PUU @ M, (PUU @ u0.unsqueeze(-1)).squeeze(-1)
+            P = P + M.mT @ PM
+            q = q - (M.mT @ (qU + Pu0).unsqueeze(-1)).squeeze(-1)
+            PKU = None
+            if not self.pku_zero:
+                PKU = get("PKU").view(B, nK, nU)
+                cross = PKU @ M
+                P = P - cross - cross.mT
+                q = q + (PKU @ u0.unsqueeze(-1)).squeeze(-1)
+            extra = (M, u0, qU, PM, Pu0, PKU)
+        return P, q, A, b, extra
+
+    def recover(self, x: torch.Tensor, z: torch.Tensor, extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full (x, z) of the canonical program from the reduced solution."""
+        if extra is None:
+            return x, z
+        M, u0, qU, PM, Pu0, PKU = extra
+        B = x.shape[0]
+        xU = u0 - (M @ x.unsqueeze(-1)).squeeze(-1)
+        xf = x.new_zeros(B, self.n_full)
+        xf = xf.index_copy(1, self._dev("keep", x), x).index_copy(1, self._dev("elim", x), xU)
+        # Stationarity in u: P_UK x_K + P_UU x_U + q_U + a z_R = 0 (u appears in row R only).
+        PUx = qU + Pu0 - (PM @ x.unsqueeze(-1)).squeeze(-1)
+        if PKU is not None:
+            PUx = PUx + (PKU.mT @ x.unsqueeze(-1)).squeeze(-1)
+        zR = -PUx / self._dev("elim_coef", x)
+        zf = z.new_zeros(B, self.m_full)
+        zf = zf.index_copy(1, self._dev("rows_keep", z), z).index_copy(1, self._dev("rows_elim", z), zR)
+        return xf, zf
+
+    def outputs(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The requested variables, (B, *shape) each, from the full (x, z)."""
+        outs = []
+        for v in self.variables:
+            src = x if v.source == "primal" else z
+            outs.append(_fortran_unflatten(src[:, v.start:v.stop], v.shape))
+        return tuple(outs)
+
+
+def _fortran_flatten(v: torch.Tensor, k: int) -> torch.Tensor:
+    """(*lead, *shape) -> (*lead, prod(shape)) in column-major order of the last k dims."""
+    lead = v.dim() - k
+    perm = list(range(lead)) + list(reversed(range(lead, v.dim())))
+    return v.permute(perm).reshape(tuple(v.shape[:lead]) + (-1,))
+
+
+def _fortran_unflatten(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    out = v.reshape((v.shape[0],) + tuple(reversed(shape)))
+    return out.permute([0] + list(reversed(range(1, len(shape) + 1))))
+
+
+def _coo(mat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    coo = sp.coo_matrix(mat)
+    return coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data.astype(np.float64)
+
+
+def _csc_entry_cols(indptr: np.ndarray) -> np.ndarray:
+    return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+
+
+def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
+                 variables: Sequence[cp.Variable], presolve: bool = True) -> ConeData:
+    """Canonicalise once (cvxpylayers, quadratic objective kept) and presolve.
+
+    Raises:
+        UnsupportedProblem: cones other than zero/nonnegative/second-order, symmetric
+            or PSD variables, or anything cvxpylayers cannot canonicalise this way.
+    """
+    import cvxpylayers.utils.parse_args as pa
+
+    try:
+        ctx = pa.parse_args(problem, list(variables), list(parameters), None, custom_solver=_CanonOnly())
+    except (ValueError, NotImplementedError, AssertionError, cp.error.DCPError) as err:
+        raise UnsupportedProblem(f"cvxpylayers cannot canonicalise this problem: {err}") from err
+    dims = ctx.cone_dims
+    if dims.exp or dims.psd or getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
+        raise UnsupportedProblem(
+            f"only zero, nonnegative and second-order cones are batched; got {dims}")
+    variables_out = []
+    for rec in ctx.var_recover:
+        if rec.unpack_fn != "reshape":
+            raise UnsupportedProblem("symmetric/PSD variables are not batched")
+        sl = rec.primal if rec.source == "primal" else rec.dual
+        variables_out.append(_Var(rec.source, sl.start, sl.stop, tuple(rec.shape)))
+    layout = ConeLayout(int(dims.zero), int(dims.nonneg), tuple(int(k) for k in dims.soc))
+
+    # Parameter columns, in the order cvxpylayers stacks them (θ in CVXPY's column order, then 1).
+    sizes = [len(t[0]) if t is not None else p.size for p, t in zip(parameters, ctx.param_triu_indices)]
+    order = list(ctx.user_order_to_col_order)
+    param_cols = [(order[i], sizes[i], tuple(p.shape)) for i, p in enumerate(parameters)]
+    triu = [None if t is None else (torch.tensor(t[0]), torch.tensor(t[1])) for t in ctx.param_triu_indices]
+
+    idx, ptr, shape = ctx.reduced_A.problem_data_index
+    m, n1 = int(shape[0]), int(shape[1])
+    n = n1 - 1
+    e_row = np.asarray(idx, dtype=np.int64)
+    e_col = _csc_entry_cols(np.asarray(ptr))
+    r, c, v = _coo(ctx.reduced_A.reduced_mat)
+    a_row, a_col, is_b = e_row[r], e_col[r], e_col[r] == n
+    coef = np.where(is_b, v, -v)  # ours: A = -A_cvxpy, b = b_cvxpy
+
+    if ctx.reduced_P.reduced_mat is not None and ctx.reduced_P.problem_data_index is not None:
+        pidx, pptr, _ = ctx.reduced_P.problem_data_index
+        pr, pc, pv = _coo(ctx.reduced_P.reduced_mat)
+        p_row, p_col, p_par = np.asarray(pidx, dtype=np.int64)[pr], _csc_entry_cols(np.asarray(pptr))[pr], pc
+    else:
+        p_row = p_col = p_par = np.zeros(0, dtype=np.int64)
+        pv = np.zeros(0)
+    qr, qc, qv = _coo(ctx.q)
+    q_keep = qr < n
+
+    # Presolve: variables with one A entry, in an equality row, with a constant coefficient.
+    const_col = ctx.reduced_A.reduced_mat.shape[1] - 1
+    A_entries = np.flatnonzero(e_col < n)
+    per_col = np.bincount(e_col[A_entries], minlength=n)
+    elim, elim_rows, elim_coef = [], [], []
+    if presolve:
+        csr = ctx.reduced_A.reduced_mat.tocsr()
+        used_rows: set[int] = set()
+        for k in A_entries:
+            j, i = int(e_col[k]), int(e_row[k])
+            if per_col[j] != 1 or i >= layout.zero or i in used_rows or len(elim) >= n - 1:
+                continue
+            lo, hi = csr.indptr[k], csr.indptr[k + 1]
+            if hi - lo != 1 or csr.indices[lo] != const_col or csr.data[lo] == 0:
+                continue
+            used_rows.add(i)
+            elim.append(j)
+            elim_rows.append(i)
+            elim_coef.append(-float(csr.data[lo]))  # ours = -cvxpy
+    elim_a = np.array(elim, dtype=np.int64)
+    keep_a = np.setdiff1d(np.arange(n), elim_a)
+    rows_elim = np.array(elim_rows, dtype=np.int64)
+    rows_keep = np.setdiff1d(np.arange(m), rows_elim)
+    nK, nU = keep_a.size, elim_a.size
+    kpos = np.full(n, -1)
+    kpos[keep_a] = np.arange(nK)
+    upos = np.full(n, -1)
+    upos[elim_a] = np.arange(nU)
+    rpos = np.full(m, -1)
+    rpos[rows_keep] = np.arange(rows_keep.size)
+    epos = np.full(m, -1)
+    epos[rows_elim] = np.arange(nU)
+    ecoef = np.zeros(m)
+    ecoef[rows_elim] = elim_coef
+
+    def mk(sel, pos, col, cf, size) -> _Map:
+        return _Map(torch.as_tensor(pos[sel]), torch.as_tensor(col[sel]),
+                    torch.as_tensor(cf[sel], dtype=torch.float64), int(size))
+
+    maps: dict[str, _Map] = {}
+    pk, pu = kpos[p_row], upos[p_row]
+    ck, cu = kpos[p_col], upos[p_col]
+    maps["PKK"] = mk((pk >= 0) & (ck >= 0), pk * nK + ck, p_par, pv, nK * nK)
+    uu = (pu >= 0) & (cu >= 0)
+    puu_diag = bool(np.all(p_row[uu] == p_col[uu]))
+    if puu_diag:
+        maps["PUU"] = mk(uu, pu, p_par, pv, nU)
+    else:
+        maps["PUU"] = mk(uu, pu * nU + cu, p_par, pv, nU * nU)
+    ku = (pk >= 0) & (cu >= 0)
+    pku_zero = not bool(np.any(ku))
+    maps["PKU"] = mk(ku, pk * nU + cu, p_par, pv, nK * nU)
+    maps["qK"] = mk(q_keep & (kpos[np.minimum(qr, n - 1)] >= 0), kpos[np.minimum(qr, n - 1)], qc, qv, nK)
+    maps["qU"] = mk(q_keep & (upos[np.minimum(qr, n - 1)] >= 0), upos[np.minimum(qr, n - 1)], qc, qv, nU)
+    rk, re_ = rpos[a_row], epos[a_row]
+    colk = kpos[np.minimum(a_col, n - 1)]
+    mr = rows_keep.size
+    maps["A"] = mk(~is_b & (rk >= 0) & (colk >= 0), rk * nK + colk, c, coef, mr * nK)
+    maps["b"] = mk(is_b & (rk >= 0), rk, c, coef, mr)
+    scale = np.where(re_ >= 0, 1.0 / np.where(ecoef[a_row] != 0, ecoef[a_row], 1.0), 0.0)
+    maps["M"] = mk(~is_b & (re_ >= 0) & (colk >= 0), re_ * nK + colk, c, coef * scale, nU * nK)
+    maps["u0"] = mk(is_b & (re_ >= 0), re_, c, coef * scale, nU)
+    reduced = ConeLayout(layout.zero - nU, layout.nonneg, layout.soc)
+    data = ConeData(maps, reduced, nK, nU, keep_a, elim_a, rows_keep, rows_elim, np.array(elim_coef),
+                    puu_diag, pku_zero, n, m, param_cols, triu, variables_out)
+    data.structure = _structure(maps, reduced, nK, nU, mr, puu_diag)
+    # The reduced variables the requested outputs depend on (for the error estimate).
+    wanted = np.zeros(n, dtype=bool)
+    rows = np.zeros(m, dtype=bool)
+    for v in variables_out:
+        if v.source == "primal":
+            wanted[v.start:v.stop] = True
+        else:
+            rows[v.start:v.stop] = True
+    # An eliminated output (a variable, or the multiplier of a removed row, recovered
+    # from stationarity) depends on every kept variable.
+    every = wanted[elim_a].any() or rows[rows_elim].any()
+    data.error_cols = None if every else torch.as_tensor(kpos[wanted], dtype=torch.long)
+    data.error_duals = torch.as_tensor(rpos[rows & (rpos >= 0)], dtype=torch.long) if rows.any() else None
+    return data
+
+
+def _pattern(mp: _Map, rows: int, cols: int) -> np.ndarray:
+    pat = np.zeros(rows * cols, dtype=bool)
+    pat[mp.pos.numpy()] = True
+    return pat.reshape(rows, cols)
+
+
+def _structure(maps: dict[str, _Map], layout: ConeLayout, nK: int, nU: int, mr: int,
+               puu_diag: bool) -> KKTStructure:
+    """Which terms of the reduced KKT matrix S can be nonzero (see :class:`KKTStructure`)."""
+    P = _pattern(maps["PKK"], nK, nK)
+    if nU:
+        M = _pattern(maps["M"], nU, nK).astype(np.int64)
+        PUU = np.diag(_pattern(maps["PUU"], 1, nU)[0]) if puu_diag else _pattern(maps["PUU"], nU, nU)
+        P = P | ((M.T @ PUU.astype(np.int64) @ M) > 0)
+        PKU = _pattern(maps["PKU"], nK, nU).astype(np.int64)
+        cross = (PKU @ M) > 0
+        P = P | cross | cross.T
+    A = _pattern(maps["A"], mr, nK)
+    curved = np.diag(P).copy()
+    S = P.copy()
+    rows = A[layout.zero:layout.zero + layout.nonneg]
+    curved |= rows.any(0)
+    S |= (rows.T.astype(np.int64) @ rows.astype(np.int64)) > 0
+    start = layout.zero + layout.nonneg
+    for k in layout.soc:  # a second-order cone couples every variable it touches
+        touched = A[start:start + k].any(0)
+        curved |= touched
+        S |= np.outer(touched, touched)
+        start += k
+    rho = bool(layout.zero) and not bool(curved.all())
+    off = S & ~np.eye(nK, dtype=bool)
+    if rho or off.any():
+        return KKTStructure(rho=rho)
+    cone_rows = A[layout.zero:]
+    cols = np.where(cone_rows.any(1), cone_rows.argmax(1), 0)
+    start = layout.nonneg
+    for k in layout.soc:  # one column per cone, also on its empty rows
+        block = cone_rows[start:start + k]
+        cols[start:start + k] = block.any(0).argmax() if block.any() else 0
+        start += k
+    return KKTStructure(rho=False, diagonal=True, cols=tuple(int(c) for c in cols))

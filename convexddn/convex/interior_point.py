@@ -1,0 +1,367 @@
+"""A batched primal-dual interior-point method for cone programs with quadratic objectives.
+
+Solves, for every batch element at once,
+
+.. math::
+
+    \\min_x \\tfrac12 x^T P x + q^T x \\quad\\text{s.t.}\\quad Ax + s = b,\\; s \\in K,
+    \\qquad K = \\{0\\}^{z} \\times \\mathbb{R}_+^{l} \\times Q^{q_1} \\times \\dots
+
+through Clarabel's homogeneous embedding with a quadratic objective (Goulart & Chen,
+"Clarabel: An interior-point solver for conic programs with quadratic objectives",
+2024): iterates :math:`(x, s, z, \\tau, \\kappa)` with
+
+.. math::
+
+    Px + A^T z + q\\tau = 0,\\quad Ax + s - b\\tau = 0,\\quad
+    q^T x + b^T z + x^T P x / \\tau + \\kappa = 0,
+
+so that :math:`\\tau \\to 0 < \\kappa` yields a primal (:math:`A^T z = 0, b^T z < 0`) or
+dual (:math:`Px = 0, Ax + s = 0, q^T x < 0`) infeasibility certificate per element.
+Steps are Mehrotra predictor–corrector with Nesterov–Todd scaling; each iteration
+factors one reduced KKT system per element (:mod:`.kkt`) and solves it for three right-
+hand sides. Data are Ruiz-equilibrated per element first (:mod:`.equilibration`).
+
+All elements iterate together as dense ``(B, ·, ·)`` tensors on the data's device; an
+element that has converged, been certified infeasible or hit trouble is frozen (its
+step length is zero), and once a quarter of the batch is frozen the running elements
+are gathered into a smaller batch (the slowest elements of a batch take ~1.5× the
+median's iterations). The only host synchronisation per iteration is the test how
+many elements still run. Afterwards :mod:`.certify` polishes the solutions and
+estimates each one's error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .certify import finish
+from .equilibration import Scaled, equilibrate
+from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
+from .symmetric_cones import ConeLayout, NTScaling
+
+__all__ = ["STATUS_NAMES", "ConeSolution", "solve_cone_batch", "kkt_measures"]
+
+RUNNING, SOLVED, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL = -1, 0, 1, 2, 3, 4
+STATUS_NAMES = {
+    SOLVED: "solved",
+    PRIMAL_INFEASIBLE: "primal infeasible",
+    DUAL_INFEASIBLE: "dual infeasible (unbounded)",
+    MAX_ITERATIONS: "max iterations",
+    NUMERICAL: "numerical trouble",
+}
+_STEP_FRACTION = 0.99
+_COMPACT_MIN, _COMPACT_FRACTION = 4, 0.75
+_MIN_STEP = 1e-10
+
+
+@dataclass
+class ConeSolution:
+    """Per-element result of :func:`solve_cone_batch` (original, unscaled units).
+
+    ``x, s, z`` are the solution where ``status == 0`` and finite but meaningless
+    elsewhere. ``residual`` is :func:`kkt_measures`' relative KKT residual of the
+    equilibrated program (cone violations included), ``error`` the size of one more
+    Newton step relative to the solution (equilibrated units), an estimate of its
+    error. ``scaled`` and ``kkt`` (the equilibrated data and the factorised KKT matrix
+    at the solution) are kept for the implicit backward when asked for.
+    """
+
+    x: torch.Tensor
+    s: torch.Tensor
+    z: torch.Tensor
+    status: torch.Tensor
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    error: torch.Tensor
+    scaled: Scaled | None = None
+    kkt: KKTSystem | None = None
+
+
+def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _inf(v: torch.Tensor) -> torch.Tensor:
+    return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
+
+
+def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Relative primal residual, dual residual and duality gap, per element.
+
+    .. math::
+
+        \\frac{\\|Ax + s - b\\|_\\infty}{1 + \\max(\\|b\\|, \\|Ax\\|, \\|s\\|)},\\quad
+        \\frac{\\|Px + A^T z + q\\|_\\infty}{1 + \\max(\\|q\\|, \\|Px\\|, \\|A^T z\\|)},\\quad
+        \\frac{|x^T P x + q^T x + b^T z|}{1 + |x^T P x| + |q^T x| + |b^T z|}
+
+    On equilibrated data (unit-size rows, columns and cost) the 1's are the data's own
+    scale, which makes these measures invariant to rescaling the problem.
+    """
+    Ax, Px, ATz = _bmv(A, x), _bmv(P, x), _bmv(A.mT, z)
+    pres = _inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(_inf(b), _inf(Ax)), _inf(s)))
+    dres = _inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(_inf(q), _inf(Px)), _inf(ATz)))
+    xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
+    gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
+    return pres, dres, gap
+
+
+class _Measures:
+    """Residuals of the embedding at (x, s, z, τ, κ), the measures of x/τ, s/τ, z/τ
+    (:func:`kkt_measures`, from the same products) and the infeasibility certificates."""
+
+    def __init__(self, d: Scaled, ops: DataOps, norm_b, norm_q, x, s, z, tau, kappa, tol_inf) -> None:
+        Px, ATz, Ax = ops.vec(ops.Pmv, x), ops.vec(ops.ATmv, z), ops.vec(ops.Amv, x)
+        t = tau[:, None]
+        self.Px = Px
+        self.rx = Px + ATz + d.q * t
+        self.rz = Ax + s - d.b * t
+        xPx, qx, bz = (x * Px).sum(1), (d.q * x).sum(1), (d.b * z).sum(1)
+        self.rtau = qx + bz + kappa + xPx / tau
+        pres = _inf(self.rz) / (tau + torch.maximum(torch.maximum(tau * norm_b, _inf(Ax)), _inf(s)))
+        dres = _inf(self.rx) / (tau + torch.maximum(torch.maximum(tau * norm_q, _inf(Px)), _inf(ATz)))
+        tt = tau * tau
+        gap = (xPx + tau * (qx + bz)).abs() / (tt + xPx.abs() + tau * (qx.abs() + bz.abs()))
+        self.merit = torch.maximum(torch.maximum(pres, dres), gap)
+        self.pinf = (bz < -tol_inf * _inf(z)) & (_inf(ATz) < -tol_inf * bz)
+        self.dinf = (qx < -tol_inf * _inf(x)) & (_inf(Px) < -tol_inf * qx) & (_inf(Ax + s) < -tol_inf * qx)
+        finite = torch.isfinite(self.merit) & torch.isfinite(kappa) & (tau > 0)
+        self.merit = torch.where(finite, self.merit, torch.inf)
+        self.finite = finite
+
+
+def _step(layout: ConeLayout, sc, zc, tau, kappa, dsc, dzc, dtau, dkappa) -> torch.Tensor:
+    """Largest step in (0, ∞] keeping s, z in K and τ, κ >= 0."""
+    extra = [(zc[:, :layout.nonneg], dzc[:, :layout.nonneg]),
+             (torch.stack([tau, kappa], 1), torch.stack([dtau, dkappa], 1))]
+    alpha = layout.max_step(sc, dsc, tuple(extra))
+    if layout.soc:
+        alpha = torch.minimum(alpha, layout.soc_max_step(zc[:, layout.nonneg:], dzc[:, layout.nonneg:]))
+    return alpha
+
+
+def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
+                     layout: ConeLayout, *, tol: float = 1e-10, tol_accept: float = 1e-8,
+                     tol_error: float = 1e-7, tol_inf: float = 1e-8, max_iter: int = 100, refine: int = 1,
+                     equilibrate_passes: int = 3, polish: str = "auto", polish_steps: int = 3,
+                     structure: KKTStructure = DENSE, error_cols: torch.Tensor | None = None,
+                     error_duals: torch.Tensor | None = None, keep_state: bool = False) -> ConeSolution:
+    """Solve a batch of cone programs ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``.
+
+    Args:
+        P, q, A, b: the data, any floating dtype (computed in that dtype), one device.
+        layout: the cone :math:`K` (rows of ``A`` in its order).
+        tol: an element stops once the largest of its relative primal residual, dual
+            residual and gap (:func:`kkt_measures`, equilibrated units) is below this.
+        tol_accept: an element that cannot get there (iterates degrade near the
+            boundary in finite precision, as in Clarabel) is still solved if the best
+            point it visited has measures below this; that point is returned.
+        tol_error: largest estimated relative error of a solution reported as solved
+            (one Newton step's size; catches ill-conditioned elements whose residual
+            is small but whose solution is not).
+        tol_inf: relative tolerance of the infeasibility certificates.
+        max_iter: iterations before an element is reported as ``max iterations``.
+        refine: iterative-refinement steps per KKT solve, once some element's measures
+            are below 1e-4 (the KKT systems get ill-conditioned; before, none).
+        equilibrate_passes: Ruiz passes (0: no equilibration).
+        polish: Newton steps on the exact complementarity after the iterations
+            (:mod:`.polish`): ``"auto"``: LU-based steps for programs with second-order
+            cones (whose interior-point solutions err by ~√μ), one step through the
+            structured factorisation otherwise; ``"always"``: LU-based steps for all;
+            ``"never"``.
+        polish_steps: at most this many such steps.
+        structure: what the sparsity pattern says about the reduced KKT matrix
+            (:class:`~.kkt.KKTStructure`; dense with the ρ term by default).
+        error_cols, error_duals: the variables (all by default) and the multipliers (none
+            by default) that count in the error estimate: the outputs a caller asks for.
+        keep_state: keep the equilibrated data and the KKT system factorised at the
+            solution (for the backward).
+
+    Shape:
+        ``P (B, n, n), q (B, n), A (B, m, n), b (B, m)`` ->
+        ``x (B, n), s (B, m), z (B, m)``, ``status, iterations, residual, error (B,)``.
+
+    Returns:
+        :class:`ConeSolution`; ``status`` codes are :data:`STATUS_NAMES`' keys.
+        Never raises for a per-element failure.
+    """
+    tol = min(tol, tol_accept)
+    P = 0.5 * (P + P.mT)
+    d = equilibrate(P, q, A, b, layout, equilibrate_passes)
+    B, m, n = A.shape
+    z0 = layout.zero
+    for first in (True, False):
+        base = constant_part(d.P, d.A, layout, structure)
+        ops = DataOps(d.P, d.A, layout, structure)
+        # Initial point (CVXOPT/Clarabel): x, z of K [x; z] = [-q; b] with H = I, s = -z,
+        # then s and z shifted into the interior of K.
+        kkt = KKTSystem(ops, None, base, structure)
+        x, z, _ = kkt.solve(-d.q.unsqueeze(-1), d.b.unsqueeze(-1), refine)
+        x, z = x.squeeze(-1), z.squeeze(-1)
+        if first:
+            # Refine the solution scale σ from this point's size (within 1e±3 of the first
+            # guess, which measures b, not x: a dense row of A sums many entries of x), so
+            # that the measures' "1 +" is the solution's own unit.
+            size = _inf(x)
+            ratio = torch.where(size > 0, size, 1.0).clamp(1e-3, 1e3)
+            d = d.with_sigma(d.sigma * ratio)
+    norm_b, norm_q = _inf(d.b), _inf(d.q)
+    bE, bI = d.b[:, :z0], d.b[:, z0:]
+    s = torch.zeros_like(z)
+    s[:, z0:] = layout.shift_inside(-z[:, z0:])
+    z[:, z0:] = layout.shift_inside(z[:, z0:])
+    tau = x.new_ones(B)
+    kappa = x.new_ones(B)
+    status = torch.where(kkt.failed, NUMERICAL, torch.full_like(tau, RUNNING, dtype=torch.long))
+    iterations = torch.zeros_like(status)
+    best = (x, s, z, tau)
+    best_merit = torch.full_like(tau, torch.inf)
+    nu = layout.degree
+    full_data = (d, ops, base)
+    saved, slot = None, None  # full-batch state and positions of the active elements
+
+    for it in range(max_iter + 1):
+        r = _Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
+        running = status == RUNNING
+        better = running & (r.merit < best_merit)
+        # Iterates stay finite (non-finite steps are never taken), so blend by arithmetic.
+        keep = better.to(x.dtype)
+        best = tuple(bv + _col(keep, v) * (v - bv) for v, bv in zip((x, s, z, tau), best))
+        best_merit = torch.where(better, r.merit, best_merit)
+        new = torch.where(r.dinf, DUAL_INFEASIBLE, RUNNING)
+        new = torch.where(r.pinf, PRIMAL_INFEASIBLE, new)
+        new = torch.where(r.merit <= tol, SOLVED, new)
+        # Finite precision: iterates near ∂K can degrade; stop once clearly worse.
+        new = torch.where(~r.finite | ((best_merit < 1e-5) & (r.merit > 1e4 * best_merit)), NUMERICAL, new)
+        if it == max_iter:
+            new = torch.where(new == RUNNING, MAX_ITERATIONS, new)
+        status = torch.where(running, new, status)
+        running = status == RUNNING
+        # The one host round-trip per iteration: is anyone running, is anyone close
+        # (iterative refinement pays only once the KKT systems get ill-conditioned)?
+        n_running, close = torch.stack([running.sum(), (running & (best_merit < 1e-4)).sum()]).tolist()
+        if not n_running:
+            break
+        if x.shape[0] >= _COMPACT_MIN and n_running <= _COMPACT_FRACTION * x.shape[0]:
+            # Most elements are done: iterate on the running ones only (the tail of a
+            # batch often takes half again the median's iterations).
+            state = [x, s, z, tau, kappa, status, iterations, *best, best_merit]
+            idx = torch.nonzero(running).squeeze(1)
+            if saved is None:
+                saved, slot = state, idx
+            else:
+                saved = [f.index_copy(0, slot, v) for f, v in zip(saved, state)]
+                slot = slot.index_select(0, idx)
+            x, s, z, tau, kappa, status, iterations, *best, best_merit = (v.index_select(0, idx) for v in state)
+            d = d.select(idx)
+            ops, base = DataOps(d.P, d.A, layout, structure), base.index_select(0, idx)
+            norm_b, norm_q = _inf(d.b), _inf(d.q)
+            bE, bI = d.b[:, :z0], d.b[:, z0:]
+            r = _Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
+            running = status == RUNNING
+        iterations = iterations + running.long()
+        rx, rz, rtau = r.rx, r.rz, r.rtau
+        sc, zc = s[:, z0:], z[:, z0:]
+
+        W = NTScaling(layout, sc, zc)
+        kkt = KKTSystem(ops, W, base, structure)
+        status = torch.where(running & kkt.failed, NUMERICAL, status)
+        lam = W.lam
+        mu = ((lam * lam).sum(1) + tau * kappa) / (nu + 1)  # λᵀλ = sᵀz
+        ref = refine if close else 0
+        xi = x / tau[:, None]
+        qPxi = d.q + 2.0 * r.Px / tau[:, None]
+        Wrz = W.apply_inv(rz[:, z0:])  # right-hand sides enter the KKT solve as W⁻¹(·)
+
+        # Predictor (affine) and the constant system K [x1; z1] = [-q; b], solved together;
+        # the affine cone rows are W⁻¹(s − r_z) = λ − W⁻¹ r_z.
+        rhs_x = torch.stack([-d.q, -rx], -1)
+        rhs_r = torch.stack([torch.cat([bE, W.apply_inv(bI)], 1),
+                             torch.cat([-rz[:, :z0], lam - Wrz], 1)], -1)
+        X, Z, H = kkt.solve(rhs_x, rhs_r, ref, scaled=True)
+        x1, z1, h1 = X[..., 0], Z[..., 0], H[..., 0]
+        v = x1 - xi
+        # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
+        # den = ‖x1 − ξ‖²_P + ‖z1‖²_H + κ/τ > 0.
+        den = (v * ops.vec(ops.Pmv, v)).sum(1) + (h1 * h1).sum(1) + kappa / tau
+        Ax1 = ops.vec(ops.Amv, x1)
+
+        def direction(dtau_, dz_, dkappa_, x2, z2, h2):
+            dtau = (dtau_ - dkappa_ / tau + (qPxi * x2).sum(1) + (d.b * z2).sum(1)) / den
+            t = dtau[:, None]
+            DX, DZ, DH = x2 + t * x1, z2 + t * z1, h2 + t * h1
+            # Δs from the linearised primal equation A Δx + Δs − b Δτ = −d_z rather than
+            # from Δs = −d_s − W (W Δz): W reaches 1e10 on off-centre cones near ∂K, and
+            # this keeps the primal residual falling by exactly (1 − α).
+            DSc = (d.b * t - ops.vec(ops.Amv, x2) - t * Ax1 - dz_)[:, z0:]
+            dkappa = -(dkappa_ + kappa * dtau) / tau
+            return DX, DZ, DH, DSc, dtau, dkappa
+
+        DXa, DZa, DHa, DSa, dtau_a, dkappa_a = direction(rtau, rz, tau * kappa, X[..., 1], Z[..., 1], H[..., 1])
+        alpha_a = _step(layout, sc, zc, tau, kappa, DSa, DZa[:, z0:], dtau_a, dkappa_a).clamp(max=1.0)
+        one_a = 1.0 - alpha_a
+        sigma = one_a * one_a * one_a
+
+        # Corrector: centring σμ and Mehrotra's second-order term (damped on the first
+        # iteration, as Clarabel does for a badly centred start).
+        one_s = (1.0 - sigma)[:, None]
+        corr = layout.jordan(W.apply_inv(DSa), DHa)
+        if it == 0:
+            corr = alpha_a[:, None] * corr
+        ds_lam = layout.jordan(lam, lam) + corr - (sigma * mu)[:, None] * layout.unit(lam)
+        dkappa_c = tau * kappa + dtau_a * dkappa_a * (alpha_a if it == 0 else 1.0) - sigma * mu
+        rhs2_r = torch.cat([-one_s * rz[:, :z0], layout.jordan_solve(lam, ds_lam) - one_s * Wrz], 1)
+        X2, Z2, H2 = kkt.solve((-one_s * rx).unsqueeze(-1), rhs2_r.unsqueeze(-1), ref, scaled=True)
+        DX, DZ, _, DSc, dtau, dkappa = direction((1.0 - sigma) * rtau, one_s * rz, dkappa_c,
+                                                 X2[..., 0], Z2[..., 0], H2[..., 0])
+        alpha = torch.clamp(_STEP_FRACTION * _step(layout, sc, zc, tau, kappa, DSc, DZ[:, z0:], dtau, dkappa),
+                            max=1.0)
+        status = torch.where(running & ~(alpha > _MIN_STEP), NUMERICAL, status)
+        alpha = torch.where(status == RUNNING, alpha, 0.0)
+        # Non-finite directions of frozen elements must not leak in through 0 * inf.
+        a = alpha[:, None]
+        move = a > 0
+        x = torch.where(move, x + a * DX, x)
+        z = torch.where(move, z + a * DZ, z)
+        s = s.clone()
+        s[:, z0:] = torch.where(move, sc + a * DSc, sc)
+        tau = torch.where(alpha > 0, tau + alpha * dtau, tau)
+        kappa = torch.where(alpha > 0, kappa + alpha * dkappa, kappa)
+
+    if saved is not None:
+        state = [x, s, z, tau, kappa, status, iterations, *best, best_merit]
+        x, s, z, tau, kappa, status, iterations, *best, best_merit = (
+            f.index_copy(0, slot, v) for f, v in zip(saved, state))
+        d, ops, base = full_data
+    # Solved elements and those that stalled near a solution return their best point;
+    # certificates (infeasible elements) keep the last one.
+    certified = (status == PRIMAL_INFEASIBLE) | (status == DUAL_INFEASIBLE)
+    x, s, z, tau = (torch.where(_col(~certified, bv), bv, v) for v, bv in zip((x, s, z, tau), best))
+    xs, ss, zs = x / tau[:, None], s / tau[:, None], z / tau[:, None]
+
+    def residual_fn(x_, s_, z_, idx=None):
+        pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))  # noqa: E731
+        pres, dres, gap = kkt_measures(pick(d.P), pick(d.q), pick(d.A), pick(d.b), x_, s_, z_)
+        cone = torch.maximum(layout.violation(s_[:, z0:]) / (1 + _inf(s_)),
+                             layout.violation(z_[:, z0:]) / (1 + _inf(z_)))
+        r_ = torch.maximum(torch.maximum(pres, dres), torch.maximum(gap, cone))
+        return torch.where(torch.isnan(r_), torch.inf, r_)
+
+    xs, ss, zs, residual, kkt, error = finish(
+        d, ops, base, structure, layout, xs, ss, zs, ~certified, residual_fn, polish, polish_steps,
+        refine + 1, tol_error, error_cols, error_duals)
+    # Solved means: small residual and small estimated error, whatever the loop concluded.
+    ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
+    status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
+    xo, so, zo = d.unscale(xs, ss, zs)
+    ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
+    xo, so, zo = (torch.where(ok[:, None], v, 0.0) for v in (xo, so, zo))
+    out = ConeSolution(xo, so, zo, status, iterations, residual, error)
+    if keep_state:
+        out.scaled, out.kkt = d, kkt
+    return out
+
+
+def _col(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask if like.dim() == 1 else mask[:, None]

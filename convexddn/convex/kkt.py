@@ -1,0 +1,259 @@
+"""The batched KKT system of an interior-point step, solved by Cholesky factorisations.
+
+Every linear system the interior-point method (and its implicit backward) solves is
+
+.. math::
+
+    K \\begin{bmatrix} \\Delta x \\\\ \\Delta z \\end{bmatrix}
+    = \\begin{bmatrix} r_x \\\\ r_z \\end{bmatrix}, \\qquad
+    K = \\begin{bmatrix} P & A_E^T & A_I^T \\\\ A_E & 0 & 0 \\\\ A_I & 0 & -H \\end{bmatrix}
+
+with :math:`A_E` the zero-cone (equality) rows, :math:`A_I` the cone rows and
+:math:`H = W^T W` the Nesterov–Todd scaling. It is quasi-definite only after
+regularisation, so instead of an :math:`LDL^T` of the :math:`(n + m)`-square matrix we
+eliminate :math:`\\Delta z_I = H^{-1}(A_I \\Delta x - r_I)` and factor two symmetric
+positive definite Schur complements by batched Cholesky,
+
+.. math::
+
+    S = P + \\delta I + \\rho A_E^T A_E + (W^{-1} A_I)^T (W^{-1} A_I), \\qquad
+    M = A_E S^{-1} A_E^T + \\delta I.
+
+The :math:`\\rho A_E^T A_E` term is added to both sides (an exact reformulation, as in
+CVXOPT's ``chol2``) where some variable would otherwise have no curvature in
+:math:`S` (e.g. an LP variable that appears only in equalities), so :math:`S` stays
+positive definite whenever :math:`K` is nonsingular. The only approximation is
+:math:`\\delta` (static regularisation, as in Clarabel); iterative refinement against
+the exact :math:`K` removes it.
+
+When :math:`S` is structurally diagonal (separable problems: projections onto boxes,
+simplices, orthants; known from the sparsity pattern at canonicalisation, see
+:class:`KKTStructure`) the "Cholesky factor" is a vector and every triangular solve a
+division: batched LAPACK calls cost a few microseconds per matrix on a CPU, which for
+1024 16×16 systems outweighs the arithmetic a hundredfold.
+
+Batch elements whose factorisation fails are reported in ``failed``, never raised;
+their (garbage) numbers stay in their own rows of the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .symmetric_cones import ConeLayout, NTScaling
+
+__all__ = ["DataOps", "KKTStructure", "KKTSystem", "constant_part"]
+
+# Static regularisation and equality penalty, in the equilibrated problem's units (O(1)).
+_DELTA = 1e-9
+_RHO = 1.0
+
+
+@dataclass(frozen=True)
+class KKTStructure:
+    """What the sparsity pattern says about S (see the module docstring).
+
+    Attributes:
+        rho: add :math:`\\rho A_E^T A_E` (some variable has no structural curvature).
+        diagonal: :math:`S` is diagonal (implies ``rho`` is False): :math:`P` is
+            diagonal and every cone row (every second-order cone) touches one variable.
+        cols: for a diagonal structure, the variable each cone row touches (any
+            column for an empty row).
+    """
+
+    rho: bool = True
+    diagonal: bool = False
+    cols: tuple[int, ...] = ()
+
+
+DENSE = KKTStructure()
+
+
+class DataOps:
+    """Products with the (equilibrated) data: batched matrix products, or for a
+    diagonal structure gathers and scatters of one value per cone row.
+
+    Shape:
+        vectors ``(B, n, k)`` / ``(B, m, k)``; :meth:`vec` wraps ``(B, n)`` ones.
+    """
+
+    def __init__(self, P: torch.Tensor, A: torch.Tensor, layout: ConeLayout, structure: KKTStructure) -> None:
+        self.P, self.A, self.layout = P, A, layout
+        self.diagonal = structure.diagonal
+        z = layout.zero
+        self.AE = A[:, :z]
+        if self.diagonal:
+            self.p = P.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+            self.cols = torch.tensor(structure.cols, dtype=torch.long, device=P.device)
+            self.a = A[:, z:].gather(2, self.cols.view(1, -1, 1).expand(A.shape[0], -1, 1)).squeeze(-1)
+
+    def rows_mv(self, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(one value per cone row) times x: (B, mc), (B, n, k) -> (B, mc, k)."""
+        return vals.unsqueeze(-1) * x.index_select(1, self.cols)
+
+    def rows_tmv(self, vals: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Its transpose: (B, mc), (B, mc, k) -> (B, n, k)."""
+        out = t.new_zeros(t.shape[0], self.P.shape[-1], t.shape[-1])
+        return out.index_add_(1, self.cols, vals.unsqueeze(-1) * t)
+
+    def e_mv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.AE @ x
+
+    def e_tmv(self, zE: torch.Tensor) -> torch.Tensor:
+        return self.AE.mT @ zE
+
+    def Pmv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.p * x if self.diagonal else self.P @ x
+
+    def Amv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.diagonal:
+            return torch.cat([self.e_mv(x), self.rows_mv(self.a, x)], 1)
+        return self.A @ x
+
+    def ATmv(self, z: torch.Tensor) -> torch.Tensor:
+        if self.diagonal:
+            zE = z[:, :self.layout.zero]
+            return self.e_tmv(zE) + self.rows_tmv(self.a, z[:, self.layout.zero:])
+        return self.A.mT @ z
+
+    @staticmethod
+    def vec(f, v: torch.Tensor) -> torch.Tensor:
+        return f(v.unsqueeze(-1)).squeeze(-1)
+
+
+def constant_part(P: torch.Tensor, A: torch.Tensor, layout: ConeLayout,
+                  structure: KKTStructure = DENSE) -> torch.Tensor:
+    """P + δ I (+ ρ A_Eᵀ A_E): the part of S that does not change between iterations.
+
+    Shape:
+        ``(B, n, n)``, or its diagonal ``(B, n)`` for a diagonal structure.
+    """
+    if structure.diagonal:
+        return P.diagonal(dim1=1, dim2=2) + _DELTA
+    base = P + _DELTA * torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    if layout.zero and structure.rho:
+        AE = A[:, : layout.zero]
+        base = torch.baddbmm(base, AE.mT, AE, alpha=_RHO)
+    return base
+
+
+def _chol(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factor and failure mask; 1×1 systems elementwise (no LAPACK loop)."""
+    if M.shape[-1] == 1:
+        ok = M[:, 0, 0] > 0
+        return torch.sqrt(torch.where(ok, M[:, 0, 0], 1.0))[:, None, None], ~ok
+    L, info = torch.linalg.cholesky_ex(M)
+    return L, info != 0
+
+
+def _chol_solve(L: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if L.shape[-1] == 1:
+        return v / (L * L)
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, v, upper=False), upper=True)
+
+
+class KKTSystem:
+    """Factorisation of the KKT matrix at one interior point, for a batch.
+
+    Args:
+        ops: the data ``P (B, n, n)`` (symmetric positive semidefinite) and ``A (B, m, n)``
+            (rows in the cone's order), with their products.
+        scaling: NT scaling of the cone rows; ``None`` means :math:`H = I` there
+            (used for the initial point).
+        base: :func:`constant_part` of ``(P, A)`` with the same ``structure``.
+        structure: dense or diagonal :math:`S`, with or without the ρ term.
+
+    Attributes:
+        failed: ``(B,)`` bool, elements whose Cholesky factorisation broke down. Their
+            solutions are garbage (confined to their own rows of the batch); callers
+            freeze them.
+    """
+
+    def __init__(self, ops: DataOps, scaling: NTScaling | None, base: torch.Tensor,
+                 structure: KKTStructure = DENSE) -> None:
+        self.ops, self.layout, self.scaling = ops, ops.layout, scaling
+        self.diagonal, self.rho = structure.diagonal, structure.rho and not structure.diagonal
+        z = self.layout.zero
+        P = ops.P
+        if self.diagonal:
+            # W⁻¹ A_I keeps one value per cone row (a cone touches one variable).
+            self.at = ops.a if scaling is None else scaling.apply_inv(ops.a)
+            S = base.index_add(1, ops.cols, self.at * self.at)
+            failed = ~(S > 0).all(1)
+            self.L = torch.sqrt(torch.where(S > 0, S, 1.0))[:, :, None]  # (B, n, 1)
+        else:
+            At = ops.A[:, z:]
+            self.At = At if scaling is None else scaling.apply_inv(At)  # W⁻¹ A_I
+            L, info = torch.linalg.cholesky_ex(torch.baddbmm(base, self.At.mT, self.At))
+            failed = (info != 0) | ~torch.isfinite(L.diagonal(dim1=1, dim2=2)).all(1)
+            self.L = L
+        if z:
+            self.Y = self._lower(ops.AE.mT)  # L⁻¹ A_Eᵀ
+            eye = torch.eye(z, dtype=P.dtype, device=P.device)
+            self.LM, failed_m = _chol(_DELTA * eye + self._yt(self.Y))
+            failed = failed | failed_m
+        self.failed = failed
+
+    def _yt(self, v: torch.Tensor) -> torch.Tensor:  # Yᵀ v
+        return self.Y.mT @ v
+
+    def _y(self, v: torch.Tensor) -> torch.Tensor:  # Y v
+        return self.Y @ v
+
+    def _at_mv(self, x: torch.Tensor) -> torch.Tensor:  # W⁻¹A_I x
+        return self.ops.rows_mv(self.at, x) if self.diagonal else self.At @ x
+
+    def _at_tmv(self, t: torch.Tensor) -> torch.Tensor:  # (W⁻¹A_I)ᵀ t
+        return self.ops.rows_tmv(self.at, t) if self.diagonal else self.At.mT @ t
+
+    def _lower(self, v: torch.Tensor) -> torch.Tensor:
+        return v / self.L if self.diagonal else torch.linalg.solve_triangular(self.L, v, upper=False)
+
+    def _upper(self, v: torch.Tensor) -> torch.Tensor:
+        return v / self.L if self.diagonal else torch.linalg.solve_triangular(self.L.mT, v, upper=True)
+
+    def _solve_regularised(self, rx, rE, t):
+        """(x, z_E, ẑ) of the regularised scaled system; cone rows W⁻¹A_I x − ẑ = t."""
+        rhs = rx + self._at_tmv(t)
+        if self.layout.zero:
+            if self.rho:
+                rhs = rhs + _RHO * self.ops.e_tmv(rE)
+            w1 = self._lower(rhs)
+            zE = _chol_solve(self.LM, self._yt(w1) - rE)
+            w1 = w1 - self._y(zE)
+        else:
+            zE = rE
+            w1 = self._lower(rhs)
+        x = self._upper(w1)
+        return x, zE, self._at_mv(x) - t
+
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
+        """Solve K [x; z] = [rx; rz] for ``(B, n, k)``, ``(B, m, k)`` right-hand sides.
+
+        With :math:`\\hat z = W z_I` the cone rows become :math:`W^{-1} A_I x - \\hat z =
+        W^{-1} r_I`, a system whose matrix holds :math:`W^{-1} A_I` (the very matrix that
+        was factorised) and an identity, never :math:`H = W^2`, whose entries reach
+        1e20 when iterates near the boundary are off-centre. Refinement residuals are
+        taken in that scaled system, so they are consistent with the factorisation.
+        ``scaled=True`` says the cone rows of ``rz`` already hold :math:`W^{-1} r_I` (the
+        interior-point method forms them without ever multiplying by :math:`W`).
+
+        Returns:
+            ``(x, z, ẑ)``: the solution and :math:`\\hat z = W z_I` ``(B, mc, k)``.
+        """
+        z = self.layout.zero
+        rE, t = rz[:, :z], rz[:, z:]
+        if self.scaling is not None and not scaled:
+            t = self.scaling.apply_inv(t)
+        x, zE, zh = self._solve_regularised(rx, rE, t)
+        for _ in range(refine):
+            ex = rx - self.ops.Pmv(x) - self._at_tmv(zh)
+            if z:
+                ex = ex - self.ops.e_tmv(zE)
+            eE = rE - self.ops.e_mv(x)
+            et = t + zh - self._at_mv(x)
+            dx, dzE, dzh = self._solve_regularised(ex, eE, et)
+            x, zE, zh = x + dx, zE + dzE, zh + dzh
+        zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
+        return x, torch.cat([zE, zI], 1), zh

@@ -1,0 +1,144 @@
+"""Newton polishing of interior-point solutions on the exact complementarity condition.
+
+On a second-order cone an interior-point method (ours, Clarabel's) leaves the slack and
+the multiplier of an active cone misaligned by an angle of order :math:`\\sqrt{\\mu}`:
+:math:`s^T z` only sees the misalignment to second order, so residuals of 1e-11 come
+with solution errors of 1e-6 (measured on a ball projection with one extra linear
+constraint; Clarabel at 1e-10 errs by 6e-6 there too). A Newton step on the KKT
+conditions with the Jordan-product complementarity :math:`s \\circ z = 0`,
+
+.. math::
+
+    P\\,dx + A^T dz = -r_x, \\quad A\\,dx + ds = -r_z, \\quad
+    L(z)\\,ds + L(s)\\,dz = -s \\circ z,
+
+converges quadratically near a strictly complementary solution and removes it.
+Only :math:`ds` is eliminated: the remaining :math:`(n + m)`-square system is
+nonsymmetric (batched LU) and keeps bounded entries even where :math:`s` or :math:`z`
+reach the boundary, where any further elimination through :math:`L(s)^{-1}` breaks
+down (tried: entries of 1e31 after two steps). A step is kept where it lowers the KKT
+residual.
+"""
+from __future__ import annotations
+
+import torch
+
+from .symmetric_cones import ConeLayout
+
+__all__ = ["polish"]
+
+def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """L(u) V column by column: u (B, mc), V (B, mc, k) -> (B, mc, k)."""
+    B, mc, k = V.shape
+    flat = V.permute(0, 2, 1).reshape(B * k, mc)
+    out = layout.jordan(u.repeat_interleave(k, 0), flat)
+    return out.reshape(B, k, mc).permute(0, 2, 1)
+
+
+def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
+    """One full Newton step (dx, ds, dz) on the KKT conditions; (B,) failure mask.
+
+    With :math:`ds = -r_z - A\\,dx` substituted, the system in :math:`(dx, dz)` is
+
+    .. math::
+
+        \\begin{bmatrix} P & A^T \\\\ A_E & 0 \\\\ -L(z) A_I & L(s) \\end{bmatrix}
+        \\begin{bmatrix} dx \\\\ dz \\end{bmatrix} =
+        \\begin{bmatrix} -r_x \\\\ -r_{z,E} \\\\ L(z) r_{z,I} - s \\circ z \\end{bmatrix},
+
+    whose entries stay bounded as :math:`s` or :math:`z` reach :math:`\\partial K` (unlike
+    any elimination through :math:`L(s)^{-1}`), factored by batched LU.
+    """
+    z0, n = layout.zero, P.shape[-1]
+    B, m = s.shape
+    rx = _bmv(P, x) + _bmv(A.mT, z) + q
+    rz = _bmv(A, x) + s - b
+    sc, zc = s[:, z0:], z[:, z0:]
+    K = P.new_zeros(B, n + m, n + m)
+    K[:, :n, :n] = P
+    K[:, :n, n:] = A.mT
+    K[:, n:n + z0, :n] = A[:, :z0]
+    K[:, n + z0:, :n] = -_arrow(layout, zc, A[:, z0:])
+    eye = torch.eye(m - z0, dtype=P.dtype, device=P.device).expand(B, -1, -1)
+    K[:, n + z0:, n + z0:] = _arrow(layout, sc, eye.contiguous())
+    rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zc, rz[:, z0:]) - layout.jordan(sc, zc)], 1)
+    LU, piv, info = torch.linalg.lu_factor_ex(K)
+    failed = info != 0
+    LU = torch.where(failed[:, None, None], torch.eye(n + m, dtype=P.dtype, device=P.device), LU)
+    sol = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
+    dx, dz = sol[:, :n], sol[:, n:]
+    ds = -rz - _bmv(A, dx)
+    ds = torch.cat([torch.zeros_like(ds[:, :z0]), ds[:, z0:]], 1)
+    return dx, ds, dz, failed | ~torch.isfinite(sol).all(1)
+
+
+def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3):
+    """Newton-polish (x, s, z); return each element's best point.
+
+    Full steps are taken (the first one may raise the residual slightly while it
+    removes an error of order √μ; the next lands at rounding level), and the point with
+    the lowest residual over the steps is kept, so an element the steps do not help
+    keeps its interior-point solution.
+
+    Args:
+        residual_fn: ``(x, s, z) -> (B,)`` relative KKT residual (cone violation included).
+
+    Returns:
+        ``(x, s, z, residual, polished)``: the best points, their residual and where a
+        Newton step was taken.
+    """
+    best = (x, s, z)
+    res = residual_fn(x, s, z)
+    polished = torch.zeros_like(res, dtype=torch.bool)
+    for _ in range(steps):
+        dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z)
+        x, s, z = x + dx, s + ds, z + dz
+        rn = residual_fn(x, s, z)
+        take = ~failed & (rn < res)
+        best = tuple(torch.where(take[:, None], v, bv) for v, bv in zip((x, s, z), best))
+        res = torch.where(take, rn, res)
+        polished = polished | take
+    return (*best, res, polished)
+
+
+def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, residual_fn, refine: int = 2):
+    """One Newton step for programs without second-order cones, through the reduced KKT.
+
+    On :math:`\\mathbb{R}_+` the Nesterov–Todd linearisation *is* the Jordan one
+    (:math:`H = S Z^{-1}`), so the interior-point method's affine direction with a full
+    step is a Newton step on :math:`s \\circ z = 0`, and the cheap structured
+    factorisation serves (one step: after it :math:`s_i z_i \\approx 0` and :math:`z/s`
+    would overflow the next factorisation).
+
+    Args:
+        kkt_factory: ``scaling -> KKTSystem`` on the same data.
+        ops: :class:`~.kkt.DataOps` of the data.
+
+    Returns:
+        ``(x, s, z, residual, improved)``.
+    """
+    from .symmetric_cones import NTScaling
+
+    z0 = layout.zero
+    res = residual_fn(x, s, z)
+    ok = (s[:, z0:] > 0).all(1) & (z[:, z0:] > 0).all(1)
+    sc = torch.where(ok[:, None], s[:, z0:], 1.0)
+    zc = torch.where(ok[:, None], z[:, z0:], 1.0)
+    kkt = kkt_factory(NTScaling(layout, sc, zc))
+    vec = lambda f, v: f(v.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    rx = vec(ops.Pmv, x) + vec(ops.ATmv, z) + q
+    rz = vec(ops.Amv, x) + s - b
+    rhs_z = torch.cat([-rz[:, :z0], s[:, z0:] - rz[:, z0:]], 1)
+    dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs_z.unsqueeze(-1), refine)
+    dx, dz = dx.squeeze(-1), dz.squeeze(-1)
+    ds = -rz - vec(ops.Amv, dx)
+    ds = torch.cat([torch.zeros_like(ds[:, :z0]), ds[:, z0:]], 1)
+    xn, sn, zn = x + dx, s + ds, z + dz
+    rn = residual_fn(xn, sn, zn)
+    take = ok & ~kkt.failed & (rn < res)
+    pick = lambda new, old: torch.where(take[:, None], new, old)  # noqa: E731
+    return pick(xn, x), pick(sn, s), pick(zn, z), torch.where(take, rn, res), take

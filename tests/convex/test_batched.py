@@ -1,0 +1,365 @@
+"""BatchedProgram: a DPP problem solved for a whole batch in torch, differentiated implicitly.
+
+References: CVXPY's own solve (Clarabel, tight tolerances), the per-element
+ConvexLayer, closed forms (sparsemax, ball projections) and central finite
+differences in float64; never the batched solver's own output.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn.convex.batched import BatchedProgram, UnsupportedProblem
+from convexddn.errors import DTypeError, InputError, OptionError, ShapeError
+
+F64 = torch.float64
+TIGHT = dict(solver="CLARABEL", tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, max_iter=500)
+
+
+def cvxpy_solve(problem, parameters, variables, values, index):
+    for p, v in zip(parameters, values):
+        p.value = (v[index] if v.dim() > len(p.shape) else v).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problem.solve(**TIGHT)
+    return [np.asarray(v.value) for v in variables]
+
+
+def qp_problem(n=5, m=4, p=2):
+    L, q = cp.Parameter((n, n), name="L"), cp.Parameter(n, name="q")
+    G, h = cp.Parameter((m, n), name="G"), cp.Parameter(m, name="h")
+    A, b = cp.Parameter((p, n), name="A"), cp.Parameter(p, name="b")
+    x = cp.Variable(n, name="x")
+    ineq = G @ x <= h
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L @ x) + q @ x + 0.05 * cp.sum_squares(x)),
+                      [ineq, A @ x == b])
+    return prob, [L, q, G, h, A, b], [x], ineq
+
+
+def qp_data(batch, n=5, m=4, p=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    L = torch.eye(n, dtype=F64) + 0.3 * torch.randn(batch, n, n, dtype=F64, generator=gen)
+    q = torch.randn(batch, n, dtype=F64, generator=gen)
+    G = torch.randn(batch, m, n, dtype=F64, generator=gen)
+    x0 = torch.randn(batch, n, dtype=F64, generator=gen)
+    h = torch.einsum("bmn,bn->bm", G, x0) + torch.rand(batch, m, dtype=F64, generator=gen)
+    A = torch.randn(batch, p, n, dtype=F64, generator=gen)
+    b = torch.einsum("bpn,bn->bp", A, x0)
+    return [L, q, G, h, A, b]
+
+
+def sparsemax_problem(n):
+    x = cp.Parameter(n, name="x")
+    y = cp.Variable(n, name="y")
+    return cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [cp.sum(y) == 1, y >= 0]), [x], [y]
+
+
+def sparsemax(x):
+    """Martins & Astudillo (2016): the Euclidean projection onto the simplex, by sorting."""
+    z, _ = torch.sort(x, dim=-1, descending=True)
+    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+    cums = z.cumsum(-1)
+    support = (1 + k * z > cums).sum(-1, keepdim=True)
+    tau = (cums.gather(-1, support - 1) - 1) / support.to(x.dtype)
+    return (x - tau).clamp(min=0)
+
+
+def test_batched_sparsemax_closed_form_and_jacobian():
+    n = 16
+    prob, params, variables = sparsemax_problem(n)
+    bp = BatchedProgram(prob, params, variables)
+    x = torch.randn(64, n, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    (y,), info = bp(x)
+    assert info.solved.all() and (info.residual <= 1e-8).all()
+    assert torch.allclose(y, sparsemax(x.detach()), atol=1e-10)
+    g = torch.randn(64, n, dtype=F64, generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad(y, x, g)
+    # Jacobian of sparsemax: diag(s) - s sᵀ/|S| on the support S (s its indicator).
+    s = (sparsemax(x.detach()) > 0).to(F64)
+    expected = s * g - s * (s * g).sum(-1, keepdim=True) / s.sum(-1, keepdim=True)
+    assert torch.allclose(grad, expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("radius", [0.5, 2.0])
+def test_batched_l2_ball_projection(radius):
+    n = 6
+    x = cp.Parameter(n)
+    y = cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [cp.norm(y, 2) <= radius])
+    bp = BatchedProgram(prob, [x], [y])
+    X = torch.randn(32, n, dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    (Y,), info = bp(X)
+    assert info.solved.all()
+    Xd = X.detach()
+    exact = Xd * (radius / Xd.norm(dim=1, keepdim=True)).clamp(max=1)
+    assert torch.allclose(Y, exact, atol=1e-10)
+    g = torch.randn(32, n, dtype=F64)
+    (grad,) = torch.autograd.grad(Y, X, g)
+    X2 = Xd.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(X2 * (radius / X2.norm(dim=1, keepdim=True)).clamp(max=1), X2, g)
+    assert torch.allclose(grad, ref, atol=1e-8)
+
+
+def test_batched_l1_ball_projection_matches_cvxpy():
+    n = 8
+    x = cp.Parameter(n)
+    y = cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.norm(y, 1) <= 1.0])
+    bp = BatchedProgram(prob, [x], [y])
+    X = 2 * torch.randn(6, n, dtype=F64, generator=torch.Generator().manual_seed(4))
+    (Y,), info = bp(X)
+    assert info.solved.all()
+    for i in range(6):
+        (ref,) = cvxpy_solve(prob, [x], [y], [X], i)
+        assert np.allclose(Y[i].numpy(), ref, atol=1e-7)
+    assert (Y.abs().sum(1) <= 1 + 1e-9).all()
+
+
+def test_batched_lp_and_socp_match_cvxpy():
+    n = 4
+    c = cp.Parameter(n)
+    a = cp.Parameter(n)
+    y = cp.Variable(n)
+    lp = cp.Problem(cp.Minimize(c @ y), [y >= -1, y <= 2, a @ y == 0.5])
+    socp = cp.Problem(cp.Minimize(c @ y + cp.norm(y - a, 2)), [cp.norm(y, 2) <= 3, y[0] >= -0.5])
+    gen = torch.Generator().manual_seed(5)
+    C, Avec = torch.randn(5, n, dtype=F64, generator=gen), torch.rand(5, n, dtype=F64, generator=gen) + 0.1
+    for prob in (lp, socp):
+        bp = BatchedProgram(prob, [c, a], [y])
+        (Y,), info = bp(C, Avec)
+        assert info.solved.all(), info.status_names()
+        for i in range(5):
+            (ref,) = cvxpy_solve(prob, [c, a], [y], [C, Avec], i)
+            assert np.allclose(Y[i].numpy(), ref, atol=1e-6), (prob, i)
+
+
+def test_batched_qp_matches_cvxpy_and_per_element_layer():
+    prob, params, variables, _ = qp_problem()
+    data = qp_data(4)
+    bp = BatchedProgram(prob, params, variables)
+    (Y,), info = bp(*data)
+    assert info.solved.all()
+    layer = cddn.ConvexLayer(prob, params, variables, solver="Clarabel")
+    assert torch.allclose(Y, layer(*data), atol=1e-7)
+    for i in range(4):
+        (ref,) = cvxpy_solve(prob, params, variables, data, i)
+        assert np.allclose(Y[i].numpy(), ref, atol=1e-7)
+
+
+def test_batched_dual_variable_output():
+    prob, params, variables, ineq = qp_problem()
+    data = qp_data(3, seed=6)
+    bp = BatchedProgram(prob, params, variables + [ineq.dual_variables[0]])
+    (Y, lam), info = bp(*data)
+    assert info.solved.all()
+    for i in range(3):
+        cvxpy_solve(prob, params, variables, data, i)
+        assert np.allclose(lam[i].numpy(), ineq.dual_value, atol=1e-6)
+
+
+def test_batched_gradcheck_every_qp_parameter():
+    prob, params, variables, _ = qp_problem(n=3, m=3, p=1)
+    bp = BatchedProgram(prob, params, variables, polish="always")
+    data = [v.requires_grad_(True) for v in qp_data(2, n=3, m=3, p=1, seed=7)]
+    assert torch.autograd.gradcheck(lambda *v: bp(*v)[0][0], data, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_batched_gradcheck_socp_with_parameter_radius_and_duals():
+    n = 4
+    x = cp.Parameter(n)
+    r = cp.Parameter(nonneg=True)
+    y = cp.Variable(n)
+    ball = cp.norm(y, 2) <= r
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [ball, y[0] >= -0.2])
+    bp = BatchedProgram(prob, [x, r], [y, ball.dual_variables[0]])
+    gen = torch.Generator().manual_seed(8)
+    X = (2 * torch.randn(3, n, dtype=F64, generator=gen)).requires_grad_(True)
+    R = (torch.rand(3, dtype=F64, generator=gen) + 0.5).requires_grad_(True)
+    (Y, lam), info = bp(X, R)
+    assert info.solved.all() and lam.shape == (3,)
+    for i in range(3):  # the multiplier of ‖y‖ <= r, as CVXPY reports it
+        cvxpy_solve(prob, [x, r], [y], [X.detach(), R.detach()], i)
+        assert abs(lam[i].item() - float(ball.dual_value)) < 1e-6
+
+    def both(a, b):
+        y_, l_ = bp(a, b)[0]
+        return torch.cat([y_, l_.unsqueeze(-1)], -1)
+
+    assert torch.autograd.gradcheck(both, (X, R), eps=1e-6, atol=1e-6)
+
+
+def test_batched_default_options_gradient_within_promise():
+    """Default options (no polish on QPs): finite differences agree to 1e-4 relative."""
+    prob, params, variables, _ = qp_problem()
+    bp = BatchedProgram(prob, params, variables)
+    data = qp_data(2, seed=9)
+    h = data[3].clone().requires_grad_(True)
+    (Y,), _ = bp(*data[:3], h, *data[4:])
+    w = torch.randn_like(Y)
+    (grad,) = torch.autograd.grad(Y, h, w)
+    fd = torch.zeros_like(h)
+    for k in range(h.shape[1]):
+        e = torch.zeros_like(h)
+        e[:, k] = 1e-5
+        (yp,), _ = bp(*data[:3], h.detach() + e, *data[4:])
+        (ym,), _ = bp(*data[:3], h.detach() - e, *data[4:])
+        fd[:, k] = ((yp - ym) * w).sum(1) / 2e-5
+    assert ((grad - fd).abs().max() / (1 + fd.abs().max())) < 1e-4
+
+
+def test_batched_infeasible_and_unbounded_elements_are_flagged():
+    """min cᵀy + ½y₀² s.t. y >= lo, d·(y₁ + y₂) <= 1: d = 0 frees y₁ (unbounded if c₁ < 0)."""
+    n = 3
+    c, lo, d = cp.Parameter(n), cp.Parameter(n), cp.Parameter()
+    y = cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(c @ y + 0.5 * cp.square(y[0])), [y >= lo, d * cp.sum(y[1:]) <= 1])
+    bp = BatchedProgram(prob, [c, lo, d], [y])
+    C = torch.tensor([[1.0, 1, 1], [1, 1, 1], [1, -1, 1], [1, -1, 1]], dtype=F64, requires_grad=True)
+    LO = torch.tensor([[0.0, 0, 0], [0, 1, 1], [0, 0, 0], [0, 0, 0]], dtype=F64, requires_grad=True)
+    D = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)
+    (Y,), info = bp(C, LO, D)
+    assert info.status_names() == ["solved", "primal infeasible", "dual infeasible (unbounded)", "solved"]
+    assert info.solved.tolist() == [True, False, False, True]
+    assert torch.allclose(Y[3], torch.tensor([0.0, 1.0, 0.0], dtype=F64), atol=1e-8)
+    assert torch.isfinite(Y).all()
+    grads = torch.autograd.grad(Y.sum(), (C, LO))
+    for g in grads:
+        assert torch.isfinite(g).all() and (g[1:3] == 0).all()
+
+
+def test_batched_zero_cotangent_and_failed_elements_get_exact_zero_gradient():
+    prob, params, variables = sparsemax_problem(6)
+    bp = BatchedProgram(prob, params, variables)
+    X = torch.randn(3, 6, dtype=F64, requires_grad=True)
+    (Y,), _ = bp(X)
+    g = torch.zeros_like(Y)
+    g[1] = 1.0
+    (grad,) = torch.autograd.grad(Y, X, g)
+    assert (grad[0] == 0).all() and (grad[2] == 0).all()
+
+
+def test_batched_no_grad_forward_builds_no_graph():
+    prob, params, variables = sparsemax_problem(5)
+    bp = BatchedProgram(prob, params, variables)
+    X = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    with torch.no_grad():
+        (Y,), info = bp(X)
+    assert Y.grad_fn is None and not Y.requires_grad
+    (Y2,), _ = bp(X)
+    assert Y2.grad_fn is not None and torch.allclose(Y, Y2)
+
+
+def test_batched_batch_of_one_and_unbatched_parameters():
+    prob, params, variables, _ = qp_problem()
+    data = qp_data(3, seed=10)
+    bp = BatchedProgram(prob, params, variables)
+    mixed = [data[0][0]] + data[1:]  # L shared by every element
+    (Y,), info = bp(*mixed)
+    assert Y.shape == (3, 5) and info.solved.all()
+    for i in range(3):
+        (one,), _ = bp(*[v[i] if k == 0 else v[i:i + 1] for k, v in enumerate([data[0][0].expand(3, 5, 5)] + data[1:])])
+        assert one.shape == (1, 5)
+        assert torch.allclose(one[0], Y[i], atol=1e-9)
+    (alone,), _ = bp(*[v[0] for v in data])  # nothing batched: B = 1
+    assert alone.shape == (1, 5)
+
+
+def test_batched_deepcopy_and_pickle():
+    prob, params, variables = sparsemax_problem(5)
+    bp = BatchedProgram(prob, params, variables)
+    X = torch.randn(4, 5, dtype=F64)
+    (Y,), _ = bp(X)
+    for other in (copy.deepcopy(bp), pickle.loads(pickle.dumps(bp))):
+        (Y2,), info = other(X)
+        assert torch.equal(Y, Y2) and info.solved.all()
+
+
+def test_batched_not_fooled_by_scale():
+    prob, params, variables = sparsemax_problem(6)
+    t = cp.Parameter(nonneg=True)
+    x, y = params[0], variables[0]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [cp.sum(y) == t, y >= 0])
+    bp = BatchedProgram(prob, [x, t], [y])
+    X = torch.randn(4, 6, dtype=F64)
+    T = torch.rand(4, dtype=F64) + 0.5
+    (ref,), _ = bp(X, T)
+    for k in (1e-8, 1e8):
+        (Y,), info = bp(k * X, k * T)
+        assert info.solved.all()
+        assert torch.allclose(Y / k, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_batched_psd_parameter_in_quad_form():
+    n = 3
+    Q = cp.Parameter((n, n), PSD=True)
+    q = cp.Parameter(n)
+    y = cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(y, Q) + q @ y), [y >= -1, y <= 1])
+    bp = BatchedProgram(prob, [Q, q], [y])
+    gen = torch.Generator().manual_seed(11)
+    M = torch.randn(3, n, n, dtype=F64, generator=gen)
+    Qv = M @ M.mT + 0.5 * torch.eye(n, dtype=F64)
+    qv = 3 * torch.randn(3, n, dtype=F64, generator=gen)
+    (Y,), info = bp(Qv, qv)
+    assert info.solved.all()
+    for i in range(3):
+        (ref,) = cvxpy_solve(prob, [Q, q], [y], [Qv, qv], i)
+        assert np.allclose(Y[i].numpy(), ref, atol=1e-7)
+
+
+def test_batched_unsupported_cones():
+    x = cp.Parameter(3)
+    y = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.exp(y)) - x @ y))
+    with pytest.raises(UnsupportedProblem):
+        BatchedProgram(prob, [x], [y])
+
+
+def test_batched_invalid_inputs_and_options():
+    prob, params, variables = sparsemax_problem(4)
+    bp = BatchedProgram(prob, params, variables)
+    with pytest.raises(ShapeError, match="parameter 0"):
+        bp(torch.zeros(2, 5, dtype=F64))
+    with pytest.raises(ShapeError, match="one per parameter"):
+        bp(torch.zeros(2, 4, dtype=F64), torch.zeros(2, 4, dtype=F64))
+    with pytest.raises(DTypeError, match="floating-point"):
+        bp(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(OptionError, match="tol"):
+        BatchedProgram(prob, params, variables, tol=0.0)
+    with pytest.raises(OptionError, match="polish"):
+        BatchedProgram(prob, params, variables, polish="sometimes")
+    with pytest.raises(OptionError, match="float32"):
+        BatchedProgram(prob, params, variables, dtype=torch.float32)
+    prob2, params2, variables2, _ = qp_problem()
+    bp2 = BatchedProgram(prob2, params2, variables2)
+    data = qp_data(2)
+    with pytest.raises(ShapeError, match="batch size"):
+        bp2(*data[:5], data[5][:1])
+    if torch.cuda.is_available():
+        with pytest.raises(InputError, match="one device"):
+            bp2(*data[:5], data[5].cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_cuda_matches_cpu():
+    prob, params, variables, _ = qp_problem()
+    data = qp_data(8, seed=12)
+    bp = BatchedProgram(prob, params, variables)
+    cpu = [v.clone().requires_grad_(True) for v in data]
+    gpu = [v.cuda().requires_grad_(True) for v in data]
+    (Yc,), _ = bp(*cpu)
+    (Yg,), info = bp(*gpu)
+    assert Yg.device.type == "cuda" and info.solved.all()
+    assert torch.allclose(Yg.cpu(), Yc, atol=1e-8)
+    w = torch.randn_like(Yc)
+    gc = torch.autograd.grad(Yc, cpu, w)
+    gg = torch.autograd.grad(Yg, gpu, w.cuda())
+    for a, b in zip(gc, gg):
+        assert torch.allclose(b.cpu(), a, atol=1e-8)
