@@ -16,7 +16,10 @@ the code produced:
 
 Tolerances are rounding bounds: a few ulps of the largest magnitude involved (times
 the row length for sums), plus the iterative solvers' own stopping tolerance where
-one applies. ``derandomize=True`` makes the examples the same on every run.
+one applies. ``derandomize=True`` makes the examples the same on every run, except in
+the robust-pooling tests (``POOL``): their draws vary from run to run, and a failure
+prints the seed and a ``@reproduce_failure`` blob that replays it (or rerun with
+``pytest --hypothesis-seed=<seed>``).
 """
 from __future__ import annotations
 
@@ -45,6 +48,10 @@ FAST = settings(max_examples=150, deadline=None, derandomize=True, database=None
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CVXPY = settings(max_examples=10, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Robust pooling: random draws that vary from run to run (issue 10: fixed examples hid
+# the flat-objective bug), replayable from the printed seed or blob.
+POOL = settings(FAST, derandomize=False, print_blob=True)
+POOL_CVXPY = settings(CVXPY, derandomize=False, print_blob=True)
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -106,7 +113,7 @@ def pooling_case(draw):
     return x, dim, draw(st.booleans())
 
 
-@FAST
+@POOL
 @given(case=pooling_case(), penalty=st.sampled_from(PENALTIES),
        alpha=st.floats(1e-2, 1e2))
 def test_robust_pool_properties(case, penalty, alpha):
@@ -239,6 +246,106 @@ def test_project_simplex_properties(x):
     torch.testing.assert_close(project_simplex(y).double(), y.double(), rtol=0, atol=float(tol.max()))
 
 
+@FAST
+@given(x=batched(), p=st.sampled_from([1, 2, math.inf]), mode=st.sampled_from(["ball", "sphere"]),
+       data=st.data())
+def test_project_lp_scale_equivariant(x, p, mode, data):
+    """P_{2^k r}(2^k x) = 2^k P_r(x), and the same gradient, across the dtype's range.
+
+    Scaling by a power of two is exact, so a scale-invariant computation gives the
+    same answer up to rounding of the result itself (issue 10: p=1 with |x| ≫ r/eps
+    returned zeros, p=2 gradients overflowed for tiny radii)."""
+    radius = data.draw(radii(x), label="radius")
+    kmax = 60 if x.dtype == torch.float32 else 800
+    k = data.draw(st.integers(-kmax, kmax), label="k")
+    a = 2.0**k
+    xr, xs = x.clone().requires_grad_(True), (x * a).requires_grad_(True)
+    y, ys = project_lp(xr, p, mode, radius), project_lp(xs, p, mode, radius * a)
+    g = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(k % 997))
+    (gx,) = torch.autograd.grad(y, xr, g)
+    (gs,) = torch.autograd.grad(ys, xs, g)
+    if y.numel() == 0:
+        return
+    slack = proj_slack(x, radius).unsqueeze(-1) * a
+    assert bool(((ys.double() - a * y.double()).abs() <= slack).all()), (k, ys, y)
+    assert bool(torch.isfinite(gs).all())
+    tol = 1e3 * eps(x.dtype) * gx.double().abs().amax(-1, keepdim=True).clamp(min=1.0)
+    assert bool(((gs.double() - gx.double()).abs() <= tol).all()), (k, gs, gx)
+
+
+@FAST
+@given(x=batched(), data=st.data())
+def test_project_simplex_radius_properties(x, data):
+    """Σy = z, y ≥ 0, and P_z(x) = z·P_1(x/z) (the radius only rescales)."""
+    z = data.draw(st.sampled_from([1e-20, 1e-3, 0.5, 7.0, 1e20]), label="z")
+    y = project_simplex(x, z=z)
+    if y.numel() == 0:
+        return
+    n = x.shape[-1]
+    big = torch.maximum(x.double().abs().amax(-1, keepdim=True), torch.tensor(z, dtype=torch.float64))
+    tol = 8 * n * eps(x.dtype) * big
+    assert bool((y >= 0).all())
+    assert bool(((y.double().sum(-1, keepdim=True) - z).abs() <= 8 * n * eps(x.dtype) * z).all())
+    ref = z * project_simplex((x.double() / z), z=1.0)
+    assert bool(((y.double() - ref).abs() <= tol).all())
+
+
+class _Quadratic(cddn.DeclarativeNode):
+    """argmin_u ½ uᵀQu − xᵀu = Q⁻¹x for a symmetric positive definite buffer Q."""
+
+    def __init__(self, Q):
+        super().__init__()
+        self.register_buffer("Q", Q)
+
+    def objective(self, x, y):
+        return 0.5 * ((y @ self.Q) * y).sum(-1) - (x * y).sum(-1)
+
+    def solve(self, x):
+        return torch.linalg.solve(self.Q, x.T).T
+
+
+@settings(FAST, max_examples=30)  # a DeclarativeNode backward is ~20 ms: keep it short
+@given(n=st.integers(2, 6), log_cond=st.floats(0.0, 6.0), seed=st.integers(0, 2**16))
+def test_declarative_float32_gets_float64_grade_gradients(n, log_cond, seed):
+    """Issue 12: float32 nodes form and solve the implicit system in float64, so the
+    gradient is that of the float32 data to float64 accuracy (then rounded), even at
+    condition number 1e6, where float32 linear algebra loses every digit."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    Q = (U @ torch.diag(torch.logspace(0, log_cond, n, dtype=torch.float64)) @ U.T).float()
+    Q = 0.5 * (Q + Q.T)
+    x = torch.randn(3, n, generator=g).requires_grad_(True)
+    v = torch.randn(3, n, generator=g)
+    (gx,) = torch.autograd.grad(_Quadratic(Q)(x), x, v)
+    ref = v.double() @ torch.linalg.inv(Q.double())  # exact for the float32-rounded Q
+    err = (gx.double() - ref).norm() / ref.norm()
+    assert gx.dtype == torch.float32 and err <= 1e-6, err
+
+
+@settings(FAST, max_examples=50)
+@given(batch=st.lists(st.integers(0, 3), max_size=2), trail=st.lists(st.integers(1, 3), max_size=2),
+       seed=st.integers(0, 2**16))
+def test_declarative_batch_and_example_shapes(batch, trail, seed):
+    """Any batch shape (batch_dims leading dims) and example shape: y = s·x elementwise."""
+
+    class Scale(cddn.DeclarativeNode):
+        def objective(self, x, *, y):
+            d = (y - 1.5 * x).reshape(y.shape[0], math.prod(y.shape[1:]))
+            return 0.5 * (d**2).sum(-1)
+
+        def solve(self, x):
+            return 1.5 * x
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tuple(batch + trail), generator=g, dtype=torch.float64).requires_grad_(True)
+    y = Scale(batch_dims=len(batch))(x)
+    assert y.shape == x.shape
+    v = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, v)
+    torch.testing.assert_close(y.detach(), 1.5 * x.detach())
+    torch.testing.assert_close(gx, 1.5 * v)
+
+
 # ------------------------------------------------------------------------ native vs cvxpy
 
 
@@ -284,7 +391,7 @@ def test_project_simplex_native_matches_cvxpy(x):
     torch.testing.assert_close(y_cvx, project_simplex(x), rtol=0, atol=AGREE)
 
 
-@CVXPY
+@POOL_CVXPY
 @given(x=small, penalty=st.sampled_from(CONVEX), alpha=st.sampled_from([0.3, 1.0, 4.0]))
 def test_robust_pool_native_matches_cvxpy(x, penalty, alpha):
     ctx = quiet()
@@ -368,10 +475,17 @@ def test_project_along_any_dim_is_moving_it_last(x, p, mode, data):
     torch.testing.assert_close(ys, project_simplex(x.movedim(d, -1)).movedim(-1, d), rtol=0, atol=slack)
 
 
-@FAST
+@POOL
 @given(case=pooling_case(), penalty=st.sampled_from(PENALTIES))
 def test_robust_pool_over_dims_is_pooling_the_flattened_set(case, penalty):
-    """Pooling over several dims pools the set of all their entries (order-free)."""
+    """Pooling over several dims pools the set of all their entries (order-free).
+
+    Solutions are compared where the minimiser is unique and resolvable. Where it is not
+    -- the library says so with a SolverWarning that the tolerance cannot be reached in
+    float64 (a nearly flat objective), a Huber row has no inlier (a flat minimum), or the
+    penalty is Welsch (a local method may pick either of two nearly equal minima) --
+    objective values are compared instead.
+    """
     x, dim, _ = case
     dims = sorted(d % x.ndim for d in ((dim,) if isinstance(dim, int) else dim))
     keep = [d for d in range(x.ndim) if d not in dims]
@@ -379,25 +493,34 @@ def test_robust_pool_over_dims_is_pooling_the_flattened_set(case, penalty):
     flat = x.permute(*keep, *dims).reshape(*[x.shape[d] for d in keep], n)
     # Reversing the set changes nothing either (a set function).
     flipped = flat.flip(-1)
-    ctx = quiet()
-    try:
-        y = robust_pool(x, penalty, alpha=0.8, dim=dim)
-        refs = [robust_pool(flat, penalty, alpha=0.8), robust_pool(flipped, penalty, alpha=0.8)]
-    finally:
-        ctx.__exit__(None, None, None)
+    alpha = 0.8
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always", ConvexDDNWarning)
+        y = robust_pool(x, penalty, alpha=alpha, dim=dim)
+        refs = [robust_pool(flat, penalty, alpha=alpha), robust_pool(flipped, penalty, alpha=alpha)]
+    unresolved = any("cannot be resolved" in str(w.message) for w in rec)
     if y.numel() == 0:
         assert y.shape == refs[0].shape
         return
     big = float(x.abs().max())
     # Summation order and the solver's stopping rule (tol·(alpha + |y|)).
-    slack = 4 * n * eps(x.dtype) * big + 4 * POOL_TOL[x.dtype] * (0.8 + big)
+    slack = 4 * n * eps(x.dtype) * big + 4 * POOL_TOL[x.dtype] * (alpha + big)
+    obj = cddn.nodes.Penalty.resolve(penalty).objective
+    fd = flat.double()
     for ref in refs:
-        if penalty == "welsch":
-            # A local method: a different summation order may pick the other of two
-            # nearly equal local minima; compare objective values instead.
-            obj = cddn.nodes.Penalty.resolve(penalty).objective
-            torch.testing.assert_close(obj(flat.double(), y.double().reshape(ref.shape), 0.8),
-                                       obj(flat.double(), ref.double(), 0.8), rtol=0, atol=1e-4 * n)
+        yr = y.double().reshape(ref.shape)
+        flat_min = penalty == "huber" and bool(
+            (((yr.unsqueeze(-1) - fd).abs() <= alpha).sum(-1) == 0).any())
+        if penalty == "welsch" or unresolved or flat_min:
+            # Objective values: a position error within slack changes them by at most
+            # n · max|phi'| · slack (|phi'| <= alpha, or 1/alpha for Welsch), plus the
+            # rounding of the sums.
+            f_y, f_r = obj(fd, yr, alpha), obj(fd, ref.double(), alpha)
+            lipschitz = max(alpha, 1 / alpha)
+            tol_f = n * lipschitz * slack + 8 * n * eps(x.dtype) * (1 + f_r.abs())
+            if unresolved:  # within the noise level of a flat objective
+                tol_f = tol_f + 1e-6 * (1 + f_r.abs())
+            torch.testing.assert_close(f_y, f_r, rtol=0, atol=float(tol_f.max()))
         else:
             torch.testing.assert_close(y.reshape(ref.shape), ref, rtol=0, atol=slack)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 
@@ -62,8 +62,9 @@ def load_reference(folder: str | None = None) -> tuple[ModuleType | None, str]:
             module = importlib.import_module("ddn.pytorch.robustpool")
             result = (module, f"DDN reference from {module.__file__}")
         except ImportError:
-            result = (None, f"DDN reference not found: set {ENV_VAR} to a folder holding "
-                            "ddn/pytorch/robustpool.py (github.com/anucvml/ddn) to compare")
+            why = (f"DDN reference not found: set {ENV_VAR} to a folder holding "
+                   "ddn/pytorch/robustpool.py (github.com/anucvml/ddn) to compare")
+            result = (None, why)
     _CACHE[key] = result
     return result
 

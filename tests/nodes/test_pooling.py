@@ -602,3 +602,182 @@ def test_robust_pool_user_nonconvex_penalty_native():
     f = pen.objective(x, y, 1.0)
     assert bool((f <= pen.objective(x, x.mean(-1), 1.0) + 1e-12).all())
     assert torch.autograd.gradcheck(lambda t: robust_pool(t, pen, 1.0), (x.clone().requires_grad_(True),))
+
+
+# --------------------------------------------------------------------------- numerical robustness
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_robust_pool_flat_objective_float32(flip):
+    """Issue 10: [0, 0, 1000, 1000] with pseudo-Huber, alpha = 0.8, is symmetric about 500,
+    its unique minimiser, but nearly flat there (curvature ~1.6e-8): float32 cannot
+    resolve the gradient's sign, so the row is solved again in float64 -- no warning,
+    and 500 to the tolerance (the old step-length rule stopped at 495.7 / 499.1)."""
+    x = torch.tensor([[0.0, 0.0, 1000.0, 1000.0]])
+    x = x.flip(-1) if flip else x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_pool(x, "pseudo_huber", 0.8)
+    assert y.dtype == torch.float32
+    assert abs(float(y) - 500.0) <= 1e-6 * (0.8 + 500.0)
+
+
+def test_robust_pool_flat_objective_float64_warns():
+    """Float64: at gap 1000 the rounding noise of the gradient (~1.4e-15) over the
+    curvature at 500 (~1.6e-8) is ~9e-8, above tol * (alpha + |y|) = 5e-10 (the old rule
+    stopped 2.8e-8 away, silently); at gap 1e6 the curvature is ~1.6e-17 and the noise
+    level ~100, far above 5e-7. Neither can be resolved, which is reported (in float32
+    too, whose rows go to float64 first); the answers lie within that noise level of
+    the midpoint."""
+    x = torch.tensor([[0.0, 0.0, 1000.0, 1000.0]], dtype=F64)
+    with pytest.warns(SolverWarning, match=r"1 of 1 row\(s\) cannot be resolved to tol=1e-12"):
+        y = robust_pool(x, "pseudo_huber", 0.8)
+    assert abs(float(y) - 500.0) <= 1e-6
+    for dtype in (F64, torch.float32):
+        x = torch.tensor([[0.0, 0.0, 1e6, 1e6]], dtype=dtype)
+        with pytest.warns(SolverWarning, match=r"1 of 1 row\(s\) cannot be resolved to tol=1e-.* in float64"):
+            y = robust_pool(x, "pseudo_huber", 0.8)
+        assert abs(float(y) - 5e5) <= 1e3
+    # A tolerance above the noise level is reachable: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_pool(torch.tensor([[0.0, 0.0, 1e6, 1e6]], dtype=F64), "pseudo_huber", 0.8, tol=1e-3)
+    assert abs(float(y) - 5e5) <= 1e-3 * 5e5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("gap", [10.0, 1e3, 1e5])
+@pytest.mark.parametrize("alpha", [0.1, 1.0])
+def test_robust_pool_two_far_clusters(dtype, gap, alpha):
+    """Two equal clusters far apart (in units of alpha): the pseudo-Huber minimiser is the
+    midpoint by symmetry, wherever the objective is flat. Either it is reached to the
+    tolerance, or a SolverWarning says that even float64 cannot resolve it (and the
+    answer is within that noise level)."""
+    g = torch.Generator().manual_seed(0)
+    base = 0.01 * torch.randn(5, generator=g, dtype=F64)
+    x = torch.cat([base, gap - base.flip(0)]).unsqueeze(0).to(dtype)  # symmetric about gap / 2
+    mid = float(x.double().mean())
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = robust_pool(x, "pseudo_huber", alpha)
+    unresolved = [w for w in rec if "cannot be resolved" in str(w.message)]
+    assert all("in float64" in str(w.message) for w in unresolved)  # float32 rows went to float64
+    err = abs(float(y) - mid)
+    if unresolved:
+        assert err <= 1e-4 * gap
+    else:
+        assert err <= 2 * tol * (alpha + abs(mid)) + 4 * torch.finfo(dtype).eps * gap
+
+
+def test_robust_pool_no_spurious_warnings():
+    """Ordinary rows (outliers included) reach the tolerance silently in both dtypes."""
+    for dtype in (torch.float32, F64):
+        x = with_outliers(3, (64, 300), dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for name in PENALTIES:
+                robust_pool(x, name, 0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", PENALTIES)
+def test_robust_pool_scale_invariant(dtype, name):
+    """y(2^k x, 2^k alpha) = 2^k y(x, alpha) and the gradient is unchanged, from 2^-100
+    to near the end of the float range (power-of-two scaling is exact in floating
+    point, so any difference is the solver's): no overflow, no NaN, no loss."""
+    x = with_outliers(1, (4, 40), F64)
+    kmax = 120 if dtype == torch.float32 else 1015
+    tol = 2e-5 if dtype == torch.float32 else 1e-9
+    ref = robust_pool(x.to(dtype), name, 1.0).double()
+    for k in (-100, -40, 40, kmax):
+        s = 2.0 ** k
+        xs = (x * s).to(dtype).requires_grad_(True)
+        y = robust_pool(xs, name, torch.tensor(s, dtype=dtype))
+        (gx,) = torch.autograd.grad(y.sum(), xs)
+        assert torch.isfinite(y).all() and torch.isfinite(gx).all(), k
+        torch.testing.assert_close(y.double() / s, ref, rtol=tol, atol=tol, msg=f"k={k}")
+
+
+def test_robust_pool_quadratic_no_overflow():
+    """Issue 10: the float32 mean of entries near 3e38 overflowed to inf."""
+    x = torch.tensor([[1e38, 2e38, 3e38, 3.3e38], [-3.3e38, 3.3e38, 1.0, 3e38]])
+    y = robust_pool(x, "quadratic")
+    torch.testing.assert_close(y.double(), x.double().mean(-1), rtol=1e-6, atol=0)
+
+
+def test_robust_pool_trunc_quad_tiny_alpha():
+    """Issue 10: trunc_quad gave NaN once alpha < ~1e-16 |x|. With alpha far below the
+    spacing of the entries each point is its own inlier run; the duplicated pair has the
+    lowest objective ((4 - 2) alpha^2 / 2 against (4 - 1) alpha^2 / 2)."""
+    for dtype in (torch.float32, F64):
+        x = torch.tensor([[3e20, 1e20, 5e20, 1e20], [1e38 / 4, 1e38 / 8, 1e38 / 8, 1e38 / 2]], dtype=dtype)
+        for alpha in (1.0, 1e-20):
+            y = robust_pool(x, "trunc_quad", alpha)
+            torch.testing.assert_close(y, torch.tensor([1e20, 1e38 / 8], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_robust_pool_alpha_limits(dtype):
+    """alpha far below the spread: pseudo-Huber and Huber tend to the median (L1); far
+    above it: every penalty but the truncated quadratic's ties tends to the mean."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.5, -2.0]], dtype=dtype)
+    for name in ("pseudo_huber", "huber"):
+        torch.testing.assert_close(robust_pool(x, name, 1e-20), torch.tensor([2.0], dtype=dtype))
+    for name in ("quadratic", "pseudo_huber", "huber", "welsch", "trunc_quad"):
+        torch.testing.assert_close(robust_pool(x, name, 1e20), torch.tensor([1.7], dtype=dtype))
+
+
+@pytest.mark.parametrize("name", [n for n in PENALTIES if n != "quadratic"])
+def test_penalty_fused_sums_match_derived(name):
+    """The built-ins' hand-fused row sums equal the base class's, derived from phi, dphi,
+    d2phi, d2phi_dalpha and irls_weight (up to the one positive factor per row the
+    methods allow), for a float alpha and a per-row alpha tensor."""
+    pen = Penalty.resolve(name)
+    x = with_outliers(2, (5, 30))
+    u = x.median(-1, keepdim=True).values + 0.3
+    a_rows = torch.tensor([0.5, 1.0, 2.0, 0.8, 3.0], dtype=F64).unsqueeze(-1)
+    for alpha, a_t in ((0.7, torch.tensor(0.7, dtype=F64)), (a_rows, a_rows)):
+        z = u - x
+        work = [torch.empty_like(z) for _ in range(2)]
+        if pen.convex:
+            g, h, d1 = pen.newton_sums(z.clone(), alpha, work)
+            g0, h0, d10 = Penalty.newton_sums(pen, z.clone(), a_t, None)
+            c = h0 / h
+            torch.testing.assert_close(g * c, g0)
+            torch.testing.assert_close(d1 * c, d10)
+        if name == "welsch":
+            f, g, h, w, d1 = pen.descent_sums(z.clone(), alpha, work)
+            f0, g0, h0, w0, d10 = Penalty.descent_sums(pen, z.clone(), a_t, None)
+            c = w0 / w
+            for got, want in ((g, g0), (h, h0), (d1, d10)):
+                torch.testing.assert_close(got * c, want)
+            torch.testing.assert_close(f + 30, f0)  # -sum e against sum (1 - e): a constant apart
+        w, wa, size = pen.hessian_weights(z.clone(), alpha, work, True)
+        w0, wa0 = pen.d2phi(z, a_t), pen.d2phi_dalpha(z, a_t).sum(-1, keepdim=True)
+        assert (size is not None) == (name == "welsch")  # the only signed weights
+        if size is not None:  # a bound on sum |w| (same factor as w)
+            assert bool((size >= w.abs().sum(-1, keepdim=True) * (1 - 1e-12)).all())
+        ok = w0.sum(-1, keepdim=True).abs() > 1e-12
+        torch.testing.assert_close((w / w.sum(-1, keepdim=True))[ok.squeeze(-1)],
+                                   (w0 / w0.sum(-1, keepdim=True))[ok.squeeze(-1)])
+        torch.testing.assert_close((wa / w.sum(-1, keepdim=True))[ok], (wa0 / w0.sum(-1, keepdim=True))[ok])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", PENALTIES)
+def test_robust_pool_cuda_matches_cpu(name):
+    """The native path on CUDA tensors: same values and gradients as on the CPU, outputs
+    on the device."""
+    x = with_outliers(6, (3, 8, 600))
+    alpha = torch.tensor(0.9, dtype=F64, requires_grad=True)
+    outs = []
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).requires_grad_(True)
+        ad = alpha.detach().to(device).requires_grad_(name != "quadratic")
+        y = robust_pool(xd, name, ad)
+        grads = torch.autograd.grad(y.sum(), [xd, ad] if name != "quadratic" else [xd])
+        assert y.device.type == device and all(gr.device.type == device for gr in grads)
+        outs.append([y.cpu(), *[gr.cpu() for gr in grads]])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -3,7 +3,7 @@ program and -- when it is importable -- the DDN reference implementation side by
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -15,7 +15,7 @@ from ..harness import fwd_bwd, median_times, timed_sort
 from ..reference import load_reference, reference_pool
 from .common import CVXPY_ROWS, SHAPES, measure_cvxpy, row_record
 
-__all__ = ["pool_cases", "ddn_comparison", "POOL_PENALTIES", "CONVEX_PENALTIES"]
+__all__ = ["CONVEX_PENALTIES", "POOL_PENALTIES", "ddn_comparison", "pool_cases"]
 
 
 # Goals at the paper's shape (issue 13): forward as a multiple of mean pooling (or of
@@ -59,7 +59,7 @@ def ddn_comparison(x: torch.Tensor, g: torch.Tensor, device: torch.device, round
     B = x.shape[0]
     ops: dict[tuple[str, str], Callable[[], tuple[float, float]]] = {}
     for p in POOL_PENALTIES:
-        ops[(p, "ours")] = lambda p=p: fwd_bwd(lambda t: robust_pool(t, p, 1.0), x, g, device)
+        ops[(p, "ours")] = lambda p=p: fwd_bwd(lambda t, p=p: robust_pool(t, p, 1.0), x, g, device)
         ops[(p, "ddn")] = lambda p=p: fwd_bwd(reference_pool(module, p, 1.0), x, g, device)
     for op in ops.values():  # warm-up
         op()
@@ -129,7 +129,7 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) -
         row = row_record("pooling", p, "cvxpy", shape, dtype, device, None, None, None, None)
         if with_cvxpy:
             cone = layer("robust_pool", n=N, penalty=p, alpha=1.0, backend="cvxpy")
-            measure_cvxpy(row, rows, lambda t: robust_pool(t, p, 1.0), cone,
+            measure_cvxpy(row, rows, lambda t, p=p: robust_pool(t, p, 1.0), cone,
                           x.reshape(-1, N)[:CVXPY_ROWS], g.reshape(-1)[:CVXPY_ROWS], C / CVXPY_ROWS,
                           B, mean_f, mean_b, progress,
                           f"timed on {CVXPY_ROWS} rows (one solve each), scaled to {C} rows per sample")

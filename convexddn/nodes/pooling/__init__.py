@@ -19,14 +19,14 @@ from .penalties import (
 )
 
 __all__ = [
-    "Penalty",
-    "Quadratic",
-    "PseudoHuber",
-    "Huber",
-    "Welsch",
-    "TruncatedQuadratic",
-    "PENALTIES",
     "CONVEX_PENALTIES",
-    "robust_pool",
+    "PENALTIES",
+    "Huber",
+    "Penalty",
+    "PseudoHuber",
+    "Quadratic",
     "RobustPool",
+    "TruncatedQuadratic",
+    "Welsch",
+    "robust_pool",
 ]

@@ -1,48 +1,60 @@
-"""Tensor kernels of robust pooling, run eagerly or fused by :func:`torch.compile`.
+"""Row blocks, scratch buffers, the row sums of the solvers and the closed-form backward.
 
-Each kernel is a plain function of tensors. Rows are the pooled sets: ``x`` is
-``(R, N)``, per-row values are ``(R, 1)``, ``alpha`` is ``(R, 1)`` or 0-d. The Newton
-step and the backward are *derived from the penalty's own methods* (``dphi``,
-``d2phi``, ``irls_weight``, ``weights``), so each formula is written once, in
-:mod:`.penalties`; torch.compile fuses the calls into one or two passes over ``x``.
+The solvers (:mod:`.iterations`) and the backward walk ``x (R, N)`` in blocks of whole
+rows. On a CPU a block is sized to stay in cache (512 KiB of ``x``): each pass over it
+is one in-place torch op into preallocated scratch buffers (no row-sized temporaries,
+so the peak memory stays near the input's), and its rows' sums are taken while it is
+in cache. Elsewhere (CUDA) blocks are large and only bound the scratch memory. With
+``compile=True`` the row sums are the penalty's derived formulas fused by
+:func:`torch.compile` into one pass per block instead of the hand-fused passes; the
+backward always runs the hand-fused passes (it reads ``x`` once and writes the
+gradient once).
 """
 from __future__ import annotations
 
 import functools
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
+from ..._checks import check_finite
 from ...errors import ConvexDDNWarning
-from .penalties import Penalty, exp_floor
+from .penalties import Penalty
 
-# Damped Newton for Welsch takes u - g / max(H, kappa W), W the IRLS curvature. Any
-# kappa > 1/2 keeps every step a strict descent step of the objective (see welsch_step).
-_WELSCH_KAPPA = 0.55
+# Bytes of x per row block on a CPU: the block and two or three scratch buffers of its
+# size stay in a 2 MiB L2 cache. Larger blocks spill; smaller ones pay the per-op
+# dispatch (~1-2 us) over too little work.
+_CPU_BLOCK_BYTES = 1 << 19
+# Elements per block elsewhere (CUDA, or compiled kernels): bounds the scratch memory.
+_BIG_BLOCK_NUMEL = 1 << 24
 
-_COMPILED: dict[Callable, Callable] = {}
-_COMPILE_FAILED: set[Callable] = set()
+_COMPILED: dict[Any, Callable] = {}
+_COMPILE_FAILED: set[Any] = set()
 
 
 def compile_available() -> bool:
     return hasattr(torch, "compile") and not torch.jit.is_scripting()
 
 
-def run(fn: Callable, use_compile: bool, *args: Any) -> Any:
+def run(fn: Callable, use_compile: bool, *args: Any, key: Any = None) -> Any:
     """Call ``fn(*args)`` through torch.compile when asked, falling back to eager (with a
     one-time warning per kernel) when compilation fails."""
-    if use_compile and fn not in _COMPILE_FAILED:
+    key = fn if key is None else key
+    if use_compile and key not in _COMPILE_FAILED:
         try:
-            compiled = _COMPILED.get(fn)
+            compiled = _COMPILED.get(key)
             if compiled is None:
-                compiled = _COMPILED[fn] = torch.compile(fn)
+                compiled = _COMPILED[key] = torch.compile(fn)
             return compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-            _COMPILE_FAILED.add(fn)
+            _COMPILE_FAILED.add(key)
             warnings.warn(
-                f"robust_pool: torch.compile failed for {fn.__name__} "
+                f"robust_pool: torch.compile failed for {getattr(fn, '__name__', fn)} "
                 f"({type(exc).__name__}: {str(exc)[:200]}); running it eagerly from now on",
                 ConvexDDNWarning,
                 stacklevel=3,
@@ -50,140 +62,191 @@ def run(fn: Callable, use_compile: bool, *args: Any) -> Any:
     return fn(*args)
 
 
-def _bracketed_update(u, g, h, w, lo, hi):
-    """One safeguarded Newton step on the increasing function g (the derivative of a
-    convex objective) with curvature h: keep [lo, hi] around the root; take the Newton
-    point when it lands strictly inside, else the IRLS point u - g / w (w >= h the
-    majoriser curvature: a shorter step the same way, which also absorbs rounding noise
-    once converged), else bisect. Returns the new point, the bracket and the step length."""
-    lo = torch.where(g < 0, u, lo)
-    hi = torch.where(g > 0, u, hi)
-    newton = u - g / h
-    irls = u - g / w
-    # NaN (h == 0) and inf candidates fail the comparisons and fall through. A step
-    # below one ulp leaves u unchanged, which sits on the bracket end just set to u.
-    ok_newton = ((newton > lo) & (newton < hi)) | (newton == u)
-    ok_irls = ((irls > lo) & (irls < hi)) | (irls == u)
-    # Bisection needs a finite bracket; while one end is still infinite the IRLS point
-    # (a weighted mean of the row, moving towards the open end) is always inside.
-    mid = 0.5 * (lo + hi)
-    bisect = ~ok_irls & torch.isfinite(mid)
-    new = torch.where(g == 0, u, torch.where(ok_newton, newton, torch.where(bisect, mid, irls)))
-    return new, lo, hi, (new - u).abs()
+@functools.cache
+def _fused(penalty: Penalty, method: str, clamp: bool, measure: bool) -> Callable:
+    """``(u, x, alpha) ->`` the row sums of the base class's (derived) ``method`` at the
+    residuals ``u - x``, and the norm of its terms ``d1`` when ``measure``: what
+    torch.compile fuses into one pass over ``x`` without a row-sized output."""
+    base = getattr(Penalty, method)
 
-
-@functools.lru_cache(maxsize=None)
-def newton_step(penalty: Penalty) -> Callable:
-    """The safeguarded Newton step of a convex ``penalty``: g, h and the IRLS curvature w
-    are row sums of its ``dphi``, ``d2phi`` and ``irls_weight``; with ``check`` the step
-    also returns the row sums of x, which are finite unless x holds NaN or Inf."""
-
-    def step(x, u, lo, hi, a, check=False):
+    def fn(u, x, alpha):
         z = u - x
-        g = penalty.dphi(z, a).sum(-1, keepdim=True)
-        h = penalty.d2phi(z, a).sum(-1, keepdim=True)
-        w = penalty.irls_weight(z, a).sum(-1, keepdim=True)
-        out = _bracketed_update(u, g, h, w, lo, hi)
-        return (*out, x.sum(-1, keepdim=True)) if check else out
+        if clamp:
+            bound = penalty.saturation * alpha
+            z = torch.maximum(torch.minimum(z, bound), -bound)
+        *row_sums, d1 = base(penalty, z, alpha, None)
+        norm = (d1 * d1).sum(-1, keepdim=True).sqrt() if measure else None
+        return (*row_sums, norm)
 
-    step.__name__ = f"_newton_step_{penalty.name}"
-    return step
-
-
-@functools.lru_cache(maxsize=None)
-def mm_step(penalty: Penalty) -> Callable:
-    """A majorise-minimise (IRLS) step for any penalty whose ``irls_weight`` majorises:
-    ``u <- sum_i w_i x_i / sum_i w_i``, with the objective at the current point (so the
-    caller can keep the best of several starts) and the step length."""
-
-    def step(x, u, a):
-        z = u - x
-        w = penalty.irls_weight(z, a)
-        sw = w.sum(-1, keepdim=True)
-        nxt = torch.where(sw > 0, (w * x).sum(-1, keepdim=True) / torch.where(sw > 0, sw, 1), u)
-        f = penalty.phi(z, a).sum(-1, keepdim=True)
-        return nxt, f, (nxt - u).abs()
-
-    step.__name__ = f"_mm_step_{penalty.name}"
-    return step
+    fn.__name__ = f"_{method}_{penalty.name}"
+    return fn
 
 
-def welsch_step(x, u, f_prev, safe_prev, rho, a):
-    """One step of a descent-safeguarded trust-region Newton iteration for Welsch.
+def row_sums(penalty: Penalty, method: str, u: Tensor, x: Tensor, alpha, scratch: Scratch,
+             clamp: bool, use_compile: bool) -> tuple:
+    """``penalty.<method>`` at the residuals ``u - x`` of one block (``u`` ``(r, 1)``
+    with ``x`` ``(r, N)``, or ``(r, k, 1)`` with ``(r, 1, N)``): its row sums, and the
+    norm of its terms where the penalty gives no bound for it (else None).
 
-    At the current point u it evaluates the objective f = N - sum_i e_i (e_i =
-    exp(-r_i^2 / 2), r_i = (u - x_i) / alpha), its derivative g and curvature H, and the
-    IRLS (majoriser) curvature W = sum e_i >= H. The safe step -g / max(H, kappa W),
-    kappa > 1/2, is t times the majoriser's minimising step with t = W / max(...) < 2,
-    so it strictly decreases the majoriser and hence f. The trial point is the Newton
-    step (or, where H <= 0, a step downhill) clipped to the trust radius rho, or the safe
-    step when that is longer. A trial point whose objective rose above the accepted
-    point's is rejected on the next call, which shrinks rho and takes the accepted
-    point's safe step instead; an accepted one doubles rho. So the accepted objective
-    never increases, the iteration cannot climb to a maximum, and near a minimum it is
-    plain Newton (quadratic convergence).
-
-    Returns (next point, accepted objective, safe point from the accepted point, trust
-    radius, step length).
-    """
-    n = x.shape[-1]
-    z = u - x
-    r = z * (1 / a)
-    r2 = r * r
-    e = torch.exp(torch.clamp(-0.5 * r2, min=exp_floor(x.dtype)))
-    g = (z * e).sum(-1, keepdim=True)
-    w = e.sum(-1, keepdim=True)
-    h = ((1 - r2) * e).sum(-1, keepdim=True)
-    f = n - w
-    # Rounding noise of f: a trial step that changes f by less than this is not a rise.
-    reject = f > f_prev + (8 * torch.finfo(x.dtype).eps) * n
-    rho = torch.where(reject, 0.25 * rho, 2 * rho)
-    # w == 0 only if exp underflowed for every point (u far from all of them, f at its
-    # maximum N): stay put and let the other start win.
-    safe_step = torch.where(w > 0, -g / torch.maximum(h, _WELSCH_KAPPA * w), torch.zeros_like(u))
-    # Where H <= 0 (a concave stretch) step downhill by the trust radius, except on a
-    # plateau where every weight sits at the exp floor: there g carries no information
-    # (the start is stuck and the other start wins).
-    plateau = w <= (2 * math.exp(exp_floor(x.dtype))) * n
-    newton_step = torch.where(h > 0, -g / h, torch.where(plateau, 0.0, -torch.sign(g) * rho))
-    newton_step = torch.minimum(torch.maximum(newton_step, -rho), rho)
-    trial = u + torch.where(newton_step.abs() >= safe_step.abs(), newton_step, safe_step)
-    nxt = torch.where(reject, safe_prev, trial)
-    return (
-        nxt,
-        torch.where(reject, f_prev, f),
-        torch.where(reject, safe_prev, u + safe_step),
-        rho,
-        (nxt - u).abs(),
-    )
+    Eagerly: the hand-fused in-place passes over scratch buffers. With ``use_compile``:
+    the penalty's derived formulas fused by torch.compile into one pass."""
+    measure = type(penalty).dphi_norm is Penalty.dphi_norm
+    if use_compile:
+        al = alpha if isinstance(alpha, Tensor) else torch.tensor(alpha, dtype=x.dtype, device=x.device)
+        return run(_fused(penalty, method, clamp and penalty.saturation is not None, measure), True,
+                   u, x, al, key=(penalty, method, clamp, measure))
+    z, *work = scratch.get(*torch.broadcast_shapes(u.shape, x.shape))
+    torch.sub(u, x, out=z)
+    if clamp:
+        clamp_saturated(penalty, z, alpha)
+    *out, d1 = getattr(penalty, method)(z, alpha, work)
+    norm = d1.mul_(d1).sum(-1, keepdim=True).sqrt_() if measure else None
+    return (*out, norm)
 
 
-@functools.lru_cache(maxsize=None)
-def backward_kernel(penalty: Penalty, need_alpha: bool) -> Callable:
-    """The vjp of Table 1 for one penalty, as a function of (x, y, a, grad_y)."""
+def block_rows(n: int, x: Tensor, use_compile: bool) -> int:
+    """Rows per block for rows of length ``n``."""
+    if x.device.type == "cpu" and not use_compile:
+        return max(1, _CPU_BLOCK_BYTES // (n * x.element_size()))
+    return max(1, _BIG_BLOCK_NUMEL // n)
 
-    def kernel(x, y, a, gy):
-        w, wa = penalty.weights(y - x, a)
-        sw = w.sum(-1, keepdim=True)
-        # A Hessian sum at or below its own rounding noise is singular (or negative:
-        # not a minimum): the exact gradient does not exist there.
-        noise = (x.shape[-1] * torch.finfo(x.dtype).eps) * w.abs().sum(-1, keepdim=True)
-        ok = (sw > noise) & torch.isfinite(sw)
-        scale = torch.where(ok, gy / torch.where(ok, sw, torch.ones_like(sw)), torch.zeros_like(sw))
-        gx = w * scale
-        gx = torch.where(torch.isfinite(gx), gx, torch.zeros_like(gx))
+
+def block_ranges(rows: int, n: int, x: Tensor, use_compile: bool) -> list[slice]:
+    """The row blocks of ``rows`` rows of length ``n`` (at least one, possibly empty)."""
+    step = block_rows(n, x, use_compile)
+    return [slice(i, min(i + step, rows)) for i in range(0, max(rows, 1), step)]
+
+
+@dataclass
+class Scratch:
+    """``count`` flat buffers, handed out as views of any shape that fits."""
+
+    flat: list[Tensor]
+
+    @classmethod
+    def make(cls, count: int, numel: int, like: Tensor) -> Scratch:
+        return cls([torch.empty(numel, dtype=like.dtype, device=like.device) for _ in range(count)])
+
+    def get(self, *shape: int) -> list[Tensor]:
+        numel = math.prod(shape)
+        if numel > self.flat[0].numel():
+            self.flat = [torch.empty(numel, dtype=t.dtype, device=t.device) for t in self.flat]
+        return [t[:numel].view(shape) for t in self.flat]
+
+
+def check_ends(lo: Tensor, hi: Tensor, full: Tensor) -> None:
+    """Raise NonFiniteError naming ``full`` when a row's min or max is not finite (they
+    propagate NaN and Inf). One host sync; the full count runs only on failure."""
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        check_finite("x", full)
+
+
+def row_scale(lo: Tensor, hi: Tensor) -> Tensor:
+    """Per row, the power of two that brings its entries below 1/16 of the float range
+    (1 where they already are): scaling by it is exact."""
+    finfo = torch.finfo(lo.dtype)
+    big = torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+    k = torch.ceil(torch.log2(big / (finfo.max / 16))).clamp(min=0)
+    return torch.exp2(-k).to(lo.dtype)
+
+
+def clamp_saturated(penalty: Penalty, z: Tensor, alpha: float | Tensor) -> None:
+    """Clamp residuals to ``±saturation * alpha`` (``phi'`` is constant there to working
+    precision, see :attr:`Penalty.saturation`), so that their squares cannot overflow;
+    ``alpha`` a float or shaped to broadcast against ``z``."""
+    if penalty.saturation is None:
+        return
+    if isinstance(alpha, float):
+        bound = penalty.saturation * alpha
+        z.clamp_(-bound, bound)
+    else:
+        bound = penalty.saturation * alpha
+        torch.minimum(z, bound, out=z)
+        torch.maximum(z, -bound, out=z)
+
+
+def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor, need_x: bool,
+                  need_alpha: bool, use_compile: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """The vjp of Table 1 by row blocks: ``grad_x_i = gy * w_i / sum_j w_j`` and
+    ``grad_alpha = -gy * sum_j wa_j / sum_j w_j``, ``w = phi''(y - x)``, ``wa =
+    d2phi/dz dalpha``. Each block is read once and its gradient written once into the
+    output. Returns ``(grad_x (R, N), grad_alpha (R,), ok (R,))``; rows whose Hessian
+    sum is zero, singular or negative get a zero gradient and ``ok = False``.
+
+    ``x`` and ``a`` (0-d or ``(R, 1)``), ``y`` and ``gy`` ``(R,)``."""
+    rows, n = x.shape
+    gx = torch.empty_like(x) if need_x else None
+    finfo = torch.finfo(x.dtype)
+    alpha_f = float(a) if a.dim() == 0 else None
+    # Squares of residuals over alpha beyond this overflow (only alpha's gradient of a
+    # saturating penalty cares: its weights there are 0 either way).
+    wide = math.sqrt(finfo.max) / 32 * (alpha_f if alpha_f else float(a.min()))
+    ranges = block_ranges(rows, n, x, use_compile)
+    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
+    # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
+    sw, size, scale = x.new_empty(rows, 1), x.new_empty(rows, 1), x.new_empty(rows, 1)
+    swa = x.new_zeros(rows, 1) if need_alpha else None
+    gcol = gy.reshape(rows, 1)
+    for sl in ranges:
+        r = sl.stop - sl.start
+        if r == 0:
+            continue
+        z, *work = scratch.get(r, n)
+        torch.sub(y[sl].unsqueeze(-1), x[sl], out=z)
+        al = alpha_f if alpha_f is not None else a[sl]
+        if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
+            clamp_saturated(penalty, z, al)
+        w, wa, wsize = penalty.hessian_weights(z, al, work, need_alpha)
+        torch.sum(w, -1, keepdim=True, out=sw[sl])
+        signed = wsize is not None
+        if signed:
+            size[sl] = wsize
         if need_alpha:
-            ga = -(wa.sum(-1, keepdim=True) * scale)
-            ga = torch.where(torch.isfinite(ga), ga, torch.zeros_like(ga))
-        else:
-            ga = sw
-        return gx, ga.squeeze(-1), ok.squeeze(-1)
+            swa[sl] = wa
+        if need_x:
+            torch.mul(w, torch.div(gcol[sl], sw[sl], out=scale[sl]), out=gx[sl])
+    if not signed:
+        size = sw
+    # Rows whose weights all underflowed (every point far from y) or overflowed (entries
+    # near the float range's end): the careful, rescaled weights (rare).
+    low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)).squeeze(-1)
+    if bool(low.any()):
+        idx = low.nonzero().squeeze(-1)
+        ar = a if a.dim() == 0 else a[idx]
+        w_r, sw_r, wa_r, size_r = _careful_weights(penalty, x[idx], y[idx], ar, need_alpha)
+        sw[idx], size[idx] = sw_r, size_r
+        if need_alpha:
+            swa[idx] = wa_r
+        if need_x:
+            gx[idx] = w_r * (gcol[idx] / sw_r)
+    # A Hessian sum at or below its own rounding noise is singular (or negative: not a
+    # minimum): the exact gradient does not exist there; those rows get zero.
+    scale = gcol / sw
+    ok = ((sw > (n * finfo.eps) * size) & torch.isfinite(scale)).squeeze(-1)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(-1)
+        if need_x:
+            gx.index_fill_(0, bad, 0.0)
+        scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
+    ga = (-(swa * scale)).squeeze(-1) if need_alpha else None
+    return gx, ga, ok
 
-    kernel.__name__ = f"_backward_{penalty.name}{'_alpha' if need_alpha else ''}"
-    return kernel
+
+def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool):
+    """The backward's weights of rows with huge entries or spread: scaled by a power of
+    two per row (exact), residuals clamped at the penalty's saturation, rescaled weights.
+    Both ratios of Table 1 are scale-free."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s = row_scale(torch.minimum(lo, y.unsqueeze(-1)), torch.maximum(hi, y.unsqueeze(-1)))
+    a_s = a * s
+    z = (y.unsqueeze(-1) - x) * s
+    clamp_saturated(penalty, z, a_s)
+    w, wa = penalty.weights(z, a_s)
+    sw = w.sum(-1, keepdim=True)
+    return w, sw, (wa.sum(-1, keepdim=True) if need_alpha else None), w.abs().sum(-1, keepdim=True)
 
 
-def trunc_quad_runs(s: torch.Tensor, lft: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     """Exact global minimiser of sum_i min((u - x_i)^2, alpha^2) / 2 for each sorted row s.
 
     The objective is piecewise quadratic; on each piece between consecutive breakpoints
@@ -196,37 +259,50 @@ def trunc_quad_runs(s: torch.Tensor, lft: torch.Tensor, a: torch.Tensor) -> torc
     mean of W from above, with equality for the optimal run, so the smallest G over the
     2N candidate runs is the global minimum and its mean the global minimiser: no
     clipping into pieces needed, and rounding in the run ends can only add valid runs.
+
+    Scale-free: the row is centred on its middle order statistic and divided by a power
+    of two near its half-range before the float64 prefix sums (which would cancel
+    catastrophically uncentred, and overflow for entries beyond 1e154), and alpha^2 / 2
+    is kept between the smallest normal number and 1e150 in those units (below, ties
+    between runs are broken by their size, as the vanishing alpha^2 term would; above,
+    the one run of every point wins, as it must).
     """
     rows, n = s.shape
     acc = torch.float64
-    # Centre on the middle order statistic and accumulate in float64: prefix sums of
-    # squares cancel catastrophically otherwise.
-    centre = s[:, n // 2 : n // 2 + 1]
-    d = (s - centre).to(acc)
-    c1 = d.cumsum(-1)
-    c2 = (d * d).cumsum(-1)
-    half_a2 = 0.5 * a.to(acc) ** 2
+    d = s.to(acc)  # a copy even for float64 input: centred and scaled in place below
+    if d.data_ptr() == s.data_ptr():
+        d = d.clone()
+    centre = d[:, n // 2 : n // 2 + 1].clone()
+    d.sub_(centre)
+    half = torch.maximum(d[:, -1:], -d[:, :1])
+    unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half)))))
+    d.div_(unit)
+    # Prefix sums with a leading zero: p[:, k] is the sum of the first k entries.
+    p1 = d.new_zeros(rows, n + 1)
+    p2 = d.new_zeros(rows, n + 1)
+    torch.cumsum(d, -1, out=p1[:, 1:])
+    torch.cumsum(d.mul_(d), -1, out=p2[:, 1:])
+    half_a2 = (0.5 * (a.to(acc) / unit) ** 2).clamp(min=torch.finfo(acc).tiny, max=1e150)
     idx = torch.arange(1, n + 1, device=s.device)
-
-    def prefix(c, k):  # sum of the first k entries
-        return torch.where(k > 0, c.gather(-1, (k - 1).clamp(min=0)), torch.zeros((), dtype=acc, device=s.device))
-
-    # Entry runs [l_i, i], never empty.
+    # Entry runs [l_i, i] hold at least point i, even where s_i - 2 alpha rounds to s_i.
+    lft = torch.minimum(lft, idx - 1)
     n_e = (idx - lft).to(acc)
-    s1_e = c1 - prefix(c1, lft)
-    g_e = 0.5 * (c2 - prefix(c2, lft) - s1_e * s1_e / n_e) + half_a2 * (n - n_e)
+    s1_e = p1[:, 1:] - p1.gather(-1, lft)
+    g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1).mul_(0.5)
+    g_e.addcmul_(half_a2, n - n_e)
     # Exit runs [i + 1, r_i), possibly empty.
     counts = torch.zeros(rows, n + 1, dtype=torch.int64, device=s.device)
     counts.scatter_add_(-1, lft, torch.ones_like(lft))
-    rgt = counts.cumsum(-1)[:, :n]
+    rgt = counts.cumsum_(-1)[:, :n]
     n_x = (rgt - idx).to(acc)
     safe_n = n_x.clamp(min=1)
-    s1_x = prefix(c1, rgt) - c1
-    g_x = 0.5 * (prefix(c2, rgt) - c2 - s1_x * s1_x / safe_n) + half_a2 * (n - n_x)
-    g_x = torch.where(n_x > 0, g_x, torch.full_like(g_x, math.inf))
+    s1_x = p1.gather(-1, rgt) - p1[:, 1:]
+    g_x = (p2.gather(-1, rgt) - p2[:, 1:]).addcdiv_(s1_x * s1_x, safe_n, value=-1).mul_(0.5)
+    g_x.addcmul_(half_a2, n - n_x)
+    g_x = torch.where(n_x > 0, g_x, math.inf)
 
     best_e, i_e = g_e.min(-1, keepdim=True)
     best_x, i_x = g_x.min(-1, keepdim=True)
     m_e = s1_e.gather(-1, i_e) / n_e.gather(-1, i_e)
     m_x = s1_x.gather(-1, i_x) / safe_n.gather(-1, i_x)
-    return (centre.to(acc) + torch.where(best_x < best_e, m_x, m_e)).to(s.dtype).squeeze(-1)
+    return (centre + unit * torch.where(best_x < best_e, m_x, m_e)).to(s.dtype).squeeze(-1)

@@ -30,21 +30,25 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..._checks import check_bool, check_dim_option, check_int, check_positive, check_tensor, normalize_dims
+from ..._checks import (
+    check_bool,
+    check_dim_option,
+    check_int,
+    check_positive,
+    check_tensor,
+    normalize_dims,
+)
 from ...errors import DTypeError, GradientWarning, OptionError, ShapeError
-from .kernels import backward_kernel, compile_available, run
+from .kernels import compile_available, pool_backward
 from .penalties import Penalty
 
-__all__ = ["robust_pool", "RobustPool"]
+__all__ = ["RobustPool", "robust_pool"]
 
 # Default stopping tolerance on the Newton step, relative to (alpha + |y|). float32 cannot
 # resolve much below 1e-6 of the scale once the sums over a row carry rounding noise.
 _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 _DEFAULT_MAX_ITER = 100
 
-# compile=None compiles only tensors at least this large: below it the one-off compile
-# (tens of seconds on a small CPU) costs more than eager kernels ever will.
-_AUTO_COMPILE_NUMEL = 1 << 22
 
 
 def _resolve_tol(tol: float | None, dtype: torch.dtype) -> float:
@@ -89,8 +93,8 @@ class _RobustPoolFunction(torch.autograd.Function):
                 grad_alpha = torch.zeros_like(alpha)
             return grad_x, grad_alpha, None, None, None, None
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        kernel = backward_kernel(ctx.penalty, bool(need_alpha))
-        gx, ga, ok = run(kernel, ctx.use_compile, x, y.unsqueeze(-1), a, grad_y.unsqueeze(-1))
+        gx, ga, ok = pool_backward(ctx.penalty, x, y, a, grad_y, bool(need_x), bool(need_alpha),
+                                   ctx.use_compile)
         bad = ~ok
         if bool(bad.any()):
             warnings.warn(
@@ -147,29 +151,40 @@ def robust_pool(
     over the entries :math:`x_i` of ``x`` along ``dim`` (Gould et al. Table 1; the
     penalties are listed in this module's docstring and in :data:`PENALTIES`).
 
-    Forward: ``quadratic`` is the mean. ``pseudo_huber`` and ``huber`` (convex) run a
-    Newton iteration from the median start below, safeguarded by a bracket of the root
-    (an IRLS step or bisection when the Newton point leaves it), until the step is at
-    most ``tol * (alpha + |y|)``; convexity makes the start immaterial to the result. ``welsch`` (nonconvex) runs a Newton iteration whose
-    accepted objective never increases (a rejected Newton point is replaced by a
-    majorise-minimise step) from two starts, the mean and a median, to the same
-    tolerance, and keeps the one with the lower objective: a local minimum, not
-    certified global. The median start is the exact lower median (torch's convention)
-    for rows of at most 129 entries, else the lower median of at most 129 evenly
-    strided entries, because an exact median of every row costs as much as the whole
-    solve. Rows converge independently; the ones still moving are regathered so that a
-    few slow rows do not cost full passes over ``x``.
-    ``trunc_quad`` returns the exact global minimiser (sort, prefix sums and the 2N
-    candidate inlier runs; O(N log N)).
+    Forward: ``quadratic`` is the mean (computed without overflow near the end of the
+    float range). ``pseudo_huber`` and ``huber`` (convex) run a Newton iteration on
+    :math:`g(u) = \\sum_i \\phi'(u - x_i) = 0` safeguarded by a bracket of the root
+    (bisection where the Newton point leaves it or the steps stop halving); convexity
+    makes the start immaterial to the result. ``welsch`` (nonconvex) runs a Newton
+    iteration whose accepted objective never increases from two starts, the mean and a
+    median, and keeps the one with the lower objective: a local minimum, not certified
+    global (for rows longer than 512 both starts are first refined on 128 strided
+    entries, and where they reach the same point only one continues on the row). A
+    user's :class:`Penalty` subclass runs on the same two solvers. ``trunc_quad``
+    returns the exact global minimiser (sort, prefix sums and the 2N candidate inlier
+    runs; O(N log N)).
+
+    Stopping: a row stops when the distance to its minimiser is estimated within
+    ``tol * (alpha + |y|)`` -- by the Newton step ``|g| / h`` (``h`` the curvature)
+    while ``|g|`` is above its rounding noise, by the bracket width, or by the error
+    predicted after a Newton step -- or when ``|g|`` has sunk into its rounding noise.
+    Where that noise divided by the curvature exceeds the tolerance (a nearly flat
+    objective, e.g. two clusters hundreds of alphas apart) the answer cannot be
+    resolved in the working precision: float32 rows are then solved again in float64,
+    and rows that float64 cannot resolve either are reported by a
+    :class:`~convexddn.errors.SolverWarning` (their answer is within that noise level).
+    The solvers are scale-invariant: rows near the end of the float range are scaled by
+    a power of two, and alpha far below or above the data's spread is handled exactly
+    where the penalty saturates.
 
     Backward: the closed form of Table 1 as a vector–Jacobian product,
     ``grad_x_i = grad_y * w_i / sum_j w_j`` with ``w_i = phi''(y - x_i)``, and
     ``grad_alpha = -grad_y * sum_j d2phi/dz dalpha / sum_j w_j``, without forming a
-    Jacobian. Where ``sum_j w_j`` is zero, singular or negative (Huber or truncated
-    quadratic with no inliers, a Welsch point that is not a strict minimum) that row's
-    gradient is zero and a :class:`~convexddn.errors.GradientWarning` is issued once
-    per call. At the kinks of Huber and truncated quadratic (:math:`|y - x_i| = \\alpha`)
-    the inlier side is taken.
+    Jacobian: one pass over ``x`` writing the gradient. Where ``sum_j w_j`` is zero,
+    singular or negative (Huber or truncated quadratic with no inliers, a Welsch point
+    that is not a strict minimum) that row's gradient is zero and a
+    :class:`~convexddn.errors.GradientWarning` is issued once per call. At the kinks of
+    Huber and truncated quadratic (:math:`|y - x_i| = \alpha`) the inlier side is taken.
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
@@ -179,13 +194,14 @@ def robust_pool(
         dim: the dimension, or tuple of dimensions, pooled over. Default ``-1``.
         keepdim: keep the pooled dimensions with size 1. Default ``False``.
         tol: stopping tolerance of the iterative solvers, relative to
-            ``alpha + |y|``. Default ``None``: 1e-12 for float64, 1e-6 otherwise.
+            ``alpha + |y|`` (see Stopping). Default ``None``: 1e-12 for float64, 1e-6
+            otherwise.
         max_iter: iteration limit of the iterative solvers (per start for Welsch);
             hitting it issues a :class:`~convexddn.errors.SolverWarning`. Default 100.
-        compile: fuse the iterations and the backward with :func:`torch.compile`
-            (``True``), run eagerly (``False``), or decide by size (``None``, default:
-            compile tensors of at least 2**22 elements). A compile failure falls back to
-            eager with a warning. The first compiled call pays a one-off compile.
+        compile: ``True``: form the row sums with the penalty's derived formulas fused by
+            :func:`torch.compile` (one-off compile of tens of seconds on a small CPU; a
+            compile failure falls back to eager with a warning). ``False`` or ``None``
+            (default): eager, hand-fused in-place passes over cache-sized row blocks.
 
     Shape:
         - Input: ``(*)``, with at least one entry along every pooled dimension.
@@ -203,9 +219,9 @@ def robust_pool(
             ``compile``.
 
     .. note::
-        The iterative solvers decide when to stop on the host: one device-to-host sync
-        per iteration (typically 3 to 6 per call), and one in the backward to decide
-        whether to warn. The quadratic and truncated-quadratic solvers do not iterate.
+        The iterative solvers decide when to stop on the host: a few device-to-host
+        syncs per iteration (typically 2 to 4 iterations per call), and a few in the
+        backward. The quadratic and truncated-quadratic solvers do not iterate.
         The cone-program form of the convex penalties is the registry's ``robust_pool``
         problem: ``convexddn.layer("robust_pool", n=N, penalty=..., backend="cvxpy")``.
 
@@ -250,11 +266,7 @@ def robust_pool(
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xw = x2.to(work)
     aw = a.to(work)
-    use_compile = (
-        compile_available() and x2.numel() >= _AUTO_COMPILE_NUMEL
-        if compile is None
-        else bool(compile) and compile_available()
-    )
+    use_compile = bool(compile) and compile_available()
     y2 = _RobustPoolFunction.apply(
         xw,
         aw,
@@ -294,7 +306,7 @@ class RobustPool(nn.Module):
 
     Raises:
         OptionError: invalid options, at construction (see :func:`robust_pool`).
-        Errors of :func:`robust_pool` for bad input, at call time.
+        DTypeError, ShapeError, NonFiniteError: bad input, at call time, as :func:`robust_pool`.
 
     Examples::
 

@@ -3,9 +3,17 @@
 A :class:`Penalty` gives :math:`\\phi`, its derivatives (the implicit backward needs
 :math:`\\phi''` and :math:`\\partial^2_{z\\alpha}\\phi`), the curvature of its IRLS
 majoriser, its CVXPY form when it is convex (the registry's ``robust_pool`` problem is
-built from it), and its solver hook :meth:`Penalty.solve`. The built-in penalties
-register fused solvers there; a user's subclass that defines ``phi``, ``dphi``,
-``d2phi`` and ``d2phi_dalpha`` runs on the generic safeguarded Newton/IRLS solver.
+built from it), and its solver hook :meth:`Penalty.solve`.
+
+The solvers and the backward need *row sums* of these derivatives over the pooled set:
+:meth:`Penalty.newton_sums` (convex Newton), :meth:`Penalty.descent_sums` (nonconvex
+descent) and :meth:`Penalty.hessian_weights` (backward). Their defaults are derived
+from ``phi``, ``dphi``, ``d2phi``, ``d2phi_dalpha`` and ``irls_weight``, so a user's
+subclass that defines those runs natively; the five built-in penalties (in
+:mod:`.builtin`, re-exported here) override them with the same formulas written as a
+few in-place passes over preallocated buffers (no temporaries: the solvers run them on
+row blocks that stay in cache). A test checks every override against the derived
+default.
 
 This module is the bottom of the pooling package: it imports neither the solvers
 (loaded lazily by :meth:`Penalty.solve`) nor anything of the convex path (CVXPY is
@@ -21,27 +29,42 @@ import abc
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
+from torch.nn.functional import threshold_
 
 from ..._checks import check_choice
 from ...errors import NonconvexError, OptionError
 
 __all__ = [
-    "Penalty",
-    "Quadratic",
-    "PseudoHuber",
-    "Huber",
-    "Welsch",
-    "TruncatedQuadratic",
-    "PENALTIES",
     "CONVEX_PENALTIES",
+    "PENALTIES",
+    "Huber",
+    "Penalty",
+    "PseudoHuber",
+    "Quadratic",
+    "TruncatedQuadratic",
+    "Welsch",
 ]
 
-
 def exp_floor(dtype: torch.dtype) -> float:
-    """Smallest exponent whose exp is still a normal number: exp of anything lower is
-    clamped to it, because subnormal arithmetic is ~50x slower on x86 CPUs and the
-    clamped weights (< 1e-35 of the largest) change no sum in a representable digit."""
-    return -700.0 if dtype == torch.float64 else -80.0
+    """Exponent below which exp is flushed to exactly 0: exp of anything lower would be
+    subnormal (~50x slower on x86 CPUs) and below 1e-36 of the largest weight."""
+    return -700.0 if dtype == torch.float64 else -85.0
+
+
+def _flush(t: Tensor) -> Tensor:
+    """Set exponents below :func:`exp_floor` to twice the floor, whose exp is exactly 0
+    (a finite value, so that ``t * exp(t)`` is 0 and not ``-inf * 0``)."""
+    floor = exp_floor(t.dtype)
+    return threshold_(t, floor, 2 * floor)
+
+
+def _tensor(alpha: Any, z: Tensor) -> Tensor:
+    return alpha if isinstance(alpha, Tensor) else torch.tensor(float(alpha), dtype=z.dtype, device=z.device)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.sum(-1, keepdim=True)
 
 
 class Penalty(abc.ABC):
@@ -56,25 +79,34 @@ class Penalty(abc.ABC):
 
     name: ClassVar[str]
     convex: ClassVar[bool]
+    #: Strictly convex: a zero curvature sum can only be underflow, never a flat minimum.
+    strict: ClassVar[bool] = False
+    #: phi'' is smooth (Lipschitz), so Newton converges quadratically near a minimum and
+    #: a row may stop on the error predicted after its last step.
+    smooth: ClassVar[bool] = False
+    #: A multiple of alpha beyond which phi' is constant and phi'' negligible in floating
+    #: point, so that residuals may be clamped there (where their squares would overflow);
+    #: None: never clamp.
+    saturation: ClassVar[float | None] = None
 
     @abc.abstractmethod
-    def phi(self, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def phi(self, z: Tensor, alpha: Tensor) -> Tensor:
         """The penalty :math:`\\phi(z; \\alpha)`."""
 
     @abc.abstractmethod
-    def dphi(self, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def dphi(self, z: Tensor, alpha: Tensor) -> Tensor:
         """The first derivative :math:`\\partial_z \\phi`."""
 
     @abc.abstractmethod
-    def d2phi(self, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def d2phi(self, z: Tensor, alpha: Tensor) -> Tensor:
         """The second derivative :math:`\\partial^2_{zz} \\phi` (zero off the inliers for
         Huber and truncated quadratic, whose second derivative jumps at :math:`|z| = \\alpha`)."""
 
     @abc.abstractmethod
-    def d2phi_dalpha(self, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def d2phi_dalpha(self, z: Tensor, alpha: Tensor) -> Tensor:
         """The mixed derivative :math:`\\partial^2_{z\\alpha} \\phi`."""
 
-    def weights(self, z: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, z: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(w, w_alpha)``: :meth:`d2phi` and :meth:`d2phi_dalpha` along the last dim,
         both multiplied by one positive factor per row.
 
@@ -84,7 +116,7 @@ class Penalty(abc.ABC):
         """
         return self.d2phi(z, alpha), self.d2phi_dalpha(z, alpha)
 
-    def objective(self, x: torch.Tensor, u: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    def objective(self, x: Tensor, u: Tensor, alpha: float | Tensor) -> Tensor:
         """:math:`\\sum_i \\phi(u - x_i; \\alpha)` over the last dim of ``x``; ``u`` has one
         entry per row of ``x`` (shape ``x.shape[:-1]``)."""
         alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)
@@ -92,7 +124,7 @@ class Penalty(abc.ABC):
             alpha = alpha.unsqueeze(-1)
         return self.phi(u.unsqueeze(-1) - x, alpha).sum(-1)
 
-    def irls_weight(self, z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def irls_weight(self, z: Tensor, alpha: Tensor) -> Tensor:
         """Curvature :math:`\\phi'(z)/z` of the quadratic majoriser at ``z`` (IRLS weight).
 
         The default divides :meth:`dphi` by ``z`` (and takes :meth:`d2phi` at ``z = 0``);
@@ -101,6 +133,61 @@ class Penalty(abc.ABC):
         """
         safe = torch.where(z == 0, torch.ones_like(z), z)
         return torch.where(z == 0, self.d2phi(z, alpha), self.dphi(safe, alpha) / safe)
+
+    # ------------------------------------------------------------- row sums (solvers)
+
+    def dphi_norm(self, h: Tensor, w: Tensor | None, n: int, alpha: float | Tensor,
+                  spread: Tensor) -> Tensor | None:
+        """An upper bound on :math:`\\sqrt{\\sum_i d_{1,i}^2}`, the norm of the terms ``d1``
+        that :meth:`newton_sums` or :meth:`descent_sums` return, from their row sums ``h``
+        (and ``W``, from :meth:`descent_sums`) and the rows' spread ``max x - min x``
+        (``(R, 1)``, a bound on every ``|z_i|``); ``None`` (the default): the solvers
+        measure it from ``d1``. It sets the rounding noise of the gradient sum."""
+        return None
+
+    def newton_sums(self, z: Tensor, alpha: float | Tensor, work: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Row sums for a Newton step on :math:`g(u) = \\sum_i \\phi'(u - x_i)`.
+
+        Args:
+            z: residuals ``u - x_i``, shape ``(R, N)``; scratch (may be overwritten).
+            alpha: a float (one alpha for all rows) or a tensor broadcastable to ``z``.
+            work: scratch tensors shaped like ``z`` (at least two).
+
+        Returns:
+            ``(g, h, d1)``: :math:`\\sum_i \\phi'`, :math:`\\sum_i \\phi''` (shape ``(R, 1)``)
+            and a tensor of the terms :math:`\\phi'(z_i)` (for their rounding noise), all
+            three possibly multiplied by one positive factor per row.
+        """
+        a = _tensor(alpha, z)
+        d1 = self.dphi(z, a)
+        return _rows(d1), _rows(self.d2phi(z, a)), d1
+
+    def descent_sums(self, z: Tensor, alpha: float | Tensor,
+                     work: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Row sums for a descent step of a nonconvex penalty: ``(f, g, h, W, d1)``, the
+        objective :math:`\\sum_i \\phi` (up to a constant per row), :math:`\\sum_i \\phi'`,
+        :math:`\\sum_i \\phi''`, the IRLS curvature :math:`\\sum_i \\phi'(z_i)/z_i` and the
+        terms :math:`\\phi'(z_i)`; ``g``, ``h``, ``W`` and ``d1`` possibly multiplied by one
+        positive factor per row. Arguments as for :meth:`newton_sums`."""
+        a = _tensor(alpha, z)
+        d1 = self.dphi(z, a)
+        return (_rows(self.phi(z, a)), _rows(d1), _rows(self.d2phi(z, a)),
+                _rows(self.irls_weight(z, a)), d1)
+
+    def hessian_weights(self, z: Tensor, alpha: float | Tensor, work: list[Tensor],
+                        need_alpha: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The backward's weights at the solution: ``(w, wa, size)``.
+
+        ``w`` holds :math:`\\phi''(z_i)` and ``wa`` (``(R, 1)``, only with ``need_alpha``)
+        the row sums of :math:`\\partial^2_{z\\alpha}\\phi(z_i)`, both multiplied by one
+        positive factor per row; ``size`` is None where ``w >= 0``, else an upper bound on
+        the row sums of ``|w|`` (same factor): the scale of their rounding noise.
+        Arguments as for :meth:`newton_sums`; ``w`` may share memory with ``z`` or ``work``.
+        """
+        w, wa = self.weights(z, _tensor(alpha, z))
+        return w, (_rows(wa) if need_alpha else None), (None if self.convex else _rows(w.abs()))
+
+    # ------------------------------------------------------------------- the rest
 
     def cvxpy(self, z: Any, alpha: float) -> Any:
         """:math:`\\sum_i \\phi(z_i; \\alpha)` as a CVXPY expression of the vector ``z``.
@@ -113,24 +200,24 @@ class Penalty(abc.ABC):
             + ("" if self.convex else " (it is nonconvex)")
             + f"; use the native node convexddn.RobustPool(penalty={self.name!r})")
 
-    def solve(self, x: torch.Tensor, alpha: torch.Tensor, tol: float, max_iter: int,
-              use_compile: bool) -> torch.Tensor:
+    def solve(self, x: Tensor, alpha: Tensor, tol: float, max_iter: int,
+              use_compile: bool) -> Tensor:
         """The pooled minimiser of each row: ``x (R, N)``, ``alpha`` ``(R, 1)`` or 0-d ``-> (R,)``.
 
         The default is the generic solver: a bracketed (safeguarded) Newton iteration on
-        :math:`\\sum_i \\phi'(u - x_i)` for a convex penalty, a descent-safeguarded
-        Newton/IRLS iteration from the mean and a median for a nonconvex one. Built-in
-        penalties override it with fused kernels.
+        :math:`\\sum_i \\phi'(u - x_i)` for a convex penalty, a descent-safeguarded Newton
+        iteration from two starts for a nonconvex one (see :mod:`.solvers`).
         """
-        from .solvers import generic_solve
+        from .solvers import convex_solve, nonconvex_solve
 
-        return generic_solve(self, x, alpha, tol, max_iter, use_compile)
+        solver = convex_solve if self.convex else nonconvex_solve
+        return solver(self, x, alpha, tol, max_iter, use_compile)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
     @staticmethod
-    def resolve(penalty: "str | Penalty") -> "Penalty":
+    def resolve(penalty: str | Penalty) -> Penalty:
         """Return the :class:`Penalty` for a name in :data:`PENALTIES` (or the instance itself).
 
         Raises:
@@ -146,190 +233,8 @@ class Penalty(abc.ABC):
         return _BUILTIN[penalty]
 
 
-class Quadratic(Penalty):
-    """:math:`\\phi(z) = \\tfrac12 z^2`; the minimiser is the mean, ``alpha`` plays no role."""
-
-    name = "quadratic"
-    convex = True
-
-    def phi(self, z, alpha):
-        return 0.5 * z * z
-
-    def dphi(self, z, alpha):
-        return z
-
-    def d2phi(self, z, alpha):
-        return torch.ones_like(z)
-
-    def d2phi_dalpha(self, z, alpha):
-        return torch.zeros_like(z)
-
-    def irls_weight(self, z, alpha):
-        return torch.ones_like(z)
-
-    def cvxpy(self, z, alpha):
-        import cvxpy as cp
-
-        return 0.5 * cp.sum_squares(z)
-
-    def solve(self, x, alpha, tol, max_iter, use_compile):
-        from .solvers import check_rows_finite
-
-        y = x.mean(-1)
-        check_rows_finite(x, y)
-        return y
-
-
-class PseudoHuber(Penalty):
-    """:math:`\\phi(z) = \\alpha^2 (\\sqrt{1 + (z/\\alpha)^2} - 1)`: smooth and convex."""
-
-    name = "pseudo_huber"
-    convex = True
-
-    def phi(self, z, alpha):
-        r = z / alpha
-        return alpha * alpha * (torch.sqrt(1 + r * r) - 1)
-
-    def dphi(self, z, alpha):
-        r = z / alpha
-        return z * torch.rsqrt(1 + r * r)
-
-    def d2phi(self, z, alpha):
-        r = z / alpha
-        return torch.rsqrt(1 + r * r) ** 3
-
-    def d2phi_dalpha(self, z, alpha):
-        r = z / alpha
-        return (r * torch.rsqrt(1 + r * r)) ** 3
-
-    def weights(self, z, alpha):
-        # Scale by (1 + r_min^2)^{3/2}, r_min the residual nearest zero in the row, so the
-        # largest weight is 1 however far every point lies from y.
-        r = z / alpha
-        q = 1 + r * r
-        q_min = q.amin(-1, keepdim=True)
-        ratio = torch.sqrt(q_min / q)
-        w = ratio ** 3
-        return w, (r * ratio) ** 3
-
-    def irls_weight(self, z, alpha):
-        r = z / alpha
-        return torch.rsqrt(1 + r * r)
-
-    def cvxpy(self, z, alpha):
-        # alpha^2 (sqrt(1 + (z/alpha)^2) - 1) = alpha ||(alpha, z_i)||_2 - alpha^2, an SOC.
-        import cvxpy as cp
-        import numpy as np
-
-        n = z.shape[0]
-        stacked = cp.vstack([np.full(n, alpha), z])  # columns (alpha, z_i)
-        return alpha * cp.sum(cp.norm(stacked, 2, axis=0)) - n * alpha ** 2
-
-    def solve(self, x, alpha, tol, max_iter, use_compile):
-        from .solvers import newton_solve
-
-        return newton_solve(self, x, alpha, tol, max_iter, use_compile)
-
-
-class Huber(Penalty):
-    """:math:`\\phi(z) = \\tfrac12 z^2` for :math:`|z| \\le \\alpha`, else
-    :math:`\\alpha (|z| - \\tfrac12 \\alpha)`: convex, with a kink in :math:`\\phi''` at
-    :math:`|z| = \\alpha` (the inlier side is used there)."""
-
-    name = "huber"
-    convex = True
-
-    def phi(self, z, alpha):
-        a = z.abs()
-        return torch.where(a <= alpha, 0.5 * z * z, alpha * (a - 0.5 * alpha))
-
-    def dphi(self, z, alpha):
-        return torch.maximum(torch.minimum(z, alpha), -alpha)
-
-    def d2phi(self, z, alpha):
-        return (z.abs() <= alpha).to(z.dtype)
-
-    def d2phi_dalpha(self, z, alpha):
-        return torch.where(z.abs() <= alpha, torch.zeros_like(z), torch.sign(z))
-
-    def irls_weight(self, z, alpha):
-        return alpha / torch.maximum(z.abs(), alpha)
-
-    def cvxpy(self, z, alpha):
-        import cvxpy as cp
-
-        return 0.5 * cp.sum(cp.huber(z, alpha))  # cvxpy's huber is twice Table 1's
-
-    def solve(self, x, alpha, tol, max_iter, use_compile):
-        from .solvers import newton_solve
-
-        return newton_solve(self, x, alpha, tol, max_iter, use_compile)
-
-
-class Welsch(Penalty):
-    """:math:`\\phi(z) = 1 - \\exp(-z^2 / (2\\alpha^2))`: smooth, bounded and nonconvex."""
-
-    name = "welsch"
-    convex = False
-
-    def phi(self, z, alpha):
-        r = z / alpha
-        return -torch.expm1(-0.5 * r * r)
-
-    def dphi(self, z, alpha):
-        r = z / alpha
-        return r / alpha * torch.exp(-0.5 * r * r)
-
-    def d2phi(self, z, alpha):
-        r = z / alpha
-        return (1 - r * r) * torch.exp(-0.5 * r * r) / (alpha * alpha)
-
-    def d2phi_dalpha(self, z, alpha):
-        r = z / alpha
-        return r * (r * r - 2) * torch.exp(-0.5 * r * r) / (alpha * alpha)
-
-    def weights(self, z, alpha):
-        # exp(-r^2/2) underflows to 0 for every point once |y - x_i| > ~13 alpha (float32):
-        # shift the exponent by the row's smallest r^2, and drop the common 1/alpha^2.
-        r = z / alpha
-        r2 = r * r
-        e = torch.exp(torch.clamp(-0.5 * (r2 - r2.amin(-1, keepdim=True)), min=exp_floor(z.dtype)))
-        return (1 - r2) * e, r * (r2 - 2) * e
-
-    def irls_weight(self, z, alpha):
-        r = z / alpha
-        return torch.exp(-0.5 * r * r) / (alpha * alpha)
-
-    def solve(self, x, alpha, tol, max_iter, use_compile):
-        from .solvers import welsch_solve
-
-        return welsch_solve(x, alpha, tol, max_iter, use_compile)
-
-
-class TruncatedQuadratic(Penalty):
-    """:math:`\\phi(z) = \\tfrac12 z^2` for :math:`|z| \\le \\alpha`, else
-    :math:`\\tfrac12 \\alpha^2`: nonconvex and non-smooth at :math:`|z| = \\alpha`."""
-
-    name = "trunc_quad"
-    convex = False
-
-    def phi(self, z, alpha):
-        return 0.5 * torch.minimum(z * z, alpha * alpha)
-
-    def dphi(self, z, alpha):
-        return torch.where(z.abs() <= alpha, z, torch.zeros_like(z))
-
-    def d2phi(self, z, alpha):
-        return (z.abs() <= alpha).to(z.dtype)
-
-    def d2phi_dalpha(self, z, alpha):
-        return torch.zeros_like(z)
-
-    def solve(self, x, alpha, tol, max_iter, use_compile):
-        from .solvers import trunc_quad_solve
-
-        return trunc_quad_solve(x, alpha, use_compile)
-
+# The built-ins subclass Penalty (defined above): imported here, at the bottom.
+from .builtin import Huber, PseudoHuber, Quadratic, TruncatedQuadratic, Welsch
 
 _BUILTIN: dict[str, Penalty] = {
     p.name: p for p in (Quadratic(), PseudoHuber(), Huber(), Welsch(), TruncatedQuadratic())
@@ -339,4 +244,3 @@ _BUILTIN: dict[str, Penalty] = {
 PENALTIES: tuple[str, ...] = tuple(_BUILTIN)
 #: The convex ones: those the registry's CVXPY ``robust_pool`` problem accepts.
 CONVEX_PENALTIES: tuple[str, ...] = tuple(p for p in PENALTIES if _BUILTIN[p].convex)
-

@@ -1,203 +1,221 @@
-"""Forward solvers of robust pooling: iteration drivers over the kernels of :mod:`.kernels`.
+"""Forward solvers of robust pooling: ``x (R, N)``, ``alpha`` (``(R, 1)`` or 0-d) ``-> (R,)``.
 
-Every solver maps rows ``x (R, N)`` and ``alpha`` (``(R, 1)`` or 0-d) to the pooled
-minimisers ``(R,)``. Rows converge independently; converged rows are frozen and, once
-few rows still move, the moving ones are regathered into a smaller problem. One host
-sync per iteration decides whether to stop.
+Starts: rows of at most 129 entries start from their lower median; longer rows from the
+lower median of evenly strided entries (129 of rows up to 512 long, 64 beyond), taken
+while their block is in cache. A nonconvex penalty starts from the mean and that
+median; for rows longer than 512 both are first refined on 128 strided entries and,
+where they reach the same point there, only one continues on the whole row.
+
+Blocks whose spread over alpha could overflow a square have their residuals clamped
+where the penalty saturates; rows whose sums still overflow (entries near the end of
+the float range) are solved apart, scaled by a power of two (exact). Rows that a
+float32 solve cannot resolve (see :mod:`.iterations`) are solved again in float64;
+rows that float64 cannot resolve, or that hit ``max_iter``, are reported with a
+:class:`~convexddn.errors.SolverWarning`.
 """
 from __future__ import annotations
 
-import functools
-import math
 import warnings
-from typing import Callable
 
 import torch
+from torch import Tensor
 
 from ..._checks import check_finite
 from ...errors import SolverWarning
-from .kernels import mm_step, newton_step, run, trunc_quad_runs, welsch_step
+from .iterations import Rows, descent_rows, newton_rows
+from .kernels import block_ranges, row_scale, run, trunc_quad_runs
 from .penalties import Penalty
 
-# Welsch's robust start is the median of at most this many evenly strided entries per
-# row (the exact median when the row is this short): an exact median of every row costs
-# as much as the whole Welsch solve.
+# Rows up to this long start from the exact lower median; up to _SAMPLE_MIN_N from the
+# lower median of this many evenly strided entries.
 _MEDIAN_SAMPLE = 129
+_SAMPLE_MIN_N = 512
+# Beyond, the start is the lower median of about this many strided entries, taken while
+# the row's block is in cache.
+_START_SAMPLE = 64
+# The nonconvex starts of long rows are refined on about _NC_SAMPLE strided entries to
+# this tolerance; refined starts closer than _MERGE * alpha are one.
+_NC_SAMPLE = 128
+_SAMPLE_TOL, _SAMPLE_MAX_ITER, _MERGE = 1e-4, 30, 1e-3
+# Bytes of x per block in the exact truncated-quadratic solver on a CPU: its float64
+# prefix sums (a dozen row-sized temporaries) stay in cache.
+_TQ_BLOCK_BYTES = 1 << 16
 
-# Entries per row chunk in the exact truncated-quadratic solver on the CPU: the sort,
-# the search and the float64 prefix sums of one chunk stay in cache, and no full-size
-# float64 temporaries are allocated.
-_TQ_CHUNK_NUMEL = 1 << 19
 
-
-def check_rows_finite(x: torch.Tensor, stats: torch.Tensor) -> None:
-    """Raise NonFiniteError for x when a per-row statistic that propagates NaN/Inf (a mean,
-    min or max) is not finite. One host sync; the full count runs only on failure."""
-    if not bool(torch.isfinite(stats).all()):
+def mean_solve(x: Tensor) -> Tensor:
+    """The mean of each row, without overflow: rows whose sum overflows are divided by the
+    power of two just below their largest magnitude first (exact)."""
+    y = x.mean(-1)
+    bad = ~torch.isfinite(y)
+    if bool(bad.any()):
         check_finite("x", x)
+        idx = bad.nonzero().squeeze(-1)
+        xb = x[idx]
+        scale = torch.exp2(torch.floor(torch.log2(xb.abs().amax(-1, keepdim=True))))
+        y[idx] = (xb / scale).mean(-1) * scale.squeeze(-1)
+    return y
 
 
-def _iterate(step: Callable, name: str, x, state: list, a, tol, max_iter, use_compile,
-             warn: bool = True) -> tuple[list, torch.Tensor | None]:
-    """Run ``state = step(x, *state, a)`` (which also returns the step length) until each
-    row's step is at most ``tol * (alpha + |u|)``, ``u = state[0]``. Returns the final
-    state and, when some rows hit ``max_iter``, a mask of those rows (else None); with
-    ``warn`` they are reported at once.
-
-    Converged rows are frozen; once at most 3/4 of the rows are still moving, the
-    moving rows are gathered into a smaller problem, so the long tail of slow rows costs
-    in proportion to their number instead of a full pass over x per iteration. One host
-    sync per iteration (to decide whether to stop).
-    """
-    out = [t.clone() for t in state]
-    active = None  # indices into the full rows of the rows still iterating
-    n_todo = out[0].shape[0]
-    for _ in range(max_iter):
-        *state, step_len = run(step, use_compile, x, *state, a)
-        todo = (step_len > tol * (a + state[0].abs())).squeeze(-1)
-        n_todo = int(todo.sum())
-        if n_todo == 0:
-            break
-        todo_active = active  # the rows `todo` refers to, before any shrinking below
-        if 4 * n_todo <= 3 * todo.numel():
-            keep = todo.nonzero().squeeze(-1)
-            _store(out, state, active)
-            active = keep if active is None else active[keep]
-            x, state = x[keep], [t[keep] for t in state]
-            a = a[keep] if a.dim() > 0 else a
-    else:
-        unconverged = torch.zeros(out[0].shape[0], dtype=torch.bool, device=out[0].device)
-        unconverged[todo.nonzero().squeeze(-1) if todo_active is None else todo_active[todo]] = True
-        if warn:
-            _warn_not_converged(name, n_todo, out[0].shape[0], tol)
-        _store(out, state, active)
-        return out, unconverged
-    _store(out, state, active)
-    return out, None
-
-
-def _warn_not_converged(name: str, n_todo: int, rows: int, tol: float) -> None:
-    warnings.warn(
-        f"robust_pool(penalty={name!r}): {n_todo} of {rows} row(s) did not reach "
-        f"tol={tol:g} within max_iter; returning the last iterate",
-        SolverWarning,
-        stacklevel=6,
-    )
-
-
-def _store(out: list, state: list, active) -> None:
-    for o, t in zip(out, state):
-        if active is None:
-            o.copy_(t)
-        else:
-            o[active] = t
-
-
-def newton_solve(penalty: Penalty, x, a, tol, max_iter, use_compile):
-    """Safeguarded Newton for a convex penalty (see :func:`.kernels.newton_step`)."""
-    step, name = newton_step(penalty), penalty.name
-    # Start from the (sampled) median -- a data point, so Huber has an inlier there --
-    # with an open bracket: no full pass over x before the first Newton step, whose
-    # fused row sums serve as the NaN/Inf check.
-    u = _median_start(x)
-    lo, hi = torch.full_like(u, -math.inf), torch.full_like(u, math.inf)
-    u, lo, hi, step_len, sums = run(step, use_compile, x, u, lo, hi, a, True)
-    check_rows_finite(x, sums)
-    state = [u, lo, hi]
-    n_todo = int((step_len > tol * (a + u.abs())).sum())
-    if n_todo and max_iter > 1:
-        state, _ = _iterate(step, name, x, state, a, tol, max_iter - 1, use_compile)
-    elif n_todo:
-        _warn_not_converged(name, n_todo, x.shape[0], tol)
-    return state[0].squeeze(-1)
-
-
-def _median_start(x: torch.Tensor) -> torch.Tensor:
+def _strided_sample(x: Tensor, count: int) -> Tensor:
+    """At most ``count`` evenly strided entries of each row (all of a short row)."""
     n = x.shape[-1]
-    if n > _MEDIAN_SAMPLE:
-        x = x[:, :: -(-n // _MEDIAN_SAMPLE)]
-    return x.median(-1, keepdim=True).values
+    return x if n <= count else x[:, :: -(-n // count)]
 
 
-def welsch_solve(x, a, tol, max_iter, use_compile):
-    """Descent-safeguarded Newton for Welsch from the mean and a median; the lower objective wins."""
-    starts = [x.mean(-1, keepdim=True), _median_start(x)]
-    check_rows_finite(x, torch.cat(starts, -1))
-    finals, objectives, stuck = [], [], []
-    for u in starts:
-        state = [u, torch.full_like(u, math.inf), u, (a * torch.ones_like(u)).to(u.dtype)]
-        (u, f, _, _), unconverged = _iterate(welsch_step, "welsch", x, state, a, tol, max_iter,
-                                             use_compile, warn=False)
-        finals.append(u)
-        objectives.append(f)
-        stuck.append(unconverged)
-    # Keep the start with the lower objective (evaluated at the last accepted point,
-    # within tol of the returned one).
-    second = (objectives[1] < objectives[0]).squeeze(-1)
-    # Warn only for rows whose kept start did not converge: a mean start far from every
-    # point sits where the Welsch objective is flat, and loses to the median start anyway.
-    if stuck[0] is not None or stuck[1] is not None:
-        none = torch.zeros_like(second)
-        bad = torch.where(second, none if stuck[1] is None else stuck[1], none if stuck[0] is None else stuck[0])
-        n_bad = int(bad.sum())
-        if n_bad:
-            _warn_not_converged("welsch", n_bad, x.shape[0], tol)
-    return torch.where(second.unsqueeze(-1), finals[1], finals[0]).squeeze(-1)
+def _median_start(x: Tensor) -> Tensor:
+    """The lower median of at most 129 evenly strided entries (the exact lower median of
+    rows up to 129 long; of rows up to 512 long, 129 entries; beyond, 64: an exact
+    median of every row costs as much as the whole solve)."""
+    count = _MEDIAN_SAMPLE if x.shape[-1] <= _SAMPLE_MIN_N else _START_SAMPLE
+    return _strided_sample(x, count).median(-1, keepdim=True).values
 
 
-def trunc_quad_solve(x, a, use_compile):
+_start = _median_start
+
+
+def _two_starts(x: Tensor) -> Tensor:
+    return torch.cat([x.mean(-1, keepdim=True), _median_start(x)], -1)
+
+
+def _warn(name: str, message: str, count: int, rows: int) -> None:
+    warnings.warn(f"robust_pool(penalty={name!r}): {count} of {rows} row(s) {message}",
+                  SolverWarning, stacklevel=8)
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def convex_solve(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_compile: bool) -> Tensor:
+    """Bracketed Newton for a convex penalty (see :func:`.iterations.newton_rows`)."""
+    return _finish(pen, x, a, tol, max_iter, use_compile, None)
+
+
+def nonconvex_solve(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_compile: bool) -> Tensor:
+    """Descent-safeguarded Newton for a nonconvex penalty (see
+    :func:`.iterations.descent_rows`) from two starts, the mean and the lower median;
+    the start reaching the lower objective wins: a local minimum, not certified global."""
+    starts = None
+    if x.shape[-1] > _SAMPLE_MIN_N:
+        xs = _strided_sample(x, _NC_SAMPLE).contiguous()
+        s0 = _two_starts(xs)
+        res = descent_rows(pen, _rows(xs, a), s0, None, max(tol, _SAMPLE_TOL), _SAMPLE_MAX_ITER, use_compile)
+        if res is None:
+            check_finite("x", x)
+        # Rows whose sample overflowed keep the raw starts.
+        starts = torch.where(res.special | ~torch.isfinite(res.u), s0, res.u)
+    return _finish(pen, x, a, tol, max_iter, use_compile, starts)
+
+
+def _rows(x: Tensor, a: Tensor, clamp: bool = False) -> Rows:
+    return Rows(x, a, float(a) if a.dim() == 0 else None, clamp)
+
+
+def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_compile: bool,
+            starts: Tensor | None) -> Tensor:
+    """Solve; solve float32 rows that cannot be resolved again in float64; warn for rows
+    unresolved in float64 or stopped by ``max_iter``."""
+    y, unresolved, converged = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
+    rows = x.shape[0]
+    if x.dtype != torch.float64 and bool(unresolved.any()):
+        idx = unresolved.nonzero().squeeze(-1)
+        a64 = (a if a.dim() == 0 else a[idx]).double()
+        s64 = None if starts is None else starts[idx].double()
+        y64, res64, conv64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
+        y[idx] = y64.to(y.dtype)
+        unresolved[idx] = res64
+        converged[idx] = conv64
+    n_res = int(unresolved.sum())
+    if n_res:
+        _warn(pen.name, f"cannot be resolved to tol={tol:g} in float64: the objective is so flat "
+              "there that the rounding noise of its gradient exceeds tol times its curvature; "
+              "returning the point where the gradient is at its noise level", n_res, rows)
+    n_unc = int((~converged).sum())
+    if n_unc:
+        _warn(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
+              "iterate", n_unc, rows)
+    return y
+
+
+def _solve(pen: Penalty, rows: Rows, tol: float, max_iter: int, use_compile: bool,
+           starts: Tensor | None, full: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, unresolved, converged)`` for every row; rows whose sums overflowed (entries
+    near the end of the float range) are solved again apart, scaled by a power of two
+    and with residuals clamped where the penalty saturates."""
+    if pen.convex:
+        res = newton_rows(pen, rows, starts, _start if starts is None else None, tol, max_iter, use_compile)
+        picked = None if res is None else (res.u, res.unresolved, res.converged, res.special)
+    else:
+        picked = _nonconvex(pen, rows, tol, max_iter, use_compile, starts)
+    if picked is None:
+        check_finite("x", full)
+        raise AssertionError("unreachable: a non-finite row min or max with finite x")
+    y, unresolved, converged, special = picked
+    if bool(special.any()) and not rows.clamp:
+        idx = special.nonzero().squeeze(-1)
+        xs = rows.x.index_select(0, idx)
+        s = row_scale(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True))
+        a_s = (rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1)[idx]) * s
+        st = None if starts is None else starts[idx] * (s if starts.dim() == 2 else s.squeeze(-1))
+        ys, res_s, conv_s = _solve(pen, Rows(xs * s, a_s, None, True), tol, max_iter, use_compile, st, full)
+        y[idx] = ys / s.squeeze(-1)
+        unresolved[idx], converged[idx] = res_s, conv_s
+    return y, unresolved, converged
+
+
+def _nonconvex(pen, rows: Rows, tol, max_iter, use_compile, starts):
+    """Both starts of every row, or -- where most rows' refined starts reached the same
+    point (they are one) -- one start per row, and the second start of the others apart."""
+    apart = None
+    if starts is not None:
+        a = rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1)
+        gap = (starts[:, 0] - starts[:, 1]).abs() > _MERGE * a
+        if 4 * int(gap.sum()) <= starts.shape[0]:
+            apart = gap.nonzero().squeeze(-1)
+            second = starts.index_select(0, apart)[:, 1:]
+            starts = starts[:, :1]
+    res = descent_rows(pen, rows, starts, _two_starts if starts is None else None, tol, max_iter, use_compile)
+    if res is None:
+        return None
+    fields = [res.u, res.f, res.unresolved, res.converged, res.special]
+    if apart is not None and apart.numel():
+        other = descent_rows(pen, rows.select(apart), second, None, tol, max_iter, use_compile)
+        both = [torch.cat([t, t.new_empty(t.shape)], -1) for t in fields]
+        for t, o in zip(both, (other.u, other.f, other.unresolved, other.converged, other.special)):
+            t[:, 1] = t[:, 0]
+            t[apart, 1] = o[:, 0]
+        fields = both
+    # The start with the lower objective (at its last accepted point) wins; only its
+    # flags count (a mean start far from every point stalls on a flat stretch).
+    pick = fields[1].argmin(-1, keepdim=True)
+    return tuple(t.gather(-1, pick).squeeze(-1) for i, t in enumerate(fields) if i != 1)
+
+
+# --------------------------------------------------------------------------- truncated quadratic
+
+
+def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
     """The exact global minimiser of truncated-quadratic pooling (see :func:`.kernels.trunc_quad_runs`)."""
     rows, n = x.shape
-    # Work in row chunks on the CPU: the sort, the search and the float64 prefix sums of
-    # one chunk stay in cache.
-    step = rows if x.device.type != "cpu" else max(1, _TQ_CHUNK_NUMEL // n)
-    ys, ends = [], []
-    for i in range(0, rows, step):
-        s = torch.sort(x[i : i + step], dim=-1).values
-        # Sorting puts NaN last: the smallest and largest entries catch every NaN/Inf.
-        ends.append(s[:, :: max(n - 1, 1)])
-        ac = a[i : i + step] if a.dim() > 0 else a
-        lft = torch.searchsorted(s, s - 2 * ac, right=True)
-        ys.append(run(trunc_quad_runs, use_compile, s, lft, ac))
-    check_rows_finite(x, torch.cat(ends))
-    return torch.cat(ys)
-
-
-def generic_solve(penalty: Penalty, x, a, tol, max_iter, use_compile):
-    """The solver of a user-defined :class:`~.penalties.Penalty`.
-
-    Convex penalty: the safeguarded Newton iteration of :func:`newton_solve` (its bracket
-    keeps it convergent whatever the start). Nonconvex penalty: majorise-minimise (IRLS)
-    steps, which never increase the objective when ``irls_weight`` majorises, from the
-    mean and a median; the start with the lower objective is kept (a local minimum).
-    """
-    if penalty.convex:
-        return newton_solve(penalty, x, a, tol, max_iter, use_compile)
-    starts = [x.mean(-1, keepdim=True), _median_start(x)]
-    check_rows_finite(x, torch.cat(starts, -1))
-    finals, objectives, stuck = [], [], []
-    for u in starts:
-        state = [u, torch.full_like(u, math.inf)]
-        (u, f), unconverged = _iterate(_mm_driver(penalty), penalty.name, x, state, a, tol,
-                                       max_iter, use_compile, warn=False)
-        finals.append(u)
-        objectives.append(penalty.objective(x, u.squeeze(-1), a.squeeze(-1) if a.dim() else a).unsqueeze(-1))
-        stuck.append(unconverged)
-    second = (objectives[1] < objectives[0]).squeeze(-1)
-    kept_stuck = [s if s is not None else torch.zeros_like(second) for s in stuck]
-    n_bad = int(torch.where(second, kept_stuck[1], kept_stuck[0]).sum())
-    if n_bad:
-        _warn_not_converged(penalty.name, n_bad, x.shape[0], tol)
-    return torch.where(second.unsqueeze(-1), finals[1], finals[0]).squeeze(-1)
-
-
-@functools.lru_cache(maxsize=None)
-def _mm_driver(penalty: Penalty) -> Callable:
-    step = mm_step(penalty)
-
-    def driver(x, u, f_prev, a):
-        nxt, f, step_len = step(x, u, a)
-        return nxt, f, step_len
-
-    driver.__name__ = step.__name__
-    return driver
+    y = x.new_empty(rows)
+    if x.device.type == "cpu" and not use_compile:
+        step = max(1, _TQ_BLOCK_BYTES // (n * x.element_size()))
+        ranges = [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+    else:
+        ranges = block_ranges(rows, n, x, use_compile)
+    ends = x.new_empty(rows, 2)
+    for sl in ranges:
+        xb = x[sl]
+        ab = a if a.dim() == 0 else a[sl]
+        s = torch.sort(xb, dim=-1).values
+        ends[sl] = s[:, :: max(n - 1, 1)]  # sorting puts NaN last: min and max catch NaN/Inf
+        scale = None
+        if bool((ends[sl].abs() > torch.finfo(x.dtype).max / 16).any()):
+            # Entries near the end of the float range: differences could overflow.
+            scale = row_scale(ends[sl][:, :1], ends[sl][:, 1:])
+            s, ab = s * scale, ab * scale
+        lft = torch.searchsorted(s, s - 2 * ab, right=True)
+        yb = run(trunc_quad_runs, use_compile, s, lft, ab)
+        y[sl] = yb if scale is None else yb / scale.squeeze(-1)
+    if not bool(torch.isfinite(ends).all()):
+        check_finite("x", x)
+    return y

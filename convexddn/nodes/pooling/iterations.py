@@ -1,0 +1,374 @@
+"""The iterations of the robust-pooling solvers and their stopping rule.
+
+Each iteration walks the rows still running in blocks (:mod:`.kernels`) to form the row
+sums of the penalty's derivatives at the current points, then updates all of them at
+once (the per-row bookkeeping is a few dozen tiny ops per iteration for every row, not
+per block). Blocks whose rows all stopped are skipped; once at most half of the rows
+run, they are gathered into a smaller problem. The first pass over a block also takes
+its minimum and maximum (a bracket of every row's minimiser, and the NaN/Inf check)
+and, unless given, its rows' starts -- while the block is in cache.
+
+Notation per row: ``g = sum_i phi'(u - x_i)`` (the objective's derivative), ``h =
+sum_i phi''`` (its curvature), ``d1`` the terms of ``g``. Rounding makes the computed
+``g`` uncertain by about ``noise = 4 eps (sqrt(sum_i d1_i^2) + h |u|)`` (the terms'
+relative errors add up like a random walk; ``h |u|`` is the change of ``g`` over one
+ulp of ``u``). A gradient at or below its noise has no reliable sign: the iteration
+stops there, and the row is *unresolved* when ``noise / h`` -- how far from the
+minimiser such a gradient can be -- exceeds the tolerance.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .kernels import Scratch, block_ranges, row_sums
+from .penalties import Penalty
+
+_NOISE = 4.0
+# The descent iteration's safe step is -g / max(h, kappa W), W >= h the IRLS curvature.
+# Any kappa > 1/2 keeps it a strict descent step (see descent_rows).
+_KAPPA = 0.55
+
+
+@dataclass
+class Rows:
+    """The rows of one solve: ``x (R, N)``, alpha (0-d or ``(R, 1)``; ``alpha_f`` a float
+    when one alpha serves all rows), and whether residuals are clamped at the penalty's
+    saturation (rows whose spread over alpha could overflow a square)."""
+
+    x: Tensor
+    alpha: Tensor
+    alpha_f: float | None
+    clamp: bool = False
+
+    def select(self, idx: Tensor) -> Rows:
+        a = self.alpha if self.alpha.dim() == 0 else self.alpha.index_select(0, idx)
+        return Rows(self.x.index_select(0, idx), a, self.alpha_f, self.clamp)
+
+    def alpha_arg(self, sl: slice, ndim: int):
+        if self.alpha_f is not None:
+            return self.alpha_f
+        return self.alpha[sl].reshape(-1, *([1] * (ndim - 1)))
+
+
+@dataclass
+class Result:
+    """Per row: the point, its objective (nonconvex solves), and flags: stopped at the
+    rounding-noise level wider than the tolerance (unresolved), stopped at all
+    (converged), and non-finite sums with finite data (to solve apart, scaled)."""
+
+    u: Tensor
+    f: Tensor | None
+    unresolved: Tensor
+    converged: Tensor
+    special: Tensor
+
+
+def _sweep(pen: Penalty, rows: Rows, method: str, u: Tensor, live: list[bool], ranges: list[slice],
+           out: list[Tensor], use_compile: bool, scratch: Scratch, clamp: list[bool],
+           first: tuple | None = None) -> Tensor | None:
+    """One pass: the row sums of ``method`` at ``u`` (``(R, 1)`` or ``(R, k, 1)``) for
+    the rows of the live blocks, written into ``out``; returns the measured terms' norm
+    (None where the penalty bounds it).
+
+    ``first = (ends, fill, start)`` makes it the first pass: per block, its min and max
+    (a 2-element tensor) are appended to ``ends``, and ``fill[block] = start(x_block)``
+    unless ``start`` is None. ``clamp[b]``: clamp block b's residuals at the saturation.
+    """
+    x = rows.x
+    k = u.shape[1] if u.dim() == 3 else None
+    norm = None
+    for b, sl in enumerate(ranges):
+        if not live[b]:
+            continue
+        al = rows.alpha_arg(sl, 2 if k is None else 3)
+        if first is not None:
+            ends, fill, start = first
+            xb = x[sl]
+            ends.append(torch.stack([xb.amin(), xb.amax()]))
+            if start is not None:
+                fill[sl] = start(xb)
+        xb = x[sl] if k is None else x[sl].unsqueeze(1)
+        *res, nb = row_sums(pen, method, u[sl], xb, al, scratch, clamp[b], use_compile)
+        for o, t in zip(out, res):
+            o[sl] = t
+        if nb is not None:
+            if norm is None:
+                norm = torch.zeros_like(out[0])
+            norm[sl] = nb
+    return norm
+
+
+def _live(active: Tensor, ranges: list[slice]) -> list[bool]:
+    """Whether each block still has an active row (one host sync)."""
+    R = active.shape[0]
+    size = ranges[0].stop - ranges[0].start
+    flat = active.reshape(R, -1).any(-1)
+    pad = len(ranges) * size - R
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(len(ranges), size).any(-1).tolist()
+
+
+def _first(pen: Penalty, rows: Rows, method: str, u: Tensor, ranges: list[slice], out: list[Tensor],
+           use_compile: bool, scratch: Scratch, fill: Tensor | None, start: Callable | None):
+    """The first pass: sums at the starts, the blocks' min and max (one host sync for
+    all), and -- for the blocks whose spread over alpha could overflow a square -- the
+    sums again with residuals clamped at the penalty's saturation. Returns ``(norm,
+    clamp flags, lo, hi)`` with per-row brackets ``(R, 1)`` (every minimiser of a row
+    lies between its block's min and max), or None when some entry is NaN or Inf."""
+    ends: list = []
+    clamp = [rows.clamp] * len(ranges)
+    norm = _sweep(pen, rows, method, u, [True] * len(ranges), ranges, out, use_compile, scratch, clamp,
+                  (ends, fill, start))
+    e = torch.stack(ends)
+    vals = e.tolist()
+    if not all(math.isfinite(v) for pair in vals for v in pair):
+        return None
+    if pen.saturation is not None and not rows.clamp:
+        lim = math.sqrt(torch.finfo(rows.x.dtype).max) / 32
+        for b, sl in enumerate(ranges):
+            al = rows.alpha_arg(sl, 2)
+            a_min = al if isinstance(al, float) else float(al.min())
+            clamp[b] = (vals[b][1] - vals[b][0]) > a_min * lim
+        if any(clamp):
+            redo = _sweep(pen, rows, method, u, clamp, ranges, out, use_compile, scratch, clamp)
+            if redo is not None:
+                norm = redo if norm is None else torch.where(
+                    torch.tensor(clamp, device=e.device).repeat_interleave(_sizes(ranges, e.device)).reshape(
+                        -1, *([1] * (norm.dim() - 1))), redo, norm)
+    per_row = e.repeat_interleave(_sizes(ranges, e.device), 0)
+    return norm, clamp, per_row[:, :1].contiguous(), per_row[:, 1:].contiguous()
+
+
+def _sizes(ranges: list[slice], device) -> Tensor:
+    return torch.tensor([sl.stop - sl.start for sl in ranges], device=device)
+
+
+def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | None, tol: float,
+                max_iter: int, use_compile: bool) -> Result | None:
+    """Bracketed Newton on ``g(u) = 0`` for a convex penalty, every row of ``rows.x``.
+
+    The bracket ``[lo, hi]`` starts at the block's min and max (which contain every
+    row's minimiser) and shrinks to the points where ``g`` had a reliable sign. The
+    Newton point is taken when it falls inside and the step is at most half the one
+    before the last (so that the bracket at least halves every two steps, as in
+    Numerical Recipes' ``rtsafe``); otherwise the bracket is bisected. A row stops when
+    its Newton step ``|g| / h`` (with ``|g|`` above the noise) or its bracket is within
+    ``tol * (alpha + |u|)``, taking that last Newton point when it lies inside the
+    bracket; a smooth penalty's row also stops once the error predicted after its
+    Newton step (``|g''| / 2h`` times the step squared, ``g''`` by the secant of ``h``)
+    is.
+
+    ``u`` (R,) are the starts, or None: ``start(x_block)`` ``(r, 1)`` in the first pass.
+    Returns None when some entry of x is NaN or Inf.
+    """
+    x = rows.x
+    R, n = x.shape
+    eps = torch.finfo(x.dtype).eps
+    ranges = block_ranges(R, n, x, use_compile)
+    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
+    u = x.new_empty(R, 1) if u is None else u.reshape(R, 1).clone()
+    fill = u if start is not None else None
+    G, H = x.new_empty(R, 1), x.new_empty(R, 1)
+    first = _first(pen, rows, "newton_sums", u, ranges, [G, H], use_compile, scratch, fill, start)
+    if first is None:
+        return None
+    norm, clamp, lo, hi = first
+    live = [True] * len(ranges)
+    out = Result(u.squeeze(-1).clone(), None, torch.zeros(R, dtype=torch.bool, device=x.device),
+                 torch.zeros(R, dtype=torch.bool, device=x.device), torch.zeros(R, dtype=torch.bool, device=x.device))
+    idx = None  # rows of the (compacted) problem, as indices of the original rows
+    a = rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1)
+    af = a if rows.alpha_f is None else rows.alpha_f
+    tol_a = tol * a
+    spread = hi - lo
+    dx1 = dx2 = spread
+    h_prev = u_prev = None
+    active = torch.ones(R, 1, dtype=torch.bool, device=x.device)
+    for it in range(max_iter):
+        if it > 0:
+            norm = _sweep(pen, rows, "newton_sums", u, live, ranges, [G, H], use_compile, scratch, clamp)
+        g, h = G, H
+        bad = ~(torch.isfinite(g) & torch.isfinite(h))  # finite data, overflowing sums
+        au = u.abs()
+        noise = torch.addcmul(pen.dphi_norm(h, None, n, af, spread) if norm is None else norm, h, au)
+        noise.mul_(_NOISE * eps)
+        tol_s = torch.add(tol_a, au, alpha=tol)
+        step = g / h
+        astep = step.abs()
+        reliable = g.abs() > noise
+        conv = (hi - lo <= tol_s) | (reliable & (astep <= tol_s))
+        lo = torch.where(reliable & (g < 0), u, lo)
+        hi = torch.where(reliable & (g > 0), u, hi)
+        newton = u - step
+        inside = (newton > lo) & (newton < hi) & reliable
+        if pen.smooth and h_prev is not None:
+            # Quadratic convergence: the next error is about (|g''| / 2h) step^2.
+            # The step itself is uncertain by noise / h.
+            # (Grouped so that no factor underflows for data near the smallest floats.)
+            pred = (h - h_prev).abs_().div_(2 * h).mul_(astep / (u - u_prev).abs_()).mul_(astep)
+            conv |= inside & (astep <= 0.5 * dx1) & (pred.addcdiv_(noise, h) <= tol_s)
+        stop = conv | ~reliable | bad
+        take = inside & (astep <= 0.5 * dx2)
+        nxt = torch.where(stop, torch.where(inside, newton, u), torch.where(take, newton, torch.lerp(lo, hi, 0.5)))
+        nxt = torch.where(active, nxt, u)
+        done = stop & active
+        # Flat: the noise floor itself is wider than the tolerance (a zero curvature is
+        # a flat minimum, not a flaw, unless the penalty is strictly convex).
+        flag = done & ~reliable & ~conv & ~bad & (noise > tol_s * h) & ((h > 0) | pen.strict)
+        rows_out = slice(None) if idx is None else idx
+        out.u[rows_out] = torch.where(done, nxt, out.u[rows_out].unsqueeze(-1)).squeeze(-1)
+        out.unresolved[rows_out] |= flag.squeeze(-1)
+        out.converged[rows_out] |= (done & ~bad).squeeze(-1)
+        out.special[rows_out] |= (done & bad).squeeze(-1)
+        active = active & ~done
+        h_prev, u_prev = h.clone(), u
+        dx2, dx1 = dx1, (nxt - u).abs_()
+        u = nxt
+        n_active = int(active.sum())
+        if n_active == 0:
+            break
+        if it == max_iter - 1:  # the rows still running return their last iterate
+            out.u[rows_out] = torch.where(active, u, out.u[rows_out].unsqueeze(-1)).squeeze(-1)
+            break
+        if 2 * n_active <= active.shape[0]:
+            # Gather the rows still running into a smaller problem.
+            keep = active.squeeze(-1).nonzero().squeeze(-1)
+            blk_clamp = torch.tensor(clamp, device=x.device).repeat_interleave(
+                torch.tensor([sl.stop - sl.start for sl in ranges], device=x.device))
+            idx = keep if idx is None else idx.index_select(0, keep)
+            rows = rows.select(keep)
+            rows.clamp = rows.clamp or bool(blk_clamp.index_select(0, keep).any())
+            u, lo, hi, dx1, dx2, h_prev, u_prev, spread = (
+                t.index_select(0, keep) for t in (u, lo, hi, dx1, dx2, h_prev, u_prev, spread))
+            a = a if a.dim() == 0 else a.index_select(0, keep)
+            af = a if rows.alpha_f is None else rows.alpha_f
+            tol_a = tol * a
+            active = active.index_select(0, keep)
+            ranges = block_ranges(n_active, n, rows.x, use_compile)
+            clamp = [rows.clamp] * len(ranges)
+            G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
+            live = [True] * len(ranges)
+        else:
+            live = _live(active, ranges)
+    return out
+
+
+def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | None, tol: float,
+                 max_iter: int, use_compile: bool) -> Result | None:
+    """A descent-safeguarded trust-region Newton iteration for a nonconvex penalty, from
+    ``k`` starts per row at once (``u`` is ``(R, k)``, or None: ``start(x_block)`` gives
+    ``(r, k)`` in the first pass).
+
+    At the current point it evaluates the objective f, g, h and the IRLS (majoriser)
+    curvature W >= h. The safe step -g / max(h, kappa W), kappa > 1/2, is t times the
+    majoriser's minimising step with t = W / max(...) < 2, so it strictly decreases the
+    majoriser and hence f. The trial point is the Newton step (or, where h <= 0, a step
+    downhill) clipped to the trust radius rho, or the safe step when that is longer. A
+    trial point whose objective rose above the accepted point's (beyond rounding) is
+    rejected on the next call, which shrinks rho and takes the accepted point's safe
+    step instead; an accepted one doubles rho. So the accepted objective never
+    increases, the iteration cannot climb to a maximum, and near a minimum it is plain
+    Newton. A start stops at an accepted point where h > 0 and |g| / h <= tol * (alpha
+    + |u|) (|g| above its noise), or where |g| is at its noise level.
+
+    Returns per row and start (``(R, k)``) the point, the objective at the last accepted
+    point and the flags; None when some entry of x is NaN or Inf.
+    """
+    x = rows.x
+    R, n = x.shape
+    eps = torch.finfo(x.dtype).eps
+    k = u.shape[-1] if u is not None else start(x[:1]).shape[-1]
+    ranges = block_ranges(R, n, x, use_compile)
+    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * k * n, x)
+    u2 = x.new_empty(R, k) if u is None else u.reshape(R, k).clone()
+    fill = u2 if start is not None else None
+    u = u2.unsqueeze(-1)
+    F, G, H, W = (x.new_empty(R, k, 1) for _ in range(4))
+    first = _first(pen, rows, "descent_sums", u, ranges, [F, G, H, W], use_compile, scratch, fill, start)
+    if first is None:
+        return None
+    norm, clamp, lo, hi = first
+    live = [True] * len(ranges)
+    spread = (hi - lo).unsqueeze(-1)
+    a3 = rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1, 1)
+    af = a3 if rows.alpha_f is None else rows.alpha_f
+    f_prev = torch.full_like(u, math.inf)
+    safe_prev = u
+    rho = a3 * torch.ones_like(u)
+    h_prev = u_prev = None
+    active = torch.ones(R, k, 1, dtype=torch.bool, device=x.device)
+    out_u, out_f = u.clone(), torch.full_like(u, math.inf)
+    flags = {name: torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for name in ("unresolved", "converged", "special")}
+    idx = None  # rows of the (compacted) problem, as indices of the original rows
+    for it in range(max_iter):
+        if it > 0:
+            norm = _sweep(pen, rows, "descent_sums", u, live, ranges, [F, G, H, W], use_compile, scratch, clamp)
+        f, g, h, w = F, G, H, W
+        bad = ~(torch.isfinite(f) & torch.isfinite(g) & torch.isfinite(h) & torch.isfinite(w))
+        reject = f > f_prev + (8 * eps) * f.abs()
+        rho = torch.where(reject, 0.25 * rho, 2 * rho)
+        safe = torch.where(w > 0, -g / torch.maximum(h, _KAPPA * w), torch.zeros_like(u))
+        # Where h <= 0 step downhill by the trust radius, except on a plateau where every
+        # weight vanished (the start is stuck; the other start wins).
+        newton = torch.where(h > 0, -g / h, torch.where(w > 0, -torch.sign(g) * rho, torch.zeros_like(u)))
+        newton = torch.minimum(torch.maximum(newton, -rho), rho)
+        trial = u + torch.where(newton.abs() >= safe.abs(), newton, safe)
+        au = u.abs()
+        noise = torch.addcmul(pen.dphi_norm(h, w, n, af, spread) if norm is None else norm, h.abs(), au)
+        noise.mul_(_NOISE * eps)
+        tol_s = torch.add(a3 * tol, au, alpha=tol)
+        quiet = g.abs() <= noise
+        conv = (h > 0) & (g.abs() <= tol_s * h)
+        if pen.smooth and h_prev is not None:
+            # Quadratic convergence near a minimum: the error after the Newton step is
+            # about (|g''| / 2h) step^2 (g'' by the secant of h over the last step).
+            step = g / h
+            pred = (h - h_prev).abs_().div_(2 * h).mul_(step.abs() / (u - u_prev).abs_()).mul_(step.abs())
+            conv |= (h > 0) & ~quiet & (step.abs() <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
+        stop = (~reject & (quiet | conv)) | bad
+        done = stop & active
+        nxt = torch.where(reject, safe_prev, trial)
+        f_prev = torch.where(reject | ~active, f_prev, f)
+        safe_prev = torch.where(reject, safe_prev, u + safe)
+        final = torch.where((h > 0) & ~quiet, u - g / h, u)
+        h_prev = torch.where(reject, math.nan, h)  # no secant across a rejected step
+        u_prev = u
+        u = torch.where(active, torch.where(stop, final, nxt), u)
+        at = slice(None) if idx is None else idx
+        last = it == max_iter - 1  # the starts still running return their last iterate
+        record = (done | active) if last else done
+        out_u[at] = torch.where(record, u, out_u[at])
+        out_f[at] = torch.where(record, f_prev, out_f[at])
+        for name, new in (("unresolved", done & quiet & ~bad & (h > 0) & (noise > tol_s * h)),
+                          ("converged", done & ~bad), ("special", done & bad)):
+            flags[name][at] |= new
+        active = active & ~done
+        row_active = active.reshape(active.shape[0], -1).any(-1)
+        n_active = int(row_active.sum())
+        if n_active == 0 or last:
+            break
+        if 2 * n_active <= active.shape[0]:
+            # Gather the rows still running into a smaller problem.
+            keep = row_active.nonzero().squeeze(-1)
+            blk_clamp = torch.tensor(clamp, device=x.device).repeat_interleave(_sizes(ranges, x.device))
+            idx = keep if idx is None else idx.index_select(0, keep)
+            rows = rows.select(keep)
+            rows.clamp = rows.clamp or bool(blk_clamp.index_select(0, keep).any())
+            u, f_prev, safe_prev, rho, h_prev, u_prev, active, spread = (
+                t.index_select(0, keep) for t in (u, f_prev, safe_prev, rho, h_prev, u_prev, active, spread))
+            a3 = a3 if a3.dim() == 0 else a3.index_select(0, keep)
+            af = a3 if rows.alpha_f is None else rows.alpha_f
+            ranges = block_ranges(n_active, n, rows.x, use_compile)
+            clamp = [rows.clamp] * len(ranges)
+            F, G, H, W = (x.new_empty(n_active, k, 1) for _ in range(4))
+            live = [True] * len(ranges)
+        else:
+            live = _live(active, ranges)
+    sq = [t.squeeze(-1) for t in (out_u, out_f, flags["unresolved"], flags["converged"], flags["special"])]
+    return Result(*sq)
