@@ -14,8 +14,9 @@ def test_readme_tour_runs():
     code = re.search(r"## A short tour\n\n```python\n(.*?)```", text, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README tour", "exec"), namespace)
-    assert namespace["Y"].shape == (4, 6)
-    assert torch.allclose(namespace["Y"].sum(-1), torch.ones(4), atol=1e-6)
+    assert namespace["Y"].shape == (8, 5, 3)
+    assert namespace["node"](namespace["p"], namespace["q"]).shape == (4, 1)
+    assert namespace["node"].log_w.grad is not None
     assert namespace["feat"].shape == (4, 64)
     assert namespace["ball"].abs().sum(-1).max() <= 2.0 + 1e-5
 

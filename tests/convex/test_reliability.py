@@ -255,6 +255,8 @@ def _scaled_qp(s: float, **kwargs):
     return layer, data, torch.tensor([-1.0, 1.0, -1 / s ** 2], dtype=F64)
 
 
+@pytest.mark.xfail(strict=True, reason="known: the batched solver certifies this badly scaled QP "
+                   "with the small third component off by ~1e-5 (issue 10 stays open for it)")
 @pytest.mark.parametrize("scale", [1e3, 1e4, 1e5])
 def test_convex_layer_badly_scaled_qp_solves_on_batched_path(scale):
     layer, data, want = _scaled_qp(scale)
