@@ -27,6 +27,7 @@ bench: $(STAMP)
 
 experiment: $(STAMP)
 	$(VENV)/bin/convexddn experiment pointcloud
+	$(VENV)/bin/convexddn experiment projection
 
 # The site's tools (MkDocs Material, mkdocstrings) are the [docs] extra, installed only here.
 $(DOCS_STAMP): $(STAMP)

@@ -7,5 +7,8 @@ Modules are imported only when their experiment is chosen.
 from __future__ import annotations
 
 EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "pointcloud": ("pointcloud", "point-cloud classification with outliers (Gould et al. §7)"),
+    "pointcloud": ("pointcloud", "robust pooling in point-cloud classification with outliers "
+                                 "(Gould et al. §7, Tables 3-5)"),
+    "projection": ("projection", "Lp-sphere/ball projections in image classification "
+                                 "(Gould et al. §7, Table 6)"),
 }

@@ -12,7 +12,7 @@ Robust pooling (Gould et al., "Deep Declarative Networks", §7) replaces max poo
 
     y_c = \\operatorname{argmin}_u \\sum_{i=1}^N \\phi(u - x_{ci}; \\alpha)
 
-for each channel ``c``, with ``φ`` one of the penalties of :mod:`convexddn.pooling`.
+for each channel ``c``, with ``φ`` one of the penalties of :func:`convexddn.functional.robust_pool`.
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from torch import nn
 
 from .._checks import check_choice, check_positive
 from ..errors import ShapeError
+from ..functional import robust_pool
 
 __all__ = ["POOLINGS", "ROBUST_POOLINGS", "PointPool", "PointNet"]
 
-#: Poolings that are robust-pooling penalties, solved by :func:`convexddn.pooling.robust_pool`.
+#: Poolings that are robust-pooling penalties, solved by :func:`convexddn.functional.robust_pool`.
 ROBUST_POOLINGS: tuple[str, ...] = ("quadratic", "pseudo_huber", "huber", "welsch", "trunc_quad")
 
 #: Every pooling the model accepts.
@@ -56,10 +57,6 @@ class PointPool(nn.Module):
             return x.amax(dim=-1)
         if self.pooling == "mean":
             return x.mean(dim=-1)
-        # Imported here, not at module level, so the experiment module loads (and
-        # max/mean run) independently of the pooling module.
-        from ..pooling import robust_pool
-
         return robust_pool(x, penalty=self.pooling, alpha=self.alpha, dim=-1)
 
     def extra_repr(self) -> str:

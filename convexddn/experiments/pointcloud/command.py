@@ -1,0 +1,108 @@
+"""``convexddn experiment pointcloud``: options, and the printed report."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ...errors import OptionError
+from ..pointnet import POOLINGS
+from ..running import run_command
+from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, TABLE3_RATES, Config
+
+__all__ = ["add_arguments", "config_from_args", "main"]
+
+PROG = "convexddn experiment pointcloud"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``convexddn experiment pointcloud`` to ``parser``."""
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny smoke-test configuration (seconds on 2 CPU cores)")
+    parser.add_argument("--train-outliers", action="store_true",
+                        help="same outlier rate in training and testing (paper's Table 3); one model "
+                             "per pooling, rate and seed; default rates "
+                             + ",".join(f"{100 * r:.0f}" for r in TABLE3_RATES))
+    parser.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda' or 'cuda:N'")
+    parser.add_argument("--out", default="results",
+                        help="directory for pointcloud.json and pointcloud.png (default: results)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="independent repetitions, reported as mean ± std (default 3, quick 2)")
+    parser.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 4, quick 2)")
+    parser.add_argument("--rates", default=None,
+                        help="comma-separated outlier rates in percent (default: 0,10,...,90)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the run (default: torch's own choice)")
+    parser.add_argument("--poolings", default=None,
+                        help="comma-separated poolings (default: " + ",".join(DEFAULT_POOLINGS)
+                             + f"; choices: {','.join(POOLINGS)})")
+    parser.add_argument("--timing-batches", type=int, default=None,
+                        help="timed training steps per pooling, rate and seed for the runtime table "
+                             "(default 4, quick 1; 0 skips it)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build a :class:`Config` from parsed :func:`add_arguments` options.
+
+    Raises:
+        OptionError: for malformed ``--rates``.
+    """
+    overrides: dict[str, Any] = {
+        "device": getattr(args, "device", "cpu") or "cpu",
+        "out": getattr(args, "out", "results"),
+    }
+    if getattr(args, "train_outliers", False):
+        overrides["train_outliers"] = True
+    for name in ("seed", "seeds", "epochs", "threads", "timing_batches"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    if getattr(args, "rates", None):
+        try:
+            overrides["rates"] = tuple(float(r) / 100 for r in args.rates.split(",") if r.strip())
+        except ValueError:
+            raise OptionError(
+                f"--rates must be comma-separated percentages such as 0,10,50, got {args.rates!r}"
+            ) from None
+    if getattr(args, "poolings", None):
+        overrides["poolings"] = tuple(p.strip() for p in args.poolings.split(",") if p.strip())
+    preset = Config.quick if getattr(args, "quick", False) else Config.default
+    return preset(**overrides)
+
+
+def _prepare(args: argparse.Namespace) -> Config:
+    cfg = config_from_args(args)
+    cfg.validate()
+    return cfg
+
+
+def _execute(cfg: Config) -> int:
+    from .report import format_comparisons, format_runtime_table, format_table
+    from .runner import run
+
+    result = run(cfg)
+    print(format_table(result))
+    print()
+    print(format_comparisons(result))
+    runtime = format_runtime_table(result)
+    if runtime:
+        print()
+        print(runtime)
+    m = result["machine"]
+    print(f"\nwall time {result['wall_seconds']:.1f} s on {m['device']} "
+          f"({m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}, "
+          f"{m['cpu_count']} CPUs, torch {m['torch']})")
+    for model in result["models"]:
+        if model["warnings"]:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(model["warnings"].items()))
+            rate = f" (train rate {100 * model['train_rate']:.0f} %)" if cfg.train_outliers else ""
+            print(f"note: seed {model['seed']} {DISPLAY_NAMES[model['pooling']]}{rate}: {counts}",
+                  file=sys.stderr)
+    for path in result.get("files", {}).values():
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run from parsed arguments and print the tables: exit status 0, or 2 for a bad option."""
+    return run_command(PROG, lambda: _prepare(args), _execute)

@@ -1,0 +1,149 @@
+"""How an experiment runs: device and thread settings, timing, warnings, CLI exit status.
+
+Shared by every experiment so that they validate ``--device`` alike, time GPU work
+correctly (a CUDA kernel returns before it finishes: the clock stops only after a
+synchronisation), count library warnings instead of printing hundreds of them, and
+report a user mistake as one line and exit status 2 (argparse's convention).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..errors import ConvexDDNWarning, OptionError
+
+__all__ = [
+    "resolve_device",
+    "torch_threads",
+    "synchronize",
+    "Stopwatch",
+    "CountLibraryWarnings",
+    "run_command",
+    "show_progress",
+]
+
+
+def resolve_device(device: str) -> torch.device:
+    """Parse ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` and check that it exists.
+
+    Raises:
+        OptionError: for another spelling, or a CUDA device that torch does not see.
+    """
+    if not isinstance(device, str) or not (device == "cpu" or device.split(":")[0] == "cuda"):
+        raise OptionError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OptionError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"device={device!r} was asked for but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(
+                f"device={device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``None``: leave as is), then restore."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw progress bars: as asked, or (``None``) only when stderr is a terminal.
+
+    A bar redraws itself with carriage returns, which garble logs and captured output.
+    """
+    if progress is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(progress)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work on ``device``; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Split wall time into named laps, synchronising the device at every lap.
+
+    ``lap(name)`` adds the time since the previous lap (or :meth:`start`) to ``name``.
+    Synchronising costs a little on CUDA but without it a lap would measure only the
+    launch of its kernels, not their run.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        synchronize(self.device)
+        now = time.perf_counter()
+        dt = now - self._last
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+        self._last = now
+        return dt
+
+
+class CountLibraryWarnings(warnings.catch_warnings):
+    """Count convexddn warnings (by class name) instead of printing each one.
+
+    A solver warning from a declarative node can fire on many training steps; the count
+    goes into the JSON and one summary line rather than interleaving with progress
+    bars. Other warnings are shown as usual when the block ends.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(record=True)
+        self.counts: dict[str, int] = {}
+
+    def __enter__(self) -> "CountLibraryWarnings":
+        self._log = super().__enter__()
+        warnings.simplefilter("always", ConvexDDNWarning)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for w in self._log:
+            if issubclass(w.category, ConvexDDNWarning):
+                name = w.category.__name__
+                self.counts[name] = self.counts.get(name, 0) + 1
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def run_command(prog: str, prepare: Callable[[], Any], execute: Callable[[Any], int]) -> int:
+    """Validate, then run: a user mistake found by ``prepare`` prints one line, exits 2.
+
+    ``prepare()`` turns the parsed options into a validated config and may raise
+    :class:`~convexddn.errors.OptionError` (an unknown pooling, a CUDA device that is
+    not there, ...) or ``ImportError`` (a package the experiment needs is not
+    installed); either is reported as ``"<prog>: error: <message>"`` on stderr with
+    exit status 2, like argparse's own errors. Errors raised later by ``execute`` are
+    not user mistakes and propagate with their traceback.
+    """
+    try:
+        config = prepare()
+    except (OptionError, ImportError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return execute(config)
