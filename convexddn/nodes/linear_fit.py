@@ -74,8 +74,9 @@ def linear_fit(
         - Output: :class:`LinearFit` ``coef (*, C)``, ``intercept (*)``.
 
     Raises:
-        As :func:`least_squares` (``A`` there is ``x`` transposed); OptionError for a
-        non-bool ``bias``.
+        DTypeError, ShapeError, NonFiniteError, SolverError: as :func:`least_squares`
+            (``A`` there is ``x`` transposed).
+        OptionError: a non-bool ``bias``.
 
     Examples::
 
@@ -197,7 +198,7 @@ class WeightedLeastSquares(LeastSquares):
         - Output: :class:`LinearFit` ``coef (*, C)``, ``intercept (*)``.
 
     Raises:
-        As :class:`LeastSquares`.
+        DTypeError, ShapeError, NonFiniteError, SolverError: as :class:`LeastSquares`.
     """
 
     def forward(  # type: ignore[override]
