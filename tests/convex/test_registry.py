@@ -61,11 +61,11 @@ def test_layer_shortcut_builds_convex_layer():
 
 
 def test_describe_lists_options():
-    assert "options: n, penalty='quadratic', alpha=1.0" in registry.describe("robust_pool")
+    assert "options: n=…, penalty='quadratic', alpha=1.0" in registry.describe("robust_pool")
 
 
 def test_build_invalid_name_lists_valid():
-    with pytest.raises(OptionError, match=r"unknown problem 'lasso'.*\['birkhoff', 'lp_ball', 'qp'"):
+    with pytest.raises(OptionError, match=r"unknown problem 'lasso'.*\['birkhoff', 'entmax', 'lp_ball', 'ot_entropic'"):
         registry.build("lasso", n=3)
 
 
