@@ -40,10 +40,11 @@ DEFAULT_RATES: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(10))
 QUICK_RATES: tuple[float, ...] = (0.0, 0.3, 0.6, 0.9)
 
 #: Rates of the Table 3 protocol (one model per pooling, rate and seed) when none are
-#: given. Each rate costs about as much as the whole Table 4 protocol (six models per
-#: seed), so one rate fits the time budget: 50 %, where max pooling is at chance and the
-#: mean falls behind the robust penalties in Table 4. ``--rates 10,50,90`` asks for more.
-TABLE3_RATES: tuple[float, ...] = (0.5,)
+#: given: 10 %, where max pooling collapses in Table 4, and 50 %, where the mean falls
+#: behind the robust penalties. Each rate evaluates at one test rate only, so the two
+#: together cost about as much as the Table 4 protocol (measured: 680 s against 616 s
+#: of CPU time) and fit the same time budget. ``--rates 10,30,50,70,90`` asks for more.
+TABLE3_RATES: tuple[float, ...] = (0.1, 0.5)
 QUICK_TABLE3_RATES: tuple[float, ...] = (0.5,)
 
 

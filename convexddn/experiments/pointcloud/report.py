@@ -153,8 +153,10 @@ def plot(result: dict[str, Any], path: str) -> None:
     if has_runtime:
         _plot_runtime(axes[2], result)
     n = len(result["seeds"])
-    fig.suptitle(f"PointNet on generated shapes: robustness to outliers "
-                 f"({'mean ± std over ' + str(n) + ' seeds' if n > 1 else 'one seed'})")
+    protocol = ("trained without outliers" if result["protocol"] == "test_outliers_only"
+                else "same outlier rate in training and test")
+    spread = f"mean ± std over {n} seeds" if n > 1 else "one seed"
+    fig.suptitle(f"PointNet on generated shapes, {protocol} ({spread})")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
