@@ -64,9 +64,12 @@ def test_aggregate_mean_std_and_paired_comparison():
     assert comp["versus"]["welsch"]["exceeds_spread"] is False
     assert comp["versus"]["max"]["exceeds_spread"] is True
     timing = {r["pooling"]: r for r in out["runtime"]}
+    # Forward times 2, 3, 4 ms over the seeds: median 3, range 2–4, std 1.
     assert timing["max"]["forward_ms"] == pytest.approx(3.0)
+    assert (timing["max"]["forward_ms_min"], timing["max"]["forward_ms_max"]) == (2.0, 4.0)
     assert timing["max"]["total_ms"] == pytest.approx(7.0)
     assert timing["max"]["forward_ms_std"] == pytest.approx(1.0)
+    assert timing["max"]["forward_ms_mean"] == pytest.approx(3.0)
 
 
 def test_table_marks_poolings_within_the_spread():
@@ -81,7 +84,7 @@ def test_table_marks_poolings_within_the_spread():
     assert "| 50 % | 20.0 ± 10.0 | **50.0 ± 10.0** | **53.3 ± 15.3** |" in table
     lines = pointcloud.format_comparisons(result)
     assert "best mean; within the spread: Welsch; worse beyond the spread: max −33.3" in lines
-    assert "| max | 1.00 ± 0.00 | 3.00 ± 1.00 | 3.00 ± 0.00 | 7.00 ± 1.00 |" in \
+    assert "| max | 1.00 [1.00–1.00] | 3.00 [2.00–4.00] | 3.00 [3.00–3.00] | 7.00 [6.00–8.00] |" in \
         pointcloud.format_runtime_table(result)
 
 

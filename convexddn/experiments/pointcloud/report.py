@@ -76,7 +76,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def format_runtime_table(result: dict[str, Any]) -> str:
-    """Markdown table of training time per cloud (ms): data / forward / backward (Table 5)."""
+    """Markdown table of training time per cloud (ms): data / forward / backward (Table 5).
+
+    Each cell is the median over seeds, with the range over seeds in brackets: another
+    process on the machine slows a whole seed's timed steps, and the median of three
+    seeds ignores one such seed where a mean would not.
+    """
     if not result.get("runtime"):
         return ""
     rates = sorted({r["rate"] for r in result["runtime"]})
@@ -85,10 +90,10 @@ def format_runtime_table(result: dict[str, Any]) -> str:
     n = len(result["seeds"])
     names = ("data", "forward", "backward", "total")
     header = "| pooling | " + " | ".join(f"{name} {100 * rate:.0f} %" for rate in rates for name in names) + " |"
+    over = f"median [range] over {n} seeds" if n > 1 else "one seed"
     lines = [f"Training time per point cloud (ms): data / forward / backward, median step of "
              f"{result['config']['timing_batches']} timed batches of {result['config']['batch_size']}, "
-             f"mean ± std over {n} seed{'s' if n > 1 else ''}; {result['machine']['device']}, "
-             f"{_threads(result['machine'])}", "", header,
+             f"{over}; {result['machine']['device']}, {_threads(result['machine'])}", "", header,
              "|---|" + "---:|" * (4 * len(rates))]
     for p in poolings:
         values = []
@@ -97,9 +102,10 @@ def format_runtime_table(result: dict[str, Any]) -> str:
             for name in ("data_ms", "forward_ms", "backward_ms", "total_ms"):
                 if row is None:
                     values.append("–")
+                elif row["seeds"] > 1:
+                    values.append(f"{row[name]:.2f} [{row[name + '_min']:.2f}–{row[name + '_max']:.2f}]")
                 else:
-                    values.append(format_mean_std({"mean": row[name], "std": row[f"{name}_std"],
-                                                   "n": row["seeds"]}, scale=1.0, digits=2))
+                    values.append(f"{row[name]:.2f}")
         lines.append(f"| {DISPLAY_NAMES[p]} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 

@@ -71,7 +71,8 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         (the means, fractions in ``[0, 1]``) with ``<metric>_std``, ``<metric>_ci95``
         (half-width, ``None`` with one seed) and ``<metric>_per_seed``;
         ``runtime``: per pooling and timing rate, ``data_ms``, ``forward_ms``,
-        ``backward_ms`` and ``total_ms`` per cloud (means) with ``_std``;
+        ``backward_ms`` and ``total_ms`` per cloud: the median over seeds, with
+        ``_min``, ``_max``, ``_mean`` and ``_std``;
         ``comparisons``: per training and test rate, the pooling with the best mean
         accuracy and, for each other pooling, the paired difference to it
         (:func:`~convexddn.experiments.stats.paired_difference`, in accuracy points
@@ -101,12 +102,23 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     for (pooling, rate), ts in timings.items():
         row = {"pooling": pooling, "rate": rate, "seeds": len(ts)}
         for name in _TIMES + ("total_ms",):
-            values = [sum(t[k] for k in _TIMES) if name == "total_ms" else t[name] for t in ts]
+            values = sorted(sum(t[k] for k in _TIMES) if name == "total_ms" else t[name] for t in ts)
             summary = summarize(values)
-            row[name] = summary["mean"]
+            # A process that shares the machine slows every step of a seed it overlaps,
+            # which the median step within the seed cannot filter: the median over seeds
+            # (with the range) is the robust figure, the mean ± std is kept beside it.
+            row[name] = _median(values)
+            row[f"{name}_min"], row[f"{name}_max"] = values[0], values[-1]
+            row[f"{name}_mean"] = summary["mean"]
             row[f"{name}_std"] = summary["std"]
         runtime.append(row)
     return {"rows": rows, "runtime": runtime, "comparisons": _compare(rows)}
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    mid = n // 2
+    return sorted_values[mid] if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2
 
 
 def _compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
