@@ -45,6 +45,8 @@ __all__ = ["run", "add_arguments", "main", "format_table"]
 CONVEX_QUICK = [("qp50", 16), ("sparsemax16", 64)]
 CONVEX_FULL = [("qp50", 1), ("qp50", 64), ("qp50", 1024), ("qp100", 128), ("sparsemax16", 1024),
                ("l1ball512", 128)]
+# On a GPU: the OptNet setting and a batch too large for the CPU-bound peers.
+CONVEX_CUDA = [("qp100", 128), ("qp50", 64), ("qp50", 4096), ("sparsemax16", 1024)]
 
 
 def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
@@ -68,9 +70,9 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             pool_shape, proj_shape = SHAPES[name]
             rows += pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress)
             rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
-        convex_problems = CONVEX_QUICK if quick else CONVEX_FULL
+        convex_problems = CONVEX_QUICK if quick else CONVEX_CUDA if dev.type == "cuda" else CONVEX_FULL
         convex = convex_cases(convex_problems, min(repeats, 3), progress, device)
-        nodes = node_cases(repeats, progress) if dev.type == "cpu" else []
+        nodes = node_cases(repeats, progress, dev)
     estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []
     workers = [] if quick else workers_speedup()

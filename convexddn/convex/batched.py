@@ -33,13 +33,14 @@ derivative (Agrawal et al., 2019) because it keeps the quadratic term, stays sym
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import cvxpy as cp
 import torch
 
-from ..errors import DTypeError, InputError, OptionError, ShapeError
+from ..errors import DTypeError, GradientWarning, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
 
@@ -77,12 +78,23 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         gx, gz: cotangents of ``sol.x`` ``(B, n)`` and ``sol.z`` ``(B, m)``.
 
     Returns:
-        ``(gP, gq, gA, gb)``, exactly zero for elements that are not solved, whose
-        cotangent is zero or whose final KKT matrix could not be factorised.
+        ``(gP, gq, gA, gb, not_differentiable)``: the gradients, exactly zero for
+        elements that are not solved, whose cotangent is zero or whose final KKT matrix
+        could not be factorised; and a ``(B,)`` mask of the solved elements whose
+        derivative does not exist (a complementary pair with ``s_i ≈ z_i ≈ 0``, see
+        :data:`~.certify.RESOLVED`) or whose solution is not unique (the derivative
+        system amplifies the cotangent by more than :data:`AMPLIFICATION`).
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
-    ux, uz, _ = kkt.solve((rc * d.D * gx).unsqueeze(-1), (d.E * gz / rc).unsqueeze(-1), refine)
+    rx, rz = (rc * d.D * gx).unsqueeze(-1), (d.E * gz / rc).unsqueeze(-1)
+    ux, uz, _ = kkt.solve(rx, rz, refine)
+    # How much the (equilibrated) derivative system amplifies the cotangent: O(1)-O(10)
+    # where the solution is unique and differentiable, ~1/δ (δ the 1e-12 lift of
+    # the polished slacks) along a direction of non-uniqueness (measured: 2e9 on an LP
+    # with two equal costs, at most 4 on the OptNet QPs).
+    amplification = (torch.maximum(_inf(ux), _inf(uz))
+                     / torch.maximum(_inf(rx), _inf(rz)).clamp_min(torch.finfo(rx.dtype).tiny))
     ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
     uz = d.E * uz.squeeze(-1) / rc
     # (A solved element's KKT matrix was factorised: its failure would have made the
@@ -93,7 +105,17 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     x, z = torch.where(ok, sol.x, 0.0), torch.where(ok, sol.z, 0.0)
     gP = -0.5 * (ux[:, :, None] * x[:, None, :] + x[:, :, None] * ux[:, None, :])
     gA = -(z[:, :, None] * ux[:, None, :] + uz[:, :, None] * x[:, None, :])
-    return gP, -ux, gA, uz
+    not_differentiable = ok[:, 0] & (sol.undecided | (amplification > AMPLIFICATION))
+    return gP, -ux, gA, uz, not_differentiable
+
+
+def _inf(v: torch.Tensor) -> torch.Tensor:
+    return v.abs().flatten(1).amax(1) if v[0].numel() else v.new_zeros(v.shape[0])
+
+
+# Amplification of the derivative system above which the gradient is reported as not
+# existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).
+AMPLIFICATION = 1e7
 
 
 class _ConeSolve(torch.autograd.Function):
@@ -119,7 +141,15 @@ class _ConeSolve(torch.autograd.Function):
         sol, layout, refine = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
-        gP, gq, gA, gb = cone_vjp(sol, layout, gx, gz, refine + 2)
+        gP, gq, gA, gb, flagged = cone_vjp(sol, layout, gx, gz, refine + 2)
+        if flagged.any():  # one host sync per backward
+            idx = torch.nonzero(flagged).squeeze(1).tolist()
+            warnings.warn(
+                f"ConvexLayer backward (batched): the solution of {len(idx)} batch element(s) "
+                f"(flat indices {idx[:20]}) is not unique or not differentiable (a constraint "
+                "active with a zero multiplier, or a derivative system that is singular: e.g. "
+                "a degenerate LP); their gradient is one of many, or a one-sided limit's blend",
+                GradientWarning, stacklevel=3)
         return gP, gq, gA, gb, None, None, None
 
 

@@ -72,9 +72,11 @@ class _Map:
     size: int
 
     def fill(self, p: torch.Tensor, cache: dict, key: str) -> torch.Tensor:
-        if key not in cache:
-            cache[key] = (self.pos.to(p.device), self.col.to(p.device), self.coef.to(p.device, p.dtype))
-        pos, col, coef = cache[key]
+        # Keyed by device and dtype: one program may be called on the CPU and on CUDA.
+        ck = (key, p.device, p.dtype)
+        if ck not in cache:
+            cache[ck] = (self.pos.to(p.device), self.col.to(p.device), self.coef.to(p.device, p.dtype))
+        pos, col, coef = cache[ck]
         out = p.new_zeros(p.shape[0], self.size)
         # index_select, not p[:, col]: its backward is an index_add, where advanced
         # indexing's is a serial accumulate-put (several times slower on CPU).

@@ -91,6 +91,31 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
     return False
 
 
+# A nonnegative pair (y_i, s_i) with |y_i − s_i| below this, relative to the solution's
+# size, has both members at 0: strict complementarity fails and the projection onto the
+# cone, hence the solution map, has a kink there (no derivative).
+_UNDECIDED = 1e-9
+
+
+def _strict_complementarity_fails(cones, y: np.ndarray, s: np.ndarray) -> bool:
+    """Whether some nonnegative row has multiplier and slack both (relatively) zero.
+
+    ``cones``: diffcp's parsed list of ``(name, size)`` in row order.
+    """
+    scale = 1.0 + max(np.abs(y).max(initial=0.0), np.abs(s).max(initial=0.0))
+    offset = 0
+    for name, size in cones:
+        sizes = size if isinstance(size, (tuple, list)) else (size,)
+        if name == cone_lib.POS:
+            k = int(sum(sizes))
+            if np.any(np.abs(y[offset:offset + k] - s[offset:offset + k]) <= _UNDECIDED * scale):
+                return True
+        for dim in sizes:
+            offset += (cone_lib.vec_psd_dim(dim) if name == cone_lib.PSD
+                       else 3 * dim if name in (cone_lib.EXP, cone_lib.EXP_DUAL) else dim)
+    return False
+
+
 class ResidualMap:
     """One cone program with diffcp's residual-map derivative, for refining and differentiating.
 
@@ -200,6 +225,7 @@ class ResidualMap:
         M = self._operator(z)
         dproj = _diffcp.dprojection(z[n:n + m], self.cones_cpp, True)
         pi_z = self._pi(z)
+        undecided = _strict_complementarity_fails(self.cones, y, s)
 
         def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):
             dw = -(x @ dx + y @ dy)
@@ -207,6 +233,7 @@ class ResidualMap:
             if not np.any(dz):
                 return np.zeros(rows.size), np.zeros(m), np.zeros(n)
             r = self._solve(M, dz, transpose=True)
+            self.degenerate = self.degenerate or undecided
             dA = pi_z[cols] * r[rows + n] - pi_z[n + rows] * r[cols]
             db = pi_z[n:n + m] * r[-1] - pi_z[-1] * r[n:n + m]
             dc = pi_z[:n] * r[-1] - pi_z[-1] * r[:n]

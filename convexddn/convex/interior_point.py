@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .certify import finish
+from .certify import DECIDED, finish, undecided
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
 from .symmetric_cones import ConeLayout, NTScaling
@@ -65,7 +65,8 @@ class ConeSolution:
     equilibrated program (cone violations included), ``error`` the size of one more
     Newton step relative to the solution (equilibrated units), an estimate of its
     error. ``scaled`` and ``kkt`` (the equilibrated data and the factorised KKT matrix
-    at the solution) are kept for the implicit backward when asked for.
+    at the solution) are kept for the implicit backward when asked for; ``undecided``
+    marks solved elements where strict complementarity fails (no derivative).
     """
 
     x: torch.Tensor
@@ -77,6 +78,7 @@ class ConeSolution:
     error: torch.Tensor
     scaled: Scaled | None = None
     kkt: KKTSystem | None = None
+    undecided: torch.Tensor | None = None
 
 
 def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -357,7 +359,10 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
     xo, so, zo = (torch.where(ok[:, None], v, 0.0) for v in (xo, so, zo))
-    out = ConeSolution(xo, so, zo, status, iterations, residual, error)
+    # A complementary pair still undecided after polishing (s_i ≈ z_i ≈ 0): strict
+    # complementarity fails there and the derivative does not exist.
+    undecided_ = ok_res & (undecided(layout, ss, zs) > DECIDED)
+    out = ConeSolution(xo, so, zo, status, iterations, residual, error, undecided=undecided_)
     if keep_state:
         out.scaled, out.kkt = d, kkt
     return out

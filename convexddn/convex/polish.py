@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .._linalg import lu_factor_ex
+
 from .symmetric_cones import ConeLayout
 
 __all__ = ["polish"]
@@ -66,8 +68,11 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     eye = torch.eye(m - z0, dtype=P.dtype, device=P.device).expand(B, -1, -1)
     K[:, n + z0:, n + z0:] = _arrow(layout, sc, eye.contiguous())
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zc, rz[:, z0:]) - layout.jordan(sc, zc)], 1)
-    LU, piv, info = torch.linalg.lu_factor_ex(K)
-    failed = info != 0
+    # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN.
+    bad = ~torch.isfinite(K).flatten(1).all(1)
+    K = torch.where(bad[:, None, None], torch.eye(n + m, dtype=P.dtype, device=P.device), K)
+    LU, piv, info = lu_factor_ex(K)
+    failed = (info != 0) | bad
     LU = torch.where(failed[:, None, None], torch.eye(n + m, dtype=P.dtype, device=P.device), LU)
     sol = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
     dx, dz = sol[:, :n], sol[:, n:]
@@ -98,7 +103,11 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3)
         dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z)
         x, s, z = x + dx, s + ds, z + dz
         rn = residual_fn(x, s, z)
-        take = ~failed & (rn < res)
+        # An element whose step failed or left the finite numbers restarts from its best
+        # point (a diverging one would otherwise feed inf/NaN to the next factorisation).
+        lost = failed | ~torch.isfinite(rn)
+        x, s, z = (torch.where(lost[:, None], bv, v) for v, bv in zip((x, s, z), best))
+        take = ~lost & (rn < res)
         best = tuple(torch.where(take[:, None], v, bv) for v, bv in zip((x, s, z), best))
         res = torch.where(take, rn, res)
         polished = polished | take

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._linalg import lu_factor_ex
+
 from .krylov import independent_rows, pseudo_random_directions
 
 __all__ = ["ILL_CONDITIONED", "DenseResult", "dense_kkt"]
@@ -139,7 +141,7 @@ def dense_kkt(
         A2, pin, T, dependent = independent_rows(A, inactive, rcond)
         rhs = torch.cat([v, v.new_zeros(batch, A.shape[1])], dim=1)
     Ks, d = _equilibrated_kkt(H, A2, pin)
-    lu, piv, info = torch.linalg.lu_factor_ex(Ks)
+    lu, piv, info = lu_factor_ex(Ks)
     # The system and the first inverse-iteration step of the condition estimate at once.
     start = pseudo_random_directions(size, batch, v.dtype, v.device)
     both = torch.linalg.lu_solve(lu, piv, torch.stack([d * rhs, start], -1))

@@ -29,7 +29,10 @@ def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None) -> 
     to report it without walking a large foreign graph).
     """
     leaves: dict[int, Tensor] = {}
-    seen: set[int] = set()
+    # Holds the visited nodes, not only their ids: a grad_fn's Python wrapper can be
+    # freed once popped, and a new wrapper may reuse its id (a branch then counts as
+    # seen and is skipped).
+    seen: dict[int, object] = {}
     stack = []
     for t in outputs:
         if t is None or not t.requires_grad:
@@ -42,7 +45,7 @@ def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None) -> 
         fn = stack.pop()
         if id(fn) in seen:
             continue
-        seen.add(id(fn))
+        seen[id(fn)] = fn
         var = getattr(fn, "variable", None)
         if var is not None:  # AccumulateGrad: a leaf
             leaves[id(var)] = var

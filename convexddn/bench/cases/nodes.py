@@ -46,15 +46,26 @@ def _reference(relpath: str, name: str):
     return getattr(module, name, None)
 
 
-def _time(fn: Callable, inputs: list[torch.Tensor], gen: torch.Generator) -> tuple[float, float]:
-    args = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable, inputs: list[torch.Tensor], gen: torch.Generator,
+          device: torch.device) -> tuple[float, float]:
+    args = [t.detach().to(device).requires_grad_(t.is_floating_point()) for t in inputs]
+    _sync(device)
     t0 = time.perf_counter()
     out = fn(*args)
+    _sync(device)
     t1 = time.perf_counter()
     out = out[0] if isinstance(out, tuple) else out
-    g = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=gen).to(device)
+    _sync(device)
+    t2 = time.perf_counter()  # the upstream gradient's making is in neither phase
     torch.autograd.grad(out, [a for a in args if a.requires_grad], g, allow_unused=True)
-    return t1 - t0, time.perf_counter() - t1
+    _sync(device)
+    return t1 - t0, time.perf_counter() - t2
 
 
 def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, Callable | None]]:
@@ -82,22 +93,28 @@ def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, Callabl
     return cases
 
 
-def node_cases(repeats: int, progress) -> list[dict]:
-    """Forward and backward seconds of every node (and of the reference where present)."""
+def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> list[dict]:
+    """Forward and backward seconds of every node (and of the reference where present).
+
+    Inputs are made on the CPU from a seeded generator and moved to ``device``; on CUDA
+    each phase is timed between synchronisations.
+    """
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for node, shape, ours, inputs, ref in _cases(gen):
         fns = {"convexddn": ours} | ({"DDN reference": ref} if ref is not None else {})
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
         for fn in fns.values():  # warm-up
-            _time(fn, inputs, gen)
+            _time(fn, inputs, gen, device)
         for _ in range(repeats):
             for k, fn in fns.items():
-                times[k].append(_time(fn, inputs, gen))
+                times[k].append(_time(fn, inputs, gen, device))
             progress.update(1)
         f = statistics.median(t[0] for t in times["convexddn"])
         b = statistics.median(t[1] for t in times["convexddn"])
-        row = {"family": "nodes", "node": node, "shape": shape, "fwd_ms": 1e3 * f, "bwd_ms": 1e3 * b}
+        row = {"family": "nodes", "node": node, "shape": shape, "device": str(device),
+               "fwd_ms": 1e3 * f, "bwd_ms": 1e3 * b}
         if ref is not None:
             rf = statistics.median(t[0] for t in times["DDN reference"])
             rb = statistics.median(t[1] for t in times["DDN reference"])
