@@ -28,6 +28,73 @@ class _Quiet:
         pass
 
 
+def _profile_optnet(dev: torch.device) -> list[dict]:
+    """Where the OptNet setting's forward spends its time on the GPU: iterations, and the
+    profiler's top operators by host (launch) and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from convexddn.bench.cases.convex import CONVEX_PROBLEMS
+    from convexddn.convex.batched import BatchedProgram
+
+    gen = torch.Generator().manual_seed(0)
+    prob, params, variables, data = CONVEX_PROBLEMS["qp100"][1](128, gen)
+    bp = BatchedProgram(prob, params, variables)
+    args = [d.to(dev) for d in data]
+    bp(*args)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    _, info = bp(*args)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bp(*args)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    table_dev = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10)
+    print(table, table_dev, sep="\n", flush=True)
+    events = prof.key_averages()
+    return [{"forward_s": wall, "iterations_max": int(info.iterations.max()),
+             "iterations_median": float(info.iterations.float().median()),
+             "launches": int(sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))),
+             "syncs": int(sum(e.count for e in events if "Synchronize" in e.key or "MemcpyAsync" in e.key))}]
+
+
+def _pool_compiled(dev: torch.device) -> list[dict]:
+    """Robust pooling on CUDA with compile=True (fused Triton kernels) against eager, at
+    the paper's shape, float32: forward and backward medians after the compile call."""
+    from convexddn.nodes.pooling import robust_pool
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 1024, 2048, generator=gen).to(dev)
+    out = []
+    for pen in ("pseudo_huber", "huber", "welsch", "trunc_quad"):
+        row = {"penalty": pen}
+        for mode in (False, True):
+            xs = x.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            y = robust_pool(xs, pen, 1.0, compile=mode)
+            y.sum().backward()
+            torch.cuda.synchronize()
+            row[f"first_call_s_compile_{mode}"] = time.perf_counter() - t0
+            fw, bw = [], []
+            for _ in range(5):
+                xs = x.clone().requires_grad_(True)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                y = robust_pool(xs, pen, 1.0, compile=mode)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                y.sum().backward()
+                torch.cuda.synchronize()
+                fw.append(t1 - t0)
+                bw.append(time.perf_counter() - t1)
+            row[f"fwd_ms_compile_{mode}"] = 1e3 * sorted(fw)[2]
+            row[f"bwd_ms_compile_{mode}"] = 1e3 * sorted(bw)[2]
+        print(row, flush=True)
+        out.append(row)
+    return out
+
+
 def main(out: str, wanted: list[str]) -> int:
     from convexddn.bench import CONVEX_CUDA, format_table
     from convexddn.bench.cases import SHAPES, pool_cases
@@ -47,6 +114,8 @@ def main(out: str, wanted: list[str]) -> int:
         "pool_f32": lambda: [r for name in ("small", "paper")
                              for r in pool_cases(SHAPES[name][0], dev, torch.float32, False, 5, _Quiet())],
         "nodes": lambda: node_cases(5, _Quiet(), dev),
+        "profile": lambda: _profile_optnet(dev),
+        "pool_compiled": lambda: _pool_compiled(dev),
     }
     for key in wanted or ["convex", "pool_f32", "nodes"]:
         fn = parts[key]
@@ -59,7 +128,10 @@ def main(out: str, wanted: list[str]) -> int:
             traceback.print_exc()
             continue
         print(f"[{key}: {time.perf_counter() - t0:.1f} s]", flush=True)
-        result["rows" if key.startswith("pool") else "convex" if key == "optnet" else key] += rows
+        if key in ("profile", "pool_compiled"):
+            result[key] = rows
+        else:
+            result["rows" if key.startswith("pool") else "convex" if key == "optnet" else key] += rows
         with open(os.path.join(out, "gpu.json"), "w") as f:
             json.dump(result, f, indent=2, default=str)
         print(format_table({**result, "rows": result["rows"]}), flush=True)
