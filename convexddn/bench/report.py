@@ -101,7 +101,10 @@ def format_table(result: dict[str, Any]) -> str:
                 continue
             per = 1e3 * (r["fwd_s"] + r["bwd_s"]) / r["batch"]
             note = r.get("note", "")
-            if r.get("per_element_fallbacks"):
+            if r.get("routed_per_element"):
+                note = ("routed to the per-element path (too large for dense batched "
+                        "factorisation on this device)")
+            elif r.get("per_element_fallbacks"):
                 note = f"{r['per_element_fallbacks']} element(s) re-solved per element"
             lines.append(
                 f"| {r['description']} | {r['batch']} | {r['path']} | {r['fwd_s']:.3g} | {r['bwd_s']:.3g} "

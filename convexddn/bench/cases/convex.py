@@ -177,6 +177,9 @@ def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device
                     backends = layer.last_solve.backend
                     row["per_element_fallbacks"] = sum(b == "per_element" for b in backends) if \
                         label.startswith("convexddn batched") else None
+                    # All elements per element without a batched attempt: routed by size.
+                    row["routed_per_element"] = bool(label.startswith("convexddn batched") and not
+                                                     layer._use_batched(batch, r["device"]))
             rows.append(row)
         base = next((r for r in rows if r["problem"] == name and r["batch"] == batch
                      and r["path"] == "convexddn per element" and "fwd_s" in r), None)
