@@ -10,7 +10,7 @@ import math
 import numbers
 from typing import Any, Iterable
 
-import torch
+from ._lazy import torch
 
 from .errors import DTypeError, NonFiniteError, OptionError, ShapeError
 
@@ -27,8 +27,15 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
 
 
 def check_finite(name: str, value: torch.Tensor) -> None:
-    """Raise ``NonFiniteError`` naming how many entries of ``value`` are NaN or Inf."""
+    """Raise ``NonFiniteError`` naming how many entries of ``value`` are NaN or Inf.
+
+    Inside a graph being compiled by ``torch.compile`` a host sync would break the graph:
+    there the check is an asynchronous assert (a ``RuntimeError`` without the counts).
+    """
     if value.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(value).all(), f"{name} must be finite (NaN or Inf found)")
         return
     bad = ~torch.isfinite(value)
     if bool(bad.any()):
@@ -44,6 +51,10 @@ def check_positive(name: str, value: Any) -> None:
     """Raise ``OptionError`` unless ``value`` (a number or tensor) is finite and > 0."""
     if isinstance(value, torch.Tensor):
         if value.numel() == 0:
+            return
+        if torch.compiler.is_compiling():  # no host sync inside a compiled graph
+            torch._assert_async((torch.isfinite(value) & (value > 0)).all(),
+                                f"{name} must be finite and > 0")
             return
         ok = bool((torch.isfinite(value) & (value > 0)).all())
         shown = value.detach().flatten()[:4].tolist()

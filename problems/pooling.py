@@ -8,14 +8,11 @@ node :class:`convexddn.RobustPool` solves them.
 """
 from __future__ import annotations
 
-import cvxpy as cp
+from convexddn._lazy import cvxpy as cp
 
 from convexddn._checks import check_int, check_positive
 from convexddn.convex.registry import register
 from convexddn.errors import NonconvexError, OptionError
-from convexddn.nodes.pooling.penalties import CONVEX_PENALTIES, PENALTIES, Penalty
-
-NONCONVEX_PENALTIES = tuple(p for p in PENALTIES if p not in CONVEX_PENALTIES)
 
 
 @register("robust_pool", "convex robust pooling: argmin_u Σᵢ φ(u − xᵢ; α) for quadratic, pseudo_huber, huber")
@@ -24,6 +21,11 @@ def robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0):
 
     Parameters: ``x`` of shape ``(n,)``. Variable: ``y``, a scalar.
     """
+    # The penalties live with the native node (torch): imported here, not when the
+    # catalog is listed.
+    from convexddn.nodes.pooling.penalties import CONVEX_PENALTIES, PENALTIES, Penalty
+
+    NONCONVEX_PENALTIES = tuple(p for p in PENALTIES if p not in CONVEX_PENALTIES)
     n = check_int("n", n, minimum=1)
     if penalty in NONCONVEX_PENALTIES:
         raise NonconvexError(

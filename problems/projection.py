@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-import cvxpy as cp
+from convexddn._lazy import cvxpy as cp
 
 from convexddn._checks import check_int, check_positive, normalize_p
 from convexddn.convex.registry import register

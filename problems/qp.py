@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import cvxpy as cp
+from convexddn._lazy import cvxpy as cp
 import numpy as np
-import torch
+from convexddn._lazy import torch
 
 from convexddn._checks import check_int
 from convexddn.convex.registry import register

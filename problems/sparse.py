@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-import cvxpy as cp
+from convexddn._lazy import cvxpy as cp
 
 from convexddn._checks import check_int
 from convexddn.convex.registry import register

@@ -63,6 +63,25 @@ def test_cli_help_imports_nothing_heavy():
     assert got["import"] == [], "importing convexddn loads heavy modules before the CLI runs"
 
 
+def test_cli_list_imports_neither_torch_nor_cvxpy():
+    # `convexddn list` answers in well under a second (it took 4 s when listing imported
+    # cvxpy and torch): the catalog modules name them lazily (convexddn._lazy).
+    result = _run(
+        "import contextlib, io, json, sys",
+        f"heavy = {HEAVY!r}",
+        "from convexddn import cli",
+        "out = io.StringIO()",
+        "with contextlib.redirect_stdout(out):",
+        "    code = cli.main(['list'])",
+        "print(json.dumps({'code': code, 'lines': len(out.getvalue().splitlines()),",
+        "                  'loaded': [m for m in heavy if m in sys.modules]}))",
+    )
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["code"] == 0 and got["lines"] == len(registry.names())
+    assert got["loaded"] == [], "listing the registry imported heavy modules"
+
+
 def test_cli_experiment_options_added_only_when_chosen(capsys):
     from convexddn.experiments import EXPERIMENTS
 

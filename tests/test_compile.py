@@ -174,3 +174,32 @@ def test_robust_pool_compile_option_matches_eager(penalty, monkeypatch):
     y_e = cddn.functional.robust_pool(x, penalty, 0.9, compile=False)
     torch.testing.assert_close(y_c, y_e, rtol=0, atol=1e-10)
     assert len(kernels._COMPILED) >= 1
+
+
+# fullgraph=True: the closed-form projections (L2, L∞; ball and sphere) compile into one
+# graph, input checks included (an asynchronous assert instead of a host sync). The
+# iterative nodes (pooling, L1/simplex thresholds, transport, …) test convergence on the
+# host and break the graph there, which the tests above cover.
+FULLGRAPH_CASES = [(p, mode) for p in (2, math.inf) for mode in ("ball", "sphere")]
+
+
+@pytest.mark.parametrize("p,mode", FULLGRAPH_CASES)
+def test_closed_form_projections_compile_fullgraph(p, mode):
+    module = cddn.LpProjection(p=p, mode=mode, radius=nn.Parameter(torch.tensor(1.5, dtype=DT)))
+    x = data(6)
+    eager = forward_backward(module, module, x)
+    got = forward_backward(torch.compile(module, fullgraph=True, backend="aot_eager"), module, x)
+    torch.testing.assert_close(got[0], eager[0], rtol=1e-13, atol=1e-13)
+    for a, b in zip(got[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [2, math.inf])
+def test_fullgraph_projection_still_rejects_nan(p):
+    """Inside the compiled graph the finiteness check is an asynchronous assert: a NaN
+    input still stops the call (a RuntimeError naming the argument, without counts)."""
+    x = data(7)
+    x[1, 2] = float("nan")
+    f = torch.compile(cddn.LpProjection(p=p), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="x must be finite"):
+        f(x)

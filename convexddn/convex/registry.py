@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import cvxpy as cp
 import numpy as np
 
 from ..errors import OptionError, ProblemError
+
+if TYPE_CHECKING:
+    import cvxpy as cp
 
 __all__ = ["ProblemSpec", "register", "names", "build", "describe"]
 

@@ -91,9 +91,12 @@ def l2_forward(
     and whether it overflowed (then ``Dy`` cannot be represented)."""
     norm = torch.linalg.vector_norm(x, dim=d, keepdim=True)
     scale = r / norm
+    compiling = torch.compiler.is_compiling()
     # One host sync covers NaN/Inf input, norm overflow or underflow (or a norm whose
-    # squares lost bits to subnormals), and zero rows.
-    if not bool(((scale > 0) & (scale < math.inf) & (norm >= _small_norm(x.dtype))).all()):
+    # squares lost bits to subnormals), and zero rows. Inside a compiled graph there is
+    # no sync: the rescaled computation runs for every row, and the data-dependent
+    # warnings (a result or gradient that cannot be represented) are not issued.
+    if compiling or not bool(((scale > 0) & (scale < math.inf) & (norm >= _small_norm(x.dtype))).all()):
         check_finite("x", x)
         a = _row_scale(x.abs(), d)
         xs = x / a
@@ -105,13 +108,13 @@ def l2_forward(
             e0 = torch.zeros_like(x).narrow(d, 0, 1).fill_(1.0)
             y.narrow(d, 0, 1).add_(torch.where(zero, e0 * r, torch.zeros_like(e0)))
             scale = torch.where(zero, torch.zeros_like(ratio), ratio / a)
-            if _may_underflow(r, x.shape[d], x.dtype):
+            if not compiling and _may_underflow(r, x.shape[d], x.dtype):
                 warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
         else:
             factor = torch.minimum(a, ratio)
             y = xs * factor
             scale = factor / a
-        return y, scale, bool(torch.isinf(scale).any())
+        return y, scale, False if compiling else bool(torch.isinf(scale).any())
     if not sphere:
         scale = scale.clamp(max=1.0)
     return x * scale, scale, False
@@ -338,11 +341,11 @@ def linf_forward(
         y = x.clamp(-r, r)
     if not sphere:
         # A single pass that NaN and Inf both poison; the full count only on failure.
-        if not bool(torch.isfinite(x.sum())):
+        if torch.compiler.is_compiling() or not bool(torch.isfinite(x.sum())):
             check_finite("x", x)
         return y
     top, k = x.abs().max(d, keepdim=True)  # first index among ties
-    if not bool(torch.isfinite(top).all()):
+    if torch.compiler.is_compiling() or not bool(torch.isfinite(top).all()):
         check_finite("x", x)
     # Outside the ball the clamp already sets that coordinate to ±r; inside, pushing it
     # out to the nearest face {u_k = ±r} is the projection. Ties in sign go to +r.
