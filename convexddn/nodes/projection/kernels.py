@@ -351,7 +351,10 @@ def linf_forward(
     # out to the nearest face {u_k = ±r} is the projection. Ties in sign go to +r.
     xk = x.gather(d, k)
     rk = r if isinstance(r, torch.Tensor) else torch.full_like(xk, r)
-    return y.scatter_(d, k, torch.where(xk < 0, -rk, rk).expand_as(xk))
+    # Out of place: an in-place write into the clamp's result is saved for the backward
+    # as the pre-write tensor by AOTAutograd in torch 2.11 (wrong gradients under
+    # torch.compile, seen with fullgraph=True).
+    return y.scatter(d, k, torch.where(xk < 0, -rk, rk).expand_as(xk))
 
 
 @_bind_fast
