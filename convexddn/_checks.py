@@ -99,6 +99,18 @@ def check_choice(name: str, value: Any, valid: Iterable[Any]) -> None:
         raise OptionError(f"{name} must be one of {valid}, got {value!r}")
 
 
+def check_choices(name: str, values: Iterable[Any], valid: Iterable[Any]) -> None:
+    """Raise ``OptionError`` unless ``values`` names at least one of ``valid``, each
+    one of them (listing the choices) and none twice."""
+    values, valid = list(values), list(valid)
+    if not values:
+        raise OptionError(f"{name} must name at least one of {valid}, got {values!r}")
+    for value in values:
+        check_choice(name, value, valid)
+    if len(set(values)) != len(values):
+        raise OptionError(f"{name} must not repeat an entry, got {values!r}")
+
+
 def normalize_dims(name: str, dim: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
     """Turn ``dim`` (an int or tuple, negative allowed) into sorted non-negative dims."""
     check_dim_option(name, dim)

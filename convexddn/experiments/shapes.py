@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .._checks import check_choice
+from .._checks import check_choices
 from ..errors import OptionError
 
 __all__ = ["CLASSES", "sample_surface", "make_dataset", "normalize_unit_ball"]
@@ -303,12 +303,7 @@ def make_dataset(
     if noise < 0:
         raise OptionError(f"noise must be >= 0, got {noise!r}")
     classes = list(classes)
-    if not classes:
-        raise OptionError("classes must name at least one shape, got []")
-    for name in classes:
-        check_choice("classes", name, CLASSES)
-    if len(set(classes)) != len(classes):
-        raise OptionError(f"classes must not repeat a shape, got {classes!r}")
+    check_choices("classes", classes, CLASSES)
 
     g = torch.Generator().manual_seed(int(seed))
     clouds = []

@@ -31,22 +31,19 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .._checks import (
     check_bool,
     check_choice,
-    check_finite,
     check_int,
     check_positive,
-    check_tensor,
 )
 from ..errors import (
-    DTypeError,
     GradientWarning,
     InputError,
     OptionError,
     ProblemError,
-    ShapeError,
     SolverError,
 )
 from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
 from .graph import check_graph
+from .inputs import checked_solution, flatten_inputs
 from .implicit import _constraint, _format_indices, _objective, declarative_vjp
 from .linear_solvers import LINEAR_SOLVERS, LinearSolver
 
@@ -282,25 +279,7 @@ class DeclarativeNode(torch.nn.Module):
     def _checked_solve(self, xs: tuple[Tensor, ...]) -> Tensor:
         with torch.no_grad():
             y = self.solve(*xs)
-        name = f"{type(self).__name__}.solve"
-        if not isinstance(y, torch.Tensor):
-            hint = " (return y alone: multipliers are recovered by eq. 25)" if isinstance(
-                y, tuple) else ""
-            raise DTypeError(f"{name} must return a torch.Tensor, got {type(y).__name__}{hint}")
-        if y.dtype != xs[0].dtype:
-            raise DTypeError(f"{name} must return the inputs' dtype ({xs[0].dtype}), got {y.dtype}")
-        batch = xs[0].shape[0]
-        if y.ndim == 0 or y.shape[0] != batch:
-            raise ShapeError(
-                f"{name} must return shape (B, ...) with B = {batch} (the batch dimension "
-                f"first), got {tuple(y.shape)}"
-            )
-        y = y.detach()
-        # Returning (a view of) an input would make autograd treat y as that input.
-        storages = {x.untyped_storage().data_ptr() for x in xs if x.numel()}
-        if y.numel() and y.untyped_storage().data_ptr() in storages:
-            y = y.clone()
-        return y
+        return checked_solution(f"{type(self).__name__}.solve", y, xs)
 
     def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
         """Shapes, dependence on y and closed-over tensors, before any backward."""
@@ -349,45 +328,12 @@ class DeclarativeNode(torch.nn.Module):
                 batch_shape=batch_shape,
             )
 
-    def _flatten_inputs(self, xs: tuple[Any, ...]) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
-        names = ["x"] if len(xs) == 1 else [f"input {i}" for i in range(len(xs))]
-        xs = tuple(check_tensor(n, x) for n, x in zip(names, xs))
-        for n, x in zip(names, xs):
-            check_finite(n, x)
-        first = xs[0]
-        for n, x in zip(names[1:], xs[1:]):
-            if x.dtype != first.dtype:
-                raise DTypeError(
-                    f"all inputs must have one dtype: input 0 is {first.dtype}, {n} is {x.dtype}"
-                )
-            if x.device != first.device:
-                raise InputError(
-                    f"all inputs must be on one device: input 0 is on {first.device}, {n} on "
-                    f"{x.device}"
-                )
-        k = self.batch_dims
-        for n, x in zip(names, xs):
-            if x.ndim < k:
-                raise ShapeError(
-                    f"{n} must have at least batch_dims={k} dimension(s) (the batch "
-                    f"dimensions first), got shape {tuple(x.shape)}"
-                )
-        batch_shape = tuple(first.shape[:k])
-        for n, x in zip(names[1:], xs[1:]):
-            if tuple(x.shape[:k]) != batch_shape:
-                raise ShapeError(
-                    f"every input must have the batch shape of input 0, {batch_shape} (its "
-                    f"first batch_dims={k} dimension(s)); {n} has shape {tuple(x.shape)}"
-                )
-        batch = math.prod(batch_shape)
-        return tuple(x.reshape((batch,) + tuple(x.shape[k:])) for x in xs), batch_shape
-
     def forward(self, *xs: Tensor) -> Tensor:
         """Solve for ``y`` and attach the implicit backward; see the class docstring."""
         self._check_structure(len(xs))
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")
-        flat, batch_shape = self._flatten_inputs(xs)
+        flat, batch_shape = flatten_inputs(xs, self.batch_dims)
         params = tuple(p for p in self.parameters() if p.requires_grad)
         y = DeclarativeFunction.apply(self, len(flat), batch_shape, *flat, *params)
         bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)

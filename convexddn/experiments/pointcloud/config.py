@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..._checks import check_choice
+from ..._checks import check_choices
 from ...errors import OptionError
 from ..pointnet import POOLINGS
 from ..running import resolve_device
@@ -134,12 +134,7 @@ class Config:
 
     def validate(self) -> None:
         """Raise ``OptionError`` naming the first invalid field (a missing CUDA device too)."""
-        if not self.poolings:
-            raise OptionError("poolings must name at least one pooling, got ()")
-        for p in self.poolings:
-            check_choice("poolings", p, POOLINGS)
-        if len(set(self.poolings)) != len(self.poolings):
-            raise OptionError(f"poolings must not repeat, got {self.poolings!r}")
+        check_choices("poolings", self.poolings, POOLINGS)
         for name in ("rates", "timing_rates"):
             values = getattr(self, name)
             if name == "rates" and not values:

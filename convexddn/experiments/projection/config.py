@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..._checks import check_choice
+from ..._checks import check_choices
 from ...errors import OptionError
 from ..running import resolve_device
 
@@ -113,12 +113,7 @@ class Config:
 
     def validate(self) -> None:
         """Raise ``OptionError`` naming the first invalid field (a missing CUDA device too)."""
-        if not self.variants:
-            raise OptionError("variants must name at least one variant, got ()")
-        for v in self.variants:
-            check_choice("variants", v, VARIANTS)
-        if len(set(self.variants)) != len(self.variants):
-            raise OptionError(f"variants must not repeat, got {self.variants!r}")
+        check_choices("variants", self.variants, VARIANTS)
         f = self.train_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
             raise OptionError(f"train_fraction must lie in (0, 1), got {f!r}")

@@ -1,0 +1,90 @@
+"""What a declarative node takes and what its ``solve`` returns: checks and flattening.
+
+:class:`~.declarative.DeclarativeNode` flattens its inputs' leading ``batch_dims``
+dimensions into one batch dimension ``B`` before solving, and checks the user's
+``solve`` output against that batch before any backward can run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .._checks import check_finite, check_tensor
+from ..errors import DTypeError, InputError, ShapeError
+
+__all__ = ["checked_solution", "flatten_inputs"]
+
+Tensor = torch.Tensor
+
+
+def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    """Check the inputs (floating, finite, one dtype and device, one batch shape) and
+    flatten their first ``batch_dims`` dimensions.
+
+    Shape:
+        ``xs[i]``: ``(*batch_shape, *rest_i)`` -> ``(B, *rest_i)`` with ``B = prod(batch_shape)``.
+
+    Returns:
+        ``(flat inputs, batch_shape)``.
+    """
+    names = ["x"] if len(xs) == 1 else [f"input {i}" for i in range(len(xs))]
+    xs = tuple(check_tensor(n, x) for n, x in zip(names, xs))
+    for n, x in zip(names, xs):
+        check_finite(n, x)
+    first = xs[0]
+    for n, x in zip(names[1:], xs[1:]):
+        if x.dtype != first.dtype:
+            raise DTypeError(
+                f"all inputs must have one dtype: input 0 is {first.dtype}, {n} is {x.dtype}"
+            )
+        if x.device != first.device:
+            raise InputError(
+                f"all inputs must be on one device: input 0 is on {first.device}, {n} on "
+                f"{x.device}"
+            )
+    k = batch_dims
+    for n, x in zip(names, xs):
+        if x.ndim < k:
+            raise ShapeError(
+                f"{n} must have at least batch_dims={k} dimension(s) (the batch "
+                f"dimensions first), got shape {tuple(x.shape)}"
+            )
+    batch_shape = tuple(first.shape[:k])
+    for n, x in zip(names[1:], xs[1:]):
+        if tuple(x.shape[:k]) != batch_shape:
+            raise ShapeError(
+                f"every input must have the batch shape of input 0, {batch_shape} (its "
+                f"first batch_dims={k} dimension(s)); {n} has shape {tuple(x.shape)}"
+            )
+    batch = math.prod(batch_shape)
+    return tuple(x.reshape((batch,) + tuple(x.shape[k:])) for x in xs), batch_shape
+
+
+def checked_solution(name: str, y: Any, xs: tuple[Tensor, ...]) -> Tensor:
+    """``y`` from the user's ``solve`` (named ``name``), checked against the flat inputs
+    ``xs``: a tensor of their dtype with the batch first, detached, never sharing an
+    input's storage (autograd would take y for that input).
+
+    Raises:
+        DTypeError: not a tensor (a tuple gets a hint), or another dtype.
+        ShapeError: the first dimension is not the batch.
+    """
+    if not isinstance(y, torch.Tensor):
+        hint = " (return y alone: multipliers are recovered by eq. 25)" if isinstance(
+            y, tuple) else ""
+        raise DTypeError(f"{name} must return a torch.Tensor, got {type(y).__name__}{hint}")
+    if y.dtype != xs[0].dtype:
+        raise DTypeError(f"{name} must return the inputs' dtype ({xs[0].dtype}), got {y.dtype}")
+    batch = xs[0].shape[0]
+    if y.ndim == 0 or y.shape[0] != batch:
+        raise ShapeError(
+            f"{name} must return shape (B, ...) with B = {batch} (the batch dimension "
+            f"first), got {tuple(y.shape)}"
+        )
+    y = y.detach()
+    storages = {x.untyped_storage().data_ptr() for x in xs if x.numel()}
+    if y.numel() and y.untyped_storage().data_ptr() in storages:
+        y = y.clone()
+    return y
