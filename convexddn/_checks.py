@@ -99,6 +99,15 @@ def check_choice(name: str, value: Any, valid: Iterable[Any]) -> None:
         raise OptionError(f"{name} must be one of {valid}, got {value!r}")
 
 
+def check_stopping(tol: Any, max_iter: Any) -> None:
+    """An iterative solver's stopping options: ``tol`` > 0 and ``max_iter`` >= 1, each
+    or ``None`` (the solver's default)."""
+    if tol is not None:
+        check_positive("tol", tol)
+    if max_iter is not None:
+        check_int("max_iter", max_iter, minimum=1)
+
+
 def check_choices(name: str, values: Iterable[Any], valid: Iterable[Any]) -> None:
     """Raise ``OptionError`` unless ``values`` names at least one of ``valid``, each
     one of them (listing the choices) and none twice."""

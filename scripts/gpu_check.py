@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -88,8 +89,8 @@ def _pool_compiled(dev: torch.device) -> list[dict]:
                 torch.cuda.synchronize()
                 fw.append(t1 - t0)
                 bw.append(time.perf_counter() - t1)
-            row[f"fwd_ms_compile_{mode}"] = 1e3 * sorted(fw)[2]
-            row[f"bwd_ms_compile_{mode}"] = 1e3 * sorted(bw)[2]
+            row[f"fwd_ms_compile_{mode}"] = 1e3 * statistics.median(fw)
+            row[f"bwd_ms_compile_{mode}"] = 1e3 * statistics.median(bw)
         print(row, flush=True)
         out.append(row)
     return out

@@ -73,12 +73,13 @@ def finish(d, ops, base, structure, layout: ConeLayout, xs, ss, zs, live, residu
                                 error_cols, error_duals)
     if polish_steps and polish != "never":
         # Elements still too inaccurate, or with a complementary pair not yet decided,
-        # get the LU Newton steps (a few, on those only), then a fresh estimate; what
-        # remains is left to the caller's fallback.
+        # get twice polish_steps LU Newton steps (on those only: quadratic convergence
+        # from an undecided pair of ratio ~1 needs about five), then a fresh estimate;
+        # what remains is left to the caller's fallback.
         idx = torch.nonzero(live & ((error > tol_error) | (undecided(layout, ss, zs) > RESOLVED))).squeeze(1)
         if idx.numel():
             xs, ss, zs, residual, polished, took = _polish_subset(d, layout, xs, ss, zs, residual, polished,
-                                                                  idx, residual_fn, _LU_STEPS)
+                                                                  idx, residual_fn, 2 * polish_steps)
             if took:
                 kkt, error = error_estimate(ops, base, structure, d, layout, xs, ss, zs, polished, refine,
                                             error_cols, error_duals)
@@ -95,9 +96,6 @@ def finish(d, ops, base, structure, layout: ConeLayout, xs, ss, zs, live, residu
 # near 0, is a failure of strict complementarity: no derivative exists there.
 RESOLVED = 1e-6
 DECIDED = 1e-2
-# LU Newton steps for undecided or inaccurate elements: quadratic convergence from an
-# undecided pair of ratio ~1 needs about five.
-_LU_STEPS = 6
 
 
 def _decide(layout: ConeLayout, sc, zc, sc_in, zc_in):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_finite, check_int, check_positive, check_tensor
+from .._checks import check_finite, check_positive, check_stopping, check_tensor
 from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
 from ._pnp_geometry import axis_angle_to_matrix, dlt, normalised
 from .pooling.penalties import Penalty
@@ -187,10 +187,7 @@ def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> Penalty
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise OptionError(f"alpha must be a positive number or tensor, got {alpha!r}")
     check_positive("alpha", alpha)
-    if tol is not None:
-        check_positive("tol", tol)
-    if max_iter is not None:
-        check_int("max_iter", max_iter, minimum=1)
+    check_stopping(tol, max_iter)
     return pen
 
 

@@ -47,7 +47,15 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_dim_option, check_finite, check_int, check_positive, check_tensor, normalize_dims
+from .._checks import (
+    check_dim_option,
+    check_finite,
+    check_int,
+    check_positive,
+    check_stopping,
+    check_tensor,
+    normalize_dims,
+)
 from ..errors import DTypeError, GradientWarning, OptionError, ShapeError
 from ._vector_pool_solvers import geometry, hess_solve, kappa, solve, unit
 from .pooling.penalties import Penalty
@@ -128,10 +136,7 @@ def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any
     check_positive("alpha", alpha)
     check_dim_option("dim", dim)
     check_int("vector_dim", vector_dim)
-    if tol is not None:
-        check_positive("tol", tol)
-    if max_iter is not None:
-        check_int("max_iter", max_iter, minimum=1)
+    check_stopping(tol, max_iter)
     if starts is not None:
         check_int("starts", starts, minimum=0)
     return pen

@@ -96,14 +96,15 @@ PEER_MAX_BATCH = 1024
 def _paths(prob, params, variables, peers: bool = True) -> dict[str, Callable]:
     from cvxpylayers.torch import CvxpyLayer
 
+    batched = ConvexLayer(prob, params, variables)
+    if not peers:  # the batched layer on the parameters' device and on the CPU (its own
+        # instance: each row reads its own last_solve)
+        return {"convexddn batched (auto)": batched,
+                "convexddn batched (auto), cpu": ConvexLayer(prob, params, variables)}
     paths: dict[str, Callable] = {
-        "convexddn batched (auto)": ConvexLayer(prob, params, variables),
+        "convexddn batched (auto)": batched,
         "convexddn per element": ConvexLayer(prob, params, variables, solver="Clarabel"),
     }
-    if not peers:
-        paths["convexddn batched (auto), cpu"] = paths.pop("convexddn per element")
-        paths["convexddn batched (auto), cpu"] = ConvexLayer(prob, params, variables)
-        return paths
     cvx = CvxpyLayer(prob, parameters=params, variables=variables)
     paths["cvxpylayers default"] = lambda *a: cvx(*a)[0]
     if moreau_available():

@@ -77,8 +77,12 @@ def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, Callabl
     b = torch.randn(64, 40, dtype=F64, generator=gen)
     cases = []
     ot_ref = _reference("optimal_transport.py", "OptimalTransportLayer")
-    cases.append(("entropic OT (eps=0.1)", "(2, 100, 100)", lambda c: sinkhorn(c, eps=0.1), [C],
-                  (lambda c, layer=ot_ref(gamma=10.0): layer(c)) if ot_ref is not None else None))
+    # Costs in [0, 1) (a spread of 10 ε: the reference's plain Sinkhorn converges in a few
+    # iterations) and randn costs as in the DDN tutorial (a spread of ~80 ε: it runs
+    # into its iteration cap).
+    for costs, label in ((C, "rand"), (torch.randn(2, 100, 100, dtype=F64, generator=gen), "randn")):
+        cases.append((f"entropic OT (eps=0.1, {label} costs)", "(2, 100, 100)", lambda c: sinkhorn(c, eps=0.1),
+                      [costs], (lambda c, layer=ot_ref(gamma=10.0): layer(c)) if ot_ref is not None else None))
     eig_ref = _reference("eigen_decomposition.py", "EigenDecompositionFcn")
     cases.append(("eigen decomposition (all)", "(64, 32, 32)", lambda x: eigen_decomposition(x)[1], [X],
                   (lambda x: eig_ref.apply(x, None)) if eig_ref is not None else None))

@@ -33,8 +33,8 @@ from torch.autograd.function import once_differentiable
 from ..._checks import (
     check_bool,
     check_dim_option,
-    check_int,
     check_positive,
+    check_stopping,
     check_tensor,
     normalize_dims,
 )
@@ -123,10 +123,7 @@ def _check_alpha(alpha: Any) -> None:
 def _check_options(penalty: Any, keepdim: Any, tol: Any, max_iter: Any, compile: Any) -> Penalty:
     pen = Penalty.resolve(penalty)
     check_bool("keepdim", keepdim)
-    if tol is not None:
-        check_positive("tol", tol)
-    if max_iter is not None:
-        check_int("max_iter", max_iter, minimum=1)
+    check_stopping(tol, max_iter)
     check_bool("compile", compile, allow_none=True)
     return pen
 
