@@ -145,6 +145,20 @@ def _first(pen: Penalty, rows: Rows, method: str, u: Tensor, ranges: list[slice]
     return norm, clamp, per_row[:, :1].contiguous(), per_row[:, 1:].contiguous()
 
 
+def _compact(rows: Rows, keep: Tensor, idx: Tensor | None, clamp: list[bool], ranges: list[slice],
+             use_compile: bool) -> tuple[Rows, Tensor, list[slice], list[bool], list[bool]]:
+    """Gather the rows ``keep`` (still running) into a smaller problem: ``(rows, their
+    indices among the original rows, blocks, per-block clamp flags, live flags)``. A kept
+    row whose block clamped its residuals keeps clamping them."""
+    x = rows.x
+    blk_clamp = torch.tensor(clamp, device=x.device).repeat_interleave(_sizes(ranges, x.device))
+    idx = keep if idx is None else idx.index_select(0, keep)
+    rows = rows.select(keep)
+    rows.clamp = rows.clamp or bool(blk_clamp.index_select(0, keep).any())
+    ranges = block_ranges(keep.numel(), x.shape[1], rows.x, use_compile)
+    return rows, idx, ranges, [rows.clamp] * len(ranges), [True] * len(ranges)
+
+
 def _sizes(ranges: list[slice], device) -> Tensor:
     return torch.tensor([sl.stop - sl.start for sl in ranges], device=device)
 
@@ -239,21 +253,14 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         if 2 * n_active <= active.shape[0]:
             # Gather the rows still running into a smaller problem.
             keep = active.squeeze(-1).nonzero().squeeze(-1)
-            blk_clamp = torch.tensor(clamp, device=x.device).repeat_interleave(
-                torch.tensor([sl.stop - sl.start for sl in ranges], device=x.device))
-            idx = keep if idx is None else idx.index_select(0, keep)
-            rows = rows.select(keep)
-            rows.clamp = rows.clamp or bool(blk_clamp.index_select(0, keep).any())
+            rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
             u, lo, hi, dx1, dx2, h_prev, u_prev, spread = (
                 t.index_select(0, keep) for t in (u, lo, hi, dx1, dx2, h_prev, u_prev, spread))
             a = a if a.dim() == 0 else a.index_select(0, keep)
             af = a if rows.alpha_f is None else rows.alpha_f
             tol_a = tol * a
             active = active.index_select(0, keep)
-            ranges = block_ranges(n_active, n, rows.x, use_compile)
-            clamp = [rows.clamp] * len(ranges)
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
-            live = [True] * len(ranges)
         else:
             live = _live(active, ranges)
     return out
@@ -356,18 +363,12 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         if 2 * n_active <= active.shape[0]:
             # Gather the rows still running into a smaller problem.
             keep = row_active.nonzero().squeeze(-1)
-            blk_clamp = torch.tensor(clamp, device=x.device).repeat_interleave(_sizes(ranges, x.device))
-            idx = keep if idx is None else idx.index_select(0, keep)
-            rows = rows.select(keep)
-            rows.clamp = rows.clamp or bool(blk_clamp.index_select(0, keep).any())
+            rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
             u, f_prev, safe_prev, rho, h_prev, u_prev, active, spread = (
                 t.index_select(0, keep) for t in (u, f_prev, safe_prev, rho, h_prev, u_prev, active, spread))
             a3 = a3 if a3.dim() == 0 else a3.index_select(0, keep)
             af = a3 if rows.alpha_f is None else rows.alpha_f
-            ranges = block_ranges(n_active, n, rows.x, use_compile)
-            clamp = [rows.clamp] * len(ranges)
             F, G, H, W = (x.new_empty(n_active, k, 1) for _ in range(4))
-            live = [True] * len(ranges)
         else:
             live = _live(active, ranges)
     sq = [t.squeeze(-1) for t in (out_u, out_f, flags["unresolved"], flags["converged"], flags["special"])]
