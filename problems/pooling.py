@@ -8,9 +8,8 @@ node :class:`convexddn.RobustPool` solves them.
 """
 from __future__ import annotations
 
-from convexddn._lazy import cvxpy as cp
-
 from convexddn._checks import check_int, check_positive
+from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import register
 from convexddn.errors import NonconvexError, OptionError
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import math
 
-from convexddn._lazy import cvxpy as cp
-
 from convexddn._checks import check_int, check_positive, normalize_p
+from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import register
 
 

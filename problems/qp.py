@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from convexddn._lazy import cvxpy as cp
 import numpy as np
-from convexddn._lazy import torch
 
 from convexddn._checks import check_int
+from convexddn._lazy import cvxpy as cp
+from convexddn._lazy import torch
 from convexddn.convex.registry import register
 from convexddn.errors import OptionError
 

@@ -9,25 +9,22 @@ from __future__ import annotations
 import math
 import numbers
 
-from convexddn._lazy import cvxpy as cp
-
 from convexddn._checks import check_int
+from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import register
 from convexddn.errors import OptionError
+from convexddn.problems.projection import simplex
 
 
 @register("sparsemax", "sparsemax (α-entmax with α = 2): argmin_p ½‖p − x‖² s.t. p ≥ 0, 1ᵀp = 1")
 def sparsemax(n: int):
     """.. math:: p(x) = \\operatorname*{argmin}_{p \\ge 0,\\ 1^T p = 1} \\tfrac12 \\|p - x\\|_2^2
 
-    Parameters: ``x`` of shape ``(n,)``. Variable: ``p`` of shape ``(n,)``.
+    The ``simplex`` problem under its attention name (one builder for both).
+    Parameters: ``x`` of shape ``(n,)``. Variable: ``y`` of shape ``(n,)``.
     References: Martins & Astudillo, "From softmax to sparsemax", ICML 2016.
     """
-    n = check_int("n", n, minimum=1)
-    x = cp.Parameter(n, name="x")
-    p = cp.Variable(n, name="p")
-    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(p - x)), [p >= 0, cp.sum(p) == 1])
-    return problem, [x], [p]
+    return simplex(n)
 
 
 @register("entmax", "α-entmax: argmax_p pᵀx + Σ(p − p^α)/(α(α−1)) s.t. p ≥ 0, 1ᵀp = 1 (α > 1)")

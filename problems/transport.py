@@ -10,9 +10,8 @@ native node's backward does), so ``b``'s last entry is implied by ``Σa − Σ_{
 """
 from __future__ import annotations
 
-from convexddn._lazy import cvxpy as cp
-
 from convexddn._checks import check_int, check_positive
+from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import register
 
 
