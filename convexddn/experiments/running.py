@@ -8,6 +8,8 @@ report a user mistake as one line and exit status 2 (argparse's convention).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
 import time
 import warnings
@@ -18,6 +20,7 @@ import torch
 from ..errors import ConvexDDNWarning, OptionError
 
 __all__ = [
+    "write_result",
     "resolve_device",
     "torch_threads",
     "synchronize",
@@ -147,3 +150,15 @@ def run_command(prog: str, prepare: Callable[[], Any], execute: Callable[[Any], 
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return execute(config)
+
+
+def write_result(result: dict[str, Any], out: str, name: str,
+                 plot: Callable[[dict[str, Any], str], None]) -> dict[str, str]:
+    """Write ``<name>.json`` (the result with its file paths) and ``<name>.png`` (``plot``)
+    into ``out``; return their paths."""
+    os.makedirs(out, exist_ok=True)
+    files = {"json": os.path.join(out, f"{name}.json"), "png": os.path.join(out, f"{name}.png")}
+    plot(result, files["png"])
+    with open(files["json"], "w") as f:
+        json.dump({**result, "files": files}, f, indent=2)
+    return files

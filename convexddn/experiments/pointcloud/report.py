@@ -1,10 +1,9 @@
 """Report of the point-cloud experiment: markdown tables, the plot, the JSON file."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
+from ..running import write_result
 from ..stats import format_mean_std
 from .config import DISPLAY_NAMES
 
@@ -191,9 +190,4 @@ def _plot_runtime(ax: Any, result: dict[str, Any]) -> None:
 
 def write(result: dict[str, Any], out: str) -> dict[str, str]:
     """Write ``pointcloud.json`` and ``pointcloud.png`` into ``out``; return their paths."""
-    os.makedirs(out, exist_ok=True)
-    files = {"json": os.path.join(out, "pointcloud.json"), "png": os.path.join(out, "pointcloud.png")}
-    plot(result, files["png"])
-    with open(files["json"], "w") as f:
-        json.dump({**result, "files": files}, f, indent=2)
-    return files
+    return write_result(result, out, "pointcloud", plot)

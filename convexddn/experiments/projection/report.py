@@ -1,10 +1,9 @@
 """Report of the projection experiment: markdown tables, the bar chart, the JSON file."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
+from ..running import write_result
 from ..stats import format_mean_std
 from .config import DISPLAY_NAMES
 
@@ -135,9 +134,4 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 def write(result: dict[str, Any], out: str) -> dict[str, str]:
     """Write ``projection.json`` and ``projection.png`` into ``out``; return their paths."""
-    os.makedirs(out, exist_ok=True)
-    files = {"json": os.path.join(out, "projection.json"), "png": os.path.join(out, "projection.png")}
-    plot(result, files["png"])
-    with open(files["json"], "w") as f:
-        json.dump({**result, "files": files}, f, indent=2)
-    return files
+    return write_result(result, out, "projection", plot)
