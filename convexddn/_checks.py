@@ -37,6 +37,10 @@ def check_finite(name: str, value: torch.Tensor) -> None:
     if torch.compiler.is_compiling():
         torch._assert_async(torch.isfinite(value).all(), f"{name} must be finite (NaN or Inf found)")
         return
+    # One reduction first: a NaN or Inf anywhere makes the sum non-finite (a finite sum
+    # clears the tensor); only a non-finite sum, NaN/Inf or overflow, needs the count.
+    if value.is_floating_point() and bool(torch.isfinite(value.sum())):
+        return
     bad = ~torch.isfinite(value)
     if bool(bad.any()):
         n_nan = int(torch.isnan(value).sum())

@@ -21,7 +21,13 @@ scaling of the current plan (two matrix–vector products per iteration, no ``ex
 Sinkhorn converges linearly, fast when :math:`\varepsilon` is large compared with the
 spread of the costs and very slowly when it is small; Newton converges quadratically
 near the optimum; each element takes whichever served it better in the last round.
-When the costs spread over more than 50ε, ε-scaling first solves loosely for
+When no row of the costs spreads over more than 50ε (no entry of the kernel below
+e⁻⁵⁰, so nothing can underflow; a constant added to a row does not change the plan),
+plain Sinkhorn on the kernel :math:`K = e^{(\min_j C_{ij} - C)/\varepsilon}`
+runs first, two matrix–vector products per iteration, and hands its potentials to the
+rounds below when its observed linear rate predicts more than ``3·KERNEL_AHEAD``
+further iterations (or after ``KERNEL_ITERS``).
+When a row spreads over more than 50ε, ε-scaling first solves loosely for
 ε = spread/50, spread/200, … and warm-starts each stage from the last, so that the final
 stage starts near its optimum. (Past a spread of about 10³ε the plan's support is
 disconnected in float64 and convergence to ``tol`` may need more than ``max_iter``; the
@@ -51,6 +57,13 @@ FAST_BLOCK = 1e-3
 SCALE_ABOVE = 50.0
 SCALE_STEP = 0.25
 STAGE_TOL = 1e-4
+# Plain kernel Sinkhorn's iteration budget (spreads up to SCALE_ABOVE·ε) before the
+# Newton rounds take over from its potentials, and its iterations between error checks.
+KERNEL_ITERS = 200
+KERNEL_CHECK = 2
+# Most iterations between two checks when the observed rate predicts convergence later;
+# past three times as many still needed, the Newton rounds take over.
+KERNEL_AHEAD = 20
 # Step halvings tried along one Newton direction.
 HALVINGS = 12
 # Largest change of a potential in one Newton step (a trust region): near-singular S
@@ -72,7 +85,8 @@ def _lse(x: torch.Tensor, dim: int, lo: float) -> torch.Tensor:
 
 
 def _flush(P: torch.Tensor, below: float) -> torch.Tensor:
-    return P.masked_fill(P < below, 0.0)
+    # One reduction decides whether the masked copy is needed at all (rarely, at small ε).
+    return P.masked_fill(P < below, 0.0) if float(P.amin()) < below else P
 
 
 class _State:
@@ -114,9 +128,13 @@ def schur_solve(
     """
     n = P.shape[-1]
     Pf = _flush(P, torch.finfo(P.dtype).tiny ** 0.5)
-    W = Pf.transpose(-1, -2) @ (Pf / r.unsqueeze(-1))
-    W.diagonal(dim1=-2, dim2=-1).zero_()
-    S = torch.diag_embed(W.sum(-1)) - W
+    W = torch.bmm(Pf.transpose(-1, -2), Pf / r.unsqueeze(-1))
+    diag = W.diagonal(dim1=-2, dim2=-1)
+    diag.zero_()
+    # S = diag(W1) − W, formed in W's memory (no second (B, N, N) tensor).
+    d = W.sum(-1)
+    S = W.neg_()
+    diag.copy_(d)
     Sk, rk = S[..., : n - 1, : n - 1], rhs[..., : n - 1].unsqueeze(-1)
     L, info = torch.linalg.cholesky_ex(Sk)
     bad = info != 0
@@ -149,7 +167,8 @@ def _scaling_block(st: _State, a: torch.Tensor, b: torch.Tensor, steps: int) -> 
 
 
 def solve(
-    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float
+    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
+    cols_exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan and its column error ‖Pᵀ1 − b‖₁ (rows exact), batched.
 
@@ -159,12 +178,32 @@ def solve(
     decreasing sequence of ε (ε-scaling), each stage warm-started from the last one's
     potentials and solved loosely: the last stage then starts near its optimum, where
     Newton converges, instead of in Sinkhorn's slow regime.
+
+    ``cols_exact`` swaps the roles at the end: the columns are scaled to ``b`` exactly
+    and the returned error is the rows' ‖P1 − a‖₁ (for a caller whose rows are these
+    columns). The scaling moves the rows by at most the columns' error.
     """
-    spread = float((C.amax((-2, -1)) - C.amin((-2, -1))).max()) if C.numel() else 0.0
-    stage_eps = eps
-    if spread > SCALE_ABOVE * eps:
-        stage_eps = spread / SCALE_ABOVE
-    beta, used = None, 0
+    P, err = _solve(C, a, b, eps, max_iter, tol)
+    if not cols_exact:
+        return P, err
+    cs = P.sum(-2, keepdim=True)
+    P = P.mul_(torch.where(cs > 0, b.unsqueeze(-2) / cs, 1.0))
+    return P, (P.sum(-1) - a).abs_().sum(-1)
+
+
+def _solve(
+    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The plan is unchanged by adding a constant to a row of C (α absorbs it), so the
+    # spread that matters is the largest range within a row.
+    D = C - C.amin(-1, keepdim=True)
+    spread = float(D.amax()) if C.numel() else 0.0
+    if spread <= SCALE_ABOVE * eps:
+        P, err, beta, used = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol)
+        if used >= max_iter or not bool((err > tol).any()):
+            return P, err
+        return _solve_at(C, a, b, eps, max_iter - used, tol, beta)[:2]
+    stage_eps, beta, used = spread / SCALE_ABOVE, None, 0
     while True:
         last = stage_eps <= eps
         P, err, beta, it = _solve_at(
@@ -178,6 +217,51 @@ def solve(
         nxt = max(eps, stage_eps * SCALE_STEP)
         beta = beta * (stage_eps / nxt)
         stage_eps = nxt
+
+
+def _kernel_sinkhorn(
+    D: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, iters: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    r"""Plain Sinkhorn on the kernel, for costs whose rows spread over ``SCALE_ABOVE``·ε at most.
+
+    ``D`` is the costs less their row minima (overwritten with the kernel).
+    :math:`P = \operatorname{diag}(u) K \operatorname{diag}(v)` with
+    :math:`K = e^{-D/\varepsilon} \in [e^{-50}, 1]`:
+    alternating v = b / Kᵀu, u = a / Kv (the rows exact after each pair); the column
+    error ‖v ∘ Kᵀu − b‖₁ comes free with the next iteration's first product and is
+    checked after ``KERNEL_CHECK`` iterations and as many again, then where the rate
+    observed between the last two checks predicts ``tol`` (at most ``KERNEL_AHEAD``
+    iterations on). Returns (plan, column error, β = log v, iterations used); β
+    warm-starts the Newton rounds when the kernel iterations stopped short of ``tol``.
+    """
+    K = D.mul_(-1.0 / eps).exp_()
+    Kt = K.transpose(-1, -2)
+    a_, b_ = a.unsqueeze(-2), b.unsqueeze(-2)
+    v = torch.ones_like(b_)
+    u = a_ / torch.bmm(v, Kt)
+    s, t, it = torch.bmm(u, K), torch.empty_like(u), 0
+    # The error falls linearly: after two checks the next one is placed where the
+    # observed rate predicts ``tol`` (a check costs as much as an iteration).
+    check, last = KERNEL_CHECK, None
+    while True:
+        if it == check or it == iters:
+            err = torch.addcmul(b_, v, s, value=-1).abs_().sum(-1).squeeze(-1)
+            worst = float(err.max())
+            if it == iters or worst <= tol:
+                return (K * v).mul_(u.transpose(-1, -2)), err, v.squeeze(-2).log(), it
+            check = it + KERNEL_CHECK
+            if last is not None:
+                # Iterations still needed at the observed rate (inf: no progress).
+                gain = math.log(worst / last[1]) / (it - last[0]) if 0.0 < worst < last[1] else 0.0
+                ahead = math.log(tol / worst) / gain if gain < 0.0 else math.inf
+                if ahead > KERNEL_AHEAD * 3:  # slow: Newton converges faster from here
+                    return (K * v).mul_(u.transpose(-1, -2)), err, v.squeeze(-2).log(), it
+                check = it + max(1, min(KERNEL_AHEAD, math.ceil(ahead)))
+            last = (it, worst)
+        torch.div(b_, s, out=v)
+        torch.div(a_, torch.bmm(v, Kt, out=t), out=u)
+        torch.bmm(u, K, out=s)
+        it += 1
 
 
 def _solve_at(

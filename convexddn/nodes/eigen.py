@@ -41,7 +41,6 @@ References:
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from typing import NamedTuple
@@ -51,6 +50,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_bool, check_finite, check_int, check_tensor
+from .._linalg import eigh
 from ..errors import GradientWarning, OptionError, ShapeError
 
 __all__ = ["EigenResult", "eigen_decomposition", "EigenDecomposition"]
@@ -93,94 +93,76 @@ def _format_indices(mask: torch.Tensor) -> str:
     return f"{idx.shape[0]} of {mask.numel()} batch element(s) (indices {shown}{more})"
 
 
-def _selected(n: int, k: int, largest: bool) -> slice:
-    """The columns of ``eigh``'s ascending output that the node returns."""
-    return slice(n - k, n) if largest else slice(0, k)
-
-
 def _eigen_forward(
     X: torch.Tensor, k: int, largest: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (λ_k, V_k) in X's dtype and (λ, V) in float64 (ascending, signs fixed)."""
+    """Return (λ_k, V_k) in X's dtype and (μ, V) in float64 for the backward.
+
+    ``eigh`` runs on :math:`S = s\\,\\mathrm{sym}(X)` with :math:`s = -1` for the largest
+    eigenvalues: its ascending order is then X's descending one, so the returned
+    columns are always the first k (no reordering copies) and :math:`\\lambda = s\\mu`.
+    """
     Xw = X.to(_WORK)
-    lam, V = torch.linalg.eigh(0.5 * (Xw + Xw.mT))
-    sel = _selected(X.shape[-1], k, largest)
-    Vk = V[..., sel]
+    S = (Xw + Xw.mT).mul_(-0.5 if largest else 0.5)
+    mu, V = eigh(S)
+    Vk = V[..., :k]
     # Sign convention: the largest-|component| entry of each returned eigenvector is
     # positive, i.e. max_i v_i + min_i v_i ≥ 0 (a + sign at an exact tie); cheaper than
-    # an argmax. V is fresh from eigh, so the selected columns are fixed in place and
-    # the saved V carries the same signs.
-    flip = (Vk.amax(-2, keepdim=True) + Vk.amin(-2, keepdim=True)) < 0
-    Vk.mul_(1.0 - 2.0 * flip.to(_WORK))
-    lam_k = lam[..., sel]
-    if largest:
-        lam_k, Vk = lam_k.flip(-1), Vk.flip(-1)
-    elif X.dtype == _WORK:
-        # Outputs must not be views of the saved (λ, V), which are outputs too.
-        lam_k, Vk = lam_k.clone(), Vk.clone()
-    return lam_k.to(X.dtype), Vk.to(X.dtype), lam, V
+    # an argmax. Fixed in V itself, so the saved V carries the same signs.
+    neg = (Vk.amax(-2, keepdim=True) + Vk.amin(-2, keepdim=True)) < 0
+    Vk.mul_(1.0 - 2.0 * neg.to(_WORK))
+    lam_k = -mu[..., :k] if largest else mu[..., :k]
+    return lam_k.to(X.dtype), Vk.to(X.dtype), mu, V
 
 
 class _EigenFunction(torch.autograd.Function):
     """(λ_k, V_k) = top-k (or bottom-k) eigenpairs of sym(X) with the implicit VJP."""
 
     @staticmethod
-    def forward(X, k, largest, gap_tol):  # type: ignore[override]
-        return _eigen_forward(X, k, largest)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        X, k, largest, gap_tol = inputs
-        _, _, lam, V = output
-        ctx.mark_non_differentiable(lam, V)
-        ctx.save_for_backward(lam, V)
-        ctx.k, ctx.largest, ctx.gap_tol, ctx.dtype = k, largest, gap_tol, X.dtype
+    def forward(ctx, X, k, largest, gap_tol):  # type: ignore[override]
+        lam_k, Vk, mu, V = _eigen_forward(X, k, largest)
+        # (μ, V) are intermediates, saved without being outputs; the outputs may be
+        # views of them (never of each other), which a Function may return.
+        ctx.save_for_backward(mu, V)
+        ctx.k, ctx.sign, ctx.gap_tol, ctx.dtype = k, -1.0 if largest else 1.0, gap_tol, X.dtype
         # Unused outputs arrive as None: an eigenvalue-only loss skips the eigenvector
         # term (and its degeneracy warning) entirely.
         ctx.set_materialize_grads(False)
+        return lam_k, Vk
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_lam, g_vec, _g_all_lam, _g_all_vec):  # type: ignore[override]
+    def backward(ctx, g_lam, g_vec):  # type: ignore[override]
         if not ctx.needs_input_grad[0] or (g_lam is None and g_vec is None):
             return None, None, None, None
-        lam, V = ctx.saved_tensors
-        n, k = lam.shape[-1], ctx.k
-        sel = _selected(n, k, ctx.largest)
+        # Differentiated as the bottom-k eigenpairs of S = s·sym(X): dL/dμ_k = s·g_λ and
+        # dL/dX = s·dL/dS.
+        mu, V = ctx.saved_tensors
+        k, sign = ctx.k, ctx.sign
+        sel = slice(0, k)
         Vk = V[..., sel]
         # C (…, N, k): coefficients of Σ_j Σ_i C_ji v_j v_iᵀ, rows over all eigenvectors
-        # j, columns over the selected ones i in ascending order (flip what came in).
+        # j, columns over the selected ones i.
         if g_vec is not None:
-            G = g_vec.to(_WORK)
-            if ctx.largest:
-                G = G.flip(-1)
-            W = V.mT @ G  # W_ji = v_jᵀ g_i
-            gap = lam[..., sel].unsqueeze(-2) - lam.unsqueeze(-1)  # λ_i − λ_j
-            # 1/(λ_i − λ_j) with the diagonal j = i (and degenerate pairs) sent to 1/inf = 0.
+            W = V.mT @ g_vec.to(_WORK)  # W_ji = v_jᵀ g_i
+            gap = mu[..., sel].unsqueeze(-2) - mu.unsqueeze(-1)  # μ_i − μ_j
+            # 1/(μ_i − μ_j) with the diagonal j = i (and degenerate pairs) sent to 1/inf = 0.
             torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
-            limit = ctx.gap_tol * lam.abs().amax(-1, keepdim=True)
-            # lam is sorted: a degenerate pair exists iff a consecutive gap is small, an
+            limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
+            # mu is sorted: a degenerate pair exists iff a consecutive gap is small, an
             # (N,) test per matrix that spares the common case the (N, k) masks.
-            if bool((lam.diff(dim=-1) <= limit).any()):
+            if bool((mu.diff(dim=-1) <= limit).any()):
                 degenerate = gap.abs() <= limit.unsqueeze(-1)
                 _warn_degenerate(W, degenerate, sel, ctx.gap_tol)
                 gap.masked_fill_(degenerate, math.inf)
             C = W.mul_(gap.reciprocal_())
         else:
-            C = torch.zeros(lam.shape + (k,), dtype=_WORK, device=lam.device)
+            C = torch.zeros(mu.shape + (k,), dtype=_WORK, device=mu.device)
         if g_lam is not None:
-            gl = g_lam.to(_WORK)
-            if ctx.largest:
-                gl = gl.flip(-1)
-            torch.diagonal(C[..., sel, :], dim1=-2, dim2=-1).add_(gl)
+            torch.diagonal(C[..., sel, :], dim1=-2, dim2=-1).add_(g_lam.to(_WORK), alpha=sign)
         grad = (V @ C) @ Vk.mT
-        grad = (grad + grad.mT).mul_(0.5)
+        grad = (grad + grad.mT).mul_(0.5 * sign)
         return grad.to(ctx.dtype), None, None, None
-
-
-# Function.apply binds its arguments through inspect.signature on every call unless
-# forward carries a precomputed __signature__: ~0.1 ms per call saved.
-_EigenFunction.forward.__signature__ = inspect.signature(_EigenFunction.forward)  # type: ignore[attr-defined]
 
 
 def _warn_degenerate(W: torch.Tensor, degenerate: torch.Tensor, sel: slice, gap_tol: float) -> None:
@@ -310,7 +292,7 @@ def eigen_decomposition(
         check_finite("X", X)
     tol = default_gap_tol(n, X.dtype) if gap_tol is None else float(gap_tol)
     if torch.is_grad_enabled() and X.requires_grad:
-        lam_k, Vk, _, _ = _EigenFunction.apply(X, k, largest, tol)
+        lam_k, Vk = _EigenFunction.apply(X, k, largest, tol)
     else:
         lam_k, Vk, _, _ = _eigen_forward(X, k, largest)
     return EigenResult(lam_k, Vk)

@@ -69,13 +69,14 @@ class _SinkhornFn(torch.autograd.Function):
     """Log-domain Sinkhorn + Newton forward; implicit backward through P1 = a, Pᵀ1 = b."""
 
     @staticmethod
-    def forward(C, a, b, eps, max_iter, tol):  # type: ignore[override]
-        return solve(C, a, b, eps, max_iter, tol)
+    def forward(C, a, b, eps, max_iter, tol, cols_exact):  # type: ignore[override]
+        return solve(C, a, b, eps, max_iter, tol, cols_exact)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         P, err = output
         ctx.mark_non_differentiable(err)
+        ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
         ctx.save_for_backward(P)
         ctx.eps = inputs[3]
 
@@ -83,11 +84,13 @@ class _SinkhornFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, V, _grad_err):  # type: ignore[override]
         (P,) = ctx.saved_tensors
+        if V is None:
+            return None, None, None, None, None, None, None
         Q = V * P
         u, w = Q.sum(-1), Q.sum(-2)
         r = P.sum(-1)
         # K (λ, μ) = (u, w) with μ_N = 0: μ from the Schur complement, then λ row by row.
-        rhs = w - ((u / r).unsqueeze(-2) @ P).squeeze(-2)
+        rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
         mu, bad = schur_solve(P, r, rhs)
         if bool(bad.any()):
             warnings.warn(
@@ -99,15 +102,17 @@ class _SinkhornFn(torch.autograd.Function):
                 GradientWarning,
                 stacklevel=2,
             )
-        lam = (u - (mu.unsqueeze(-2) @ P.transpose(-1, -2)).squeeze(-2)) / r
+        lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
+        lam = lam.squeeze(-2).div_(r)
         grad_C = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_C = P * (lam.unsqueeze(-1) + mu.unsqueeze(-2) - V) / ctx.eps
+            # P ∘ (λ1ᵀ + 1μᵀ − V) / ε = (P ∘ (λ1ᵀ + 1μᵀ) − Q) / ε, in one buffer.
+            grad_C = (lam.unsqueeze(-1) + mu.unsqueeze(-2)).mul_(P).sub_(Q).div_(ctx.eps)
         if ctx.needs_input_grad[1]:
             grad_a = lam
         if ctx.needs_input_grad[2]:
             grad_b = mu
-        return grad_C, grad_a, grad_b, None, None, None
+        return grad_C, grad_a, grad_b, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -236,7 +241,7 @@ def sinkhorn(
     b = None if b is None else _marginal("b", b, cost, n, "columns N")
     shapes = [cost.shape[:-2]] + [v.shape[:-1] for v in (a, b) if v is not None]
     try:
-        batch = torch.broadcast_shapes(*shapes)
+        batch = torch.broadcast_shapes(*shapes) if len(shapes) > 1 else shapes[0]
     except RuntimeError:
         raise ShapeError(
             "the batch shapes of cost, a and b must broadcast, got "
@@ -274,9 +279,9 @@ def sinkhorn(
     if flip:
         C, a, b = C.transpose(-1, -2), b, a
     if torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b)):
-        P, err = _SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol)
+        P, err = _SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip)
     else:
-        P, err = solve(C, a, b, float(eps), int(max_iter), tol)
+        P, err = solve(C, a, b, float(eps), int(max_iter), tol, flip)
     failed = err > tol
     if bool(failed.any()):
         idx = [tuple(i) for i in torch.nonzero(failed.reshape(batch)).tolist()]

@@ -112,6 +112,58 @@ def test_sinkhorn_sharp_costs_converge():
     assert _gibbs_residual(P, C, 0.05) < 1e-8
 
 
+@pytest.mark.parametrize("scale", [0.5, 2.0, 4.5])
+def test_sinkhorn_kernel_path_matches_log_domain(scale):
+    # Rows spreading over 5ε, 20ε and 45ε (≤ 50ε): plain Sinkhorn on the kernel serves
+    # them; at 45ε it converges slowly and hands over to the Newton rounds. Each must
+    # give the plan of the log-domain solver (run directly) to the tolerance.
+    from convexddn.nodes import _sinkhorn
+
+    C = scale * _cost(3, 30, 40, seed=11)
+    a, b = _marginal(30, 12).expand(3, 30), _marginal(40, 13).expand(3, 40)
+    P, err = _sinkhorn.solve(C, a, b, 0.1, 1000, 1e-12)
+    P_log, err_log, _, _ = _sinkhorn._solve_at(C, a, b, 0.1, 1000, 1e-12, None)
+    assert err.max() <= 1e-12 and err_log.max() <= 1e-12
+    torch.testing.assert_close(P, P_log, rtol=1e-9, atol=0)
+    assert _gibbs_residual(P, C, 0.1) < 1e-9
+
+
+def test_sinkhorn_kernel_hands_slow_cases_to_newton(monkeypatch):
+    # Gaussian costs at 0.4 scale spread over ~40ε per row: plain Sinkhorn's rate is
+    # slow there, so it must stop early and leave the rest to Newton (few iterations).
+    from convexddn.nodes import _sinkhorn
+
+    C = 0.4 * torch.randn(2, 60, 60, generator=_gen(14), dtype=F64)
+    a = torch.full((2, 60), 1 / 60, dtype=F64)
+    used = []
+    kernel = _sinkhorn._kernel_sinkhorn
+    monkeypatch.setattr(_sinkhorn, "_kernel_sinkhorn", lambda *x: used.append(r := kernel(*x)) or r)
+    P, err = _sinkhorn.solve(C, a, a, 0.1, 1000, 1e-12)
+    assert err.max() <= 1e-12
+    assert used and used[0][3] < _sinkhorn.KERNEL_ITERS  # handed over, budget not spent
+    assert used[0][1].max() > 1e-12
+    assert _gibbs_residual(P, C, 0.1) < 1e-9
+
+
+def test_sinkhorn_row_offsets_do_not_change_plan():
+    # A constant added to each row of C is absorbed by α: the plan is the same, and
+    # the solver's path (chosen by the row ranges) must not change either.
+    C = _cost(2, 20, 25, seed=15)
+    shift = 100 * torch.randn(2, 20, 1, generator=_gen(16), dtype=F64)
+    torch.testing.assert_close(sinkhorn(C + shift, eps=0.05), sinkhorn(C, eps=0.05), rtol=1e-9, atol=0)
+
+
+def test_sinkhorn_rows_exact_on_both_orientations():
+    # M < N is solved transposed (the Schur complement on the smaller side): the rows
+    # must still be the exact marginal, the columns within tol.
+    for m, n in ((7, 12), (12, 7)):
+        C = _cost(m, n, seed=17)
+        a, b = _marginal(m, 18), _marginal(n, 19)
+        P = sinkhorn(C, a, b, eps=0.1)
+        torch.testing.assert_close(P.sum(-1), a, rtol=1e-14, atol=0)
+        assert (P.sum(-2) - b).abs().sum() <= 1e-12
+
+
 def test_sinkhorn_marginal_mass():
     # b is rescaled to a's mass: P1 = a, Pᵀ1 = b Σa / Σb.
     C = _cost(4, 3, seed=9)
