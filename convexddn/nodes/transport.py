@@ -38,7 +38,6 @@ forward's Newton steps and the backward share one solver.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import warnings
@@ -58,27 +57,19 @@ __all__ = ["OptimalTransport", "sinkhorn"]
 DEFAULT_TOL = 1e-12
 
 
-def _bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    # ``Function.apply`` re-derives forward's signature on every call unless it is stored.
-    cls.forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
-    return cls
-
-
-@_bind_fast
 class _SinkhornFn(torch.autograd.Function):
     """Log-domain Sinkhorn + Newton forward; implicit backward through P1 = a, Pᵀ1 = b."""
 
     @staticmethod
-    def forward(C, a, b, eps, max_iter, tol, cols_exact):  # type: ignore[override]
-        return solve(C, a, b, eps, max_iter, tol, cols_exact)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        P, err = output
+    def forward(ctx, C, a, b, eps, max_iter, tol, cols_exact):  # type: ignore[override]
+        # forward(ctx, …) rather than setup_context: apply then skips re-binding the
+        # arguments through inspect on every call.
+        P, err = solve(C, a, b, eps, max_iter, tol, cols_exact)
         ctx.mark_non_differentiable(err)
         ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
         ctx.save_for_backward(P)
-        ctx.eps = inputs[3]
+        ctx.eps = eps
+        return P, err
 
     @staticmethod
     @once_differentiable
@@ -271,7 +262,10 @@ def sinkhorn(
     else:
         b = b.to(work)
         b = b / b.sum(-1, keepdim=True)
-    C = C.expand(out_shape).reshape(-1, m, n)
+    # (Each view of a tensor that requires grad is an autograd node: none when C already
+    # has the working shape.)
+    if C.shape != (math.prod(batch), m, n):
+        C = C.expand(out_shape).reshape(-1, m, n)
     a = a.expand(*batch, m).reshape(-1, m)
     b = b.expand(*batch, n).reshape(-1, n)
     # The backward's Schur complement lives on the smaller side: make it the columns.
@@ -282,8 +276,8 @@ def sinkhorn(
         P, err = _SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip)
     else:
         P, err = solve(C, a, b, float(eps), int(max_iter), tol, flip)
-    failed = err > tol
-    if bool(failed.any()):
+    if float(err.max()) > tol:
+        failed = err > tol
         idx = [tuple(i) for i in torch.nonzero(failed.reshape(batch)).tolist()]
         warnings.warn(
             f"sinkhorn did not reach tol={tol:.3g} within max_iter={max_iter} at batch "
@@ -295,7 +289,8 @@ def sinkhorn(
         )
     if flip:
         P = P.transpose(-1, -2)
-    P = P.reshape(out_shape)
+    if P.shape != out_shape:
+        P = P.reshape(out_shape)
     if mass is not None:
         P = P * mass.unsqueeze(-1)
     return P.to(cost.dtype)

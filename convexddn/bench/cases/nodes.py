@@ -86,6 +86,10 @@ def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, Callabl
     eig_ref = _reference("eigen_decomposition.py", "EigenDecompositionFcn")
     cases.append(("eigen decomposition (all)", "(64, 32, 32)", lambda x: eigen_decomposition(x)[1], [X],
                   (lambda x: eig_ref.apply(x, None)) if eig_ref is not None else None))
+    # float32 input: ours decomposes in float64 (correct at any eigengap) and casts
+    # back; the reference decomposes in float32.
+    cases.append(("eigen decomposition (all) float32", "(64, 32, 32)", lambda x: eigen_decomposition(x)[1],
+                  [X.float()], (lambda x: eig_ref.apply(x, None)) if eig_ref is not None else None))
     cases.append(("least squares", "(64, 40, 12)", lambda a, y: least_squares(a, y), [A, b], None))
     cases.append(("robust vector pool (huber)", "(16, 8, 36)",
                   lambda x: robust_vector_pool(x, "huber", 1.0), [torch.randn(16, 8, 36, dtype=F64, generator=gen)],
