@@ -57,10 +57,10 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
-    names = ["small"] if quick else ["small", "paper"]
+    names = ["small"] if quick else ["small", "issue", "paper"]
     repeats = repeats or (3 if quick else 5)
-    n_ops = (2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS))
-    total = sum((repeats + 1) * n_ops + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
+    total = sum((repeats + 1) * ((2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS) if SHAPES[n][1] else 0))
+                + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
                 for n in names)
     total += 5 * (min(repeats, 3) + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL) + 6 * repeats
     rows: list[dict] = []
@@ -69,7 +69,8 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
         for name in names:
             pool_shape, proj_shape = SHAPES[name]
             rows += pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress)
-            rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
+            if proj_shape is not None:
+                rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
         convex_problems = CONVEX_QUICK if quick else CONVEX_CUDA if dev.type == "cuda" else CONVEX_FULL
         convex = convex_cases(convex_problems, min(repeats, 3), progress, device)
         nodes = node_cases(repeats, progress, dev)

@@ -7,9 +7,12 @@ import torch
 
 from ..harness import agreement, fwd_bwd
 
-# (name, pooling shape (B, C, N), projection shape (B, n))
+# (name, pooling shape (B, C, N), projection shape (B, n) or None). "small" also holds
+# the cone-program comparison; "issue" is the shape at which issue 13 measured the DDN
+# reference (pooling only); "paper" is the paper's.
 SHAPES = {
     "small": ((4, 64, 256), (16, 64)),
+    "issue": ((4, 256, 1024), None),
     "paper": ((24, 1024, 2048), (256, 512)),
 }
 CVXPY_ROWS = 8  # rows solved by the cone-program path per measurement (milliseconds each)
