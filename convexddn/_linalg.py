@@ -19,6 +19,7 @@ matrices and one-thread settings take the plain call.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 
 import torch
@@ -28,14 +29,18 @@ __all__ = ["eigh", "lu_factor_ex"]
 # Fewest matrices per chunk worth a thread (a thread hand-off costs ~0.05 ms).
 _MIN_CHUNK = 4
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_pid = -1
 _pool_lock = threading.Lock()
 
 
 def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:  # noqa: SLF001 - grow on demand
+        # A forked child (e.g. a DataLoader worker) inherits the pool without its
+        # threads: work submitted there would never run, so the child makes its own.
+        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < workers:  # noqa: SLF001
             _pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="convexddn-linalg")
+            _pool_pid = os.getpid()
         return _pool
 
 

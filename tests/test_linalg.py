@@ -70,3 +70,24 @@ def test_eigh_one_thread_and_threads_agree():
     finally:
         torch.set_num_threads(old)
     torch.testing.assert_close(lam1, lam2, rtol=0, atol=1e-12)
+
+
+def test_eigh_in_a_forked_child_does_not_hang():
+    # The pool's threads do not survive fork (DataLoader workers): the child must make
+    # its own pool rather than queue work that never runs. In a subprocess with a timeout.
+    code = (
+        "import os, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from convexddn._linalg import eigh\n"
+        "S = torch.randn(16, 6, 6, dtype=torch.float64); S = S + S.mT\n"
+        "eigh(S)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    lam, V = eigh(S)\n"
+        "    os._exit(0 if torch.allclose(lam, torch.linalg.eigh(S)[0]) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "assert os.waitstatus_to_exitcode(status) == 0, status\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
