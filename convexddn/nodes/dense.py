@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._linalg import eigh, lu_factor_ex
+from .._linalg import lu_factor_ex
 
 from .krylov import independent_rows, pseudo_random_directions
 
@@ -93,7 +93,7 @@ def _pinv_solve(K: Tensor, rhs: Tensor, rank_deficit: Tensor) -> Tensor:
     numerical rank comes from the scale-aware test on the equilibrated matrix, the
     solution is the Euclidean pseudo-inverse one (Gould et al. §4.7.4).
     """
-    evals, evecs = eigh(K)
+    evals, evecs = torch.linalg.eigh(K)
     n = evals.shape[-1]
     order = evals.abs().argsort(dim=-1)
     rank_of = torch.empty_like(order).scatter_(

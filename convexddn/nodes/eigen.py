@@ -50,7 +50,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_bool, check_finite, check_int, check_tensor
-from .._linalg import eigh
 from ..errors import GradientWarning, OptionError, ShapeError
 
 __all__ = ["EigenResult", "eigen_decomposition", "EigenDecomposition"]
@@ -104,7 +103,7 @@ def _eigen_forward(
     """
     Xw = X.to(_WORK)
     S = (Xw + Xw.mT).mul_(-0.5 if largest else 0.5)
-    mu, V = eigh(S)
+    mu, V = torch.linalg.eigh(S)
     Vk = V[..., :k]
     # Sign convention: the largest-|component| entry of each returned eigenvector is
     # positive, i.e. max_i v_i + min_i v_i ≥ 0 (a + sign at an exact tie); cheaper than

@@ -23,8 +23,6 @@ from typing import NamedTuple
 
 import torch
 
-from .._linalg import eigh
-
 __all__ = [
     "CGResult",
     "constraint_gram",
@@ -79,7 +77,7 @@ def constraint_gram(
         M = M + torch.diag_embed(inactive.to(A.dtype))
     s = torch.diagonal(M, dim1=-2, dim2=-1)
     s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
-    evals, evecs = eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    evals, evecs = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
     top = evals.abs().amax(-1, keepdim=True)
     keep = evals.abs() > rcond * top
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
@@ -105,7 +103,7 @@ def independent_rows(
     M = A @ A.transpose(1, 2)
     s = torch.diagonal(M, dim1=-2, dim2=-1)
     s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
-    evals, V = eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    evals, V = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
     keep = evals > rcond * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
     T = s.unsqueeze(-1) * V
     A2 = (T.transpose(1, 2) @ A) * keep.unsqueeze(-1)

@@ -39,7 +39,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_finite, check_positive, check_stopping, check_tensor
-from .._linalg import eigh
 from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
 from ._pnp_geometry import axis_angle_to_matrix, dlt, normalised
 from .pooling.penalties import Penalty
@@ -105,7 +104,7 @@ def _solve(theta, xs, pen, tol, max_iter):
     n_todo = B
     for _ in range(max_iter):
         f, g, H, _ = _grad_hess(theta, xs, pen)
-        ev, Q = eigh(H)
+        ev, Q = torch.linalg.eigh(H)
         scale = ev.abs().amax(-1).clamp(min=eps)
         shift = (-ev[:, 0]).clamp(min=0) + lam * scale
         step = -(Q @ ((Q.mT @ g.unsqueeze(-1)).squeeze(-1) / (ev + shift.unsqueeze(-1))).unsqueeze(-1)).squeeze(-1)

@@ -7,12 +7,14 @@ r"""Entropic optimal transport (Sinkhorn) as a declarative node.
     H(P) = -\sum_{ij} P_{ij} (\log P_{ij} - 1)
 
 The minimiser is :math:`P_{ij} = \exp(\alpha_i + \beta_j - C_{ij}/\varepsilon)` for dual
-potentials :math:`\alpha, \beta` fixed by the two marginal constraints. The forward pass
-finds them in the log domain (no :math:`e^{-C/\varepsilon}` kernel is ever formed, so a
-small :math:`\varepsilon` neither underflows nor loses the tiny entries of the plan):
-Sinkhorn's alternating row and column updates and Newton steps on the reduced dual,
-which converge quadratically, with ε-scaling when ε is small against the spread of the
-costs (see :mod:`convexddn.nodes._sinkhorn`).
+potentials :math:`\alpha, \beta` fixed by the two marginal constraints. When no row of
+the costs spreads over more than 50ε, plain Sinkhorn on the kernel
+:math:`e^{(\min_j C_{ij} - C)/\varepsilon}` (entries in :math:`[e^{-50}, 1]`: nothing
+underflows) finds them; otherwise, and where it converges slowly, the forward pass works
+in the log domain (no kernel formed, so a small :math:`\varepsilon` neither underflows
+nor loses the tiny entries of the plan): Sinkhorn's alternating row and column updates
+and Newton steps on the reduced dual, which converge quadratically, with ε-scaling when
+ε is small against the spread of the costs (see :mod:`convexddn.nodes._sinkhorn`).
 
 The backward pass differentiates the optimality conditions
 :math:`P\mathbf 1 = a,\ P^\top \mathbf 1 = b` implicitly (Gould, Hartley & Campbell,
@@ -157,10 +159,12 @@ def sinkhorn(
         H(P) = -\sum_{ij} P_{ij}(\log P_{ij} - 1),
 
     i.e. :math:`P_{ij} = e^{\alpha_i + \beta_j - C_{ij}/\varepsilon}`. Solved in float64
-    (whatever the input dtype) and in the log domain: Sinkhorn iterations and Newton
-    steps on the dual, which converge quadratically, with ε-scaling when ``eps`` is below
-    1/50 of the spread of the costs. No kernel :math:`e^{-C/\varepsilon}` is formed, so
-    small ``eps`` neither underflows nor loses the tiny entries of the plan (at
+    (whatever the input dtype): by plain Sinkhorn on the kernel when no row of ``cost``
+    spreads over more than 50·``eps`` (its entries then lie in :math:`[e^{-50}, 1]`),
+    otherwise (and where that converges slowly) in the log domain: Sinkhorn iterations
+    and Newton steps on the dual, which converge quadratically, with ε-scaling when
+    ``eps`` is below 1/50 of the costs' spread within a row. There no kernel is formed,
+    so small ``eps`` neither underflows nor loses the tiny entries of the plan (at
     ``eps=0.05`` on costs of range 4 they reach 1e-31 and below and stay exact; entries
     below 6e-308 are 0). Rows sum to ``a`` exactly and columns to ``b`` within ``tol``.
     Past a spread of about 1000·``eps`` the plan's support is disconnected in float64
