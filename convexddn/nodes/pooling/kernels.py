@@ -269,27 +269,30 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     """
     rows, n = s.shape
     acc = torch.float64
-    d = s.to(acc)  # a copy even for float64 input: centred and scaled in place below
-    if d.data_ptr() == s.data_ptr():
-        d = d.clone()
-    centre = d[:, n // 2 : n // 2 + 1].clone()
-    d.sub_(centre)
-    half = torch.maximum(d[:, -1:], -d[:, :1])
+    centre = s[:, n // 2 : n // 2 + 1].to(acc)
+    half = torch.maximum(s[:, -1:].to(acc) - centre, centre - s[:, :1].to(acc))
     unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half)))))
-    d.div_(unit)
+    inv = 1.0 / unit
+    # d = (s − centre) / unit in one pass: unit is a power of two, so s/unit and
+    # centre/unit are exact and the one rounding is that of s − centre.
+    d = torch.addcmul(-centre * inv, s, inv)
     # Prefix sums with a leading zero: p[:, k] is the sum of the first k entries.
-    p1 = d.new_zeros(rows, n + 1)
-    p2 = d.new_zeros(rows, n + 1)
+    p1 = d.new_empty(rows, n + 1)
+    p2 = d.new_empty(rows, n + 1)
+    p1[:, 0] = 0.0
+    p2[:, 0] = 0.0
     torch.cumsum(d, -1, out=p1[:, 1:])
     torch.cumsum(d.mul_(d), -1, out=p2[:, 1:])
-    half_a2 = (0.5 * (a.to(acc) / unit) ** 2).clamp(min=torch.finfo(acc).tiny, max=1e150)
+    # a2 = alpha^2 in these units. Every candidate's G = (SSE_W + alpha^2 (N - |W|)) / 2
+    # is compared as 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
+    a2 = 2.0 * (0.5 * (a.to(acc) / unit) ** 2).clamp(min=torch.finfo(acc).tiny, max=1e150)
     idx = torch.arange(1, n + 1, device=s.device)
     # Entry runs [l_i, i] hold at least point i, even where s_i - 2 alpha rounds to s_i.
     lft = torch.minimum(lft, idx - 1)
     n_e = (idx - lft).to(acc)
     s1_e = p1[:, 1:] - p1.gather(-1, lft)
-    g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1).mul_(0.5)
-    g_e.addcmul_(half_a2, n - n_e)
+    g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1)
+    g_e.addcmul_(a2, n_e, value=-1)
     # Exit runs [i + 1, r_i), possibly empty.
     counts = torch.zeros(rows, n + 1, dtype=torch.int64, device=s.device)
     counts.scatter_add_(-1, lft, torch.ones_like(lft))
@@ -297,9 +300,8 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     n_x = (rgt - idx).to(acc)
     safe_n = n_x.clamp(min=1)
     s1_x = p1.gather(-1, rgt) - p1[:, 1:]
-    g_x = (p2.gather(-1, rgt) - p2[:, 1:]).addcdiv_(s1_x * s1_x, safe_n, value=-1).mul_(0.5)
-    g_x.addcmul_(half_a2, n - n_x)
-    g_x = torch.where(n_x > 0, g_x, math.inf)
+    g_x = (p2.gather(-1, rgt) - p2[:, 1:]).addcdiv_(s1_x * s1_x, safe_n, value=-1)
+    g_x.addcmul_(a2, n_x, value=-1).masked_fill_(n_x <= 0, math.inf)
 
     best_e, i_e = g_e.min(-1, keepdim=True)
     best_x, i_x = g_x.min(-1, keepdim=True)
