@@ -42,6 +42,7 @@ import torch
 
 from ..errors import DTypeError, GradientWarning, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
+from .certify import row_inf
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
 
 __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]
@@ -93,8 +94,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # where the solution is unique and differentiable, ~1/δ (δ the 1e-12 lift of
     # the polished slacks) along a direction of non-uniqueness (measured: 2e9 on an LP
     # with two equal costs, at most 4 on the OptNet QPs).
-    amplification = (torch.maximum(_inf(ux), _inf(uz))
-                     / torch.maximum(_inf(rx), _inf(rz)).clamp_min(torch.finfo(rx.dtype).tiny))
+    amplification = (torch.maximum(row_inf(ux), row_inf(uz))
+                     / torch.maximum(row_inf(rx), row_inf(rz)).clamp_min(torch.finfo(rx.dtype).tiny))
     ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
     uz = d.E * uz.squeeze(-1) / rc
     # (A solved element's KKT matrix was factorised: its failure would have made the
@@ -107,10 +108,6 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     gA = -(z[:, :, None] * ux[:, None, :] + uz[:, :, None] * x[:, None, :])
     not_differentiable = ok[:, 0] & (sol.undecided | (amplification > AMPLIFICATION))
     return gP, -ux, gA, uz, not_differentiable
-
-
-def _inf(v: torch.Tensor) -> torch.Tensor:
-    return v.abs().flatten(1).amax(1) if v[0].numel() else v.new_zeros(v.shape[0])
 
 
 # Amplification of the derivative system above which the gradient is reported as not

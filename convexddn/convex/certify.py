@@ -22,10 +22,12 @@ from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "undecided"]
+__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "row_inf", "undecided"]
 
 
-def _inf(v: torch.Tensor) -> torch.Tensor:
+def row_inf(v: torch.Tensor) -> torch.Tensor:
+    """(B,) infinity norm of each batch element of ``v`` (B, ...); 0 for empty elements."""
+    v = v.flatten(1)
     return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
 
 
@@ -152,9 +154,9 @@ def error_estimate(ops, base, structure, d, layout, x, s, z, polished, refine, c
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)
     if cols is not None:
         dx, x = dx.index_select(1, cols.to(dx.device)), x.index_select(1, cols.to(dx.device))
-    error = _inf(dx) / (1 + _inf(x))
+    error = row_inf(dx) / (1 + row_inf(x))
     if duals is not None:
         dz, z = dz.index_select(1, duals.to(dz.device)), z.index_select(1, duals.to(dz.device))
-        error = torch.maximum(error, _inf(dz) / (1 + _inf(z)))
+        error = torch.maximum(error, row_inf(dz) / (1 + row_inf(z)))
     error = torch.where(kkt.failed | ~torch.isfinite(error), torch.inf, error)
     return kkt, error

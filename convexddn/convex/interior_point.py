@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .certify import DECIDED, finish, undecided
+from .certify import DECIDED, finish, row_inf, undecided
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
 from .symmetric_cones import ConeLayout, NTScaling
@@ -85,10 +85,6 @@ def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
-def _inf(v: torch.Tensor) -> torch.Tensor:
-    return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
-
-
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relative primal residual, dual residual and duality gap, per element.
 
@@ -102,8 +98,8 @@ def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch
     scale, which makes these measures invariant to rescaling the problem.
     """
     Ax, Px, ATz = _bmv(A, x), _bmv(P, x), _bmv(A.mT, z)
-    pres = _inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(_inf(b), _inf(Ax)), _inf(s)))
-    dres = _inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(_inf(q), _inf(Px)), _inf(ATz)))
+    pres = row_inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(row_inf(b), row_inf(Ax)), row_inf(s)))
+    dres = row_inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(row_inf(q), row_inf(Px)), row_inf(ATz)))
     xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
     gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
     return pres, dres, gap
@@ -121,13 +117,13 @@ class _Measures:
         self.rz = Ax + s - d.b * t
         xPx, qx, bz = (x * Px).sum(1), (d.q * x).sum(1), (d.b * z).sum(1)
         self.rtau = qx + bz + kappa + xPx / tau
-        pres = _inf(self.rz) / (tau + torch.maximum(torch.maximum(tau * norm_b, _inf(Ax)), _inf(s)))
-        dres = _inf(self.rx) / (tau + torch.maximum(torch.maximum(tau * norm_q, _inf(Px)), _inf(ATz)))
+        pres = row_inf(self.rz) / (tau + torch.maximum(torch.maximum(tau * norm_b, row_inf(Ax)), row_inf(s)))
+        dres = row_inf(self.rx) / (tau + torch.maximum(torch.maximum(tau * norm_q, row_inf(Px)), row_inf(ATz)))
         tt = tau * tau
         gap = (xPx + tau * (qx + bz)).abs() / (tt + xPx.abs() + tau * (qx.abs() + bz.abs()))
         self.merit = torch.maximum(torch.maximum(pres, dres), gap)
-        self.pinf = (bz < -tol_inf * _inf(z)) & (_inf(ATz) < -tol_inf * bz)
-        self.dinf = (qx < -tol_inf * _inf(x)) & (_inf(Px) < -tol_inf * qx) & (_inf(Ax + s) < -tol_inf * qx)
+        self.pinf = (bz < -tol_inf * row_inf(z)) & (row_inf(ATz) < -tol_inf * bz)
+        self.dinf = (qx < -tol_inf * row_inf(x)) & (row_inf(Px) < -tol_inf * qx) & (row_inf(Ax + s) < -tol_inf * qx)
         finite = torch.isfinite(self.merit) & torch.isfinite(kappa) & (tau > 0)
         self.merit = torch.where(finite, self.merit, torch.inf)
         self.finite = finite
@@ -205,10 +201,10 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             # Refine the solution scale σ from this point's size (within 1e±3 of the first
             # guess, which measures b, not x: a dense row of A sums many entries of x), so
             # that the measures' "1 +" is the solution's own unit.
-            size = _inf(x)
+            size = row_inf(x)
             ratio = torch.where(size > 0, size, 1.0).clamp(1e-3, 1e3)
             d = d.with_sigma(d.sigma * ratio)
-    norm_b, norm_q = _inf(d.b), _inf(d.q)
+    norm_b, norm_q = row_inf(d.b), row_inf(d.q)
     bE, bI = d.b[:, :z0], d.b[:, z0:]
     s = torch.zeros_like(z)
     s[:, z0:] = layout.shift_inside(-z[:, z0:])
@@ -258,7 +254,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             x, s, z, tau, kappa, status, iterations, *best, best_merit = (v.index_select(0, idx) for v in state)
             d = d.select(idx)
             ops, base = DataOps(d.P, d.A, layout, structure), base.index_select(0, idx)
-            norm_b, norm_q = _inf(d.b), _inf(d.q)
+            norm_b, norm_q = row_inf(d.b), row_inf(d.q)
             bE, bI = d.b[:, :z0], d.b[:, z0:]
             r = _Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
             running = status == RUNNING
@@ -345,8 +341,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     def residual_fn(x_, s_, z_, idx=None):
         pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))  # noqa: E731
         pres, dres, gap = kkt_measures(pick(d.P), pick(d.q), pick(d.A), pick(d.b), x_, s_, z_)
-        cone = torch.maximum(layout.violation(s_[:, z0:]) / (1 + _inf(s_)),
-                             layout.violation(z_[:, z0:]) / (1 + _inf(z_)))
+        cone = torch.maximum(layout.violation(s_[:, z0:]) / (1 + row_inf(s_)),
+                             layout.violation(z_[:, z0:]) / (1 + row_inf(z_)))
         r_ = torch.maximum(torch.maximum(pres, dres), torch.maximum(gap, cone))
         return torch.where(torch.isnan(r_), torch.inf, r_)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from .._linalg import lu_factor_ex
-
 from .symmetric_cones import ConeLayout
 
 __all__ = ["polish"]
@@ -70,10 +69,10 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zc, rz[:, z0:]) - layout.jordan(sc, zc)], 1)
     # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN.
     bad = ~torch.isfinite(K).flatten(1).all(1)
-    K = torch.where(bad[:, None, None], torch.eye(n + m, dtype=P.dtype, device=P.device), K)
-    LU, piv, info = lu_factor_ex(K)
+    identity = torch.eye(n + m, dtype=P.dtype, device=P.device)
+    LU, piv, info = lu_factor_ex(torch.where(bad[:, None, None], identity, K))
     failed = (info != 0) | bad
-    LU = torch.where(failed[:, None, None], torch.eye(n + m, dtype=P.dtype, device=P.device), LU)
+    LU = torch.where(failed[:, None, None], identity, LU)
     sol = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
     dx, dz = sol[:, :n], sol[:, n:]
     ds = -rz - _bmv(A, dx)

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 
 from .._linalg import lu_factor_ex
-
 from .krylov import independent_rows, pseudo_random_directions
 
 __all__ = ["ILL_CONDITIONED", "DenseResult", "dense_kkt"]
