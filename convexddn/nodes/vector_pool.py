@@ -234,8 +234,7 @@ def robust_vector_pool(
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     # Rows of N vectors, components contiguous: norms and products run along memory.
     x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work)
-    if not bool(torch.isfinite(x3.sum())):
-        check_finite("x", x)
+    check_finite("x", x)
     if isinstance(alpha, torch.Tensor):
         if alpha.device != x.device:
             raise OptionError(f"alpha must be on x's device {x.device}, got {alpha.device}")
