@@ -248,20 +248,21 @@ def _kernel_sinkhorn(
             err = torch.addcmul(b_, v, s, value=-1).abs_().sum(-1).squeeze(-1)
             worst = float(err.max())
             if it == iters or worst <= tol:
-                return (K * v).mul_(u.transpose(-1, -2)), err, v.squeeze(-2).log(), it
+                break
             check = it + KERNEL_CHECK
             if last is not None:
                 # Iterations still needed at the observed rate (inf: no progress).
                 gain = math.log(worst / last[1]) / (it - last[0]) if 0.0 < worst < last[1] else 0.0
                 ahead = math.log(tol / worst) / gain if gain < 0.0 else math.inf
                 if ahead > KERNEL_AHEAD * 3:  # slow: Newton converges faster from here
-                    return (K * v).mul_(u.transpose(-1, -2)), err, v.squeeze(-2).log(), it
+                    break
                 check = it + max(1, min(KERNEL_AHEAD, math.ceil(ahead)))
             last = (it, worst)
         torch.div(b_, s, out=v)
         torch.div(a_, torch.bmm(v, Kt, out=t), out=u)
         torch.bmm(u, K, out=s)
         it += 1
+    return (K * v).mul_(u.transpose(-1, -2)), err, v.squeeze(-2).log(), it
 
 
 def _solve_at(

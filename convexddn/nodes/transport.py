@@ -60,7 +60,7 @@ DEFAULT_TOL = 1e-12
 
 
 class _SinkhornFn(torch.autograd.Function):
-    """Log-domain Sinkhorn + Newton forward; implicit backward through P1 = a, Pᵀ1 = b."""
+    """Sinkhorn (kernel or log domain) + Newton forward; implicit backward through P1 = a, Pᵀ1 = b."""
 
     @staticmethod
     def forward(ctx, C, a, b, eps, max_iter, tol, cols_exact):  # type: ignore[override]

@@ -264,8 +264,8 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
 
     Scale-free: the row is centred on its middle order statistic and divided by a power
     of two near its half-range before the float64 prefix sums (which would cancel
-    catastrophically uncentred, and overflow for entries beyond 1e154), and alpha^2 / 2
-    is kept between the smallest normal number and 1e150 in those units (below, ties
+    catastrophically uncentred, and overflow for entries beyond 1e154), and alpha^2 is
+    kept between twice the smallest normal number and 2e150 in those units (below, ties
     between runs are broken by their size, as the vanishing alpha^2 term would; above,
     the one run of every point wins, as it must).
     """
@@ -287,7 +287,7 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     torch.cumsum(d.mul_(d), -1, out=p2[:, 1:])
     # a2 = alpha^2 in these units. Every candidate's G = (SSE_W + alpha^2 (N - |W|)) / 2
     # is compared as 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
-    a2 = 2.0 * (0.5 * (a.to(acc) / unit) ** 2).clamp(min=torch.finfo(acc).tiny, max=1e150)
+    a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
     idx = torch.arange(1, n + 1, device=s.device)
     # Entry runs [l_i, i] hold at least point i, even where s_i - 2 alpha rounds to s_i.
     lft = torch.minimum(lft, idx - 1)
