@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -63,34 +62,23 @@ def _profile_optnet(dev: torch.device) -> list[dict]:
 def _pool_compiled(dev: torch.device) -> list[dict]:
     """Robust pooling on CUDA with compile=True (fused Triton kernels) against eager, at
     the paper's shape, float32: forward and backward medians after the compile call."""
+    from convexddn.bench.harness import fwd_bwd, median_times
     from convexddn.nodes.pooling import robust_pool
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(24, 1024, 2048, generator=gen).to(dev)
+    g = torch.ones(24, 1024, device=dev)
     out = []
     for pen in ("pseudo_huber", "huber", "welsch", "trunc_quad"):
         row = {"penalty": pen}
         for mode in (False, True):
-            xs = x.clone().requires_grad_(True)
-            t0 = time.perf_counter()
-            y = robust_pool(xs, pen, 1.0, compile=mode)
-            y.sum().backward()
-            torch.cuda.synchronize()
-            row[f"first_call_s_compile_{mode}"] = time.perf_counter() - t0
-            fw, bw = [], []
-            for _ in range(5):
-                xs = x.clone().requires_grad_(True)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                y = robust_pool(xs, pen, 1.0, compile=mode)
-                torch.cuda.synchronize()
-                t1 = time.perf_counter()
-                y.sum().backward()
-                torch.cuda.synchronize()
-                fw.append(t1 - t0)
-                bw.append(time.perf_counter() - t1)
-            row[f"fwd_ms_compile_{mode}"] = 1e3 * statistics.median(fw)
-            row[f"bwd_ms_compile_{mode}"] = 1e3 * statistics.median(bw)
+            warm: dict[str, float] = {}
+            (f, b), = median_times(
+                {"op": lambda: fwd_bwd(lambda t: robust_pool(t, pen, 1.0, compile=mode), x, g, dev)},
+                5, _Quiet(), warm).values()
+            row[f"first_call_s_compile_{mode}"] = warm["op"]
+            row[f"fwd_ms_compile_{mode}"] = 1e3 * f
+            row[f"bwd_ms_compile_{mode}"] = 1e3 * b
         print(row, flush=True)
         out.append(row)
     return out

@@ -17,12 +17,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..experiments.running import synchronize as sync
+
 __all__ = ["sync", "fwd_bwd", "median_times", "agreement", "timed_sort", "peak_memory"]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor,

@@ -28,6 +28,7 @@ import cvxpy as cp
 import torch
 
 from ...convex.layer import ConvexLayer
+from ..harness import sync
 
 __all__ = ["convex_cases", "CONVEX_PROBLEMS", "moreau_available"]
 
@@ -115,16 +116,13 @@ def _paths(prob, params, variables, peers: bool = True) -> dict[str, Callable]:
 
 def _fwd_bwd(fn: Callable, data: list[torch.Tensor], g: torch.Tensor, device) -> tuple[float, float, Any, Any]:
     args = [d.detach().to(device).requires_grad_(True) for d in data]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     y = fn(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t1 = time.perf_counter()
     grads = torch.autograd.grad(y, args, g.to(device=device, dtype=y.dtype), allow_unused=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, y.detach().cpu().double(), [None if gr is None else gr.cpu().double() for gr in grads]
 

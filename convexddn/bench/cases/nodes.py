@@ -22,6 +22,7 @@ from ...nodes.least_squares import least_squares
 from ...nodes.total_variation import tv_denoise
 from ...nodes.transport import sinkhorn
 from ...nodes.vector_pool import robust_vector_pool
+from ..harness import sync
 from ..reference import ENV_VAR
 
 __all__ = ["node_cases"]
@@ -46,25 +47,20 @@ def _reference(relpath: str, name: str):
     return getattr(module, name, None)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn: Callable, inputs: list[torch.Tensor], gen: torch.Generator,
           device: torch.device) -> tuple[float, float]:
     args = [t.detach().to(device).requires_grad_(t.is_floating_point()) for t in inputs]
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     out = fn(*args)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     out = out[0] if isinstance(out, tuple) else out
     g = torch.randn(out.shape, dtype=out.dtype, generator=gen).to(device)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()  # the upstream gradient's making is in neither phase
     torch.autograd.grad(out, [a for a in args if a.requires_grad], g, allow_unused=True)
-    _sync(device)
+    sync(device)
     return t1 - t0, time.perf_counter() - t2
 
 

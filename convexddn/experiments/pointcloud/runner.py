@@ -8,6 +8,7 @@ differences between poolings exceed the spread over seeds.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from typing import Any
 
@@ -107,18 +108,12 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             # A process that shares the machine slows every step of a seed it overlaps,
             # which the median step within the seed cannot filter: the median over seeds
             # (with the range) is the robust figure, the mean ± std is kept beside it.
-            row[name] = _median(values)
+            row[name] = statistics.median(values)
             row[f"{name}_min"], row[f"{name}_max"] = values[0], values[-1]
             row[f"{name}_mean"] = summary["mean"]
             row[f"{name}_std"] = summary["std"]
         runtime.append(row)
     return {"rows": rows, "runtime": runtime, "comparisons": _compare(rows)}
-
-
-def _median(sorted_values: list[float]) -> float:
-    n = len(sorted_values)
-    mid = n // 2
-    return sorted_values[mid] if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2
 
 
 def _compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
