@@ -255,6 +255,20 @@ def _scaled_qp(s: float, **kwargs):
     return layer, data, torch.tensor([-1.0, 1.0, -1 / s ** 2], dtype=F64)
 
 
+def _solve_or_badly_scaled(layer, data):
+    """The layer's solution, or None where it raised a SolverError saying the data may be
+    badly scaled; a wrong diagnosis (infeasible, unbounded) fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        try:
+            return layer(*data)
+        except (InfeasibleError, UnboundedError) as err:
+            pytest.fail(f"wrong diagnosis: {err}")
+        except SolverError as err:
+            assert "badly scaled" in str(err)
+            return None
+
+
 @pytest.mark.parametrize("scale", [1e3, 1e4, 1e5])
 def test_convex_layer_badly_scaled_qp_solves_on_batched_path(scale):
     """The default (batched) path solves the badly scaled QP to 1e-6, or raises a
@@ -262,16 +276,10 @@ def test_convex_layer_badly_scaled_qp_solves_on_batched_path(scale):
     certified one with the 1e-10-sized third component off by ~1e-5 before its
     complementary pairs were decided by polishing)."""
     layer, data, want = _scaled_qp(scale)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SolverWarning)
-        try:
-            y = layer(*data)
-        except (InfeasibleError, UnboundedError) as err:  # a wrong diagnosis
-            pytest.fail(f"wrong diagnosis: {err}")
-        except SolverError as err:
-            assert "badly scaled" in str(err)
-            assert scale >= 1e5  # smaller scales must solve
-            return
+    y = _solve_or_badly_scaled(layer, data)
+    if y is None:
+        assert scale >= 1e5  # smaller scales must solve
+        return
     assert layer.last_solve.statuses == ["solved"]
     torch.testing.assert_close(y, want, atol=1e-6, rtol=0)
 
@@ -283,15 +291,9 @@ def test_convex_layer_badly_scaled_qp_per_element_never_wrong(scale):
     (it returned y ≈ −2e4 with status 'Unbounded' before) and never call the problem
     unbounded or infeasible."""
     layer, data, want = _scaled_qp(scale, solver="Clarabel")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SolverWarning)
-        try:
-            y = layer(*data)
-        except (InfeasibleError, UnboundedError) as err:  # a wrong diagnosis
-            pytest.fail(f"wrong diagnosis: {err}")
-        except SolverError as err:
-            assert "badly scaled" in str(err)
-            return
+    y = _solve_or_badly_scaled(layer, data)
+    if y is None:
+        return
     torch.testing.assert_close(y, want, atol=1e-6 * scale, rtol=0)
 
 
