@@ -20,6 +20,11 @@ def _run(*code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "\n".join(code)], capture_output=True, text=True)
 
 
+def _run_cli(*code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter after importing the CLI, with ``HEAVY`` as ``heavy``."""
+    return _run("import contextlib, io, json, sys", f"heavy = {HEAVY!r}", "from convexddn import cli", *code)
+
+
 def _one_line_error(err: str, *expected: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -46,10 +51,7 @@ def test_cli_help_imports_nothing_heavy():
     # `convexddn --help` answers in well under a second only if neither importing the
     # package (convexddn/__init__.py runs first) nor building the parser loads torch,
     # cvxpy or a command's module: each command imports what it needs when it runs.
-    result = _run(
-        "import contextlib, io, json, sys",
-        f"heavy = {HEAVY!r}",
-        "from convexddn import cli",
+    result = _run_cli(
         "at_import = [m for m in heavy if m in sys.modules]",
         "with contextlib.redirect_stdout(io.StringIO()):",
         "    codes = [cli.main(['--help']), cli.main(['--version']), cli.main(['experiment', '--help'])]",
@@ -66,10 +68,7 @@ def test_cli_help_imports_nothing_heavy():
 def test_cli_list_imports_neither_torch_nor_cvxpy():
     # `convexddn list` answers in well under a second (it took 4 s when listing imported
     # cvxpy and torch): the catalog modules name them lazily (convexddn._lazy).
-    result = _run(
-        "import contextlib, io, json, sys",
-        f"heavy = {HEAVY!r}",
-        "from convexddn import cli",
+    result = _run_cli(
         "out = io.StringIO()",
         "with contextlib.redirect_stdout(out):",
         "    code = cli.main(['list'])",
