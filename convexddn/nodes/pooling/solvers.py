@@ -212,7 +212,7 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
     for sl in ranges:
         xb = x[sl]
         ab = a if a.dim() == 0 else a[sl]
-        s = torch.sort(xb, dim=-1).values
+        s = torch.sort(xb, dim=-1).values.contiguous()  # searchsorted copies strided rows
         ends[sl] = s[:, :: max(n - 1, 1)]  # sorting puts NaN last: min and max catch NaN/Inf
         scale = None
         if bool((ends[sl].abs() > torch.finfo(x.dtype).max / 16).any()):
