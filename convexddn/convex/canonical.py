@@ -71,17 +71,6 @@ class _Map:
     coef: torch.Tensor
     size: int
 
-    def fill(self, p: torch.Tensor, cache: dict, key: str) -> torch.Tensor:
-        # Keyed by device and dtype: one program may be called on the CPU and on CUDA.
-        ck = (key, p.device, p.dtype)
-        if ck not in cache:
-            cache[ck] = (self.pos.to(p.device), self.col.to(p.device), self.coef.to(p.device, p.dtype))
-        pos, col, coef = cache[ck]
-        out = p.new_zeros(p.shape[0], self.size)
-        # index_select, not p[:, col]: its backward is an index_add, where advanced
-        # indexing's is a serial accumulate-put (several times slower on CPU).
-        return out.index_add(1, pos, p.index_select(1, col) * coef)
-
 
 @dataclass
 class _Var:
@@ -129,6 +118,33 @@ class ConeData:
             self._cache[key] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
         return self._cache[key]
 
+    def blocks(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every map's dense block ``(B, size)`` from ``p`` ``(B, n_cols)``, by name.
+
+        All non-empty maps fill one flat target with one gather and one ``index_add``,
+        then split: the backward forms one ``(B, n_cols)`` gradient of ``p`` instead of
+        one per map (each a zero-filled ``(B, n_cols)`` tensor, summed: 8 of them for a
+        QP, most of its backward outside the solver). Empty maps are constant zeros.
+        """
+        ck = ("blocks", p.device, p.dtype)
+        if ck not in self._cache:
+            names = [k for k, m in self.maps.items() if m.pos.numel()]
+            sizes = [self.maps[k].size for k in names]
+            offsets = np.cumsum([0] + sizes[:-1]).tolist()
+            cat = lambda f: torch.cat([getattr(self.maps[k], f) for k in names])  # noqa: E731
+            pos = torch.cat([self.maps[k].pos + o for k, o in zip(names, offsets)])
+            self._cache[ck] = (names, sizes, pos.to(p.device), cat("col").to(p.device),
+                               cat("coef").to(p.device, p.dtype))
+        names, sizes, pos, col, coef = self._cache[ck]
+        B = p.shape[0]
+        out = {k: p.new_zeros(B, m.size) for k, m in self.maps.items() if not m.pos.numel()}
+        if names:
+            flat = p.new_zeros(B, sum(sizes)).index_add(1, pos, p.index_select(1, col) * coef)
+            # Contiguous blocks: a batched matmul on a strided batch (a slice of the flat
+            # target) falls back to per-element copies in its backward.
+            out.update((k, v.contiguous()) for k, v in zip(names, flat.split(sizes, 1)))
+        return out
+
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
         """p = (θ, 1) of each element, (B, n_cols), in CVXPY's column order."""
         cols: list[torch.Tensor] = [values[0]] * len(values)
@@ -146,7 +162,7 @@ class ConeData:
         """Dense reduced data ``(P, q, A, b)`` and what :meth:`recover` needs."""
         B = p.shape[0]
         nK, nU, mr = self.n, self.eliminated, self.layout.m
-        get = lambda k: self.maps[k].fill(p, self._cache, k)  # noqa: E731
+        get = self.blocks(p).__getitem__
         P = get("PKK").view(B, nK, nK)
         q = get("qK")
         A = get("A").view(B, mr, nK)

@@ -70,6 +70,18 @@ class KKTStructure:
 DENSE = KKTStructure()
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched ``a @ b`` ``(B, p, r) @ (B, r, k)``; products with an inner or outer size
+    of 1 (one equality row, one right-hand side) as broadcast arithmetic: batched BLAS
+    calls on 1×n operands cost a dispatch per batch element (measured at B = 1024:
+    59 µs for the outer product against 4 µs broadcast)."""
+    if a.shape[-1] == 1:
+        return a * b
+    if a.shape[-2] == 1 and b.shape[-1] == 1:
+        return (a.mT * b).sum(-2, keepdim=True)
+    return a @ b
+
+
 class DataOps:
     """Products with the (equilibrated) data: batched matrix products, or for a
     diagonal structure gathers and scatters of one value per cone row.
@@ -85,23 +97,32 @@ class DataOps:
         self.AE = A[:, :z]
         if self.diagonal:
             self.p = P.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+            # Cone row i touches variable i (a bound on every variable, in order, as in
+            # sparsemax or a box): the gathers and scatters are the identity.
+            self.identity = structure.cols == tuple(range(P.shape[-1]))
             self.cols = torch.tensor(structure.cols, dtype=torch.long, device=P.device)
             self.a = A[:, z:].gather(2, self.cols.view(1, -1, 1).expand(A.shape[0], -1, 1)).squeeze(-1)
 
     def rows_mv(self, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(one value per cone row) times x: (B, mc), (B, n, k) -> (B, mc, k)."""
-        return vals.unsqueeze(-1) * x.index_select(1, self.cols)
+        return vals.unsqueeze(-1) * (x if self.identity else x.index_select(1, self.cols))
 
     def rows_tmv(self, vals: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Its transpose: (B, mc), (B, mc, k) -> (B, n, k)."""
+        if self.identity:
+            return vals.unsqueeze(-1) * t
         out = t.new_zeros(t.shape[0], self.P.shape[-1], t.shape[-1])
         return out.index_add_(1, self.cols, vals.unsqueeze(-1) * t)
 
+    def rows_add(self, base: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """base + (the transpose of rows_mv applied to vals): (B, n), (B, mc) -> (B, n)."""
+        return base + vals if self.identity else base.index_add(1, self.cols, vals)
+
     def e_mv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.AE @ x
+        return _mm(self.AE, x)
 
     def e_tmv(self, zE: torch.Tensor) -> torch.Tensor:
-        return self.AE.mT @ zE
+        return _mm(self.AE.mT, zE)
 
     def Pmv(self, x: torch.Tensor) -> torch.Tensor:
         return self.p * x if self.diagonal else self.P @ x
@@ -179,7 +200,7 @@ class KKTSystem:
         if self.diagonal:
             # W⁻¹ A_I keeps one value per cone row (a cone touches one variable).
             self.at = ops.a if scaling is None else scaling.apply_inv(ops.a)
-            S = base.index_add(1, ops.cols, self.at * self.at)
+            S = ops.rows_add(base, self.at * self.at)
             failed = ~(S > 0).all(1)
             self.L = torch.sqrt(torch.where(S > 0, S, 1.0))[:, :, None]  # (B, n, 1)
         else:
@@ -196,10 +217,10 @@ class KKTSystem:
         self.failed = failed
 
     def _yt(self, v: torch.Tensor) -> torch.Tensor:  # Yᵀ v
-        return self.Y.mT @ v
+        return _mm(self.Y.mT, v)
 
     def _y(self, v: torch.Tensor) -> torch.Tensor:  # Y v
-        return self.Y @ v
+        return _mm(self.Y, v)
 
     def _at_mv(self, x: torch.Tensor) -> torch.Tensor:  # W⁻¹A_I x
         return self.ops.rows_mv(self.at, x) if self.diagonal else self.At @ x

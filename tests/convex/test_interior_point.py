@@ -231,6 +231,31 @@ def test_diagonal_structure_matches_dense():
     assert torch.allclose(fast.x, dense.x, atol=1e-9)
 
 
+def test_diagonal_structure_identity_columns_matches_dense():
+    """Cone row i on variable i (the gathers are skipped) with one equality row (the
+    products with it are broadcast): a projection onto the simplex, against sorting."""
+    n, B = 6, 16
+    gen = torch.Generator().manual_seed(18)
+    layout = ConeLayout(1, n)
+    A = torch.cat([torch.ones(1, n, dtype=F64), -torch.eye(n, dtype=F64)]).expand(B, -1, -1)
+    b = torch.cat([torch.ones(B, 1, dtype=F64), torch.zeros(B, n, dtype=F64)], 1)
+    P = torch.eye(n, dtype=F64).expand(B, -1, -1)
+    y = torch.randn(B, n, dtype=F64, generator=gen)
+    diag = KKTStructure(rho=False, diagonal=True, cols=tuple(range(n)))
+    fast = solve_cone_batch(P, -y, A, b, layout, structure=diag)
+    dense = solve_cone_batch(P, -y, A, b, layout)
+    # Euclidean projection onto the simplex (Held et al.): clamp(y - θ, 0).
+    u = y.sort(-1, descending=True).values
+    k = torch.arange(1, n + 1, dtype=F64)
+    cs = (u.cumsum(-1) - 1) / k
+    rho = (u > cs).sum(-1, keepdim=True)
+    exact = (y - cs.gather(-1, rho - 1)).clamp_min(0)
+    assert (fast.status == SOLVED).all()
+    assert torch.allclose(fast.x, exact, atol=1e-9)
+    assert torch.allclose(fast.x, dense.x, atol=1e-9)
+    assert torch.allclose(fast.z, dense.z, atol=1e-8)
+
+
 def test_equilibration_is_an_equivalent_program():
     layout, n, _ = LAYOUTS["socp"]
     P, q, A, b = random_program(layout, n, 3, seed=9)
