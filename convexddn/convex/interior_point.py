@@ -274,11 +274,9 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
 
         # Predictor (affine) and the constant system K [x1; z1] = [-q; b], solved together;
         # the affine cone rows are W⁻¹(s − r_z) = λ − W⁻¹ r_z.
-        rhs_x = torch.stack([-d.q, -rx], -1)
-        rhs_r = torch.stack([torch.cat([bE, W.apply_inv(bI)], 1),
-                             torch.cat([-rz[:, :z0], lam - Wrz], 1)], -1)
-        X, Z, H = kkt.solve(rhs_x, rhs_r, ref, scaled=True)
-        x1, z1, h1 = X[..., 0], Z[..., 0], H[..., 0]
+        (x1, z1, h1), affine = _solve_columns(
+            kkt, [(-d.q, torch.cat([bE, W.apply_inv(bI)], 1)), (-rx, torch.cat([-rz[:, :z0], lam - Wrz], 1))],
+            ref, structure.diagonal)
         v = x1 - xi
         # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
         # den = ‖x1 − ξ‖²_P + ‖z1‖²_H + κ/τ > 0.
@@ -296,7 +294,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             dkappa = -(dkappa_ + kappa * dtau) / tau
             return DX, DZ, DH, DSc, dtau, dkappa
 
-        DXa, DZa, DHa, DSa, dtau_a, dkappa_a = direction(rtau, rz, tau * kappa, X[..., 1], Z[..., 1], H[..., 1])
+        DXa, DZa, DHa, DSa, dtau_a, dkappa_a = direction(rtau, rz, tau * kappa, *affine)
         alpha_a = _step(layout, sc, zc, tau, kappa, DSa, DZa[:, z0:], dtau_a, dkappa_a).clamp(max=1.0)
         one_a = 1.0 - alpha_a
         sigma = one_a * one_a * one_a
@@ -362,6 +360,23 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     if keep_state:
         out.scaled, out.kkt = d, kkt
     return out
+
+
+def _solve_columns(kkt: KKTSystem, columns, refine: int, separately: bool):
+    """``[(x, z, ẑ)]`` of the scaled KKT system for each ``(r_x, r_z)`` in ``columns``.
+
+    Together as one ``(B, ·, k)`` solve (one batched BLAS/LAPACK call per product), or
+    one ``(B, ·, 1)`` solve each where the system is diagonal: there every step is
+    elementwise, and torch's CPU kernels do not vectorise over an innermost dimension
+    of 2 (measured at B = 1024, n = 16: 31 µs per product on ``(B, n, 2)`` against 4 µs
+    on ``(B, n, 1)``).
+    """
+    if separately:
+        return [tuple(v.squeeze(-1) for v in kkt.solve(rx.unsqueeze(-1), rz.unsqueeze(-1), refine, scaled=True))
+                for rx, rz in columns]
+    X, Z, H = kkt.solve(torch.stack([c[0] for c in columns], -1), torch.stack([c[1] for c in columns], -1),
+                        refine, scaled=True)
+    return [(X[..., k], Z[..., k], H[..., k]) for k in range(len(columns))]
 
 
 def _col(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
