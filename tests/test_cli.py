@@ -221,6 +221,24 @@ def test_cli_bench_quick_writes_every_row(tmp_path, capsys):
     assert rows[("pooling", "mean", "torch")]["fwd_rel_mean"] == pytest.approx(1.0)
 
 
+def test_bench_workers_rows_time_both_pools_and_render():
+    """The full bench's parallelism rows (not in --quick): ConvexLayer's worker processes
+    and cvxpylayers' thread pool, each with 1 and with cpu_count workers, and the table."""
+    from convexddn.bench.cases.workers import workers_speedup
+    from convexddn.bench.report import format_table
+
+    rows = workers_speedup(batch=4, repeats=1)
+    assert {(r["problem"], r["path"]) for r in rows} == {
+        (p, path) for p in ("qp (n=50, 40 ≤, 10 =)", "user NNLS (30×20)")
+        for path in ("ConvexLayer worker processes", "cvxpylayers thread pool")}
+    for r in rows:
+        assert r["seconds_1_process"] > 0 and r["seconds_workers"] > 0
+        assert r["speedup"] == pytest.approx(r["seconds_1_process"] / r["seconds_workers"])
+    machine = {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2, "device": "cpu"}
+    text = format_table({"rows": [], "workers": rows, "machine": machine, "repeats": 1})
+    assert "| user NNLS (30×20) | cvxpylayers thread pool | 4 |" in text
+
+
 def test_cli_experiment_runs_through_the_table(monkeypatch, capsys):
     # The command's wiring: EXPERIMENTS -> the module, imported when chosen -> its options
     # -> its main -> its exit status. A stand-in module keeps this instant; each

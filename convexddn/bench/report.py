@@ -130,12 +130,14 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['node']} | {tuple(r['shape'])} | {r['peak_over_input']:.2f}× |")
         lines.append("")
     if result.get("workers"):
-        lines += ["### ConvexLayer worker processes (forward + backward, float64)", "",
-                  "| problem | batch | 1 process s | workers = cores s | speed-up | cores |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["### per-element parallelism: worker processes and cvxpylayers' thread pool "
+                  "(forward + backward, float64, interleaved rounds)", "",
+                  "| problem | path | batch | 1 worker s | workers = cores s | speed-up | cores |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for r in result["workers"]:
-            lines.append(f"| {r['problem']} | {r['batch']} | {r['seconds_1_process']:.2f} "
-                         f"| {r['seconds_workers']:.2f} | {r['speedup']:.2f}× | {r['cores']} |")
+            lines.append(f"| {r['problem']} | {r.get('path', 'ConvexLayer worker processes')} | {r['batch']} "
+                         f"| {r['seconds_1_process']:.2f} | {r['seconds_workers']:.2f} | {r['speedup']:.2f}× "
+                         f"| {r['cores']} |")
         lines.append("")
     m = result["machine"]
     lines.append("The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "

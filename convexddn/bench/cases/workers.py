@@ -28,9 +28,21 @@ def _nnls_layer(workers: int):
     return ConvexLayer(prob, [A, b], [z], workers=workers, solver="Clarabel")
 
 
+def _cvxpylayers_jobs(make_layer, jobs: int):
+    """cvxpylayers' default path (diffcp + SCS) with its thread pool of ``jobs`` threads."""
+    from cvxpylayers.torch import CvxpyLayer
+
+    module = make_layer(1)
+    cvx = CvxpyLayer(module.problem, parameters=module.parameters_, variables=module.variables_)
+    args = {"n_jobs_forward": jobs, "n_jobs_backward": jobs}
+    return lambda *v: cvx(*v, solver_args=args)[0]
+
+
 def workers_speedup(batch: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
-    """Forward + backward time of ConvexLayer with 1 and with `cpu_count` worker
-    processes (pools started before timing), on the registry QP and a user problem."""
+    """Forward + backward time with 1 and with ``cpu_count`` workers, on the registry QP
+    and a user problem: ConvexLayer's worker processes (pools started before timing)
+    and, on the same inputs in the same interleaved rounds, cvxpylayers' thread pool
+    (diffcp's ``n_jobs``)."""
     cores = os.cpu_count() or 1
     gen = torch.Generator().manual_seed(0)
     n, m, p = 50, 40, 10
@@ -46,21 +58,25 @@ def workers_speedup(batch: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
     cases = [("qp (n=50, 40 ≤, 10 =)", lambda w: layer("qp", n=n, n_ineq=m, n_eq=p, workers=w,
                                                                     solver="Clarabel"), qp_data),
              ("user NNLS (30×20)", _nnls_layer, nnls_data)]
+    paths = [("ConvexLayer worker processes", lambda make, w: make(w)),
+             ("cvxpylayers thread pool", _cvxpylayers_jobs)]
     rows = []
     for name, make, data in cases:
-        times = {}
-        for w in sorted({1, cores}):
-            module = make(w)
-            module(*data)  # starts the pool, canonicalises
-            runs = []
-            for _ in range(repeats):
+        fns = {(path, w): build(make, w) for path, build in paths for w in sorted({1, cores})}
+        for fn in fns.values():
+            # Starts pools, canonicalises; inputs that need gradients, as timed (diffcp's
+            # solve-only entry point takes no backward job count).
+            fn(*[d.clone().requires_grad_(True) for d in data])
+        runs: dict[tuple, list[float]] = {key: [] for key in fns}
+        for _ in range(repeats):
+            for key, fn in fns.items():
                 args = [d.clone().requires_grad_(True) for d in data]
                 t0 = time.perf_counter()
-                y = module(*args)
-                torch.autograd.grad(y.sum(), args)
-                runs.append(time.perf_counter() - t0)
-            times[w] = statistics.median(runs)
-        rows.append({"problem": name, "batch": batch, "cores": cores,
-                     "seconds_1_process": times[1], "seconds_workers": times[cores],
-                     "speedup": times[1] / times[cores]})
+                y = fn(*args)
+                torch.autograd.grad(y.sum(), args, allow_unused=True)
+                runs[key].append(time.perf_counter() - t0)
+        for path, _ in paths:
+            one, many = statistics.median(runs[(path, 1)]), statistics.median(runs[(path, cores)])
+            rows.append({"problem": name, "path": path, "batch": batch, "cores": cores,
+                         "seconds_1_process": one, "seconds_workers": many, "speedup": one / many})
     return rows
