@@ -121,28 +121,29 @@ class ConeData:
     def blocks(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every map's dense block ``(B, size)`` from ``p`` ``(B, n_cols)``, by name.
 
-        All non-empty maps fill one flat target with one gather and one ``index_add``,
-        then split: the backward forms one ``(B, n_cols)`` gradient of ``p`` instead of
-        one per map (each a zero-filled ``(B, n_cols)`` tensor, summed: 8 of them for a
-        QP, most of its backward outside the solver). Empty maps are constant zeros.
+        One gather of ``p`` serves all maps, split per map (not sliced): the backward
+        then forms one ``(B, n_cols)`` gradient of ``p`` (a concatenation, one
+        ``index_add``) instead of one zero-filled ``(B, n_cols)`` tensor per map, summed
+        (8 for a QP: most of its backward outside the solver). Each block is its own
+        contiguous tensor (a batched matmul on a strided batch copies per element in its
+        backward). Empty maps are constant zeros.
         """
         ck = ("blocks", p.device, p.dtype)
         if ck not in self._cache:
             names = [k for k, m in self.maps.items() if m.pos.numel()]
-            sizes = [self.maps[k].size for k in names]
-            offsets = np.cumsum([0] + sizes[:-1]).tolist()
-            cat = lambda f: torch.cat([getattr(self.maps[k], f) for k in names])  # noqa: E731
-            pos = torch.cat([self.maps[k].pos + o for k, o in zip(names, offsets)])
-            self._cache[ck] = (names, sizes, pos.to(p.device), cat("col").to(p.device),
-                               cat("coef").to(p.device, p.dtype))
-        names, sizes, pos, col, coef = self._cache[ck]
+            self._cache[ck] = (names, [self.maps[k].pos.numel() for k in names],
+                               [self.maps[k].pos.to(p.device) for k in names],
+                               torch.cat([self.maps[k].col for k in names]).to(p.device),
+                               torch.cat([self.maps[k].coef for k in names]).to(p.device, p.dtype))
+        names, counts, pos, col, coef = self._cache[ck]
         B = p.shape[0]
         out = {k: p.new_zeros(B, m.size) for k, m in self.maps.items() if not m.pos.numel()}
         if names:
-            flat = p.new_zeros(B, sum(sizes)).index_add(1, pos, p.index_select(1, col) * coef)
-            # Contiguous blocks: a batched matmul on a strided batch (a slice of the flat
-            # target) falls back to per-element copies in its backward.
-            out.update((k, v.contiguous()) for k, v in zip(names, flat.split(sizes, 1)))
+            # index_select, not p[:, col]: its backward is an index_add, where advanced
+            # indexing's is a serial accumulate-put (several times slower on CPU).
+            vals = (p.index_select(1, col) * coef).split(counts, 1)
+            for k, where, v in zip(names, pos, vals):
+                out[k] = p.new_zeros(B, self.maps[k].size).index_add(1, where, v)
         return out
 
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
