@@ -35,7 +35,8 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
     """LU Newton steps on the elements ``idx`` only; merged back into the batch."""
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     out = newton_polish(pick(d.P), pick(d.q), pick(d.A), pick(d.b), layout, pick(xs), pick(ss),
-                        pick(zs), lambda *v: residual_fn(*v, idx), steps)
+                        pick(zs), lambda *v: residual_fn(*v, idx), steps,
+                        settled=lambda x, s, z: undecided(layout, s, z) <= RESOLVED)
     took = out[4]
     out = out[:4] + (took | pick(polished),)
     merged = (full.index_copy(0, idx, part) for full, part in zip((xs, ss, zs, residual, polished), out))

@@ -80,16 +80,19 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     return dx, ds, dz, failed | ~torch.isfinite(sol).all(1)
 
 
-def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3):
+def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3, settled=None):
     """Newton-polish (x, s, z); return each element's best point.
 
     Full steps are taken (the first one may raise the residual slightly while it
     removes an error of order √μ; the next lands at rounding level), and the point with
     the lowest residual over the steps is kept, so an element the steps do not help
-    keeps its interior-point solution.
+    keeps its interior-point solution. The steps stop early once every element's best
+    point has a residual at rounding level and, where ``settled`` is given, satisfies it.
 
     Args:
         residual_fn: ``(x, s, z) -> (B,)`` relative KKT residual (cone violation included).
+        settled: ``(x, s, z) -> (B,)`` bool, what a best point must also satisfy before
+            the steps stop early (e.g. every complementary pair decided).
 
     Returns:
         ``(x, s, z, residual, polished)``: the best points, their residual and where a
@@ -110,7 +113,18 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3)
         best = tuple(torch.where(take[:, None], v, bv) for v, bv in zip((x, s, z), best))
         res = torch.where(take, rn, res)
         polished = polished | take
+        # Rounding level: no further step can lower the residual (one host sync per step).
+        done = res <= _ROUNDING * torch.finfo(res.dtype).eps
+        if settled is not None:
+            done = done & settled(*best)
+        if bool(done.all()):
+            break
     return (*best, res, polished)
+
+
+# Residuals at most this many ulps are at rounding level (measured after converged
+# Newton steps: 0.3-4 ulps).
+_ROUNDING = 16
 
 
 def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, residual_fn, refine: int = 2):
