@@ -160,6 +160,37 @@ def test_solve_cone_batch_polish_reaches_rounding_on_second_order_cones():
     assert (polished.x - exact).abs().max() <= (plain.x - exact).abs().max()
 
 
+def test_polish_stops_at_rounding_level_unless_not_settled():
+    """Newton polishing stops once every best point is at rounding level (fewer residual
+    evaluations than steps allow), and keeps stepping while ``settled`` says no."""
+    from convexddn.convex.interior_point import kkt_measures
+    from convexddn.convex.polish import polish
+
+    n, B = 4, 6
+    gen = torch.Generator().manual_seed(15)
+    a = 2 * torch.randn(B, n, dtype=F64, generator=gen)
+    layout = ConeLayout(0, 0, (n + 1,))  # ‖x‖ <= 1
+    A = torch.zeros(B, n + 1, n, dtype=F64)
+    A[:, 1:, :] = -torch.eye(n, dtype=F64)
+    b = torch.zeros(B, n + 1, dtype=F64)
+    b[:, 0] = 1.0
+    P = torch.eye(n, dtype=F64).expand(B, n, n)
+    start = solve_cone_batch(P, -a, A, b, layout, polish="never")
+    calls = []
+
+    def residual(x, s, z):
+        calls.append(1)
+        return torch.stack(kkt_measures(P, -a, A, b, x, s, z)).amax(0)
+
+    x, *_, res, _ = polish(P, -a, A, b, layout, start.x, start.s, start.z, residual, steps=8)
+    assert len(calls) < 1 + 8 and (res <= 16 * torch.finfo(F64).eps).all()
+    assert torch.allclose(x, a / a.norm(dim=1, keepdim=True).clamp(min=1.0), atol=1e-13)
+    calls.clear()
+    polish(P, -a, A, b, layout, start.x, start.s, start.z, residual, steps=8,
+           settled=lambda x, s, z: torch.zeros(B, dtype=torch.bool))
+    assert len(calls) == 1 + 8
+
+
 def test_solve_cone_batch_infeasible_and_unbounded_in_one_batch():
     # min cᵀx s.t. x >= lo, sum(x) <= h  (row order: x >= lo, then the sum)
     n = 3
