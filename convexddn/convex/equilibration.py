@@ -83,22 +83,26 @@ def equilibrate(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tens
     D = torch.ones_like(q)
     E = torch.ones_like(b)
     soc_rows = layout.zero + layout.nonneg
+    # The passes work on |P|, |A| and the accumulated D, E; the data are scaled once
+    # at the end (three full passes over P and A per Ruiz pass instead of six).
+    absP, absA = P.abs(), A.abs()
     for _ in range(passes):
-        col = P.abs().amax(2) if n else q  # P symmetric: column = row maxima (a faster reduction)
-        absA = A.abs()
+        # P symmetric: column maxima = row maxima (a faster reduction).
+        col = (absP * D[:, None, :]).amax(2) * D if n else q
         if m:
-            col = torch.maximum(col, absA.amax(1))
+            AD = absA * D[:, None, :]
+            col = torch.maximum(col, (AD * E[:, :, None]).amax(1) * D)
         d = _inv_sqrt(col)
-        e = _inv_sqrt(absA.amax(2)) if n else torch.ones_like(b)
+        e = _inv_sqrt(AD.amax(2) * E) if m and n else torch.ones_like(b)
         if layout.soc:
             # One factor per second-order cone (their mean) keeps E K = K.
             es = e[:, soc_rows:]
             counts = layout._seg(torch.ones_like(es))
             e = torch.cat([e[:, :soc_rows], layout._spread(layout._seg(es) / counts)], 1)
-        P = d[:, :, None] * P * d[:, None, :]
-        A = e[:, :, None] * A * d[:, None, :]
         D = D * d
         E = E * e
+    P = D[:, :, None] * P * D[:, None, :]
+    A = E[:, :, None] * A * D[:, None, :]
     return rescale(P, D * q, A, E * b, D, E, _solution_scale(P, D * q, E * b))
 
 
