@@ -287,6 +287,38 @@ def test_diagonal_structure_identity_columns_matches_dense():
     assert torch.allclose(fast.z, dense.z, atol=1e-8)
 
 
+def test_refinement_skipped_only_where_pivots_certify_the_regularisation(monkeypatch):
+    """Diagonal S with large pivots (a strictly convex separable program): the iterations
+    solve without refinement, the start and the end (polish, error estimate) with it; an LP
+    over the same set (a pivot -> 0) keeps refining, and both are exact."""
+    import convexddn.convex.kkt as kkt_module
+
+    refined = []
+    solve = kkt_module.KKTSystem.solve
+
+    def counting(self, rx, rz, refine=1, scaled=False):
+        refined.append(refine > 0)
+        return solve(self, rx, rz, refine, scaled)
+
+    monkeypatch.setattr(kkt_module.KKTSystem, "solve", counting)
+    n, B = 6, 8
+    gen = torch.Generator().manual_seed(19)
+    layout = ConeLayout(1, n)
+    A = torch.cat([torch.ones(1, n, dtype=F64), -torch.eye(n, dtype=F64)]).expand(B, -1, -1)
+    b = torch.cat([torch.ones(B, 1, dtype=F64), torch.zeros(B, n, dtype=F64)], 1)
+    y = torch.randn(B, n, dtype=F64, generator=gen)
+    diag = KKTStructure(rho=False, diagonal=True, cols=tuple(range(n)))
+    sol = solve_cone_batch(torch.eye(n, dtype=F64).expand(B, -1, -1), -y, A, b, layout, structure=diag)
+    # Refined: the initial point's two solves, the polish step and the error estimate.
+    assert (sol.status == SOLVED).all() and sum(refined) == 4 < len(refined)
+    refined.clear()
+    # The LP min yᵀx over the same simplex: x = e_argmin(y); the basic variable's pivot
+    # z/s -> 0, so the regularisation is not negligible there and refinement stays on.
+    sol = solve_cone_batch(torch.zeros(B, n, n, dtype=F64), y, A, b, layout, structure=diag)
+    assert (sol.status == SOLVED).all() and sum(refined) > 4
+    assert torch.allclose(sol.x, torch.nn.functional.one_hot(y.argmin(1), n).to(F64), atol=1e-9)
+
+
 def test_equilibration_is_an_equivalent_program():
     layout, n, _ = LAYOUTS["socp"]
     P, q, A, b = random_program(layout, n, 3, seed=9)
