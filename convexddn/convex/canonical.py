@@ -1,4 +1,4 @@
-"""A DPP problem as dense batched cone-program data, built once, filled per call in torch.
+"""A DPP problem canonicalised once into :class:`~.cone_data.ConeData` (filled per call in torch).
 
 cvxpylayers canonicalises a DPP problem (with the quadratic objective kept, as its
 Clarabel/Moreau interfaces do) into a cone program whose data are linear in the
@@ -9,9 +9,8 @@ parameter vector :math:`p = (\\theta, 1)`:
     \\min_x \\tfrac12 x^T P(p) x + q(p)^T x \\quad\\text{s.t.}\\quad A(p) x + s = b(p),
     \\; s \\in \\{0\\}^z \\times \\mathbb{R}^l_+ \\times Q^{q_1} \\times \\dots
 
-:class:`ConeData` keeps each datum's sparse map as index arrays, so that filling the
-dense ``(B, ·, ·)`` tensors is one ``index_add`` per block, on the parameters' device
-and differentiable by autograd.
+:func:`canonicalise` turns each datum's sparse map into index arrays of a
+:class:`~.cone_data.ConeData` and detects the KKT structure of the reduced program.
 
 **Presolve.** CVXPY introduces an auxiliary variable :math:`u = Lx + c` with an equality
 row for every quadratic term (``sum_squares(L @ x)`` becomes :math:`\\|u\\|^2`), which
@@ -30,7 +29,6 @@ the rows :math:`R` disappear, and their multipliers are recovered from stationar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import cvxpy as cp
@@ -39,7 +37,8 @@ import scipy.sparse as sp
 import torch
 from cvxpylayers.interfaces.base import SolverInterface
 
-from .kkt import DENSE, KKTStructure
+from .cone_data import ConeData, _Map, _Var
+from .kkt import KKTStructure
 from .symmetric_cones import ConeLayout
 
 __all__ = ["ConeData", "UnsupportedProblem", "canonicalise"]
@@ -60,173 +59,6 @@ class _CanonOnly(SolverInterface):
 
     def derivative_torch_batch(self, *args: Any) -> Any:
         raise NotImplementedError
-
-
-@dataclass
-class _Map:
-    """target[b, pos[k]] += coef[k] * p[b, col[k]] for a flat target of ``size``."""
-
-    pos: torch.Tensor
-    col: torch.Tensor
-    coef: torch.Tensor
-    size: int
-
-
-@dataclass
-class _Var:
-    source: str  # "primal" or "dual"
-    start: int
-    stop: int
-    shape: tuple[int, ...]
-
-
-class ConeData:
-    """The parameter -> (P, q, A, b) maps of one canonicalised problem, presolved.
-
-    Attributes:
-        n, layout: variables and cone of the *reduced* program the solver sees.
-        n_full, m_full: sizes before presolve. eliminated: variables removed.
-    """
-
-    def __init__(self, maps: dict[str, _Map], layout: ConeLayout, n_keep: int, n_elim: int,
-                 keep: np.ndarray, elim: np.ndarray, rows_keep: np.ndarray, rows_elim: np.ndarray,
-                 elim_coef: np.ndarray, puu_diag: bool, pku_zero: bool, n_full: int, m_full: int,
-                 param_cols: list[tuple[int, int]], triu: list, variables: list[_Var]) -> None:
-        self.maps, self.layout = maps, layout
-        self.n, self.eliminated = n_keep, n_elim
-        self.keep, self.elim = torch.as_tensor(keep), torch.as_tensor(elim)
-        self.rows_keep, self.rows_elim = torch.as_tensor(rows_keep), torch.as_tensor(rows_elim)
-        self.elim_coef = torch.as_tensor(elim_coef, dtype=torch.float64)
-        self.puu_diag, self.pku_zero = puu_diag, pku_zero
-        self.n_full, self.m_full = n_full, m_full
-        self.param_cols, self.triu, self.variables = param_cols, triu, variables
-        self.n_cols = sum(size for _, size, _ in param_cols) + 1
-        self.structure: KKTStructure = DENSE
-        self.error_cols: torch.Tensor | None = None
-        self.error_duals: torch.Tensor | None = None
-        self._cache: dict = {}
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_cache"] = {}  # device copies of the index arrays
-        return state
-
-    def _dev(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        key = (name, str(like.device), like.dtype)
-        if key not in self._cache:
-            t = getattr(self, name)
-            self._cache[key] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
-        return self._cache[key]
-
-    def blocks(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every map's dense block ``(B, size)`` from ``p`` ``(B, n_cols)``, by name.
-
-        One gather of ``p`` serves all maps, split per map (not sliced): the backward
-        then forms one ``(B, n_cols)`` gradient of ``p`` (a concatenation, one
-        ``index_add``) instead of one zero-filled ``(B, n_cols)`` tensor per map, summed
-        (8 for a QP: most of its backward outside the solver). Each block is its own
-        contiguous tensor (a batched matmul on a strided batch copies per element in its
-        backward). Empty maps are constant zeros.
-        """
-        ck = ("blocks", p.device, p.dtype)
-        if ck not in self._cache:
-            names = [k for k, m in self.maps.items() if m.pos.numel()]
-            self._cache[ck] = (names, [self.maps[k].pos.numel() for k in names],
-                               [self.maps[k].pos.to(p.device) for k in names],
-                               torch.cat([self.maps[k].col for k in names]).to(p.device),
-                               torch.cat([self.maps[k].coef for k in names]).to(p.device, p.dtype))
-        names, counts, pos, col, coef = self._cache[ck]
-        B = p.shape[0]
-        out = {k: p.new_zeros(B, m.size) for k, m in self.maps.items() if not m.pos.numel()}
-        if names:
-            # index_select, not p[:, col]: its backward is an index_add, where advanced
-            # indexing's is a serial accumulate-put (several times slower on CPU).
-            vals = (p.index_select(1, col) * coef).split(counts, 1)
-            for k, where, v in zip(names, pos, vals):
-                out[k] = p.new_zeros(B, self.maps[k].size).index_add(1, where, v)
-        return out
-
-    def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
-        """p = (θ, 1) of each element, (B, n_cols), in CVXPY's column order."""
-        cols: list[torch.Tensor] = [values[0]] * len(values)
-        for i, v in enumerate(values):
-            order, _, shape = self.param_cols[i]
-            if self.triu[i] is not None:
-                r, c = self.triu[i]
-                flat = v[..., r.to(v.device), c.to(v.device)]
-            else:
-                flat = _fortran_flatten(v, len(shape))
-            cols[order] = flat.expand(batch, -1) if v.dim() == len(shape) else flat
-        return torch.cat(cols + [values[0].new_ones(batch, 1)], 1)
-
-    def fill(self, p: torch.Tensor):
-        """Dense reduced data ``(P, q, A, b)`` and what :meth:`recover` needs."""
-        B = p.shape[0]
-        nK, nU, mr = self.n, self.eliminated, self.layout.m
-        get = self.blocks(p).__getitem__
-        P = get("PKK").view(B, nK, nK)
-        q = get("qK")
-        A = get("A").view(B, mr, nK)
-        b = get("b")
-        extra = None
-        if nU:
-            M = get("M").view(B, nU, nK)
-            u0 = get("u0")
-            qU = get("qU")
-            if self.puu_diag:
-                puu = get("PUU")  # (B, nU) diagonal
-                PM, Pu0 = puu[:, :, None] * M, puu * u0
-            else:
-                PUU = get("PUU").view(B, nU, nU)
-                PM, Pu0 = PUU @ M, (PUU @ u0.unsqueeze(-1)).squeeze(-1)
-            P = P + M.mT @ PM
-            q = q - (M.mT @ (qU + Pu0).unsqueeze(-1)).squeeze(-1)
-            PKU = None
-            if not self.pku_zero:
-                PKU = get("PKU").view(B, nK, nU)
-                cross = PKU @ M
-                P = P - cross - cross.mT
-                q = q + (PKU @ u0.unsqueeze(-1)).squeeze(-1)
-            extra = (M, u0, qU, PM, Pu0, PKU)
-        return P, q, A, b, extra
-
-    def recover(self, x: torch.Tensor, z: torch.Tensor, extra) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full (x, z) of the canonical program from the reduced solution."""
-        if extra is None:
-            return x, z
-        M, u0, qU, PM, Pu0, PKU = extra
-        B = x.shape[0]
-        xU = u0 - (M @ x.unsqueeze(-1)).squeeze(-1)
-        xf = x.new_zeros(B, self.n_full)
-        xf = xf.index_copy(1, self._dev("keep", x), x).index_copy(1, self._dev("elim", x), xU)
-        # Stationarity in u: P_UK x_K + P_UU x_U + q_U + a z_R = 0 (u appears in row R only).
-        PUx = qU + Pu0 - (PM @ x.unsqueeze(-1)).squeeze(-1)
-        if PKU is not None:
-            PUx = PUx + (PKU.mT @ x.unsqueeze(-1)).squeeze(-1)
-        zR = -PUx / self._dev("elim_coef", x)
-        zf = z.new_zeros(B, self.m_full)
-        zf = zf.index_copy(1, self._dev("rows_keep", z), z).index_copy(1, self._dev("rows_elim", z), zR)
-        return xf, zf
-
-    def outputs(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The requested variables, (B, *shape) each, from the full (x, z)."""
-        outs = []
-        for v in self.variables:
-            src = x if v.source == "primal" else z
-            outs.append(_fortran_unflatten(src[:, v.start:v.stop], v.shape))
-        return tuple(outs)
-
-
-def _fortran_flatten(v: torch.Tensor, k: int) -> torch.Tensor:
-    """(*lead, *shape) -> (*lead, prod(shape)) in column-major order of the last k dims."""
-    lead = v.dim() - k
-    perm = list(range(lead)) + list(reversed(range(lead, v.dim())))
-    return v.permute(perm).reshape(tuple(v.shape[:lead]) + (-1,))
-
-
-def _fortran_unflatten(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    out = v.reshape((v.shape[0],) + tuple(reversed(shape)))
-    return out.permute([0] + list(reversed(range(1, len(shape) + 1))))
 
 
 def _coo(mat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

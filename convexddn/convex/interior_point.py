@@ -38,7 +38,7 @@ import torch
 
 from .certify import DECIDED, finish, row_inf, undecided
 from .equilibration import Scaled, equilibrate
-from .kkt import _DELTA, DENSE, DataOps, KKTStructure, KKTSystem, constant_part
+from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
 from .symmetric_cones import ConeLayout, NTScaling
 
 __all__ = ["STATUS_NAMES", "ConeSolution", "solve_cone_batch", "kkt_measures"]
@@ -245,8 +245,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         # Refinement only corrects the static regularisation δ (and rounding): where the
         # pivots certify that δ moves a solve by less than _REFINE_ABOVE relative (last
         # iteration's system; a separable strictly convex program), it is skipped.
-        coarse = (running & ~(kkt.pivot_min * _REFINE_ABOVE >= _DELTA) if kkt.pivot_min is not None
-                  else running)
+        effect = kkt.regularisation_effect
+        coarse = running if effect is None else running & ~(effect <= _REFINE_ABOVE)
         n_running, close, coarse = torch.stack([running.sum(), (running & (best_merit < 1e-4)).sum(),
                                                 coarse.sum()]).tolist()
         if not n_running:

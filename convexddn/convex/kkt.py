@@ -189,10 +189,10 @@ class KKTSystem:
         failed: ``(B,)`` bool, elements whose Cholesky factorisation broke down. Their
             solutions are garbage (confined to their own rows of the batch); callers
             freeze them.
-        pivot_min: ``(B,)`` smallest eigenvalue of the regularised matrices where the
-            pivots are their eigenvalues (diagonal :math:`S`, at most one equality row),
-            else ``None``. The regularisation changes a solve by about
-            :math:`\delta` / ``pivot_min`` relative.
+        regularisation_effect: ``(B,)`` :math:`\delta` over the smallest eigenvalue of
+            the regularised matrices, about the relative change of a solve by the
+            regularisation, where the pivots are those eigenvalues (diagonal :math:`S`,
+            at most one equality row); else ``None`` (not known cheaply).
     """
 
     def __init__(self, ops: DataOps, scaling: NTScaling | None, base: torch.Tensor,
@@ -208,9 +208,9 @@ class KKTSystem:
             failed = ~(S > 0).all(1)
             self.L = torch.sqrt(torch.where(S > 0, S, 1.0))[:, :, None]  # (B, n, 1)
             # The pivots are S's eigenvalues here (and M's, when it is 1×1).
-            self.pivot_min = S.amin(1) if S.shape[1] else None
+            pivot_min = S.amin(1) if S.shape[1] else None
         else:
-            self.pivot_min = None  # Cholesky pivots do not bound the smallest eigenvalue
+            pivot_min = None  # Cholesky pivots do not bound the smallest eigenvalue
             At = ops.A[:, z:]
             self.At = At if scaling is None else scaling.apply_inv(At)  # W⁻¹ A_I
             L, info = torch.linalg.cholesky_ex(torch.baddbmm(base, self.At.mT, self.At))
@@ -221,9 +221,10 @@ class KKTSystem:
             eye = torch.eye(z, dtype=P.dtype, device=P.device)
             self.LM, failed_m = _chol(_DELTA * eye + self._yt(self.Y))
             failed = failed | failed_m
-            if self.pivot_min is not None:
-                self.pivot_min = torch.minimum(self.pivot_min, self.LM[:, 0, 0] ** 2) if z == 1 else None
+            if pivot_min is not None:
+                pivot_min = torch.minimum(pivot_min, self.LM[:, 0, 0] ** 2) if z == 1 else None
         self.failed = failed
+        self.regularisation_effect = None if pivot_min is None else _DELTA / pivot_min
 
     def _yt(self, v: torch.Tensor) -> torch.Tensor:  # Yᵀ v
         return _mm(self.Y.mT, v)

@@ -28,6 +28,11 @@ from .symmetric_cones import ConeLayout
 
 __all__ = ["polish"]
 
+# Residuals at most this many ulps are at rounding level (measured after converged
+# Newton steps: 0.3-4 ulps).
+_ROUNDING = 16
+
+
 def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
@@ -121,10 +126,6 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
             break
     return (*best, res, polished)
 
-
-# Residuals at most this many ulps are at rounding level (measured after converged
-# Newton steps: 0.3-4 ulps).
-_ROUNDING = 16
 
 
 def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, residual_fn, refine: int = 2):
