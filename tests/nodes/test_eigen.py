@@ -200,6 +200,14 @@ def test_eigen_decomposition_invalid():
     Xn[1, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="1 NaN"):
         eigen_decomposition(Xn)
+    # An Inf makes eigh return non-finite eigenvalues instead of failing: the check on
+    # the eigenvalues must still name the input's bad entries (with and without grad).
+    Xi = X.clone()
+    Xi[0, 0, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match="0 NaN and 1 Inf"):
+        eigen_decomposition(Xi)
+    with pytest.raises(NonFiniteError, match="0 NaN and 1 Inf"):
+        eigen_decomposition(Xi.requires_grad_())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
