@@ -31,6 +31,9 @@ __all__ = ["polish"]
 # Residuals at most this many ulps are at rounding level (measured after converged
 # Newton steps: 0.3-4 ulps).
 _ROUNDING = 16
+# Regularisation of the Newton matrix's dual block, relative to the equilibrated data's
+# unit scale (see _newton_step).
+_DELTA = 1e-10
 
 
 def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -71,6 +74,14 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     K[:, n + z0:, :n] = -_arrow(layout, zc, A[:, z0:])
     eye = torch.eye(m - z0, dtype=P.dtype, device=P.device).expand(B, -1, -1)
     K[:, n + z0:, n + z0:] = _arrow(layout, sc, eye.contiguous())
+    # Static regularisation of the dual block (−δ on the equality rows, +δ beside L(s)):
+    # redundant equality rows (the row and column sums of a doubly-stochastic matrix)
+    # or dependent active constraints make K exactly singular, and LU then fails every
+    # step. With δ the step along such a direction is bounded and the others move by
+    # O(δ) relative, which the next step's exact residual corrects.
+    dual = torch.diagonal(K[:, n:, n:], dim1=-2, dim2=-1)
+    dual[:, :z0] -= _DELTA
+    dual[:, z0:] += _DELTA
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zc, rz[:, z0:]) - layout.jordan(sc, zc)], 1)
     # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN.
     bad = ~torch.isfinite(K).flatten(1).all(1)

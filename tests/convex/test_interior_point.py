@@ -191,6 +191,37 @@ def test_polish_stops_at_rounding_level_unless_not_settled():
     assert len(calls) == 1 + 8
 
 
+def test_polish_steps_through_redundant_equality_rows():
+    # Simplex projection with its equality row stated twice: the Newton matrix is then
+    # exactly singular (the doubly-stochastic matrices' row and column sums are the case
+    # met in practice), and before its dual block was regularised LU failed every step,
+    # so polishing never moved the point.
+    from convexddn.convex.interior_point import kkt_measures
+    from convexddn.convex.polish import polish
+
+    B, n = 16, 6
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(B, n, dtype=F64, generator=gen)
+    layout = ConeLayout(2, n)
+    A = torch.cat([torch.ones(2, n, dtype=F64), -torch.eye(n, dtype=F64)]).expand(B, -1, -1)
+    b = torch.cat([torch.ones(B, 2, dtype=F64), torch.zeros(B, n, dtype=F64)], 1)
+    P = torch.eye(n, dtype=F64).expand(B, n, n)
+    start = solve_cone_batch(P, -a, A, b, layout, polish="never")
+
+    def residual(x, s, z):
+        return torch.stack(kkt_measures(P, -a, A, b, x, s, z)).amax(0)
+
+    x, *_, res, polished = polish(P, -a, A, b, layout, start.x, start.s, start.z, residual, steps=4)
+    assert polished.all() and (res <= 16 * torch.finfo(F64).eps).all()
+    # Closed form (sorting): x = max(a - tau, 0) with tau from the sorted entries.
+    srt = a.sort(1, descending=True).values
+    k = torch.arange(1, n + 1, dtype=F64)
+    tau_k = (srt.cumsum(1) - 1) / k
+    rho = (srt > tau_k).sum(1, keepdim=True)
+    tau = tau_k.gather(1, rho - 1)
+    assert torch.allclose(x, (a - tau).clamp(min=0), atol=1e-14, rtol=0)
+
+
 def test_solve_cone_batch_infeasible_and_unbounded_in_one_batch():
     # min cᵀx s.t. x >= lo, sum(x) <= h  (row order: x >= lo, then the sum)
     n = 3

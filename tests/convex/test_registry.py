@@ -349,3 +349,28 @@ def test_qp_invalid_options():
         registry.build("qp", n=3, n_ineq=2, learn="q", G=np.ones((2, 3)), h=np.ones(3))
     with pytest.raises(OptionError, match="ridge must be a number >= 0"):
         registry.build("qp", n=3, ridge=-1)
+
+
+# Issue 9's target: every registry problem on the batched path at batch 1024, no element
+# sent to the per-element fallback (ot_entropic's exponential cone is per element by
+# design). Birkhoff n = 4 with this seed once sent element 337 to the fallback: a weakly
+# active entry left at 1e-6 that LU polishing could not remove, because the redundant
+# row/column-sum constraints made its Newton matrix singular.
+BATCH_1024 = [
+    ("birkhoff", {"n": 4}), ("entmax", {"n": 8}), ("lp_ball", {"n": 16, "p": 1}),
+    ("lp_ball", {"n": 16, "p": 2}), ("lp_ball", {"n": 16, "p": math.inf}), ("ot_lp", {"m": 4, "n": 4}),
+    ("qp", {"n": 10, "n_ineq": 5, "n_eq": 2}), ("robust_pool", {"n": 16, "penalty": "huber"}),
+    ("robust_pool", {"n": 16, "penalty": "pseudo_huber"}), ("simplex", {"n": 16}), ("sparsemax", {"n": 16}), ("tv1d", {"n": 16}),
+]
+
+
+@pytest.mark.parametrize("name, options", BATCH_1024, ids=lambda v: v if isinstance(v, str) else None)
+def test_registry_batch_1024_needs_no_fallback(name, options):
+    layer = cddn.layer(name, backend="cvxpy", **options)
+    torch.manual_seed(0)
+    params = [torch.randn(1024, *p.shape, dtype=F64) for p in layer.parameters_]
+    if name == "ot_lp":  # marginals: positive, unit mass
+        params[1], params[2] = params[1].softmax(-1), params[2].softmax(-1)
+    layer(*params)
+    backends = layer.last_solve.backend
+    assert backends.count("batched") == 1024, [i for i, b in enumerate(backends) if b != "batched"]
