@@ -1,10 +1,11 @@
 """Forward solvers of robust pooling: ``x (R, N)``, ``alpha`` (``(R, 1)`` or 0-d) ``-> (R,)``.
 
-Starts: rows of at most 129 entries start from their lower median; longer rows from the
-lower median of evenly strided entries (129 of rows up to 512 long, 64 beyond), taken
-while their block is in cache. A nonconvex penalty starts from the mean and that
-median; for rows longer than 512 both are first refined on 128 strided entries and,
-where they reach the same point there, only one continues on the whole row.
+Starts: rows of at most 129 entries start from their lower median; rows up to 512 long
+from the lower median of 129 evenly strided entries; longer rows from the repeated
+median of three of 81 evenly strided entries (Tukey's ninther, two levels deeper),
+taken while their block is in cache. A nonconvex penalty starts from the mean
+and that median; for rows longer than 512 both are first refined on 128 strided entries
+and, where they reach the same point there, only one continues on the whole row.
 
 Blocks whose spread over alpha could overflow a square have their residuals clamped
 where the penalty saturates; rows whose sums still overflow (entries near the end of
@@ -26,13 +27,11 @@ from .iterations import Rows, descent_rows, newton_rows
 from .kernels import block_ranges, row_scale, run, trunc_quad_runs
 from .penalties import Penalty
 
-# Rows up to this long start from the exact lower median; up to _SAMPLE_MIN_N from the
-# lower median of this many evenly strided entries.
+# Rows up to _SAMPLE_MIN_N long start from the lower median of at most _MEDIAN_SAMPLE
+# strided entries; longer ones from the repeated median of three of 3**_REMEDIAN_LEVELS.
 _MEDIAN_SAMPLE = 129
 _SAMPLE_MIN_N = 512
-# Beyond, the start is the lower median of about this many strided entries, taken while
-# the row's block is in cache.
-_START_SAMPLE = 64
+_REMEDIAN_LEVELS = 4
 # The nonconvex starts of long rows are refined on about _NC_SAMPLE strided entries to
 # this tolerance; refined starts closer than _MERGE * alpha are one.
 _NC_SAMPLE = 128
@@ -67,11 +66,28 @@ def _strided_sample(x: Tensor, count: int) -> Tensor:
 
 
 def _median_start(x: Tensor) -> Tensor:
-    """The lower median of at most 129 evenly strided entries (the exact lower median of
-    rows up to 129 long; of rows up to 512 long, 129 entries; beyond, 64: an exact
-    median of every row costs as much as the whole solve)."""
-    count = _MEDIAN_SAMPLE if x.shape[-1] <= _SAMPLE_MIN_N else _START_SAMPLE
-    return _strided_sample(x, count).median(-1, keepdim=True).values
+    """A robust start per row ``(R, 1)``: the lower median of at most 129 evenly strided
+    entries for rows up to 512 long (exact up to 129); beyond, the repeated median of
+    three of 81 evenly strided entries.
+
+    torch's median costs about 0.8 µs per row whatever the row's length (15 % of a
+    pseudo-Huber solve at (24, 1024, 2048)); the repeated median is 16 elementwise
+    ops on the whole block. It is a robust estimate, not the median: a value survives
+    a level only if two of its three do, so a fraction p of outliers becomes
+    3p² − 2p³ per level (10 % → 0.02 % after four). Each triple takes entries a third
+    of the sample apart, so that a run of adjacent outliers is split up. (On rows of
+    256 it cost Welsch more iterations than the median saves: shorter rows keep it.)
+    """
+    n = x.shape[-1]
+    if n <= _SAMPLE_MIN_N:
+        return _strided_sample(x, _MEDIAN_SAMPLE).median(-1, keepdim=True).values
+    k = 3 ** _REMEDIAN_LEVELS
+    v = x[:, : k * (n // k) : n // k]
+    while k > 1:
+        k //= 3
+        a, b, c = v[:, :k], v[:, k:2 * k], v[:, 2 * k:]
+        v = torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+    return v
 
 
 _start = _median_start
