@@ -12,6 +12,8 @@ References:
 """
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -22,9 +24,16 @@ from .penalties import Penalty, _flush, _rows
 __all__ = ["Huber", "PseudoHuber", "Quadratic", "TruncatedQuadratic", "Welsch"]
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # addcmul's first operand must be a tensor; making a 0-d one costs ~15 us per call,
+    # which at a few block passes per solve is several per cent of a small solve.
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 def _scaled_square(z: Tensor, alpha: float | Tensor, out: Tensor, value: float, add: float) -> Tensor:
     """``out = add + value * (z / alpha)**2`` in one or two passes."""
-    base = torch.tensor(add, dtype=z.dtype, device=z.device)
+    base = _constant(float(add), z.dtype, z.device)
     if isinstance(alpha, float) and abs(value) / alpha < torch.finfo(z.dtype).max * alpha:
         return torch.addcmul(base, z, z, value=value / (alpha * alpha), out=out)
     torch.div(z, alpha, out=out)
