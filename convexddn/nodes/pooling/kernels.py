@@ -174,8 +174,9 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     """The vjp of Table 1 by row blocks: ``grad_x_i = gy * w_i / sum_j w_j`` and
     ``grad_alpha = -gy * sum_j wa_j / sum_j w_j``, ``w = phi''(y - x)``, ``wa =
     d2phi/dz dalpha``. Each block is read once and its gradient written once into the
-    output. Returns ``(grad_x (R, N), grad_alpha (R,), ok (R,))``; rows whose Hessian
-    sum is zero, singular or negative get a zero gradient and ``ok = False``.
+    output. Returns ``(grad_x (R, N), grad_alpha (R,), ok (R,), ok.all() as a bool)``;
+    rows whose Hessian sum is zero, singular or negative get a zero gradient and
+    ``ok = False``.
 
     ``x`` and ``a`` (0-d or ``(R, 1)``), ``y`` and ``gy`` ``(R,)``."""
     rows, n = x.shape
@@ -211,9 +212,18 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             torch.mul(w, torch.div(gcol[sl], sw[sl], out=scale[sl]), out=gx[sl])
     if not signed:
         size = sw
+    scale = gcol / sw
     # Rows whose weights all underflowed (every point far from y) or overflowed (entries
-    # near the float range's end): the careful, rescaled weights (rare).
-    low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)).squeeze(-1)
+    # near the float range's end) get the careful, rescaled weights; a Hessian sum at or
+    # below its own rounding noise is singular (or negative: not a minimum), where the
+    # exact gradient does not exist and the row gets zero. Both are rare: one host sync
+    # tells that neither occurs.
+    low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)
+    ok = (sw > (n * finfo.eps) * size) & torch.isfinite(scale)
+    if not bool((low | ~ok).any()):
+        ga = (-(swa * scale)).squeeze(-1) if need_alpha else None
+        return gx, ga, ok.squeeze(-1), True
+    low = low.squeeze(-1)
     if bool(low.any()):
         idx = low.nonzero().squeeze(-1)
         ar = a if a.dim() == 0 else a[idx]
@@ -223,17 +233,17 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             swa[idx] = wa_r
         if need_x:
             gx[idx] = w_r * (gcol[idx] / sw_r)
-    # A Hessian sum at or below its own rounding noise is singular (or negative: not a
-    # minimum): the exact gradient does not exist there; those rows get zero.
-    scale = gcol / sw
-    ok = ((sw > (n * finfo.eps) * size) & torch.isfinite(scale)).squeeze(-1)
-    if not bool(ok.all()):
+        scale = gcol / sw
+        ok = (sw > (n * finfo.eps) * size) & torch.isfinite(scale)
+    ok = ok.squeeze(-1)
+    all_ok = bool(ok.all())
+    if not all_ok:
         bad = (~ok).nonzero().squeeze(-1)
         if need_x:
             gx.index_fill_(0, bad, 0.0)
         scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
     ga = (-(swa * scale)).squeeze(-1) if need_alpha else None
-    return gx, ga, ok
+    return gx, ga, ok, all_ok
 
 
 def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool):

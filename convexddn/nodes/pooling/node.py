@@ -93,10 +93,10 @@ class _RobustPoolFunction(torch.autograd.Function):
                 grad_alpha = torch.zeros_like(alpha)
             return grad_x, grad_alpha, None, None, None, None
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        gx, ga, ok = pool_backward(ctx.penalty, x, y, a, grad_y, bool(need_x), bool(need_alpha),
-                                   ctx.use_compile)
-        bad = ~ok
-        if bool(bad.any()):
+        gx, ga, ok, all_ok = pool_backward(ctx.penalty, x, y, a, grad_y, bool(need_x), bool(need_alpha),
+                                           ctx.use_compile)
+        if not all_ok:
+            bad = ~ok
             warnings.warn(
                 f"robust_pool(penalty={ctx.penalty.name!r}): the Hessian sum_i phi''(y - x_i) is "
                 f"zero, singular or negative for {int(bad.sum())} of {rows} row(s) (no inliers, "
