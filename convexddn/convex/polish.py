@@ -138,7 +138,6 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     return (*best, res, polished)
 
 
-
 def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, residual_fn, refine: int = 2):
     """One Newton step for programs without second-order cones, through the reduced KKT.
 

@@ -367,8 +367,8 @@ BATCH_1024 = [
 @pytest.mark.parametrize("name, options", BATCH_1024, ids=lambda v: v if isinstance(v, str) else None)
 def test_registry_batch_1024_needs_no_fallback(name, options):
     layer = cddn.layer(name, backend="cvxpy", **options)
-    torch.manual_seed(0)
-    params = [torch.randn(1024, *p.shape, dtype=F64) for p in layer.parameters_]
+    gen = torch.Generator().manual_seed(0)  # the default generator's seed-0 stream
+    params = [torch.randn(1024, *p.shape, dtype=F64, generator=gen) for p in layer.parameters_]
     if name == "ot_lp":  # marginals: positive, unit mass
         params[1], params[2] = params[1].softmax(-1), params[2].softmax(-1)
     layer(*params)

@@ -802,3 +802,33 @@ def test_start_is_robust_and_exact_on_short_rows():
         u = _median_start(data).squeeze(-1)
         assert u.abs().max() < 5.0  # an inlier (inliers are N(0, 1))
         assert bool((data == u.unsqueeze(-1)).any(-1).all())  # an entry of its row
+
+
+
+
+def test_pool_backward_rows_whose_weights_underflow():
+    """Every point ~1e200 from y: pseudo-Huber's phi'' = (1 + r^2)^-3/2 underflows to 0
+    for all of them, so the backward takes the careful, rescaled weights. The rows are
+    symmetric about y = 0 (the minimiser), so dy/dx_i = w_i / sum_j w_j = 1/2 each,
+    times each row's own upstream gradient."""
+    pen = Penalty.resolve("pseudo_huber")
+    x = torch.tensor([[-1e200, 1e200], [-3e200, 3e200]], dtype=torch.float64)
+    y = torch.zeros(2, dtype=torch.float64)
+    gy = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    gx, _, ok, all_ok = kernels.pool_backward(pen, x, y, torch.tensor(1.0, dtype=torch.float64), gy,
+                                              True, False, False)
+    assert all_ok and bool(ok.all())
+    expected = torch.tensor([[0.5, 0.5], [1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(gx, expected, rtol=1e-12, atol=0)
+
+
+def test_robust_pool_backward_tiny_alpha():
+    """alpha = 1e-160: Welsch's phi''(0) = 1 / alpha^2 would overflow float64 (the
+    weights are formed times alpha^2, so they do not). y sits on the pair (the lower
+    objective), which shares the gradient equally; the far point gets none."""
+    x = torch.tensor([[0.0, 0.0, 5.0], [3.0, 7.0, 7.0]], dtype=torch.float64, requires_grad=True)
+    y = robust_pool(x, "welsch", 1e-160)
+    torch.testing.assert_close(y, torch.tensor([0.0, 7.0], dtype=torch.float64))
+    (gx,) = torch.autograd.grad(y, x, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    expected = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(gx, expected)

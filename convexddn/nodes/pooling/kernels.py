@@ -208,42 +208,46 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             size[sl] = wsize
         if need_alpha:
             swa[sl] = wa
+        torch.div(gcol[sl], sw[sl], out=scale[sl])
         if need_x:
-            torch.mul(w, torch.div(gcol[sl], sw[sl], out=scale[sl]), out=gx[sl])
+            torch.mul(w, scale[sl], out=gx[sl])
     if not signed:
         size = sw
-    scale = gcol / sw
     # Rows whose weights all underflowed (every point far from y) or overflowed (entries
     # near the float range's end) get the careful, rescaled weights; a Hessian sum at or
     # below its own rounding noise is singular (or negative: not a minimum), where the
     # exact gradient does not exist and the row gets zero. Both are rare: one host sync
     # tells that neither occurs.
-    low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)
-    ok = (sw > (n * finfo.eps) * size) & torch.isfinite(scale)
-    if not bool((low | ~ok).any()):
-        ga = (-(swa * scale)).squeeze(-1) if need_alpha else None
-        return gx, ga, ok.squeeze(-1), True
-    low = low.squeeze(-1)
-    if bool(low.any()):
-        idx = low.nonzero().squeeze(-1)
-        ar = a if a.dim() == 0 else a[idx]
-        w_r, sw_r, wa_r, size_r = _careful_weights(penalty, x[idx], y[idx], ar, need_alpha)
-        sw[idx], size[idx] = sw_r, size_r
-        if need_alpha:
-            swa[idx] = wa_r
-        if need_x:
-            gx[idx] = w_r * (gcol[idx] / sw_r)
-        scale = gcol / sw
-        ok = (sw > (n * finfo.eps) * size) & torch.isfinite(scale)
-    ok = ok.squeeze(-1)
-    all_ok = bool(ok.all())
+    low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)).squeeze(-1)
+    ok = _nonsingular(sw, size, scale, n)
+    all_ok = not bool((low | ~ok).any())
     if not all_ok:
-        bad = (~ok).nonzero().squeeze(-1)
-        if need_x:
-            gx.index_fill_(0, bad, 0.0)
-        scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
+        if bool(low.any()):
+            idx = low.nonzero().squeeze(-1)
+            ar = a if a.dim() == 0 else a[idx]
+            w_r, sw_r, wa_r, size_r = _careful_weights(penalty, x[idx], y[idx], ar, need_alpha)
+            sw[idx], size[idx] = sw_r, size_r
+            scale[idx] = gcol[idx] / sw_r
+            if need_alpha:
+                swa[idx] = wa_r
+            if need_x:
+                gx[idx] = w_r * scale[idx]
+            ok = _nonsingular(sw, size, scale, n)
+        all_ok = bool(ok.all())
+        if not all_ok:
+            bad = (~ok).nonzero().squeeze(-1)
+            if need_x:
+                gx.index_fill_(0, bad, 0.0)
+            scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
     ga = (-(swa * scale)).squeeze(-1) if need_alpha else None
     return gx, ga, ok, all_ok
+
+
+def _nonsingular(sw: Tensor, size: Tensor, scale: Tensor, n: int) -> Tensor:
+    """(R,) rows whose Hessian sum ``sw`` is above the rounding noise of its terms
+    (``size`` bounds their absolute sum) and whose scale ``gy / sw`` is finite."""
+    eps = torch.finfo(sw.dtype).eps
+    return ((sw > (n * eps) * size) & torch.isfinite(scale)).squeeze(-1)
 
 
 def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool):
