@@ -182,10 +182,10 @@ class ConeLayout:
         step = torch.clamp(delta * (1 + u.abs().amax(1)) - self.min_eig(u), min=0.0)
         return u + step[:, None] * self.unit(u)
 
-    def shift_inside(self, u: torch.Tensor) -> torch.Tensor:
-        """u + (1 − λ_min(u)) e where λ_min(u) < 1, which lands in the interior."""
+    def shift_inside(self, u: torch.Tensor, level: float = 1.0) -> torch.Tensor:
+        """u + (level − λ_min(u)) e where λ_min(u) < level, which lands in the interior."""
         lam = self.min_eig(u)
-        shift = torch.clamp(1.0 - lam, min=0.0)
+        shift = torch.clamp(level - lam, min=0.0)
         return u + shift[:, None] * self.unit(u)
 
     def max_step(self, u: torch.Tensor, d: torch.Tensor, extra: tuple = ()) -> torch.Tensor:

@@ -275,6 +275,35 @@ def test_solve_cone_batch_converged_elements_stop():
     assert torch.allclose(batch.x[first], alone.x[0], atol=1e-9)
 
 
+def test_stalled_element_stops_and_is_certified(monkeypatch):
+    """An element whose best merit stops improving stops after _STALL_ITERATIONS and is
+    left to the final checks. Element 996 of the registry QP's seed-0 batch, started at
+    level 0.1 instead of 1, cycles between long and short steps with its merit stuck
+    near 1e-2 (it ran all 100 iterations before the rule); now it stops within 15
+    iterations of its last progress, and polishing solves it (checked against Clarabel)."""
+    import convexddn as cddn
+    import convexddn.convex.batched as batched
+    import convexddn.convex.interior_point as ip
+
+    gen = torch.Generator().manual_seed(0)
+    layer = cddn.layer("qp", backend="cvxpy", n=10, n_ineq=5, n_eq=2)
+    params = [torch.randn(1024, *p.shape, dtype=F64, generator=gen)[996:997] for p in layer.parameters_]
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["sol"] = sol = solve_cone_batch(*args, **kwargs)
+        return sol
+
+    monkeypatch.setattr(ip, "_START_LEVEL", 0.1)
+    monkeypatch.setattr(batched, "solve_cone_batch", spy)
+    y = layer(*params)
+    sol = seen["sol"]
+    assert 15 <= int(sol.iterations[0]) <= 30
+    assert layer.last_solve.backend == ["batched"] and layer.last_solve.statuses == ["solved"]
+    want = cddn.layer("qp", backend="cvxpy", n=10, n_ineq=5, n_eq=2, solver="Clarabel")(*params)
+    torch.testing.assert_close(y, want, atol=1e-8, rtol=0)
+
+
 def test_diagonal_structure_matches_dense():
     """A separable projection (box) solved with the diagonal factorisation and densely."""
     n, B = 5, 8
