@@ -54,6 +54,11 @@ class Scaled:
         return Scaled(*(getattr(self, f).index_select(0, idx) for f in
                         ("P", "q", "A", "b", "D", "E", "c", "sigma")))
 
+    def merge(self, idx: torch.Tensor, part: "Scaled") -> "Scaled":
+        """These elements with ``part``'s in place of the elements ``idx``."""
+        return Scaled(*(getattr(self, f).index_copy(0, idx, getattr(part, f)) for f in
+                        ("P", "q", "A", "b", "D", "E", "c", "sigma")))
+
     def with_sigma(self, sigma: torch.Tensor) -> "Scaled":
         """The same program with another solution scale σ."""
         c, old = self.c[:, None], self.sigma[:, None]  # undo: P̃ = P̂/c, q̃ = σ q̂/c, b̃ = σ b̂

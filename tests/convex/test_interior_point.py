@@ -278,9 +278,10 @@ def test_solve_cone_batch_converged_elements_stop():
 def test_stalled_element_stops_and_is_certified(monkeypatch):
     """An element whose best merit stops improving stops after _STALL_ITERATIONS and is
     left to the final checks. Element 996 of the registry QP's seed-0 batch, started at
-    level 0.1 instead of 1, cycles between long and short steps with its merit stuck
-    near 1e-2 (it ran all 100 iterations before the rule); now it stops within 15
-    iterations of its last progress, and polishing solves it (checked against Clarabel)."""
+    level 0.1 (the default; at 1.0 it converges in 8), cycles between long and short
+    steps with its merit stuck near 1e-2 (it ran all 100 iterations before the rule);
+    now it stops within 15 iterations of its last progress, and polishing solves it
+    (checked against Clarabel)."""
     import convexddn as cddn
     import convexddn.convex.batched as batched
     import convexddn.convex.interior_point as ip

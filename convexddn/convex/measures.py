@@ -1,0 +1,75 @@
+"""Relative KKT measures of the batched interior-point method, and its step lengths.
+
+:func:`kkt_measures` measures a point of ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``
+(the final certification uses it in the equilibrated units and in the caller's);
+:class:`Measures` gives the residuals, measures and infeasibility certificates of the
+homogeneous embedding's iterates; :func:`max_step` the longest step that stays in K.
+"""
+from __future__ import annotations
+
+import torch
+
+from .certify import row_inf
+from .equilibration import Scaled
+from .kkt import DataOps
+from .symmetric_cones import ConeLayout
+
+__all__ = ["Measures", "kkt_measures", "max_step"]
+
+
+def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Relative primal residual, dual residual and duality gap, per element.
+
+    .. math::
+
+        \\frac{\\|Ax + s - b\\|_\\infty}{1 + \\max(\\|b\\|, \\|Ax\\|, \\|s\\|)},\\quad
+        \\frac{\\|Px + A^T z + q\\|_\\infty}{1 + \\max(\\|q\\|, \\|Px\\|, \\|A^T z\\|)},\\quad
+        \\frac{|x^T P x + q^T x + b^T z|}{1 + |x^T P x| + |q^T x| + |b^T z|}
+
+    On equilibrated data (unit-size rows, columns and cost) the 1's are the data's own
+    scale, which makes these measures invariant to rescaling the problem.
+    """
+    Ax, Px, ATz = _bmv(A, x), _bmv(P, x), _bmv(A.mT, z)
+    pres = row_inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(row_inf(b), row_inf(Ax)), row_inf(s)))
+    dres = row_inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(row_inf(q), row_inf(Px)), row_inf(ATz)))
+    xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
+    gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
+    return pres, dres, gap
+
+
+class Measures:
+    """Residuals of the embedding at (x, s, z, τ, κ), the measures of x/τ, s/τ, z/τ
+    (:func:`kkt_measures`, from the same products) and the infeasibility certificates."""
+
+    def __init__(self, d: Scaled, ops: DataOps, norm_b, norm_q, x, s, z, tau, kappa, tol_inf) -> None:
+        Px, ATz, Ax = ops.vec(ops.Pmv, x), ops.vec(ops.ATmv, z), ops.vec(ops.Amv, x)
+        t = tau[:, None]
+        self.Px = Px
+        self.rx = Px + ATz + d.q * t
+        self.rz = Ax + s - d.b * t
+        xPx, qx, bz = (x * Px).sum(1), (d.q * x).sum(1), (d.b * z).sum(1)
+        self.rtau = qx + bz + kappa + xPx / tau
+        pres = row_inf(self.rz) / (tau + torch.maximum(torch.maximum(tau * norm_b, row_inf(Ax)), row_inf(s)))
+        dres = row_inf(self.rx) / (tau + torch.maximum(torch.maximum(tau * norm_q, row_inf(Px)), row_inf(ATz)))
+        tt = tau * tau
+        gap = (xPx + tau * (qx + bz)).abs() / (tt + xPx.abs() + tau * (qx.abs() + bz.abs()))
+        self.merit = torch.maximum(torch.maximum(pres, dres), gap)
+        self.pinf = (bz < -tol_inf * row_inf(z)) & (row_inf(ATz) < -tol_inf * bz)
+        self.dinf = (qx < -tol_inf * row_inf(x)) & (row_inf(Px) < -tol_inf * qx) & (row_inf(Ax + s) < -tol_inf * qx)
+        finite = torch.isfinite(self.merit) & torch.isfinite(kappa) & (tau > 0)
+        self.merit = torch.where(finite, self.merit, torch.inf)
+        self.finite = finite
+
+
+def max_step(layout: ConeLayout, sc, zc, tau, kappa, dsc, dzc, dtau, dkappa) -> torch.Tensor:
+    """Largest step in (0, ∞] keeping s, z in K and τ, κ >= 0."""
+    extra = [(zc[:, :layout.nonneg], dzc[:, :layout.nonneg]),
+             (torch.stack([tau, kappa], 1), torch.stack([dtau, dkappa], 1))]
+    alpha = layout.max_step(sc, dsc, tuple(extra))
+    if layout.soc:
+        alpha = torch.minimum(alpha, layout.soc_max_step(zc[:, layout.nonneg:], dzc[:, layout.nonneg:]))
+    return alpha
