@@ -189,7 +189,7 @@ class KKTSystem:
         failed: ``(B,)`` bool, elements whose Cholesky factorisation broke down. Their
             solutions are garbage (confined to their own rows of the batch); callers
             freeze them.
-        regularisation_effect: ``(B,)`` :math:`\delta` over the smallest eigenvalue of
+        regularisation_effect: ``(B,)`` :math:`\\delta` over the smallest eigenvalue of
             the regularised matrices, about the relative change of a solve by the
             regularisation, where the pivots are those eigenvalues (diagonal :math:`S`,
             at most one equality row); else ``None`` (not known cheaply).
