@@ -62,13 +62,15 @@ _MIN_STEP = 1e-10
 # the least-squares guess of which member of each pair is active; measured against 1.0
 # (same seeds): mean iterations 10.8 -> 9.6 and slowest 16-19 -> 12-14 on the n = 50 QP
 # (batch 64 and 1024), 11.6 -> 10.6 on the OptNet QP, 10.5-11.2 -> 9.4-10.4 on the
-# L1-ball projection n = 512, 8.2 -> 7.8 on sparsemax; 9.0 -> 9.9 on the L∞-ball.
+# L1-ball projection n = 512, 8.2 -> 7.8 on sparsemax; slower on the L∞-ball (9.0 -> 9.9)
+# and on some QPs with data ~1e6 (two elements: 9-11 -> 21-22).
 _START_LEVEL = 0.1
 # An element whose best merit has not halved in this many iterations has stalled (an
 # off-centre cycle of long and short steps); it stops and the final checks decide
 # (polishing may still solve it, otherwise the per-element path does). Clarabel stops on
-# insufficient progress alike.
-_STALL_GAIN, _STALL_ITERATIONS = 0.5, 15
+# insufficient progress alike. 15 stopped slow but converging elements (QPs with data
+# ~1e6 that need 21-22 iterations from the 0.1 start).
+_STALL_GAIN, _STALL_ITERATIONS = 0.5, 30
 # Elements whose solution (x, z) is below this in the equilibrated units are solved again
 # with the solution scale σ taken from it.
 _RESCALE_BELOW = 1e-3

@@ -280,7 +280,7 @@ def test_stalled_element_stops_and_is_certified(monkeypatch):
     left to the final checks. Element 996 of the registry QP's seed-0 batch, started at
     level 0.1 (the default; at 1.0 it converges in 8), cycles between long and short
     steps with its merit stuck near 1e-2 (it ran all 100 iterations before the rule);
-    now it stops within 15 iterations of its last progress, and polishing solves it
+    now it stops 30 iterations after its last progress, and polishing solves it
     (checked against Clarabel)."""
     import convexddn as cddn
     import convexddn.convex.batched as batched
@@ -299,10 +299,31 @@ def test_stalled_element_stops_and_is_certified(monkeypatch):
     monkeypatch.setattr(batched, "solve_cone_batch", spy)
     y = layer(*params)
     sol = seen["sol"]
-    assert 15 <= int(sol.iterations[0]) <= 30
+    assert 30 <= int(sol.iterations[0]) <= 45
     assert layer.last_solve.backend == ["batched"] and layer.last_solve.statuses == ["solved"]
     want = cddn.layer("qp", backend="cvxpy", n=10, n_ineq=5, n_eq=2, solver="Clarabel")(*params)
     torch.testing.assert_close(y, want, atol=1e-8, rtol=0)
+
+
+def test_slow_elements_are_not_stopped_as_stalled():
+    """Two registry QP elements (seed 3, all data times 1e6) converge slowly from the
+    0.1 start: 21-22 iterations with long stretches where the best merit does not
+    halve. A 15-iteration stall window stopped both (then the per-element path failed on
+    them: SolverError); the 30-iteration window lets them finish. Reference: with all
+    data scaled by c the minimiser is that of the unscaled problem with q / c, solved
+    per element by Clarabel."""
+    import convexddn as cddn
+
+    layer = cddn.layer("qp", backend="cvxpy", n=10, n_ineq=5, n_eq=2)
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(256, *p.shape, dtype=F64, generator=gen)[[88, 127]] for p in layer.parameters_]
+    c = 1e6
+    y = layer(*(p * c for p in base))
+    assert layer.last_solve.backend == ["batched"] * 2 and layer.last_solve.statuses == ["solved"] * 2
+    names = [p.name() for p in layer.parameters_]
+    ref = cddn.layer("qp", backend="cvxpy", n=10, n_ineq=5, n_eq=2, solver="Clarabel")(
+        *(p / c if name == "q" else p for p, name in zip(base, names)))
+    torch.testing.assert_close(y, ref, atol=1e-8, rtol=0)
 
 
 def test_diagonal_structure_matches_dense():
