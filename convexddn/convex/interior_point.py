@@ -86,11 +86,12 @@ class ConeSolution:
 
     ``x, s, z`` are the solution where ``status == 0`` and finite but meaningless
     elsewhere. ``residual`` is the larger of :func:`kkt_measures`' relative KKT residual
-    of the equilibrated program (cone violations included) and of the caller's, ``error`` the size of one more
-    Newton step relative to the solution (equilibrated units), an estimate of its
-    error. ``scaled`` and ``kkt`` (the equilibrated data and the factorised KKT matrix
-    at the solution) are kept for the implicit backward when asked for; ``undecided``
-    marks solved elements where strict complementarity fails (no derivative).
+    of the equilibrated program (cone violations included) and of the caller's program,
+    ``error`` the size of one more Newton step relative to the solution (equilibrated
+    units), an estimate of its error. ``scaled`` and ``kkt`` (the equilibrated data and
+    the factorised KKT matrix at the solution) are kept for the implicit backward when
+    asked for; ``undecided`` marks solved elements where strict complementarity fails
+    (no derivative).
     """
 
     x: torch.Tensor
@@ -198,7 +199,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # badly scaled QP). The same measures in the caller's units do not share that blind
     # spot (nor the equilibrated ones its blind spot for tiny data): both must pass.
     caller = torch.stack(kkt_measures(P, q, A, b, xo, so, zo)).amax(0)
-    residual = torch.where(certified, residual, torch.maximum(residual, caller.nan_to_num(torch.inf)))
+    caller = torch.where(torch.isnan(caller), torch.inf, caller)
+    residual = torch.where(certified, residual, torch.maximum(residual, caller))
     # Solved means: small residual and small estimated error, whatever the loop concluded.
     ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
