@@ -34,6 +34,7 @@ __all__ = ["Scaled", "equilibrate", "rescale"]
 
 _MIN_SCALE, _MAX_SCALE = 1e-4, 1e4  # per Ruiz pass; passes compound
 _MIN_COST, _MAX_COST = 1e-8, 1e8
+_FIELDS = ("P", "q", "A", "b", "D", "E", "c", "sigma")  # Scaled's, in order
 
 
 @dataclass
@@ -51,13 +52,11 @@ class Scaled:
 
     def select(self, idx: torch.Tensor) -> "Scaled":
         """The elements ``idx`` of the batch."""
-        return Scaled(*(getattr(self, f).index_select(0, idx) for f in
-                        ("P", "q", "A", "b", "D", "E", "c", "sigma")))
+        return Scaled(*(getattr(self, f).index_select(0, idx) for f in _FIELDS))
 
     def merge(self, idx: torch.Tensor, part: "Scaled") -> "Scaled":
         """These elements with ``part``'s in place of the elements ``idx``."""
-        return Scaled(*(getattr(self, f).index_copy(0, idx, getattr(part, f)) for f in
-                        ("P", "q", "A", "b", "D", "E", "c", "sigma")))
+        return Scaled(*(getattr(self, f).index_copy(0, idx, getattr(part, f)) for f in _FIELDS))
 
     def with_sigma(self, sigma: torch.Tensor) -> "Scaled":
         """The same program with another solution scale σ."""

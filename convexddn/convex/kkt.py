@@ -43,7 +43,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DataOps", "KKTStructure", "KKTSystem", "constant_part"]
+__all__ = ["DataOps", "KKTStructure", "KKTSystem", "bmv", "constant_part"]
 
 # Static regularisation and equality penalty, in the equilibrated problem's units (O(1)).
 _DELTA = 1e-9
@@ -68,6 +68,11 @@ class KKTStructure:
 
 
 DENSE = KKTStructure()
+
+
+def bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched matrix-vector product ``(B, p, r) @ (B, r) -> (B, p)``."""
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -288,3 +293,20 @@ class KKTSystem:
             x, zE, zh = x + dx, zE + dzE, zh + dzh
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
         return x, torch.cat([zE, zI], 1), zh
+
+    def solve_columns(self, columns, refine: int = 1):
+        """``[(x, z, ẑ)]`` of the scaled system for each ``(r_x, r_z)`` ``(B, n), (B, m)``
+        in ``columns`` (cone rows of ``r_z`` already scaled, as in :meth:`solve`).
+
+        Together as one ``(B, ·, k)`` solve (one batched BLAS/LAPACK call per product), or
+        one ``(B, ·, 1)`` solve each where the system is diagonal: there every step is
+        elementwise, and torch's CPU kernels do not vectorise over an innermost dimension
+        of 2 (measured at B = 1024, n = 16: 31 µs per product on ``(B, n, 2)`` against 4 µs
+        on ``(B, n, 1)``).
+        """
+        if self.diagonal:
+            return [tuple(v.squeeze(-1) for v in self.solve(rx.unsqueeze(-1), rz.unsqueeze(-1), refine, scaled=True))
+                    for rx, rz in columns]
+        X, Z, H = self.solve(torch.stack([c[0] for c in columns], -1), torch.stack([c[1] for c in columns], -1),
+                             refine, scaled=True)
+        return [(X[..., k], Z[..., k], H[..., k]) for k in range(len(columns))]

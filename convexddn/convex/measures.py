@@ -11,14 +11,10 @@ import torch
 
 from .certify import row_inf
 from .equilibration import Scaled
-from .kkt import DataOps
+from .kkt import DataOps, bmv
 from .symmetric_cones import ConeLayout
 
 __all__ = ["Measures", "kkt_measures", "max_step"]
-
-
-def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,7 +29,7 @@ def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch
     On equilibrated data (unit-size rows, columns and cost) the 1's are the data's own
     scale, which makes these measures invariant to rescaling the problem.
     """
-    Ax, Px, ATz = _bmv(A, x), _bmv(P, x), _bmv(A.mT, z)
+    Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
     pres = row_inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(row_inf(b), row_inf(Ax)), row_inf(s)))
     dres = row_inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(row_inf(q), row_inf(Px)), row_inf(ATz)))
     xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)

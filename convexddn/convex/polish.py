@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .._linalg import lu_factor_ex
+from .kkt import bmv
 from .symmetric_cones import ConeLayout
 
 __all__ = ["polish"]
@@ -35,9 +36,6 @@ _ROUNDING = 16
 # unit scale (see _newton_step).
 _DELTA = 1e-10
 
-
-def _bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -64,8 +62,8 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     """
     z0, n = layout.zero, P.shape[-1]
     B, m = s.shape
-    rx = _bmv(P, x) + _bmv(A.mT, z) + q
-    rz = _bmv(A, x) + s - b
+    rx = bmv(P, x) + bmv(A.mT, z) + q
+    rz = bmv(A, x) + s - b
     sc, zc = s[:, z0:], z[:, z0:]
     K = P.new_zeros(B, n + m, n + m)
     K[:, :n, :n] = P
@@ -91,7 +89,7 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     LU = torch.where(failed[:, None, None], identity, LU)
     sol = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
     dx, dz = sol[:, :n], sol[:, n:]
-    ds = -rz - _bmv(A, dx)
+    ds = -rz - bmv(A, dx)
     ds = torch.cat([torch.zeros_like(ds[:, :z0]), ds[:, z0:]], 1)
     return dx, ds, dz, failed | ~torch.isfinite(sol).all(1)
 

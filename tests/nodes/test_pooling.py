@@ -784,9 +784,9 @@ def test_robust_pool_cuda_matches_cpu(name):
 
 
 def test_start_is_robust_and_exact_on_short_rows():
-    """The solvers' start: the lower median of (at most 129 strided entries of) rows up to 512; beyond, the
-    repeated median of three of 81 strided entries, which outliers (a contiguous run of
-    10 %, or 30 % scattered at random) do not move off the inliers."""
+    """The solvers' start: the lower median of (at most 129 strided entries of) rows up
+    to 512; beyond, the repeated median of three of 81 strided entries, which outliers
+    (a contiguous run of 10 %, or 30 % scattered at random) do not move off the inliers."""
     from convexddn.nodes.pooling.solvers import _median_start
 
     gen = torch.Generator().manual_seed(5)
@@ -802,8 +802,6 @@ def test_start_is_robust_and_exact_on_short_rows():
         u = _median_start(data).squeeze(-1)
         assert u.abs().max() < 5.0  # an inlier (inliers are N(0, 1))
         assert bool((data == u.unsqueeze(-1)).any(-1).all())  # an entry of its row
-
-
 
 
 def test_pool_backward_rows_whose_weights_underflow():
