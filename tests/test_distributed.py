@@ -95,8 +95,7 @@ def _worker(rank: int, port: int, out_dir: str, ddp_kwargs: dict) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    # A bounded wait: a rank stuck in a collective fails the test instead of hanging it
-    # (one run of the suite hung here once, not reproduced in the next five).
+    # A bounded wait: a rank stuck in a collective fails the test instead of hanging it.
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -106,8 +105,16 @@ def _worker(rank: int, port: int, out_dir: str, ddp_kwargs: dict) -> None:
         losses = train(ddp, rank, WORLD)
         torch.save({"state": model.state_dict(), "losses": losses},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Both ranks have saved their results and passed the barrier: leave without running
+    # destructors. torch's teardown can deadlock here (2 of ~6 suite runs hung; py-spy:
+    # the DDP Reducer's process-group destructor joins gloo's worker thread while holding
+    # the GIL, and that thread waits for the GIL to free a finished work's thread-local
+    # state), which no timeout covers.
+    os._exit(0)
 
 
 def free_port() -> int:
