@@ -44,6 +44,7 @@ from ..errors import DTypeError, GradientWarning, InputError, OptionError, Shape
 from .canonical import UnsupportedProblem, canonicalise
 from .certify import row_inf
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
+from .second_opinion import clarabel_points
 
 __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]
 
@@ -259,8 +260,14 @@ class BatchedProgram:
             raise InputError(f"all parameters must be on one device, got {sorted({str(v.device) for v in values})}")
         return sizes.pop() if sizes else 1
 
-    def __call__(self, *values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
+    def __call__(self, *values: torch.Tensor,
+                 second_opinion: bool = False) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
         """Solve every element; never raises for a per-element failure.
+
+        With ``second_opinion``, each element is solved by Clarabel on the same program
+        instead of the batched iterations (a host loop; for the few elements those did
+        not certify, see :mod:`.second_opinion`), then polished, checked and
+        differentiated as usual.
 
         Shape:
             ``values[i]``: ``(B, *param_i.shape)`` or ``param_i.shape`` (shared) ->
@@ -285,6 +292,8 @@ class BatchedProgram:
                        max_iter=self.max_iter, refine=self.refine,
                        polish=self.polish, structure=data.structure, error_cols=data.error_cols,
                        error_duals=data.error_duals)
+        if second_opinion:
+            options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
         x, z, status, residual, iterations, error, _ = _ConeSolve.apply(P, q, A, b, data.layout, options,
                                                                          needs_grad)
         xf, zf = data.recover(x, z, extra)

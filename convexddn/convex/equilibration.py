@@ -69,6 +69,11 @@ class Scaled:
         sig = self.sigma[:, None]
         return sig * self.D * x, sig * s / self.E, sig * self.E * z / self.c[:, None]
 
+    def scale(self, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+        """(x, s, z) of the original program -> (x̂, ŝ, ẑ) of the scaled one."""
+        sig = self.sigma[:, None]
+        return x / (sig * self.D), s * self.E / sig, z * self.c[:, None] / (sig * self.E)
+
 
 def _inv_sqrt(norm: torch.Tensor) -> torch.Tensor:
     # An empty row or column (norm 0) keeps scale 1.

@@ -42,6 +42,7 @@ from .certify import DECIDED, finish, row_inf, undecided
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
 from .measures import Measures, kkt_measures, max_step
+from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout, NTScaling
 
 __all__ = ["STATUS_NAMES", "ConeSolution", "solve_cone_batch", "kkt_measures"]
@@ -111,7 +112,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
                      tol_error: float = 1e-7, tol_inf: float = 1e-8, max_iter: int = 100, refine: int = 1,
                      equilibrate_passes: int = 3, polish: str = "auto", polish_steps: int = 3,
                      structure: KKTStructure = DENSE, error_cols: torch.Tensor | None = None,
-                     error_duals: torch.Tensor | None = None, keep_state: bool = False) -> ConeSolution:
+                     error_duals: torch.Tensor | None = None, keep_state: bool = False,
+                     start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> ConeSolution:
     """Solve a batch of cone programs ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``.
 
     Args:
@@ -142,6 +144,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             by default) that count in the error estimate: the outputs a caller asks for.
         keep_state: keep the equilibrated data and the KKT system factorised at the
             solution (for the backward).
+        start: ``(x, s, z)``, a solution found elsewhere (:mod:`.second_opinion`) to
+            polish, check and keep instead of iterating: no interior-point iterations.
 
     Shape:
         ``P (B, n, n), q (B, n), A (B, m, n), b (B, m)`` ->
@@ -156,7 +160,13 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     d = equilibrate(P, q, A, b, layout, equilibrate_passes)
     B, m, n = A.shape
     z0 = layout.zero
-    d, xs, ss, zs, status, iterations, certified = _iterate(d, layout, structure, tol, tol_inf, max_iter, refine)
+    if start is not None:
+        d, xs, ss, zs = equilibrated_start(d, layout, *start, rescale_below=_RESCALE_BELOW)
+        status = torch.zeros(B, dtype=torch.long, device=A.device)
+        iterations, certified = torch.zeros_like(status), status.bool()
+    else:
+        d, xs, ss, zs, status, iterations, certified = _iterate(d, layout, structure, tol, tol_inf, max_iter,
+                                                                refine)
     # σ sizes the equilibrated units from the data, and an inactive constraint with a
     # huge right-hand side inflates it far above the solution (its slack is then the
     # O(1) part): the iterations stop once measures whose "1 +" hides the solution's
@@ -165,7 +175,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # at scales 2e4 to 1e6 ended 2e-5 to 4.4 off before, and now to 2e-10).
     size = torch.maximum(row_inf(xs), row_inf(zs))
     small = ~certified & (size < _RESCALE_BELOW) & (size > 0)
-    if bool(small.any()):
+    if start is None and bool(small.any()):
         idx = torch.nonzero(small).squeeze(1)
         part = d.select(idx)
         part = part.with_sigma(part.sigma * size.index_select(0, idx))

@@ -31,7 +31,7 @@ from .._checks import check_choice, check_finite, check_int, check_positive, che
 from ..errors import InputError, OptionError, ProblemError, ShapeError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, SOLVERS, CheckedDiffcp
-from .status import SolveInfo, failure_error, unravel
+from .status import SolveInfo, failure_error, merge_resolved, unravel
 from .validation import check_parameter_attributes, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
@@ -251,6 +251,13 @@ class ConvexLayer(nn.Module):
 
     # ------------------------------------------------------------------ the call
 
+    def _subset(self, flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+        """The flat parameters of the elements ``idx`` (shared ones stay shared)."""
+        sub = [v[idx] if v.dim() > len(p.shape) else v for v, p in zip(flat, self.parameters_)]
+        if all(v.dim() == len(p.shape) for v, p in zip(flat, self.parameters_)):
+            sub = [v.unsqueeze(0) for v in sub]
+        return sub
+
     def _bind(self, values: tuple, named: dict[str, Any]) -> list[Any]:
         """Positional tensors first, then the rest by CVXPY parameter name."""
         names = [p.name() for p in self.parameters_]
@@ -369,22 +376,21 @@ class ConvexLayer(nn.Module):
                 "kinds": ["solved"] * n_batch}
         redo = [i for i, ok in enumerate(solved) if not ok]
         if redo:
-            # Re-solve what the batched solver did not certify, one element at a time,
-            # and merge: autograd flows to each element through the path that solved it.
-            sub = [v[redo] if v.dim() > len(p.shape) else v for v, p in zip(flat, self.parameters_)]
-            if all(v.dim() == len(p.shape) for v, p in zip(flat, self.parameters_)):
-                sub = [v.unsqueeze(0) for v in sub]
-            fixed, pinfo = self._solve_per_element(sub, call_args)
-            index = torch.tensor(redo, device=device)
-            for k, (s, f) in enumerate(zip(sols, fixed)):
-                sols[k] = s.index_copy(0, index, f.to(device=s.device, dtype=s.dtype))
-            for j, i in enumerate(redo):
-                info["backend"][i] = "per_element"
-                info["solvers"][i] = pinfo["solvers"][j]
-                info["statuses"][i] = pinfo["statuses"][j]
-                info["residuals"][i] = pinfo["residuals"][j]
-                info["solved"][i] = pinfo["solved"][j]
-                info["kinds"][i] = pinfo["kinds"][j]
+            # Second opinion: Clarabel on the same program, P kept, its points polished,
+            # checked and differentiated by the batched path (see .second_opinion). The
+            # per-element path's second-order-cone form of a quadratic squares the data's
+            # range: it returned wrong points on badly scaled QPs that this solves.
+            fixed, finfo = self._batched(*self._subset(flat, redo), second_opinion=True)
+            took = finfo.solved.tolist()
+            merge_resolved(sols, info, redo, fixed, took, backend="batched", solvers="Clarabel (batched form)",
+                   statuses=finfo.status_names(), residuals=finfo.residual.tolist())
+            redo = [i for i, ok in zip(redo, took) if not ok]
+        if redo:
+            # Then one element at a time by the per-element path; autograd flows to each
+            # element through the path that solved it.
+            fixed, pinfo = self._solve_per_element(self._subset(flat, redo), call_args)
+            merge_resolved(sols, info, redo, fixed, [True] * len(redo), backend="per_element", **{
+                k: pinfo[k] for k in ("solvers", "statuses", "residuals", "solved", "kinds")})
         return sols, info
 
 

@@ -7,12 +7,13 @@ naming their indices in the caller's batch shape and the solver's status.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import InfeasibleError, SolverError, UnboundedError
 
-__all__ = ["SolveInfo", "failure_error", "status_kind", "unravel"]
+__all__ = ["SolveInfo", "failure_error", "merge_resolved", "status_kind", "unravel"]
 
 
 @dataclasses.dataclass
@@ -23,7 +24,11 @@ class SolveInfo:
         backend: per element, the path that produced the returned solution
             (``"batched"`` for the torch interior point, ``"per_element"`` for
             Clarabel/SCS/ECOS one at a time).
-        solvers: per element, the solver whose solution was returned (or tried last).
+        solvers: per element, the solver whose solution was returned (or tried last):
+            ``"batched"`` for the torch iterations, ``"Clarabel (batched form)"`` for the
+            second opinion on elements they did not certify (Clarabel on the same
+            program, checked and differentiated by the batched path), else the
+            per-element solver.
         statuses: per element, the status that solver reported.
         residuals: per element, the relative KKT residual of the returned solution.
         solved: a bool tensor of the caller's batch shape: True where the element was
@@ -81,3 +86,25 @@ def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...],
         f"problem {what} at {len(idx)} batch index(es) {idx[:20]}{'…' if len(idx) > 20 else ''} "
         f"of batch shape {batch}; solver status: {shown}{more}",
         indices=idx, statuses=statuses)
+
+
+def merge_resolved(sols: list[torch.Tensor], info: dict, idx: list[int], fixed: Sequence[torch.Tensor],
+           take: list[bool], backend: str, **per_element: Any) -> None:
+    """Put the re-solved elements ``idx`` (where ``take``) into ``sols`` and ``info`` in place.
+
+    ``per_element`` holds lists over ``idx`` (``solvers``, ``statuses``, ...) or one
+    string for all of them; ``solved`` and ``kinds`` default to solved.
+    """
+    rows = [j for j, ok in enumerate(take) if ok]
+    if not rows:
+        return
+    dest = torch.tensor([idx[j] for j in rows], device=sols[0].device)
+    pick = torch.tensor(rows, device=fixed[0].device)
+    for k, (s, f) in enumerate(zip(sols, fixed)):
+        sols[k] = s.index_copy(0, dest, f.index_select(0, pick).to(device=s.device, dtype=s.dtype))
+    per_element.setdefault("solved", True)
+    per_element.setdefault("kinds", "solved")
+    per_element["backend"] = backend
+    for key, value in per_element.items():
+        for j in rows:
+            info[key][idx[j]] = value if isinstance(value, (str, bool)) else value[j]

@@ -300,7 +300,7 @@ def test_stalled_element_stops_and_is_certified(monkeypatch):
     y = layer(*params)
     sol = seen["sol"]
     assert 30 <= int(sol.iterations[0]) <= 45
-    assert layer.last_solve.backend == ["batched"] and layer.last_solve.statuses == ["solved"]
+    assert layer.last_solve.solvers == ["batched"] and layer.last_solve.statuses == ["solved"]
     want = cddn.layer("qp", backend="cvxpy", n=10, n_ineq=5, n_eq=2, solver="Clarabel")(*params)
     torch.testing.assert_close(y, want, atol=1e-8, rtol=0)
 
@@ -319,7 +319,7 @@ def test_slow_elements_are_not_stopped_as_stalled():
     base = [torch.randn(256, *p.shape, dtype=F64, generator=gen)[[88, 127]] for p in layer.parameters_]
     c = 1e6
     y = layer(*(p * c for p in base))
-    assert layer.last_solve.backend == ["batched"] * 2 and layer.last_solve.statuses == ["solved"] * 2
+    assert layer.last_solve.solvers == ["batched"] * 2 and layer.last_solve.statuses == ["solved"] * 2
     names = [p.name() for p in layer.parameters_]
     ref = cddn.layer("qp", backend="cvxpy", n=10, n_ineq=5, n_eq=2, solver="Clarabel")(
         *(p / c if name == "q" else p for p, name in zip(base, names)))

@@ -372,5 +372,5 @@ def test_registry_batch_1024_needs_no_fallback(name, options):
     if name == "ot_lp":  # marginals: positive, unit mass
         params[1], params[2] = params[1].softmax(-1), params[2].softmax(-1)
     layer(*params)
-    backends = layer.last_solve.backend
-    assert backends.count("batched") == 1024, [i for i, b in enumerate(backends) if b != "batched"]
+    solvers = layer.last_solve.solvers  # "batched": the torch iterations themselves
+    assert solvers.count("batched") == 1024, [i for i, s in enumerate(solvers) if s != "batched"]

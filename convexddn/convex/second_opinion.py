@@ -1,0 +1,121 @@
+"""A second opinion for elements the batched interior point could not certify.
+
+The batched iterations can end short of a certified point on badly scaled data (a
+quadratic term of size 1e14 beside an O(1) linear one). The per-element path behind it
+solves cvxpylayers' DIFFCP form, where the quadratic objective has become a second-order
+cone: its entries are the squares of the data's (s⁴ for data of size s), and on such
+data it returned points off by 5e-3 to 7e4 with small residuals there, or called a
+bounded problem unbounded (``tests/convex/test_reliability.py``'s badly scaled QP).
+
+So first, each such element is solved by Clarabel on the *same* program the batched
+path solves, with :math:`P` kept,
+
+.. math::
+
+    \\min_x \\tfrac12 x^T P x + q^T x \\quad\\text{s.t.}\\quad Ax + s = b,\\ s \\in K,
+
+and its point is handed back to the batched path, which polishes it, estimates its error,
+checks it in the equilibrated and in the caller's units (:func:`~.interior_point.solve_cone_batch`
+with ``start``) and differentiates it implicitly like any batched solution. Only what
+that does not certify goes on to the per-element path.
+
+This is a host loop over the elements that need it (CPU, float64), like the per-element
+path it comes before; the batched path itself never reaches it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import clarabel
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .certify import row_inf
+from .equilibration import Scaled
+from .symmetric_cones import ConeLayout
+
+__all__ = ["clarabel_points", "equilibrated_start"]
+
+# Clarabel's statuses whose point is worth certifying: the checks decide the rest.
+_USABLE = {"Solved", "AlmostSolved"}
+
+_SETTINGS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10,
+             "tol_ktratio": 1e-8, "max_iter": 200, "verbose": False}
+
+
+def _cones(layout: ConeLayout) -> list:
+    cones = []
+    if layout.zero:
+        cones.append(clarabel.ZeroConeT(layout.zero))
+    if layout.nonneg:
+        cones.append(clarabel.NonnegativeConeT(layout.nonneg))
+    cones.extend(clarabel.SecondOrderConeT(k) for k in layout.soc)
+    return cones
+
+
+def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
+                    layout: ConeLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clarabel's solution of each element of a batch of cone programs.
+
+    Shape:
+        ``P (B, n, n), q (B, n), A (B, m, n), b (B, m)`` -> ``x (B, n), s (B, m),
+        z (B, m), usable (B,)``, on the data's device and dtype.
+
+    Returns:
+        The points (zeros where Clarabel failed or raised) and a bool mask of the
+        elements whose status was solved or almost solved. Never raises for one element.
+    """
+    dev, dtype = q.device, q.dtype
+    Pn, qn, An, bn = (v.detach().to("cpu", torch.float64).numpy() for v in (P, q, A, b))
+    B, m, n = An.shape
+    cones = _cones(layout)
+    settings = clarabel.DefaultSettings()
+    for key, value in _SETTINGS.items():
+        setattr(settings, key, value)
+    x, s, z = np.zeros((B, n)), np.zeros((B, m)), np.zeros((B, m))
+    usable = np.zeros(B, dtype=bool)
+    for i in range(B):
+        Pi = sp.triu(sp.csc_matrix(0.5 * (Pn[i] + Pn[i].T)), format="csc")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sol = clarabel.DefaultSolver(Pi, qn[i], sp.csc_matrix(An[i]), bn[i], cones, settings).solve()
+        except BaseException as err:  # noqa: B036 (a Rust panic is a BaseException)
+            if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            continue  # this element stays unusable; the per-element path comes next
+        xi, si, zi = (np.asarray(v, dtype=np.float64) for v in (sol.x, sol.s, sol.z))
+        if str(sol.status) in _USABLE and np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all():
+            x[i], s[i], z[i], usable[i] = xi, si, zi, True
+    to = dict(device=dev, dtype=dtype)
+    return (torch.from_numpy(x).to(**to), torch.from_numpy(s).to(**to), torch.from_numpy(z).to(**to),
+            torch.from_numpy(usable).to(dev))
+
+
+# How far inside K a given start is moved (relative to its size; as a polished point).
+_START_SHIFT = 1e-12
+
+
+def equilibrated_start(d: Scaled, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                       rescale_below: float) -> tuple[Scaled, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A point of the caller's program in the equilibrated units of ``d``.
+
+    Where the point comes out below ``rescale_below`` of the units' size (σ taken
+    from the data, inflated by an inactive constraint with a huge right-hand side) σ
+    is taken from the point instead, as the interior point's second solve does; the
+    cone parts of ``s`` and ``z`` are moved onto K and just inside it (the KKT
+    linearisation needs an interior point).
+
+    Returns:
+        ``(d, x̂, ŝ, ẑ)``: the data (σ possibly changed) and the point in its units.
+    """
+    xs, _, zs = d.scale(x, s, z)
+    size = torch.maximum(row_inf(xs), row_inf(zs))
+    small = (size < rescale_below) & (size > 0)
+    d = d.with_sigma(torch.where(small, d.sigma * size, d.sigma))
+    xs, ss, zs = d.scale(x, s, z)
+    z0 = layout.zero
+    ss = torch.cat([torch.zeros_like(ss[:, :z0]), layout.lift(ss[:, z0:], _START_SHIFT)], 1)
+    zs = torch.cat([zs[:, :z0], layout.lift(zs[:, z0:], _START_SHIFT)], 1)
+    return d, xs, ss, zs

@@ -1,0 +1,107 @@
+"""The second opinion: Clarabel on the batched program, certified by the batched path.
+
+Expected values are closed forms or Clarabel through its own Python API (the test
+module of the interior point), never the code under test.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from convexddn.convex.interior_point import solve_cone_batch
+from convexddn.convex.second_opinion import clarabel_points
+from convexddn.errors import SolverWarning
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_interior_point import LAYOUTS, clarabel_solve, random_program  # noqa: E402
+from test_reliability import _scaled_qp  # noqa: E402
+
+SOLVED = 0
+
+
+@pytest.mark.parametrize("kind", ["qp", "socp", "lp"])
+def test_clarabel_points_match_clarabel(kind):
+    layout, n, lp = LAYOUTS[kind]
+    P, q, A, b = random_program(layout, n, 4, seed=5, lp=lp)
+    x, s, z, usable = clarabel_points(P, q, A, b, layout)
+    assert usable.all() and x.dtype == q.dtype and x.shape == q.shape and s.shape == z.shape == b.shape
+    for i in range(4):
+        want, status = clarabel_solve(P[i], q[i], A[i], b[i], layout)
+        assert status in ("Solved", "AlmostSolved")
+        # Interior-point points err by ~μ (QP) to ~√μ (second-order cones); the polish fixes that.
+        torch.testing.assert_close(x[i], torch.from_numpy(want), atol=1e-5 if layout.soc else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qp", "socp"])
+def test_start_is_polished_and_certified(kind):
+    """A start at the solution is kept (no iterations); one with x off by 1e-2 but the
+    right active set is repaired by the polish; without polish it is rejected, not
+    returned as solved."""
+    layout, n, lp = LAYOUTS[kind]
+    P, q, A, b = random_program(layout, n, 3, seed=2, lp=lp)
+    x, s, z, _ = clarabel_points(P, q, A, b, layout)
+    want = torch.stack([torch.from_numpy(clarabel_solve(P[i], q[i], A[i], b[i], layout)[0]) for i in range(3)])
+    atol = 1e-5 if layout.soc else 1e-8  # Clarabel's own points err by ~√μ on cones
+    iterated = solve_cone_batch(P, q, A, b, layout)  # the usual batched iterations
+    assert iterated.status.tolist() == [SOLVED] * 3
+    sol = solve_cone_batch(P, q, A, b, layout, start=(x, s, z))
+    assert sol.status.tolist() == [SOLVED] * 3 and sol.iterations.tolist() == [0] * 3
+    torch.testing.assert_close(sol.x, want, atol=atol, rtol=0)
+    torch.testing.assert_close(sol.x, iterated.x, atol=1e-9, rtol=0)
+    off = (x + 1e-2, s, z)
+    sol = solve_cone_batch(P, q, A, b, layout, start=off, polish="always")
+    assert sol.status.tolist() == [SOLVED] * 3
+    torch.testing.assert_close(sol.x, iterated.x, atol=1e-9, rtol=0)
+    sol = solve_cone_batch(P, q, A, b, layout, start=off, polish="never")
+    assert SOLVED not in sol.status.tolist()
+
+
+@pytest.mark.parametrize("scale", [1e7, 3e7])
+def test_default_layer_solves_badly_scaled_qp_by_second_opinion(scale):
+    """min ½‖s·y‖² + s²y₁ − s²y₂ + y₃ s.t. y₁ ≤ s², y₃ ≤ 1: the batched iterations do not
+    certify it at s = 1e7 and the per-element path (second-order-cone form, entries s⁴)
+    called it unbounded (UnboundedError before this stage existed). Clarabel on the
+    batched program solves it; y* = (−1, 1, −1/s²) and dy/dq = −I/s² (constraints
+    inactive)."""
+    layer, data, want = _scaled_qp(scale)
+    q = data[1].clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        y = layer(data[0], q, data[2], data[3])
+    info = layer.last_solve
+    assert info.solvers == ["Clarabel (batched form)"] and info.backend == ["batched"]
+    assert info.statuses == ["solved"]
+    torch.testing.assert_close(y, want, atol=1e-9, rtol=0)
+    w = torch.tensor([0.3, -1.2, 2.0], dtype=y.dtype)
+    (g,) = torch.autograd.grad(y @ w, q)
+    torch.testing.assert_close(g * scale ** 2, -w, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_second_opinion_point_is_checked_not_trusted(wrong, monkeypatch):
+    """With the batched iterations cut to one (so they fail) and no polish, Clarabel's
+    own point is certified as it is; a wrong one (x + 1) is rejected by the same checks
+    and the element goes on to the per-element path, which solves it."""
+    import convexddn.convex.batched as batched
+
+    def off(P, q, A, b, layout):
+        x, s, z, ok = clarabel_points(P, q, A, b, layout)
+        return x + 1.0, s, z, ok
+
+    if wrong:
+        monkeypatch.setattr(batched, "clarabel_points", off)
+    layer, data, want = _scaled_qp(10.0)
+    layer._batched.max_iter, layer._batched.polish = 1, "never"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        y = layer(*data)
+    info = layer.last_solve
+    if wrong:
+        assert info.backend == ["per_element"] and info.solvers == ["Clarabel"]
+    else:
+        assert info.backend == ["batched"] and info.solvers == ["Clarabel (batched form)"]
+    torch.testing.assert_close(y, want, atol=1e-8, rtol=0)
