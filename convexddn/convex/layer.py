@@ -28,11 +28,12 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
 from .._checks import check_choice, check_finite, check_int, check_positive, check_tensor
-from ..errors import InputError, OptionError, ProblemError, ShapeError, SolverWarning
+from ..errors import InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, SOLVERS, CheckedDiffcp
 from .status import SolveInfo, failure_error, merge_resolved, unravel
-from .validation import check_parameter_attributes, validate_problem, validate_solver_args
+from .validation import (batch_shape, bind_parameters, check_parameter_attributes, validate_problem,
+                         validate_solver_args)
 
 __all__ = ["ConvexLayer"]
 
@@ -174,6 +175,10 @@ class ConvexLayer(nn.Module):
             raise OptionError("solver='batched' does not take gp=True problems; use solver='auto'")
         if self._batched is None:
             self._per_element_layer()  # canonicalise now: errors belong to construction
+        # The program that gives second opinions on per-element results in doubt: the
+        # batched one; for the per-element solvers built on first need (None: not yet,
+        # False: the problem has no batched form).
+        self._opinion = (self._batched or False) if gp or solver in ("auto", "batched") else None
         self._local = threading.local()
         self._build_lock = threading.Lock()
 
@@ -246,10 +251,23 @@ class ConvexLayer(nn.Module):
             layer = self._per_element_layer()
         sols = layer(*cpu, solver_args=solver_args)
         info = self._backend.last_info
-        return list(sols), {"solvers": info.solvers, "statuses": info.statuses,
-                            "residuals": info.residuals, "solved": info.solved, "kinds": info.kinds}
+        return list(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
+                            "statuses": info.statuses, "residuals": info.residuals, "solved": info.solved,
+                            "kinds": info.kinds}
 
     # ------------------------------------------------------------------ the call
+
+    def _opinion_program(self) -> BatchedProgram | None:
+        """The batched form of the problem for second opinions, or None if it has none."""
+        if self._opinion is None:
+            with self._build_lock:
+                if self._opinion is None:
+                    try:
+                        self._opinion = BatchedProgram(self.problem, self.parameters_, self.variables_,
+                                                       tol_accept=min(self.tol, 1e-8))
+                    except UnsupportedProblem:
+                        self._opinion = False
+        return self._opinion or None
 
     def _subset(self, flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
         """The flat parameters of the elements ``idx`` (shared ones stay shared)."""
@@ -257,42 +275,6 @@ class ConvexLayer(nn.Module):
         if all(v.dim() == len(p.shape) for v, p in zip(flat, self.parameters_)):
             sub = [v.unsqueeze(0) for v in sub]
         return sub
-
-    def _bind(self, values: tuple, named: dict[str, Any]) -> list[Any]:
-        """Positional tensors first, then the rest by CVXPY parameter name."""
-        names = [p.name() for p in self.parameters_]
-        if len(values) > len(names):
-            raise ShapeError(f"expected {len(names)} tensor(s), one per parameter {names}, got {len(values)}")
-        bound: list[Any] = list(values) + [None] * (len(names) - len(values))
-        for key, value in named.items():
-            if key not in names:
-                raise ShapeError(f"unknown parameter name {key!r}; the parameters are {names}")
-            i = names.index(key)
-            if i < len(values):
-                raise ShapeError(f"parameter {key!r} was given both by position ({i}) and by name")
-            bound[i] = value
-        missing = [n for n, v in zip(names, bound) if v is None]
-        if missing:
-            raise ShapeError(
-                f"expected {len(names)} tensor(s), one per parameter {names}, got "
-                f"{len(values) + len(named)}; missing {missing}")
-        return bound
-
-    def _batch_shape(self, values: Sequence[torch.Tensor]) -> tuple[int, ...]:
-        batch_shapes = []
-        for i, (value, param) in enumerate(zip(values, self.parameters_)):
-            k = len(param.shape)
-            if value.dim() < k or tuple(value.shape[value.dim() - k:]) != tuple(param.shape):
-                raise ShapeError(
-                    f"parameter {i} ({param.name()}) must have shape (*batch, "
-                    f"{', '.join(map(str, param.shape))}) i.e. trailing shape "
-                    f"{tuple(param.shape)}, got {tuple(value.shape)}")
-            batch_shapes.append(tuple(value.shape[: value.dim() - k]))
-        try:
-            return tuple(torch.broadcast_shapes(*batch_shapes))
-        except RuntimeError:
-            desc = ", ".join(f"{p.name()}: {s}" for p, s in zip(self.parameters_, batch_shapes))
-            raise ShapeError(f"batch shapes of the parameters do not broadcast: {desc}") from None
 
     @torch.compiler.disable  # a clean graph break: the solve is not traceable
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
@@ -302,14 +284,14 @@ class ConvexLayer(nn.Module):
         ``solver_args`` (per call) are merged over the constructor's for the
         per-element solver.
         """
-        values = self._bind(values, named)
+        values = bind_parameters(values, named, self.parameters_)
         for i, (value, param) in enumerate(zip(values, self.parameters_)):
             check_tensor(f"parameter {i} ({param.name()})", value)
         devices = {v.device for v in values}
         if len(devices) > 1:
             raise InputError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
-        batch = self._batch_shape(values)
+        batch = batch_shape(values, self.parameters_)
         for i, (value, param) in enumerate(zip(values, self.parameters_)):
             check_finite(f"parameter {i} ({param.name()})", value)
         check_parameter_attributes(values, self.parameters_)
@@ -364,33 +346,46 @@ class ConvexLayer(nn.Module):
         """Both backends: batched first where it applies, then per element for the rest."""
         if not self._use_batched(n_batch, device):
             sols, info = self._solve_per_element(flat, call_args)
-            info["backend"] = ["per_element"] * n_batch
+            info = {k: list(v) for k, v in info.items()}
+            # Per-element results in doubt — not solved, or solved only after the
+            # solver said otherwise (inaccurate, unbounded, ...) — get a second opinion
+            # from the batched form where the problem has one; what it certifies
+            # replaces them. The second-order-cone form of a squared objective hid
+            # errors of 5e-3 ("Optimal Inaccurate") and 7e4 ("Unbounded") behind small
+            # residuals, and called a bounded problem unbounded, on the badly scaled QP
+            # of tests/convex/test_reliability.py.
+            doubt = [i for i, (ok, status) in enumerate(zip(info["solved"], info["statuses"]))
+                     if not ok or status.lower() != "solved"]
+            program = self._opinion_program() if doubt else None
+            if program is not None:
+                fixed, part = self._solve_batched(program, self._subset(flat, doubt))
+                merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])
             return sols, info
-        sols, binfo = self._batched(*flat)
-        sols = list(sols)
-        statuses = binfo.status_names()
-        residuals = binfo.residual.tolist()
-        solved = binfo.solved.tolist()
-        info = {"backend": ["batched"] * n_batch, "solvers": ["batched"] * n_batch,
-                "statuses": statuses, "residuals": residuals, "solved": solved,
-                "kinds": ["solved"] * n_batch}
-        redo = [i for i, ok in enumerate(solved) if not ok]
-        if redo:
-            # Second opinion: Clarabel on the same program, P kept, its points polished,
-            # checked and differentiated by the batched path (see .second_opinion). The
-            # per-element path's second-order-cone form of a quadratic squares the data's
-            # range: it returned wrong points on badly scaled QPs that this solves.
-            fixed, finfo = self._batched(*self._subset(flat, redo), second_opinion=True)
-            took = finfo.solved.tolist()
-            merge_resolved(sols, info, redo, fixed, took, backend="batched", solvers="Clarabel (batched form)",
-                   statuses=finfo.status_names(), residuals=finfo.residual.tolist())
-            redo = [i for i, ok in zip(redo, took) if not ok]
+        sols, info = self._solve_batched(self._batched, flat)
+        redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
             # Then one element at a time by the per-element path; autograd flows to each
             # element through the path that solved it.
-            fixed, pinfo = self._solve_per_element(self._subset(flat, redo), call_args)
-            merge_resolved(sols, info, redo, fixed, [True] * len(redo), backend="per_element", **{
-                k: pinfo[k] for k in ("solvers", "statuses", "residuals", "solved", "kinds")})
+            fixed, part = self._solve_per_element(self._subset(flat, redo), call_args)
+            merge_resolved(sols, info, redo, fixed, part)
+        return sols, info
+
+    def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+        """The batched iterations, then a second opinion on what they do not certify:
+        Clarabel on the same program, P kept, its points polished, checked and
+        differentiated by the batched path (see :mod:`.second_opinion`)."""
+        sols, binfo = program(*flat)
+        sols, n = list(sols), len(binfo.status)
+        info = {"backend": ["batched"] * n, "solvers": ["batched"] * n, "statuses": binfo.status_names(),
+                "residuals": binfo.residual.tolist(), "solved": binfo.solved.tolist(), "kinds": ["solved"] * n}
+        redo = [i for i, ok in enumerate(info["solved"]) if not ok]
+        if redo:
+            fixed, finfo = program(*self._subset(flat, redo), second_opinion=True)
+            took = finfo.solved.tolist()
+            part = {"backend": ["batched"] * len(redo), "solvers": ["Clarabel (batched form)"] * len(redo),
+                    "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),
+                    "solved": took, "kinds": ["solved"] * len(redo)}
+            merge_resolved(sols, info, redo, fixed, part, take=took)
         return sols, info
 
 

@@ -37,8 +37,11 @@ from .symmetric_cones import ConeLayout
 
 __all__ = ["clarabel_points", "equilibrated_start"]
 
-# Clarabel's statuses whose point is worth certifying: the checks decide the rest.
-_USABLE = {"Solved", "AlmostSolved"}
+# Clarabel's statuses whose point is a ray (an infeasibility certificate), not a
+# candidate solution. Any other finite point is handed on, whatever the status: the
+# polish and the checks decide (Clarabel stopped with "InsufficientProgress" 0.94 off
+# on the badly scaled QP at s = 100, and the polish makes that point exact).
+_RAYS = {"PrimalInfeasible", "DualInfeasible", "AlmostPrimalInfeasible", "AlmostDualInfeasible"}
 
 _SETTINGS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10,
              "tol_ktratio": 1e-8, "max_iter": 200, "verbose": False}
@@ -63,8 +66,8 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
         z (B, m), usable (B,)``, on the data's device and dtype.
 
     Returns:
-        The points (zeros where Clarabel failed or raised) and a bool mask of the
-        elements whose status was solved or almost solved. Never raises for one element.
+        The points (zeros where Clarabel raised, returned a non-finite point or an
+        infeasibility ray) and a bool mask of the others. Never raises for one element.
     """
     dev, dtype = q.device, q.dtype
     Pn, qn, An, bn = (v.detach().to("cpu", torch.float64).numpy() for v in (P, q, A, b))
@@ -86,7 +89,7 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
                 raise
             continue  # this element stays unusable; the per-element path comes next
         xi, si, zi = (np.asarray(v, dtype=np.float64) for v in (sol.x, sol.s, sol.z))
-        if str(sol.status) in _USABLE and np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all():
+        if str(sol.status) not in _RAYS and np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all():
             x[i], s[i], z[i], usable[i] = xi, si, zi, True
     to = dict(device=dev, dtype=dtype)
     return (torch.from_numpy(x).to(**to), torch.from_numpy(s).to(**to), torch.from_numpy(z).to(**to),

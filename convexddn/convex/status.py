@@ -7,13 +7,13 @@ naming their indices in the caller's batch shape and the solver's status.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from ..errors import InfeasibleError, SolverError, UnboundedError
 
-__all__ = ["SolveInfo", "failure_error", "merge_resolved", "status_kind", "unravel"]
+__all__ = ["INFO_KEYS", "SolveInfo", "failure_error", "merge_resolved", "status_kind", "unravel"]
 
 
 @dataclasses.dataclass
@@ -88,23 +88,21 @@ def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...],
         indices=idx, statuses=statuses)
 
 
-def merge_resolved(sols: list[torch.Tensor], info: dict, idx: list[int], fixed: Sequence[torch.Tensor],
-           take: list[bool], backend: str, **per_element: Any) -> None:
-    """Put the re-solved elements ``idx`` (where ``take``) into ``sols`` and ``info`` in place.
+INFO_KEYS = ("backend", "solvers", "statuses", "residuals", "solved", "kinds")
 
-    ``per_element`` holds lists over ``idx`` (``solvers``, ``statuses``, ...) or one
-    string for all of them; ``solved`` and ``kinds`` default to solved.
-    """
-    rows = [j for j, ok in enumerate(take) if ok]
+
+def merge_resolved(sols: list[torch.Tensor], info: dict, idx: list[int], fixed: Sequence[torch.Tensor],
+                   part: dict, take: Sequence[bool] | None = None) -> None:
+    """Put the re-solved elements ``idx`` (those with ``take``, all by default) into the
+    outputs ``sols`` and the per-element lists of ``info`` (keys :data:`INFO_KEYS`), in
+    place; ``fixed`` and ``part`` are their outputs and lists, in the order of ``idx``."""
+    rows = [j for j in range(len(idx)) if take is None or take[j]]
     if not rows:
         return
     dest = torch.tensor([idx[j] for j in rows], device=sols[0].device)
     pick = torch.tensor(rows, device=fixed[0].device)
     for k, (s, f) in enumerate(zip(sols, fixed)):
         sols[k] = s.index_copy(0, dest, f.index_select(0, pick).to(device=s.device, dtype=s.dtype))
-    per_element.setdefault("solved", True)
-    per_element.setdefault("kinds", "solved")
-    per_element["backend"] = backend
-    for key, value in per_element.items():
+    for key in INFO_KEYS:
         for j in rows:
-            info[key][idx[j]] = value if isinstance(value, (str, bool)) else value[j]
+            info[key][idx[j]] = part[key][j]

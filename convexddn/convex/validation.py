@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import cvxpy as cp
 import torch
 
-from ..errors import InputError, NotDPPError, OptionError, ProblemError
+from ..errors import InputError, NotDPPError, OptionError, ProblemError, ShapeError
 
-__all__ = ["validate_problem", "validate_solver_args", "solver_args_for", "check_parameter_attributes"]
+__all__ = ["batch_shape", "bind_parameters", "validate_problem", "validate_solver_args", "solver_args_for", "check_parameter_attributes"]
 
 # Keyword arguments each solver takes (diffcp passes them through). Clarabel's are read
 # from its own settings object; SCS's and ECOS's are their documented settings.
@@ -175,3 +175,42 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
                     f"parameter {i} ({param.name()}) is declared {attr}=True, got {n_bad} {what} "
                     f"that are not (shape {tuple(value.shape)}); pass values that satisfy the "
                     f"declaration or drop it from the cp.Parameter")
+
+
+def bind_parameters(values: tuple, named: dict[str, Any], parameters: Sequence[cp.Parameter]) -> list[Any]:
+    """A layer call's tensors in parameter order: positional first, then by CVXPY name."""
+    names = [p.name() for p in parameters]
+    if len(values) > len(names):
+        raise ShapeError(f"expected {len(names)} tensor(s), one per parameter {names}, got {len(values)}")
+    bound: list[Any] = list(values) + [None] * (len(names) - len(values))
+    for key, value in named.items():
+        if key not in names:
+            raise ShapeError(f"unknown parameter name {key!r}; the parameters are {names}")
+        i = names.index(key)
+        if i < len(values):
+            raise ShapeError(f"parameter {key!r} was given both by position ({i}) and by name")
+        bound[i] = value
+    missing = [n for n, v in zip(names, bound) if v is None]
+    if missing:
+        raise ShapeError(
+            f"expected {len(names)} tensor(s), one per parameter {names}, got "
+            f"{len(values) + len(named)}; missing {missing}")
+    return bound
+
+
+def batch_shape(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter]) -> tuple[int, ...]:
+    """The broadcast leading (batch) shape of the values of ``parameters``."""
+    batch_shapes = []
+    for i, (value, param) in enumerate(zip(values, parameters)):
+        k = len(param.shape)
+        if value.dim() < k or tuple(value.shape[value.dim() - k:]) != tuple(param.shape):
+            raise ShapeError(
+                f"parameter {i} ({param.name()}) must have shape (*batch, "
+                f"{', '.join(map(str, param.shape))}) i.e. trailing shape "
+                f"{tuple(param.shape)}, got {tuple(value.shape)}")
+        batch_shapes.append(tuple(value.shape[: value.dim() - k]))
+    try:
+        return tuple(torch.broadcast_shapes(*batch_shapes))
+    except RuntimeError:
+        desc = ", ".join(f"{p.name()}: {s}" for p, s in zip(parameters, batch_shapes))
+        raise ShapeError(f"batch shapes of the parameters do not broadcast: {desc}") from None

@@ -374,10 +374,25 @@ def test_convex_layer_unbounded():
 
 
 def test_convex_layer_solver_failure_is_solver_error():
-    # One iteration cannot solve anything: the KKT check rejects the iterate.
-    layer = _box_layer(solver="Clarabel", fallback=None, solver_args={"max_iter": 1}, refine=0)
+    # One iteration cannot solve anything: the KKT check rejects the iterate. An
+    # exponential cone has no batched form, so no second opinion comes after it.
+    c = cp.Parameter(2, name="c", pos=True)
+    y = cp.Variable(2, name="y")
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.exp(y)) - c @ y))
+    layer = cddn.ConvexLayer(prob, [c], [y], solver="Clarabel", fallback=None,
+                             solver_args={"max_iter": 1}, refine=0)
     with pytest.raises(SolverError, match=r"KKT residual"):
-        layer(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 2.0]))
+        layer(torch.tensor([0.5, 2.0]))
+
+
+def test_convex_layer_failed_per_element_solve_gets_second_opinion():
+    """The same one-iteration failure on a QP: the batched form solves it instead
+    (y = clamp(0, lo, hi)) with its own iterations, and says so in last_solve."""
+    layer = _box_layer(solver="Clarabel", fallback=None, solver_args={"max_iter": 1}, refine=0)
+    y = layer(torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(y, torch.tensor([0.5, 0.0], dtype=torch.float64), atol=1e-9, rtol=0)
+    info = layer.last_solve
+    assert info.solvers == ["batched"] and info.backend == ["batched"]
 
 
 def test_convex_layer_fallback_warns_and_solves():
