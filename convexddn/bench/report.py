@@ -104,8 +104,10 @@ def format_table(result: dict[str, Any]) -> str:
             if r.get("routed_per_element"):
                 note = ("routed to the per-element path (too large for dense batched "
                         "factorisation on this device)")
+            elif r.get("per_element_fallbacks") and r["path"].startswith("convexddn batched"):
+                note = f"{r['per_element_fallbacks']} element(s) not certified by the batched iterations, re-solved"
             elif r.get("per_element_fallbacks"):
-                note = f"{r['per_element_fallbacks']} element(s) re-solved per element"
+                note = f"{r['per_element_fallbacks']} element(s) in doubt, solved by the batched form"
             lines.append(
                 f"| {r['description']} | {r['batch']} | {r['path']} | {r['fwd_s']:.3g} | {r['bwd_s']:.3g} "
                 f"| {per:.3g} | {_fmt(r.get('speedup_vs_per_element'), 'x')} "

@@ -30,7 +30,7 @@ from torch import nn
 from .._checks import check_choice, check_finite, check_int, check_positive, check_tensor
 from ..errors import InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
-from .per_element import MODES, SOLVERS, CheckedDiffcp
+from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
 from .status import SolveInfo, failure_error, merge_resolved, unravel
 from .validation import (batch_shape, bind_parameters, check_parameter_attributes, validate_problem,
                          validate_solver_args)
@@ -238,12 +238,14 @@ class ConvexLayer(nn.Module):
     def _use_batched(self, n_batch: int, device: torch.device) -> bool:
         if self._batched is None:
             return False
-        if self.solver == "batched":
-            return True
+        return self.solver == "batched" or self._fits(self._batched, n_batch, device)
+
+    @staticmethod
+    def _fits(program: BatchedProgram, n_batch: int, device: torch.device) -> bool:
+        """Whether dense batched factorisation of ``program`` pays on ``device``."""
         limit = _BATCHED_MAX_BYTES.get(device.type, _BATCHED_MAX_BYTES["cpu"])
         work = _BATCHED_MAX_FLOPS.get(device.type, _BATCHED_MAX_FLOPS["cpu"])
-        return (self._batched.memory_estimate(n_batch) <= limit
-                and self._batched.flops_per_iteration <= work)
+        return program.memory_estimate(n_batch) <= limit and program.flops_per_iteration <= work
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict) -> tuple[list, dict]:
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
@@ -257,8 +259,9 @@ class ConvexLayer(nn.Module):
 
     # ------------------------------------------------------------------ the call
 
-    def _opinion_program(self) -> BatchedProgram | None:
-        """The batched form of the problem for second opinions, or None if it has none."""
+    def _opinion_program(self, n_batch: int, device: torch.device) -> BatchedProgram | None:
+        """The batched form of the problem for second opinions on ``n_batch`` elements,
+        or None if it has none or it is too large for dense batched factorisation."""
         if self._opinion is None:
             with self._build_lock:
                 if self._opinion is None:
@@ -267,7 +270,7 @@ class ConvexLayer(nn.Module):
                                                        tol_accept=min(self.tol, 1e-8))
                     except UnsupportedProblem:
                         self._opinion = False
-        return self._opinion or None
+        return self._opinion if self._opinion and self._fits(self._opinion, n_batch, device) else None
 
     def _subset(self, flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
         """The flat parameters of the elements ``idx`` (shared ones stay shared)."""
@@ -347,16 +350,16 @@ class ConvexLayer(nn.Module):
         if not self._use_batched(n_batch, device):
             sols, info = self._solve_per_element(flat, call_args)
             info = {k: list(v) for k, v in info.items()}
-            # Per-element results in doubt — not solved, or solved only after the
-            # solver said otherwise (inaccurate, unbounded, ...) — get a second opinion
-            # from the batched form where the problem has one; what it certifies
-            # replaces them. The second-order-cone form of a squared objective hid
-            # errors of 5e-3 ("Optimal Inaccurate") and 7e4 ("Unbounded") behind small
-            # residuals, and called a bounded problem unbounded, on the badly scaled QP
-            # of tests/convex/test_reliability.py.
-            doubt = [i for i, (ok, status) in enumerate(zip(info["solved"], info["statuses"]))
-                     if not ok or status.lower() != "solved"]
-            program = self._opinion_program() if doubt else None
+            # Per-element results in doubt — not solved, or left by the Newton polish
+            # above rounding level (on the second-order-cone form of a squared objective
+            # the solution error goes like the residual's square root) — get a second
+            # opinion from the batched form where the problem has one that fits: what it
+            # certifies replaces them. On tests/convex/test_reliability.py's badly scaled
+            # QP this path alone returned points 4.9e-3 (residual 2.4e-9) and 6.6e4
+            # (residual 8.2e-7) off, and called the bounded problem unbounded.
+            doubt = [i for i, (ok, r) in enumerate(zip(info["solved"], info["residuals"]))
+                     if not ok or (self.refine > 0 and r > POLISH_ABOVE)]
+            program = self._opinion_program(len(doubt), device) if doubt else None
             if program is not None:
                 fixed, part = self._solve_batched(program, self._subset(flat, doubt))
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])

@@ -62,8 +62,9 @@ _SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
 _DENSE_MAX_N = 400
 
 # Solution error goes like the square root of the KKT residual when a squared objective
-# became a second-order cone; below this residual no polishing is tried.
-_POLISH_ABOVE = 1e-11
+# became a second-order cone; below this residual no polishing is tried, and a result
+# above it (the polish did not reach rounding level) is in doubt (see ConvexLayer).
+POLISH_ABOVE = 1e-11
 
 
 @dataclasses.dataclass
@@ -174,7 +175,7 @@ class CheckedDiffcp(SolverInterface):
             x, y, s, status = self._solve_with(method, args, A, b, c)
             x0, y0 = x, y  # the solver's own point: a certificate when it claims one
             x, y, s, r = program.refine(x, y, s, self.refine)
-            if r > _POLISH_ABOVE and method != "SCS" and self.refine > 0:
+            if r > POLISH_ABOVE and method != "SCS" and self.refine > 0:
                 # An interior point can sit where R is not smooth; SCS, warm-started
                 # there, lands on the cones' faces, from where Newton converges.
                 x2, y2, s2, _ = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))

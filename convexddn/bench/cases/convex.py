@@ -173,9 +173,12 @@ def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device
                                            if a is not None and b is not None)
                 layer = paths[label]
                 if isinstance(layer, ConvexLayer) and layer.last_solve is not None:
-                    backends = layer.last_solve.backend
-                    row["per_element_fallbacks"] = sum(b == "per_element" for b in backends) if \
-                        label.startswith("convexddn batched") else None
+                    # Elements the batched iterations did not certify (a second opinion or
+                    # the per-element path solved them); on the per-element path, elements
+                    # whose result was in doubt and the batched form solved.
+                    solvers, backends = layer.last_solve.solvers, layer.last_solve.backend
+                    row["per_element_fallbacks"] = sum(s != "batched" for s in solvers) if \
+                        label.startswith("convexddn batched") else sum(b == "batched" for b in backends)
                     # All elements per element without a batched attempt: routed by size.
                     row["routed_per_element"] = bool(label.startswith("convexddn batched") and not
                                                      layer._use_batched(batch, r["device"]))
