@@ -70,10 +70,14 @@ class ConvexLayer(nn.Module):
         variables: the ``cp.Variable`` objects to return, in that order.
         solver: ``"auto"`` (default: the batched torch interior point for LPs, QPs
             and SOCPs that fit in memory, the per-element path otherwise; elements the
-            batched solver does not certify are re-solved per element),
-            ``"batched"`` (the batched solver only; an ``OptionError`` for problems it
-            does not cover), or ``"Clarabel"``, ``"SCS"``, ``"ECOS"`` (the per-element
-            path with that first solver); case-insensitive.
+            batched iterations do not certify get a second opinion — Clarabel on the
+            same program, checked and differentiated by the batched path — and then
+            the per-element path), ``"batched"`` (the batched solver first; an
+            ``OptionError`` for problems it does not cover), or ``"Clarabel"``,
+            ``"SCS"``, ``"ECOS"`` (the per-element path with that first solver; its
+            results in doubt — not solved, or left above rounding level by the
+            polish — are solved again by the batched form where the problem has one
+            that fits); case-insensitive. ``last_solve`` says what solved each element.
         solver_args: keyword arguments for the per-element solver, over convexddn's
             tight defaults (e.g. ``{"max_iter": 1000}`` for Clarabel); unknown keys
             raise ``OptionError``.

@@ -105,3 +105,18 @@ def test_second_opinion_point_is_checked_not_trusted(wrong, monkeypatch):
     else:
         assert info.backend == ["batched"] and info.solvers == ["Clarabel (batched form)"]
     torch.testing.assert_close(y, want, atol=1e-8, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_second_opinion_on_cuda():
+    """Clarabel runs on the host; the point, the checks and the gradient come back to
+    the parameters' device and agree with the closed form."""
+    layer, data, want = _scaled_qp(1e7)
+    q = data[1].cuda().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        y = layer(data[0].cuda(), q, data[2].cuda(), data[3].cuda())
+    assert y.device.type == "cuda" and layer.last_solve.solvers == ["Clarabel (batched form)"]
+    torch.testing.assert_close(y.cpu(), want, atol=1e-9, rtol=0)
+    (g,) = torch.autograd.grad(y.sum(), q)
+    torch.testing.assert_close(g.cpu() * 1e14, -torch.ones(3, dtype=y.dtype), atol=1e-9, rtol=1e-9)
