@@ -121,10 +121,16 @@ class _ConeSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(P, q, A, b, layout, options, needs_grad):
-        sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
-                               keep_state=needs_grad, **options)
+        # Inference mode: no version counters or autograd bookkeeping on the ~400 small
+        # ops of an iteration (measured: forward 8-10 % faster on the n = 50 QP at batch
+        # 64). The outputs are cloned into normal tensors; the kept state is only read,
+        # by the backward, with autograd off.
+        with torch.inference_mode():
+            sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
+                                   keep_state=needs_grad, **options)
         state = (sol, layout, options.get("refine", 1)) if needs_grad else None
-        return sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error, state
+        return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error)),
+                state)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
