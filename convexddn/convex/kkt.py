@@ -72,7 +72,7 @@ DENSE = KKTStructure()
 
 def bmv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Batched matrix-vector product ``(B, p, r) @ (B, r) -> (B, p)``."""
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
+    return _mm(M, v.unsqueeze(-1)).squeeze(-1)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a * b
     if a.shape[-2] == 1 and b.shape[-1] == 1:
         return (a.mT * b).sum(-2, keepdim=True)
-    return a @ b
+    # As rows, (bᵀ aᵀ)ᵀ: batched BLAS multiplies a few rows on the left about twice as
+    # fast as a few columns on the right (measured on CPU, (64, 50, 50) by (64, 50, 1):
+    # 20 µs against 42).
+    return (b.mT @ a.mT).mT
 
 
 class DataOps:
@@ -130,18 +133,18 @@ class DataOps:
         return _mm(self.AE.mT, zE)
 
     def Pmv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.p * x if self.diagonal else self.P @ x
+        return self.p * x if self.diagonal else _mm(self.P, x)
 
     def Amv(self, x: torch.Tensor) -> torch.Tensor:
         if self.diagonal:
             return torch.cat([self.e_mv(x), self.rows_mv(self.a, x)], 1)
-        return self.A @ x
+        return _mm(self.A, x)
 
     def ATmv(self, z: torch.Tensor) -> torch.Tensor:
         if self.diagonal:
             zE = z[:, :self.layout.zero]
             return self.e_tmv(zE) + self.rows_tmv(self.a, z[:, self.layout.zero:])
-        return self.A.mT @ z
+        return _mm(self.A.mT, z)
 
     @staticmethod
     def vec(f, v: torch.Tensor) -> torch.Tensor:
@@ -238,10 +241,10 @@ class KKTSystem:
         return _mm(self.Y, v)
 
     def _at_mv(self, x: torch.Tensor) -> torch.Tensor:  # W⁻¹A_I x
-        return self.ops.rows_mv(self.at, x) if self.diagonal else self.At @ x
+        return self.ops.rows_mv(self.at, x) if self.diagonal else _mm(self.At, x)
 
     def _at_tmv(self, t: torch.Tensor) -> torch.Tensor:  # (W⁻¹A_I)ᵀ t
-        return self.ops.rows_tmv(self.at, t) if self.diagonal else self.At.mT @ t
+        return self.ops.rows_tmv(self.at, t) if self.diagonal else _mm(self.At.mT, t)
 
     def _lower(self, v: torch.Tensor) -> torch.Tensor:
         return v / self.L if self.diagonal else torch.linalg.solve_triangular(self.L, v, upper=False)
