@@ -148,8 +148,8 @@ def error_estimate(ops, base, structure, d, layout, x, s, z, polished, refine, c
     zc_in = torch.where(lift, layout.lift(zc, _POLISHED_SHIFT), zc)
     sc_in, zc_in = _decide(layout, sc, zc, sc_in, zc_in)
     kkt = KKTSystem(ops, NTScaling(layout, sc_in, zc_in, derivative=True), base, structure)
-    rx = ops.vec(ops.Pmv, x) + ops.vec(ops.ATmv, z) + d.q
-    rz = ops.vec(ops.Amv, x) + s - d.b
+    rx = ops.Pv(x) + ops.ATv(z) + d.q
+    rz = ops.Av(x) + s - d.b
     rhs = torch.cat([-rz[:, :z0], sc - rz[:, z0:]], 1)  # Newton on s ∘ z = 0 (affine form)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)

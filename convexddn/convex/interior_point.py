@@ -333,8 +333,8 @@ def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float,
         v = x1 - xi
         # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
         # den = ‖x1 − ξ‖²_P + ‖z1‖²_H + κ/τ > 0.
-        den = (v * ops.vec(ops.Pmv, v)).sum(1) + (h1 * h1).sum(1) + kappa / tau
-        Ax1 = ops.vec(ops.Amv, x1)
+        den = (v * ops.Pv(v)).sum(1) + (h1 * h1).sum(1) + kappa / tau
+        Ax1 = ops.Av(x1)
 
         def direction(dtau_, dz_, dkappa_, x2, z2, h2):
             dtau = (dtau_ - dkappa_ / tau + (qPxi * x2).sum(1) + (d.b * z2).sum(1)) / den
@@ -343,7 +343,7 @@ def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float,
             # Δs from the linearised primal equation A Δx + Δs − b Δτ = −d_z rather than
             # from Δs = −d_s − W (W Δz): W reaches 1e10 on off-centre cones near ∂K, and
             # this keeps the primal residual falling by exactly (1 − α).
-            DSc = (d.b * t - ops.vec(ops.Amv, x2) - t * Ax1 - dz_)[:, z0:]
+            DSc = (d.b * t - ops.Av(x2) - t * Ax1 - dz_)[:, z0:]
             dkappa = -(dkappa_ + kappa * dtau) / tau
             return DX, DZ, DH, DSc, dtau, dkappa
 

@@ -42,7 +42,7 @@ class Measures:
     (:func:`kkt_measures`, from the same products) and the infeasibility certificates."""
 
     def __init__(self, d: Scaled, ops: DataOps, norm_b, norm_q, x, s, z, tau, kappa, tol_inf) -> None:
-        Px, ATz, Ax = ops.vec(ops.Pmv, x), ops.vec(ops.ATmv, z), ops.vec(ops.Amv, x)
+        Px, ATz, Ax = ops.Pv(x), ops.ATv(z), ops.Av(x)
         t = tau[:, None]
         self.Px = Px
         self.rx = Px + ATz + d.q * t
