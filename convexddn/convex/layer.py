@@ -207,6 +207,7 @@ class ConvexLayer(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("_opinion", None)  # layers pickled before second opinions: built on need
         self.__dict__.update(state)
         self._local = threading.local()
         self._build_lock = threading.Lock()
