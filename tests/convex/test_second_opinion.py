@@ -143,3 +143,21 @@ def test_per_element_failures_get_second_opinion_on_registry_problem():
         warnings.simplefilter("ignore", SolverWarning)
         alone(*params)
     assert not alone.last_solve.solved.any()
+
+
+def test_layer_pickled_without_second_opinion_state_still_gives_one():
+    """A layer pickled before second opinions existed has no ``_opinion``; it loads,
+    and builds the batched form when a per-element result is in doubt."""
+    import copy
+
+    layer, data, want = _scaled_qp(1e3, solver="Clarabel")
+    state = layer.__getstate__()
+    del state["_opinion"]
+    old = copy.copy(layer)
+    old.__dict__.clear()
+    old.__setstate__(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        y = old(*data)
+    assert old.last_solve.backend == ["batched"]
+    torch.testing.assert_close(y, want, atol=1e-8, rtol=0)
