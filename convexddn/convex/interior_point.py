@@ -162,29 +162,29 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     z0 = layout.zero
     if start is not None:
         d, xs, ss, zs = equilibrated_start(d, layout, *start, rescale_below=_RESCALE_BELOW)
-        status = torch.zeros(B, dtype=torch.long, device=A.device)
-        iterations, certified = torch.zeros_like(status), status.bool()
+        status = torch.full((B,), SOLVED, dtype=torch.long, device=A.device)  # the checks decide
+        iterations, certified = torch.zeros_like(status), torch.zeros_like(status, dtype=torch.bool)
     else:
         d, xs, ss, zs, status, iterations, certified = _iterate(d, layout, structure, tol, tol_inf, max_iter,
                                                                 refine)
-    # σ sizes the equilibrated units from the data, and an inactive constraint with a
-    # huge right-hand side inflates it far above the solution (its slack is then the
-    # O(1) part): the iterations stop once measures whose "1 +" hides the solution's
-    # error are small. Elements whose solution came out that small are solved again in
-    # its own unit (one host sync; the badly scaled QP of tests/convex/test_reliability.py
-    # at scales 2e4 to 1e6 ended 2e-5 to 4.4 off before, and now to 2e-10).
-    size = torch.maximum(row_inf(xs), row_inf(zs))
-    small = ~certified & (size < _RESCALE_BELOW) & (size > 0)
-    if start is None and bool(small.any()):
-        idx = torch.nonzero(small).squeeze(1)
-        part = d.select(idx)
-        part = part.with_sigma(part.sigma * size.index_select(0, idx))
-        part, *again, its, cert = _iterate(part, layout, structure, tol, tol_inf, max_iter, refine,
-                                           sigma_from_start=False)
-        d = d.merge(idx, part)
-        xs, ss, zs, status = (v.index_copy(0, idx, w) for v, w in zip((xs, ss, zs, status), again))
-        certified = certified.index_copy(0, idx, cert)
-        iterations = iterations.index_add(0, idx, its)
+        # σ sizes the equilibrated units from the data, and an inactive constraint with a
+        # huge right-hand side inflates it far above the solution (its slack is then the
+        # O(1) part): the iterations stop once measures whose "1 +" hides the solution's
+        # error are small. Elements whose solution came out that small are solved again in
+        # its own unit (one host sync; the badly scaled QP of tests/convex/test_reliability.py
+        # at scales 2e4 to 1e6 ended 2e-5 to 4.4 off before, and now to 2e-10).
+        size = torch.maximum(row_inf(xs), row_inf(zs))
+        small = ~certified & (size < _RESCALE_BELOW) & (size > 0)
+        if bool(small.any()):
+            idx = torch.nonzero(small).squeeze(1)
+            part = d.select(idx)
+            part = part.with_sigma(part.sigma * size.index_select(0, idx))
+            part, *again, its, cert = _iterate(part, layout, structure, tol, tol_inf, max_iter, refine,
+                                               sigma_from_start=False)
+            d = d.merge(idx, part)
+            xs, ss, zs, status = (v.index_copy(0, idx, w) for v, w in zip((xs, ss, zs, status), again))
+            certified = certified.index_copy(0, idx, cert)
+            iterations = iterations.index_add(0, idx, its)
     ops = DataOps(d.P, d.A, layout, structure)
     base = constant_part(d.P, d.A, layout, structure)
 

@@ -32,8 +32,8 @@ from ..errors import InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
 from .status import SolveInfo, failure_error, merge_resolved, unravel
-from .validation import (batch_shape, bind_parameters, check_parameter_attributes, validate_problem,
-                         validate_solver_args)
+from .validation import (batch_shape, bind_parameters, check_parameter_attributes, solver_choice,
+                         validate_problem, validate_solver_args)
 
 __all__ = ["ConvexLayer"]
 
@@ -41,14 +41,6 @@ __all__ = ["ConvexLayer"]
 SOLVER_CHOICES = ("auto", "batched") + SOLVERS
 ON_FAILURE = ("raise", "mask")
 
-# The batched path factorises dense (B, k, k) systems; above this many bytes per call
-# (estimated by BatchedProgram.memory_estimate) "auto" uses the per-element path.
-_BATCHED_MAX_BYTES = {"cpu": 4 << 30, "cuda": 16 << 30}
-# ... and above this much dense work per element and iteration: measured on CPU, an
-# L1-ball projection in R^512 (a 1024-square dense system) ran ~50x slower batched than
-# per element (a sparse solver; 1.4e9 flops per iteration), while a QP with n = 100
-# (1.3e6) ran 5x faster batched. The crossover in between is not measured finely.
-_BATCHED_MAX_FLOPS = {"cpu": 1e7, "cuda": 1e10}
 
 
 class ConvexLayer(nn.Module):
@@ -145,9 +137,9 @@ class ConvexLayer(nn.Module):
         on_failure: str = "raise",
     ) -> None:
         super().__init__()
-        solver = _solver_choice("solver", solver, SOLVER_CHOICES)
+        solver = solver_choice("solver", solver, SOLVER_CHOICES)
         if fallback is not None:
-            fallback = _solver_choice("fallback", fallback, SOLVERS)
+            fallback = solver_choice("fallback", fallback, SOLVERS)
         check_choice("adjoint", adjoint, MODES)
         check_positive("tol", tol)
         check_int("refine", refine, minimum=0)
@@ -243,14 +235,7 @@ class ConvexLayer(nn.Module):
     def _use_batched(self, n_batch: int, device: torch.device) -> bool:
         if self._batched is None:
             return False
-        return self.solver == "batched" or self._fits(self._batched, n_batch, device)
-
-    @staticmethod
-    def _fits(program: BatchedProgram, n_batch: int, device: torch.device) -> bool:
-        """Whether dense batched factorisation of ``program`` pays on ``device``."""
-        limit = _BATCHED_MAX_BYTES.get(device.type, _BATCHED_MAX_BYTES["cpu"])
-        work = _BATCHED_MAX_FLOPS.get(device.type, _BATCHED_MAX_FLOPS["cpu"])
-        return program.memory_estimate(n_batch) <= limit and program.flops_per_iteration <= work
+        return self.solver == "batched" or self._batched.fits(n_batch, device)
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict) -> tuple[list, dict]:
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
@@ -275,7 +260,7 @@ class ConvexLayer(nn.Module):
                                                        tol_accept=min(self.tol, 1e-8))
                     except UnsupportedProblem:
                         self._opinion = False
-        return self._opinion if self._opinion and self._fits(self._opinion, n_batch, device) else None
+        return self._opinion if self._opinion and self._opinion.fits(n_batch, device) else None
 
     def _subset(self, flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
         """The flat parameters of the elements ``idx`` (shared ones stay shared)."""
@@ -395,13 +380,3 @@ class ConvexLayer(nn.Module):
                     "solved": took, "kinds": ["solved"] * len(redo)}
             merge_resolved(sols, info, redo, fixed, part, take=took)
         return sols, info
-
-
-def _solver_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
-    """The case-insensitive choice among ``valid``, in its canonical spelling."""
-    if isinstance(value, str):
-        for v in valid:
-            if v.lower() == value.lower():
-                return v
-    extra = " or None" if name == "fallback" else ""
-    raise OptionError(f"{name} must be one of {list(valid)}{extra}, got {value!r}")

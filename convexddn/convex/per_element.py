@@ -44,7 +44,7 @@ SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
 
 # Tight defaults: the layer promises float64 solutions to ~1e-7 or better.
-_SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
+SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "Clarabel": {
         "tol_gap_abs": 1e-10,
         "tol_gap_rel": 1e-10,
@@ -160,7 +160,7 @@ class CheckedDiffcp(SolverInterface):
         return A, b, np.array(q[:-1], dtype=np.float64)
 
     def _solve_with(self, method: str, args: dict[str, Any], A, b, c, warm_start=None):
-        kwargs = {**_SOLVER_DEFAULTS[method], **args}
+        kwargs = {**SOLVER_DEFAULTS[method], **args}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = solve_internal(A.copy(), b, c, self._cone_dict, solve_method=method,

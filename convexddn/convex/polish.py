@@ -160,13 +160,12 @@ def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, resi
     sc = torch.where(ok[:, None], s[:, z0:], 1.0)
     zc = torch.where(ok[:, None], z[:, z0:], 1.0)
     kkt = kkt_factory(NTScaling(layout, sc, zc))
-    vec = lambda f, v: f(v.unsqueeze(-1)).squeeze(-1)  # noqa: E731
-    rx = vec(ops.Pmv, x) + vec(ops.ATmv, z) + q
-    rz = vec(ops.Amv, x) + s - b
+    rx = ops.Pv(x) + ops.ATv(z) + q
+    rz = ops.Av(x) + s - b
     rhs_z = torch.cat([-rz[:, :z0], s[:, z0:] - rz[:, z0:]], 1)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs_z.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)
-    ds = -rz - vec(ops.Amv, dx)
+    ds = -rz - ops.Av(dx)
     ds = torch.cat([torch.zeros_like(ds[:, :z0]), ds[:, z0:]], 1)
     xn, sn, zn = x + dx, s + ds, z + dz
     rn = residual_fn(xn, sn, zn)

@@ -33,6 +33,7 @@ import torch
 
 from .certify import row_inf
 from .equilibration import Scaled
+from .per_element import SOLVER_DEFAULTS
 from .symmetric_cones import ConeLayout
 
 __all__ = ["clarabel_points", "equilibrated_start"]
@@ -43,8 +44,8 @@ __all__ = ["clarabel_points", "equilibrated_start"]
 # on the badly scaled QP at s = 100, and the polish makes that point exact).
 _RAYS = {"PrimalInfeasible", "DualInfeasible", "AlmostPrimalInfeasible", "AlmostDualInfeasible"}
 
-_SETTINGS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10,
-             "tol_ktratio": 1e-8, "max_iter": 200, "verbose": False}
+# The per-element path's tight Clarabel settings (one source for the tolerances).
+_SETTINGS = {**SOLVER_DEFAULTS["Clarabel"], "verbose": False}
 
 
 def _cones(layout: ConeLayout) -> list:

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import InputError, NotDPPError, OptionError, ProblemError, ShapeError
 
-__all__ = ["batch_shape", "bind_parameters", "validate_problem", "validate_solver_args", "solver_args_for", "check_parameter_attributes"]
+__all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
+           "solver_args_for", "check_parameter_attributes"]
 
 # Keyword arguments each solver takes (diffcp passes them through). Clarabel's are read
 # from its own settings object; SCS's and ECOS's are their documented settings.
@@ -214,3 +215,13 @@ def batch_shape(values: Sequence[torch.Tensor], parameters: Sequence[cp.Paramete
     except RuntimeError:
         desc = ", ".join(f"{p.name()}: {s}" for p, s in zip(parameters, batch_shapes))
         raise ShapeError(f"batch shapes of the parameters do not broadcast: {desc}") from None
+
+
+def solver_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+    """The case-insensitive choice among ``valid``, in its canonical spelling."""
+    if isinstance(value, str):
+        for v in valid:
+            if v.lower() == value.lower():
+                return v
+    extra = " or None" if name == "fallback" else ""
+    raise OptionError(f"{name} must be one of {list(valid)}{extra}, got {value!r}")
