@@ -231,7 +231,8 @@ def sinkhorn(
             f"cost must have shape (*batch, M, N) with M, N >= 1, got {tuple(cost.shape)}"
         )
     m, n = cost.shape[-2:]
-    check_finite("cost", cost)
+    # (cost's finiteness is checked after the solve, only where its error is not
+    # finite: the solver returns NaN at once for NaN or Inf costs.)
     a = None if a is None else _marginal("a", a, cost, m, "rows M")
     b = None if b is None else _marginal("b", b, cost, n, "columns N")
     shapes = [cost.shape[:-2]] + [v.shape[:-1] for v in (a, b) if v is not None]
@@ -280,13 +281,16 @@ def sinkhorn(
         P, err = _SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip)
     else:
         P, err = solve(C, a, b, float(eps), int(max_iter), tol, flip)
-    if float(err.max()) > tol:
-        failed = err > tol
+    worst = float(err.max())
+    if not math.isfinite(worst):
+        check_finite("cost", cost)
+    if not worst <= tol:
+        failed = ~(err <= tol)
         idx = [tuple(i) for i in torch.nonzero(failed.reshape(batch)).tolist()]
         warnings.warn(
             f"sinkhorn did not reach tol={tol:.3g} within max_iter={max_iter} at batch "
             f"index(es) {idx[:10]}{' …' if len(idx) > 10 else ''} (relative column error "
-            f"up to {float(err.max()):.3g}); raise max_iter or eps. The plan's rows are "
+            f"up to {worst:.3g}); raise max_iter or eps. The plan's rows are "
             "exact; its gradient assumes an optimum that was not reached",
             SolverWarning,
             stacklevel=2,

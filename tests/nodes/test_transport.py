@@ -326,10 +326,16 @@ def test_sinkhorn_invalid():
         sinkhorn(C, None, torch.ones(3, dtype=F64))
     with pytest.raises(ShapeError, match="broadcast"):
         sinkhorn(_cost(2, 3, 4, seed=34), torch.ones(5, 3, dtype=F64))
-    bad = C.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match="cost"):
-        sinkhorn(bad)
+    # Checked after the solve (which returns at once on NaN or Inf): every kind of
+    # non-finite entry, with and without a graph, on the kernel and the ε-scaling path.
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for eps in (1.0, 1e-3):
+            bad = C.clone()
+            bad[1, 2] = value
+            with pytest.raises(NonFiniteError, match="cost must be finite"):
+                sinkhorn(bad, eps=eps)
+            with pytest.raises(NonFiniteError, match="cost must be finite"):
+                sinkhorn(bad.requires_grad_(), eps=eps)
     with pytest.raises(NonFiniteError, match="a"):
         sinkhorn(C, torch.tensor([1.0, float("inf"), 1.0], dtype=F64))
     with pytest.raises(InputError, match="b must be > 0"):
