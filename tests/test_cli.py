@@ -209,6 +209,9 @@ def test_cli_bench_quick_writes_every_row(tmp_path, capsys):
     for p in POOL_PENALTIES:
         row = rows[("pooling", p, "native")]
         assert row["fwd_ms_per_sample"] > 0 and row["bwd_ms_per_sample"] > 0
+        # The table states the first call's cost over a warm one (what its goal bounds).
+        over = row["first_call_over_warm_s"]
+        assert f"| {p} | native |" in out and f"({over:+.2f} s over a warm call)" in out
     for p in CONVEX_PENALTIES:
         row = rows[("pooling", p, "cvxpy")]
         assert row["fwd_ms_per_sample"] > 0
