@@ -17,18 +17,52 @@ from __future__ import annotations
 
 import torch
 
-from .kkt import KKTSystem
+from .kkt import KKTSystem, bmv
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "row_inf", "undecided"]
+__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "row_inf", "undecided", "verified_rays"]
 
 
 def row_inf(v: torch.Tensor) -> torch.Tensor:
     """(B,) infinity norm of each batch element of ``v`` (B, ...); 0 for empty elements."""
     v = v.flatten(1)
     return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
+
+
+def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
+    """Whether ``z`` certifies infeasibility and ``x`` unboundedness, in the units given.
+
+    For ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``, per element:
+
+    - infeasible: :math:`y = z/\\|z\\|_\\infty \\in K^*` (zero-cone rows free),
+      :math:`\\|A^T y\\|_\\infty \\le` ``tol`` :math:`\\max|A|` and
+      :math:`b^T y < -` ``tol`` :math:`\\|b\\|_\\infty`;
+    - unbounded: :math:`d = x/\\|x\\|_\\infty` with :math:`-Ad \\in K` and
+      :math:`\\|Pd\\|_\\infty` within ``tol`` of the data's largest entries and
+      :math:`q^T d < -` ``tol`` :math:`\\|q\\|_\\infty`.
+
+    Each test is relative to the data and to the ray's own size, as the per-element
+    path's (:func:`~.cone.verify_certificate`): a ray found on the equilibrated data is
+    believed in the caller's units only if it passes there too.
+
+    Shape:
+        ``P (B, n, n), q (B, n), A (B, m, n), b (B, m), x (B, n), z (B, m)`` ->
+        ``(infeasible, unbounded)``, ``(B,)`` bool each.
+    """
+    z0 = layout.zero
+    a_max, p_max = row_inf(A), row_inf(P)
+    ny, nx = row_inf(z), row_inf(x)
+    y = z / torch.where(ny > 0, ny, 1.0)[:, None]
+    d = x / torch.where(nx > 0, nx, 1.0)[:, None]
+    infeasible = ((ny > 0) & torch.isfinite(ny) & (layout.violation(y[:, z0:]) <= tol)
+                  & (row_inf(bmv(A.mT, y)) <= tol * a_max) & ((b * y).sum(1) < -tol * row_inf(b)))
+    s = -bmv(A, d)
+    unbounded = ((nx > 0) & torch.isfinite(nx) & (row_inf(s[:, :z0]) <= tol * a_max)
+                 & (layout.violation(s[:, z0:]) <= tol * a_max) & (row_inf(bmv(P, d)) <= tol * p_max)
+                 & ((q * d).sum(1) < -tol * row_inf(q)))
+    return infeasible, unbounded
 
 
 def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, steps):

@@ -22,15 +22,13 @@ Steps are Mehrotra predictor–corrector with Nesterov–Todd scaling; each iter
 factors one reduced KKT system per element (:mod:`.kkt`) and solves it for three right-
 hand sides. Data are Ruiz-equilibrated per element first (:mod:`.equilibration`).
 
-All elements iterate together as dense ``(B, ·, ·)`` tensors on the data's device; an
-element that has converged, been certified infeasible, stalled or hit trouble is frozen (its
-step length is zero), and once a quarter of the batch is frozen the running elements
-are gathered into a smaller batch (the slowest elements of a batch take ~1.5× the
-median's iterations). The only host synchronisation per iteration is the test how
-many elements still run. Elements whose solution came out far below the equilibrated
-units' size (an inactive constraint with a huge right-hand side sets them) are solved
-again in the solution's own unit. Afterwards :mod:`.certify` polishes the solutions and
-estimates each one's error, and the measures are taken in the caller's units too.
+All elements iterate together as dense ``(B, ·, ·)`` tensors on the data's device; a
+converged, certified, stalled or troubled element is frozen (step length zero), and once
+a quarter of the batch is frozen the running ones are gathered into a smaller batch. One
+host synchronisation per iteration tests how many still run. Elements whose solution came
+out far below the equilibrated units' size are solved again in their own unit. Then
+:mod:`.certify` polishes the solutions and estimates their errors; the measures, and the
+rays of infeasibility certificates, are checked in the caller's units too.
 """
 from __future__ import annotations
 
@@ -38,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .certify import DECIDED, finish, row_inf, undecided
+from .certify import DECIDED, finish, row_inf, undecided, verified_rays
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
 from .measures import Measures, kkt_measures, max_step
@@ -58,26 +56,26 @@ STATUS_NAMES = {
 _STEP_FRACTION = 0.99
 _COMPACT_MIN, _COMPACT_FRACTION = 4, 0.75
 _MIN_STEP = 1e-10
-# The interior of K the initial s and z are shifted into: smallest eigenvalue at least
-# this, in the equilibrated units (Clarabel shifts to 1). At 0.1 the start keeps more of
-# the least-squares guess of which member of each pair is active; measured against 1.0
-# (same seeds): mean iterations 10.8 -> 9.6 and slowest 16-19 -> 12-14 on the n = 50 QP
-# (batch 64 and 1024), 11.6 -> 10.6 on the OptNet QP, 10.5-11.2 -> 9.4-10.4 on the
-# L1-ball projection n = 512, 8.2 -> 7.8 on sparsemax; slower on the L∞-ball (9.0 -> 9.9)
-# and on some QPs with data ~1e6 (two elements: 9-11 -> 21-22).
+# Where the initial s, z are shifted into K (smallest eigenvalue; Clarabel: 1). At 0.1 the
+# start keeps more of the least-squares guess of the active pairs; against 1.0 (same seeds)
+# mean iterations 10.8 -> 9.6, slowest 16-19 -> 12-14 (n = 50 QP, batch 64, 1024), 11.6 ->
+# 10.6 OptNet QP, 10.5-11.2 -> 9.4-10.4 L1 ball n = 512, 8.2 -> 7.8 sparsemax; slower on
+# the L∞ ball (9.0 -> 9.9) and some QPs with data ~1e6 (two elements: 9-11 -> 21-22).
 _START_LEVEL = 0.1
+# Elements stopped by numerical trouble or the iteration limit whose last iterate passes
+# the infeasibility tests at this tolerance count as certified (Clarabel's reduced-accuracy
+# tolerance); their rays must still pass in the caller's units (certify.verified_rays). A
+# QP with data ~1e4, infeasible by construction, stopped one iteration short of 1e-8 (its
+# Cholesky failed there) and ended as a SolverError after the per-element path.
+_REDUCED_TOL_INF = 5e-5
 # An element whose best merit has not halved in this many iterations has stalled (an
-# off-centre cycle of long and short steps); it stops and the final checks decide
-# (polishing may still solve it, otherwise the per-element path does). Clarabel stops on
-# insufficient progress alike. 15 stopped slow but converging elements (QPs with data
-# ~1e6 that need 21-22 iterations from the 0.1 start).
+# off-centre cycle of long and short steps): it stops and the final checks decide (as
+# Clarabel's insufficient progress). 15 stopped slow but converging elements (QPs with
+# data ~1e6 that need 21-22 iterations from the 0.1 start).
 _STALL_GAIN, _STALL_ITERATIONS = 0.5, 30
-# Elements whose solution (x, z) is below this in the equilibrated units are solved again
-# with the solution scale σ taken from it.
-_RESCALE_BELOW = 1e-3
-# Relative change of a KKT solve by the regularisation below which iterative refinement
-# is skipped during the iterations (an interior-point direction needs far less; the
-# polish and the error estimate at the end always refine).
+_RESCALE_BELOW = 1e-3  # a solution (x, z) below this (equilibrated units) is solved again at its scale
+# Relative change of a KKT solve by the regularisation below which iterative refinement is
+# skipped during the iterations (the polish and the error estimate always refine).
 _REFINE_ABOVE = 1e-8
 
 
@@ -167,12 +165,11 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     else:
         d, xs, ss, zs, status, iterations, certified = _iterate(d, layout, structure, tol, tol_inf, max_iter,
                                                                 refine)
-        # σ sizes the equilibrated units from the data, and an inactive constraint with a
-        # huge right-hand side inflates it far above the solution (its slack is then the
-        # O(1) part): the iterations stop once measures whose "1 +" hides the solution's
-        # error are small. Elements whose solution came out that small are solved again in
-        # its own unit (one host sync; the badly scaled QP of tests/convex/test_reliability.py
-        # at scales 2e4 to 1e6 ended 2e-5 to 4.4 off before, and now to 2e-10).
+        # σ sizes the equilibrated units from the data; an inactive constraint with a huge
+        # right-hand side inflates it far above the solution, whose error the measures'
+        # "1 +" then hides. Elements whose solution came out that small are solved again
+        # in its own unit (tests/convex/test_reliability.py's badly scaled QP at scales 2e4
+        # to 1e6 ended 2e-5 to 4.4 off before, now to 2e-10).
         size = torch.maximum(row_inf(xs), row_inf(zs))
         small = ~certified & (size < _RESCALE_BELOW) & (size > 0)
         if bool(small.any()):
@@ -202,12 +199,15 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
     xo, so, zo = (torch.where(ok[:, None], v, 0.0) for v in (xo, so, zo))
-    # The measures so far are relative to the equilibrated data's unit, which σ takes
-    # from the data: an inactive constraint with a huge right-hand side inflates it far
-    # above the solution (its slack is then the O(1) part), every "1 +" hides the error,
-    # and a point with a relative gap of 0.02 to 1 passed (tests/convex/test_reliability.py's
-    # badly scaled QP). The same measures in the caller's units do not share that blind
-    # spot (nor the equilibrated ones its blind spot for tiny data): both must pass.
+    if bool(certified.any()):
+        # A ray found on the equilibrated data certifies only if it does in the caller's units.
+        infeasible, unbounded = verified_rays(P, q, A, b, layout, xo, zo)
+        real = ((status == PRIMAL_INFEASIBLE) & infeasible) | ((status == DUAL_INFEASIBLE) & unbounded)
+        status = torch.where(certified & ~real, NUMERICAL, status)
+    # The measures so far are relative to the equilibrated unit (σ from the data; see
+    # above: a point with a relative gap of 0.02 to 1 passed there). The same measures in
+    # the caller's units do not share that blind spot (nor the equilibrated ones theirs
+    # for tiny data): both must pass.
     caller = torch.stack(kkt_measures(P, q, A, b, xo, so, zo)).amax(0)
     caller = torch.where(torch.isnan(caller), torch.inf, caller)
     residual = torch.where(certified, residual, torch.maximum(residual, caller))
@@ -383,6 +383,11 @@ def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float,
         x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count = (
             f.index_copy(0, slot, v) for f, v in zip(saved, state))
         d, ops, base = full_data
+    stopped = (status == NUMERICAL) | (status == MAX_ITERATIONS)
+    if bool(stopped.any()):  # their last iterate is where they stopped
+        r = Measures(d, ops, row_inf(d.b), row_inf(d.q), x, s, z, tau, kappa, _REDUCED_TOL_INF)
+        status = torch.where(stopped & r.pinf, PRIMAL_INFEASIBLE,
+                             torch.where(stopped & r.dinf, DUAL_INFEASIBLE, status))
     # Solved elements and those that stalled near a solution return their best point;
     # certificates (infeasible elements) keep the last one.
     certified = (status == PRIMAL_INFEASIBLE) | (status == DUAL_INFEASIBLE)

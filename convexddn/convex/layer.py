@@ -31,7 +31,7 @@ from .._checks import check_choice, check_finite, check_int, check_positive, che
 from ..errors import InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
-from .status import SolveInfo, failure_error, merge_resolved, unravel
+from .status import SolveInfo, adopt_certificates, failure_error, merge_resolved, status_kind, unravel
 from .validation import (batch_shape, bind_parameters, check_parameter_attributes, solver_choice,
                          validate_problem, validate_solver_args)
 
@@ -353,14 +353,17 @@ class ConvexLayer(nn.Module):
             if program is not None:
                 fixed, part = self._solve_batched(program, self._subset(flat, doubt))
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])
+                adopt_certificates(info, doubt, list(zip(part["kinds"], part["statuses"])))
             return sols, info
         sols, info = self._solve_batched(self._batched, flat)
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
             # Then one element at a time by the per-element path; autograd flows to each
             # element through the path that solved it.
+            verdicts = [(info["kinds"][i], info["statuses"][i]) for i in redo]
             fixed, part = self._solve_per_element(self._subset(flat, redo), call_args)
             merge_resolved(sols, info, redo, fixed, part)
+            adopt_certificates(info, redo, verdicts)
         return sols, info
 
     def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
@@ -369,8 +372,10 @@ class ConvexLayer(nn.Module):
         differentiated by the batched path (see :mod:`.second_opinion`)."""
         sols, binfo = program(*flat)
         sols, n = list(sols), len(binfo.status)
-        info = {"backend": ["batched"] * n, "solvers": ["batched"] * n, "statuses": binfo.status_names(),
-                "residuals": binfo.residual.tolist(), "solved": binfo.solved.tolist(), "kinds": ["solved"] * n}
+        statuses, solved = binfo.status_names(), binfo.solved.tolist()
+        info = {"backend": ["batched"] * n, "solvers": ["batched"] * n, "statuses": statuses,
+                "residuals": binfo.residual.tolist(), "solved": solved,
+                "kinds": ["solved" if ok else status_kind(st) for ok, st in zip(solved, statuses)]}
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
             fixed, finfo = program(*self._subset(flat, redo), second_opinion=True)

@@ -13,7 +13,8 @@ import torch
 
 from ..errors import InfeasibleError, SolverError, UnboundedError
 
-__all__ = ["INFO_KEYS", "SolveInfo", "failure_error", "merge_resolved", "status_kind", "unravel"]
+__all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "failure_error", "merge_resolved", "status_kind",
+           "unravel"]
 
 
 @dataclasses.dataclass
@@ -106,3 +107,18 @@ def merge_resolved(sols: list[torch.Tensor], info: dict, idx: list[int], fixed: 
     for key in INFO_KEYS:
         for j in rows:
             info[key][idx[j]] = part[key][j]
+
+
+def adopt_certificates(info: dict, idx: list[int], verdicts: list[tuple[str, str]]) -> None:
+    """Give the elements ``idx`` that stayed unsolved with no verified certificate of
+    their own the other path's verified ``(kind, status)``, in place.
+
+    The batched path verifies its rays in the caller's units
+    (:func:`~.certify.verified_rays`); the per-element path may not verify its own on
+    badly scaled data (a random QP with data ~1e5, infeasible by construction, ended in
+    a SolverError after SCS's iteration limit). The error then names the certificate.
+    """
+    for i, (kind, status) in zip(idx, verdicts):
+        if not info["solved"][i] and info["kinds"][i] == "other" and kind in ("infeasible", "unbounded"):
+            info["kinds"][i] = kind
+            info["statuses"][i] = f"{info['statuses'][i]}; batched path: {status} (certificate verified)"

@@ -425,3 +425,33 @@ def test_solve_cone_batch_never_raises_on_broken_elements():
     assert sol.status[1] != SOLVED
     assert (sol.status[[0, 2]] == SOLVED).all()
     assert torch.isfinite(sol.x).all()
+
+
+# --------------------------------------------------------------------------- certificates in the caller's units
+
+
+def test_verified_rays_accepts_true_certificates_at_any_scale_and_rejects_false_ones():
+    from convexddn.convex.certify import verified_rays
+
+    layout = ConeLayout(0, 2)
+    # x <= -1 and -x <= -1 (x >= 1): y = (1, 1) has Aᵀy = 0, bᵀy = -2 < 0.
+    A = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)
+    b = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    P, q = torch.zeros(1, 1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    for scale in (1e-6, 1.0, 1e6):
+        for ray in ([1.0, 1.0], [3e-9, 3e-9]):  # the ray's own size does not matter
+            infeasible, unbounded = verified_rays(P, q, scale * A, scale * b, layout, x,
+                                                  torch.tensor([ray], dtype=torch.float64))
+            assert infeasible.tolist() == [True] and unbounded.tolist() == [False]
+    for ray in ([1.0, 0.5], [-1.0, -1.0], [0.0, 0.0]):  # Aᵀy ≠ 0, y ∉ K* (bᵀy > 0), no ray
+        infeasible, _ = verified_rays(P, q, A, b, layout, x, torch.tensor([ray], dtype=torch.float64))
+        assert infeasible.tolist() == [False], ray
+    # min -x s.t. x >= 0 (-x + s = 0): d = 1 has -Ad = 1 ∈ K, Pd = 0, qᵀd < 0.
+    A1, b1, q1 = -torch.ones(1, 1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), -torch.ones(1, 1, dtype=torch.float64)
+    z1, d = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    one = ConeLayout(0, 1)
+    for scale in (1e-6, 1.0, 1e6):
+        assert verified_rays(P, scale * q1, scale * A1, b1, one, d, z1)[1].tolist() == [True]
+    assert verified_rays(torch.ones(1, 1, 1, dtype=torch.float64), q1, A1, b1, one, d, z1)[1].tolist() == [False]  # Pd ≠ 0
+    assert verified_rays(P, q1, A1, b1, one, -d, z1)[1].tolist() == [False]  # -Ad ∉ K

@@ -406,3 +406,83 @@ def test_batched_weakly_active_constraint_gradient_matches_finite_differences():
     # Element 0: y₁ pinned at 0 (dy₁/dx₁ = 0); element 1: inactive (dy₁/dx₁ = 1).
     want = torch.tensor([[[0.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], dtype=F64)
     torch.testing.assert_close(jac, want, atol=1e-6, rtol=0)
+
+
+def _contradictory_huber(scale: float):
+    """min Σ huber(x − q, scale) s.t. gᵀx <= 0.3·scale, gᵀx >= 1.3·scale: infeasible, data ~scale."""
+    x = cp.Variable(3)
+    q, G, h = cp.Parameter(3), cp.Parameter((2, 3)), cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.huber(x - q, scale))), [G @ x <= h])
+    g = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    values = (torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64) * scale, torch.stack([g, -g]),
+              torch.tensor([0.3 * scale, -1.3 * scale], dtype=torch.float64))
+    return prob, [q, G, h], [x], values
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e5, 1e6])
+def test_badly_scaled_infeasible_program_is_certified_on_the_batched_path(scale):
+    # At 1e4 and up the Cholesky failed one iteration before the certificate reached 1e-8
+    # ("numerical trouble"); the last iterate's ray, tested at Clarabel's reduced
+    # tolerance and verified in the caller's units, certifies it.
+    prob, params, variables, values = _contradictory_huber(scale)
+    program = batched.BatchedProgram(prob, params, variables)
+    _, info = program(*(v.unsqueeze(0) for v in values))
+    assert info.status_names() == ["primal infeasible"]
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+@pytest.mark.parametrize("scale", [1e2, 1e4, 5e4, 1e5, 1e6])
+def test_badly_scaled_infeasible_program_raises_infeasible_error(scale, solver):
+    # From 5e4 the per-element path's own certificate no longer verifies and SCS stops at
+    # its iteration limit: the error was a SolverError; the batched path's verified ray
+    # (after the per-element path, or as its second opinion) names the element infeasible.
+    prob, params, variables, values = _contradictory_huber(scale)
+    layer = cddn.ConvexLayer(prob, params, variables, solver=solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InfeasibleError) as info:
+            layer(*values)
+    if scale >= 5e4:
+        assert "batched path: primal infeasible (certificate verified)" in str(info.value)
+
+
+def test_adopt_certificates_fills_only_unverified_failures():
+    from convexddn.convex.status import adopt_certificates
+
+    info = {"solved": [False, False, True, False], "kinds": ["other", "infeasible", "solved", "other"],
+            "statuses": ["SCS: max iters", "Clarabel: Infeasible", "solved", "SCS: max iters"]}
+    adopt_certificates(info, [0, 1, 2, 3], [("infeasible", "primal infeasible"), ("unbounded", "x"),
+                                            ("infeasible", "y"), ("other", "numerical trouble")])
+    assert info["kinds"] == ["infeasible", "infeasible", "solved", "other"]
+    assert info["statuses"][0] == "SCS: max iters; batched path: primal infeasible (certificate verified)"
+    assert info["statuses"][1:] == ["Clarabel: Infeasible", "solved", "SCS: max iters"]
+
+
+@pytest.mark.parametrize("seed", [47, 50, 51, 55, 58, 59])
+def test_huber_with_equalities_is_solved_where_cone_rows_give_the_only_curvature(seed):
+    # Huber's linear parts have no curvature in P, only from cone rows, which vanish
+    # where those rows are inactive at the solution: the KKT matrix factorised there had
+    # pivots from 1e-9 to 3e11 and its Cholesky failed, so feasible elements ended in a
+    # SolverError on every path (26 of 60 such batches of 8). The ρ A_Eᵀ A_E term now
+    # keeps it definite; solutions are checked against CVXPY + Clarabel's objective.
+    rng = np.random.default_rng(seed)
+    n, m, p, B = 6, 4, 2, 8
+    scale = 10.0 ** rng.uniform(3, 5)
+    x = cp.Variable(n)
+    q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    Ae, be = cp.Parameter((p, n)), cp.Parameter(p)
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.huber(x - q, scale))), [G @ x <= h, Ae @ x == be])
+    x0 = rng.standard_normal((B, n)) * scale
+    Gv, Av = rng.standard_normal((B, m, n)), rng.standard_normal((B, p, n))
+    vals = [rng.standard_normal((B, n)) * scale, Gv, np.einsum("bmn,bn->bm", Gv, x0) + rng.random((B, m)) * scale,
+            Av, np.einsum("bpn,bn->bp", Av, x0)]
+    layer = cddn.ConvexLayer(prob, [q, G, h, Ae, be], [x])
+    y = layer(*[torch.tensor(v) for v in vals]).numpy()
+    assert layer.last_solve.solvers == ["batched"] * B
+    for i in range(B):
+        for param, v in zip((q, G, h, Ae, be), vals):
+            param.value = v[i]
+        best = prob.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        x.value = y[i]
+        assert prob.objective.value <= best * (1 + 1e-9) + 1e-9
+        assert max(float(np.abs(c.violation()).max()) for c in prob.constraints) <= 1e-8 * scale
