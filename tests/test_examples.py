@@ -45,3 +45,26 @@ def test_example_has_docstring_and_main(name):
     module = load(name)
     assert module.__doc__ and "Run:" in module.__doc__
     assert callable(module.main)
+
+
+def test_fuzz_script_finds_no_defect_and_reports_a_planted_one(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "fuzz_convex", EXAMPLES.parent / "scripts" / "fuzz_convex.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    assert fuzz.main(["3", "2", "qp,huber"]) == 0
+    assert "2 cases, 0 defect(s)" in capsys.readouterr().out
+    # A layer that returns a shifted point is caught.
+    real = fuzz.ConvexLayer
+
+    class Shifted(real):
+        def forward(self, *args):
+            return super().forward(*args) + 1.0
+
+    fuzz.ConvexLayer = Shifted
+    try:
+        assert fuzz.main(["3", "1", "qp"]) == 1
+    finally:
+        fuzz.ConvexLayer = real
+    with pytest.raises(SystemExit, match="unknown kind"):
+        fuzz.main(["0", "1", "lasso"])

@@ -1,0 +1,154 @@
+"""Random convex programs through ``ConvexLayer`` against CVXPY + Clarabel, element by element.
+
+    python scripts/fuzz_convex.py [SEED] [CASES] [KINDS]
+
+KINDS: comma-separated among qp, lp_box, socp, huber, l1fit, socfit, maxpen (default: all).
+
+Each case draws a problem kind, sizes (n 2–11 variables, m 1–9 inequalities, 0–3
+equalities), a data scale 10^±5, rows made active at a known feasible point (none to
+all), sometimes a duplicated row or a rank-deficient quadratic term, and in one case of
+five an element made infeasible by a contradictory row pair. The layer (default
+``solver="auto"``) solves a batch of 8; every element is then solved by Clarabel through
+CVXPY at 1e-12. Printed as defects: a returned point whose objective is above the
+reference's by more than 1e-6 relative or that violates a constraint by more than 1e-6
+relative to the data; an error naming an element the reference solved; an unexpected
+exception. Also printed (not counted): elements the reference calls infeasible or
+unbounded that the error does not name — the reference is then often the one that is
+wrong (Clarabel at 1e-12 called bounded problems with data ~3e4 unbounded).
+
+Found this way and fixed: Huber losses with equalities that failed on every path (S's
+Cholesky at the solution), and badly scaled infeasible programs reported as a generic
+``SolverError`` (see ``tests/convex/test_reliability.py``).
+"""
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+from convexddn import ConvexLayer
+from convexddn.errors import ConvexDDNError
+
+KINDS = ("qp", "lp_box", "socp", "huber", "l1fit", "socfit", "maxpen")
+BATCH = 8
+
+
+def _problem(rng: np.random.Generator, kind: str):
+    """(problem, parameters, variable, values per parameter (BATCH, ...), scale)."""
+    n, m = int(rng.integers(2, 12)), int(rng.integers(1, 10))
+    p = int(rng.integers(0, min(n, 4)))
+    scale = float(10.0 ** rng.uniform(-5, 5))
+    x = cp.Variable(n)
+    q, G, h = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    params, cons = [q, G, h], [G @ x <= h]
+    x0 = rng.standard_normal((BATCH, n)) * scale
+    G_val = rng.standard_normal((BATCH, m, n))
+    if m > 1 and rng.random() < 0.3:
+        G_val[:, -1] = G_val[:, 0]  # a duplicated row
+    active = float(rng.choice([0.0, 0.3, 0.6, 1.0]))
+    slack = rng.random((BATCH, m)) * scale * (rng.random((BATCH, m)) < active)
+    values = [rng.standard_normal((BATCH, n)) * scale, G_val, np.einsum("bmn,bn->bm", G_val, x0) + slack]
+    if m > 1 and rng.random() < 0.2:  # element 1: G_0 x <= h_0 and G_0 x >= h_0 + scale
+        values[1][1, -1], values[2][1, -1] = -G_val[1, 0], -values[2][1, 0] - scale
+    if p:
+        Ae, be = cp.Parameter((p, n)), cp.Parameter(p)
+        A_val = rng.standard_normal((BATCH, p, n))
+        params += [Ae, be]
+        cons.append(Ae @ x == be)
+        values += [A_val, np.einsum("bpn,bn->bp", A_val, x0)]
+    if kind == "qp":
+        L = cp.Parameter((n, n))
+        L_val = rng.standard_normal((BATCH, n, n)) * (1.0 if rng.random() < 0.5 else 0.1)
+        if rng.random() < 0.3:
+            L_val[:, :, -1] = 0  # singular quadratic term
+        params.append(L)
+        values.append(L_val)
+        obj = 0.5 * cp.sum_squares(L @ x) + q @ x
+    elif kind == "lp_box":
+        obj = q @ x
+        cons.append(cp.abs(x) <= 10 * scale)
+    elif kind == "socp":
+        obj = q @ x
+        cons.append(cp.norm(x, 2) <= 5 * scale)
+    elif kind == "huber":
+        obj = cp.sum(cp.huber(x - q, scale))
+    elif kind == "l1fit":
+        obj = cp.norm(x - q, 1)
+        cons.append(cp.norm(x, "inf") <= 10 * scale)
+    elif kind == "socfit":
+        obj = cp.norm(x - q, 2) + cp.norm(x, 1)
+    else:  # maxpen
+        obj = cp.max(x - q) + 0.01 * cp.sum_squares(x) / scale
+    return cp.Problem(cp.Minimize(obj), cons), params, x, values, scale
+
+
+def run_case(seed: int, case: int, kinds: tuple[str, ...]) -> int:
+    """Defects found in one case (printed)."""
+    rng = np.random.default_rng(seed * 1000 + case)
+    kind = str(rng.choice(kinds))
+    prob, params, x, values, scale = _problem(rng, kind)
+    layer = ConvexLayer(prob, params, [x])
+    error, y = None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            y = layer(*[torch.tensor(v) for v in values]).numpy()
+        except ConvexDDNError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001 - a defect to report, not to stop on
+            print(f"case {case} {kind}: unexpected {type(e).__name__}: {e}")
+            return 1
+    named = []
+    if error is not None:
+        named = [int(i) for i in re.findall(r"\((\d+),\)", str(error).split("of batch shape")[0])]
+    defects = 0
+    for i in range(BATCH):
+        for param, v in zip(params, values):
+            param.value = v[i]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                prob.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+            except cp.error.SolverError:
+                continue
+        status = prob.status
+        if error is not None:
+            if i in named and status == "optimal":
+                print(f"case {case} {kind} element {i}: the reference solved it, the layer raised "
+                      f"{type(error).__name__}")
+                defects += 1
+            elif i not in named and status in ("infeasible", "unbounded"):
+                print(f"case {case} {kind} element {i}: the reference says {status}, not named (not counted)")
+            continue
+        if status != "optimal":
+            continue
+        best = prob.objective.value
+        x.value = y[i]
+        ours = prob.objective.value
+        violation = max(float(np.abs(c.violation()).max()) for c in prob.constraints)
+        if ours > best + 1e-6 * (1 + abs(best)) or violation > 1e-6 * (1 + np.abs(y[i]).max()):
+            print(f"case {case} {kind} scale {scale:.2g} element {i}: objective {ours:.10g} against "
+                  f"{best:.10g}, violation {violation:.2g}")
+            defects += 1
+    return defects
+
+
+def main(argv: list[str]) -> int:
+    seed = int(argv[0]) if argv else 0
+    cases = int(argv[1]) if len(argv) > 1 else 25
+    kinds = tuple(argv[2].split(",")) if len(argv) > 2 else KINDS
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise SystemExit(f"unknown kind(s) {sorted(unknown)}; choose among {', '.join(KINDS)}")
+    torch.set_default_dtype(torch.float64)
+    defects = sum(run_case(seed, case, kinds) for case in range(cases))
+    print(f"seed {seed}: {cases} cases, {defects} defect(s)")
+    return 1 if defects else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
