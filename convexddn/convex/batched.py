@@ -30,6 +30,10 @@ error estimate that certifies each element), and the backward reuses that
 factorisation: one batched solve, no new factorisation. We chose this over the residual-map
 derivative (Agrawal et al., 2019) because it keeps the quadratic term, stays symmetric
 (Cholesky instead of LU of an :math:`(n+m+1)`-square matrix) and reuses the solver.
+Where no derivative exists the backward warns (``GradientWarning``) and names the
+elements: a complementary pair undecided, a derivative system that amplifies the
+cotangent like 1/δ (a non-unique solution), or more active rows with moving data than the
+solution's dimension allows (a degenerate vertex, found by one unrefined probe solve).
 """
 from __future__ import annotations
 
@@ -82,12 +86,16 @@ class BatchedSolveInfo:
         return [self.names[int(s)] for s in self.status.tolist()]
 
 
-def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3):
+def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
+             moving_rows: torch.Tensor | None = None):
     """Vector–Jacobian product of a batched cone solve; see the module docstring.
 
     Args:
         sol: a solution from ``solve_cone_batch(..., keep_state=True)``.
         gx, gz: cotangents of ``sol.x`` ``(B, n)`` and ``sol.z`` ``(B, m)``.
+        moving_rows: ``(m,)`` bool, the constraint rows whose data the parameters move;
+            where more of them are active than the solution's dimension allows (a
+            degenerate vertex), moving them changes the active set: no derivative.
 
     Returns:
         ``(gP, gq, gA, gb, not_differentiable)``: the gradients, exactly zero for
@@ -101,6 +109,14 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     rc = d.c.sqrt()[:, None]
     rx, rz = (rc * d.D * gx).unsqueeze(-1), (d.E * gz / rc).unsqueeze(-1)
     ux, uz, _ = kkt.solve(rx, rz, refine)
+    probe = _vertex_probe(sol, layout, moving_rows)
+    vertex = torch.zeros_like(sol.status, dtype=torch.bool)
+    if probe is not None:
+        # Unrefined: only a blow-up by ~1/δ matters (measured: +0.3 ms on the n = 50 QP's
+        # 5 ms backward; as a second, refined column of the same solve +1.1 ms).
+        pu, pz, _ = kkt.solve(torch.zeros_like(rx), probe.unsqueeze(-1), 0)
+        gain = torch.maximum(row_inf(pu), row_inf(pz)) / row_inf(probe).clamp_min(torch.finfo(probe.dtype).tiny)
+        vertex = (probe != 0).any(1) & (gain > AMPLIFICATION)
     # How much the (equilibrated) derivative system amplifies the cotangent: O(1)-O(10)
     # where the solution is unique and differentiable, ~1/δ (δ the 1e-12 lift of
     # the polished slacks) along a direction of non-uniqueness (measured: 2e9 on an LP
@@ -120,8 +136,31 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     left = torch.stack([ux, x], -1)
     gP = torch.bmm(left, torch.stack([x, ux], 1)).mul_(-0.5)
     gA = torch.bmm(torch.stack([z, uz], -1), left.mT).neg_()
-    not_differentiable = ok[:, 0] & (sol.undecided | (amplification > AMPLIFICATION))
+    not_differentiable = ok[:, 0] & (sol.undecided | (amplification > AMPLIFICATION) | vertex)
     return gP, -ux, gA, uz, not_differentiable
+
+
+def _vertex_probe(sol: ConeSolution, layout, moving_rows) -> torch.Tensor | None:
+    """Right-hand side ``(B, m)`` that tests for a degenerate vertex, or None.
+
+    Solving K u = (0, r) with r spread over the active nonnegative rows that parameters
+    move: where these are more than the solution's dimension allows (x at a vertex of
+    R⁴ with five active rows), the linearised rows A_act u_x = r are inconsistent and u
+    grows like 1/δ, the 1e-12 lift of the polished slacks, and one-sided derivatives
+    differ (measured on a random QP: 0.711 and 0.652, the linearisation's blend 0.797,
+    with no warning; a gradient fuzz of 149 random programs had 26 such elements). Rows
+    with constant data are left out: a projection onto a fixed polytope's vertex is
+    differentiable although its active rows are dependent. Unequal weights: equal ones
+    on identical rows would be orthogonal to their null vector.
+    """
+    z0, k = layout.zero, layout.nonneg
+    if moving_rows is None or not k:
+        return None
+    _, ss, zs = sol.scaled.scale(sol.x, sol.s, sol.z)
+    active = (zs[:, z0:z0 + k] > ss[:, z0:z0 + k]) & moving_rows[z0:z0 + k]
+    r = torch.zeros_like(zs)
+    r[:, z0:z0 + k] = active * torch.linspace(1.0, 2.0, k, dtype=zs.dtype, device=zs.device)
+    return r
 
 
 # Amplification of the derivative system above which the gradient is reported as not
@@ -133,7 +172,7 @@ class _ConeSolve(torch.autograd.Function):
     """(P, q, A, b) -> (x, z) of the cone program, differentiated by :func:`cone_vjp`."""
 
     @staticmethod
-    def forward(P, q, A, b, layout, options, needs_grad):
+    def forward(P, q, A, b, layout, options, needs_grad, moving_rows):
         # Inference mode: no version counters or autograd bookkeeping on the ~400 small
         # ops of an iteration (measured: forward 8-10 % faster on the n = 50 QP at batch
         # 64). The outputs are cloned into normal tensors; the kept state is only read,
@@ -141,7 +180,7 @@ class _ConeSolve(torch.autograd.Function):
         with torch.inference_mode():
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
-        state = (sol, layout, options.get("refine", 1)) if needs_grad else None
+        state = (sol, layout, options.get("refine", 1), moving_rows) if needs_grad else None
         return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error)),
                 state)
 
@@ -154,20 +193,21 @@ class _ConeSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
-            return None, None, None, None, None, None, None
-        sol, layout, refine = ctx.state
+            return None, None, None, None, None, None, None, None
+        sol, layout, refine, moving_rows = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
-        gP, gq, gA, gb, flagged = cone_vjp(sol, layout, gx, gz, refine + 2)
+        gP, gq, gA, gb, flagged = cone_vjp(sol, layout, gx, gz, refine + 2, moving_rows)
         if flagged.any():  # one host sync per backward
             idx = torch.nonzero(flagged).squeeze(1).tolist()
             warnings.warn(
                 f"ConvexLayer backward (batched): the solution of {len(idx)} batch element(s) "
                 f"(flat indices {idx[:20]}) is not unique or not differentiable (a constraint "
-                "active with a zero multiplier, or a derivative system that is singular: e.g. "
-                "a degenerate LP); their gradient is one of many, or a one-sided limit's blend",
+                "active with a zero multiplier, a derivative system that is singular: e.g. a "
+                "degenerate LP, or more active constraints than the solution's dimension: a "
+                "degenerate vertex); their gradient is one of many, or a one-sided limit's blend",
                 GradientWarning, stacklevel=3)
-        return gP, gq, gA, gb, None, None, None
+        return gP, gq, gA, gb, None, None, None, None
 
 
 class BatchedProgram:
@@ -320,7 +360,7 @@ class BatchedProgram:
         if second_opinion:
             options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
         x, z, status, residual, iterations, error, _ = _ConeSolve.apply(P, q, A, b, data.layout, options,
-                                                                         needs_grad)
+                                                                         needs_grad, data.moving_rows(P.device))
         xf, zf = data.recover(x, z, extra)
         solved = status == SOLVED
         outs = []

@@ -106,6 +106,19 @@ class ConeData:
                 out[k] = p.new_zeros(B, self.maps[k].size).index_add(1, where, v)
         return out
 
+    def moving_rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(m,)`` bool: the constraint rows whose data ``[A | b]`` some parameter moves
+        (entries of the constant column do not), on ``device``."""
+        key = ("moving_rows", str(device))
+        if key not in self._cache:
+            const = self.n_cols - 1
+            rows = torch.zeros(self.layout.m, dtype=torch.bool)
+            for name, width in (("A", self.n), ("b", 1)):
+                m = self.maps[name]
+                rows[m.pos[m.col != const] // width] = True
+            self._cache[key] = rows.to(device)
+        return self._cache[key]
+
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
         """p = (θ, 1) of each element, (B, n_cols), in CVXPY's column order."""
         cols: list[torch.Tensor] = [values[0]] * len(values)

@@ -17,7 +17,7 @@ import torch
 
 import convexddn as cddn
 from convexddn.convex.batched import BatchedProgram, UnsupportedProblem
-from convexddn.errors import DTypeError, InputError, OptionError, ShapeError
+from convexddn.errors import DTypeError, GradientWarning, InputError, OptionError, ShapeError
 
 F64 = torch.float64
 TIGHT = dict(solver="CLARABEL", tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, max_iter=500)
@@ -363,3 +363,43 @@ def test_batched_cuda_matches_cpu():
     gg = torch.autograd.grad(Yg, gpu, w.cuda())
     for a, b in zip(gc, gg):
         assert torch.allclose(b.cpu(), a, atol=1e-8)
+
+
+def _corner(moving: bool):
+    """min ½‖x − c‖² s.t. x₁ ≤ h₁, x₂ ≤ h₂, x₁ + x₂ ≤ h₃ at c = (1, 2), h = 0: three active
+    rows at the vertex x = 0 of R² (a degenerate vertex)."""
+    x, c = cp.Variable(2), cp.Parameter(2)
+    G = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    if moving:
+        h = cp.Parameter(3)
+        return BatchedProgram(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x - c)), [G @ x <= h]), [c, h], [x])
+    return BatchedProgram(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x - c)), [G @ x <= 0]), [c], [x])
+
+
+def test_degenerate_vertex_with_moving_constraints_warns():
+    # Moving h₃ up leaves x at 0, moving it down drags x along: one-sided derivatives of
+    # x₁ + x₂ in h₃ are 0 and 1; the linearisation returned 0.82 without a warning.
+    program = _corner(moving=True)
+    c = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    h = torch.zeros(1, 3, dtype=torch.float64)
+
+    def total(hh):
+        return float(program(c, hh)[0][0].sum())
+
+    step = torch.tensor([[0.0, 0.0, 1e-6]], dtype=torch.float64)
+    assert abs((total(h + step) - total(h)) / 1e-6) < 1e-6
+    assert abs((total(h) - total(h - step)) / 1e-6 - 1.0) < 1e-6
+    hg = h.clone().requires_grad_()
+    with pytest.warns(GradientWarning, match="degenerate vertex"):
+        program(c, hg)[0][0].sum().backward()
+
+
+def test_degenerate_vertex_of_a_fixed_polytope_is_differentiable():
+    # The same vertex with constant constraints: x = 0 for every c near (1, 2), so the
+    # gradient is 0 and exists although three rows are active in R².
+    program = _corner(moving=False)
+    c = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        program(c)[0][0].sum().backward()
+    assert float(c.grad.abs().max()) < 1e-9
