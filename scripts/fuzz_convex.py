@@ -1,8 +1,10 @@
 """Random convex programs through ``ConvexLayer`` against CVXPY + Clarabel, element by element.
 
-    python scripts/fuzz_convex.py [SEED] [CASES] [KINDS]
+    python scripts/fuzz_convex.py [SEED] [CASES] [KINDS] [SOLVER]
 
-KINDS: comma-separated among qp, lp_box, socp, huber, l1fit, socfit, maxpen (default: all).
+KINDS: comma-separated among qp, lp_box, socp, huber, l1fit, socfit, maxpen (default: all);
+SOLVER: the layer's ``solver`` option (default ``auto``; ``Clarabel`` puts the
+per-element path first).
 
 Each case draws a problem kind, sizes (n 2–11 variables, m 1–9 inequalities, 0–3
 equalities), a data scale 10^±5, rows made active at a known feasible point (none to
@@ -86,12 +88,12 @@ def _problem(rng: np.random.Generator, kind: str):
     return cp.Problem(cp.Minimize(obj), cons), params, x, values, scale
 
 
-def run_case(seed: int, case: int, kinds: tuple[str, ...]) -> int:
+def run_case(seed: int, case: int, kinds: tuple[str, ...], solver: str = "auto") -> int:
     """Defects found in one case (printed)."""
     rng = np.random.default_rng(seed * 1000 + case)
     kind = str(rng.choice(kinds))
     prob, params, x, values, scale = _problem(rng, kind)
-    layer = ConvexLayer(prob, params, [x])
+    layer = ConvexLayer(prob, params, [x], solver=solver)
     error, y = None, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -141,11 +143,12 @@ def main(argv: list[str]) -> int:
     seed = int(argv[0]) if argv else 0
     cases = int(argv[1]) if len(argv) > 1 else 25
     kinds = tuple(argv[2].split(",")) if len(argv) > 2 else KINDS
+    solver = argv[3] if len(argv) > 3 else "auto"
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise SystemExit(f"unknown kind(s) {sorted(unknown)}; choose among {', '.join(KINDS)}")
     torch.set_default_dtype(torch.float64)
-    defects = sum(run_case(seed, case, kinds) for case in range(cases))
+    defects = sum(run_case(seed, case, kinds, solver) for case in range(cases))
     print(f"seed {seed}: {cases} cases, {defects} defect(s)")
     return 1 if defects else 0
 
