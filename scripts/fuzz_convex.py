@@ -147,7 +147,6 @@ def main(argv: list[str]) -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise SystemExit(f"unknown kind(s) {sorted(unknown)}; choose among {', '.join(KINDS)}")
-    torch.set_default_dtype(torch.float64)
     defects = sum(run_case(seed, case, kinds, solver) for case in range(cases))
     print(f"seed {seed}: {cases} cases, {defects} defect(s)")
     return 1 if defects else 0

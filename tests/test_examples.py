@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 
 import pytest
+import torch
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -52,7 +53,9 @@ def test_fuzz_script_finds_no_defect_and_reports_a_planted_one(capsys):
         "fuzz_convex", EXAMPLES.parent / "scripts" / "fuzz_convex.py")
     fuzz = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fuzz)
+    default = torch.get_default_dtype()
     assert fuzz.main(["3", "2", "qp,huber"]) == 0
+    assert torch.get_default_dtype() == default  # no global state left behind
     assert "2 cases, 0 defect(s)" in capsys.readouterr().out
     # A layer that returns a shifted point is caught.
     real = fuzz.ConvexLayer
