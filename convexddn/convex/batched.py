@@ -32,8 +32,10 @@ derivative (Agrawal et al., 2019) because it keeps the quadratic term, stays sym
 (Cholesky instead of LU of an :math:`(n+m+1)`-square matrix) and reuses the solver.
 Where no derivative exists the backward warns (``GradientWarning``) and names the
 elements: a complementary pair undecided, a derivative system that amplifies the
-cotangent like 1/δ (a non-unique solution), or more active rows with moving data than the
-solution's dimension allows (a degenerate vertex, found by one unrefined probe solve).
+cotangent like 1/δ (a non-unique solution), or a derivative along a fixed direction of
+the parameters that blows up the same way (one unrefined probe solve): a degenerate
+vertex, more active rows than the solution's dimension, which the parameters move apart
+(constraints with constant data do not move: a fixed polytope's vertex stays smooth).
 """
 from __future__ import annotations
 
@@ -87,36 +89,43 @@ class BatchedSolveInfo:
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
-             moving_rows: torch.Tensor | None = None):
+             tangent: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Vector–Jacobian product of a batched cone solve; see the module docstring.
 
     Args:
         sol: a solution from ``solve_cone_batch(..., keep_state=True)``.
         gx, gz: cotangents of ``sol.x`` ``(B, n)`` and ``sol.z`` ``(B, m)``.
-        moving_rows: ``(m,)`` bool, the constraint rows whose data the parameters move;
-            where more of them are active than the solution's dimension allows (a
-            degenerate vertex), moving them changes the active set: no derivative.
+        tangent: ``(dA, db)``, how a fixed, generic direction of the parameters moves the
+            constraints; where the derivative along it grows by more than
+            :data:`PROBE_GAIN` (a degenerate vertex: more active rows than the solution's
+            dimension, moved apart), none exists.
 
     Returns:
         ``(gP, gq, gA, gb, not_differentiable)``: the gradients, exactly zero for
         elements that are not solved, whose cotangent is zero or whose final KKT matrix
         could not be factorised; and a ``(B,)`` mask of the solved elements whose
         derivative does not exist (a complementary pair with ``s_i ≈ z_i ≈ 0``, see
-        :data:`~.certify.RESOLVED`) or whose solution is not unique (the derivative
-        system amplifies the cotangent by more than :data:`AMPLIFICATION`).
+        :data:`~.certify.RESOLVED`), whose solution is not unique (the derivative
+        system amplifies the cotangent by more than :data:`AMPLIFICATION`) or that sits at
+        a degenerate vertex (``tangent``).
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
     rx, rz = (rc * d.D * gx).unsqueeze(-1), (d.E * gz / rc).unsqueeze(-1)
     ux, uz, _ = kkt.solve(rx, rz, refine)
-    probe = _vertex_probe(sol, layout, moving_rows)
     vertex = torch.zeros_like(sol.status, dtype=torch.bool)
-    if probe is not None:
-        # Unrefined: only a blow-up by ~1/δ matters (measured: +0.3 ms on the n = 50 QP's
-        # 5 ms backward; as a second, refined column of the same solve +1.1 ms).
-        pu, pz, _ = kkt.solve(torch.zeros_like(rx), probe.unsqueeze(-1), 0)
-        gain = torch.maximum(row_inf(pu), row_inf(pz)) / row_inf(probe).clamp_min(torch.finfo(probe.dtype).tiny)
-        vertex = (probe != 0).any(1) & (gain > AMPLIFICATION)
+    if tangent is not None:
+        # The derivative of (x, z) along the tangent: K (dx, dz) = (-dAᵀz, db - dA x) (the
+        # objective's part left out: it cannot make the linearised active rows
+        # inconsistent). Unrefined: only a blow-up by ~1/δ matters.
+        dA, db = tangent
+        px = -(dA.mT @ sol.z.unsqueeze(-1)).squeeze(-1)
+        pz = db - (dA @ sol.x.unsqueeze(-1)).squeeze(-1)
+        px, pz = (rc * d.D * px).unsqueeze(-1), (d.E * pz / rc).unsqueeze(-1)
+        size = torch.maximum(row_inf(px), row_inf(pz))
+        du, dz, _ = kkt.solve(px, pz, 0)
+        gain = torch.maximum(row_inf(du), row_inf(dz)) / size.clamp_min(torch.finfo(size.dtype).tiny)
+        vertex = (size > 0) & (gain > PROBE_GAIN)
     # How much the (equilibrated) derivative system amplifies the cotangent: O(1)-O(10)
     # where the solution is unique and differentiable, ~1/δ (δ the 1e-12 lift of
     # the polished slacks) along a direction of non-uniqueness (measured: 2e9 on an LP
@@ -140,39 +149,20 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     return gP, -ux, gA, uz, not_differentiable
 
 
-def _vertex_probe(sol: ConeSolution, layout, moving_rows) -> torch.Tensor | None:
-    """Right-hand side ``(B, m)`` that tests for a degenerate vertex, or None.
-
-    Solving K u = (0, r) with r spread over the active nonnegative rows that parameters
-    move: where these are more than the solution's dimension allows (x at a vertex of
-    R⁴ with five active rows), the linearised rows A_act u_x = r are inconsistent and u
-    grows like 1/δ, the 1e-12 lift of the polished slacks, and one-sided derivatives
-    differ (measured on a random QP: 0.711 and 0.652, the linearisation's blend 0.797,
-    with no warning; a gradient fuzz of 149 random programs had 26 such elements). Rows
-    with constant data are left out: a projection onto a fixed polytope's vertex is
-    differentiable although its active rows are dependent. Unequal weights: equal ones
-    on identical rows would be orthogonal to their null vector.
-    """
-    z0, k = layout.zero, layout.nonneg
-    if moving_rows is None or not k:
-        return None
-    _, ss, zs = sol.scaled.scale(sol.x, sol.s, sol.z)
-    active = (zs[:, z0:z0 + k] > ss[:, z0:z0 + k]) & moving_rows[z0:z0 + k]
-    r = torch.zeros_like(zs)
-    r[:, z0:z0 + k] = active * torch.linspace(1.0, 2.0, k, dtype=zs.dtype, device=zs.device)
-    return r
-
-
 # Amplification of the derivative system above which the gradient is reported as not
 # existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).
 AMPLIFICATION = 1e7
+# The same for the probe along a parameter direction: measured over a gradient fuzz of
+# 679 elements, at most 1.7e2 where central differences agree with the gradient to 1e-6,
+# at least 7.9e6 where they disagree by more than 1e-4 (degenerate vertices).
+PROBE_GAIN = 1e6
 
 
 class _ConeSolve(torch.autograd.Function):
     """(P, q, A, b) -> (x, z) of the cone program, differentiated by :func:`cone_vjp`."""
 
     @staticmethod
-    def forward(P, q, A, b, layout, options, needs_grad, moving_rows):
+    def forward(P, q, A, b, layout, options, needs_grad, tangent):
         # Inference mode: no version counters or autograd bookkeeping on the ~400 small
         # ops of an iteration (measured: forward 8-10 % faster on the n = 50 QP at batch
         # 64). The outputs are cloned into normal tensors; the kept state is only read,
@@ -180,7 +170,7 @@ class _ConeSolve(torch.autograd.Function):
         with torch.inference_mode():
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
-        state = (sol, layout, options.get("refine", 1), moving_rows) if needs_grad else None
+        state = (sol, layout, options.get("refine", 1), tangent) if needs_grad else None
         return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error)),
                 state)
 
@@ -194,10 +184,10 @@ class _ConeSolve(torch.autograd.Function):
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
             return None, None, None, None, None, None, None, None
-        sol, layout, refine, moving_rows = ctx.state
+        sol, layout, refine, tangent = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
-        gP, gq, gA, gb, flagged = cone_vjp(sol, layout, gx, gz, refine + 2, moving_rows)
+        gP, gq, gA, gb, flagged = cone_vjp(sol, layout, gx, gz, refine + 2, tangent)
         if flagged.any():  # one host sync per backward
             idx = torch.nonzero(flagged).squeeze(1).tolist()
             warnings.warn(
@@ -359,8 +349,11 @@ class BatchedProgram:
                        error_duals=data.error_duals)
         if second_opinion:
             options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
+        # How a generic direction of the parameters moves the constraints: the backward
+        # probes for degenerate vertices along it.
+        tangent = data.constraint_tangent(p) if needs_grad else None
         x, z, status, residual, iterations, error, _ = _ConeSolve.apply(P, q, A, b, data.layout, options,
-                                                                         needs_grad, data.moving_rows(P.device))
+                                                                         needs_grad, tangent)
         xf, zf = data.recover(x, z, extra)
         solved = status == SOLVED
         outs = []

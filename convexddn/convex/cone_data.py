@@ -106,17 +106,35 @@ class ConeData:
                 out[k] = p.new_zeros(B, self.maps[k].size).index_add(1, where, v)
         return out
 
-    def moving_rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``(m,)`` bool: the constraint rows whose data ``[A | b]`` some parameter moves
-        (entries of the constant column do not), on ``device``."""
-        key = ("moving_rows", str(device))
+    def constraint_tangent(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dA (1, m, n), db (1, m))``: how ``[A | b]`` move along a fixed, generic
+        direction of the parameters (golden-angle sines over the parameter columns; the
+        constant column fixed), in ``like``'s dtype and device; cached.
+
+        ``A`` and ``b`` are linear in ``p``, so this is their exact directional
+        derivative; only their two maps are gathered.
+        """
+        key = ("tangent", str(like.device), like.dtype)
         if key not in self._cache:
-            const = self.n_cols - 1
-            rows = torch.zeros(self.layout.m, dtype=torch.bool)
-            for name, width in (("A", self.n), ("b", 1)):
+            k = torch.arange(self.n_cols, dtype=like.dtype, device=like.device)
+            dp = torch.sin(2.399963229728653 * k + 1.0)
+            dp[-1] = 0.0
+            out = []
+            for name in ("A", "b"):
                 m = self.maps[name]
-                rows[m.pos[m.col != const] // width] = True
-            self._cache[key] = rows.to(device)
+                t = dp.new_zeros(m.size)
+                if m.pos.numel():
+                    vals = dp[self._dev_map(name, "col", dp)] * self._dev_map(name, "coef", dp)
+                    t = t.index_add(0, self._dev_map(name, "pos", dp), vals)
+                out.append(t)
+            self._cache[key] = (out[0].view(1, self.layout.m, self.n), out[1].view(1, -1))
+        return self._cache[key]
+
+    def _dev_map(self, name: str, field: str, like: torch.Tensor) -> torch.Tensor:
+        key = ("map", name, field, str(like.device), like.dtype)
+        if key not in self._cache:
+            t = getattr(self.maps[name], field)
+            self._cache[key] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
         return self._cache[key]
 
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
