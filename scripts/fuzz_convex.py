@@ -1,6 +1,7 @@
 """Random convex programs through ``ConvexLayer`` against CVXPY + Clarabel, element by element.
 
     python scripts/fuzz_convex.py [SEED] [CASES] [KINDS] [SOLVER]
+    python scripts/fuzz_convex.py --gradients [SEED] [CASES] [KINDS] [SOLVER]
 
 KINDS: comma-separated among qp, lp_box, socp, huber, l1fit, socfit, maxpen (default: all);
 SOLVER: the layer's ``solver`` option (default ``auto``; ``Clarabel`` puts the
@@ -18,22 +19,32 @@ exception. Also printed (not counted): elements the reference calls infeasible o
 unbounded that the error does not name — the reference is then often the one that is
 wrong (Clarabel at 1e-12 called bounded problems with data ~3e4 unbounded).
 
+With ``--gradients`` each solved element's directional derivative (autograd, along a
+random direction of every parameter) is compared with the layer's own central
+difference (step 1e-6 of each parameter's scale). A defect: an element off by more than
+1e-3 relative that no ``GradientWarning`` names (a gradient that does not exist,
+returned silently); also printed, not counted: a named element whose difference agrees
+to 1e-6 (a false alarm). Differences of 1e-4 to 1e-3 are left to rounding: the
+solutions are exact to ~1e-10, a step of 1e-6 leaves ~1e-4.
+
 Found this way and fixed: Huber losses with equalities that failed on every path (S's
-Cholesky at the solution), and badly scaled infeasible programs reported as a generic
-``SolverError`` (see ``tests/convex/test_reliability.py``).
+Cholesky at the solution), badly scaled infeasible programs reported as a generic
+``SolverError`` (see ``tests/convex/test_reliability.py``), and gradients at degenerate
+vertices returned without a warning (``tests/convex/test_batched.py``).
 """
 from __future__ import annotations
 
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 
 import cvxpy as cp
 import numpy as np
 import torch
 
 from convexddn import ConvexLayer
-from convexddn.errors import ConvexDDNError
+from convexddn.errors import ConvexDDNError, GradientWarning
 
 KINDS = ("qp", "lp_box", "socp", "huber", "l1fit", "socfit", "maxpen")
 BATCH = 8
@@ -139,7 +150,55 @@ def run_case(seed: int, case: int, kinds: tuple[str, ...], solver: str = "auto")
     return defects
 
 
+@contextmanager
+def _named_by_warnings():
+    """Collect the flat indices that GradientWarnings name."""
+    named: set[int] = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield named
+    for w in caught:
+        found = re.search(r"flat indices \[([0-9, ]*)\]", str(w.message))
+        if issubclass(w.category, GradientWarning) and found:
+            named |= {int(v) for v in found.group(1).split(",") if v.strip()}
+
+
+def run_gradient_case(seed: int, case: int, kinds: tuple[str, ...], solver: str = "auto") -> int:
+    """Defects found in one case's gradients (printed)."""
+    rng = np.random.default_rng(seed * 1000 + case)
+    kind = str(rng.choice(kinds))
+    prob, params, x, values, _ = _problem(rng, kind)
+    layer = ConvexLayer(prob, params, [x], solver=solver)
+    base = [torch.tensor(v) for v in values]
+    dirs = [torch.tensor(rng.standard_normal(v.shape)) * (t.abs().mean() + 1e-3) for v, t in zip(values, base)]
+    gy = torch.tensor(rng.standard_normal((BATCH, x.shape[0])))
+    try:
+        with _named_by_warnings() as named:
+            inputs = [t.clone().requires_grad_() for t in base]
+            grads = torch.autograd.grad((layer(*inputs) * gy).sum(), inputs)
+        step = 1e-6
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plus = layer(*[t + step * d for t, d in zip(base, dirs)])
+            minus = layer(*[t - step * d for t, d in zip(base, dirs)])
+    except ConvexDDNError:
+        return 0  # infeasible here or a step away: nothing to differentiate
+    auto = sum((g * d).reshape(BATCH, -1).sum(1) for g, d in zip(grads, dirs))
+    diff = ((plus - minus) * gy).sum(1) / (2 * step)
+    errors = ((auto - diff).abs() / (1 + diff.abs())).tolist()
+    defects = 0
+    for i, err in enumerate(errors):
+        if err > 1e-3 and i not in named:
+            print(f"case {case} {kind} element {i}: gradient off by {err:.2e} with no GradientWarning")
+            defects += 1
+        elif err < 1e-6 and i in named:
+            print(f"case {case} {kind} element {i}: named by a GradientWarning, differences agree (not counted)")
+    return defects
+
+
 def main(argv: list[str]) -> int:
+    gradients = bool(argv) and argv[0] == "--gradients"
+    argv = argv[1:] if gradients else argv
     seed = int(argv[0]) if argv else 0
     cases = int(argv[1]) if len(argv) > 1 else 25
     kinds = tuple(argv[2].split(",")) if len(argv) > 2 else KINDS
@@ -147,7 +206,8 @@ def main(argv: list[str]) -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise SystemExit(f"unknown kind(s) {sorted(unknown)}; choose among {', '.join(KINDS)}")
-    defects = sum(run_case(seed, case, kinds, solver) for case in range(cases))
+    run = run_gradient_case if gradients else run_case
+    defects = sum(run(seed, case, kinds, solver) for case in range(cases))
     print(f"seed {seed}: {cases} cases, {defects} defect(s)")
     return 1 if defects else 0
 
