@@ -72,6 +72,6 @@ def test_fuzz_script_finds_no_defect_and_reports_a_planted_one(capsys):
     with pytest.raises(SystemExit, match="unknown kind"):
         fuzz.main(["0", "1", "lasso"])
     # The gradient mode: seed 4's first case (a max penalty at degenerate vertices) had
-    # eight elements with gradients off by 4e-3 to 4e-2 and no warning before the
+    # eight elements with gradients off by 4e-3 to 1e-1 and no warning before the
     # degenerate-vertex probe.
     assert fuzz.main(["--gradients", "4", "1"]) == 0
