@@ -125,5 +125,6 @@ def main() -> None:
         sys.stdout.flush()
         os._exit(0)
 
+
 if __name__ == "__main__":
     main()

@@ -49,6 +49,7 @@ import torch
 from ..errors import DTypeError, GradientWarning, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
 from .certify import row_inf
+from .kkt import bmv
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
 from .second_opinion import clarabel_points
 
@@ -111,7 +112,11 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
-    rx, rz = (rc * d.D * gx).unsqueeze(-1), (d.E * gz / rc).unsqueeze(-1)
+
+    def equilibrated(vx, vz):  # right-hand sides in the factorised system's units
+        return (rc * d.D * vx).unsqueeze(-1), (d.E * vz / rc).unsqueeze(-1)
+
+    rx, rz = equilibrated(gx, gz)
     ux, uz, _ = kkt.solve(rx, rz, refine)
     vertex = torch.zeros_like(sol.status, dtype=torch.bool)
     if tangent is not None:
@@ -119,9 +124,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         # objective's part left out: it cannot make the linearised active rows
         # inconsistent). Unrefined: only a blow-up by ~1/δ matters.
         dA, db = tangent
-        px = -(dA.mT @ sol.z.unsqueeze(-1)).squeeze(-1)
-        pz = db - (dA @ sol.x.unsqueeze(-1)).squeeze(-1)
-        px, pz = (rc * d.D * px).unsqueeze(-1), (d.E * pz / rc).unsqueeze(-1)
+        px, pz = equilibrated(-bmv(dA.mT, sol.z), db - bmv(dA, sol.x))
         size = torch.maximum(row_inf(px), row_inf(pz))
         du, dz, _ = kkt.solve(px, pz, 0)
         gain = torch.maximum(row_inf(du), row_inf(dz)) / size.clamp_min(torch.finfo(size.dtype).tiny)

@@ -111,30 +111,16 @@ class ConeData:
         direction of the parameters (golden-angle sines over the parameter columns; the
         constant column fixed), in ``like``'s dtype and device; cached.
 
-        ``A`` and ``b`` are linear in ``p``, so this is their exact directional
-        derivative; only their two maps are gathered.
+        ``A`` and ``b`` are linear in ``p``: :meth:`blocks` of the direction is their
+        exact directional derivative.
         """
         key = ("tangent", str(like.device), like.dtype)
         if key not in self._cache:
             k = torch.arange(self.n_cols, dtype=like.dtype, device=like.device)
             dp = torch.sin(2.399963229728653 * k + 1.0)
             dp[-1] = 0.0
-            out = []
-            for name in ("A", "b"):
-                m = self.maps[name]
-                t = dp.new_zeros(m.size)
-                if m.pos.numel():
-                    vals = dp[self._dev_map(name, "col", dp)] * self._dev_map(name, "coef", dp)
-                    t = t.index_add(0, self._dev_map(name, "pos", dp), vals)
-                out.append(t)
-            self._cache[key] = (out[0].view(1, self.layout.m, self.n), out[1].view(1, -1))
-        return self._cache[key]
-
-    def _dev_map(self, name: str, field: str, like: torch.Tensor) -> torch.Tensor:
-        key = ("map", name, field, str(like.device), like.dtype)
-        if key not in self._cache:
-            t = getattr(self.maps[name], field)
-            self._cache[key] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
+            blocks = self.blocks(dp.unsqueeze(0))
+            self._cache[key] = (blocks["A"].view(1, self.layout.m, self.n), blocks["b"])
         return self._cache[key]
 
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:

@@ -42,7 +42,6 @@ SOLVER_CHOICES = ("auto", "batched") + SOLVERS
 ON_FAILURE = ("raise", "mask")
 
 
-
 class ConvexLayer(nn.Module):
     """A convex optimization problem as a differentiable torch module.
 

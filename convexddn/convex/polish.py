@@ -37,7 +37,6 @@ _ROUNDING = 16
 _DELTA = 1e-10
 
 
-
 def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """L(u) V column by column: u (B, mc), V (B, mc, k) -> (B, mc, k)."""
     B, mc, k = V.shape

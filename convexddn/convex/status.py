@@ -115,7 +115,7 @@ def adopt_certificates(info: dict, idx: list[int], verdicts: list[tuple[str, str
 
     The batched path verifies its rays in the caller's units
     (:func:`~.certify.verified_rays`); the per-element path may not verify its own on
-    badly scaled data (a random QP with data ~1e5, infeasible by construction, ended in
+    badly scaled data (a Huber fit with data ~5e4, infeasible by construction, ended in
     a SolverError after SCS's iteration limit). The error then names the certificate.
     """
     for i, (kind, status) in zip(idx, verdicts):

@@ -44,7 +44,6 @@ def solver_args_for(solver: str) -> tuple[str, ...]:
     return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
 
 
-
 def validate_solver_args(solver: str, args: Any, what: str = "solver_args") -> dict[str, Any]:
     """Return ``args`` as a dict, or raise ``OptionError`` naming unknown keys and the valid ones."""
     if args is None:
