@@ -39,7 +39,8 @@ import torch
 from .certify import DECIDED, finish, row_inf, undecided, verified_rays
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
-from .measures import Measures, kkt_measures, max_step
+from .measures import Measures, kkt_measures, max_step, point_residual
+from .nullspace import reduce
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout, NTScaling
 
@@ -57,21 +58,18 @@ _STEP_FRACTION = 0.99
 _COMPACT_MIN, _COMPACT_FRACTION = 4, 0.75
 _MIN_STEP = 1e-10
 # Where the initial s, z are shifted into K (smallest eigenvalue; Clarabel: 1). At 0.1 the
-# start keeps more of the least-squares guess of the active pairs; against 1.0 (same seeds)
-# mean iterations 10.8 -> 9.6, slowest 16-19 -> 12-14 (n = 50 QP, batch 64, 1024), 11.6 ->
-# 10.6 OptNet QP, 10.5-11.2 -> 9.4-10.4 L1 ball n = 512, 8.2 -> 7.8 sparsemax; slower on
-# the L∞ ball (9.0 -> 9.9) and some QPs with data ~1e6 (two elements: 9-11 -> 21-22).
+# start keeps more of the least-squares guess of the active pairs; against 1.0: mean
+# iterations 10.8 -> 9.6, slowest 16-19 -> 12-14 (n = 50 QP, batch 64, 1024), 11.6 -> 10.6
+# OptNet QP, 8.2 -> 7.8 sparsemax; slower on the L∞ ball (9.0 -> 9.9), two QPs at ~1e6.
 _START_LEVEL = 0.1
 # Elements stopped by numerical trouble or the iteration limit whose last iterate passes
 # the infeasibility tests at this tolerance count as certified (Clarabel's reduced-accuracy
-# tolerance); their rays must still pass in the caller's units (certify.verified_rays). A
-# QP with data ~1e4, infeasible by construction, stopped one iteration short of 1e-8 (its
-# Cholesky failed there) and ended as a SolverError after the per-element path.
+# tolerance) if their rays pass in the caller's units (certify.verified_rays): a QP with
+# data ~1e4, infeasible by construction, stopped one iteration short of 1e-8 before.
 _REDUCED_TOL_INF = 5e-5
 # An element whose best merit has not halved in this many iterations has stalled (an
 # off-centre cycle of long and short steps): it stops and the final checks decide (as
-# Clarabel's insufficient progress). 15 stopped slow but converging elements (QPs with
-# data ~1e6 that need 21-22 iterations from the 0.1 start).
+# Clarabel's insufficient progress). 15 stopped QPs at ~1e6 needing 21-22 iterations.
 _STALL_GAIN, _STALL_ITERATIONS = 0.5, 30
 _RESCALE_BELOW = 1e-3  # a solution (x, z) below this (equilibrated units) is solved again at its scale
 # Relative change of a KKT solve by the regularisation below which iterative refinement is
@@ -101,7 +99,7 @@ class ConeSolution:
     residual: torch.Tensor
     error: torch.Tensor
     scaled: Scaled | None = None
-    kkt: KKTSystem | None = None
+    kkt: KKTSystem | None = None  # (or one with elements factorised again: solve, failed)
     undecided: torch.Tensor | None = None
 
 
@@ -156,8 +154,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     tol = min(tol, tol_accept)
     P = 0.5 * (P + P.mT)
     d = equilibrate(P, q, A, b, layout, equilibrate_passes)
-    B, m, n = A.shape
-    z0 = layout.zero
+    B = A.shape[0]
     if start is not None:
         d, xs, ss, zs = equilibrated_start(d, layout, *start, rescale_below=_RESCALE_BELOW)
         status = torch.full((B,), SOLVED, dtype=torch.long, device=A.device)  # the checks decide
@@ -185,16 +182,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     ops = DataOps(d.P, d.A, layout, structure)
     base = constant_part(d.P, d.A, layout, structure)
 
-    def residual_fn(x_, s_, z_, idx=None):
-        pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))  # noqa: E731
-        pres, dres, gap = kkt_measures(pick(d.P), pick(d.q), pick(d.A), pick(d.b), x_, s_, z_)
-        cone = torch.maximum(layout.violation(s_[:, z0:]) / (1 + row_inf(s_)),
-                             layout.violation(z_[:, z0:]) / (1 + row_inf(z_)))
-        r_ = torch.maximum(torch.maximum(pres, dres), torch.maximum(gap, cone))
-        return torch.where(torch.isnan(r_), torch.inf, r_)
-
     xs, ss, zs, residual, kkt, error = finish(
-        d, ops, base, structure, layout, xs, ss, zs, ~certified, residual_fn, polish, polish_steps,
+        d, ops, base, structure, layout, xs, ss, zs, ~certified, point_residual(d, layout), polish, polish_steps,
         refine + 1, tol_error, error_cols, error_duals)
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
@@ -223,8 +212,20 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     return out
 
 
-def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float,
-             max_iter: int, refine: int, sigma_from_start: bool = True):
+def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, *args, **kwargs):
+    """:func:`_iterations`, on the program without its equalities where that applies (:mod:`.nullspace`)."""
+    reduced = reduce(d, layout, structure)
+    if reduced is None:
+        return _iterations(d, layout, structure, *args, **kwargs)
+    dr, red = reduced
+    dr, ys, ss, zs, status, iterations, certified = _iterations(dr, red.layout, DENSE, *args, **kwargs)
+    d = d.with_sigma(dr.sigma)
+    xs, ss, zs = red.lift(d, dr, ys, ss, zs, status == PRIMAL_INFEASIBLE, status == DUAL_INFEASIBLE)
+    return d, xs, ss, zs, status, iterations, certified
+
+
+def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float,
+                max_iter: int, refine: int, sigma_from_start: bool = True):
     """The interior-point iterations on the equilibrated data ``d``; returns ``(d, xs, ss,
     zs, status, iterations, certified)``: the data (with the solution scale refined from
     the initial point when ``sigma_from_start``), each element's best point divided by
@@ -388,8 +389,7 @@ def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float,
         r = Measures(d, ops, row_inf(d.b), row_inf(d.q), x, s, z, tau, kappa, _REDUCED_TOL_INF)
         status = torch.where(stopped & r.pinf, PRIMAL_INFEASIBLE,
                              torch.where(stopped & r.dinf, DUAL_INFEASIBLE, status))
-    # Solved elements and those that stalled near a solution return their best point;
-    # certificates (infeasible elements) keep the last one.
+    # Solved and stalled elements return their best point; certificates their last one.
     certified = (status == PRIMAL_INFEASIBLE) | (status == DUAL_INFEASIBLE)
     x, s, z, tau = (torch.where(_col(~certified, bv), bv, v) for v, bv in zip((x, s, z, tau), best))
     xs, ss, zs = x / tau[:, None], s / tau[:, None], z / tau[:, None]

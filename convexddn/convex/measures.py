@@ -14,7 +14,7 @@ from .equilibration import Scaled
 from .kkt import DataOps, bmv
 from .symmetric_cones import ConeLayout
 
-__all__ = ["Measures", "kkt_measures", "max_step"]
+__all__ = ["Measures", "kkt_measures", "max_step", "point_residual"]
 
 
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,6 +35,22 @@ def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch
     xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
     gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
     return pres, dres, gap
+
+
+def point_residual(d: Scaled, layout: ConeLayout):
+    """``(x, s, z[, idx]) -> (B,)``: the largest of :func:`kkt_measures` and the relative
+    cone violations of ``s``, ``z`` at a point of the program ``d`` (of its elements
+    ``idx`` if given); ``inf`` where it is NaN."""
+    z0 = layout.zero
+
+    def residual(x, s, z, idx=None):
+        pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))  # noqa: E731
+        pres, dres, gap = kkt_measures(pick(d.P), pick(d.q), pick(d.A), pick(d.b), x, s, z)
+        cone = torch.maximum(layout.violation(s[:, z0:]) / (1 + row_inf(s)),
+                             layout.violation(z[:, z0:]) / (1 + row_inf(z)))
+        r = torch.maximum(torch.maximum(pres, dres), torch.maximum(gap, cone))
+        return torch.where(torch.isnan(r), torch.inf, r)
+    return residual
 
 
 class Measures:

@@ -135,7 +135,8 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     return (*best, res, polished)
 
 
-def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, residual_fn, refine: int = 2):
+def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, residual_fn, refine: int = 2,
+                       live: torch.Tensor | None = None):
     """One Newton step for programs without second-order cones, through the reduced KKT.
 
     On :math:`\\mathbb{R}_+` the Nesterov–Todd linearisation *is* the Jordan one
@@ -147,6 +148,8 @@ def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, resi
     Args:
         kkt_factory: ``scaling -> KKTSystem`` on the same data.
         ops: :class:`~.kkt.DataOps` of the data.
+        live: ``(B,)`` the elements that may take the step (all by default); the others,
+            infeasibility certificates, keep their rays.
 
     Returns:
         ``(x, s, z, residual, improved)``.
@@ -169,5 +172,7 @@ def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, resi
     xn, sn, zn = x + dx, s + ds, z + dz
     rn = residual_fn(xn, sn, zn)
     take = ok & ~kkt.failed & (rn < res)
+    if live is not None:
+        take = take & live
     pick = lambda new, old: torch.where(take[:, None], new, old)  # noqa: E731
     return pick(xn, x), pick(sn, s), pick(zn, z), torch.where(take, rn, res), take

@@ -433,17 +433,17 @@ def test_badly_scaled_infeasible_program_is_certified_on_the_batched_path(scale)
 @pytest.mark.parametrize("solver", ["auto", "Clarabel"])
 @pytest.mark.parametrize("scale", [1e2, 1e4, 5e4, 1e5, 1e6])
 def test_badly_scaled_infeasible_program_raises_infeasible_error(scale, solver):
-    # From 5e4 the per-element path's own certificate no longer verifies and SCS stops at
-    # its iteration limit: the error was a SolverError; the batched path's verified ray
-    # (after the per-element path, or as its second opinion) names the element infeasible.
+    # From 5e4 the per-element path's own certificate may no longer verify (on some
+    # machines SCS then stops at its iteration limit): the error was a SolverError; the
+    # batched path's verified ray (after the per-element path, or as its second opinion)
+    # names the element infeasible. Either way the error rests on a verified certificate.
     prob, params, variables, values = _contradictory_huber(scale)
     layer = cddn.ConvexLayer(prob, params, variables, solver=solver)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(InfeasibleError) as info:
             layer(*values)
-    if scale >= 5e4:
-        assert "batched path: primal infeasible (certificate verified)" in str(info.value)
+    assert "certificate verified" in str(info.value)
 
 
 def test_adopt_certificates_fills_only_unverified_failures():

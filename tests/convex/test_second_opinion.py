@@ -126,23 +126,26 @@ def test_per_element_failures_get_second_opinion_on_registry_problem():
     """Birkhoff n = 4 with data ×1e3 (seed 3): Clarabel on cvxpylayers' form ends
     "Optimal Inaccurate" with KKT residuals 0.16-1.3 on these five elements (and the SCS
     fallback, by default, at its iteration limit with 0.16-0.45), so the per-element path
-    alone fails them; the batched form solves them, and agrees with the default layer."""
+    alone fails them (all five on one machine, four on another: the failures depend on
+    the floating-point details); the batched form solves them, and agrees with the
+    default layer."""
     import convexddn as cddn
 
     gen = torch.Generator().manual_seed(3)
     layer = cddn.layer("birkhoff", n=4, backend="cvxpy", solver="Clarabel", fallback=None)
     params = [1e3 * torch.randn(64, *p.shape, dtype=torch.float64, generator=gen)[[3, 6, 28, 38, 46]]
               for p in layer.parameters_]
-    y = layer(*params)
-    assert layer.last_solve.backend == ["batched"] * 5
-    want = cddn.layer("birkhoff", n=4, backend="cvxpy")(*params)
-    torch.testing.assert_close(y, want, atol=1e-9 * float(want.abs().max()), rtol=0)
     alone = cddn.layer("birkhoff", n=4, backend="cvxpy", solver="Clarabel", fallback=None, on_failure="mask")
     alone._opinion = False  # the per-element path without second opinions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SolverWarning)
         alone(*params)
-    assert not alone.last_solve.solved.any()
+    failed = (~alone.last_solve.solved).tolist()
+    assert sum(failed) >= 3, failed
+    y = layer(*params)
+    assert all(b == "batched" for b, f in zip(layer.last_solve.backend, failed) if f), layer.last_solve.backend
+    want = cddn.layer("birkhoff", n=4, backend="cvxpy")(*params)
+    torch.testing.assert_close(y, want, atol=1e-9 * float(want.abs().max()), rtol=0)
 
 
 def test_layer_pickled_without_second_opinion_state_still_gives_one():
