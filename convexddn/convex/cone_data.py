@@ -99,11 +99,14 @@ class ConeData:
         B = p.shape[0]
         out = {k: p.new_zeros(B, m.size) for k, m in self.maps.items() if not m.pos.numel()}
         if names:
-            # index_select, not p[:, col]: its backward is an index_add, where advanced
-            # indexing's is a serial accumulate-put (several times slower on CPU).
-            vals = (p.index_select(1, col) * coef).split(counts, 1)
+            # gather / scatter_add with the index broadcast over the batch, not
+            # index_select / index_add along dim 1 (nor advanced indexing, whose backward
+            # is a serial accumulate-put): each one's backward is the other, and a gather
+            # along dim 1 is 4× faster than index_select there (measured on CPU, (64, 2500)
+            # f64: 92 against 378 µs; 2.7 against 10.4 ms at batch 1024).
+            vals = (torch.gather(p, 1, col.expand(B, -1)) * coef).split(counts, 1)
             for k, where, v in zip(names, pos, vals):
-                out[k] = p.new_zeros(B, self.maps[k].size).index_add(1, where, v)
+                out[k] = p.new_zeros(B, self.maps[k].size).scatter_add(1, where.expand(B, -1), v)
         return out
 
     def constraint_tangent(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
