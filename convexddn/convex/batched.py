@@ -231,7 +231,8 @@ class BatchedProgram:
             ``"never"``.
         presolve: eliminate CVXPY's auxiliary variables (see :mod:`.canonical`).
         dtype: the precision of the solve (float64 by default; float32 needs
-            ``tol_accept >= 1e-6``).
+            ``tol_accept >= 1e-6`` and ``tol_error >= 1e-4``, and its gradients are
+            ~1e-3 accurate relative to their size).
 
     Raises:
         UnsupportedProblem: exponential, PSD or power cones, symmetric variables.
@@ -245,9 +246,10 @@ class BatchedProgram:
         for name, v in (("tol", tol), ("tol_accept", tol_accept), ("tol_error", tol_error)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
                 raise OptionError(f"{name} must be a number in (0, 1), got {v!r}")
-        if dtype == torch.float32 and tol_accept < 1e-6:
-            raise OptionError(f"dtype=torch.float32 cannot certify residuals below ~1e-6: pass "
-                              f"tol_accept >= 1e-6 (and tol, tol_error to match), got {tol_accept!r}")
+        if dtype == torch.float32 and (tol_accept < 1e-6 or tol_error < 1e-4):
+            raise OptionError(f"dtype=torch.float32 cannot certify residuals below ~1e-6 nor errors "
+                              f"below ~1e-4: pass tol_accept >= 1e-6 and tol_error >= 1e-4 (and tol to "
+                              f"match), got tol_accept={tol_accept!r}, tol_error={tol_error!r}")
         for name, v, lo in (("max_iter", max_iter, 1), ("refine", refine, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise OptionError(f"{name} must be an integer >= {lo}, got {v!r}")

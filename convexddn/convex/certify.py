@@ -162,8 +162,8 @@ def _decide(layout: ConeLayout, sc, zc, sc_in, zc_in):
     sn, zn = sc[:, :k].clamp_min(0), zc[:, :k].clamp_min(0)
     active = sn < DECIDED * zn    # s → 0: H → 0
     inactive = zn < DECIDED * sn  # z → 0: H → ∞
-    sc_in = torch.cat([torch.where(active, _POLISHED_SHIFT, sc_in[:, :k]), sc_in[:, k:]], 1)
-    zc_in = torch.cat([torch.where(inactive, _POLISHED_SHIFT, zc_in[:, :k]), zc_in[:, k:]], 1)
+    sc_in = torch.cat([torch.where(active, _shift(sc), sc_in[:, :k]), sc_in[:, k:]], 1)
+    zc_in = torch.cat([torch.where(inactive, _shift(sc), zc_in[:, :k]), zc_in[:, k:]], 1)
     return sc_in, zc_in
 
 
@@ -180,8 +180,15 @@ def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Ten
 
 # Polished points lie on ∂K (to rounding); the linearisation needs an interior one.
 # Moving s, z in by δ e keeps them aligned and changes H only in directions where it is
-# ~1/δ or ~δ, i.e. already at its limit ∞ or 0 (gradients 1e-10 accurate at 1e-12).
-_POLISHED_SHIFT = 1e-12
+# ~1/δ or ~δ, i.e. already at its limit ∞ or 0 (gradients 1e-10 accurate at 1e-12). In
+# float32 a δ of 1e-12 left S's Cholesky failing at every solution with an active row
+# (no element of the n = 50 QP certified); at 1e-5 they all are, the error estimates
+# are ~4e-5 and the gradients ~2e-3 off float64's (1e-6: 5e-2 off; 1e-4: 1e-2).
+_POLISHED_SHIFT = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def _shift(like: torch.Tensor) -> float:
+    return _POLISHED_SHIFT[like.dtype]
 
 
 def error_estimate(ops, base, structure, d, layout, x, s, z, polished, refine, cols, duals):
@@ -196,8 +203,8 @@ def error_estimate(ops, base, structure, d, layout, x, s, z, polished, refine, c
     z0 = layout.zero
     sc, zc = s[:, z0:], z[:, z0:]
     lift = polished[:, None]
-    sc_in = torch.where(lift, layout.lift(sc, _POLISHED_SHIFT), sc)
-    zc_in = torch.where(lift, layout.lift(zc, _POLISHED_SHIFT), zc)
+    sc_in = torch.where(lift, layout.lift(sc, _shift(sc)), sc)
+    zc_in = torch.where(lift, layout.lift(zc, _shift(sc)), zc)
     sc_in, zc_in = _decide(layout, sc, zc, sc_in, zc_in)
     kkt = KKTSystem(ops, NTScaling(layout, sc_in, zc_in, derivative=True), base, structure)
     rx = ops.Pv(x) + ops.ATv(z) + d.q

@@ -50,8 +50,9 @@ from .symmetric_cones import ConeLayout
 
 __all__ = ["RANK_TOL", "Reduction", "reduce"]
 
-# Smallest |R_ii| relative to the largest, per element, for the elimination: x_p and z_E
-# are solves with R, whose errors grow with its condition number.
+# Smallest |R_ii| relative to the largest, per element, for the elimination (float64; 1e3
+# eps in lower precision): x_p and z_E are solves with R, whose errors grow with its
+# condition number.
 RANK_TOL = 1e-6
 
 
@@ -112,7 +113,8 @@ def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scal
     Q, R = torch.linalg.qr(AE.mT, mode="complete")
     R = R[:, :p]
     diag = R.diagonal(dim1=1, dim2=2).abs()
-    if not bool((diag.amin(1) > RANK_TOL * diag.amax(1)).all()):
+    limit = max(RANK_TOL, 1e3 * torch.finfo(R.dtype).eps)  # float32: 1.2e-4
+    if not bool((diag.amin(1) > limit * diag.amax(1)).all()):
         return None
     Q1, N = Q[:, :, :p], Q[:, :, p:]
     xp = bmv(Q1, torch.linalg.solve_triangular(R.mT, d.b[:, :p].unsqueeze(-1), upper=False).squeeze(-1))

@@ -403,3 +403,28 @@ def test_degenerate_vertex_of_a_fixed_polytope_is_differentiable():
         warnings.simplefilter("error", GradientWarning)
         program(c)[0][0].sum().backward()
     assert float(c.grad.abs().max()) < 1e-9
+
+
+def test_float32_solves_are_certified_and_agree_with_float64():
+    """In float32 the limit scaling at the solution needs a larger shift (1e-5): with
+    float64's 1e-12 no element with an active constraint was ever certified. Expected
+    values: the float64 solve (itself checked against finite differences above)."""
+    prob, params, variables, _ = qp_problem(n=12, m=10, p=3)
+    data = qp_data(8, n=12, m=10, p=3, seed=4)
+    b64 = BatchedProgram(prob, params, variables)
+    b32 = BatchedProgram(prob, params, variables, dtype=torch.float32, tol=1e-6, tol_accept=1e-6, tol_error=1e-4)
+    d64 = [d.clone().requires_grad_() for d in data]
+    d32 = [d.float().requires_grad_() for d in data]
+    (y64,), i64 = b64(*d64)
+    (y32,), i32 = b32(*d32)
+    assert i64.solved.all() and i32.solved.all(), i32.status_names()
+    assert y32.dtype == torch.float32
+    scale = float(y64.detach().abs().max())
+    assert float((y32.detach().double() - y64.detach()).abs().max()) < 1e-5 * scale
+    gy = torch.randn(8, 12, dtype=F64, generator=torch.Generator().manual_seed(5))
+    g64 = torch.autograd.grad((y64 * gy).sum(), d64)
+    g32 = torch.autograd.grad((y32 * gy.float()).sum(), d32)
+    for a, b in zip(g32, g64):
+        assert float((a.double() - b).abs().max()) < 1e-2 * float(b.abs().max())
+    with pytest.raises(OptionError, match="tol_error"):
+        BatchedProgram(prob, params, variables, dtype=torch.float32, tol_accept=1e-6)
