@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .kkt import DataOps, KKTSystem, bmv
+from .kkt import KKTSystem, bmv
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
@@ -77,11 +77,13 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
     return (*merged, bool(took.any()))
 
 
-def finish(d, ops, base, structure, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish: str,
+def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish: str,
            polish_steps: int, refine: int, tol_error: float, error_cols, error_duals):
     """Polish and certify the normalised solutions ``(xs, ss, zs)`` of the equilibrated data ``d``.
 
     Args:
+        systems: the KKT systems of ``d`` (:class:`~.kkt.KKTFactory` or
+            :class:`~.nullspace.ReducedSystems`).
         live: elements worth polishing (not certified infeasible).
         residual_fn: ``(x, s, z[, idx]) -> (B,)`` relative KKT residual.
         polish: ``"auto"``, ``"always"`` or ``"never"`` (see :func:`~.interior_point.solve_cone_batch`).
@@ -97,16 +99,14 @@ def finish(d, ops, base, structure, layout: ConeLayout, xs, ss, zs, live, residu
         # LPs and QPs: one Newton step through the structured factorisation (errors of
         # near-degenerate elements drop from ~1e-7 to rounding; measured on sparsemax).
         xs, ss, zs, residual, polished = polish_nonnegative(
-            lambda W: KKTSystem(ops, W, base, structure), ops, d.q, d.b, layout, xs, ss, zs,
-            residual_fn, refine, live)
+            systems, systems.ops, d.q, d.b, layout, xs, ss, zs, residual_fn, refine, live)
     elif polish_steps and polish != "never":
         # Second-order cones (errors ~√μ there) or "always": LU Newton steps.
         idx = torch.nonzero(live).squeeze(1)  # one more host round-trip, after the loop
         if idx.numel():
             xs, ss, zs, residual, polished, _ = _polish_subset(d, layout, xs, ss, zs, residual, polished,
                                                                idx, residual_fn, polish_steps)
-    kkt, error = error_estimate(ops, base, structure, d, layout, xs, ss, zs, polished, refine,
-                                error_cols, error_duals)
+    kkt, error = error_estimate(systems, d, layout, xs, ss, zs, polished, refine, error_cols, error_duals)
     if polish_steps and polish != "never":
         # Elements still too inaccurate, or with a complementary pair not yet decided,
         # get twice polish_steps LU Newton steps (on those only: quadratic convergence
@@ -120,9 +120,10 @@ def finish(d, ops, base, structure, layout: ConeLayout, xs, ss, zs, live, residu
                 # Estimated again on those elements only: a full-batch factorisation cost a
                 # third of this function at batch 1024 (n = 50 QP), for 16 elements.
                 pick = lambda v: v.index_select(0, idx)  # noqa: E731
+                sub = d.select(idx)
                 part, part_error = error_estimate(
-                    DataOps(pick(d.P), pick(d.A), layout, structure), pick(base), structure, d.select(idx),
-                    layout, pick(xs), pick(ss), pick(zs), pick(polished), refine, error_cols, error_duals)
+                    systems.select(idx, sub), sub, layout, pick(xs), pick(ss), pick(zs), pick(polished), refine,
+                    error_cols, error_duals)
                 kkt, error = _Patched(kkt, idx, part), error.index_copy(0, idx, part_error)
     return xs, ss, zs, residual, kkt, error
 
@@ -191,7 +192,7 @@ def _shift(like: torch.Tensor) -> float:
     return _POLISHED_SHIFT[like.dtype]
 
 
-def error_estimate(ops, base, structure, d, layout, x, s, z, polished, refine, cols, duals):
+def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element.
 
     The system linearises the complementarity with the limit scaling of
@@ -206,7 +207,8 @@ def error_estimate(ops, base, structure, d, layout, x, s, z, polished, refine, c
     sc_in = torch.where(lift, layout.lift(sc, _shift(sc)), sc)
     zc_in = torch.where(lift, layout.lift(zc, _shift(sc)), zc)
     sc_in, zc_in = _decide(layout, sc, zc, sc_in, zc_in)
-    kkt = KKTSystem(ops, NTScaling(layout, sc_in, zc_in, derivative=True), base, structure)
+    kkt = systems(NTScaling(layout, sc_in, zc_in, derivative=True))
+    ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b
     rhs = torch.cat([-rz[:, :z0], sc - rz[:, z0:]], 1)  # Newton on s ∘ z = 0 (affine form)

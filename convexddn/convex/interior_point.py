@@ -38,9 +38,9 @@ import torch
 
 from .certify import DECIDED, finish, row_inf, undecided, verified_rays
 from .equilibration import Scaled, equilibrate
-from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, constant_part
+from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part
 from .measures import Measures, kkt_measures, max_step, point_residual
-from .nullspace import reduce
+from .nullspace import ReducedSystems, reduce
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout, NTScaling
 
@@ -99,7 +99,7 @@ class ConeSolution:
     residual: torch.Tensor
     error: torch.Tensor
     scaled: Scaled | None = None
-    kkt: KKTSystem | None = None  # (or one with elements factorised again: solve, failed)
+    kkt: KKTSystem | None = None  # or another with its solve and failed (null-space form, patched)
     undecided: torch.Tensor | None = None
 
 
@@ -159,9 +159,10 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         d, xs, ss, zs = equilibrated_start(d, layout, *start, rescale_below=_RESCALE_BELOW)
         status = torch.full((B,), SOLVED, dtype=torch.long, device=A.device)  # the checks decide
         iterations, certified = torch.zeros_like(status), torch.zeros_like(status, dtype=torch.bool)
+        red = None
     else:
-        d, xs, ss, zs, status, iterations, certified = _iterate(d, layout, structure, tol, tol_inf, max_iter,
-                                                                refine)
+        d, xs, ss, zs, status, iterations, certified, red = _iterate(d, layout, structure, tol, tol_inf,
+                                                                     max_iter, refine)
         # σ sizes the equilibrated units from the data; an inactive constraint with a huge
         # right-hand side inflates it far above the solution, whose error the measures'
         # "1 +" then hides. Elements whose solution came out that small are solved again
@@ -173,17 +174,18 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             idx = torch.nonzero(small).squeeze(1)
             part = d.select(idx)
             part = part.with_sigma(part.sigma * size.index_select(0, idx))
-            part, *again, its, cert = _iterate(part, layout, structure, tol, tol_inf, max_iter, refine,
-                                               sigma_from_start=False)
+            part, *again, its, cert, _ = _iterate(part, layout, structure, tol, tol_inf, max_iter, refine,
+                                                  sigma_from_start=False)
             d = d.merge(idx, part)
             xs, ss, zs, status = (v.index_copy(0, idx, w) for v, w in zip((xs, ss, zs, status), again))
             certified = certified.index_copy(0, idx, cert)
             iterations = iterations.index_add(0, idx, its)
     ops = DataOps(d.P, d.A, layout, structure)
-    base = constant_part(d.P, d.A, layout, structure)
-
+    # The polish, error estimate and backward solve in the null-space form where the iterations did.
+    systems = (KKTFactory(ops, constant_part(d.P, d.A, layout, structure), structure) if red is None
+               else ReducedSystems(red, d, ops, structure))
     xs, ss, zs, residual, kkt, error = finish(
-        d, ops, base, structure, layout, xs, ss, zs, ~certified, point_residual(d, layout), polish, polish_steps,
+        d, systems, layout, xs, ss, zs, ~certified, point_residual(d, layout), polish, polish_steps,
         refine + 1, tol_error, error_cols, error_duals)
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
@@ -203,8 +205,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # Solved means: small residual and small estimated error, whatever the loop concluded.
     ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
-    # A complementary pair still undecided after polishing (s_i ≈ z_i ≈ 0): strict
-    # complementarity fails there and the derivative does not exist.
+    # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
     undecided_ = ok_res & (undecided(layout, ss, zs) > DECIDED)
     out = ConeSolution(xo, so, zo, status, iterations, residual, error, undecided=undecided_)
     if keep_state:
@@ -216,12 +217,12 @@ def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, *args, **kw
     """:func:`_iterations`, on the program without its equalities where that applies (:mod:`.nullspace`)."""
     reduced = reduce(d, layout, structure)
     if reduced is None:
-        return _iterations(d, layout, structure, *args, **kwargs)
+        return (*_iterations(d, layout, structure, *args, **kwargs), None)
     dr, red = reduced
     dr, ys, ss, zs, status, iterations, certified = _iterations(dr, red.layout, DENSE, *args, **kwargs)
     d = d.with_sigma(dr.sigma)
     xs, ss, zs = red.lift(d, dr, ys, ss, zs, status == PRIMAL_INFEASIBLE, status == DUAL_INFEASIBLE)
-    return d, xs, ss, zs, status, iterations, certified
+    return d, xs, ss, zs, status, iterations, certified, red
 
 
 def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float,
@@ -267,7 +268,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         r = Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
         running = status == RUNNING
         better = running & (r.merit < best_merit)
-        # Iterates stay finite (non-finite steps are never taken), so blend by arithmetic.
+        # Iterates stay finite (non-finite steps are never taken): blend by arithmetic.
         keep = better.to(x.dtype)
         best = tuple(bv + _col(keep, v) * (v - bv) for v, bv in zip((x, s, z, tau), best))
         best_merit = torch.where(better, r.merit, best_merit)

@@ -43,7 +43,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DataOps", "KKTStructure", "KKTSystem", "bmv", "constant_part"]
+__all__ = ["DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "bmv", "constant_part"]
 
 # Static regularisation and equality penalty, in the equilibrated problem's units (O(1)).
 _DELTA = 1e-9
@@ -327,3 +327,21 @@ class KKTSystem:
         X, Z, H = self.solve(torch.stack([c[0] for c in columns], -1), torch.stack([c[1] for c in columns], -1),
                              refine, scaled=True)
         return [(X[..., k], Z[..., k], H[..., k]) for k in range(len(columns))]
+
+
+class KKTFactory:
+    """The KKT systems of one batch of data at any scaling: ``factory(W) -> KKTSystem``
+    (``None``: :math:`H = I`); ``select`` gives those of some elements. The polish, the
+    error estimate and the backward take one of these (or the null-space form's,
+    :class:`~.nullspace.ReducedSystems`, with the same interface)."""
+
+    def __init__(self, ops: DataOps, base: torch.Tensor, structure: KKTStructure = DENSE) -> None:
+        self.ops, self.base, self.structure = ops, base, structure
+
+    def __call__(self, scaling: NTScaling | None) -> KKTSystem:
+        return KKTSystem(self.ops, scaling, self.base, self.structure)
+
+    def select(self, idx: torch.Tensor, d) -> "KKTFactory":
+        """The systems of the elements ``idx`` (``d``: their data, with ``P`` and ``A``)."""
+        return KKTFactory(DataOps(d.P, d.A, self.ops.layout, self.structure), self.base.index_select(0, idx),
+                          self.structure)

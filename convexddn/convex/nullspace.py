@@ -30,7 +30,10 @@ they are; :math:`z_E` from the stationarity rows along :math:`\\operatorname{ran
 infeasibility certificate (:math:`(A_I Q_2)^T z_I \\approx 0`) the same with the
 objective terms dropped leaves :math:`A^T z` no part along :math:`\\operatorname{range}
 (Q_1)`, so its residual is the reduced certificate's; for an unboundedness certificate
-the ray is :math:`Q_2 y`. The final checks (:mod:`.certify`) run on the full program, as always.
+the ray is :math:`Q_2 y`. The polish, the error estimate and the implicit backward after the
+iterations solve the full program's KKT systems through the same factorisation
+(:class:`ReducedSystems`); the final checks (:mod:`.certify`) measure the full program,
+as always.
 
 Where it does not apply — no equalities, a separable (diagonal) structure whose KKT
 solves are elementwise anyway, :math:`p \\ge n`, or :math:`A_E` of some element
@@ -45,10 +48,10 @@ from dataclasses import dataclass
 import torch
 
 from .equilibration import Scaled
-from .kkt import KKTStructure, bmv
-from .symmetric_cones import ConeLayout
+from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, bmv, constant_part
+from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["RANK_TOL", "Reduction", "reduce"]
+__all__ = ["RANK_TOL", "ReducedSystems", "Reduction", "reduce"]
 
 # Smallest |R_ii| relative to the largest, per element, for the elimination (float64; 1e3
 # eps in lower precision): x_p and z_E are solves with R, whose errors grow with its
@@ -96,6 +99,88 @@ class Reduction:
         g = bmv(AI.mT, zI) + torch.where(infeasible[:, None], 0.0, bmv(d.P, x) + d.q)
         zE = -torch.linalg.solve_triangular(self.R, bmv(self.Q1.mT, g).unsqueeze(-1), upper=True).squeeze(-1)
         return x, torch.cat([s.new_zeros(s.shape[0], p), s], 1), torch.cat([zE, zI], 1)
+
+
+class ReducedSystems:
+    """KKT systems of the full program (the interface of :class:`~.kkt.KKTSystem` that the
+    polish, the error estimate and the backward use: ``solve``, ``failed``), factorised
+    through the reduced one: an (n − p)-square Cholesky factor instead of an n-square one
+    and the p-square Schur complement of the equalities.
+
+    A solve of :math:`K [x; z_E; z_I] = [r_x; r_E; r_I]` takes
+    :math:`x_E = Q_1 R^{-T} r_E`, solves the reduced system for :math:`(y, z_I)` with
+    right-hand sides :math:`(N^T (r_x - P x_E),\\ r_I - A_I x_E)`, and returns
+    :math:`x = x_E + N y` and :math:`z_E = R^{-1} Q_1^T (r_x - P x - A_I^T z_I)`.
+
+    Where the reduced factorisation fails for some element, that element's solves go
+    through the full form's (:class:`~.kkt.KKTSystem` with ``structure``): at a
+    non-unique solution (an LP with a free direction) the limit scaling's ~1e12 rows,
+    mixed by :math:`N` into the flat direction's pivot, broke the reduced Cholesky, while
+    the full form's variable order kept them apart.
+
+    Args:
+        red: the reduction (its bases; the data's ``A`` never changes after it).
+        d: the equilibrated full program now (its ``P`` at the current cost scale).
+        ops: :class:`~.kkt.DataOps` of ``d``.
+        structure: the full form's :class:`~.kkt.KKTStructure`.
+    """
+
+    def __init__(self, red: Reduction, d: Scaled, ops: DataOps, structure: KKTStructure = DENSE) -> None:
+        p = red.R.shape[-1]
+        self.red, self.ops, self.p, self.structure = red, ops, p, structure
+        self._full_base: torch.Tensor | None = None
+        PN = d.P @ red.N
+        Pr = red.N.mT @ PN
+        Pr = 0.5 * (Pr + Pr.mT)
+        self.ops_r = DataOps(Pr, d.A[:, p:] @ red.N, red.layout, DENSE)
+        self.base = constant_part(Pr, self.ops_r.A, red.layout, DENSE)
+
+    def __call__(self, scaling: NTScaling | None):
+        kkt = _ReducedKKT(self, KKTSystem(self.ops_r, scaling, self.base, DENSE))
+        if not bool(kkt.failed.any()):
+            return kkt
+        if self._full_base is None:
+            self._full_base = constant_part(self.ops.P, self.ops.A, self.ops.layout, self.structure)
+        return _Either(kkt, KKTSystem(self.ops, scaling, self._full_base, self.structure), kkt.failed)
+
+    def select(self, idx: torch.Tensor, d: Scaled) -> "ReducedSystems":
+        """The systems of the elements ``idx`` (``d``: their data)."""
+        pick = lambda v: v.index_select(0, idx)  # noqa: E731
+        red = self.red
+        part = Reduction(pick(red.Q1), pick(red.N), pick(red.R), pick(red.xp), pick(red.sigma), red.layout)
+        return ReducedSystems(part, d, DataOps(d.P, d.A, self.ops.layout, self.structure), self.structure)
+
+
+class _ReducedKKT:
+    def __init__(self, systems: ReducedSystems, kkt: KKTSystem) -> None:
+        self.systems, self.kkt, self.failed = systems, kkt, kkt.failed
+
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
+        sy, red = self.systems, self.systems.red
+        p, ops = sy.p, sy.ops
+        rE, rI = rz[:, :p], rz[:, p:]
+        xE = red.Q1 @ torch.linalg.solve_triangular(red.R.mT, rE, upper=False)
+        AxE = ops.A[:, p:] @ xE
+        if scaled:  # the cone rows hold W⁻¹ r_I: subtract W⁻¹ A_I x_E
+            AxE = self.kkt.scaling.apply_inv(AxE)
+        y, zI, zh = self.kkt.solve(red.N.mT @ (rx - ops.Pmv(xE)), rI - AxE, refine, scaled)
+        x = xE + red.N @ y
+        g = rx - ops.Pmv(x) - ops.A[:, p:].mT @ zI
+        zE = torch.linalg.solve_triangular(red.R, red.Q1.mT @ g, upper=True)
+        return x, torch.cat([zE, zI], 1), zh
+
+
+class _Either:
+    """Solves of ``primary``, those of ``fallback`` for the elements in ``use`` ``(B,)``."""
+
+    def __init__(self, primary, fallback: KKTSystem, use: torch.Tensor) -> None:
+        self.primary, self.fallback, self.use = primary, fallback, use
+        self.failed = torch.where(use, fallback.failed, primary.failed)
+
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
+        a = self.primary.solve(rx, rz, refine, scaled)
+        b = self.fallback.solve(rx, rz, refine, scaled)
+        return tuple(torch.where(self.use.view(-1, 1, 1), v, w) for w, v in zip(a, b))
 
 
 def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scaled, Reduction] | None:

@@ -121,7 +121,9 @@ def test_certificates_through_the_reduction_are_lifted_exactly():
     q = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, -1.0]], dtype=F64)
     # x1 + x2 + x3 = 1; x2 <= 1; x2 >= b[2]; x3 >= 0.
     b = torch.tensor([[1.0, 1.0, -2.0, 0.0],    # x2 >= 2 > 1: infeasible
-                      [1.0, 1.0, 0.0, 0.0],     # feasible, bounded (min x3 at 0)
+                      [1.0, 1.0, 0.0, 0.0],     # min x3 at 0, x1 + x2 = 1 free: the reduced
+                      # Cholesky at the solution fails (the active row's ~1e12 mixed into the
+                      # free direction's pivot): the full form's solves that element
                       [1.0, 1.0, 0.0, 0.0]], dtype=F64)  # min x1 − x3: x3 → ∞, x1 → −∞: unbounded
     sol = solve_cone_batch(P, q, A, b, layout)
     assert sol.status.tolist() == [PRIMAL_INF, SOLVED, DUAL_INF]
@@ -135,3 +137,37 @@ def test_certificates_through_the_reduction_are_lifted_exactly():
     # to the certificate's tolerance, qᵀd < 0.
     ray = sol.x[2] / sol.x[2].abs().max()
     assert abs(float(A[2, 0] @ ray)) < 1e-13 and (A[2, 1:] @ ray <= 1e-7).all() and float(q[2] @ ray) < -0.5
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("layout", [ConeLayout(3, 6), ConeLayout(2, 3, (4, 3))], ids=["qp", "socp"])
+def test_reduced_systems_solve_the_full_kkt_system(layout, scaled):
+    """The polish, error estimate and backward solve K [x; z] = r through the null-space
+    form; the answer must be the full system's, from a dense solve of
+    K = [[P, Aᵀ], [A, -H]] (the cone rows scaled by W⁻¹ when ``scaled``)."""
+    from convexddn.convex.kkt import DataOps
+    from convexddn.convex.nullspace import ReducedSystems
+    from convexddn.convex.symmetric_cones import NTScaling
+
+    n, B = 6, 3
+    P, q, A, b = random_program(layout, n, B, seed=7)
+    d = equilibrate(P, q, A, b, layout)
+    _, red = reduce(d, layout, DENSE)
+    gen = torch.Generator().manual_seed(8)
+    cone = lambda: layout.shift_inside(torch.randn(B, layout.cone_rows, dtype=F64, generator=gen))  # noqa: E731
+    W = NTScaling(layout, cone(), cone())
+    kkt = ReducedSystems(red, d, DataOps(d.P, d.A, layout, DENSE))(W)
+    assert not kkt.failed.any()
+    m, mc, z0 = layout.m, layout.cone_rows, layout.zero
+    Wd = W.apply(torch.eye(mc, dtype=F64).expand(B, -1, -1).clone())
+    H = torch.zeros(B, m, m, dtype=F64)
+    H[:, z0:, z0:] = Wd @ Wd
+    K = torch.cat([torch.cat([d.P, d.A.mT], 2), torch.cat([d.A, -H], 2)], 1)
+    rhs = torch.randn(B, n + m, 2, dtype=F64, generator=gen)
+    rz = rhs[:, n:].clone()
+    if scaled:  # the caller passes W⁻¹ r_I on the cone rows
+        rz[:, z0:] = W.apply_inv(rz[:, z0:])
+    x, z, zh = kkt.solve(rhs[:, :n], rz, refine=2, scaled=scaled)
+    expected = torch.linalg.solve(K, rhs)
+    torch.testing.assert_close(torch.cat([x, z], 1), expected, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(zh, W.apply(z[:, z0:]), atol=1e-9, rtol=1e-9)
