@@ -67,6 +67,8 @@ class Reduction:
         Q1, N: ``(B, n, p)``, ``(B, n, n − p)``: orthonormal bases of
             :math:`\\operatorname{range}(A_E^T)` and of the null space of :math:`A_E`.
         R: ``(B, p, p)`` upper triangular, :math:`A_E^T = Q_1 R`.
+        AN: ``(B, m − p, n − p)`` the cone rows in the basis, :math:`A_I N` (the data's
+            ``A`` never changes after equilibration).
         xp: ``(B, n)`` least-norm solution of the equalities at solution scale ``sigma``.
         sigma: ``(B,)`` the solution scale σ of the data ``xp`` was computed from.
         layout: the cones of the reduced program (no zero cone).
@@ -75,6 +77,7 @@ class Reduction:
     Q1: torch.Tensor
     N: torch.Tensor
     R: torch.Tensor
+    AN: torch.Tensor
     xp: torch.Tensor
     sigma: torch.Tensor
     layout: ConeLayout
@@ -129,11 +132,9 @@ class ReducedSystems:
         p = red.R.shape[-1]
         self.red, self.ops, self.p, self.structure = red, ops, p, structure
         self._full_base: torch.Tensor | None = None
-        PN = d.P @ red.N
-        Pr = red.N.mT @ PN
-        Pr = 0.5 * (Pr + Pr.mT)
-        self.ops_r = DataOps(Pr, d.A[:, p:] @ red.N, red.layout, DENSE)
-        self.base = constant_part(Pr, self.ops_r.A, red.layout, DENSE)
+        Pr = _projected(d.P, red.N)  # at the cost scale of now
+        self.ops_r = DataOps(Pr, red.AN, red.layout, DENSE)
+        self.base = constant_part(Pr, red.AN, red.layout, DENSE)
 
     def __call__(self, scaling: NTScaling | None):
         kkt = _ReducedKKT(self, KKTSystem(self.ops_r, scaling, self.base, DENSE))
@@ -147,11 +148,13 @@ class ReducedSystems:
         """The systems of the elements ``idx`` (``d``: their data)."""
         pick = lambda v: v.index_select(0, idx)  # noqa: E731
         red = self.red
-        part = Reduction(pick(red.Q1), pick(red.N), pick(red.R), pick(red.xp), pick(red.sigma), red.layout)
+        part = Reduction(*(pick(v) for v in (red.Q1, red.N, red.R, red.AN, red.xp, red.sigma)), red.layout)
         return ReducedSystems(part, d, DataOps(d.P, d.A, self.ops.layout, self.structure), self.structure)
 
 
 class _ReducedKKT:
+    """One full KKT system solved through a reduced one (see :class:`ReducedSystems`)."""
+
     def __init__(self, systems: ReducedSystems, kkt: KKTSystem) -> None:
         self.systems, self.kkt, self.failed = systems, kkt, kkt.failed
 
@@ -203,12 +206,16 @@ def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scal
         return None
     Q1, N = Q[:, :, :p], Q[:, :, p:]
     xp = bmv(Q1, torch.linalg.solve_triangular(R.mT, d.b[:, :p].unsqueeze(-1), upper=False).squeeze(-1))
-    PN = d.P @ N
-    Pr = N.mT @ PN
-    Pr = 0.5 * (Pr + Pr.mT)
+    AN = AI @ N
     qr = bmv(N.mT, bmv(d.P, xp) + d.q)
-    reduced = Scaled(Pr, qr, AI @ N, d.b[:, p:] - bmv(AI, xp), d.D.new_ones(B, n - p), d.E.new_ones(B, m - p),
-                     d.c, d.sigma)
+    reduced = Scaled(_projected(d.P, N), qr, AN, d.b[:, p:] - bmv(AI, xp), d.D.new_ones(B, n - p),
+                     d.E.new_ones(B, m - p), d.c, d.sigma)
     # Kept on the layout: a cone layout caches its index tensors.
     layout_r = layout._cache.setdefault("reduced", ConeLayout(0, layout.nonneg, layout.soc))
-    return reduced, Reduction(Q1, N, R, xp, d.sigma, layout_r)
+    return reduced, Reduction(Q1, N, R, AN, xp, d.sigma, layout_r)
+
+
+def _projected(P: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """:math:`N^T P N`, symmetric to rounding: ``(B, n, n), (B, n, k) -> (B, k, k)``."""
+    Pr = N.mT @ (P @ N)
+    return 0.5 * (Pr + Pr.mT)
