@@ -189,7 +189,7 @@ _POLISHED_SHIFT = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def _shift(like: torch.Tensor) -> float:
-    return _POLISHED_SHIFT[like.dtype]
+    return _POLISHED_SHIFT.get(like.dtype, _POLISHED_SHIFT[torch.float32])
 
 
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
