@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .kkt import KKTSystem, bmv
+from .kkt import PatchedKKT, bmv
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
@@ -99,7 +99,7 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
         # LPs and QPs: one Newton step through the structured factorisation (errors of
         # near-degenerate elements drop from ~1e-7 to rounding; measured on sparsemax).
         xs, ss, zs, residual, polished = polish_nonnegative(
-            systems, systems.ops, d.q, d.b, layout, xs, ss, zs, residual_fn, refine, live)
+            systems, d.q, d.b, layout, xs, ss, zs, residual_fn, live, refine)
     elif polish_steps and polish != "never":
         # Second-order cones (errors ~√μ there) or "always": LU Newton steps.
         idx = torch.nonzero(live).squeeze(1)  # one more host round-trip, after the loop
@@ -124,22 +124,8 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
                 part, part_error = error_estimate(
                     systems.select(idx, sub), sub, layout, pick(xs), pick(ss), pick(zs), pick(polished), refine,
                     error_cols, error_duals)
-                kkt, error = _Patched(kkt, idx, part), error.index_copy(0, idx, part_error)
+                kkt, error = PatchedKKT(kkt, idx, part), error.index_copy(0, idx, part_error)
     return xs, ss, zs, residual, kkt, error
-
-
-class _Patched:
-    """A batch's KKT system with the elements ``idx`` factorised again (``part``): the
-    solves and ``failed`` of :class:`~.kkt.KKTSystem` (what the backward uses), merged."""
-
-    def __init__(self, full: KKTSystem, idx: torch.Tensor, part: KKTSystem) -> None:
-        self.full, self.idx, self.part = full, idx, part
-        self.failed = full.failed.index_copy(0, idx, part.failed)
-
-    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
-        out = self.full.solve(rx, rz, refine, scaled)
-        sub = self.part.solve(rx.index_select(0, self.idx), rz.index_select(0, self.idx), refine, scaled)
-        return tuple(v.index_copy(0, self.idx, w) for v, w in zip(out, sub))
 
 
 # The derivative linearises complementarity with H_i = s_i / z_i on a nonnegative row

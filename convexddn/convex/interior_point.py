@@ -99,7 +99,7 @@ class ConeSolution:
     residual: torch.Tensor
     error: torch.Tensor
     scaled: Scaled | None = None
-    kkt: KKTSystem | None = None  # or another with its solve and failed (null-space form, patched)
+    kkt: KKTSystem | None = None  # or one with its solve and failed (null-space form, PatchedKKT)
     undecided: torch.Tensor | None = None
 
 
@@ -180,8 +180,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             xs, ss, zs, status = (v.index_copy(0, idx, w) for v, w in zip((xs, ss, zs, status), again))
             certified = certified.index_copy(0, idx, cert)
             iterations = iterations.index_add(0, idx, its)
-    ops = DataOps(d.P, d.A, layout, structure)
-    # The polish, error estimate and backward solve in the null-space form where the iterations did.
+    ops = DataOps(d.P, d.A, layout, structure)  # polish, estimate, backward: in the iterations' form
     systems = (KKTFactory(ops, constant_part(d.P, d.A, layout, structure), structure) if red is None
                else ReducedSystems(red, d, ops, structure))
     xs, ss, zs, residual, kkt, error = finish(

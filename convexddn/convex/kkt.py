@@ -43,7 +43,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "bmv", "constant_part"]
+__all__ = ["DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "PatchedKKT", "bmv", "constant_part"]
 
 # Static regularisation and equality penalty, in the equilibrated problem's units (O(1)).
 _DELTA = 1e-9
@@ -327,6 +327,27 @@ class KKTSystem:
         X, Z, H = self.solve(torch.stack([c[0] for c in columns], -1), torch.stack([c[1] for c in columns], -1),
                              refine, scaled=True)
         return [(X[..., k], Z[..., k], H[..., k]) for k in range(len(columns))]
+
+
+class PatchedKKT:
+    """A batch's KKT system whose elements ``idx`` are solved by another one, ``part``:
+    the interface the polish, the error estimate and the backward use (``solve``,
+    ``failed``). ``part`` holds only those elements, or (``part_is_batch``) the whole
+    batch, of which only the rows ``idx`` are taken.
+    """
+
+    def __init__(self, base, idx: torch.Tensor, part, part_is_batch: bool = False) -> None:
+        self.base, self.idx, self.part, self.part_is_batch = base, idx, part, part_is_batch
+        part_failed = part.failed.index_select(0, idx) if part_is_batch else part.failed
+        self.failed = base.failed.index_copy(0, idx, part_failed)
+
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
+        out = self.base.solve(rx, rz, refine, scaled)
+        if self.part_is_batch:
+            sub = (v.index_select(0, self.idx) for v in self.part.solve(rx, rz, refine, scaled))
+        else:
+            sub = self.part.solve(rx.index_select(0, self.idx), rz.index_select(0, self.idx), refine, scaled)
+        return tuple(v.index_copy(0, self.idx, w) for v, w in zip(out, sub))
 
 
 class KKTFactory:

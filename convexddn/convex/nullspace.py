@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from .equilibration import Scaled
-from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, bmv, constant_part
+from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, PatchedKKT, bmv, constant_part
 from .symmetric_cones import ConeLayout, NTScaling
 
 __all__ = ["RANK_TOL", "ReducedSystems", "Reduction", "reduce"]
@@ -142,7 +142,8 @@ class ReducedSystems:
             return kkt
         if self._full_base is None:
             self._full_base = constant_part(self.ops.P, self.ops.A, self.ops.layout, self.structure)
-        return _Either(kkt, KKTSystem(self.ops, scaling, self._full_base, self.structure), kkt.failed)
+        full = KKTSystem(self.ops, scaling, self._full_base, self.structure)
+        return PatchedKKT(kkt, torch.nonzero(kkt.failed).squeeze(1), full, part_is_batch=True)
 
     def select(self, idx: torch.Tensor, d: Scaled) -> "ReducedSystems":
         """The systems of the elements ``idx`` (``d``: their data)."""
@@ -171,19 +172,6 @@ class _ReducedKKT:
         g = rx - ops.Pmv(x) - ops.A[:, p:].mT @ zI
         zE = torch.linalg.solve_triangular(red.R, red.Q1.mT @ g, upper=True)
         return x, torch.cat([zE, zI], 1), zh
-
-
-class _Either:
-    """Solves of ``primary``, those of ``fallback`` for the elements in ``use`` ``(B,)``."""
-
-    def __init__(self, primary, fallback: KKTSystem, use: torch.Tensor) -> None:
-        self.primary, self.fallback, self.use = primary, fallback, use
-        self.failed = torch.where(use, fallback.failed, primary.failed)
-
-    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
-        a = self.primary.solve(rx, rz, refine, scaled)
-        b = self.fallback.solve(rx, rz, refine, scaled)
-        return tuple(torch.where(self.use.view(-1, 1, 1), v, w) for w, v in zip(a, b))
 
 
 def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scaled, Reduction] | None:

@@ -135,8 +135,8 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     return (*best, res, polished)
 
 
-def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, residual_fn, refine: int = 2,
-                       live: torch.Tensor | None = None):
+def polish_nonnegative(systems, q, b, layout: ConeLayout, x, s, z, residual_fn, live: torch.Tensor,
+                       refine: int = 2):
     """One Newton step for programs without second-order cones, through the reduced KKT.
 
     On :math:`\\mathbb{R}_+` the Nesterov–Todd linearisation *is* the Jordan one
@@ -146,10 +146,10 @@ def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, resi
     would overflow the next factorisation).
 
     Args:
-        kkt_factory: ``scaling -> KKTSystem`` on the same data.
-        ops: :class:`~.kkt.DataOps` of the data.
-        live: ``(B,)`` the elements that may take the step (all by default); the others,
-            infeasibility certificates, keep their rays.
+        systems: ``scaling -> KKTSystem`` on the same data, with its
+            :class:`~.kkt.DataOps` as ``.ops`` (:class:`~.kkt.KKTFactory`).
+        live: ``(B,)`` the elements that may take the step; the others, infeasibility
+            certificates, keep their rays.
 
     Returns:
         ``(x, s, z, residual, improved)``.
@@ -161,7 +161,7 @@ def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, resi
     ok = (s[:, z0:] > 0).all(1) & (z[:, z0:] > 0).all(1)
     sc = torch.where(ok[:, None], s[:, z0:], 1.0)
     zc = torch.where(ok[:, None], z[:, z0:], 1.0)
-    kkt = kkt_factory(NTScaling(layout, sc, zc))
+    kkt, ops = systems(NTScaling(layout, sc, zc)), systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + q
     rz = ops.Av(x) + s - b
     rhs_z = torch.cat([-rz[:, :z0], s[:, z0:] - rz[:, z0:]], 1)
@@ -171,8 +171,6 @@ def polish_nonnegative(kkt_factory, ops, q, b, layout: ConeLayout, x, s, z, resi
     ds = torch.cat([torch.zeros_like(ds[:, :z0]), ds[:, z0:]], 1)
     xn, sn, zn = x + dx, s + ds, z + dz
     rn = residual_fn(xn, sn, zn)
-    take = ok & ~kkt.failed & (rn < res)
-    if live is not None:
-        take = take & live
+    take = live & ok & ~kkt.failed & (rn < res)
     pick = lambda new, old: torch.where(take[:, None], new, old)  # noqa: E731
     return pick(xn, x), pick(sn, s), pick(zn, z), torch.where(take, rn, res), take
