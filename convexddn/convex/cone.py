@@ -15,6 +15,8 @@ through a cone program", 2019).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
@@ -22,7 +24,7 @@ from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
-__all__ = ["kkt_residual", "verify_certificate", "ResidualMap"]
+__all__ = ["Parametric", "ResidualMap", "kkt_residual", "verify_certificate"]
 
 
 def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
@@ -218,8 +220,16 @@ class ResidualMap:
                 best, best_r = cand, r
         return (*best, best_r)
 
-    def adjoint(self, x, y, s):
-        """The map (dx, dy) -> (dA at any (row, col), db, dc) of the solution's derivative."""
+    def adjoint(self, x, y, s, parametric: Parametric | None = None):
+        """The map (dx, dy) -> (dA at any (row, col), db, dc) of the solution's derivative.
+
+        Sets ``degenerate`` when the gradient may not be unique: a nonnegative row has
+        multiplier and slack both 0 (a kink of the projection), or the derivative system
+        is rank-deficient beyond the homogeneity direction and the parameters or the
+        cotangent reach the extra null directions (:func:`_unique_anyway`; ``parametric``
+        says how the parameters move the data, :class:`Parametric`; with ``None`` every
+        rank deficiency counts).
+        """
         n, m = self.n, self.m
         z = np.concatenate([x, y - s, [1.0]])
         M = self._operator(z)
@@ -233,10 +243,75 @@ class ResidualMap:
             if not np.any(dz):
                 return np.zeros(rows.size), np.zeros(m), np.zeros(n)
             r = self._solve(M, dz, transpose=True)
-            self.degenerate = self.degenerate or undecided
-            dA = pi_z[cols] * r[rows + n] - pi_z[n + rows] * r[cols]
-            db = pi_z[n:n + m] * r[-1] - pi_z[-1] * r[n:n + m]
-            dc = pi_z[:n] * r[-1] - pi_z[-1] * r[:n]
-            return dA, db, dc
+            degenerate = self.degenerate and (parametric is None
+                                              or not _unique_anyway(M, dz, pi_z, n, parametric))
+            self.degenerate = degenerate or undecided
+            return _data_grads(r, pi_z, n, rows, cols)
 
         return vjp
+
+
+@dataclasses.dataclass(frozen=True)
+class Parametric:
+    """How the layer's parameters θ move the cone program's data (an affine map).
+
+    ``rows, cols``: the positions of ``A``'s structural entries; ``b_rows``: ``b``'s.
+    ``ab_map`` (``len(rows) + len(b_rows)``, k): the derivative of those entries, in
+    that order, with respect to θ; ``c_map`` (n, k): of ``c``.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    b_rows: np.ndarray
+    ab_map: sp.csr_matrix
+    c_map: sp.csr_matrix
+
+
+# Singular values of M below this, relative to the largest, span its null spaces (over
+# the per-element path's rank-deficient solutions in scripts/fuzz_convex.py: at most
+# 3e-11 against at least 4e-7 for the next one).
+_NULL_RTOL = 1e-9
+# A null direction counts as reached when the cotangent's component along it, or a
+# parameter's perturbation of R, is above this relative size (measured over the fuzz's
+# rank-deficient elements, seeds 1-5: parameters' reach ≤ 5.4e-10 or ≥ 3.6e-6, the
+# cotangent's ≤ 8e-15).
+_UNIQUE_RTOL = 3e-8
+
+
+def _unique_anyway(M: np.ndarray, dz: np.ndarray, pi_z: np.ndarray, n: int, par: Parametric) -> bool:
+    r"""Whether the gradient is unique although ``M`` has more than one null direction.
+
+    With :math:`N_r, N_l` bases of the right and left null spaces of :math:`M`, the
+    derivative :math:`\mathrm{d}z` solves :math:`M\,\mathrm{d}z = -\partial_\theta R`
+    up to :math:`N_r`, and the adjoint :math:`r` solves :math:`M^T r = \bar z` up to
+    :math:`N_l`. The gradient does not depend on either choice when
+    :math:`N_r^T \bar z = 0` (the cotangent does not see the solution set's directions,
+    e.g. a non-unique multiplier or auxiliary variable that is no output) and
+    :math:`N_l^T \partial_{\theta_k} R = 0` for every parameter (none moves the
+    solution off the set: e.g. a redundant constraint whose bound moves with the
+    others). The second is the adjoint's own formula with :math:`r` a left null vector,
+    mapped to θ by the data's derivative. Otherwise the solution is not differentiable.
+    """
+    U, S, Vt = scipy.linalg.svd(M)
+    null = S <= _NULL_RTOL * S[0]
+    right, left = Vt[null], U[:, null]
+    if np.abs(right @ dz).max() > _UNIQUE_RTOL * np.abs(dz).max():
+        return False
+    reach = _theta_grads(par, *_data_grads(left, pi_z, n, par.rows, par.cols))  # (k, null directions)
+    size = max(1.0, np.abs(pi_z).max()) * max([abs(m).max() for m in (par.ab_map, par.c_map) if m.nnz] + [0.0])
+    return np.abs(reach).max(initial=0.0) <= _UNIQUE_RTOL * size
+
+
+def _data_grads(r: np.ndarray, pi_z: np.ndarray, n: int, rows: np.ndarray, cols: np.ndarray):
+    """(dA at (rows, cols), db, dc): the adjoint formula for the solution r of Mᵀ r = z̄."""
+    m = pi_z.size - n - 1
+    pi = pi_z.reshape(-1, *(1,) * (r.ndim - 1))  # r may hold several such solutions as columns
+    dA = pi[cols] * r[rows + n] - pi[n + rows] * r[cols]
+    db = pi[n:n + m] * r[-1] - pi[-1] * r[n:n + m]
+    dc = pi[:n] * r[-1] - pi[-1] * r[:n]
+    return dA, db, dc
+
+
+def _theta_grads(par: Parametric, dA, db, dc) -> np.ndarray:
+    """The gradient with respect to the parameters θ from the data's (dA at ``par``'s entries)."""
+    return par.ab_map.T @ np.concatenate([dA, db[par.b_rows]]) + par.c_map.T @ dc

@@ -386,6 +386,43 @@ def test_convex_layer_strict_complementarity_failure_warns(solver):
     torch.testing.assert_close(g[1], torch.tensor([1.0, 1.0, 0.0], dtype=F64), atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("solver", ["batched", "Clarabel"])
+def test_redundant_active_constraint_gives_exact_gradient_without_warning(solver):
+    """max x₁ + x₂ s.t. x ≤ a, x₁ + x₂ ≤ a₁ + a₂: the third constraint is active and
+    redundant at x = a, so the multipliers are not unique (λ₃ ∈ [0, 1]) and the
+    derivative system is rank-deficient, but no parameter moves the solution off x = a:
+    dx/da = I exactly. The per-element path warned here before (it counted every
+    rank-deficient system as degenerate); now it checks whether a parameter or the
+    cotangent reaches the extra null directions."""
+    a = cp.Parameter(2, name="a")
+    x = cp.Variable(2, name="x")
+    prob = cp.Problem(cp.Minimize(-cp.sum(x)), [x <= a, cp.sum(x) <= cp.sum(a)])
+    layer = cddn.ConvexLayer(prob, [a], [x], solver=solver)
+    aa = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        out = layer(aa)
+        jac = torch.stack([torch.autograd.grad(out[:, i].sum(), aa, retain_graph=True)[0] for i in range(2)], 1)
+    torch.testing.assert_close(out.detach(), aa.detach(), atol=1e-9, rtol=0)
+    torch.testing.assert_close(jac, torch.eye(2, dtype=F64).expand(2, 2, 2), atol=1e-8, rtol=0)
+
+
+def test_rank_deficient_system_still_warns_when_a_parameter_reaches_it():
+    """The same redundant row, but with its own bound h as a parameter: moving h alone
+    below a₁ + a₂ cuts the vertex (one-sided derivatives differ), so the warning stays."""
+    a = cp.Parameter(2, name="a")
+    h = cp.Parameter(name="h")
+    x = cp.Variable(2, name="x")
+    prob = cp.Problem(cp.Minimize(-cp.sum(x) + 0.1 * x[0]), [x <= a, cp.sum(x) <= h])
+    layer = cddn.ConvexLayer(prob, [a, h], [x], solver="Clarabel")
+    aa = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    hh = torch.tensor(3.0, dtype=F64, requires_grad=True)
+    out = layer(aa, hh)
+    torch.testing.assert_close(out.detach(), aa.detach(), atol=1e-8, rtol=0)
+    with pytest.warns(GradientWarning, match="not unique or not differentiable"):
+        torch.autograd.grad(out[0], (aa, hh))
+
+
 def test_batched_weakly_active_constraint_gradient_matches_finite_differences():
     """A constraint active with a tiny multiplier (1e-6): the interior point leaves its
     slack and multiplier of the same order, which blended the derivative's two limits
