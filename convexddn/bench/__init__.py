@@ -43,8 +43,8 @@ __all__ = ["run", "add_arguments", "main", "format_table"]
 # (problem, batch) pairs of the convex-path comparison: the names of
 # convexddn.bench.cases.convex.CONVEX_PROBLEMS.
 CONVEX_QUICK = [("qp50", 16), ("sparsemax16", 64)]
-CONVEX_FULL = [("qp50", 1), ("qp50", 64), ("qp50", 1024), ("qp100", 128), ("sparsemax16", 1024),
-               ("l1ball512", 128)]
+CONVEX_FULL = [("qp50", 1), ("qp50", 64), ("qp50", 1024), ("qp100", 128), ("mpc30", 1), ("mpc30", 8),
+               ("sparsemax16", 1024), ("l1ball512", 128)]
 # On a GPU: the OptNet setting and a batch too large for the CPU-bound peers.
 CONVEX_CUDA = [("qp100", 128), ("qp50", 64), ("qp50", 4096), ("sparsemax16", 1024)]
 

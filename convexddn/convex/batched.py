@@ -59,11 +59,16 @@ __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp
 # (estimated by BatchedProgram.memory_estimate) it does not fit (BatchedProgram.fits) and
 # ConvexLayer(solver="auto") uses the per-element path.
 _BATCHED_MAX_BYTES = {"cpu": 4 << 30, "cuda": 16 << 30}
-# ... and above this much dense work per element and iteration: measured on CPU, an
-# L1-ball projection in R^512 (a 1024-square dense system) ran ~50x slower batched than
-# per element (a sparse solver; 1.4e9 flops per iteration), while a QP with n = 100
-# (1.3e6) ran 5x faster batched. The crossover in between is not measured finely.
-_BATCHED_MAX_FLOPS = {"cpu": 1e7, "cuda": 1e10}
+# ... and above this much dense work per element and iteration (flops_per_iteration):
+# (nearly separable programs, other programs). Measured on 2 CPU cores, batched against
+# per-element time at batches 2-4: dense QPs with n = 100, 200, 400 (1.3e6, 1.1e7,
+# 8.5e7) ran 6×, 250× and 540× faster batched (the per-element path's LSMR polish
+# crawls on dense data), a lasso with n = 200, 400 11× and 19×, a QP with 3 % dense
+# constraints, n = 200, 400, 3.7× and 2.6×, the constrained MPC of cvxpylayers'
+# examples over 30, 60, 100 steps (1.1e7, 8.6e7, 4.0e8 after its equalities are eliminated)
+# 12×, 9× and 1.5×; but L1-ball projections in R^64, 96, 128, 256 (nearly separable:
+# 2.8e6, 9.5e6, 2.2e7, 1.8e8) 3.7×, 0.83×, 0.54× and 0.13×.
+_BATCHED_MAX_FLOPS = {"cpu": (1e7, 1e9), "cuda": (1e10, 1e10)}
 
 
 @dataclass
@@ -278,13 +283,14 @@ class BatchedProgram:
     @property
     def flops_per_iteration(self) -> int:
         """Arithmetic of one interior-point iteration per element (factorisation and
-        products): ~n³/3 + m n² dense, ~m + n for a diagonal KKT structure. Measured on
-        one CPU core: n = 100 ran 5-6× faster than the per-element path, n = 1024 (an
-        L1-ball projection in R^512) 50× slower; prefer the per-element path above
-        ~1e6 here on a CPU."""
+        products): ~n³/3 + m n² dense, with n and m less the equalities that the
+        iterations eliminate (:mod:`.nullspace`); ~m + n for a diagonal KKT structure."""
         n, m = self.sizes
         if self.data.structure.diagonal:
             return 20 * (n + m)
+        p = self.data.layout.zero
+        if p < n:
+            n, m = n - p, m - p
         return n ** 3 // 3 + m * n * n + 20 * (n + m)
 
     def memory_estimate(self, batch: int) -> int:
@@ -296,7 +302,8 @@ class BatchedProgram:
     def fits(self, batch: int, device: torch.device) -> bool:
         """Whether dense batched factorisation pays for ``batch`` elements on ``device``."""
         limit = _BATCHED_MAX_BYTES.get(device.type, _BATCHED_MAX_BYTES["cpu"])
-        work = _BATCHED_MAX_FLOPS.get(device.type, _BATCHED_MAX_FLOPS["cpu"])
+        separable, coupled = _BATCHED_MAX_FLOPS.get(device.type, _BATCHED_MAX_FLOPS["cpu"])
+        work = separable if self.data.separable else coupled
         return self.memory_estimate(batch) <= limit and self.flops_per_iteration <= work
 
     def _batch(self, values: Sequence[torch.Tensor]) -> int:

@@ -62,6 +62,7 @@ class ConeData:
         self.param_cols, self.triu, self.variables = param_cols, triu, variables
         self.n_cols = sum(size for _, size, _ in param_cols) + 1
         self.structure: KKTStructure = DENSE
+        self.separable = False  # nearly separable (see canonical._structure)
         self.error_cols: torch.Tensor | None = None
         self.error_duals: torch.Tensor | None = None
         self._cache: dict = {}

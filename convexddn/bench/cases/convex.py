@@ -4,6 +4,8 @@ Problems (all parameters batched, float64):
 
 - ``qp50``: n = 50, 40 inequalities, 10 equalities (``½‖Lx‖² + qᵀx``, ``Gx ≤ h``, ``Ax = b``);
 - ``qp100``: n = 100, 100 inequalities (the OptNet setting);
+- ``mpc30``: constrained MPC as in cvxpylayers' example (8 states, 3 inputs, 30 steps,
+  ``|u| ≤ 1``; sparse, 248 equalities);
 - ``sparsemax16``: projection of ``x ∈ R^16`` onto the simplex;
 - ``l1ball512``: projection onto the L1 ball in ``R^512``.
 
@@ -65,6 +67,19 @@ def _qp(n: int, m: int, p: int, batch: int, gen: torch.Generator):
     return prob, params, [x], data
 
 
+def _mpc(steps: int, batch: int, gen: torch.Generator, nx: int = 8, nu: int = 3):
+    """Constrained MPC as in cvxpylayers' example: the inputs over ``steps`` steps of
+    linear dynamics from the parameter x₀, quadratic costs, |u| ≤ 1 (sparse, with
+    nx·(steps + 1) equalities)."""
+    Ad = (torch.eye(nx, dtype=F64) + 0.1 * torch.randn(nx, nx, dtype=F64, generator=gen)).numpy()
+    Bd = torch.randn(nx, nu, dtype=F64, generator=gen).numpy()
+    x0 = cp.Parameter(nx, name="x0")
+    X, U = cp.Variable((nx, steps + 1), name="X"), cp.Variable((nu, steps), name="U")
+    cons = [X[:, 0] == x0] + [X[:, t + 1] == Ad @ X[:, t] + Bd @ U[:, t] for t in range(steps)]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X) + cp.sum_squares(U)), cons + [cp.abs(U) <= 1])
+    return prob, [x0], [U], [3 * torch.randn(batch, nx, dtype=F64, generator=gen)]
+
+
 def _sparsemax(n: int, batch: int, gen: torch.Generator):
     xp = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")
@@ -83,6 +98,7 @@ def _l1ball(n: int, batch: int, gen: torch.Generator):
 CONVEX_PROBLEMS: dict[str, tuple[str, Callable]] = {
     "qp50": ("QP n=50, 40 ≤, 10 =", lambda B, g: _qp(50, 40, 10, B, g)),
     "qp100": ("QP n=100, 100 ≤ (OptNet)", lambda B, g: _qp(100, 100, 0, B, g)),
+    "mpc30": ("MPC, 8 states, 3 inputs, 30 steps", lambda B, g: _mpc(30, B, g)),
     "sparsemax16": ("sparsemax n=16", lambda B, g: _sparsemax(16, B, g)),
     "l1ball512": ("L1-ball projection n=512", lambda B, g: _l1ball(512, B, g)),
 }
