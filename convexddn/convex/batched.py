@@ -64,10 +64,11 @@ _BATCHED_MAX_BYTES = {"cpu": 4 << 30, "cuda": 16 << 30}
 # per-element time at batches 2-4: dense QPs with n = 100, 200, 400 (1.3e6, 1.1e7,
 # 8.5e7) ran 6×, 250× and 540× faster batched (the per-element path's LSMR polish
 # crawls on dense data), a lasso with n = 200, 400 11× and 19×, a QP with 3 % dense
-# constraints, n = 200, 400, 3.7× and 2.6×, the constrained MPC of cvxpylayers'
-# examples over 30, 60, 100 steps (1.1e7, 8.6e7, 4.0e8 after its equalities are eliminated)
-# 12×, 9× and 1.5×; but L1-ball projections in R^64, 96, 128, 256 (nearly separable:
-# 2.8e6, 9.5e6, 2.2e7, 1.8e8) 3.7×, 0.83×, 0.54× and 0.13×.
+# constraints, n = 200, 400, 3.7× and 2.6×, a constrained MPC in the form of
+# cvxpylayers' example (8 states, 3 inputs) over 30, 60, 100 steps (1.1e7, 8.6e7, 4.0e8
+# once its equalities are eliminated) 12×, 9× and 1.5×; but L1-ball projections in
+# R^64, 96, 128, 256 (nearly separable: 2.8e6, 9.5e6, 2.2e7, 1.8e8) 3.7×, 0.83×, 0.54×
+# and 0.13×.
 _BATCHED_MAX_FLOPS = {"cpu": (1e7, 1e9), "cuda": (1e10, 1e10)}
 
 

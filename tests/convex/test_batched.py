@@ -434,7 +434,7 @@ def test_float32_solves_are_certified_and_agree_with_float64():
 
 
 def mpc_problem(steps=30, nx=8, nu=3, seed=0):
-    """Constrained MPC (cvxpylayers' example): inputs U over ``steps`` steps of linear
+    """Constrained MPC in the form of cvxpylayers' example: inputs U over ``steps`` steps of linear
     dynamics from the parameter x₀, quadratic costs, |u| ≤ 1."""
     rng = np.random.default_rng(seed)
     Ad, Bd = np.eye(nx) + 0.1 * rng.standard_normal((nx, nx)), rng.standard_normal((nx, nu))

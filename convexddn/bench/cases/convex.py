@@ -4,8 +4,9 @@ Problems (all parameters batched, float64):
 
 - ``qp50``: n = 50, 40 inequalities, 10 equalities (``½‖Lx‖² + qᵀx``, ``Gx ≤ h``, ``Ax = b``);
 - ``qp100``: n = 100, 100 inequalities (the OptNet setting);
-- ``mpc30``: constrained MPC as in cvxpylayers' example (8 states, 3 inputs, 30 steps,
-  ``|u| ≤ 1``; sparse, 248 equalities);
+- ``mpc30``: constrained MPC in the form of cvxpylayers' example, over a longer horizon
+  (8 states, 3 inputs, 30 steps, ``|u| ≤ 1``; sparse, 248 equalities; theirs has 10
+  states, 4 inputs, 5 steps);
 - ``sparsemax16``: projection of ``x ∈ R^16`` onto the simplex;
 - ``l1ball512``: projection onto the L1 ball in ``R^512``.
 
@@ -68,7 +69,7 @@ def _qp(n: int, m: int, p: int, batch: int, gen: torch.Generator):
 
 
 def _mpc(steps: int, batch: int, gen: torch.Generator, nx: int = 8, nu: int = 3):
-    """Constrained MPC as in cvxpylayers' example: the inputs over ``steps`` steps of
+    """Constrained MPC in the form of cvxpylayers' example: the inputs over ``steps`` steps of
     linear dynamics from the parameter x₀, quadratic costs, |u| ≤ 1 (sparse, with
     nx·(steps + 1) equalities)."""
     Ad = (torch.eye(nx, dtype=F64) + 0.1 * torch.randn(nx, nx, dtype=F64, generator=gen)).numpy()
