@@ -55,9 +55,10 @@ from .second_opinion import clarabel_points
 
 __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]
 
-# The batched path factorises dense (B, k, k) systems; above this many bytes per call
-# (estimated by BatchedProgram.memory_estimate) it does not fit (BatchedProgram.fits) and
-# ConvexLayer(solver="auto") uses the per-element path.
+# The batched path factorises dense (B, k, k) systems; a call needing more than this many
+# bytes (estimated by BatchedProgram.memory_estimate) is solved in chunks that fit; if
+# one element does not (BatchedProgram.fits), ConvexLayer(solver="auto") uses the
+# per-element path.
 _BATCHED_MAX_BYTES = {"cpu": 4 << 30, "cuda": 16 << 30}
 # ... and above this much dense work per element and iteration (flops_per_iteration):
 # (nearly separable programs, other programs). Measured on 2 CPU cores, batched against
@@ -300,12 +301,17 @@ class BatchedProgram:
         item = torch.finfo(self.dtype).bits // 8
         return int(batch * item * (8 * n * n + 6 * m * n + 40 * (n + m)))
 
-    def fits(self, batch: int, device: torch.device) -> bool:
-        """Whether dense batched factorisation pays for ``batch`` elements on ``device``."""
-        limit = _BATCHED_MAX_BYTES.get(device.type, _BATCHED_MAX_BYTES["cpu"])
+    def fits(self, device: torch.device) -> bool:
+        """Whether dense batched factorisation pays for this program on ``device``: its
+        work per iteration is below the device's cap and one element within its memory
+        budget (a larger batch is solved in chunks that fit, :meth:`max_batch` each)."""
         separable, coupled = _BATCHED_MAX_FLOPS.get(device.type, _BATCHED_MAX_FLOPS["cpu"])
         work = separable if self.data.separable else coupled
-        return self.memory_estimate(batch) <= limit and self.flops_per_iteration <= work
+        return self.max_batch(device) >= 1 and self.flops_per_iteration <= work
+
+    def max_batch(self, device: torch.device) -> int:
+        """The most elements one call's memory budget on ``device`` holds."""
+        return _BATCHED_MAX_BYTES.get(device.type, _BATCHED_MAX_BYTES["cpu"]) // self.memory_estimate(1)
 
     def _batch(self, values: Sequence[torch.Tensor]) -> int:
         names, shapes = self.parameter_names, self.parameter_shapes
@@ -327,6 +333,10 @@ class BatchedProgram:
         if len({v.device for v in values}) > 1:
             raise InputError(f"all parameters must be on one device, got {sorted({str(v.device) for v in values})}")
         return sizes.pop() if sizes else 1
+
+    def _chunk(self, values: Sequence[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
+        """The elements ``lo:hi`` of the batched values (shared ones stay shared)."""
+        return [v[lo:hi] if v.dim() > len(shape) else v for v, shape in zip(values, self.parameter_shapes)]
 
     def __call__(self, *values: torch.Tensor,
                  second_opinion: bool = False) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
@@ -354,6 +364,15 @@ class BatchedProgram:
             outs = tuple(values[0].new_zeros((0,) + v.shape) + z for v in data.variables)
             e = values[0].new_zeros(0)
             return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e)
+        chunk = max(1, self.max_batch(values[0].device))
+        if B > chunk:
+            # More than the memory budget holds (a large program at a large batch): in
+            # chunks that fit, not per element (a constrained MPC over 30 steps: 13×).
+            parts = [self(*self._chunk(values, lo, min(lo + chunk, B)), second_opinion=second_opinion)
+                     for lo in range(0, B, chunk)]
+            outs = tuple(torch.cat(o) for o in zip(*(part[0] for part in parts)))
+            return outs, BatchedSolveInfo(*(torch.cat([getattr(part[1], f) for part in parts]) for f in
+                                            ("status", "residual", "solved", "iterations", "error")))
         p = data.parameter_vector(values, B)
         P, q, A, b, extra = data.fill(p)
         options = dict(tol=self.tol, tol_accept=self.tol_accept, tol_error=self.tol_error,

@@ -231,10 +231,10 @@ class ConvexLayer(nn.Module):
             self._layer = layer
         return self._layer
 
-    def _use_batched(self, n_batch: int, device: torch.device) -> bool:
+    def _use_batched(self, device: torch.device) -> bool:
         if self._batched is None:
             return False
-        return self.solver == "batched" or self._batched.fits(n_batch, device)
+        return self.solver == "batched" or self._batched.fits(device)
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict) -> tuple[list, dict]:
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
@@ -248,9 +248,9 @@ class ConvexLayer(nn.Module):
 
     # ------------------------------------------------------------------ the call
 
-    def _opinion_program(self, n_batch: int, device: torch.device) -> BatchedProgram | None:
-        """The batched form of the problem for second opinions on ``n_batch`` elements,
-        or None if it has none or it is too large for dense batched factorisation."""
+    def _opinion_program(self, device: torch.device) -> BatchedProgram | None:
+        """The batched form of the problem for second opinions, or None if it has none
+        or it is too large for dense batched factorisation."""
         if self._opinion is None:
             with self._build_lock:
                 if self._opinion is None:
@@ -259,7 +259,7 @@ class ConvexLayer(nn.Module):
                                                        tol_accept=min(self.tol, 1e-8))
                     except UnsupportedProblem:
                         self._opinion = False
-        return self._opinion if self._opinion and self._opinion.fits(n_batch, device) else None
+        return self._opinion if self._opinion and self._opinion.fits(device) else None
 
     def _subset(self, flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
         """The flat parameters of the elements ``idx`` (shared ones stay shared)."""
@@ -310,7 +310,7 @@ class ConvexLayer(nn.Module):
         if not batch:
             flat = [v if v.dim() == len(p.shape) + 1 else v.unsqueeze(0)
                     for v, p in zip(flat, self.parameters_)]
-        sols, info = self._solve(flat, n_batch, device, call_args)
+        sols, info = self._solve(flat, device, call_args)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
         if failed and self.on_failure == "raise":
             raise failure_error(failed, [info["statuses"][i] for i in failed], batch,
@@ -333,10 +333,10 @@ class ConvexLayer(nn.Module):
                                      info["residuals"], solved)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def _solve(self, flat: list[torch.Tensor], n_batch: int, device: torch.device,
+    def _solve(self, flat: list[torch.Tensor], device: torch.device,
                call_args: dict) -> tuple[list[torch.Tensor], dict]:
         """Both backends: batched first where it applies, then per element for the rest."""
-        if not self._use_batched(n_batch, device):
+        if not self._use_batched(device):
             sols, info = self._solve_per_element(flat, call_args)
             info = {k: list(v) for k, v in info.items()}
             # Per-element results in doubt — not solved, or left by the Newton polish
@@ -348,7 +348,7 @@ class ConvexLayer(nn.Module):
             # (residual 8.2e-7) off, and called the bounded problem unbounded.
             doubt = [i for i, (ok, r) in enumerate(zip(info["solved"], info["residuals"]))
                      if not ok or (self.refine > 0 and r > POLISH_ABOVE)]
-            program = self._opinion_program(len(doubt), device) if doubt else None
+            program = self._opinion_program(device) if doubt else None
             if program is not None:
                 fixed, part = self._solve_batched(program, self._subset(flat, doubt))
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])

@@ -198,7 +198,7 @@ def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device
                         label.startswith("convexddn batched") else sum(b == "batched" for b in backends)
                     # All elements per element without a batched attempt: routed by size.
                     row["routed_per_element"] = bool(label.startswith("convexddn batched") and not
-                                                     layer._use_batched(batch, r["device"]))
+                                                     layer._use_batched(r["device"]))
             rows.append(row)
         base = next((r for r in rows if r["problem"] == name and r["batch"] == batch
                      and r["path"] == "convexddn per element" and "fwd_s" in r), None)
