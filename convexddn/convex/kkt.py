@@ -179,6 +179,17 @@ def constant_part(P: torch.Tensor, A: torch.Tensor, layout: ConeLayout,
     return base
 
 
+# The most iterative-refinement steps of a solve with a residual target (KKTSystem.solve),
+# and the steps within which its best residual must halve for it to go on.
+MAX_REFINE = 30
+_REFINE_WINDOW = 3
+
+
+def _col_max(*vs: torch.Tensor) -> torch.Tensor:
+    """(B,) largest |entry| over the vectors ``(B, ·, k)``."""
+    return torch.stack([v.abs().flatten(1).amax(1) if v.shape[1] else v.new_zeros(v.shape[0]) for v in vs]).amax(0)
+
+
 def _chol(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cholesky factor and failure mask; 1×1 systems elementwise (no LAPACK loop)."""
     if M.shape[-1] == 1:
@@ -281,7 +292,8 @@ class KKTSystem:
         x = self._upper(w1)
         return x, zE, self._at_mv(x) - t
 
-    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
+              until: float | None = None):
         """Solve K [x; z] = [rx; rz] for ``(B, n, k)``, ``(B, m, k)`` right-hand sides.
 
         With :math:`\\hat z = W z_I` the cone rows become :math:`W^{-1} A_I x - \\hat z =
@@ -291,6 +303,12 @@ class KKTSystem:
         taken in that scaled system, so they are consistent with the factorisation.
         ``scaled=True`` says the cone rows of ``rz`` already hold :math:`W^{-1} r_I` (the
         interior-point method forms them without ever multiplying by :math:`W`).
+        ``until``: after the ``refine`` steps, refine on (one host sync per step, at most
+        :data:`MAX_REFINE` steps) while some element's residual, relative to its
+        right-hand side, is above this and still falls (by half within a few steps); each element
+        keeps its best iterate. Where κ(K)·δ approaches 1 a step gains only a constant
+        factor (a constrained MPC's derivative: residual 2e-4 and gradient 4e-3 off
+        finite differences after 3 steps; 2e-8 and 2e-6 after 12).
 
         Returns:
             ``(x, z, ẑ)``: the solution and :math:`\\hat z = W z_I` ``(B, mc, k)``.
@@ -300,14 +318,33 @@ class KKTSystem:
         if self.scaling is not None and not scaled:
             t = self.scaling.apply_inv(t)
         x, zE, zh = self._solve_regularised(rx, rE, t)
-        for _ in range(refine):
+        size = best = history = None
+        for step in range(refine if until is None else MAX_REFINE):
             ex = rx - self.ops.Pmv(x) - self._at_tmv(zh)
             if z:
                 ex = ex - self.ops.e_tmv(zE)
             eE = rE - self.ops.e_mv(x)
             et = t + zh - self._at_mv(x)
+            if until is not None:
+                if size is None:
+                    size = _col_max(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny)
+                res = _col_max(ex, eE, et) / size
+                if best is None:
+                    best, history = (res, x, zE, zh), [res]
+                else:
+                    take = res < best[0]
+                    best = (torch.where(take, res, best[0]),
+                            *(torch.where(take[:, None, None], v, w) for v, w in zip((x, zE, zh), best[1:])))
+                    history.append(best[0])
+                    # On while an element above the target halved its best residual within
+                    # the last _REFINE_WINDOW steps (slow, steady progress: see above).
+                    back = history[max(0, len(history) - 1 - _REFINE_WINDOW)]
+                    if step >= refine and not bool(((best[0] > until) & (best[0] < 0.5 * back)).any()):
+                        break
             dx, dzE, dzh = self._solve_regularised(ex, eE, et)
             x, zE, zh = x + dx, zE + dzE, zh + dzh
+        if best is not None:
+            x, zE, zh = best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
         return x, torch.cat([zE, zI], 1), zh
 
@@ -341,12 +378,13 @@ class PatchedKKT:
         part_failed = part.failed.index_select(0, idx) if part_is_batch else part.failed
         self.failed = base.failed.index_copy(0, idx, part_failed)
 
-    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
-        out = self.base.solve(rx, rz, refine, scaled)
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
+              until: float | None = None):
+        out = self.base.solve(rx, rz, refine, scaled, until)
         if self.part_is_batch:
-            sub = (v.index_select(0, self.idx) for v in self.part.solve(rx, rz, refine, scaled))
+            sub = (v.index_select(0, self.idx) for v in self.part.solve(rx, rz, refine, scaled, until))
         else:
-            sub = self.part.solve(rx.index_select(0, self.idx), rz.index_select(0, self.idx), refine, scaled)
+            sub = self.part.solve(rx.index_select(0, self.idx), rz.index_select(0, self.idx), refine, scaled, until)
         return tuple(v.index_copy(0, self.idx, w) for v, w in zip(out, sub))
 
 

@@ -159,7 +159,8 @@ class _ReducedKKT:
     def __init__(self, systems: ReducedSystems, kkt: KKTSystem) -> None:
         self.systems, self.kkt, self.failed = systems, kkt, kkt.failed
 
-    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False):
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
+              until: float | None = None):
         sy, red = self.systems, self.systems.red
         p, ops = sy.p, sy.ops
         rE, rI = rz[:, :p], rz[:, p:]
@@ -167,7 +168,7 @@ class _ReducedKKT:
         AxE = ops.A[:, p:] @ xE
         if scaled:  # the cone rows hold W⁻¹ r_I: subtract W⁻¹ A_I x_E
             AxE = self.kkt.scaling.apply_inv(AxE)
-        y, zI, zh = self.kkt.solve(red.N.mT @ (rx - ops.Pmv(xE)), rI - AxE, refine, scaled)
+        y, zI, zh = self.kkt.solve(red.N.mT @ (rx - ops.Pmv(xE)), rI - AxE, refine, scaled, until)
         x = xE + red.N @ y
         g = rx - ops.Pmv(x) - ops.A[:, p:].mT @ zI
         zE = torch.linalg.solve_triangular(red.R, red.Q1.mT @ g, upper=True)

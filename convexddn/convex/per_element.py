@@ -257,7 +257,7 @@ class CheckedDiffcp(SolverInterface):
     def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Gradient of one element's (q, A-values) given the solution's cotangent."""
         if item is None:  # an element that was not solved: no gradient flows to it
-            return np.zeros(self._shape[1]), np.zeros(self._indices.size), False
+            return np.zeros(self._shape[1]), np.zeros(self._indices.size), False, 0.0
         if item[0] == "local":
             _, program, x, y, s = item
         else:
@@ -268,7 +268,7 @@ class CheckedDiffcp(SolverInterface):
             dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
         return (np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]]),
-                bool(getattr(program, "degenerate", False)))
+                bool(getattr(program, "degenerate", False)), float(getattr(program, "inaccurate", 0.0)))
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
         dx_all = dprimal.detach().cpu().double().numpy()
@@ -290,6 +290,14 @@ class CheckedDiffcp(SolverInterface):
                 "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
                 "zero multiplier); their gradient is the minimum-norm one of many",
                 GradientWarning, stacklevel=3)
+        inaccurate = [(i, g[3]) for i, g in enumerate(grads) if g[3] > 0]
+        if inaccurate:
+            warnings.warn(
+                f"ConvexLayer backward: the iterative adjoint solve (LSMR) of {len(inaccurate)} batch "
+                f"element(s) (flat indices {[i for i, _ in inaccurate][:20]}) stopped at a relative "
+                f"residual of up to {max(r for _, r in inaccurate):.1e}: their gradient may be "
+                "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "
+                "it batched where it fits)", GradientWarning, stacklevel=3)
         dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t

@@ -523,3 +523,32 @@ def test_huber_with_equalities_is_solved_where_cone_rows_give_the_only_curvature
         x.value = y[i]
         assert prob.objective.value <= best * (1 + 1e-9) + 1e-9
         assert max(float(np.abs(c.violation()).max()) for c in prob.constraints) <= 1e-8 * scale
+
+
+def test_per_element_adjoint_that_lsmr_does_not_solve_is_solved_densely(monkeypatch):
+    """A constrained MPC (1291 rows + columns in the per-element form: LSMR mode) whose
+    adjoint system LSMR leaves at a relative residual of 1e-5 after its 12910 iterations:
+    the gradient was 19 % off, silently. It is now solved densely (the batched path's
+    gradient, checked against finite differences in tests/convex/test_batched.py, agrees
+    to 1e-8), and where the system is too large for that, a GradientWarning says so."""
+    import convexddn.convex.cone as cone_module
+    from convexddn.bench.cases.convex import CONVEX_PROBLEMS
+
+    gen = torch.Generator().manual_seed(0)
+    prob, params, variables, data = CONVEX_PROBLEMS["mpc30"][1](8, gen)
+    g = torch.randn((8,) + tuple(variables[0].shape), dtype=F64, generator=gen)[5:6]
+    x0 = data[0][5:6].clone().requires_grad_(True)
+    batched = cddn.ConvexLayer(prob, params, variables, solver="batched")
+    (want,) = torch.autograd.grad(batched(x0), x0, g)
+    layer = cddn.ConvexLayer(prob, params, variables, solver="Clarabel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        warnings.simplefilter("error", GradientWarning)
+        (got,) = torch.autograd.grad(layer(x0), x0, g)
+    torch.testing.assert_close(got, want, atol=1e-8 * float(want.abs().max()), rtol=0)
+    monkeypatch.setattr(cone_module, "_DENSE_FALLBACK_MAX", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        out = layer(x0)
+    with pytest.warns(GradientWarning, match=r"iterative adjoint solve \(LSMR\).*relative residual"):
+        torch.autograd.grad(out, x0, g)
