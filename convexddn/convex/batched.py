@@ -159,11 +159,9 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     return gP, -ux, gA, uz, not_differentiable
 
 
-# Residual of the backward's KKT solve, relative to its right-hand side, that iterative
-# refinement aims for beyond its fixed steps (KKTSystem.solve's ``until``). Measured on a
-# constrained MPC whose refinement gains a constant factor per step: gradient within
-# 7e-7 of finite differences (4e-3 after the fixed 3 steps); the n = 50 QP's backward at
-# batch 1024: 106-123 ms before, 127-166 ms with it (1e-11: 220-252 ms).
+# Relative residual the backward's KKT solve is refined to beyond its fixed steps
+# (KKTSystem.solve's ``until``): an MPC's gradient 7e-7 off finite differences (4e-3 after
+# 3 steps); the n = 50 QP's backward at batch 1024 106-123 -> 127-166 ms (1e-11: 220-252).
 BACKWARD_RTOL = 1e-9
 # Amplification of the derivative system above which the gradient is reported as not
 # existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).

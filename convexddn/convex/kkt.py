@@ -185,8 +185,7 @@ MAX_REFINE = 30
 _REFINE_WINDOW = 3
 
 
-def _col_max(*vs: torch.Tensor) -> torch.Tensor:
-    """(B,) largest |entry| over the vectors ``(B, ·, k)``."""
+def _col_max(*vs: torch.Tensor) -> torch.Tensor:  # (B,) largest |entry| of the (B, ·, k) vectors
     return torch.stack([v.abs().flatten(1).amax(1) if v.shape[1] else v.new_zeros(v.shape[0]) for v in vs]).amax(0)
 
 
@@ -329,18 +328,15 @@ class KKTSystem:
                 if size is None:
                     size = _col_max(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny)
                 res = _col_max(ex, eE, et) / size
-                if best is None:
-                    best, history = (res, x, zE, zh), [res]
-                else:
-                    take = res < best[0]
-                    best = (torch.where(take, res, best[0]),
-                            *(torch.where(take[:, None, None], v, w) for v, w in zip((x, zE, zh), best[1:])))
-                    history.append(best[0])
-                    # On while an element above the target halved its best residual within
-                    # the last _REFINE_WINDOW steps (slow, steady progress: see above).
-                    back = history[max(0, len(history) - 1 - _REFINE_WINDOW)]
-                    if step >= refine and not bool(((best[0] > until) & (best[0] < 0.5 * back)).any()):
-                        break
+                take = res < best[0] if best is not None else torch.ones_like(res, dtype=torch.bool)
+                best = (res, x, zE, zh) if best is None else (torch.where(take, res, best[0]), *(
+                    torch.where(take[:, None, None], v, w) for v, w in zip((x, zE, zh), best[1:])))
+                history = (history or []) + [best[0]]
+                # On while an element above the target halved its best residual within the
+                # last _REFINE_WINDOW steps (slow, steady progress: see above).
+                back = history[max(0, len(history) - 1 - _REFINE_WINDOW)]
+                if step >= refine and not bool(((best[0] > until) & (best[0] < 0.5 * back)).any()):
+                    break
             dx, dzE, dzh = self._solve_regularised(ex, eE, et)
             x, zE, zh = x + dx, zE + dzE, zh + dzh
         if best is not None:
