@@ -40,7 +40,7 @@ vertex, more active rows than the solution's dimension, which the parameters mov
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, Sequence
 
 import cvxpy as cp
@@ -375,8 +375,8 @@ class BatchedProgram:
             parts = [self(*self._chunk(values, lo, min(lo + chunk, B)), second_opinion=second_opinion)
                      for lo in range(0, B, chunk)]
             outs = tuple(torch.cat(o) for o in zip(*(part[0] for part in parts)))
-            return outs, BatchedSolveInfo(*(torch.cat([getattr(part[1], f) for part in parts]) for f in
-                                            ("status", "residual", "solved", "iterations", "error")))
+            return outs, BatchedSolveInfo(*(torch.cat([getattr(part[1], f.name) for part in parts])
+                                            for f in fields(BatchedSolveInfo)))
         p = data.parameter_vector(values, B)
         P, q, A, b, extra = data.fill(p)
         options = dict(tol=self.tol, tol_accept=self.tol_accept, tol_error=self.tol_error,

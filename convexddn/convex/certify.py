@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from .kkt import PatchedKKT, bmv
+from .kkt import PatchedKKT, bmv, row_inf
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
 
 __all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "row_inf", "undecided", "verified_rays"]
-
-
-def row_inf(v: torch.Tensor) -> torch.Tensor:
-    """(B,) infinity norm of each batch element of ``v`` (B, ...); 0 for empty elements."""
-    v = v.flatten(1)
-    return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
 
 
 def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):

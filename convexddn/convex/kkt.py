@@ -43,7 +43,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "PatchedKKT", "bmv", "constant_part"]
+__all__ = ["DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "PatchedKKT", "bmv", "constant_part", "row_inf"]
 
 # Static regularisation and equality penalty, in the equilibrated problem's units (O(1)).
 _DELTA = 1e-9
@@ -84,9 +84,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor, aT: torch.Tensor | None = None) -> tor
         return a * b
     if a.shape[-2] == 1 and b.shape[-1] == 1:
         return (a.mT * b).sum(-2, keepdim=True)
-    # As rows, (bᵀ aᵀ)ᵀ: batched BLAS multiplies a few rows on the left about twice as
-    # fast as a few columns on the right (measured on CPU, (64, 50, 50) by (64, 50, 1):
-    # 20 µs against 42).
+    # As rows, (bᵀ aᵀ)ᵀ: batched BLAS multiplies a few rows on the left ~2× faster than a
+    # few columns on the right (CPU, (64, 50, 50) by (64, 50, 1): 20 µs against 42).
     return (b.mT @ (a.mT if aT is None else aT)).mT
 
 
@@ -179,14 +178,16 @@ def constant_part(P: torch.Tensor, A: torch.Tensor, layout: ConeLayout,
     return base
 
 
-# The most iterative-refinement steps of a solve with a residual target (KKTSystem.solve),
-# and the steps within which its best residual must halve for it to go on.
-MAX_REFINE = 30
-_REFINE_WINDOW = 3
+# Most refinement steps of a solve with a residual target; steps its best must halve in.
+MAX_REFINE, _REFINE_WINDOW = 30, 3
 
 
-def _col_max(*vs: torch.Tensor) -> torch.Tensor:  # (B,) largest |entry| of the (B, ·, k) vectors
-    return torch.stack([v.abs().flatten(1).amax(1) if v.shape[1] else v.new_zeros(v.shape[0]) for v in vs]).amax(0)
+def row_inf(*vs: torch.Tensor) -> torch.Tensor:
+    """(B,) largest |entry| of each batch element over the tensors ``(B, ...)``; 0 if empty."""
+    if len(vs) > 1:
+        return torch.stack([row_inf(v) for v in vs]).amax(0)
+    v = vs[0].flatten(1)
+    return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
 
 
 def _chol(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,12 +303,11 @@ class KKTSystem:
         taken in that scaled system, so they are consistent with the factorisation.
         ``scaled=True`` says the cone rows of ``rz`` already hold :math:`W^{-1} r_I` (the
         interior-point method forms them without ever multiplying by :math:`W`).
-        ``until``: after the ``refine`` steps, refine on (one host sync per step, at most
-        :data:`MAX_REFINE` steps) while some element's residual, relative to its
-        right-hand side, is above this and still falls (by half within a few steps); each element
-        keeps its best iterate. Where κ(K)·δ approaches 1 a step gains only a constant
-        factor (a constrained MPC's derivative: residual 2e-4 and gradient 4e-3 off
-        finite differences after 3 steps; 2e-8 and 2e-6 after 12).
+        ``until``: after the ``refine`` steps, refine on (a host sync per step, at most
+        :data:`MAX_REFINE`) while some element's relative residual is above this and still
+        falls (halves within a few steps); each keeps its best iterate. Where κ(K)·δ nears 1
+        a step gains only a constant factor (a constrained MPC's derivative: residual 2e-4,
+        gradient 4e-3 off finite differences after 3 steps; 2e-8 and 2e-6 after 12).
 
         Returns:
             ``(x, z, ẑ)``: the solution and :math:`\\hat z = W z_I` ``(B, mc, k)``.
@@ -317,29 +317,27 @@ class KKTSystem:
         if self.scaling is not None and not scaled:
             t = self.scaling.apply_inv(t)
         x, zE, zh = self._solve_regularised(rx, rE, t)
-        size = best = history = None
+        if until is not None:
+            size, best, trail = row_inf(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny), None, []
         for step in range(refine if until is None else MAX_REFINE):
             ex = rx - self.ops.Pmv(x) - self._at_tmv(zh)
             if z:
                 ex = ex - self.ops.e_tmv(zE)
             eE = rE - self.ops.e_mv(x)
             et = t + zh - self._at_mv(x)
-            if until is not None:
-                if size is None:
-                    size = _col_max(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny)
-                res = _col_max(ex, eE, et) / size
-                take = res < best[0] if best is not None else torch.ones_like(res, dtype=torch.bool)
-                best = (res, x, zE, zh) if best is None else (torch.where(take, res, best[0]), *(
-                    torch.where(take[:, None, None], v, w) for v, w in zip((x, zE, zh), best[1:])))
-                history = (history or []) + [best[0]]
-                # On while an element above the target halved its best residual within the
-                # last _REFINE_WINDOW steps (slow, steady progress: see above).
-                back = history[max(0, len(history) - 1 - _REFINE_WINDOW)]
+            if until is not None:  # each element keeps its best (residual, x, z_E, ẑ)
+                res = row_inf(ex, eE, et) / size
+                best = (res, x, zE, zh) if best is None else tuple(
+                    torch.where((res < best[0]).view(-1, *(1,) * (v.dim() - 1)), v, w)
+                    for v, w in zip((res, x, zE, zh), best))
+                trail.append(best[0])
+                # On while an element above the target halved its best in _REFINE_WINDOW steps.
+                back = trail[max(0, len(trail) - 1 - _REFINE_WINDOW)]
                 if step >= refine and not bool(((best[0] > until) & (best[0] < 0.5 * back)).any()):
                     break
             dx, dzE, dzh = self._solve_regularised(ex, eE, et)
             x, zE, zh = x + dx, zE + dzE, zh + dzh
-        if best is not None:
+        if until is not None:
             x, zE, zh = best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
         return x, torch.cat([zE, zI], 1), zh

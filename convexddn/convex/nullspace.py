@@ -100,7 +100,7 @@ class Reduction:
         zI = z * (d.c / reduced.c)[:, None]  # ẑ = c z / (σ E): the two programs' c differ
         AI = d.A[:, p:]
         g = bmv(AI.mT, zI) + torch.where(infeasible[:, None], 0.0, bmv(d.P, x) + d.q)
-        zE = -torch.linalg.solve_triangular(self.R, bmv(self.Q1.mT, g).unsqueeze(-1), upper=True).squeeze(-1)
+        zE = -_range_coefficients(self.Q1, self.R, g.unsqueeze(-1)).squeeze(-1)
         return x, torch.cat([s.new_zeros(s.shape[0], p), s], 1), torch.cat([zE, zI], 1)
 
 
@@ -164,14 +164,14 @@ class _ReducedKKT:
         sy, red = self.systems, self.systems.red
         p, ops = sy.p, sy.ops
         rE, rI = rz[:, :p], rz[:, p:]
-        xE = red.Q1 @ torch.linalg.solve_triangular(red.R.mT, rE, upper=False)
+        xE = _least_norm(red.Q1, red.R, rE)
         AxE = ops.A[:, p:] @ xE
         if scaled:  # the cone rows hold W⁻¹ r_I: subtract W⁻¹ A_I x_E
             AxE = self.kkt.scaling.apply_inv(AxE)
         y, zI, zh = self.kkt.solve(red.N.mT @ (rx - ops.Pmv(xE)), rI - AxE, refine, scaled, until)
         x = xE + red.N @ y
         g = rx - ops.Pmv(x) - ops.A[:, p:].mT @ zI
-        zE = torch.linalg.solve_triangular(red.R, red.Q1.mT @ g, upper=True)
+        zE = _range_coefficients(red.Q1, red.R, g)
         return x, torch.cat([zE, zI], 1), zh
 
 
@@ -194,7 +194,7 @@ def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scal
     if not bool((diag.amin(1) > limit * diag.amax(1)).all()):
         return None
     Q1, N = Q[:, :, :p], Q[:, :, p:]
-    xp = bmv(Q1, torch.linalg.solve_triangular(R.mT, d.b[:, :p].unsqueeze(-1), upper=False).squeeze(-1))
+    xp = _least_norm(Q1, R, d.b[:, :p].unsqueeze(-1)).squeeze(-1)
     AN = AI @ N
     qr = bmv(N.mT, bmv(d.P, xp) + d.q)
     reduced = Scaled(_projected(d.P, N), qr, AN, d.b[:, p:] - bmv(AI, xp), d.D.new_ones(B, n - p),
@@ -202,6 +202,16 @@ def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scal
     # Kept on the layout: a cone layout caches its index tensors.
     layout_r = layout._cache.setdefault("reduced", ConeLayout(0, layout.nonneg, layout.soc))
     return reduced, Reduction(Q1, N, R, AN, xp, d.sigma, layout_r)
+
+
+def _least_norm(Q1: torch.Tensor, R: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The least-norm x with A_E x = r, A_Eᵀ = Q1 R: ``(B, n, p), (B, p, p), (B, p, k) -> (B, n, k)``."""
+    return Q1 @ torch.linalg.solve_triangular(R.mT, r, upper=False)
+
+
+def _range_coefficients(Q1: torch.Tensor, R: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """z_E with A_Eᵀ z_E the part of g in range(A_Eᵀ): ``(B, n, k) -> (B, p, k)``."""
+    return torch.linalg.solve_triangular(R, Q1.mT @ g, upper=True)
 
 
 def _projected(P: torch.Tensor, N: torch.Tensor) -> torch.Tensor:

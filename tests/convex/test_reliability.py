@@ -528,9 +528,10 @@ def test_huber_with_equalities_is_solved_where_cone_rows_give_the_only_curvature
 def test_per_element_adjoint_that_lsmr_does_not_solve_is_solved_densely(monkeypatch):
     """A constrained MPC (1291 rows + columns in the per-element form: LSMR mode) whose
     adjoint system LSMR leaves at a relative residual of 1e-5 after its 12910 iterations:
-    the gradient was 19 % off, silently. It is now solved densely (the batched path's
-    gradient, checked against finite differences in tests/convex/test_batched.py, agrees
-    to 1e-8), and where the system is too large for that, a GradientWarning says so."""
+    the gradient was 19 % off, silently. It is now solved densely and agrees to 1e-8 with
+    the batched path's gradient (an independent solver and derivative: the KKT system of
+    the program with its quadratic objective), and where the system is too large for that,
+    a GradientWarning says so."""
     import convexddn.convex.cone as cone_module
     from convexddn.bench.cases.convex import CONVEX_PROBLEMS
 
