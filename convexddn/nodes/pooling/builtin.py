@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .penalties import Penalty, _flush, _rows
+from .penalties import Penalty, _flush, _rows, exp_log_base
 
 __all__ = ["Huber", "PseudoHuber", "Quadratic", "TruncatedQuadratic", "Welsch"]
 
@@ -127,21 +127,22 @@ class PseudoHuber(Penalty):
         return torch.minimum(alpha * (n - h).clamp_(min=0).sqrt_(), spread * math.sqrt(n))
 
     def newton_sums(self, z, alpha, work):
-        # s = 1 / sqrt(1 + r^2): phi' = z s, phi'' = s^3 (sqrt then reciprocal: rsqrt is
-        # 3x slower than sqrt on CPUs, and a division 2x slower than a product).
-        s = _scaled_square(z, alpha, work[0], 1.0, 1.0).sqrt_().reciprocal_()
+        # s = 1 / sqrt(1 + r^2): phi' = z s, phi'' = s^3. (torch's rsqrt on 512 Ki
+        # float32 entries: 77 us against sqrt's 116 and reciprocal's 32, AVX-512; 80
+        # against 149 + 30, AVX2; 179 against 163 + 123 without vector kernels.)
+        s = _scaled_square(z, alpha, work[0], 1.0, 1.0).rsqrt_()
         d1 = z.mul_(s)
         g = _rows(d1)
         h = _rows(s.pow_(3))
         return g, h, d1
 
     def hessian_weights(self, z, alpha, work, need_alpha):
-        t = _scaled_square(z, alpha, work[0], 1.0, 1.0).sqrt_()
+        s = _scaled_square(z, alpha, work[0], 1.0, 1.0).rsqrt_()
         wa = None
-        if need_alpha:  # d2phi/dalpha = (r / T)^3
-            ratio = torch.div(z, t, out=z).div_(alpha)
+        if need_alpha:  # d2phi/dalpha = (r s)^3
+            ratio = torch.mul(z, s, out=z).div_(alpha)
             wa = _rows(ratio.pow_(3))
-        return t.reciprocal_().pow_(3), wa, None
+        return s.pow_(3), wa, None
 
 
 class Huber(Penalty):
@@ -242,26 +243,29 @@ class Welsch(Penalty):
         return torch.minimum(alpha * (w - h).clamp_(min=0).sqrt_(), spread * math.sqrt(n))
 
     @staticmethod
-    def _exp(z: Tensor, alpha: float | Tensor, work: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """t = -r^2/2 in work[0] and e = exp(t) in work[1], e flushed to 0 below the floor."""
-        t = _flush(_scaled_square(z, alpha, work[0], -0.5, 0.0))
-        return t, torch.exp(t, out=work[1])
+    def _exp(z: Tensor, alpha: float | Tensor, work: list[Tensor]) -> tuple[Tensor, Tensor, float]:
+        """``(t, e, c)``: the exponent ``t = -r^2 / (2c)`` in work[0] to the base
+        ``exp(c)`` (see :func:`.penalties.exp_log_base`) and ``e = exp(-r^2 / 2)`` in
+        work[1], flushed to 0 below the floor; ``c t = -r^2 / 2``."""
+        c = exp_log_base(z.device.type)
+        t = _flush(_scaled_square(z, alpha, work[0], -0.5 / c, 0.0), c)
+        return t, (torch.exp2 if c != 1.0 else torch.exp)(t, out=work[1]), c
 
     def descent_sums(self, z, alpha, work):
-        # All sums times alpha^2: phi' = z e, phi'' = (1 - r^2) e = (1 + 2t) e, W = e.
-        t, e = self._exp(z, alpha, work)
+        # All sums times alpha^2: phi' = z e, phi'' = (1 - r^2) e = (1 + 2ct) e, W = e.
+        t, e, c = self._exp(z, alpha, work)
         w = _rows(e)
-        h = w + 2 * _rows(t.mul_(e))
+        h = w + (2 * c) * _rows(t.mul_(e))
         d1 = z.mul_(e)
         return -w, _rows(d1), h, w, d1
 
     def hessian_weights(self, z, alpha, work, need_alpha):
-        # Times alpha^2: w = (1 - r^2) e = (1 + 2t) e, and d2phi/dalpha = -2 r (1 + t) e.
-        t, e = self._exp(z, alpha, work)
+        # Times alpha^2: w = (1 - r^2) e = (1 + 2ct) e, and d2phi/dalpha = -2 r (1 + ct) e.
+        t, e, c = self._exp(z, alpha, work)
         wa = None
         if need_alpha:
-            wa = -2 * _rows(torch.addcmul(e, t, e).mul_(z)) / alpha
-        w = torch.addcmul(e, t, e, value=2.0, out=work[0])
+            wa = -2 * _rows(torch.addcmul(e, t, e, value=c).mul_(z)) / alpha
+        w = torch.addcmul(e, t, e, value=2.0 * c, out=work[0])
         # sum |w| <= sum (1 + r^2) e = 2 sum e - sum w: the size the singularity test needs.
         return w, wa, 2 * _rows(e) - _rows(w)
 
