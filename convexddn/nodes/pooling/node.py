@@ -164,7 +164,9 @@ def robust_pool(
     Stopping: a row stops when the distance to its minimiser is estimated within
     ``tol * (alpha + |y|)`` -- by the Newton step ``|g| / h`` (``h`` the curvature)
     while ``|g|`` is above its rounding noise, by the bracket width, or by the error
-    predicted after a Newton step -- or when ``|g|`` has sunk into its rounding noise.
+    predicted after a Newton step (``|g''| step^2 / 2h``, ``g''`` estimated from the last
+    two points, trusted only after a step of at most ``alpha / 4``) -- or when ``|g|``
+    has sunk into its rounding noise.
     Where that noise divided by the curvature exceeds the tolerance (a nearly flat
     objective, e.g. two clusters hundreds of alphas apart) the answer cannot be
     resolved in the working precision: float32 rows are then solved again in float64,
