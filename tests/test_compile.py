@@ -203,3 +203,28 @@ def test_fullgraph_projection_still_rejects_nan(p):
     f = torch.compile(cddn.LpProjection(p=p), fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match="x must be finite"):
         f(x)
+
+
+def test_robust_pool_compile_option_stays_compiled_across_penalties(monkeypatch, caplog):
+    """Each fused row-sum kernel has a code object of its own, so torch.compile keeps
+    its compiled variants apart: three penalties, both solvers' row sums and both
+    input ranks in one process used to exceed dynamo's recompile limit (8) on the one
+    shared code object, after which the later kernels silently ran eagerly."""
+    import functools
+    import logging
+
+    from convexddn.nodes.pooling import kernels
+
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    x = data(6, shape=(5, 700))  # long rows: the sample stage's (R, 2, 1) points too
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for penalty in ("pseudo_huber", "huber", "welsch"):
+            for dtype in (torch.float64, torch.float32):
+                for alpha in (0.9, torch.full((5,), 0.9, dtype=dtype)):  # one alpha, one per row
+                    y = cddn.functional.robust_pool(x.to(dtype), penalty, alpha, compile=True)
+                    e = cddn.functional.robust_pool(x.to(dtype), penalty, alpha, compile=False)
+                    torch.testing.assert_close(y, e, rtol=0, atol=1e-10 if dtype == DT else 2e-5)
+    assert not [r for r in caplog.records if "recompile" in r.getMessage()]
+    keys = [k for k in kernels._COMPILED if isinstance(k, tuple)]
+    assert len({kernels._fused(*k).__code__ for k in keys}) == len(keys) == 12

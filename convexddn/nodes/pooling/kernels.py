@@ -65,10 +65,13 @@ def run(fn: Callable, use_compile: bool, *args: Any, key: Any = None) -> Any:
 
 
 @functools.cache
-def _fused(penalty: Penalty, method: str, clamp: bool, measure: bool) -> Callable:
+def _fused(penalty: Penalty, method: str, clamp: bool, measure: bool, variant: tuple = ()) -> Callable:
     """``(u, x, alpha) ->`` the row sums of the base class's (derived) ``method`` at the
     residuals ``u - x``, and the norm of its terms ``d1`` when ``measure``: what
-    torch.compile fuses into one pass over ``x`` without a row-sized output."""
+    torch.compile fuses into one pass over ``x`` without a row-sized output.
+
+    ``variant`` (dtype, device, the ranks of ``u`` and ``alpha``) only names a kernel of
+    its own for each kind of input (see below)."""
     base = getattr(Penalty, method)
 
     def fn(u, x, alpha):
@@ -80,7 +83,12 @@ def _fused(penalty: Penalty, method: str, clamp: bool, measure: bool) -> Callabl
         norm = (d1 * d1).sum(-1, keepdim=True).sqrt() if measure else None
         return (*row_sums, norm)
 
-    fn.__name__ = f"_{method}_{penalty.name}"
+    fn.__name__ = "_".join(["", method, penalty.name, *(str(v).replace("torch.", "") for v in variant)])
+    # A code object of its own: torch.compile keeps its compiled variants (and counts
+    # them against its recompile limit, 8) per code object, which every closure made
+    # here would otherwise share -- after a few penalties, methods, dtypes and input
+    # ranks the later ones silently ran eagerly.
+    fn.__code__ = fn.__code__.replace(co_name=fn.__name__, co_qualname=fn.__name__)
     return fn
 
 
@@ -95,8 +103,9 @@ def row_sums(penalty: Penalty, method: str, u: Tensor, x: Tensor, alpha, scratch
     measure = type(penalty).dphi_norm is Penalty.dphi_norm
     if use_compile:
         al = alpha if isinstance(alpha, Tensor) else torch.tensor(alpha, dtype=x.dtype, device=x.device)
-        return run(_fused(penalty, method, clamp and penalty.saturation is not None, measure), True,
-                   u, x, al, key=(penalty, method, clamp, measure))
+        key = (penalty, method, clamp and penalty.saturation is not None, measure,
+               (x.dtype, x.device.type, u.dim(), al.dim()))
+        return run(_fused(*key), True, u, x, al, key=key)
     # u and x have the same number of dims, one of them 1 where they differ
     # (torch.broadcast_shapes costs ~30 us per call here).
     z, *work = scratch.get(*(max(a, b) for a, b in zip(u.shape, x.shape)))
