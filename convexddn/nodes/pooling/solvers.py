@@ -38,15 +38,14 @@ _REMEDIAN_LEVELS = 4
 _NC_SAMPLE = 128
 _SAMPLE_TOL, _SAMPLE_MAX_ITER, _MERGE = 1e-4, 30, 1e-3
 # Bytes of x per block in the exact truncated-quadratic solver on a CPU (its float64
-# prefix sums are a dozen row-sized temporaries). 256 KiB: in one process, float32
-# (4, 256, 1024) took 59-64 ms against 78-100 with 64 KiB and 80-88 with 1 MiB;
-# (4, 1024, 2048) 400-450 ms against 515-590 and 370-380 (2-core AMD EPYC). The sort and the run
-# starts take blocks _TQ_SORT_BLOCKS times larger: torch's sort of a few rows costs
-# twice as much per row as of many (2048 entries: 86 µs per row in blocks of 8 rows,
-# 44 µs in blocks of 64).
+# prefix sums are a dozen row-sized temporaries). 256 KiB, measured in one process on
+# the 2-core machine, float32: (4, 256, 1024) 59-64 ms against 78-100 with 64 KiB and
+# 80-88 with 1 MiB; (4, 1024, 2048) 400-450 ms against 515-590 and 370-380. The sort
+# and the run starts take blocks _TQ_SORT_BLOCKS times larger: torch's sort of a few
+# rows costs twice as much per row as of many (2048 entries: 86 µs per row in blocks
+# of 8 rows, 44 µs in blocks of 64).
 _TQ_BLOCK_BYTES = 1 << 18
 _TQ_SORT_BLOCKS = 8
-
 
 
 def mean_solve(x: Tensor) -> Tensor:
