@@ -745,11 +745,16 @@ def test_robust_pool_alpha_limits(dtype):
         torch.testing.assert_close(robust_pool(x, name, 1e20), torch.tensor([1.7], dtype=dtype))
 
 
+@pytest.mark.parametrize("log_base", [1.0, math.log(2.0)], ids=["exp", "exp2"])
 @pytest.mark.parametrize("name", [n for n in PENALTIES if n != "quadratic"])
-def test_penalty_fused_sums_match_derived(name):
+def test_penalty_fused_sums_match_derived(name, log_base, monkeypatch):
     """The built-ins' hand-fused row sums equal the base class's, derived from phi, dphi,
     d2phi, d2phi_dalpha and irls_weight (up to the one positive factor per row the
-    methods allow), for a float alpha and a per-row alpha tensor."""
+    methods allow), for a float alpha and a per-row alpha tensor; Welsch's with its
+    exponentials in either base (``exp_log_base`` picks one by the CPU's vector kernels)."""
+    from convexddn.nodes.pooling import builtin
+
+    monkeypatch.setattr(builtin, "exp_log_base", lambda device_type: log_base)
     pen = Penalty.resolve(name)
     x = with_outliers(2, (5, 30))
     u = x.median(-1, keepdim=True).values + 0.3
