@@ -15,13 +15,11 @@ def test_same_values_as_torch_sort(descending, dim):
     x[0, :8] = torch.tensor([-0.0, 0.0, 1e-42, -1e-42, math.inf, -math.inf, 3.4e38, -3.4e38])
     x[1] = -x[1].abs()
     x[2, ::2] = x[2, 1::2]  # ties
-    want = torch.sort(x, dim=dim, descending=descending).values
     for t in (x, x[:, ::3], x.mT.contiguous().mT):  # contiguous, strided, transposed
         got = sort_values(t, dim=dim, descending=descending)
         assert got.is_contiguous()
         # Equal entry for entry; -0.0 == 0.0, so only their order can differ.
         assert torch.equal(got, torch.sort(t, dim=dim, descending=descending).values)
-    assert torch.equal(sort_values(x, dim, descending), want)
 
 
 def test_nan_goes_to_the_end_its_sign_bit_says_and_other_dtypes_pass_through():

@@ -48,9 +48,8 @@ import torch
 
 from ..errors import DTypeError, GradientWarning, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
-from .certify import row_inf
-from .kkt import bmv
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
+from .kkt import bmv, row_inf
 from .second_opinion import clarabel_points
 
 __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]

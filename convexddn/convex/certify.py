@@ -22,7 +22,7 @@ from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "row_inf", "undecided", "verified_rays"]
+__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "undecided", "verified_rays"]
 
 
 def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .certify import DECIDED, finish, row_inf, undecided, verified_rays
+from .certify import DECIDED, finish, undecided, verified_rays
 from .equilibration import Scaled, equilibrate
-from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part
+from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .measures import Measures, kkt_measures, max_step, point_residual
 from .nullspace import ReducedSystems, reduce
 from .second_opinion import equilibrated_start

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .certify import row_inf
 from .equilibration import Scaled
-from .kkt import DataOps, bmv
+from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout
 
 __all__ = ["Measures", "kkt_measures", "max_step", "point_residual"]

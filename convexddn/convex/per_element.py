@@ -264,11 +264,11 @@ class CheckedDiffcp(SolverInterface):
             _, q, a, x, y, s = item
             A, b, c = self._problem(q, a)
             program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
-        dA, db, dc = program.adjoint(x, y, s, getattr(self, "_parametric", None))(
+        dA, db, dc = program.adjoint(x, y, s, self._parametric)(
             dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
         return (np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]]),
-                bool(getattr(program, "degenerate", False)), float(getattr(program, "inaccurate", 0.0)))
+                bool(getattr(program, "degenerate", False)), program.inaccurate)
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
         dx_all = dprimal.detach().cpu().double().numpy()

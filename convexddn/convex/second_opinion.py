@@ -31,8 +31,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .certify import row_inf
 from .equilibration import Scaled
+from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
 from .symmetric_cones import ConeLayout
 

@@ -107,11 +107,15 @@ def test_batched_l2_ball_projection(radius):
     assert torch.allclose(grad, ref, atol=1e-8)
 
 
+def l1_ball_problem(n):
+    x = cp.Parameter(n, name="x")
+    y = cp.Variable(n, name="y")
+    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.norm(y, 1) <= 1.0]), [x], [y]
+
+
 def test_batched_l1_ball_projection_matches_cvxpy():
     n = 8
-    x = cp.Parameter(n)
-    y = cp.Variable(n)
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.norm(y, 1) <= 1.0])
+    prob, [x], [y] = l1_ball_problem(n)
     bp = BatchedProgram(prob, [x], [y])
     X = 2 * torch.randn(6, n, dtype=F64, generator=torch.Generator().manual_seed(4))
     (Y,), info = bp(X)
@@ -433,17 +437,6 @@ def test_float32_solves_are_certified_and_agree_with_float64():
 # ------------------------------------------------------------------ routing by size
 
 
-def mpc_problem(steps=30, nx=8, nu=3, seed=0):
-    """Constrained MPC in the form of cvxpylayers' example: inputs U over ``steps`` steps of linear
-    dynamics from the parameter x₀, quadratic costs, |u| ≤ 1."""
-    rng = np.random.default_rng(seed)
-    Ad, Bd = np.eye(nx) + 0.1 * rng.standard_normal((nx, nx)), rng.standard_normal((nx, nu))
-    x0 = cp.Parameter(nx, name="x0")
-    X, U = cp.Variable((nx, steps + 1)), cp.Variable((nu, steps))
-    cons = [X[:, 0] == x0] + [X[:, t + 1] == Ad @ X[:, t] + Bd @ U[:, t] for t in range(steps)]
-    return cp.Problem(cp.Minimize(cp.sum_squares(X) + cp.sum_squares(U)), cons + [cp.abs(U) <= 1]), [x0], [U]
-
-
 def test_auto_solves_mpc_and_dense_qps_batched_and_large_separable_programs_per_element():
     """The routing of ConvexLayer(solver="auto") by work per iteration: the MPC (420
     variables, 248 equalities, eliminated before iterating) and a dense QP with n = 200
@@ -451,7 +444,9 @@ def test_auto_solves_mpc_and_dense_qps_batched_and_large_separable_programs_per_
     element before); an L1-ball projection in R^128 (nearly separable) stays per element
     (2× faster there). The MPC's solution matches CVXPY + Clarabel and its gradient
     central finite differences."""
-    prob, params, variables = mpc_problem()
+    from convexddn.bench.cases.convex import CONVEX_PROBLEMS  # the bench's MPC (cvxpylayers' form)
+
+    prob, params, variables, _ = CONVEX_PROBLEMS["mpc30"][1](1, torch.Generator().manual_seed(0))
     layer = cddn.ConvexLayer(prob, params, variables)
     x0 = 3 * torch.randn(1, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
     x0.requires_grad_(True)
@@ -483,12 +478,6 @@ def test_auto_solves_mpc_and_dense_qps_batched_and_large_separable_programs_per_
     layer = cddn.ConvexLayer(prob, params, variables)
     layer(torch.randn(2, 128, dtype=F64, generator=gen))
     assert layer.last_solve.backend == ["per_element"] * 2
-
-
-def l1_ball_problem(n):
-    x = cp.Parameter(n, name="x")
-    y = cp.Variable(n, name="y")
-    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.norm(y, 1) <= 1.0]), [x], [y]
 
 
 def test_batch_beyond_the_memory_budget_is_solved_in_chunks(monkeypatch):

@@ -871,4 +871,9 @@ def test_smooth_penalties_stop_within_their_tolerance(name):
         y64 = robust_pool(x.double(), name, alpha)
         assert ((y32 - y64).abs() / (1e-6 * (alpha + y64.abs()))).max() <= 1.5
         exact = robust_pool(x.double(), name, alpha, tol=1e-15)
+        # The reference is a minimiser by the penalty's own formulas (not the solver's
+        # fused sums): positive curvature, Newton distance at rounding level.
+        pen, z, a = Penalty.resolve(name), exact[:, None] - x.double(), torch.tensor(alpha, dtype=F64)
+        g, h = pen.dphi(z, a).sum(-1), pen.d2phi(z, a).sum(-1)
+        assert bool((h > 0).all()) and ((g / h).abs() / (alpha + exact.abs())).max() <= 1e-14
         assert ((y64 - exact).abs() / (1e-12 * (alpha + exact.abs()))).max() <= 1.5

@@ -65,7 +65,7 @@ def run(fn: Callable, use_compile: bool, *args: Any, key: Any = None) -> Any:
 
 
 @functools.cache
-def _fused(penalty: Penalty, method: str, clamp: bool, measure: bool, variant: tuple = ()) -> Callable:
+def _fused(penalty: Penalty, method: str, clamp: bool, measure: bool, variant: tuple) -> Callable:
     """``(u, x, alpha) ->`` the row sums of the base class's (derived) ``method`` at the
     residuals ``u - x``, and the norm of its terms ``d1`` when ``measure``: what
     torch.compile fuses into one pass over ``x`` without a row-sized output.
