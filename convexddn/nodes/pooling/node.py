@@ -66,7 +66,15 @@ class _RobustPoolFunction(torch.autograd.Function):
         if x.shape[0] == 0:
             return x.new_empty((0,))
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        return penalty.solve(x, a, tol, max_iter, use_compile)
+        if torch.compiler.is_compiling():
+            return penalty.solve(x, a, tol, max_iter, use_compile)
+        # Inference mode: no version counters or autograd bookkeeping on the per-row
+        # ops of the iterations, a hundred or more per iteration on (R, 1) tensors
+        # (measured at (4, 256, 1024) float32: pseudo-Huber 3.8 -> 3.0 ms, Welsch 10.1
+        # -> 9.0). The (R,) result is cloned into a normal tensor.
+        with torch.inference_mode():
+            y = penalty.solve(x, a, tol, max_iter, use_compile)
+        return y.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
