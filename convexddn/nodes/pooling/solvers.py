@@ -4,8 +4,9 @@ Starts: rows of at most 129 entries start from their lower median; rows up to 51
 from the lower median of 129 evenly strided entries; longer rows from the repeated
 median of three of 81 evenly strided entries (Tukey's ninther, two levels deeper),
 taken while their block is in cache. A nonconvex penalty starts from the mean
-and that median; for rows longer than 512 both are first refined on 128 strided entries
-and, where they reach the same point there, only one continues on the whole row.
+and that median; for rows longer than 512, from the mean and the repeated median of a
+sample of 128 strided entries, both first refined on that sample and, where they reach
+the same point there, only one continues on the whole row.
 
 Blocks whose spread over alpha could overflow a square have their residuals clamped
 where the penalty saturates; rows whose sums still overflow (entries near the end of
@@ -82,9 +83,15 @@ def _median_start(x: Tensor) -> Tensor:
     of the sample apart, so that a run of adjacent outliers is split up. (On rows of
     256 it cost Welsch more iterations than the median saves: shorter rows keep it.)
     """
-    n = x.shape[-1]
-    if n <= _SAMPLE_MIN_N:
+    if x.shape[-1] <= _SAMPLE_MIN_N:
         return _strided_sample(x, _MEDIAN_SAMPLE).median(-1, keepdim=True).values
+    return _remedian(x)
+
+
+def _remedian(x: Tensor) -> Tensor:
+    """The repeated median of three of ``3**_REMEDIAN_LEVELS`` evenly strided entries
+    per row ``(R, 1)`` (rows at least that long)."""
+    n = x.shape[-1]
     k = 3 ** _REMEDIAN_LEVELS
     v = x[:, : k * (n // k) : n // k]
     while k > 1:
@@ -99,6 +106,17 @@ _start = _median_start
 
 def _two_starts(x: Tensor) -> Tensor:
     return torch.cat([x.mean(-1, keepdim=True), _median_start(x)], -1)
+
+
+def _sample_starts(xs: Tensor) -> Tensor:
+    """The mean and the repeated median of a row sample (:data:`_NC_SAMPLE` entries),
+    to be refined on it. torch's median of 1024 rows of 128 costs 1 ms, the repeated
+    median 0.1 ms: Welsch at (4, 256, 1024) and on four other data sets (bench, 10 %
+    scattered outliers, a 30 % clump, Student t) 4-14 % faster, the same results; on
+    multimodal rows (α 0.3 and 1; two, three clusters, uniform) the two starts end in
+    different local minima on 3-55 % of the rows, the repeated median's lower in 405
+    of them, higher in 288."""
+    return torch.cat([xs.mean(-1, keepdim=True), _remedian(xs)], -1)
 
 
 def _warn(name: str, message: str, count: int, rows: int) -> None:
@@ -121,7 +139,7 @@ def nonconvex_solve(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: in
     starts = None
     if x.shape[-1] > _SAMPLE_MIN_N:
         xs = _strided_sample(x, _NC_SAMPLE).contiguous()
-        s0 = _two_starts(xs)
+        s0 = _sample_starts(xs)
         res = descent_rows(pen, _rows(xs, a), s0, None, max(tol, _SAMPLE_TOL), _SAMPLE_MAX_ITER, use_compile)
         if res is None:
             check_finite("x", x)
