@@ -315,7 +315,7 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
     idx = torch.arange(1, n + 1, device=s.device)
     # Entry runs [l_i, i] hold at least point i, even where s_i - 2 alpha rounds to s_i.
-    lft = torch.minimum(lft, idx - 1)
+    lft = torch.minimum(lft, idx - 1)  # (also widens int32 positions to int64, for gather)
     n_e = (idx - lft).to(acc)
     s1_e = p1[:, 1:] - p1.gather(-1, lft)
     g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1)
