@@ -4,7 +4,8 @@ Each iteration walks the rows still running in blocks (:mod:`.kernels`) to form 
 sums of the penalty's derivatives at the current points, then updates all of them at
 once (the per-row bookkeeping is a few dozen tiny ops per iteration for every row, not
 per block). Blocks whose rows all stopped are skipped; once at most half of the rows
-run, they are gathered into a smaller problem. The first pass over a block also takes
+run, they are gathered into a smaller problem (a large one block by block, see
+:class:`Rows`). The first pass over a block also takes
 its minimum and maximum (a bracket of every row's minimiser, and the NaN/Inf check)
 and, unless given, its rows' starts -- while the block is in cache.
 
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .kernels import Scratch, block_ranges, row_sums
 from .penalties import Penalty
+from .rows import Result, Rows
 
 _NOISE = 4.0
 # The descent iteration's safe step is -g / max(h, kappa W), W >= h the IRLS curvature.
@@ -39,42 +40,6 @@ _KAPPA = 0.55
 # to 10, float32 and float64): rows beyond 1.2 tol in 1 of 240 cases with alpha, none
 # with alpha / 4, for 1-2 % more entries read.
 _MODEL_SPAN = 0.25
-
-
-@dataclass
-class Rows:
-    """The rows of one solve: ``x (R, N)``, alpha (0-d or ``(R, 1)``; ``alpha_f`` a float
-    when one alpha serves all rows), and whether residuals are clamped at the penalty's
-    saturation (rows whose spread over alpha could overflow a square)."""
-
-    x: Tensor
-    alpha: Tensor
-    alpha_f: float | None
-    clamp: bool = False
-
-    def select(self, idx: Tensor) -> Rows:
-        a = self.alpha if self.alpha.dim() == 0 else self.alpha.index_select(0, idx)
-        return Rows(self.x.index_select(0, idx), a, self.alpha_f, self.clamp)
-
-    def alpha_arg(self, sl: slice, ndim: int):
-        if self.alpha_f is not None:
-            return self.alpha_f
-        return self.alpha[sl].reshape(-1, *([1] * (ndim - 1)))
-
-
-@dataclass
-class Result:
-    """Per row: the point, its objective (nonconvex solves), and flags: stopped at the
-    rounding-noise level wider than the tolerance (unresolved), stopped at all
-    (converged), and non-finite sums with finite data (to solve apart, scaled)."""
-
-    u: Tensor
-    f: Tensor | None
-    unresolved: Tensor
-    converged: Tensor
-    special: Tensor
-
-
 def _predicted_error(g: Tensor, h: Tensor, g_prev: Tensor, h_prev: Tensor, u: Tensor, u_prev: Tensor,
                      astep: Tensor) -> Tensor:
     """The error left after the Newton step ``astep = |g / h|``: ``|g''| / 2h`` times the
@@ -103,21 +68,20 @@ def _sweep(pen: Penalty, rows: Rows, method: str, u: Tensor, live: list[bool], r
     (a 2-element tensor) are appended to ``ends``, and ``fill[block] = start(x_block)``
     unless ``start`` is None. ``clamp[b]``: clamp block b's residuals at the saturation.
     """
-    x = rows.x
     k = u.shape[1] if u.dim() == 3 else None
     norm = None
     for b, sl in enumerate(ranges):
         if not live[b]:
             continue
         al = rows.alpha_arg(sl, 2 if k is None else 3)
+        xb = rows.block(sl)
         if first is not None:
             ends, fill, start = first
-            xb = x[sl]
             ends.append(torch.stack([xb.amin(), xb.amax()]))
             if start is not None:
                 fill[sl] = start(xb)
-        xb = x[sl] if k is None else x[sl].unsqueeze(1)
-        *res, nb = row_sums(pen, method, u[sl], xb, al, scratch, clamp[b], use_compile)
+        *res, nb = row_sums(pen, method, u[sl], xb if k is None else xb.unsqueeze(1), al, scratch, clamp[b],
+                            use_compile)
         for o, t in zip(out, res):
             o[sl] = t
         if nb is not None:
@@ -179,7 +143,7 @@ def _compact(rows: Rows, keep: Tensor, idx: Tensor | None, clamp: list[bool], ra
     idx = keep if idx is None else idx.index_select(0, keep)
     rows = rows.select(keep)
     rows.clamp = rows.clamp or bool(blk_clamp.index_select(0, keep).any())
-    ranges = block_ranges(keep.numel(), x.shape[1], rows.x, use_compile)
+    ranges = block_ranges(keep.numel(), x.shape[1], x, use_compile)
     return rows, idx, ranges, [rows.clamp] * len(ranges), [True] * len(ranges)
 
 
@@ -206,7 +170,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     Returns None when some entry of x is NaN or Inf.
     """
     x = rows.x
-    R, n = x.shape
+    R, n = rows.count, x.shape[1]
     eps = torch.finfo(x.dtype).eps
     ranges = block_ranges(R, n, x, use_compile)
     scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
@@ -312,7 +276,7 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     point and the flags; None when some entry of x is NaN or Inf.
     """
     x = rows.x
-    R, n = x.shape
+    R, n = rows.count, x.shape[1]
     eps = torch.finfo(x.dtype).eps
     k = u.shape[-1] if u is not None else start(x[:1]).shape[-1]
     ranges = block_ranges(R, n, x, use_compile)

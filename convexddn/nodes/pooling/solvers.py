@@ -25,9 +25,10 @@ from torch import Tensor
 from ..._checks import check_finite
 from ..._sort import sort_values
 from ...errors import SolverWarning
-from .iterations import Rows, descent_rows, newton_rows
+from .iterations import descent_rows, newton_rows
 from .kernels import block_ranges, row_scale, run, trunc_quad_runs
 from .penalties import Penalty
+from .rows import Rows
 
 # Rows up to _SAMPLE_MIN_N long start from the lower median of at most _MEDIAN_SAMPLE
 # strided entries; longer ones from the repeated median of three of 3**_REMEDIAN_LEVELS.
