@@ -877,3 +877,32 @@ def test_smooth_penalties_stop_within_their_tolerance(name):
         g, h = pen.dphi(z, a).sum(-1), pen.d2phi(z, a).sum(-1)
         assert bool((h > 0).all()) and ((g / h).abs() / (alpha + exact.abs())).max() <= 1e-14
         assert ((y64 - exact).abs() / (1e-12 * (alpha + exact.abs()))).max() <= 1.5
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+def test_running_rows_gathered_block_by_block_give_the_same_result(name, monkeypatch):
+    """Selections of running rows at least ``_LAZY_BYTES`` large are gathered from x block
+    by block as each pass reads them (the bench's shapes reach that size, the tests'
+    would not): forced here for every selection, the results are bit-identical to the
+    copied selections', including the second start that Welsch solves apart and the
+    blocks whose residuals are clamped."""
+    from convexddn.nodes.pooling import rows as rows_module
+
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 300, 700, generator=g)
+    x[0, :, :70] += 6.0  # a clump of outliers
+    x[1, :4, 5] = 3e19  # residuals over alpha whose squares overflow float32: clamped
+    x[2] = torch.rand(300, 700, generator=g) * 12.0  # flat, multimodal rows for Welsch
+    copied = robust_pool(x, name, 0.7)
+    calls = []
+    block = rows_module.Rows.block
+
+    def counting_block(self, sl):
+        calls.append(self.index is not None)
+        return block(self, sl)
+
+    monkeypatch.setattr(rows_module, "_LAZY_BYTES", 0)
+    monkeypatch.setattr(rows_module.Rows, "block", counting_block)
+    gathered = robust_pool(x, name, 0.7)
+    assert any(calls), "no selection was gathered lazily"
+    assert torch.equal(gathered, copied)
