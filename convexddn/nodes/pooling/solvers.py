@@ -25,7 +25,7 @@ from torch import Tensor
 from ..._checks import check_finite
 from ..._sort import sort_values
 from ...errors import SolverWarning
-from .iterations import _KAPPA, descent_rows, newton_rows
+from .iterations import descent_rows, newton_rows, safe_step
 from .kernels import Scratch, block_ranges, row_scale, row_sums, run, trunc_quad_runs
 from .penalties import Penalty
 from .rows import Rows
@@ -151,7 +151,7 @@ def nonconvex_solve(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: in
 def _refine_on_sample(pen: Penalty, xs: Tensor, a: Tensor, s0: Tensor, use_compile: bool) -> Tensor:
     """``s0 (R, k)`` after :data:`_SAMPLE_STEPS` safeguarded Newton steps on the sample
     ``xs (R, m)``: ``u <- u - g / max(h, kappa W)``, the descent iteration's safe step
-    (:func:`.iterations.descent_rows`: it decreases the objective; plain Newton near a
+    (:func:`.iterations.safe_step`: it decreases the objective; plain Newton near a
     minimum), without its convergence tests, trust region or bookkeeping.
 
     Those cost more than the sums on a sample this small: Welsch at (4, 256, 1024)
@@ -170,7 +170,7 @@ def _refine_on_sample(pen: Penalty, xs: Tensor, a: Tensor, s0: Tensor, use_compi
             al = float(a) if a.dim() == 0 else a[sl].reshape(-1, 1, 1)
             _, g, h, w, _ = row_sums(pen, "descent_sums", u[sl], xs[sl].unsqueeze(1), al, scratch, False,
                                      use_compile)
-            u[sl] -= torch.where(w > 0, g / torch.maximum(h, _KAPPA * w), 0.0)
+            u[sl] += safe_step(g, h, w)
     return u.squeeze(-1)
 
 
