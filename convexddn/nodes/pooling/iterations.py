@@ -202,6 +202,9 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     dx1 = dx2 = spread
     g_prev = h_prev = u_prev = None
     active = torch.ones(R, 1, dtype=torch.bool, device=x.device)
+    # The flags of the (compacted) problem's rows, written into ``out`` with the points
+    # (which stay put once a row stops) only when the problem is compacted or ends.
+    unres, conv_f, spec = (torch.zeros(R, 1, dtype=torch.bool, device=x.device) for _ in range(3))
     for it in range(max_iter):
         if it > 0:
             norm = _sweep(pen, rows, "newton_sums", u, live, ranges, [G, H], use_compile, scratch, clamp)
@@ -230,30 +233,29 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         nxt = torch.where(stop, torch.where(inside, newton, u), torch.where(take, newton, torch.lerp(lo, hi, 0.5)))
         nxt = torch.where(active, nxt, u)
         done = stop & active
+        both = done & bad
+        spec |= both
+        conv_f |= done ^ both  # done & ~bad
         # Flat: the noise floor itself is wider than the tolerance (a zero curvature is
-        # a flat minimum, not a flaw, unless the penalty is strictly convex).
-        flag = done & ~reliable & ~conv & ~bad & (noise > tol_s * h) & ((h > 0) | pen.strict)
-        rows_out = slice(None) if idx is None else idx
-        out.u[rows_out] = torch.where(done, nxt, out.u[rows_out].unsqueeze(-1)).squeeze(-1)
-        out.unresolved[rows_out] |= flag.squeeze(-1)
-        out.converged[rows_out] |= (done & ~bad).squeeze(-1)
-        out.special[rows_out] |= (done & bad).squeeze(-1)
+        # a flat minimum, not a flaw, unless the penalty is strictly convex). A row that
+        # stops neither converged nor overflowing stopped on an unreliable gradient.
+        flag = (noise > tol_s * h) & done & ~(conv | bad)
+        unres |= flag if pen.strict else flag & (h > 0)
         active = active & ~done
         g_prev, h_prev, u_prev = g.clone(), h.clone(), u
         dx2, dx1 = dx1, (nxt - u).abs_()
-        u = nxt
+        u = nxt  # the rows still running at max_iter return their last iterate
         n_active = int(active.sum())
-        if n_active == 0:
-            break
-        if it == max_iter - 1:  # the rows still running return their last iterate
-            out.u[rows_out] = torch.where(active, u, out.u[rows_out].unsqueeze(-1)).squeeze(-1)
+        if n_active == 0 or it == max_iter - 1:
             break
         if 2 * n_active <= active.shape[0]:
             # Gather the rows still running into a smaller problem.
+            _store(out, idx, u, unres, conv_f, spec)
             keep = active.squeeze(-1).nonzero().squeeze(-1)
             rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
-            u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread = (
-                t.index_select(0, keep) for t in (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread))
+            u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec = (
+                t.index_select(0, keep) for t in (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread,
+                                                  unres, conv_f, spec))
             a = a if a.dim() == 0 else a.index_select(0, keep)
             af = a if rows.alpha_f is None else rows.alpha_f
             tol_a = tol * a
@@ -261,7 +263,18 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
         else:
             live = _live(active, ranges)
+    _store(out, idx, u, unres, conv_f, spec)
     return out
+
+
+def _store(out: Result, idx: Tensor | None, u: Tensor, unresolved: Tensor, converged: Tensor,
+           special: Tensor) -> None:
+    """Write the (compacted) problem's rows ``(r, 1)`` into ``out`` at ``idx`` (all rows
+    when None)."""
+    at = slice(None) if idx is None else idx
+    for dst, src in ((out.u, u), (out.unresolved, unresolved), (out.converged, converged),
+                     (out.special, special)):
+        dst[at] = src.squeeze(-1)
 
 
 def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | None, tol: float,
