@@ -50,7 +50,7 @@ def safe_step(g: Tensor, h: Tensor, w: Tensor) -> Tensor:
     return torch.where(w > 0, -g / torch.maximum(h, _KAPPA * w), torch.zeros_like(g))
 
 
-def _predicted_error(g: Tensor, h: Tensor, g_prev: Tensor, h_prev: Tensor, u: Tensor, u_prev: Tensor,
+def _predicted_error(g: Tensor, h: Tensor, g_prev: Tensor, h_prev: Tensor, du: Tensor, adu: Tensor,
                      astep: Tensor) -> Tensor:
     """The error left after the Newton step ``astep = |g / h|``: ``|g''| / 2h`` times the
     step squared, ``|g''|`` the larger of two estimates from the last two points: the
@@ -61,10 +61,9 @@ def _predicted_error(g: Tensor, h: Tensor, g_prev: Tensor, h_prev: Tensor, u: Te
     in float32 stopped 8x beyond the tolerance after a step of alpha / 2 (secant 7,
     cubic 178, true ~180); with the cubic, a Welsch row 1.3x.
     (Grouped so that no factor underflows for data near the smallest floats.)"""
-    du = u - u_prev
     c = (g - g_prev) / du
     cubic = (h_prev - c).mul_(2).add_(h - c, alpha=4).abs_()
-    return torch.maximum(cubic, (h - h_prev).abs_()).div_(2 * h).mul_(astep / du.abs()).mul_(astep)
+    return torch.maximum(cubic, (h - h_prev).abs_()).div_(2 * h).mul_(astep / adu).mul_(astep)
 
 
 def _sweep(pen: Penalty, rows: Rows, method: str, u: Tensor, live: list[bool], ranges: list[slice],
@@ -225,8 +224,10 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         if pen.smooth and h_prev is not None:
             # Quadratic convergence: the next error is about (|g''| / 2h) step^2.
             # The step itself is uncertain by noise / h.
-            pred = _predicted_error(g, h, g_prev, h_prev, u, u_prev, astep)
-            near = (u - u_prev).abs() <= _MODEL_SPAN * a
+            du = u - u_prev
+            adu = du.abs()
+            pred = _predicted_error(g, h, g_prev, h_prev, du, adu, astep)
+            near = adu <= _MODEL_SPAN * a
             conv |= inside & near & (astep <= 0.5 * dx1) & (pred.addcdiv_(noise, h) <= tol_s)
         stop = conv | ~reliable | bad
         take = inside & (astep <= 0.5 * dx2)
@@ -334,28 +335,31 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         safe = safe_step(g, h, w)
         # Where h <= 0 step downhill by the trust radius, except on a plateau where every
         # weight vanished (the start is stuck; the other start wins).
-        newton = torch.where(h > 0, -g / h, torch.where(w > 0, -torch.sign(g) * rho, torch.zeros_like(u)))
+        hpos, nstep = h > 0, g / h  # the Newton step is -nstep where h > 0
+        newton = torch.where(hpos, -nstep, torch.where(w > 0, -torch.sign(g) * rho, torch.zeros_like(u)))
         newton = torch.minimum(torch.maximum(newton, -rho), rho)
         trial = u + torch.where(newton.abs() >= safe.abs(), newton, safe)
         au = u.abs()
         noise = torch.addcmul(pen.dphi_norm(h, w, n, af, spread) if norm is None else norm, h.abs(), au)
         noise.mul_(_NOISE * eps)
         tol_s = torch.add(a3 * tol, au, alpha=tol)
-        quiet = g.abs() <= noise
-        conv = (h > 0) & (g.abs() <= tol_s * h)
+        ag = g.abs()
+        quiet = ag <= noise
+        conv = hpos & (ag <= tol_s * h)
         if pen.smooth and h_prev is not None:
             # Quadratic convergence near a minimum: the error after the Newton step is
             # about (|g''| / 2h) step^2 (see _predicted_error).
-            step = g / h
-            pred = _predicted_error(g, h, g_prev, h_prev, u, u_prev, step.abs())
-            near = (u - u_prev).abs() <= _MODEL_SPAN * a3
-            conv |= (h > 0) & ~quiet & near & (step.abs() <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
+            astep, du = nstep.abs(), u - u_prev
+            adu = du.abs()
+            pred = _predicted_error(g, h, g_prev, h_prev, du, adu, astep)
+            near = adu <= _MODEL_SPAN * a3
+            conv |= hpos & ~quiet & near & (astep <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
         stop = (~reject & (quiet | conv)) | bad
         done = stop & active
         nxt = torch.where(reject, safe_prev, trial)
         f_prev = torch.where(reject | ~active, f_prev, f)
         safe_prev = torch.where(reject, safe_prev, u + safe)
-        final = torch.where((h > 0) & ~quiet, u - g / h, u)
+        final = torch.where(hpos & ~quiet, u - nstep, u)
         h_prev = torch.where(reject, math.nan, h)  # no estimate across a rejected step
         g_prev, u_prev = g.clone(), u
         u = torch.where(active, torch.where(stop, final, nxt), u)
@@ -364,7 +368,7 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         record = (done | active) if last else done
         out_u[at] = torch.where(record, u, out_u[at])
         out_f[at] = torch.where(record, f_prev, out_f[at])
-        for name, new in (("unresolved", done & quiet & ~bad & (h > 0) & (noise > tol_s * h)),
+        for name, new in (("unresolved", done & quiet & ~bad & hpos & (noise > tol_s * h)),
                           ("converged", done & ~bad), ("special", done & bad)):
             flags[name][at] |= new
         active = active & ~done

@@ -162,12 +162,13 @@ def _refine_on_sample(pen: Penalty, xs: Tensor, a: Tensor, s0: Tensor, use_compi
     """
     R, m = xs.shape
     k = s0.shape[-1]
+    rows = _rows(xs, a)  # alpha as a float once, not a host sync per block and step
     ranges = block_ranges(R, k * m, xs, use_compile)
     scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * k * m, xs)
     u = s0.unsqueeze(-1).clone()
     for _ in range(_SAMPLE_STEPS):
         for sl in ranges:
-            al = float(a) if a.dim() == 0 else a[sl].reshape(-1, 1, 1)
+            al = rows.alpha_arg(sl, 3)
             _, g, h, w, _ = row_sums(pen, "descent_sums", u[sl], xs[sl].unsqueeze(1), al, scratch, False,
                                      use_compile)
             u[sl] += safe_step(g, h, w)
