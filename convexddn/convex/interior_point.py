@@ -267,9 +267,10 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         r = Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
         running = status == RUNNING
         better = running & (r.merit < best_merit)
-        # Iterates stay finite (non-finite steps are never taken): blend by arithmetic.
+        # Iterates stay finite (non-finite steps are never taken): blend by arithmetic
+        # (lerp: one op, and exact at weights 0 and 1).
         keep = better.to(x.dtype)
-        best = tuple(bv + _col(keep, v) * (v - bv) for v, bv in zip((x, s, z, tau), best))
+        best = tuple(torch.lerp(bv, v, _col(keep, v)) for v, bv in zip((x, s, z, tau), best))
         best_merit = torch.where(better, r.merit, best_merit)
         progress = best_merit < _STALL_GAIN * stall_ref
         stall_ref = torch.where(progress, best_merit, stall_ref)
@@ -335,16 +336,16 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
         # den = ‖x1 − ξ‖²_P + ‖z1‖²_H + κ/τ > 0.
         den = (v * ops.Pv(v)).sum(1) + (h1 * h1).sum(1) + kappa / tau
-        Ax1 = ops.Av(x1)
+        bAx1 = d.b - ops.Av(x1)
 
         def direction(dtau_, dz_, dkappa_, x2, z2, h2):
             dtau = (dtau_ - dkappa_ / tau + (qPxi * x2).sum(1) + (d.b * z2).sum(1)) / den
             t = dtau[:, None]
-            DX, DZ, DH = x2 + t * x1, z2 + t * z1, h2 + t * h1
+            DX, DZ, DH = torch.addcmul(x2, t, x1), torch.addcmul(z2, t, z1), torch.addcmul(h2, t, h1)
             # Δs from the linearised primal equation A Δx + Δs − b Δτ = −d_z rather than
             # from Δs = −d_s − W (W Δz): W reaches 1e10 on off-centre cones near ∂K, and
             # this keeps the primal residual falling by exactly (1 − α).
-            DSc = (d.b * t - ops.Av(x2) - t * Ax1 - dz_)[:, z0:]
+            DSc = torch.addcmul(-(ops.Av(x2) + dz_), t, bAx1)[:, z0:]
             dkappa = -(dkappa_ + kappa * dtau) / tau
             return DX, DZ, DH, DSc, dtau, dkappa
 
@@ -372,12 +373,12 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         # Non-finite directions of frozen elements must not leak in through 0 * inf.
         a = alpha[:, None]
         move = a > 0
-        x = torch.where(move, x + a * DX, x)
-        z = torch.where(move, z + a * DZ, z)
+        x = torch.where(move, torch.addcmul(x, a, DX), x)
+        z = torch.where(move, torch.addcmul(z, a, DZ), z)
         s = s.clone()
-        s[:, z0:] = torch.where(move, sc + a * DSc, sc)
-        tau = torch.where(alpha > 0, tau + alpha * dtau, tau)
-        kappa = torch.where(alpha > 0, kappa + alpha * dkappa, kappa)
+        s[:, z0:] = torch.where(move, torch.addcmul(sc, a, DSc), sc)
+        tau = torch.where(alpha > 0, torch.addcmul(tau, alpha, dtau), tau)
+        kappa = torch.where(alpha > 0, torch.addcmul(kappa, alpha, dkappa), kappa)
 
     if saved is not None:
         state = [x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .equilibration import Scaled
-from .kkt import DataOps, bmv, row_inf
+from .kkt import DataOps, bmv, row_inf, row_infs
 from .symmetric_cones import ConeLayout
 
 __all__ = ["Measures", "kkt_measures", "max_step", "point_residual"]
@@ -60,17 +60,21 @@ class Measures:
         Px, ATz, Ax = ops.Pv(x), ops.ATv(z), ops.Av(x)
         t = tau[:, None]
         self.Px = Px
-        self.rx = Px + ATz + d.q * t
-        self.rz = Ax + s - d.b * t
+        self.rx = torch.addcmul(Px + ATz, d.q, t)
+        Axs = Ax + s
+        self.rz = torch.addcmul(Axs, d.b, t, value=-1.0)
         xPx, qx, bz = (x * Px).sum(1), (d.q * x).sum(1), (d.b * z).sum(1)
         self.rtau = qx + bz + kappa + xPx / tau
-        pres = row_inf(self.rz) / (tau + torch.maximum(torch.maximum(tau * norm_b, row_inf(Ax)), row_inf(s)))
-        dres = row_inf(self.rx) / (tau + torch.maximum(torch.maximum(tau * norm_q, row_inf(Px)), row_inf(ATz)))
+        # The norms in two stacked reductions (rows, columns): ~20 fewer small ops.
+        n_rz, n_Ax, n_s, n_z, n_Axs = row_infs(self.rz, Ax, s, z, Axs).unbind(0)
+        n_rx, n_Px, n_ATz, n_x = row_infs(self.rx, Px, ATz, x).unbind(0)
+        pres = n_rz / (tau + torch.maximum(torch.maximum(tau * norm_b, n_Ax), n_s))
+        dres = n_rx / (tau + torch.maximum(torch.maximum(tau * norm_q, n_Px), n_ATz))
         tt = tau * tau
         gap = (xPx + tau * (qx + bz)).abs() / (tt + xPx.abs() + tau * (qx.abs() + bz.abs()))
         self.merit = torch.maximum(torch.maximum(pres, dres), gap)
-        self.pinf = (bz < -tol_inf * row_inf(z)) & (row_inf(ATz) < -tol_inf * bz)
-        self.dinf = (qx < -tol_inf * row_inf(x)) & (row_inf(Px) < -tol_inf * qx) & (row_inf(Ax + s) < -tol_inf * qx)
+        self.pinf = (bz < -tol_inf * n_z) & (n_ATz < -tol_inf * bz)
+        self.dinf = (qx < -tol_inf * n_x) & (n_Px < -tol_inf * qx) & (n_Axs < -tol_inf * qx)
         finite = torch.isfinite(self.merit) & torch.isfinite(kappa) & (tau > 0)
         self.merit = torch.where(finite, self.merit, torch.inf)
         self.finite = finite
