@@ -251,7 +251,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             break
         if 2 * n_active <= active.shape[0]:
             # Gather the rows still running into a smaller problem.
-            _store(out, idx, u, unres, conv_f, spec)
+            _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
             keep = active.squeeze(-1).nonzero().squeeze(-1)
             rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
             u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec = (
@@ -264,18 +264,16 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
         else:
             live = _live(active, ranges)
-    _store(out, idx, u, unres, conv_f, spec)
+    _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
     return out
 
 
-def _store(out: Result, idx: Tensor | None, u: Tensor, unresolved: Tensor, converged: Tensor,
-           special: Tensor) -> None:
-    """Write the (compacted) problem's rows ``(r, 1)`` into ``out`` at ``idx`` (all rows
-    when None)."""
+def _store(dsts, idx: Tensor | None, srcs) -> None:
+    """Write the (compacted) problem's rows ``srcs`` into the outputs ``dsts`` at ``idx``
+    (all rows when None), dropping a trailing size-1 dimension the outputs lack."""
     at = slice(None) if idx is None else idx
-    for dst, src in ((out.u, u), (out.unresolved, unresolved), (out.converged, converged),
-                     (out.special, special)):
-        dst[at] = src.squeeze(-1)
+    for dst, src in zip(dsts, srcs):
+        dst[at] = src.reshape(src.shape[0], *dst.shape[1:])
 
 
 def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | None, tol: float,
@@ -308,8 +306,8 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     u2 = x.new_empty(R, k) if u is None else u.reshape(R, k).clone()
     fill = u2 if start is not None else None
     u = u2.unsqueeze(-1)
-    F, G, H, W = (x.new_empty(R, k, 1) for _ in range(4))
-    first = _first(pen, rows, "descent_sums", u, ranges, [F, G, H, W], use_compile, scratch, fill, start)
+    sums = x.new_empty(4, R, k, 1)  # f, g, h, W: one tensor, checked finite in one op
+    first = _first(pen, rows, "descent_sums", u, ranges, list(sums.unbind(0)), use_compile, scratch, fill, start)
     if first is None:
         return None
     norm, clamp, lo, hi = first
@@ -323,13 +321,18 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     g_prev = h_prev = u_prev = None
     active = torch.ones(R, k, 1, dtype=torch.bool, device=x.device)
     out_u, out_f = u.clone(), torch.full_like(u, math.inf)
-    flags = {name: torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for name in ("unresolved", "converged", "special")}
+    out_flags = [torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(3)]
+    # The (compacted) problem's flags (unresolved, converged, special), written into the
+    # outputs with its points and objectives -- which stay put once a start stops --
+    # only when the problem is compacted or ends (no indexed updates every iteration).
+    unres, conv_f, spec = (torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(3))
     idx = None  # rows of the (compacted) problem, as indices of the original rows
     for it in range(max_iter):
         if it > 0:
-            norm = _sweep(pen, rows, "descent_sums", u, live, ranges, [F, G, H, W], use_compile, scratch, clamp)
-        f, g, h, w = F, G, H, W
-        bad = ~(torch.isfinite(f) & torch.isfinite(g) & torch.isfinite(h) & torch.isfinite(w))
+            norm = _sweep(pen, rows, "descent_sums", u, live, ranges, list(sums.unbind(0)), use_compile, scratch,
+                          clamp)
+        f, g, h, w = sums.unbind(0)
+        bad = ~torch.isfinite(sums).all(0)
         reject = f > f_prev + (8 * eps) * f.abs()
         rho = torch.where(reject, 0.25 * rho, 2 * rho)
         safe = safe_step(g, h, w)
@@ -362,30 +365,30 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         final = torch.where(hpos & ~quiet, u - nstep, u)
         h_prev = torch.where(reject, math.nan, h)  # no estimate across a rejected step
         g_prev, u_prev = g.clone(), u
+        # (Once a start stops, u and f_prev stay put: its point and the objective at its
+        # last accepted point; a start still running at the end returns its last iterate.)
         u = torch.where(active, torch.where(stop, final, nxt), u)
-        at = slice(None) if idx is None else idx
-        last = it == max_iter - 1  # the starts still running return their last iterate
-        record = (done | active) if last else done
-        out_u[at] = torch.where(record, u, out_u[at])
-        out_f[at] = torch.where(record, f_prev, out_f[at])
-        for name, new in (("unresolved", done & quiet & ~bad & hpos & (noise > tol_s * h)),
-                          ("converged", done & ~bad), ("special", done & bad)):
-            flags[name][at] |= new
+        both = done & bad
+        spec |= both
+        conv_f |= done ^ both  # done & ~bad
+        unres |= done & quiet & ~bad & hpos & (noise > tol_s * h)
         active = active & ~done
         row_active = active.reshape(active.shape[0], -1).any(-1)
         n_active = int(row_active.sum())
-        if n_active == 0 or last:
+        if n_active == 0 or it == max_iter - 1:
             break
         if 2 * n_active <= active.shape[0]:
             # Gather the rows still running into a smaller problem.
+            _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
             keep = row_active.nonzero().squeeze(-1)
             rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
-            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread = (
-                t.index_select(0, keep) for t in (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread))
+            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec = (
+                t.index_select(0, keep) for t in (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread,
+                                                  unres, conv_f, spec))
             a3 = a3 if a3.dim() == 0 else a3.index_select(0, keep)
             af = a3 if rows.alpha_f is None else rows.alpha_f
-            F, G, H, W = (x.new_empty(n_active, k, 1) for _ in range(4))
+            sums = x.new_empty(4, n_active, k, 1)
         else:
             live = _live(active, ranges)
-    sq = [t.squeeze(-1) for t in (out_u, out_f, flags["unresolved"], flags["converged"], flags["special"])]
-    return Result(*sq)
+    _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
+    return Result(*(t.squeeze(-1) for t in (out_u, out_f, *out_flags)))
