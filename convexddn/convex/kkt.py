@@ -43,7 +43,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "PatchedKKT", "bmv", "constant_part", "row_inf", "row_infs"]
+__all__ = ["DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "PatchedKKT", "bmv", "constant_part", "row_inf"]
 
 # Static regularisation and equality penalty, in the equilibrated problem's units (O(1)).
 _DELTA = 1e-9
@@ -188,13 +188,6 @@ def row_inf(*vs: torch.Tensor) -> torch.Tensor:
         return torch.stack([row_inf(v) for v in vs]).amax(0)
     v = vs[0].flatten(1)
     return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
-
-
-def row_infs(*vs: torch.Tensor) -> torch.Tensor:
-    """``(k, B)``: :func:`row_inf` of each of ``k`` same-shaped ``(B, r)`` tensors, in
-    three ops (stack, abs, amax) instead of two per tensor."""
-    v = torch.stack(vs)
-    return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[:2])
 
 
 def _chol(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

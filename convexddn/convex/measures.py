@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .equilibration import Scaled
-from .kkt import DataOps, bmv, row_inf, row_infs
+from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout
 
 __all__ = ["Measures", "kkt_measures", "max_step", "point_residual"]
@@ -52,6 +52,13 @@ def point_residual(d: Scaled, layout: ConeLayout):
     return residual
 
 
+def _row_infs(*vs: torch.Tensor) -> torch.Tensor:
+    """``(k, B)``: :func:`~.kkt.row_inf` of each of ``k`` same-shaped ``(B, r)`` tensors,
+    in three ops (stack, abs, amax) instead of two per tensor."""
+    v = torch.stack(vs)
+    return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[:2])
+
+
 class Measures:
     """Residuals of the embedding at (x, s, z, τ, κ), the measures of x/τ, s/τ, z/τ
     (:func:`kkt_measures`, from the same products) and the infeasibility certificates."""
@@ -66,8 +73,8 @@ class Measures:
         xPx, qx, bz = (x * Px).sum(1), (d.q * x).sum(1), (d.b * z).sum(1)
         self.rtau = qx + bz + kappa + xPx / tau
         # The norms in two stacked reductions (rows, columns): ~20 fewer small ops.
-        n_rz, n_Ax, n_s, n_z, n_Axs = row_infs(self.rz, Ax, s, z, Axs).unbind(0)
-        n_rx, n_Px, n_ATz, n_x = row_infs(self.rx, Px, ATz, x).unbind(0)
+        n_rz, n_Ax, n_s, n_z, n_Axs = _row_infs(self.rz, Ax, s, z, Axs).unbind(0)
+        n_rx, n_Px, n_ATz, n_x = _row_infs(self.rx, Px, ATz, x).unbind(0)
         pres = n_rz / (tau + torch.maximum(torch.maximum(tau * norm_b, n_Ax), n_s))
         dres = n_rx / (tau + torch.maximum(torch.maximum(tau * norm_q, n_Px), n_ATz))
         tt = tau * tau
