@@ -50,7 +50,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_bool, check_finite, check_int, check_tensor
-from ..errors import GradientWarning, OptionError, ShapeError
+from ..errors import GradientWarning, OptionError, ShapeError, SolverError
 
 __all__ = ["EigenResult", "eigen_decomposition", "EigenDecomposition"]
 
@@ -116,7 +116,8 @@ def _eigen_forward(
     float32 or float64.
     """
     Xw = X.to(_WORK)
-    S = torch.add(Xw, Xw.mT).mul_(-0.5 if largest else 0.5)
+    h = -0.5 if largest else 0.5
+    S = torch.add(Xw * h, Xw.mT, alpha=h)  # halves first: X + Xᵀ overflows near the float range's end
     # Finiteness is checked on the (…, N) eigenvalues, not on the (…, N, N) input: a
     # NaN or Inf in X makes eigh fail or return non-finite eigenvalues, and only then
     # is X scanned for the precise error (the scan cost 15 % of the 32 × 32 overhead).
@@ -124,22 +125,33 @@ def _eigen_forward(
         mu, V = torch.linalg.eigh(S)
     except torch.linalg.LinAlgError:
         check_finite("X", X)
-        raise
-    if not bool(torch.isfinite(mu.sum())):
-        check_finite("X", X)
+        raise SolverError("eigen_decomposition: eigh failed on a finite X (entries of extreme "
+                          "magnitude overflow it)") from None
     Vk = V[..., :k]
     # Sign convention: the largest-|component| entry of each returned eigenvector is
-    # positive, i.e. max_i v_i + min_i v_i ≥ 0 (a + sign at an exact tie); cheaper than
-    # an argmax. Fixed in V itself, so the saved V carries the same signs. The sign
-    # vector s = 1 − 2·[max + min < 0] is built in place on the (…, 1, k) reduction.
-    # (amax + amin: torch's aminmax is 3× slower than the two on these shapes.)
+    # positive, i.e. max_i v_i + min_i v_i > 0; cheaper than an argmax, which only an
+    # exact tie (max = -min) needs: there the first of the tied entries decides. Fixed
+    # in V itself, so the saved V carries the same signs. (amax + amin: torch's aminmax
+    # is 3× slower than the two on these shapes.)
     s = Vk.amax(-2, keepdim=True).add_(Vk.amin(-2, keepdim=True))
-    Vk.mul_(s.lt_(0).mul_(-2.0).add_(1.0))
     lam_k = mu[..., :k].neg() if largest else mu[..., :k]
+    lam_out = lam_k.to(X.dtype)
+    # One host sync: eigenvalues finite (in float64, and in X's dtype), any exact tie?
+    finite, fits, tie = torch.stack([torch.isfinite(mu).all(), torch.isfinite(lam_out).all(),
+                                     (s == 0).any()]).tolist()
+    if not finite:
+        check_finite("X", X)
+    if not (finite and fits):
+        raise SolverError(f"eigen_decomposition: the eigenvalues of a finite X overflow {X.dtype} "
+                          "(entries of extreme magnitude); scale X down")
+    if tie:
+        first = Vk.abs().argmax(-2, keepdim=True)  # the first of the largest |entries|
+        s = torch.where(s == 0, Vk.gather(-2, first), s)
+    Vk.mul_(s.lt_(0).mul_(-2.0).add_(1.0))
     if not keep:
-        return lam_k.to(X.dtype), Vk.to(X.dtype), None, None
+        return lam_out, Vk.to(X.dtype), None, None
     V = V.to(_product_dtype(X.dtype))
-    return lam_k.to(X.dtype), V[..., :k].to(X.dtype), mu, V
+    return lam_out, V[..., :k].to(X.dtype), mu, V
 
 
 class _EigenFunction(torch.autograd.Function):
@@ -295,6 +307,8 @@ def eigen_decomposition(
         DTypeError: ``X`` is not a floating-point tensor.
         ShapeError: ``X`` has fewer than 2 dimensions, is not square, or ``N = 0``.
         NonFiniteError: ``X`` holds NaN or Inf.
+        SolverError: the eigenvalues of a finite ``X`` overflow its dtype (entries of
+            extreme magnitude; e.g. float16 matrices with eigenvalues beyond 65504).
         OptionError: ``k`` is not an integer in ``[1, N]``, ``largest`` is not a bool,
             or ``gap_tol`` is negative or not a number.
 

@@ -65,11 +65,15 @@ def _factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None)
 
 
 def _rank_deficient(R: torch.Tensor) -> torch.Tensor:
-    """Mask of the batch elements whose H = RᵀR is singular to working precision."""
+    """Mask of the batch elements whose H = RᵀR is singular to working precision (a
+    factor with Inf or NaN is not: its inputs were non-finite or overflowed, which the
+    caller reports as such; no unknowns, N = 0, is not either)."""
     d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
+    if not d.shape[-1]:
+        return torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device)
     tol = max(R.shape[-2], R.shape[-1], 1) * torch.finfo(R.dtype).eps
-    top = d.amax(-1, keepdim=True) if d.shape[-1] else torch.ones_like(d[..., :1])
-    return (d <= tol * top).any(-1) | (top.squeeze(-1) == 0)
+    top = d.amax(-1, keepdim=True)
+    return ((d <= tol * top).any(-1) | (top.squeeze(-1) == 0)) & torch.isfinite(top.squeeze(-1))
 
 
 def _raise_rank(bad: torch.Tensor) -> None:
@@ -169,10 +173,12 @@ def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_ra
     for (name, _), low in zip(signed, lows):
         if low < 0:
             raise InputError(f"{name} must be >= 0 everywhere, got a minimum of {low:g}")
-    if not math.isfinite(total):
-        raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
+    # An exactly singular H (a zero column, all weights zero) makes x non-finite too:
+    # the rank test comes first, so that it is reported as what it is.
     if rank:
         _raise_rank(bad_rank)
+    if not math.isfinite(total):
+        raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
 
 
 def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -191,7 +197,9 @@ def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
         raise OptionError(f"ridge must be a number >= 0 or a tensor, got {ridge!r}")
     if not ridge >= 0 or ridge == float("inf"):
         raise OptionError(f"ridge must be finite and >= 0, got {ridge!r}")
-    return None if ridge == 0 else torch.full((1,), float(ridge), dtype=like.dtype, device=like.device)
+    # In the working dtype: the solve runs there (a float32 A keeps 1/3 exact, and a
+    # ridge beyond float32's range does not overflow).
+    return None if ridge == 0 else torch.full((1,), float(ridge), dtype=_WORK, device=like.device)
 
 
 def least_squares(

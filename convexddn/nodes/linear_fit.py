@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_tensor
+from .._checks import check_bool, check_finite, check_tensor
 from ..errors import OptionError, ShapeError
 from .least_squares import least_squares
 
@@ -63,7 +63,8 @@ def linear_fit(
     Args:
         x: features ``(*, C, T)``.
         target: targets ``(*, T)``; batch dims broadcast (``(1, T)`` or ``(T,)`` shares
-            one target, e.g. a learnable one, across the batch).
+            one target, e.g. a learnable one, across the batch). Cast to ``x``'s dtype
+            (a float32 time index serves float64 features), differentiably.
         weights: nonnegative weights ``(*, T)`` or ``None``. Default: ``None``.
         ridge: :math:`\rho \ge 0`, a number or a tensor broadcastable to the batch
             shape ``(*)``. Default: ``1e-3`` (as the reference's layers).
@@ -76,7 +77,7 @@ def linear_fit(
     Raises:
         DTypeError, ShapeError, NonFiniteError, SolverError: as :func:`least_squares`
             (``A`` there is ``x`` transposed).
-        OptionError: a non-bool ``bias``.
+        OptionError: a non-bool ``bias``; a numeric ``ridge`` that is not finite and >= 0.
 
     Examples::
 
@@ -88,22 +89,24 @@ def linear_fit(
     """
     x = check_tensor("x", x)
     target = check_tensor("target", target)
-    check_bool("bias", bias)
+    _check_layer_options(ridge, bias)
     if x.ndim < 2:
         raise ShapeError(f"x must have shape (*, C, T), got shape {tuple(x.shape)}")
     c = x.shape[-2]
     A = x.mT
     r: Any = ridge
-    if bias:
-        A = torch.cat([A, torch.ones_like(A[..., :1])], -1)
+    if bias:  # (a column of ones even where C = 0: the fit is then the intercept alone)
+        A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], -1)
     if isinstance(ridge, torch.Tensor):
         check_tensor("ridge", ridge)
         rr = ridge.unsqueeze(-1).to(x.dtype)
         if bias:
             rr = torch.cat([rr.expand(*rr.shape[:-1], c), torch.zeros_like(rr)], -1)
         r = rr
-    elif bias and not (isinstance(ridge, bool) or not isinstance(ridge, (int, float))) and ridge > 0:
-        r = torch.cat([torch.full((c,), float(ridge)), torch.zeros(1)]).to(dtype=x.dtype, device=x.device)
+    elif bias and ridge > 0:
+        # float64, the solve's working dtype (least_squares' own numeric ridge is too).
+        r = torch.full((c + 1,), float(ridge), dtype=torch.float64, device=x.device)
+        r[-1] = 0.0
     if target.ndim < 1 or target.shape[-1] != x.shape[-1]:
         raise ShapeError(
             f"target must have shape (*, T) with T={x.shape[-1]} like x {tuple(x.shape)}, "
@@ -121,10 +124,17 @@ def linear_fit(
     return LinearFit(sol, sol.new_zeros(sol.shape[:-1]))
 
 
-def _check_layer_options(ridge: Any, bias: Any) -> None:
+def _check_layer_options(ridge: Any, bias: Any, construction: bool = False) -> None:
     check_bool("bias", bias)
     if isinstance(ridge, torch.Tensor):
         check_tensor("ridge", ridge)
+        if construction and ridge.numel():
+            # Calls check a tensor ridge with the solve's one host sync; a module checks
+            # its own once, when built (as it does a numeric one).
+            check_finite("ridge", ridge)
+            low = float(ridge.detach().amin())
+            if low < 0:
+                raise OptionError(f"ridge must be >= 0 everywhere, got a minimum of {low:g}")
     elif isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
         raise OptionError(f"ridge must be a finite number >= 0 or a tensor, got {ridge!r}")
 
@@ -162,7 +172,7 @@ class LeastSquares(nn.Module):
 
     def __init__(self, ridge: float | torch.Tensor = 1e-3, bias: bool = True) -> None:
         super().__init__()
-        _check_layer_options(ridge, bias)
+        _check_layer_options(ridge, bias, construction=True)
         if isinstance(ridge, torch.Tensor) and not isinstance(ridge, nn.Parameter):
             self.register_buffer("ridge", ridge.detach().clone())
         else:

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from convexddn.errors import DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError
+from convexddn.errors import DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError, SolverError
 from convexddn.nodes.eigen import EigenDecomposition, EigenResult, eigen_decomposition
 
 
@@ -51,6 +51,27 @@ def test_eigen_decomposition_sign_convention():
     # The largest-magnitude component of every returned eigenvector is positive.
     top = V.abs().argmax(-2, keepdim=True)
     assert bool((V.gather(-2, top) > 0).all())
+
+
+def test_eigen_decomposition_sign_at_an_exact_tie():
+    # [[0, 1], [1, 0]]: eigenvectors (1, 1)/√2 and (1, -1)/√2, whose entries tie in
+    # magnitude; the first of the tied entries is the positive one (it kept eigh's sign).
+    for dtype in (torch.float32, torch.float64):
+        V = eigen_decomposition(torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=dtype)).eigenvectors
+        h = 0.5 ** 0.5
+        torch.testing.assert_close(V, torch.tensor([[h, h], [h, -h]], dtype=dtype))
+        Vs = eigen_decomposition(torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=dtype), largest=False).eigenvectors
+        torch.testing.assert_close(Vs, torch.tensor([[h, h], [-h, h]], dtype=dtype))
+
+
+def test_eigen_decomposition_overflow_is_an_error():
+    # Finite inputs whose eigenvalues leave the dtype's range (or whose X + Xᵀ did).
+    for X in (torch.full((3, 3), 3e38), torch.full((4, 4), 2e4, dtype=torch.float16),
+              torch.full((3, 3), 1e308, dtype=torch.float64)):
+        with pytest.raises(SolverError, match="overflow"):
+            eigen_decomposition(X)
+    lam = eigen_decomposition(torch.full((3, 3), 1e307, dtype=torch.float64)).eigenvalues  # X + Xᵀ overflowed
+    torch.testing.assert_close(lam[0], torch.tensor(3e307, dtype=torch.float64))
 
 
 def test_eigen_decomposition_symmetrises_input():

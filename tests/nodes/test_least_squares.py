@@ -221,6 +221,47 @@ def test_least_squares_rank_deficient():
     least_squares(A, rand(3, 6), ridge=1e-3)  # regularised: fine
 
 
+def test_least_squares_exactly_singular_is_reported_as_rank_deficient():
+    # An exact zero on R's diagonal makes x non-finite: still "rank deficient", with the
+    # element named (it was reported as an overflow, with no indices).
+    A = rand(3, 6, 2)
+    A[1, :, 1] = 0
+    with pytest.raises(SolverError, match="rank deficient") as info:
+        least_squares(A, rand(3, 6))
+    assert info.value.indices == [(1,)]
+    w = torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=D)  # one row left for two unknowns
+    with pytest.raises(SolverError, match="rank deficient"):
+        least_squares(rand(6, 2), rand(6), w)
+
+
+def test_least_squares_numeric_ridge_in_float64():
+    # A numeric ridge is exact in the float64 solve: 1/3 as a float equals it as a float64
+    # tensor (it was rounded to float32 first), and one beyond float32's range is fine.
+    x, t = rand(5, 10), rand(10, seed=1)
+    exact = linear_fit(x, t, ridge=torch.tensor(1 / 3, dtype=D)).coef
+    torch.testing.assert_close(linear_fit(x, t, ridge=1 / 3).coef, exact, rtol=1e-14, atol=1e-15)
+    big = least_squares(rand(6, 2).float(), rand(6, seed=1).float(), ridge=1e39)
+    assert big.dtype == torch.float32 and bool(torch.isfinite(big).all()) and float(big.abs().max()) < 1e-30
+
+
+def test_least_squares_no_unknowns():
+    assert least_squares(rand(2, 5, 0), rand(2, 5)).shape == (2, 0)
+    # linear_fit without features: the intercept alone, the (weighted) mean target.
+    t, w = rand(2, 5, seed=1), torch.rand(2, 5, dtype=D) + 0.1
+    fit = linear_fit(rand(2, 0, 5), t, w)
+    assert fit.coef.shape == (2, 0)
+    torch.testing.assert_close(fit.intercept, (w * t).sum(-1) / w.sum(-1))
+
+
+def test_least_squares_module_checks_tensor_ridge_when_built():
+    with pytest.raises(OptionError, match="ridge must be >= 0"):
+        LeastSquares(ridge=torch.tensor(-1.0))
+    with pytest.raises(NonFiniteError, match="ridge"):
+        WeightedLeastSquares(ridge=torch.tensor(float("nan")))
+    with pytest.raises(OptionError, match="ridge"):
+        linear_fit(rand(2, 3, 8), rand(8), ridge=float("inf"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_least_squares_cuda():
     A = rand(4, 9, 3).cuda().requires_grad_()
