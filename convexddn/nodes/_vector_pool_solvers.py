@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from ..errors import SolverWarning
+from .dense import checked_solve
 from .pooling.penalties import Penalty
 
 # The multi-start phase only has to rank the basins, so it stops at a loose tolerance
@@ -48,24 +49,39 @@ def unit(d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return d / torch.where(z > 0, z, torch.ones_like(z)).unsqueeze(-1)
 
 
-def hess_solve(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor):
+def hess_solve(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor, check: bool = False):
     """Solve (s I + Σ_i c_i n_i n_iᵀ) v = rhs per row; return v and a mask of good rows.
 
     s (R,), n (R, N, C), c (R, N), rhs (R, C). C×C when C <= N; otherwise Woodbury,
-    (sI + U D Uᵀ)⁻¹ = (I − U (sI + D UᵀU)⁻¹ D Uᵀ)/s, an N×N solve.
+    (sI + U D Uᵀ)⁻¹ = (I − U (sI + D UᵀU)⁻¹ D Uᵀ)/s, an N×N solve. ``check`` (the
+    backward): rows whose matrix is singular to working precision count as bad too
+    (:func:`~.dense.checked_solve`: a minimiser that is not isolated, e.g. Huber with
+    every point an outlier on one line, is only *nearly* singular after rounding, and
+    ``solve_ex`` returned an arbitrary finite step there).
     """
     N, C = n.shape[-2:]
+    solve = _checked if check else _plain
     if C <= N:
         H = (n * c.unsqueeze(-1)).mT @ n
         H.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
-        v, info = torch.linalg.solve_ex(H, rhs)
+        v, good = solve(H, rhs)
     else:
         M = c.unsqueeze(-1) * (n @ n.mT)
         M.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
-        y, info = torch.linalg.solve_ex(M, c * (n @ rhs.unsqueeze(-1)).squeeze(-1))
+        y, good = solve(M, c * (n @ rhs.unsqueeze(-1)).squeeze(-1))
         v = (rhs - (y.unsqueeze(-2) @ n).squeeze(-2)) / s.unsqueeze(-1)
-    ok = (info == 0) & torch.isfinite(v).all(-1) & (s > 0)
+    ok = good & torch.isfinite(v).all(-1) & (s > 0)
     return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok
+
+
+def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    v, info = torch.linalg.solve_ex(H, rhs)
+    return v, info == 0
+
+
+def _checked(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    v, singular, _, _ = checked_solve(H, rhs)
+    return v, ~singular
 
 
 # --------------------------------------------------------------------------- solvers

@@ -26,7 +26,7 @@ import torch
 from .._linalg import lu_factor_ex
 from .krylov import independent_rows, pseudo_random_directions
 
-__all__ = ["ILL_CONDITIONED", "DenseResult", "dense_kkt"]
+__all__ = ["ILL_CONDITIONED", "DenseResult", "checked_solve", "dense_kkt"]
 
 Tensor = torch.Tensor
 
@@ -170,3 +170,36 @@ def dense_kkt(
         return DenseResult(sol, None, singular, None, ill, cond)
     mu = (T @ sol[:, m:].unsqueeze(-1)).squeeze(-1)
     return DenseResult(sol[:, :m], mu, singular, dependent, ill, cond)
+
+
+def checked_solve(
+    H: Tensor, rhs: Tensor, rcond: float | None = None, ill_conditioned: float = ILL_CONDITIONED
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve ``H v = rhs`` per batch element with :func:`dense_kkt`'s scale-aware tests.
+
+    For the Hessian solves of nodes that form their (small) matrices themselves (robust
+    vector pooling, PnP): ``H`` is equilibrated, LU-factorised and its condition number
+    estimated as in :func:`dense_kkt`. A matrix singular to working precision (κ of the
+    equilibrated matrix at least ``1 / rcond``, or a non-finite system) is one that
+    rounding kept from being *exactly* singular, where ``solve_ex`` reports nothing and
+    returns a finite, arbitrary solution: such elements get ``v = 0``.
+
+    Shape:
+        ``H (B, n, n)`` (symmetric, or nearly: the estimate is a lower bound, close in
+        the clear-cut cases), ``rhs (B, n)`` -> ``v (B, n)``, ``singular, ill (B,)``
+        masks and the condition estimates ``cond (B,)``.
+    """
+    batch, n = rhs.shape
+    if rcond is None:
+        rcond = 10 * max(n, 1) * torch.finfo(H.dtype).eps
+    Hs, d = _equilibrated_kkt(H, None, None)
+    lu, piv, info = lu_factor_ex(Hs)
+    start = pseudo_random_directions(n, batch, H.dtype, H.device)
+    both = torch.linalg.lu_solve(lu, piv, torch.stack([d * rhs, start], -1))
+    v = d * both[..., 0]
+    cond = _condition(Hs, lu, piv, both[..., 1])
+    ok = (info == 0) & torch.isfinite(v).all(-1) & torch.isfinite(cond)
+    cond = torch.where(ok, cond, torch.full_like(cond, float("inf")))
+    singular = cond * rcond >= 1
+    ill = ~singular & (cond >= ill_conditioned)
+    return torch.where(singular.unsqueeze(-1), torch.zeros_like(v), v), singular, ill, cond

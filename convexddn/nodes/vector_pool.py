@@ -100,7 +100,7 @@ class _VectorPoolFunction(torch.autograd.Function):
         n = unit(d, z)
         k1 = kappa(ctx.pen, z, a)
         c = ctx.pen.d2phi(z, a) - k1
-        v, ok = hess_solve(k1.sum(-1), n, c, gy)
+        v, ok = hess_solve(k1.sum(-1), n, c, gy, check=True)
         if not bool(ok.all()):
             bad = (~ok).nonzero().flatten()
             warnings.warn(
@@ -228,6 +228,9 @@ def robust_vector_pool(
         raise ShapeError(f"vector_dim={vector_dim} must not be one of the pooled dims {dim!r}")
     if any(x.shape[d] == 0 for d in dims):
         raise ShapeError(f"x must have at least one entry along every pooled dim, got shape {tuple(x.shape)}")
+    if x.shape[vd] == 0:
+        raise ShapeError(f"x must have vectors of at least one component along vector_dim={vector_dim}, "
+                         f"got shape {tuple(x.shape)}")
     others = [d for d in range(x.ndim) if d not in dims and d != vd]
     batch = [x.shape[d] for d in others]
     C, N = x.shape[vd], math.prod(x.shape[d] for d in dims)

@@ -175,6 +175,17 @@ def test_robust_vector_pool_singular_hessian_warns():
     assert bool((x.grad == 0).all())
 
 
+def test_robust_vector_pool_nearly_singular_hessian_warns():
+    # The same degeneracy in general position (and the Woodbury form, more components
+    # than points): rounding keeps the Hessian from being exactly singular, and the
+    # solve returned a finite, arbitrary gradient without a warning.
+    for pts in ([[0.0, 0.0], [3.0, 4.0]], [[0.1, 0.2], [3.3, 4.1]], [[0.1, 0.2, 0.3], [3.3, 4.1, -2.0]]):
+        x = torch.tensor(pts, dtype=D).T.unsqueeze(0).requires_grad_()
+        with pytest.warns(GradientWarning, match="singular for 1 of 1"):
+            robust_vector_pool(x, "huber", 1.0)[0, 0].backward()
+        assert bool((x.grad == 0).all())
+
+
 # --------------------------------------------------------------------------- module and errors
 
 
@@ -207,6 +218,8 @@ def test_robust_vector_pool_invalid():
         robust_vector_pool(x, "huber", dim=3)
     with pytest.raises(ShapeError, match="at least one entry"):
         robust_vector_pool(torch.randn(2, 3, 0), "huber")
+    with pytest.raises(ShapeError, match="at least one component"):
+        robust_vector_pool(torch.randn(2, 0, 4), "huber")
     with pytest.raises(ShapeError, match="alpha must broadcast"):
         robust_vector_pool(x, "huber", torch.ones(4, dtype=D))
     with pytest.raises(OptionError, match="starts"):
