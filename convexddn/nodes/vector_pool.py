@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from typing import Any
 
@@ -131,7 +132,7 @@ def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any
     if isinstance(alpha, torch.Tensor):
         if not alpha.is_floating_point():
             raise DTypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
-    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    elif isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # numpy scalars too
         raise OptionError(f"alpha must be a positive number or tensor, got {alpha!r}")
     check_positive("alpha", alpha)
     check_dim_option("dim", dim)

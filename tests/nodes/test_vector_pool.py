@@ -220,6 +220,8 @@ def test_robust_vector_pool_invalid():
         robust_vector_pool(torch.randn(2, 3, 0), "huber")
     with pytest.raises(ShapeError, match="at least one component"):
         robust_vector_pool(torch.randn(2, 0, 4), "huber")
+    # numpy scalars are numbers (np.float32 is not a float subclass; it was refused)
+    torch.testing.assert_close(robust_vector_pool(x, "huber", np.float32(0.5)), robust_vector_pool(x, "huber", 0.5))
     with pytest.raises(ShapeError, match="alpha must broadcast"):
         robust_vector_pool(x, "huber", torch.ones(4, dtype=D))
     with pytest.raises(OptionError, match="starts"):
