@@ -21,7 +21,7 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise DTypeError(
-            f"{name} must have a floating-point dtype (float32 or float64), got {value.dtype}"
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
         )
     return value
 

@@ -182,7 +182,7 @@ def robust_vector_pool(
     truncated quadratic (:math:`z_i = \alpha`) the inlier side is taken.
 
     Args:
-        x: input tensor, float32 or float64.
+        x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
         penalty: a name in ``convexddn.nodes.pooling.PENALTIES`` or a ``Penalty`` whose
             :math:`\phi'(z)/z` is non-increasing. Default: ``"quadratic"``.
         alpha: scale > 0: a number, or a tensor broadcastable to the output shape
