@@ -1,4 +1,5 @@
-"""Geometry of the PnP node: axis-angle rotations and the batched DLT pose start.
+"""Geometry of the PnP node: axis-angle rotations, the batched DLT pose start and the
+degeneracy measures the node checks (coplanar points, points behind the camera).
 
 Batched torch code (CPU or CUDA); see :mod:`convexddn.nodes.pnp`.
 
@@ -8,10 +9,33 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
-__all__ = ["axis_angle_to_matrix", "matrix_to_axis_angle", "normalised", "dlt"]
+from ..errors import InputError, ShapeError, SolverWarning
+from .dense import checked_solve
+from .linear_solvers import shown_indices
+
+__all__ = [
+    "axis_angle_to_matrix",
+    "check_alpha_shape",
+    "check_dlt_points",
+    "check_intrinsics",
+    "check_pose",
+    "check_start",
+    "depths",
+    "dlt",
+    "matrix_to_axis_angle",
+    "normalised",
+    "off_plane_spread",
+]
+
+# Points whose spread off their best-fit plane is below this fraction of their largest
+# spread count as coplanar for the DLT start (its 2N×12 system then has a null space of
+# dimension > 1, and the start is an arbitrary member of it). Well above rounding
+# (float32 data round a tilted plane to ~1e-7 of its extent).
+COPLANAR = 1e-6
 
 
 def _skew(r: torch.Tensor) -> torch.Tensor:
@@ -87,3 +111,94 @@ def dlt(q: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     R = U @ (d.unsqueeze(-1) * Vh)
     t = m / S.mean(-1, keepdim=True)
     return torch.cat([matrix_to_axis_angle(R), t], -1)
+
+
+def off_plane_spread(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Spread of the points of nonzero weight off their best-fit plane, relative to their
+    largest spread: σ_min / σ_max of the weighted, centred points, (B, N, 3) -> (B,).
+
+    Invariant to the scale, position and orientation of the points; 0 for coplanar,
+    collinear or coincident points (and rounding level, ~1e-16 in float64 or ~1e-7 for
+    float32 data, for points that are coplanar up to the precision of the input).
+    """
+    wn = w / w.sum(-1, keepdim=True)
+    c = (wn.unsqueeze(-1) * p).sum(-2, keepdim=True)
+    s = torch.linalg.svdvals((p - c) * wn.sqrt().unsqueeze(-1))
+    return s[:, -1] / s[:, 0].clamp(min=torch.finfo(s.dtype).tiny)
+
+
+def depths(theta: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Camera-frame depth of each point under the pose θ = (r, t): (B, 6), (B, N, 3) -> (B, N)."""
+    R = axis_angle_to_matrix(theta[:, :3])
+    return (p @ R[:, 2].unsqueeze(-1)).squeeze(-1) + theta[:, 5:]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_intrinsics(q, K) -> None:
+    """Refuse fx = 0 or fy = 0 (or one so small that p2d / f overflows): the normalised
+    image points, and so the DLT start and the objective, are then undefined."""
+    bad = (K[:, :2] == 0).any(-1) | ~torch.isfinite(normalised(q, K)).all(-1).all(-1)
+    if bool(bad.any()):
+        raise InputError(f"K must have nonzero focal lengths fx = K[..., 0] and fy = K[..., 1] with "
+                         f"p2d / f finite, got {float(K[:, :2].abs().min()):g} as the smallest |f| "
+                         f"({shown_indices(bad)})")
+
+
+def check_dlt_points(p, w) -> None:
+    """The DLT start needs, per problem, >= 6 points of nonzero weight not all on one plane
+    (fewer, or coplanar ones, leave its 2N×12 system a null space of dimension > 1)."""
+    few = (w > 0).sum(-1) < 6
+    if bool(few.any()):
+        raise InputError(f"weights: the DLT start needs >= 6 points of nonzero weight per problem, got "
+                         f"{int((w > 0).sum(-1).min())} for {shown_indices(few)}; pass init")
+    spread = off_plane_spread(p, w)
+    flat3d = spread <= COPLANAR
+    if bool(flat3d.any()):
+        raise InputError(f"p3d: the DLT start needs points not all on one plane, got points (of nonzero weight) "
+                         f"coplanar to {float(spread[flat3d].max()):.1e} of their extent for "
+                         f"{shown_indices(flat3d)}; pass init")
+
+
+def check_start(bad, from_init: bool) -> None:
+    """Refuse an ``init`` whose reprojection error is undefined (``bad``: a non-finite
+    objective, a point at depth 0); a DLT start with one (measure zero) stays unsolved."""
+    if not bool(bad.any()):
+        return
+    if from_init:
+        raise InputError(f"init must put every point at a nonzero depth (the projection divides by it), got "
+                         f"a non-finite reprojection error at init for {shown_indices(bad)}")
+    warnings.warn(f"pnp: the DLT start puts a point at depth 0 for {shown_indices(bad)}; the start is "
+                  "returned unsolved (pass init)", SolverWarning, stacklevel=4)
+
+
+def check_pose(theta, H, p3d, w) -> None:
+    """SolverWarnings for a pose that is no answer: points of nonzero weight at or behind
+    the camera (a spurious minimum: the projection cannot tell depth z from −z), or a
+    minimiser that is not isolated (Hessian singular to working precision: too few
+    points or inliers, collinear or coincident points)."""
+    n_behind = ((depths(theta, p3d) <= 0) & (w > 0)).sum(-1)
+    behind = n_behind > 0
+    if bool(behind.any()):
+        counts = n_behind[behind][:8].tolist()
+        warnings.warn(f"pnp: the pose puts points at or behind the camera (depth <= 0) for {shown_indices(behind)}, "
+                      f"{counts} of {p3d.shape[-2]} point(s) each: a spurious minimum (e.g. from gross outliers or "
+                      "a poor start); pass init", SolverWarning, stacklevel=4)
+    singular = checked_solve(H, torch.zeros_like(theta))[1]
+    if bool(singular.any()):
+        warnings.warn(f"pnp: the pose is not unique for {shown_indices(singular)} (the Hessian of the objective "
+                      "is singular there: fewer than 3 points or inliers, or collinear or coincident points); "
+                      "the returned pose is one of many", SolverWarning, stacklevel=4)
+
+
+def check_alpha_shape(alpha: torch.Tensor, batch: torch.Size) -> None:
+    """A tensor alpha broadcasts *to* the batch shape: one that enlarged it would solve
+    every problem once per alpha and return more poses than problems."""
+    try:
+        fits = torch.broadcast_shapes(batch, alpha.shape) == batch
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"alpha must broadcast to the batch shape {tuple(batch)} of the other inputs, "
+                         f"got shape {tuple(alpha.shape)}")

@@ -40,7 +40,18 @@ from torch.autograd.function import once_differentiable
 
 from .._checks import check_finite, check_positive, check_stopping, check_tensor
 from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
-from ._pnp_geometry import axis_angle_to_matrix, dlt, normalised
+from ._pnp_geometry import (
+    axis_angle_to_matrix,
+    check_alpha_shape,
+    check_dlt_points,
+    check_intrinsics,
+    check_pose,
+    check_start,
+    dlt,
+    normalised,
+)
+from .dense import checked_solve
+from .linear_solvers import shown_indices
 from .pooling.penalties import Penalty
 
 __all__ = ["pnp", "PnP", "axis_angle_to_matrix"]
@@ -104,6 +115,13 @@ def _solve(theta, xs, pen, tol, max_iter):
     n_todo = B
     for _ in range(max_iter):
         f, g, H, _ = _grad_hess(theta, xs, pen)
+        # eigh raises on a non-finite matrix: such a Hessian (a point at or near depth 0)
+        # is replaced by I. A non-finite objective (only a DLT start can have one: a bad
+        # init is refused, and no step to one is accepted) cannot improve: such an
+        # element stays where it is (reported by _check_start).
+        stuck = ~torch.isfinite(f)
+        bad_h = stuck | ~(torch.isfinite(g).all(-1) & torch.isfinite(H).all(-1).all(-1))
+        H = torch.where(bad_h[:, None, None], torch.eye(6, dtype=H.dtype, device=H.device), H)
         ev, Q = torch.linalg.eigh(H)
         scale = ev.abs().amax(-1).clamp(min=eps)
         shift = (-ev[:, 0]).clamp(min=0) + lam * scale
@@ -120,7 +138,7 @@ def _solve(theta, xs, pen, tol, max_iter):
         # Done after a step below tol; Newton's quadratic convergence leaves an error far
         # below the last step.
         small = step.abs().amax(-1) <= tol * (1 + theta.abs().amax(-1))
-        done = small & ok
+        done = (small & ok) | stuck
         theta = torch.where(ok.unsqueeze(-1), theta + step, theta)
         lam = torch.where(ok, (lam / 10).clamp(min=1e-15), lam * 10)
         n_todo = int((~done).sum())
@@ -139,9 +157,16 @@ class _PnPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(p2d, p3d, w, K, alpha, init, pen, tol, max_iter):  # type: ignore[override]
+        if p2d.shape[0] == 0:  # through apply all the same: the output stays in the graph
+            return p2d.new_zeros(0, 6)
         xs = (p2d, p3d, w, K, alpha)
         theta = dlt(normalised(p2d, K), p3d, w) if init is None else init
-        return _solve(theta, xs, pen, tol, max_iter)
+        check_start(~torch.isfinite(_objective(theta, *xs, pen)), init is not None)
+        theta = _solve(theta, xs, pen, tol, max_iter)
+        # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
+        # one still has eigenvalues of the order of that iterate's distance.
+        check_pose(theta, _grad_hess(theta, xs, pen)[2], p3d, w)
+        return theta
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -154,15 +179,22 @@ class _PnPFunction(torch.autograd.Function):
     def backward(ctx, g_theta):  # type: ignore[override]
         p2d, p3d, w, K, alpha, theta = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]
+        if theta.shape[0] == 0:
+            return (*[torch.zeros_like(t) if n else None for t, n in zip((p2d, p3d, w, K, alpha), need)],
+                    None, None, None, None)
         _, _, H, _ = _grad_hess(theta, (p2d, p3d, w, K, alpha), ctx.pen)
-        v, info = torch.linalg.solve_ex(H, g_theta)
-        ok = (info == 0) & torch.isfinite(v).all(-1)
-        if not bool(ok.all()):
-            bad = (~ok).nonzero().flatten()
-            warnings.warn(f"pnp: the Hessian at the solution is singular for {bad.numel()} of {theta.shape[0]} "
-                          f"problem(s) (flat indices {bad[:8].tolist()}); their gradient is set to zero",
+        # Scale-aware singularity test: rounding keeps a singular H (too few points or
+        # inliers, collinear points) from being exactly singular, where solve_ex reports
+        # nothing and returns an arbitrary finite v. Singular elements get v = 0.
+        v, singular, ill, cond = checked_solve(H, g_theta)
+        if bool(singular.any()):
+            warnings.warn(f"pnp: the Hessian at the solution is singular for {shown_indices(singular)}: the pose "
+                          "is not locally unique, so its derivative does not exist; their gradient is set to zero",
                           GradientWarning, stacklevel=2)
-            v = torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v))
+        if bool(ill.any()):
+            warnings.warn(f"pnp: the Hessian at the solution is ill-conditioned (condition number up to "
+                          f"{float(torch.where(ill, cond, 0).amax()):.1e}) for {shown_indices(ill)}: the pose is "
+                          "close to non-unique and the gradient is very sensitive to the data", GradientWarning, 2)
         xs = [None if t is None else t.detach().requires_grad_(n)
               for t, n in zip((p2d, p3d, w, K, alpha), need)]
         with torch.enable_grad():
@@ -210,8 +242,8 @@ def pnp(
         \theta = (r, t) \in \operatorname*{argmin}_{r, t}
             \sum_i w_i\, \phi\big(\|\pi_K(R(r) p_i + t) - q_i\|_2; \alpha\big)
 
-    Forward: a weighted DLT start (needs N >= 6 points not all on one plane; else pass
-    ``init``), then Levenberg–Marquardt on the exact 6×6 Hessian from that start, every
+    Forward: a weighted DLT start (needs N >= 6 points of nonzero weight not all on one
+    plane; else pass ``init``), then Levenberg–Marquardt on the exact 6×6 Hessian from that start, every
     step accepted only if it lowers the objective, to ``tol``. The result is a local
     minimiser: with gross outliers the DLT start (a least-squares fit) can lie outside
     the basin of the robust minimum, so pass ``init`` (e.g. from RANSAC) in that case.
@@ -220,7 +252,8 @@ def pnp(
     solution, then :math:`\bar x = -\partial_x(\nabla_\theta f(\theta, x)^\top v)` for
     ``p2d``, ``p3d``, ``weights``, ``K`` and a tensor ``alpha`` (second derivatives of the
     objective by autograd; the solver is not differentiated). A singular :math:`H` gives
-    that problem a zero gradient and a :class:`~convexddn.errors.GradientWarning`.
+    that problem a zero gradient and a :class:`~convexddn.errors.GradientWarning`
+    (singular to working precision, by :func:`~convexddn.nodes.dense.checked_solve`).
 
     Args:
         p2d: image points :math:`q_i`, ``(*, N, 2)`` (pixels with ``K``, else normalised).
@@ -243,11 +276,19 @@ def pnp(
 
     Raises:
         DTypeError: a tensor is not floating point.
-        ShapeError: mismatched shapes, or N < 6 without ``init``.
+        ShapeError: mismatched shapes, N < 6 without ``init``, or a tensor ``alpha``
+            that does not broadcast to the batch shape.
         NonFiniteError: an input holds NaN or Inf.
-        InputError: negative weights, all-zero weights for a problem, or tensors on
-            different devices.
+        InputError: negative weights, all-zero weights for a problem, tensors on
+            different devices, ``K`` with fx or fy zero, an ``init`` that puts a point at
+            depth 0, or (without ``init``) fewer than 6 points of nonzero weight or
+            coplanar ones (collinear and coincident included).
         OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol`` or ``max_iter``.
+
+    Warns:
+        SolverWarning: ``max_iter`` reached; the pose puts points of nonzero weight at or
+            behind the camera; the pose is not unique (singular Hessian).
+        GradientWarning: singular or ill-conditioned Hessian in the backward.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -275,13 +316,14 @@ def pnp(
         named["init"] = (check_tensor("init", init), 1)
         if init.ndim < 1 or init.shape[-1] != 6:
             raise ShapeError(f"init must be (*, 6), got shape {tuple(init.shape)}")
-    if isinstance(alpha, torch.Tensor):
-        named["alpha"] = (alpha, 0)
     try:
         batch = torch.broadcast_shapes(*[t.shape[: t.ndim - k] for t, k in named.values()])
     except RuntimeError:
         shapes = ", ".join(f"{k} {tuple(t.shape[: t.ndim - c])}" for k, (t, c) in named.items())
         raise ShapeError(f"the batch shapes of {shapes} do not broadcast") from None
+    if isinstance(alpha, torch.Tensor):
+        check_alpha_shape(alpha, batch)
+        named["alpha"] = (alpha, 0)
     for name, (t, _) in named.items():
         if t.device != p2d.device:
             raise InputError(f"{name} must be on p2d's device {p2d.device}, got {t.device}")
@@ -303,10 +345,13 @@ def pnp(
     else:
         a = torch.tensor(float(alpha), dtype=dtype, device=q.device)
     th0 = flat(init, 1) if init is not None else None
-    if q.shape[0] == 0:
-        return q.new_zeros(*batch, 6)
+    if Kf is not None:
+        check_intrinsics(q, Kf)
+    if th0 is None:
+        check_dlt_points(p, w)
     args = (q, p, w, Kf, a, None if th0 is None else th0.detach(), pen,
             _DEFAULT_TOL if tol is None else float(tol), _DEFAULT_MAX_ITER if max_iter is None else max_iter)
+    # An empty batch goes through apply too, so that its output stays in the graph.
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, w, a) + (() if Kf is None else (Kf,))):
         theta = _PnPFunction.apply(*args)
     else:

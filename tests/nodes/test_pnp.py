@@ -6,6 +6,8 @@ scipy's Rotation), from torch.linalg.matrix_exp and from finite differences (gra
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,15 @@ from scipy.optimize import least_squares as scipy_lsq
 from scipy.optimize import minimize
 from scipy.spatial.transform import Rotation
 
-from convexddn.errors import DTypeError, InputError, NonFiniteError, OptionError, ShapeError
+from convexddn.errors import (
+    DTypeError,
+    GradientWarning,
+    InputError,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+    SolverWarning,
+)
 from convexddn.nodes._pnp_geometry import matrix_to_axis_angle
 from convexddn.nodes.pnp import PnP, axis_angle_to_matrix, pnp
 
@@ -93,7 +103,9 @@ def test_pnp_huber_outliers():
         for start in (est[b].numpy(), theta[b].numpy()):
             ref = minimize(f, start, method="BFGS", options={"gtol": 1e-12})
             assert f(est[b].numpy()) <= ref.fun + 1e-12
-    ls = pnp(q, p)
+    # Least squares is dragged to a spurious minimum with points behind the camera in view 0.
+    with pytest.warns(SolverWarning, match="behind the camera"):
+        ls = pnp(q, p)
     # The robust estimate stays near the true pose; least squares is pulled away.
     assert (est - theta).abs().max() < 0.01 < (ls - theta).abs().max()
 
@@ -142,6 +154,14 @@ def test_pnp_module():
     assert pnp(q[:0], p[:0]).shape == (0, 6)
 
 
+def test_pnp_empty_batch_backward():
+    # The output of an empty batch stays in the graph: backward gives an empty gradient.
+    q, p, _ = scene(9)
+    qr = q[:0].clone().requires_grad_()
+    pnp(qr, p[:0], penalty="huber").sum().backward()
+    assert qr.grad is not None and qr.grad.shape == (0, 12, 2)
+
+
 def test_pnp_invalid():
     q, p, _ = scene(10)
     with pytest.raises(DTypeError):
@@ -164,10 +184,122 @@ def test_pnp_invalid():
         pnp(q, p, penalty="l1")
     with pytest.raises(OptionError, match="alpha"):
         PnP(alpha=-1.0)
+    with pytest.raises(ShapeError, match="alpha must broadcast to the batch shape"):
+        pnp(q, p, penalty="huber", alpha=torch.full((3, 1), 0.1, dtype=D))  # would give (3, 3, 6)
+    with pytest.raises(InputError, match="K must have nonzero focal lengths"):
+        pnp(q * 500 + 300, p, K=torch.tensor([0.0, 500.0, 300.0, 300.0], dtype=D))
+    w = torch.ones(3, 12, dtype=D)
+    w[1, 5:] = 0
+    with pytest.raises(InputError, match=r"weights: .*>= 6 points of nonzero weight.*flat indices \[1\]"):
+        pnp(q, p, w)
     qn = q.clone()
     qn[0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="p2d"):
         pnp(qn, p)
+
+
+# --------------------------------------------------------------------------- degenerate problems
+
+
+def planar_scene(seed, batch=(4,), n=12, dtype=D):
+    """World points on the plane z = 0 seen by random cameras 3–5 units away (all in front)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.cat([0.3 * torch.randn(*batch, 3, generator=g, dtype=D),
+                       0.2 * torch.randn(*batch, 2, generator=g, dtype=D), 3 + 2 * torch.rand(*batch, 1, generator=g, dtype=D)], -1)
+    p = torch.cat([2 * torch.rand(*batch, n, 2, generator=g, dtype=D) - 1, torch.zeros(*batch, n, 1, dtype=D)], -1)
+    X = p @ torch.linalg.matrix_exp(skew(theta[..., :3])).mT + theta[..., None, 3:]
+    return (X[..., :2] / X[..., 2:]).to(dtype), p.to(dtype), theta
+
+
+def test_pnp_coplanar_points_need_init():
+    # Coplanar points leave the DLT's 2N×12 system a null space of dimension 4: refused
+    # without init, naming the problems; with init the pose is recovered (noise-free).
+    qp, pp, thp = planar_scene(12)
+    q, p, _ = scene(12, batch=(4,))
+    tilt = torch.linalg.matrix_exp(skew(torch.tensor([0.4, -0.3, 0.2], dtype=D)))
+    pp = pp @ tilt.mT + torch.tensor([1.0, 2.0, 3.0], dtype=D)  # the plane in general position
+    R = torch.linalg.matrix_exp(skew(thp[:, :3])) @ tilt.mT  # the same cameras: R p + t unchanged
+    thp = torch.cat([matrix_to_axis_angle(R), thp[:, 3:] - R @ torch.tensor([1.0, 2.0, 3.0], dtype=D)], -1)
+    q[1::2], p[1::2] = qp[1::2], pp[1::2]
+    with pytest.raises(InputError, match=r"p3d: .*not all on one plane.*flat indices \[1, 3\]"):
+        pnp(q, p)
+    with pytest.raises(InputError, match="p3d"):  # float32 rounding of the tilted plane
+        pnp(q.float(), p.float())
+    torch.testing.assert_close(pnp(qp, pp, init=thp + 0.02), thp, atol=1e-9, rtol=0)
+    ident = torch.tensor([0.0, 0.0, 3.0], dtype=D).expand(1, 8, 3)  # coincident points
+    with pytest.raises(InputError, match="p3d"):
+        pnp(torch.zeros(1, 8, 2, dtype=D), ident)
+
+
+def test_pnp_init_at_depth_zero():
+    q, p, theta = scene(13, batch=(2,))
+    init = theta.clone()
+    init[1] = 0  # R = I exactly: depth of point i is p_i,z + t_z
+    init[1, 5] = -p[1, 0, 2]  # point 0 of problem 1 exactly on the camera plane
+    with pytest.raises(InputError, match=r"init must put every point at a nonzero depth.*flat indices \[1\]"):
+        pnp(q, p, init=init)
+
+
+def test_pnp_points_behind_camera_warn():
+    # Camera-frame points all at negative depth, world = camera frame: θ = 0 is an exact
+    # minimiser (zero reprojection error) from init = 0, with every point behind the camera.
+    g = torch.Generator().manual_seed(14)
+    X = torch.cat([torch.randn(1, 10, 2, generator=g, dtype=D), -2 - torch.rand(1, 10, 1, generator=g, dtype=D)], -1)
+    with pytest.warns(SolverWarning, match=r"behind the camera.*\[10\] of 10 point"):
+        est = pnp(X[..., :2] / X[..., 2:], X, init=torch.zeros(1, 6, dtype=D))
+    torch.testing.assert_close(est, torch.zeros(1, 6, dtype=D), atol=1e-12, rtol=0)
+
+
+def _trunc_quad_two_inliers():
+    # Six gross outliers (a unit shift, 20x alpha): their truncated penalty is flat, so
+    # only the two inliers' 4 residuals constrain the 6 pose parameters.
+    q, p, theta = scene(15, batch=(1,), n=8)
+    q = q.clone()
+    q[:, 2:] += 1.0
+    return q, p, {"penalty": "trunc_quad", "alpha": 0.05, "init": theta + 1e-3}, None
+
+
+def _collinear():
+    _, _, theta = scene(16, batch=(1,), n=8)
+    s = torch.linspace(-1, 1, 8, dtype=D)[None, :, None]
+    p = s * torch.tensor([1.0, 2.0, 0.5], dtype=D)  # rotation about this line is undetermined
+    X = p @ torch.linalg.matrix_exp(skew(theta[..., :3])).mT + theta[..., None, 3:] + torch.tensor([0, 0, 5.0], dtype=D)
+    return X[..., :2] / X[..., 2:], p, {"init": theta + torch.tensor([0, 0, 0, 0, 0, 5.0], dtype=D) + 1e-3}, None
+
+
+@pytest.mark.parametrize("case", ["two_points", "collinear", "two_weights", "trunc_quad_two_inliers"])
+def test_pnp_singular_hessian(case):
+    # Rank of the 6x6 Hessian <= the number of constraining residuals: 2 points (or 2
+    # nonzero weights, or 2 inliers) give 4, and collinear points leave the rotation about
+    # their line free. The minimiser is not isolated, so the derivative does not exist:
+    # a SolverWarning on the pose, a GradientWarning and a zero gradient.
+    q, p, theta = scene(17, batch=(1,), n=8)
+    w, kw = None, {"init": theta + 1e-3}
+    if case == "two_points":
+        q, p = q[:, :2], p[:, :2]
+    elif case == "two_weights":
+        w = torch.zeros(1, 8, dtype=D)
+        w[:, :2] = 1
+    elif case == "collinear":
+        q, p, kw, w = _collinear()
+    else:
+        q, p, kw, w = _trunc_quad_two_inliers()
+    qr = q.clone().requires_grad_()
+    with pytest.warns(SolverWarning, match="not unique"):
+        est = pnp(qr, p, w, **kw)
+    with pytest.warns(GradientWarning, match=r"singular for 1 of 1 .*flat indices \[0\].*set to zero"):
+        (grad,) = torch.autograd.grad(est.sum(), qr)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_pnp_regular_hessian_no_warning():
+    # Control for the test above: 3 points / 3 inliers generically fix the pose.
+    q, p, theta = scene(17, batch=(1,), n=3)
+    qr = q.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = pnp(qr, p, init=theta + 1e-3)
+        assert torch.autograd.grad(est.sum(), qr)[0].abs().max() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
