@@ -19,8 +19,22 @@ projection onto the simplex (:func:`convexddn.nodes.projection.project_simplex`)
 :math:`k = 1/(\alpha - 1) > 1`): :math:`f` is convex and decreasing, so Newton started
 left of the root (:math:`\tau_0 = \max z - 1`, where :math:`f \ge 0`) increases
 monotonically to it, quadratically at the end, and stops when :math:`\tau` no longer
-increases in floating point; ``alpha > 2`` (:math:`f` concave) uses bisection to the
-dtype's resolution. Either way the result is normalised to sum to 1.
+increases in floating point, and the result is normalised to sum to 1. ``alpha > 2``
+(:math:`f` concave) bisects :math:`\tau` on its bit pattern down to two adjacent floats.
+
+Accuracy for ``alpha > 2``: :math:`u_i = z_i - \tau = p_i^{\alpha-1}` is known only to
+:math:`\delta \approx 2\,\varepsilon|\tau|` (:math:`|\tau| = p_{\max}^{\alpha-1}`), so
+:math:`p_i` has relative error about
+:math:`\frac{2\varepsilon}{\alpha-1}(p_{\max}/p_i)^{\alpha-1}` (the problem itself is
+that sensitive to :math:`x_i` at those entries). Entries with :math:`u_i \lesssim \delta`
+are not resolved: the mass :math:`1 - \sum_i p_i` left by the others is shared among
+them (by their error estimates), so the resolved entries keep their accuracy, a single
+unresolved entry is exact (it is :math:`1 - \sum_{j \ne i} p_j`) and several are right in
+total only. E.g. at ``alpha=3`` entries below ~3e-3 p_max (float32) or ~1.5e-7 p_max
+(float64) lose more than 1% relative accuracy; at ``alpha=10``, ~0.25 and ~0.025 p_max.
+For :math:`\alpha \to 1^+` all paths lose about :math:`\varepsilon/(\alpha - 1)` relative
+(:math:`p_i = u_i^{1/(\alpha-1)}` amplifies the rounding of :math:`u_i`); use ``alpha=1``
+(softmax) when :math:`\alpha - 1 < 10^{-3}`.
 
 Backward (Peters, Niculae & Martins 2019, Prop. 1): on the support
 :math:`S = \{i : p_i > 0\}`, with :math:`s_i = p_i^{2 - \alpha}` (and 0 off it),
@@ -32,6 +46,10 @@ Backward (Peters, Niculae & Martins 2019, Prop. 1): on the support
 the softmax Jacobian at :math:`\alpha = 1` (:math:`s = p`) and sparsemax's at
 :math:`\alpha = 2` (:math:`s = \mathbf 1_S`). At a tie (an entry exactly at the
 threshold) the derivative does not exist; the formula then treats the entry as outside.
+For ``alpha > 2`` the VJP is formed relative to the entry of largest :math:`s` (no
+cancellation) and in float32 at least; it is as accurate as :math:`p`: where several
+entries are unresolved (above) their :math:`s` and so their gradients are not accurate
+(the true ones are large there, :math:`\gtrsim p_i/(\varepsilon |x_i|)`).
 """
 from __future__ import annotations
 
@@ -120,34 +138,73 @@ def _threshold_newton(z: torch.Tensor, d: int, k: float) -> torch.Tensor:
     return tau
 
 
+def _bits(v: torch.Tensor) -> torch.Tensor:
+    """The IEEE bit pattern of a nonnegative float tensor, as integers in the same order."""
+    return v.view(torch.int32 if v.dtype == torch.float32 else torch.int64)
+
+
 def _threshold_bisect(z: torch.Tensor, d: int, k: float, n: int) -> torch.Tensor:
-    """τ for k < 1 by bisection on [−1, −n^{−1/k}] to the dtype's resolution."""
-    lo = torch.full_like(z.narrow(d, 0, 1), -1.0)
-    hi = torch.full_like(lo, -(n ** (-1.0 / k)))
-    # The bracket starts narrower than 1 and halves each step: mantissa bits + 2 steps.
-    for _ in range(round(-math.log2(torch.finfo(z.dtype).eps)) + 2):
-        mid = 0.5 * (lo + hi)
-        f = ((z - mid).clamp_(min=0.0) ** k).sum(d, keepdim=True) - 1.0
-        above = f >= 0
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
-    return 0.5 * (lo + hi)
+    """m = −τ with Σ [z + m]_+^k ≤ 1 < Σ [z + m⁺]_+^k, m⁺ the next float (k < 1).
+
+    Bisection on the bit patterns of m ∈ [n^{−1/k}, 1] (nonnegative floats order like
+    their bit patterns): every step halves the number of floats in the bracket, so it
+    ends on two adjacent floats however small m is. Halving the value instead stops
+    at an absolute width ~eps, which is most of m when m ≪ 1 (near-uniform rows).
+    The lower end is returned, where the mass Σ p is at most 1 (see the caller).
+    """
+    one = torch.ones((), dtype=z.dtype)
+    lo0 = torch.tensor(n ** (-1.0 / k), dtype=z.dtype)
+    lo_b, hi_b = int(_bits(lo0)), int(_bits(one))
+    lo = torch.full_like(z.narrow(d, 0, 1), lo_b, dtype=_bits(one).dtype)
+    hi = torch.full_like(lo, hi_b)
+    # f(lo) ≤ 0 (every term ≤ n^{−1}) and f(1) ≥ 0 (the top term is 1).
+    for _ in range((hi_b - lo_b).bit_length()):
+        mid = lo + (hi - lo) // 2
+        f = ((z + mid.view(z.dtype)).clamp_(min=0.0) ** k).sum(d, keepdim=True)
+        above = f > 1.0
+        lo = torch.where(above, lo, mid)
+        hi = torch.where(above, mid, hi)
+    return lo.view(z.dtype)
+
+
+def _work_dtype(dtype: torch.dtype, alpha: float) -> torch.dtype:
+    # Half inputs are solved in float32; α − 1 or 1/(α − 1) outside float32's range
+    # (α > 3.4e38) would become inf/0 there (NaN results): solve in float64 instead.
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if work == torch.float32 and 1.0 / (alpha - 1.0) < torch.finfo(work).tiny:
+        work = torch.float64
+    return work
 
 
 def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
     k = 1.0 / (alpha - 1.0)
-    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    work = _work_dtype(x.dtype, alpha)
     # Shift so that max z = 0: τ ∈ [−1, 0). Entries below max − 1 are never in the
     # support (p_max ≤ 1 forces τ ≥ max z − 1); raising them (and −inf) to that floor
     # changes nothing and keeps every difference finite.
     z = ((x - top).to(work) * (alpha - 1.0)).clamp_(min=-1.0)
     if alpha < 2:
         tau = _threshold_newton(z, d, k)
-    else:
-        tau = _threshold_bisect(z, d, k, x.shape[d])
-    t = (z - tau).clamp_(min=0.0)
-    p = t * t if k == 2.0 else t**k
-    return (p / p.sum(d, keepdim=True)).to(x.dtype)
+        t = (z - tau).clamp_(min=0.0)
+        p = t * t if k == 2.0 else t**k
+        # k > 1: pᵢ has absolute error ~ k·eps·|τ| at most, normalising is harmless.
+        return (p / p.sum(d, keepdim=True)).to(x.dtype)
+    m = _threshold_bisect(z, d, k, x.shape[d])
+    u = z + m  # zᵢ − τ: pᵢ = uᵢ^k on the support
+    p = u.clamp(min=0.0) ** k
+    # k < 1: uᵢ is known to δ ≈ 2·eps·|τ| (τ to one ulp, zᵢ rounded; |zᵢ| ≤ |τ| on the
+    # support), so pᵢ to ~ k·δ·uᵢ^{k−1}: relative error (2 eps/(α−1))·(p_max/pᵢ)^{α−1},
+    # which reaches 100% for the small entries (uᵢ ≲ δ). Dividing by Σp would spread
+    # their error onto every entry; instead the missing mass r = 1 − Σp ≥ 0 (m is the
+    # bracket end with Σp ≤ 1) goes to the entries in proportion to their error
+    # estimate (uᵢ⁺ + δ)^{k−1} (entries with uᵢ > −δ, i.e. possibly in the support):
+    # resolved entries keep their value to eps, a lone unresolved one gets exactly the
+    # mass the others leave, several share it.
+    delta = m * (2.0 * torch.finfo(work).eps)
+    w = (u.clamp(min=0.0) + delta) ** (k - 1.0) * (u > -delta)
+    r = 1.0 - p.sum(d, keepdim=True)
+    p = torch.addcmul(p, w, r / w.sum(d, keepdim=True)).clamp_(min=0.0)
+    return p.to(x.dtype)
 
 
 def _bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
@@ -174,16 +231,29 @@ class _EntmaxFn(torch.autograd.Function):
     def backward(ctx, grad_p):  # type: ignore[override]
         (p,) = ctx.saved_tensors
         d, alpha = ctx.d, ctx.alpha
-        if alpha == 1.5:
-            s = p.sqrt()
-        elif alpha < 2:
-            s = p ** (2.0 - alpha)  # 0 off the support (0 to a positive power)
-        else:
-            pos = p > 0
-            s = torch.where(pos, p, torch.ones_like(p)) ** (2.0 - alpha) * pos
-        sg = s * grad_p
-        coef = sg.sum(d, keepdim=True) / s.sum(d, keepdim=True)
-        return torch.addcmul(sg, s, coef, value=-1.0), None, None, None
+        # Half precision would overflow s = p^{2−α} (α > 2) or lose the sums: use float32.
+        work = _work_dtype(p.dtype, alpha)
+        p, g = p.to(work), grad_p.to(work)
+        if alpha < 2:
+            s = p.sqrt() if alpha == 1.5 else p ** (2.0 - alpha)  # 0 off the support
+            sg = s * g
+            coef = sg.sum(d, keepdim=True) / s.sum(d, keepdim=True)
+            return torch.addcmul(sg, s, coef, value=-1.0).to(grad_p.dtype), None, None, None
+        # α > 2: s = p^{2−α} is largest at the smallest pᵢ, and can exceed the rest by
+        # 1/eps or more. sᵢ(gᵢ − c), c = sᵀg/1ᵀs, then cancels: c ≈ g_j at the dominant
+        # entry j, and s_j·(rounding of c) is O(1) or worse (the VJP stops summing to
+        # zero). Since Jᵀ1 = 0, g may be shifted per row: with h = g − g_j, h_j = 0
+        # exactly, c = Σ_{i≠j} sᵢhᵢ/1ᵀs is small when s_j dominates, and every term is
+        # accurate to eps relative to Σ|sᵢhᵢ|. s is used as ŝ = s/s_j ≤ 1 times
+        # s_j = p_min^{2−α}, applied as two factors: s_j itself can pass the dtype's
+        # largest value (s ≤ pᵢ/uᵢ, uᵢ down to the smallest subnormal) when sᵢ does not.
+        pos = p > 0
+        pmin = torch.where(pos, p, 1.0).amin(d, keepdim=True)
+        s = (torch.where(pos, p, math.inf) / pmin) ** (2.0 - alpha)  # 0 off the support
+        h = g - g.gather(d, s.argmax(d, keepdim=True))
+        coef = (s * h).sum(d, keepdim=True) / s.sum(d, keepdim=True)
+        half = pmin ** (1.0 - 0.5 * alpha)
+        return ((s * half) * (h - coef) * half).to(grad_p.dtype), None, None, None
 
 
 def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
@@ -197,9 +267,12 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
 
     ``alpha=1`` is softmax, ``alpha=2`` sparsemax (the Euclidean projection onto the
     simplex), ``alpha=1.5`` the usual sparse attention normaliser (Correia et al. 2019).
-    Exact to the dtype: :math:`\tau` by monotone Newton (``1 < alpha < 2``), by one sort
-    (``alpha=2``) or by bisection to the last bit (``alpha > 2``). The backward is the
-    exact VJP of :math:`\operatorname{diag}(s) - s s^\top / \mathbf 1^\top s`,
+    :math:`\tau` by monotone Newton (``1 < alpha < 2``), by one sort (``alpha=2``, exact)
+    or by bisection to the last bit (``alpha > 2``). For ``alpha > 2`` an entry
+    :math:`p_i` has relative error about
+    :math:`\frac{2\varepsilon}{\alpha-1}(p_{\max}/p_i)^{\alpha-1}`: small entries are not
+    resolved (see the module docstring); they share exactly the mass the others leave,
+    and do not spoil the large ones. The backward is the exact VJP of :math:`\operatorname{diag}(s) - s s^\top / \mathbf 1^\top s`,
     :math:`s_i = p_i^{2-\alpha}` on the support (Peters et al. 2019); it exists except at
     ties (an entry exactly at the threshold), where the entry counts as outside.
 
@@ -243,9 +316,13 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     if alpha == 1.0:
         return torch.softmax(x, d)
     if alpha == 2.0:
-        # Floor at max − 1 (never in the support) so that −inf entries become finite; the
-        # floor is detached, so no gradient flows through it (theirs is 0 anyway).
-        return project_simplex(torch.maximum(x, top.detach() - 1.0), d)
+        # Shift by the (detached) row max, which sparsemax ignores, then floor at −1
+        # (never in the support) so that −inf entries become finite. Flooring x itself
+        # at max − 1 fails once ulp(max) ≥ 1 (max − 1 rounds to max: every entry
+        # floored to the max, a uniform answer); x − max is exact wherever it is > −1
+        # and rounds monotonically elsewhere, so the floor is exact.
+        top = top.detach()
+        return project_simplex((x - top).clamp(min=-1.0), d)
     top = top.detach()
     if torch.is_grad_enabled() and x.requires_grad:
         return _EntmaxFn.apply(x, top, alpha, d)

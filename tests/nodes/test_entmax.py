@@ -213,3 +213,112 @@ def test_entmax_cuda():
         assert p.device.type == "cuda"
         assert torch.allclose(p.cpu(), entmax(x, alpha), atol=1e-12)
         p.pow(2).sum().backward()
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def _mp_entmax(x, alpha: float, dps: int = 60):
+    """Reference α-entmax of one row in mpmath: τ by bisection on Σ[(α−1)xᵢ − τ]_+^k = 1."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = dps
+    a = mp.mpf(alpha)
+    z = [(a - 1) * mp.mpf(float(v)) for v in x]
+    k = 1 / (a - 1)
+    lo, hi = max(z) - 1, max(z)
+    for _ in range(4 * dps):
+        mid = (lo + hi) / 2
+        if sum(max(zi - mid, 0) ** k for zi in z) >= 1:
+            lo = mid
+        else:
+            hi = mid
+    p = [max(zi - lo, 0) ** k for zi in z]
+    return [float(v / sum(p)) for v in p]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+def test_sparsemax_large_scores(dtype):
+    # x − (max − 1) rounded to x once ulp(max) ≥ 1: the floor used to swallow every entry.
+    big = {torch.float32: 4e7, F64: 1e17, torch.bfloat16: 600.0}[dtype]
+    p = entmax(torch.tensor([big, 0.0], dtype=dtype), alpha=2.0)
+    assert p.tolist() == [1.0, 0.0]
+    p = entmax(torch.tensor([1e30, -1e30, 1e30, 0.0], dtype=torch.float32), alpha=2.0)
+    assert p.tolist() == [0.5, 0.0, 0.5, 0.0]
+    # Jacobian of sparsemax with support {0, 1}: diag(m) − m mᵀ/2.
+    x = torch.tensor([1e30, 1e30, 0.0], requires_grad=True)
+    entmax(x, alpha=2.0)[0].backward()
+    assert x.grad.tolist() == [0.5, -0.5, 0.0]
+
+
+def _two_entry(alpha: float, gap: float) -> tuple[float, float]:
+    """p₂ and dp₂/dΔ for x = (0, −gap): p₁^{α−1} − p₂^{α−1} = (α−1)·gap, p₁ + p₂ = 1."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 50
+    a, g = mp.mpf(alpha), mp.mpf(gap)
+    p2 = mp.findroot(lambda q: (1 - q) ** (a - 1) - q ** (a - 1) - (a - 1) * g, (0, 0.5),
+                     solver="anderson")
+    return float(p2), float(-1 / ((1 - p2) ** (a - 2) + p2 ** (a - 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("alpha,gap", [(10.0, 0.1), (3.0, 0.4999), (4.0, 0.3), (2.5, 0.2)])
+def test_entmax_alpha_gt2_two_entries(dtype, alpha, gap):
+    # k = 1/(α−1) < 1: the small entry is below τ's rounding (p₂^{α−1} ≪ eps·|τ|), but
+    # it is fixed by p₂ = 1 − p₁; dividing by Σp used to spread its error onto p₁
+    # (α = 10: [0.863, 0.137] for [0.98836, 0.01164]).
+    p2, dp2 = _two_entry(alpha, gap)
+    eps = torch.finfo(dtype).eps
+    x = torch.tensor([0.0, -gap], dtype=dtype, requires_grad=True)
+    p = entmax(x, alpha)
+    np.testing.assert_allclose(p.tolist(), [1 - p2, p2], rtol=4 * eps, atol=4 * eps)
+    # VJP for g: (g₂ − g₁)·dp₂/dΔ·(1, −1), Δ = x₁ − x₂ (used to be [−3.26, 3.74]).
+    p.backward(torch.tensor([1.0, 2.0], dtype=dtype))
+    np.testing.assert_allclose(x.grad.tolist(), [dp2, -dp2], rtol=64 * eps)
+
+
+def test_entmax_alpha_gt2_unresolved_entries_do_not_pollute():
+    # Scores built from p = (.5, .3, .14, .02, .02, .02) at α = 10 (xᵢ = pᵢ^{α−1}/(α−1)):
+    # the last three are below τ's rounding in float32 and float64. Their individual
+    # values are not resolved (they hinge on sub-ulp differences), but the others must
+    # meet the documented bound (2 eps/(α−1))·(p_max/pᵢ)^{α−1} and the unresolved ones
+    # must carry exactly the mass that is left.
+    alpha = 10.0
+    target = np.array([0.5, 0.3, 0.14, 0.02, 0.02, 0.02])
+    for dtype in (torch.float32, F64):
+        x = torch.tensor(target ** (alpha - 1) / (alpha - 1), dtype=dtype)
+        ref = np.array(_mp_entmax(x.tolist(), alpha))  # exact for the rounded scores
+        eps = torch.finfo(dtype).eps
+        p = entmax(x, alpha).double().numpy()
+        bound = 2 * eps / (alpha - 1) * (ref.max() / ref[:3]) ** (alpha - 1)
+        assert (np.abs(p[:3] - ref[:3]) <= 4 * bound * ref[:3] + 4 * eps).all()
+        # Mass conservation: the unresolved entries absorb the error of the others.
+        assert abs(p.sum() - 1) <= 8 * eps
+        assert abs(p[3:].sum() - ref[3:].sum()) <= np.abs(p[:3] - ref[:3]).sum() + 16 * eps
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.0])
+def test_entmax_alpha_gt2_near_uniform(alpha):
+    # τ ≈ −n^{1−α} ≪ 1: bisection to an absolute width of eps used to leave ~1% errors.
+    x = _x(300, seed=14, scale=1e-5)
+    ref = np.array(_mp_entmax(x.tolist(), alpha, dps=30))
+    p = entmax(x.float(), alpha).double().numpy()
+    on = ref > 0.5 * ref.max()
+    np.testing.assert_allclose(p[on], ref[on], rtol=1e-5)
+
+
+def test_entmax_float16_grad_alpha_gt2():
+    # s = p^{2−α} overflowed in float16: NaN gradients.
+    x = torch.tensor([0.4363, 0.4534], dtype=torch.float16, requires_grad=True)
+    p = entmax(x, 10.0)
+    p.backward(torch.tensor([1.0, 0.0], dtype=torch.float16))
+    # Entry 2 is the large one: Δ = x₂ − x₁ and the loss is p₁ = p_small.
+    p2, dp2 = _two_entry(10.0, float(x[1].item() - x[0].item()))
+    np.testing.assert_allclose(p.tolist(), [p2, 1 - p2], rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(x.grad.tolist(), [-dp2, dp2], rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, F64])
+def test_entmax_huge_alpha(dtype):
+    # α − 1 > float32's max became inf in a float32 product: NaN output.
+    p = entmax(torch.tensor([0.0, -1.0, 2.0], dtype=dtype), alpha=1e39)
+    assert p.tolist() == [0.0, 0.0, 1.0]
