@@ -30,7 +30,10 @@ direct algorithm or the taut string: those are exact and O(n) but sequential wit
 data-dependent backtracking, which torch cannot batch without a Python loop over
 elements; the active-set steps are data-parallel, and with :math:`c = 1/4`
 (:math:`1/\lambda_{\max}(DD^\top)`) they took 3–30 steps on every signal we tried up to
-n = 10⁴ (about 100 when λ is so large that only a few segments remain).
+n = 10⁴ (about 100 when λ is so large that only a few segments remain). Rows whose
+iterates could overflow (:math:`4(n+1)\max(|x|, \lambda)` near the float64 limit) are
+solved for :math:`(2^{-k}x, 2^{-k}\lambda)` and scaled back, exactly: :math:`y` is
+positively homogeneous.
 
 **Backward.** On the final segments :math:`y` is an affine function of :math:`x` and
 :math:`\lambda`: :math:`\partial y/\partial x` averages over each segment (a symmetric
@@ -38,7 +41,11 @@ projection), and :math:`\partial y_{s..e}/\partial\lambda = (\sigma_e - \sigma_{
 This is the exact derivative wherever the active set is stable; it does not exist
 where an edge is at a tie (a free edge with :math:`|z_i| = \lambda`, or a jump of size 0),
 which is detected (to a few ulps) and reported with a ``GradientWarning``; the
-gradient returned there is the one of the current segmentation.
+gradient returned there is the one of the current segmentation. At :math:`\lambda = 0`
+(the edge of the domain) :math:`y = x`, :math:`\partial y/\partial x = I`, and the
+λ-derivative is the one-sided one at :math:`0^+`, whose segments are the runs of equal
+entries of :math:`x`; where there are such runs and both :math:`x` and :math:`\lambda`
+require grad, :math:`y` is not differentiable in the pair, which a ``GradientWarning`` says.
 """
 from __future__ import annotations
 
@@ -59,6 +66,8 @@ __all__ = ["TotalVariation1d", "tv_denoise"]
 
 # The active-set parameter c: 1/4 = 1/λ_max(DDᵀ) (other values cycle, see module doc).
 _C = 0.25
+# Above this bound on the iterates (segment sums, cumsum of y − x) the row is rescaled.
+_SAFE = 2.0**1000
 
 
 # --------------------------------------------------------------------------- solver
@@ -99,19 +108,29 @@ def _primal(x, lam, sigma):
 
 
 def _solve(
-    x: torch.Tensor, lam: torch.Tensor, max_iter: int
+    x: torch.Tensor, lam: torch.Tensor, max_iter: int, amax: torch.Tensor,
+    scale: torch.Tensor | None, zero_lam: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, σ, tie) for x (B, n), n ≥ 2, λ (B, 1) ≥ 0; tie flags rows at a tie."""
+    """(y, σ, tie) for x (B, n), λ (B, 1) ≥ 0, amax = max|x| per row; tie flags rows at a tie.
+
+    With ``scale`` (B, 1) powers of two: solves for (x·s, λ·s), y / s (exact: homogeneous).
+    ``zero_lam``: whether some λ is 0 (known from the caller's host read)."""
     n = x.shape[1]
+    x0, lam0 = x, lam
+    if scale is not None:
+        x, lam, amax = x * scale, lam * scale, amax * scale
     eps = torch.finfo(x.dtype).eps
     # Rounding bound for z = cumsum(y − x) and for the jumps of y: n·ulp of the data.
-    tol = 4 * n * eps * (x.abs().amax(1, keepdim=True) + lam)
+    tol = 4 * n * eps * (amax + lam)
     dx = x[:, 1:] - x[:, :-1]
-    sigma = (_C * dx > lam).to(x.dtype) - (_C * dx < -lam).to(x.dtype)
+    # dx against 4λ, not dx/4 against λ: dx/4 can underflow to 0 and hide a jump at λ = 0.
+    sigma = (dx > lam / _C).to(x.dtype) - (dx < -lam / _C).to(x.dtype)
     y = torch.empty_like(x)
     sig_out = torch.empty_like(sigma)
     tie = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     todo = torch.ones_like(tie)
+    if x.shape[0] == 0 or n == 1:  # nothing to solve (and no step would ever report done)
+        return x0.clone(), sigma, tie
     for _ in range(max_iter):
         yk = _primal(x, lam, sigma)
         mu = yk[:, 1:] - yk[:, :-1]
@@ -126,7 +145,10 @@ def _solve(
             tie[done] = near[done].any(1)
             todo &= ~ok
             if not bool(todo.any()):
-                return y, sig_out, tie
+                if scale is not None:
+                    y = y / scale
+                # λ = 0 gives y = x exactly; the segment means of equal neighbours can round.
+                return (torch.where(lam0 == 0, x0, y) if zero_lam else y), sig_out, tie
         v = z + _C * mu
         new = (v > lam).to(x.dtype) - (v < -lam).to(x.dtype)
         sigma = torch.where(todo.unsqueeze(1), new, sigma)
@@ -146,43 +168,52 @@ def _bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functi
     return cls
 
 
+def _warn_rows(rows: torch.Tensor, what: str) -> None:
+    if bool(rows.any()):
+        where = rows.nonzero().flatten().tolist()[:10]
+        warnings.warn(f"tv_denoise: in row(s) {where} of the flattened batch, {what}",
+                      GradientWarning, stacklevel=3)
+
+
 @_bind_fast
 class _TVFn(torch.autograd.Function):
     """Exact TV-1D forward; backward by segment averaging (x) and boundary signs (λ)."""
 
     @staticmethod
-    def forward(x, lam, max_iter):  # type: ignore[override]
-        y, sigma, tie = _solve(x, lam, max_iter)
-        return y, sigma, tie
+    def forward(x, lam, amax, scale, zero_lam, max_iter):  # type: ignore[override]
+        return _solve(x, lam, max_iter, amax, scale, zero_lam)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, sigma, tie = output
         ctx.mark_non_differentiable(sigma, tie)
-        ctx.save_for_backward(sigma, tie)
+        ctx.save_for_backward(sigma, tie, inputs[1])
+        ctx.zero_lam = inputs[4]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, _gs, _gt):  # type: ignore[override]
-        sigma, tie = ctx.saved_tensors
-        if bool(tie.any()):
-            warnings.warn(
-                "tv_denoise: the solution is at a tie (an edge where |z| = lam exactly, "
-                "or a jump of size 0) in row(s) "
-                f"{tie.nonzero().flatten().tolist()[:10]} of the flattened batch: the "
-                "derivative does not exist there; the gradient of the current "
-                "segmentation (a one-sided one) is returned",
-                GradientWarning,
-                stacklevel=2,
-            )
+        (sigma, tie, lam), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
+        zero, plateau = (lam == 0 if ctx.zero_lam else None), torch.zeros_like(tie)
+        if ctx.zero_lam and need_x and need_lam:
+            # λ = 0: equal neighbours stay one segment (as for all small λ > 0) but
+            # ∂y/∂x = I; ∂y/∂x jumps at λ = 0+, so only the partials exist (module doc).
+            plateau = zero.squeeze(1) & (sigma == 0).any(1)
+        if bool((tie | plateau).any()):  # one host read for both warnings
+            _warn_rows(tie, "the solution is at a tie (an edge where |z| = lam exactly, or a "
+                       "jump of size 0): the derivative does not exist there; the gradient "
+                       "of the current segmentation (a one-sided one) is returned")
+            _warn_rows(plateau, "lam = 0 with equal neighbours in x: y is not differentiable "
+                       "in (x, lam) jointly there; the partial derivatives are returned "
+                       "(identity for x, the one-sided d/dlam at lam = 0+ for lam)")
         seg = _segment_ids(sigma)
         g = _segment_mean(grad_y, seg, _counts(seg, grad_y))
-        grad_x = g if ctx.needs_input_grad[0] else None
-        grad_lam = None
-        if ctx.needs_input_grad[1]:
-            # ∂y_i/∂λ = segment mean of t; the segment-mean operator is symmetric.
-            grad_lam = (g * _edge_terms(sigma)).sum(1, keepdim=True)
-        return grad_x, grad_lam, None
+        # λ = 0: y = x, so ∂y/∂x = I, not the average over the segments of equal entries.
+        grad_x = g if zero is None or not need_x else torch.where(zero, grad_y, g)
+        # ∂y_i/∂λ = segment mean of t; the segment-mean operator is symmetric. At λ = 0 it
+        # is the one-sided derivative at 0+ (segments: the runs of equal entries of x).
+        grad_lam = (g * _edge_terms(sigma)).sum(1, keepdim=True) if need_lam else None
+        return grad_x if need_x else None, grad_lam, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -224,6 +255,8 @@ def tv_denoise(
     respect to ``x`` (segment averages of the incoming gradient) and ``lam`` (when it is a
     tensor that requires grad) are exact; at ties (an edge exactly at the
     merge/split point) a ``GradientWarning`` says that the derivative does not exist.
+    At ``lam = 0``, ``y = x`` exactly, :math:`\partial y/\partial x = I` and the ``lam``
+    gradient is the one-sided derivative at :math:`0^+` (``lam >= 0`` is the domain).
 
     Args:
         x: signals, floating point.
@@ -246,7 +279,8 @@ def tv_denoise(
             the rows; not seen in testing).
 
     Warns:
-        GradientWarning: in the backward, for rows at a tie.
+        GradientWarning: in the backward, for rows at a tie, and for rows with ``lam = 0``
+            and equal neighbours when both ``x`` and ``lam`` require grad (partials returned).
 
     References:
         Rudin, Osher & Fatemi, Physica D 1992. Condat, "A Direct Algorithm for 1-D
@@ -268,7 +302,6 @@ def tv_denoise(
     n = x.shape[d]
     if n == 0:
         raise ShapeError(f"x must have at least one entry along dim={dim}, got shape {tuple(x.shape)}")
-    check_finite("x", x)
     batch = x.shape[:d] + x.shape[d + 1:]
     if isinstance(lam, torch.Tensor):
         try:
@@ -282,8 +315,6 @@ def tv_denoise(
             )
         if lam.device != x.device:
             raise ShapeError(f"lam must be on x's device {x.device}, got {lam.device}")
-    if x.numel() == 0:
-        return x.clone()
     work = torch.float64
     xs = x.to(work).movedim(d, -1)
     rows = xs.reshape(-1, n)
@@ -291,12 +322,23 @@ def tv_denoise(
         lam_rows = lam.to(work).expand(batch).reshape(-1, 1)
     else:
         lam_rows = torch.full((rows.shape[0], 1), float(lam), dtype=work, device=x.device)
-    if n == 1:
-        return x.clone()
+    amax = rows.detach().abs().amax(1, keepdim=True)
+    m, scale = torch.maximum(amax, lam_rows.detach()), None
+    # One host read (the one a finite check costs) says whether x is finite, whether
+    # the iterates, up to 4(n+1)·max(|x|, λ), could overflow, and whether some λ is 0.
+    top, low = 0.0, 1.0
+    if rows.shape[0]:
+        top, low = torch.stack([m.max(), lam_rows.detach().min()]).tolist()
+    if not math.isfinite(top):
+        check_finite("x", x)  # raises, counting the NaN and Inf
+    if top * 4.0 * (n + 1) > _SAFE:  # per row 2^-k, the least k ≥ 0 bringing it under
+        k = torch.frexp(m)[1] + math.ceil(math.log2(4 * (n + 1))) - round(math.log2(_SAFE))
+        scale = torch.ldexp(torch.ones_like(m), -k.clamp(min=0))  # from exponents: no overflow
     if torch.is_grad_enabled() and (x.requires_grad or lam_rows.requires_grad):
-        y = _TVFn.apply(rows, lam_rows, max_iter)[0]
+        # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ.
+        y = _TVFn.apply(rows, lam_rows, amax, scale, low == 0, max_iter)[0]
     else:
-        y = _solve(rows, lam_rows, max_iter)[0]
+        y = _solve(rows, lam_rows, max_iter, amax, scale, low == 0)[0]
     return y.reshape(xs.shape).movedim(-1, d).to(x.dtype)
 
 

@@ -254,3 +254,103 @@ def test_tv_cuda():
     assert torch.allclose(y.cpu(), tv_denoise(x, 0.7), atol=1e-12)
     y.pow(2).sum().backward()
     assert lam.grad is not None and xc.grad.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+
+def test_tv_lam_zero_is_identity_with_equal_neighbours():
+    # λ = 0: y = x for every x, so ∂y/∂x = I, also across runs of equal entries (the
+    # old backward averaged over them: [0.5, 0.5, 0] for y[0] of [1, 1, 2]).
+    x = torch.tensor([1.0, 1.0, 2.0], dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)  # y = x: differentiable
+        y = tv_denoise(x, 0.0)
+        y[0].backward()
+    assert torch.equal(y.detach(), x.detach())
+    assert torch.equal(x.grad, torch.tensor([1.0, 0.0, 0.0], dtype=F64))
+    # Per row (λ = 0, 0.6, 0 in one batch): identity on the λ = 0 rows; the λ = 0.6 row
+    # of [0, 0, 3] is segments {0, 1}, {2}: the averaging block (closed form).
+    xs = _signal("ties", 3, 8, seed=13)
+    xs[1] = torch.tensor([0.0, 0.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0], dtype=F64)
+    lam = torch.tensor([0.0, 0.6, 0.0], dtype=F64)
+    assert bool((xs[0, 1:] == xs[0, :-1]).any()) and bool((xs[2, 1:] == xs[2, :-1]).any())
+    assert torch.equal(tv_denoise(xs, lam)[[0, 2]], xs[[0, 2]])
+    J = jacobian(lambda t: tv_denoise(t, lam), xs)  # (3, 8, 3, 8)
+    expected = torch.zeros(3, 8, 3, 8, dtype=F64)
+    expected[0, :, 0, :] = expected[2, :, 2, :] = torch.eye(8, dtype=F64)
+    expected[1, :2, 1, :2] = 0.5
+    expected[1, 2:, 1, 2:] = 1.0 / 6
+    assert torch.allclose(J, expected, atol=1e-15)
+
+
+def test_tv_lam_zero_one_sided_lambda_derivative():
+    # λ ≥ 0 is the domain, so d y/dλ at λ = 0 is the derivative at 0+: y is piecewise
+    # affine in λ, so a forward difference with a small h is exact up to rounding.
+    x = _signal("ties", 4, 30, seed=14)
+    lam = torch.zeros(4, dtype=F64)
+    h = 1e-7
+    fd = (tv_denoise(x, h) - tv_denoise(x, 0.0)) / h
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)  # x is a constant: it exists
+        J = jacobian(lambda t: tv_denoise(x, t), lam)  # (4, 30, 4)
+    assert torch.allclose(J.diagonal(dim1=0, dim2=2).T, fd, atol=1e-7)
+    # Closed form for [1, 1, 2]: segment {0, 1} gains λ/2 each, the last entry loses λ.
+    one = jacobian(lambda t: tv_denoise(torch.tensor([1.0, 1.0, 2.0], dtype=F64), t), lam[0])
+    assert torch.equal(one, torch.tensor([0.5, 0.5, -1.0], dtype=F64))
+    # A jump of one subnormal ulp is still a jump at λ = 0+ (dx/4 underflowed to 0).
+    tiny = torch.tensor([0.0, 5e-324], dtype=F64)
+    expected = torch.tensor([1.0, -1.0], dtype=F64)
+    assert torch.equal(jacobian(lambda t: tv_denoise(tiny, t), lam[0]), expected)
+    # Both x and λ: the partials, with a warning that (x, λ) -> y is not differentiable
+    # at λ = 0 with equal neighbours (∂y/∂x is I at λ = 0, the segment average above it).
+    xg = torch.tensor([1.0, 1.0, 2.0], dtype=F64, requires_grad=True)
+    lg = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="lam = 0 with equal neighbours"):
+        tv_denoise(xg, lg)[0].backward()
+    assert torch.equal(xg.grad, torch.tensor([1.0, 0.0, 0.0], dtype=F64))
+    assert torch.equal(lg.grad, torch.tensor(0.5, dtype=F64))
+
+
+def test_tv_float64_near_overflow():
+    # [1e308, -1e308, 1e308], λ = 1e308 ≥ max |cumsum(x − mean)| = 2e308/3: one segment,
+    # the mean 1e308/3 (x + λt overflowed: [0, inf, 0]); ∂y/∂x = 1/3, ∂y/∂λ = 0.
+    x = torch.tensor([1e308, -1e308, 1e308], dtype=F64, requires_grad=True)
+    lam = torch.tensor(1e308, dtype=F64, requires_grad=True)
+    y = tv_denoise(x, lam)
+    assert torch.allclose(y, torch.full((3,), 1e308 / 3, dtype=F64), rtol=1e-15, atol=0)
+    y.backward(torch.tensor([1.0, 2.0, 4.0], dtype=F64))
+    assert torch.allclose(x.grad, torch.full((3,), 7.0 / 3, dtype=F64), rtol=1e-15)
+    assert float(lam.grad) == 0.0
+    # Segments {0, 1}, {2}: 1.5e308 − λ/2 and −1e308 + λ (the sum 3e308 overflowed).
+    y = tv_denoise(torch.tensor([1.5e308, 1.5e308, -1e308], dtype=F64), 1e307)
+    expected = torch.tensor([1.45e308, 1.45e308, -9e307], dtype=F64)
+    assert torch.allclose(y, expected, rtol=1e-15, atol=0)
+    # A random walk times 2^1020 (max |x| ≈ 1e308): CVXPY's solution of the unscaled
+    # problem, times 2^1020 (the old code ran into max_iter on the overflowing iterates).
+    c = 2.0**1020
+    w = _signal("walk", 2, 30, seed=15)
+    assert 1e307 < float(w.abs().max()) * c < 1.5e308
+    for lam in (0.3, 2.0, 5.0):
+        big = tv_denoise(w * c, lam * c)
+        for i in range(2):
+            ref = _cvxpy_tv(w[i].numpy(), lam)
+            np.testing.assert_allclose((big[i] / c).numpy(), ref, atol=1e-8)
+
+
+def test_tv_single_entry_and_empty_batch_stay_in_the_graph():
+    # n = 1 (y = x: ∂y/∂x = 1, ∂y/∂λ = 0) and an empty batch: the output must depend on
+    # x and λ in autograd (the old code returned x.clone(): backward raised for λ).
+    tv = TotalVariation1d(0.5, learnable=True)
+    x = torch.randn(3, 1, generator=_gen(16), dtype=F64, requires_grad=True)
+    y = tv(x)
+    assert torch.equal(y.detach(), x.detach())
+    y.backward(torch.tensor([[1.0], [2.0], [3.0]], dtype=F64))
+    assert torch.equal(tv.lam.grad, torch.tensor(0.0))
+    assert torch.equal(x.grad, torch.tensor([[1.0], [2.0], [3.0]], dtype=F64))
+    tv.lam.grad = None
+    tv(torch.randn(0, 5)).sum().backward()
+    assert torch.equal(tv.lam.grad, torch.tensor(0.0))
+    lam = torch.tensor([0.1, 0.0], dtype=F64, requires_grad=True)  # per row, n = 1 along dim 0
+    (g,) = torch.autograd.grad(tv_denoise(torch.ones(1, 2, dtype=F64), lam, dim=0).sum(), lam)
+    assert torch.equal(g, torch.zeros(2, dtype=F64))
