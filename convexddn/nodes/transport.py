@@ -57,6 +57,11 @@ __all__ = ["OptimalTransport", "sinkhorn"]
 
 #: The default ``tol`` of :func:`sinkhorn` (the solve runs in float64 for every dtype).
 DEFAULT_TOL = 1e-12
+#: Smallest accepted share of a marginal's total in one entry. A row's largest plan
+#: entry is at least its marginal over N, and plan entries below 6e-308 are 0: below
+#: this share a row (N up to 1e17) could sum to 0, and the Newton steps and the
+#: backward divide by the row sums.
+MIN_SHARE = 1e-290
 
 
 class _SinkhornFn(torch.autograd.Function):
@@ -85,16 +90,30 @@ class _SinkhornFn(torch.autograd.Function):
         # K (λ, μ) = (u, w) with μ_N = 0: μ from the Schur complement, then λ row by row.
         rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
         mu, bad = schur_solve(P, r, rhs)
-        if bool(bad.any()):
-            warnings.warn(
-                "sinkhorn: the transport plan's support splits into disconnected blocks "
-                "(entries below 1e-154 count as zero) at batch element(s) "
-                f"{bad.nonzero().flatten().tolist()[:10]}; the gradients with respect to "
-                "the marginals are not unique there and the least-norm ones are returned "
-                "(the gradient with respect to the cost is unaffected)",
-                GradientWarning,
-                stacklevel=2,
-            )
+        # μ is not finite where V is not, or where V overflowed on its way here (the
+        # plan of unit-mass marginals times a mass near float64's largest). One host
+        # sync tells whether either rare case needs a look.
+        if not bool(torch.isfinite(mu.sum()) & ~bad.any()):
+            lost = ~torch.isfinite(mu).all(-1)
+            if bool(lost.any()):
+                warnings.warn(
+                    "sinkhorn: the gradient is not finite at batch element(s) "
+                    f"{lost.nonzero().flatten().tolist()[:10]}: the incoming gradient is "
+                    "not finite there, or it overflowed float64 when scaled by the mass "
+                    "of a (over about 1e308 in all)",
+                    GradientWarning,
+                    stacklevel=2,
+                )
+            if bool(bad.any()):
+                warnings.warn(
+                    "sinkhorn: the transport plan's support splits into disconnected blocks "
+                    "(entries below 1e-154 count as zero) at batch element(s) "
+                    f"{bad.nonzero().flatten().tolist()[:10]}; the gradients with respect to "
+                    "the marginals are not unique there and the least-norm ones are returned "
+                    "(the gradient with respect to the cost is unaffected)",
+                    GradientWarning,
+                    stacklevel=2,
+                )
         lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
         lam = lam.squeeze(-2).div_(r)
         grad_C = grad_a = grad_b = None
@@ -111,7 +130,14 @@ class _SinkhornFn(torch.autograd.Function):
 # --------------------------------------------------------------------------- public API
 
 
-def _marginal(name: str, v: Any, cost: torch.Tensor, size: int, side: str) -> torch.Tensor:
+def _marginal(
+    name: str, v: Any, cost: torch.Tensor, size: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked marginal as (v/Σv, Σv/max v, max v) in float64.
+
+    Σv itself may overflow (entries near float64's largest); Σv = (Σv/max v)·max v
+    never multiplies out here: the plan is scaled by the two factors in turn.
+    """
     v = check_tensor(name, v)
     if v.device != cost.device:
         raise InputError(f"{name} must be on cost's device {cost.device}, got {v.device}")
@@ -121,13 +147,26 @@ def _marginal(name: str, v: Any, cost: torch.Tensor, size: int, side: str) -> to
             f"got shape {tuple(v.shape)}"
         )
     check_finite(name, v)
-    nonpos = int((v <= 0).sum())
+    v64 = v.to(torch.float64)
+    peak = v64.amax(-1, keepdim=True)
+    ratio = v64 / peak
+    s = ratio.sum(-1, keepdim=True)
+    unit = ratio / s
+    # (One host sync for both checks.)
+    nonpos, small = torch.stack(((v <= 0).sum(), (unit < MIN_SHARE).sum())).tolist()
     if nonpos:
         raise InputError(
             f"{name} must be > 0 everywhere (a marginal of the plan), got {nonpos} "
             f"entr{'y' if nonpos == 1 else 'ies'} <= 0 (min {float(v.min()):.3g})"
         )
-    return v
+    if small:
+        raise InputError(
+            f"{name}'s entries must each be at least {MIN_SHARE:.0e} of its sum (the plan "
+            f"cannot represent less in float64), got {small} "
+            f"entr{'y' if small == 1 else 'ies'} below (smallest share "
+            f"{float(unit.min()):.3g})"
+        )
+    return unit, s, peak
 
 
 def _check_options(eps: Any, max_iter: Any, tol: Any) -> None:
@@ -203,7 +242,8 @@ def sinkhorn(
         ShapeError: cost has fewer than 2 dims or an empty side; a marginal's last dim
             does not match; batch shapes do not broadcast.
         NonFiniteError: NaN or Inf in cost, a or b.
-        InputError: a marginal has an entry <= 0, or lives on another device.
+        InputError: a marginal has an entry <= 0 or below 1e-290 of its sum, or lives
+            on another device; a row of ``cost`` spans more than float64's range.
         OptionError: eps, tol not positive numbers; max_iter not an integer >= 1.
 
     Warns:
@@ -233,9 +273,9 @@ def sinkhorn(
     m, n = cost.shape[-2:]
     # (cost's finiteness is checked after the solve, only where its error is not
     # finite: the solver returns NaN at once for NaN or Inf costs.)
-    a = None if a is None else _marginal("a", a, cost, m, "rows M")
-    b = None if b is None else _marginal("b", b, cost, n, "columns N")
-    shapes = [cost.shape[:-2]] + [v.shape[:-1] for v in (a, b) if v is not None]
+    am = None if a is None else _marginal("a", a, cost, m, "rows M")
+    bm = None if b is None else _marginal("b", b, cost, n, "columns N")
+    shapes = [cost.shape[:-2]] + [v[0].shape[:-1] for v in (am, bm) if v is not None]
     try:
         batch = torch.broadcast_shapes(*shapes) if len(shapes) > 1 else shapes[0]
     except RuntimeError:
@@ -249,24 +289,21 @@ def sinkhorn(
     tol = DEFAULT_TOL if tol is None else float(tol)
     out_shape = (*batch, m, n)
     if math.prod(batch) == 0:
-        return cost.new_zeros(out_shape)
+        # Nothing to solve, but the empty result is still formed from the inputs, so
+        # that a backward through it gives their (zero) gradients instead of failing.
+        P = cost.expand(out_shape) * 0
+        for v, dim in ((a, -1), (b, -2)):
+            if v is not None:
+                P = P + (v.unsqueeze(dim).expand(out_shape) * 0).to(P.dtype)
+        return P
 
     # Solve for unit-mass marginals: the plan for (a, b) is Σa times the plan for
     # (a/Σa, b/Σb) (the entropy's extra term is constant), which keeps every quantity
     # in the solver at a known scale. Autograd carries the gradient through both.
     C = cost.to(work)
-    mass = None
-    if a is None:
-        a = torch.full((m,), 1.0 / m, dtype=work, device=C.device)
-    else:
-        a = a.to(work)
-        mass = a.sum(-1, keepdim=True)
-        a = a / mass
-    if b is None:
-        b = torch.full((n,), 1.0 / n, dtype=work, device=C.device)
-    else:
-        b = b.to(work)
-        b = b / b.sum(-1, keepdim=True)
+    mass = None if am is None else am[1:]
+    a = torch.full((m,), 1.0 / m, dtype=work, device=C.device) if am is None else am[0]
+    b = torch.full((n,), 1.0 / n, dtype=work, device=C.device) if bm is None else bm[0]
     # (Each view of a tensor that requires grad is an autograd node: none when C already
     # has the working shape.)
     if C.shape != (math.prod(batch), m, n):
@@ -284,6 +321,17 @@ def sinkhorn(
     worst = float(err.max())
     if not math.isfinite(worst):
         check_finite("cost", cost)
+        # Finite costs give a non-finite error only where a row's range overflows (the
+        # solver subtracts each row's minimum).
+        span = C.amax(-1) - C.amin(-1)
+        wide = ~torch.isfinite(span)
+        if bool(wide.any()):
+            i = int(wide.flatten().nonzero()[0])
+            raise InputError(
+                f"cost's entries within a row must differ by at most {torch.finfo(work).max:.3g} "
+                f"(float64's largest number), got a row from {float(C.amin(-1).flatten()[i]):.3g} "
+                f"to {float(C.amax(-1).flatten()[i]):.3g}"
+            )
     if not worst <= tol:
         failed = ~(err <= tol)
         idx = [tuple(i) for i in torch.nonzero(failed.reshape(batch)).tolist()]
@@ -300,7 +348,8 @@ def sinkhorn(
     if P.shape != out_shape:
         P = P.reshape(out_shape)
     if mass is not None:
-        P = P * mass.unsqueeze(-1)
+        # Σa in two factors (its product may overflow where the plan's entries do not).
+        P = (P * mass[0].unsqueeze(-1)).mul_(mass[1].unsqueeze(-1))
     return P.to(cost.dtype)
 
 

@@ -355,3 +355,107 @@ def test_sinkhorn_cuda():
     assert P.device.type == "cuda"
     assert torch.allclose(P.cpu(), sinkhorn(C, eps=0.1), atol=1e-12)
     P.sum().backward()
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+
+def _reference_plan(C: torch.Tensor, eps: float, iters: int = 200_000) -> torch.Tensor:
+    """Independent plan for uniform marginals: plain log-domain Sinkhorn in float64,
+    run until the column error is below 1e-14 (feasible for moderate C/eps only)."""
+    m, n = C.shape[-2:]
+    la, lb = -np.log(m), -np.log(n)
+    f = torch.zeros(C.shape[:-1], dtype=F64)
+    g = torch.zeros(C.shape[:-2] + C.shape[-1:], dtype=F64)
+    for k in range(iters):
+        f = la - torch.logsumexp(g.unsqueeze(-2) - C / eps, -1)
+        g = lb - torch.logsumexp(f.unsqueeze(-1) - C / eps, -2)
+        if k % 10 == 0:
+            # Columns exact after the g update: the rows' error is the test.
+            P = (f.unsqueeze(-1) + g.unsqueeze(-2) - C / eps).exp()
+            if (P.sum(-1) - 1 / m).abs().sum(-1).max() < 1e-14:
+                return P
+    raise AssertionError("reference Sinkhorn did not converge")
+
+
+def test_sinkhorn_budget_spent_during_scaling_warns():
+    # max_iter runs out while ε-scaling is still at a larger ε: that stage's plan passes
+    # a loose tol there, but it is not the plan at eps, and must not be returned silently.
+    C = torch.rand(4, 4, generator=_gen(3), dtype=F64)
+    with pytest.warns(SolverWarning, match="did not reach tol"):
+        P = sinkhorn(C, eps=0.01, max_iter=21, tol=1e-3)
+    # What is returned is of the form exp(α + β − C/eps) at eps itself, rows exact.
+    assert _gibbs_residual(P, C, 0.01) < 1e-9
+    torch.testing.assert_close(P.sum(-1), torch.full((4,), 0.25, dtype=F64), rtol=1e-14, atol=0)
+
+
+def test_sinkhorn_easy_element_not_harmed_by_hard_one():
+    # ε-scaling and its budget are per element: an easy element batched with one whose
+    # costs spread over 1e5 ε must get its own plan at eps, to tol, within max_iter.
+    g = _gen(1)
+    easy = torch.rand(1, 8, 8, generator=g, dtype=F64)
+    hard = 1000 * torch.randn(1, 8, 8, generator=g, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        P = sinkhorn(torch.cat([easy, hard]), eps=0.05, max_iter=50)
+    torch.testing.assert_close(P[0], _reference_plan(easy[0], 0.05), rtol=1e-10, atol=1e-16)
+    # A hard element that cannot finish is named, the easy one still exact.
+    hard = 30 * torch.randn(1, 40, 40, generator=_gen(2), dtype=F64)
+    with pytest.warns(SolverWarning, match=r"index\(es\) \[\(1,\)\]"):
+        P = sinkhorn(torch.cat([easy.expand(1, 8, 8).repeat(1, 5, 5), hard]), eps=0.05, max_iter=30)
+    C0 = easy[0].repeat(5, 5)
+    torch.testing.assert_close(P[0], _reference_plan(C0, 0.05), rtol=1e-10, atol=1e-16)
+
+
+@pytest.mark.parametrize("offset", ["constant", "columns"])
+def test_sinkhorn_large_cost_offsets_converge(offset):
+    # Constants added to all costs, or to each column, do not change the plan; the
+    # solver subtracts them first, so its potentials do not grow to |C|/eps and the
+    # column error still reaches the default 1e-12.
+    C = torch.randn(20, 25, generator=_gen(1), dtype=F64)
+    shift = 1e4 if offset == "constant" else 1e4 * torch.rand(1, 25, generator=_gen(2), dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        P = sinkhorn(C + shift, eps=0.1)
+    assert (P.sum(-2) - 1 / 25).abs().sum() <= 1e-12
+    # C + shift is C rounded to ulp(1e4) ≈ 2e-12, i.e. 2e-11 in C/eps.
+    torch.testing.assert_close(P, _reference_plan(C, 0.1), rtol=1e-9, atol=0)
+
+
+def test_sinkhorn_empty_batch_keeps_graph():
+    c = torch.rand(0, 3, 4, requires_grad=True)
+    a = torch.rand(3, requires_grad=True)
+    b = torch.rand(1, 4, dtype=F64, requires_grad=True)
+    P = sinkhorn(c, a, b)
+    assert P.shape == (0, 3, 4) and P.dtype == torch.float32
+    P.sum().backward()
+    assert c.grad.shape == c.shape and not a.grad.any() and not b.grad.any()
+
+
+def test_sinkhorn_overflowing_inputs():
+    # A row range beyond float64's largest number cannot be shifted: refused, not NaN.
+    with pytest.raises(InputError, match="cost's entries within a row"):
+        sinkhorn(torch.tensor([[1e308, -1e308], [0.0, 1.0]], dtype=F64))
+    # A marginal whose sum overflows is still solved: Σa P(a/Σa, b/Σb) scaled in two steps.
+    C = _cost(3, 4, seed=40)
+    a = torch.full((3,), 1e308, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        P = sinkhorn(C, a)
+    assert torch.isfinite(P).all()
+    torch.testing.assert_close(P / 1e308, 3 * _reference_plan(C, 1.0), rtol=1e-12, atol=0)
+    # Its gradient overflows on the way (the plan's upstream gradient times Σa): said.
+    with pytest.warns(GradientWarning, match="not finite"):
+        P.sum().backward()
+
+
+def test_sinkhorn_marginal_share_below_float64_refused():
+    # An entry below 1e-290 of its marginal's sum would make a plan row sum to 0 (plan
+    # entries below 6e-308 are 0): refused by name instead of a LinAlgError.
+    C = _cost(4, 5, seed=7)
+    b = torch.ones(5, dtype=F64)
+    b[2] = 1e-310
+    with pytest.raises(InputError, match="b's entries must each be at least"):
+        sinkhorn(C, None, b, eps=0.05)
+    with pytest.raises(InputError, match="a's entries"):
+        sinkhorn(C.T, b, eps=0.05)
