@@ -21,6 +21,7 @@ __all__ = [
     "ProblemError",
     "NotDPPError",
     "NonconvexError",
+    "DoubleBackwardError",
     "SolverError",
     "InfeasibleError",
     "UnboundedError",
@@ -66,6 +67,11 @@ class NotDPPError(ProblemError):
 
 class NonconvexError(ProblemError):
     """A convex-only path was asked for a nonconvex problem."""
+
+
+class DoubleBackwardError(ProblemError, NotImplementedError):
+    """A second differentiation through a node that has a first-order implicit backward
+    only (also a ``NotImplementedError``, what torch raises for a missing derivative)."""
 
 
 class SolverError(ConvexDDNError, RuntimeError):

@@ -43,8 +43,8 @@ from ..errors import (
 )
 from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
 from .graph import check_graph
-from .inputs import checked_solution, flatten_inputs
 from .implicit import _constraint, _format_indices, _objective, declarative_vjp
+from .inputs import checked_solution, flatten_inputs
 from .linear_solvers import LINEAR_SOLVERS, LinearSolver
 
 __all__ = ["DeclarativeNode"]
@@ -91,7 +91,9 @@ class DeclarativeNode(torch.nn.Module):
     :class:`~convexddn.errors.GradientWarning` naming the batch elements.
 
     A subclass that defines ``__init__`` must call ``super().__init__()`` (all
-    arguments are optional). Double backward is not supported (it raises).
+    arguments are optional). Double backward is not supported (it raises
+    :class:`~convexddn.errors.DoubleBackwardError`, a
+    :class:`~convexddn.errors.ProblemError` and a ``NotImplementedError``).
 
     Args:
         linear_solver: ``"auto"`` (default), ``"dense"``, ``"cg"`` or a callable; see
@@ -101,8 +103,9 @@ class DeclarativeNode(torch.nn.Module):
             :func:`~convexddn.nodes.linear_solvers.resolve_linear_solver` (dense up to
             64 unknowns, or while ``B (m + p + q)^3 <= 3e8``, CG above with a dense
             fallback when it does not converge quickly).
-        active_tol: inequality constraints with ``g >= -active_tol`` count as active.
-            Default ``1e-6``.
+        active_tol: inequality constraint ``j`` counts as active where ``g_j >=
+            -active_tol * ‖∇_y g_j‖ ‖y‖``, relative to the constraint's own scale (and
+            at least 8 epsilons of the inputs' dtype). Default ``1e-6``.
         cg_tol: relative residual tolerance of CG. Default ``None`` (``1e-10`` in
             float64, ``1e-5`` in float32).
         cg_max_iter: CG iteration cap. Default ``None`` (``10 * m``).
@@ -125,11 +128,13 @@ class DeclarativeNode(torch.nn.Module):
             or ``solve`` returns a non-tensor or another dtype.
         ShapeError: an input has fewer than ``batch_dims`` dimensions, batch shapes
             differ, or ``solve``, ``objective`` or a constraint returns the wrong shape.
-        InputError: inputs on different devices, a call with a number of inputs the
-            methods do not take, or a tensor requiring grad that is neither an input
-            nor a parameter used in the objective or constraints.
+        InputError: inputs on different devices, keyword inputs, a call with a number
+            of inputs the methods do not take, ``solve`` returning a tensor on another
+            device, or a tensor requiring grad that is neither an input nor a
+            parameter used in the objective or constraints.
         ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not
-            call ``super().__init__()``, or the objective does not depend on ``y``.
+            call ``super().__init__()``, the objective does not depend on ``y``, or (in
+            backward) an active constraint's Jacobian is NaN or Inf.
         NonFiniteError: an input contains NaN or Inf.
         SolverError: ``solve`` returns NaN or Inf, or (in backward) a point far from
             a KKT point; with the failing batch indices.
@@ -328,8 +333,15 @@ class DeclarativeNode(torch.nn.Module):
                 batch_shape=batch_shape,
             )
 
-    def forward(self, *xs: Tensor) -> Tensor:
+    def forward(self, *xs: Tensor, **named: Any) -> Tensor:
         """Solve for ``y`` and attach the implicit backward; see the class docstring."""
+        if named:
+            # The user's methods take the inputs positionally (solve(self, *xs)), in
+            # the order of the call; a keyword has no position to go to.
+            raise InputError(
+                f"{type(self).__name__} takes its inputs positionally, node(x1, x2, ...); "
+                f"got keyword input(s) {sorted(named)}"
+            )
         self._check_structure(len(xs))
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")

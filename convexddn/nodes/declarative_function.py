@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..errors import DoubleBackwardError
+
 __all__ = ["DeclarativeFunction", "arity_error", "y_by_keyword"]
 
 Tensor = torch.Tensor
@@ -29,7 +31,7 @@ class _SecondOrderUnsupported(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        raise NotImplementedError(
+        raise DoubleBackwardError(
             "DeclarativeNode does not support double backward (second derivatives of the "
             "solution, e.g. create_graph=True then a second backward, gradgradcheck or "
             "Hessian-vector products through the node): its backward is the implicit "

@@ -27,20 +27,17 @@ from typing import Any
 
 import torch
 
-from ..errors import DTypeError, GradientWarning, ShapeError, SolverError
+from ..errors import DTypeError, GradientWarning, ProblemError, ShapeError
 from .graph import check_graph
-from .linear_solvers import LinearSolver, resolve_linear_solver, shown_indices
-from .optimality import default_solution_tol, kkt_residuals
+from .linear_solvers import LinearSolver, resolve_linear_solver
+from .multipliers import inactive_mask, multipliers
+from .optimality import _format_indices, default_solution_tol, kkt_residuals, verify_kkt
 
 __all__ = ["declarative_vjp"]
 
 Tensor = torch.Tensor
 #: ``fn(*xs, y)``: a constraint function, returning ``(B, ...)`` or ``None``.
 ConstraintFn = Callable[..., "Tensor | None"]
-
-#: Relative KKT residual above which the solution is rejected with a SolverError.
-SOLUTION_ERROR_TOL = 0.1
-
 
 def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
     """``k`` vjps of ``output`` at once: ``cotangents`` is ``(k, *output.shape)``."""
@@ -98,16 +95,6 @@ def _constraint(name: str, fn: ConstraintFn | None, xs, y: Tensor) -> Tensor | N
     return c if c.shape[1] else None
 
 
-def _format_indices(mask: Tensor, batch_shape: Sequence[int] | None) -> list[tuple[int, ...]]:
-    flat = torch.nonzero(mask).flatten()
-    if batch_shape is None:
-        return [(int(i),) for i in flat.tolist()]
-    if len(batch_shape) == 0:
-        return [() for _ in flat.tolist()]
-    idx = torch.stack(torch.unravel_index(flat, tuple(batch_shape)), -1)
-    return [tuple(i) for i in idx.tolist()]
-
-
 def declarative_vjp(
     objective: Callable[..., Tensor],
     xs: Tensor | Sequence[Tensor],
@@ -137,10 +124,13 @@ def declarative_vjp(
         \\nabla_y f(x, y) + A^\\top \\lambda = 0, \\qquad c_{\\mathcal A}(x, y) = 0,
 
     where :math:`c_{\\mathcal A}` stacks the equality constraints and the active
-    inequality constraints (those with :math:`g_j(x, y) \\ge -\\text{active\\_tol}`; the
-    others are dropped, Prop. 4.6) and :math:`A = D_y c_{\\mathcal A}`. The multipliers
-    are recovered from the solution as the least-squares solution of
-    :math:`A^\\top \\lambda = -\\nabla_y f` (eq. 25). With the Lagrangian
+    inequality constraints (those with :math:`g_j \\ge -\\text{active\\_tol}\\,
+    \\|\\nabla_y g_j\\|\\,\\|y\\|`, a test relative to each constraint's own scale;
+    the others are dropped, Prop. 4.6) and :math:`A = D_y c_{\\mathcal A}`. The
+    multipliers are recovered from the solution as the least-squares solution of
+    :math:`A^\\top \\lambda = -\\nabla_y f` (eq. 25), or the nonnegative least-squares
+    one where that gives an active inequality a negative multiplier (dependent active
+    constraints, e.g. a degenerate vertex; :mod:`.multipliers`). With the Lagrangian
     :math:`L = f + \\lambda^\\top c_{\\mathcal A}`, the returned gradient is
 
     .. math::
@@ -191,8 +181,9 @@ def declarative_vjp(
         dense_max: size limit ``m + p + q`` of the ``"auto"`` dense choice. Default
             ``None``: the measured rule of
             :func:`~convexddn.nodes.linear_solvers.resolve_linear_solver`.
-        active_tol: inequality constraints with ``g >= -active_tol`` are active.
-            Default ``1e-6``.
+        active_tol: inequality constraint ``j`` is active where ``g_j >= -active_tol *
+            ‖∇_y g_j‖ ‖y‖`` (relative to how much ``g_j`` moves when ``y`` moves by its
+            own size; at least 8 epsilons of ``y``'s dtype). Default ``1e-6``.
         cg_options: keyword arguments of :func:`solve_kkt_cg` (``tol``, ``max_iter``).
         check_solution: verify the KKT conditions at ``y``. Default ``True``.
         solution_tol: relative residual that triggers the warning. Default ``None``
@@ -214,6 +205,8 @@ def declarative_vjp(
         InputError: if a tensor outside ``xs``, ``y``, ``params`` and ``known`` requires
             grad in their graph.
         SolverError: if ``y`` is far from a KKT point (relative residual above 0.1).
+        ProblemError: if an active constraint's Jacobian in ``y`` is NaN or Inf (not
+            differentiable at the solution).
         OptionError: for an unknown ``linear_solver`` name.
 
     Warns:
@@ -258,21 +251,25 @@ def declarative_vjp(
         if parts:
             c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             r = c.shape[1]
-            inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
-            if ineq is not None:
-                inactive[:, n_eq:] = ineq.detach() < -active_tol
             eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
             A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
+            inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
+            if ineq is not None:
+                inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], yg.detach(),
+                                                   active_tol, y.dtype)
             A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
-            # eq. 25: the multipliers that best satisfy stationarity at the given y.
-            lam = -(torch.linalg.pinv(A.transpose(1, 2)) @ gf.unsqueeze(-1)).squeeze(-1)
+            _check_jacobian(prefix, A, n_eq, batch_shape)
+            # eq. 25: multipliers that best satisfy stationarity at the given y
+            # (nonnegative on active inequalities where least squares is not).
+            lam = multipliers(A, gf, n_eq, inactive)
             lagrangian = f.sum() + (lam * c).sum()
         else:
             lagrangian = f.sum()
         (gL,) = _grads(lagrangian, yg, create_graph=True)
         if check_solution:
             tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
-            _verify(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol),
+            verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
+                                          eps=torch.finfo(y.dtype).eps),
                     tol, batch_shape)
 
         def hvp(directions: Tensor) -> Tensor:
@@ -320,51 +317,30 @@ def declarative_vjp(
     return (grad_xs[0] if single else grad_xs), grad_params
 
 
-def _verify(prefix: str, res, tol: float, batch_shape) -> None:
-    """Raise or warn where ``y`` is not a KKT point; warn where complementarity fails."""
-    worst = res.worst
-    error_tol = max(SOLUTION_ERROR_TOL, 10 * tol)
-    fatal = worst > error_tol
-    poor = (worst > tol) & ~fatal
-    hint = (
-        "solve stopped early or returned a wrong point, the objective or constraints do "
-        "not describe what solve computes (e.g. a clamp without its inequality "
-        "constraints), an inequality multiplier is negative, or the objective is "
-        "non-smooth at the solution (e.g. |u| at u = 0), where the derivative does not "
-        "exist"
+def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:
+    """Raise where an active constraint's Jacobian in ``y`` is NaN or Inf.
+
+    The constraint is not differentiable there (e.g. ``|y|^0.5`` at a zero entry), so
+    the KKT conditions and the implicit derivative do not exist; zeroing the entries,
+    as the gradient's final safeguard does, would differentiate another problem.
+    """
+    bad = ~torch.isfinite(A).all(dim=-1)  # inactive rows are zero already
+    if not bool(bad.any()):
+        return
+    fatal = bad.any(-1)
+    indices = _format_indices(fatal, batch_shape)
+    rows = torch.nonzero(bad.any(0)).flatten().tolist()
+    which = sorted({"equality_constraints" if j < n_eq else "inequality_constraints"
+                    for j in rows})
+    flat = [j if j < n_eq else j - n_eq for j in rows]
+    raise ProblemError(
+        f"{prefix}{' and '.join(which)} have a non-finite (NaN or Inf) Jacobian with "
+        f"respect to y at the returned solution, for active constraint(s) {flat[:8]} "
+        f"(flat index within each method's output) at batch indices {indices[:8]} "
+        f"({len(indices)} of {fatal.numel()} element(s)): a constraint that is not "
+        "differentiable at the solution (e.g. |y|^p with p < 1 at a zero entry) has no "
+        "KKT conditions there, so the implicit derivative does not exist"
     )
-    stat, feas = float(res.stationarity.amax()), float(res.feasibility.amax())
-    if bool(fatal.any()):
-        indices = _format_indices(fatal, batch_shape)
-        raise SolverError(
-            f"{prefix}solve returned a point that is not a KKT point of the declared "
-            f"problem for {len(indices)} of {fatal.numel()} batch element(s), at batch "
-            f"indices {indices[:8]}: relative stationarity residual {stat:.2e}, "
-            f"feasibility residual {feas:.2e} (rejected above {error_tol:g}); likely "
-            f"causes: {hint}. Pass check_solution=False to differentiate anyway",
-            indices=indices,
-            statuses=["not a KKT point"] * len(indices),
-        )
-    if bool(poor.any()):
-        warnings.warn(
-            f"{prefix}solve returned a point that satisfies the first-order (KKT) "
-            f"conditions only approximately for {shown_indices(poor)}: relative "
-            f"stationarity residual {stat:.2e}, feasibility residual {feas:.2e} "
-            f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely "
-            f"causes: {hint}",
-            GradientWarning,
-            stacklevel=4,
-        )
-    if bool(res.weakly_active.any()):
-        warnings.warn(
-            f"{prefix}solve returned a point where an active inequality constraint has a "
-            "zero multiplier (strict complementarity fails) for "
-            f"{shown_indices(res.weakly_active)}: the solution is at a kink of its own, "
-            "only one-sided derivatives exist, and the "
-            "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6)",
-            GradientWarning,
-            stacklevel=4,
-        )
 
 
 def _grads(out: Tensor, inputs, create_graph: bool) -> tuple[Tensor, ...]:

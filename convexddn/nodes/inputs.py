@@ -64,12 +64,21 @@ def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, 
 
 def checked_solution(name: str, y: Any, xs: tuple[Tensor, ...]) -> Tensor:
     """``y`` from the user's ``solve`` (named ``name``), checked against the flat inputs
-    ``xs``: a tensor of their dtype with the batch first, detached, never sharing an
-    input's storage (autograd would take y for that input).
+    ``xs``: a tensor of their dtype and device with the batch first, detached, and a
+    fresh copy that shares memory with nothing.
+
+    Always copied: ``solve`` may return an input (autograd would take y for that
+    input), a view of a parameter (``self.c.expand(B, 3)``), a preallocated buffer it
+    refills at every call (``self.out.copy_(x)``) or a cached tensor; the next call
+    would then overwrite this output and the tensors saved for its backward. Telling a
+    fresh tensor apart needs its reference counts (no public API, and a tensor returned
+    as is shares its TensorImpl with the module attribute), while one copy of the
+    output costs O(size of y), far below any solve that produces it.
 
     Raises:
         DTypeError: not a tensor (a tuple gets a hint), or another dtype.
         ShapeError: the first dimension is not the batch.
+        InputError: on another device than the inputs.
     """
     if not isinstance(y, torch.Tensor):
         hint = " (return y alone: multipliers are recovered by eq. 25)" if isinstance(
@@ -83,8 +92,9 @@ def checked_solution(name: str, y: Any, xs: tuple[Tensor, ...]) -> Tensor:
             f"{name} must return shape (B, ...) with B = {batch} (the batch dimension "
             f"first), got {tuple(y.shape)}"
         )
-    y = y.detach()
-    storages = {x.untyped_storage().data_ptr() for x in xs if x.numel()}
-    if y.numel() and y.untyped_storage().data_ptr() in storages:
-        y = y.clone()
-    return y
+    if y.device != xs[0].device:
+        raise InputError(
+            f"{name} must return a tensor on the inputs' device ({xs[0].device}), got "
+            f"one on {y.device}"
+        )
+    return y.detach().clone()

@@ -32,16 +32,24 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
+from ..errors import GradientWarning, SolverError
 from .krylov import pseudo_random_directions
+from .linear_solvers import shown_indices
+from .multipliers import nonnegative_multipliers
 
-__all__ = ["KKTResiduals", "default_solution_tol", "kkt_residuals"]
+__all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "default_solution_tol", "kkt_residuals",
+           "verify_kkt"]
 
 Tensor = torch.Tensor
+
+#: Relative KKT residual above which the solution is rejected with a SolverError.
+SOLUTION_ERROR_TOL = 0.1
 
 
 def default_solution_tol(dtype: torch.dtype) -> float:
@@ -86,6 +94,7 @@ def kkt_residuals(
     n_eq: int,
     inactive: Tensor | None,
     tol: float,
+    eps: float | None = None,
 ) -> KKTResiduals:
     """Relative first-order residuals of ``y`` (see the module docstring).
 
@@ -100,6 +109,8 @@ def kkt_residuals(
         n_eq: how many of the ``r`` constraints are equalities.
         inactive: ``(B, r)`` mask of inactive inequalities, or ``None``.
         tol: relative level under which an active inequality's multiplier counts as zero.
+        eps: the data's rounding level (default: ``yg``'s epsilon); each element's
+            scale is at least ``eps`` times the largest in the batch.
     """
     batch, m = yg.shape
     u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
@@ -112,6 +123,8 @@ def kkt_residuals(
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)
+    eps = torch.finfo(yg.dtype).eps if eps is None else eps
+    scale = _floored(scale, eps)
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
         return KKTResiduals(_ratio(gf.norm(dim=-1), scale).detach(), zero, zero.bool())
@@ -129,8 +142,100 @@ def kkt_residuals(
     for x, g in zip(xg, dcx):
         if g is not None:
             feas_scale = feas_scale + _row_norm(g) * _row_norm(x)
-    feasibility = _ratio(violation.norm(dim=-1), feas_scale)
+    feasibility = _ratio(violation.norm(dim=-1), _floored(feas_scale, eps))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
     weakly = (active_ineq & (force <= tol * scale.unsqueeze(-1))).any(-1)
+    if bool(weakly.any()):
+        weakly = _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly)
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly)
+
+
+def _floored(scale: Tensor, eps: float) -> Tensor:
+    """``scale`` (B,), at least ``eps`` times the batch's largest.
+
+    An element at the origin (``x = 0``, ``y`` ~ 1e-60 from an iterative solve) has no
+    scale of its own (first and second derivatives cannot form a length), and dividing
+    its rounding-level residual by ~0 would call an exact minimiser non-stationary.
+    The batch shares one problem and its units, so the largest element's scale is a
+    floor at the data's rounding level; elements of comparable size are unaffected.
+    """
+    if scale.numel() == 0:
+        return scale
+    return torch.maximum(scale, eps * scale.amax())
+
+
+def _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly) -> Tensor:
+    """``weakly``, cleared where other multipliers push every active inequality.
+
+    With dependent active constraints (a degenerate vertex) the multipliers are not
+    unique, and the recovered ones can be zero on a constraint that another valid
+    choice pushes strictly (the derivative then exists). Asking for every active
+    inequality multiplier to be at least twice the "zero" level, by nonnegative
+    least squares with shifted bounds: if that fits stationarity as well as ``lam``
+    did, strict complementarity holds.
+    """
+    rows = torch.nonzero(weakly).flatten()
+    Ar, act, sc = A[rows].detach(), active_ineq[rows], scale[rows].unsqueeze(-1)
+    lower = 2 * tol * sc / Ar.norm(dim=-1).clamp_min(torch.finfo(A.dtype).tiny)
+    lam = nonnegative_multipliers(Ar, gf[rows], act, torch.where(act, lower, 0.0))
+    fit = (gf[rows] + (Ar.transpose(1, 2) @ lam.unsqueeze(-1)).squeeze(-1)).norm(dim=-1)
+    ok = fit <= r[rows].norm(dim=-1) + 0.1 * tol * sc.squeeze(-1)
+    return weakly.index_put((rows,), ~ok)
+
+
+def _format_indices(mask: Tensor, batch_shape: Sequence[int] | None) -> list[tuple[int, ...]]:
+    flat = torch.nonzero(mask).flatten()
+    if batch_shape is None:
+        return [(int(i),) for i in flat.tolist()]
+    if len(batch_shape) == 0:
+        return [() for _ in flat.tolist()]
+    idx = torch.stack(torch.unravel_index(flat, tuple(batch_shape)), -1)
+    return [tuple(i) for i in idx.tolist()]
+
+
+def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
+    """Raise or warn where ``y`` is not a KKT point; warn where complementarity fails."""
+    worst = res.worst
+    error_tol = max(SOLUTION_ERROR_TOL, 10 * tol)
+    fatal = worst > error_tol
+    poor = (worst > tol) & ~fatal
+    hint = (
+        "solve stopped early or returned a wrong point, the objective or constraints do "
+        "not describe what solve computes (e.g. a clamp without its inequality "
+        "constraints), an inequality multiplier is negative, or the objective is "
+        "non-smooth at the solution (e.g. |u| at u = 0), where the derivative does not "
+        "exist"
+    )
+    stat, feas = float(res.stationarity.amax()), float(res.feasibility.amax())
+    if bool(fatal.any()):
+        indices = _format_indices(fatal, batch_shape)
+        raise SolverError(
+            f"{prefix}solve returned a point that is not a KKT point of the declared "
+            f"problem for {len(indices)} of {fatal.numel()} batch element(s), at batch "
+            f"indices {indices[:8]}: relative stationarity residual {stat:.2e}, "
+            f"feasibility residual {feas:.2e} (rejected above {error_tol:g}); likely "
+            f"causes: {hint}. Pass check_solution=False to differentiate anyway",
+            indices=indices,
+            statuses=["not a KKT point"] * len(indices),
+        )
+    if bool(poor.any()):
+        warnings.warn(
+            f"{prefix}solve returned a point that satisfies the first-order (KKT) "
+            f"conditions only approximately for {shown_indices(poor)}: relative "
+            f"stationarity residual {stat:.2e}, feasibility residual {feas:.2e} "
+            f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely "
+            f"causes: {hint}",
+            GradientWarning,
+            stacklevel=4,
+        )
+    if bool(res.weakly_active.any()):
+        warnings.warn(
+            f"{prefix}solve returned a point where an active inequality constraint has a "
+            "zero multiplier (strict complementarity fails) for "
+            f"{shown_indices(res.weakly_active)}: the solution is at a kink of its own, "
+            "only one-sided derivatives exist, and the "
+            "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6)",
+            GradientWarning,
+            stacklevel=4,
+        )

@@ -1064,8 +1064,9 @@ def test_double_backward_raises_clearly():
     x = torch.randn(2, 3, generator=_gen(30), dtype=DT, requires_grad=True)
     y = SumToOne()(x)
     (g,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match="does not support double backward"):
+    with pytest.raises(NotImplementedError, match="does not support double backward") as info:
         g.sum().backward()
+    assert isinstance(info.value, ProblemError)  # a convexddn error too
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.gradgradcheck(SumToOne(), (x,))
 
@@ -1091,3 +1092,200 @@ def test_cuda_two_inputs_parameters_and_checks(solver):
                                 torch.ones(2, 8, device=dev))
     want, _ = _ls_vjp(A32.detach().double().cpu(), b.float().double(), torch.ones(2, 8, dtype=DT))
     assert (gA.double().cpu() - want).norm() / want.norm() < 1e-4
+
+
+# ---- audit of DeclarativeNode: activity, scale floor, degenerate vertices, aliasing ----
+
+
+class RadiusBallSq(DeclarativeNode):
+    """Projection onto the ball of radius R, written as |u|² − R² <= 0 (scale R²)."""
+
+    R = 10.0
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - self.R**2
+
+    def solve(self, x):
+        n = x.norm(dim=-1, keepdim=True)
+        return torch.where(n > self.R, self.R * x / n, x)
+
+
+def _ball_projection_vjp(x: torch.Tensor, v: torch.Tensor, R: float) -> torch.Tensor:
+    """vᵀ Dy for y = R x/|x| outside the ball: (R/|x|)(v − x̂ (x̂ᵀv)); v inside."""
+    n = x.norm(dim=-1, keepdim=True)
+    xh = x / n
+    out = (R / n) * (v - xh * (xh * v).sum(-1, keepdim=True))
+    return torch.where(n > R, out, v)
+
+
+@pytest.mark.parametrize("dtype, R", [(torch.float32, 10.0), (torch.float64, 1e5),
+                                      (torch.float64, 1e7)])
+def test_activity_test_is_relative_to_the_constraint_scale(dtype, R):
+    # A correctly rounded boundary point has g ≈ −1e-5 (float32, R = 10) or far more
+    # (float64, R = 1e7): an absolute active_tol dropped the constraint and rejected it.
+    class Node(RadiusBallSq):
+        pass
+
+    Node.R = R
+    x = 3 * R * torch.randn(64, 3, generator=_gen(40), dtype=torch.float64)
+    v = torch.randn(64, 3, generator=_gen(41), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        grad = _vjp(Node(), x.to(dtype), v.to(dtype))
+    want = _ball_projection_vjp(x, v, R)
+    assert (grad.double() - want).abs().max() <= (1e-4 if dtype == torch.float32 else 1e-9)
+
+
+def test_exact_minimiser_at_the_origin_is_accepted():
+    # A zero (padding) row: the iterative solve stops at y ~ 1e-60, an exact minimiser
+    # whose own scale is ~0; the stationarity residual must not be divided by ~0.
+    class PseudoHuberMean(DeclarativeNode):
+        def objective(self, x, y):
+            return (torch.sqrt(1 + (y - x) ** 2) - 1).sum(-1)
+
+        def solve(self, x):
+            y = x.mean(-1, keepdim=True) + 1.0
+            for _ in range(200):
+                r = y - x
+                y = y - 0.5 * (r / torch.sqrt(1 + r * r)).mean(-1, keepdim=True)
+            return y
+
+    x = torch.randn(4, 5, generator=_gen(42), dtype=DT)
+    x[2] = 0
+    xg = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y = PseudoHuberMean()(xg)
+        y.sum().backward()
+    assert 0 < y[2].abs().item() < 1e-30
+    # Implicit function theorem: dy/dx_i = w_i / Σ w, w_i = (1 + (y − x_i)²)^(−3/2).
+    w = (1 + (y.detach() - x) ** 2) ** -1.5
+    torch.testing.assert_close(xg.grad, w / w.sum(-1, keepdim=True))
+    # A truly non-stationary point of the same batch is still rejected.
+    class Off(PseudoHuberMean):
+        def solve(self, x):
+            y = super().solve(x)
+            y[1] += 0.5
+            return y
+
+    with pytest.raises(SolverError, match="not a KKT point") as info:
+        Off()(x.clone().requires_grad_(True)).sum().backward()
+    assert info.value.indices == [(1,)]
+
+
+class Corner(DeclarativeNode):
+    """½|u − x|² on {u0 <= 1, u1 <= 1, u0 + u1 <= 2}: the third constraint is redundant."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return torch.stack([y[:, 0] - 1, y[:, 1] - 1, y[:, 0] + y[:, 1] - 2], -1)
+
+    def solve(self, x):
+        return x.clamp(max=1.0)
+
+
+@pytest.mark.parametrize("x1", [1.2, 1.5, 2.0])
+def test_degenerate_vertex_with_nonnegative_multipliers_is_a_kkt_point(x1):
+    # At y = (1, 1) all three constraints are active in 2-D. λ = (2 − t, x1 − 1 − t, t),
+    # 0 < t < x1 − 1, are valid (strictly positive) multipliers, but the minimum-norm
+    # ones have λ_1 < 0: that raised SolverError (x1 = 1.2) or warned (1.5).
+    x = torch.tensor([[3.0, x1], [0.3, 0.4]], dtype=DT)
+    v = torch.randn(2, 2, generator=_gen(43), dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        grad = _vjp(Corner(), x, v)
+    # y = min(x, 1): Dy = diag(x < 1).
+    torch.testing.assert_close(grad, v * (x < 1))
+
+
+def test_simplex_with_box_at_a_degenerate_vertex():
+    class SimplexBox(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1)
+
+        def equality_constraints(self, x, y):
+            return y.sum(-1, keepdim=True) - 1
+
+        def inequality_constraints(self, x, y):
+            return torch.cat([-y, y - 1], -1)
+
+        def solve(self, x):  # x = [5, 1, 0, -1]: the projection is e_0 (τ = 4)
+            return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)
+
+    x = torch.tensor([[5.0, 1.0, 0.0, -1.0]], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        grad = _vjp(SimplexBox(), x, torch.randn(1, 4, generator=_gen(44), dtype=DT))
+    # y = e_0 on an open neighbourhood of x (x_0 − τ = 1 > 0 > x_i − τ): Dy = 0.
+    torch.testing.assert_close(grad, torch.zeros(1, 4, dtype=DT))
+
+
+def test_degenerate_vertex_with_a_genuine_zero_multiplier_still_warns():
+    # x = (3, 1): y = (1, 1) with ∇f = (−2, 0). λ_0 + λ_2 = 2 and λ_1 + λ_2 = 0 leave
+    # λ = (2, 0, 0) as the only nonnegative multiplier: y_1 <= 1 is weakly active, and
+    # only one-sided derivatives exist (x_1 crossing 1).
+    with pytest.warns(GradientWarning, match="strict complementarity"):
+        _vjp(Corner(), torch.tensor([[3.0, 1.0]], dtype=DT), torch.ones(1, 2, dtype=DT))
+
+
+def test_non_finite_constraint_jacobian_raises_problem_error():
+    class HalfNormBall(DeclarativeNode):  # Σ|u|^½ <= 1: not differentiable at u_i = 0
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1)
+
+        def inequality_constraints(self, x, y):
+            return (y.abs() ** 0.5).sum(-1, keepdim=True) - 1
+
+        def solve(self, x):
+            return torch.tensor([[1.0, 0.0]], dtype=x.dtype).expand_as(x)
+
+    x = torch.tensor([[3.0, 0.1]], dtype=DT, requires_grad=True)
+    with pytest.raises(ProblemError, match=r"inequality_constraints.*non-finite.*\[0\]"):
+        HalfNormBall()(x).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["buffer", "parameter view"])
+def test_output_never_aliases_module_state(kind):
+    class Cached(DeclarativeNode):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("out", torch.zeros(2, 3, dtype=DT))
+            self.c = torch.nn.Parameter(torch.ones(1, 3, dtype=DT))
+
+        def objective(self, x, y):
+            return 0.5 * ((y - x - self.c) ** 2).sum(-1)
+
+        def solve(self, x):
+            if kind == "buffer":
+                return self.out.copy_(x + self.c)
+            return self.c.expand(x.shape[0], 3) if bool((x == 0).all()) else x + self.c
+
+    node = Cached()
+    x1 = torch.zeros(2, 3, dtype=DT, requires_grad=True)
+    y1 = node(x1)
+    before = y1.detach().clone()
+    node(torch.randn(2, 3, generator=_gen(45), dtype=DT))
+    if kind == "parameter view":
+        with torch.no_grad():
+            node.c.add_(1.0)  # a training step: must not change the earlier output
+    assert torch.equal(y1.detach(), before)
+    if kind == "buffer":
+        y1.sum().backward()  # y = x + c: the gradient is ones
+        torch.testing.assert_close(x1.grad, torch.ones(2, 3, dtype=DT))
+
+
+def test_keyword_inputs_and_solve_device_are_checked():
+    with pytest.raises(InputError, match=r"positionally.*\['x'\]"):
+        Mean()(x=torch.randn(2, 3, dtype=DT))
+
+    class Elsewhere(Mean):
+        def solve(self, x):
+            return torch.empty(x.shape[0], 1, dtype=x.dtype, device="meta")
+
+    with pytest.raises(InputError, match="Elsewhere.solve.*device"):
+        Elsewhere()(torch.randn(2, 3, dtype=DT))

@@ -1,0 +1,124 @@
+"""Which constraints are active at the returned point, and their multipliers (eq. 25).
+
+``solve`` returns only ``y``; the implicit backward (:mod:`.implicit`) needs the active
+set and the Lagrange multipliers :math:`\\lambda` with
+:math:`\\nabla_y f + A^\\top \\lambda = 0`, inequality entries :math:`\\ge 0`:
+
+- :func:`inactive_mask`: an inequality is inactive where it is negative by more than
+  ``active_tol`` *relative to its own scale* :math:`\\|\\nabla_y g_j\\|\\,\\|y\\|` (how
+  much ``g_j`` moves when ``y`` moves by its own size), and never by less than a few
+  epsilons of the data's dtype: a correctly rounded boundary point of
+  :math:`\\|y\\|^2 - 100 \\le 0` in float32 has :math:`g \\approx -10^{-5}`, which an
+  absolute test calls inactive.
+- :func:`multipliers`: the least-squares (minimum-norm) multipliers of eq. 25; where
+  that gives an active inequality a negative multiplier (possible only when the active
+  constraints are linearly dependent, e.g. a degenerate vertex, where the multipliers
+  are not unique), the nonnegative least-squares ones instead
+  (:func:`nonnegative_multipliers`), so that a KKT point is recognised as one.
+
+References:
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021
+    (eq. 25, Prop. 4.6); C. L. Lawson and R. J. Hanson, "Solving Least Squares
+    Problems", 1974, ch. 23 (the NNLS algorithm).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ACTIVE_EPS", "inactive_mask", "multipliers", "nonnegative_multipliers"]
+
+Tensor = torch.Tensor
+
+#: The activity threshold is at least this many epsilons of the data's dtype: the
+#: rounding of ``y`` alone moves ``g_j`` by about one epsilon of its scale.
+ACTIVE_EPS = 8
+
+
+def _finite(t: Tensor) -> Tensor:
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def inactive_mask(g: Tensor, A_ineq: Tensor, y: Tensor, active_tol: float,
+                  data_dtype: torch.dtype) -> Tensor:
+    """``(B, q)``: inequalities ``g`` ``(B, q)`` below ``-tol`` times their own scale.
+
+    ``A_ineq`` ``(B, q, m)`` is :math:`D_y g`; its non-finite entries do not count
+    towards the scale (such a constraint is judged by its finite part; if it is then
+    active, the caller reports the non-finite Jacobian).
+    """
+    tol = max(active_tol, ACTIVE_EPS * torch.finfo(data_dtype).eps)
+    scale = _finite(A_ineq).norm(dim=-1) * y.norm(dim=-1, keepdim=True)
+    return g < -tol * scale
+
+
+def _least_squares(A: Tensor, g: Tensor, use: Tensor | None = None) -> Tensor:
+    """``argmin ‖Aᵀλ + g‖`` (minimum norm), with ``λ_j = 0`` where ``use`` is false."""
+    if use is not None:
+        A = A * use.unsqueeze(-1)  # a zero row gets a zero multiplier from pinv
+    return -(torch.linalg.pinv(A.transpose(1, 2)) @ g.unsqueeze(-1)).squeeze(-1)
+
+
+def nonnegative_multipliers(A: Tensor, g: Tensor, nonneg: Tensor,
+                            lower: Tensor | None = None) -> Tensor:
+    """``argmin ‖Aᵀλ + g‖`` subject to ``λ_j >= lower_j`` where ``nonneg``, batched.
+
+    Lawson–Hanson's active-set NNLS, run on every batch element at once (masks, not a
+    loop over elements): it terminates in finitely many steps in exact arithmetic, and
+    the few constraints of a node keep the iteration caps small.
+
+    Args:
+        A: ``(B, r, m)``, the constraint Jacobian (zero rows: inactive, multiplier 0).
+        g: ``(B, m)``, the objective's gradient.
+        nonneg: ``(B, r)`` or ``(r,)``, the bounded multipliers (the others are free).
+        lower: ``(B, r)`` lower bounds (default 0), used where ``nonneg``.
+    """
+    batch, r, _ = A.shape
+    nonneg = nonneg.expand(batch, r)
+    if lower is not None:  # λ = lower + z with z >= 0: shift the right-hand side
+        lower = torch.where(nonneg, lower, 0.0)
+        g = g + (A.transpose(1, 2) @ lower.unsqueeze(-1)).squeeze(-1)
+    passive = ~nonneg
+    z = _least_squares(A, g, passive)
+    # A multiplier enters when it lowers the residual by more than rounding can explain.
+    enter_tol = 64 * torch.finfo(A.dtype).eps * _finite(A).norm(dim=-1) * g.norm(
+        dim=-1, keepdim=True)
+    for _ in range(3 * r + 1):
+        descent = -(A @ ((A.transpose(1, 2) @ z.unsqueeze(-1)).squeeze(-1) + g)
+                    .unsqueeze(-1)).squeeze(-1)
+        candidates = nonneg & ~passive & (descent > enter_tol)
+        if not bool(candidates.any()):
+            break
+        pick = torch.where(candidates, descent / A.norm(dim=-1).clamp_min(
+            torch.finfo(A.dtype).tiny), -torch.inf).argmax(-1, keepdim=True)
+        passive = passive | (torch.zeros_like(passive).scatter_(-1, pick, True)
+                             & candidates.any(-1, keepdim=True))
+        for _ in range(r + 1):
+            s = _least_squares(A, g, passive)
+            bad = passive & nonneg & (s <= 0)
+            if not bool(bad.any()):
+                z = s
+                break
+            # Step from z towards s until the first bounded multiplier reaches zero.
+            ratio = z / (z - s).clamp_min(torch.finfo(A.dtype).tiny)
+            alpha = torch.where(bad, ratio, torch.inf).amin(-1, keepdim=True).clamp(0, 1)
+            z = z + alpha * (s - z)
+            z = torch.where(nonneg, z.clamp_min(0.0), z)
+            passive = passive & ~(nonneg & (z <= 0))
+            z = torch.where(passive, z, 0.0)
+    return z if lower is None else lower + z
+
+
+def multipliers(A: Tensor, g: Tensor, n_eq: int, inactive: Tensor) -> Tensor:
+    """The multipliers ``(B, r)`` of eq. 25, nonnegative on active inequalities.
+
+    Least squares first (one pseudo-inverse); only the batch elements where that gives
+    an active inequality a negative multiplier run :func:`nonnegative_multipliers`.
+    """
+    lam = _least_squares(A, g)
+    is_ineq = torch.zeros(A.shape[1], dtype=torch.bool, device=A.device)
+    is_ineq[n_eq:] = True
+    negative = (is_ineq & ~inactive & (lam < 0)).any(-1)
+    if bool(negative.any()):
+        rows = torch.nonzero(negative).flatten()
+        lam = lam.index_copy(0, rows, nonnegative_multipliers(A[rows], g[rows], is_ineq))
+    return lam
