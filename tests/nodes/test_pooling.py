@@ -195,6 +195,33 @@ def test_trunc_quad_float32_through_integer_key_sort():
         robust_pool(neg_nan, "trunc_quad", 1.0)
 
 
+def test_trunc_quad_duplicates_closer_than_an_ulp_of_alpha():
+    # 2 alpha below half an ulp of the duplicates: s_i - 2 alpha rounded to s_i and the
+    # run of equal entries was never a candidate (each returned 0, objective 2x the best).
+    for x, dtype, alpha, best in (([1000.0, 1000.0, 0.0], torch.float32, 1e-5, 1000.0),
+                                  ([1e8, 1e8, 0.0], torch.float32, 1.0, 1e8),
+                                  ([3.0, 3.0, 0.0], torch.float64, 1e-17, 3.0)):
+        y = robust_pool(torch.tensor([x], dtype=dtype), "trunc_quad", alpha)
+        assert float(y) == best
+
+
+def test_large_scalar_alpha_is_not_ignored():
+    # alpha 1e200 given as a number: value / alpha^2 underflowed in the one-pass square,
+    # every residual looked like 0 and the result was the mean (a tensor alpha was right).
+    x = torch.tensor([[1.0344485964410367e200, 4.028616889095925e199, -1.42300613021659e200]], dtype=F64)
+    for name in ("pseudo_huber", "welsch"):
+        ref = robust_pool(x / 1e200, name, 1.0) * 1e200  # scale-equivariant
+        torch.testing.assert_close(robust_pool(x, name, 1e200), ref, rtol=1e-12, atol=0)
+        xg = x.clone().requires_grad_()
+        robust_pool(xg, name, 1e200).sum().backward()
+        xr = (x / 1e200).requires_grad_()
+        robust_pool(xr, name, 1.0).sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=0)
+    y32 = robust_pool(torch.tensor([[3e36, 0.0, 0.0, 0.0, 0.0]]), "pseudo_huber", 1e30)
+    ref32 = robust_pool(torch.tensor([[3e6, 0.0, 0.0, 0.0, 0.0]], dtype=F64), "pseudo_huber", 1.0) * 1e30
+    torch.testing.assert_close(y32.double(), ref32, rtol=1e-5, atol=0)
+
+
 def test_robust_pool_trunc_quad_beats_local_search():
     """A row where neither the mean nor the median start leads a local search (repeated
     inlier means) to the global minimiser, the mean of the four points near 20."""

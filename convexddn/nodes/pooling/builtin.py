@@ -23,6 +23,11 @@ from .penalties import Penalty, _flush, _rows, exp_log_base
 __all__ = ["Huber", "PseudoHuber", "Quadratic", "TruncatedQuadratic", "Welsch"]
 
 
+# The first pass clamps or rescales rows whose spread exceeds alpha·sqrt(max)/32, so
+# (z/alpha)² ≤ max/1024 and z² = (z/alpha)²·alpha² stays finite for alpha < 32.
+_ONE_PASS_BELOW = 32.0
+
+
 @functools.lru_cache(maxsize=64)
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     # addcmul's first operand must be a tensor; making a 0-d one costs ~15 us per call,
@@ -31,9 +36,15 @@ def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _scaled_square(z: Tensor, alpha: float | Tensor, out: Tensor, value: float, add: float) -> Tensor:
-    """``out = add + value * (z / alpha)**2`` in one or two passes."""
+    """``out = add + value * (z / alpha)**2`` in one or two passes.
+
+    One pass (``z * z`` times ``value / alpha²``) only for alpha below _ONE_PASS_BELOW:
+    the callers keep ``(z / alpha)²`` finite (rows whose spread over alpha could
+    overflow a square are clamped or rescaled), which bounds ``z²`` too only while alpha
+    is small; and a large alpha's ``value / alpha²`` underflows (alpha 1e200 in float64,
+    1e30 in float32: every residual looked like 0 and the result was the mean)."""
     base = _constant(float(add), z.dtype, z.device)
-    if isinstance(alpha, float) and abs(value) / alpha < torch.finfo(z.dtype).max * alpha:
+    if isinstance(alpha, float) and alpha < _ONE_PASS_BELOW and abs(value) / alpha < torch.finfo(z.dtype).max * alpha:
         return torch.addcmul(base, z, z, value=value / (alpha * alpha), out=out)
     torch.div(z, alpha, out=out)
     return torch.addcmul(base, out, out, value=value, out=out)
