@@ -8,9 +8,9 @@ node :class:`convexddn.RobustPool` solves them.
 """
 from __future__ import annotations
 
-from convexddn._checks import check_int, check_positive
+from convexddn._checks import check_int
 from convexddn._lazy import cvxpy as cp
-from convexddn.convex.registry import register
+from convexddn.convex.registry import real_option, register
 from convexddn.errors import NonconvexError, OptionError
 
 
@@ -35,8 +35,8 @@ def robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0):
         raise OptionError(
             f"penalty must be one of {list(CONVEX_PENALTIES)} here "
             f"({list(NONCONVEX_PENALTIES)} via convexddn.RobustPool), got {penalty!r}")
-    check_positive("alpha", alpha)
+    alpha = real_option("alpha", alpha, above=0)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(name="y")
-    problem = cp.Problem(cp.Minimize(Penalty.resolve(penalty).cvxpy(y - x, float(alpha))))
-    return problem, [x], [y]
+    # Deferred: the native node (RobustPool) does not need it.
+    return (lambda: cp.Problem(cp.Minimize(Penalty.resolve(penalty).cvxpy(y - x, alpha)))), [x], [y]

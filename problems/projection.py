@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import math
 
-from convexddn._checks import check_int, check_positive, normalize_p
+from convexddn._checks import check_int, normalize_p
 from convexddn._lazy import cvxpy as cp
-from convexddn.convex.registry import register
+from convexddn.convex.registry import real_option, register
 
 
 @register("lp_ball", "Euclidean projection onto the Lp ball: argmin_u ½‖u − x‖² s.t. ‖u‖_p ≤ radius")
@@ -16,11 +16,13 @@ def lp_ball(n: int, p: float = 2, radius: float = 1.0):
     """
     n = check_int("n", n, minimum=1)
     p = normalize_p(p)
-    check_positive("radius", radius)
+    radius = real_option("radius", radius, above=0)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")
-    constraint = cp.norm(y, "inf" if math.isinf(p) else int(p)) <= float(radius)
-    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [constraint])
+
+    def problem():  # deferred: the native node (LpProjection) does not need it
+        constraint = cp.norm(y, "inf" if math.isinf(p) else int(p)) <= radius
+        return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [constraint])
     return problem, [x], [y]
 
 
@@ -34,8 +36,8 @@ def simplex(n: int):
     n = check_int("n", n, minimum=1)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")
-    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [y >= 0, cp.sum(y) == 1])
-    return problem, [x], [y]
+    # Deferred: the native node (SimplexProjection / sparsemax) does not need it.
+    return (lambda: cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [y >= 0, cp.sum(y) == 1])), [x], [y]
 
 
 @register("birkhoff", "Euclidean projection onto the doubly-stochastic matrices (Birkhoff polytope)")

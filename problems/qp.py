@@ -8,7 +8,7 @@ import numpy as np
 from convexddn._checks import check_int
 from convexddn._lazy import cvxpy as cp
 from convexddn._lazy import torch
-from convexddn.convex.registry import register
+from convexddn.convex.registry import real_option, register
 from convexddn.errors import OptionError
 
 QP_DATA = ("L", "q", "G", "h", "A", "b")
@@ -120,8 +120,7 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
     n_eq = check_int("n_eq", n_eq, minimum=0)
     rank = n if rank is None else check_int("rank", rank, minimum=1)
     learned = _blocks("learn", learn)
-    if not (isinstance(ridge, (int, float)) and ridge >= 0):
-        raise OptionError(f"ridge must be a number >= 0, got {ridge!r}")
+    ridge = real_option("ridge", ridge, at_least=0)
     shapes = {"L": (n, rank), "q": (n,), "G": (n_ineq, n), "h": (n_ineq,), "A": (n_eq, n), "b": (n_eq,)}
     given = {k: v for k, v in zip(QP_DATA, (L, q, G, h, A, b)) if v is not None}
     active = [k for k in QP_DATA if not (k in "Gh" and n_ineq == 0) and not (k in "Ab" and n_eq == 0)]
@@ -154,7 +153,7 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
     y = cp.Variable(n, name="y")
     objective = 0.5 * cp.sum_squares(data["L"].T @ y) + data["q"] @ y
     if ridge > 0:
-        objective = objective + 0.5 * float(ridge) * cp.sum_squares(y)
+        objective = objective + 0.5 * ridge * cp.sum_squares(y)
     constraints = []
     if n_ineq:
         constraints.append(data["G"] @ y <= data["h"])

@@ -6,12 +6,9 @@ in batches; these forms let the two paths be checked against each other.
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 from convexddn._checks import check_int
 from convexddn._lazy import cvxpy as cp
-from convexddn.convex.registry import register
+from convexddn.convex.registry import real_option, register
 from convexddn.errors import OptionError
 from convexddn.problems.projection import simplex
 
@@ -37,18 +34,23 @@ def entmax(n: int, alpha: float = 1.5):
     References: Peters, Niculae & Martins, ACL 2019.
     """
     n = check_int("n", n, minimum=1)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (
-        math.isfinite(float(alpha)) and float(alpha) > 1
-    ):
-        raise OptionError(
-            f"alpha must be a finite number > 1 here (alpha = 1 is softmax, which has no "
-            f"cone form here; use convexddn.nodes.entmax.entmax), got {alpha!r}"
-        )
-    alpha = float(alpha)
+    alpha = real_option("alpha", alpha, above=1, hint=(
+        " (alpha = 1 is softmax, which has no cone form here; use convexddn.nodes.entmax.entmax)"))
     x = cp.Parameter(n, name="x")
     p = cp.Variable(n, name="p")
-    objective = cp.sum(cp.power(p, alpha)) / (alpha * (alpha - 1.0)) - x @ p
-    problem = cp.Problem(cp.Minimize(objective), [p >= 0, cp.sum(p) == 1])
+
+    def problem():  # deferred: the native node (Entmax) does not need it
+        try:
+            power = cp.power(p, alpha)
+        except ZeroDivisionError as err:
+            # CVXPY writes p^α with power cones after rounding 1/α to a fraction with
+            # denominator <= 1024; above α ≈ 2048 that fraction is 0 and it divides by it.
+            raise OptionError(
+                f"alpha = {alpha:g} is too large for CVXPY's cone form of p**alpha (it rounds "
+                f"1/alpha to a fraction with denominator <= 1024, which is 0 here); use the "
+                f"native node: convexddn.layer('entmax', n={n}, alpha={alpha:g})") from err
+        objective = cp.sum(power) / (alpha * (alpha - 1.0)) - x @ p
+        return cp.Problem(cp.Minimize(objective), [p >= 0, cp.sum(p) == 1])
     return problem, [x], [p]
 
 
@@ -61,12 +63,11 @@ def tv1d(n: int, lam: float = 1.0):
     :class:`convexddn.nodes.total_variation.TotalVariation1d` can learn it.
     """
     n = check_int("n", n, minimum=1)
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (
-        math.isfinite(float(lam)) and float(lam) >= 0
-    ):
-        raise OptionError(f"lam must be a finite number >= 0, got {lam!r}")
+    lam = real_option("lam", lam, at_least=0)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")
-    tv = cp.norm1(cp.diff(y)) if n > 1 else 0
-    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x) + float(lam) * tv))
+
+    def problem():  # deferred: the native node (TotalVariation1d) does not need it
+        tv = cp.norm1(cp.diff(y)) if n > 1 else 0
+        return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x) + lam * tv))
     return problem, [x], [y]

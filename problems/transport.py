@@ -10,9 +10,9 @@ native node's backward does), so ``b``'s last entry is implied by ``Σa − Σ_{
 """
 from __future__ import annotations
 
-from convexddn._checks import check_int, check_positive
+from convexddn._checks import check_int
 from convexddn._lazy import cvxpy as cp
-from convexddn.convex.registry import register
+from convexddn.convex.registry import real_option, register
 
 
 def _transport(m: int, n: int) -> tuple[cp.Parameter, cp.Parameter, cp.Parameter, cp.Variable, list]:
@@ -52,8 +52,8 @@ def ot_entropic(m: int, n: int, eps: float = 1.0):
     equal sums). Variable: ``P`` ``(m, n)``. Native node:
     :func:`convexddn.nodes.transport.sinkhorn` with the same ``eps``.
     """
-    check_positive("eps", eps)
+    eps = real_option("eps", eps, above=0)
     C, a, b, P, constraints = _transport(m, n)
-    objective = cp.sum(cp.multiply(C, P)) - float(eps) * cp.sum(cp.entr(P))
+    objective = cp.sum(cp.multiply(C, P)) - eps * cp.sum(cp.entr(P))
     problem = cp.Problem(cp.Minimize(objective), constraints)
     return problem, [C, a, b], [P]

@@ -298,6 +298,8 @@ class ConvexLayer(nn.Module):
             # Keep the graph connected so that backward on an empty output works.
             zero = sum((v.sum() * 0 for v in values), torch.zeros((), dtype=out_dtype, device=device))
             outs = tuple(torch.zeros(s, dtype=out_dtype, device=device) + zero for s in out_shapes)
+            # Nothing solved, but last_solve must describe this call, not the one before.
+            self._local.info = SolveInfo([], [], [], [], torch.zeros(batch, dtype=torch.bool))
             return outs[0] if len(outs) == 1 else outs
 
         flat = []

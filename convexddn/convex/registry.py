@@ -9,13 +9,18 @@ problem into the fastest exact layer (a native node where one exists, else a
     >>> spec = build("lp_ball", n=512, p=1)
 
 Builders take keyword options only; unknown option names, missing required ones and
-bad values raise :class:`~convexddn.errors.OptionError` listing what is valid.
+bad values raise :class:`~convexddn.errors.OptionError` listing what is valid. Numeric
+options are checked by :func:`real_option`, the one validator the catalog uses for them.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import inspect
+import math
+import numbers
+import sys
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -25,7 +30,7 @@ from ..errors import OptionError, ProblemError
 if TYPE_CHECKING:
     import cvxpy as cp
 
-__all__ = ["ProblemSpec", "register", "names", "build", "describe"]
+__all__ = ["ProblemSpec", "register", "names", "build", "describe", "real_option"]
 
 # The catalog modules imported on first use: importing them registers their problems.
 _CATALOG = ("qp", "projection", "pooling", "transport", "sparse")
@@ -37,7 +42,9 @@ class ProblemSpec:
 
     Attributes:
         name: the registry name.
-        problem: the DPP ``cvxpy.Problem``.
+        problem: the DPP ``cvxpy.Problem``, built on first access where its builder
+            defers it (see :func:`register`): :func:`convexddn.layer` returns a native
+            node without it.
         parameters: its parameters, in the order a :class:`~convexddn.ConvexLayer` takes
             tensors (the learned ones included).
         variables: the variables a layer returns, in order.
@@ -49,12 +56,33 @@ class ProblemSpec:
     """
 
     name: str
-    problem: cp.Problem
+    # The cvxpy.Problem, or the builder's zero-argument callable making it (deferred).
+    _problem: Any = dataclasses.field(repr=False, compare=False)
     parameters: tuple[cp.Parameter, ...]
     variables: tuple[cp.Variable, ...]
     description: str
     options: dict[str, Any]
     learned: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def problem(self) -> cp.Problem:
+        """The ``cvxpy.Problem``; a deferred one is built here, once.
+
+        Raises:
+            OptionError: an option value the CVXPY form cannot represent (the native node
+                may still take it, e.g. ``entmax`` with a large ``alpha``).
+        """
+        import cvxpy as cp
+
+        if not isinstance(self._problem, cp.Problem):
+            with _BUILD_LOCK:  # two threads must not build two different problems
+                if not isinstance(self._problem, cp.Problem):
+                    problem = self._problem()
+                    if not isinstance(problem, cp.Problem):  # a catalog bug: name the builder
+                        raise ProblemError(f"registry builder {self.name!r} deferred a problem "
+                                           f"that is a {type(problem).__name__}, not a cvxpy.Problem")
+                    object.__setattr__(self, "_problem", problem)
+        return self._problem
 
     @property
     def inputs(self) -> tuple[cp.Parameter, ...]:
@@ -80,6 +108,9 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 _loaded = False
+_loading = False  # the catalog's own register() calls must not load it again
+_CATALOG_LOCK = threading.RLock()
+_BUILD_LOCK = threading.RLock()  # re-entrant: a deferred problem may build another
 
 
 def register(name: str, description: str) -> Callable[[Callable], Callable]:
@@ -89,25 +120,82 @@ def register(name: str, description: str) -> Callable[[Callable], Callable]:
     variables)``, or ``(problem, parameters, variables, learned)`` where ``learned``
     maps the names of the parameters a layer should learn to their initial values
     (:attr:`ProblemSpec.learned`). It validates its own options with errors from
-    :mod:`convexddn.errors`.
+    :mod:`convexddn.errors` (numbers with :func:`real_option`). ``problem`` may be a
+    zero-argument callable returning the ``cvxpy.Problem``: it is then built on first
+    use of :attr:`ProblemSpec.problem`, so that a native node skips it.
 
     Raises:
-        OptionError: ``name`` is already registered.
+        OptionError: ``name`` is already registered (the built-in catalog is loaded
+            first, so its names are taken from the start).
     """
     def decorate(builder: Callable[..., tuple]) -> Callable[..., tuple]:
-        if name in _REGISTRY and _REGISTRY[name].builder is not builder:
-            raise OptionError(f"problem name {name!r} is already registered")
+        # Load the catalog before taking the name: a user's "simplex" registered first
+        # would make the catalog's own registration fail on every later load.
+        _load_catalog()
+        old = _REGISTRY.get(name)
+        if old is not None and _definition(old.builder) != _definition(builder):
+            raise OptionError(
+                f"problem name {name!r} is already registered (by {_origin(old.builder)}); "
+                f"register {_origin(builder)} under another name")
+        # The same definition run again (a module reloaded) replaces its entry.
         _REGISTRY[name] = _Entry(builder, description)
         return builder
     return decorate
 
 
+def _origin(builder: Callable) -> str:
+    return f"{getattr(builder, '__module__', '?')}.{getattr(builder, '__qualname__', repr(builder))}"
+
+
+def _definition(builder: Callable) -> tuple:
+    """Where ``builder`` is defined: the same for a module's definition run again (a
+    reload), different for two lambdas or two functions of one name elsewhere."""
+    code = getattr(builder, "__code__", None)
+    return (_origin(builder), getattr(code, "co_filename", None), getattr(code, "co_firstlineno", id(builder)))
+
+
 def _load_catalog() -> None:
-    global _loaded
-    if not _loaded:
-        for module in _CATALOG:
-            importlib.import_module(f"convexddn.problems.{module}")
-        _loaded = True
+    global _loaded, _loading
+    if _loaded:
+        return
+    # Re-entrant: the catalog's own register() calls come back here in this thread
+    # (and return at once); another thread waits for the whole catalog.
+    with _CATALOG_LOCK:
+        if _loaded or _loading:
+            return
+        _loading = True
+        try:
+            for module in _CATALOG:
+                importlib.import_module(f"convexddn.problems.{module}")
+            _loaded = True
+        finally:
+            _loading = False
+
+
+def real_option(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                hint: str = "") -> float:
+    """A numeric registry option as a float: finite and ``> above`` (or ``>= at_least``).
+
+    Python and NumPy scalars are accepted; tensors, bools and anything else raise
+    :class:`~convexddn.errors.OptionError` naming the option, what it must be and what
+    came (``hint`` is appended). Options are constants of the CVXPY problem, so a tensor
+    (whose gradient would be dropped) is refused, not converted.
+    """
+    bound = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported: no import here
+    if torch is not None and isinstance(value, torch.Tensor):
+        raise OptionError(
+            f"{name} must be a number (a Python or NumPy scalar){bound}, got a tensor of shape "
+            f"{tuple(value.shape)}: registry options are constants of the problem; pass "
+            f"float(t) for a one-element tensor{hint}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(f"{name} must be a number{bound}, got {value!r}{hint}")
+    number = float(value)
+    ok = math.isfinite(number) and (above is None or number > above) and (
+        at_least is None or number >= at_least)
+    if not ok:
+        raise OptionError(f"{name} must be finite{' and' + bound if bound else ''}, got {value!r}{hint}")
+    return number
 
 
 def names() -> list[str]:
@@ -153,6 +241,11 @@ def build(name: str, **options: Any) -> ProblemSpec:
     bound = sig.bind(**options)
     bound.apply_defaults()
     problem, parameters, variables, *rest = entry.builder(**bound.arguments)
+    import cvxpy as cp  # imported by the builder already
+
+    if not (isinstance(problem, cp.Problem) or callable(problem)):
+        raise ProblemError(f"registry builder {name!r} returned a {type(problem).__name__} "
+                           "as its problem, not a cvxpy.Problem or a callable making one")
     declared = {k: np.asarray(v, dtype=np.float64) for k, v in (rest[0] if rest else {}).items()}
     shapes = {p.name(): tuple(p.shape) for p in parameters}
     for key, value in declared.items():

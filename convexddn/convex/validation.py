@@ -2,7 +2,8 @@
 
 - :func:`validate_problem`: a DCP (or, with ``gp=True``, DGP) and DPP problem, with
   parameters, no integer variables, and parameter/variable lists that match it;
-- :func:`validate_solver_args`: solver keyword arguments the chosen solver knows;
+- :func:`validate_solver_args`: solver keyword arguments the chosen solver knows, with
+  values of the right type and range;
 - :func:`check_parameter_attributes`: tensors that honour what each ``cp.Parameter``
   declares (``nonneg``, ``pos``, ``symmetric``, ``PSD`` …), checked on the tensors'
   own device, relative to their scale.
@@ -13,50 +14,103 @@ was expected and what came.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Any, Sequence
 
 import cvxpy as cp
 import torch
 
+from .._checks import check_bool, check_int, check_positive
 from ..errors import InputError, NotDPPError, OptionError, ProblemError, ShapeError
 
 __all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
            "solver_args_for", "check_parameter_attributes"]
 
-# Keyword arguments each solver takes (diffcp passes them through). Clarabel's are read
-# from its own settings object; SCS's and ECOS's are their documented settings.
-_SCS_ARGS = ("max_iters", "eps_abs", "eps_rel", "eps_infeas", "alpha", "rho_x", "scale",
-             "adaptive_scale", "normalize", "acceleration_lookback", "acceleration_interval",
-             "time_limit_secs", "verbose", "write_data_filename", "log_csv_filename")
-_ECOS_ARGS = ("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc", "reltol_inacc",
-              "max_iters", "nitref", "verbose")
+# What the value of each solver keyword argument must be: checked when the layer is
+# built (and per call) so that a wrong value is an OptionError naming the key, not a raw
+# TypeError from inside the solver once a batch is running.
+_COUNT = "an integer >= 1 (an iteration limit)"
+_NATURAL = "an integer >= 0"
+_INTEGER = "an integer"
+_POSITIVE = "a finite number > 0"
+_SECONDS = "a number of seconds >= 0 (inf: no limit)"
+_BOOL = "True or False"
+_TEXT = "a string"
+
+# SCS's and ECOS's documented settings; Clarabel's are read from its own settings object.
+_SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _POSITIVE, "eps_rel": _POSITIVE, "eps_infeas": _POSITIVE,
+             "alpha": _POSITIVE, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
+             "normalize": _BOOL, "acceleration_lookback": _INTEGER,  # < 0: type-I Anderson
+             "acceleration_interval": _COUNT, "time_limit_secs": _SECONDS, "verbose": _BOOL,
+             "write_data_filename": _TEXT, "log_csv_filename": _TEXT}
+_ECOS_ARGS = {**dict.fromkeys(("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc",
+                               "reltol_inacc"), _POSITIVE),
+              "max_iters": _COUNT, "nitref": _NATURAL, "verbose": _BOOL}
 
 
 @functools.lru_cache(maxsize=None)
-def _clarabel_args() -> tuple[str, ...]:
+def _clarabel_args() -> dict[str, str | None]:
     import clarabel
 
-    return tuple(k for k in dir(clarabel.DefaultSettings()) if not k.startswith("_") and k != "default")
+    def kind(name: str, default: Any) -> str | None:
+        # The default's type says what the setting is (bool before int: bool is an int).
+        if isinstance(default, bool):
+            return _BOOL
+        if isinstance(default, int):
+            return _COUNT if "max_iter" in name else _NATURAL
+        if isinstance(default, float):
+            return _SECONDS if math.isinf(default) else _POSITIVE  # time_limit: inf
+        return _TEXT if isinstance(default, str) else None  # None: passed on unchecked
+
+    settings = clarabel.DefaultSettings()
+    return {k: kind(k, getattr(settings, k)) for k in dir(settings)
+            if not k.startswith("_") and k != "default"}
+
+
+def _solver_kinds(solver: str) -> dict[str, str | None]:
+    return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
 
 
 def solver_args_for(solver: str) -> tuple[str, ...]:
     """The keyword arguments ``solver`` ("Clarabel", "SCS" or "ECOS") accepts."""
-    return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
+    return tuple(_solver_kinds(solver))
+
+
+def _solver_value(name: str, kind: str | None, value: Any) -> Any:
+    """``value`` checked against ``kind`` (and made a plain int/float), or ``OptionError``."""
+    if kind == _BOOL:
+        check_bool(name, value)
+    elif kind in (_COUNT, _NATURAL, _INTEGER):
+        return check_int(name, value, minimum={_COUNT: 1, _NATURAL: 0}.get(kind))
+    elif kind in (_POSITIVE, _SECONDS):
+        # check_positive takes tensors (node options may be learned); a solver does not.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise OptionError(f"{name} must be {kind}, got {value!r}")
+        if kind == _POSITIVE:
+            check_positive(name, value)
+        elif math.isnan(value) or value < 0:
+            raise OptionError(f"{name} must be {kind}, got {value!r}")
+        return float(value)
+    elif kind == _TEXT and not isinstance(value, str):
+        raise OptionError(f"{name} must be {kind}, got {value!r}")
+    return value
 
 
 def validate_solver_args(solver: str, args: Any, what: str = "solver_args") -> dict[str, Any]:
-    """Return ``args`` as a dict, or raise ``OptionError`` naming unknown keys and the valid ones."""
+    """Return ``args`` as a dict of checked values, or raise ``OptionError`` naming an
+    unknown key (and the valid ones) or a key whose value has the wrong type or range."""
     if args is None:
         return {}
     if not isinstance(args, dict):
         raise OptionError(f"{what} must be a dict, got {type(args).__name__}")
-    valid = solver_args_for(solver)
-    unknown = sorted(k for k in args if k not in valid)
+    kinds = _solver_kinds(solver)
+    unknown = sorted(k for k in args if k not in kinds)
     if unknown:
         raise OptionError(
             f"{what} has key(s) {unknown} that solver {solver!r} does not take; valid keys "
-            f"are {sorted(valid)}")
-    return dict(args)
+            f"are {sorted(kinds)}")
+    return {k: _solver_value(f"{what}[{k!r}]", kinds[k], v) for k, v in args.items()}
 
 
 def _offending_expression(problem: cp.Problem, gp: bool) -> str:
@@ -177,12 +231,17 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
                     f"declaration or drop it from the cp.Parameter")
 
 
+_MISSING = object()
+
+
 def bind_parameters(values: tuple, named: dict[str, Any], parameters: Sequence[cp.Parameter]) -> list[Any]:
     """A layer call's tensors in parameter order: positional first, then by CVXPY name."""
     names = [p.name() for p in parameters]
     if len(values) > len(names):
         raise ShapeError(f"expected {len(names)} tensor(s), one per parameter {names}, got {len(values)}")
-    bound: list[Any] = list(values) + [None] * (len(names) - len(values))
+    # A private marker for "not given": None is a value (a wrong one, which the tensor
+    # check then names) and must not read as a missing parameter.
+    bound: list[Any] = list(values) + [_MISSING] * (len(names) - len(values))
     for key, value in named.items():
         if key not in names:
             raise ShapeError(f"unknown parameter name {key!r}; the parameters are {names}")
@@ -190,7 +249,7 @@ def bind_parameters(values: tuple, named: dict[str, Any], parameters: Sequence[c
         if i < len(values):
             raise ShapeError(f"parameter {key!r} was given both by position ({i}) and by name")
         bound[i] = value
-    missing = [n for n, v in zip(names, bound) if v is None]
+    missing = [n for n, v in zip(names, bound) if v is _MISSING]
     if missing:
         raise ShapeError(
             f"expected {len(names)} tensor(s), one per parameter {names}, got "

@@ -407,3 +407,19 @@ def test_cvxpy_layer_dual_variables_readme_example():
     prob.solve(solver="CLARABEL")
     assert np.abs(x_star.detach().numpy() - x.value).max() < 1e-7
     assert abs(eq_dual.item() - eq_con.dual_value) < 1e-7
+
+
+def test_cvxpy_layer_solver_args_values_checked():
+    # A wrong value used to pass construction and raise a raw TypeError from the solver.
+    problem, A, b, x = ridge_problem()
+    with pytest.raises(OptionError, match=r"solver_args\['max_iters'\] must be an integer, got '100'"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "SCS", "max_iters": "100"})
+    with pytest.raises(OptionError, match=r"solver_args\['max_iter'\] must be an integer >= 1, got -5"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"max_iters": -5})
+    with pytest.raises(OptionError, match=r"solver_args\['verbose'\] must be True or False"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"verbose": "yes"})
+    layer = CvxpyLayer(problem, [A, b], [x])
+    gen = torch.Generator().manual_seed(7)
+    At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
+    with pytest.raises(OptionError, match=r"solver_args \(per call\)\['max_iters'\] must be an integer"):
+        layer(At, bt, solver_args={"solve_method": "ECOS", "max_iters": "100"})

@@ -447,3 +447,64 @@ def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
         layer(x)
     # The broken pool is dropped; the next call starts a fresh one.
     assert torch.equal(layer(x), want)
+
+
+# ---------------------------------------------------------------- audit fixes
+
+
+@pytest.mark.parametrize("solver, args, match", [
+    ("Clarabel", {"max_iter": "100"}, r"solver_args\['max_iter'\] must be an integer, got '100'"),
+    ("auto", {"max_iter": "100"}, r"solver_args\['max_iter'\] must be an integer, got '100'"),
+    ("auto", {"max_iter": 0}, r"solver_args\['max_iter'\] must be an integer >= 1, got 0"),
+    ("Clarabel", {"tol_feas": -1e-9}, r"solver_args\['tol_feas'\] must be finite and > 0, got -1e-09"),
+    ("Clarabel", {"tol_gap_abs": "x"}, r"solver_args\['tol_gap_abs'\] must be a finite number > 0, got 'x'"),
+    ("Clarabel", {"verbose": "yes"}, r"solver_args\['verbose'\] must be True or False, got 'yes'"),
+    ("Clarabel", {"time_limit": -1.0}, r"solver_args\['time_limit'\] must be a number of seconds >= 0"),
+    ("SCS", {"max_iters": 1.5}, r"solver_args\['max_iters'\] must be an integer, got 1.5"),
+    ("SCS", {"eps_abs": torch.tensor(1e-6)}, r"solver_args\['eps_abs'\] must be a finite number > 0"),
+    ("ECOS", {"nitref": -1}, r"solver_args\['nitref'\] must be an integer >= 0, got -1"),
+])
+def test_convex_layer_invalid_solver_args_values(solver, args, match):
+    x = cp.Parameter(3, name="x")
+    y = cp.Variable(3, name="y")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    with pytest.raises(OptionError, match=match):  # at construction, not mid-batch
+        cddn.ConvexLayer(prob, [x], [y], solver=solver, solver_args=args)
+    layer = cddn.ConvexLayer(prob, [x], [y], solver=solver)
+    with pytest.raises(OptionError, match=match.replace("solver_args", r"solver_args \(per call\)")):
+        layer(torch.randn(3), solver_args=args)
+
+
+def test_convex_layer_solver_args_values_normalised():
+    import numpy as np
+
+    layer, _ = nonneg_projection()
+    layer = cddn.ConvexLayer(layer.problem, layer.parameters_, layer.variables_, solver="Clarabel",
+                             solver_args={"max_iter": np.int64(50), "tol_feas": np.float32(1e-9),
+                                          "time_limit": float("inf")})
+    args = layer.solver_args
+    assert type(args["max_iter"]) is int and type(args["tol_feas"]) is float
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x.clamp(min=0), atol=1e-8, rtol=0)
+
+
+def test_convex_layer_last_solve_describes_an_empty_call():
+    layer, _ = nonneg_projection()
+    layer(torch.randn(2, 5, 3))
+    assert layer.last_solve.solved.shape == (2, 5)
+    layer(torch.randn(0, 3))
+    info = layer.last_solve
+    assert info.solved.shape == (0,) and info.solved.dtype == torch.bool
+    assert info.backend == info.solvers == info.statuses == info.residuals == []
+    layer(torch.randn(2, 0, 3))
+    assert layer.last_solve.solved.shape == (2, 0)
+
+
+def test_convex_layer_none_argument_is_dtype_error():
+    layer, _ = nonneg_projection()
+    with pytest.raises(DTypeError, match=r"parameter 0 \(x\) must be a torch.Tensor, got NoneType"):
+        layer(None)
+    with pytest.raises(DTypeError, match=r"parameter 0 \(x\) must be a torch.Tensor, got NoneType"):
+        layer(x=None)
+    with pytest.raises(ShapeError, match=r"missing \['x'\]"):
+        layer()

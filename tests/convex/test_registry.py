@@ -347,7 +347,7 @@ def test_qp_invalid_options():
         registry.build("qp", n=3, n_ineq=2, learn="q")
     with pytest.raises(OptionError, match=r"option h must have shape \(2,\), got \(3,\)"):
         registry.build("qp", n=3, n_ineq=2, learn="q", G=np.ones((2, 3)), h=np.ones(3))
-    with pytest.raises(OptionError, match="ridge must be a number >= 0"):
+    with pytest.raises(OptionError, match="ridge must be finite and >= 0, got -1"):
         registry.build("qp", n=3, ridge=-1)
 
 
@@ -374,3 +374,105 @@ def test_registry_batch_1024_needs_no_fallback(name, options):
     layer(*params)
     solvers = layer.last_solve.solvers  # "batched": the torch iterations themselves
     assert solvers.count("batched") == 1024, [i for i, s in enumerate(solvers) if s != "batched"]
+
+
+# ----------------------------------------------------------------------------- audit fixes
+
+
+def test_register_catalog_name_before_the_catalog_loads_is_refused_at_once():
+    """A fresh process: registering "simplex" before anything loaded the catalog used to
+    be accepted, and then every names()/build()/layer() raised "already registered"."""
+    import subprocess
+    import sys
+
+    script = """
+import cvxpy as cp
+import convexddn as cddn
+from convexddn import registry
+from convexddn.errors import OptionError
+try:
+    @registry.register("simplex", "my own simplex")
+    def my_simplex(n: int):
+        x = cp.Parameter(n, name="x"); y = cp.Variable(n)
+        return cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], [y]
+except OptionError as err:
+    print("REFUSED", err)
+assert "simplex" in registry.names() and "qp" in registry.names()
+assert registry.describe("simplex").startswith("Euclidean projection")
+print("USABLE", type(cddn.layer("qp", n=2)).__name__)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFUSED problem name 'simplex' is already registered" in run.stdout
+    assert "convexddn.problems.projection.simplex" in run.stdout
+    assert "USABLE ConvexLayer" in run.stdout
+
+
+def test_register_same_definition_again_replaces_it():
+    # A module run again (importlib.reload) registers a new function object of the
+    # same definition: that is not a clash.
+    def make():
+        def reloaded_box(n: int):
+            x = cp.Parameter(n, name="x")
+            u = cp.Variable(n, name="u")
+            return cp.Problem(cp.Minimize(cp.sum_squares(u - x))), [x], [u]
+        return reloaded_box
+
+    try:
+        registry.register("test_reloaded_box", "test only")(make())
+        second = make()
+        registry.register("test_reloaded_box", "test only")(second)
+        assert registry._REGISTRY["test_reloaded_box"].builder is second
+    finally:
+        registry._REGISTRY.pop("test_reloaded_box", None)
+
+
+def test_layer_entmax_large_alpha_native_without_building_the_cone_form():
+    # CVXPY cannot write p**alpha for alpha above ~2048 (it raised ZeroDivisionError);
+    # the native node does not need that form and layer() no longer builds it.
+    node = cddn.layer("entmax", n=3, alpha=1e5)
+    assert not isinstance(node, cddn.ConvexLayer)
+    x = torch.tensor([0.3, -0.1, 0.2], dtype=F64)
+    from convexddn.nodes.entmax import entmax as entmax_fn
+
+    y = node(x)
+    torch.testing.assert_close(y, entmax_fn(x, 1e5))
+    assert bool((y >= 0).all()) and abs(float(y.sum()) - 1) < 1e-9
+    spec = registry.build("entmax", n=3, alpha=1e5)  # options checked, problem deferred
+    assert spec.parameter_shapes == {"x": (3,)}
+    with pytest.raises(OptionError, match=r"alpha = 100000 is too large for CVXPY's cone form"):
+        spec.problem
+    with pytest.raises(OptionError, match=r"alpha = 100000 is too large"):
+        cddn.layer("entmax", n=3, alpha=1e5, backend="cvxpy")
+
+
+def test_registry_deferred_problem_is_built_once():
+    spec = registry.build("lp_ball", n=3)
+    assert spec.problem is spec.problem and spec.problem.is_dpp()
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("qp", {"n": 2, "ridge": float("inf")}, r"ridge must be finite and >= 0, got inf"),
+    ("qp", {"n": 2, "ridge": float("nan")}, r"ridge must be finite and >= 0, got nan"),
+    ("tv1d", {"n": 3, "lam": float("inf")}, r"lam must be finite and >= 0, got inf"),
+    ("lp_ball", {"n": 3, "radius": torch.tensor([2.0, 3.0])}, r"radius must be a number .* got a tensor of shape \(2,\)"),
+    ("lp_ball", {"n": 3, "radius": torch.tensor(2.0)}, r"radius must be a number .* got a tensor of shape \(\)"),
+    ("robust_pool", {"n": 3, "penalty": "huber", "alpha": torch.tensor([1.0, 2.0])}, r"alpha must be a number"),
+    ("ot_entropic", {"m": 2, "n": 2, "eps": torch.tensor([1.0, 2.0])}, r"eps must be a number"),
+    ("entmax", {"n": 3, "alpha": "2"}, r"alpha must be a number > 1, got '2' \(alpha = 1 is softmax"),
+    ("entmax", {"n": 3, "alpha": 1.0}, r"alpha must be finite and > 1, got 1.0"),
+])
+@pytest.mark.parametrize("backend", ["auto", "cvxpy"])
+def test_registry_numeric_options_invalid(name, options, match, backend):
+    with pytest.raises(OptionError, match=match):
+        cddn.layer(name, backend=backend, **options)
+
+
+def test_registry_numeric_options_accept_numpy_scalars():
+    assert registry.build("qp", n=2, ridge=np.float32(0.5)).options["ridge"] == 0.5
+    layer = cddn.layer("qp", n=2, ridge=np.float32(0.5))
+    y = layer(torch.eye(2, dtype=F64), torch.ones(2, dtype=F64))  # (L Lᵀ + ρ I) y = −q
+    torch.testing.assert_close(y, torch.full((2,), -1 / 1.5, dtype=F64), atol=1e-7, rtol=0)
+    for name, opts in (("tv1d", {"n": 3, "lam": np.float32(0.5)}), ("lp_ball", {"n": 3, "radius": np.float64(2)}),
+                       ("ot_entropic", {"m": 2, "n": 2, "eps": np.float32(0.5)}), ("entmax", {"n": 3, "alpha": np.float32(1.5)})):
+        assert registry.build(name, **opts).problem.is_dpp()
