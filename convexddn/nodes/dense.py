@@ -85,6 +85,21 @@ def _condition(K: Tensor, lu: Tensor, piv: Tensor, small: Tensor, iters: int = 3
     return norm_big * norm_small
 
 
+def _solve_and_condition(Ks: Tensor, d: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, κ)``: the solution of ``K x = rhs`` from the equilibrated ``Ks = D K D``
+    (``d`` its scaling) and the estimated condition number of ``Ks`` (``inf`` where the
+    factorisation failed or anything is non-finite)."""
+    batch, size = rhs.shape
+    lu, piv, info = lu_factor_ex(Ks)
+    # The system and the first inverse-iteration step of the condition estimate at once.
+    start = pseudo_random_directions(size, batch, rhs.dtype, rhs.device)
+    both = torch.linalg.lu_solve(lu, piv, torch.stack([d * rhs, start], -1))
+    sol = d * both[..., 0]
+    cond = _condition(Ks, lu, piv, both[..., 1])
+    ok = (info == 0) & torch.isfinite(sol).all(dim=-1) & torch.isfinite(cond)
+    return sol, torch.where(ok, cond, torch.full_like(cond, float("inf")))
+
+
 def _pinv_solve(K: Tensor, rhs: Tensor, rank_deficit: Tensor) -> Tensor:
     """Minimum-norm least-squares solution of symmetric ``K s = rhs``.
 
@@ -140,14 +155,7 @@ def dense_kkt(
         A2, pin, T, dependent = independent_rows(A, inactive, rcond)
         rhs = torch.cat([v, v.new_zeros(batch, A.shape[1])], dim=1)
     Ks, d = _equilibrated_kkt(H, A2, pin)
-    lu, piv, info = lu_factor_ex(Ks)
-    # The system and the first inverse-iteration step of the condition estimate at once.
-    start = pseudo_random_directions(size, batch, v.dtype, v.device)
-    both = torch.linalg.lu_solve(lu, piv, torch.stack([d * rhs, start], -1))
-    sol = d * both[..., 0]
-    cond = _condition(Ks, lu, piv, both[..., 1])
-    ok = (info == 0) & torch.isfinite(sol).all(dim=-1) & torch.isfinite(cond)
-    cond = torch.where(ok, cond, torch.full_like(cond, float("inf")))
+    sol, cond = _solve_and_condition(Ks, d, rhs)
     singular = cond * rcond >= 1
     if bool(singular.any()):  # rare: the exact spectrum of the (few) singular elements
         idx = torch.nonzero(singular).flatten()
@@ -189,17 +197,9 @@ def checked_solve(
         the clear-cut cases), ``rhs (B, n)`` -> ``v (B, n)``, ``singular, ill (B,)``
         masks and the condition estimates ``cond (B,)``.
     """
-    batch, n = rhs.shape
     if rcond is None:
-        rcond = 10 * max(n, 1) * torch.finfo(H.dtype).eps
-    Hs, d = _equilibrated_kkt(H, None, None)
-    lu, piv, info = lu_factor_ex(Hs)
-    start = pseudo_random_directions(n, batch, H.dtype, H.device)
-    both = torch.linalg.lu_solve(lu, piv, torch.stack([d * rhs, start], -1))
-    v = d * both[..., 0]
-    cond = _condition(Hs, lu, piv, both[..., 1])
-    ok = (info == 0) & torch.isfinite(v).all(-1) & torch.isfinite(cond)
-    cond = torch.where(ok, cond, torch.full_like(cond, float("inf")))
+        rcond = 10 * max(rhs.shape[-1], 1) * torch.finfo(H.dtype).eps
+    v, cond = _solve_and_condition(*_equilibrated_kkt(H, None, None), rhs)
     singular = cond * rcond >= 1
     ill = ~singular & (cond >= ill_conditioned)
     return torch.where(singular.unsqueeze(-1), torch.zeros_like(v), v), singular, ill, cond
