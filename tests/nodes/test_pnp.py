@@ -15,15 +15,8 @@ from scipy.optimize import least_squares as scipy_lsq
 from scipy.optimize import minimize
 from scipy.spatial.transform import Rotation
 
-from convexddn.errors import (
-    DTypeError,
-    GradientWarning,
-    InputError,
-    NonFiniteError,
-    OptionError,
-    ShapeError,
-    SolverWarning,
-)
+from convexddn.errors import DTypeError, GradientWarning, InputError, NonFiniteError, OptionError, ShapeError
+from convexddn.errors import SolverWarning
 from convexddn.nodes._pnp_geometry import matrix_to_axis_angle
 from convexddn.nodes.pnp import PnP, axis_angle_to_matrix, pnp
 
