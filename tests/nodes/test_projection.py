@@ -614,6 +614,89 @@ def test_project_l1_sphere_underflow_warns():
         project_lp(x, 1, "sphere", 1e-45)
 
 
+
+def _exact_l1(x: list[float], r: float, dtype) -> torch.Tensor:
+    """Exact L1 ball/sphere projection of x (outside the ball, or the sphere from inside)."""
+    from fractions import Fraction
+
+    v = _simplex_fraction([Fraction(abs(xi)) for xi in x], Fraction(r))
+    return torch.tensor([math.copysign(float(e), xi) for e, xi in zip(v, x)], dtype=dtype)
+
+
+# Radii near the largest float: every answer is representable, but z − c_j, c_ρ − z (up
+# to ~2z) overflowed. Rows: (x, radius, dtype); the last needs n·z > max, not 2z.
+HUGE_RADIUS = [
+    ([8.3196203e37, -2.4738299e38], 3e38, torch.float32),
+    ([1.6151957e38, -2.0390793e38], 3e38, torch.float32),
+    ([1.6e38, -0.6e38], 3e38, torch.float32),
+    ([1e308, -1.7e308], 1.7e308, F64),
+    ([1e308, -1.7e308, 5e307], 1.7e308, F64),
+    ([3.0, -1.0, 2.5, 0.5, -2.0, 1.0], 1e38, torch.float32),
+]
+
+
+@pytest.mark.parametrize("x,r,dtype", HUGE_RADIUS)
+def test_projections_radius_near_float_max(x, r, dtype):
+    from fractions import Fraction
+
+    xt = torch.tensor([x], dtype=dtype)
+    xs = xt[0].tolist()  # the values as rounded to dtype
+    rr = float(torch.tensor(r, dtype=dtype))
+    tol = {"rtol": 4 * torch.finfo(dtype).eps, "atol": 0}
+    want = torch.tensor(
+        [float(v) for v in _simplex_fraction([Fraction(v) for v in xs], Fraction(rr))],
+        dtype=dtype,
+    )
+    torch.testing.assert_close(project_simplex(xt, z=rr)[0], want, **tol)
+    zt = torch.tensor([rr], dtype=dtype)
+    torch.testing.assert_close(project_simplex(xt, z=zt)[0], want, **tol)
+    for mode in MODES:
+        y = project_lp(xt, 1, mode, rr)[0]
+        if mode == "ball" and sum(abs(Fraction(v)) for v in xs) <= rr:
+            assert torch.equal(y, xt[0])
+        else:
+            torch.testing.assert_close(y, _exact_l1(xs, rr, dtype), **tol)
+    # Gradients go through the same forward: finite, and Σy = z moves one-for-one with z.
+    zt = torch.tensor([rr], dtype=dtype, requires_grad=True)
+    (gz,) = torch.autograd.grad(project_simplex(xt, z=zt).sum(), zt)
+    assert gz.item() == 1.0
+
+
+def test_projections_huge_radius_per_row():
+    # Only the row with the huge radius is rescaled; the others keep their exact answer.
+    x = torch.tensor([[8.3196203e37, -2.4738299e38], [0.75, -0.5], [0.75, -0.5]])
+    z = torch.tensor([3e38, 1.0, 1e-30])
+    want = torch.tensor([[3e38, 0.0], [1.0, 0.0], [1e-30, 0.0]])
+    assert torch.equal(project_simplex(x, z=z), want)
+    y = project_lp(x, 1, "sphere", z)
+    assert torch.equal(y[1:], torch.tensor([[0.625, -0.375], [1e-30, 0.0]]))
+    want = _exact_l1(x[0].tolist(), 3e38, torch.float32)
+    torch.testing.assert_close(y[0], want, rtol=4e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_projections_sum_overflow_16bit(dtype):
+    # 2^e is the top binade of dtype (float16 max 65504, bfloat16 ~3.4e38). By hand: the
+    # sphere adds (r − ‖x‖₁)/2 = 2^(e−3) to each |x_i|; the simplex has τ = −13·2^(e−3).
+    e = 15 if dtype == torch.float16 else 127
+    x = torch.tensor([[2.0**e, -(2.0**(e - 1))]], dtype=dtype)
+    r = 7 * 2.0 ** (e - 2)
+    want = torch.tensor([[9 * 2.0 ** (e - 3), -5 * 2.0 ** (e - 3)]], dtype=dtype)
+    assert torch.equal(project_lp(x, 1, "sphere", r), want)
+    want = torch.tensor([[13 * 2.0 ** (e - 3), 2.0 ** (e - 3)]], dtype=dtype)
+    assert torch.equal(project_simplex(x, z=r), want)
+
+
+def test_project_simplex_sum_overflow_float16():
+    # n > float16 max entries at −z: the prefix sums overflow for z = 1, where the old
+    # fallback z·P_1(x/z) was the same problem again (endless recursion).
+    x = torch.full((1, 70000), -1.0, dtype=torch.float16)
+    x[0, 0] = 0.0
+    want = torch.zeros_like(x)
+    want[0, 0] = 1.0
+    assert torch.equal(project_simplex(x), want)
+
+
 def _l2_vjp_closed_form(x: torch.Tensor, r: float, g: torch.Tensor):
     """(r/‖x‖)(I − ûûᵀ)g for û = x/‖x‖ (x of moderate size)."""
     u = x / x.norm(dim=-1, keepdim=True)

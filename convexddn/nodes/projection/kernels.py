@@ -1,8 +1,10 @@
-"""Closed-form Euclidean projections and their vector–Jacobian products (autograd Functions).
+"""Closed-form Euclidean projections (L2, L∞) and their vector–Jacobian products
+(autograd Functions), with the range helpers every projection shares.
 
-Each ``_*_forward`` computes one projection over dim ``d`` (batched, any device); each
+Each ``*_forward`` computes one projection over dim ``d`` (batched, any device); each
 Function adds the hand-written backward (Gould et al. Table 2 for the sphere, §5.2 for
-the ball). :mod:`.node` validates the options and picks one.
+the ball). The L1 and simplex projections are in :mod:`.simplex`; :mod:`.node`
+validates the options and picks one.
 """
 from __future__ import annotations
 
@@ -176,159 +178,6 @@ class L2ProjectionFn(torch.autograd.Function):
         return grad_x, grad_r, None, None
 
 
-# --------------------------------------------------------------------------- L1 / simplex
-
-
-def _sorted_threshold(
-    u: torch.Tensor, c: torch.Tensor, z: float | torch.Tensor, d: int
-) -> torch.Tensor:
-    """θ with Σᵢ max(vᵢ − θ, 0) = z, from v sorted descending (u) and its cumsum (c).
-
-    Duchi et al. 2008, Fig. 1: ρ = max{j : u_j − (c_j − z)/j > 0} and θ = (c_ρ − z)/ρ.
-    The test f_j = j·u_j − c_j + z > 0 is monotone in j, so ρ is the count of its true
-    entries (no argmax needed). It is counted in floating point, as sign(max(f, 0)):
-    full-size bool tensors are several times slower on CPU. j = 1 passes in exact
-    arithmetic; the clamp keeps ρ ≥ 1 when z is below u₁'s ulp.
-    """
-    j = _along(torch.arange(1, u.shape[d] + 1, dtype=u.dtype, device=u.device), d, u.ndim)
-    f = torch.addcmul(z - c, u, j)
-    rho = f.clamp_(min=0.0).sign_().sum(d, keepdim=True).clamp_(min=1.0)
-    return (c.gather(d, rho.long() - 1) - z) / rho
-
-
-def _shifted_simplex(
-    t: torch.Tensor, z: float | torch.Tensor, d: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Project ``t`` (each row's max 0) onto {v ≥ 0, Σv = z}: ``(v, θ)``; None on overflow.
-
-    Working relative to the row maximum keeps every quantity at the scale of z: the
-    answer is max(t − θ, 0) with θ ∈ [−z, 0] (y_max ≤ z gives θ ≥ −z), so entries at
-    or below −z are never in the support: raising them to −z leaves ρ and θ unchanged,
-    bounds the prefix sums by n·z, and speeds up the sort (many equal keys). Without
-    the shift, θ ≈ max|x| cancels against |x| and |x| ≫ z/eps gives zeros.
-    """
-    # In place: entries below -z stay below θ, so t keeps its use for the answer.
-    t = t.clamp_(min=-z) if isinstance(z, float) else torch.maximum(t, -z, out=t)
-    u = t.sort(dim=d, descending=True).values
-    c = u.cumsum(d)
-    if not bool(torch.isfinite(c.narrow(d, c.shape[d] - 1, 1)).all()):
-        return None
-    theta = _sorted_threshold(u, c, z, d)
-    return (t - theta).clamp_(min=0.0), theta
-
-
-def l1_forward(
-    x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    ax = x.abs()
-    top = ax.amax(d, keepdim=True)
-    # |x| onto the r-simplex, in coordinates relative to max|x| (exact for the entries
-    # that can be in the support, by Sterbenz's lemma).
-    out = _shifted_simplex(ax - top, r, d)
-    if out is None:  # NaN/Inf in x (which poison the sums), or a true overflow
-        check_finite("x", x)
-        # Prefix sums of n entries ~r overflow: P_r(x) = a·P_{r/a}(x/a), a ≥ r.
-        a = torch.maximum(_row_scale(ax, d), torch.as_tensor(r, dtype=x.dtype, device=x.device))
-        y, active = l1_forward(x / a, r / a, d, sphere)
-        return y * a, active
-    t, theta = out
-    # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
-    # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
-    # facet of the cross-polytope).
-    if sphere:
-        active = torch.ones_like(theta, dtype=torch.bool)
-        if _may_underflow(r, x.shape[d], x.dtype):
-            warn_unrepresentable(t, d, "project_lp(p=1, mode='sphere')")
-    else:
-        active = (theta + top) > 0
-        return torch.where(active, torch.copysign(t, x), x), active
-    # Zero coordinates go to the + side (the tie rule of the sphere-from-inside case):
-    # adding +0.0 turns −0.0 into +0.0, so copysign sees a + sign for every zero.
-    return torch.copysign(t, x + 0.0), active
-
-
-@_bind_fast
-class L1ProjectionFn(torch.autograd.Function):
-    """Duchi et al. projection onto the L1 ball/sphere with the Table 2 / §5.2 VJP."""
-
-    @staticmethod
-    def forward(x, r, d, sphere):  # type: ignore[override]
-        return l1_forward(x, r, d, sphere)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        _, r, d, _sphere = inputs
-        y, active = output
-        ctx.mark_non_differentiable(active)
-        ctx.save_for_backward(y, active, r if isinstance(r, torch.Tensor) else None)
-        ctx.d = d
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, _grad_active):  # type: ignore[override]
-        y, active, r_t = ctx.saved_tensors
-        d = ctx.d
-        # On the support S (y ≠ 0) with s = sign(y): Dy = diag(1_S) − (s∘1_S)(s∘1_S)ᵀ/|S|;
-        # inside the ball (θ = 0) Dy = I.
-        s = y.sign()
-        m = s.abs()
-        k = m.sum(d, keepdim=True).clamp_(min=1.0)
-        coef = (s * grad_y).sum(d, keepdim=True) / k * active
-        grad_x = grad_r = None
-        if ctx.needs_input_grad[0]:
-            # Pass-through mask: the support on active rows, everything on inactive ones.
-            keep = torch.maximum(m, (~active).to(m.dtype))
-            grad_x = torch.addcmul(grad_y * keep, s, coef, value=-1.0)
-        if ctx.needs_input_grad[1]:
-            # dθ/dr = −1/|S|, so dy/dr = s/|S| on the support: sᵀv / |S|.
-            grad_r = _sum_to(coef, r_t)
-        return grad_x, grad_r, None, None
-
-
-def simplex_forward(x: torch.Tensor, z: float | torch.Tensor, d: int) -> torch.Tensor:
-    lo, hi = torch.aminmax(x, dim=d, keepdim=True)
-    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
-        check_finite("x", x)  # -Inf would be clamped away below: test here
-    # The projection is shift invariant; shifting by the row max keeps τ's prefix sums at
-    # the scale of the answer (no cancellation for large x).
-    out = _shifted_simplex(x - hi, z, d)
-    if out is None:
-        # n entries ~z overflow the prefix sums: P_z(x) = z·P_1(x/z).
-        return simplex_forward(x / z, 1.0, d) * z
-    return out[0]
-
-
-@_bind_fast
-class SimplexProjectionFn(torch.autograd.Function):
-    """Sparsemax (radius z) forward and VJP (Martins & Astudillo 2016)."""
-
-    @staticmethod
-    def forward(x, z, d):  # type: ignore[override]
-        return simplex_forward(x, z, d)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        _, z, d = inputs
-        ctx.save_for_backward(output, z if isinstance(z, torch.Tensor) else None)
-        ctx.d = d
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):  # type: ignore[override]
-        y, z_t = ctx.saved_tensors
-        # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
-        m = y.sign()  # y ≥ 0, so this is the support indicator (float: faster than bool)
-        gm = m * grad_y
-        mean = gm.sum(ctx.d, keepdim=True) / m.sum(ctx.d, keepdim=True).clamp_(min=1.0)
-        grad_x = grad_z = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(gm, m, mean, value=-1.0)
-        if ctx.needs_input_grad[1]:
-            # τ = (Σ_S x − z)/|S|, so dy/dz = m/|S|: the support mean of v.
-            grad_z = _sum_to(mean, z_t)
-        return grad_x, grad_z, None
-
-
 # --------------------------------------------------------------------------- L∞
 
 
@@ -387,5 +236,3 @@ class LinfProjectionFn(torch.autograd.Function):
             grad_r = _sum_to(pinned_grad.sum(ctx.d, keepdim=True), r_t)
         return grad_x, grad_r, None, None
 
-
-# --------------------------------------------------------------------------- cvxpy path

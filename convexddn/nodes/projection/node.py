@@ -34,17 +34,8 @@ from ..._checks import (
     normalize_p,
 )
 from ...errors import ShapeError
-from .kernels import (
-    L1ProjectionFn,
-    L2ProjectionFn,
-    LinfProjectionFn,
-    SimplexProjectionFn,
-    l1_forward,
-    l2_forward,
-    linf_forward,
-    needs_graph,
-    simplex_forward,
-)
+from .kernels import L2ProjectionFn, LinfProjectionFn, l2_forward, linf_forward, needs_graph
+from .simplex import L1ProjectionFn, SimplexProjectionFn, l1_forward, simplex_forward
 
 __all__ = ["LpProjection", "SimplexProjection", "normalize_p", "project_lp", "project_simplex"]
 
@@ -155,7 +146,8 @@ def project_lp(
     Numerical range: every projection is computed scale-invariantly. ``p=1`` works
     relative to each row's :math:`\max_i |x_i|` (the threshold never cancels against
     :math:`|x|`, so :math:`|x| \gg r/\varepsilon` and tiny radii keep full relative
-    accuracy); ``p=2`` rescales rows whose norm would overflow or lose bits to
+    accuracy; rows whose prefix sums of about :math:`n r` would overflow are solved on
+    :math:`(2^{-k} x, 2^{-k} r)` and scaled back, exactly); ``p=2`` rescales rows whose norm would overflow or lose bits to
     subnormals, and its backward never squares ``r``. Where the true result cannot be
     represented in the dtype (a sphere radius so small that the projection rounds to
     zero; a gradient :math:`r/\|x\|` beyond the largest float for subnormal ``x``)

@@ -1,0 +1,206 @@
+"""Euclidean projections by a sorted threshold: the L1 ball/sphere and the simplex, and
+their vector–Jacobian products (autograd Functions).
+
+Both reduce to :math:`y_i = \max(x_i - \tau, 0)` (with signs for L1) for the threshold
+:math:`\tau` found by one sort and a running sum (Duchi et al. 2008); rows whose
+running sums could overflow are solved on a power-of-two-scaled copy and scaled back
+(the projections are positively homogeneous). The shared range helpers and the L2/L∞
+projections are in :mod:`.kernels`; :mod:`.node` validates the options and picks one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..._checks import check_finite
+from .kernels import _along, _bind_fast, _may_underflow, _sum_to, warn_unrepresentable
+
+__all__ = ["L1ProjectionFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
+
+
+def _sorted_threshold(
+    u: torch.Tensor, c: torch.Tensor, z: float | torch.Tensor, d: int
+) -> torch.Tensor:
+    """θ with Σᵢ max(vᵢ − θ, 0) = z, from v sorted descending (u) and its cumsum (c).
+
+    Duchi et al. 2008, Fig. 1: ρ = max{j : u_j − (c_j − z)/j > 0} and θ = (c_ρ − z)/ρ.
+    The test f_j = j·u_j − c_j + z > 0 is monotone in j, so ρ is the count of its true
+    entries (no argmax needed). It is counted in floating point, as sign(max(f, 0)):
+    full-size bool tensors are several times slower on CPU. j = 1 passes in exact
+    arithmetic; the clamp keeps ρ ≥ 1 when z is below u₁'s ulp.
+    """
+    j = _along(torch.arange(1, u.shape[d] + 1, dtype=u.dtype, device=u.device), d, u.ndim)
+    f = torch.addcmul(z - c, u, j)
+    rho = f.clamp_(min=0.0).sign_().sum(d, keepdim=True).clamp_(min=1.0)
+    return (c.gather(d, rho.long() - 1) - z) / rho
+
+
+def _shifted_simplex(
+    t: torch.Tensor, z: float | torch.Tensor, d: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Project ``t`` (each row's max 0) onto {v ≥ 0, Σv = z}: ``(v, θ)``; None on overflow.
+
+    Working relative to the row maximum keeps every quantity at the scale of z: the
+    answer is max(t − θ, 0) with θ ∈ [−z, 0] (y_max ≤ z gives θ ≥ −z), so entries at
+    or below −z are never in the support: raising them to −z leaves ρ and θ unchanged,
+    bounds the prefix sums by n·z, and speeds up the sort (many equal keys). Without
+    the shift, θ ≈ max|x| cancels against |x| and |x| ≫ z/eps gives zeros.
+    """
+    # In place: entries below -z stay below θ, so t keeps its use for the answer.
+    t = t.clamp_(min=-z) if isinstance(z, float) else torch.maximum(t, -z, out=t)
+    u = t.sort(dim=d, descending=True).values
+    c = u.cumsum(d)
+    # u ≤ 0, so c falls monotonically and z − c_j, c_ρ − z are at most z + |c_n| in size:
+    # c_n − 2z finite (2 is margin for the rounding of parallel scans) rules out overflow
+    # in the threshold, with the host read that also catches NaN/Inf in the input.
+    if not bool(torch.isfinite(torch.sub(c.narrow(d, c.shape[d] - 1, 1), z, alpha=2)).all()):
+        return None
+    theta = _sorted_threshold(u, c, z, d)
+    return (t - theta).clamp_(min=0.0), theta
+
+
+def _scaled(
+    x: torch.Tensor, z: float | torch.Tensor, d: int
+) -> tuple[torch.Tensor, float | torch.Tensor, float | torch.Tensor]:
+    """``(x·s, z·s, s)``, s a power of two per row (1 for small z): sums of n entries ~z·s fit.
+
+    P(s·x; s·z) = s·P(x; z), exactly for powers of two (short of subnormals, far below
+    ε·z). 2^k ≥ 4(n+1) keeps every partial sum (≤ 3nz·s when rounded) below the largest
+    float. 16-bit dtypes are solved in float32: it holds n·z for float16 unscaled, and
+    their own range would push z·s into subnormals.
+    """
+    if x.dtype.itemsize < 4:
+        x = x.float()
+        z = z.float() if isinstance(z, torch.Tensor) else z
+    k = math.ceil(math.log2(4 * (x.shape[d] + 1)))
+    big = torch.finfo(x.dtype).max / 2.0**k
+    if isinstance(z, torch.Tensor):
+        z = z.to(x.dtype)
+        s: float | torch.Tensor = torch.where(z > big, z.new_tensor(2.0**-k), z.new_tensor(1.0))
+    else:
+        s = 2.0**-k if z > big else 1.0
+    return x * s, z * s, s
+
+
+def l1_forward(
+    x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool, _rescaled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ax = x.abs()
+    top = ax.amax(d, keepdim=True)
+    # |x| onto the r-simplex, in coordinates relative to max|x| (exact for the entries
+    # that can be in the support, by Sterbenz's lemma).
+    out = _shifted_simplex(ax - top, r, d)
+    if out is None:  # NaN/Inf in x (which poison the sums), or sums of ~n·r that overflow
+        check_finite("x", x)
+        if _rescaled:  # _scaled's bound rules this out: fail loudly, never loop
+            raise RuntimeError("project_lp(p=1): the threshold overflows after rescaling")
+        xs, rs, s = _scaled(x, r, d)
+        y, active = l1_forward(xs, rs, d, sphere, True)
+        # |y| ≤ r exactly; the clamp keeps a last-ulp excess from turning r ≈ max into Inf.
+        return torch.clamp(y, -rs, rs).div_(s).to(x.dtype), active
+    t, theta = out
+    # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
+    # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
+    # facet of the cross-polytope).
+    if sphere:
+        active = torch.ones_like(theta, dtype=torch.bool)
+        if _may_underflow(r, x.shape[d], x.dtype):
+            warn_unrepresentable(t, d, "project_lp(p=1, mode='sphere')")
+    else:
+        active = (theta + top) > 0
+        return torch.where(active, torch.copysign(t, x), x), active
+    # Zero coordinates go to the + side (the tie rule of the sphere-from-inside case):
+    # adding +0.0 turns −0.0 into +0.0, so copysign sees a + sign for every zero.
+    return torch.copysign(t, x + 0.0), active
+
+
+@_bind_fast
+class L1ProjectionFn(torch.autograd.Function):
+    """Duchi et al. projection onto the L1 ball/sphere with the Table 2 / §5.2 VJP."""
+
+    @staticmethod
+    def forward(x, r, d, sphere):  # type: ignore[override]
+        return l1_forward(x, r, d, sphere)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _, r, d, _sphere = inputs
+        y, active = output
+        ctx.mark_non_differentiable(active)
+        ctx.save_for_backward(y, active, r if isinstance(r, torch.Tensor) else None)
+        ctx.d = d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_active):  # type: ignore[override]
+        y, active, r_t = ctx.saved_tensors
+        d = ctx.d
+        # On the support S (y ≠ 0) with s = sign(y): Dy = diag(1_S) − (s∘1_S)(s∘1_S)ᵀ/|S|;
+        # inside the ball (θ = 0) Dy = I.
+        s = y.sign()
+        m = s.abs()
+        k = m.sum(d, keepdim=True).clamp_(min=1.0)
+        coef = (s * grad_y).sum(d, keepdim=True) / k * active
+        grad_x = grad_r = None
+        if ctx.needs_input_grad[0]:
+            # Pass-through mask: the support on active rows, everything on inactive ones.
+            keep = torch.maximum(m, (~active).to(m.dtype))
+            grad_x = torch.addcmul(grad_y * keep, s, coef, value=-1.0)
+        if ctx.needs_input_grad[1]:
+            # dθ/dr = −1/|S|, so dy/dr = s/|S| on the support: sᵀv / |S|.
+            grad_r = _sum_to(coef, r_t)
+        return grad_x, grad_r, None, None
+
+
+def simplex_forward(
+    x: torch.Tensor, z: float | torch.Tensor, d: int, _rescaled: bool = False
+) -> torch.Tensor:
+    lo, hi = torch.aminmax(x, dim=d, keepdim=True)
+    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+        check_finite("x", x)  # -Inf would be clamped away below: test here
+    # The projection is shift invariant; shifting by the row max keeps τ's prefix sums at
+    # the scale of the answer (no cancellation for large x). x − hi may overflow to −Inf:
+    # the clamp at −z in _shifted_simplex takes it back.
+    out = _shifted_simplex(x - hi, z, d)
+    if out is None:  # sums of ~n·z that overflow (x is finite here)
+        if _rescaled:  # _scaled's bound rules this out: fail loudly, never loop
+            raise RuntimeError("project_simplex: the threshold overflows after rescaling")
+        xs, zs, s = _scaled(x, z, d)
+        # y ≤ z exactly; the clamp keeps a last-ulp excess from turning z ≈ max into Inf.
+        y = simplex_forward(xs, zs, d, True)
+        y = y.clamp(max=zs) if isinstance(zs, float) else torch.minimum(y, zs)
+        return y.div_(s).to(x.dtype)
+    return out[0]
+
+
+@_bind_fast
+class SimplexProjectionFn(torch.autograd.Function):
+    """Sparsemax (radius z) forward and VJP (Martins & Astudillo 2016)."""
+
+    @staticmethod
+    def forward(x, z, d):  # type: ignore[override]
+        return simplex_forward(x, z, d)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _, z, d = inputs
+        ctx.save_for_backward(output, z if isinstance(z, torch.Tensor) else None)
+        ctx.d = d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        y, z_t = ctx.saved_tensors
+        # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
+        m = y.sign()  # y ≥ 0, so this is the support indicator (float: faster than bool)
+        gm = m * grad_y
+        mean = gm.sum(ctx.d, keepdim=True) / m.sum(ctx.d, keepdim=True).clamp_(min=1.0)
+        grad_x = grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(gm, m, mean, value=-1.0)
+        if ctx.needs_input_grad[1]:
+            # τ = (Σ_S x − z)/|S|, so dy/dz = m/|S|: the support mean of v.
+            grad_z = _sum_to(mean, z_t)
+        return grad_x, grad_z, None
