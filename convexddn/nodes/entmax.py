@@ -200,10 +200,16 @@ def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) ->
     # estimate (uᵢ⁺ + δ)^{k−1} (entries with uᵢ > −δ, i.e. possibly in the support):
     # resolved entries keep their value to eps, a lone unresolved one gets exactly the
     # mass the others leave, several share it.
-    delta = m * (2.0 * torch.finfo(work).eps)
-    w = (u.clamp(min=0.0) + delta) ** (k - 1.0) * (u > -delta)
+    # Two exclusions keep a one-hot row one-hot (p_i ≈ 3e-8 and O(1) gradients there
+    # otherwise, for 2 < α < 3): entries at the floor z = −1 are never in the support
+    # (m ≤ 1), and a shortfall r at the rounding level of Σp (m is the bracket's lower
+    # end, an ulp below 1 for a one-hot row) is rounding, not a missing mass.
+    eps = torch.finfo(work).eps
+    delta = m * (2.0 * eps)
+    w = (u.clamp(min=0.0) + delta) ** (k - 1.0) * ((u > -delta) & (z > -1.0))
     r = 1.0 - p.sum(d, keepdim=True)
-    p = torch.addcmul(p, w, r / w.sum(d, keepdim=True)).clamp_(min=0.0)
+    r = torch.where(r > 4.0 * (x.shape[d] + 1) * eps, r, 0.0)
+    p = torch.addcmul(p, w, r / w.sum(d, keepdim=True).clamp_(min=torch.finfo(work).tiny)).clamp_(min=0.0)
     return p.to(x.dtype)
 
 

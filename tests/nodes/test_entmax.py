@@ -322,3 +322,16 @@ def test_entmax_huge_alpha(dtype):
     # α − 1 > float32's max became inf in a float32 product: NaN output.
     p = entmax(torch.tensor([0.0, -1.0, 2.0], dtype=dtype), alpha=1e39)
     assert p.tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("alpha", [2.05, 2.5, 2.95])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entmax_one_hot_rows_stay_one_hot(alpha, dtype):
+    # Entries at the floor (never in the support) got the rounding shortfall of the top
+    # entry as mass: p = [1 - 6e-8, 3e-8, 3e-8] and a gradient [1, -0.5, -0.5] for the
+    # exact [0, 0, 0] (the support is one entry: p is locally constant).
+    x = torch.tensor([2.0, 0.0, -1.0], dtype=dtype, requires_grad=True)
+    p = entmax(x, alpha=alpha)
+    assert p[1] == 0 and p[2] == 0 and abs(float(p[0]) - 1.0) <= 4 * torch.finfo(dtype).eps
+    p[0].backward()
+    assert bool((x.grad == 0).all())
