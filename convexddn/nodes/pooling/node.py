@@ -191,7 +191,7 @@ def robust_pool(
     singular or negative (Huber or truncated quadratic with no inliers, a Welsch point
     that is not a strict minimum) that row's gradient is zero and a
     :class:`~convexddn.errors.GradientWarning` is issued once per call. At the kinks of
-    Huber and truncated quadratic (:math:`|y - x_i| = \alpha`) the inlier side is taken.
+    Huber and truncated quadratic (:math:`|y - x_i| = \\alpha`) the inlier side is taken.
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).

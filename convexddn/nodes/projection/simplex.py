@@ -1,4 +1,4 @@
-"""Euclidean projections by a sorted threshold: the L1 ball/sphere and the simplex, and
+r"""Euclidean projections by a sorted threshold: the L1 ball/sphere and the simplex, and
 their vector–Jacobian products (autograd Functions).
 
 Both reduce to :math:`y_i = \max(x_i - \tau, 0)` (with signs for L1) for the threshold
@@ -31,10 +31,15 @@ def _sorted_threshold(
     full-size bool tensors are several times slower on CPU. j = 1 passes in exact
     arithmetic; the clamp keeps ρ ≥ 1 when z is below u₁'s ulp.
     """
-    j = _along(torch.arange(1, u.shape[d] + 1, dtype=u.dtype, device=u.device), d, u.ndim)
+    # Positions and their count in float32 at least: in float16 they are inexact beyond
+    # 2048 and overflow beyond 65504 (a row of 70000 gave an index error).
+    dtype = u.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    u, c = u.to(work), c.to(work)
+    j = _along(torch.arange(1, u.shape[d] + 1, dtype=work, device=u.device), d, u.ndim)
     f = torch.addcmul(z - c, u, j)
     rho = f.clamp_(min=0.0).sign_().sum(d, keepdim=True).clamp_(min=1.0)
-    return (c.gather(d, rho.long() - 1) - z) / rho
+    return ((c.gather(d, rho.long() - 1) - z) / rho).to(dtype)
 
 
 def _shifted_simplex(
