@@ -820,3 +820,16 @@ def test_projection_numerical_range_cuda():
     torch.testing.assert_close(y[1].cpu(), torch.tensor([1.25, 0.75, 0.0], dtype=F64))
     (gz,) = torch.autograd.grad(y.sum(), z)
     torch.testing.assert_close(gz.cpu(), torch.ones(2, dtype=F64))
+
+
+def test_projections_long_16bit_rows_count_positions_in_float32():
+    # Positions counted in float16 are inexact beyond 2048 and inf beyond 65504: a row
+    # of 70000 raised an index error. Expected: the one zero entry stays, the others
+    # (all -1) share what is left of the radius 1 equally, as |y|'s sum says.
+    x = torch.full((1, 70000), -1.0, dtype=torch.float16)
+    x[0, 0] = 0.0
+    y = project_lp(x, 1, "ball", 1.0)
+    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
+    assert abs(float(y.float().abs().sum()) - 1.0) < 5e-3 and float(y[0, 0]) == 0.0
+    s = project_simplex(torch.zeros(2, 70000, dtype=torch.bfloat16))
+    torch.testing.assert_close(s.float().sum(-1), torch.ones(2), rtol=0, atol=1e-2)
