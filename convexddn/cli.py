@@ -11,7 +11,8 @@ chosen on the command line, and its module is imported then (the experiments thr
 :data:`convexddn.experiments.EXPERIMENTS`).
 
 Exit status: 0 on success; 2 for a user mistake — an unknown command or option, a bad
-option value (``--device gpu``, a CUDA device that is not there, ``--repeats 0``), or an
+option value (``--device gpu``, a CUDA device that is not there, ``--repeats 0``, an
+``--out`` that is a file or cannot be created, checked before the run), or an
 error from :mod:`convexddn.errors` that is about the input (those deriving from
 ``ValueError`` or ``TypeError``) — reported as one line on stderr, without a traceback.
 Other failures (a solver that fails, a bug) keep their traceback.
@@ -89,13 +90,15 @@ def _setup_bench(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_bench_options(args: argparse.Namespace) -> None:
-    """Reject option values the bench would misread (``repeats=0`` means its default)."""
+    """Reject option values the bench would misread (``repeats=0`` means its default), and
+    create ``--out``: the results are written after the whole run, too late to fail."""
     from .errors import OptionError
-    from .experiments.running import resolve_device
+    from .experiments.running import prepare_out_dir, resolve_device
 
     resolve_device(args.device)
     if args.repeats is not None and args.repeats < 1:
         raise OptionError(f"--repeats must be a positive number of timed rounds, got {args.repeats}")
+    prepare_out_dir(args.out)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_finite, check_positive, check_tensor
-from .errors import DTypeError, GradientCheckError, InputError
+from ._checks import check_bool, check_finite, check_int, check_positive, check_tensor
+from .errors import DTypeError, GradientCheckError, InputError, OptionError
 
 __all__ = ["GradientCheckError", "GradientReport", "check_gradients"]
+
+# torch.Generator.manual_seed accepts any integer that fits in 64 bits, signed or not.
+_SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -138,10 +141,11 @@ def check_gradients(
         atol: absolute tolerance. Default ``1e-5``.
         rtol: relative tolerance. Default ``1e-3``.
         n_directions: ``None`` (default) for the full Jacobian, else the number of random
-            directional checks.
+            directional checks (an integer >= 1).
         raise_on_fail: raise :class:`GradientCheckError` instead of returning a failed
             report. Default ``False``.
-        seed: seed of the random directions. Default ``0``.
+        seed: seed of the random directions, an integer (any 64-bit value). Default
+            ``0``; the directions are always seeded, so a check is reproducible.
         params: also check the gradients of a module's parameters that require grad.
             Default ``True``.
 
@@ -154,10 +158,12 @@ def check_gradients(
           flattened, concatenated inputs and parameters.
 
     Raises:
-        DTypeError: if an input is not a floating-point tensor or the node does not
-            return a floating-point tensor.
+        DTypeError: if ``node_or_fn`` is not callable, an input is not a floating-point
+            tensor or the node does not return a floating-point tensor.
         NonFiniteError: if an input contains NaN or Inf.
-        OptionError: if ``eps``, ``atol``, ``rtol`` or ``n_directions`` is not positive.
+        OptionError: if ``eps``, ``atol`` or ``rtol`` is not positive, ``n_directions``
+            is not ``None`` or an integer >= 1, ``seed`` is not an integer in the 64-bit
+            range, or ``raise_on_fail`` or ``params`` is not a bool.
         InputError: if no input is given, or the node's output is not connected to the
             inputs (or parameters) by autograd.
         GradientCheckError: with ``raise_on_fail=True``, when the check fails.
@@ -165,6 +171,11 @@ def check_gradients(
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021.
     """
+    if not callable(node_or_fn):
+        raise DTypeError(
+            "node_or_fn must be a callable (a module or function mapping tensors to a "
+            f"tensor), got {type(node_or_fn).__name__}"
+        )
     if not inputs:
         raise InputError("check_gradients needs at least one input tensor after node_or_fn")
     names = ["x"] if len(inputs) == 1 else [f"input {i}" for i in range(len(inputs))]
@@ -175,7 +186,17 @@ def check_gradients(
     check_positive("atol", atol)
     check_positive("rtol", rtol)
     if n_directions is not None:
-        check_positive("n_directions", n_directions)
+        # An integer, not just a positive number: 2.5 would silently run 2 directions and
+        # 0.5 none at all (then fail on an empty stack).
+        n_directions = check_int("n_directions", n_directions, minimum=1)
+    # Checked even in Jacobian mode, where it is unused, so a bad seed fails the same way
+    # whichever mode is asked for; None is refused (not "unseeded"): the report of a
+    # failed check must be reproducible.
+    seed = check_int("seed", seed)
+    if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise OptionError(f"seed must be an integer in the 64-bit range, got {seed}")
+    check_bool("raise_on_fail", raise_on_fail)
+    check_bool("params", params)
     fn = _float64_copy(node_or_fn, params)
     point = [x.detach().to(torch.float64) for x in inputs]
     thetas: list[torch.Tensor] = []
@@ -196,7 +217,11 @@ def check_gradients(
         return out.to(torch.float64)
 
     def shifted(delta: torch.Tensor) -> torch.Tensor:
-        """y at z + delta (delta flat over inputs and parameters)."""
+        """y at z + delta (delta flat over inputs and parameters).
+
+        Perturbs the (copied) module's parameters in place and restores them: call it
+        only once every backward through the graph of ``y`` is done.
+        """
         parts = list(torch.split(delta, sizes))
         xs = [x + d.reshape(x.shape) for x, d in zip(point, parts)]
         saved = [p.detach().clone() for p in thetas]
@@ -233,6 +258,7 @@ def check_gradients(
         if n_directions is None:
             mode = "jacobian"
             eye_out = torch.eye(y.numel(), dtype=torch.float64, device=y.device)
+            # All rows before any column: see the directional branch.
             rows = [vjp(e.reshape(y.shape)) for e in eye_out]
             analytic = torch.stack(rows) if rows else y.new_zeros(0, total)
             cols = []
@@ -244,16 +270,20 @@ def check_gradients(
         else:
             mode = "directional"
             gen = torch.Generator(device="cpu").manual_seed(seed)
-            a_vals, n_vals = [], []
-            for _ in range(int(n_directions)):
+            directions = []
+            for _ in range(n_directions):
                 u = torch.randn(total, generator=gen, dtype=torch.float64)
                 u = (u / u.norm().clamp_min(1e-300)).to(device)
                 w = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
-                a_vals.append((vjp(w) * u).sum())
-                diff = (shifted(eps * u) - shifted(-eps * u)) / (2 * eps)
-                n_vals.append((w * diff).sum())
-            analytic = torch.stack(a_vals)
-            numeric = torch.stack(n_vals)
+                directions.append((u, w))
+            # Every backward product before any finite difference: shifted() perturbs the
+            # parameters in place, and a graph that saved them (e.g. a Linear's weight)
+            # refuses to run backward after that, even once they are restored.
+            analytic = torch.stack([(vjp(w) * u).sum() for u, w in directions])
+            numeric = torch.stack([
+                (w * ((shifted(eps * u) - shifted(-eps * u)) / (2 * eps))).sum()
+                for u, w in directions
+            ])
 
     err = (analytic - numeric).abs()
     if err.numel() == 0:

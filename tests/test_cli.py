@@ -263,3 +263,81 @@ def test_cli_experiment_runs_through_the_table(monkeypatch, capsys):
     assert "a stand-in experiment" in capsys.readouterr().out
     assert cli.main(["experiment", "probe", "--frob"]) == 2
     _one_line_error(capsys.readouterr().err, "unrecognized arguments: --frob")
+
+
+# --- --out: checked (and created) before any work ---------------------------------------
+
+def _forbid_work(monkeypatch):
+    """Make the bench's and the experiments' work fail loudly if it is ever reached."""
+    import convexddn.bench as bench
+    from convexddn.experiments.pointcloud import runner as pointcloud_runner
+    from convexddn.experiments.projection import runner as projection_runner
+
+    def work(*args, **kwargs):
+        raise AssertionError("the run started although --out is unusable")
+
+    for name in ("pool_cases", "projection_cases", "convex_cases", "node_cases"):
+        monkeypatch.setattr(bench, name, work)
+    monkeypatch.setattr(pointcloud_runner, "run", work)
+    monkeypatch.setattr(projection_runner, "run", work)
+
+
+@pytest.mark.parametrize("command", [
+    ["bench", "--quick"],
+    ["experiment", "pointcloud", "--quick"],
+    ["experiment", "projection", "--quick"],
+])
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_cli_unusable_out_fails_up_front(command, where, tmp_path, monkeypatch, capsys):
+    # Used to fail only after the whole run, with a FileExistsError/NotADirectoryError
+    # traceback from os.makedirs and exit status 1.
+    _forbid_work(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    out = afile if where == "file" else afile / "sub"
+    assert cli.main([*command, "--out", str(out)]) == 2
+    _one_line_error(capsys.readouterr().err, "error:", "--out", repr(str(out)))
+    assert afile.read_text() == "not a directory"
+
+
+def test_bench_run_checks_out_before_any_work(tmp_path, monkeypatch):
+    import convexddn.bench as bench
+    from convexddn.errors import OptionError
+
+    _forbid_work(monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(OptionError, match="out must be a directory"):
+        bench.run(quick=True, out=str(afile))
+
+
+def test_write_result_refuses_a_file_as_out(tmp_path):
+    from convexddn.errors import OptionError
+    from convexddn.experiments.running import write_result
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(OptionError, match="out must be a directory"):
+        write_result({}, str(afile), "probe", lambda result, path: None)
+
+
+def test_cli_bench_creates_out_before_the_run(tmp_path, monkeypatch, capsys):
+    # A nested --out that does not exist yet is created before the work starts (the stub
+    # of the work sees it) and receives bench.json at the end.
+    import convexddn.bench as bench
+
+    out = tmp_path / "a" / "b"
+    seen = []
+
+    def no_rows(*args, **kwargs):
+        seen.append(out.is_dir())
+        return []
+
+    for name in ("pool_cases", "projection_cases", "convex_cases", "node_cases", "peak_memory"):
+        monkeypatch.setattr(bench, name, no_rows)
+    monkeypatch.setattr(bench, "estimate_skipped", lambda rows: None)
+    monkeypatch.setattr(bench, "plot", lambda result, path: open(path, "wb").close())
+    monkeypatch.setattr(bench, "format_table", lambda result: "")
+    assert cli.main(["bench", "--quick", "--repeats", "1", "--out", str(out)]) == 0
+    assert seen and all(seen)
+    assert json.loads((out / "bench.json").read_text())["quick"] is True

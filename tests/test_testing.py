@@ -272,3 +272,56 @@ def test_check_gradients_finds_wrong_parameter_gradient():
 def test_check_gradients_needs_an_input():
     with pytest.raises(InputError, match="at least one input"):
         check_gradients(torch.tanh)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_check_gradients_directional_with_parameters_saved_for_backward(dtype):
+    # A Linear saves its weight for backward; perturbing it in place for the finite
+    # differences between two directional backward products used to raise autograd's
+    # "modified by an inplace operation" RuntimeError from the second direction on.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 2).to(dtype)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    report = check_gradients(lin, _x(3, 4), n_directions=3)
+    assert report.ok and report.n_compared == 3 and report.mode == "directional"
+    assert report.wrt == ("x", "param weight", "param bias")
+    # The caller's module is left as it was: values and dtype.
+    for k, v in lin.state_dict().items():
+        assert v.dtype == dtype and torch.equal(v, before[k])
+
+
+def test_check_gradients_directional_finds_wrong_parameter_gradient():
+    # WrongParamGrad saves the parameter for backward, as above; a wrong gradient with
+    # respect to it must still be found in directional mode.
+    report = check_gradients(Scale(), _x(2, 3), n_directions=4)
+    assert not report.ok and report.n_compared == 4
+    assert check_gradients(Scale(), _x(2, 3), n_directions=4, params=False).ok
+
+
+@pytest.mark.parametrize("options, error, name", [
+    ({"n_directions": 0.5}, OptionError, "n_directions"),   # used to run none: raw RuntimeError
+    ({"n_directions": 2.5}, OptionError, "n_directions"),   # used to run 2 silently
+    ({"n_directions": True}, OptionError, "n_directions"),
+    ({"n_directions": -1}, OptionError, "n_directions"),
+    ({"n_directions": 2, "seed": None}, OptionError, "seed"),  # raw RuntimeError from manual_seed
+    ({"n_directions": 2, "seed": 1.5}, OptionError, "seed"),
+    ({"n_directions": 2, "seed": 2**64}, OptionError, "seed"),  # raw ValueError (overflow)
+    ({"seed": "0"}, OptionError, "seed"),  # refused in Jacobian mode too
+    ({"params": "yes"}, OptionError, "params"),
+    ({"raise_on_fail": 1}, OptionError, "raise_on_fail"),
+])
+def test_check_gradients_rejects_bad_options(options, error, name):
+    with pytest.raises(error, match=name) as info:
+        check_gradients(torch.tanh, _x(3), **options)
+    assert repr(options[name]) in str(info.value)  # what came is named, too
+
+
+def test_check_gradients_accepts_any_64_bit_seed():
+    for seed in (-(2**63), -1, 2**64 - 1):
+        assert check_gradients(torch.tanh, _x(3), n_directions=2, seed=seed).ok
+
+
+def test_check_gradients_needs_a_callable():
+    # Used to fail with a raw "'int' object is not callable" TypeError.
+    with pytest.raises(DTypeError, match="node_or_fn must be a callable.*got int"):
+        check_gradients(3, _x(2))

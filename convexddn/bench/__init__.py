@@ -24,6 +24,7 @@ import torch
 
 from .._machine import machine
 from ..errors import OptionError
+from ..experiments.running import prepare_out_dir
 from .cases import (
     CONVEX_PENALTIES,
     POOL_PENALTIES,
@@ -51,12 +52,19 @@ CONVEX_CUDA = [("qp100", 128), ("qp50", 64), ("qp50", 4096), ("sparsemax16", 102
 
 def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
         out: str | None = "results", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Run the benchmark; write bench.json and bench.png under ``out`` (unless None)."""
+    """Run the benchmark; write bench.json and bench.png under ``out`` (unless None).
+
+    Raises:
+        OptionError: for a CUDA device that is not there, or an ``out`` that is not a
+            directory that can be created and written (checked before any work).
+    """
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
+    # The results are written only after minutes of timing: a bad out must fail now.
+    prepare_out_dir(out, "out")
     names = ["small"] if quick else ["small", "issue", "paper"]
     repeats = repeats or (3 if quick else 5)
     total = sum((repeats + 1) * ((2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS) if SHAPES[n][1] else 0))
@@ -80,7 +88,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows,
               "convex": convex, "nodes": nodes, "memory": memory, "workers": workers}
     if out is not None:
-        os.makedirs(out, exist_ok=True)
+        prepare_out_dir(out, "out")  # again: it may have been removed during the run
         with open(os.path.join(out, "bench.json"), "w") as f:
             json.dump(result, f, indent=2)
         plot(result, os.path.join(out, "bench.png"))

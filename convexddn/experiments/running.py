@@ -20,6 +20,7 @@ import torch
 from ..errors import ConvexDDNWarning, OptionError
 
 __all__ = [
+    "prepare_out_dir",
     "write_result",
     "resolve_device",
     "torch_threads",
@@ -152,11 +153,45 @@ def run_command(prog: str, prepare: Callable[[], Any], execute: Callable[[Any], 
     return execute(config)
 
 
+def prepare_out_dir(out: Any, option: str = "--out") -> None:
+    """Create the output directory ``out`` (if missing) and check that files can be written
+    into it; ``None`` (write nothing) passes.
+
+    Called before a run starts: a run writes its results only at the end, so a bad
+    ``out`` found there would throw away minutes of work with a traceback.
+
+    Raises:
+        OptionError: naming ``option``, if ``out`` is not a path, is a file, lies under a
+            file, cannot be created, or is not writable.
+    """
+    if out is None:
+        return
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise OptionError(f"{option} must be a directory path, got {out!r}")
+    path = os.fspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OptionError(f"{option} must be a directory, got {path!r}, which is a file")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:  # a file on the way (NotADirectoryError), no permission, ...
+        raise OptionError(
+            f"{option} must be a directory that can be created, got {path!r} "
+            f"({type(err).__name__}: {err.strerror or err})"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OptionError(f"{option} must be a writable directory, got {path!r} (not writable)")
+
+
 def write_result(result: dict[str, Any], out: str, name: str,
                  plot: Callable[[dict[str, Any], str], None]) -> dict[str, str]:
     """Write ``<name>.json`` (the result with its file paths) and ``<name>.png`` (``plot``)
-    into ``out``; return their paths."""
-    os.makedirs(out, exist_ok=True)
+    into ``out``; return their paths.
+
+    Raises:
+        OptionError: if ``out`` is not a directory that can be written (see
+            :func:`prepare_out_dir`; the commands check it before they run).
+    """
+    prepare_out_dir(out, "out")
     files = {"json": os.path.join(out, f"{name}.json"), "png": os.path.join(out, f"{name}.png")}
     plot(result, files["png"])
     with open(files["json"], "w") as f:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ...errors import OptionError
 from ..pointnet import POOLINGS
-from ..running import run_command
+from ..running import prepare_out_dir, run_command
 from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, TABLE3_RATES, Config
 
 __all__ = ["add_arguments", "config_from_args", "main"]
@@ -73,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _prepare(args: argparse.Namespace) -> Config:
     cfg = config_from_args(args)
     cfg.validate()
+    prepare_out_dir(cfg.out)  # before the run, not after it (results are written last)
     return cfg
 
 

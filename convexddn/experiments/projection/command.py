@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..running import run_command
+from ..running import prepare_out_dir, run_command
 from .config import DISPLAY_NAMES, VARIANTS, Config
 from .data import require_sklearn
 
@@ -55,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _prepare(args: argparse.Namespace) -> Config:
     cfg = config_from_args(args)
     cfg.validate()
+    prepare_out_dir(cfg.out)  # before the run, not after it (results are written last)
     require_sklearn()
     return cfg
 
