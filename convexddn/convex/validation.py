@@ -34,18 +34,19 @@ _COUNT = "an integer >= 1 (an iteration limit)"
 _NATURAL = "an integer >= 0"
 _INTEGER = "an integer"
 _POSITIVE = "a finite number > 0"
+_NONNEG = "a finite number >= 0"  # tolerances, regularisations: 0 is the solver's to judge
 _SECONDS = "a number of seconds >= 0 (inf: no limit)"
 _BOOL = "True or False"
 _TEXT = "a string"
 
 # SCS's and ECOS's documented settings; Clarabel's are read from its own settings object.
-_SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _POSITIVE, "eps_rel": _POSITIVE, "eps_infeas": _POSITIVE,
+_SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_infeas": _NONNEG,
              "alpha": _POSITIVE, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
              "normalize": _BOOL, "acceleration_lookback": _INTEGER,  # < 0: type-I Anderson
              "acceleration_interval": _COUNT, "time_limit_secs": _SECONDS, "verbose": _BOOL,
              "write_data_filename": _TEXT, "log_csv_filename": _TEXT}
 _ECOS_ARGS = {**dict.fromkeys(("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc",
-                               "reltol_inacc"), _POSITIVE),
+                               "reltol_inacc"), _NONNEG),
               "max_iters": _COUNT, "nitref": _NATURAL, "verbose": _BOOL}
 
 
@@ -57,10 +58,10 @@ def _clarabel_args() -> dict[str, str | None]:
         # The default's type says what the setting is (bool before int: bool is an int).
         if isinstance(default, bool):
             return _BOOL
-        if isinstance(default, int):
-            return _COUNT if "max_iter" in name else _NATURAL
+        if isinstance(default, int):  # (inner limits such as equilibrate_max_iter may be 0)
+            return _COUNT if name == "max_iter" else _NATURAL
         if isinstance(default, float):
-            return _SECONDS if math.isinf(default) else _POSITIVE  # time_limit: inf
+            return _SECONDS if math.isinf(default) else _NONNEG  # time_limit: inf
         return _TEXT if isinstance(default, str) else None  # None: passed on unchecked
 
     settings = clarabel.DefaultSettings()
@@ -83,13 +84,13 @@ def _solver_value(name: str, kind: str | None, value: Any) -> Any:
         check_bool(name, value)
     elif kind in (_COUNT, _NATURAL, _INTEGER):
         return check_int(name, value, minimum={_COUNT: 1, _NATURAL: 0}.get(kind))
-    elif kind in (_POSITIVE, _SECONDS):
+    elif kind in (_POSITIVE, _NONNEG, _SECONDS):
         # check_positive takes tensors (node options may be learned); a solver does not.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
         if kind == _POSITIVE:
             check_positive(name, value)
-        elif math.isnan(value) or value < 0:
+        elif math.isnan(value) or value < 0 or (kind == _NONNEG and math.isinf(value)):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
         return float(value)
     elif kind == _TEXT and not isinstance(value, str):

@@ -1,6 +1,8 @@
 """ConvexLayer: batching, dtype/device, accuracy, verified solves and errors."""
 from __future__ import annotations
 
+import math
+
 import pickle
 import warnings
 
@@ -456,12 +458,14 @@ def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
     ("Clarabel", {"max_iter": "100"}, r"solver_args\['max_iter'\] must be an integer, got '100'"),
     ("auto", {"max_iter": "100"}, r"solver_args\['max_iter'\] must be an integer, got '100'"),
     ("auto", {"max_iter": 0}, r"solver_args\['max_iter'\] must be an integer >= 1, got 0"),
-    ("Clarabel", {"tol_feas": -1e-9}, r"solver_args\['tol_feas'\] must be finite and > 0, got -1e-09"),
-    ("Clarabel", {"tol_gap_abs": "x"}, r"solver_args\['tol_gap_abs'\] must be a finite number > 0, got 'x'"),
+    ("Clarabel", {"tol_feas": -1e-9}, r"solver_args\['tol_feas'\] must be a finite number >= 0, got -1e-09"),
+    ("Clarabel", {"tol_feas": math.inf}, r"solver_args\['tol_feas'\] must be a finite number >= 0, got inf"),
+    ("Clarabel", {"tol_gap_abs": "x"}, r"solver_args\['tol_gap_abs'\] must be a finite number >= 0, got 'x'"),
     ("Clarabel", {"verbose": "yes"}, r"solver_args\['verbose'\] must be True or False, got 'yes'"),
     ("Clarabel", {"time_limit": -1.0}, r"solver_args\['time_limit'\] must be a number of seconds >= 0"),
     ("SCS", {"max_iters": 1.5}, r"solver_args\['max_iters'\] must be an integer, got 1.5"),
-    ("SCS", {"eps_abs": torch.tensor(1e-6)}, r"solver_args\['eps_abs'\] must be a finite number > 0"),
+    ("SCS", {"eps_abs": torch.tensor(1e-6)}, r"solver_args\['eps_abs'\] must be a finite number >= 0"),
+    ("SCS", {"scale": 0.0}, r"solver_args\['scale'\] must be finite and > 0"),
     ("ECOS", {"nitref": -1}, r"solver_args\['nitref'\] must be an integer >= 0, got -1"),
 ])
 def test_convex_layer_invalid_solver_args_values(solver, args, match):
