@@ -321,6 +321,26 @@ def test_write_result_refuses_a_file_as_out(tmp_path):
         write_result({}, str(afile), "probe", lambda result, path: None)
 
 
+@pytest.mark.parametrize("name", ["pointcloud", "projection"])
+def test_experiment_run_checks_out_before_any_work(name, tmp_path, monkeypatch):
+    # Called from Python (not the CLI), an unusable out failed only after the whole run.
+    import importlib
+
+    from convexddn.errors import OptionError
+
+    runner = importlib.import_module(f"convexddn.experiments.{name}.runner")
+    config = importlib.import_module(f"convexddn.experiments.{name}.config")
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the run started before out was checked")
+
+    monkeypatch.setattr(runner, "run_seed", reached)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(OptionError, match="out must be a directory"):
+        runner.run(config.Config(out=str(afile)))
+
+
 def test_cli_bench_creates_out_before_the_run(tmp_path, monkeypatch, capsys):
     # A nested --out that does not exist yet is created before the work starts (the stub
     # of the work sees it) and receives bench.json at the end.
