@@ -154,7 +154,9 @@ def format_table(result: dict[str, Any]) -> str:
                  "see the README's Benchmarks.")
     lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
                  f"({m['torch_threads']} threads), device {m['device']}; medians of "
-                 f"{result['repeats']} rounds; mean = `x.mean(-1)` of the same tensor.")
+                 f"{result['repeats']} rounds (the convex path: at most 3; the DDN reference at the "
+                 "paper's shape: 2, its own interleaved rounds; cone-program rows: see their note); "
+                 "mean = `x.mean(-1)` of the same tensor.")
     return "\n".join(lines)
 
 

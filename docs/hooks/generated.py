@@ -96,7 +96,9 @@ def path_costs(bench_json: Path) -> str:
     m = result["machine"]
     lines += ["", f"Measured by `convexddn bench` on {m['cpu_count']} CPU cores ({m['processor']}), "
                   f"torch {m['torch']} with {m['torch_threads']} threads, device {m['device']}; "
-                  f"medians of {result['repeats']} rounds, float32 timings, float64 agreement. "
+                  "float32 timings, float64 agreement; each cone-program row's timing is described "
+                  "by its note in docs/bench.md (runs before 2026-12-01's fix timed 8 rows once and "
+                  "scaled them to a sample, which misstates problems solved as one batch). "
                   "A sample is one element of the leading batch dimension."]
     return "\n".join(lines)
 

@@ -126,7 +126,13 @@ def _paths(prob, params, variables, peers: bool = True) -> dict[str, Callable]:
     cvx = CvxpyLayer(prob, parameters=params, variables=variables)
     paths["cvxpylayers default"] = lambda *a: cvx(*a)[0]
     if moreau_available():
-        mor = CvxpyLayer(prob, parameters=params, variables=variables, solver="MOREAU")
+        try:  # importable is not usable: cvxpy's own probe of the solver can still fail
+            mor = CvxpyLayer(prob, parameters=params, variables=variables, solver="MOREAU")
+        except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
+            message = f"{type(err).__name__}: {str(err)[:120]}"
+
+            def mor(*_a, message=message):
+                raise RuntimeError(message)
         paths["cvxpylayers + Moreau"] = lambda *a: mor(*a)[0]
     return paths
 

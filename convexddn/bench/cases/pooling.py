@@ -129,10 +129,10 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) -
         row = row_record("pooling", p, "cvxpy", shape, dtype, device, None, None, None, None)
         if with_cvxpy:
             cone = layer("robust_pool", n=N, penalty=p, alpha=1.0, backend="cvxpy")
+            xr, gr = x.reshape(-1, N), g.reshape(-1)
             measure_cvxpy(row, rows, lambda t, p=p: robust_pool(t, p, 1.0), cone,
-                          x.reshape(-1, N)[:CVXPY_ROWS], g.reshape(-1)[:CVXPY_ROWS], C / CVXPY_ROWS,
-                          B, mean_f, mean_b, progress,
-                          f"timed on {CVXPY_ROWS} rows (one solve each), scaled to {C} rows per sample")
+                          xr[:CVXPY_ROWS], gr[:CVXPY_ROWS], C / CVXPY_ROWS, B, mean_f, mean_b, progress,
+                          (xr[:C], gr[:C], 1.0))
         else:
             row["note"] = "skipped: one cone program per row is too slow at this size"
         rows.append(row)

@@ -58,7 +58,7 @@ def projection_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progr
         if with_cvxpy:
             done = min(CVXPY_ROWS, B)
             measure_cvxpy(row, rows, native_fn(p), cvxpy_fn(p), x[:done], g[:done], 1 / done,
-                           B, mean_f, mean_b, progress, f"timed on {done} rows")
+                          B, mean_f, mean_b, progress, (x, g, 1 / B))
         else:
             row["note"] = "skipped: one cone program per row is too slow at this size"
         rows.append(row)
