@@ -267,8 +267,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         r = Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
         running = status == RUNNING
         better = running & (r.merit < best_merit)
-        # Iterates stay finite (non-finite steps are never taken): blend by arithmetic
-        # (lerp: one op, and exact at weights 0 and 1).
+        # Iterates stay finite (non-finite steps are never taken): lerp, exact at weights 0, 1.
         keep = better.to(x.dtype)
         best = tuple(torch.lerp(bv, v, _col(keep, v)) for v, bv in zip((x, s, z, tau), best))
         best_merit = torch.where(better, r.merit, best_merit)

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ..errors import InputError, ShapeError, SolverWarning
+from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
 from .linear_solvers import shown_indices
 
@@ -29,6 +29,7 @@ __all__ = [
     "matrix_to_axis_angle",
     "normalised",
     "off_plane_spread",
+    "warn_hessian",
 ]
 
 # Points whose spread off their best-fit plane is below this fraction of their largest
@@ -202,3 +203,17 @@ def check_alpha_shape(alpha: torch.Tensor, batch: torch.Size) -> None:
     if not fits:
         raise ShapeError(f"alpha must broadcast to the batch shape {tuple(batch)} of the other inputs, "
                          f"got shape {tuple(alpha.shape)}")
+
+
+def warn_hessian(singular: torch.Tensor, ill: torch.Tensor, cond: torch.Tensor) -> None:
+    """The backward's GradientWarnings for Hessians singular (gradient set to zero) or
+    ill-conditioned at the solution, from :func:`~.dense.checked_solve`'s masks."""
+    if bool(singular.any()):
+        warnings.warn(f"pnp: the Hessian at the solution is singular for {shown_indices(singular)}: the pose "
+                      "is not locally unique, so its derivative does not exist; their gradient is set to zero",
+                      GradientWarning, stacklevel=3)
+    if bool(ill.any()):
+        warnings.warn(f"pnp: the Hessian at the solution is ill-conditioned (condition number up to "
+                      f"{float(torch.where(ill, cond, 0).amax()):.1e}) for {shown_indices(ill)}: the pose is "
+                      "close to non-unique and the gradient is very sensitive to the data", GradientWarning,
+                      stacklevel=3)

@@ -53,7 +53,6 @@ entries are unresolved (above) their :math:`s` and so their gradients are not ac
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from typing import Any
@@ -62,6 +61,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._autograd import bind_fast
 from .._checks import check_int, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, OptionError, ShapeError
 from .projection import project_simplex
@@ -213,13 +213,7 @@ def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) ->
     return p.to(x.dtype)
 
 
-def _bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    # ``Function.apply`` re-derives forward's signature on every call unless it is stored.
-    cls.forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
-    return cls
-
-
-@_bind_fast
+@bind_fast
 class _EntmaxFn(torch.autograd.Function):
     """Generic-α entmax forward; backward diag(s) − s sᵀ/1ᵀs with s = p^{2−α} on the support."""
 

@@ -32,13 +32,13 @@ References:
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._autograd import bind_fast
 from .._checks import check_finite, check_tensor
 from ..errors import DTypeError, InputError, OptionError, ShapeError, SolverError
 
@@ -90,6 +90,7 @@ def _raise_rank(bad: torch.Tensor) -> None:
     )
 
 
+@bind_fast
 class _LeastSquaresFunction(torch.autograd.Function):
     """x = argmin ½‖W^{1/2}(Au − b)‖² + ½ Σ ρ_n u_n² for A (…, M, N), b (…, M, K)."""
 
@@ -142,11 +143,6 @@ class _LeastSquaresFunction(torch.autograd.Function):
             if grads[i] is not None:
                 grads[i] = grads[i].sum_to_size(t.shape).to(ctx.dtypes[i])
         return tuple(grads)
-
-
-_LeastSquaresFunction.forward.__signature__ = inspect.signature(  # type: ignore[attr-defined]
-    _LeastSquaresFunction.forward
-)
 
 
 # --------------------------------------------------------------------------- validation

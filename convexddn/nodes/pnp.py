@@ -30,7 +30,6 @@ References:
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any
 
@@ -38,8 +37,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._autograd import bind_fast
 from .._checks import check_finite, check_positive, check_stopping, check_tensor
-from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
+from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._pnp_geometry import (
     axis_angle_to_matrix,
     check_alpha_shape,
@@ -49,9 +49,9 @@ from ._pnp_geometry import (
     check_start,
     dlt,
     normalised,
+    warn_hessian,
 )
 from .dense import checked_solve
-from .linear_solvers import shown_indices
 from .pooling.penalties import Penalty
 
 __all__ = ["pnp", "PnP", "axis_angle_to_matrix"]
@@ -152,6 +152,7 @@ def _solve(theta, xs, pen, tol, max_iter):
 # --------------------------------------------------------------------------- node
 
 
+@bind_fast
 class _PnPFunction(torch.autograd.Function):
     """θ = argmin_θ Σ w_i φ(‖π(R p_i + t) − q_i‖) for (B, N, ·) inputs -> (B, 6)."""
 
@@ -187,14 +188,7 @@ class _PnPFunction(torch.autograd.Function):
         # inliers, collinear points) from being exactly singular, where solve_ex reports
         # nothing and returns an arbitrary finite v. Singular elements get v = 0.
         v, singular, ill, cond = checked_solve(H, g_theta)
-        if bool(singular.any()):
-            warnings.warn(f"pnp: the Hessian at the solution is singular for {shown_indices(singular)}: the pose "
-                          "is not locally unique, so its derivative does not exist; their gradient is set to zero",
-                          GradientWarning, stacklevel=2)
-        if bool(ill.any()):
-            warnings.warn(f"pnp: the Hessian at the solution is ill-conditioned (condition number up to "
-                          f"{float(torch.where(ill, cond, 0).amax()):.1e}) for {shown_indices(ill)}: the pose is "
-                          "close to non-unique and the gradient is very sensitive to the data", GradientWarning, 2)
+        warn_hessian(singular, ill, cond)
         xs = [None if t is None else t.detach().requires_grad_(n)
               for t, n in zip((p2d, p3d, w, K, alpha), need)]
         with torch.enable_grad():
@@ -207,9 +201,6 @@ class _PnPFunction(torch.autograd.Function):
             gr = next(got) if n else None
             out.append(None if not n else (torch.zeros_like(t) if gr is None else -gr))
         return (*out, None, None, None, None)
-
-
-_PnPFunction.forward.__signature__ = inspect.signature(_PnPFunction.forward)  # type: ignore[attr-defined]
 
 
 def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> Penalty:

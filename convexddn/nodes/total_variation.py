@@ -49,7 +49,6 @@ require grad, :math:`y` is not differentiable in the pair, which a ``GradientWar
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import warnings
@@ -59,6 +58,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._autograd import bind_fast
 from .._checks import check_bool, check_finite, check_int, check_tensor, normalize_dims
 from ..errors import GradientWarning, OptionError, ShapeError, SolverError
 
@@ -162,12 +162,6 @@ def _solve(
     )
 
 
-def _bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    # ``Function.apply`` re-derives forward's signature on every call unless it is stored.
-    cls.forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
-    return cls
-
-
 def _warn_rows(rows: torch.Tensor, what: str) -> None:
     if bool(rows.any()):
         where = rows.nonzero().flatten().tolist()[:10]
@@ -175,7 +169,7 @@ def _warn_rows(rows: torch.Tensor, what: str) -> None:
                       GradientWarning, stacklevel=3)
 
 
-@_bind_fast
+@bind_fast
 class _TVFn(torch.autograd.Function):
     """Exact TV-1D forward; backward by segment averaging (x) and boundary signs (λ)."""
 

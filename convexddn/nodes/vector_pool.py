@@ -38,7 +38,6 @@ References:
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import warnings
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._autograd import bind_fast
 from .._checks import (
     check_dim_option,
     check_finite,
@@ -71,6 +71,7 @@ _DEFAULT_STARTS = 32
 # --------------------------------------------------------------------------- node
 
 
+@bind_fast
 class _VectorPoolFunction(torch.autograd.Function):
     """y = argmin_u Σ_i φ(‖u − x_i‖; α) for x (R, N, C) -> (R, C); alpha (R,) or 0-d."""
 
@@ -118,12 +119,6 @@ class _VectorPoolFunction(torch.autograd.Function):
             ga = -(ctx.pen.d2phi_dalpha(z, a) * nv).sum(-1)
             ga = ga if alpha.dim() > 0 else ga.sum()
         return gx, ga, None, None, None, None
-
-
-# A precomputed signature spares Function.apply an inspect.signature per call.
-_VectorPoolFunction.forward.__signature__ = inspect.signature(  # type: ignore[attr-defined]
-    _VectorPoolFunction.forward
-)
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,

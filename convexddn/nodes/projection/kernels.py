@@ -8,13 +8,13 @@ validates the options and picks one.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..._autograd import bind_fast
 from ..._checks import check_finite
 from ...errors import ConvexDDNWarning, GradientWarning
 
@@ -34,17 +34,6 @@ def _row_scale(ax: torch.Tensor, d: int) -> torch.Tensor:
     """Per-row max of |x| (1 for all-zero rows): dividing by it keeps reductions finite."""
     a = ax.amax(d, keepdim=True)
     return torch.where(a > 0, a, torch.ones_like(a))
-
-
-def _bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    """Precompute ``forward``'s signature, which ``Function.apply`` re-derives on every call.
-
-    With ``setup_context``, ``apply`` binds its arguments through ``inspect.signature``;
-    that honours a stored ``__signature__`` and otherwise costs about as much as a
-    (256, 512) clamp, so caching it matters for the cheap projections.
-    """
-    cls.forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
-    return cls
 
 
 def needs_graph(x: torch.Tensor, r: float | torch.Tensor) -> bool:
@@ -133,7 +122,7 @@ def _unit(y: torch.Tensor, r: float | torch.Tensor, d: int) -> torch.Tensor:
     )
 
 
-@_bind_fast
+@bind_fast
 class L2ProjectionFn(torch.autograd.Function):
     """y = x·min(1, r/‖x‖) (ball) or r·x/‖x‖ (sphere) with the Table 2 / §5.2 VJP."""
 
@@ -204,7 +193,7 @@ def linf_forward(
     return y.scatter(d, k, torch.where(xk < 0, -rk, rk).expand_as(xk))
 
 
-@_bind_fast
+@bind_fast
 class LinfProjectionFn(torch.autograd.Function):
     """Clamp (ball) / clamp-and-push (sphere) with the VJP that zeroes pinned coordinates."""
 

@@ -14,8 +14,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..._autograd import bind_fast
 from ..._checks import check_finite
-from .kernels import _along, _bind_fast, _may_underflow, _sum_to, warn_unrepresentable
+from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
 __all__ = ["L1ProjectionFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
 
@@ -121,7 +122,7 @@ def l1_forward(
     return torch.copysign(t, x + 0.0), active
 
 
-@_bind_fast
+@bind_fast
 class L1ProjectionFn(torch.autograd.Function):
     """Duchi et al. projection onto the L1 ball/sphere with the Table 2 / §5.2 VJP."""
 
@@ -180,7 +181,7 @@ def simplex_forward(
     return out[0]
 
 
-@_bind_fast
+@bind_fast
 class SimplexProjectionFn(torch.autograd.Function):
     """Sparsemax (radius z) forward and VJP (Martins & Astudillo 2016)."""
 
