@@ -237,9 +237,12 @@ def test_least_squares_exactly_singular_is_reported_as_rank_deficient():
 def test_least_squares_numeric_ridge_in_float64():
     # A numeric ridge is exact in the float64 solve: 1/3 as a float equals it as a float64
     # tensor (it was rounded to float32 first), and one beyond float32's range is fine.
+    # Reference: the normal equations with A = [x^T, 1] and ridge (1/3, ..., 1/3, 0).
     x, t = rand(5, 10), rand(10, seed=1)
-    exact = linear_fit(x, t, ridge=torch.tensor(1 / 3, dtype=D)).coef
-    torch.testing.assert_close(linear_fit(x, t, ridge=1 / 3).coef, exact, rtol=1e-14, atol=1e-15)
+    A = torch.cat([x.mT, torch.ones(10, 1, dtype=D)], -1)
+    rho = torch.tensor([1 / 3] * 5 + [0.0], dtype=D)
+    exact = normal_equations(A, t.unsqueeze(-1), torch.ones(10, dtype=D), rho).squeeze(-1)
+    torch.testing.assert_close(linear_fit(x, t, ridge=1 / 3).coef, exact[:5], rtol=1e-12, atol=1e-14)
     big = least_squares(rand(6, 2).float(), rand(6, seed=1).float(), ridge=1e39)
     assert big.dtype == torch.float32 and bool(torch.isfinite(big).all()) and float(big.abs().max()) < 1e-30
 

@@ -205,21 +205,46 @@ def test_trunc_quad_duplicates_closer_than_an_ulp_of_alpha():
         assert float(y) == best
 
 
+def _root(g, lo: float, hi: float) -> float:
+    """A sign change of g in [lo, hi] by plain bisection (Python floats)."""
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if (g(mid) > 0) == (g(hi) > 0):
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
 def test_large_scalar_alpha_is_not_ignored():
     # alpha 1e200 given as a number: value / alpha^2 underflowed in the one-pass square,
     # every residual looked like 0 and the result was the mean (a tensor alpha was right).
-    x = torch.tensor([[1.0344485964410367e200, 4.028616889095925e199, -1.42300613021659e200]], dtype=F64)
+    # References in units of alpha by bisection on g(u) = sum phi'(u - x_i), and the
+    # gradient of Table 1, w_i / sum w with w = phi''.
+    xs = [1.0344485964410367, 0.4028616889095925, -1.42300613021659]
+    dphi = {"pseudo_huber": lambda r: r / math.sqrt(1 + r * r),
+            "welsch": lambda r: r * math.exp(-r * r / 2)}
+    d2phi = {"pseudo_huber": lambda r: (1 + r * r) ** -1.5,
+             "welsch": lambda r: (1 - r * r) * math.exp(-r * r / 2)}
+    x = torch.tensor([xs], dtype=F64) * 1e200
     for name in ("pseudo_huber", "welsch"):
-        ref = robust_pool(x / 1e200, name, 1.0) * 1e200  # scale-equivariant
-        torch.testing.assert_close(robust_pool(x, name, 1e200), ref, rtol=1e-12, atol=0)
         xg = x.clone().requires_grad_()
-        robust_pool(xg, name, 1e200).sum().backward()
-        xr = (x / 1e200).requires_grad_()
-        robust_pool(xr, name, 1.0).sum().backward()
-        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=0)
+        y = robust_pool(xg, name, 1e200)
+        u = float(y) / 1e200
+        g = lambda v, name=name: sum(dphi[name](v - xi) for xi in xs)  # noqa: E731
+        if name == "pseudo_huber":  # convex: the one root
+            assert u == pytest.approx(_root(g, min(xs), max(xs)), rel=1e-12)
+        else:  # a local minimum: the root of g next to it, with positive curvature
+            ref = _root(g, u - 0.05, u + 0.05)
+            assert u == pytest.approx(ref, rel=1e-12) and sum(d2phi[name](ref - xi) for xi in xs) > 0
+        y.sum().backward()
+        w = [d2phi[name](u - xi) for xi in xs]
+        torch.testing.assert_close(xg.grad, torch.tensor([[wi / sum(w) for wi in w]], dtype=F64),
+                                   rtol=1e-9, atol=1e-12)
+    # float32: alpha 1e30 against data of 3e36 (the reference in units of alpha, float64)
     y32 = robust_pool(torch.tensor([[3e36, 0.0, 0.0, 0.0, 0.0]]), "pseudo_huber", 1e30)
-    ref32 = robust_pool(torch.tensor([[3e6, 0.0, 0.0, 0.0, 0.0]], dtype=F64), "pseudo_huber", 1.0) * 1e30
-    torch.testing.assert_close(y32.double(), ref32, rtol=1e-5, atol=0)
+    ref = _root(lambda v: dphi["pseudo_huber"](v - 3e6) + 4 * dphi["pseudo_huber"](v), 0.0, 3e6)
+    assert float(y32) == pytest.approx(ref * 1e30, rel=1e-5)
 
 
 def test_robust_pool_trunc_quad_beats_local_search():
