@@ -139,16 +139,20 @@ def _solve(
         # Optimality: free edges inside the box, jumps in the direction of their sign.
         ok = torch.where(active, sigma * mu >= -tol, z.abs() <= lam + tol).all(1)
         done = todo & ok
-        if bool(done.any()):
-            y[done], sig_out[done] = yk[done], sigma[done]
+        todo = todo & ~ok
+        # One host read per step (a boolean-mask index would be another sync on CUDA):
+        # does any row finish now, is any left?
+        any_done, any_left = torch.stack([done.any(), todo.any()]).tolist()
+        if any_done:
             near = torch.where(active, mu.abs() <= tol, z.abs() >= lam - tol) & (lam > 0)
-            tie[done] = near[done].any(1)
-            todo &= ~ok
-            if not bool(todo.any()):
-                if scale is not None:
-                    y = y / scale
-                # λ = 0 gives y = x exactly; the segment means of equal neighbours can round.
-                return (torch.where(lam0 == 0, x0, y) if zero_lam else y), sig_out, tie
+            y = torch.where(done.unsqueeze(1), yk, y)
+            sig_out = torch.where(done.unsqueeze(1), sigma, sig_out)
+            tie = torch.where(done, near.any(1), tie)
+        if not any_left:
+            if scale is not None:
+                y = y / scale
+            # λ = 0 gives y = x exactly; the segment means of equal neighbours can round.
+            return (torch.where(lam0 == 0, x0, y) if zero_lam else y), sig_out, tie
         v = z + _C * mu
         new = (v > lam).to(x.dtype) - (v < -lam).to(x.dtype)
         sigma = torch.where(todo.unsqueeze(1), new, sigma)

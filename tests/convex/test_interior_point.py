@@ -455,3 +455,25 @@ def test_verified_rays_accepts_true_certificates_at_any_scale_and_rejects_false_
         assert verified_rays(P, scale * q1, scale * A1, b1, one, d, z1)[1].tolist() == [True]
     assert verified_rays(torch.ones(1, 1, 1, dtype=torch.float64), q1, A1, b1, one, d, z1)[1].tolist() == [False]  # Pd ≠ 0
     assert verified_rays(P, q1, A1, b1, one, -d, z1)[1].tolist() == [False]  # -Ad ∉ K
+
+
+def test_iterations_read_the_host_once_per_step(host_reads):
+    # The GPU path's promise: one host read per interior-point iteration (how many still
+    # run, which need refinement), besides a fixed number before and after the loop. With
+    # max_iter = k every element still runs after k steps (no compaction), so each further
+    # allowed step adds exactly one read.
+    g = torch.Generator().manual_seed(0)
+    B, n, m = 32, 20, 30
+    P = torch.randn(B, n, n, generator=g, dtype=F64)
+    P = P @ P.mT / n
+    q = torch.randn(B, n, generator=g, dtype=F64)
+    A = torch.randn(B, m, n, generator=g, dtype=F64)
+    b = (A @ torch.randn(B, n, 1, generator=g, dtype=F64)).squeeze(-1) + torch.rand(B, m, generator=g, dtype=F64)
+    layout = ConeLayout(5, m - 5)  # the first five rows as equalities (null-space form)
+    counts = []
+    for k in range(1, 6):
+        with host_reads.counting():
+            sol = solve_cone_batch(P, q, A, b, layout, max_iter=k, polish="never")
+        assert int(sol.iterations.min()) == k  # all still running: no compaction yet
+        counts.append(host_reads.count)
+    assert [c - counts[0] for c in counts] == [0, 1, 2, 3, 4]

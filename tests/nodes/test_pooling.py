@@ -958,3 +958,22 @@ def test_running_rows_gathered_block_by_block_give_the_same_result(name, monkeyp
     gathered = robust_pool(x, name, 0.7)
     assert any(calls), "no selection was gathered lazily"
     assert torch.equal(gathered, copied)
+
+
+@pytest.mark.parametrize("penalty", ["pseudo_huber", "huber", "welsch"])
+def test_iterations_read_the_host_once_per_step(penalty, host_reads, monkeypatch):
+    # Each host read is a sync on CUDA. The Newton and descent loops read one list per
+    # step (rows still active per block); compactions and the first pass add a few.
+    # Before: int(active.sum()) and the block flags, two reads per step (76 for ~30 steps).
+    from convexddn.nodes.pooling import iterations
+
+    steps = []
+    live = iterations._live
+    monkeypatch.setattr(iterations, "_live", lambda *a: steps.append(1) or live(*a))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 512, generator=gen, dtype=torch.float64)
+    x[torch.rand(x.shape, generator=gen, dtype=torch.float64) < 0.3] *= 1e3
+    with host_reads.counting():
+        robust_pool(x, penalty, 1e-4)
+    assert len(steps) >= 20
+    assert host_reads.count <= len(steps) + 16

@@ -100,15 +100,15 @@ def _sweep(pen: Penalty, rows: Rows, method: str, u: Tensor, live: list[bool], r
     return norm
 
 
-def _live(active: Tensor, ranges: list[slice]) -> list[bool]:
-    """Whether each block still has an active row (one host sync)."""
-    R = active.shape[0]
+def _live(row_active: Tensor, ranges: list[slice]) -> tuple[int, list[bool]]:
+    """``(rows still active, whether each block has one)`` from ``(R,)`` flags: one host
+    read for both (the loop's only one per iteration; each is a sync on CUDA)."""
+    R = row_active.shape[0]
     size = ranges[0].stop - ranges[0].start
-    flat = active.reshape(R, -1).any(-1)
     pad = len(ranges) * size - R
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(len(ranges), size).any(-1).tolist()
+    flat = torch.cat([row_active, row_active.new_zeros(pad)]) if pad else row_active
+    counts = flat.view(len(ranges), size).sum(-1).tolist()
+    return sum(counts), [c > 0 for c in counts]
 
 
 def _first(pen: Penalty, rows: Rows, method: str, u: Tensor, ranges: list[slice], out: list[Tensor],
@@ -246,7 +246,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         g_prev, h_prev, u_prev = g.clone(), h.clone(), u
         dx2, dx1 = dx1, (nxt - u).abs_()
         u = nxt  # the rows still running at max_iter return their last iterate
-        n_active = int(active.sum())
+        n_active, live = _live(active.squeeze(-1), ranges)
         if n_active == 0 or it == max_iter - 1:
             break
         if 2 * n_active <= active.shape[0]:
@@ -262,8 +262,6 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             tol_a = tol * a
             active = active.index_select(0, keep)
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
-        else:
-            live = _live(active, ranges)
     _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
     return out
 
@@ -374,7 +372,7 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         unres |= done & quiet & ~bad & hpos & (noise > tol_s * h)
         active = active & ~done
         row_active = active.reshape(active.shape[0], -1).any(-1)
-        n_active = int(row_active.sum())
+        n_active, live = _live(row_active, ranges)
         if n_active == 0 or it == max_iter - 1:
             break
         if 2 * n_active <= active.shape[0]:
@@ -388,7 +386,5 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
             a3 = a3 if a3.dim() == 0 else a3.index_select(0, keep)
             af = a3 if rows.alpha_f is None else rows.alpha_f
             sums = x.new_empty(4, n_active, k, 1)
-        else:
-            live = _live(active, ranges)
     _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
     return Result(*(t.squeeze(-1) for t in (out_u, out_f, *out_flags)))

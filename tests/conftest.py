@@ -1,0 +1,62 @@
+"""Shared fixtures.
+
+``host_reads`` counts the places where torch code reads a tensor's values back to
+Python (``bool()``, ``int()``, ``float()``, ``.item()``, ``.tolist()``, ``.nonzero()``,
+indexing with a boolean tensor): each is a host synchronisation on CUDA. Counting
+them on the CPU checks the "one host read per iteration" promises of the batched
+solvers without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+
+class HostReads:
+    """A counter of host reads; use as ``with host_reads.counting(): ...``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self._monkeypatch = monkeypatch
+
+    def _counted(self, name: str, owner=torch.Tensor):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        self._monkeypatch.setattr(owner, name, wrapper)
+
+    def _counted_index(self, name: str):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(tensor, index, *args):
+            keys = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
+                self.count += 1  # a boolean mask index is a nonzero(), a sync on CUDA
+            return original(tensor, index, *args)
+
+        self._monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    @contextlib.contextmanager
+    def counting(self):
+        self.count = 0
+        with self._monkeypatch.context() as mp:
+            self._monkeypatch, outer = mp, self._monkeypatch
+            try:
+                for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"):
+                    self._counted(name)
+                self._counted("nonzero", torch)
+                self._counted_index("__getitem__")
+                self._counted_index("__setitem__")
+                yield self
+            finally:
+                self._monkeypatch = outer
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> HostReads:
+    return HostReads(monkeypatch)
