@@ -380,8 +380,8 @@ class BatchedProgram:
         P, q, A, b, extra = data.fill(p)
         options = dict(tol=self.tol, tol_accept=self.tol_accept, tol_error=self.tol_error,
                        max_iter=self.max_iter, refine=self.refine,
-                       polish=self.polish, structure=data.structure, error_cols=data.error_cols,
-                       error_duals=data.error_duals)
+                       polish=self.polish, structure=data.structure, error_cols=data.on_device("error_cols", p),
+                       error_duals=data.on_device("error_duals", p))
         if second_opinion:
             options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
         # How a generic direction of the parameters moves the constraints: the backward

@@ -195,10 +195,12 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)
     if cols is not None:
-        dx, x = dx.index_select(1, cols.to(dx.device)), x.index_select(1, cols.to(dx.device))
+        cols = cols.to(dx.device)  # a no-op for the layer's (cached on the device)
+        dx, x = dx.index_select(1, cols), x.index_select(1, cols)
     error = row_inf(dx) / (1 + row_inf(x))
     if duals is not None:
-        dz, z = dz.index_select(1, duals.to(dz.device)), z.index_select(1, duals.to(dz.device))
+        duals = duals.to(dz.device)
+        dz, z = dz.index_select(1, duals), z.index_select(1, duals)
         error = torch.maximum(error, row_inf(dz) / (1 + row_inf(z)))
     error = torch.where(kkt.failed | ~torch.isfinite(error), torch.inf, error)
     return kkt, error

@@ -72,11 +72,13 @@ class ConeData:
         state["_cache"] = {}  # device copies of the index arrays
         return state
 
-    def _dev(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def on_device(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """The attribute ``name`` (a tensor, or None) on ``like``'s device, floating ones
+        in its dtype; cached: a host-to-device copy per call waits for the host on CUDA."""
         key = (name, str(like.device), like.dtype)
         if key not in self._cache:
             t = getattr(self, name)
-            self._cache[key] = t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
+            self._cache[key] = t if t is None else t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
         return self._cache[key]
 
     def blocks(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,8 +135,11 @@ class ConeData:
         for i, v in enumerate(values):
             order, _, shape = self.param_cols[i]
             if self.triu[i] is not None:
-                r, c = self.triu[i]
-                flat = v[..., r.to(v.device), c.to(v.device)]
+                key = ("triu", i, str(v.device))
+                if key not in self._cache:
+                    self._cache[key] = tuple(t.to(v.device) for t in self.triu[i])
+                r, c = self._cache[key]
+                flat = v[..., r, c]
             else:
                 flat = _fortran_flatten(v, len(shape))
             cols[order] = flat.expand(batch, -1) if v.dim() == len(shape) else flat
@@ -179,14 +184,14 @@ class ConeData:
         B = x.shape[0]
         xU = u0 - (M @ x.unsqueeze(-1)).squeeze(-1)
         xf = x.new_zeros(B, self.n_full)
-        xf = xf.index_copy(1, self._dev("keep", x), x).index_copy(1, self._dev("elim", x), xU)
+        xf = xf.index_copy(1, self.on_device("keep", x), x).index_copy(1, self.on_device("elim", x), xU)
         # Stationarity in u: P_UK x_K + P_UU x_U + q_U + a z_R = 0 (u appears in row R only).
         PUx = qU + Pu0 - (PM @ x.unsqueeze(-1)).squeeze(-1)
         if PKU is not None:
             PUx = PUx + (PKU.mT @ x.unsqueeze(-1)).squeeze(-1)
-        zR = -PUx / self._dev("elim_coef", x)
+        zR = -PUx / self.on_device("elim_coef", x)
         zf = z.new_zeros(B, self.m_full)
-        zf = zf.index_copy(1, self._dev("rows_keep", z), z).index_copy(1, self._dev("rows_elim", z), zR)
+        zf = zf.index_copy(1, self.on_device("rows_keep", z), z).index_copy(1, self.on_device("rows_elim", z), zR)
         return xf, zf
 
     def outputs(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:

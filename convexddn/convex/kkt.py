@@ -106,10 +106,12 @@ class DataOps:
         self.PT, self.AT, self.AET = P.mT, A.mT, self.AE.mT
         if self.diagonal:
             self.p = P.diagonal(dim1=1, dim2=2).unsqueeze(-1).contiguous()  # strided: p * x 12× slower
-            # Cone row i touches variable i (a bound on every variable, in order, as in
-            # sparsemax or a box): the gathers and scatters are the identity.
+            # Cone row i touches variable i (sparsemax, a box): the gathers are the identity.
             self.identity = structure.cols == tuple(range(P.shape[-1]))
-            self.cols = torch.tensor(structure.cols, dtype=torch.long, device=P.device)
+            key = ("cols", structure.cols, str(P.device))  # one host-to-device copy per device
+            self.cols = layout._cache.get(key)
+            if self.cols is None:
+                self.cols = layout._cache[key] = torch.tensor(structure.cols, dtype=torch.long, device=P.device)
             self.a = A[:, z:].gather(2, self.cols.view(1, -1, 1).expand(A.shape[0], -1, 1)).squeeze(-1)
 
     def rows_mv(self, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +149,7 @@ class DataOps:
             return self.e_tmv(zE) + self.rows_tmv(self.a, z[:, self.layout.zero:])
         return _mm(self.AT, z, self.A)
 
-    @staticmethod
-    def vec(f, v: torch.Tensor) -> torch.Tensor:
-        return f(v.unsqueeze(-1)).squeeze(-1)
+    vec = staticmethod(lambda f, v: f(v.unsqueeze(-1)).squeeze(-1))  # (B, r) through a (B, r, 1) product
 
     # Vectors (B, n) -> (B, ·), as one row each: three ops instead of vec's five.
     def Pv(self, x: torch.Tensor) -> torch.Tensor:
