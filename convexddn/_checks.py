@@ -15,11 +15,15 @@ from ._lazy import torch
 from .errors import DTypeError, NonFiniteError, OptionError, ShapeError
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_tensor(name: str, value: Any) -> torch.Tensor:
     """Return ``value`` if it is a floating-point tensor, else raise ``DTypeError``."""
     if not isinstance(value, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
+    # is_floating_point() holds for the float8 types too, which few torch ops implement.
+    if value.dtype not in _FLOAT_DTYPES:
         raise DTypeError(
             f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
         )
@@ -65,7 +69,10 @@ def check_positive(name: str, value: Any) -> None:
     else:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise OptionError(f"{name} must be a positive number, got {value!r}")
-        ok = math.isfinite(float(value)) and float(value) > 0
+        try:
+            ok = math.isfinite(float(value)) and float(value) > 0
+        except OverflowError:  # an int beyond the float range (10**400)
+            ok = False
         shown = value
     if not ok:
         raise OptionError(f"{name} must be finite and > 0, got {shown!r}")
@@ -99,8 +106,16 @@ def check_dim_option(name: str, dim: Any) -> None:
 def check_choice(name: str, value: Any, valid: Iterable[Any]) -> None:
     """Raise ``OptionError`` listing the valid choices when ``value`` is not one of them."""
     valid = list(valid)
-    if value not in valid:
+    # Arrays and tensors make ``in`` elementwise (a raw "truth value is ambiguous" error).
+    if hasattr(value, "shape") and getattr(value, "ndim", 0) or not any(_same(value, v) for v in valid):
         raise OptionError(f"{name} must be one of {valid}, got {value!r}")
+
+
+def _same(value: Any, choice: Any) -> bool:
+    try:
+        return bool(value == choice)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def check_stopping(tol: Any, max_iter: Any) -> None:
@@ -115,12 +130,16 @@ def check_stopping(tol: Any, max_iter: Any) -> None:
 def check_choices(name: str, values: Iterable[Any], valid: Iterable[Any]) -> None:
     """Raise ``OptionError`` unless ``values`` names at least one of ``valid``, each
     one of them (listing the choices) and none twice."""
-    values, valid = list(values), list(valid)
+    valid = list(valid)
+    # One name is not a list of names ("max" would be read as "m", "a", "x").
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise OptionError(f"{name} must be a list or tuple of names from {valid}, got {values!r}")
+    values = list(values)
     if not values:
         raise OptionError(f"{name} must name at least one of {valid}, got {values!r}")
     for value in values:
         check_choice(name, value, valid)
-    if len(set(values)) != len(values):
+    if any(_same(v, w) for i, v in enumerate(values) for w in values[:i]):
         raise OptionError(f"{name} must not repeat an entry, got {values!r}")
 
 
@@ -152,7 +171,9 @@ def normalize_p(p: Any) -> float:
         OptionError: any other value (the message lists the valid ones).
     """
     # bool is an int subclass and tensors make ``in`` ambiguous: reject both up front.
-    if isinstance(p, bool) or not isinstance(p, (int, float, str)):
+    if isinstance(p, bool) or not isinstance(p, (numbers.Real, str)) or isinstance(p, torch.Tensor):
         raise OptionError(f"p must be one of {P_VALID}, got {p!r}")
     check_choice("p", p, P_VALID)
-    return math.inf if p == "inf" else p
+    if p == "inf":
+        return math.inf
+    return int(p) if isinstance(p, numbers.Integral) else float(p)  # numpy scalars as Python numbers

@@ -78,19 +78,24 @@ class GradientReport:
 
 
 def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
-    """``fn``, or a float64 copy of a module (always a copy when its parameters are checked).
+    """``fn``, or a float64 copy of a module.
 
-    The copy keeps the caller's module untouched: its dtype, and its parameters, which
-    the finite differences perturb.
+    The copy keeps the caller's module untouched: its dtype, its parameters (which the
+    finite differences perturb) and its buffers (the many calls update a BatchNorm's
+    running statistics). Only a float64 module that cannot be deep-copied is used as it
+    is, when its parameters are not checked.
     """
     if not isinstance(fn, torch.nn.Module):
         return fn
     tensors = list(fn.parameters()) + list(fn.buffers())
     all64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
     has_params = any(p.requires_grad for p in fn.parameters())
-    if all64 and not (with_params and has_params):
-        return fn
-    return copy.deepcopy(fn).to(torch.float64)
+    try:
+        return copy.deepcopy(fn).to(torch.float64)
+    except Exception:  # noqa: BLE001 - e.g. a module holding a lock or a file handle
+        if all64 and not (with_params and has_params):
+            return fn
+        raise
 
 
 def check_gradients(
@@ -124,8 +129,8 @@ def check_gradients(
     output and two forwards per entry of :math:`z`.
 
     Everything runs in float64: the inputs are converted, and a module is checked
-    through a float64 copy when it has lower-precision parameters or buffers, or
-    parameters to check (the finite differences perturb the copy's parameters; the
+    through a float64 copy (the finite differences perturb the copy's parameters and
+    its calls update the copy's buffers, such as a BatchNorm's running statistics: the
     caller's module is left untouched). For nodes whose forward is an iterative solver
     the finite differences carry the solver's error divided by ``eps``: with a solver
     tolerance near ``1e-8`` (e.g. a :class:`~convexddn.ConvexLayer`) use ``eps=1e-4``

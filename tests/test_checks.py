@@ -42,3 +42,52 @@ def test_check_finite_counts_and_overflowing_sums():
         check_finite("x", torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0]))
     with pytest.raises(NonFiniteError, match=r"got 0 NaN and 1 Inf"):
         check_finite("x", torch.tensor([1.0, float("inf")]))
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+
+def test_float8_tensors_get_a_dtype_error():
+    # is_floating_point() holds for float8, which most torch ops do not implement: the
+    # nodes raised a raw NotImplementedError from torch (robust_pool returned float8).
+    import convexddn.functional as F
+    from convexddn.errors import DTypeError
+
+    f8 = torch.randn(3, 5).to(torch.float8_e4m3fn)
+    for call in (lambda: F.project_simplex(f8), lambda: F.entmax(f8), lambda: F.robust_pool(f8)):
+        with pytest.raises(DTypeError, match="float16, bfloat16, float32 or float64"):
+            call()
+
+
+@pytest.mark.parametrize("values", [None, 3, "max"])
+def test_check_choices_wants_a_collection_of_names(values):
+    # None and 3 raised a raw TypeError; "max" (one name, not a list) was read as "m".
+    with pytest.raises(OptionError, match="poolings must be a list or tuple of names"):
+        check_choices("poolings", values, ["max", "mean"])
+
+
+def test_check_choices_with_unhashable_choices():
+    check_choices("c", [[1]], [[1], [2]])  # was a raw TypeError (unhashable list)
+    with pytest.raises(OptionError, match="must not repeat"):
+        check_choices("c", [[1], [1]], [[1], [2]])
+
+
+def test_check_positive_huge_int_is_an_option_error():
+    from convexddn._checks import check_positive
+
+    with pytest.raises(OptionError, match="radius must be finite and > 0"):
+        check_positive("radius", 10**400)  # was a raw OverflowError
+    check_positive("radius", 10**300)
+
+
+def test_numpy_scalars_spell_p_and_arrays_are_refused():
+    import numpy as np
+
+    from convexddn._checks import check_choice, normalize_p
+
+    assert normalize_p(np.int64(1)) == 1 and normalize_p(np.float64(2.0)) == 2.0
+    assert type(normalize_p(np.int64(2))) is int and normalize_p("inf") == float("inf")
+    with pytest.raises(OptionError, match="backend must be one of"):
+        check_choice("backend", np.array(["auto", "x"]), ["auto", "native"])  # was a raw ValueError
+    with pytest.raises(OptionError, match="p must be one of"):
+        check_choice("p", torch.tensor([1.0, 2.0]), [1, 2])  # was a raw RuntimeError

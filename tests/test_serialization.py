@@ -256,3 +256,25 @@ def test_deterministic_across_calls(name):
     for i in range(x.shape[0]):
         y_i, _ = run(node, x[i:i + 1])
         torch.testing.assert_close(y_i, first[0][i:i + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: cddn.LpProjection(radius=t),
+    lambda t: cddn.SimplexProjection(z=t),
+    lambda t: cddn.TotalVariation1d(lam=t),
+])
+def test_tensor_options_are_stored_as_copies(make):
+    # These three stored the caller's tensor itself: a graph node (p * 2) broke deepcopy
+    # and a second backward, and changing the caller's tensor changed the module.
+    p = nn.Parameter(torch.tensor(0.8, dtype=torch.float64))
+    module = make(p * 2)
+    clone = copy.deepcopy(module)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    module(x).sum().backward()
+    module(x).sum().backward()
+    assert torch.equal(clone(x), module(x))
+    t = torch.tensor(0.8, dtype=torch.float64)
+    module = make(t)
+    before = module(x)
+    t.fill_(5.0)
+    assert torch.equal(module(x), before)

@@ -325,3 +325,12 @@ def test_check_gradients_needs_a_callable():
     # Used to fail with a raw "'int' object is not callable" TypeError.
     with pytest.raises(DTypeError, match="node_or_fn must be a callable.*got int"):
         check_gradients(3, _x(2))
+
+
+def test_a_float64_module_is_checked_through_a_copy():
+    # The finite differences call the module many times: a float64 BatchNorm checked
+    # without its parameters was used as it was, and its running statistics moved.
+    bn = torch.nn.BatchNorm1d(3).double()
+    check_gradients(bn, torch.randn(4, 3, dtype=torch.float64), params=False)
+    assert int(bn.num_batches_tracked) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3, dtype=torch.float64))

@@ -387,7 +387,7 @@ class TotalVariation1d(nn.Module):
             value = lam.detach().clone() if isinstance(lam, torch.Tensor) else torch.tensor(float(lam))
             self.lam = nn.Parameter(value if value.is_floating_point() else value.double())
         elif isinstance(lam, torch.Tensor):
-            self.register_buffer("lam", lam)
+            self.register_buffer("lam", lam.detach().clone())  # not the caller's tensor
         else:
             self.lam = float(lam)
 

@@ -300,7 +300,8 @@ class LpProjection(nn.Module):
         if isinstance(radius, nn.Parameter):
             self.radius = radius
         elif isinstance(radius, torch.Tensor):
-            self.register_buffer("radius", radius)
+            # A copy: the caller's tensor may be a graph node or change later.
+            self.register_buffer("radius", radius.detach().clone())
         else:
             self.radius = float(radius)
 
@@ -344,7 +345,7 @@ class SimplexProjection(nn.Module):
         if isinstance(z, nn.Parameter):
             self.z = z
         elif isinstance(z, torch.Tensor):
-            self.register_buffer("z", z)
+            self.register_buffer("z", z.detach().clone())
         else:
             self.z = float(z)
 
