@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import OptionError, ShapeError
+from .._checks import check_finite
+from ..errors import DTypeError, OptionError, ShapeError
 
 __all__ = [
     "average_precision",
@@ -23,6 +24,14 @@ def _check_scores(scores: torch.Tensor, labels: torch.Tensor) -> None:
         raise ShapeError(
             f"scores must be (M, C) and labels (M,), got {tuple(scores.shape)} and {tuple(labels.shape)}"
         )
+    # A diverged model's NaN scores broke the ranking with a raw index error; a label
+    # outside [0, C) was dropped as an absent class (mAP 1.0 for a wrong answer).
+    check_finite("scores", scores.detach())
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise DTypeError(f"labels must be integers, got {labels.dtype}")
+    if labels.numel() and not bool(((labels >= 0) & (labels < scores.shape[1])).all()):
+        raise OptionError(f"labels must lie in [0, {scores.shape[1]}) (the columns of scores), got "
+                          f"values from {int(labels.min())} to {int(labels.max())}")
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -44,6 +53,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
     Raises:
         ShapeError: if ``scores`` is not 2-D or ``labels`` does not match its rows.
+        NonFiniteError: NaN or Inf scores. OptionError: labels outside ``[0, C)``.
     """
     _check_scores(scores, labels)
     m, c = scores.shape

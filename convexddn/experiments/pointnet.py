@@ -16,11 +16,13 @@ for each channel ``c``, with ``φ`` one of the penalties of :func:`convexddn.fun
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_positive
-from ..errors import ShapeError
+from .._checks import check_choice, check_int, check_positive
+from ..errors import OptionError, ShapeError
 from ..functional import robust_pool
 
 __all__ = ["POOLINGS", "ROBUST_POOLINGS", "PointPool", "PointNet"]
@@ -86,7 +88,9 @@ class PointNet(nn.Module):
         self, num_classes: int, pooling: str = "max", alpha: float = 1.0, dropout: float = 0.3
     ) -> None:
         super().__init__()
-        check_positive("num_classes", num_classes)
+        check_int("num_classes", num_classes, minimum=1)  # 2.5 was truncated to 2
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+            raise OptionError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         self.features = nn.Sequential(
             nn.Conv1d(3, 64, 1),
             nn.BatchNorm1d(64),

@@ -25,11 +25,12 @@ same clouds on every machine and device; move the result where it is needed.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
 
-from .._checks import check_choices
+from .._checks import check_choices, check_int
 from ..errors import OptionError
 
 __all__ = ["CLASSES", "sample_surface", "make_dataset", "normalize_unit_ball"]
@@ -230,6 +231,7 @@ def sample_surface(name: str, n_points: int, generator: torch.Generator) -> torc
     Returns:
         float32 tensor of shape ``(n_points, 3)``.
     """
+    check_int("n_points", n_points, minimum=1)
     parts = _surface(name)
     areas = torch.tensor([a for a, _ in parts], dtype=torch.float64)
     if len(parts) == 1:
@@ -296,14 +298,13 @@ def make_dataset(
         OptionError: for a non-positive count, an unknown or repeated class name, or a
             negative noise level.
     """
-    if not isinstance(n_per_class, int) or n_per_class < 1:
-        raise OptionError(f"n_per_class must be a positive int, got {n_per_class!r}")
-    if not isinstance(n_points, int) or n_points < 1:
-        raise OptionError(f"n_points must be a positive int, got {n_points!r}")
-    if noise < 0:
-        raise OptionError(f"noise must be >= 0, got {noise!r}")
-    classes = list(classes)
+    check_int("n_per_class", n_per_class, minimum=1)
+    check_int("n_points", n_points, minimum=1)
+    check_int("seed", seed)  # 1.7 was read as 1
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < math.inf:
+        raise OptionError(f"noise must be a finite number >= 0, got {noise!r}")
     check_choices("classes", classes, CLASSES)
+    classes = list(classes)
 
     g = torch.Generator().manual_seed(int(seed))
     clouds = []

@@ -215,3 +215,23 @@ def test_show_progress_only_on_a_terminal(monkeypatch):
     assert show_progress(None) is False  # pytest captures stderr: not a terminal
     monkeypatch.setattr("sys.stderr", Terminal())
     assert show_progress(None) is True
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+
+def test_metrics_refuse_non_finite_scores_and_foreign_labels():
+    from convexddn.errors import DTypeError, NonFiniteError
+    from convexddn.experiments.metrics import expected_calibration_error, mean_average_precision, top_k_accuracy
+
+    # NaN scores (a diverged model) raised a raw "index -1 is out of bounds".
+    with pytest.raises(NonFiniteError, match="scores"):
+        mean_average_precision(torch.tensor([[math.nan, 1.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    # Label 7 of 3 classes was dropped as an absent class: mAP 1.0, accuracy 2/3.
+    scores = torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
+    for labels in (torch.tensor([0, 1, 7]), torch.tensor([0, 1, -1])):
+        for metric in (mean_average_precision, top_k_accuracy, expected_calibration_error):
+            with pytest.raises(OptionError, match=r"labels must lie in \[0, 3\)"):
+                metric(scores.softmax(1) if metric is expected_calibration_error else scores, labels)
+    with pytest.raises(DTypeError, match="labels must be integers"):
+        top_k_accuracy(scores, torch.tensor([0.0, 1.0, 2.0]))

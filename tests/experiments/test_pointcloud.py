@@ -255,3 +255,19 @@ def test_run_on_cuda(tmp_path):
     result = run(_tiny(tmp_path, device="cuda", rates=(0.0, 0.5)))
     assert len(result["rows"]) == 4 and result["machine"]["device"].startswith("cuda")
     assert all(r["forward_ms"] > 0 for r in result["runtime"])
+
+
+@pytest.mark.parametrize("options", [
+    dict(train_outliers="no"), dict(recalibrate_bn=1), dict(progress="yes"),
+    dict(rates=0.5), dict(timing_rates=None),
+])
+def test_config_validate_checks_types(options):
+    # train_outliers='no' switched on the Table 3 protocol; rates=0.5 raised a raw TypeError.
+    with pytest.raises(OptionError):
+        Config.quick(**options).validate()
+
+
+def test_config_poolings_is_a_list_of_names():
+    # "max" (a valid name, not a list) was split into letters and reported as 'm'.
+    with pytest.raises(OptionError, match="poolings must be a list or tuple of names"):
+        Config.quick(poolings="max").validate()

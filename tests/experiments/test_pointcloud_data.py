@@ -200,3 +200,33 @@ def test_pointnet_invalid():
         PointPool("welsch", alpha=0.0)
     with pytest.raises(ShapeError):
         PointNet(10)(torch.zeros(2, 64, 3))
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+
+@pytest.mark.parametrize("options", [
+    dict(noise=float("nan")), dict(noise=float("inf")), dict(noise="x"), dict(noise=None),
+    dict(seed=1.7), dict(seed="abc"), dict(seed=None), dict(n_per_class=True),
+])
+def test_make_dataset_refuses_bad_options(options):
+    # NaN/inf noise gave NaN clouds; seed=1.7 was read as 1; the others raised raw errors.
+    with pytest.raises(OptionError):
+        make_dataset(**{"n_per_class": 1, "n_points": 8, **options})
+
+
+def test_sample_surface_refuses_no_points():
+    with pytest.raises(OptionError, match="n_points"):
+        sample_surface("cube", 0, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("options", [dict(num_classes=2.5), dict(num_classes=10, dropout=2), dict(num_classes=10, dropout=-0.1)])
+def test_pointnet_refuses_bad_sizes(options):
+    with pytest.raises(OptionError):  # 2.5 classes were truncated to 2; dropout=2 a raw ValueError
+        PointNet(**options)
+
+
+def test_make_dataset_classes_is_a_list_of_names():
+    # One name ("sphere") was split into letters and reported as 's'.
+    with pytest.raises(OptionError, match="classes must be a list or tuple of names"):
+        make_dataset(1, 8, classes="sphere")

@@ -275,3 +275,11 @@ def test_run_on_cuda():
     result = run(cfg)
     assert result["machine"]["device"].startswith("cuda") and len(result["rows"]) == 4
     assert all(r["forward_ms"] > 0 for r in result["rows"])
+
+
+@pytest.mark.parametrize("options", [dict(width=2.5), dict(width=0.5), dict(num_classes=3.9)])
+def test_digits_cnn_refuses_fractional_sizes(options):
+    from convexddn.errors import OptionError
+
+    with pytest.raises(OptionError):  # were truncated (width 0.5: a network with no channels)
+        DigitsCNN("none" if "none" in VARIANTS else VARIANTS[0], **options)

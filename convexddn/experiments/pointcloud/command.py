@@ -8,11 +8,15 @@ from typing import Any
 from ...errors import OptionError
 from ..pointnet import POOLINGS
 from ..running import prepare_out_dir, run_command
-from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, TABLE3_RATES, Config
+from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, QUICK_RATES, QUICK_TABLE3_RATES, TABLE3_RATES, Config
 
 __all__ = ["add_arguments", "config_from_args", "main"]
 
 PROG = "convexddn experiment pointcloud"
+
+
+def _percent(rates) -> str:
+    return ",".join(f"{100 * r:.0f}" for r in rates)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-outliers", action="store_true",
                         help="same outlier rate in training and testing (paper's Table 3); one model "
                              "per pooling, rate and seed; default rates "
-                             + ",".join(f"{100 * r:.0f}" for r in TABLE3_RATES))
+                             + _percent(TABLE3_RATES) + " (--quick: " + _percent(QUICK_TABLE3_RATES) + ")")
     parser.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda' or 'cuda:N'")
     parser.add_argument("--out", default="results",
                         help="directory for pointcloud.json and pointcloud.png (default: results)")
@@ -31,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 4, quick 2)")
     parser.add_argument("--rates", default=None,
-                        help="comma-separated outlier rates in percent (default: 0,10,...,90)")
+                        help="comma-separated outlier rates in percent (default: 0,10,...,90; --quick: "
+                             + _percent(QUICK_RATES) + ")")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the run (default: torch's own choice)")
     parser.add_argument("--poolings", default=None,

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..._checks import check_choices
+from ..._checks import check_bool, check_choices
 from ...errors import OptionError
 from ..pointnet import POOLINGS
 from ..running import resolve_device
@@ -137,6 +137,8 @@ class Config:
         check_choices("poolings", self.poolings, POOLINGS)
         for name in ("rates", "timing_rates"):
             values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
+                raise OptionError(f"{name} must be a tuple of rates in [0, 1), got {values!r}")
             if name == "rates" and not values:
                 raise OptionError("rates must name at least one outlier rate, got ()")
             for r in values:
@@ -163,4 +165,6 @@ class Config:
         if self.threads is not None and (
                 isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
             raise OptionError(f"threads must be a positive int or None, got {self.threads!r}")
+        for name in ("train_outliers", "recalibrate_bn", "progress"):
+            check_bool(name, getattr(self, name), allow_none=name == "progress")  # 'no' was truthy
         resolve_device(self.device)

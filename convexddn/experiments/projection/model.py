@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ... import LpProjection
-from ..._checks import check_choice, check_positive
+from ..._checks import check_choice, check_int, check_positive
 from ...errors import OptionError, ShapeError
 from .config import VARIANTS, variant_projection
 
@@ -59,8 +59,8 @@ class DigitsCNN(nn.Module):
                  num_classes: int = 10) -> None:
         super().__init__()
         check_choice("variant", variant, VARIANTS)
-        check_positive("width", width)
-        check_positive("num_classes", num_classes)
+        check_int("width", width, minimum=1)  # 2.5 was truncated, 0.5 gave no channels
+        check_int("num_classes", num_classes, minimum=1)
         projection = variant_projection(variant)
         if projection is None and radius is not None:
             raise OptionError(f"radius is only for projection variants, got radius={radius!r} "
