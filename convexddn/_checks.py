@@ -15,15 +15,12 @@ from ._lazy import torch
 from .errors import DTypeError, NonFiniteError, OptionError, ShapeError
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def check_tensor(name: str, value: Any) -> torch.Tensor:
     """Return ``value`` if it is a floating-point tensor, else raise ``DTypeError``."""
     if not isinstance(value, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     # is_floating_point() holds for the float8 types too, which few torch ops implement.
-    if value.dtype not in _FLOAT_DTYPES:
+    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise DTypeError(
             f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
         )
