@@ -52,6 +52,15 @@ def check_finite(name: str, value: torch.Tensor) -> None:
         )
 
 
+def real_number(value: numbers.Real) -> float:
+    """``float(value)``, or ±inf for an integer beyond the float range (where ``float``
+    raises ``OverflowError``): the range checks then refuse it with the option's name."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_positive(name: str, value: Any) -> None:
     """Raise ``OptionError`` unless ``value`` (a number or tensor) is finite and > 0."""
     if isinstance(value, torch.Tensor):
@@ -66,10 +75,8 @@ def check_positive(name: str, value: Any) -> None:
     else:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise OptionError(f"{name} must be a positive number, got {value!r}")
-        try:
-            ok = math.isfinite(float(value)) and float(value) > 0
-        except OverflowError:  # an int beyond the float range (10**400)
-            ok = False
+        number = real_number(value)
+        ok = math.isfinite(number) and number > 0
         shown = value
     if not ok:
         raise OptionError(f"{name} must be finite and > 0, got {shown!r}")
@@ -168,7 +175,7 @@ def normalize_p(p: Any) -> float:
         OptionError: any other value (the message lists the valid ones).
     """
     # bool is an int subclass and tensors make ``in`` ambiguous: reject both up front.
-    if isinstance(p, bool) or not isinstance(p, (numbers.Real, str)) or isinstance(p, torch.Tensor):
+    if isinstance(p, bool) or not isinstance(p, (numbers.Real, str)):
         raise OptionError(f"p must be one of {P_VALID}, got {p!r}")
     check_choice("p", p, P_VALID)
     if p == "inf":

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .._checks import real_number
 from ..errors import OptionError, ProblemError
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def real_option(name: str, value: Any, *, above: float | None = None, at_least: 
             f"float(t) for a one-element tensor{hint}")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OptionError(f"{name} must be a number{bound}, got {value!r}{hint}")
-    number = float(value)
+    number = real_number(value)
     ok = math.isfinite(number) and (above is None or number > above) and (
         at_least is None or number >= at_least)
     if not ok:

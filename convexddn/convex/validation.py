@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import cvxpy as cp
 import torch
 
-from .._checks import check_bool, check_int, check_positive
+from .._checks import check_bool, check_int, check_positive, real_number
 from ..errors import InputError, NotDPPError, OptionError, ProblemError, ShapeError
 
 __all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
-           "solver_args_for", "check_parameter_attributes"]
+           "check_parameter_attributes"]
 
 # What the value of each solver keyword argument must be: checked when the layer is
 # built (and per call) so that a wrong value is an OptionError naming the key, not a raw
@@ -73,11 +73,6 @@ def _solver_kinds(solver: str) -> dict[str, str | None]:
     return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
 
 
-def solver_args_for(solver: str) -> tuple[str, ...]:
-    """The keyword arguments ``solver`` ("Clarabel", "SCS" or "ECOS") accepts."""
-    return tuple(_solver_kinds(solver))
-
-
 def _solver_value(name: str, kind: str | None, value: Any) -> Any:
     """``value`` checked against ``kind`` (and made a plain int/float), or ``OptionError``."""
     if kind == _BOOL:
@@ -88,11 +83,12 @@ def _solver_value(name: str, kind: str | None, value: Any) -> Any:
         # check_positive takes tensors (node options may be learned); a solver does not.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
+        number = real_number(value)  # ±inf for an int beyond the float range
         if kind == _POSITIVE:
             check_positive(name, value)
-        elif math.isnan(value) or value < 0 or (kind == _NONNEG and math.isinf(value)):
+        elif math.isnan(number) or number < 0 or (kind == _NONNEG and math.isinf(number)):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
-        return float(value)
+        return number
     elif kind == _TEXT and not isinstance(value, str):
         raise OptionError(f"{name} must be {kind}, got {value!r}")
     return value

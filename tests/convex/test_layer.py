@@ -466,6 +466,9 @@ def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
     ("SCS", {"eps_abs": torch.tensor(1e-6)}, r"solver_args\['eps_abs'\] must be a finite number >= 0"),
     ("SCS", {"scale": 0.0}, r"solver_args\['scale'\] must be finite and > 0"),
     ("ECOS", {"nitref": -1}, r"solver_args\['nitref'\] must be an integer >= 0, got -1"),
+    # An int beyond the float range: a raw OverflowError before.
+    ("Clarabel", {"tol_feas": 10**400}, r"solver_args\['tol_feas'\] must be a finite number >= 0, got 1000"),
+    ("SCS", {"scale": 10**400}, r"solver_args\['scale'\] must be finite and > 0, got 1000"),
 ])
 def test_convex_layer_invalid_solver_args_values(solver, args, match):
     x = cp.Parameter(3, name="x")
