@@ -53,7 +53,8 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
     Raises:
         ShapeError: if ``scores`` is not 2-D or ``labels`` does not match its rows.
-        NonFiniteError: NaN or Inf scores. OptionError: labels outside ``[0, C)``.
+        NonFiniteError: NaN or Inf scores. DTypeError: labels that are not integers.
+        OptionError: labels outside ``[0, C)``.
     """
     _check_scores(scores, labels)
     m, c = scores.shape
@@ -89,8 +90,8 @@ def top_k_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> fl
     Shape: scores ``(M, C)``, labels ``(M,)`` -> a float in ``[0, 1]``.
 
     Raises:
-        ShapeError: as :func:`average_precision`.
-        OptionError: if ``k`` is not an int in ``[1, C]``.
+        ShapeError, NonFiniteError, DTypeError: as :func:`average_precision`.
+        OptionError: if ``k`` is not an int in ``[1, C]``, or as :func:`average_precision`.
     """
     _check_scores(scores, labels)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.shape[1]:
@@ -116,8 +117,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     ``(M,)`` -> a float in ``[0, 1]``.
 
     Raises:
-        ShapeError: as :func:`average_precision`.
-        OptionError: if ``bins`` is not a positive int.
+        ShapeError, NonFiniteError, DTypeError: as :func:`average_precision`.
+        OptionError: if ``bins`` is not a positive int, or as :func:`average_precision`.
     """
     _check_scores(probs, labels)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:

@@ -88,7 +88,7 @@ class PointNet(nn.Module):
         self, num_classes: int, pooling: str = "max", alpha: float = 1.0, dropout: float = 0.3
     ) -> None:
         super().__init__()
-        check_int("num_classes", num_classes, minimum=1)  # 2.5 was truncated to 2
+        num_classes = check_int("num_classes", num_classes, minimum=1)  # 2.5 was truncated to 2
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
             raise OptionError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         self.features = nn.Sequential(
@@ -107,7 +107,7 @@ class PointNet(nn.Module):
             nn.BatchNorm1d(128),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(128, int(num_classes)),
+            nn.Linear(128, num_classes),
         )
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:

@@ -295,18 +295,19 @@ def make_dataset(
         order mix the classes.
 
     Raises:
-        OptionError: for a non-positive count, an unknown or repeated class name, or a
-            negative noise level.
+        OptionError: for a count or seed that is not an integer (counts >= 1), classes
+            that are not a list of distinct known names, or a noise level that is not a
+            finite number >= 0.
     """
     check_int("n_per_class", n_per_class, minimum=1)
     check_int("n_points", n_points, minimum=1)
-    check_int("seed", seed)  # 1.7 was read as 1
+    seed = check_int("seed", seed)  # 1.7 was read as 1
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < math.inf:
         raise OptionError(f"noise must be a finite number >= 0, got {noise!r}")
     check_choices("classes", classes, CLASSES)
     classes = list(classes)
 
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(seed)
     clouds = []
     for name in classes:
         # One batched draw per class: all its clouds' points at once, then split.

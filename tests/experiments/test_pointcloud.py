@@ -263,7 +263,7 @@ def test_run_on_cuda(tmp_path):
 ])
 def test_config_validate_checks_types(options):
     # train_outliers='no' switched on the Table 3 protocol; rates=0.5 raised a raw TypeError.
-    with pytest.raises(OptionError):
+    with pytest.raises(OptionError, match=next(iter(options))):
         Config.quick(**options).validate()
 
 

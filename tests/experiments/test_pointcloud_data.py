@@ -211,7 +211,7 @@ def test_pointnet_invalid():
 ])
 def test_make_dataset_refuses_bad_options(options):
     # NaN/inf noise gave NaN clouds; seed=1.7 was read as 1; the others raised raw errors.
-    with pytest.raises(OptionError):
+    with pytest.raises(OptionError, match=next(iter(options))):  # the option is named
         make_dataset(**{"n_per_class": 1, "n_points": 8, **options})
 
 
@@ -222,7 +222,8 @@ def test_sample_surface_refuses_no_points():
 
 @pytest.mark.parametrize("options", [dict(num_classes=2.5), dict(num_classes=10, dropout=2), dict(num_classes=10, dropout=-0.1)])
 def test_pointnet_refuses_bad_sizes(options):
-    with pytest.raises(OptionError):  # 2.5 classes were truncated to 2; dropout=2 a raw ValueError
+    # 2.5 classes were truncated to 2; dropout=2 a raw ValueError.
+    with pytest.raises(OptionError, match=list(options)[-1]):
         PointNet(**options)
 
 

@@ -137,7 +137,7 @@ class Config:
         check_choices("poolings", self.poolings, POOLINGS)
         for name in ("rates", "timing_rates"):
             values = getattr(self, name)
-            if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
+            if not isinstance(values, (tuple, list)):
                 raise OptionError(f"{name} must be a tuple of rates in [0, 1), got {values!r}")
             if name == "rates" and not values:
                 raise OptionError("rates must name at least one outlier rate, got ()")

@@ -55,8 +55,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _prepare(args: argparse.Namespace) -> Config:
     cfg = config_from_args(args)
     cfg.validate()
+    require_sklearn()  # first: a missing dependency must not leave an empty out directory
     prepare_out_dir(cfg.out)  # before the run, not after it (results are written last)
-    require_sklearn()
     return cfg
 
 

@@ -52,15 +52,16 @@ class DigitsCNN(nn.Module):
 
     Raises:
         OptionError: for an unknown variant, a missing or non-positive radius, a radius
-            given to a variant without projection, or a non-positive width.
+            given to a variant without projection, or a width or class count that is
+            not a positive integer.
     """
 
     def __init__(self, variant: str = "baseline", radius: float | None = None, width: int = 32,
                  num_classes: int = 10) -> None:
         super().__init__()
         check_choice("variant", variant, VARIANTS)
-        check_int("width", width, minimum=1)  # 2.5 was truncated, 0.5 gave no channels
-        check_int("num_classes", num_classes, minimum=1)
+        w = check_int("width", width, minimum=1)  # 2.5 was truncated, 0.5 gave no channels
+        num_classes = check_int("num_classes", num_classes, minimum=1)
         projection = variant_projection(variant)
         if projection is None and radius is not None:
             raise OptionError(f"radius is only for projection variants, got radius={radius!r} "
@@ -70,7 +71,6 @@ class DigitsCNN(nn.Module):
                 raise OptionError(f"variant={variant!r} needs a radius, got None")
             check_positive("radius", radius)
         self.variant = variant
-        w = int(width)
         self.features = nn.Sequential(
             *_block(1, w), *_block(w, 2 * w), nn.MaxPool2d(2), *_block(2 * w, 4 * w),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -80,7 +80,7 @@ class DigitsCNN(nn.Module):
         if projection is not None:
             p, mode = projection
             self.project = LpProjection(p=p, mode=mode, radius=float(radius), dim=-1)
-        self.classifier = nn.Linear(4 * w, int(num_classes))
+        self.classifier = nn.Linear(4 * w, num_classes)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Features entering the projection (after the normalisation, if any): ``(B, 4w)``."""

@@ -35,8 +35,8 @@ def run(config: Config | None = None) -> dict[str, Any]:
     """
     cfg = Config() if config is None else config
     cfg.validate()
-    prepare_out_dir(cfg.out, "out")  # results are written last: a bad out must fail first
     require_sklearn()
+    prepare_out_dir(cfg.out, "out")  # results are written last: a bad out must fail first
     device = resolve_device(cfg.device)
     with torch_threads(cfg.threads):
         start = time.perf_counter()
