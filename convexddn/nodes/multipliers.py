@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ACTIVE_EPS", "inactive_mask", "multipliers", "nonnegative_multipliers"]
+__all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "nonnegative_multipliers"]
 
 Tensor = torch.Tensor
 
@@ -108,11 +108,21 @@ def nonnegative_multipliers(A: Tensor, g: Tensor, nonneg: Tensor,
     return z if lower is None else lower + z
 
 
+def dependent(A: Tensor) -> Tensor:
+    """``(B,)``: whether the nonzero rows of ``A`` ``(B, r, m)`` are linearly dependent,
+    i.e. whether the multipliers of those constraints are not unique (only then can
+    another choice than the least-squares one exist; one SVD per element)."""
+    A = _finite(A)
+    return torch.linalg.matrix_rank(A) < (A != 0).any(-1).sum(-1)
+
+
 def multipliers(A: Tensor, g: Tensor, n_eq: int, inactive: Tensor) -> Tensor:
     """The multipliers ``(B, r)`` of eq. 25, nonnegative on active inequalities.
 
     Least squares first (one pseudo-inverse); only the batch elements where that gives
-    an active inequality a negative multiplier run :func:`nonnegative_multipliers`.
+    an active inequality a negative multiplier and the active constraints are
+    dependent (:func:`dependent`: otherwise the multipliers are unique) run
+    :func:`nonnegative_multipliers`.
     """
     lam = _least_squares(A, g)
     is_ineq = torch.zeros(A.shape[1], dtype=torch.bool, device=A.device)
@@ -120,5 +130,7 @@ def multipliers(A: Tensor, g: Tensor, n_eq: int, inactive: Tensor) -> Tensor:
     negative = (is_ineq & ~inactive & (lam < 0)).any(-1)
     if bool(negative.any()):
         rows = torch.nonzero(negative).flatten()
-        lam = lam.index_copy(0, rows, nonnegative_multipliers(A[rows], g[rows], is_ineq))
+        rows = rows[dependent(A[rows])]
+        if rows.numel():
+            lam = lam.index_copy(0, rows, nonnegative_multipliers(A[rows], g[rows], is_ineq))
     return lam

@@ -41,7 +41,7 @@ import torch
 from ..errors import GradientWarning, SolverError
 from .krylov import pseudo_random_directions
 from .linear_solvers import shown_indices
-from .multipliers import nonnegative_multipliers
+from .multipliers import dependent, nonnegative_multipliers
 
 __all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "default_solution_tol", "kkt_residuals",
            "verify_kkt"]
@@ -176,6 +176,9 @@ def _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly) ->
     did, strict complementarity holds.
     """
     rows = torch.nonzero(weakly).flatten()
+    rows = rows[dependent(A[rows].detach())]  # independent: the multipliers are unique
+    if rows.numel() == 0:
+        return weakly
     Ar, act, sc = A[rows].detach(), active_ineq[rows], scale[rows].unsqueeze(-1)
     lower = 2 * tol * sc / Ar.norm(dim=-1).clamp_min(torch.finfo(A.dtype).tiny)
     lam = nonnegative_multipliers(Ar, gf[rows], act, torch.where(act, lower, 0.0))

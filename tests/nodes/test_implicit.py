@@ -1289,3 +1289,41 @@ def test_keyword_inputs_and_solve_device_are_checked():
 
     with pytest.raises(InputError, match="Elsewhere.solve.*device"):
         Elsewhere()(torch.randn(2, 3, dtype=DT))
+
+
+def test_independent_active_constraints_skip_the_nnls(monkeypatch):
+    # With independent active constraints the multipliers are unique, so the NNLS
+    # fallback cannot change them: it ran anyway on rounding-level negative or weakly
+    # active multipliers (a box with half the coordinates on a bound: 60 batched pinv
+    # calls and 20x the backward time). The result (the warning) is the same.
+    import convexddn.nodes.multipliers as mult
+    import convexddn.nodes.optimality as opt
+
+    calls = []
+    nnls = mult.nonnegative_multipliers
+    counting = lambda *a, **k: calls.append(1) or nnls(*a, **k)  # noqa: E731
+    monkeypatch.setattr(mult, "nonnegative_multipliers", counting)
+    monkeypatch.setattr(opt, "nonnegative_multipliers", counting)
+
+    class Box(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1)
+
+        def inequality_constraints(self, x, y):
+            return torch.cat([-y, y - 1], -1)
+
+        def solve(self, x):
+            return x.clamp(0, 1)
+
+    gen = torch.Generator().manual_seed(0)
+    x = 2 * torch.randn(4, 32, generator=gen, dtype=torch.float64)
+    x[:, ::2] = torch.where(x[:, ::2] > 0.5, 1.0, 0.0)  # exactly on a bound: weakly active
+    x.requires_grad_()
+    with pytest.warns(GradientWarning):
+        Box()(x).sum().backward()
+    assert calls == []
+    # The derivative where it exists: 1 strictly inside (0, 1), 0 strictly outside.
+    inside = (x.detach() > 0) & (x.detach() < 1)
+    outside = (x.detach() < 0) | (x.detach() > 1)
+    assert torch.equal(x.grad[inside], torch.ones(int(inside.sum()), dtype=torch.float64))
+    assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum()), dtype=torch.float64))
