@@ -82,6 +82,14 @@ def check_positive(name: str, value: Any) -> None:
         raise OptionError(f"{name} must be finite and > 0, got {shown!r}")
 
 
+def check_scale(name: str, value: Any) -> None:
+    """A positive scale option such as a penalty's alpha: a number (NumPy scalars
+    included) or a floating-point tensor (it may be learned), finite and > 0."""
+    if isinstance(value, torch.Tensor):
+        check_tensor(name, value)
+    check_positive(name, value)
+
+
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     """Return ``value`` if it is an integer (not a bool) ``>= minimum``, else raise ``OptionError``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

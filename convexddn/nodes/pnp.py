@@ -38,8 +38,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .._autograd import bind_fast
-from .._checks import check_finite, check_positive, check_stopping, check_tensor
-from ..errors import InputError, OptionError, ShapeError, SolverWarning
+from .._checks import check_finite, check_scale, check_stopping, check_tensor
+from ..errors import InputError, ShapeError, SolverWarning
 from ._pnp_geometry import (
     axis_angle_to_matrix,
     check_alpha_shape,
@@ -205,11 +205,7 @@ class _PnPFunction(torch.autograd.Function):
 
 def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> Penalty:
     pen = Penalty.resolve(penalty)
-    if isinstance(alpha, torch.Tensor):
-        check_tensor("alpha", alpha)
-    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise OptionError(f"alpha must be a positive number or tensor, got {alpha!r}")
-    check_positive("alpha", alpha)
+    check_scale("alpha", alpha)
     check_stopping(tol, max_iter)
     return pen
 

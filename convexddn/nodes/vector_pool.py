@@ -39,7 +39,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Any
 
@@ -52,12 +51,12 @@ from .._checks import (
     check_dim_option,
     check_finite,
     check_int,
-    check_positive,
+    check_scale,
     check_stopping,
     check_tensor,
     normalize_dims,
 )
-from ..errors import DTypeError, GradientWarning, OptionError, ShapeError
+from ..errors import GradientWarning, OptionError, ShapeError
 from ._vector_pool_solvers import geometry, hess_solve, kappa, solve, unit
 from .pooling.penalties import Penalty
 
@@ -124,12 +123,7 @@ class _VectorPoolFunction(torch.autograd.Function):
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
                    starts: Any) -> Penalty:
     pen = Penalty.resolve(penalty)
-    if isinstance(alpha, torch.Tensor):
-        if not alpha.is_floating_point():
-            raise DTypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
-    elif isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):  # numpy scalars too
-        raise OptionError(f"alpha must be a positive number or tensor, got {alpha!r}")
-    check_positive("alpha", alpha)
+    check_scale("alpha", alpha)
     check_dim_option("dim", dim)
     check_int("vector_dim", vector_dim)
     check_stopping(tol, max_iter)

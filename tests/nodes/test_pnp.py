@@ -306,3 +306,15 @@ def test_pnp_cuda():
     ref.sum().backward()
     torch.testing.assert_close(est.cpu(), ref, atol=1e-9, rtol=0)
     torch.testing.assert_close(qc.grad.cpu(), qh.grad, atol=1e-7, rtol=1e-7)
+
+
+def test_numpy_scalar_alpha_is_a_number():
+    # robust_vector_pool took NumPy scalars for alpha; pnp and robust_pool refused them.
+    from convexddn.functional import robust_pool
+
+    q, p, _ = scene(7, noise=0.01)
+    assert torch.equal(pnp(q, p, penalty="huber", alpha=np.float32(0.5)), pnp(q, p, penalty="huber", alpha=0.5))
+    x = torch.randn(3, 20, dtype=D, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(robust_pool(x, "huber", np.float64(0.5)), robust_pool(x, "huber", 0.5))
+    with pytest.raises(DTypeError, match="alpha"):
+        robust_pool(x, "huber", torch.tensor(1))

@@ -33,12 +33,12 @@ from torch.autograd.function import once_differentiable
 from ..._checks import (
     check_bool,
     check_dim_option,
-    check_positive,
+    check_scale,
     check_stopping,
     check_tensor,
     normalize_dims,
 )
-from ...errors import DTypeError, GradientWarning, OptionError, ShapeError
+from ...errors import GradientWarning, OptionError, ShapeError
 from .kernels import compile_available, pool_backward
 from .penalties import Penalty
 
@@ -117,15 +117,6 @@ class _RobustPoolFunction(torch.autograd.Function):
         if need_alpha:
             grad_alpha = ga if alpha.dim() > 0 else ga.sum()
         return grad_x, grad_alpha, None, None, None, None
-
-
-def _check_alpha(alpha: Any) -> None:
-    if isinstance(alpha, torch.Tensor):
-        if not alpha.is_floating_point():
-            raise DTypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
-    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise OptionError(f"alpha must be a positive number or tensor, got {alpha!r}")
-    check_positive("alpha", alpha)
 
 
 def _check_options(penalty: Any, keepdim: Any, tol: Any, max_iter: Any, compile: Any) -> Penalty:
@@ -238,7 +229,7 @@ def robust_pool(
     """
     check_tensor("x", x)
     pen = _check_options(penalty, keepdim, tol, max_iter, compile)
-    _check_alpha(alpha)
+    check_scale("alpha", alpha)
     dims = normalize_dims("dim", dim, x.ndim) if x.ndim > 0 else None
     if dims is None:
         raise ShapeError("x must have at least one dimension to pool over, got a 0-d tensor")
@@ -338,7 +329,7 @@ class RobustPool(nn.Module):
     ) -> None:
         super().__init__()
         pen = _check_options(penalty, keepdim, tol, max_iter, compile)
-        _check_alpha(alpha)
+        check_scale("alpha", alpha)
         check_dim_option("dim", dim)
         self.penalty = pen
         if isinstance(alpha, torch.Tensor) and not isinstance(alpha, nn.Parameter):
