@@ -191,7 +191,8 @@ def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) ->
         return (p / p.sum(d, keepdim=True)).to(x.dtype)
     m = _threshold_bisect(z, d, k, x.shape[d])
     u = z + m  # zᵢ − τ: pᵢ = uᵢ^k on the support
-    p = u.clamp(min=0.0) ** k
+    up = u.clamp(min=0.0)
+    p = up**k
     # k < 1: uᵢ is known to δ ≈ 2·eps·|τ| (τ to one ulp, zᵢ rounded; |zᵢ| ≤ |τ| on the
     # support), so pᵢ to ~ k·δ·uᵢ^{k−1}: relative error (2 eps/(α−1))·(p_max/pᵢ)^{α−1},
     # which reaches 100% for the small entries (uᵢ ≲ δ). Dividing by Σp would spread
@@ -206,7 +207,7 @@ def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) ->
     # end, an ulp below 1 for a one-hot row) is rounding, not a missing mass.
     eps = torch.finfo(work).eps
     delta = m * (2.0 * eps)
-    w = (u.clamp(min=0.0) + delta) ** (k - 1.0) * ((u > -delta) & (z > -1.0))
+    w = (up + delta) ** (k - 1.0) * ((u > -delta) & (z > -1.0))
     r = 1.0 - p.sum(d, keepdim=True)
     r = torch.where(r > 4.0 * (x.shape[d] + 1) * eps, r, 0.0)
     p = torch.addcmul(p, w, r / w.sum(d, keepdim=True).clamp_(min=torch.finfo(work).tiny)).clamp_(min=0.0)
@@ -315,15 +316,14 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     top = _check_values(x, d)
     if alpha == 1.0:
         return torch.softmax(x, d)
+    top = top.detach()
     if alpha == 2.0:
         # Shift by the (detached) row max, which sparsemax ignores, then floor at −1
         # (never in the support) so that −inf entries become finite. Flooring x itself
         # at max − 1 fails once ulp(max) ≥ 1 (max − 1 rounds to max: every entry
         # floored to the max, a uniform answer); x − max is exact wherever it is > −1
         # and rounds monotonically elsewhere, so the floor is exact.
-        top = top.detach()
         return project_simplex((x - top).clamp(min=-1.0), d)
-    top = top.detach()
     if torch.is_grad_enabled() and x.requires_grad:
         return _EntmaxFn.apply(x, top, alpha, d)
     return _entmax_forward(x, top, alpha, d)

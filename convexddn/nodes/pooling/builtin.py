@@ -18,14 +18,14 @@ import math
 import torch
 from torch import Tensor
 
-from .penalties import Penalty, _flush, _rows, exp_log_base
+from .penalties import SPREAD_DIVISOR, Penalty, _flush, _rows, exp_log_base
 
 __all__ = ["Huber", "PseudoHuber", "Quadratic", "TruncatedQuadratic", "Welsch"]
 
 
-# The first pass clamps or rescales rows whose spread exceeds alpha·sqrt(max)/32, so
-# (z/alpha)² ≤ max/1024 and z² = (z/alpha)²·alpha² stays finite for alpha < 32.
-_ONE_PASS_BELOW = 32.0
+# (z/alpha)² ≤ max/SPREAD_DIVISOR² (see SPREAD_DIVISOR), so z² = (z/alpha)²·alpha² stays
+# finite for alpha < SPREAD_DIVISOR.
+_ONE_PASS_BELOW = SPREAD_DIVISOR
 
 
 @functools.lru_cache(maxsize=64)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .kernels import Scratch, block_ranges, row_sums
-from .penalties import Penalty
+from .penalties import SPREAD_DIVISOR, Penalty
 from .rows import Result, Rows
 
 _NOISE = 4.0
@@ -127,7 +127,7 @@ def _first(pen: Penalty, rows: Rows, method: str, u: Tensor, ranges: list[slice]
     if not all(math.isfinite(v) for pair in vals for v in pair):
         return None
     if pen.saturation is not None and not rows.clamp:
-        lim = math.sqrt(torch.finfo(rows.x.dtype).max) / 32
+        lim = math.sqrt(torch.finfo(rows.x.dtype).max) / SPREAD_DIVISOR
         for b, sl in enumerate(ranges):
             al = rows.alpha_arg(sl, 2)
             a_min = al if isinstance(al, float) else float(al.min())

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..._checks import check_finite
 from ...errors import ConvexDDNWarning
-from .penalties import Penalty
+from .penalties import SPREAD_DIVISOR, Penalty
 
 # Bytes of x per row block on a CPU. Smaller blocks pay the per-op dispatch (~1-2 us)
 # over too little work; measured on the 2-core CI machine (2 MiB L2 per core), 2 MiB
@@ -194,7 +194,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     alpha_f = float(a) if a.dim() == 0 else None
     # Squares of residuals over alpha beyond this overflow (only alpha's gradient of a
     # saturating penalty cares: its weights there are 0 either way).
-    wide = math.sqrt(finfo.max) / 32 * (alpha_f if alpha_f else float(a.min()))
+    wide = math.sqrt(finfo.max) / SPREAD_DIVISOR * (alpha_f if alpha_f else float(a.min()))
     ranges = block_ranges(rows, n, x, use_compile)
     scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
     # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
@@ -279,7 +279,7 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     The objective is piecewise quadratic; on each piece between consecutive breakpoints
     x_i +- alpha the inliers form a contiguous run of the sorted row, and the global
     minimiser is the mean of its own inlier run. Every piece starts where a point
-    enters (the run ends at that point i and starts at l_i = #{k : s_k <= s_i - 2 alpha},
+    enters (the run ends at that point i and starts at l_i = #{k : s_k < s_i - 2 alpha},
     given as ``lft``) or leaves (the run starts after i and ends at
     r_i = #{k : s_k < s_i + 2 alpha} = #{k : l_k <= i}, counted from ``lft`` in O(N)).
     For any run W, G_W = SSE_W / 2 + alpha^2 (N - |W|) / 2 bounds the objective at the

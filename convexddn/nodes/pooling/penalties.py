@@ -48,6 +48,11 @@ __all__ = [
     "Welsch",
 ]
 
+#: Rows whose spread exceeds alpha·sqrt(max)/SPREAD_DIVISOR have their residuals clamped
+#: or rescaled (first pass, backward), so that (z/alpha)² stays below max/SPREAD_DIVISOR².
+SPREAD_DIVISOR = 32.0
+
+
 def exp_floor(dtype: torch.dtype) -> float:
     """Exponent below which exp is flushed to exactly 0: exp of anything lower would be
     subnormal (~50x slower on x86 CPUs) and below 1e-36 of the largest weight."""

@@ -175,9 +175,7 @@ def simplex_forward(
             raise RuntimeError("project_simplex: the threshold overflows after rescaling")
         xs, zs, s = _scaled(x, z, d)
         # y ≤ z exactly; the clamp keeps a last-ulp excess from turning z ≈ max into Inf.
-        y = simplex_forward(xs, zs, d, True)
-        y = y.clamp(max=zs) if isinstance(zs, float) else torch.minimum(y, zs)
-        return y.div_(s).to(x.dtype)
+        return simplex_forward(xs, zs, d, True).clamp(max=zs).div_(s).to(x.dtype)
     return out[0]
 
 
