@@ -238,8 +238,11 @@ def test_bench_workers_rows_time_both_pools_and_render():
         assert r["seconds_1_process"] > 0 and r["seconds_workers"] > 0
         assert r["speedup"] == pytest.approx(r["seconds_1_process"] / r["seconds_workers"])
     machine = {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2, "device": "cpu"}
-    text = format_table({"rows": [], "workers": rows, "machine": machine, "repeats": 1})
+    text = format_table({"rows": [], "workers": rows, "machine": machine, "repeats": 1,
+                         "rounds": {"convex": 1, "ddn_paper": 1}})
     assert "| user NNLS (30×20) | cvxpylayers thread pool | 4 |" in text
+    # The footer gives the rounds the run used (it said "at most 3" and "2" whatever they were).
+    assert "the convex path: at most 1; the DDN reference at the paper's shape: 1," in text
 
 
 def test_cli_experiment_runs_through_the_table(monkeypatch, capsys):

@@ -34,7 +34,8 @@ from .cases import (
     projection_cases,
     workers_speedup,
 )
-from .cases.convex import convex_cases
+from .cases.convex import CONVEX_ROUNDS, convex_cases
+from .cases.pooling import DDN_PAPER_ROUNDS
 from .cases.nodes import node_cases
 from .harness import peak_memory
 from .report import estimate_skipped, format_table, plot
@@ -70,7 +71,9 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     total = sum((repeats + 1) * ((2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS) if SHAPES[n][1] else 0))
                 + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
                 for n in names)
-    total += 5 * (min(repeats, 3) + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL) + 6 * repeats
+    # The convex rows take minutes per round; the DDN reference at the paper's shape too.
+    rounds = {"convex": min(repeats, CONVEX_ROUNDS), "ddn_paper": min(repeats, DDN_PAPER_ROUNDS)}
+    total += 5 * (rounds["convex"] + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL) + 6 * repeats
     rows: list[dict] = []
     with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op", disable=None) as progress:
         warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed
@@ -80,12 +83,12 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             if proj_shape is not None:
                 rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
         convex_problems = CONVEX_QUICK if quick else CONVEX_CUDA if dev.type == "cuda" else CONVEX_FULL
-        convex = convex_cases(convex_problems, min(repeats, 3), progress, device)
+        convex = convex_cases(convex_problems, rounds["convex"], progress, device)
         nodes = node_cases(repeats, progress, dev)
     estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []
     workers = [] if quick else workers_speedup()
-    result = {"machine": machine(dev), "repeats": repeats, "quick": quick, "rows": rows,
+    result = {"machine": machine(dev), "repeats": repeats, "rounds": rounds, "quick": quick, "rows": rows,
               "convex": convex, "nodes": nodes, "memory": memory, "workers": workers}
     if out is not None:
         prepare_out_dir(out, "out")  # again: it may have been removed during the run

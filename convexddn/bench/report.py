@@ -150,12 +150,14 @@ def format_table(result: dict[str, Any]) -> str:
                          f"| {r['cores']} |")
         lines.append("")
     m = result["machine"]
+    rounds = result.get("rounds", {"convex": 3, "ddn_paper": 2})  # (results written before the key)
     lines.append("The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "
                  "see the README's Benchmarks.")
     lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
                  f"({m['torch_threads']} threads), device {m['device']}; medians of "
-                 f"{result['repeats']} rounds (the convex path: at most 3; the DDN reference at the "
-                 "paper's shape: 2, its own interleaved rounds; cone-program rows: see their note); "
+                 f"{result['repeats']} rounds (the convex path: at most {rounds['convex']}; the DDN "
+                 f"reference at the paper's shape: {rounds['ddn_paper']}, its own interleaved rounds; "
+                 "cone-program rows: see their note); "
                  "mean = `x.mean(-1)` of the same tensor.")
     return "\n".join(lines)
 

@@ -20,19 +20,24 @@ CVXPY_ROWS = 8  # rows solved by the cone-program path per measurement (millisec
 CVXPY_ROUNDS = 3  # timed calls of the cone-program path (after an untimed first one)
 
 
-def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable, x: torch.Tensor,
-                   g: torch.Tensor, per_sample: float, B: int, mean_f: float, mean_b: float,
-                   progress, sample: tuple[torch.Tensor, torch.Tensor, float], rounds: int = CVXPY_ROUNDS) -> None:
+def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable,
+                  sample: tuple[torch.Tensor, torch.Tensor, float], B: int, mean_f: float, mean_b: float,
+                  progress, rounds: int = CVXPY_ROUNDS) -> None:
     """Time the cvxpy path and record how far it is from the native path, on ``row`` and
-    on the native row.
+    on the native row. ``sample = (X, G, per_sample)``: the rows of one sample, their
+    upstream gradients, and the factor that turns the time of all of them into a time
+    per sample.
 
-    After an untimed first call on ``x`` (canonicalisation, caches): where the layer
-    solved those rows per element, their cost is linear in the rows, and the median of
-    ``rounds`` calls on ``x`` is scaled by ``per_sample``; where it solved them as one
-    batch, the cost per row falls with the batch (quadratic pooling: 0.76 ms per row at
-    8 rows, 0.10 at 256), so the rows of ``sample = (x, g, per_sample)`` -- a whole
-    sample -- are timed instead (after their own first call): no scaling.
+    After an untimed first call on the first :data:`CVXPY_ROWS` rows (canonicalisation,
+    caches): where the layer solved them per element, their cost is linear in the rows,
+    and the median of ``rounds`` calls on them is scaled to the whole sample; where it
+    solved them as one batch, the cost per row falls with the batch (quadratic pooling:
+    0.76 ms per row at 8 rows, 0.10 at 256), so the whole sample is timed instead (after
+    its own first call): no scaling.
     """
+    X, G, per_sample = sample
+    k = min(CVXPY_ROWS, X.shape[0])
+    x, g, per_sample = X[:k], G[:k], per_sample * X.shape[0] / k
     cpu = torch.device("cpu")
     fwd_bwd(cvxpy, x.cpu(), g.cpu(), cpu)
     info = getattr(cvxpy, "last_solve", None)

@@ -110,6 +110,9 @@ CONVEX_PROBLEMS: dict[str, tuple[str, Callable]] = {
 # with the per-element path to ~1e-9 in the tests.
 PEER_MAX_BATCH = 1024
 
+#: Timed rounds of the convex rows at most (each takes minutes on a CPU).
+CONVEX_ROUNDS = 3
+
 
 def _paths(prob, params, variables, peers: bool = True) -> dict[str, Callable]:
     from cvxpylayers.torch import CvxpyLayer

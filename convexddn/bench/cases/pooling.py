@@ -13,7 +13,7 @@ from ...nodes.pooling import CONVEX_PENALTIES
 from ...nodes.pooling import PENALTIES as POOL_PENALTIES
 from ..harness import fwd_bwd, median_times, timed_sort
 from ..reference import load_reference, reference_pool
-from .common import CVXPY_ROWS, SHAPES, measure_cvxpy, row_record
+from .common import SHAPES, measure_cvxpy, row_record
 
 __all__ = ["CONVEX_PENALTIES", "POOL_PENALTIES", "ddn_comparison", "pool_cases"]
 
@@ -31,7 +31,7 @@ DDN_FWD_GOAL, DDN_BWD_GOAL = 10.0, 1.5
 DDN_REFERENCE_FWD = {"quadratic": 90.0, "huber": 200.0, "welsch": 400.0}
 # Rounds of the side-by-side comparison at the paper's shape (the reference's forward
 # takes seconds there).
-_DDN_PAPER_ROUNDS = 2
+DDN_PAPER_ROUNDS = 2
 
 
 def _goals(name: str, f: float, b: float, mean_f: float, mean_b: float, sort_f: float) -> dict:
@@ -123,16 +123,15 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress) -
     rows[1]["note"] = "one x.sort(-1) of the same tensor (forward only)"
     rows[1]["bwd_ms_per_sample"] = None
     rows[1]["bwd_rel_mean"] = None
-    _attach_ddn(rows, shape, device, dtype, x, g, min(repeats, _DDN_PAPER_ROUNDS) if paper else repeats,
+    _attach_ddn(rows, shape, device, dtype, x, g, min(repeats, DDN_PAPER_ROUNDS) if paper else repeats,
                 progress, also_float64=not paper and dtype != torch.float64)
     for p in CONVEX_PENALTIES:
         row = row_record("pooling", p, "cvxpy", shape, dtype, device, None, None, None, None)
         if with_cvxpy:
             cone = layer("robust_pool", n=N, penalty=p, alpha=1.0, backend="cvxpy")
             xr, gr = x.reshape(-1, N), g.reshape(-1)
-            measure_cvxpy(row, rows, lambda t, p=p: robust_pool(t, p, 1.0), cone,
-                          xr[:CVXPY_ROWS], gr[:CVXPY_ROWS], C / CVXPY_ROWS, B, mean_f, mean_b, progress,
-                          (xr[:C], gr[:C], 1.0))
+            measure_cvxpy(row, rows, lambda t, p=p: robust_pool(t, p, 1.0), cone, (xr[:C], gr[:C], 1.0),
+                          B, mean_f, mean_b, progress)
         else:
             row["note"] = "skipped: one cone program per row is too slow at this size"
         rows.append(row)
