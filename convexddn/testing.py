@@ -87,13 +87,12 @@ def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
     """
     if not isinstance(fn, torch.nn.Module):
         return fn
-    tensors = list(fn.parameters()) + list(fn.buffers())
-    all64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
-    has_params = any(p.requires_grad for p in fn.parameters())
     try:
         return copy.deepcopy(fn).to(torch.float64)
     except Exception:  # noqa: BLE001 - e.g. a module holding a lock or a file handle
-        if all64 and not (with_params and has_params):
+        tensors = list(fn.parameters()) + list(fn.buffers())
+        all64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+        if all64 and not (with_params and any(p.requires_grad for p in fn.parameters())):
             return fn
         raise
 

@@ -21,16 +21,16 @@ class HostReads:
         self.count = 0
         self._monkeypatch = monkeypatch
 
-    def _counted(self, name: str, owner=torch.Tensor):
+    def _counted(self, mp: pytest.MonkeyPatch, name: str, owner=torch.Tensor) -> None:
         original = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
             self.count += 1
             return original(*args, **kwargs)
 
-        self._monkeypatch.setattr(owner, name, wrapper)
+        mp.setattr(owner, name, wrapper)
 
-    def _counted_index(self, name: str):
+    def _counted_index(self, mp: pytest.MonkeyPatch, name: str) -> None:
         original = getattr(torch.Tensor, name)
 
         def wrapper(tensor, index, *args):
@@ -39,22 +39,18 @@ class HostReads:
                 self.count += 1  # a boolean mask index is a nonzero(), a sync on CUDA
             return original(tensor, index, *args)
 
-        self._monkeypatch.setattr(torch.Tensor, name, wrapper)
+        mp.setattr(torch.Tensor, name, wrapper)
 
     @contextlib.contextmanager
     def counting(self):
         self.count = 0
         with self._monkeypatch.context() as mp:
-            self._monkeypatch, outer = mp, self._monkeypatch
-            try:
-                for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"):
-                    self._counted(name)
-                self._counted("nonzero", torch)
-                self._counted_index("__getitem__")
-                self._counted_index("__setitem__")
-                yield self
-            finally:
-                self._monkeypatch = outer
+            for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"):
+                self._counted(mp, name)
+            self._counted(mp, "nonzero", torch)
+            self._counted_index(mp, "__getitem__")
+            self._counted_index(mp, "__setitem__")
+            yield self
 
 
 @pytest.fixture

@@ -334,3 +334,23 @@ def test_a_float64_module_is_checked_through_a_copy():
     check_gradients(bn, torch.randn(4, 3, dtype=torch.float64), params=False)
     assert int(bn.num_batches_tracked) == 0
     assert torch.equal(bn.running_mean, torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_module_that_cannot_be_copied_is_checked_as_it_is():
+    # A float64 module holding a lock cannot be deep-copied; checked without its
+    # parameters it is used as it is (nothing of it is perturbed), with them it raises.
+    import threading
+
+    class Locked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lock = threading.Lock()
+            self.w = torch.nn.Parameter(torch.tensor([2.0, -1.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return self.w * x**2
+
+    x = torch.randn(2, dtype=torch.float64)
+    assert check_gradients(Locked(), x, params=False).ok
+    with pytest.raises(TypeError):
+        check_gradients(Locked(), x, params=True)
