@@ -158,32 +158,35 @@ class _PnPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(p2d, p3d, w, K, alpha, init, pen, tol, max_iter):  # type: ignore[override]
+        """``(θ (B, 6), H (B, 6, 6))``: the pose and the Hessian there (kept for the backward)."""
         if p2d.shape[0] == 0:  # through apply all the same: the output stays in the graph
-            return p2d.new_zeros(0, 6)
+            return p2d.new_zeros(0, 6), p2d.new_zeros(0, 6, 6)
         xs = (p2d, p3d, w, K, alpha)
         theta = dlt(normalised(p2d, K), p3d, w) if init is None else init
         check_start(~torch.isfinite(_objective(theta, *xs, pen)), init is not None)
         theta = _solve(theta, xs, pen, tol, max_iter)
         # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
         # one still has eigenvalues of the order of that iterate's distance.
-        check_pose(theta, _grad_hess(theta, xs, pen)[2], p3d, w)
-        return theta
+        H = _grad_hess(theta, xs, pen)[2]
+        check_pose(theta, H, p3d, w)
+        return theta, H
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         p2d, p3d, w, K, alpha = inputs[:5]
-        ctx.save_for_backward(p2d, p3d, w, K, alpha, output)
+        theta, H = output
+        ctx.mark_non_differentiable(H)
+        ctx.save_for_backward(p2d, p3d, w, K, alpha, theta, H)
         ctx.pen = inputs[6]
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_theta):  # type: ignore[override]
-        p2d, p3d, w, K, alpha, theta = ctx.saved_tensors
+    def backward(ctx, g_theta, _g_hessian):  # type: ignore[override]
+        p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]
         if theta.shape[0] == 0:
             return (*[torch.zeros_like(t) if n else None for t, n in zip((p2d, p3d, w, K, alpha), need)],
                     None, None, None, None)
-        _, _, H, _ = _grad_hess(theta, (p2d, p3d, w, K, alpha), ctx.pen)
         # Scale-aware singularity test: rounding keeps a singular H (too few points or
         # inliers, collinear points) from being exactly singular, where solve_ex reports
         # nothing and returns an arbitrary finite v. Singular elements get v = 0.
@@ -340,9 +343,9 @@ def pnp(
             _DEFAULT_TOL if tol is None else float(tol), _DEFAULT_MAX_ITER if max_iter is None else max_iter)
     # An empty batch goes through apply too, so that its output stays in the graph.
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, w, a) + (() if Kf is None else (Kf,))):
-        theta = _PnPFunction.apply(*args)
+        theta = _PnPFunction.apply(*args)[0]
     else:
-        theta = _PnPFunction.forward(*args)
+        theta = _PnPFunction.forward(*args)[0]
     return theta.reshape(*batch, 6).to(torch.promote_types(p2d.dtype, p3d.dtype))
 
 
