@@ -26,7 +26,13 @@ import torch
 from .._linalg import lu_factor_ex
 from .krylov import independent_rows, pseudo_random_directions
 
-__all__ = ["ILL_CONDITIONED", "DenseResult", "checked_solve", "dense_kkt"]
+__all__ = ["ILL_CONDITIONED", "DenseResult", "checked_solve", "default_rcond", "dense_kkt"]
+
+
+def default_rcond(size: int, dtype: torch.dtype) -> float:
+    """The default relative singularity threshold of a system of ``size`` unknowns:
+    ten times the rounding a solve accumulates, ``10 · size · eps``."""
+    return 10 * max(size, 1) * torch.finfo(dtype).eps
 
 Tensor = torch.Tensor
 
@@ -146,7 +152,7 @@ def dense_kkt(
     H = 0.5 * (H + H.transpose(1, 2))
     size = m + (0 if A is None else A.shape[1])
     if rcond is None:
-        rcond = 10 * size * torch.finfo(v.dtype).eps
+        rcond = default_rcond(size, v.dtype)
     dependent = T = A2 = pin = None
     rhs = v
     if A is not None:
@@ -198,7 +204,7 @@ def checked_solve(
         masks and the condition estimates ``cond (B,)``.
     """
     if rcond is None:
-        rcond = 10 * max(rhs.shape[-1], 1) * torch.finfo(H.dtype).eps
+        rcond = default_rcond(rhs.shape[-1], H.dtype)
     v, cond = _solve_and_condition(*_equilibrated_kkt(H, None, None), rhs)
     singular = cond * rcond >= 1
     ill = ~singular & (cond >= ill_conditioned)

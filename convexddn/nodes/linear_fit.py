@@ -97,8 +97,7 @@ def linear_fit(
     r: Any = ridge
     if bias:  # (a column of ones even where C = 0: the fit is then the intercept alone)
         A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], -1)
-    if isinstance(ridge, torch.Tensor):
-        check_tensor("ridge", ridge)
+    if isinstance(ridge, torch.Tensor):  # (checked by _check_layer_options)
         rr = ridge.unsqueeze(-1).to(x.dtype)
         if bias:
             rr = torch.cat([rr.expand(*rr.shape[:-1], c), torch.zeros_like(rr)], -1)

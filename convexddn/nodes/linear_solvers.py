@@ -33,7 +33,7 @@ import torch
 
 from .._checks import check_choice
 from ..errors import GradientWarning
-from .dense import ILL_CONDITIONED, dense_kkt
+from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
 from .krylov import projected_cg
 
 __all__ = [
@@ -295,7 +295,7 @@ def solve_kkt_cg(
     if max_iter is None:
         max_iter = 10 * m
     if rcond is None:
-        rcond = 10 * (m + (0 if A is None else A.shape[1])) * torch.finfo(v.dtype).eps
+        rcond = default_rcond(m + (0 if A is None else A.shape[1]), v.dtype)
     size = m + (0 if A is None else A.shape[1])
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
     if budget is not None and can_fall_back:

@@ -94,7 +94,7 @@ def kkt_residuals(
     n_eq: int,
     inactive: Tensor | None,
     tol: float,
-    eps: float | None = None,
+    eps: float,
 ) -> KKTResiduals:
     """Relative first-order residuals of ``y`` (see the module docstring).
 
@@ -109,7 +109,7 @@ def kkt_residuals(
         n_eq: how many of the ``r`` constraints are equalities.
         inactive: ``(B, r)`` mask of inactive inequalities, or ``None``.
         tol: relative level under which an active inequality's multiplier counts as zero.
-        eps: the data's rounding level (default: ``yg``'s epsilon); each element's
+        eps: the data's rounding level (the caller's dtype's epsilon); each element's
             scale is at least ``eps`` times the largest in the batch.
     """
     batch, m = yg.shape
@@ -123,7 +123,6 @@ def kkt_residuals(
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)
-    eps = torch.finfo(yg.dtype).eps if eps is None else eps
     scale = _floored(scale, eps)
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
