@@ -286,6 +286,9 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     mean of W from above, with equality for the optimal run, so the smallest G over the
     2N candidate runs is the global minimum and its mean the global minimiser: no
     clipping into pieces needed, and rounding in the run ends can only add valid runs.
+    (In exact arithmetic: each G carries a rounding error of about eps·Σ s²; where that
+    exceeds alpha²/2, e.g. outlier clusters near ±1e8 at alpha = 1, two candidates can
+    swap and a worse run's mean be returned. docs/nodes-pooling.md gives the figures.)
 
     Scale-free: the row is centred on its middle order statistic and divided by a power
     of two near its half-range before the float64 prefix sums (which would cancel
