@@ -70,6 +70,19 @@ def _sphere_part(radius: float, center: Sequence[float] = (0.0, 0.0, 0.0)) -> _P
     return draw
 
 
+def _cut_sphere_part(radius: float, center_x: float, x_low: float, x_high: float) -> _Part:
+    """The zone of a sphere between two planes ``x = const`` (x relative to its centre)."""
+    def draw(n: int, g: torch.Generator) -> torch.Tensor:
+        # Archimedes: the coordinate along an axis of a uniform point on a sphere is
+        # uniform, so a uniform x in [x_low, x_high] and angle sample the zone uniformly.
+        x = _uniform(n, g, x_low, x_high)
+        t = _uniform(n, g, 0.0, 2 * math.pi)
+        rho = (radius * radius - x * x).clamp_min(0.0).sqrt()
+        return torch.stack((x + center_x, rho * t.cos(), rho * t.sin()), dim=1)
+
+    return draw
+
+
 def _hemisphere_part(radius: float, z0: float, up: bool) -> _Part:
     sphere = _sphere_part(radius)
 
@@ -210,12 +223,15 @@ def _surface(name: str) -> list[tuple[float, _Part]]:
             (2 * pi * r * r, _hemisphere_part(r, -h / 2, up=False)),
         ]
     if name == "dumbbell":
-        # Two balls joined by a thin horizontal bar.
+        # Two balls joined by a thin bar along x: the bar runs between the balls'
+        # surfaces (it meets them at |x| = c - w) and each ball has the disc where the
+        # bar enters cut away, so that no point lies inside the solid.
         rb, rs, c = 0.15, 0.45, 0.85
+        w = math.sqrt(rs * rs - rb * rb)
         return [
-            (4 * pi * rs * rs, _sphere_part(rs, (-c, 0.0, 0.0))),
-            (4 * pi * rs * rs, _sphere_part(rs, (c, 0.0, 0.0))),
-            (2 * pi * rb * 2 * c, _tube_part(rb, -c, c, axis=0)),
+            (2 * pi * rs * (rs + w), _cut_sphere_part(rs, -c, -rs, w)),
+            (2 * pi * rs * (rs + w), _cut_sphere_part(rs, c, -w, rs)),
+            (2 * pi * rb * 2 * (c - w), _tube_part(rb, -(c - w), c - w, axis=0)),
         ]
     raise OptionError(f"shape must be one of {list(CLASSES)}, got {name!r}")
 

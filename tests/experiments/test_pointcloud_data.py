@@ -1,6 +1,8 @@
 """Tests of the point-cloud experiment's data and model: generated shapes, outliers, PointNet."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,7 +68,17 @@ def _cylinder_residual(p):
     return torch.minimum(side, cap)
 
 
+def _dumbbell_residual(p):
+    # Signed distance to the union of the two balls (radius 0.45 at x = ±0.85) and the
+    # bar (radius 0.15 along x, |x| ≤ 0.85): zero on the union's surface, negative inside.
+    balls = [(p - torch.tensor([cx, 0.0, 0.0])).norm(dim=1) - 0.45 for cx in (-0.85, 0.85)]
+    d = torch.stack((p[:, 1:].norm(dim=1) - 0.15, p[:, 0].abs() - 0.85), dim=1)
+    bar = d.amax(dim=1).clamp_max(0.0) + d.clamp_min(0.0).norm(dim=1)
+    return torch.stack(balls + [bar], dim=1).amin(dim=1)
+
+
 _SURFACES = {
+    "dumbbell": _dumbbell_residual,
     "sphere": lambda p: p.norm(dim=1) - 1.0,
     "cube": lambda p: p.abs().amax(dim=1) - 1.0,
     "torus": lambda p: (p[:, :2].norm(dim=1) - 1.0).hypot(p[:, 2]) - 0.35,
@@ -88,6 +100,16 @@ def test_sample_surface_area_weighting_cylinder():
     p = sample_surface("cylinder", 20000, torch.Generator().manual_seed(0))
     on_side = (p[:, 2].abs() < 1.0 - 1e-6).double().mean()
     assert abs(float(on_side) - 2.4 / 3.12) < 0.02
+
+
+def test_sample_surface_area_weighting_dumbbell():
+    # Bar between the balls' surfaces: length 2(0.85 - w), w = sqrt(0.45² - 0.15²); each
+    # ball without the disc the bar enters: area 2π·0.45·(0.45 + w).
+    w = math.sqrt(0.45**2 - 0.15**2)
+    bar, ball = 2 * math.pi * 0.15 * 2 * (0.85 - w), 2 * math.pi * 0.45 * (0.45 + w)
+    p = sample_surface("dumbbell", 40000, torch.Generator().manual_seed(0))
+    on_bar = (p[:, 0].abs() < 0.85 - w + 1e-6).double().mean()
+    assert abs(float(on_bar) - bar / (bar + 2 * ball)) < 0.01
 
 
 @pytest.mark.parametrize("name", CLASSES)
@@ -231,3 +253,11 @@ def test_make_dataset_classes_is_a_list_of_names():
     # One name ("sphere") was split into letters and reported as 's'.
     with pytest.raises(OptionError, match="classes must be a list or tuple of names"):
         make_dataset(1, 8, classes="sphere")
+
+
+def test_test_outlier_seeds_distinct_across_seeds_and_rates():
+    # Seed s's rate i and seed s + 1's rate i - 1 once shared their outliers (seed + offset + i).
+    from convexddn.experiments.pointcloud.protocol import outlier_seed
+
+    seeds = {outlier_seed(s, i) for s in range(50) for i in range(10)}
+    assert len(seeds) == 500

@@ -29,11 +29,20 @@ __all__ = ["add_outliers", "run_seed"]
 
 # The test set, the test outliers and the batch order get seeds of their own derived
 # from the run's seed, so that changing one part of the protocol does not reshuffle
-# the others.
+# the others. Distinct (seed, stream, rate) triples get distinct seeds for runs of
+# fewer than 10,000 seeds.
 _TEST_SEED_OFFSET = 10_007
 _TEST_OUTLIER_SEED_OFFSET = 20_011
 _TRAIN_ORDER_SEED_OFFSET = 30_011
 _TIMING_SEED_OFFSET = 40_009
+# Rate i's test outliers: seed + 20,011 + i·stride (a stride of 1 made seed s's second
+# rate reuse seed s + 1's first rate's outliers, correlating the seeds).
+_RATE_SEED_STRIDE = 1_000_003
+
+
+def outlier_seed(seed: int, rate_index: int) -> int:
+    """Seed of the test outliers at the ``rate_index``-th rate of the run's ``seed``."""
+    return seed + _TEST_OUTLIER_SEED_OFFSET + rate_index * _RATE_SEED_STRIDE
 
 
 def add_outliers(points: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -203,7 +212,7 @@ def run_seed(cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
     test_x, test_y = make_dataset(cfg.test_per_class, cfg.n_points, seed=seed + _TEST_SEED_OFFSET)
     # One corrupted copy of the test set per rate, shared by every pooling.
     test_sets = {
-        rate: add_outliers(test_x, rate, torch.Generator().manual_seed(seed + _TEST_OUTLIER_SEED_OFFSET + i))
+        rate: add_outliers(test_x, rate, torch.Generator().manual_seed(outlier_seed(seed, i)))
         for i, rate in enumerate(cfg.rates)
     }
     evaluations: list[dict[str, Any]] = []
