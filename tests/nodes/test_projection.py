@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import cvxpy as cp
 import numpy as np
@@ -13,7 +14,7 @@ from torch.autograd import gradcheck
 from torch.autograd.functional import jacobian
 
 import convexddn as cddn
-from convexddn.errors import DTypeError, NonFiniteError, OptionError, ShapeError
+from convexddn.errors import DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError
 from convexddn.nodes.projection import (
     LpProjection,
     SimplexProjection,
@@ -189,11 +190,28 @@ def test_project_lp_known_values():
 
 
 def test_project_l2_sphere_zero():
-    x = torch.zeros(2, 3, dtype=F64, requires_grad=True)
+    # At x = 0 every sphere point is nearest: the derivative does not exist (r/‖x‖ → ∞),
+    # so the zero gradient comes with a warning naming the rows.
+    x = torch.tensor([[0.0, 0, 0], [3.0, 4.0, 0], [0.0, 0, 0]], dtype=F64, requires_grad=True)
     y = project_lp(x, 2, "sphere", 1.5)
-    torch.testing.assert_close(y.detach(), torch.tensor([[1.5, 0, 0]] * 2, dtype=F64))
-    (g,) = torch.autograd.grad(y.sum(), x)
-    assert torch.equal(g, torch.zeros_like(g))
+    torch.testing.assert_close(y.detach(), torch.tensor([[1.5, 0, 0], [0.9, 1.2, 0], [1.5, 0, 0]], dtype=F64))
+    with pytest.warns(GradientWarning, match=r"2 row\(s\) are x = 0"):
+        (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g[[0, 2]], torch.zeros(2, 3, dtype=F64))
+    # The nonzero row keeps its gradient (r/‖x‖)(I − ûûᵀ)·1 with û = (0.6, 0.8, 0).
+    u = torch.tensor([0.6, 0.8, 0.0], dtype=F64)
+    torch.testing.assert_close(g[1], 0.3 * (torch.ones(3, dtype=F64) - u * u.sum()))
+
+
+def test_project_l2_zero_rows_without_warning_where_defined():
+    # The ball at x = 0 is the identity (derivative I), and rows off zero have a derivative.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = torch.zeros(2, 3, dtype=F64, requires_grad=True)
+        (g,) = torch.autograd.grad(project_lp(x, 2, "ball", 1.5).sum(), x)
+        assert torch.equal(g, torch.ones_like(g))
+        x = torch.tensor([[1e-300, 0, 0]], dtype=F64, requires_grad=True)
+        project_lp(x, 2, "sphere", 1e-300).sum().backward()
 
 
 def test_project_lp_p_spellings():

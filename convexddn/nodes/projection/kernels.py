@@ -77,9 +77,10 @@ def warn_unrepresentable(y: torch.Tensor, d: int, what: str) -> None:
 
 def l2_forward(
     x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Returns ``(y, scale, overflow)``: ``scale = r/‖x‖`` (ball: ``min(1, ·)``) per row,
-    and whether it overflowed (then ``Dy`` cannot be represented)."""
+) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
+    """Returns ``(y, scale, overflow, zeros)``: ``scale = r/‖x‖`` (ball: ``min(1, ·)``) per
+    row, whether it overflowed (then ``Dy`` cannot be represented) and, on the sphere,
+    the number of rows ``x = 0`` (where ``Dy`` does not exist)."""
     norm = torch.linalg.vector_norm(x, dim=d, keepdim=True)
     scale = r / norm
     compiling = torch.compiler.is_compiling()
@@ -105,10 +106,13 @@ def l2_forward(
             factor = torch.minimum(a, ratio)
             y = xs * factor
             scale = factor / a
-        return y, scale, False if compiling else bool(torch.isinf(scale).any())
+        if compiling:
+            return y, scale, False, 0
+        overflow, zeros = torch.stack([torch.isinf(scale).any(), zero.sum() if sphere else zero.new_zeros(())]).tolist()
+        return y, scale, bool(overflow), int(zeros)
     if not sphere:
         scale = scale.clamp(max=1.0)
-    return x * scale, scale, False
+    return x * scale, scale, False, 0
 
 
 def _unit(y: torch.Tensor, r: float | torch.Tensor, d: int) -> torch.Tensor:
@@ -133,17 +137,25 @@ class L2ProjectionFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, r, d, sphere = inputs
-        y, scale, overflow = output
+        y, scale, overflow, zeros = output
         ctx.mark_non_differentiable(scale)
         ctx.save_for_backward(y, scale, r if isinstance(r, torch.Tensor) else None)
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
-        ctx.d, ctx.sphere, ctx.overflow = d, sphere, overflow
+        ctx.d, ctx.sphere, ctx.overflow, ctx.zeros = d, sphere, overflow, zeros
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, _grad_scale, _grad_overflow):  # type: ignore[override]
+    def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_zeros):  # type: ignore[override]
         y, scale, r_t = ctx.saved_tensors
         r = ctx.r_float if r_t is None else r_t
+        if ctx.zeros:
+            warnings.warn(
+                f"project_lp(p=2, mode='sphere'): {ctx.zeros} row(s) are x = 0, where every "
+                "sphere point is nearest and the projection has no derivative (r/‖x‖ → ∞): "
+                "their gradient with respect to x is set to zero",
+                GradientWarning,
+                stacklevel=2,
+            )
         if ctx.overflow:
             warnings.warn(
                 "project_lp(p=2): the gradient r/‖x‖·(I − ûûᵀ) overflows "

@@ -137,8 +137,8 @@ def project_lp(
       ``torch.clamp`` would pass 1).
 
     For ``p=1, 2`` on the ball boundary (:math:`\|x\|_p = r`) the inside derivative
-    (identity) is used; for ``p=2, x=0`` on the sphere the gradient with respect to ``x``
-    is zero. ``radius`` gets its gradient when it is a tensor that requires grad
+    (identity) is used; for ``p=2, x=0`` on the sphere, where no derivative exists, the
+    gradient with respect to ``x`` is zero and a ``GradientWarning`` counts those rows. ``radius`` gets its gradient when it is a tensor that requires grad
     (:math:`\partial y/\partial r` is :math:`y/r`, :math:`s \circ m/|S|` and
     :math:`\operatorname{sign}(y)` on the pinned coordinates for p = 2, 1, inf; 0 inside
     the ball).
@@ -176,7 +176,8 @@ def project_lp(
 
     Warns:
         ConvexDDNWarning: a sphere projection rounded to zero (radius below the dtype's
-            range). GradientWarning: in backward, a ``p=2`` gradient that overflows.
+            range). GradientWarning: in backward, a ``p=2`` gradient that overflows, or
+            ``p=2`` sphere rows at ``x = 0`` (no derivative; zero gradient).
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021 (§5.2, Table 2).
