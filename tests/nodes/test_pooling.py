@@ -157,7 +157,7 @@ def test_robust_pool_convex_global(name, alpha):
     assert grad.abs().max() < 1e-9
 
 
-@pytest.mark.parametrize("alpha", ALPHAS + (0.05, 2.5))
+@pytest.mark.parametrize("alpha", ALPHAS + (0.05, 2.5, 1e-4))  # 1e-4: rows on the segmented sums
 @pytest.mark.parametrize("seed", range(4))
 def test_robust_pool_trunc_quad_exact(alpha, seed):
     """Truncated quadratic: the global minimiser, by brute force.
@@ -977,3 +977,41 @@ def test_iterations_read_the_host_once_per_step(penalty, host_reads, monkeypatch
         robust_pool(x, penalty, 1e-4)
     assert len(steps) >= 20
     assert host_reads.count <= len(steps) + 16
+
+
+def test_trunc_quad_outlier_clusters_far_on_both_sides():
+    # Three outliers near each of -B and +B, four inliers near 0.25, alpha = 1. The
+    # inliers' run is summed relative to its own segment, not after the squares of the
+    # outliers below it: with one centre for the row, B = 1e8 returned the lower
+    # cluster's mean (objective 4.5 against 3.0) and B = 1e15 the inliers' mean as 0.2375.
+    inl = [0.1, 0.2, 0.3, 0.4]
+    for B in (1e8, 1e12, 1e15, 1e100):
+        row = [-B - 1.0, -B, -B + 1.0] + inl + [B - 1.0, B, B + 1.0]
+        for perm in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 3, 0, 5, 7, 1, 8, 2, 6, 4]):
+            y = robust_pool(torch.tensor([[row[i] for i in perm]], dtype=F64), "trunc_quad", 1.0)
+            # Objective (exact, Python floats): inliers' mean 0.25 costs 6 * 0.5 + 0.025 = 3.025;
+            # a cluster's mean costs 1 + 7 * 0.5 = 4.5.
+            assert float(y) == pytest.approx(0.25, rel=1e-15, abs=0), B
+    y32 = robust_pool(torch.tensor([[-1e8, -1e8, -1e8, 0.1, 0.2, 0.3, 0.4, 1e8, 1e8, 1e8]]), "trunc_quad", 1.0)
+    assert float(y32) == pytest.approx(0.25, rel=1e-7)
+
+
+def test_trunc_quad_segmented_and_centred_sums_agree():
+    # Both anchorings of the kernel's prefix sums give the same minimiser on ordinary rows
+    # (where the centred one is trusted), and the far-spread rows are the ones flagged.
+    from convexddn.nodes.pooling.kernels import trunc_quad_runs
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 257, dtype=F64, generator=gen)
+    x[::4, :40] += 30.0  # a second cluster in every fourth row
+    s = x.sort(-1).values
+    a = torch.tensor(0.7, dtype=F64)
+    lft = torch.searchsorted(s, s - 2 * a, out_int32=True)
+    y_c, risky = trunc_quad_runs(s, lft, a)
+    y_s, none = trunc_quad_runs(s, lft, a, True)
+    assert none is None and not bool(risky.any())
+    torch.testing.assert_close(y_s, y_c, rtol=1e-14, atol=1e-14)
+    far = s.clone()
+    far[:, -3:] = 1e9
+    _, risky = trunc_quad_runs(far, torch.searchsorted(far, far - 2 * a, out_int32=True), a)
+    assert bool(risky.all())

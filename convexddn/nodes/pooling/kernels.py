@@ -273,7 +273,14 @@ def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alp
     return w, sw, (wa.sum(-1, keepdim=True) if need_alpha else None), w.abs().sum(-1, keepdim=True)
 
 
-def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
+# Rows whose centred sums of squares exceed 2^29 alpha^2 are redone with segment-anchored
+# sums (see trunc_quad_runs): their candidates' rounding, about 8 eps times those sums,
+# would then exceed 2^-20 alpha^2 (for a row of 2048, an RMS distance from the centre
+# above ~500 alpha, e.g. outlier clusters far out).
+_TQ_RISK = 2.0**29
+
+
+def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, segmented: bool = False) -> tuple[Tensor, Tensor | None]:
     """Exact global minimiser of sum_i min((u - x_i)^2, alpha^2) / 2 for each sorted row s.
 
     The objective is piecewise quadratic; on each piece between consecutive breakpoints
@@ -286,16 +293,22 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     mean of W from above, with equality for the optimal run, so the smallest G over the
     2N candidate runs is the global minimum and its mean the global minimiser: no
     clipping into pieces needed, and rounding in the run ends can only add valid runs.
-    (In exact arithmetic: each G carries a rounding error of about eps·Σ s²; where that
-    exceeds alpha²/2, e.g. outlier clusters near ±1e8 at alpha = 1, two candidates can
-    swap and a worse run's mean be returned. docs/nodes-pooling.md gives the figures.)
 
-    Scale-free: the row is centred on its middle order statistic and divided by a power
-    of two near its half-range before the float64 prefix sums (which would cancel
-    catastrophically uncentred, and overflow for entries beyond 1e154), and alpha^2 is
-    kept between twice the smallest normal number and 2e150 in those units (below, ties
-    between runs are broken by their size, as the vanishing alpha^2 term would; above,
-    the one run of every point wins, as it must).
+    Rounding: the float64 prefix sums are taken of offsets from an anchor (uncentred
+    they would cancel catastrophically). By default the anchor is the row's middle
+    order statistic, and each G carries the rounding of every entry summed before its
+    run, about eps·Σ (s - centre)²; the second output flags rows where that exceeds
+    2^-20 alpha² (``_TQ_RISK``). With ``segmented`` (the caller redoes those rows) each
+    entry's anchor is the first point of its segment: no run crosses a point k with no
+    other point within 2 alpha below it (l_k = k), so a run's sums hold only its own
+    segment's offsets. (At outlier clusters near ±1e8 and alpha = 1 the centred G's
+    rounding exceeds alpha²/2: the cluster's mean was returned.)
+
+    Scale-free: the offsets are divided by a power of two near the row's half-range
+    (squares of entries beyond 1e154 would overflow), and alpha^2 is kept between
+    twice the smallest normal number and 2e150 in those units (below, ties between
+    runs are broken by their size, as the vanishing alpha^2 term would; above, the one
+    run of every point wins, as it must).
     """
     rows, n = s.shape
     acc = torch.float64
@@ -303,9 +316,19 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     half = torch.maximum(s[:, -1:].to(acc) - centre, centre - s[:, :1].to(acc))
     unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half)))))
     inv = 1.0 / unit
-    # d = (s − centre) / unit in one pass: unit is a power of two, so s/unit and
-    # centre/unit are exact and the one rounding is that of s − centre.
-    d = torch.addcmul(-centre * inv, s, inv)
+    pos = torch.arange(n, device=s.device)
+    # Entry runs [l_k, k] hold at least point k, even where s_k - 2 alpha rounds to s_k
+    # (this also widens int32 positions to int64, for gather).
+    lft = torch.minimum(lft, pos)
+    if segmented:
+        # Each entry's anchor: s at the last k' <= k with l_k' = k'.
+        anchor = s.gather(-1, torch.where(lft == pos, pos, 0).cummax(-1).values).to(acc)
+        d = torch.sub(s, anchor).mul_(inv)
+    else:
+        # (s − centre) / unit in one pass: unit is a power of two, so s/unit and
+        # centre/unit are exact and the one rounding is that of s − centre.
+        anchor = centre
+        d = torch.addcmul(-centre * inv, s, inv)
     # Prefix sums with a leading zero: p[:, k] is the sum of the first k entries.
     p1 = d.new_empty(rows, n + 1)
     p2 = d.new_empty(rows, n + 1)
@@ -316,9 +339,7 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
     # a2 = alpha^2 in these units. Every candidate's G = (SSE_W + alpha^2 (N - |W|)) / 2
     # is compared as 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
     a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
-    idx = torch.arange(1, n + 1, device=s.device)
-    # Entry runs [l_i, i] hold at least point i, even where s_i - 2 alpha rounds to s_i.
-    lft = torch.minimum(lft, idx - 1)  # (also widens int32 positions to int64, for gather)
+    idx = pos + 1
     n_e = (idx - lft).to(acc)
     s1_e = p1[:, 1:] - p1.gather(-1, lft)
     g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1)
@@ -335,6 +356,8 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> Tensor:
 
     best_e, i_e = g_e.min(-1, keepdim=True)
     best_x, i_x = g_x.min(-1, keepdim=True)
-    m_e = s1_e.gather(-1, i_e) / n_e.gather(-1, i_e)
-    m_x = s1_x.gather(-1, i_x) / safe_n.gather(-1, i_x)
-    return (centre + unit * torch.where(best_x < best_e, m_x, m_e)).to(s.dtype).squeeze(-1)
+    # A nonempty exit run of point i starts at i + 1, in i's segment (l_(i+1) <= i).
+    m_e, m_x = (s1.gather(-1, i) / cnt.gather(-1, i) * unit + (anchor if not segmented else anchor.gather(-1, i))
+                for s1, cnt, i in ((s1_e, n_e, i_e), (s1_x, safe_n, i_x)))
+    y = torch.where(best_x < best_e, m_x, m_e).to(s.dtype).squeeze(-1)
+    return y, None if segmented else (p2[:, -1:] > _TQ_RISK * a2).squeeze(-1)

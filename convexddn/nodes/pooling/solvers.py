@@ -290,9 +290,14 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         # is below half an ulp of s_i, s_i - 2 alpha rounds to s_i itself, and the right
         # side missed the run of s_i's duplicates ([1e8, 1e8, 0] gave 0).
         lft = torch.searchsorted(s, s - 2 * ab, out_int32=True)
-        yb = torch.cat([run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub],
-                            ab if ab.dim() == 0 else ab[i:i + sub])
-                        for i in range(0, s.shape[0], sub)])
+        parts = [run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub], ab if ab.dim() == 0 else ab[i:i + sub])
+                 for i in range(0, s.shape[0], sub)]
+        yb = torch.cat([p[0] for p in parts])
+        risky = torch.cat([p[1] for p in parts])
+        if bool(risky.any()):
+            # Rows spread far beyond alpha: sums anchored per segment (see trunc_quad_runs).
+            rr = torch.nonzero(risky).squeeze(1)
+            yb[rr] = trunc_quad_runs(s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr], True)[0]
         y[sl] = yb if scale is None else yb / scale.squeeze(-1)
     if not bool(torch.isfinite(ends).all()):
         check_finite("x", x)
