@@ -4,8 +4,6 @@ from __future__ import annotations
 import pathlib
 import re
 
-import torch
-
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
