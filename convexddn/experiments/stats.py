@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from ..errors import ShapeError
+
 __all__ = ["t_quantile_975", "summarize", "paired_difference", "format_mean_std"]
 
 
@@ -56,10 +58,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
         ``None`` with fewer than two seeds.
 
     Raises:
-        ValueError: if ``a`` and ``b`` differ in length (they must be paired by seed).
+        ShapeError: if ``a`` and ``b`` differ in length (they must be paired by seed).
     """
     if len(a) != len(b):
-        raise ValueError(f"a and b must be paired by seed, got {len(a)} and {len(b)} values")
+        raise ShapeError(f"paired_difference: a and b must be paired by seed (equal lengths), got {len(a)} and {len(b)} values")
     s = summarize([float(x) - float(y) for x, y in zip(a, b)])
     if s["ci95"] is None:
         s["exceeds_spread"] = None

@@ -152,6 +152,8 @@ def test_paired_difference():
     d = paired_difference([1.0, 0.0, 0.5], [0.0, 1.0, 0.0])
     assert d["exceeds_spread"] is False
     assert paired_difference([1.0], [0.0])["exceeds_spread"] is None
+    with pytest.raises(ShapeError, match="paired by seed.*got 2 and 3"):
+        paired_difference([1.0, 2.0], [0.0, 1.0, 2.0])
     with pytest.raises(ValueError):
         paired_difference([1.0, 2.0], [1.0])
 
