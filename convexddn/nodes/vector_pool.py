@@ -56,7 +56,7 @@ from .._checks import (
     check_tensor,
     normalize_dims,
 )
-from ..errors import GradientWarning, OptionError, ShapeError
+from ..errors import GradientWarning, OptionError, ShapeError, SolverError
 from ._vector_pool_solvers import geometry, hess_solve, kappa, solve, unit
 from .pooling.penalties import Penalty
 
@@ -120,6 +120,28 @@ class _VectorPoolFunction(torch.autograd.Function):
         return gx, ga, None, None, None, None
 
 
+# Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
+# up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
+_SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
+
+
+def _in_range(x3: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x3, a)``, in float64 where a float32 set spreads too far for its squares (one
+    host read); raises where even float64's would overflow."""
+    if x3.shape[0] == 0:
+        return x3, a
+    xd = x3.detach()
+    spread = (xd.amax(1) - xd.amin(1)).amax(-1) / a.detach()
+    worst = float(spread.max())
+    if worst <= _SPREAD_LIMIT[x3.dtype]:
+        return x3, a
+    if x3.dtype == torch.float32 and worst <= _SPREAD_LIMIT[torch.float64]:
+        return x3.double(), a.double()
+    raise SolverError(f"robust_vector_pool: a pooled set spreads {worst:.1e} times alpha, beyond "
+                      f"{_SPREAD_LIMIT[torch.float64]:.0e}: its squared distances overflow float64; "
+                      "scale the outlying entries down or raise alpha")
+
+
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
                    starts: Any) -> Penalty:
     pen = Penalty.resolve(penalty)
@@ -170,6 +192,11 @@ def robust_vector_pool(
     :class:`~convexddn.errors.GradientWarning` names it. At the kinks of Huber and the
     truncated quadratic (:math:`z_i = \alpha`) the inlier side is taken.
 
+    Scale-equivariant: :math:`y(s x, s\alpha) = s\, y(x, \alpha)`; the solve runs in units
+    of a power of two near α, so data and α far from 1 (1e-20 or 1e25 in float32) are
+    handled as at unit scale. A float32 set spreading more than 2^60 α (where squared
+    distances overflow) is solved in float64; beyond 2^500 α a ``SolverError`` says so.
+
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
         penalty: a name in ``convexddn.nodes.pooling.PENALTIES`` or a ``Penalty`` whose
@@ -197,6 +224,8 @@ def robust_vector_pool(
             dimension is empty, or ``alpha`` does not broadcast.
         OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol``, ``max_iter``,
             ``starts`` or ``dim``.
+        SolverError: a pooled set spreads more than 2^500 α (squared distances
+            overflow even float64).
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -239,6 +268,15 @@ def robust_vector_pool(
         a = a.to(work)
     else:
         a = torch.tensor(float(alpha), dtype=work, device=x.device)
+    # y(σx, σα) = σ y(x, α): solving in units of a power of two near α (exact) keeps the
+    # squared distances and the α² of the penalties inside the dtype's range when data
+    # and α are scaled together (at 1e-20 in float32, α² underflowed and Welsch returned
+    # NaN; at 1e25 Huber returned the plain mean). A float α in [2^-16, 2^16] needs none.
+    scale = None
+    if isinstance(alpha, torch.Tensor) or not 2.0**-16 <= float(alpha) <= 2.0**16:
+        scale = torch.exp2(torch.round(torch.log2(a.detach())))
+        x3, a = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale), a / scale
+    x3, a = _in_range(x3, a)
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             _DEFAULT_STARTS if starts is None else starts)
@@ -246,6 +284,8 @@ def robust_vector_pool(
         y = _VectorPoolFunction.apply(*args)
     else:
         y = _VectorPoolFunction.forward(*args)
+    if scale is not None:
+        y = y * (scale.view(-1, 1) if scale.dim() else scale)
     y = y.to(x.dtype).reshape(*batch, C)
     # The vector dim returns to its place among the kept dims.
     return y.movedim(-1, sorted(others + [vd]).index(vd))

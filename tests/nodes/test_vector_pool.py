@@ -13,7 +13,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from convexddn.errors import DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError, SolverWarning
+from convexddn.errors import (DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError, SolverError,
+                              SolverWarning)
 from convexddn.nodes.vector_pool import RobustVectorPool, robust_vector_pool
 
 D = torch.float64
@@ -248,3 +249,38 @@ def test_robust_vector_pool_cuda():
         yc.sum().backward()
         torch.testing.assert_close(y.cpu(), yc, atol=1e-9, rtol=0)
         torch.testing.assert_close(x.grad.cpu(), xc.grad, atol=1e-7, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["welsch", "huber", "pseudo_huber", "trunc_quad"])
+def test_robust_vector_pool_scale_equivariant(name):
+    # y(s x, s alpha) = s y(x, alpha): data and alpha scaled together far from 1 (alpha²
+    # underflowed at 1e-20 in float32: Welsch gave NaN; at 1e25 Huber gave the plain mean).
+    x = torch.tensor([[[0.0, 1.0, 10.0], [0.0, 2.0, 0.0]], [[3.0, -1.0, 0.5], [2.0, 0.0, 1.0]]])
+    for dtype, scales in ((torch.float32, (1e-20, 1e25)), (torch.float64, (1e-170, 1e170))):
+        xd = x.to(dtype)
+        ref = robust_vector_pool(xd, name, 1.0)
+        for s in scales:
+            for alpha in (s, torch.tensor([s, s], dtype=dtype)):
+                y = robust_vector_pool(xd * s, name, alpha) / s
+                torch.testing.assert_close(y, ref, rtol=4 * torch.finfo(dtype).eps * 10, atol=0)
+    # Gradients are scale-invariant (with respect to x and to alpha).
+    grads = []
+    for s in (1.0, 1e-170):
+        xg = (x.double() * s).requires_grad_()
+        a = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+        robust_vector_pool(xg, name, a).sum().backward()
+        grads.append((xg.grad, a.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-12, atol=1e-14)
+
+
+def test_robust_vector_pool_far_outlier_float32_and_overflow_error():
+    # A float32 set spreading 1e25 alpha: its squared distances overflow float32 (every
+    # norm was inf and Welsch stopped at its start); it is solved in float64 instead.
+    # Beyond float64's range the call refuses rather than return a wrong point.
+    x = torch.tensor([[[0.0, 1.0, 0.2, 1e25], [0.0, 2.0, 0.1, 0.0]]])
+    y = robust_vector_pool(x, "welsch", 1.0)
+    torch.testing.assert_close(y, robust_vector_pool(x.double(), "welsch", 1.0).float())
+    torch.testing.assert_close(y, robust_vector_pool(x[..., :3], "welsch", 1.0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(SolverError, match="spreads 1.0e\\+200 times alpha"):
+        robust_vector_pool(torch.tensor([[[0.0, 1.0, 1e200], [0.0, 2.0, 0.0]]], dtype=torch.float64), "huber", 1.0)
