@@ -1,11 +1,15 @@
-"""One helper for the library's ``torch.autograd.Function`` classes."""
+"""Helpers for the library's ``torch.autograd.Function`` classes: cached signatures, and
+the guard that makes second derivatives of first-order-only nodes fail loudly."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["bind_fast"]
+from .errors import DoubleBackwardError
+
+__all__ = ["bind_fast", "first_order_only", "guard_gradients"]
 
 
 def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
@@ -18,3 +22,63 @@ def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functio
     """
     cls.forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
     return cls
+
+
+class _SecondOrderUnsupported(torch.autograd.Function):
+    """Passes first-order gradients through; differentiating them raises a clear error."""
+
+    @staticmethod
+    def forward(ctx, what: str, n_anchor: int, *tensors: torch.Tensor):  # type: ignore[override]
+        ctx.what = what
+        return tuple(t.clone() for t in tensors[n_anchor:])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise DoubleBackwardError(
+            f"{ctx.what} does not support double backward (second derivatives of the "
+            "solution, e.g. create_graph=True then a second backward, gradgradcheck or "
+            "Hessian-vector products through it): its backward is the implicit "
+            "first-order derivative only"
+        )
+
+
+def guard_gradients(what: str, grads: Sequence[torch.Tensor | None],
+                    anchors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """In a backward run with ``create_graph=True``: ``grads`` tied to the ``anchors``
+    that require grad, so that differentiating them raises
+    :class:`~convexddn.errors.DoubleBackwardError` instead of giving zeros (a gradient
+    computed without a graph) or torch's generic error. Otherwise ``grads`` unchanged."""
+    if not torch.is_grad_enabled():
+        return list(grads)
+    tied = [t for t in anchors if isinstance(t, torch.Tensor) and t.requires_grad]
+    present = [g for g in grads if g is not None]
+    if not tied or not present:
+        return list(grads)
+    wrapped = iter(_SecondOrderUnsupported.apply(what, len(tied), *tied, *present))
+    return [None if g is None else next(wrapped) for g in grads]
+
+
+class _FirstOrderInput(torch.autograd.Function):
+    """Identity on its inputs; their gradients come back through :func:`guard_gradients`."""
+
+    @staticmethod
+    def forward(ctx, what: str, *tensors: torch.Tensor):  # type: ignore[override]
+        ctx.what = what
+        ctx.save_for_backward(*tensors)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        return (None, *guard_gradients(ctx.what, grads, ctx.saved_tensors))
+
+
+def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The inputs of a solver whose backward is first-order only (it may run outside
+    autograd, e.g. on the CPU in numpy, or without a graph): passed through unchanged,
+    but a second differentiation of their gradients raises
+    :class:`~convexddn.errors.DoubleBackwardError` (without this guard it silently gave
+    zeros, or None). No-op where nothing requires grad."""
+    tensors = tuple(tensors)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return tensors
+    return _FirstOrderInput.apply(what, *tensors)

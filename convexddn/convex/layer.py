@@ -27,6 +27,7 @@ import torch
 from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
+from .._autograd import first_order_only
 from .._checks import check_choice, check_finite, check_int, check_positive, check_tensor
 from ..errors import InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
@@ -52,7 +53,9 @@ class ConvexLayer(nn.Module):
     Each call fills the CVXPY parameters with tensors, solves the cone program of every
     batch element, checks each solution against its KKT conditions, and returns the
     requested variables. The backward pass differentiates the optimality conditions at
-    the solution (no unrolling).
+    the solution (no unrolling); it is first-order only: differentiating its gradients
+    again (``create_graph=True`` then a second backward) raises
+    :class:`~convexddn.errors.DoubleBackwardError`.
 
     Args:
         problem: a DPP ``cvxpy.Problem`` (DCP, or DGP with ``gp=True``).
@@ -287,6 +290,9 @@ class ConvexLayer(nn.Module):
         for i, (value, param) in enumerate(zip(values, self.parameters_)):
             check_finite(f"parameter {i} ({param.name()})", value)
         check_parameter_attributes(values, self.parameters_)
+        # Both backends differentiate once (the per-element one in numpy): a second
+        # differentiation raises DoubleBackwardError (the batched one gave zeros).
+        values = first_order_only("ConvexLayer", values)
 
         out_dtype = values[0].dtype
         for v in values[1:]:

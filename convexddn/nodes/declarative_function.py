@@ -2,7 +2,7 @@
 
 Forward: the node's ``solve`` (never differentiated). Backward: the node's implicit
 vector–Jacobian product (:func:`.implicit.declarative_vjp`). With ``create_graph=True``
-the first-order gradients are returned through :class:`_SecondOrderUnsupported`, so
+the first-order gradients are returned through :func:`~convexddn._autograd.guard_gradients`, so
 that a second differentiation raises a clear error instead of silently giving zero.
 :func:`y_by_keyword` and :func:`arity_error` read the signatures of the user's methods
 (``objective(self, x, y)`` and ``objective(self, *xs, y)`` both work).
@@ -15,28 +15,11 @@ from typing import Any
 
 import torch
 
-from ..errors import DoubleBackwardError
+from .._autograd import guard_gradients
 
 __all__ = ["DeclarativeFunction", "arity_error", "y_by_keyword"]
 
 Tensor = torch.Tensor
-
-
-class _SecondOrderUnsupported(torch.autograd.Function):
-    """Passes first-order gradients through; differentiating them raises a clear error."""
-
-    @staticmethod
-    def forward(ctx, n_anchor: int, *tensors: Tensor):  # type: ignore[override]
-        return tuple(t.clone() for t in tensors[n_anchor:])
-
-    @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
-        raise DoubleBackwardError(
-            "DeclarativeNode does not support double backward (second derivatives of the "
-            "solution, e.g. create_graph=True then a second backward, gradgradcheck or "
-            "Hessian-vector products through the node): its backward is the implicit "
-            "first-order derivative only"
-        )
 
 
 class DeclarativeFunction(torch.autograd.Function):
@@ -64,13 +47,8 @@ class DeclarativeFunction(torch.autograd.Function):
         with torch.no_grad():
             grad_xs, grad_params = node._vjp(xs, y, grad_y, ctx.params, ctx.batch_shape)
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
-        if torch.is_grad_enabled():
-            # create_graph=True: make a second differentiation fail loudly, not give 0.
-            anchors = [t for t in (grad_y, *xs, *ctx.params) if t.requires_grad]
-            present = [g for g in grads if g is not None]
-            if anchors and present:
-                wrapped = iter(_SecondOrderUnsupported.apply(len(anchors), *anchors, *present))
-                grads = [None if g is None else next(wrapped) for g in grads]
+        # create_graph=True: make a second differentiation fail loudly, not give 0.
+        grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *ctx.params))
         return (None, None, None, *grads)
 
 

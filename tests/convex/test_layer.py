@@ -12,6 +12,7 @@ from torch import nn
 
 import convexddn as cddn
 from convexddn.errors import (
+    DoubleBackwardError,
     DTypeError,
     InfeasibleError,
     NonFiniteError,
@@ -514,3 +515,21 @@ def test_convex_layer_none_argument_is_dtype_error():
         layer(x=None)
     with pytest.raises(ShapeError, match=r"missing \['x'\]"):
         layer()
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_double_backward_raises(solver):
+    # Both backends differentiate once. With create_graph=True the first-order gradient is
+    # right; differentiating it again raised nothing on the batched path (it gave zeros)
+    # and returned None on the per-element one: now DoubleBackwardError on both.
+    x = cp.Parameter(3, name="x")
+    y = cp.Variable(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0, cp.sum(y) <= 1]), [x], [y],
+                             solver=solver)
+    X = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64, requires_grad=True)  # inside: y = x
+    (g,) = torch.autograd.grad((layer(X) ** 2).sum(), X, create_graph=True)
+    torch.testing.assert_close(g.detach(), 2 * X.detach())
+    with pytest.raises(DoubleBackwardError, match="ConvexLayer does not support double backward"):
+        torch.autograd.grad(g.sum(), X, allow_unused=True)
+    with pytest.raises(DoubleBackwardError):
+        g.sum().backward()
