@@ -82,6 +82,16 @@ def check_positive(name: str, value: Any) -> None:
         raise OptionError(f"{name} must be finite and > 0, got {shown!r}")
 
 
+def check_tolerance(name: str, value: Any) -> float:
+    """A relative tolerance: a real number (not a tensor) in (0, 1); returned as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(f"{name} must be a number in (0, 1), got {value!r}")
+    number = real_number(value)
+    if not 0 < number < 1:
+        raise OptionError(f"{name} must be a number in (0, 1), got {value!r}")
+    return number
+
+
 def check_scale(name: str, value: Any) -> None:
     """A positive scale option such as a penalty's alpha: a number (NumPy scalars
     included) or a floating-point tensor (it may be learned), finite and > 0."""

@@ -46,6 +46,7 @@ from typing import ClassVar, Sequence
 import cvxpy as cp
 import torch
 
+from .._checks import check_tolerance
 from ..errors import DTypeError, GradientWarning, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
@@ -253,9 +254,8 @@ class BatchedProgram:
                  variables: Sequence[cp.Variable], *, tol: float = 1e-10,
                  tol_accept: float = 1e-8, tol_error: float = 1e-7, max_iter: int = 100, refine: int = 1,
                  polish: str = "auto", presolve: bool = True, dtype: torch.dtype = torch.float64) -> None:
-        for name, v in (("tol", tol), ("tol_accept", tol_accept), ("tol_error", tol_error)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-                raise OptionError(f"{name} must be a number in (0, 1), got {v!r}")
+        tol, tol_accept, tol_error = (check_tolerance(name, v) for name, v in
+                                      (("tol", tol), ("tol_accept", tol_accept), ("tol_error", tol_error)))
         if dtype == torch.float32 and (tol_accept < 1e-6 or tol_error < 1e-4):
             raise OptionError(f"dtype=torch.float32 cannot certify residuals below ~1e-6 nor errors "
                               f"below ~1e-4: pass tol_accept >= 1e-6 and tol_error >= 1e-4 (and tol to "

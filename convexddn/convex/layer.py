@@ -28,7 +28,7 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
 from .._autograd import first_order_only
-from .._checks import check_choice, check_finite, check_int, check_positive, check_tensor
+from .._checks import check_choice, check_finite, check_int, check_tensor, check_tolerance
 from ..errors import InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
@@ -81,7 +81,8 @@ class ConvexLayer(nn.Module):
         adjoint: how the per-element adjoint (and polish) systems are solved:
             ``"auto"`` (dense up to 400 rows + columns, LSMR above), ``"dense"``,
             ``"lsmr"`` or ``"lsqr"``.
-        tol: largest accepted relative KKT residual of a solution (default 1e-6).
+        tol: largest accepted relative KKT residual of a solution, a number in (0, 1)
+            (default 1e-6).
         refine: Newton steps polishing each per-element solution (default 5).
         workers: worker processes for the per-element path (default 1: in this process).
         gp: the problem is a log-log convex program (geometric programming); its
@@ -143,7 +144,7 @@ class ConvexLayer(nn.Module):
         if fallback is not None:
             fallback = solver_choice("fallback", fallback, SOLVERS)
         check_choice("adjoint", adjoint, MODES)
-        check_positive("tol", tol)
+        tol = check_tolerance("tol", tol)
         check_int("refine", refine, minimum=0)
         check_int("workers", workers, minimum=1)
         if not isinstance(gp, bool):

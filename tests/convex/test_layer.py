@@ -533,3 +533,13 @@ def test_double_backward_raises(solver):
         torch.autograd.grad(g.sum(), X, allow_unused=True)
     with pytest.raises(DoubleBackwardError):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("tol", [1.0, 2.0, torch.tensor(1e-9), torch.tensor([1e-6, 1e-6]), True, 0.0])
+def test_tol_is_a_number_in_unit_interval(tol):
+    # tol = 1 accepted an infeasible element as solved; a tensor tol gave an error naming
+    # tol_accept (never passed) or torch's own.
+    x = cp.Parameter(2, name="x")
+    y = cp.Variable(2)
+    with pytest.raises(OptionError, match=r"^tol must be a number in \(0, 1\)"):
+        cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], [y], tol=tol)
