@@ -242,6 +242,10 @@ def bind_parameters(values: tuple, named: dict[str, Any], parameters: Sequence[c
     for key, value in named.items():
         if key not in names:
             raise ShapeError(f"unknown parameter name {key!r}; the parameters are {names}")
+        if names.count(key) > 1:
+            at = [j for j, n in enumerate(names) if n == key]
+            raise ShapeError(f"parameter name {key!r} is ambiguous: parameters {at} share it; pass "
+                             "them by position (or give the cp.Parameters distinct names)")
         i = names.index(key)
         if i < len(values):
             raise ShapeError(f"parameter {key!r} was given both by position ({i}) and by name")

@@ -543,3 +543,15 @@ def test_tol_is_a_number_in_unit_interval(tol):
     y = cp.Variable(2)
     with pytest.raises(OptionError, match=r"^tol must be a number in \(0, 1\)"):
         cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x))), [x], [y], tol=tol)
+
+
+def test_ambiguous_parameter_name_is_refused_by_name_only():
+    # Two cp.Parameters named "x": binding by that name picked the first and then blamed
+    # the user for giving it twice; positionally they work.
+    a, b = cp.Parameter(2, name="x"), cp.Parameter(2, name="x")
+    y = cp.Variable(2)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - a)), [y <= b]), [a, b], [y])
+    with pytest.raises(ShapeError, match=r"parameter name 'x' is ambiguous: parameters \[0, 1\]"):
+        layer(torch.ones(2, dtype=torch.float64), x=torch.ones(2, dtype=torch.float64))
+    out = layer(torch.tensor([3.0, -1.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([1.0, -1.0], dtype=torch.float64), atol=1e-8, rtol=0)
