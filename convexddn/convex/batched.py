@@ -52,6 +52,7 @@ from .canonical import UnsupportedProblem, canonicalise
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
 from .kkt import bmv, row_inf
 from .second_opinion import clarabel_points
+from .status import unravel
 
 __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]
 
@@ -109,9 +110,10 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
             dimension, moved apart), none exists.
 
     Returns:
-        ``(gP, gq, gA, gb, not_differentiable)``: the gradients, exactly zero for
-        elements that are not solved, whose cotangent is zero or whose final KKT matrix
-        could not be factorised; and a ``(B,)`` mask of the solved elements whose
+        ``(gP, gq, gA, gb, not_differentiable, nonunique)``: the gradients, exactly zero
+        for elements that are not solved, whose cotangent is zero, whose final KKT matrix
+        could not be factorised or whose solution is not unique (``nonunique``, ``(B,)``);
+        and a ``(B,)`` mask of the solved elements whose
         derivative does not exist (a complementary pair with ``s_i ≈ z_i ≈ 0``, see
         :data:`~.certify.RESOLVED`), whose solution is not unique (the derivative
         system amplifies the cotangent by more than :data:`AMPLIFICATION`) or that sits at
@@ -147,6 +149,11 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # (A solved element's KKT matrix was factorised: its failure would have made the
     # error estimate infinite and the element unsolved.)
     ok = ((sol.status == SOLVED) & ~kkt.failed & ((gx != 0).any(1) | (gz != 0).any(1)))[:, None]
+    # A non-unique solution's "gradient" is the cotangent amplified by ~1/δ (2e9 on an LP
+    # with two equal costs): no derivative exists; it is replaced by zero.
+    nonunique = ok[:, 0] & (amplification > AMPLIFICATION)
+    not_differentiable = ok[:, 0] & (sol.undecided | nonunique | vertex)
+    ok = ok & ~nonunique[:, None]
     ux = torch.where(ok, ux, 0.0)
     uz = torch.where(ok, uz, 0.0)
     x, z = torch.where(ok, sol.x, 0.0), torch.where(ok, sol.z, 0.0)
@@ -155,8 +162,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     left = torch.stack([ux, x], -1)
     gP = torch.bmm(left, torch.stack([x, ux], 1)).mul_(-0.5)
     gA = torch.bmm(torch.stack([z, uz], -1), left.mT).neg_()
-    not_differentiable = ok[:, 0] & (sol.undecided | (amplification > AMPLIFICATION) | vertex)
-    return gP, -ux, gA, uz, not_differentiable
+    return gP, -ux, gA, uz, not_differentiable, nonunique
 
 
 # Relative residual the backward's KKT solve is refined to beyond its fixed steps
@@ -176,7 +182,7 @@ class _ConeSolve(torch.autograd.Function):
     """(P, q, A, b) -> (x, z) of the cone program, differentiated by :func:`cone_vjp`."""
 
     @staticmethod
-    def forward(P, q, A, b, layout, options, needs_grad, tangent):
+    def forward(P, q, A, b, layout, options, needs_grad, tangent, where):
         # Inference mode: no version counters or autograd bookkeeping on the ~400 small
         # ops of an iteration (measured: forward 8-10 % faster on the n = 50 QP at batch
         # 64). The outputs are cloned into normal tensors; the kept state is only read,
@@ -184,7 +190,7 @@ class _ConeSolve(torch.autograd.Function):
         with torch.inference_mode():
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
-        state = (sol, layout, options.get("refine", 1), tangent) if needs_grad else None
+        state = (sol, layout, options.get("refine", 1), tangent, where) if needs_grad else None
         return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error)),
                 state)
 
@@ -197,21 +203,26 @@ class _ConeSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
-            return None, None, None, None, None, None, None, None
-        sol, layout, refine, tangent = ctx.state
+            return (None,) * 9
+        sol, layout, refine, tangent, where = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
-        gP, gq, gA, gb, flagged = cone_vjp(sol, layout, gx, gz, refine + 2, tangent)
-        if flagged.any():  # one host sync per backward
+        gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent)
+        counts = torch.stack([flagged.sum(), zeroed.sum()]).tolist() if flagged.numel() else [0, 0]
+        if counts[0]:  # one host sync per backward
             idx = torch.nonzero(flagged).squeeze(1).tolist()
+            named = (f"flat indices {idx[:20]}" if where is None else
+                     f"batch indices {unravel([where[0][i] for i in idx[:20]], where[1])}")
+            zero = (f"; {counts[1]} of them have a solution that is not unique, and their gradient "
+                    "(which the derivative system amplified by ~1e9) is set to zero") if counts[1] else ""
             warnings.warn(
                 f"ConvexLayer backward (batched): the solution of {len(idx)} batch element(s) "
-                f"(flat indices {idx[:20]}) is not unique or not differentiable (a constraint "
-                "active with a zero multiplier, a derivative system that is singular: e.g. a "
-                "degenerate LP, or more active constraints than the solution's dimension: a "
-                "degenerate vertex); their gradient is one of many, or a one-sided limit's blend",
+                f"({named}{', ...' if len(idx) > 20 else ''}) is not unique or not differentiable "
+                "(a constraint active with a zero multiplier, a derivative system that is singular: "
+                "e.g. a degenerate LP, or more active constraints than the solution's dimension: a "
+                f"degenerate vertex); their gradient is a one-sided limit's blend{zero}",
                 GradientWarning, stacklevel=3)
-        return gP, gq, gA, gb, None, None, None, None
+        return gP, gq, gA, gb, None, None, None, None, None
 
 
 class BatchedProgram:
@@ -341,14 +352,16 @@ class BatchedProgram:
         """The elements ``lo:hi`` of the batched values (shared ones stay shared)."""
         return [v[lo:hi] if v.dim() > len(shape) else v for v, shape in zip(values, self.parameter_shapes)]
 
-    def __call__(self, *values: torch.Tensor,
-                 second_opinion: bool = False) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
+    def __call__(self, *values: torch.Tensor, second_opinion: bool = False,
+                 where: tuple[Sequence[int], tuple[int, ...]] | None = None
+                 ) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
         """Solve every element; never raises for a per-element failure.
 
         With ``second_opinion``, each element is solved by Clarabel on the same program
         instead of the batched iterations (a host loop; for the few elements those did
         not certify, see :mod:`.second_opinion`), then polished, checked and
-        differentiated as usual.
+        differentiated as usual. ``where`` (the elements' flat positions in a caller's
+        batch, and its shape) makes the backward's warnings name those positions.
 
         Shape:
             ``values[i]``: ``(B, *param_i.shape)`` or ``param_i.shape`` (shared) ->
@@ -371,7 +384,8 @@ class BatchedProgram:
         if B > chunk:
             # More than the memory budget holds (a large program at a large batch): in
             # chunks that fit, not per element (a constrained MPC over 30 steps: 13×).
-            parts = [self(*self._chunk(values, lo, min(lo + chunk, B)), second_opinion=second_opinion)
+            parts = [self(*self._chunk(values, lo, min(lo + chunk, B)), second_opinion=second_opinion,
+                          where=None if where is None else (where[0][lo:lo + chunk], where[1]))
                      for lo in range(0, B, chunk)]
             outs = tuple(torch.cat(o) for o in zip(*(part[0] for part in parts)))
             return outs, BatchedSolveInfo(*(torch.cat([getattr(part[1], f.name) for part in parts])
@@ -388,7 +402,7 @@ class BatchedProgram:
         # probes for degenerate vertices along it.
         tangent = data.constraint_tangent(p) if needs_grad else None
         x, z, status, residual, iterations, error, _ = _ConeSolve.apply(P, q, A, b, data.layout, options,
-                                                                         needs_grad, tangent)
+                                                                         needs_grad, tangent, where)
         xf, zf = data.recover(x, z, extra)
         solved = status == SOLVED
         outs = []

@@ -29,7 +29,7 @@ from torch import nn
 
 from .._autograd import first_order_only
 from .._checks import check_choice, check_finite, check_int, check_tensor, check_tolerance
-from ..errors import InputError, OptionError, ProblemError, SolverWarning
+from ..errors import ConvexDDNWarning, InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
 from .status import SolveInfo, adopt_certificates, failure_error, merge_resolved, status_kind, unravel
@@ -240,11 +240,16 @@ class ConvexLayer(nn.Module):
             return False
         return self.solver == "batched" or self._batched.fits(device)
 
-    def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict) -> tuple[list, dict]:
+    def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
+                           where: tuple[list[int], tuple[int, ...]]) -> tuple[list, dict]:
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
         with self._build_lock:
             layer = self._per_element_layer()
-        sols = layer(*cpu, solver_args=solver_args)
+        self._backend._local.where = where  # for its messages (this thread's call)
+        try:
+            sols = layer(*cpu, solver_args=solver_args)
+        finally:
+            self._backend._local.where = None
         info = self._backend.last_info
         return list(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
                             "statuses": info.statuses, "residuals": info.residuals, "solved": info.solved,
@@ -319,7 +324,7 @@ class ConvexLayer(nn.Module):
         if not batch:
             flat = [v if v.dim() == len(p.shape) + 1 else v.unsqueeze(0)
                     for v, p in zip(flat, self.parameters_)]
-        sols, info = self._solve(flat, device, call_args)
+        sols, info = self._solve(flat, device, call_args, batch)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
         if failed and self.on_failure == "raise":
             raise failure_error(failed, [info["statuses"][i] for i in failed], batch,
@@ -338,15 +343,22 @@ class ConvexLayer(nn.Module):
             if failed:
                 s = torch.where(ok.view((-1,) + (1,) * (s.dim() - 1)), s, torch.full_like(s, math.nan))
             outs.append(s.reshape(shape).to(out_dtype))
+        if torch.finfo(out_dtype).max < torch.finfo(torch.float32).max:
+            # float16 (max 65504): solutions beyond its range became ±inf in the cast.
+            over = sum(int((torch.isinf(o) & torch.isfinite(s.reshape(o.shape))).sum()) for o, s in zip(outs, sols))
+            if over:
+                warnings.warn(f"ConvexLayer: {over} solution entries exceed the range of {out_dtype} and "
+                              "are returned as ±inf; pass float32 or float64 parameters",
+                              ConvexDDNWarning, stacklevel=2)
         self._local.info = SolveInfo(info["backend"], info["solvers"], info["statuses"],
                                      info["residuals"], solved)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _solve(self, flat: list[torch.Tensor], device: torch.device,
-               call_args: dict) -> tuple[list[torch.Tensor], dict]:
+               call_args: dict, batch: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
         """Both backends: batched first where it applies, then per element for the rest."""
         if not self._use_batched(device):
-            sols, info = self._solve_per_element(flat, call_args)
+            sols, info = self._solve_per_element(flat, call_args, (list(range(math.prod(batch))), batch))
             info = {k: list(v) for k, v in info.items()}
             # Per-element results in doubt — not solved, or left by the Newton polish
             # above rounding level (on the second-order-cone form of a squared objective
@@ -359,26 +371,27 @@ class ConvexLayer(nn.Module):
                      if not ok or (self.refine > 0 and r > POLISH_ABOVE)]
             program = self._opinion_program(device) if doubt else None
             if program is not None:
-                fixed, part = self._solve_batched(program, self._subset(flat, doubt))
+                fixed, part = self._solve_batched(program, self._subset(flat, doubt), (doubt, batch))
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])
                 adopt_certificates(info, doubt, list(zip(part["kinds"], part["statuses"])))
             return sols, info
-        sols, info = self._solve_batched(self._batched, flat)
+        sols, info = self._solve_batched(self._batched, flat, (list(range(math.prod(batch))), batch))
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
             # Then one element at a time by the per-element path; autograd flows to each
             # element through the path that solved it.
             verdicts = [(info["kinds"][i], info["statuses"][i]) for i in redo]
-            fixed, part = self._solve_per_element(self._subset(flat, redo), call_args)
+            fixed, part = self._solve_per_element(self._subset(flat, redo), call_args, (redo, batch))
             merge_resolved(sols, info, redo, fixed, part)
             adopt_certificates(info, redo, verdicts)
         return sols, info
 
-    def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
+    def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor],
+                       where: tuple[list[int], tuple[int, ...]]) -> tuple[list[torch.Tensor], dict]:
         """The batched iterations, then a second opinion on what they do not certify:
         Clarabel on the same program, P kept, its points polished, checked and
         differentiated by the batched path (see :mod:`.second_opinion`)."""
-        sols, binfo = program(*flat)
+        sols, binfo = program(*flat, where=where)
         sols, n = list(sols), len(binfo.status)
         statuses, solved = binfo.status_names(), binfo.solved.tolist()
         info = {"backend": ["batched"] * n, "solvers": ["batched"] * n, "statuses": statuses,
@@ -386,7 +399,8 @@ class ConvexLayer(nn.Module):
                 "kinds": ["solved" if ok else status_kind(st) for ok, st in zip(solved, statuses)]}
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
-            fixed, finfo = program(*self._subset(flat, redo), second_opinion=True)
+            fixed, finfo = program(*self._subset(flat, redo), second_opinion=True,
+                                   where=([where[0][i] for i in redo], where[1]))
             took = finfo.solved.tolist()
             part = {"backend": ["batched"] * len(redo), "solvers": ["Clarabel (batched form)"] * len(redo),
                     "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),

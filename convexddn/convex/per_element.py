@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import GradientWarning, SolverWarning, WorkerError
 from .cone import Parametric, ResidualMap, verify_certificate
-from .status import status_kind
+from .status import status_kind, unravel
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
@@ -240,18 +240,20 @@ class CheckedDiffcp(SolverInterface):
         self._local.info = ElementInfo([r.solver for r in results], [r.status for r in results],
                                        [r.residual for r in results], [r.x is not None for r in results],
                                        [r.kind for r in results])
+        where = getattr(self._local, "where", None)
         for i, r in enumerate(results):
             if r.note is not None and r.x is not None:
-                warnings.warn(f"batch element {i}: {r.note}", SolverWarning, stacklevel=4)
+                warnings.warn(f"batch element ({_named(where, [i])}): {r.note}", SolverWarning, stacklevel=4)
         primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
         dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else r.y for r in results])).to(q.dtype)
         if not needs_grad:
             return primal, dual, None
         if pool is None:
-            state = [None if r.x is None else ("local", r.program, r.x, r.y, r.s) for r in results]
+            state = _State(None if r.x is None else ("local", r.program, r.x, r.y, r.s) for r in results)
         else:
-            state = [None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s)
-                     for i, r in enumerate(results)]
+            state = _State(None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s)
+                           for i, r in enumerate(results))
+        state.where = where
         return primal, dual, state
 
     def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,11 +284,12 @@ class CheckedDiffcp(SolverInterface):
         else:
             grads = self._gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix], dy_all[ix])
                                         for ix in _chunks(batch, self.workers)])
+        where = getattr(saved_state, "where", None)
         degenerate = [i for i, g in enumerate(grads) if g[2]]
         if degenerate:
             warnings.warn(
-                f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) (flat "
-                f"indices {degenerate[:20]}) is not unique or not differentiable (the derivative "
+                f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) "
+                f"({_named(where, degenerate)}) is not unique or not differentiable (the derivative "
                 "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
                 "zero multiplier); their gradient is the minimum-norm one of many",
                 GradientWarning, stacklevel=3)
@@ -294,7 +297,7 @@ class CheckedDiffcp(SolverInterface):
         if inaccurate:
             warnings.warn(
                 f"ConvexLayer backward: the iterative adjoint solve (LSMR) of {len(inaccurate)} batch "
-                f"element(s) (flat indices {[i for i, _ in inaccurate][:20]}) stopped at a relative "
+                f"element(s) ({_named(where, [i for i, _ in inaccurate])}) stopped at a relative "
                 f"residual of up to {max(r for _, r in inaccurate):.1e}: their gradient may be "
                 "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "
                 "it batched where it fits)", GradientWarning, stacklevel=3)
@@ -355,6 +358,21 @@ def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict
 def _vjp_chunk(solver: CheckedDiffcp, items: list, dx: np.ndarray, dy: np.ndarray) -> list:
     with threadpool_limits(1, user_api="blas"):
         return [solver.vjp_one(item, dx[i], dy[i]) for i, item in enumerate(items)]
+
+
+class _State(list):
+    """Per-element saved states, and ``where`` (the elements' flat positions in the
+    caller's batch and its shape, set by :class:`~.layer.ConvexLayer`) for messages."""
+
+    where: tuple[list[int], tuple[int, ...]] | None = None
+
+
+def _named(where: tuple[list[int], tuple[int, ...]] | None, idx: list[int]) -> str:
+    """The elements ``idx`` of this solve, named in the caller's batch where known."""
+    more = ", ..." if len(idx) > 20 else ""
+    if where is None:
+        return f"flat indices {idx[:20]}{more}"
+    return f"batch indices {unravel([where[0][i] for i in idx[:20]], where[1])}{more}"
 
 
 def _parametric_entries(ctx: Any, indices: np.ndarray, cols: np.ndarray, n_a: int) -> Parametric | None:

@@ -14,6 +14,7 @@ import convexddn as cddn
 from convexddn.errors import (
     DoubleBackwardError,
     DTypeError,
+    GradientWarning,
     InfeasibleError,
     NonFiniteError,
     NotDPPError,
@@ -300,7 +301,7 @@ def test_convex_layer_invalid_options():
         cddn.ConvexLayer(prob, params, variables, solver="gurobi")
     with pytest.raises(OptionError, match="adjoint must be one of"):
         cddn.ConvexLayer(prob, params, variables, adjoint="fast")
-    with pytest.raises(OptionError, match="tol must be finite and > 0"):
+    with pytest.raises(OptionError, match=r"tol must be a number in \(0, 1\)"):
         cddn.ConvexLayer(prob, params, variables, tol=0)
     with pytest.raises(OptionError, match="refine must be an integer >= 0, got -1"):
         cddn.ConvexLayer(prob, params, variables, refine=-1)
@@ -555,3 +556,47 @@ def test_ambiguous_parameter_name_is_refused_by_name_only():
         layer(torch.ones(2, dtype=torch.float64), x=torch.ones(2, dtype=torch.float64))
     out = layer(torch.tensor([3.0, -1.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(out, torch.tensor([1.0, -1.0], dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_nonunique_solution_gradient_is_zero_not_amplified():
+    # min c·y on the simplex with c = (1, 1): every point of the edge is optimal. The
+    # batched backward returned the cotangent amplified by ~1/δ (±1e9); now zero, as the
+    # warning says, and the per-element path's minimum-norm one is ~0 too.
+    c = cp.Parameter(2, name="c")
+    y = cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(c @ y), [y >= 0, cp.sum(y) == 1])
+    for solver in ("auto", "Clarabel"):
+        layer = cddn.ConvexLayer(prob, [c], [y], solver=solver)
+        C = torch.tensor([[1.0, 1.0], [1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+        with pytest.warns(GradientWarning, match=r"batch indices \[\(0,\)\]"):
+            layer(C)[:, 0].sum().backward()
+        assert C.grad.abs().max() < 1e-8, (solver, C.grad)
+
+
+def test_gradient_warnings_name_the_callers_batch_indices():
+    # Element (1, 0) of a (2, 2) batch is non-unique (zero cost on z, z >= x free above);
+    # the others are not. Both backends, and the re-solve of a subset, name it as (1, 0).
+    x = cp.Parameter(2, name="x")
+    cz = cp.Parameter(2, name="c", nonneg=True)
+    y, z = cp.Variable(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x) + cz @ z), [y >= 0, z >= x])
+    C = torch.ones(2, 2, 2, dtype=torch.float64)
+    C[1, 0] = torch.tensor([0.0, 1.0])
+    for solver in ("auto", "Clarabel"):
+        layer = cddn.ConvexLayer(prob, [x, cz], [y, z], solver=solver)
+        X = torch.tensor([1.0, -1.0], dtype=torch.float64).expand(2, 2, 2).clone().requires_grad_()
+        with pytest.warns(GradientWarning, match=r"batch indices \[\(1, 0\)\]"):
+            layer(X, C)[1].sum().backward()
+
+
+def test_float16_outputs_beyond_range_warn():
+    # The solution 6e5 does not fit float16 (max 65504): it was returned as inf silently.
+    x = cp.Parameter(2, name="x")
+    y = cp.Variable(2)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - 10 * x)), [y >= -1e9]), [x], [y])
+    with pytest.warns(cddn.errors.ConvexDDNWarning, match="1 solution entries exceed the range of torch.float16"):
+        out = layer(torch.tensor([60000.0, 1.0], dtype=torch.float16))
+    assert out.dtype == torch.float16 and torch.isinf(out[0]) and out[1] == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.tensor([6000.0, 1.0], dtype=torch.float16))
