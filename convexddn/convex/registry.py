@@ -126,10 +126,18 @@ def register(name: str, description: str) -> Callable[[Callable], Callable]:
     use of :attr:`ProblemSpec.problem`, so that a native node skips it.
 
     Raises:
-        OptionError: ``name`` is already registered (the built-in catalog is loaded
-            first, so its names are taken from the start).
+        OptionError: ``name`` or ``description`` is not a non-empty string, or ``name``
+            is already registered (the built-in catalog is loaded first, so its names
+            are taken from the start).
     """
+    # A non-string name would break every later sorted listing of the names.
+    for what, value in (("name", name), ("description", description)):
+        if not isinstance(value, str) or not value:
+            raise OptionError(f"register: {what} must be a non-empty string, got {value!r}")
+
     def decorate(builder: Callable[..., tuple]) -> Callable[..., tuple]:
+        if not callable(builder):
+            raise OptionError(f"register({name!r}) decorates a builder function, got {type(builder).__name__}")
         # Load the catalog before taking the name: a user's "simplex" registered first
         # would make the catalog's own registration fail on every later load.
         _load_catalog()
@@ -241,7 +249,12 @@ def build(name: str, **options: Any) -> ProblemSpec:
         raise OptionError(f"problem {name!r} needs option(s) {missing}; valid options are {valid}")
     bound = sig.bind(**options)
     bound.apply_defaults()
-    problem, parameters, variables, *rest = entry.builder(**bound.arguments)
+    result = entry.builder(**bound.arguments)
+    if not isinstance(result, tuple) or len(result) not in (3, 4) or (len(result) == 4 and not isinstance(result[3], dict)):
+        got = f"a {len(result)}-tuple" if isinstance(result, tuple) else f"a {type(result).__name__}"
+        raise ProblemError(f"registry builder {name!r} must return (problem, parameters, variables) or "
+                           f"(problem, parameters, variables, learned: dict), got {got}")
+    problem, parameters, variables, *rest = result
     import cvxpy as cp  # imported by the builder already
 
     if not (isinstance(problem, cp.Problem) or callable(problem)):

@@ -16,7 +16,7 @@ import torch
 
 import convexddn as cddn
 from convexddn import registry
-from convexddn.errors import NonconvexError, OptionError
+from convexddn.errors import NonconvexError, OptionError, ProblemError
 
 F64 = torch.float64
 
@@ -85,6 +85,26 @@ def test_build_invalid_option_lists_valid():
 def test_register_duplicate_name_rejected():
     with pytest.raises(OptionError, match="already registered"):
         registry.register("qp", "another")(lambda n: None)
+
+
+def test_register_checks_name_and_builder_contract():
+    # A non-string name was accepted and then broke names() and every unknown-name
+    # lookup (sorting int with str); a builder returning two items raised a raw unpack error.
+    for bad in (7, "", None):
+        with pytest.raises(OptionError, match="name must be a non-empty string"):
+            registry.register(bad, "x")
+    assert "qp" in registry.names()
+
+    @registry.register("test_two_items", "returns too little")
+    def two(n: int = 2):
+        x = cp.Parameter(n, name="x")
+        return cp.Problem(cp.Minimize(cp.sum_squares(cp.Variable(n) - x))), [x]
+
+    try:
+        with pytest.raises(ProblemError, match=r"'test_two_items' must return .* got a 2-tuple"):
+            registry.build("test_two_items")
+    finally:
+        registry._REGISTRY.pop("test_two_items")
 
 
 def test_register_user_problem():
