@@ -290,6 +290,9 @@ def pnp(
         raise ShapeError(f"p2d must be (*, N, 2) and p3d (*, N, 3) with the same N, got shapes "
                          f"{tuple(p2d.shape)} and {tuple(p3d.shape)}")
     n = p2d.shape[-2]
+    if n == 0:
+        raise ShapeError(f"pnp needs at least one correspondence (N >= 1), got shapes {tuple(p2d.shape)} "
+                         f"and {tuple(p3d.shape)}")
     if init is None and n < 6:
         raise ShapeError(f"pnp needs N >= 6 correspondences for its DLT start, got N={n}; pass init")
     dtype = _WORK

@@ -163,6 +163,11 @@ def test_pnp_invalid():
         pnp(q, p[..., :2])
     with pytest.raises(ShapeError, match="N >= 6"):
         pnp(q[:, :5], p[:, :5])
+    # No correspondences at all, even with a start (torch's reshape error before).
+    init = torch.tensor([0.0, 0, 0, 0, 0, 5], dtype=D)
+    for shape in ((0,), (2, 0)):
+        with pytest.raises(ShapeError, match="at least one correspondence"):
+            pnp(torch.zeros(*shape, 2, dtype=D), torch.zeros(*shape, 3, dtype=D), init=init)
     with pytest.raises(ShapeError, match="weights"):
         pnp(q, p, torch.ones(3, 5, dtype=D))
     with pytest.raises(ShapeError, match="K must be"):
