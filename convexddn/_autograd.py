@@ -2,14 +2,15 @@
 the guard that makes second derivatives of first-order-only nodes fail loudly."""
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .errors import DoubleBackwardError
 
-__all__ = ["bind_fast", "first_order_only", "guard_gradients"]
+__all__ = ["bind_fast", "first_order", "first_order_only", "guard_gradients"]
 
 
 def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
@@ -82,3 +83,26 @@ def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return tensors
     return _FirstOrderInput.apply(what, *tensors)
+
+
+def first_order(backward: Callable) -> Callable:
+    """``torch.autograd.function.once_differentiable`` with the library's error: the
+    backward runs without a graph, and with ``create_graph=True`` its gradients are tied
+    (:func:`guard_gradients`) to the incoming gradients and saved tensors that require
+    grad, so that a second differentiation raises
+    :class:`~convexddn.errors.DoubleBackwardError` (torch's decorator raised a generic
+    RuntimeError, and nothing at all where the incoming gradient was a constant)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        single = not isinstance(out, tuple)
+        outs = (out,) if single else out
+        name = type(ctx).__name__.removesuffix("Backward").strip("_")
+        guarded = guard_gradients(name, [o if isinstance(o, torch.Tensor) else None for o in outs],
+                                  (*grads, *ctx.saved_tensors))
+        merged = tuple(g if isinstance(o, torch.Tensor) else o for g, o in zip(guarded, outs))
+        return merged[0] if single else merged
+    return wrapper

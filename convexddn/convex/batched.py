@@ -46,6 +46,7 @@ from typing import ClassVar, Sequence
 import cvxpy as cp
 import torch
 
+from .._autograd import first_order
 from .._checks import check_tolerance
 from ..errors import DTypeError, GradientWarning, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
@@ -200,7 +201,7 @@ class _ConeSolve(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[2:6])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
             return (None,) * 9

@@ -59,9 +59,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .._autograd import bind_fast
+from .._autograd import bind_fast, first_order
 from .._checks import check_int, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, OptionError, ShapeError
 from .projection import project_simplex
@@ -228,7 +227,7 @@ class _EntmaxFn(torch.autograd.Function):
         ctx.alpha, ctx.d = inputs[2], inputs[3]
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_p):  # type: ignore[override]
         (p,) = ctx.saved_tensors
         d, alpha = ctx.d, ctx.alpha

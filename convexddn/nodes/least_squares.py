@@ -36,9 +36,8 @@ import math
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .._autograd import bind_fast
+from .._autograd import bind_fast, first_order
 from .._checks import check_finite, check_tensor
 from ..errors import DTypeError, InputError, OptionError, ShapeError, SolverError
 
@@ -117,7 +116,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g, _gR, _gx, _gbad):  # type: ignore[override]
         A, b, w, ridge, R, x = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -35,9 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .._autograd import bind_fast
+from .._autograd import bind_fast, first_order
 from .._checks import check_finite, check_scale, check_stopping, check_tensor
 from ..errors import InputError, ShapeError, SolverWarning
 from ._pnp_geometry import (
@@ -180,7 +179,7 @@ class _PnPFunction(torch.autograd.Function):
         ctx.pen = inputs[6]
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, g_theta, _g_hessian):  # type: ignore[override]
         p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]

@@ -56,9 +56,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .._autograd import bind_fast
+from .._autograd import bind_fast, first_order
 from .._checks import check_bool, check_finite, check_int, check_tensor, normalize_dims
 from ..errors import GradientWarning, OptionError, ShapeError, SolverError
 
@@ -185,13 +184,14 @@ class _TVFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, sigma, tie = output
         ctx.mark_non_differentiable(sigma, tie)
-        ctx.save_for_backward(sigma, tie, inputs[1])
+        # x only anchors a second differentiation's error (see first_order).
+        ctx.save_for_backward(sigma, tie, inputs[1], inputs[0])
         ctx.zero_lam = inputs[4]
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y, _gs, _gt):  # type: ignore[override]
-        (sigma, tie, lam), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
+        (sigma, tie, lam, _), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
         zero, plateau = (lam == 0 if ctx.zero_lam else None), torch.zeros_like(tie)
         if ctx.zero_lam and need_x and need_lam:
             # λ = 0: equal neighbours stay one segment (as for all small λ > 0) but

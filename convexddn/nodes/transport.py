@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from .._autograd import first_order
 from .._checks import check_finite, check_int, check_positive, check_tensor
 from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import schur_solve, solve
@@ -79,7 +79,7 @@ class _SinkhornFn(torch.autograd.Function):
         return P, err
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, V, _grad_err):  # type: ignore[override]
         (P,) = ctx.saved_tensors
         if V is None:

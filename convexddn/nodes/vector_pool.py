@@ -44,9 +44,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .._autograd import bind_fast
+from .._autograd import bind_fast, first_order
 from .._checks import (
     check_dim_option,
     check_finite,
@@ -88,7 +87,7 @@ class _VectorPoolFunction(torch.autograd.Function):
         ctx.pen = pen
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, gy):  # type: ignore[override]
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]

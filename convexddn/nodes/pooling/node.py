@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from ..._autograd import first_order
 from ..._checks import (
     check_bool,
     check_dim_option,
@@ -84,7 +84,7 @@ class _RobustPoolFunction(torch.autograd.Function):
         ctx.use_compile = use_compile
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y):  # type: ignore[override]
         x, alpha, y = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -12,9 +12,8 @@ import math
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..._autograd import bind_fast
+from ..._autograd import bind_fast, first_order
 from ..._checks import check_finite
 from ...errors import ConvexDDNWarning, GradientWarning
 
@@ -144,7 +143,7 @@ class L2ProjectionFn(torch.autograd.Function):
         ctx.d, ctx.sphere, ctx.overflow, ctx.zeros = d, sphere, overflow, zeros
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_zeros):  # type: ignore[override]
         y, scale, r_t = ctx.saved_tensors
         r = ctx.r_float if r_t is None else r_t
@@ -221,7 +220,7 @@ class LinfProjectionFn(torch.autograd.Function):
         ctx.d = d
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y):  # type: ignore[override]
         y, r_t = ctx.saved_tensors
         r = ctx.r_float if r_t is None else r_t

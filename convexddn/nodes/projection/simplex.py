@@ -12,9 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ..._autograd import bind_fast
+from ..._autograd import bind_fast, first_order
 from ..._checks import check_finite
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
@@ -139,7 +138,7 @@ class L1ProjectionFn(torch.autograd.Function):
         ctx.d = d
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y, _grad_active):  # type: ignore[override]
         y, active, r_t = ctx.saved_tensors
         d = ctx.d
@@ -194,7 +193,7 @@ class SimplexProjectionFn(torch.autograd.Function):
         ctx.d = d
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y):  # type: ignore[override]
         y, z_t = ctx.saved_tensors
         # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
