@@ -82,8 +82,11 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
 
     try:
         ctx = pa.parse_args(problem, list(variables), list(parameters), None, custom_solver=_CanonOnly())
-    except (ValueError, NotImplementedError, AssertionError, cp.error.DCPError) as err:
-        raise UnsupportedProblem(f"cvxpylayers cannot canonicalise this problem: {err}") from err
+    except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
+            cp.error.DCPError) as err:
+        # (KeyError etc.: cvxpylayers' own failures on edge cases, e.g. a zero-size parameter.)
+        raise UnsupportedProblem(f"cvxpylayers cannot canonicalise this problem: "
+                                 f"{type(err).__name__}: {err}") from err
     dims = ctx.cone_dims
     if dims.exp or dims.psd or getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
         raise UnsupportedProblem(
@@ -102,6 +105,8 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     param_cols = [(order[i], sizes[i], tuple(p.shape)) for i, p in enumerate(parameters)]
     triu = [None if t is None else (torch.tensor(t[0]), torch.tensor(t[1])) for t in ctx.param_triu_indices]
 
+    if ctx.reduced_A.problem_data_index is None:
+        raise UnsupportedProblem("the cone program has no constraint data (no constraints)")
     idx, ptr, shape = ctx.reduced_A.problem_data_index
     m, n1 = int(shape[0]), int(shape[1])
     n = n1 - 1

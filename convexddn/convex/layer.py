@@ -224,8 +224,11 @@ class ConvexLayer(nn.Module):
             try:
                 layer = CvxpyLayer(self.problem, parameters=self.parameters_,
                                    variables=self.variables_, solver=self._backend, gp=self.gp)
-            except (ValueError, NotImplementedError, AssertionError) as err:
-                raise ProblemError(f"cvxpylayers cannot use this problem: {err}") from err
+            except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
+                    cp.error.SolverError) as err:
+                # (KeyError etc.: cvxpylayers' failures on edge cases, e.g. a zero-size
+                # parameter; SolverError: cvxpy's probe of a problem without constraints.)
+                raise ProblemError(f"cvxpylayers cannot use this problem: {type(err).__name__}: {err}") from err
             # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU
             # path. We hand it CPU float64 tensors (it then uses scipy copies), and sparse
             # buffers break deepcopy, DistributedDataParallel and .to(): drop them.

@@ -600,3 +600,18 @@ def test_float16_outputs_beyond_range_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(torch.tensor([6000.0, 1.0], dtype=torch.float16))
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_problems_cvxpylayers_cannot_take_raise_problem_error(solver):
+    # A zero-size parameter (cvxpylayers: KeyError) and an LP without constraints
+    # (TypeError in our canonicalisation, cvxpy's SolverError on the per-element path)
+    # were raw errors from the constructor.
+    q = cp.Parameter(2, name="q")
+    y = cp.Variable(2)
+    G, h = cp.Parameter((0, 2), name="G"), cp.Parameter(0, name="h")
+    with pytest.raises(ProblemError, match="cvxpylayers cannot use this problem: KeyError"):
+        cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y) + q @ y), [G @ y <= h]), [G, h, q], [y],
+                         solver=solver)
+    with pytest.raises(ProblemError, match="cvxpylayers cannot use this problem"):
+        cddn.ConvexLayer(cp.Problem(cp.Minimize(q @ y)), [q], [y], solver=solver)
