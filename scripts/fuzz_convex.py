@@ -155,15 +155,16 @@ def run_case(seed: int, case: int, kinds: tuple[str, ...], solver: str = "auto")
 
 @contextmanager
 def _named_by_warnings():
-    """Collect the flat indices that GradientWarnings name."""
+    """Collect the indices that GradientWarnings name (the batch here is 1-D: flat and
+    batch indices, ``[0, 2]`` or ``[(0,), (2,)]``, are the same numbers)."""
     named: set[int] = set()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield named
     for w in caught:
-        found = re.search(r"flat indices \[([0-9, ]*)\]", str(w.message))
+        found = re.search(r"(?:flat|batch) indices \[([0-9, ()]*)\]", str(w.message))
         if issubclass(w.category, GradientWarning) and found:
-            named |= {int(v) for v in found.group(1).split(",") if v.strip()}
+            named |= {int(v) for v in re.findall(r"[0-9]+", found.group(1))}
 
 
 def run_gradient_case(seed: int, case: int, kinds: tuple[str, ...], solver: str = "auto") -> int:
