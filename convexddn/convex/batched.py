@@ -53,7 +53,7 @@ from .canonical import UnsupportedProblem, canonicalise
 from .interior_point import SOLVED, STATUS_NAMES, ConeSolution, solve_cone_batch
 from .kkt import bmv, row_inf
 from .second_opinion import clarabel_points
-from .status import unravel
+from .status import name_elements
 
 __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]
 
@@ -209,16 +209,14 @@ class _ConeSolve(torch.autograd.Function):
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
         gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent)
-        counts = torch.stack([flagged.sum(), zeroed.sum()]).tolist() if flagged.numel() else [0, 0]
+        counts = torch.stack([flagged.sum(), zeroed.sum()]).tolist()
         if counts[0]:  # one host sync per backward
             idx = torch.nonzero(flagged).squeeze(1).tolist()
-            named = (f"flat indices {idx[:20]}" if where is None else
-                     f"batch indices {unravel([where[0][i] for i in idx[:20]], where[1])}")
             zero = (f"; {counts[1]} of them have a solution that is not unique, and their gradient "
                     "(which the derivative system amplified by ~1e9) is set to zero") if counts[1] else ""
             warnings.warn(
                 f"ConvexLayer backward (batched): the solution of {len(idx)} batch element(s) "
-                f"({named}{', ...' if len(idx) > 20 else ''}) is not unique or not differentiable "
+                f"({name_elements(where, idx)}) is not unique or not differentiable "
                 "(a constraint active with a zero multiplier, a derivative system that is singular: "
                 "e.g. a degenerate LP, or more active constraints than the solution's dimension: a "
                 f"degenerate vertex); their gradient is a one-sided limit's blend{zero}",

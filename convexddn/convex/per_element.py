@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import GradientWarning, SolverWarning, WorkerError
 from .cone import Parametric, ResidualMap, verify_certificate
-from .status import status_kind, unravel
+from .status import name_elements, status_kind
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
@@ -243,7 +243,7 @@ class CheckedDiffcp(SolverInterface):
         where = getattr(self._local, "where", None)
         for i, r in enumerate(results):
             if r.note is not None and r.x is not None:
-                warnings.warn(f"batch element ({_named(where, [i])}): {r.note}", SolverWarning, stacklevel=4)
+                warnings.warn(f"batch element ({name_elements(where, [i])}): {r.note}", SolverWarning, stacklevel=4)
         primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
         dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else r.y for r in results])).to(q.dtype)
         if not needs_grad:
@@ -289,7 +289,7 @@ class CheckedDiffcp(SolverInterface):
         if degenerate:
             warnings.warn(
                 f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) "
-                f"({_named(where, degenerate)}) is not unique or not differentiable (the derivative "
+                f"({name_elements(where, degenerate)}) is not unique or not differentiable (the derivative "
                 "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
                 "zero multiplier); their gradient is the minimum-norm one of many",
                 GradientWarning, stacklevel=3)
@@ -297,7 +297,7 @@ class CheckedDiffcp(SolverInterface):
         if inaccurate:
             warnings.warn(
                 f"ConvexLayer backward: the iterative adjoint solve (LSMR) of {len(inaccurate)} batch "
-                f"element(s) ({_named(where, [i for i, _ in inaccurate])}) stopped at a relative "
+                f"element(s) ({name_elements(where, [i for i, _ in inaccurate])}) stopped at a relative "
                 f"residual of up to {max(r for _, r in inaccurate):.1e}: their gradient may be "
                 "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "
                 "it batched where it fits)", GradientWarning, stacklevel=3)
@@ -365,14 +365,6 @@ class _State(list):
     caller's batch and its shape, set by :class:`~.layer.ConvexLayer`) for messages."""
 
     where: tuple[list[int], tuple[int, ...]] | None = None
-
-
-def _named(where: tuple[list[int], tuple[int, ...]] | None, idx: list[int]) -> str:
-    """The elements ``idx`` of this solve, named in the caller's batch where known."""
-    more = ", ..." if len(idx) > 20 else ""
-    if where is None:
-        return f"flat indices {idx[:20]}{more}"
-    return f"batch indices {unravel([where[0][i] for i in idx[:20]], where[1])}{more}"
 
 
 def _parametric_entries(ctx: Any, indices: np.ndarray, cols: np.ndarray, n_a: int) -> Parametric | None:

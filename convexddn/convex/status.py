@@ -14,7 +14,7 @@ import torch
 from ..errors import InfeasibleError, SolverError, UnboundedError
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "failure_error", "merge_resolved", "status_kind",
-           "unravel"]
+           "unravel", "name_elements"]
 
 
 @dataclasses.dataclass
@@ -48,6 +48,15 @@ def unravel(flat: list[int], batch: tuple[int, ...]) -> list[tuple[int, ...]]:
     if not batch:
         return [() for _ in flat]
     return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), batch)) for i in flat]
+
+
+def name_elements(where: tuple[Sequence[int], tuple[int, ...]] | None, idx: list[int]) -> str:
+    """The elements ``idx`` of a solve, for messages: in the caller's batch where
+    ``where`` (their flat positions there, and its shape) is known; first 20."""
+    more = ", ..." if len(idx) > 20 else ""
+    if where is None:
+        return f"flat indices {idx[:20]}{more}"
+    return f"batch indices {unravel([where[0][i] for i in idx[:20]], where[1])}{more}"
 
 
 def status_kind(status: str) -> str:
