@@ -339,20 +339,18 @@ class ConvexLayer(nn.Module):
                 f"ConvexLayer: {len(failed)} batch element(s) not solved, their outputs set to NaN "
                 f"(on_failure='mask'): indices {idx[:20]}; statuses "
                 f"{[info['statuses'][i] for i in failed[:5]]}", SolverWarning, stacklevel=2)
-        outs = []
+        outs, over = [], 0
         ok = solved.to(device).reshape(-1)
         for s, shape in zip(sols, out_shapes):
-            s = s.to(device=device).reshape((n_batch,) + shape[len(batch):])
+            s = s.to(device=device).reshape(shape)
             if failed:
-                s = torch.where(ok.view((-1,) + (1,) * (s.dim() - 1)), s, torch.full_like(s, math.nan))
-            outs.append(s.reshape(shape).to(out_dtype))
-        if torch.finfo(out_dtype).max < torch.finfo(torch.float32).max:
-            # float16 (max 65504): solutions beyond its range became ±inf in the cast.
-            over = sum(int((torch.isinf(o) & torch.isfinite(s.reshape(o.shape))).sum()) for o, s in zip(outs, sols))
-            if over:
-                warnings.warn(f"ConvexLayer: {over} solution entries exceed the range of {out_dtype} and "
-                              "are returned as ±inf; pass float32 or float64 parameters",
-                              ConvexDDNWarning, stacklevel=2)
+                s = torch.where(ok.view(batch + (1,) * (s.dim() - len(batch))), s, torch.full_like(s, math.nan))
+            outs.append(s.to(out_dtype))
+            if torch.finfo(out_dtype).max < torch.finfo(torch.float32).max:  # float16: max 65504
+                over += int((torch.isinf(outs[-1]) & torch.isfinite(s)).sum())
+        if over:
+            warnings.warn(f"ConvexLayer: {over} solution entries exceed the range of {out_dtype} and are "
+                          "returned as ±inf; pass float32 or float64 parameters", ConvexDDNWarning, stacklevel=2)
         self._local.info = SolveInfo(info["backend"], info["solvers"], info["statuses"],
                                      info["residuals"], solved)
         return outs[0] if len(outs) == 1 else tuple(outs)
