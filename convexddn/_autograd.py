@@ -64,13 +64,14 @@ class _FirstOrderInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, what: str, *tensors: torch.Tensor):  # type: ignore[override]
-        ctx.what = what
-        ctx.save_for_backward(*tensors)
+        # Kept as attributes, not saved tensors: they only anchor the error's graph, so
+        # changing them in place after the forward must not fail the backward.
+        ctx.what, ctx.anchors = what, tensors
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        return (None, *guard_gradients(ctx.what, grads, ctx.saved_tensors))
+        return (None, *guard_gradients(ctx.what, grads, ctx.anchors))
 
 
 def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -85,24 +86,27 @@ def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.
     return _FirstOrderInput.apply(what, *tensors)
 
 
-def first_order(backward: Callable) -> Callable:
-    """``torch.autograd.function.once_differentiable`` with the library's error: the
-    backward runs without a graph, and with ``create_graph=True`` its gradients are tied
-    (:func:`guard_gradients`) to the incoming gradients and saved tensors that require
-    grad, so that a second differentiation raises
-    :class:`~convexddn.errors.DoubleBackwardError` (torch's decorator raised a generic
-    RuntimeError, and nothing at all where the incoming gradient was a constant)."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            out = backward(ctx, *grads)
-        if not torch.is_grad_enabled():
-            return out
-        single = not isinstance(out, tuple)
-        outs = (out,) if single else out
-        name = type(ctx).__name__.removesuffix("Backward").strip("_")
-        guarded = guard_gradients(name, [o if isinstance(o, torch.Tensor) else None for o in outs],
-                                  (*grads, *ctx.saved_tensors))
-        merged = tuple(g if isinstance(o, torch.Tensor) else o for g, o in zip(guarded, outs))
-        return merged[0] if single else merged
-    return wrapper
+def first_order(what: str) -> Callable[[Callable], Callable]:
+    """``torch.autograd.function.once_differentiable`` with the library's error, for the
+    backward of the node ``what`` (its public name, for the message): the backward runs
+    without a graph, and with ``create_graph=True`` its gradients are tied
+    (:func:`guard_gradients`) to the incoming gradients, the saved tensors and
+    ``ctx.anchors`` (inputs kept for this) that require grad, so that a second
+    differentiation raises :class:`~convexddn.errors.DoubleBackwardError` (torch's
+    decorator raised a generic RuntimeError, and nothing at all where the incoming
+    gradient was a constant)."""
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            single = not isinstance(out, tuple)
+            outs = (out,) if single else out
+            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs],
+                                      (*grads, *ctx.saved_tensors, *getattr(ctx, "anchors", ())))
+            merged = tuple(g if isinstance(o, torch.Tensor) else o for g, o in zip(guarded, outs))
+            return merged[0] if single else merged
+        return wrapper
+    return decorate

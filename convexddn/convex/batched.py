@@ -113,12 +113,12 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     Returns:
         ``(gP, gq, gA, gb, not_differentiable, nonunique)``: the gradients, exactly zero
         for elements that are not solved, whose cotangent is zero, whose final KKT matrix
-        could not be factorised or whose solution is not unique (``nonunique``, ``(B,)``);
-        and a ``(B,)`` mask of the solved elements whose
-        derivative does not exist (a complementary pair with ``s_i ≈ z_i ≈ 0``, see
-        :data:`~.certify.RESOLVED`), whose solution is not unique (the derivative
-        system amplifies the cotangent by more than :data:`AMPLIFICATION`) or that sits at
-        a degenerate vertex (``tangent``).
+        could not be factorised or whose solution is not unique; ``(B,)`` masks of the
+        solved elements whose solution is not unique (``nonunique``: the derivative
+        system amplifies the cotangent by more than :data:`AMPLIFICATION`) and, including
+        those, whose derivative does not exist (``not_differentiable``: also a
+        complementary pair with ``s_i ≈ z_i ≈ 0``, see :data:`~.certify.RESOLVED`, or a
+        degenerate vertex, see ``tangent``).
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
@@ -201,7 +201,7 @@ class _ConeSolve(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[2:6])
 
     @staticmethod
-    @first_order
+    @first_order("BatchedProgram")
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
             return (None,) * 9
@@ -212,8 +212,9 @@ class _ConeSolve(torch.autograd.Function):
         counts = torch.stack([flagged.sum(), zeroed.sum()]).tolist()
         if counts[0]:  # one host sync per backward
             idx = torch.nonzero(flagged).squeeze(1).tolist()
-            zero = (f"; {counts[1]} of them have a solution that is not unique, and their gradient "
-                    "(which the derivative system amplified by ~1e9) is set to zero") if counts[1] else ""
+            zero = (f"; {counts[1]} of them have a solution that is not unique (the derivative "
+                    f"system amplifies their cotangent by more than {AMPLIFICATION:.0e}), and their "
+                    "gradient is set to zero") if counts[1] else ""
             warnings.warn(
                 f"ConvexLayer backward (batched): the solution of {len(idx)} batch element(s) "
                 f"({name_elements(where, idx)}) is not unique or not differentiable "

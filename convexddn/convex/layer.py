@@ -244,7 +244,7 @@ class ConvexLayer(nn.Module):
         return self.solver == "batched" or self._batched.fits(device)
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
-                           where: tuple[list[int], tuple[int, ...]]) -> tuple[list, dict]:
+                           where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list, dict]:
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
         with self._build_lock:
             layer = self._per_element_layer()
@@ -359,7 +359,7 @@ class ConvexLayer(nn.Module):
                call_args: dict, batch: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
         """Both backends: batched first where it applies, then per element for the rest."""
         if not self._use_batched(device):
-            sols, info = self._solve_per_element(flat, call_args, (list(range(math.prod(batch))), batch))
+            sols, info = self._solve_per_element(flat, call_args, (range(math.prod(batch)), batch))
             info = {k: list(v) for k, v in info.items()}
             # Per-element results in doubt — not solved, or left by the Newton polish
             # above rounding level (on the second-order-cone form of a squared objective
@@ -376,7 +376,7 @@ class ConvexLayer(nn.Module):
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])
                 adopt_certificates(info, doubt, list(zip(part["kinds"], part["statuses"])))
             return sols, info
-        sols, info = self._solve_batched(self._batched, flat, (list(range(math.prod(batch))), batch))
+        sols, info = self._solve_batched(self._batched, flat, (range(math.prod(batch)), batch))
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
             # Then one element at a time by the per-element path; autograd flows to each
@@ -388,7 +388,7 @@ class ConvexLayer(nn.Module):
         return sols, info
 
     def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor],
-                       where: tuple[list[int], tuple[int, ...]]) -> tuple[list[torch.Tensor], dict]:
+                       where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list[torch.Tensor], dict]:
         """The batched iterations, then a second opinion on what they do not certify:
         Clarabel on the same program, P kept, its points polished, checked and
         differentiated by the batched path (see :mod:`.second_opinion`)."""

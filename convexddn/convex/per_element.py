@@ -24,7 +24,7 @@ import multiprocessing
 import threading
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import diffcp
 import numpy as np
@@ -243,7 +243,7 @@ class CheckedDiffcp(SolverInterface):
         where = getattr(self._local, "where", None)
         for i, r in enumerate(results):
             if r.note is not None and r.x is not None:
-                warnings.warn(f"batch element ({name_elements(where, [i])}): {r.note}", SolverWarning, stacklevel=4)
+                warnings.warn(f"{name_elements(where, [i])}: {r.note}", SolverWarning, stacklevel=4)
         primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
         dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else r.y for r in results])).to(q.dtype)
         if not needs_grad:
@@ -364,7 +364,7 @@ class _State(list):
     """Per-element saved states, and ``where`` (the elements' flat positions in the
     caller's batch and its shape, set by :class:`~.layer.ConvexLayer`) for messages."""
 
-    where: tuple[list[int], tuple[int, ...]] | None = None
+    where: tuple[Sequence[int], tuple[int, ...]] | None = None
 
 
 def _parametric_entries(ctx: Any, indices: np.ndarray, cols: np.ndarray, n_a: int) -> Parametric | None:

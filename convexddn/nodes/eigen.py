@@ -162,7 +162,8 @@ class _EigenFunction(torch.autograd.Function):
         lam_k, Vk, mu, V = _eigen_forward(X, k, largest, keep=True)
         # (μ, V) are intermediates, saved without being outputs; the outputs may be
         # views of them (never of each other), which a Function may return.
-        ctx.save_for_backward(mu, V, X)  # X only anchors a second differentiation's error
+        ctx.save_for_backward(mu, V)
+        ctx.anchors = (X,)  # only for a second differentiation's error (see first_order)
         ctx.k, ctx.sign, ctx.gap_tol, ctx.dtype = k, -1.0 if largest else 1.0, gap_tol, X.dtype
         # Unused outputs arrive as None: an eigenvalue-only loss skips the eigenvector
         # term (and its degeneracy warning) entirely.
@@ -170,13 +171,13 @@ class _EigenFunction(torch.autograd.Function):
         return lam_k, Vk
 
     @staticmethod
-    @first_order
+    @first_order("eigen_decomposition")
     def backward(ctx, g_lam, g_vec):  # type: ignore[override]
         if not ctx.needs_input_grad[0] or (g_lam is None and g_vec is None):
             return None, None, None, None
         # Differentiated as the bottom-k eigenpairs of S = s·sym(X): dL/dμ_k = s·g_λ and
         # dL/dX = s·dL/dS.
-        mu, V, _ = ctx.saved_tensors
+        mu, V = ctx.saved_tensors
         k, sign = ctx.k, ctx.sign
         sel = slice(0, k)
         Vk = V[..., sel]

@@ -227,7 +227,7 @@ class _EntmaxFn(torch.autograd.Function):
         ctx.alpha, ctx.d = inputs[2], inputs[3]
 
     @staticmethod
-    @first_order
+    @first_order("entmax")
     def backward(ctx, grad_p):  # type: ignore[override]
         (p,) = ctx.saved_tensors
         d, alpha = ctx.d, ctx.alpha

@@ -116,7 +116,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
 
     @staticmethod
-    @first_order
+    @first_order("least_squares")
     def backward(ctx, g, _gR, _gx, _gbad):  # type: ignore[override]
         A, b, w, ridge, R, x = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -179,7 +179,7 @@ class _PnPFunction(torch.autograd.Function):
         ctx.pen = inputs[6]
 
     @staticmethod
-    @first_order
+    @first_order("pnp")
     def backward(ctx, g_theta, _g_hessian):  # type: ignore[override]
         p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]

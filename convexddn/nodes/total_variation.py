@@ -184,14 +184,14 @@ class _TVFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, sigma, tie = output
         ctx.mark_non_differentiable(sigma, tie)
-        # x only anchors a second differentiation's error (see first_order).
-        ctx.save_for_backward(sigma, tie, inputs[1], inputs[0])
+        ctx.save_for_backward(sigma, tie, inputs[1])
+        ctx.anchors = (inputs[0],)  # only for a second differentiation's error (see first_order)
         ctx.zero_lam = inputs[4]
 
     @staticmethod
-    @first_order
+    @first_order("tv_denoise")
     def backward(ctx, grad_y, _gs, _gt):  # type: ignore[override]
-        (sigma, tie, lam, _), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
+        (sigma, tie, lam), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
         zero, plateau = (lam == 0 if ctx.zero_lam else None), torch.zeros_like(tie)
         if ctx.zero_lam and need_x and need_lam:
             # λ = 0: equal neighbours stay one segment (as for all small λ > 0) but

@@ -79,7 +79,7 @@ class _SinkhornFn(torch.autograd.Function):
         return P, err
 
     @staticmethod
-    @first_order
+    @first_order("sinkhorn")
     def backward(ctx, V, _grad_err):  # type: ignore[override]
         (P,) = ctx.saved_tensors
         if V is None:

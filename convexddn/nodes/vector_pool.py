@@ -87,7 +87,7 @@ class _VectorPoolFunction(torch.autograd.Function):
         ctx.pen = pen
 
     @staticmethod
-    @first_order
+    @first_order("robust_vector_pool")
     def backward(ctx, gy):  # type: ignore[override]
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]

@@ -84,7 +84,7 @@ class _RobustPoolFunction(torch.autograd.Function):
         ctx.use_compile = use_compile
 
     @staticmethod
-    @first_order
+    @first_order("robust_pool")
     def backward(ctx, grad_y):  # type: ignore[override]
         x, alpha, y = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -143,11 +143,11 @@ class L2ProjectionFn(torch.autograd.Function):
         ctx.d, ctx.sphere, ctx.overflow, ctx.zeros = d, sphere, overflow, zeros
 
     @staticmethod
-    @first_order
+    @first_order("project_lp")
     def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_zeros):  # type: ignore[override]
         y, scale, r_t = ctx.saved_tensors
         r = ctx.r_float if r_t is None else r_t
-        if ctx.zeros:
+        if ctx.zeros and ctx.needs_input_grad[0]:
             warnings.warn(
                 f"project_lp(p=2, mode='sphere'): {ctx.zeros} row(s) are x = 0, where every "
                 "sphere point is nearest and the projection has no derivative (r/‖x‖ → ∞): "
@@ -220,7 +220,7 @@ class LinfProjectionFn(torch.autograd.Function):
         ctx.d = d
 
     @staticmethod
-    @first_order
+    @first_order("project_lp")
     def backward(ctx, grad_y):  # type: ignore[override]
         y, r_t = ctx.saved_tensors
         r = ctx.r_float if r_t is None else r_t

@@ -138,7 +138,7 @@ class L1ProjectionFn(torch.autograd.Function):
         ctx.d = d
 
     @staticmethod
-    @first_order
+    @first_order("project_lp")
     def backward(ctx, grad_y, _grad_active):  # type: ignore[override]
         y, active, r_t = ctx.saved_tensors
         d = ctx.d
@@ -193,7 +193,7 @@ class SimplexProjectionFn(torch.autograd.Function):
         ctx.d = d
 
     @staticmethod
-    @first_order
+    @first_order("project_simplex")
     def backward(ctx, grad_y):  # type: ignore[override]
         y, z_t = ctx.saved_tensors
         # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
