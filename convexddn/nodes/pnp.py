@@ -285,6 +285,12 @@ def pnp(
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
         D. Campbell, L. Liu and S. Gould, ECCV 2020 (the reference's PnP node).
     """
+    if torch.is_inference_mode_enabled():
+        # The solver differentiates its objective by autograd, which inference mode
+        # forbids: run it outside, on normal copies of the inputs.
+        with torch.inference_mode(False):
+            c = [t.clone() if isinstance(t, torch.Tensor) else t for t in (p2d, p3d, weights, K, alpha, init)]
+            return pnp(*c[:4], penalty=penalty, alpha=c[4], init=c[5], tol=tol, max_iter=max_iter)
     pen = _check_options(penalty, alpha, tol, max_iter)
     p2d, p3d = check_tensor("p2d", p2d), check_tensor("p3d", p3d)
     if p2d.ndim < 2 or p2d.shape[-1] != 2 or p3d.ndim < 2 or p3d.shape[-1] != 3 or p2d.shape[-2] != p3d.shape[-2]:

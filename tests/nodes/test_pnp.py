@@ -337,3 +337,14 @@ def test_pnp_scene_scale_equivariant():
                                  (pnp(q, p * s, init=torch.cat([init[:, :3], init[:, 3:] * s], 1)), ref_init, 1)):
             torch.testing.assert_close(got[:, :3], want[:, :3], atol=1e-12, rtol=0)
             torch.testing.assert_close(got[:, 3:] / s, want[:, 3:], atol=0, rtol=1e-12)
+
+
+def test_pnp_under_inference_mode():
+    # The solver's Hessians come from autograd: inference mode raised torch's "does not
+    # require grad" error; now the same pose as under no_grad.
+    q, p, _ = scene(2, batch=(2,), n=10, noise=0.01)
+    with torch.no_grad():
+        ref = pnp(q, p)
+    with torch.inference_mode():
+        got = pnp(q, p)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
