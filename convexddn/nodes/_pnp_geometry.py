@@ -1,5 +1,6 @@
-"""Geometry of the PnP node: axis-angle rotations, the batched DLT pose start and the
-degeneracy measures the node checks (coplanar points, points behind the camera).
+"""Geometry of the PnP node: axis-angle rotations, the reprojection objective with its
+gradient and Hessian, the batched DLT pose start and the degeneracy measures the node
+checks (coplanar points, points behind the camera).
 
 Batched torch code (CPU or CUDA); see :mod:`convexddn.nodes.pnp`.
 
@@ -16,6 +17,7 @@ import torch
 from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
 from .linear_solvers import shown_indices
+from .pooling.penalties import Penalty
 
 __all__ = [
     "axis_angle_to_matrix",
@@ -77,6 +79,41 @@ def matrix_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
     special = torch.where((cos > 0).unsqueeze(-1), 0.5 * v, th.unsqueeze(-1) * axis)
     r = torch.where((sin > 1e-6).unsqueeze(-1), general, special)
     return r
+
+
+# Below this reprojection distance (relative to alpha) the penalty is evaluated by its
+# Taylor expansion φ(0) + φ''(0) z²/2, a smooth function of z² = ‖e‖²: autograd through
+# ‖e‖ has no second derivative at e = 0, where noise-free data puts every residual.
+# The expansion's relative error there is O((z/alpha)²) <= 1e-8.
+_TAYLOR_RADIUS = 1e-4
+
+
+def objective(theta, p2d, p3d, w, K, a, pen: Penalty) -> torch.Tensor:
+    """Σ_i w_i φ(‖π_K(R p_i + t) − q_i‖; α) per batch element, (B,)."""
+    X = p3d @ axis_angle_to_matrix(theta[:, :3]).mT + theta[:, None, 3:]
+    proj = X[..., :2] / X[..., 2:]
+    if K is not None:
+        proj = proj * K[:, None, :2] + K[:, None, 2:]
+    e = proj - p2d
+    s = (e * e).sum(-1)
+    tau2 = (_TAYLOR_RADIUS * a) ** 2
+    small = s < tau2
+    z = torch.sqrt(torch.where(small, tau2 * torch.ones_like(s), s))
+    zero = torch.zeros_like(s)
+    near = pen.phi(zero, a) + 0.5 * pen.d2phi(zero, a) * s
+    return (w * torch.where(small, near, pen.phi(z, a))).sum(-1)
+
+
+def grad_hess(theta, xs, pen, create_graph=False):
+    """f, ∇f (B, 6) and the exact Hessian (B, 6, 6) by autograd on the objective."""
+    with torch.enable_grad():
+        th = theta.detach().requires_grad_()
+        f = objective(th, *xs, pen)
+        g = torch.autograd.grad(f.sum(), th, create_graph=True)[0]
+        # All six Hessian rows in one vmapped backward pass (one per unit vector).
+        eye = torch.eye(6, dtype=th.dtype, device=th.device).unsqueeze(1).expand(6, *g.shape)
+        H = torch.autograd.grad(g, th, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph)[0]
+    return f.detach(), g if create_graph else g.detach(), H.movedim(0, -2), th
 
 
 def normalised(p2d: torch.Tensor, K: torch.Tensor | None) -> torch.Tensor:

@@ -47,7 +47,9 @@ from ._pnp_geometry import (
     check_pose,
     check_start,
     dlt,
+    grad_hess,
     normalised,
+    objective,
     warn_hessian,
 )
 from .dense import checked_solve
@@ -63,44 +65,6 @@ _WORK = torch.float64
 # error of order (last step)² anyway.
 _DEFAULT_TOL = 1e-8
 _DEFAULT_MAX_ITER = 100
-# Below this reprojection distance (relative to alpha) the penalty is evaluated by its
-# Taylor expansion φ(0) + φ''(0) z²/2, a smooth function of z² = ‖e‖²: autograd through
-# ‖e‖ has no second derivative at e = 0, where noise-free data puts every residual.
-# The expansion's relative error there is O((z/alpha)²) <= 1e-8.
-_TAYLOR_RADIUS = 1e-4
-
-
-# --------------------------------------------------------------------------- objective
-
-
-def _objective(theta, p2d, p3d, w, K, a, pen: Penalty) -> torch.Tensor:
-    """Σ_i w_i φ(‖π_K(R p_i + t) − q_i‖; α) per batch element, (B,)."""
-    X = p3d @ axis_angle_to_matrix(theta[:, :3]).mT + theta[:, None, 3:]
-    proj = X[..., :2] / X[..., 2:]
-    if K is not None:
-        proj = proj * K[:, None, :2] + K[:, None, 2:]
-    e = proj - p2d
-    s = (e * e).sum(-1)
-    tau2 = (_TAYLOR_RADIUS * a) ** 2
-    small = s < tau2
-    z = torch.sqrt(torch.where(small, tau2 * torch.ones_like(s), s))
-    zero = torch.zeros_like(s)
-    near = pen.phi(zero, a) + 0.5 * pen.d2phi(zero, a) * s
-    return (w * torch.where(small, near, pen.phi(z, a))).sum(-1)
-
-
-def _grad_hess(theta, xs, pen, create_graph=False):
-    """f, ∇f (B, 6) and the exact Hessian (B, 6, 6) by autograd on the objective."""
-    with torch.enable_grad():
-        th = theta.detach().requires_grad_()
-        f = _objective(th, *xs, pen)
-        g = torch.autograd.grad(f.sum(), th, create_graph=True)[0]
-        # All six Hessian rows in one vmapped backward pass (one per unit vector).
-        eye = torch.eye(6, dtype=th.dtype, device=th.device).unsqueeze(1).expand(6, *g.shape)
-        H = torch.autograd.grad(g, th, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph)[0]
-    return f.detach(), g if create_graph else g.detach(), H.movedim(0, -2), th
-
-
 def _solve(theta, xs, pen, tol, max_iter):
     """Damped Newton on the exact Hessian: the step solves (H + μI) δ = −∇f with μ the
     amount that makes H + μI positive definite plus a Levenberg–Marquardt damping
@@ -113,7 +77,7 @@ def _solve(theta, xs, pen, tol, max_iter):
     eps = torch.finfo(theta.dtype).eps
     n_todo = B
     for _ in range(max_iter):
-        f, g, H, _ = _grad_hess(theta, xs, pen)
+        f, g, H, _ = grad_hess(theta, xs, pen)
         # eigh raises on a non-finite matrix: such a Hessian (a point at or near depth 0)
         # is replaced by I. A non-finite objective (only a DLT start can have one: a bad
         # init is refused, and no step to one is accepted) cannot improve: such an
@@ -127,7 +91,7 @@ def _solve(theta, xs, pen, tol, max_iter):
         step = -(Q @ ((Q.mT @ g.unsqueeze(-1)).squeeze(-1) / (ev + shift.unsqueeze(-1))).unsqueeze(-1)).squeeze(-1)
         finite = torch.isfinite(step).all(-1)
         step = torch.where(finite.unsqueeze(-1), step, torch.zeros_like(step))
-        f_new = _objective(theta + step, *xs, pen)
+        f_new = objective(theta + step, *xs, pen)
         # f resolves a step only down to ~sqrt(eps·f/‖H‖): below that, where the model is
         # convex and predicts a decrease under f's rounding, the Newton step is taken
         # on the model's word (the quadratic regime, where it is exact to second order).
@@ -162,11 +126,11 @@ class _PnPFunction(torch.autograd.Function):
             return p2d.new_zeros(0, 6), p2d.new_zeros(0, 6, 6)
         xs = (p2d, p3d, w, K, alpha)
         theta = dlt(normalised(p2d, K), p3d, w) if init is None else init
-        check_start(~torch.isfinite(_objective(theta, *xs, pen)), init is not None)
+        check_start(~torch.isfinite(objective(theta, *xs, pen)), init is not None)
         theta = _solve(theta, xs, pen, tol, max_iter)
         # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
         # one still has eigenvalues of the order of that iterate's distance.
-        H = _grad_hess(theta, xs, pen)[2]
+        H = grad_hess(theta, xs, pen)[2]
         check_pose(theta, H, p3d, w)
         return theta, H
 
@@ -195,7 +159,7 @@ class _PnPFunction(torch.autograd.Function):
               for t, n in zip((p2d, p3d, w, K, alpha), need)]
         with torch.enable_grad():
             th = theta.detach().requires_grad_()
-            gf = torch.autograd.grad(_objective(th, *xs, ctx.pen).sum(), th, create_graph=True)[0]
+            gf = torch.autograd.grad(objective(th, *xs, ctx.pen).sum(), th, create_graph=True)[0]
             wanted = [t for t, n in zip(xs, need) if n]
             got = iter(torch.autograd.grad((gf * v).sum(), wanted, allow_unused=True)) if wanted else iter(())
         out = []
