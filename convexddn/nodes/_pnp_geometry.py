@@ -28,8 +28,10 @@ __all__ = [
     "check_start",
     "depths",
     "dlt",
+    "grad_hess",
     "matrix_to_axis_angle",
     "normalised",
+    "objective",
     "off_plane_spread",
     "warn_hessian",
 ]
