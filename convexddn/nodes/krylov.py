@@ -163,7 +163,11 @@ def projected_cg(
     X = torch.zeros_like(Res)
     P = G.clone()
     rg = (G * G).sum(-1, keepdim=True)
-    thresh = (tol * tol) * rg
+    # Relative to the projected right-hand side, but never below the rounding of the
+    # projection itself: where the active constraints leave no free direction (a
+    # vertex), the projected probe is pure rounding and "converging" relative to it
+    # never happened (a false ill-conditioning warning).
+    thresh = torch.maximum((tol * tol) * rg, (64 * eps) ** 2 * (Res * Res).sum(-1, keepdim=True))
     done = rg <= thresh
     broken = torch.zeros_like(done)
     negative = torch.zeros_like(done)

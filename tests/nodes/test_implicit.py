@@ -1327,3 +1327,39 @@ def test_independent_active_constraints_skip_the_nnls(monkeypatch):
     outside = (x.detach() < 0) | (x.detach() > 1)
     assert torch.equal(x.grad[inside], torch.ones(int(inside.sum()), dtype=torch.float64))
     assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum()), dtype=torch.float64))
+
+
+def test_cg_at_a_vertex_no_false_ill_conditioning_warning():
+    # At a vertex of the simplex the active constraints leave no free direction: CG's
+    # projected probe was rounding noise, never "converged" relative to itself, and the
+    # element was reported ill-conditioned (condition number 1.2e4, below the 1e10
+    # threshold the message quotes). The gradients of CG and the dense solve agree.
+    from convexddn.functional import project_simplex
+
+    class Simplex(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1)
+
+        def equality_constraints(self, x, y):
+            return y.sum(-1, keepdim=True) - 1
+
+        def inequality_constraints(self, x, y):
+            return -y
+
+        def solve(self, x):
+            return project_simplex(x)
+
+    x0 = torch.tensor([[0.5, 0.2, 0.1], [0.0, 3.0, 0.0]], dtype=DT)
+    for w in (torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.0, -1.0]], dtype=DT),
+              torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=DT)):  # the audit's y[0].sum()
+        grads = {}
+        for solver in ("dense", "cg"):
+            x = x0.clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", GradientWarning)
+                (Simplex(linear_solver=solver)(x) * w).sum().backward()
+            grads[solver] = x.grad
+        torch.testing.assert_close(grads["cg"], grads["dense"], atol=1e-10, rtol=0)
+        # Element 0 is inside a face: (I - 11ᵀ/3) w; the vertex element's gradient is 0.
+        torch.testing.assert_close(grads["dense"][0], w[0] - w[0].mean(), atol=1e-12, rtol=0)
+        assert grads["dense"][1].abs().max() < 1e-12
