@@ -29,10 +29,11 @@ from torch import nn
 
 from .._autograd import first_order_only
 from .._checks import check_choice, check_finite, check_int, check_tensor, check_tolerance
-from ..errors import ConvexDDNWarning, InputError, OptionError, ProblemError, SolverWarning
+from ..errors import InputError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
-from .status import SolveInfo, adopt_certificates, failure_error, merge_resolved, status_kind, unravel
+from .status import (SolveInfo, adopt_certificates, failure_error, masked_outputs, merge_resolved, status_kind,
+                     unravel)
 from .validation import (batch_shape, bind_parameters, check_parameter_attributes, solver_choice,
                          validate_problem, validate_solver_args)
 
@@ -339,18 +340,7 @@ class ConvexLayer(nn.Module):
                 f"ConvexLayer: {len(failed)} batch element(s) not solved, their outputs set to NaN "
                 f"(on_failure='mask'): indices {idx[:20]}; statuses "
                 f"{[info['statuses'][i] for i in failed[:5]]}", SolverWarning, stacklevel=2)
-        outs, over = [], 0
-        ok = solved.to(device).reshape(-1)
-        for s, shape in zip(sols, out_shapes):
-            s = s.to(device=device).reshape(shape)
-            if failed:
-                s = torch.where(ok.view(batch + (1,) * (s.dim() - len(batch))), s, torch.full_like(s, math.nan))
-            outs.append(s.to(out_dtype))
-            if torch.finfo(out_dtype).max < torch.finfo(torch.float32).max:  # float16: max 65504
-                over += int((torch.isinf(outs[-1]) & torch.isfinite(s)).sum())
-        if over:
-            warnings.warn(f"ConvexLayer: {over} solution entries exceed the range of {out_dtype} and are "
-                          "returned as ±inf; pass float32 or float64 parameters", ConvexDDNWarning, stacklevel=2)
+        outs = masked_outputs(sols, out_shapes, solved, device, out_dtype)
         self._local.info = SolveInfo(info["backend"], info["solvers"], info["statuses"],
                                      info["residuals"], solved)
         return outs[0] if len(outs) == 1 else tuple(outs)

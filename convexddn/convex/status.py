@@ -2,18 +2,21 @@
 
 :class:`SolveInfo` is what ``layer.last_solve`` returns (per thread); :func:`failure_error`
 turns failed elements into the one error of :mod:`convexddn.errors` that fits them all,
-naming their indices in the caller's batch shape and the solver's status.
+naming their indices in the caller's batch shape and the solver's status;
+:func:`masked_outputs` returns the others' values and NaN for them.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Sequence
 
 import torch
 
-from ..errors import InfeasibleError, SolverError, UnboundedError
+from ..errors import ConvexDDNWarning, InfeasibleError, SolverError, UnboundedError
 
-__all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "failure_error", "merge_resolved", "status_kind",
+__all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "failure_error", "masked_outputs", "merge_resolved", "status_kind",
            "unravel", "name_elements"]
 
 
@@ -131,3 +134,24 @@ def adopt_certificates(info: dict, idx: list[int], verdicts: list[tuple[str, str
         if not info["solved"][i] and info["kinds"][i] == "other" and kind in ("infeasible", "unbounded"):
             info["kinds"][i] = kind
             info["statuses"][i] = f"{info['statuses'][i]}; batched path: {status} (certificate verified)"
+
+
+def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], solved: torch.Tensor,
+                   device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The solutions ``(B, ...)`` in the caller's ``shapes`` (batch shape first), device
+    and dtype, NaN for the elements not ``solved`` (its batch shape). Entries beyond the
+    range of a half-precision ``dtype`` (float16: 65504) become ±inf in the cast, with a
+    ``ConvexDDNWarning``."""
+    ok = None if bool(solved.all()) else solved.to(device)
+    outs, over = [], 0
+    for s, shape in zip(sols, shapes):
+        s = s.to(device=device).reshape(shape)
+        if ok is not None:
+            s = torch.where(ok.view(ok.shape + (1,) * (s.dim() - ok.dim())), s, torch.full_like(s, math.nan))
+        outs.append(s.to(dtype))
+        if torch.finfo(dtype).max < torch.finfo(torch.float32).max:
+            over += int((torch.isinf(outs[-1]) & torch.isfinite(s)).sum())
+    if over:
+        warnings.warn(f"ConvexLayer: {over} solution entries exceed the range of {dtype} and are "
+                      "returned as ±inf; pass float32 or float64 parameters", ConvexDDNWarning, stacklevel=3)
+    return outs

@@ -283,7 +283,7 @@ def test_stalled_element_stops_and_is_certified(monkeypatch):
     now it stops 30 iterations after its last progress, and polishing solves it
     (checked against Clarabel)."""
     import convexddn as cddn
-    import convexddn.convex.batched as batched
+    import convexddn.convex.vjp as batched_vjp
     import convexddn.convex.interior_point as ip
 
     gen = torch.Generator().manual_seed(0)
@@ -296,7 +296,7 @@ def test_stalled_element_stops_and_is_certified(monkeypatch):
         return sol
 
     monkeypatch.setattr(ip, "_START_LEVEL", 0.1)
-    monkeypatch.setattr(batched, "solve_cone_batch", spy)
+    monkeypatch.setattr(batched_vjp, "solve_cone_batch", spy)
     y = layer(*params)
     sol = seen["sol"]
     assert 30 <= int(sol.iterations[0]) <= 45

@@ -11,6 +11,7 @@ import torch
 
 import convexddn as cddn
 import convexddn.convex.batched as batched
+import convexddn.convex.vjp as batched_vjp
 from convexddn.convex.status import failure_error
 from convexddn.errors import (
     ConvexDDNError,
@@ -304,7 +305,7 @@ def test_batched_path_never_certifies_a_wrong_point_in_inflated_units(scale, mon
         seen.setdefault("sol", sol)  # the batched iterations' call (a second opinion may follow)
         return sol
 
-    monkeypatch.setattr(batched, "solve_cone_batch", spy)
+    monkeypatch.setattr(batched_vjp, "solve_cone_batch", spy)
     y = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SolverWarning)
