@@ -150,7 +150,9 @@ def format_table(result: dict[str, Any]) -> str:
                          f"| {r['cores']} |")
         lines.append("")
     m = result["machine"]
-    rounds = result.get("rounds", {"convex": 3, "ddn_paper": 2})  # (results written before the key)
+    # Results written before the key record no rounds: these were the rounds then (kept as
+    # literals on purpose: CONVEX_ROUNDS / DDN_PAPER_ROUNDS may change after them).
+    rounds = result.get("rounds", {"convex": 3, "ddn_paper": 2})
     lines.append("The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "
                  "see the README's Benchmarks.")
     lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "

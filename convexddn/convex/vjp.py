@@ -156,12 +156,12 @@ class _ConeSolve(torch.autograd.Function):
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
         gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent)
-        counts = torch.stack([flagged.sum(), zeroed.sum()]).tolist()
-        if counts[0]:  # one host sync per backward
-            idx = torch.nonzero(flagged).squeeze(1).tolist()
-            zero = (f"; {counts[1]} of them have a solution that is not unique (the derivative "
+        idx = torch.nonzero(flagged).squeeze(1).tolist()  # one host sync per backward
+        if idx:  # (and one more for the message)
+            n_zero = int(zeroed.sum())
+            zero = (f"; {n_zero} of them have a solution that is not unique (the derivative "
                     f"system amplifies their cotangent by more than {AMPLIFICATION:.0e}), and their "
-                    "gradient is set to zero") if counts[1] else ""
+                    "gradient is set to zero") if n_zero else ""
             warnings.warn(
                 f"ConvexLayer backward (batched): the solution of {len(idx)} batch element(s) "
                 f"({name_elements(where, idx)}) is not unique or not differentiable "

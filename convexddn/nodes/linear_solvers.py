@@ -294,9 +294,9 @@ def solve_kkt_cg(
         tol = _default_cg_tol(v.dtype)
     if max_iter is None:
         max_iter = 10 * m
-    if rcond is None:
-        rcond = default_rcond(m + (0 if A is None else A.shape[1]), v.dtype)
     size = m + (0 if A is None else A.shape[1])
+    if rcond is None:
+        rcond = default_rcond(size, v.dtype)
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
     if budget is not None and can_fall_back:
         max_iter = min(max_iter, budget)

@@ -124,14 +124,18 @@ class _VectorPoolFunction(torch.autograd.Function):
 _SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
 
 
-def _in_range(x3: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x3, a)``, in float64 where a float32 set spreads too far for its squares (one
-    host read); raises where even float64's would overflow."""
+def _in_range(x: torch.Tensor, x3: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x3, a)``, in float64 where a float32 set spreads too far for its squares;
+    raises where even float64's would overflow, and ``NonFiniteError`` for NaN or Inf in
+    ``x``. One pass over the sets and one host read: the finiteness check of ``x``
+    rides on it (a NaN or Inf makes the spread non-finite)."""
     if x3.shape[0] == 0:
         return x3, a
     xd = x3.detach()
-    spread = (xd.amax(1) - xd.amin(1)).amax(-1) / a.detach()
+    spread = (xd.amax(1).double() - xd.amin(1).double()).amax(-1) / a.detach().double()
     worst = float(spread.max())
+    if not math.isfinite(worst):
+        check_finite("x", x)  # names the NaN/Inf; an infinite ratio of finite data goes on
     if worst <= _SPREAD_LIMIT[x3.dtype]:
         return x3, a
     if x3.dtype == torch.float32 and worst <= _SPREAD_LIMIT[torch.float64]:
@@ -255,7 +259,6 @@ def robust_vector_pool(
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     # Rows of N vectors, components contiguous: norms and products run along memory.
     x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work)
-    check_finite("x", x)
     if isinstance(alpha, torch.Tensor):
         if alpha.device != x.device:
             raise OptionError(f"alpha must be on x's device {x.device}, got {alpha.device}")
@@ -275,7 +278,7 @@ def robust_vector_pool(
     if isinstance(alpha, torch.Tensor) or not 2.0**-16 <= float(alpha) <= 2.0**16:
         scale = torch.exp2(torch.round(torch.log2(a.detach())))
         x3, a = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale), a / scale
-    x3, a = _in_range(x3, a)
+    x3, a = _in_range(x, x3, a)
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             _DEFAULT_STARTS if starts is None else starts)

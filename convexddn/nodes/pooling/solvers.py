@@ -295,7 +295,8 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         yb = torch.cat([p[0] for p in parts])
         risky = torch.cat([p[1] for p in parts])
         if bool(risky.any()):
-            # Rows spread far beyond alpha: sums anchored per segment (see trunc_quad_runs).
+            # Rows spread far beyond alpha: sums anchored per segment (see trunc_quad_runs);
+            # eagerly, also when compiling: a rare path is not worth a compile per shape.
             rr = torch.nonzero(risky).squeeze(1)
             yb[rr] = trunc_quad_runs(s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr], True)[0]
         y[sl] = yb if scale is None else yb / scale.squeeze(-1)
