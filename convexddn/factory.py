@@ -142,6 +142,10 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         raise OptionError(
             f"problem {name!r} with options {spec.options} has no native node; the native "
             f"problems are {sorted(NATIVE)} (robust_pool with {list(CONVEX_PENALTIES)})")
-    convex = ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), **layer_opts)
+    if "check" in layer_opts:
+        raise OptionError(f"check is the registry problem's own (ProblemSpec.check); problem {name!r} "
+                          "supplies it")
+    convex = ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check,
+                         **layer_opts)
     # Parameters the problem learns (e.g. qp's learn="Gh") become nn.Parameters of the module.
     return LearnedLayer(convex, spec.learned) if spec.learned else convex

@@ -7,12 +7,52 @@ problem that the native node :func:`convexddn.nodes.transport.sinkhorn` solves (
 exponential cone makes it slow; the native node is exact and thousands of times faster).
 Both need marginals of equal mass: one column constraint is left out as redundant (as the
 native node's backward does), so ``b``'s last entry is implied by ``Σa − Σ_{j<n} b_j``.
+Marginals of unequal mass would still be feasible — with a plan whose last column does
+not sum to ``b``'s last entry — so :func:`equal_mass` refuses them at call time (the
+layer's ``check``).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
 
 from convexddn._checks import check_int
 from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import real_option, register
+from convexddn.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+# Relative mass difference always accepted: the layer's default tolerance (the last
+# column's sum is then off by at most as much as the solve's own error).
+_MASS_RTOL = 1e-6
+
+
+def equal_mass(values: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`~convexddn.errors.InputError` where ``Σa ≠ Σb``.
+
+    ``values`` are ``(C, a, b)`` with ``a (*batch, m)`` and ``b (*batch, n)``. The masses
+    may differ by their inputs' rounding: ``max(1e-6, 4 (m + n) eps)`` relative to the
+    larger (``eps`` of the inputs' dtype: float32 marginals normalised to 1 differ by
+    ~1e-6 from their sum's rounding alone).
+    """
+    import torch  # imported already: the values are tensors (the catalog itself does not need it)
+
+    _, a, b = values
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    sa, sb = a.to(torch.float64).sum(-1), b.to(torch.float64).sum(-1)
+    rtol = max(_MASS_RTOL, 4 * (a.shape[-1] + b.shape[-1]) * torch.finfo(dtype).eps)
+    bad = (sa - sb).abs() > rtol * torch.maximum(sa.abs(), sb.abs())
+    if bool(bad.any()):
+        sa, sb = torch.broadcast_tensors(sa, sb)
+        where = torch.nonzero(bad)
+        first = tuple(int(i) for i in where[0])
+        raise InputError(
+            f"the marginals a and b must have equal mass (Σa = Σb): {where.shape[0]} of {bad.numel()} "
+            f"batch element(s) differ by more than {rtol:.1e} relative (first at batch index {first}: "
+            f"Σa = {float(sa[first]):.9g}, Σb = {float(sb[first]):.9g}); the problem states one column "
+            f"sum as implied by the others, so unequal masses would give a plan whose last column does "
+            f"not sum to b's last entry: normalise both to the same mass")
 
 
 def _transport(m: int, n: int) -> tuple[cp.Parameter, cp.Parameter, cp.Parameter, cp.Variable, list]:
@@ -30,26 +70,28 @@ def _transport(m: int, n: int) -> tuple[cp.Parameter, cp.Parameter, cp.Parameter
     return C, a, b, P, constraints
 
 
-@register("ot_lp", "optimal transport LP: argmin_P <C, P> s.t. P ≥ 0, P1 = a, Pᵀ1 = b")
+@register("ot_lp", "optimal transport LP: argmin_P <C, P> s.t. P ≥ 0, P1 = a, Pᵀ1 = b", check=equal_mass)
 def ot_lp(m: int, n: int):
     """.. math:: P = \\operatorname*{argmin}_{P \\ge 0,\\ P1 = a,\\ P^T1 = b} \\langle C, P\\rangle
 
     Parameters: ``C`` ``(m, n)``, ``a`` ``(m,)``, ``b`` ``(n,)`` (nonnegative, equal
-    sums). Variable: ``P`` ``(m, n)``. The solution is a vertex (generically unique);
-    its derivative with respect to ``C`` is zero wherever it is unique.
+    sums: :func:`equal_mass` checks each call). Variable: ``P`` ``(m, n)``. The solution
+    is a vertex (generically unique); its derivative with respect to ``C`` is zero
+    wherever it is unique.
     """
     C, a, b, P, constraints = _transport(m, n)
     problem = cp.Problem(cp.Minimize(cp.sum(cp.multiply(C, P))), constraints)
     return problem, [C, a, b], [P]
 
 
-@register("ot_entropic", "entropic optimal transport: argmin_P <C, P> − ε H(P) s.t. P1 = a, Pᵀ1 = b")
+@register("ot_entropic", "entropic optimal transport: argmin_P <C, P> − ε H(P) s.t. P1 = a, Pᵀ1 = b",
+          check=equal_mass)
 def ot_entropic(m: int, n: int, eps: float = 1.0):
     """.. math:: P = \\operatorname*{argmin}_{P1 = a,\\ P^T1 = b} \\langle C, P\\rangle + \\varepsilon \\sum_{ij} P_{ij} \\log P_{ij}
 
     (``-ε Σ entr(P)``; the ``+ε ΣP`` term of the entropy is constant on the feasible
     set.) Parameters: ``C`` ``(m, n)``, ``a`` ``(m,)``, ``b`` ``(n,)`` (positive,
-    equal sums). Variable: ``P`` ``(m, n)``. Native node:
+    equal sums: :func:`equal_mass` checks each call). Variable: ``P`` ``(m, n)``. Native node:
     :func:`convexddn.nodes.transport.sinkhorn` with the same ``eps``.
     """
     eps = real_option("eps", eps, above=0)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cvxpy as cp
 import torch
@@ -28,14 +28,13 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 
 from .._autograd import first_order_only
-from .._checks import check_choice, check_finite, check_int, check_tensor, check_tolerance
-from ..errors import InputError, OptionError, ProblemError, SolverWarning
+from .._checks import check_choice, check_int, check_tolerance
+from ..errors import OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
 from .status import (SolveInfo, adopt_certificates, failure_error, masked_outputs, merge_resolved, status_kind,
                      unravel)
-from .validation import (batch_shape, bind_parameters, check_parameter_attributes, solver_choice,
-                         validate_problem, validate_solver_args)
+from .validation import check_values, solver_choice, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
 
@@ -91,6 +90,11 @@ class ConvexLayer(nn.Module):
         on_failure: ``"raise"`` (default: an error naming the failing batch indices) or
             ``"mask"``: failing elements' outputs are NaN, no gradient flows to them,
             ``last_solve.solved`` marks them and a ``SolverWarning`` names them.
+        check: the problem's own check of each call's tensors (in ``parameters``
+            order, after the checks above), raising an error of
+            :mod:`convexddn.errors` for values outside the problem's domain; registry
+            problems supply theirs (:attr:`~convexddn.ProblemSpec.check`). Default:
+            ``None``.
 
     Shape:
         - Input: one tensor per parameter, positionally or by CVXPY name
@@ -109,7 +113,7 @@ class ConvexLayer(nn.Module):
         ShapeError: wrong number of tensors or names, wrong trailing shape, batch
             shapes that do not broadcast.
         InputError: tensors on several devices; a value that breaks its parameter's
-            declared attribute (``nonneg``, ``pos``, ``PSD`` …).
+            declared attribute (``nonneg``, ``pos``, ``PSD`` …) or that ``check`` refuses.
         NonFiniteError: NaN or Inf in a parameter (names it and counts them).
         InfeasibleError, UnboundedError, SolverError: a solve failed (with
             ``on_failure="raise"``); the error names the failing batch indices and the
@@ -139,6 +143,7 @@ class ConvexLayer(nn.Module):
         workers: int = 1,
         gp: bool = False,
         on_failure: str = "raise",
+        check: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
         super().__init__()
         solver = solver_choice("solver", solver, SOLVER_CHOICES)
@@ -151,6 +156,8 @@ class ConvexLayer(nn.Module):
         if not isinstance(gp, bool):
             raise OptionError(f"gp must be True or False, got {gp!r}")
         check_choice("on_failure", on_failure, ON_FAILURE)
+        if check is not None and not callable(check):
+            raise OptionError(f"check must be a callable or None, got {type(check).__name__}")
         first = solver if solver in SOLVERS else "Clarabel"
         solver_args = validate_solver_args(first, solver_args)
         validate_problem(problem, parameters, variables, gp)
@@ -158,7 +165,7 @@ class ConvexLayer(nn.Module):
         self.problem = problem
         self.parameters_ = list(parameters)
         self.variables_ = list(variables)
-        self.solver, self.gp, self.on_failure = solver, gp, on_failure
+        self.solver, self.gp, self.on_failure, self.check = solver, gp, on_failure, check
         # The per-element options live in its backend only (read back through
         # properties), so there is one copy of them.
         self._backend = CheckedDiffcp(first, fallback, adjoint, tol, solver_args, refine, workers)
@@ -204,6 +211,7 @@ class ConvexLayer(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_opinion", None)  # layers pickled before second opinions: built on need
+        state.setdefault("check", None)  # layers pickled before the check option
         self.__dict__.update(state)
         self._local = threading.local()
         self._build_lock = threading.Lock()
@@ -289,17 +297,8 @@ class ConvexLayer(nn.Module):
         ``solver_args`` (per call) are merged over the constructor's for the
         per-element solver.
         """
-        values = bind_parameters(values, named, self.parameters_)
-        for i, (value, param) in enumerate(zip(values, self.parameters_)):
-            check_tensor(f"parameter {i} ({param.name()})", value)
-        devices = {v.device for v in values}
-        if len(devices) > 1:
-            raise InputError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
-        batch = batch_shape(values, self.parameters_)
-        for i, (value, param) in enumerate(zip(values, self.parameters_)):
-            check_finite(f"parameter {i} ({param.name()})", value)
-        check_parameter_attributes(values, self.parameters_)
+        values, batch = check_values(values, named, self.parameters_, self.check)
         # Both backends differentiate once (the per-element one in numpy): a second
         # differentiation raises DoubleBackwardError (the batched one gave zeros).
         values = first_order_only("ConvexLayer", values)

@@ -54,6 +54,11 @@ class ProblemSpec:
         learned: the parameters a layer learns, by name, with their initial values
             (``numpy`` arrays of the parameter's shape); :func:`convexddn.layer` makes
             them ``nn.Parameter`` s of the returned module. Empty when nothing is learned.
+        check: the problem's own check of a call's tensors (in :attr:`parameters`
+            order), for values its CVXPY form accepts but does not mean (optimal
+            transport's marginals of unequal mass), or ``None``. :func:`convexddn.layer`
+            passes it to the :class:`~convexddn.ConvexLayer` (its ``check`` option);
+            pass ``check=spec.check`` when building one from a spec by hand.
     """
 
     name: str
@@ -64,6 +69,7 @@ class ProblemSpec:
     description: str
     options: dict[str, Any]
     learned: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    check: Callable[[list], None] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def problem(self) -> cp.Problem:
@@ -105,6 +111,7 @@ class ProblemSpec:
 class _Entry:
     builder: Callable[..., tuple]
     description: str
+    check: Callable[[list], None] | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -114,7 +121,8 @@ _CATALOG_LOCK = threading.RLock()
 _BUILD_LOCK = threading.RLock()  # re-entrant: a deferred problem may build another
 
 
-def register(name: str, description: str) -> Callable[[Callable], Callable]:
+def register(name: str, description: str, *, check: Callable[[list], None] | None = None
+             ) -> Callable[[Callable], Callable]:
     """Decorator adding a builder to the registry under ``name``.
 
     The builder takes keyword options and returns ``(problem, parameters,
@@ -125,15 +133,21 @@ def register(name: str, description: str) -> Callable[[Callable], Callable]:
     zero-argument callable returning the ``cvxpy.Problem``: it is then built on first
     use of :attr:`ProblemSpec.problem`, so that a native node skips it.
 
+    ``check``, where given, becomes :attr:`ProblemSpec.check`: called with a layer
+    call's tensors in parameter order, it raises an error of :mod:`convexddn.errors` for
+    values outside the problem's domain.
+
     Raises:
-        OptionError: ``name`` or ``description`` is not a non-empty string, or ``name``
-            is already registered (the built-in catalog is loaded first, so its names
+        OptionError: ``name`` or ``description`` is not a non-empty string, ``check`` is
+            neither callable nor ``None``, or ``name`` is already registered (the built-in catalog is loaded first, so its names
             are taken from the start).
     """
     # A non-string name would break every later sorted listing of the names.
     for what, value in (("name", name), ("description", description)):
         if not isinstance(value, str) or not value:
             raise OptionError(f"register: {what} must be a non-empty string, got {value!r}")
+    if check is not None and not callable(check):
+        raise OptionError(f"register({name!r}): check must be a callable or None, got {type(check).__name__}")
 
     def decorate(builder: Callable[..., tuple]) -> Callable[..., tuple]:
         if not callable(builder):
@@ -147,7 +161,7 @@ def register(name: str, description: str) -> Callable[[Callable], Callable]:
                 f"problem name {name!r} is already registered (by {_origin(old.builder)}); "
                 f"register {_origin(builder)} under another name")
         # The same definition run again (a module reloaded) replaces its entry.
-        _REGISTRY[name] = _Entry(builder, description)
+        _REGISTRY[name] = _Entry(builder, description, check)
         return builder
     return decorate
 
@@ -269,4 +283,4 @@ def build(name: str, **options: Any) -> ProblemSpec:
                                f"shape {value.shape}; its parameters are {shapes}")
     learned = {k: declared[k] for k in shapes if k in declared}  # in parameter order
     return ProblemSpec(name, problem, tuple(parameters), tuple(variables),
-                       entry.description, dict(bound.arguments), learned)
+                       entry.description, dict(bound.arguments), learned, entry.check)

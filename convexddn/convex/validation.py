@@ -6,7 +6,9 @@
   values of the right type and range;
 - :func:`check_parameter_attributes`: tensors that honour what each ``cp.Parameter``
   declares (``nonneg``, ``pos``, ``symmetric``, ``PSD`` …), checked on the tensors'
-  own device, relative to their scale.
+  own device, relative to their scale;
+- :func:`check_values`: every check of one call's tensors, in order, ending with the
+  problem's own domain check where the layer has one (``ConvexLayer(check=...)``).
 
 Every check raises an error of :mod:`convexddn.errors` that names the argument, what
 was expected and what came.
@@ -16,16 +18,16 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cvxpy as cp
 import torch
 
-from .._checks import check_bool, check_int, check_positive, real_number
+from .._checks import check_bool, check_finite, check_int, check_positive, check_tensor, real_number
 from ..errors import InputError, NotDPPError, OptionError, ProblemError, ShapeError
 
 __all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
-           "check_parameter_attributes"]
+           "check_parameter_attributes", "check_values"]
 
 # What the value of each solver keyword argument must be: checked when the layer is
 # built (and per call) so that a wrong value is an OptionError naming the key, not a raw
@@ -226,6 +228,32 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
                     f"parameter {i} ({param.name()}) is declared {attr}=True, got {n_bad} {what} "
                     f"that are not (shape {tuple(value.shape)}); pass values that satisfy the "
                     f"declaration or drop it from the cp.Parameter")
+
+
+def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.Parameter],
+                 check: Callable[[list[torch.Tensor]], None] | None = None
+                 ) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+    """One call's tensors, bound and checked: ``(values in parameter order, batch shape)``.
+
+    In order: binding (positional, then by name), tensor type, one device, trailing
+    shapes and broadcastable batch shapes, finiteness, declared attributes, and last
+    ``check`` — a problem's own domain check on the tensors in parameter order (e.g. the
+    equal masses of optimal transport's marginals, which its CVXPY form cannot state
+    without a redundant constraint), which raises an error of :mod:`convexddn.errors`.
+    """
+    values = bind_parameters(values, named, parameters)
+    for i, (value, param) in enumerate(zip(values, parameters)):
+        check_tensor(f"parameter {i} ({param.name()})", value)
+    devices = {v.device for v in values}
+    if len(devices) > 1:
+        raise InputError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+    batch = batch_shape(values, parameters)
+    for i, (value, param) in enumerate(zip(values, parameters)):
+        check_finite(f"parameter {i} ({param.name()})", value)
+    check_parameter_attributes(values, parameters)
+    if check is not None:
+        check(list(values))
+    return values, batch
 
 
 _MISSING = object()

@@ -14,7 +14,7 @@ import torch
 import convexddn as cddn
 from convexddn import ConvexLayer
 from convexddn.convex import registry
-from convexddn.errors import OptionError
+from convexddn.errors import InputError, OptionError
 from convexddn.nodes.entmax import entmax
 from convexddn.nodes.total_variation import tv_denoise
 from convexddn.nodes.transport import sinkhorn
@@ -44,7 +44,7 @@ def _catalog_modules():
 
 def _layer(name: str, **options) -> ConvexLayer:
     spec = registry.build(name, **options)
-    return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables))
+    return ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check)
 
 
 def _rand(*shape: int, seed: int) -> torch.Tensor:
@@ -119,3 +119,51 @@ def test_layer_auto_returns_the_native_node_and_agrees(name, options):
     assert not isinstance(native, cddn.ConvexLayer) and isinstance(cone, cddn.ConvexLayer)
     x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(native(x), cone(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name, options", [("ot_lp", {}), ("ot_entropic", {"eps": 0.5})])
+def test_ot_refuses_marginals_of_unequal_mass(name, options):
+    """The CVXPY form leaves the last column sum implied by the others: marginals of
+    unequal mass are feasible there, with a plan whose last column does not sum to b
+    (before the check: [0.2, 0.4] against b = [0.5, 0.5] for ot_lp). Both the layer
+    from convexddn.layer and one built with spec.check refuse them, naming the batch
+    index and both masses."""
+    C = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    a = torch.tensor([[0.5, 0.5], [0.3, 0.3]], dtype=F64)  # element 1: mass 0.6
+    b = torch.tensor([0.5, 0.5], dtype=F64)
+    for layer in (_layer(name, m=2, n=2, **options), cddn.layer(name, m=2, n=2, **options)):
+        with pytest.raises(InputError, match=r"equal mass.*1 of 2 batch element.*index \(1,\).*Σa = 0\.6, Σb = 1"):
+            layer(C, a, b)
+        P = layer(C, a[0], b)  # equal masses: the plan's marginals are a and b
+        torch.testing.assert_close(P.sum(-1), a[0], atol=1e-7, rtol=0)
+        torch.testing.assert_close(P.sum(-2), b, atol=1e-7, rtol=0)
+    # Without the check the same input is "solved" into a plan that breaks b.
+    spec = registry.build(name, m=2, n=2, **options)
+    P = ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables))(C, a[1], b)
+    assert abs(float(P.sum(-2)[-1]) - 0.5) > 0.3
+
+
+def test_ot_mass_check_tolerates_rounding_only():
+    """float32 marginals normalised to 1 pass (their sums differ from 1 by rounding);
+    a relative difference of 1e-4 in float64 does not."""
+    gen = torch.Generator().manual_seed(11)
+    a = torch.softmax(torch.randn(8, 50, generator=gen), -1)
+    b = torch.softmax(torch.randn(8, 60, generator=gen), -1)
+    check = registry.build("ot_lp", m=50, n=60).check
+    check([None, a, b])  # float32: accepted
+    a64 = a.double() / a.double().sum(-1, keepdim=True)
+    b64 = b.double() / b.double().sum(-1, keepdim=True)
+    check([None, a64, b64])
+    with pytest.raises(InputError, match=r"1 of 8 batch element"):
+        check([None, a64, torch.cat([b64[:3], b64[3:4] * (1 + 1e-4), b64[4:]])])
+
+
+def test_check_option_is_validated():
+    spec = registry.build("ot_lp", m=2, n=2)
+    with pytest.raises(OptionError, match=r"check must be a callable or None, got int"):
+        ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), check=3)
+    with pytest.raises(OptionError, match=r"check is the registry problem's own"):
+        cddn.layer("ot_lp", m=2, n=2, check=lambda values: None)
+    with pytest.raises(OptionError, match=r"register\('x'\): check must be a callable"):
+        registry.register("x", "a problem", check="no")
+    assert registry.build("simplex", n=3).check is None
