@@ -12,13 +12,25 @@ from typing import Any, Iterable
 
 from ._lazy import torch
 
-from .errors import DTypeError, NonFiniteError, OptionError, ShapeError
+from .errors import DTypeError, InputError, NonFiniteError, OptionError, ShapeError
 
 
 def check_tensor(name: str, value: Any) -> torch.Tensor:
-    """Return ``value`` if it is a floating-point tensor, else raise ``DTypeError``."""
+    """Return ``value`` if it is a dense floating-point tensor with data.
+
+    Raises:
+        DTypeError: not a tensor, or not float16/bfloat16/float32/float64.
+        InputError: a sparse (or other non-strided) tensor, or one on the ``meta``
+            device (no data to solve with): torch's own errors name neither the argument
+            nor the fix.
+    """
     if not isinstance(value, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise InputError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; "
+                         "call .to_dense() on it first")
+    if value.is_meta:
+        raise InputError(f"{name} is on the meta device (shape and dtype only, no data to solve with)")
     # is_floating_point() holds for the float8 types too, which few torch ops implement.
     if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise DTypeError(

@@ -91,3 +91,42 @@ def test_numpy_scalars_spell_p_and_arrays_are_refused():
         check_choice("backend", np.array(["auto", "x"]), ["auto", "native"])  # was a raw ValueError
     with pytest.raises(OptionError, match="p must be one of"):
         check_choice("p", torch.tensor([1.0, 2.0]), [1, 2])  # was a raw RuntimeError
+
+
+def _entry_points():
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+    from convexddn.nodes.eigen import eigen_decomposition
+    from convexddn.nodes.entmax import entmax
+    from convexddn.nodes.pooling import robust_pool
+    from convexddn.nodes.transport import sinkhorn
+
+    x = cp.Parameter(4, name="x")
+    y = cp.Variable(4)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0]), [x], [y])
+    return [("robust_pool", lambda t: robust_pool(t, "huber", 1.0), (3, 4), r"x must|x is"),
+            ("eigen_decomposition", eigen_decomposition, (2, 4, 4), r"X must|X is"),
+            ("entmax", lambda t: entmax(t, 1.5), (3, 4), r"x must|x is"),
+            ("sinkhorn", lambda t: sinkhorn(t, eps=0.5), (2, 4, 4), r"cost must|cost is"),
+            ("ConvexLayer", layer, (3, 4), r"parameter 0 \(x\)")]
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "meta"])
+def test_sparse_and_meta_tensors_get_an_input_error(kind):
+    """Sparse and meta tensors were passed on to torch, which failed with errors naming
+    neither the argument nor the fix ('reshape is not implemented for sparse tensors',
+    'Tensor.item() cannot be called on meta tensors')."""
+    import warnings
+
+    from convexddn.errors import InputError
+
+    for name, fn, shape, arg in _entry_points():
+        dense = torch.randn(*shape, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sparse CSR support is "beta"
+            value = (dense.to_sparse() if kind == "sparse_coo" else
+                     dense.to_sparse_csr() if kind == "sparse_csr" else dense.to("meta"))
+        want = r"meta device" if kind == "meta" else r"dense \(strided\) tensor, got layout torch\.sparse"
+        with pytest.raises(InputError, match=f"({arg}).*{want}"):
+            fn(value)
