@@ -223,7 +223,8 @@ class ConvexLayer(nn.Module):
                 f"fallback={self.fallback!r}, adjoint={self.adjoint!r}, tol={self.tol:g}, "
                 f"refine={self.refine}, workers={self.workers}"
                 + (", gp=True" if self.gp else "")
-                + (f", on_failure={self.on_failure!r}" if self.on_failure != "raise" else ""))
+                + (f", on_failure={self.on_failure!r}" if self.on_failure != "raise" else "")
+                + (f", check={getattr(self.check, '__qualname__', self.check)}" if self.check else ""))
 
     # ------------------------------------------------------------------ the backends
 

@@ -167,3 +167,5 @@ def test_check_option_is_validated():
     with pytest.raises(OptionError, match=r"register\('x'\): check must be a callable"):
         registry.register("x", "a problem", check="no")
     assert registry.build("simplex", n=3).check is None
+    assert "check=equal_mass" in repr(cddn.layer("ot_lp", m=2, n=2))
+    assert "check=" not in repr(cddn.layer("qp", n=2, n_ineq=1))
