@@ -33,6 +33,7 @@ from .._checks import (
     check_choice,
     check_int,
     check_positive,
+    check_tolerance,
 )
 from ..errors import (
     GradientWarning,
@@ -109,16 +110,17 @@ class DeclarativeNode(torch.nn.Module):
             at least 8 epsilons of the inputs' dtype). ``‖y‖`` is the whole solution's
             norm: where ``y`` mixes scales, pass a smaller value if ``solve`` is exact
             entry by entry. Default ``1e-6``.
-        cg_tol: relative residual tolerance of CG. Default ``None`` (``1e-10`` in
-            float64, ``1e-5`` in float32).
+        cg_tol: relative residual tolerance of CG, in (0, 1). Default ``None``
+            (``1e-10`` in float64, ``1e-5`` in float32).
         cg_max_iter: CG iteration cap. Default ``None`` (``10 * m``).
         batch_dims: how many leading dimensions of every input (and of the output)
             are batch dimensions. ``0``: the inputs are one problem. Default ``1``.
         check_solution: verify in backward that ``solve`` returned a KKT point
             (relative residuals; warning above ``solution_tol``, SolverError above 0.1).
             Default ``True``.
-        solution_tol: relative KKT residual that triggers the warning. Default
-            ``None``: ``max(1e-6, sqrt(eps))`` of the inputs' dtype.
+        solution_tol: relative KKT residual that triggers the warning, in (0, 1)
+            (``check_solution=False`` turns the check off). Default ``None``:
+            ``max(1e-6, sqrt(eps))`` of the inputs' dtype.
         implicit_dtype: ``torch.float64`` (default) or ``torch.float32``: the dtype the
             backward's linear algebra runs in.
 
@@ -185,13 +187,13 @@ class DeclarativeNode(torch.nn.Module):
             check_int("dense_max", dense_max, minimum=0)
         check_positive("active_tol", active_tol)
         if cg_tol is not None:
-            check_positive("cg_tol", cg_tol)
+            check_tolerance("cg_tol", cg_tol)  # >= 1 would stop CG before its first step
         if cg_max_iter is not None:
             check_int("cg_max_iter", cg_max_iter, minimum=1)
         check_int("batch_dims", batch_dims, minimum=0)
         check_bool("check_solution", check_solution)
         if solution_tol is not None:
-            check_positive("solution_tol", solution_tol)
+            check_tolerance("solution_tol", solution_tol)  # >= 1 would accept any point
         if implicit_dtype not in _WORK_DTYPES:
             raise OptionError(
                 f"implicit_dtype must be one of {list(_WORK_DTYPES)}, got {implicit_dtype!r}"
@@ -297,10 +299,9 @@ class DeclarativeNode(torch.nn.Module):
             xg = tuple(x.detach().to(self.implicit_dtype).requires_grad_(True) for x in xs)
             yg = y.detach().to(self.implicit_dtype).requires_grad_(True)
             f = _objective(f"{name}.objective", self._call("objective"), xg, yg)
-            cons = [_constraint(f"{name}.{m}", self._call(m), xg, yg)
-                    for m in ("equality_constraints", "inequality_constraints")]
-            of_f, of_c = check_graph(name, f, [c for c in cons if c is not None], yg,
-                                     allowed=xg + known)
+            cons = {m: _constraint(f"{name}.{m}", self._call(m), xg, yg)
+                    for m in ("equality_constraints", "inequality_constraints")}
+            of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known)
             leaves = {**of_f, **of_c}
         unused = [i for i, (x, g) in enumerate(zip(xs, xg))
                   if x.requires_grad and id(g) not in leaves]

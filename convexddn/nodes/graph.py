@@ -5,19 +5,20 @@ The implicit backward differentiates ``f(x, y)`` and the constraints with respec
 wrong, and both are visible in the graph of ``f`` before anything is solved:
 
 - ``f`` does not depend on ``y`` (``y.detach()``, ``.item()``, numpy): every
-  derivative would be zero;
+  derivative would be zero (a constraint that does not: it would be ignored);
 - ``f`` uses a tensor that requires grad but is none of those (a closed-over tensor,
   e.g. ``self.w = w`` set from outside): it would get no gradient, without a word.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
 from ..errors import InputError, ProblemError
 
-__all__ = ["autograd_leaves", "check_graph"]
+__all__ = ["autograd_leaves", "check_graph", "second_derivatives"]
 
 Tensor = torch.Tensor
 
@@ -63,23 +64,37 @@ def _describe(t: Tensor) -> str:
 def check_graph(
     name: str,
     objective: Tensor,
-    constraints: Sequence[Tensor],
+    constraints: dict[str, Tensor | None],
     y: Tensor,
     allowed: Sequence[Tensor],
 ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-    """Raise if ``objective`` ignores ``y`` or a graph uses a foreign tensor requiring grad.
+    """Raise if ``objective`` or a constraint ignores ``y``, or a graph uses a foreign
+    tensor requiring grad.
 
-    Returns the leaves of the objective and of the constraints, separately (to tell
-    which inputs each uses).
+    ``constraints`` maps each constraint method's name to its values (``None``: the
+    node has none). Returns the leaves of the objective and of the constraints,
+    separately (to tell which inputs each uses).
 
     Raises:
-        ProblemError: ``objective`` is not connected to ``y`` by autograd.
+        ProblemError: ``objective`` or a constraint is not connected to ``y`` by autograd.
         InputError: a leaf that requires grad is neither ``y`` nor in ``allowed``.
     """
     prefix = f"{name}." if name else ""
     known = {id(t) for t in allowed} | {id(y)}
     of_objective = autograd_leaves([objective], stop=known)
-    of_constraints = autograd_leaves(constraints, stop=known)
+    of_constraints = {}
+    for method, c in constraints.items():
+        if c is None:
+            continue
+        leaves_c = autograd_leaves([c], stop=known)
+        if id(y) not in leaves_c:
+            # Its Jacobian in y would be zero: a constraint the gradient cannot see (the
+            # unconstrained problem's gradient, silently, or autograd's raw error).
+            raise ProblemError(
+                f"{prefix}{method} does not depend on y through autograd (does it use "
+                "y.detach(), .item() or numpy?): the implicit gradient would ignore the "
+                "constraint. Write it in differentiable torch operations on y")
+        of_constraints.update(leaves_c)
     leaves = {**of_objective, **of_constraints}
     foreign = [t for i, t in leaves.items() if i not in known]
     if foreign:
@@ -97,3 +112,25 @@ def check_graph(
             "zero. Write the objective in differentiable torch operations on y"
         )
     return of_objective, of_constraints
+
+
+@contextlib.contextmanager
+def second_derivatives(prefix: str) -> Iterator[None]:
+    """Turn torch's "cannot differentiate twice" errors into a ``ProblemError``.
+
+    The implicit backward differentiates ``∇_y L`` again (Hessian-vector products), so
+    every operation of the objective and constraints needs a double backward; a few
+    torch operations have none (``torch.cdist``'s backward), and autograd's own message
+    names neither the method nor the remedy.
+    """
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as err:
+        text = str(err)
+        if "derivative for" not in text and "differentiate twice" not in text:
+            raise
+        raise ProblemError(
+            f"{prefix}objective or constraints use an operation that torch cannot differentiate "
+            f"twice ({text.strip()}); the implicit backward needs their second derivatives "
+            "(Hessian-vector products). Write it with elementary operations (e.g. "
+            "((y - p) ** 2).sum(-1).sqrt() for torch.cdist)") from err

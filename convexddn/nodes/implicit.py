@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from ..errors import DTypeError, GradientWarning, ProblemError, ShapeError
-from .graph import check_graph
-from .linear_solvers import LinearSolver, resolve_linear_solver
+from .graph import check_graph, second_derivatives
+from .linear_solvers import LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
 from .multipliers import inactive_mask, multipliers
 from .optimality import _format_indices, default_solution_tol, kkt_residuals, verify_kkt
 
@@ -65,8 +65,25 @@ def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
     return g
 
 
+# torch's messages for operands whose shapes do not fit together.
+_SHAPE_FAULTS = ("must match the size", "cannot be multiplied", "size mismatch", "shape mismatch")
+
+
+def _call(name: str, fn: Callable[..., Tensor], xs, y: Tensor):
+    """``fn(*xs, y)``; a shape fault inside it names the shapes it was called with
+    (typically ``solve`` returned another per-element shape than ``fn`` expects)."""
+    try:
+        return fn(*xs, y)
+    except RuntimeError as err:
+        if not any(k in str(err) for k in _SHAPE_FAULTS):
+            raise
+        shapes = ", ".join(str(tuple(x.shape)) for x in xs)
+        raise ShapeError(f"{name} failed on inputs of shapes {shapes} and a solution y of shape "
+                         f"{tuple(y.shape)} ({err}): does solve return the shape {name} expects?") from err
+
+
 def _objective(name: str, fn: Callable[..., Tensor], xs, y: Tensor) -> Tensor:
-    f = fn(*xs, y)
+    f = _call(name, fn, xs, y)
     if not isinstance(f, torch.Tensor):
         raise DTypeError(f"{name} must return a torch.Tensor, got {type(f).__name__}")
     if tuple(f.shape) != (y.shape[0],):
@@ -81,7 +98,7 @@ def _constraint(name: str, fn: ConstraintFn | None, xs, y: Tensor) -> Tensor | N
     """``fn(*xs, y)`` flattened to ``(B, p)``; ``None`` when absent or empty."""
     if fn is None:
         return None
-    c = fn(*xs, y)
+    c = _call(name, fn, xs, y)
     if c is None:
         return None
     if not isinstance(c, torch.Tensor):
@@ -206,7 +223,8 @@ def declarative_vjp(
             grad in their graph.
         SolverError: if ``y`` is far from a KKT point (relative residual above 0.1).
         ProblemError: if an active constraint's Jacobian in ``y`` is NaN or Inf (not
-            differentiable at the solution).
+            differentiable at the solution), or the objective or a constraint uses an
+            operation that torch cannot differentiate twice (or does not depend on ``y``).
         OptionError: for an unknown ``linear_solver`` name.
 
     Warns:
@@ -232,14 +250,14 @@ def declarative_vjp(
     if batch == 0 or m == 0:
         zeros = tuple(torch.zeros_like(x) for x in xs)
         return (zeros[0] if single else zeros), tuple(torch.zeros_like(p) for p in params)
-    with torch.enable_grad():
+    with torch.enable_grad(), second_derivatives(prefix):
         xg = tuple(x.detach().to(work_dtype).requires_grad_(True) for x in xs)
         yg = y.detach().to(work_dtype).reshape(batch, m).requires_grad_(True)
         yv = yg.view(y.shape)
         f = _objective(f"{prefix}objective", objective, xg, yv)
         eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
         ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
-        _, of_c = check_graph(name, f, [c for c in (eq, ineq) if c is not None], yg,
+        _, of_c = check_graph(name, f, {"equality_constraints": eq, "inequality_constraints": ineq}, yg,
                               allowed=xg + params + tuple(known))
         # Dependent constraints make the multipliers non-unique; that matters for the
         # gradient only through data that enters the constraints.
@@ -279,7 +297,15 @@ def declarative_vjp(
                                        dense_max, cg_options, batch)
         if isinstance(linear_solver, str):
             solver = functools.partial(solver, warn_dependent=data_in_constraints)
-        w, mu = solver(hvp, A, inactive, grad_y.detach().to(work_dtype).reshape(batch, m))
+        gy = grad_y.detach().to(work_dtype).reshape(batch, m)
+        # A NaN or Inf in the incoming gradient (a fault upstream) must not reach the
+        # solver, whose probes and pivots mix batch elements: those rows are solved with
+        # zero, and their gradients made NaN below (torch would propagate it).
+        upstream = ~torch.isfinite(gy).all(-1)
+        result = solver(hvp, A, inactive, torch.where(upstream.unsqueeze(-1), 0.0, gy))
+        # A user's solver's result is checked (ours are by construction).
+        w, mu = (checked_solver_result(result, batch, m, None if c is None else c.shape[1])
+                 if callable(linear_solver) else result)
         # -(w^T D_x (grad_y L) + mu^T D_x c): the product with B = D^2_xy L as one vjp.
         target = -(gL * w.detach()).sum()
         if c is not None:
@@ -291,8 +317,8 @@ def declarative_vjp(
     # Never hand back NaN or Inf silently: one host sync for both tests below.
     bad = [~torch.isfinite(g) for g in grads]
     lost = [~torch.isfinite(c) & ~b for c, b in zip(cast, bad)]
-    flags = torch.stack([t.any() for t in bad + lost]) if grads else torch.zeros(0)
-    if bool(flags.any()):
+    flags = torch.stack([t.any() for t in bad + lost] + [upstream.any()])
+    if bool(flags[:-1].any()):
         counts = [int(b.sum()) for b in bad]
         if sum(counts):
             warnings.warn(
@@ -313,6 +339,15 @@ def declarative_vjp(
                 GradientWarning,
                 stacklevel=2,
             )
+    if bool(flags[-1]):
+        warnings.warn(
+            f"{who}the incoming gradient (of the loss with respect to the solution) holds "
+            f"NaN or Inf for {shown_indices(upstream)}: their input gradients are NaN, and "
+            "the parameters' (summed over the batch) too, as torch propagates it",
+            GradientWarning, stacklevel=2)
+        cast = tuple(torch.where(upstream.view((-1,) + (1,) * (g.dim() - 1)), math.nan, g)
+                     if i < len(xs) and g.dim() and g.shape[0] == batch else torch.full_like(g, math.nan)
+                     for i, g in enumerate(cast))
     grad_xs, grad_params = cast[:len(xs)], cast[len(xs):]
     return (grad_xs[0] if single else grad_xs), grad_params
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from .._checks import check_choice
-from ..errors import GradientWarning
+from .._checks import check_choice, check_tolerance
+from ..errors import DTypeError, GradientWarning, ShapeError, SolverError
 from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
 from .krylov import projected_cg
 
@@ -44,6 +44,7 @@ __all__ = [
     "ILL_CONDITIONED",
     "LINEAR_SOLVERS",
     "LinearSolver",
+    "checked_solver_result",
     "resolve_linear_solver",
     "shown_indices",
     "solve_kkt_cg",
@@ -290,8 +291,7 @@ def solve_kkt_cg(
         SIAM J. Sci. Comput. 23(4), 2001.
     """
     batch, m = v.shape
-    if tol is None:
-        tol = _default_cg_tol(v.dtype)
+    tol = _default_cg_tol(v.dtype) if tol is None else check_tolerance("cg tol", tol)
     if max_iter is None:
         max_iter = 10 * m
     size = m + (0 if A is None else A.shape[1])
@@ -367,3 +367,30 @@ def resolve_linear_solver(
         # elements go to the dense solve if it fits in memory.
         options["budget"] = max(CG_BUDGET_MIN, size // 16)
     return functools.partial(solve_kkt_cg, **options) if options else solve_kkt_cg
+
+
+def checked_solver_result(result: object, batch: int, m: int, r: int | None) -> tuple[Tensor, Tensor | None]:
+    """A user ``linear_solver``'s ``(w (B, m), mu (B, r) or None)``, checked: the right
+    structure, shapes and finite values (``r`` is None without constraints).
+
+    Raises:
+        DTypeError: not a pair of tensors (``mu`` may be None without constraints).
+        ShapeError: ``w`` or ``mu`` of the wrong shape.
+        SolverError: NaN or Inf in the result (the gradient would be garbage).
+    """
+    what = "linear_solver must return (w, mu): w (B, m) and mu (B, r) (None without constraints)"
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise DTypeError(f"{what}, got {type(result).__name__}")
+    w, mu = result
+    if not isinstance(w, Tensor) or not (isinstance(mu, Tensor) or (mu is None and r is None)):
+        raise DTypeError(f"{what}, got ({type(w).__name__}, {type(mu).__name__})")
+    shapes = [("w", w, (batch, m))] + ([] if r is None else [("mu", mu, (batch, r))])
+    for name, t, want in shapes:
+        if tuple(t.shape) != want:
+            raise ShapeError(f"{what}; {name} has shape {tuple(t.shape)}, expected {want}")
+    bad = ~torch.isfinite(w).all(-1)
+    if mu is not None:
+        bad = bad | ~torch.isfinite(mu).all(-1)
+    if bool(bad.any()):
+        raise SolverError(f"linear_solver returned NaN or Inf for {shown_indices(bad)}")
+    return w, mu

@@ -50,6 +50,8 @@ Tensor = torch.Tensor
 
 #: Relative KKT residual above which the solution is rejected with a SolverError.
 SOLUTION_ERROR_TOL = 0.1
+# Residual of a correctly rounded solution, in eps of its scale (sums of a few terms).
+_ROUNDING = 8.0
 
 
 def default_solution_tol(dtype: torch.dtype) -> float:
@@ -123,7 +125,10 @@ def kkt_residuals(
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)
-    scale = _floored(scale, eps)
+    # Rounding-level residuals (a few eps of the batch's scale) score below tol.
+    level = _ROUNDING * eps / tol
+    no_length = _no_length(xg)
+    scale = _floored(scale, level, no_length, Hu.norm(dim=-1))
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
         return KKTResiduals(_ratio(gf.norm(dim=-1), scale).detach(), zero, zero.bool())
@@ -141,7 +146,7 @@ def kkt_residuals(
     for x, g in zip(xg, dcx):
         if g is not None:
             feas_scale = feas_scale + _row_norm(g) * _row_norm(x)
-    feasibility = _ratio(violation.norm(dim=-1), _floored(feas_scale, eps))
+    feasibility = _ratio(violation.norm(dim=-1), _floored(feas_scale, level, no_length, A.flatten(1).norm(dim=-1)))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
     weakly = (active_ineq & (force <= tol * scale.unsqueeze(-1))).any(-1)
@@ -150,18 +155,33 @@ def kkt_residuals(
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly)
 
 
-def _floored(scale: Tensor, eps: float) -> Tensor:
-    """``scale`` (B,), at least ``eps`` times the batch's largest.
+def _no_length(xg: Sequence[Tensor]) -> Tensor | None:
+    """A 0-d flag: every input of every element is exactly zero (None without inputs)."""
+    if not xg:
+        return None
+    return torch.stack([x.detach().abs().amax() if x.numel() else x.new_zeros(()) for x in xg]).amax() == 0
 
-    An element at the origin (``x = 0``, ``y`` ~ 1e-60 from an iterative solve) has no
-    scale of its own (first and second derivatives cannot form a length), and dividing
-    its rounding-level residual by ~0 would call an exact minimiser non-stationary.
-    The batch shares one problem and its units, so the largest element's scale is a
-    floor at the data's rounding level; elements of comparable size are unaffected.
+
+def _floored(scale: Tensor, level: float, no_length: Tensor | None, derivative: Tensor) -> Tensor:
+    """``scale`` (B,), at least ``level`` times the batch's largest; in a batch whose
+    inputs are all exactly zero, also at least ``level`` times ``derivative`` (B,) (the
+    derivative's norm times the coordinates' unit length).
+
+    An element at the origin (``x = 0``, ``y`` ~ 1e-20 from an iterative solve) has no
+    scale of its own (first and second derivatives cannot form a length): its
+    residual and its scale are both the size of ``y``'s error, and their ratio ~1
+    would call an exact minimiser non-stationary. The batch shares one problem and its
+    units, so the largest element's scale, times ``level`` (rounding, ``8 eps``, over
+    ``tol``), is a floor: a residual at the batch's rounding level passes, and elements
+    larger than ``level`` times the largest are unaffected. A batch with no length at
+    all (a zero-initialised layer before the node) is measured in the coordinates' unit.
     """
     if scale.numel() == 0:
         return scale
-    return torch.maximum(scale, eps * scale.amax())
+    floor = level * scale.amax()
+    if no_length is not None:
+        floor = torch.where(no_length, torch.maximum(floor, level * derivative), floor)
+    return torch.maximum(scale, floor)
 
 
 def _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly) -> Tensor:

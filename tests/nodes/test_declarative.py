@@ -1,0 +1,206 @@
+"""DeclarativeNode's checks of what the user supplies: solutions at the origin, the
+incoming gradient, constraints, options, custom linear solvers and solve's shapes.
+
+Each test fails on the code before its fix (found by an audit); expected gradients are
+closed forms written out here.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from convexddn.errors import DTypeError, GradientWarning, OptionError, ProblemError, ShapeError, SolverError
+from convexddn.nodes.declarative import DeclarativeNode
+from convexddn.nodes.linear_solvers import solve_kkt_cg, solve_kkt_dense
+
+DT = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Fit(DeclarativeNode):
+    """½‖y − x‖²: y = x, dy/dx = I; ``solve`` adds ``err`` to rows at the origin."""
+
+    def __init__(self, err: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.err = err
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x + self.err * (x.abs().sum(-1, keepdim=True) == 0).to(x.dtype)
+
+
+class Quartic(DeclarativeNode):
+    """½‖y − x‖² + ¼‖y‖⁴ by a fixed-point iteration stopping at an absolute tolerance."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + 0.25 * (y * y).sum(-1) ** 2
+
+    def solve(self, x):
+        y = torch.full_like(x, 0.5)
+        for _ in range(1000):
+            g = y - x + (y * y).sum(-1, keepdim=True) * y
+            if g.abs().max() < 1e-9:
+                break
+            y = y - g / (1 + 3 * (y * y).sum(-1, keepdim=True))
+        return y
+
+
+class Sphere(DeclarativeNode):
+    """Projection onto the unit sphere: dy/dx = (I − y yᵀ) / ‖x‖."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+    def solve(self, x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+
+def _sphere_vjp(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    n = x.norm(dim=-1, keepdim=True)
+    y = x / n
+    return (v - y * (y * v).sum(-1, keepdim=True)) / n
+
+
+@pytest.mark.parametrize("err", [1e-20, 1e-16, 1e-15])
+def test_rounding_level_error_at_the_origin_is_exact(err):
+    """A row at the origin whose solve is off by the batch's rounding level (the data
+    are O(1)): its residual and its own scale are both that error, so it scored ~1 and
+    was rejected (1e-16: 0.22 -> SolverError) or warned about (1e-20)."""
+    x = torch.zeros(2, 4, dtype=DT)
+    x[0] = 1.0
+    xg = x.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(Fit(err)(xg).sum(), xg)
+    torch.testing.assert_close(g, torch.ones(2, 4, dtype=DT))
+
+
+def test_whole_batch_at_the_origin_after_a_zero_initialised_layer():
+    """A zero-initialised layer feeds x = 0 to every element; the solve stops at
+    |y| ~ 4e-20. There is no length at all: the check measures in the coordinates' unit
+    (it rejected all 8 elements with a residual of 1.00). dy/dx = H⁻¹ = I at y = 0."""
+    lin = torch.nn.Linear(3, 4).double()
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    inp = torch.randn(8, 3, dtype=DT, generator=_gen(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y = Quartic()(lin(inp))
+        y.sum().backward()
+    assert 0 < float(y.detach().abs().max()) < 1e-15
+    # d(sum y)/dW = Σ_b 1 · inp_bᵀ for every output row; d/db = batch size.
+    torch.testing.assert_close(lin.weight.grad, inp.sum(0).expand(4, 3))
+    torch.testing.assert_close(lin.bias.grad, torch.full((4,), 8.0, dtype=DT))
+
+
+def test_wrong_points_at_the_origin_are_still_rejected():
+    x = torch.zeros(2, 4, dtype=DT)
+    x[0] = 1.0
+    with pytest.raises(SolverError, match="not a KKT point") as info:
+        Fit(1e-6)(x.clone().requires_grad_()).sum().backward()
+    assert info.value.indices == [(1,)]
+
+    class Stuck(Quartic):
+        def solve(self, x):
+            return torch.full_like(x, 0.5)
+
+    with pytest.raises(SolverError, match="not a KKT point"):
+        Stuck()(torch.zeros(3, 4, dtype=DT, requires_grad=True)).sum().backward()
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_incoming_gradient_propagates_as_nan(solver, bad):
+    """A NaN or Inf in grad_y (a fault upstream): the dense path zeroed that row with a
+    false "singular KKT system" warning, CG raised a raw LinAlgError. Now that row's
+    gradient is NaN (as torch propagates it), the others exact, and a warning names it."""
+    x = torch.randn(3, 4, dtype=DT, generator=_gen(2)).requires_grad_()
+    v = torch.ones(3, 4, dtype=DT)
+    v[1, 2] = bad
+    with pytest.warns(GradientWarning, match=r"incoming gradient .* NaN or Inf for 1 of 3 .*\[1\]"):
+        (g,) = torch.autograd.grad(Sphere(linear_solver=solver)(x), x, v)
+    assert torch.isnan(g[1]).all()
+    keep = [0, 2]
+    torch.testing.assert_close(g[keep], _sphere_vjp(x.detach()[keep], v[keep]))
+
+
+def test_constraint_that_ignores_y_is_refused():
+    """A constraint that lost its graph (detached, numpy): backward raised autograd's
+    raw error, or with check_solution=False returned the unconstrained gradient (the
+    identity, not (I − yyᵀ)/‖x‖), silently."""
+    class Detached(Sphere):
+        def equality_constraints(self, x, y):
+            return (y.detach() * y.detach()).sum(-1, keepdim=True) - 1
+
+    x = torch.randn(2, 3, dtype=DT, generator=_gen(3), requires_grad=True)
+    for node in (Detached(), Detached(check_solution=False)):
+        with pytest.raises(ProblemError, match="equality_constraints does not depend on y"):
+            node(x)
+
+
+def test_tolerances_must_be_below_one():
+    """cg_tol >= 1 stopped CG before its first step: an exactly zero gradient, silently."""
+    for key in ("cg_tol", "solution_tol"):
+        for value in (1.0, 2.0, 0.0):
+            with pytest.raises(OptionError, match=rf"{key} must be a number in \(0, 1\)"):
+                Sphere(**{key: value})
+    A = torch.ones(1, 1, 2, dtype=DT)
+    with pytest.raises(OptionError, match=r"cg tol must be a number in \(0, 1\)"):
+        solve_kkt_cg(lambda d: d, A, None, torch.ones(1, 2, dtype=DT), tol=1.5)
+
+
+def test_objective_without_second_derivative_gets_a_problem_error():
+    """torch.cdist has no double backward: the Hessian-vector products failed with
+    autograd's NotImplementedError, naming neither the method nor the remedy."""
+    class SoftMedian(DeclarativeNode):
+        def objective(self, p, y):
+            return (torch.cdist(y.unsqueeze(1), p).squeeze(1) ** 2 + 0.1).sqrt().sum(-1)
+
+        def solve(self, p):
+            y = p.mean(1)
+            for _ in range(300):
+                w = 1 / ((y.unsqueeze(1) - p).pow(2).sum(-1) + 0.1).sqrt()
+                y = (w.unsqueeze(-1) * p).sum(1) / w.sum(1, keepdim=True)
+            return y
+
+    p = torch.randn(3, 5, 2, dtype=DT, generator=_gen(4), requires_grad=True)
+    with pytest.raises(ProblemError, match=r"cannot differentiate twice .*_cdist_backward.*torch\.cdist"):
+        SoftMedian()(p).sum().backward()
+
+
+def test_custom_linear_solver_results_are_checked():
+    x = torch.randn(3, 4, dtype=DT, generator=_gen(5), requires_grad=True)
+
+    def grad(solver):
+        return torch.autograd.grad(Sphere(linear_solver=solver)(x).sum(), x)[0]
+
+    torch.testing.assert_close(grad(solve_kkt_dense), _sphere_vjp(x.detach(), torch.ones(3, 4, dtype=DT)))
+    cases = [(lambda hvp, A, ina, v: None, DTypeError, "got NoneType"),
+             (lambda hvp, A, ina, v: v, DTypeError, "got Tensor"),
+             (lambda hvp, A, ina, v: (v, None), DTypeError, r"got \(Tensor, NoneType\)"),
+             (lambda hvp, A, ina, v: (v[:, :2], A[:, :, 0]), ShapeError, r"w has shape \(3, 2\), expected \(3, 4\)"),
+             (lambda hvp, A, ina, v: (v * float("nan"), A[:, :, 0] * 0), SolverError, "NaN or Inf for 3 of 3")]
+    for solver, error, match in cases:
+        with pytest.raises(error, match=match):
+            grad(solver)
+
+
+def test_solution_of_another_per_element_shape_gets_a_shape_error():
+    class Wrong(Fit):
+        def solve(self, x):
+            return x[:, :2].clone()
+
+    x = torch.randn(3, 4, dtype=DT, generator=_gen(6), requires_grad=True)
+    with pytest.raises(ShapeError, match=r"Wrong\.objective failed on inputs of shapes \(3, 4\) and a solution y "
+                                         r"of shape \(3, 2\).*does solve return the shape"):
+        Wrong()(x).sum().backward()
