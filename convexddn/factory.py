@@ -109,7 +109,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
             the :class:`~convexddn.ConvexLayer`), ``"native"`` (the node, or an
             ``OptionError``) or ``"cvxpy"`` (always the cone program).
         **options: the problem's options (e.g. ``n=512, p=1``) and, for the cone
-            program, :class:`~convexddn.ConvexLayer`'s options (``solver``, ``tol``, …).
+            program, :class:`~convexddn.ConvexLayer`'s options (``solver``, ``tol``, …);
+            a name the problem's builder declares goes to the builder.
 
     Returns:
         An ``nn.Module`` taking the problem's parameters (``(*batch, *param.shape)``)
@@ -128,7 +129,10 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         >>> cone = layer("lp_ball", n=512, p=1, backend="cvxpy")   # the cone program
     """
     check_choice("backend", backend, BACKENDS)
-    layer_opts = {k: options.pop(k) for k in list(options) if k in _LAYER_OPTIONS}
+    # A user's builder may declare an option of a layer option's name (tol, say): it
+    # belongs to the problem, and the layer cannot take it too.
+    declared = registry.option_names(name)
+    layer_opts = {k: options.pop(k) for k in list(options) if k in _LAYER_OPTIONS and k not in declared}
     spec = registry.build(name, **options)  # validates the problem's options
     if backend != "cvxpy" and name in NATIVE and not spec.learned:
         node = NATIVE[name](**spec.options)

@@ -30,7 +30,9 @@ def entmax(n: int, alpha: float = 1.5):
 
     (the Tsallis-entropy form of α-entmax; the linear term of the entropy is constant on
     the simplex). ``alpha > 1``; CVXPY represents ``p^α`` by second-order or power cones
-    (exactly for rational α). Parameters: ``x`` ``(n,)``. Variable: ``p`` ``(n,)``.
+    for a fraction near α, with a denominator large enough that the solution moves by
+    less than 1e-7 (an ``OptionError`` where none up to 2^20 is: α within ~1e-7 of 1, or
+    α above ~1e6). Parameters: ``x`` ``(n,)``. Variable: ``p`` ``(n,)``.
     References: Peters, Niculae & Martins, ACL 2019.
     """
     n = check_int("n", n, minimum=1)
@@ -40,18 +42,35 @@ def entmax(n: int, alpha: float = 1.5):
     p = cp.Variable(n, name="p")
 
     def problem():  # deferred: the native node (Entmax) does not need it
-        try:
-            power = cp.power(p, alpha)
-        except ZeroDivisionError as err:
-            # CVXPY writes p^α with power cones after rounding 1/α to a fraction with
-            # denominator <= 1024; above α ≈ 2048 that fraction is 0 and it divides by it.
-            raise OptionError(
-                f"alpha = {alpha:g} is too large for CVXPY's cone form of p**alpha (it rounds "
-                f"1/alpha to a fraction with denominator <= 1024, which is 0 here); use the "
-                f"native node: convexddn.layer('entmax', n={n}, alpha={alpha:g})") from err
+        power = _rational_power(p, alpha, n)
         objective = cp.sum(power) / (alpha * (alpha - 1.0)) - x @ p
         return cp.Problem(cp.Minimize(objective), [p >= 0, cp.sum(p) == 1])
     return problem, [x], [p]
+
+
+# CVXPY writes p^α with cones after rounding α to a fraction of bounded denominator
+# (1024 by default): α = 1.0001 became 1, a linear objective, and the layer returned a
+# vertex 0.15 from the solution as "solved". The rounding error δ moves the solution by
+# about δ / (α − 1); denominators grow until that is below _ALPHA_RTOL (the layer's
+# default tolerance is 1e-6), each a few more second-order cones per entry.
+_ALPHA_RTOL = 1e-7
+_MAX_DENOMS = (1024, 1 << 14, 1 << 20)
+
+
+def _rational_power(p, alpha: float, n: int):
+    """``cp.power(p, alpha)`` with a fraction close enough to ``alpha`` (see above)."""
+    for denom in _MAX_DENOMS:
+        try:
+            power = cp.power(p, alpha, max_denom=denom)
+        except ZeroDivisionError:  # 1/α rounded to 0 (α above about the denominator)
+            continue
+        if power.approx_error <= _ALPHA_RTOL * (alpha - 1.0):
+            return power
+    raise OptionError(
+        f"alpha = {alpha!r} has no cone form close enough here: CVXPY writes p**alpha with a "
+        f"fraction of denominator <= {_MAX_DENOMS[-1]}, whose error moves the solution by more "
+        f"than {_ALPHA_RTOL:g} (alpha too close to 1, or too large); use the native node: "
+        f"convexddn.layer('entmax', n={n}, alpha={alpha!r})")
 
 
 @register("tv1d", "1-D total variation denoising: argmin_y ½‖y − x‖² + λ Σ|y_{i+1} − y_i|")

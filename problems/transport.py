@@ -57,16 +57,16 @@ def equal_mass(values: Sequence[torch.Tensor]) -> None:
 
 def _transport(m: int, n: int) -> tuple[cp.Parameter, cp.Parameter, cp.Parameter, cp.Variable, list]:
     m = check_int("m", m, minimum=1)
-    n = check_int("n", n, minimum=1)
+    # n = 1 leaves no column constraint (the one column is implied), so b would not be a
+    # parameter of the problem at all; its plan is the column a.
+    n = check_int("n", n, minimum=2)
     C = cp.Parameter((m, n), name="C")
     a = cp.Parameter(m, name="a", nonneg=True)
     b = cp.Parameter(n, name="b", nonneg=True)
     P = cp.Variable((m, n), name="P")
-    constraints = [P >= 0, cp.sum(P, axis=1) == a]
-    if n > 1:
-        # The last column sum follows from the others when Σa = Σb; stating it too would
-        # leave a redundant equality and a rank-deficient derivative system.
-        constraints.append(cp.sum(P[:, : n - 1], axis=0) == b[: n - 1])
+    # The last column sum follows from the others when Σa = Σb; stating it too would
+    # leave a redundant equality and a rank-deficient derivative system.
+    constraints = [P >= 0, cp.sum(P, axis=1) == a, cp.sum(P[:, : n - 1], axis=0) == b[: n - 1]]
     return C, a, b, P, constraints
 
 

@@ -18,7 +18,9 @@ errors from :mod:`convexddn.errors`.
 
 - **applied** (:data:`APPLIED_SOLVER_ARGS`): ``solve_method`` picks the solver
   (``"SCS"``, ``"ECOS"`` or ``"Clarabel"``); ``max_iters`` (or Clarabel's ``max_iter``)
-  and ``verbose`` reach that solver under its own spelling;
+  and ``verbose`` reach that solver under its own spelling (with the default solver,
+  only the per-element one, which solves just the elements the batched interior point
+  does not certify: the one warning says so);
 - **ignored, with one warning per layer** (:data:`IGNORED_SOLVER_ARGS`): solver
   tolerances (SCS's ``eps``, ECOS's ``abstol``, Clarabel's ``tol_*``, ...), SCS's
   convergence tuning (``acceleration_lookback``, ``normalize``, ...) and diffcp's
@@ -61,6 +63,9 @@ APPLIED_SOLVER_ARGS: dict[str, dict[str, str]] = {
     "verbose": {"SCS": "verbose", "ECOS": "verbose", "Clarabel": "verbose", "auto": "verbose"},
 }
 
+_AUTO_ONLY = ("with the default solver, reaches only the per-element solver, which solves the elements the "
+              "batched interior point does not certify; pass solve_method='Clarabel' (or 'SCS', 'ECOS') "
+              "to solve every element with one solver")
 _TOLERANCE = "a solver tolerance (solutions are polished and verified to the layer's tol)"
 _SCS_TUNING = "SCS convergence tuning (solutions are polished and verified to the layer's tol)"
 _DERIVATIVE = "diffcp's derivative settings (the adjoint is solved to full accuracy)"
@@ -79,6 +84,8 @@ IGNORED_SOLVER_ARGS: dict[str, str] = {
 }
 
 _VALID_KEYS = sorted({"solve_method", *APPLIED_SOLVER_ARGS, *IGNORED_SOLVER_ARGS})
+# The buffers of cvxpylayers' CvxpyLayer (its canonical problem data), dropped on load.
+_CVXPYLAYERS_BUFFERS = ("P", "q", "A")
 
 
 def _solver_name(value: Any, what: str) -> str:
@@ -169,6 +176,7 @@ class CvxpyLayer(nn.Module):
         if isinstance(solver, str) and solver.lower() in _REPLACED_BACKENDS:
             ignored.append(f"solver={solver!r}")
         self._solver = method or backend or "auto"
+        ignored += self._auto_only(self._solver, self._args)
         # One ConvexLayer per solver used; a per-call solve_method adds one on first use.
         self.layers = nn.ModuleDict({self._solver: self._make(self._solver)})
         self._warn(ignored, stacklevel=3)
@@ -206,10 +214,17 @@ class CvxpyLayer(nn.Module):
             raise OptionError(f"{what} gives both max_iters and max_iter; give one")
         return method, applied, [k for k in args if k in IGNORED_SOLVER_ARGS]
 
+    @staticmethod
+    def _auto_only(solver: str, args: dict[str, Any]) -> list[str]:
+        """The applied keys that, with the default solver, reach only the per-element
+        solver: it solves just the elements the batched interior point does not certify,
+        so ``max_iters`` and ``verbose`` seldom have an effect there (said in the warning)."""
+        return [k for k in args if k in APPLIED_SOLVER_ARGS] if solver == "auto" else []
+
     def _warn(self, ignored: list[str], stacklevel: int) -> None:
         if ignored and not self._warned:
             self._warned = True
-            why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, 'no effect here')}"
+            why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, _AUTO_ONLY if k in APPLIED_SOLVER_ARGS else 'no effect here')}"
                                     for k in ignored}))
             warnings.warn(
                 f"CvxpyLayer ignores {ignored} ({why}). convexddn accepts a solution only "
@@ -235,6 +250,14 @@ class CvxpyLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"solver={self._solver!r}, gp={self._gp}"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # cvxpylayers saves its canonical problem matrices (P, q, A) as buffers; they
+        # follow from the problem, which this layer canonicalises itself: a checkpoint
+        # of a model that used cvxpylayers loads without them (strict or not).
+        for key in _CVXPYLAYERS_BUFFERS:
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(
         self,
         *params: torch.Tensor,
@@ -254,8 +277,8 @@ class CvxpyLayer(nn.Module):
                 "warm_start=True is not supported: convexddn solves each problem from "
                 "scratch (cvxpylayers supports it only with solver='MOREAU')")
         method, args, ignored = self._translate(solver_args, "solver_args")
-        self._warn(ignored, stacklevel=5)
         solver = method or self._solver
+        self._warn(ignored + self._auto_only(solver, args), stacklevel=5)
         if solver not in self.layers:
             self.layers[solver] = self._make(solver)
         out = self.layers[solver](*params, solver_args=self._native(args, solver))

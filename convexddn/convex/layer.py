@@ -29,9 +29,9 @@ from torch import nn
 
 from .._autograd import first_order_only
 from .._checks import check_choice, check_int, check_tolerance
-from ..errors import OptionError, ProblemError, SolverWarning
+from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
-from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp
+from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, failure_error, masked_outputs, merge_resolved, status_kind,
                      unravel)
 from .validation import check_values, solver_choice, validate_problem, validate_solver_args
@@ -160,7 +160,8 @@ class ConvexLayer(nn.Module):
             raise OptionError(f"check must be a callable or None, got {type(check).__name__}")
         first = solver if solver in SOLVERS else "Clarabel"
         solver_args = validate_solver_args(first, solver_args)
-        validate_problem(problem, parameters, variables, gp)
+        # True for quad_form(x, P) of a parameter P: the batched solver only (see validate_problem).
+        self._qp_only = validate_problem(problem, parameters, variables, gp, batched=solver in ("auto", "batched"))
 
         self.problem = problem
         self.parameters_ = list(parameters)
@@ -176,8 +177,9 @@ class ConvexLayer(nn.Module):
                 self._batched = BatchedProgram(problem, self.parameters_, self.variables_,
                                                tol_accept=min(tol, 1e-8))
             except UnsupportedProblem as err:
-                if solver == "batched":
-                    raise OptionError(f"solver='batched' cannot solve this problem: {err}") from None
+                if solver == "batched" or self._qp_only:
+                    raise (NotDPPError if self._qp_only else OptionError)(
+                        f"solver={solver!r}: the batched solver cannot solve this problem: {err}") from None
         elif solver == "batched":
             raise OptionError("solver='batched' does not take gp=True problems; use solver='auto'")
         if self._batched is None:
@@ -212,6 +214,7 @@ class ConvexLayer(nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_opinion", None)  # layers pickled before second opinions: built on need
         state.setdefault("check", None)  # layers pickled before the check option
+        state.setdefault("_qp_only", False)
         self.__dict__.update(state)
         self._local = threading.local()
         self._build_lock = threading.Lock()
@@ -231,27 +234,13 @@ class ConvexLayer(nn.Module):
     def _per_element_layer(self) -> CvxpyLayer:
         """cvxpylayers' canonicalisation with our checked per-element solver (built once)."""
         if self._layer is None:
-            try:
-                layer = CvxpyLayer(self.problem, parameters=self.parameters_,
-                                   variables=self.variables_, solver=self._backend, gp=self.gp)
-            except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
-                    cp.error.SolverError) as err:
-                # (KeyError etc.: cvxpylayers' failures on edge cases, e.g. a zero-size
-                # parameter; SolverError: cvxpy's probe of a problem without constraints.)
-                raise ProblemError(f"cvxpylayers cannot use this problem: {type(err).__name__}: {err}") from err
-            # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU
-            # path. We hand it CPU float64 tensors (it then uses scipy copies), and sparse
-            # buffers break deepcopy, DistributedDataParallel and .to(): drop them.
-            for name in ("P", "q", "A"):
-                layer._buffers.pop(name, None)
-                object.__setattr__(layer, name, None)
-            self._layer = layer
+            self._layer = per_element_layer(self.problem, self.parameters_, self.variables_, self._backend, self.gp)
         return self._layer
 
     def _use_batched(self, device: torch.device) -> bool:
         if self._batched is None:
             return False
-        return self.solver == "batched" or self._batched.fits(device)
+        return self.solver == "batched" or self._qp_only or self._batched.fits(device)
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
                            where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list, dict]:
@@ -368,7 +357,7 @@ class ConvexLayer(nn.Module):
             return sols, info
         sols, info = self._solve_batched(self._batched, flat, (range(math.prod(batch)), batch))
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
-        if redo:
+        if redo and not self._qp_only:  # (which the per-element path cannot take)
             # Then one element at a time by the per-element path; autograd flows to each
             # element through the path that solved it.
             verdicts = [(info["kinds"][i], info["statuses"][i]) for i in redo]

@@ -88,9 +88,13 @@ class LearnedLayer(nn.Module):
             raise ShapeError(f"expected {len(self._inputs)} input tensor(s) {self._inputs}; missing {missing}")
         return bound
 
-    def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Solve with the learned parameters and the given inputs; see the class docstring."""
+    def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
+                **named: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Solve with the learned parameters and the given inputs; see the class docstring.
+
+        ``solver_args`` (per call) go to the :class:`ConvexLayer`, as its own call takes them.
+        """
         bound = self._bind(values, named)
         full = [self.learned[p.name()] if p.name() in self.learned else bound[p.name()]
                 for p in self.layer.parameters_]
-        return self.layer(*full)
+        return self.layer(*full, solver_args=solver_args)

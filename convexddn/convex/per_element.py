@@ -36,7 +36,7 @@ from diffcp import cones as cone_lib
 from diffcp.cone_program import solve_internal
 from threadpoolctl import threadpool_limits
 
-from ..errors import GradientWarning, SolverWarning, WorkerError
+from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
 from .cone import Parametric, ResidualMap, verify_certificate
 from .status import name_elements, status_kind
 
@@ -65,6 +65,27 @@ _DENSE_MAX_N = 400
 # became a second-order cone; below this residual no polishing is tried, and a result
 # above it (the polish did not reach rounding level) is in doubt (see ConvexLayer).
 POLISH_ABOVE = 1e-11
+
+
+def per_element_layer(problem, parameters: list, variables: list, backend: "CheckedDiffcp", gp: bool):
+    """cvxpylayers' ``CvxpyLayer`` of the problem, solving with ``backend`` (checked)."""
+    import cvxpy as cp
+    from cvxpylayers.torch import CvxpyLayer
+
+    try:
+        layer = CvxpyLayer(problem, parameters=parameters, variables=variables, solver=backend, gp=gp)
+    except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
+            cp.error.SolverError) as err:
+        # (KeyError etc.: cvxpylayers' failures on edge cases, e.g. a zero-size parameter;
+        # SolverError: cvxpy's probe of a problem without constraints.)
+        raise ProblemError(f"cvxpylayers cannot use this problem: {type(err).__name__}: {err}") from err
+    # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU path. We
+    # hand it CPU float64 tensors (it then uses scipy copies), and sparse buffers break
+    # deepcopy, DistributedDataParallel and .to(): drop them.
+    for name in ("P", "q", "A"):
+        layer._buffers.pop(name, None)
+        object.__setattr__(layer, name, None)
+    return layer
 
 
 @dataclasses.dataclass

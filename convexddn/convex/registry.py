@@ -31,7 +31,7 @@ from ..errors import OptionError, ProblemError
 if TYPE_CHECKING:
     import cvxpy as cp
 
-__all__ = ["ProblemSpec", "register", "names", "build", "describe", "real_option"]
+__all__ = ["ProblemSpec", "register", "names", "build", "describe", "option_names", "real_option"]
 
 # The catalog modules imported on first use: importing them registers their problems.
 _CATALOG = ("qp", "projection", "pooling", "transport", "sparse")
@@ -241,6 +241,15 @@ def describe(name: str) -> str:
     for p in inspect.signature(entry.builder).parameters.values():
         opts.append(f"{p.name}=…" if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}")
     return f"{entry.description} [options: {', '.join(opts)}]"
+
+
+def option_names(name: str) -> tuple[str, ...]:
+    """The options the builder of problem ``name`` takes, in its order.
+
+    Raises:
+        OptionError: unknown name.
+    """
+    return tuple(inspect.signature(_entry(name).builder).parameters)
 
 
 def build(name: str, **options: Any) -> ProblemSpec:

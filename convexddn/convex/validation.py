@@ -131,10 +131,18 @@ def _offending_expression(problem: cp.Problem, gp: bool) -> str:
     return "CVXPY could not pin down the expression"
 
 
-def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp: bool = False) -> None:
-    """Raise ``ProblemError``/``NotDPPError`` unless ConvexLayer can use the problem."""
+def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp: bool = False,
+                     batched: bool = False) -> bool:
+    """Raise ``ProblemError``/``NotDPPError`` unless ConvexLayer can use the problem.
+
+    With ``batched`` (the batched solver may take it), a problem that is DPP only with
+    ``quad_form(x, P)`` of a parameter ``P`` in the objective is accepted: the batched
+    solver keeps P as the quadratic term, the per-element path (which writes it as a
+    second-order cone) cannot. Returns whether the problem is such a one.
+    """
     if not isinstance(problem, cp.Problem):
         raise ProblemError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}")
+    dpp = True
     if gp:
         if not problem.is_dgp():
             raise ProblemError(
@@ -146,11 +154,15 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
             if problem.is_dgp():
                 raise ProblemError("problem is not DCP but is log-log convex (DGP): pass gp=True")
             raise ProblemError(f"problem must be convex (DCP): {_offending_expression(problem, gp)}")
-        if not problem.is_dpp():
+        dpp = problem.is_dpp()
+        quad_form = not dpp and problem.is_dpp(quad_form_dpp="qp")
+        if not dpp and not (quad_form and batched):
+            hint = (" (quad_form(x, P) with a parameter P is DPP in the objective for the batched "
+                    "solver: use solver='auto' or 'batched')") if quad_form else ""
             raise NotDPPError(
                 "problem must be DPP (disciplined parametrized programming: parameters may "
                 "enter only affinely, or multiply parameter-free expressions) so that it "
-                f"can be canonicalised once: {_offending_expression(problem, gp)}")
+                f"can be canonicalised once: {_offending_expression(problem, gp)}{hint}")
     if problem.is_mixed_integer():
         names = [v.name() for v in problem.variables() if v.attributes["boolean"] or v.attributes["integer"]]
         raise ProblemError(
@@ -181,6 +193,13 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
         if v.id not in known:
             raise ProblemError(f"variable {v.name()} is neither a variable of the problem nor "
                                "the dual variable of one of its constraints")
+        # Stored sparsely (diag=True, a sparsity pattern), a variable has fewer entries
+        # than its shape: unpacking it into the output failed with a raw torch error.
+        if v.attributes.get("diag") or v.attributes.get("sparsity"):
+            raise ProblemError(
+                f"variable {v.name()} is declared diag=True or with a sparsity pattern, which the layer "
+                "cannot return; return a vector variable d used as cp.diag(d) (or a dense matrix) instead")
+    return not gp and not dpp
 
 
 def _violations(value: torch.Tensor, attr: str) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""Coming from cvxpylayers, or through the registry: what an audit of the migration path
+found, each against an independent reference (CVXPY + Clarabel directly, finite
+differences, closed forms) and failing on the code before its fix."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn import ConvexLayer, CvxpyLayer
+from convexddn.convex import registry
+from convexddn.errors import ConvexDDNWarning, InfeasibleError, NotDPPError, OptionError, ProblemError
+from convexddn.nodes.entmax import entmax
+from convexddn.testing import check_gradients
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _quad_form_qp(n: int = 4):
+    x = cp.Variable(n)
+    P = cp.Parameter((n, n), PSD=True)
+    q = cp.Parameter(n)
+    lo = cp.Parameter(n)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, P) + q @ x), [x >= lo, x <= 0.3])
+    return prob, [P, q, lo], x
+
+
+def _psd(batch: int, n: int, seed: int) -> torch.Tensor:
+    M = torch.randn(batch, n, n, dtype=F64, generator=_gen(seed))
+    return M @ M.mT + torch.eye(n, dtype=F64)
+
+
+def test_quad_form_with_a_parameter_matrix_is_solved_by_the_batched_solver():
+    """cvxpylayers 1.2 takes quad_form(x, P) with a parameter P (for its QP solvers);
+    ConvexLayer refused it as not DPP. The batched solver keeps P as the quadratic term."""
+    prob, params, x = _quad_form_qp()
+    layer = ConvexLayer(prob, params, [x])
+    P, q = _psd(3, 4, 1), torch.randn(3, 4, dtype=F64, generator=_gen(2))
+    lo = torch.full((3, 4), -0.3, dtype=F64)
+    y = layer(P, q, lo)
+    assert layer.last_solve.solvers == ["batched"] * 3
+    for b in range(3):  # CVXPY + Clarabel directly, tight tolerances
+        for p, v in zip(params, (P[b], q[b], lo[b])):
+            p.value = v.numpy()
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        np.testing.assert_allclose(y[b].numpy(), x.value, atol=1e-8)
+    report = check_gradients(lambda P_, q_: layer(0.5 * (P_ + P_.mT), q_, lo[:2]),
+                             P[:2].clone().requires_grad_(), q[:2].clone().requires_grad_())
+    assert report.ok and report.max_abs_error < 1e-8, report
+    # The same through the cvxpylayers interface, whose QP solvers take it.
+    (y2,) = CvxpyLayer(prob, parameters=params, variables=[x])(P, q, lo)
+    torch.testing.assert_close(y2, y)
+
+
+def test_quad_form_with_a_parameter_matrix_errors_stay_precise():
+    prob, params, x = _quad_form_qp(3)
+    with pytest.raises(NotDPPError, match=r"quad_form\(x, P\) with a parameter P is DPP in the objective for the "
+                                          r"batched solver: use solver='auto'"):
+        ConvexLayer(prob, params, [x], solver="Clarabel")
+    layer = ConvexLayer(prob, params, [x])
+    lo = torch.zeros(3, 3, dtype=F64)
+    lo[1] = 2.0  # above the upper bound 0.3: infeasible (no per-element path to fall back on)
+    with pytest.raises(InfeasibleError, match=r"\[\(1,\)\]"):
+        layer(_psd(3, 3, 3), torch.zeros(3, 3, dtype=F64), lo)
+
+
+def test_checkpoint_of_a_cvxpylayers_model_loads_after_the_import_swap():
+    """cvxpylayers saves its problem matrices (q, A, P) as buffers: load_state_dict
+    raised 'Unexpected key(s) "opt.q", "opt.A"' after the one-import migration."""
+    from cvxpylayers.torch import CvxpyLayer as Reference
+
+    x = cp.Variable(2)
+    A = cp.Parameter((3, 2))
+    b = cp.Parameter(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x >= 0])
+
+    class Model(torch.nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.opt = cls(prob, parameters=[A, b], variables=[x])
+
+    old = Model(Reference)
+    assert {"opt.q", "opt.A"} <= set(old.state_dict())
+    buf = io.BytesIO()
+    torch.save(old.state_dict(), buf)
+    buf.seek(0)
+    new = Model(CvxpyLayer)
+    new.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(new.lin.weight, old.lin.weight)
+
+
+def test_per_element_solver_args_with_the_default_solver_are_announced():
+    """max_iters and verbose reach only the per-element solver with the default solver
+    (the batched one solves almost every element): max_iters=1 returned the converged
+    answer without a word."""
+    x = cp.Variable(2)
+    b = cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - b)), [x >= 0])
+    layer = CvxpyLayer(prob, parameters=[b], variables=[x])
+    with pytest.warns(ConvexDDNWarning, match=r"max_iters: with the default solver, reaches only the per-element"):
+        layer(torch.ones(2, dtype=F64), solver_args={"max_iters": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvexDDNWarning)
+        CvxpyLayer(prob, parameters=[b], variables=[x], solver_args={"solve_method": "SCS", "max_iters": 500})(
+            torch.ones(2, dtype=F64))
+
+
+def test_diagonal_variables_cannot_be_returned():
+    """A diag=True variable crashed the first call with torch's 'shape mismatch'."""
+    V = cp.Variable((3, 3), diag=True)
+    C = cp.Parameter((3, 3))
+    w = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(V - C) + cp.sum_squares(w - cp.diag(V))))
+    for solver in ("auto", "Clarabel"):
+        with pytest.raises(ProblemError, match=r"diag=True .* use[d]? as cp\.diag\(d\)"):
+            ConvexLayer(prob, [C], [V], solver=solver)
+    # Used inside the problem and not returned, it is fine: w = diag(C) (closed form).
+    Cv = torch.randn(3, 3, dtype=F64, generator=_gen(4))
+    torch.testing.assert_close(ConvexLayer(prob, [C], [w])(Cv), torch.diagonal(Cv), atol=1e-7, rtol=0)
+
+
+def test_learned_layer_takes_per_call_solver_args():
+    layer = cddn.layer("qp", n=4, n_ineq=3, learn="Gh", inputs="q")
+    q = torch.randn(2, 4, dtype=torch.get_default_dtype(), generator=_gen(5))
+    torch.testing.assert_close(layer(q, solver_args={"max_iter": 200}), layer(q))
+
+
+def test_a_builder_option_named_like_a_layer_option_goes_to_the_builder():
+    """A user's builder with an option `tol` got the default while the layer took tol=0.5
+    as its own KKT tolerance: [1.9, -0.2, 0] instead of the soft threshold [1.5, 0, 0]."""
+    name = "soft_threshold_test"
+    registry.names()
+    saved = dict(registry._REGISTRY)
+    try:
+        @registry.register(name, "argmin_u ½‖u − x‖² + tol ‖u‖₁")
+        def shrink(n: int, tol: float = 0.1):
+            tol = registry.real_option("tol", tol, above=0)
+            x = cp.Parameter(n, name="x")
+            u = cp.Variable(n, name="u")
+            return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x) + tol * cp.norm1(u))), [x], [u]
+
+        layer = cddn.layer(name, n=3, tol=0.5)
+        x = torch.tensor([2.0, -0.3, 0.05], dtype=F64)
+        torch.testing.assert_close(layer(x), torch.tensor([1.5, 0.0, 0.0], dtype=F64), atol=1e-7, rtol=0)
+        assert layer.tol == 1e-6
+    finally:
+        registry._REGISTRY.clear()
+        registry._REGISTRY.update(saved)
+
+
+@pytest.mark.parametrize("alpha", [1.0001, 1.0005, 1.3333])
+def test_entmax_cone_form_near_alpha_one_is_exact(alpha):
+    """CVXPY rounds the exponent to a fraction of denominator <= 1024 by default: 1.0001
+    became 1 (a linear objective) and the layer returned a vertex 0.15 off as solved."""
+    x = torch.randn(3, 6, dtype=F64, generator=_gen(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CVXPY's note on its rational approximation
+        cone = cddn.layer("entmax", n=6, alpha=alpha, backend="cvxpy")
+        torch.testing.assert_close(cone(x), entmax(x, alpha), atol=1e-7, rtol=0)
+
+
+def test_entmax_cone_form_without_a_close_fraction_is_refused():
+    for alpha in (1.00000001, 5e6):
+        with pytest.raises(OptionError, match=r"no cone form close enough .* native node"):
+            cddn.layer("entmax", n=4, alpha=alpha, backend="cvxpy")
+
+
+def test_transport_needs_two_targets():
+    """n = 1 leaves b out of the problem: the layer failed with a confusing 'parameters
+    do not match' ProblemError."""
+    for name in ("ot_lp", "ot_entropic"):
+        with pytest.raises(OptionError, match=r"n must be an integer >= 2, got 1"):
+            cddn.layer(name, m=3, n=1)
