@@ -16,6 +16,7 @@ through a cone program", 2019).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -24,7 +25,7 @@ from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
-__all__ = ["Parametric", "ResidualMap", "kkt_residual", "verify_certificate"]
+__all__ = ["Parametric", "ResidualMap", "kkt_residual", "parametric_entries", "verify_certificate"]
 
 
 def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
@@ -335,3 +336,20 @@ def _data_grads(r: np.ndarray, pi_z: np.ndarray, n: int, rows: np.ndarray, cols:
 def _theta_grads(par: Parametric, dA, db, dc) -> np.ndarray:
     """The gradient with respect to the parameters θ from the data's (dA at ``par``'s entries)."""
     return par.ab_map.T @ np.concatenate([dA, db[par.b_rows]]) + par.c_map.T @ dc
+
+
+def parametric_entries(ctx: Any, indices: np.ndarray, cols: np.ndarray, n_a: int) -> Parametric | None:
+    """The derivative of the cone program's data with respect to the canonical
+    parameters θ, from cvxpylayers' affine maps ``[A | b] = reduced_A @ [θ; 1]`` (the
+    structure entries in problem-data order, ``A`` with the opposite sign) and
+    ``[c; c0] = q @ [θ; 1]``; None where these are not available."""
+    mat = getattr(ctx.reduced_A, "reduced_mat", None)
+    q = getattr(ctx, "q", None)
+    if mat is None or q is None:
+        return None
+    mat, q = sp.csr_matrix(mat), sp.csr_matrix(q)
+    if mat.shape[0] != indices.size or q.shape[1] != mat.shape[1]:
+        return None
+    sign = np.where(np.arange(indices.size) < n_a, -1.0, 1.0)  # A = −aug[:, :-1], b = aug[:, -1]
+    ab_map = sp.csr_matrix(sp.diags(sign) @ mat[:, :-1])
+    return Parametric(indices[:n_a], cols[:n_a], indices[n_a:], ab_map, sp.csr_matrix(q[:-1, :-1]))

@@ -37,7 +37,7 @@ from diffcp.cone_program import solve_internal
 from threadpoolctl import threadpool_limits
 
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
-from .cone import Parametric, ResidualMap, verify_certificate
+from .cone import ResidualMap, parametric_entries, verify_certificate
 from .status import name_elements, status_kind
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
@@ -156,7 +156,7 @@ class CheckedDiffcp(SolverInterface):
         self._cone_dict = dims_to_solver_dict(ctx.cone_dims)
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
         self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
-        self._parametric = _parametric_entries(ctx, self._indices, self._cols, n_a)
+        self._parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
         n_rows_cols = m + np1
         self._mode = self.mode if self.mode != "auto" else (
             "dense" if n_rows_cols <= _DENSE_MAX_N else "lsmr")
@@ -386,20 +386,3 @@ class _State(list):
     caller's batch and its shape, set by :class:`~.layer.ConvexLayer`) for messages."""
 
     where: tuple[Sequence[int], tuple[int, ...]] | None = None
-
-
-def _parametric_entries(ctx: Any, indices: np.ndarray, cols: np.ndarray, n_a: int) -> Parametric | None:
-    """The derivative of the cone program's data with respect to the canonical
-    parameters θ, from cvxpylayers' affine maps ``[A | b] = reduced_A @ [θ; 1]`` (the
-    structure entries in problem-data order, ``A`` with the opposite sign) and
-    ``[c; c0] = q @ [θ; 1]``; None where these are not available."""
-    mat = getattr(ctx.reduced_A, "reduced_mat", None)
-    q = getattr(ctx, "q", None)
-    if mat is None or q is None:
-        return None
-    mat, q = sp.csr_matrix(mat), sp.csr_matrix(q)
-    if mat.shape[0] != indices.size or q.shape[1] != mat.shape[1]:
-        return None
-    sign = np.where(np.arange(indices.size) < n_a, -1.0, 1.0)  # A = −aug[:, :-1], b = aug[:, -1]
-    ab_map = sp.csr_matrix(sp.diags(sign) @ mat[:, :-1])
-    return Parametric(indices[:n_a], cols[:n_a], indices[n_a:], ab_map, sp.csr_matrix(q[:-1, :-1]))
