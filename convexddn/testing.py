@@ -14,10 +14,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ._checks import check_bool, check_finite, check_int, check_positive, check_tensor
+from ._checks import check_bool, check_finite, check_int, check_positive, check_tensor, real_number
 from .errors import DTypeError, GradientCheckError, InputError, OptionError
 
 __all__ = ["GradientCheckError", "GradientReport", "check_gradients"]
@@ -77,6 +78,16 @@ class GradientReport:
         )
 
 
+def _positive_number(name: str, value: Any) -> float:
+    """A finite number > 0 as a float (NumPy scalars included; tensors refused: a
+    tolerance is one number, and a tensor's entries would be compared one by one)."""
+    if isinstance(value, torch.Tensor):
+        raise OptionError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}; "
+                          "pass float(t) for a one-element tensor")
+    check_positive(name, value)
+    return float(real_number(value))
+
+
 def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
     """``fn``, or a float64 copy of a module.
 
@@ -94,7 +105,10 @@ def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
         all64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
         if all64 and not (with_params and any(p.requires_grad for p in fn.parameters())):
             return fn
-        raise
+        raise InputError(
+            f"check_gradients compares in float64 on a copy of the module, but {type(fn).__name__} "
+            "cannot be deep-copied (it holds a lock, a file handle, ...): pass a float64 module "
+            "(module.double()) with params=False, or make it copyable") from None
 
 
 def check_gradients(
@@ -186,9 +200,7 @@ def check_gradients(
     for name, x in zip(names, inputs):
         check_tensor(name, x)
         check_finite(name, x)
-    check_positive("eps", eps)
-    check_positive("atol", atol)
-    check_positive("rtol", rtol)
+    eps, atol, rtol = (_positive_number(k, v) for k, v in (("eps", eps), ("atol", atol), ("rtol", rtol)))
     if n_directions is not None:
         # An integer, not just a positive number: 2.5 would silently run 2 directions and
         # 0.5 none at all (then fail on an empty stack).
@@ -212,7 +224,17 @@ def check_gradients(
     sizes = [t.numel() for t in point] + [p.numel() for p in thetas]
 
     def evaluate(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        out = fn(*xs)
+        try:
+            out = fn(*xs)
+        except RuntimeError as err:
+            if "dtype" not in str(err) or isinstance(fn, torch.nn.Module):
+                raise
+            # A function wrapping a float32 module (lambda a: lin(a)): the inputs are
+            # float64 here, its weights are not.
+            raise DTypeError(
+                f"node_or_fn failed on the float64 inputs check_gradients passes ({err}); if it "
+                "wraps a module, pass the module itself (it is checked on a float64 copy) or "
+                "call .double() on it") from err
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise DTypeError(

@@ -352,5 +352,40 @@ def test_a_module_that_cannot_be_copied_is_checked_as_it_is():
 
     x = torch.randn(2, dtype=torch.float64)
     assert check_gradients(Locked(), x, params=False).ok
-    with pytest.raises(TypeError):
+    with pytest.raises(InputError, match="cannot be deep-copied"):
         check_gradients(Locked(), x, params=True)
+
+
+def test_check_gradients_tolerances_are_numbers():
+    """A NumPy eps passed the check, then failed inside ('can't assign a numpy.float32 to
+    a torch.DoubleTensor'); tensor eps/atol failed with raw errors or broke the report."""
+    import numpy as np
+
+    def square(t):
+        return t * t
+
+    report = check_gradients(square, _x(2, 3), eps=np.float32(1e-6), atol=np.float64(1e-5))
+    assert report.ok and isinstance(report.eps, float)
+    for key in ("eps", "atol", "rtol"):
+        with pytest.raises(OptionError, match=rf"{key} must be a number, got a tensor of shape \(2,\)"):
+            check_gradients(square, _x(2, 3), **{key: torch.tensor([1e-6, 1e-6])})
+
+
+def test_check_gradients_explains_float32_wrappers_and_uncopyable_modules():
+    """A function wrapping a float32 module met float64 inputs ('mat1 and mat2 must have
+    the same dtype'); a module that cannot be deep-copied raised pickle's TypeError."""
+    import threading
+
+    lin = torch.nn.Linear(3, 3)
+    with pytest.raises(DTypeError, match=r"pass the module itself .* or call \.double\(\)"):
+        check_gradients(lambda a: lin(a), _x(2, 3).float())
+    assert check_gradients(lin, _x(2, 3).float()).ok  # the module itself: a float64 copy
+
+    class Locked(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(3, 3)
+            self.lock = threading.Lock()
+
+    with pytest.raises(InputError, match=r"cannot be deep-copied .*module\.double\(\)"):
+        check_gradients(Locked(), _x(2, 3).float())
+    assert check_gradients(Locked().double(), _x(2, 3), params=False).ok

@@ -299,7 +299,8 @@ def pnp(
             raise InputError("weights must not be all zero for a problem (the pose is then undetermined)")
 
     def flat(t, k):
-        return t.to(dtype).expand(*batch, *t.shape[t.ndim - k:]).reshape(-1, *t.shape[t.ndim - k:])
+        # (a Size: expand() with no sizes, an unbatched problem's 0-d alpha, is an error)
+        return t.to(dtype).expand(torch.Size((*batch, *t.shape[t.ndim - k:]))).reshape(-1, *t.shape[t.ndim - k:])
 
     q, p = flat(p2d, 2), flat(p3d, 2)
     w = flat(weights, 1) if weights is not None else torch.ones_like(q[..., 0])

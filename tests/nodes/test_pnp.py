@@ -348,3 +348,25 @@ def test_pnp_under_inference_mode():
     with torch.inference_mode():
         got = pnp(q, p)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_pnp_unbatched_with_a_tensor_alpha():
+    """A single problem with alpha a 0-d tensor (a learnable nn.Parameter in PnP) raised
+    torch's 'expand() missing 1 required positional argument'. The pose is the robust
+    minimiser (checked against scipy's BFGS from it and from the truth) and alpha gets a
+    gradient."""
+    q, p, theta = scene(3, batch=(), n=30, noise=0.002)
+    q[:3] += 0.5
+    alpha = torch.tensor(0.01, dtype=D, requires_grad=True)
+    est = pnp(q, p, penalty="huber", alpha=alpha, init=theta)
+
+    def f(th):
+        z = np.linalg.norm(residuals_np(th, q.numpy(), p.numpy()).reshape(-1, 2), axis=1)
+        return np.where(z <= 0.01, 0.5 * z**2, 0.01 * (z - 0.005)).sum()
+
+    for start in (est.detach().numpy(), theta.numpy()):
+        assert f(est.detach().numpy()) <= minimize(f, start, method="BFGS", options={"gtol": 1e-12}).fun + 1e-12
+    (g,) = torch.autograd.grad(est.sum(), alpha)
+    assert torch.isfinite(g)
+    module = PnP(penalty="huber", alpha=torch.nn.Parameter(torch.tensor(0.01, dtype=D)))
+    torch.testing.assert_close(module(q, p, init=theta), est.detach())
