@@ -106,13 +106,19 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     triu = [None if t is None else (torch.tensor(t[0]), torch.tensor(t[1])) for t in ctx.param_triu_indices]
 
     if ctx.reduced_A.problem_data_index is None:
-        raise UnsupportedProblem("the cone program has no constraint data (no constraints)")
-    idx, ptr, shape = ctx.reduced_A.problem_data_index
-    m, n1 = int(shape[0]), int(shape[1])
-    n = n1 - 1
-    e_row = np.asarray(idx, dtype=np.int64)
-    e_col = _csc_entry_cols(np.asarray(ptr))
-    r, c, v = _coo(ctx.reduced_A.reduced_mat)
+        # No constraints at all: an unconstrained QP has no rows (n from q's rows: x, then
+        # 1); an unconstrained LP is unbounded or has no unique solution (not batched).
+        m, n = 0, int(ctx.q.shape[0]) - 1
+        if n <= 0 or ctx.reduced_P.reduced_mat is None or ctx.reduced_P.reduced_mat.nnz == 0:
+            raise UnsupportedProblem("the cone program has no constraints and no quadratic term")
+        e_row = e_col = r = c = np.zeros(0, dtype=np.int64)
+        v = np.zeros(0)
+    else:
+        idx, ptr, shape = ctx.reduced_A.problem_data_index
+        m, n = int(shape[0]), int(shape[1]) - 1
+        e_row = np.asarray(idx, dtype=np.int64)
+        e_col = _csc_entry_cols(np.asarray(ptr))
+        r, c, v = _coo(ctx.reduced_A.reduced_mat)
     a_row, a_col, is_b = e_row[r], e_col[r], e_col[r] == n
     coef = np.where(is_b, v, -v)  # ours: A = -A_cvxpy, b = b_cvxpy
 
@@ -127,11 +133,11 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     q_keep = qr < n
 
     # Presolve: variables with one A entry, in an equality row, with a constant coefficient.
-    const_col = ctx.reduced_A.reduced_mat.shape[1] - 1
     A_entries = np.flatnonzero(e_col < n)
     per_col = np.bincount(e_col[A_entries], minlength=n)
     elim, elim_rows, elim_coef = [], [], []
-    if presolve:
+    if presolve and m:
+        const_col = ctx.reduced_A.reduced_mat.shape[1] - 1
         csr = ctx.reduced_A.reduced_mat.tocsr()
         used_rows: set[int] = set()
         for k in A_entries:

@@ -65,7 +65,8 @@ APPLIED_SOLVER_ARGS: dict[str, dict[str, str]] = {
 
 _AUTO_ONLY = ("with the default solver, reaches only the per-element solver, which solves the elements the "
               "batched interior point does not certify; pass solve_method='Clarabel' (or 'SCS', 'ECOS') "
-              "to solve every element with one solver")
+              "to solve every element with one solver (not for a quad_form(x, P) of a parameter P, "
+              "which only the batched solver takes)")
 _TOLERANCE = "a solver tolerance (solutions are polished and verified to the layer's tol)"
 _SCS_TUNING = "SCS convergence tuning (solutions are polished and verified to the layer's tol)"
 _DERIVATIVE = "diffcp's derivative settings (the adjoint is solved to full accuracy)"

@@ -17,6 +17,7 @@ element it does not certify with the per-element one, before any error.
 """
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import warnings
@@ -209,6 +210,11 @@ class ConvexLayer(nn.Module):
         state = self.__dict__.copy()
         state.pop("_local", None)
         state.pop("_build_lock", None)
+        if getattr(self.problem, "_solver_cache", None):
+            # A prob.solve() by the user caches the solver's model on the problem, which
+            # does not pickle (Clarabel's): the layer keeps a copy of the problem without it.
+            state["problem"] = copy.copy(self.problem)
+            state["problem"]._solver_cache = {}
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -202,29 +202,43 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
     return not gp and not dpp
 
 
-def _violations(value: torch.Tensor, attr: str) -> torch.Tensor:
-    """Per-entry (or per-matrix) violation mask of one declared attribute."""
-    scale = value.detach().abs().amax() if value.numel() else value.new_zeros(())
-    tol = 1e-12 * torch.clamp(scale, min=1.0) if value.dtype == torch.float64 else 1e-6 * torch.clamp(scale, min=1.0)
+def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, str]:
+    """Per-entry (or per-matrix) violation mask of one declared attribute, and what the
+    first violating matrix gets wrong ("" for sign attributes).
+
+    Matrices are judged each at its own scale (its largest entry): a batch-wide scale let
+    an indefinite matrix pass beside one of 1e10 (and come back as a wrong "solved" point).
+    """
     if attr == "nonneg":
-        return value < 0
+        return value < 0, ""
     if attr == "nonpos":
-        return value > 0
+        return value > 0, ""
     if attr == "pos":
-        return value <= 0
+        return value <= 0, ""
     if attr == "neg":
-        return value >= 0
-    sym = value - value.transpose(-1, -2)
-    asym = (sym.abs() > 8 * tol).flatten(-2).any(-1)
+        return value >= 0, ""
+    rel = 1e-12 if value.dtype == torch.float64 else 1e-6
+    tol = rel * value.detach().abs().amax((-2, -1))
+    asym = ((value - value.transpose(-1, -2)).abs() > 8 * tol[..., None, None]).flatten(-2).any(-1)
     if attr == "symmetric":
-        return asym
+        return asym, "not symmetric"
     # PSD/NSD: symmetric, and the smallest (largest) eigenvalue within rounding of >= 0 (<= 0).
     eig = torch.linalg.eigvalsh(0.5 * (value + value.transpose(-1, -2)).double())
-    bad = eig.amin(-1) < -64 * tol if attr == "PSD" else eig.amax(-1) > 64 * tol
-    return asym | bad
+    extreme = eig.amin(-1) if attr == "PSD" else eig.amax(-1)
+    bad = extreme < -64 * tol if attr == "PSD" else extreme > 64 * tol
+    mask = asym | bad
+    if not bool(mask.any()):
+        return mask, ""
+    first = tuple(int(i) for i in torch.nonzero(mask)[0])
+    if bool(asym[first]):
+        return mask, f"the first, at batch index {first}, is not symmetric"
+    which = "smallest" if attr == "PSD" else "largest"
+    return mask, (f"the first, at batch index {first}, has {which} eigenvalue {float(extreme[first]):.3g} "
+                  f"(largest |entry| {float(tol[first]) / rel:.3g})")
 
 
 _CHECKED_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "symmetric", "PSD", "NSD")
+_SYMMETRIC = ("symmetric", "PSD", "NSD")
 
 
 def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter]) -> None:
@@ -239,14 +253,14 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
         for attr in _CHECKED_ATTRIBUTES:
             if not param.attributes.get(attr):
                 continue
-            bad = _violations(value, attr)
+            bad, why = _violations(value, attr)
             n_bad = int(bad.sum())
             if n_bad:
                 what = "entries" if attr in ("nonneg", "nonpos", "pos", "neg") else "matrices"
                 raise InputError(
                     f"parameter {i} ({param.name()}) is declared {attr}=True, got {n_bad} {what} "
-                    f"that are not (shape {tuple(value.shape)}); pass values that satisfy the "
-                    f"declaration or drop it from the cp.Parameter")
+                    f"that are not (shape {tuple(value.shape)}{'; ' + why if why else ''}); pass values "
+                    "that satisfy the declaration or drop it from the cp.Parameter")
 
 
 def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.Parameter],
@@ -272,6 +286,12 @@ def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.P
     check_parameter_attributes(values, parameters)
     if check is not None:
         check(list(values))
+    # Symmetric (and PSD, NSD) parameters enter CVXPY's data through one triangle: their
+    # gradient would be zero below the diagonal and doubled above it, and one optimiser
+    # step would make the matrix asymmetric. Used as (v + vᵀ)/2 (equal to v within the
+    # check above), the gradient is the symmetric one.
+    values = [0.5 * (v + v.transpose(-1, -2)) if any(p.attributes.get(a) for a in _SYMMETRIC) else v
+              for v, p in zip(values, parameters)]
     return values, batch
 
 

@@ -14,7 +14,8 @@ import torch
 import convexddn as cddn
 from convexddn import ConvexLayer, CvxpyLayer
 from convexddn.convex import registry
-from convexddn.errors import ConvexDDNWarning, InfeasibleError, NotDPPError, OptionError, ProblemError
+from convexddn.errors import (ConvexDDNWarning, InfeasibleError, InputError, NotDPPError, OptionError, ProblemError,
+                              UnboundedError)
 from convexddn.nodes.entmax import entmax
 from convexddn.testing import check_gradients
 
@@ -181,3 +182,70 @@ def test_transport_needs_two_targets():
     for name in ("ot_lp", "ot_entropic"):
         with pytest.raises(OptionError, match=r"n must be an integer >= 2, got 1"):
             cddn.layer(name, m=3, n=1)
+
+
+def _unconstrained_qp(n: int = 4):
+    x = cp.Variable(n)
+    P = cp.Parameter((n, n), PSD=True)
+    q = cp.Parameter(n)
+    return cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, P) + q @ x)), [P, q], x
+
+
+def test_unconstrained_quad_form_qp_and_its_symmetric_gradient():
+    """min ½xᵀPx + qᵀx without constraints was refused ('no constraint data'), and the
+    gradient in P was upper-triangular (CVXPY reads one triangle): one SGD step made P
+    asymmetric and the next call failed. Closed forms: x = −P⁻¹q, and for L = wᵀx,
+    dL/dq = −u, dL/dP = −(u xᵀ + x uᵀ)/2 with u = P⁻¹w (P symmetric)."""
+    prob, params, x = _unconstrained_qp()
+    layer = ConvexLayer(prob, params, [x])
+    P = _psd(3, 4, 7).requires_grad_()
+    q = torch.randn(3, 4, dtype=F64, generator=_gen(8)).requires_grad_()
+    w = torch.randn(3, 4, dtype=F64, generator=_gen(9))
+    y = layer(P, q)
+    want = -torch.linalg.solve(P.detach(), q.detach().unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(y, want, atol=1e-10, rtol=0)
+    gP, gq = torch.autograd.grad((y * w).sum(), (P, q))
+    u = torch.linalg.solve(P.detach(), w.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(gq, -u, atol=1e-9, rtol=0)
+    torch.testing.assert_close(gP, -0.5 * (u.unsqueeze(-1) * want.unsqueeze(-2) + want.unsqueeze(-1) * u.unsqueeze(-2)),
+                               atol=1e-9, rtol=0)
+    singular = torch.zeros(2, 4, 4, dtype=F64)
+    singular[:, 0, 0] = 1.0
+    q_bad = torch.zeros(2, 4, dtype=F64)
+    q_bad[1, 2] = 1.0  # not in the range of P: unbounded
+    with pytest.raises(UnboundedError, match=r"\[\(1,\)\]"):
+        layer(singular, q_bad)
+
+
+def test_psd_parameters_are_checked_matrix_by_matrix():
+    """The attribute check used one scale for the whole batch: an indefinite P beside a
+    1e10 I passed, and came back as a wrong point reported solved."""
+    prob, params, x = _quad_form_qp()
+    layer = ConvexLayer(prob, params, [x])
+    bad = torch.diag(torch.tensor([-0.27, 0.5, 1.0, 2.0], dtype=F64))
+    P = torch.stack([1e10 * torch.eye(4, dtype=F64), bad])
+    q, lo = torch.ones(2, 4, dtype=F64), torch.full((2, 4), -1.0, dtype=F64)
+    with pytest.raises(InputError, match=r"PSD=True, got 1 matrices .* batch index \(1,\), has smallest eigenvalue -0\.27"):
+        layer(P, q, lo)
+    P32 = torch.stack([2e3 * torch.eye(4), torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.1]))])
+    with pytest.raises(InputError, match=r"batch index \(1,\)"):
+        layer(P32, q.float(), lo.float())
+
+
+def test_layer_pickles_after_the_user_solved_its_problem():
+    """prob.solve() caches Clarabel's model on the problem: pickling or deep-copying the
+    layer then raised "cannot pickle 'builtins.DefaultSolver'"."""
+    import copy
+    import pickle
+
+    x = cp.Variable(2)
+    b = cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - b)), [x >= 0])
+    layer = ConvexLayer(prob, [b], [x])
+    b.value = np.array([1.0, -2.0])
+    prob.solve(solver=cp.CLARABEL)
+    bv = torch.tensor([[1.0, -2.0], [-1.0, 3.0]], dtype=F64)
+    want = bv.clamp_min(0)  # projection onto the nonnegative orthant
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(clone(bv), want, atol=1e-9, rtol=0)
+    assert prob._solver_cache  # the user's problem keeps its cache

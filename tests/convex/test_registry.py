@@ -7,6 +7,8 @@ in float64 for every parameter.
 """
 from __future__ import annotations
 
+import warnings
+
 import math
 
 import cvxpy as cp
@@ -448,19 +450,25 @@ def test_register_same_definition_again_replaces_it():
 
 
 def test_layer_entmax_large_alpha_native_without_building_the_cone_form():
-    # CVXPY cannot write p**alpha for alpha above ~2048 (it raised ZeroDivisionError);
-    # the native node does not need that form and layer() no longer builds it.
+    # CVXPY writes p**alpha with a fraction of bounded denominator; with the default
+    # (1024) alpha above ~2048 raised ZeroDivisionError, the registry now tries larger
+    # ones (up to 2^20), and beyond (5e6) says so. The native node needs no cone form
+    # and layer() does not build it.
     node = cddn.layer("entmax", n=3, alpha=1e5)
     assert not isinstance(node, cddn.ConvexLayer)
     x = torch.tensor([0.3, -0.1, 0.2], dtype=F64)
     # Closed form: (alpha - 1)(x_0 - x_2) = 0.1 (1e5 - 1) >= 1, so only x_0 is in the support.
     torch.testing.assert_close(node(x), torch.tensor([1.0, 0.0, 0.0], dtype=F64))
-    spec = registry.build("entmax", n=3, alpha=1e5)  # options checked, problem deferred
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CVXPY's note on its rational approximation
+        cone = cddn.layer("entmax", n=3, alpha=1e5, backend="cvxpy")
+        torch.testing.assert_close(cone(x), torch.tensor([1.0, 0.0, 0.0], dtype=F64), atol=1e-8, rtol=0)
+    spec = registry.build("entmax", n=3, alpha=5e6)  # options checked, problem deferred
     assert spec.parameter_shapes == {"x": (3,)}
-    with pytest.raises(OptionError, match=r"alpha = 100000 is too large for CVXPY's cone form"):
+    with pytest.raises(OptionError, match=r"alpha = 5000000.0 has no cone form close enough"):
         spec.problem
-    with pytest.raises(OptionError, match=r"alpha = 100000 is too large"):
-        cddn.layer("entmax", n=3, alpha=1e5, backend="cvxpy")
+    with pytest.raises(OptionError, match=r"alpha = 5000000.0 has no cone form"):
+        cddn.layer("entmax", n=3, alpha=5e6, backend="cvxpy")
 
 
 def test_registry_deferred_problem_is_built_once():
