@@ -100,15 +100,15 @@ def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
         return fn
     try:
         return copy.deepcopy(fn).to(torch.float64)
-    except Exception:  # noqa: BLE001 - e.g. a module holding a lock or a file handle
+    except Exception as err:  # noqa: BLE001 - e.g. a module holding a lock or a file handle
         tensors = list(fn.parameters()) + list(fn.buffers())
         all64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
         if all64 and not (with_params and any(p.requires_grad for p in fn.parameters())):
             return fn
         raise InputError(
             f"check_gradients compares in float64 on a copy of the module, but {type(fn).__name__} "
-            "cannot be deep-copied (it holds a lock, a file handle, ...): pass a float64 module "
-            "(module.double()) with params=False, or make it copyable") from None
+            f"cannot be deep-copied ({type(err).__name__}: {err}): pass a float64 module "
+            "(module.double()) with params=False, or make it copyable") from err
 
 
 def check_gradients(

@@ -63,7 +63,7 @@ APPLIED_SOLVER_ARGS: dict[str, dict[str, str]] = {
     "verbose": {"SCS": "verbose", "ECOS": "verbose", "Clarabel": "verbose", "auto": "verbose"},
 }
 
-_AUTO_ONLY = ("with the default solver, reaches only the per-element solver, which solves the elements the "
+_AUTO_ONLY = ("reach only the per-element solver under the default solver: it solves the elements the "
               "batched interior point does not certify; pass solve_method='Clarabel' (or 'SCS', 'ECOS') "
               "to solve every element with one solver (not for a quad_form(x, P) of a parameter P, "
               "which only the batched solver takes)")
@@ -164,7 +164,7 @@ class CvxpyLayer(nn.Module):
         solver_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self._warned = False
+        self._warned = self._warned_auto = False
         self._gp = gp
         # (nn.Module owns the names _parameters and parameters: keep the CVXPY objects apart)
         self._declared = (problem, list(parameters), list(variables))
@@ -177,10 +177,9 @@ class CvxpyLayer(nn.Module):
         if isinstance(solver, str) and solver.lower() in _REPLACED_BACKENDS:
             ignored.append(f"solver={solver!r}")
         self._solver = method or backend or "auto"
-        ignored += self._auto_only(self._solver, self._args)
         # One ConvexLayer per solver used; a per-call solve_method adds one on first use.
         self.layers = nn.ModuleDict({self._solver: self._make(self._solver)})
-        self._warn(ignored, stacklevel=3)
+        self._warn(ignored, stacklevel=3, auto_only=self._auto_only(self._solver, self._args))
 
     @staticmethod
     def _backend(solver: Any) -> str | None:
@@ -222,16 +221,21 @@ class CvxpyLayer(nn.Module):
         so ``max_iters`` and ``verbose`` seldom have an effect there (said in the warning)."""
         return [k for k in args if k in APPLIED_SOLVER_ARGS] if solver == "auto" else []
 
-    def _warn(self, ignored: list[str], stacklevel: int) -> None:
+    def _warn(self, ignored: list[str], stacklevel: int, auto_only: Sequence[str] = ()) -> None:
+        """The two notices, each once per layer: keys ignored, and keys that reach only
+        the per-element solver under the default solver."""
         if ignored and not self._warned:
             self._warned = True
-            why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, _AUTO_ONLY if k in APPLIED_SOLVER_ARGS else 'no effect here')}"
-                                    for k in ignored}))
+            why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, 'no effect here')}" for k in ignored}))
             warnings.warn(
                 f"CvxpyLayer ignores {ignored} ({why}). convexddn accepts a solution only "
                 f"with a KKT residual <= {self.convex_layer.tol:g} and differentiates it "
                 "exactly. This warning is shown once per layer.",
                 ConvexDDNWarning, stacklevel=stacklevel)
+        if auto_only and not getattr(self, "_warned_auto", False):  # (layers pickled before it)
+            self._warned_auto = True
+            warnings.warn(f"CvxpyLayer: {list(auto_only)} {_AUTO_ONLY}. This warning is shown once per layer.",
+                          ConvexDDNWarning, stacklevel=stacklevel)
 
     @staticmethod
     def _native(args: dict[str, Any], solver: str) -> dict[str, Any]:
@@ -279,7 +283,7 @@ class CvxpyLayer(nn.Module):
                 "scratch (cvxpylayers supports it only with solver='MOREAU')")
         method, args, ignored = self._translate(solver_args, "solver_args")
         solver = method or self._solver
-        self._warn(ignored + self._auto_only(solver, args), stacklevel=5)
+        self._warn(ignored, stacklevel=5, auto_only=self._auto_only(solver, args))
         if solver not in self.layers:
             self.layers[solver] = self._make(solver)
         out = self.layers[solver](*params, solver_args=self._native(args, solver))

@@ -202,39 +202,33 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
     return not gp and not dpp
 
 
-def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, str]:
+def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[[], str]]:
     """Per-entry (or per-matrix) violation mask of one declared attribute, and what the
-    first violating matrix gets wrong ("" for sign attributes).
+    first violating matrix gets wrong (asked only when there is one: a host sync).
 
     Matrices are judged each at its own scale (its largest entry): a batch-wide scale let
     an indefinite matrix pass beside one of 1e10 (and come back as a wrong "solved" point).
     """
-    if attr == "nonneg":
-        return value < 0, ""
-    if attr == "nonpos":
-        return value > 0, ""
-    if attr == "pos":
-        return value <= 0, ""
-    if attr == "neg":
-        return value >= 0, ""
+    signs = {"nonneg": value.__lt__, "nonpos": value.__gt__, "pos": value.__le__, "neg": value.__ge__}
+    if attr in signs:
+        return signs[attr](0), str
     rel = 1e-12 if value.dtype == torch.float64 else 1e-6
     tol = rel * value.detach().abs().amax((-2, -1))
     asym = ((value - value.transpose(-1, -2)).abs() > 8 * tol[..., None, None]).flatten(-2).any(-1)
     if attr == "symmetric":
-        return asym, "not symmetric"
+        return asym, lambda: "not symmetric"
     # PSD/NSD: symmetric, and the smallest (largest) eigenvalue within rounding of >= 0 (<= 0).
     eig = torch.linalg.eigvalsh(0.5 * (value + value.transpose(-1, -2)).double())
     extreme = eig.amin(-1) if attr == "PSD" else eig.amax(-1)
-    bad = extreme < -64 * tol if attr == "PSD" else extreme > 64 * tol
-    mask = asym | bad
-    if not bool(mask.any()):
-        return mask, ""
-    first = tuple(int(i) for i in torch.nonzero(mask)[0])
-    if bool(asym[first]):
-        return mask, f"the first, at batch index {first}, is not symmetric"
-    which = "smallest" if attr == "PSD" else "largest"
-    return mask, (f"the first, at batch index {first}, has {which} eigenvalue {float(extreme[first]):.3g} "
-                  f"(largest |entry| {float(tol[first]) / rel:.3g})")
+    mask = asym | (extreme < -64 * tol if attr == "PSD" else extreme > 64 * tol)
+
+    def why() -> str:
+        first = tuple(int(i) for i in torch.nonzero(mask)[0])
+        if bool(asym[first]):
+            return f"the first, at batch index {first}, is not symmetric"
+        return (f"the first, at batch index {first}, has {'smallest' if attr == 'PSD' else 'largest'} "
+                f"eigenvalue {float(extreme[first]):.3g} (largest |entry| {float(tol[first]) / rel:.3g})")
+    return mask, why
 
 
 _CHECKED_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "symmetric", "PSD", "NSD")
@@ -257,10 +251,11 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
             n_bad = int(bad.sum())
             if n_bad:
                 what = "entries" if attr in ("nonneg", "nonpos", "pos", "neg") else "matrices"
+                reason = why()
                 raise InputError(
                     f"parameter {i} ({param.name()}) is declared {attr}=True, got {n_bad} {what} "
-                    f"that are not (shape {tuple(value.shape)}{'; ' + why if why else ''}); pass values "
-                    "that satisfy the declaration or drop it from the cp.Parameter")
+                    f"that are not (shape {tuple(value.shape)}{'; ' + reason if reason else ''}); pass "
+                    "values that satisfy the declaration or drop it from the cp.Parameter")
 
 
 def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.Parameter],

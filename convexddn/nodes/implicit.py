@@ -79,7 +79,8 @@ def _call(name: str, fn: Callable[..., Tensor], xs, y: Tensor):
             raise
         shapes = ", ".join(str(tuple(x.shape)) for x in xs)
         raise ShapeError(f"{name} failed on inputs of shapes {shapes} and a solution y of shape "
-                         f"{tuple(y.shape)} ({err}): does solve return the shape {name} expects?") from err
+                         f"{tuple(y.shape)} ({err}): does solve return the shape {name} expects, and do "
+                         f"the shapes inside {name} fit together?") from err
 
 
 def _objective(name: str, fn: Callable[..., Tensor], xs, y: Tensor) -> Tensor:
@@ -314,11 +315,11 @@ def declarative_vjp(
     grads = tuple(g.detach() for g in grads)
     dtypes = [x.dtype for x in xs] + [p.dtype for p in params]
     cast = tuple(g.to(dt) for g, dt in zip(grads, dtypes))
-    # Never hand back NaN or Inf silently: one host sync for both tests below.
+    # Never hand back NaN or Inf silently: one host sync for the tests below.
     bad = [~torch.isfinite(g) for g in grads]
     lost = [~torch.isfinite(c) & ~b for c, b in zip(cast, bad)]
-    flags = torch.stack([t.any() for t in bad + lost] + [upstream.any()])
-    if bool(flags[:-1].any()):
+    flags = torch.stack([t.any() for t in bad + lost] + [upstream.any()]).tolist()
+    if any(flags[:-1]):
         counts = [int(b.sum()) for b in bad]
         if sum(counts):
             warnings.warn(
@@ -339,7 +340,7 @@ def declarative_vjp(
                 GradientWarning,
                 stacklevel=2,
             )
-    if bool(flags[-1]):
+    if flags[-1]:
         warnings.warn(
             f"{who}the incoming gradient (of the loss with respect to the solution) holds "
             f"NaN or Inf for {shown_indices(upstream)}: their input gradients are NaN, and "

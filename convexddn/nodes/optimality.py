@@ -125,20 +125,19 @@ def kkt_residuals(
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)
-    # Rounding-level residuals (a few eps of the batch's scale) score below tol.
-    level = _ROUNDING * eps / tol
     no_length = _no_length(xg)
-    scale = _floored(scale, level, no_length, Hu.norm(dim=-1))
+    noise = _rounding(scale, eps, no_length, Hu.norm(dim=-1))
+    scale = _floored(scale, eps)
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
-        return KKTResiduals(_ratio(gf.norm(dim=-1), scale).detach(), zero, zero.bool())
+        return KKTResiduals(_ratio(_above(gf.norm(dim=-1), noise), scale).detach(), zero, zero.bool())
     is_ineq = torch.zeros(c.shape[1], dtype=torch.bool, device=c.device)
     is_ineq[n_eq:] = True
     # Negative multipliers of inequalities cannot cancel the gradient: clamp them, and
     # what they were meant to cancel shows up in the stationarity residual.
     lam_ok = torch.where(is_ineq, lam.clamp_min(0.0), lam)
     r = gf + (A.transpose(1, 2) @ lam_ok.unsqueeze(-1)).squeeze(-1)
-    stationarity = _ratio(r.norm(dim=-1), scale)
+    stationarity = _ratio(_above(r.norm(dim=-1), noise), scale)
     violation = torch.where(is_ineq, c.detach().clamp_min(0.0), c.detach())
     uc = pseudo_random_directions(c.shape[1], batch, c.dtype, c.device)
     dcx = torch.autograd.grad((c * uc).sum(), tuple(xg), retain_graph=True, allow_unused=True)
@@ -146,7 +145,8 @@ def kkt_residuals(
     for x, g in zip(xg, dcx):
         if g is not None:
             feas_scale = feas_scale + _row_norm(g) * _row_norm(x)
-    feasibility = _ratio(violation.norm(dim=-1), _floored(feas_scale, level, no_length, A.flatten(1).norm(dim=-1)))
+    feas_noise = _rounding(feas_scale, eps, no_length, A.flatten(1).norm(dim=-1))
+    feasibility = _ratio(_above(violation.norm(dim=-1), feas_noise), _floored(feas_scale, eps))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
     weakly = (active_ineq & (force <= tol * scale.unsqueeze(-1))).any(-1)
@@ -162,26 +162,39 @@ def _no_length(xg: Sequence[Tensor]) -> Tensor | None:
     return torch.stack([x.detach().abs().amax() if x.numel() else x.new_zeros(()) for x in xg]).amax() == 0
 
 
-def _floored(scale: Tensor, level: float, no_length: Tensor | None, derivative: Tensor) -> Tensor:
-    """``scale`` (B,), at least ``level`` times the batch's largest; in a batch whose
-    inputs are all exactly zero, also at least ``level`` times ``derivative`` (B,) (the
-    derivative's norm times the coordinates' unit length).
+def _floored(scale: Tensor, eps: float) -> Tensor:
+    """``scale`` (B,), at least ``eps`` times the batch's largest (never ~0: it divides)."""
+    if scale.numel() == 0:
+        return scale
+    return torch.maximum(scale, eps * scale.amax())
+
+
+def _rounding(scale: Tensor, eps: float, no_length: Tensor | None, derivative: Tensor) -> Tensor:
+    """What of a residual (B,) is not counted: for an element without a scale of its
+    own, the batch's rounding level (``8 eps`` times its largest scale; in a batch whose
+    inputs are all exactly zero, at least ``8 eps`` times ``derivative``, its norm times
+    the coordinates' unit length); 0 for every other element.
 
     An element at the origin (``x = 0``, ``y`` ~ 1e-20 from an iterative solve) has no
-    scale of its own (first and second derivatives cannot form a length): its
-    residual and its scale are both the size of ``y``'s error, and their ratio ~1
-    would call an exact minimiser non-stationary. The batch shares one problem and its
-    units, so the largest element's scale, times ``level`` (rounding, ``8 eps``, over
-    ``tol``), is a floor: a residual at the batch's rounding level passes, and elements
-    larger than ``level`` times the largest are unaffected. A batch with no length at
-    all (a zero-initialised layer before the node) is measured in the coordinates' unit.
+    scale of its own (first and second derivatives cannot form a length): its residual
+    and its scale are both the size of ``y``'s error, and their ratio ~1 would call an
+    exact minimiser non-stationary. The batch shares one problem and its units, so such
+    an element passes within the batch's rounding (:func:`_above`); a batch with no
+    length at all (a zero-initialised layer before the node) is measured in the
+    coordinates' unit. An element with a scale above that level keeps its own relative
+    test: an error small beside a large element is still an error for it.
     """
     if scale.numel() == 0:
         return scale
-    floor = level * scale.amax()
+    level = _ROUNDING * eps * scale.amax()
     if no_length is not None:
-        floor = torch.where(no_length, torch.maximum(floor, level * derivative), floor)
-    return torch.maximum(scale, floor)
+        level = torch.where(no_length, torch.maximum(level, _ROUNDING * eps * derivative), level)
+    return torch.where(scale <= level, level, 0.0)
+
+
+def _above(residual: Tensor, noise: Tensor) -> Tensor:
+    """What of ``residual`` exceeds its rounding level ``noise`` (0 below it)."""
+    return (residual - noise).clamp_min(0.0)
 
 
 def _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly) -> Tensor:

@@ -108,8 +108,11 @@ def test_per_element_solver_args_with_the_default_solver_are_announced():
     b = cp.Parameter(2)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x - b)), [x >= 0])
     layer = CvxpyLayer(prob, parameters=[b], variables=[x])
-    with pytest.warns(ConvexDDNWarning, match=r"max_iters: with the default solver, reaches only the per-element"):
+    with pytest.warns(ConvexDDNWarning, match=r"\[.max_iters.\] reach only the per-element solver under the default solver"):
         layer(torch.ones(2, dtype=F64), solver_args={"max_iters": 1})
+    # That notice does not use up the one about ignored keys.
+    with pytest.warns(ConvexDDNWarning, match=r"CvxpyLayer ignores \[.eps.\]"):
+        layer(torch.ones(2, dtype=F64), solver_args={"eps": 1e-9})
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvexDDNWarning)
         CvxpyLayer(prob, parameters=[b], variables=[x], solver_args={"solve_method": "SCS", "max_iters": 500})(
@@ -131,9 +134,13 @@ def test_diagonal_variables_cannot_be_returned():
 
 
 def test_learned_layer_takes_per_call_solver_args():
+    """They reached the input binding ("unknown input name 'solver_args'"); now the
+    ConvexLayer validates them (an unknown key is its OptionError) and applies them."""
     layer = cddn.layer("qp", n=4, n_ineq=3, learn="Gh", inputs="q")
     q = torch.randn(2, 4, dtype=torch.get_default_dtype(), generator=_gen(5))
     torch.testing.assert_close(layer(q, solver_args={"max_iter": 200}), layer(q))
+    with pytest.raises(OptionError, match=r"solver_args \(per call\).*bogus"):
+        layer(q, solver_args={"bogus": 1})
 
 
 def test_a_builder_option_named_like_a_layer_option_goes_to_the_builder():

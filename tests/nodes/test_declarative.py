@@ -204,3 +204,39 @@ def test_solution_of_another_per_element_shape_gets_a_shape_error():
     with pytest.raises(ShapeError, match=r"Wrong\.objective failed on inputs of shapes \(3, 4\) and a solution y "
                                          r"of shape \(3, 2\).*does solve return the shape"):
         Wrong()(x).sum().backward()
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 1e4), (torch.float64, 1e9)])
+def test_an_element_beside_a_large_one_keeps_its_own_relative_test(dtype, big):
+    """The origin's allowance must not reach elements with a scale of their own: off by
+    50 % beside a large element is still rejected, off by 0.2 % still reported."""
+    class Off(Fit):
+        def __init__(self, err):
+            super().__init__()
+            self.rel = err
+
+        def solve(self, x):
+            y = x.clone()
+            y[1] = y[1] * (1 + self.rel)
+            return y
+
+    x = torch.randn(2, 4, dtype=dtype, generator=_gen(7))
+    x[0] *= big
+    with pytest.raises(SolverError, match="not a KKT point"):
+        Off(0.5)(x.clone().requires_grad_()).sum().backward()
+    with pytest.warns(GradientWarning, match="only approximately"):
+        Off(0.002)(x.clone().requires_grad_()).sum().backward()
+
+
+def test_a_missing_first_derivative_is_not_called_a_second_one():
+    class Gamma(DeclarativeNode):
+        def objective(self, x, y):  # igamma has no derivative in its first argument
+            return (torch.special.gammainc(y, x) + (y - x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return x.clone()
+
+    x = torch.rand(2, 3, dtype=DT, generator=_gen(8)) + 1
+    with pytest.raises(NotImplementedError, match="igamma") as info:
+        Gamma(check_solution=False)(x.requires_grad_()).sum().backward()
+    assert not isinstance(info.value, ProblemError)
