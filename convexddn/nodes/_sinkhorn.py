@@ -323,7 +323,7 @@ def _solve_at(
             break
         served = torch.zeros_like(todo)
         newton = todo & (st.err < NEWTON_BELOW) & (rate > FAST_BLOCK)
-        if bool(newton.any()):
+        if bool(newton.any()):  # a host sync per outer iteration (and per halving below)
             it += 1
             # S d = ∇φ; the (a − r) term accounts for rows exact only up to rounding.
             corr = ((a - st.r) / st.r).unsqueeze(-2) @ st.P
@@ -346,12 +346,15 @@ def _solve_at(
                     break
                 t *= 0.5
         rest = todo & ~served
-        if bool(rest.any()) and it < max_iter:
+        # (One host sync for both tests; each outer iteration runs a block of scaling
+        # steps or a Newton step with its Schur factorisation, which it amortises.)
+        any_rest, all_rest = torch.stack((rest.any(), rest.all())).tolist()
+        if any_rest and it < max_iter:
             steps = min(BLOCK, max_iter - it)
             it += steps
             after = _State(_scaling_block(st, a, b, steps), ce, a, la, b, lo)
             rate = torch.where(rest, after.err / st.err, rate)
-            if bool(rest.all()):
+            if all_rest:
                 st = after
             else:
                 st.take(after, rest)

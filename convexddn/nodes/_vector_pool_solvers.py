@@ -119,7 +119,7 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
             new = torch.where(sw > 0, (w @ xc) / torch.where(sw > 0, sw, torch.ones_like(sw)), U)
             step = (new - U).abs().amax(-1)
             U = new
-            if not bool((step > limit).any()):
+            if not bool((step > limit).any()):  # one host sync per IRLS step
                 break
         return U, pen.phi(dist(U), aa).sum(-1)
 
@@ -149,7 +149,7 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
         g = torch.where(toggled.sum(-1) > 0, g, torch.full_like(g, math.inf))
         g, pick = g.min(-1)
         better = g < f - 8 * N * eps * f.abs()
-        if not bool(better.any()):
+        if not bool(better.any()):  # one host sync per toggling round
             break
         u = torch.where(better.unsqueeze(-1), V[rows, pick], u)
         f = torch.where(better, g, f)
@@ -186,7 +186,7 @@ def _polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol
             new = torch.where(take.unsqueeze(-1), u_nt, new)
         moved = (new - u).abs().amax(-1)
         u = new
-        n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())
+        n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())  # one host sync per Newton step
         if n_todo == 0:
             return u
     warnings.warn(

@@ -121,7 +121,7 @@ def _threshold_newton(z: torch.Tensor, d: int, k: float) -> torch.Tensor:
             # τ only increases, so entries at or below it are out for good: continue on
             # each row's largest entries when few remain (rows with fewer keep some
             # entries below τ, which contribute 0).
-            keep = int((z > tau).sum(d).max())
+            keep = int((z > tau).sum(d).max())  # one host sync, once per call
             if keep <= n // 4:
                 z = z.topk(max(keep, 1), dim=d, sorted=False).values
         t = (z - tau).clamp_(min=0.0)
@@ -131,6 +131,7 @@ def _threshold_newton(z: torch.Tensor, d: int, k: float) -> torch.Tensor:
         # f ≥ 0 left of the root and f is convex, so the step only moves τ right; a
         # step that does not (rounding at the root) ends that row.
         new = torch.maximum(tau + f / fp, tau)
+        # One host sync per Newton step (a few per call: the steps converge quadratically).
         if bool((new == tau).all()):
             break
         tau = new

@@ -104,7 +104,7 @@ def _solve(theta, xs, pen, tol, max_iter):
         done = (small & ok) | stuck
         theta = torch.where(ok.unsqueeze(-1), theta + step, theta)
         lam = torch.where(ok, (lam / 10).clamp(min=1e-15), lam * 10)
-        n_todo = int((~done).sum())
+        n_todo = int((~done).sum())  # one host sync per Levenberg–Marquardt step
         if n_todo == 0:
             return theta
     warnings.warn(f"pnp: {n_todo} of {B} problem(s) did not reach tol={tol:g} within max_iter={max_iter}; "
