@@ -112,8 +112,12 @@ def validate_solver_args(solver: str, args: Any, what: str = "solver_args") -> d
     return {k: _solver_value(f"{what}[{k!r}]", kinds[k], v) for k, v in args.items()}
 
 
-def _offending_expression(problem: cp.Problem, gp: bool) -> str:
-    """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can."""
+def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
+    """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can
+    (with ``qp``, the objective by the batched solver's rule: quad_form(x, P) of a
+    parameter P is DPP there, not in a constraint)."""
+    from cvxpy.utilities import scopes
+
     parts = [("objective", problem.objective)] + [
         (f"constraint {i}", c) for i, c in enumerate(problem.constraints)
     ]
@@ -123,7 +127,13 @@ def _offending_expression(problem: cp.Problem, gp: bool) -> str:
             ok = part.is_dgp() if gp else part.is_dcp()
             if not ok:
                 return f"{label} `{part}` is not {rule}"
-            ok = part.is_dgp(dpp=True) if gp else part.is_dcp(dpp=True)
+            if gp:
+                ok = part.is_dgp(dpp=True)
+            elif qp and label == "objective":
+                with scopes.quad_form_dpp_scope():
+                    ok = part.is_dcp(dpp=True)
+            else:
+                ok = part.is_dcp(dpp=True)
             if not ok:
                 return f"{label} `{part}` is not DPP"
         except Exception:  # noqa: BLE001 — CVXPY raises various errors here
@@ -162,7 +172,7 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
             raise NotDPPError(
                 "problem must be DPP (disciplined parametrized programming: parameters may "
                 "enter only affinely, or multiply parameter-free expressions) so that it "
-                f"can be canonicalised once: {_offending_expression(problem, gp)}{hint}")
+                f"can be canonicalised once: {_offending_expression(problem, gp, qp=batched)}{hint}")
     if problem.is_mixed_integer():
         names = [v.name() for v in problem.variables() if v.attributes["boolean"] or v.attributes["integer"]]
         raise ProblemError(

@@ -67,6 +67,12 @@ def test_quad_form_with_a_parameter_matrix_errors_stay_precise():
     with pytest.raises(NotDPPError, match=r"quad_form\(x, P\) with a parameter P is DPP in the objective for the "
                                           r"batched solver: use solver='auto'"):
         ConvexLayer(prob, params, [x], solver="Clarabel")
+    # In a constraint it is not DPP for any solver: the error names the constraint (it
+    # named the objective, which the batched solver takes).
+    P, x2 = params[0], cp.Variable(3)
+    both = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x2, P)), [cp.quad_form(x2, P) <= 1.0])
+    with pytest.raises(NotDPPError, match=r"constraint 0 `QuadForm"):
+        ConvexLayer(both, [P], [x2])
     layer = ConvexLayer(prob, params, [x])
     lo = torch.zeros(3, 3, dtype=F64)
     lo[1] = 2.0  # above the upper bound 0.3: infeasible (no per-element path to fall back on)
