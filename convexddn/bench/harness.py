@@ -30,9 +30,16 @@ def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torc
     y = fn(x)
     sync(device)
     t1 = time.perf_counter()
-    torch.autograd.grad(y, x, g)
+    materialised(torch.autograd.grad(y, x, g))
     sync(device)
     return t1 - t0, time.perf_counter() - t1
+
+
+def materialised(grads):
+    """The gradients as full tensors: a training step accumulates them into ``.grad``,
+    so a stride-0 view (quadratic pooling's backward returns one) pays its copy there;
+    every timed path pays it here too (free for a gradient that is already full)."""
+    return [g.contiguous() if g is not None else None for g in grads]
 
 
 def median_times(ops: dict[str, Callable[[], tuple[float, float]]], repeats: int,
