@@ -22,3 +22,13 @@ def test_timed_backward_materialises_a_stride_zero_gradient(monkeypatch):
     monkeypatch.setattr(harness, "materialised", lambda grads: seen.append(grads) or real(grads))
     harness.fwd_bwd(lambda t: robust_pool(t, "quadratic", 1.0), x, g, torch.device("cpu"))
     assert len(seen) == 1 and seen[0][0].stride()[-1] == 0
+
+
+def test_report_says_why_the_reference_comparison_is_missing():
+    """Without the DDN reference the comparison table vanished without a word (the
+    reason was only in the JSON)."""
+    from convexddn.bench.report import _ddn_table
+
+    rows = [{"family": "pooling", "node": "huber", "path": "native",
+             "ddn_reference": "the DDN reference is not importable here"}]
+    assert "Not measured: the DDN reference is not importable here." in _ddn_table(rows)
