@@ -25,8 +25,10 @@ def estimate_skipped(rows: list[dict]) -> None:
 
 
 def _first_call(r: dict) -> str:
-    """The first call's time and what it costs over a warm call (the goal's measure)."""
-    text = f"first call {r['first_call_s']:.1f} s"
+    """The first call's time at this shape and what it costs over a warm call (the goal's
+    measure). The shapes run in one process, smallest first: only the first shape's is
+    the process's first call."""
+    text = f"first call at this shape {r['first_call_s']:.1f} s"
     if r.get("first_call_over_warm_s") is not None:
         text += f" ({r['first_call_over_warm_s']:+.2f} s over a warm call)"
     return text

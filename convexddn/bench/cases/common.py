@@ -53,8 +53,9 @@ def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable
     how = "one batched solve" if batched else "one solve per row, scaled to one sample"
     row.update(fwd_ms_per_sample=1e3 * fs, bwd_ms_per_sample=1e3 * bs,
                fwd_rel_mean=fs * B / mean_f, bwd_rel_mean=bs * B / mean_b,
-               note=f"timed on {x.shape[0]} rows ({how}); median of {rounds} calls after a first one")
-    ds, dg = agreement(native, cvxpy, x[:8].cpu())
+               note=f"timed on {x.shape[0]} rows ({how}); median of {rounds} calls after a first one; "
+                    f"Δ columns on the first {min(8, x.shape[0])} rows")
+    ds, dg = agreement(native, cvxpy, x[:8].cpu())  # (the note says how many rows)
     progress.update(1)
     for r in [row] + [r for r in rows if r["node"] == row["node"] and r["path"] == "native"]:
         r.update(max_solution_diff=ds, max_grad_diff=dg)
