@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any, Iterable
 
 from ._lazy import torch
@@ -71,6 +72,36 @@ def real_number(value: numbers.Real) -> float:
         return float(value)
     except OverflowError:
         return math.inf if value > 0 else -math.inf
+
+
+def check_number(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                 hint: str = "", constant_because: str = "") -> float:
+    """A numeric option that is one constant: finite and ``> above`` (or ``>= at_least``), as a float.
+
+    Python and NumPy scalars are accepted; tensors, bools and anything else raise
+    :class:`~convexddn.errors.OptionError` naming the option, what it must be and what
+    came (``hint`` is appended; ``constant_because`` says in the tensor's message why the
+    option is a constant). A tensor is refused, not converted: its gradient would be
+    dropped, and a tensor of several entries would be compared one by one. Options that
+    may be learned (a tensor) are checked by :func:`check_scale` instead.
+    """
+    bound = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
+    # A tensor implies torch is imported: no import here (the registry's options are
+    # checked before torch is needed).
+    torch_ = sys.modules.get("torch")
+    if torch_ is not None and isinstance(value, torch_.Tensor):
+        raise OptionError(
+            f"{name} must be a number (a Python or NumPy scalar){bound}, got a tensor of shape "
+            f"{tuple(value.shape)}: {constant_because + '; ' if constant_because else ''}"
+            f"pass float(t) for a one-element tensor{hint}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(f"{name} must be a number{bound}, got {value!r}{hint}")
+    number = real_number(value)
+    ok = math.isfinite(number) and (above is None or number > above) and (
+        at_least is None or number >= at_least)
+    if not ok:
+        raise OptionError(f"{name} must be finite{' and' + bound if bound else ''}, got {value!r}{hint}")
+    return number
 
 
 def check_positive(name: str, value: Any) -> None:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from ._checks import check_bool, check_finite, check_int, check_positive, check_tensor, real_number
+from ._checks import check_bool, check_finite, check_int, check_number, check_tensor
 from .errors import DTypeError, GradientCheckError, InputError, OptionError
 
 __all__ = ["GradientCheckError", "GradientReport", "check_gradients"]
@@ -76,16 +75,6 @@ class GradientReport:
             f"{self.n_compared} {self.mode} comparison(s){checked}; "
             f"eps={self.eps:g}, atol={self.atol:g}, rtol={self.rtol:g}"
         )
-
-
-def _positive_number(name: str, value: Any) -> float:
-    """A finite number > 0 as a float (NumPy scalars included; tensors refused: a
-    tolerance is one number, and a tensor's entries would be compared one by one)."""
-    if isinstance(value, torch.Tensor):
-        raise OptionError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}; "
-                          "pass float(t) for a one-element tensor")
-    check_positive(name, value)
-    return float(real_number(value))
 
 
 def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
@@ -200,7 +189,8 @@ def check_gradients(
     for name, x in zip(names, inputs):
         check_tensor(name, x)
         check_finite(name, x)
-    eps, atol, rtol = (_positive_number(k, v) for k, v in (("eps", eps), ("atol", atol), ("rtol", rtol)))
+    eps, atol, rtol = (check_number(k, v, above=0, constant_because="a tolerance is one number")
+                       for k, v in (("eps", eps), ("atol", atol), ("rtol", rtol)))
     if n_directions is not None:
         # An integer, not just a positive number: 2.5 would silently run 2 directions and
         # 0.5 none at all (then fail on an empty stack).

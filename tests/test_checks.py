@@ -130,3 +130,26 @@ def test_sparse_and_meta_tensors_get_an_input_error(kind):
         want = r"meta device" if kind == "meta" else r"dense \(strided\) tensor, got layout torch\.sparse"
         with pytest.raises(InputError, match=f"({arg}).*{want}"):
             fn(value)
+
+
+def test_check_number_is_the_one_numeric_option_validator():
+    """The registry's options and check_gradients' tolerances go through one validator:
+    NumPy scalars pass as floats; bools, strings, non-finite or out-of-range numbers and
+    tensors (whose gradient would be dropped) are OptionErrors naming the option."""
+    import numpy as np
+
+    from convexddn._checks import check_number
+    from convexddn.convex import registry
+
+    assert check_number("eps", np.float32(0.5), above=0) == 0.5
+    assert isinstance(check_number("eps", np.int64(3), at_least=0), float)
+    for bad, match in ((True, r"eps must be a number > 0, got True"), ("1", r"eps must be a number > 0, got '1'"),
+                       (0.0, r"eps must be finite and > 0, got 0.0"), (float("nan"), r"finite and > 0, got nan"),
+                       (10 ** 400, r"must be finite and > 0")):
+        with pytest.raises(OptionError, match=match):
+            check_number("eps", bad, above=0)
+    with pytest.raises(OptionError, match=r"ridge must be finite and >= 0, got -1"):
+        check_number("ridge", -1, at_least=0)
+    with pytest.raises(OptionError, match=r"got a tensor of shape \(\): registry options are constants of "
+                                          r"the problem; pass float\(t\)"):
+        registry.real_option("radius", torch.tensor(2.0), above=0)

@@ -367,7 +367,8 @@ def test_check_gradients_tolerances_are_numbers():
     report = check_gradients(square, _x(2, 3), eps=np.float32(1e-6), atol=np.float64(1e-5))
     assert report.ok and isinstance(report.eps, float)
     for key in ("eps", "atol", "rtol"):
-        with pytest.raises(OptionError, match=rf"{key} must be a number, got a tensor of shape \(2,\)"):
+        with pytest.raises(OptionError, match=rf"{key} must be a number \(a Python or NumPy scalar\) > 0, got a "
+                                              r"tensor of shape \(2,\): a tolerance is one number"):
             check_gradients(square, _x(2, 3), **{key: torch.tensor([1e-6, 1e-6])})
 
 

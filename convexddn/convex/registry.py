@@ -17,15 +17,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import math
-import numbers
-import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .._checks import real_number
+from .._checks import check_number
 from ..errors import OptionError, ProblemError
 
 if TYPE_CHECKING:
@@ -199,26 +196,11 @@ def real_option(name: str, value: Any, *, above: float | None = None, at_least: 
                 hint: str = "") -> float:
     """A numeric registry option as a float: finite and ``> above`` (or ``>= at_least``).
 
-    Python and NumPy scalars are accepted; tensors, bools and anything else raise
-    :class:`~convexddn.errors.OptionError` naming the option, what it must be and what
-    came (``hint`` is appended). Options are constants of the CVXPY problem, so a tensor
-    (whose gradient would be dropped) is refused, not converted.
+    The one numeric-option validator (:func:`convexddn._checks.check_number`), saying
+    why a tensor is refused here: registry options are constants of the CVXPY problem.
     """
-    bound = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
-    torch = sys.modules.get("torch")  # a tensor implies torch is imported: no import here
-    if torch is not None and isinstance(value, torch.Tensor):
-        raise OptionError(
-            f"{name} must be a number (a Python or NumPy scalar){bound}, got a tensor of shape "
-            f"{tuple(value.shape)}: registry options are constants of the problem; pass "
-            f"float(t) for a one-element tensor{hint}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise OptionError(f"{name} must be a number{bound}, got {value!r}{hint}")
-    number = real_number(value)
-    ok = math.isfinite(number) and (above is None or number > above) and (
-        at_least is None or number >= at_least)
-    if not ok:
-        raise OptionError(f"{name} must be finite{' and' + bound if bound else ''}, got {value!r}{hint}")
-    return number
+    return check_number(name, value, above=above, at_least=at_least, hint=hint,
+                        constant_because="registry options are constants of the problem")
 
 
 def names() -> list[str]:
