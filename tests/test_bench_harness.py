@@ -32,3 +32,29 @@ def test_report_says_why_the_reference_comparison_is_missing():
     rows = [{"family": "pooling", "node": "huber", "path": "native",
              "ddn_reference": "the DDN reference is not importable here"}]
     assert "Not measured: the DDN reference is not importable here." in _ddn_table(rows)
+
+
+def test_cheap_convex_rows_get_more_interleaved_rounds(monkeypatch):
+    """Three interleaved rounds left the medians of the fast convex rows (a QP at batch 64:
+    ~1.5 s a round) at the mercy of a shared machine's drift; cheap pairs now get as many
+    rounds as fit in the budget (at most CONVEX_MAX_ROUNDS), slow ones the minimum, and
+    each row and the report say how many."""
+    from convexddn.bench.cases import convex as cases
+    from convexddn.bench.report import format_table
+
+    monkeypatch.setattr(cases, "moreau_available", lambda: False)
+    timings = iter([0.01] * 1000)
+    monkeypatch.setattr(cases, "_fwd_bwd", lambda fn, data, g, dev: (
+        next(timings), 0.0, torch.zeros(2, 16, dtype=torch.float64), [torch.zeros(2, 16, dtype=torch.float64)]))
+
+    class Bar:
+        def update(self, k):
+            pass
+
+    fast = cases.convex_cases([("sparsemax16", 2)], 3, Bar(), budget_s=0.5)
+    assert {r["rounds"] for r in fast if "fwd_s" in r} == {min(cases.CONVEX_MAX_ROUNDS, int(0.5 / 0.03))}
+    slow = cases.convex_cases([("sparsemax16", 2)], 3, Bar(), budget_s=0.0)
+    assert {r["rounds"] for r in slow if "fwd_s" in r} == {3}
+    table = format_table({"machine": {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2,
+                                      "device": "cpu"}, "repeats": 5, "rows": [], "convex": fast + slow})
+    assert "the convex path: 3–15 interleaved rounds by cost" in table

@@ -34,7 +34,7 @@ from .cases import (
     projection_cases,
     workers_speedup,
 )
-from .cases.convex import CONVEX_ROUNDS, convex_cases
+from .cases.convex import CONVEX_ROUND_BUDGET_S, CONVEX_ROUNDS, convex_cases
 from .cases.pooling import DDN_PAPER_ROUNDS
 from .cases.nodes import node_cases
 from .harness import peak_memory
@@ -83,7 +83,8 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             if proj_shape is not None:
                 rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
         convex_problems = CONVEX_QUICK if quick else CONVEX_CUDA if dev.type == "cuda" else CONVEX_FULL
-        convex = convex_cases(convex_problems, rounds["convex"], progress, device)
+        convex = convex_cases(convex_problems, rounds["convex"], progress, device,
+                              budget_s=0.0 if quick else CONVEX_ROUND_BUDGET_S)
         nodes = node_cases(repeats, progress, dev)
     estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []

@@ -158,11 +158,15 @@ def format_table(result: dict[str, Any]) -> str:
     # Results written before the key record no rounds: these were the rounds then (kept as
     # literals on purpose: CONVEX_ROUNDS / DDN_PAPER_ROUNDS may change after them).
     rounds = result.get("rounds", {"convex": 3, "ddn_paper": 2})
+    convex_rounds = sorted({r["rounds"] for r in result.get("convex", []) if "rounds" in r})
+    convex_span = (f"{convex_rounds[0]}–{convex_rounds[-1]} interleaved rounds by cost, each row's in "
+                   "bench.json" if len(convex_rounds) > 1 else f"{convex_rounds[0]}" if convex_rounds
+                   else f"at most {rounds['convex']}")
     lines.append("The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "
                  "see the README's Benchmarks.")
     lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
                  f"({m['torch_threads']} threads), device {m['device']}; medians of "
-                 f"{result['repeats']} rounds (the convex path: at most {rounds['convex']}; the DDN "
+                 f"{result['repeats']} rounds (the convex path: {convex_span}; the DDN "
                  f"reference at the paper's shape: {rounds['ddn_paper']}, its own interleaved rounds; "
                  "cone-program rows: see their note); "
                  "mean = `x.mean(-1)` of the same tensor.")

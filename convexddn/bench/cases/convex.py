@@ -110,8 +110,12 @@ CONVEX_PROBLEMS: dict[str, tuple[str, Callable]] = {
 # with the per-element path to ~1e-9 in the tests.
 PEER_MAX_BATCH = 1024
 
-#: Timed rounds of the convex rows at most (each takes minutes on a CPU).
+#: Timed rounds of the convex rows at least (a round of the slow rows takes minutes on a CPU).
 CONVEX_ROUNDS = 3
+#: ... and at most, where a round is cheap: more interleaved rounds within this many
+#: seconds per problem and batch make the medians of the fast rows (a QP at batch 64: ~1.5 s
+#: a round for all four paths) robust to a shared machine's drift.
+CONVEX_MAX_ROUNDS, CONVEX_ROUND_BUDGET_S = 15, 20.0
 
 
 def _paths(prob, params, variables, peers: bool = True) -> dict[str, Callable]:
@@ -153,8 +157,14 @@ def _fwd_bwd(fn: Callable, data: list[torch.Tensor], g: torch.Tensor, device) ->
     return t1 - t0, t2 - t1, y.detach().cpu().double(), [None if gr is None else gr.cpu().double() for gr in grads]
 
 
-def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device: str = "cpu") -> list[dict]:
-    """Time every path on ``(problem name, batch)`` pairs; one row per path and problem."""
+def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device: str = "cpu",
+                 budget_s: float = CONVEX_ROUND_BUDGET_S) -> list[dict]:
+    """Time every path on ``(problem name, batch)`` pairs; one row per path and problem.
+
+    Each pair gets ``repeats`` interleaved rounds, or more (up to :data:`CONVEX_MAX_ROUNDS`)
+    as many as fit in ``budget_s`` seconds at the warm-up's pace; each row records its
+    ``rounds``.
+    """
     dev = torch.device(device)
     rows = []
     for name, batch in problems:
@@ -169,15 +179,18 @@ def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device
             base_label = "convexddn per element" if peers else "convexddn batched (auto), cpu"
             ref = _fwd_bwd(paths[base_label], data, g, torch.device("cpu"))  # warm-up + reference
             results: dict[str, dict[str, Any]] = {}
+            round_s = 0.0
             for label, fn in paths.items():
                 on = dev if label == "convexddn batched (auto)" else torch.device("cpu")
                 try:
-                    _, _, y, grads = _fwd_bwd(fn, data, g, on)  # warm-up (canonicalisation, caches)
+                    f, b, y, grads = _fwd_bwd(fn, data, g, on)  # warm-up (canonicalisation, caches)
                     results[label] = {"fwd": [], "bwd": [], "y": y, "grads": grads, "device": on}
+                    round_s += f + b
                 except Exception as err:  # noqa: BLE001 - a peer failing is a result, not a crash
                     results[label] = {"error": f"{type(err).__name__}: {str(err)[:120]}"}
                 progress.update(1)
-            for _ in range(repeats):
+            rounds = max(repeats, min(CONVEX_MAX_ROUNDS, int(budget_s / max(round_s, 1e-9))))
+            for k in range(rounds):
                 for label, fn in paths.items():
                     r = results[label]
                     if "error" in r:
@@ -185,10 +198,11 @@ def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device
                     f, b, _, _ = _fwd_bwd(fn, data, g, r["device"])
                     r["fwd"].append(f)
                     r["bwd"].append(b)
-                progress.update(len(paths))
+                if k < repeats:  # the progress bar counts the rounds every pair gets
+                    progress.update(len(paths))
         for label, r in results.items():
             row = {"family": "convex", "problem": name, "description": desc, "batch": batch,
-                   "path": label, "device": str(r.get("device", "cpu"))}
+                   "path": label, "device": str(r.get("device", "cpu")), "rounds": rounds}
             if "error" in r:
                 row["note"] = r["error"]
             else:
