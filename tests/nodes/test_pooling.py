@@ -887,8 +887,8 @@ def test_pool_backward_rows_whose_weights_underflow():
     x = torch.tensor([[-1e200, 1e200], [-3e200, 3e200]], dtype=torch.float64)
     y = torch.zeros(2, dtype=torch.float64)
     gy = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    gx, _, ok, all_ok = kernels.pool_backward(pen, x, y, torch.tensor(1.0, dtype=torch.float64), gy,
-                                              True, False, False)
+    gx, _, ok, all_ok, _ = kernels.pool_backward(pen, x, y, torch.tensor(1.0, dtype=torch.float64), gy,
+                                                 True, False, False)
     assert all_ok and bool(ok.all())
     expected = torch.tensor([[0.5, 0.5], [1.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(gx, expected, rtol=1e-12, atol=0)
@@ -1015,3 +1015,87 @@ def test_trunc_quad_segmented_and_centred_sums_agree():
     far[:, -3:] = 1e9
     _, risky = trunc_quad_runs(far, torch.searchsorted(far, far - 2 * a, out_int32=True), a)
     assert bool(risky.all())
+
+
+# ------------------------------------------------------------- far tails, overflow, subclass checks
+
+
+def test_pseudo_huber_far_out_on_the_tails_is_not_taken_for_converged():
+    """alpha far below the data's spacing: from the start (a data point) g = -alpha and
+    h = 1 (that point's own curvature) claimed a root within noise / h, but h collapses
+    (~alpha^3 / |z|^3) a few alphas away: float32 returned the data point 999.3667 with
+    the gradient [1, 0, 0, 0], silently, where the root is 999.67378 (bisection on
+    sum phi'(u - x_i) in Python floats) with the gradient w / sum w. Rows the float32
+    iterations cannot certify go to float64; what float64 cannot resolve is reported."""
+    xs = [999.3667, 999.98004, 998.0, 1001.5]
+    alpha = 1e-4
+    x32 = torch.tensor([xs], dtype=torch.float32)
+    xs = x32[0].double().tolist()  # the float32 data, exactly
+    ref = _root(lambda u: sum((u - v) / math.sqrt(1 + ((u - v) / alpha) ** 2) for v in xs), 998.0, 1001.5)
+    x = x32.clone().requires_grad_(True)
+    y = robust_pool(x, "pseudo_huber", alpha)
+    assert abs(float(y) - ref) <= 1e-6 * (alpha + abs(ref))
+    (gx,) = torch.autograd.grad(y, x)
+    w = [(1 + ((ref - v) / alpha) ** 2) ** -1.5 for v in xs]
+    expected = torch.tensor([[wi / sum(w) for wi in w]])
+    torch.testing.assert_close(gx, expected, rtol=1e-3, atol=1e-6)
+    # Shifted data agree (the old answer depended on the offset).
+    y0 = robust_pool(x32 - 999.0, "pseudo_huber", alpha)
+    assert abs(float(y0) + 999.0 - ref) <= 1e-3
+    # Two points 2e10 apart with alpha 1e-3 (float64): the objective is flat to rounding
+    # between them and the root (6e10, by symmetry) cannot be resolved; the old rule
+    # returned 5e10 as converged (a Newton step of alpha "below" tol (alpha + |u|)).
+    with pytest.warns(SolverWarning, match=r"cannot be resolved"):
+        robust_pool(torch.tensor([[5e10, 7e10]], dtype=F64), "pseudo_huber", 1e-3)
+
+
+def test_huber_alpha_gradient_with_overflowing_residuals_is_zero_not_nan():
+    """Entries near the float range's end: y - x overflows to ±inf, and the alpha weight
+    sum_inliers z * w met inf * 0 = NaN. y = x_3 whatever alpha is (the two others are
+    symmetric outliers), so dy/dalpha = 0 exactly."""
+    for dtype, big in ((torch.float32, 3e38), (F64, 1.7e308)):
+        x = torch.tensor([[big, -big, big / 3]], dtype=dtype, requires_grad=True)
+        a = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+        y = robust_pool(x, "huber", a)
+        assert float(y) == float(x[0, 2])
+        gx, ga = torch.autograd.grad(y, (x, a))
+        assert float(ga) == 0.0
+        assert gx.tolist() == [[0.0, 0.0, 1.0]]
+
+
+def test_user_penalty_alpha_gradient_overflowing_in_float32():
+    """Cauchy's d2phi_dalpha = 2 z q / (alpha (1 + q)^2), q = (z / alpha)^2, is inf / inf
+    at z = 1e15 in float32: alpha's gradient was NaN without a word. It is formed again
+    in float64 and agrees with the float64 computation (Table 1: -sum d2phi_dalpha /
+    sum phi'', Python floats at the float64 solution); where even float64 overflows it
+    is zero with a GradientWarning (it was NaN after a warning saying "set to zero")."""
+    xs = [0.0, 0.1, -0.2, 1e15]
+    x = torch.tensor([xs], requires_grad=True)
+    a = torch.tensor(1.0, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_pool(x, Cauchy(), a)
+        ga = torch.autograd.grad(y, a)[0]
+    y64 = float(robust_pool(torch.tensor([xs], dtype=F64), Cauchy(), 1.0))
+    zs = [y64 - v for v in xs]
+    d2 = sum((1 - z * z) / (1 + z * z) ** 2 for z in zs)
+    d2a = sum(2 * z * z * z / (1 + z * z) ** 2 for z in zs)
+    assert math.isfinite(float(ga))
+    assert abs(float(ga) - (-d2a / d2)) <= 1e-4 * abs(d2a / d2)
+
+
+def test_penalty_subclass_missing_class_attributes_is_an_option_error():
+    """A subclass without `convex` failed at the first call, one without `name` only in
+    the backward (and in repr), with torch's AttributeError."""
+
+    class NoConvex(LogCosh):
+        convex = None
+
+    class NoName(LogCosh):
+        name = None
+
+    for pen, attr in ((NoConvex(), "convex"), (NoName(), "name")):
+        with pytest.raises(OptionError, match=rf"penalty {type(pen).__name__} must set the class attribute {attr}"):
+            RobustPool(pen)
+        with pytest.raises(OptionError, match=rf"class attribute {attr}"):
+            robust_pool(torch.randn(2, 5), pen)

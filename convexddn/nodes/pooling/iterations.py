@@ -15,7 +15,9 @@ sum_i phi''`` (its curvature), ``d1`` the terms of ``g``. Rounding makes the com
 relative errors add up like a random walk; ``h |u|`` is the change of ``g`` over one
 ulp of ``u``). A gradient at or below its noise has no reliable sign: the iteration
 stops there, and the row is *unresolved* when ``noise / h`` -- how far from the
-minimiser such a gradient can be -- exceeds the tolerance.
+minimiser such a gradient can be -- exceeds the tolerance, or the span over which ``h``
+is known to hold (half of alpha near a data point: a curvature dominated by one point's
+``phi''`` collapses a few alphas away; see ``_LOCAL_SPAN``).
 """
 from __future__ import annotations
 
@@ -40,6 +42,15 @@ _KAPPA = 0.55
 # to 10, float32 and float64): rows beyond 1.2 tol in 1 of 240 cases with alpha, none
 # with alpha / 4, for 1-2 % more entries read.
 _MODEL_SPAN = 0.25
+# A Newton step |g| / h (or a gradient's noise over h) measures the distance to the root
+# only where the curvature holds along it: each term's phi'' varies on the scale alpha
+# (pseudo-Huber's keeps 72 % of its value over alpha / 2), so a step or a noise bound up
+# to _LOCAL_SPAN * alpha is trusted, a longer one is not. Far out on a penalty's tails h
+# collapses (pseudo-Huber's ~ alpha^3 / |z|^3): from a data point at 999.37 with alpha
+# 1e-4 (float32), g = -alpha and h = 1 claimed a root within 5e-4 where it was at 999.67.
+# Where the penalty knows how far every point lies (Penalty.tail_reach), a quarter of that
+# reach is trusted too.
+_LOCAL_SPAN = 0.5
 
 
 def safe_step(g: Tensor, h: Tensor, w: Tensor) -> Tensor:
@@ -169,7 +180,8 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     Newton point is taken when it falls inside and the step is at most half the one
     before the last (so that the bracket at least halves every two steps, as in
     Numerical Recipes' ``rtsafe``); otherwise the bracket is bisected. A row stops when
-    its Newton step ``|g| / h`` (with ``|g|`` above the noise) or its bracket is within
+    its Newton step ``|g| / h`` (with ``|g|`` above the noise, and within the span where
+    ``h`` holds) or its bracket is within
     ``tol * (alpha + |u|)``, taking that last Newton point when it lies inside the
     bracket; a smooth penalty's row also stops once the error predicted after its
     Newton step (``|g''| / 2h`` times the step squared, ``g''`` by the secant of ``h``)
@@ -196,7 +208,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     idx = None  # rows of the (compacted) problem, as indices of the original rows
     a = rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1)
     af = a if rows.alpha_f is None else rows.alpha_f
-    tol_a = tol * a
+    tol_a, span = tol * a, _LOCAL_SPAN * a
     spread = hi - lo
     dx1 = dx2 = spread
     g_prev = h_prev = u_prev = None
@@ -216,7 +228,9 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         step = g / h
         astep = step.abs()
         reliable = g.abs() > noise
-        conv = (hi - lo <= tol_s) | (reliable & (astep <= tol_s))
+        reach = pen.tail_reach(h, af)
+        trust = span if reach is None else torch.maximum(span, reach.mul_(0.25))
+        conv = (hi - lo <= tol_s) | (reliable & (astep <= tol_s) & (astep <= trust))
         lo = torch.where(reliable & (g < 0), u, lo)
         hi = torch.where(reliable & (g > 0), u, hi)
         newton = u - step
@@ -237,10 +251,11 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         both = done & bad
         spec |= both
         conv_f |= done ^ both  # done & ~bad
-        # Flat: the noise floor itself is wider than the tolerance (a zero curvature is
-        # a flat minimum, not a flaw, unless the penalty is strictly convex). A row that
-        # stops neither converged nor overflowing stopped on an unreliable gradient.
-        flag = (noise > tol_s * h) & done & ~(conv | bad)
+        # Flat: the noise floor itself is wider than the tolerance, or wider than the
+        # span where h bounds the distance to the root (a zero curvature is a flat
+        # minimum, not a flaw, unless the penalty is strictly convex). A row that stops
+        # neither converged nor overflowing stopped on an unreliable gradient.
+        flag = ((noise > tol_s * h) | (noise > trust * h)) & done & ~(conv | bad)
         unres |= flag if pen.strict else flag & (h > 0)
         active = active & ~done
         g_prev, h_prev, u_prev = g.clone(), h.clone(), u
@@ -259,7 +274,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
                                                   unres, conv_f, spec))
             a = a if a.dim() == 0 else a.index_select(0, keep)
             af = a if rows.alpha_f is None else rows.alpha_f
-            tol_a = tol * a
+            tol_a, span = tol * a, _LOCAL_SPAN * a
             active = active.index_select(0, keep)
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
     _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))

@@ -248,8 +248,29 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             if need_x:
                 gx.index_fill_(0, bad, 0.0)
             scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
-    ga = (-(swa * scale)).squeeze(-1) if need_alpha else None
-    return gx, ga, ok, all_ok
+    ga, alpha_lost = None, 0
+    if need_alpha:
+        # Rows set to zero above stay zero (their swa may be NaN, and NaN * 0 is NaN).
+        ga = torch.where(ok, (-(swa * scale)).squeeze(-1), 0.0)
+        ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga)
+    return gx, ga, ok, all_ok, alpha_lost
+
+
+def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, ga: Tensor) -> tuple[Tensor, int]:
+    """``ga`` with its non-finite entries formed again in float64 by the careful,
+    rescaled weights (a penalty's ``d2phi_dalpha`` overflowing in a low precision: a
+    user's formula at ``z / alpha ~ 1e15`` in float32); entries still not finite are
+    set to zero. Returns the gradient and how many were set to zero (one host sync)."""
+    bad = ~torch.isfinite(ga)
+    if not bool(bad.any()):
+        return ga, 0
+    idx = bad.nonzero().squeeze(-1)
+    ar = a if a.dim() == 0 else a[idx]
+    f64 = torch.float64
+    _, sw, wa, _ = _careful_weights(penalty, x[idx].to(f64), y[idx].to(f64), ar.to(f64), True)
+    again = (-(gcol[idx].to(f64) * wa / sw)).squeeze(-1).to(ga.dtype)
+    lost = ~torch.isfinite(again)
+    return ga.index_copy(0, idx, torch.where(lost, 0.0, again)), int(lost.sum())
 
 
 def _nonsingular(sw: Tensor, size: Tensor, scale: Tensor, n: int) -> Tensor:

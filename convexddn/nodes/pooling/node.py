@@ -101,8 +101,16 @@ class _RobustPoolFunction(torch.autograd.Function):
                 grad_alpha = torch.zeros_like(alpha)
             return grad_x, grad_alpha, None, None, None, None
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        gx, ga, ok, all_ok = pool_backward(ctx.penalty, x, y, a, grad_y, bool(need_x), bool(need_alpha),
-                                           ctx.use_compile)
+        gx, ga, ok, all_ok, alpha_lost = pool_backward(ctx.penalty, x, y, a, grad_y, bool(need_x),
+                                                       bool(need_alpha), ctx.use_compile)
+        if alpha_lost:
+            warnings.warn(
+                f"robust_pool(penalty={ctx.penalty.name!r}): the sum of d2phi_dalpha(y - x_i) is not "
+                f"finite for {alpha_lost} of {rows} row(s), even in float64 (the penalty's formula "
+                f"overflows); alpha's gradient from those rows is set to zero",
+                GradientWarning,
+                stacklevel=2,
+            )
         if not all_ok:
             bad = ~ok
             warnings.warn(

@@ -167,6 +167,17 @@ class Penalty(abc.ABC):
         measure it from ``d1``. It sets the rounding noise of the gradient sum."""
         return None
 
+    def tail_reach(self, h: Tensor, alpha: float | Tensor) -> Tensor | None:
+        """A lower bound on every ``|z_i|`` that the curvature sum ``h = sum_i phi''(z_i)``
+        (``(R, 1)``) implies, or ``None`` (the default: nothing is known).
+
+        The convex solver trusts a Newton step, or a gradient's rounding noise over
+        ``h``, as the distance to the root only within a span where ``h`` holds: half of
+        alpha near a data point, a quarter of this reach where every point is farther
+        (pseudo-Huber's ``phi''`` decays as ``|z|^-3`` on its tails, so its far rows have
+        a curvature that is flat over distances far beyond alpha)."""
+        return None
+
     def newton_sums(self, z: Tensor, alpha: float | Tensor, work: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Row sums for a Newton step on :math:`g(u) = \\sum_i \\phi'(u - x_i)`.
 
@@ -246,6 +257,17 @@ class Penalty(abc.ABC):
             OptionError: ``penalty`` is neither a valid name nor a :class:`Penalty`.
         """
         if isinstance(penalty, Penalty):
+            # A subclass's class attributes are read only deep in the solver (convex) or
+            # in the backward (name): a missing one was torch's AttributeError there.
+            cls = type(penalty).__name__
+            name = getattr(penalty, "name", None)
+            if not isinstance(name, str) or not name:
+                raise OptionError(f"penalty {cls} must set the class attribute name (a non-empty str), "
+                                  f"got {name!r}")
+            convex = getattr(penalty, "convex", None)
+            if not isinstance(convex, bool):
+                raise OptionError(f"penalty {cls} must set the class attribute convex (True or False: "
+                                  f"which solver it gets), got {convex!r}")
             return penalty
         if not isinstance(penalty, str):
             raise OptionError(
