@@ -184,6 +184,13 @@ class _EigenFunction(torch.autograd.Function):
         # C (…, N, k): coefficients of Σ_j Σ_i C_ji v_j v_iᵀ, rows over all eigenvectors
         # j, columns over the selected ones i, scaled by s/2 (the sign and the 1/2 of
         # sym) so that the symmetrisation below is one add.
+        limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
+        # mu is sorted: a degenerate pair exists iff a consecutive gap is small, an
+        # (N,) test per matrix that spares the common case the (N, k) masks.
+        near = mu.diff(dim=-1) <= limit
+        any_near = bool(near.any())  # one host sync
+        if g_lam is not None and any_near:
+            _warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
         if g_vec is not None:
             W = V.mT @ g_vec.to(V.dtype)  # W_ji = v_jᵀ g_i
             # 2s(μ_i − μ_j): the difference in float64, rounded once into W's dtype.
@@ -191,10 +198,7 @@ class _EigenFunction(torch.autograd.Function):
             gap = (mu2[..., None, sel] - mu2[..., :, None]).to(W.dtype)
             # 1/gap with the diagonal j = i (and degenerate pairs) sent to 1/inf = 0.
             torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
-            limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
-            # mu is sorted: a degenerate pair exists iff a consecutive gap is small, an
-            # (N,) test per matrix that spares the common case the (N, k) masks.
-            if bool((mu.diff(dim=-1) <= limit).any()):
+            if any_near:
                 degenerate = gap.abs() <= limit.mul(2.0).unsqueeze(-1)
                 _warn_degenerate(W, degenerate, sel, ctx.gap_tol)
                 gap.masked_fill_(degenerate, math.inf)
@@ -227,6 +231,37 @@ def _warn_degenerate(W: torch.Tensor, degenerate: torch.Tensor, sel: slice, gap_
             f"to max |λ|) make the eigenvector gradient undefined for {_format_indices(bad)}; "
             f"the terms of those eigenvalue pairs are set to zero (the gradient of any loss "
             f"that depends only on the spanned subspace stays exact)",
+            GradientWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_degenerate_values(near: torch.Tensor, g_lam: torch.Tensor, k: int, gap_tol: float) -> None:
+    """Warn (naming the batch elements) when the eigenvalue gradient does not exist.
+
+    Within a cluster of equal eigenvalues (consecutive gaps flagged in ``near``, ``(…,
+    N − 1)``) only the sum over the whole cluster is differentiable: the selected
+    eigenvalues' gradient ``g_lam`` (``(…, k)``) must be equal across a cluster, and zero
+    on a cluster that the k-th eigenvalue splits. Otherwise the gradient returned,
+    ``Σ g_i v_i v_iᵀ`` with the basis ``eigh`` happened to pick, is one of many one-sided
+    limits (at X = I, λ_max's is e_1 e_1ᵀ, where a finite difference along e_2 e_2ᵀ gives 1
+    on one side and 0 on the other)."""
+    g = g_lam.to(torch.float64)
+    tol = _NUMERATOR_RTOL * g.abs().amax(-1, keepdim=True)
+    bad = torch.zeros(g.shape[:-1], dtype=torch.bool, device=g.device)
+    if k > 1:  # tied selected neighbours with different weights
+        bad |= (near[..., : k - 1] & ((g[..., 1:] - g[..., :-1]).abs() > tol)).any(-1)
+    if k < near.shape[-1] + 1:  # a cluster split by the k-th eigenvalue, with weight on it
+        cluster = torch.cat([torch.zeros_like(near[..., :1], dtype=torch.long), (~near).long().cumsum(-1)], -1)
+        split = cluster[..., k - 1] == cluster[..., k]
+        member = cluster[..., :k] == cluster[..., k - 1 : k]
+        bad |= split & (member & (g.abs() > tol)).any(-1)
+    if bool(bad.any()):
+        warnings.warn(
+            f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative to "
+            f"max |λ|) are weighted unequally by the loss, or split by the k-th one, for "
+            f"{_format_indices(bad)}: the eigenvalue gradient does not exist there (only a "
+            f"cluster's sum is differentiable); the one returned depends on the basis eigh chose",
             GradientWarning,
             stacklevel=3,
         )

@@ -33,8 +33,10 @@ unresolved entry is exact (it is :math:`1 - \sum_{j \ne i} p_j`) and several are
 total only. E.g. at ``alpha=3`` entries below ~3e-3 p_max (float32) or ~1.5e-7 p_max
 (float64) lose more than 1% relative accuracy; at ``alpha=10``, ~0.25 and ~0.025 p_max.
 For :math:`\alpha \to 1^+` all paths lose about :math:`\varepsilon/(\alpha - 1)` relative
-(:math:`p_i = u_i^{1/(\alpha-1)}` amplifies the rounding of :math:`u_i`); use ``alpha=1``
-(softmax) when :math:`\alpha - 1 < 10^{-3}`.
+(:math:`p_i = u_i^{1/(\alpha-1)}` amplifies the rounding of :math:`u_i`): float32 (and
+half) inputs with :math:`\alpha - 1 < 10^{-3}` are therefore solved in float64, and
+below :math:`\alpha - 1 = 10^{-10}` the softmax limit is returned (it differs from
+α-entmax by :math:`O((\alpha - 1) x^2)`, less than float64 resolves there).
 
 Backward (Peters, Niculae & Martins 2019, Prop. 1): on the support
 :math:`S = \{i : p_i > 0\}`, with :math:`s_i = p_i^{2 - \alpha}` (and 0 off it),
@@ -167,11 +169,18 @@ def _threshold_bisect(z: torch.Tensor, d: int, k: float, n: int) -> torch.Tensor
     return lo.view(z.dtype)
 
 
+# Below this α − 1 a float32 solve loses more than ~1e-4 relative (eps / (α − 1)): float64.
+_NEAR_ONE_F32 = 1e-3
+# ... and below this one float64 too (2e-6): the softmax limit is closer (O((α − 1) x²)).
+_SOFTMAX_BELOW = 1e-10
+
+
 def _work_dtype(dtype: torch.dtype, alpha: float) -> torch.dtype:
     # Half inputs are solved in float32; α − 1 or 1/(α − 1) outside float32's range
-    # (α > 3.4e38) would become inf/0 there (NaN results): solve in float64 instead.
+    # (α > 3.4e38) would become inf/0 there (NaN results), and α near 1 amplifies its
+    # rounding (at α = 1 + 1e-9 every float32 answer was uniform): solve in float64 instead.
     work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    if work == torch.float32 and 1.0 / (alpha - 1.0) < torch.finfo(work).tiny:
+    if work == torch.float32 and (1.0 / (alpha - 1.0) < torch.finfo(work).tiny or alpha - 1.0 < _NEAR_ONE_F32):
         work = torch.float64
     return work
 
@@ -207,9 +216,14 @@ def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) ->
     # end, an ulp below 1 for a one-hot row) is rounding, not a missing mass.
     eps = torch.finfo(work).eps
     delta = m * (2.0 * eps)
-    w = (up + delta) ** (k - 1.0) * ((u > -delta) & (z > -1.0))
+    maybe = (u > -delta) & (z > -1.0)
+    w = (up + delta) ** (k - 1.0) * maybe
     r = 1.0 - p.sum(d, keepdim=True)
-    r = torch.where(r > 4.0 * (x.shape[d] + 1) * eps, r, 0.0)
+    # Σp's own rounding: ~eps per term's rounding plus the summation's, which grows with
+    # the log of the terms summed (entries off the support add exact zeros: masked −inf
+    # padding changed a 3-entry row's answer by 7 % once it was 1000 entries long).
+    terms = maybe.sum(d, keepdim=True).to(work)
+    r = torch.where(r > 4.0 * (2.0 + torch.log2(terms.clamp_(min=1.0))) * eps, r, 0.0)
     p = torch.addcmul(p, w, r / w.sum(d, keepdim=True).clamp_(min=torch.finfo(work).tiny)).clamp_(min=0.0)
     return p.to(x.dtype)
 
@@ -314,7 +328,7 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     if x.numel() == 0:
         return x.clone()
     top = _check_values(x, d)
-    if alpha == 1.0:
+    if alpha - 1.0 < _SOFTMAX_BELOW:
         return torch.softmax(x, d)
     top = top.detach()
     if alpha == 2.0:

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from .._autograd import bind_fast, first_order
-from .._checks import check_finite, check_tensor
-from ..errors import DTypeError, InputError, OptionError, ShapeError, SolverError
+from .._checks import check_finite, check_number, check_tensor
+from ..errors import DTypeError, InputError, ShapeError, SolverError
 
 __all__ = ["least_squares"]
 
@@ -188,10 +188,7 @@ def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
                 f"per batch element), got shape {tuple(ridge.shape)}"
             )
         return r
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
-        raise OptionError(f"ridge must be a number >= 0 or a tensor, got {ridge!r}")
-    if not ridge >= 0 or ridge == float("inf"):
-        raise OptionError(f"ridge must be finite and >= 0, got {ridge!r}")
+    ridge = check_number("ridge", ridge, at_least=0, hint=" (or pass a tensor)")  # NumPy scalars too
     # In the working dtype: the solve runs there (a float32 A keeps 1/3 exact, and a
     # ridge beyond float32's range does not overflow).
     return None if ridge == 0 else torch.full((1,), float(ridge), dtype=_WORK, device=like.device)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_finite, check_tensor
+from .._checks import check_bool, check_finite, check_number, check_tensor
 from ..errors import OptionError, ShapeError
 from .least_squares import least_squares
 
@@ -134,8 +134,8 @@ def _check_layer_options(ridge: Any, bias: Any, construction: bool = False) -> N
             low = float(ridge.detach().amin())
             if low < 0:
                 raise OptionError(f"ridge must be >= 0 everywhere, got a minimum of {low:g}")
-    elif isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
-        raise OptionError(f"ridge must be a finite number >= 0 or a tensor, got {ridge!r}")
+    else:
+        check_number("ridge", ridge, at_least=0, hint=" (or pass a tensor)")  # NumPy scalars too
 
 
 class LeastSquares(nn.Module):

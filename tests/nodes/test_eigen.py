@@ -259,3 +259,27 @@ def test_eigen_decomposition_cuda():
     lc, Vc = eigen_decomposition(Xc, 3)
     (Vc.sum() + lc.sum()).backward()
     torch.testing.assert_close(X.grad.cpu(), Xc.grad, atol=1e-9, rtol=1e-9)
+
+
+def test_eigenvalue_gradient_at_repeated_eigenvalues_warns():
+    """lambda_max at X = I has no gradient (along e2 e2ᵀ a finite difference gives 1 on
+    one side, 0 on the other); the basis eigh picked made it e1 e1ᵀ, silently. A loss
+    that weighs a cluster of equal eigenvalues equally (their sum) is differentiable:
+    no warning there."""
+    for X, k, w in ((torch.eye(2), 1, [1.0]), (torch.diag(torch.tensor([2.0, 1.0, 1.0])), 2, [1.0, 1.0]),
+                    (torch.diag(torch.tensor([1.0, 1.0, 0.0])), 2, [1.0, 0.0])):
+        X = X.double().requires_grad_(True)
+        with pytest.warns(GradientWarning, match="eigenvalue gradient does not exist"):
+            lam, _ = eigen_decomposition(X, k=k)
+            (lam * torch.tensor(w, dtype=torch.float64)).sum().backward()
+    for X, k, w in ((torch.eye(3), 3, [1.0, 1.0, 1.0]), (torch.diag(torch.tensor([2.0, 1.0, 1.0])), 1, [1.0]),
+                    (torch.diag(torch.tensor([2.0, 1.0, 1.0])), 3, [3.0, 1.0, 1.0])):
+        X = X.double().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lam, _ = eigen_decomposition(X, k=k)
+            (lam * torch.tensor(w, dtype=torch.float64)).sum().backward()
+        # Closed form: d(sum_i w_i lambda_i) = sum_i w_i e_i e_iᵀ for a diagonal X.
+        expected = torch.zeros(3, dtype=torch.float64)
+        expected[:k] = torch.tensor(w, dtype=torch.float64)
+        torch.testing.assert_close(X.grad, torch.diag(expected))

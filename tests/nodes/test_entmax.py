@@ -335,3 +335,49 @@ def test_entmax_one_hot_rows_stay_one_hot(alpha, dtype):
     assert p[1] == 0 and p[2] == 0 and abs(float(p[0]) - 1.0) <= 4 * torch.finfo(dtype).eps
     p[0].backward()
     assert bool((x.grad == 0).all())
+
+
+def _entmax_bisect_ref(x: np.ndarray, alpha: float) -> np.ndarray:
+    """α-entmax of one row by bisection on τ in float64 NumPy (an independent solver)."""
+    z = (alpha - 1.0) * (x - x.max())
+    k = 1.0 / (alpha - 1.0)
+    lo, hi = -1.0, 0.0  # f(lo) >= 1 >= f(hi)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if (np.clip(z - mid, 0.0, None) ** k).sum() > 1.0:
+            lo = mid
+        else:
+            hi = mid
+    p = np.clip(z - 0.5 * (lo + hi), 0.0, None) ** k
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("alpha", [3.0, 4.0])
+def test_entmax_long_rows_and_padding_keep_their_mass(alpha):
+    """alpha > 2 in float32: the missing mass 1 - sum p was dropped as rounding below
+    4 (n + 1) eps, n the full row length: rows of 4096 summed to 1 - 1e-4 (entries off by
+    1e-4), and 1000 masked -inf entries moved a 3-entry row's second entry by 7 %."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4096, generator=gen)
+    p = entmax(x, alpha)
+    ref = np.stack([_entmax_bisect_ref(r, alpha) for r in x.double().numpy()])
+    assert float((p.double() - torch.from_numpy(ref)).abs().max()) < 1e-5
+    assert float((p.double().sum(-1) - 1).abs().max()) < 1e-5
+    row = [3.116879463195801, 3.1135170459747314, 3.271545648574829]
+    ref = _entmax_bisect_ref(np.array(row), alpha)
+    padded = [entmax(torch.tensor(row + [float("-inf")] * pad), alpha)[:3] for pad in (0, 1000)]
+    for p in padded:
+        np.testing.assert_allclose(p.double().numpy(), ref, rtol=0, atol=2e-7)
+    assert float((padded[0] - padded[1]).abs().max()) <= 1e-7
+
+
+def test_entmax_alpha_just_above_one_is_not_uniform():
+    """alpha = 1 + 1e-9 in float32 returned [1/3, 1/3, 1/3] (n^(-1/k) rounds to 1): such
+    rows are solved in float64, and below alpha - 1 = 1e-10 the softmax limit is used.
+    Reference: entmax tends to softmax as alpha -> 1 (difference O((alpha - 1) x^2))."""
+    x = torch.tensor([1.0, 0.0, -0.5])
+    soft = torch.softmax(x.double(), 0)
+    for a in (1 + 1e-13, 1 + 1e-9, 1 + 1e-6):
+        torch.testing.assert_close(entmax(x, a).double(), soft, rtol=1e-5, atol=0)
+    ref = torch.from_numpy(_entmax_bisect_ref(x.double().numpy(), 1.01))
+    torch.testing.assert_close(entmax(x, 1.01).double(), ref, rtol=1e-5, atol=0)

@@ -277,3 +277,17 @@ def test_least_squares_cuda():
     least_squares(Ac, bc, wc, 0.1).sum().backward()
     torch.testing.assert_close(A.grad.cpu(), Ac.grad)
     torch.testing.assert_close(w.grad.cpu(), wc.grad)
+
+
+def test_numpy_scalar_ridge_is_accepted():
+    """ridge=np.float32(0.1) (or np.int64) was 'ridge must be a number >= 0 or a tensor':
+    only np.float64 subclasses float. Reference: the normal equations in float64."""
+    import numpy as np
+
+    from convexddn.functional import least_squares
+
+    A, b = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    for r in (np.float32(0.5), np.int64(1)):
+        x = least_squares(A, b, ridge=r)
+        ref = torch.linalg.solve(A.T @ A + float(r) * torch.eye(3, dtype=torch.float64), A.T @ b)
+        torch.testing.assert_close(x, ref)
