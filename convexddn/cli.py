@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_bench_arguments", "build_parser", "main"]
 
 PROG = "convexddn"
 
@@ -82,10 +82,17 @@ def _list(args: argparse.Namespace) -> int:
 
 # --- bench --------------------------------------------------------------------------------
 
-def _setup_bench(parser: argparse.ArgumentParser) -> None:
-    from .bench import add_arguments
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``convexddn bench`` (here, not in :mod:`convexddn.bench`, whose import
+    loads torch: ``bench --help`` took 5 s)."""
+    parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 3)")
+    parser.add_argument("--out", default="results", help="output folder (default results/)")
 
-    add_arguments(parser)
+
+def _setup_bench(parser: argparse.ArgumentParser) -> None:
+    add_bench_arguments(parser)
     parser.set_defaults(func=_bench, command_prog=parser.prog)
 
 

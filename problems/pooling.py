@@ -30,7 +30,7 @@ def robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0):
         raise NonconvexError(
             f"penalty {penalty!r} is nonconvex and has no CVXPY form; use the native node "
             f"convexddn.RobustPool(penalty={penalty!r}) (or convexddn.functional.robust_pool), "
-            f"which finds its global minimiser")
+            f"which finds {'its global minimiser' if penalty == 'trunc_quad' else 'a local minimiser (not certified global)'}")
     if penalty not in CONVEX_PENALTIES:
         raise OptionError(
             f"penalty must be one of {list(CONVEX_PENALTIES)} here "

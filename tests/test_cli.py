@@ -54,13 +54,14 @@ def test_cli_help_imports_nothing_heavy():
     result = _run_cli(
         "at_import = [m for m in heavy if m in sys.modules]",
         "with contextlib.redirect_stdout(io.StringIO()):",
-        "    codes = [cli.main(['--help']), cli.main(['--version']), cli.main(['experiment', '--help'])]",
+        "    codes = [cli.main(['--help']), cli.main(['--version']), cli.main(['experiment', '--help']),",
+        "             cli.main(['bench', '--help'])]",
         "added = [m for m in heavy if m in sys.modules and m not in at_import]",
         "print(json.dumps({'codes': codes, 'import': at_import, 'help': added}))",
     )
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
-    assert got["codes"] == [0, 0, 0]
+    assert got["codes"] == [0, 0, 0, 0]
     assert got["help"] == [], "the parser imported a command's modules"
     assert got["import"] == [], "importing convexddn loads heavy modules before the CLI runs"
 
@@ -138,6 +139,10 @@ def test_cli_usage_errors(argv, expected, capsys):
     (["bench", "--repeats", "0"], ("convexddn bench: error:", "--repeats", "got 0")),
     (["bench", "--repeats", "-3"], ("--repeats", "got -3")),
     (["experiment", "pointcloud", "--device", "gpu", "--quick"], ("error:", "'gpu'")),
+    # An empty list was falsy and meant the full default run (minutes), silently.
+    (["experiment", "pointcloud", "--rates", ""], ("error:", "rates must name at least one")),
+    (["experiment", "pointcloud", "--poolings", ""], ("error:", "poolings must name at least one")),
+    (["experiment", "projection", "--variants", ""], ("error:", "variants must name at least one")),
 ])
 def test_cli_bad_option_values(argv, expected, tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path)]) == 2

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 # Guide pages whose ```python blocks must run as printed (each page in one namespace).
-RUNNABLE_PAGES = ("getting-started.md", "which-path.md", "registry.md", "declarative-node.md",
-                  "nodes-pooling.md", "nodes-projection.md")
+RUNNABLE_PAGES = ("index.md", "getting-started.md", "which-path.md", "registry.md", "declarative-node.md",
+                  "nodes-pooling.md", "nodes-projection.md", "nodes-attention-transport-tv.md",
+                  "nodes-eigen-lstsq-vector-pool.md")
 
 
 def _load_hook(name: str):
@@ -48,6 +49,25 @@ def test_docs_registry_catalog_lists_every_problem():
         name = row.split("`")[1]
         assert convexddn.registry.describe(name).replace("|", r"\|") in row
         assert ("native node" in row) == (name in NATIVE)
+
+
+def test_docs_prose_ratios_match_bench_json():
+    """which-path.md said "a thousand times slower or more" and nodes-projection.md "one
+    thousandth of the speed or less" while bench.json gave 52× to 32,131× (projections 67×
+    to 316×): the prose now states the ranges, which this keeps true after a bench run."""
+    rows = json.loads((DOCS / "bench.json").read_text())["rows"]
+    ratio = {}
+    for n in rows:
+        for c in rows:
+            if (n["path"], c["path"]) == ("native", "cvxpy") and c["fwd_ms_per_sample"] is not None and \
+                    (c["family"], c["node"], c["shape"]) == (n["family"], n["node"], n["shape"]):
+                t = lambda r: r["fwd_ms_per_sample"] + (r["bwd_ms_per_sample"] or 0.0)  # noqa: E731
+                ratio[(n["family"], n["node"])] = t(c) / t(n)
+    assert "tens to tens of thousands" in (DOCS / "which-path.md").read_text()
+    assert 10 <= min(ratio.values()) < 100 and 10_000 <= max(ratio.values()) < 100_000, ratio
+    projection = [v for (family, _), v in ratio.items() if family == "projection"]
+    assert "a fiftieth to a three-hundredth" in (DOCS / "nodes-projection.md").read_text()
+    assert 30 <= min(projection) and max(projection) <= 600, projection
 
 
 def test_docs_path_costs_table_from_bench_json():

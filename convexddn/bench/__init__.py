@@ -100,10 +100,11 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 3)")
-    parser.add_argument("--out", default="results", help="output folder (default results/)")
+    """The bench's options (defined in :mod:`convexddn.cli`, which adds them without
+    importing this package: ``convexddn bench --help`` answers at once)."""
+    from ..cli import add_bench_arguments
+
+    add_bench_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -55,7 +55,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     Returns:
         :func:`summarize` of the differences plus ``"exceeds_spread"``: ``True`` when
         the 95 % interval ``mean ± ci95`` excludes 0, ``False`` when it contains 0,
-        ``None`` with fewer than two seeds.
+        ``None`` with fewer than two seeds or when every seed gives the same difference
+        (no spread to judge by: a zero-width interval would call any difference real,
+        e.g. two seeds each one test cloud apart).
 
     Raises:
         ShapeError: if ``a`` and ``b`` differ in length (they must be paired by seed).
@@ -63,7 +65,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     if len(a) != len(b):
         raise ShapeError(f"paired_difference: a and b must be paired by seed (equal lengths), got {len(a)} and {len(b)} values")
     s = summarize([float(x) - float(y) for x, y in zip(a, b)])
-    if s["ci95"] is None:
+    # "The same difference" up to rounding: accuracies are fractions k / n, whose
+    # differences agree only to ~1e-16.
+    if s["ci95"] is None or s["std"] <= 1e-12 * (1.0 + abs(s["mean"])):
         s["exceeds_spread"] = None
     else:
         s["exceeds_spread"] = abs(s["mean"]) > s["ci95"]

@@ -88,6 +88,20 @@ def test_table_marks_poolings_within_the_spread():
         pointcloud.format_runtime_table(result)
 
 
+def test_the_same_difference_in_every_seed_is_not_called_real():
+    """Every seed 20 points below the best (0.7 - 0.5 rounds differently from 0.5 - 0.3):
+    a zero-width interval called that "worse beyond the spread: −20.0 ± 0.0"."""
+    per_seed = [_record(0, {"max": 0.3, "mean": 0.5}), _record(1, {"max": 0.2, "mean": 0.4}),
+                _record(2, {"max": 0.5, "mean": 0.7})]
+    result = {"protocol": "test_outliers_only", "seeds": [0, 1, 2], "n_test": 10,
+              "classes": list(CLASSES), "config": {"timing_batches": 1, "batch_size": 2},
+              "machine": {"device": "cpu", "torch_threads": 1},
+              **aggregate(per_seed)}
+    lines = pointcloud.format_comparisons(result)
+    assert "best mean; the same difference in every seed (no spread to judge by): max −20.0" in lines
+    assert "beyond the spread" not in lines and "every other pooling is worse" not in lines
+
+
 # --------------------------------------------------------------------------- end to end
 
 

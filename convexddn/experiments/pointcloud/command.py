@@ -62,14 +62,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in ("seed", "seeds", "epochs", "threads", "timing_batches"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
-    if getattr(args, "rates", None):
+    # `is not None`: an empty value ('') is an empty list, refused by validate (it was
+    # falsy and silently meant the full default run).
+    if getattr(args, "rates", None) is not None:
         try:
             overrides["rates"] = tuple(float(r) / 100 for r in args.rates.split(",") if r.strip())
         except ValueError:
             raise OptionError(
                 f"--rates must be comma-separated percentages such as 0,10,50, got {args.rates!r}"
             ) from None
-    if getattr(args, "poolings", None):
+    if getattr(args, "poolings", None) is not None:
         overrides["poolings"] = tuple(p.strip() for p in args.poolings.split(",") if p.strip())
     preset = Config.quick if getattr(args, "quick", False) else Config.default
     return preset(**overrides)

@@ -118,10 +118,13 @@ def format_comparisons(result: dict[str, Any]) -> str:
     for c in sorted(result["comparisons"], key=lambda c: (c["train_rate"], c["rate"])):
         real = [f"{DISPLAY_NAMES[p]} −{100 * d['mean']:.1f} ± {100 * d['ci95']:.1f}"
                 for p, d in c["versus"].items() if d["exceeds_spread"]]
-        tied = [DISPLAY_NAMES[p] for p, d in c["versus"].items() if not d["exceeds_spread"]]
+        tied = [DISPLAY_NAMES[p] for p, d in c["versus"].items() if d["exceeds_spread"] is False]
+        same = [f"{DISPLAY_NAMES[p]} −{100 * d['mean']:.1f}"
+                for p, d in c["versus"].items() if d["exceeds_spread"] is None]
         line = f"- {100 * c['rate']:.0f} %: best {DISPLAY_NAMES[c['best']]}"
-        line += f"; within the spread: {', '.join(tied)}" if tied else "; every other pooling is worse"
+        line += f"; within the spread: {', '.join(tied)}" if tied else "" if same else "; every other pooling is worse"
         line += f"; worse beyond the spread: {', '.join(real)}" if real else ""
+        line += f"; the same difference in every seed (no spread to judge by): {', '.join(same)}" if same else ""
         lines.append(line)
     return "\n".join(lines)
 

@@ -46,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for name in ("seed", "seeds", "epochs", "train_fraction", "radius_scale", "threads", "timing_batches"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
-    if getattr(args, "variants", None):
+    if getattr(args, "variants", None) is not None:  # '' is refused by validate
         overrides["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     preset = Config.quick if getattr(args, "quick", False) else Config.default
     return preset(**overrides)
