@@ -1099,3 +1099,22 @@ def test_penalty_subclass_missing_class_attributes_is_an_option_error():
             RobustPool(pen)
         with pytest.raises(OptionError, match=rf"class attribute {attr}"):
             robust_pool(torch.randn(2, 5), pen)
+
+
+def test_user_penalty_overflowing_in_float32_is_solved_in_float64():
+    """Cauchy's (z / alpha)^2 is inf at z = 1e20 in float32: every sum overflowed, the
+    answer was the mean (2.5e19) under a 'did not reach tol within max_iter' warning,
+    and the backward zeroed the gradient. Such rows go to float64 (forward and
+    backward). Reference: bisection on sum phi'(u - x_i) in Python floats (the far point
+    adds ~1e-20), and Table 1's w_i / sum w."""
+    xs = [0.0, 0.1, -0.2, 1e20]
+    x = torch.tensor([xs], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_pool(x, Cauchy(), 1.0)
+        (gx,) = torch.autograd.grad(y, x)
+    dphi = lambda z: z / (1 + z * z)  # noqa: E731
+    ref = _bisect_root(lambda u: sum(dphi(u - v) for v in xs), -0.2, 0.1)
+    assert abs(float(y) - ref) <= 1e-6
+    w = [(1 - (ref - v) ** 2) / (1 + (ref - v) ** 2) ** 2 for v in xs]
+    torch.testing.assert_close(gx, torch.tensor([[wi / sum(w) for wi in w]]), rtol=1e-4, atol=1e-7)

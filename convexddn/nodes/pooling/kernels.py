@@ -234,7 +234,11 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         if bool(low.any()):
             idx = low.nonzero().squeeze(-1)
             ar = a if a.dim() == 0 else a[idx]
-            w_r, sw_r, wa_r, size_r = _careful_weights(penalty, x[idx], y[idx], ar, need_alpha)
+            # In float64 (rare rows): a user's penalty without a saturation overflows on a
+            # far outlier in float32 ((z / alpha)^2 at 1e20) whatever the row's scale.
+            f64 = torch.float64
+            w_r, sw_r, wa_r, size_r = (None if t is None else t.to(x.dtype) for t in _careful_weights(
+                penalty, x[idx].to(f64), y[idx].to(f64), ar.to(f64), need_alpha))
             sw[idx], size[idx] = sw_r, size_r
             scale[idx] = gcol[idx] / sw_r
             if need_alpha:

@@ -181,24 +181,33 @@ def _rows(x: Tensor, a: Tensor, clamp: bool = False) -> Rows:
 
 def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_compile: bool,
             starts: Tensor | None) -> Tensor:
-    """Solve; solve float32 rows that cannot be resolved again in float64; warn for rows
-    unresolved in float64 or stopped by ``max_iter``."""
-    y, unresolved, converged = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
+    """Solve; solve float32 rows that cannot be resolved, or whose sums overflow, again in
+    float64; warn for rows unresolved in float64, overflowing there too, or stopped by
+    ``max_iter``."""
+    y, unresolved, converged, special = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
     rows = x.shape[0]
-    if x.dtype != torch.float64 and bool(unresolved.any()):
-        idx = unresolved.nonzero().squeeze(-1)
+    if x.dtype != torch.float64 and bool((unresolved | special).any()):
+        # (A user's penalty without a saturation can overflow on a far outlier in float32,
+        # (z / alpha)^2 at 1e20, where float64 has room: the row's answer was the mean.)
+        idx = (unresolved | special).nonzero().squeeze(-1)
         a64 = (a if a.dim() == 0 else a[idx]).double()
         s64 = None if starts is None else starts[idx].double()
-        y64, res64, conv64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
+        y64, res64, conv64, spec64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
         y[idx] = y64.to(y.dtype)
         unresolved[idx] = res64
         converged[idx] = conv64
+        special[idx] = spec64
+    n_spec = int(special.sum())
+    if n_spec:
+        _warn(pen.name, "have sums of the penalty's derivatives that overflow even with scaled "
+              "residuals (in float64; its formula exceeds the float range there); returning the "
+              "last finite iterate", n_spec, rows)
     n_res = int(unresolved.sum())
     if n_res:
         _warn(pen.name, f"cannot be resolved to tol={tol:g} in float64: the objective is so flat "
               "there that the rounding noise of its gradient exceeds tol times its curvature; "
               "returning the point where the gradient is at its noise level", n_res, rows)
-    n_unc = int((~converged).sum())
+    n_unc = int((~converged & ~special).sum())
     if n_unc:
         _warn(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
               "iterate", n_unc, rows)
@@ -206,10 +215,11 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
 
 
 def _solve(pen: Penalty, rows: Rows, tol: float, max_iter: int, use_compile: bool,
-           starts: Tensor | None, full: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, unresolved, converged)`` for every row; rows whose sums overflowed (entries
-    near the end of the float range) are solved again apart, scaled by a power of two
-    and with residuals clamped where the penalty saturates."""
+           starts: Tensor | None, full: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, unresolved, converged, special)`` for every row; rows whose sums overflowed
+    (entries near the end of the float range) are solved again apart, scaled by a power
+    of two and with residuals clamped where the penalty saturates; ``special`` marks
+    those whose sums overflowed even so."""
     if pen.convex:
         res = newton_rows(pen, rows, starts, _start if starts is None else None, tol, max_iter, use_compile)
         picked = None if res is None else (res.u, res.unresolved, res.converged, res.special)
@@ -225,10 +235,11 @@ def _solve(pen: Penalty, rows: Rows, tol: float, max_iter: int, use_compile: boo
         s = row_scale(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True))
         a_s = (rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1)[idx]) * s
         st = None if starts is None else starts[idx] * (s if starts.dim() == 2 else s.squeeze(-1))
-        ys, res_s, conv_s = _solve(pen, Rows(xs * s, a_s, None, True), tol, max_iter, use_compile, st, full)
+        ys, res_s, conv_s, spec_s = _solve(pen, Rows(xs * s, a_s, None, True), tol, max_iter, use_compile, st,
+                                           full)
         y[idx] = ys / s.squeeze(-1)
-        unresolved[idx], converged[idx] = res_s, conv_s
-    return y, unresolved, converged
+        unresolved[idx], converged[idx], special[idx] = res_s, conv_s, spec_s
+    return y, unresolved, converged, special
 
 
 def _nonconvex(pen, rows: Rows, tol, max_iter, use_compile, starts):
