@@ -965,11 +965,12 @@ def test_iterations_read_the_host_once_per_step(penalty, host_reads, monkeypatch
     # Each host read is a sync on CUDA. The Newton and descent loops read one list per
     # step (rows still active per block); compactions and the first pass add a few.
     # Before: int(active.sum()) and the block flags, two reads per step (76 for ~30 steps).
-    from convexddn.nodes.pooling import iterations
+    from convexddn.nodes.pooling import descent, iterations
 
     steps = []
     live = iterations._live
-    monkeypatch.setattr(iterations, "_live", lambda *a: steps.append(1) or live(*a))
+    for module in (iterations, descent):  # Newton's loop and the descent loop
+        monkeypatch.setattr(module, "_live", lambda *a: steps.append(1) or live(*a))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 32, 512, generator=gen, dtype=torch.float64)
     x[torch.rand(x.shape, generator=gen, dtype=torch.float64) < 0.3] *= 1e3

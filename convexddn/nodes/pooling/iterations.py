@@ -1,4 +1,6 @@
-"""The iterations of the robust-pooling solvers and their stopping rule.
+"""The iterations of the robust-pooling solvers and their stopping rule: the machinery
+(blocks, sweeps, compaction, the gradient's noise model) and the convex penalties'
+bracketed Newton, :func:`newton_rows`; the nonconvex ones' iteration is :mod:`.descent`.
 
 Each iteration walks the rows still running in blocks (:mod:`.kernels`) to form the row
 sums of the penalty's derivatives at the current points, then updates all of them at
@@ -32,9 +34,6 @@ from .penalties import SPREAD_DIVISOR, Penalty
 from .rows import Result, Rows
 
 _NOISE = 4.0
-# The descent iteration's safe step is -g / max(h, kappa W), W >= h the IRLS curvature.
-# Any kappa > 1/2 keeps it a strict descent step (see descent_rows).
-_KAPPA = 0.55
 # The predicted error (see _predicted_error) is trusted only after a step of at most
 # _MODEL_SPAN * alpha (each term's third derivative varies on the scale alpha): after a
 # step of 3.5 alpha a pseudo-Huber row's estimate of g'' was 1.4 where it was 30, after
@@ -51,14 +50,6 @@ _MODEL_SPAN = 0.25
 # Where the penalty knows how far every point lies (Penalty.tail_reach), a quarter of that
 # reach is trusted too.
 _LOCAL_SPAN = 0.5
-
-
-def safe_step(g: Tensor, h: Tensor, w: Tensor) -> Tensor:
-    """The descent iteration's safe step ``-g / max(h, kappa W)`` (0 where ``W = 0``):
-    ``t = W / max(h, kappa W) < 2`` times the step that minimises the IRLS majoriser
-    (curvature ``W >= h``), so it strictly decreases the majoriser and hence the
-    objective; where ``h >= kappa W`` it is the Newton step."""
-    return torch.where(w > 0, -g / torch.maximum(h, _KAPPA * w), torch.zeros_like(g))
 
 
 def _predicted_error(g: Tensor, h: Tensor, g_prev: Tensor, h_prev: Tensor, du: Tensor, adu: Tensor,
@@ -297,119 +288,3 @@ def _store(dsts, idx: Tensor | None, srcs) -> None:
     at = slice(None) if idx is None else idx
     for dst, src in zip(dsts, srcs):
         dst[at] = src.reshape(src.shape[0], *dst.shape[1:])
-
-
-def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | None, tol: float,
-                 max_iter: int, use_compile: bool) -> Result | None:
-    """A descent-safeguarded trust-region Newton iteration for a nonconvex penalty, from
-    ``k`` starts per row at once (``u`` is ``(R, k)``, or None: ``start(x_block)`` gives
-    ``(r, k)`` in the first pass).
-
-    At the current point it evaluates the objective f, g, h and the IRLS (majoriser)
-    curvature W >= h. The safe step -g / max(h, kappa W), kappa > 1/2, is t times the
-    majoriser's minimising step with t = W / max(...) < 2, so it strictly decreases the
-    majoriser and hence f. The trial point is the Newton step (or, where h <= 0, a step
-    downhill) clipped to the trust radius rho, or the safe step when that is longer. A
-    trial point whose objective rose above the accepted point's (beyond rounding) is
-    rejected on the next call, which shrinks rho and takes the accepted point's safe
-    step instead; an accepted one doubles rho. So the accepted objective never
-    increases, the iteration cannot climb to a maximum, and near a minimum it is plain
-    Newton. A start stops at an accepted point where h > 0 and |g| / h <= tol * (alpha
-    + |u|) (|g| above its noise), or where |g| is at its noise level.
-
-    Returns per row and start (``(R, k)``) the point, the objective at the last accepted
-    point and the flags; None when some entry of x is NaN or Inf.
-    """
-    x = rows.x
-    R, n = rows.count, x.shape[1]
-    eps = torch.finfo(x.dtype).eps
-    k = u.shape[-1] if u is not None else start(x[:1]).shape[-1]
-    ranges = block_ranges(R, n, x, use_compile)
-    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * k * n, x)
-    u2 = x.new_empty(R, k) if u is None else u.reshape(R, k).clone()
-    fill = u2 if start is not None else None
-    u = u2.unsqueeze(-1)
-    sums = x.new_empty(4, R, k, 1)  # f, g, h, W: one tensor, checked finite in one op
-    first = _first(pen, rows, "descent_sums", u, ranges, list(sums.unbind(0)), use_compile, scratch, fill, start)
-    if first is None:
-        return None
-    norm, clamp, lo, hi = first
-    live = [True] * len(ranges)
-    spread = (hi - lo).unsqueeze(-1)
-    a3 = rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1, 1)
-    af = a3 if rows.alpha_f is None else rows.alpha_f
-    f_prev = torch.full_like(u, math.inf)
-    safe_prev = u
-    rho = a3 * torch.ones_like(u)
-    g_prev = h_prev = u_prev = None
-    active = torch.ones(R, k, 1, dtype=torch.bool, device=x.device)
-    out_u, out_f = u.clone(), torch.full_like(u, math.inf)
-    out_flags = [torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(3)]
-    # The (compacted) problem's flags (unresolved, converged, special), written into the
-    # outputs with its points and objectives -- which stay put once a start stops --
-    # only when the problem is compacted or ends (no indexed updates every iteration).
-    unres, conv_f, spec = (torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(3))
-    idx = None  # rows of the (compacted) problem, as indices of the original rows
-    for it in range(max_iter):
-        if it > 0:
-            norm = _sweep(pen, rows, "descent_sums", u, live, ranges, list(sums.unbind(0)), use_compile, scratch,
-                          clamp)
-        f, g, h, w = sums.unbind(0)
-        bad = ~torch.isfinite(sums).all(0)
-        reject = f > f_prev + (8 * eps) * f.abs()
-        rho = torch.where(reject, 0.25 * rho, 2 * rho)
-        safe = safe_step(g, h, w)
-        # Where h <= 0 step downhill by the trust radius, except on a plateau where every
-        # weight vanished (the start is stuck; the other start wins).
-        hpos, nstep = h > 0, g / h  # the Newton step is -nstep where h > 0
-        newton = torch.where(hpos, -nstep, torch.where(w > 0, -torch.sign(g) * rho, torch.zeros_like(u)))
-        newton = torch.minimum(torch.maximum(newton, -rho), rho)
-        trial = u + torch.where(newton.abs() >= safe.abs(), newton, safe)
-        au = u.abs()
-        noise = torch.addcmul(pen.dphi_norm(h, w, n, af, spread) if norm is None else norm, h.abs(), au)
-        noise.mul_(_NOISE * eps)
-        tol_s = torch.add(a3 * tol, au, alpha=tol)
-        ag = g.abs()
-        quiet = ag <= noise
-        conv = hpos & (ag <= tol_s * h)
-        if pen.smooth and h_prev is not None:
-            # Quadratic convergence near a minimum: the error after the Newton step is
-            # about (|g''| / 2h) step^2 (see _predicted_error).
-            astep, du = nstep.abs(), u - u_prev
-            adu = du.abs()
-            pred = _predicted_error(g, h, g_prev, h_prev, du, adu, astep)
-            near = adu <= _MODEL_SPAN * a3
-            conv |= hpos & ~quiet & near & (astep <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
-        stop = (~reject & (quiet | conv)) | bad
-        done = stop & active
-        nxt = torch.where(reject, safe_prev, trial)
-        f_prev = torch.where(reject | ~active, f_prev, f)
-        safe_prev = torch.where(reject, safe_prev, u + safe)
-        final = torch.where(hpos & ~quiet, u - nstep, u)
-        h_prev = torch.where(reject, math.nan, h)  # no estimate across a rejected step
-        g_prev, u_prev = g.clone(), u
-        # (Once a start stops, u and f_prev stay put: its point and the objective at its
-        # last accepted point; a start still running at the end returns its last iterate.)
-        u = torch.where(active, torch.where(stop, final, nxt), u)
-        both = done & bad
-        spec |= both
-        conv_f |= done ^ both  # done & ~bad
-        unres |= done & quiet & ~bad & hpos & (noise > tol_s * h)
-        active = active & ~done
-        row_active = active.reshape(active.shape[0], -1).any(-1)
-        n_active, live = _live(row_active, ranges)
-        if n_active == 0 or it == max_iter - 1:
-            break
-        if 2 * n_active <= active.shape[0]:
-            # Gather the rows still running into a smaller problem.
-            _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
-            keep = row_active.nonzero().squeeze(-1)
-            rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
-            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec = (
-                t.index_select(0, keep) for t in (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread,
-                                                  unres, conv_f, spec))
-            a3 = a3 if a3.dim() == 0 else a3.index_select(0, keep)
-            af = a3 if rows.alpha_f is None else rows.alpha_f
-            sums = x.new_empty(4, n_active, k, 1)
-    _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
-    return Result(*(t.squeeze(-1) for t in (out_u, out_f, *out_flags)))

@@ -25,7 +25,8 @@ from torch import Tensor
 from ..._checks import check_finite
 from ..._sort import sort_values
 from ...errors import SolverWarning
-from .iterations import descent_rows, newton_rows, safe_step
+from .descent import descent_rows, safe_step
+from .iterations import newton_rows
 from .kernels import Scratch, block_ranges, row_scale, row_sums, run, trunc_quad_runs
 from .penalties import Penalty
 from .rows import Rows

@@ -1,0 +1,87 @@
+"""Degenerate eigenvalues in the eigen decomposition's backward: detection and warnings.
+
+Where eigenvalues are equal (within ``gap_tol`` relative to the largest), eigenvectors
+inside their eigenspace are not unique and the k-th eigenvalue may split a cluster: the
+exact gradient of the eigenvectors, or of individual eigenvalues, does not exist there.
+:mod:`.eigen` drops the pairs' eigenvector terms; these functions say so, naming the batch
+elements, whenever the loss actually depends on what does not exist.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..errors import GradientWarning
+
+__all__ = ["warn_degenerate_pairs", "warn_degenerate_values"]
+
+# A dropped pair is reported only when the term it drops is above rounding noise: a
+# loss that does not depend on the basis inside a degenerate eigenspace (a projector
+# V Vᵀ, a sum of eigenvalues) has an exactly zero dropped term.
+_NUMERATOR_RTOL = 1e-8
+
+_MAX_INDICES_SHOWN = 8
+
+
+def _format_indices(mask: torch.Tensor) -> str:
+    """The first few batch indices (tuples into the batch shape) where ``mask`` holds."""
+    idx = torch.nonzero(mask)
+    shown = [tuple(int(i) for i in row) for row in idx[:_MAX_INDICES_SHOWN].tolist()]
+    more = ", ..." if idx.shape[0] > _MAX_INDICES_SHOWN else ""
+    return f"{idx.shape[0]} of {mask.numel()} batch element(s) (indices {shown}{more})"
+
+
+
+def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice, gap_tol: float) -> None:
+    """Warn (naming the batch elements) when a dropped degenerate pair carried gradient.
+
+    For a pair of selected eigenvectors i, j the symmetrised VJP depends on
+    ``W_ji − W_ij`` only; for a selected i and an unselected j on ``W_ji``.
+    """
+    num = W.clone()
+    num[..., sel, :] -= W[..., sel, :].mT
+    limit = _NUMERATOR_RTOL * W.abs().amax((-2, -1), keepdim=True)
+    # ``degenerate`` excludes j = i (the caller set those gaps to inf), which is no pair.
+    dropped = degenerate & (num.abs() > limit)
+    bad = dropped.flatten(-2).any(-1)
+    if bool(bad.any()):
+        warnings.warn(
+            f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative "
+            f"to max |λ|) make the eigenvector gradient undefined for {_format_indices(bad)}; "
+            f"the terms of those eigenvalue pairs are set to zero (the gradient of any loss "
+            f"that depends only on the spanned subspace stays exact)",
+            GradientWarning,
+            stacklevel=3,
+        )
+
+
+def warn_degenerate_values(near: torch.Tensor, g_lam: torch.Tensor, k: int, gap_tol: float) -> None:
+    """Warn (naming the batch elements) when the eigenvalue gradient does not exist.
+
+    Within a cluster of equal eigenvalues (consecutive gaps flagged in ``near``, ``(…,
+    N − 1)``) only the sum over the whole cluster is differentiable: the selected
+    eigenvalues' gradient ``g_lam`` (``(…, k)``) must be equal across a cluster, and zero
+    on a cluster that the k-th eigenvalue splits. Otherwise the gradient returned,
+    ``Σ g_i v_i v_iᵀ`` with the basis ``eigh`` happened to pick, is one of many one-sided
+    limits (at X = I, λ_max's is e_1 e_1ᵀ, where a finite difference along e_2 e_2ᵀ gives 1
+    on one side and 0 on the other)."""
+    g = g_lam.to(torch.float64)
+    tol = _NUMERATOR_RTOL * g.abs().amax(-1, keepdim=True)
+    bad = torch.zeros(g.shape[:-1], dtype=torch.bool, device=g.device)
+    if k > 1:  # tied selected neighbours with different weights
+        bad |= (near[..., : k - 1] & ((g[..., 1:] - g[..., :-1]).abs() > tol)).any(-1)
+    if k < near.shape[-1] + 1:  # a cluster split by the k-th eigenvalue, with weight on it
+        cluster = torch.cat([torch.zeros_like(near[..., :1], dtype=torch.long), (~near).long().cumsum(-1)], -1)
+        split = cluster[..., k - 1] == cluster[..., k]
+        member = cluster[..., :k] == cluster[..., k - 1 : k]
+        bad |= split & (member & (g.abs() > tol)).any(-1)
+    if bool(bad.any()):
+        warnings.warn(
+            f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative to "
+            f"max |λ|) are weighted unequally by the loss, or split by the k-th one, for "
+            f"{_format_indices(bad)}: the eigenvalue gradient does not exist there (only a "
+            f"cluster's sum is differentiable); the one returned depends on the basis eigh chose",
+            GradientWarning,
+            stacklevel=3,
+        )
