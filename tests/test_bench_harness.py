@@ -58,3 +58,21 @@ def test_cheap_convex_rows_get_more_interleaved_rounds(monkeypatch):
     table = format_table({"machine": {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2,
                                       "device": "cpu"}, "repeats": 5, "rows": [], "convex": fast + slow})
     assert "the convex path: 3–15 interleaved rounds by cost" in table
+
+
+def test_given_repeats_are_not_extended_for_cheap_convex_rows(monkeypatch):
+    """--repeats 1 still ran up to 15 convex rounds: the extra rounds are the default's
+    only (a given --repeats, or --quick, gets no budget)."""
+    import convexddn.bench as bench
+
+    seen = []
+    for name in ("pool_cases", "projection_cases", "node_cases"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: [])
+    monkeypatch.setattr(bench, "convex_cases", lambda problems, repeats, progress, device, budget_s:
+                        seen.append((repeats, budget_s)) or [])
+    monkeypatch.setattr(bench, "peak_memory", lambda *a: [])
+    monkeypatch.setattr(bench, "workers_speedup", lambda: [])
+    bench.run(repeats=1, out=None)
+    bench.run(out=None)
+    bench.run(quick=True, out=None)
+    assert seen == [(1, 0.0), (3, bench.CONVEX_ROUND_BUDGET_S), (3, 0.0)]

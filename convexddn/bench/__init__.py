@@ -67,6 +67,8 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     # The results are written only after minutes of timing: a bad out must fail now.
     prepare_out_dir(out, "out")
     names = ["small"] if quick else ["small", "issue", "paper"]
+    # Cheap convex rows get extra rounds only by default: --repeats is what it says.
+    convex_budget = 0.0 if quick or repeats else CONVEX_ROUND_BUDGET_S
     repeats = repeats or (3 if quick else 5)
     total = sum((repeats + 1) * ((2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS) if SHAPES[n][1] else 0))
                 + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
@@ -83,8 +85,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
             if proj_shape is not None:
                 rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
         convex_problems = CONVEX_QUICK if quick else CONVEX_CUDA if dev.type == "cuda" else CONVEX_FULL
-        convex = convex_cases(convex_problems, rounds["convex"], progress, device,
-                              budget_s=0.0 if quick else CONVEX_ROUND_BUDGET_S)
+        convex = convex_cases(convex_problems, rounds["convex"], progress, device, budget_s=convex_budget)
         nodes = node_cases(repeats, progress, dev)
     estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []

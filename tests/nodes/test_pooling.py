@@ -1119,3 +1119,29 @@ def test_user_penalty_overflowing_in_float32_is_solved_in_float64():
     assert abs(float(y) - ref) <= 1e-6
     w = [(1 - (ref - v) ** 2) / (1 + (ref - v) ** 2) ** 2 for v in xs]
     torch.testing.assert_close(gx, torch.tensor([[wi / sum(w) for wi in w]]), rtol=1e-4, atol=1e-7)
+
+
+class _OverflowingAlphaWeight(LogCosh):
+    """LogCosh whose d2phi_dalpha formula overflows even in float64 (a user's formula
+    with a huge intermediate), while phi'' is fine."""
+
+    name = "log_cosh_overflowing"
+
+    def d2phi_dalpha(self, z, alpha):
+        return super().d2phi_dalpha(z, alpha) * 1e300 * 1e300 / 1e300
+
+
+def test_alpha_gradient_that_overflows_in_float64_is_zero_with_a_warning():
+    """Where the penalty's d2phi_dalpha sum is not finite even when formed again in
+    float64, alpha's gradient from those rows is zero and a GradientWarning says so
+    (before: NaN, silently); x's gradient is unaffected (LogCosh's, Table 1)."""
+    x = torch.tensor([[0.0, 0.3, -0.2, 0.9]], dtype=F64, requires_grad=True)
+    a = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    with pytest.warns(GradientWarning, match=r"d2phi_dalpha.*not finite.*set to zero"):
+        y = robust_pool(x, _OverflowingAlphaWeight(), a)
+        gx, ga = torch.autograd.grad(y, (x, a))
+    assert float(ga) == 0.0
+    y0 = robust_pool(x.detach(), LogCosh(), 1.0)
+    (gx0,) = torch.autograd.grad(robust_pool(x, LogCosh(), 1.0), x)
+    assert float(y) == float(y0)
+    torch.testing.assert_close(gx, gx0)

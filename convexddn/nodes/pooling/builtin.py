@@ -137,9 +137,12 @@ class PseudoHuber(Penalty):
         # also |phi'(z)| <= |z| <= spread.
         return torch.minimum(alpha * (n - h).clamp_(min=0).sqrt_(), spread * math.sqrt(n))
 
-    def tail_reach(self, h, alpha):
-        # phi''(z) = (1 + r^2)^(-3/2) <= h for every term: |z| >= alpha sqrt(h^(-2/3) - 1).
-        return torch.where(h < 1, (h.pow(-2.0 / 3.0) - 1).clamp_(min=0).sqrt_() * alpha, 0.0)
+    def newton_span(self, h, alpha):
+        # phi''(z) = (1 + r^2)^(-3/2) <= h for every term, so every |z| >= reach = alpha
+        # sqrt(h^(-2/3) - 1): within reach / 4 each term's phi'' (~ |z|^-3 out there)
+        # changes by a factor 0.5-2.4. Near a point (h >= 1), alpha / 2 (72 % kept).
+        reach = torch.where(h < 1, (h.pow(-2.0 / 3.0) - 1).clamp_(min=0).sqrt_() * alpha, 0.0)
+        return torch.maximum(reach.mul_(0.25), torch.as_tensor(0.5 * alpha, dtype=h.dtype, device=h.device))
 
     def newton_sums(self, z, alpha, work):
         # s = 1 / sqrt(1 + r^2): phi' = z s, phi'' = s^3. (torch's rsqrt on 512 Ki
@@ -186,6 +189,13 @@ class Huber(Penalty):
 
     def dphi_norm(self, h, w, n, alpha, spread):
         return torch.clamp(spread, max=alpha) * math.sqrt(n)  # |phi'(z)| <= min(alpha, |z|)
+
+    def newton_span(self, h, alpha):
+        # g is piecewise linear with integer slopes (h = the inliers): it changes by at
+        # least alpha before its slope drops to 0, where g = alpha (#below - #above) is 0
+        # (a flat minimum) or at least alpha away from 0. So a gradient within its noise
+        # (< alpha) is within noise / h of a root or in a flat minimum: no span limit.
+        return torch.full_like(h, math.inf)
 
     @staticmethod
     def _clamp(z: Tensor, alpha: float | Tensor, out: Tensor) -> Tensor:

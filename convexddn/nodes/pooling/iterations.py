@@ -47,8 +47,7 @@ _MODEL_SPAN = 0.25
 # to _LOCAL_SPAN * alpha is trusted, a longer one is not. Far out on a penalty's tails h
 # collapses (pseudo-Huber's ~ alpha^3 / |z|^3): from a data point at 999.37 with alpha
 # 1e-4 (float32), g = -alpha and h = 1 claimed a root within 5e-4 where it was at 999.67.
-# Where the penalty knows how far every point lies (Penalty.tail_reach), a quarter of that
-# reach is trusted too.
+# A penalty may know better (Penalty.newton_span: pseudo-Huber's far rows, Huber).
 _LOCAL_SPAN = 0.5
 
 
@@ -225,8 +224,8 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         reliable = g.abs() > noise
         conv = reliable & (astep <= tol_s)
         if check_span:
-            reach = pen.tail_reach(h, af)
-            trust = span if reach is None else torch.maximum(span, reach.mul_(0.25))
+            trust = pen.newton_span(h, af)
+            trust = span if trust is None else trust
             conv &= astep <= trust
         conv |= hi - lo <= tol_s
         lo = torch.where(reliable & (g < 0), u, lo)

@@ -175,7 +175,9 @@ def robust_pool(
     two points, trusted only after a step of at most ``alpha / 4``) -- or when ``|g|``
     has sunk into its rounding noise.
     Where that noise divided by the curvature exceeds the tolerance (a nearly flat
-    objective, e.g. two clusters hundreds of alphas apart) the answer cannot be
+    objective, e.g. two clusters hundreds of alphas apart), or the span over which the
+    curvature is known to hold (alpha / 2 near a data point; e.g. alpha below the float
+    spacing of the data, |x| / alpha beyond ~1e6 in float32), the answer cannot be
     resolved in the working precision: float32 rows are then solved again in float64,
     and rows that float64 cannot resolve either are reported by a
     :class:`~convexddn.errors.SolverWarning` (their answer is within that noise level).

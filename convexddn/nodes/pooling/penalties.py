@@ -167,15 +167,16 @@ class Penalty(abc.ABC):
         measure it from ``d1``. It sets the rounding noise of the gradient sum."""
         return None
 
-    def tail_reach(self, h: Tensor, alpha: float | Tensor) -> Tensor | None:
-        """A lower bound on every ``|z_i|`` that the curvature sum ``h = sum_i phi''(z_i)``
-        (``(R, 1)``) implies, or ``None`` (the default: nothing is known).
+    def newton_span(self, h: Tensor, alpha: float | Tensor) -> Tensor | None:
+        """How far from the current point the curvature sum ``h = sum_i phi''(z_i)``
+        (``(R, 1)``) bounds the slope of ``g`` (within a factor of about 2): a new
+        ``(R, 1)`` tensor, or ``None`` (the default) for ``alpha / 2``.
 
         The convex solver trusts a Newton step, or a gradient's rounding noise over
-        ``h``, as the distance to the root only within a span where ``h`` holds: half of
-        alpha near a data point, a quarter of this reach where every point is farther
-        (pseudo-Huber's ``phi''`` decays as ``|z|^-3`` on its tails, so its far rows have
-        a curvature that is flat over distances far beyond alpha)."""
+        ``h``, as the distance to the root only within this span. Half of alpha holds
+        for any penalty whose terms vary on the scale alpha; near a data point a
+        curvature dominated by that point's ``phi''`` collapses a few alphas away
+        (pseudo-Huber's decays as ``|z|^-3``)."""
         return None
 
     def newton_sums(self, z: Tensor, alpha: float | Tensor, work: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -206,8 +206,9 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     n_res = int(unresolved.sum())
     if n_res:
         _warn(pen.name, f"cannot be resolved to tol={tol:g} in float64: the objective is so flat "
-              "there that the rounding noise of its gradient exceeds tol times its curvature; "
-              "returning the point where the gradient is at its noise level", n_res, rows)
+              "there that the rounding noise of its gradient exceeds tol times its curvature, or "
+              "the span over which that curvature holds (alpha / 2 near a data point); returning "
+              "the point where the gradient is at its noise level", n_res, rows)
     n_unc = int((~converged & ~special).sum())
     if n_unc:
         _warn(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
