@@ -66,8 +66,8 @@ def test_docs_prose_ratios_match_bench_json():
     assert "tens to tens of thousands" in (DOCS / "which-path.md").read_text()
     assert 10 <= min(ratio.values()) < 100 and 10_000 <= max(ratio.values()) < 100_000, ratio
     projection = [v for (family, _), v in ratio.items() if family == "projection"]
-    assert "a fiftieth to a three-hundredth" in (DOCS / "nodes-projection.md").read_text()
-    assert 30 <= min(projection) and max(projection) <= 600, projection
+    assert "a seventieth to a three-hundredth" in (DOCS / "nodes-projection.md").read_text()
+    assert 50 <= min(projection) <= 100 and 200 <= max(projection) <= 450, projection
 
 
 def test_docs_path_costs_table_from_bench_json():
