@@ -31,7 +31,7 @@ import cvxpy as cp
 import torch
 
 from ...convex.layer import ConvexLayer
-from ..harness import sync
+from ..harness import round_order, sync
 
 __all__ = ["convex_cases", "CONVEX_PROBLEMS", "moreau_available"]
 
@@ -191,8 +191,8 @@ def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device
                 progress.update(1)
             rounds = max(repeats, min(CONVEX_MAX_ROUNDS, int(budget_s / max(round_s, 1e-9))))
             for k in range(rounds):
-                for label, fn in paths.items():
-                    r = results[label]
+                for label in round_order(paths, k):
+                    fn, r = paths[label], results[label]
                     if "error" in r:
                         continue
                     f, b, _, _ = _fwd_bwd(fn, data, g, r["device"])

@@ -23,7 +23,7 @@ from ...nodes.least_squares import least_squares
 from ...nodes.total_variation import tv_denoise
 from ...nodes.transport import sinkhorn
 from ...nodes.vector_pool import robust_vector_pool
-from ..harness import sync
+from ..harness import round_order, sync
 from ..reference import ENV_VAR
 
 __all__ = ["node_cases"]
@@ -112,9 +112,9 @@ def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> li
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
         for fn in fns.values():  # warm-up
             _time(fn, inputs, gen, device)
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                times[k].append(_time(fn, inputs, gen, device))
+        for i in range(repeats):
+            for k in round_order(fns, i):
+                times[k].append(_time(fns[k], inputs, gen, device))
             progress.update(1)
         f = statistics.median(t[0] for t in times["convexddn"])
         b = statistics.median(t[1] for t in times["convexddn"])

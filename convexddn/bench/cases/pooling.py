@@ -11,7 +11,7 @@ from ...factory import layer
 from ...functional import robust_pool
 from ...nodes.pooling import CONVEX_PENALTIES
 from ...nodes.pooling import PENALTIES as POOL_PENALTIES
-from ..harness import fwd_bwd, median_times, timed_sort
+from ..harness import fwd_bwd, median_times, round_order, timed_sort
 from ..reference import load_reference, reference_pool
 from .common import SHAPES, measure_cvxpy, row_record
 
@@ -65,9 +65,9 @@ def ddn_comparison(x: torch.Tensor, g: torch.Tensor, device: torch.device, round
         op()
         progress.update(1)
     times: dict[tuple[str, str], list[tuple[float, float]]] = {k: [] for k in ops}
-    for _ in range(rounds):
-        for k, op in ops.items():
-            times[k].append(op())
+    for i in range(rounds):
+        for k in round_order(ops, i):
+            times[k].append(ops[k]())
         progress.update(len(ops))
     out = {}
     for p in POOL_PENALTIES:

@@ -13,6 +13,7 @@ import torch
 
 from ...convex.layer import ConvexLayer
 from ...factory import layer
+from ..harness import round_order
 
 __all__ = ["workers_speedup"]
 
@@ -68,8 +69,9 @@ def workers_speedup(batch: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
             # solve-only entry point takes no backward job count).
             fn(*[d.clone().requires_grad_(True) for d in data])
         runs: dict[tuple, list[float]] = {key: [] for key in fns}
-        for _ in range(repeats):
-            for key, fn in fns.items():
+        for i in range(repeats):
+            for key in round_order(fns, i):
+                fn = fns[key]
                 args = [d.clone().requires_grad_(True) for d in data]
                 t0 = time.perf_counter()
                 y = fn(*args)
