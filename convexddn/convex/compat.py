@@ -39,6 +39,7 @@ import cvxpy as cp
 import torch
 from torch import nn
 
+from .._checks import check_bool
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
 
@@ -170,6 +171,7 @@ class CvxpyLayer(nn.Module):
         self._declared = (problem, list(parameters), list(variables))
         method, self._args, ignored = self._translate(solver_args, "solver_args")
         backend = self._backend(solver)
+        check_bool("verbose", verbose)  # "yes" was taken as True
         if verbose:
             self._args["verbose"] = True
         if canon_backend is not None:

@@ -184,7 +184,10 @@ class ResidualMap:
         # The iterative solvers give no reliable rank (M is always singular along z), so
         # degeneracy is detected on the dense path only (<= 400 rows + columns by default).
         self.degenerate = False
-        sol, _, _, normr = solver(lin, rhs, atol=1e-12, btol=1e-12, maxiter=10 * size)[:4]
+        # (scipy's lsqr calls the iteration limit iter_lim, lsmr maxiter; lsqr's 4th
+        # result is its residual norm r1norm, lsmr's normr.)
+        limit = {"iter_lim" if solver is sla.lsqr else "maxiter": 10 * size}
+        sol, _, _, normr = solver(lin, rhs, atol=1e-12, btol=1e-12, **limit)[:4]
         self.relative_residual = normr / max(float(np.linalg.norm(rhs)), np.finfo(float).tiny)
         return sol
 
@@ -242,7 +245,10 @@ class ResidualMap:
         undecided = _strict_complementarity_fails(self.cones, y, s)
 
         def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):
-            self.inaccurate = 0.0
+            # This call's flags only (a zero cotangent returns before any solve; the
+            # forward's refine left its own degeneracy flag here: with workers=1, whose
+            # map is reused, an element with no cotangent was warned about).
+            self.inaccurate, self.degenerate = 0.0, False
             dw = -(x @ dx + y @ dy)
             dz = np.concatenate([dx, dproj.rmatvec(dy), [dw]])
             if not np.any(dz):

@@ -200,10 +200,11 @@ class CheckedDiffcp(SolverInterface):
             if r > POLISH_ABOVE and method != "SCS" and self.refine > 0:
                 # An interior point can sit where R is not smooth; SCS, warm-started
                 # there, lands on the cones' faces, from where Newton converges.
-                x2, y2, s2, _ = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))
+                x2, y2, s2, status2 = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))
                 x2, y2, s2, r2 = program.refine(x2, y2, s2, self.refine)
-                if r2 < r:
+                if r2 < r:  # the point returned is SCS's: last_solve says so
                     x, y, s, r = x2, y2, s2, r2
+                    method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
         except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError) as err:
             return None, (f"{method}: {err}", "other")
         if not r <= self.tol:
@@ -218,7 +219,7 @@ class CheckedDiffcp(SolverInterface):
                         f"(largest |b| {np.abs(b).max(initial=0):.1e}, |c| {np.abs(c).max(initial=0):.1e}, "
                         f"|A| {abs(A).max() if A.nnz else 0:.1e})")
             return None, (why, "other")
-        return (program, x, y, s, status, r), None
+        return (program, x, y, s, status, r, method), None
 
     def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> _Solved:
         """Solve one batch element with the solver, then the fallback; never raises."""
@@ -236,7 +237,7 @@ class CheckedDiffcp(SolverInterface):
                 fail = (f"{fail[0]}; fallback {fail2[0]}", kind)
         if out is None:
             return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
-        program, x, y, s, status, r = out
+        program, x, y, s, status, r, used = out
         return _Solved(program, x, y, s, used, status, r, note, "solved")
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):

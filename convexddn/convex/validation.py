@@ -40,15 +40,16 @@ _NONNEG = "a finite number >= 0"  # tolerances, regularisations: 0 is the solver
 _SECONDS = "a number of seconds >= 0 (inf: no limit)"
 _BOOL = "True or False"
 _TEXT = "a string"
+_RELAXATION = "a number in (0, 2)"  # SCS's over-relaxation
 
 # SCS's and ECOS's documented settings; Clarabel's are read from its own settings object.
 _SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_infeas": _NONNEG,
-             "alpha": _POSITIVE, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
+             "alpha": _RELAXATION, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
              "normalize": _BOOL, "acceleration_lookback": _INTEGER,  # < 0: type-I Anderson
              "acceleration_interval": _COUNT, "time_limit_secs": _SECONDS, "verbose": _BOOL,
              "write_data_filename": _TEXT, "log_csv_filename": _TEXT}
 _ECOS_ARGS = {**dict.fromkeys(("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc",
-                               "reltol_inacc"), _NONNEG),
+                               "reltol_inacc"), _POSITIVE),  # ECOS refuses 0
               "max_iters": _COUNT, "nitref": _NATURAL, "verbose": _BOOL}
 
 
@@ -81,13 +82,15 @@ def _solver_value(name: str, kind: str | None, value: Any) -> Any:
         check_bool(name, value)
     elif kind in (_COUNT, _NATURAL, _INTEGER):
         return check_int(name, value, minimum={_COUNT: 1, _NATURAL: 0}.get(kind))
-    elif kind in (_POSITIVE, _NONNEG, _SECONDS):
+    elif kind in (_POSITIVE, _NONNEG, _SECONDS, _RELAXATION):
         # check_positive takes tensors (node options may be learned); a solver does not.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
         number = real_number(value)  # ±inf for an int beyond the float range
         if kind == _POSITIVE:
             check_positive(name, value)
+        elif kind == _RELAXATION and not 0 < number < 2:
+            raise OptionError(f"{name} must be {kind}, got {value!r}")
         elif math.isnan(number) or number < 0 or (kind == _NONNEG and math.isinf(number)):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
         return number
@@ -109,7 +112,28 @@ def validate_solver_args(solver: str, args: Any, what: str = "solver_args") -> d
         raise OptionError(
             f"{what} has key(s) {unknown} that solver {solver!r} does not take; valid keys "
             f"are {sorted(kinds)}")
-    return {k: _solver_value(f"{what}[{k!r}]", kinds[k], v) for k, v in args.items()}
+    checked = {k: _solver_value(f"{what}[{k!r}]", kinds[k], v) for k, v in args.items()}
+    if solver == "Clarabel" and checked:
+        _clarabel_accepts(checked, what)
+    return checked
+
+
+def _clarabel_accepts(args: dict[str, Any], what: str) -> None:
+    """Clarabel's own judgement of the settings (an unknown ``direct_solve_method``, an
+    iteration limit beyond its integer type), on a one-variable program: raised as an
+    OptionError now, not as a bare ``Exception`` from every element of a batch."""
+    import clarabel
+    import numpy as np
+    import scipy.sparse as sp
+
+    settings = clarabel.DefaultSettings()
+    try:
+        for k, v in args.items():
+            setattr(settings, k, v)
+        clarabel.DefaultSolver(sp.csc_matrix((1, 1)), np.zeros(1), sp.csc_matrix(np.ones((1, 1))), np.ones(1),
+                               [clarabel.NonnegativeConeT(1)], settings)
+    except Exception as err:  # noqa: BLE001 - Clarabel raises a bare Exception ("Bad settings")
+        raise OptionError(f"{what} {args!r} are not accepted by Clarabel: {err}") from None
 
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:

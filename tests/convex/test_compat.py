@@ -423,3 +423,11 @@ def test_cvxpy_layer_solver_args_values_checked():
     At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
     with pytest.raises(OptionError, match=r"solver_args \(per call\)\['max_iters'\] must be an integer"):
         layer(At, bt, solver_args={"solve_method": "ECOS", "max_iters": "100"})
+
+
+def test_cvxpylayer_verbose_must_be_a_bool():
+    """verbose="yes" was taken as True (only its truthiness was read)."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    with pytest.raises(OptionError, match="verbose"):
+        CvxpyLayer(prob, parameters=[x], variables=[y], verbose="yes")

@@ -615,3 +615,66 @@ def test_problems_cvxpylayers_cannot_take_raise_problem_error(solver):
                          solver=solver)
     with pytest.raises(ProblemError, match="cvxpylayers cannot use this problem"):
         cddn.ConvexLayer(cp.Problem(cp.Minimize(q @ y)), [q], [y], solver=solver)
+
+
+# --- per-element path: audit findings (2026-12-02) -------------------------------------------
+
+def _nonneg_projection(**kwargs):
+    x = cp.Parameter(3)
+    y = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    return cddn.ConvexLayer(prob, [x], [y], **kwargs)
+
+
+def test_adjoint_lsqr_works():
+    """adjoint='lsqr' passed maxiter to scipy's lsqr (which calls it iter_lim): TypeError
+    in every forward (the polish) and backward. Closed form: y = max(x, 0), dy/dx = [x > 0]."""
+    layer = _nonneg_projection(solver="Clarabel", adjoint="lsqr")
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y.detach(), torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64), atol=1e-7, rtol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("solver, args, match", [
+    ("Clarabel", {"direct_solve_method": "foo"}, r"not accepted by Clarabel: Bad settings.*direct_solve_method"),
+    ("Clarabel", {"max_iter": 2 ** 40}, r"not accepted by Clarabel"),
+    ("SCS", {"alpha": 5.0}, r"solver_args\['alpha'\] must be a number in \(0, 2\), got 5.0"),
+    ("ECOS", {"feastol": 0.0}, r"solver_args\['feastol'\] must be finite and > 0, got 0.0"),
+])
+def test_solver_args_out_of_range_are_option_errors(solver, args, match):
+    """Accepted before: a bare Exception from Clarabel in every element, or each element
+    failing inside SCS/ECOS and silently solved by another path (fallback=None: the batched
+    one, no warning)."""
+    with pytest.raises(OptionError, match=match):
+        _nonneg_projection(solver=solver, solver_args=args)
+
+
+def test_no_degeneracy_warning_for_an_element_without_cotangent():
+    """With workers=1 the forward's refine left its degeneracy flag on the element's
+    residual map and a zero-cotangent backward (which returns before any solve) warned
+    about a degenerate vertex it never differentiated; workers=2 did not."""
+    c, b, v = cp.Parameter(2), cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(c @ v), [v >= 0, v[0] + v[1] <= b[0], v[0] - v[1] <= b[1]])
+    layer = cddn.ConvexLayer(prob, [c, b], [v], solver="Clarabel")
+    C = torch.tensor([[-1.0, -0.1]] * 2, dtype=torch.float64)
+    B = torch.tensor([[1.0, 1.0], [1.0, 3.0]], dtype=torch.float64, requires_grad=True)  # 0: degenerate
+    out = layer(C, B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (g,) = torch.autograd.grad(out[1].sum(), B)
+    assert g[0].tolist() == [0.0, 0.0]
+
+
+def test_last_solve_names_the_solver_whose_point_is_returned():
+    """When Clarabel stopped (status Failure) and SCS, warm-started at its point, gave the
+    point returned, last_solve said solvers=['Clarabel'], statuses=['Failure'], solved."""
+    xp, yv = cp.Parameter(3), cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(-cp.sum(cp.entr(yv)) - xp @ yv), [cp.sum(yv) == 1])
+    layer = cddn.ConvexLayer(prob, [xp], [yv], solver="Clarabel", fallback=None, solver_args={"max_iter": 1})
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    y = layer(x)
+    torch.testing.assert_close(y, torch.softmax(x, 0), atol=1e-7, rtol=0)  # closed form
+    info = layer.last_solve
+    assert info.solvers == ["Clarabel→SCS"] and "SCS from its point: solved" in info.statuses[0]
