@@ -28,6 +28,47 @@ from scipy.sparse import linalg as sla
 __all__ = ["Parametric", "ResidualMap", "kkt_residual", "parametric_entries", "verify_certificate"]
 
 
+def _soc(v: np.ndarray) -> np.ndarray:
+    """The exact projection onto one second-order cone {(t, u): ‖u‖ <= t}."""
+    t, u = v[0], v[1:]
+    nu = float(np.linalg.norm(u))
+    if nu <= t:
+        return v
+    if nu <= -t:
+        return np.zeros_like(v)
+    a = 0.5 * (t + nu)
+    return np.concatenate([[a], (a / nu) * u])
+
+
+def _rows(kind: str, size) -> int:
+    """Rows of a parsed diffcp cone entry (``size``: an int, or a list for q and s)."""
+    if kind == cone_lib.SOC:
+        return int(sum(size))
+    if kind == cone_lib.PSD:
+        return int(sum(k * (k + 1) // 2 for k in size))
+    if kind in (cone_lib.EXP, cone_lib.EXP_DUAL):
+        return 3 * int(size)
+    return int(size)
+
+
+def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
+    """diffcp's projection onto K (or K*), exact on the second-order cones, for the checks
+    (:func:`kkt_residual`, :func:`verify_certificate`): diffcp's returns a point unchanged
+    when ``‖u‖`` is within ``1e-8`` of ``t`` (``np.isclose``: 1e-5 relative), so a slack
+    outside a cone by 1e-5 relative read as inside and passed a KKT check at 1e-6 (the
+    cones are self-dual: ``dual`` does not matter there)."""
+    out = cone_lib.pi(x, cones, dual=dual)
+    at = 0
+    for kind, size in cones:
+        if kind == cone_lib.SOC:
+            for q in size:
+                out[at:at + q] = _soc(x[at:at + q])
+                at += q
+        else:
+            at += _rows(kind, size)
+    return out
+
+
 def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
                  x: np.ndarray, y: np.ndarray, s: np.ndarray) -> float:
     """Largest relative violation of primal/dual feasibility, cone membership and gap.
@@ -53,8 +94,8 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     primal = max(inf(Ax + s - b) - noise_p, 0.0) / (1.0 + inf(b))
     dual = max(inf(ATy + c) - noise_d, 0.0) / (1.0 + inf(c))
     gap = max(abs(cx + by) - 64 * eps * (abs(cx) + abs(by)), 0.0) / (1.0 + min(abs(cx), abs(by)))
-    s_cone = inf(s - cone_lib.pi(s, cones, dual=False)) / (1.0 + inf(s))
-    y_cone = inf(y - cone_lib.pi(y, cones, dual=True)) / (1.0 + inf(y))
+    s_cone = inf(s - project(s, cones, dual=False)) / (1.0 + inf(s))
+    y_cone = inf(y - project(y, cones, dual=True)) / (1.0 + inf(y))
     return max(primal, dual, gap, s_cone, y_cone)
 
 
@@ -79,7 +120,7 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
         d = y / ny
         ATd = A.T @ d
         a_scale = max(float(abs(A).max()) if A.nnz else 0.0, 1e-300)
-        in_cone = inf(d - cone_lib.pi(d, cones, dual=True)) <= tol
+        in_cone = inf(d - project(d, cones, dual=True)) <= tol
         return in_cone and inf(ATd) <= tol * a_scale and float(b @ d) < -tol * max(inf(b), 1e-300)
     if claim == "unbounded":
         nx = inf(x)
@@ -89,7 +130,7 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
         Ad = A @ d
         a_scale = max(float(abs(A).max()) if A.nnz else 0.0, 1e-300)
         s = -Ad
-        in_cone = inf(s - cone_lib.pi(s, cones, dual=False)) <= tol * a_scale
+        in_cone = inf(s - project(s, cones, dual=False)) <= tol * a_scale
         return in_cone and float(c @ d) < -tol * max(inf(c), 1e-300)
     return False
 
@@ -144,6 +185,8 @@ class ResidualMap:
 
     def _pi(self, z: np.ndarray) -> np.ndarray:
         n, m = self.n, self.m
+        # diffcp's projection here, not project(): the Newton steps pair R with diffcp's
+        # own derivative of it (dprojection), which has the same 1e-8 band.
         return np.concatenate([z[:n], cone_lib.pi(z[n:n + m], self.cones, dual=True),
                                np.maximum(z[-1:], 0.0)])
 

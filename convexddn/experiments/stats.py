@@ -55,9 +55,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     Returns:
         :func:`summarize` of the differences plus ``"exceeds_spread"``: ``True`` when
         the 95 % interval ``mean ± ci95`` excludes 0, ``False`` when it contains 0,
-        ``None`` with fewer than two seeds or when every seed gives the same difference
-        (no spread to judge by: a zero-width interval would call any difference real,
-        e.g. two seeds each one test cloud apart).
+        ``None`` with fewer than two seeds or when every seed gives the same nonzero
+        difference (no spread to judge by: a zero-width interval would call any difference
+        real, e.g. two seeds each one test cloud apart); ``False`` when every difference is 0.
 
     Raises:
         ShapeError: if ``a`` and ``b`` differ in length (they must be paired by seed).
@@ -67,7 +67,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     s = summarize([float(x) - float(y) for x, y in zip(a, b)])
     # "The same difference" up to rounding: accuracies are fractions k / n, whose
     # differences agree only to ~1e-16.
-    if s["ci95"] is None or s["std"] <= 1e-12 * (1.0 + abs(s["mean"])):
+    flat = s["ci95"] is not None and s["std"] <= 1e-12 * (1.0 + abs(s["mean"]))
+    if flat and abs(s["mean"]) <= 1e-12:
+        s["exceeds_spread"] = False  # no difference at all: nothing to exceed
+    elif s["ci95"] is None or flat:
         s["exceeds_spread"] = None
     else:
         s["exceeds_spread"] = abs(s["mean"]) > s["ci95"]

@@ -678,3 +678,22 @@ def test_last_solve_names_the_solver_whose_point_is_returned():
     torch.testing.assert_close(y, torch.softmax(x, 0), atol=1e-7, rtol=0)  # closed form
     info = layer.last_solve
     assert info.solvers == ["Clarabel→SCS"] and "SCS from its point: solved" in info.statuses[0]
+
+
+def test_kkt_check_sees_second_order_cone_violations():
+    """diffcp's SOC projection returns a point unchanged when ‖u‖ is within np.isclose of
+    t (1e-5 relative): a slack and multiplier 1e-5 outside the cone had KKT residual 0 and
+    passed tol = 1e-6. Reference: the distance to the cone, (‖u‖ − t) / √2 per point."""
+    import numpy as np
+    import scipy.sparse as sp
+    from diffcp import cones as cone_lib
+
+    from convexddn.convex.cone import kkt_residual
+
+    A, b, c = sp.csc_matrix(-np.eye(3)), np.zeros(3), np.zeros(3)
+    cones = cone_lib.parse_cone_dict({"q": [3]})
+    for eps in (1e-6, 1e-5):
+        x = np.array([1.0, 1.0 + eps, 0.0])  # s = x outside the cone by eps; y = 0
+        # s − Π(s) = (−eps/2, eps/2, 0): its ∞-norm over 1 + ‖s‖∞.
+        expected = (eps / 2) / (1 + (1 + eps))
+        assert kkt_residual(A, b, c, cones, x, np.zeros(3), x) == pytest.approx(expected, rel=1e-6)
