@@ -42,13 +42,9 @@ def _soc(v: np.ndarray) -> np.ndarray:
 
 def _rows(kind: str, size) -> int:
     """Rows of a parsed diffcp cone entry (``size``: an int, or a list for q and s)."""
-    if kind == cone_lib.SOC:
-        return int(sum(size))
-    if kind == cone_lib.PSD:
-        return int(sum(k * (k + 1) // 2 for k in size))
-    if kind in (cone_lib.EXP, cone_lib.EXP_DUAL):
-        return 3 * int(size)
-    return int(size)
+    if kind in (cone_lib.SOC, cone_lib.PSD):
+        return int(sum(size if kind == cone_lib.SOC else (k * (k + 1) // 2 for k in size)))
+    return 3 * int(size) if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) else int(size)
 
 
 def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
