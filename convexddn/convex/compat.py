@@ -36,10 +36,10 @@ import warnings
 from typing import Any, Sequence
 
 import cvxpy as cp
+import numpy as np
 import torch
 from torch import nn
 
-from .._checks import check_bool
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
 
@@ -171,7 +171,9 @@ class CvxpyLayer(nn.Module):
         self._declared = (problem, list(parameters), list(variables))
         method, self._args, ignored = self._translate(solver_args, "solver_args")
         backend = self._backend(solver)
-        check_bool("verbose", verbose)  # "yes" was taken as True
+        # cvxpylayers takes any truthy value; a string ("yes") was taken as True here too.
+        if not isinstance(verbose, (bool, np.bool_)) and verbose not in (0, 1):
+            raise OptionError(f"verbose must be True or False (or 0/1), got {verbose!r}")
         if verbose:
             self._args["verbose"] = True
         if canon_backend is not None:

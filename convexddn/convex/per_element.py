@@ -195,7 +195,7 @@ class CheckedDiffcp(SolverInterface):
         program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
         try:
             x, y, s, status = self._solve_with(method, args, A, b, c)
-            x0, y0 = x, y  # the solver's own point: a certificate when it claims one
+            x0, y0, claimed = x, y, status  # the solver's own point: a certificate when it claims one
             x, y, s, r = program.refine(x, y, s, self.refine)
             if r > POLISH_ABOVE and method != "SCS" and self.refine > 0:
                 # An interior point can sit where R is not smooth; SCS, warm-started
@@ -209,7 +209,7 @@ class CheckedDiffcp(SolverInterface):
             return None, (f"{method}: {err}", "other")
         if not r <= self.tol:
             why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
-            claim = status_kind(status)
+            claim = status_kind(claimed)  # the certificate checked is that solver's point
             if claim != "other":
                 # Believe an infeasibility or unboundedness status only with its certificate:
                 # badly scaled data provoke such statuses on well-posed problems.

@@ -32,8 +32,10 @@ class SolveInfo:
             ``"batched"`` for the torch iterations, ``"Clarabel (batched form)"`` for the
             second opinion on elements they did not certify (Clarabel on the same
             program, checked and differentiated by the batched path), else the
-            per-element solver.
-        statuses: per element, the status that solver reported.
+            per-element solver (``"Clarabel→SCS"`` where its point was improved by
+            SCS warm-started there, whose point was returned).
+        statuses: per element, the status that solver reported (for ``"Clarabel→SCS"``
+            both: ``"<Clarabel's>; SCS from its point: <SCS's>"``).
         residuals: per element, the relative KKT residual of the returned solution.
         solved: a bool tensor of the caller's batch shape: True where the element was
             solved (False only with ``on_failure="mask"``, where its output is NaN).

@@ -431,3 +431,12 @@ def test_cvxpylayer_verbose_must_be_a_bool():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
     with pytest.raises(OptionError, match="verbose"):
         CvxpyLayer(prob, parameters=[x], variables=[y], verbose="yes")
+
+
+def test_cvxpylayer_verbose_takes_what_cvxpylayers_takes():
+    """The drop-in takes bools, NumPy bools and 0/1 as cvxpylayers does (a strict bool
+    check refused them); only other values are errors."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    for v in (False, 0, 1, np.False_):
+        CvxpyLayer(prob, parameters=[x], variables=[y], verbose=v)

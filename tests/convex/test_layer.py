@@ -683,7 +683,7 @@ def test_last_solve_names_the_solver_whose_point_is_returned():
 def test_kkt_check_sees_second_order_cone_violations():
     """diffcp's SOC projection returns a point unchanged when ‖u‖ is within np.isclose of
     t (1e-5 relative): a slack and multiplier 1e-5 outside the cone had KKT residual 0 and
-    passed tol = 1e-6. Reference: the distance to the cone, (‖u‖ − t) / √2 per point."""
+    passed tol = 1e-6. Reference: the closed-form projection, s − Π(s) = (−eps/2, eps/2, 0)."""
     import numpy as np
     import scipy.sparse as sp
     from diffcp import cones as cone_lib
