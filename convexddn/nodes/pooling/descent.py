@@ -137,12 +137,10 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
             # Gather the rows still running into a smaller problem.
             _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
             keep = row_active.nonzero().squeeze(-1)
-            rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
-            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec = (
-                t.index_select(0, keep) for t in (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread,
-                                                  unres, conv_f, spec))
-            a3 = a3 if a3.dim() == 0 else a3.index_select(0, keep)
-            af = a3 if rows.alpha_f is None else rows.alpha_f
+            rows, idx, ranges, clamp, live, a3, af, state = _compact(
+                rows, keep, idx, clamp, ranges, use_compile, a3,
+                (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec))
+            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec = state
             sums = x.new_empty(4, n_active, k, 1)
     _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
     return Result(*(t.squeeze(-1) for t in (out_u, out_f, *out_flags)))

@@ -144,17 +144,21 @@ def _first(pen: Penalty, rows: Rows, method: str, u: Tensor, ranges: list[slice]
 
 
 def _compact(rows: Rows, keep: Tensor, idx: Tensor | None, clamp: list[bool], ranges: list[slice],
-             use_compile: bool) -> tuple[Rows, Tensor, list[slice], list[bool], list[bool]]:
+             use_compile: bool, alpha: Tensor, state: tuple[Tensor, ...]):
     """Gather the rows ``keep`` (still running) into a smaller problem: ``(rows, their
-    indices among the original rows, blocks, per-block clamp flags, live flags)``. A kept
-    row whose block clamped its residuals keeps clamping them."""
+    indices among the original rows, blocks, per-block clamp flags, live flags, alpha,
+    the penalty's alpha argument, the per-row state tensors)``, alpha and the state
+    (rows first) taken at ``keep``. A kept row whose block clamped its residuals keeps
+    clamping them."""
     x = rows.x
     blk_clamp = torch.tensor(clamp, device=x.device).repeat_interleave(_sizes(ranges, x.device))
     idx = keep if idx is None else idx.index_select(0, keep)
     rows = rows.select(keep)
     rows.clamp = rows.clamp or bool(blk_clamp.index_select(0, keep).any())
     ranges = block_ranges(keep.numel(), x.shape[1], x, use_compile)
-    return rows, idx, ranges, [rows.clamp] * len(ranges), [True] * len(ranges)
+    alpha = alpha if alpha.dim() == 0 else alpha.index_select(0, keep)
+    return (rows, idx, ranges, [rows.clamp] * len(ranges), [True] * len(ranges), alpha,
+            alpha if rows.alpha_f is None else rows.alpha_f, tuple(t.index_select(0, keep) for t in state))
 
 
 def _sizes(ranges: list[slice], device) -> Tensor:
@@ -268,14 +272,11 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             # Gather the rows still running into a smaller problem.
             _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
             keep = active.squeeze(-1).nonzero().squeeze(-1)
-            rows, idx, ranges, clamp, live = _compact(rows, keep, idx, clamp, ranges, use_compile)
-            u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec = (
-                t.index_select(0, keep) for t in (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread,
-                                                  unres, conv_f, spec))
-            a = a if a.dim() == 0 else a.index_select(0, keep)
-            af = a if rows.alpha_f is None else rows.alpha_f
+            rows, idx, ranges, clamp, live, a, af, state = _compact(
+                rows, keep, idx, clamp, ranges, use_compile, a,
+                (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec, active))
+            u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec, active = state
             tol_a, span = tol * a, _LOCAL_SPAN * a
-            active = active.index_select(0, keep)
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
     _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
     return out
