@@ -225,20 +225,18 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # Rows whose weights all underflowed (every point far from y) or overflowed (entries
     # near the float range's end) get the careful, rescaled weights; a Hessian sum at or
     # below its own rounding noise is singular (or negative: not a minimum), where the
-    # exact gradient does not exist and the row gets zero. Both are rare: one host sync
-    # tells that neither occurs.
+    # exact gradient does not exist and the row gets zero. Both are rare, as is a
+    # non-finite alpha weight sum: one host sync tells that none occurs.
     low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)).squeeze(-1)
     ok = _nonsingular(sw, size, scale, n)
-    all_ok = not bool((low | ~ok).any())
+    flags = [(low | ~ok).any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
+    rare, *alpha_rare = torch.stack(flags).tolist()
+    all_ok = not rare
     if not all_ok:
         if bool(low.any()):
             idx = low.nonzero().squeeze(-1)
-            ar = a if a.dim() == 0 else a[idx]
-            # In float64 (rare rows): a user's penalty without a saturation overflows on a
-            # far outlier in float32 ((z / alpha)^2 at 1e20) whatever the row's scale.
-            f64 = torch.float64
-            w_r, sw_r, wa_r, size_r = (None if t is None else t.to(x.dtype) for t in _careful_weights(
-                penalty, x[idx].to(f64), y[idx].to(f64), ar.to(f64), need_alpha))
+            w_r, sw_r, wa_r, size_r = (None if t is None else t.to(x.dtype)
+                                       for t in _careful_weights64(penalty, x, y, a, idx, need_alpha))
             sw[idx], size[idx] = sw_r, size_r
             scale[idx] = gcol[idx] / sw_r
             if need_alpha:
@@ -256,23 +254,32 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     if need_alpha:
         # Rows set to zero above stay zero (their swa may be NaN, and NaN * 0 is NaN).
         ga = torch.where(ok, (-(swa * scale)).squeeze(-1), 0.0)
-        ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga)
+        if alpha_rare[0] or rare:  # (the careful weights above may have overflowed too)
+            ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga)
     return gx, ga, ok, all_ok, alpha_lost
+
+
+def _careful_weights64(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, need_alpha: bool):
+    """:func:`_careful_weights` of the rows ``idx`` in float64 (rare rows): a user's penalty
+    without a saturation overflows on a far outlier in float32 ((z / alpha)^2 at 1e20)
+    whatever the row's scale."""
+    f64 = torch.float64
+    return _careful_weights(penalty, x[idx].to(f64), y[idx].to(f64), (a if a.dim() == 0 else a[idx]).to(f64),
+                            need_alpha)
 
 
 def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, ga: Tensor) -> tuple[Tensor, int]:
     """``ga`` with its non-finite entries formed again in float64 by the careful,
     rescaled weights (a penalty's ``d2phi_dalpha`` overflowing in a low precision: a
     user's formula at ``z / alpha ~ 1e15`` in float32); entries still not finite are
-    set to zero. Returns the gradient and how many were set to zero (one host sync)."""
+    set to zero. Returns the gradient and how many were set to zero (rare: its host
+    syncs run only where the caller's one read saw something amiss)."""
     bad = ~torch.isfinite(ga)
     if not bool(bad.any()):
         return ga, 0
     idx = bad.nonzero().squeeze(-1)
-    ar = a if a.dim() == 0 else a[idx]
-    f64 = torch.float64
-    _, sw, wa, _ = _careful_weights(penalty, x[idx].to(f64), y[idx].to(f64), ar.to(f64), True)
-    again = (-(gcol[idx].to(f64) * wa / sw)).squeeze(-1).to(ga.dtype)
+    _, sw, wa, _ = _careful_weights64(penalty, x, y, a, idx, True)
+    again = (-(gcol[idx].to(sw.dtype) * wa / sw)).squeeze(-1).to(ga.dtype)
     lost = ~torch.isfinite(again)
     return ga.index_copy(0, idx, torch.where(lost, 0.0, again)), int(lost.sum())
 

@@ -198,18 +198,17 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
         unresolved[idx] = res64
         converged[idx] = conv64
         special[idx] = spec64
-    n_spec = int(special.sum())
+    # The three counts in one host read.
+    n_spec, n_res, n_unc = torch.stack([special.sum(), unresolved.sum(), (~converged & ~special).sum()]).tolist()
     if n_spec:
         _warn(pen.name, "have sums of the penalty's derivatives that overflow even with scaled "
               "residuals (in float64; its formula exceeds the float range there); returning the "
               "last finite iterate", n_spec, rows)
-    n_res = int(unresolved.sum())
     if n_res:
         _warn(pen.name, f"cannot be resolved to tol={tol:g} in float64: the objective is so flat "
               "there that the rounding noise of its gradient exceeds tol times its curvature, or "
               "the span over which that curvature holds (alpha / 2 near a data point); returning "
               "the point where the gradient is at its noise level", n_res, rows)
-    n_unc = int((~converged & ~special).sum())
     if n_unc:
         _warn(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
               "iterate", n_unc, rows)
