@@ -17,13 +17,12 @@ from typing import Callable
 import torch
 
 from ...nodes.eigen import eigen_decomposition
-from ..harness import materialised
 from ...nodes.entmax import entmax
 from ...nodes.least_squares import least_squares
 from ...nodes.total_variation import tv_denoise
 from ...nodes.transport import sinkhorn
 from ...nodes.vector_pool import robust_vector_pool
-from ..harness import round_order, sync
+from ..harness import materialised, round_order, sync
 from ..reference import ENV_VAR
 
 __all__ = ["node_cases"]
