@@ -197,8 +197,12 @@ def robust_vector_pool(
 
     Scale-equivariant: :math:`y(s x, s\alpha) = s\, y(x, \alpha)`; the solve runs in units
     of a power of two near α, so data and α far from 1 (1e-20 or 1e25 in float32) are
-    handled as at unit scale. A float32 set spreading more than 2^60 α (where squared
-    distances overflow) is solved in float64; beyond 2^500 α a ``SolverError`` says so.
+    handled as at unit scale. The nonconvex start phase measures distances by Gram
+    products, which err by about eps·M² (M: the set's largest distance from its mean);
+    sets where that exceeds 1e-3 α² (float32: M beyond ~90 α) run that phase in float64,
+    and sets beyond float64's reach (M beyond ~3e6 α) with direct differences. A float32
+    set spreading more than 2^60 α (where squared distances overflow) is solved in
+    float64; beyond 2^500 α a ``SolverError`` says so.
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
