@@ -32,7 +32,6 @@ References:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -160,9 +159,11 @@ def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_ra
     ridge raise InputError; a rank-deficient element raises SolverError.
     """
     signed = [(name, t) for name, t in named if name in ("weights", "ridge") and t.numel() > 0]
-    stats = [x.sum(), bad_rank.any().to(x.dtype)] + [t.detach().amin().to(x.dtype) for _, t in signed]
-    total, rank, *lows = torch.stack(stats).tolist()
-    if not math.isfinite(total):
+    # In float64: a sum of x could overflow where no entry does (float16 [700]·300), and a
+    # float64 weight of -1e-300 cast to float32 would pass the sign test as -0.0.
+    stats = [(~torch.isfinite(x)).any(), bad_rank.any()] + [t.detach().amin() for _, t in signed]
+    broken, rank, *lows = torch.stack([v.to(torch.float64) for v in stats]).tolist()
+    if broken:
         for name, t in named:
             check_finite(name, t)
     for (name, _), low in zip(signed, lows):
@@ -172,7 +173,7 @@ def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_ra
     # the rank test comes first, so that it is reported as what it is.
     if rank:
         _raise_rank(bad_rank)
-    if not math.isfinite(total):
+    if broken:
         raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
 
 

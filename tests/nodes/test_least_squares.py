@@ -212,6 +212,21 @@ def test_least_squares_invalid():
         linear_fit(rand(2, 3, 8), rand(7))
 
 
+def test_least_squares_checks_do_not_round_through_the_output_dtype():
+    # A finite solution whose sum overflows the output dtype (float16: 300 entries of
+    # 700, max 65504) was reported as "the solution overflowed"; closed form x = b[:3].
+    A = torch.cat([torch.eye(3), torch.zeros(1, 3)]).expand(100, 4, 3).contiguous()
+    b = torch.full((100, 4), 700.0)
+    b[:, 3] = 0
+    x = least_squares(A.half(), b.half())
+    assert x.dtype == torch.float16 and bool((x == 700).all())
+    # A float64 weight of -1e-300 with float32 data passed the sign test as float32 -0.0
+    # and then overflowed the solve: the error is the weight's.
+    w = torch.tensor([1, 1, 1, 1, 1, -1e-300], dtype=D)
+    with pytest.raises(InputError, match="weights must be >= 0.*-1e-300"):
+        least_squares(torch.randn(6, 3), torch.randn(6), w)
+
+
 def test_least_squares_rank_deficient():
     A = rand(3, 6, 3)
     A[1, :, 2] = A[1, :, 0]  # element 1 is rank deficient
