@@ -57,7 +57,6 @@ class CGResult(NamedTuple):
     converged: Tensor  #: the system reached ``tol`` without a breakdown
     singular: Tensor  #: the probe broke down: H singular (or indefinite) on the null space
     dependent: Tensor | None  #: the active constraints are linearly dependent
-    ill: Tensor  #: the probe did not converge in ``max_iter``
     residual: Tensor  #: final relative residual of the system
     unfinished: Tensor  #: the probe neither converged nor broke down within max_iter
     cond: Tensor  #: condition number of H on the null space, from the probe's Ritz values
@@ -122,7 +121,6 @@ def projected_cg(
     max_iter: int,
     check_every: int,
     rcond: float,
-    ill_conditioned: float = 1e10,
 ) -> CGResult:
     """Projected CG on ``v`` and on a fixed probe, frozen per system once done or broken.
 
@@ -215,7 +213,6 @@ def projected_cg(
         converged=done[0] & ~broken[0] & ~negative[1],
         singular=broken[1] & ~negative[1],
         dependent=dependent,
-        ill=(~done[1] & ~broken[1]) | (cond >= ill_conditioned),
         residual=rel[0],
         cond=cond,
         unfinished=~done[1] & ~broken[1],

@@ -16,7 +16,11 @@ the same :class:`~convexddn.errors.GradientWarning`: a *singular* system (the so
 is not locally unique, so its derivative does not exist; the pseudo-inverse solution is
 used) and an *ill-conditioned* one (nearly so). The tests are scale-aware: they look at
 the equilibrated matrix, so multiplying the objective or a constraint by 1e10 changes
-nothing. :func:`resolve_linear_solver` is the one place where ``"auto"`` chooses.
+nothing. CG sees ``H`` only through products, so its own condition estimate (Ritz
+values) is not equilibrated: wherever the dense system fits in ``dense_fallback_bytes``,
+the dense test decides for every element CG flags or could not check; beyond that, CG's
+estimate stands, and an unchecked element gets a warning saying so.
+:func:`resolve_linear_solver` is the one place where ``"auto"`` chooses.
 
 References:
     S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks",
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_choice, check_tolerance
+from .._checks import check_choice, check_int, check_number, check_tolerance
 from ..errors import DTypeError, GradientWarning, ShapeError, SolverError
 from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
 from .krylov import projected_cg
@@ -271,18 +275,23 @@ def solve_kkt_cg(
             unfinished to the dense solve: CG is only worth it when it converges fast
             (the ``"auto"`` choice sets it). Default ``None``.
         dense_fallback_bytes: where CG fails for some batch elements (no convergence, or
-            :math:`H` indefinite on the null space) and the dense system of the batch
-            fits in this many bytes, those elements get the dense solution. Default
-            1 GiB.
+            :math:`H` indefinite on the null space), or its probe flags them as
+            ill-conditioned or does not finish, and the dense system of the batch fits in
+            this many bytes, those elements get the dense solution and its scale-aware
+            tests. Default 1 GiB.
 
     Returns:
         ``(w, mu)`` with shapes ``(B, m)`` and ``(B, r)`` (``mu`` is ``None`` without
         constraints).
 
     Warns:
-        GradientWarning: singular or ill-conditioned systems (as the dense path), and CG
-        failures past the dense fallback's size (those elements keep the last, finite,
-        CG iterate).
+        GradientWarning: singular or ill-conditioned systems (as the dense path), and past
+        the dense fallback's size: CG failures (those elements keep the last, finite, CG
+        iterate) and elements whose probe did not finish (degeneracy not checked).
+
+    Raises:
+        OptionError: ``max_iter``, ``check_every``, ``budget`` not integers >= 1,
+            ``dense_fallback_bytes`` not one >= 0, ``ill_conditioned`` not a number > 1.
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021, Prop. 4.5
@@ -292,20 +301,30 @@ def solve_kkt_cg(
     """
     batch, m = v.shape
     tol = _default_cg_tol(v.dtype) if tol is None else check_tolerance("cg tol", tol)
-    if max_iter is None:
-        max_iter = 10 * m
+    max_iter = 10 * m if max_iter is None else check_int("cg max_iter", max_iter, minimum=1)
+    check_every = check_int("check_every", check_every, minimum=1)
+    check_int("dense_fallback_bytes", dense_fallback_bytes, minimum=0)
+    check_number("ill_conditioned", ill_conditioned, above=1)
+    if budget is not None:
+        budget = check_int("budget", budget, minimum=1)
     size = m + (0 if A is None else A.shape[1])
     if rcond is None:
         rcond = default_rcond(size, v.dtype)
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
     if budget is not None and can_fall_back:
         max_iter = min(max_iter, budget)
-    out = projected_cg(hvp, A, inactive, v, tol, max_iter, check_every, rcond, ill_conditioned)
+    out = projected_cg(hvp, A, inactive, v, tol, max_iter, check_every, rcond)
     w, mu = out.w, out.mu
-    singular, dependent, ill = out.singular, out.dependent, out.ill & ~out.singular
+    # Ritz values lie inside the spectrum, so even an unfinished probe's estimate bounds
+    # the condition number from below: ill-conditioning is that estimate's verdict only.
+    singular, dependent, ill = out.singular, out.dependent, (out.cond >= ill_conditioned) & ~out.singular
     failed = ~out.converged
-    if budget is not None and can_fall_back:
-        failed = failed | out.unfinished  # let the exact dense test decide
+    if can_fall_back:
+        # The probe's verdicts are not the dense test's: an unfinished probe is no
+        # evidence of ill-conditioning (a system solved in one step was warned about), and
+        # its Ritz estimate is not equilibrated (diag(1e-11, 1, 1, 1), exact in float64,
+        # was called ill-conditioned at 1e11). Where the dense system fits, it decides.
+        failed = failed | out.unfinished | ill
     cond = out.cond
     if bool(failed.any()):
         if can_fall_back:
@@ -317,11 +336,27 @@ def solve_kkt_cg(
             ill = torch.where(failed, res.ill, ill)
             cond = torch.where(failed, res.cond, cond)
         else:
+            stuck = failed & singular
             warnings.warn(
                 f"conjugate gradients did not reach tol={tol:g} (worst relative residual "
                 f"{float(out.residual.amax()):.2e}) for {shown_indices(failed)}, and the "
                 f"dense system ({dense_bytes(batch, size) / 2**30:.1f} GiB) is over "
-                "dense_fallback_bytes: those elements keep the last CG iterate",
+                "dense_fallback_bytes: those elements keep the last CG iterate"
+                + (f" (singular for {shown_indices(stuck)}: no derivative exists there)"
+                   if bool(stuck.any()) else ""),
+                GradientWarning,
+                stacklevel=2,
+            )
+            # Said above: the singular warning's pseudo-inverse solution is not what they got.
+            singular, ill = singular & ~failed, ill & ~failed
+    if not can_fall_back:
+        unchecked = out.unfinished & ~failed & ~ill
+        if bool(unchecked.any()):
+            warnings.warn(
+                f"the singularity probe of conjugate gradients did not finish within "
+                f"max_iter={max_iter} for {shown_indices(unchecked)}, and the dense system is "
+                "over dense_fallback_bytes: whether their KKT system is singular or "
+                "ill-conditioned was not checked (raise max_iter or dense_fallback_bytes)",
                 GradientWarning,
                 stacklevel=2,
             )

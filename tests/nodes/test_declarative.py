@@ -159,6 +159,75 @@ def test_tolerances_must_be_below_one():
         solve_kkt_cg(lambda d: d, A, None, torch.ones(1, 2, dtype=DT), tol=1.5)
 
 
+def test_cg_options_are_checked():
+    """check_every=0 divided by zero, max_iter=2.5 failed in range(), max_iter=-5 was taken."""
+    v = torch.ones(1, 3, dtype=DT)
+    for kw, msg in ((dict(check_every=0), "check_every must be an integer >= 1"),
+                    (dict(max_iter=-5), "max_iter must be an integer >= 1"),
+                    (dict(max_iter=2.5), "max_iter must be an integer"),
+                    (dict(budget=0), "budget must be an integer >= 1"),
+                    (dict(dense_fallback_bytes=-1), "dense_fallback_bytes must be an integer >= 0"),
+                    (dict(ill_conditioned=0.5), "ill_conditioned must be")):
+        with pytest.raises(OptionError, match=msg):
+            solve_kkt_cg(lambda d: d, None, None, v, **kw)
+
+
+def _diag_hvp(h):
+    return lambda d: d * h
+
+
+def _warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+
+
+def test_cg_warns_only_what_the_dense_test_confirms():
+    """CG's probe verdicts went out as they were: a system solved exactly in one step was
+    called ill-conditioned because the probe ran out of max_iter, and diag(1e-11, 1, 1, 1)
+    (exact in float64; the dense test, equilibrated, is silent) was called ill-conditioned
+    at 1e11. Closed form: w = v / diag(H)."""
+    h = torch.arange(1.0, 51.0, dtype=DT)
+    v = torch.zeros(1, 50, dtype=DT)
+    v[0, 0] = 1.0
+    (w, _), said = _warnings(lambda: solve_kkt_cg(_diag_hvp(h), None, None, v, max_iter=5))
+    assert said == []
+    torch.testing.assert_close(w, v / h, rtol=1e-12, atol=0)
+    h = torch.tensor([1e-11, 1.0, 1.0, 1.0], dtype=DT)
+    v = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=DT)
+    (w, _), said = _warnings(lambda: solve_kkt_cg(_diag_hvp(h), None, None, v))
+    assert said == []
+    torch.testing.assert_close(w, v / h, rtol=1e-12, atol=0)
+    # A truly ill-conditioned one is still warned about, with or without the dense test.
+    # [[1, 1 − ε], [1 − ε, 1]] has eigenvalues ε and 2 − ε whatever the diagonal scaling.
+    H = torch.eye(4, dtype=DT)
+    H[0, 1] = H[1, 0] = 1 - 1e-12
+    for fallback in (2**30, 0):
+        _, said = _warnings(lambda: solve_kkt_cg(lambda d: d @ H, None, None, v, dense_fallback_bytes=fallback))
+        assert any("ill-conditioned" in m for m in said), (fallback, said)
+
+
+def test_cg_without_dense_fallback_says_what_each_element_got():
+    """Past the dense fallback, an inconsistent singular system kept the last CG iterate
+    (547 from the pseudo-inverse solution) while the singular warning said the gradient
+    used the pseudo-inverse one; and an unfinished probe was reported as ill-conditioning."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=DT, generator=g))
+    H = (Q * torch.tensor([0.0, 1, 2, 3, 4, 5], dtype=DT)) @ Q.T
+    hvp = lambda d: torch.einsum("ij,kbj->kbi", H, d)  # noqa: E731
+    v = torch.randn(1, 6, dtype=DT, generator=g)
+    _, said = _warnings(lambda: solve_kkt_cg(hvp, None, None, v, dense_fallback_bytes=0))
+    assert len(said) == 1 and "keep the last CG iterate" in said[0] and "singular for" in said[0]
+    assert not any("pseudo-inverse" in m for m in said)
+    # Converged system, probe cut short: "not checked", not "ill-conditioned".
+    h = torch.arange(1.0, 51.0, dtype=DT)
+    v = torch.zeros(1, 50, dtype=DT)
+    v[0, 0] = 1.0
+    _, said = _warnings(lambda: solve_kkt_cg(_diag_hvp(h), None, None, v, max_iter=5, dense_fallback_bytes=0))
+    assert len(said) == 1 and "was not checked" in said[0]
+
+
 def test_objective_without_second_derivative_gets_a_problem_error():
     """torch.cdist has no double backward: the Hessian-vector products failed with
     autograd's NotImplementedError, naming neither the method nor the remedy."""
