@@ -53,7 +53,9 @@ class BatchedSolveInfo:
     the returned point (see :func:`~.interior_point.kkt_measures`, cone violations
     included); ``solved`` is ``status == 0`` (residual <= ``tol_accept`` and estimated
     error <= ``tol_error``); ``iterations`` counts interior-point iterations; ``error``
-    is the estimated relative error of the solution (one Newton step's size).
+    is the estimated relative error of the solution (one Newton step's size);
+    ``points`` whether the returned point is primal and/or dual feasible in the
+    caller's units (bits :data:`~.measures.FEASIBLE_PRIMAL`, :data:`~.measures.FEASIBLE_DUAL`).
     """
 
     status: torch.Tensor
@@ -61,6 +63,7 @@ class BatchedSolveInfo:
     solved: torch.Tensor
     iterations: torch.Tensor
     error: torch.Tensor | None = None
+    points: torch.Tensor | None = None
     names: ClassVar[dict[int, str]] = STATUS_NAMES
 
     def status_names(self) -> list[str]:
@@ -222,7 +225,7 @@ class BatchedProgram:
             z = sum(v.sum() for v in values) * 0
             outs = tuple(values[0].new_zeros((0,) + v.shape) + z for v in data.variables)
             e = values[0].new_zeros(0)
-            return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e)
+            return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e, e.long())
         chunk = max(1, self.max_batch(values[0].device))
         if B > chunk:
             # More than the memory budget holds (a large program at a large batch): in
@@ -244,8 +247,8 @@ class BatchedProgram:
         # How a generic direction of the parameters moves the constraints: the backward
         # probes for degenerate vertices along it.
         tangent = data.constraint_tangent(p) if needs_grad else None
-        x, z, status, residual, iterations, error, _ = _ConeSolve.apply(P, q, A, b, data.layout, options,
-                                                                         needs_grad, tangent, where)
+        x, z, status, residual, iterations, error, points, _ = _ConeSolve.apply(
+            P, q, A, b, data.layout, options, needs_grad, tangent, where)
         xf, zf = data.recover(x, z, extra)
         solved = status == SOLVED
         outs = []
@@ -253,4 +256,4 @@ class BatchedProgram:
             # Failed elements: keep their (finite) values but cut them off the graph.
             mask = solved.view((-1,) + (1,) * (out.dim() - 1))
             outs.append(torch.where(mask, out, out.detach()) if needs_grad else out)
-        return tuple(outs), BatchedSolveInfo(status, residual, solved, iterations, error)
+        return tuple(outs), BatchedSolveInfo(status, residual, solved, iterations, error, points)

@@ -39,7 +39,7 @@ import torch
 from .certify import DECIDED, finish, undecided, verified_rays
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
-from .measures import Measures, kkt_measures, max_step, point_residual
+from .measures import Measures, caller_measures, kkt_measures, max_step, point_residual
 from .nullspace import ReducedSystems, reduce
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout, NTScaling
@@ -81,14 +81,14 @@ _REFINE_ABOVE = 1e-8
 class ConeSolution:
     """Per-element result of :func:`solve_cone_batch` (original, unscaled units).
 
-    ``x, s, z`` are the solution where ``status == 0`` and finite but meaningless
-    elsewhere. ``residual`` is the larger of :func:`kkt_measures`' relative KKT residual
-    of the equilibrated program (cone violations included) and of the caller's program,
-    ``error`` the size of one more Newton step relative to the solution (equilibrated
-    units), an estimate of its error. ``scaled`` and ``kkt`` (the equilibrated data and
-    the factorised KKT matrix at the solution) are kept for the implicit backward when
-    asked for; ``undecided`` marks solved elements where strict complementarity fails
-    (no derivative).
+    ``x, s, z`` are the solution where ``status == 0``, finite but meaningless elsewhere.
+    ``residual`` is the larger of :func:`kkt_measures`' relative KKT residual of the
+    equilibrated program (cone violations included) and of the caller's program,
+    ``error`` one more Newton step's size relative to the solution (equilibrated units),
+    an estimate of its error. ``scaled`` and ``kkt`` (equilibrated data, KKT matrix
+    factorised at the solution) are kept for the backward when asked for; ``undecided``
+    marks solved elements where strict complementarity fails (no derivative); ``points``
+    :func:`~.measures.caller_measures`' feasibility bits (0 for a certificate's ray).
     """
 
     x: torch.Tensor
@@ -98,6 +98,7 @@ class ConeSolution:
     iterations: torch.Tensor
     residual: torch.Tensor
     error: torch.Tensor
+    points: torch.Tensor | None = None
     scaled: Scaled | None = None
     kkt: KKTSystem | None = None  # or one with its solve and failed (null-space form, PatchedKKT)
     undecided: torch.Tensor | None = None
@@ -194,19 +195,18 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         infeasible, unbounded = verified_rays(P, q, A, b, layout, xo, zo)
         real = ((status == PRIMAL_INFEASIBLE) & infeasible) | ((status == DUAL_INFEASIBLE) & unbounded)
         status = torch.where(certified & ~real, NUMERICAL, status)
-    # The measures so far are relative to the equilibrated unit (σ from the data; see
-    # above: a point with a relative gap of 0.02 to 1 passed there). The same measures in
-    # the caller's units do not share that blind spot (nor the equilibrated ones theirs
-    # for tiny data): both must pass.
-    caller = torch.stack(kkt_measures(P, q, A, b, xo, so, zo)).amax(0)
-    caller = torch.where(torch.isnan(caller), torch.inf, caller)
+    # The measures so far are relative to the equilibrated unit (σ from the data; above: a
+    # point with a relative gap of 0.02 to 1 passed there). The same measures in the
+    # caller's units do not share that blind spot (nor the equilibrated ones theirs): both must pass.
+    caller, points = caller_measures(P, q, A, b, layout, xo, so, zo, tol_accept)
     residual = torch.where(certified, residual, torch.maximum(residual, caller))
     # Solved means: small residual and small estimated error, whatever the loop concluded.
     ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
     # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
     undecided_ = ok_res & (undecided(layout, ss, zs) > DECIDED)
-    out = ConeSolution(xo, so, zo, status, iterations, residual, error, undecided=undecided_)
+    out = ConeSolution(xo, so, zo, status, iterations, residual, error, torch.where(certified | ~ok, 0, points),
+                       undecided=undecided_)
     if keep_state:
         out.scaled, out.kkt = d, kkt
     return out

@@ -33,7 +33,7 @@ from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
-from .status import (SolveInfo, adopt_certificates, failure_error, masked_outputs, merge_resolved, status_kind,
+from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved, status_kind,
                      unravel)
 from .validation import check_values, solver_choice, validate_problem, validate_solver_args
 
@@ -360,6 +360,7 @@ class ConvexLayer(nn.Module):
                 fixed, part = self._solve_batched(program, self._subset(flat, doubt), (doubt, batch))
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])
                 adopt_certificates(info, doubt, list(zip(part["kinds"], part["statuses"])))
+                doubt_certificates(info, doubt, part["points"])
             return sols, info
         sols, info = self._solve_batched(self._batched, flat, (range(math.prod(batch)), batch))
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
@@ -370,6 +371,7 @@ class ConvexLayer(nn.Module):
             fixed, part = self._solve_per_element(self._subset(flat, redo), call_args, (redo, batch))
             merge_resolved(sols, info, redo, fixed, part)
             adopt_certificates(info, redo, verdicts)
+            doubt_certificates(info, redo, [info["points"][i] for i in redo])
         return sols, info
 
     def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor],
@@ -382,11 +384,14 @@ class ConvexLayer(nn.Module):
         statuses, solved = binfo.status_names(), binfo.solved.tolist()
         info = {"backend": ["batched"] * n, "solvers": ["batched"] * n, "statuses": statuses,
                 "residuals": binfo.residual.tolist(), "solved": solved,
-                "kinds": ["solved" if ok else status_kind(st) for ok, st in zip(solved, statuses)]}
+                "kinds": ["solved" if ok else status_kind(st) for ok, st in zip(solved, statuses)],
+                "points": binfo.points.tolist()}  # (not an INFO_KEYS entry: kept through merges)
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
             fixed, finfo = program(*self._subset(flat, redo), second_opinion=True,
                                    where=([where[0][i] for i in redo], where[1]))
+            for i, bits in zip(redo, finfo.points.tolist()):
+                info["points"][i] |= bits
             took = finfo.solved.tolist()
             part = {"backend": ["batched"] * len(redo), "solvers": ["Clarabel (batched form)"] * len(redo),
                     "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),

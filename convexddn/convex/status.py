@@ -15,9 +15,10 @@ from typing import Sequence
 import torch
 
 from ..errors import ConvexDDNWarning, InfeasibleError, SolverError, UnboundedError
+from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL
 
-__all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "failure_error", "masked_outputs", "merge_resolved", "status_kind",
-           "unravel", "name_elements"]
+__all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
+           "merge_resolved", "status_kind", "unravel", "name_elements"]
 
 
 @dataclasses.dataclass
@@ -136,6 +137,31 @@ def adopt_certificates(info: dict, idx: list[int], verdicts: list[tuple[str, str
         if not info["solved"][i] and info["kinds"][i] == "other" and kind in ("infeasible", "unbounded"):
             info["kinds"][i] = kind
             info["statuses"][i] = f"{info['statuses'][i]}; batched path: {status} (certificate verified)"
+
+
+def doubt_certificates(info: dict, idx: Sequence[int], points: Sequence[int]) -> None:
+    """Elements ``idx`` left unsolved as infeasible (unbounded) although a batched solve
+    found a primal (dual) feasible point for them (``points``: its
+    :func:`~.measures.caller_measures` bits, in the order of ``idx``): their verdict
+    becomes "other" and their status says why, in place.
+
+    A certificate's relative tests pass on data mixing scales: ``x >= (1e6, 1)`` with a
+    squared objective was reported infeasible (SCS's ray, verified), with the batched
+    path's feasible point (1e6, 1.6) at hand.
+    """
+    for i, bits in zip(idx, points):
+        kind = info["kinds"][i]
+        if info["solved"][i] or kind not in ("infeasible", "unbounded"):
+            continue
+        if kind == "infeasible" and bits & FEASIBLE_PRIMAL:
+            seen = "a primal feasible point (relative residual <= tol_accept)"
+        elif kind == "unbounded" and bits & FEASIBLE_DUAL:
+            seen = "a dual feasible point (a finite lower bound)"
+        else:
+            continue
+        info["kinds"][i] = "other"
+        info["statuses"][i] = (f"{info['statuses'][i]}; but the batched path found {seen}: {kind} "
+                               "not certain (the data may be badly scaled)")
 
 
 def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], solved: torch.Tensor,

@@ -139,13 +139,13 @@ class _ConeSolve(torch.autograd.Function):
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
         state = (sol, layout, options.get("refine", 1), tangent, where) if needs_grad else None
-        return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error)),
-                state)
+        return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error,
+                                       sol.points)), state)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.state = output[6]
-        ctx.mark_non_differentiable(*output[2:6])
+        ctx.state = output[7]
+        ctx.mark_non_differentiable(*output[2:7])
 
     @staticmethod
     @first_order("BatchedProgram")

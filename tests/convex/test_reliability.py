@@ -496,6 +496,43 @@ def test_adopt_certificates_fills_only_unverified_failures():
     assert info["statuses"][1:] == ["Clarabel: Infeasible", "solved", "SCS: max iters"]
 
 
+@pytest.mark.parametrize("big", [1e6, 1e8])
+def test_feasible_program_mixing_scales_is_never_called_infeasible(big):
+    # min ‖x − y‖² s.t. x >= lo, y = 0, lo = (big, 1): feasible, x* = lo. The batched
+    # path left it uncertified (error estimate 3e-7 against 1e-7) with the feasible point
+    # (1e6, 1.6); SCS's ray passed the per-element path's relative certificate tests,
+    # and the layer raised InfeasibleError.
+    x, y, lo = cp.Variable(2), cp.Parameter(2), cp.Parameter(2)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= lo]), [y, lo], [x])
+    values = (torch.zeros(1, 2, dtype=torch.float64), torch.tensor([[big, 1.0]], dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = layer(*values)
+        except InfeasibleError as err:
+            pytest.fail(f"a feasible program was called infeasible: {err}")
+        except SolverError as err:
+            assert "batched path found a primal feasible point" in str(err) and "badly scaled" in str(err)
+        else:
+            torch.testing.assert_close(out, values[1], rtol=1e-6, atol=0)
+
+
+def test_doubt_certificates_overrules_only_rays_a_feasible_point_contradicts():
+    from convexddn.convex.measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL
+    from convexddn.convex.status import doubt_certificates, failure_error
+
+    info = {"solved": [False, False, False, False, True], "kinds": ["infeasible", "unbounded", "infeasible",
+                                                                  "unbounded", "solved"],
+            "statuses": ["SCS: infeasible", "SCS: unbounded", "ECOS: infeasible", "x", "solved"]}
+    doubt_certificates(info, [0, 1, 2, 3, 4], [FEASIBLE_PRIMAL, FEASIBLE_DUAL, FEASIBLE_DUAL, FEASIBLE_PRIMAL,
+                                               FEASIBLE_PRIMAL | FEASIBLE_DUAL])
+    assert info["kinds"] == ["other", "other", "infeasible", "unbounded", "solved"]
+    assert "primal feasible point" in info["statuses"][0] and "dual feasible point" in info["statuses"][1]
+    assert info["statuses"][2:] == ["ECOS: infeasible", "x", "solved"]
+    err = failure_error([0, 1], info["statuses"][:2], (5,), info["kinds"][:2])
+    assert type(err) is SolverError and "badly scaled" in str(err)
+
+
 @pytest.mark.parametrize("seed", [47, 50, 51, 55, 58, 59])
 def test_huber_with_equalities_is_solved_where_cone_rows_give_the_only_curvature(seed):
     # Huber's linear parts have no curvature in P, only from cone rows, which vanish
