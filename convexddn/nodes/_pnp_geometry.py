@@ -5,7 +5,8 @@ checks (coplanar points, points behind the camera).
 Batched torch code (CPU or CUDA); see :mod:`convexddn.nodes.pnp`.
 
 References:
-    R. Hartley and A. Zisserman, "Multiple View Geometry", 2nd ed., §7.1 (DLT).
+    R. Hartley and A. Zisserman, "Multiple View Geometry", 2nd ed., §7.1 (DLT), §4.1
+    (homography), §8.8 (pose from a plane's homography).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .linear_solvers import shown_indices
 from .pooling.penalties import Penalty
 
 __all__ = [
+    "COPLANAR",
     "axis_angle_to_matrix",
     "check_alpha_shape",
     "check_dlt_points",
@@ -33,12 +35,13 @@ __all__ = [
     "normalised",
     "objective",
     "off_plane_spread",
+    "planar_start",
     "warn_hessian",
 ]
 
-# Points whose spread off their best-fit plane is below this fraction of their largest
-# spread count as coplanar for the DLT start (its 2N×12 system then has a null space of
-# dimension > 1, and the start is an arbitrary member of it). Well above rounding
+# Points whose spread off their best-fit plane (line) is below this fraction of their
+# largest spread count as coplanar (collinear): the DLT's 2N×12 system then has a null
+# space of dimension > 1, and its start is an arbitrary member of it. Well above rounding
 # (float32 data round a tilted plane to ~1e-7 of its extent).
 COPLANAR = 1e-6
 
@@ -153,6 +156,41 @@ def dlt(q: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.cat([matrix_to_axis_angle(R), t], -1)
 
 
+def planar_start(q: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Pose start from the homography of the points' best-fit plane, ``(B, N, 2),
+    (B, N, 3), (B, N) -> (B, 6)``: for (nearly) planar scenes, where the DLT's 2N×12
+    system has a null space of dimension > 1 (up to noise).
+
+    With plane axes :math:`e_1, e_2` (and normal :math:`e_3 = e_1 \\times e_2`) through
+    the weighted centroid c and plane coordinates (u, v), a point maps to the camera
+    frame as :math:`[R e_1, R e_2, R c + t]\\,(u, v, 1)^T`, which is the homography H
+    from (u, v) to the image, up to scale: :math:`R = [h_1, h_2, h_1 \\times h_2]`
+    (normalised, nearest rotation) :math:`E^T`, :math:`t = h_3 - R c`.
+    """
+    wn = w / w.sum(-1, keepdim=True)
+    c = (wn.unsqueeze(-1) * p).sum(-2, keepdim=True)
+    Vh = torch.linalg.svd((p - c) * wn.sqrt().unsqueeze(-1), full_matrices=False).Vh  # rows: plane axes
+    e1, e2 = Vh[:, 0], Vh[:, 1]
+    E = torch.stack([e1, e2, torch.linalg.cross(e1, e2)], -1)  # (B, 3, 3), right-handed
+    uv = (p - c) @ E[..., :2]
+    sc = ((wn * (uv * uv).sum(-1)).sum(-1).sqrt() / math.sqrt(2)).clamp(min=1e-30)[:, None, None]
+    U = torch.cat([uv / sc, torch.ones_like(uv[..., :1])], -1)  # (B, N, 3)
+    zero = torch.zeros_like(U)
+    rows = torch.cat([torch.cat([U, zero, -q[..., :1] * U], -1), torch.cat([zero, U, -q[..., 1:] * U], -1)], -2)
+    Hm = torch.linalg.svd(rows * w.sqrt().repeat(1, 2).unsqueeze(-1), full_matrices=False).Vh[:, -1].reshape(-1, 3, 3)
+    h1, h2, h3 = Hm[..., 0] / sc[..., 0], Hm[..., 1] / sc[..., 0], Hm[..., 2]
+    lam = 0.5 * (h1.norm(dim=-1) + h2.norm(dim=-1)).clamp(min=1e-300)
+    # The sign that puts the centroid in front of the camera (depth h3_z / λ > 0).
+    lam = torch.where(h3[:, 2] < 0, -lam, lam).unsqueeze(-1)
+    a1, a2 = h1 / lam, h2 / lam
+    U3, _, V3 = torch.linalg.svd(torch.stack([a1, a2, torch.linalg.cross(a1, a2)], -1))
+    d = torch.ones_like(h1)
+    d[:, 2] = torch.det(U3 @ V3)
+    R = (U3 @ (d.unsqueeze(-1) * V3)) @ E.mT
+    t = h3 / lam - (R @ c.mT).squeeze(-1)
+    return torch.cat([matrix_to_axis_angle(R), t], -1)
+
+
 def off_plane_spread(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Spread of the points of nonzero weight off their best-fit plane, relative to their
     largest spread: σ_min / σ_max of the weighted, centred points, (B, N, 3) -> (B,).
@@ -161,10 +199,15 @@ def off_plane_spread(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     collinear or coincident points (and rounding level, ~1e-16 in float64 or ~1e-7 for
     float32 data, for points that are coplanar up to the precision of the input).
     """
+    s = _spread_values(p, w)
+    return s[:, -1] / s[:, 0].clamp(min=torch.finfo(s.dtype).tiny)
+
+
+def _spread_values(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Singular values of the weighted, centred points, (B, N, 3) -> (B, 3), descending."""
     wn = w / w.sum(-1, keepdim=True)
     c = (wn.unsqueeze(-1) * p).sum(-2, keepdim=True)
-    s = torch.linalg.svdvals((p - c) * wn.sqrt().unsqueeze(-1))
-    return s[:, -1] / s[:, 0].clamp(min=torch.finfo(s.dtype).tiny)
+    return torch.linalg.svdvals((p - c) * wn.sqrt().unsqueeze(-1))
 
 
 def depths(theta: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -187,18 +230,21 @@ def check_intrinsics(q, K) -> None:
 
 
 def check_dlt_points(p, w) -> None:
-    """The DLT start needs, per problem, >= 6 points of nonzero weight not all on one plane
-    (fewer, or coplanar ones, leave its 2N×12 system a null space of dimension > 1)."""
+    """The starts need, per problem, >= 6 points of nonzero weight (fewer leave the DLT's
+    2N×12 system a null space of dimension > 1) not all on one line (no plane, so no
+    pose, is determined); coplanar points are solved from the plane's homography
+    (:func:`planar_start`)."""
     few = (w > 0).sum(-1) < 6
     if bool(few.any()):
         raise InputError(f"weights: the DLT start needs >= 6 points of nonzero weight per problem, got "
                          f"{int((w > 0).sum(-1).min())} for {shown_indices(few)}; pass init")
-    spread = off_plane_spread(p, w)
-    flat3d = spread <= COPLANAR
-    if bool(flat3d.any()):
-        raise InputError(f"p3d: the DLT start needs points not all on one plane, got points (of nonzero weight) "
-                         f"coplanar to {float(spread[flat3d].max()):.1e} of their extent for "
-                         f"{shown_indices(flat3d)}; pass init")
+    s = _spread_values(p, w)
+    spread = s[:, 1] / s[:, 0].clamp(min=torch.finfo(s.dtype).tiny)
+    line = spread <= COPLANAR
+    if bool(line.any()):
+        raise InputError(f"p3d: the pose needs points (of nonzero weight) not all on one line, got points "
+                         f"collinear to {float(spread[line].max()):.1e} of their extent for "
+                         f"{shown_indices(line)}; pass init")
 
 
 def check_start(bad, from_init: bool) -> None:
