@@ -247,7 +247,7 @@ def check_dlt_points(p, w) -> None:
                          f"{shown_indices(line)}; pass init")
 
 
-def check_start(bad, from_init: bool) -> None:
+def check_start(bad, from_init: bool, stacklevel: int = 4) -> None:
     """Refuse an ``init`` whose reprojection error is undefined (``bad``: a non-finite
     objective, a point at depth 0); a DLT start with one (measure zero) stays unsolved."""
     if not bool(bad.any()):
@@ -256,7 +256,7 @@ def check_start(bad, from_init: bool) -> None:
         raise InputError(f"init must put every point at a nonzero depth (the projection divides by it), got "
                          f"a non-finite reprojection error at init for {shown_indices(bad)}")
     warnings.warn(f"pnp: the DLT start puts a point at depth 0 for {shown_indices(bad)}; the start is "
-                  "returned unsolved (pass init)", SolverWarning, stacklevel=4)
+                  "returned unsolved (pass init)", SolverWarning, stacklevel=stacklevel)
 
 
 def check_pose(theta, H, p3d, w) -> None:

@@ -32,7 +32,6 @@ References:
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -40,24 +39,19 @@ from torch import nn
 
 from .._autograd import bind_fast, first_order
 from .._checks import check_finite, check_scale, check_stopping, check_tensor
-from ..errors import InputError, ShapeError, SolverWarning
+from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
-    COPLANAR,
     axis_angle_to_matrix,
     check_alpha_shape,
     check_dlt_points,
     check_intrinsics,
     check_pose,
     check_start,
-    depths,
-    dlt,
     grad_hess,
-    normalised,
     objective,
-    off_plane_spread,
-    planar_start,
     warn_hessian,
 )
+from ._pnp_solvers import from_starts, solve
 from .dense import checked_solve
 from .pooling.penalties import Penalty
 
@@ -71,97 +65,6 @@ _WORK = torch.float64
 # error of order (last step)² anyway.
 _DEFAULT_TOL = 1e-8
 _DEFAULT_MAX_ITER = 100
-def _solve(theta, xs, pen, tol, max_iter):
-    """Damped Newton on the exact Hessian: the step solves (H + μI) δ = −∇f with μ the
-    amount that makes H + μI positive definite plus a Levenberg–Marquardt damping
-    λ·max|diag H| (λ shrinks after an accepted step, grows after a rejected one); a
-    step is kept only if f does not rise above its rounding floor."""
-    B = theta.shape[0]
-    # λ starts small and falls tenfold per accepted step: a damping of λ·max|diag H|
-    # slows convergence to a rate of about λ·cond(H), so it must vanish near the minimum.
-    lam = torch.full((B,), 1e-6, dtype=theta.dtype, device=theta.device)
-    eps = torch.finfo(theta.dtype).eps
-    n_todo = B
-    for _ in range(max_iter):
-        f, g, H, _ = grad_hess(theta, xs, pen)
-        # eigh raises on a non-finite matrix: such a Hessian (a point at or near depth 0)
-        # is replaced by I. A non-finite objective (only a DLT start can have one: a bad
-        # init is refused, and no step to one is accepted) cannot improve: such an
-        # element stays where it is (reported by _check_start).
-        stuck = ~torch.isfinite(f)
-        bad_h = stuck | ~(torch.isfinite(g).all(-1) & torch.isfinite(H).all(-1).all(-1))
-        H = torch.where(bad_h[:, None, None], torch.eye(6, dtype=H.dtype, device=H.device), H)
-        ev, Q = torch.linalg.eigh(H)
-        scale = ev.abs().amax(-1).clamp(min=eps)
-        shift = (-ev[:, 0]).clamp(min=0) + lam * scale
-        step = -(Q @ ((Q.mT @ g.unsqueeze(-1)).squeeze(-1) / (ev + shift.unsqueeze(-1))).unsqueeze(-1)).squeeze(-1)
-        finite = torch.isfinite(step).all(-1)
-        step = torch.where(finite.unsqueeze(-1), step, torch.zeros_like(step))
-        f_new = objective(theta + step, *xs, pen)
-        # f resolves a step only down to ~sqrt(eps·f/‖H‖): below that, where the model is
-        # convex and predicts a decrease under f's rounding, the Newton step is taken
-        # on the model's word (the quadratic regime, where it is exact to second order).
-        pred = -(g * step).sum(-1) - 0.5 * (step * (H @ step.unsqueeze(-1)).squeeze(-1)).sum(-1)
-        unresolved = (ev[:, 0] > 0) & (pred <= 1e3 * eps * f.abs())
-        ok = finite & torch.isfinite(f_new) & ((f_new <= f + 8 * eps * f.abs()) | unresolved)
-        # Done after a step below tol; Newton's quadratic convergence leaves an error far
-        # below the last step.
-        small = step.abs().amax(-1) <= tol * (1 + theta.abs().amax(-1))
-        done = (small & ok) | stuck
-        theta = torch.where(ok.unsqueeze(-1), theta + step, theta)
-        lam = torch.where(ok, (lam / 10).clamp(min=1e-15), lam * 10)
-        n_todo = int((~done).sum())  # one host sync per Levenberg–Marquardt step
-        if n_todo == 0:
-            return theta
-    warnings.warn(f"pnp: {n_todo} of {B} problem(s) did not reach tol={tol:g} within max_iter={max_iter}; "
-                  "returning the last iterate", SolverWarning, stacklevel=4)
-    return theta
-
-
-# Scenes whose points spread off their best-fit plane by less than this fraction of
-# their extent are also solved from the plane's homography start, and the better pose is
-# kept: there the DLT's system is nearly rank-deficient, and with 1e-3 image noise its
-# start led to a wrong minimum in front of the camera (relief 1e-3: objective 1.8e-2
-# against 8e-6, t_z 5.3 against 4.0) without a word.
-_NEARLY_PLANAR = 0.1
-
-
-def _from_starts(xs, pen, tol, max_iter):
-    """The pose from the DLT start and, for nearly planar scenes, also from the plane's
-    homography start (:func:`~._pnp_geometry.planar_start`; the only start where the
-    points are coplanar): the one with every point of nonzero weight in front of the
-    camera and the lower objective is kept. One host read beyond the solves'."""
-    p2d, p3d, w, K, alpha = xs
-    qn = normalised(p2d, K)
-    theta = dlt(qn, p3d, w)
-    spread = off_plane_spread(p3d, w)
-    idx = torch.nonzero(spread <= _NEARLY_PLANAR).squeeze(1)
-    if idx.numel():
-        pick = lambda t: t if t is None or t.dim() == 0 else t.index_select(0, idx)  # noqa: E731
-        sub = tuple(pick(t) for t in xs)
-        planar = planar_start(pick(qn), sub[1], sub[2])
-        # Coplanar points leave the DLT's start an arbitrary member of its null space.
-        flat = (pick(spread) <= COPLANAR).unsqueeze(-1)
-        theta = theta.index_copy(0, idx, torch.where(flat, planar, pick(theta)))
-    check_start(~torch.isfinite(objective(theta, *xs, pen)), False)
-    theta = _solve(theta, xs, pen, tol, max_iter)
-    if not idx.numel():
-        return theta
-    with warnings.catch_warnings(record=True) as said:  # said only if its pose is kept
-        warnings.simplefilter("always")
-        ok = torch.isfinite(objective(planar, *sub, pen)).unsqueeze(-1)
-        other = _solve(torch.where(ok, planar, pick(theta)), sub, pen, tol, max_iter)
-
-    def score(th):  # the objective, +inf with a point of nonzero weight at or behind the camera
-        behind = ((depths(th, sub[1]) <= 0) & (sub[2] > 0)).any(-1)
-        f = objective(th, *sub, pen)
-        return torch.where(behind | ~torch.isfinite(f), torch.inf, f)
-
-    better = (score(other) < score(pick(theta))).unsqueeze(-1)
-    if bool(better.any()):
-        for w_ in said:
-            warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
-    return theta.index_copy(0, idx, torch.where(better, other, pick(theta)))
 
 
 # --------------------------------------------------------------------------- node
@@ -178,10 +81,10 @@ class _PnPFunction(torch.autograd.Function):
             return p2d.new_zeros(0, 6), p2d.new_zeros(0, 6, 6)
         xs = (p2d, p3d, w, K, alpha)
         if init is None:
-            theta = _from_starts(xs, pen, tol, max_iter)
+            theta = from_starts(xs, pen, tol, max_iter)
         else:
             check_start(~torch.isfinite(objective(init, *xs, pen)), True)
-            theta = _solve(init, xs, pen, tol, max_iter)
+            theta = solve(init, xs, pen, tol, max_iter)
         # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
         # one still has eigenvalues of the order of that iterate's distance.
         H = grad_hess(theta, xs, pen)[2]
