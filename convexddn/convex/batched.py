@@ -53,7 +53,8 @@ class BatchedSolveInfo:
     the returned point (see :func:`~.interior_point.kkt_measures`, cone violations
     included); ``solved`` is ``status == 0`` (residual <= ``tol_accept`` and estimated
     error <= ``tol_error``); ``iterations`` counts interior-point iterations; ``error``
-    is the estimated relative error of the solution (one Newton step's size);
+    is the estimated relative error of the solution (one Newton step's size; NaN where
+    no estimate can be formed: equality rows too nearly dependent);
     ``points`` whether the returned point is primal and/or dual feasible in the
     caller's units (bits :data:`~.measures.FEASIBLE_PRIMAL`, :data:`~.measures.FEASIBLE_DUAL`).
     """

@@ -106,7 +106,7 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
         # get twice polish_steps LU Newton steps (on those only: quadratic convergence
         # from an undecided pair of ratio ~1 needs about five), then a fresh estimate;
         # what remains is left to the caller's fallback.
-        idx = torch.nonzero(live & ((error > tol_error) | (undecided(layout, ss, zs) > RESOLVED))).squeeze(1)
+        idx = torch.nonzero(live & ~(error <= tol_error) | (live & (undecided(layout, ss, zs) > RESOLVED))).squeeze(1)
         if idx.numel():
             xs, ss, zs, residual, polished, took = _polish_subset(d, layout, xs, ss, zs, residual, polished,
                                                                   idx, residual_fn, 2 * polish_steps)
@@ -173,7 +173,9 @@ def _shift(like: torch.Tensor) -> float:
 
 
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
-    """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element.
+    """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element:
+    ``inf`` where the factorisation failed, NaN where the step cannot be formed (nearly
+    dependent equality rows, see below).
 
     The system linearises the complementarity with the limit scaling of
     :class:`~.symmetric_cones.NTScaling` (``derivative=True``), as the backward does.
@@ -194,6 +196,14 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     rhs = torch.cat([-rz[:, :z0], sc - rz[:, z0:]], 1)  # Newton on s ∘ z = 0 (affine form)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)
+    # The step is the Newton step only if it solves the equality rows, which the KKT form
+    # regularises by δ: along nearly dependent rows refinement cannot remove it, the step
+    # loses the residual's part there, and a point 0.25 off passed as 4.5e-8 (two rows
+    # parallel to 1e-7). What it may lose is that residual's rounding (exactly redundant
+    # rows: a doubly stochastic matrix's sums), ~eps·(|A_E||x| + |b_E|), not more.
+    AE, bE = d.A[:, :z0], d.b[:, :z0]
+    eE = row_inf(ops.Av(dx)[:, :z0] + rz[:, :z0])
+    lost = eE > 64 * torch.finfo(dx.dtype).eps * (row_inf(bmv(AE.abs(), x.abs())) + row_inf(bE))
     if cols is not None:
         cols = cols.to(dx.device)  # a no-op for the layer's (cached on the device)
         dx, x = dx.index_select(1, cols), x.index_select(1, cols)
@@ -203,4 +213,4 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
         dz, z = dz.index_select(1, duals), z.index_select(1, duals)
         error = torch.maximum(error, row_inf(dz) / (1 + row_inf(z)))
     error = torch.where(kkt.failed | ~torch.isfinite(error), torch.inf, error)
-    return kkt, error
+    return kkt, torch.where(lost & ~kkt.failed, torch.nan, error)  # NaN: cannot be estimated

@@ -33,8 +33,8 @@ from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
-from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved, status_kind,
-                     unravel)
+from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved,
+                     refuse_unverifiable, status_kind, unravel)
 from .validation import check_values, solver_choice, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
@@ -372,6 +372,7 @@ class ConvexLayer(nn.Module):
             merge_resolved(sols, info, redo, fixed, part)
             adopt_certificates(info, redo, verdicts)
             doubt_certificates(info, redo, [info["points"][i] for i in redo])
+            refuse_unverifiable(info, redo, [info["points"][i] for i in redo])
         return sols, info
 
     def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor],

@@ -13,7 +13,7 @@ from .equilibration import Scaled
 from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout
 
-__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "Measures", "caller_measures", "kkt_measures", "max_step",
+__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "UNVERIFIABLE", "Measures", "caller_measures", "kkt_measures", "max_step",
            "point_residual"]
 
 
@@ -37,8 +37,11 @@ def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch
     return pres, dres, gap
 
 
-# Bits of caller_measures' second output.
-FEASIBLE_PRIMAL, FEASIBLE_DUAL = 1, 2
+# Bits of caller_measures' second output, and of the batched solve's ``points``: the
+# point is primal / dual feasible, or (UNVERIFIABLE) no point of the element's program
+# can be verified by the error estimate (equality rows too nearly dependent for its
+# regularised KKT form, see certify.error_estimate).
+FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE = 1, 2, 4
 
 
 def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,10 +15,10 @@ from typing import Sequence
 import torch
 
 from ..errors import ConvexDDNWarning, InfeasibleError, SolverError, UnboundedError
-from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL
+from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
-           "merge_resolved", "status_kind", "unravel", "name_elements"]
+           "merge_resolved", "refuse_unverifiable", "status_kind", "unravel", "name_elements"]
 
 
 @dataclasses.dataclass
@@ -162,6 +162,20 @@ def doubt_certificates(info: dict, idx: Sequence[int], points: Sequence[int]) ->
         info["kinds"][i] = "other"
         info["statuses"][i] = (f"{info['statuses'][i]}; but the batched path found {seen}: {kind} "
                                "not certain (the data may be badly scaled)")
+
+
+def refuse_unverifiable(info: dict, idx: Sequence[int], points: Sequence[int]) -> None:
+    """Elements ``idx`` that another solver reports solved although the batched path
+    found that no point of their program can be verified (``points`` with
+    :data:`~.measures.UNVERIFIABLE`: equality rows too nearly dependent) become unsolved,
+    their status saying why, in place: a residual check alone passed points 0.02 to 2
+    off on two equality rows parallel to 1e-10 (Clarabel, per element)."""
+    for i, bits in zip(idx, points):
+        if info["solved"][i] and bits & UNVERIFIABLE:
+            info["solved"][i], info["kinds"][i] = False, "other"
+            info["statuses"][i] = (f"{info['statuses'][i]}; not verified: the equality constraints are nearly "
+                                   "linearly dependent (the solution is ill-determined by the data; drop or "
+                                   "combine nearly parallel rows)")
 
 
 def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], solved: torch.Tensor,
