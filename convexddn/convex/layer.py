@@ -260,7 +260,8 @@ class ConvexLayer(nn.Module):
             self._backend._local.where = None
         info = self._backend.last_info
         return list(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
-                            "statuses": info.statuses, "residuals": info.residuals, "solved": info.solved,
+                            "statuses": info.statuses, "residuals": [float(r) for r in info.residuals],
+                            "solved": info.solved,
                             "kinds": info.kinds}
 
     # ------------------------------------------------------------------ the call
