@@ -40,7 +40,7 @@ from .certify import DECIDED, finish, undecided, verified_rays
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, max_step, point_residual
-from .nullspace import ReducedSystems, reduce
+from .nullspace import ReducedSystems, reduce, unverifiable
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout, NTScaling
 
@@ -205,7 +205,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
     # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
     undecided_ = ok_res & (undecided(layout, ss, zs) > DECIDED)
-    points = torch.where(certified | ~ok, 0, points) + torch.isnan(error).long() * UNVERIFIABLE
+    points = torch.where(certified | ~ok, 0, points + unverifiable(error, red).long() * UNVERIFIABLE)
     out = ConeSolution(xo, so, zo, status, iterations, residual, error, points, undecided=undecided_)
     if keep_state:
         out.scaled, out.kkt = d, kkt

@@ -38,9 +38,9 @@ def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 # Bits of caller_measures' second output, and of the batched solve's ``points``: the
-# point is primal / dual feasible, or (UNVERIFIABLE) no point of the element's program
-# can be verified by the error estimate (equality rows too nearly dependent for its
-# regularised KKT form, see certify.error_estimate).
+# point is primal / dual feasible, or (UNVERIFIABLE) no residual check can vouch for a
+# point of the element's program (nearly dependent equality rows, see
+# nullspace.unverifiable).
 FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE = 1, 2, 4
 
 

@@ -51,7 +51,7 @@ from .equilibration import Scaled
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, PatchedKKT, bmv, constant_part
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["RANK_TOL", "ReducedSystems", "Reduction", "reduce"]
+__all__ = ["NEARLY_DEPENDENT", "RANK_TOL", "ReducedSystems", "Reduction", "reduce", "unverifiable"]
 
 # Smallest |R_ii| relative to the largest, per element, for the elimination (float64; 1e3
 # eps in lower precision): x_p and z_E are solves with R, whose errors grow with its
@@ -60,6 +60,10 @@ __all__ = ["RANK_TOL", "ReducedSystems", "Reduction", "reduce"]
 # their difference below δ: at 1e-6 (the limit before) rows parallel to 1e-7 and 1e-8
 # ended 0.02 to 1.7 off there.
 RANK_TOL = 1e-12
+# ... and below this the rows count as nearly dependent: their multipliers (~1/spread)
+# round the dual residual of even a right point above tol_accept (1e-9: 2.8e-8), while
+# another solver's point 0.4 to 1.7 off passed a residual check (see unverifiable).
+NEARLY_DEPENDENT = 1e-6
 
 
 @dataclass
@@ -205,6 +209,19 @@ def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scal
     # Kept on the layout: a cone layout caches its index tensors.
     layout_r = layout._cache.setdefault("reduced", ConeLayout(0, layout.nonneg, layout.soc))
     return reduced, Reduction(Q1, N, R, AN, xp, d.sigma, layout_r)
+
+
+def unverifiable(error: torch.Tensor, red: Reduction | None) -> torch.Tensor:
+    """``(B,)`` elements whose point no residual check can vouch for: the error estimate
+    could not be formed (NaN: nearly dependent equality rows kept in the regularised KKT
+    form), or the reduction's rows are nearly dependent (R's diagonal spread below
+    :data:`NEARLY_DEPENDENT`). Another solver's result for them is not to be trusted
+    on its residual alone."""
+    flag = torch.isnan(error)
+    if red is not None and red.R.shape[-1]:
+        diag = red.R.diagonal(dim1=1, dim2=2).abs()
+        flag = flag | (diag.amin(1) < NEARLY_DEPENDENT * diag.amax(1))
+    return flag
 
 
 def _least_norm(Q1: torch.Tensor, R: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -552,12 +552,14 @@ def _near_parallel_equalities(seed, gap, n=5):
     return cddn.ConvexLayer(prob, [yp, Ap, bp, Gp, hp], [x]), values, x.value
 
 
-@pytest.mark.parametrize("gap", [1e-7, 1e-8, 1e-10])
+@pytest.mark.parametrize("gap", [1e-7, 1e-8, 1e-9, 1e-10])
 def test_nearly_parallel_equality_rows_give_the_solution_or_an_error(gap):
     # Rows parallel to 1e-7: the batched path certified a point 0.25 off (residual 3.8e-9,
     # error estimate 4.5e-8: the δ-regularised equality block hid the error from the
     # Newton step); now the null-space form takes rows down to 1e-12 of each other, and
     # where the regularised form must be used its estimate sees what it cannot verify.
+    # Where neither certifies a point, another solver's is not taken on its residual
+    # alone (Clarabel per element returned points 0.4 to 1.7 off at 1e-8 and 1e-9).
     # (At 1e-12 a point 0.02 off leaves an equality residual of 2e-14, inside the
     # rounding of the rows' evaluation: not detectable.)
     wrong = []
@@ -572,9 +574,22 @@ def test_nearly_parallel_equality_rows_give_the_solution_or_an_error(gap):
                 continue
         if np.abs(out - ref).max() > 1e-5:
             wrong.append((seed, layer.last_solve.solvers[0], float(np.abs(out - ref).max())))
-    # The per-element fallback (Clarabel, checked by its residual only) is the one path
-    # left that can be fooled: seed 2 at 1e-8 (see the closing note of this change).
-    assert wrong in ([], [(2, "Clarabel", pytest.approx(1.71, abs=0.05))]), wrong
+    assert wrong == [], wrong
+
+
+def test_homogeneous_equality_at_zero_is_verified():
+    # x_0 = 0 with x_0 = 0 at the solution: the equality check's threshold, scaled by
+    # |A_E||x| + |b_E| alone, was 0 against a rounding residual of 1e-40, and every
+    # element was refused as "nearly linearly dependent". Closed form: x = min(y, h), x_0 = 0.
+    x, y, h = cp.Variable(4), cp.Parameter(4), cp.Parameter(4)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x[0] == 0, x <= h]), [y, h], [x])
+    g = torch.Generator().manual_seed(0)
+    Y, H = torch.randn(32, 4, generator=g, dtype=torch.float64), torch.full((32, 4), 0.5, dtype=torch.float64)
+    out = layer(Y, H)
+    expected = torch.minimum(Y, H)
+    expected[:, 0] = 0
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    assert set(layer.last_solve.solvers) == {"batched"}
 
 
 def test_nearly_parallel_equality_rows_on_the_batched_path():
