@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from .._checks import check_choice, check_int, check_number, check_tolerance
-from ..errors import DTypeError, GradientWarning, ShapeError, SolverError
+from ..errors import DTypeError, GradientWarning, OptionError, ShapeError, SolverError
 from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
 from .krylov import projected_cg
 
@@ -291,7 +292,7 @@ def solve_kkt_cg(
 
     Raises:
         OptionError: ``max_iter``, ``check_every``, ``budget`` not integers >= 1,
-            ``dense_fallback_bytes`` not one >= 0, ``ill_conditioned`` not a number > 1.
+            ``dense_fallback_bytes`` not a number >= 0, ``ill_conditioned`` not a number > 1.
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021, Prop. 4.5
@@ -303,7 +304,9 @@ def solve_kkt_cg(
     tol = _default_cg_tol(v.dtype) if tol is None else check_tolerance("cg tol", tol)
     max_iter = 10 * m if max_iter is None else check_int("cg max_iter", max_iter, minimum=1)
     check_every = check_int("check_every", check_every, minimum=1)
-    check_int("dense_fallback_bytes", dense_fallback_bytes, minimum=0)
+    if isinstance(dense_fallback_bytes, bool) or not isinstance(dense_fallback_bytes, numbers.Real) \
+            or not dense_fallback_bytes >= 0:  # inf: always
+        raise OptionError(f"dense_fallback_bytes must be a number >= 0 (inf: no limit), got {dense_fallback_bytes!r}")
     check_number("ill_conditioned", ill_conditioned, above=1)
     if budget is not None:
         budget = check_int("budget", budget, minimum=1)

@@ -51,7 +51,7 @@ from ._pnp_geometry import (
     objective,
     warn_hessian,
 )
-from ._pnp_solvers import from_starts, solve
+from ._pnp_solvers import from_starts, solve, warn_unfinished
 from .dense import checked_solve
 from .pooling.penalties import Penalty
 
@@ -84,7 +84,8 @@ class _PnPFunction(torch.autograd.Function):
             theta = from_starts(xs, pen, tol, max_iter)
         else:
             check_start(~torch.isfinite(objective(init, *xs, pen)), True)
-            theta = solve(init, xs, pen, tol, max_iter)
+            theta, unfinished = solve(init, xs, pen, tol, max_iter)
+            warn_unfinished(unfinished, tol, max_iter, stacklevel=4)
         # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
         # one still has eigenvalues of the order of that iterate's distance.
         H = grad_hess(theta, xs, pen)[2]

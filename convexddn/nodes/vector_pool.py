@@ -200,7 +200,7 @@ def robust_vector_pool(
     handled as at unit scale. The nonconvex start phase measures distances by Gram
     products, which err by about eps·M² (M: the set's largest distance from its mean);
     sets where that exceeds 1e-3 α² (float32: M beyond ~90 α) run that phase in float64,
-    and sets beyond float64's reach (M beyond ~3e6 α) with direct differences. A float32
+    and sets beyond float64's reach (M beyond ~2e6 α) with direct differences. A float32
     set spreading more than 2^60 α (where squared distances overflow) is solved in
     float64; beyond 2^500 α a ``SolverError`` says so.
 

@@ -166,10 +166,14 @@ def test_cg_options_are_checked():
                     (dict(max_iter=-5), "max_iter must be an integer >= 1"),
                     (dict(max_iter=2.5), "max_iter must be an integer"),
                     (dict(budget=0), "budget must be an integer >= 1"),
-                    (dict(dense_fallback_bytes=-1), "dense_fallback_bytes must be an integer >= 0"),
+                    (dict(dense_fallback_bytes=-1), "dense_fallback_bytes must be a number >= 0"),
+                    (dict(dense_fallback_bytes="1GB"), "dense_fallback_bytes must be a number >= 0"),
                     (dict(ill_conditioned=0.5), "ill_conditioned must be")):
         with pytest.raises(OptionError, match=msg):
             solve_kkt_cg(lambda d: d, None, None, v, **kw)
+    for size in (float("inf"), 2.0**30, 0):  # a float or inf budget stays accepted
+        w, _ = solve_kkt_cg(lambda d: d, None, None, v, dense_fallback_bytes=size)
+        torch.testing.assert_close(w, v)
 
 
 def _diag_hvp(h):
