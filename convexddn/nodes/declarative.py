@@ -314,9 +314,12 @@ class DeclarativeNode(torch.nn.Module):
                 stacklevel=3,
             )
 
-    def _vjp(self, xs, y, grad_y, params, batch_shape):
+    def _vjp(self, xs, y, grad_y, params, batch_shape, state):
         wanted_params = tuple(params)
-        with self._in_dtype(self.implicit_dtype):
+        # The parameters and buffers the forward solved with (``state``): under
+        # torch.func.functional_call they were swapped in for the forward only, and the
+        # backward differentiated the module's own ones (gradient 0 for the swapped-in).
+        with _reparametrize_module(self, state), self._in_dtype(self.implicit_dtype):
             return declarative_vjp(
                 self._call("objective"),
                 tuple(xs),
@@ -350,8 +353,9 @@ class DeclarativeNode(torch.nn.Module):
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")
         flat, batch_shape = flatten_inputs(xs, self.batch_dims)
+        state = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers(remove_duplicate=False))
         params = tuple(p for p in self.parameters() if p.requires_grad)
-        y = DeclarativeFunction.apply(self, len(flat), batch_shape, *flat, *params)
+        y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state), *flat, *params)
         bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)
         if y.numel() and bool(bad.any()):
             indices = _format_indices(bad, batch_shape)

@@ -26,29 +26,34 @@ class DeclarativeFunction(torch.autograd.Function):
     """Runs ``node.solve`` forward and :func:`declarative_vjp` backward."""
 
     @staticmethod
-    def forward(node: Any, n_inputs: int, batch_shape: tuple[int, ...],
+    def forward(node: Any, n_inputs: int, context: tuple[tuple[int, ...], dict],
                 *tensors: Tensor) -> Tensor:  # type: ignore[override]
         return node._checked_solve(tensors[:n_inputs])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        node, n, batch_shape = inputs[:3]
-        ctx.node, ctx.n_inputs, ctx.batch_shape = node, n, batch_shape
-        ctx.params = inputs[3 + n:]
-        ctx.save_for_backward(*inputs[3:3 + n], output)
+        """``context``: the batch shape and the node's parameters and buffers by name, as
+        the forward saw them (the backward solves with those)."""
+        node, n, (batch_shape, state) = inputs[:3]
+        ctx.node, ctx.n_inputs, ctx.batch_shape, ctx.state = node, n, batch_shape, state
+        # The parameters that require grad are saved (not just referenced): one changed
+        # in place before the backward raises autograd's error, as nn.Linear's would,
+        # instead of being differentiated at its new value.
+        ctx.save_for_backward(*inputs[3:], output)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        *xs, y = ctx.saved_tensors
+        *tensors, y = ctx.saved_tensors
+        xs, params = tensors[:ctx.n_inputs], tensors[ctx.n_inputs:]
         needs = ctx.needs_input_grad[3:]
         if not any(needs):
             return (None,) * (3 + len(needs))
         node = ctx.node
         with torch.no_grad():
-            grad_xs, grad_params = node._vjp(xs, y, grad_y, ctx.params, ctx.batch_shape)
+            grad_xs, grad_params = node._vjp(xs, y, grad_y, params, ctx.batch_shape, ctx.state)
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
         # create_graph=True: make a second differentiation fail loudly, not give 0.
-        grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *ctx.params))
+        grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *params))
         return (None, None, None, *grads)
 
 

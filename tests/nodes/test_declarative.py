@@ -159,6 +159,50 @@ def test_tolerances_must_be_below_one():
         solve_kkt_cg(lambda d: d, A, None, torch.ones(1, 2, dtype=DT), tol=1.5)
 
 
+class _WeightedMean(DeclarativeNode):
+    """y = argmin_u Σ_i w_i (u − p_i)², w = exp(log_w): y = Σ w p / Σ w."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.log_w = torch.nn.Parameter(torch.zeros(n, dtype=DT))
+
+    def objective(self, p, y):
+        return (self.log_w.exp() * (y - p) ** 2).sum(-1)
+
+    def solve(self, p):
+        w = self.log_w.exp()
+        return (w * p).sum(-1, keepdim=True) / w.sum()
+
+
+def test_functional_call_differentiates_the_swapped_in_parameters():
+    """Under torch.func.functional_call the backward used the module's own parameters:
+    grad log_w came out 0 and grad p the unweighted 1/4. Closed form: dy/dp_i = w_i/W,
+    dy/dlog_w_i = w_i (p_i − y)/W."""
+    node = _WeightedMean(4)
+    p = torch.tensor([[1.0, 2.0, 3.0, 10.0]], dtype=DT, requires_grad=True)
+    log_w = torch.tensor([0.0, 0.0, 0.0, 0.1], dtype=DT, requires_grad=True)
+    y = torch.func.functional_call(node, {"log_w": log_w}, (p,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gw, gp = torch.autograd.grad(y.sum(), [log_w, p])
+    w = log_w.detach().exp()
+    W, yv = w.sum(), (w * p.detach()[0]).sum() / w.sum()
+    torch.testing.assert_close(gp[0], w / W, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gw, w * (p.detach()[0] - yv) / W, rtol=1e-12, atol=1e-15)
+
+
+def test_parameter_changed_in_place_before_backward_raises():
+    """A parameter changed in place between forward and backward was differentiated at
+    its new value, silently; autograd now refuses, as for nn.Linear."""
+    node = _WeightedMean(4)
+    p = torch.tensor([[1.0, 2.0, 3.0, 10.0]], dtype=DT, requires_grad=True)
+    y = node(p)
+    with torch.no_grad():
+        node.log_w.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_cg_options_are_checked():
     """check_every=0 divided by zero, max_iter=2.5 failed in range(), max_iter=-5 was taken."""
     v = torch.ones(1, 3, dtype=DT)
