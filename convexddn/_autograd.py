@@ -1,5 +1,6 @@
-"""Helpers for the library's ``torch.autograd.Function`` classes: cached signatures, and
-the guard that makes second derivatives of first-order-only nodes fail loudly."""
+"""Helpers for the library's ``torch.autograd.Function`` classes: cached signatures, the
+guard that makes second derivatives of first-order-only nodes fail loudly, and the test
+for forward-mode tangents."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,22 @@ import torch
 
 from .errors import DoubleBackwardError
 
-__all__ = ["bind_fast", "first_order", "first_order_only", "guard_gradients"]
+__all__ = ["bind_fast", "first_order", "first_order_only", "guard_gradients", "may_carry_tangents"]
+
+
+def may_carry_tangents(*tensors) -> bool:
+    """Whether forward-mode AD may be tracking these tensors: a dual level is open
+    (``torch.autograd.forward_ad``) or one is wrapped by a ``torch.func`` transform.
+
+    Nodes that skip their ``autograd.Function`` when nothing requires grad (a cheaper
+    call) must not skip it then: forward mode would differentiate the solver itself
+    (entmax's bisection on bit patterns gave NaN tangents, sparsemax's clamp ties wrong
+    ones) instead of the Function's ``jvp``.
+    """
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
 
 
 def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order
+from .._autograd import bind_fast, first_order, may_carry_tangents
 from .._checks import check_int, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, OptionError, ShapeError
 from .projection import project_simplex
@@ -239,36 +239,47 @@ class _EntmaxFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
         ctx.alpha, ctx.d = inputs[2], inputs[3]
 
     @staticmethod
     @first_order("entmax")
     def backward(ctx, grad_p):  # type: ignore[override]
         (p,) = ctx.saved_tensors
-        d, alpha = ctx.d, ctx.alpha
-        # Half precision would overflow s = p^{2−α} (α > 2) or lose the sums: use float32.
-        work = _work_dtype(p.dtype, alpha)
-        p, g = p.to(work), grad_p.to(work)
-        if alpha < 2:
-            s = p.sqrt() if alpha == 1.5 else p ** (2.0 - alpha)  # 0 off the support
-            sg = s * g
-            coef = sg.sum(d, keepdim=True) / s.sum(d, keepdim=True)
-            return torch.addcmul(sg, s, coef, value=-1.0).to(grad_p.dtype), None, None, None
-        # α > 2: s = p^{2−α} is largest at the smallest pᵢ, and can exceed the rest by
-        # 1/eps or more. sᵢ(gᵢ − c), c = sᵀg/1ᵀs, then cancels: c ≈ g_j at the dominant
-        # entry j, and s_j·(rounding of c) is O(1) or worse (the VJP stops summing to
-        # zero). Since Jᵀ1 = 0, g may be shifted per row: with h = g − g_j, h_j = 0
-        # exactly, c = Σ_{i≠j} sᵢhᵢ/1ᵀs is small when s_j dominates, and every term is
-        # accurate to eps relative to Σ|sᵢhᵢ|. s is used as ŝ = s/s_j ≤ 1 times
-        # s_j = p_min^{2−α}, applied as two factors: s_j itself can pass the dtype's
-        # largest value (s ≤ pᵢ/uᵢ, uᵢ down to the smallest subnormal) when sᵢ does not.
-        pos = p > 0
-        pmin = torch.where(pos, p, 1.0).amin(d, keepdim=True)
-        s = (torch.where(pos, p, math.inf) / pmin) ** (2.0 - alpha)  # 0 off the support
-        h = g - g.gather(d, s.argmax(d, keepdim=True))
-        coef = (s * h).sum(d, keepdim=True) / s.sum(d, keepdim=True)
-        half = pmin ** (1.0 - 0.5 * alpha)
-        return ((s * half) * (h - coef) * half).to(grad_p.dtype), None, None, None
+        return _jacobian_product(p, grad_p, ctx.alpha, ctx.d), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):  # type: ignore[override]
+        """Forward mode: the Jacobian is symmetric, so its product is the backward's."""
+        (p,) = ctx.saved_tensors
+        return _jacobian_product(p, x_t, ctx.alpha, ctx.d)
+
+
+def _jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
+    """(diag(s) − s sᵀ/1ᵀs) g with s = p^{2−α} on the support: the VJP and the JVP."""
+    # Half precision would overflow s = p^{2−α} (α > 2) or lose the sums: use float32.
+    work = _work_dtype(p.dtype, alpha)
+    p, g = p.to(work), grad_p.to(work)
+    if alpha < 2:
+        s = p.sqrt() if alpha == 1.5 else p ** (2.0 - alpha)  # 0 off the support
+        sg = s * g
+        coef = sg.sum(d, keepdim=True) / s.sum(d, keepdim=True)
+        return torch.addcmul(sg, s, coef, value=-1.0).to(grad_p.dtype)
+    # α > 2: s = p^{2−α} is largest at the smallest pᵢ, and can exceed the rest by
+    # 1/eps or more. sᵢ(gᵢ − c), c = sᵀg/1ᵀs, then cancels: c ≈ g_j at the dominant
+    # entry j, and s_j·(rounding of c) is O(1) or worse (the VJP stops summing to
+    # zero). Since Jᵀ1 = 0, g may be shifted per row: with h = g − g_j, h_j = 0
+    # exactly, c = Σ_{i≠j} sᵢhᵢ/1ᵀs is small when s_j dominates, and every term is
+    # accurate to eps relative to Σ|sᵢhᵢ|. s is used as ŝ = s/s_j ≤ 1 times
+    # s_j = p_min^{2−α}, applied as two factors: s_j itself can pass the dtype's
+    # largest value (s ≤ pᵢ/uᵢ, uᵢ down to the smallest subnormal) when sᵢ does not.
+    pos = p > 0
+    pmin = torch.where(pos, p, 1.0).amin(d, keepdim=True)
+    s = (torch.where(pos, p, math.inf) / pmin) ** (2.0 - alpha)  # 0 off the support
+    h = g - g.gather(d, s.argmax(d, keepdim=True))
+    coef = (s * h).sum(d, keepdim=True) / s.sum(d, keepdim=True)
+    half = pmin ** (1.0 - 0.5 * alpha)
+    return ((s * half) * (h - coef) * half).to(grad_p.dtype)
 
 
 def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
@@ -338,8 +349,8 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         # floored to the max, a uniform answer); x − max is exact wherever it is > −1
         # and rounds monotonically elsewhere, so the floor is exact.
         return project_simplex((x - top).clamp(min=-1.0), d)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _EntmaxFn.apply(x, top, alpha, d)
+    if (torch.is_grad_enabled() and x.requires_grad) or may_carry_tangents(x):
+        return _EntmaxFn.apply(x, top, alpha, d)  # (forward mode: its jvp, not the solver's ops)
     return _entmax_forward(x, top, alpha, d)
 
 

@@ -388,3 +388,24 @@ def test_entmax_alpha_just_above_one_is_not_uniform():
         torch.testing.assert_close(entmax(x, a).double(), soft, rtol=1e-5, atol=0)
     ref = torch.from_numpy(_entmax_bisect_ref(x.double().numpy(), 1.01))
     torch.testing.assert_close(entmax(x, 1.01).double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 3.0])
+def test_entmax_forward_mode_matches_finite_differences(alpha):
+    # Forward mode skipped the Function (nothing requires grad) and differentiated the
+    # solver: NaN tangents at alpha = 3 (bisection on bit patterns), and at alpha = 2
+    # tangents off the simplex ([0, -0.3, -0.3, -0.3] for a one-hot row).
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 7, dtype=F64, generator=g)
+    x[0] = torch.tensor([4.0, 0.0, 0.1, -0.2, 0.3, 0.0, 0.2], dtype=F64)  # one dominant score
+    v = torch.randn(6, 7, dtype=F64, generator=g)
+    h = 1e-6
+    fd = (entmax(x + h * v, alpha) - entmax(x - h * v, alpha)) / (2 * h)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(entmax(fwAD.make_dual(x, v), alpha)).tangent
+    _, tangent_func = torch.func.jvp(lambda z: entmax(z, alpha), (x,), (v,))
+    for t in (tangent, tangent_func):
+        torch.testing.assert_close(t, fd, atol=1e-7, rtol=0)
+        torch.testing.assert_close(t.sum(-1), torch.zeros(6, dtype=F64), atol=1e-12, rtol=0)

@@ -851,3 +851,20 @@ def test_projections_long_16bit_rows_count_positions_in_float32():
     assert abs(float(y.float().abs().sum()) - 1.0) < 5e-3 and float(y[0, 0]) == 0.0
     s = project_simplex(torch.zeros(2, 70000, dtype=torch.bfloat16))
     torch.testing.assert_close(s.float().sum(-1), torch.ones(2), rtol=0, atol=1e-2)
+
+
+def test_simplex_forward_mode_stays_on_the_simplex_at_ties():
+    # Forward mode through the sort's ties gave [0, -1.3, 0.2, 0] at [1, 0, 0, -0.5]
+    # (dominated entries at the threshold): a tangent leaving the simplex. The Function's
+    # jvp is Dy·v with Dy = diag(m) − m mᵀ/|S| (symmetric: the reverse product, J v).
+    from convexddn.nodes.projection import project_simplex
+    x = torch.tensor([[1.0, 0.0, 0.0, -0.5], [0.3, 0.2, -0.1, 0.25]], dtype=torch.float64)
+    v = torch.tensor([[0.1, -1.3, 0.2, 0.4], [1.0, -0.5, 0.3, 0.2]], dtype=torch.float64)
+    _, t = torch.func.jvp(project_simplex, (x,), (v,))
+    xr = x.clone().requires_grad_()
+    rev = torch.autograd.grad(project_simplex(xr), xr, v)[0]
+    torch.testing.assert_close(t, rev, atol=1e-15, rtol=0)
+    torch.testing.assert_close(t[0], torch.zeros(4, dtype=torch.float64), atol=0, rtol=0)
+    h = 1e-7  # away from ties: the central difference
+    torch.testing.assert_close(t[1], ((project_simplex(x + h * v) - project_simplex(x - h * v)) / (2 * h))[1],
+                               atol=1e-7, rtol=0)

@@ -33,6 +33,7 @@ from ..._checks import (
     normalize_dims,
     normalize_p,
 )
+from ..._autograd import may_carry_tangents
 from ...errors import ShapeError
 from .kernels import L2ProjectionFn, LinfProjectionFn, l2_forward, linf_forward, needs_graph
 from .simplex import L1ProjectionFn, SimplexProjectionFn, l1_forward, simplex_forward
@@ -251,7 +252,9 @@ def project_simplex(
     x = check_tensor("x", x)
     d = _check_dim(dim, x)
     zz = _prepare_radius(z, x, d, name="z")
-    if needs_graph(x, zz):
+    # Forward mode too: through the sort's ties it gave tangents leaving the simplex
+    # ([1, 0, 0, -0.5]: [0, -1.3, 0.2, 0]); the Function's jvp is the exact one.
+    if needs_graph(x, zz) or may_carry_tangents(x, zz):
         return SimplexProjectionFn.apply(x, zz, d)
     return simplex_forward(x, zz, d)
 

@@ -190,7 +190,20 @@ class SimplexProjectionFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, z, d = inputs
         ctx.save_for_backward(output, z if isinstance(z, torch.Tensor) else None)
+        ctx.save_for_forward(output)
         ctx.d = d
+
+    @staticmethod
+    def jvp(ctx, x_t, z_t, _):  # type: ignore[override]
+        """Forward mode: Dy·ẋ = m ∘ ẋ − m (mᵀẋ)/|S| (+ m ż/|S|), m the support indicator."""
+        y = ctx.saved_tensors[0]
+        m = y.sign()
+        size = m.sum(ctx.d, keepdim=True).clamp_(min=1.0)
+        mx = m * x_t if x_t is not None else torch.zeros_like(y)
+        shift = mx.sum(ctx.d, keepdim=True)
+        if isinstance(z_t, torch.Tensor):
+            shift = shift - z_t
+        return torch.addcmul(mx, m, shift / size, value=-1.0)
 
     @staticmethod
     @first_order("project_simplex")
