@@ -228,3 +228,29 @@ def test_robust_pool_compile_option_stays_compiled_across_penalties(monkeypatch,
     assert not [r for r in caplog.records if "recompile" in r.getMessage()]
     keys = [k for k in kernels._COMPILED if isinstance(k, tuple)]
     assert len({kernels._fused(*k).__code__ for k in keys}) == len(keys) == 12
+
+
+class _PoseHead(nn.Module):
+    """A linear map of 3-D points, then PnP against fixed image points: the pose's last entry."""
+
+    def __init__(self, q: torch.Tensor) -> None:
+        super().__init__()
+        self.q = q
+        self.lin = nn.Linear(3, 3).to(DT)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(3, dtype=DT) + 0.01)
+            self.lin.bias.zero_()
+
+    def forward(self, p3):
+        return cddn.functional.pnp(self.q, self.lin(p3))
+
+
+def test_pnp_in_a_compiled_model_matches_eager():
+    # PnP's solve takes autograd gradients and Hessians (create_graph) in its forward,
+    # which failed under torch.compile ("aot_autograd does not currently support double
+    # backward"), even under no_grad: a graph break now.
+    g = torch.Generator().manual_seed(0)
+    xy = 2 * torch.rand(2, 8, 2, generator=g, dtype=DT) - 1
+    z = 2 * torch.rand(2, 8, 1, generator=g, dtype=DT) + 2
+    p3 = torch.cat([z * xy, z], -1)
+    compare(_PoseHead(xy), p3, "aot_eager")

@@ -134,6 +134,9 @@ def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> Penalty
     return pen
 
 
+# A clean graph break under torch.compile: the solve takes gradients and Hessians of the
+# objective with autograd (create_graph), which compiled autograd cannot trace.
+@torch.compiler.disable
 def pnp(
     p2d: torch.Tensor,
     p3d: torch.Tensor,
