@@ -33,15 +33,11 @@ __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp
 # per-element path.
 _BATCHED_MAX_BYTES = {"cpu": 4 << 30, "cuda": 16 << 30}
 # ... and above this much dense work per element and iteration (flops_per_iteration):
-# (nearly separable programs, other programs). Measured on 2 CPU cores, batched against
-# per-element time at batches 2-4: dense QPs with n = 100, 200, 400 (1.3e6, 1.1e7,
-# 8.5e7) ran 6×, 250× and 540× faster batched (the per-element path's LSMR polish
-# crawls on dense data), a lasso with n = 200, 400 11× and 19×, a QP with 3 % dense
-# constraints, n = 200, 400, 3.7× and 2.6×, a constrained MPC in the form of
-# cvxpylayers' example (8 states, 3 inputs) over 30, 60, 100 steps (1.1e7, 8.6e7, 4.0e8
-# once its equalities are eliminated) 12×, 9× and 1.5×; but L1-ball projections in
-# R^64, 96, 128, 256 (nearly separable: 2.8e6, 9.5e6, 2.2e7, 1.8e8) 3.7×, 0.83×, 0.54×
-# and 0.13×.
+# (nearly separable programs, other programs). The crossover was measured on 2 CPU cores,
+# batched against per-element time at batches 2-4, for dense QPs, lassos, QPs with sparse
+# constraints, constrained MPCs and L1-ball projections: the table in docs/which-path.md
+# (the one place its figures are kept; dense programs up to 8.5e7 ran 250-540× faster
+# batched, nearly separable ones from ~1e7 slower).
 _BATCHED_MAX_FLOPS = {"cpu": (1e7, 1e9), "cuda": (1e10, 1e10)}
 
 
