@@ -296,7 +296,9 @@ class DeclarativeNode(torch.nn.Module):
         name = type(self).__name__
         known = tuple(self.parameters())
         with torch.enable_grad(), self._in_dtype(self.implicit_dtype):
-            xg = tuple(x.detach().to(self.implicit_dtype).requires_grad_(True) for x in xs)
+            # (an inference tensor cannot require grad: a plain copy of it can)
+            xg = tuple((x.clone() if x.is_inference() else x).detach().to(self.implicit_dtype).requires_grad_(True)
+                       for x in xs)
             yg = y.detach().to(self.implicit_dtype).requires_grad_(True)
             f = _objective(f"{name}.objective", self._call("objective"), xg, yg)
             cons = {m: _constraint(f"{name}.{m}", self._call(m), xg, yg)

@@ -263,7 +263,9 @@ def pnp(
             raise InputError("weights must not be all zero for a problem (the pose is then undetermined)")
 
     def flat(t, k):
-        # (a Size: expand() with no sizes, an unbatched problem's 0-d alpha, is an error)
+        # (a Size: expand() with no sizes, an unbatched problem's 0-d alpha, is an error;
+        # an inference tensor is copied: the solve differentiates the objective it enters)
+        t = t.clone() if t.is_inference() else t
         return t.to(dtype).expand(torch.Size((*batch, *t.shape[t.ndim - k:]))).reshape(-1, *t.shape[t.ndim - k:])
 
     q, p = flat(p2d, 2), flat(p3d, 2)

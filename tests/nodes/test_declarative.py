@@ -357,3 +357,19 @@ def test_a_missing_first_derivative_is_not_called_a_second_one():
     with pytest.raises(NotImplementedError, match="igamma") as info:
         Gamma(check_solution=False)(x.requires_grad_()).sum().backward()
     assert not isinstance(info.value, ProblemError)
+
+
+def test_inference_tensors_are_accepted_in_grad_mode():
+    """Inputs made under torch.inference_mode and passed in grad mode (nothing requiring
+    grad) crashed the node's graph probe ("Setting requires_grad=True on inference
+    tensor"); torch ops take them. Closed form: the mean."""
+    class Mean(DeclarativeNode):
+        def objective(self, x, y):
+            return ((y - x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return x.mean(-1, keepdim=True)
+
+    with torch.inference_mode():
+        x = torch.randn(3, 4, dtype=DT)
+    torch.testing.assert_close(Mean()(x), x.mean(-1, keepdim=True))

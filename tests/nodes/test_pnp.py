@@ -424,3 +424,15 @@ def test_pnp_unbatched_with_a_tensor_alpha():
     assert torch.isfinite(g)
     module = PnP(penalty="huber", alpha=torch.nn.Parameter(torch.tensor(0.01, dtype=D)))
     torch.testing.assert_close(module(q, p, init=theta), est.detach())
+
+
+def test_pnp_takes_inference_tensors_in_grad_mode():
+    # Weights made under inference_mode, Huber penalty: "Inference tensors cannot be
+    # saved for backward" from the solve's autograd; the same values as plain tensors
+    # give the reference.
+    q, p, theta = scene(21, batch=(2,))
+    w = torch.ones(2, q.shape[-2], dtype=D)
+    ref = pnp(q, p, w, penalty="huber", alpha=0.5)
+    with torch.inference_mode():
+        qi, pi, wi = q.clone(), p.clone(), w.clone()
+    torch.testing.assert_close(pnp(qi, pi, wi, penalty="huber", alpha=0.5), ref, atol=0, rtol=0)
