@@ -11,7 +11,7 @@ import torch
 
 from .errors import DoubleBackwardError
 
-__all__ = ["bind_fast", "first_order", "first_order_only", "guard_gradients", "may_carry_tangents"]
+__all__ = ["bind_fast", "first_order", "first_order_jvp", "first_order_only", "guard_gradients", "may_carry_tangents"]
 
 
 def may_carry_tangents(*tensors) -> bool:
@@ -27,6 +27,31 @@ def may_carry_tangents(*tensors) -> bool:
         return True
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
+
+
+def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
+    """:func:`first_order` for a Function's ``jvp``: its tangent is computed without a
+    graph, so differentiating it again must raise. Through ``torch.autograd`` the guard
+    does it; under ``torch.func.grad`` (whose tensors do not show ``requires_grad``) a
+    Grad transform around the jvp is refused here (it gave zeros, silently)."""
+    def decorate(jvp: Callable) -> Callable:
+        guarded = first_order(what)(jvp)
+
+        @functools.wraps(jvp)
+        def wrapper(ctx, *tangents):
+            try:
+                from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+                stack = retrieve_all_functorch_interpreters()
+            except (ImportError, AttributeError):  # (a torch without it: nothing to check)
+                stack = ()
+            if any(str(i.key()).endswith("Grad") for i in stack):
+                raise DoubleBackwardError(
+                    f"{what} does not support differentiating its forward-mode tangent "
+                    "(torch.func.grad over torch.func.jvp): the tangent is the exact "
+                    "first-order Jacobian product, computed without a graph")
+            return guarded(ctx, *tangents)
+        return wrapper
+    return decorate
 
 
 def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

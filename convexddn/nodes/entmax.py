@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, may_carry_tangents
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents
 from .._checks import check_int, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, OptionError, ShapeError
 from .projection import project_simplex
@@ -249,6 +249,7 @@ class _EntmaxFn(torch.autograd.Function):
         return _jacobian_product(p, grad_p, ctx.alpha, ctx.d), None, None, None
 
     @staticmethod
+    @first_order_jvp("entmax")  # its tangent differentiated again: DoubleBackwardError, not NaN
     def jvp(ctx, x_t, *_):  # type: ignore[override]
         """Forward mode: the Jacobian is symmetric, so its product is the backward's."""
         (p,) = ctx.saved_tensors

@@ -134,9 +134,6 @@ def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> Penalty
     return pen
 
 
-# A clean graph break under torch.compile: the solve takes gradients and Hessians of the
-# objective with autograd (create_graph), which compiled autograd cannot trace.
-@torch.compiler.disable
 def pnp(
     p2d: torch.Tensor,
     p3d: torch.Tensor,
@@ -291,12 +288,27 @@ def pnp(
     args = (q, p, w, Kf, a, None if th0 is None else th0.detach(), pen,
             _DEFAULT_TOL if tol is None else float(tol), _DEFAULT_MAX_ITER if max_iter is None else max_iter)
     # An empty batch goes through apply too, so that its output stays in the graph.
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, w, a) + (() if Kf is None else (Kf,))):
-        theta = _PnPFunction.apply(*args)[0]
-    else:
-        theta = _PnPFunction.forward(*args)[0]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, p, w, a) + (() if Kf is None else (Kf,)))
+    theta = (_eager_solve() if torch.compiler.is_compiling() else _solve)(args, grad)
     theta = torch.cat([theta[:, :3], theta[:, 3:] * unit.view(-1, 1)], 1)
     return theta.reshape(*batch, 6).to(torch.promote_types(p2d.dtype, p3d.dtype))
+
+
+def _solve(args: tuple, grad: bool) -> torch.Tensor:
+    return _PnPFunction.apply(*args)[0] if grad else _PnPFunction.forward(*args)[0]
+
+
+_EAGER_SOLVE = []
+
+
+def _eager_solve():
+    """:func:`_solve` as a graph break under torch.compile: the solve takes gradients and
+    Hessians of the objective with autograd (create_graph), which compiled autograd
+    cannot trace. Made on the first compiled call: ``torch.compiler.disable`` imports
+    torch._dynamo (1.3 s), which an eager user of the native nodes need not pay."""
+    if not _EAGER_SOLVE:
+        _EAGER_SOLVE.append(torch.compiler.disable(_solve))
+    return _EAGER_SOLVE[0]
 
 
 class PnP(nn.Module):

@@ -409,3 +409,21 @@ def test_entmax_forward_mode_matches_finite_differences(alpha):
     for t in (tangent, tangent_func):
         torch.testing.assert_close(t, fd, atol=1e-7, rtol=0)
         torch.testing.assert_close(t.sum(-1), torch.zeros(6, dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_entmax_tangent_differentiated_again_raises():
+    # The jvp's tangent taken through reverse mode gave NaN (p.sqrt() at p = 0), and
+    # torch.func.grad over torch.func.jvp zeros: both are a second derivative, which the
+    # node does not provide.
+    import torch.autograd.forward_ad as fwAD
+
+    from convexddn.errors import DoubleBackwardError
+
+    x = torch.tensor([0.3, -1.2, 2.0, 0.1, 0.9, -0.4], dtype=F64, requires_grad=True)
+    v = torch.tensor([1.0, 2.0, -1.0, 0.5, 0.3, -0.2], dtype=F64)
+    with fwAD.dual_level():
+        t = fwAD.unpack_dual(entmax(fwAD.make_dual(x, v), 1.5)).tangent
+        with pytest.raises(DoubleBackwardError):
+            torch.autograd.grad(t[0], x)
+    with pytest.raises(DoubleBackwardError):
+        torch.func.grad(lambda z: torch.func.jvp(lambda u: entmax(u, 1.5), (z,), (v,))[1][0])(x.detach())

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..._autograd import bind_fast, first_order
+from ..._autograd import bind_fast, first_order, first_order_jvp
 from ..._checks import check_finite
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
@@ -194,6 +194,7 @@ class SimplexProjectionFn(torch.autograd.Function):
         ctx.d = d
 
     @staticmethod
+    @first_order_jvp("project_simplex")  # its tangent differentiated again: DoubleBackwardError
     def jvp(ctx, x_t, z_t, _):  # type: ignore[override]
         """Forward mode: Dy·ẋ = m ∘ ẋ − m (mᵀẋ)/|S| (+ m ż/|S|), m the support indicator."""
         y = ctx.saved_tensors[0]
