@@ -150,9 +150,12 @@ class DeclarativeNode(torch.nn.Module):
     any backward: one evaluation of the objective and constraints.
 
     .. note::
-        During the backward the node's parameters and buffers read as
-        ``implicit_dtype`` casts; do not run the same node instance concurrently in
-        another thread meanwhile (replicas, as DataParallel and DDP make, are fine).
+        During the backward the node's parameters and buffers are swapped for the ones
+        its forward saw (under ``torch.func.functional_call``, the tensors passed there)
+        and read as ``implicit_dtype`` casts; do not run the same node instance
+        concurrently in another thread meanwhile. Separate instances (DDP's, one per
+        process) are fine; ``nn.DataParallel``'s replicas, which hold their parameters as
+        plain attributes, are not supported.
 
     Examples::
 

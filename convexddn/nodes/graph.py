@@ -24,12 +24,17 @@ __all__ = ["autograd_leaves", "check_graph", "second_derivatives"]
 Tensor = torch.Tensor
 
 
-def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None) -> dict[int, Tensor]:
+def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None,
+                    boundary: Sequence[Tensor] = ()) -> dict[int, Tensor]:
     """The leaf tensors requiring grad that ``outputs`` depend on, by ``id``.
 
     With ``stop``, the walk ends at the first leaf whose id is not in ``stop`` (enough
-    to report it without walking a large foreign graph).
+    to report it without walking a large foreign graph). Tensors in ``boundary`` that
+    are not leaves count as leaves where the walk reaches their ``grad_fn`` (a node's
+    parameters swapped in as computed tensors: MAML's fast weights under
+    torch.func.functional_call, DataParallel's replicas).
     """
+    ends = {id(t.grad_fn): t for t in boundary if t.grad_fn is not None}
     leaves: dict[int, Tensor] = {}
     # Holds the visited nodes, not only their ids: a grad_fn's Python wrapper can be
     # freed once popped, and a new wrapper may reuse its id (a branch then counts as
@@ -48,6 +53,9 @@ def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None) -> 
         if id(fn) in seen:
             continue
         seen[id(fn)] = fn
+        if id(fn) in ends:
+            leaves[id(ends[id(fn)])] = ends[id(fn)]
+            continue
         var = getattr(fn, "variable", None)
         if var is not None:  # AccumulateGrad: a leaf
             leaves[id(var)] = var
@@ -82,12 +90,12 @@ def check_graph(
     """
     prefix = f"{name}." if name else ""
     known = {id(t) for t in allowed} | {id(y)}
-    of_objective = autograd_leaves([objective], stop=known)
+    of_objective = autograd_leaves([objective], stop=known, boundary=allowed)
     of_constraints = {}
     for method, c in constraints.items():
         if c is None:
             continue
-        leaves_c = autograd_leaves([c], stop=known)
+        leaves_c = autograd_leaves([c], stop=known, boundary=allowed)
         if id(y) not in leaves_c:
             # Its Jacobian in y would be zero: a constraint the gradient cannot see (the
             # unconstrained problem's gradient, silently, or autograd's raw error).

@@ -373,3 +373,19 @@ def test_inference_tensors_are_accepted_in_grad_mode():
     with torch.inference_mode():
         x = torch.randn(3, 4, dtype=DT)
     torch.testing.assert_close(Mean()(x), x.mean(-1, keepdim=True))
+
+
+def test_functional_call_with_computed_parameters():
+    """MAML-style fast weights: functional_call with a computed (non-leaf) parameter was
+    refused as "neither an input nor a parameter" (the graph check walked past it to its
+    leaf). Closed form, through a' = 1.5 a + 0.1: dy/da = 1.5 w (p − y)/W, w = exp(a')."""
+    node = _WeightedMean(4)
+    p = torch.tensor([[1.0, 2.0, 3.0, 10.0]], dtype=DT)
+    a = torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=DT, requires_grad=True)
+    for _ in range(2):  # before and after the node's first validation
+        y = torch.func.functional_call(node, {"log_w": a * 1.5 + 0.1}, (p,))
+        (g,) = torch.autograd.grad(y.sum(), a)
+        w = (a.detach() * 1.5 + 0.1).exp()
+        yv = (w * p[0]).sum() / w.sum()
+        torch.testing.assert_close(g, 1.5 * w * (p[0] - yv) / w.sum(), rtol=1e-12, atol=1e-15)
+        node(p.clone().requires_grad_()).sum().backward()
