@@ -166,7 +166,8 @@ def check_gradients(
 
     Raises:
         DTypeError: if ``node_or_fn`` is not callable, an input is not a floating-point
-            tensor or the node does not return a floating-point tensor.
+            tensor or the node does not return a floating-point tensor (or a tuple of
+            them, checked as their concatenation).
         NonFiniteError: if an input contains NaN or Inf.
         OptionError: if ``eps``, ``atol`` or ``rtol`` is not positive, ``n_directions``
             is not ``None`` or an integer >= 1, ``seed`` is not an integer in the 64-bit
@@ -225,10 +226,15 @@ def check_gradients(
                 f"node_or_fn failed on the float64 inputs check_gradients passes ({err}); if it "
                 "wraps a module, pass the module itself (it is checked on a float64 copy) or "
                 "call .double() on it") from err
+        if (isinstance(out, (tuple, list)) and out
+                and all(isinstance(o, torch.Tensor) and o.is_floating_point() for o in out)):
+            # Several outputs (EigenDecomposition's values and vectors, LeastSquares'
+            # solution and residual, a ConvexLayer of several variables): checked together.
+            return torch.cat([o.reshape(-1).to(torch.float64) for o in out])
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
             raise DTypeError(
-                f"node_or_fn must return a floating-point torch.Tensor, got {got}"
+                f"node_or_fn must return a floating-point torch.Tensor or a tuple of them, got {got}"
             )
         return out.to(torch.float64)
 

@@ -390,3 +390,24 @@ def test_check_gradients_explains_float32_wrappers_and_uncopyable_modules():
     with pytest.raises(InputError, match=r"cannot be deep-copied .*module\.double\(\)"):
         check_gradients(Locked(), _x(2, 3).float())
     assert check_gradients(Locked().double(), _x(2, 3), params=False).ok
+
+
+def test_check_gradients_takes_tuple_outputs():
+    # EigenDecomposition (values, vectors), LeastSquares (solution, residual) and a
+    # ConvexLayer of several variables return tuples: they were refused ("must return a
+    # floating-point torch.Tensor"), and a lambda picking one output dropped the module's
+    # parameter checks. The outputs are checked together (concatenated).
+    from convexddn.nodes.eigen import EigenDecomposition
+    from convexddn.nodes.linear_fit import LeastSquares
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 4, 4, dtype=DT, generator=g)
+    assert check_gradients(EigenDecomposition(k=2), X + X.mT).ok
+    m = LeastSquares(ridge=torch.nn.Parameter(torch.tensor(0.1, dtype=DT)))
+    report = check_gradients(m, torch.randn(2, 3, 8, dtype=DT, generator=g), torch.randn(2, 8, dtype=DT, generator=g))
+    assert report.ok and "param ridge" in str(report)
+    # A wrong backward in one of the outputs is found.
+    bad = check_gradients(lambda z: (z.sin(), ScaledSin.apply(z)), _x(3))
+    assert not bad.ok
+    with pytest.raises(DTypeError, match="node_or_fn"):
+        check_gradients(lambda z: (z, z.long()), _x(2))
