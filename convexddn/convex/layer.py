@@ -82,8 +82,7 @@ class ConvexLayer(nn.Module):
         adjoint: how the per-element adjoint (and polish) systems are solved:
             ``"auto"`` (dense up to 400 rows + columns, LSMR above), ``"dense"``,
             ``"lsmr"`` or ``"lsqr"``.
-        tol: largest accepted relative KKT residual of a solution, a number in (0, 1)
-            (default 1e-6).
+        tol: largest accepted relative KKT residual of a solution, in (0, 1) (default 1e-6).
         refine: Newton steps polishing each per-element solution (default 5).
         workers: worker processes for the per-element path (default 1: in this process).
         gp: the problem is a log-log convex program (geometric programming); its
@@ -261,8 +260,7 @@ class ConvexLayer(nn.Module):
         info = self._backend.last_info
         return list(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
                             "statuses": info.statuses, "residuals": [float(r) for r in info.residuals],
-                            "solved": info.solved,
-                            "kinds": info.kinds}
+                            "solved": info.solved, "kinds": info.kinds}
 
     # ------------------------------------------------------------------ the call
 
@@ -372,8 +370,8 @@ class ConvexLayer(nn.Module):
             fixed, part = self._solve_per_element(self._subset(flat, redo), call_args, (redo, batch))
             merge_resolved(sols, info, redo, fixed, part)
             adopt_certificates(info, redo, verdicts)
-            doubt_certificates(info, redo, [info["points"][i] for i in redo])
-            refuse_unverifiable(info, redo, [info["points"][i] for i in redo])
+            for check in (doubt_certificates, refuse_unverifiable):  # what the batched path saw
+                check(info, redo, [info["points"][i] for i in redo])
         return sols, info
 
     def _solve_batched(self, program: BatchedProgram, flat: list[torch.Tensor],

@@ -38,6 +38,7 @@ import torch
 
 from .._checks import check_choice, check_int, check_number, check_tolerance
 from ..errors import DTypeError, GradientWarning, OptionError, ShapeError, SolverError
+from .degeneracy import shown_indices, warn_degenerate
 from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
 from .krylov import projected_cg
 
@@ -83,63 +84,6 @@ CG_BUDGET_MIN = 50
 
 #: Largest dense KKT batch (bytes, float64) that "auto" and the CG fallback will form.
 _DENSE_BYTES = 1 << 30
-_MAX_INDICES_SHOWN = 8
-
-
-def shown_indices(mask: Tensor) -> str:
-    """Format the first few flat batch indices where ``mask`` is true (one host sync)."""
-    idx = torch.nonzero(mask).flatten()
-    shown = idx[:_MAX_INDICES_SHOWN].tolist()
-    more = ", ..." if idx.numel() > _MAX_INDICES_SHOWN else ""
-    return f"{idx.numel()} of {mask.numel()} batch element(s) (flat indices {shown}{more})"
-
-
-def warn_degenerate(
-    singular: Tensor,
-    dependent: Tensor | None,
-    ill: Tensor,
-    cond: Tensor | None,
-    stacklevel: int,
-) -> None:
-    """The one warning text per degeneracy of the KKT system, on every path."""
-    if bool(singular.any()):
-        warnings.warn(
-            "the KKT system of the implicit derivative is singular for "
-            f"{shown_indices(singular)}: the solution is not locally unique (a flat "
-            "objective, a symmetry, or a Hessian singular on the constraints' tangent "
-            "space), so its derivative does not exist; the gradient uses the "
-            "minimum-norm least-squares (pseudo-inverse) solution (Gould et al. 2021, "
-            "§4.7.4)",
-            GradientWarning,
-            stacklevel=stacklevel + 1,
-        )
-    if dependent is not None:
-        dependent = dependent & ~singular
-        if bool(dependent.any()):
-            warnings.warn(
-                "the active constraints are linearly dependent for "
-                f"{shown_indices(dependent)}: the KKT system is singular and the "
-                "multipliers are not unique, so the derivative with respect to data "
-                "that enters only the constraints is not unique either; the gradient "
-                "uses the minimum-norm multipliers (drop redundant constraints to "
-                "silence this)",
-                GradientWarning,
-                stacklevel=stacklevel + 1,
-            )
-    ill = ill & ~singular
-    if bool(ill.any()):
-        worst = "" if cond is None else (
-            f" (condition number up to {float(torch.where(ill, cond, 0).amax()):.1e})"
-        )
-        warnings.warn(
-            f"the KKT system of the implicit derivative is ill-conditioned{worst} for "
-            f"{shown_indices(ill)}: the solution is close to non-unique and the gradient "
-            "is very sensitive to the data and to the accuracy of solve",
-            GradientWarning,
-            stacklevel=stacklevel + 1,
-        )
-
-
 def dense_bytes(batch: int, size: int) -> int:
     """Memory of a dense float64 KKT batch ``(B, N, N)`` plus its factorisation."""
     return 3 * 8 * batch * size * size
