@@ -29,6 +29,12 @@ def may_carry_tangents(*tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
 
 
+try:  # the torch.func transforms around a call (a torch without it: nothing to check)
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_stack
+except ImportError:  # pragma: no cover
+    _functorch_stack = None
+
+
 def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
     """:func:`first_order` for a Function's ``jvp``: its tangent is computed without a
     graph, so differentiating it again must raise. Through ``torch.autograd`` the guard
@@ -39,11 +45,7 @@ def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
 
         @functools.wraps(jvp)
         def wrapper(ctx, *tangents):
-            try:
-                from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-                stack = retrieve_all_functorch_interpreters()
-            except (ImportError, AttributeError):  # (a torch without it: nothing to check)
-                stack = ()
+            stack = _functorch_stack() if _functorch_stack is not None else ()
             if any(str(i.key()).endswith("Grad") for i in stack):
                 raise DoubleBackwardError(
                     f"{what} does not support differentiating its forward-mode tangent "

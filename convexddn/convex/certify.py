@@ -203,9 +203,11 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     # rows: a doubly stochastic matrix's sums), ~eps·(|A_E||x| + |b_E|), not more; and
     # never below the rounding of the estimate's own unit, 1 + ‖x‖∞ (x_0 = 0 gave 1e-40
     # against a threshold of 0).
-    AE, bE = d.A[:, :z0], d.b[:, :z0]
-    eE = row_inf(ops.Av(dx)[:, :z0] + rz[:, :z0])
-    lost = eE > 64 * torch.finfo(dx.dtype).eps * (row_inf(bmv(AE.abs(), x.abs())) + row_inf(bE) + row_inf(AE))
+    lost = torch.zeros_like(kkt.failed)
+    if z0:  # (only the equality rows: no work for programs without them)
+        AE, bE = d.A[:, :z0], d.b[:, :z0]
+        eE = row_inf(ops.vec(ops.e_mv, dx) + rz[:, :z0])
+        lost = eE > 64 * torch.finfo(dx.dtype).eps * (row_inf(bmv(AE.abs(), x.abs())) + row_inf(bE) + row_inf(AE))
     if cols is not None:
         cols = cols.to(dx.device)  # a no-op for the layer's (cached on the device)
         dx, x = dx.index_select(1, cols), x.index_select(1, cols)

@@ -58,23 +58,24 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     pres, dres, gap = kkt_measures(P, q, A, b, x, s, z)
     residual = torch.stack([pres, dres, gap]).amax(0)
     residual = torch.where(torch.isnan(residual), torch.inf, residual)
-    z0 = layout.zero
-    primal = (pres <= tol) & (layout.violation(s[:, z0:]) <= tol * (1 + row_inf(s)))
-    dual = (dres <= tol) & (layout.violation(z[:, z0:]) <= tol * (1 + row_inf(z)))
+    primal = (pres <= tol) & (_cone_violation(layout, s) <= tol)
+    dual = (dres <= tol) & (_cone_violation(layout, z) <= tol)
     return residual, primal.long() * FEASIBLE_PRIMAL + dual.long() * FEASIBLE_DUAL
+
+
+def _cone_violation(layout: ConeLayout, v: torch.Tensor) -> torch.Tensor:
+    """(B,) distance of ``v``'s cone rows to K (= K*), relative to ``1 + ‖v‖∞``."""
+    return layout.violation(v[:, layout.zero:]) / (1 + row_inf(v))
 
 
 def point_residual(d: Scaled, layout: ConeLayout):
     """``(x, s, z[, idx]) -> (B,)``: the largest of :func:`kkt_measures` and the relative
     cone violations of ``s``, ``z`` at a point of the program ``d`` (of its elements
     ``idx`` if given); ``inf`` where it is NaN."""
-    z0 = layout.zero
-
     def residual(x, s, z, idx=None):
         pick = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))  # noqa: E731
         pres, dres, gap = kkt_measures(pick(d.P), pick(d.q), pick(d.A), pick(d.b), x, s, z)
-        cone = torch.maximum(layout.violation(s[:, z0:]) / (1 + row_inf(s)),
-                             layout.violation(z[:, z0:]) / (1 + row_inf(z)))
+        cone = torch.maximum(_cone_violation(layout, s), _cone_violation(layout, z))
         r = torch.maximum(torch.maximum(pres, dres), torch.maximum(gap, cone))
         return torch.where(torch.isnan(r), torch.inf, r)
     return residual
