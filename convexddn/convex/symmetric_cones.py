@@ -84,7 +84,9 @@ class ConeLayout:
             sizes = torch.tensor(self.soc, dtype=torch.long)
             soc_id = torch.repeat_interleave(torch.arange(len(self.soc)), sizes)
             heads = torch.cumsum(sizes, 0) - sizes
-            tail = torch.ones(int(sizes.sum()), dtype=torch.float64)
+            # 0/1 entries, exact in float32, which promotes to the iterates' dtype: a
+            # float64 mask made a float32 program with a second-order cone float64.
+            tail = torch.ones(int(sizes.sum()), dtype=torch.float32)
             tail[heads] = 0.0
             self._cache[key] = _Index(soc_id.to(device), heads.to(device), tail.to(device))
         return self._cache[key]
@@ -201,7 +203,9 @@ class ConeLayout:
             dl = torch.cat([dl] + [e[1] for e in extra], 1)
         # u > 0: the ratio u / (−d) where d < 0; huge (≈ inf) where d >= 0 (no torch.where:
         # it is several times slower than arithmetic on CPU for these sizes).
-        alpha = ul / torch.clamp(-dl, min=1e-300)
+        # (the dtype's smallest normal: 1e-300 is 0 in float32, and a +0.0 entry of d
+        # became -0.0, a step of -inf that froze the element)
+        alpha = ul / torch.clamp(-dl, min=torch.finfo(dl.dtype).tiny)
         alpha = alpha.amin(1) if alpha.shape[1] else u.new_full((u.shape[0],), math.inf)
         if self.soc:
             alpha = torch.minimum(alpha, self.soc_max_step(us, ds))

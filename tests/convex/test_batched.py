@@ -434,6 +434,38 @@ def test_float32_solves_are_certified_and_agree_with_float64():
         BatchedProgram(prob, params, variables, dtype=torch.float32, tol_accept=1e-6)
 
 
+
+def test_float32_second_order_cone_program_solves():
+    """A float32 program with a second-order cone raised (the cone's row mask was
+    float64 and made the iterates float64: "Input dtypes must be the same" in the KKT
+    factorisation). Reference: the closed-form projection onto the unit ball."""
+    x, y = cp.Variable(4), cp.Parameter(4)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [cp.norm(x, 2) <= 1])
+    program = BatchedProgram(prob, [y], [x], dtype=torch.float32, tol=1e-6, tol_accept=1e-6, tol_error=1e-4)
+    v = 3 * torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    v[0] = 0.3 * v[0] / v[0].norm()  # one inside the ball
+    (out,), info = program(v)
+    assert out.dtype == torch.float32 and info.solved.all(), info.status_names()
+    expected = v / v.norm(dim=-1, keepdim=True).clamp_min(1.0)
+    assert float((out - expected).abs().max()) < 1e-5
+
+
+def test_float32_step_length_with_exact_zero_directions():
+    """In float32 the ratio test's floor 1e-300 was 0: a direction entry of exactly +0.0
+    (data with exact zeros) became -0.0 and the step -inf, which froze the element as
+    numerical trouble (one element of this batch failed; half stopped after 1-2
+    iterations). Reference: the box projection's closed form, clamp(y, -1, 1)."""
+    x, y = cp.Variable(8), cp.Parameter(8)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - y)), [x >= -1, x <= 1])
+    program = BatchedProgram(prob, [y], [x], dtype=torch.float32, tol=1e-6, tol_accept=1e-6, tol_error=1e-4)
+    v = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    v[:, :3] = 0.0
+    (out,), info = program(v)
+    assert info.solved.all(), info.status_names()
+    assert int(info.iterations.min()) >= 3  # none frozen after a step or two
+    assert float((out - v.clamp(-1, 1)).abs().max()) < 1e-5
+
+
 # ------------------------------------------------------------------ routing by size
 
 
