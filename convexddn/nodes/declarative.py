@@ -211,6 +211,7 @@ class DeclarativeNode(torch.nn.Module):
         self.solution_tol = solution_tol
         self.implicit_dtype = implicit_dtype
         self._validated = False
+        self._read_state: frozenset[str] | None = None  # buffers the problem reads (see _probe)
         self._ddn_initialised = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -298,7 +299,13 @@ class DeclarativeNode(torch.nn.Module):
         """Shapes, dependence on y and closed-over tensors, before any backward."""
         name = type(self).__name__
         known = tuple(self.parameters())
-        with torch.enable_grad(), self._in_dtype(self.implicit_dtype):
+        # Buffers and frozen parameters stand in as leaves that require grad, so the
+        # graph tells which of them the problem reads (the backward checks those for
+        # in-place changes; a buffer solve only writes to, a cache, may change).
+        fixed = {n: t.detach().requires_grad_(True) for n, t in
+                 [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+                 if t.is_floating_point() and not t.requires_grad}
+        with torch.enable_grad(), _reparametrize_module(self, fixed), self._in_dtype(self.implicit_dtype):
             # (an inference tensor cannot require grad: a plain copy of it can)
             xg = tuple((x.clone() if x.is_inference() else x).detach().to(self.implicit_dtype).requires_grad_(True)
                        for x in xs)
@@ -306,8 +313,9 @@ class DeclarativeNode(torch.nn.Module):
             f = _objective(f"{name}.objective", self._call("objective"), xg, yg)
             cons = {m: _constraint(f"{name}.{m}", self._call(m), xg, yg)
                     for m in ("equality_constraints", "inequality_constraints")}
-            of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known)
+            of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
+        self._read_state = frozenset(n for n, t in fixed.items() if id(t) in leaves)
         unused = [i for i, (x, g) in enumerate(zip(xs, xg))
                   if x.requires_grad and id(g) not in leaves]
         if unused:
@@ -315,6 +323,17 @@ class DeclarativeNode(torch.nn.Module):
                 f"{name}: input(s) {unused} require grad but neither the objective nor the "
                 "constraints depend on them, so their gradient is zero; if solve uses "
                 "them as problem data, the objective must use them too (not detached)",
+                GradientWarning,
+                stacklevel=3,
+            )
+        idle = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in leaves]
+        if idle:
+            warnings.warn(
+                f"{name}: parameter(s) {idle} require grad but neither the objective nor the "
+                "constraints depend on them (through autograd), so this node gives them a zero "
+                "gradient; expected if solve uses them only to start its iterations, but if "
+                "they are problem data, the objective or constraints must use them (not "
+                ".item(), .detach() or numpy)",
                 GradientWarning,
                 stacklevel=3,
             )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .._autograd import guard_gradients
+from ..errors import InputError
 
 __all__ = ["DeclarativeFunction", "arity_error", "y_by_keyword"]
 
@@ -40,6 +41,12 @@ class DeclarativeFunction(torch.autograd.Function):
         # in place before the backward raises autograd's error, as nn.Linear's would,
         # instead of being differentiated at its new value.
         ctx.save_for_backward(*inputs[3:], output)
+        # Buffers and frozen parameters are only referenced: their version counters tell
+        # the backward whether one was changed in place since (it would differentiate
+        # the problem at the new value, silently, or call the solution wrong).
+        saved = {id(t) for t in inputs[3:]}
+        ctx.versions = {name: (t, t._version) for name, t in state.items()
+                        if isinstance(t, torch.Tensor) and id(t) not in saved}
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
@@ -49,6 +56,16 @@ class DeclarativeFunction(torch.autograd.Function):
         if not any(needs):
             return (None,) * (3 + len(needs))
         node = ctx.node
+        # Only those the objective or constraints read (the forward's probe of their graph):
+        # a buffer that solve only writes to is a cache, free to change.
+        read = getattr(node, "_read_state", None)
+        changed = sorted(name for name, (t, version) in ctx.versions.items()
+                         if t._version != version and (read is None or name in read))
+        if changed:
+            raise InputError(
+                f"{type(node).__name__}: {changed} (buffers or parameters that do not require grad) "
+                "were modified in place between the forward and the backward; the backward needs "
+                "the values the forward solved with (modify them after backward, or out of place)")
         with torch.no_grad():
             grad_xs, grad_params = node._vjp(xs, y, grad_y, params, ctx.batch_shape, ctx.state)
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]

@@ -262,7 +262,9 @@ def declarative_vjp(
                               allowed=xg + params + tuple(known))
         # Dependent constraints make the multipliers non-unique; that matters for the
         # gradient only through data that enters the constraints.
-        data_in_constraints = any(id(t) in of_c for t in xg + params)
+        # (a parameter read in another dtype enters as its cast: a computed leaf)
+        data_in_constraints = any(id(t) in of_c for t in xg + params) or any(
+            t.grad_fn is not None for t in of_c.values())
         parts = [c for c in (eq, ineq) if c is not None]
         n_eq = 0 if eq is None else eq.shape[1]
         c = A = lam = inactive = None
@@ -281,6 +283,8 @@ def declarative_vjp(
             # eq. 25: multipliers that best satisfy stationarity at the given y
             # (nonnegative on active inequalities where least squares is not).
             lam = multipliers(A, gf, n_eq, inactive)
+            c = _lagrangian_constraints(c, inactive, (equality_constraints, inequality_constraints),
+                                        prefix, xg, yv)
             lagrangian = f.sum() + (lam * c).sum()
         else:
             lagrangian = f.sum()
@@ -351,6 +355,28 @@ def declarative_vjp(
                      for i, g in enumerate(cast))
     grad_xs, grad_params = cast[:len(xs)], cast[len(xs):]
     return (grad_xs[0] if single else grad_xs), grad_params
+
+
+def _lagrangian_constraints(c: Tensor, inactive: Tensor, fns, prefix: str, xg, yv: Tensor) -> Tensor:
+    """``c`` ``(B, r)`` for the Lagrangian: elements without an active constraint enter
+    it through detached inputs.
+
+    Their multipliers are 0, but autograd's chain rule multiplies a zero by the
+    constraint's derivative, and an inactive constraint that is not differentiable at
+    the solution (``‖y‖ - 1 <= 0`` at ``y = 0``, behind a zero-initialised layer) made
+    their Lagrangian's derivatives NaN: a zero gradient and a false "singular" warning
+    instead of the unconstrained derivative.
+    """
+    keep = ~inactive.all(-1)  # equality rows are never inactive
+    if bool(keep.all()):
+        return c
+    def cut(t: Tensor) -> Tensor:
+        return torch.where(keep.view((-1,) + (1,) * (t.dim() - 1)), t, t.detach())
+    xc, yc = tuple(cut(x) for x in xg), cut(yv)
+    parts = [_constraint(f"{prefix}{name}", fn, xc, yc)
+             for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
+    parts = [t for t in parts if t is not None]
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:

@@ -237,7 +237,13 @@ def _ritz_condition(steps: list[tuple[Tensor, Tensor, Tensor]], batch: int, like
     diag = torch.where(valid, inv + prev, inv[:, :1])
     off = torch.where(valid[:, 1:], beta[:, :-1].clamp_min(0).sqrt() * inv[:, :-1], 0.0)
     T = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    # A NaN or Inf Hessian (e.g. sqrt at 0 in the objective) makes its element's T
+    # non-finite, and eigvalsh then fails for the whole batch: such an element's
+    # condition is unknown (inf), the others' are estimated as usual.
+    finite = torch.isfinite(T).all(-1).all(-1)
+    T = torch.where(finite[:, None, None], T, torch.eye(T.shape[-1], dtype=T.dtype, device=T.device))
     ritz = torch.linalg.eigvalsh(T)
     lo, hi = ritz[:, 0], ritz[:, -1]
     cond = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(like.dtype).tiny), float("inf"))
+    cond = torch.where(finite, cond, float("inf"))
     return torch.where(valid.any(-1), cond, torch.ones_like(cond))

@@ -19,12 +19,13 @@ with :math:`\\lambda` the multipliers of eq. 25 (least squares at the given ``y`
 :math:`A` the Jacobian of the active constraints. :func:`kkt_residuals` measures each
 relative to the problem's own scale, so that multiplying the objective, a constraint,
 ``x`` or ``y`` by a constant does not change the verdict: the stationarity residual is
-divided by :math:`\\|H\\|\\,\\|y\\| + \\|B\\|\\,\\|x\\|` (how much :math:`\\nabla_y L`
-moves when ``y`` or ``x`` moves by its own size; :math:`H = D^2_{yy} L`,
-:math:`B = D^2_{xy} L`, both norms estimated with one Hessian-vector product), the
+divided by :math:`\\|H\\|\\,\\|y\\| + \\|B\\|\\,\\|x\\| + \\|\\nabla_y f\\|` (how much
+:math:`\\nabla_y L` moves when ``y`` or ``x`` moves by its own size, :math:`H = D^2_{yy} L`,
+:math:`B = D^2_{xy} L`, both norms estimated with one Hessian-vector product; and the
+size of the gradient the multipliers cancel, the whole scale of a linear program), the
 feasibility residual by :math:`\\|A\\|\\,\\|y\\| + \\|D_x c\\|\\,\\|x\\|`. A
 correctly rounded solution scores about the dtype's epsilon; ``0.5 x`` for
-:math:`\\tfrac12\\|y - x\\|^2` scores 1/3.
+:math:`\\tfrac12\\|y - x\\|^2` scores 1/4.
 
 References:
     S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -66,7 +67,7 @@ def default_solution_tol(dtype: torch.dtype) -> float:
 class KKTResiduals(NamedTuple):
     """Per batch element ``(B,)``: relative residuals, and where complementarity fails."""
 
-    #: ``‖∇f + Aᵀλ₊‖ / (‖H‖‖y‖ + ‖B‖‖x‖)`` (λ₊: inequality multipliers clamped at 0)
+    #: ``‖∇f + Aᵀλ₊‖ / (‖H‖‖y‖ + ‖B‖‖x‖ + ‖∇f‖)`` (λ₊: inequality multipliers clamped at 0)
     stationarity: Tensor
     feasibility: Tensor  #: ``‖(h, max(g, 0))‖ / (‖A‖‖y‖ + ‖D_x c‖‖x‖)``
     weakly_active: Tensor  #: an active inequality with a (relatively) zero multiplier
@@ -121,7 +122,10 @@ def kkt_residuals(
         (gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True
     ) if gL.requires_grad else (None,) * (1 + len(xg))
     Hu = probes[0] if probes[0] is not None else torch.zeros_like(yg)
-    scale = Hu.norm(dim=-1) * yg.norm(dim=-1)
+    # Plus the size of the gradient the multipliers cancel: a linear objective whose
+    # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding
+    # was divided by 0 (a unique vertex rejected at a residual of 1e292).
+    scale = Hu.norm(dim=-1) * yg.norm(dim=-1) + gf.norm(dim=-1)
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)

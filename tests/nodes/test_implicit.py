@@ -1363,3 +1363,168 @@ def test_cg_at_a_vertex_no_false_ill_conditioning_warning():
         # Element 0 is inside a face: (I - 11ᵀ/3) w; the vertex element's gradient is 0.
         torch.testing.assert_close(grads["dense"][0], w[0] - w[0].mean(), atol=1e-12, rtol=0)
         assert grads["dense"][1].abs().max() < 1e-12
+
+
+# ------------------------------------------------------------------ audit of 2026-12-02
+
+
+class _LPVertex(DeclarativeNode):
+    """max y0 + 0.3 y1 s.t. y0 + y1 <= x0, y0 - y1 <= x1: a linear objective whose data
+    enter only the constraints; the unique vertex y = ((x0 + x1)/2, (x0 - x1)/2) has
+    multipliers (0.65, 0.35) > 0."""
+
+    def objective(self, x, y):
+        return -(y[:, 0] + 0.3 * y[:, 1])
+
+    def inequality_constraints(self, x, y):
+        return torch.stack([y[:, 0] + y[:, 1] - x[:, 0], y[:, 0] - y[:, 1] - x[:, 1]], -1)
+
+    def solve(self, x):
+        return torch.stack([(x[:, 0] + x[:, 1]) / 2, (x[:, 0] - x[:, 1]) / 2], -1)
+
+
+def test_linear_program_vertex_is_accepted_and_differentiated():
+    """Its curvature H and cross term B are both 0, so the stationarity residual's scale
+    was 0 and the rounding of the multipliers scored 1e292: every element was rejected as
+    "not a KKT point". Reference: the closed form's Jacobian."""
+    x = (torch.rand(4, 2, generator=_gen(1), dtype=DT) + 0.3).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y = _LPVertex()(x)
+        g = torch.randn(4, 2, generator=_gen(2), dtype=DT)
+        (grad,) = torch.autograd.grad(y, x, g)
+    J = torch.tensor([[0.5, 0.5], [0.5, -0.5]], dtype=DT)
+    torch.testing.assert_close(grad, g @ J, rtol=0, atol=1e-12)
+
+
+class _BallAtOrigin(DeclarativeNode):
+    """Projection onto the unit ball, its constraint written as the docs do."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y.norm(dim=-1, keepdim=True) - 1
+
+    def solve(self, x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_inactive_constraint_not_differentiable_at_the_solution(solver):
+    """At x = 0 (a zero-initialised layer before the node) the inactive constraint
+    ‖y‖ - 1 has no derivative, and its multiplier 0 times autograd's NaN made the
+    Lagrangian's derivatives NaN: the dense path returned a zero gradient with a false
+    "singular" warning, CG raised torch's eigh error. Reference: ∂y/∂x = I inside the
+    ball, the closed form's Jacobian on the sphere for the other element."""
+    x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], dtype=DT, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (grad,) = torch.autograd.grad(_BallAtOrigin(linear_solver=solver)(x), x, g)
+    u = x[1].detach() / 5.0
+    torch.testing.assert_close(grad[0], g[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad[1], (g[1] - (g[1] @ u) * u) / 5.0, rtol=0, atol=1e-10)
+
+
+class _SqrtAtZero(DeclarativeNode):
+    def objective(self, x, y):
+        return ((y - x) ** 2).sum(-1).sqrt()
+
+    def solve(self, x):
+        return x.clone()
+
+
+def test_cg_non_finite_hessian_warns_like_dense():
+    """The CG path's condition estimate ran eigvalsh on the NaN Lanczos matrix and raised
+    torch's raw LinAlgError for the whole batch; the dense path warns and gives finite
+    gradients: so must CG."""
+    x = torch.randn(3, 2, generator=_gen(3), dtype=DT, requires_grad=True)
+    with pytest.warns(GradientWarning):
+        _SqrtAtZero(linear_solver="cg")(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+class _ShiftByItem(DeclarativeNode):
+    """solve returns x + s, but the objective reads s through .item() (a user's slip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.tensor(0.5, dtype=DT))
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x - self.s.item()) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x + self.s
+
+
+def test_parameter_the_objective_does_not_track_is_warned():
+    """Its gradient was a silent 0 (true: the number of entries); an input used the same
+    way was already warned about."""
+    x = torch.randn(2, 3, generator=_gen(4), dtype=DT)
+    with pytest.warns(GradientWarning, match=r"parameter\(s\) \['s'\].*zero gradient"):
+        _ShiftByItem()(x)
+
+
+class _TwiceTheSameEquality(DeclarativeNode):
+    def __init__(self, dtype):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.tensor([0.7], dtype=dtype))
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        s = y.sum(-1, keepdim=True) - self.b
+        return torch.cat([s, 2 * s], -1)
+
+    def solve(self, x):
+        return x - (x.sum(-1, keepdim=True) - self.b) / x.shape[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dependent_constraints_with_parameter_data_warned_in_float32(dtype):
+    """The warning about dependent constraints (whose data then get non-unique
+    multipliers) compared the parameters with the constraint graph's leaves, which for
+    a float32 parameter were its float64 cast: float32 was never warned."""
+    node = _TwiceTheSameEquality(dtype)
+    x = torch.randn(3, 4, generator=_gen(5), dtype=dtype, requires_grad=True)
+    with pytest.warns(GradientWarning, match="linearly dependent"):
+        node(x).sum().backward()
+    assert float(node.b.grad) == pytest.approx(3.0, rel=1e-6)  # ∂Σy/∂b = 1 per element
+
+
+class _ScaledByBuffer(DeclarativeNode):
+    """y = argmin ½ Σ w u² - x·u = x / w, with w a buffer; ``out`` a cache solve writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.tensor([1.0, 2.0, 4.0], dtype=DT))
+        self.register_buffer("out", torch.zeros(2, 3, dtype=DT))
+
+    def objective(self, x, y):
+        return 0.5 * (self.w * y * y).sum(-1) - (x * y).sum(-1)
+
+    def solve(self, x):
+        return self.out.copy_(x / self.w).clone()
+
+
+def test_buffer_changed_in_place_before_backward_is_refused():
+    """A buffer the objective reads, changed in place between forward and backward, was
+    differentiated at its new value (×1.0000001: gradient 0.9999999 instead of 1) or
+    called the solution wrong; a buffer solve only writes to (a cache) may change."""
+    node = _ScaledByBuffer()
+    x = torch.randn(2, 3, generator=_gen(6), dtype=DT, requires_grad=True)
+    y = node(x)
+    node(torch.randn(2, 3, generator=_gen(7), dtype=DT))  # rewrites the cache
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (1 / node.w).expand(2, 3), rtol=0, atol=1e-12)
+    y = node(x)
+    with torch.no_grad():
+        node.w.mul_(1.0000001)
+    with pytest.raises(InputError, match=r"\['w'\].*modified in place"):
+        y.sum().backward()
