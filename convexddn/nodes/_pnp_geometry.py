@@ -23,6 +23,7 @@ from .pooling.penalties import Penalty
 __all__ = [
     "COPLANAR",
     "axis_angle_to_matrix",
+    "canonical_pose",
     "check_alpha_shape",
     "check_dlt_points",
     "check_intrinsics",
@@ -67,6 +68,20 @@ def axis_angle_to_matrix(r: torch.Tensor) -> torch.Tensor:
     S = _skew(r)
     eye = torch.eye(3, dtype=r.dtype, device=r.device)
     return eye + a[..., None, None] * S + b[..., None, None] * (S @ S)
+
+
+def canonical_pose(theta: torch.Tensor) -> torch.Tensor:
+    """``theta`` ``(B, 6)`` with its rotation vector's angle in ``[0, π]``: the same pose.
+
+    The iterations move the rotation vector freely, and one past π names the rotation
+    ``r (1 - 2π/‖r‖)`` names too (a scene's pose came back as a rotation vector of norm
+    5.67 for the 0.61 of the reference's).
+    """
+    r = theta[:, :3]
+    angle = r.norm(dim=-1, keepdim=True)
+    wrap = angle > math.pi
+    r = torch.where(wrap, r * (1 - 2 * math.pi / torch.where(wrap, angle, 1.0)), r)
+    return torch.cat([r, theta[:, 3:]], -1)
 
 
 def matrix_to_axis_angle(R: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from .._checks import check_finite, check_scale, check_stopping, check_tensor
 from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
     axis_angle_to_matrix,
+    canonical_pose,
     check_alpha_shape,
     check_dlt_points,
     check_intrinsics,
@@ -86,6 +87,7 @@ class _PnPFunction(torch.autograd.Function):
             check_start(~torch.isfinite(objective(init, *xs, pen)), True)
             theta, unfinished = solve(init, xs, pen, tol, max_iter)
             warn_unfinished(unfinished, tol, max_iter, stacklevel=4)
+        theta = canonical_pose(theta)
         # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
         # one still has eigenvalues of the order of that iterate's distance.
         H = grad_hess(theta, xs, pen)[2]
@@ -187,7 +189,8 @@ def pnp(
 
     Shape:
         - Input: as above; the batch dims ``*`` broadcast against each other.
-        - Output: ``(*, 6)``: axis-angle rotation ``[..., :3]`` (radians) and
+        - Output: ``(*, 6)``: axis-angle rotation ``[..., :3]`` (radians, angle in
+          :math:`[0, \pi]`) and
           translation ``[..., 3:]``, mapping world to camera coordinates.
 
     Raises:
