@@ -17,17 +17,24 @@ errors from :mod:`convexddn.errors`.
 ``solver_args`` are read the way a cvxpylayers user means them, in three groups:
 
 - **applied** (:data:`APPLIED_SOLVER_ARGS`): ``solve_method`` picks the solver
-  (``"SCS"``, ``"ECOS"`` or ``"Clarabel"``); ``max_iters`` (or Clarabel's ``max_iter``)
-  and ``verbose`` reach that solver under its own spelling (with the default solver,
-  only the per-element one, which solves just the elements the batched interior point
-  does not certify: the one warning says so);
+  (``"SCS"``, ``"ECOS"`` or ``"Clarabel"``); ``max_iters`` (or Clarabel's ``max_iter``),
+  ``time_limit_secs`` (SCS's per-solve time limit, diffcp's default solver; or
+  Clarabel's ``time_limit``) and ``verbose`` reach that solver under its own spelling
+  (with the default solver, only the per-element one, which solves just the elements
+  the batched interior point does not certify: the one warning says so). ECOS has no
+  time limit: a time limit with ``solve_method="ECOS"`` raises
+  :class:`~convexddn.errors.OptionError` (cvxpylayers raises a ``TypeError`` there);
 - **ignored, with one warning per layer** (:data:`IGNORED_SOLVER_ARGS`): solver
   tolerances (SCS's ``eps``, ECOS's ``abstol``, Clarabel's ``tol_*``, ...), SCS's
-  convergence tuning (``acceleration_lookback``, ``normalize``, ...) and diffcp's
+  convergence tuning (``acceleration_lookback``, ``normalize``, ...), diffcp's
   derivative settings (``mode``, ``n_jobs_forward``, ``n_jobs_backward``): each solution
   is polished by Newton steps and accepted only with a KKT residual below the layer's
   ``tol``, and the adjoint is solved to full accuracy, so these keys cannot make the
-  answer more accurate;
+  answer more accurate; diffcp's ``warm_starts`` (each problem is solved from scratch:
+  a warm start changes SCS's speed, not the answer) and ``raise_on_error`` (a failed
+  solve always raises :class:`~convexddn.errors.InfeasibleError`,
+  :class:`~convexddn.errors.UnboundedError` or :class:`~convexddn.errors.SolverError`;
+  with ``False`` diffcp returned SCS's unverified iterate instead);
 - anything else raises :class:`~convexddn.errors.OptionError` listing the valid keys.
 """
 from __future__ import annotations
@@ -62,7 +69,12 @@ APPLIED_SOLVER_ARGS: dict[str, dict[str, str]] = {
     "max_iters": {"SCS": "max_iters", "ECOS": "max_iters", "Clarabel": "max_iter", "auto": "max_iter"},
     "max_iter": {"SCS": "max_iters", "ECOS": "max_iters", "Clarabel": "max_iter", "auto": "max_iter"},
     "verbose": {"SCS": "verbose", "ECOS": "verbose", "Clarabel": "verbose", "auto": "verbose"},
+    # A per-solve time limit (SCS's is diffcp's default solver); ECOS has none (refused there).
+    "time_limit_secs": {"SCS": "time_limit_secs", "Clarabel": "time_limit", "auto": "time_limit"},
+    "time_limit": {"SCS": "time_limit_secs", "Clarabel": "time_limit", "auto": "time_limit"},
 }
+# Keys that name one setting (cvxpylayers' spelling, Clarabel's): at most one per call.
+_ALIASES = (("max_iters", "max_iter"), ("time_limit_secs", "time_limit"))
 
 _AUTO_ONLY = ("reach only the per-element solver under the default solver: it solves the elements the "
               "batched interior point does not certify; pass solve_method='Clarabel' (or 'SCS', 'ECOS') "
@@ -71,6 +83,9 @@ _AUTO_ONLY = ("reach only the per-element solver under the default solver: it so
 _TOLERANCE = "a solver tolerance (solutions are polished and verified to the layer's tol)"
 _SCS_TUNING = "SCS convergence tuning (solutions are polished and verified to the layer's tol)"
 _DERIVATIVE = "diffcp's derivative settings (the adjoint is solved to full accuracy)"
+_WARM_STARTS = "diffcp's warm starts (each problem is solved from scratch; a warm start changes only SCS's speed)"
+_RAISE_ON_ERROR = ("diffcp's raise_on_error (a failed solve always raises InfeasibleError, UnboundedError "
+                   "or SolverError; ConvexLayer(on_failure='mask') returns NaN for failed elements instead)")
 
 #: solver_args accepted and ignored (one warning per layer): key -> why.
 IGNORED_SOLVER_ARGS: dict[str, str] = {
@@ -83,6 +98,8 @@ IGNORED_SOLVER_ARGS: dict[str, str] = {
         "acceleration_lookback", "acceleration_interval", "normalize", "scale",
         "adaptive_scale", "rho_x", "alpha")},
     **{k: _DERIVATIVE for k in ("mode", "n_jobs_forward", "n_jobs_backward", "derivative_kwargs")},
+    "warm_starts": _WARM_STARTS,
+    "raise_on_error": _RAISE_ON_ERROR,
 }
 
 _VALID_KEYS = sorted({"solve_method", *APPLIED_SOLVER_ARGS, *IGNORED_SOLVER_ARGS})
@@ -137,7 +154,8 @@ class CvxpyLayer(nn.Module):
     Raises:
         OptionError: an unknown solver, a custom ``SolverInterface``, ``solver_args``
             that is not a dict or has a key outside the valid ones (the message lists
-            them), ``warm_start=True``.
+            them), a time limit with ``solve_method="ECOS"`` (ECOS has none),
+            ``warm_start=True``.
         ProblemError, NotDPPError: the problem is not DCP/DPP (DGP with ``gp=True``) or
             the parameters/variables do not match it (ValueError subclasses, as in
             cvxpylayers).
@@ -214,8 +232,9 @@ class CvxpyLayer(nn.Module):
         method = _solver_name(args["solve_method"], f"{what}['solve_method']") \
             if "solve_method" in args else None
         applied = {k: v for k, v in args.items() if k in APPLIED_SOLVER_ARGS}
-        if "max_iters" in applied and "max_iter" in applied:
-            raise OptionError(f"{what} gives both max_iters and max_iter; give one")
+        for key, alias in _ALIASES:
+            if key in applied and alias in applied:
+                raise OptionError(f"{what} gives both {key} and {alias}; give one")
         return method, applied, [k for k in args if k in IGNORED_SOLVER_ARGS]
 
     @staticmethod
@@ -243,7 +262,15 @@ class CvxpyLayer(nn.Module):
 
     @staticmethod
     def _native(args: dict[str, Any], solver: str) -> dict[str, Any]:
-        """cvxpylayers' spelling -> the solver's spelling."""
+        """cvxpylayers' spelling -> the solver's spelling (``OptionError`` for a key the
+        solver has no setting for: a time limit with ECOS)."""
+        missing = sorted(k for k in args if solver not in APPLIED_SOLVER_ARGS[k])
+        if missing:
+            takes = sorted(s for s in APPLIED_SOLVER_ARGS[missing[0]] if s != "auto")
+            raise OptionError(
+                f"solver_args {missing} cannot reach solver {solver!r}: it has no such setting (a time "
+                f"limit is taken by {takes}; cvxpylayers raises a TypeError here too); pass "
+                f"solve_method={takes[-1]!r} or drop the key")
         return {APPLIED_SOLVER_ARGS[k][solver]: v for k, v in args.items()}
 
     def _make(self, solver: str) -> ConvexLayer:

@@ -1,7 +1,8 @@
 """Checks that ConvexLayer runs before it solves: the problem, the solver options, the tensors.
 
 - :func:`validate_problem`: a DCP (or, with ``gp=True``, DGP) and DPP problem, with
-  parameters, no integer variables, and parameter/variable lists that match it;
+  real parameters (not ``complex=True`` or ``hermitian=True``), no integer variables, and
+  parameter/variable lists that match it (a wrong entry named by its index);
 - :func:`validate_solver_args`: solver keyword arguments the chosen solver knows, with
   values of the right type and range;
 - :func:`check_parameter_attributes`: tensors that honour what each ``cp.Parameter``
@@ -207,12 +208,8 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
         raise ProblemError(
             "problem has no cvxpy.Parameter: its solution is a constant, so there is nothing to "
             "pass in or differentiate; declare the data that varies as cp.Parameter")
-    if not isinstance(parameters, (list, tuple)) or not all(
-            isinstance(p, cp.Parameter) for p in parameters):
-        raise ProblemError("parameters must be a list of cvxpy.Parameter")
-    if not isinstance(variables, (list, tuple)) or not variables or not all(
-            isinstance(v, cp.Variable) for v in variables):
-        raise ProblemError("variables must be a non-empty list of cvxpy.Variable")
+    _check_leaf_list("parameters", parameters, cp.Parameter)
+    _check_leaf_list("variables", variables, cp.Variable)
     declared = {p.id for p in problem.parameters()}
     given = [p.id for p in parameters]
     if len(set(given)) != len(given) or set(given) != declared:
@@ -220,6 +217,28 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
         raise ProblemError(
             f"parameters must list each of the problem's parameters exactly once "
             f"({names}), got {[p.name() for p in parameters]}")
+    for i, p in enumerate(parameters):
+        # CVXPY gives a complex parameter two columns per entry (real and imaginary
+        # parts), a Hermitian one its own real and imaginary triangles; the layer gave it
+        # one column per entry of a real tensor: every call failed with a raw torch/scipy
+        # error, or (hermitian, default solver) returned a wrong answer. imag=True
+        # parameters take real tensors (the imaginary part) and do work.
+        what = f"parameters[{i}] ({p.name()}, shape {tuple(p.shape)})"
+        if p.attributes.get("complex"):
+            raise ProblemError(
+                f"{what} is declared complex=True: ConvexLayer takes real parameters only (real tensors; "
+                "imag=True parameters, which take the imaginary part as a real tensor, work too); split it "
+                f"into two real parameters, e.g. {p.name()}_re = cp.Parameter({tuple(p.shape)}) and "
+                f"{p.name()}_im = cp.Parameter({tuple(p.shape)}), and write {p.name()}_re + 1j * {p.name()}_im "
+                "in the problem")
+        if p.attributes.get("hermitian"):
+            raise ProblemError(
+                f"{what} is declared hermitian=True: ConvexLayer takes real parameters only, and CVXPY "
+                "stores a Hermitian parameter in other columns than a real tensor's entries; a real tensor "
+                "is a real symmetric matrix: declare it symmetric=True, or split a complex Hermitian matrix "
+                f"into real parameters, e.g. {p.name()}_re = cp.Parameter({tuple(p.shape)}, symmetric=True) "
+                f"and {p.name()}_im = cp.Parameter({tuple(p.shape)}), and write "
+                f"{p.name()}_re + 1j * ({p.name()}_im - {p.name()}_im.T) / 2 in the problem")
     # Constraint duals may be returned too (cvxpylayers' "dual variables" pattern).
     known = {v.id for v in problem.variables()}
     known |= {d.id for c in problem.constraints for d in c.dual_variables}
@@ -236,6 +255,46 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
     return not gp and not dpp
 
 
+def _describe(obj: Any) -> str:
+    """What came, for an error message: the kind of object, its name and shape."""
+    if isinstance(obj, cp.Expression):
+        kind = type(obj).__name__
+        if isinstance(obj, (cp.Variable, cp.Parameter)):
+            return f"a cvxpy {kind} {obj.name()!r} of shape {tuple(obj.shape)}"
+        if isinstance(obj, cp.Constant):
+            return f"a cvxpy Constant of shape {tuple(obj.shape)}"
+        return f"a cvxpy expression ({kind}) `{obj}` of shape {tuple(obj.shape)}"
+    if isinstance(obj, torch.Tensor):
+        return f"a torch.Tensor of shape {tuple(obj.shape)}"
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):  # a NumPy (or other) array
+        return f"a {type(obj).__module__.split('.')[0]}.{type(obj).__name__} of shape {tuple(obj.shape)}"
+    if obj is None:
+        return "None"
+    return f"a {type(obj).__name__} ({obj!r:.60})"
+
+
+def _check_leaf_list(what: str, given: Any, kind: type) -> None:
+    """``given`` is a list (or tuple) of ``kind`` (cp.Parameter or cp.Variable), non-empty
+    for variables; else a ``ProblemError`` naming the entry that is not, and what it is."""
+    name = f"cvxpy.{kind.__name__}"
+    if not isinstance(given, (list, tuple)):
+        if isinstance(given, kind):
+            raise ProblemError(f"{what} must be a list of {name}, got a single {name} {given.name()!r} "
+                               f"of shape {tuple(given.shape)} (wrap it: [{given.name()}])")
+        raise ProblemError(f"{what} must be a list of {name}, got {_describe(given)}")
+    if what == "variables" and not given:
+        raise ProblemError(f"variables must be a non-empty list of {name} (the variables to return), "
+                           f"got an empty {type(given).__name__}")
+    for i, entry in enumerate(given):
+        if not isinstance(entry, kind):
+            hint = ""
+            if isinstance(entry, cp.Variable) and kind is cp.Parameter:
+                hint = " (a cvxpy.Variable is solved for: list it in variables)"
+            elif isinstance(entry, cp.Parameter) and kind is cp.Variable:
+                hint = " (a cvxpy.Parameter is an input: list it in parameters)"
+            raise ProblemError(f"{what}[{i}] must be a {name}, got {_describe(entry)}{hint}")
+
+
 def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[[], str]]:
     """Per-entry (or per-matrix) violation mask of one declared attribute, and what the
     first violating matrix gets wrong (asked only when there is one: a host sync).
@@ -250,7 +309,10 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
     tol = rel * value.detach().abs().amax((-2, -1))
     asym = ((value - value.transpose(-1, -2)).abs() > 8 * tol[..., None, None]).flatten(-2).any(-1)
     if attr == "symmetric":
-        return asym, lambda: "not symmetric"
+        def not_symmetric() -> str:
+            first = tuple(int(i) for i in torch.nonzero(asym)[0])
+            return f"the first, at batch index {first}, is not symmetric" if first else "it is not symmetric"
+        return asym, not_symmetric
     # PSD/NSD: symmetric, and the smallest (largest) eigenvalue within rounding of >= 0 (<= 0).
     eig = torch.linalg.eigvalsh(0.5 * (value + value.transpose(-1, -2)).double())
     extreme = eig.amin(-1) if attr == "PSD" else eig.amax(-1)
@@ -258,9 +320,10 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
 
     def why() -> str:
         first = tuple(int(i) for i in torch.nonzero(mask)[0])
+        which = f"the first, at batch index {first}," if first else "it"  # () for an unbatched matrix
         if bool(asym[first]):
-            return f"the first, at batch index {first}, is not symmetric"
-        return (f"the first, at batch index {first}, has {'smallest' if attr == 'PSD' else 'largest'} "
+            return f"{which} is not symmetric"
+        return (f"{which} has {'smallest' if attr == 'PSD' else 'largest'} "
                 f"eigenvalue {float(extreme[first]):.3g} (largest |entry| {float(tol[first]) / rel:.3g})")
     return mask, why
 

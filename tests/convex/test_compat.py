@@ -440,3 +440,54 @@ def test_cvxpylayer_verbose_takes_what_cvxpylayers_takes():
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
     for v in (False, 0, 1, np.False_):
         CvxpyLayer(prob, parameters=[x], variables=[y], verbose=v)
+
+
+def test_cvxpy_layer_takes_diffcp_time_limit_raise_on_error_and_warm_starts():
+    """solver_args cvxpylayers 1.2 takes with its diffcp backend were refused as unknown:
+    SCS's time_limit_secs (applied, as Clarabel's time_limit too), diffcp's
+    raise_on_error and warm_starts (ignored, with the one warning)."""
+    problem, A, b, x = ridge_problem()
+    gen = torch.Generator().manual_seed(11)
+    At, bt = torch.randn(2, 6, 3, dtype=F64, generator=gen), torch.randn(2, 6, dtype=F64, generator=gen)
+    expected = ridge_closed_form(At, bt)
+    # Applied: SCS takes time_limit_secs, Clarabel time_limit (either spelling).
+    layer = CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "SCS", "time_limit_secs": 10})
+    assert layer.convex_layer.solver == "SCS" and layer.convex_layer.solver_args == {"time_limit_secs": 10.0}
+    (sol,) = layer(At, bt)
+    assert torch.allclose(sol, expected, atol=1e-8)
+    # Per call it reaches Clarabel as time_limit: with 0 s Clarabel stops (SCS takes over).
+    layer(At, bt, solver_args={"solve_method": "Clarabel"})
+    assert layer.layers["Clarabel"].last_solve.statuses == ["Solved", "Solved"]
+    (sol,) = layer(At, bt, solver_args={"solve_method": "Clarabel", "time_limit_secs": 0})
+    assert "Solved" not in layer.layers["Clarabel"].last_solve.statuses
+    assert torch.allclose(sol, expected, atol=1e-8)
+    assert APPLIED_SOLVER_ARGS["time_limit_secs"]["Clarabel"] == "time_limit"
+    layer = CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "Clarabel", "time_limit": 5})
+    assert layer.convex_layer.solver_args == {"time_limit": 5.0}
+    assert torch.allclose(layer(At, bt)[0], expected, atol=1e-8)
+    with pytest.warns(ConvexDDNWarning, match=r"\['time_limit_secs'\] reach only the per-element solver"):
+        layer = CvxpyLayer(problem, [A, b], [x], solver_args={"time_limit_secs": 10})
+    assert layer.convex_layer.solver == "auto" and layer.convex_layer.solver_args == {"time_limit": 10.0}
+    # ECOS has no time limit (cvxpylayers raises a TypeError there); a bad value is named.
+    with pytest.raises(OptionError, match=r"\['time_limit_secs'\] cannot reach solver 'ECOS'"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "ECOS", "time_limit_secs": 10})
+    with pytest.raises(OptionError, match=r"\['time_limit'\] cannot reach solver 'ECOS'"):
+        CvxpyLayer(problem, [A, b], [x])(At, bt, solver_args={"solve_method": "ECOS", "time_limit": 10})
+    with pytest.raises(OptionError, match=r"solver_args\['time_limit_secs'\] must be a number of seconds >= 0"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "SCS", "time_limit_secs": -1})
+    with pytest.raises(OptionError, match="both time_limit_secs and time_limit"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"time_limit_secs": 1, "time_limit": 1})
+    # Ignored with the one warning: the same answer as without them.
+    plain = CvxpyLayer(problem, [A, b], [x])(At, bt)[0]
+    for args in ({"raise_on_error": False}, {"raise_on_error": True}, {"warm_starts": None},
+                 {"warm_starts": [None, None]}):
+        with pytest.warns(ConvexDDNWarning, match=rf"ignores \['{next(iter(args))}'\]") as caught:
+            layer = CvxpyLayer(problem, [A, b], [x], solver_args=args)
+        assert len([w for w in caught if issubclass(w.category, ConvexDDNWarning)]) == 1
+        (sol,) = layer(At, bt)
+        assert torch.equal(sol, plain)
+        assert torch.allclose(sol, expected, atol=1e-8)
+    with pytest.warns(ConvexDDNWarning, match=r"raise_on_error: .*always raises InfeasibleError"):
+        CvxpyLayer(problem, [A, b], [x])(At, bt, solver_args={"raise_on_error": False, "warm_starts": None})
+    for key in ("raise_on_error", "warm_starts"):
+        assert key in IGNORED_SOLVER_ARGS

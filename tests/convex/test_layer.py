@@ -699,3 +699,85 @@ def test_kkt_check_sees_second_order_cone_violations():
         # s − Π(s) = (−eps/2, eps/2, 0): its ∞-norm over 1 + ‖s‖∞.
         expected = (eps / 2) / (1 + (1 + eps))
         assert kkt_residual(A, b, c, cones, x, np.zeros(3), x) == pytest.approx(expected, rel=1e-6)
+
+
+def test_complex_and_hermitian_parameters_refused_at_construction_imag_works():
+    """CVXPY gives a complex parameter two columns per entry (a Hermitian one its own
+    triangles), the layer built one per entry of a real tensor: construction passed and
+    every call failed with a raw torch/scipy error (hermitian, default solver: a wrong
+    answer, [1, 1.33] for [3, 5])."""
+    import numpy as np
+
+    x = cp.Variable(3)
+    c = cp.Parameter(3, complex=True, name="c")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(cp.real(c) - x) + cp.sum_squares(cp.imag(c))))
+    for solver in ("auto", "Clarabel"):
+        with pytest.raises(ProblemError, match=r"parameters\[0\] \(c, shape \(3,\)\) is declared complex=True: "
+                                               r"ConvexLayer takes real parameters only.*imag=True.*"
+                                               r"split it into two real parameters.*c_re"):
+            cddn.ConvexLayer(prob, [c], [x], solver=solver)
+    y = cp.Variable(2)
+    herm = cp.Parameter((2, 2), hermitian=True, name="H")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - cp.real(herm) @ np.ones(2))))
+    for solver in ("auto", "Clarabel"):
+        with pytest.raises(ProblemError, match=r"parameters\[0\] \(H, shape \(2, 2\)\) is declared hermitian=True: "
+                                               r"ConvexLayer takes real parameters only.*symmetric=True"):
+            cddn.ConvexLayer(prob, [herm], [y], solver=solver)
+    # The splits the messages suggest work, as do imag=True parameters.
+    c_re, c_im = cp.Parameter(3, name="c_re"), cp.Parameter(3, name="c_im")
+    z = c_re + 1j * c_im
+    split = cp.Problem(cp.Minimize(cp.sum_squares(cp.real(z) - x) + cp.sum_squares(cp.imag(z))))
+    re, im = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64)
+    torch.testing.assert_close(cddn.ConvexLayer(split, [c_re, c_im], [x])(re, im), re, atol=1e-7, rtol=0)
+    h_re, h_im = cp.Parameter((2, 2), symmetric=True), cp.Parameter((2, 2))
+    hz = h_re + 1j * (h_im - h_im.T) / 2
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - cp.real(hz @ np.array([1.0, 1j]))))),
+                             [h_re, h_im], [y])
+    R, I = np.array([[1.0, 2.0], [2.0, 3.0]]), np.array([[0.0, 0.7], [-0.7, 0.0]])
+    torch.testing.assert_close(layer(torch.tensor(R), torch.tensor(I)),
+                               torch.tensor(np.real((R + 1j * I) @ np.array([1.0, 1j]))), atol=1e-7, rtol=0)
+    imag = cp.Parameter(2, imag=True, name="p")
+    for solver in ("auto", "Clarabel"):
+        layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - 2 * cp.imag(imag)))), [imag], [y],
+                                 solver=solver)
+        torch.testing.assert_close(layer(torch.tensor([1.0, -2.0], dtype=torch.float64)),
+                                   torch.tensor([2.0, -4.0], dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def test_wrong_entry_in_parameters_or_variables_is_named():
+    """A wrong entry gave 'parameters must be a list of cvxpy.Parameter' without saying
+    which entry or what it was."""
+    A, b, x = cp.Parameter((2, 3), name="A"), cp.Parameter(2, name="b"), cp.Variable(3, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x)), [A @ x <= b])
+    cases = [
+        ([A, cp.Variable(2, name="v")], [x],
+         r"parameters\[1\] must be a cvxpy\.Parameter, got a cvxpy Variable 'v' of shape \(2,\) .*variables"),
+        ([A, cp.Constant(torch.ones(2).numpy())], [x], r"parameters\[1\] must be a cvxpy\.Parameter, got a cvxpy Constant"),
+        ([A, torch.ones(2)], [x], r"parameters\[1\] must be a cvxpy\.Parameter, got a torch\.Tensor of shape \(2,\)"),
+        (A, [x], r"parameters must be a list of cvxpy\.Parameter, got a single cvxpy\.Parameter 'A'.*\(wrap it: \[A\]\)"),
+        ("A", [x], r"parameters must be a list of cvxpy\.Parameter, got a str"),
+        ([A, b], [b], r"variables\[0\] must be a cvxpy\.Variable, got a cvxpy Parameter 'b' of shape \(2,\) .*parameters"),
+        ([A, b], [x, None], r"variables\[1\] must be a cvxpy\.Variable, got None"),
+        ([A, b], x, r"variables must be a list of cvxpy\.Variable, got a single cvxpy\.Variable 'x' of shape "
+                    r"\(3,\) \(wrap it: \[x\]\)"),
+        ([A, b], [], r"variables must be a non-empty list of cvxpy\.Variable .*got an empty list"),
+    ]
+    for params, vars_, message in cases:
+        with pytest.raises(ProblemError, match=message):
+            cddn.ConvexLayer(prob, params, vars_)
+
+
+def test_symmetric_declaration_message_names_the_batch_index():
+    """symmetric=True said only 'not symmetric'; PSD=True named the batch index."""
+    from convexddn.errors import InputError
+
+    z = cp.Variable(2)
+    bad = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.5], [0.0, 1.0]]], dtype=torch.float64)
+    for attr in ("symmetric", "PSD"):
+        S = cp.Parameter((2, 2), name="S", **{attr: True})
+        layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(z)), [S @ z >= 1]), [S], [z])
+        with pytest.raises(InputError, match=rf"parameter 0 \(S\) is declared {attr}=True, got 1 matrices that are "
+                                             r"not \(shape \(2, 2, 2\); the first, at batch index \(1,\), is not symmetric\)"):
+            layer(bad)
+        with pytest.raises(InputError, match=r"\(shape \(2, 2\); it is not symmetric\)"):
+            layer(bad[1])
