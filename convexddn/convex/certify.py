@@ -172,6 +172,19 @@ def _shift(like: torch.Tensor) -> float:
     return _POLISHED_SHIFT.get(like.dtype, _POLISHED_SHIFT[torch.float32])
 
 
+def _limit_zero(kkt, mask: torch.Tensor) -> None:
+    """Give the KKT system(s) behind ``kkt`` the rows ``mask`` ``(B, mc)`` whose limit
+    scaling is H = 0 (a :class:`~.kkt.KKTSystem`, the null-space form's inner one, or
+    both parts of a :class:`~.kkt.PatchedKKT`)."""
+    if hasattr(kkt, "limit_zero"):
+        kkt.limit_zero = mask
+    elif hasattr(kkt, "base"):
+        _limit_zero(kkt.base, mask)
+        _limit_zero(kkt.part, mask if kkt.part_is_batch else mask.index_select(0, kkt.idx))
+    elif hasattr(kkt, "kkt"):
+        _limit_zero(kkt.kkt, mask)
+
+
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element:
     ``inf`` where the factorisation failed, NaN where the step cannot be formed (nearly
@@ -190,6 +203,10 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     zc_in = torch.where(lift, layout.lift(zc, _shift(sc)), zc)
     sc_in, zc_in = _decide(layout, sc, zc, sc_in, zc_in)
     kkt = systems(NTScaling(layout, sc_in, zc_in, derivative=True))
+    if layout.nonneg:  # _decide's active rows: their exact limit is H = 0 (see KKTSystem.solve)
+        k = layout.nonneg
+        active = sc[:, :k].clamp_min(0) < DECIDED * zc[:, :k].clamp_min(0)
+        _limit_zero(kkt, torch.cat([active, active.new_zeros(active.shape[0], sc.shape[1] - k)], 1))
     ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b
