@@ -29,6 +29,7 @@ import torch
 
 from ..errors import DTypeError, GradientWarning, ProblemError, ShapeError
 from .graph import check_graph, second_derivatives
+from .krylov import pseudo_random_directions
 from .linear_solvers import LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
 from .multipliers import inactive_mask, multipliers
 from .optimality import _format_indices, default_solution_tol, kkt_residuals, verify_kkt
@@ -283,12 +284,32 @@ def declarative_vjp(
             # eq. 25: multipliers that best satisfy stationarity at the given y
             # (nonnegative on active inequalities where least squares is not).
             lam = multipliers(A, gf, n_eq, inactive)
-            c = _lagrangian_constraints(c, inactive, (equality_constraints, inequality_constraints),
-                                        prefix, xg, yv)
-            lagrangian = f.sum() + (lam * c).sum()
-        else:
-            lagrangian = f.sum()
-        (gL,) = _grads(lagrangian, yg, create_graph=True)
+        fns = (equality_constraints, inequality_constraints)
+        broken = None
+        for attempt in range(2):
+            # Elements whose Lagrangian cannot be differentiated (first pass: those without
+            # an active constraint are left out of the constraint part; second: broken
+            # ones altogether) enter it through detached inputs, see _lagrangian_parts.
+            f_L, c_L = _lagrangian_parts(objective, fns, prefix, xg, yv, f, c, inactive, broken)
+            lagrangian = f_L.sum() + (0.0 if c is None else (lam * c_L).sum())
+            (gL,) = _grads(lagrangian, yg, create_graph=True)
+            if attempt:
+                break
+            broken = _non_finite_derivatives(gL, yg)
+            if broken is None:
+                break
+            warnings.warn(
+                f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "
+                f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
+                "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
+                "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
+                "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients are "
+                "set to zero", GradientWarning, stacklevel=3)
+            gf = torch.where(broken.unsqueeze(-1), 0.0, gf)
+            if c is not None:  # their constraints as inactive: zero rows, pinned multipliers
+                inactive = inactive | broken.unsqueeze(-1)
+                A = A.masked_fill(broken[:, None, None], 0.0)
+        c = c_L
         if check_solution:
             tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
             verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
@@ -296,7 +317,10 @@ def declarative_vjp(
                     tol, batch_shape)
 
         def hvp(directions: Tensor) -> Tensor:
-            return _batched_vjp(gL, yg, directions)
+            if broken is None:
+                return _batched_vjp(gL, yg, directions)
+            # Broken elements: H = I and a zero right-hand side below, so w = 0 there.
+            return torch.where(broken[:, None], directions, _batched_vjp(gL, yg, directions))
 
         solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
                                        dense_max, cg_options, batch)
@@ -307,7 +331,8 @@ def declarative_vjp(
         # solver, whose probes and pivots mix batch elements: those rows are solved with
         # zero, and their gradients made NaN below (torch would propagate it).
         upstream = ~torch.isfinite(gy).all(-1)
-        result = solver(hvp, A, inactive, torch.where(upstream.unsqueeze(-1), 0.0, gy))
+        zero_rhs = upstream if broken is None else upstream | broken
+        result = solver(hvp, A, inactive, torch.where(zero_rhs.unsqueeze(-1), 0.0, gy))
         # A user's solver's result is checked (ours are by construction).
         w, mu = (checked_solver_result(result, batch, m, None if c is None else c.shape[1])
                  if callable(linear_solver) else result)
@@ -357,26 +382,44 @@ def declarative_vjp(
     return (grad_xs[0] if single else grad_xs), grad_params
 
 
-def _lagrangian_constraints(c: Tensor, inactive: Tensor, fns, prefix: str, xg, yv: Tensor) -> Tensor:
-    """``c`` ``(B, r)`` for the Lagrangian: elements without an active constraint enter
-    it through detached inputs.
+def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c: Tensor | None,
+                      inactive: Tensor | None, broken: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(f, c)`` for the Lagrangian, where some elements enter through detached inputs.
 
-    Their multipliers are 0, but autograd's chain rule multiplies a zero by the
-    constraint's derivative, and an inactive constraint that is not differentiable at
-    the solution (``‖y‖ - 1 <= 0`` at ``y = 0``, behind a zero-initialised layer) made
-    their Lagrangian's derivatives NaN: a zero gradient and a false "singular" warning
-    instead of the unconstrained derivative.
+    An element's multipliers being 0 does not keep autograd's chain rule from
+    multiplying them by the constraint's derivative: an inactive constraint not
+    differentiable at the solution (``‖y‖ - 1 <= 0`` at ``y = 0``, behind a
+    zero-initialised layer) made the Lagrangian's derivatives NaN (a zero gradient and a
+    false "singular" warning instead of the unconstrained derivative). So elements
+    without an active constraint enter the constraint part detached, and ``broken`` ones
+    (non-finite derivatives, :func:`_non_finite_derivatives`) enter both parts detached.
     """
-    keep = ~inactive.all(-1)  # equality rows are never inactive
-    if bool(keep.all()):
-        return c
-    def cut(t: Tensor) -> Tensor:
+    def cut(t: Tensor, keep: Tensor) -> Tensor:
         return torch.where(keep.view((-1,) + (1,) * (t.dim() - 1)), t, t.detach())
-    xc, yc = tuple(cut(x) for x in xg), cut(yv)
+
+    if broken is not None:
+        f = _objective(f"{prefix}objective", objective, tuple(cut(x, ~broken) for x in xg), cut(yv, ~broken))
+    if c is None:
+        return f, None
+    keep = ~inactive.all(-1)  # equality rows are never inactive
+    if broken is not None:
+        keep = keep & ~broken
+    if bool(keep.all()):
+        return f, c
+    xc, yc = tuple(cut(x, keep) for x in xg), cut(yv, keep)
     parts = [_constraint(f"{prefix}{name}", fn, xc, yc)
              for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
     parts = [t for t in parts if t is not None]
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return f, (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+
+def _non_finite_derivatives(gL: Tensor, yg: Tensor) -> Tensor | None:
+    """``(B,)`` elements whose ``∇_y L`` or a Hessian-vector product of it (one generic
+    direction) is not finite; ``None`` if there are none (one host sync)."""
+    u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
+    Hu = _batched_vjp(gL, yg, u.unsqueeze(0))[0]
+    bad = ~(torch.isfinite(gL).all(-1) & torch.isfinite(Hu).all(-1))
+    return bad if bool(bad.any()) else None
 
 
 def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:

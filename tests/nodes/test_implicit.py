@@ -1528,3 +1528,32 @@ def test_buffer_changed_in_place_before_backward_is_refused():
         node.w.mul_(1.0000001)
     with pytest.raises(InputError, match=r"\['w'\].*modified in place"):
         y.sum().backward()
+
+
+class _CubicAbs(DeclarativeNode):
+    """y = argmin ½(u − x)² + 0.1|u|³, the cube written as sqrt(u²)³: C² everywhere, but
+    autograd's second derivative at u = 0 is 0/0. For x >= 0, y = (√(1 + 1.2x) − 1)/0.6."""
+
+    def objective(self, x, y):
+        return (0.5 * (y - x) ** 2 + 0.1 * (y * y).sqrt() ** 3).sum(-1)
+
+    def solve(self, x):
+        return ((1 + 1.2 * x).sqrt() - 1) / 0.6
+
+
+def test_non_finite_lagrangian_derivatives_are_named_not_called_singular():
+    """Such an element got a zero gradient with the warning "singular: the solution is not
+    locally unique" (false: it is unique). Now the warning says the derivatives are not
+    finite there and names the element; the others keep their exact derivative
+    1 / (1 + 0.6 y) (implicit function theorem on y − x + 0.3 y² = 0)."""
+    x = torch.tensor([[0.0], [1.0], [2.5]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = _CubicAbs()(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+    texts = [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+    assert len(texts) == 1 and "NaN or Inf" in texts[0] and "[0]" in texts[0], texts
+    assert not any("singular" in t for t in texts)
+    expected = 1 / (1 + 0.6 * y.detach())
+    assert float(grad[0]) == 0.0
+    torch.testing.assert_close(grad[1:], expected[1:], rtol=0, atol=1e-12)
