@@ -108,8 +108,9 @@ class DeclarativeNode(torch.nn.Module):
         active_tol: inequality constraint ``j`` counts as active where ``g_j >=
             -active_tol * ‖∇_y g_j‖ ‖y‖``, relative to the constraint's own scale (and
             at least 8 epsilons of the inputs' dtype). ``‖y‖`` is the whole solution's
-            norm: where ``y`` mixes scales, pass a smaller value if ``solve`` is exact
-            entry by entry. Default ``1e-6``.
+            norm (for a solution near 0, at least 1e-3 of how far the objective's
+            curvature lets it move: its bounds are active there too): where ``y`` mixes
+            scales, pass a smaller value if ``solve`` is exact entry by entry. Default ``1e-6``.
         cg_tol: relative residual tolerance of CG, in (0, 1). Default ``None``
             (``1e-10`` in float64, ``1e-5`` in float32).
         cg_max_iter: CG iteration cap. Default ``None`` (``10 * m``).

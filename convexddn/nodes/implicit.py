@@ -202,7 +202,8 @@ def declarative_vjp(
             :func:`~convexddn.nodes.linear_solvers.resolve_linear_solver`.
         active_tol: inequality constraint ``j`` is active where ``g_j >= -active_tol *
             ‖∇_y g_j‖ ‖y‖`` (relative to how much ``g_j`` moves when ``y`` moves by its
-            own size; at least 8 epsilons of ``y``'s dtype). Default ``1e-6``.
+            own size; at least 8 epsilons of ``y``'s dtype; ``‖y‖`` at least 1e-3 of how
+            far the objective's curvature lets ``y`` move). Default ``1e-6``.
         cg_options: keyword arguments of :func:`solve_kkt_cg` (``tol``, ``max_iter``).
         check_solution: verify the KKT conditions at ``y``. Default ``True``.
         solution_tol: relative residual that triggers the warning. Default ``None``
@@ -277,7 +278,7 @@ def declarative_vjp(
             A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
             inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
             if ineq is not None:
-                inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], yg.detach(),
+                inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(f, yg, xg),
                                                    active_tol, y.dtype)
             A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
             _check_jacobian(prefix, A, n_eq, batch_shape)
@@ -411,6 +412,35 @@ def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c:
              for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
     parts = [t for t in parts if t is not None]
     return f, (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+
+# A solution shorter than this fraction of how far the objective lets it move has no
+# length of its own for the activity test (see _solution_length).
+_LENGTH_FLOOR = 1e-3
+
+
+def _solution_length(f: Tensor, yg: Tensor, xg) -> Tensor:
+    """``(B,)`` the length by which the activity test measures ``y``: ``‖y‖``, but at least
+    :data:`_LENGTH_FLOOR` times its reach :math:`(\\|B\\|\\,\\|x\\| + \\|\\nabla_y f\\|) / \\|H\\|`
+    (how far the objective's curvature lets ``y`` move when ``x`` moves by its size, and
+    to the unconstrained minimiser; norms from one Hessian-vector product of ``f``; no
+    floor without curvature, a linear objective). Measured by ``‖y‖`` alone, a projection
+    onto ``y >= 0`` solved to 1e-12 at ``y* = 0`` had every bound inactive: rejected, or
+    with ``check_solution=False`` the identity for a zero Jacobian."""
+    length = yg.detach().norm(dim=-1)
+    (g,) = torch.autograd.grad(f.sum(), yg, create_graph=True)
+    if not g.requires_grad:
+        return length
+    u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
+    probes = torch.autograd.grad((g * u).sum(), (yg, *xg), allow_unused=True)
+    curvature = torch.zeros_like(length) if probes[0] is None else probes[0].norm(dim=-1)
+    reach = g.detach().norm(dim=-1)
+    for x, Bu in zip(xg, probes[1:]):
+        if Bu is not None:
+            reach = reach + Bu.flatten(1).norm(dim=-1) * x.detach().flatten(1).norm(dim=-1)
+    reach = reach / torch.where(curvature > 0, curvature, 1.0)
+    floor = torch.where((curvature > 0) & torch.isfinite(reach), _LENGTH_FLOOR * reach, 0.0)
+    return torch.maximum(length, floor)
 
 
 def _non_finite_derivatives(gL: Tensor, yg: Tensor) -> Tensor | None:

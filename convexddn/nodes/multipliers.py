@@ -5,8 +5,10 @@ set and the Lagrange multipliers :math:`\\lambda` with
 :math:`\\nabla_y f + A^\\top \\lambda = 0`, inequality entries :math:`\\ge 0`:
 
 - :func:`inactive_mask`: an inequality is inactive where it is negative by more than
-  ``active_tol`` *relative to its own scale* :math:`\\|\\nabla_y g_j\\|\\,\\|y\\|` (how
-  much ``g_j`` moves when ``y`` moves by its own size), and never by less than a few
+  ``active_tol`` *relative to its own scale* :math:`\\|\\nabla_y g_j\\|\\,\\ell` (how
+  much ``g_j`` moves when ``y`` moves by its length :math:`\\ell`: ``‖y‖``, floored for a
+  solution near 0 by a fraction of how far the objective's curvature lets ``y`` move,
+  see :func:`~.implicit._solution_length`), and never by less than a few
   epsilons of the data's dtype: a correctly rounded boundary point of
   :math:`\\|y\\|^2 - 100 \\le 0` in float32 has :math:`g \\approx -10^{-5}`, which an
   absolute test calls inactive.
@@ -38,16 +40,17 @@ def _finite(t: Tensor) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def inactive_mask(g: Tensor, A_ineq: Tensor, y: Tensor, active_tol: float,
+def inactive_mask(g: Tensor, A_ineq: Tensor, length: Tensor, active_tol: float,
                   data_dtype: torch.dtype) -> Tensor:
-    """``(B, q)``: inequalities ``g`` ``(B, q)`` below ``-tol`` times their own scale.
+    """``(B, q)``: inequalities ``g`` ``(B, q)`` below ``-tol`` times their own scale
+    :math:`\\|\\nabla_y g_j\\|\\,\\ell` (``length`` ``(B,)``: :math:`\\ell`, at least ``‖y‖``).
 
     ``A_ineq`` ``(B, q, m)`` is :math:`D_y g`; its non-finite entries do not count
     towards the scale (such a constraint is judged by its finite part; if it is then
     active, the caller reports the non-finite Jacobian).
     """
     tol = max(active_tol, ACTIVE_EPS * torch.finfo(data_dtype).eps)
-    scale = _finite(A_ineq).norm(dim=-1) * y.norm(dim=-1, keepdim=True)
+    scale = _finite(A_ineq).norm(dim=-1) * length.unsqueeze(-1)
     return g < -tol * scale
 
 

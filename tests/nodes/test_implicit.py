@@ -1557,3 +1557,33 @@ def test_non_finite_lagrangian_derivatives_are_named_not_called_singular():
     expected = 1 / (1 + 0.6 * y.detach())
     assert float(grad[0]) == 0.0
     torch.testing.assert_close(grad[1:], expected[1:], rtol=0, atol=1e-12)
+
+
+class _NonNegWithError(DeclarativeNode):
+    """Projection onto y >= 0 with a solver off by ``err`` (an interior-point solve)."""
+
+    def __init__(self, err, **kw):
+        super().__init__(**kw)
+        self.err = err
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def solve(self, x):
+        return x.clamp_min(0) + self.err
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_bounds_active_at_a_solution_near_zero(check):
+    """At y* = 0 (x < 0) the activity scale ‖∇g‖‖y‖ was ~0: a solve off by 1e-12 had every
+    bound inactive — rejected as "not a KKT point", or with check_solution=False given the
+    identity for the true zero Jacobian. Reference: the clamp's Jacobian diag(x > 0)."""
+    x = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -2.0, 3.0]], dtype=DT, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (grad,) = torch.autograd.grad(_NonNegWithError(1e-12, check_solution=check)(x), x, g)
+    torch.testing.assert_close(grad, g * (x.detach() > 0), rtol=0, atol=1e-9)
