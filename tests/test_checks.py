@@ -153,3 +153,42 @@ def test_check_number_is_the_one_numeric_option_validator():
     with pytest.raises(OptionError, match=r"got a tensor of shape \(\): registry options are constants of "
                                           r"the problem; pass float\(t\)"):
         registry.real_option("radius", torch.tensor(2.0), above=0)
+
+
+class _CountingReads(torch.Tensor):
+    """A tensor that records each read of its values to the host (bool, item, tolist)."""
+
+    reads: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist):
+            cls.reads.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_check_positive_reads_a_passing_tensor_once():
+    """A passing tensor check read the values a second time for a message it did not
+    raise (on CUDA two host syncs per call for a tensor radius or alpha)."""
+    from convexddn._checks import check_positive, check_scale
+
+    for check in (check_positive, check_scale):
+        _CountingReads.reads = []
+        check("alpha", torch.tensor([0.5, 2.0]).as_subclass(_CountingReads))
+        assert _CountingReads.reads == ["__bool__"]
+
+
+def test_check_positive_tensor_message_shows_the_values():
+    from convexddn._checks import check_positive
+
+    check_positive("alpha", torch.tensor([0.5, 2.0]))
+    check_positive("alpha", torch.empty(0))
+    with pytest.raises(OptionError, match=r"alpha must be finite and > 0, got \[1\.0, -2\.0\]"):
+        check_positive("alpha", torch.tensor([1.0, -2.0]))
+    with pytest.raises(OptionError, match=r"alpha must be finite and > 0, got \[1\.0, nan, 3\.0, 4\.0\]"):
+        check_positive("alpha", torch.tensor([[1.0, float("nan"), 3.0], [4.0, 5.0, 6.0]], requires_grad=True))
+    with pytest.raises(OptionError, match=r"alpha must be finite and > 0, got 0\.0"):
+        check_positive("alpha", 0.0)
+    with pytest.raises(OptionError, match=r"alpha must be a positive number, got True"):
+        check_positive("alpha", True)
+    check_positive("alpha", 3)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._checks import check_bool, check_finite, check_number, check_tensor
-from ..errors import OptionError, ShapeError
+from ..errors import InputError, OptionError, ShapeError
 from .least_squares import least_squares
 
 __all__ = ["linear_fit", "LinearFit", "LeastSquares", "WeightedLeastSquares"]
@@ -64,10 +64,12 @@ def linear_fit(
         x: features ``(*, C, T)``.
         target: targets ``(*, T)``; batch dims broadcast (``(1, T)`` or ``(T,)`` shares
             one target, e.g. a learnable one, across the batch). Cast to ``x``'s dtype
-            (a float32 time index serves float64 features), differentiably.
-        weights: nonnegative weights ``(*, T)`` or ``None``. Default: ``None``.
+            (a float32 time index serves float64 features), differentiably; on ``x``'s
+            device (not moved: ``torch.arange(T, device=x.device)`` for a time index).
+        weights: nonnegative weights ``(*, T)`` or ``None``, on ``x``'s device.
+            Default: ``None``.
         ridge: :math:`\rho \ge 0`, a number or a tensor broadcastable to the batch
-            shape ``(*)``. Default: ``1e-3`` (as the reference's layers).
+            shape ``(*)`` on ``x``'s device. Default: ``1e-3`` (as the reference's layers).
         bias: fit the intercept :math:`u_0` (else it is 0). Default: ``True``.
 
     Shape:
@@ -78,6 +80,7 @@ def linear_fit(
         DTypeError, ShapeError, NonFiniteError, SolverError: as :func:`least_squares`
             (``A`` there is ``x`` transposed).
         OptionError: a non-bool ``bias``; a numeric ``ridge`` that is not finite and >= 0.
+        InputError: ``target``, ``weights`` or a tensor ``ridge`` not on ``x``'s device.
 
     Examples::
 
@@ -90,6 +93,11 @@ def linear_fit(
     x = check_tensor("x", x)
     target = check_tensor("target", target)
     _check_layer_options(ridge, bias)
+    # Refused, not moved (as least_squares and the other nodes do): a copy between
+    # devices at every call would be hidden, and least_squares' own error names b and A.
+    for name, t in (("target", target), ("weights", weights), ("ridge", ridge)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise InputError(f"{name} must be on x's device {x.device}, got {t.device}")
     if x.ndim < 2:
         raise ShapeError(f"x must have shape (*, C, T), got shape {tuple(x.shape)}")
     c = x.shape[-2]

@@ -59,7 +59,7 @@ from torch import nn
 
 from .._autograd import bind_fast, first_order
 from .._checks import check_bool, check_finite, check_int, check_tensor, normalize_dims
-from ..errors import GradientWarning, OptionError, ShapeError, SolverError
+from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverError
 
 __all__ = ["TotalVariation1d", "tv_denoise"]
 
@@ -272,6 +272,7 @@ def tv_denoise(
         NonFiniteError: ``x`` has NaN or Inf.
         ShapeError: ``dim`` out of range, ``x`` empty along ``dim``, or ``lam`` does not
             broadcast to the batch shape.
+        InputError: a tensor ``lam`` not on ``x``'s device.
         OptionError: ``lam`` negative or not finite; ``max_iter`` or ``dim`` not ints.
         SolverError: the active-set method did not finish in ``max_iter`` steps (names
             the rows; not seen in testing).
@@ -312,7 +313,8 @@ def tv_denoise(
                 f"got shape {tuple(lam.shape)}"
             )
         if lam.device != x.device:
-            raise ShapeError(f"lam must be on x's device {x.device}, got {lam.device}")
+            # An InputError, as the other nodes' device checks: not a shape problem.
+            raise InputError(f"lam must be on x's device {x.device}, got {lam.device}")
     work = torch.float64
     xs = x.to(work).movedim(d, -1)
     rows = xs.reshape(-1, n)

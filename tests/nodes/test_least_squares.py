@@ -306,3 +306,41 @@ def test_numpy_scalar_ridge_is_accepted():
         x = least_squares(A, b, ridge=r)
         ref = torch.linalg.solve(A.T @ A + float(r) * torch.eye(3, dtype=torch.float64), A.T @ b)
         torch.testing.assert_close(x, ref)
+
+
+def test_linear_fit_refuses_tensors_on_another_device_naming_them(monkeypatch):
+    """A target on another device than x (the docstring's CPU time index with CUDA
+    features) raised least_squares' 'b must be on A's device', naming neither argument.
+    No second device here: the meta device stands for it, with the meta check (which
+    would refuse it first) passed over."""
+    import sys
+
+    lf = sys.modules["convexddn.nodes.linear_fit"]  # (the package's linear_fit is the function)
+    monkeypatch.setattr(lf, "check_tensor", lambda name, value: value)
+    x = rand(2, 3, 8)
+    meta = torch.empty(8, dtype=D, device="meta")
+    with pytest.raises(InputError, match=r"target must be on x's device cpu, got meta"):
+        linear_fit(x, meta)
+    with pytest.raises(InputError, match=r"weights must be on x's device cpu, got meta"):
+        linear_fit(x, rand(8), torch.empty(2, 8, dtype=D, device="meta"))
+    with pytest.raises(InputError, match=r"ridge must be on x's device cpu, got meta"):
+        linear_fit(x, rand(8), None, torch.empty(2, dtype=D, device="meta"))
+
+
+def test_linear_fit_casts_a_target_of_another_dtype():
+    x = rand(3, 4, 10, dtype=torch.float32)
+    t64 = torch.arange(10.0, dtype=D)
+    fit = linear_fit(x, t64, ridge=1e-2)
+    ref = linear_fit(x, t64.float(), ridge=1e-2)
+    assert fit.coef.dtype == torch.float32
+    torch.testing.assert_close(fit.coef, ref.coef)
+    torch.testing.assert_close(fit.intercept, ref.intercept)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linear_fit_cuda_target_on_cpu_is_refused_by_name():
+    x = rand(2, 3, 10).cuda()
+    with pytest.raises(InputError, match=r"target must be on x's device cuda:0, got cpu"):
+        linear_fit(x, torch.arange(10.0))
+    fit = linear_fit(x, torch.arange(10.0, device=x.device))
+    torch.testing.assert_close(fit.coef.cpu(), linear_fit(x.cpu(), torch.arange(10.0)).coef)

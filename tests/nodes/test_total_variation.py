@@ -372,3 +372,29 @@ def test_tv_reads_the_host_once_per_step(host_reads, monkeypatch):
     assert host_reads.count <= len(steps) + 2
     # The stores by torch.where keep every row's own solution (rows finish at different steps).
     assert torch.equal(y, torch.stack([tv_denoise(row, 0.5) for row in x]))
+
+
+def test_tv_lam_on_another_device_is_an_input_error_not_a_shape_error(monkeypatch):
+    # A device mismatch raised ShapeError; it is no shape problem, and the other nodes
+    # raise InputError for it. No second device here: the meta device stands for it,
+    # with the option check (which reads λ's values, and refuses meta) passed over.
+    import convexddn.nodes.total_variation as tv
+    from convexddn.errors import InputError
+
+    monkeypatch.setattr(tv, "_check_lam_option", lambda lam: None)
+    x = torch.ones(3, 5, dtype=F64)
+    with pytest.raises(InputError, match=r"lam must be on x's device cpu, got meta") as err:
+        tv_denoise(x, torch.empty(3, dtype=F64, device="meta"))
+    assert not isinstance(err.value, ShapeError)
+    # The shape check still comes first and is still a ShapeError.
+    with pytest.raises(ShapeError, match="lam must broadcast"):
+        tv_denoise(x, torch.empty(4, dtype=F64, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tv_cuda_lam_on_cpu_is_an_input_error():
+    from convexddn.errors import InputError
+
+    with pytest.raises(InputError, match=r"lam must be on x's device cuda:0, got cpu") as err:
+        tv_denoise(torch.ones(2, 5, dtype=F64, device="cuda"), torch.tensor(0.5, dtype=F64))
+    assert not isinstance(err.value, ShapeError)
