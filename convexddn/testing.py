@@ -59,6 +59,11 @@ class GradientReport:
     wrt: tuple[str, ...] = ()
     worst_wrt: str = ""
 
+    def __bool__(self) -> bool:
+        """``ok``: ``assert check_gradients(node, x)`` fails on a wrong gradient (a dataclass
+        instance is otherwise always true, and such an assert passed on a failed check)."""
+        return self.ok
+
     def __str__(self) -> str:
         verdict = "passed" if self.ok else "FAILED"
         where = (

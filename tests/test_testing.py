@@ -411,3 +411,10 @@ def test_check_gradients_takes_tuple_outputs():
     assert not bad.ok
     with pytest.raises(DTypeError, match="node_or_fn"):
         check_gradients(lambda z: (z, z.long()), _x(2))
+
+
+def test_gradient_report_truth_value_is_its_verdict():
+    """``assert check_gradients(node, x)`` passed on a wrong gradient: the report (a
+    dataclass) was always true. Reference: the report's own ``ok``."""
+    assert not check_gradients(OneEntryWrong.apply, _x(2, 3))
+    assert check_gradients(torch.tanh, _x(2, 2))

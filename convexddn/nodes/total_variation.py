@@ -350,7 +350,8 @@ class TotalVariation1d(nn.Module):
         y = \operatorname*{argmin}_u \tfrac12 \|u - x\|_2^2 + \lambda \sum_i |u_{i+1} - u_i|
 
     Args:
-        lam: :math:`\lambda \ge 0`, a number or a tensor (one per signal). Default: 1.0.
+        lam: :math:`\lambda \ge 0`, a number or a tensor (one per signal); an
+            :class:`~torch.nn.Parameter` is kept as it is and learned. Default: 1.0.
         learnable: store ``lam`` as an ``nn.Parameter`` and learn it. Default: False.
         dim: the dimension along which the signal runs. Default: -1.
         max_iter: most active-set steps. Default: 1000.
@@ -384,8 +385,12 @@ class TotalVariation1d(nn.Module):
         check_bool("learnable", learnable)
         check_int("dim", dim)
         self.max_iter = _check_max_iter(max_iter)
-        self.dim, self.learnable = dim, learnable
-        if learnable:
+        self.dim, self.learnable = dim, learnable or isinstance(lam, nn.Parameter)
+        if isinstance(lam, nn.Parameter):
+            # Kept as the caller's parameter, learnable, as every node's options are: it
+            # was copied into a buffer unless learnable=True, and never learned.
+            self.lam = lam
+        elif learnable:
             value = lam.detach().clone() if isinstance(lam, torch.Tensor) else torch.tensor(float(lam))
             self.lam = nn.Parameter(value if value.is_floating_point() else value.double())
         elif isinstance(lam, torch.Tensor):

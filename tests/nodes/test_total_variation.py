@@ -398,3 +398,16 @@ def test_tv_cuda_lam_on_cpu_is_an_input_error():
     with pytest.raises(InputError, match=r"lam must be on x's device cuda:0, got cpu") as err:
         tv_denoise(torch.ones(2, 5, dtype=F64, device="cuda"), torch.tensor(0.5, dtype=F64))
     assert not isinstance(err.value, ShapeError)
+
+
+def test_tv_module_learns_a_parameter_passed_as_lam():
+    """An nn.Parameter passed as lam was copied into a buffer unless learnable=True: the
+    optimiser never saw it and its .grad stayed None (every other node keeps an
+    nn.Parameter option as the parameter). Reference: ∂/∂λ of Σ y for a fused pair
+    (x = (0, 1), λ < 1/2: y = (λ, 1 − λ), Σ y = 1, so use y0 = λ: gradient 1)."""
+    lam = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+    tv = TotalVariation1d(lam=lam)
+    assert any(p is lam for p in tv.parameters()) and "learnable=True" in repr(tv)
+    y = tv(torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+    y[0, 0].backward()
+    assert float(lam.grad) == pytest.approx(1.0, abs=1e-12)
