@@ -82,7 +82,8 @@ class ConvexLayer(nn.Module):
         adjoint: how the per-element adjoint (and polish) systems are solved:
             ``"auto"`` (dense up to 400 rows + columns, LSMR above), ``"dense"``,
             ``"lsmr"`` or ``"lsqr"``.
-        tol: largest accepted relative KKT residual of a solution, in (0, 1) (default 1e-6).
+        tol: largest accepted relative KKT residual of a per-element solution, in (0, 1)
+            (default 1e-6); the batched path accepts ``min(tol, 1e-8)``.
         refine: Newton steps polishing each per-element solution (default 5).
         workers: worker processes for the per-element path (default 1: in this process).
         gp: the problem is a log-log convex program (geometric programming); its

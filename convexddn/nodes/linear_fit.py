@@ -155,7 +155,9 @@ class LeastSquares(nn.Module):
             \sum_t (x_t^\top u + u_0 - y_t)^2 + \rho \|u\|_2^2
 
     The module form of :func:`linear_fit` without weights (the reference's basic
-    least-squares layer); :class:`WeightedLeastSquares` takes per-item weights.
+    least-squares layer, whose name it keeps); :class:`WeightedLeastSquares` takes
+    per-item weights. Not a module form of :func:`least_squares` (``argmin ‖A u − b‖``
+    for given ``A``, ``b``), which is a function only.
 
     Args:
         ridge: :math:`\rho \ge 0`, a number or a tensor (an ``nn.Parameter`` is
