@@ -44,7 +44,8 @@ from ..errors import (
 )
 from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
 from .graph import check_graph
-from .implicit import _constraint, _objective, declarative_vjp
+from .implicit import declarative_vjp
+from .lagrangian import _constraint, _objective
 from .optimality import _format_indices
 from .inputs import checked_solution, flatten_inputs
 from .linear_solvers import LINEAR_SOLVERS, LinearSolver

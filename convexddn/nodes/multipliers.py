@@ -8,7 +8,7 @@ set and the Lagrange multipliers :math:`\\lambda` with
   ``active_tol`` *relative to its own scale* :math:`\\|\\nabla_y g_j\\|\\,\\ell` (how
   much ``g_j`` moves when ``y`` moves by its length :math:`\\ell`: ``‖y‖``, floored for a
   solution near 0 by a fraction of how far the objective's curvature lets ``y`` move,
-  see :func:`~.implicit._solution_length`), and never by less than a few
+  see :func:`~.lagrangian._solution_length`), and never by less than a few
   epsilons of the data's dtype: a correctly rounded boundary point of
   :math:`\\|y\\|^2 - 100 \\le 0` in float32 has :math:`g \\approx -10^{-5}`, which an
   absolute test calls inactive.

@@ -1,0 +1,132 @@
+"""The solver options ConvexLayer accepts: :func:`validate_solver_args` (keyword
+arguments the chosen solver knows, with values of the right type and range) and
+:func:`solver_choice` (a solver's name). Each raises an
+:class:`~convexddn.errors.OptionError` naming the key, what was expected and what came.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any
+
+from .._checks import check_bool, check_int, check_positive, real_number
+from ..errors import OptionError
+
+__all__ = ["solver_choice", "validate_solver_args"]
+
+# What the value of each solver keyword argument must be: checked when the layer is
+# built (and per call) so that a wrong value is an OptionError naming the key, not a raw
+# TypeError from inside the solver once a batch is running.
+_COUNT = "an integer >= 1 (an iteration limit)"
+_NATURAL = "an integer >= 0"
+_INTEGER = "an integer"
+_POSITIVE = "a finite number > 0"
+_NONNEG = "a finite number >= 0"  # tolerances, regularisations: 0 is the solver's to judge
+_SECONDS = "a number of seconds >= 0 (inf: no limit)"
+_BOOL = "True or False"
+_TEXT = "a string"
+_RELAXATION = "a number in (0, 2)"  # SCS's over-relaxation
+
+# SCS's and ECOS's documented settings; Clarabel's are read from its own settings object.
+_SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_infeas": _NONNEG,
+             "alpha": _RELAXATION, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
+             "normalize": _BOOL, "acceleration_lookback": _INTEGER,  # < 0: type-I Anderson
+             "acceleration_interval": _COUNT, "time_limit_secs": _SECONDS, "verbose": _BOOL,
+             "write_data_filename": _TEXT, "log_csv_filename": _TEXT}
+_ECOS_ARGS = {**dict.fromkeys(("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc",
+                               "reltol_inacc"), _POSITIVE),  # ECOS refuses 0
+              "max_iters": _COUNT, "nitref": _NATURAL, "verbose": _BOOL}
+
+
+@functools.lru_cache(maxsize=None)
+def _clarabel_args() -> dict[str, str | None]:
+    import clarabel
+
+    def kind(name: str, default: Any) -> str | None:
+        # The default's type says what the setting is (bool before int: bool is an int).
+        if isinstance(default, bool):
+            return _BOOL
+        if isinstance(default, int):  # (inner limits such as equilibrate_max_iter may be 0)
+            return _COUNT if name == "max_iter" else _NATURAL
+        if isinstance(default, float):
+            return _SECONDS if math.isinf(default) else _NONNEG  # time_limit: inf
+        return _TEXT if isinstance(default, str) else None  # None: passed on unchecked
+
+    settings = clarabel.DefaultSettings()
+    return {k: kind(k, getattr(settings, k)) for k in dir(settings)
+            if not k.startswith("_") and k != "default"}
+
+
+def _solver_kinds(solver: str) -> dict[str, str | None]:
+    return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
+
+
+def _solver_value(name: str, kind: str | None, value: Any) -> Any:
+    """``value`` checked against ``kind`` (and made a plain int/float), or ``OptionError``."""
+    if kind == _BOOL:
+        check_bool(name, value)
+    elif kind in (_COUNT, _NATURAL, _INTEGER):
+        return check_int(name, value, minimum={_COUNT: 1, _NATURAL: 0}.get(kind))
+    elif kind in (_POSITIVE, _NONNEG, _SECONDS, _RELAXATION):
+        # check_positive takes tensors (node options may be learned); a solver does not.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise OptionError(f"{name} must be {kind}, got {value!r}")
+        number = real_number(value)  # ±inf for an int beyond the float range
+        if kind == _POSITIVE:
+            check_positive(name, value)
+        elif kind == _RELAXATION and not 0 < number < 2:
+            raise OptionError(f"{name} must be {kind}, got {value!r}")
+        elif math.isnan(number) or number < 0 or (kind == _NONNEG and math.isinf(number)):
+            raise OptionError(f"{name} must be {kind}, got {value!r}")
+        return number
+    elif kind == _TEXT and not isinstance(value, str):
+        raise OptionError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def validate_solver_args(solver: str, args: Any, what: str = "solver_args") -> dict[str, Any]:
+    """Return ``args`` as a dict of checked values, or raise ``OptionError`` naming an
+    unknown key (and the valid ones) or a key whose value has the wrong type or range."""
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise OptionError(f"{what} must be a dict, got {type(args).__name__}")
+    kinds = _solver_kinds(solver)
+    unknown = sorted(k for k in args if k not in kinds)
+    if unknown:
+        raise OptionError(
+            f"{what} has key(s) {unknown} that solver {solver!r} does not take; valid keys "
+            f"are {sorted(kinds)}")
+    checked = {k: _solver_value(f"{what}[{k!r}]", kinds[k], v) for k, v in args.items()}
+    if solver == "Clarabel" and checked:
+        _clarabel_accepts(checked, what)
+    return checked
+
+
+def _clarabel_accepts(args: dict[str, Any], what: str) -> None:
+    """Clarabel's own judgement of the settings (an unknown ``direct_solve_method``, an
+    iteration limit beyond its integer type), on a one-variable program: raised as an
+    OptionError now, not as a bare ``Exception`` from every element of a batch."""
+    import clarabel
+    import numpy as np
+    import scipy.sparse as sp
+
+    settings = clarabel.DefaultSettings()
+    try:
+        for k, v in args.items():
+            setattr(settings, k, v)
+        clarabel.DefaultSolver(sp.csc_matrix((1, 1)), np.zeros(1), sp.csc_matrix(np.ones((1, 1))), np.ones(1),
+                               [clarabel.NonnegativeConeT(1)], settings)
+    except Exception as err:  # noqa: BLE001 - Clarabel raises a bare Exception ("Bad settings")
+        raise OptionError(f"{what} {args!r} are not accepted by Clarabel: {err}") from None
+
+
+def solver_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+    """The case-insensitive choice among ``valid``, in its canonical spelling."""
+    if isinstance(value, str):
+        for v in valid:
+            if v.lower() == value.lower():
+                return v
+    extra = " or None" if name == "fallback" else ""
+    raise OptionError(f"{name} must be one of {list(valid)}{extra}, got {value!r}")

@@ -1,0 +1,204 @@
+"""The user's objective and constraints at a declarative node's solution: their calls
+(shape and dtype checked), their Jacobians and the Lagrangian the implicit backward
+(:mod:`.implicit`) differentiates, and the tests of its derivatives.
+
+References:
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks",
+    IEEE TPAMI 44(8), 2021.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..errors import DTypeError, ProblemError, ShapeError
+from .krylov import pseudo_random_directions
+from .optimality import _format_indices
+
+__all__ = ["ConstraintFn"]
+
+Tensor = torch.Tensor
+#: ``fn(*xs, y)``: a constraint function, returning ``(B, ...)`` or ``None``.
+ConstraintFn = Callable[..., "Tensor | None"]
+
+
+def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
+    """``k`` vjps of ``output`` at once: ``cotangents`` is ``(k, *output.shape)``."""
+    if not output.requires_grad:
+        return cotangents.new_zeros((cotangents.shape[0],) + tuple(inputs.shape))
+    if cotangents.shape[0] == 1:
+        (g,) = torch.autograd.grad(
+            output, inputs, cotangents[0], retain_graph=True, allow_unused=True
+        )
+        return torch.zeros_like(inputs).unsqueeze(0) if g is None else g.unsqueeze(0)
+    try:
+        (g,) = torch.autograd.grad(
+            output, inputs, cotangents, retain_graph=True, allow_unused=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError:
+        # Some user ops have no vmap rule; one vjp per direction is the slow, safe path.
+        rows = []
+        for c in cotangents:
+            (gi,) = torch.autograd.grad(output, inputs, c, retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(inputs) if gi is None else gi)
+        return torch.stack(rows)
+    if g is None:
+        return cotangents.new_zeros((cotangents.shape[0],) + tuple(inputs.shape))
+    return g
+
+
+# torch's messages for operands whose shapes do not fit together.
+_SHAPE_FAULTS = ("must match the size", "cannot be multiplied", "size mismatch", "shape mismatch")
+
+
+def _call(name: str, fn: Callable[..., Tensor], xs, y: Tensor):
+    """``fn(*xs, y)``; a shape fault inside it names the shapes it was called with
+    (typically ``solve`` returned another per-element shape than ``fn`` expects)."""
+    try:
+        return fn(*xs, y)
+    except RuntimeError as err:
+        if not any(k in str(err) for k in _SHAPE_FAULTS):
+            raise
+        shapes = ", ".join(str(tuple(x.shape)) for x in xs)
+        raise ShapeError(f"{name} failed on inputs of shapes {shapes} and a solution y of shape "
+                         f"{tuple(y.shape)} ({err}): does solve return the shape {name} expects, and do "
+                         f"the shapes inside {name} fit together?") from err
+
+
+def _objective(name: str, fn: Callable[..., Tensor], xs, y: Tensor) -> Tensor:
+    f = _call(name, fn, xs, y)
+    if not isinstance(f, torch.Tensor):
+        raise DTypeError(f"{name} must return a torch.Tensor, got {type(f).__name__}")
+    if tuple(f.shape) != (y.shape[0],):
+        raise ShapeError(
+            f"{name} must return shape (B,) = ({y.shape[0]},), one value per batch "
+            f"element, got {tuple(f.shape)}"
+        )
+    return f
+
+
+def _constraint(name: str, fn: ConstraintFn | None, xs, y: Tensor) -> Tensor | None:
+    """``fn(*xs, y)`` flattened to ``(B, p)``; ``None`` when absent or empty."""
+    if fn is None:
+        return None
+    c = _call(name, fn, xs, y)
+    if c is None:
+        return None
+    if not isinstance(c, torch.Tensor):
+        raise DTypeError(f"{name} must return a torch.Tensor or None, got {type(c).__name__}")
+    if c.ndim == 0 or c.shape[0] != y.shape[0]:
+        raise ShapeError(
+            f"{name} must return shape (B, ...) with B = {y.shape[0]} (one row of "
+            f"constraints per batch element), got {tuple(c.shape)}"
+        )
+    c = c.reshape(y.shape[0], math.prod(c.shape[1:]))
+    return c if c.shape[1] else None
+
+
+def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c: Tensor | None,
+                      inactive: Tensor | None, broken: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(f, c)`` for the Lagrangian, where some elements enter through detached inputs.
+
+    An element's multipliers being 0 does not keep autograd's chain rule from
+    multiplying them by the constraint's derivative: an inactive constraint not
+    differentiable at the solution (``‖y‖ - 1 <= 0`` at ``y = 0``, behind a
+    zero-initialised layer) made the Lagrangian's derivatives NaN (a zero gradient and a
+    false "singular" warning instead of the unconstrained derivative). So elements
+    without an active constraint enter the constraint part detached, and ``broken`` ones
+    (non-finite derivatives, :func:`_non_finite_derivatives`) enter both parts detached.
+    """
+    def cut(t: Tensor, keep: Tensor) -> Tensor:
+        return torch.where(keep.view((-1,) + (1,) * (t.dim() - 1)), t, t.detach())
+
+    if broken is not None:
+        f = _objective(f"{prefix}objective", objective, tuple(cut(x, ~broken) for x in xg), cut(yv, ~broken))
+    if c is None:
+        return f, None
+    keep = ~inactive.all(-1)  # equality rows are never inactive
+    if broken is not None:
+        keep = keep & ~broken
+    if bool(keep.all()):
+        return f, c
+    xc, yc = tuple(cut(x, keep) for x in xg), cut(yv, keep)
+    parts = [_constraint(f"{prefix}{name}", fn, xc, yc)
+             for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
+    parts = [t for t in parts if t is not None]
+    return f, (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+
+# A solution shorter than this fraction of how far the objective lets it move has no
+# length of its own for the activity test (see _solution_length).
+_LENGTH_FLOOR = 1e-3
+
+
+def _solution_length(f: Tensor, yg: Tensor, xg) -> Tensor:
+    """``(B,)`` the length by which the activity test measures ``y``: ``‖y‖``, but at least
+    :data:`_LENGTH_FLOOR` times its reach :math:`(\\|B\\|\\,\\|x\\| + \\|\\nabla_y f\\|) / \\|H\\|`
+    (how far the objective's curvature lets ``y`` move when ``x`` moves by its size, and
+    to the unconstrained minimiser; norms from one Hessian-vector product of ``f``; no
+    floor without curvature, a linear objective). Measured by ``‖y‖`` alone, a projection
+    onto ``y >= 0`` solved to 1e-12 at ``y* = 0`` had every bound inactive: rejected, or
+    with ``check_solution=False`` the identity for a zero Jacobian."""
+    length = yg.detach().norm(dim=-1)
+    (g,) = torch.autograd.grad(f.sum(), yg, create_graph=True)
+    if not g.requires_grad:
+        return length
+    u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
+    probes = torch.autograd.grad((g * u).sum(), (yg, *xg), allow_unused=True)
+    curvature = torch.zeros_like(length) if probes[0] is None else probes[0].norm(dim=-1)
+    reach = g.detach().norm(dim=-1)
+    for x, Bu in zip(xg, probes[1:]):
+        if Bu is not None:
+            reach = reach + Bu.flatten(1).norm(dim=-1) * x.detach().flatten(1).norm(dim=-1)
+    reach = reach / torch.where(curvature > 0, curvature, 1.0)
+    floor = torch.where((curvature > 0) & torch.isfinite(reach), _LENGTH_FLOOR * reach, 0.0)
+    return torch.maximum(length, floor)
+
+
+def _non_finite_derivatives(gL: Tensor, yg: Tensor) -> Tensor | None:
+    """``(B,)`` elements whose ``∇_y L`` or a Hessian-vector product of it (one generic
+    direction) is not finite; ``None`` if there are none (one host sync)."""
+    u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
+    Hu = _batched_vjp(gL, yg, u.unsqueeze(0))[0]
+    bad = ~(torch.isfinite(gL).all(-1) & torch.isfinite(Hu).all(-1))
+    return bad if bool(bad.any()) else None
+
+
+def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:
+    """Raise where an active constraint's Jacobian in ``y`` is NaN or Inf.
+
+    The constraint is not differentiable there (e.g. ``|y|^0.5`` at a zero entry), so
+    the KKT conditions and the implicit derivative do not exist; zeroing the entries,
+    as the gradient's final safeguard does, would differentiate another problem.
+    """
+    bad = ~torch.isfinite(A).all(dim=-1)  # inactive rows are zero already
+    if not bool(bad.any()):
+        return
+    fatal = bad.any(-1)
+    indices = _format_indices(fatal, batch_shape)
+    rows = torch.nonzero(bad.any(0)).flatten().tolist()
+    which = sorted({"equality_constraints" if j < n_eq else "inequality_constraints"
+                    for j in rows})
+    flat = [j if j < n_eq else j - n_eq for j in rows]
+    raise ProblemError(
+        f"{prefix}{' and '.join(which)} have a non-finite (NaN or Inf) Jacobian with "
+        f"respect to y at the returned solution, for active constraint(s) {flat[:8]} "
+        f"(flat index within each method's output) at batch indices {indices[:8]} "
+        f"({len(indices)} of {fatal.numel()} element(s)): a constraint that is not "
+        "differentiable at the solution (e.g. |y|^p with p < 1 at a zero entry) has no "
+        "KKT conditions there, so the implicit derivative does not exist"
+    )
+
+
+def _grads(out: Tensor, inputs, create_graph: bool) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad`` that gives zeros for inputs ``out`` does not depend on."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not out.requires_grad or not inputs:
+        return tuple(torch.zeros_like(t) for t in inputs)
+    gs = torch.autograd.grad(
+        out, inputs, retain_graph=True, create_graph=create_graph, allow_unused=True
+    )
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, gs))
