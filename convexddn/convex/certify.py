@@ -22,7 +22,7 @@ from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "undecided", "verified_rays"]
+__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "soc_frame", "undecided", "verified_rays"]
 
 
 def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
@@ -148,15 +148,41 @@ def _decide(layout: ConeLayout, sc, zc, sc_in, zc_in):
     return sc_in, zc_in
 
 
+def soc_frame(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor):
+    """Jordan-frame coefficients of each second-order cone's pair (soc parts ``(B, msoc)``):
+    ``s = a1 c1 + a2 c2 (+ tangent)``, ``z = b1 c1 + b2 c2``, ``c_{1,2} = (1, ±u)/2`` with
+    ``u = (s1 − z1)/‖s1 − z1‖`` (the frame a complementary pair shares). Returns
+    ``(a1, a2, b1, b2)`` ``(B, nsoc)`` and ``u`` ``(B, msoc)`` (0 on the heads)."""
+    idx = layout.index(s.device)
+    dv = (s - z) * idx.tail
+    nd = torch.sqrt(layout._seg(dv * dv))
+    u = dv / layout._spread(torch.where(nd > 0, nd, 1.0))
+    su, zu = layout._seg(s * u), layout._seg(z * u)
+    s0, z0 = s[:, idx.heads], z[:, idx.heads]
+    return s0 + su, s0 - su, z0 + zu, z0 - zu, u
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.clamp_min(0), b.clamp_min(0)
+    hi = torch.maximum(a, b)
+    return torch.minimum(a, b) / torch.where(hi > 0, hi, 1.0)
+
+
 def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(B,) largest min(s_i, z_i) / max(s_i, z_i) over the nonnegative rows (0: all decided)."""
+    """(B,) largest min/max ratio of a complementary pair (0: all decided): the nonnegative
+    rows' (s_i, z_i) and, on each second-order cone, the two Jordan-frame pairs (a_k, b_k)
+    of :func:`soc_frame` (strict complementarity there: s + z in the cone's interior, i.e.
+    a_k + b_k > 0; at the tip with a multiplier on the boundary, e.g. a group
+    soft-threshold at ‖v‖ = λ, a pair has ratio ~1: one-sided derivatives 0.019 and 0.481
+    were blended into 0.0146 without a warning)."""
     z0, k = layout.zero, layout.nonneg
-    if not k:
-        return s.new_zeros(s.shape[0])
-    sn, zn = s[:, z0:z0 + k].clamp_min(0), z[:, z0:z0 + k].clamp_min(0)
-    hi = torch.maximum(sn, zn)
-    ratio = torch.minimum(sn, zn) / torch.where(hi > 0, hi, 1.0)
-    return ratio.amax(1)
+    out = s.new_zeros(s.shape[0])
+    if k:
+        out = _ratio(s[:, z0:z0 + k], z[:, z0:z0 + k]).amax(1)
+    if layout.soc:
+        a1, a2, b1, b2, _ = soc_frame(layout, s[:, z0 + k:], z[:, z0 + k:])
+        out = torch.maximum(out, torch.maximum(_ratio(a1, b1), _ratio(a2, b2)).amax(1))
+    return out
 
 
 # Polished points lie on ∂K (to rounding); the linearisation needs an interior one.

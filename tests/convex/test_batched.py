@@ -605,3 +605,71 @@ def test_structure_products_match_dense_integer_products():
         a, b = rng.random((m, k)) < density, rng.random((k, n)) < density
         expected = (a.astype(np.int64) @ b.astype(np.int64)) > 0
         np.testing.assert_array_equal(_meets(a, b), expected)
+
+
+def _batched_warned(layer, vals, loss=lambda y: y.sum()):
+    """Run forward + backward; return (the elements the batched path solved, whether a
+    GradientWarning named a 'not unique or not differentiable' solution, the gradients)."""
+    vals = [v.detach().clone().requires_grad_(True) for v in vals]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(*vals)
+        loss(y).backward()
+    texts = [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+    batched = [i for i, s in enumerate(layer.last_solve.solvers) if s == "batched"]
+    return batched, texts, [v.grad for v in vals]
+
+
+def test_lp_with_an_edge_of_optima_is_warned_on_the_batched_path():
+    """LPs whose optimal set is an edge (a vertex with a zero multiplier on one active
+    row): elements the batched path solved got gradients of 1e3-6e4 without a warning
+    (rounding capped the derivative system's blow-up at ~2.5e3, below its 1e7 test); the
+    per-element path warned. Reference: the optimal face's extent is positive by
+    construction (row 0 can be released at no cost). Now the limit system's test flags
+    them; every batched element must be named and zeroed."""
+    rng = np.random.default_rng(12)
+    B, n, m = 6, 4, 7
+    G = rng.standard_normal((B, m, n))
+    xs = rng.standard_normal((B, n))
+    h = np.einsum("bmn,bn->bm", G, xs)
+    h[:, n:] += rng.random((B, m - n)) + 0.1
+    lam = rng.random((B, n)) + 0.1
+    lam[:, 0] = 0
+    c = -np.einsum("bn,bnj->bj", lam, G[:, :n])
+    x, cc, Gp, hp = cp.Variable(n), cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cc @ x), [Gp @ x <= hp]), [cc, Gp, hp], [x])
+    batched, texts, grads = _batched_warned(layer, [torch.tensor(v) for v in (c, G, h)])
+    assert batched, "the batched path solved none: the test lost its subject"
+    assert any("not unique" in t for t in texts)
+    for i in batched:
+        assert float(grads[0][i].abs().max()) == 0.0 and float(grads[2][i].abs().max()) == 0.0
+
+
+def test_second_order_cone_tip_without_strict_complementarity_is_warned():
+    """Group soft-threshold x = argmin ½‖x − v‖² + λ‖x‖ at ‖v‖ = λ: x = 0 at the cone's tip
+    with its multiplier on the cone's boundary; the one-sided derivatives of x₁ in v₁ are
+    0 and 0.64 (closed form x = (1 − λ/‖v‖)₊ v). The batched path returned a blend (0.007)
+    without a warning: only nonnegative rows were checked for undecided pairs."""
+    v, lam, x = cp.Parameter(2), cp.Parameter(nonneg=True), cp.Variable(2)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x - v) + lam * cp.norm(x)), []),
+                             [v, lam], [x])
+    vals = [torch.tensor([[0.6, 0.8]], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)]
+    batched, texts, _ = _batched_warned(layer, vals, lambda y: y[0, 1])
+    assert batched == [0]
+    assert any("not unique or not differentiable" in t for t in texts)
+
+
+def test_unique_solutions_are_not_flagged_by_the_limit_test():
+    """The limit system's uniqueness test must stay quiet where the solution is unique:
+    random QPs with inequalities and equalities, a projection onto a ball (SOC), and an
+    L1-ball projection (an auxiliary epigraph variable per entry)."""
+    prob, params, variables, _ = qp_problem(n=12, m=10, p=3)
+    data = qp_data(8, n=12, m=10, p=3, seed=11)
+    _, texts, _ = _batched_warned(cddn.ConvexLayer(prob, params, variables), data)
+    assert not texts
+    x, y = cp.Variable(5), cp.Parameter(5)
+    for cons in ([cp.norm(x, 2) <= 1], [cp.norm(x, 1) <= 1]):
+        layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x - y)), cons), [y], [x])
+        v = 3 * torch.randn(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        _, texts, _ = _batched_warned(layer, [v])
+        assert not texts, texts
