@@ -30,7 +30,7 @@ import torch
 from ..errors import GradientWarning
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
-                         _non_finite_derivatives, _objective, _solution_length)
+                         _non_finite_derivatives, _objective, _solution_length, lagrangian_probes)
 from .linear_solvers import LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
 from .multipliers import inactive_mask, multipliers
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt
@@ -195,7 +195,8 @@ def declarative_vjp(
         parts = [c for c in (eq, ineq) if c is not None]
         n_eq = 0 if eq is None else eq.shape[1]
         c = A = lam = inactive = None
-        (gf,) = _grads(f.sum(), yg, create_graph=False)
+        # (with a graph where the activity test probes its curvature, _solution_length)
+        (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
         if parts:
             c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             r = c.shape[1]
@@ -203,8 +204,9 @@ def declarative_vjp(
             A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
             inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
             if ineq is not None:
-                inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(f, yg, xg),
+                inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(gf, yg, xg),
                                                    active_tol, y.dtype)
+                gf = gf.detach()
             A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
             _check_jacobian(prefix, A, n_eq, batch_shape)
             # eq. 25: multipliers that best satisfy stationarity at the given y
@@ -221,7 +223,8 @@ def declarative_vjp(
             (gL,) = _grads(lagrangian, yg, create_graph=True)
             if attempt:
                 break
-            broken = _non_finite_derivatives(gL, yg)
+            probes = lagrangian_probes(gL, yg, xg)
+            broken = _non_finite_derivatives(gL, probes)
             if broken is None:
                 break
             warnings.warn(
@@ -238,8 +241,10 @@ def declarative_vjp(
         c = c_L
         if check_solution:
             tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
+            # (the probes of the pass above, unless the Lagrangian was rebuilt after it)
             verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
-                                          eps=torch.finfo(y.dtype).eps),
+                                          eps=torch.finfo(y.dtype).eps,
+                                          probes=probes if broken is None else None),
                     tol, batch_shape)
 
         def hvp(directions: Tensor) -> Tensor:

@@ -134,20 +134,22 @@ def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c:
 _LENGTH_FLOOR = 1e-3
 
 
-def _solution_length(f: Tensor, yg: Tensor, xg) -> Tensor:
+def _solution_length(g: Tensor, yg: Tensor, xg) -> Tensor:
     """``(B,)`` the length by which the activity test measures ``y``: ``‖y‖``, but at least
     :data:`_LENGTH_FLOOR` times its reach :math:`(\\|B\\|\\,\\|x\\| + \\|\\nabla_y f\\|) / \\|H\\|`
     (how far the objective's curvature lets ``y`` move when ``x`` moves by its size, and
     to the unconstrained minimiser; norms from one Hessian-vector product of ``f``; no
     floor without curvature, a linear objective). Measured by ``‖y‖`` alone, a projection
     onto ``y >= 0`` solved to 1e-12 at ``y* = 0`` had every bound inactive: rejected, or
-    with ``check_solution=False`` the identity for a zero Jacobian."""
+    with ``check_solution=False`` the identity for a zero Jacobian. ``g``: ``∇_y f`` built
+    with ``create_graph=True``."""
     length = yg.detach().norm(dim=-1)
-    (g,) = torch.autograd.grad(f.sum(), yg, create_graph=True)
     if not g.requires_grad:
         return length
     u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
-    probes = torch.autograd.grad((g * u).sum(), (yg, *xg), allow_unused=True)
+    # retain_graph: this second pass runs through the objective's own forward nodes, whose
+    # saved tensors (exp, log, division) the Lagrangian's gradient needs after it.
+    probes = torch.autograd.grad((g * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True)
     curvature = torch.zeros_like(length) if probes[0] is None else probes[0].norm(dim=-1)
     reach = g.detach().norm(dim=-1)
     for x, Bu in zip(xg, probes[1:]):
@@ -158,12 +160,23 @@ def _solution_length(f: Tensor, yg: Tensor, xg) -> Tensor:
     return torch.maximum(length, floor)
 
 
-def _non_finite_derivatives(gL: Tensor, yg: Tensor) -> Tensor | None:
-    """``(B,)`` elements whose ``∇_y L`` or a Hessian-vector product of it (one generic
-    direction) is not finite; ``None`` if there are none (one host sync)."""
+def lagrangian_probes(gL: Tensor, yg: Tensor, xg) -> tuple:
+    """One double-backward pass of ``∇_y L`` along the generic direction
+    :func:`~.krylov.pseudo_random_directions`: ``(H u, Bᵀu for each input)`` (``None`` where
+    unused), shared by :func:`_non_finite_derivatives` and
+    :func:`~.optimality.kkt_residuals`."""
+    if not gL.requires_grad:
+        return (None,) * (1 + len(xg))
     u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
-    Hu = _batched_vjp(gL, yg, u.unsqueeze(0))[0]
-    bad = ~(torch.isfinite(gL).all(-1) & torch.isfinite(Hu).all(-1))
+    return torch.autograd.grad((gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True)
+
+
+def _non_finite_derivatives(gL: Tensor, probes) -> Tensor | None:
+    """``(B,)`` elements whose ``∇_y L`` or its Hessian-vector product in ``probes``
+    (:func:`lagrangian_probes`) is not finite; ``None`` if there are none (one host sync)."""
+    bad = ~torch.isfinite(gL).all(-1)
+    if probes[0] is not None:
+        bad = bad | ~torch.isfinite(probes[0]).all(-1)
     return bad if bool(bad.any()) else None
 
 

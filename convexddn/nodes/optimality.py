@@ -98,6 +98,7 @@ def kkt_residuals(
     inactive: Tensor | None,
     tol: float,
     eps: float,
+    probes: tuple | None = None,
 ) -> KKTResiduals:
     """Relative first-order residuals of ``y`` (see the module docstring).
 
@@ -114,13 +115,16 @@ def kkt_residuals(
         tol: relative level under which an active inequality's multiplier counts as zero.
         eps: the data's rounding level (the caller's dtype's epsilon); each element's
             scale is at least ``eps`` times the largest in the batch.
+        probes: ``(H u, Bᵀu …)`` of ``gL`` along :func:`~.krylov.pseudo_random_directions`
+            if the caller has them (one double-backward pass); computed here otherwise.
     """
     batch, m = yg.shape
-    u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
-    # One double-backward pass: H u (curvature in y) and B^T u (sensitivity to x).
-    probes = torch.autograd.grad(
-        (gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True
-    ) if gL.requires_grad else (None,) * (1 + len(xg))
+    if probes is None:
+        # One double-backward pass: H u (curvature in y) and B^T u (sensitivity to x).
+        u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
+        probes = torch.autograd.grad(
+            (gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True
+        ) if gL.requires_grad else (None,) * (1 + len(xg))
     Hu = probes[0] if probes[0] is not None else torch.zeros_like(yg)
     # Plus the size of the gradient the multipliers cancel: a linear objective whose
     # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding

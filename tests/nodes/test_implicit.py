@@ -1587,3 +1587,31 @@ def test_bounds_active_at_a_solution_near_zero(check):
         warnings.simplefilter("error", GradientWarning)
         (grad,) = torch.autograd.grad(_NonNegWithError(1e-12, check_solution=check)(x), x, g)
     torch.testing.assert_close(grad, g * (x.detach() > 0), rtol=0, atol=1e-9)
+
+
+class _EntropySoftmax(DeclarativeNode):
+    """argmin Σ y log y − x·y s.t. Σ y = 1, y >= 0: softmax(x) (a non-quadratic objective
+    with inequality constraints)."""
+
+    def objective(self, x, y):
+        return (y * torch.log(y)).sum(-1) - (x * y).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return y.sum(-1, keepdim=True) - 1
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def solve(self, x):
+        return torch.softmax(x, -1)
+
+
+def test_non_quadratic_objective_with_inequalities():
+    """The activity test's curvature probe freed the objective's autograd graph (log's
+    saved tensors) and the backward raised "backward through the graph a second time"
+    for every such node. Reference: softmax's Jacobian diag(s) − s sᵀ."""
+    x = torch.randn(4, 5, generator=_gen(8), dtype=DT, requires_grad=True)
+    g = torch.randn(4, 5, generator=_gen(9), dtype=DT)
+    (grad,) = torch.autograd.grad(_EntropySoftmax()(x), x, g)
+    s = torch.softmax(x.detach(), -1)
+    torch.testing.assert_close(grad, s * g - s * (s * g).sum(-1, keepdim=True), rtol=0, atol=1e-10)
