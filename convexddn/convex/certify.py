@@ -173,8 +173,8 @@ def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Ten
     rows' (s_i, z_i) and, on each second-order cone, the two Jordan-frame pairs (a_k, b_k)
     of :func:`soc_frame` (strict complementarity there: s + z in the cone's interior, i.e.
     a_k + b_k > 0; at the tip with a multiplier on the boundary, e.g. a group
-    soft-threshold at ‖v‖ = λ, a pair has ratio ~1: one-sided derivatives 0.019 and 0.481
-    were blended into 0.0146 without a warning)."""
+    soft-threshold at ‖v‖ = λ, a pair has ratio ~1: one-sided derivatives 0 and 0.64
+    were blended into 0.007 without a warning)."""
     z0, k = layout.zero, layout.nonneg
     out = s.new_zeros(s.shape[0])
     if k:

@@ -24,8 +24,11 @@ factorisation: one batched solve, no new factorisation. We chose this over the r
 derivative (Agrawal et al., 2019) because it keeps the quadratic term, stays symmetric
 (Cholesky instead of LU of an :math:`(n+m+1)`-square matrix) and reuses the solver.
 Where no derivative exists the backward warns (``GradientWarning``) and names the
-elements: a complementary pair undecided, a derivative system that amplifies the
-cotangent like 1/δ (a non-unique solution), or a derivative along a fixed direction of
+elements: a complementary pair undecided (a nonnegative row, or a second-order cone's
+Jordan-frame pair, :func:`~.certify.undecided`), a non-unique solution (a derivative
+system that amplifies the cotangent like 1/δ, or, where rounding caps that, a cotangent
+or requested output reaching a null direction of the limit system, :mod:`.uniqueness`),
+or a derivative along a fixed direction of
 the parameters that blows up the same way (one unrefined probe solve): a degenerate
 vertex, more active rows than the solution's dimension, which the parameters move apart
 (constraints with constant data do not move: a fixed polytope's vertex stays smooth).
@@ -62,11 +65,12 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         ``(gP, gq, gA, gb, not_differentiable, nonunique)``: the gradients, exactly zero
         for elements that are not solved, whose cotangent is zero, whose final KKT matrix
         could not be factorised or whose solution is not unique; ``(B,)`` masks of the
-        solved elements whose solution is not unique (``nonunique``: the derivative
-        system amplifies the cotangent by more than :data:`AMPLIFICATION`) and, including
-        those, whose derivative does not exist (``not_differentiable``: also a
-        complementary pair with ``s_i ≈ z_i ≈ 0``, see :data:`~.certify.RESOLVED`, or a
-        degenerate vertex, see ``tangent``).
+        solved elements whose solution is not unique along the cotangent (``nonunique``:
+        the derivative system amplifies it by more than :data:`AMPLIFICATION`, or it
+        reaches a null direction of the limit system, :func:`~.uniqueness.limit_nonunique`)
+        and, including those, whose derivative does not exist (``not_differentiable``:
+        also a complementary pair undecided, see :data:`~.certify.RESOLVED`, requested
+        outputs that are not unique, or a degenerate vertex, see ``tangent``).
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
@@ -171,7 +175,7 @@ class _ConeSolve(torch.autograd.Function):
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
         gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent)
-        idx = torch.nonzero(flagged).squeeze(1).tolist()  # one host sync per backward
+        idx = torch.nonzero(flagged).squeeze(1).tolist()  # a host sync (and the limit test's gate one)
         if idx:  # (and one more for the message)
             n_zero = int(zeroed.sum())
             zero = (f"; {n_zero} of them have a solution that is not unique along their cotangent "

@@ -79,8 +79,11 @@ def canonical_pose(theta: torch.Tensor) -> torch.Tensor:
     """
     r = theta[:, :3]
     angle = r.norm(dim=-1, keepdim=True)
-    wrap = angle > math.pi
-    r = torch.where(wrap, r * (1 - 2 * math.pi / torch.where(wrap, angle, 1.0)), r)
+    # The angle modulo 2π, then past π reflected to 2π − angle about the opposite axis
+    # (one reflection alone left a vector of norm 10 at 3.72).
+    reduced = torch.remainder(angle, 2 * math.pi)
+    target = torch.where(reduced > math.pi, reduced - 2 * math.pi, reduced)
+    r = torch.where(angle > math.pi, r * (target / torch.where(angle > 0, angle, 1.0)), r)
     return torch.cat([r, theta[:, 3:]], -1)
 
 

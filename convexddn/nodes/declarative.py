@@ -138,7 +138,9 @@ class DeclarativeNode(torch.nn.Module):
         InputError: inputs on different devices, keyword inputs, a call with a number
             of inputs the methods do not take, ``solve`` returning a tensor on another
             device, or a tensor requiring grad that is neither an input nor a
-            parameter used in the objective or constraints.
+            parameter used in the objective or constraints; in backward, a buffer or
+            frozen parameter the objective or constraints read was modified in place
+            after the forward (the backward needs the values the forward solved with).
         ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not
             call ``super().__init__()``, the objective does not depend on ``y``, or (in
             backward) an active constraint's Jacobian is NaN or Inf.

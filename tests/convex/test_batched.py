@@ -659,10 +659,17 @@ def test_second_order_cone_tip_without_strict_complementarity_is_warned():
     assert any("not unique or not differentiable" in t for t in texts)
 
 
-def test_unique_solutions_are_not_flagged_by_the_limit_test():
+def test_unique_solutions_are_not_flagged_by_the_limit_test(monkeypatch):
     """The limit system's uniqueness test must stay quiet where the solution is unique:
     random QPs with inequalities and equalities, a projection onto a ball (SOC), and an
-    L1-ball projection (an auxiliary epigraph variable per entry)."""
+    L1-ball projection (an auxiliary epigraph variable per entry). Its gate is opened
+    (LIMIT_GATE = 0: the test runs on every element; at 10 none of these reaches it)."""
+    import convexddn.convex.vjp as vjp
+
+    calls = []
+    real = vjp.limit_nonunique
+    monkeypatch.setattr(vjp, "LIMIT_GATE", 0.0)
+    monkeypatch.setattr(vjp, "limit_nonunique", lambda *a: calls.append(1) or real(*a))
     prob, params, variables, _ = qp_problem(n=12, m=10, p=3)
     data = qp_data(8, n=12, m=10, p=3, seed=11)
     _, texts, _ = _batched_warned(cddn.ConvexLayer(prob, params, variables), data)
@@ -673,3 +680,4 @@ def test_unique_solutions_are_not_flagged_by_the_limit_test():
         v = 3 * torch.randn(16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         _, texts, _ = _batched_warned(layer, [v])
         assert not texts, texts
+    assert len(calls) == 3  # the test ran on each batch

@@ -465,3 +465,20 @@ def test_pnp_rotation_vector_is_canonical():
     th = pnp(q, p, init=init)
     assert float(th[0, :3].norm()) <= np.pi
     np.testing.assert_allclose(th[0].numpy(), np.r_[r, t], atol=1e-8)
+
+
+def test_canonical_pose_reduces_any_angle():
+    """One reflection past π left a rotation vector of norm 10 at 3.72 (> π). Reference:
+    the rotation matrix (scipy) must be unchanged and the angle in [0, π]."""
+    from convexddn.nodes._pnp_geometry import canonical_pose
+
+    g = np.random.default_rng(5)
+    axes = g.normal(size=(6, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    angles = np.array([0.3, 3.0, 4.0, 7.0, 10.0, 25.0])
+    theta = torch.tensor(np.c_[axes * angles[:, None], g.normal(size=(6, 3))])
+    out = canonical_pose(theta).numpy()
+    assert (np.linalg.norm(out[:, :3], axis=1) <= np.pi + 1e-12).all()
+    np.testing.assert_allclose(Rotation.from_rotvec(out[:, :3]).as_matrix(),
+                               Rotation.from_rotvec(theta[:, :3].numpy()).as_matrix(), atol=1e-12)
+    np.testing.assert_array_equal(out[:, 3:], theta[:, 3:].numpy())
