@@ -59,14 +59,18 @@ def _factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None)
         shape = torch.broadcast_shapes(At.shape[:-2], root.shape[:-2])
         At = torch.cat([At.expand(*shape, *At.shape[-2:]), root.expand(*shape, n, n)], -2)
     Q, R = torch.linalg.qr(At)
-    return Q, R, sw
+    return Q, R, sw, At.norm(dim=-2)
 
 
-def _rank_deficient(R: torch.Tensor) -> torch.Tensor:
+def _rank_deficient(R: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Mask of the batch elements whose H = RᵀR is singular to working precision (a
     factor with Inf or NaN is not: its inputs were non-finite or overflowed, which the
-    caller reports as such; no unknowns, N = 0, is not either)."""
+    caller reports as such; no unknowns, N = 0, is not either). Judged on the factor of
+    the matrix with unit columns, R diag(1/‖column‖) (the same Q): a unit intercept column
+    beside features of 1e15 was called rank deficient, the condition of the problem
+    with its columns rescaled being ~1."""
     d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
+    d = torch.where(columns > 0, d / torch.where(columns > 0, columns, 1.0), 0.0)
     if not d.shape[-1]:
         return torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device)
     tol = max(R.shape[-2], R.shape[-1], 1) * torch.finfo(R.dtype).eps
@@ -82,7 +86,7 @@ def _raise_rank(bad: torch.Tensor) -> None:
         f"least_squares: the weighted, regularised design matrix is rank deficient "
         f"(AᵀWA + diag(ridge) is singular to float64 precision) for {idx.shape[0]} of "
         f"{bad.numel()} batch element(s) (indices into the batch of A, weights and "
-        f"ridge: {shown}{more}); the minimiser is not unique — pass ridge > 0",
+        f"ridge: {shown}{more}); the minimiser is not unique — pass ridge > 0 (or a larger one)",
         indices=[tuple(int(i) for i in row) for row in idx.tolist()],
         statuses=["rank deficient"] * idx.shape[0],
     )
@@ -97,14 +101,14 @@ class _LeastSquaresFunction(torch.autograd.Function):
         A, b = A.to(_WORK), b.to(_WORK)
         w = None if w is None else w.to(_WORK)
         ridge = None if ridge is None else ridge.to(_WORK)
-        Q, R, sw = _factor(A, w, ridge)
+        Q, R, sw, columns = _factor(A, w, ridge)
         bt = b if sw is None else sw * b
         # Only the first M rows of Q meet b: the ridge rows of the stacked rhs are zero.
         rhs = Q[..., : A.shape[-2], :].mT @ bt
         x = torch.linalg.solve_triangular(R, rhs, upper=True)
         # A copy even in float64: the returned x must not be the saved (non-differentiable)
         # x. The caller checks the rank mask (one host sync with its input checks).
-        return x.to(out_dtype, copy=True), R, x, _rank_deficient(R)
+        return x.to(out_dtype, copy=True), R, x, _rank_deficient(R, columns)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]

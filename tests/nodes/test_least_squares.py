@@ -344,3 +344,25 @@ def test_linear_fit_cuda_target_on_cpu_is_refused_by_name():
         linear_fit(x, torch.arange(10.0))
     fit = linear_fit(x, torch.arange(10.0, device=x.device))
     torch.testing.assert_close(fit.coef.cpu(), linear_fit(x.cpu(), torch.arange(10.0)).coef)
+
+
+def test_rank_test_is_invariant_to_column_scale():
+    """The rank test compared |diag R| with eps times its largest entry: a unit intercept
+    column beside features of 1e15 was refused as "rank deficient" (the problem with its
+    columns rescaled has condition ~1). Reference: numpy's lstsq on the column-rescaled
+    problem; a truly dependent (duplicated, rescaled) column is still refused."""
+    import numpy as np
+
+    x = torch.randn(2, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(20.0, dtype=torch.float64)
+    for s in (1e15, 1e20):
+        fit = linear_fit(x * s, t, ridge=1e-3)
+        X = x[0].numpy().T
+        M = np.r_[np.c_[X, np.ones(20)], np.c_[np.sqrt(1e-3) / s * np.eye(16), np.zeros(16)]]
+        ref = np.linalg.lstsq(M, np.r_[t.numpy(), np.zeros(16)], rcond=None)[0]
+        np.testing.assert_allclose(fit.intercept[0].item(), ref[-1], rtol=1e-10)
+        np.testing.assert_allclose(fit.coef[0].numpy() * s, ref[:16], rtol=0, atol=1e-10 * np.abs(ref).max())
+    A = torch.randn(3, 10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    A = torch.cat([A, 1e15 * A[..., :1]], -1)  # column 2 = 1e15 × column 0
+    with pytest.raises(SolverError, match="rank deficient"):
+        least_squares(A, torch.randn(3, 10, dtype=torch.float64))

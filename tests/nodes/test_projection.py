@@ -868,3 +868,13 @@ def test_simplex_forward_mode_stays_on_the_simplex_at_ties():
     h = 1e-7  # away from ties: the central difference
     torch.testing.assert_close(t[1], ((project_simplex(x + h * v) - project_simplex(x - h * v)) / (2 * h))[1],
                                atol=1e-7, rtol=0)
+
+
+def test_l1_ball_keeps_tiny_rows_inside_a_huge_radius():
+    """float32, r = 3e38: n·r overflows, so rows are solved on (2^-k x, 2^-k r); inside
+    rows of tiny entries lost bits there (1.1258e-40 came back as 1.1264e-40, entries of
+    1e-40 and below vanished). Reference: a row inside the ball is its own projection."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 1e-38
+    x[0, :4] = torch.tensor([1.1258e-40, -3e-45, 0.0, 2e-39])
+    y = project_lp(x, 1, "ball", 3e38)
+    assert torch.equal(y, x)

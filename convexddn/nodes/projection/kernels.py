@@ -158,7 +158,7 @@ class L2ProjectionFn(torch.autograd.Function):
         if ctx.overflow:
             warnings.warn(
                 "project_lp(p=2): the gradient r/‖x‖·(I − ûûᵀ) overflows "
-                f"{y.dtype} (‖x‖ is {float((r / scale).amin()):.1e} at the smallest): it "
+                f"{y.dtype} where ‖x‖ < r / {torch.finfo(y.dtype).max:.1e}: it "
                 "is Inf (NaN where the projected gradient is 0)",
                 GradientWarning,
                 stacklevel=2,

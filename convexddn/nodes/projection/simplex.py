@@ -104,7 +104,10 @@ def l1_forward(
         xs, rs, s = _scaled(x, r, d)
         y, active = l1_forward(xs, rs, d, sphere, True)
         # |y| ≤ r exactly; the clamp keeps a last-ulp excess from turning r ≈ max into Inf.
-        return torch.clamp(y, -rs, rs).div_(s).to(x.dtype), active
+        y = torch.clamp(y, -rs, rs).div_(s).to(x.dtype)
+        # Rows inside the ball keep x itself: scaled by 2^-k, entries near the subnormal
+        # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
+        return (y if sphere else torch.where(active, y, x)), active
     t, theta = out
     # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
     # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
