@@ -22,7 +22,7 @@ from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DECIDED", "RESOLVED", "error_estimate", "finish", "soc_frame", "undecided", "verified_rays"]
+__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "soc_frame", "undecided", "verified_rays"]
 
 
 def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
@@ -140,9 +140,7 @@ def _decide(layout: ConeLayout, sc, zc, sc_in, zc_in):
     k = layout.nonneg
     if not k:
         return sc_in, zc_in
-    sn, zn = sc[:, :k].clamp_min(0), zc[:, :k].clamp_min(0)
-    active = sn < DECIDED * zn    # s → 0: H → 0
-    inactive = zn < DECIDED * sn  # z → 0: H → ∞
+    active, inactive = decided(sc[:, :k], zc[:, :k])
     sc_in = torch.cat([torch.where(active, _shift(sc), sc_in[:, :k]), sc_in[:, k:]], 1)
     zc_in = torch.cat([torch.where(inactive, _shift(sc), zc_in[:, :k]), zc_in[:, k:]], 1)
     return sc_in, zc_in
@@ -166,6 +164,13 @@ def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.clamp_min(0), b.clamp_min(0)
     hi = torch.maximum(a, b)
     return torch.minimum(a, b) / torch.where(hi > 0, hi, 1.0)
+
+
+def decided(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(active, inactive)`` masks of complementary pairs ``(s, z)`` (same shapes): the
+    limit scaling H = s/z is 0 where ``s < DECIDED z``, ∞ where ``z < DECIDED s``."""
+    s, z = s.clamp_min(0), z.clamp_min(0)
+    return s < DECIDED * z, z < DECIDED * s
 
 
 def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -230,9 +235,8 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     sc_in, zc_in = _decide(layout, sc, zc, sc_in, zc_in)
     kkt = systems(NTScaling(layout, sc_in, zc_in, derivative=True))
     if layout.nonneg:  # _decide's active rows: their exact limit is H = 0 (see KKTSystem.solve)
-        k = layout.nonneg
-        active = sc[:, :k].clamp_min(0) < DECIDED * zc[:, :k].clamp_min(0)
-        _limit_zero(kkt, torch.cat([active, active.new_zeros(active.shape[0], sc.shape[1] - k)], 1))
+        active = decided(sc[:, :layout.nonneg], zc[:, :layout.nonneg])[0]
+        _limit_zero(kkt, torch.cat([active, active.new_zeros(active.shape[0], layout.cone_rows - layout.nonneg)], 1))
     ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b

@@ -252,7 +252,7 @@ class CvxpyLayer(nn.Module):
             why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, 'no effect here')}" for k in ignored}))
             warnings.warn(
                 f"CvxpyLayer ignores {ignored} ({why}). convexddn accepts a solution only "
-                f"with a KKT residual <= {min(self.convex_layer.tol, 1e-8):g} (its batched solver; "
+                f"with a KKT residual <= {self.convex_layer.batched_tol:g} (its batched solver; "
                 f"{self.convex_layer.tol:g} for a per-element one) and differentiates it "
                 "exactly. This warning is shown once per layer.",
                 ConvexDDNWarning, stacklevel=stacklevel)

@@ -102,7 +102,6 @@ class ConeSolution:
     scaled: Scaled | None = None
     kkt: KKTSystem | None = None  # or one with its solve and failed (null-space form, PatchedKKT)
     undecided: torch.Tensor | None = None
-    error_cols: torch.Tensor | None = None  # the requested outputs' columns (the backward's uniqueness test)
 
 
 def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
@@ -209,7 +208,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     points = torch.where(certified | ~ok, 0, points + unverifiable(error, red).long() * UNVERIFIABLE)
     out = ConeSolution(xo, so, zo, status, iterations, residual, error, points, undecided=undecided_)
     if keep_state:
-        out.scaled, out.kkt, out.error_cols = d, kkt, error_cols
+        out.scaled, out.kkt = d, kkt
     return out
 
 

@@ -176,7 +176,7 @@ class ConvexLayer(nn.Module):
         if solver in ("auto", "batched") and not gp:
             try:
                 self._batched = BatchedProgram(problem, self.parameters_, self.variables_,
-                                               tol_accept=min(tol, 1e-8))
+                                               tol_accept=self.batched_tol)
             except UnsupportedProblem as err:
                 if solver == "batched" or self._qp_only:
                     raise (NotDPPError if self._qp_only else OptionError)(
@@ -194,7 +194,8 @@ class ConvexLayer(nn.Module):
 
     fallback = property(lambda self: self._backend.fallback, doc="The per-element fallback solver, or None.")
     adjoint = property(lambda self: self._backend.mode, doc="How per-element adjoint systems are solved.")
-    tol = property(lambda self: self._backend.tol, doc="Largest accepted KKT residual.")
+    tol = property(lambda self: self._backend.tol, doc="Largest accepted KKT residual (per element).")
+    batched_tol = property(lambda self: min(self.tol, 1e-8), doc="... and the batched path's.")
     refine = property(lambda self: self._backend.refine, doc="Newton polishing steps (per element).")
     workers = property(lambda self: self._backend.workers, doc="Per-element worker processes.")
     solver_args = property(lambda self: dict(self._backend.solver_args),
@@ -218,9 +219,8 @@ class ConvexLayer(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("_opinion", None)  # layers pickled before second opinions: built on need
-        state.setdefault("check", None)  # layers pickled before the check option
-        state.setdefault("_qp_only", False)
+        # Layers pickled before second opinions (built on need), the check option, QP-only problems:
+        state = {"_opinion": None, "check": None, "_qp_only": False} | state
         self.__dict__.update(state)
         self._local = threading.local()
         self._build_lock = threading.Lock()
@@ -244,9 +244,7 @@ class ConvexLayer(nn.Module):
         return self._layer
 
     def _use_batched(self, device: torch.device) -> bool:
-        if self._batched is None:
-            return False
-        return self.solver == "batched" or self._qp_only or self._batched.fits(device)
+        return self._batched is not None and (self.solver == "batched" or self._qp_only or self._batched.fits(device))
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
                            where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list, dict]:
@@ -273,7 +271,7 @@ class ConvexLayer(nn.Module):
                 if self._opinion is None:
                     try:
                         self._opinion = BatchedProgram(self.problem, self.parameters_, self.variables_,
-                                                       tol_accept=min(self.tol, 1e-8))
+                                                       tol_accept=self.batched_tol)
                     except UnsupportedProblem:
                         self._opinion = False
         return self._opinion if self._opinion and self._opinion.fits(device) else None

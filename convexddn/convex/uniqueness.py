@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .certify import DECIDED, soc_frame
+from .certify import decided, soc_frame
 
 __all__ = ["LIMIT_AMPLIFICATION", "limit_matrix", "limit_nonunique"]
 
@@ -39,8 +39,8 @@ LIMIT_AMPLIFICATION = 1e10
 
 def _present(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Whether a direction with slack part ``a`` and multiplier part ``b`` constrains the
-    limit system: all but those decided inactive (``b < DECIDED a``, H = ∞)."""
-    return ~(b.clamp_min(0) < DECIDED * a.clamp_min(0))
+    limit system: all but those decided inactive (H = ∞, :func:`~.certify.decided`)."""
+    return ~decided(a, b)[1]
 
 
 def _unit_rows(C: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

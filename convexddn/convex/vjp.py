@@ -50,7 +50,7 @@ __all__ = ["AMPLIFICATION", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "cone_v
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
-             tangent: tuple[torch.Tensor, torch.Tensor] | None = None):
+             tangent: tuple[torch.Tensor, torch.Tensor] | None = None, cols: torch.Tensor | None = None):
     """Vector–Jacobian product of a batched cone solve; see the module docstring.
 
     Args:
@@ -60,6 +60,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
             constraints; where the derivative along it grows by more than
             :data:`PROBE_GAIN` (a degenerate vertex: more active rows than the solution's
             dimension, moved apart), none exists.
+        cols: the requested outputs' columns of ``x`` (all by default), whose uniqueness
+            the limit test checks (the solve's ``error_cols``).
 
     Returns:
         ``(gP, gq, gA, gb, not_differentiable, nonunique)``: the gradients, exactly zero
@@ -112,7 +114,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     if suspect.numel():
         part = d.select(suspect)
         _, s_eq, z_eq = part.scale(*(v.index_select(0, suspect) for v in (sol.x, sol.s, sol.z)))
-        found = limit_nonunique(part, layout, s_eq, z_eq, rx.squeeze(-1).index_select(0, suspect), sol.error_cols)
+        found = limit_nonunique(part, layout, s_eq, z_eq, rx.squeeze(-1).index_select(0, suspect), cols)
         outputs, reached = (mask.index_copy(0, suspect, f) for mask, f in zip((outputs, reached), found))
     nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached)
     not_differentiable = ok[:, 0] & (sol.undecided | nonunique | vertex | outputs)
@@ -157,7 +159,8 @@ class _ConeSolve(torch.autograd.Function):
         with torch.inference_mode():
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
-        state = (sol, layout, options.get("refine", 1), tangent, where) if needs_grad else None
+        state = ((sol, layout, options.get("refine", 1), tangent, where, options.get("error_cols"))
+                 if needs_grad else None)
         return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error,
                                        sol.points)), state)
 
@@ -171,10 +174,10 @@ class _ConeSolve(torch.autograd.Function):
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
             return (None,) * 9
-        sol, layout, refine, tangent, where = ctx.state
+        sol, layout, refine, tangent, where, cols = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
-        gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent)
+        gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
         idx = torch.nonzero(flagged).squeeze(1).tolist()  # a host sync (and the limit test's gate one)
         if idx:  # (and one more for the message)
             n_zero = int(zeroed.sum())

@@ -28,20 +28,8 @@ from typing import Any
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .._checks import (
-    check_bool,
-    check_choice,
-    check_int,
-    check_positive,
-    check_tolerance,
-)
-from ..errors import (
-    GradientWarning,
-    InputError,
-    OptionError,
-    ProblemError,
-    SolverError,
-)
+from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
+from ..errors import GradientWarning, InputError, OptionError, ProblemError, SolverError
 from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
 from .graph import check_graph
 from .implicit import declarative_vjp
@@ -320,27 +308,16 @@ class DeclarativeNode(torch.nn.Module):
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
         self._read_state = frozenset(n for n, t in fixed.items() if id(t) in leaves)
-        unused = [i for i, (x, g) in enumerate(zip(xs, xg))
-                  if x.requires_grad and id(g) not in leaves]
-        if unused:
-            warnings.warn(
-                f"{name}: input(s) {unused} require grad but neither the objective nor the "
-                "constraints depend on them, so their gradient is zero; if solve uses "
-                "them as problem data, the objective must use them too (not detached)",
-                GradientWarning,
-                stacklevel=3,
-            )
+        unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
         idle = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in leaves]
-        if idle:
-            warnings.warn(
-                f"{name}: parameter(s) {idle} require grad but neither the objective nor the "
-                "constraints depend on them (through autograd), so this node gives them a zero "
-                "gradient; expected if solve uses them only to start its iterations, but if "
-                "they are problem data, the objective or constraints must use them (not "
-                ".item(), .detach() or numpy)",
-                GradientWarning,
-                stacklevel=3,
-            )
+        for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
+                                                            "them only to start its iterations; ")):
+            if which:
+                warnings.warn(
+                    f"{name}: {kind} {which} require grad but neither the objective nor the constraints "
+                    f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
+                    "solve uses them as problem data, the objective or constraints must use them too (not "
+                    ".item(), .detach() or numpy)", GradientWarning, stacklevel=3)
 
     def _vjp(self, xs, y, grad_y, params, batch_shape, state):
         wanted_params = tuple(params)

@@ -360,7 +360,7 @@ def test_tv_reads_the_host_once_per_step(host_reads, monkeypatch):
     # Each host read is a sync on CUDA: the active-set loop reads one pair of flags per
     # step (does a row finish, is one left). Before: two bool() reads per step plus three
     # boolean-mask stores per step in which rows finished (30 reads for 8 steps here).
-    import convexddn.nodes.total_variation as tv
+    import convexddn.nodes._tv_solver as tv  # where the active-set loop lives
 
     steps = []
     primal = tv._primal

@@ -1,0 +1,110 @@
+"""The active-set solver of 1-D total-variation denoising (:mod:`.total_variation`, whose
+docstring gives the method), batched over rows: the segments of equal values, their
+means, and the iterations on the dual's edge signs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import SolverError
+
+__all__ = ["_SAFE", "_counts", "_edge_terms", "_segment_ids", "_segment_mean", "_solve"]
+
+# The active-set parameter c: 1/4 = 1/λ_max(DDᵀ) (other values cycle, see .total_variation).
+_C = 0.25
+# Above this bound on the iterates (segment sums, cumsum of y − x) the row is rescaled.
+_SAFE = 2.0**1000
+
+
+
+def _segment_ids(sigma: torch.Tensor) -> torch.Tensor:
+    """Segment index of each of the n entries, from the n−1 jump signs (B, n−1)."""
+    # Counted in floating point (exact below 2**53): an int64 cumsum is several times
+    # slower on CPU.
+    jump = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1)
+    jump[:, 1:] = sigma.abs()
+    return jump.cumsum_(1).long()
+
+
+def _segment_mean(v: torch.Tensor, seg: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Replace every entry of v (B, n) by the mean of its segment."""
+    sums = torch.zeros_like(v).scatter_add_(1, seg, v)
+    return (sums / count).gather(1, seg)
+
+
+def _counts(seg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Segment lengths (1 where a segment id is unused, to keep the division finite).
+    return torch.zeros_like(like).scatter_add_(1, seg, torch.ones_like(like)).clamp_(min=1.0)
+
+
+def _edge_terms(sigma: torch.Tensor) -> torch.Tensor:
+    """t with t_i = σ_i − σ_{i−1} (σ_0 = σ_n = 0): y is the segment mean of x + λ t."""
+    t = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1)
+    t[:, :-1] = sigma
+    t[:, 1:] -= sigma
+    return t
+
+
+def _primal(x, lam, sigma):
+    seg = _segment_ids(sigma)
+    count = _counts(seg, x)
+    return _segment_mean(x + lam * _edge_terms(sigma), seg, count)
+
+
+def _solve(
+    x: torch.Tensor, lam: torch.Tensor, max_iter: int, amax: torch.Tensor,
+    scale: torch.Tensor | None, zero_lam: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, σ, tie) for x (B, n), λ (B, 1) ≥ 0, amax = max|x| per row; tie flags rows at a tie.
+
+    With ``scale`` (B, 1) powers of two: solves for (x·s, λ·s), y / s (exact: homogeneous).
+    ``zero_lam``: whether some λ is 0 (known from the caller's host read)."""
+    n = x.shape[1]
+    x0, lam0 = x, lam
+    if scale is not None:
+        x, lam, amax = x * scale, lam * scale, amax * scale
+    eps = torch.finfo(x.dtype).eps
+    # Rounding bound for z = cumsum(y − x) and for the jumps of y: n·ulp of the data.
+    tol = 4 * n * eps * (amax + lam)
+    dx = x[:, 1:] - x[:, :-1]
+    # dx against 4λ, not dx/4 against λ: dx/4 can underflow to 0 and hide a jump at λ = 0.
+    sigma = (dx > lam / _C).to(x.dtype) - (dx < -lam / _C).to(x.dtype)
+    y = torch.empty_like(x)
+    sig_out = torch.empty_like(sigma)
+    tie = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    todo = torch.ones_like(tie)
+    if x.shape[0] == 0 or n == 1:  # nothing to solve (and no step would ever report done)
+        return x0.clone(), sigma, tie
+    for _ in range(max_iter):
+        yk = _primal(x, lam, sigma)
+        mu = yk[:, 1:] - yk[:, :-1]
+        active = sigma != 0
+        z = torch.where(active, lam * sigma, torch.cumsum(yk - x, 1)[:, :-1])
+        # Optimality: free edges inside the box, jumps in the direction of their sign.
+        ok = torch.where(active, sigma * mu >= -tol, z.abs() <= lam + tol).all(1)
+        done = todo & ok
+        todo = todo & ~ok
+        # One host read per step (a boolean-mask index would be another sync on CUDA):
+        # does any row finish now, is any left?
+        any_done, any_left = torch.stack([done.any(), todo.any()]).tolist()
+        if any_done:
+            near = torch.where(active, mu.abs() <= tol, z.abs() >= lam - tol) & (lam > 0)
+            y = torch.where(done.unsqueeze(1), yk, y)
+            sig_out = torch.where(done.unsqueeze(1), sigma, sig_out)
+            tie = torch.where(done, near.any(1), tie)
+        if not any_left:
+            if scale is not None:
+                y = y / scale
+            # λ = 0 gives y = x exactly; the segment means of equal neighbours can round.
+            return (torch.where(lam0 == 0, x0, y) if zero_lam else y), sig_out, tie
+        v = z + _C * mu
+        new = (v > lam).to(x.dtype) - (v < -lam).to(x.dtype)
+        sigma = torch.where(todo.unsqueeze(1), new, sigma)
+    rows = todo.nonzero().flatten().tolist()
+    raise SolverError(
+        f"tv_denoise: the active-set method did not converge in max_iter={max_iter} "
+        f"steps for {len(rows)} row(s) (flattened batch indices {rows[:10]}); raise "
+        "max_iter",
+        indices=[(i,) for i in rows],
+        statuses=["max_iter"] * len(rows),
+    )
