@@ -28,6 +28,7 @@ from torch import nn
 
 from .._checks import check_bool, check_finite, check_number, check_tensor
 from ..errors import InputError, OptionError, ShapeError
+from ._repr import format_option
 from .least_squares import least_squares
 
 __all__ = ["linear_fit", "LinearFit", "LeastSquares", "WeightedLeastSquares"]
@@ -192,12 +193,7 @@ class LeastSquares(nn.Module):
         return linear_fit(x, target, None, self.ridge, self.bias)
 
     def extra_repr(self) -> str:
-        r = self.ridge
-        if isinstance(r, torch.Tensor):
-            shown = f"Tensor{tuple(r.shape)}" if r.numel() != 1 else f"{float(r.detach()):g}"
-        else:
-            shown = f"{r:g}"
-        return f"ridge={shown}, bias={self.bias}"
+        return f"ridge={format_option(self.ridge)}, bias={self.bias}"
 
 
 class WeightedLeastSquares(LeastSquares):

@@ -53,6 +53,7 @@ from ._pnp_geometry import (
     warn_hessian,
 )
 from ._pnp_solvers import from_starts, solve, warn_unfinished
+from ._repr import format_option
 from .dense import checked_solve
 from .pooling.penalties import Penalty
 
@@ -354,9 +355,6 @@ class PnP(nn.Module):
                    tol=self.tol, max_iter=self.max_iter)
 
     def extra_repr(self) -> str:
-        a = self.alpha
-        if isinstance(a, torch.Tensor):
-            a = f"Tensor{tuple(a.shape)}" if a.numel() != 1 else f"{float(a.detach()):g}"
-        parts = [f"penalty={self.penalty.name!r}", f"alpha={a}"]
+        parts = [f"penalty={self.penalty.name!r}", f"alpha={format_option(self.alpha)}"]
         parts += [f"{k}={v}" for k, v in (("tol", self.tol), ("max_iter", self.max_iter)) if v is not None]
         return ", ".join(parts)

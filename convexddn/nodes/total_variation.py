@@ -60,6 +60,7 @@ from torch import nn
 from .._autograd import bind_fast, first_order
 from .._checks import check_bool, check_finite, check_int, check_tensor, normalize_dims
 from ..errors import GradientWarning, InputError, OptionError, ShapeError
+from ._repr import format_option
 from ._tv_solver import _SAFE, _counts, _edge_terms, _segment_ids, _segment_mean, _solve
 
 __all__ = ["TotalVariation1d", "tv_denoise"]
@@ -302,6 +303,5 @@ class TotalVariation1d(nn.Module):
         return tv_denoise(x, self.lam, self.dim, max_iter=self.max_iter)
 
     def extra_repr(self) -> str:
-        lam = self.lam
-        shown = f"Tensor{tuple(lam.shape)}" if isinstance(lam, torch.Tensor) else f"{lam}"
-        return f"lam={shown}, learnable={self.learnable}, dim={self.dim}, max_iter={self.max_iter}"
+        return (f"lam={format_option(self.lam)}, learnable={self.learnable}, dim={self.dim}, "
+                f"max_iter={self.max_iter}")

@@ -56,6 +56,7 @@ from .._checks import (
     normalize_dims,
 )
 from ..errors import GradientWarning, OptionError, ShapeError, SolverError
+from ._repr import format_option
 from ._vector_pool_solvers import geometry, hess_solve, kappa, solve, unit
 from .pooling.penalties import Penalty
 
@@ -206,7 +207,9 @@ def robust_vector_pool(
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
-        penalty: a name in ``convexddn.nodes.pooling.PENALTIES`` or a ``Penalty`` whose
+        penalty: a name in ``convexddn.nodes.pooling.PENALTIES`` (or one of the DDN
+            reference's spellings, ``"pseudo-huber"``, ``"trunc-quad"``: see
+            ``convexddn.nodes.pooling.penalties.PENALTY_ALIASES``) or a ``Penalty`` whose
             :math:`\phi'(z)/z` is non-increasing. Default: ``"quadratic"``.
         alpha: scale > 0: a number, or a tensor broadcastable to the output shape
             without ``vector_dim``; may require grad. Default: 1.
@@ -341,10 +344,7 @@ class RobustVectorPool(nn.Module):
                                   tol=self.tol, max_iter=self.max_iter, starts=self.starts)
 
     def extra_repr(self) -> str:
-        a = self.alpha
-        if isinstance(a, torch.Tensor):
-            a = f"Tensor{tuple(a.shape)}" if a.numel() != 1 else f"{float(a.detach()):g}"
-        parts = [f"penalty={self.penalty.name!r}", f"alpha={a}", f"dim={self.dim}",
+        parts = [f"penalty={self.penalty.name!r}", f"alpha={format_option(self.alpha)}", f"dim={self.dim}",
                  f"vector_dim={self.vector_dim}"]
         extra = (("tol", self.tol), ("max_iter", self.max_iter), ("starts", self.starts))
         parts += [f"{k}={v}" for k, v in extra if v is not None]

@@ -147,6 +147,15 @@ def test_pnp_module():
     assert pnp(q[:0], p[:0]).shape == (0, 6)
 
 
+def test_pnp_module_repr_tensor_alpha():
+    """A tensor alpha shows its value (0-d), Parameter(value) (learnable) or its shape; a DDN
+    reference penalty name is shown by its canonical name."""
+    learned = PnP("huber", alpha=torch.nn.Parameter(torch.tensor(0.1, dtype=D)))
+    assert repr(learned) == "PnP(penalty='huber', alpha=Parameter(0.1))"
+    assert repr(PnP("huber", alpha=torch.ones(3))) == "PnP(penalty='huber', alpha=tensor of shape (3,))"
+    assert repr(PnP("pseudo-huber", alpha=torch.tensor(0.5))) == "PnP(penalty='pseudo_huber', alpha=0.5)"
+
+
 def test_pnp_empty_batch_backward():
     # The output of an empty batch stays in the graph: backward gives an empty gradient.
     q, p, _ = scene(9)

@@ -479,6 +479,55 @@ def test_robust_pool_module():
         RobustPool("huber", alpha=0.0)
 
 
+def test_robust_pool_module_repr_tensor_alpha():
+    """A tensor alpha shows its value (0-d), Parameter(value) (learnable) or its shape."""
+    shown = {
+        torch.tensor(2.0): "alpha=2.0,",
+        torch.tensor(0.1, dtype=torch.float32): "alpha=0.1,",
+        torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64)): "alpha=Parameter(0.5),",
+        torch.tensor([2.0]): "alpha=tensor([2.0]),",  # the DDN reference's torch.tensor([alpha])
+        torch.ones(4, 1): "alpha=tensor of shape (4, 1),",
+        torch.nn.Parameter(torch.ones(3)): "alpha=Parameter of shape (3,),",
+    }
+    for alpha, expected in shown.items():
+        text = repr(RobustPool("huber", alpha=alpha))
+        assert expected in text and "Tensor" not in text, text
+    assert repr(RobustPool("huber", alpha=1.5)) == "RobustPool(penalty='huber', alpha=1.5, dim=-1, keepdim=False)"
+
+
+# The DDN reference's spellings (ddn/basic/robust_nodes.py; ddn/pytorch's TruncatedQuadratic).
+DDN_NAMES = {"pseudo-huber": "pseudo_huber", "trunc-quad": "trunc_quad", "truncated-quadratic": "trunc_quad"}
+
+
+@pytest.mark.parametrize("alias", sorted(DDN_NAMES))
+def test_robust_pool_ddn_penalty_names(alias):
+    name = DDN_NAMES[alias]
+    assert Penalty.resolve(alias) is Penalty.resolve(name)
+    x = with_outliers(12, (4, 11))
+    alpha = torch.tensor([0.5, 1.0, 2.0, 1.0], dtype=torch.float64)
+    xa, aa = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+    xc, ac = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+    ya, yc = robust_pool(xa, alias, aa), robust_pool(xc, name, ac)
+    assert torch.equal(ya, yc)
+    ya.sum().backward()
+    yc.sum().backward()
+    assert torch.equal(xa.grad, xc.grad) and torch.equal(aa.grad, ac.grad)
+    pool = RobustPool(alias, alpha=0.7, dim=(0, 1))
+    assert torch.equal(pool(x), RobustPool(name, alpha=0.7, dim=(0, 1))(x))
+    assert f"penalty={name!r}" in repr(pool) and alias not in repr(pool)  # canonical name shown
+
+
+def test_robust_pool_ddn_penalty_names_invalid():
+    x = with_outliers(13, (2, 5))
+    for bad in ("pseudo huber", "trunc-quadratic", "hubber"):
+        for call, args in ((robust_pool, (x, bad)), (RobustPool, (bad,))):
+            with pytest.raises(OptionError) as err:
+                call(*args)
+            msg = str(err.value)
+            assert repr(bad) in msg and all(repr(name) in msg for name in PENALTIES)
+            assert "pseudo-huber" not in msg  # the error lists the canonical names
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -564,6 +613,15 @@ def test_robust_pool_layer_auto_is_native():
     assert not isinstance(layer, cddn.ConvexLayer)
     x = with_outliers(0, (3, 8))
     torch.testing.assert_close(layer(x), robust_pool(x, "huber", 0.5))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cvxpy"])
+def test_robust_pool_layer_takes_the_reference_spelling(backend):
+    """The registry problem and its native node take the DDN reference's "pseudo-huber"
+    as the node itself does (before: refused by both builders)."""
+    x = with_outliers(0, (3, 8))
+    layer = cddn.layer("robust_pool", n=8, penalty="pseudo-huber", alpha=0.5, backend=backend)
+    torch.testing.assert_close(layer(x), robust_pool(x, "pseudo_huber", 0.5), rtol=0, atol=1e-6)
 
 
 def test_robust_pool_welsch_no_warning_when_kept_start_converged():

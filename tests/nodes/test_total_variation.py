@@ -193,6 +193,17 @@ def test_tv_tie_warns():
 # --------------------------------------------------------------------------- module, errors
 
 
+def test_total_variation_module_repr_tensor_lam():
+    """A tensor lam shows its value (0-d), Parameter(value) (learnable) or its shape."""
+    tail = "dim=-1, max_iter=1000)"
+    assert repr(TotalVariation1d(lam=torch.tensor(0.25))) == f"TotalVariation1d(lam=0.25, learnable=False, {tail}"
+    assert repr(TotalVariation1d(lam=0.5, learnable=True)) == (
+        f"TotalVariation1d(lam=Parameter(0.5), learnable=True, {tail}")
+    assert repr(TotalVariation1d(lam=torch.ones(4, 1))) == (
+        f"TotalVariation1d(lam=tensor of shape (4, 1), learnable=False, {tail}")
+    assert repr(TotalVariation1d(lam=2.0)) == f"TotalVariation1d(lam=2.0, learnable=False, {tail}"
+
+
 def test_total_variation_module_learns_lambda():
     torch.manual_seed(0)
     tv = TotalVariation1d(lam=0.02, learnable=True)  # under-smoothing at first

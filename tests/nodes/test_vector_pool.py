@@ -228,11 +228,58 @@ def test_robust_vector_pool_nearly_singular_hessian_warns():
 def test_robust_vector_pool_module():
     alpha = torch.nn.Parameter(torch.tensor(1.0, dtype=D))
     m = RobustVectorPool("welsch", alpha, dim=(-2, -1), vector_dim=1, starts=4)
-    assert repr(m).startswith("RobustVectorPool(penalty='welsch', alpha=1, dim=(-2, -1), vector_dim=1")
+    assert repr(m).startswith("RobustVectorPool(penalty='welsch', alpha=Parameter(1.0), dim=(-2, -1), vector_dim=1")
     x = torch.randn(2, 3, 4, 4, dtype=D)
     m(x).sum().backward()
     assert alpha.grad is not None and torch.isfinite(alpha.grad)
     assert "alpha" in dict(RobustVectorPool("huber", torch.tensor(2.0)).named_buffers())
+
+
+def test_robust_vector_pool_module_repr_tensor_alpha():
+    """A tensor alpha shows its value (0-d), Parameter(value) (learnable) or its shape."""
+    shown = {
+        torch.tensor(2.0): "alpha=2.0,",
+        torch.nn.Parameter(torch.tensor(0.25, dtype=D)): "alpha=Parameter(0.25),",
+        torch.tensor([2.0]): "alpha=tensor([2.0]),",
+        torch.ones(2, 5): "alpha=tensor of shape (2, 5),",
+    }
+    for alpha, expected in shown.items():
+        text = repr(RobustVectorPool("huber", alpha))
+        assert expected in text and "Tensor" not in text, text
+    assert repr(RobustVectorPool("huber", 0.5, starts=3)) == (
+        "RobustVectorPool(penalty='huber', alpha=0.5, dim=-1, vector_dim=-2, starts=3)")
+
+
+# The DDN reference's spellings (ddn/basic/robust_nodes.py; ddn/pytorch's TruncatedQuadratic).
+DDN_NAMES = {"pseudo-huber": "pseudo_huber", "trunc-quad": "trunc_quad", "truncated-quadratic": "trunc_quad"}
+
+
+@pytest.mark.parametrize("alias", sorted(DDN_NAMES))
+def test_robust_vector_pool_ddn_penalty_names(alias):
+    name = DDN_NAMES[alias]
+    x = clustered(21)
+    alpha = torch.tensor([0.5, 1.0, 2.0], dtype=D)
+    xa, aa = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+    xc, ac = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+    ya, yc = robust_vector_pool(xa, alias, aa, starts=4), robust_vector_pool(xc, name, ac, starts=4)
+    assert torch.equal(ya, yc)
+    ya.sum().backward()
+    yc.sum().backward()
+    assert torch.equal(xa.grad, xc.grad) and torch.equal(aa.grad, ac.grad)
+    pool = RobustVectorPool(alias, 0.7, starts=4)
+    assert torch.equal(pool(x), RobustVectorPool(name, 0.7, starts=4)(x))
+    assert f"penalty={name!r}" in repr(pool) and alias not in repr(pool)  # canonical name shown
+
+
+def test_robust_vector_pool_ddn_penalty_names_invalid():
+    x = clustered(22)
+    for bad in ("pseudo huber", "trunc-quadratic", "cauchy"):
+        for call, args in ((robust_vector_pool, (x, bad)), (RobustVectorPool, (bad,))):
+            with pytest.raises(OptionError) as err:
+                call(*args)
+            msg = str(err.value)
+            assert repr(bad) in msg and all(repr(name) in msg for name in NAMES)
+            assert "pseudo-huber" not in msg  # the error lists the canonical names
 
 
 def test_robust_vector_pool_not_converged_warns():

@@ -10,6 +10,7 @@ from .node import RobustPool, robust_pool
 from .penalties import (
     CONVEX_PENALTIES,
     PENALTIES,
+    PENALTY_ALIASES,
     Huber,
     Penalty,
     PseudoHuber,
@@ -21,6 +22,7 @@ from .penalties import (
 __all__ = [
     "CONVEX_PENALTIES",
     "PENALTIES",
+    "PENALTY_ALIASES",
     "Huber",
     "Penalty",
     "PseudoHuber",

@@ -39,6 +39,7 @@ from ..._checks import (
     normalize_dims,
 )
 from ...errors import GradientWarning, OptionError, ShapeError
+from .._repr import format_option
 from .kernels import compile_available, pool_backward
 from .penalties import Penalty
 
@@ -196,7 +197,9 @@ def robust_pool(
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
-        penalty: one of :data:`PENALTIES` or a :class:`Penalty`. Default ``"quadratic"``.
+        penalty: one of :data:`PENALTIES` (or the DDN reference's spellings in
+            :data:`PENALTY_ALIASES`, e.g. ``"pseudo-huber"``) or a :class:`Penalty`.
+            Default ``"quadratic"``.
         alpha: penalty scale > 0: a number, or a tensor broadcastable to the output shape
             (as without ``keepdim``); it may require grad. Default ``1.0``.
         dim: the dimension, or tuple of dimensions, pooled over. Default ``-1``.
@@ -299,7 +302,8 @@ class RobustPool(nn.Module):
         y = \\operatorname*{argmin}_{u} \\sum_{i} \\phi(u - x_i; \\alpha)
 
     Args:
-        penalty: one of :data:`PENALTIES` or a :class:`Penalty`. Default ``"quadratic"``.
+        penalty: one of :data:`PENALTIES` (or :data:`PENALTY_ALIASES`) or a
+            :class:`Penalty`. Default ``"quadratic"``.
         alpha: penalty scale > 0, a number or a tensor broadcastable to the output shape
             (an :class:`~torch.nn.Parameter` makes it learnable). Default ``1.0``.
         dim: dimension or tuple of dimensions pooled over. Default ``-1``.
@@ -367,10 +371,8 @@ class RobustPool(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        alpha = self.alpha
-        if isinstance(alpha, torch.Tensor):
-            alpha = f"Tensor{tuple(alpha.shape)}" if alpha.numel() != 1 else f"{float(alpha.detach()):g}"
-        parts = [f"penalty={self.penalty.name!r}", f"alpha={alpha}", f"dim={self.dim}", f"keepdim={self.keepdim}"]
+        parts = [f"penalty={self.penalty.name!r}", f"alpha={format_option(self.alpha)}", f"dim={self.dim}",
+                 f"keepdim={self.keepdim}"]
         if self.tol is not None:
             parts.append(f"tol={self.tol:g}")
         if self.max_iter is not None:

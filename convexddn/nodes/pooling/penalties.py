@@ -28,6 +28,8 @@ from __future__ import annotations
 import abc
 import functools
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +42,7 @@ from ...errors import NonconvexError, OptionError
 __all__ = [
     "CONVEX_PENALTIES",
     "PENALTIES",
+    "PENALTY_ALIASES",
     "Huber",
     "Penalty",
     "PseudoHuber",
@@ -96,7 +99,8 @@ class Penalty(abc.ABC):
     All methods are elementwise on tensors ``z`` (residuals ``u - x``) and ``alpha``
     (a tensor broadcastable against ``z``).
 
-    Resolve a name with :meth:`Penalty.resolve`; the valid names are :data:`PENALTIES`.
+    Resolve a name with :meth:`Penalty.resolve`; the valid names are :data:`PENALTIES`
+    (and the DDN reference's spellings in :data:`PENALTY_ALIASES`).
     """
 
     name: ClassVar[str]
@@ -252,7 +256,8 @@ class Penalty(abc.ABC):
 
     @staticmethod
     def resolve(penalty: str | Penalty) -> Penalty:
-        """Return the :class:`Penalty` for a name in :data:`PENALTIES` (or the instance itself).
+        """Return the :class:`Penalty` for a name in :data:`PENALTIES` or
+        :data:`PENALTY_ALIASES` (or the instance itself).
 
         Raises:
             OptionError: ``penalty`` is neither a valid name nor a :class:`Penalty`.
@@ -274,8 +279,9 @@ class Penalty(abc.ABC):
             raise OptionError(
                 f"penalty must be one of {list(PENALTIES)} or a Penalty, got {penalty!r}"
             )
-        check_choice("penalty", penalty, PENALTIES)
-        return _BUILTIN[penalty]
+        name = PENALTY_ALIASES.get(penalty, penalty)
+        check_choice("penalty", name, PENALTIES)  # lists the canonical names only
+        return _BUILTIN[name]
 
 
 # The built-ins subclass Penalty (defined above): imported here, at the bottom.
@@ -289,3 +295,12 @@ _BUILTIN: dict[str, Penalty] = {
 PENALTIES: tuple[str, ...] = tuple(_BUILTIN)
 #: The convex ones: those the registry's CVXPY ``robust_pool`` problem accepts.
 CONVEX_PENALTIES: tuple[str, ...] = tuple(p for p in PENALTIES if _BUILTIN[p].convex)
+#: The DDN reference's spellings (``ddn/basic/robust_nodes.py``: ``"pseudo-huber"``,
+#: ``"trunc-quad"``; ``ddn/pytorch``'s ``TruncatedQuadratic``) -> the name in
+#: :data:`PENALTIES`. :meth:`Penalty.resolve` accepts them; reprs and errors show the
+#: canonical names.
+PENALTY_ALIASES: Mapping[str, str] = MappingProxyType({
+    "pseudo-huber": "pseudo_huber",
+    "trunc-quad": "trunc_quad",
+    "truncated-quadratic": "trunc_quad",
+})
