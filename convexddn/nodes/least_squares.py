@@ -39,11 +39,13 @@ import torch
 from .._autograd import bind_fast, first_order
 from .._checks import check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
+from ._overflow import warn_gradient_overflow
 
 __all__ = ["least_squares"]
 
 _WORK = torch.float64
 _MAX_INDICES_SHOWN = 8
+_NAMES = ("A", "b", "weights", "ridge")
 
 
 # --------------------------------------------------------------------------- node
@@ -144,6 +146,11 @@ class _LeastSquaresFunction(torch.autograd.Function):
         for i, t in enumerate((A, b, w, ridge)):
             if grads[i] is not None:
                 grads[i] = grads[i].sum_to_size(t.shape).to(ctx.dtypes[i])
+        # Finite inputs (checked in the forward) and a finite g give Inf only where the
+        # gradient exceeds its dtype (float32 A ~ 1e-20: dA ~ 1e40). Laid out as
+        # (*, rows, cols) so that the batch elements line up with g's.
+        vec = [None if t is None else t.unsqueeze(-1) for t in grads[2:4]]
+        warn_gradient_overflow("least_squares", g, list(zip(_NAMES, grads[:2] + vec)), (-2, -1))
         return tuple(grads)
 
 
@@ -250,6 +257,11 @@ def least_squares(
         SolverError: :math:`A^\top W A + \operatorname{diag}\rho` is singular to
             float64 precision for some batch elements (named in the message and in
             ``indices``); pass ``ridge > 0``.
+
+    Warns:
+        GradientWarning: in backward, a gradient that holds Inf or NaN although the
+            inputs and the incoming gradient are finite (it exceeds the dtype's range,
+            e.g. float32 ``A`` of magnitude 1e-20); the message names the batch elements.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.

@@ -6,10 +6,20 @@ finite differences (gradcheck).
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from convexddn.errors import DTypeError, InputError, NonFiniteError, OptionError, ShapeError, SolverError
+from convexddn.errors import (
+    DTypeError,
+    GradientWarning,
+    InputError,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+    SolverError,
+)
 from convexddn.nodes.least_squares import least_squares
 from convexddn.nodes.linear_fit import LeastSquares, LinearFit, WeightedLeastSquares, linear_fit
 
@@ -366,3 +376,64 @@ def test_rank_test_is_invariant_to_column_scale():
     A = torch.cat([A, 1e15 * A[..., :1]], -1)  # column 2 = 1e15 × column 0
     with pytest.raises(SolverError, match="rank deficient"):
         least_squares(A, torch.randn(3, 10, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- gradient range
+
+
+def _tiny_float32(batch=4, seed=0):
+    """float32 A ~ 1e-20: x ~ 1e20 and H⁻¹ ~ 1e40, so dA ~ 1e40, beyond float32's 3.4e38."""
+    A = (rand(batch, 10, 3, seed=seed) * 1e-20).float().requires_grad_(True)
+    b = rand(batch, 10, seed=seed + 1).float().requires_grad_(True)
+    return A, b
+
+
+@pytest.mark.parametrize("extra", ["none", "weights", "ridge"])
+def test_least_squares_grad_overflow_warns(extra):
+    """Finite inputs, finite forward, finite incoming gradient: the gradient holds Inf
+    because the true one exceeds float32's range; that is said, never silent."""
+    A, b = _tiny_float32()
+    kwargs = {}
+    if extra == "weights":
+        kwargs["weights"] = torch.rand(4, 10, generator=torch.Generator().manual_seed(2)) + 0.5
+    if extra == "ridge":  # dρ = -v∘x ~ 1e40·1e20: only the ridge's gradient overflows
+        A = (rand(4, 10, 3) * 1e-15).float().requires_grad_(True)
+        kwargs["ridge"] = torch.full((4, 1), 1e-30, requires_grad=True)
+    x = least_squares(A, b, **kwargs)
+    assert torch.isfinite(x).all()
+    inputs = [A, b] + ([kwargs["ridge"]] if extra == "ridge" else [])
+    with pytest.warns(GradientWarning, match=r"exceeds the range of torch.float32.*float64"):
+        grads = torch.autograd.grad(x.sum(), inputs)
+    assert not all(torch.isfinite(g).all() for g in grads)  # the case is the one described
+
+
+def test_least_squares_grad_overflow_names_batch_elements():
+    """Only element 2 has a tiny A; elements 0, 1, 3 are ordinary."""
+    A = rand(4, 10, 3).float()
+    A[2] *= 1e-20
+    A.requires_grad_(True)
+    b = rand(4, 10, seed=1).float()
+    x = least_squares(A, b)
+    with pytest.warns(GradientWarning, match=r"respect to A at 1 of 4 batch element\(s\) \(flat indices \[2\]\)"):
+        torch.autograd.grad(x.sum(), A)
+
+
+def test_least_squares_grad_overflow_skips_elements_with_non_finite_incoming_gradient():
+    """A NaN coming in at element 1 is the caller's, not an overflow: it is left out."""
+    A, b = _tiny_float32()
+    x = least_squares(A, b)
+    g = torch.ones_like(x)
+    g[1, 0] = float("nan")
+    with pytest.warns(GradientWarning, match=r"3 of 4 batch element\(s\) \(flat indices \[0, 2, 3\]\)"):
+        torch.autograd.grad(x, A, g)
+
+
+def test_least_squares_grad_float32_silent():
+    """An ordinary float32 problem (weights and a tensor ridge too): no warning."""
+    A, b = rand(4, 10, 3).float().requires_grad_(True), rand(4, 10, seed=1).float().requires_grad_(True)
+    w = (torch.rand(4, 10) + 0.5).requires_grad_(True)
+    rho = torch.full((4, 1), 0.1, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = torch.autograd.grad(least_squares(A, b, w, rho).sum(), [A, b, w, rho])
+    assert all(torch.isfinite(g).all() for g in grads)

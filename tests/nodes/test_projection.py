@@ -417,7 +417,7 @@ def test_lp_projection_module():
     )
     x = _x(4, 3, seed=27)
     assert torch.equal(proj(x), project_lp(x, math.inf, "sphere", 2.0, dim=0))
-    assert "radius=Tensor(3,)" in repr(LpProjection(radius=torch.ones(3)))
+    assert "radius=tensor of shape (3,)" in repr(LpProjection(radius=torch.ones(3)))
     assert repr(SimplexProjection(dim=1)) == "SimplexProjection(dim=1, z=1.0)"
 
 
@@ -800,7 +800,7 @@ def test_project_simplex_radius_grad():
 def test_simplex_projection_module_radius():
     proj = SimplexProjection(z=nn.Parameter(torch.tensor(2.0, dtype=F64)))
     assert [n for n, _ in proj.named_parameters()] == ["z"]
-    assert repr(proj) == "SimplexProjection(dim=-1, z=Tensor())"
+    assert repr(proj) == "SimplexProjection(dim=-1, z=Parameter(2.0))"
     x = _x(3, 5, seed=43)
     proj(x).sum().backward()
     # Σy = z per row, so d/dz Σ_rows Σy = 3.
@@ -878,3 +878,81 @@ def test_l1_ball_keeps_tiny_rows_inside_a_huge_radius():
     x[0, :4] = torch.tensor([1.1258e-40, -3e-45, 0.0, 2e-39])
     y = project_lp(x, 1, "ball", 3e38)
     assert torch.equal(y, x)
+
+
+# --------------------------------------------------------------------------- gradient range
+
+F32_BIG = 3e38  # near float32's largest, 3.4e38
+
+
+def _one_hot_rows(n_rows: int = 3, n: int = 5) -> torch.Tensor:
+    x = torch.zeros(n_rows, n)
+    x[:, 0] = 1.0
+    return x
+
+
+def test_project_l2_sphere_grad_overflow_float32_warns():
+    """r = 3e38, ‖x‖ = 1: Dy = 3e38·(I − ûûᵀ), so an incoming 2 gives 6e38 > float32's
+    range. r/‖x‖ itself is finite (the existing overflow warning does not apply)."""
+    x = _one_hot_rows().requires_grad_(True)
+    y = project_lp(x, 2, "sphere", F32_BIG)
+    with pytest.warns(GradientWarning, match=r"3 of 3 batch element.*exceeds the range of torch.float32.*float64"):
+        (grad,) = torch.autograd.grad(y, x, torch.full_like(y, 2.0))
+    assert not torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_project_l2_sphere_grad_overflow_names_rows(dim):
+    """Row 1 has ‖x‖ = 100 (gradient 6e36, finite); rows 0 and 2 overflow."""
+    x = _one_hot_rows()
+    x[1, 1] = 100.0
+    x = (x if dim == -1 else x.T.contiguous()).requires_grad_(True)
+    y = project_lp(x, 2, "sphere", F32_BIG, dim=dim)
+    with pytest.warns(GradientWarning, match=r"x at 2 of 3 batch element\(s\) \(flat indices \[0, 2\]\)"):
+        torch.autograd.grad(y, x, torch.full_like(y, 2.0))
+
+
+BRANCHES = [(p, mode) for p in (1, 2, "inf") for mode in MODES] + [("simplex", None)]
+
+
+def _project(p, mode, x, r):
+    return project_simplex(x, z=r) if p == "simplex" else project_lp(x, p, mode, r)
+
+
+@pytest.mark.parametrize("p,mode", BRANCHES)
+def test_projection_grad_overflow_warns(p, mode):
+    """An incoming gradient of 3e38 everywhere: the sums in the gradients (with respect to
+    x, and for L∞ with respect to the radius) overflow float32 for rows outside the ball;
+    a warning says so."""
+    x = (torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_(True)
+    r = torch.full((3,), 0.5, requires_grad=True)
+    y = _project(p, mode, x, r)
+    with pytest.warns(GradientWarning, match=r"exceeds the range of torch.float32"):
+        grads = torch.autograd.grad(y, [x, r], torch.full_like(y, F32_BIG))
+    assert not all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_project_lp_ball_inside_grad_near_float_max(p):
+    """Inside the ball Dy = I, so the gradient is the incoming one, however large: the
+    outside-only term sᵀv (overflowing to Inf here) was masked by a product, Inf·0 = NaN."""
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    x = (0.9 * x / _norm(x, p).unsqueeze(-1)).requires_grad_(True)
+    v = F32_BIG * x.detach().sign()
+    y = project_lp(x, p, "ball", 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (grad,) = torch.autograd.grad(y, x, v)
+    assert torch.equal(grad, v)
+
+
+@pytest.mark.parametrize("p,mode", BRANCHES)
+def test_projection_grad_float32_silent(p, mode):
+    """Ordinary float32 rows, inside and outside the ball, radius requiring grad: no warning."""
+    x = (3 * torch.randn(4, 6, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    r = torch.tensor([0.5, 1.0, 20.0, 50.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = _project(p, mode, x, r)
+        grads = torch.autograd.grad(y, [x, r], torch.randn_like(y))
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -16,6 +16,7 @@ import torch
 from ..._autograd import bind_fast, first_order
 from ..._checks import check_finite
 from ...errors import ConvexDDNWarning, GradientWarning
+from .._overflow import warn_gradient_overflow
 
 
 def _along(values: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
@@ -168,13 +169,18 @@ class L2ProjectionFn(torch.autograd.Function):
         u = _unit(y, r, ctx.d)
         coef = (u * grad_y).sum(ctx.d, keepdim=True)
         if not ctx.sphere:
-            coef = coef * (scale < 1)
+            # A select, not a product with the mask: ûᵀv may overflow (v near the
+            # largest float), and Inf·0 made the inside gradient v NaN.
+            coef = torch.where(scale < 1, coef, torch.zeros_like(coef))
         grad_x = grad_r = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.addcmul(grad_y, u, coef, value=-1.0).mul_(scale)
         if ctx.needs_input_grad[1]:
             # dy/dr = û outside the ball (zero inside): ûᵀv.
             grad_r = _sum_to(coef, r_t)
+        if not ctx.overflow:  # else said above; here r/‖x‖ is finite, (r/‖x‖)·v may not be
+            warn_gradient_overflow("project_lp(p=2)", grad_y, [("x", grad_x), ("radius", grad_r)],
+                                   (ctx.d - y.ndim,))
         return grad_x, grad_r, None, None
 
 
@@ -234,5 +240,7 @@ class LinfProjectionFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             pinned_grad = (y.sign() * grad_y).mul_(1.0 - free)
             grad_r = _sum_to(pinned_grad.sum(ctx.d, keepdim=True), r_t)
+            # grad_x is v or 0; only the sums for r can overflow (v near the largest float).
+            warn_gradient_overflow("project_lp(p=inf)", grad_y, [("radius", grad_r)], (ctx.d - y.ndim,))
         return grad_x, grad_r, None, None
 

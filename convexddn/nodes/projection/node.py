@@ -35,6 +35,7 @@ from ..._checks import (
 )
 from ..._autograd import may_carry_tangents
 from ...errors import ShapeError
+from .._repr import format_option
 from .kernels import L2ProjectionFn, LinfProjectionFn, l2_forward, linf_forward, needs_graph
 from .simplex import L1ProjectionFn, SimplexProjectionFn, l1_forward, simplex_forward
 
@@ -177,8 +178,11 @@ def project_lp(
 
     Warns:
         ConvexDDNWarning: a sphere projection rounded to zero (radius below the dtype's
-            range). GradientWarning: in backward, a ``p=2`` gradient that overflows, or
-            ``p=2`` sphere rows at ``x = 0`` (no derivative; zero gradient).
+            range). GradientWarning: in backward, a gradient that overflows the dtype
+            (Inf or NaN from finite inputs and incoming gradient: ``r/‖x‖`` beyond the
+            largest float, float32 ``r = 3e38``, an incoming gradient near the largest
+            float), naming the rows; or ``p=2`` sphere rows at ``x = 0`` (no derivative;
+            zero gradient).
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021 (§5.2, Table 2).
@@ -238,6 +242,10 @@ def project_simplex(
         ShapeError: ``dim`` is out of range, ``x`` is empty along ``dim``, or ``z``
             does not broadcast to the batch shape.
         OptionError: ``dim`` is not an int, ``z`` ≤ 0 or not a number.
+
+    Warns:
+        GradientWarning: in backward, a gradient that overflows the dtype (Inf or NaN
+            from finite inputs and incoming gradient), naming the rows.
 
     References:
         Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.
@@ -314,11 +322,7 @@ class LpProjection(nn.Module):
         return project_lp(x, self.p, self.mode, self.radius, self.dim)
 
     def extra_repr(self) -> str:
-        r = self.radius
-        shown = f"Tensor{tuple(r.shape)}" if isinstance(r, torch.Tensor) else f"{r}"
-        return (
-            f"p={_p_repr(self.p)}, mode={self.mode!r}, radius={shown}, dim={self.dim}"
-        )
+        return f"p={_p_repr(self.p)}, mode={self.mode!r}, radius={format_option(self.radius)}, dim={self.dim}"
 
 
 class SimplexProjection(nn.Module):
@@ -358,6 +362,4 @@ class SimplexProjection(nn.Module):
         return project_simplex(x, self.dim, self.z)
 
     def extra_repr(self) -> str:
-        z = self.z
-        shown = f"Tensor{tuple(z.shape)}" if isinstance(z, torch.Tensor) else f"{z}"
-        return f"dim={self.dim}, z={shown}"
+        return f"dim={self.dim}, z={format_option(self.z)}"

@@ -15,6 +15,7 @@ import torch
 
 from ..._autograd import bind_fast, first_order, first_order_jvp
 from ..._checks import check_finite
+from .._overflow import warn_gradient_overflow
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
 __all__ = ["L1ProjectionFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
@@ -150,7 +151,10 @@ class L1ProjectionFn(torch.autograd.Function):
         s = y.sign()
         m = s.abs()
         k = m.sum(d, keepdim=True).clamp_(min=1.0)
-        coef = (s * grad_y).sum(d, keepdim=True) / k * active
+        # A select, not a product with the mask: sᵀv may overflow (v near the largest
+        # float), and Inf·0 made the inside gradient v NaN.
+        coef = (s * grad_y).sum(d, keepdim=True) / k
+        coef = torch.where(active, coef, torch.zeros_like(coef))
         grad_x = grad_r = None
         if ctx.needs_input_grad[0]:
             # Pass-through mask: the support on active rows, everything on inactive ones.
@@ -159,6 +163,7 @@ class L1ProjectionFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # dθ/dr = −1/|S|, so dy/dr = s/|S| on the support: sᵀv / |S|.
             grad_r = _sum_to(coef, r_t)
+        warn_gradient_overflow("project_lp(p=1)", grad_y, [("x", grad_x), ("radius", grad_r)], (d - y.ndim,))
         return grad_x, grad_r, None, None
 
 
@@ -223,4 +228,6 @@ class SimplexProjectionFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # τ = (Σ_S x − z)/|S|, so dy/dz = m/|S|: the support mean of v.
             grad_z = _sum_to(mean, z_t)
+        warn_gradient_overflow("project_simplex", grad_y, [("x", grad_x), ("z", grad_z)],
+                               (ctx.d - y.ndim,))
         return grad_x, grad_z, None
