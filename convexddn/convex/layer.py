@@ -35,7 +35,7 @@ from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved,
                      refuse_unverifiable, status_kind, unravel)
-from .validation import check_values, solver_choice, validate_problem, validate_solver_args
+from .validation import check_values, solver_choice, uncached, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
 
@@ -108,7 +108,7 @@ class ConvexLayer(nn.Module):
     Raises:
         ProblemError, NotDPPError: at construction, for a problem that is not convex
             (DCP/DGP), not DPP, has no parameters or integer variables, or whose
-            parameters/variables do not match.
+            parameters/variables do not match it (or have no entries: zero size).
         OptionError: an invalid option, or unknown ``solver_args`` keys.
         DTypeError: a non-tensor or non-floating tensor.
         ShapeError: wrong number of tensors or names, wrong trailing shape, batch
@@ -175,7 +175,7 @@ class ConvexLayer(nn.Module):
         self._batched: BatchedProgram | None = None
         if solver in ("auto", "batched") and not gp:
             try:
-                self._batched = BatchedProgram(problem, self.parameters_, self.variables_,
+                self._batched = BatchedProgram(uncached(problem), self.parameters_, self.variables_,
                                                tol_accept=self.batched_tol)
             except UnsupportedProblem as err:
                 if solver == "batched" or self._qp_only:
@@ -240,7 +240,8 @@ class ConvexLayer(nn.Module):
     def _per_element_layer(self) -> CvxpyLayer:
         """cvxpylayers' canonicalisation with our checked per-element solver (built once)."""
         if self._layer is None:
-            self._layer = per_element_layer(self.problem, self.parameters_, self.variables_, self._backend, self.gp)
+            self._layer = per_element_layer(uncached(self.problem), self.parameters_, self.variables_,
+                                            self._backend, self.gp)
         return self._layer
 
     def _use_batched(self, device: torch.device) -> bool:
@@ -270,7 +271,7 @@ class ConvexLayer(nn.Module):
             with self._build_lock:
                 if self._opinion is None:
                     try:
-                        self._opinion = BatchedProgram(self.problem, self.parameters_, self.variables_,
+                        self._opinion = BatchedProgram(uncached(self.problem), self.parameters_, self.variables_,
                                                        tol_accept=self.batched_tol)
                     except UnsupportedProblem:
                         self._opinion = False

@@ -1,8 +1,10 @@
 """Checks that ConvexLayer runs before it solves: the problem, the solver options, the tensors.
 
 - :func:`validate_problem`: a DCP (or, with ``gp=True``, DGP) and DPP problem, with
-  real parameters (not ``complex=True`` or ``hermitian=True``), no integer variables, and
-  parameter/variable lists that match it (a wrong entry named by its index);
+  real parameters (not ``complex=True`` or ``hermitian=True``) that have entries, no
+  integer variables, and parameter/variable lists that match it (a wrong entry named by
+  its index);
+- :func:`uncached`: the problem, ready to be compiled again by another layer;
 - solver options: :mod:`.solver_args` (re-exported here);
 - :func:`check_parameter_attributes`: tensors that honour what each ``cp.Parameter``
   declares (``nonneg``, ``pos``, ``symmetric``, ``PSD`` …), checked on the tensors'
@@ -25,7 +27,7 @@ from ..errors import InputError, NotDPPError, ProblemError, ShapeError
 from .solver_args import solver_choice, validate_solver_args
 
 __all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
-           "check_parameter_attributes", "check_values"]
+           "check_parameter_attributes", "check_values", "uncached"]
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
     """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can
@@ -114,6 +116,13 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
         # error, or (hermitian, default solver) returned a wrong answer. imag=True
         # parameters take real tensors (the imaginary part) and do work.
         what = f"parameters[{i}] ({p.name()}, shape {tuple(p.shape)})"
+        if p.size == 0:
+            # CVXPY leaves a parameter without entries out of the compiled problem, and
+            # cvxpylayers then failed with its bare KeyError (the parameter's id).
+            raise ProblemError(
+                f"{what} has no entries (zero size): CVXPY leaves such a parameter out of the compiled "
+                "problem, so no tensor can reach it (and it carries no data); remove it from the problem "
+                "(with the terms or constraints it appears in), or give it at least one entry")
         if p.attributes.get("complex"):
             raise ProblemError(
                 f"{what} is declared complex=True: ConvexLayer takes real parameters only (real tensors; "
@@ -132,10 +141,14 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
     # Constraint duals may be returned too (cvxpylayers' "dual variables" pattern).
     known = {v.id for v in problem.variables()}
     known |= {d.id for c in problem.constraints for d in c.dual_variables}
-    for v in variables:
+    for i, v in enumerate(variables):
         if v.id not in known:
             raise ProblemError(f"variable {v.name()} is neither a variable of the problem nor "
                                "the dual variable of one of its constraints")
+        if v.size == 0:  # (as a zero-size parameter: cvxpylayers' bare KeyError)
+            raise ProblemError(
+                f"variables[{i}] ({v.name()}, shape {tuple(v.shape)}) has no entries (zero size): CVXPY "
+                "leaves it out of the compiled problem, so the layer cannot return it; drop it from variables")
         # Stored sparsely (diag=True, a sparsity pattern), a variable has fewer entries
         # than its shape: unpacking it into the output failed with a raw torch error.
         if v.attributes.get("diag") or v.attributes.get("sparsity"):
@@ -143,6 +156,24 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
                 f"variable {v.name()} is declared diag=True or with a sparsity pattern, which the layer "
                 "cannot return; return a vector variable d used as cp.diag(d) (or a dense matrix) instead")
     return not gp and not dpp
+
+
+def uncached(problem: cp.Problem) -> cp.Problem:
+    """``problem``, with CVXPY's cached compilation dropped where compiling it again would fail.
+
+    CVXPY (1.9) keeps a problem's last compilation and, asked for the same solver again,
+    refills the parameters it split from their values: an ``imag=True`` parameter
+    without a value (layers compile without values) then fails with "Invalid dimensions
+    () for Parameter value". So a second layer on one problem (a second ConvexLayer, a
+    ``CvxpyLayer`` call with another ``solve_method``) failed at construction on the
+    per-element solvers, and under ``solver="auto"`` lost its batched solver. Every
+    layer compiles through this; layers built before keep their own copy of the data.
+    """
+    cache = getattr(problem, "_cache", None)
+    if getattr(cache, "param_prog", None) is not None and any(
+            p.is_complex() and p.value is None for p in problem.parameters()):
+        cache.invalidate()
+    return problem
 
 
 def _describe(obj: Any) -> str:

@@ -491,3 +491,36 @@ def test_cvxpy_layer_takes_diffcp_time_limit_raise_on_error_and_warm_starts():
         CvxpyLayer(problem, [A, b], [x])(At, bt, solver_args={"raise_on_error": False, "warm_starts": None})
     for key in ("raise_on_error", "warm_starts"):
         assert key in IGNORED_SOLVER_ARGS
+
+
+def test_cvxpy_layer_zero_size_parameter_invalid():
+    """A zero-size parameter was refused with cvxpylayers' bare 'KeyError: 3' (cvxpylayers
+    itself raises that KeyError), naming no parameter."""
+    q, y = cp.Parameter(2, name="q"), cp.Variable(2)
+    G, h = cp.Parameter((0, 2), name="G"), cp.Parameter(0, name="h")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y) + q @ y), [G @ y <= h])
+    for solver in (None, "SCS"):
+        with pytest.raises(ProblemError, match=r"parameters\[1\] \(G, shape \(0, 2\)\) has no entries \(zero size\)"):
+            CvxpyLayer(prob, [q, G, h], [y], solver=solver)
+
+
+def test_cvxpy_layer_complex_parameter_scs_invalid_imag_works():
+    """complex=True is refused at construction whatever the solver (SCS included), naming
+    the parameter; imag=True works, also when one problem is compiled again for a
+    per-call solve_method or a second layer (CVXPY's cached compilation failed there with
+    'Invalid dimensions () for Parameter value')."""
+    y = cp.Variable(2)
+    c = cp.Parameter(2, complex=True, name="c")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - cp.real(c))))
+    for solver in (None, "SCS"):
+        with pytest.raises(ProblemError, match=r"parameters\[0\] \(c, shape \(2,\)\) is declared complex=True: "
+                                               r"ConvexLayer takes real parameters only"):
+            CvxpyLayer(prob, [c], [y], solver=solver)
+    p = cp.Parameter(2, imag=True, name="p")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - 2 * cp.imag(p))), [y <= 3])
+    value = torch.tensor([[1.0, -2.0], [2.0, 5.0]], dtype=F64)
+    expected = torch.tensor([[2.0, -4.0], [3.0, 3.0]], dtype=F64)
+    layer = CvxpyLayer(prob, [p], [y], solver="SCS")
+    for args in (None, {"solve_method": "Clarabel"}, {"solve_method": "ECOS"}):
+        torch.testing.assert_close(layer(value, solver_args=args)[0], expected, atol=1e-7, rtol=0)
+    torch.testing.assert_close(CvxpyLayer(prob, [p], [y], solver="SCS")(value)[0], expected, atol=1e-7, rtol=0)

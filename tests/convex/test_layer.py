@@ -145,6 +145,20 @@ def test_convex_layer_empty_batch():
     assert x.grad.shape == (0, 3)
 
 
+def test_convex_layer_empty_batch_broadcast():
+    """An empty batch broadcast against a shared parameter: an empty output of the
+    promoted dtype and gradients of the inputs' shapes (zero for the shared one)."""
+    A, b, x = cp.Parameter((2, 3), name="A"), cp.Parameter(2, name="b"), cp.Variable(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b) + cp.sum_squares(x))), [A, b], [x])
+    a = torch.randn(4, 0, 2, 3, dtype=torch.float64, requires_grad=True)
+    shared = torch.randn(2, requires_grad=True)
+    y = layer(a, shared)
+    assert y.shape == (4, 0, 3) and y.dtype == torch.float64
+    y.sum().backward()
+    assert a.grad.shape == a.shape and torch.equal(shared.grad, torch.zeros(2))
+    assert layer.last_solve.solved.shape == (4, 0)
+
+
 def test_convex_layer_multiple_variables_tuple():
     x = cp.Parameter(2, name="x")
     u = cp.Variable(2, name="u")
@@ -604,17 +618,37 @@ def test_float16_outputs_beyond_range_warn():
 
 @pytest.mark.parametrize("solver", ["auto", "Clarabel"])
 def test_problems_cvxpylayers_cannot_take_raise_problem_error(solver):
-    # A zero-size parameter (cvxpylayers: KeyError) and an LP without constraints
-    # (TypeError in our canonicalisation, cvxpy's SolverError on the per-element path)
-    # were raw errors from the constructor.
+    # An LP without constraints (TypeError in our canonicalisation, cvxpy's SolverError
+    # on the per-element path) was a raw error from the constructor.
     q = cp.Parameter(2, name="q")
     y = cp.Variable(2)
-    G, h = cp.Parameter((0, 2), name="G"), cp.Parameter(0, name="h")
-    with pytest.raises(ProblemError, match="cvxpylayers cannot use this problem: KeyError"):
-        cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y) + q @ y), [G @ y <= h]), [G, h, q], [y],
-                         solver=solver)
     with pytest.raises(ProblemError, match="cvxpylayers cannot use this problem"):
         cddn.ConvexLayer(cp.Problem(cp.Minimize(q @ y)), [q], [y], solver=solver)
+
+
+@pytest.mark.parametrize("solver", ["auto", "batched", "Clarabel", "SCS"])
+def test_zero_size_parameter_or_variable_invalid(solver):
+    """A parameter (or returned variable) without entries, which CVXPY leaves out of the
+    compiled problem, was refused with cvxpylayers' bare 'KeyError: 3' (its id), or
+    under solver='batched' an OptionError around it, naming neither."""
+    q, y = cp.Parameter(2, name="q"), cp.Variable(2, name="y")
+    G, h, e = cp.Parameter((0, 2), name="G"), cp.Parameter(0, name="h"), cp.Parameter((3, 0), name="E")
+    cases = [
+        (cp.Problem(cp.Minimize(cp.sum_squares(y) + q @ y), [G @ y <= h]), [q, G, h],
+         r"parameters\[1\] \(G, shape \(0, 2\)\) has no entries \(zero size\)"),
+        (cp.Problem(cp.Minimize(cp.sum_squares(y - q) + cp.sum(e))), [e, q],
+         r"parameters\[0\] \(E, shape \(3, 0\)\) has no entries \(zero size\).*remove it from the problem"),
+    ]
+    for prob, params, message in cases:
+        with pytest.raises(ProblemError, match=message):
+            cddn.ConvexLayer(prob, params, [y], solver=solver)
+    z = cp.Variable((2, 0), name="z")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - q) + cp.sum(z)))
+    with pytest.raises(ProblemError, match=r"variables\[1\] \(z, shape \(2, 0\)\) has no entries.*drop it"):
+        cddn.ConvexLayer(prob, [q], [y, z], solver=solver)
+    # Unreturned, a zero-size variable is no obstacle.
+    out = cddn.ConvexLayer(prob, [q], [y], solver=solver)(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([1.0, -2.0], dtype=torch.float64), atol=1e-7, rtol=0)
 
 
 # --- per-element path: audit findings (2026-12-02) -------------------------------------------
@@ -711,7 +745,7 @@ def test_complex_and_hermitian_parameters_refused_at_construction_imag_works():
     x = cp.Variable(3)
     c = cp.Parameter(3, complex=True, name="c")
     prob = cp.Problem(cp.Minimize(cp.sum_squares(cp.real(c) - x) + cp.sum_squares(cp.imag(c))))
-    for solver in ("auto", "Clarabel"):
+    for solver in ("auto", "batched", "Clarabel", "SCS", "ECOS"):
         with pytest.raises(ProblemError, match=r"parameters\[0\] \(c, shape \(3,\)\) is declared complex=True: "
                                                r"ConvexLayer takes real parameters only.*imag=True.*"
                                                r"split it into two real parameters.*c_re"):
@@ -719,7 +753,7 @@ def test_complex_and_hermitian_parameters_refused_at_construction_imag_works():
     y = cp.Variable(2)
     herm = cp.Parameter((2, 2), hermitian=True, name="H")
     prob = cp.Problem(cp.Minimize(cp.sum_squares(y - cp.real(herm) @ np.ones(2))))
-    for solver in ("auto", "Clarabel"):
+    for solver in ("auto", "Clarabel", "SCS"):
         with pytest.raises(ProblemError, match=r"parameters\[0\] \(H, shape \(2, 2\)\) is declared hermitian=True: "
                                                r"ConvexLayer takes real parameters only.*symmetric=True"):
             cddn.ConvexLayer(prob, [herm], [y], solver=solver)
@@ -742,6 +776,26 @@ def test_complex_and_hermitian_parameters_refused_at_construction_imag_works():
                                  solver=solver)
         torch.testing.assert_close(layer(torch.tensor([1.0, -2.0], dtype=torch.float64)),
                                    torch.tensor([2.0, -4.0], dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ["auto", "batched", "Clarabel", "SCS", "ECOS"])
+def test_imag_parameter_second_layer_on_one_problem(solver):
+    """CVXPY reuses a problem's last compilation for the same solver and refills its
+    imag=True parameters from their values, which layers do not set: a second layer on
+    one problem failed at construction ('Invalid dimensions () for Parameter value'),
+    under solver='auto' it silently lost its batched solver."""
+    y, p = cp.Variable(2), cp.Parameter(2, imag=True, name="p")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - 2 * cp.imag(p))), [y <= 3])
+    value = torch.tensor([[1.0, -2.0], [2.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    expected = torch.tensor([[2.0, -4.0], [3.0, 3.0]], dtype=torch.float64)
+    for _ in range(2):
+        layer = cddn.ConvexLayer(prob, [p], [y], solver=solver)
+        torch.testing.assert_close(layer(value), expected, atol=1e-7, rtol=0)
+    if solver in ("auto", "batched"):
+        assert layer.last_solve.backend == ["batched", "batched"]
+    layer(value).sum().backward()
+    torch.testing.assert_close(value.grad, torch.tensor([[2.0, 2.0], [0.0, 0.0]], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
 
 
 def test_wrong_entry_in_parameters_or_variables_is_named():
