@@ -626,6 +626,15 @@ def test_problems_cvxpylayers_cannot_take_raise_problem_error(solver):
         cddn.ConvexLayer(cp.Problem(cp.Minimize(q @ y)), [q], [y], solver=solver)
 
 
+def test_cvxpy_error_without_a_message_names_the_expression():
+    """CVXPY raises a bare NotImplementedError for expressions it cannot canonicalise
+    (real() of a real expression): the error said only "NotImplementedError: "."""
+    p, x = cp.Parameter(3, name="p"), cp.Variable(3, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.real(p @ x)))
+    with pytest.raises(ProblemError, match=r"NotImplementedError: \(no message\) .*for real \(real\(p @ x\)\)"):
+        cddn.ConvexLayer(prob, [p], [x], solver="Clarabel")
+
+
 @pytest.mark.parametrize("solver", ["auto", "batched", "Clarabel", "SCS"])
 def test_zero_size_parameter_or_variable_invalid(solver):
     """A parameter (or returned variable) without entries, which CVXPY leaves out of the
