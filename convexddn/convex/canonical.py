@@ -40,6 +40,7 @@ from cvxpylayers.interfaces.base import SolverInterface
 from .cone_data import ConeData, _Map, _Var
 from .kkt import KKTStructure
 from .symmetric_cones import ConeLayout
+from .validation import describe_failure
 
 __all__ = ["ConeData", "UnsupportedProblem", "canonicalise"]
 
@@ -85,8 +86,7 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
             cp.error.DCPError) as err:
         # (KeyError etc.: cvxpylayers' own failures on edge cases, e.g. a zero-size parameter.)
-        raise UnsupportedProblem(f"cvxpylayers cannot canonicalise this problem: "
-                                 f"{type(err).__name__}: {err}") from err
+        raise UnsupportedProblem(f"cvxpylayers cannot canonicalise this problem: {describe_failure(err)}") from err
     dims = ctx.cone_dims
     if dims.exp or dims.psd or getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
         raise UnsupportedProblem(

@@ -39,6 +39,7 @@ from threadpoolctl import threadpool_limits
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
 from .cone import ResidualMap, parametric_entries, verify_certificate
 from .status import name_elements, status_kind
+from .validation import describe_failure
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
@@ -67,23 +68,6 @@ _DENSE_MAX_N = 400
 POLISH_ABOVE = 1e-11
 
 
-def _where(err: BaseException) -> str:
-    """Where an exception without a message came from: its innermost frame, and the CVXPY
-    expression it was raised for (CVXPY's unimplemented canonicalisations, e.g. ``real()``
-    of a real expression, raise a bare NotImplementedError)."""
-    import cvxpy as cp
-
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return "(no message)"
-    frame = tb.tb_frame
-    owner = frame.f_locals.get("self")
-    what = f" for {type(owner).__name__} ({owner})" if isinstance(owner, cp.Expression) else ""
-    return f"(no message) in {frame.f_code.co_name}{what}: CVXPY cannot canonicalise that expression here"
-
-
 def per_element_layer(problem, parameters: list, variables: list, backend: "CheckedDiffcp", gp: bool):
     """cvxpylayers' ``CvxpyLayer`` of the problem, solving with ``backend`` (checked)."""
     import cvxpy as cp
@@ -95,7 +79,7 @@ def per_element_layer(problem, parameters: list, variables: list, backend: "Chec
             cp.error.SolverError) as err:
         # (KeyError etc.: cvxpylayers' failures on edge cases, e.g. a zero-size parameter;
         # SolverError: cvxpy's probe of a problem without constraints.)
-        raise ProblemError(f"cvxpylayers cannot use this problem: {type(err).__name__}: {str(err) or _where(err)}") from err
+        raise ProblemError(f"cvxpylayers cannot use this problem: {describe_failure(err)}") from err
     # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU path. We
     # hand it CPU float64 tensors (it then uses scipy copies), and sparse buffers break
     # deepcopy, DistributedDataParallel and .to(): drop them.

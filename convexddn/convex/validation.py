@@ -27,7 +27,7 @@ from ..errors import InputError, NotDPPError, ProblemError, ShapeError
 from .solver_args import solver_choice, validate_solver_args
 
 __all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
-           "check_parameter_attributes", "check_values", "uncached"]
+           "check_parameter_attributes", "check_values", "describe_failure", "uncached"]
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
     """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can
@@ -156,6 +156,24 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
                 f"variable {v.name()} is declared diag=True or with a sparsity pattern, which the layer "
                 "cannot return; return a vector variable d used as cp.diag(d) (or a dense matrix) instead")
     return not gp and not dpp
+
+
+def describe_failure(err: BaseException) -> str:
+    """``"Type: message"`` for an exception from CVXPY or cvxpylayers; for one without a
+    message (CVXPY's unimplemented canonicalisations, e.g. ``real()`` of a real
+    expression, raise a bare NotImplementedError), where it was raised and the CVXPY
+    expression it was raised for."""
+    if str(err):
+        return f"{type(err).__name__}: {err}"
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return f"{type(err).__name__} (no message)"
+    owner = tb.tb_frame.f_locals.get("self")
+    what = f" for {type(owner).__name__} ({owner})" if isinstance(owner, cp.Expression) else ""
+    return (f"{type(err).__name__}: (no message) in {tb.tb_frame.f_code.co_name}{what}: CVXPY cannot "
+            "canonicalise that expression here")
 
 
 def uncached(problem: cp.Problem) -> cp.Problem:

@@ -631,8 +631,9 @@ def test_cvxpy_error_without_a_message_names_the_expression():
     (real() of a real expression): the error said only "NotImplementedError: "."""
     p, x = cp.Parameter(3, name="p"), cp.Variable(3, name="x")
     prob = cp.Problem(cp.Minimize(cp.sum_squares(x) + cp.real(p @ x)))
-    with pytest.raises(ProblemError, match=r"NotImplementedError: \(no message\) .*for real \(real\(p @ x\)\)"):
-        cddn.ConvexLayer(prob, [p], [x], solver="Clarabel")
+    for solver, error in (("Clarabel", ProblemError), ("auto", ProblemError), ("batched", OptionError)):
+        with pytest.raises(error, match=r"NotImplementedError: \(no message\) .*for real \(real\(p @ x\)\)"):
+            cddn.ConvexLayer(prob, [p], [x], solver=solver)
 
 
 @pytest.mark.parametrize("solver", ["auto", "batched", "Clarabel", "SCS"])
