@@ -427,3 +427,15 @@ def test_entmax_tangent_differentiated_again_raises():
             torch.autograd.grad(t[0], x)
     with pytest.raises(DoubleBackwardError):
         torch.func.grad(lambda z: torch.func.jvp(lambda u: entmax(u, 1.5), (z,), (v,))[1][0])(x.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparsemax_masked_long_half_rows(dtype):
+    """Masked attention in half precision: two live keys (0.25 and 0) among 4096 -inf:
+    sparsemax is (0.625, 0.375, 0, …), exact in both dtypes. bfloat16 gave (0.992,
+    0.742) before (prefix sums in bfloat16)."""
+    x = torch.full((4096,), -float("inf"), dtype=dtype)
+    x[:2] = torch.tensor([0.25, 0.0])
+    p = entmax(x, 2.0)
+    assert p.dtype == dtype
+    assert p[:2].tolist() == [0.625, 0.375] and not p[2:].any()

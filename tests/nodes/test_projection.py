@@ -956,3 +956,19 @@ def test_projection_grad_float32_silent(p, mode):
         y = _project(p, mode, x, r)
         grads = torch.autograd.grad(y, [x, r], torch.randn_like(y))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1000, 5000])
+def test_simplex_and_l1_long_half_rows(dtype, n):
+    """Two equal maxima and a long tail: the answer is 1/2 on each maximum (exact in
+    every dtype). The prefix sums were taken in the input's dtype, where they stop
+    growing after a few hundred entries: bfloat16 returned 1.0 on both (sum 2), float16
+    0.991 on both, and the L1 ball the same point (‖y‖₁ = 2 for radius 1)."""
+    x = torch.linspace(0.0, 2.0, n, dtype=torch.float64)
+    x[:2] = 3.0
+    want = torch.zeros(n, dtype=torch.float64)
+    want[:2] = 0.5
+    for y in (project_simplex(x.to(dtype), z=1.0), project_lp(x.to(dtype), 1, "ball", 1.0)):
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=0)

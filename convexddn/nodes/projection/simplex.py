@@ -57,7 +57,9 @@ def _shifted_simplex(
     # In place: entries below -z stay below θ, so t keeps its use for the answer.
     t = t.clamp_(min=-z) if isinstance(z, float) else torch.maximum(t, -z, out=t)
     u = t.sort(dim=d, descending=True).values
-    c = u.cumsum(d)
+    # Prefix sums in float32 at least: in bfloat16 (8 bits) they stop growing after ~256
+    # entries at -z, ρ was over-counted and sparsemax rows summed to 3.6.
+    c = u.cumsum(d, dtype=torch.promote_types(u.dtype, torch.float32))
     # u ≤ 0, so c falls monotonically and z − c_j, c_ρ − z are at most z + |c_n| in size:
     # c_n − 2z finite (2 is margin for the rounding of parallel scans) rules out overflow
     # in the threshold, with the host read that also catches NaN/Inf in the input.
