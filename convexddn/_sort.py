@@ -22,7 +22,10 @@ def _flip(keys: torch.Tensor) -> torch.Tensor:
 
 def sort_values(x: torch.Tensor, dim: int = -1, descending: bool = False) -> torch.Tensor:
     """``torch.sort(x, dim, descending).values``, a contiguous tensor; equal to it
-    entry for entry up to the order of -0.0 and +0.0 (equal values) and of NaNs."""
+    entry for entry up to the order of -0.0 and +0.0 (equal values), for NaN-free
+    rows. (Float32 on a CPU sorts the bit patterns: a NaN with its sign bit set, as
+    x86 arithmetic makes them, e.g. inf - inf, sorts first instead of last. The caller
+    reads a row's two ends and refuses non-finite ones.)"""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.sort(x, dim=dim, descending=descending).values.contiguous()
     keys = torch.sort(_flip(x.contiguous().view(torch.int32)), dim=dim, descending=descending).values
