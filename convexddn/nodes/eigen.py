@@ -134,10 +134,15 @@ def _eigen_forward(
         first = Vk.abs().argmax(-2, keepdim=True)  # the first of the largest |entries|
         s = torch.where(s == 0, Vk.gather(-2, first), s)
     Vk.mul_(s.lt_(0).mul_(-2.0).add_(1.0))
+    # The returned eigenvectors own their storage when k < N (a view of V would pin all
+    # N² entries, and a custom Function's view output refuses in-place edits); all N of
+    # them in the product dtype are V itself, which the backward saves (an in-place edit
+    # then fails at backward, as for torch.linalg.eigh).
+    n = V.shape[-1]
     if not keep:
-        return lam_out, Vk.to(X.dtype), None, None
+        return lam_out, Vk.to(X.dtype, copy=k < n), None, None
     V = V.to(_product_dtype(X.dtype))
-    return lam_out, V[..., :k].to(X.dtype), mu, V
+    return lam_out, (V if k == n and V.dtype == X.dtype else V[..., :k].to(X.dtype, copy=True)), mu, V
 
 
 class _EigenFunction(torch.autograd.Function):

@@ -295,3 +295,28 @@ def test_smooth_spectral_loss_at_a_near_tie_does_not_warn():
         lam, _ = eigen_decomposition(X)
         (lam ** 2).sum().backward()
     torch.testing.assert_close(X.grad, 2 * X.detach())
+
+
+def test_returned_eigenvectors_own_their_storage():
+    """k < N: the eigenvectors were a view of all N (a custom Function's view output:
+    torch refused any in-place edit, e.g. a user's own sign convention, and under
+    no_grad k = 1 of N = 400 pinned the 400 × 400 matrix). Now an in-place edit is
+    differentiated as written; with k = N the output is the saved matrix, and editing
+    it fails at backward, as for torch.linalg.eigh."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 5, 5, dtype=torch.float64, generator=gen)
+    X = (X + X.mT).requires_grad_(True)
+    G = torch.randn(3, 5, 2, dtype=torch.float64, generator=gen)
+    _, V = eigen_decomposition(X, 2)
+    V.mul_(-1.0)
+    (g_edited,) = torch.autograd.grad((V * G).sum(), X)
+    _, V = eigen_decomposition(X, 2)
+    (g_negated,) = torch.autograd.grad((V * -G).sum(), X)
+    torch.testing.assert_close(g_edited, g_negated, rtol=0, atol=0)
+    with torch.no_grad():
+        _, V1 = eigen_decomposition(X, 1)
+    assert V1.untyped_storage().nbytes() == 3 * 5 * 1 * 8
+    _, V = eigen_decomposition(X)
+    V.mul_(-1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(V.sum(), X)
