@@ -240,7 +240,8 @@ def tv_denoise(
         y = _TVFn.apply(rows, lam_rows, amax, scale, low == 0, max_iter)[0]
     else:
         y = _solve(rows, lam_rows, max_iter, amax, scale, low == 0)[0]
-    return y.reshape(xs.shape).movedim(-1, d).to(x.dtype)
+    # Contiguous like a contiguous x (moved back from the last dim, y was strided).
+    return y.reshape(xs.shape).movedim(-1, d).to(x.dtype).contiguous()
 
 
 class TotalVariation1d(nn.Module):

@@ -422,3 +422,13 @@ def test_tv_module_learns_a_parameter_passed_as_lam():
     y = tv(torch.tensor([[0.0, 1.0]], dtype=torch.float64))
     y[0, 0].backward()
     assert float(lam.grad) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_tv_denoise_other_dim_returns_a_contiguous_tensor():
+    """dim != -1 returned the solver's rows moved back (strides (30, 1, 6) here):
+    y.view(-1) raised. Same values as on the moved input."""
+    x = torch.randn(2, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = tv_denoise(x, 0.5, dim=1)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, tv_denoise(x.transpose(1, 2), 0.5).transpose(1, 2), rtol=0, atol=0)
+    y.view(-1)
