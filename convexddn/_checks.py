@@ -40,6 +40,15 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def check_device(name: str, value: Any, x: torch.Tensor, x_name: str = "x") -> None:
+    """Raise ``InputError`` where the tensor ``value`` is not on ``x``'s device, naming the
+    argument and both devices. Refused, not moved: a copy between devices at every call
+    would be hidden (and a learned option's gradient would cross back each step). A
+    non-tensor passes."""
+    if isinstance(value, torch.Tensor) and value.device != x.device:
+        raise InputError(f"{name} must be on {x_name}'s device {x.device}, got {value.device}")
+
+
 def check_finite(name: str, value: torch.Tensor) -> None:
     """Raise ``NonFiniteError`` naming how many entries of ``value`` are NaN or Inf.
 

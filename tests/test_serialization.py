@@ -171,6 +171,58 @@ def test_robust_pool_tensor_alpha_is_a_buffer():
     assert pool.alpha.dtype == torch.float32
 
 
+def _solved_box_layer(cls, solver, when):
+    """A box projection layer whose problem the user solved with CVXPY ``when`` ("before"
+    or "after") wrapping it: the solve caches Clarabel's model (which does not pickle) on
+    the problem."""
+    x = cp.Parameter(N, name="x")
+    u = cp.Variable(N, name="u")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x)), [u >= -0.5, u <= 0.5])
+    x.value = [1.0, -2.0, 0.25, 3.0]
+    if when == "before":
+        prob.solve(solver=cp.CLARABEL)
+    layer = cls(prob, [x], [u], solver=solver) if solver is not None else cls(prob, [x], [u])
+    layer(sample_input())  # builds what the first call builds
+    if when == "after":
+        prob.solve(solver=cp.CLARABEL)
+    assert prob._solver_cache
+    return layer, prob
+
+
+class _First(nn.Module):
+    """The layer with a single-tensor output (CvxpyLayer returns a tuple)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        y = self.layer(x)
+        return y[0] if isinstance(y, tuple) else y
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("cls,solver", [(cddn.CvxpyLayer, None), (cddn.CvxpyLayer, "CLARABEL"),
+                                        (cddn.ConvexLayer, "auto"), (cddn.ConvexLayer, "Clarabel")],
+                         ids=["CvxpyLayer", "CvxpyLayer-CLARABEL", "ConvexLayer", "ConvexLayer-Clarabel"])
+def test_pickle_deepcopy_torch_save_after_prob_solve(cls, solver, when):
+    # CvxpyLayer kept the user's problem (with its cached Clarabel model) and failed with
+    # "cannot pickle 'builtins.DefaultSolver' object"; so did ConvexLayer's per-element
+    # layer (cvxpylayers keeps the problem) when the problem was solved after wrapping.
+    layer, prob = _solved_box_layer(cls, solver, when)
+    x = sample_input()
+    ref = run(_First(layer), x)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    copies = {"pickle": pickle.loads(pickle.dumps(layer)), "deepcopy": copy.deepcopy(layer),
+              "torch.save/load": torch.load(buf, weights_only=False)}
+    for what, clone in copies.items():
+        assert_identical(run(_First(clone), x), ref, what)
+    assert prob._solver_cache  # the user's problem keeps its cache
+    assert_identical(run(_First(layer), x), ref, "original after the copies")
+
+
 # ----------------------------------------------------------------- registry rebuild
 
 

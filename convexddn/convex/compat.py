@@ -49,6 +49,7 @@ from torch import nn
 
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
+from .validation import picklable_state
 
 __all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
 
@@ -278,6 +279,9 @@ class CvxpyLayer(nn.Module):
         return ConvexLayer(*self._declared, solver=solver,
                            fallback="Clarabel" if solver in ("SCS", "ECOS") else "SCS",
                            solver_args=self._native(self._args, solver), gp=self._gp)
+
+    def __getstate__(self) -> dict:
+        return picklable_state(self)  # (the problem in _declared, without a solve's cached model)
 
     @property
     def convex_layer(self) -> ConvexLayer:

@@ -17,7 +17,6 @@ element it does not certify with the per-element one, before any error.
 """
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import warnings
@@ -35,7 +34,8 @@ from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved,
                      refuse_unverifiable, status_kind, unravel)
-from .validation import check_values, solver_choice, uncached, validate_problem, validate_solver_args
+from .validation import (check_values, picklable_state, restore_state, solver_choice, uncached, validate_problem,
+                         validate_solver_args)
 
 __all__ = ["ConvexLayer"]
 
@@ -208,20 +208,12 @@ class ConvexLayer(nn.Module):
         return getattr(self._local, "info", None)
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_local", None)
-        state.pop("_build_lock", None)
-        if getattr(self.problem, "_solver_cache", None):
-            # A prob.solve() by the user caches the solver's model on the problem, which
-            # does not pickle (Clarabel's): the layer keeps a copy of the problem without it.
-            state["problem"] = copy.copy(self.problem)
-            state["problem"]._solver_cache = {}
-        return state
+        return picklable_state(self, transient=("_local", "_build_lock"))
 
     def __setstate__(self, state: dict) -> None:
-        # Layers pickled before second opinions (built on need), the check option, QP-only problems:
-        state = {"_opinion": None, "check": None, "_qp_only": False} | state
-        self.__dict__.update(state)
+        # Layers pickled before second opinions (built on need), the check option, QP-only
+        # problems; and with cvxpylayers' layer as a submodule:
+        restore_state(self, state, {"_opinion": None, "check": None, "_qp_only": False}, hidden=("_layer",))
         self._local = threading.local()
         self._build_lock = threading.Lock()
 
@@ -239,9 +231,9 @@ class ConvexLayer(nn.Module):
 
     def _per_element_layer(self) -> CvxpyLayer:
         """cvxpylayers' canonicalisation with our checked per-element solver (built once)."""
-        if self._layer is None:
-            self._layer = per_element_layer(uncached(self.problem), self.parameters_, self.variables_,
-                                            self._backend, self.gp)
+        if self._layer is None:  # (kept out of the module tree: an internal, empty module)
+            object.__setattr__(self, "_layer", per_element_layer(uncached(self.problem), self.parameters_,
+                                                                 self.variables_, self._backend, self.gp))
         return self._layer
 
     def _use_batched(self, device: torch.device) -> bool:

@@ -19,6 +19,16 @@ from .layer import ConvexLayer
 __all__ = ["LearnedLayer"]
 
 
+class _LearnedDict(nn.ParameterDict):
+    """``nn.ParameterDict`` keyed by CVXPY name, which may hold a "." (torch refuses one in
+    a parameter's name): each entry is registered under its name with "%" and "."
+    escaped as "%25" and "%2E", so ``learned["b.1"]`` works and its ``state_dict`` key
+    reads ``learned.b%2E1``."""
+
+    def _key_to_attr(self, key: str) -> str:
+        return super()._key_to_attr(key).replace("%", "%25").replace(".", "%2E")
+
+
 class LearnedLayer(nn.Module):
     """A :class:`ConvexLayer` whose learned parameters are ``nn.Parameter`` s of this module.
 
@@ -33,7 +43,10 @@ class LearnedLayer(nn.Module):
     Args:
         layer: the :class:`ConvexLayer` of the whole problem (every CVXPY parameter).
         learned: initial value of each learned parameter, by CVXPY name (arrays or
-            tensors of the parameter's shape); stored in ``torch.get_default_dtype()``.
+            tensors of the parameter's shape); stored in ``torch.get_default_dtype()``
+            in :attr:`learned`, indexed by CVXPY name. A name with a "." is registered
+            with it escaped (``"%2E"``, and ``"%"`` as ``"%25"``): ``learned["b.1"]``
+            has the ``state_dict`` key ``"learned.b%2E1"``.
 
     Shape:
         - Input: the non-learned parameters, positionally in the layer's order or by
@@ -42,7 +55,9 @@ class LearnedLayer(nn.Module):
           the inputs and the learned parameters.
 
     Raises:
-        ProblemError: ``learned`` names a parameter the layer does not have.
+        ProblemError: ``learned`` names a parameter the layer does not have, or one whose
+            name torch cannot register even escaped (empty, or a method of
+            ``nn.ParameterDict`` such as ``"keys"``).
         ShapeError: a learned parameter passed at call time, an unknown name, a missing
             or surplus input (the message lists the inputs), plus :class:`ConvexLayer`'s
             errors.
@@ -56,9 +71,13 @@ class LearnedLayer(nn.Module):
             raise ProblemError(f"learned parameter(s) {unknown} are not parameters of the layer {names}")
         self.layer = layer
         # In the layer's parameter order (a plain dict would be sorted by ParameterDict).
-        self.learned = nn.ParameterDict([
-            (k, nn.Parameter(torch.as_tensor(np.asarray(learned[k]), dtype=torch.get_default_dtype()).clone()))
-            for k in names if k in learned])
+        self.learned = _LearnedDict()
+        for k in (k for k in names if k in learned):
+            try:
+                self.learned[k] = torch.as_tensor(np.asarray(learned[k]), dtype=torch.get_default_dtype()).clone()
+            except (KeyError, AttributeError) as err:
+                raise ProblemError(f"learned parameter {k!r} cannot be a torch parameter of that name "
+                                   f"({err.args[0] if err.args else err}); rename the cp.Parameter") from None
         self._inputs = [k for k in names if k not in learned]
 
     @property

@@ -38,6 +38,8 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 from typing import Any
@@ -47,6 +49,7 @@ from torch import nn
 
 from .._autograd import bind_fast, first_order
 from .._checks import (
+    check_device,
     check_dim_option,
     check_finite,
     check_int,
@@ -55,7 +58,7 @@ from .._checks import (
     check_tensor,
     normalize_dims,
 )
-from ..errors import GradientWarning, OptionError, ShapeError, SolverError
+from ..errors import GradientWarning, ShapeError, SolverError
 from ._repr import format_option
 from ._vector_pool_solvers import geometry, hess_solve, kappa, solve, unit
 from .pooling.penalties import Penalty
@@ -70,11 +73,29 @@ _DEFAULT_STARTS = 32
 # --------------------------------------------------------------------------- node
 
 
+def _without_autocast(fn):
+    """Runs ``fn`` with autocast off for the device of its first tensor argument, where
+    autocast is on: the solver's matmuls and LU factorisations keep its working dtype
+    (under ``torch.autocast`` with bfloat16 they were lowered to it: LU raised
+    NotImplementedError, the truncated quadratic's IRLS erred by ~1e-3)."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        kind = next(t for t in args if isinstance(t, torch.Tensor)).device.type
+        try:
+            on = torch.is_autocast_enabled(kind)
+        except RuntimeError:  # a device type autocast does not know (meta): never on
+            on = False
+        with torch.autocast(kind, enabled=False) if on else contextlib.nullcontext():
+            return fn(*args)
+    return wrapper
+
+
 @bind_fast
 class _VectorPoolFunction(torch.autograd.Function):
     """y = argmin_u Σ_i φ(‖u − x_i‖; α) for x (R, N, C) -> (R, C); alpha (R,) or 0-d."""
 
     @staticmethod
+    @_without_autocast
     def forward(x, alpha, pen, tol, max_iter, starts):  # type: ignore[override]
         if x.shape[0] == 0:
             return x.new_empty((0, x.shape[-1]))
@@ -89,6 +110,7 @@ class _VectorPoolFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order("robust_vector_pool")
+    @_without_autocast
     def backward(ctx, gy):  # type: ignore[override]
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]
@@ -206,7 +228,8 @@ def robust_vector_pool(
     float64; beyond 2^500 α a ``SolverError`` says so.
 
     Args:
-        x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
+        x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32);
+            ``torch.autocast`` does not lower the solve or its backward.
         penalty: a name in ``convexddn.nodes.pooling.PENALTIES`` (or one of the DDN
             reference's spellings, ``"pseudo-huber"``, ``"trunc-quad"``: see
             ``convexddn.nodes.pooling.penalties.PENALTY_ALIASES``) or a ``Penalty`` whose
@@ -234,6 +257,7 @@ def robust_vector_pool(
             dimension is empty, or ``alpha`` does not broadcast.
         OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol``, ``max_iter``,
             ``starts`` or ``dim``.
+        InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
         SolverError: a pooled set spreads more than 2^500 α (squared distances
             overflow even float64).
 
@@ -267,8 +291,7 @@ def robust_vector_pool(
     # Rows of N vectors, components contiguous: norms and products run along memory.
     x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work)
     if isinstance(alpha, torch.Tensor):
-        if alpha.device != x.device:
-            raise OptionError(f"alpha must be on x's device {x.device}, got {alpha.device}")
+        check_device("alpha", alpha, x)
         try:
             a = torch.broadcast_to(alpha, batch).reshape(-1) if batch else alpha.reshape(())
         except RuntimeError:

@@ -1,6 +1,7 @@
 """ConvexLayer: batching, dtype/device, accuracy, verified solves and errors."""
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import warnings
@@ -277,6 +278,51 @@ def test_convex_layer_solve_info_and_pickle():
     clone = pickle.loads(pickle.dumps(layer))
     x = torch.tensor([[0.3, -0.2, 5.0]], dtype=torch.float64)
     assert torch.equal(clone(x), layer(x))
+
+
+# Hook members that nn.Module.__setstate__ fills in for pickles from older torch versions.
+_OLD_TORCH_MISSING = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_state_dict_pre_hooks",
+                      "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "_backward_pre_hooks")
+
+
+def test_convex_layer_setstate_old_torch_pickle():
+    # ConvexLayer.__setstate__ replaced nn.Module's without calling it: a pickle from an
+    # older torch (without these hook dicts) failed on the first call with
+    # AttributeError: 'ConvexLayer' object has no attribute '_state_dict_pre_hooks'.
+    layer, _ = nonneg_projection()
+    state = layer.__getstate__()
+    for key in _OLD_TORCH_MISSING:
+        state.pop(key)
+    old = cddn.ConvexLayer.__new__(cddn.ConvexLayer)
+    old.__setstate__(state)
+    x = torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64)
+    assert torch.equal(old(x), layer(x))
+    assert old.state_dict() == {}
+    old.register_forward_hook(lambda *a, **k: None, with_kwargs=True)
+    assert torch.equal(old(x), layer(x))
+
+
+def test_convex_layer_module_tree_holds_no_cvxpylayers_layer():
+    # cvxpylayers' (empty) CvxpyLayer was registered as a submodule: the repr showed
+    # "(_layer): CvxpyLayer()" once the per-element path had been built.
+    x = cp.Parameter(3, name="x")
+    y = cp.Variable(3, name="y")
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0]), [x], [y], solver="Clarabel")
+    assert layer._layer is not None  # (built at construction for a per-element solver)
+    assert "_layer" not in repr(layer) and "CvxpyLayer" not in repr(layer)
+    assert [name for name, _ in layer.named_modules()] == [""] and layer.state_dict() == {}
+    x = torch.tensor([[1.0, -2.0, 3.0]])
+    ref = layer.to(torch.float32)(x)
+    assert layer.last_solve.backend == ["per_element"]
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        assert "_layer" not in repr(clone) and clone._layer is not None
+        assert torch.equal(clone(x), ref)
+    # A pickle that registered it as a submodule: moved out on load.
+    state = layer.__getstate__()
+    state["_modules"] = {"_layer": state.pop("_layer")}
+    old = cddn.ConvexLayer.__new__(cddn.ConvexLayer)
+    old.__setstate__(state)
+    assert "_layer" not in old._modules and old._layer is not None and torch.equal(old(x), ref)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -7,9 +7,9 @@ in float64 for every parameter.
 """
 from __future__ import annotations
 
-import warnings
-
 import math
+import pickle
+import warnings
 
 import cvxpy as cp
 import numpy as np
@@ -122,6 +122,42 @@ def test_register_user_problem():
         assert torch.allclose(layer(x), x.clamp(-0.5, 0.5), atol=1e-8)
     finally:
         registry._REGISTRY.pop("test_scaled_box")
+
+
+def test_register_learned_parameter_with_a_dot_in_its_name():
+    # CVXPY allows "." in a name, torch's ParameterDict refused it with a bare
+    # KeyError('parameter name can't contain "."') from convexddn.layer.
+    @registry.register("test_dotted_learned", "argmin ||u - x||^2 s.t. u <= b.1")
+    def dotted(n: int = 3, pname: str = "b.1"):
+        x = cp.Parameter(n, name="x")
+        b = cp.Parameter(n, name=pname)
+        u = cp.Variable(n, name="u")
+        return cp.Problem(cp.Minimize(cp.sum_squares(u - x)), [u <= b]), [x, b], [u], {pname: np.ones(n)}
+
+    try:
+        layer = cddn.layer("test_dotted_learned", n=3)
+        assert list(layer.learned) == ["b.1"] and list(layer.state_dict()) == ["learned.b%2E1"]
+        x = torch.tensor([[2.0, -1.0, 0.5]], dtype=F64)
+        y = layer(x)
+        torch.testing.assert_close(y, x.clamp(max=1.0).to(y.dtype), atol=1e-6, rtol=0)
+        y.sum().backward()
+        torch.testing.assert_close(layer.learned["b.1"].grad, torch.tensor([1.0, 0.0, 0.0]), atol=1e-6, rtol=0)
+        # The state_dict round trip and pickling keep the name and the value.
+        with torch.no_grad():
+            layer.learned["b.1"].fill_(0.25)
+        fresh = cddn.layer("test_dotted_learned", n=3)
+        fresh.load_state_dict(layer.state_dict())
+        for clone in (fresh, pickle.loads(pickle.dumps(layer))):
+            assert list(clone.learned) == ["b.1"] and torch.equal(clone.learned["b.1"], layer.learned["b.1"])
+            assert torch.equal(clone(x), layer(x))
+        # A "%" in a name is escaped too, so that escaped names cannot collide.
+        other = cddn.layer("test_dotted_learned", n=3, pname="b%2E1")
+        assert list(other.state_dict()) == ["learned.b%252E1"]
+        # What no escaping makes a torch parameter name: refused naming the parameter.
+        with pytest.raises(ProblemError, match=r"learned parameter 'keys' cannot be a torch parameter.*rename"):
+            cddn.layer("test_dotted_learned", n=3, pname="keys")
+    finally:
+        registry._REGISTRY.pop("test_dotted_learned")
 
 
 # ----------------------------------------------------------------------------- lp_ball

@@ -808,6 +808,33 @@ def test_simplex_projection_module_radius():
     torch.testing.assert_close(SimplexProjection(z=0.5)(x), project_simplex(x, z=0.5))
 
 
+class _OnOtherDevice(torch.Tensor):
+    """A CPU tensor that reports cuda:0 as its device: reaches a node's device check
+    without a second device."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_projection_radius_on_another_device_is_refused():
+    # The policy of linear_fit, tv_denoise, sinkhorn, robust_pool: refused with an
+    # InputError naming the option and both devices, not moved (radius and z were moved
+    # to x's device silently, a hidden copy at every call).
+    from convexddn.errors import InputError
+
+    x = _x(3, 4)
+    other = torch.tensor(0.7, dtype=F64).as_subclass(_OnOtherDevice)
+    with pytest.raises(InputError, match=r"radius must be on x's device cpu, got cuda:0"):
+        project_lp(x, 2, "ball", other)
+    with pytest.raises(InputError, match=r"radius must be on x's device cpu, got cuda:0"):
+        LpProjection(1, "sphere", radius=nn.Parameter(other))(x)
+    with pytest.raises(InputError, match=r"z must be on x's device cpu, got cuda:0"):
+        project_simplex(x, z=other)
+    with pytest.raises(InputError, match=r"z must be on x's device cpu, got cuda:0"):
+        SimplexProjection(z=nn.Parameter(other))(x)
+
+
 def test_project_simplex_radius_invalid():
     x = _x(2, 3)
     with pytest.raises(OptionError, match=r"z must be finite and > 0"):

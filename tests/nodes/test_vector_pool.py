@@ -333,6 +333,61 @@ def test_robust_vector_pool_cuda():
         torch.testing.assert_close(x.grad.cpu(), xc.grad, atol=1e-7, rtol=1e-7)
 
 
+class _OnOtherDevice(torch.Tensor):
+    """A CPU tensor that reports cuda:0 as its device: reaches a node's device check
+    without a second device."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_robust_vector_pool_alpha_on_another_device_is_an_input_error():
+    # An OptionError before; every other node refuses an option on another device with
+    # an InputError naming it and both devices.
+    from convexddn.errors import InputError
+
+    other = torch.tensor(0.7, dtype=D).as_subclass(_OnOtherDevice)
+    with pytest.raises(InputError, match=r"alpha must be on x's device cpu, got cuda:0") as err:
+        robust_vector_pool(clustered(0), "huber", other)
+    assert not isinstance(err.value, OptionError)
+    with pytest.raises(InputError, match=r"alpha must be on x's device cpu, got cuda:0"):
+        RobustVectorPool("welsch", torch.nn.Parameter(other))(clustered(0))
+
+
+def _autocast_case(name, device, autocast):
+    """Module output and gradients (x, alpha) of a float32 set, forward and backward both
+    under ``autocast`` (None: without)."""
+    x = clustered(3, c=2, n=7, dtype=torch.float32).to(device).requires_grad_()
+    pool = RobustVectorPool(name, torch.nn.Parameter(torch.tensor(0.7, device=device)))
+    with autocast if autocast is not None else torch.autocast(device, enabled=False):
+        y = pool(x)
+        y.sum().backward()
+    return y.detach(), x.grad, pool.alpha.grad
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_robust_vector_pool_autocast_cpu_bfloat16(name):
+    # Under mixed precision the solver keeps float32: its matmuls were lowered to
+    # bfloat16 (LU: NotImplementedError "lu_cpu" for huber, pseudo_huber, welsch; the
+    # truncated quadratic returned float32 off by ~1e-3).
+    ref = _autocast_case(name, "cpu", None)
+    got = _autocast_case(name, "cpu", torch.autocast("cpu", dtype=torch.bfloat16))
+    for g, r in zip(got, ref):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_robust_vector_pool_autocast_cuda_float16(name):
+    ref = _autocast_case(name, "cuda", None)
+    got = _autocast_case(name, "cuda", torch.autocast("cuda", dtype=torch.float16))
+    for g, r in zip(got, ref):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["welsch", "huber", "pseudo_huber", "trunc_quad"])
 def test_robust_vector_pool_scale_equivariant(name):
     # y(s x, s alpha) = s y(x, alpha): data and alpha scaled together far from 1 (alpha²

@@ -32,13 +32,14 @@ from torch import nn
 from ..._autograd import first_order
 from ..._checks import (
     check_bool,
+    check_device,
     check_dim_option,
     check_scale,
     check_stopping,
     check_tensor,
     normalize_dims,
 )
-from ...errors import GradientWarning, OptionError, ShapeError
+from ...errors import GradientWarning, ShapeError
 from .._repr import format_option
 from .kernels import compile_available, pool_backward
 from .penalties import Penalty
@@ -228,6 +229,7 @@ def robust_pool(
         OptionError: unknown ``penalty`` (the message lists the valid ones),
             ``alpha <= 0``, invalid ``dim``, ``keepdim``, ``tol``, ``max_iter`` or
             ``compile``.
+        InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
 
     .. note::
         The iterative solvers decide when to stop on the host: a few device-to-host
@@ -258,8 +260,7 @@ def robust_pool(
     x2 = x.permute(*keep, *dims).reshape(-1, n)
 
     if isinstance(alpha, torch.Tensor):
-        if alpha.device != x.device:
-            raise OptionError(f"alpha must be on x's device {x.device}, got {alpha.device}")
+        check_device("alpha", alpha, x)
         a = alpha
         if keepdim and a.dim() == x.ndim:
             a = a.squeeze(dims) if len(dims) else a

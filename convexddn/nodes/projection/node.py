@@ -27,6 +27,7 @@ from torch import nn
 
 from ..._checks import (
     check_choice,
+    check_device,
     check_int,
     check_positive,
     check_tensor,
@@ -76,11 +77,13 @@ def _prepare_radius(
 
     A tensor radius must broadcast to x's shape with ``dim`` removed (one radius per
     projected vector, or any broadcastable part of that); it is converted to x's dtype
-    and device (differentiably, so a radius that requires grad gets its gradient).
+    (differentiably, so a radius that requires grad gets its gradient); one on another
+    device than x is refused (``InputError``), not moved.
     """
     _check_radius_option(radius, name)
     if not isinstance(radius, torch.Tensor):
         return float(radius)
+    check_device(name, radius, x)
     reduced = x.shape[:d] + x.shape[d + 1:]
     try:
         ok = torch.broadcast_shapes(radius.shape, reduced) == reduced
@@ -91,7 +94,7 @@ def _prepare_radius(
             f"{name} must broadcast to the shape of x without dim={d}, {tuple(reduced)}, "
             f"got shape {tuple(radius.shape)}"
         )
-    r = radius.to(dtype=x.dtype, device=x.device)
+    r = radius.to(dtype=x.dtype)
     # Right-aligned broadcasting: the kept (size-1) dim goes before the radius dims that
     # line up with x's trailing dims after d; with fewer dims than that it broadcasts as is.
     pos = r.ndim - (x.ndim - 1 - d)
@@ -175,6 +178,7 @@ def project_lp(
             does not broadcast to the batch shape.
         OptionError: unknown ``p`` or ``mode`` (the message lists the valid ones),
             ``radius`` ≤ 0 or not a number, ``dim`` not an int.
+        InputError: a tensor ``radius`` on another device than ``x`` (refused, not moved).
 
     Warns:
         ConvexDDNWarning: a sphere projection rounded to zero (radius below the dtype's
@@ -242,6 +246,7 @@ def project_simplex(
         ShapeError: ``dim`` is out of range, ``x`` is empty along ``dim``, or ``z``
             does not broadcast to the batch shape.
         OptionError: ``dim`` is not an int, ``z`` ≤ 0 or not a number.
+        InputError: a tensor ``z`` on another device than ``x`` (refused, not moved).
 
     Warns:
         GradientWarning: in backward, a gradient that overflows the dtype (Inf or NaN
