@@ -3,6 +3,7 @@ guard that makes second derivatives of first-order-only nodes fail loudly, and t
 for forward-mode tangents."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ import torch
 
 from .errors import DoubleBackwardError
 
-__all__ = ["bind_fast", "first_order", "first_order_jvp", "first_order_only", "guard_gradients", "may_carry_tangents"]
+__all__ = ["bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only", "guard_gradients", "may_carry_tangents"]
 
 
 def may_carry_tangents(*tensors) -> bool:
@@ -153,3 +154,22 @@ def first_order(what: str) -> Callable[[Callable], Callable]:
             return merged[0] if single else merged
         return wrapper
     return decorate
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """Run ``fn`` (a Function's forward or backward) with autocast off for the device of its
+    first tensor argument, where autocast is on: a solver's matmuls and factorisations keep
+    its working dtype (under ``torch.autocast`` with bfloat16 they were lowered to it: the
+    vector pool's LU raised NotImplementedError, its truncated quadratic and the eigen
+    backward's products erred by ~1e-3)."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        first = next((t for t in args if isinstance(t, torch.Tensor)), None)
+        kind = None if first is None else first.device.type
+        try:
+            on = kind is not None and torch.is_autocast_enabled(kind)
+        except RuntimeError:  # a device type autocast does not know (meta): never on
+            on = False
+        with torch.autocast(kind, enabled=False) if on else contextlib.nullcontext():
+            return fn(*args)
+    return wrapper

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._autograd import first_order
+from .._autograd import first_order, without_autocast
 from .._checks import check_bool, check_finite, check_int, check_tensor
 from ..errors import OptionError, ShapeError, SolverError
 from ._eigen_degenerate import warn_degenerate_pairs, warn_degenerate_values
@@ -163,6 +163,7 @@ class _EigenFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order("eigen_decomposition")
+    @without_autocast  # the products stay in their dtype (bfloat16 autocast: 1e-3 off)
     def backward(ctx, g_lam, g_vec):  # type: ignore[override]
         if not ctx.needs_input_grad[0] or (g_lam is None and g_vec is None):
             return None, None, None, None

@@ -38,8 +38,6 @@ References:
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import warnings
 from typing import Any
@@ -47,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order
+from .._autograd import bind_fast, first_order, without_autocast
 from .._checks import (
     check_device,
     check_dim_option,
@@ -73,29 +71,12 @@ _DEFAULT_STARTS = 32
 # --------------------------------------------------------------------------- node
 
 
-def _without_autocast(fn):
-    """Runs ``fn`` with autocast off for the device of its first tensor argument, where
-    autocast is on: the solver's matmuls and LU factorisations keep its working dtype
-    (under ``torch.autocast`` with bfloat16 they were lowered to it: LU raised
-    NotImplementedError, the truncated quadratic's IRLS erred by ~1e-3)."""
-    @functools.wraps(fn)
-    def wrapper(*args):
-        kind = next(t for t in args if isinstance(t, torch.Tensor)).device.type
-        try:
-            on = torch.is_autocast_enabled(kind)
-        except RuntimeError:  # a device type autocast does not know (meta): never on
-            on = False
-        with torch.autocast(kind, enabled=False) if on else contextlib.nullcontext():
-            return fn(*args)
-    return wrapper
-
-
 @bind_fast
 class _VectorPoolFunction(torch.autograd.Function):
     """y = argmin_u Σ_i φ(‖u − x_i‖; α) for x (R, N, C) -> (R, C); alpha (R,) or 0-d."""
 
     @staticmethod
-    @_without_autocast
+    @without_autocast
     def forward(x, alpha, pen, tol, max_iter, starts):  # type: ignore[override]
         if x.shape[0] == 0:
             return x.new_empty((0, x.shape[-1]))
@@ -110,7 +91,7 @@ class _VectorPoolFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order("robust_vector_pool")
-    @_without_autocast
+    @without_autocast
     def backward(ctx, gy):  # type: ignore[override]
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]
