@@ -1,6 +1,7 @@
 """The benchmark harness times full gradients (convexddn/bench/harness.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from convexddn.bench import harness
@@ -93,3 +94,218 @@ def test_interleaved_rounds_alternate_their_order():
     ops = {name: (lambda name=name: seen.append(name) or (0.0, 0.0)) for name in ("a", "b")}
     harness.median_times(ops, 2, Bar())
     assert seen == ["a", "b", "a", "b", "b", "a"]  # warm-ups, round 0, round 1
+
+
+# ------------------------------------------------------------------ the DDN reference
+
+# Stand-ins for files of the DDN reference (github.com/anucvml/ddn, ddn/pytorch), with
+# its call conventions: BasicLeastSquaresFcn.apply(A (B, M, N), b (B, M, 1)) -> (B, N, 1);
+# RobustVectorPool2dFcn.apply(x (B, C, *), penalty class, alpha) -> (B, C);
+# EuclideanProjectionFn.apply(x, set class, radius tensor) with set.project(v, z) ->
+# (projection, is_outside).
+_FAKE_REFERENCE = {
+    "leastsquares.py": """
+import pytest
+import torch
+class BasicLeastSquaresFcn:
+    @staticmethod
+    def apply(A, b, cache_decomposition=True):
+        assert b.shape == (*A.shape[:2], 1)
+        return torch.linalg.lstsq(A, b).solution
+""",
+    "robust_vec_pool.py": """
+from convexddn.nodes.vector_pool import robust_vector_pool
+class Huber:
+    pass
+class RobustVectorPool2dFcn:
+    @staticmethod
+    def apply(x, penalty, alpha=1.0, restarts=0):
+        assert penalty is Huber and x.dim() >= 3
+        return robust_vector_pool(x.flatten(2), "huber", alpha)
+""",
+    "projections.py": """
+import math
+from convexddn.nodes.projection import project_lp, project_simplex
+def _set(fn):
+    return type("Set", (), {"project": staticmethod(lambda v, z=1.0: (fn(v, z), None))})
+L1Ball = _set(lambda v, z: project_lp(v, 1, "ball", z))
+L2Ball = _set(lambda v, z: project_lp(v, 2, "ball", z))
+LInfBall = _set(lambda v, z: project_lp(v, math.inf, "ball", z))
+Simplex = _set(lambda v, z: project_simplex(v, z=z))
+class EuclideanProjectionFn:
+    @staticmethod
+    def apply(x, method, radius):
+        return method.project(x, radius.item())[0]
+""",
+    "optimal_transport.py": "raise RuntimeError('this reference file is broken')\n",
+}
+
+
+def _fake_reference(tmp_path, monkeypatch, files):
+    from convexddn.bench import reference
+
+    folder = tmp_path / "ddn-checkout"
+    (folder / "ddn" / "pytorch").mkdir(parents=True)
+    for name in files:
+        (folder / "ddn" / "pytorch" / name).write_text(_FAKE_REFERENCE[name])
+    monkeypatch.setenv(reference.ENV_VAR, str(folder))
+    monkeypatch.setattr(reference, "_CACHE", {})
+    return folder
+
+
+def test_node_rows_time_every_node_the_reference_has(tmp_path, monkeypatch):
+    """Least squares and robust vector pooling said 'no DDN reference for this node' (a
+    rule on the node's name) though the reference has both, and the projections had no
+    row; a row's note now comes from whether the reference's file has the node."""
+    from convexddn.bench.cases import nodes
+
+    _fake_reference(tmp_path, monkeypatch, ["leastsquares.py", "robust_vec_pool.py", "projections.py",
+                                            "optimal_transport.py"])
+    monkeypatch.setattr(nodes, "_time", lambda fn, inputs, gen, device: (1e-3, 2e-3))
+
+    class Bar:
+        def update(self, k=1):
+            pass
+
+    rows = {r["node"]: r for r in nodes.node_cases(1, Bar())}
+    timed = ["least squares", "robust vector pool (huber)"] + [
+        f"projection onto the {s} (radius 1)" for s in ("L1 ball", "L2 ball", "L∞ ball", "simplex")]
+    for name in timed:
+        assert rows[name].get("speedup_fwd") == 1.0 and "note" not in rows[name], name
+    for name in ("entmax (alpha=1.5)", "total variation 1-D (lam=0.5)"):
+        assert rows[name]["note"] == nodes.NO_REFERENCE_NODE
+    assert "holds no ddn/pytorch/eigen_decomposition.py" in rows["eigen decomposition (all)"]["note"]
+    ot = rows["entropic OT (eps=0.1, rand costs)"]["note"]
+    assert "failed to import" in ot and "RuntimeError: this reference file is broken" in ot
+    # The reference is called as it expects and returns what ours does, on the bench's inputs.
+    for node, _, ours, inputs, spec in nodes._cases(torch.Generator().manual_seed(0)):
+        if node in timed:
+            ref, _ = nodes._reference(spec)
+            torch.testing.assert_close(ref(*inputs), ours(*inputs), msg=node)
+
+
+def test_node_references_agree_with_ours_on_the_real_reference():
+    """With CONVEXDDN_DDN_REFERENCE set: the call conventions hold for the real files."""
+    import os
+
+    from convexddn.bench import reference
+    from convexddn.bench.cases import nodes
+
+    if not os.environ.get(reference.ENV_VAR):
+        pytest.skip(f"{reference.ENV_VAR} not set")
+    for node, _, ours, inputs, spec in nodes._cases(torch.Generator().manual_seed(0)):
+        if spec is None or spec.file not in ("leastsquares.py", "robust_vec_pool.py", "projections.py"):
+            continue
+        ref, note = nodes._reference(spec)
+        assert ref is not None, note
+        # The reference's vector pool stops L-BFGS at a gradient of 1e-5.
+        tol = 1e-5 if spec.file == "robust_vec_pool.py" else 1e-10
+        torch.testing.assert_close(ref(*inputs), ours(*inputs), atol=tol, rtol=tol, msg=node)
+
+
+def test_a_reference_that_fails_to_import_is_a_note(tmp_path, monkeypatch):
+    """A robustpool.py that raised on import crashed the whole bench; it is a note now,
+    with the error, and the comparison is skipped."""
+    from convexddn.bench import reference
+    from convexddn.bench.cases import pooling
+
+    folder = tmp_path / "ddn-checkout"
+    (folder / "ddn" / "pytorch").mkdir(parents=True)
+    (folder / "ddn" / "pytorch" / "robustpool.py").write_text("import torch\nraise ValueError('half a file')\n")
+    monkeypatch.setenv(reference.ENV_VAR, str(folder))
+    monkeypatch.setattr(reference, "_CACHE", {})
+    module, note = reference.load_reference()
+    assert module is None and "failed to import" in note and "ValueError: half a file" in note
+    x, g = pooling._inputs((2, 4, 16), torch.device("cpu"), torch.float32)
+    assert pooling.ddn_comparison(x, g, torch.device("cpu"), 1, None) == ({}, note)
+
+
+def test_no_ratio_to_the_reference_without_the_reference(tmp_path, monkeypatch):
+    """Without the reference, the pooling rows carried a 'speed-up vs the DDN reference'
+    made of figures measured once in another run (DDN_REFERENCE_FWD) over this run's
+    times: a ratio between two runs. Now the rows carry only why it was not measured."""
+    from convexddn.bench import reference
+    from convexddn.bench.cases import pooling
+
+    monkeypatch.setenv(reference.ENV_VAR, str(tmp_path))  # holds no reference
+    monkeypatch.setattr(reference, "_CACHE", {})
+
+    class Bar:
+        def update(self, k=1):
+            pass
+
+    rows = pooling.pool_cases((2, 4, 16), torch.device("cpu"), torch.float32, False, 1, Bar())
+    native = [r for r in rows if r["path"] == "native"]
+    assert native and all("holds no ddn/pytorch/robustpool.py" in r["ddn_reference"] for r in native)
+    assert not [k for r in rows for k in r if "ddn" in k and k != "ddn_reference"]
+    assert not hasattr(pooling, "DDN_REFERENCE_FWD")
+
+
+def test_gpu_check_says_why_it_leaves_out_the_cone_program(tmp_path, monkeypatch):
+    """gpu_check's pooling rows said the cone program was 'too slow at this size', also at
+    the small shape where the CPU bench times it: the bench times it on the CPU whatever
+    the device, which is why a GPU check leaves it out."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from convexddn.bench import cases
+
+    real = cases.pool_cases
+    monkeypatch.setattr(cases, "pool_cases", lambda shape, *a, **k: real((2, 4, 16), *a, **k))
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(str(tmp_path), ["pool_f32"], cpu=True) == 0
+    rows = [r for r in json.loads((tmp_path / "gpu.json").read_text())["rows"] if r["path"] == "cvxpy"]
+    assert rows and not [r["note"] for r in rows if "too slow" in r["note"]]
+    assert all(r["note"] == gpu_check.POOL_CVXPY_NOT_RUN for r in rows)
+    assert "on the CPU" in gpu_check.POOL_CVXPY_NOT_RUN
+
+
+# ------------------------------------------------------------------------- memory
+
+
+def test_memory_probe_counts_the_materialised_gradient():
+    """Quadratic pooling's gradient is a stride-0 view: the probe, which did not
+    materialise it, showed 0.00× the input, below the 1× floor of any node."""
+    (row,) = harness.peak_memory((8, 512, 1024), ("quadratic",))
+    if row.get("peak_method") == "sampled":
+        pytest.skip("no /proc/self/clear_refs here: the sampler's figure is not asserted")
+    assert 0.95 <= row["peak_over_input"] <= 1.5
+
+
+def test_memory_peak_is_the_high_water_mark_not_a_sample(monkeypatch):
+    """Sampling every 0.5 ms missed short peaks (mean pooling 0.02× one run, 0.80× the
+    next); the kernel's high-water mark misses none. Without clear_refs the sampler
+    runs, labelled so."""
+    from convexddn.bench import memory_probe
+
+    size = 64 << 20
+
+    def spike():
+        torch.empty(size // 8, dtype=torch.float64).fill_(1.0)  # touched, then freed at once
+
+    added, method = memory_probe.peak_added(spike)
+    if method == memory_probe.HWM:
+        assert added >= 0.95 * size
+    monkeypatch.setattr(memory_probe, "_reset_high_water_mark", lambda: False)
+    _, method = memory_probe.peak_added(spike)
+    assert method == memory_probe.SAMPLED
+
+
+def test_report_flags_memory_below_the_floor():
+    """A peak below 1× the input was printed as a figure (0.00×, 0.02×) with nothing to
+    say it was a missed measurement."""
+    from convexddn.bench.report import format_table
+
+    machine = {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2, "device": "cpu"}
+    memory = [{"node": "quadratic", "shape": [4, 64, 256], "peak_over_input": 0.02, "peak_method": "hwm"},
+              {"node": "huber", "shape": [4, 64, 256], "peak_over_input": 1.03, "peak_method": "hwm"},
+              {"node": "mean", "shape": [4, 64, 256], "peak_over_input": 0.9991, "peak_method": "hwm"}]
+    table = format_table({"machine": machine, "repeats": 1, "rows": [], "memory": memory})
+    assert "| quadratic | (4, 64, 256) | 0.02× (below the 1× floor: unreliable) |" in table
+    assert "| huber | (4, 64, 256) | 1.03× |" in table
+    assert "| mean | (4, 64, 256) | 1.00× |" in table  # within the printed precision
+    assert "high-water mark" in table and "A figure below 1× is no saving" in table

@@ -96,9 +96,12 @@ def timed_sort(x: torch.Tensor, device: torch.device) -> float:
 
 def peak_memory(shape: tuple[int, ...], penalties: tuple[str, ...]) -> list[dict[str, Any]]:
     """Peak resident memory added by one forward + backward, per penalty, in units of
-    the input tensor's size: a fresh process each, after a warm-up call, sampling the
-    resident set every 0.5 ms during the call. The gradient itself is one input-sized
-    tensor, so 1× is the floor for any node."""
+    the input tensor's size: a fresh process each, after a warm-up call, the gradient
+    materialised. The peak is the kernel's high-water mark (``peak_method`` ``"hwm"``)
+    or, where /proc/self/clear_refs is not available, the resident set sampled every
+    0.5 ms (``"sampled"``, which can miss short peaks); see :mod:`.memory_probe`.
+    The gradient itself is one input-sized tensor, so 1× is the floor for any node: a
+    figure below it missed the peak (the report flags it)."""
     # Large blocks always mmapped, so freed memory leaves the resident set at once and
     # RSS tracks what is live (glibc's adaptive threshold would keep freed blocks).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -108,5 +111,5 @@ def peak_memory(shape: tuple[int, ...], penalties: tuple[str, ...]) -> list[dict
                              capture_output=True, text=True, check=True, env=env).stdout.split()
         added, size = int(out[0]), int(out[1])
         rows.append({"node": p, "shape": list(shape), "peak_added_bytes": added,
-                     "input_bytes": size, "peak_over_input": added / size})
+                     "input_bytes": size, "peak_over_input": added / size, "peak_method": out[2]})
     return rows

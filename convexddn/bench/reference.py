@@ -1,15 +1,16 @@
-"""Locate and import the DDN reference implementation of robust pooling, if present.
+"""Locate and import files of the DDN reference implementation, if present.
 
-The reference is ``ddn/pytorch/robustpool.py`` of https://github.com/anucvml/ddn
-(Gould, Hartley & Campbell). It is never vendored and never a dependency: the
-benchmark compares against it only when the environment variable
-``CONVEXDDN_DDN_REFERENCE`` names a folder holding ``ddn/pytorch/robustpool.py`` (a
-clone of that repository, say), or when a package ``ddn`` is importable.
+The reference is ``ddn/pytorch/*.py`` of https://github.com/anucvml/ddn (Gould, Hartley
+& Campbell). It is never vendored and never a dependency: the benchmark compares
+against it only when the environment variable ``CONVEXDDN_DDN_REFERENCE`` names a
+folder holding ``ddn/pytorch/<file>`` (a clone of that repository, say), or when a
+package ``ddn`` is importable. A file that is absent or fails to import is reported
+(``(None, why)``), never raised: the bench goes on without that comparison.
 
-The reference pools over the last *two* dimensions of a ``(b, ..., H, W)`` tensor; the
-benchmark feeds it ``x.unsqueeze(-2)`` so that both implementations pool the same rows.
-Its forward runs L-BFGS on the sum of all rows' objectives (one joint problem), its
-backward is the closed form of Table 1.
+Robust pooling (``robustpool.py``) pools over the last *two* dimensions of a
+``(b, ..., H, W)`` tensor; the benchmark feeds it ``x.unsqueeze(-2)`` so that both
+implementations pool the same rows. Its forward runs L-BFGS on the sum of all rows'
+objectives (one joint problem), its backward is the closed form of Table 1.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ENV_VAR", "load_reference", "reference_pool"]
+__all__ = ["ENV_VAR", "load_reference", "load_reference_file", "reference_pool"]
 
 ENV_VAR = "CONVEXDDN_DDN_REFERENCE"
 
@@ -29,44 +30,64 @@ ENV_VAR = "CONVEXDDN_DDN_REFERENCE"
 _CLASSES = {"quadratic": "Quadratic", "pseudo_huber": "PseudoHuber", "huber": "Huber",
             "welsch": "Welsch", "trunc_quad": "TruncatedQuadratic"}
 
-_CACHE: dict[str, tuple[ModuleType | None, str]] = {}
+_CACHE: dict[tuple[str, str], tuple[ModuleType | None, str]] = {}
+
+
+def _failed(where: str, err: BaseException) -> str:
+    return f"DDN reference {where} failed to import ({type(err).__name__}: {err})"
+
+
+def load_reference_file(filename: str, folder: str | None = None) -> tuple[ModuleType | None, str]:
+    """Return ``(module, note)``: the reference's ``ddn/pytorch/<filename>`` imported, or
+    ``None`` and a sentence saying why it is not available (not found, or the error it
+    raised on import).
+
+    Args:
+        filename: a file of ``ddn/pytorch``, e.g. ``"robustpool.py"``.
+        folder: a folder holding ``ddn/pytorch/<filename>``. Default: the environment
+            variable ``CONVEXDDN_DDN_REFERENCE``, else an importable ``ddn.pytorch``.
+    """
+    folder = folder if folder is not None else os.environ.get(ENV_VAR)
+    key = (folder or "", filename)
+    if key in _CACHE:
+        return _CACHE[key]
+    stem = filename.removesuffix(".py")
+    result: tuple[ModuleType | None, str]
+    if folder:
+        path = os.path.join(folder, "ddn", "pytorch", filename)
+        if not os.path.isfile(path):
+            result = (None, f"{ENV_VAR}={folder!r} holds no ddn/pytorch/{filename}")
+        else:
+            # Imported from its file under a private name: no package 'ddn' enters sys.modules.
+            spec = importlib.util.spec_from_file_location(f"_ddn_reference_{stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            assert spec.loader is not None  # a file location always has a loader
+            try:
+                spec.loader.exec_module(module)
+                result = (module, f"DDN reference from {path}")
+            except Exception as err:  # noqa: BLE001 - a broken reference skips the comparison
+                result = (None, _failed(path, err))
+    else:
+        try:
+            module = importlib.import_module(f"ddn.pytorch.{stem}")
+            result = (module, f"DDN reference from {module.__file__}")
+        except ModuleNotFoundError as err:
+            if err.name is not None and not f"ddn.pytorch.{stem}".startswith(err.name):
+                result = (None, _failed(f"ddn.pytorch.{stem}", err))  # it imports something absent
+            else:
+                why = (f"DDN reference not found: set {ENV_VAR} to a folder holding "
+                       f"ddn/pytorch/{filename} (github.com/anucvml/ddn) to compare")
+                result = (None, why)
+        except Exception as err:  # noqa: BLE001 - a broken reference skips the comparison
+            result = (None, _failed(f"ddn.pytorch.{stem}", err))
+    _CACHE[key] = result
+    return result
 
 
 def load_reference(folder: str | None = None) -> tuple[ModuleType | None, str]:
     """Return ``(module, note)``: the reference's ``robustpool`` module, or ``None`` and
-    a sentence saying why it is not available.
-
-    Args:
-        folder: a folder holding ``ddn/pytorch/robustpool.py``. Default: the
-            environment variable ``CONVEXDDN_DDN_REFERENCE``, else an importable
-            ``ddn.pytorch.robustpool``.
-    """
-    folder = folder if folder is not None else os.environ.get(ENV_VAR)
-    key = folder or ""
-    if key in _CACHE:
-        return _CACHE[key]
-    if folder:
-        path = os.path.join(folder, "ddn", "pytorch", "robustpool.py")
-        if not os.path.isfile(path):
-            result: tuple[ModuleType | None, str] = (
-                None, f"{ENV_VAR}={folder!r} holds no ddn/pytorch/robustpool.py")
-        else:
-            # Imported from its file under a private name: no package 'ddn' enters sys.modules.
-            spec = importlib.util.spec_from_file_location("_ddn_reference_robustpool", path)
-            module = importlib.util.module_from_spec(spec)
-            assert spec.loader is not None  # a file location always has a loader
-            spec.loader.exec_module(module)
-            result = (module, f"DDN reference from {path}")
-    else:
-        try:
-            module = importlib.import_module("ddn.pytorch.robustpool")
-            result = (module, f"DDN reference from {module.__file__}")
-        except ImportError:
-            why = (f"DDN reference not found: set {ENV_VAR} to a folder holding "
-                   "ddn/pytorch/robustpool.py (github.com/anucvml/ddn) to compare")
-            result = (None, why)
-    _CACHE[key] = result
-    return result
+    a sentence saying why it is not available (see :func:`load_reference_file`)."""
+    return load_reference_file("robustpool.py", folder)
 
 
 def reference_pool(module: ModuleType, penalty: str, alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -137,8 +137,9 @@ def test_run_seeds_differ_and_are_reproducible(tmp_path):
     a, b = run(cfg), run(cfg)
     assert a["rows"] == b["rows"] and "files" not in a and a["runtime"] == []
     first, second = a["per_seed"]
-    # Different seeds draw different data: the clouds (hence the evaluations) differ.
-    assert first["evaluations"] != second["evaluations"] or first["seed"] != second["seed"]
+    # Different seeds draw different data: the clouds, hence the evaluations, differ.
+    assert (first["seed"], second["seed"]) == (0, 1)
+    assert first["evaluations"] != second["evaluations"]
     x0, _ = make_dataset(2, 32, seed=0)
     x1, _ = make_dataset(2, 32, seed=1)
     assert not torch.equal(x0, x1)
@@ -232,6 +233,17 @@ def test_cli_user_mistake_one_line_exit_2(argv, capsys, tmp_path):
 def test_config_invalid(kw):
     with pytest.raises(OptionError):
         run(Config(out=None, progress=False, **kw))
+
+
+@pytest.mark.parametrize("field", ["rates", "timing_rates"])
+def test_config_refuses_a_rate_that_replaces_no_point(field):
+    """A positive rate with round(rate * n_points) == 0 ran as clean clouds under the
+    rate's label (0.1 % of 256 points: no outlier at all)."""
+    rates = {"rates": (0.0, 0.001)} if field == "rates" else {"timing_rates": (0.001,)}
+    with pytest.raises(OptionError, match=rf"{field}: an outlier rate of 0\.001 with n_points=256 replaces "
+                                          r"round\(0\.001 \* 256\) = 0 points"):
+        Config(out=None, progress=False, **rates).validate()  # (run() validates first, too)
+    Config(out=None, progress=False, n_points=256, rates=(0.0, 1 / 256)).validate()  # one point: accepted
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

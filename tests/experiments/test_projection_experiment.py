@@ -160,6 +160,25 @@ def test_aggregate_paired_comparisons_against_baseline_and_bn():
     assert ("bn", "bn", "top1") not in comp and ("baseline", "bn", "top1") not in comp
 
 
+def test_format_comparisons_marks_the_same_difference_in_every_seed():
+    """A difference identical in every seed has a zero-width interval and no verdict
+    (exceeds_spread None): it printed as "+2.00 ± 0.00" with no star, under a legend
+    saying a star marks an interval that excludes 0."""
+    from convexddn.experiments.projection.report import format_comparisons
+
+    per_seed = [_record(0, {"baseline": 0.50, "l2_sphere": 0.52}),
+                _record(1, {"baseline": 0.25, "l2_sphere": 0.27}),
+                _record(2, {"baseline": 0.75, "l2_sphere": 0.77})]
+    result = {"seeds": [0, 1, 2], **aggregate(per_seed)}
+    table = format_comparisons(result, "baseline")
+    row = next(line for line in table.splitlines() if line.startswith("| L2 sphere"))
+    top1 = row.split("|")[2].strip()
+    assert top1 == "+2.00†"
+    assert "† the same difference in every seed (no spread to judge by)" in table
+    # A difference that is 0 in every seed still reads as one that does not exceed the spread.
+    assert row.split("|")[4].strip() == "+0.00 ± 0.00"
+
+
 # ---------------------------------------------------------------------------- end to end
 
 

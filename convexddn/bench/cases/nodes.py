@@ -1,17 +1,20 @@
 """Benchmark case: the node library — forward and backward time of every ready-made node.
 
 Each node runs on a fixed, seeded input (float64 unless noted) with a random upstream
-gradient; figures are medians of interleaved rounds. Where the DDN reference
-implementation of the same node is available (the folder named by
-``CONVEXDDN_DDN_REFERENCE``, see :mod:`..reference`) it is timed in the same rounds and
-the ratio reference ÷ ours is reported; otherwise the row says it was skipped.
+gradient; figures are medians of interleaved rounds. Where the DDN reference has the
+same node (a :class:`_Ref`: its file, the names it needs, and how to call it on our
+inputs) and that file imports (the folder named by ``CONVEXDDN_DDN_REFERENCE``, see
+:mod:`..reference`), it is timed in the same rounds and the ratio reference ÷ ours is
+reported; otherwise the row's note says which: the reference has no such node, or why
+its file was not loaded.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import math
 import statistics
 import time
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -19,32 +22,42 @@ import torch
 from ...nodes.eigen import eigen_decomposition
 from ...nodes.entmax import entmax
 from ...nodes.least_squares import least_squares
+from ...nodes.projection import project_lp, project_simplex
 from ...nodes.total_variation import tv_denoise
 from ...nodes.transport import sinkhorn
 from ...nodes.vector_pool import robust_vector_pool
 from ..harness import materialised, round_order, sync
-from ..reference import ENV_VAR
+from ..reference import load_reference_file
 
 __all__ = ["node_cases"]
 
 F64 = torch.float64
 
+NO_REFERENCE_NODE = "the DDN reference has no such node"
 
-def _reference(relpath: str, name: str):
-    """A class or function of the DDN reference, imported from its file, or None."""
-    folder = os.environ.get(ENV_VAR)
-    if not folder:
-        return None
-    path = os.path.join(folder, "ddn", "pytorch", relpath)
-    if not os.path.isfile(path):
-        return None
-    spec = importlib.util.spec_from_file_location(f"_ddn_reference_{relpath[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - a reference that does not import is reported as absent
-        return None
-    return getattr(module, name, None)
+
+@dataclass(frozen=True)
+class _Ref:
+    """The DDN reference's version of a node: ``make(module)``, where ``module`` is
+    ``ddn/pytorch/<file>`` holding every name of ``names``, is a function of the same
+    inputs as ours returning the same output."""
+
+    file: str
+    names: tuple[str, ...]
+    make: Callable[[ModuleType], Callable]
+
+
+def _reference(ref: _Ref | None) -> tuple[Callable | None, str]:
+    """The reference's function for a node, or None and why (the row's note)."""
+    if ref is None:
+        return None, NO_REFERENCE_NODE
+    module, note = load_reference_file(ref.file)
+    if module is None:
+        return None, note
+    missing = [n for n in ref.names if not hasattr(module, n)]
+    if missing:
+        return None, f"the DDN reference's ddn/pytorch/{ref.file} has no {', '.join(missing)}"
+    return ref.make(module), note
 
 
 def _time(fn: Callable, inputs: list[torch.Tensor], gen: torch.Generator,
@@ -64,36 +77,60 @@ def _time(fn: Callable, inputs: list[torch.Tensor], gen: torch.Generator,
     return t1 - t0, time.perf_counter() - t2
 
 
-def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, Callable | None]]:
-    """(node, shape, ours, inputs, reference or None)."""
+def _projection_ref(set_name: str) -> _Ref:
+    """The reference's projection onto its radius-1 set ``set_name`` (projections.py)."""
+    radius = torch.ones(1)  # the reference reads it with .item()
+    return _Ref("projections.py", ("EuclideanProjectionFn", set_name),
+                lambda m: (lambda x: m.EuclideanProjectionFn.apply(x, getattr(m, set_name), radius)))
+
+
+def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, _Ref | None]]:
+    """(node, shape, ours, inputs, the reference's version or None where it has none)."""
     C = torch.rand(2, 100, 100, dtype=F64, generator=gen)
     X = torch.randn(64, 32, 32, dtype=F64, generator=gen)
     X = X + X.transpose(-1, -2)
     A = torch.randn(64, 40, 12, dtype=F64, generator=gen)
     b = torch.randn(64, 40, dtype=F64, generator=gen)
     cases = []
-    ot_ref = _reference("optimal_transport.py", "OptimalTransportLayer")
+    # Built once per case: the reference's layer holds no state between calls.
+    ot_ref = _Ref("optimal_transport.py", ("OptimalTransportLayer",),
+                  lambda m: (lambda c, layer=m.OptimalTransportLayer(gamma=10.0): layer(c)))
     # Costs in [0, 1) (a spread of 10 ε: the reference's plain Sinkhorn converges in a few
     # iterations) and randn costs as in the DDN tutorial (a spread of ~80 ε: it runs
     # into its iteration cap).
     for costs, label in ((C, "rand"), (torch.randn(2, 100, 100, dtype=F64, generator=gen), "randn")):
         cases.append((f"entropic OT (eps=0.1, {label} costs)", "(2, 100, 100)", lambda c: sinkhorn(c, eps=0.1),
-                      [costs], (lambda c, layer=ot_ref(gamma=10.0): layer(c)) if ot_ref is not None else None))
-    eig_ref = _reference("eigen_decomposition.py", "EigenDecompositionFcn")
-    cases.append(("eigen decomposition (all)", "(64, 32, 32)", lambda x: eigen_decomposition(x)[1], [X],
-                  (lambda x: eig_ref.apply(x, None)) if eig_ref is not None else None))
+                      [costs], ot_ref))
+    eig_ref = _Ref("eigen_decomposition.py", ("EigenDecompositionFcn",),
+                   lambda m: (lambda x: m.EigenDecompositionFcn.apply(x, None)))
+    cases.append(("eigen decomposition (all)", "(64, 32, 32)", lambda x: eigen_decomposition(x)[1], [X], eig_ref))
     # float32 input: ours decomposes in float64 (correct at any eigengap) and casts
     # back; the reference decomposes in float32.
     cases.append(("eigen decomposition (all) float32", "(64, 32, 32)", lambda x: eigen_decomposition(x)[1],
-                  [X.float()], (lambda x: eig_ref.apply(x, None)) if eig_ref is not None else None))
-    cases.append(("least squares", "(64, 40, 12)", lambda a, y: least_squares(a, y), [A, b], None))
+                  [X.float()], eig_ref))
+    # The reference solves (B, M, N) A and (B, M, 1) b by QR (BasicLeastSquaresFcn).
+    cases.append(("least squares", "(64, 40, 12)", lambda a, y: least_squares(a, y), [A, b],
+                  _Ref("leastsquares.py", ("BasicLeastSquaresFcn",),
+                       lambda m: (lambda a, y: m.BasicLeastSquaresFcn.apply(a, y[..., None]).squeeze(-1)))))
+    # The reference pools (B, C, *) over everything after C: a trailing unit dim pools
+    # the same 36 vectors of length 8. Its Huber is a class of its module.
     cases.append(("robust vector pool (huber)", "(16, 8, 36)",
                   lambda x: robust_vector_pool(x, "huber", 1.0), [torch.randn(16, 8, 36, dtype=F64, generator=gen)],
-                  None))
+                  _Ref("robust_vec_pool.py", ("RobustVectorPool2dFcn", "Huber"),
+                       lambda m: (lambda x: m.RobustVectorPool2dFcn.apply(x[..., None], m.Huber, 1.0)))))
     cases.append(("entmax (alpha=1.5)", "(256, 1000) float32", lambda x: entmax(x, 1.5),
                   [torch.randn(256, 1000, generator=gen)], None))
     cases.append(("total variation 1-D (lam=0.5)", "(64, 1000) float32", lambda x: tv_denoise(x, 0.5),
                   [torch.randn(64, 1000, generator=gen).cumsum(-1) * 0.1], None))
+    # Appended last, so that the inputs above stay those of earlier runs. The reference's
+    # balls and simplex (projections.py, radius 1) against ours, at the paper's
+    # projection shape: every row of 2·randn(512) lies outside each set.
+    P = 2 * torch.randn(256, 512, dtype=F64, generator=gen)
+    for label, ours, cls in (("L1 ball", lambda x: project_lp(x, 1, "ball"), "L1Ball"),
+                             ("L2 ball", lambda x: project_lp(x, 2, "ball"), "L2Ball"),
+                             ("L∞ ball", lambda x: project_lp(x, math.inf, "ball"), "LInfBall"),
+                             ("simplex", lambda x: project_simplex(x), "Simplex")):
+        cases.append((f"projection onto the {label} (radius 1)", "(256, 512)", ours, [P], _projection_ref(cls)))
     return cases
 
 
@@ -101,12 +138,15 @@ def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> li
     """Forward and backward seconds of every node (and of the reference where present).
 
     Inputs are made on the CPU from a seeded generator and moved to ``device``; on CUDA
-    each phase is timed between synchronisations.
+    each phase is timed between synchronisations. A row without reference figures has
+    a note saying why: the reference has no such node, or its file was not found or
+    did not import (the reason :func:`..reference.load_reference_file` gives).
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for node, shape, ours, inputs, ref in _cases(gen):
+    for node, shape, ours, inputs, spec in _cases(gen):
+        ref, why = _reference(spec)
         fns = {"convexddn": ours} | ({"DDN reference": ref} if ref is not None else {})
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
         for fn in fns.values():  # warm-up
@@ -124,7 +164,6 @@ def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> li
             rb = statistics.median(t[1] for t in times["DDN reference"])
             row.update(ref_fwd_ms=1e3 * rf, ref_bwd_ms=1e3 * rb, speedup_fwd=rf / f, speedup_bwd=rb / b)
         else:
-            row["note"] = ("no DDN reference for this node" if node.startswith(("least", "robust", "entmax", "total"))
-                           else f"DDN reference not found (set {ENV_VAR})")
+            row["note"] = why
         rows.append(row)
     return rows

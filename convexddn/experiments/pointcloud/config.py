@@ -12,6 +12,7 @@ from ..running import resolve_device
 
 __all__ = [
     "Config",
+    "check_outlier_count",
     "DEFAULT_POOLINGS",
     "DEFAULT_RATES",
     "QUICK_RATES",
@@ -48,14 +49,27 @@ TABLE3_RATES: tuple[float, ...] = (0.1, 0.5)
 QUICK_TABLE3_RATES: tuple[float, ...] = (0.5,)
 
 
+def check_outlier_count(rate: float, n_points: int, name: str = "rate") -> int:
+    """The number of outliers per cloud, ``round(rate * n_points)``; ``OptionError`` for a
+    positive rate that rounds to no outlier at all (it would run as a clean cloud under
+    a label that says otherwise)."""
+    k = round(rate * n_points)
+    if rate > 0 and k == 0:
+        raise OptionError(f"{name}: an outlier rate of {rate!r} with n_points={n_points} replaces "
+                          f"round({rate!r} * {n_points}) = 0 points per cloud; use 0, or a rate of at "
+                          f"least 1 / n_points = {1 / n_points:.3g}")
+    return k
+
+
 @dataclass
 class Config:
     """Settings of one run. ``Config()`` is the default preset; ``Config.quick()`` the smoke test.
 
     Attributes:
         poolings: poolings to compare (see :data:`convexddn.experiments.pointnet.POOLINGS`).
-        rates: outlier fractions in ``[0, 1)``; each is a test rate (and, with
-            ``train_outliers``, also the training rate).
+        rates: outlier fractions in ``[0, 1)``, each 0 or large enough to replace at
+            least one point (``round(rate * n_points) >= 1``); each is a test rate
+            (and, with ``train_outliers``, also the training rate).
         train_outliers: use the same outlier rate in training and testing (Table 3).
         n_points: points per cloud.
         train_per_class / test_per_class: clouds per class in each split.
@@ -150,6 +164,9 @@ class Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise OptionError(f"{name} must be a positive int, got {v!r}")
+        for name in ("rates", "timing_rates"):
+            for r in getattr(self, name):
+                check_outlier_count(r, self.n_points, name)
         if isinstance(self.timing_batches, bool) or not isinstance(self.timing_batches, int) \
                 or self.timing_batches < 0:
             raise OptionError(f"timing_batches must be an int >= 0, got {self.timing_batches!r}")

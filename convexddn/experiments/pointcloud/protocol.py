@@ -23,7 +23,7 @@ from ..metrics import mean_average_precision
 from ..pointnet import PointNet
 from ..running import CountLibraryWarnings, Stopwatch, show_progress
 from ..shapes import CLASSES, make_dataset
-from .config import DISPLAY_NAMES, Config
+from .config import DISPLAY_NAMES, Config, check_outlier_count
 
 __all__ = ["add_outliers", "run_seed"]
 
@@ -55,12 +55,13 @@ def add_outliers(points: torch.Tensor, rate: float, generator: torch.Generator) 
     Shape: ``(B, N, 3) -> (B, N, 3)``.
 
     Raises:
-        OptionError: if ``rate`` is outside ``[0, 1]``.
+        OptionError: if ``rate`` is outside ``[0, 1]``, or positive but too small to
+            replace one point (``round(rate * N) == 0``).
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
         raise OptionError(f"rate must lie in [0, 1], got {rate!r}")
     b, n, _ = points.shape
-    k = int(round(rate * n))
+    k = check_outlier_count(rate, n)
     if k == 0:
         return points.clone()
     # The first k entries of a random permutation of each row: k distinct indices per cloud.

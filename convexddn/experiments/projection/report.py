@@ -13,10 +13,10 @@ _METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "map": "mAP (logits)",
                  "map_softmax": "mAP (softmax)", "ece": "ECE"}
 
 
-
 def _threads(machine: dict[str, Any]) -> str:
     n = machine["torch_threads"]
     return f"{n} torch thread{'s' if n != 1 else ''}"
+
 
 def _spread(result: dict[str, Any]) -> str:
     n = len(result["seeds"])
@@ -40,7 +40,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def format_comparisons(result: dict[str, Any], reference: str = "baseline") -> str:
-    """Paired differences (variant − reference, points) with 95 % intervals; * = beyond the spread."""
+    """Paired differences (variant − reference, points) with 95 % intervals; * = beyond
+    the spread, † = the same difference in every seed (no spread to judge by: neither
+    real nor not, see :func:`..stats.paired_difference`)."""
     comps = [c for c in result["comparisons"] if c["reference"] == reference]
     if not comps:
         return ""
@@ -48,18 +50,25 @@ def format_comparisons(result: dict[str, Any], reference: str = "baseline") -> s
         return "One seed: no interval, no statement about which differences are real."
     variants = list(dict.fromkeys(c["variant"] for c in comps))
     cell = {(c["variant"], c["metric"]): c for c in comps}
-    lines = [f"Difference to {DISPLAY_NAMES[reference]} (points, mean ± 95 % interval over the same "
-             f"seeds; * the interval excludes 0)", "",
-             "| variant | " + " | ".join(_METRIC_NAMES.values()) + " |",
-             "|---|" + "---:|" * len(_METRIC_NAMES)]
+    rows, same = [], False
     for v in variants:
         values = []
         for m in _METRIC_NAMES:
             c = cell[(v, m)]
-            star = "*" if c["exceeds_spread"] else ""
-            values.append(f"{100 * c['mean']:+.2f} ± {100 * c['ci95']:.2f}{star}")
-        lines.append(f"| {DISPLAY_NAMES[v]} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+            if c["exceeds_spread"] is None:  # a zero-width interval: no ± 0.00 and no star
+                same = True
+                values.append(f"{100 * c['mean']:+.2f}†")
+            else:
+                star = "*" if c["exceeds_spread"] else ""
+                values.append(f"{100 * c['mean']:+.2f} ± {100 * c['ci95']:.2f}{star}")
+        rows.append(f"| {DISPLAY_NAMES[v]} | " + " | ".join(values) + " |")
+    legend = "* the interval excludes 0" + ("; † the same difference in every seed (no spread to judge by)"
+                                            if same else "")
+    lines = [f"Difference to {DISPLAY_NAMES[reference]} (points, mean ± 95 % interval over the same "
+             f"seeds; {legend})", "",
+             "| variant | " + " | ".join(_METRIC_NAMES.values()) + " |",
+             "|---|" + "---:|" * len(_METRIC_NAMES)]
+    return "\n".join(lines + rows)
 
 
 def format_runtime_table(result: dict[str, Any]) -> str:
