@@ -36,7 +36,7 @@ from .cases import (
 )
 from .cases.convex import CONVEX_ROUND_BUDGET_S, CONVEX_ROUNDS, convex_cases
 from .cases.pooling import DDN_PAPER_ROUNDS
-from .cases.nodes import node_cases
+from .cases.nodes import node_case_count, node_cases
 from .harness import peak_memory
 from .report import estimate_skipped, format_table, plot
 
@@ -75,7 +75,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
                 for n in names)
     # The convex rows take minutes per round; the DDN reference at the paper's shape too.
     rounds = {"convex": min(repeats, CONVEX_ROUNDS), "ddn_paper": min(repeats, DDN_PAPER_ROUNDS)}
-    total += 5 * (rounds["convex"] + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL) + 6 * repeats
+    total += 5 * (rounds["convex"] + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL) + node_case_count() * repeats
     rows: list[dict] = []
     with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op", disable=None) as progress:
         warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed

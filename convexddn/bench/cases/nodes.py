@@ -134,6 +134,11 @@ def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, _Ref | 
     return cases
 
 
+def node_case_count() -> int:
+    """How many rows :func:`node_cases` times (for the progress bar)."""
+    return len(_cases(torch.Generator().manual_seed(0)))
+
+
 def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> list[dict]:
     """Forward and backward seconds of every node (and of the reference where present).
 
