@@ -366,26 +366,21 @@ def _autocast_case(name, device, autocast):
     return y.detach(), x.grad, pool.alpha.grad
 
 
+@pytest.mark.parametrize("device, low, tol", [
+    ("cpu", torch.bfloat16, 1e-6),
+    pytest.param("cuda", torch.float16, 1e-5,
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
 @pytest.mark.parametrize("name", NAMES)
-def test_robust_vector_pool_autocast_cpu_bfloat16(name):
+def test_robust_vector_pool_autocast(name, device, low, tol):
     # Under mixed precision the solver keeps float32: its matmuls were lowered to
     # bfloat16 (LU: NotImplementedError "lu_cpu" for huber, pseudo_huber, welsch; the
     # truncated quadratic returned float32 off by ~1e-3).
-    ref = _autocast_case(name, "cpu", None)
-    got = _autocast_case(name, "cpu", torch.autocast("cpu", dtype=torch.bfloat16))
+    ref = _autocast_case(name, device, None)
+    got = _autocast_case(name, device, torch.autocast(device, dtype=low))
     for g, r in zip(got, ref):
         assert g.dtype == torch.float32
-        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", NAMES)
-def test_robust_vector_pool_autocast_cuda_float16(name):
-    ref = _autocast_case(name, "cuda", None)
-    got = _autocast_case(name, "cuda", torch.autocast("cuda", dtype=torch.float16))
-    for g, r in zip(got, ref):
-        assert g.dtype == torch.float32
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("name", ["welsch", "huber", "pseudo_huber", "trunc_quad"])
