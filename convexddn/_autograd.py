@@ -1,6 +1,6 @@
 """Helpers for the library's ``torch.autograd.Function`` classes: cached signatures, the
-guard that makes second derivatives of first-order-only nodes fail loudly, and the test
-for forward-mode tangents."""
+guard that makes second derivatives of first-order-only nodes fail loudly, the test
+for forward-mode tangents, and plain copies of inference tensors for saving."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,27 @@ import torch
 
 from .errors import DoubleBackwardError
 
-__all__ = ["bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only", "guard_gradients", "may_carry_tangents"]
+__all__ = ["bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only", "guard_gradients",
+           "may_carry_tangents", "plain", "save_plain"]
+
+
+def plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a plain copy of it where ``t`` is an inference tensor (made under
+    ``torch.inference_mode()``, e.g. by a frozen feature extractor) used outside inference
+    mode: autograd cannot save one for backward (torch's "Inference tensors cannot be
+    saved for backward"), so a graph that needs it, for another argument that requires
+    grad, must hold a copy. ``None`` passes through."""
+    if t is None or not t.is_inference() or torch.is_inference_mode_enabled():
+        return t
+    return t.clone()
+
+
+def save_plain(ctx, *tensors: torch.Tensor | None) -> None:
+    """``ctx.save_for_backward(*tensors)``, inference tensors replaced by :func:`plain`
+    copies where the call is recorded (some input needs grad): the copy is made only then."""
+    if any(ctx.needs_input_grad):
+        tensors = tuple(plain(t) for t in tensors)
+    ctx.save_for_backward(*tensors)
 
 
 def may_carry_tangents(*tensors) -> bool:

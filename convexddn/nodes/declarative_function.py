@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._autograd import guard_gradients
+from .._autograd import guard_gradients, save_plain
 from ..errors import InputError
 
 __all__ = ["DeclarativeFunction", "arity_error", "y_by_keyword"]
@@ -39,8 +39,9 @@ class DeclarativeFunction(torch.autograd.Function):
         ctx.node, ctx.n_inputs, ctx.batch_shape, ctx.state = node, n, batch_shape, state
         # The parameters that require grad are saved (not just referenced): one changed
         # in place before the backward raises autograd's error, as nn.Linear's would,
-        # instead of being differentiated at its new value.
-        ctx.save_for_backward(*inputs[3:], output)
+        # instead of being differentiated at its new value. Inputs made under
+        # torch.inference_mode() are saved as plain copies (autograd refuses to save them).
+        save_plain(ctx, *inputs[3:], output)
         # Buffers and frozen parameters are only referenced: their version counters tell
         # the backward whether one was changed in place since (it would differentiate
         # the problem at the new value, silently, or call the solution wrong).

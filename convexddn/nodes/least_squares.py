@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .._autograd import bind_fast, first_order
+from .._autograd import bind_fast, first_order, save_plain
 from .._checks import check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
 from ._overflow import warn_gradient_overflow
@@ -117,7 +117,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         A, b, w, ridge, _ = inputs
         _, R, x, bad = output
         ctx.mark_non_differentiable(R, x, bad)
-        ctx.save_for_backward(A, b, w, ridge, R, x)
+        save_plain(ctx, A, b, w, ridge, R, x)  # (inference-mode inputs as plain copies)
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
 
     @staticmethod

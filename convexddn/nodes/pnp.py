@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, may_carry_tangents
+from .._autograd import bind_fast, first_order, may_carry_tangents, plain
 from .._checks import check_finite, check_scale, check_stopping, check_tensor
 from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
@@ -266,7 +266,7 @@ def pnp(
     def flat(t, k):
         # (a Size: expand() with no sizes, an unbatched problem's 0-d alpha, is an error;
         # an inference tensor is copied: the solve differentiates the objective it enters)
-        t = t.clone() if t.is_inference() else t
+        t = plain(t)
         return t.to(dtype).expand(torch.Size((*batch, *t.shape[t.ndim - k:]))).reshape(-1, *t.shape[t.ndim - k:])
 
     q, p = flat(p2d, 2), flat(p3d, 2)

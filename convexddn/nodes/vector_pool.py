@@ -124,29 +124,52 @@ class _VectorPoolFunction(torch.autograd.Function):
 
 
 # Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
-# up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
+# up to 2^8 components) stay finite: float32 sets beyond it are solved in float64. The
+# entries, in units of alpha (of the power of two near it), must stay far below the
+# largest float too.
 _SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
+_REACH_LIMIT = {torch.float32: 2.0**100, torch.float64: 2.0**1000}
 
 
-def _in_range(x: torch.Tensor, x3: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x3, a)``, in float64 where a float32 set spreads too far for its squares;
-    raises where even float64's would overflow, and ``NonFiniteError`` for NaN or Inf in
-    ``x``. One pass over the sets and one host read: the finiteness check of ``x``
-    rides on it (a NaN or Inf makes the spread non-finite)."""
-    if x3.shape[0] == 0:
-        return x3, a
-    xd = x3.detach()
-    spread = (xd.amax(1).double() - xd.amin(1).double()).amax(-1) / a.detach().double()
-    worst = float(spread.max())
-    if not math.isfinite(worst):
-        check_finite("x", x)  # names the NaN/Inf; an infinite ratio of finite data goes on
-    if worst <= _SPREAD_LIMIT[x3.dtype]:
-        return x3, a
-    if x3.dtype == torch.float32 and worst <= _SPREAD_LIMIT[torch.float64]:
-        return x3.double(), a.double()
-    raise SolverError(f"robust_vector_pool: a pooled set spreads {worst:.1e} times alpha, beyond "
-                      f"{_SPREAD_LIMIT[torch.float64]:.0e}: its squared distances overflow float64; "
-                      "scale the outlying entries down or raise alpha")
+def _in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor,
+              rescale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(x3, a, scale)``: the sets and alpha in units of ``scale``, a power of two near
+    alpha (``None``: not rescaled), in float64 where a float32 set spreads beyond 2^60
+    alpha, an entry reaches 2^100 alpha or the scale is no normal float32 number.
+
+    Judged on the unscaled data, in float64 (dividing first overflowed float32 at alpha
+    = 1e-40, or data of 1e30 with alpha = 1e-9, and reported a spread of "inf" times
+    alpha); raises where even float64 cannot hold the set, and ``NonFiniteError`` for NaN
+    or Inf in ``x``. One pass over the sets and one host read, which the finiteness
+    check of ``x`` rides on (a NaN or Inf makes the spread non-finite)."""
+    a64 = alpha.detach().double()
+    scale = torch.exp2(torch.round(torch.log2(a64))) if rescale else None
+    dtype = x3.dtype
+    if x3.shape[0]:
+        hi, lo = x3.detach().amax(1).double(), x3.detach().amin(1).double()
+        stats = [((hi - lo).amax(-1) / a64).max()]
+        if scale is not None:  # the largest entry in units of alpha, the scale's range
+            stats += [(torch.maximum(hi.abs(), lo.abs()).amax(-1) / a64).max(), scale.min(), scale.max()]
+        spread, reach, s_min, s_max = (torch.stack(stats).tolist() + [0.0, 1.0, 1.0])[:4]
+        if not (math.isfinite(spread) and math.isfinite(reach)):
+            check_finite("x", x)  # names the NaN/Inf; an infinite ratio of finite data goes on
+        normal = torch.finfo(torch.float32).tiny <= s_min and s_max <= 2.0**126
+        if dtype == torch.float32 and not (
+                spread <= _SPREAD_LIMIT[dtype] and reach <= _REACH_LIMIT[dtype] and normal):
+            dtype = torch.float64
+        if spread > _SPREAD_LIMIT[torch.float64]:
+            raise SolverError(f"robust_vector_pool: a pooled set spreads {spread:.1e} times alpha, beyond "
+                              f"{_SPREAD_LIMIT[torch.float64]:.0e}: its squared distances overflow float64; "
+                              "scale the outlying entries down or raise alpha")
+        if not reach <= _REACH_LIMIT[torch.float64]:
+            raise SolverError(f"robust_vector_pool: a pooled set has entries {reach:.1e} times alpha, beyond "
+                              f"{_REACH_LIMIT[torch.float64]:.0e}: they overflow float64 in units of alpha; "
+                              "shift the set towards 0 or raise alpha")
+    if scale is None:
+        return x3.to(dtype), alpha.to(dtype), None
+    # Exact (powers of two); alpha is divided in float64, where it and the scale are normal.
+    x3 = x3.to(dtype) / (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype)
+    return x3, (alpha.to(torch.float64) / scale).to(dtype), scale.to(dtype)
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
@@ -205,8 +228,9 @@ def robust_vector_pool(
     products, which err by about eps·M² (M: the set's largest distance from its mean);
     sets where that exceeds 1e-3 α² (float32: M beyond ~90 α) run that phase in float64,
     and sets beyond float64's reach (M beyond ~2e6 α) with direct differences. A float32
-    set spreading more than 2^60 α (where squared distances overflow) is solved in
-    float64; beyond 2^500 α a ``SolverError`` says so.
+    set spreading more than 2^60 α (where squared distances overflow), with entries
+    beyond 2^100 α, or with an α that is no normal float32 number (1e-40, 1e39) is solved
+    in float64; beyond 2^500 α (entries beyond 2^1000 α) a ``SolverError`` says so.
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32);
@@ -240,7 +264,7 @@ def robust_vector_pool(
             ``starts`` or ``dim``.
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
         SolverError: a pooled set spreads more than 2^500 α (squared distances
-            overflow even float64).
+            overflow even float64), or has entries beyond 2^1000 α.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -278,18 +302,14 @@ def robust_vector_pool(
         except RuntimeError:
             raise ShapeError(f"alpha must broadcast to the batch shape {tuple(batch)} (the output "
                              f"without vector_dim), got shape {tuple(alpha.shape)}") from None
-        a = a.to(work)
     else:
-        a = torch.tensor(float(alpha), dtype=work, device=x.device)
+        a = torch.tensor(float(alpha), dtype=torch.float64, device=x.device)
     # y(σx, σα) = σ y(x, α): solving in units of a power of two near α (exact) keeps the
     # squared distances and the α² of the penalties inside the dtype's range when data
     # and α are scaled together (at 1e-20 in float32, α² underflowed and Welsch returned
     # NaN; at 1e25 Huber returned the plain mean). A float α in [2^-16, 2^16] needs none.
-    scale = None
-    if isinstance(alpha, torch.Tensor) or not 2.0**-16 <= float(alpha) <= 2.0**16:
-        scale = torch.exp2(torch.round(torch.log2(a.detach())))
-        x3, a = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale), a / scale
-    x3, a = _in_range(x, x3, a)
+    rescale = isinstance(alpha, torch.Tensor) or not 2.0**-16 <= float(alpha) <= 2.0**16
+    x3, a, scale = _in_units(x, x3, a, rescale)
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             _DEFAULT_STARTS if starts is None else starts)
@@ -300,8 +320,9 @@ def robust_vector_pool(
     if scale is not None:
         y = y * (scale.view(-1, 1) if scale.dim() else scale)
     y = y.to(x.dtype).reshape(*batch, C)
-    # The vector dim returns to its place among the kept dims.
-    return y.movedim(-1, sorted(others + [vd]).index(vd))
+    # The vector dim returns to its place among the kept dims, in a contiguous tensor (a
+    # moved view of the rows made a following y.view(-1) raise).
+    return y.movedim(-1, sorted(others + [vd]).index(vd)).contiguous()
 
 
 class RobustVectorPool(nn.Module):

@@ -389,3 +389,27 @@ def test_functional_call_with_computed_parameters():
         yv = (w * p[0]).sum() / w.sum()
         torch.testing.assert_close(g, 1.5 * w * (p[0] - yv) / w.sum(), rtol=1e-12, atol=1e-15)
         node(p.clone().requires_grad_()).sum().backward()
+
+
+def test_inference_tensor_input_with_a_learned_parameter():
+    """An input made under torch.inference_mode() and a parameter that requires grad:
+    torch's "Inference tensors cannot be saved for backward" (pnp, the pools and the
+    projections took the same call). Closed form: y = w·mean(x), so dy/dw = mean(x)."""
+    class ScaledMean(DeclarativeNode):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(2.0, dtype=DT))
+
+        def objective(self, x, y):
+            return ((y - self.w * x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return self.w * x.mean(-1, keepdim=True)
+
+    with torch.inference_mode():
+        x = torch.randn(3, 4, dtype=DT, generator=_gen(9))
+    node = ScaledMean()
+    y = node(x)
+    (g,) = torch.autograd.grad(y.sum(), node.w)
+    torch.testing.assert_close(y.detach(), 2.0 * x.mean(-1, keepdim=True))
+    torch.testing.assert_close(g, x.mean(-1).sum(), rtol=1e-12, atol=1e-14)

@@ -437,3 +437,32 @@ def test_least_squares_grad_float32_silent():
         warnings.simplefilter("error")
         grads = torch.autograd.grad(least_squares(A, b, w, rho).sum(), [A, b, w, rho])
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_least_squares_inference_mode_data_with_learned_argument():
+    """A and b made under torch.inference_mode() (a frozen extractor), b or the weights
+    learned: torch's "Inference tensors cannot be saved for backward" (pnp, linear_fit
+    and the pools took the same call). Closed forms (normal equations in float64): for
+    loss sum(x), grad b = A (AᵀA)⁻¹ 1; grad w by a central difference of the closed form."""
+    with torch.inference_mode():
+        A, b0 = rand(4, 9, 3), rand(4, 9, seed=1)
+    b = rand(4, 9, seed=2).requires_grad_(True)
+    x = least_squares(A, b)
+    H = A.mT @ A
+    torch.testing.assert_close(x.detach(), torch.linalg.solve(H, (A.mT @ b.detach().unsqueeze(-1))).squeeze(-1))
+    (gb,) = torch.autograd.grad(x.sum(), b)
+    ones = torch.ones(4, 3, 1, dtype=D)
+    torch.testing.assert_close(gb, (A @ torch.linalg.solve(H, ones)).squeeze(-1), rtol=1e-10, atol=1e-12)
+
+    def closed(w):
+        Aw = A * w.unsqueeze(-1)
+        return torch.linalg.solve(Aw.mT @ A, Aw.mT @ b0.unsqueeze(-1)).squeeze(-1)
+
+    w = (torch.rand(4, 9, generator=torch.Generator().manual_seed(3), dtype=D) + 0.5).requires_grad_(True)
+    (gw,) = torch.autograd.grad(least_squares(A, b0, w).sum(), w)
+    h, fd = 1e-6, torch.zeros_like(gw)
+    for i in range(9):
+        e = torch.zeros(9, dtype=D)
+        e[i] = h
+        fd[:, i] = (closed(w.detach() + e).sum(-1) - closed(w.detach() - e).sum(-1)) / (2 * h)
+    torch.testing.assert_close(gw, fd, rtol=1e-6, atol=1e-8)

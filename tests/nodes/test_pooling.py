@@ -601,6 +601,65 @@ def test_robust_pool_alpha_on_another_device_is_an_input_error():
         RobustPool("huber", torch.nn.Parameter(other))(x)
 
 
+# ------------------------------------------ alpha outside float32's range, inference-mode x
+
+
+@pytest.mark.parametrize("penalty", ["pseudo_huber", "huber", "welsch", "trunc_quad"])
+@pytest.mark.parametrize("dtype,alpha", [(torch.float16, 1e5), (torch.float16, 1e-8), (torch.bfloat16, 1e-45),
+                                         (torch.float32, 1e39), (torch.float32, 1e-50)])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_robust_pool_alpha_beyond_float32_normal_range_matches_float64(penalty, dtype, alpha, as_tensor):
+    """A float alpha was made in x's dtype before the float32 solve: 1e5 or 1e-8 on
+    float16 x became Inf (every row stopped at its start) or 0 (ZeroDivisionError), and
+    1e39 on float32 x Inf; a float64 tensor alpha was cast to float32, with the same
+    result. Such rows are solved in float64. Reference: the float64 call on the same
+    values, rounded to x's dtype."""
+    x = with_outliers(5, (4, 9)).to(dtype)
+    a = torch.tensor(alpha, dtype=F64) if as_tensor else alpha
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)  # pseudo_huber at tiny alpha: flat rows
+        y = robust_pool(x, penalty, a)
+        want = robust_pool(x.double(), penalty, a).to(dtype)
+    assert y.dtype == dtype
+    if dtype == torch.float16:  # solved in float32 (alpha is a normal float32 there)
+        torch.testing.assert_close(y, want, rtol=2e-3, atol=2e-3)
+    else:
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_robust_pool_alpha_beyond_float32_grad_matches_float64():
+    """float32 x, alpha = 1e39 (Inf in float32): the solution and gradients of the
+    float64 solve (the mean, the float32 start, was returned). Reference: the float64
+    call on the same values."""
+    x = with_outliers(6, (3, 9)).float()
+    out = []
+    for dtype in (torch.float32, F64):
+        xg = x.to(dtype).requires_grad_()
+        a = torch.tensor([1e39, 2e39, 3e39], dtype=F64, requires_grad=True)
+        y = robust_pool(xg, "pseudo_huber", a)
+        out.append((y, *torch.autograd.grad(y.sum(), [xg, a])))
+    torch.testing.assert_close(out[0][0], out[1][0].float(), rtol=0, atol=0)
+    torch.testing.assert_close(out[0][1], out[1][1].float(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out[0][2], out[1][2], rtol=1e-6, atol=1e-60)
+
+
+@pytest.mark.parametrize("penalty", ["huber", "welsch"])
+def test_robust_pool_inference_mode_x_with_learned_alpha(penalty):
+    """x made under torch.inference_mode() (a frozen feature extractor), alpha learned:
+    torch's "Inference tensors cannot be saved for backward" (robust_vector_pool,
+    tv_denoise and the projections took the same call). Reference: y by the float64
+    call, dy/dalpha by a central difference of it in float64."""
+    with torch.inference_mode():
+        x = with_outliers(7, (3, 9))
+    a = torch.tensor([0.8, 1.0, 1.3], dtype=F64, requires_grad=True)
+    y = robust_pool(x, penalty, a)
+    (g,) = torch.autograd.grad(y.sum(), a)
+    h = 1e-6
+    fd = (robust_pool(x.clone(), penalty, a.detach() + h) - robust_pool(x.clone(), penalty, a.detach() - h)) / (2 * h)
+    torch.testing.assert_close(y.detach(), robust_pool(x.clone(), penalty, a.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(g, fd, rtol=1e-6, atol=1e-8)
+
+
 def test_robust_pool_invalid_leaves_input():
     x = with_outliers(0, (3, 9))
     x[0, 0] = math.nan

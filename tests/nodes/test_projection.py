@@ -907,6 +907,86 @@ def test_l1_ball_keeps_tiny_rows_inside_a_huge_radius():
     assert torch.equal(y, x)
 
 
+_BEYOND = [(torch.float16, 1e5, torch.float32), (torch.bfloat16, 1e39, F64), (torch.float32, 1e39, F64)]
+_FITTING = [("simplex", None), (1, "ball"), (1, "sphere"), (2, "ball"), (math.inf, "ball")]
+
+
+def _project_any(x, p, mode, r):
+    return project_simplex(x, -1, r) if p == "simplex" else project_lp(x, p, mode, r)
+
+
+@pytest.mark.parametrize("dtype,r,wide", _BEYOND)
+@pytest.mark.parametrize("p,mode", _FITTING)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_projection_radius_beyond_the_dtype_range(dtype, r, wide, p, mode, as_tensor):
+    """A radius beyond the largest float of x's dtype, with a result that fits it:
+    float16 x with z = 1e5 raised torch's "value cannot be converted to type c10::Half
+    without overflow" (scalar clamps), a tensor radius cast to float16 became Inf and
+    reached the "threshold overflows after rescaling" guard (RuntimeError), and the L2
+    ball with it came back 1 ulp off x. Reference: the same call in the wider dtype,
+    rounded once; the balls keep x itself."""
+    x = _x(3, 9, seed=2, dtype=dtype)
+    radius = torch.full((3,), r, dtype=wide) if as_tensor else r
+    y = _project_any(x, p, mode, radius)
+    want = _project_any(x.to(wide), p, mode, radius).to(dtype)
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+    assert torch.equal(y, want)
+    if mode == "ball":
+        assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf, "simplex"])
+def test_projection_radius_beyond_the_dtype_range_grad(p):
+    """Gradients through the wider solve: those of the float32 call on the same values
+    (float16 x, radius 1e5 as a float32 tensor that requires grad; the L2 and L∞
+    spheres of that radius do not fit float16)."""
+    mode = {1: "sphere", "simplex": None}.get(p, "ball")
+    x16 = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.0, 3.0, -2.0, 0.0]], dtype=torch.float16)
+    g = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.25, 1.0, -1.0, 2.0]])
+    out = []
+    for x in (x16, x16.float()):
+        xg = x.clone().requires_grad_()
+        r = torch.tensor([1e5, 2e5], requires_grad=True)
+        out.append(torch.autograd.grad((_project_any(xg, p, mode, r).float() * g).sum(), [xg, r]))
+    torch.testing.assert_close(out[0][0], out[1][0].half(), rtol=0, atol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_projection_that_does_not_fit_the_dtype_is_a_solver_error(as_tensor):
+    """A result beyond the largest float of x's dtype (float16 max 65504): by hand, the
+    simplex of one entry is z, the L∞ sphere pushes the largest entry to ±r, the L2
+    sphere of [3, 4] is r·[0.6, 0.8]. A SolverError (not torch's RuntimeError, not Inf)
+    names the dtype."""
+    from convexddn.errors import SolverError
+
+    r = torch.tensor(1e5) if as_tensor else 1e5
+    x = torch.tensor([[3.0, 4.0]], dtype=torch.float16)
+    for call in (lambda: project_simplex(x[:, :1], z=r), lambda: project_lp(x, math.inf, "sphere", r),
+                 lambda: project_lp(x, 2, "sphere", r)):
+        with pytest.raises(SolverError, match=r"does not fit torch.float16 for 1 of 1 vector"):
+            call()
+    y = project_lp(x, 2, "sphere", r / 2)  # 3e4, 4e4: fits
+    assert torch.equal(y, torch.tensor([[30000.0, 40000.0]], dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype,r", [(torch.float32, 3e38), (F64, 1e308), (torch.float16, 6e4)])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_project_l2_ball_keeps_x_where_r_over_norm_overflows(dtype, r, as_tensor):
+    """r/‖x‖ overflows (entries ~1e-3, r near the largest float): the rescaled path
+    returned (x/a)·a, 1 ulp off x in ~40% of the rows although x is inside the ball.
+    Closed form: x itself, gradient the identity for x and 0 for r."""
+    x = _x(200, 7, scale=1e-3, seed=9, dtype=dtype).requires_grad_()
+    radius = torch.full((200,), r, dtype=dtype, requires_grad=True) if as_tensor else r
+    y = project_lp(x, 2, "ball", radius)
+    assert torch.equal(y.detach(), x.detach())
+    g = _x(200, 7, seed=10, dtype=dtype)
+    grads = torch.autograd.grad(y, [x, radius] if as_tensor else [x], g)
+    assert torch.equal(grads[0], g)
+    if as_tensor:
+        assert torch.equal(grads[1], torch.zeros_like(radius))
+
+
 # --------------------------------------------------------------------------- gradient range
 
 F32_BIG = 3e38  # near float32's largest, 3.4e38

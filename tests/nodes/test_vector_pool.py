@@ -419,3 +419,50 @@ def test_robust_vector_pool_far_outlier_float32_and_overflow_error():
     torch.testing.assert_close(y, robust_vector_pool(x[..., :3], "welsch", 1.0), rtol=1e-6, atol=1e-6)
     with pytest.raises(SolverError, match="spreads 1.0e\\+200 times alpha"):
         robust_vector_pool(torch.tensor([[[0.0, 1.0, 1e200], [0.0, 2.0, 0.0]]], dtype=torch.float64), "huber", 1.0)
+
+
+@pytest.mark.parametrize("alpha,scale", [(1e-40, 1.0), ("tensor", 1.0), (1e-50, 1.0), (1e39, 1.0),
+                                         (1e-9, 1e30), (1e-3, 1e30)])
+@pytest.mark.parametrize("name", ["huber", "welsch"])
+def test_robust_vector_pool_float32_alpha_or_data_at_the_range_ends(alpha, scale, name):
+    """float32 sets spreading ~3 with alpha = 1e-40 (a float32 subnormal) or 1e-50
+    (0 in float32), or spreading 3e30 with alpha = 1e-9: spread / alpha is far below the
+    documented 2^500, but x3 / 2^round(log2 alpha) overflowed float32 before the range
+    check and a SolverError reported a spread of "inf times alpha" ("nan times alpha"
+    for alpha = 1e39, Inf in float32, and 1e-50). Reference: the float64 call on the
+    same values."""
+    x = torch.randn(3, 2, 9, generator=torch.Generator().manual_seed(3)) * scale
+    a = torch.tensor(1e-40) if alpha == "tensor" else alpha
+    y = robust_vector_pool(x, name, a)
+    want = robust_vector_pool(x.double(), name, a.double() if alpha == "tensor" else alpha)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_robust_vector_pool_equal_vectors_far_from_zero_with_tiny_alpha():
+    """Sets of one repeated vector (spread 0) of 1e30 with alpha = 1e-20: in units of
+    alpha the entries overflow float32 (a SolverError reported a spread of "nan times
+    alpha"); they are solved in float64. Closed form: the vector itself. Beyond
+    float64's reach in those units, a SolverError says so."""
+    x = torch.tensor([1e30, -2e30, 3e29]).view(1, 3, 1).expand(2, 3, 5).contiguous()
+    y = robust_vector_pool(x, "huber", 1e-20)
+    torch.testing.assert_close(y, x[..., 0], rtol=0, atol=0)
+    with pytest.raises(SolverError, match="entries 1.0e\\+305 times alpha"):
+        robust_vector_pool(torch.full((1, 2, 3), 1e300, dtype=torch.float64), "huber", 1e-5)
+
+
+def test_robust_vector_pool_output_is_contiguous():
+    """vector_dim before the kept dims: the rows were moved back as a view (strides
+    (1, 4) for a (4, 6) result of a contiguous input) and y.view(-1) raised. Closed
+    form for the quadratic penalty: the mean over the pooled dim."""
+    x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(4), dtype=D)
+    for name in ("quadratic", "huber"):
+        y = robust_vector_pool(x, name, 1.0, dim=-1, vector_dim=0)
+        assert y.shape == (4, 6) and y.is_contiguous()
+        assert y.view(-1).shape == (24,)
+    torch.testing.assert_close(robust_vector_pool(x, "quadratic", 1.0, dim=-1, vector_dim=0), x.mean(-1),
+                               rtol=1e-14, atol=1e-15)
+    x4 = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(5), dtype=D)
+    y = robust_vector_pool(x4, "quadratic", 1.0, dim=(0, 3), vector_dim=1)  # (C=3, kept 4): vector first
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, x4.mean((0, 3)), rtol=1e-14, atol=1e-15)

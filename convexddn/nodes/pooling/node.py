@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._autograd import first_order
+from ..._autograd import first_order, save_plain
 from ..._checks import (
     check_bool,
     check_device,
@@ -52,9 +52,25 @@ _DEFAULT_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
 _DEFAULT_MAX_ITER = 100
 
 
-
 def _resolve_tol(tol: float | None, dtype: torch.dtype) -> float:
     return _DEFAULT_TOL.get(dtype, 1e-6) if tol is None else tol
+
+
+def _check_alpha(alpha: Any) -> bool:
+    """``check_scale("alpha", alpha)``; returns whether alpha leaves float32's normal
+    range somewhere, where float32 and 16-bit x are solved in float64 (a float alpha of
+    1e5 made in float16 x's dtype was Inf, 1e-8 was 0; 1e39 is Inf in float32). Within
+    the check's one host read (none when compiling: an async assert, float32 kept)."""
+    info, a = torch.finfo(torch.float32), alpha
+    if not isinstance(a, torch.Tensor) or a.numel() == 0 or torch.compiler.is_compiling():
+        check_scale("alpha", a)
+        return not isinstance(a, torch.Tensor) and not info.tiny <= float(a) <= info.max
+    check_tensor("alpha", a)
+    ok = torch.isfinite(a) & (a > 0)
+    good, normal = torch.stack([ok.all(), ((a >= info.tiny) & (a <= info.max)).all()]).tolist()
+    if not good:
+        check_scale("alpha", a)  # raises, naming the values
+    return not normal
 
 
 class _RobustPoolFunction(torch.autograd.Function):
@@ -81,7 +97,7 @@ class _RobustPoolFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, alpha, penalty, _tol, _max_iter, use_compile = inputs
-        ctx.save_for_backward(x, alpha, output)
+        save_plain(ctx, x, alpha, output)  # (inference-mode inputs as plain copies)
         ctx.penalty = penalty
         ctx.use_compile = use_compile
 
@@ -197,7 +213,8 @@ def robust_pool(
     Huber and truncated quadratic (:math:`|y - x_i| = \\alpha`) the inlier side is taken.
 
     Args:
-        x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32).
+        x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32; all in
+            float64 where ``alpha`` is no normal float32 number: below 1.2e-38, above 3.4e38).
         penalty: one of :data:`PENALTIES` (or the DDN reference's spellings in
             :data:`PENALTY_ALIASES`, e.g. ``"pseudo-huber"``) or a :class:`Penalty`.
             Default ``"quadratic"``.
@@ -244,7 +261,7 @@ def robust_pool(
     """
     check_tensor("x", x)
     pen = _check_options(penalty, keepdim, tol, max_iter, compile)
-    check_scale("alpha", alpha)
+    wide = _check_alpha(alpha)
     dims = normalize_dims("dim", dim, x.ndim) if x.ndim > 0 else None
     if dims is None:
         raise ShapeError("x must have at least one dimension to pool over, got a 0-d tensor")
@@ -272,10 +289,9 @@ def robust_pool(
                 f"{tuple(alpha.shape)}"
             ) from None
         a = a.reshape(-1) if batch else a.reshape(())
-    else:
-        a = torch.tensor(float(alpha), dtype=x.dtype, device=x.device)
-
-    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    work = torch.float64 if wide or x.dtype == torch.float64 else torch.float32
+    if not isinstance(alpha, torch.Tensor):
+        a = torch.tensor(float(alpha), dtype=work, device=x.device)
     xw = x2.to(work)
     aw = a.to(work)
     use_compile = bool(compile) and compile_available()

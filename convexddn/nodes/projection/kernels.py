@@ -15,8 +15,9 @@ import torch
 
 from ..._autograd import bind_fast, first_order
 from ..._checks import check_finite
-from ...errors import ConvexDDNWarning, GradientWarning
+from ...errors import ConvexDDNWarning, GradientWarning, SolverError
 from .._overflow import warn_gradient_overflow
+from .._repr import format_option
 
 
 def _along(values: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
@@ -57,6 +58,38 @@ def _may_underflow(r: float | torch.Tensor, n: int, dtype: torch.dtype) -> bool:
     if isinstance(r, torch.Tensor):
         return True
     return r < n * torch.finfo(dtype).tiny
+
+
+def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype to solve in when the radius exceeds the largest float of x's dtype
+    (float32, or float64 beyond float32's range); ``None`` for x's own. Cast to x's dtype,
+    such a radius overflowed (float16 x, z = 1e5: torch's scalar conversion error, or a
+    radius of Inf). One host read for a tensor radius of a wider dtype than x (none when
+    compiling: x's dtype is kept)."""
+    top = torch.finfo(x.dtype).max
+    if isinstance(radius, torch.Tensor):
+        if (torch.finfo(radius.dtype).max <= top or radius.numel() == 0
+                or torch.compiler.is_compiling()):
+            return None
+        value = float(radius.detach().amax())
+    else:
+        value = float(radius)
+    if value <= top:
+        return None
+    return torch.float32 if value <= torch.finfo(torch.float32).max else torch.float64
+
+
+def narrowed(y: torch.Tensor, dtype: torch.dtype, d: int, what: str, name: str,
+             radius: float | torch.Tensor) -> torch.Tensor:
+    """``y``, solved in a wider dtype, in ``dtype``; ``SolverError`` where it does not fit."""
+    out = y.to(dtype)
+    bad = ~torch.isfinite(out).all(d)
+    if bool(bad.any()):
+        raise SolverError(
+            f"{what}: the projection does not fit {dtype} for {int(bad.sum())} of {bad.numel()} "
+            f"vector(s) (an entry beyond {torch.finfo(dtype).max:g}, with {name}={format_option(radius)}); "
+            f"pass x in a wider dtype or a smaller {name}")
+    return out
 
 
 def warn_unrepresentable(y: torch.Tensor, d: int, what: str) -> None:
@@ -103,9 +136,11 @@ def l2_forward(
             if not compiling and _may_underflow(r, x.shape[d], x.dtype):
                 warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
         else:
-            factor = torch.minimum(a, ratio)
-            y = xs * factor
-            scale = factor / a
+            # Inside the ball (ratio >= a) the answer is x itself: (x/a)·a was 1 ulp off
+            # for a = max|x| not a power of two (float32 x of 1e-3 with r = 3e38).
+            inside = ratio >= a
+            y = torch.where(inside, x, xs * ratio)
+            scale = torch.where(inside, torch.ones_like(ratio), ratio / a)
         if compiling:
             return y, scale, False, 0
         overflow, zeros = torch.stack([torch.isinf(scale).any(), zero.sum() if sphere else zero.new_zeros(())]).tolist()

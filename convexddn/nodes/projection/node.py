@@ -37,7 +37,15 @@ from ..._checks import (
 from ..._autograd import may_carry_tangents
 from ...errors import ShapeError
 from .._repr import format_option
-from .kernels import L2ProjectionFn, LinfProjectionFn, l2_forward, linf_forward, needs_graph
+from .kernels import (
+    L2ProjectionFn,
+    LinfProjectionFn,
+    l2_forward,
+    linf_forward,
+    narrowed,
+    needs_graph,
+    wide_dtype,
+)
 from .simplex import L1ProjectionFn, SimplexProjectionFn, l1_forward, simplex_forward
 
 __all__ = ["LpProjection", "SimplexProjection", "normalize_p", "project_lp", "project_simplex"]
@@ -77,10 +85,11 @@ def _prepare_radius(
 
     A tensor radius must broadcast to x's shape with ``dim`` removed (one radius per
     projected vector, or any broadcastable part of that); it is converted to x's dtype
-    (differentiably, so a radius that requires grad gets its gradient); one on another
-    device than x is refused (``InputError``), not moved.
+    (differentiably, so a radius that requires grad gets its gradient; the callers solve
+    in a wider dtype where it would overflow, :func:`.kernels.wide_dtype`); one on another
+    device than x is refused (``InputError``), not moved. Its values are checked by
+    :func:`_check_radius_option` before.
     """
-    _check_radius_option(radius, name)
     if not isinstance(radius, torch.Tensor):
         return float(radius)
     check_device(name, radius, x)
@@ -157,7 +166,9 @@ def project_lp(
     represented in the dtype (a sphere radius so small that the projection rounds to
     zero; a gradient :math:`r/\|x\|` beyond the largest float for subnormal ``x``)
     a :class:`~convexddn.errors.ConvexDDNWarning` /
-    :class:`~convexddn.errors.GradientWarning` says so.
+    :class:`~convexddn.errors.GradientWarning` says so. A radius beyond the largest float
+    of x's dtype (float16 ``x``, ``radius=1e5``) is solved in float32 (float64 beyond
+    float32's range) and the result rounded once to x's dtype (the ball keeps ``x``).
 
     Args:
         x: input tensor, floating point.
@@ -179,6 +190,8 @@ def project_lp(
         OptionError: unknown ``p`` or ``mode`` (the message lists the valid ones),
             ``radius`` ≤ 0 or not a number, ``dim`` not an int.
         InputError: a tensor ``radius`` on another device than ``x`` (refused, not moved).
+        SolverError: a sphere projection with an entry beyond the largest float of x's
+            dtype (radius beyond that range).
 
     Warns:
         ConvexDDNWarning: a sphere projection rounded to zero (radius below the dtype's
@@ -203,6 +216,11 @@ def project_lp(
     p = normalize_p(p)
     check_choice("mode", mode, _MODES)
     d = _check_dim(dim, x)
+    _check_radius_option(radius)
+    wide = wide_dtype(radius, x)
+    if wide is not None:  # solved there, rounded once to x's dtype
+        y = project_lp(x.to(wide), p, mode, radius, dim)
+        return narrowed(y, x.dtype, d, f"project_lp(p={_p_repr(p)}, mode={mode!r})", "radius", radius)
     r = _prepare_radius(radius, x, d)
     sphere = mode == "sphere"
     graph = needs_graph(x, r)
@@ -247,6 +265,9 @@ def project_simplex(
             does not broadcast to the batch shape.
         OptionError: ``dim`` is not an int, ``z`` ≤ 0 or not a number.
         InputError: a tensor ``z`` on another device than ``x`` (refused, not moved).
+        SolverError: an entry of the result beyond the largest float of x's dtype (a
+            ``z`` beyond that range is solved in float32, or float64 beyond float32's,
+            and the result rounded once to x's dtype).
 
     Warns:
         GradientWarning: in backward, a gradient that overflows the dtype (Inf or NaN
@@ -264,6 +285,10 @@ def project_simplex(
     """
     x = check_tensor("x", x)
     d = _check_dim(dim, x)
+    _check_radius_option(z, name="z")
+    wide = wide_dtype(z, x)
+    if wide is not None:  # solved there, rounded once to x's dtype
+        return narrowed(project_simplex(x.to(wide), dim, z), x.dtype, d, "project_simplex", "z", z)
     zz = _prepare_radius(z, x, d, name="z")
     # Forward mode too: through the sort's ties it gave tangents leaving the simplex
     # ([1, 0, 0, -0.5]: [0, -1.3, 0.2, 0]); the Function's jvp is the exact one.

@@ -15,10 +15,16 @@ import torch
 
 from ..._autograd import bind_fast, first_order, first_order_jvp
 from ..._checks import check_finite
+from ...errors import SolverError
 from .._overflow import warn_gradient_overflow
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
 __all__ = ["L1ProjectionFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
+
+# Where the radius is Inf in x's dtype: the public functions widen a radius beyond that
+# range first (kernels.wide_dtype), except inside torch.compile (no host read there).
+_OVERFLOW = ("{}: the threshold overflows after rescaling ({} is Inf in x's dtype; under "
+             "torch.compile a radius beyond that range is not widened: pass x in a wider dtype)")
 
 
 def _sorted_threshold(
@@ -102,8 +108,8 @@ def l1_forward(
     out = _shifted_simplex(ax - top, r, d)
     if out is None:  # NaN/Inf in x (which poison the sums), or sums of ~n·r that overflow
         check_finite("x", x)
-        if _rescaled:  # _scaled's bound rules this out: fail loudly, never loop
-            raise RuntimeError("project_lp(p=1): the threshold overflows after rescaling")
+        if _rescaled:  # _scaled's bound rules out a finite radius: fail loudly, never loop
+            raise SolverError(_OVERFLOW.format("project_lp(p=1)", "radius"))
         xs, rs, s = _scaled(x, r, d)
         y, active = l1_forward(xs, rs, d, sphere, True)
         # |y| ≤ r exactly; the clamp keeps a last-ulp excess from turning r ≈ max into Inf.
@@ -180,8 +186,8 @@ def simplex_forward(
     # the clamp at −z in _shifted_simplex takes it back.
     out = _shifted_simplex(x - hi, z, d)
     if out is None:  # sums of ~n·z that overflow (x is finite here)
-        if _rescaled:  # _scaled's bound rules this out: fail loudly, never loop
-            raise RuntimeError("project_simplex: the threshold overflows after rescaling")
+        if _rescaled:  # _scaled's bound rules out a finite z: fail loudly, never loop
+            raise SolverError(_OVERFLOW.format("project_simplex", "z"))
         xs, zs, s = _scaled(x, z, d)
         # y ≤ z exactly; the clamp keeps a last-ulp excess from turning z ≈ max into Inf.
         return simplex_forward(xs, zs, d, True).clamp(max=zs).div_(s).to(x.dtype)
