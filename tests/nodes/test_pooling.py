@@ -1138,10 +1138,11 @@ def test_trunc_quad_outlier_clusters_far_on_both_sides():
     assert float(y32) == pytest.approx(0.25, rel=1e-7)
 
 
-def test_trunc_quad_segmented_and_centred_sums_agree():
-    # Both anchorings of the kernel's prefix sums give the same minimiser on ordinary rows
-    # (where the centred one is trusted), and the far-spread rows are the ones flagged.
-    from convexddn.nodes.pooling.kernels import trunc_quad_runs
+def test_trunc_quad_cells_and_centred_sums_agree():
+    # Both anchorings of the prefix sums (the row's centre, and each chunk's first point
+    # in trunc_quad_cells) give the same minimiser on ordinary rows (where the centred
+    # one is trusted), and the far-spread rows are the ones flagged.
+    from convexddn.nodes.pooling.trunc_quad import trunc_quad_cells, trunc_quad_runs
 
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(64, 257, dtype=F64, generator=gen)
@@ -1150,13 +1151,83 @@ def test_trunc_quad_segmented_and_centred_sums_agree():
     a = torch.tensor(0.7, dtype=F64)
     lft = torch.searchsorted(s, s - 2 * a, out_int32=True)
     y_c, risky = trunc_quad_runs(s, lft, a)
-    y_s, none = trunc_quad_runs(s, lft, a, True)
-    assert none is None and not bool(risky.any())
+    y_s, unsure = trunc_quad_cells(s, lft, a)
+    assert not bool(unsure.any()) and not bool(risky.any())
     torch.testing.assert_close(y_s, y_c, rtol=1e-14, atol=1e-14)
     far = s.clone()
     far[:, -3:] = 1e9
     _, risky = trunc_quad_runs(far, torch.searchsorted(far, far - 2 * a, out_int32=True), a)
     assert bool(risky.all())
+
+
+def _trunc_quad_local(s: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The truncated-quadratic objective of sorted float64 rows ``s (R, N)`` at ``u (R, m)``,
+    summing only the squares of the inliers (|s - u| <= alpha, found by searchsorted):
+    no prefix sums, so no cancellation whatever the row's length or spread."""
+    n = s.shape[-1]
+    lo = torch.searchsorted(s, u - alpha)
+    cnt = torch.searchsorted(s, u + alpha, right=True) - lo
+    sq = torch.zeros_like(u)
+    for j in range(int(cnt.max())):
+        r = s.gather(-1, (lo + j).clamp(max=n - 1)) - u
+        sq += torch.where(j < cnt, r * r, 0.0)
+    return 0.5 * sq + 0.5 * alpha**2 * (n - cnt).to(s.dtype)
+
+
+def _trunc_quad_min_local(s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Brute force: the least objective over the means of every window of at most W
+    consecutive sorted points, W the most points within 2 alpha of one (every minimiser
+    is the mean of its inliers, such a window); each mean relative to its window's first
+    point, each objective by :func:`_trunc_quad_local`."""
+    n = s.shape[-1]
+    w_max = int((torch.searchsorted(s, s + 2 * alpha, right=True) - torch.arange(n)).max())
+    best = torch.full(s.shape[:1], math.inf, dtype=s.dtype)
+    for w in range(1, w_max + 1):
+        win = s.unfold(-1, w, 1)
+        u = win[..., 0] + (win - win[..., :1]).mean(-1)
+        best = torch.minimum(best, _trunc_quad_local(s, u, alpha).min(-1).values)
+    return best
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_trunc_quad_long_chain(dtype):
+    """One chain of 150000 points 1.9 alpha apart (no gap wider than 2 alpha: one
+    segment) plus a close pair, near the end or 300 points before it, whose mean wins
+    by 0.875 alpha^2. Anchored at the segment's first point, the offsets reached
+    2.85e5 alpha and the prefix sums of their squares 4e15 alpha^2, whose rounding
+    picked another run: the objective exceeded the minimum by 0.44 alpha^2 (in both
+    dtypes, both rows). Checked against a brute force with local sums (float64)."""
+    n, alpha = 150_000, 1.0
+    rows = []
+    for where in (3, 300):
+        x = torch.arange(n, dtype=F64) * 1.9 * alpha
+        k = n - where
+        rows.append(torch.cat([x[: k + 1], x[k : k + 1] + 0.5 * alpha, x[k + 1 :]]))
+    x = torch.stack(rows).to(dtype)
+    y = robust_pool(x, "trunc_quad", alpha)
+    s = x.double().sort(-1).values
+    f_min = _trunc_quad_min_local(s, alpha)
+    f_y = _trunc_quad_local(s, y.double().unsqueeze(-1), alpha).squeeze(-1)
+    # float32: y rounded to an ulp of 2.85e5 (1/32) costs up to 2.4e-4 alpha^2.
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    assert (f_y - f_min <= tol * alpha**2).all(), (f_y - f_min).tolist()
+    pair = x.double()[:, [n - 3, n - 300]].diagonal() + 0.25 * alpha
+    torch.testing.assert_close(y.double(), pair, rtol=0, atol=0.02 if dtype == torch.float32 else 1e-9)
+
+
+def test_trunc_quad_cells_flags_what_it_cannot_rank(monkeypatch):
+    """Rows whose local sums of squares still exceed the rounding bound (some 1e7 dense
+    entries; here the bound is lowered) are reported, pointing at the caller."""
+    from convexddn.nodes.pooling import trunc_quad
+
+    x = with_outliers(0, (3, 12))
+    x[1, -3:] = 1e9  # far spread: this row goes to trunc_quad_cells
+    y_ref = robust_pool(x, "trunc_quad", 1.0)
+    monkeypatch.setattr(trunc_quad, "_CELLS_RISK", 0.0)
+    with pytest.warns(SolverWarning, match=r"1 of 3 row\(s\) have sums of squares too large") as rec:
+        y = robust_pool(x, "trunc_quad", 1.0)
+    assert rec[0].filename == __file__
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------- far tails, overflow, subclass checks

@@ -3,7 +3,8 @@
 - :mod:`.penalties`: :class:`Penalty` and the five built-in penalties, each owning its
   maths, its CVXPY form (convex ones) and its solver hook;
 - :mod:`.kernels`: fused Newton/IRLS steps and the backward, derived from the penalties;
-- :mod:`.solvers`: iteration drivers (safeguarded Newton, Welsch, exact truncated quadratic);
+- :mod:`.solvers`: iteration drivers (safeguarded Newton, Welsch);
+- :mod:`.trunc_quad`: the exact truncated-quadratic minimiser (sorted rows, candidate runs);
 - :mod:`.node`: the autograd Function, :func:`robust_pool` and :class:`RobustPool`.
 """
 from .node import RobustPool, robust_pool

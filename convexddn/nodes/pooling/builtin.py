@@ -326,6 +326,6 @@ class TruncatedQuadratic(Penalty):
         return w, (torch.zeros_like(w[..., :1]) if need_alpha else None), None
 
     def solve(self, x, alpha, tol, max_iter, use_compile):
-        from .solvers import trunc_quad_solve
+        from .trunc_quad import trunc_quad_solve
 
         return trunc_quad_solve(x, alpha, use_compile)

@@ -23,11 +23,15 @@ import torch
 from torch import Tensor
 
 from ..._checks import check_finite
-from ..._sort import sort_values
 from ...errors import SolverWarning
 from .descent import descent_rows, safe_step
 from .iterations import newton_rows
-from .kernels import Scratch, block_ranges, row_scale, row_sums, run, trunc_quad_runs
+from .kernels import (
+    Scratch,
+    block_ranges,
+    row_scale,
+    row_sums,
+)
 from .penalties import Penalty
 from .rows import Rows
 
@@ -40,15 +44,6 @@ _REMEDIAN_LEVELS = 4
 # _SAMPLE_STEPS safeguarded Newton steps; refined starts closer than _MERGE * alpha are one.
 _NC_SAMPLE = 128
 _SAMPLE_STEPS, _MERGE = 4, 1e-3
-# Bytes of x per block in the exact truncated-quadratic solver on a CPU (its float64
-# prefix sums are a dozen row-sized temporaries). 256 KiB, measured in one process on
-# the 2-core machine, float32: (4, 256, 1024) 59-64 ms against 78-100 with 64 KiB and
-# 80-88 with 1 MiB; (4, 1024, 2048) 400-450 ms against 515-590 and 370-380. The sort
-# and the run starts take blocks _TQ_SORT_BLOCKS times larger: torch's sort of a few
-# rows costs twice as much per row as of many (2048 entries: 86 µs per row in blocks
-# of 8 rows, 44 µs in blocks of 64).
-_TQ_BLOCK_BYTES = 1 << 18
-_TQ_SORT_BLOCKS = 8
 
 
 def mean_solve(x: Tensor) -> Tensor:
@@ -121,9 +116,9 @@ def _sample_starts(xs: Tensor) -> Tensor:
     return torch.cat([xs.mean(-1, keepdim=True), _remedian(xs)], -1)
 
 
-def _warn(name: str, message: str, count: int, rows: int) -> None:
+def _warn(name: str, message: str, count: int, rows: int, stacklevel: int = 8) -> None:
     warnings.warn(f"robust_pool(penalty={name!r}): {count} of {rows} row(s) {message}",
-                  SolverWarning, stacklevel=8)
+                  SolverWarning, stacklevel=stacklevel)
 
 
 # --------------------------------------------------------------------------- drivers
@@ -272,46 +267,3 @@ def _nonconvex(pen, rows: Rows, tol, max_iter, use_compile, starts):
 
 
 # --------------------------------------------------------------------------- truncated quadratic
-
-
-def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
-    """The exact global minimiser of truncated-quadratic pooling (see :func:`.kernels.trunc_quad_runs`)."""
-    rows, n = x.shape
-    y = x.new_empty(rows)
-    sub = rows
-    if x.device.type == "cpu" and not use_compile:
-        sub = max(1, _TQ_BLOCK_BYTES // (n * x.element_size()))
-        step = sub * _TQ_SORT_BLOCKS
-        ranges = [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
-    else:
-        ranges = block_ranges(rows, n, x, use_compile)
-    ends = x.new_empty(rows, 2)
-    for sl in ranges:
-        xb = x[sl]
-        ab = a if a.dim() == 0 else a[sl]
-        s = sort_values(xb)  # contiguous: searchsorted copies strided rows
-        ends[sl] = s[:, :: max(n - 1, 1)]  # NaN sorts to an end: min and max catch NaN/Inf
-        scale = None
-        if bool((ends[sl].abs() > torch.finfo(x.dtype).max / 16).any()):
-            # Entries near the end of the float range: differences could overflow.
-            scale = row_scale(ends[sl][:, :1], ends[sl][:, 1:])
-            s, ab = s * scale, ab * scale
-        # int32 positions: 25 % faster than int64 ones (1024 rows of 1024: 8.4 against
-        # 11.3 ms); trunc_quad_runs widens them in its first op. Left side: closed
-        # windows [s_i - 2 alpha, s_i] (extra runs are valid candidates too); where 2 alpha
-        # is below half an ulp of s_i, s_i - 2 alpha rounds to s_i itself, and the right
-        # side missed the run of s_i's duplicates ([1e8, 1e8, 0] gave 0).
-        lft = torch.searchsorted(s, s - 2 * ab, out_int32=True)
-        parts = [run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub], ab if ab.dim() == 0 else ab[i:i + sub])
-                 for i in range(0, s.shape[0], sub)]
-        yb = torch.cat([p[0] for p in parts])
-        risky = torch.cat([p[1] for p in parts])
-        if bool(risky.any()):
-            # Rows spread far beyond alpha: sums anchored per segment (see trunc_quad_runs);
-            # eagerly, also when compiling: a rare path is not worth a compile per shape.
-            rr = torch.nonzero(risky).squeeze(1)
-            yb[rr] = trunc_quad_runs(s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr], True)[0]
-        y[sl] = yb if scale is None else yb / scale.squeeze(-1)
-    if not bool(torch.isfinite(ends).all()):
-        check_finite("x", x)
-    return y

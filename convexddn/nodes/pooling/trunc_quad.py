@@ -1,0 +1,243 @@
+"""The exact global minimiser of truncated-quadratic pooling.
+
+.. math:: y = \\operatorname*{argmin}_u \\sum_i \\min\\big((u - x_i)^2, \\alpha^2\\big) / 2
+
+Each row is sorted; the objective is piecewise quadratic with breakpoints
+:math:`x_i \\pm \\alpha`, and on each piece the inliers are a contiguous run of the sorted
+row whose mean is that piece's candidate. :func:`trunc_quad_runs` ranks every
+candidate from prefix sums centred on the row; rows whose sums are too large for that
+(a spread far beyond alpha) are ranked again by :func:`trunc_quad_cells` from sums
+local to cells of 4-8 alpha; :func:`trunc_quad_solve` drives both over row blocks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..._checks import check_finite
+from ..._sort import sort_values
+from .kernels import block_ranges, row_scale, run
+from .solvers import _warn
+
+__all__ = ["trunc_quad_cells", "trunc_quad_runs", "trunc_quad_solve"]
+
+# Bytes of x per block in the exact truncated-quadratic solver on a CPU (its float64
+# prefix sums are a dozen row-sized temporaries). 256 KiB, measured in one process on
+# the 2-core machine, float32: (4, 256, 1024) 59-64 ms against 78-100 with 64 KiB and
+# 80-88 with 1 MiB; (4, 1024, 2048) 400-450 ms against 515-590 and 370-380. The sort
+# and the run starts take blocks _TQ_SORT_BLOCKS times larger: torch's sort of a few
+# rows costs twice as much per row as of many (2048 entries: 86 µs per row in blocks
+# of 8 rows, 44 µs in blocks of 64).
+_TQ_BLOCK_BYTES = 1 << 18
+_TQ_SORT_BLOCKS = 8
+
+# Rows whose centred sums of squares exceed 2^29 alpha^2 are redone with local sums
+# (trunc_quad_cells): their candidates' rounding, about 8 eps times those sums,
+# would then exceed 2^-20 alpha^2 (for a row of 2048, an RMS distance from the centre
+# above ~500 alpha, e.g. outlier clusters far out). trunc_quad_cells flags its own rows
+# by the same bound.
+_TQ_RISK = 2.0**29
+# The same bound for trunc_quad_cells' own sums (a name of its own: tests lower it alone).
+_CELLS_RISK = _TQ_RISK
+
+
+def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact global minimiser of sum_i min((u - x_i)^2, alpha^2) / 2 for each sorted row s.
+
+    The objective is piecewise quadratic; on each piece between consecutive breakpoints
+    x_i +- alpha the inliers form a contiguous run of the sorted row, and the global
+    minimiser is the mean of its own inlier run. Every piece starts where a point
+    enters (the run ends at that point i and starts at l_i = #{k : s_k < s_i - 2 alpha},
+    given as ``lft``) or leaves (the run starts after i and ends at
+    r_i = #{k : s_k < s_i + 2 alpha} = #{k : l_k <= i}, counted from ``lft`` in O(N)).
+    For any run W, G_W = SSE_W / 2 + alpha^2 (N - |W|) / 2 bounds the objective at the
+    mean of W from above, with equality for the optimal run, so the smallest G over the
+    2N candidate runs is the global minimum and its mean the global minimiser: no
+    clipping into pieces needed, and rounding in the run ends can only add valid runs.
+
+    Rounding: the float64 prefix sums are taken of offsets from the row's middle order
+    statistic (uncentred they would cancel catastrophically), and each G carries the
+    rounding of every entry summed before its run, about eps·Σ (s - centre)²; the
+    second output flags rows where that exceeds 2^-20 alpha² (``_TQ_RISK``), which the
+    caller redoes with local sums (:func:`trunc_quad_cells`). (At outlier
+    clusters near ±1e8 and alpha = 1 the centred G's rounding exceeds alpha²/2: the
+    cluster's mean was returned.)
+
+    Scale-free: the offsets are divided by a power of two near the row's half-range
+    (squares of entries beyond 1e154 would overflow), and alpha^2 is kept between
+    twice the smallest normal number and 2e150 in those units (below, ties between
+    runs are broken by their size, as the vanishing alpha^2 term would; above, the one
+    run of every point wins, as it must).
+    """
+    rows, n = s.shape
+    acc = torch.float64
+    centre = s[:, n // 2 : n // 2 + 1].to(acc)
+    half = torch.maximum(s[:, -1:].to(acc) - centre, centre - s[:, :1].to(acc))
+    unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half)))))
+    inv = 1.0 / unit
+    pos = torch.arange(n, device=s.device)
+    # Entry runs [l_k, k] hold at least point k, even where s_k - 2 alpha rounds to s_k
+    # (this also widens int32 positions to int64, for gather).
+    lft = torch.minimum(lft, pos)
+    # (s − centre) / unit in one pass: unit is a power of two, so s/unit and centre/unit
+    # are exact and the one rounding is that of s − centre.
+    d = torch.addcmul(-centre * inv, s, inv)
+    # Prefix sums with a leading zero: p[:, k] is the sum of the first k entries.
+    p1 = d.new_empty(rows, n + 1)
+    p2 = d.new_empty(rows, n + 1)
+    p1[:, 0] = 0.0
+    p2[:, 0] = 0.0
+    torch.cumsum(d, -1, out=p1[:, 1:])
+    torch.cumsum(d.mul_(d), -1, out=p2[:, 1:])
+    # a2 = alpha^2 in these units. Every candidate's G = (SSE_W + alpha^2 (N - |W|)) / 2
+    # is compared as 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
+    a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
+    idx = pos + 1
+    n_e = (idx - lft).to(acc)
+    s1_e = p1[:, 1:] - p1.gather(-1, lft)
+    g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1)
+    g_e.addcmul_(a2, n_e, value=-1)
+    # Exit runs [i + 1, r_i), possibly empty.
+    counts = torch.zeros(rows, n + 1, dtype=torch.int64, device=s.device)
+    counts.scatter_add_(-1, lft, torch.ones_like(lft))
+    rgt = counts.cumsum_(-1)[:, :n]
+    n_x = (rgt - idx).to(acc)
+    safe_n = n_x.clamp(min=1)
+    s1_x = p1.gather(-1, rgt) - p1[:, 1:]
+    g_x = (p2.gather(-1, rgt) - p2[:, 1:]).addcdiv_(s1_x * s1_x, safe_n, value=-1)
+    g_x.addcmul_(a2, n_x, value=-1).masked_fill_(n_x <= 0, math.inf)
+
+    best_e, i_e = g_e.min(-1, keepdim=True)
+    best_x, i_x = g_x.min(-1, keepdim=True)
+    m_e, m_x = (s1.gather(-1, i) / cnt.gather(-1, i) * unit + centre
+                for s1, cnt, i in ((s1_e, n_e, i_e), (s1_x, safe_n, i_x)))
+    y = torch.where(best_x < best_e, m_x, m_e).to(s.dtype).squeeze(-1)
+    return y, (p2[:, -1:] > _TQ_RISK * a2).squeeze(-1)
+
+
+def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
+    """The exact global minimiser of truncated-quadratic pooling (see :func:`trunc_quad_runs`)."""
+    rows, n = x.shape
+    y = x.new_empty(rows)
+    sub = rows
+    if x.device.type == "cpu" and not use_compile:
+        sub = max(1, _TQ_BLOCK_BYTES // (n * x.element_size()))
+        step = sub * _TQ_SORT_BLOCKS
+        ranges = [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+    else:
+        ranges = block_ranges(rows, n, x, use_compile)
+    ends = x.new_empty(rows, 2)
+    unsure = 0
+    for sl in ranges:
+        xb = x[sl]
+        ab = a if a.dim() == 0 else a[sl]
+        s = sort_values(xb)  # contiguous: searchsorted copies strided rows
+        ends[sl] = s[:, :: max(n - 1, 1)]  # NaN sorts to an end: min and max catch NaN/Inf
+        scale = None
+        if bool((ends[sl].abs() > torch.finfo(x.dtype).max / 16).any()):
+            # Entries near the end of the float range: differences could overflow.
+            scale = row_scale(ends[sl][:, :1], ends[sl][:, 1:])
+            s, ab = s * scale, ab * scale
+        # int32 positions: 25 % faster than int64 ones (1024 rows of 1024: 8.4 against
+        # 11.3 ms); trunc_quad_runs widens them in its first op. Left side: closed
+        # windows [s_i - 2 alpha, s_i] (extra runs are valid candidates too); where 2 alpha
+        # is below half an ulp of s_i, s_i - 2 alpha rounds to s_i itself, and the right
+        # side missed the run of s_i's duplicates ([1e8, 1e8, 0] gave 0).
+        lft = torch.searchsorted(s, s - 2 * ab, out_int32=True)
+        parts = [run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub], ab if ab.dim() == 0 else ab[i:i + sub])
+                 for i in range(0, s.shape[0], sub)]
+        yb = torch.cat([p[0] for p in parts])
+        risky = torch.cat([p[1] for p in parts])
+        if bool(risky.any()):
+            # Rows spread far beyond alpha: local sums (see trunc_quad_cells); eagerly, also
+            # when compiling: a rare path is not worth a compile per shape.
+            rr = torch.nonzero(risky).squeeze(1)
+            yb[rr], unsure_r = trunc_quad_cells(s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr])
+            unsure += int(unsure_r.sum())
+        y[sl] = yb if scale is None else yb / scale.squeeze(-1)
+    if not bool(torch.isfinite(ends).all()):
+        check_finite("x", x)
+    if unsure:
+        _warn("trunc_quad", "have sums of squares too large (over 2^29 alpha^2 even from "
+              "local anchors: rows of some ten million entries within a few alpha of each "
+              "other) for float64 to rank the candidate runs to 2^-20 alpha^2; the returned "
+              "mean of a run may not be the global minimiser", unsure, rows, stacklevel=7)
+    return y
+
+
+def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`trunc_quad_runs` with sums that stay local whatever the row's length
+    or spread, for the rows whose centred sums it flags. Returns ``(y, unsure)`` (R,).
+
+    Each entry's offset is taken from the first entry of its chunk, in units of a cell
+    width C = 4 · 2^ceil(log2 alpha) (4 to 8 alpha, a power of two). A chunk ends where
+    a point has no other point within 2 alpha below it (l_k = k: no run crosses there)
+    and where floor(s / C), exact, changes. A candidate run spans at most 2 alpha (plus
+    the rounding of s - 2 alpha), less than C, so it meets at most two chunks: the
+    offsets of its first part [l, b), from the anchor a_l, move to its last point's
+    anchor a_h by h = (a_l - a_h) / C (|h| < 2) through the identities S = P1 + n_1 h
+    and Q = P2 + h (2 S_1 + n_1 h), P1 and P2 the run's prefix-sum differences and S_1
+    its first part's sum: every term is of the size of the run's own sums.
+
+    The offsets lie in [0, 1) (units of C, alpha² between 1/64 and 1/16 of them), so
+    the prefix sums of their squares grow with the row's length only (at most N), not
+    with its spread (anchored per segment only, a chain of 1e5 points 1.9 alpha apart
+    had sums near 1e15 alpha², whose rounding picked another run). ``unsure`` flags
+    rows where the rounding could still exceed 2^-20 alpha² (sums of squares above
+    ``_CELLS_RISK`` = ``_TQ_RISK`` alpha², as in trunc_quad_runs: some 1e7 entries packed
+    within a few alpha of each other), or where a run meets three cells (not expected).
+    """
+    rows, n = s.shape
+    acc = torch.float64
+    sd = s.to(acc)
+    a64 = a.to(acc)
+    cell = torch.exp2(torch.ceil(torch.log2(a64)).add_(2).clamp_(-1022, 1023))
+    inv = 1.0 / cell  # exact: powers of two
+    a2 = ((a64 * inv) ** 2).clamp(min=2 * torch.finfo(acc).tiny)
+    pos = torch.arange(n, device=s.device)
+    lft = torch.minimum(lft, pos)
+    # Chunk starts: segment starts, and changes of cell; ``start``: each entry's.
+    q = torch.floor(sd * inv)
+    new = lft == pos
+    new[:, 1:] |= q[:, 1:] != q[:, :-1]
+    start = torch.where(new, pos, 0).cummax(-1).values
+    anchor = sd.gather(-1, start)
+    d = torch.sub(sd, anchor).mul_(inv)
+    p1 = d.new_zeros(rows, n + 1)
+    p2 = d.new_zeros(rows, n + 1)
+    torch.cumsum(d, -1, out=p1[:, 1:])
+    torch.cumsum(d.mul_(d), -1, out=p2[:, 1:])
+
+    def best(lo, b, hi, p1_lo, p2_lo, p1_hi, p2_hi, a_lo, a_hi):
+        """The least 2G - alpha² N over the runs [lo, hi) (parts [lo, b) and [b, hi)
+        summed from the anchors a_lo and a_hi; the p's their ends' prefix sums), and the
+        mean of the first run reaching it."""
+        n1, size = (b - lo).to(acc), (hi - lo).to(acc)
+        h = (a_lo - a_hi).mul_(inv)
+        s1 = p1.gather(-1, b).sub_(p1_lo)
+        s_all = (p1_hi - p1_lo).addcmul_(n1, h)
+        g = (p2_hi - p2_lo).addcmul_(h, s1.mul_(2).addcmul_(n1, h))
+        g.addcdiv_(s_all * s_all, size.clamp(min=1), value=-1).sub_(a2 * size)
+        g.masked_fill_(size <= 0, math.inf)
+        val, i = g.min(-1, keepdim=True)
+        return val, a_hi.gather(-1, i) + s_all.gather(-1, i) / size.gather(-1, i) * cell
+
+    # Entry runs [l_k, k]: the second part starts at k's chunk start (or at l_k).
+    nxt = (pos + 1).expand(rows, n)
+    best_e, m_e = best(lft, torch.maximum(lft, start), nxt, p1.gather(-1, lft), p2.gather(-1, lft),
+                       p1[:, 1:], p2[:, 1:], anchor.gather(-1, lft), anchor)
+    far = (q - q.gather(-1, lft) > 1).any(-1)  # (every exit run lies in an entry run)
+    # Exit runs [i + 1, r_i), possibly empty, as in trunc_quad_runs (r_i > i).
+    counts = torch.zeros(rows, n + 1, dtype=torch.int64, device=s.device)
+    counts.scatter_add_(-1, lft, torch.ones_like(lft))
+    rgt = counts.cumsum_(-1)[:, :n]
+    last = rgt - 1
+    best_x, m_x = best(nxt, torch.maximum(nxt, start.gather(-1, last)), rgt, p1[:, 1:], p2[:, 1:],
+                       p1.gather(-1, rgt), p2.gather(-1, rgt), torch.cat([anchor[:, 1:], anchor[:, -1:]], -1),
+                       anchor.gather(-1, last))
+    # Ties go to the entry run, as in trunc_quad_runs.
+    y = torch.where(best_x < best_e, m_x, m_e).squeeze(-1).to(s.dtype)
+    unsure = (p2[:, -1:] > _CELLS_RISK * a2).squeeze(-1) | far
+    return y, unsure
