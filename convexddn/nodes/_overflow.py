@@ -1,5 +1,5 @@
-"""The warning for a gradient that overflows its dtype, shared by the closed-form
-backward passes (least squares, the projections).
+"""The gradient-overflow check shared by the closed-form backward passes (least
+squares, the L2 sphere projection), and the gain beyond which a node runs it.
 
 Their inputs are checked to be finite in the forward, so a NaN or Inf in a gradient
 they return, with a finite incoming gradient, means that the true gradient (or a sum
@@ -7,10 +7,24 @@ or product formed on the way to it) exceeds the largest number of the dtype: flo
 least squares with ``A ~ 1e-20`` (gradients ~1e40), an L2 sphere projection of radius
 3e38. :func:`warn_gradient_overflow` says so, naming the batch elements; it costs one
 sum per gradient and one host read when everything is finite.
+
+Which backward passes check: those whose own gain (the size of a Jacobian entry) can
+carry an ordinary incoming gradient out of the dtype's range. An ordinary gradient is
+one up to :data:`GAIN_MARGIN` = 2**20 in size (√max = 256 for float16, whose range is
+narrower than 2**40), so a node is flagged where ``gain > gain_limit(dtype)`` (float32:
+3.2e32); the forward computes that flag inside a host read it already does, and a node
+that is not flagged costs its backward nothing (no host read, no sync on CUDA). The L1
+ball and sphere, the simplex, the L∞ ball and sphere and the L2 ball have Jacobian
+entries bounded by 1 (radius gradients by the row length): never flagged. Gradients
+that overflow only because the incoming gradient is within that margin of the dtype's
+range (an incoming 3e38 in float32; fp16 gradients scaled by ``GradScaler``, which
+overflow by design and are skipped by it) are torch's ordinary overflow, Inf as in its
+own reductions, and are not checked.
 """
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import warnings
 from collections.abc import Sequence
@@ -20,7 +34,23 @@ import torch
 from ..errors import GradientWarning
 from .degeneracy import shown_indices
 
-__all__ = ["warn_gradient_overflow"]
+__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "warn_gradient_overflow"]
+
+GAIN_MARGIN = 2.0**20
+
+
+def gain_limit(dtype: torch.dtype) -> float:
+    """The largest gain (Jacobian entry size) of a node whose backward is not checked:
+    ``max / margin``, margin ``GAIN_MARGIN`` (√max where that is smaller: float16)."""
+    top = torch.finfo(dtype).max
+    return top / min(GAIN_MARGIN, math.sqrt(top))
+
+
+def may_overflow(gain: float, dtype: torch.dtype) -> bool:
+    """Whether a backward of this gain (a host number, read by the forward) must check
+    its gradients with :func:`warn_gradient_overflow`: ``gain > gain_limit(dtype)``, or
+    a NaN gain."""
+    return not gain <= gain_limit(dtype)
 
 
 def _rows(bad: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -53,9 +83,10 @@ def warn_gradient_overflow(
     """Warn (:class:`~convexddn.errors.GradientWarning`) when a returned gradient holds
     NaN or Inf that the incoming gradient does not explain.
 
-    Common path: one sum per gradient and one host read (a sum that overflows where no
-    entry does only sends the call down the exact path, which then finds nothing).
-    Skipped inside a compiled graph (no host read there).
+    Common path: one sum per gradient (in float32 at least) and one host read (a sum
+    that overflows where no entry does only sends the call down the exact path, which
+    then finds nothing). Skipped inside a compiled graph (no host read there). Call it
+    only where the node's gain is flagged (module docstring, :func:`gain_limit`).
 
     Args:
         what: the node's name, which starts the message.
@@ -71,7 +102,10 @@ def warn_gradient_overflow(
     present = [(name, g) for name, g in grads if g is not None and g.numel()]
     if not present or torch.compiler.is_compiling():
         return
-    total = functools.reduce(operator.add, [g.detach().sum() for _, g in present])
+    # 16-bit gradients summed in float32: a finite float16 gradient whose sum overflows
+    # 65504 took the exact path (more host reads) to find nothing.
+    total = functools.reduce(operator.add, [
+        g.detach().sum(dtype=torch.promote_types(g.dtype, torch.float32)) for _, g in present])
     if bool(torch.isfinite(total)):
         return
     upstream = _rows(~torch.isfinite(incoming.detach()), dims)

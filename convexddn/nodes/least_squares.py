@@ -32,6 +32,7 @@ References:
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,13 +40,22 @@ import torch
 from .._autograd import bind_fast, first_order, save_plain
 from .._checks import check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
-from ._overflow import warn_gradient_overflow
+from ._overflow import may_overflow, warn_gradient_overflow
 
 __all__ = ["least_squares"]
 
 _WORK = torch.float64
 _MAX_INDICES_SHOWN = 8
 _NAMES = ("A", "b", "weights", "ridge")
+
+
+class _Gate:
+    """Whether the backward checks its gradients for overflow (set from the forward's gain)."""
+
+    __slots__ = ("check",)
+
+    def __init__(self) -> None:
+        self.check = True
 
 
 # --------------------------------------------------------------------------- node
@@ -80,6 +90,19 @@ def _rank_deficient(R: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return ((d <= tol * top).any(-1) | (top.squeeze(-1) == 0)) & torch.isfinite(top.squeeze(-1))
 
 
+def _gain(R: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """A 0-d estimate of the largest gradient the backward can return per unit of
+    incoming gradient: with v = H⁻¹g, ‖v‖ ≤ ‖g‖/σ², σ² estimated by min R_ii², and the
+    gradients r vᵀ − A v xᵀ, A v, (A v)·r, v·x bounded by (‖b‖ + ‖A‖(1 + ‖x‖) + ‖x‖)‖v‖
+    (‖r‖ ≤ ‖b‖ at the minimiser; infinity norms of the columns and entries)."""
+    if not R.numel() or not x.numel():
+        return R.new_zeros(())
+    d = torch.diagonal(R, dim1=-2, dim2=-1).abs().amin(-1)
+    xs = x.abs().amax((-2, -1))
+    top = bt.abs().amax((-2, -1)) * math.sqrt(bt.shape[-2]) + columns.amax(-1) * (1 + xs) + xs
+    return (top / (d * d)).amax()
+
+
 def _raise_rank(bad: torch.Tensor) -> None:
     idx = torch.nonzero(bad)
     shown = [tuple(int(i) for i in row) for row in idx[:_MAX_INDICES_SHOWN].tolist()]
@@ -99,7 +122,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
     """x = argmin ½‖W^{1/2}(Au − b)‖² + ½ Σ ρ_n u_n² for A (…, M, N), b (…, M, K)."""
 
     @staticmethod
-    def forward(A, b, w, ridge, out_dtype):  # type: ignore[override]
+    def forward(A, b, w, ridge, out_dtype, gate):  # type: ignore[override]
         A, b = A.to(_WORK), b.to(_WORK)
         w = None if w is None else w.to(_WORK)
         ridge = None if ridge is None else ridge.to(_WORK)
@@ -109,20 +132,22 @@ class _LeastSquaresFunction(torch.autograd.Function):
         rhs = Q[..., : A.shape[-2], :].mT @ bt
         x = torch.linalg.solve_triangular(R, rhs, upper=True)
         # A copy even in float64: the returned x must not be the saved (non-differentiable)
-        # x. The caller checks the rank mask (one host sync with its input checks).
-        return x.to(out_dtype, copy=True), R, x, _rank_deficient(R, columns)
+        # x. The caller checks the rank mask and reads the gain (one host sync with its
+        # input checks).
+        return x.to(out_dtype, copy=True), R, x, _rank_deficient(R, columns), _gain(R, x, bt, columns)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        A, b, w, ridge, _ = inputs
-        _, R, x, bad = output
-        ctx.mark_non_differentiable(R, x, bad)
+        A, b, w, ridge, _, gate = inputs
+        _, R, x, bad, gain = output
+        ctx.mark_non_differentiable(R, x, bad, gain)
         save_plain(ctx, A, b, w, ridge, R, x)  # (inference-mode inputs as plain copies)
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
+        ctx.gate = gate  # set by the caller from the forward's host read
 
     @staticmethod
     @first_order("least_squares")
-    def backward(ctx, g, _gR, _gx, _gbad):  # type: ignore[override]
+    def backward(ctx, g, _gR, _gx, _gbad, _ggain):  # type: ignore[override]
         A, b, w, ridge, R, x = ctx.saved_tensors
         need = ctx.needs_input_grad
         A, b = A.to(_WORK), b.to(_WORK)
@@ -131,7 +156,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         v = torch.linalg.solve_triangular(R, v, upper=True)
         Av = A @ v
         wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
-        grads: list[Any] = [None, None, None, None, None]
+        grads: list[Any] = [None] * 6  # A, b, weights, ridge, out_dtype, gate
         if need[0] or need[2]:
             r = b - A @ x
         if need[0]:
@@ -147,10 +172,12 @@ class _LeastSquaresFunction(torch.autograd.Function):
             if grads[i] is not None:
                 grads[i] = grads[i].sum_to_size(t.shape).to(ctx.dtypes[i])
         # Finite inputs (checked in the forward) and a finite g give Inf only where the
-        # gradient exceeds its dtype (float32 A ~ 1e-20: dA ~ 1e40). Laid out as
-        # (*, rows, cols) so that the batch elements line up with g's.
-        vec = [None if t is None else t.unsqueeze(-1) for t in grads[2:4]]
-        warn_gradient_overflow("least_squares", g, list(zip(_NAMES, grads[:2] + vec)), (-2, -1))
+        # gradient exceeds its dtype (float32 A ~ 1e-20: dA ~ 1e40): checked (a host read)
+        # only where the forward's gain says it can happen. Laid out as (*, rows, cols) so
+        # that the batch elements line up with g's.
+        if ctx.gate.check:
+            vec = [None if t is None else t.unsqueeze(-1) for t in grads[2:4]]
+            warn_gradient_overflow("least_squares", g, list(zip(_NAMES, grads[:2] + vec)), (-2, -1))
         return tuple(grads)
 
 
@@ -162,8 +189,10 @@ def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise InputError(f"{name} must be on A's device {ref.device}, got {t.device}")
 
 
-def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_rank: torch.Tensor) -> None:
-    """Input and result checks with one host sync, after the solve.
+def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_rank: torch.Tensor,
+                  gain: torch.Tensor) -> float:
+    """Input and result checks with one host sync, after the solve; returns the gain
+    (read in the same sync).
 
     NaN or Inf in any input reaches x (QR propagates it), so a non-finite x sends each
     input through :func:`check_finite`, which names the culprit; negative weights or
@@ -172,8 +201,8 @@ def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_ra
     signed = [(name, t) for name, t in named if name in ("weights", "ridge") and t.numel() > 0]
     # In float64: a sum of x could overflow where no entry does (float16 [700]·300), and a
     # float64 weight of -1e-300 cast to float32 would pass the sign test as -0.0.
-    stats = [(~torch.isfinite(x)).any(), bad_rank.any()] + [t.detach().amin() for _, t in signed]
-    broken, rank, *lows = torch.stack([v.to(torch.float64) for v in stats]).tolist()
+    stats = [(~torch.isfinite(x)).any(), bad_rank.any(), gain] + [t.detach().amin() for _, t in signed]
+    broken, rank, gain_value, *lows = torch.stack([v.to(torch.float64) for v in stats]).tolist()
     if broken:
         for name, t in named:
             check_finite(name, t)
@@ -186,6 +215,7 @@ def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_ra
         _raise_rank(bad_rank)
     if broken:
         raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
+    return gain_value
 
 
 def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -320,10 +350,11 @@ def least_squares(
             + ("" if r is None else f", ridge {tuple(r.shape[:-1])}")
             + " do not broadcast"
         ) from None
+    gate = _Gate()
     if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
-        x, _, _, bad_rank = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype)
+        x, _, _, bad_rank, gain = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype, gate)
     else:
-        x, _, _, bad_rank = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype)
-    _check_result(named, x, bad_rank)
+        x, _, _, bad_rank, gain = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype, gate)
+    gate.check = may_overflow(_check_result(named, x, bad_rank, gain), A.dtype)
     x = x.expand(*batch, n, bm.shape[-1]) if x.shape[:-2] != batch else x
     return x.squeeze(-1) if vector else x

@@ -915,6 +915,28 @@ def _project_any(x, p, mode, r):
     return project_simplex(x, -1, r) if p == "simplex" else project_lp(x, p, mode, r)
 
 
+def _check_beyond_range_invariants(x, y, p, mode, r):
+    """Checks that do not run the code: the simplex is y ≥ 0 with Σy = z, the L1 sphere
+    ‖y‖₁ = r with sign(y) = sign(x), the balls hold ‖y‖ ≤ r; to the rounding of x's
+    dtype (half an ulp per entry). Here r/n ≫ max|x| (x inside every ball), so every
+    coordinate is in the support and the closed forms hold: simplex y = x + (z − Σx)/n,
+    L1 sphere y = x + sign(x)(r − ‖x‖₁)/n (Gould et al.; the nearest facet)."""
+    eps, n = torch.finfo(x.dtype).eps, x.shape[-1]
+    xd, yd = x.double(), y.double()
+    if p == "simplex":
+        assert bool((y >= 0).all())
+        torch.testing.assert_close(yd, xd + (r - xd.sum(-1, keepdim=True)) / n, rtol=eps, atol=0)
+        assert bool(((yd.sum(-1) - r).abs() <= eps * r).all())
+    elif mode == "sphere":  # p = 1
+        torch.testing.assert_close(yd, xd + xd.sign() * (r - xd.abs().sum(-1, keepdim=True)) / n,
+                                   rtol=eps, atol=0)
+        assert torch.equal(y.sign(), x.sign())
+        assert bool(((yd.abs().sum(-1) - r).abs() <= eps * r).all())
+    else:
+        assert bool((torch.linalg.vector_norm(yd, ord=p, dim=-1) <= r).all())
+        assert torch.equal(y, x)  # inside the ball: x itself
+
+
 @pytest.mark.parametrize("dtype,r,wide", _BEYOND)
 @pytest.mark.parametrize("p,mode", _FITTING)
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -931,8 +953,7 @@ def test_projection_radius_beyond_the_dtype_range(dtype, r, wide, p, mode, as_te
     want = _project_any(x.to(wide), p, mode, radius).to(dtype)
     assert y.dtype == dtype and bool(torch.isfinite(y).all())
     assert torch.equal(y, want)
-    if mode == "ball":
-        assert torch.equal(y, x)
+    _check_beyond_range_invariants(x, y, p, mode, r)
 
 
 @pytest.mark.parametrize("p", [1, 2, math.inf, "simplex"])
@@ -950,6 +971,16 @@ def test_projection_radius_beyond_the_dtype_range_grad(p):
         out.append(torch.autograd.grad((_project_any(xg, p, mode, r).float() * g).sum(), [xg, r]))
     torch.testing.assert_close(out[0][0], out[1][0].half(), rtol=0, atol=0)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=0)
+    # The float32 gradients against the float64 ones at the same values, and those
+    # against finite differences (the 0 moved to 0.125: the L1 sphere's sign has a kink
+    # there, the tie rule).
+    x64 = x16.double().requires_grad_()
+    r64 = torch.tensor([1e5, 2e5], dtype=F64, requires_grad=True)
+    xs = torch.where(x64 == 0, 0.125, x64).detach().requires_grad_()
+    assert gradcheck(lambda a, b: _project_any(a, p, mode, b), (xs, r64))
+    want = torch.autograd.grad((_project_any(x64, p, mode, r64) * g.double()).sum(), [x64, r64])
+    for got, ref in zip(out[1], want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -1027,16 +1058,90 @@ def _project(p, mode, x, r):
 
 
 @pytest.mark.parametrize("p,mode", BRANCHES)
-def test_projection_grad_overflow_warns(p, mode):
-    """An incoming gradient of 3e38 everywhere: the sums in the gradients (with respect to
-    x, and for L∞ with respect to the radius) overflow float32 for rows outside the ball;
-    a warning says so."""
+@pytest.mark.parametrize("incoming", [1.0, F32_BIG])
+def test_projection_backward_reads_nothing(p, mode, incoming, host_reads):
+    """No backward reads a value back to the host (no sync on CUDA): the entries of Dy
+    are at most 1 (the L1, L∞ and L2 balls and spheres from inside, the simplex), and
+    the L2 sphere's gain r/‖x‖ (here < 1) is checked in the forward. An incoming 3e38
+    overflows the sums sᵀv to Inf for rows outside the ball: torch's ordinary overflow,
+    no warning. A gradient check there read the host once per backward, and warned."""
     x = (torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) + 0.5).requires_grad_(True)
-    r = torch.full((3,), 0.5, requires_grad=True)
+    r = torch.tensor([0.5, 1.0, 20.0], requires_grad=True)  # outside, outside, inside
     y = _project(p, mode, x, r)
-    with pytest.warns(GradientWarning, match=r"exceeds the range of torch.float32"):
-        grads = torch.autograd.grad(y, [x, r], torch.full_like(y, F32_BIG))
-    assert not all(torch.isfinite(g).all() for g in grads)
+    v = incoming * torch.randn(3, 5, generator=torch.Generator().manual_seed(1)).sign()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with host_reads.counting():
+            grads = torch.autograd.grad(y, [x, r], v)
+    assert host_reads.count == 0
+    if incoming == 1.0:
+        assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_project_l2_sphere_steep_gain_checks_in_backward_only(host_reads):
+    """The sphere's check runs where r/‖x‖ exceeds gain_limit (float32: max/2^20): its
+    backward reads the host once when flagged (3e38·1e-3 fits: silent; with an incoming
+    2 it warns, tests above), none otherwise. An ordinary forward reads once (the flag is
+    part of its input check); a steep one takes the rescaled path, which reads the flags
+    with its own checks."""
+    counts = []
+    for r, want in ((1.0, 0), (F32_BIG, 1)):
+        x = _one_hot_rows().requires_grad_(True)
+        with host_reads.counting():
+            y = project_lp(x, 2, "sphere", r)
+        assert host_reads.count == (3 if want else 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with host_reads.counting():
+                (grad,) = torch.autograd.grad(y, x, torch.full_like(y, 1e-3))
+        assert bool(torch.isfinite(grad).all())
+        counts.append(host_reads.count)
+    assert counts == [0, 1]
+
+
+def test_project_l2_sphere_half_gradient_sums_in_float32(host_reads):
+    """float16, gain ≈ 1000 > √65504 (flagged): the gradient 1000·v is finite in every
+    entry, but its sum (127 entries) overflows float16. Summed in float32 the check is one
+    read and silent; in float16 the sum was Inf and sent it down the exact path."""
+    x = torch.zeros(1, 128, dtype=torch.float16)
+    x[0, 0] = 1e-3
+    x.requires_grad_(True)
+    y = project_lp(x, 2, "sphere", 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with host_reads.counting():
+            (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert host_reads.count == 1
+    assert bool(torch.isfinite(grad).all()) and float(grad[0, 1:].float().sum()) > 65504
+
+
+def test_projection_wide_radius_costs_no_host_read(host_reads):
+    """A tensor radius of a wider dtype than x (float64 with float32 x; float32 with
+    float16 x under AMP) is read once, in its positivity check, which also reads its
+    maximum: the same count as a radius of x's dtype (an amax read was added)."""
+    x = _x(4, 6, seed=3, dtype=torch.float32)
+    calls = [lambda r: project_lp(x, 2, "ball", r), lambda r: project_lp(x, 1, "sphere", r),
+             lambda r: project_lp(x, math.inf, "ball", r), lambda r: project_simplex(x, z=r)]
+    for call in calls:
+        counts = []
+        for dtype in (torch.float32, F64):
+            with host_reads.counting():
+                call(torch.full((4,), 2.0, dtype=dtype))
+            counts.append(host_reads.count)
+        assert counts[0] == counts[1], counts
+
+
+def test_projection_radius_device_is_checked_before_its_values(host_reads):
+    """A radius on another device is refused before any of its values is read (the
+    positivity check and the range check read it first: a sync on the other device)."""
+    from convexddn.errors import InputError
+
+    x = _x(3, 4, dtype=torch.float32)
+    other = torch.tensor(0.7, dtype=F64).as_subclass(_OnOtherDevice)
+    for call in (lambda: project_lp(x, 2, "ball", other), lambda: project_simplex(x, z=other)):
+        with host_reads.counting(), pytest.raises(InputError, match="must be on x's device"):
+            call()
+        assert host_reads.count == 0
 
 
 @pytest.mark.parametrize("p", [1, 2])

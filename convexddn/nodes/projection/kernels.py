@@ -14,9 +14,9 @@ import warnings
 import torch
 
 from ..._autograd import bind_fast, first_order
-from ..._checks import check_finite
+from ..._checks import check_device, check_finite, check_positive, check_tensor
 from ...errors import ConvexDDNWarning, GradientWarning, SolverError
-from .._overflow import warn_gradient_overflow
+from .._overflow import gain_limit, warn_gradient_overflow
 from .._repr import format_option
 
 
@@ -60,19 +60,28 @@ def _may_underflow(r: float | torch.Tensor, n: int, dtype: torch.dtype) -> bool:
     return r < n * torch.finfo(dtype).tiny
 
 
-def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor) -> torch.dtype | None:
-    """The dtype to solve in when the radius exceeds the largest float of x's dtype
-    (float32, or float64 beyond float32's range); ``None`` for x's own. Cast to x's dtype,
-    such a radius overflowed (float16 x, z = 1e5: torch's scalar conversion error, or a
-    radius of Inf). One host read for a tensor radius of a wider dtype than x (none when
-    compiling: x's dtype is kept)."""
+def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor, name: str = "radius") -> torch.dtype | None:
+    """Validate ``radius`` (a positive number, or a floating-point tensor on x's device,
+    finite and > 0) and return the dtype to solve in when it exceeds the largest float
+    of x's dtype (float32, or float64 beyond float32's range); ``None`` for x's own. Cast
+    to x's dtype, such a radius overflowed (float16 x, z = 1e5: torch's scalar conversion
+    error, or a radius of Inf). The device is checked before any value is read; a tensor
+    radius costs the one host read of its positivity check, which also reads its maximum
+    where its dtype is wider than x's (inside torch.compile none: x's dtype is kept)."""
     top = torch.finfo(x.dtype).max
     if isinstance(radius, torch.Tensor):
+        check_tensor(name, radius)
+        check_device(name, radius, x)
         if (torch.finfo(radius.dtype).max <= top or radius.numel() == 0
                 or torch.compiler.is_compiling()):
+            check_positive(name, radius)
             return None
-        value = float(radius.detach().amax())
+        t = radius.detach()
+        valid, value = torch.stack([(torch.isfinite(t) & (t > 0)).all().to(t.dtype), t.amax()]).tolist()
+        if not valid:
+            check_positive(name, radius)  # raises, showing the values
     else:
+        check_positive(name, radius)
         value = float(radius)
     if value <= top:
         return None
@@ -110,18 +119,23 @@ def warn_unrepresentable(y: torch.Tensor, d: int, what: str) -> None:
 
 def l2_forward(
     x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool
-) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
-    """Returns ``(y, scale, overflow, zeros)``: ``scale = r/‖x‖`` (ball: ``min(1, ·)``) per
-    row, whether it overflowed (then ``Dy`` cannot be represented) and, on the sphere,
-    the number of rows ``x = 0`` (where ``Dy`` does not exist)."""
+) -> tuple[torch.Tensor, torch.Tensor, bool, bool, int]:
+    """Returns ``(y, scale, overflow, steep, zeros)``: ``scale = r/‖x‖`` (ball:
+    ``min(1, ·)``) per row, whether it overflowed (then ``Dy`` cannot be represented),
+    whether it exceeds :func:`~convexddn.nodes._overflow.gain_limit` (sphere only: the
+    backward checks its gradient) and, on the sphere, the number of rows ``x = 0``
+    (where ``Dy`` does not exist)."""
     norm = torch.linalg.vector_norm(x, dim=d, keepdim=True)
     scale = r / norm
     compiling = torch.compiler.is_compiling()
+    # The sphere's gain is r/‖x‖; the ball's is at most 1 (never checked).
+    limit = gain_limit(x.dtype) if sphere else torch.finfo(x.dtype).max
     # One host sync covers NaN/Inf input, norm overflow or underflow (or a norm whose
-    # squares lost bits to subnormals), and zero rows. Inside a compiled graph there is
-    # no sync: the rescaled computation runs for every row, and the data-dependent
-    # warnings (a result or gradient that cannot be represented) are not issued.
-    if compiling or not bool(((scale > 0) & (scale < math.inf) & (norm >= _small_norm(x.dtype))).all()):
+    # squares lost bits to subnormals), zero rows and a steep sphere. Inside a compiled
+    # graph there is no sync: the rescaled computation runs for every row, and the
+    # data-dependent warnings (a result or gradient that cannot be represented) are not
+    # issued.
+    if compiling or not bool(((scale > 0) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
         check_finite("x", x)
         a = _row_scale(x.abs(), d)
         xs = x / a
@@ -142,12 +156,13 @@ def l2_forward(
             y = torch.where(inside, x, xs * ratio)
             scale = torch.where(inside, torch.ones_like(ratio), ratio / a)
         if compiling:
-            return y, scale, False, 0
-        overflow, zeros = torch.stack([torch.isinf(scale).any(), zero.sum() if sphere else zero.new_zeros(())]).tolist()
-        return y, scale, bool(overflow), int(zeros)
+            return y, scale, False, False, 0
+        flags = [torch.isinf(scale).any(), (scale > limit).any(), zero.sum() if sphere else zero.new_zeros(())]
+        overflow, steep, zeros = torch.stack(flags).tolist()
+        return y, scale, bool(overflow), bool(steep), int(zeros)
     if not sphere:
         scale = scale.clamp(max=1.0)
-    return x * scale, scale, False, 0
+    return x * scale, scale, False, False, 0
 
 
 def _unit(y: torch.Tensor, r: float | torch.Tensor, d: int) -> torch.Tensor:
@@ -172,15 +187,15 @@ class L2ProjectionFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, r, d, sphere = inputs
-        y, scale, overflow, zeros = output
+        y, scale, overflow, steep, zeros = output
         ctx.mark_non_differentiable(scale)
         ctx.save_for_backward(y, scale, r if isinstance(r, torch.Tensor) else None)
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
-        ctx.d, ctx.sphere, ctx.overflow, ctx.zeros = d, sphere, overflow, zeros
+        ctx.d, ctx.sphere, ctx.overflow, ctx.steep, ctx.zeros = d, sphere, overflow, steep, zeros
 
     @staticmethod
     @first_order("project_lp")
-    def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_zeros):  # type: ignore[override]
+    def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_steep, _grad_zeros):  # type: ignore[override]
         y, scale, r_t = ctx.saved_tensors
         r = ctx.r_float if r_t is None else r_t
         if ctx.zeros and ctx.needs_input_grad[0]:
@@ -213,7 +228,12 @@ class L2ProjectionFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # dy/dr = û outside the ball (zero inside): ûᵀv.
             grad_r = _sum_to(coef, r_t)
-        if not ctx.overflow:  # else said above; here r/‖x‖ is finite, (r/‖x‖)·v may not be
+        if ctx.steep and not ctx.overflow:
+            # A sphere whose gain r/‖x‖ is finite but within the margin of the largest
+            # float (flagged by the forward's host read): (r/‖x‖)·v may overflow. Other
+            # rows have gain ≤ 1 on the ball and below gain_limit on the sphere: their
+            # backward reads nothing (Inf from an incoming gradient near the largest
+            # float is torch's ordinary overflow).
             warn_gradient_overflow("project_lp(p=2)", grad_y, [("x", grad_x), ("radius", grad_r)],
                                    (ctx.d - y.ndim,))
         return grad_x, grad_r, None, None
@@ -274,8 +294,7 @@ class LinfProjectionFn(torch.autograd.Function):
             grad_x = grad_y * free
         if ctx.needs_input_grad[1]:
             pinned_grad = (y.sign() * grad_y).mul_(1.0 - free)
+            # grad_x is v or 0 and grad_r a sum of ±v over the row: no gain to check.
             grad_r = _sum_to(pinned_grad.sum(ctx.d, keepdim=True), r_t)
-            # grad_x is v or 0; only the sums for r can overflow (v near the largest float).
-            warn_gradient_overflow("project_lp(p=inf)", grad_y, [("radius", grad_r)], (ctx.d - y.ndim,))
         return grad_x, grad_r, None, None
 

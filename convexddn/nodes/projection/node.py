@@ -87,8 +87,8 @@ def _prepare_radius(
     projected vector, or any broadcastable part of that); it is converted to x's dtype
     (differentiably, so a radius that requires grad gets its gradient; the callers solve
     in a wider dtype where it would overflow, :func:`.kernels.wide_dtype`); one on another
-    device than x is refused (``InputError``), not moved. Its values are checked by
-    :func:`_check_radius_option` before.
+    device than x is refused (``InputError``), not moved. It is validated (device first,
+    then its values) by :func:`.kernels.wide_dtype` before.
     """
     if not isinstance(radius, torch.Tensor):
         return float(radius)
@@ -195,11 +195,13 @@ def project_lp(
 
     Warns:
         ConvexDDNWarning: a sphere projection rounded to zero (radius below the dtype's
-            range). GradientWarning: in backward, a gradient that overflows the dtype
-            (Inf or NaN from finite inputs and incoming gradient: ``r/‖x‖`` beyond the
-            largest float, float32 ``r = 3e38``, an incoming gradient near the largest
-            float), naming the rows; or ``p=2`` sphere rows at ``x = 0`` (no derivative;
-            zero gradient).
+            range). GradientWarning: in backward, ``p=2`` sphere rows at ``x = 0`` (no
+            derivative; zero gradient), or a ``p=2`` sphere gradient that overflows
+            where the gain ``r/‖x‖`` exceeds the largest float / 2**20 (float16: 256;
+            float32 ``r = 3e38``, ``‖x‖ = 1``), naming the rows. The other projections'
+            Jacobian entries are at most 1: a gradient that overflows only because the
+            incoming one is near the largest float is torch's ordinary overflow (Inf),
+            not checked (their backward reads nothing back to the host).
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021 (§5.2, Table 2).
@@ -216,8 +218,7 @@ def project_lp(
     p = normalize_p(p)
     check_choice("mode", mode, _MODES)
     d = _check_dim(dim, x)
-    _check_radius_option(radius)
-    wide = wide_dtype(radius, x)
+    wide = wide_dtype(radius, x)  # validates radius too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype
         y = project_lp(x.to(wide), p, mode, radius, dim)
         return narrowed(y, x.dtype, d, f"project_lp(p={_p_repr(p)}, mode={mode!r})", "radius", radius)
@@ -270,8 +271,9 @@ def project_simplex(
             and the result rounded once to x's dtype).
 
     Warns:
-        GradientWarning: in backward, a gradient that overflows the dtype (Inf or NaN
-            from finite inputs and incoming gradient), naming the rows.
+        Nothing in backward: the entries of Dy are at most 1, so a gradient overflows
+            only where the incoming one is near the largest float: torch's ordinary
+            overflow (Inf, as in its own reductions), not checked (no host read).
 
     References:
         Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.
@@ -285,8 +287,7 @@ def project_simplex(
     """
     x = check_tensor("x", x)
     d = _check_dim(dim, x)
-    _check_radius_option(z, name="z")
-    wide = wide_dtype(z, x)
+    wide = wide_dtype(z, x, "z")  # validates z too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype
         return narrowed(project_simplex(x.to(wide), dim, z), x.dtype, d, "project_simplex", "z", z)
     zz = _prepare_radius(z, x, d, name="z")
