@@ -26,6 +26,11 @@ __all__ = ["ENV_VAR", "load_reference", "load_reference_file", "reference_pool"]
 
 ENV_VAR = "CONVEXDDN_DDN_REFERENCE"
 
+
+def _within(module: str, name: str) -> bool:
+    """Whether ``name`` is ``module`` or one of the packages holding it (``ddn``, ``ddn.pytorch``)."""
+    return module == name or module.startswith(name + ".")
+
 # Our penalty names -> the reference's class names.
 _CLASSES = {"quadratic": "Quadratic", "pseudo_huber": "PseudoHuber", "huber": "Huber",
             "welsch": "Welsch", "trunc_quad": "TruncatedQuadratic"}
@@ -72,7 +77,7 @@ def load_reference_file(filename: str, folder: str | None = None) -> tuple[Modul
             module = importlib.import_module(f"ddn.pytorch.{stem}")
             result = (module, f"DDN reference from {module.__file__}")
         except ModuleNotFoundError as err:
-            if err.name is not None and not f"ddn.pytorch.{stem}".startswith(err.name):
+            if err.name is not None and not _within(f"ddn.pytorch.{stem}", err.name):
                 result = (None, _failed(f"ddn.pytorch.{stem}", err))  # it imports something absent
             else:
                 why = (f"DDN reference not found: set {ENV_VAR} to a folder holding "

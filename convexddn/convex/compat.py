@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
-from .validation import picklable_state
+from .state import picklable_state
 
 __all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
 

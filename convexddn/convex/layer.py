@@ -34,8 +34,8 @@ from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved,
                      refuse_unverifiable, status_kind, unravel)
-from .validation import (check_values, picklable_state, restore_state, solver_choice, uncached, validate_problem,
-                         validate_solver_args)
+from .state import picklable_state, restore_state, uncached
+from .validation import check_values, solver_choice, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
 

@@ -4,8 +4,6 @@
   real parameters (not ``complex=True`` or ``hermitian=True``) that have entries, no
   integer variables, and parameter/variable lists that match it (a wrong entry named by
   its index);
-- :func:`uncached`: the problem, ready to be compiled again by another layer (and to
-  pickle); the layers' pickling: :func:`picklable_state`, :func:`restore_state`;
 - solver options: :mod:`.solver_args` (re-exported here);
 - :func:`check_parameter_attributes`: tensors that honour what each ``cp.Parameter``
   declares (``nonneg``, ``pos``, ``symmetric``, ``PSD`` …), checked on the tensors'
@@ -18,19 +16,17 @@ was expected and what came.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Sequence
 
 import cvxpy as cp
 import torch
-from torch import nn
 
 from .._checks import check_finite, check_tensor
 from ..errors import InputError, NotDPPError, ProblemError, ShapeError
 from .solver_args import solver_choice, validate_solver_args
 
-__all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args", "uncached",
-           "check_parameter_attributes", "check_values", "describe_failure", "picklable_state", "restore_state"]
+__all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
+           "check_parameter_attributes", "check_values", "describe_failure"]
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
     """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can
@@ -177,47 +173,6 @@ def describe_failure(err: BaseException) -> str:
     what = f" for {type(owner).__name__} ({owner})" if isinstance(owner, cp.Expression) else ""
     return (f"{type(err).__name__}: (no message) in {tb.tb_frame.f_code.co_name}{what}: CVXPY cannot "
             "canonicalise that expression here")
-
-
-def uncached(problem: cp.Problem) -> cp.Problem:
-    """A shallow copy of ``problem`` with its own, empty solver cache, and CVXPY's cached
-    compilation dropped where compiling it again would fail.
-
-    The solver cache holds the model of a user's ``prob.solve()``, which does not pickle
-    (Clarabel's): a layer holding the problem failed to pickle after one. CVXPY (1.9)
-    keeps a problem's last compilation and, asked for the same solver again,
-    refills the parameters it split from their values: an ``imag=True`` parameter
-    without a value (layers compile without values) then fails with "Invalid dimensions
-    () for Parameter value". So a second layer on one problem (a second ConvexLayer, a
-    ``CvxpyLayer`` call with another ``solve_method``) failed at construction on the
-    per-element solvers, and under ``solver="auto"`` lost its batched solver. Every
-    layer compiles through this; layers built before keep their own copy of the data.
-    """
-    cache = getattr(problem, "_cache", None)
-    if getattr(cache, "param_prog", None) is not None and any(
-            p.is_complex() and p.value is None for p in problem.parameters()):
-        cache.invalidate()
-    problem = copy.copy(problem)
-    problem._solver_cache = {}
-    return problem
-
-
-def picklable_state(module: nn.Module, transient: Sequence[str] = ()) -> dict:
-    """``module.__dict__`` to pickle, without ``transient`` members (locks, thread-local data);
-    problems in it (or in a tuple) that cache a solver's model are :func:`uncached`."""
-    def clean(v: Any) -> Any:
-        return uncached(v) if isinstance(v, cp.Problem) and getattr(v, "_solver_cache", None) else v
-    return {k: tuple(map(clean, v)) if type(v) is tuple else clean(v)
-            for k, v in module.__dict__.items() if k not in transient}
-
-
-def restore_state(module: nn.Module, state: dict, defaults: dict, hidden: Sequence[str] = ()) -> None:
-    """``module.__setstate__``: ``state`` over ``defaults`` through ``nn.Module.__setstate__`` (it
-    adds the hooks older torch lacks); ``hidden`` members leave the module tree if in it."""
-    nn.Module.__setstate__(module, defaults | state)
-    for name in hidden:
-        if name in module._modules:
-            object.__setattr__(module, name, module._modules.pop(name))
 
 
 def _describe(obj: Any) -> str:

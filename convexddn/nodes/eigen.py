@@ -98,8 +98,8 @@ def _eigen_forward(
     ``eigh`` runs on :math:`S = s\\,\\mathrm{sym}(X)` with :math:`s = -1` for the largest
     eigenvalues: its ascending order is then X's descending one, so the returned
     columns are always the first k (no reordering copies) and :math:`\\lambda = s\\mu`.
-    μ is float64 and V in :func:`_product_dtype`; V_k is then a view of V when X is
-    float32 or float64.
+    μ is float64 and V in :func:`_product_dtype`; V_k is a copy of its first k columns
+    for k < N, and V itself for k = N when V has X's dtype (float32 or float64).
     """
     Xw = X.to(_WORK)
     h = -0.5 if largest else 0.5
@@ -151,8 +151,9 @@ class _EigenFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, k, largest, gap_tol):  # type: ignore[override]
         lam_k, Vk, mu, V = _eigen_forward(X, k, largest, keep=True)
-        # (μ, V) are intermediates, saved without being outputs; the outputs may be
-        # views of them (never of each other), which a Function may return.
+        # (μ, V) are saved; the eigenvectors returned are V itself when all N are asked
+        # for in V's dtype (an in-place edit of them then fails at backward, as for
+        # torch.linalg.eigh), else a copy; the eigenvalues are a new tensor.
         ctx.save_for_backward(mu, V)
         ctx.anchors = (X,)  # only for a second differentiation's error (see first_order)
         ctx.k, ctx.sign, ctx.gap_tol, ctx.dtype = k, -1.0 if largest else 1.0, gap_tol, X.dtype

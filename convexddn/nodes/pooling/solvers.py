@@ -264,6 +264,3 @@ def _nonconvex(pen, rows: Rows, tol, max_iter, use_compile, starts):
     # flags count (a mean start far from every point stalls on a flat stretch).
     pick = fields[1].argmin(-1, keepdim=True)
     return tuple(t.gather(-1, pick).squeeze(-1) for i, t in enumerate(fields) if i != 1)
-
-
-# --------------------------------------------------------------------------- truncated quadratic
