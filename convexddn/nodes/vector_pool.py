@@ -124,52 +124,66 @@ class _VectorPoolFunction(torch.autograd.Function):
 
 
 # Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
-# up to 2^8 components) stay finite: float32 sets beyond it are solved in float64. The
-# entries, in units of alpha (of the power of two near it), must stay far below the
-# largest float too.
+# up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
 _SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
-_REACH_LIMIT = {torch.float32: 2.0**100, torch.float64: 2.0**1000}
+# A set whose entries reach further from 0 than this many times (its spread + alpha) is
+# solved relative to the midpoint of each coordinate's range (y(x + t) = y(x) + t): its
+# sums then stay within the spread's range (the mean of 100 float32 vectors at 1e37 was
+# Inf; entries of 1e300 with alpha = 1e-5 overflowed float64 in units of alpha), and the
+# stopping tolerance, relative to alpha + max|y|, no longer to its offset (float32
+# vectors (1e6, r_i), alpha = 1: Huber stopped 0.2 alpha short in r). The differences
+# from the midpoint lose nothing (half an ulp of a difference within the spread); a set
+# nearer 0 is left where it is (an anchor near a far outlier would round the cluster
+# near 0 to the outlier's ulps).
+_FAR = 16.0
 
 
-def _in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor,
-              rescale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(x3, a, scale)``: the sets and alpha in units of ``scale``, a power of two near
-    alpha (``None``: not rescaled), in float64 where a float32 set spreads beyond 2^60
-    alpha, an entry reaches 2^100 alpha or the scale is no normal float32 number.
+def _in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(x3, a, scale, anchor)``: the sets less ``anchor`` (R, C) (``None``: none
+    moved), and alpha, in units of ``scale``, a power of two near alpha (``None``: not
+    rescaled); in float64 where a float32 set spreads beyond 2^60 alpha or the scale is no
+    normal float32 number. A set's anchor is the midpoint of each coordinate's range
+    where it lies far from 0 (``_FAR``), else 0.
 
     Judged on the unscaled data, in float64 (dividing first overflowed float32 at alpha
     = 1e-40, or data of 1e30 with alpha = 1e-9, and reported a spread of "inf" times
-    alpha); raises where even float64 cannot hold the set, and ``NonFiniteError`` for NaN
-    or Inf in ``x``. One pass over the sets and one host read, which the finiteness
-    check of ``x`` rides on (a NaN or Inf makes the spread non-finite)."""
+    alpha); raises where even float64 cannot hold a set's spread, and
+    ``NonFiniteError`` for NaN or Inf in ``x``. One pass over the sets and one host read,
+    which the finiteness check of ``x`` rides on (a NaN or Inf makes the spread
+    non-finite)."""
     a64 = alpha.detach().double()
     scale = torch.exp2(torch.round(torch.log2(a64))) if rescale else None
-    dtype = x3.dtype
+    dtype, anchor = x3.dtype, None
     if x3.shape[0]:
         hi, lo = x3.detach().amax(1).double(), x3.detach().amin(1).double()
-        stats = [((hi - lo).amax(-1) / a64).max()]
-        if scale is not None:  # the largest entry in units of alpha, the scale's range
-            stats += [(torch.maximum(hi.abs(), lo.abs()).amax(-1) / a64).max(), scale.min(), scale.max()]
-        spread, reach, s_min, s_max = (torch.stack(stats).tolist() + [0.0, 1.0, 1.0])[:4]
-        if not (math.isfinite(spread) and math.isfinite(reach)):
+        # Per set, in units of alpha: the spread, and how far the largest |entry| exceeds
+        # _FAR times it (far: by more than _FAR); their maxima and the scale's range.
+        sp = (hi - lo).amax(-1)
+        ext = torch.stack([sp, torch.maximum(hi, -lo).amax(-1).sub_(sp, alpha=_FAR)]).div_(a64)
+        stats = ext.amax(-1)
+        if scale is not None:
+            stats = torch.cat([stats, scale.min().view(1), scale.max().view(1)])
+        spread, excess, s_min, s_max = (stats.tolist() + [1.0, 1.0])[:4]
+        if not math.isfinite(spread):
             check_finite("x", x)  # names the NaN/Inf; an infinite ratio of finite data goes on
         normal = torch.finfo(torch.float32).tiny <= s_min and s_max <= 2.0**126
-        if dtype == torch.float32 and not (
-                spread <= _SPREAD_LIMIT[dtype] and reach <= _REACH_LIMIT[dtype] and normal):
+        if dtype == torch.float32 and not (spread <= _SPREAD_LIMIT[dtype] and normal):
             dtype = torch.float64
         if spread > _SPREAD_LIMIT[torch.float64]:
             raise SolverError(f"robust_vector_pool: a pooled set spreads {spread:.1e} times alpha, beyond "
                               f"{_SPREAD_LIMIT[torch.float64]:.0e}: its squared distances overflow float64; "
                               "scale the outlying entries down or raise alpha")
-        if not reach <= _REACH_LIMIT[torch.float64]:
-            raise SolverError(f"robust_vector_pool: a pooled set has entries {reach:.1e} times alpha, beyond "
-                              f"{_REACH_LIMIT[torch.float64]:.0e}: they overflow float64 in units of alpha; "
-                              "shift the set towards 0 or raise alpha")
+        if excess > _FAR:
+            anchor = torch.where((ext[1] > _FAR).unsqueeze(-1), hi.add_(lo).mul_(0.5), 0.0).to(dtype)
+    x3 = x3.to(dtype)
+    if anchor is not None:
+        x3 = x3 - anchor.unsqueeze(1)
     if scale is None:
-        return x3.to(dtype), alpha.to(dtype), None
+        return x3, alpha.to(dtype), None, anchor
     # Exact (powers of two); alpha is divided in float64, where it and the scale are normal.
-    x3 = x3.to(dtype) / (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype)
-    return x3, (alpha.to(torch.float64) / scale).to(dtype), scale.to(dtype)
+    x3 = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype)
+    return x3, (alpha.to(torch.float64) / scale).to(dtype), scale.to(dtype), anchor
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
@@ -228,9 +242,13 @@ def robust_vector_pool(
     products, which err by about eps·M² (M: the set's largest distance from its mean);
     sets where that exceeds 1e-3 α² (float32: M beyond ~90 α) run that phase in float64,
     and sets beyond float64's reach (M beyond ~2e6 α) with direct differences. A float32
-    set spreading more than 2^60 α (where squared distances overflow), with entries
-    beyond 2^100 α, or with an α that is no normal float32 number (1e-40, 1e39) is solved
-    in float64; beyond 2^500 α (entries beyond 2^1000 α) a ``SolverError`` says so.
+    set spreading more than 2^60 α (where squared distances overflow) or with an α that
+    is no normal float32 number (1e-40, 1e39) is solved in float64; a set spreading
+    beyond 2^500 α raises ``SolverError``. Translation-equivariant too,
+    :math:`y(x + t) = y(x) + t`: a set whose entries reach further from 0 than 16 times
+    its spread plus α is solved relative to the midpoint of each coordinate's range, so
+    its offset neither overflows (100 float32 vectors at 1e37 with α = 1; one float64
+    vector repeated at 1e300 with α = 1e-5) nor loosens ``tol``.
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32);
@@ -243,7 +261,8 @@ def robust_vector_pool(
             without ``vector_dim``; may require grad. Default: 1.
         dim: the set dimension(s) pooled over. Default: -1.
         vector_dim: the dimension holding each vector's C components. Default: -2.
-        tol: stopping tolerance on the step, relative to ``alpha + max|y|``. Default:
+        tol: stopping tolerance on the step, relative to ``alpha + max|y|`` (``y`` from
+            the set's midpoint where the set lies far from 0, see above). Default:
             1e-12 (float64), 1e-6 (float32).
         max_iter: iteration limit per phase; reaching it issues a
             :class:`~convexddn.errors.SolverWarning`. Default: 100.
@@ -264,7 +283,7 @@ def robust_vector_pool(
             ``starts`` or ``dim``.
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
         SolverError: a pooled set spreads more than 2^500 α (squared distances
-            overflow even float64), or has entries beyond 2^1000 α.
+            overflow even float64).
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -308,8 +327,9 @@ def robust_vector_pool(
     # squared distances and the α² of the penalties inside the dtype's range when data
     # and α are scaled together (at 1e-20 in float32, α² underflowed and Welsch returned
     # NaN; at 1e25 Huber returned the plain mean). A float α in [2^-16, 2^16] needs none.
+    # y(x + t) = y(x) + t: sets far from 0 in units of α are moved to their midpoint.
     rescale = isinstance(alpha, torch.Tensor) or not 2.0**-16 <= float(alpha) <= 2.0**16
-    x3, a, scale = _in_units(x, x3, a, rescale)
+    x3, a, scale, anchor = _in_units(x, x3, a, rescale)
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             _DEFAULT_STARTS if starts is None else starts)
@@ -319,6 +339,8 @@ def robust_vector_pool(
         y = _VectorPoolFunction.forward(*args)
     if scale is not None:
         y = y * (scale.view(-1, 1) if scale.dim() else scale)
+    if anchor is not None:
+        y = y + anchor
     y = y.to(x.dtype).reshape(*batch, C)
     # The vector dim returns to its place among the kept dims, in a contiguous tensor (a
     # moved view of the rows made a following y.view(-1) raise).

@@ -495,7 +495,8 @@ def test_robust_pool_module_repr_tensor_alpha():
     assert repr(RobustPool("huber", alpha=1.5)) == "RobustPool(penalty='huber', alpha=1.5, dim=-1, keepdim=False)"
 
 
-# The DDN reference's spellings (ddn/basic/robust_nodes.py; ddn/pytorch's TruncatedQuadratic).
+# The DDN reference's spellings (ddn/basic/robust_nodes.py) and convexddn's spelled-out
+# "truncated-quadratic" (not a string of the reference: ddn/pytorch takes classes).
 DDN_NAMES = {"pseudo-huber": "pseudo_huber", "trunc-quad": "trunc_quad", "truncated-quadratic": "trunc_quad"}
 
 
@@ -625,6 +626,16 @@ def test_robust_pool_alpha_beyond_float32_normal_range_matches_float64(penalty, 
         torch.testing.assert_close(y, want, rtol=2e-3, atol=2e-3)
     else:
         torch.testing.assert_close(y, want, rtol=0, atol=0)
+    # Independent of the float64 path: the rows spread less than 21, and their entries
+    # (9, rounded to x's dtype) lie more than 1e-4 apart or coincide.
+    xd = x.double()
+    if alpha > 1:  # far above the spread: every point an inlier of the mean (every penalty)
+        tol = 2e-3 if dtype == torch.float16 else 1e-6
+        torch.testing.assert_close(y.double(), xd.mean(-1).to(dtype).double(), rtol=tol, atol=tol)
+    elif penalty in ("huber", "pseudo_huber"):  # far below the gaps: alpha |u - x_i|, the median
+        torch.testing.assert_close(y.double(), xd.median(-1).values, rtol=0, atol=0)
+    else:  # every data point ties (N - 1 points cost the cap, the gaps' alpha-terms vanish)
+        assert (y.double().unsqueeze(-1) == xd).any(-1).all()
 
 
 def test_robust_pool_alpha_beyond_float32_grad_matches_float64():
@@ -925,6 +936,33 @@ def test_robust_pool_trunc_quad_tiny_alpha():
         for alpha in (1.0, 1e-20):
             y = robust_pool(x, "trunc_quad", alpha)
             torch.testing.assert_close(y, torch.tensor([1e20, 1e38 / 8], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype,unit", [(F64, 1e-310), (torch.float32, 1e-40)])
+def test_robust_pool_trunc_quad_subnormal_rows(dtype, unit):
+    """Rows of subnormal entries: the power of two of the row's half-range that the
+    candidate sums are taken in was subnormal itself, its inverse Inf, and float64 rows
+    returned NaN (alpha = 1 as well as alpha of the entries' size) with a zero gradient.
+    References in the test: alpha = 1 makes every point an inlier of the mean (gradient
+    1/N each); for alpha of 1, 2.5 and 4 units, brute force over the means of the sorted
+    row's contiguous runs (the minimiser is one of them), in units of 2^-e (normal)."""
+    x = (torch.tensor([[1.0, 2.0, 5.0, 9.0], [3.0, 3.0, 0.5, 7.0]], dtype=F64) * unit).to(dtype)
+    xd = x.double()
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+    xg = x.clone().requires_grad_()
+    y = robust_pool(xg, "trunc_quad", 1.0)
+    torch.testing.assert_close(y, xd.mean(-1).to(dtype), rtol=1e-12, atol=tiny)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), xg)[0], torch.full_like(x, 0.25))
+    e = -math.frexp(unit)[1]  # x * 2^e is of the order of 1 (2^e, in two exact steps)
+    s = xd.sort(-1).values * 2.0**(e // 2) * 2.0**(e - e // 2)
+    means = torch.stack([s[:, i:j].mean(-1) for i in range(4) for j in range(i + 1, 5)], -1)
+    for k in (1.0, 2.5, 4.0):
+        a = k * unit
+        f = torch.minimum((means.unsqueeze(-1) - s.unsqueeze(1)) ** 2,
+                          torch.tensor(math.ldexp(a, e) ** 2, dtype=F64)).sum(-1)
+        want = means.gather(-1, f.argmin(-1, keepdim=True)).squeeze(-1) / 2.0**(e // 2) / 2.0**(e - e // 2)
+        torch.testing.assert_close(robust_pool(x, "trunc_quad", a), want.to(dtype), rtol=1e-12, atol=tiny)
+    assert robust_pool(x, "trunc_quad", 1.0 * unit)[0].item() == pytest.approx(1.5 * unit, rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -250,7 +250,8 @@ def test_robust_vector_pool_module_repr_tensor_alpha():
         "RobustVectorPool(penalty='huber', alpha=0.5, dim=-1, vector_dim=-2, starts=3)")
 
 
-# The DDN reference's spellings (ddn/basic/robust_nodes.py; ddn/pytorch's TruncatedQuadratic).
+# The DDN reference's spellings (ddn/basic/robust_nodes.py) and convexddn's spelled-out
+# "truncated-quadratic" (not a string of the reference: ddn/pytorch takes classes).
 DDN_NAMES = {"pseudo-huber": "pseudo_huber", "trunc-quad": "trunc_quad", "truncated-quadratic": "trunc_quad"}
 
 
@@ -430,25 +431,91 @@ def test_robust_vector_pool_float32_alpha_or_data_at_the_range_ends(alpha, scale
     documented 2^500, but x3 / 2^round(log2 alpha) overflowed float32 before the range
     check and a SolverError reported a spread of "inf times alpha" ("nan times alpha"
     for alpha = 1e39, Inf in float32, and 1e-50). Reference: the float64 call on the
-    same values."""
+    same values, and closed forms independent of it (below)."""
     x = torch.randn(3, 2, 9, generator=torch.Generator().manual_seed(3)) * scale
     a = torch.tensor(1e-40) if alpha == "tensor" else alpha
     y = robust_vector_pool(x, name, a)
     want = robust_vector_pool(x.double(), name, a.double() if alpha == "tensor" else alpha)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5 * scale)
+    # Independent of the float64 path, in units of the data (float64): alpha far above
+    # the spread makes every point an inlier of the mean (both penalties); far below the
+    # distances, Huber's gradient is alpha times the sum of the unit vectors (u - x_i) /
+    # |u - x_i|, which vanishes at the geometric median, and Welsch's every data point
+    # ties (the other points cost 1 each), its minimiser is one of them.
+    xd, yd = x.double() / scale, y.double() / scale
+    if (1e-40 if alpha == "tensor" else alpha) > scale:
+        torch.testing.assert_close(yd, xd.mean(-1), rtol=0, atol=1e-6)
+    else:
+        d = yd.unsqueeze(-1) - xd  # (3 sets, C, N)
+        z = d.norm(dim=1)
+        if name == "huber":
+            assert (z > 1e-3).all()  # off the data points, where the gradient is smooth
+            assert ((d / z.unsqueeze(1)).sum(-1).norm(dim=1) < 1e-5).all()
+        else:
+            assert (z == 0).any(-1).all()
 
 
 def test_robust_vector_pool_equal_vectors_far_from_zero_with_tiny_alpha():
     """Sets of one repeated vector (spread 0) of 1e30 with alpha = 1e-20: in units of
     alpha the entries overflow float32 (a SolverError reported a spread of "nan times
-    alpha"); they are solved in float64. Closed form: the vector itself. Beyond
-    float64's reach in those units, a SolverError says so."""
+    alpha"). Float64 sets at 1e300 with alpha = 1e-5 (entries 1e305 alpha: a SolverError
+    said they overflow float64 in those units) are solved relative to their midpoint.
+    Closed form: the vector itself, for every penalty."""
     x = torch.tensor([1e30, -2e30, 3e29]).view(1, 3, 1).expand(2, 3, 5).contiguous()
     y = robust_vector_pool(x, "huber", 1e-20)
     torch.testing.assert_close(y, x[..., 0], rtol=0, atol=0)
-    with pytest.raises(SolverError, match="entries 1.0e\\+305 times alpha"):
-        robust_vector_pool(torch.full((1, 2, 3), 1e300, dtype=torch.float64), "huber", 1e-5)
+    x = torch.tensor([1e300, -3e299], dtype=D).view(1, 2, 1).expand(2, 2, 3).contiguous()
+    for name in NAMES:
+        torch.testing.assert_close(robust_vector_pool(x, name, 1e-5), x[..., 0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,offset,alpha", [(torch.float32, 1e37, 1.0), (torch.float32, -3e38, 1e-30),
+                                                (torch.float32, 1e6, 1.0), (D, 1e300, 1e-5), (D, -1e300, 1.0),
+                                                (D, 1e20, 1.0)])
+@pytest.mark.parametrize("name", NAMES)
+def test_robust_vector_pool_sets_far_from_zero(dtype, offset, alpha, name):
+    """100 vectors at 1e37 in float32 with a float alpha in [2^-16, 2^16]: the entries'
+    range was checked only for rescaled alphas, and their sum overflowed (the review's
+    100 identical vectors returned [inf, inf, inf] for every penalty but Welsch); float64
+    sets at 1e300 with alpha = 1e-5 raised SolverError; sets offset by 1e6 (float32) or
+    1e20 (float64) stopped where the step fell below tol times the offset (Huber: 0.2
+    alpha short in r), and identical vectors at -1e300 returned their rounded mean.
+    References independent of the vector solver: identical vectors are the answer
+    themselves; for vectors (offset, r_i) the first component is the offset and the
+    distances are |u_2 - r_i|, so the second component is the scalar pool of r
+    (robust_pool), and the gradient is that of the same set moved to (0, r_i)."""
+    from convexddn.nodes.pooling import robust_pool
+
+    same = torch.full((1, 3, 100), offset, dtype=dtype)
+    torch.testing.assert_close(robust_vector_pool(same, name, alpha), same[..., 0], rtol=0, atol=0)
+    r = (3 * alpha) * torch.randn(2, 100, generator=torch.Generator().manual_seed(6), dtype=D)
+    x = torch.stack([torch.full_like(r, offset), r], 1).to(dtype)  # (2, C=2, N=100)
+    xg = x.clone().requires_grad_()
+    y = robust_vector_pool(xg, name, alpha)
+    tol = (1e-5 if dtype == torch.float32 else 1e-11) * alpha
+    torch.testing.assert_close(y[:, 0], x[:, 0, 0], rtol=0, atol=0)
+    torch.testing.assert_close(y[:, 1], robust_pool(x[:, 1], name, alpha), rtol=0, atol=tol)
+    x0 = torch.stack([torch.zeros_like(x[:, 0]), x[:, 1]], 1).requires_grad_()
+    gy = torch.randn(2, 2, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    g, = torch.autograd.grad(y, xg, gy)
+    g0, = torch.autograd.grad(robust_vector_pool(x0, name, alpha), x0, gy)
+    torch.testing.assert_close(g, g0, rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+@pytest.mark.parametrize("alpha", [1.0, "tensor"])
+def test_robust_vector_pool_range_check_reads_the_host_once(offset, alpha, host_reads):
+    """The range check (spread, offset, scale and finiteness of x) is one host read,
+    whether or not a set is moved to its midpoint or alpha rescaled."""
+    from convexddn.nodes.vector_pool import _in_units
+
+    x3 = torch.randn(4, 10, 3, generator=torch.Generator().manual_seed(8)) + offset
+    a = torch.full((4,), 0.5, dtype=D) if alpha == "tensor" else torch.tensor(1.0, dtype=D)
+    with host_reads.counting():
+        _, _, _, anchor = _in_units(x3, x3, a, alpha == "tensor")
+    assert host_reads.count == 1
+    assert (anchor is None) == (offset == 0.0)
 
 
 def test_robust_vector_pool_output_is_contiguous():

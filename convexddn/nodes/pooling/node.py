@@ -215,8 +215,8 @@ def robust_pool(
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32; all in
             float64 where ``alpha`` is no normal float32 number: below 1.2e-38, above 3.4e38).
-        penalty: one of :data:`PENALTIES` (or the DDN reference's spellings in
-            :data:`PENALTY_ALIASES`, e.g. ``"pseudo-huber"``) or a :class:`Penalty`.
+        penalty: one of :data:`PENALTIES` (or an alias in :data:`PENALTY_ALIASES`, e.g.
+            the DDN reference's ``"pseudo-huber"``) or a :class:`Penalty`.
             Default ``"quadratic"``.
         alpha: penalty scale > 0: a number, or a tensor broadcastable to the output shape
             (as without ``keepdim``); it may require grad. Default ``1.0``.

@@ -295,10 +295,11 @@ _BUILTIN: dict[str, Penalty] = {
 PENALTIES: tuple[str, ...] = tuple(_BUILTIN)
 #: The convex ones: those the registry's CVXPY ``robust_pool`` problem accepts.
 CONVEX_PENALTIES: tuple[str, ...] = tuple(p for p in PENALTIES if _BUILTIN[p].convex)
-#: The DDN reference's spellings (``ddn/basic/robust_nodes.py``: ``"pseudo-huber"``,
-#: ``"trunc-quad"``; ``ddn/pytorch``'s ``TruncatedQuadratic``) -> the name in
-#: :data:`PENALTIES`. :meth:`Penalty.resolve` accepts them; reprs and errors show the
-#: canonical names.
+#: Other spellings -> the name in :data:`PENALTIES`: the DDN reference's strings
+#: (``ddn/basic/robust_nodes.py``: ``"pseudo-huber"``, ``"trunc-quad"``; ``ddn/pytorch``
+#: takes penalty classes, not strings) and ``"truncated-quadratic"``, a spelled-out
+#: alias of convexddn's own. :meth:`Penalty.resolve` accepts them; reprs and errors show
+#: the canonical names.
 PENALTY_ALIASES: Mapping[str, str] = MappingProxyType({
     "pseudo-huber": "pseudo_huber",
     "trunc-quad": "trunc_quad",

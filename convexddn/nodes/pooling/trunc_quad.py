@@ -65,8 +65,9 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     clusters near ±1e8 and alpha = 1 the centred G's rounding exceeds alpha²/2: the
     cluster's mean was returned.)
 
-    Scale-free: the offsets are divided by a power of two near the row's half-range
-    (squares of entries beyond 1e154 would overflow), and alpha^2 is kept between
+    Scale-free: the offsets are divided by a power of two near the row's half-range, no
+    smaller than float64's smallest normal number (squares of entries beyond 1e154
+    would overflow; a subnormal unit's inverse is Inf), and alpha^2 is kept between
     twice the smallest normal number and 2e150 in those units (below, ties between
     runs are broken by their size, as the vanishing alpha^2 term would; above, the one
     run of every point wins, as it must).
@@ -75,7 +76,10 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     acc = torch.float64
     centre = s[:, n // 2 : n // 2 + 1].to(acc)
     half = torch.maximum(s[:, -1:].to(acc) - centre, centre - s[:, :1].to(acc))
-    unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half)))))
+    # At least the smallest normal number: a subnormal unit's inverse is Inf (rows of
+    # subnormal entries, 1e-310, returned NaN).
+    unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half))))
+                      .clamp_(min=-1022))
     inv = 1.0 / unit
     pos = torch.arange(n, device=s.device)
     # Entry runs [l_k, k] hold at least point k, even where s_k - 2 alpha rounds to s_k
