@@ -25,7 +25,7 @@ from .convex.learned import LearnedLayer
 from .errors import OptionError, ShapeError
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
-from .nodes.pooling.penalties import PENALTY_ALIASES
+from .nodes.pooling.penalties import canonical_penalty
 from .nodes.total_variation import TotalVariation1d
 from .nodes.projection import LpProjection, SimplexProjection
 
@@ -50,8 +50,7 @@ def _simplex(n: int) -> nn.Module:
 
 def _robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0) -> nn.Module | None:
     # Only the convex penalties are registry problems; the builder rejects the others.
-    if isinstance(penalty, str):
-        penalty = PENALTY_ALIASES.get(penalty, penalty)
+    penalty = canonical_penalty(penalty)
     return RobustPool(penalty=penalty, alpha=alpha, dim=-1) if penalty in CONVEX_PENALTIES else None
 
 

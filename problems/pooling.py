@@ -22,10 +22,9 @@ def robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0):
     """
     # The penalties live with the native node (torch): imported here, not when the
     # catalog is listed.
-    from convexddn.nodes.pooling.penalties import CONVEX_PENALTIES, PENALTIES, PENALTY_ALIASES, Penalty
+    from convexddn.nodes.pooling.penalties import CONVEX_PENALTIES, PENALTIES, Penalty, canonical_penalty
 
-    if isinstance(penalty, str):  # the DDN reference's spellings ("pseudo-huber")
-        penalty = PENALTY_ALIASES.get(penalty, penalty)
+    penalty = canonical_penalty(penalty)  # the DDN reference's spellings ("pseudo-huber")
     NONCONVEX_PENALTIES = tuple(p for p in PENALTIES if p not in CONVEX_PENALTIES)
     n = check_int("n", n, minimum=1)
     if penalty in NONCONVEX_PENALTIES:

@@ -1,5 +1,8 @@
 """Shared fixtures.
 
+``on_other_device`` turns a CPU tensor into one that reports ``cuda:0`` as its device:
+it reaches a node's device check without a second device.
+
 ``host_reads`` counts the places where torch code reads a tensor's values back to
 Python (``bool()``, ``int()``, ``float()``, ``.item()``, ``.tolist()``, ``.nonzero()``,
 indexing with a boolean tensor): each is a host synchronisation on CUDA. Counting
@@ -56,3 +59,14 @@ class HostReads:
 @pytest.fixture
 def host_reads(monkeypatch: pytest.MonkeyPatch) -> HostReads:
     return HostReads(monkeypatch)
+
+
+class _OnOtherDevice(torch.Tensor):
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.fixture
+def on_other_device():
+    return lambda t: t.as_subclass(_OnOtherDevice)

@@ -578,22 +578,13 @@ def test_robust_pool_invalid():
         robust_pool(x, "huber", 1.0, compile="yes")
 
 
-class _OnOtherDevice(torch.Tensor):
-    """A CPU tensor that reports cuda:0 as its device: reaches a node's device check
-    without a second device."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-
-def test_robust_pool_alpha_on_another_device_is_an_input_error():
+def test_robust_pool_alpha_on_another_device_is_an_input_error(on_other_device):
     # An OptionError before; every other node refuses an option on another device with
     # an InputError naming it and both devices.
     from convexddn.errors import InputError
 
     x = with_outliers(0, (3, 9))
-    other = torch.tensor(0.7, dtype=torch.float64).as_subclass(_OnOtherDevice)
+    other = on_other_device(torch.tensor(0.7, dtype=torch.float64))
     for name in ("quadratic", "huber", "welsch"):
         with pytest.raises(InputError, match=r"alpha must be on x's device cpu, got cuda:0") as err:
             robust_pool(x, name, other)

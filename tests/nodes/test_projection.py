@@ -808,23 +808,14 @@ def test_simplex_projection_module_radius():
     torch.testing.assert_close(SimplexProjection(z=0.5)(x), project_simplex(x, z=0.5))
 
 
-class _OnOtherDevice(torch.Tensor):
-    """A CPU tensor that reports cuda:0 as its device: reaches a node's device check
-    without a second device."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-
-def test_projection_radius_on_another_device_is_refused():
+def test_projection_radius_on_another_device_is_refused(on_other_device):
     # The policy of linear_fit, tv_denoise, sinkhorn, robust_pool: refused with an
     # InputError naming the option and both devices, not moved (radius and z were moved
     # to x's device silently, a hidden copy at every call).
     from convexddn.errors import InputError
 
     x = _x(3, 4)
-    other = torch.tensor(0.7, dtype=F64).as_subclass(_OnOtherDevice)
+    other = on_other_device(torch.tensor(0.7, dtype=F64))
     with pytest.raises(InputError, match=r"radius must be on x's device cpu, got cuda:0"):
         project_lp(x, 2, "ball", other)
     with pytest.raises(InputError, match=r"radius must be on x's device cpu, got cuda:0"):
@@ -1131,13 +1122,13 @@ def test_projection_wide_radius_costs_no_host_read(host_reads):
         assert counts[0] == counts[1], counts
 
 
-def test_projection_radius_device_is_checked_before_its_values(host_reads):
+def test_projection_radius_device_is_checked_before_its_values(host_reads, on_other_device):
     """A radius on another device is refused before any of its values is read (the
     positivity check and the range check read it first: a sync on the other device)."""
     from convexddn.errors import InputError
 
     x = _x(3, 4, dtype=torch.float32)
-    other = torch.tensor(0.7, dtype=F64).as_subclass(_OnOtherDevice)
+    other = on_other_device(torch.tensor(0.7, dtype=F64))
     for call in (lambda: project_lp(x, 2, "ball", other), lambda: project_simplex(x, z=other)):
         with host_reads.counting(), pytest.raises(InputError, match="must be on x's device"):
             call()

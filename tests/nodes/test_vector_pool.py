@@ -334,21 +334,12 @@ def test_robust_vector_pool_cuda():
         torch.testing.assert_close(x.grad.cpu(), xc.grad, atol=1e-7, rtol=1e-7)
 
 
-class _OnOtherDevice(torch.Tensor):
-    """A CPU tensor that reports cuda:0 as its device: reaches a node's device check
-    without a second device."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-
-def test_robust_vector_pool_alpha_on_another_device_is_an_input_error():
+def test_robust_vector_pool_alpha_on_another_device_is_an_input_error(on_other_device):
     # An OptionError before; every other node refuses an option on another device with
     # an InputError naming it and both devices.
     from convexddn.errors import InputError
 
-    other = torch.tensor(0.7, dtype=D).as_subclass(_OnOtherDevice)
+    other = on_other_device(torch.tensor(0.7, dtype=D))
     with pytest.raises(InputError, match=r"alpha must be on x's device cpu, got cuda:0") as err:
         robust_vector_pool(clustered(0), "huber", other)
     assert not isinstance(err.value, OptionError)

@@ -43,6 +43,7 @@ __all__ = [
     "CONVEX_PENALTIES",
     "PENALTIES",
     "PENALTY_ALIASES",
+    "canonical_penalty",
     "Huber",
     "Penalty",
     "PseudoHuber",
@@ -279,7 +280,7 @@ class Penalty(abc.ABC):
             raise OptionError(
                 f"penalty must be one of {list(PENALTIES)} or a Penalty, got {penalty!r}"
             )
-        name = PENALTY_ALIASES.get(penalty, penalty)
+        name = canonical_penalty(penalty)
         check_choice("penalty", name, PENALTIES)  # lists the canonical names only
         return _BUILTIN[name]
 
@@ -305,3 +306,9 @@ PENALTY_ALIASES: Mapping[str, str] = MappingProxyType({
     "trunc-quad": "trunc_quad",
     "truncated-quadratic": "trunc_quad",
 })
+
+
+def canonical_penalty(penalty: Any) -> Any:
+    """The name in :data:`PENALTIES` for an alias in :data:`PENALTY_ALIASES`; anything
+    else (a canonical or unknown name, a :class:`Penalty`) unchanged."""
+    return PENALTY_ALIASES.get(penalty, penalty) if isinstance(penalty, str) else penalty

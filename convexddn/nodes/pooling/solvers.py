@@ -116,7 +116,8 @@ def _sample_starts(xs: Tensor) -> Tensor:
     return torch.cat([xs.mean(-1, keepdim=True), _remedian(xs)], -1)
 
 
-def _warn(name: str, message: str, count: int, rows: int, stacklevel: int = 8) -> None:
+def warn_rows(name: str, message: str, count: int, rows: int, stacklevel: int = 8) -> None:
+    """The SolverWarning for ``count`` of ``rows`` rows of a pooling with penalty ``name``."""
     warnings.warn(f"robust_pool(penalty={name!r}): {count} of {rows} row(s) {message}",
                   SolverWarning, stacklevel=stacklevel)
 
@@ -196,16 +197,16 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     # The three counts in one host read.
     n_spec, n_res, n_unc = torch.stack([special.sum(), unresolved.sum(), (~converged & ~special).sum()]).tolist()
     if n_spec:
-        _warn(pen.name, "have sums of the penalty's derivatives that overflow even with scaled "
+        warn_rows(pen.name, "have sums of the penalty's derivatives that overflow even with scaled "
               "residuals (in float64; its formula exceeds the float range there); returning the "
               "last finite iterate", n_spec, rows)
     if n_res:
-        _warn(pen.name, f"cannot be resolved to tol={tol:g} in float64: the objective is so flat "
+        warn_rows(pen.name, f"cannot be resolved to tol={tol:g} in float64: the objective is so flat "
               "there that the rounding noise of its gradient exceeds tol times its curvature, or "
               "the span over which that curvature holds (alpha / 2 near a data point); returning "
               "the point where the gradient is at its noise level", n_res, rows)
     if n_unc:
-        _warn(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
+        warn_rows(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
               "iterate", n_unc, rows)
     return y
 

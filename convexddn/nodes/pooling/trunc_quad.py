@@ -19,7 +19,7 @@ from torch import Tensor
 from ..._checks import check_finite
 from ..._sort import sort_values
 from .kernels import block_ranges, row_scale, run
-from .solvers import _warn
+from .solvers import warn_rows
 
 __all__ = ["trunc_quad_cells", "trunc_quad_runs", "trunc_quad_solve"]
 
@@ -164,7 +164,7 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
     if not bool(torch.isfinite(ends).all()):
         check_finite("x", x)
     if unsure:
-        _warn("trunc_quad", "have sums of squares too large (over 2^29 alpha^2 even from "
+        warn_rows("trunc_quad", "have sums of squares too large (over 2^29 alpha^2 even from "
               "local anchors: rows of some ten million entries within a few alpha of each "
               "other) for float64 to rank the candidate runs to 2^-20 alpha^2; the returned "
               "mean of a run may not be the global minimiser", unsure, rows, stacklevel=7)
