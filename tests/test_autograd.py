@@ -80,3 +80,36 @@ def test_inputs_changed_in_place_after_the_forward_still_differentiate():
     y = tv_denoise(h, 0.3)
     h.add_(1.0)
     y.sum().backward()
+
+
+def test_bind_fast_skips_argument_binding_for_positional_calls(monkeypatch):
+    """Function.apply binds every call's arguments through inspect (~20 µs) to fill in
+    defaults; the library's Functions, called with every argument positionally, skip it
+    (and give the same result); a call with keywords still takes torch's path."""
+    import inspect
+
+    from convexddn._autograd import bind_fast
+
+    @bind_fast
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(x, k=2.0):
+            return x * k
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.k = inputs[1]
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.k, None
+
+    x = torch.tensor([1.0, -3.0], requires_grad=True)
+    calls = []
+    original = inspect.Signature.bind
+    monkeypatch.setattr(inspect.Signature, "bind", lambda *a, **k: calls.append(1) or original(*a, **k))
+    y = Scale.apply(x, 3.0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert calls == [] and y.tolist() == [3.0, -9.0] and g.tolist() == [3.0, 3.0]
+    assert Scale.apply(x).tolist() == [2.0, -6.0] and calls == [1]  # a default to fill in
+    assert Scale.apply(x, k=0.5).tolist() == [0.5, -1.5] and calls == [1, 1]

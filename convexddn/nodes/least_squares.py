@@ -62,16 +62,37 @@ class _Gate:
 
 
 def _factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
-    """QR of [W^{1/2} A; diag(ρ)^{1/2}] over the batch of the factor (not of b)."""
+    """Householder QR of [W^{1/2} A; diag(ρ)^{1/2}] over the batch of the factor (not of
+    b): ``(reflectors, tau, R, W^{1/2}, column norms)``.
+
+    Q stays implicit (LAPACK's reflectors; :func:`_apply_qt` applies Qᵀ): forming it cost
+    half the QR again. The column norms are R's (‖A e_j‖ = ‖R e_j‖, Q orthonormal): a
+    reduction over the (…, N, N) factor instead of down the (…, M, N) columns, which
+    took half as long as the QR at (64, 40, 12)."""
     sw = None if w is None else w.sqrt().unsqueeze(-1)
     At = A if sw is None else sw * A
+    n = A.shape[-1]
     if ridge is not None:
-        n = A.shape[-1]
         root = torch.diag_embed(ridge.sqrt().expand(*ridge.shape[:-1], n))
         shape = torch.broadcast_shapes(At.shape[:-2], root.shape[:-2])
         At = torch.cat([At.expand(*shape, *At.shape[-2:]), root.expand(*shape, n, n)], -2)
-    Q, R = torch.linalg.qr(At)
-    return Q, R, sw, At.norm(dim=-2)
+    a, tau = torch.geqrf(At)
+    R = a[..., :n, :].triu()
+    # (R·R).sum(-2) rather than vector_norm(R, dim=-2): 7.5 against 76 µs here.
+    return a, tau, R, sw, (R * R).sum(-2).sqrt_()
+
+
+def _apply_qt(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of Qᵀ [rhs; 0] (rhs (…, M, K); zero rows for the ridge rows of
+    the factor), broadcast over the batches of the factor and of rhs."""
+    rows = a.shape[-2]
+    if rows > rhs.shape[-2]:
+        rhs = torch.cat([rhs, rhs.new_zeros(*rhs.shape[:-2], rows - rhs.shape[-2], rhs.shape[-1])], -2)
+    if a.shape[:-2] != rhs.shape[:-2]:  # (torch.ormqr does not broadcast)
+        shape = torch.broadcast_shapes(a.shape[:-2], rhs.shape[:-2])
+        a, tau = a.expand(*shape, *a.shape[-2:]), tau.expand(*shape, tau.shape[-1])
+        rhs = rhs.expand(*shape, *rhs.shape[-2:])
+    return torch.ormqr(a, tau, rhs, left=True, transpose=True)[..., :n, :]
 
 
 def _rank_deficient(R: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -126,11 +147,9 @@ class _LeastSquaresFunction(torch.autograd.Function):
         A, b = A.to(_WORK), b.to(_WORK)
         w = None if w is None else w.to(_WORK)
         ridge = None if ridge is None else ridge.to(_WORK)
-        Q, R, sw, columns = _factor(A, w, ridge)
+        a, tau, R, sw, columns = _factor(A, w, ridge)
         bt = b if sw is None else sw * b
-        # Only the first M rows of Q meet b: the ridge rows of the stacked rhs are zero.
-        rhs = Q[..., : A.shape[-2], :].mT @ bt
-        x = torch.linalg.solve_triangular(R, rhs, upper=True)
+        x = torch.linalg.solve_triangular(R, _apply_qt(a, tau, bt, A.shape[-1]), upper=True)
         # A copy even in float64: the returned x must not be the saved (non-differentiable)
         # x. The caller checks the rank mask and reads the gain (one host sync with its
         # input checks).
@@ -337,12 +356,10 @@ def least_squares(
             f"least_squares needs M >= N rows when ridge = 0 (else the minimiser is not "
             f"unique), got A of shape {tuple(A.shape)}; pass ridge > 0"
         )
-    try:
-        batch = torch.broadcast_shapes(
-            A.shape[:-2], bm.shape[:-2],
-            () if weights is None else weights.shape[:-1],
-            () if r is None else r.shape[:-1],
-        )
+    shapes = [A.shape[:-2], bm.shape[:-2]] + ([] if weights is None else [weights.shape[:-1]]) + (
+        [] if r is None else [r.shape[:-1]])
+    try:  # (torch.broadcast_shapes costs ~30 µs: only where the batch shapes differ)
+        batch = shapes[0] if all(t == shapes[0] for t in shapes) else torch.broadcast_shapes(*shapes)
     except RuntimeError:
         raise ShapeError(
             f"the batch shapes of A {tuple(A.shape[:-2])}, b {tuple(bm.shape[:-2])}"
