@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ..errors import SolverWarning
-from .dense import checked_solve
+from .dense import checked_solve, default_rcond
 from .pooling.penalties import Penalty
 
 # The multi-start phase only has to rank the basins, so it stops at a loose tolerance
@@ -70,7 +70,7 @@ def hess_solve(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Ten
     if C <= N:
         H = (n * c.unsqueeze(-1)).mT @ n
         H.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
-        v, good = solve(H, rhs)
+        v, good = _checked(H, rhs, symmetric=True) if check else solve(H, rhs)
     else:
         M = c.unsqueeze(-1) * (n @ n.mT)
         M.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
@@ -85,7 +85,27 @@ def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return v, info == 0
 
 
-def _checked(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked(H: torch.Tensor, rhs: torch.Tensor, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~.dense.checked_solve`'s verdict, by Cholesky where it is clear-cut (a
+    symmetric H: the C×C form, not Woodbury's row-scaled N×N one).
+
+    At a strict minimum H is positive definite; with H = LLᵀ, κ₂(H) ≤ ‖H‖_F ‖L⁻¹‖_F²,
+    and equilibration improves κ by at most the factor n (van der Sluis): where n times
+    that bound is below 1/rcond for every row, checked_solve would call none singular,
+    and the Cholesky solve is the answer (one factorisation, one host read; the careful
+    path, an LU with a condition estimate, cost half the backward at (16, 8, 36)).
+    Otherwise every row takes the careful path."""
+    if not symmetric:
+        v, singular, _, _ = checked_solve(H, rhs)
+        return v, ~singular
+    n = H.shape[-1]
+    L, info = torch.linalg.cholesky_ex(H)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    bound = torch.linalg.matrix_norm(H) * inv.square().sum((-2, -1))
+    if bool(((info == 0) & (bound * (n * default_rcond(n, H.dtype)) < 1)).all()):
+        v = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        return v, torch.ones(v.shape[:-1], dtype=torch.bool, device=v.device)
     v, singular, _, _ = checked_solve(H, rhs)
     return v, ~singular
 

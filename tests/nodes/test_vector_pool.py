@@ -524,3 +524,27 @@ def test_robust_vector_pool_output_is_contiguous():
     y = robust_vector_pool(x4, "quadratic", 1.0, dim=(0, 3), vector_dim=1)  # (C=3, kept 4): vector first
     assert y.is_contiguous()
     torch.testing.assert_close(y, x4.mean((0, 3)), rtol=1e-14, atol=1e-15)
+
+
+def test_hessian_solve_fast_path_agrees_with_the_careful_one():
+    """The backward's C×C Hessian solve takes a Cholesky factorisation where a bound on
+    κ (‖H‖_F ‖L⁻¹‖_F², times n for equilibration) clears the singularity threshold for
+    every row, else the equilibrated LU with a condition estimate: same solutions on
+    well-conditioned rows, the same verdict on a nearly singular one."""
+    from convexddn.nodes._vector_pool_solvers import _checked
+    from convexddn.nodes.dense import checked_solve
+
+    gen = torch.Generator().manual_seed(5)
+    B = torch.randn(6, 5, 5, dtype=D, generator=gen)
+    H = B @ B.mT + 0.5 * torch.eye(5, dtype=D)
+    rhs = torch.randn(6, 5, dtype=D, generator=gen)
+    v, ok = _checked(H, rhs, symmetric=True)
+    v_ref, singular, _, _ = checked_solve(H, rhs)
+    assert ok.all() and not singular.any()
+    torch.testing.assert_close(v, torch.linalg.solve(H, rhs), rtol=1e-12, atol=0)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=0)
+    u = torch.randn(6, 5, 1, dtype=D, generator=gen)
+    H[2] = (u[2] @ u[2].mT) + 1e-15 * torch.eye(5, dtype=D)  # rank one, nearly singular
+    v, ok = _checked(H, rhs, symmetric=True)
+    _, singular, _, _ = checked_solve(H, rhs)
+    assert torch.equal(ok, ~singular) and not ok[2] and ok[[0, 1, 3, 4, 5]].all()
