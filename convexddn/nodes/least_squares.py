@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .._autograd import bind_fast, first_order, save_plain
-from .._checks import check_finite, check_number, check_tensor
+from .._checks import check_device, check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
 from ._overflow import may_overflow, warn_gradient_overflow
 
@@ -95,14 +95,13 @@ def _apply_qt(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, n: int) -> 
     return torch.ormqr(a, tau, rhs, left=True, transpose=True)[..., :n, :]
 
 
-def _rank_deficient(R: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _rank_deficient(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """Mask of the batch elements whose H = RᵀR is singular to working precision (a
     factor with Inf or NaN is not: its inputs were non-finite or overflowed, which the
     caller reports as such; no unknowns, N = 0, is not either). Judged on the factor of
     the matrix with unit columns, R diag(1/‖column‖) (the same Q): a unit intercept column
     beside features of 1e15 was called rank deficient, the condition of the problem
-    with its columns rescaled being ~1."""
-    d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
+    with its columns rescaled being ~1. ``d``: the factor's diagonal, absolute."""
     d = torch.where(columns > 0, d / torch.where(columns > 0, columns, 1.0), 0.0)
     if not d.shape[-1]:
         return torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device)
@@ -111,14 +110,15 @@ def _rank_deficient(R: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return ((d <= tol * top).any(-1) | (top.squeeze(-1) == 0)) & torch.isfinite(top.squeeze(-1))
 
 
-def _gain(R: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """A 0-d estimate of the largest gradient the backward can return per unit of
     incoming gradient: with v = H⁻¹g, ‖v‖ ≤ ‖g‖/σ², σ² estimated by min R_ii², and the
     gradients r vᵀ − A v xᵀ, A v, (A v)·r, v·x bounded by (‖b‖ + ‖A‖(1 + ‖x‖) + ‖x‖)‖v‖
-    (‖r‖ ≤ ‖b‖ at the minimiser; infinity norms of the columns and entries)."""
-    if not R.numel() or not x.numel():
-        return R.new_zeros(())
-    d = torch.diagonal(R, dim1=-2, dim2=-1).abs().amin(-1)
+    (‖r‖ ≤ ‖b‖ at the minimiser; infinity norms of the columns and entries). ``d``: the
+    factor's diagonal, absolute."""
+    if not d.numel() or not x.numel():
+        return d.new_zeros(())
+    d = d.amin(-1)
     xs = x.abs().amax((-2, -1))
     top = bt.abs().amax((-2, -1)) * math.sqrt(bt.shape[-2]) + columns.amax(-1) * (1 + xs) + xs
     return (top / (d * d)).amax()
@@ -153,7 +153,8 @@ class _LeastSquaresFunction(torch.autograd.Function):
         # A copy even in float64: the returned x must not be the saved (non-differentiable)
         # x. The caller checks the rank mask and reads the gain (one host sync with its
         # input checks).
-        return x.to(out_dtype, copy=True), R, x, _rank_deficient(R, columns), _gain(R, x, bt, columns)
+        d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
+        return x.to(out_dtype, copy=True), R, x, _rank_deficient(d, columns, R), _gain(d, x, bt, columns)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -213,11 +214,6 @@ class _LeastSquaresFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- validation
 
 
-def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if t.device != ref.device:
-        raise InputError(f"{name} must be on A's device {ref.device}, got {t.device}")
-
-
 def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_rank: torch.Tensor,
                   gain: torch.Tensor) -> float:
     """Input and result checks with one host sync, after the solve; returns the gain
@@ -251,7 +247,7 @@ def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
     """``None`` for a zero scalar ridge, else a tensor broadcastable to (*, N)."""
     if isinstance(ridge, torch.Tensor):
         check_tensor("ridge", ridge)
-        _same_device("ridge", ridge, like)
+        check_device("ridge", ridge, like, "A")
         r = ridge if ridge.ndim > 0 else ridge.reshape(1)
         if r.shape[-1] not in (1, n):
             raise ShapeError(
@@ -338,7 +334,7 @@ def least_squares(
         raise ShapeError(f"A must be matrices of shape (*, M, N), got shape {tuple(A.shape)}")
     if b.dtype != A.dtype:
         raise DTypeError(f"b must have A's dtype {A.dtype}, got {b.dtype}")
-    _same_device("b", b, A)
+    check_device("b", b, A, "A")
     m, n = A.shape[-2:]
     if b.ndim == A.ndim - 1:
         vector, bm = True, b.unsqueeze(-1)
@@ -354,7 +350,7 @@ def least_squares(
     named = [("A", A), ("b", b)]
     if weights is not None:
         weights = check_tensor("weights", weights)
-        _same_device("weights", weights, A)
+        check_device("weights", weights, A, "A")
         if weights.ndim < 1 or weights.shape[-1] != m:
             raise ShapeError(f"weights must have shape (*, M) with M={m}, got shape {tuple(weights.shape)}")
         named.append(("weights", weights))

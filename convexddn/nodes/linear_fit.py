@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_finite, check_number, check_tensor
-from ..errors import InputError, OptionError, ShapeError
+from .._checks import check_bool, check_device, check_finite, check_number, check_tensor
+from ..errors import OptionError, ShapeError
 from ._repr import format_option
 from .least_squares import least_squares
 
@@ -97,8 +97,7 @@ def linear_fit(
     # Refused, not moved (as least_squares and the other nodes do): a copy between
     # devices at every call would be hidden, and least_squares' own error names b and A.
     for name, t in (("target", target), ("weights", weights), ("ridge", ridge)):
-        if isinstance(t, torch.Tensor) and t.device != x.device:
-            raise InputError(f"{name} must be on x's device {x.device}, got {t.device}")
+        check_device(name, t, x)
     if x.ndim < 2:
         raise ShapeError(f"x must have shape (*, C, T), got shape {tuple(x.shape)}")
     c = x.shape[-2]

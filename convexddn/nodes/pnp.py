@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .._autograd import bind_fast, first_order, may_carry_tangents, plain
-from .._checks import check_finite, check_scale, check_stopping, check_tensor
+from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
 from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
     axis_angle_to_matrix,
@@ -254,8 +254,7 @@ def pnp(
         check_alpha_shape(alpha, batch)
         named["alpha"] = (alpha, 0)
     for name, (t, _) in named.items():
-        if t.device != p2d.device:
-            raise InputError(f"{name} must be on p2d's device {p2d.device}, got {t.device}")
+        check_device(name, t, p2d, "p2d")
         check_finite(name, t)
     if weights is not None and weights.numel():
         if bool((weights < 0).any()):

@@ -58,8 +58,8 @@ import torch
 from torch import nn
 
 from .._autograd import bind_fast, first_order
-from .._checks import check_bool, check_finite, check_int, check_tensor, normalize_dims
-from ..errors import GradientWarning, InputError, OptionError, ShapeError
+from .._checks import check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims
+from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
 from ._tv_solver import _SAFE, _counts, _edge_terms, _segment_ids, _segment_mean, _solve
 
@@ -213,9 +213,7 @@ def tv_denoise(
                 f"lam must broadcast to the shape of x without dim={dim}, {tuple(batch)}, "
                 f"got shape {tuple(lam.shape)}"
             )
-        if lam.device != x.device:
-            # An InputError, as the other nodes' device checks: not a shape problem.
-            raise InputError(f"lam must be on x's device {x.device}, got {lam.device}")
+        check_device("lam", lam, x)
     work = torch.float64
     xs = x.to(work).movedim(d, -1)
     rows = xs.reshape(-1, n)

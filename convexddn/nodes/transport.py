@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .._autograd import first_order
-from .._checks import check_finite, check_int, check_positive, check_tensor
+from .._checks import check_device, check_finite, check_int, check_positive, check_tensor
 from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import schur_solve, solve
 
@@ -139,8 +139,7 @@ def _marginal(
     never multiplies out here: the plan is scaled by the two factors in turn.
     """
     v = check_tensor(name, v)
-    if v.device != cost.device:
-        raise InputError(f"{name} must be on cost's device {cost.device}, got {v.device}")
+    check_device(name, v, cost, "cost")
     if v.ndim < 1 or v.shape[-1] != size:
         raise ShapeError(
             f"{name} must have shape (*batch, {size}) to match cost's {side} ({size}), "
