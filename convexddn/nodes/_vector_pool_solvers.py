@@ -55,29 +55,70 @@ def unit(d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return d / torch.where(z > 0, z, torch.ones_like(z)).unsqueeze(-1)
 
 
-def hess_solve(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor, check: bool = False):
+def _hessian(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
+    """H = s I + Σ_i c_i n_i n_iᵀ (R, C, C) where C <= N (else None: see :func:`hess_solve`)."""
+    N, C = n.shape[-2:]
+    if C > N:
+        return None
+    H = (n * c.unsqueeze(-1)).mT @ n
+    H.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
+    return H
+
+
+def _woodbury(solve, s, n, c, rhs):
+    """The C > N form: (sI + U D Uᵀ)⁻¹ = (I − U (sI + D UᵀU)⁻¹ D Uᵀ)/s, an N×N solve."""
+    M = c.unsqueeze(-1) * (n @ n.mT)
+    M.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
+    y, good = solve(M, c * (n @ rhs.unsqueeze(-1)).squeeze(-1))
+    return (rhs - (y.unsqueeze(-2) @ n).squeeze(-2)) / s.unsqueeze(-1), good
+
+
+def _masked(v: torch.Tensor, good: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ok = good & torch.isfinite(v).all(-1) & (s > 0)
+    return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok
+
+
+def hess_solve(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor):
     """Solve (s I + Σ_i c_i n_i n_iᵀ) v = rhs per row; return v and a mask of good rows.
 
     s (R,), n (R, N, C), c (R, N), rhs (R, C). C×C when C <= N; otherwise Woodbury,
-    (sI + U D Uᵀ)⁻¹ = (I − U (sI + D UᵀU)⁻¹ D Uᵀ)/s, an N×N solve. ``check`` (the
-    backward): rows whose matrix is singular to working precision count as bad too
+    an N×N solve.
+    """
+    H = _hessian(s, n, c)
+    v, good = _plain(H, rhs) if H is not None else _woodbury(_plain, s, n, c, rhs)
+    return _masked(v, good, s)
+
+
+def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor):
+    """:func:`hess_solve` for the backward: ``(v, ok, all ok)``, one host read where every
+    row is clear-cut. Rows whose matrix is singular to working precision count as bad
     (:func:`~.dense.checked_solve`: a minimiser that is not isolated, e.g. Huber with
     every point an outlier on one line, is only *nearly* singular after rounding, and
     ``solve_ex`` returned an arbitrary finite step there).
+
+    At a strict minimum the C×C H is positive definite; with H = LLᵀ, κ₂(H) ≤
+    ‖H‖_F ‖L⁻¹‖_F², and equilibration improves κ by at most the factor n (van der
+    Sluis): where n times that bound is below 1/rcond for every row, checked_solve
+    would call none singular, and the Cholesky solve is the answer. Otherwise (or in
+    the Woodbury form, whose N×N matrix is not symmetric) checked_solve decides for
+    every row: an LU with a condition estimate, half the backward at (16, 8, 36).
     """
-    N, C = n.shape[-2:]
-    solve = _checked if check else _plain
-    if C <= N:
-        H = (n * c.unsqueeze(-1)).mT @ n
-        H.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
-        v, good = _checked(H, rhs, symmetric=True) if check else solve(H, rhs)
+    H = _hessian(s, n, c)
+    if H is not None:
+        m = H.shape[-1]
+        L, info = torch.linalg.cholesky_ex(H)
+        inv = torch.linalg.solve_triangular(L, torch.eye(m, dtype=H.dtype, device=H.device).expand_as(L),
+                                            upper=False)
+        bound = torch.linalg.matrix_norm(H) * inv.square().sum((-2, -1))
+        v, ok = _masked(torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1),
+                        (info == 0) & (bound * (m * default_rcond(m, H.dtype)) < 1), s)
+        if bool(ok.all()):
+            return v, ok, True
+        v, good = _checked(H, rhs)
     else:
-        M = c.unsqueeze(-1) * (n @ n.mT)
-        M.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
-        y, good = solve(M, c * (n @ rhs.unsqueeze(-1)).squeeze(-1))
-        v = (rhs - (y.unsqueeze(-2) @ n).squeeze(-2)) / s.unsqueeze(-1)
-    ok = good & torch.isfinite(v).all(-1) & (s > 0)
-    return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok
+        v, good = _woodbury(_checked, s, n, c, rhs)
+    v, ok = _masked(v, good, s)
+    return v, ok, bool(ok.all())
 
 
 def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,27 +126,7 @@ def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return v, info == 0
 
 
-def _checked(H: torch.Tensor, rhs: torch.Tensor, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~.dense.checked_solve`'s verdict, by Cholesky where it is clear-cut (a
-    symmetric H: the C×C form, not Woodbury's row-scaled N×N one).
-
-    At a strict minimum H is positive definite; with H = LLᵀ, κ₂(H) ≤ ‖H‖_F ‖L⁻¹‖_F²,
-    and equilibration improves κ by at most the factor n (van der Sluis): where n times
-    that bound is below 1/rcond for every row, checked_solve would call none singular,
-    and the Cholesky solve is the answer (one factorisation, one host read; the careful
-    path, an LU with a condition estimate, cost half the backward at (16, 8, 36)).
-    Otherwise every row takes the careful path."""
-    if not symmetric:
-        v, singular, _, _ = checked_solve(H, rhs)
-        return v, ~singular
-    n = H.shape[-1]
-    L, info = torch.linalg.cholesky_ex(H)
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
-    bound = torch.linalg.matrix_norm(H) * inv.square().sum((-2, -1))
-    if bool(((info == 0) & (bound * (n * default_rcond(n, H.dtype)) < 1)).all()):
-        v = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-        return v, torch.ones(v.shape[:-1], dtype=torch.bool, device=v.device)
+def _checked(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v, singular, _, _ = checked_solve(H, rhs)
     return v, ~singular
 

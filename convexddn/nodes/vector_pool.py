@@ -58,7 +58,7 @@ from .._checks import (
 )
 from ..errors import GradientWarning, ShapeError, SolverError
 from ._repr import format_option
-from ._vector_pool_solvers import geometry, hess_solve, kappa, solve, unit
+from ._vector_pool_solvers import geometry, hess_solve_checked, kappa, solve, unit
 from .pooling.penalties import Penalty
 
 __all__ = ["robust_vector_pool", "RobustVectorPool"]
@@ -104,8 +104,8 @@ class _VectorPoolFunction(torch.autograd.Function):
         n = unit(d, z)
         k1 = kappa(ctx.pen, z, a)
         c = ctx.pen.d2phi(z, a) - k1
-        v, ok = hess_solve(k1.sum(-1), n, c, gy, check=True)
-        if not bool(ok.all()):
+        v, ok, all_ok = hess_solve_checked(k1.sum(-1), n, c, gy)
+        if not all_ok:
             bad = (~ok).nonzero().flatten()
             warnings.warn(
                 f"robust_vector_pool(penalty={ctx.pen.name!r}): the Hessian at the solution is "

@@ -526,25 +526,31 @@ def test_robust_vector_pool_output_is_contiguous():
     torch.testing.assert_close(y, x4.mean((0, 3)), rtol=1e-14, atol=1e-15)
 
 
-def test_hessian_solve_fast_path_agrees_with_the_careful_one():
+def test_hessian_solve_fast_path_agrees_with_the_careful_one(host_reads):
     """The backward's C×C Hessian solve takes a Cholesky factorisation where a bound on
     κ (‖H‖_F ‖L⁻¹‖_F², times n for equilibration) clears the singularity threshold for
-    every row, else the equilibrated LU with a condition estimate: same solutions on
-    well-conditioned rows, the same verdict on a nearly singular one."""
-    from convexddn.nodes._vector_pool_solvers import _checked
+    every row (one host read, which the backward's verdict reuses), else the equilibrated
+    LU with a condition estimate: same solutions on well-conditioned rows, the same
+    verdict on a nearly singular one."""
+    from convexddn.nodes._vector_pool_solvers import hess_solve_checked
     from convexddn.nodes.dense import checked_solve
 
     gen = torch.Generator().manual_seed(5)
-    B = torch.randn(6, 5, 5, dtype=D, generator=gen)
-    H = B @ B.mT + 0.5 * torch.eye(5, dtype=D)
+    n = torch.randn(6, 7, 5, dtype=D, generator=gen)
+    c = torch.rand(6, 7, dtype=D, generator=gen) + 0.1
+    s = torch.full((6,), 0.5, dtype=D)
     rhs = torch.randn(6, 5, dtype=D, generator=gen)
-    v, ok = _checked(H, rhs, symmetric=True)
+    H = (n * c.unsqueeze(-1)).mT @ n + 0.5 * torch.eye(5, dtype=D)
+    with host_reads.counting():
+        v, ok, all_ok = hess_solve_checked(s, n, c, rhs)
+    assert host_reads.count == 1
     v_ref, singular, _, _ = checked_solve(H, rhs)
-    assert ok.all() and not singular.any()
+    assert all_ok and ok.all() and not singular.any()
     torch.testing.assert_close(v, torch.linalg.solve(H, rhs), rtol=1e-12, atol=0)
     torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=0)
-    u = torch.randn(6, 5, 1, dtype=D, generator=gen)
-    H[2] = (u[2] @ u[2].mT) + 1e-15 * torch.eye(5, dtype=D)  # rank one, nearly singular
-    v, ok = _checked(H, rhs, symmetric=True)
+    n[2] = torch.randn(1, 5, dtype=D, generator=gen)  # every term along one direction
+    s[2] = 1e-15  # rank one, nearly singular
+    H = (n * c.unsqueeze(-1)).mT @ n + s.view(-1, 1, 1) * torch.eye(5, dtype=D)
+    v, ok, all_ok = hess_solve_checked(s, n, c, rhs)
     _, singular, _, _ = checked_solve(H, rhs)
-    assert torch.equal(ok, ~singular) and not ok[2] and ok[[0, 1, 3, 4, 5]].all()
+    assert not all_ok and torch.equal(ok, ~singular) and not ok[2] and ok[[0, 1, 3, 4, 5]].all()
