@@ -26,7 +26,7 @@ e⁻⁵⁰, so nothing can underflow; a constant added to a row does not change 
 plain Sinkhorn on the kernel :math:`K = e^{(\min_j C_{ij} - C)/\varepsilon}`
 runs first, two matrix–vector products per iteration, and hands its potentials to the
 rounds below when its observed linear rate predicts more than ``3·KERNEL_AHEAD``
-further iterations (or after ``KERNEL_ITERS``).
+further iterations (or after ``KERNEL_ITERS``; :mod:`convexddn.nodes._sinkhorn_kernel`).
 When a row spreads over more than 50ε, ε-scaling first solves loosely for
 ε = spread/50, spread/200, … and warm-starts each stage from the last, so that the final
 stage starts near its optimum; each batch element follows its own schedule (from its
@@ -37,12 +37,19 @@ plan's support is disconnected in float64 and convergence to ``tol`` may need mo
 Arguments of ``exp`` below the dtype's normal range are never formed: CPUs take a
 slow path for them (about 50x per element) and their denormal results slow every later
 operation. Plan entries below ``e·tiny`` (6e-308 in float64) are exactly 0.
+
+Zero entries of ``a`` or ``b`` (padding) are handled by the masks of
+:mod:`convexddn.nodes._sinkhorn_padding` (``pad``; ``None`` when there are none, and
+then nothing here changes).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from ._sinkhorn_kernel import kernel_sinkhorn as _kernel_sinkhorn
+from ._sinkhorn_padding import Padding, col_shift_, completion, row_shifted
 
 # Sinkhorn iterations between two checks of the column error (each check forms P).
 BLOCK = 10
@@ -59,12 +66,9 @@ SCALE_ABOVE = 50.0
 SCALE_STEP = 0.25
 STAGE_TOL = 1e-4
 # Plain kernel Sinkhorn's iteration budget (spreads up to SCALE_ABOVE·ε) before the
-# Newton rounds take over from its potentials, and its iterations between error checks.
+# Newton rounds take over from its potentials.
+# (Its checks: KERNEL_CHECK, KERNEL_AHEAD in convexddn.nodes._sinkhorn_kernel.)
 KERNEL_ITERS = 200
-KERNEL_CHECK = 2
-# Most iterations between two checks when the observed rate predicts convergence later;
-# past three times as many still needed, the Newton rounds take over.
-KERNEL_AHEAD = 20
 # Step halvings tried along one Newton direction.
 HALVINGS = 12
 # Largest change of a potential in one Newton step (a trust region): near-singular S
@@ -91,9 +95,13 @@ def _flush(P: torch.Tensor, below: float) -> torch.Tensor:
 
 
 class _State:
-    """Potentials β, the α of one exact row update, the plan and the checks on it."""
+    """Potentials β, the α of one exact row update, the plan and the checks on it.
 
-    def __init__(self, beta, ce, a, la, b, lo):
+    With ``pad``: α = −∞ on dead rows (log 0), β = −∞ on dead columns; their plan
+    entries are exact zeros, their terms of φ are dropped, and r is 1 on dead rows.
+    """
+
+    def __init__(self, beta, ce, a, la, b, lo, pad=None):
         x = beta.unsqueeze(-2) - ce
         self.alpha = la - _lse(x, -1, lo)
         self.beta = beta
@@ -101,7 +109,12 @@ class _State:
         self.P = z.clamp(min=lo).exp_().masked_fill_(z < lo, 0.0)
         self.r, self.c = self.P.sum(-1), self.P.sum(-2)
         self.err = (self.c - b).abs().sum(-1)
-        self.phi = (a * self.alpha).sum(-1) + (b * beta).sum(-1)
+        if pad is None:
+            self.phi = (a * self.alpha).sum(-1) + (b * beta).sum(-1)
+        else:
+            self.r = self.r + pad.pad_r
+            self.phi = ((a * self.alpha).masked_fill_(pad.dead_r, 0.0).sum(-1)
+                        + (b * beta).masked_fill_(pad.dead_c, 0.0).sum(-1))
 
     def take(self, other: _State, mask: torch.Tensor) -> None:
         """Adopt ``other``'s values on the batch elements in ``mask``."""
@@ -114,9 +127,13 @@ class _State:
 
 
 def schur_solve(
-    P: torch.Tensor, r: torch.Tensor, rhs: torch.Tensor
+    P: torch.Tensor, r: torch.Tensor, rhs: torch.Tensor, fixed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x with S x = rhs and x_N = 0, for S = diag(Pᵀ1) − Pᵀ diag(1/r) P and r = P1.
+
+    ``fixed`` (B, N) bool: x = 0 there instead of at N (each row of the batch its own
+    columns: the padding's dead columns and last live one); their rows and columns of S
+    become the identity's, the rest is the system with those columns dropped.
 
     S is the Laplacian of the weights W = Pᵀ diag(1/r) P (S1 = 0), so its leading
     (N−1)×(N−1) block is positive definite whenever the support of P connects every row
@@ -136,17 +153,24 @@ def schur_solve(
     d = W.sum(-1)
     S = W.neg_()
     diag.copy_(d)
-    Sk, rk = S[..., : n - 1, : n - 1], rhs[..., : n - 1].unsqueeze(-1)
+    if fixed is None:
+        Sk, rk = S[..., : n - 1, : n - 1], rhs[..., : n - 1].unsqueeze(-1)
+    else:
+        Sk = S.masked_fill_(fixed.unsqueeze(-1) | fixed.unsqueeze(-2), 0.0)
+        Sk.diagonal(dim1=-2, dim2=-1).add_(fixed.to(S.dtype))
+        rk = rhs.masked_fill(fixed, 0.0).unsqueeze(-1)
     L, info = torch.linalg.cholesky_ex(Sk)
     bad = info != 0
     # Two triangular solves: 11 µs against cholesky_solve's 14 µs at (2, 99, 99).
     x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rk, upper=False), upper=True)
     if bool(bad.any()):
         x[bad] = torch.linalg.pinv(Sk[bad], hermitian=True) @ rk[bad]
+    if fixed is not None:
+        return x.squeeze(-1).masked_fill_(fixed, 0.0), bad
     return torch.cat([x.squeeze(-1), torch.zeros_like(rhs[..., :1])], dim=-1), bad
 
 
-def _scaling_block(st: _State, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+def _scaling_block(st: _State, a: torch.Tensor, b: torch.Tensor, steps: int, pad=None) -> torch.Tensor:
     """``steps`` Sinkhorn iterations as matrix scaling of the current plan; returns β.
 
     diag(u) P diag(v) is the plan of (α + log u, β + log v), so alternating
@@ -154,7 +178,9 @@ def _scaling_block(st: _State, a: torch.Tensor, b: torch.Tensor, steps: int) -> 
     [1/cap, cap]: a column sum that underflowed would give v = inf, and a clamped update
     is a partial step towards that coordinate's maximiser, which still ascends φ.
     Entries of P below tiny·cap are left out so that no product is denormal. The
-    caller's exact log-domain row update then absorbs the block's rounding.
+    caller's exact log-domain row update then absorbs the block's rounding. With
+    ``pad`` the products are 0 on dead columns and rows: 1 is added there (0/1 = 0, then
+    clamped; the potential stays −∞).
     """
     finfo = torch.finfo(st.P.dtype)
     cap = finfo.max ** 0.25
@@ -162,17 +188,23 @@ def _scaling_block(st: _State, a: torch.Tensor, b: torch.Tensor, steps: int) -> 
     Pt = P.transpose(-1, -2)
     u = torch.ones_like(a).unsqueeze(-2)
     # Row-vector products (uᵀP, vᵀPᵀ): about twice as fast as P @ column on CPU.
-    for _ in range(steps):
-        v = (b.unsqueeze(-2) / (u @ P)).clamp_(1 / cap, cap)
-        u = (a.unsqueeze(-2) / (v @ Pt)).clamp_(1 / cap, cap)
+    if pad is None:
+        for _ in range(steps):
+            v = (b.unsqueeze(-2) / (u @ P)).clamp_(1 / cap, cap)
+            u = (a.unsqueeze(-2) / (v @ Pt)).clamp_(1 / cap, cap)
+    else:
+        pr, pc = pad.pad_r.unsqueeze(-2), pad.pad_c.unsqueeze(-2)
+        for _ in range(steps):
+            v = (b.unsqueeze(-2) / (u @ P).add_(pc)).clamp_(1 / cap, cap)
+            u = (a.unsqueeze(-2) / (v @ Pt).add_(pr)).clamp_(1 / cap, cap)
     return st.beta + v.squeeze(-2).log()
 
 
 def solve(
     C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
-    cols_exact: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan and its column error ‖Pᵀ1 − b‖₁ (rows exact), batched.
+    cols_exact: bool = False, pad: Padding | None = None, gibbs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The plan, its column error ‖Pᵀ1 − b‖₁ (rows exact) and G, batched.
 
     Stops when every element's error is at most ``tol`` or after ``max_iter`` Sinkhorn
     iterations plus Newton steps in all; the caller reports elements above ``tol``.
@@ -186,99 +218,74 @@ def solve(
     ``cols_exact`` swaps the roles at the end: the columns are scaled to ``b`` exactly
     and the returned error is the rows' ‖P1 − a‖₁ (for a caller whose rows are these
     columns). The scaling moves the rows by at most the columns' error.
+
+    ``pad``: the masks of zero entries of ``a`` and ``b`` (None: there are none). With
+    ``gibbs`` too, G is the plan with each dead row's and column's Gibbs distribution
+    filled in (:func:`~convexddn.nodes._sinkhorn_padding.completion`, for the backward);
+    otherwise G is None.
     """
-    P, err = _solve(C, a, b, eps, max_iter, tol)
-    if not cols_exact:
-        return P, err
-    cs = P.sum(-2, keepdim=True)
-    P = P.mul_(torch.where(cs > 0, b.unsqueeze(-2) / cs, 1.0))
-    return P, (P.sum(-1) - a).abs_().sum(-1)
+    P, err, pot = _solve(C, a, b, eps, max_iter, tol, pad)
+    if cols_exact:
+        cs = P.sum(-2, keepdim=True)
+        P = P.mul_(torch.where(cs > 0, b.unsqueeze(-2) / cs, 1.0))
+        err = (P.sum(-1) - a).abs_().sum(-1)
+    G = completion(P, *pot, eps, pad) if gibbs and pot is not None else None
+    return P, err, G
 
 
 def _solve(
-    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
+    pad: Padding | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """(plan, column error, potentials): with ``pad``, (f, g, shifted costs) for the
+    completion (f, g = −∞ on dead rows, columns); None without."""
     # The plan is unchanged by adding a constant to a row of C (α absorbs it), so the
     # spread that matters is the largest range within a row.
-    D = C - C.amin(-1, keepdim=True)
-    top = float(D.amax()) if C.numel() else 0.0
+    if pad is None:
+        D = C - C.amin(-1, keepdim=True)
+        top = float(D.amax()) if C.numel() else 0.0
+    else:
+        # Shifts and spread from the live entries only; the solver sees 0 at dead ones.
+        # (|C|'s largest times 0 is NaN where any cost is NaN or Inf, dead ones too.)
+        full = row_shifted(C, pad)
+        D = full.masked_fill(pad.dead, 0.0)
+        top = float(D.amax() + C.abs().amax() * 0.0)
     if not math.isfinite(top):
         # NaN or Inf in C (amin and amax propagate NaN), or a row range that overflows:
         # a non-finite error tells the caller, which checks its inputs then; nothing is
         # iterated.
-        return torch.full_like(C, math.nan), torch.full_like(C[..., 0, 0], math.nan)
+        return torch.full_like(C, math.nan), torch.full_like(C[..., 0, 0], math.nan), None
     if top <= SCALE_ABOVE * eps:
-        P, err, v, used, worst = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol)
+        P, err, v, used, worst, u = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol, pad)
         if used >= max_iter or worst <= tol:
-            return P, err
+            return P, err, None if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log(), full)
         # (The kernel overwrote D; β = log v is relative to the same row-shifted costs,
         # whose entries, at most 50ε, keep the potentials small.)
-        return _solve_at(C - C.amin(-1, keepdim=True), a, b, eps, max_iter - used, tol,
-                         v.squeeze(-2).log())[:2]
-    # Less each column's minimum too (β absorbs it): the potentials then stay of the size
-    # of the spread over ε, not |C|/ε, whose rounding in β − C/ε would cap the column
-    # error (5e-12 with 1e4 added to every cost of randn ones, 4e-8 with 1e8). Each row
-    # keeps its zero and no entry grows.
-    D.sub_(D.amin(-2, keepdim=True))
-    # Each element's own spread sets its ε-scaling schedule: an easy element batched
-    # with a hard one must neither run the hard one's stages nor wait on its budget.
-    spread = D.amax((-2, -1))
-    start = torch.where(spread > SCALE_ABOVE * eps, spread / SCALE_ABOVE, eps)
-    return _solve_at(D, a, b, eps, max_iter, tol, None, start)[:2]
-
-
-def _kernel_sinkhorn(
-    D: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, iters: int, tol: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    r"""Plain Sinkhorn on the kernel, for costs whose rows spread over ``SCALE_ABOVE``·ε at most.
-
-    ``D`` is the costs less their row minima (overwritten with the kernel).
-    :math:`P = \operatorname{diag}(u) K \operatorname{diag}(v)` with
-    :math:`K = e^{-D/\varepsilon} \in [e^{-50}, 1]`:
-    alternating v = b / Kᵀu, u = a / Kv (the rows exact after each pair); the column
-    error ‖v ∘ Kᵀu − b‖₁ comes free with the next iteration's first product and is
-    checked after ``KERNEL_CHECK`` iterations and as many again, then where the rate
-    observed between the last two checks predicts ``tol`` (at most ``KERNEL_AHEAD``
-    iterations on). Returns (plan, column error, v ``(B, 1, N)``, iterations used,
-    largest error); β = log v warm-starts the Newton rounds when the kernel iterations
-    stopped short of ``tol``.
-    """
-    K = D.mul_(-1.0 / eps).exp_()
-    Kt = K.transpose(-1, -2)
-    a_, b_ = a.unsqueeze(-2), b.unsqueeze(-2)
-    v = torch.ones_like(b_)
-    u = a_ / torch.bmm(v, Kt)
-    s, t, it = torch.bmm(u, K), torch.empty_like(u), 0
-    # The error falls linearly: after two checks the next one is placed where the
-    # observed rate predicts ``tol`` (a check costs as much as an iteration).
-    check, last = KERNEL_CHECK, None
-    while True:
-        if it == check or it == iters:
-            err = torch.addcmul(b_, v, s, value=-1).abs_().sum(-1).squeeze(-1)
-            worst = float(err.max())
-            if it == iters or worst <= tol:
-                break
-            check = it + KERNEL_CHECK
-            if last is not None:
-                # Iterations still needed at the observed rate (inf: no progress).
-                gain = math.log(worst / last[1]) / (it - last[0]) if 0.0 < worst < last[1] else 0.0
-                ahead = math.log(tol / worst) / gain if gain < 0.0 else math.inf
-                if ahead > KERNEL_AHEAD * 3:  # slow: Newton converges faster from here
-                    break
-                check = it + max(1, min(KERNEL_AHEAD, math.ceil(ahead)))
-            last = (it, worst)
-        torch.div(b_, s, out=v)
-        torch.div(a_, torch.bmm(v, Kt, out=t), out=u)
-        torch.bmm(u, K, out=s)
-        it += 1
-    return (K * v).mul_(u.transpose(-1, -2)), err, v, it, worst
+        D = C - C.amin(-1, keepdim=True) if pad is None else full.masked_fill(pad.dead, 0.0)
+        st = _solve_at(D, a, b, eps, max_iter - used, tol, v.squeeze(-2).log(), None, pad)[0]
+    else:
+        # Less each column's minimum too (β absorbs it): the potentials then stay of the
+        # size of the spread over ε, not |C|/ε, whose rounding in β − C/ε would cap the
+        # column error (5e-12 with 1e4 added to every cost of randn ones, 4e-8 with 1e8).
+        # Each row keeps its zero and no entry grows.
+        if pad is None:
+            D.sub_(D.amin(-2, keepdim=True))
+        else:
+            D = col_shift_(full, pad).masked_fill(pad.dead, 0.0)
+        # Each element's own spread sets its ε-scaling schedule: an easy element batched
+        # with a hard one must neither run the hard one's stages nor wait on its budget.
+        spread = D.amax((-2, -1))
+        start = torch.where(spread > SCALE_ABOVE * eps, spread / SCALE_ABOVE, eps)
+        st = _solve_at(D, a, b, eps, max_iter, tol, None, start, pad)[0]
+    return st.P, st.err, None if pad is None else (st.alpha, st.beta, full)
 
 
 def _solve_at(
     D: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
-    beta: torch.Tensor | None, start: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(plan, column error, final β, iterations used) at ``eps``, from ``beta`` (or 0).
+    beta: torch.Tensor | None, start: torch.Tensor | None = None, pad: Padding | None = None,
+) -> tuple[_State, int]:
+    """(final state: plan, column error, potentials; iterations used) at ``eps``, from
+    ``beta`` (or 0; −∞ on the dead columns of ``pad``).
 
     ``start`` ``(B,)``: each element's first ε (ε-scaling; None: ``eps`` for all). An
     element solves loosely (``STAGE_TOL``) at its current ε, then moves on to the next,
@@ -294,7 +301,9 @@ def _solve_at(
     ce = D / (eps if cur is None else cur[:, None, None])
     loose = max(tol, STAGE_TOL)
     goal = tol if cur is None else torch.full_like(cur, tol).masked_fill_(cur > eps, loose)
-    st = _State(torch.zeros_like(b) if beta is None else beta, ce, a, la, b, lo)
+    if beta is None:
+        beta = torch.zeros_like(b) if pad is None else torch.zeros_like(b).masked_fill_(pad.dead_c, -math.inf)
+    st = _State(beta, ce, a, la, b, lo, pad)
     it = 0
     # Each element's error reduction over its last Sinkhorn block (0: none run yet).
     rate = torch.zeros_like(st.err)
@@ -310,7 +319,7 @@ def _solve_at(
                 beta_n = st.beta * (cur / nxt).unsqueeze(-1)
                 cur = nxt
                 ce = D / cur[:, None, None]
-                st.take(_State(beta_n, ce, a, la, b, lo), up)
+                st.take(_State(beta_n, ce, a, la, b, lo, pad), up)
                 rate = torch.where(up, 0.0, rate)
                 staged = cur > eps
                 goal = goal.masked_fill(~staged, tol)
@@ -328,12 +337,12 @@ def _solve_at(
             # S d = ∇φ; the (a − r) term accounts for rows exact only up to rounding.
             corr = ((a - st.r) / st.r).unsqueeze(-2) @ st.P
             grad = b - st.c - corr.squeeze(-2)
-            d, bad = schur_solve(st.P, st.r, grad)
+            d, bad = schur_solve(st.P, st.r, grad, None if pad is None else pad.fixed)
             d = d * (MAX_STEP / d.abs().amax(-1, keepdim=True)).clamp(max=1.0)
             slope = (grad * d).sum(-1)
             pending, t = newton & ~bad & (slope > 0), 1.0
             for _ in range(HALVINGS):
-                trial = _State(st.beta + t * d, ce, a, la, b, lo)
+                trial = _State(st.beta + t * d, ce, a, la, b, lo, pad)
                 # Armijo on φ; or, in the quadratic phase, a lower error.
                 ok = pending & torch.isfinite(trial.phi) & (
                     (trial.phi >= st.phi + 0.1 * t * slope)
@@ -352,7 +361,7 @@ def _solve_at(
         if any_rest and it < max_iter:
             steps = min(BLOCK, max_iter - it)
             it += steps
-            after = _State(_scaling_block(st, a, b, steps), ce, a, la, b, lo)
+            after = _State(_scaling_block(st, a, b, steps, pad), ce, a, la, b, lo, pad)
             rate = torch.where(rest, after.err / st.err, rate)
             if all_rest:
                 st = after
@@ -363,5 +372,5 @@ def _solve_at(
         # problem (and may pass the column test). Report the plan of their potentials at
         # eps instead, with its true column error; the caller warns on it.
         late = cur > eps
-        st.take(_State(st.beta * (cur / eps).unsqueeze(-1), D / eps, a, la, b, lo), late)
-    return st.P, st.err, st.beta, it
+        st.take(_State(st.beta * (cur / eps).unsqueeze(-1), D / eps, a, la, b, lo, pad), late)
+    return st, it

@@ -37,6 +37,14 @@ with :math:`Q = V \circ P` and :math:`(\lambda, \mu)` solving
 
 The same matrix :math:`S` (negated) is the Hessian of the reduced dual, which is why the
 forward's Newton steps and the backward share one solver.
+
+Zero marginal entries mark padding: a row with :math:`a_i = 0` (:math:`\alpha_i = -\infty`)
+or a column with :math:`b_j = 0` of the plan is exactly 0, the rest is the plan without
+them, and the constraint held fixed is the last live column's. On a dead row the
+gradient with respect to :math:`a_i` is the one-sided limit
+:math:`\lambda_i = \sum_j \pi_{ij}(V_{ij} - \mu_j)`, :math:`\pi_i` the row's Gibbs
+distribution :math:`\operatorname{softmax}_j(\beta_j - C_{ij}/\varepsilon)`; dead columns
+likewise (see :mod:`convexddn.nodes._sinkhorn_padding`).
 """
 from __future__ import annotations
 
@@ -49,47 +57,47 @@ import torch
 from torch import nn
 
 from .._autograd import first_order
-from .._checks import check_device, check_finite, check_int, check_positive, check_tensor
+from .._checks import check_finite, check_int, check_positive, check_tensor
 from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import schur_solve, solve
+from ._sinkhorn_padding import Padding, check_marginal, fill_dead
 
 __all__ = ["OptimalTransport", "sinkhorn"]
 
 #: The default ``tol`` of :func:`sinkhorn` (the solve runs in float64 for every dtype).
 DEFAULT_TOL = 1e-12
-#: Smallest accepted share of a marginal's total in one entry. A row's largest plan
-#: entry is at least its marginal over N, and plan entries below 6e-308 are 0: below
-#: this share a row (N up to 1e17) could sum to 0, and the Newton steps and the
-#: backward divide by the row sums.
-MIN_SHARE = 1e-290
 
 
 class _SinkhornFn(torch.autograd.Function):
     """Sinkhorn (kernel or log domain) + Newton forward; implicit backward through P1 = a, Pᵀ1 = b."""
 
     @staticmethod
-    def forward(ctx, C, a, b, eps, max_iter, tol, cols_exact):  # type: ignore[override]
+    def forward(ctx, C, a, b, eps, max_iter, tol, cols_exact, holes):  # type: ignore[override]
         # forward(ctx, …) rather than setup_context: apply then skips re-binding the
-        # arguments through inspect on every call.
-        P, err = solve(C, a, b, eps, max_iter, tol, cols_exact)
+        # arguments through inspect on every call. holes: None, or whether a, b have zeros.
+        pad = None if holes is None else Padding(a, b, *holes)
+        P, err, G = solve(C, a, b, eps, max_iter, tol, cols_exact, pad, gibbs=True)
         ctx.mark_non_differentiable(err)
         ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
-        ctx.save_for_backward(P)
-        ctx.eps = eps
+        ctx.save_for_backward(P, G)
+        ctx.eps, ctx.pad = eps, pad
         return P, err
 
     @staticmethod
     @first_order("sinkhorn")
     def backward(ctx, V, _grad_err):  # type: ignore[override]
-        (P,) = ctx.saved_tensors
+        P, G = ctx.saved_tensors
+        pad = ctx.pad
         if V is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         Q = V * P
         u, w = Q.sum(-1), Q.sum(-2)
-        r = P.sum(-1)
+        # (Padding: r = 1 on dead rows, whose P, Q rows are 0; μ = 0 on dead columns and
+        # the last live one, which is held in place of the last.)
+        r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
         # K (λ, μ) = (u, w) with μ_N = 0: μ from the Schur complement, then λ row by row.
         rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
-        mu, bad = schur_solve(P, r, rhs)
+        mu, bad = schur_solve(P, r, rhs, None if pad is None else pad.fixed)
         # μ is not finite where V is not, or where V overflowed on its way here (the
         # plan of unit-mass marginals times a mass near float64's largest). One host
         # sync tells whether either rare case needs a look.
@@ -116,6 +124,8 @@ class _SinkhornFn(torch.autograd.Function):
                 )
         lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
         lam = lam.squeeze(-2).div_(r)
+        if pad is not None:  # the one-sided limits on dead rows and columns
+            lam, mu = fill_dead(G, V, lam, mu, pad)
         grad_C = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             # P ∘ (λ1ᵀ + 1μᵀ − V) / ε = (P ∘ (λ1ᵀ + 1μᵀ) − Q) / ε, in one buffer.
@@ -124,48 +134,10 @@ class _SinkhornFn(torch.autograd.Function):
             grad_a = lam
         if ctx.needs_input_grad[2]:
             grad_b = mu
-        return grad_C, grad_a, grad_b, None, None, None, None
+        return grad_C, grad_a, grad_b, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
-
-
-def _marginal(
-    name: str, v: Any, cost: torch.Tensor, size: int, side: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The checked marginal as (v/Σv, Σv/max v, max v) in float64.
-
-    Σv itself may overflow (entries near float64's largest); Σv = (Σv/max v)·max v
-    never multiplies out here: the plan is scaled by the two factors in turn.
-    """
-    v = check_tensor(name, v)
-    check_device(name, v, cost, "cost")
-    if v.ndim < 1 or v.shape[-1] != size:
-        raise ShapeError(
-            f"{name} must have shape (*batch, {size}) to match cost's {side} ({size}), "
-            f"got shape {tuple(v.shape)}"
-        )
-    check_finite(name, v)
-    v64 = v.to(torch.float64)
-    peak = v64.amax(-1, keepdim=True)
-    ratio = v64 / peak
-    s = ratio.sum(-1, keepdim=True)
-    unit = ratio / s
-    # (One host sync for both checks.)
-    nonpos, small = torch.stack(((v <= 0).sum(), (unit < MIN_SHARE).sum())).tolist()
-    if nonpos:
-        raise InputError(
-            f"{name} must be > 0 everywhere (a marginal of the plan), got {nonpos} "
-            f"entr{'y' if nonpos == 1 else 'ies'} <= 0 (min {float(v.min()):.3g})"
-        )
-    if small:
-        raise InputError(
-            f"{name}'s entries must each be at least {MIN_SHARE:.0e} of its sum (the plan "
-            f"cannot represent less in float64), got {small} "
-            f"entr{'y' if small == 1 else 'ies'} below (smallest share "
-            f"{float(unit.min()):.3g})"
-        )
-    return unit, s, peak
 
 
 def _check_options(eps: Any, max_iter: Any, tol: Any) -> None:
@@ -217,14 +189,26 @@ def sinkhorn(
     normalisations (a gradient with respect to ``b`` is orthogonal to ``b`` itself). Pass
     ``a = b = 1`` (square cost) for a doubly-stochastic matrix.
 
+    Padding: zero entries of ``a`` or ``b`` mark rows or columns that do not exist, so
+    sets of different sizes share one batch (each element its own pattern). Those rows
+    and columns of the plan are exactly 0 and the rest is the plan of the problem with
+    them removed (the padded costs may hold any finite values). The gradient with
+    respect to ``cost`` is 0 there; with respect to a zero :math:`a_i` it is the
+    one-sided derivative (:math:`a_i \to 0^+`, exact): in the module docstring's terms
+    :math:`\lambda_i = \sum_j \pi_{ij}(V_{ij} - \mu_j)` with the row's Gibbs
+    distribution :math:`\pi_i = \operatorname{softmax}_j(\beta_j - C_{ij}/\varepsilon)`
+    over the live columns, then the normalisation's chain rule (``b`` likewise).
+
     As attention: for scores :math:`S = QK^\top/\sqrt d`, ``sinkhorn(-S, ones, ones,
     eps=1)`` is a doubly-stochastic attention matrix (Sinkformer); its first row
     normalisation alone is ``softmax(S, -1)``.
 
     Args:
         cost: costs :math:`C`, floating point.
-        a: row marginal, positive, broadcastable over the batch. Default: uniform 1/M.
-        b: column marginal, positive, broadcastable over the batch. Default: uniform.
+        a: row marginal, entries >= 0 (0: a padded row) with a positive sum,
+            broadcastable over the batch. Default: uniform 1/M.
+        b: column marginal, entries >= 0 (0: a padded column) with a positive sum,
+            broadcastable over the batch. Default: uniform.
         eps: entropic regularisation :math:`\varepsilon > 0` (the reference
             implementation's ``1/gamma``). Default: 1.0.
         max_iter: most Sinkhorn iterations plus Newton steps. Default: 1000.
@@ -241,8 +225,9 @@ def sinkhorn(
         ShapeError: cost has fewer than 2 dims or an empty side; a marginal's last dim
             does not match; batch shapes do not broadcast.
         NonFiniteError: NaN or Inf in cost, a or b.
-        InputError: a marginal has an entry <= 0 or below 1e-290 of its sum, or lives
-            on another device; a row of ``cost`` spans more than float64's range.
+        InputError: a marginal has an entry < 0, no entry > 0, or a positive entry
+            below 1e-290 of its sum, or lives on another device; a row of ``cost`` spans
+            more than float64's range.
         OptionError: eps, tol not positive numbers; max_iter not an integer >= 1.
 
     Warns:
@@ -262,6 +247,15 @@ def sinkhorn(
         >>> P = sinkhorn(C, eps=0.1)
         >>> torch.allclose(P.sum(-1), torch.full((2, 5), 1 / 5))
         True
+        >>> # Sets of 3 and 5 points (padded to 5) against sets of 4 and 2 (padded to 4):
+        >>> x, y = torch.rand(2, 5, 2), torch.rand(2, 4, 2)
+        >>> a = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+        >>> b = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+        >>> P = sinkhorn(torch.cdist(x, y), a, b, eps=0.1)
+        >>> bool((P[0, 3:] == 0).all() and (P[1, :, 2:] == 0).all())
+        True
+        >>> torch.allclose(P[1, :, :2], sinkhorn(torch.cdist(x[1], y[1, :2]), a[1], b[1, :2], eps=0.1))
+        True
     """
     cost = check_tensor("cost", cost)
     _check_options(eps, max_iter, tol)
@@ -272,8 +266,8 @@ def sinkhorn(
     m, n = cost.shape[-2:]
     # (cost's finiteness is checked after the solve, only where its error is not
     # finite: the solver returns NaN at once for NaN or Inf costs.)
-    am = None if a is None else _marginal("a", a, cost, m, "rows M")
-    bm = None if b is None else _marginal("b", b, cost, n, "columns N")
+    am = None if a is None else check_marginal("a", a, cost, m, "rows M")
+    bm = None if b is None else check_marginal("b", b, cost, n, "columns N")
     shapes = [cost.shape[:-2]] + [v[0].shape[:-1] for v in (am, bm) if v is not None]
     try:
         batch = torch.broadcast_shapes(*shapes) if len(shapes) > 1 else shapes[0]
@@ -300,7 +294,9 @@ def sinkhorn(
     # (a/Σa, b/Σb) (the entropy's extra term is constant), which keeps every quantity
     # in the solver at a known scale. Autograd carries the gradient through both.
     C = cost.to(work)
-    mass = None if am is None else am[1:]
+    mass = None if am is None else am[1:3]
+    # Zero entries (padding) switch on the solver's masks; none: the plain path.
+    holes = (am is not None and am[3], bm is not None and bm[3])
     a = torch.full((m,), 1.0 / m, dtype=work, device=C.device) if am is None else am[0]
     b = torch.full((n,), 1.0 / n, dtype=work, device=C.device) if bm is None else bm[0]
     # (Each view of a tensor that requires grad is an autograd node: none when C already
@@ -312,11 +308,13 @@ def sinkhorn(
     # The backward's Schur complement lives on the smaller side: make it the columns.
     flip = n > m
     if flip:
-        C, a, b = C.transpose(-1, -2), b, a
+        C, a, b, holes = C.transpose(-1, -2), b, a, holes[::-1]
+    holes = holes if any(holes) else None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b)):
-        P, err = _SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip)
+        P, err = _SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes)
     else:
-        P, err = solve(C, a, b, float(eps), int(max_iter), tol, flip)
+        pad = None if holes is None else Padding(a, b, *holes)
+        P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)
     worst = float(err.max())
     if not math.isfinite(worst):
         check_finite("cost", cost)
@@ -366,7 +364,8 @@ class OptimalTransport(nn.Module):
         tol: relative column-marginal tolerance; ``None`` for 1e-12.
 
     Shape:
-        - forward(cost, a=None, b=None): :math:`(*, M, N), (*, M), (*, N) \to (*, M, N)`.
+        - forward(cost, a=None, b=None): :math:`(*, M, N), (*, M), (*, N) \to (*, M, N)`;
+          marginals >= 0 with positive sums (zeros: padding, see :func:`sinkhorn`).
 
     Raises:
         OptionError: at construction for an invalid ``eps``, ``max_iter`` or ``tol``;

@@ -121,8 +121,9 @@ def test_sinkhorn_kernel_path_matches_log_domain(scale):
 
     C = scale * _cost(3, 30, 40, seed=11)
     a, b = _marginal(30, 12).expand(3, 30), _marginal(40, 13).expand(3, 40)
-    P, err = _sinkhorn.solve(C, a, b, 0.1, 1000, 1e-12)
-    P_log, err_log, _, _ = _sinkhorn._solve_at(C, a, b, 0.1, 1000, 1e-12, None)
+    P, err, _ = _sinkhorn.solve(C, a, b, 0.1, 1000, 1e-12)
+    st, _ = _sinkhorn._solve_at(C, a, b, 0.1, 1000, 1e-12, None)
+    P_log, err_log = st.P, st.err
     assert err.max() <= 1e-12 and err_log.max() <= 1e-12
     torch.testing.assert_close(P, P_log, rtol=1e-9, atol=0)
     assert _gibbs_residual(P, C, 0.1) < 1e-9
@@ -138,7 +139,7 @@ def test_sinkhorn_kernel_hands_slow_cases_to_newton(monkeypatch):
     used = []
     kernel = _sinkhorn._kernel_sinkhorn
     monkeypatch.setattr(_sinkhorn, "_kernel_sinkhorn", lambda *x: used.append(r := kernel(*x)) or r)
-    P, err = _sinkhorn.solve(C, a, a, 0.1, 1000, 1e-12)
+    P, err, _ = _sinkhorn.solve(C, a, a, 0.1, 1000, 1e-12)
     assert err.max() <= 1e-12
     assert used and used[0][3] < _sinkhorn.KERNEL_ITERS  # handed over, budget not spent
     assert used[0][1].max() > 1e-12
@@ -338,8 +339,8 @@ def test_sinkhorn_invalid():
                 sinkhorn(bad.requires_grad_(), eps=eps)
     with pytest.raises(NonFiniteError, match="a"):
         sinkhorn(C, torch.tensor([1.0, float("inf"), 1.0], dtype=F64))
-    with pytest.raises(InputError, match="b must be > 0"):
-        sinkhorn(C, None, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=F64))
+    with pytest.raises(InputError, match=r"b must be >= 0 everywhere.*got 1 entry < 0 \(min -0\.5\)"):
+        sinkhorn(C, None, torch.tensor([1.0, -0.5, 1.0, 1.0], dtype=F64))
     with pytest.raises(DTypeError, match="a"):
         sinkhorn(C, [1.0, 1.0, 1.0])
     for kwargs in ({"eps": 0.0}, {"eps": -1.0}, {"eps": True}, {"eps": float("inf")},
@@ -355,6 +356,18 @@ def test_sinkhorn_cuda():
     assert P.device.type == "cuda"
     assert torch.allclose(P.cpu(), sinkhorn(C, eps=0.1), atol=1e-12)
     P.sum().backward()
+    # Padding (zero marginal entries) on CUDA: the same plan and gradients as on the CPU.
+    for scale, eps in _PATHS:
+        C, a, b, _ = _padded_batch(6, 5, scale)
+        W = torch.randn(4, 6, 5, generator=_gen(36), dtype=F64)
+        out = []
+        for device in ("cpu", "cuda"):
+            Cd, ad, bd = (t.to(device).requires_grad_() for t in (C, a, b))
+            Pd = sinkhorn(Cd, ad, bd, eps=eps)
+            out.append([t.cpu() for t in (Pd, *torch.autograd.grad((Pd * W.to(device)).sum(), (Cd, ad, bd)))])
+        for cpu, cuda in zip(*out):
+            assert torch.isfinite(cuda).all()
+            torch.testing.assert_close(cuda, cpu, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- audit fixes
@@ -459,3 +472,186 @@ def test_sinkhorn_marginal_share_below_float64_refused():
         sinkhorn(C, None, b, eps=0.05)
     with pytest.raises(InputError, match="a's entries"):
         sinkhorn(C.T, b, eps=0.05)
+
+
+# --------------------------------------------------------------------------- padding (zero marginals)
+
+# (scale of the costs, eps): plain kernel Sinkhorn; kernel iterations handed to the Newton
+# rounds (rows spread over up to 45ε); log domain with ε-scaling and Newton (80ε).
+_PATHS = [(1.0, 1.0), (4.5, 0.1), (4.0, 0.05)]
+
+
+def _padded_batch(m: int, n: int, scale: float, seed: int = 50):
+    """A batch of four, each element with its own zero pattern, and junk padded costs.
+
+    0: a dead row and the dead last column, random costs there; 1: dead first and last
+    rows and a dead middle column, costs -40 there; 2: a dead first column only, costs
+    1e3 there; 3: a single live column. The dead last column (and, transposed for M < N,
+    the dead last row) is the constraint the backward would drop: a live one must be
+    held instead.
+    """
+    g = _gen(seed)
+    C = scale * torch.rand(4, m, n, generator=g, dtype=F64)
+    a = torch.rand(4, m, generator=g, dtype=F64) + 0.2
+    b = torch.rand(4, n, generator=g, dtype=F64) + 0.2
+    a[0, 1] = b[0, n - 1] = 0.0
+    a[1, 0] = a[1, m - 1] = b[1, 2] = 0.0
+    b[2, 0] = 0.0
+    b[3, 1:] = 0.0
+    dead = (a == 0).unsqueeze(-1) | (b == 0).unsqueeze(-2)
+    junk = torch.tensor([0.0, -40.0, 1e3, 7.0], dtype=F64).view(4, 1, 1).expand_as(C)
+    C = torch.where(dead & (torch.arange(4) > 0).view(4, 1, 1), junk, C)
+    return C, a, b, dead
+
+
+def _live(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The live block of one element's (M, N) ``t`` (or of an (M,) / (N,) marginal)."""
+    rows, cols = a > 0, b > 0
+    if t.ndim == 2:
+        return t[rows][:, cols]
+    return t[rows] if t.shape[0] == a.shape[0] else t[cols]
+
+
+@pytest.mark.parametrize("scale,eps", _PATHS)
+@pytest.mark.parametrize("m,n", [(6, 5), (5, 7)])
+def test_sinkhorn_padding_matches_sliced_problem(m, n, scale, eps, monkeypatch):
+    # Each element's plan and gradients equal those of its own problem with the dead rows
+    # and columns removed (an independent call on the sliced cost and marginals); the
+    # plan and the cost gradient are exactly 0 on the dead rows and columns.
+    from convexddn.nodes import _sinkhorn
+
+    C, a, b, dead = _padded_batch(m, n, scale)
+    W = torch.randn(4, m, n, generator=_gen(51), dtype=F64)
+    C, a, b = (t.clone().requires_grad_() for t in (C, a, b))
+    used = []
+    for name in ("_kernel_sinkhorn", "_solve_at", "schur_solve"):
+        f = getattr(_sinkhorn, name)
+        monkeypatch.setattr(_sinkhorn, name, lambda *x, f=f, name=name: used.append(name) or f(*x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        P = sinkhorn(C, a, b, eps=eps)
+        gC, ga, gb = torch.autograd.grad((P * W).sum(), (C, a, b))
+    # The padded problem took the path _PATHS names (Newton steps call schur_solve).
+    assert ("_kernel_sinkhorn" in used) == (scale <= 50 * eps)
+    assert ("_solve_at" in used) == ("schur_solve" in used) == (eps < 1.0)
+    monkeypatch.undo()
+    for t in (P, gC, ga, gb):
+        assert torch.isfinite(t).all()
+    assert torch.equal(P[dead], torch.zeros_like(P[dead]))
+    assert torch.equal(gC[dead], torch.zeros_like(gC[dead]))
+    for k in range(4):
+        ak, bk = a[k].detach(), b[k].detach()
+        Ck, ak_, bk_ = (_live(t[k].detach(), ak, bk).clone().requires_grad_() for t in (C, a, b))
+        Pk = sinkhorn(Ck, ak_, bk_, eps=eps)
+        gk = torch.autograd.grad((Pk * _live(W[k], ak, bk)).sum(), (Ck, ak_, bk_))
+        torch.testing.assert_close(_live(P[k], ak, bk), Pk, rtol=0, atol=1e-12)
+        for full, ref in zip((gC[k], ga[k], gb[k]), gk):
+            torch.testing.assert_close(_live(full, ak, bk), ref, rtol=1e-10, atol=1e-12)
+
+
+def _one_sided(f, h: float = 1e-5) -> float:
+    """f'(0+) by the second-order one-sided difference (−3f(0) + 4f(h) − f(2h)) / 2h."""
+    return (-3 * f(0.0) + 4 * f(h) - f(2 * h)) / (2 * h)
+
+
+@pytest.mark.parametrize("scale,eps", _PATHS)
+@pytest.mark.parametrize("m,n", [(6, 5), (5, 7)])
+def test_sinkhorn_padding_marginal_gradient_is_one_sided_limit(m, n, scale, eps):
+    # At a zero entry the gradient with respect to it is the one-sided derivative: each
+    # dead a_i and b_j is moved from 0 to h and 2h (the problem is then unpadded there)
+    # and the difference quotient of the loss compared with the backward's value.
+    C, a, b, _ = _padded_batch(m, n, scale)
+    W = torch.randn(4, m, n, generator=_gen(52), dtype=F64)
+
+    def loss(a, b):
+        return (sinkhorn(C, a, b, eps=eps, tol=1e-14) * W).sum()
+
+    a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ga, gb = torch.autograd.grad(loss(a_, b_), (a_, b_))
+    checked = 0
+    for v, g, which in ((a, ga, "a"), (b, gb, "b")):
+        for idx in (v == 0).nonzero().tolist():
+            def f(t, v=v, idx=tuple(idx), which=which):
+                w = v.clone()
+                w[idx] = t
+                return float(loss(w, b) if which == "a" else loss(a, w))
+
+            fd = _one_sided(f)
+            assert abs(float(g[tuple(idx)]) - fd) <= 1e-6 * max(1.0, abs(fd)), (which, idx)
+            checked += 1
+    assert checked == int((a == 0).sum() + (b == 0).sum()) == 5 + n
+
+
+@pytest.mark.parametrize("scale,eps", [(1.0, 0.2), (4.0, 0.05)])
+@pytest.mark.parametrize("m,n", [(4, 3), (3, 5)])
+def test_sinkhorn_padding_gradcheck_fixed_pattern(m, n, scale, eps):
+    # The zero pattern fixed, central differences in every cost (dead ones included:
+    # their derivative is 0) and every positive marginal entry.
+    C, a, b, _ = _padded_batch(m, n, scale, seed=53)
+    C, a, b = C[:3], a[:3], b[:3]
+    la, lb = a > 0, b > 0
+
+    def f(C, av, bv):
+        return sinkhorn(C, torch.zeros_like(a).masked_scatter(la, av),
+                        torch.zeros_like(b).masked_scatter(lb, bv), eps=eps)
+
+    inputs = (C.clone().requires_grad_(), a[la].clone().requires_grad_(), b[lb].clone().requires_grad_())
+    assert gradcheck(f, inputs, atol=1e-8, rtol=1e-6)
+
+
+def test_sinkhorn_padding_defaults_broadcast_and_float32():
+    # Padding on one side with the other marginal uniform (None), a zero in a marginal
+    # shared across the batch, and float32 inputs: each equals its sliced problem (to
+    # the solver's tol: a batch runs until its slowest element converges).
+    C, a, b, _ = _padded_batch(5, 4, 1.0, seed=54)
+    P = sinkhorn(C, None, b, eps=0.3)
+    for k in range(4):
+        torch.testing.assert_close(P[k][:, b[k] > 0], sinkhorn(C[k][:, b[k] > 0], None, b[k][b[k] > 0], eps=0.3),
+                                   rtol=0, atol=1e-12)
+    P = sinkhorn(C.mT, b, None, eps=0.3)  # the same, transposed (solved as M < N)
+    for k in range(4):
+        torch.testing.assert_close(P[k][b[k] > 0], sinkhorn(C[k][:, b[k] > 0].T, b[k][b[k] > 0], eps=0.3),
+                                   rtol=0, atol=1e-12)
+    shared = torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0], dtype=F64)
+    P = sinkhorn(C, shared, eps=0.3)
+    live = shared > 0
+    assert not P[:, ~live].any()
+    torch.testing.assert_close(P[:, live], sinkhorn(C[:, live], shared[live], eps=0.3), rtol=0, atol=1e-12)
+    P32 = sinkhorn(C.float(), a.float(), b.float(), eps=0.3)
+    assert P32.dtype == torch.float32
+    torch.testing.assert_close(P32, sinkhorn(C, a.float().double(), b.float().double(), eps=0.3).float())
+
+
+def test_sinkhorn_padding_masks_only_when_zeros(monkeypatch):
+    # All-positive marginals take the unmasked path (no Padding formed), forward and
+    # backward; zeros form one per call.
+    from convexddn.nodes import transport
+
+    made = []
+    real = transport.Padding
+    monkeypatch.setattr(transport, "Padding", lambda *x: made.append(1) or real(*x))
+    C = _cost(2, 4, 3, seed=55).requires_grad_()
+    a, b = _marginal(4, 56), _marginal(3, 57)
+    sinkhorn(C, a, b, eps=0.5).sum().backward()
+    sinkhorn(C, eps=0.5).sum().backward()
+    assert made == []
+    a[1] = 0.0
+    sinkhorn(C, a, b, eps=0.5).sum().backward()
+    with torch.no_grad():
+        sinkhorn(C, a, b, eps=0.5)
+    assert made == [1, 1]
+
+
+def test_sinkhorn_padding_invalid_marginals():
+    C = _cost(2, 3, 4, seed=58)
+    with pytest.raises(InputError, match=r"a must be >= 0 everywhere.*got 2 entries < 0"):
+        sinkhorn(C, torch.tensor([[1.0, 0.0, -1.0], [-2.0, 1.0, 1.0]], dtype=F64))
+    # Zeros are padding, but a marginal needs mass: each element of a batch its own.
+    with pytest.raises(InputError, match=r"b must have positive mass.*got 1 marginal whose entries are all 0"):
+        sinkhorn(C, None, torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]], dtype=F64))
+    with pytest.raises(InputError, match="a must have positive mass"):
+        sinkhorn(C[0], torch.zeros(3, dtype=F64))
+    # A positive entry below 1e-290 of the sum is still refused beside zeros: its row of
+    # the plan could not be exact in float64.
+    with pytest.raises(InputError, match=r"b's entries must each be at least 1e-290 .* got 1 entry below"):
+        sinkhorn(C, None, torch.tensor([1.0, 0.0, 1e-300, 1.0], dtype=F64))

@@ -1,0 +1,70 @@
+r"""Plain Sinkhorn on the kernel, the first path of :mod:`convexddn.nodes._sinkhorn`.
+
+For costs whose rows spread over at most ``SCALE_ABOVE``·ε (50ε) the kernel
+:math:`e^{(\min_j C_{ij} - C)/\varepsilon}` has no entry below e⁻⁵⁰, so nothing
+underflows and two matrix–vector products make an iteration; the caller hands the
+potentials on to its Newton rounds when the observed linear rate is slow.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._sinkhorn_padding import Padding
+
+# Iterations between the first error checks.
+KERNEL_CHECK = 2
+# Most iterations between two checks when the observed rate predicts convergence later;
+# past three times as many still needed, the Newton rounds take over.
+KERNEL_AHEAD = 20
+
+
+def kernel_sinkhorn(
+    D: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, iters: int, tol: float,
+    pad: Padding | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, torch.Tensor]:
+    r"""Plain Sinkhorn on the kernel, for costs whose rows spread over ``SCALE_ABOVE``·ε at most.
+
+    ``D`` is the costs less their row minima (overwritten with the kernel).
+    :math:`P = \operatorname{diag}(u) K \operatorname{diag}(v)` with
+    :math:`K = e^{-D/\varepsilon} \in [e^{-50}, 1]`:
+    alternating v = b / Kᵀu, u = a / Kv (the rows exact after each pair); the column
+    error ‖v ∘ Kᵀu − b‖₁ comes free with the next iteration's first product and is
+    checked after ``KERNEL_CHECK`` iterations and as many again, then where the rate
+    observed between the last two checks predicts ``tol`` (at most ``KERNEL_AHEAD``
+    iterations on). Returns (plan, column error, v ``(B, 1, N)``, iterations used,
+    largest error, u ``(B, 1, M)``); β = log v warm-starts the Newton rounds when the
+    kernel iterations stopped short of ``tol``. With ``pad``, v starts at 0 on dead
+    columns; u = a / Kv and v = b / Kᵀu are then 0 on dead rows and columns (no product
+    is 0: every entry of K is positive and every marginal has a live entry).
+    """
+    K = D.mul_(-1.0 / eps).exp_()
+    Kt = K.transpose(-1, -2)
+    a_, b_ = a.unsqueeze(-2), b.unsqueeze(-2)
+    v = torch.ones_like(b_) if pad is None else 1.0 - pad.pad_c.unsqueeze(-2)
+    u = a_ / torch.bmm(v, Kt)
+    s, t, it = torch.bmm(u, K), torch.empty_like(u), 0
+    # The error falls linearly: after two checks the next one is placed where the
+    # observed rate predicts ``tol`` (a check costs as much as an iteration).
+    check, last = KERNEL_CHECK, None
+    while True:
+        if it == check or it == iters:
+            err = torch.addcmul(b_, v, s, value=-1).abs_().sum(-1).squeeze(-1)
+            worst = float(err.max())
+            if it == iters or worst <= tol:
+                break
+            check = it + KERNEL_CHECK
+            if last is not None:
+                # Iterations still needed at the observed rate (inf: no progress).
+                gain = math.log(worst / last[1]) / (it - last[0]) if 0.0 < worst < last[1] else 0.0
+                ahead = math.log(tol / worst) / gain if gain < 0.0 else math.inf
+                if ahead > KERNEL_AHEAD * 3:  # slow: Newton converges faster from here
+                    break
+                check = it + max(1, min(KERNEL_AHEAD, math.ceil(ahead)))
+            last = (it, worst)
+        torch.div(b_, s, out=v)
+        torch.div(a_, torch.bmm(v, Kt, out=t), out=u)
+        torch.bmm(u, K, out=s)
+        it += 1
+    return (K * v).mul_(u.transpose(-1, -2)), err, v, it, worst, u

@@ -1,0 +1,182 @@
+r"""Zero entries in the marginals of :func:`convexddn.nodes.transport.sinkhorn` (padding).
+
+A row with :math:`a_i = 0` carries no mass: its plan row is exactly 0 (its potential
+:math:`\alpha_i = -\infty`), and a column with :math:`b_j = 0` likewise. The plan on
+the live rows and columns is the plan of the problem with the dead ones removed, so
+sets of different sizes padded to one shape are solved in one batch, each element
+with its own pattern. The solver of :mod:`convexddn.nodes._sinkhorn` runs on the
+padded problem with these masks (:class:`Padding`; all of it skipped when no marginal
+has a zero):
+
+- the costs are shifted by their minima over live entries only, and the solver sees 0
+  at dead entries, so padding values set neither the shifts nor the spread that picks
+  the solver's path;
+- dead potentials are :math:`-\infty` (``exp`` gives exact zeros and
+  :math:`-\infty` + finite stays :math:`-\infty`), their terms of the dual φ are
+  dropped, and the sums that are 0 on a dead row or column get 1 added where they
+  divide (the row sums r = P1 and the scaling block's products): nothing computes 0/0;
+- the Schur complement's rows and columns of dead columns, and of the last live column
+  (the one held fixed, :math:`\mu_k = 0`, in place of the last column), are those of
+  the identity: Cholesky sees exactly the sliced problem's reduced Laplacian.
+
+Backward. :math:`\partial L/\partial C` is 0 on dead rows and columns (the plan is 0
+there whatever the costs). The derivative with respect to a dead :math:`a_i` is
+one-sided (:math:`a \ge 0`). For :math:`a_i > 0` the row is exact,
+:math:`P_i = r_i \pi_i` with :math:`\pi_i = \operatorname{softmax}_j(\beta_j - C_{ij}/\varepsilon)`
+(the row's Gibbs distribution, 0 on dead columns), so the implicit formula
+:math:`\lambda_i = (u_i - P_i\mu)/r_i`, :math:`u_i = \sum_j V_{ij}P_{ij}`, is
+
+.. math::
+
+    \lambda_i = \sum_j \pi_{ij} (V_{ij} - \mu_j)
+
+for every :math:`a_i > 0`, and its limit as :math:`a_i \to 0^+` is this sum at the
+solution with :math:`a_i = 0` (μ and β are continuous there: the live block of the
+Schur complement stays definite). Likewise a dead column's
+:math:`\mu_j = \sum_i \rho_{ij}(V_{ij} - \lambda_i)` with
+:math:`\rho_j = \operatorname{softmax}_i(\alpha_i - C_{ij}/\varepsilon)` over live rows.
+:func:`completion` stores :math:`\pi` on dead rows and :math:`\rho` on dead columns
+beside the plan's live entries (one tensor G), :func:`fill_dead` applies the sums.
+
+:func:`check_marginal` checks a marginal for the public function: entries ≥ 0, a
+positive mass, and each positive entry at least :data:`MIN_SHARE` of the mass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .._checks import check_device, check_finite, check_tensor
+from ..errors import InputError, ShapeError
+
+#: Smallest accepted share of a marginal's total in one nonzero entry. A row's largest
+#: plan entry is at least its marginal over N, and plan entries below 6e-308 are 0:
+#: below this share a row (N up to 1e17) could sum to 0 and would not be exact, and the
+#: Newton steps and the backward divide by the row sums. (Entries that are exactly 0
+#: are padding, masked as above.)
+MIN_SHARE = 1e-290
+
+
+class Padding:
+    """The masks of zero marginal entries, for ``(B, M)`` ``a`` and ``(B, N)`` ``b``.
+
+    ``rows``, ``cols``: whether any ``a``, any ``b`` entry is 0 (known to the caller from
+    its checks, so that the completion's softmax is skipped on a side without any).
+    """
+
+    __slots__ = ("rows", "cols", "dead_r", "dead_c", "pad_r", "pad_c", "fixed", "dead", "both")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, rows: bool = True, cols: bool = True) -> None:
+        self.rows, self.cols = rows, cols
+        self.dead_r, self.dead_c = a == 0, b == 0
+        # 1 on dead rows (columns), 0 elsewhere: added to sums that are exactly 0 there.
+        self.pad_r, self.pad_c = self.dead_r.to(a.dtype), self.dead_c.to(b.dtype)
+        # The columns whose potential is held fixed: the dead ones and the last live one
+        # (every marginal has a live entry: an all-zero one is refused).
+        idx = torch.arange(b.shape[-1], device=b.device)
+        last = torch.where(self.dead_c, -1, idx).amax(-1, keepdim=True)
+        self.fixed = self.dead_c.scatter(-1, last, True)
+        dr, dc = self.dead_r.unsqueeze(-1), self.dead_c.unsqueeze(-2)
+        self.dead, self.both = dr | dc, dr & dc
+
+
+def row_shifted(C: torch.Tensor, pad: Padding) -> torch.Tensor:
+    """C less each row's minimum over the live columns, 0 on dead × dead entries."""
+    low = C.masked_fill(pad.dead_c.unsqueeze(-2), math.inf).amin(-1, keepdim=True)
+    return (C - low).masked_fill_(pad.both, 0.0)
+
+
+def col_shift_(full: torch.Tensor, pad: Padding) -> torch.Tensor:
+    """``full`` less each column's minimum over the live rows, in place."""
+    full.sub_(full.masked_fill(pad.dead_r.unsqueeze(-1), math.inf).amin(-2, keepdim=True))
+    return full.masked_fill_(pad.both, 0.0)
+
+
+def completion(
+    P: torch.Tensor, f: torch.Tensor, g: torch.Tensor, full: torch.Tensor, eps: float, pad: Padding
+) -> torch.Tensor:
+    r"""G: the plan on live entries, :math:`\pi_i` on dead rows, :math:`\rho_j` on dead columns.
+
+    ``f``, ``g``: potentials with :math:`P_{ij} = e^{f_i + g_j - D_{ij}/\varepsilon}` on
+    live entries for the shifted costs ``full`` (D there), :math:`-\infty` on dead rows
+    and columns, so that :math:`\pi` and :math:`\rho` are 0 on dead × dead entries. A
+    row shift of D changes no :math:`\pi_i`, a column shift no :math:`\rho_j`.
+    """
+    ce = full / eps
+    G = P
+    if pad.rows:
+        G = torch.where(pad.dead_r.unsqueeze(-1), torch.softmax(g.unsqueeze(-2) - ce, -1), G)
+    if pad.cols:
+        G = torch.where(pad.dead_c.unsqueeze(-2), torch.softmax(f.unsqueeze(-1) - ce, -2), G)
+    return G
+
+
+def fill_dead(
+    G: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, mu: torch.Tensor, pad: Padding
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""λ on dead rows and μ on dead columns: their one-sided limits (module docstring).
+
+    :math:`\lambda_i = \sum_j \pi_{ij}(V_{ij} - \mu_j)` reads only live columns and
+    :math:`\mu_j = \sum_i \rho_{ij}(V_{ij} - \lambda_i)` only live rows (G is 0 on
+    dead × dead entries), so neither depends on the other's dead values.
+    """
+    GV = G * V
+    if pad.rows:
+        row = GV.sum(-1) - (G @ mu.unsqueeze(-1)).squeeze(-1)
+        lam = torch.where(pad.dead_r, row, lam)
+    if pad.cols:
+        col = GV.sum(-2) - (lam.unsqueeze(-2) @ G).squeeze(-2)
+        mu = torch.where(pad.dead_c, col, mu)
+    return lam, mu
+
+
+def check_marginal(
+    name: str, v: Any, cost: torch.Tensor, size: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The checked marginal as (v/Σv, Σv/max v, max v) in float64, and whether it has zeros.
+
+    Σv itself may overflow (entries near float64's largest); Σv = (Σv/max v)·max v
+    never multiplies out here: the plan is scaled by the two factors in turn.
+    """
+    v = check_tensor(name, v)
+    check_device(name, v, cost, "cost")
+    if v.ndim < 1 or v.shape[-1] != size:
+        raise ShapeError(
+            f"{name} must have shape (*batch, {size}) to match cost's {side} ({size}), "
+            f"got shape {tuple(v.shape)}"
+        )
+    check_finite(name, v)
+    v64 = v.to(torch.float64)
+    peak = v64.amax(-1, keepdim=True)
+    ratio = v64 / peak
+    s = ratio.sum(-1, keepdim=True)
+    unit = ratio / s
+    # One host sync for the usual case (every entry positive, none too small); only
+    # zeros or errors take a second one, for the breakdown. (An all-zero marginal has
+    # peak 0 and a NaN unit.)
+    nonpos, small = torch.stack(((v <= 0).sum(), (unit < MIN_SHARE).sum())).tolist()
+    if not (nonpos or small):
+        return unit, s, peak, False
+    pos = v > 0
+    counts = ((v < 0).sum(), (peak == 0).sum(), ((unit < MIN_SHARE) & pos).sum())
+    neg, empty, small = torch.stack(counts).tolist()
+    if neg:
+        raise InputError(
+            f"{name} must be >= 0 everywhere (a marginal of the plan; 0 marks padding), got "
+            f"{neg} entr{'y' if neg == 1 else 'ies'} < 0 (min {float(v.min()):.3g})"
+        )
+    if empty:
+        raise InputError(
+            f"{name} must have positive mass (at least one entry > 0 in each marginal), got "
+            f"{empty} marginal{'' if empty == 1 else 's'} whose entries are all 0"
+        )
+    if small:
+        raise InputError(
+            f"{name}'s entries must each be at least {MIN_SHARE:.0e} of its sum (the plan "
+            f"cannot represent less in float64) or exactly 0 (padding), got {small} "
+            f"entr{'y' if small == 1 else 'ies'} below (smallest share "
+            f"{float(unit.masked_fill(~pos, 1.0).min()):.3g})"
+        )
+    return unit, s, peak, True
