@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .._autograd import bind_fast, first_order, save_plain
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, save_plain
 from .._checks import check_device, check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
 from ._overflow import may_overflow, warn_gradient_overflow
@@ -162,6 +162,8 @@ class _LeastSquaresFunction(torch.autograd.Function):
         _, R, x, bad, gain = output
         ctx.mark_non_differentiable(R, x, bad, gain)
         save_plain(ctx, A, b, w, ridge, R, x)  # (inference-mode inputs as plain copies)
+        ctx.save_for_forward(A, b, w, ridge, R, x)
+        ctx.out_dtype = inputs[4]
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
         ctx.gate = gate  # set by the caller from the forward's host read
         # R, x, the rank mask and the gain are not differentiable: no zero gradients made for them.
@@ -209,6 +211,39 @@ class _LeastSquaresFunction(torch.autograd.Function):
             vec = [None if t is None else t.unsqueeze(-1) for t in grads[2:4]]
             warn_gradient_overflow("least_squares", g, list(zip(_NAMES, grads[:2] + vec)), (-2, -1))
         return tuple(grads)
+
+    @staticmethod
+    @first_order_jvp("least_squares")
+    def jvp(ctx, A_t, b_t, w_t, ridge_t, _dtype_t, _gate_t):  # type: ignore[override]
+        """Forward mode, the derivative of the normal equations H x = AᵀW b:
+        H dx = dAᵀW r + AᵀW (db − dA x) + Aᵀ dW r − dρ∘x with r = b − Ax, solved with
+        the forward's factor (H = RᵀR)."""
+        A, b, w, ridge, R, x = ctx.saved_tensors
+        A, b = A.to(_WORK), b.to(_WORK)
+        wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
+        weigh = (lambda t: t) if wcol is None else (lambda t: wcol * t)  # noqa: E731
+        r = b - A @ x
+        rhs = None
+
+        def add(term: torch.Tensor) -> None:
+            nonlocal rhs
+            rhs = term if rhs is None else rhs + term
+
+        if A_t is not None:
+            A_t = A_t.to(_WORK)
+            add(A_t.mT @ weigh(r) - A.mT @ weigh(A_t @ x))
+        if b_t is not None:
+            add(A.mT @ weigh(b_t.to(_WORK)))
+        if w_t is not None:
+            add(A.mT @ (w_t.to(_WORK).unsqueeze(-1) * r))
+        if ridge_t is not None:
+            add(-ridge_t.to(_WORK).unsqueeze(-1) * x)
+        if rhs is None:
+            dx = torch.zeros_like(x)
+        else:
+            dx = torch.linalg.solve_triangular(R.mT, rhs.expand_as(x) if rhs.shape != x.shape else rhs, upper=False)
+            dx = torch.linalg.solve_triangular(R, dx, upper=True)
+        return dx.to(ctx.out_dtype), None, None, None, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -374,7 +409,9 @@ def least_squares(
             + " do not broadcast"
         ) from None
     gate = _Gate()
-    if torch.is_grad_enabled() and any(t.requires_grad for _, t in named):
+    # Forward mode too: torch's geqrf and ormqr have no forward derivative, the Function's jvp is exact.
+    if (torch.is_grad_enabled() and any(t.requires_grad for _, t in named)) or may_carry_tangents(
+            *(t for _, t in named), r):
         x, _, _, bad_rank, gain = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype, gate)
     else:
         x, _, _, bad_rank, gain = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype, gate)

@@ -480,3 +480,56 @@ def test_least_squares_backward_reads_nothing_unless_its_gain_is_extreme(dtype, 
     with host_reads.counting():
         torch.autograd.grad(y, [A, b], torch.ones_like(y))
     assert host_reads.count == 0
+
+
+# --------------------------------------------------------------------------- forward mode
+
+
+@pytest.mark.parametrize("case", ["vector", "matrix_b_broadcast"])
+def test_least_squares_jvp_matches_finite_differences(case):
+    # Forward mode through torch.func.jvp: torch's geqrf/ormqr have no forward
+    # derivative, so this exercises the Function's own jvp (the derivative of the normal
+    # equations), with tangents in A, b, the weights and the ridge at once.
+    from convexddn.functional import least_squares
+
+    gen = torch.Generator().manual_seed(3)
+    if case == "vector":
+        A = torch.randn(2, 8, 3, dtype=torch.float64, generator=gen)
+        b = torch.randn(2, 8, dtype=torch.float64, generator=gen)
+    else:  # one shared A broadcast over a batch of matrix right-hand sides
+        A = torch.randn(1, 7, 4, dtype=torch.float64, generator=gen)
+        b = torch.randn(3, 7, 2, dtype=torch.float64, generator=gen)
+    w = torch.rand(A.shape[:-1], dtype=torch.float64, generator=gen) + 0.5
+    rd = torch.rand(A.shape[:-2] + A.shape[-1:], dtype=torch.float64, generator=gen) + 0.1
+    primals = (A, b, w, rd)
+    tangents = tuple(torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in primals)
+
+    def f(A, b, w, rd):
+        return least_squares(A, b, weights=w, ridge=rd)
+
+    _, t = torch.func.jvp(f, primals, tangents)
+    h = 1e-6
+    plus = f(*(p + h * d for p, d in zip(primals, tangents)))
+    minus = f(*(p - h * d for p, d in zip(primals, tangents)))
+    fd = (plus - minus) / (2 * h)
+    assert t.shape == fd.shape
+    torch.testing.assert_close(t, fd, rtol=1e-7, atol=1e-8)
+
+
+def test_linear_fit_forward_ad_dual_tensors():
+    # The dual-tensor API (torch.autograd.forward_ad) on linear_fit, which solves through
+    # least_squares: coefficients and intercept against central differences.
+    import torch.autograd.forward_ad as fwAD
+
+    from convexddn.functional import linear_fit
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9, dtype=torch.float64, generator=gen)
+    y = torch.randn(2, 9, dtype=torch.float64, generator=gen)
+    dx = torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    with fwAD.dual_level():
+        out = linear_fit(fwAD.make_dual(x, dx), y)
+        tangents = [fwAD.unpack_dual(v).tangent for v in out]
+    h = 1e-6
+    for t, p, m in zip(tangents, linear_fit(x + h * dx, y), linear_fit(x - h * dx, y)):
+        torch.testing.assert_close(t, (p - m) / (2 * h), rtol=1e-7, atol=1e-8)
