@@ -123,7 +123,10 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
 
     Raises:
         OptionError: unknown name, backend or option; ``backend="native"`` for a
-            problem without a native node; ConvexLayer options with a native node.
+            problem without a native node; ConvexLayer options with a native node;
+            ``check``, which the registry problem sets itself.
+        NonconvexError: ``robust_pool`` with a nonconvex penalty (``"welsch"``,
+            ``"trunc_quad"``): use :class:`~convexddn.RobustPool`.
 
     Example::
 
@@ -149,8 +152,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
             f"problem {name!r} with options {spec.options} has no native node; the native "
             f"problems are {sorted(NATIVE)} (robust_pool with {list(CONVEX_PENALTIES)})")
     if "check" in layer_opts:
-        raise OptionError(f"check is the registry problem's own (ProblemSpec.check); problem {name!r} "
-                          "supplies it")
+        raise OptionError(f"check is set by the registry (ProblemSpec.check, here {spec.check!r} for "
+                          f"problem {name!r}); it cannot be passed to layer()")
     convex = ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check,
                          **layer_opts)
     # Parameters the problem learns (e.g. qp's learn="Gh") become nn.Parameters of the module.

@@ -1,10 +1,14 @@
 """``convexddn bench``: speed and agreement of the convex (cone program) and native paths.
 
-For every robust pooling penalty and every Lp-ball projection (p = 1, 2, ∞) plus the
-simplex, at a small and a paper-sized shape, the benchmark times forward and backward
-of each path that supports the node, per sample, beside mean pooling timed in the same
-run, and measures how far the paths' solutions and gradients are apart (float64, same
-upstream gradient).
+For every robust pooling penalty (at three shapes, up to the paper's) and every Lp-ball
+projection (p = 1, 2, ∞) plus the simplex, the benchmark times forward and backward of
+each path that supports the node, per sample, beside mean pooling timed in the same run,
+and measures how far the paths' solutions and gradients are apart (float64, same
+upstream gradient). It also times the convex path's batched solver against the
+per-element path, cvxpylayers and (when installed) cvxpylayers + Moreau on the same
+problems, the other native nodes against the DDN reference's (where importable), the
+peak memory of forward + backward, and (not with ``--quick``) ``ConvexLayer``'s worker
+processes.
 
 Outputs (under ``--out``, default ``results/``): a markdown table on stdout,
 ``bench.json`` with every figure and the machine, ``bench.png`` (log-scale bars).

@@ -11,6 +11,11 @@
   :mod:`.pnp`: eigen decomposition, (weighted) least squares, robust vector pooling,
   perspective-n-point; :mod:`.transport` (entropic optimal transport), :mod:`.entmax`
   (sparse attention), :mod:`.total_variation` (1-D TV denoising).
+
+The functions ``entmax``, ``least_squares``, ``linear_fit`` and ``pnp`` are exported
+here under their modules' names, so the attributes ``convexddn.nodes.entmax`` etc. are
+the functions: reach those modules with ``from convexddn.nodes.pnp import …`` (which
+always imports the module), not ``import convexddn.nodes.pnp as m``.
 """
 from .declarative import DeclarativeNode
 from .eigen import EigenDecomposition, EigenResult, eigen_decomposition

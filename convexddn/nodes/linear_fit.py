@@ -81,7 +81,8 @@ def linear_fit(
         DTypeError, ShapeError, NonFiniteError, SolverError: as :func:`least_squares`
             (``A`` there is ``x`` transposed).
         OptionError: a non-bool ``bias``; a numeric ``ridge`` that is not finite and >= 0.
-        InputError: ``target``, ``weights`` or a tensor ``ridge`` not on ``x``'s device.
+        InputError: negative ``weights`` or a negative tensor ``ridge``; ``target``,
+            ``weights`` or a tensor ``ridge`` not on ``x``'s device.
 
     Examples::
 
@@ -170,7 +171,8 @@ class LeastSquares(nn.Module):
 
     Raises:
         OptionError: invalid ``ridge`` or ``bias`` at construction; calls raise as
-            :func:`least_squares`.
+            :func:`linear_fit`.
+        DTypeError: at construction, an integer tensor ``ridge``.
 
     Examples::
 
@@ -212,6 +214,7 @@ class WeightedLeastSquares(LeastSquares):
         - Output: :class:`LinearFit` ``coef (*, C)``, ``intercept (*)``.
 
     Raises:
+        OptionError: invalid ``ridge`` or ``bias`` at construction.
         DTypeError, ShapeError, NonFiniteError, SolverError: as :class:`LeastSquares`.
     """
 

@@ -336,6 +336,7 @@ class PnP(nn.Module):
 
     Raises:
         OptionError: invalid options at construction; calls raise as :func:`pnp`.
+        DTypeError: at construction, an ``alpha`` tensor that is not floating point.
     """
 
     def __init__(self, penalty: str | Penalty = "quadratic", alpha: float | torch.Tensor = 1.0,

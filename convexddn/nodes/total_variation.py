@@ -263,6 +263,7 @@ class TotalVariation1d(nn.Module):
         OptionError: at construction for a negative ``lam`` or bad options; the call
             raises as :func:`tv_denoise` (including when training drove a learnable
             ``lam`` below 0).
+        DTypeError: at construction, a ``lam`` tensor that is not floating point.
 
     Examples::
 

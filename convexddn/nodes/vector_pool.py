@@ -366,6 +366,7 @@ class RobustVectorPool(nn.Module):
     Raises:
         OptionError: invalid options at construction; calls raise as
             :func:`robust_vector_pool`.
+        DTypeError: at construction, an ``alpha`` tensor that is not floating point.
 
     Examples::
 

@@ -540,3 +540,17 @@ def test_registry_numeric_options_accept_numpy_scalars():
     for name, opts in (("tv1d", {"n": 3, "lam": np.float32(0.5)}), ("lp_ball", {"n": 3, "radius": np.float64(2)}),
                        ("ot_entropic", {"m": 2, "n": 2, "eps": np.float32(0.5)}), ("entmax", {"n": 3, "alpha": np.float32(1.5)})):
         assert registry.build(name, **opts).problem.is_dpp()
+
+
+def test_registry_importable_under_its_documented_name():
+    # The API page is titled convexddn.registry: both import forms reach the one module
+    # (one table of problems), the same object as the package attribute.
+    import importlib
+
+    import convexddn
+
+    mod = importlib.import_module("convexddn.registry")
+    from convexddn.registry import build, names  # noqa: F401
+
+    assert mod is convexddn.registry is importlib.import_module("convexddn.convex.registry")
+    assert build is mod.build and "qp" in names()

@@ -171,7 +171,8 @@ def robust_pool(
         y = \\operatorname*{argmin}_{u} \\sum_{i} \\phi(u - x_i; \\alpha)
 
     over the entries :math:`x_i` of ``x`` along ``dim`` (Gould et al. Table 1; the
-    penalties are listed in this module's docstring and in :data:`PENALTIES`).
+    penalties are listed in :data:`PENALTIES`, their formulas in
+    :mod:`convexddn.nodes.pooling.penalties`).
 
     Forward: ``quadratic`` is the mean (computed without overflow near the end of the
     float range). ``pseudo_huber`` and ``huber`` (convex) run a Newton iteration on
@@ -335,6 +336,8 @@ class RobustPool(nn.Module):
 
     Raises:
         OptionError: invalid options, at construction (see :func:`robust_pool`).
+        DTypeError: at construction, an ``alpha`` tensor that is not floating point.
+        InputError: at call time, a tensor ``alpha`` not on ``x``'s device.
         DTypeError, ShapeError, NonFiniteError: bad input, at call time, as :func:`robust_pool`.
 
     Examples::

@@ -319,6 +319,7 @@ class LpProjection(nn.Module):
     Raises:
         OptionError: at construction for an unknown ``p``/``mode``, ``radius`` ≤ 0 or a
             ``dim`` that is not an int; the call raises as :func:`project_lp`.
+        DTypeError: at construction, a ``radius`` tensor that is not floating point.
 
     Examples::
 
@@ -374,6 +375,7 @@ class SimplexProjection(nn.Module):
     Raises:
         OptionError: at construction for a ``dim`` that is not an int or ``z`` ≤ 0;
             the call raises as :func:`project_simplex`.
+        DTypeError: at construction, a ``z`` tensor that is not floating point.
     """
 
     def __init__(self, dim: int = -1, z: float | torch.Tensor = 1.0) -> None:
