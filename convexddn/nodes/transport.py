@@ -56,85 +56,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import first_order
+from .._autograd import may_carry_tangents
 from .._checks import check_finite, check_int, check_positive, check_tensor
-from ..errors import GradientWarning, InputError, OptionError, ShapeError, SolverWarning
-from ._sinkhorn import schur_solve, solve
-from ._sinkhorn_padding import Padding, check_marginal, fill_dead
+from ..errors import InputError, OptionError, ShapeError, SolverWarning
+from ._sinkhorn import solve
+from ._sinkhorn_function import Box, SinkhornFn
+from ._sinkhorn_padding import Padding, check_marginal
 
 __all__ = ["OptimalTransport", "sinkhorn"]
 
 #: The default ``tol`` of :func:`sinkhorn` (the solve runs in float64 for every dtype).
 DEFAULT_TOL = 1e-12
-
-
-class _SinkhornFn(torch.autograd.Function):
-    """Sinkhorn (kernel or log domain) + Newton forward; implicit backward through P1 = a, Pᵀ1 = b."""
-
-    @staticmethod
-    def forward(ctx, C, a, b, eps, max_iter, tol, cols_exact, holes):  # type: ignore[override]
-        # forward(ctx, …) rather than setup_context: apply then skips re-binding the
-        # arguments through inspect on every call. holes: None, or whether a, b have zeros.
-        pad = None if holes is None else Padding(a, b, *holes)
-        P, err, G = solve(C, a, b, eps, max_iter, tol, cols_exact, pad, gibbs=True)
-        ctx.mark_non_differentiable(err)
-        ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
-        ctx.save_for_backward(P, G)
-        ctx.eps, ctx.pad = eps, pad
-        return P, err
-
-    @staticmethod
-    @first_order("sinkhorn")
-    def backward(ctx, V, _grad_err):  # type: ignore[override]
-        P, G = ctx.saved_tensors
-        pad = ctx.pad
-        if V is None:
-            return None, None, None, None, None, None, None, None
-        Q = V * P
-        u, w = Q.sum(-1), Q.sum(-2)
-        # (Padding: r = 1 on dead rows, whose P, Q rows are 0; μ = 0 on dead columns and
-        # the last live one, which is held in place of the last.)
-        r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
-        # K (λ, μ) = (u, w) with μ_N = 0: μ from the Schur complement, then λ row by row.
-        rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
-        mu, bad = schur_solve(P, r, rhs, None if pad is None else pad.fixed)
-        # μ is not finite where V is not, or where V overflowed on its way here (the
-        # plan of unit-mass marginals times a mass near float64's largest). One host
-        # sync tells whether either rare case needs a look.
-        if not bool(torch.isfinite(mu.sum()) & ~bad.any()):
-            lost = ~torch.isfinite(mu).all(-1)
-            if bool(lost.any()):
-                warnings.warn(
-                    "sinkhorn: the gradient is not finite at batch element(s) "
-                    f"{lost.nonzero().flatten().tolist()[:10]}: the incoming gradient is "
-                    "not finite there, or it overflowed float64 when scaled by the mass "
-                    "of a (over about 1e308 in all)",
-                    GradientWarning,
-                    stacklevel=2,
-                )
-            if bool(bad.any()):
-                warnings.warn(
-                    "sinkhorn: the transport plan's support splits into disconnected blocks "
-                    "(entries below 1e-154 count as zero) at batch element(s) "
-                    f"{bad.nonzero().flatten().tolist()[:10]}; the gradients with respect to "
-                    "the marginals are not unique there and the least-norm ones are returned "
-                    "(the gradient with respect to the cost is unaffected)",
-                    GradientWarning,
-                    stacklevel=2,
-                )
-        lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
-        lam = lam.squeeze(-2).div_(r)
-        if pad is not None:  # the one-sided limits on dead rows and columns
-            lam, mu = fill_dead(G, V, lam, mu, pad)
-        grad_C = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # P ∘ (λ1ᵀ + 1μᵀ − V) / ε = (P ∘ (λ1ᵀ + 1μᵀ) − Q) / ε, in one buffer.
-            grad_C = (lam.unsqueeze(-1) + mu.unsqueeze(-2)).mul_(P).sub_(Q).div_(ctx.eps)
-        if ctx.needs_input_grad[1]:
-            grad_a = lam
-        if ctx.needs_input_grad[2]:
-            grad_b = mu
-        return grad_C, grad_a, grad_b, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -310,8 +242,9 @@ def sinkhorn(
     if flip:
         C, a, b, holes = C.transpose(-1, -2), b, a, holes[::-1]
     holes = holes if any(holes) else None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b)):
-        P, err = _SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes)
+    # (Forward mode too: the Function's jvp, not the solver's iterations differentiated.)
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b))) or may_carry_tangents(C, a, b):
+        P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes, Box())
     else:
         pad = None if holes is None else Padding(a, b, *holes)
         P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)

@@ -625,11 +625,12 @@ def test_sinkhorn_padding_defaults_broadcast_and_float32():
 def test_sinkhorn_padding_masks_only_when_zeros(monkeypatch):
     # All-positive marginals take the unmasked path (no Padding formed), forward and
     # backward; zeros form one per call.
-    from convexddn.nodes import transport
+    from convexddn.nodes import _sinkhorn_function, transport
 
     made = []
     real = transport.Padding
-    monkeypatch.setattr(transport, "Padding", lambda *x: made.append(1) or real(*x))
+    for module in (transport, _sinkhorn_function):  # (the no-grad path, the Function)
+        monkeypatch.setattr(module, "Padding", lambda *x: made.append(1) or real(*x))
     C = _cost(2, 4, 3, seed=55).requires_grad_()
     a, b = _marginal(4, 56), _marginal(3, 57)
     sinkhorn(C, a, b, eps=0.5).sum().backward()
@@ -655,3 +656,44 @@ def test_sinkhorn_padding_invalid_marginals():
     # the plan could not be exact in float64.
     with pytest.raises(InputError, match=r"b's entries must each be at least 1e-290 .* got 1 entry below"):
         sinkhorn(C, None, torch.tensor([1.0, 0.0, 1e-300, 1.0], dtype=F64))
+
+
+# --------------------------------------------------------------------------- forward mode
+
+
+@pytest.mark.parametrize("shape,eps", [((2, 5, 4), 0.5), ((2, 3, 6), 0.1), ((1, 6, 6), 0.05)])
+def test_sinkhorn_jvp_matches_finite_differences(shape, eps):
+    # torch.func.jvp with tangents in the costs and both marginals at once (M < N
+    # exercises the transposed solve, eps = 0.05 the log domain) against central
+    # differences of the forward itself.
+    B, m, n = shape
+    C = _cost(B, m, n, seed=71)
+    a = _marginal(m, 72).expand(B, m).contiguous()
+    b = _marginal(n, 73).expand(B, n).contiguous()
+    gen = torch.Generator().manual_seed(74)
+    dC, da, db = (torch.randn(t.shape, dtype=F64, generator=gen) for t in (C, a, b))
+
+    def f(C, a, b):
+        return sinkhorn(C, a, b, eps=eps)
+
+    _, tangent = torch.func.jvp(f, (C, a, b), (dC, da, db))
+    h = 1e-6
+    fd = (f(C + h * dC, a + h * da, b + h * db) - f(C - h * dC, a - h * da, b - h * db)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_sinkhorn_forward_ad_dual_and_padding_refused():
+    # The dual-tensor API agrees with jvp's rule (here: costs only, against central
+    # differences); with padding, forward mode says it is not implemented.
+    import torch.autograd.forward_ad as fwAD
+
+    C = _cost(2, 4, 3, seed=75)
+    dC = torch.randn(C.shape, dtype=F64, generator=torch.Generator().manual_seed(76))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(sinkhorn(fwAD.make_dual(C, dC), eps=0.3)).tangent
+    h = 1e-6
+    fd = (sinkhorn(C + h * dC, eps=0.3) - sinkhorn(C - h * dC, eps=0.3)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-9)
+    a = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)
+    with pytest.raises(NotImplementedError, match="zero marginal entries"):
+        torch.func.jvp(lambda c: sinkhorn(c, a, eps=0.3), (C,), (dC,))

@@ -1,0 +1,127 @@
+"""The autograd Function of :func:`convexddn.nodes.transport.sinkhorn`: the solve, the
+implicit backward through the marginal constraints and its forward-mode twin (the
+formulas are in :mod:`convexddn.nodes.transport`'s docstring; padding in
+:mod:`convexddn.nodes._sinkhorn_padding`)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .._autograd import bind_fast, first_order, first_order_jvp
+from ..errors import GradientWarning
+from ._sinkhorn import schur_solve, solve
+from ._sinkhorn_padding import Padding, fill_dead
+
+__all__ = ["SinkhornFn", "Box"]
+
+
+class Box:
+    """What the forward hands to setup_context besides its outputs (an object: torch.func
+    passes it through as it is, where a list would be rebuilt)."""
+
+    __slots__ = ("pad", "G")
+
+
+@bind_fast  # (setup_context, as torch.func needs, without apply's binding cost)
+class SinkhornFn(torch.autograd.Function):
+    """Sinkhorn (kernel or log domain) + Newton forward; implicit backward through P1 = a, Pᵀ1 = b."""
+
+    @staticmethod
+    def forward(C, a, b, eps, max_iter, tol, cols_exact, holes, box):  # type: ignore[override]
+        # holes: None, or whether a, b have zeros; box (a _Box) takes the padding masks
+        # and the plan's completion G for setup_context (neither is an output).
+        pad = None if holes is None else Padding(a, b, *holes)
+        P, err, box.G = solve(C, a, b, eps, max_iter, tol, cols_exact, pad, gibbs=True)
+        box.pad = pad
+        return P, err
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        _, err = output
+        pad, G = inputs[-1].pad, inputs[-1].G
+        ctx.mark_non_differentiable(err)
+        ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
+        ctx.save_for_backward(output[0], G)
+        ctx.save_for_forward(output[0])
+        ctx.eps, ctx.pad = inputs[3], pad
+
+    @staticmethod
+    @first_order_jvp("sinkhorn")
+    def jvp(ctx, C_t, a_t, b_t, *_):  # type: ignore[override]
+        """Forward mode: dP = P ∘ (dα1ᵀ + 1dβᵀ − dC/ε) with K (dα, dβ) = (da + Q1, db +
+        Qᵀ1), Q = P ∘ dC/ε, dβ_N = 0: the backward's system (K is symmetric), solved by
+        the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
+        solver sees, so the dropped equation holds.)"""
+        (P,) = ctx.saved_tensors
+        if ctx.pad is not None:
+            raise NotImplementedError(
+                "sinkhorn: forward-mode differentiation with zero marginal entries (padding) is "
+                "not implemented; use reverse mode (backward), or pad without forward mode")
+        Q = None if C_t is None else P * C_t.to(P.dtype) / ctx.eps
+        u = P.new_zeros(P.shape[:-1]) if Q is None else Q.sum(-1)
+        w = P.new_zeros(P.shape[:-2] + P.shape[-1:]) if Q is None else Q.sum(-2)
+        if a_t is not None:
+            u = u + a_t.to(P.dtype)
+        if b_t is not None:
+            w = w + b_t.to(P.dtype)
+        r = P.sum(-1)
+        rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
+        dbeta, _ = schur_solve(P, r, rhs)
+        dalpha = torch.baddbmm(u.unsqueeze(-2), dbeta.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
+        dalpha = dalpha.squeeze(-2).div_(r)
+        dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
+        return (dP if Q is None else dP.sub_(Q)), None
+
+    @staticmethod
+    @first_order("sinkhorn")
+    def backward(ctx, V, _grad_err):  # type: ignore[override]
+        P, G = ctx.saved_tensors
+        pad = ctx.pad
+        if V is None:
+            return (None,) * 9
+        Q = V * P
+        u, w = Q.sum(-1), Q.sum(-2)
+        # (Padding: r = 1 on dead rows, whose P, Q rows are 0; μ = 0 on dead columns and
+        # the last live one, which is held in place of the last.)
+        r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
+        # K (λ, μ) = (u, w) with μ_N = 0: μ from the Schur complement, then λ row by row.
+        rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
+        mu, bad = schur_solve(P, r, rhs, None if pad is None else pad.fixed)
+        # μ is not finite where V is not, or where V overflowed on its way here (the
+        # plan of unit-mass marginals times a mass near float64's largest). One host
+        # sync tells whether either rare case needs a look.
+        if not bool(torch.isfinite(mu.sum()) & ~bad.any()):
+            lost = ~torch.isfinite(mu).all(-1)
+            if bool(lost.any()):
+                warnings.warn(
+                    "sinkhorn: the gradient is not finite at batch element(s) "
+                    f"{lost.nonzero().flatten().tolist()[:10]}: the incoming gradient is "
+                    "not finite there, or it overflowed float64 when scaled by the mass "
+                    "of a (over about 1e308 in all)",
+                    GradientWarning,
+                    stacklevel=2,
+                )
+            if bool(bad.any()):
+                warnings.warn(
+                    "sinkhorn: the transport plan's support splits into disconnected blocks "
+                    "(entries below 1e-154 count as zero) at batch element(s) "
+                    f"{bad.nonzero().flatten().tolist()[:10]}; the gradients with respect to "
+                    "the marginals are not unique there and the least-norm ones are returned "
+                    "(the gradient with respect to the cost is unaffected)",
+                    GradientWarning,
+                    stacklevel=2,
+                )
+        lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
+        lam = lam.squeeze(-2).div_(r)
+        if pad is not None:  # the one-sided limits on dead rows and columns
+            lam, mu = fill_dead(G, V, lam, mu, pad)
+        grad_C = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # P ∘ (λ1ᵀ + 1μᵀ − V) / ε = (P ∘ (λ1ᵀ + 1μᵀ) − Q) / ε, in one buffer.
+            grad_C = (lam.unsqueeze(-1) + mu.unsqueeze(-2)).mul_(P).sub_(Q).div_(ctx.eps)
+        if ctx.needs_input_grad[1]:
+            grad_a = lam
+        if ctx.needs_input_grad[2]:
+            grad_b = mu
+        return grad_C, grad_a, grad_b, None, None, None, None, None, None
