@@ -23,13 +23,11 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..._autograd import first_order, save_plain
 from ..._checks import (
     check_bool,
     check_device,
@@ -39,9 +37,10 @@ from ..._checks import (
     check_tensor,
     normalize_dims,
 )
-from ...errors import GradientWarning, ShapeError
+from ...errors import ShapeError
 from .._repr import format_option
-from .kernels import compile_available, pool_backward
+from .function import RobustPoolFunction
+from .kernels import compile_available
 from .penalties import Penalty
 
 __all__ = ["RobustPool", "robust_pool"]
@@ -71,78 +70,6 @@ def _check_alpha(alpha: Any) -> bool:
     if not good:
         check_scale("alpha", a)  # raises, naming the values
     return not normal
-
-
-class _RobustPoolFunction(torch.autograd.Function):
-    """y = argmin_u sum_i phi(u - x_i; alpha) over the last dim of x (R, N) -> (R,).
-
-    ``alpha`` is a tensor of shape (R,) or 0-d; the options ride along as constants.
-    """
-
-    @staticmethod
-    def forward(x, alpha, penalty, tol, max_iter, use_compile):  # type: ignore[override]
-        if x.shape[0] == 0:
-            return x.new_empty((0,))
-        a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        if torch.compiler.is_compiling():
-            return penalty.solve(x, a, tol, max_iter, use_compile)
-        # Inference mode: no version counters or autograd bookkeeping on the per-row
-        # ops of the iterations, a hundred or more per iteration on (R, 1) tensors
-        # (in-process A/B at (4, 256, 1024) float32: 1.17-1.36x faster; nothing
-        # measurable at (8, 1024, 2048)). The (R,) result is cloned into a normal tensor.
-        with torch.inference_mode():
-            y = penalty.solve(x, a, tol, max_iter, use_compile)
-        return y.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, alpha, penalty, _tol, _max_iter, use_compile = inputs
-        save_plain(ctx, x, alpha, output)  # (inference-mode inputs as plain copies)
-        ctx.penalty = penalty
-        ctx.use_compile = use_compile
-
-    @staticmethod
-    @first_order("robust_pool")
-    def backward(ctx, grad_y):  # type: ignore[override]
-        x, alpha, y = ctx.saved_tensors
-        need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_alpha = None
-        rows, n = x.shape
-        if rows == 0:
-            return (x.new_zeros(x.shape) if need_x else None,
-                    torch.zeros_like(alpha) if need_alpha else None, None, None, None, None)
-        if ctx.penalty.name == "quadratic":
-            # dy/dx_i = 1/N exactly: a broadcast view, nothing to compute.
-            if need_x:
-                grad_x = (grad_y / n).unsqueeze(-1).expand(rows, n)
-            if need_alpha:
-                grad_alpha = torch.zeros_like(alpha)
-            return grad_x, grad_alpha, None, None, None, None
-        a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        gx, ga, ok, all_ok, alpha_lost = pool_backward(ctx.penalty, x, y, a, grad_y, bool(need_x),
-                                                       bool(need_alpha), ctx.use_compile)
-        if alpha_lost:
-            warnings.warn(
-                f"robust_pool(penalty={ctx.penalty.name!r}): the sum of d2phi_dalpha(y - x_i) is not "
-                f"finite for {alpha_lost} of {rows} row(s), even in float64 (the penalty's formula "
-                f"overflows); alpha's gradient from those rows is set to zero",
-                GradientWarning,
-                stacklevel=2,
-            )
-        if not all_ok:
-            bad = ~ok
-            warnings.warn(
-                f"robust_pool(penalty={ctx.penalty.name!r}): the Hessian sum_i phi''(y - x_i) is "
-                f"zero, singular or negative for {int(bad.sum())} of {rows} row(s) (no inliers, "
-                f"or a non-isolated minimiser); their gradient is set to zero",
-                GradientWarning,
-                stacklevel=2,
-            )
-        if need_x:
-            grad_x = gx
-        if need_alpha:
-            grad_alpha = ga if alpha.dim() > 0 else ga.sum()
-        return grad_x, grad_alpha, None, None, None, None
 
 
 def _check_options(penalty: Any, keepdim: Any, tol: Any, max_iter: Any, compile: Any) -> Penalty:
@@ -296,7 +223,7 @@ def robust_pool(
     xw = x2.to(work)
     aw = a.to(work)
     use_compile = bool(compile) and compile_available()
-    y2 = _RobustPoolFunction.apply(
+    y2 = RobustPoolFunction.apply(
         xw,
         aw,
         pen,
