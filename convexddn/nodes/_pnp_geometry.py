@@ -33,6 +33,7 @@ __all__ = [
     "dlt",
     "grad_hess",
     "matrix_to_axis_angle",
+    "mixed_jvp",
     "normalised",
     "objective",
     "off_plane_spread",
@@ -320,3 +321,28 @@ def warn_hessian(singular: torch.Tensor, ill: torch.Tensor, cond: torch.Tensor) 
                       f"{float(torch.where(ill, cond, 0).amax()):.1e}) for {shown_indices(ill)}: the pose is "
                       "close to non-unique and the gradient is very sensitive to the data", GradientWarning,
                       stacklevel=3)
+
+
+def mixed_jvp(xs, theta, moving, tangents, pen):
+    """J dx with J = ∂∇_θf/∂x (inputs ``moving``, tangents dx), or None where they do
+    not enter ∇_θf. Inside torch.func transforms by torch.func; under a dual level
+    (``torch.autograd.forward_ad``, where forward mode cannot nest) by reverse mode
+    twice: J dx = ∂/∂u ⟨Jᵀu, dx⟩, Jᵀu being linear in u."""
+    if torch._C._are_functorch_transforms_active():
+        def grad_theta(*moved):
+            args = list(xs)
+            for i, t in zip(moving, moved):
+                args[i] = t
+            return torch.func.grad(lambda th: objective(th, *args, pen).sum())(theta)
+
+        return torch.func.jvp(grad_theta, tuple(xs[i] for i in moving), tuple(tangents[i] for i in moving))[1]
+    with torch.enable_grad():
+        args = [None if t is None else t.detach().requires_grad_(i in moving) for i, t in enumerate(xs)]
+        th = theta.detach().requires_grad_()
+        gf = torch.autograd.grad(objective(th, *args, pen).sum(), th, create_graph=True)[0]
+        u = torch.zeros_like(gf, requires_grad=True)
+        jtu = torch.autograd.grad(gf, [args[i] for i in moving], u, create_graph=True, allow_unused=True)
+        inner = [(j * tangents[i]).sum() for j, i in zip(jtu, moving) if j is not None]
+        if not inner:
+            return None
+        return torch.autograd.grad(sum(inner), u, allow_unused=True)[0].detach()

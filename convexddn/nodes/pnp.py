@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, may_carry_tangents, plain
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, plain
 from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
 from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
@@ -49,6 +49,7 @@ from ._pnp_geometry import (
     check_pose,
     check_start,
     grad_hess,
+    mixed_jvp,
     objective,
     warn_hessian,
 )
@@ -101,7 +102,28 @@ class _PnPFunction(torch.autograd.Function):
         theta, H = output
         ctx.mark_non_differentiable(H)
         ctx.save_for_backward(p2d, p3d, w, K, alpha, theta, H)
+        ctx.save_for_forward(p2d, p3d, w, K, alpha, theta, H)
         ctx.pen = inputs[6]
+
+    @staticmethod
+    @first_order_jvp("pnp")
+    def jvp(ctx, *tangents):  # type: ignore[override]
+        """Forward mode: dθ = −H⁻¹ (∂∇_θf/∂x · dx), the optimality condition ∇_θf = 0
+        differentiated along the tangents dx of the inputs (the backward's system, H
+        symmetric; singular elements get 0 and the backward's warning)."""
+        p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
+        if theta.shape[0] == 0:
+            return theta.new_zeros(theta.shape), None
+        xs = (p2d, p3d, w, K, alpha)
+        moving = [i for i, t in enumerate(tangents[:5]) if t is not None and xs[i] is not None]
+        if not moving:
+            return torch.zeros_like(theta), None
+        Bdx = mixed_jvp(xs, theta, moving, tangents, ctx.pen)
+        if Bdx is None:  # the moving inputs do not enter the optimality condition
+            return torch.zeros_like(theta), None
+        v, singular, ill, cond = checked_solve(H, Bdx)
+        warn_hessian(singular, ill, cond)
+        return -v, None
 
     @staticmethod
     @first_order("pnp")
