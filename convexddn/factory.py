@@ -152,7 +152,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
             f"problem {name!r} with options {spec.options} has no native node; the native "
             f"problems are {sorted(NATIVE)} (robust_pool with {list(CONVEX_PENALTIES)})")
     if "check" in layer_opts:
-        raise OptionError(f"check is set by the registry (ProblemSpec.check, here {spec.check!r} for "
+        own = getattr(spec.check, "__name__", spec.check)
+        raise OptionError(f"check is set by the registry (ProblemSpec.check, here {own!r} for "
                           f"problem {name!r}); it cannot be passed to layer()")
     convex = ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check,
                          **layer_opts)

@@ -162,7 +162,7 @@ def test_check_option_is_validated():
     spec = registry.build("ot_lp", m=2, n=2)
     with pytest.raises(OptionError, match=r"check must be a callable or None, got int"):
         ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), check=3)
-    with pytest.raises(OptionError, match=r"check is the registry problem's own"):
+    with pytest.raises(OptionError, match=r"check is set by the registry \(ProblemSpec.check, here 'equal_mass'"):
         cddn.layer("ot_lp", m=2, n=2, check=lambda values: None)
     with pytest.raises(OptionError, match=r"register\('x'\): check must be a callable"):
         registry.register("x", "a problem", check="no")
