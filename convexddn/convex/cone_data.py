@@ -18,6 +18,7 @@ import torch
 
 from .kkt import DENSE, KKTStructure
 from .symmetric_cones import ConeLayout
+from .tensor_cache import cached
 
 __all__ = ["ConeData"]
 
@@ -75,11 +76,16 @@ class ConeData:
     def on_device(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         """The attribute ``name`` (a tensor, or None) on ``like``'s device, floating ones
         in its dtype; cached: a host-to-device copy per call waits for the host on CUDA."""
-        key = (name, str(like.device), like.dtype)
-        if key not in self._cache:
-            t = getattr(self, name)
-            self._cache[key] = t if t is None else t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
-        return self._cache[key]
+        t = getattr(self, name)
+        return cached(self._cache, (name, str(like.device), like.dtype), lambda: t if t is None else t.to(
+            like.device, like.dtype if t.is_floating_point() else t.dtype))
+
+    def _gather_maps(self, p: torch.Tensor) -> tuple:
+        """The non-empty maps' names, sizes, positions, columns and coefficients, on p's device."""
+        names = [k for k, m in self.maps.items() if m.pos.numel()]
+        return (names, [self.maps[k].pos.numel() for k in names], [self.maps[k].pos.to(p.device) for k in names],
+                torch.cat([self.maps[k].col for k in names]).to(p.device),
+                torch.cat([self.maps[k].coef for k in names]).to(p.device, p.dtype))
 
     def blocks(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every map's dense block ``(B, size)`` from ``p`` ``(B, n_cols)``, by name.
@@ -91,14 +97,7 @@ class ConeData:
         contiguous tensor (a batched matmul on a strided batch copies per element in its
         backward). Empty maps are constant zeros.
         """
-        ck = ("blocks", p.device, p.dtype)
-        if ck not in self._cache:
-            names = [k for k, m in self.maps.items() if m.pos.numel()]
-            self._cache[ck] = (names, [self.maps[k].pos.numel() for k in names],
-                               [self.maps[k].pos.to(p.device) for k in names],
-                               torch.cat([self.maps[k].col for k in names]).to(p.device),
-                               torch.cat([self.maps[k].coef for k in names]).to(p.device, p.dtype))
-        names, counts, pos, col, coef = self._cache[ck]
+        names, counts, pos, col, coef = cached(self._cache, ("blocks", p.device, p.dtype), lambda: self._gather_maps(p))
         B = p.shape[0]
         out = {k: p.new_zeros(B, m.size) for k, m in self.maps.items() if not m.pos.numel()}
         if names:
@@ -120,14 +119,13 @@ class ConeData:
         ``A`` and ``b`` are linear in ``p``: :meth:`blocks` of the direction is their
         exact directional derivative.
         """
-        key = ("tangent", str(like.device), like.dtype)
-        if key not in self._cache:
+        def build():
             k = torch.arange(self.n_cols, dtype=like.dtype, device=like.device)
             dp = torch.sin(2.399963229728653 * k + 1.0)
             dp[-1] = 0.0
             blocks = self.blocks(dp.unsqueeze(0))
-            self._cache[key] = (blocks["A"].view(1, self.layout.m, self.n), blocks["b"])
-        return self._cache[key]
+            return blocks["A"].view(1, self.layout.m, self.n), blocks["b"]
+        return cached(self._cache, ("tangent", str(like.device), like.dtype), build)
 
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
         """p = (θ, 1) of each element, (B, n_cols), in CVXPY's column order."""
@@ -135,10 +133,8 @@ class ConeData:
         for i, v in enumerate(values):
             order, _, shape = self.param_cols[i]
             if self.triu[i] is not None:
-                key = ("triu", i, str(v.device))
-                if key not in self._cache:
-                    self._cache[key] = tuple(t.to(v.device) for t in self.triu[i])
-                r, c = self._cache[key]
+                r, c = cached(self._cache, ("triu", i, str(v.device)),
+                              lambda i=i, v=v: tuple(t.to(v.device) for t in self.triu[i]))
                 flat = v[..., r, c]
             else:
                 flat = _fortran_flatten(v, len(shape))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .symmetric_cones import ConeLayout
+from .tensor_cache import cached
 
 __all__ = ["DENSE", "DataOps", "KKTStructure", "bmv"]
 
@@ -76,9 +77,8 @@ class DataOps:
             # Cone row i touches variable i (sparsemax, a box): the gathers are the identity.
             self.identity = structure.cols == tuple(range(P.shape[-1]))
             key = ("cols", structure.cols, str(P.device))  # one host-to-device copy per device
-            self.cols = layout._cache.get(key)
-            if self.cols is None:
-                self.cols = layout._cache[key] = torch.tensor(structure.cols, dtype=torch.long, device=P.device)
+            self.cols = cached(layout._cache, key, lambda: torch.tensor(structure.cols, dtype=torch.long,
+                                                                        device=P.device))
             self.a = A[:, z:].gather(2, self.cols.view(1, -1, 1).expand(A.shape[0], -1, 1)).squeeze(-1)
 
     def rows_mv(self, vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

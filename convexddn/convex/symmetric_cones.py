@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .tensor_cache import cached
+
 __all__ = ["ConeLayout", "NTScaling"]
 
 
@@ -79,17 +81,17 @@ class ConeLayout:
         return self.nonneg + len(self.soc)
 
     def index(self, device: torch.device) -> _Index:
-        key = str(device)
-        if key not in self._cache:
-            sizes = torch.tensor(self.soc, dtype=torch.long)
-            soc_id = torch.repeat_interleave(torch.arange(len(self.soc)), sizes)
-            heads = torch.cumsum(sizes, 0) - sizes
-            # 0/1 entries, exact in float32, which promotes to the iterates' dtype: a
-            # float64 mask made a float32 program with a second-order cone float64.
-            tail = torch.ones(int(sizes.sum()), dtype=torch.float32)
-            tail[heads] = 0.0
-            self._cache[key] = _Index(soc_id.to(device), heads.to(device), tail.to(device))
-        return self._cache[key]
+        return cached(self._cache, str(device), lambda: self._build_index(device))
+
+    def _build_index(self, device: torch.device) -> _Index:
+        sizes = torch.tensor(self.soc, dtype=torch.long)
+        soc_id = torch.repeat_interleave(torch.arange(len(self.soc)), sizes)
+        heads = torch.cumsum(sizes, 0) - sizes
+        # 0/1 entries, exact in float32, which promotes to the iterates' dtype: a
+        # float64 mask made a float32 program with a second-order cone float64.
+        tail = torch.ones(int(sizes.sum()), dtype=torch.float32)
+        tail[heads] = 0.0
+        return _Index(soc_id.to(device), heads.to(device), tail.to(device))
 
     # ------------------------------------------------------------------ segment helpers
     def _seg(self, v: torch.Tensor) -> torch.Tensor:
