@@ -34,8 +34,8 @@ from cvxpy.reductions.solvers.conic_solvers.scs_conif import dims_to_solver_dict
 from cvxpylayers.interfaces.base import SolverInterface
 from diffcp import cones as cone_lib
 from diffcp.cone_program import solve_internal
-from threadpoolctl import threadpool_limits
 
+from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
 from .cone import ResidualMap, parametric_entries, verify_certificate
 from .status import name_elements, status_kind
@@ -184,8 +184,7 @@ class CheckedDiffcp(SolverInterface):
 
     def _solve_with(self, method: str, args: dict[str, Any], A, b, c, warm_start=None):
         kwargs = {**SOLVER_DEFAULTS[method], **args}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with solver_warnings_ignored():  # (catch_warnings is not thread-safe)
             res = solve_internal(A.copy(), b, c, self._cone_dict, solve_method=method,
                                  warm_start=warm_start, raise_on_error=False, **kwargs)
         status = str(res.get("info", {}).get("status", "unknown"))
@@ -252,7 +251,7 @@ class CheckedDiffcp(SolverInterface):
         if pool is None:
             # Small dense factorisations: BLAS threads only fight torch's OpenMP pool
             # here (measured: a 326×326 solve took 150 ms instead of 1 ms under load).
-            with threadpool_limits(1, user_api="blas"):
+            with single_threaded_blas():
                 results = [self.solve_one(q_np[i], a_np[i], args) for i in range(batch)]
         else:
             chunks = _chunks(batch, self.workers)
@@ -302,7 +301,7 @@ class CheckedDiffcp(SolverInterface):
         remote = any(item is not None and item[0] == "remote" for item in saved_state)
         pool = self._pool(batch) if remote else None
         if pool is None:
-            with threadpool_limits(1, user_api="blas"):
+            with single_threaded_blas():
                 grads = [self.vjp_one(saved_state[i], dx_all[i], dy_all[i]) for i in range(batch)]
         else:
             grads = self._gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix], dy_all[ix])
@@ -374,12 +373,12 @@ def _chunks(batch: int, workers: int) -> list[np.ndarray]:
 
 
 def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict) -> list[_Solved]:
-    with threadpool_limits(1, user_api="blas"):
+    with single_threaded_blas():
         return [solver.solve_one(q[i], a[i], args) for i in range(q.shape[0])]
 
 
 def _vjp_chunk(solver: CheckedDiffcp, items: list, dx: np.ndarray, dy: np.ndarray) -> list:
-    with threadpool_limits(1, user_api="blas"):
+    with single_threaded_blas():
         return [solver.vjp_one(item, dx[i], dy[i]) for i, item in enumerate(items)]
 
 

@@ -24,13 +24,12 @@ path it comes before; the batched path itself never reaches it.
 """
 from __future__ import annotations
 
-import warnings
-
 import clarabel
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .._process_settings import solver_warnings_ignored
 from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
@@ -82,8 +81,7 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
     for i in range(B):
         Pi = sp.triu(sp.csc_matrix(0.5 * (Pn[i] + Pn[i].T)), format="csc")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with solver_warnings_ignored():  # (catch_warnings is not thread-safe)
                 sol = clarabel.DefaultSolver(Pi, qn[i], sp.csc_matrix(An[i]), bn[i], cones, settings).solve()
         except BaseException as err:  # noqa: B036 (a Rust panic is a BaseException)
             if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):

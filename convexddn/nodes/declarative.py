@@ -30,6 +30,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
 from ..errors import GradientWarning, InputError, OptionError, ProblemError, SolverError
+from ._swap_guard import SwapGuard
 from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
 from .graph import check_graph
 from .implicit import declarative_vjp
@@ -144,10 +145,10 @@ class DeclarativeNode(torch.nn.Module):
     .. note::
         During the backward the node's parameters and buffers are swapped for the ones
         its forward saw (under ``torch.func.functional_call``, the tensors passed there)
-        and read as ``implicit_dtype`` casts; do not run the same node instance
-        concurrently in another thread meanwhile. Separate instances (DDP's, one per
-        process) are fine; ``nn.DataParallel``'s replicas, which hold their parameters as
-        plain attributes, are not supported.
+        and read as ``implicit_dtype`` casts (also while a forward checks the problem).
+        Threads may share an instance: a swap runs alone (forwards in other threads wait
+        for it, it for theirs); code reading ``node.weight`` or ``state_dict()`` meanwhile
+        sees the swapped tensors. ``nn.DataParallel``'s replicas are not supported.
 
     Examples::
 
@@ -244,6 +245,16 @@ class DeclarativeNode(torch.nn.Module):
 
     # ---- machinery ------------------------------------------------------------------
 
+    def _guarded(self, swap: bool) -> contextlib.AbstractContextManager:
+        """This node's :class:`SwapGuard` held (made on first use); not under torch.compile."""
+        if torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        guard = self.__dict__.get("_swap_guard") or self.__dict__.setdefault("_swap_guard", SwapGuard())
+        return guard.swapping() if swap else guard.reading()
+
+    def __getstate__(self) -> dict:  # (a lock does not pickle)
+        return {k: v for k, v in self.__dict__.items() if k != "_swap_guard"}
+
     def _call(self, method: str):
         """The user's ``method`` as ``fn(*xs, y)``, whatever its way of taking ``y``."""
         fn = getattr(self, method)
@@ -290,26 +301,27 @@ class DeclarativeNode(torch.nn.Module):
     def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
         """Shapes, dependence on y and closed-over tensors, before any backward."""
         name = type(self).__name__
-        known = tuple(self.parameters())
-        # Buffers and frozen parameters stand in as leaves that require grad, so the
-        # graph tells which of them the problem reads (the backward checks those for
-        # in-place changes; a buffer solve only writes to, a cache, may change).
-        fixed = {n: t.detach().requires_grad_(True) for n, t in
-                 [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
-                 if t.is_floating_point() and not t.requires_grad}
-        with torch.enable_grad(), _reparametrize_module(self, fixed), self._in_dtype(self.implicit_dtype):
-            # (an inference tensor cannot require grad: a plain copy of it can)
-            xg = tuple((x.clone() if x.is_inference() else x).detach().to(self.implicit_dtype).requires_grad_(True)
-                       for x in xs)
-            yg = y.detach().to(self.implicit_dtype).requires_grad_(True)
-            f = _objective(f"{name}.objective", self._call("objective"), xg, yg)
-            cons = {m: _constraint(f"{name}.{m}", self._call(m), xg, yg)
-                    for m in ("equality_constraints", "inequality_constraints")}
-            of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
-            leaves = {**of_f, **of_c}
+        with self._guarded(swap=True):
+            known = tuple(self.parameters())
+            # Buffers and frozen parameters stand in as leaves that require grad, so the
+            # graph tells which of them the problem reads (the backward checks those for
+            # in-place changes; a buffer solve only writes to, a cache, may change).
+            fixed = {n: t.detach().requires_grad_(True) for n, t in
+                     [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+                     if t.is_floating_point() and not t.requires_grad}
+            with torch.enable_grad(), _reparametrize_module(self, fixed), self._in_dtype(self.implicit_dtype):
+                # (an inference tensor cannot require grad: a plain copy of it can)
+                xg = tuple((x.clone() if x.is_inference() else x).detach().to(self.implicit_dtype).requires_grad_(True)
+                           for x in xs)
+                yg = y.detach().to(self.implicit_dtype).requires_grad_(True)
+                f = _objective(f"{name}.objective", self._call("objective"), xg, yg)
+                cons = {m: _constraint(f"{name}.{m}", self._call(m), xg, yg)
+                        for m in ("equality_constraints", "inequality_constraints")}
+                of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
+                leaves = {**of_f, **of_c}
+            idle = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in leaves]
         self._read_state = frozenset(n for n, t in fixed.items() if id(t) in leaves)
         unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
-        idle = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in leaves]
         for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
                                                             "them only to start its iterations; ")):
             if which:
@@ -324,7 +336,7 @@ class DeclarativeNode(torch.nn.Module):
         # The parameters and buffers the forward solved with (``state``): under
         # torch.func.functional_call they were swapped in for the forward only, and the
         # backward differentiated the module's own ones (gradient 0 for the swapped-in).
-        with _reparametrize_module(self, state), self._in_dtype(self.implicit_dtype):
+        with self._guarded(swap=True), _reparametrize_module(self, state), self._in_dtype(self.implicit_dtype):
             return declarative_vjp(
                 self._call("objective"),
                 tuple(xs),
@@ -358,9 +370,10 @@ class DeclarativeNode(torch.nn.Module):
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")
         flat, batch_shape = flatten_inputs(xs, self.batch_dims)
-        state = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers(remove_duplicate=False))
-        params = tuple(p for p in self.parameters() if p.requires_grad)
-        y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state), *flat, *params)
+        with self._guarded(swap=False):  # (not while another thread's backward swaps them)
+            state = dict((*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)))
+            params = tuple(p for p in self.parameters() if p.requires_grad)
+            y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state), *flat, *params)
         bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)
         if y.numel() and bool(bad.any()):
             indices = _format_indices(bad, batch_shape)

@@ -82,7 +82,8 @@ def _signature(fn: Any) -> inspect.Signature | None:
         return None
 
 
-@functools.cache
+# Bounded (as arity_error): a class defined per call (in a function, a loop) was kept for good.
+@functools.lru_cache(maxsize=1024)
 def y_by_keyword(cls: type, method: str) -> bool:
     """Whether ``cls.method`` takes ``y`` as a keyword-only argument (``*xs, y``)."""
     sig = _signature(getattr(cls, method))

@@ -12,8 +12,8 @@ gradient once).
 """
 from __future__ import annotations
 
-import functools
 import math
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,36 +35,55 @@ _CPU_BLOCK_BYTES = 1 << 21
 # Elements per block elsewhere (CUDA, or compiled kernels): bounds the scratch memory.
 _BIG_BLOCK_NUMEL = 1 << 24
 
-_COMPILED: dict[Any, Callable] = {}
-_COMPILE_FAILED: set[Any] = set()
+# Compiled kernels: key -> [the function, its torch.compile wrapper or None], least
+# recently used first. Bounded: a fused kernel's key names a penalty instance, which its
+# closure holds (so its id is not reused while the entry lives), and a user's penalty
+# made per call kept every one of them alive, each with its compiled kernel.
+_COMPILED_MAX = 256
+_COMPILED: dict[Any, list] = {}
+_COMPILE_FAILED: set[str] = set()  # names of the kernels that run eagerly from now on
+_COMPILED_LOCK = threading.Lock()
 
 
 def compile_available() -> bool:
     return hasattr(torch, "compile") and not torch.jit.is_scripting()
 
 
-def run(fn: Callable, use_compile: bool, *args: Any, key: Any = None) -> Any:
+def kernel(key: Any, make: Callable[[], Callable]) -> list:
+    """The entry ``[fn, compiled or None]`` of ``key``; ``fn = make()`` on a miss."""
+    with _COMPILED_LOCK:
+        entry = _COMPILED.pop(key, None) or [make(), None]
+        _COMPILED[key] = entry
+        while len(_COMPILED) > _COMPILED_MAX:
+            del _COMPILED[next(iter(_COMPILED))]
+    return entry
+
+
+def run(fn: Callable | None, use_compile: bool, *args: Any, key: Any = None,
+        make: Callable[[], Callable] | None = None) -> Any:
     """Call ``fn(*args)`` through torch.compile when asked, falling back to eager (with a
-    one-time warning per kernel) when compilation fails."""
-    key = fn if key is None else key
-    if use_compile and key not in _COMPILE_FAILED:
-        try:
-            compiled = _COMPILED.get(key)
-            if compiled is None:
-                compiled = _COMPILED[key] = torch.compile(fn)
-            return compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-            _COMPILE_FAILED.add(key)
-            warnings.warn(
-                f"robust_pool: torch.compile failed for {getattr(fn, '__name__', fn)} "
-                f"({type(exc).__name__}: {str(exc)[:200]}); running it eagerly from now on",
-                ConvexDDNWarning,
-                stacklevel=3,
-            )
+    one-time warning per kernel) when compilation fails. A keyed kernel is ``make()``,
+    built on a miss (``fn`` None)."""
+    if use_compile:
+        entry = kernel(fn if key is None else key, make or (lambda: fn))
+        fn = entry[0]
+        name = getattr(fn, "__name__", repr(fn))
+        if name not in _COMPILE_FAILED:
+            try:
+                if entry[1] is None:  # (two threads may both wrap it: either will do)
+                    entry[1] = torch.compile(fn)
+                return entry[1](*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+                _COMPILE_FAILED.add(name)
+                warnings.warn(
+                    f"robust_pool: torch.compile failed for {name} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); running it eagerly from now on",
+                    ConvexDDNWarning,
+                    stacklevel=3,
+                )
     return fn(*args)
 
 
-@functools.cache
 def _fused(penalty: Penalty, method: str, clamp: bool, measure: bool, variant: tuple) -> Callable:
     """``(u, x, alpha) ->`` the row sums of the base class's (derived) ``method`` at the
     residuals ``u - x``, and the norm of its terms ``d1`` when ``measure``: what
@@ -103,9 +122,9 @@ def row_sums(penalty: Penalty, method: str, u: Tensor, x: Tensor, alpha, scratch
     measure = type(penalty).dphi_norm is Penalty.dphi_norm
     if use_compile:
         al = alpha if isinstance(alpha, Tensor) else torch.tensor(alpha, dtype=x.dtype, device=x.device)
-        key = (penalty, method, clamp and penalty.saturation is not None, measure,
+        key = (id(penalty), method, clamp and penalty.saturation is not None, measure,
                (x.dtype, x.device.type, u.dim(), al.dim()))
-        return run(_fused(*key), True, u, x, al, key=key)
+        return run(None, True, u, x, al, key=key, make=lambda: _fused(penalty, *key[1:]))
     # u and x have the same number of dims, one of them 1 where they differ
     # (torch.broadcast_shapes costs ~30 us per call here).
     z, *work = scratch.get(*(max(a, b) for a, b in zip(u.shape, x.shape)))

@@ -1,0 +1,97 @@
+"""Caches that grew with every call of a long run: each of these kept what the user
+made per call (a penalty, a DeclarativeNode class) alive for the rest of the process."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import weakref
+
+import torch
+
+from convexddn.functional import robust_pool
+from convexddn.nodes.declarative import DeclarativeNode
+from convexddn.nodes.pooling import Penalty, kernels
+
+F64 = torch.float64
+
+
+class _Scaled(Penalty):
+    """Huber of z / scale times scale²: a user's penalty with state of its own."""
+
+    name = "scaled_huber"
+    convex = True
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def phi(self, z, alpha):
+        r, a = (z / self.scale).abs(), alpha / self.scale
+        return self.scale**2 * torch.where(r <= a, 0.5 * r * r, a * (r - 0.5 * a))
+
+    def dphi(self, z, alpha):
+        return self.scale * torch.maximum(torch.minimum(z / self.scale, alpha / self.scale), -alpha / self.scale)
+
+    def d2phi(self, z, alpha):
+        return ((z / self.scale).abs() <= alpha / self.scale).to(z.dtype)
+
+    def d2phi_dalpha(self, z, alpha):
+        return torch.where((z / self.scale).abs() <= alpha / self.scale, torch.zeros_like(z), torch.sign(z))
+
+    def irls_weight(self, z, alpha):
+        return torch.where(z.abs() <= alpha, torch.ones_like(z), alpha / z.abs().clamp_min(1e-300))
+
+
+@dataclasses.dataclass
+class _Frozen(_Scaled):
+    """A dataclass penalty: compares by value, so it is unhashable."""
+
+    scale: float = 1.0
+
+
+def test_compiled_pooling_kernels_do_not_keep_per_call_penalties(monkeypatch):
+    """compile=True kept a fused kernel per penalty instance in functools.cache and in a
+    dict: a penalty made per call was never freed (nor its compiled kernel)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the cache, not the compiler
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_COMPILED_MAX", 8, raising=False)
+    x = torch.randn(3, 12, dtype=F64, generator=torch.Generator().manual_seed(0))
+    first = _Scaled()
+    ref = weakref.ref(first)
+    expected = robust_pool(x, first, 0.5, compile=False)
+    torch.testing.assert_close(robust_pool(x, first, 0.5, compile=True), expected)
+    del first
+    for _ in range(12):
+        robust_pool(x, _Scaled(), 0.5, compile=True)
+    gc.collect()
+    assert ref() is None
+    assert len(kernels._COMPILED) <= 8
+
+
+def test_compiled_pooling_with_an_unhashable_penalty(monkeypatch):
+    """The kernels were keyed by the penalty itself: a dataclass penalty raised TypeError."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    x = torch.randn(3, 12, dtype=F64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(robust_pool(x, _Frozen(2.0), 0.5, compile=True),
+                               robust_pool(x, _Frozen(2.0), 0.5, compile=False))
+
+
+def test_declarative_classes_made_per_call_are_freed():
+    """A DeclarativeNode subclass defined in a function called per step: the signature
+    cache (functools.cache) kept every class."""
+    refs = []
+    x = torch.randn(2, 3)
+    for _ in range(400):
+        class Mean(DeclarativeNode):
+            def objective(self, x, y):
+                return ((y - x) ** 2).sum(-1)
+
+            def solve(self, x):
+                return x.clone()
+
+        with torch.no_grad():
+            Mean()(x)
+        refs.append(weakref.ref(Mean))
+    del Mean
+    gc.collect()
+    assert refs[0]() is None

@@ -1,0 +1,265 @@
+"""Several threads calling the library at once (inference servers, data pipelines).
+
+Each interleaving that broke is forced here with events, so that the tests fail on the
+code before the fix every time: process-wide state saved and restored by two threads
+at once (warning filters, BLAS thread counts), and a DeclarativeNode's parameters
+swapped by one thread's backward while another thread's forward or backward read them.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import cvxpy as cp
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+
+import convexddn as cddn
+from convexddn import functional as F
+from convexddn.convex import per_element
+from convexddn.nodes.declarative import DeclarativeNode
+
+F64 = torch.float64
+WAIT = 5.0  # seconds; reached only where the code under test is broken
+
+
+def _scs_layer() -> cddn.ConvexLayer:
+    x = cp.Parameter(3, name="x")
+    y = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0, cp.sum(y) <= 1])
+    return cddn.ConvexLayer(prob, [x], [y], solver="SCS")
+
+
+def _blas_threads() -> list[tuple[str, int]]:
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def _action(module: str) -> str:
+    """What the filters do now with a UserWarning raised from ``module``."""
+    for action, message, category, mod, lineno in warnings.filters:
+        if message is None and issubclass(UserWarning, category) and (mod is None or mod.match(module)) and not lineno:
+            return action
+    return warnings.defaultaction
+
+
+def _in_order(monkeypatch, threads: dict, a_dies: bool) -> dict:
+    """Patch the per-element solver so that thread "a" is inside it when thread "b"
+    enters, and "b" leaves after "a" has returned (and, if ``a_dies``, ended): "a"
+    restores first. What the filters do inside is noted in the returned dict."""
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+    original = per_element.solve_internal
+
+    def solve(*args, **kwargs):
+        who = threading.current_thread().name
+        if who == "a" and "a" not in seen:
+            seen["a"] = _action("probe")
+            a_in.set()
+            b_in.wait(WAIT)
+        elif who == "b" and "b" not in seen:
+            seen["b"], seen["b_solver"] = _action("probe"), _action("diffcp.cone_program")
+            b_in.set()
+            threads["a"].join(WAIT) if a_dies else a_done.wait(WAIT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(per_element, "solve_internal", solve)
+    seen["events"] = (a_in, a_done)
+    return seen
+
+
+@pytest.mark.parametrize("a_dies", [True, False])
+def test_concurrent_per_element_solves_restore_warning_filters_and_blas_threads(monkeypatch, a_dies):
+    """Both threads saved the state at entry and put it back at exit: the one leaving
+    last restored the other's "ignore every warning" filter (for the rest of the
+    process; meanwhile every other thread's warnings were lost too) and, where the first
+    had ended, its one BLAS thread."""
+    import threadpoolctl
+
+    # (threadpoolctl >= 3.8: the first thread to set OpenBLAS's count keeps control while
+    # it lives; the test's threads must be able to take it)
+    release = getattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None)
+    if release is not None:
+        release(force=True)
+    layer = _scs_layer()
+    threads: dict[str, threading.Thread] = {}
+    seen = _in_order(monkeypatch, threads, a_dies)
+    a_in, a_done = seen["events"]
+    b_done, errors = threading.Event(), []
+
+    def call(name: str) -> None:
+        try:
+            if name == "b":
+                a_in.wait(WAIT)
+            layer(torch.tensor([[0.5, -1.0, 2.0]], dtype=F64))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+        finally:
+            (a_done if name == "a" else b_done).set()
+            if name == "a" and not a_dies:
+                b_done.wait(WAIT)
+
+    filters, blas = list(warnings.filters), _blas_threads()
+    threads.update((n, threading.Thread(target=call, args=(n,), name=n)) for n in "ab")
+    for t in threads.values():
+        t.start()
+    for t in threads.values():
+        t.join()
+    assert not errors
+    assert warnings.filters == filters
+    assert _blas_threads() == blas
+    # Inside a solve only the solver packages' warnings are ignored.
+    assert seen["a"] != "ignore" and seen["b"] != "ignore" and seen["b_solver"] == "ignore"
+
+
+class _Weighted(DeclarativeNode):
+    """½ Σ w (y − x)²: y = x. A float32 parameter, a float64 backward: the backward swaps
+    float64 casts in for ``w``; ``solve`` reads ``w`` too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+        self.hook = None
+
+    def objective(self, x, y):
+        if self.hook is not None:
+            self.hook()
+        return 0.5 * (self.w * (y - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x * (self.w / self.w)
+
+
+def test_declarative_forward_waits_for_another_threads_backward():
+    """The forward solved with the float64 casts another thread's backward had swapped
+    in: DTypeError (and its saved state was the casts)."""
+    node = _Weighted()
+    x = torch.randn(2, 3, requires_grad=True)
+    y = node(x)
+    inside, done = threading.Event(), threading.Event()
+    main = threading.current_thread()
+
+    def hook():
+        if threading.current_thread() is main and not inside.is_set():
+            inside.set()
+            done.wait(0.5)  # (the fixed forward waits for this backward: times out)
+
+    results = []
+
+    def other():
+        inside.wait(WAIT)
+        try:
+            results.append(node(torch.ones(2, 3)))
+        except Exception as err:  # noqa: BLE001 - reported below
+            results.append(err)
+        finally:
+            done.set()
+
+    node.hook = hook
+    t = threading.Thread(target=other)
+    t.start()
+    y.sum().backward()
+    t.join()
+    assert isinstance(results[0], torch.Tensor) and results[0].dtype == torch.float32
+    torch.testing.assert_close(results[0], torch.ones(2, 3))
+    torch.testing.assert_close(x.grad, torch.ones(2, 3))
+
+
+def test_declarative_concurrent_backwards_leave_the_parameters_in_place():
+    """Two backwards swapping at once: the one leaving last put back the casts the
+    other had swapped in, so the node kept a float64 tensor in place of its parameter."""
+    node = _Weighted()
+    w0 = node.w
+    xa, xb = torch.randn(2, 3), torch.randn(2, 3)
+    ya, yb = node(xa + 0.5), node(xb + 0.5)  # y = x: dL/dw = 0 at the solution
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    main = threading.current_thread()
+
+    def hook():
+        if threading.current_thread() is main and not a_in.is_set():
+            a_in.set()
+            b_in.wait(0.5)  # (the fixed backward of "b" waits for this one: times out)
+        elif threading.current_thread() is not main and not b_in.is_set():
+            b_in.set()
+            a_done.wait(WAIT)
+
+    errors = []
+
+    def other():
+        a_in.wait(WAIT)
+        try:
+            yb.sum().backward()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    node.hook = hook
+    t = threading.Thread(target=other)
+    t.start()
+    ya.sum().backward()
+    a_done.set()
+    t.join()
+    node.hook = None
+    assert not errors
+    assert node.w is w0 and dict(node.named_parameters())["w"] is w0 and w0.dtype == torch.float32
+    assert w0.grad is not None and w0.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ every node, bitwise
+
+
+def _qp() -> cddn.ConvexLayer:
+    L = cp.Parameter((3, 3), name="L")
+    q = cp.Parameter(3, name="q")
+    y = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L @ y) + q @ y), [y >= -1, y <= 1, cp.sum(y) == 0.5])
+    return cddn.ConvexLayer(prob, [L, q], [y])
+
+
+def _cases(layer: cddn.ConvexLayer, node: DeclarativeNode) -> dict:
+    eye = torch.eye(3, dtype=F64)
+    return {
+        "robust_pool": (lambda x: F.robust_pool(x, "huber", 0.7) + F.robust_pool(x, "welsch", 0.7), (6, 40)),
+        "project_lp": (lambda x: F.project_lp(x, 1) + F.project_lp(x, 2, "sphere"), (6, 9)),
+        "entmax": (lambda x: F.entmax(x, 1.5), (6, 9)),
+        "sinkhorn": (lambda x: F.sinkhorn(x.abs(), eps=0.5), (3, 5, 6)),
+        "eigen": (lambda x: F.eigen_decomposition(x + x.mT, 2).eigenvectors.abs(), (3, 5, 5)),
+        "least_squares": (lambda x: F.least_squares(x[..., :3], x[..., 3], ridge=0.1), (4, 8, 4)),
+        "vector_pool": (lambda x: F.robust_vector_pool(x, "pseudo_huber"), (3, 2, 12)),
+        "tv_denoise": (lambda x: F.tv_denoise(x, 0.3), (4, 20)),
+        "convex_layer": (lambda x: layer(x[:, :3] + 2 * eye, x[:, 3]), (8, 4, 3)),
+        "declarative": (lambda x: node(x.float()).double(), (4, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", ["robust_pool", "project_lp", "entmax", "sinkhorn", "eigen", "least_squares",
+                                  "vector_pool", "tv_denoise", "convex_layer", "declarative"])
+def test_nodes_in_threads_match_serial_calls_bitwise(name):
+    """4 threads × 3 calls on different inputs, forward and backward: the same bits as
+    the same calls made one after another."""
+    fn, shape = _cases(_qp(), _Weighted())[name]
+
+    def call(seed: int) -> list[torch.Tensor]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64).requires_grad_(True)
+        y = fn(x)
+        (grad,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum(), x)
+        return [y.detach(), grad]
+
+    seeds = [[4 * t + i for i in range(3)] for t in range(4)]
+    serial = {s: call(s) for row in seeds for s in row}
+    got, errors = {}, []
+
+    def work(row: list[int]) -> None:
+        for s in row:
+            try:
+                got[s] = call(s)
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(row,)) for row in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for s, ref in serial.items():
+        assert all(torch.equal(a, b) for a, b in zip(got[s], ref)), s
