@@ -1,0 +1,91 @@
+"""The factorisation behind :func:`convexddn.nodes.least_squares.least_squares`: Householder
+QR of the weighted, regularised design matrix, Qᵀ applied by its reflectors, and what its
+diagonal tells (rank, the backward's gain)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import SolverError
+
+__all__ = ["factor", "apply_qt", "rank_deficient", "backward_gain", "raise_rank"]
+
+_MAX_INDICES_SHOWN = 8
+
+
+def factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
+    """Householder QR of [W^{1/2} A; diag(ρ)^{1/2}] over the batch of the factor (not of
+    b): ``(reflectors, tau, R, W^{1/2}, column norms)``.
+
+    Q stays implicit (LAPACK's reflectors; :func:`apply_qt` applies Qᵀ): forming it cost
+    half the QR again. The column norms are R's (‖A e_j‖ = ‖R e_j‖, Q orthonormal): a
+    reduction over the (…, N, N) factor instead of down the (…, M, N) columns, which
+    took half as long as the QR at (64, 40, 12)."""
+    sw = None if w is None else w.sqrt().unsqueeze(-1)
+    At = A if sw is None else sw * A
+    n = A.shape[-1]
+    if ridge is not None:
+        root = torch.diag_embed(ridge.sqrt().expand(*ridge.shape[:-1], n))
+        shape = torch.broadcast_shapes(At.shape[:-2], root.shape[:-2])
+        At = torch.cat([At.expand(*shape, *At.shape[-2:]), root.expand(*shape, n, n)], -2)
+    a, tau = torch.geqrf(At)
+    R = a[..., :n, :].triu()
+    # (R·R).sum(-2) rather than vector_norm(R, dim=-2): 7.5 against 76 µs here.
+    return a, tau, R, sw, (R * R).sum(-2).sqrt_()
+
+
+def apply_qt(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of Qᵀ [rhs; 0] (rhs (…, M, K); zero rows for the ridge rows of
+    the factor), broadcast over the batches of the factor and of rhs."""
+    rows = a.shape[-2]
+    if rows > rhs.shape[-2]:
+        rhs = torch.cat([rhs, rhs.new_zeros(*rhs.shape[:-2], rows - rhs.shape[-2], rhs.shape[-1])], -2)
+    if a.shape[:-2] != rhs.shape[:-2]:  # (torch.ormqr does not broadcast)
+        shape = torch.broadcast_shapes(a.shape[:-2], rhs.shape[:-2])
+        a, tau = a.expand(*shape, *a.shape[-2:]), tau.expand(*shape, tau.shape[-1])
+        rhs = rhs.expand(*shape, *rhs.shape[-2:])
+    return torch.ormqr(a, tau, rhs, left=True, transpose=True)[..., :n, :]
+
+
+def rank_deficient(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Mask of the batch elements whose H = RᵀR is singular to working precision (a
+    factor with Inf or NaN is not: its inputs were non-finite or overflowed, which the
+    caller reports as such; no unknowns, N = 0, is not either). Judged on the factor of
+    the matrix with unit columns, R diag(1/‖column‖) (the same Q): a unit intercept column
+    beside features of 1e15 was called rank deficient, the condition of the problem
+    with its columns rescaled being ~1. ``d``: the factor's diagonal, absolute."""
+    d = torch.where(columns > 0, d / torch.where(columns > 0, columns, 1.0), 0.0)
+    if not d.shape[-1]:
+        return torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device)
+    tol = max(R.shape[-2], R.shape[-1], 1) * torch.finfo(R.dtype).eps
+    top = d.amax(-1, keepdim=True)
+    return ((d <= tol * top).any(-1) | (top.squeeze(-1) == 0)) & torch.isfinite(top.squeeze(-1))
+
+
+def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """A 0-d estimate of the largest gradient the backward can return per unit of
+    incoming gradient: with v = H⁻¹g, ‖v‖ ≤ ‖g‖/σ², σ² estimated by min R_ii², and the
+    gradients r vᵀ − A v xᵀ, A v, (A v)·r, v·x bounded by (‖b‖ + ‖A‖(1 + ‖x‖) + ‖x‖)‖v‖
+    (‖r‖ ≤ ‖b‖ at the minimiser; infinity norms of the columns and entries). ``d``: the
+    factor's diagonal, absolute."""
+    if not d.numel() or not x.numel():
+        return d.new_zeros(())
+    d = d.amin(-1)
+    xs = x.abs().amax((-2, -1))
+    top = bt.abs().amax((-2, -1)) * math.sqrt(bt.shape[-2]) + columns.amax(-1) * (1 + xs) + xs
+    return (top / (d * d)).amax()
+
+
+def raise_rank(bad: torch.Tensor) -> None:
+    idx = torch.nonzero(bad)
+    shown = [tuple(int(i) for i in row) for row in idx[:_MAX_INDICES_SHOWN].tolist()]
+    more = ", ..." if idx.shape[0] > _MAX_INDICES_SHOWN else ""
+    raise SolverError(
+        f"least_squares: the weighted, regularised design matrix is rank deficient "
+        f"(AᵀWA + diag(ridge) is singular to float64 precision) for {idx.shape[0]} of "
+        f"{bad.numel()} batch element(s) (indices into the batch of A, weights and "
+        f"ridge: {shown}{more}); the minimiser is not unique — pass ridge > 0 (or a larger one)",
+        indices=[tuple(int(i) for i in row) for row in idx.tolist()],
+        statuses=["rank deficient"] * idx.shape[0],
+    )
