@@ -330,3 +330,18 @@ def test_tensor_options_are_stored_as_copies(make):
     before = module(x)
     t.fill_(5.0)
     assert torch.equal(module(x), before)
+
+
+def test_compiled_declarative_node_pickles_and_deepcopies():
+    # nn.Module's __getstate__ drops the compiled call (a local function, not picklable);
+    # the node's own __getstate__ (which leaves out its thread guard) must go through it.
+    node = WeightedCentroid()
+    x = torch.randn(3, N, dtype=DT)
+    node(x)
+    node.compile()
+    copy_ = pickle.loads(pickle.dumps(node))
+    assert copy_.__dict__.get("_compiled_call_impl") is None
+    assert copy.deepcopy(node).__dict__.get("_compiled_call_impl") is None
+    buf = io.BytesIO()
+    torch.save(node, buf)
+    torch.testing.assert_close(copy_(x), node._call_impl(x))

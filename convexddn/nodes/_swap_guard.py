@@ -16,7 +16,10 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-__all__ = ["SwapGuard"]
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+
+__all__ = ["SwapGuard", "guarded", "read_as"]
 
 
 class SwapGuard:
@@ -27,6 +30,7 @@ class SwapGuard:
         self._readers = 0
         self._writer: int | None = None  # the thread swapping now
         self._depth = 0  # its nested swaps
+        self._waiting = 0  # swaps waiting: new forwards let them go first (no starvation)
         self._mine = threading.local()  # this thread's reads under way
 
     def _own_reads(self) -> int:
@@ -37,7 +41,10 @@ class SwapGuard:
         me = threading.get_ident()
         with self._cond:
             # (a thread that holds a read goes on: a swap waiting for it waits for it to end)
-            while self._writer not in (None, me) and not self._own_reads():
+            # A swap waiting goes first: a backward behind a stream of forwards waited
+            # 4.6 s with 4 threads of 10 ms forwards before.
+            while (self._writer not in (None, me) or (self._waiting and self._writer != me)) \
+                    and not self._own_reads():
                 self._cond.wait()
             self._readers += 1
         self._mine.reads = self._own_reads() + 1
@@ -60,8 +67,12 @@ class SwapGuard:
                 # a swap under way: waiting for the reads would wait for itself, and two
                 # such threads for each other.
                 own = self._own_reads()
-                while self._writer is not None or (self._readers and not own):
-                    self._cond.wait()
+                self._waiting += 1
+                try:
+                    while self._writer is not None or (self._readers and not own):
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
                 self._writer, self._depth = me, 1
         try:
             yield
@@ -71,3 +82,30 @@ class SwapGuard:
                 if not self._depth:
                     self._writer = None
                     self._cond.notify_all()
+
+
+def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextManager:
+    """``module``'s :class:`SwapGuard` held (made on first use, in ``module.__dict__`` as
+    ``_swap_guard``), exclusively with ``swap``; nothing while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    guard = module.__dict__.get("_swap_guard") or module.__dict__.setdefault("_swap_guard", SwapGuard())
+    return guard.swapping() if swap else guard.reading()
+
+
+@contextlib.contextmanager
+def read_as(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Within: ``module``'s floating parameters and buffers read as ``dtype`` (differentiably;
+    a swap, to be held under :func:`guarded` with ``swap=True``)."""
+    with torch.enable_grad():  # the casts must carry gradients back to parameters
+        casts = {
+            name: t.to(dtype)
+            for name, t in [*module.named_parameters(remove_duplicate=False),
+                            *module.named_buffers(remove_duplicate=False)]
+            if t.is_floating_point() and t.dtype != dtype
+        }
+    if not casts:
+        yield
+        return
+    with _reparametrize_module(module, casts):
+        yield

@@ -18,11 +18,9 @@ References:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,7 +28,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
 from ..errors import GradientWarning, InputError, OptionError, ProblemError, SolverError
-from ._swap_guard import SwapGuard
+from ._swap_guard import guarded, read_as
 from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
 from .graph import check_graph
 from .implicit import declarative_vjp
@@ -147,8 +145,13 @@ class DeclarativeNode(torch.nn.Module):
         its forward saw (under ``torch.func.functional_call``, the tensors passed there)
         and read as ``implicit_dtype`` casts (also while a forward checks the problem).
         Threads may share an instance: a swap runs alone (forwards in other threads wait
-        for it, it for theirs); code reading ``node.weight`` or ``state_dict()`` meanwhile
-        sees the swapped tensors. ``nn.DataParallel``'s replicas are not supported.
+        for it, it for theirs; a waiting swap goes first); code reading ``node.weight``
+        or ``state_dict()`` meanwhile sees the swapped tensors. Calls with grad mode on
+        and nothing requiring grad check the problem each time, a swap: wrap inference
+        in ``torch.no_grad()`` to run them together. A ``solve`` that runs autograd on
+        CUDA tensors must not share its node with threads backpropagating through it
+        (their backward, on the device's autograd thread, waits for that forward).
+        ``nn.DataParallel``'s replicas are not supported.
 
     Examples::
 
@@ -245,15 +248,10 @@ class DeclarativeNode(torch.nn.Module):
 
     # ---- machinery ------------------------------------------------------------------
 
-    def _guarded(self, swap: bool) -> contextlib.AbstractContextManager:
-        """This node's :class:`SwapGuard` held (made on first use); not under torch.compile."""
-        if torch.compiler.is_compiling():
-            return contextlib.nullcontext()
-        guard = self.__dict__.get("_swap_guard") or self.__dict__.setdefault("_swap_guard", SwapGuard())
-        return guard.swapping() if swap else guard.reading()
-
-    def __getstate__(self) -> dict:  # (a lock does not pickle)
-        return {k: v for k, v in self.__dict__.items() if k != "_swap_guard"}
+    def __getstate__(self) -> dict:  # (a lock does not pickle; nn.Module drops a compiled call)
+        state = super().__getstate__()
+        state.pop("_swap_guard", None)
+        return state
 
     def _call(self, method: str):
         """The user's ``method`` as ``fn(*xs, y)``, whatever its way of taking ``y``."""
@@ -277,22 +275,6 @@ class DeclarativeNode(torch.nn.Module):
         if error:
             raise InputError(error)
 
-    @contextlib.contextmanager
-    def _in_dtype(self, dtype: torch.dtype) -> Iterator[None]:
-        """Within: floating parameters and buffers read as ``dtype`` (differentiably)."""
-        with torch.enable_grad():  # the casts must carry gradients back to parameters
-            casts = {
-                name: t.to(dtype)
-                for name, t in [*self.named_parameters(remove_duplicate=False),
-                                *self.named_buffers(remove_duplicate=False)]
-                if t.is_floating_point() and t.dtype != dtype
-            }
-        if not casts:
-            yield
-            return
-        with _reparametrize_module(self, casts):
-            yield
-
     def _checked_solve(self, xs: tuple[Tensor, ...]) -> Tensor:
         with torch.no_grad():
             y = self.solve(*xs)
@@ -301,7 +283,7 @@ class DeclarativeNode(torch.nn.Module):
     def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
         """Shapes, dependence on y and closed-over tensors, before any backward."""
         name = type(self).__name__
-        with self._guarded(swap=True):
+        with guarded(self, swap=True):
             known = tuple(self.parameters())
             # Buffers and frozen parameters stand in as leaves that require grad, so the
             # graph tells which of them the problem reads (the backward checks those for
@@ -309,7 +291,7 @@ class DeclarativeNode(torch.nn.Module):
             fixed = {n: t.detach().requires_grad_(True) for n, t in
                      [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
                      if t.is_floating_point() and not t.requires_grad}
-            with torch.enable_grad(), _reparametrize_module(self, fixed), self._in_dtype(self.implicit_dtype):
+            with torch.enable_grad(), _reparametrize_module(self, fixed), read_as(self, self.implicit_dtype):
                 # (an inference tensor cannot require grad: a plain copy of it can)
                 xg = tuple((x.clone() if x.is_inference() else x).detach().to(self.implicit_dtype).requires_grad_(True)
                            for x in xs)
@@ -336,7 +318,7 @@ class DeclarativeNode(torch.nn.Module):
         # The parameters and buffers the forward solved with (``state``): under
         # torch.func.functional_call they were swapped in for the forward only, and the
         # backward differentiated the module's own ones (gradient 0 for the swapped-in).
-        with self._guarded(swap=True), _reparametrize_module(self, state), self._in_dtype(self.implicit_dtype):
+        with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
             return declarative_vjp(
                 self._call("objective"),
                 tuple(xs),
@@ -370,7 +352,7 @@ class DeclarativeNode(torch.nn.Module):
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")
         flat, batch_shape = flatten_inputs(xs, self.batch_dims)
-        with self._guarded(swap=False):  # (not while another thread's backward swaps them)
+        with guarded(self, swap=False):  # (not while another thread's backward swaps them)
             state = dict((*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)))
             params = tuple(p for p in self.parameters() if p.requires_grad)
             y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state), *flat, *params)
