@@ -9,6 +9,7 @@ publishes the first, and all of them use that one.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -21,9 +22,26 @@ _MISSING: Any = object()
 
 
 def cached(cache: dict, key: Hashable, build: Callable[[], T]) -> T:
-    """``cache[key]``, on a miss ``build()`` run outside inference mode and without grad."""
+    """``cache[key]``, on a miss ``build()`` run outside inference mode and without grad;
+    inference tensors in what it returns (a ``.to()`` that changed nothing returns its
+    input: a layer built under inference mode holds such tensors) are stored as copies."""
     value = cache.get(key, _MISSING)
     if value is _MISSING:
         with torch.inference_mode(False), torch.no_grad():
-            value = cache.setdefault(key, build())
+            value = cache.setdefault(key, _plain(build()))
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every inference tensor in it (directly, in a tuple or list, or a
+    dataclass field) replaced by a normal copy."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_plain(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _plain(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
     return value

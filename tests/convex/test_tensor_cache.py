@@ -66,3 +66,31 @@ def test_cached_builds_normal_tensors_once():
         first = cached(store, "k", build)
     assert not first.is_inference()
     assert cached(store, "k", build) is first and len(calls) == 1
+
+
+@pytest.mark.parametrize("make", [_box, _soc, _qp], ids=["box", "soc", "qp"])
+def test_layer_built_under_inference_mode_then_training(make):
+    # A layer constructed under inference mode (a lazily built server module) holds its
+    # maps as inference tensors; a .to() that changes nothing returns them as they are, so
+    # the caches copy them. The gradient is checked against finite differences (float64).
+    with torch.inference_mode():
+        layer, values = make()
+    values = [v.clone().requires_grad_(True) for v in values]
+    y = layer(*values)
+    g = torch.linspace(0.5, 1.5, y.numel(), dtype=F64).reshape(y.shape)
+    (y * g).sum().backward()
+    h = 1e-6
+    for i, v in enumerate(values):
+        d = torch.randn(v.shape, dtype=F64, generator=torch.Generator().manual_seed(i))
+        plus = [w.detach() + h * d if j == i else w.detach() for j, w in enumerate(values)]
+        minus = [w.detach() - h * d if j == i else w.detach() for j, w in enumerate(values)]
+        fd = ((layer(*plus) - layer(*minus)) * g).sum() / (2 * h)
+        torch.testing.assert_close((v.grad * d).sum(), fd, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_copies_inference_tensors_inside_containers():
+    with torch.inference_mode():
+        made = torch.arange(3.0)
+    out = cached({}, "k", lambda: (made, [made]))
+    assert not out[0].is_inference() and not out[1][0].is_inference()
+    torch.testing.assert_close(out[0], made.clone())
