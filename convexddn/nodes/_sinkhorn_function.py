@@ -13,7 +13,7 @@ from ..errors import GradientWarning
 from ._sinkhorn import schur_solve, solve
 from ._sinkhorn_padding import Padding, fill_dead
 
-__all__ = ["SinkhornFn", "Box"]
+__all__ = ["SinkhornFn", "Box", "dual_solve"]
 
 
 class Box:
@@ -65,11 +65,7 @@ class SinkhornFn(torch.autograd.Function):
             u = u + a_t.to(P.dtype)
         if b_t is not None:
             w = w + b_t.to(P.dtype)
-        r = P.sum(-1)
-        rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
-        dbeta, _ = schur_solve(P, r, rhs)
-        dalpha = torch.baddbmm(u.unsqueeze(-2), dbeta.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
-        dalpha = dalpha.squeeze(-2).div_(r)
+        dalpha, dbeta = dual_solve(P, P.sum(-1), u, w, None, "the tangent with respect to the marginals")
         dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
         return (dP if Q is None else dP.sub_(Q)), None
 
@@ -85,35 +81,8 @@ class SinkhornFn(torch.autograd.Function):
         # (Padding: r = 1 on dead rows, whose P, Q rows are 0; μ = 0 on dead columns and
         # the last live one, which is held in place of the last.)
         r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
-        # K (λ, μ) = (u, w) with μ_N = 0: μ from the Schur complement, then λ row by row.
-        rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
-        mu, bad = schur_solve(P, r, rhs, None if pad is None else pad.fixed)
-        # μ is not finite where V is not, or where V overflowed on its way here (the
-        # plan of unit-mass marginals times a mass near float64's largest). One host
-        # sync tells whether either rare case needs a look.
-        if not bool(torch.isfinite(mu.sum()) & ~bad.any()):
-            lost = ~torch.isfinite(mu).all(-1)
-            if bool(lost.any()):
-                warnings.warn(
-                    "sinkhorn: the gradient is not finite at batch element(s) "
-                    f"{lost.nonzero().flatten().tolist()[:10]}: the incoming gradient is "
-                    "not finite there, or it overflowed float64 when scaled by the mass "
-                    "of a (over about 1e308 in all)",
-                    GradientWarning,
-                    stacklevel=2,
-                )
-            if bool(bad.any()):
-                warnings.warn(
-                    "sinkhorn: the transport plan's support splits into disconnected blocks "
-                    "(entries below 1e-154 count as zero) at batch element(s) "
-                    f"{bad.nonzero().flatten().tolist()[:10]}; the gradients with respect to "
-                    "the marginals are not unique there and the least-norm ones are returned "
-                    "(the gradient with respect to the cost is unaffected)",
-                    GradientWarning,
-                    stacklevel=2,
-                )
-        lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
-        lam = lam.squeeze(-2).div_(r)
+        lam, mu = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
+                             "the gradients with respect to the marginals")
         if pad is not None:  # the one-sided limits on dead rows and columns
             lam, mu = fill_dead(G, V, lam, mu, pad)
         grad_C = grad_a = grad_b = None
@@ -125,3 +94,38 @@ class SinkhornFn(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = mu
         return grad_C, grad_a, grad_b, None, None, None, None, None, None
+
+
+def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+               fixed: torch.Tensor | None, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ, μ) with K (λ, μ) = (u, w), K = [[diag(r), P], [Pᵀ, diag(Pᵀ1)]], μ = 0 on the
+    ``fixed`` columns (the last one when None): μ from the Schur complement, then λ row by
+    row. The backward's system and the jvp's (K is symmetric), with their warnings:
+    non-finite results (an incoming gradient or tangent that is not finite, or overflowed
+    float64) and a support split into disconnected blocks, where ``what`` is not unique
+    (least norm returned). One host sync tells whether either rare case needs a look."""
+    rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
+    mu, bad = schur_solve(P, r, rhs, fixed)
+    if not bool(torch.isfinite(mu.sum()) & ~bad.any()):
+        lost = ~torch.isfinite(mu).all(-1)
+        if bool(lost.any()):
+            warnings.warn(
+                "sinkhorn: the gradient is not finite at batch element(s) "
+                f"{lost.nonzero().flatten().tolist()[:10]}: the incoming gradient is "
+                "not finite there, or it overflowed float64 when scaled by the mass "
+                "of a (over about 1e308 in all)",
+                GradientWarning,
+                stacklevel=4,
+            )
+        if bool(bad.any()):
+            warnings.warn(
+                "sinkhorn: the transport plan's support splits into disconnected blocks "
+                "(entries below 1e-154 count as zero) at batch element(s) "
+                f"{bad.nonzero().flatten().tolist()[:10]}; {what} are not unique there and the "
+                "least-norm ones are returned (the derivative with respect to the cost is "
+                "unaffected)",
+                GradientWarning,
+                stacklevel=4,
+            )
+    lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
+    return lam.squeeze(-2).div_(r), mu

@@ -315,7 +315,7 @@ def pnp(
     # An empty batch goes through apply too, so that its output stays in the graph.
     tensors = (q, p, w, a) + (() if Kf is None else (Kf,))
     # (forward mode too: through the solver's own ops its tangents were wrong, -0.41
-    # against a central difference of -0.08; the Function has no jvp and says so)
+    # against a central difference of -0.08; the Function's jvp is the implicit one)
     grad = (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or may_carry_tangents(*tensors)
     theta = (_eager_solve() if torch.compiler.is_compiling() else _solve)(args, grad)
     theta = torch.cat([theta[:, :3], theta[:, 3:] * unit.view(-1, 1)], 1)

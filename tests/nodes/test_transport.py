@@ -697,3 +697,21 @@ def test_sinkhorn_forward_ad_dual_and_padding_refused():
     a = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)
     with pytest.raises(NotImplementedError, match="zero marginal entries"):
         torch.func.jvp(lambda c: sinkhorn(c, a, eps=0.3), (C,), (dC,))
+
+
+def test_sinkhorn_disconnected_support_warns_in_both_modes():
+    # Costs of 400 off two diagonal blocks at eps = 1: plan entries there are below
+    # e^-400 (zero to the Schur complement), the support splits in two, and the system
+    # for the marginals' multipliers is singular. A tangent moving mass between the blocks
+    # ([1, 0, -1, 0]) has no exact image; both modes say so instead of returning the
+    # least-norm answer silently.
+    C = torch.full((1, 4, 4), 400.0, dtype=F64)
+    C[0, :2, :2] = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    C[0, 2:, 2:] = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    a = torch.full((1, 4), 0.25, dtype=F64)
+    da = torch.tensor([[1.0, 0.0, -1.0, 0.0]], dtype=F64)
+    with pytest.warns(GradientWarning, match="disconnected blocks.*tangent with respect to the marginals"):
+        torch.func.jvp(lambda a_: sinkhorn(C, a_, eps=1.0), (a,), (da,))
+    a_req = a.clone().requires_grad_(True)
+    with pytest.warns(GradientWarning, match="disconnected blocks.*gradients with respect to the marginals"):
+        sinkhorn(C, a_req, eps=1.0).sum().backward()
