@@ -73,7 +73,9 @@ def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: t
         return d.new_zeros(())
     d = d.amin(-1)
     xs = x.abs().amax((-2, -1))
-    top = bt.abs().amax((-2, -1)) * math.sqrt(bt.shape[-2]) + columns.amax(-1) * (1 + xs) + xs
+    # (No rows, M = 0 with a ridge: b contributes nothing; amax of an empty b raised.)
+    bmax = bt.abs().amax((-2, -1)) if bt.numel() else bt.new_zeros(bt.shape[:-2])
+    top = bmax * math.sqrt(bt.shape[-2]) + columns.amax(-1) * (1 + xs) + xs
     return (top / (d * d)).amax()
 
 

@@ -533,3 +533,15 @@ def test_linear_fit_forward_ad_dual_tensors():
     h = 1e-6
     for t, p, m in zip(tangents, linear_fit(x + h * dx, y), linear_fit(x - h * dx, y)):
         torch.testing.assert_close(t, (p - m) / (2 * h), rtol=1e-7, atol=1e-8)
+
+
+def test_least_squares_no_rows_with_ridge_is_zero():
+    # M = 0 with a ridge: the minimiser of ½ρ‖x‖² is 0, and its gradients exist (A, b
+    # are empty; ridge's gradient −v·x is 0). It raised IndexError (amax of an empty b).
+    A = torch.zeros(2, 0, 3, dtype=D, requires_grad=True)
+    b = torch.zeros(2, 0, dtype=D, requires_grad=True)
+    ridge = torch.full((2, 3), 0.5, dtype=D, requires_grad=True)
+    x = least_squares(A, b, ridge=ridge)
+    assert x.shape == (2, 3) and torch.equal(x, torch.zeros_like(x))
+    x.sum().backward()
+    assert torch.equal(ridge.grad, torch.zeros_like(ridge))
