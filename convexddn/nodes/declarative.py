@@ -43,6 +43,10 @@ Tensor = torch.Tensor
 _WORK_DTYPES = (torch.float64, torch.float32)
 
 
+def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
+    return t
+
+
 class DeclarativeNode(torch.nn.Module):
     """Base class for a node whose output is the solution of an optimization problem.
 
@@ -283,7 +287,10 @@ class DeclarativeNode(torch.nn.Module):
     def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
         """Shapes, dependence on y and closed-over tensors, before any backward."""
         name = type(self).__name__
-        with guarded(self, swap=True):
+        # The probe's own graph is thrown away: its saved tensors bypass any hooks around
+        # the call (a non-reentrant torch.utils.checkpoint counted them in the first
+        # forward only, not in its recomputation: CheckpointError on a node's first call).
+        with guarded(self, swap=True), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             known = tuple(self.parameters())
             # Buffers and frozen parameters stand in as leaves that require grad, so the
             # graph tells which of them the problem reads (the backward checks those for

@@ -413,3 +413,28 @@ def test_inference_tensor_input_with_a_learned_parameter():
     (g,) = torch.autograd.grad(y.sum(), node.w)
     torch.testing.assert_close(y.detach(), 2.0 * x.mean(-1, keepdim=True))
     torch.testing.assert_close(g, x.mean(-1).sum(), rtol=1e-12, atol=1e-14)
+
+
+def test_first_call_under_non_reentrant_checkpoint():
+    # torch.utils.checkpoint(use_reentrant=False) counts the tensors saved in the forward
+    # and in its recomputation; the first call's problem check saved more (CheckpointError
+    # on a node's first call). Closed form: y = w x / (w + lam), dy/dx = w / (w + lam).
+    from torch.utils.checkpoint import checkpoint
+
+    class Shrink(DeclarativeNode):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+        def objective(self, x, y):
+            return 0.5 * (self.w * (y - x) ** 2).sum(-1) + 0.25 * (y ** 2).sum(-1)
+
+        def solve(self, x):
+            return self.w * x / (self.w + 0.5)
+
+    node = Shrink()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y = checkpoint(lambda t: node(2 * t), x, use_reentrant=False)
+    y.sum().backward()
+    w = node.w.detach()
+    torch.testing.assert_close(x.grad, (2 * w / (w + 0.5)).expand(4, 3))
