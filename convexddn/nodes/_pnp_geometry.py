@@ -34,6 +34,7 @@ __all__ = [
     "grad_hess",
     "matrix_to_axis_angle",
     "mixed_jvp",
+    "objective_gradient",
     "normalised",
     "objective",
     "off_plane_spread",
@@ -323,6 +324,15 @@ def warn_hessian(singular: torch.Tensor, ill: torch.Tensor, cond: torch.Tensor) 
                       stacklevel=3)
 
 
+def objective_gradient(theta, xs, need, pen):
+    """``(inputs, ∇_θf)``: detached copies of ``xs`` that require grad where ``need``
+    says, and the objective's gradient at θ as a graph over them (call with grad
+    enabled): the backward's and :func:`mixed_jvp`'s mixed derivatives both start here."""
+    args = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(xs, need)]
+    th = theta.detach().requires_grad_()
+    return args, torch.autograd.grad(objective(th, *args, pen).sum(), th, create_graph=True)[0]
+
+
 def mixed_jvp(xs, theta, moving, tangents, pen):
     """J dx with J = ∂∇_θf/∂x (inputs ``moving``, tangents dx), or None where they do
     not enter ∇_θf. Inside torch.func transforms by torch.func; under a dual level
@@ -337,9 +347,7 @@ def mixed_jvp(xs, theta, moving, tangents, pen):
 
         return torch.func.jvp(grad_theta, tuple(xs[i] for i in moving), tuple(tangents[i] for i in moving))[1]
     with torch.enable_grad():
-        args = [None if t is None else t.detach().requires_grad_(i in moving) for i, t in enumerate(xs)]
-        th = theta.detach().requires_grad_()
-        gf = torch.autograd.grad(objective(th, *args, pen).sum(), th, create_graph=True)[0]
+        args, gf = objective_gradient(theta, xs, [i in moving for i in range(len(xs))], pen)
         u = torch.zeros_like(gf, requires_grad=True)
         jtu = torch.autograd.grad(gf, [args[i] for i in moving], u, create_graph=True, allow_unused=True)
         inner = [(j * tangents[i]).sum() for j, i in zip(jtu, moving) if j is not None]

@@ -51,6 +51,7 @@ from ._pnp_geometry import (
     grad_hess,
     mixed_jvp,
     objective,
+    objective_gradient,
     warn_hessian,
 )
 from ._pnp_solvers import from_starts, solve, warn_unfinished
@@ -138,11 +139,8 @@ class _PnPFunction(torch.autograd.Function):
         # nothing and returns an arbitrary finite v. Singular elements get v = 0.
         v, singular, ill, cond = checked_solve(H, g_theta)
         warn_hessian(singular, ill, cond)
-        xs = [None if t is None else t.detach().requires_grad_(n)
-              for t, n in zip((p2d, p3d, w, K, alpha), need)]
         with torch.enable_grad():
-            th = theta.detach().requires_grad_()
-            gf = torch.autograd.grad(objective(th, *xs, ctx.pen).sum(), th, create_graph=True)[0]
+            xs, gf = objective_gradient(theta, (p2d, p3d, w, K, alpha), need, ctx.pen)
             wanted = [t for t, n in zip(xs, need) if n]
             got = iter(torch.autograd.grad((gf * v).sum(), wanted, allow_unused=True)) if wanted else iter(())
         out = []
