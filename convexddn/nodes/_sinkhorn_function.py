@@ -18,9 +18,13 @@ __all__ = ["SinkhornFn", "Box", "dual_solve"]
 
 class Box:
     """What the forward hands to setup_context besides its outputs (an object: torch.func
-    passes it through as it is, where a list would be rebuilt)."""
+    passes it through as it is, where a list would be rebuilt). ``gibbs``, set by the
+    caller: whether a marginal needs a gradient (only those read the completion G)."""
 
-    __slots__ = ("pad", "G")
+    __slots__ = ("pad", "G", "gibbs")
+
+    def __init__(self, gibbs: bool = True) -> None:
+        self.pad, self.G, self.gibbs = None, None, gibbs
 
 
 @bind_fast  # (setup_context, as torch.func needs, without apply's binding cost)
@@ -32,7 +36,7 @@ class SinkhornFn(torch.autograd.Function):
         # holes: None, or whether a, b have zeros; box (a _Box) takes the padding masks
         # and the plan's completion G for setup_context (neither is an output).
         pad = None if holes is None else Padding(a, b, *holes)
-        P, err, box.G = solve(C, a, b, eps, max_iter, tol, cols_exact, pad, gibbs=True)
+        P, err, box.G = solve(C, a, b, eps, max_iter, tol, cols_exact, pad, gibbs=box.gibbs)
         box.pad = pad
         return P, err
 
@@ -83,7 +87,7 @@ class SinkhornFn(torch.autograd.Function):
         r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
         lam, mu = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
                              "the gradients with respect to the marginals")
-        if pad is not None:  # the one-sided limits on dead rows and columns
+        if pad is not None and G is not None:  # the one-sided limits on dead rows and columns
             lam, mu = fill_dead(G, V, lam, mu, pad)
         grad_C = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:

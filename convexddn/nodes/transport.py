@@ -244,7 +244,8 @@ def sinkhorn(
     holes = holes if any(holes) else None
     # (Forward mode too: the Function's jvp, not the solver's iterations differentiated.)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b))) or may_carry_tangents(C, a, b):
-        P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes, Box())
+        P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes,
+                                     Box(gibbs=a.requires_grad or b.requires_grad))
     else:
         pad = None if holes is None else Padding(a, b, *holes)
         P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)
