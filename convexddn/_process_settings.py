@@ -40,11 +40,6 @@ class HeldSetting:
         self._holder: int | None = None  # the thread that applied it (by_one_thread)
         self._token: Any = None
 
-    @property
-    def users(self) -> int:
-        """How many calls are inside now."""
-        return self._users
-
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         me = threading.get_ident()

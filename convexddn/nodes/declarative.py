@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
+from .._autograd import plain
 from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
 from ..errors import GradientWarning, InputError, OptionError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
@@ -300,7 +301,7 @@ class DeclarativeNode(torch.nn.Module):
                      if t.is_floating_point() and not t.requires_grad}
             with torch.enable_grad(), _reparametrize_module(self, fixed), read_as(self, self.implicit_dtype):
                 # (an inference tensor cannot require grad: a plain copy of it can)
-                xg = tuple((x.clone() if x.is_inference() else x).detach().to(self.implicit_dtype).requires_grad_(True)
+                xg = tuple(plain(x).detach().to(self.implicit_dtype).requires_grad_(True)
                            for x in xs)
                 yg = y.detach().to(self.implicit_dtype).requires_grad_(True)
                 f = _objective(f"{name}.objective", self._call("objective"), xg, yg)

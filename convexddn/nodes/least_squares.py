@@ -60,6 +60,12 @@ class _Gate:
 # --------------------------------------------------------------------------- node
 
 
+def _h_solve(R: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """H⁻¹ rhs with H = RᵀR, the forward's factor: two triangular solves (the backward's
+    and the jvp's)."""
+    return torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(R.mT, rhs, upper=False), upper=True)
+
+
 @bind_fast
 class _LeastSquaresFunction(torch.autograd.Function):
     """x = argmin ½‖W^{1/2}(Au − b)‖² + ½ Σ ρ_n u_n² for A (…, M, N), b (…, M, K)."""
@@ -85,7 +91,6 @@ class _LeastSquaresFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(R, x, bad, gain)
         save_plain(ctx, A, b, w, ridge, R, x)  # (inference-mode inputs as plain copies)
         ctx.save_for_forward(A, b, w, ridge, R, x)
-        ctx.out_dtype = inputs[4]
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
         ctx.gate = gate  # set by the caller from the forward's host read
         # R, x, the rank mask and the gain are not differentiable: no zero gradients made for them.
@@ -100,8 +105,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
             return (None,) * 6
         A, b = A.to(_WORK), b.to(_WORK)
         # v = H⁻¹ g = R⁻¹ R⁻ᵀ g: two triangular solves with the forward's factor.
-        v = torch.linalg.solve_triangular(R.mT, g.to(_WORK), upper=False)
-        v = torch.linalg.solve_triangular(R, v, upper=True)
+        v = _h_solve(R, g.to(_WORK))
         Av = A @ v
         wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
         grads: list[Any] = [None] * 6  # A, b, weights, ridge, out_dtype, gate
@@ -163,9 +167,8 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if rhs is None:
             dx = torch.zeros_like(x)
         else:
-            dx = torch.linalg.solve_triangular(R.mT, rhs.expand_as(x) if rhs.shape != x.shape else rhs, upper=False)
-            dx = torch.linalg.solve_triangular(R, dx, upper=True)
-        return dx.to(ctx.out_dtype), None, None, None, None
+            dx = _h_solve(R, rhs.expand_as(x))
+        return dx.to(ctx.dtypes[0]), None, None, None, None
 
 
 # --------------------------------------------------------------------------- validation

@@ -8,13 +8,14 @@ import warnings
 
 import torch
 
-from ..._autograd import first_order, first_order_jvp, save_plain
+from ..._autograd import bind_fast, first_order, first_order_jvp, save_plain
 from ...errors import GradientWarning
 from .kernels import pool_backward
 
 __all__ = ["RobustPoolFunction"]
 
 
+@bind_fast  # (all arguments positional: apply skips torch's argument binding)
 class RobustPoolFunction(torch.autograd.Function):
     """y = argmin_u sum_i phi(u - x_i; alpha) over the last dim of x (R, N) -> (R,).
 
