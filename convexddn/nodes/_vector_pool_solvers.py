@@ -101,7 +101,8 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
     Sluis): where n times that bound is below 1/rcond for every row, checked_solve
     would call none singular, and the Cholesky solve is the answer. Otherwise (or in
     the Woodbury form, whose N×N matrix is not symmetric) checked_solve decides for
-    every row: an LU with a condition estimate, half the backward at (16, 8, 36).
+    the rows the bound does not clear: an LU with a condition estimate, half the backward
+    at (16, 8, 36).
     """
     H = _hessian(s, n, c)
     if H is not None:
@@ -114,7 +115,10 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
                         (info == 0) & (bound * (m * default_rcond(m, H.dtype)) < 1), s)
         if bool(ok.all()):
             return v, ok, True
-        v, good = _checked(H, rhs)
+        # Only the rows the bound did not clear get the careful solve.
+        idx = (~ok).nonzero().squeeze(-1)
+        v_idx, good_idx = _checked(H.index_select(0, idx), rhs.index_select(0, idx))
+        v, good = v.index_copy(0, idx, v_idx), ok.index_copy(0, idx, good_idx)
     else:
         v, good = _woodbury(_checked, s, n, c, rhs)
     v, ok = _masked(v, good, s)

@@ -104,9 +104,7 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1)
     g_e.addcmul_(a2, n_e, value=-1)
     # Exit runs [i + 1, r_i), possibly empty.
-    counts = torch.zeros(rows, n + 1, dtype=torch.int64, device=s.device)
-    counts.scatter_add_(-1, lft, torch.ones_like(lft))
-    rgt = counts.cumsum_(-1)[:, :n]
+    rgt = _run_ends(lft, n)
     n_x = (rgt - idx).to(acc)
     safe_n = n_x.clamp(min=1)
     s1_x = p1.gather(-1, rgt) - p1[:, 1:]
@@ -234,9 +232,7 @@ def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]
                        p1[:, 1:], p2[:, 1:], anchor.gather(-1, lft), anchor)
     far = (q - q.gather(-1, lft) > 1).any(-1)  # (every exit run lies in an entry run)
     # Exit runs [i + 1, r_i), possibly empty, as in trunc_quad_runs (r_i > i).
-    counts = torch.zeros(rows, n + 1, dtype=torch.int64, device=s.device)
-    counts.scatter_add_(-1, lft, torch.ones_like(lft))
-    rgt = counts.cumsum_(-1)[:, :n]
+    rgt = _run_ends(lft, n)
     last = rgt - 1
     best_x, m_x = best(nxt, torch.maximum(nxt, start.gather(-1, last)), rgt, p1[:, 1:], p2[:, 1:],
                        p1.gather(-1, rgt), p2.gather(-1, rgt), torch.cat([anchor[:, 1:], anchor[:, -1:]], -1),
@@ -245,3 +241,11 @@ def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]
     y = torch.where(best_x < best_e, m_x, m_e).squeeze(-1).to(s.dtype)
     unsure = (p2[:, -1:] > _CELLS_RISK * a2).squeeze(-1) | far
     return y, unsure
+
+
+def _run_ends(lft: Tensor, n: int) -> Tensor:
+    """r_i = #{k : l_k <= i} (the end of the run leaving after point i), counted from
+    the run starts ``lft`` (R, n) in O(N): a histogram of the starts, then its prefix sums."""
+    counts = torch.zeros(lft.shape[0], n + 1, dtype=torch.int64, device=lft.device)
+    counts.scatter_add_(-1, lft, torch.ones_like(lft))
+    return counts.cumsum_(-1)[:, :n]
