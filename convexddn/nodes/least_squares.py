@@ -49,7 +49,8 @@ _NAMES = ("A", "b", "weights", "ridge")
 
 
 class _Gate:
-    """Whether the backward checks its gradients for overflow (set from the forward's gain)."""
+    """Whether the backward checks its gradients for overflow (set from the forward's gain);
+    False before the call where no backward can follow (the forward skips the gain)."""
 
     __slots__ = ("check",)
 
@@ -82,7 +83,9 @@ class _LeastSquaresFunction(torch.autograd.Function):
         # x. The caller checks the rank mask and reads the gain (one host sync with its
         # input checks).
         d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
-        return x.to(out_dtype, copy=True), R, x, rank_deficient(d, columns, R), backward_gain(d, x, bt, columns)
+        # (The gain matters only to a backward: none follows a call outside the Function.)
+        gain = backward_gain(d, x, bt, columns) if gate.check else d.new_zeros(())
+        return x.to(out_dtype, copy=True), R, x, rank_deficient(d, columns, R), gain
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -339,6 +342,7 @@ def least_squares(
             *(t for _, t in named), r):
         x, _, _, bad_rank, gain = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype, gate)
     else:
+        gate.check = False  # no backward: no gain to estimate
         x, _, _, bad_rank, gain = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype, gate)
     gate.check = may_overflow(_check_result(named, x, bad_rank, gain), A.dtype)
     x = x.expand(*batch, n, bm.shape[-1]) if x.shape[:-2] != batch else x
