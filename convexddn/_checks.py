@@ -135,6 +135,23 @@ def check_positive(name: str, value: Any) -> None:
         raise OptionError(f"{name} must be finite and > 0, got {value!r}")
 
 
+def positive_range(name: str, value: Any) -> tuple[float, float] | None:
+    """:func:`check_positive`, returning ``(min, max)`` of ``value`` read in the same one
+    host read (callers choose a working dtype from them); ``None`` for an empty tensor or
+    inside a compiled graph (no read there: the asynchronous check only)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0 or torch.compiler.is_compiling():
+            check_positive(name, value)
+            return None
+        t = value.detach()
+        ok, lo, hi = torch.stack([(torch.isfinite(t) & (t > 0)).all().to(t.dtype), t.amin(), t.amax()]).tolist()
+        if not ok:
+            check_positive(name, value)  # raises, showing the values
+        return lo, hi
+    check_positive(name, value)
+    return float(value), float(value)
+
+
 def check_tolerance(name: str, value: Any) -> float:
     """A relative tolerance: a real number (not a tensor) in (0, 1); returned as float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

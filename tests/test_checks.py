@@ -192,3 +192,15 @@ def test_check_positive_tensor_message_shows_the_values():
     with pytest.raises(OptionError, match=r"alpha must be a positive number, got True"):
         check_positive("alpha", True)
     check_positive("alpha", 3)
+
+
+def test_positive_range_reads_min_and_max_with_the_check():
+    from convexddn._checks import positive_range
+
+    assert positive_range("r", torch.tensor([3.0, 0.5, 2.0])) == (0.5, 3.0)
+    assert positive_range("r", 2) == (2.0, 2.0)
+    assert positive_range("r", torch.empty(0)) is None
+    with pytest.raises(OptionError, match=r"r must be finite and > 0, got \[1.0, -1.0\]"):
+        positive_range("r", torch.tensor([1.0, -1.0]))
+    with pytest.raises(OptionError, match="r must be finite and > 0"):
+        positive_range("r", float("inf"))

@@ -36,6 +36,7 @@ from ..._checks import (
     check_stopping,
     check_tensor,
     normalize_dims,
+    positive_range,
 )
 from ...errors import ShapeError
 from .._repr import format_option
@@ -65,11 +66,8 @@ def _check_alpha(alpha: Any) -> bool:
         check_scale("alpha", a)
         return not isinstance(a, torch.Tensor) and not info.tiny <= float(a) <= info.max
     check_tensor("alpha", a)
-    ok = torch.isfinite(a) & (a > 0)
-    good, normal = torch.stack([ok.all(), ((a >= info.tiny) & (a <= info.max)).all()]).tolist()
-    if not good:
-        check_scale("alpha", a)  # raises, naming the values
-    return not normal
+    lo, hi = positive_range("alpha", a)
+    return not (info.tiny <= lo and hi <= info.max)
 
 
 def _check_options(penalty: Any, keepdim: Any, tol: Any, max_iter: Any, compile: Any) -> Penalty:

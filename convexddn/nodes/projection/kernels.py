@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from ..._autograd import bind_fast, first_order
-from ..._checks import check_device, check_finite, check_positive, check_tensor
+from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
 from ...errors import ConvexDDNWarning, GradientWarning, SolverError
 from .._overflow import gain_limit, warn_gradient_overflow
 from .._repr import format_option
@@ -76,10 +76,7 @@ def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor, name: str = "radiu
                 or torch.compiler.is_compiling()):
             check_positive(name, radius)
             return None
-        t = radius.detach()
-        valid, value = torch.stack([(torch.isfinite(t) & (t > 0)).all().to(t.dtype), t.amax()]).tolist()
-        if not valid:
-            check_positive(name, radius)  # raises, showing the values
+        value = positive_range(name, radius)[1]
     else:
         check_positive(name, radius)
         value = float(radius)
