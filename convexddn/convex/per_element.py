@@ -37,7 +37,7 @@ from diffcp.cone_program import solve_internal
 
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
-from .cone import ResidualMap, parametric_entries, verify_certificate
+from .cone import POLISH_ABOVE, ResidualMap, parametric_entries, verify_certificate
 from .status import name_elements, status_kind
 from .validation import describe_failure
 
@@ -62,10 +62,6 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
 # pseudo-Huber pooling) and, with refined solutions, still accurate to ~1e-9.
 _DENSE_MAX_N = 400
 
-# Solution error goes like the square root of the KKT residual when a squared objective
-# became a second-order cone; below this residual no polishing is tried, and a result
-# above it (the polish did not reach rounding level) is in doubt (see ConvexLayer).
-POLISH_ABOVE = 1e-11
 
 
 def per_element_layer(problem, parameters: list, variables: list, backend: "CheckedDiffcp", gp: bool):

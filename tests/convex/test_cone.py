@@ -1,0 +1,67 @@
+"""The per-element path's Newton polish (:meth:`convexddn.convex.cone.ResidualMap.refine`):
+when it takes steps and when it stops.
+
+The residual sequences are scripted (each step's KKT residual is what the test says), so
+the tests check the stopping rule itself; the polish's accuracy is checked against
+closed forms and finite differences in ``test_layer.py`` and ``test_reliability.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from diffcp import cones as cone_lib
+
+from convexddn.convex import cone
+from convexddn.convex.cone import POLISH_ABOVE, ResidualMap
+
+
+def _program() -> ResidualMap:
+    """min -x1 - x2 s.t. x <= 1 (two nonnegative slacks): any small program will do."""
+    A = sp.csc_matrix(np.eye(2))
+    cones = cone_lib.parse_cone_dict({"l": 2})
+    return ResidualMap(A, np.ones(2), -np.ones(2), cones, cone_lib.parse_cone_dict_cpp(cones), "dense")
+
+
+def _polish(monkeypatch, residuals: list[float], steps: int = 5) -> tuple[int, float]:
+    """Run refine where the k-th residual measured is ``residuals[k]`` (the start's first);
+    returns (Newton steps taken, residual returned)."""
+    program, taken, script = _program(), [], iter(residuals)
+    monkeypatch.setattr(cone, "kkt_residual", lambda *_: next(script))
+
+    def step(M, rhs, transpose=False):
+        taken.append(1)
+        return np.zeros_like(rhs)  # z stays put: only the scripted residuals matter
+
+    monkeypatch.setattr(program, "_solve", step)
+    *_, r = program.refine(np.ones(2), np.ones(2), np.zeros(2), steps)
+    return len(taken), r
+
+
+def test_stops_at_the_rounding_floor(monkeypatch):
+    # 1e-3 -> 1e-9 -> 5e-12 (below POLISH_ABOVE, still 200x better), then a step that gains
+    # nothing: the polish ends there instead of repeating it twice more.
+    taken, r = _polish(monkeypatch, [1e-3, 1e-9, 5e-12, 6e-12, 5e-12, 5e-12])
+    assert taken == 3 and r == 5e-12
+
+
+def test_a_worse_step_above_the_threshold_does_not_stop(monkeypatch):
+    # A full step may land on another piece of R first and converge from there.
+    taken, r = _polish(monkeypatch, [1e-6, 1.0, 1e-16, 1.0])
+    assert taken == 2 and r == 1e-16
+
+
+def test_keeps_going_while_steps_gain_tenfold(monkeypatch):
+    taken, r = _polish(monkeypatch, [5e-12, 1e-13, 9e-15, 1.0])
+    assert taken == 2 and r == 9e-15  # 9e-15 is at rounding level: no third step
+
+
+@pytest.mark.parametrize("start", [1e-15, float("inf")])
+def test_no_step_from_a_polished_or_broken_point(monkeypatch, start):
+    taken, r = _polish(monkeypatch, [start, 1.0])
+    assert taken == 0 and r == start
+
+
+def test_stall_above_the_threshold_uses_every_step(monkeypatch):
+    taken, r = _polish(monkeypatch, [1e-6, 9e-7, 8e-7, 7e-7, 6e-7, 5e-7], steps=5)
+    assert taken == 5 and r == 5e-7 and r > POLISH_ABOVE
