@@ -23,7 +23,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -179,94 +179,16 @@ def declarative_vjp(
         zeros = tuple(torch.zeros_like(x) for x in xs)
         return (zeros[0] if single else zeros), tuple(torch.zeros_like(p) for p in params)
     with torch.enable_grad(), second_derivatives(prefix):
-        xg = tuple(x.detach().to(work_dtype).requires_grad_(True) for x in xs)
-        yg = y.detach().to(work_dtype).reshape(batch, m).requires_grad_(True)
-        yv = yg.view(y.shape)
-        f = _objective(f"{prefix}objective", objective, xg, yv)
-        eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
-        ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
-        _, of_c = check_graph(name, f, {"equality_constraints": eq, "inequality_constraints": ineq}, yg,
-                              allowed=xg + params + tuple(known))
-        # Dependent constraints make the multipliers non-unique; that matters for the
-        # gradient only through data that enters the constraints.
-        # (a parameter read in another dtype enters as its cast: a computed leaf)
-        data_in_constraints = any(id(t) in of_c for t in xg + params) or any(
-            t.grad_fn is not None for t in of_c.values())
-        parts = [c for c in (eq, ineq) if c is not None]
-        n_eq = 0 if eq is None else eq.shape[1]
-        c = A = lam = inactive = None
-        # (with a graph where the activity test probes its curvature, _solution_length)
-        (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
-        if parts:
-            c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            r = c.shape[1]
-            eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
-            A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
-            inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
-            if ineq is not None:
-                inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(gf, yg, xg),
-                                                   active_tol, y.dtype)
-                gf = gf.detach()
-            A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
-            _check_jacobian(prefix, A, n_eq, batch_shape)
-            # eq. 25: multipliers that best satisfy stationarity at the given y
-            # (nonnegative on active inequalities where least squares is not).
-            lam = multipliers(A, gf, n_eq, inactive)
-        fns = (equality_constraints, inequality_constraints)
-        broken = None
-        for attempt in range(2):
-            # Elements whose Lagrangian cannot be differentiated (first pass: those without
-            # an active constraint are left out of the constraint part; second: broken
-            # ones altogether) enter it through detached inputs, see _lagrangian_parts.
-            f_L, c_L = _lagrangian_parts(objective, fns, prefix, xg, yv, f, c, inactive, broken)
-            lagrangian = f_L.sum() + (0.0 if c is None else (lam * c_L).sum())
-            (gL,) = _grads(lagrangian, yg, create_graph=True)
-            if attempt:
-                break
-            probes = lagrangian_probes(gL, yg, xg)
-            broken = _non_finite_derivatives(gL, probes)
-            if broken is None:
-                break
-            warnings.warn(
-                f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "
-                f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
-                "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
-                "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
-                "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients are "
-                "set to zero", GradientWarning, stacklevel=3)
-            gf = torch.where(broken.unsqueeze(-1), 0.0, gf)
-            if c is not None:  # their constraints as inactive: zero rows, pinned multipliers
-                inactive = inactive | broken.unsqueeze(-1)
-                A = A.masked_fill(broken[:, None, None], 0.0)
-        c = c_L
-        if check_solution:
-            tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
-            # (the probes of the pass above, unless the Lagrangian was rebuilt after it)
-            verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
-                                          eps=torch.finfo(y.dtype).eps,
-                                          probes=probes if broken is None else None),
-                    tol, batch_shape)
-
-        def hvp(directions: Tensor) -> Tensor:
-            if broken is None:
-                return _batched_vjp(gL, yg, directions)
-            # Broken elements: H = I and a zero right-hand side below, so w = 0 there.
-            return torch.where(broken[:, None], directions, _batched_vjp(gL, yg, directions))
-
-        solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
-                                       dense_max, cg_options, batch)
-        if isinstance(linear_solver, str):
-            solver = functools.partial(solver, warn_dependent=data_in_constraints)
+        k = implicit_system(objective, xs, y, equality_constraints, inequality_constraints, params, known,
+                            linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
+                            work_dtype, name, batch_shape)
+        xg, gL, c = k.xg, k.gL, k.c
         gy = grad_y.detach().to(work_dtype).reshape(batch, m)
         # A NaN or Inf in the incoming gradient (a fault upstream) must not reach the
         # solver, whose probes and pivots mix batch elements: those rows are solved with
         # zero, and their gradients made NaN below (torch would propagate it).
         upstream = ~torch.isfinite(gy).all(-1)
-        zero_rhs = upstream if broken is None else upstream | broken
-        result = solver(hvp, A, inactive, torch.where(zero_rhs.unsqueeze(-1), 0.0, gy))
-        # A user's solver's result is checked (ours are by construction).
-        w, mu = (checked_solver_result(result, batch, m, None if c is None else c.shape[1])
-                 if callable(linear_solver) else result)
+        w, mu = k.solve(torch.where(k.zero_rhs(upstream).unsqueeze(-1), 0.0, gy))
         # -(w^T D_x (grad_y L) + mu^T D_x c): the product with B = D^2_xy L as one vjp.
         target = -(gL * w.detach()).sum()
         if c is not None:
@@ -311,3 +233,125 @@ def declarative_vjp(
                      for i, g in enumerate(cast))
     grad_xs, grad_params = cast[:len(xs)], cast[len(xs):]
     return (grad_xs[0] if single else grad_xs), grad_params
+
+
+class ImplicitSystem(NamedTuple):
+    """The optimality conditions of a declarative node at its solution, ready to
+    differentiate (:func:`implicit_system`): the inputs and solution as float64 leaves,
+    ``gL`` = ∇_y L with its graph, the active constraints ``c`` and their Jacobian ``A``
+    (inactive rows zero), elements whose Lagrangian is not twice differentiable
+    (``broken``), and :meth:`solve` for the KKT system [[H, Aᵀ], [A, D]] [w; μ] = [v; 0]."""
+
+    xg: tuple[Tensor, ...]
+    yg: Tensor
+    gL: Tensor
+    c: Tensor | None
+    A: Tensor | None
+    inactive: Tensor | None
+    broken: Tensor | None
+    hvp: Callable[[Tensor], Tensor]
+    solver: LinearSolver
+    checked: bool  # the solver is a user's: its result is checked
+
+    def zero_rhs(self, rows: Tensor) -> Tensor:
+        """Rows solved with a zero right-hand side: ``rows`` and the broken elements."""
+        return rows if self.broken is None else rows | self.broken
+
+    def solve(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(w, μ) of the KKT system with right-hand side [v; 0], ``v`` (B, m)."""
+        result = self.solver(self.hvp, self.A, self.inactive, v)
+        # A user's solver's result is checked (ours are by construction).
+        return (checked_solver_result(result, v.shape[0], v.shape[1], None if self.c is None else self.c.shape[1])
+                if self.checked else result)
+
+
+def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
+                    params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
+                    check_solution: bool, solution_tol, work_dtype: torch.dtype, name: str,
+                    batch_shape) -> ImplicitSystem:
+    """The checks and the system shared by :func:`declarative_vjp` and
+    :func:`~convexddn.nodes.implicit_jvp.declarative_jvp` (arguments as theirs); call
+    under ``torch.enable_grad()`` and ``second_derivatives``."""
+    batch = y.shape[0]
+    m = math.prod(y.shape[1:])
+    prefix = f"{name}." if name else ""
+    who = f"{name}: " if name else ""
+    xg = tuple(x.detach().to(work_dtype).requires_grad_(True) for x in xs)
+    yg = y.detach().to(work_dtype).reshape(batch, m).requires_grad_(True)
+    yv = yg.view(y.shape)
+    f = _objective(f"{prefix}objective", objective, xg, yv)
+    eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
+    ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
+    _, of_c = check_graph(name, f, {"equality_constraints": eq, "inequality_constraints": ineq}, yg,
+                          allowed=xg + params + tuple(known))
+    # Dependent constraints make the multipliers non-unique; that matters for the
+    # gradient only through data that enters the constraints.
+    # (a parameter read in another dtype enters as its cast: a computed leaf)
+    data_in_constraints = any(id(t) in of_c for t in xg + params) or any(
+        t.grad_fn is not None for t in of_c.values())
+    parts = [c for c in (eq, ineq) if c is not None]
+    n_eq = 0 if eq is None else eq.shape[1]
+    c = A = lam = inactive = None
+    # (with a graph where the activity test probes its curvature, _solution_length)
+    (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
+    if parts:
+        c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        r = c.shape[1]
+        eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
+        A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
+        inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
+        if ineq is not None:
+            inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(gf, yg, xg),
+                                               active_tol, y.dtype)
+            gf = gf.detach()
+        A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
+        _check_jacobian(prefix, A, n_eq, batch_shape)
+        # eq. 25: multipliers that best satisfy stationarity at the given y
+        # (nonnegative on active inequalities where least squares is not).
+        lam = multipliers(A, gf, n_eq, inactive)
+    fns = (equality_constraints, inequality_constraints)
+    broken = None
+    for attempt in range(2):
+        # Elements whose Lagrangian cannot be differentiated (first pass: those without
+        # an active constraint are left out of the constraint part; second: broken
+        # ones altogether) enter it through detached inputs, see _lagrangian_parts.
+        f_L, c_L = _lagrangian_parts(objective, fns, prefix, xg, yv, f, c, inactive, broken)
+        lagrangian = f_L.sum() + (0.0 if c is None else (lam * c_L).sum())
+        (gL,) = _grads(lagrangian, yg, create_graph=True)
+        if attempt:
+            break
+        probes = lagrangian_probes(gL, yg, xg)
+        broken = _non_finite_derivatives(gL, probes)
+        if broken is None:
+            break
+        warnings.warn(
+            f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "
+            f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
+            "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
+            "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
+            "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients are "
+            "set to zero", GradientWarning, stacklevel=4)
+        gf = torch.where(broken.unsqueeze(-1), 0.0, gf)
+        if c is not None:  # their constraints as inactive: zero rows, pinned multipliers
+            inactive = inactive | broken.unsqueeze(-1)
+            A = A.masked_fill(broken[:, None, None], 0.0)
+    c = c_L
+    if check_solution:
+        tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
+        # (the probes of the pass above, unless the Lagrangian was rebuilt after it)
+        verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
+                                      eps=torch.finfo(y.dtype).eps,
+                                      probes=probes if broken is None else None),
+                tol, batch_shape)
+
+    def hvp(directions: Tensor) -> Tensor:
+        if broken is None:
+            return _batched_vjp(gL, yg, directions)
+        # Broken elements: H = I and a zero right-hand side below, so w = 0 there.
+        return torch.where(broken[:, None], directions, _batched_vjp(gL, yg, directions))
+
+    solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
+                                   dense_max, cg_options, batch)
+    if isinstance(linear_solver, str):
+        solver = functools.partial(solver, warn_dependent=data_in_constraints)
+    return ImplicitSystem(xg, yg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))

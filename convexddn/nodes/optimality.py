@@ -270,7 +270,7 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
             f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely "
             f"causes: {hint}",
             GradientWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
     if bool(res.weakly_active.any()):
         warnings.warn(
@@ -280,5 +280,5 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
             "only one-sided derivatives exist, and the "
             "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6)",
             GradientWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
