@@ -18,7 +18,8 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only", "guard_gradients",
+__all__ = ["bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only", "functorch_transforms",
+           "guard_gradients",
            "may_carry_tangents", "plain", "save_plain"]
 
 
@@ -60,6 +61,11 @@ try:  # the torch.func transforms around a call (a torch without it: nothing to 
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_stack
 except ImportError:  # pragma: no cover
     _functorch_stack = None
+
+
+def functorch_transforms() -> list[str]:
+    """The torch.func transforms (``"Vmap"``, ``"Grad"``, ``"Jvp"``, ...) around this call."""
+    return [] if _functorch_stack is None else [str(i.key()).rsplit(".", 1)[-1] for i in _functorch_stack()]
 
 
 def first_order_jvp(what: str) -> Callable[[Callable], Callable]:

@@ -5,7 +5,8 @@
 - :mod:`.declarative`: :class:`DeclarativeNode`, the base class for users' own nodes
   (:mod:`.declarative_function`: its autograd Function; :mod:`.graph`: the checks of the
   user's autograd graph; :mod:`.optimality`: the check that ``solve`` returned a KKT point);
-- :mod:`.implicit`: the generic implicit vector–Jacobian product;
+- :mod:`.implicit`: the generic implicit vector–Jacobian product (:mod:`.implicit_jvp`: its
+  forward-mode twin);
 - :mod:`.linear_solvers`: the KKT solvers it uses (:mod:`.dense`, :mod:`.krylov`);
 - :mod:`.eigen`, :mod:`.least_squares` / :mod:`.linear_fit`, :mod:`.vector_pool`,
   :mod:`.pnp`: eigen decomposition, (weighted) least squares, robust vector pooling,

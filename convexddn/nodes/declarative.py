@@ -30,9 +30,11 @@ from .._autograd import plain
 from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
 from ..errors import GradientWarning, InputError, OptionError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
-from .declarative_function import DeclarativeFunction, arity_error, y_by_keyword
+from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, refuse_functorch,
+                                   y_by_keyword)
 from .graph import check_graph
 from .implicit import declarative_vjp
+from .implicit_jvp import declarative_jvp
 from .lagrangian import _constraint, _objective
 from .optimality import _format_indices
 from .inputs import checked_solution, flatten_inputs
@@ -84,6 +86,11 @@ class DeclarativeNode(torch.nn.Module):
     singular or ill-conditioned systems (non-unique solutions) and active
     inequalities with zero multipliers, each with a
     :class:`~convexddn.errors.GradientWarning` naming the batch elements.
+
+    Forward mode (``torch.autograd.forward_ad``) gives the Jacobian–vector product of
+    :func:`~convexddn.nodes.implicit_jvp.declarative_jvp` (same system, solver and
+    checks). ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...)
+    raise a :class:`~convexddn.errors.ProblemError` (``functional_call`` works).
 
     A subclass that defines ``__init__`` must call ``super().__init__()`` (all
     arguments are optional). Double backward is not supported (it raises
@@ -322,30 +329,30 @@ class DeclarativeNode(torch.nn.Module):
                     ".item(), .detach() or numpy)", GradientWarning, stacklevel=3)
 
     def _vjp(self, xs, y, grad_y, params, batch_shape, state):
-        wanted_params = tuple(params)
         # The parameters and buffers the forward solved with (``state``): under
         # torch.func.functional_call they were swapped in for the forward only, and the
         # backward differentiated the module's own ones (gradient 0 for the swapped-in).
         with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
-            return declarative_vjp(
-                self._call("objective"),
-                tuple(xs),
-                y,
-                grad_y,
-                equality_constraints=self._call("equality_constraints"),
-                inequality_constraints=self._call("inequality_constraints"),
-                params=wanted_params,
-                known=tuple(self.parameters()),
-                linear_solver=self.linear_solver,
-                dense_max=self.dense_max,
-                active_tol=self.active_tol,
-                cg_options={"tol": self.cg_tol, "max_iter": self.cg_max_iter},
-                check_solution=self.check_solution,
-                solution_tol=self.solution_tol,
-                work_dtype=self.implicit_dtype,
-                name=type(self).__name__,
-                batch_shape=batch_shape,
-            )
+            return declarative_vjp(self._call("objective"), tuple(xs), y, grad_y, params=tuple(params),
+                                   **self._implicit_options(batch_shape))
+
+    def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names):
+        # The parameters enter as leaves of their own (their primal values): the forward's
+        # may be dual tensors that do not require grad.
+        leaves = tuple(p.detach().requires_grad_(True) for p in params)
+        state = {**state, **dict(zip(names, leaves))}
+        with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
+            return declarative_jvp(self._call("objective"), tuple(xs), y, tuple(tangents), params=leaves,
+                                   param_tangents=tuple(param_tangents), **self._implicit_options(batch_shape))
+
+    def _implicit_options(self, batch_shape) -> dict[str, Any]:
+        """The keyword arguments the vjp and the jvp share."""
+        return dict(equality_constraints=self._call("equality_constraints"),
+                    inequality_constraints=self._call("inequality_constraints"), known=tuple(self.parameters()),
+                    linear_solver=self.linear_solver, dense_max=self.dense_max, active_tol=self.active_tol,
+                    cg_options={"tol": self.cg_tol, "max_iter": self.cg_max_iter},
+                    check_solution=self.check_solution, solution_tol=self.solution_tol,
+                    work_dtype=self.implicit_dtype, name=type(self).__name__, batch_shape=batch_shape)
 
     def forward(self, *xs: Tensor, **named: Any) -> Tensor:
         """Solve for ``y`` and attach the implicit backward; see the class docstring."""
@@ -357,13 +364,15 @@ class DeclarativeNode(torch.nn.Module):
                 f"got keyword input(s) {sorted(named)}"
             )
         self._check_structure(len(xs))
+        refuse_functorch(type(self).__name__)
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")
         flat, batch_shape = flatten_inputs(xs, self.batch_dims)
         with guarded(self, swap=False):  # (not while another thread's backward swaps them)
             state = dict((*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)))
-            params = tuple(p for p in self.parameters() if p.requires_grad)
-            y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state), *flat, *params)
+            named = differentiated_parameters(self)
+            y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state, tuple(n for n, _ in named)), *flat,
+                                          *(p for _, p in named))
         bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)
         if y.numel() and bool(bad.any()):
             indices = _format_indices(bad, batch_shape)

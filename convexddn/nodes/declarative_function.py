@@ -1,7 +1,8 @@
 """The autograd Function behind :class:`~convexddn.DeclarativeNode`, and how it calls the user.
 
 Forward: the node's ``solve`` (never differentiated). Backward: the node's implicit
-vector–Jacobian product (:func:`.implicit.declarative_vjp`). With ``create_graph=True``
+vector–Jacobian product (:func:`.implicit.declarative_vjp`); forward mode: its
+Jacobian–vector product (:func:`.implicit_jvp.declarative_jvp`). With ``create_graph=True``
 the first-order gradients are returned through :func:`~convexddn._autograd.guard_gradients`, so
 that a second differentiation raises a clear error instead of silently giving zero.
 :func:`y_by_keyword` and :func:`arity_error` read the signatures of the user's methods
@@ -14,11 +15,12 @@ import inspect
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
-from .._autograd import guard_gradients, save_plain
-from ..errors import InputError
+from .._autograd import first_order_jvp, functorch_transforms, guard_gradients, save_plain
+from ..errors import InputError, ProblemError
 
-__all__ = ["DeclarativeFunction", "arity_error", "y_by_keyword"]
+__all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "refuse_functorch", "y_by_keyword"]
 
 Tensor = torch.Tensor
 
@@ -27,27 +29,42 @@ class DeclarativeFunction(torch.autograd.Function):
     """Runs ``node.solve`` forward and :func:`declarative_vjp` backward."""
 
     @staticmethod
-    def forward(node: Any, n_inputs: int, context: tuple[tuple[int, ...], dict],
+    def forward(node: Any, n_inputs: int, context: tuple[tuple[int, ...], dict, tuple[str, ...]],
                 *tensors: Tensor) -> Tensor:  # type: ignore[override]
         return node._checked_solve(tensors[:n_inputs])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        """``context``: the batch shape and the node's parameters and buffers by name, as
-        the forward saw them (the backward solves with those)."""
-        node, n, (batch_shape, state) = inputs[:3]
-        ctx.node, ctx.n_inputs, ctx.batch_shape, ctx.state = node, n, batch_shape, state
+        """``context``: the batch shape, the node's parameters and buffers by name as the
+        forward saw them (the backward solves with those), and the names of the
+        parameters passed after the inputs."""
+        node, n, (batch_shape, state, names) = inputs[:3]
+        ctx.node, ctx.n_inputs, ctx.batch_shape, ctx.state, ctx.names = node, n, batch_shape, state, names
         # The parameters that require grad are saved (not just referenced): one changed
         # in place before the backward raises autograd's error, as nn.Linear's would,
         # instead of being differentiated at its new value. Inputs made under
         # torch.inference_mode() are saved as plain copies (autograd refuses to save them).
         save_plain(ctx, *inputs[3:], output)
+        ctx.save_for_forward(*inputs[3:], output)
         # Buffers and frozen parameters are only referenced: their version counters tell
         # the backward whether one was changed in place since (it would differentiate
         # the problem at the new value, silently, or call the solution wrong).
         saved = {id(t) for t in inputs[3:]}
         ctx.versions = {name: (t, t._version) for name, t in state.items()
                         if isinstance(t, torch.Tensor) and id(t) not in saved}
+
+    @staticmethod
+    @first_order_jvp("DeclarativeNode")
+    def jvp(ctx, *tangents: Tensor | None) -> Tensor:  # type: ignore[override]
+        """Forward mode: :func:`.implicit_jvp.declarative_jvp` along the tangents of the
+        inputs and of the parameters that require grad."""
+        *tensors, y = ctx.saved_tensors
+        n = ctx.n_inputs
+        ts = tangents[3:]
+        if all(t is None for t in ts):
+            return torch.zeros_like(y)
+        with torch.no_grad():
+            return ctx.node._jvp(tensors[:n], y, ts[:n], tensors[n:], ts[n:], ctx.batch_shape, ctx.state, ctx.names)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
@@ -73,6 +90,28 @@ class DeclarativeFunction(torch.autograd.Function):
         # create_graph=True: make a second differentiation fail loudly, not give 0.
         grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *params))
         return (None, None, None, *grads)
+
+
+def differentiated_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """The module's parameters the Function takes as inputs: those that require grad and,
+    under forward-mode AD, those that carry a tangent (a dual tensor swapped in by
+    ``torch.func.functional_call`` need not require grad)."""
+    dual = forward_ad._current_level >= 0
+    return [(n, p) for n, p in module.named_parameters()
+            if p.requires_grad or (dual and forward_ad.unpack_dual(p).tangent is not None)]
+
+
+def refuse_functorch(name: str) -> None:
+    """Raise where a torch.func transform is active: the node checks ``solve``'s result on
+    the host and differentiates the objective with torch.autograd, neither of which those
+    transforms allow (they failed deep inside with torch's own messages)."""
+    transforms = functorch_transforms()
+    if transforms:
+        raise ProblemError(
+            f"{name} does not run under torch.func transforms (here: {transforms}): it checks solve's "
+            "result on the host and differentiates the objective with torch.autograd. Use torch.autograd: "
+            "backward(), torch.autograd.grad, or torch.autograd.forward_ad for forward mode "
+            "(torch.func.functional_call is supported)")
 
 
 def _signature(fn: Any) -> inspect.Signature | None:

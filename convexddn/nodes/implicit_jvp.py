@@ -1,0 +1,148 @@
+"""Forward mode of a declarative node: the Jacobian–vector product of its solution by
+implicit differentiation, the twin of :func:`.implicit.declarative_vjp`.
+
+Differentiating the optimality conditions :math:`\\nabla_y L(x, y, \\lambda) = 0,\\
+c_{\\mathcal A}(x, y) = 0` along a tangent :math:`\\dot x` of the inputs (and parameters)
+gives (Gould et al. 2021, Prop. 4.5 read forwards)
+
+.. math::
+
+    \\begin{bmatrix} H & A^\\top \\\\ A & 0 \\end{bmatrix}
+    \\begin{bmatrix} \\dot y \\\\ \\dot\\lambda \\end{bmatrix}
+    = -\\begin{bmatrix} B \\dot x \\\\ C \\dot x \\end{bmatrix},
+    \\qquad H = D^2_{yy} L,\\ A = D_y c_{\\mathcal A},\\ B = D^2_{xy} L,\\ C = D_x c_{\\mathcal A}.
+
+:math:`B \\dot x` and :math:`C \\dot x` come from one reverse product of the optimality
+conditions, differentiated once more along :math:`\\dot x` (that product is linear in its
+cotangent, so its gradient with respect to the cotangent is the forward product); neither
+:math:`B` nor :math:`D y` is formed. The system is solved by the node's own linear solver,
+which takes a zero second block: :math:`\\dot y = \\dot y_0 + w` with
+:math:`\\dot y_0 = -A^+ C \\dot x` (the least-norm step that keeps the active constraints)
+and :math:`[H, A^\\top; A, D]\\,[w; \\cdot] = [-B \\dot x - H \\dot y_0;\\ 0]`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import GradientWarning
+from .graph import second_derivatives
+from .implicit import implicit_system
+from .lagrangian import ConstraintFn
+from .linear_solvers import LinearSolver, shown_indices
+
+__all__ = ["declarative_jvp"]
+
+Tensor = torch.Tensor
+
+
+def declarative_jvp(
+    objective: Callable[..., Tensor],
+    xs: Tensor | Sequence[Tensor],
+    y: Tensor,
+    tangents: Tensor | None | Sequence[Tensor | None],
+    *,
+    equality_constraints: ConstraintFn | None = None,
+    inequality_constraints: ConstraintFn | None = None,
+    params: Sequence[Tensor] = (),
+    param_tangents: Sequence[Tensor | None] = (),
+    known: Sequence[Tensor] = (),
+    linear_solver: str | LinearSolver = "auto",
+    dense_max: int | None = None,
+    active_tol: float = 1e-6,
+    cg_options: dict[str, Any] | None = None,
+    check_solution: bool = True,
+    solution_tol: float | None = None,
+    work_dtype: torch.dtype = torch.float64,
+    name: str = "",
+    batch_shape: Sequence[int] | None = None,
+) -> Tensor:
+    """Jacobian–vector product :math:`\\dot y = D y\\, \\dot x` of a declarative node's
+    solution, by implicit differentiation (see the module docstring for the system).
+
+    Arguments as :func:`~convexddn.nodes.implicit.declarative_vjp`'s, with the incoming
+    gradient replaced by tangents: ``tangents`` one per input (shaped like it; ``None``
+    for none), ``param_tangents`` one per entry of ``params``. The same checks run (the
+    solution, the active set, singular or ill-conditioned systems, dependent
+    constraints), with the same warnings and errors.
+
+    Shape:
+        ``xs`` each ``(B, ...)``, ``y`` ``(B, ...)`` -> ``ẏ`` shaped like ``y``, in its dtype.
+
+    Warns:
+        GradientWarning: as the vjp's; a tangent that is not finite makes the rows it
+        reaches NaN (a parameter's: every row), as torch propagates it.
+    """
+    xs = (xs,) if isinstance(xs, torch.Tensor) else tuple(xs)
+    tangents = (tangents,) if tangents is None or isinstance(tangents, torch.Tensor) else tuple(tangents)
+    params, param_tangents = tuple(params), tuple(param_tangents) or (None,) * len(params)
+    batch, m = y.shape[0], math.prod(y.shape[1:])
+    pairs = [(i, t) for i, t in enumerate(tangents + param_tangents) if t is not None]
+    if batch == 0 or m == 0 or not pairs:
+        return torch.zeros_like(y)
+    prefix, who = (f"{name}.", f"{name}: ") if name else ("", "")
+    with torch.enable_grad(), second_derivatives(prefix):
+        k = implicit_system(objective, xs, y, equality_constraints, inequality_constraints, params, known,
+                            linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
+                            work_dtype, name, batch_shape)
+        leaves = k.xg + params
+        dirs = [(leaves[i], t.detach().to(leaves[i].dtype)) for i, t in pairs]
+        Bx, Cx = _forward_products(k.gL, k.c, dirs)
+        # A tangent that is not finite (a fault upstream) must not reach the solver, whose
+        # probes and pivots mix batch elements: those rows are solved with zero and made
+        # NaN below; a parameter's reaches every row.
+        upstream = ~torch.isfinite(Bx).all(-1)
+        if Cx is not None:
+            upstream |= ~torch.isfinite(Cx).all(-1)
+        zero = k.zero_rhs(upstream).unsqueeze(-1)
+        y0 = None
+        if Cx is not None:
+            # The least-norm step with A ẏ₀ = −C ẋ on the active rows (A's inactive and
+            # broken rows are zero, so are theirs here).
+            Cx = torch.where(zero | k.inactive, 0.0, Cx)
+            y0 = -(torch.linalg.pinv(k.A) @ Cx.unsqueeze(-1)).squeeze(-1)
+        rhs = -Bx if y0 is None else -Bx - k.hvp(y0.unsqueeze(0))[0]
+        w, _ = k.solve(torch.where(zero, 0.0, rhs).detach())
+        ydot = w if y0 is None else w + y0
+    ydot = ydot.detach()
+    out = ydot.to(y.dtype)
+    bad, lost = ~torch.isfinite(ydot), ~torch.isfinite(out)
+    n_bad, n_lost, n_up = torch.stack([bad.sum(), (lost & ~bad).sum(), upstream.sum()]).tolist()
+    if n_bad:
+        warnings.warn(f"{who}the implicit tangent has {n_bad} non-finite entries (the objective or constraints "
+                      "are not twice differentiable at the solution?); they are set to zero",
+                      GradientWarning, stacklevel=2)
+        out = torch.where(bad, 0.0, out)
+    if n_lost:
+        warnings.warn(f"{who}{n_lost} tangent entries are finite in {work_dtype} but overflow the solution's "
+                      f"dtype ({y.dtype}): they are Inf (the true tangent is that large; use a wider dtype)",
+                      GradientWarning, stacklevel=2)
+    if n_up:
+        warnings.warn(f"{who}the tangent of the inputs or parameters holds NaN or Inf for "
+                      f"{shown_indices(upstream)}: their output tangents are NaN, as torch propagates it",
+                      GradientWarning, stacklevel=2)
+        out = torch.where(upstream.unsqueeze(-1), math.nan, out)
+    return out.reshape(y.shape)
+
+
+def _forward_products(gL: Tensor, c: Tensor | None, dirs: list[tuple[Tensor, Tensor]]
+                      ) -> tuple[Tensor, Tensor | None]:
+    """``(B ẋ, C ẋ)``: the derivatives of ``gL`` ``(B, m)`` and ``c`` ``(B, r)`` along the
+    tangents ``dirs`` (leaf, tangent pairs), as the gradient of ⟨Bᵀu + Cᵀv, ẋ⟩ with
+    respect to the cotangents ``(u, v)`` at 0 (the reverse product is linear in them)."""
+    us = [torch.zeros_like(gL, requires_grad=True)] + ([] if c is None else [torch.zeros_like(c, requires_grad=True)])
+    outs = [gL] + ([] if c is None else [c])
+    total = sum((o * u).sum() for o, u in zip(outs, us) if o.requires_grad)
+    leaves = [leaf for leaf, _ in dirs]
+    back = (torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+            if isinstance(total, Tensor) and total.requires_grad else [None] * len(leaves))
+    inner = [(g * t).sum() for g, (_, t) in zip(back, dirs) if g is not None and g.requires_grad]
+    if not inner:
+        return torch.zeros_like(gL), (None if c is None else torch.zeros_like(c))
+    grads = torch.autograd.grad(sum(inner), us, allow_unused=True)
+    Bx, *rest = (torch.zeros_like(u) if g is None else g for g, u in zip(grads, us))
+    return Bx.detach(), (rest[0].detach() if rest else None)
