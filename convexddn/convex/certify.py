@@ -233,7 +233,8 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     sc_in = torch.where(lift, layout.lift(sc, _shift(sc)), sc)
     zc_in = torch.where(lift, layout.lift(zc, _shift(sc)), zc)
     sc_in, zc_in = _decide(layout, sc, zc, sc_in, zc_in)
-    kkt = systems(NTScaling(layout, sc_in, zc_in, derivative=True))
+    # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
+    kkt = systems(NTScaling(layout, sc_in, zc_in, derivative=True), retry=True)
     if layout.nonneg:  # _decide's active rows: their exact limit is H = 0 (see KKTSystem.solve)
         active = decided(sc[:, :layout.nonneg], zc[:, :layout.nonneg])[0]
         _limit_zero(kkt, torch.cat([active, active.new_zeros(active.shape[0], layout.cone_rows - layout.nonneg)], 1))

@@ -87,6 +87,27 @@ def _chol(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return L, info != 0
 
 
+def _proportional_retry(S: torch.Tensor, L: torch.Tensor, failed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky of the ``failed`` elements of ``S`` again, with ``_RETRY·n·eps·max diag`` on
+    the diagonal instead of δ alone: where the scalings span 1e21 (an LP with an edge of
+    optima at its solution: curvature 1e-9 along the edge, 4e12 across), rounding alone
+    makes a pivot negative (λ_min computed as -4e-5), on one CPU and not on another. The
+    solves refine against the unregularised system, which removes the added term's effect
+    where the system is well posed."""
+    idx = torch.nonzero(failed).squeeze(1)
+    part = S.index_select(0, idx)
+    n = part.shape[-1]
+    bump = _RETRY * n * torch.finfo(S.dtype).eps * part.diagonal(dim1=1, dim2=2).abs().amax(1)
+    L2, info = torch.linalg.cholesky_ex(part + bump[:, None, None] * torch.eye(n, dtype=S.dtype, device=S.device))
+    still = (info != 0) | ~torch.isfinite(L2.diagonal(dim1=1, dim2=2)).all(1)
+    return L.index_copy(0, idx, L2), failed.index_copy(0, idx, still)
+
+
+# The proportional regularisation of that retry, in units of n·eps·max diag: the rounding
+# of the product AᵀH⁻¹A that forms S is about that size.
+_RETRY = 4.0
+
+
 def _chol_solve(L: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if L.shape[-1] == 1:
         return v / (L * L)
@@ -115,7 +136,7 @@ class KKTSystem:
     """
 
     def __init__(self, ops: DataOps, scaling: NTScaling | None, base: torch.Tensor,
-                 structure: KKTStructure = DENSE) -> None:
+                 structure: KKTStructure = DENSE, retry: bool = False) -> None:
         self.ops, self.layout, self.scaling = ops, ops.layout, scaling
         self.diagonal, self.rho = structure.diagonal, structure.rho and not structure.diagonal
         z = self.layout.zero
@@ -133,8 +154,11 @@ class KKTSystem:
             At = ops.A[:, z:]
             self.At = At if scaling is None else scaling.apply_inv(At)  # W⁻¹ A_I
             self.AtT = self.At.mT
-            L, info = torch.linalg.cholesky_ex(torch.baddbmm(base, self.AtT, self.At))
+            S = torch.baddbmm(base, self.AtT, self.At)
+            L, info = torch.linalg.cholesky_ex(S)
             failed = (info != 0) | ~torch.isfinite(L.diagonal(dim1=1, dim2=2)).all(1)
+            if retry and bool(failed.any()):
+                L, failed = _proportional_retry(S, L, failed)
             self.L = L
         if z:
             self.Y = self._lower(ops.AET)  # L⁻¹ A_Eᵀ
@@ -290,8 +314,8 @@ class KKTFactory:
     def __init__(self, ops: DataOps, base: torch.Tensor, structure: KKTStructure = DENSE) -> None:
         self.ops, self.base, self.structure = ops, base, structure
 
-    def __call__(self, scaling: NTScaling | None) -> KKTSystem:
-        return KKTSystem(self.ops, scaling, self.base, self.structure)
+    def __call__(self, scaling: NTScaling | None, retry: bool = False) -> KKTSystem:
+        return KKTSystem(self.ops, scaling, self.base, self.structure, retry)
 
     def select(self, idx: torch.Tensor, d) -> "KKTFactory":
         """The systems of the elements ``idx`` (``d``: their data, with ``P`` and ``A``)."""

@@ -143,13 +143,13 @@ class ReducedSystems:
         self.ops_r = DataOps(Pr, red.AN, red.layout, DENSE)
         self.base = constant_part(Pr, red.AN, red.layout, DENSE)
 
-    def __call__(self, scaling: NTScaling | None):
-        kkt = _ReducedKKT(self, KKTSystem(self.ops_r, scaling, self.base, DENSE))
+    def __call__(self, scaling: NTScaling | None, retry: bool = False):
+        kkt = _ReducedKKT(self, KKTSystem(self.ops_r, scaling, self.base, DENSE, retry))
         if not bool(kkt.failed.any()):
             return kkt
         if self._full_base is None:
             self._full_base = constant_part(self.ops.P, self.ops.A, self.ops.layout, self.structure)
-        full = KKTSystem(self.ops, scaling, self._full_base, self.structure)
+        full = KKTSystem(self.ops, scaling, self._full_base, self.structure, retry)
         return PatchedKKT(kkt, torch.nonzero(kkt.failed).squeeze(1), full, part_is_batch=True)
 
     def select(self, idx: torch.Tensor, d: Scaled) -> "ReducedSystems":
