@@ -164,6 +164,11 @@ class _FirstOrderInput(torch.autograd.Function):
     def backward(ctx, *grads):  # type: ignore[override]
         return (None, *guard_gradients(ctx.what, grads, ctx.anchors))
 
+    @staticmethod
+    def jvp(ctx, _what, *tangents):  # type: ignore[override]
+        # (The identity: the solver's own Function decides whether it has a forward mode.)
+        return tuple(None if t is None else t.view_as(t) for t in tangents)
+
 
 def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The inputs of a solver whose backward is first-order only (it may run outside

@@ -18,6 +18,7 @@ from typing import ClassVar, Sequence
 import cvxpy as cp
 import torch
 
+from .._autograd import may_carry_tangents
 from .._checks import check_tolerance
 from ..errors import DTypeError, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
@@ -216,7 +217,8 @@ class BatchedProgram:
         """
         B = self._batch(values)
         values = [v.to(self.dtype) for v in values]
-        needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in values)
+        # (forward mode needs the kept state too: the tangents are solved with it)
+        needs_grad = (torch.is_grad_enabled() and any(v.requires_grad for v in values)) or may_carry_tangents(*values)
         data = self.data
         if B == 0:
             z = sum(v.sum() for v in values) * 0

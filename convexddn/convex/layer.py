@@ -26,14 +26,15 @@ import cvxpy as cp
 import torch
 from cvxpylayers.torch import CvxpyLayer
 from torch import nn
+from torch.autograd import forward_ad
 
 from .._autograd import first_order_only
 from .._checks import check_choice, check_int, check_tolerance
-from ..errors import NotDPPError, OptionError, SolverWarning
+from ..errors import NotDPPError, OptionError, ProblemError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved,
-                     refuse_unverifiable, status_kind, unravel)
+                     name_elements, refuse_unverifiable, status_kind, unravel)
 from .state import picklable_state, restore_state, uncached
 from .validation import check_values, solver_choice, validate_problem, validate_solver_args
 
@@ -54,8 +55,9 @@ class ConvexLayer(nn.Module):
     Each call fills the CVXPY parameters with tensors, solves the cone program of every
     batch element, checks each solution against its KKT conditions, and returns the
     requested variables. The backward pass differentiates the optimality conditions at
-    the solution (no unrolling); it is first-order only: differentiating its gradients
-    again (``create_graph=True`` then a second backward) raises
+    the solution (no unrolling; forward mode, ``torch.autograd.forward_ad``, solves the
+    same system on the batched path and raises a ``ProblemError`` on the per-element
+    one); it is first-order only: a second differentiation raises
     :class:`~convexddn.errors.DoubleBackwardError`.
 
     Args:
@@ -241,6 +243,12 @@ class ConvexLayer(nn.Module):
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
                            where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list, dict]:
+        if any(forward_ad.unpack_dual(v).tangent is not None for v in flat):
+            raise ProblemError(
+                f"ConvexLayer: forward-mode differentiation is implemented on the batched path only, and "
+                f"{len(where[0])} batch element(s) ({name_elements(where, list(range(len(where[0]))))}) need the "
+                f"per-element path (solver={self.solver!r}, a problem the batched path does not take, or "
+                "elements it did not certify); use reverse mode (backward) there")
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
         with self._build_lock:
             layer = self._per_element_layer()

@@ -23,7 +23,8 @@ error estimate that certifies each element), and the backward reuses that
 factorisation: one batched solve, no new factorisation. We chose this over the residual-map
 derivative (Agrawal et al., 2019) because it keeps the quadratic term, stays symmetric
 (Cholesky instead of LU of an :math:`(n+m+1)`-square matrix) and reuses the solver.
-Where no derivative exists the backward warns (``GradientWarning``) and names the
+**Forward mode** (:func:`cone_jvp`) solves the same system for the data's tangents with
+the same factorisation. Where no derivative exists the backward warns (``GradientWarning``) and names the
 elements: a complementary pair undecided (a nonnegative row, or a second-order cone's
 Jordan-frame pair, :func:`~.certify.undecided`), a non-unique solution (a derivative
 system that amplifies the cotangent like 1/δ, or, where rounding caps that, a cotangent
@@ -39,14 +40,14 @@ import warnings
 
 import torch
 
-from .._autograd import first_order
+from .._autograd import first_order, first_order_jvp
 from ..errors import GradientWarning
 from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .kkt import bmv, row_inf
 from .status import name_elements
 from .uniqueness import limit_nonunique
 
-__all__ = ["AMPLIFICATION", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "cone_vjp"]
+__all__ = ["AMPLIFICATION", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "cone_jvp", "cone_vjp"]
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
@@ -130,6 +131,45 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     return gP, -ux, gA, uz, not_differentiable, nonunique
 
 
+def cone_jvp(sol: ConeSolution, dP, dq, dA, db, refine: int = 3):
+    """Jacobian–vector product of a batched cone solve: ``(dx, dz)`` from
+    :math:`K (dx, dz) = -(dP\\,x + dq + dA^T z,\\ dA\\,x - db)` (the module docstring's
+    system, solved with the factorisation the forward kept; ``None`` for a tangent that
+    is zero).
+
+    Returns:
+        ``(dx, dz, flagged, zeroed)``: the tangents, exactly zero for elements that are
+        not solved and where the system amplifies the tangent's right-hand side by more
+        than :data:`AMPLIFICATION` (a solution that is not unique, or a degenerate vertex
+        moved apart: no derivative, ``zeroed``); ``flagged`` also marks solved elements
+        with an undecided complementary pair or a gain above :data:`PROBE_GAIN` (a
+        one-sided derivative).
+    """
+    d, kkt, x, z = sol.scaled, sol.kkt, sol.x, sol.z
+    rx, rz = torch.zeros_like(x), torch.zeros_like(z)
+    if dP is not None:
+        rx = rx - bmv(dP, x)
+    if dq is not None:
+        rx = rx - dq
+    if dA is not None:
+        rx, rz = rx - bmv(dA.mT, z), rz - bmv(dA, x)
+    if db is not None:
+        rz = rz + db
+    rc = d.c.sqrt()[:, None]
+    ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
+    ux, uz, _ = kkt.solve(ex, ez, refine, until=BACKWARD_RTOL)
+    amplification = (torch.maximum(row_inf(ux), row_inf(uz))
+                     / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
+    ok = (sol.status == SOLVED) & ~kkt.failed & ((rx != 0).any(1) | (rz != 0).any(1))
+    zeroed = ok & (amplification > AMPLIFICATION)
+    keep = (ok & ~zeroed)[:, None]
+    dx = torch.where(keep, rc * d.D * ux.squeeze(-1), 0.0)
+    dz = torch.where(keep, d.E * uz.squeeze(-1) / rc, 0.0)
+    # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
+    # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
+    return dx, dz, ok & (sol.undecided | (amplification > PROBE_GAIN)), zeroed
+
+
 # Relative residual the backward's KKT solve is refined to beyond its fixed steps
 # (KKTSystem.solve's ``until``): an MPC's gradient 7e-7 off finite differences (4e-3 after
 # 3 steps); the n = 50 QP's backward at batch 1024 106-123 -> 127-166 ms (1e-11: 220-252).
@@ -170,6 +210,15 @@ class _ConeSolve(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[2:7])
 
     @staticmethod
+    @first_order_jvp("BatchedProgram")
+    def jvp(ctx, dP, dq, dA, db, *_):
+        """Forward mode: :func:`cone_jvp` along the data's tangents, with the backward's warning."""
+        sol, _, refine, _, where, _ = ctx.state
+        dx, dz, flagged, zeroed = cone_jvp(sol, dP, dq, dA, db, refine + 2)
+        _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent")
+        return dx, dz, None, None, None, None, None, None
+
+    @staticmethod
     @first_order("BatchedProgram")
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
@@ -178,18 +227,25 @@ class _ConeSolve(torch.autograd.Function):
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
         gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
-        idx = torch.nonzero(flagged).squeeze(1).tolist()  # a host sync (and the limit test's gate one)
-        if idx:  # (and one more for the message)
-            n_zero = int(zeroed.sum())
-            zero = (f"; {n_zero} of them have a solution that is not unique along their cotangent "
-                    "(the derivative system is singular there), and their gradient is set to zero"
-                    ) if n_zero else ""
-            warnings.warn(
-                f"ConvexLayer backward (batched): the solution of {len(idx)} batch element(s) "
-                f"({name_elements(where, idx)}) is not unique or not differentiable "
-                "(a constraint active with a zero multiplier, or a second-order cone at its tip "
-                "with its multiplier on the boundary; a derivative system that is singular: e.g. an "
-                "LP with an edge of optima; or more active constraints than the solution's "
-                f"dimension: a degenerate vertex); their gradient is a one-sided limit's blend{zero}",
-                GradientWarning, stacklevel=3)
+        _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent")
         return gP, gq, gA, gb, None, None, None, None, None
+
+
+def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str) -> None:
+    """The GradientWarning naming the elements without a derivative (``flagged``; those
+    ``zeroed`` got exactly zero)."""
+    idx = torch.nonzero(flagged).squeeze(1).tolist()  # a host sync (and the limit test's gate one)
+    if idx:  # (and one more for the message)
+        n_zero = int(zeroed.sum())
+        what = "gradient" if along == "cotangent" else "tangent"
+        zero = (f"; {n_zero} of them have a solution that is not unique along their {along} "
+                f"(the derivative system is singular there), and their {what} is set to zero"
+                ) if n_zero else ""
+        warnings.warn(
+            f"ConvexLayer {mode} (batched): the solution of {len(idx)} batch element(s) "
+            f"({name_elements(where, idx)}) is not unique or not differentiable "
+            "(a constraint active with a zero multiplier, or a second-order cone at its tip "
+            "with its multiplier on the boundary; a derivative system that is singular: e.g. an "
+            "LP with an edge of optima; or more active constraints than the solution's "
+            f"dimension: a degenerate vertex); their {what} is a one-sided limit's blend{zero}",
+            GradientWarning, stacklevel=4)

@@ -1,0 +1,116 @@
+"""Forward mode of the batched convex path (:func:`convexddn.convex.vjp.cone_jvp`).
+
+Expected tangents: closed forms differentiated by torch itself (the L2-ball projection,
+sparsemax's Jacobian), central finite differences in float64, and the reverse mode
+through the dot-product identity ⟨u, J ṫ⟩ = ⟨Jᵀ u, ṫ⟩ (the backward is checked against
+finite differences in test_batched.py).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cvxpy as cp
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from convexddn.convex.batched import BatchedProgram
+from convexddn.convex.layer import ConvexLayer
+from convexddn.errors import GradientWarning, ProblemError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_batched import _corner, qp_data, qp_problem, sparsemax, sparsemax_problem  # noqa: E402
+
+F64 = torch.float64
+
+
+def _tangents(values, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(v.shape, dtype=v.dtype, generator=gen) for v in values]
+
+
+def _jvp(fn, values, tangents):
+    with fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(v, t) for v, t in zip(values, tangents)))
+        return fwAD.unpack_dual(out).tangent
+
+
+def test_qp_every_parameter_against_finite_differences_and_reverse_mode():
+    prob, params, variables, _ = qp_problem()
+    layer = ConvexLayer(prob, params, variables)
+    values = qp_data(6, seed=3)
+    tangents = _tangents(values, 4)
+    got = _jvp(layer, values, tangents)
+    assert layer.last_solve.backend == ["batched"] * 6
+    h = 1e-6
+    with torch.no_grad():
+        fd = (layer(*(v + h * t for v, t in zip(values, tangents)))
+              - layer(*(v - h * t for v, t in zip(values, tangents)))) / (2 * h)
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-7)
+    u = torch.randn(got.shape, dtype=F64, generator=torch.Generator().manual_seed(5))
+    leaves = [v.clone().requires_grad_(True) for v in values]
+    grads = torch.autograd.grad(layer(*leaves), leaves, u)
+    torch.testing.assert_close((u * got).sum(), sum((g * t).sum() for g, t in zip(grads, tangents)),
+                               rtol=1e-9, atol=1e-10)
+
+
+def test_socp_ball_with_a_parameter_radius_matches_the_closed_form():
+    n = 5
+    x, r, y = cp.Parameter(n), cp.Parameter(nonneg=True), cp.Variable(n)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [cp.norm(y, 2) <= r]), [x, r], [y])
+    gen = torch.Generator().manual_seed(6)
+    X = 2 * torch.randn(8, n, dtype=F64, generator=gen)
+    X[:3] *= 0.05  # inside the ball: y = x
+    R = torch.rand(8, dtype=F64, generator=gen) + 0.5
+    tX, tR = _tangents([X, R], 7)
+
+    def exact(a, b):
+        return a * (b[:, None] / a.norm(dim=1, keepdim=True)).clamp(max=1)
+
+    _, want = torch.func.jvp(exact, (X, R), (tX, tR))
+    torch.testing.assert_close(_jvp(layer, [X, R], [tX, tR]), want, rtol=1e-7, atol=1e-8)
+
+
+def test_sparsemax_matches_its_jacobian():
+    prob, params, variables = sparsemax_problem(12)
+    program = BatchedProgram(prob, params, variables)
+    x = torch.randn(16, 12, dtype=F64, generator=torch.Generator().manual_seed(8))
+    t = torch.randn(16, 12, dtype=F64, generator=torch.Generator().manual_seed(9))
+    got = _jvp(lambda v: program(v)[0][0], [x], [t])
+    s = (sparsemax(x) > 0).to(F64)  # J = diag(s) − s sᵀ / |S|
+    torch.testing.assert_close(got, s * t - s * (s * t).sum(-1, keepdim=True) / s.sum(-1, keepdim=True),
+                               rtol=1e-7, atol=1e-8)
+
+
+def test_dual_inputs_that_also_require_grad():
+    prob, params, variables, _ = qp_problem()
+    layer = ConvexLayer(prob, params, variables)
+    values = [v.requires_grad_(True) for v in qp_data(3, seed=10)]
+    tangents = _tangents(values, 11)
+    with fwAD.dual_level():
+        y = layer(*(fwAD.make_dual(v, t) for v, t in zip(values, tangents)))
+        tangent = fwAD.unpack_dual(y).tangent
+        y.sum().backward()  # reverse mode through the same call
+    assert all(v.grad is not None for v in values)
+    torch.testing.assert_close(tangent, _jvp(layer, [v.detach() for v in values], tangents), rtol=1e-9, atol=1e-10)
+
+
+def test_degenerate_vertex_moved_apart_warns_and_gives_zero():
+    program = _corner(moving=True)  # three active rows at a vertex of R², h₃ moves it
+    c = torch.tensor([[1.0, 2.0]], dtype=F64)
+    h = torch.zeros(1, 3, dtype=F64)
+    with pytest.warns(GradientWarning, match="forward mode.*degenerate vertex"):
+        got = _jvp(lambda a, b: program(a, b)[0][0], [c, h], [torch.zeros_like(c), torch.tensor([[0.0, 0.0, 1.0]], dtype=F64)])
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_per_element_path_refuses_forward_mode_clearly():
+    prob, params, variables, _ = qp_problem()
+    layer = ConvexLayer(prob, params, variables, solver="Clarabel")
+    values = qp_data(2, seed=12)
+    with pytest.raises(ProblemError, match="forward-mode differentiation is implemented on the batched path only"):
+        _jvp(layer, values, _tangents(values, 13))
+    # Without tangents the per-element path runs as usual under a dual level.
+    with fwAD.dual_level():
+        assert layer(*values).shape == (2, 5)
