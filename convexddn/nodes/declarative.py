@@ -30,8 +30,8 @@ from .._autograd import plain
 from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
 from ..errors import GradientWarning, InputError, OptionError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
-from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, refuse_functorch,
-                                   y_by_keyword)
+from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
+                                   refuse_functorch, y_by_keyword)
 from .graph import check_graph
 from .implicit import declarative_vjp
 from .implicit_jvp import declarative_jvp
@@ -337,10 +337,7 @@ class DeclarativeNode(torch.nn.Module):
                                    **self._implicit_options(batch_shape))
 
     def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names):
-        # The parameters enter as leaves of their own (their primal values): the forward's
-        # may be dual tensors that do not require grad.
-        leaves = tuple(p.detach().requires_grad_(True) for p in params)
-        state = {**state, **dict(zip(names, leaves))}
+        leaves, state = parameter_leaves(params, state, names)
         with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
             return declarative_jvp(self._call("objective"), tuple(xs), y, tuple(tangents), params=leaves,
                                    param_tangents=tuple(param_tangents), **self._implicit_options(batch_shape))

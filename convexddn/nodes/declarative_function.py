@@ -20,7 +20,8 @@ from torch.autograd import forward_ad
 from .._autograd import first_order_jvp, functorch_transforms, guard_gradients, save_plain
 from ..errors import InputError, ProblemError
 
-__all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "refuse_functorch", "y_by_keyword"]
+__all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_functorch",
+           "y_by_keyword"]
 
 Tensor = torch.Tensor
 
@@ -84,8 +85,14 @@ class DeclarativeFunction(torch.autograd.Function):
                 f"{type(node).__name__}: {changed} (buffers or parameters that do not require grad) "
                 "were modified in place between the forward and the backward; the backward needs "
                 "the values the forward solved with (modify them after backward, or out of place)")
+        # Only the parameters that need a gradient (one that only carries a forward-mode
+        # tangent need not require grad, and autograd refuses to differentiate it).
+        want = [i for i, need in enumerate(needs[ctx.n_inputs:]) if need]
         with torch.no_grad():
-            grad_xs, grad_params = node._vjp(xs, y, grad_y, params, ctx.batch_shape, ctx.state)
+            grad_xs, grad_want = node._vjp(xs, y, grad_y, [params[i] for i in want], ctx.batch_shape, ctx.state)
+        grad_params: list[Tensor | None] = [None] * len(params)
+        for i, g in zip(want, grad_want):
+            grad_params[i] = g
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
         # create_graph=True: make a second differentiation fail loudly, not give 0.
         grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *params))
@@ -95,10 +102,30 @@ class DeclarativeFunction(torch.autograd.Function):
 def differentiated_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     """The module's parameters the Function takes as inputs: those that require grad and,
     under forward-mode AD, those that carry a tangent (a dual tensor swapped in by
-    ``torch.func.functional_call`` need not require grad)."""
-    dual = forward_ad._current_level >= 0
+    ``torch.func.functional_call`` need not require grad). A buffer that carries a
+    tangent is refused (``InputError``): its tangent would be dropped, as reverse mode
+    refuses a buffer that requires grad."""
+    if forward_ad._current_level < 0:
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    carried = [n for n, b in module.named_buffers() if forward_ad.unpack_dual(b).tangent is not None]
+    if carried:
+        raise InputError(
+            f"{type(module).__name__}: buffer(s) {carried} carry forward-mode tangents; the node "
+            "differentiates with respect to its inputs and parameters only (make them parameters, "
+            "or pass them as inputs)")
     return [(n, p) for n, p in module.named_parameters()
-            if p.requires_grad or (dual and forward_ad.unpack_dual(p).tangent is not None)]
+            if p.requires_grad or forward_ad.unpack_dual(p).tangent is not None]
+
+
+def parameter_leaves(params, state: dict, names) -> tuple[tuple[Tensor, ...], dict]:
+    """Leaves of their own for the parameters ``params`` (named ``names``) and ``state``
+    with them swapped in, for the jvp: the forward's may be dual tensors that do not
+    require grad. Swapped by identity, so that a tied parameter's every name reads its
+    leaf (by its first name only, the tangent lost what the objective read through the
+    alias)."""
+    leaves = tuple(p.detach().requires_grad_(True) for p in params)
+    by_id = {id(state[name]): leaf for name, leaf in zip(names, leaves)}
+    return leaves, {name: by_id.get(id(t), t) for name, t in state.items()}
 
 
 def refuse_functorch(name: str) -> None:

@@ -329,8 +329,8 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
             "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
             "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
-            "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients are "
-            "set to zero", GradientWarning, stacklevel=4)
+            "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
+            "(tangents, in forward mode) are set to zero", GradientWarning, stacklevel=4)
         gf = torch.where(broken.unsqueeze(-1), 0.0, gf)
         if c is not None:  # their constraints as inactive: zero rows, pinned multipliers
             inactive = inactive | broken.unsqueeze(-1)

@@ -91,14 +91,21 @@ def declarative_jvp(
                             work_dtype, name, batch_shape)
         leaves = k.xg + params
         dirs = [(leaves[i], t.detach().to(leaves[i].dtype)) for i, t in pairs]
-        Bx, Cx = _forward_products(k.gL, k.c, dirs)
         # A tangent that is not finite (a fault upstream) must not reach the solver, whose
         # probes and pivots mix batch elements: those rows are solved with zero and made
         # NaN below; a parameter's reaches every row.
-        upstream = ~torch.isfinite(Bx).all(-1)
+        upstream = torch.zeros(batch, dtype=torch.bool, device=y.device)
+        for i, t in pairs:
+            ok = torch.isfinite(t)
+            upstream |= (~ok.reshape(batch, -1).all(-1) if i < len(xs) else ~ok.all().expand(batch))
+        Bx, Cx = _forward_products(k.gL, k.c, dirs)
+        # Finite tangents with non-finite products: the mixed second derivatives (or the
+        # constraints' derivatives in x) are NaN or Inf there, as the vjp finds them.
+        mixed = ~torch.isfinite(Bx).all(-1)
         if Cx is not None:
-            upstream |= ~torch.isfinite(Cx).all(-1)
-        zero = k.zero_rhs(upstream).unsqueeze(-1)
+            mixed |= ~torch.isfinite(Cx).all(-1)
+        mixed &= ~upstream
+        zero = k.zero_rhs(upstream | mixed).unsqueeze(-1)
         y0 = None
         if Cx is not None:
             # The least-norm step with A ẏ₀ = −C ẋ on the active rows (A's inactive and
@@ -111,7 +118,13 @@ def declarative_jvp(
     ydot = ydot.detach()
     out = ydot.to(y.dtype)
     bad, lost = ~torch.isfinite(ydot), ~torch.isfinite(out)
-    n_bad, n_lost, n_up = torch.stack([bad.sum(), (lost & ~bad).sum(), upstream.sum()]).tolist()
+    n_bad, n_lost, n_up, n_mixed = torch.stack([bad.sum(), (lost & ~bad).sum(), upstream.sum(),
+                                                mixed.sum()]).tolist()
+    if n_mixed:
+        warnings.warn(f"{who}the mixed second derivatives of the Lagrangian (in y and the inputs or "
+                      f"parameters) or the constraints' derivatives are NaN or Inf for {shown_indices(mixed)} "
+                      "(not differentiable there as written, e.g. sqrt or a norm at 0); their tangents "
+                      "are set to zero", GradientWarning, stacklevel=2)
     if n_bad:
         warnings.warn(f"{who}the implicit tangent has {n_bad} non-finite entries (the objective or constraints "
                       "are not twice differentiable at the solution?); they are set to zero",

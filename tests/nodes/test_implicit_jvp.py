@@ -13,7 +13,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from convexddn.errors import DoubleBackwardError, GradientWarning, ProblemError
+from convexddn.errors import DoubleBackwardError, GradientWarning, InputError, ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
 
 DT = torch.float64
@@ -211,3 +211,82 @@ def test_no_tangent_no_work():
         with fwAD.dual_level():
             y = Sphere()(x)
             assert fwAD.unpack_dual(y).tangent is None
+
+
+class Tied(DeclarativeNode):
+    """½‖y − a x‖² + ½ b ‖y‖² with b tied to a: y = a x / (1 + a), ẏ = x ȧ / (1 + a)²."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.7, dtype=DT))
+        self.b = self.a
+
+    def objective(self, x, y):
+        return 0.5 * ((y - self.a * x) ** 2).sum(-1) + 0.5 * self.b * (y * y).sum(-1)
+
+    def solve(self, x):
+        return self.a * x / (1 + self.b)
+
+
+def test_a_tied_parameter_is_differentiated_through_every_name():
+    node = Tied()
+    x = torch.randn(3, 2, dtype=DT, generator=_gen(17))
+    a0, ta = node.a.detach().clone(), torch.tensor(1.0, dtype=DT)
+    with fwAD.dual_level():
+        y = torch.func.functional_call(node, {"a": fwAD.make_dual(a0, ta)}, (x,))
+        got = fwAD.unpack_dual(y).tangent
+    torch.testing.assert_close(got, x / (1 + a0) ** 2, rtol=1e-10, atol=1e-12)
+
+
+def test_a_dual_parameter_that_does_not_require_grad_leaves_the_backward_intact():
+    g = _gen(18)
+    x = torch.randn(3, 3, dtype=DT, generator=g).requires_grad_(True)
+    a, b = torch.randn(3, 3, dtype=DT, generator=g), torch.randn(3, 1, dtype=DT, generator=g)
+    node = ScaledPlane()
+    s0 = node.log_s.detach().clone()
+    with fwAD.dual_level():
+        y = torch.func.functional_call(node, {"log_s": fwAD.make_dual(s0, torch.tensor(1.0, dtype=DT))}, (x, a, b))
+        y.sum().backward()
+    # y = x − a (aᵀx − b s)/‖a‖²: the gradient of Σy in x is 1 − a (Σa)/‖a‖² per row.
+    want = 1 - a * a.sum(-1, keepdim=True) / (a * a).sum(-1, keepdim=True)
+    torch.testing.assert_close(x.grad, want, rtol=1e-10, atol=1e-12)
+
+
+class ScaledBy(DeclarativeNode):
+    """½‖y − s x‖², s a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s", torch.tensor(2.0, dtype=DT))
+
+    def objective(self, x, y):
+        return 0.5 * ((y - self.s * x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return self.s * x
+
+
+def test_a_buffer_carrying_a_tangent_is_refused():
+    x = torch.randn(2, 3, dtype=DT, generator=_gen(19))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.tensor(2.0, dtype=DT), torch.tensor(1.0, dtype=DT))
+        with pytest.raises(InputError, match=r"buffer\(s\) \['s'\] carry forward-mode tangents"):
+            torch.func.functional_call(ScaledBy(), {"s": dual}, (x,))
+
+
+class AbsFit(DeclarativeNode):
+    """½(y − √(x²))²: y = |x|; autograd's mixed derivative of √(x²) is NaN at x = 0."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - (x * x).sqrt()) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x.abs()
+
+
+def test_a_non_finite_mixed_derivative_is_not_blamed_on_the_tangent():
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]], dtype=DT)
+    with pytest.warns(GradientWarning, match="mixed second derivatives"):
+        got = _jvp(AbsFit(), (x,), (torch.ones_like(x),))
+    # The row with x = 0 has no implicit derivative: zero, not NaN; the other is d|x| = 1.
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=DT))
