@@ -36,6 +36,7 @@ vertex, more active rows than the solution's dimension, which the parameters mov
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -110,13 +111,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # that blow-up wherever an active row is in the factorised system (2.5e3 on an LP with
     # an edge of optima): where it passes LIMIT_GATE, the limit system's own test
     # (:mod:`.uniqueness`) decides (on those elements only: on all, +5 % on the n = 50 QP).
-    outputs = reached = torch.zeros_like(ok[:, 0])
-    suspect = torch.nonzero(ok[:, 0] & (amplification > LIMIT_GATE)).squeeze(1)
-    if suspect.numel():
-        part = d.select(suspect)
-        _, s_eq, z_eq = part.scale(*(v.index_select(0, suspect) for v in (sol.x, sol.s, sol.z)))
-        found = limit_nonunique(part, layout, s_eq, z_eq, rx.squeeze(-1).index_select(0, suspect), cols)
-        outputs, reached = (mask.index_copy(0, suspect, f) for mask, f in zip((outputs, reached), found))
+    outputs, reached = _limit_test(sol, layout, ok[:, 0], amplification, rx.squeeze(-1), cols)
     nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached)
     not_differentiable = ok[:, 0] & (sol.undecided | nonunique | vertex | outputs)
     ok = ok & ~nonunique[:, None]
@@ -131,7 +126,22 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     return gP, -ux, gA, uz, not_differentiable, nonunique
 
 
-def cone_jvp(sol: ConeSolution, dP, dq, dA, db, refine: int = 3):
+def _limit_test(sol: ConeSolution, layout, ok: torch.Tensor, amplification: torch.Tensor, rx: torch.Tensor,
+                cols: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~.uniqueness.limit_nonunique`'s ``(outputs, reached)`` on the elements ``ok``
+    whose amplification passes :data:`LIMIT_GATE` (False elsewhere; on all, +5 % on the
+    n = 50 QP); ``rx`` ``(B, n)`` the equilibrated right-hand side's x part."""
+    outputs = reached = torch.zeros_like(ok)
+    suspect = torch.nonzero(ok & (amplification > LIMIT_GATE)).squeeze(1)
+    if suspect.numel():
+        part = sol.scaled.select(suspect)
+        _, s_eq, z_eq = part.scale(*(v.index_select(0, suspect) for v in (sol.x, sol.s, sol.z)))
+        found = limit_nonunique(part, layout, s_eq, z_eq, rx.index_select(0, suspect), cols)
+        outputs, reached = (mask.index_copy(0, suspect, f) for mask, f in zip((outputs, reached), found))
+    return outputs, reached
+
+
+def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: torch.Tensor | None = None):
     """Jacobian–vector product of a batched cone solve: ``(dx, dz)`` from
     :math:`K (dx, dz) = -(dP\\,x + dq + dA^T z,\\ dA\\,x - db)` (the module docstring's
     system, solved with the factorisation the forward kept; ``None`` for a tangent that
@@ -139,11 +149,13 @@ def cone_jvp(sol: ConeSolution, dP, dq, dA, db, refine: int = 3):
 
     Returns:
         ``(dx, dz, flagged, zeroed)``: the tangents, exactly zero for elements that are
-        not solved and where the system amplifies the tangent's right-hand side by more
-        than :data:`AMPLIFICATION` (a solution that is not unique, or a degenerate vertex
-        moved apart: no derivative, ``zeroed``); ``flagged`` also marks solved elements
-        with an undecided complementary pair or a gain above :data:`PROBE_GAIN` (a
-        one-sided derivative).
+        not solved and where no derivative exists (``zeroed``): the system amplifies the
+        tangent's right-hand side by more than :data:`AMPLIFICATION`, or the requested
+        outputs (``cols``) or that right-hand side reach a null direction of the limit
+        system (:func:`~.uniqueness.limit_nonunique`: a
+        solution that is not unique); ``flagged`` also marks solved elements with an
+        undecided complementary pair or a gain above :data:`PROBE_GAIN` (a degenerate
+        vertex moved apart: a one-sided derivative).
     """
     d, kkt, x, z = sol.scaled, sol.kkt, sol.x, sol.z
     rx, rz = torch.zeros_like(x), torch.zeros_like(z)
@@ -161,13 +173,17 @@ def cone_jvp(sol: ConeSolution, dP, dq, dA, db, refine: int = 3):
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
     ok = (sol.status == SOLVED) & ~kkt.failed & ((rx != 0).any(1) | (rz != 0).any(1))
-    zeroed = ok & (amplification > AMPLIFICATION)
+    # Rounding caps a non-unique solution's blow-up (2.5e3 on an LP with an edge of
+    # optima), and a tangent may not excite it at all: the limit system decides for every
+    # solved element (the backward gates it by the cotangent's gain, its hot path).
+    outputs, reached = _limit_test(sol, layout, ok, torch.full_like(amplification, math.inf), ex.squeeze(-1), cols)
+    zeroed = ok & ((amplification > AMPLIFICATION) | outputs | reached)
     keep = (ok & ~zeroed)[:, None]
     dx = torch.where(keep, rc * d.D * ux.squeeze(-1), 0.0)
     dz = torch.where(keep, d.E * uz.squeeze(-1) / rc, 0.0)
     # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
     # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
-    return dx, dz, ok & (sol.undecided | (amplification > PROBE_GAIN)), zeroed
+    return dx, dz, zeroed | (ok & (sol.undecided | (amplification > PROBE_GAIN))), zeroed
 
 
 # Relative residual the backward's KKT solve is refined to beyond its fixed steps
@@ -213,8 +229,8 @@ class _ConeSolve(torch.autograd.Function):
     @first_order_jvp("BatchedProgram")
     def jvp(ctx, dP, dq, dA, db, *_):
         """Forward mode: :func:`cone_jvp` along the data's tangents, with the backward's warning."""
-        sol, _, refine, _, where, _ = ctx.state
-        dx, dz, flagged, zeroed = cone_jvp(sol, dP, dq, dA, db, refine + 2)
+        sol, layout, refine, _, where, cols = ctx.state
+        dx, dz, flagged, zeroed = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent")
         return dx, dz, None, None, None, None, None, None
 
