@@ -34,8 +34,9 @@ __all__ = ["POLISH_ABOVE", "Parametric", "ResidualMap", "kkt_residual", "paramet
 POLISH_ABOVE = 1e-11
 # No step is taken from a point at this residual (rounding level).
 _POLISHED = 1e-14
-# A Newton step that cuts the residual less than this has stalled (see ResidualMap.refine).
-_STEP_GAIN = 0.1
+# A Newton step that cuts the residual less than this (and leaves it within _FLOOR_SPREAD
+# of the best) has stalled (see ResidualMap.refine).
+_STEP_GAIN, _FLOOR_SPREAD = 0.1, 1e3
 
 
 def _soc(v: np.ndarray) -> np.ndarray:
@@ -257,7 +258,8 @@ class ResidualMap:
         constraints: residual 1e-6 → 1 → 1e-16), so steps are taken in full and the best
         point seen is kept. At most ``steps`` steps; none from a point at rounding level
         (1e-14), and none after one that fails to cut a residual already at
-        :data:`POLISH_ABOVE` tenfold.
+        :data:`POLISH_ABOVE` tenfold without jumping a thousandfold above it (another
+        piece of R).
         """
         z, best = self._triple(np.concatenate([x, y - s, [1.0]]))
         best_r = kkt_residual(self.A, self.b, self.c, self.cones, *best)
@@ -274,14 +276,15 @@ class ResidualMap:
                 break
             z, cand = self._triple(z)
             r = kkt_residual(self.A, self.b, self.c, self.cones, *cand)
-            stalled = not r < _STEP_GAIN * best_r
+            stalled = _STEP_GAIN * best_r <= r <= _FLOOR_SPREAD * best_r
             if r < best_r:
                 best, best_r = cand, r
             # Newton converges quadratically; once the residual is down at POLISH_ABOVE, a
-            # step that does not cut it tenfold has met the rounding floor and the next
-            # ones repeat it (a constrained MPC: 4e-4, 2e-9, 4e-12, then 6e-12, 5e-12, 5e-12,
-            # each an LSMR solve of 0.7 s). Above it a step may land on another piece of R
-            # first and converge from there (1e-6 -> 1 -> 1e-16), so the steps go on.
+            # step that neither cuts it tenfold nor leaves the rounding floor's spread has
+            # met that floor, and the next ones repeat it (a constrained MPC: 4e-4, 2e-9,
+            # 4e-12, then 6e-12, 5e-12, 5e-12, each an LSMR solve of 0.7 s). A step may land
+            # on another piece of R first and converge from there (1e-6 -> 1 -> 1e-16): a
+            # jump far above, at any residual, lets the steps go on.
             if stalled and best_r <= POLISH_ABOVE:
                 break
         return (*best, best_r)

@@ -51,6 +51,12 @@ def test_a_worse_step_above_the_threshold_does_not_stop(monkeypatch):
     assert taken == 2 and r == 1e-16
 
 
+def test_a_jump_to_another_piece_below_the_threshold_does_not_stop(monkeypatch):
+    # At 5e-12 already, a step landing far above (another piece of R) is no rounding floor.
+    taken, r = _polish(monkeypatch, [5e-12, 1e-3, 1e-16, 1.0])
+    assert taken == 2 and r == 1e-16
+
+
 def test_keeps_going_while_steps_gain_tenfold(monkeypatch):
     taken, r = _polish(monkeypatch, [5e-12, 1e-13, 9e-15, 1.0])
     assert taken == 2 and r == 9e-15  # 9e-15 is at rounding level: no third step
