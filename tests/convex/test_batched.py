@@ -620,13 +620,10 @@ def _batched_warned(layer, vals, loss=lambda y: y.sum()):
     return batched, texts, [v.grad for v in vals]
 
 
-def test_lp_with_an_edge_of_optima_is_warned_on_the_batched_path():
-    """LPs whose optimal set is an edge (a vertex with a zero multiplier on one active
-    row): elements the batched path solved got gradients of 1e3-6e4 without a warning
-    (rounding capped the derivative system's blow-up at ~2.5e3, below its 1e7 test); the
-    per-element path warned. Reference: the optimal face's extent is positive by
-    construction (row 0 can be released at no cost). Now the limit system's test flags
-    them; every batched element must be named and zeroed."""
+def edge_of_optima_lps():
+    """``(layer, values)``: six LPs min cᵀx s.t. Gx ≤ h whose optimal set is an edge (a
+    vertex with a zero multiplier on one active row, row 0, which can be released at no
+    cost: the optimal face's extent is positive by construction)."""
     rng = np.random.default_rng(12)
     B, n, m = 6, 4, 7
     G = rng.standard_normal((B, m, n))
@@ -638,7 +635,15 @@ def test_lp_with_an_edge_of_optima_is_warned_on_the_batched_path():
     c = -np.einsum("bn,bnj->bj", lam, G[:, :n])
     x, cc, Gp, hp = cp.Variable(n), cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
     layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cc @ x), [Gp @ x <= hp]), [cc, Gp, hp], [x])
-    batched, texts, grads = _batched_warned(layer, [torch.tensor(v) for v in (c, G, h)])
+    return layer, [torch.tensor(v) for v in (c, G, h)]
+
+
+def test_lp_with_an_edge_of_optima_is_warned_on_the_batched_path():
+    """LPs whose optimal set is an edge (:func:`edge_of_optima_lps`): elements the batched
+    path solved got gradients of 1e3-6e4 without a warning (rounding capped the derivative
+    system's blow-up at ~2.5e3, below its 1e7 test); the per-element path warned. Now the
+    limit system's test flags them; every batched element must be named and zeroed."""
+    batched, texts, grads = _batched_warned(*edge_of_optima_lps())
     assert batched, "the batched path solved none: the test lost its subject"
     assert any("not unique" in t for t in texts)
     for i in batched:

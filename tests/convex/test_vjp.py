@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import cvxpy as cp
-import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -21,7 +20,8 @@ from convexddn.convex.layer import ConvexLayer
 from convexddn.errors import GradientWarning, ProblemError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_batched import _corner, qp_data, qp_problem, sparsemax, sparsemax_problem  # noqa: E402
+from test_batched import (_corner, edge_of_optima_lps, qp_data, qp_problem, sparsemax,  # noqa: E402
+                          sparsemax_problem)
 
 F64 = torch.float64
 
@@ -121,18 +121,7 @@ def test_lp_with_an_edge_of_optima_has_no_tangent():
     """The LPs of test_batched.py whose optimal set is an edge: the backward names and
     zeroes every element; forward mode gave tangents up to 1.5e3 without a warning (rounding
     caps the system's blow-up, and a tangent need not excite it): the limit system decides."""
-    rng = np.random.default_rng(12)
-    B, n, m = 6, 4, 7
-    G = rng.standard_normal((B, m, n))
-    xs = rng.standard_normal((B, n))
-    h = np.einsum("bmn,bn->bm", G, xs)
-    h[:, n:] += rng.random((B, m - n)) + 0.1
-    lam = rng.random((B, n)) + 0.1
-    lam[:, 0] = 0  # row 0 active with a zero multiplier: it can be released at no cost
-    c = -np.einsum("bn,bnj->bj", lam, G[:, :n])
-    x, cc, Gp, hp = cp.Variable(n), cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
-    layer = ConvexLayer(cp.Problem(cp.Minimize(cc @ x), [Gp @ x <= hp]), [cc, Gp, hp], [x])
-    values = [torch.tensor(v) for v in (c, G, h)]
+    layer, values = edge_of_optima_lps()
     with pytest.warns(GradientWarning, match="forward mode.*not unique"):
         got = _jvp(layer, values, _tangents(values, 14))
     batched = [i for i, s in enumerate(layer.last_solve.solvers) if s == "batched"]

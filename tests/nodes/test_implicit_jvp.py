@@ -6,7 +6,9 @@ reverse mode through the dot-product identity ⟨u, J ẋ⟩ = ⟨Jᵀ u, ẋ⟩
 """
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from torch import nn
 
 from convexddn.errors import DoubleBackwardError, GradientWarning, InputError, ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_declarative import Sphere  # noqa: E402  (projection onto the unit sphere)
 
 DT = torch.float64
 
@@ -43,19 +48,6 @@ class Quartic(DeclarativeNode):
             H = (1 + s).unsqueeze(-1) * torch.eye(x.shape[-1], dtype=x.dtype) + 2 * y.unsqueeze(-1) * y.unsqueeze(-2)
             y = y - torch.linalg.solve(H, g)
         return y
-
-
-class Sphere(DeclarativeNode):
-    """Projection onto the unit sphere: ẏ = (I − y yᵀ) ẋ / ‖x‖."""
-
-    def objective(self, x, y):
-        return 0.5 * ((y - x) ** 2).sum(-1)
-
-    def equality_constraints(self, x, y):
-        return (y * y).sum(-1, keepdim=True) - 1.0
-
-    def solve(self, x):
-        return x / x.norm(dim=-1, keepdim=True)
 
 
 class Ball(DeclarativeNode):
