@@ -85,7 +85,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
         warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed
         for name in names:
             pool_shape, proj_shape = SHAPES[name]
-            rows += pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress)
+            rows += pool_cases(pool_shape, dev, dtype, name == "small", repeats, progress, quick=quick)
             if proj_shape is not None:
                 rows += projection_cases(proj_shape, dev, dtype, name == "small", repeats, progress)
         convex_problems = CONVEX_QUICK if quick else CONVEX_CUDA if dev.type == "cuda" else CONVEX_FULL

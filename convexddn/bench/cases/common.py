@@ -22,7 +22,7 @@ CVXPY_ROUNDS = 3  # timed calls of the cone-program path (after an untimed first
 
 def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable,
                   sample: tuple[torch.Tensor, torch.Tensor, float], B: int, mean_f: float, mean_b: float,
-                  progress, rounds: int = CVXPY_ROUNDS) -> None:
+                  progress, rounds: int = CVXPY_ROUNDS, whole_sample: bool = True) -> None:
     """Time the cvxpy path and record how far it is from the native path, on ``row`` and
     on the native row. ``sample = (X, G, per_sample)``: the rows of one sample, their
     upstream gradients, and the factor that turns the time of all of them into a time
@@ -33,7 +33,9 @@ def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable
     and the median of ``rounds`` calls on them is scaled to the whole sample; where it
     solved them as one batch, the cost per row falls with the batch (quadratic pooling:
     0.76 ms per row at 8 rows, 0.10 at 256), so the whole sample is timed instead (after
-    its own first call): no scaling.
+    its own first call): no scaling. Without ``whole_sample`` (``--quick``, a smoke test)
+    the first rows are timed and scaled in both cases, and the note says so (the robust
+    Huber rows' batched call on a whole sample took 20 s, most of the quick run).
     """
     X, G, per_sample = sample
     k = min(CVXPY_ROWS, X.shape[0])
@@ -42,7 +44,7 @@ def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable
     fwd_bwd(cvxpy, x.cpu(), g.cpu(), cpu)
     info = getattr(cvxpy, "last_solve", None)
     batched = info is not None and len(info.backend) > 0 and all(b == "batched" for b in info.backend)
-    if batched:
+    if batched and whole_sample:
         x, g, per_sample = sample
         fwd_bwd(cvxpy, x.cpu(), g.cpu(), cpu)
     times = [fwd_bwd(cvxpy, x.cpu(), g.cpu(), cpu) for _ in range(rounds)]
@@ -50,7 +52,8 @@ def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable
     b = statistics.median(t[1] for t in times)
     progress.update(1)
     fs, bs = f * per_sample, b * per_sample
-    how = "one batched solve" if batched else "one solve per row, scaled to one sample"
+    how = ("one solve per row, scaled to one sample" if not batched else "one batched solve" if whole_sample
+           else "one batched solve, scaled to one sample (--quick)")
     row.update(fwd_ms_per_sample=1e3 * fs, bwd_ms_per_sample=1e3 * bs,
                fwd_rel_mean=fs * B / mean_f, bwd_rel_mean=bs * B / mean_b,
                note=f"timed on {x.shape[0]} rows ({how}); median of {rounds} calls after a first one; "

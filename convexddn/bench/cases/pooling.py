@@ -101,11 +101,12 @@ CVXPY_SKIPPED = "skipped: one cone program per row is too slow at this size"
 
 
 def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress,
-               skipped: str = CVXPY_SKIPPED) -> list[dict]:
+               skipped: str = CVXPY_SKIPPED, quick: bool = False) -> list[dict]:
     """Rows of robust pooling at ``shape (B, C, N)``: mean pooling, one sort, every
     penalty's native path (and the DDN reference beside it where importable) and, with
     ``with_cvxpy``, the cone program of the convex penalties; without, their rows carry
-    ``skipped`` as the note (say why the caller left them out)."""
+    ``skipped`` as the note (say why the caller left them out). ``quick``: the cone
+    programs are timed on a few rows only (see :func:`~.common.measure_cvxpy`)."""
     B, C, N = shape
     x, g = _inputs(shape, device, dtype)
     paper = tuple(shape) == SHAPES["paper"][0]
@@ -141,7 +142,7 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress,
             cone = layer("robust_pool", n=N, penalty=p, alpha=1.0, backend="cvxpy")
             xr, gr = x.reshape(-1, N), g.reshape(-1)
             measure_cvxpy(row, rows, lambda t, p=p: robust_pool(t, p, 1.0), cone, (xr[:C], gr[:C], 1.0),
-                          B, mean_f, mean_b, progress)
+                          B, mean_f, mean_b, progress, whole_sample=not quick)
         else:
             row["note"] = skipped
         rows.append(row)
