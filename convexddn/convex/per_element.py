@@ -37,7 +37,8 @@ from diffcp.cone_program import solve_internal
 
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
-from .cone import POLISH_ABOVE, ResidualMap, parametric_entries, verify_certificate
+from .cone import POLISH_ABOVE, ResidualMap, verify_certificate
+from .parametric import parametric_entries
 from .status import name_elements, status_kind
 from .validation import describe_failure
 

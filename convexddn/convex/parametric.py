@@ -1,0 +1,101 @@
+"""How a layer's parameters move its cone program's data, and what that says about the
+uniqueness of a per-element gradient (:class:`Parametric`, :func:`parametric_entries`).
+
+The adjoint of :class:`~convexddn.convex.cone.ResidualMap` gives the gradient with
+respect to the data ``(A, b, c)`` (:func:`data_grads`); cvxpylayers' affine maps take it
+to the parameters θ (:func:`theta_grads`). Where the derivative system is
+rank-deficient, :func:`unique_anyway` decides whether the gradient is unique all the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+
+__all__ = ["Parametric", "data_grads", "parametric_entries", "theta_grads", "unique_anyway"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Parametric:
+    """How the layer's parameters θ move the cone program's data (an affine map).
+
+    ``rows, cols``: the positions of ``A``'s structural entries; ``b_rows``: ``b``'s.
+    ``ab_map`` (``len(rows) + len(b_rows)``, k): the derivative of those entries, in
+    that order, with respect to θ; ``c_map`` (n, k): of ``c``.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    b_rows: np.ndarray
+    ab_map: sp.csr_matrix
+    c_map: sp.csr_matrix
+
+
+# Singular values of M below this, relative to the largest, span its null spaces (over
+# the per-element path's rank-deficient solutions in scripts/fuzz_convex.py: at most
+# 3e-11 against at least 4e-7 for the next one).
+_NULL_RTOL = 1e-9
+# A null direction counts as reached when the cotangent's component along it, or a
+# parameter's perturbation of R, is above this relative size (measured over the fuzz's
+# rank-deficient elements, seeds 1-5: parameters' reach ≤ 5.4e-10 or ≥ 3.6e-6, the
+# cotangent's ≤ 8e-15).
+_UNIQUE_RTOL = 3e-8
+
+
+def unique_anyway(M: np.ndarray, dz: np.ndarray, pi_z: np.ndarray, n: int, par: Parametric) -> bool:
+    r"""Whether the gradient is unique although ``M`` has more than one null direction.
+
+    With :math:`N_r, N_l` bases of the right and left null spaces of :math:`M`, the
+    derivative :math:`\mathrm{d}z` solves :math:`M\,\mathrm{d}z = -\partial_\theta R`
+    up to :math:`N_r`, and the adjoint :math:`r` solves :math:`M^T r = \bar z` up to
+    :math:`N_l`. The gradient does not depend on either choice when
+    :math:`N_r^T \bar z = 0` (the cotangent does not see the solution set's directions,
+    e.g. a non-unique multiplier or auxiliary variable that is no output) and
+    :math:`N_l^T \partial_{\theta_k} R = 0` for every parameter (none moves the
+    solution off the set: e.g. a redundant constraint whose bound moves with the
+    others). The second is the adjoint's own formula with :math:`r` a left null vector,
+    mapped to θ by the data's derivative. Otherwise the solution is not differentiable.
+    """
+    U, S, Vt = scipy.linalg.svd(M)
+    null = S <= _NULL_RTOL * S[0]
+    right, left = Vt[null], U[:, null]
+    if np.abs(right @ dz).max() > _UNIQUE_RTOL * np.abs(dz).max():
+        return False
+    reach = theta_grads(par, *data_grads(left, pi_z, n, par.rows, par.cols))  # (k, null directions)
+    size = max(1.0, np.abs(pi_z).max()) * max([abs(m).max() for m in (par.ab_map, par.c_map) if m.nnz] + [0.0])
+    return np.abs(reach).max(initial=0.0) <= _UNIQUE_RTOL * size
+
+
+def data_grads(r: np.ndarray, pi_z: np.ndarray, n: int, rows: np.ndarray, cols: np.ndarray):
+    """(dA at (rows, cols), db, dc): the adjoint formula for the solution r of Mᵀ r = z̄."""
+    m = pi_z.size - n - 1
+    pi = pi_z.reshape(-1, *(1,) * (r.ndim - 1))  # r may hold several such solutions as columns
+    dA = pi[cols] * r[rows + n] - pi[n + rows] * r[cols]
+    db = pi[n:n + m] * r[-1] - pi[-1] * r[n:n + m]
+    dc = pi[:n] * r[-1] - pi[-1] * r[:n]
+    return dA, db, dc
+
+
+def theta_grads(par: Parametric, dA, db, dc) -> np.ndarray:
+    """The gradient with respect to the parameters θ from the data's (dA at ``par``'s entries)."""
+    return par.ab_map.T @ np.concatenate([dA, db[par.b_rows]]) + par.c_map.T @ dc
+
+
+def parametric_entries(ctx: Any, indices: np.ndarray, cols: np.ndarray, n_a: int) -> Parametric | None:
+    """The derivative of the cone program's data with respect to the canonical
+    parameters θ, from cvxpylayers' affine maps ``[A | b] = reduced_A @ [θ; 1]`` (the
+    structure entries in problem-data order, ``A`` with the opposite sign) and
+    ``[c; c0] = q @ [θ; 1]``; None where these are not available."""
+    mat = getattr(ctx.reduced_A, "reduced_mat", None)
+    q = getattr(ctx, "q", None)
+    if mat is None or q is None:
+        return None
+    mat, q = sp.csr_matrix(mat), sp.csr_matrix(q)
+    if mat.shape[0] != indices.size or q.shape[1] != mat.shape[1]:
+        return None
+    sign = np.where(np.arange(indices.size) < n_a, -1.0, 1.0)  # A = −aug[:, :-1], b = aug[:, -1]
+    ab_map = sp.csr_matrix(sp.diags(sign) @ mat[:, :-1])
+    return Parametric(indices[:n_a], cols[:n_a], indices[n_a:], ab_map, sp.csr_matrix(q[:-1, :-1]))
