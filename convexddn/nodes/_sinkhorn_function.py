@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from .._autograd import bind_fast, first_order, first_order_jvp
-from ..errors import GradientWarning
+from ..errors import GradientWarning, InputError
 from ._sinkhorn import schur_solve, solve
 from ._sinkhorn_padding import Padding, fill_dead
 
@@ -58,10 +58,16 @@ class SinkhornFn(torch.autograd.Function):
         the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
         solver sees, so the dropped equation holds.)"""
         (P,) = ctx.saved_tensors
-        if ctx.pad is not None:
-            raise NotImplementedError(
-                "sinkhorn: forward-mode differentiation with zero marginal entries (padding) is "
-                "not implemented; use reverse mode (backward), or pad without forward mode")
+        pad = ctx.pad
+        if pad is not None:
+            # Along a zero marginal entry only a ≥ 0 is feasible: the derivative there is
+            # one-sided (reverse mode gives its limit), not a linear map of the tangent.
+            for name, t, dead in (("a", a_t, pad.dead_r), ("b", b_t, pad.dead_c)):
+                if t is not None and bool((t.to(P.dtype) * dead).ne(0).any()):
+                    raise InputError(
+                        f"sinkhorn: the tangent of {name} is nonzero at zero entries of {name} (padding); "
+                        f"the derivative there is one-sided ({name} >= 0), so forward mode is not "
+                        "defined along it; reverse mode gives the one-sided gradient")
         Q = None if C_t is None else P * C_t.to(P.dtype) / ctx.eps
         u = P.new_zeros(P.shape[:-1]) if Q is None else Q.sum(-1)
         w = P.new_zeros(P.shape[:-2] + P.shape[-1:]) if Q is None else Q.sum(-2)
@@ -69,7 +75,11 @@ class SinkhornFn(torch.autograd.Function):
             u = u + a_t.to(P.dtype)
         if b_t is not None:
             w = w + b_t.to(P.dtype)
-        dalpha, dbeta = dual_solve(P, P.sum(-1), u, w, None, "the tangent with respect to the marginals")
+        # (Padding: dead rows get r = 1 and u = 0, so dα = 0 there; dead columns are held
+        # fixed with the last live one, as in the backward. P and Q are 0 on both.)
+        r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
+        dalpha, dbeta = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
+                                   "the tangent with respect to the marginals")
         dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
         return (dP if Q is None else dP.sub_(Q)), None
 

@@ -37,6 +37,8 @@ Schur complement stays definite). Likewise a dead column's
 :math:`\rho_j = \operatorname{softmax}_i(\alpha_i - C_{ij}/\varepsilon)` over live rows.
 :func:`completion` stores :math:`\pi` on dead rows and :math:`\rho` on dead columns
 beside the plan's live entries (one tensor G), :func:`fill_dead` applies the sums.
+Forward mode solves the live system the same way (dead rows and columns get a zero
+tangent); a tangent at a dead marginal entry is refused, as only one side is feasible.
 
 :func:`check_marginal` checks a marginal for the public function: entries ≥ 0, a
 positive mass, and each positive entry at least :data:`MIN_SHARE` of the mass.

@@ -682,9 +682,9 @@ def test_sinkhorn_jvp_matches_finite_differences(shape, eps):
     torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-9)
 
 
-def test_sinkhorn_forward_ad_dual_and_padding_refused():
+def test_sinkhorn_forward_ad_dual_api():
     # The dual-tensor API agrees with jvp's rule (here: costs only, against central
-    # differences); with padding, forward mode says it is not implemented.
+    # differences).
     import torch.autograd.forward_ad as fwAD
 
     C = _cost(2, 4, 3, seed=75)
@@ -694,9 +694,35 @@ def test_sinkhorn_forward_ad_dual_and_padding_refused():
     h = 1e-6
     fd = (sinkhorn(C + h * dC, eps=0.3) - sinkhorn(C - h * dC, eps=0.3)) / (2 * h)
     torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale,eps", _PATHS)
+@pytest.mark.parametrize("m,n", [(6, 5), (5, 7)])
+def test_sinkhorn_padding_jvp_matches_sliced_problem(m, n, scale, eps):
+    # With zero marginal entries, the tangent (costs and the live marginal entries moved
+    # at once) equals each element's own sliced problem's tangent on its live block (an
+    # unpadded call) and is exactly 0 on the dead rows and columns.
+    C, a, b, dead = _padded_batch(m, n, scale)
+    g = _gen(52)
+    dC = torch.randn(C.shape, dtype=F64, generator=g)
+    da = torch.randn(a.shape, dtype=F64, generator=g) * (a > 0)
+    db = torch.randn(b.shape, dtype=F64, generator=g) * (b > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        _, got = torch.func.jvp(lambda c, x, y: sinkhorn(c, x, y, eps=eps), (C, a, b), (dC, da, db))
+        assert torch.equal(got[dead], torch.zeros_like(got[dead]))
+        for k in range(4):
+            live = [_live(t[k], a[k], b[k]) for t in (C, a, b, dC, da, db)]
+            _, want = torch.func.jvp(lambda c, x, y: sinkhorn(c, x, y, eps=eps), tuple(live[:3]), tuple(live[3:]))
+            torch.testing.assert_close(_live(got[k], a[k], b[k]), want, rtol=1e-8, atol=1e-12)
+
+
+def test_sinkhorn_padding_tangent_at_a_zero_entry_is_refused():
+    # Along a zero marginal entry only a >= 0 is feasible: no linear tangent exists.
+    C = _cost(2, 4, 3, seed=77)
     a = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)
-    with pytest.raises(NotImplementedError, match="zero marginal entries"):
-        torch.func.jvp(lambda c: sinkhorn(c, a, eps=0.3), (C,), (dC,))
+    with pytest.raises(InputError, match="one-sided"):
+        torch.func.jvp(lambda x: sinkhorn(C, x, eps=0.3), (a,), (torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=F64),))
 
 
 def test_sinkhorn_disconnected_support_warns_in_both_modes():
