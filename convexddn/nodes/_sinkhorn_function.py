@@ -48,7 +48,7 @@ class SinkhornFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
         ctx.save_for_backward(output[0], G)
         ctx.save_for_forward(output[0])
-        ctx.eps, ctx.pad = inputs[3], pad
+        ctx.eps, ctx.pad, ctx.flip = inputs[3], pad, inputs[6]  # (flip: a and b are the caller's b and a)
 
     @staticmethod
     @first_order_jvp("sinkhorn")
@@ -62,7 +62,8 @@ class SinkhornFn(torch.autograd.Function):
         if pad is not None:
             # Along a zero marginal entry only a ≥ 0 is feasible: the derivative there is
             # one-sided (reverse mode gives its limit), not a linear map of the tangent.
-            for name, t, dead in (("a", a_t, pad.dead_r), ("b", b_t, pad.dead_c)):
+            names = ("b", "a") if ctx.flip else ("a", "b")
+            for name, t, dead in ((names[0], a_t, pad.dead_r), (names[1], b_t, pad.dead_c)):
                 if t is not None and bool((t.to(P.dtype) * dead).ne(0).any()):
                     raise InputError(
                         f"sinkhorn: the tangent of {name} is nonzero at zero entries of {name} (padding); "

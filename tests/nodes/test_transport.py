@@ -721,8 +721,12 @@ def test_sinkhorn_padding_tangent_at_a_zero_entry_is_refused():
     # Along a zero marginal entry only a >= 0 is feasible: no linear tangent exists.
     C = _cost(2, 4, 3, seed=77)
     a = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64)
-    with pytest.raises(InputError, match="one-sided"):
+    with pytest.raises(InputError, match="tangent of a is nonzero.*one-sided"):
         torch.func.jvp(lambda x: sinkhorn(C, x, eps=0.3), (a,), (torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=F64),))
+    # M < N: the solver works on the transpose (its a is the caller's b): still named b.
+    Ct = _cost(2, 3, 4, seed=78)
+    with pytest.raises(InputError, match="tangent of b is nonzero.*one-sided"):
+        torch.func.jvp(lambda y: sinkhorn(Ct, None, y, eps=0.3), (a,), (torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=F64),))
 
 
 def test_sinkhorn_disconnected_support_warns_in_both_modes():
