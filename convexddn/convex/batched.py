@@ -218,7 +218,8 @@ class BatchedProgram:
         B = self._batch(values)
         values = [v.to(self.dtype) for v in values]
         # (forward mode needs the kept state too: the tangents are solved with it)
-        needs_grad = (torch.is_grad_enabled() and any(v.requires_grad for v in values)) or may_carry_tangents(*values)
+        reverse = torch.is_grad_enabled() and any(v.requires_grad for v in values)
+        needs_grad = reverse or may_carry_tangents(*values)
         data = self.data
         if B == 0:
             z = sum(v.sum() for v in values) * 0
@@ -245,7 +246,7 @@ class BatchedProgram:
             options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
         # How a generic direction of the parameters moves the constraints: the backward
         # probes for degenerate vertices along it.
-        tangent = data.constraint_tangent(p) if needs_grad else None
+        tangent = data.constraint_tangent(p) if reverse else None  # (forward mode: its own tangent probes)
         x, z, status, residual, iterations, error, points, _ = _ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where)
         xf, zf = data.recover(x, z, extra)
