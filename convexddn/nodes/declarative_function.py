@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.autograd import forward_ad
 
-from .._autograd import first_order_jvp, functorch_transforms, guard_gradients, save_plain
+from .._autograd import first_order_jvp, functorch_transforms, guard_gradients, may_carry_tangents, save_plain
 from ..errors import InputError, ProblemError
 
 __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_functorch",
@@ -105,7 +105,7 @@ def differentiated_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor
     ``torch.func.functional_call`` need not require grad). A buffer that carries a
     tangent is refused (``InputError``): its tangent would be dropped, as reverse mode
     refuses a buffer that requires grad."""
-    if forward_ad._current_level < 0:
+    if not may_carry_tangents():  # (no dual level open)
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     carried = [n for n, b in module.named_buffers() if forward_ad.unpack_dual(b).tangent is not None]
     if carried:

@@ -237,13 +237,12 @@ def declarative_vjp(
 
 class ImplicitSystem(NamedTuple):
     """The optimality conditions of a declarative node at its solution, ready to
-    differentiate (:func:`implicit_system`): the inputs and solution as float64 leaves,
+    differentiate (:func:`implicit_system`): the inputs as leaves in the work dtype,
     ``gL`` = ∇_y L with its graph, the active constraints ``c`` and their Jacobian ``A``
     (inactive rows zero), elements whose Lagrangian is not twice differentiable
     (``broken``), and :meth:`solve` for the KKT system [[H, Aᵀ], [A, D]] [w; μ] = [v; 0]."""
 
     xg: tuple[Tensor, ...]
-    yg: Tensor
     gL: Tensor
     c: Tensor | None
     A: Tensor | None
@@ -354,4 +353,4 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
                                    dense_max, cg_options, batch)
     if isinstance(linear_solver, str):
         solver = functools.partial(solver, warn_dependent=data_in_constraints)
-    return ImplicitSystem(xg, yg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))
+    return ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))
