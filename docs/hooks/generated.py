@@ -93,6 +93,7 @@ def path_costs(bench_json: Path) -> str:
             f"| {native['family']}: {native['node']} | {tuple(native['shape'])} | {_ms(t_native)} "
             f"| {_ms(t_cone)} | {t_cone / t_native:,.0f}× "
             f"| {'—' if diff_x is None else f'{diff_x:.1e}'} | {'—' if diff_g is None else f'{diff_g:.1e}'} |")
+    lines += ["", _agreement(both)]
     m = result["machine"]
     lines += ["", f"Measured by `convexddn bench` on {m['cpu_count']} CPU cores ({m['processor']}), "
                   f"torch {m['torch']} with {m['torch_threads']} threads, device {m['device']}; "
@@ -101,6 +102,26 @@ def path_costs(bench_json: Path) -> str:
                   "scaled them to a sample, which misstates problems solved as one batch). "
                   "A sample is one element of the leading batch dimension."]
     return "\n".join(lines)
+
+
+def _agreement(both: list[tuple[dict, dict]]) -> str:
+    """The sentence under the path-costs table: how closely the two paths agree, from
+    the same rows (a hand-written one went stale when the bench was run again)."""
+    def worst(key: str, rows: list[tuple[dict, dict]]) -> tuple[float, str] | None:
+        found = [(cone[key], f"{cone['family']}: {cone['node']}") for _, cone in rows if cone[key] is not None]
+        return max(found) if found else None
+
+    def sci(v: float) -> str:
+        return f"{v:.1e}".replace("e-0", "e-").replace("e+00", "")
+
+    x, g = worst("max_solution_diff", both), worst("max_grad_diff", both)
+    if x is None or g is None:
+        return "The cone-program rows of this run carry no agreement figures."
+    rest = worst("max_grad_diff", [(n, c) for n, c in both if f"{c['family']}: {c['node']}" != g[1]])
+    elsewhere = f"; {sci(rest[0])} or better elsewhere" if rest else ""
+    return (f"The two paths agree in float64 to {sci(x[0])} or better in the solutions and "
+            f"{sci(g[0])} or better in the gradients ({g[1]}{elsewhere}; last two columns): "
+            "the cone program is not an approximation, only a slower way to the same answer.")
 
 
 # --- API pages -----------------------------------------------------------------------------
