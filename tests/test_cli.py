@@ -141,6 +141,10 @@ def test_cli_usage_errors(argv, expected, capsys):
     (["experiment", "pointcloud", "--device", "gpu", "--quick"], ("error:", "'gpu'")),
     # An empty list was falsy and meant the full default run (minutes), silently.
     (["experiment", "pointcloud", "--rates", ""], ("error:", "rates must name at least one")),
+    # Percentages in, percentages out: "[0, 1), got 1.5" sent users to --rates 0.5 (0.5 %).
+    (["experiment", "pointcloud", "--rates", "0,150"], ("error:", "--rates", "[0, 100)", "got 150")),
+    (["experiment", "pointcloud", "--rates", "100"], ("error:", "[0, 100)", "got 100")),
+    (["experiment", "pointcloud", "--rates", "0.01"], ("error:", "(0.01 %)", "1 / n_points", "(0.391 %)")),
     (["experiment", "pointcloud", "--poolings", ""], ("error:", "poolings must name at least one")),
     (["experiment", "projection", "--variants", ""], ("error:", "variants must name at least one")),
 ])

@@ -66,11 +66,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     # falsy and silently meant the full default run).
     if getattr(args, "rates", None) is not None:
         try:
-            overrides["rates"] = tuple(float(r) / 100 for r in args.rates.split(",") if r.strip())
+            percents = [float(r) for r in args.rates.split(",") if r.strip()]
         except ValueError:
             raise OptionError(
                 f"--rates must be comma-separated percentages such as 0,10,50, got {args.rates!r}"
             ) from None
+        # Checked here, in the unit the user typed: Config.validate speaks in fractions, and
+        # its "[0, 1)" sent users to --rates 0.5, which runs at 0.5 %, not 50 %.
+        for r in percents:
+            if not 0.0 <= r < 100.0:
+                raise OptionError(f"--rates must be percentages in [0, 100), got {r:g}")
+        overrides["rates"] = tuple(r / 100 for r in percents)
     if getattr(args, "poolings", None) is not None:
         overrides["poolings"] = tuple(p.strip() for p in args.poolings.split(",") if p.strip())
     preset = Config.quick if getattr(args, "quick", False) else Config.default

@@ -55,9 +55,9 @@ def check_outlier_count(rate: float, n_points: int, name: str = "rate") -> int:
     a label that says otherwise)."""
     k = round(rate * n_points)
     if rate > 0 and k == 0:
-        raise OptionError(f"{name}: an outlier rate of {rate!r} with n_points={n_points} replaces "
-                          f"round({rate!r} * {n_points}) = 0 points per cloud; use 0, or a rate of at "
-                          f"least 1 / n_points = {1 / n_points:.3g}")
+        raise OptionError(f"{name}: an outlier rate of {rate!r} ({100 * rate:g} %) with n_points={n_points} "
+                          f"replaces round({rate!r} * {n_points}) = 0 points per cloud; use 0, or a rate of at "
+                          f"least 1 / n_points = {1 / n_points:.3g} ({100 / n_points:.3g} %)")
     return k
 
 
