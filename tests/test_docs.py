@@ -203,10 +203,14 @@ def test_docs_build_strict(tmp_path):
     assert result.returncode == 0, result.stderr[-5000:]
     import convexddn
 
-    catalog = (site / "registry" / "index.html").read_text()
+    catalog = (site / "registry.html").read_text()
     assert all(f"<code>{name}</code>" in catalog for name in convexddn.registry.names())
-    api = (site / "api" / "functional" / "index.html").read_text()
+    api = (site / "api" / "functional.html").read_text()
     assert "arithmatex" in api  # the docstrings' maths reached MathJax
     assert ":math:" not in api and ".. math::" not in api
-    errors = (site / "api" / "errors" / "index.html").read_text()
+    errors = (site / "api" / "errors.html").read_text()
     assert all(name in errors for name in convexddn.errors.__all__)
+    # Browsable from file:// (the README says to open build/site/index.html): links name
+    # pages, not folders, which a browser shows as a listing there.
+    index = (site / "index.html").read_text()
+    assert 'href="getting-started.html"' in index and 'href="getting-started/"' not in index
