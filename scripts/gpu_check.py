@@ -423,6 +423,19 @@ def _checks_table(checks: list[dict]) -> str:
     return "\n".join(lines + [""])
 
 
+def _parse(argv: list[str]):
+    """The command line (``--help`` prints the module docstring; an output folder that
+    starts with ``-`` is an unknown option, not a folder named ``--help``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", default="results-gpu", help="output folder (default: results-gpu)")
+    parser.add_argument("parts", nargs="*", metavar="PART", help="parts to run (default: see above)")
+    parser.add_argument("--cpu", action="store_true", help="a smoke run on the CPU")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    argv = [a for a in sys.argv[1:] if a != "--cpu"]
-    sys.exit(main(argv[0] if argv else "results-gpu", argv[1:], cpu="--cpu" in sys.argv[1:]))
+    args = _parse(sys.argv[1:])
+    sys.exit(main(args.out, args.parts, cpu=args.cpu))

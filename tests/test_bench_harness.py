@@ -285,6 +285,28 @@ def test_gpu_check_says_why_it_leaves_out_the_cone_program(tmp_path, monkeypatch
     assert "on the CPU" in gpu_check.POOL_CVXPY_NOT_RUN
 
 
+def test_gpu_check_command_line(capsys):
+    """``gpu_check.py --help`` said "no CUDA device here" and, with --cpu, wrote its
+    results into a folder named ``--help``."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check._parse(["--help", "--cpu"])
+    assert exit_.value.code == 0 and "CUDA figures" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check._parse(["--hlep"])
+    assert exit_.value.code == 2
+    args = gpu_check._parse(["out", "lp", "float32", "--cpu"])
+    assert (args.out, args.parts, args.cpu) == ("out", ["lp", "float32"], True)
+    args = gpu_check._parse([])
+    assert (args.out, args.parts, args.cpu) == ("results-gpu", [], False)
+
+
 # ------------------------------------------------------------------------- memory
 
 
