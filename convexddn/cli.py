@@ -86,7 +86,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``convexddn bench`` (here, not in :mod:`convexddn.bench`, whose import
     loads torch: ``bench --help`` took 5 s)."""
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds (default 5, quick 3; by default the convex rows get 3, "
                              "the cheap ones more, up to 15)")
