@@ -14,7 +14,7 @@ import torch
 
 from ..errors import GradientWarning
 
-__all__ = ["warn_degenerate_pairs", "warn_degenerate_values"]
+__all__ = ["warn_degenerate_pairs", "warn_degenerate_tangent", "warn_degenerate_values"]
 
 # A dropped pair is reported only when the term it drops is above rounding noise: a
 # loss that does not depend on the basis inside a degenerate eigenspace (a projector
@@ -51,6 +51,34 @@ def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice,
             f"to max |λ|) make the eigenvector gradient undefined for {_format_indices(bad)}; "
             f"the terms of those eigenvalue pairs are set to zero (the gradient of any loss "
             f"that depends only on the spanned subspace stays exact)",
+            GradientWarning,
+            stacklevel=3,
+        )
+
+
+def warn_degenerate_tangent(M: torch.Tensor, diag: torch.Tensor, degenerate: torch.Tensor, sel: slice,
+                            gap_tol: float) -> None:
+    r"""Forward mode: warn (naming the batch elements) where the tangent does not exist.
+
+    ``M`` (…, N, k) holds :math:`v_j^\top \mathrm{sym}(\dot X) v_i` for the selected
+    i, ``diag`` (…, N) every :math:`v_j^\top \mathrm{sym}(\dot X) v_j`. For a degenerate
+    pair (j, i) the direction rotates inside the eigenspace (:math:`M_{ji} \ne 0`) or
+    splits it (:math:`M_{ii} \ne M_{jj}`, the order of the pair then flips with the
+    sign of the step): either way the eigenvectors and the individual eigenvalues have
+    no derivative along it, only one-sided limits. A direction that keeps the tie (a
+    multiple of the identity on it) has its exact tangent and no warning.
+    """
+    limit = _NUMERATOR_RTOL * M.abs().amax((-2, -1), keepdim=True)
+    split = (diag[..., :, None] - diag[..., None, sel]).abs()
+    # ``degenerate`` excludes j = i (the caller set those gaps to inf), which is no pair.
+    dropped = degenerate & ((M.abs() > limit) | (split > limit))
+    bad = dropped.flatten(-2).any(-1)
+    if bool(bad.any()):
+        warnings.warn(
+            f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative "
+            f"to max |λ|) make the forward-mode tangent undefined for {_format_indices(bad)} "
+            f"(the direction rotates or splits a repeated eigenvalue); the terms of those "
+            f"eigenvalue pairs are set to zero",
             GradientWarning,
             stacklevel=3,
         )

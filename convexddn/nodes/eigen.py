@@ -47,10 +47,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._autograd import first_order, without_autocast
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, without_autocast
 from .._checks import check_bool, check_finite, check_int, check_tensor
 from ..errors import OptionError, ShapeError, SolverError
-from ._eigen_degenerate import warn_degenerate_pairs, warn_degenerate_values
+from ._eigen_degenerate import warn_degenerate_pairs, warn_degenerate_tangent, warn_degenerate_values
 
 __all__ = ["EigenResult", "eigen_decomposition", "EigenDecomposition"]
 
@@ -121,7 +121,9 @@ def _eigen_forward(
     # is 3× slower than the two on these shapes.)
     s = Vk.amax(-2, keepdim=True).add_(Vk.amin(-2, keepdim=True))
     lam_k = mu[..., :k].neg() if largest else mu[..., :k]
-    lam_out = lam_k.to(X.dtype)
+    # Its own storage, not a view of μ (which the Function returns too: forward mode
+    # refuses an output that views another with a tangent laid out otherwise).
+    lam_out = lam_k.to(X.dtype, copy=keep and not largest)
     # One host sync: eigenvalues finite (in float64, and in X's dtype), any exact tie?
     finite, fits, tie = torch.stack([torch.isfinite(mu).all(), torch.isfinite(lam_out).all(),
                                      (s == 0).any()]).tolist()
@@ -145,27 +147,71 @@ def _eigen_forward(
     return lam_out, (V if k == n and V.dtype == X.dtype else V[..., :k].to(X.dtype, copy=True)), mu, V
 
 
+@bind_fast  # (setup_context, as torch.func needs, without apply's binding cost)
 class _EigenFunction(torch.autograd.Function):
-    """(λ_k, V_k) = top-k (or bottom-k) eigenpairs of sym(X) with the implicit VJP."""
+    """(λ_k, V_k) = top-k (or bottom-k) eigenpairs of sym(X) with the implicit VJP and JVP.
+
+    Outputs ``(λ_k, V_k, μ, V)``: μ and all N eigenvectors V are what the derivatives
+    need (outputs, not hidden state, so that torch.func can trace them), marked not
+    differentiable; ``V`` is None where V_k is V itself (all N asked for in V's dtype).
+    """
 
     @staticmethod
-    def forward(ctx, X, k, largest, gap_tol):  # type: ignore[override]
+    def forward(X, k, largest, gap_tol):  # type: ignore[override]
         lam_k, Vk, mu, V = _eigen_forward(X, k, largest, keep=True)
+        return lam_k, Vk, mu, (None if V is Vk else V)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        X, k, largest, gap_tol = inputs
+        _, Vk, mu, V = output
+        ctx.mark_non_differentiable(*(t for t in (mu, V) if t is not None))
         # (μ, V) are saved; the eigenvectors returned are V itself when all N are asked
         # for in V's dtype (an in-place edit of them then fails at backward, as for
         # torch.linalg.eigh), else a copy; the eigenvalues are a new tensor.
+        V = Vk if V is None else V
         ctx.save_for_backward(mu, V)
+        ctx.save_for_forward(mu, V)
         ctx.anchors = (X,)  # only for a second differentiation's error (see first_order)
         ctx.k, ctx.sign, ctx.gap_tol, ctx.dtype = k, -1.0 if largest else 1.0, gap_tol, X.dtype
         # Unused outputs arrive as None: an eigenvalue-only loss skips the eigenvector
         # term (and its degeneracy warning) entirely.
         ctx.set_materialize_grads(False)
-        return lam_k, Vk
+
+    @staticmethod
+    @first_order_jvp("eigen_decomposition")
+    @without_autocast
+    def jvp(ctx, X_t, *_):  # type: ignore[override]
+        r"""Forward mode: with :math:`M = V^\top \mathrm{sym}(\dot X) V_k`,
+        :math:`\dot\lambda_i = M_{ii}` and :math:`\dot v_i = \sum_{j \ne i} v_j
+        M_{ji} / (\lambda_i - \lambda_j)` (Magnus 1985), the degenerate pairs' terms
+        dropped as in the backward, with a warning where the tangent has a part there."""
+        mu, V = ctx.saved_tensors
+        k, sign = ctx.k, ctx.sign
+        sel = slice(0, k)
+        if X_t is None:
+            return None, None, None, None
+        D = X_t.to(V.dtype)
+        D = (D + D.mT).mul_(0.5)
+        M = V.mT @ (D @ V[..., sel])  # M_ji = v_jᵀ sym(Ẋ) v_i
+        dlam = torch.diagonal(M[..., sel, :], dim1=-2, dim2=-1).to(ctx.dtype, copy=True)  # (M is divided in place)
+        # λ_i − λ_j = s(μ_i − μ_j): the difference in float64, rounded once into M's dtype.
+        mu_s = mu.mul(sign)
+        gap = (mu_s[..., None, sel] - mu_s[..., :, None]).to(M.dtype)
+        torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
+        limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
+        if bool((mu.diff(dim=-1) <= limit).any()):  # one host sync, as in the backward
+            degenerate = gap.abs() <= limit.unsqueeze(-1)
+            all_diag = (V * (D @ V)).sum(-2)  # M_jj for every j: the tangent splits a tie?
+            warn_degenerate_tangent(M, all_diag, degenerate, sel, ctx.gap_tol)
+            gap.masked_fill_(degenerate, math.inf)
+        dV = V @ M.div_(gap)
+        return dlam, dV.to(ctx.dtype), None, None
 
     @staticmethod
     @first_order("eigen_decomposition")
     @without_autocast  # the products stay in their dtype (bfloat16 autocast: 1e-3 off)
-    def backward(ctx, g_lam, g_vec):  # type: ignore[override]
+    def backward(ctx, g_lam, g_vec, _g_mu, _g_V):  # type: ignore[override]
         if not ctx.needs_input_grad[0] or (g_lam is None and g_vec is None):
             return None, None, None, None
         # Differentiated as the bottom-k eigenpairs of S = s·sym(X): dL/dμ_k = s·g_λ and
@@ -313,8 +359,9 @@ def eigen_decomposition(
     if k > n:
         raise OptionError(f"k must be at most N={n}, got k={k}")
     tol = default_gap_tol(n, X.dtype) if gap_tol is None else float(gap_tol)
-    if torch.is_grad_enabled() and X.requires_grad:
-        lam_k, Vk = _EigenFunction.apply(X, k, largest, tol)
+    if (torch.is_grad_enabled() and X.requires_grad) or may_carry_tangents(X):
+        # (forward mode too: the Function's jvp, not eigh's own, which divides by the gaps)
+        lam_k, Vk, _, _ = _EigenFunction.apply(X, k, largest, tol)
     else:
         lam_k, Vk, _, _ = _eigen_forward(X, k, largest)
     return EigenResult(lam_k, Vk)

@@ -320,3 +320,74 @@ def test_returned_eigenvectors_own_their_storage():
     V.mul_(-1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(V.sum(), X)
+
+
+# --------------------------------------------------------------------------- forward mode
+
+
+def _tangents(X, T, **kw):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        lam, V = eigen_decomposition(fwAD.make_dual(X, T), **kw)
+        return fwAD.unpack_dual(lam).tangent, fwAD.unpack_dual(V).tangent
+
+
+@pytest.mark.parametrize("k, largest", [(None, True), (2, True), (3, False)])
+def test_eigen_forward_mode_matches_central_differences(k, largest):
+    # A non-symmetric input and direction: the node differentiates sym(X) along sym(T).
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
+    T = torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
+    dlam, dV = _tangents(X, T, k=k, largest=largest)
+    h = 1e-6
+    (lp, Vp), (lm, Vm) = (eigen_decomposition(X + s * h * T, k, largest=largest) for s in (1, -1))
+    torch.testing.assert_close(dlam, (lp - lm) / (2 * h), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(dV, (Vp - Vm) / (2 * h), rtol=1e-6, atol=1e-6)
+
+
+def test_eigen_forward_mode_gradcheck_and_torch_func():
+    X = sym((2, 4, 4), seed=5)
+    T = sym((2, 4, 4), seed=6)
+    assert torch.autograd.gradcheck(lambda x: eigen_decomposition(x, 2), (X.clone().requires_grad_(),),
+                                    check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
+    _, (dlam, dV) = torch.func.jvp(lambda x: tuple(eigen_decomposition(x, 2)), (X,), (T,))
+    ref_lam, ref_V = _tangents(X, T, k=2)
+    torch.testing.assert_close(dlam, ref_lam, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dV, ref_V, rtol=1e-12, atol=1e-12)
+
+
+def test_eigen_forward_mode_at_a_repeated_eigenvalue_warns_and_stays_finite():
+    """Forward mode went through eigh's own derivative: NaN and -inf tangents at a
+    double eigenvalue, 4.5e14 at a near tie, no warning (reverse mode warned)."""
+    X = torch.diag(torch.tensor([3.0, 1.0, 1.0], dtype=torch.float64))
+    T = torch.tensor([[0.0, 0.2, 0.1], [0.2, 0.0, 0.5], [0.1, 0.5, 0.0]], dtype=torch.float64)
+    for Xi in (X, torch.diag(torch.tensor([3.0, 1.0 + 1e-15, 1.0], dtype=torch.float64))):
+        with pytest.warns(GradientWarning, match="forward-mode tangent undefined"):
+            dlam, dV = _tangents(Xi, T, k=2)
+        assert torch.isfinite(dlam).all() and torch.isfinite(dV).all()
+        # The top eigenvector e1 (gap 2) has its tangent, whatever basis eigh picks for the
+        # tie: (I − e1 e1ᵀ) T e1 / (3 − 1), and λ1' = e1ᵀ T e1 = 0.
+        torch.testing.assert_close(dV[:, 0], torch.tensor([0.0, 0.1, 0.05], dtype=torch.float64))
+        assert dlam[0] == 0
+
+
+def test_eigen_forward_mode_along_a_tie_keeping_direction_is_exact_and_quiet():
+    # diag(3, 1, 1) + t diag(0, 1, 1): the tie moves as one, λ' = (0, 1, 1), V' = 0.
+    X = with_spectrum([3.0, 1.0, 1.0], seed=2)
+    Q = torch.linalg.eigh(X).eigenvectors
+    T = Q @ torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)) @ Q.mT  # eigh: ascending
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dlam, dV = _tangents(X, T)
+    torch.testing.assert_close(dlam, torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(dV, torch.zeros(3, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_eigen_forward_mode_float32_agrees_with_float64():
+    X, T = sym((3, 6, 6), seed=7), sym((3, 6, 6), seed=8)
+    d32 = _tangents(X.float(), T.float(), k=4)
+    d64 = _tangents(X, T, k=4)
+    for a, b in zip(d32, d64):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
