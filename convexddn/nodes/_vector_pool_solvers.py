@@ -11,9 +11,9 @@ import warnings
 
 import torch
 
-from ..errors import SolverWarning
+from ..errors import GradientWarning, SolverWarning
 from .dense import checked_solve, default_rcond
-from .pooling.penalties import Penalty
+from .pooling.penalties import Penalty, Quadratic, TruncatedQuadratic
 
 # The multi-start phase only has to rank the basins, so it stops at a loose tolerance
 # or after a few dozen IRLS steps (IRLS converges linearly, at a rate of ~0.8 per step
@@ -90,49 +90,96 @@ def hess_solve(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Ten
 
 
 def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor):
-    """:func:`hess_solve` for the backward: ``(v, ok, all ok)``, one host read where every
-    row is clear-cut. Rows whose matrix is singular to working precision count as bad
-    (:func:`~.dense.checked_solve`: a minimiser that is not isolated, e.g. Huber with
-    every point an outlier on one line, is only *nearly* singular after rounding, and
-    ``solve_ex`` returned an arbitrary finite step there).
+    r""":func:`hess_solve` for the derivatives: ``(v, ok, all ok)``, one host read where
+    every row is clear-cut. Rows whose matrix is singular to working precision count as
+    bad: a minimiser that is not isolated (Huber with two points 3.2 α apart: a segment
+    of minimisers) is only *nearly* singular after rounding, and a solve returns an
+    arbitrary finite step there (±1 where the derivative of the solver's own choice is 0.5).
 
-    At a strict minimum the C×C H is positive definite; with H = LLᵀ, κ₂(H) ≤
-    ‖H‖_F ‖L⁻¹‖_F², and equilibration improves κ by at most the factor n (van der
-    Sluis): where n times that bound is below 1/rcond for every row, checked_solve
-    would call none singular, and the Cholesky solve is the answer. Otherwise (or in
-    the Woodbury form, whose N×N matrix is not symmetric) checked_solve decides for
-    the rows the bound does not clear: an LU with a condition estimate, half the backward
-    at (16, 8, 36).
+    Singular to working precision means below the rounding of forming H: its entries
+    sum N + 1 terms of sizes up to :math:`|s|` and :math:`|c_i|` (unit :math:`n_i`), so
+    the computed H is within :math:`\|E\|_2 \le C (N+1)\,\varepsilon\,(|s| +
+    \sum_i |c_i|)` of the exact one, whose smallest eigenvalue may be 0 however large
+    the terms that cancelled; an equilibrated condition number, relative to H's own
+    size, missed such rows (6e13 against a threshold of 2e14).
+
+    At a strict minimum the C×C H is positive definite; with H = LLᵀ,
+    :math:`\lambda_{\min} \ge 1/\|L^{-1}\|_F^2` and κ₂(H) ≤ ‖H‖_F ‖L⁻¹‖_F²
+    (equilibration improves κ by at most the factor n, van der Sluis): rows where both
+    clear their thresholds take the Cholesky solve. The others (and, in the Woodbury
+    form, rows :func:`~.dense.checked_solve` finds ill-conditioned) are decided by their
+    eigenvalues.
     """
+    N, C = n.shape[-2:]
+    noise = (s.abs() + c.abs().sum(-1)) * (C * (N + 1) * torch.finfo(s.dtype).eps)
     H = _hessian(s, n, c)
     if H is not None:
-        m = H.shape[-1]
         L, info = torch.linalg.cholesky_ex(H)
-        inv = torch.linalg.solve_triangular(L, torch.eye(m, dtype=H.dtype, device=H.device).expand_as(L),
+        inv = torch.linalg.solve_triangular(L, torch.eye(C, dtype=H.dtype, device=H.device).expand_as(L),
                                             upper=False)
-        bound = torch.linalg.matrix_norm(H) * inv.square().sum((-2, -1))
-        v, ok = _masked(torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1),
-                        (info == 0) & (bound * (m * default_rcond(m, H.dtype)) < 1), s)
+        inv2 = inv.square().sum((-2, -1))  # ‖L⁻¹‖_F² ≥ 1 / λ_min
+        clear = (info == 0) & (torch.linalg.matrix_norm(H) * inv2 * (C * default_rcond(C, H.dtype)) < 1) \
+            & (noise * inv2 < 1)
+        v, ok = _masked(torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1), clear, s)
         if bool(ok.all()):
             return v, ok, True
-        # Only the rows the bound did not clear get the careful solve.
+        # Only the rows the bounds did not clear get the careful solve.
         idx = (~ok).nonzero().squeeze(-1)
-        v_idx, good_idx = _checked(H.index_select(0, idx), rhs.index_select(0, idx))
+        v_idx, good_idx = _checked(H.index_select(0, idx), rhs.index_select(0, idx), noise.index_select(0, idx),
+                                   symmetric=True)
         v, good = v.index_copy(0, idx, v_idx), ok.index_copy(0, idx, good_idx)
     else:
-        v, good = _woodbury(_checked, s, n, c, rhs)
+        # M = sI + D UᵀU has H's eigenvalues (and s): the same test applies to it.
+        v, good = _woodbury(lambda M, r: _checked(M, r, noise, symmetric=False), s, n, c, rhs)
     v, ok = _masked(v, good, s)
     return v, ok, bool(ok.all())
 
+
+def hessian_terms(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor):
+    """The derivatives' pieces at the solution: ``(a, z, n, κ, c)`` with z_i = ‖y − x_i‖,
+    n_i the unit vectors, κ_i = φ'(z_i)/z_i and c_i = φ''(z_i) − κ_i, so that
+    H = (Σ κ_i) I + Σ c_i n_i n_iᵀ."""
+    a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
+    d, z = geometry(x, y)
+    n = unit(d, z)
+    k1 = kappa(pen, z, a)
+    return a, z, n, k1, pen.d2phi(z, a) - k1
+
+def hessian_solve_warned(pen: Penalty, k1: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor,
+             what: str, stacklevel: int) -> torch.Tensor:
+    """H⁻¹ rhs per pooled set, zero with a GradientWarning where H is singular."""
+    v, ok, all_ok = hess_solve_checked(k1.sum(-1), n, c, rhs)
+    if not all_ok:
+        bad = (~ok).nonzero().flatten()
+        warnings.warn(
+            f"robust_vector_pool(penalty={pen.name!r}): the Hessian at the solution is "
+            f"singular for {bad.numel()} of {n.shape[0]} pooled set(s) (flat indices "
+            f"{bad[:8].tolist()}{', ...' if bad.numel() > 8 else ''}: no inliers or a "
+            f"non-isolated minimiser); their {what} is set to zero",
+            GradientWarning, stacklevel=stacklevel)
+    return v
 
 def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v, info = torch.linalg.solve_ex(H, rhs)
     return v, info == 0
 
 
-def _checked(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    v, singular, _, _ = checked_solve(H, rhs)
-    return v, ~singular
+def _checked(H: torch.Tensor, rhs: torch.Tensor, noise: torch.Tensor,
+             symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """checked_solve, and a smallest |eigenvalue| above ``noise`` (every row of a
+    symmetric H; the ill-conditioned rows of the Woodbury form's M, whose eigenvalues
+    are real: D UᵀU is similar to a symmetric matrix)."""
+    v, singular, ill, _ = checked_solve(H, rhs)
+    good = ~singular
+    rows = torch.arange(H.shape[0], device=H.device) if symmetric else ill.nonzero().squeeze(-1)
+    if rows.numel():
+        Hr = H.index_select(0, rows)
+        finite = torch.isfinite(Hr).all(-1).all(-1)
+        Hr = torch.where(finite[:, None, None], Hr, torch.eye(H.shape[-1], dtype=H.dtype, device=H.device))
+        lam = torch.linalg.eigvalsh(Hr) if symmetric else torch.linalg.eigvals(Hr).real
+        small = ~finite | (lam.abs().amin(-1) <= noise.index_select(0, rows))
+        good = good.index_put((rows,), good.index_select(0, rows) & ~small)
+    return torch.where(good.unsqueeze(-1), v, torch.zeros_like(v)), good
 
 
 # --------------------------------------------------------------------------- solvers
@@ -218,7 +265,7 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
     eps = torch.finfo(x.dtype).eps
     # Swaps act on hard inlier sets: exact for the truncated quadratic, whose minimiser
     # is the mean of its inliers; Welsch has no hard inlier set and skips them.
-    for _ in range(_SWAP_ROUNDS if k > 0 and pen.name == "trunc_quad" else 0):
+    for _ in range(_SWAP_ROUNDS if k > 0 and isinstance(pen, TruncatedQuadratic) else 0):
         z = dist(u.unsqueeze(-2))  # (R, 1, N)
         inlier = (z <= aa).to(x.dtype)
         edge = (z - aa).abs().squeeze(-2).topk(k, -1, largest=False).indices  # (R, k)
@@ -277,11 +324,11 @@ def _polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol
 
 
 def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: int, starts: int) -> torch.Tensor:
-    if pen.name == "quadratic":
+    if isinstance(pen, Quadratic):  # (by type: a user penalty may share the name)
         return x.mean(-2)
     if pen.convex:
         u = x.mean(-2)
     else:
         u = _start(pen, x, a, starts, max_iter)
     # Truncated quadratic: the Newton step equals the IRLS step (the mean of the inliers).
-    return _polish(pen, x, u, a, tol, max_iter, newton=pen.name != "trunc_quad")
+    return _polish(pen, x, u, a, tol, max_iter, newton=not isinstance(pen, TruncatedQuadratic))

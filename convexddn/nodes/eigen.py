@@ -47,10 +47,20 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, without_autocast
+from .._autograd import (
+    bind_fast,
+    first_order,
+    first_order_jvp,
+    may_carry_tangents,
+    without_autocast,
+)
 from .._checks import check_bool, check_finite, check_int, check_tensor
 from ..errors import OptionError, ShapeError, SolverError
-from ._eigen_degenerate import warn_degenerate_pairs, warn_degenerate_tangent, warn_degenerate_values
+from ._eigen_degenerate import (
+    warn_degenerate_pairs,
+    warn_degenerate_tangent,
+    warn_degenerate_values,
+)
 
 __all__ = ["EigenResult", "eigen_decomposition", "EigenDecomposition"]
 

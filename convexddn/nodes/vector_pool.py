@@ -39,13 +39,18 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, without_autocast
+from .._autograd import (
+    bind_fast,
+    first_order,
+    first_order_jvp,
+    may_carry_tangents,
+    without_autocast,
+)
 from .._checks import (
     check_device,
     check_dim_option,
@@ -56,10 +61,12 @@ from .._checks import (
     check_tensor,
     normalize_dims,
 )
-from ..errors import GradientWarning, ShapeError, SolverError
+from ..errors import ShapeError, SolverError
 from ._repr import format_option
-from ._vector_pool_solvers import geometry, hess_solve_checked, kappa, solve, unit
-from .pooling.penalties import Penalty
+from ._vector_pool_solvers import hessian_solve_warned as _h_solve
+from ._vector_pool_solvers import hessian_terms as _terms
+from ._vector_pool_solvers import solve
+from .pooling.penalties import Penalty, Quadratic
 
 __all__ = ["robust_vector_pool", "RobustVectorPool"]
 
@@ -87,6 +94,7 @@ class _VectorPoolFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, alpha, pen = inputs[:3]
         ctx.save_for_backward(x, alpha, output)
+        ctx.save_for_forward(x, alpha, output)
         ctx.pen = pen
 
     @staticmethod
@@ -96,23 +104,11 @@ class _VectorPoolFunction(torch.autograd.Function):
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]
         R, N, C = x.shape
-        if ctx.pen.name == "quadratic" or R == 0:
+        if isinstance(ctx.pen, Quadratic) or R == 0:
             gx = (gy / N).unsqueeze(-2).expand(R, N, C) if need_x else None
             return gx, torch.zeros_like(alpha) if need_a else None, None, None, None, None
-        a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        d, z = geometry(x, y)
-        n = unit(d, z)
-        k1 = kappa(ctx.pen, z, a)
-        c = ctx.pen.d2phi(z, a) - k1
-        v, ok, all_ok = hess_solve_checked(k1.sum(-1), n, c, gy)
-        if not all_ok:
-            bad = (~ok).nonzero().flatten()
-            warnings.warn(
-                f"robust_vector_pool(penalty={ctx.pen.name!r}): the Hessian at the solution is "
-                f"singular for {bad.numel()} of {R} pooled set(s) (flat indices "
-                f"{bad[:8].tolist()}{', ...' if bad.numel() > 8 else ''}: no inliers or a "
-                f"non-isolated minimiser); their gradient is set to zero",
-                GradientWarning, stacklevel=2)
+        a, z, n, k1, c = _terms(ctx.pen, x, alpha, y)
+        v = _h_solve(ctx.pen, k1, n, c, gy, "gradient", 3)
         nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
         gx = ga = None
         if need_x:
@@ -121,6 +117,33 @@ class _VectorPoolFunction(torch.autograd.Function):
             ga = -(ctx.pen.d2phi_dalpha(z, a) * nv).sum(-1)
             ga = ga if alpha.dim() > 0 else ga.sum()
         return gx, ga, None, None, None, None
+
+    @staticmethod
+    @first_order_jvp("robust_vector_pool")
+    @without_autocast
+    def jvp(ctx, x_t, alpha_t, *_):  # type: ignore[override]
+        r"""Forward mode, the backward's Jacobian applied to the tangents:
+        :math:`\dot y = H^{-1}\big(\sum_i [\kappa_i \dot x_i + c_i (n_i^\top \dot x_i)
+        n_i] - \dot\alpha \sum_i \partial^2_{z\alpha}\phi(z_i)\, n_i\big)`, zero (with
+        the backward's warning) where H is singular."""
+        x, alpha, y = ctx.saved_tensors
+        if x.shape[0] == 0 or x_t is None and alpha_t is None:
+            return y.new_zeros(y.shape)
+        if isinstance(ctx.pen, Quadratic):  # the mean: α plays no part
+            return y.new_zeros(y.shape) if x_t is None else x_t.to(y.dtype).mean(-2)
+        a, z, n, k1, c = _terms(ctx.pen, x, alpha, y)
+        rhs = y.new_zeros(y.shape)
+        if x_t is not None:
+            x_t = x_t.to(y.dtype)
+            nx = (n * x_t).sum(-1)  # n_iᵀ ẋ_i, (R, N)
+            rhs = rhs + (k1.unsqueeze(-1) * x_t + (c * nx).unsqueeze(-1) * n).sum(-2)
+        if alpha_t is not None:
+            at = alpha_t.to(y.dtype)
+            at = at.unsqueeze(-1) if at.dim() > 0 else at
+            rhs = rhs - ((ctx.pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
+        return _h_solve(ctx.pen, k1, n, c, rhs, "tangent", 4)
+
+
 
 
 # Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
@@ -333,7 +356,8 @@ def robust_vector_pool(
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             _DEFAULT_STARTS if starts is None else starts)
-    if torch.is_grad_enabled() and (x.requires_grad or (isinstance(alpha, torch.Tensor) and alpha.requires_grad)):
+    if (torch.is_grad_enabled() and (x.requires_grad or (isinstance(alpha, torch.Tensor) and alpha.requires_grad))) \
+            or may_carry_tangents(x, alpha):  # (forward mode: the Function's jvp, not the solver's ops)
         y = _VectorPoolFunction.apply(*args)
     else:
         y = _VectorPoolFunction.forward(*args)

@@ -11,6 +11,7 @@ import torch
 from ..._autograd import bind_fast, first_order, first_order_jvp, save_plain
 from ...errors import GradientWarning
 from .kernels import pool_backward
+from .penalties import Quadratic
 
 __all__ = ["RobustPoolFunction"]
 
@@ -55,7 +56,7 @@ class RobustPoolFunction(torch.autograd.Function):
         if rows == 0:
             return (x.new_zeros(x.shape) if need_x else None,
                     torch.zeros_like(alpha) if need_alpha else None, None, None, None, None)
-        if ctx.penalty.name == "quadratic":
+        if isinstance(ctx.penalty, Quadratic):  # (by type: a user penalty may share the name)
             # dy/dx_i = 1/N exactly: a broadcast view, nothing to compute.
             if need_x:
                 grad_x = (grad_y / n).unsqueeze(-1).expand(rows, n)
@@ -80,7 +81,7 @@ class RobustPoolFunction(torch.autograd.Function):
         dy = y.new_zeros(y.shape)
         if rows == 0:
             return dy
-        if ctx.penalty.name == "quadratic":  # dy/dx_i = 1/N, no dependence on alpha
+        if isinstance(ctx.penalty, Quadratic):  # dy/dx_i = 1/N, no dependence on alpha
             return dy if x_t is None else x_t.mean(-1)
         gx, ga = _weights(ctx, x, alpha, y, torch.ones_like(y), x_t is not None, alpha_t is not None)
         if x_t is not None:
