@@ -72,6 +72,8 @@ def per_element_layer(problem, parameters: list, variables: list, backend: "Chec
 
     try:
         layer = CvxpyLayer(problem, parameters=parameters, variables=variables, solver=backend, gp=gp)
+    except ProblemError:
+        raise  # our own refusal (setup), already precise
     except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
             cp.error.SolverError) as err:
         # (KeyError etc.: cvxpylayers' failures on edge cases, e.g. a zero-size parameter;
@@ -151,7 +153,16 @@ class CheckedDiffcp(SolverInterface):
         n_a = int(self._indptr[-2])
         self._n_a = n_a  # structure entries of A proper; the rest are b's
         self._b_rows = self._indices[n_a:]
-        self._cone_dict = dims_to_solver_dict(ctx.cone_dims)
+        dims = ctx.cone_dims
+        if getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
+            # diffcp's cone dictionary has no power cones: it dropped them, and every call
+            # failed (Clarabel's bare Exception, "constraint dimensions inconsistent").
+            raise ProblemError(
+                "the problem needs power cones (cp.PowCone3D, or power/pnorm/geo_mean with approx=False), "
+                "which the per-element solvers cannot take through diffcp and the batched path does not "
+                "take either; write those atoms with approx=True (their second-order-cone form, CVXPY's "
+                "default)")
+        self._cone_dict = dims_to_solver_dict(dims)
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
         self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
         self._parametric = parametric_entries(ctx, self._indices, self._cols, n_a)

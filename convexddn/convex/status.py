@@ -182,8 +182,8 @@ def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...
                    device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
     """The solutions ``(B, ...)`` in the caller's ``shapes`` (batch shape first), device
     and dtype, NaN for the elements not ``solved`` (its batch shape). Entries beyond the
-    range of a half-precision ``dtype`` (float16: 65504) become ±inf in the cast, with a
-    ``ConvexDDNWarning``."""
+    range of a ``dtype`` narrower than float64 (float16: 65504; float32: 3.4e38) become
+    ±inf in the cast, with a ``ConvexDDNWarning``."""
     ok = None if bool(solved.all()) else solved.to(device)
     outs, over = [], 0
     for s, shape in zip(sols, shapes):
@@ -191,9 +191,10 @@ def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...
         if ok is not None:
             s = torch.where(ok.view(ok.shape + (1,) * (s.dim() - ok.dim())), s, torch.full_like(s, math.nan))
         outs.append(s.to(dtype))
-        if torch.finfo(dtype).max < torch.finfo(torch.float32).max:
+        if torch.finfo(dtype).max < torch.finfo(s.dtype).max:  # (float32 too: 1e40 came back inf, silently)
             over += int((torch.isinf(outs[-1]) & torch.isfinite(s)).sum())
     if over:
+        wider = "float32 or float64" if torch.finfo(dtype).max < torch.finfo(torch.float32).max else "float64"
         warnings.warn(f"ConvexLayer: {over} solution entries exceed the range of {dtype} and are "
-                      "returned as ±inf; pass float32 or float64 parameters", ConvexDDNWarning, stacklevel=3)
+                      f"returned as ±inf; pass {wider} parameters", ConvexDDNWarning, stacklevel=3)
     return outs

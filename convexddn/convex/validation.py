@@ -234,7 +234,8 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
             return f"the first, at batch index {first}, is not symmetric" if first else "it is not symmetric"
         return asym, not_symmetric
     # PSD/NSD: symmetric, and the smallest (largest) eigenvalue within rounding of >= 0 (<= 0).
-    eig = torch.linalg.eigvalsh(0.5 * (value + value.transpose(-1, -2)).double())
+    wide = value.double()  # (float16 entries of 40000 overflowed in value + valueᵀ)
+    eig = torch.linalg.eigvalsh(0.5 * (wide + wide.transpose(-1, -2)))
     extreme = eig.amin(-1) if attr == "PSD" else eig.amax(-1)
     mask = asym | (extreme < -64 * tol if attr == "PSD" else extreme > 64 * tol)
 
@@ -302,7 +303,8 @@ def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.P
     # gradient would be zero below the diagonal and doubled above it, and one optimiser
     # step would make the matrix asymmetric. Used as (v + vᵀ)/2 (equal to v within the
     # check above), the gradient is the symmetric one.
-    values = [0.5 * (v + v.transpose(-1, -2)) if any(p.attributes.get(a) for a in _SYMMETRIC) else v
+    # (Halves first: v + vᵀ overflows for float16 entries above 32752.)
+    values = [0.5 * v + 0.5 * v.transpose(-1, -2) if any(p.attributes.get(a) for a in _SYMMETRIC) else v
               for v, p in zip(values, parameters)]
     return values, batch
 

@@ -662,6 +662,44 @@ def test_float16_outputs_beyond_range_warn():
         layer(torch.tensor([6000.0, 1.0], dtype=torch.float16))
 
 
+def test_float32_outputs_beyond_range_warn():
+    # x* = b/a = 1e40 came back as inf with solved=True and no warning (only float16 was checked).
+    a, b, x = cp.Parameter(pos=True), cp.Parameter(), cp.Variable()
+    prob = cp.Problem(cp.Minimize(cp.square(a * x - b)))
+    for solver in ("auto", "Clarabel"):
+        layer = cddn.ConvexLayer(prob, [a, b], [x], solver=solver)
+        with pytest.warns(cddn.errors.ConvexDDNWarning, match="exceed the range of torch.float32.*pass float64"):
+            out = layer(torch.tensor(1e-30), torch.tensor(1e10))
+        assert out.dtype == torch.float32 and torch.isinf(out)
+
+
+def test_float16_symmetric_parameter_with_large_entries():
+    """Finite float16 entries of 40000 overflowed in the symmetrisation (v + vᵀ)/2: the
+    solver saw Inf (SolverError "KKT residual nan", or numerical trouble)."""
+    S = cp.Parameter((2, 2), symmetric=True)
+    q, x = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - q)), [S @ x <= 40000.0])
+    Sv, qv = torch.tensor([[40000.0, 1.0], [1.0, 40000.0]]), torch.tensor([2.0, 0.5])
+    for solver in ("auto", "Clarabel"):
+        out = cddn.ConvexLayer(prob, [S, q], [x], solver=solver)(Sv.half(), qv.half())
+        # The constraint S x <= 40000 binds at 40000 x_i + x_j = 40000: x ≈ (1, 0.5) to float16.
+        torch.testing.assert_close(out.double(), torch.tensor([1.0, 0.5], dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def test_power_cones_are_refused_at_construction():
+    """diffcp has no power cones: they were dropped, and every call failed (a bare
+    Exception from Clarabel, or SCS's "solved" point with a residual of 1.4)."""
+    q, x = cp.Parameter(3), cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, 1.5, approx=False)) - q @ x), [x >= 0])
+    for solver in ("auto", "Clarabel", "SCS"):
+        with pytest.raises(ProblemError, match="power cones.*approx=True"):
+            cddn.ConvexLayer(prob, [q], [x], solver=solver)
+    # Its second-order-cone form (CVXPY's default) works: x = (q / 1.5)².
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, 1.5)) - q @ x), [x >= 0])
+    qv = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(cddn.ConvexLayer(prob, [q], [x])(qv), (qv / 1.5) ** 2, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("solver", ["auto", "Clarabel"])
 def test_problems_cvxpylayers_cannot_take_raise_problem_error(solver):
     # An LP without constraints (TypeError in our canonicalisation, cvxpy's SolverError
