@@ -140,10 +140,22 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
     # Constraint duals may be returned too (cvxpylayers' "dual variables" pattern).
     known = {v.id for v in problem.variables()}
     known |= {d.id for c in problem.constraints for d in c.dual_variables}
+    # The cone program interleaves a constraint's cones (t_0, x_0, t_1, x_1, ...), where
+    # cvxpylayers' recovery reads each dual variable as one contiguous slice: the duals
+    # of a cp.SOC with a vector t, or of a vector ExpCone, came back scrambled, silently.
+    interleaved = {d.id: c for c in problem.constraints if len(c.dual_variables) > 1
+                   and getattr(c, "num_cones", lambda: 1)() > 1 for d in c.dual_variables}
     for i, v in enumerate(variables):
         if v.id not in known:
             raise ProblemError(f"variable {v.name()} is neither a variable of the problem nor "
                                "the dual variable of one of its constraints")
+        if v.id in interleaved:
+            c = interleaved[v.id]
+            raise ProblemError(
+                f"variables[{i}] is a dual variable of {type(c).__name__} constraint {c.constr_id}, which holds "
+                f"{c.num_cones()} cones: the layer cannot return the duals of a constraint of several cones "
+                "(its cone program interleaves them); write one constraint per cone, e.g. "
+                "[cp.SOC(t[i], X[i]) for i in range(len(t))], and ask for each one's duals")
         if v.size == 0:  # (as a zero-size parameter: cvxpylayers' bare KeyError)
             raise ProblemError(
                 f"variables[{i}] ({v.name()}, shape {tuple(v.shape)}) has no entries (zero size): CVXPY "

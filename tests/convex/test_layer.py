@@ -686,6 +686,32 @@ def test_float16_symmetric_parameter_with_large_entries():
         torch.testing.assert_close(out.double(), torch.tensor([1.0, 0.5], dtype=torch.float64), atol=1e-3, rtol=0)
 
 
+def test_duals_of_a_constraint_of_several_cones_are_refused_and_per_cone_duals_are_right():
+    """The duals of cp.SOC(t, X, axis=1) with t of size 3 came back as the first cone's
+    (t, x) triple laid out flat: dual t = [2.47, -1.11, -2.21] for [2.47, 0, 2.08]."""
+    Q, t = cp.Parameter((3, 2)), cp.Parameter(3, nonneg=True)
+    X = cp.Variable((3, 2))
+    soc = cp.SOC(t, X, axis=1)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - Q)), [soc])
+    with pytest.raises(ProblemError, match="holds 3 cones.*one constraint per cone"):
+        cddn.ConvexLayer(prob, [Q, t], [X, *soc.dual_variables])
+    cones = [cp.SOC(t[i], X[i]) for i in range(3)]
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - Q)), cones)
+    Qv = torch.tensor([[1.0, 2.0], [0.1, 0.1], [-3.0, 0.5]], dtype=torch.float64)
+    tv = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    outs = cddn.ConvexLayer(prob, [Q, t], [X] + [d for c in cones for d in c.dual_variables])(Qv, tv)
+    Xo, duals = outs[0], outs[1:]
+    # Stationarity: 2 (X − Q) is the stacked X-part of the duals (sign as CVXPY's), and
+    # each cone's t-part is the norm of its X-part (complementarity on the boundary) or 0.
+    stacked = torch.stack([duals[2 * i + 1] for i in range(3)])
+    torch.testing.assert_close(stacked, 2 * (Xo - Qv), atol=1e-7, rtol=0)
+    Q.value, t.value = Qv.numpy(), tv.numpy()
+    prob.solve(solver="CLARABEL")
+    for i, c in enumerate(cones):
+        torch.testing.assert_close(duals[2 * i], torch.tensor(c.dual_variables[0].value, dtype=torch.float64)
+                                   .reshape(duals[2 * i].shape), atol=1e-6, rtol=0)
+
+
 def test_power_cones_are_refused_at_construction():
     """diffcp has no power cones: they were dropped, and every call failed (a bare
     Exception from Clarabel, or SCS's "solved" point with a residual of 1.4)."""
