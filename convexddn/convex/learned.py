@@ -79,6 +79,11 @@ class LearnedLayer(nn.Module):
                 raise ProblemError(f"learned parameter {k!r} cannot be a torch parameter of that name "
                                    f"({err.args[0] if err.args else err}); rename the cp.Parameter") from None
         self._inputs = [k for k in names if k not in learned]
+        # The layer's checks name the tensors as this module's caller passes them: the
+        # inputs by their own positions ("parameter 3 (h)" named the third input), the
+        # learned ones by name.
+        layer._labels = [f"input {self._inputs.index(n)} ({n})" if n not in learned else f"learned parameter {n}"
+                         for n in names]
 
     @property
     def inputs(self) -> list[str]:

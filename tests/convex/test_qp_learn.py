@@ -110,6 +110,21 @@ def test_qp_inputs_by_position_or_name():
         layer(q, b, q=q)
 
 
+def test_qp_learned_errors_name_the_inputs_by_their_positions():
+    """The wrapped layer numbered the tensors in its full parameter list: the first of
+    three inputs was "parameter 1 (q)", the third "parameter 3 (h)"."""
+    from convexddn.errors import DTypeError, NonFiniteError
+
+    lay = cddn.layer("qp", n=3, n_ineq=2, learn="L", inputs="qGh")
+    assert lay.inputs == ["q", "G", "h"]
+    with pytest.raises(ShapeError, match=r"^input 0 \(q\) must have shape"):
+        lay(torch.randn(4, 5), torch.randn(2, 3), torch.randn(2))
+    with pytest.raises(NonFiniteError, match=r"^input 1 \(G\) must be finite"):
+        lay(torch.randn(3), torch.full((2, 3), float("nan")), torch.randn(2))
+    with pytest.raises(DTypeError, match=r"^input 2 \(h\)"):
+        lay(torch.randn(3), torch.randn(2, 3), torch.ones(2, dtype=torch.int64))
+
+
 def test_qp_default_inputs_unchanged():
     """Nothing learned: every block without a value is passed at call time (as before)."""
     layer = cddn.layer("qp", n=4, n_ineq=3)
