@@ -41,11 +41,16 @@ projection), and :math:`\partial y_{s..e}/\partial\lambda = (\sigma_e - \sigma_{
 This is the exact derivative wherever the active set is stable; it does not exist
 where an edge is at a tie (a free edge with :math:`|z_i| = \lambda`, or a jump of size 0),
 which is detected (to a few ulps) and reported with a ``GradientWarning``; the
-gradient returned there is the one of the current segmentation. At :math:`\lambda = 0`
+derivative used there is the one of the current segmentation. At :math:`\lambda = 0`
 (the edge of the domain) :math:`y = x`, :math:`\partial y/\partial x = I`, and the
 λ-derivative is the one-sided one at :math:`0^+`, whose segments are the runs of equal
 entries of :math:`x`; where there are such runs and both :math:`x` and :math:`\lambda`
 require grad, :math:`y` is not differentiable in the pair, which a ``GradientWarning`` says.
+The backward applies the transpose of this Jacobian, forward-mode AD
+(``torch.autograd.forward_ad``, ``torch.func.jvp``) the Jacobian itself:
+:math:`\dot y = P\dot x + \dot\lambda\,Pt` (:math:`P` the segment average,
+:math:`t_i = \sigma_i - \sigma_{i-1}`, :math:`\dot x` for :math:`P\dot x` where
+:math:`\lambda = 0`), with the same warnings and the same values at ties.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents
 from .._checks import check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
@@ -70,12 +75,45 @@ def _warn_rows(rows: torch.Tensor, what: str) -> None:
     if bool(rows.any()):
         where = rows.nonzero().flatten().tolist()[:10]
         warnings.warn(f"tv_denoise: in row(s) {where} of the flattened batch, {what}",
-                      GradientWarning, stacklevel=3)
+                      GradientWarning, stacklevel=4)  # at the backward's/jvp's caller
+
+
+def _warn_nondifferentiable(tie: torch.Tensor, plateau: torch.Tensor, result: str) -> None:
+    """The backward's and the jvp's GradientWarnings: rows at a tie, and rows with λ = 0
+    and equal neighbours differentiated in x and λ together. ``result``: what is returned
+    there ("gradient" or "tangent")."""
+    if bool((tie | plateau).any()):  # one host read for both warnings
+        _warn_rows(tie, "the solution is at a tie (an edge where |z| = lam exactly, or a "
+                   "jump of size 0): the derivative does not exist there; the "
+                   f"{result} of the current segmentation (a one-sided one) is returned")
+        _warn_rows(plateau, "lam = 0 with equal neighbours in x: y is not differentiable "
+                   "in (x, lam) jointly there; the partial derivatives are returned "
+                   "(identity for x, the one-sided d/dlam at lam = 0+ for lam)")
+
+
+def _plateau(sigma: torch.Tensor, zero: torch.Tensor | None, both: bool) -> torch.Tensor:
+    """Rows where λ = 0, x has equal neighbours and both x and λ are differentiated."""
+    if zero is None or not both:
+        return torch.zeros(sigma.shape[0], dtype=torch.bool, device=sigma.device)
+    # λ = 0: equal neighbours stay one segment (as for all small λ > 0) but ∂y/∂x = I;
+    # ∂y/∂x jumps at λ = 0+, so only the partials exist (module doc).
+    return zero.squeeze(1) & (sigma == 0).any(1)
 
 
 @bind_fast
 class _TVFn(torch.autograd.Function):
-    """Exact TV-1D forward; backward by segment averaging (x) and boundary signs (λ)."""
+    r"""Exact TV-1D forward; derivative by segment averaging (x) and boundary signs (λ).
+
+    With :math:`P` the segment-mean operator of the solution (symmetric) and
+    :math:`t_i = \sigma_i - \sigma_{i-1}`: :math:`\partial y/\partial x = P` (:math:`I`
+    in rows with :math:`\lambda = 0`) and :math:`\partial y/\partial\lambda = P t`.
+    Backward: :math:`\bar x = P \bar y`, :math:`\bar\lambda = t^\top P \bar y`;
+    forward mode: :math:`\dot y = P \dot x + \dot\lambda\, P t`.
+    """
+
+    # torch.func.jacfwd vmaps the jvp over tangent batches (it worked on the solver's ops
+    # before forward mode went through this Function); the rule torch generates does.
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, lam, amax, scale, zero_lam, max_iter):  # type: ignore[override]
@@ -86,25 +124,21 @@ class _TVFn(torch.autograd.Function):
         _, sigma, tie = output
         ctx.mark_non_differentiable(sigma, tie)
         ctx.save_for_backward(sigma, tie, inputs[1])
+        ctx.save_for_forward(sigma, tie, inputs[1])  # the jvp applies the same Jacobian
+        # Tangents of inputs without one stay None (not zeros): whether x and λ both carry
+        # one decides the λ = 0 warning, as needs_input_grad does in the backward.
+        ctx.set_materialize_grads(False)
         ctx.anchors = (inputs[0],)  # only for a second differentiation's error (see first_order)
         ctx.zero_lam = inputs[4]
 
     @staticmethod
     @first_order("tv_denoise")
     def backward(ctx, grad_y, _gs, _gt):  # type: ignore[override]
+        if grad_y is None:  # (not materialised: y's gradient is undefined)
+            return None, None, None, None, None, None
         (sigma, tie, lam), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
-        zero, plateau = (lam == 0 if ctx.zero_lam else None), torch.zeros_like(tie)
-        if ctx.zero_lam and need_x and need_lam:
-            # λ = 0: equal neighbours stay one segment (as for all small λ > 0) but
-            # ∂y/∂x = I; ∂y/∂x jumps at λ = 0+, so only the partials exist (module doc).
-            plateau = zero.squeeze(1) & (sigma == 0).any(1)
-        if bool((tie | plateau).any()):  # one host read for both warnings
-            _warn_rows(tie, "the solution is at a tie (an edge where |z| = lam exactly, or a "
-                       "jump of size 0): the derivative does not exist there; the gradient "
-                       "of the current segmentation (a one-sided one) is returned")
-            _warn_rows(plateau, "lam = 0 with equal neighbours in x: y is not differentiable "
-                       "in (x, lam) jointly there; the partial derivatives are returned "
-                       "(identity for x, the one-sided d/dlam at lam = 0+ for lam)")
+        zero = lam == 0 if ctx.zero_lam else None
+        _warn_nondifferentiable(tie, _plateau(sigma, zero, need_x and need_lam), "gradient")
         seg = _segment_ids(sigma)
         g = _segment_mean(grad_y, seg, _counts(seg, grad_y))
         # λ = 0: y = x, so ∂y/∂x = I, not the average over the segments of equal entries.
@@ -113,6 +147,30 @@ class _TVFn(torch.autograd.Function):
         # is the one-sided derivative at 0+ (segments: the runs of equal entries of x).
         grad_lam = (g * _edge_terms(sigma)).sum(1, keepdim=True) if need_lam else None
         return grad_x if need_x else None, grad_lam, None, None, None, None
+
+    @staticmethod
+    @first_order_jvp("tv_denoise")  # its tangent differentiated again: DoubleBackwardError
+    def jvp(ctx, x_t, lam_t, *_):  # type: ignore[override]
+        r""":math:`\dot y = P \dot x + \dot\lambda\, P t` (:math:`\dot x` itself in rows
+        with :math:`\lambda = 0`): the backward's Jacobian, with its warnings."""
+        sigma, tie, lam = ctx.saved_tensors
+        zero = lam == 0 if ctx.zero_lam else None
+        # None: an input without a tangent (a constant λ, or x held fixed).
+        _warn_nondifferentiable(tie, _plateau(sigma, zero, x_t is not None and lam_t is not None),
+                                "tangent")
+        if x_t is None and lam_t is None:
+            return None, None, None
+        seg = _segment_ids(sigma)
+        # From σ alone, not like x_t: under jacfwd (vmap) x_t is batched, the counts are not.
+        count = _counts(seg, sigma.new_empty(seg.shape))
+        if x_t is None:  # P (λ̇ t): ∂y/∂λ = P t, λ̇ constant over the row
+            return _segment_mean(lam_t * _edge_terms(sigma), seg, count), None, None
+        v = x_t if lam_t is None else x_t + lam_t * _edge_terms(sigma)
+        y_t = _segment_mean(v, seg, count)
+        if zero is not None:
+            # λ = 0 rows: ∂y/∂x = I, so ẋ + P(λ̇ t) = ẋ − P ẋ + P(ẋ + λ̇ t).
+            y_t = torch.where(zero, y_t + (x_t - _segment_mean(x_t, seg, count)), y_t)
+        return y_t, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -152,7 +210,8 @@ def tv_denoise(
     at the ends of the signal). Solved exactly by a batched primal–dual active-set method
     on the dual (module docstring), in float64 whatever the input dtype. Gradients with
     respect to ``x`` (segment averages of the incoming gradient) and ``lam`` (when it is a
-    tensor that requires grad) are exact; at ties (an edge exactly at the
+    tensor that requires grad) are exact, and so are forward-mode tangents (the same
+    Jacobian); at ties (an edge exactly at the
     merge/split point) a ``GradientWarning`` says that the derivative does not exist.
     At ``lam = 0``, ``y = x`` exactly, :math:`\partial y/\partial x = I` and the ``lam``
     gradient is the one-sided derivative at :math:`0^+` (``lam >= 0`` is the domain).
@@ -179,7 +238,7 @@ def tv_denoise(
             the rows; not seen in testing).
 
     Warns:
-        GradientWarning: in the backward, for rows at a tie, and for rows with ``lam = 0``
+        GradientWarning: in the backward and in forward-mode AD, for rows at a tie, and for rows with ``lam = 0``
             and equal neighbours when both ``x`` and ``lam`` require grad (partials returned).
 
     References:
@@ -233,8 +292,10 @@ def tv_denoise(
     if top * 4.0 * (n + 1) > _SAFE:  # per row 2^-k, the least k ≥ 0 bringing it under
         k = torch.frexp(m)[1] + math.ceil(math.log2(4 * (n + 1))) - round(math.log2(_SAFE))
         scale = torch.ldexp(torch.ones_like(m), -k.clamp(min=0))  # from exponents: no overflow
-    if torch.is_grad_enabled() and (x.requires_grad or lam_rows.requires_grad):
-        # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ.
+    if (torch.is_grad_enabled() and (x.requires_grad or lam_rows.requires_grad)) or may_carry_tangents(x, lam):
+        # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ; and
+        # under forward-mode AD, so that the tangent is the node's (its jvp), not the
+        # solver's ops differentiated (one-sided at ties, with no warning).
         y = _TVFn.apply(rows, lam_rows, amax, scale, low == 0, max_iter)[0]
     else:
         y = _solve(rows, lam_rows, max_iter, amax, scale, low == 0)[0]

@@ -432,3 +432,173 @@ def test_tv_denoise_other_dim_returns_a_contiguous_tensor():
     assert y.is_contiguous()
     torch.testing.assert_close(y, tv_denoise(x.transpose(1, 2), 0.5).transpose(1, 2), rtol=0, atol=0)
     y.view(-1)
+
+
+# --------------------------------------------------------------------------- forward mode
+# The review's bug: forward mode skipped _TVFn (nothing requiring grad) and differentiated
+# the solver's ops: one-sided tangents with no warning at ties, 0 for the λ-tangent at
+# λ = 0 (the backward's is the one-sided P t at 0+); and where an input also required grad
+# (a learnable λ) it went through _TVFn, which had no jvp: NotImplementedError.
+
+
+def _fd(x: torch.Tensor, lam: torch.Tensor, dx: torch.Tensor, dlam: torch.Tensor,
+        h: float = 1e-6) -> torch.Tensor:
+    # y is piecewise affine: at generic points central differences are exact to rounding.
+    return (tv_denoise(x + h * dx, lam + h * dlam) - tv_denoise(x - h * dx, lam - h * dlam)) / (2 * h)
+
+
+def _dual_tangent(x: torch.Tensor, lam: torch.Tensor, dx: torch.Tensor | None,
+                  dlam: torch.Tensor | None) -> torch.Tensor:
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        xd = x if dx is None else fwAD.make_dual(x, dx)
+        ld = lam if dlam is None else fwAD.make_dual(lam, dlam)
+        t = fwAD.unpack_dual(tv_denoise(xd, ld)).tangent
+    return torch.zeros_like(x) if t is None else t
+
+
+def _reverse_jacobians(x: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂y/∂x (B·n, B·n) and ∂y/∂λ (B·n, λ.numel()) by the backward: vjp on basis vectors."""
+    xg, lg = x.clone().requires_grad_(), lam.clone().requires_grad_()
+    y = tv_denoise(xg, lg).reshape(-1)
+    rows = [torch.autograd.grad(y, (xg, lg), torch.eye(y.numel(), dtype=F64)[k], retain_graph=True)
+            for k in range(y.numel())]
+    return (torch.stack([r[0].reshape(-1) for r in rows]), torch.stack([r[1].reshape(-1) for r in rows]))
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar_lam", "per_row_lam"])
+def test_tv_forward_ad_matches_central_differences(per_row):
+    g = _gen(20)
+    x = _signal("walk", 3, 12, seed=21)
+    lam = torch.tensor([0.2, 0.7, 1.5], dtype=F64) if per_row else torch.tensor(0.6, dtype=F64)
+    dx = torch.randn(3, 12, generator=g, dtype=F64)
+    dlam = torch.randn(lam.shape, generator=g, dtype=F64)
+    zero = torch.zeros_like
+    # Constant λ, then a learnable one (requires grad, as in training: the old code went
+    # through _TVFn there and raised NotImplementedError, it had no jvp).
+    for lam_in in (lam, lam.clone().requires_grad_()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradientWarning)  # generic data: no ties
+            both = _dual_tangent(x, lam_in, dx, dlam)
+            only_x = _dual_tangent(x, lam_in, dx, None)
+            only_lam = _dual_tangent(x, lam_in, None, dlam)
+        torch.testing.assert_close(both.detach(), _fd(x, lam, dx, dlam), atol=1e-7, rtol=0)
+        torch.testing.assert_close(only_x.detach(), _fd(x, lam, dx, zero(dlam)), atol=1e-7, rtol=0)
+        torch.testing.assert_close(only_lam.detach(), _fd(x, lam, zero(dx), dlam), atol=1e-7, rtol=0)
+        torch.testing.assert_close(only_x + only_lam, both, atol=1e-14, rtol=0)  # linear
+
+
+def test_tv_forward_ad_gradcheck():
+    x = _signal("steps", 3, 12, seed=22)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        for lam in (torch.tensor([0.2, 0.7, 1.5], dtype=F64), torch.tensor(0.5, dtype=F64)):
+            assert gradcheck(lambda a, b: tv_denoise(a, b), (x.clone().requires_grad_(), lam.requires_grad_()),
+                             check_forward_ad=True, atol=1e-8, rtol=1e-6)
+        # The module with a learnable λ (a Parameter that requires grad while x carries
+        # the tangent: the old code raised NotImplementedError).
+        tv = TotalVariation1d(0.5, learnable=True).double()
+        assert gradcheck(tv, (x.clone().requires_grad_(),), check_forward_ad=True, atol=1e-8, rtol=1e-6)
+
+
+def test_tv_func_jvp_agrees_and_warns_at_ties():
+    # torch.func.jvp and jacfwd: the node's jvp (also under functorch), the same tangent
+    # as the dual-tensor API, central differences and the backward's Jacobian.
+    g = _gen(23)
+    x = _signal("noise", 2, 9, seed=24)
+    lam = torch.tensor([0.3, 0.8], dtype=F64)
+    dx, dlam = torch.randn(2, 9, generator=g, dtype=F64), torch.randn(2, generator=g, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y, t = torch.func.jvp(lambda a, b: tv_denoise(a, b), (x, lam), (dx, dlam))
+        jx = torch.func.jacfwd(lambda a: tv_denoise(a, lam))(x)
+        jl = torch.func.jacfwd(lambda b: tv_denoise(x, b))(lam)
+    assert torch.equal(y, tv_denoise(x, lam))
+    torch.testing.assert_close(t, _dual_tangent(x, lam, dx, dlam), atol=1e-15, rtol=0)
+    torch.testing.assert_close(t, _fd(x, lam, dx, dlam), atol=1e-7, rtol=0)
+    rev_x, rev_l = _reverse_jacobians(x, lam)
+    torch.testing.assert_close(jx.reshape(18, 18), rev_x, atol=1e-15, rtol=0)
+    torch.testing.assert_close(jl.reshape(18, 2), rev_l, atol=1e-15, rtol=0)
+    # At the review's tie (x = (0, 1), λ = 1/2): the warning, and the backward's Jacobian.
+    tie = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.warns(GradientWarning, match="tie"):
+        _, t = torch.func.jvp(lambda a: tv_denoise(a, 0.5), (tie,), (torch.tensor([-1.0, 0.0], dtype=F64),))
+    torch.testing.assert_close(t, torch.tensor([-0.5, -0.5], dtype=F64), atol=1e-15, rtol=0)
+
+
+def test_tv_forward_ad_equals_reverse_jacobian():
+    # A random input with per-row λ, one row at λ = 0 (the domain's edge: ∂y/∂λ is the
+    # one-sided P t at 0+ in the backward; the old forward mode gave 0 there).
+    g = _gen(25)
+    x = _signal("walk", 3, 10, seed=26)
+    lam = torch.tensor([0.0, 0.4, 1.3], dtype=F64)
+    dx, dlam = torch.randn(3, 10, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)
+    rev_x, rev_l = _reverse_jacobians(x, lam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        t = _dual_tangent(x, lam, dx, dlam)
+    expected = (rev_x @ dx.reshape(-1) + rev_l @ dlam).reshape(3, 10)
+    torch.testing.assert_close(t, expected, atol=1e-14, rtol=0)
+    assert rev_l[:10, 0].abs().sum() > 1.0  # the λ = 0 row's λ-derivative is not 0
+    # Tangent basis vectors: the whole Jacobian, column by column.
+    cols = torch.stack([_dual_tangent(x, lam, e.reshape(3, 10), None).reshape(-1)
+                        for e in torch.eye(30, dtype=F64)], 1)
+    torch.testing.assert_close(cols, rev_x, atol=1e-15, rtol=0)
+
+
+def _warnings_of(fn, *args) -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args)
+    return out, [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+
+
+@pytest.mark.parametrize("case", ["tie", "lam_zero_plateau"])
+def test_tv_forward_ad_warns_like_reverse_and_gives_its_jacobian(case):
+    # The review's tie (x = (0, 1), λ = 1/2: the two points just meet) and λ = 0 with
+    # equal neighbours (x and λ differentiated together): forward mode warned nothing
+    # and gave the solver's one-sided tangent ((-1, 0) for ẋ = (-1, 0) at the tie).
+    if case == "tie":
+        x, lam = torch.tensor([[0.0, 1.0]], dtype=F64), torch.tensor(0.5, dtype=F64)
+    else:
+        x, lam = torch.tensor([[1.0, 1.0, 2.0]], dtype=F64), torch.tensor(0.0, dtype=F64)
+    n = x.shape[1]
+    (rev_x, rev_l), rev_warn = _warnings_of(_reverse_jacobians, x, lam)
+    assert rev_warn and len(set(rev_warn)) == 1
+    for dx in torch.cat([torch.eye(n, dtype=F64), -torch.eye(n, dtype=F64)]):
+        for dlam in (torch.tensor(1.0, dtype=F64), torch.tensor(-1.0, dtype=F64)):
+            t, fwd_warn = _warnings_of(_dual_tangent, x, lam, dx.view(1, n), dlam)
+            # The same warning, naming the same rows; "tangent" where it says "gradient".
+            assert [m.replace("tangent", "gradient") for m in fwd_warn] == rev_warn[:1]
+            torch.testing.assert_close(t.reshape(-1), rev_x @ dx + rev_l[:, 0] * dlam, atol=1e-15, rtol=0)
+    if case == "tie":
+        assert "tie" in rev_warn[0]
+        with pytest.warns(GradientWarning, match="tie"):
+            t = _dual_tangent(x, lam, torch.tensor([[-1.0, 0.0]], dtype=F64), None)
+        torch.testing.assert_close(t, torch.tensor([[-0.5, -0.5]], dtype=F64), atol=1e-15, rtol=0)
+    else:
+        # Only x (or only λ) carrying a tangent: the partials exist, no warning (as in reverse).
+        assert "lam = 0 with equal neighbours" in rev_warn[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradientWarning)
+            assert torch.equal(_dual_tangent(x, lam, torch.ones(1, 3, dtype=F64), None), torch.ones(1, 3, dtype=F64))
+            torch.testing.assert_close(_dual_tangent(x, lam, None, torch.tensor(1.0, dtype=F64)),
+                                       torch.tensor([[0.5, 0.5, -1.0]], dtype=F64), atol=1e-15, rtol=0)
+
+
+def test_tv_tangent_differentiated_again_raises():
+    # The tangent is the first-order Jacobian product, computed without a graph: reverse
+    # mode over it, or torch.func.grad over torch.func.jvp, gave zeros silently.
+    import torch.autograd.forward_ad as fwAD
+
+    from convexddn.errors import DoubleBackwardError
+
+    x = _signal("walk", 1, 8, seed=27)[0].requires_grad_()
+    v = torch.randn(8, generator=_gen(28), dtype=F64)
+    with fwAD.dual_level():
+        t = fwAD.unpack_dual(tv_denoise(fwAD.make_dual(x, v), 0.5)).tangent
+        with pytest.raises(DoubleBackwardError):
+            torch.autograd.grad(t[0], x)
+    with pytest.raises(DoubleBackwardError):
+        torch.func.grad(lambda z: torch.func.jvp(lambda u: tv_denoise(u, 0.5), (z,), (v,))[1][0])(x.detach())
