@@ -368,7 +368,22 @@ class ConvexLayer(nn.Module):
             # Then one element at a time by the per-element path; autograd flows to each
             # element through the path that solved it.
             verdicts = [(info["kinds"][i], info["statuses"][i]) for i in redo]
-            fixed, part = self._solve_per_element(self._subset(flat, redo), call_args, (redo, batch))
+            sub = self._subset(flat, redo)
+            # Forward mode: the per-element path has no tangents, but failures need none.
+            # Solved without them first: elements it confirms failed (an infeasible one in
+            # a mixed batch) are masked or raised as in reverse mode; one it solves needs
+            # the derivative it cannot give, and is refused by name.
+            dual = any(forward_ad.unpack_dual(v).tangent is not None for v in sub)
+            if dual:
+                sub = [forward_ad.unpack_dual(v).primal for v in sub]
+            fixed, part = self._solve_per_element(sub, call_args, (redo, batch))
+            if dual and any(part["solved"]):
+                took = [i for i, ok in zip(redo, part["solved"]) if ok]
+                raise ProblemError(
+                    f"ConvexLayer: forward-mode differentiation is implemented on the batched path only, and "
+                    f"{len(took)} batch element(s) ({name_elements((took, batch), list(range(len(took))))}) were "
+                    "solved by the per-element path (the batched path did not certify them); use reverse mode "
+                    "(backward) there")
             merge_resolved(sols, info, redo, fixed, part)
             adopt_certificates(info, redo, verdicts)
             for check in (doubt_certificates, refuse_unverifiable):  # what the batched path saw

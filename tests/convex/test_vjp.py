@@ -117,6 +117,29 @@ def test_per_element_path_refuses_forward_mode_clearly():
         assert layer(*values).shape == (2, 5)
 
 
+def test_forward_mode_with_an_infeasible_element_masks_or_raises_as_reverse_mode():
+    """One infeasible element in a batch made the whole forward-mode call raise "forward
+    mode is implemented on the batched path only" (the failure went to the per-element
+    path for its second look): it is now masked (on_failure="mask") or raised as
+    infeasible, as in reverse mode, and the other elements get their tangents."""
+    from convexddn.errors import InfeasibleError, SolverWarning
+
+    q, b, z = cp.Parameter(3), cp.Parameter(), cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(z - q)), [z >= 0, cp.sum(z) <= b])
+    Q = torch.tensor([[0.3, 0.1, -0.5], [0.2, 0.4, 0.1], [1.0, 2.0, 3.0]], dtype=F64)
+    B = torch.tensor([1.0, -1.0, 2.0], dtype=F64)  # element 1: z >= 0 with sum(z) <= -1
+    T = torch.tensor([[1.0, -1.0, 0.5], [1.0, 1.0, 1.0], [0.5, 0.2, -0.3]], dtype=F64)
+    layer = ConvexLayer(prob, [q, b], [z], on_failure="mask")
+    with pytest.warns(SolverWarning, match=r"indices \[\(1,\)\]"):
+        got = _jvp(lambda qq: layer(qq, B), [Q], [T])
+    # Closed forms: row 0 projects q onto {z >= 0} (the sum bound 1 is slack): ż = ṫ where
+    # q > 0; row 2 onto the simplex face sum(z) = 2 with z_0 = 0 (q − 0.5 on the support).
+    torch.testing.assert_close(got[0], torch.tensor([1.0, -1.0, 0.0], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(got[2], torch.tensor([0.0, 0.25, -0.25], dtype=F64), atol=1e-9, rtol=0)
+    with pytest.raises(InfeasibleError, match=r"\(1,\)"):
+        _jvp(lambda qq: ConvexLayer(prob, [q, b], [z])(qq, B), [Q], [T])
+
+
 def test_lp_with_an_edge_of_optima_has_no_tangent():
     """The LPs of test_batched.py whose optimal set is an edge: the backward names and
     zeroes every element; forward mode gave tangents up to 1.5e3 without a warning (rounding
