@@ -9,6 +9,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.autograd import gradcheck
 from torch.autograd.functional import jacobian
@@ -1175,3 +1176,180 @@ def test_simplex_and_l1_long_half_rows(dtype, n):
     for y in (project_simplex(x.to(dtype), z=1.0), project_lp(x.to(dtype), 1, "ball", 1.0)):
         assert y.dtype == dtype
         torch.testing.assert_close(y.double(), want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- forward mode
+
+def _fwd_tangent(p, mode, x, r, vx, vr, requires_grad=False):
+    """ẏ by torch.autograd.forward_ad (a ``None`` tangent: that input is not dual)."""
+    if requires_grad:  # as inside a model that also records the reverse mode
+        x, r = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    with fwAD.dual_level():
+        xd = x if vx is None else fwAD.make_dual(x, vx)
+        rd = r if vr is None else fwAD.make_dual(r, vr)
+        return fwAD.unpack_dual(project_lp(xd, p, mode, rd)).tangent.detach()
+
+
+def _reverse_jvp(p, mode, x, r, vx, vr):
+    """J·v from the reverse mode (the backward's vjps on the basis vectors of y)."""
+    jx, jr = jacobian(lambda a, b: project_lp(a, p, mode, b), (x, r))
+    n = x.numel()
+    return (jx.reshape(n, -1) @ vx.reshape(-1) + jr.reshape(n, -1) @ vr.reshape(-1)).reshape(x.shape)
+
+
+def _generic_batch(seed):
+    """Rows inside (scale 0.1) and outside (scale 3) every ball: no ties, no zeros."""
+    x = torch.cat([_x(3, 5, scale=0.1, seed=seed), _x(3, 5, scale=3.0, seed=seed + 1)])
+    r = torch.tensor([1.0, 0.7, 1.3, 0.9, 1.1, 0.6], dtype=F64)
+    return x, r
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+def test_project_lp_forward_mode_matches_finite_differences(p, mode):
+    """ẏ from forward_ad equals the central difference at generic points, for tangents
+    in x, in the (tensor) radius and in both, with and without x, r requiring grad; and
+    gradcheck(check_forward_ad=True) passes. The Functions had no jvp: where the inputs
+    also required grad forward mode raised NotImplementedError; where not, p=1 with a
+    dual radius raised (an out= op), and p=2, inf ran torch's derivatives of the ops
+    (right at these points: gradcheck alone passed there)."""
+    x, r = _generic_batch(seed=40)
+    vx, vr = _x(6, 5, seed=42), _x(6, seed=43)
+    h = 1e-6
+    for tx, tr in ((vx, None), (None, vr), (vx, vr)):
+        dx = torch.zeros_like(x) if tx is None else tx
+        dr = torch.zeros_like(r) if tr is None else tr
+        fd = (project_lp(x + h * dx, p, mode, r + h * dr) - project_lp(x - h * dx, p, mode, r - h * dr)) / (2 * h)
+        for requires_grad in (False, True):
+            t = _fwd_tangent(p, mode, x, r, tx, tr, requires_grad)
+            torch.testing.assert_close(t, fd, atol=1e-7, rtol=1e-6)
+    x, r = _generic_batch(seed=44)
+    assert gradcheck(lambda a, b: project_lp(a, p, mode, b),
+                     (x.requires_grad_(True), r.requires_grad_(True)), check_forward_ad=True)
+
+
+def _kink_rows(p, mode):
+    """A non-differentiable row per case and its radius: where the Jacobian is the
+    backward's one-sided choice (module docstring), not torch's derivative of the ops."""
+    if p == math.inf:  # two coordinates at |x_i| = r: pinned (Dy = 0 there)
+        return torch.tensor([[1.0, 0.3, -1.0, 0.2, 0.5]], dtype=F64), torch.tensor([1.0], dtype=F64)
+    if p == 2 and mode == "sphere":  # x = 0: no derivative, zero in x and a warning
+        return torch.zeros(1, 5, dtype=F64), torch.tensor([1.5], dtype=F64)
+    if p == 2:  # on the boundary ‖x‖ = r exactly: the inside derivative (identity)
+        return torch.tensor([[3.0, 4.0, 0.0, 0.0, 0.0]], dtype=F64), torch.tensor([5.0], dtype=F64)
+    # p = 1: a coordinate 0 on the sphere from inside (tie rule: its sign is +); the
+    # ball: inside (Dy = I)
+    return torch.tensor([[0.1, 0.0, -0.2, 0.3, 0.05]], dtype=F64), torch.tensor([2.0], dtype=F64)
+
+
+def _gradient_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+
+
+@pytest.mark.parametrize("p,mode", CASES)
+def test_project_lp_func_jvp_matches_forward_ad_and_reverse_mode(p, mode):
+    """torch.func.jvp runs the same jvp as forward_ad, and both apply the backward's
+    Jacobian (reverse-mode vjps on the basis vectors), also at the kinks of
+    :func:`_kink_rows` (the reverse mode's one-sided choice, with its warning for the
+    sphere at x = 0); so does torch.func.jacfwd (the jvp vmapped over tangents). Without
+    the Function: p=1 with a tangent in the radius raised, p=inf passed ẋ at |x_i| = r,
+    the L2 ball took the outside derivative on its boundary, the sphere at x = 0 was silent."""
+    x, r = _generic_batch(seed=45)
+    xk, rk = _kink_rows(p, mode)
+    x, r = torch.cat([x, xk]), torch.cat([r, rk])
+    vx, vr = _x(*x.shape, seed=46), _x(r.numel(), seed=47)
+    f = lambda a, b: project_lp(a, p, mode, b)
+    t, w_func = _gradient_warnings(lambda: torch.func.jvp(f, (x, r), (vx, vr))[1])
+    t_fwd, w_fwd = _gradient_warnings(lambda: _fwd_tangent(p, mode, x, r, vx, vr))
+    rev, w_rev = _gradient_warnings(lambda: _reverse_jvp(p, mode, x, r, vx, vr))
+    jac_fwd, w_jacfwd = _gradient_warnings(lambda: torch.func.jacfwd(f, argnums=(0, 1))(x, r))
+    torch.testing.assert_close(t, t_fwd, atol=0, rtol=0)
+    torch.testing.assert_close(t, rev, atol=1e-14, rtol=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientWarning)  # (counted above)
+        torch.testing.assert_close(jac_fwd, jacobian(f, (x, r)), atol=1e-15, rtol=0)
+    at_zero = p == 2 and mode == "sphere"
+    for caught in (w_func, w_fwd, w_jacfwd):  # one call, one warning
+        assert len(caught) == (1 if at_zero else 0), caught
+    assert bool(w_rev) == at_zero  # (one per backward: one per entry of y)
+    assert all("1 row(s) are x = 0" in m for m in w_func + w_fwd + w_rev + w_jacfwd)
+    if at_zero:  # the radius still moves the point r·e₀: ẏ = e₀ ṙ there
+        torch.testing.assert_close(t[-1], vr[-1] * torch.eye(5, dtype=F64)[0], atol=0, rtol=0)
+
+
+def test_project_l1_forward_mode_tensor_radius():
+    """Review case (a): p=1 with a tensor radius raised NotImplementedError in forward
+    mode (torch.maximum(..., out=t) has no forward formula). x = [2, 0.3, 1.1, −0.5],
+    r = 1: θ = 1.05, y = [0.95, 0, 0.05, 0], support S = {0, 2}, s = [1, 0, 1, 0], so
+    ẏ = m∘ẋ − s(sᵀẋ − ṙ)/2: [0.25, 0, −0.25, 0] for ṙ = 0 and + s·ṙ/2 for ṙ = 0.4."""
+    x = torch.tensor([[2.0, 0.3, 1.1, -0.5]], dtype=F64)
+    vx = torch.tensor([[1.0, -2.0, 0.5, 0.3]], dtype=F64)
+    r = torch.tensor(1.0, dtype=F64)
+    want = torch.tensor([[0.25, 0.0, -0.25, 0.0]], dtype=F64)
+    for mode in MODES:  # outside the ball the sphere is the ball
+        torch.testing.assert_close(_fwd_tangent(1, mode, x, r, vx, None), want, atol=1e-15, rtol=0)
+        vr = torch.tensor(0.4, dtype=F64)
+        t = _fwd_tangent(1, mode, x, r, vx, vr)
+        torch.testing.assert_close(t, want + torch.tensor([[0.2, 0.0, 0.2, 0.0]], dtype=F64), atol=1e-15, rtol=0)
+        torch.testing.assert_close(t, _reverse_jvp(1, mode, x, r, vx, vr), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_project_linf_forward_mode_at_the_clamp_bound(mode):
+    """Review case (b): at |x_i| = r the backward's Dy is 0 (docstring: the coordinate
+    is pinned, where torch.clamp passes 1); forward mode gave the clamp's 1. Now it is
+    the reverse mode's value: J from vjps on the basis vectors, J·ẋ = [0, 1, 0], and
+    ẏ = sign(y)·ṙ on the pinned coordinates for a tangent in the radius."""
+    x = torch.tensor([1.0, 0.3, -1.0], dtype=F64)
+    vx = torch.ones(3, dtype=F64)
+    r = torch.tensor(1.0, dtype=F64)
+    xr = x.clone().requires_grad_(True)
+    y = project_lp(xr, math.inf, mode, 1.0)
+    jac = torch.stack([torch.autograd.grad(y[i], xr, retain_graph=True)[0] for i in range(3)])
+    t = _fwd_tangent(math.inf, mode, x, r, vx, None)
+    torch.testing.assert_close(t, jac @ vx, atol=0, rtol=0)
+    torch.testing.assert_close(t, torch.tensor([0.0, 1.0, 0.0], dtype=F64), atol=0, rtol=0)
+    t_r = _fwd_tangent(math.inf, mode, x, r, None, torch.tensor(0.5, dtype=F64))
+    torch.testing.assert_close(t_r, torch.tensor([0.5, 0.0, -0.5], dtype=F64), atol=0, rtol=0)
+
+
+def test_project_l2_sphere_zero_forward_mode_warns():
+    """Review case (c): at x = 0 the sphere has no derivative; reverse mode warns
+    (GradientWarning) and sets the gradient in x to zero, forward mode gave the zero
+    tangent silently. Now it warns the same (the rows counted), in forward_ad and
+    torch.func.jvp, and only where the tangent in x is asked for (as the backward does
+    where x requires grad); other rows keep (r/‖x‖)(ẋ − ûûᵀẋ)."""
+    x = torch.tensor([[0.0, 0, 0], [3.0, 4.0, 0], [0.0, 0, 0]], dtype=F64)
+    r = torch.tensor(1.5, dtype=F64)
+    vx = torch.tensor([[0.3, -0.7, 0.2], [1.0, 1.0, 1.0], [0.5, 0.1, -0.2]], dtype=F64)
+    u = torch.tensor([0.6, 0.8, 0.0], dtype=F64)
+    with pytest.warns(GradientWarning, match=r"2 row\(s\) are x = 0"):
+        t = _fwd_tangent(2, "sphere", x, r, vx, None)
+    assert torch.equal(t[[0, 2]], torch.zeros(2, 3, dtype=F64))
+    torch.testing.assert_close(t[1], 0.3 * (torch.ones(3, dtype=F64) - u * u.sum()))
+    with pytest.warns(GradientWarning, match=r"2 row\(s\) are x = 0"):
+        _, t_func = torch.func.jvp(lambda a: project_lp(a, 2, "sphere", r), (x,), (vx,))
+    torch.testing.assert_close(t_func, t, atol=0, rtol=0)
+    with warnings.catch_warnings():  # a tangent in the radius only: defined, silent
+        warnings.simplefilter("error")
+        t_r = _fwd_tangent(2, "sphere", x, r, None, torch.tensor(2.0, dtype=F64))
+    e0 = torch.eye(3, dtype=F64)[0]  # y = r·e₀ at x = 0, r·û elsewhere: ẏ = ṙ·e₀, ṙ·û
+    torch.testing.assert_close(t_r, 2.0 * torch.stack([e0, u, e0]))
+
+
+def test_project_l2_sphere_steep_gain_forward_mode_warns():
+    """The backward's overflow check in forward mode too: r = 3e38, ‖x‖ = 1 gives the
+    tangent 3e38·(ẋ − ûûᵀẋ), beyond float32 for ẋ = 2 (rows 0, 2; row 1 has ‖x‖ = 100),
+    named as the backward names them; ẋ = 1e-3 fits, silently. Forward mode gave Inf
+    without a word."""
+    x = _one_hot_rows()
+    x[1, 0] = 100.0
+    r = torch.tensor(F32_BIG)
+    with pytest.warns(GradientWarning, match=r"forward mode.*2 of 3 batch element\(s\) \(flat indices \[0, 2\]\)"):
+        t = _fwd_tangent(2, "sphere", x, r, torch.full_like(x, 2.0), None)
+    assert torch.isfinite(t).all(-1).tolist() == [False, True, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bool(torch.isfinite(_fwd_tangent(2, "sphere", x, r, torch.full_like(x, 1e-3), None)).all())

@@ -3,8 +3,9 @@
 
 Each ``*_forward`` computes one projection over dim ``d`` (batched, any device); each
 Function adds the hand-written backward (Gould et al. Table 2 for the sphere, §5.2 for
-the ball). The L1 and simplex projections are in :mod:`.simplex`; :mod:`.node`
-validates the options and picks one.
+the ball), and its subclass the forward mode (``jvp``, the same Jacobian applied to a
+tangent; the base, without it, is what torch.compile traces). The L1 and simplex
+projections are in :mod:`.simplex`; :mod:`.node` validates the options and picks one.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import warnings
 
 import torch
 
-from ..._autograd import bind_fast, first_order
+from ..._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents
 from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
 from ...errors import ConvexDDNWarning, GradientWarning, SolverError
 from .._overflow import gain_limit, warn_gradient_overflow
@@ -42,6 +43,13 @@ def needs_graph(x: torch.Tensor, r: float | torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or (isinstance(r, torch.Tensor) and r.requires_grad)
     )
+
+
+def carries_tangents(x: torch.Tensor, r: float | torch.Tensor) -> bool:
+    """Whether forward mode may track x or r (a dual level open, torch.func.jvp): then the
+    Function's ``jvp`` must run (torch's derivatives of the forward's ops passed ẋ at
+    |x_i| = r for p=inf, where Dy is 0). False in torch.compile, which cannot trace it."""
+    return not torch.compiler.is_compiling() and may_carry_tangents(x, r)
 
 
 # --------------------------------------------------------------------------- range
@@ -173,9 +181,33 @@ def _unit(y: torch.Tensor, r: float | torch.Tensor, d: int) -> torch.Tensor:
     )
 
 
+def _warn_l2(ctx, y: torch.Tensor, wrt_x: bool, what: str) -> None:
+    """The L2 Function's warnings (backward and jvp): sphere rows at x = 0, where no
+    derivative exists (only when the derivative in x is asked for: ``wrt_x``), and a
+    gain r/‖x‖ beyond the dtype's range (flagged by the forward, no host read here)."""
+    if ctx.zeros and wrt_x:
+        warnings.warn(
+            f"project_lp(p=2, mode='sphere'): {ctx.zeros} row(s) are x = 0, where every "
+            "sphere point is nearest and the projection has no derivative (r/‖x‖ → ∞): "
+            f"their {what} is set to zero",
+            GradientWarning,
+            stacklevel=3,
+        )
+    if ctx.overflow:
+        warnings.warn(
+            "project_lp(p=2): the gradient r/‖x‖·(I − ûûᵀ) overflows "
+            f"{y.dtype} where ‖x‖ < r / {torch.finfo(y.dtype).max:.1e}: it "
+            "is Inf (NaN where the projected gradient is 0)",
+            GradientWarning,
+            stacklevel=3,
+        )
+
+
 @bind_fast
-class L2ProjectionFn(torch.autograd.Function):
-    """y = x·min(1, r/‖x‖) (ball) or r·x/‖x‖ (sphere) with the Table 2 / §5.2 VJP."""
+class L2ReverseFn(torch.autograd.Function):
+    """y = x·min(1, r/‖x‖) (ball) or r·x/‖x‖ (sphere) with the Table 2 / §5.2 VJP only: what
+    torch.compile traces (dynamo refuses a Function with a jvp, "Unsupported custom jvp";
+    this one compiles with fullgraph=True). Forward mode: :class:`L2ProjectionFn`."""
 
     @staticmethod
     def forward(x, r, d, sphere):  # type: ignore[override]
@@ -194,23 +226,10 @@ class L2ProjectionFn(torch.autograd.Function):
     @first_order("project_lp")
     def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_steep, _grad_zeros):  # type: ignore[override]
         y, scale, r_t = ctx.saved_tensors
+        if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
+            grad_y = torch.zeros_like(y)
         r = ctx.r_float if r_t is None else r_t
-        if ctx.zeros and ctx.needs_input_grad[0]:
-            warnings.warn(
-                f"project_lp(p=2, mode='sphere'): {ctx.zeros} row(s) are x = 0, where every "
-                "sphere point is nearest and the projection has no derivative (r/‖x‖ → ∞): "
-                "their gradient with respect to x is set to zero",
-                GradientWarning,
-                stacklevel=2,
-            )
-        if ctx.overflow:
-            warnings.warn(
-                "project_lp(p=2): the gradient r/‖x‖·(I − ûûᵀ) overflows "
-                f"{y.dtype} where ‖x‖ < r / {torch.finfo(y.dtype).max:.1e}: it "
-                "is Inf (NaN where the projected gradient is 0)",
-                GradientWarning,
-                stacklevel=2,
-            )
+        _warn_l2(ctx, y, ctx.needs_input_grad[0], "gradient with respect to x")
         # Dy = (r/‖x‖)(I − ûûᵀ) outside the ball (û = y/r), I inside:
         # v ↦ s·(v − û(ûᵀv)).
         u = _unit(y, r, ctx.d)
@@ -234,6 +253,55 @@ class L2ProjectionFn(torch.autograd.Function):
             warn_gradient_overflow("project_lp(p=2)", grad_y, [("x", grad_x), ("radius", grad_r)],
                                    (ctx.d - y.ndim,))
         return grad_x, grad_r, None, None
+
+
+@bind_fast
+class L2ProjectionFn(L2ReverseFn):
+    """:class:`L2ReverseFn` with forward mode (torch.autograd.forward_ad, torch.func.jvp)."""
+
+    # torch.func.jacfwd vmaps the jvp over tangents (plain torch ops: vmap handles them).
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        L2ReverseFn.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*output[:2], inputs[1] if isinstance(inputs[1], torch.Tensor) else None)
+        # jvp: None, not zeros, for an input without a tangent (no x = 0 warning for r's).
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @first_order_jvp("project_lp")  # its tangent differentiated again: DoubleBackwardError
+    def jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,  # type: ignore[override]
+            _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None, None, None, None]:
+        r"""Forward mode, the backward's Jacobian (symmetric in x): with û = y/r and
+        s = r/‖x‖, outside the ball (every sphere row)
+
+        .. math:: \dot y = s\,(\dot x - \hat u\,\hat u^\top \dot x) + \hat u\,\dot r
+
+        and ẏ = ẋ inside the ball (boundary included); zero in x at sphere rows x = 0.
+        The backward's warnings, for the same rows."""
+        y, scale, r_saved = ctx.saved_tensors
+        r = ctx.r_float if r_saved is None else r_saved
+        _warn_l2(ctx, y, x_t is not None, "tangent from x")
+        u = _unit(y, r, ctx.d)
+        outside = None if ctx.sphere else scale < 1
+        out = None
+        if x_t is not None:
+            coef = (u * x_t).sum(ctx.d, keepdim=True)
+            if outside is not None:  # a select, as in the backward (Inf·0 is NaN)
+                coef = torch.where(outside, coef, torch.zeros_like(coef))
+            out = torch.addcmul(x_t, u, coef, value=-1.0).mul_(scale)
+        if r_t is not None:
+            dr = r_t if outside is None else torch.where(outside, r_t, torch.zeros_like(r_t))
+            # (Out of place: vmap, in torch.func.jacfwd, has no batching rule for addcmul_.)
+            out = u * dr if out is None else torch.addcmul(out, u, dr)
+        assert out is not None  # torch calls jvp only where some input has a tangent
+        if ctx.steep and not ctx.overflow:  # as in the backward: only where flagged
+            # A non-finite input tangent explains a non-finite output one: pass their sum.
+            incoming = sum((t for t in (x_t, r_t) if t is not None), torch.zeros_like(out))
+            warn_gradient_overflow("project_lp(p=2), forward mode", incoming,
+                                   [("x (the Jacobian-vector product)", out)], (ctx.d - y.ndim,))
+        return out, None, None, None, None
 
 
 # --------------------------------------------------------------------------- L∞
@@ -263,8 +331,10 @@ def linf_forward(
 
 
 @bind_fast
-class LinfProjectionFn(torch.autograd.Function):
-    """Clamp (ball) / clamp-and-push (sphere) with the VJP that zeroes pinned coordinates."""
+class LinfReverseFn(torch.autograd.Function):
+    """Clamp (ball) / clamp-and-push (sphere) with the VJP that zeroes pinned coordinates,
+    reverse mode only: the Function torch.compile traces (as :class:`L2ReverseFn`).
+    Forward mode: :class:`LinfProjectionFn`."""
 
     @staticmethod
     def forward(x, r, d, sphere):  # type: ignore[override]
@@ -281,6 +351,8 @@ class LinfProjectionFn(torch.autograd.Function):
     @first_order("project_lp")
     def backward(ctx, grad_y):  # type: ignore[override]
         y, r_t = ctx.saved_tensors
+        if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
+            grad_y = torch.zeros_like(y)
         r = ctx.r_float if r_t is None else r_t
         # Coordinates at ±r are pinned (dy/dx = 0, dy/dr = ±1); the others pass through.
         # |y| ≤ r, so sign(r − |y|) is the pass-through indicator, built in floating point
@@ -295,3 +367,37 @@ class LinfProjectionFn(torch.autograd.Function):
             grad_r = _sum_to(pinned_grad.sum(ctx.d, keepdim=True), r_t)
         return grad_x, grad_r, None, None
 
+
+@bind_fast
+class LinfProjectionFn(LinfReverseFn):
+    """:class:`LinfReverseFn` with forward mode (torch.autograd.forward_ad, torch.func.jvp)."""
+
+    # torch.func.jacfwd vmaps the jvp over tangents (plain torch ops: vmap handles them).
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        LinfReverseFn.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output, inputs[1] if isinstance(inputs[1], torch.Tensor) else None)
+        # jvp: None, not zeros, for an input without a tangent (nothing computed for it).
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @first_order_jvp("project_lp")  # its tangent differentiated again: DoubleBackwardError
+    def jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,  # type: ignore[override]
+            _d_t: None, _sphere_t: None) -> torch.Tensor:
+        r"""Forward mode, the backward's (diagonal) Jacobian: with f = [|y| < r] the free
+        coordinates,
+
+        .. math:: \dot y = f \circ \dot x + (1 - f) \circ \operatorname{sign}(y)\,\dot r
+
+        so a coordinate exactly at |x_i| = r is pinned (tangent 0 in x), as in the
+        backward, where the clamp's own derivative passes ẋ_i."""
+        y, r_saved = ctx.saved_tensors
+        free = torch.sub(ctx.r_float if r_saved is None else r_saved, y.abs()).sign_()
+        out = None if x_t is None else x_t * free
+        if r_t is not None:
+            pinned = (y.sign() * r_t).mul_(1.0 - free)
+            out = pinned if out is None else out.add_(pinned)
+        assert out is not None  # torch calls jvp only where some input has a tangent
+        return out

@@ -37,16 +37,9 @@ from ..._checks import (
 from ..._autograd import may_carry_tangents
 from ...errors import ShapeError
 from .._repr import format_option
-from .kernels import (
-    L2ProjectionFn,
-    LinfProjectionFn,
-    l2_forward,
-    linf_forward,
-    narrowed,
-    needs_graph,
-    wide_dtype,
-)
-from .simplex import L1ProjectionFn, SimplexProjectionFn, l1_forward, simplex_forward
+from .kernels import (L2ProjectionFn, L2ReverseFn, LinfProjectionFn, LinfReverseFn, carries_tangents,
+                      l2_forward, linf_forward, narrowed, needs_graph, wide_dtype)
+from .simplex import L1ProjectionFn, L1ReverseFn, SimplexProjectionFn, l1_forward, simplex_forward
 
 __all__ = ["LpProjection", "SimplexProjection", "normalize_p", "project_lp", "project_simplex"]
 
@@ -224,12 +217,18 @@ def project_lp(
         return narrowed(y, x.dtype, d, f"project_lp(p={_p_repr(p)}, mode={mode!r})", "radius", radius)
     r = _prepare_radius(radius, x, d)
     sphere = mode == "sphere"
-    graph = needs_graph(x, r)
+    # Forward mode runs the Function with the jvp; reverse mode alone (and torch.compile,
+    # which refuses a jvp: the L2/L∞ projections compile with fullgraph=True) its base.
+    tangents = carries_tangents(x, r)
+    graph = tangents or needs_graph(x, r)
     if p == 2:
-        return (L2ProjectionFn.apply if graph else l2_forward)(x, r, d, sphere)[0]
+        fn = L2ProjectionFn if tangents else L2ReverseFn
+        return (fn.apply if graph else l2_forward)(x, r, d, sphere)[0]
     if p == 1:
-        return (L1ProjectionFn.apply if graph else l1_forward)(x, r, d, sphere)[0]
-    return (LinfProjectionFn.apply if graph else linf_forward)(x, r, d, sphere)
+        fn = L1ProjectionFn if tangents else L1ReverseFn
+        return (fn.apply if graph else l1_forward)(x, r, d, sphere)[0]
+    fn = LinfProjectionFn if tangents else LinfReverseFn
+    return (fn.apply if graph else linf_forward)(x, r, d, sphere)
 
 
 def project_simplex(

@@ -1,5 +1,5 @@
 r"""Euclidean projections by a sorted threshold: the L1 ball/sphere and the simplex, and
-their vector–Jacobian products (autograd Functions).
+their vector–Jacobian products (autograd Functions, with a ``jvp`` for forward mode).
 
 Both reduce to :math:`y_i = \max(x_i - \tau, 0)` (with signs for L1) for the threshold
 :math:`\tau` found by one sort and a running sum (Duchi et al. 2008); rows whose
@@ -18,7 +18,7 @@ from ..._checks import check_finite
 from ...errors import SolverError
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
-__all__ = ["L1ProjectionFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
+__all__ = ["L1ProjectionFn", "L1ReverseFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
 
 # Where the radius is Inf in x's dtype: the public functions widen a radius beyond that
 # range first (kernels.wide_dtype), except inside torch.compile (no host read there).
@@ -59,8 +59,9 @@ def _shifted_simplex(
     bounds the prefix sums by n·z, and speeds up the sort (many equal keys). Without
     the shift, θ ≈ max|x| cancels against |x| and |x| ≫ z/eps gives zeros.
     """
-    # In place: entries below -z stay below θ, so t keeps its use for the answer.
-    t = t.clamp_(min=-z) if isinstance(z, float) else torch.maximum(t, -z, out=t)
+    # In place: entries below -z stay below θ, so t keeps its use for the answer. A clamp
+    # for a tensor z too (as fast): torch.maximum(..., out=t) has no forward-mode formula.
+    t = t.clamp_(min=-z)
     u = t.sort(dim=d, descending=True).values
     # Prefix sums in float32 at least: in bfloat16 (8 bits) they stop growing after ~256
     # entries at -z, ρ was over-counted and sparsemax rows summed to 3.6.
@@ -133,8 +134,10 @@ def l1_forward(
 
 
 @bind_fast
-class L1ProjectionFn(torch.autograd.Function):
-    """Duchi et al. projection onto the L1 ball/sphere with the Table 2 / §5.2 VJP."""
+class L1ReverseFn(torch.autograd.Function):
+    """Duchi et al. projection onto the L1 ball/sphere with the Table 2 / §5.2 VJP, reverse
+    mode only (what torch.compile traces: dynamo refuses a Function with a jvp). Forward
+    mode: :class:`L1ProjectionFn`."""
 
     @staticmethod
     def forward(x, r, d, sphere):  # type: ignore[override]
@@ -152,6 +155,8 @@ class L1ProjectionFn(torch.autograd.Function):
     @first_order("project_lp")
     def backward(ctx, grad_y, _grad_active):  # type: ignore[override]
         y, active, r_t = ctx.saved_tensors
+        if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
+            grad_y = torch.zeros_like(y)
         d = ctx.d
         # On the support S (y ≠ 0) with s = sign(y): Dy = diag(1_S) − (s∘1_S)(s∘1_S)ᵀ/|S|;
         # inside the ball (θ = 0) Dy = I.
@@ -172,6 +177,47 @@ class L1ProjectionFn(torch.autograd.Function):
             grad_r = _sum_to(coef, r_t)
         # Entries of Dy are at most 1 (dy/dr: 1/|S|): no gain to check, no host read.
         return grad_x, grad_r, None, None
+
+
+@bind_fast
+class L1ProjectionFn(L1ReverseFn):
+    """:class:`L1ReverseFn` with forward mode (torch.autograd.forward_ad, torch.func.jvp)."""
+
+    # torch.func.jacfwd vmaps the jvp over tangents (plain torch ops: vmap handles them).
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        L1ReverseFn.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*output)
+        # jvp: None, not zeros, for an input without a tangent (nothing computed for it).
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @first_order_jvp("project_lp")  # its tangent differentiated again: DoubleBackwardError
+    def jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,  # type: ignore[override]
+            _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None]:
+        r"""Forward mode, the backward's Jacobian (symmetric in x): with s = sign(y) and
+        m = |s| the support indicator, on rows outside the ball (and every sphere row)
+
+        .. math:: \dot y = m \circ \dot x - s\,(s^\top \dot x - \dot r)/|S|
+
+        (θ = (Σ_S |x| − r)/|S|, so dy/dr = s/|S|); on rows inside the ball ẏ = ẋ."""
+        y, active = ctx.saved_tensors
+        d = ctx.d
+        s = y.sign()
+        m = s.abs()
+        k = m.sum(d, keepdim=True).clamp_(min=1.0)
+        shift = (s * x_t).sum(d, keepdim=True) if x_t is not None else torch.zeros_like(k)
+        if r_t is not None:
+            shift = shift - r_t
+        # A select, not a product with the mask (as in the backward): Inf·0 would be NaN.
+        coef = torch.where(active, shift / k, torch.zeros_like(k))
+        if x_t is None:
+            base = torch.zeros_like(y)
+        else:  # the support on active rows, everything on inactive ones
+            base = x_t * torch.maximum(m, (~active).to(m.dtype))
+        return torch.addcmul(base, s, coef, value=-1.0), None
 
 
 def simplex_forward(
