@@ -240,7 +240,7 @@ def test_config_refuses_a_rate_that_replaces_no_point(field):
     """A positive rate with round(rate * n_points) == 0 ran as clean clouds under the
     rate's label (0.1 % of 256 points: no outlier at all)."""
     rates = {"rates": (0.0, 0.001)} if field == "rates" else {"timing_rates": (0.001,)}
-    with pytest.raises(OptionError, match=rf"{field}: an outlier rate of 0\.001 with n_points=256 replaces "
+    with pytest.raises(OptionError, match=rf"{field}: an outlier rate of 0\.001 \(0\.1 %\) with n_points=256 replaces "
                                           r"round\(0\.001 \* 256\) = 0 points"):
         Config(out=None, progress=False, **rates).validate()  # (run() validates first, too)
     Config(out=None, progress=False, n_points=256, rates=(0.0, 1 / 256)).validate()  # one point: accepted

@@ -166,7 +166,7 @@ def test_add_outliers_deterministic_and_invalid():
         with pytest.raises(OptionError):
             add_outliers(x, bad, torch.Generator())
     # A positive rate too small to replace one of the 40 points is refused, not a no-op.
-    with pytest.raises(OptionError, match=r"0\.01 with n_points=40"):
+    with pytest.raises(OptionError, match=r"0\.01 \(1 %\) with n_points=40"):
         add_outliers(x, 0.01, torch.Generator())
 
 
