@@ -36,7 +36,8 @@ from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_elemen
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved,
                      name_elements, refuse_unverifiable, status_kind, unravel)
 from .state import picklable_state, restore_state, uncached
-from .validation import check_values, solver_choice, validate_problem, validate_solver_args
+from .validation import check_values, parameter_label, solver_choice, validate_problem, validate_solver_args
+from .widen import widened
 
 __all__ = ["ConvexLayer"]
 
@@ -314,9 +315,9 @@ class ConvexLayer(nn.Module):
             return outs[0] if len(outs) == 1 else outs
 
         flat = []
-        for value, param in zip(values, self.parameters_):
+        for i, (value, param) in enumerate(zip(values, self.parameters_)):
             shape = tuple(param.shape)
-            v64 = value.to(torch.float64)
+            v64 = widened(value, parameter_label(i, param, getattr(self, "_labels", None)))
             # Unbatched parameters stay shared (both backends broadcast them).
             flat.append(v64 if value.dim() == len(shape) else
                         v64.expand(batch + shape).reshape((n_batch,) + shape))

@@ -673,6 +673,25 @@ def test_float32_outputs_beyond_range_warn():
         assert out.dtype == torch.float32 and torch.isinf(out)
 
 
+def test_float16_gradients_beyond_range_warn():
+    """dL/da = −10 b / a² = −1e5 for a float16 a = 0.01 came back as −inf, silently."""
+    a, b, x = cp.Parameter(pos=True), cp.Parameter(), cp.Variable()
+    prob = cp.Problem(cp.Minimize(cp.square(a * x - b)))  # x* = b / a
+    for solver in ("auto", "Clarabel"):
+        layer = cddn.ConvexLayer(prob, [a, b], [x], solver=solver)
+        A = torch.tensor(0.01, dtype=torch.float16, requires_grad=True)
+        B = torch.tensor(1.0, dtype=torch.float16, requires_grad=True)
+        with pytest.warns(GradientWarning, match=r"1 gradient entries of parameter 0 \(.*\) exceed the range of "
+                                                 r"torch.float16"):
+            (10.0 * layer(A, B)).backward()
+        assert torch.isinf(A.grad) and A.grad.dtype == torch.float16
+        A = torch.tensor(0.5, dtype=torch.float16, requires_grad=True)  # −40: fits, and no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            (10.0 * layer(A, B)).backward()
+        assert A.grad.item() == pytest.approx(-40.0, rel=1e-3)
+
+
 def test_float16_symmetric_parameter_with_large_entries():
     """Finite float16 entries of 40000 overflowed in the symmetrisation (v + vᵀ)/2: the
     solver saw Inf (SolverError "KKT residual nan", or numerical trouble)."""
