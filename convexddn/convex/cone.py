@@ -23,7 +23,7 @@ from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
-from .parametric import Parametric, data_grads, unique_anyway
+from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
 __all__ = ["POLISH_ABOVE", "ResidualMap", "kkt_residual", "verify_certificate"]
 
@@ -148,23 +148,23 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
 _UNDECIDED = 1e-9
 
 
-def _strict_complementarity_fails(cones, y: np.ndarray, s: np.ndarray) -> bool:
-    """Whether some nonnegative row has multiplier and slack both (relatively) zero.
+def _undecided_rows(cones, y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The nonnegative rows whose multiplier and slack are both (relatively) zero.
 
     ``cones``: diffcp's parsed list of ``(name, size)`` in row order.
     """
     scale = 1.0 + max(np.abs(y).max(initial=0.0), np.abs(s).max(initial=0.0))
-    offset = 0
+    offset, found = 0, []
     for name, size in cones:
         sizes = size if isinstance(size, (tuple, list)) else (size,)
         if name == cone_lib.POS:
             k = int(sum(sizes))
-            if np.any(np.abs(y[offset:offset + k] - s[offset:offset + k]) <= _UNDECIDED * scale):
-                return True
+            found.append(offset + np.flatnonzero(np.abs(y[offset:offset + k] - s[offset:offset + k])
+                                                 <= _UNDECIDED * scale))
         for dim in sizes:
             offset += (cone_lib.vec_psd_dim(dim) if name == cone_lib.PSD
                        else 3 * dim if name in (cone_lib.EXP, cone_lib.EXP_DUAL) else dim)
-    return False
+    return np.concatenate(found) if found else np.zeros(0, dtype=int)
 
 
 class ResidualMap:
@@ -304,7 +304,7 @@ class ResidualMap:
         M = self._operator(z)
         dproj = _diffcp.dprojection(z[n:n + m], self.cones_cpp, True)
         pi_z = self._pi(z)
-        undecided = _strict_complementarity_fails(self.cones, y, s)
+        undecided = _undecided_rows(self.cones, y, s)
 
         def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):
             # This call's flags only (a zero cotangent returns before any solve; the
@@ -329,11 +329,51 @@ class ResidualMap:
                     self.inaccurate = self.relative_residual
             degenerate = self.degenerate and (parametric is None
                                               or not unique_anyway(Mz, dz, pi_z, n, parametric))
-            self.degenerate = degenerate or undecided
-            return data_grads(r, pi_z, n, rows, cols)
+            grads = data_grads(r, pi_z, n, rows, cols)
+            self.degenerate = degenerate or (undecided.size > 0 and not (
+                isinstance(Mz, np.ndarray) and self._either_side(z, undecided, (dx, dy, dw), r, pi_z, parametric)))
+            return grads
 
         return vjp
 
+    def _either_side(self, z, undecided, dz_parts, r, pi_z, parametric: Parametric | None) -> bool:
+        """Whether the gradient is the same whichever side of its kink each undecided
+        nonnegative row (multiplier and slack both ~0) is taken on: the projection's
+        derivative there is 0 or 1, and the adjoint solved densely with each choice must
+        give the same gradient as ``r`` (a free epigraph variable's bound, e.g.
+        ‖x_i‖ <= t_i with row i inside, is such a row; a weakly active constraint is
+        not). Compared in the parameters θ where ``parametric`` says how they move the
+        data (a constant objective's entries may differ: no parameter reads them).
+        ``dz_parts``: the cotangent's ``(dx, dy, dw)``."""
+        n, m = self.n, self.m
+        dx, dy, dw = dz_parts
+
+        if parametric is None:  # (no map to θ: every difference in the data would count)
+            return False
+
+        def gradient(adj):
+            return (theta_grads(parametric, *data_grads(adj, pi_z, n, parametric.rows, parametric.cols)),)
+
+        base = gradient(r)
+        size = max(max(np.abs(g).max(initial=0.0) for g in base), 1e-300)
+        kept = self.degenerate
+        try:
+            for side in (1.0, -1.0):
+                zs = z.copy()
+                zs[n + undecided] = side * 1e-12 * (1.0 + np.abs(z).max())
+                dproj = _diffcp.dprojection(zs[n:n + m], self.cones_cpp, True)
+                other = gradient(self._solve(self._operator(zs, dense=True),
+                                             np.concatenate([dx, dproj.rmatvec(dy), [dw]]), transpose=True))
+                if any(np.abs(a - b).max(initial=0.0) > _SIDE_RTOL * size for a, b in zip(other, base)):
+                    return False
+            return True
+        finally:
+            self.degenerate = kept
+
+
+# Relative difference between the gradients on the two sides of an undecided row below
+# which it is taken as one (dense solves of one system: ~1e-14 apart when it is).
+_SIDE_RTOL = 1e-8
 
 # The largest relative residual accepted from LSMR on the (consistent) adjoint system
 # (converged solves reach ~1e-12); above it, the dense solve below this size.

@@ -673,6 +673,35 @@ def test_float32_outputs_beyond_range_warn():
         assert out.dtype == torch.float32 and torch.isinf(out)
 
 
+def test_per_element_undecided_row_warns_only_where_the_side_matters():
+    """A nonnegative row with multiplier and slack both ~0 was always reported "not
+    unique or not differentiable": also the bound t_aux <= t_i of a ball row strictly
+    inside (CVXPY's free epigraph variable), where the gradient is exact whichever side
+    is taken. It now warns only where the two sides' gradients differ."""
+    Q, t = cp.Parameter((3, 2)), cp.Parameter(3, nonneg=True)
+    X = cp.Variable((3, 2))
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - Q)), [cp.norm(X, 2, axis=1) <= t])
+    Qv = torch.tensor([[1.0, 2.0], [0.1, 0.1], [-3.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    tv = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    W = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (cddn.ConvexLayer(prob, [Q, t], [X], solver="Clarabel")(Qv, tv) * W).sum().backward()
+    # Closed form: X_i = Q_i min(1, t_i / ‖Q_i‖).
+    Qc, tc = Qv.detach().clone().requires_grad_(), tv.detach().clone().requires_grad_()
+    nrm = Qc.norm(dim=1, keepdim=True)
+    (Qc * torch.clamp(tc[:, None] / nrm, max=1.0) * W).sum().backward()
+    torch.testing.assert_close(Qv.grad, Qc.grad, atol=1e-9, rtol=0)
+    torch.testing.assert_close(tv.grad, tc.grad, atol=1e-9, rtol=0)
+    # A weakly active bound (x >= 0 at q_0 = 0: dx_0/dq_0 is 0 on one side, 1 on the
+    # other) still warns.
+    q, x = cp.Parameter(2), cp.Variable(2)
+    weak = cp.Problem(cp.Minimize(cp.sum_squares(x - q)), [x >= 0])
+    qv = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="not unique or not differentiable"):
+        cddn.ConvexLayer(weak, [q], [x], solver="Clarabel")(qv)[0].backward()
+
+
 def test_float16_gradients_beyond_range_warn():
     """dL/da = −10 b / a² = −1e5 for a float16 a = 0.01 came back as −inf, silently."""
     a, b, x = cp.Parameter(pos=True), cp.Parameter(), cp.Variable()
