@@ -166,6 +166,10 @@ class _EigenFunction(torch.autograd.Function):
     differentiable; ``V`` is None where V_k is V itself (all N asked for in V's dtype).
     """
 
+    # torch.func.jacfwd vmaps the jvp over tangents (it worked through eigh's own
+    # derivative before forward mode came here); the rule torch generates does.
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(X, k, largest, gap_tol):  # type: ignore[override]
         lam_k, Vk, mu, V = _eigen_forward(X, k, largest, keep=True)

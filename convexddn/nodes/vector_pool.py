@@ -48,6 +48,7 @@ from .._autograd import (
     bind_fast,
     first_order,
     first_order_jvp,
+    functorch_transforms,
     may_carry_tangents,
     without_autocast,
 )
@@ -357,7 +358,10 @@ def robust_vector_pool(
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             _DEFAULT_STARTS if starts is None else starts)
     if (torch.is_grad_enabled() and (x.requires_grad or (isinstance(alpha, torch.Tensor) and alpha.requires_grad))) \
-            or may_carry_tangents(x, alpha):  # (forward mode: the Function's jvp, not the solver's ops)
+            or (may_carry_tangents(x, alpha) and "Vmap" not in functorch_transforms()):
+        # Forward mode: the Function's jvp, not the solver's ops. Not under vmap
+        # (torch.func.jacfwd): the jvp's singularity test reads the host; the solver's ops
+        # differentiated, as before, give jacfwd its Jacobian there.
         y = _VectorPoolFunction.apply(*args)
     else:
         y = _VectorPoolFunction.forward(*args)
