@@ -7,6 +7,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -114,6 +115,28 @@ def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functio
 
     cls.apply = classmethod(apply)  # type: ignore[method-assign]
     return cls
+
+
+def with_forward_mode(base: type, what: str, saved: Callable[[tuple, Any], tuple], jvp: Callable) -> type:
+    """``base``, a reverse-only Function, with forward mode
+    (torch.autograd.forward_ad, torch.func.jvp): ``jvp(ctx, x_t, r_t, d_t, sphere_t)``
+    reads ``ctx.saved_tensors = saved(inputs, output)``. A subclass, not ``base`` itself:
+    torch.compile refuses a Function with a jvp, and the reverse-only one compiles whole.
+    Inputs without a tangent reach the jvp as None, not zeros (nothing is computed, or
+    warned, for them); torch.func.jacfwd vmaps the jvp by the rule torch generates (plain
+    torch ops)."""
+    def setup_context(ctx, inputs, output):
+        base.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*saved(inputs, output))
+        ctx.set_materialize_grads(False)
+
+    name = base.__name__.replace("Reverse", "Projection")
+    return bind_fast(type(name, (base,), {
+        "__doc__": f":class:`{base.__name__}` with forward mode (torch.autograd.forward_ad, torch.func.jvp).",
+        "__module__": base.__module__, "generate_vmap_rule": True,
+        "setup_context": staticmethod(setup_context),
+        # its tangent differentiated again: DoubleBackwardError
+        "jvp": staticmethod(first_order_jvp(what)(jvp))}))
 
 
 class _SecondOrderUnsupported(torch.autograd.Function):

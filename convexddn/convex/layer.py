@@ -30,13 +30,14 @@ from torch.autograd import forward_ad
 
 from .._autograd import first_order_only
 from .._checks import check_choice, check_int, check_tolerance
-from ..errors import NotDPPError, OptionError, ProblemError, SolverWarning
+from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
-from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, masked_outputs, merge_resolved,
-                     name_elements, refuse_unverifiable, status_kind, unravel)
+from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
+                     masked_outputs, merge_resolved, refuse_unverifiable, status_kind, unravel)
 from .state import picklable_state, restore_state, uncached
-from .validation import check_values, parameter_label, solver_choice, validate_problem, validate_solver_args
+from .validation import (check_values, element_subset, parameter_label, solver_choice, validate_problem,
+                         validate_solver_args)
 from .widen import widened
 
 __all__ = ["ConvexLayer"]
@@ -246,11 +247,8 @@ class ConvexLayer(nn.Module):
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
                            where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list, dict]:
         if any(forward_ad.unpack_dual(v).tangent is not None for v in flat):
-            raise ProblemError(
-                f"ConvexLayer: forward-mode differentiation is implemented on the batched path only, and "
-                f"{len(where[0])} batch element(s) ({name_elements(where, list(range(len(where[0]))))}) need the "
-                f"per-element path (solver={self.solver!r}, a problem the batched path does not take, or "
-                "elements it did not certify); use reverse mode (backward) there")
+            raise forward_mode_refused(where, f"need the per-element path (solver={self.solver!r}, a problem the "
+                                       "batched path does not take, or elements it did not certify)")
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
         with self._build_lock:
             layer = self._per_element_layer()
@@ -278,13 +276,6 @@ class ConvexLayer(nn.Module):
                     except UnsupportedProblem:
                         self._opinion = False
         return self._opinion if self._opinion and self._opinion.fits(device) else None
-
-    def _subset(self, flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
-        """The flat parameters of the elements ``idx`` (shared ones stay shared)."""
-        sub = [v[idx] if v.dim() > len(p.shape) else v for v, p in zip(flat, self.parameters_)]
-        if all(v.dim() == len(p.shape) for v, p in zip(flat, self.parameters_)):
-            sub = [v.unsqueeze(0) for v in sub]
-        return sub
 
     @torch.compiler.disable  # a clean graph break: the solve is not traceable
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
@@ -358,7 +349,7 @@ class ConvexLayer(nn.Module):
                      if not ok or (self.refine > 0 and r > POLISH_ABOVE)]
             program = self._opinion_program(device) if doubt else None
             if program is not None:
-                fixed, part = self._solve_batched(program, self._subset(flat, doubt), (doubt, batch))
+                fixed, part = self._solve_batched(program, element_subset(self.parameters_, flat, doubt), (doubt, batch))
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])
                 adopt_certificates(info, doubt, list(zip(part["kinds"], part["statuses"])))
                 doubt_certificates(info, doubt, part["points"])
@@ -366,25 +357,18 @@ class ConvexLayer(nn.Module):
         sols, info = self._solve_batched(self._batched, flat, (range(math.prod(batch)), batch))
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo and not self._qp_only:  # (which the per-element path cannot take)
-            # Then one element at a time by the per-element path; autograd flows to each
-            # element through the path that solved it.
+            # Then per element; autograd flows to each element through the path that solved it.
             verdicts = [(info["kinds"][i], info["statuses"][i]) for i in redo]
-            sub = self._subset(flat, redo)
-            # Forward mode: the per-element path has no tangents, but failures need none.
-            # Solved without them first: elements it confirms failed (an infeasible one in
-            # a mixed batch) are masked or raised as in reverse mode; one it solves needs
-            # the derivative it cannot give, and is refused by name.
+            sub = element_subset(self.parameters_, flat, redo)
+            # Forward mode: solved without tangents (failures need none: masked or raised as
+            # in reverse mode); an element it solves needs a tangent it cannot give: refused.
             dual = any(forward_ad.unpack_dual(v).tangent is not None for v in sub)
-            if dual:
-                sub = [forward_ad.unpack_dual(v).primal for v in sub]
+            sub = [forward_ad.unpack_dual(v).primal for v in sub]
             fixed, part = self._solve_per_element(sub, call_args, (redo, batch))
             if dual and any(part["solved"]):
                 took = [i for i, ok in zip(redo, part["solved"]) if ok]
-                raise ProblemError(
-                    f"ConvexLayer: forward-mode differentiation is implemented on the batched path only, and "
-                    f"{len(took)} batch element(s) ({name_elements((took, batch), list(range(len(took))))}) were "
-                    "solved by the per-element path (the batched path did not certify them); use reverse mode "
-                    "(backward) there")
+                raise forward_mode_refused((took, batch), "were solved by the per-element path (the batched "
+                                           "path did not certify them)")
             merge_resolved(sols, info, redo, fixed, part)
             adopt_certificates(info, redo, verdicts)
             for check in (doubt_certificates, refuse_unverifiable):  # what the batched path saw
@@ -405,7 +389,7 @@ class ConvexLayer(nn.Module):
                 "points": binfo.points.tolist()}  # (not an INFO_KEYS entry: kept through merges)
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
         if redo:
-            fixed, finfo = program(*self._subset(flat, redo), second_opinion=True,
+            fixed, finfo = program(*element_subset(self.parameters_, flat, redo), second_opinion=True,
                                    where=([where[0][i] for i in redo], where[1]))
             for i, bits in zip(redo, finfo.points.tolist()):
                 info["points"][i] |= bits

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConvexDDNWarning, InfeasibleError, SolverError, UnboundedError
+from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
@@ -63,6 +63,14 @@ def name_elements(where: tuple[Sequence[int], tuple[int, ...]] | None, idx: list
     if where is None:
         return f"flat indices {idx[:20]}{more}"
     return f"batch indices {unravel([where[0][i] for i in idx[:20]], where[1])}{more}"
+
+
+def forward_mode_refused(where: tuple[Sequence[int], tuple[int, ...]], reason: str) -> ProblemError:
+    """The error for elements whose forward-mode tangent the per-element path cannot give."""
+    n = len(where[0])
+    return ProblemError(f"ConvexLayer: forward-mode differentiation is implemented on the batched path only, and "
+                        f"{n} batch element(s) ({name_elements(where, list(range(n)))}) {reason}; use reverse "
+                        "mode (backward) there")
 
 
 def status_kind(status: str) -> str:

@@ -328,6 +328,14 @@ def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.P
     return values, batch
 
 
+def element_subset(parameters: Sequence[cp.Parameter], flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+    """The flat parameter values of the batch elements ``idx`` (shared ones stay shared)."""
+    sub = [v[idx] if v.dim() > len(p.shape) else v for v, p in zip(flat, parameters)]
+    if all(v.dim() == len(p.shape) for v, p in zip(flat, parameters)):
+        sub = [v.unsqueeze(0) for v in sub]
+    return sub
+
+
 _MISSING = object()
 
 

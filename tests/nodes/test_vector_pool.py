@@ -500,7 +500,7 @@ def test_robust_vector_pool_sets_far_from_zero(dtype, offset, alpha, name):
 def test_robust_vector_pool_range_check_reads_the_host_once(offset, alpha, host_reads):
     """The range check (spread, offset, scale and finiteness of x) is one host read,
     whether or not a set is moved to its midpoint or alpha rescaled."""
-    from convexddn.nodes.vector_pool import _in_units
+    from convexddn.nodes._vector_pool_units import in_units as _in_units
 
     x3 = torch.randn(4, 10, 3, generator=torch.Generator().manual_seed(8)) + offset
     a = torch.full((4,), 0.5, dtype=D) if alpha == "tensor" else torch.tensor(1.0, dtype=D)

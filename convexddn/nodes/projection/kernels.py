@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ..._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents
+from ..._autograd import bind_fast, first_order, may_carry_tangents, with_forward_mode
 from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
 from ...errors import ConvexDDNWarning, GradientWarning, SolverError
 from .._overflow import gain_limit, warn_gradient_overflow
@@ -255,53 +255,42 @@ class L2ReverseFn(torch.autograd.Function):
         return grad_x, grad_r, None, None
 
 
-@bind_fast
-class L2ProjectionFn(L2ReverseFn):
-    """:class:`L2ReverseFn` with forward mode (torch.autograd.forward_ad, torch.func.jvp)."""
+def _l2_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
+        _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None, None, None, None]:
+    r"""Forward mode, the backward's Jacobian (symmetric in x): with û = y/r and
+    s = r/‖x‖, outside the ball (every sphere row)
 
-    # torch.func.jacfwd vmaps the jvp over tangents (plain torch ops: vmap handles them).
-    generate_vmap_rule = True
+    .. math:: \dot y = s\,(\dot x - \hat u\,\hat u^\top \dot x) + \hat u\,\dot r
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        L2ReverseFn.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*output[:2], inputs[1] if isinstance(inputs[1], torch.Tensor) else None)
-        # jvp: None, not zeros, for an input without a tangent (no x = 0 warning for r's).
-        ctx.set_materialize_grads(False)
+    and ẏ = ẋ inside the ball (boundary included); zero in x at sphere rows x = 0.
+    The backward's warnings, for the same rows."""
+    y, scale, r_saved = ctx.saved_tensors
+    r = ctx.r_float if r_saved is None else r_saved
+    _warn_l2(ctx, y, x_t is not None, "tangent from x")
+    u = _unit(y, r, ctx.d)
+    outside = None if ctx.sphere else scale < 1
+    out = None
+    if x_t is not None:
+        coef = (u * x_t).sum(ctx.d, keepdim=True)
+        if outside is not None:  # a select, as in the backward (Inf·0 is NaN)
+            coef = torch.where(outside, coef, torch.zeros_like(coef))
+        out = torch.addcmul(x_t, u, coef, value=-1.0).mul_(scale)
+    if r_t is not None:
+        dr = r_t if outside is None else torch.where(outside, r_t, torch.zeros_like(r_t))
+        # (Out of place: vmap, in torch.func.jacfwd, has no batching rule for addcmul_.)
+        out = u * dr if out is None else torch.addcmul(out, u, dr)
+    assert out is not None  # torch calls jvp only where some input has a tangent
+    if ctx.steep and not ctx.overflow:  # as in the backward: only where flagged
+        # A non-finite input tangent explains a non-finite output one: pass their sum.
+        incoming = sum((t for t in (x_t, r_t) if t is not None), torch.zeros_like(out))
+        warn_gradient_overflow("project_lp(p=2), forward mode", incoming,
+                               [("x (the Jacobian-vector product)", out)], (ctx.d - y.ndim,))
+    return out, None, None, None, None
 
-    @staticmethod
-    @first_order_jvp("project_lp")  # its tangent differentiated again: DoubleBackwardError
-    def jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,  # type: ignore[override]
-            _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None, None, None, None]:
-        r"""Forward mode, the backward's Jacobian (symmetric in x): with û = y/r and
-        s = r/‖x‖, outside the ball (every sphere row)
 
-        .. math:: \dot y = s\,(\dot x - \hat u\,\hat u^\top \dot x) + \hat u\,\dot r
-
-        and ẏ = ẋ inside the ball (boundary included); zero in x at sphere rows x = 0.
-        The backward's warnings, for the same rows."""
-        y, scale, r_saved = ctx.saved_tensors
-        r = ctx.r_float if r_saved is None else r_saved
-        _warn_l2(ctx, y, x_t is not None, "tangent from x")
-        u = _unit(y, r, ctx.d)
-        outside = None if ctx.sphere else scale < 1
-        out = None
-        if x_t is not None:
-            coef = (u * x_t).sum(ctx.d, keepdim=True)
-            if outside is not None:  # a select, as in the backward (Inf·0 is NaN)
-                coef = torch.where(outside, coef, torch.zeros_like(coef))
-            out = torch.addcmul(x_t, u, coef, value=-1.0).mul_(scale)
-        if r_t is not None:
-            dr = r_t if outside is None else torch.where(outside, r_t, torch.zeros_like(r_t))
-            # (Out of place: vmap, in torch.func.jacfwd, has no batching rule for addcmul_.)
-            out = u * dr if out is None else torch.addcmul(out, u, dr)
-        assert out is not None  # torch calls jvp only where some input has a tangent
-        if ctx.steep and not ctx.overflow:  # as in the backward: only where flagged
-            # A non-finite input tangent explains a non-finite output one: pass their sum.
-            incoming = sum((t for t in (x_t, r_t) if t is not None), torch.zeros_like(out))
-            warn_gradient_overflow("project_lp(p=2), forward mode", incoming,
-                                   [("x (the Jacobian-vector product)", out)], (ctx.d - y.ndim,))
-        return out, None, None, None, None
+L2ProjectionFn = with_forward_mode(
+    L2ReverseFn, "project_lp", lambda inputs, output: (*output[:2], inputs[1] if isinstance(inputs[1], torch.Tensor) else None),
+    _l2_jvp)
 
 
 # --------------------------------------------------------------------------- L∞
@@ -368,36 +357,24 @@ class LinfReverseFn(torch.autograd.Function):
         return grad_x, grad_r, None, None
 
 
-@bind_fast
-class LinfProjectionFn(LinfReverseFn):
-    """:class:`LinfReverseFn` with forward mode (torch.autograd.forward_ad, torch.func.jvp)."""
+def _linf_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
+        _d_t: None, _sphere_t: None) -> torch.Tensor:
+    r"""Forward mode, the backward's (diagonal) Jacobian: with f = [|y| < r] the free
+    coordinates,
 
-    # torch.func.jacfwd vmaps the jvp over tangents (plain torch ops: vmap handles them).
-    generate_vmap_rule = True
+    .. math:: \dot y = f \circ \dot x + (1 - f) \circ \operatorname{sign}(y)\,\dot r
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        LinfReverseFn.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(output, inputs[1] if isinstance(inputs[1], torch.Tensor) else None)
-        # jvp: None, not zeros, for an input without a tangent (nothing computed for it).
-        ctx.set_materialize_grads(False)
+    so a coordinate exactly at |x_i| = r is pinned (tangent 0 in x), as in the
+    backward, where the clamp's own derivative passes ẋ_i."""
+    y, r_saved = ctx.saved_tensors
+    free = torch.sub(ctx.r_float if r_saved is None else r_saved, y.abs()).sign_()
+    out = None if x_t is None else x_t * free
+    if r_t is not None:
+        pinned = (y.sign() * r_t).mul_(1.0 - free)
+        out = pinned if out is None else out.add_(pinned)
+    assert out is not None  # torch calls jvp only where some input has a tangent
+    return out
 
-    @staticmethod
-    @first_order_jvp("project_lp")  # its tangent differentiated again: DoubleBackwardError
-    def jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,  # type: ignore[override]
-            _d_t: None, _sphere_t: None) -> torch.Tensor:
-        r"""Forward mode, the backward's (diagonal) Jacobian: with f = [|y| < r] the free
-        coordinates,
 
-        .. math:: \dot y = f \circ \dot x + (1 - f) \circ \operatorname{sign}(y)\,\dot r
-
-        so a coordinate exactly at |x_i| = r is pinned (tangent 0 in x), as in the
-        backward, where the clamp's own derivative passes ẋ_i."""
-        y, r_saved = ctx.saved_tensors
-        free = torch.sub(ctx.r_float if r_saved is None else r_saved, y.abs()).sign_()
-        out = None if x_t is None else x_t * free
-        if r_t is not None:
-            pinned = (y.sign() * r_t).mul_(1.0 - free)
-            out = pinned if out is None else out.add_(pinned)
-        assert out is not None  # torch calls jvp only where some input has a tangent
-        return out
+LinfProjectionFn = with_forward_mode(
+    LinfReverseFn, "project_lp", lambda inputs, output: (output, inputs[1] if isinstance(inputs[1], torch.Tensor) else None), _linf_jvp)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..._autograd import bind_fast, first_order, first_order_jvp
+from ..._autograd import bind_fast, first_order, first_order_jvp, with_forward_mode
 from ..._checks import check_finite
 from ...errors import SolverError
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
@@ -179,45 +179,33 @@ class L1ReverseFn(torch.autograd.Function):
         return grad_x, grad_r, None, None
 
 
-@bind_fast
-class L1ProjectionFn(L1ReverseFn):
-    """:class:`L1ReverseFn` with forward mode (torch.autograd.forward_ad, torch.func.jvp)."""
+def _l1_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
+        _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None]:
+    r"""Forward mode, the backward's Jacobian (symmetric in x): with s = sign(y) and
+    m = |s| the support indicator, on rows outside the ball (and every sphere row)
 
-    # torch.func.jacfwd vmaps the jvp over tangents (plain torch ops: vmap handles them).
-    generate_vmap_rule = True
+    .. math:: \dot y = m \circ \dot x - s\,(s^\top \dot x - \dot r)/|S|
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
-        L1ReverseFn.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*output)
-        # jvp: None, not zeros, for an input without a tangent (nothing computed for it).
-        ctx.set_materialize_grads(False)
+    (θ = (Σ_S |x| − r)/|S|, so dy/dr = s/|S|); on rows inside the ball ẏ = ẋ."""
+    y, active = ctx.saved_tensors
+    d = ctx.d
+    s = y.sign()
+    m = s.abs()
+    k = m.sum(d, keepdim=True).clamp_(min=1.0)
+    shift = (s * x_t).sum(d, keepdim=True) if x_t is not None else torch.zeros_like(k)
+    if r_t is not None:
+        shift = shift - r_t
+    # A select, not a product with the mask (as in the backward): Inf·0 would be NaN.
+    coef = torch.where(active, shift / k, torch.zeros_like(k))
+    if x_t is None:
+        base = torch.zeros_like(y)
+    else:  # the support on active rows, everything on inactive ones
+        base = x_t * torch.maximum(m, (~active).to(m.dtype))
+    return torch.addcmul(base, s, coef, value=-1.0), None
 
-    @staticmethod
-    @first_order_jvp("project_lp")  # its tangent differentiated again: DoubleBackwardError
-    def jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,  # type: ignore[override]
-            _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None]:
-        r"""Forward mode, the backward's Jacobian (symmetric in x): with s = sign(y) and
-        m = |s| the support indicator, on rows outside the ball (and every sphere row)
 
-        .. math:: \dot y = m \circ \dot x - s\,(s^\top \dot x - \dot r)/|S|
-
-        (θ = (Σ_S |x| − r)/|S|, so dy/dr = s/|S|); on rows inside the ball ẏ = ẋ."""
-        y, active = ctx.saved_tensors
-        d = ctx.d
-        s = y.sign()
-        m = s.abs()
-        k = m.sum(d, keepdim=True).clamp_(min=1.0)
-        shift = (s * x_t).sum(d, keepdim=True) if x_t is not None else torch.zeros_like(k)
-        if r_t is not None:
-            shift = shift - r_t
-        # A select, not a product with the mask (as in the backward): Inf·0 would be NaN.
-        coef = torch.where(active, shift / k, torch.zeros_like(k))
-        if x_t is None:
-            base = torch.zeros_like(y)
-        else:  # the support on active rows, everything on inactive ones
-            base = x_t * torch.maximum(m, (~active).to(m.dtype))
-        return torch.addcmul(base, s, coef, value=-1.0), None
+L1ProjectionFn = with_forward_mode(
+    L1ReverseFn, "project_lp", lambda inputs, output: tuple(output), _l1_jvp)
 
 
 def simplex_forward(

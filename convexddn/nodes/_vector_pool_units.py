@@ -1,0 +1,78 @@
+"""Robust vector pooling's sets in working units: a power of two near alpha, relative to
+a midpoint where a set lies far from 0, in float64 where float32 cannot hold it.
+
+y(σx, σα) = σ y(x, α) and y(x + t) = y(x) + t, so both moves are exact and undone on
+the solution (:func:`convexddn.nodes.vector_pool.robust_vector_pool`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_finite
+from ..errors import SolverError
+
+__all__ = ["in_units"]
+
+# Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
+# up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
+_SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
+# A set whose entries reach further from 0 than this many times (its spread + alpha) is
+# solved relative to the midpoint of each coordinate's range (y(x + t) = y(x) + t): its
+# sums then stay within the spread's range (the mean of 100 float32 vectors at 1e37 was
+# Inf; entries of 1e300 with alpha = 1e-5 overflowed float64 in units of alpha), and the
+# stopping tolerance, relative to alpha + max|y|, no longer to its offset (float32
+# vectors (1e6, r_i), alpha = 1: Huber stopped 0.2 alpha short in r). The differences
+# from the midpoint lose nothing (half an ulp of a difference within the spread); a set
+# nearer 0 is left where it is (an anchor near a far outlier would round the cluster
+# near 0 to the outlier's ulps).
+_FAR = 16.0
+
+
+def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(x3, a, scale, anchor)``: the sets less ``anchor`` (R, C) (``None``: none
+    moved), and alpha, in units of ``scale``, a power of two near alpha (``None``: not
+    rescaled); in float64 where a float32 set spreads beyond 2^60 alpha or the scale is no
+    normal float32 number. A set's anchor is the midpoint of each coordinate's range
+    where it lies far from 0 (``_FAR``), else 0.
+
+    Judged on the unscaled data, in float64 (dividing first overflowed float32 at alpha
+    = 1e-40, or data of 1e30 with alpha = 1e-9, and reported a spread of "inf" times
+    alpha); raises where even float64 cannot hold a set's spread, and
+    ``NonFiniteError`` for NaN or Inf in ``x``. One pass over the sets and one host read,
+    which the finiteness check of ``x`` rides on (a NaN or Inf makes the spread
+    non-finite)."""
+    a64 = alpha.detach().double()
+    scale = torch.exp2(torch.round(torch.log2(a64))) if rescale else None
+    dtype, anchor = x3.dtype, None
+    if x3.shape[0]:
+        hi, lo = x3.detach().amax(1).double(), x3.detach().amin(1).double()
+        # Per set, in units of alpha: the spread, and how far the largest |entry| exceeds
+        # _FAR times it (far: by more than _FAR); their maxima and the scale's range.
+        sp = (hi - lo).amax(-1)
+        ext = torch.stack([sp, torch.maximum(hi, -lo).amax(-1).sub_(sp, alpha=_FAR)]).div_(a64)
+        stats = ext.amax(-1)
+        if scale is not None:
+            stats = torch.cat([stats, scale.min().view(1), scale.max().view(1)])
+        spread, excess, s_min, s_max = (stats.tolist() + [1.0, 1.0])[:4]
+        if not math.isfinite(spread):
+            check_finite("x", x)  # names the NaN/Inf; an infinite ratio of finite data goes on
+        normal = torch.finfo(torch.float32).tiny <= s_min and s_max <= 2.0**126
+        if dtype == torch.float32 and not (spread <= _SPREAD_LIMIT[dtype] and normal):
+            dtype = torch.float64
+        if spread > _SPREAD_LIMIT[torch.float64]:
+            raise SolverError(f"robust_vector_pool: a pooled set spreads {spread:.1e} times alpha, beyond "
+                              f"{_SPREAD_LIMIT[torch.float64]:.0e}: its squared distances overflow float64; "
+                              "scale the outlying entries down or raise alpha")
+        if excess > _FAR:
+            anchor = torch.where((ext[1] > _FAR).unsqueeze(-1), hi.add_(lo).mul_(0.5), 0.0).to(dtype)
+    x3 = x3.to(dtype)
+    if anchor is not None:
+        x3 = x3 - anchor.unsqueeze(1)
+    if scale is None:
+        return x3, alpha.to(dtype), None, anchor
+    # Exact (powers of two); alpha is divided in float64, where it and the scale are normal.
+    x3 = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype)
+    return x3, (alpha.to(torch.float64) / scale).to(dtype), scale.to(dtype), anchor
