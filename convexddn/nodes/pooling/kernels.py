@@ -317,8 +317,8 @@ def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alp
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     s = row_scale(torch.minimum(lo, y.unsqueeze(-1)), torch.maximum(hi, y.unsqueeze(-1)))
     a_s = a * s
-    z = (y.unsqueeze(-1) - x) * s
+    # Scaled before the subtraction: y - x overflows where both lie near the range's ends.
+    z = y.unsqueeze(-1) * s - x * s
     clamp_saturated(penalty, z, a_s)
-    w, wa = penalty.weights(z, a_s)
-    sw = w.sum(-1, keepdim=True)
-    return w, sw, (wa.sum(-1, keepdim=True) if need_alpha else None), w.abs().sum(-1, keepdim=True)
+    w, sw, swa = penalty.weight_sums(z, a_s, need_alpha)
+    return w, sw, swa, w.abs().sum(-1, keepdim=True)

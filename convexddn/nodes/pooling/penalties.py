@@ -143,6 +143,13 @@ class Penalty(abc.ABC):
         """
         return self.d2phi(z, alpha), self.d2phi_dalpha(z, alpha)
 
+    def weight_sums(self, z: Tensor, alpha: Tensor, need_alpha: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(w, w.sum(-1), w_alpha.sum(-1))`` of :meth:`weights` (row sums ``(R, 1)``;
+        the last only with ``need_alpha``). A penalty whose ``w_alpha`` terms cancel in
+        the sum overrides it to form that sum without the rounding of each term."""
+        w, wa = self.weights(z, alpha)
+        return w, w.sum(-1, keepdim=True), (wa.sum(-1, keepdim=True) if need_alpha else None)
+
     def objective(self, x: Tensor, u: Tensor, alpha: float | Tensor) -> Tensor:
         """:math:`\\sum_i \\phi(u - x_i; \\alpha)` over the last dim of ``x``; ``u`` has one
         entry per row of ``x`` (shape ``x.shape[:-1]``)."""
