@@ -270,17 +270,25 @@ def _jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: in
     # 1/eps or more. sᵢ(gᵢ − c), c = sᵀg/1ᵀs, then cancels: c ≈ g_j at the dominant
     # entry j, and s_j·(rounding of c) is O(1) or worse (the VJP stops summing to
     # zero). Since Jᵀ1 = 0, g may be shifted per row: with h = g − g_j, h_j = 0
-    # exactly, c = Σ_{i≠j} sᵢhᵢ/1ᵀs is small when s_j dominates, and every term is
-    # accurate to eps relative to Σ|sᵢhᵢ|. s is used as ŝ = s/s_j ≤ 1 times
-    # s_j = p_min^{2−α}, applied as two factors: s_j itself can pass the dtype's
-    # largest value (s ≤ pᵢ/uᵢ, uᵢ down to the smallest subnormal) when sᵢ does not.
+    # exactly, c = Σ_{i≠j} ŝᵢhᵢ/1ᵀŝ with ŝ = s/s_j ≤ 1 is small when s_j dominates,
+    # and every term is accurate to eps relative to Σ|sᵢhᵢ|. Each product sᵢ(hᵢ − c)
+    # is formed as one exp of (2−α)·log pᵢ + log|hᵢ − c| in float64: s_j alone passes
+    # any dtype's range where the product does not (α = 30, p_min = 1e-3: s_j = 1e82
+    # times c ~ 1e-82), and as two factors it met inf·0 (every entry NaN, float32
+    # from α ≈ 18), or underflowed to 0 beside a large factor.
+    wide = torch.float64 if p.device.type != "mps" else work  # (MPS has no float64)
+    p, g = p.to(wide), g.to(wide)
     pos = p > 0
-    pmin = torch.where(pos, p, 1.0).amin(d, keepdim=True)
-    s = (torch.where(pos, p, math.inf) / pmin) ** (2.0 - alpha)  # 0 off the support
-    h = g - g.gather(d, s.argmax(d, keepdim=True))
-    coef = (s * h).sum(d, keepdim=True) / s.sum(d, keepdim=True)
-    half = pmin ** (1.0 - 0.5 * alpha)
-    return ((s * half) * (h - coef) * half).to(grad_p.dtype)
+    logp = torch.where(pos, p, 1.0).log()  # 0 off the support, where it is not used
+    lmin = torch.where(pos, logp, math.inf).amin(d, keepdim=True)
+    s = torch.where(pos, ((2.0 - alpha) * (logp - lmin)).exp(), 0.0)  # ŝ: 1 at j, 0 off the support
+    j = s.argmax(d, keepdim=True)
+    h = g - g.gather(d, j)
+    diff = h - (s * h).sum(d, keepdim=True) / s.sum(d, keepdim=True)
+    out = torch.where(pos, ((2.0 - alpha) * logp + diff.abs().log()).exp() * diff.sign(), 0.0)
+    # Entry j from Jᵀ1 = 0 (J is symmetric): −Σ_{i≠j} outᵢ. Its own product s_j·c loses c
+    # where ŝᵢ underflows (α = 100: ŝ = e^-900 beside s_j = 1e392, a product of 2.6).
+    return out.scatter(d, j, out.gather(d, j) - out.sum(d, keepdim=True)).to(grad_p.dtype)
 
 
 def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
