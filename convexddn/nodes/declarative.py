@@ -124,6 +124,12 @@ class DeclarativeNode(torch.nn.Module):
             ``max(1e-6, sqrt(eps))`` of the inputs' dtype.
         implicit_dtype: ``torch.float64`` (default) or ``torch.float32``: the dtype the
             backward's linear algebra runs in.
+        check_minimum: warn in backward where ``solve`` returned a KKT point that is not
+            a local minimiser (a saddle point or a maximiser: the Lagrangian's Hessian
+            has negative curvature on the active constraints' tangent space, seen from
+            the KKT matrix's inertia where it is formed densely), whose derivative is
+            not the declared argmin's. ``False`` for nodes that declare stationary
+            points (e.g. all eigenvectors of a symmetric matrix). Default ``True``.
 
     Shape:
         - Inputs: :math:`(*\\text{batch}, *S_i)`, the same batch shape for all.
@@ -190,6 +196,7 @@ class DeclarativeNode(torch.nn.Module):
         check_solution: bool = True,
         solution_tol: float | None = None,
         implicit_dtype: torch.dtype = torch.float64,
+        check_minimum: bool = True,
     ) -> None:
         super().__init__()
         if not callable(linear_solver):
@@ -203,6 +210,7 @@ class DeclarativeNode(torch.nn.Module):
             check_int("cg_max_iter", cg_max_iter, minimum=1)
         check_int("batch_dims", batch_dims, minimum=0)
         check_bool("check_solution", check_solution)
+        check_bool("check_minimum", check_minimum)
         if solution_tol is not None:
             check_tolerance("solution_tol", solution_tol)  # >= 1 would accept any point
         if implicit_dtype not in _WORK_DTYPES:
@@ -218,6 +226,7 @@ class DeclarativeNode(torch.nn.Module):
         self.check_solution = check_solution
         self.solution_tol = solution_tol
         self.implicit_dtype = implicit_dtype
+        self.check_minimum = check_minimum
         self._validated = False
         self._read_state: frozenset[str] | None = None  # buffers the problem reads (see _probe)
         self._ddn_initialised = True
@@ -349,7 +358,8 @@ class DeclarativeNode(torch.nn.Module):
                     linear_solver=self.linear_solver, dense_max=self.dense_max, active_tol=self.active_tol,
                     cg_options={"tol": self.cg_tol, "max_iter": self.cg_max_iter},
                     check_solution=self.check_solution, solution_tol=self.solution_tol,
-                    work_dtype=self.implicit_dtype, name=type(self).__name__, batch_shape=batch_shape)
+                    work_dtype=self.implicit_dtype, name=type(self).__name__, batch_shape=batch_shape,
+                    check_minimum=self.check_minimum)
 
     def forward(self, *xs: Tensor, **named: Any) -> Tensor:
         """Solve for ``y`` and attach the implicit backward; see the class docstring."""
@@ -393,5 +403,5 @@ class DeclarativeNode(torch.nn.Module):
             f"active_tol={self.active_tol:g}, cg_tol={self.cg_tol}, "
             f"cg_max_iter={self.cg_max_iter}, batch_dims={self.batch_dims}, "
             f"check_solution={self.check_solution}, solution_tol={self.solution_tol}, "
-            f"implicit_dtype={self.implicit_dtype}"
+            f"implicit_dtype={self.implicit_dtype}, check_minimum={self.check_minimum}"
         )

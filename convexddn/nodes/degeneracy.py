@@ -30,8 +30,21 @@ def warn_degenerate(
     ill: Tensor,
     cond: Tensor | None,
     stacklevel: int,
+    not_minimum: Tensor | None = None,
 ) -> None:
-    """The one warning text per degeneracy of the KKT system, on every path."""
+    """The one warning text per degeneracy of the KKT system, on every path (and, where
+    the KKT matrix's inertia is known, ``not_minimum``: a stationary point that is not
+    a minimiser)."""
+    if not_minimum is not None and bool(not_minimum.any()):
+        warnings.warn(
+            f"solve returned a stationary point that is not a minimiser for "
+            f"{shown_indices(not_minimum)}: the Hessian of the Lagrangian has negative "
+            "curvature along the active constraints' tangent space (a saddle point or a "
+            "maximiser), so the gradient is this point's, not that of the argmin the node "
+            "declares; check solve (or the objective's sign)",
+            GradientWarning,
+            stacklevel=stacklevel + 1,
+        )
     if bool(singular.any()):
         warnings.warn(
             "the KKT system of the implicit derivative is singular for "

@@ -125,6 +125,25 @@ def _pinv_solve(K: Tensor, rhs: Tensor, rank_deficit: Tensor) -> Tensor:
     return (evecs @ coeff.unsqueeze(-1)).squeeze(-1)
 
 
+def _negative_eigenvalues(K: Tensor, thr: float) -> Tensor:
+    """``(B,)`` number of eigenvalues of symmetric ``K`` below ``-thr`` (``-1`` where the
+    factorisation fails), from its Bunch–Kaufman :math:`LDL^\\top` (Sylvester's law of
+    inertia: ``D``'s 1×1 and 2×2 blocks have the same signs): half the cost of the LU."""
+    LD, piv, info = torch.linalg.ldl_factor_ex(K)
+    d = LD.diagonal(dim1=-2, dim2=-1)
+    pad = d.new_zeros(d.shape[:-1] + (1,))
+    b = torch.cat([LD.diagonal(offset=-1, dim1=-2, dim2=-1), pad], -1)  # LD[k + 1, k]
+    c = torch.cat([d[..., 1:], pad], -1)
+    # LAPACK's lower convention: a 2×2 block is two consecutive negative pivots; its first
+    # row is one with an even count of negative pivots before it.
+    neg = piv < 0
+    start = neg & ((torch.cumsum(neg.long(), -1) - neg.long()) % 2 == 0)
+    half, rad = 0.5 * (d + c), torch.sqrt((0.5 * (d - c)) ** 2 + b * b)
+    count = torch.where(start, (half - rad < -thr).long() + (half + rad < -thr).long(),
+                        torch.where(neg, 0, (d < -thr).long())).sum(-1)
+    return torch.where(info == 0, count, -1)
+
+
 class DenseResult(NamedTuple):
     """Output of :func:`dense_kkt`; masks and condition estimates are ``(B,)``."""
 
@@ -134,6 +153,9 @@ class DenseResult(NamedTuple):
     dependent: Tensor | None  #: the active constraints are linearly dependent
     ill: Tensor
     cond: Tensor
+    #: the Hessian of the Lagrangian has negative curvature on the active constraints'
+    #: tangent space: y is a saddle point or a maximiser, not a minimiser
+    not_minimum: Tensor
 
 
 def dense_kkt(
@@ -163,6 +185,12 @@ def dense_kkt(
     Ks, d = _equilibrated_kkt(H, A2, pin)
     sol, cond = _solve_and_condition(Ks, d, rhs)
     singular = cond * rcond >= 1
+    # A minimiser's K has exactly one negative eigenvalue per independent active
+    # constraint (Hessian positive semidefinite on their tangent space, Nocedal & Wright
+    # Thm 12.5); more means solve returned a saddle or a maximiser, whose derivative
+    # this is, not an argmin's. Ks is congruent to K, so it has the same inertia.
+    expected = 0 if A2 is None else A2.shape[1] - pin.diagonal(dim1=-2, dim2=-1).sum(-1).long()
+    negatives = _negative_eigenvalues(Ks, rcond)
     if bool(singular.any()):  # rare: the exact spectrum of the (few) singular elements
         idx = torch.nonzero(singular).flatten()
         Ksi, rhsi, di = Ks[idx], rhs[idx], d[idx]
@@ -173,17 +201,21 @@ def dense_kkt(
         Ki = torch.where(finite[:, None, None], Ki, eye)
         Ksi = torch.where(finite[:, None, None], Ksi, eye)
         rhsi = torch.where(finite[:, None], rhsi, 0.0)
-        evals = torch.linalg.eigvalsh(Ksi).abs()
+        signed = torch.linalg.eigvalsh(Ksi)
+        evals = signed.abs()
         rel = evals / evals.amax(-1, keepdim=True).clamp_min(torch.finfo(Ks.dtype).tiny)
         deficit = (rel <= rcond).sum(-1)
+        negatives = negatives.clone()
+        negatives[idx] = torch.where(finite, ((signed < 0) & (rel > rcond)).sum(-1), 0)
         sol[idx] = torch.where(finite[:, None], _pinv_solve(Ki, rhsi, deficit), 0.0)
         singular = torch.zeros_like(singular)
         singular[idx] = (deficit > 0) | ~finite
     ill = ~singular & (cond >= ill_conditioned)
+    not_minimum = negatives > expected
     if A is None:
-        return DenseResult(sol, None, singular, None, ill, cond)
+        return DenseResult(sol, None, singular, None, ill, cond, not_minimum)
     mu = (T @ sol[:, m:].unsqueeze(-1)).squeeze(-1)
-    return DenseResult(sol[:, :m], mu, singular, dependent, ill, cond)
+    return DenseResult(sol[:, :m], mu, singular, dependent, ill, cond, not_minimum)
 
 
 def checked_solve(

@@ -58,6 +58,7 @@ def declarative_vjp(
     work_dtype: torch.dtype = torch.float64,
     name: str = "",
     batch_shape: Sequence[int] | None = None,
+    check_minimum: bool = True,
 ) -> tuple[Tensor | tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Vector–Jacobian product of a declarative node's solution, by implicit differentiation.
 
@@ -103,6 +104,10 @@ def declarative_vjp(
       exist) gives a warning;
     - a singular or ill-conditioned KKT system gives a warning (the pseudo-inverse
       solution is used where singular), on the dense and the CG path alike;
+    - a KKT point that is not a local minimiser (``check_minimum``: the KKT matrix's
+      inertia shows negative curvature of the Lagrangian's Hessian on the active
+      constraints' tangent space, where the dense system is formed) gives a warning:
+      its derivative is not the declared argmin's;
     - ``objective`` must depend on ``y`` through autograd, and every tensor that
       requires grad in the objective's or the constraints' graph must be in ``xs``,
       ``y`` or ``known`` (else it would silently get no gradient).
@@ -136,6 +141,9 @@ def declarative_vjp(
         work_dtype: dtype of the linear algebra. Default float64.
         name: prefix for messages (e.g. the node's class name).
         batch_shape: the caller's batch shape, to report indices in it.
+        check_minimum: warn where ``y`` is a saddle point or a maximiser (see above);
+            ``False`` for nodes that declare stationary points (e.g. all eigenvectors of
+            a symmetric matrix). Default ``True``.
 
     Returns:
         ``(grad_xs, grad_params)``: one gradient per input, in the input's dtype
@@ -181,7 +189,7 @@ def declarative_vjp(
     with torch.enable_grad(), second_derivatives(prefix):
         k = implicit_system(objective, xs, y, equality_constraints, inequality_constraints, params, known,
                             linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
-                            work_dtype, name, batch_shape)
+                            work_dtype, name, batch_shape, check_minimum)
         xg, gL, c = k.xg, k.gL, k.c
         gy = grad_y.detach().to(work_dtype).reshape(batch, m)
         # A NaN or Inf in the incoming gradient (a fault upstream) must not reach the
@@ -267,7 +275,7 @@ class ImplicitSystem(NamedTuple):
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
                     params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
                     check_solution: bool, solution_tol, work_dtype: torch.dtype, name: str,
-                    batch_shape) -> ImplicitSystem:
+                    batch_shape, check_minimum: bool = True) -> ImplicitSystem:
     """The checks and the system shared by :func:`declarative_vjp` and
     :func:`~convexddn.nodes.implicit_jvp.declarative_jvp` (arguments as theirs); call
     under ``torch.enable_grad()`` and ``second_derivatives``."""
@@ -352,5 +360,5 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
                                    dense_max, cg_options, batch)
     if isinstance(linear_solver, str):
-        solver = functools.partial(solver, warn_dependent=data_in_constraints)
+        solver = functools.partial(solver, warn_dependent=data_in_constraints, check_minimum=check_minimum)
     return ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))

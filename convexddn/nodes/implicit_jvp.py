@@ -60,6 +60,7 @@ def declarative_jvp(
     work_dtype: torch.dtype = torch.float64,
     name: str = "",
     batch_shape: Sequence[int] | None = None,
+    check_minimum: bool = True,
 ) -> Tensor:
     """Jacobian–vector product :math:`\\dot y = D y\\, \\dot x` of a declarative node's
     solution, by implicit differentiation (see the module docstring for the system).
@@ -88,7 +89,7 @@ def declarative_jvp(
     with torch.enable_grad(), second_derivatives(prefix):
         k = implicit_system(objective, xs, y, equality_constraints, inequality_constraints, params, known,
                             linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
-                            work_dtype, name, batch_shape)
+                            work_dtype, name, batch_shape, check_minimum)
         leaves = k.xg + params
         dirs = [(leaves[i], t.detach().to(leaves[i].dtype)) for i, t in pairs]
         # A tangent that is not finite (a fault upstream) must not reach the solver, whose

@@ -101,6 +101,7 @@ def solve_kkt_dense(
     rcond: float | None = None,
     ill_conditioned: float = ILL_CONDITIONED,
     warn_dependent: bool = True,
+    check_minimum: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Solve the batched KKT system by building it densely from Hessian-vector products.
 
@@ -137,6 +138,11 @@ def solve_kkt_dense(
         warn_dependent: warn about linearly dependent active constraints (whose
             multipliers are then not unique). :func:`declarative_vjp` turns it off when
             no input or parameter enters the constraints: the gradient is then unique.
+        check_minimum: warn where :math:`K_b`'s inertia shows that :math:`H_b` has
+            negative curvature on the active constraints' tangent space (more negative
+            eigenvalues than independent active constraints, from an
+            :math:`LDL^\\top`): the point is a saddle or a maximiser, not the minimiser
+            the node declares.
 
     Returns:
         ``(w, mu)`` with shapes ``(B, m)`` and ``(B, r)`` (``mu`` is ``None`` without
@@ -156,7 +162,7 @@ def solve_kkt_dense(
     """
     res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned)
     warn_degenerate(res.singular, res.dependent if warn_dependent else None, res.ill,
-                    res.cond, stacklevel=2)
+                    res.cond, stacklevel=2, not_minimum=res.not_minimum if check_minimum else None)
     return res.w, res.mu
 
 
@@ -181,6 +187,7 @@ def solve_kkt_cg(
     dense_fallback_bytes: int = _DENSE_BYTES,
     warn_dependent: bool = True,
     budget: int | None = None,
+    check_minimum: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Solve the batched KKT system matrix-free with projected conjugate gradients.
 
@@ -214,7 +221,9 @@ def solve_kkt_cg(
         rcond: reciprocal condition number for :math:`A A^\\top` and for the dense
             fallback; see :func:`solve_kkt_dense`.
         ill_conditioned: passed to the dense fallback. Default ``1e10``.
-        warn_dependent: see :func:`solve_kkt_dense`.
+        warn_dependent, check_minimum: see :func:`solve_kkt_dense` (the inertia is known
+            only for the elements the dense fallback solves: those where CG breaks
+            down, as it does on negative curvature, or does not converge).
         budget: with a dense fallback available, stop CG after this many iterations
             (instead of ``max_iter``) and hand every element whose system or probe is
             unfinished to the dense solve: CG is only worth it when it converges fast
@@ -266,6 +275,7 @@ def solve_kkt_cg(
     # the condition number from below: ill-conditioning is that estimate's verdict only.
     singular, dependent, ill = out.singular, out.dependent, (out.cond >= ill_conditioned) & ~out.singular
     failed = ~out.converged
+    not_minimum = None  # (known only where the dense system is formed)
     if can_fall_back:
         # The probe's verdicts are not the dense test's: an unfinished probe is no
         # evidence of ill-conditioning (a system solved in one step was warned about), and
@@ -282,6 +292,7 @@ def solve_kkt_cg(
             singular = torch.where(failed, res.singular, singular)
             ill = torch.where(failed, res.ill, ill)
             cond = torch.where(failed, res.cond, cond)
+            not_minimum = (failed & res.not_minimum) if check_minimum else None
         else:
             stuck = failed & singular
             warnings.warn(
@@ -307,7 +318,8 @@ def solve_kkt_cg(
                 GradientWarning,
                 stacklevel=2,
             )
-    warn_degenerate(singular, dependent if warn_dependent else None, ill, cond, stacklevel=2)
+    warn_degenerate(singular, dependent if warn_dependent else None, ill, cond, stacklevel=2,
+                    not_minimum=not_minimum)
     return w, mu
 
 

@@ -438,3 +438,62 @@ def test_first_call_under_non_reentrant_checkpoint():
     y.sum().backward()
     w = node.w.detach()
     torch.testing.assert_close(x.grad, (2 * w / (w + 0.5)).expand(4, 3))
+
+
+class _NearOrFarSphere(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. ‖y‖² = 1; ``far`` makes solve return the farthest point
+    −x/‖x‖, a KKT point where the Lagrangian's Hessian is −‖x‖ I on the tangent space."""
+
+    def __init__(self, far: bool, **kw):
+        super().__init__(**kw)
+        self.far = far
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - 1
+
+    def solve(self, x):
+        u = x / x.norm(dim=-1, keepdim=True)
+        return -u if self.far else u
+
+
+class _Saddle(DeclarativeNode):
+    """½(y₁² − y₂²) − xᵀy: the stationary point (x₁, −x₂) is a saddle; with ``pin``
+    the equality y₂ = x₂ removes the negative direction (then it is a minimiser)."""
+
+    def __init__(self, pin: bool, **kw):
+        super().__init__(**kw)
+        self.pin = pin
+
+    def objective(self, x, y):
+        return 0.5 * (y[..., 0] ** 2 - y[..., 1] ** 2) - (x * y).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return (y[..., 1:] - x[..., 1:]) if self.pin else None
+
+    def solve(self, x):
+        return x * torch.tensor([1.0, 1.0 if self.pin else -1.0], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_a_stationary_point_that_is_not_a_minimiser_warns(solver):
+    """solve returning a maximiser or a saddle was accepted silently, and the gradient
+    was that point's: for the sphere, the opposite sign of the argmin's Jacobian
+    (I − yyᵀ)/‖x‖. Negative curvature only along a direction an active constraint
+    removes is a minimiser's, and stays silent."""
+    x = torch.tensor([[2.0, 1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="not a minimiser"):
+        torch.autograd.grad(_NearOrFarSphere(True, linear_solver=solver)(x).sum(), x)
+    x2 = torch.tensor([[0.3, -0.7]], dtype=torch.float64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="not a minimiser"):
+        torch.autograd.grad(_Saddle(False, linear_solver=solver)(x2).sum(), x2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (g,) = torch.autograd.grad(_NearOrFarSphere(False, linear_solver=solver)(x)[0, 0], x)
+        y = (x / x.norm()).detach()[0]
+        ref = (torch.eye(3, dtype=torch.float64) - torch.outer(y, y))[0] / x.detach().norm()
+        torch.testing.assert_close(g[0], ref)
+        (g2,) = torch.autograd.grad(_Saddle(True, linear_solver=solver)(x2).sum(), x2)
+        torch.testing.assert_close(g2, torch.tensor([[1.0, 1.0]], dtype=torch.float64))

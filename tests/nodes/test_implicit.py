@@ -796,7 +796,8 @@ def test_all_eigenvectors(solver, dtype):
     G = torch.randn(2, 6, 6, generator=g, dtype=DT)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientWarning)
-        V = AllEigenvectors(linear_solver=solver)(X)
+        # (saddle points by design: the second-order check is off for this node)
+        V = AllEigenvectors(linear_solver=solver, check_minimum=False)(X)
         (gX,) = torch.autograd.grad(V, X, G.to(dtype))
     gX = 0.5 * (gX + gX.transpose(1, 2)).double()
     want = _eig_vjp(X.detach().double(), G, V.detach().double())
