@@ -64,6 +64,19 @@ except ImportError:  # pragma: no cover
     _functorch_stack = None
 
 
+def batched_by_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a cotangent or tangent arrives batched by autograd's own vmap
+    (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``):
+    inside a Function's backward or jvp that shows only in the dispatch keys (the
+    torch.func stack is empty there), and any ``detach`` of it fails in torch."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            keys = str(torch._C._dispatch_keys(t))
+            if any(k.strip() in ("Batched", "FuncTorchBatched") for k in keys[keys.find("(") + 1:-1].split(",")):
+                return True
+    return False
+
+
 def functorch_transforms() -> list[str]:
     """The torch.func transforms (``"Vmap"``, ``"Grad"``, ``"Jvp"``, ...) around this call."""
     return [] if _functorch_stack is None else [str(i.key()).rsplit(".", 1)[-1] for i in _functorch_stack()]

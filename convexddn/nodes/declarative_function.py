@@ -17,11 +17,18 @@ from typing import Any
 import torch
 from torch.autograd import forward_ad
 
-from .._autograd import first_order_jvp, functorch_transforms, guard_gradients, may_carry_tangents, save_plain
+from .._autograd import (
+    batched_by_autograd,
+    first_order_jvp,
+    functorch_transforms,
+    guard_gradients,
+    may_carry_tangents,
+    save_plain,
+)
 from ..errors import InputError, ProblemError
 
-__all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_functorch",
-           "y_by_keyword"]
+__all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",
+           "refuse_functorch", "y_by_keyword"]
 
 Tensor = torch.Tensor
 
@@ -64,11 +71,13 @@ class DeclarativeFunction(torch.autograd.Function):
         ts = tangents[3:]
         if all(t is None for t in ts):
             return torch.zeros_like(y)
+        refuse_batched(type(ctx.node).__name__, *ts)
         with torch.no_grad():
             return ctx.node._jvp(tensors[:n], y, ts[:n], tensors[n:], ts[n:], ctx.batch_shape, ctx.state, ctx.names)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        refuse_batched(type(ctx.node).__name__, grad_y)
         *tensors, y = ctx.saved_tensors
         xs, params = tensors[:ctx.n_inputs], tensors[ctx.n_inputs:]
         needs = ctx.needs_input_grad[3:]
@@ -139,6 +148,19 @@ def refuse_functorch(name: str) -> None:
             "result on the host and differentiates the objective with torch.autograd. Use torch.autograd: "
             "backward(), torch.autograd.grad, or torch.autograd.forward_ad for forward mode "
             "(torch.func.functional_call is supported)")
+
+
+def refuse_batched(name: str, *cotangents: Tensor | None) -> None:
+    """Raise where autograd batches the cotangents or tangents (``is_grads_batched=True``,
+    ``torch.autograd.functional.jacobian(..., vectorize=True)``): the implicit derivative
+    checks and solves each batch element on the host, which autograd's vmap refuses (it
+    failed in torch's detach with "Batching rule not implemented")."""
+    if batched_by_autograd(*cotangents):
+        raise ProblemError(
+            f"{name} does not support batched cotangents or tangents (is_grads_batched=True, "
+            "torch.autograd.functional.jacobian(..., vectorize=True)): pass one at a time "
+            "(vectorize=False, the default), or stack the directions along the node's batch "
+            "dimension")
 
 
 def _signature(fn: Any) -> inspect.Signature | None:

@@ -497,3 +497,21 @@ def test_a_stationary_point_that_is_not_a_minimiser_warns(solver):
         torch.testing.assert_close(g[0], ref)
         (g2,) = torch.autograd.grad(_Saddle(True, linear_solver=solver)(x2).sum(), x2)
         torch.testing.assert_close(g2, torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+
+
+def test_batched_cotangents_get_a_problem_error():
+    """is_grads_batched=True and jacobian(..., vectorize=True) (reverse and forward mode)
+    failed with torch's "Batching rule not implemented for aten::detach" from inside the
+    backward, where torch.func's stack is empty and the node's own check did not run."""
+    node = _NearOrFarSphere(False)
+    x = torch.tensor([[2.0, 1.0, 0.5], [0.3, -1.0, 0.2]], dtype=torch.float64, requires_grad=True)
+    y = node(x)
+    with pytest.raises(ProblemError, match="batched cotangents"):
+        torch.autograd.grad(y, x, torch.eye(6, dtype=torch.float64).reshape(6, 2, 3), is_grads_batched=True)
+    for strategy in ("reverse-mode", "forward-mode"):
+        with pytest.raises(ProblemError, match="batched cotangents"):
+            torch.autograd.functional.jacobian(node, x, vectorize=True, strategy=strategy)
+    J = torch.autograd.functional.jacobian(node, x)  # one direction at a time still works
+    u = x.detach()[0] / x.detach()[0].norm()
+    ref = (torch.eye(3, dtype=torch.float64) - torch.outer(u, u)) / x.detach()[0].norm()
+    torch.testing.assert_close(J[0, :, 0, :], ref)
