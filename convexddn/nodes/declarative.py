@@ -27,23 +27,22 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .._autograd import plain
-from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
-from ..errors import GradientWarning, InputError, OptionError, ProblemError, SolverError
+from .._checks import check_int
+from ..errors import GradientWarning, InputError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, y_by_keyword)
 from .graph import check_graph
-from .implicit import declarative_vjp
+from .implicit import check_implicit_options, declarative_vjp
 from .implicit_jvp import declarative_jvp
 from .lagrangian import _constraint, _objective
 from .optimality import _format_indices
 from .inputs import checked_solution, flatten_inputs
-from .linear_solvers import LINEAR_SOLVERS, LinearSolver
+from .linear_solvers import LinearSolver
 
 __all__ = ["DeclarativeNode"]
 
 Tensor = torch.Tensor
-_WORK_DTYPES = (torch.float64, torch.float32)
 
 
 def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
@@ -199,24 +198,9 @@ class DeclarativeNode(torch.nn.Module):
         check_minimum: bool = True,
     ) -> None:
         super().__init__()
-        if not callable(linear_solver):
-            check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
-        if dense_max is not None:
-            check_int("dense_max", dense_max, minimum=0)
-        check_positive("active_tol", active_tol)
-        if cg_tol is not None:
-            check_tolerance("cg_tol", cg_tol)  # >= 1 would stop CG before its first step
-        if cg_max_iter is not None:
-            check_int("cg_max_iter", cg_max_iter, minimum=1)
+        check_implicit_options(linear_solver, dense_max, active_tol, {"tol": cg_tol, "max_iter": cg_max_iter},
+                               check_solution, solution_tol, implicit_dtype, check_minimum, "implicit_dtype")
         check_int("batch_dims", batch_dims, minimum=0)
-        check_bool("check_solution", check_solution)
-        check_bool("check_minimum", check_minimum)
-        if solution_tol is not None:
-            check_tolerance("solution_tol", solution_tol)  # >= 1 would accept any point
-        if implicit_dtype not in _WORK_DTYPES:
-            raise OptionError(
-                f"implicit_dtype must be one of {list(_WORK_DTYPES)}, got {implicit_dtype!r}"
-            )
         self.linear_solver = linear_solver
         self.dense_max = None if dense_max is None else int(dense_max)
         self.active_tol = float(active_tol)

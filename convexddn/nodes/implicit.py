@@ -27,17 +27,49 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..errors import GradientWarning
+from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
+from ..errors import GradientWarning, OptionError
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
                          _non_finite_derivatives, _objective, _solution_length, lagrangian_probes)
-from .linear_solvers import LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
+from .linear_solvers import LINEAR_SOLVERS, LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
 from .multipliers import inactive_mask, multipliers
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt
 
-__all__ = ["declarative_vjp"]
+__all__ = ["WORK_DTYPES", "check_implicit_options", "declarative_vjp"]
 
 Tensor = torch.Tensor
+
+#: The dtypes the implicit derivative's linear algebra may run in.
+WORK_DTYPES = (torch.float64, torch.float32)
+
+
+def check_implicit_options(linear_solver: Any, dense_max: Any, active_tol: Any, cg_options: Any,
+                           check_solution: Any, solution_tol: Any, work_dtype: Any, check_minimum: Any,
+                           dtype_name: str = "work_dtype") -> None:
+    """The one validator of the implicit derivative's options, for :class:`~convexddn.DeclarativeNode`
+    and for :func:`declarative_vjp` / :func:`~convexddn.nodes.implicit_jvp.declarative_jvp`
+    called directly (where ``active_tol=nan`` made every inequality active, silently).
+    ``cg_options``: a dict with keys ``tol`` and/or ``max_iter`` (values may be None)."""
+    if not callable(linear_solver):
+        check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
+    if dense_max is not None:
+        check_int("dense_max", dense_max, minimum=0)
+    check_positive("active_tol", active_tol)
+    if cg_options is not None:
+        if not isinstance(cg_options, dict) or set(cg_options) - {"tol", "max_iter"}:
+            raise OptionError(f"cg_options must be a dict with keys 'tol' and/or 'max_iter', got {cg_options!r}")
+        if cg_options.get("tol") is not None:
+            check_tolerance("cg_tol", cg_options["tol"])  # >= 1 would stop CG before its first step
+        if cg_options.get("max_iter") is not None:
+            check_int("cg_max_iter", cg_options["max_iter"], minimum=1)
+    check_bool("check_solution", check_solution)
+    check_bool("check_minimum", check_minimum)
+    if solution_tol is not None:
+        check_tolerance("solution_tol", solution_tol)  # >= 1 would accept any point
+    if work_dtype not in WORK_DTYPES:
+        raise OptionError(f"{dtype_name} must be one of {list(WORK_DTYPES)}, got {work_dtype!r}")
+
 
 def declarative_vjp(
     objective: Callable[..., Tensor],
@@ -161,7 +193,7 @@ def declarative_vjp(
         ProblemError: if an active constraint's Jacobian in ``y`` is NaN or Inf (not
             differentiable at the solution), or the objective or a constraint uses an
             operation that torch cannot differentiate twice (or does not depend on ``y``).
-        OptionError: for an unknown ``linear_solver`` name.
+        OptionError: for an unknown ``linear_solver`` name, or another option out of range.
 
     Warns:
         GradientWarning: see the checks above; also when the gradient would contain
@@ -176,6 +208,8 @@ def declarative_vjp(
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021,
         Prop. 4.4, 4.5, 4.6, eq. 25, §4.7.4 and §6.1.
     """
+    check_implicit_options(linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
+                           work_dtype, check_minimum)
     single = isinstance(xs, torch.Tensor)
     xs = (xs,) if single else tuple(xs)
     params = tuple(params)

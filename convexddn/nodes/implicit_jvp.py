@@ -31,7 +31,7 @@ import torch
 
 from ..errors import GradientWarning
 from .graph import second_derivatives
-from .implicit import implicit_system
+from .implicit import check_implicit_options, implicit_system
 from .lagrangian import ConstraintFn
 from .linear_solvers import LinearSolver, shown_indices
 
@@ -78,6 +78,8 @@ def declarative_jvp(
         GradientWarning: as the vjp's; a tangent that is not finite makes the rows it
         reaches NaN (a parameter's: every row), as torch propagates it.
     """
+    check_implicit_options(linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
+                           work_dtype, check_minimum)
     xs = (xs,) if isinstance(xs, torch.Tensor) else tuple(xs)
     tangents = (tangents,) if tangents is None or isinstance(tangents, torch.Tensor) else tuple(tangents)
     params, param_tangents = tuple(params), tuple(param_tangents) or (None,) * len(params)

@@ -515,3 +515,27 @@ def test_batched_cotangents_get_a_problem_error():
     u = x.detach()[0] / x.detach()[0].norm()
     ref = (torch.eye(3, dtype=torch.float64) - torch.outer(u, u)) / x.detach()[0].norm()
     torch.testing.assert_close(J[0, :, 0, :], ref)
+
+
+@pytest.mark.parametrize("bad", [dict(active_tol=float("nan")), dict(active_tol="a"), dict(work_dtype=torch.float16),
+                                 dict(linear_solver="qr"), dict(cg_options={"tol": 2.0}), dict(cg_options={"iters": 3}),
+                                 dict(check_minimum="yes"), dict(solution_tol=-1.0)])
+def test_declarative_vjp_and_jvp_called_directly_check_their_options(bad):
+    """Called directly (not through a DeclarativeNode) the options were not checked:
+    active_tol=nan made every inequality active and the gradient [0, 0] instead of
+    [1, 0] with a misleading warning; a str raised a raw TypeError, float16 a raw
+    RuntimeError."""
+    from convexddn.errors import OptionError
+    from convexddn.nodes.implicit import declarative_vjp
+    from convexddn.nodes.implicit_jvp import declarative_jvp
+
+    x = torch.tensor([[0.5, 3.0]], dtype=torch.float64)
+    y = x.clamp(max=1.0)  # argmin ½‖u − x‖² s.t. u ≤ 1: the second bound is active
+    obj = lambda x, u: 0.5 * ((u - x) ** 2).sum(-1)  # noqa: E731
+    ineq = lambda x, u: u - 1.0  # noqa: E731
+    with pytest.raises(OptionError):
+        declarative_vjp(obj, x, y, torch.ones_like(y), inequality_constraints=ineq, **bad)
+    with pytest.raises(OptionError):
+        declarative_jvp(obj, x, y, torch.ones_like(x), inequality_constraints=ineq, **bad)
+    g, _ = declarative_vjp(obj, x, y, torch.ones_like(y), inequality_constraints=ineq)
+    torch.testing.assert_close(g, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
