@@ -26,8 +26,8 @@ from .errors import OptionError, ShapeError
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
-from .nodes.total_variation import TotalVariation1d
 from .nodes.projection import LpProjection, SimplexProjection
+from .nodes.total_variation import TotalVariation1d
 
 __all__ = ["layer", "BACKENDS", "NATIVE"]
 
@@ -102,6 +102,19 @@ class RegistryNode(nn.Module):
         return f"name={self.name!r}, n={self.n}"
 
 
+def _valid_options(name: str, backend: str, declared: tuple[str, ...]) -> str:
+    """The options layer(name, backend=backend) takes, in words, for its messages."""
+    # check is the registry's own (ProblemSpec.check); a declared name is the problem's.
+    own = [k for k in _LAYER_OPTIONS if k != "check" and k not in declared]
+    problem = f"the problem's {list(declared)}"
+    if backend == "native":
+        return f"{problem} (ConvexLayer's options {own} configure the cone program: not with backend='native')"
+    if backend == "auto" and name in NATIVE:
+        return (f"{problem} and, with backend='cvxpy' (the cone program; 'auto' picks the native "
+                f"node, which takes none of them), ConvexLayer's {own}")
+    return f"{problem} and ConvexLayer's {own}"
+
+
 def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
     """The fastest exact layer for the registry problem ``name``.
 
@@ -138,6 +151,12 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
     # belongs to the problem, and the layer cannot take it too.
     declared = registry.option_names(name)
     layer_opts = {k: options.pop(k) for k in list(options) if k in _LAYER_OPTIONS and k not in declared}
+    unknown = [k for k in options if k not in declared]
+    if unknown:
+        # Checked here, not left to build(): its message lists the problem's options
+        # only, and layer() takes ConvexLayer's too.
+        raise OptionError(f"unknown option(s) {unknown} for layer({name!r}); valid options are "
+                          f"{_valid_options(name, backend, declared)}")
     spec = registry.build(name, **options)  # validates the problem's options
     if backend != "cvxpy" and name in NATIVE and not spec.learned:
         node = NATIVE[name](**spec.options)

@@ -1,6 +1,9 @@
 """Dense quadratic programs (the OptNet layer, Amos & Kolter, ICML 2017)."""
 from __future__ import annotations
 
+import numbers
+import reprlib
+import sys
 from typing import Any
 
 import numpy as np
@@ -28,8 +31,47 @@ def _blocks(option: str, value: Any) -> tuple[str, ...]:
     return names
 
 
-def _fixed(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
+def _fixed(name: str, value: Any, shape: tuple[int, ...], learned: bool = False) -> np.ndarray:
+    """The value of block ``name`` as a float64 array of ``shape``: a constant of the
+    problem, or the initial value of a learned block (``learned``)."""
+    expected = f"an array of real numbers of shape {shape}"
+    # A tensor implies torch is imported: no import here (building the problem needs none).
+    torch_ = sys.modules.get("torch")
+    if torch_ is not None and isinstance(value, torch_.Tensor):
+        # A constant block is data of the CVXPY problem: no gradient can reach it, so a
+        # tensor that requires grad is refused rather than detached, which would drop its
+        # gradient silently (as real_option refuses tensors). A learned block's value only
+        # initialises the layer's own nn.Parameter, which gets the gradient: detached.
+        if value.requires_grad and not learned:
+            raise OptionError(
+                f"option {name} must be {expected} (a constant of the problem), got a tensor that "
+                f"requires grad, whose gradient would be dropped; pass {name}.detach() for a constant, "
+                f"learn='{name}' to learn it from this value, or inputs='{name}' to pass it at call time")
+        if value.is_complex():
+            raise OptionError(f"option {name} must be {expected}, got a complex tensor ({value.dtype}); "
+                              "pass its real part if the imaginary part is zero")
+        value = value.detach().to(device="cpu", dtype=torch_.float64).numpy()
+    try:
+        raw = np.asarray(value)
+    # Ragged nesting (numpy names the broken level), or a list of tensors that require grad.
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise OptionError(f"option {name} must be {expected}, got a {type(value).__name__} "
+                          f"that is not one ({err})") from None
+    # np.asarray(..., dtype=float64) dropped an imaginary part with a mere warning, and
+    # raised its own ValueError / TypeError for strings and objects.
+    if raw.dtype.kind == "c":
+        raise OptionError(f"option {name} must be {expected}, got complex values ({raw.dtype}); "
+                          "pass its real part if the imaginary part is zero")
+    if raw.dtype.kind == "O":  # mixed entries ([1, None]) or one object: numbers are read
+        bad = [v for v in raw.flat if not isinstance(v, numbers.Real)]
+        if bad:
+            raise OptionError(f"option {name} must be {expected}, got an entry {reprlib.repr(bad[0])} "
+                              f"of type {type(bad[0]).__name__}")
+    elif raw.dtype.kind not in "biuf":
+        kind = {"U": "strings", "S": "bytes", "M": "datetimes", "m": "timedeltas"}.get(raw.dtype.kind,
+                                                                                       str(raw.dtype))
+        raise OptionError(f"option {name} must be {expected}, got {kind}: {reprlib.repr(value)}")
+    arr = raw.astype(np.float64)
     if arr.shape != shape:
         raise OptionError(f"option {name} must have shape {shape}, got {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -105,7 +147,9 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
         ridge: ρ ≥ 0; ρ > 0 makes the problem strictly convex.
         rank: columns of L (default n).
         L, q, G, h, A, b: values of the constant blocks, or initial values of learned
-            ones. Blocks of an empty constraint (n_ineq or n_eq = 0) are dropped.
+            ones: arrays, nested lists or tensors of real numbers (a tensor that requires
+            grad only as a learned block's initial value: a constant gets no gradient).
+            Blocks of an empty constraint (n_ineq or n_eq = 0) are dropped.
 
     Parameters (in order): the learned and input blocks among L, q, G, h, A, b (every
     choice is DPP). Variable: ``y`` of shape ``(n,)``.
@@ -113,7 +157,9 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
     Raises:
         OptionError: an unknown block name, a block both learned and an input, an input
             also given a value, a constant with neither a value nor a default, a value of
-            the wrong shape or not finite, ridge < 0.
+            the wrong shape, not finite or not real numbers (strings, objects, complex),
+            a tensor that requires grad as a constant (a learned block's initial value
+            is detached), ridge < 0.
     """
     n = check_int("n", n, minimum=1)
     n_ineq = check_int("n_ineq", n_ineq, minimum=0)
@@ -135,7 +181,7 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
     if clash:
         raise OptionError(f"block(s) {clash} are inputs (passed at call time) and also given a "
                           "value; drop the value or the block from inputs")
-    values = {k: _fixed(k, given[k], shapes[k]) for k in active if k in given}
+    values = {k: _fixed(k, given[k], shapes[k], learned=k in learned) for k in active if k in given}
     defaults = {"L": np.eye(n, rank), "q": np.zeros(n)}
     data, params = {}, []
     for k in active:

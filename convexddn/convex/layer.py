@@ -172,7 +172,6 @@ class ConvexLayer(nn.Module):
         self.parameters_ = list(parameters)
         self.variables_ = list(variables)
         self.solver, self.gp, self.on_failure, self.check = solver, gp, on_failure, check
-        self._labels: list[str] | None = None  # how errors name the parameters (LearnedLayer: its inputs)
         # The per-element options live in its backend only (read back through
         # properties), so there is one copy of them.
         self._backend = CheckedDiffcp(first, fallback, adjoint, tol, solver_args, refine, workers)
@@ -286,7 +285,7 @@ class ConvexLayer(nn.Module):
         per-element solver.
         """
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
-        values, batch = check_values(values, named, self.parameters_, self.check, getattr(self, "_labels", None))
+        values, batch = check_values(values, named, self.parameters_, self.check)
         # Both backends differentiate once (the per-element one in numpy): a second
         # differentiation raises DoubleBackwardError (the batched one gave zeros).
         values = first_order_only("ConvexLayer", values)
@@ -308,7 +307,7 @@ class ConvexLayer(nn.Module):
         flat = []
         for i, (value, param) in enumerate(zip(values, self.parameters_)):
             shape = tuple(param.shape)
-            v64 = widened(value, parameter_label(i, param, getattr(self, "_labels", None)))
+            v64 = widened(value, parameter_label(i, param))
             # Unbatched parameters stay shared (both backends broadcast them).
             flat.append(v64 if value.dim() == len(shape) else
                         v64.expand(batch + shape).reshape((n_batch,) + shape))

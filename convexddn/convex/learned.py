@@ -7,13 +7,14 @@ every call, the others are passed at call time, and gradients flow to both.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ProblemError, ShapeError
+from ..errors import ConvexDDNError, ProblemError, ShapeError
 from .layer import ConvexLayer
 
 __all__ = ["LearnedLayer"]
@@ -60,7 +61,8 @@ class LearnedLayer(nn.Module):
             ``nn.ParameterDict`` such as ``"keys"``).
         ShapeError: a learned parameter passed at call time, an unknown name, a missing
             or surplus input (the message lists the inputs), plus :class:`ConvexLayer`'s
-            errors.
+            errors, which name each tensor as passed here (``input 1 (h)``, ``learned
+            parameter G``).
     """
 
     def __init__(self, layer: ConvexLayer, learned: Mapping[str, Any]) -> None:
@@ -79,11 +81,6 @@ class LearnedLayer(nn.Module):
                 raise ProblemError(f"learned parameter {k!r} cannot be a torch parameter of that name "
                                    f"({err.args[0] if err.args else err}); rename the cp.Parameter") from None
         self._inputs = [k for k in names if k not in learned]
-        # The layer's checks name the tensors as this module's caller passes them: the
-        # inputs by their own positions ("parameter 3 (h)" named the third input), the
-        # learned ones by name.
-        layer._labels = [f"input {self._inputs.index(n)} ({n})" if n not in learned else f"learned parameter {n}"
-                         for n in names]
 
     @property
     def inputs(self) -> list[str]:
@@ -121,4 +118,30 @@ class LearnedLayer(nn.Module):
         bound = self._bind(values, named)
         full = [self.learned[p.name()] if p.name() in self.learned else bound[p.name()]
                 for p in self.layer.parameters_]
-        return self.layer(*full, solver_args=solver_args)
+        try:
+            return self.layer(*full, solver_args=solver_args)
+        except ConvexDDNError as err:
+            if err.args and isinstance(err.args[0], str):  # the same error, its message relabelled
+                err.args = (self._relabel(err.args[0]), *err.args[1:])
+            raise
+
+    def _relabel(self, message: str) -> str:
+        """``message`` of the wrapped layer with its tensors named as this module's caller
+        passed them: "parameter 3 (h)" becomes "input 1 (h)" (the second input), a learned
+        one "learned parameter h".
+
+        The layer's errors are relabelled here rather than by giving the layer these
+        labels (its ``_labels``): the layer may also be called directly, where its own
+        numbering is right, and from other threads while this module's call runs.
+        """
+        table = {}
+        for i, p in enumerate(self.layer.parameters_):
+            n = p.name()
+            table[f"parameter {i} ({n})"] = (f"learned parameter {n}" if n in self.learned
+                                             else f"input {self._inputs.index(n)} ({n})")
+        if not table:
+            return message
+        # One pass, so that no label is replaced again; longest first, so that a name
+        # holding another label (CVXPY names may hold any character) is matched whole.
+        pattern = "|".join(map(re.escape, sorted(table, key=len, reverse=True)))
+        return re.sub(pattern, lambda m: table[m.group()], message)

@@ -136,8 +136,10 @@ def register(name: str, description: str, *, check: Callable[[list], None] | Non
 
     Raises:
         OptionError: ``name`` or ``description`` is not a non-empty string, ``check`` is
-            neither callable nor ``None``, or ``name`` is already registered (the built-in catalog is loaded first, so its names
-            are taken from the start).
+            neither callable nor ``None``, the builder takes ``*args``, ``**kwargs`` or
+            positional-only parameters (each option must be named), or ``name`` is
+            already registered (the built-in catalog is loaded first, so its names are
+            taken from the start).
     """
     # A non-string name would break every later sorted listing of the names.
     for what, value in (("name", name), ("description", description)):
@@ -149,6 +151,7 @@ def register(name: str, description: str, *, check: Callable[[list], None] | Non
     def decorate(builder: Callable[..., tuple]) -> Callable[..., tuple]:
         if not callable(builder):
             raise OptionError(f"register({name!r}) decorates a builder function, got {type(builder).__name__}")
+        _check_signature(name, builder)
         # Load the catalog before taking the name: a user's "simplex" registered first
         # would make the catalog's own registration fail on every later load.
         _load_catalog()
@@ -161,6 +164,35 @@ def register(name: str, description: str, *, check: Callable[[list], None] | Non
         _REGISTRY[name] = _Entry(builder, description, check)
         return builder
     return decorate
+
+
+# The parameter kinds an option can be: build() passes every option by name.
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _check_signature(name: str, builder: Callable) -> None:
+    """Refuse a builder whose options are not all named parameters.
+
+    Every option is named in the builder's signature: :func:`describe` and
+    ``convexddn list`` document them, :func:`build` rejects unknown ones listing the
+    valid ones, and :func:`convexddn.layer` tells a problem's options from the
+    ConvexLayer's by these names. ``**kwargs`` would take any misspelt option (and a
+    layer option such as ``tol``) silently, ``*args`` and positional-only parameters
+    cannot be passed by name; ``build`` read them as required options no call could give.
+    """
+    try:
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError) as err:  # a builtin or C callable without a signature
+        raise OptionError(f"register({name!r}): the options of builder {_origin(builder)} cannot be read "
+                          f"from its signature ({err}); decorate a Python function") from None
+    shown = {inspect.Parameter.VAR_POSITIONAL: "*{}", inspect.Parameter.VAR_KEYWORD: "**{}",
+             inspect.Parameter.POSITIONAL_ONLY: "{} (positional-only)"}
+    unnamed = [shown[p.kind].format(p.name) for p in params if p.kind not in _NAMED]
+    if unnamed:
+        raise OptionError(
+            f"register({name!r}): builder {_origin(builder)} must take each option as a named "
+            f"keyword parameter (describe() lists them, build() checks them), got "
+            f"{', '.join(unnamed)}; declare each option as a parameter of its own")
 
 
 def _origin(builder: Callable) -> str:

@@ -125,6 +125,36 @@ def test_qp_learned_errors_name_the_inputs_by_their_positions():
         lay(torch.randn(3), torch.randn(2, 3), torch.ones(2, dtype=torch.int64))
 
 
+def test_learned_layer_leaves_the_wrapped_layers_labels_alone():
+    """Wrapping a ConvexLayer renamed its parameters in its own errors: called directly
+    after LearnedLayer(cl, ...), cl's "parameter 3 (h)" read "input 1 (h)"."""
+    from convexddn.errors import NonFiniteError
+
+    cl = cddn.layer("qp", n=3, n_ineq=2)
+    assert [p.name() for p in cl.parameters_] == ["L", "q", "G", "h"]
+    L, q, G = torch.eye(3), torch.randn(3), torch.randn(2, 3)
+    h_nan = torch.full((2,), float("nan"))
+    direct = r"^parameter 3 \(h\) must be finite"
+    with pytest.raises(NonFiniteError, match=direct):
+        cl(L, q, G, h_nan)
+    wrapped = LearnedLayer(cl, {"L": np.eye(3), "q": np.zeros(3)})
+    assert wrapped.inputs == ["G", "h"]
+    with pytest.raises(NonFiniteError, match=direct):
+        cl(L, q, G, h_nan)
+    # Through the wrapper: the inputs by their own positions, the learned ones by name.
+    with pytest.raises(NonFiniteError, match=r"^input 1 \(h\) must be finite"):
+        wrapped(G, h_nan)
+    with pytest.raises(ShapeError, match=r"^input 0 \(G\) must have shape"):
+        wrapped(torch.randn(3, 2), torch.randn(2))
+    with torch.no_grad():
+        wrapped.learned["q"].fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"^learned parameter q must be finite"):
+        wrapped(G, torch.ones(2))
+    # ... and the layer itself still names its own, also after the wrapper's errors.
+    with pytest.raises(NonFiniteError, match=direct):
+        cl(L, q, G, h_nan)
+
+
 def test_qp_default_inputs_unchanged():
     """Nothing learned: every block without a value is passed at call time (as before)."""
     layer = cddn.layer("qp", n=4, n_ineq=3)

@@ -84,6 +84,39 @@ def test_build_invalid_option_lists_valid():
         registry.build("lp_ball", n=3, radius=-1.0)
 
 
+def test_layer_unknown_option_lists_problem_and_layer_options():
+    # The message was build()'s, "valid options are ['n']", though layer() also takes
+    # ConvexLayer's options: a misspelt solver= read as if it were no option at all.
+    layer_opts = r"\['solver', 'solver_args', 'fallback', 'adjoint', 'tol', 'refine', 'workers', 'gp', 'on_failure'\]"
+    with pytest.raises(OptionError, match=r"unknown option\(s\) \['solvr'\] for layer\('birkhoff'\); valid options "
+                       r"are the problem's \['n'\] and ConvexLayer's " + layer_opts + "$"):
+        cddn.layer("birkhoff", n=3, solvr="SCS")
+    # A problem with a native node: the layer options need backend='cvxpy' ...
+    with pytest.raises(OptionError, match=r"the problem's \['n', 'p', 'radius'\] and, with backend='cvxpy' .*"
+                       r"native node.*ConvexLayer's " + layer_opts):
+        cddn.layer("lp_ball", n=3, radious=2.0)
+    # ... and backend='native' takes none of them.
+    with pytest.raises(OptionError, match=r"the problem's \['n'\] \(ConvexLayer's options " + layer_opts
+                       + r" configure the cone program: not with backend='native'\)"):
+        cddn.layer("simplex", n=3, backend="native", tool=1e-6)
+    with pytest.raises(OptionError, match=r"for layer\('simplex'\); valid options are the problem's \['n'\] and "
+                       r"ConvexLayer's \['solver'"):
+        cddn.layer("simplex", n=3, backend="cvxpy", solvr="SCS")
+    # A builder's own option of a layer option's name is the problem's, not listed twice.
+    @registry.register("test_own_tol", "argmin ‖u − x‖² s.t. u ≤ tol")
+    def own_tol(n: int, tol: float = 1.0):
+        x = cp.Parameter(n, name="x")
+        u = cp.Variable(n, name="u")
+        return cp.Problem(cp.Minimize(cp.sum_squares(u - x)), [u <= tol]), [x], [u]
+
+    try:
+        with pytest.raises(OptionError, match=r"the problem's \['n', 'tol'\] and ConvexLayer's \['solver', "
+                           r"'solver_args', 'fallback', 'adjoint', 'refine',"):
+            cddn.layer("test_own_tol", n=3, tl=0.5)
+    finally:
+        registry._REGISTRY.pop("test_own_tol")
+
+
 def test_register_duplicate_name_rejected():
     with pytest.raises(OptionError, match="already registered"):
         registry.register("qp", "another")(lambda n: None)
@@ -107,6 +140,41 @@ def test_register_checks_name_and_builder_contract():
             registry.build("test_two_items")
     finally:
         registry._REGISTRY.pop("test_two_items")
+
+
+def test_register_refuses_builders_with_unnamed_options():
+    # A **kwargs builder registered and then could never be built: build() read
+    # **extra as a required option named "extra" ("needs option(s) ['extra']").
+    def with_kwargs(n: int, **extra):
+        raise AssertionError("not called")
+
+    def with_args(n: int, *sizes, c: float = 1.0):
+        raise AssertionError("not called")
+
+    def positional_only(n: int, /, c: float = 1.0):
+        raise AssertionError("not called")
+
+    for builder, got in ((with_kwargs, r"\*\*extra"), (with_args, r"\*sizes"),
+                         (positional_only, r"n \(positional-only\)")):
+        with pytest.raises(OptionError, match=rf"register\('test_unnamed'\): builder .*{builder.__name__} must "
+                           rf"take each option as a named keyword parameter .*got {got};"):
+            registry.register("test_unnamed", "never registered")(builder)
+        assert "test_unnamed" not in registry.names()
+
+    # Keyword-only options are named: accepted, and built by name.
+    @registry.register("test_keyword_only", "argmin ‖u − x‖² s.t. |u| ≤ c")
+    def keyword_only(*, n: int, c: float = 0.5):
+        x = cp.Parameter(n, name="x")
+        u = cp.Variable(n, name="u")
+        return cp.Problem(cp.Minimize(cp.sum_squares(u - x)), [cp.abs(u) <= c]), [x], [u]
+
+    try:
+        assert registry.build("test_keyword_only", n=3).options == {"n": 3, "c": 0.5}
+        assert "options: n=…, c=0.5" in registry.describe("test_keyword_only")
+    finally:
+        registry._REGISTRY.pop("test_keyword_only")
+    # Every catalog builder passes the check (they are registered on import).
+    assert all(registry.option_names(name) for name in registry.names())
 
 
 def test_register_user_problem():
@@ -409,6 +477,41 @@ def test_qp_invalid_options():
         registry.build("qp", n=3, n_ineq=2, learn="q", G=np.ones((2, 3)), h=np.ones(3))
     with pytest.raises(OptionError, match="ridge must be finite and >= 0, got -1"):
         registry.build("qp", n=3, ridge=-1)
+
+
+def test_qp_block_values_must_be_real_numbers():
+    # A tensor that requires grad raised torch's RuntimeError (numpy() of it), strings a
+    # ValueError, an object a TypeError, and a complex value lost its imaginary part with
+    # a mere ComplexWarning.
+    shape = r"option L must be an array of real numbers of shape \(2, 2\)"
+    with pytest.raises(OptionError, match=shape + r" \(a constant of the problem\), got a tensor that requires "
+                       r"grad.*L.detach\(\).*learn='L'.*inputs='L'"):
+        registry.build("qp", n=2, inputs="q", L=torch.eye(2, requires_grad=True))
+    with pytest.raises(OptionError, match=shape + r", got strings: \[\['a', 'b'\], \['c', 'd'\]\]"):
+        registry.build("qp", n=2, inputs="q", L=[["a", "b"], ["c", "d"]])
+    with pytest.raises(OptionError, match=shape + ", got an entry <object.* of type object"):
+        registry.build("qp", n=2, inputs="q", L=object())
+    with pytest.raises(OptionError, match=shape + ", got an entry None of type NoneType"):
+        registry.build("qp", n=2, inputs="q", L=[[1.0, None], [0.0, 1.0]])
+    with pytest.raises(OptionError, match=shape + r", got a list that is not one \(.*inhomogeneous"):
+        registry.build("qp", n=2, inputs="q", L=[[1.0, 0.0], [1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ComplexWarning on the way to the error
+        with pytest.raises(OptionError, match=shape + r", got complex values \(complex128\); pass its real part"):
+            registry.build("qp", n=2, inputs="q", L=np.eye(2) * 1j)
+        with pytest.raises(OptionError, match=shape + r", got a complex tensor \(torch.complex64\)"):
+            registry.build("qp", n=2, inputs="q", L=torch.eye(2) * 1j)
+    # Real values of any numeric kind are read; a tensor that needs no gradient is data.
+    for value in (torch.eye(2), np.eye(2, dtype=np.int64), [[True, False], [False, True]],
+                  np.array([[1, 0], [0, 1]], dtype=object)):
+        spec = registry.build("qp", n=2, inputs="q", L=value)
+        assert [p.name() for p in spec.parameters] == ["q"]
+    # A learned block's value only initialises its nn.Parameter: a tensor that requires
+    # grad (another layer's parameter, say) is detached, not refused.
+    start = torch.nn.Parameter(2 * torch.eye(2))
+    spec = registry.build("qp", n=2, learn="L", inputs="q", L=start)
+    assert np.array_equal(spec.learned["L"], 2 * np.eye(2))
+    assert cddn.layer("qp", n=2, learn="L", inputs="q", L=start).learned["L"].data_ptr() != start.data_ptr()
 
 
 # Issue 9's target: every registry problem on the batched path at batch 1024, no element
