@@ -9,7 +9,8 @@ import torch
 
 from ..errors import SolverError
 
-__all__ = ["factor", "apply_qt", "rank_deficient", "backward_gain", "raise_rank"]
+__all__ = ["factor", "column_norms", "power_of_two_scale", "apply_qt", "rank_deficient", "backward_gain",
+           "raise_rank"]
 
 _MAX_INDICES_SHOWN = 8
 
@@ -31,8 +32,32 @@ def factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
         At = torch.cat([At.expand(*shape, *At.shape[-2:]), root.expand(*shape, n, n)], -2)
     a, tau = torch.geqrf(At)
     R = a[..., :n, :].triu()
-    # (R·R).sum(-2) rather than vector_norm(R, dim=-2): 7.5 against 76 µs here.
-    return a, tau, R, sw, (R * R).sum(-2).sqrt_()
+    return a, tau, R, sw, column_norms(R)
+
+
+def column_norms(R: torch.Tensor) -> torch.Tensor:
+    """‖R e_j‖ for each column, each scaled by its largest entry first: the plain sum of
+    squares overflowed to Inf beyond ~1e154 and underflowed to 0 below ~1e-162 (and
+    vector_norm does the same), which the rank test took for a singular factor of a
+    well-conditioned problem. (A sum rather than vector_norm(R, dim=-2): 7.5 against 76
+    µs at (64, 40, 12).)"""
+    if not R.shape[-1]:  # (no unknowns: amax has nothing to reduce)
+        return R.new_zeros(R.shape[:-1])
+    # (Clamped to the smallest normal number: a zero column gives 0, not 0/0.)
+    top = R.abs().amax(-2, keepdim=True).clamp_min_(torch.finfo(R.dtype).tiny)
+    Rs = R / top
+    return (Rs * Rs).sum(-2).sqrt_().mul_(top.squeeze(-2))
+
+
+def power_of_two_scale(R: torch.Tensor) -> torch.Tensor:
+    """A power of two near R's largest entry, (…, 1, 1) (1 for a zero factor): H = RᵀR
+    and v = H⁻¹g hold squares of the problem's scale, which left the float64 range for
+    entries beyond ~1e154 or below ~1e-154 where the gradients themselves do not; the
+    backward and jvp solve with R/c instead. A power of two keeps that exact."""
+    if not R.shape[-1]:
+        return R.new_ones(*R.shape[:-2], 1, 1)
+    top = R.abs().amax((-2, -1), keepdim=True)
+    return torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent)
 
 
 def apply_qt(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, n: int) -> torch.Tensor:
@@ -76,7 +101,8 @@ def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: t
     # (No rows, M = 0 with a ridge: b contributes nothing; amax of an empty b raised.)
     bmax = bt.abs().amax((-2, -1)) if bt.numel() else bt.new_zeros(bt.shape[:-2])
     top = bmax * math.sqrt(bt.shape[-2]) + columns.amax(-1) * (1 + xs) + xs
-    return (top / (d * d)).amax()
+    # (top / d / d: d·d overflowed, or underflowed to 0, where the gain itself does not.)
+    return (top / d / d).amax()
 
 
 def raise_rank(bad: torch.Tensor) -> None:

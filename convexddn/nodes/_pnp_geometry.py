@@ -112,11 +112,24 @@ def matrix_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
 # The expansion's relative error there is O((z/alpha)²) <= 1e-8.
 _TAYLOR_RADIUS = 1e-4
 
+# A point of weight 0 (padding) whose depth is at most this fraction of its largest
+# camera-frame coordinate is projected from a stand-in on the optical axis: at depth 0
+# its projection is NaN (a point at the origin under θ = 0), and w·φ = 0·NaN made the
+# objective, its derivatives and the solve NaN (a valid init refused); near depth 0 its
+# second derivatives (~1/Z³) can overflow to Inf, with 0·Inf the same. Above it, the
+# projection (within 1e8 of the axis) and its derivatives are finite, so w·φ and its
+# θ-derivatives are exactly 0 and the weight keeps its derivative φ.
+_DEPTH_FLOOR = 1e-8
+
 
 def objective(theta, p2d, p3d, w, K, a, pen: Penalty) -> torch.Tensor:
-    """Σ_i w_i φ(‖π_K(R p_i + t) − q_i‖; α) per batch element, (B,)."""
+    """Σ_i w_i φ(‖π_K(R p_i + t) − q_i‖; α) per batch element, (B,); points of weight 0
+    at (or near) depth 0 contribute 0 too (see ``_DEPTH_FLOOR``)."""
     X = p3d @ axis_angle_to_matrix(theta[:, :3]).mT + theta[:, None, 3:]
-    proj = X[..., :2] / X[..., 2:]
+    # (`not >`: a NaN depth, from a non-finite θ, is a hole too.)
+    hole = (w == 0) & ~(X[..., 2].abs() > _DEPTH_FLOOR * X.abs().amax(-1))
+    depth = torch.where(hole, 1.0, X[..., 2]).unsqueeze(-1)
+    proj = torch.where(hole.unsqueeze(-1), 0.0, X[..., :2]) / depth
     if K is not None:
         proj = proj * K[:, None, :2] + K[:, None, 2:]
     e = proj - p2d
@@ -269,14 +282,16 @@ def check_dlt_points(p, w) -> None:
 
 def check_start(bad, from_init: bool, stacklevel: int = 4) -> None:
     """Refuse an ``init`` whose reprojection error is undefined (``bad``: a non-finite
-    objective, a point at depth 0); a DLT start with one (measure zero) stays unsolved."""
+    objective, a point of nonzero weight at depth 0: :func:`objective` leaves out those
+    of weight 0); a DLT start with one (measure zero) stays unsolved."""
     if not bool(bad.any()):
         return
     if from_init:
-        raise InputError(f"init must put every point at a nonzero depth (the projection divides by it), got "
+        raise InputError(f"init must put every point at a nonzero depth (every point of nonzero weight: the "
+                         f"projection divides by it), got "
                          f"a non-finite reprojection error at init for {shown_indices(bad)}")
-    warnings.warn(f"pnp: the DLT start puts a point at depth 0 for {shown_indices(bad)}; the start is "
-                  "returned unsolved (pass init)", SolverWarning, stacklevel=stacklevel)
+    warnings.warn(f"pnp: the DLT start puts a point of nonzero weight at depth 0 for {shown_indices(bad)}; the "
+                  "start is returned unsolved (pass init)", SolverWarning, stacklevel=stacklevel)
 
 
 def check_pose(theta, H, p3d, w) -> None:

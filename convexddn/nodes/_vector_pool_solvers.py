@@ -232,7 +232,9 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
     xc = x - centre
     x2 = (xc * xc).sum(-1).unsqueeze(-2)  # (R, 1, N)
     aa = a.unsqueeze(-1) if a.dim() > 0 else a  # (R, 1, 1) against (R, S, N)
-    limit = _START_TOL * (aa.squeeze(-1) + xc.abs().amax((-2, -1)).unsqueeze(-1))  # (R, 1)
+    # (a itself, (R, 1) or 0-d: aa.squeeze(-1) of a 0-d alpha under vmap, torch.func.jacfwd
+    # w.r.t. an unbatched set's alpha, raised "Dimension is out of range".)
+    limit = _START_TOL * (a + xc.abs().amax((-2, -1)).unsqueeze(-1))  # (R, 1)
     rows = torch.arange(R, device=x.device)
 
     def dist(U):

@@ -39,7 +39,7 @@ import torch
 from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, save_plain
 from .._checks import check_device, check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
-from ._least_squares_factor import apply_qt, backward_gain, factor, raise_rank, rank_deficient
+from ._least_squares_factor import apply_qt, backward_gain, factor, power_of_two_scale, raise_rank, rank_deficient
 from ._overflow import may_overflow, warn_gradient_overflow
 
 __all__ = ["least_squares"]
@@ -107,15 +107,20 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if g is None:  # (grads are not materialised: x itself was not used)
             return (None,) * 6
         A, b = A.to(_WORK), b.to(_WORK)
-        # v = H⁻¹ g = R⁻¹ R⁻ᵀ g: two triangular solves with the forward's factor.
-        v = _h_solve(R, g.to(_WORK))
-        Av = A @ v
+        # v = H⁻¹ g = R⁻¹ R⁻ᵀ g: two triangular solves with the forward's factor, R/c (a
+        # power of two near its largest entry): v ~ g/c² left float64's range where the
+        # gradients, ~g/c, do not (A ~ 1e-170: Inf; A ~ 1e200: 0). So vc = c·v, and each
+        # gradient is divided by c once more.
+        c = power_of_two_scale(R)
+        vc = _h_solve(R / c, g.to(_WORK)) / c
+        Avc = A @ vc
+        Av = Avc / c
         wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
         grads: list[Any] = [None] * 6  # A, b, weights, ridge, out_dtype, gate
         if need[0] or need[2]:
             r = b - A @ x
         if need[0]:
-            gA = r @ v.mT
+            gA = (r / c) @ vc.mT
             # r vᵀ − (Av) xᵀ with one product accumulated in place (the subtraction of two
             # (…, M, N) products was the backward's largest op at (64, 40, 12)).
             if gA.dim() == 3 and gA.shape[0] == Av.shape[0] == x.shape[0]:
@@ -128,7 +133,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if need[2]:
             grads[2] = (Av * r).sum(-1)
         if need[3]:
-            grads[3] = -(v * x).sum(-1)
+            grads[3] = -(vc * x).sum(-1) / c.squeeze(-1)
         for i, t in enumerate((A, b, w, ridge)):
             if grads[i] is not None:
                 grads[i] = grads[i].sum_to_size(t.shape).to(ctx.dtypes[i])
@@ -146,12 +151,15 @@ class _LeastSquaresFunction(torch.autograd.Function):
     def jvp(ctx, A_t, b_t, w_t, ridge_t, _dtype_t, _gate_t):  # type: ignore[override]
         """Forward mode, the derivative of the normal equations H x = AᵀW b:
         H dx = dAᵀW r + AᵀW (db − dA x) + Aᵀ dW r − dρ∘x with r = b − Ax, solved with
-        the forward's factor (H = RᵀR)."""
+        the forward's factor (H = RᵀR), scaled as in the backward: H = c² H', c a power of
+        two near R's largest entry, so dx = H'⁻¹(rhs/c)/c (rhs ~ ‖A‖‖dA‖ left float64's
+        range for A and dA ~ 1e200 where dx does not)."""
         A, b, w, ridge, R, x = ctx.saved_tensors
         A, b = A.to(_WORK), b.to(_WORK)
         wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
         weigh = (lambda t: t) if wcol is None else (lambda t: wcol * t)  # noqa: E731
-        r = b - A @ x
+        c = power_of_two_scale(R)
+        rc = (b - A @ x) / c
         rhs = None
 
         def add(term: torch.Tensor) -> None:
@@ -160,17 +168,17 @@ class _LeastSquaresFunction(torch.autograd.Function):
 
         if A_t is not None:
             A_t = A_t.to(_WORK)
-            add(A_t.mT @ weigh(r) - A.mT @ weigh(A_t @ x))
+            add(A_t.mT @ weigh(rc) - A.mT @ weigh((A_t @ x) / c))
         if b_t is not None:
-            add(A.mT @ weigh(b_t.to(_WORK)))
+            add(A.mT @ weigh(b_t.to(_WORK) / c))
         if w_t is not None:
-            add(A.mT @ (w_t.to(_WORK).unsqueeze(-1) * r))
+            add(A.mT @ (w_t.to(_WORK).unsqueeze(-1) * rc))
         if ridge_t is not None:
-            add(-ridge_t.to(_WORK).unsqueeze(-1) * x)
+            add(-ridge_t.to(_WORK).unsqueeze(-1) * x / c)
         if rhs is None:
             dx = torch.zeros_like(x)
         else:
-            dx = _h_solve(R, rhs.expand_as(x))
+            dx = _h_solve(R / c, rhs.expand_as(x)) / c
         return dx.to(ctx.dtypes[0]), None, None, None, None
 
 

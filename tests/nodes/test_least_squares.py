@@ -378,6 +378,57 @@ def test_rank_test_is_invariant_to_column_scale():
         least_squares(A, torch.randn(3, 10, dtype=torch.float64))
 
 
+def _scaled_solve(A, b, w, gx, tangents):
+    """x, the gradients of gx·x w.r.t. (A, b, w) and the jvp along ``tangents`` (A, b)."""
+    leaves = [t.clone().requires_grad_(True) for t in (A, b, w)]
+    x = least_squares(*leaves)
+    with warnings.catch_warnings():  # (finite gradients: nothing to warn about)
+        warnings.simplefilter("error", GradientWarning)
+        grads = torch.autograd.grad(x, leaves, gx)
+    _, dx = torch.func.jvp(lambda A, b: least_squares(A, b, w), (A, b), tangents)
+    return x.detach(), grads, dx
+
+
+@pytest.mark.parametrize("sa, sw", [(1e-170, 1.0), (1e-160, 1.0), (1e150, 1.0), (1e154, 1.0), (1e200, 1.0),
+                                    (1e100, 1e200), (1e-100, 1e-150)])
+def test_least_squares_is_invariant_to_the_scale_of_the_problem(sa, sw):
+    """cond(A) ~ 2, and x(s_a A, s_a b, s_w w) = x: the column norms of the factor were
+    sums of squares, Inf beyond ~1e154 and 0 below ~1e-162 (of √w·A), and the rank test
+    refused the problem as "rank deficient"; the backward's H⁻¹g (~1/s²) and the jvp's
+    right-hand side (~s²) left float64's range where the gradients do not. Expected:
+    torch.linalg.lstsq of the unscaled problem; the gradients of the unscaled problem
+    times the scale's power (A, b: 1/s_a; w: 1/s_w), the jvp along (s_a dA, s_a db)
+    that of the unscaled problem along (dA, db)."""
+    A, b = rand(2, 6, 3), rand(2, 6, seed=1)
+    w = torch.rand(2, 6, generator=torch.Generator().manual_seed(2), dtype=D) + 0.5
+    gx, dA, db = rand(2, 3, seed=3), rand(2, 6, 3, seed=4), rand(2, 6, seed=5)
+    sqw = w.sqrt().unsqueeze(-1)
+    ref = torch.linalg.lstsq(sqw * A, sqw * b.unsqueeze(-1)).solution.squeeze(-1)
+    x0, g0, dx0 = _scaled_solve(A, b, w, gx, (dA, db))
+    x, g, dx = _scaled_solve(A * sa, b * sa, w * sw, gx, (dA * sa, db * sa))
+    torch.testing.assert_close(x, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dx, dx0, rtol=1e-12, atol=1e-12 * dx0.abs().max().item())
+    for got, want, s in zip(g, g0, (sa, sa, sw)):
+        torch.testing.assert_close(got * s, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("s", [1e20, 1e-25])
+def test_least_squares_float32_beyond_the_range_of_its_squares(s):
+    """float32 entries of 1e20 (squares 1e40 > 3.4e38) or 1e-25 (squares below float32's
+    smallest number): the solve runs in float64, so x and the gradients scale as the
+    float64 problem's do. Expected: the unscaled float64 problem, times 1/s for the
+    gradients."""
+    A, b = rand(6, 3), rand(6, seed=1)
+    gx = rand(3, seed=2)
+    x0, g0, _ = _scaled_solve(A, b, torch.ones(6, dtype=D), gx, (A, b))
+    A32, b32 = (A * s).float().requires_grad_(True), (b * s).float().requires_grad_(True)
+    x = least_squares(A32, b32)
+    gA, gb = torch.autograd.grad(x, (A32, b32), gx.float())
+    torch.testing.assert_close(x.double(), x0, rtol=1e-5, atol=0)
+    for got, want in zip((gA, gb), g0[:2]):
+        torch.testing.assert_close(got.double() * s, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
 # --------------------------------------------------------------------------- gradient range
 
 

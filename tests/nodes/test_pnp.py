@@ -301,6 +301,88 @@ def test_pnp_init_at_depth_zero():
         pnp(q, p, init=init)
 
 
+def _scene_near_identity(seed, batch, n=10, noise=0.01):
+    """As :func:`scene`, with rotations of ~0.2 rad: init = identity lies in the basin."""
+    g = torch.Generator().manual_seed(seed)
+    theta = 0.2 * torch.randn(*batch, 6, generator=g, dtype=D)
+    R = torch.linalg.matrix_exp(skew(theta[..., :3]))
+    xy = 2 * torch.rand(*batch, n, 2, generator=g, dtype=D) - 1
+    z = 2 * torch.rand(*batch, n, 1, generator=g, dtype=D) + 2
+    p = (torch.cat([z * xy, z], -1) - theta[..., None, 3:]) @ R
+    return xy + noise * torch.randn(*batch, n, 2, generator=g, dtype=D), p
+
+
+def _pose_and_grads(q, p, w, n_live, **kw):
+    """The pose, and the gradients of a fixed linear loss of it w.r.t. p2d, p3d and
+    the weights: those of the first n_live points, and all."""
+    leaves = [t.clone().requires_grad_(True) for t in (q, p, w)]
+    est = pnp(*leaves, **kw)
+    g = torch.linspace(-1.0, 2.0, 6, dtype=D)
+    grads = torch.autograd.grad((est * g).sum(), leaves)
+    return est.detach(), [t[..., :n_live, :] if t.dim() > w.dim() else t[..., :n_live] for t in grads], grads
+
+
+def _assert_same_as_unpadded(q, p, w, pad2, pad3, **kw):
+    n = q.shape[-2]
+    pw = torch.zeros(*w.shape[:-1], pad3.shape[-2], dtype=D)
+    est0, live0, _ = _pose_and_grads(q, p, w, n, **kw)
+    est, live, grads = _pose_and_grads(torch.cat([q, pad2], -2), torch.cat([p, pad3], -2),
+                                       torch.cat([w, pw], -1), n, **kw)
+    torch.testing.assert_close(est, est0, atol=1e-12, rtol=0)
+    for got, want in zip(live, live0):
+        torch.testing.assert_close(got, want, atol=1e-10 * want.abs().max().item(), rtol=1e-9)
+    for t in grads[:2]:  # (weight 0: the padding's points move nothing)
+        assert torch.equal(t[..., n:, :], torch.zeros_like(t[..., n:, :]))
+    # Forward mode (the jvp's mixed derivatives, by torch.func) along the live points' p2d.
+    dq = torch.randn(q.shape, generator=torch.Generator().manual_seed(28), dtype=D)
+    _, t0 = torch.func.jvp(lambda q: pnp(q, p, w, **kw), (q,), (dq,))
+    _, t1 = torch.func.jvp(lambda q: pnp(q, torch.cat([p, pad3], -2), torch.cat([w, pw], -1), **kw),
+                           (torch.cat([q, pad2], -2),), (torch.cat([dq, torch.zeros_like(pad2)], -2),))
+    torch.testing.assert_close(t1, t0, atol=1e-10 * t0.abs().max().item(), rtol=1e-9)
+    return est
+
+
+@pytest.mark.parametrize("penalty", ["quadratic", "huber"])
+def test_pnp_zero_weight_padding_at_the_origin(penalty):
+    """Padding (weight 0) at the origin, init = identity: the padding sits at depth 0 at
+    init, and w·φ = 0·NaN made the objective NaN, so the init was refused ("init must
+    put every point at a nonzero depth") although the rest of the node (DLT, collinearity,
+    the behind-camera count) ignores points of weight 0. Expected: the unpadded problem's
+    pose and gradients."""
+    q, p = _scene_near_identity(23, (2,))
+    w = torch.rand(2, 10, generator=torch.Generator().manual_seed(24), dtype=D) + 0.5
+    kw = {"penalty": penalty, "alpha": 0.02, "init": torch.zeros(2, 6, dtype=D)}
+    _assert_same_as_unpadded(q, p, w, torch.zeros(2, 3, 2, dtype=D), torch.zeros(2, 3, 3, dtype=D), **kw)
+
+
+@pytest.mark.parametrize("case", ["exact", "rounding"])
+def test_pnp_zero_weight_padding_at_depth_zero_at_the_solution(case):
+    """Padding on the camera's plane Z = 0 under the returned pose, where the backward's
+    Hessian and mixed derivatives are taken. "exact": R = I and t_z = 0 exactly at the
+    (noise-free) solution, which is also the init, so the depth is exactly 0; "rounding":
+    a noisy scene, the padding put on the plane of the unpadded problem's pose (depth
+    ~1e-16, its projection ~1e16: finite, and so not refused before either; a guard on
+    the stand-in used near depth 0). Expected: the unpadded problem's pose and gradients."""
+    w = torch.rand(1, 10, generator=torch.Generator().manual_seed(27), dtype=D) + 0.5
+    if case == "exact":
+        g = torch.Generator().manual_seed(25)
+        theta = torch.tensor([[0.0, 0.0, 0.0, 0.1, -0.2, 0.0]], dtype=D)
+        p = torch.cat([2 * torch.rand(1, 10, 2, generator=g, dtype=D) - 1,
+                       2 + 2 * torch.rand(1, 10, 1, generator=g, dtype=D)], -1)
+        q = (p[..., :2] + theta[:, None, 3:5]) / p[..., 2:]  # as the objective projects: exact
+        init = theta
+    else:
+        q, p = _scene_near_identity(26, (1,))
+        theta = pnp(q, p, w)
+        init = torch.zeros(1, 6, dtype=D)
+    R = axis_angle_to_matrix(theta[:, :3])
+    on_plane = torch.tensor([[[0.5, -0.3, 0.0], [0.0, 0.0, 0.0]]], dtype=D)
+    pad3 = (on_plane - theta[:, None, 3:]) @ R  # Rᵀ(X − t)
+    est = _assert_same_as_unpadded(q, p, w, torch.full((1, 2, 2), 0.3, dtype=D), pad3, init=init)
+    depth = (pad3 @ axis_angle_to_matrix(est[:, :3]).mT + est[:, None, 3:])[..., 2]
+    assert depth.abs().max() <= (0 if case == "exact" else 1e-12)
+
+
 def test_pnp_points_behind_camera_warn():
     # Camera-frame points all at negative depth, world = camera frame: θ = 0 is an exact
     # minimiser (zero reprojection error) from init = 0, with every point behind the camera.

@@ -667,3 +667,22 @@ def test_vector_pool_jacfwd_matches_reverse_mode():
     f = lambda u: robust_vector_pool(u, "huber", 1.0)  # noqa: E731
     torch.testing.assert_close(torch.func.jacfwd(f)(x), torch.autograd.functional.jacobian(f, x),
                                rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["welsch", "trunc_quad", "huber"])
+def test_vector_pool_jacfwd_wrt_a_0d_alpha_of_an_unbatched_set(name):
+    """torch.func.jacfwd w.r.t. a 0-d alpha on one (C, N) set: the multi-start search
+    (Welsch, truncated quadratic) squeezed a dimension off the 0-d alpha under vmap,
+    "Dimension is out of range"; Huber (no search) and a batched set ran. Expected: the
+    reverse-mode derivative, one torch.autograd.grad per output entry (the truncated
+    quadratic's is 0: its minimiser is the mean of its inliers, fixed while alpha moves
+    no point across the boundary)."""
+    x = torch.randn(3, 7, dtype=D, generator=torch.Generator().manual_seed(5))
+    x[:, -1] += 4.0  # an outlier
+    alpha = torch.tensor(0.9, dtype=D)
+    jac = torch.func.jacfwd(lambda a: robust_vector_pool(x, name, a))(alpha)
+    a = alpha.clone().requires_grad_(True)
+    y = robust_vector_pool(x, name, a)
+    rev = torch.stack([torch.autograd.grad(y[i], a, retain_graph=True)[0] for i in range(y.shape[0])])
+    assert jac.shape == y.shape == (3,)
+    torch.testing.assert_close(jac, rev, rtol=1e-10, atol=1e-10)
