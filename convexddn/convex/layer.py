@@ -32,9 +32,10 @@ from .._autograd import first_order_only
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
-from .per_element import MODES, POLISH_ABOVE, SOLVERS, CheckedDiffcp, per_element_layer
+from .per_element import MODES, POLISH_ABOVE, SOLVERS, SPREAD_DOUBT, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
-                     masked_outputs, merge_resolved, refuse_unverifiable, status_kind, unravel)
+                     masked_outputs, merge_resolved, refuse_unverifiable, status_kind, unravel,
+                     warn_unchecked_spread)
 from .state import picklable_state, restore_state, uncached
 from .validation import (check_values, element_subset, parameter_label, solver_choice, validate_problem,
                          validate_solver_args)
@@ -259,7 +260,7 @@ class ConvexLayer(nn.Module):
         info = self._backend.last_info
         return list(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
                             "statuses": info.statuses, "residuals": [float(r) for r in info.residuals],
-                            "solved": info.solved, "kinds": info.kinds}
+                            "solved": info.solved, "kinds": info.kinds, "spreads": info.spreads}
 
     # ------------------------------------------------------------------ the call
 
@@ -344,14 +345,21 @@ class ConvexLayer(nn.Module):
             # certifies replaces them. On tests/convex/test_reliability.py's badly scaled
             # QP this path alone returned points 4.9e-3 (residual 2.4e-9) and 6.6e4
             # (residual 8.2e-7) off, and called the bounded problem unbounded.
+            # So are solved elements whose data spread over more than SPREAD_DOUBT, where the
+            # residual does not bound the error (per_element.data_spread).
+            wide = [ok and r > SPREAD_DOUBT for ok, r in zip(info["solved"], info["spreads"])]
             doubt = [i for i, (ok, r) in enumerate(zip(info["solved"], info["residuals"]))
-                     if not ok or (self.refine > 0 and r > POLISH_ABOVE)]
+                     if not ok or (self.refine > 0 and r > POLISH_ABOVE) or wide[i]]
             program = self._opinion_program(device) if doubt else None
+            checked = []
             if program is not None:
                 fixed, part = self._solve_batched(program, element_subset(self.parameters_, flat, doubt), (doubt, batch))
                 merge_resolved(sols, info, doubt, fixed, part, take=part["solved"])
                 adopt_certificates(info, doubt, list(zip(part["kinds"], part["statuses"])))
                 doubt_certificates(info, doubt, part["points"])
+                checked = [i for i, ok in zip(doubt, part["solved"]) if ok]
+            warn_unchecked_spread((range(math.prod(batch)), batch), [i for i in doubt if wide[i] and i not in checked],
+                                  info["spreads"])
             return sols, info
         sols, info = self._solve_batched(self._batched, flat, (range(math.prod(batch)), batch))
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]

@@ -1,6 +1,7 @@
 """ConvexLayer: nothing silent — named errors, declared attributes, threads, per-element failure policy."""
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -657,3 +658,39 @@ def test_per_element_adjoint_that_lsmr_does_not_solve_is_solved_densely(monkeypa
         out = layer(x0)
     with pytest.warns(GradientWarning, match=r"iterative adjoint solve \(LSMR\).*relative residual"):
         torch.autograd.grad(out, x0, g)
+
+
+@pytest.mark.parametrize("solver", ["Clarabel", "SCS", "ECOS"])
+@pytest.mark.parametrize("a", [1e-12, 1e-15, 1e-18])
+def test_per_element_result_on_data_spanning_1e12_is_checked_by_the_batched_path(solver, a):
+    """min (a x - 1)^2: the solution is x = 1/a. Beside data of unit size an entry of
+    1e-12 moves the relative KKT residual by 1e-12 whatever x is: SCS and ECOS returned
+    a x = 2e-16 from a = 1e-12 on, Clarabel from 1e-18, at residual ~1e-12, 'solved',
+    silently. Such elements now get the batched path's check (equilibrated, with an
+    error estimate), which solves them; the gradient is the closed form d x/d a = -1/a^2."""
+    x = cp.Variable(1)
+    ap, bp = cp.Parameter(1), cp.Parameter(1)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(cp.multiply(ap, x) - bp)))
+    layer = cddn.ConvexLayer(prob, [ap, bp], [x], solver=solver)
+    at = torch.tensor([a], dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        y = layer(at, torch.tensor([1.0], dtype=torch.float64))
+    assert abs(float(y.detach()) * a - 1) < 1e-9
+    (g,) = torch.autograd.grad(y.sum(), at)
+    assert abs(float(g) * a * a + 1) < 1e-6
+
+
+def test_per_element_result_on_wide_data_without_a_batched_form_warns():
+    """An exponential cone has no batched form: a solved element whose data spans more
+    than 1e10 cannot be checked there, and a SolverWarning says so (unit-size data: none)."""
+    x = cp.Variable(1)
+    ap = cp.Parameter(1)
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.exp(x)) - ap @ x))
+    layer = cddn.ConvexLayer(prob, [ap], [x], solver="Clarabel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        y = layer(torch.tensor([2.0], dtype=torch.float64))
+    assert abs(float(y) - math.log(2.0)) < 1e-7  # x = log(a)
+    with pytest.warns(SolverWarning, match="data spans"):
+        layer(torch.tensor([1e-13], dtype=torch.float64))
