@@ -220,9 +220,9 @@ def pnp(
             that does not broadcast to the batch shape.
         NonFiniteError: an input holds NaN or Inf.
         InputError: negative weights, all-zero weights for a problem, tensors on
-            different devices, ``K`` with fx or fy zero, an ``init`` that puts a point at
-            depth 0, or (without ``init``) fewer than 6 points of nonzero weight or
-            collinear ones (coincident included).
+            different devices, ``K`` with fx or fy zero, an ``init`` that puts a point of
+            nonzero weight at depth 0, or (without ``init``) fewer than 6 points of
+            nonzero weight or collinear ones (coincident included).
         OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol`` or ``max_iter``.
 
     Warns:
