@@ -128,7 +128,8 @@ def _pinv_solve(K: Tensor, rhs: Tensor, rank_deficit: Tensor) -> Tensor:
 def _negative_eigenvalues(K: Tensor, thr: float) -> Tensor:
     """``(B,)`` number of eigenvalues of symmetric ``K`` below ``-thr`` (``-1`` where the
     factorisation fails), from its Bunch–Kaufman :math:`LDL^\\top` (Sylvester's law of
-    inertia: ``D``'s 1×1 and 2×2 blocks have the same signs): half the cost of the LU."""
+    inertia: ``D``'s 1×1 and 2×2 blocks have the same signs); about the cost of the LU
+    (1–2× on CPU), an eigendecomposition several times that."""
     LD, piv, info = torch.linalg.ldl_factor_ex(K)
     d = LD.diagonal(dim1=-2, dim2=-1)
     pad = d.new_zeros(d.shape[:-1] + (1,))
@@ -165,8 +166,10 @@ def dense_kkt(
     v: Tensor,
     rcond: float | None = None,
     ill_conditioned: float = ILL_CONDITIONED,
+    check_minimum: bool = True,
 ) -> DenseResult:
-    """:func:`solve_kkt_dense` without the warnings."""
+    """:func:`solve_kkt_dense` without the warnings (``not_minimum`` all False without
+    ``check_minimum``: the inertia costs an :math:`LDL^\\top` factorisation)."""
     batch, m = v.shape
     basis = torch.eye(m, dtype=v.dtype, device=v.device).unsqueeze(1).expand(m, batch, m)
     # hvp(e_j)[j, b, :] is column j of H_b.
@@ -190,7 +193,7 @@ def dense_kkt(
     # Thm 12.5); more means solve returned a saddle or a maximiser, whose derivative
     # this is, not an argmin's. Ks is congruent to K, so it has the same inertia.
     expected = 0 if A2 is None else A2.shape[1] - pin.diagonal(dim1=-2, dim2=-1).sum(-1).long()
-    negatives = _negative_eigenvalues(Ks, rcond)
+    negatives = _negative_eigenvalues(Ks, rcond) if check_minimum else torch.zeros_like(cond, dtype=torch.long)
     if bool(singular.any()):  # rare: the exact spectrum of the (few) singular elements
         idx = torch.nonzero(singular).flatten()
         Ksi, rhsi, di = Ks[idx], rhs[idx], d[idx]
@@ -211,7 +214,12 @@ def dense_kkt(
         singular = torch.zeros_like(singular)
         singular[idx] = (deficit > 0) | ~finite
     ill = ~singular & (cond >= ill_conditioned)
+    # Dependent active constraints (LICQ fails): the minimum-norm multipliers need not
+    # be ones that certify a minimiser (y₃ ≥ ±y₁² written as two rows: (½, ½) gives −1 on
+    # the tangent space where (1, 0) gives +1), so no verdict there.
     not_minimum = negatives > expected
+    if dependent is not None:
+        not_minimum = not_minimum & ~dependent
     if A is None:
         return DenseResult(sol, None, singular, None, ill, cond, not_minimum)
     mu = (T @ sol[:, m:].unsqueeze(-1)).squeeze(-1)
