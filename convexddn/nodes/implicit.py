@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,7 +33,14 @@ from ..errors import GradientWarning, OptionError
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
                          _non_finite_derivatives, _objective, _solution_length, lagrangian_probes)
-from .linear_solvers import LINEAR_SOLVERS, LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
+from .linear_solvers import (
+    LINEAR_SOLVERS,
+    LinearSolver,
+    checked_solver_result,
+    resolve_linear_solver,
+    shown_indices,
+    solve_kkt_cg,
+)
 from .multipliers import inactive_mask, multipliers
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt
 
@@ -42,6 +50,9 @@ Tensor = torch.Tensor
 
 #: The dtypes the implicit derivative's linear algebra may run in.
 WORK_DTYPES = (torch.float64, torch.float32)
+# What cg_options may hold: solve_kkt_cg's keyword options but the two this module sets.
+_CG_KEYS = frozenset(name for name, p in inspect.signature(solve_kkt_cg).parameters.items()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY) - {"warn_dependent", "check_minimum"}
 
 
 def check_implicit_options(linear_solver: Any, dense_max: Any, active_tol: Any, cg_options: Any,
@@ -50,15 +61,17 @@ def check_implicit_options(linear_solver: Any, dense_max: Any, active_tol: Any, 
     """The one validator of the implicit derivative's options, for :class:`~convexddn.DeclarativeNode`
     and for :func:`declarative_vjp` / :func:`~convexddn.nodes.implicit_jvp.declarative_jvp`
     called directly (where ``active_tol=nan`` made every inequality active, silently).
-    ``cg_options``: a dict with keys ``tol`` and/or ``max_iter`` (values may be None)."""
+    ``cg_options``: keyword arguments of :func:`~.linear_solvers.solve_kkt_cg` (values
+    may be None); ``tol`` and ``max_iter`` are checked here, the others there."""
     if not callable(linear_solver):
         check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
     if dense_max is not None:
         check_int("dense_max", dense_max, minimum=0)
     check_positive("active_tol", active_tol)
     if cg_options is not None:
-        if not isinstance(cg_options, dict) or set(cg_options) - {"tol", "max_iter"}:
-            raise OptionError(f"cg_options must be a dict with keys 'tol' and/or 'max_iter', got {cg_options!r}")
+        if not isinstance(cg_options, dict) or set(cg_options) - _CG_KEYS:
+            raise OptionError(f"cg_options must be a dict of solve_kkt_cg's keyword arguments "
+                              f"{sorted(_CG_KEYS)}, got {cg_options!r}")
         if cg_options.get("tol") is not None:
             check_tolerance("cg_tol", cg_options["tol"])  # >= 1 would stop CG before its first step
         if cg_options.get("max_iter") is not None:

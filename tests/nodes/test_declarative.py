@@ -539,6 +539,10 @@ def test_declarative_vjp_and_jvp_called_directly_check_their_options(bad):
         declarative_jvp(obj, x, y, torch.ones_like(x), inequality_constraints=ineq, **bad)
     g, _ = declarative_vjp(obj, x, y, torch.ones_like(y), inequality_constraints=ineq)
     torch.testing.assert_close(g, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    # solve_kkt_cg's other options still pass through (they did before the check came)
+    g, _ = declarative_vjp(obj, x, y, torch.ones_like(y), inequality_constraints=ineq, linear_solver="cg",
+                           cg_options={"check_every": 2, "budget": 3, "dense_fallback_bytes": 0})
+    torch.testing.assert_close(g, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
 
 
 class _TwoSidedParabola(DeclarativeNode):
