@@ -286,7 +286,10 @@ class ConvexLayer(nn.Module):
         per-element solver.
         """
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
-        values, batch = check_values(values, named, self.parameters_, self.check)
+        # How messages name the tensors: a wrapper's numbering for this thread's call
+        # (LearnedLayer's inputs), else "parameter i (name)".
+        labels = getattr(self._local, "labels", None)
+        values, batch = check_values(values, named, self.parameters_, self.check, labels)
         # Both backends differentiate once (the per-element one in numpy): a second
         # differentiation raises DoubleBackwardError (the batched one gave zeros).
         values = first_order_only("ConvexLayer", values)
@@ -308,7 +311,7 @@ class ConvexLayer(nn.Module):
         flat = []
         for i, (value, param) in enumerate(zip(values, self.parameters_)):
             shape = tuple(param.shape)
-            v64 = widened(value, parameter_label(i, param))
+            v64 = widened(value, parameter_label(i, param, labels))
             # Unbatched parameters stay shared (both backends broadcast them).
             flat.append(v64 if value.dim() == len(shape) else
                         v64.expand(batch + shape).reshape((n_batch,) + shape))

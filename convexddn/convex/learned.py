@@ -7,14 +7,13 @@ every call, the others are passed at call time, and gradients flow to both.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConvexDDNError, ProblemError, ShapeError
+from ..errors import ProblemError, ShapeError
 from .layer import ConvexLayer
 
 __all__ = ["LearnedLayer"]
@@ -118,30 +117,19 @@ class LearnedLayer(nn.Module):
         bound = self._bind(values, named)
         full = [self.learned[p.name()] if p.name() in self.learned else bound[p.name()]
                 for p in self.layer.parameters_]
+        # The layer's checks (and its backward's warnings) name the tensors as this
+        # module's caller passes them, for this thread's call only: called directly, or
+        # from another thread meanwhile, the layer keeps its own "parameter i (name)".
+        local = self.layer._local
+        local.labels = self._labels
         try:
             return self.layer(*full, solver_args=solver_args)
-        except ConvexDDNError as err:
-            if err.args and isinstance(err.args[0], str):  # the same error, its message relabelled
-                err.args = (self._relabel(err.args[0]), *err.args[1:])
-            raise
+        finally:
+            local.labels = None
 
-    def _relabel(self, message: str) -> str:
-        """``message`` of the wrapped layer with its tensors named as this module's caller
-        passed them: "parameter 3 (h)" becomes "input 1 (h)" (the second input), a learned
-        one "learned parameter h".
-
-        The layer's errors are relabelled here rather than by giving the layer these
-        labels (its ``_labels``): the layer may also be called directly, where its own
-        numbering is right, and from other threads while this module's call runs.
-        """
-        table = {}
-        for i, p in enumerate(self.layer.parameters_):
-            n = p.name()
-            table[f"parameter {i} ({n})"] = (f"learned parameter {n}" if n in self.learned
-                                             else f"input {self._inputs.index(n)} ({n})")
-        if not table:
-            return message
-        # One pass, so that no label is replaced again; longest first, so that a name
-        # holding another label (CVXPY names may hold any character) is matched whole.
-        pattern = "|".join(map(re.escape, sorted(table, key=len, reverse=True)))
-        return re.sub(pattern, lambda m: table[m.group()], message)
+    @property
+    def _labels(self) -> list[str]:
+        """The wrapped layer's parameters as this module's caller passes them: the inputs
+        by their own positions, the learned ones by name."""
+        return [f"learned parameter {n}" if n in self.learned else f"input {self._inputs.index(n)} ({n})"
+                for n in (p.name() for p in self.layer.parameters_)]

@@ -265,13 +265,14 @@ _CHECKED_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "symmetric", "PSD", "NS
 _SYMMETRIC = ("symmetric", "PSD", "NSD")
 
 
-def parameter_label(i: int, param: cp.Parameter) -> str:
-    """How errors name the i-th parameter: ``parameter i (name)`` (a wrapper that numbers
-    its inputs otherwise relabels the messages, :class:`~.learned.LearnedLayer`)."""
-    return f"parameter {i} ({param.name()})"
+def parameter_label(i: int, param: cp.Parameter, labels: Sequence[str] | None = None) -> str:
+    """How errors name the i-th parameter: ``labels[i]`` where a wrapper's call numbers its
+    inputs otherwise (:class:`~.learned.LearnedLayer`), else ``parameter i (name)``."""
+    return labels[i] if labels is not None else f"parameter {i} ({param.name()})"
 
 
-def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter]) -> None:
+def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter],
+                               labels: Sequence[str] | None = None) -> None:
     """Raise ``InputError`` where a tensor breaks an attribute its ``cp.Parameter`` declares.
 
     CVXPY canonicalises a problem assuming the declared attributes (a ``nonneg`` λ makes
@@ -289,14 +290,14 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
                 what = "entries" if attr in ("nonneg", "nonpos", "pos", "neg") else "matrices"
                 reason = why()
                 raise InputError(
-                    f"{parameter_label(i, param)} is declared {attr}=True, got {n_bad} {what} "
+                    f"{parameter_label(i, param, labels)} is declared {attr}=True, got {n_bad} {what} "
                     f"that are not (shape {tuple(value.shape)}{'; ' + reason if reason else ''}); pass "
                     "values that satisfy the declaration or drop it from the cp.Parameter")
 
 
 def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.Parameter],
-                 check: Callable[[list[torch.Tensor]], None] | None = None
-                 ) -> tuple[list[torch.Tensor], tuple[int, ...]]:
+                 check: Callable[[list[torch.Tensor]], None] | None = None,
+                 labels: Sequence[str] | None = None) -> tuple[list[torch.Tensor], tuple[int, ...]]:
     """One call's tensors, bound and checked: ``(values in parameter order, batch shape)``.
 
     In order: binding (positional, then by name), tensor type, one device, trailing
@@ -307,14 +308,14 @@ def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.P
     """
     values = bind_parameters(values, named, parameters)
     for i, (value, param) in enumerate(zip(values, parameters)):
-        check_tensor(parameter_label(i, param), value)
+        check_tensor(parameter_label(i, param, labels), value)
     devices = {v.device for v in values}
     if len(devices) > 1:
         raise InputError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
-    batch = batch_shape(values, parameters)
+    batch = batch_shape(values, parameters, labels)
     for i, (value, param) in enumerate(zip(values, parameters)):
-        check_finite(parameter_label(i, param), value)
-    check_parameter_attributes(values, parameters)
+        check_finite(parameter_label(i, param, labels), value)
+    check_parameter_attributes(values, parameters, labels)
     if check is not None:
         check(list(values))
     # Symmetric (and PSD, NSD) parameters enter CVXPY's data through one triangle: their
@@ -365,14 +366,15 @@ def bind_parameters(values: tuple, named: dict[str, Any], parameters: Sequence[c
     return bound
 
 
-def batch_shape(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter]) -> tuple[int, ...]:
+def batch_shape(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter],
+                labels: Sequence[str] | None = None) -> tuple[int, ...]:
     """The broadcast leading (batch) shape of the values of ``parameters``."""
     batch_shapes = []
     for i, (value, param) in enumerate(zip(values, parameters)):
         k = len(param.shape)
         if value.dim() < k or tuple(value.shape[value.dim() - k:]) != tuple(param.shape):
             raise ShapeError(
-                f"{parameter_label(i, param)} must have shape (*batch, "
+                f"{parameter_label(i, param, labels)} must have shape (*batch, "
                 f"{', '.join(map(str, param.shape))}) i.e. trailing shape "
                 f"{tuple(param.shape)}, got {tuple(value.shape)}")
         batch_shapes.append(tuple(value.shape[: value.dim() - k]))

@@ -10,7 +10,7 @@ import torch
 import convexddn as cddn
 from convexddn.convex import registry
 from convexddn.convex.learned import LearnedLayer
-from convexddn.errors import OptionError, ProblemError, ShapeError
+from convexddn.errors import GradientWarning, NonFiniteError, OptionError, ProblemError, ShapeError
 
 F64 = torch.float64
 
@@ -228,3 +228,20 @@ def test_spec_learned_contract_is_checked(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "bad_learned", registry._Entry(bad, "test only"))
     with pytest.raises(ProblemError, match=r"declared learned parameter 'x' with shape \(3,\)"):
         registry.build("bad_learned")
+
+
+def test_learned_layer_names_its_inputs_in_the_backward_warning_too():
+    """The float16 gradient-overflow warning of the backward is formed at the call:
+    through a LearnedLayer it names q as the wrapper's input 0 (relabelling only the
+    forward's errors left it 'parameter 1 (q)'); the wrapped layer called directly
+    meanwhile keeps its own numbering."""
+    lay = cddn.layer("qp", n=3, n_ineq=2, learn="L", inputs="qGh")
+    q = torch.randn(3, dtype=torch.float16, requires_grad=True)
+    G, h = torch.randn(2, 3), torch.ones(2)
+    y = lay(q, G, h)
+    with pytest.warns(GradientWarning, match=r"input 0 \(q\)"):
+        y.backward(torch.full_like(y, 1e6))
+    inner = lay.layer
+    L = lay.learned["L"].detach()
+    with pytest.raises(NonFiniteError, match=r"parameter 3 \(h\)"):
+        inner(L, q.detach(), G, torch.tensor([1.0, float("nan")]))
