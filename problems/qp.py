@@ -1,6 +1,7 @@
 """Dense quadratic programs (the OptNet layer, Amos & Kolter, ICML 2017)."""
 from __future__ import annotations
 
+import decimal
 import numbers
 import reprlib
 import sys
@@ -63,7 +64,8 @@ def _fixed(name: str, value: Any, shape: tuple[int, ...], learned: bool = False)
         raise OptionError(f"option {name} must be {expected}, got complex values ({raw.dtype}); "
                           "pass its real part if the imaginary part is zero")
     if raw.dtype.kind == "O":  # mixed entries ([1, None]) or one object: numbers are read
-        bad = [v for v in raw.flat if not isinstance(v, numbers.Real)]
+        # (decimal.Decimal is a number but not a numbers.Real; float() reads it exactly enough)
+        bad = [v for v in raw.flat if not isinstance(v, (numbers.Real, decimal.Decimal))]
         if bad:
             raise OptionError(f"option {name} must be {expected}, got an entry {reprlib.repr(bad[0])} "
                               f"of type {type(bad[0]).__name__}")

@@ -7,6 +7,7 @@ in float64 for every parameter.
 """
 from __future__ import annotations
 
+import decimal
 import math
 import pickle
 import warnings
@@ -503,6 +504,7 @@ def test_qp_block_values_must_be_real_numbers():
             registry.build("qp", n=2, inputs="q", L=torch.eye(2) * 1j)
     # Real values of any numeric kind are read; a tensor that needs no gradient is data.
     for value in (torch.eye(2), np.eye(2, dtype=np.int64), [[True, False], [False, True]],
+                  [[decimal.Decimal(1), 0], [0, decimal.Decimal('1.5')]],
                   np.array([[1, 0], [0, 1]], dtype=object)):
         spec = registry.build("qp", n=2, inputs="q", L=value)
         assert [p.name() for p in spec.parameters] == ["q"]
