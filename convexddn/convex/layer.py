@@ -75,9 +75,11 @@ class ConvexLayer(nn.Module):
             the per-element path), ``"batched"`` (the batched solver first; an
             ``OptionError`` for problems it does not cover), or ``"Clarabel"``,
             ``"SCS"``, ``"ECOS"`` (the per-element path with that first solver; its
-            results in doubt — not solved, or left above rounding level by the
-            polish — are solved again by the batched form where the problem has one
-            that fits); case-insensitive. ``last_solve`` says what solved each element.
+            results in doubt — not solved, left above rounding level by the polish, or
+            on data spanning more than 1e10, where a residual check does not bound the
+            error — are solved again by the batched form where the problem has one
+            that fits, else a wide one warns); case-insensitive. ``last_solve`` says
+            what solved each element.
         solver_args: keyword arguments for the per-element solver, over convexddn's
             tight defaults (e.g. ``{"max_iter": 1000}`` for Clarabel); unknown keys
             raise ``OptionError``.
