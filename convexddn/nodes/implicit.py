@@ -33,6 +33,7 @@ from ..errors import GradientWarning, OptionError
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
                          _non_finite_derivatives, _objective, _solution_length, lagrangian_probes)
+from .dense import default_rcond
 from .linear_solvers import (
     LINEAR_SOLVERS,
     LinearSolver,
@@ -153,6 +154,9 @@ def declarative_vjp(
       inertia shows negative curvature of the Lagrangian's Hessian on the active
       constraints' tangent space, where the dense system is formed) gives a warning:
       its derivative is not the declared argmin's;
+    - linearly dependent active constraints give a warning where data entering them
+      could break the dependence (the gradient's split among them is then not unique;
+      ``(h, 2h)`` is silent, ``Σy = s, Σy = t`` at ``t = s`` warns);
     - ``objective`` must depend on ``y`` through autograd, and every tensor that
       requires grad in the objective's or the constraints' graph must be in ``xs``,
       ``y`` or ``known`` (else it would silently get no gradient).
@@ -319,6 +323,49 @@ class ImplicitSystem(NamedTuple):
                 if self.checked else result)
 
 
+def _dependence_reaches_data(c: Tensor, A: Tensor, inactive: Tensor, inputs: tuple[Tensor, ...],
+                             params: tuple[Tensor, ...]):
+    """``dependent (B,) -> (B,)``: of the elements with dependent active constraints, those
+    whose gradient is not unique.
+
+    The multipliers are unique only up to ν with Aᵀν = 0 (a combination of the active
+    constraints whose y-gradients cancel); the data's gradient moves along such ν by
+    νᵀ ∂c/∂θ, which is 0 where the redundancy holds for every θ (h and 2h: the gradient
+    is unique, and a warning said it was not). Runs only where dependence was found:
+    one ``eigh`` of A Aᵀ and one vjp of the constraints per constraint row.
+    """
+    def reaches(dependent: Tensor) -> Tensor:
+        batch, r = A.shape[0], A.shape[1]
+        M = A @ A.transpose(1, 2)
+        s = torch.diagonal(M, dim1=-2, dim2=-1)
+        s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
+        # An inactive row's multiplier is pinned to 0: its unit vector is no free direction.
+        Ms = s.unsqueeze(-1) * M * s.unsqueeze(-2) + torch.diag_embed(inactive.to(M.dtype))
+        evals, V = torch.linalg.eigh(Ms)
+        rcond = default_rcond(A.shape[-1] + r, A.dtype)
+        null = evals <= rcond * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+        N = s.unsqueeze(-1) * V  # columns: directions in the multipliers' space
+        # A shared parameter's vjp sums over the batch: generic weights per element keep
+        # one element's component from cancelling another's (deterministic: no RNG use).
+        k = torch.arange(batch, dtype=A.dtype, device=A.device)
+        weight = (1.0 + 0.5 * torch.sin(2.399963229728653 * k + 1.0)).unsqueeze(-1)
+        norms = []  # (B,) size of ν_jᵀ ∂c/∂θ over every data tensor, per column j
+        for j in range(r):
+            grads = torch.autograd.grad(c, inputs + params, N[..., j] * weight, retain_graph=True,
+                                        allow_unused=True)
+            norm = A.new_zeros(batch)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    part = g.reshape(batch, -1).abs().amax(-1) if i < len(inputs) else g.abs().amax().expand(batch)
+                    norm = torch.maximum(norm, part)
+            norms.append(norm)
+        norms = torch.stack(norms, -1)  # (B, r)
+        scale = norms.amax(-1, keepdim=True)
+        moved = (null & (norms > 1e-8 * scale)).any(-1)
+        return dependent & moved
+    return reaches
+
+
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
                     params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
                     check_solution: bool, solution_tol, work_dtype: torch.dtype, name: str,
@@ -339,7 +386,8 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     _, of_c = check_graph(name, f, {"equality_constraints": eq, "inequality_constraints": ineq}, yg,
                           allowed=xg + params + tuple(known))
     # Dependent constraints make the multipliers non-unique; that matters for the
-    # gradient only through data that enters the constraints.
+    # gradient only through data that enters the constraints, and only where the data
+    # can break the dependence (_dependence_reaches_data).
     # (a parameter read in another dtype enters as its cast: a computed leaf)
     data_in_constraints = any(id(t) in of_c for t in xg + params) or any(
         t.grad_fn is not None for t in of_c.values())
@@ -407,5 +455,6 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
                                    dense_max, cg_options, batch)
     if isinstance(linear_solver, str):
-        solver = functools.partial(solver, warn_dependent=data_in_constraints, check_minimum=check_minimum)
+        reach = _dependence_reaches_data(c, A, inactive, xg, params) if data_in_constraints else False
+        solver = functools.partial(solver, warn_dependent=reach, check_minimum=check_minimum)
     return ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))

@@ -92,6 +92,17 @@ def dense_bytes(batch: int, size: int) -> int:
 # --------------------------------------------------------------------------- dense
 
 
+def _dependent_shown(dependent: Tensor | None, warn_dependent: Any) -> Tensor | None:
+    """The dependent-constraints mask to warn about: none (``warn_dependent`` False), all,
+    or, for a callable (:func:`.implicit.implicit_system`'s), those it says reach the
+    gradient (called only where some element is dependent)."""
+    if dependent is None or not warn_dependent:
+        return None
+    if callable(warn_dependent) and bool(dependent.any()):
+        return warn_dependent(dependent)
+    return dependent
+
+
 def solve_kkt_dense(
     hvp: HVP,
     A: Tensor | None,
@@ -136,7 +147,8 @@ def solve_kkt_dense(
         ill_conditioned: condition number from which a warning is issued. Default
             :data:`ILL_CONDITIONED` (``1e10``).
         warn_dependent: warn about linearly dependent active constraints (whose
-            multipliers are then not unique). :func:`declarative_vjp` turns it off when
+            multipliers are then not unique); or a callable ``(B,) mask -> (B,) mask``
+            keeping the dependent elements whose gradient that non-uniqueness reaches. :func:`declarative_vjp` turns it off when
             no input or parameter enters the constraints: the gradient is then unique.
         check_minimum: warn where :math:`K_b`'s inertia shows that :math:`H_b` has
             negative curvature on the active constraints' tangent space (more negative
@@ -162,7 +174,7 @@ def solve_kkt_dense(
         §4.7.4 and §6.1.
     """
     res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned, check_minimum)
-    warn_degenerate(res.singular, res.dependent if warn_dependent else None, res.ill,
+    warn_degenerate(res.singular, _dependent_shown(res.dependent, warn_dependent), res.ill,
                     res.cond, stacklevel=2, not_minimum=res.not_minimum if check_minimum else None)
     return res.w, res.mu
 
@@ -319,7 +331,7 @@ def solve_kkt_cg(
                 GradientWarning,
                 stacklevel=2,
             )
-    warn_degenerate(singular, dependent if warn_dependent else None, ill, cond, stacklevel=2,
+    warn_degenerate(singular, _dependent_shown(dependent, warn_dependent), ill, cond, stacklevel=2,
                     not_minimum=not_minimum)
     return w, mu
 

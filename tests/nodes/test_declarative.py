@@ -585,3 +585,39 @@ def test_check_minimum_off_skips_the_inertia(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.autograd.grad(node(x).sum(), x)
+
+
+class _SumTo(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. Σy = s written twice: as (h, 2h) (``scaled``), consistent for
+    every s, or as (Σy − s, Σy − t) at t = s, whose redundancy the data can break."""
+
+    def __init__(self, scaled: bool, **kw):
+        super().__init__(**kw)
+        self.scaled = scaled
+
+    def objective(self, x, s, t, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, s, t, y):
+        h = y.sum(-1, keepdim=True) - s
+        return torch.cat([h, 2 * h] if self.scaled else [h, y.sum(-1, keepdim=True) - t], -1)
+
+    def solve(self, x, s, t):
+        return x - (x.sum(-1, keepdim=True) - s) / x.shape[-1]
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_dependent_constraints_warn_only_where_the_data_sees_it(solver):
+    """(h, 2h): the multipliers are not unique but the gradient in s is (v.sum / n, as
+    with one row), and a warning said it was not. (Σy − s, Σy − t) at t = s: the split
+    of the gradient between s and t is not unique, and it still warns."""
+    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    s = torch.randn(2, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    v = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gs, = torch.autograd.grad((_SumTo(True, linear_solver=solver)(x, s, s.detach()) * v).sum(), s)
+    torch.testing.assert_close(gs[:, 0], v.sum(-1) / 4)
+    t = s.detach().clone().requires_grad_(True)
+    with pytest.warns(GradientWarning, match="linearly dependent"):
+        torch.autograd.grad((_SumTo(False, linear_solver=solver)(x, s, t) * v).sum(), (s, t))

@@ -997,11 +997,24 @@ def test_singular_hessian_consistent_rhs_warns_on_both_paths(solver):
 @pytest.mark.parametrize("solver", ["dense", "cg"])
 def test_dependent_constraints(solver):
     # Written twice, the constraint has non-unique multipliers. That matters (and is
-    # reported) only when data enters the constraints; the gradient is right either way.
+    # reported) only where the data can break the redundancy: (c, 2c) holds for every b,
+    # and the gradient is unique (it was warned about); Σy = b and Σy = b' at b' = b split
+    # the gradient between b and b' in any way, which is warned. The gradient in z is
+    # right either way.
     class HyperplaneTwice(Hyperplane):
         def equality_constraints(self, x, y):
             c = super().equality_constraints(x, y)
             return torch.cat([c, 2 * c], -1)
+
+    class HyperplaneSplit(Hyperplane):  # x = (z, b, b')
+        def objective(self, x, y):
+            return super().objective(x[:, :-1], y)
+
+        def solve(self, x):
+            return super().solve(x[:, :-1])
+
+        def equality_constraints(self, x, y):
+            return torch.cat([y.sum(-1, keepdim=True) - x[:, -2:-1], y.sum(-1, keepdim=True) - x[:, -1:]], -1)
 
     class SumToOneTwice(SumToOne):
         def equality_constraints(self, x, y):
@@ -1011,10 +1024,15 @@ def test_dependent_constraints(solver):
     m = 5
     x = torch.randn(3, m + 1, generator=_gen(22), dtype=DT)
     v = torch.randn(3, m, generator=_gen(23), dtype=DT)
-    with pytest.warns(GradientWarning, match="linearly dependent"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
         grad = _vjp(HyperplaneTwice(linear_solver=solver), x, v)
     torch.testing.assert_close(grad[:, :-1], v - v.mean(-1, keepdim=True))
     torch.testing.assert_close(grad[:, -1], v.mean(-1))
+    with pytest.warns(GradientWarning, match="linearly dependent"):
+        grad = _vjp(HyperplaneSplit(linear_solver=solver), torch.cat([x, x[:, -1:]], -1), v)
+    torch.testing.assert_close(grad[:, :m], v - v.mean(-1, keepdim=True))
+    torch.testing.assert_close(grad[:, m] + grad[:, m + 1], v.mean(-1))  # the split is not unique
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientWarning)
         grad = _vjp(SumToOneTwice(linear_solver=solver), x[:, :m], v)
@@ -1472,16 +1490,18 @@ def test_parameter_the_objective_does_not_track_is_warned():
 
 
 class _TwiceTheSameEquality(DeclarativeNode):
+    """Σy = b and Σy = b' with b' = b: the split of the gradient between them is not unique."""
+
     def __init__(self, dtype):
         super().__init__()
         self.b = torch.nn.Parameter(torch.tensor([0.7], dtype=dtype))
+        self.b2 = torch.nn.Parameter(torch.tensor([0.7], dtype=dtype))
 
     def objective(self, x, y):
         return 0.5 * ((y - x) ** 2).sum(-1)
 
     def equality_constraints(self, x, y):
-        s = y.sum(-1, keepdim=True) - self.b
-        return torch.cat([s, 2 * s], -1)
+        return torch.cat([y.sum(-1, keepdim=True) - self.b, y.sum(-1, keepdim=True) - self.b2], -1)
 
     def solve(self, x):
         return x - (x.sum(-1, keepdim=True) - self.b) / x.shape[-1]
@@ -1496,7 +1516,7 @@ def test_dependent_constraints_with_parameter_data_warned_in_float32(dtype):
     x = torch.randn(3, 4, generator=_gen(5), dtype=dtype, requires_grad=True)
     with pytest.warns(GradientWarning, match="linearly dependent"):
         node(x).sum().backward()
-    assert float(node.b.grad) == pytest.approx(3.0, rel=1e-6)  # ∂Σy/∂b = 1 per element
+    assert float(node.b.grad + node.b2.grad) == pytest.approx(3.0, rel=1e-6)  # ∂Σy/∂b = 1 per element
 
 
 class _ScaledByBuffer(DeclarativeNode):
