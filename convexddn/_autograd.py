@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import DoubleBackwardError
+from .errors import DoubleBackwardError, ProblemError
 
 try:  # torch's unwrapping of tensors left from a finished functorch transform
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
@@ -75,6 +75,19 @@ def batched_by_autograd(*tensors: torch.Tensor | None) -> bool:
             if any(k.strip() in ("Batched", "FuncTorchBatched") for k in keys[keys.find("(") + 1:-1].split(",")):
                 return True
     return False
+
+
+def refuse_batched(name: str, *cotangents: torch.Tensor | None) -> None:
+    """Raise a ProblemError where autograd batches the cotangents or tangents
+    (``is_grads_batched=True``, ``torch.autograd.functional.jacobian(..., vectorize=True)``):
+    the implicit derivatives check and solve on the host, which autograd's vmap refuses
+    (it failed inside torch with "Batching rule not implemented")."""
+    if batched_by_autograd(*cotangents):
+        raise ProblemError(
+            f"{name} does not support batched cotangents or tangents (is_grads_batched=True, "
+            "torch.autograd.functional.jacobian(..., vectorize=True)): pass one at a time "
+            "(vectorize=False, the default), or stack the directions along the node's batch "
+            "dimension")
 
 
 def functorch_transforms() -> list[str]:

@@ -18,11 +18,11 @@ import torch
 from torch.autograd import forward_ad
 
 from .._autograd import (
-    batched_by_autograd,
     first_order_jvp,
     functorch_transforms,
     guard_gradients,
     may_carry_tangents,
+    refuse_batched,
     save_plain,
 )
 from ..errors import InputError, ProblemError
@@ -148,19 +148,6 @@ def refuse_functorch(name: str) -> None:
             "result on the host and differentiates the objective with torch.autograd. Use torch.autograd: "
             "backward(), torch.autograd.grad, or torch.autograd.forward_ad for forward mode "
             "(torch.func.functional_call is supported)")
-
-
-def refuse_batched(name: str, *cotangents: Tensor | None) -> None:
-    """Raise where autograd batches the cotangents or tangents (``is_grads_batched=True``,
-    ``torch.autograd.functional.jacobian(..., vectorize=True)``): the implicit derivative
-    checks and solves each batch element on the host, which autograd's vmap refuses (it
-    failed in torch's detach with "Batching rule not implemented")."""
-    if batched_by_autograd(*cotangents):
-        raise ProblemError(
-            f"{name} does not support batched cotangents or tangents (is_grads_batched=True, "
-            "torch.autograd.functional.jacobian(..., vectorize=True)): pass one at a time "
-            "(vectorize=False, the default), or stack the directions along the node's batch "
-            "dimension")
 
 
 def _signature(fn: Any) -> inspect.Signature | None:

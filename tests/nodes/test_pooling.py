@@ -1505,3 +1505,22 @@ def test_pseudo_huber_alpha_gradient_float32_with_residuals_well_inside_alpha(al
     ref = _pseudo_huber_alpha_grad_f64(x, y64, alpha)
     assert (got.sign() == ref.sign()).all()
     assert float(((got - ref).abs() / ref.abs()).median()) < 1e-5
+
+
+def test_robust_pool_under_vmap_or_batched_cotangents_gets_a_problem_error():
+    """vmap, jacfwd and jacrev failed with torch's "does not have vmap support" and
+    is_grads_batched / vectorize=True with "Batching rule not implemented for
+    aten::div.out"; one direction at a time works."""
+    from convexddn.errors import ProblemError
+    x = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    f = lambda r: robust_pool(r, "huber", 1.0)  # noqa: E731
+    for transform in (torch.func.vmap, torch.func.jacfwd, torch.func.jacrev):
+        with pytest.raises(ProblemError, match="torch.func.vmap|batched cotangents"):  # (jacrev: its vjp)
+            transform(f)(x)
+    xg = x.clone().requires_grad_(True)
+    with pytest.raises(ProblemError, match="batched cotangents"):
+        torch.autograd.grad(f(xg), xg, torch.eye(3, dtype=F64), is_grads_batched=True)
+    with pytest.raises(ProblemError, match="batched cotangents"):
+        torch.autograd.functional.jacobian(f, x, vectorize=True, strategy="forward-mode")
+    J = torch.autograd.functional.jacobian(f, x)
+    torch.testing.assert_close(J.sum(-1), torch.eye(3, dtype=F64))  # dy_i/dx_i sums to 1 per row

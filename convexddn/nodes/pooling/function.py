@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from ..._autograd import bind_fast, first_order, first_order_jvp, save_plain
+from ..._autograd import bind_fast, first_order, first_order_jvp, refuse_batched, save_plain
 from ...errors import GradientWarning
 from .kernels import pool_backward
 from .penalties import Quadratic
@@ -49,6 +49,7 @@ class RobustPoolFunction(torch.autograd.Function):
     @staticmethod
     @first_order("robust_pool")
     def backward(ctx, grad_y):  # type: ignore[override]
+        refuse_batched("robust_pool", grad_y)
         x, alpha, y = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_alpha = None
@@ -76,6 +77,7 @@ class RobustPoolFunction(torch.autograd.Function):
         """Forward mode: dy = Σ_i w_i dx_i / Σ_j w_j − (Σ_i wa_i / Σ_j w_j) dα (Table 1),
         i.e. the backward's row vectors at an incoming gradient of 1, times the tangents
         (rows without a derivative get 0 and the backward's warning)."""
+        refuse_batched("robust_pool", x_t, alpha_t)
         x, alpha, y = ctx.saved_tensors
         rows, n = x.shape
         dy = y.new_zeros(y.shape)

@@ -38,7 +38,8 @@ from ..._checks import (
     normalize_dims,
     positive_range,
 )
-from ...errors import ShapeError
+from ..._autograd import functorch_transforms
+from ...errors import ProblemError, ShapeError
 from .._repr import format_option
 from .function import RobustPoolFunction
 from .kernels import compile_available
@@ -173,6 +174,9 @@ def robust_pool(
             ``alpha <= 0``, invalid ``dim``, ``keepdim``, ``tol``, ``max_iter`` or
             ``compile``.
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
+        ProblemError: a call under ``torch.func.vmap`` (or ``jacfwd``, ``jacrev``), and a
+            backward with batched cotangents (``is_grads_batched=True``,
+            ``jacobian(..., vectorize=True)``): use one direction at a time.
 
     .. note::
         The iterative solvers decide when to stop on the host: a few device-to-host
@@ -186,6 +190,12 @@ def robust_pool(
         2021, Table 1 and §6.1.
     """
     check_tensor("x", x)
+    if "Vmap" in functorch_transforms():  # (jacfwd, jacrev and vmap itself)
+        # The solver branches on values on the host and writes into buffers (out=), which
+        # vmap cannot batch: torch's own error named RobustPoolFunction's missing rule.
+        raise ProblemError("robust_pool does not run under torch.func.vmap (nor jacfwd or jacrev, which use it): "
+                           "use torch.autograd (backward(), torch.autograd.grad, forward_ad for forward mode, "
+                           "torch.autograd.functional.jacobian without vectorize)")
     pen = _check_options(penalty, keepdim, tol, max_iter, compile)
     wide = _check_alpha(alpha)
     dims = normalize_dims("dim", dim, x.ndim) if x.ndim > 0 else None
