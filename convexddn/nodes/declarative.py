@@ -33,7 +33,8 @@ from ._swap_guard import guarded, read_as
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, y_by_keyword)
 from .graph import check_graph
-from .implicit import check_implicit_options, declarative_vjp
+from .implicit import declarative_vjp
+from .implicit_options import check_implicit_options
 from .implicit_jvp import declarative_jvp
 from .lagrangian import _constraint, _objective
 from .optimality import _format_indices

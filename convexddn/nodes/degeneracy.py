@@ -9,8 +9,10 @@ import warnings
 import torch
 
 from ..errors import GradientWarning
+from .dense import default_rcond
+from .krylov import independent_rows
 
-__all__ = ["shown_indices", "warn_degenerate"]
+__all__ = ["dependence_reaches_data", "dependent_to_warn", "shown_indices", "warn_degenerate"]
 
 Tensor = torch.Tensor
 _MAX_INDICES_SHOWN = 8
@@ -81,3 +83,53 @@ def warn_degenerate(
             GradientWarning,
             stacklevel=stacklevel + 1,
         )
+
+
+def dependence_reaches_data(c: Tensor, A: Tensor, inactive: Tensor, inputs: tuple[Tensor, ...],
+                            params: tuple[Tensor, ...]):
+    """``dependent (B,) -> (B,)``: of the elements with dependent active constraints, those
+    whose gradient is not unique (a ``warn_dependent`` for the linear solvers).
+
+    The multipliers are unique only up to ν with Aᵀν = 0 (a combination of the active
+    constraints whose y-gradients cancel: the null rows of
+    :func:`~.krylov.independent_rows`); the data's gradient moves along such ν by
+    νᵀ ∂c/∂θ, which is 0 where the redundancy holds for every θ (h and 2h: the gradient
+    is unique, and a warning said it was not). Runs only where dependence was found:
+    one vjp of the constraints ``c`` per constraint row.
+    """
+    def reaches(dependent: Tensor) -> Tensor:
+        batch, r = A.shape[0], A.shape[1]
+        _, pin, T, _ = independent_rows(A, inactive, default_rcond(A.shape[-1] + r, A.dtype))
+        null = pin.diagonal(dim1=-2, dim2=-1) > 0  # (B, r) the null columns of T
+        # An inactive row's multiplier is pinned to 0: no free direction there (its unit
+        # vector shares the null space, and eigh may mix it in).
+        N = T * (~inactive).unsqueeze(-1).to(T.dtype)
+        # A shared parameter's vjp sums over the batch: generic weights per element keep
+        # one element's component from cancelling another's (deterministic: no RNG use).
+        k = torch.arange(batch, dtype=A.dtype, device=A.device)
+        weight = (1.0 + 0.5 * torch.sin(2.399963229728653 * k + 1.0)).unsqueeze(-1)
+        norms = []  # (B,) size of ν_jᵀ ∂c/∂θ over every data tensor, per column j
+        for j in range(r):
+            grads = torch.autograd.grad(c, inputs + params, N[..., j] * weight, retain_graph=True,
+                                        allow_unused=True)
+            norm = A.new_zeros(batch)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    part = g.reshape(batch, -1).abs().amax(-1) if i < len(inputs) else g.abs().amax().expand(batch)
+                    norm = torch.maximum(norm, part)
+            norms.append(norm)
+        norms = torch.stack(norms, -1)  # (B, r)
+        moved = (null & (norms > 1e-8 * norms.amax(-1, keepdim=True))).any(-1)
+        return dependent & moved
+    return reaches
+
+
+def dependent_to_warn(dependent: Tensor | None, warn_dependent) -> Tensor | None:
+    """The dependent-constraints mask to warn about: none (``warn_dependent`` False), all,
+    or, for a callable (:func:`dependence_reaches_data`'s), those it keeps (called only
+    where some element is dependent)."""
+    if dependent is None or not warn_dependent:
+        return None
+    if callable(warn_dependent) and bool(dependent.any()):
+        return warn_dependent(dependent)
+    return dependent

@@ -20,7 +20,6 @@ References:
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,62 +27,19 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
-from ..errors import GradientWarning, OptionError
+from ..errors import GradientWarning
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
                          _non_finite_derivatives, _objective, _solution_length, lagrangian_probes)
-from .dense import default_rcond
-from .linear_solvers import (
-    LINEAR_SOLVERS,
-    LinearSolver,
-    checked_solver_result,
-    resolve_linear_solver,
-    shown_indices,
-    solve_kkt_cg,
-)
+from .degeneracy import dependence_reaches_data
+from .implicit_options import check_implicit_options
+from .linear_solvers import LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
 from .multipliers import inactive_mask, multipliers
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt
 
-__all__ = ["WORK_DTYPES", "check_implicit_options", "declarative_vjp"]
+__all__ = ["declarative_vjp"]
 
 Tensor = torch.Tensor
-
-#: The dtypes the implicit derivative's linear algebra may run in.
-WORK_DTYPES = (torch.float64, torch.float32)
-# What cg_options may hold: solve_kkt_cg's keyword options but the two this module sets.
-_CG_KEYS = frozenset(name for name, p in inspect.signature(solve_kkt_cg).parameters.items()
-                     if p.kind is inspect.Parameter.KEYWORD_ONLY) - {"warn_dependent", "check_minimum"}
-
-
-def check_implicit_options(linear_solver: Any, dense_max: Any, active_tol: Any, cg_options: Any,
-                           check_solution: Any, solution_tol: Any, work_dtype: Any, check_minimum: Any,
-                           dtype_name: str = "work_dtype") -> None:
-    """The one validator of the implicit derivative's options, for :class:`~convexddn.DeclarativeNode`
-    and for :func:`declarative_vjp` / :func:`~convexddn.nodes.implicit_jvp.declarative_jvp`
-    called directly (where ``active_tol=nan`` made every inequality active, silently).
-    ``cg_options``: keyword arguments of :func:`~.linear_solvers.solve_kkt_cg` (values
-    may be None); ``tol`` and ``max_iter`` are checked here, the others there."""
-    if not callable(linear_solver):
-        check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
-    if dense_max is not None:
-        check_int("dense_max", dense_max, minimum=0)
-    check_positive("active_tol", active_tol)
-    if cg_options is not None:
-        if not isinstance(cg_options, dict) or set(cg_options) - _CG_KEYS:
-            raise OptionError(f"cg_options must be a dict of solve_kkt_cg's keyword arguments "
-                              f"{sorted(_CG_KEYS)}, got {cg_options!r}")
-        if cg_options.get("tol") is not None:
-            check_tolerance("cg_tol", cg_options["tol"])  # >= 1 would stop CG before its first step
-        if cg_options.get("max_iter") is not None:
-            check_int("cg_max_iter", cg_options["max_iter"], minimum=1)
-    check_bool("check_solution", check_solution)
-    check_bool("check_minimum", check_minimum)
-    if solution_tol is not None:
-        check_tolerance("solution_tol", solution_tol)  # >= 1 would accept any point
-    if work_dtype not in WORK_DTYPES:
-        raise OptionError(f"{dtype_name} must be one of {list(WORK_DTYPES)}, got {work_dtype!r}")
-
 
 def declarative_vjp(
     objective: Callable[..., Tensor],
@@ -323,49 +279,6 @@ class ImplicitSystem(NamedTuple):
                 if self.checked else result)
 
 
-def _dependence_reaches_data(c: Tensor, A: Tensor, inactive: Tensor, inputs: tuple[Tensor, ...],
-                             params: tuple[Tensor, ...]):
-    """``dependent (B,) -> (B,)``: of the elements with dependent active constraints, those
-    whose gradient is not unique.
-
-    The multipliers are unique only up to ν with Aᵀν = 0 (a combination of the active
-    constraints whose y-gradients cancel); the data's gradient moves along such ν by
-    νᵀ ∂c/∂θ, which is 0 where the redundancy holds for every θ (h and 2h: the gradient
-    is unique, and a warning said it was not). Runs only where dependence was found:
-    one ``eigh`` of A Aᵀ and one vjp of the constraints per constraint row.
-    """
-    def reaches(dependent: Tensor) -> Tensor:
-        batch, r = A.shape[0], A.shape[1]
-        M = A @ A.transpose(1, 2)
-        s = torch.diagonal(M, dim1=-2, dim2=-1)
-        s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
-        # An inactive row's multiplier is pinned to 0: its unit vector is no free direction.
-        Ms = s.unsqueeze(-1) * M * s.unsqueeze(-2) + torch.diag_embed(inactive.to(M.dtype))
-        evals, V = torch.linalg.eigh(Ms)
-        rcond = default_rcond(A.shape[-1] + r, A.dtype)
-        null = evals <= rcond * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
-        N = s.unsqueeze(-1) * V  # columns: directions in the multipliers' space
-        # A shared parameter's vjp sums over the batch: generic weights per element keep
-        # one element's component from cancelling another's (deterministic: no RNG use).
-        k = torch.arange(batch, dtype=A.dtype, device=A.device)
-        weight = (1.0 + 0.5 * torch.sin(2.399963229728653 * k + 1.0)).unsqueeze(-1)
-        norms = []  # (B,) size of ν_jᵀ ∂c/∂θ over every data tensor, per column j
-        for j in range(r):
-            grads = torch.autograd.grad(c, inputs + params, N[..., j] * weight, retain_graph=True,
-                                        allow_unused=True)
-            norm = A.new_zeros(batch)
-            for i, g in enumerate(grads):
-                if g is not None:
-                    part = g.reshape(batch, -1).abs().amax(-1) if i < len(inputs) else g.abs().amax().expand(batch)
-                    norm = torch.maximum(norm, part)
-            norms.append(norm)
-        norms = torch.stack(norms, -1)  # (B, r)
-        scale = norms.amax(-1, keepdim=True)
-        moved = (null & (norms > 1e-8 * scale)).any(-1)
-        return dependent & moved
-    return reaches
-
-
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
                     params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
                     check_solution: bool, solution_tol, work_dtype: torch.dtype, name: str,
@@ -387,7 +300,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
                           allowed=xg + params + tuple(known))
     # Dependent constraints make the multipliers non-unique; that matters for the
     # gradient only through data that enters the constraints, and only where the data
-    # can break the dependence (_dependence_reaches_data).
+    # can break the dependence (degeneracy.dependence_reaches_data).
     # (a parameter read in another dtype enters as its cast: a computed leaf)
     data_in_constraints = any(id(t) in of_c for t in xg + params) or any(
         t.grad_fn is not None for t in of_c.values())
@@ -455,6 +368,6 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
                                    dense_max, cg_options, batch)
     if isinstance(linear_solver, str):
-        reach = _dependence_reaches_data(c, A, inactive, xg, params) if data_in_constraints else False
+        reach = dependence_reaches_data(c, A, inactive, xg, params) if data_in_constraints else False
         solver = functools.partial(solver, warn_dependent=reach, check_minimum=check_minimum)
     return ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))

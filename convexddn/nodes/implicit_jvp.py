@@ -31,7 +31,8 @@ import torch
 
 from ..errors import GradientWarning
 from .graph import second_derivatives
-from .implicit import check_implicit_options, implicit_system
+from .implicit import implicit_system
+from .implicit_options import check_implicit_options
 from .lagrangian import ConstraintFn
 from .linear_solvers import LinearSolver, shown_indices
 

@@ -38,7 +38,7 @@ import torch
 
 from .._checks import check_choice, check_int, check_number, check_tolerance
 from ..errors import DTypeError, GradientWarning, OptionError, ShapeError, SolverError
-from .degeneracy import shown_indices, warn_degenerate
+from .degeneracy import dependent_to_warn, shown_indices, warn_degenerate
 from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
 from .krylov import projected_cg
 
@@ -90,17 +90,6 @@ def dense_bytes(batch: int, size: int) -> int:
 
 
 # --------------------------------------------------------------------------- dense
-
-
-def _dependent_shown(dependent: Tensor | None, warn_dependent: Any) -> Tensor | None:
-    """The dependent-constraints mask to warn about: none (``warn_dependent`` False), all,
-    or, for a callable (:func:`.implicit.implicit_system`'s), those it says reach the
-    gradient (called only where some element is dependent)."""
-    if dependent is None or not warn_dependent:
-        return None
-    if callable(warn_dependent) and bool(dependent.any()):
-        return warn_dependent(dependent)
-    return dependent
 
 
 def solve_kkt_dense(
@@ -174,7 +163,7 @@ def solve_kkt_dense(
         §4.7.4 and §6.1.
     """
     res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned, check_minimum)
-    warn_degenerate(res.singular, _dependent_shown(res.dependent, warn_dependent), res.ill,
+    warn_degenerate(res.singular, dependent_to_warn(res.dependent, warn_dependent), res.ill,
                     res.cond, stacklevel=2, not_minimum=res.not_minimum if check_minimum else None)
     return res.w, res.mu
 
@@ -331,7 +320,7 @@ def solve_kkt_cg(
                 GradientWarning,
                 stacklevel=2,
             )
-    warn_degenerate(singular, _dependent_shown(dependent, warn_dependent), ill, cond, stacklevel=2,
+    warn_degenerate(singular, dependent_to_warn(dependent, warn_dependent), ill, cond, stacklevel=2,
                     not_minimum=not_minimum)
     return w, mu
 
