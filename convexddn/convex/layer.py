@@ -32,10 +32,10 @@ from .._autograd import first_order_only
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
-from .per_element import MODES, POLISH_ABOVE, SOLVERS, SPREAD_DOUBT, CheckedDiffcp, per_element_layer
+from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
-                     masked_outputs, merge_resolved, refuse_unverifiable, status_kind, unravel,
-                     warn_unchecked_spread)
+                     masked_outputs, merge_resolved, refuse_unverifiable, status_kind, unravel)
+from .spread import in_doubt, warn_unchecked_spread
 from .state import picklable_state, restore_state, uncached
 from .validation import (check_values, element_subset, parameter_label, solver_choice, validate_problem,
                          validate_solver_args)
@@ -76,10 +76,9 @@ class ConvexLayer(nn.Module):
             ``OptionError`` for problems it does not cover), or ``"Clarabel"``,
             ``"SCS"``, ``"ECOS"`` (the per-element path with that first solver; its
             results in doubt — not solved, left above rounding level by the polish, or
-            on data spanning more than 1e10, where a residual check does not bound the
-            error — are solved again by the batched form where the problem has one
-            that fits, else a wide one warns); case-insensitive. ``last_solve`` says
-            what solved each element.
+            on data spanning more than 1e10 — are solved again by the batched form
+            where the problem has one that fits, else a wide one warns);
+            case-insensitive. ``last_solve`` says what solved each element.
         solver_args: keyword arguments for the per-element solver, over convexddn's
             tight defaults (e.g. ``{"max_iter": 1000}`` for Clarabel); unknown keys
             raise ``OptionError``.
@@ -288,9 +287,7 @@ class ConvexLayer(nn.Module):
         per-element solver.
         """
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
-        # How messages name the tensors: a wrapper's numbering for this thread's call
-        # (LearnedLayer's inputs), else "parameter i (name)".
-        labels = getattr(self._local, "labels", None)
+        labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
         values, batch = check_values(values, named, self.parameters_, self.check, labels)
         # Both backends differentiate once (the per-element one in numpy): a second
         # differentiation raises DoubleBackwardError (the batched one gave zeros).
@@ -343,18 +340,8 @@ class ConvexLayer(nn.Module):
         if not self._use_batched(device):
             sols, info = self._solve_per_element(flat, call_args, (range(math.prod(batch)), batch))
             info = {k: list(v) for k, v in info.items()}
-            # Per-element results in doubt — not solved, or left by the Newton polish
-            # above rounding level (on the second-order-cone form of a squared objective
-            # the solution error goes like the residual's square root) — get a second
-            # opinion from the batched form where the problem has one that fits: what it
-            # certifies replaces them. On tests/convex/test_reliability.py's badly scaled
-            # QP this path alone returned points 4.9e-3 (residual 2.4e-9) and 6.6e4
-            # (residual 8.2e-7) off, and called the bounded problem unbounded.
-            # So are solved elements whose data spread over more than SPREAD_DOUBT, where the
-            # residual does not bound the error (per_element.data_spread).
-            wide = [ok and r > SPREAD_DOUBT for ok, r in zip(info["solved"], info["spreads"])]
-            doubt = [i for i, (ok, r) in enumerate(zip(info["solved"], info["residuals"]))
-                     if not ok or (self.refine > 0 and r > POLISH_ABOVE) or wide[i]]
+            # Results in doubt (spread.in_doubt): the batched form's second opinion replaces them.
+            doubt, wide = in_doubt(info, self.refine)
             program = self._opinion_program(device) if doubt else None
             checked = []
             if program is not None:

@@ -39,6 +39,7 @@ from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
 from .cone import POLISH_ABOVE, ResidualMap, verify_certificate
 from .parametric import parametric_entries
+from .spread import data_spread
 from .status import name_elements, status_kind
 from .validation import describe_failure
 
@@ -244,11 +245,10 @@ class CheckedDiffcp(SolverInterface):
                 # A verified certificate from either solver decides the kind of failure.
                 kind = fail[1] if fail[1] != "other" else fail2[1]
                 fail = (f"{fail[0]}; fallback {fail2[0]}", kind)
-        spread = data_spread(A, b, c)
         if out is None:
-            return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1], spread)
+            return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
         program, x, y, s, status, r, used = out
-        return _Solved(program, x, y, s, used, status, r, note, "solved", spread)
+        return _Solved(program, x, y, s, used, status, r, note, "solved", data_spread(A, b, c))
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
         if P is not None:  # DIFFCP canonicalisation never keeps a quadratic term
@@ -360,26 +360,6 @@ class CheckedDiffcp(SolverInterface):
             return self._executor
 
 
-def data_spread(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray) -> float:
-    """Largest over smallest nonzero magnitude in one cone program's data ``[A | b]``, ``c``.
-
-    The solvers' relative KKT residuals measure against ``1 + |b|``, ``1 + |c|``: beside
-    data of unit size an entry of 1e-12 moves them by 1e-12 whatever the solution, so a
-    residual check passes points that are far off (min (a x - 1)^2 with a = 1e-12: SCS
-    and ECOS returned a x = 2e-16, Clarabel at a = 1e-18, each at residual 1e-12,
-    "solved"). A program spread over more than :data:`SPREAD_DOUBT` is checked by the
-    batched path, which equilibrates each element and estimates its error.
-    """
-    mags = np.abs(np.concatenate([A.data, b, c]))
-    mags = mags[mags > 0]
-    return float(mags.max() / mags.min()) if mags.size else 1.0
-
-
-#: Data spread (see :func:`data_spread`) above which a per-element result is in doubt:
-#: the solvers were exact at 1e10 and wrong at 1e12 on min (a x - 1)^2.
-SPREAD_DOUBT = 1e10
-
-
 @dataclasses.dataclass
 class _Solved:
     program: Any
@@ -391,7 +371,7 @@ class _Solved:
     residual: float
     note: str | None
     kind: str = "solved"  # or "infeasible"/"unbounded" (certificate verified) or "other"
-    spread: float = 1.0  # data_spread of the element's cone program
+    spread: float = 1.0  # data_spread of a solved element's cone program
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -14,11 +14,11 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, SolverWarning, UnboundedError
+from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
-           "merge_resolved", "refuse_unverifiable", "status_kind", "unravel", "name_elements", "warn_unchecked_spread"]
+           "merge_resolved", "refuse_unverifiable", "status_kind", "unravel", "name_elements"]
 
 
 @dataclasses.dataclass
@@ -113,19 +113,6 @@ def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...],
 
 
 INFO_KEYS = ("backend", "solvers", "statuses", "residuals", "solved", "kinds")
-
-
-def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int],
-                          spreads: Sequence[float]) -> None:
-    """The SolverWarning for per-element results ``idx`` whose data spread over more than
-    :data:`~.per_element.SPREAD_DOUBT` and that no batched form could check."""
-    if idx:
-        warnings.warn(
-            f"ConvexLayer, {name_elements(where, idx)}: the data spans {max(spreads[i] for i in idx):.0e} "
-            "(largest over smallest nonzero magnitude of the cone program's data), beyond which the "
-            "per-element solvers' residual check does not bound the error (a result off by 100 % passed "
-            "it), and no batched form could check it: rescale the problem's data nearer unit size",
-            SolverWarning, stacklevel=5)
 
 
 def merge_resolved(sols: list[torch.Tensor], info: dict, idx: list[int], fixed: Sequence[torch.Tensor],
