@@ -266,16 +266,12 @@ def _jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: in
         sg = s * g
         coef = sg.sum(d, keepdim=True) / s.sum(d, keepdim=True)
         return torch.addcmul(sg, s, coef, value=-1.0).to(grad_p.dtype)
-    # α > 2: s = p^{2−α} is largest at the smallest pᵢ, and can exceed the rest by
-    # 1/eps or more. sᵢ(gᵢ − c), c = sᵀg/1ᵀs, then cancels: c ≈ g_j at the dominant
-    # entry j, and s_j·(rounding of c) is O(1) or worse (the VJP stops summing to
-    # zero). Since Jᵀ1 = 0, g may be shifted per row: with h = g − g_j, h_j = 0
-    # exactly, c = Σ_{i≠j} ŝᵢhᵢ/1ᵀŝ with ŝ = s/s_j ≤ 1 is small when s_j dominates,
-    # and every term is accurate to eps relative to Σ|sᵢhᵢ|. Each product sᵢ(hᵢ − c)
-    # is formed as one exp of (2−α)·log pᵢ + log|hᵢ − c| in float64: s_j alone passes
-    # any dtype's range where the product does not (α = 30, p_min = 1e-3: s_j = 1e82
-    # times c ~ 1e-82), and as two factors it met inf·0 (every entry NaN, float32
-    # from α ≈ 18), or underflowed to 0 beside a large factor.
+    # α > 2: s = p^{2−α} peaks at the smallest pᵢ (entry j), 1/eps or more above the rest,
+    # and sᵢ(gᵢ − c), c = sᵀg/1ᵀs, cancels there. Since Jᵀ1 = 0, g is shifted per row:
+    # h = g − g_j, so c = Σ_{i≠j} ŝᵢhᵢ/1ᵀŝ (ŝ = s/s_j ≤ 1) is small and accurate. Each
+    # product sᵢ(hᵢ − c) is one exp of (2−α)·log pᵢ + log|hᵢ − c| in float64: s_j alone
+    # passes any range where the product does not (as two factors: inf·0, every entry
+    # NaN in float32 from α ≈ 18).
     wide = torch.float64 if p.device.type != "mps" else work  # (MPS has no float64)
     p, g = p.to(wide), g.to(wide)
     pos = p > 0
