@@ -15,6 +15,8 @@ separate that from an accurate solution, and this module handles both:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .kkt import PatchedKKT, bmv, row_inf
@@ -22,7 +24,8 @@ from .polish import polish as newton_polish
 from .polish import polish_nonnegative
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "soc_frame", "undecided", "verified_rays"]
+__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "soc_frame", "undecided", "undecided_reach",
+           "verified_rays"]
 
 
 def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
@@ -189,6 +192,39 @@ def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Ten
         out = torch.maximum(out, torch.maximum(_ratio(a1, b1), _ratio(a2, b2)).amax(1))
     return out
 
+
+
+def undecided_reach(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B,) largest component of ``w`` along a direction whose limit scaling an undecided
+    pair leaves open (0 where there is none): ``s, z`` the cone rows of a solution,
+    ``w`` ``(B, mc)`` those of the dual part of a derivative system's solution.
+
+    The limit systems of the two sides (H = 0 or ∞ along such a direction) differ from
+    the factorised one only there, and by ΔH·w (K' u = K u − ΔH w; on the side where H
+    is ∞ the row reads w = 0 instead): where ``w`` has no component there, the solution
+    solves both, and the derivative is the same whichever side the pair takes. (An
+    auxiliary cone at its tip, as CVXPY's second-order-cone form of p^1.5 at p = 0,
+    leaves a pair undecided that the outputs do not see.) The directions: a nonnegative
+    row; on a second-order cone with one undecided Jordan-frame pair and the other
+    decided active, that pair's c_k (H's part on the tangent space tends to 0 on both
+    sides); on any other cone with an undecided pair, the whole cone.
+    """
+    k = layout.nonneg
+    open_ = (_ratio(s[:, :k], z[:, :k]) > DECIDED)
+    out = torch.where(open_, w[:, :k].abs(), 0.0).amax(1) if k else w.new_zeros(w.shape[0])
+    if layout.soc:
+        a1, a2, b1, b2, u = soc_frame(layout, s[:, k:], z[:, k:])
+        open1, open2 = _ratio(a1, b1) > DECIDED, _ratio(a2, b2) > DECIDED
+        active1, active2 = decided(a1, b1)[0], decided(a2, b2)[0]
+        ws = w[:, k:]
+        head, along = ws[:, layout.index(w.device).heads], layout._seg(ws * u)
+        # ⟨w, c_k⟩ with c_{1,2} = (1, ±u)/√2 normalised
+        c1, c2 = (head + along).abs() / math.sqrt(2.0), (head - along).abs() / math.sqrt(2.0)
+        whole = torch.sqrt(layout._seg(ws * ws))
+        cone = torch.where(open1 & ~open2 & active2, c1,
+                           torch.where(open2 & ~open1 & active1, c2, torch.where(open1 | open2, whole, 0.0)))
+        out = torch.maximum(out, cone.amax(1))
+    return out
 
 # Polished points lie on ∂K (to rounding); the linearisation needs an interior one.
 # Moving s, z in by δ e keeps them aligned and changes H only in directions where it is

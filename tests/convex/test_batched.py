@@ -664,6 +664,32 @@ def test_second_order_cone_tip_without_strict_complementarity_is_warned():
     assert any("not unique or not differentiable" in t for t in texts)
 
 
+
+@pytest.mark.parametrize("alpha", [1.5, 2.5])
+def test_undecided_pair_the_outputs_do_not_see_is_not_warned(monkeypatch, alpha):
+    """α-entmax through CVXPY's second-order-cone form of p^α: at an entry p_i = 0 the
+    auxiliary cones sit at their tips with multipliers on their boundaries (a Jordan-frame
+    pair undecided), but p_i is pinned by its own bound, so both sides give the same
+    derivative. The batched path warned "not unique or not differentiable" on nearly every
+    element; now only where the derivative reaches the open direction (the soft-threshold
+    test above still warns). Gradients against the native node (exact sort-based solver)."""
+    import convexddn.convex.interior_point as ip
+    from convexddn.convex.certify import DECIDED
+    from convexddn.nodes.entmax import entmax
+
+    seen = []
+    real = ip.undecided
+    monkeypatch.setattr(ip, "undecided", lambda *a: seen.append(bool((real(*a) > DECIDED).any())) or real(*a))
+    layer = cddn.layer("entmax", n=6, alpha=alpha, backend="cvxpy")
+    x = 2 * torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    batched, texts, grads = _batched_warned(layer, [x], lambda y: (y * g).sum())
+    assert seen == [True], "no undecided pair: the test lost its subject"
+    assert batched == list(range(8)) and not texts, texts
+    xr = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(entmax(xr, alpha=alpha), xr, g)
+    assert torch.allclose(grads[0], ref, atol=1e-7, rtol=0)
+
 def test_unique_solutions_are_not_flagged_by_the_limit_test(monkeypatch):
     """The limit system's uniqueness test must stay quiet where the solution is unique:
     random QPs with inequalities and equalities, a projection onto a ball (SOC), and an

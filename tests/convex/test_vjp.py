@@ -8,6 +8,7 @@ finite differences in test_batched.py).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import cvxpy as cp
@@ -150,3 +151,22 @@ def test_lp_with_an_edge_of_optima_has_no_tangent():
     batched = [i for i, s in enumerate(layer.last_solve.solvers) if s == "batched"]
     assert batched, "the batched path solved none: the test lost its subject"
     assert torch.equal(got[batched], torch.zeros_like(got[batched]))
+
+
+def test_forward_mode_does_not_warn_where_an_undecided_pair_is_not_reached():
+    """Forward mode of α-entmax (α = 1.5) through CVXPY's cone form: auxiliary cones at
+    their tips leave pairs undecided that the outputs do not see (the backward's test in
+    test_batched.py); no warning, tangents equal to the native node's (exact solver)."""
+    import convexddn as cddn
+    from convexddn.nodes.entmax import entmax
+
+    layer = cddn.layer("entmax", n=6, alpha=1.5, backend="cvxpy")
+    x = 2 * torch.randn(8, 6, dtype=F64, generator=torch.Generator().manual_seed(3))
+    t = _tangents([x], 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _jvp(layer, [x], t)
+    assert not [w for w in caught if issubclass(w.category, GradientWarning)]
+    assert layer.last_solve.solvers == ["batched"] * 8
+    ref = _jvp(lambda v: entmax(v, alpha=1.5), [x], t)
+    assert torch.allclose(got, ref, atol=1e-7, rtol=0)
