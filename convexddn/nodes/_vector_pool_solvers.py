@@ -333,6 +333,11 @@ def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: 
     if pen.convex:
         u = x.mean(-2)
     else:
-        u = _start(pen, x, a, starts, max_iter)
+        # The start only picks the basin; the polish's steps (Newton; the truncated
+        # quadratic's mean of its inliers) carry the derivative where torch.func.jacfwd
+        # differentiates these ops. Differentiated, the search's distances, square roots
+        # of 0 at its data-point starts, made NaN tangents that reached the Jacobian
+        # (jacfwd over several Welsch sets).
+        u = _start(pen, x.detach(), a.detach(), starts, max_iter)
     # Truncated quadratic: the Newton step equals the IRLS step (the mean of the inliers).
     return _polish(pen, x, u, a, tol, max_iter, newton=not isinstance(pen, TruncatedQuadratic))

@@ -50,6 +50,7 @@ from .._autograd import (
     first_order_jvp,
     functorch_transforms,
     may_carry_tangents,
+    refuse_batched,
     without_autocast,
 )
 from .._checks import (
@@ -61,12 +62,13 @@ from .._checks import (
     check_tensor,
     normalize_dims,
 )
-from ..errors import ShapeError
+from ..errors import ProblemError, ShapeError
 from ._repr import format_option
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
 from ._vector_pool_solvers import solve
 from ._vector_pool_units import in_units as _in_units
+from ._vector_pool_units import batched_values, stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic
 
 __all__ = ["robust_vector_pool", "RobustVectorPool"]
@@ -102,6 +104,7 @@ class _VectorPoolFunction(torch.autograd.Function):
     @first_order("robust_vector_pool")
     @without_autocast
     def backward(ctx, gy):  # type: ignore[override]
+        _refuse_batched_cotangents(gy)
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]
         R, N, C = x.shape
@@ -127,6 +130,7 @@ class _VectorPoolFunction(torch.autograd.Function):
         :math:`\dot y = H^{-1}\big(\sum_i [\kappa_i \dot x_i + c_i (n_i^\top \dot x_i)
         n_i] - \dot\alpha \sum_i \partial^2_{z\alpha}\phi(z_i)\, n_i\big)`, zero (with
         the backward's warning) where H is singular."""
+        refuse_batched("robust_vector_pool", x_t, alpha_t)  # (jacobian(..., vectorize=True))
         x, alpha, y = ctx.saved_tensors
         if x.shape[0] == 0 or x_t is None and alpha_t is None:
             return y.new_zeros(y.shape)
@@ -145,13 +149,27 @@ class _VectorPoolFunction(torch.autograd.Function):
         return _h_solve(ctx.pen, k1, n, c, rhs, "tangent", 4)
 
 
-
+def _refuse_batched_cotangents(gy: torch.Tensor) -> None:
+    """ProblemError for cotangents batched by a vmap (torch.func.jacrev's over the vjp;
+    autograd's for is_grads_batched=True, jacobian(..., vectorize=True)): the singularity
+    test of the Hessian solve reads them on the host, which the vmap refuses (torch: "We
+    do not support batching operators that can output dynamic shape", "Batching rule not
+    implemented for aten::is_nonzero")."""
+    if isinstance(gy, torch.Tensor) and torch._C._functorch.is_batchedtensor(gy):
+        raise ProblemError(
+            "robust_vector_pool does not support torch.func.jacrev (nor torch.func.vmap over its vjp: "
+            "batched cotangents): use torch.func.jacfwd (the same Jacobian, by forward mode), "
+            "torch.autograd.functional.jacobian without vectorize, or one cotangent at a time")
+    refuse_batched("robust_vector_pool", gy)
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
                    starts: Any) -> Penalty:
     pen = Penalty.resolve(penalty)
-    check_scale("alpha", alpha)
+    if batched_values(alpha):  # (under torch.func.vmap: its values are checked once stacked)
+        check_tensor("alpha", alpha)
+    else:
+        check_scale("alpha", alpha)
     check_dim_option("dim", dim)
     check_int("vector_dim", vector_dim)
     check_stopping(tol, max_iter)
@@ -246,6 +264,11 @@ def robust_vector_pool(
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
         SolverError: a pooled set spreads more than 2^500 α (squared distances
             overflow even float64).
+        ProblemError: ``torch.func.jacrev``, batched cotangents or tangents
+            (``is_grads_batched=True``, ``jacobian(..., vectorize=True)``), or a
+            ``torch.func.vmap`` around another transform (``vmap(grad(f))``). A plain
+            ``torch.func.vmap`` solves the stacked sets (the same as the batched call);
+            ``torch.func.jacfwd`` works.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -273,9 +296,6 @@ def robust_vector_pool(
     others = [d for d in range(x.ndim) if d not in dims and d != vd]
     batch = [x.shape[d] for d in others]
     C, N = x.shape[vd], math.prod(x.shape[d] for d in dims)
-    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    # Rows of N vectors, components contiguous: norms and products run along memory.
-    x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work)
     if isinstance(alpha, torch.Tensor):
         check_device("alpha", alpha, x)
         try:
@@ -285,6 +305,14 @@ def robust_vector_pool(
                              f"without vector_dim), got shape {tuple(alpha.shape)}") from None
     else:
         a = torch.tensor(float(alpha), dtype=torch.float64, device=x.device)
+    if "Vmap" in functorch_transforms():  # torch.func.vmap (and jacfwd: tangents only)
+        y = stacked_under_vmap(x, alpha, dims, vd, batch, lambda xs, al, d, v: robust_vector_pool(
+            xs, pen, al, d, v, tol=tol, max_iter=max_iter, starts=starts))
+        if y is not None:
+            return y
+    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    # Rows of N vectors, components contiguous: norms and products run along memory.
+    x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work)
     # y(σx, σα) = σ y(x, α): solving in units of a power of two near α (exact) keeps the
     # squared distances and the α² of the penalties inside the dtype's range when data
     # and α are scaled together (at 1e-20 in float32, α² underflowed and Welsch returned

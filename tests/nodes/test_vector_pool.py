@@ -14,8 +14,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from convexddn.errors import (DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError, SolverError,
-                              SolverWarning)
+from convexddn.errors import (DTypeError, GradientWarning, NonFiniteError, OptionError, ProblemError, ShapeError,
+                              SolverError, SolverWarning)
 from convexddn.nodes.vector_pool import RobustVectorPool, robust_vector_pool
 
 D = torch.float64
@@ -686,3 +686,146 @@ def test_vector_pool_jacfwd_wrt_a_0d_alpha_of_an_unbatched_set(name):
     rev = torch.stack([torch.autograd.grad(y[i], a, retain_graph=True)[0] for i in range(y.shape[0])])
     assert jac.shape == y.shape == (3,)
     torch.testing.assert_close(jac, rev, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+def central_jacobian(f, x, h=1e-6):
+    """d f(x) / d x by float64 central differences: shape f(x).shape + x.shape."""
+    flat = x.detach().reshape(-1)
+    cols = []
+    for i in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[i] = h
+        cols.append((f((flat + e).view_as(x)) - f((flat - e).view_as(x))) / (2 * h))
+    return torch.stack(cols, -1).reshape(*cols[0].shape, *x.shape)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vector_pool_under_vmap_is_the_call_on_the_stacked_sets(name):
+    """torch.func.vmap failed inside torch ("Cannot access data pointer of Tensor that
+    doesn't have storage": the solver decides on the host). Now the vmapped sets are
+    solved stacked, as the node's own batch: each result is the unbatched call's, over x
+    (any in_dims, nested vmaps) and over alpha."""
+    x = clustered(20, batch=4)  # (4, 3, 12): 4 vmapped (3, 12) sets
+    want = torch.stack([robust_vector_pool(xi, name, 0.8) for xi in x])
+    f = lambda v: robust_vector_pool(v, name, 0.8)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(f)(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(f, in_dims=2, out_dims=1)(x.permute(1, 2, 0)), want.T,
+                               rtol=1e-12, atol=1e-12)
+    xx = torch.stack([x, clustered(21, batch=4)])  # vmap of vmap
+    torch.testing.assert_close(torch.func.vmap(torch.func.vmap(f))(xx),
+                               torch.stack([torch.stack([f(v) for v in xi]) for xi in xx]), rtol=1e-12, atol=1e-12)
+    alphas = torch.tensor([0.5, 1.0, 3.0], dtype=D)  # alpha vmapped, the (4, 3, 12) sets not
+    torch.testing.assert_close(torch.func.vmap(lambda a: robust_vector_pool(x, name, a))(alphas),
+                               torch.stack([robust_vector_pool(x, name, a) for a in alphas]), rtol=1e-12, atol=1e-12)
+    per_set = torch.rand(2, 4, dtype=D, generator=torch.Generator().manual_seed(22)) + 0.5  # both, alpha per set
+    got = torch.func.vmap(lambda v, a: robust_vector_pool(v, name, a))(xx, per_set)
+    torch.testing.assert_close(got, torch.stack([robust_vector_pool(v, name, a) for v, a in zip(xx, per_set)]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_vector_pool_under_vmap_checks_the_stacked_values():
+    """The checks on values ran on the vmapped tensors and failed inside torch (a NaN set:
+    "Cannot access data pointer"; a vmapped alpha: "data-dependent control flow"); they
+    now run on the stacked sets and raise the library's errors."""
+    x = clustered(23, batch=2)
+    with pytest.raises(OptionError, match=r"alpha must be finite and > 0, got \[1.0, -1.0\]"):
+        torch.func.vmap(lambda a: robust_vector_pool(x[0], "welsch", a))(torch.tensor([1.0, -1.0], dtype=D))
+    with pytest.raises(NonFiniteError, match="x must be finite"):
+        torch.func.vmap(lambda v: robust_vector_pool(v, "huber"))(torch.full((2, 3, 4), float("nan"), dtype=D))
+    with pytest.raises(ShapeError, match=r"batch shape \(2,\).*got shape \(5,\)"):
+        torch.func.vmap(lambda a: robust_vector_pool(x, "huber", a))(torch.ones(3, 5, dtype=D))
+
+
+def test_vector_pool_derivatives_through_vmap_match_central_differences():
+    """Through torch.func.vmap: reverse mode (torch.autograd on the vmapped call),
+    forward mode (torch.func.jvp) and torch.func.jacfwd, against a float64
+    central-difference Jacobian of the unbatched call (Welsch: the multi-start search)."""
+    x = torch.randn(2, 2, 5, dtype=D, generator=torch.Generator().manual_seed(24))
+    x[..., -1] += 4.0  # an outlier per set
+    f = lambda v: robust_vector_pool(v, "welsch", 1.2)  # noqa: E731
+    vf = torch.func.vmap(f)
+    J = central_jacobian(f, x)  # (2, 2, 2, 2, 5)
+    torch.testing.assert_close(torch.func.jacfwd(vf)(x), J, rtol=1e-6, atol=1e-7)
+    t = torch.randn(x.shape, dtype=D, generator=torch.Generator().manual_seed(25))
+    torch.testing.assert_close(torch.func.jvp(vf, (x,), (t,))[1], (J * t).sum((-3, -2, -1)), rtol=1e-6, atol=1e-7)
+    xg = x.clone().requires_grad_(True)
+    w = torch.randn(2, 2, dtype=D, generator=torch.Generator().manual_seed(26))
+    (grad,) = torch.autograd.grad((vf(xg) * w).sum(), xg)
+    torch.testing.assert_close(grad, (J * w[..., None, None, None]).sum((0, 1)), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["welsch", "trunc_quad", "huber"])
+def test_vector_pool_jacfwd_over_several_sets_matches_central_differences(name):
+    """torch.func.jacfwd differentiates the solver's own ops: over two or more Welsch sets
+    the multi-start search's NaN tangents (square roots of zero distances) reached the
+    Jacobian, NaN between the sets, silently (seeds 28-30: 48 of 96 entries); one set,
+    and the other penalties, were right and must stay so."""
+    f = lambda v: robust_vector_pool(v, name, 1.0)  # noqa: E731
+    for seed in (28, 29, 30):
+        x = torch.randn(2, 2, 6, dtype=D, generator=torch.Generator().manual_seed(seed))
+        x[..., :2] += 5.0  # outliers
+        assert kink_margin(x, f(x), 1.0) > 1e-3  # (the truncated quadratic: no point on its boundary)
+        J = central_jacobian(f, x)
+        torch.testing.assert_close(torch.func.jacfwd(f)(x), J, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(torch.func.jacfwd(f)(x[0]), J[0, :, 0], rtol=1e-6, atol=1e-7)
+
+
+def _jacrev(x):
+    return torch.func.jacrev(lambda v: robust_vector_pool(v, "welsch"))(x)
+
+
+def _jacrev_of_the_mean(x):
+    return torch.func.jacrev(lambda v: robust_vector_pool(v))(x)
+
+
+def _grads_batched(x):
+    x = x.clone().requires_grad_(True)
+    return torch.autograd.grad(robust_vector_pool(x, "welsch"), x, torch.eye(x.shape[0], dtype=D),
+                               is_grads_batched=True)
+
+
+def _vectorized(strategy):
+    return lambda x: torch.autograd.functional.jacobian(lambda v: robust_vector_pool(v, "welsch"), x,
+                                                        vectorize=True, strategy=strategy)
+
+
+def _vmap_of(transform):
+    f = lambda v: robust_vector_pool(v, "welsch")  # noqa: E731
+    inner = torch.func.grad(lambda v: f(v).sum()) if transform == "grad" else torch.func.jacfwd(f)
+    return lambda x: torch.func.vmap(inner)(torch.stack([x, x + 1.0]))
+
+
+@pytest.mark.parametrize("call, match", [
+    (_jacrev, "does not support torch.func.jacrev .*: use torch.func.jacfwd"),
+    (_jacrev_of_the_mean, "does not support torch.func.jacrev .*: use torch.func.jacfwd"),
+    (_grads_batched, "robust_vector_pool does not support batched cotangents or tangents"),
+    (_vectorized("reverse-mode"), "robust_vector_pool does not support batched cotangents or tangents"),
+    (_vectorized("forward-mode"), "robust_vector_pool does not support batched cotangents or tangents"),
+    (_vmap_of("grad"), "robust_vector_pool does not run under a torch.func transform inside torch.func.vmap"),
+    (_vmap_of("jacfwd"), "robust_vector_pool does not run under a torch.func transform inside torch.func.vmap"),
+], ids=["jacrev", "jacrev_quadratic", "is_grads_batched", "vectorize_reverse", "vectorize_forward", "vmap_grad",
+        "vmap_jacfwd"])
+def test_vector_pool_jacrev_and_batched_directions_get_a_problem_error(call, match):
+    """torch.func.jacrev (a vmap over the vjp) failed inside torch ("Attempted to vmap
+    over aten::nonzero", "data-dependent control flow"; the mean: "must override the
+    setup_context staticmethod"), autograd's batched cotangents and tangents
+    (is_grads_batched=True, jacobian(..., vectorize=True), either strategy) with
+    "Batching rule not implemented for aten::is_nonzero", and a vmap around another
+    transform with "Cannot access data pointer": the Hessian solve and the solver read
+    them on the host. Now a ProblemError names what to use, as robust_pool's."""
+    x = torch.randn(3, 8, dtype=D, generator=torch.Generator().manual_seed(28))
+    with pytest.raises(ProblemError, match=match):
+        call(x)
+
+
+def test_vector_pool_jacobian_one_direction_at_a_time_still_works():
+    """What the errors above point to: jacfwd and the unvectorized jacobian agree, and
+    translation equivariance gives Σ_i ∂y_c/∂x_c'i = δ_cc'."""
+    x = torch.randn(3, 8, dtype=D, generator=torch.Generator().manual_seed(28))
+    f = lambda v: robust_vector_pool(v, "welsch")  # noqa: E731
+    J = torch.autograd.functional.jacobian(f, x)
+    torch.testing.assert_close(torch.func.jacfwd(f)(x), J, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(J.sum(-1), torch.eye(3, dtype=D), rtol=1e-9, atol=1e-9)
