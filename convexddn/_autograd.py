@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only", "functorch_transforms",
+__all__ = ["batched_values", "bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only",
+           "functorch_transforms", "refuse_vmap",
            "guard_gradients",
            "may_carry_tangents", "plain", "save_plain"]
 
@@ -77,11 +78,19 @@ def batched_by_autograd(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
-def refuse_batched(name: str, *cotangents: torch.Tensor | None) -> None:
+def refuse_batched(name: str, *cotangents: torch.Tensor | None, jacfwd: bool = False) -> None:
     """Raise a ProblemError where autograd batches the cotangents or tangents
     (``is_grads_batched=True``, ``torch.autograd.functional.jacobian(..., vectorize=True)``):
     the implicit derivatives check and solve on the host, which autograd's vmap refuses
-    (it failed inside torch with "Batching rule not implemented")."""
+    (it failed inside torch with "Batching rule not implemented"); also torch.func.jacrev's
+    (``jacfwd``: the node supports torch.func.jacfwd, which the message then names)."""
+    if torch.compiler.is_compiling():  # (a compiled backward: no transform to see, nothing dynamo can trace)
+        return
+    if any(batched_values(t) for t in cotangents):  # (torch.func.jacrev: a vmap over the vjp)
+        raise ProblemError(
+            f"{name} does not support torch.func.jacrev (a vmap over its vjp: batched cotangents): use "
+            f"{'torch.func.jacfwd, ' if jacfwd else ''}torch.autograd.functional.jacobian without vectorize, "
+            "or one cotangent at a time")
     if batched_by_autograd(*cotangents):
         raise ProblemError(
             f"{name} does not support batched cotangents or tangents (is_grads_batched=True, "
@@ -93,6 +102,42 @@ def refuse_batched(name: str, *cotangents: torch.Tensor | None) -> None:
 def functorch_transforms() -> list[str]:
     """The torch.func transforms (``"Vmap"``, ``"Grad"``, ``"Jvp"``, ...) around this call."""
     return [] if _functorch_stack is None else [str(i.key()).rsplit(".", 1)[-1] for i in _functorch_stack()]
+
+
+def batched_values(t: Any) -> bool:
+    """Whether a torch.func.vmap batches ``t``'s values: a BatchedTensor somewhere in its
+    chain of functorch wrappers (torch.func.jacfwd batches only the tangents, which the
+    chain does not hold)."""
+    functorch = torch._C._functorch
+    while isinstance(t, torch.Tensor):
+        if functorch.is_batchedtensor(t):
+            return True
+        if not functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = True) -> None:
+    """Raise a ProblemError where torch.func.vmap batches a node's inputs (its solver
+    decides on the host from their values: torch failed inside with "data-dependent
+    control flow" or "Cannot access data pointer"), or, with ``tangents=False`` (a node
+    whose Function has no vmap rule), where any vmap is active: torch.func.jacfwd batches
+    the tangents ("does not have vmap support"); ``jacrev``: whether to point to
+    torch.func.jacrev instead (the node's backward takes batched cotangents)."""
+    # (Inside torch.compile there is no transform to see, and dynamo cannot trace the lookup.)
+    if torch.compiler.is_compiling() or "Vmap" not in functorch_transforms():
+        return
+    if any(batched_values(v) for v in values):
+        raise ProblemError(
+            f"{name} does not run under torch.func.vmap over its inputs (its solver decides on the host "
+            "from their values): it takes any leading batch shape, so stack the inputs along a leading "
+            "dimension and call it once")
+    if not tangents:
+        raise ProblemError(
+            f"{name} does not run under torch.func.jacfwd (a vmap over its forward mode): use "
+            f"{'torch.func.jacrev, ' if jacrev else ''}torch.autograd.functional.jacobian without vectorize, "
+            "or one direction at a time (torch.func.jvp, torch.autograd.forward_ad)")
 
 
 def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
@@ -166,12 +211,21 @@ def with_forward_mode(base: type, what: str, saved: Callable[[tuple, Any], tuple
 
 
 class _SecondOrderUnsupported(torch.autograd.Function):
-    """Passes first-order gradients through; differentiating them raises a clear error."""
+    """Passes first-order gradients through; differentiating them raises a clear error.
+
+    (Forward and ``setup_context`` apart, as torch.func needs: its ``grad`` runs a
+    node's backward with grad mode on, which reaches this Function; the combined form
+    raised torch's "must override the setup_context staticmethod" there.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, what: str, n_anchor: int, *tensors: torch.Tensor):  # type: ignore[override]
-        ctx.what = what
+    def forward(what: str, n_anchor: int, *tensors: torch.Tensor):  # type: ignore[override]
         return tuple(t.clone() for t in tensors[n_anchor:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.what = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
@@ -203,11 +257,14 @@ class _FirstOrderInput(torch.autograd.Function):
     """Identity on its inputs; their gradients come back through :func:`guard_gradients`."""
 
     @staticmethod
-    def forward(ctx, what: str, *tensors: torch.Tensor):  # type: ignore[override]
+    def forward(what: str, *tensors: torch.Tensor):  # type: ignore[override]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
         # Kept as attributes, not saved tensors: they only anchor the error's graph, so
         # changing them in place after the forward must not fail the backward.
-        ctx.what, ctx.anchors = what, tensors
-        return tuple(t.view_as(t) for t in tensors)
+        ctx.what, ctx.anchors = inputs[0], inputs[1:]
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]

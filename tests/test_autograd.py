@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convexddn.errors import DoubleBackwardError
+from convexddn.errors import DoubleBackwardError, ProblemError
 from convexddn.functional import (
     eigen_decomposition,
     entmax,
@@ -113,3 +113,109 @@ def test_bind_fast_skips_argument_binding_for_positional_calls(monkeypatch):
     assert calls == [] and y.tolist() == [3.0, -9.0] and g.tolist() == [3.0, 3.0]
     assert Scale.apply(x).tolist() == [2.0, -6.0] and calls == [1]  # a default to fill in
     assert Scale.apply(x, k=0.5).tolist() == [0.5, -1.5] and calls == [1, 1]
+
+
+def _loss(node):
+    return lambda x: (node(x) ** 2).sum()
+
+
+FUNC_CASES = [c for c in CASES if c[0] != "pnp"]  # (pnp refuses torch.func: below)
+
+
+@pytest.mark.parametrize("name,x,node", FUNC_CASES, ids=[c[0] for c in FUNC_CASES])
+def test_torch_func_grad_is_the_gradient_and_its_second_order_is_refused(name, x, node):
+    """torch.func.grad runs a node's backward with grad mode on: the guard that refuses
+    second derivatives (an old-style autograd.Function) then raised torch's "must
+    override the setup_context staticmethod" for every node. First order now equals
+    torch.autograd's; grad of grad raises DoubleBackwardError."""
+    X = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(_loss(node)(X), X)
+    torch.testing.assert_close(torch.func.grad(_loss(node))(x), want, rtol=1e-12, atol=1e-12)
+    out, vjp = torch.func.vjp(node, x)
+    torch.testing.assert_close(vjp(2 * out)[0], want, rtol=1e-12, atol=1e-12)  # (d/dx Σ out² = Jᵀ 2 out)
+    with pytest.raises(DoubleBackwardError, match="does not support double backward"):
+        torch.func.grad(lambda v: torch.func.grad(_loss(node))(v).sum())(x)
+
+
+def test_convex_layer_under_torch_func_grad():
+    """The batched convex path's backward went through the same guard (torch's
+    "setup_context" error): torch.func.grad now equals torch.autograd's gradient."""
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+
+    v, y = cp.Parameter(3), cp.Variable(3)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - v)), [y >= 0, cp.sum(y) <= 1]), [v], [y])
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    loss = _loss(layer)
+    X = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(X), X)
+    torch.testing.assert_close(torch.func.grad(loss)(x), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(DoubleBackwardError, match="does not support double backward"):
+        torch.func.grad(lambda t: torch.func.grad(loss)(t).sum())(x)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_pnp_refuses_torch_func_transforms(transform):
+    """Its solver and backward differentiate by torch.autograd, which torch.func does
+    not allow inside (torch.func.grad failed in the backward with torch's own error)."""
+    xy, p3d = _pnp_points()
+    f = lambda p: pnp(xy, p).sum()  # noqa: E731
+    call = torch.func.grad(f) if transform == "grad" else torch.func.vmap(lambda p: pnp(xy, p[None])[0])
+    arg = p3d if transform == "grad" else torch.stack([p3d[0], p3d[0] + 0.01])
+    with pytest.raises(ProblemError, match="pnp does not run under torch.func transforms other than jvp"):
+        call(arg)
+
+
+# torch.func.jacrev (a vmap over the vjp) failed for every node: the second-order guard
+# had no vmap rule. Where the backward is plain torch ops it now works.
+JACREV_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "project_simplex", "entmax",
+                "tv_denoise", "least_squares", "eigen_decomposition"}
+JACFWD_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "tv_denoise",
+                "robust_vector_pool", "eigen_decomposition"}
+VMAP_WORKS = {"robust_vector_pool"}
+
+
+def _transform(kind, node, x):
+    if kind == "vmap":
+        return torch.func.vmap(node)(torch.stack([x, 1.01 * x]))
+    return getattr(torch.func, kind)(node)(x)
+
+
+@pytest.mark.parametrize("kind", ["vmap", "jacrev", "jacfwd"])
+@pytest.mark.parametrize("name,x,node", FUNC_CASES, ids=[c[0] for c in FUNC_CASES])
+def test_torch_func_transforms_work_or_raise_problem_error(name, x, node, kind):
+    """Each node under torch.func.vmap / jacrev / jacfwd either gives what torch.autograd
+    gives (the unbatched calls; autograd.functional.jacobian) or raises a ProblemError
+    naming it. Before, most raised torch's own errors ("data-dependent control flow",
+    "does not have vmap support", "Cannot access data pointer")."""
+    works = {"vmap": VMAP_WORKS, "jacrev": JACREV_WORKS, "jacfwd": JACFWD_WORKS}[kind]
+    if name not in works:
+        with pytest.raises(ProblemError, match=name.split()[0]):
+            _transform(kind, node, x)
+        return
+    got = _transform(kind, node, x)
+    want = (torch.stack([node(x), node(1.01 * x)]) if kind == "vmap"
+            else torch.autograd.functional.jacobian(node, x.clone()))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_convex_layer_refuses_torch_func_transforms_it_cannot_run(solver):
+    """vmap, jacrev and jacfwd (host reads in the solver and its checks) and, on the
+    per-element path (numpy), torch.func.grad raise a ProblemError naming ConvexLayer
+    (torch's own errors before)."""
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+
+    v, y = cp.Parameter(3), cp.Variable(3)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - v)), [y >= 0, cp.sum(y) <= 1]), [v], [y],
+                        solver=solver)
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    for kind in ("vmap", "jacrev", "jacfwd"):
+        with pytest.raises(ProblemError, match="ConvexLayer"):
+            _transform(kind, layer, x)
+    if solver == "Clarabel":
+        with pytest.raises(ProblemError, match="per-element path .* does not run under torch.func"):
+            torch.func.grad(_loss(layer))(x)

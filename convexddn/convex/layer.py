@@ -28,13 +28,13 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 from torch.autograd import forward_ad
 
-from .._autograd import first_order_only
+from .._autograd import first_order_only, refuse_vmap
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
-                     masked_outputs, merge_resolved, refuse_unverifiable, status_kind, unravel)
+                     masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, status_kind, unravel)
 from .spread import in_doubt, warn_unchecked_spread
 from .state import picklable_state, restore_state, uncached
 from .validation import (check_values, element_subset, parameter_label, solver_choice, validate_problem,
@@ -247,9 +247,8 @@ class ConvexLayer(nn.Module):
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
                            where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list, dict]:
-        if any(forward_ad.unpack_dual(v).tangent is not None for v in flat):
-            raise forward_mode_refused(where, f"need the per-element path (solver={self.solver!r}, a problem the "
-                                       "batched path does not take, or elements it did not certify)")
+        refuse_per_element(flat, where, f"solver={self.solver!r}, a problem the batched path does not take, or "
+                           "elements it did not certify")
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
         with self._build_lock:
             layer = self._per_element_layer()
@@ -288,6 +287,7 @@ class ConvexLayer(nn.Module):
         """
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
         labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
+        refuse_vmap("ConvexLayer", *values, *named.values(), tangents=False, jacrev=False)  # (reads on the host)
         values, batch = check_values(values, named, self.parameters_, self.check, labels)
         # Both backends differentiate once (the per-element one in numpy): a second
         # differentiation raises DoubleBackwardError (the batched one gave zeros).

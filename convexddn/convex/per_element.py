@@ -35,6 +35,7 @@ from cvxpylayers.interfaces.base import SolverInterface
 from diffcp import cones as cone_lib
 from diffcp.cone_program import solve_internal
 
+from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
 from .cone import POLISH_ABOVE, ResidualMap, verify_certificate
@@ -305,6 +306,7 @@ class CheckedDiffcp(SolverInterface):
                 bool(getattr(program, "degenerate", False)), program.inaccurate)
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
+        refuse_batched("ConvexLayer", dprimal, ddual)  # (torch.func.jacrev: solved in numpy)
         dx_all = dprimal.detach().cpu().double().numpy()
         dy_all = ddual.detach().cpu().double().numpy()
         batch = dx_all.shape[0]

@@ -13,11 +13,14 @@ import warnings
 from typing import Sequence
 
 import torch
+from torch.autograd import forward_ad
 
+from .._autograd import functorch_transforms
 from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
+           "refuse_per_element",
            "merge_resolved", "refuse_unverifiable", "status_kind", "unravel", "name_elements"]
 
 
@@ -71,6 +74,19 @@ def forward_mode_refused(where: tuple[Sequence[int], tuple[int, ...]], reason: s
     return ProblemError(f"ConvexLayer: forward-mode differentiation is implemented on the batched path only, and "
                         f"{n} batch element(s) ({name_elements(where, list(range(n)))}) {reason}; use reverse "
                         "mode (backward) there")
+
+
+def refuse_per_element(flat: Sequence[torch.Tensor], where: tuple[Sequence[int], tuple[int, ...]], why: str) -> None:
+    """Raise where the elements ``where`` need the per-element path (``why``) in a call it
+    cannot serve: tangents to carry (forward mode), or a torch.func transform around it
+    (it solves in numpy: torch's "Cannot access data pointer" at the copy)."""
+    if any(forward_ad.unpack_dual(v).tangent is not None for v in flat):
+        raise forward_mode_refused(where, f"need the per-element path ({why})")
+    transforms = functorch_transforms()
+    if transforms:
+        raise ProblemError(f"ConvexLayer: the per-element path ({why}) solves in numpy and does not run under "
+                           f"torch.func transforms (here: {transforms}); use torch.autograd (backward(), "
+                           "torch.autograd.grad)")
 
 
 def status_kind(status: str) -> str:

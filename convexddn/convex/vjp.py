@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from .._autograd import first_order, first_order_jvp
+from .._autograd import first_order, first_order_jvp, refuse_batched
 from ..errors import GradientWarning
 from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .certify import undecided_reach
@@ -269,6 +269,7 @@ class _ConeSolve(torch.autograd.Function):
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
             return (None,) * 9
+        refuse_batched("ConvexLayer", gx, gz)  # (torch.func.jacrev: the checks read on the host)
         sol, layout, refine, tangent, where, cols = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz

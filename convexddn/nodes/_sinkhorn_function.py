@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .._autograd import bind_fast, first_order, first_order_jvp
+from .._autograd import bind_fast, first_order, first_order_jvp, refuse_batched
 from ..errors import GradientWarning, InputError
 from ._sinkhorn import schur_solve, solve
 from ._sinkhorn_padding import Padding, fill_dead
@@ -91,6 +91,7 @@ class SinkhornFn(torch.autograd.Function):
         pad = ctx.pad
         if V is None:
             return (None,) * 9
+        refuse_batched("sinkhorn", V)  # (torch.func.jacrev: its solve reads on the host)
         Q = V * P
         u, w = Q.sum(-1), Q.sum(-2)
         # (Padding: r = 1 on dead rows, whose P, Q rows are 0; μ = 0 on dead columns and

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .._autograd import batched_values
 from .._checks import check_finite
 from ..errors import ProblemError, SolverError
 
@@ -22,7 +23,7 @@ try:  # the innermost torch.func transform around a call (a torch without it: no
 except ImportError:  # pragma: no cover
     _innermost = None
 
-__all__ = ["batched_values", "in_units", "stacked_under_vmap"]
+__all__ = ["in_units", "stacked_under_vmap"]
 
 # Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
 # up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
@@ -85,20 +86,6 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
     # Exact (powers of two); alpha is divided in float64, where it and the scale are normal.
     x3 = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype)
     return x3, (alpha.to(torch.float64) / scale).to(dtype), scale.to(dtype), anchor
-
-
-def batched_values(t: Any) -> bool:
-    """Whether a torch.func.vmap batches ``t``'s values: a BatchedTensor somewhere in its
-    chain of functorch wrappers (torch.func.jacfwd batches only the tangents, which the
-    chain does not hold)."""
-    functorch = torch._C._functorch
-    while isinstance(t, torch.Tensor):
-        if functorch.is_batchedtensor(t):
-            return True
-        if not functorch.is_functorch_wrapped_tensor(t):
-            return False
-        t = functorch.get_unwrapped(t)
-    return False
 
 
 def stacked_under_vmap(x: torch.Tensor, alpha: Any, dims: tuple[int, ...], vd: int, batch: list[int],

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .._autograd import may_carry_tangents
+from .._autograd import may_carry_tangents, refuse_vmap
 from .._checks import check_bool, check_int, check_tensor
 from ..errors import OptionError, ShapeError
 from ._eigen_function import _eigen_forward, _EigenFunction
@@ -167,6 +167,7 @@ def eigen_decomposition(
         True
     """
     X = check_tensor("X", X)
+    refuse_vmap("eigen_decomposition", X)
     _check_options(k, largest, gap_tol)
     if X.ndim < 2 or X.shape[-1] != X.shape[-2]:
         raise ShapeError(f"X must be square matrices of shape (*, N, N), got shape {tuple(X.shape)}")

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap
 from .._checks import check_int, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, OptionError, ShapeError
 from .projection import project_simplex
@@ -339,6 +339,7 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         0.0
     """
     x = check_tensor("x", x)
+    refuse_vmap("entmax", x, tangents=False)
     alpha = _check_alpha(alpha)
     d = _check_dim(dim, x)
     if x.numel() == 0:

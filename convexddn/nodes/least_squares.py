@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, save_plain
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap, save_plain
 from .._checks import check_device, check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
 from ._least_squares_factor import apply_qt, backward_gain, factor, power_of_two_scale, raise_rank, rank_deficient
@@ -301,6 +301,7 @@ def least_squares(
     """
     A = check_tensor("A", A)
     b = check_tensor("b", b)
+    refuse_vmap("least_squares", A, b, weights, ridge, tangents=False)
     if A.ndim < 2:
         raise ShapeError(f"A must be matrices of shape (*, M, N), got shape {tuple(A.shape)}")
     if b.dtype != A.dtype:

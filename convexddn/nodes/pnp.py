@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, plain
+from .._autograd import bind_fast, first_order, first_order_jvp, functorch_transforms, may_carry_tangents, plain
 from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
-from ..errors import InputError, ShapeError
+from ..errors import InputError, ProblemError, ShapeError
 from ._pnp_geometry import (
     axis_angle_to_matrix,
     canonical_pose,
@@ -224,6 +224,8 @@ def pnp(
             nonzero weight at depth 0, or (without ``init``) fewer than 6 points of
             nonzero weight or collinear ones (coincident included).
         OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol`` or ``max_iter``.
+        ProblemError: called under a torch.func transform other than ``jvp`` (``grad``,
+            ``vmap``, ``jacrev``, ...): use torch.autograd.
 
     Warns:
         SolverWarning: ``max_iter`` reached; the pose puts points of nonzero weight at or
@@ -234,6 +236,13 @@ def pnp(
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
         D. Campbell, L. Liu and S. Gould, ECCV 2020 (the reference's PnP node).
     """
+    transforms = functorch_transforms()
+    if set(transforms) - {"Jvp"}:  # (torch.func.grad failed in the backward: "requires_grad_() ... unsupported")
+        raise ProblemError(
+            f"pnp does not run under torch.func transforms other than jvp (here: {transforms}): its solver and "
+            "its backward differentiate the reprojection error with torch.autograd, which those transforms do "
+            "not allow inside. Use torch.autograd (backward(), torch.autograd.grad), or torch.func.jvp / "
+            "torch.autograd.forward_ad for forward mode")
     if torch.is_inference_mode_enabled():
         # The solver differentiates its objective by autograd, which inference mode
         # forbids: run it outside, on normal copies of the inputs.

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap
 from .._checks import check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
@@ -254,6 +254,7 @@ def tv_denoise(
         tensor([0.3000, 0.3000, 1.8000, 1.8000])
     """
     x = check_tensor("x", x)
+    refuse_vmap("tv_denoise", x, lam)
     _check_lam_option(lam)
     max_iter = _check_max_iter(max_iter)
     check_int("dim", dim)

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import may_carry_tangents
+from .._autograd import may_carry_tangents, refuse_vmap
 from .._checks import check_finite, check_int, check_positive, check_tensor
 from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import solve
@@ -190,6 +190,7 @@ def sinkhorn(
         True
     """
     cost = check_tensor("cost", cost)
+    refuse_vmap("sinkhorn", cost, a, b, eps, tangents=False, jacrev=False)
     _check_options(eps, max_iter, tol)
     if cost.ndim < 2 or cost.shape[-1] == 0 or cost.shape[-2] == 0:
         raise ShapeError(

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .._autograd import (
+    batched_values,
     bind_fast,
     first_order,
     first_order_jvp,
@@ -62,13 +63,13 @@ from .._checks import (
     check_tensor,
     normalize_dims,
 )
-from ..errors import ProblemError, ShapeError
+from ..errors import ShapeError
 from ._repr import format_option
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
 from ._vector_pool_solvers import solve
 from ._vector_pool_units import in_units as _in_units
-from ._vector_pool_units import batched_values, stacked_under_vmap
+from ._vector_pool_units import stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic
 
 __all__ = ["robust_vector_pool", "RobustVectorPool"]
@@ -104,7 +105,7 @@ class _VectorPoolFunction(torch.autograd.Function):
     @first_order("robust_vector_pool")
     @without_autocast
     def backward(ctx, gy):  # type: ignore[override]
-        _refuse_batched_cotangents(gy)
+        refuse_batched("robust_vector_pool", gy, jacfwd=True)
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]
         R, N, C = x.shape
@@ -147,20 +148,6 @@ class _VectorPoolFunction(torch.autograd.Function):
             at = at.unsqueeze(-1) if at.dim() > 0 else at
             rhs = rhs - ((ctx.pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
         return _h_solve(ctx.pen, k1, n, c, rhs, "tangent", 4)
-
-
-def _refuse_batched_cotangents(gy: torch.Tensor) -> None:
-    """ProblemError for cotangents batched by a vmap (torch.func.jacrev's over the vjp;
-    autograd's for is_grads_batched=True, jacobian(..., vectorize=True)): the singularity
-    test of the Hessian solve reads them on the host, which the vmap refuses (torch: "We
-    do not support batching operators that can output dynamic shape", "Batching rule not
-    implemented for aten::is_nonzero")."""
-    if isinstance(gy, torch.Tensor) and torch._C._functorch.is_batchedtensor(gy):
-        raise ProblemError(
-            "robust_vector_pool does not support torch.func.jacrev (nor torch.func.vmap over its vjp: "
-            "batched cotangents): use torch.func.jacfwd (the same Jacobian, by forward mode), "
-            "torch.autograd.functional.jacobian without vectorize, or one cotangent at a time")
-    refuse_batched("robust_vector_pool", gy)
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,

@@ -34,7 +34,7 @@ from ..._checks import (
     normalize_dims,
     normalize_p,
 )
-from ..._autograd import may_carry_tangents
+from ..._autograd import may_carry_tangents, refuse_vmap
 from ...errors import ShapeError
 from .._repr import format_option
 from .kernels import (L2ProjectionFn, L2ReverseFn, LinfProjectionFn, LinfReverseFn, carries_tangents,
@@ -208,6 +208,7 @@ def project_lp(
         True
     """
     x = check_tensor("x", x)
+    refuse_vmap("project_lp", x, radius)
     p = normalize_p(p)
     check_choice("mode", mode, _MODES)
     d = _check_dim(dim, x)
@@ -285,6 +286,7 @@ def project_simplex(
         [1.25, 0.75, 0.0]
     """
     x = check_tensor("x", x)
+    refuse_vmap("project_simplex", x, z, tangents=False)
     d = _check_dim(dim, x)
     wide = wide_dtype(z, x, "z")  # validates z too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype
