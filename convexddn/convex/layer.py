@@ -35,7 +35,7 @@ from .batched import BatchedProgram, UnsupportedProblem
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, status_kind, unravel)
-from .spread import in_doubt, warn_unchecked_spread
+from .spread import in_doubt, warn_unchecked, warn_unconfirmed
 from .state import picklable_state, restore_state, uncached
 from .validation import (check_values, element_subset, parameter_label, solver_choice, validate_problem,
                          validate_solver_args)
@@ -350,8 +350,7 @@ class ConvexLayer(nn.Module):
                 adopt_certificates(info, doubt, list(zip(part["kinds"], part["statuses"])))
                 doubt_certificates(info, doubt, part["points"])
                 checked = [i for i, ok in zip(doubt, part["solved"]) if ok]
-            warn_unchecked_spread((range(math.prod(batch)), batch), [i for i in doubt if wide[i] and i not in checked],
-                                  info["spreads"])
+            warn_unchecked((range(math.prod(batch)), batch), doubt, checked, wide, info, program is not None)
             return sols, info
         sols, info = self._solve_batched(self._batched, flat, (range(math.prod(batch)), batch))
         redo = [i for i, ok in enumerate(info["solved"]) if not ok]
@@ -369,6 +368,8 @@ class ConvexLayer(nn.Module):
                 raise forward_mode_refused((took, batch), "were solved by the per-element path (the batched "
                                            "path did not certify them)")
             merge_resolved(sols, info, redo, fixed, part)
+            warn_unconfirmed((redo, batch), [j for j in in_doubt(part, self.refine)[0] if part["solved"][j]],
+                             part["residuals"], True)
             adopt_certificates(info, redo, verdicts)
             for check in (doubt_certificates, refuse_unverifiable):  # what the batched path saw
                 check(info, redo, [info["points"][i] for i in redo])

@@ -17,7 +17,8 @@ from ..errors import SolverWarning
 from .cone import POLISH_ABOVE
 from .status import name_elements
 
-__all__ = ["SPREAD_DOUBT", "data_spread", "in_doubt", "warn_unchecked_spread"]
+__all__ = ["SPREAD_DOUBT", "UNCONFIRMED_ABOVE", "data_spread", "in_doubt", "warn_unchecked", "warn_unchecked_spread",
+           "warn_unconfirmed"]
 
 #: Data spread (see :func:`data_spread`) above which a per-element result is in doubt:
 #: the solvers were exact at 1e10 and wrong at 1e12 on min (a x - 1)^2.
@@ -66,3 +67,40 @@ def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: lis
             "per-element solvers' residual check does not bound the error (a result off by 100 % passed "
             "it), and no batched form could check it: rescale the problem's data nearer unit size",
             SolverWarning, stacklevel=5)
+
+
+#: Residual above which a per-element result that nothing confirmed is warned about where
+#: no batched form could check it: above the floor the polish reaches on exponential
+#: cones (2^-28 ≈ 3.7e-9, diffcp's projection; solutions 5e-9 accurate there) and far
+#: below where it went wrong (entropy softmax at 3.9e-7: a Jacobian 1.4e3 off).
+UNCONFIRMED_ABOVE = 1e-8
+
+
+def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int], residuals: Sequence[float],
+                     batched_failed: bool) -> None:
+    """The SolverWarning for per-element results ``idx`` left by the Newton polish above
+    rounding that nothing confirmed: ``batched_failed``, the batched path tried them and
+    did not certify them (ill-conditioned, or not converged: a least-squares fit with
+    cond(A) = 1e4 beside a bound of 1e6 came back 2e-2 off at residual 5e-10, "solved"),
+    else no batched form could check them."""
+    if idx:
+        why = ("the batched path did not certify them" if batched_failed
+               else "no batched form could check them")
+        warnings.warn(
+            f"ConvexLayer, {name_elements(where, idx)}: the per-element solver's result passed its residual "
+            f"check (up to {max(residuals[i] for i in idx):.1e}) but the Newton polish left it above rounding "
+            f"level and {why}: on an ill-conditioned or badly scaled program that residual does not bound "
+            "the error of the solution or its gradient; rescale the data nearer unit size or check the result",
+            SolverWarning, stacklevel=5)
+
+
+def warn_unchecked(where: tuple[Sequence[int], tuple[int, ...]], doubt: list[int], checked: list[int],
+                   wide: list[bool], info: dict, batched_tried: bool) -> None:
+    """The warnings for the per-element results ``doubt`` (:func:`in_doubt`) that the
+    batched path did not confirm (``checked``: those it did; ``batched_tried``: it had a
+    form for them): :func:`warn_unchecked_spread` for those on wide data, else
+    :func:`warn_unconfirmed` (where it had no form, only above :data:`UNCONFIRMED_ABOVE`)."""
+    unchecked = [i for i in doubt if i not in checked and info["solved"][i]]
+    warn_unchecked_spread(where, [i for i in unchecked if wide[i]], info["spreads"])
+    warn_unconfirmed(where, [i for i in unchecked if not wide[i] and (
+        batched_tried or info["residuals"][i] > UNCONFIRMED_ABOVE)], info["residuals"], batched_tried)
