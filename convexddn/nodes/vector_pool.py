@@ -262,6 +262,7 @@ def robust_vector_pool(
 
     Examples::
 
+        >>> _ = torch.manual_seed(0)
         >>> x = torch.randn(8, 3, 50); x[..., :5] += 20.0   # 10% gross outliers
         >>> y = robust_vector_pool(x, "welsch", alpha=1.0)   # (8, 3), near the origin
         >>> bool(y.norm(dim=-1).max() < 1.0)
