@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
         return args
 
 __all__ = ["batched_values", "bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only",
-           "functorch_transforms", "refuse_vmap",
+           "functorch_transforms", "refuse_vmap", "single_backward",
            "guard_gradients",
            "may_carry_tangents", "plain", "save_plain"]
 
@@ -275,6 +275,36 @@ class _FirstOrderInput(torch.autograd.Function):
         # (The identity: the solver's own Function decides whether it has a forward mode.)
         return tuple(None if t is None else t.view_as(t) for t in tangents)
 
+
+
+class _SingleBackward(torch.autograd.Function):
+    """Identity whose backward reads a saved tensor (an extra, empty output), so that a
+    second backward through it without ``retain_graph`` raises torch's own error."""
+
+    @staticmethod
+    def forward(*tensors: torch.Tensor):  # type: ignore[override]
+        return (*(t.view_as(t) for t in tensors), tensors[0].new_empty(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.mark_non_differentiable(output[-1])
+        ctx.save_for_backward(output[-1])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        ctx.saved_tensors  # (freed by a backward without retain_graph: torch raises here)
+        return grads[:-1]
+
+
+def single_backward(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of a solver whose own backward saves no tensor (the per-element path's, in
+    numpy): a second backward without ``retain_graph`` ran it again and doubled the
+    gradient silently; through this it raises torch's "backward through the graph a
+    second time", as every other op. No-op where none requires grad."""
+    tensors = list(tensors)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return tensors
+    return list(_SingleBackward.apply(*tensors)[:-1])
 
 def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The inputs of a solver whose backward is first-order only (it may run outside

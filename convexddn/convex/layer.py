@@ -28,7 +28,7 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 from torch.autograd import forward_ad
 
-from .._autograd import first_order_only, refuse_vmap
+from .._autograd import first_order_only, refuse_vmap, single_backward
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
@@ -258,7 +258,7 @@ class ConvexLayer(nn.Module):
         finally:
             self._backend._local.where = None
         info = self._backend.last_info
-        return list(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
+        return single_backward(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
                             "statuses": info.statuses, "residuals": [float(r) for r in info.residuals],
                             "solved": info.solved, "kinds": info.kinds, "spreads": info.spreads}
 

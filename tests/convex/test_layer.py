@@ -1003,3 +1003,27 @@ def test_symmetric_declaration_message_names_the_batch_index():
             layer(bad)
         with pytest.raises(InputError, match=r"\(shape \(2, 2\); it is not symmetric\)"):
             layer(bad[1])
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_second_backward_without_retain_graph_raises_on_both_paths(solver):
+    """The per-element path's backward saves no tensor: a second backward() without
+    retain_graph ran it again and silently doubled X.grad (the batched path raised
+    torch's error). Now both raise it; with retain_graph=True the second backward
+    accumulates the same gradient again, as torch does everywhere."""
+    n = 3
+    x, y = cp.Parameter(n), cp.Variable(n)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0, cp.sum(y) <= 1]), [x], [y],
+                             solver=solver)
+    X = torch.tensor([[0.3, 0.2, -0.1]], dtype=torch.float64, requires_grad=True)
+    s = layer(X).sum()  # (sum saves no tensor: only the layer's own backward can refuse)
+    s.backward()
+    first = X.grad.clone()
+    torch.testing.assert_close(first, torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64), rtol=0, atol=1e-8)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        s.backward()
+    X.grad = None
+    s = layer(X).sum()  # (sum saves no tensor: only the layer's own backward can refuse)
+    s.backward(retain_graph=True)
+    s.backward()
+    torch.testing.assert_close(X.grad, 2 * first, rtol=1e-12, atol=1e-12)
