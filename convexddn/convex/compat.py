@@ -49,6 +49,7 @@ from torch import nn
 
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
+from .solver_args import validate_solver_args
 from .state import picklable_state
 
 __all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
@@ -264,8 +265,10 @@ class CvxpyLayer(nn.Module):
 
     @staticmethod
     def _native(args: dict[str, Any], solver: str) -> dict[str, Any]:
-        """cvxpylayers' spelling -> the solver's spelling (``OptionError`` for a key the
-        solver has no setting for: a time limit with ECOS)."""
+        """cvxpylayers' spelling -> the solver's spelling, each value checked as that
+        solver takes it (``OptionError`` for a key the solver has no setting for: a time
+        limit with ECOS; or for a value it refuses, naming the key as the user wrote it:
+        ``solver_args['max_iters']``, not the ``max_iter`` it became for Clarabel)."""
         missing = sorted(k for k in args if solver not in APPLIED_SOLVER_ARGS[k])
         if missing:
             takes = sorted(s for s in APPLIED_SOLVER_ARGS[missing[0]] if s != "auto")
@@ -273,7 +276,11 @@ class CvxpyLayer(nn.Module):
                 f"solver_args {missing} cannot reach solver {solver!r}: it has no such setting (a time "
                 f"limit is taken by {takes}; cvxpylayers raises a TypeError here too); pass "
                 f"solve_method={takes[-1]!r} or drop the key")
-        return {APPLIED_SOLVER_ARGS[k][solver]: v for k, v in args.items()}
+        # One user key per native key (_translate refuses both spellings of one setting).
+        names = {APPLIED_SOLVER_ARGS[k][solver]: k for k in args}
+        native = {APPLIED_SOLVER_ARGS[k][solver]: v for k, v in args.items()}
+        # "auto" passes them to its per-element solver, Clarabel (as ConvexLayer does).
+        return validate_solver_args("Clarabel" if solver == "auto" else solver, native, "solver_args", names)
 
     def _make(self, solver: str) -> ConvexLayer:
         return ConvexLayer(*self._declared, solver=solver,
@@ -319,8 +326,12 @@ class CvxpyLayer(nn.Module):
                 "scratch (cvxpylayers supports it only with solver='MOREAU')")
         method, args, ignored = self._translate(solver_args, "solver_args")
         solver = method or self._solver
-        self._warn(ignored, stacklevel=5, auto_only=self._auto_only(solver, args))
+        # Checked here, under the user's keys (ConvexLayer would name the translated ones),
+        # and before the once-per-layer notices: a call refused for its solver_args does
+        # not use them up.
+        native = self._native(args, solver)
         if solver not in self.layers:
             self.layers[solver] = self._make(solver)
-        out = self.layers[solver](*params, solver_args=self._native(args, solver))
+        self._warn(ignored, stacklevel=5, auto_only=self._auto_only(solver, args))
+        out = self.layers[solver](*params, solver_args=native)
         return out if isinstance(out, tuple) else (out,)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any
+from typing import Any, Mapping
 
 from .._checks import check_bool, check_int, check_positive, real_number
 from ..errors import OptionError
@@ -85,29 +85,36 @@ def _solver_value(name: str, kind: str | None, value: Any) -> Any:
     return value
 
 
-def validate_solver_args(solver: str, args: Any, what: str = "solver_args") -> dict[str, Any]:
+def validate_solver_args(solver: str, args: Any, what: str = "solver_args",
+                         names: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Return ``args`` as a dict of checked values, or raise ``OptionError`` naming an
-    unknown key (and the valid ones) or a key whose value has the wrong type or range."""
+    unknown key (and the valid ones) or a key whose value has the wrong type or range.
+
+    ``names`` maps a key of ``args`` to the key its caller's user wrote, where a wrapper
+    translated it (:class:`~convexddn.convex.compat.CvxpyLayer`: cvxpylayers'
+    ``max_iters`` reaches Clarabel as ``max_iter``): errors name the key as written."""
     if args is None:
         return {}
     if not isinstance(args, dict):
         raise OptionError(f"{what} must be a dict, got {type(args).__name__}")
+    names = names or {}
     kinds = _solver_kinds(solver)
-    unknown = sorted(k for k in args if k not in kinds)
+    unknown = sorted(names.get(k, k) for k in args if k not in kinds)
     if unknown:
         raise OptionError(
             f"{what} has key(s) {unknown} that solver {solver!r} does not take; valid keys "
             f"are {sorted(kinds)}")
-    checked = {k: _solver_value(f"{what}[{k!r}]", kinds[k], v) for k, v in args.items()}
+    checked = {k: _solver_value(f"{what}[{names.get(k, k)!r}]", kinds[k], v) for k, v in args.items()}
     if solver == "Clarabel" and checked:
-        _clarabel_accepts(checked, what)
+        _clarabel_accepts(checked, what, names)
     return checked
 
 
-def _clarabel_accepts(args: dict[str, Any], what: str) -> None:
+def _clarabel_accepts(args: dict[str, Any], what: str, names: Mapping[str, str]) -> None:
     """Clarabel's own judgement of the settings (an unknown ``direct_solve_method``, an
     iteration limit beyond its integer type), on a one-variable program: raised as an
-    OptionError now, not as a bare ``Exception`` from every element of a batch."""
+    OptionError now, not as a bare ``Exception`` from every element of a batch (naming
+    the settings as ``names`` spells them, see :func:`validate_solver_args`)."""
     import clarabel
     import numpy as np
     import scipy.sparse as sp
@@ -119,7 +126,8 @@ def _clarabel_accepts(args: dict[str, Any], what: str) -> None:
         clarabel.DefaultSolver(sp.csc_matrix((1, 1)), np.zeros(1), sp.csc_matrix(np.ones((1, 1))), np.ones(1),
                                [clarabel.NonnegativeConeT(1)], settings)
     except Exception as err:  # noqa: BLE001 - Clarabel raises a bare Exception ("Bad settings")
-        raise OptionError(f"{what} {args!r} are not accepted by Clarabel: {err}") from None
+        given = {names.get(k, k): v for k, v in args.items()}
+        raise OptionError(f"{what} {given!r} are not accepted by Clarabel: {err}") from None
 
 
 def solver_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:

@@ -414,14 +414,14 @@ def test_cvxpy_layer_solver_args_values_checked():
     problem, A, b, x = ridge_problem()
     with pytest.raises(OptionError, match=r"solver_args\['max_iters'\] must be an integer, got '100'"):
         CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "SCS", "max_iters": "100"})
-    with pytest.raises(OptionError, match=r"solver_args\['max_iter'\] must be an integer >= 1, got -5"):
+    with pytest.raises(OptionError, match=r"solver_args\['max_iters'\] must be an integer >= 1, got -5"):
         CvxpyLayer(problem, [A, b], [x], solver_args={"max_iters": -5})
     with pytest.raises(OptionError, match=r"solver_args\['verbose'\] must be True or False"):
         CvxpyLayer(problem, [A, b], [x], solver_args={"verbose": "yes"})
     layer = CvxpyLayer(problem, [A, b], [x])
     gen = torch.Generator().manual_seed(7)
     At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
-    with pytest.raises(OptionError, match=r"solver_args \(per call\)\['max_iters'\] must be an integer"):
+    with pytest.raises(OptionError, match=r"solver_args\['max_iters'\] must be an integer"):
         layer(At, bt, solver_args={"solve_method": "ECOS", "max_iters": "100"})
 
 
@@ -524,3 +524,61 @@ def test_cvxpy_layer_complex_parameter_scs_invalid_imag_works():
     for args in (None, {"solve_method": "Clarabel"}, {"solve_method": "ECOS"}):
         torch.testing.assert_close(layer(value, solver_args=args)[0], expected, atol=1e-7, rtol=0)
     torch.testing.assert_close(CvxpyLayer(prob, [p], [y], solver="SCS")(value)[0], expected, atol=1e-7, rtol=0)
+
+
+def test_cvxpy_layer_solver_args_errors_name_the_key_as_passed():
+    """A bad value of a translated key was reported under the key it became and with
+    ConvexLayer's internal wording: solver_args={'max_iters': 0} raised
+    "solver_args (per call)['max_iter'] must be an integer >= 1, got 0". Every translated
+    key is now named as the user wrote it, per call and in the constructor."""
+    problem, A, b, x = ridge_problem()
+    gen = torch.Generator().manual_seed(3)
+    At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
+    layer = CvxpyLayer(problem, [A, b], [x])
+    cases = [  # (solver_args, message): each key reaches its solver under another spelling
+        ({"max_iters": 0}, r"solver_args\['max_iters'\] must be an integer >= 1, got 0$"),
+        ({"max_iters": 2.5}, r"solver_args\['max_iters'\] must be an integer, got 2\.5$"),
+        ({"solve_method": "Clarabel", "max_iters": 0}, r"solver_args\['max_iters'\] must be an integer >= 1, got 0$"),
+        ({"solve_method": "SCS", "max_iter": 0}, r"solver_args\['max_iter'\] must be an integer >= 1, got 0$"),
+        ({"solve_method": "ECOS", "max_iter": "9"}, r"solver_args\['max_iter'\] must be an integer, got '9'$"),
+        ({"time_limit_secs": -1}, r"solver_args\['time_limit_secs'\] must be a number of seconds >= 0"),
+        ({"solve_method": "Clarabel", "time_limit_secs": float("nan")},
+         r"solver_args\['time_limit_secs'\] must be a number of seconds >= 0"),
+        ({"solve_method": "SCS", "time_limit": -1}, r"solver_args\['time_limit'\] must be a number of seconds >= 0"),
+        ({"max_iters": 2**40}, r"solver_args \{'max_iters': 1099511627776\} are not accepted by Clarabel"),
+    ]
+    for args, message in cases:
+        with pytest.raises(OptionError, match=message) as per_call:
+            layer(At, bt, solver_args=args)
+        assert "per call" not in str(per_call.value)
+        with pytest.raises(OptionError, match=message):
+            CvxpyLayer(problem, [A, b], [x], solver_args=args)
+    # The translated keys still reach the solver (values checked as it takes them).
+    with pytest.warns(ConvexDDNWarning, match="reach only the per-element solver"):
+        layer = CvxpyLayer(problem, [A, b], [x], solver_args={"max_iters": 7})
+    assert layer.convex_layer.solver_args == {"max_iter": 7}
+
+
+def test_cvxpy_layer_notices_not_used_up_by_a_refused_call():
+    """The once-per-layer notices (keys that reach only the per-element solver under the
+    default solver; keys ignored) were issued before the call's solver_args were checked:
+    a call refused for max_iters=0 used them up, and the next, valid, call said nothing."""
+    problem, A, b, x = ridge_problem()
+    gen = torch.Generator().manual_seed(4)
+    At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
+    layer = CvxpyLayer(problem, [A, b], [x])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(OptionError, match=r"must be an integer >= 1, got 0"):
+            layer(At, bt, solver_args={"max_iters": 0, "eps": 1e-9})
+        with pytest.raises(OptionError, match=r"\['time_limit'\] cannot reach solver 'ECOS'"):
+            layer(At, bt, solver_args={"solve_method": "ECOS", "time_limit": 1, "eps": 1e-9})
+        assert not [w for w in caught if issubclass(w.category, ConvexDDNWarning)]
+        (sol,) = layer(At, bt, solver_args={"max_iters": 50, "eps": 1e-9})
+        torch.testing.assert_close(sol, ridge_closed_form(At, bt), atol=1e-7, rtol=0)
+        layer(At, bt, solver_args={"max_iters": 50, "eps": 1e-9})
+    notices = [str(w.message) for w in caught if issubclass(w.category, ConvexDDNWarning)]
+    assert len(notices) == 2, notices
+    assert any("CvxpyLayer ignores ['eps']" in m for m in notices), notices
+    assert any("['max_iters'] reach only the per-element solver" in m for m in notices), notices
+    assert all(w.filename == __file__ for w in caught if issubclass(w.category, ConvexDDNWarning))

@@ -1027,3 +1027,65 @@ def test_second_backward_without_retain_graph_raises_on_both_paths(solver):
     s.backward(retain_graph=True)
     s.backward()
     torch.testing.assert_close(X.grad, 2 * first, rtol=1e-12, atol=1e-12)
+
+
+
+def test_psd_and_symmetric_checks_follow_the_dtype_of_the_values():
+    """A rank-deficient PSD matrix in float16 or bfloat16 was refused as not PSD: its
+    negative eigenvalue (-0.00089 for float16) is the rounding of its entries, which the
+    check judged at a float32-level tolerance (1e-6·max|entry|). The tolerance now
+    follows the dtype's eps and the matrix size (rounding moves an eigenvalue by up to
+    n·eps/2·max|entry|), so such a matrix is accepted and solved; a clearly indefinite
+    half-precision matrix is still refused, and so is a float64 matrix whose values were
+    rounded in float32 (float64's tolerance is unchanged)."""
+    n, batch = 4, 8
+    P = cp.Parameter((n, n), name="P", PSD=True)
+    q = cp.Parameter(n, name="q")
+    x = cp.Variable(n)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.quad_form(x, P) + cp.sum_squares(x) + q @ x)), [P, q], [x])
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(batch, n, 2, dtype=torch.float64, generator=gen)
+    exact = V @ V.transpose(-1, -2)  # PSD of rank 2
+    q64 = torch.randn(batch, n, dtype=torch.float64, generator=gen)
+    for dtype in (torch.float16, torch.bfloat16):
+        Ph, qh = exact.to(dtype), q64.to(dtype)
+        assert float(torch.linalg.eigvalsh(Ph.double()).min()) < -1e-4  # rounding made it indefinite
+        out = layer(Ph, qh)
+        assert out.dtype == dtype
+        # The float64 solve of the matrix before rounding (and the same q), and its closed form.
+        ref = layer(exact, qh.double())
+        closed = torch.linalg.solve(2 * (exact + torch.eye(n, dtype=torch.float64)), -qh.double()[..., None])[..., 0]
+        torch.testing.assert_close(ref, closed, atol=1e-7, rtol=0)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(out.double(), ref, atol=4 * n * eps * float(ref.abs().max()), rtol=0)
+        # Clearly indefinite (smallest eigenvalue -0.3·max|entry|): refused in half precision too.
+        Q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))[0]
+        bad = (Q * torch.tensor([1.0, 1.0, 1.0, -0.3], dtype=torch.float64)) @ Q.T
+        with pytest.raises(cddn.errors.InputError, match=r"parameter 0 \(P\) is declared PSD=True, got 1 matrices "
+                                                         rf"that are not .*smallest eigenvalue -0\.[23].*{str(dtype)[6:]}"):
+            layer(torch.cat([Ph, bad.to(dtype)[None]]), torch.cat([qh, qh[:1]]))
+    # A float64 matrix whose values were rounded in float32 is not PSD to float64's tolerance.
+    with pytest.raises(cddn.errors.InputError, match=r"declared PSD=True"):
+        layer(exact.float().double(), q64)
+
+    # symmetric (and PSD): X W Xᵀ computed in half precision is symmetric only to within
+    # rounding (it was refused as "not symmetric"); a 10% asymmetry is still refused.
+    S = cp.Parameter((n, n), name="S", symmetric=True)
+    y = cp.Variable(n)
+    sym_layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - cp.sum(S, axis=1)))), [S], [y])
+    for dtype in (torch.float16, torch.bfloat16):
+        X = torch.randn(batch, n, n, dtype=torch.float64, generator=gen).to(dtype)
+        W = V.to(dtype) @ V.to(dtype).transpose(-1, -2)
+        XWX = X @ W @ X.transpose(-1, -2)
+        assert bool((XWX != XWX.transpose(-1, -2)).any())
+        wide = XWX.double()
+        expected = (0.5 * (wide + wide.transpose(-1, -2))).sum(-1)
+        out = sym_layer(XWX)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(out.double(), expected, atol=4 * eps * float(expected.abs().max()), rtol=0)
+        layer(XWX, torch.zeros(batch, n, dtype=dtype))  # PSD: symmetric and eigenvalues within rounding
+        skew = XWX.clone()
+        skew[3, 0, 1] += 0.1 * float(XWX[3].abs().max())
+        with pytest.raises(cddn.errors.InputError, match=r"declared symmetric=True, got 1 matrices .* batch index "
+                                                         r"\(3,\), is not symmetric"):
+            sym_layer(skew)
