@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from typing import Any, Callable, Sequence
 
 import cvxpy as cp
@@ -28,6 +27,7 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 from torch.autograd import forward_ad
 
+from .._warn import warn
 from .._autograd import first_order_only, refuse_vmap, single_backward
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
@@ -325,10 +325,10 @@ class ConvexLayer(nn.Module):
         solved = torch.tensor(info["solved"], dtype=torch.bool).reshape(batch)
         if failed:
             idx = unravel(failed, batch)
-            warnings.warn(
+            warn(
                 f"ConvexLayer: {len(failed)} batch element(s) not solved, their outputs set to NaN "
                 f"(on_failure='mask'): indices {idx[:20]}; statuses "
-                f"{[info['statuses'][i] for i in failed[:5]]}", SolverWarning, stacklevel=2)
+                f"{[info['statuses'][i] for i in failed[:5]]}", SolverWarning)
         outs = masked_outputs(sols, out_shapes, solved, device, out_dtype)
         self._local.info = SolveInfo(info["backend"], info["solvers"], info["statuses"],
                                      info["residuals"], solved)

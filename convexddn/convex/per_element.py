@@ -22,7 +22,6 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import threading
-import warnings
 import weakref
 from typing import Any, Sequence
 
@@ -35,6 +34,7 @@ from cvxpylayers.interfaces.base import SolverInterface
 from diffcp import cones as cone_lib
 from diffcp.cone_program import solve_internal
 
+from .._warn import warn
 from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
@@ -276,7 +276,7 @@ class CheckedDiffcp(SolverInterface):
         where = getattr(self._local, "where", None)
         for i, r in enumerate(results):
             if r.note is not None and r.x is not None:
-                warnings.warn(f"{name_elements(where, [i])}: {r.note}", SolverWarning, stacklevel=4)
+                warn(f"{name_elements(where, [i])}: {r.note}", SolverWarning)
         primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
         dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else r.y for r in results])).to(q.dtype)
         if not needs_grad:
@@ -321,20 +321,20 @@ class CheckedDiffcp(SolverInterface):
         where = getattr(saved_state, "where", None)
         degenerate = [i for i, g in enumerate(grads) if g[2]]
         if degenerate:
-            warnings.warn(
+            warn(
                 f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) "
                 f"({name_elements(where, degenerate)}) is not unique or not differentiable (the derivative "
                 "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
                 "zero multiplier); their gradient is the minimum-norm one of many",
-                GradientWarning, stacklevel=3)
+                GradientWarning)
         inaccurate = [(i, g[3]) for i, g in enumerate(grads) if g[3] > 0]
         if inaccurate:
-            warnings.warn(
+            warn(
                 f"ConvexLayer backward: the iterative adjoint solve (LSMR) of {len(inaccurate)} batch "
                 f"element(s) ({name_elements(where, [i for i, _ in inaccurate])}) stopped at a relative "
                 f"residual of up to {max(r for _, r in inaccurate):.1e}: their gradient may be "
                 "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "
-                "it batched where it fits)", GradientWarning, stacklevel=3)
+                "it batched where it fits)", GradientWarning)
         dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t

@@ -7,12 +7,12 @@ where none could be had.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
+from .._warn import warn
 from ..errors import SolverWarning
 from .cone import POLISH_ABOVE
 from .status import name_elements
@@ -61,12 +61,12 @@ def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: lis
     """The SolverWarning for per-element results ``idx`` whose data spread over more than
     :data:`SPREAD_DOUBT` and that no batched form could check."""
     if idx:
-        warnings.warn(
+        warn(
             f"ConvexLayer, {name_elements(where, idx)}: the data spans {max(spreads[i] for i in idx):.0e} "
             "(largest over smallest nonzero magnitude of the cone program's data), beyond which the "
             "per-element solvers' residual check does not bound the error (a result off by 100 % passed "
             "it), and no batched form could check it: rescale the problem's data nearer unit size",
-            SolverWarning, stacklevel=5)
+            SolverWarning)
 
 
 #: Residual above which a per-element result that nothing confirmed is warned about where
@@ -86,12 +86,12 @@ def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int
     if idx:
         why = ("the batched path did not certify them" if batched_failed
                else "no batched form could check them")
-        warnings.warn(
+        warn(
             f"ConvexLayer, {name_elements(where, idx)}: the per-element solver's result passed its residual "
             f"check (up to {max(residuals[i] for i in idx):.1e}) but the Newton polish left it above rounding "
             f"level and {why}: on an ill-conditioned or badly scaled program that residual does not bound "
             "the error of the solution or its gradient; rescale the data nearer unit size or check the result",
-            SolverWarning, stacklevel=5)
+            SolverWarning)
 
 
 def warn_unchecked(where: tuple[Sequence[int], tuple[int, ...]], doubt: list[int], checked: list[int],

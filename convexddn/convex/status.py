@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Sequence
 
 import torch
 from torch.autograd import forward_ad
 
+from .._warn import warn
 from .._autograd import functorch_transforms
 from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
@@ -219,6 +219,6 @@ def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...
             over += int((torch.isinf(outs[-1]) & torch.isfinite(s)).sum())
     if over:
         wider = "float32 or float64" if torch.finfo(dtype).max < torch.finfo(torch.float32).max else "float64"
-        warnings.warn(f"ConvexLayer: {over} solution entries exceed the range of {dtype} and are "
-                      f"returned as ±inf; pass {wider} parameters", ConvexDDNWarning, stacklevel=3)
+        warn(f"ConvexLayer: {over} solution entries exceed the range of {dtype} and are "
+             f"returned as ±inf; pass {wider} parameters", ConvexDDNWarning)
     return outs

@@ -38,10 +38,10 @@ vertex, more active rows than the solution's dimension, which the parameters mov
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
+from .._warn import warn
 from .._autograd import first_order, first_order_jvp, refuse_batched
 from ..errors import GradientWarning
 from .interior_point import SOLVED, ConeSolution, solve_cone_batch
@@ -288,11 +288,11 @@ def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: to
         zero = (f"; {n_zero} of them have a solution that is not unique along their {along} "
                 f"(the derivative system is singular there), and their {what} is set to zero"
                 ) if n_zero else ""
-        warnings.warn(
+        warn(
             f"ConvexLayer {mode} (batched): the solution of {len(idx)} batch element(s) "
             f"({name_elements(where, idx)}) is not unique or not differentiable "
             "(a constraint active with a zero multiplier, or a second-order cone at its tip "
             "with its multiplier on the boundary; a derivative system that is singular: e.g. an "
             "LP with an edge of optima; or more active constraints than the solution's "
             f"dimension: a degenerate vertex); their {what} is a one-sided limit's blend{zero}",
-            GradientWarning, stacklevel=4)
+            GradientWarning)

@@ -7,10 +7,10 @@ float64 gradient beyond the dtype's range becomes ±inf: ``dL/da = -1e5`` for a 
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
+from .._warn import warn
 from .._autograd import bind_fast, first_order, first_order_jvp
 from ..errors import GradientWarning
 
@@ -36,10 +36,10 @@ class _Widen(torch.autograd.Function):
         out = g.to(ctx.dtype)
         lost = int((torch.isinf(out) & torch.isfinite(g)).sum())  # one host read
         if lost:
-            warnings.warn(
+            warn(
                 f"ConvexLayer backward: {lost} gradient entries of {ctx.label} exceed the range of "
                 f"{ctx.dtype} and are returned as ±inf (their float64 values are finite); pass the "
-                "parameter in a wider dtype, or scale the problem", GradientWarning, stacklevel=2)
+                "parameter in a wider dtype, or scale the problem", GradientWarning)
         return out, None
 
     @staticmethod

@@ -1029,6 +1029,28 @@ def test_second_backward_without_retain_graph_raises_on_both_paths(solver):
     torch.testing.assert_close(X.grad, 2 * first, rtol=1e-12, atol=1e-12)
 
 
+def test_warnings_name_the_callers_line():
+    """Every ConvexLayer warning pointed at torch's eval_frame.py (the torch.compiler.disable
+    wrapper added a frame to the fixed stacklevels), so the printed location and
+    module-specific filters missed the user's code. Forward (a masked element, a float16
+    overflow) and backward (a kink) now name this file."""
+    n = 3
+    q, h, x = cp.Parameter(n), cp.Parameter(), cp.Variable(n)
+    masked = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x - q)), [x >= 0, cp.sum(x) <= h]), [q, h], [x],
+                              on_failure="mask")
+    big = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x)), [x >= 3 * q]), [q], [x])
+    v, lam, y = cp.Parameter(2), cp.Parameter(nonneg=True), cp.Variable(2)
+    kink = cddn.ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - v) + lam * cp.norm(y)), []), [v, lam], [y])
+    vv = torch.tensor([[0.6, 0.8]], dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        masked(torch.randn(2, n, dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64))
+        big(torch.tensor([[3e4, 0.0, 0.0]], dtype=torch.float16))
+        kink(vv, torch.tensor([1.0], dtype=torch.float64))[0, 1].backward()
+    kinds = {w.category.__name__ for w in caught}
+    assert {"SolverWarning", "ConvexDDNWarning", "GradientWarning"} <= kinds, kinds
+    assert all(w.filename == __file__ for w in caught), [(w.category.__name__, w.filename) for w in caught]
+
 
 def test_psd_and_symmetric_checks_follow_the_dtype_of_the_values():
     """A rank-deficient PSD matrix in float16 or bfloat16 was refused as not PSD: its

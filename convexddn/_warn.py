@@ -1,0 +1,45 @@
+"""Warnings attributed to the caller's line, wherever in the library they are raised.
+
+A fixed ``stacklevel`` counts frames, and the frames between a user's call and the
+library's ``warnings.warn`` vary: ``torch.compiler.disable`` around ``ConvexLayer.forward``
+added one (every ConvexLayer warning pointed at torch's ``eval_frame.py``), ``nn.Module``'s
+call machinery, the autograd engine in a backward, cvxpylayers around the per-element
+solve. :func:`warn` walks out of those instead, so module-specific warning filters and
+the printed location name the user's own line.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+import warnings
+
+__all__ = ["warn"]
+
+# Packages whose frames are never the user's: this library (with the registry's problem
+# builders, which an editable install keeps beside it), torch, and the solver stack.
+_PACKAGES = ("convexddn", "convexddn.problems", "torch", "cvxpylayers", "cvxpy", "diffcp")
+
+
+@functools.lru_cache(maxsize=1)
+def _internal_prefixes() -> tuple[str, ...]:
+    prefixes = []
+    for name in _PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        for path in (spec.submodule_search_locations or []) if spec is not None else []:
+            prefixes.append(os.path.join(os.path.realpath(path), ""))
+    return tuple(prefixes)
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn(message, category)`` attributed to the first frame on the stack
+    that is outside :data:`_PACKAGES` (the top frame if all are, e.g. in a worker thread)."""
+    internal = _internal_prefixes()
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
+    while frame.f_back is not None and os.path.realpath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
