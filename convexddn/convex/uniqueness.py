@@ -49,6 +49,34 @@ def _unit_rows(C: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return C * torch.where(keep, 1.0 / torch.where(keep, norm, 1.0), 0.0).unsqueeze(-1)
 
 
+def _tangent_rows(layout, u: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """``(B, msoc)`` mask of the tangent rows :math:`t_j = A_j - u_j\\,u^\\top A_{tail}`
+    (``j`` a tail row, :math:`t = (I - u u^\\top) A_{tail}`) that enter the limit system.
+
+    A cone's tangent rows carry :math:`H = s_0/z_0` (:class:`~.symmetric_cones.NTScaling`,
+    ``derivative=True``): the boundary's curvature weighted by the multiplier, finite
+    wherever the multiplier does not vanish, i.e. unless both Jordan-frame pairs are
+    decided inactive (``on`` ``(B, nsoc)`` False). :math:`s_0/z_0` itself converges to a
+    value of the data's order, not to 0 or ∞: tested against :data:`~.certify.DECIDED`
+    it dropped a strictly complementary cone's curvature at :math:`z_0 < 10^{-2} s_0`
+    and called a unique solution not unique.
+
+    The rows are dependent, :math:`\\sum_j u_j t_j = u^\\top (I - u u^\\top) A_{tail} = 0`:
+    the row at ``u``'s largest entry is a combination of the others (coefficients
+    :math:`|u_i/u_j| \\le 1`) and is left out. Where ``u`` is a coordinate axis it is
+    zero up to rounding, and scaled to unit length it was a constraint that does not exist
+    (a segment of optima along a ray of the cone passed as unique)."""
+    idx = layout.index(u.device)
+    B, msoc = u.shape
+    pos = torch.arange(msoc, device=u.device).expand(B, msoc)
+    cone = idx.soc_id.expand(B, msoc)
+    mag = (u * idx.tail).abs()
+    top = mag.new_zeros(B, len(layout.soc)).scatter_reduce(1, cone, mag, "amax")
+    first = torch.where((mag == layout._spread(top)) & (mag > 0), pos, msoc)
+    first = torch.full_like(top, msoc, dtype=torch.long).scatter_reduce(1, cone, first, "amin")
+    return layout._spread(on) & (idx.tail > 0) & (pos != layout._spread(first))
+
+
 def limit_matrix(d, layout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``(B, n, n)`` :math:`P + C^\\top C` of the equilibrated data ``d`` at the
     equilibrated ``(s, z)`` ``(B, m)`` (see the module docstring)."""
@@ -64,14 +92,15 @@ def limit_matrix(d, layout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         a1, a2, b1, b2, u = soc_frame(layout, s[:, off:], z[:, off:])
         head = torch.zeros_like(u)
         head[:, idx.heads] = 1.0
-        tangent = As
+        tangent, on = As, torch.zeros_like(a1, dtype=torch.bool)
         for a, b, sign in ((a1, b1, 1.0), (a2, b2, -1.0)):
             f = (head + sign * u) / math.sqrt(2.0)
             g = layout._seg(f.unsqueeze(-1) * As)  # fᵀA per cone
-            rows.append(_unit_rows(g, _present(a, b)))
+            present = _present(a, b)
+            rows.append(_unit_rows(g, present))
             tangent = tangent - f.unsqueeze(-1) * layout._spread(g)
-        on = _present(s[:, off:][:, idx.heads], z[:, off:][:, idx.heads])  # tangent rows: H = s0/z0
-        rows.append(_unit_rows(tangent, layout._spread(on) & (idx.tail > 0)))
+            on = on | present  # (decided on the frame pairs, not on s0/z0: see _tangent_rows)
+        rows.append(_unit_rows(tangent, _tangent_rows(layout, u, on)))
     C = torch.cat(rows, 1) if rows else A[:, :0]
     return torch.baddbmm(d.P, C.mT, C)
 

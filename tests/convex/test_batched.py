@@ -712,3 +712,72 @@ def test_unique_solutions_are_not_flagged_by_the_limit_test(monkeypatch):
         _, texts, _ = _batched_warned(layer, [v])
         assert not texts, texts
     assert len(calls) == 3  # the test ran on each batch
+
+
+def test_strictly_complementary_cone_with_a_small_multiplier_is_not_flagged_by_the_limit_test():
+    """min qᵀy + 0.1‖Ly‖ s.t. Gy ≤ h, Ay = b, ‖y‖ ≤ r: an element drawn at random (1 of 40)
+    whose norm cone is on its boundary with a multiplier z₀ = 8.4e-3 s₀ (equilibrated): the
+    limit test decided the cone's tangent rows on s₀/z₀ against DECIDED = 1e-2, dropped
+    its curvature, found a null direction and zeroed the gradient with "not unique or not
+    differentiable", though every active multiplier is >= 6.5e-3 and the one-sided
+    differences agree (the derivative system's amplification, 19.6, opened the gate).
+    Reference: the per-element path (Clarabel, dense adjoint); CVXPY's central
+    differences in q agree with it to 3e-4 (0.24, −0.26, 0.87, −8.38, 0.63, 6.64)."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32).to(F64)  # noqa: E731 (drawn in float32)
+    vals = [f32([[0.519800723, -0.0298924502, -0.672201276, 0.307066023, -1.25969827, 0.00276550837],
+                 [0.246610567, 0.181339815, 0.141076595, 0.124100327, -0.070388861, 0.264525563],
+                 [-0.962126195, 0.236824185, -0.24923797, 0.370735139, -0.182292402, -0.218264431],
+                 [0.259294927, 0.0171650704, -0.0742872357, -0.0892432854, -0.243432567, -0.227523953],
+                 [0.00560220284, 0.425189823, -0.181072101, 0.167439759, -0.0882716924, 0.466595918],
+                 [-0.487470537, -0.185364321, 0.452851027, -0.311913341, 0.369189739, 0.296206772]]),
+            f32([-2.41258693, -0.572232902, 1.62421238, -0.295377761, 0.928911269, -0.584870458]),
+            f32([[-0.460327923, -0.0838206932, 1.76898205, -0.284669191, -2.13996601, -0.37595576],
+                 [1.05770671, 1.1271621, 0.118071638, 2.0371511, -1.39426196, -0.15838173],
+                 [0.475050449, 0.0419499613, -1.23997271, -0.0322618112, -0.43490079, 0.147520959],
+                 [0.285849571, 0.45303455, -0.0880640745, 0.594588816, -0.843469918, 0.849653363],
+                 [-0.543517292, -0.30757755, 0.520714045, 0.560052872, 0.429172099, 0.645354927],
+                 [-0.144104004, 0.80630976, -0.634655297, -0.987622976, 0.399567753, -0.00520245451],
+                 [1.31217539, 0.876803875, -0.222762287, -1.5155611, 0.945164979, -0.392907977],
+                 [-0.282375365, -0.800690234, 0.902125895, -0.336712748, 0.267136216, -1.56482422]]),
+            f32([0.255652249, 0.562512338, 0.89174211, 0.684280515, 1.02954221, 0.614392817, 0.762781084, 1.1686182]),
+            f32([[-1.71803248, -0.26092115, -0.119901717, -0.010366925, -0.221640289, 0.0756189451],
+                 [-1.75926161, 1.38496709, -1.75420284, -0.503578782, 0.366991192, -0.321930945]]),
+            f32([-0.022852255, -0.104045346]),
+            f32(1.31045079)]
+    w = torch.tensor([-0.5169946614841917, -1.0475461266021293, -0.02020351746384866, 0.08737857261825491,
+                      2.306880372222595, -1.1814166687118122], dtype=F64)
+    n, mi, me = 6, 8, 2
+    L, q, G = cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((mi, n))
+    h, A, b, r = cp.Parameter(mi), cp.Parameter((me, n)), cp.Parameter(me), cp.Parameter(nonneg=True)
+    y = cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(q @ y + 0.1 * cp.norm(L @ y)), [G @ y <= h, A @ y == b, cp.norm(y) <= r])
+    grads = {}
+    for solver in ("auto", "Clarabel"):
+        layer = cddn.ConvexLayer(prob, [L, q, G, h, A, b, r], [y], solver=solver)
+        args = [v.clone().requires_grad_(True) for v in vals]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads[solver] = torch.autograd.grad(layer(*args) @ w, args)
+        assert not [str(c.message) for c in caught if issubclass(c.category, GradientWarning)], solver
+        if solver == "auto":
+            assert layer.last_solve.backend == ["batched"], "not solved batched: the test lost its subject"
+    ref = torch.cat([g.reshape(-1) for g in grads["Clarabel"]])
+    got = torch.cat([g.reshape(-1) for g in grads["auto"]])
+    assert float(ref.abs().max()) > 1.0  # (d(wᵀy)/dq₃ = −8.38)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_segment_of_optima_along_a_ray_of_the_cone_is_warned():
+    """min w (t − x₁) s.t. ‖x‖ ≤ t ≤ 1: every (t, t, 0), t ∈ [0, 1], is optimal, along a
+    ray of the cone's boundary (its multiplier w (1, −1, 0) nonzero). The limit system's
+    tangent row along u = (1, 0) is zero up to rounding; scaled to unit length it was a
+    constraint that does not exist, and the gradient (reaching the segment) passed
+    without a warning. Every element must now be named and zeroed, for multipliers
+    1e-4 to 10."""
+    x, t, w = cp.Variable(2), cp.Variable(), cp.Parameter(pos=True)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(w * (t - x[0])), [cp.norm(x) <= t, t <= 1]), [w], [x, t])
+    wv = torch.tensor([1.0, 1e-2, 1e-4, 10.0], dtype=F64)
+    batched, texts, grads = _batched_warned(layer, [wv], lambda out: out[0].sum() + out[1].sum())
+    assert batched == [0, 1, 2, 3], "not solved batched: the test lost its subject"
+    assert any("not unique" in m and "set to zero" in m for m in texts), texts
+    assert torch.equal(grads[0], torch.zeros_like(grads[0]))
