@@ -124,10 +124,13 @@ def test_cli_list_shows_options_as_passed(capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["frobnicate"], ("convexddn: error:", "invalid choice", "frobnicate")),
     ([], ("convexddn: error:", "COMMAND")),
-    (["list", "--frob"], ("unrecognized arguments: --frob",)),
+    # (unrecognized options name the subcommand, whose --help lists its options)
+    (["list", "--frob"], ("convexddn list: error: unrecognized arguments: --frob", "'convexddn list --help'")),
+    (["bench", "--frob"], ("convexddn bench: error: unrecognized arguments: --frob", "'convexddn bench --help'")),
     (["bench", "--repeats", "x"], ("convexddn bench: error:", "--repeats", "'x'")),
     (["experiment", "nope"], ("convexddn experiment: error:", "invalid choice", "nope")),
-    (["experiment", "pointcloud", "--frob"], ("unrecognized arguments: --frob",)),
+    (["experiment", "pointcloud", "--frob"], ("convexddn experiment pointcloud: error: unrecognized arguments: --frob",
+                                              "'convexddn experiment pointcloud --help'")),
 ])
 def test_cli_usage_errors(argv, expected, capsys):
     assert cli.main(argv) == 2
