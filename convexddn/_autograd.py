@@ -118,22 +118,33 @@ def batched_values(t: Any) -> bool:
     return False
 
 
-def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = True) -> None:
+def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = True,
+                constants: bool = True) -> None:
     """Raise a ProblemError where torch.func.vmap batches a node's inputs (its solver
     decides on the host from their values: torch failed inside with "data-dependent
     control flow" or "Cannot access data pointer"), or, with ``tangents=False`` (a node
-    whose Function has no vmap rule), where any vmap is active: torch.func.jacfwd batches
-    the tangents ("does not have vmap support"); ``jacrev``: whether to point to
-    torch.func.jacrev instead (the node's backward takes batched cotangents)."""
+    whose Function has no vmap rule), under torch.func.jacfwd, which batches the tangents
+    ("does not have vmap support"; a plain vmap over a call on constants works); with
+    ``constants=False`` under any vmap (a Function that has no vmap rule even on
+    constants). ``jacrev``: whether to point to torch.func.jacrev instead (the node's
+    backward takes batched cotangents)."""
     # (Inside torch.compile there is no transform to see, and dynamo cannot trace the lookup.)
-    if torch.compiler.is_compiling() or "Vmap" not in functorch_transforms():
+    if torch.compiler.is_compiling():
+        return
+    transforms = functorch_transforms()
+    if "Vmap" not in transforms:
         return
     if any(batched_values(v) for v in values):
         raise ProblemError(
             f"{name} does not run under torch.func.vmap over its inputs (its solver decides on the host "
             "from their values): it takes any leading batch shape, so stack the inputs along a leading "
             "dimension and call it once")
-    if not tangents:
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    forward_mode = "Jvp" in transforms or any(isinstance(v, torch.Tensor) and wrapped(v) for v in values)
+    if not constants and not forward_mode:
+        raise ProblemError(f"{name} does not run under torch.func.vmap (its solver has no batching rule): it takes "
+                           "any leading batch shape, so stack the inputs along a leading dimension and call it once")
+    if forward_mode and not (tangents and constants):
         raise ProblemError(
             f"{name} does not run under torch.func.jacfwd (a vmap over its forward mode): use "
             f"{'torch.func.jacrev, ' if jacrev else ''}torch.autograd.functional.jacobian without vectorize, "
@@ -228,6 +239,12 @@ class _SecondOrderUnsupported(torch.autograd.Function):
         ctx.what = inputs[0]
 
     @staticmethod
+    def jvp(ctx, *tangents):  # type: ignore[override]
+        # Forward over reverse (torch.func.hessian, jvp(grad(f))) differentiates the
+        # gradient too: the same refusal, not torch's "must implement the jvp function".
+        _SecondOrderUnsupported.backward(ctx)
+
+    @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         raise DoubleBackwardError(
             f"{ctx.what} does not support double backward (second derivatives of the "
@@ -283,7 +300,9 @@ class _SingleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(*tensors: torch.Tensor):  # type: ignore[override]
-        return (*(t.view_as(t) for t in tensors), tensors[0].new_empty(0))
+        # Copies, not views: a view made in a custom Function cannot be changed in place
+        # (y /= 2 after the layer raised), which plain outputs allow.
+        return (*(t.clone() for t in tensors), tensors[0].new_empty(0))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]

@@ -219,3 +219,60 @@ def test_convex_layer_refuses_torch_func_transforms_it_cannot_run(solver):
     if solver == "Clarabel":
         with pytest.raises(ProblemError, match="per-element path .* does not run under torch.func"):
             torch.func.grad(_loss(layer))(x)
+
+
+CONSTANT_UNDER_VMAP = [
+    ("entmax", lambda c: entmax(c, 1.5)),
+    ("project_simplex", project_simplex),
+    ("least_squares", lambda a: least_squares(a, torch.ones(2, 6, dtype=F64))),
+    ("sinkhorn", lambda c: sinkhorn(c, eps=0.5)),
+]
+
+
+@pytest.mark.parametrize("name,node", CONSTANT_UNDER_VMAP, ids=[c[0] for c in CONSTANT_UNDER_VMAP])
+def test_a_plain_vmap_over_a_call_on_constants_works(name, node):
+    """A node called on constants inside torch.func.vmap (its inputs not batched, no
+    tangents) works as before the jacfwd refusal; under jacfwd it is refused clearly."""
+    x = next(c[1] for c in CASES if c[0] == name)
+    scale = torch.tensor([1.0, 2.0], dtype=F64)
+    got = torch.func.vmap(lambda t: t * node(x).sum())(scale)
+    torch.testing.assert_close(got, scale * node(x).sum())
+    with pytest.raises(ProblemError, match="does not run under torch.func.jacfwd"):
+        torch.func.jacfwd(lambda t: t * node(x).sum())(scale)
+
+
+@pytest.mark.parametrize("name,x,node", FUNC_CASES[1:4], ids=[c[0] for c in FUNC_CASES[1:4]])
+def test_forward_over_reverse_raises_double_backward_error(name, x, node):
+    """torch.func.hessian and jvp(grad(f)) differentiate the gradient by forward mode:
+    torch's "must implement the jvp function" before; now DoubleBackwardError."""
+    with pytest.raises(DoubleBackwardError, match="does not support double backward"):
+        torch.func.hessian(_loss(node))(x)
+    with pytest.raises(DoubleBackwardError, match="does not support double backward"):
+        torch.func.jvp(torch.func.grad(_loss(node)), (x,), (torch.ones_like(x),))
+
+
+def test_pnp_refuses_batched_cotangents():
+    """pnp's backward reads its Hessian checks on the host: autograd's own batching gave
+    torch's "Batching rule not implemented"; now a ProblemError."""
+    xy, p3d = _pnp_points()
+    P = p3d.clone().requires_grad_(True)
+    out = pnp(xy, P)
+    with pytest.raises(ProblemError, match="pnp does not support batched cotangents"):
+        torch.autograd.grad(out, P, torch.eye(6, dtype=F64).view(6, 1, 6), is_grads_batched=True)
+
+
+def test_convex_layer_second_look_under_torch_func_is_refused():
+    """An element the batched iterations do not certify gets Clarabel's second look, in
+    numpy: under torch.func.grad that failed with torch's "Cannot access data pointer"."""
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+
+    n = 3
+    q, h, x = cp.Parameter(n), cp.Parameter(), cp.Variable(n)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x - q)), [x >= 0, cp.sum(x) <= h]), [q, h], [x],
+                        on_failure="mask")
+    H = torch.tensor([1.0, -1.0], dtype=F64)  # element 1 infeasible
+    Q = torch.randn(2, n, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ProblemError, match="does not run under torch.func"):
+        torch.func.grad(lambda a: torch.nan_to_num(layer(a, H)).pow(2).sum())(Q)

@@ -287,7 +287,7 @@ class ConvexLayer(nn.Module):
         """
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
         labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
-        refuse_vmap("ConvexLayer", *values, *named.values(), tangents=False, jacrev=False)  # (reads on the host)
+        refuse_vmap("ConvexLayer", *values, *named.values(), jacrev=False, constants=False)  # (reads on the host)
         values, batch = check_values(values, named, self.parameters_, self.check, labels)
         # Both backends differentiate once (the per-element one in numpy): a second
         # differentiation raises DoubleBackwardError (the batched one gave zeros).

@@ -100,7 +100,8 @@ def warn_unchecked(where: tuple[Sequence[int], tuple[int, ...]], doubt: list[int
     batched path did not confirm (``checked``: those it did; ``batched_tried``: it had a
     form for them): :func:`warn_unchecked_spread` for those on wide data, else
     :func:`warn_unconfirmed` (where it had no form, only above :data:`UNCONFIRMED_ABOVE`)."""
-    unchecked = [i for i in doubt if i not in checked and info["solved"][i]]
+    confirmed = set(checked)
+    unchecked = [i for i in doubt if i not in confirmed and info["solved"][i]]
     warn_unchecked_spread(where, [i for i in unchecked if wide[i]], info["spreads"])
     warn_unconfirmed(where, [i for i in unchecked if not wide[i] and (
         batched_tried or info["residuals"][i] > UNCONFIRMED_ABOVE)], info["residuals"], batched_tried)

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, first_order_jvp, functorch_transforms, may_carry_tangents, plain
+from .._autograd import (bind_fast, first_order, first_order_jvp, functorch_transforms, may_carry_tangents, plain,
+                         refuse_batched)
 from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
 from ..errors import InputError, ProblemError, ShapeError
 from ._pnp_geometry import (
@@ -129,6 +130,7 @@ class _PnPFunction(torch.autograd.Function):
     @staticmethod
     @first_order("pnp")
     def backward(ctx, g_theta, _g_hessian):  # type: ignore[override]
+        refuse_batched("pnp", g_theta)  # (its Hessian checks read on the host)
         p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]
         if theta.shape[0] == 0:
