@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
         return args
 
 __all__ = ["batched_values", "bind_fast", "without_autocast", "first_order", "first_order_jvp", "first_order_only",
-           "functorch_transforms", "refuse_vmap", "single_backward",
+           "functorch_transforms", "refuse_transforms", "refuse_vmap", "single_backward",
            "guard_gradients",
            "may_carry_tangents", "plain", "save_plain"]
 
@@ -102,6 +102,19 @@ def refuse_batched(name: str, *cotangents: torch.Tensor | None, jacfwd: bool = F
 def functorch_transforms() -> list[str]:
     """The torch.func transforms (``"Vmap"``, ``"Grad"``, ``"Jvp"``, ...) around this call."""
     return [] if _functorch_stack is None else [str(i.key()).rsplit(".", 1)[-1] for i in _functorch_stack()]
+
+
+def refuse_transforms(name: str, why: str, use: str = "torch.autograd (backward(), torch.autograd.grad)",
+                      allowed: tuple[str, ...] = ()) -> None:
+    """Raise a ProblemError naming ``name`` where a torch.func transform other than
+    ``allowed`` (keys of :func:`functorch_transforms`) is active: ``why`` says what of the
+    call those transforms cannot run (host reads, numpy, torch.autograd inside), ``use``
+    what to use instead (they failed deep inside with torch's own messages)."""
+    transforms = functorch_transforms()
+    if set(transforms) - set(allowed):
+        other = f" other than {', '.join(a.lower() for a in allowed)}" if allowed else ""
+        raise ProblemError(f"{name} does not run under torch.func transforms{other} (here: {transforms}): {why}. "
+                           f"Use {use}")
 
 
 def batched_values(t: Any) -> bool:

@@ -247,8 +247,7 @@ class ConvexLayer(nn.Module):
 
     def _solve_per_element(self, flat: list[torch.Tensor], solver_args: dict,
                            where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list, dict]:
-        refuse_per_element(flat, where, f"solver={self.solver!r}, a problem the batched path does not take, or "
-                           "elements it did not certify")
+        refuse_per_element(flat, where, self.solver)
         cpu = [v.to(device="cpu", dtype=torch.float64) for v in flat]
         with self._build_lock:
             layer = self._per_element_layer()
@@ -287,7 +286,7 @@ class ConvexLayer(nn.Module):
         """
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
         labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
-        refuse_vmap("ConvexLayer", *values, *named.values(), jacrev=False, constants=False)  # (reads on the host)
+        refuse_vmap("ConvexLayer", *values, *named.values(), jacrev=False, constants=False)
         values, batch = check_values(values, named, self.parameters_, self.check, labels)
         # Both backends differentiate once (the per-element one in numpy): a second
         # differentiation raises DoubleBackwardError (the batched one gave zeros).

@@ -66,7 +66,6 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
 _DENSE_MAX_N = 400
 
 
-
 def per_element_layer(problem, parameters: list, variables: list, backend: "CheckedDiffcp", gp: bool):
     """cvxpylayers' ``CvxpyLayer`` of the problem, solving with ``backend`` (checked)."""
     import cvxpy as cp
@@ -307,8 +306,7 @@ class CheckedDiffcp(SolverInterface):
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
         refuse_batched("ConvexLayer", dprimal, ddual)  # (torch.func.jacrev: solved in numpy)
-        dx_all = dprimal.detach().cpu().double().numpy()
-        dy_all = ddual.detach().cpu().double().numpy()
+        dx_all, dy_all = (v.detach().cpu().double().numpy() for v in (dprimal, ddual))
         batch = dx_all.shape[0]
         remote = any(item is not None and item[0] == "remote" for item in saved_state)
         pool = self._pool(batch) if remote else None

@@ -29,9 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .._autograd import functorch_transforms
+from .._autograd import refuse_transforms
 from .._process_settings import solver_warnings_ignored
-from ..errors import ProblemError
 from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
@@ -71,11 +70,9 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
         The points (zeros where Clarabel raised, returned a non-finite point or an
         infeasibility ray) and a bool mask of the others. Never raises for one element.
     """
-    transforms = functorch_transforms()
-    if transforms:  # (torch's "Cannot access data pointer" at the numpy copy)
-        raise ProblemError(f"ConvexLayer: elements the batched iterations did not certify get a second look by "
-                           f"Clarabel, in numpy, which does not run under torch.func transforms (here: "
-                           f"{transforms}); use torch.autograd (backward(), torch.autograd.grad)")
+    # (torch's "Cannot access data pointer" at the numpy copy)
+    refuse_transforms("ConvexLayer: Clarabel's second look at elements the batched iterations did not certify",
+                      "it solves in numpy")
     dev, dtype = q.device, q.dtype
     Pn, qn, An, bn = (v.detach().to("cpu", torch.float64).numpy() for v in (P, q, A, b))
     B, m, n = An.shape

@@ -15,7 +15,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .._warn import warn
-from .._autograd import functorch_transforms
+from .._autograd import refuse_transforms
 from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
 
@@ -76,17 +76,15 @@ def forward_mode_refused(where: tuple[Sequence[int], tuple[int, ...]], reason: s
                         "mode (backward) there")
 
 
-def refuse_per_element(flat: Sequence[torch.Tensor], where: tuple[Sequence[int], tuple[int, ...]], why: str) -> None:
-    """Raise where the elements ``where`` need the per-element path (``why``) in a call it
-    cannot serve: tangents to carry (forward mode), or a torch.func transform around it
-    (it solves in numpy: torch's "Cannot access data pointer" at the copy)."""
+def refuse_per_element(flat: Sequence[torch.Tensor], where: tuple[Sequence[int], tuple[int, ...]], solver: str) -> None:
+    """Raise where the elements ``where`` need the per-element path (``solver``, or the
+    batched one's problem or verdict) in a call it cannot serve: tangents to carry
+    (forward mode), or a torch.func transform around it (it solves in numpy: torch's
+    "Cannot access data pointer" at the copy)."""
+    why = f"solver={solver!r}, a problem the batched path does not take, or elements it did not certify"
     if any(forward_ad.unpack_dual(v).tangent is not None for v in flat):
         raise forward_mode_refused(where, f"need the per-element path ({why})")
-    transforms = functorch_transforms()
-    if transforms:
-        raise ProblemError(f"ConvexLayer: the per-element path ({why}) solves in numpy and does not run under "
-                           f"torch.func transforms (here: {transforms}); use torch.autograd (backward(), "
-                           "torch.autograd.grad)")
+    refuse_transforms(f"ConvexLayer: the per-element path ({why})", "it solves in numpy")
 
 
 def status_kind(status: str) -> str:

@@ -234,31 +234,20 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
     Matrices are judged each at its own scale (its largest entry): a batch-wide scale let
     an indefinite matrix pass beside one of 1e10 (and come back as a wrong "solved" point).
 
-    The tolerances follow the dtype the values came in, since a matrix that is PSD
-    (symmetric) in exact arithmetic is so only to within the rounding of its entries to
-    that dtype. With ``eps`` the dtype's machine epsilon, ``n`` the matrix size and ``m``
-    its largest |entry|, rounding moves each entry by at most ``eps/2·m`` (or half the
-    subnormal spacing ``s = eps·smallest_normal``, where entries are that small), hence
-    each eigenvalue by at most the norm of that perturbation, ``n·eps/2·m``. So:
-
-    - symmetric: ``|v - vᵀ| <= 8·(max(floor, eps)·m + s)`` entrywise;
-    - PSD: also smallest eigenvalue ``>= -(max(64·floor, n·eps)·m + n·s)`` (NSD: largest
-      eigenvalue ``<=`` that bound);
-
-    with ``floor`` 1e-12 for float64 and 1e-6 otherwise. For float64 and float32 that is
-    the rule as it was (``n·eps`` passes ``64·floor`` only beyond n = 537 for float32,
-    288230 for float64); for float16 and bfloat16 (eps 9.8e-4, 7.8e-3) the eigenvalue
-    bound is the rounding bound with a margin of 2 (``64·eps`` would let a bfloat16
-    matrix pass with smallest eigenvalue -0.5·m): a clearly indefinite matrix (-0.3·m)
-    is still refused up to n = 300 (float16), 38 (bfloat16).
+    Tolerances follow the dtype the values came in: rounding to it moves each entry by at
+    most ``eps/2·m`` (``m`` the largest |entry|; or half the subnormal spacing ``s``), each
+    eigenvalue by at most ``n·eps/2·m``. Symmetric: ``|v - vᵀ| <= 8·(max(floor, eps)·m + s)``;
+    PSD (NSD): smallest (largest) eigenvalue beyond ``-(max(64·floor, n·eps)·m + n·s)``,
+    ``floor`` 1e-12 for float64, 1e-6 otherwise: float64 and float32 as before (``n·eps``
+    passes ``64·floor`` beyond n = 537 in float32); float16 and bfloat16 get the rounding
+    bound with a margin of 2 (a -0.3·m indefinite matrix is still refused up to n = 300,
+    38 in bfloat16; ``64·eps`` let bfloat16 pass -0.5·m).
     """
     signs = {"nonneg": value.__lt__, "nonpos": value.__gt__, "pos": value.__le__, "neg": value.__ge__}
     if attr in signs:
         return signs[attr](0), lambda: ""  # the count says it all
-    info = torch.finfo(value.dtype)
-    floor = 1e-12 if value.dtype == torch.float64 else 1e-6
-    sub = info.eps * info.smallest_normal  # the spacing of subnormals
-    n = value.shape[-1]
+    info, n = torch.finfo(value.dtype), value.shape[-1]
+    floor, sub = (1e-12 if value.dtype == torch.float64 else 1e-6), info.eps * info.smallest_normal  # (s)
     scale = value.detach().abs().amax((-2, -1)).double()  # (double: no float16 overflow below)
     sym_tol = 8 * (max(floor, info.eps) * scale + sub)
     asym = ((value - value.transpose(-1, -2)).abs() > sym_tol[..., None, None]).flatten(-2).any(-1)
@@ -279,8 +268,8 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
         which = f"the first, at batch index {first}," if first else "it"  # () for an unbatched matrix
         if bool(asym[first]):
             return f"{which} is not symmetric"
-        dtype = str(value.dtype).removeprefix("torch.")
-        bound = f"down to -{float(eig_tol[first]):.3g}" if attr == "PSD" else f"up to {float(eig_tol[first]):.3g}"
+        dtype, tol = str(value.dtype).removeprefix("torch."), float(eig_tol[first])
+        bound = f"down to -{tol:.3g}" if attr == "PSD" else f"up to {tol:.3g}"
         return (f"{which} has {'smallest' if attr == 'PSD' else 'largest'} "
                 f"eigenvalue {float(extreme[first]):.3g} (largest |entry| {float(scale[first]):.3g}; "
                 f"tolerance for {dtype}: {bound})")

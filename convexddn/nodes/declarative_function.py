@@ -19,13 +19,13 @@ from torch.autograd import forward_ad
 
 from .._autograd import (
     first_order_jvp,
-    functorch_transforms,
     guard_gradients,
     may_carry_tangents,
     refuse_batched,
+    refuse_transforms,
     save_plain,
 )
-from ..errors import InputError, ProblemError
+from ..errors import InputError
 
 __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",
            "refuse_functorch", "y_by_keyword"]
@@ -141,13 +141,9 @@ def refuse_functorch(name: str) -> None:
     """Raise where a torch.func transform is active: the node checks ``solve``'s result on
     the host and differentiates the objective with torch.autograd, neither of which those
     transforms allow (they failed deep inside with torch's own messages)."""
-    transforms = functorch_transforms()
-    if transforms:
-        raise ProblemError(
-            f"{name} does not run under torch.func transforms (here: {transforms}): it checks solve's "
-            "result on the host and differentiates the objective with torch.autograd. Use torch.autograd: "
-            "backward(), torch.autograd.grad, or torch.autograd.forward_ad for forward mode "
-            "(torch.func.functional_call is supported)")
+    refuse_transforms(name, "it checks solve's result on the host and differentiates the objective with "
+                      "torch.autograd", "torch.autograd: backward(), torch.autograd.grad, or torch.autograd.forward_ad "
+                      "for forward mode (torch.func.functional_call is supported)")
 
 
 def _signature(fn: Any) -> inspect.Signature | None:

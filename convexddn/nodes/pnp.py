@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import (bind_fast, first_order, first_order_jvp, functorch_transforms, may_carry_tangents, plain,
-                         refuse_batched)
+from .._autograd import (bind_fast, first_order, first_order_jvp, may_carry_tangents, plain, refuse_batched,
+                         refuse_transforms)
 from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
-from ..errors import InputError, ProblemError, ShapeError
+from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
     axis_angle_to_matrix,
     canonical_pose,
@@ -238,13 +238,10 @@ def pnp(
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
         D. Campbell, L. Liu and S. Gould, ECCV 2020 (the reference's PnP node).
     """
-    transforms = functorch_transforms()
-    if set(transforms) - {"Jvp"}:  # (torch.func.grad failed in the backward: "requires_grad_() ... unsupported")
-        raise ProblemError(
-            f"pnp does not run under torch.func transforms other than jvp (here: {transforms}): its solver and "
-            "its backward differentiate the reprojection error with torch.autograd, which those transforms do "
-            "not allow inside. Use torch.autograd (backward(), torch.autograd.grad), or torch.func.jvp / "
-            "torch.autograd.forward_ad for forward mode")
+    # (torch.func.grad failed in the backward: "requires_grad_() ... unsupported")
+    refuse_transforms("pnp", "its solver and its backward differentiate the reprojection error with torch.autograd, "
+                      "which those transforms do not allow inside", "torch.autograd (backward(), torch.autograd.grad), "
+                      "or torch.func.jvp / torch.autograd.forward_ad for forward mode", allowed=("Jvp",))
     if torch.is_inference_mode_enabled():
         # The solver differentiates its objective by autograd, which inference mode
         # forbids: run it outside, on normal copies of the inputs.
