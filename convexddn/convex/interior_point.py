@@ -32,11 +32,11 @@ rays of infeasibility certificates, are checked in the caller's units too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .certify import DECIDED, finish, undecided, verified_rays
+from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING, SOLVED,
+                            STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, max_step, point_residual
@@ -44,16 +44,8 @@ from .nullspace import ReducedSystems, reduce, unverifiable
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["STATUS_NAMES", "ConeSolution", "solve_cone_batch", "kkt_measures"]
+__all__ = ["SOLVED", "STATUS_NAMES", "ConeSolution", "solve_cone_batch", "kkt_measures"]
 
-RUNNING, SOLVED, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL = -1, 0, 1, 2, 3, 4
-STATUS_NAMES = {
-    SOLVED: "solved",
-    PRIMAL_INFEASIBLE: "primal infeasible",
-    DUAL_INFEASIBLE: "dual infeasible (unbounded)",
-    MAX_ITERATIONS: "max iterations",
-    NUMERICAL: "numerical trouble",
-}
 _STEP_FRACTION = 0.99
 _COMPACT_MIN, _COMPACT_FRACTION = 4, 0.75
 _MIN_STEP = 1e-10
@@ -75,33 +67,6 @@ _RESCALE_BELOW = 1e-3  # a solution (x, z) below this (equilibrated units) is so
 # Relative change of a KKT solve by the regularisation below which iterative refinement is
 # skipped during the iterations (the polish and the error estimate always refine).
 _REFINE_ABOVE = 1e-8
-
-
-@dataclass
-class ConeSolution:
-    """Per-element result of :func:`solve_cone_batch` (original, unscaled units).
-
-    ``x, s, z`` are the solution where ``status == 0``, finite but meaningless elsewhere.
-    ``residual`` is the larger of :func:`kkt_measures`' relative KKT residual of the
-    equilibrated program (cone violations included) and of the caller's program,
-    ``error`` one more Newton step's size relative to the solution (equilibrated units),
-    an estimate of its error. ``scaled`` and ``kkt`` (equilibrated data, KKT matrix
-    factorised at the solution) are kept for the backward when asked for; ``undecided``
-    marks solved elements where strict complementarity fails (no derivative); ``points``
-    :func:`~.measures.caller_measures`' feasibility bits (0 for a certificate's ray).
-    """
-
-    x: torch.Tensor
-    s: torch.Tensor
-    z: torch.Tensor
-    status: torch.Tensor
-    iterations: torch.Tensor
-    residual: torch.Tensor
-    error: torch.Tensor
-    points: torch.Tensor | None = None
-    scaled: Scaled | None = None
-    kkt: KKTSystem | None = None  # or one with its solve and failed (null-space form, PatchedKKT)
-    undecided: torch.Tensor | None = None
 
 
 def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
@@ -260,6 +225,14 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     best_merit = torch.full_like(tau, torch.inf)
     stall_ref, stall_count = best_merit, torch.zeros_like(status)
     nu = layout.degree
+    # A diagonal W (no second-order cone): W (W⁻¹A_I x) is A_I x to rounding, and the KKT
+    # solves' products give A_I x of their solutions (three batched products fewer per
+    # iteration). A second-order cone's W reaches a condition number of 1e10 near ∂K; in
+    # float32 the rounding is near the tolerances (3 more of 64 QPs uncertified).
+    diagonal_w = not layout.soc and x.dtype == torch.float64
+
+    def a_i(x, p):
+        return ops.Av(x)[:, z0:]
     full_data = (d, ops, base)
     saved, slot = None, None  # full-batch state and positions of the active elements
 
@@ -311,7 +284,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
             ops, base = DataOps(d.P, d.A, layout, structure), base.index_select(0, idx)
             norm_b, norm_q = row_inf(d.b), row_inf(d.q)
             bE, bI = d.b[:, :z0], d.b[:, z0:]
-            r = Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
+            r = r.select(idx)
             running = status == RUNNING
         iterations = iterations + running.long()
         rx, rz, rtau = r.rx, r.rz, r.rtau
@@ -319,6 +292,10 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
 
         W = NTScaling(layout, sc, zc)
         kkt = KKTSystem(ops, W, base, structure)
+        if diagonal_w:  # A_I x as W (W⁻¹A_I x), from the solve's own product
+            def a_i(x, p):
+                return W.apply(p[0])
+
         status = torch.where(running & kkt.failed, NUMERICAL, status)
         lam = W.lam
         mu = ((lam * lam).sum(1) + tau * kappa) / (nu + 1)  # λᵀλ = sᵀz
@@ -329,22 +306,23 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
 
         # Predictor (affine) and the constant system K [x1; z1] = [-q; b], solved together;
         # the affine cone rows are W⁻¹(s − r_z) = λ − W⁻¹ r_z.
-        (x1, z1, h1), affine = kkt.solve_columns(
-            [(-d.q, torch.cat([bE, W.apply_inv(bI)], 1)), (-rx, torch.cat([-rz[:, :z0], lam - Wrz], 1))], ref)
+        (x1, z1, h1, *p1), affine = kkt.solve_columns(
+            [(-d.q, torch.cat([bE, W.apply_inv(bI)], 1)), (-rx, torch.cat([-rz[:, :z0], lam - Wrz], 1))], ref,
+            product=diagonal_w)
         v = x1 - xi
         # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
         # den = ‖x1 − ξ‖²_P + ‖z1‖²_H + κ/τ > 0.
         den = (v * ops.Pv(v)).sum(1) + (h1 * h1).sum(1) + kappa / tau
-        bAx1 = d.b - ops.Av(x1)
+        bAx1 = bI - a_i(x1, p1)
 
-        def direction(dtau_, dz_, dkappa_, x2, z2, h2):
+        def direction(dtau_, dz_, dkappa_, x2, z2, h2, *p2):
             dtau = (dtau_ - dkappa_ / tau + (qPxi * x2).sum(1) + (d.b * z2).sum(1)) / den
             t = dtau[:, None]
             DX, DZ, DH = torch.addcmul(x2, t, x1), torch.addcmul(z2, t, z1), torch.addcmul(h2, t, h1)
             # Δs from the linearised primal equation A Δx + Δs − b Δτ = −d_z rather than
             # from Δs = −d_s − W (W Δz): W reaches 1e10 on off-centre cones near ∂K, and
             # this keeps the primal residual falling by exactly (1 − α).
-            DSc = torch.addcmul(-(ops.Av(x2) + dz_), t, bAx1)[:, z0:]
+            DSc = torch.addcmul(-(a_i(x2, p2) + dz_[:, z0:]), t, bAx1)
             dkappa = -(dkappa_ + kappa * dtau) / tau
             return DX, DZ, DH, DSc, dtau, dkappa
 
@@ -362,9 +340,10 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         ds_lam = layout.jordan(lam, lam) + corr - (sigma * mu)[:, None] * layout.unit(lam)
         dkappa_c = tau * kappa + dtau_a * dkappa_a * (alpha_a if it == 0 else 1.0) - sigma * mu
         rhs2_r = torch.cat([-one_s * rz[:, :z0], layout.jordan_solve(lam, ds_lam) - one_s * Wrz], 1)
-        X2, Z2, H2 = kkt.solve((-one_s * rx).unsqueeze(-1), rhs2_r.unsqueeze(-1), ref, scaled=True)
+        corrector = kkt.solve((-one_s * rx).unsqueeze(-1), rhs2_r.unsqueeze(-1), ref, scaled=True,
+                              product=diagonal_w)
         DX, DZ, _, DSc, dtau, dkappa = direction((1.0 - sigma) * rtau, one_s * rz, dkappa_c,
-                                                 X2[..., 0], Z2[..., 0], H2[..., 0])
+                                                 *(v[..., 0] for v in corrector))
         alpha = torch.clamp(_STEP_FRACTION * max_step(layout, sc, zc, tau, kappa, DSc, DZ[:, z0:], dtau, dkappa),
                             max=1.0)
         status = torch.where(running & ~(alpha > _MIN_STEP), NUMERICAL, status)

@@ -193,7 +193,7 @@ class KKTSystem:
         return v / self.L if self.diagonal else torch.linalg.solve_triangular(self.L.mT, v, upper=True)
 
     def _solve_regularised(self, rx, rE, t):
-        """(x, z_E, ẑ) of the regularised scaled system; cone rows W⁻¹A_I x − ẑ = t."""
+        """(x, z_E, ẑ, W⁻¹A_I x) of the regularised scaled system; cone rows W⁻¹A_I x − ẑ = t."""
         rhs = rx + self._at_tmv(t)
         if self.layout.zero:
             if self.rho:
@@ -205,10 +205,11 @@ class KKTSystem:
             zE = rE
             w1 = self._lower(rhs)
         x = self._upper(w1)
-        return x, zE, self._at_mv(x) - t
+        atx = self._at_mv(x)
+        return x, zE, atx - t, atx
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
-              until: float | None = None):
+              until: float | None = None, product: bool = False):
         """Solve K [x; z] = [rx; rz] for ``(B, n, k)``, ``(B, m, k)`` right-hand sides.
 
         With :math:`\\hat z = W z_I` the cone rows become :math:`W^{-1} A_I x - \\hat z =
@@ -224,14 +225,20 @@ class KKTSystem:
         a step gains only a constant factor (a constrained MPC's derivative: residual 2e-4,
         gradient 4e-3 off finite differences after 3 steps; 2e-8 and 2e-6 after 12).
 
+        ``product`` (without ``until``): also return :math:`W^{-1} A_I x`, from the
+        products the solve formed (the last step's correction added: equal to a fresh
+        product to rounding).
+
         Returns:
-            ``(x, z, ẑ)``: the solution and :math:`\\hat z = W z_I` ``(B, mc, k)``.
+            ``(x, z, ẑ)``: the solution and :math:`\\hat z = W z_I` ``(B, mc, k)``
+            (and :math:`W^{-1} A_I x` ``(B, mc, k)`` with ``product``).
         """
         z = self.layout.zero
         rE, t = rz[:, :z], rz[:, z:]
         if self.scaling is not None and not scaled:
             t = self.scaling.apply_inv(t)
-        x, zE, zh = self._solve_regularised(rx, rE, t)
+        x, zE, zh, atx = self._solve_regularised(rx, rE, t)
+        last = atx
         # With a residual target (the backward), refinement is against the exact limit
         # system, H_i = 0 on the rows in ``limit_zero`` (their cone row reads W⁻¹A_i x = t_i):
         # the factorisation's lifted slack (1e-12) is 0 only in O(1) units, and an SOCP with
@@ -247,7 +254,10 @@ class KKTSystem:
             if z:
                 ex = ex - self.ops.e_tmv(zE)
             eE = rE - self.ops.e_mv(x)
-            et = t + (zh if keep is None else zh * keep) - self._at_mv(x)
+            # W⁻¹A_I x: on the first step the regularised solve's own product of this x
+            # (the same numbers; one batched product fewer per refined solve).
+            atx = self._at_mv(x) if atx is None else atx
+            et = t + (zh if keep is None else zh * keep) - atx
             if until is not None:  # each element keeps its best (residual, x, z_E, ẑ)
                 res = row_inf(ex, eE, et) / size
                 best = (res, x, zE, zh) if best is None else tuple(
@@ -258,15 +268,18 @@ class KKTSystem:
                 back = trail[max(0, len(trail) - 1 - _REFINE_WINDOW)]
                 if step >= refine and not bool(((best[0] > until) & (best[0] < 0.5 * back)).any()):
                     break
-            dx, dzE, dzh = self._solve_regularised(ex, eE, et)
+            dx, dzE, dzh, datx = self._solve_regularised(ex, eE, et)
             x, zE, zh = x + dx, zE + dzE, zh + dzh
+            last, atx = (atx + datx) if product else None, None  # (the next step's residual: a fresh product)
         if until is not None:
             x, zE, zh = best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
+        if product:
+            return x, torch.cat([zE, zI], 1), zh, last
         return x, torch.cat([zE, zI], 1), zh
 
-    def solve_columns(self, columns, refine: int = 1):
-        """``[(x, z, ẑ)]`` of the scaled system for each ``(r_x, r_z)`` ``(B, n), (B, m)``
+    def solve_columns(self, columns, refine: int = 1, product: bool = False):
+        """``[(x, z, ẑ[, W⁻¹A_I x])]`` of the scaled system for each ``(r_x, r_z)`` ``(B, n), (B, m)``
         in ``columns`` (cone rows of ``r_z`` already scaled, as in :meth:`solve`).
 
         One ``(B, ·, 1)`` solve per column, not one ``(B, ·, k)`` solve: batched
@@ -276,7 +289,8 @@ class KKTSystem:
         not vectorise over an innermost dimension of 2 (31 µs against 4 at B = 1024,
         n = 16). The n = 50 QP's forward at batch 64 got 10 % faster.
         """
-        return [tuple(v.squeeze(-1) for v in self.solve(rx.unsqueeze(-1), rz.unsqueeze(-1), refine, scaled=True))
+        return [tuple(v.squeeze(-1) for v in self.solve(rx.unsqueeze(-1), rz.unsqueeze(-1), refine, scaled=True,
+                                                         product=product))
                 for rx, rz in columns]
 
 
@@ -293,7 +307,7 @@ class PatchedKKT:
         self.failed = base.failed.index_copy(0, idx, part_failed)
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
-              until: float | None = None):
+              until: float | None = None, product: bool = False):
         out = self.base.solve(rx, rz, refine, scaled, until)
         if self.part_is_batch:
             sub = (v.index_select(0, self.idx) for v in self.part.solve(rx, rz, refine, scaled, until))

@@ -115,6 +115,16 @@ class Measures:
         self.merit = torch.where(finite, self.merit, torch.inf)
         self.finite = finite
 
+    _FIELDS = ("Px", "rx", "rz", "rtau", "merit", "pinf", "dinf", "finite")
+
+    def select(self, idx: torch.Tensor) -> "Measures":
+        """The measures of the elements ``idx`` (what measuring them alone gives: each
+        element's numbers are its own)."""
+        out = Measures.__new__(Measures)
+        for f in self._FIELDS:
+            setattr(out, f, getattr(self, f).index_select(0, idx))
+        return out
+
 
 def max_step(layout: ConeLayout, sc, zc, tau, kappa, dsc, dzc, dtau, dkappa) -> torch.Tensor:
     """Largest step in (0, ∞] keeping s, z in K and τ, κ >= 0."""

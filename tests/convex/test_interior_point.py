@@ -378,9 +378,9 @@ def test_refinement_skipped_only_where_pivots_certify_the_regularisation(monkeyp
     refined = []
     solve = kkt_module.KKTSystem.solve
 
-    def counting(self, rx, rz, refine=1, scaled=False):
+    def counting(self, rx, rz, refine=1, scaled=False, product=False):
         refined.append(refine > 0)
-        return solve(self, rx, rz, refine, scaled)
+        return solve(self, rx, rz, refine, scaled, product=product)
 
     monkeypatch.setattr(kkt_module.KKTSystem, "solve", counting)
     n, B = 6, 8
