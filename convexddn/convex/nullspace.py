@@ -79,6 +79,7 @@ class Reduction:
         xp: ``(B, n)`` least-norm solution of the equalities at solution scale ``sigma``.
         sigma: ``(B,)`` the solution scale σ of the data ``xp`` was computed from.
         layout: the cones of the reduced program (no zero cone).
+        Pr, c: ``(B, n − p, n − p)`` :math:`N^T P N` at cost scale ``c`` ``(B,)`` (P ∝ c).
     """
 
     Q1: torch.Tensor
@@ -88,6 +89,8 @@ class Reduction:
     xp: torch.Tensor
     sigma: torch.Tensor
     layout: ConeLayout
+    Pr: torch.Tensor
+    c: torch.Tensor
 
     def lift(self, d: Scaled, reduced: Scaled, y: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
              infeasible: torch.Tensor, unbounded: torch.Tensor):
@@ -139,7 +142,7 @@ class ReducedSystems:
         p = red.R.shape[-1]
         self.red, self.ops, self.p, self.structure = red, ops, p, structure
         self._full_base: torch.Tensor | None = None
-        Pr = _projected(d.P, red.N)  # at the cost scale of now
+        Pr = red.Pr * (d.c / red.c)[:, None, None]  # at the cost scale of now (P ∝ c)
         self.ops_r = DataOps(Pr, red.AN, red.layout, DENSE)
         self.base = constant_part(Pr, red.AN, red.layout, DENSE)
 
@@ -156,7 +159,8 @@ class ReducedSystems:
         """The systems of the elements ``idx`` (``d``: their data)."""
         pick = lambda v: v.index_select(0, idx)  # noqa: E731
         red = self.red
-        part = Reduction(*(pick(v) for v in (red.Q1, red.N, red.R, red.AN, red.xp, red.sigma)), red.layout)
+        part = Reduction(*(pick(v) for v in (red.Q1, red.N, red.R, red.AN, red.xp, red.sigma)), red.layout,
+                         pick(red.Pr), pick(red.c))
         return ReducedSystems(part, d, DataOps(d.P, d.A, self.ops.layout, self.structure), self.structure)
 
 
@@ -204,11 +208,12 @@ def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scal
     xp = _least_norm(Q1, R, d.b[:, :p].unsqueeze(-1)).squeeze(-1)
     AN = AI @ N
     qr = bmv(N.mT, bmv(d.P, xp) + d.q)
-    reduced = Scaled(_projected(d.P, N), qr, AN, d.b[:, p:] - bmv(AI, xp), d.D.new_ones(B, n - p),
-                     d.E.new_ones(B, m - p), d.c, d.sigma)
+    Pr = _projected(d.P, N)
+    reduced = Scaled(Pr, qr, AN, d.b[:, p:] - bmv(AI, xp), d.D.new_ones(B, n - p), d.E.new_ones(B, m - p), d.c,
+                     d.sigma)
     # Kept on the layout: a cone layout caches its index tensors.
     layout_r = layout._cache.setdefault("reduced", ConeLayout(0, layout.nonneg, layout.soc))
-    return reduced, Reduction(Q1, N, R, AN, xp, d.sigma, layout_r)
+    return reduced, Reduction(Q1, N, R, AN, xp, d.sigma, layout_r, Pr, d.c)
 
 
 def unverifiable(error: torch.Tensor, red: Reduction | None) -> torch.Tensor:
