@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .kkt import DENSE, KKTStructure
+from .kkt import DENSE, KKTStructure, bmv
 from .symmetric_cones import ConeLayout
 from .tensor_cache import cached
 
@@ -160,15 +160,15 @@ class ConeData:
                 PM, Pu0 = puu[:, :, None] * M, puu * u0
             else:
                 PUU = get("PUU").view(B, nU, nU)
-                PM, Pu0 = PUU @ M, (PUU @ u0.unsqueeze(-1)).squeeze(-1)
+                PM, Pu0 = PUU @ M, bmv(PUU, u0)
             P = P + M.mT @ PM
-            q = q - (M.mT @ (qU + Pu0).unsqueeze(-1)).squeeze(-1)
+            q = q - bmv(M.mT, qU + Pu0)
             PKU = None
             if not self.pku_zero:
                 PKU = get("PKU").view(B, nK, nU)
                 cross = PKU @ M
                 P = P - cross - cross.mT
-                q = q + (PKU @ u0.unsqueeze(-1)).squeeze(-1)
+                q = q + bmv(PKU, u0)
             extra = (M, u0, qU, PM, Pu0, PKU)
         return P, q, A, b, extra
 
@@ -178,13 +178,13 @@ class ConeData:
             return x, z
         M, u0, qU, PM, Pu0, PKU = extra
         B = x.shape[0]
-        xU = u0 - (M @ x.unsqueeze(-1)).squeeze(-1)
+        xU = u0 - bmv(M, x)
         xf = x.new_zeros(B, self.n_full)
         xf = xf.index_copy(1, self.on_device("keep", x), x).index_copy(1, self.on_device("elim", x), xU)
         # Stationarity in u: P_UK x_K + P_UU x_U + q_U + a z_R = 0 (u appears in row R only).
-        PUx = qU + Pu0 - (PM @ x.unsqueeze(-1)).squeeze(-1)
+        PUx = qU + Pu0 - bmv(PM, x)
         if PKU is not None:
-            PUx = PUx + (PKU.mT @ x.unsqueeze(-1)).squeeze(-1)
+            PUx = PUx + bmv(PKU.mT, x)
         zR = -PUx / self.on_device("elim_coef", x)
         zf = z.new_zeros(B, self.m_full)
         zf = zf.index_copy(1, self.on_device("rows_keep", z), z).index_copy(1, self.on_device("rows_elim", z), zR)

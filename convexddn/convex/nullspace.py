@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from .equilibration import Scaled
+from .data_ops import _mm
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, PatchedKKT, bmv, constant_part
 from .symmetric_cones import ConeLayout, NTScaling
 
@@ -176,12 +177,12 @@ class _ReducedKKT:
         p, ops = sy.p, sy.ops
         rE, rI = rz[:, :p], rz[:, p:]
         xE = _least_norm(red.Q1, red.R, rE)
-        AxE = ops.A[:, p:] @ xE
+        AxE = _mm(ops.A[:, p:], xE)
         if scaled:  # the cone rows hold W⁻¹ r_I: subtract W⁻¹ A_I x_E
             AxE = self.kkt.scaling.apply_inv(AxE)
-        y, zI, zh = self.kkt.solve(red.N.mT @ (rx - ops.Pmv(xE)), rI - AxE, refine, scaled, until)
-        x = xE + red.N @ y
-        g = rx - ops.Pmv(x) - ops.A[:, p:].mT @ zI
+        y, zI, zh = self.kkt.solve(_mm(red.N.mT, rx - ops.Pmv(xE)), rI - AxE, refine, scaled, until)
+        x = xE + _mm(red.N, y)
+        g = rx - ops.Pmv(x) - _mm(ops.A[:, p:].mT, zI)
         zE = _range_coefficients(red.Q1, red.R, g)
         return x, torch.cat([zE, zI], 1), zh
 
@@ -231,12 +232,12 @@ def unverifiable(error: torch.Tensor, red: Reduction | None) -> torch.Tensor:
 
 def _least_norm(Q1: torch.Tensor, R: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """The least-norm x with A_E x = r, A_Eᵀ = Q1 R: ``(B, n, p), (B, p, p), (B, p, k) -> (B, n, k)``."""
-    return Q1 @ torch.linalg.solve_triangular(R.mT, r, upper=False)
+    return _mm(Q1, torch.linalg.solve_triangular(R.mT, r, upper=False))
 
 
 def _range_coefficients(Q1: torch.Tensor, R: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """z_E with A_Eᵀ z_E the part of g in range(A_Eᵀ): ``(B, n, k) -> (B, p, k)``."""
-    return torch.linalg.solve_triangular(R, Q1.mT @ g, upper=True)
+    return torch.linalg.solve_triangular(R, _mm(Q1.mT, g), upper=True)
 
 
 def _projected(P: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
