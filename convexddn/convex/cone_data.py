@@ -81,11 +81,20 @@ class ConeData:
             like.device, like.dtype if t.is_floating_point() else t.dtype))
 
     def _gather_maps(self, p: torch.Tensor) -> tuple:
-        """The non-empty maps' names, sizes, positions, columns and coefficients, on p's device."""
+        """The non-empty maps' names, sizes, positions (``None`` for a map with exactly one
+        term per position: its terms in position order, the gathered values are the block),
+        columns and coefficients, on p's device."""
         names = [k for k, m in self.maps.items() if m.pos.numel()]
-        return (names, [self.maps[k].pos.numel() for k in names], [self.maps[k].pos.to(p.device) for k in names],
-                torch.cat([self.maps[k].col for k in names]).to(p.device),
-                torch.cat([self.maps[k].coef for k in names]).to(p.device, p.dtype))
+        pos, cols, coefs = [], [], []
+        for k in names:
+            m = self.maps[k]
+            order = torch.argsort(m.pos)
+            direct = m.pos.numel() == m.size and bool((m.pos[order] == torch.arange(m.size)).all())
+            pos.append(None if direct else m.pos.to(p.device))
+            cols.append(m.col[order] if direct else m.col)
+            coefs.append(m.coef[order] if direct else m.coef)
+        return (names, [self.maps[k].pos.numel() for k in names], pos, torch.cat(cols).to(p.device),
+                torch.cat(coefs).to(p.device, p.dtype))
 
     def blocks(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every map's dense block ``(B, size)`` from ``p`` ``(B, n_cols)``, by name.
@@ -95,7 +104,10 @@ class ConeData:
         ``index_add``) instead of one zero-filled ``(B, n_cols)`` tensor per map, summed
         (8 for a QP: most of its backward outside the solver). Each block is its own
         contiguous tensor (a batched matmul on a strided batch copies per element in its
-        backward). Empty maps are constant zeros.
+        backward). Empty maps are constant zeros. A map with one term per position
+        (a parameter's entries, transposed or not) is its gathered values in position
+        order, copied: no scatter (a QP's A and its elimination M: 0.3 and 0.2 ms of
+        ``scatter_add`` each at batch 64).
         """
         names, counts, pos, col, coef = cached(self._cache, ("blocks", p.device, p.dtype), lambda: self._gather_maps(p))
         B = p.shape[0]
@@ -108,7 +120,8 @@ class ConeData:
             # f64: 92 against 378 µs; 2.7 against 10.4 ms at batch 1024).
             vals = (torch.gather(p, 1, col.expand(B, -1)) * coef).split(counts, 1)
             for k, where, v in zip(names, pos, vals):
-                out[k] = p.new_zeros(B, self.maps[k].size).scatter_add(1, where.expand(B, -1), v)
+                out[k] = (v.contiguous() if where is None
+                          else p.new_zeros(B, self.maps[k].size).scatter_add(1, where.expand(B, -1), v))
         return out
 
     def constraint_tangent(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,6 +233,8 @@ class KKTSystem:
             ``(x, z, ẑ)``: the solution and :math:`\\hat z = W z_I` ``(B, mc, k)``
             (and :math:`W^{-1} A_I x` ``(B, mc, k)`` with ``product``).
         """
+        if product and until is not None:
+            raise ValueError("KKTSystem.solve: product is the last iterate's, not the best one until= returns")
         z = self.layout.zero
         rE, t = rz[:, :z], rz[:, z:]
         if self.scaling is not None and not scaled:
