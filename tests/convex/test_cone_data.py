@@ -1,0 +1,74 @@
+"""The parameter -> (P, q, A, b) maps of a canonicalised problem (convexddn.convex.cone_data)."""
+import cvxpy as cp
+import numpy as np
+import torch
+
+from convexddn.convex.canonical import canonicalise
+
+F64 = torch.float64
+
+
+def _reference_blocks(data, p: np.ndarray) -> dict[str, np.ndarray]:
+    """target[b, pos[k]] += coef[k] * p[b, col[k]], term by term (the maps' definition)."""
+    out = {}
+    for name, m in data.maps.items():
+        block = np.zeros((p.shape[0], m.size))
+        for pos, col, coef in zip(m.pos.tolist(), m.col.tolist(), m.coef.tolist()):
+            block[:, pos] += coef * p[:, col]
+        out[name] = block
+    return out
+
+
+def _problems():
+    n, m = 4, 3
+    # A QP with a matrix parameter used transposed-and-scaled and a shared vector
+    # parameter: maps with one term per position (A from G, M from L) and maps with
+    # several terms on one position (b = h + 2 h) or positions left empty.
+    L, G, h, q = (cp.Parameter((n, n)), cp.Parameter((m, n)), cp.Parameter(m), cp.Parameter(n))
+    x = cp.Variable(n)
+    yield cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L @ x) + q @ x), [G @ x <= h + 2 * h]), [L, G, h, q], [x]
+    # The same parameter in two constraints (each A entry one term; b two maps' worth)
+    # and a second-order cone.
+    c, r = cp.Parameter(n), cp.Parameter(nonneg=True)
+    y = cp.Variable(n)
+    yield (cp.Problem(cp.Minimize(c @ y), [cp.norm(y) <= r, y <= r, -y <= r, cp.sum(y) == r]), [c, r], [y])
+
+
+def test_blocks_equal_the_maps_term_by_term():
+    """Both ways blocks() forms a map (the gathered values in position order where a map
+    has one term per position; a scatter of its terms otherwise) against the maps'
+    definition evaluated term by term in numpy, batched and unbatched parameters."""
+    kinds = set()
+    gen = torch.Generator().manual_seed(3)
+    for problem, params, variables in _problems():
+        data = canonicalise(problem, params, variables)
+        for B in (1, 5):
+            values = [torch.randn(B, *prm.shape, dtype=F64, generator=gen).abs() for prm in params]
+            p = data.parameter_vector(values, B)
+            got = data.blocks(p)
+            want = _reference_blocks(data, p.numpy())
+            assert set(got) == set(want)
+            for name, block in got.items():
+                assert block.shape == (B, data.maps[name].size) and block.is_contiguous()
+                np.testing.assert_allclose(block.numpy(), want[name], rtol=1e-15, atol=1e-15)
+        for m in data.maps.values():
+            pos = m.pos.numpy()
+            if pos.size:
+                kinds.add(pos.size == m.size and np.array_equal(np.sort(pos), np.arange(m.size)))
+    assert kinds == {True, False}  # both ways were exercised
+
+
+def test_blocks_gradient_matches_the_maps():
+    """The backward of blocks() is the maps' transpose: <dL/dp, v> = sum of <g_k, block_k(v)>."""
+    problem, params, variables = next(_problems())
+    data = canonicalise(problem, params, variables)
+    gen = torch.Generator().manual_seed(4)
+    values = [torch.randn(3, *prm.shape, dtype=F64, generator=gen) for prm in params]
+    p = data.parameter_vector(values, 3).requires_grad_()
+    blocks = data.blocks(p)
+    cot = {k: torch.randn(v.shape, dtype=F64, generator=gen) for k, v in blocks.items()}
+    (grad,) = torch.autograd.grad(sum((blocks[k] * cot[k]).sum() for k in blocks), p)
+    direction = torch.randn(p.shape, dtype=F64, generator=gen)
+    lin = _reference_blocks(data, direction.numpy())
+    expected = sum(float((cot[k].numpy() * lin[k]).sum()) for k in blocks)
+    assert abs(float((grad * direction).sum()) - expected) <= 1e-12 * max(1.0, abs(expected))
