@@ -39,7 +39,6 @@ errors from :mod:`convexddn.errors`.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import cvxpy as cp
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._warn import warn
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
 from .solver_args import validate_solver_args
@@ -203,7 +203,7 @@ class CvxpyLayer(nn.Module):
         self._solver = method or backend or "auto"
         # One ConvexLayer per solver used; a per-call solve_method adds one on first use.
         self.layers = nn.ModuleDict({self._solver: self._make(self._solver)})
-        self._warn(ignored, stacklevel=3, auto_only=self._auto_only(self._solver, self._args))
+        self._warn(ignored, auto_only=self._auto_only(self._solver, self._args))
 
     @staticmethod
     def _backend(solver: Any) -> str | None:
@@ -246,22 +246,22 @@ class CvxpyLayer(nn.Module):
         so ``max_iters`` and ``verbose`` seldom have an effect there (said in the warning)."""
         return [k for k in args if k in APPLIED_SOLVER_ARGS] if solver == "auto" else []
 
-    def _warn(self, ignored: list[str], stacklevel: int, auto_only: Sequence[str] = ()) -> None:
+    def _warn(self, ignored: list[str], auto_only: Sequence[str] = ()) -> None:
         """The two notices, each once per layer: keys ignored, and keys that reach only
-        the per-element solver under the default solver."""
+        the per-element solver under the default solver (attributed to the caller's line)."""
         if ignored and not self._warned:
             self._warned = True
             why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, 'no effect here')}" for k in ignored}))
-            warnings.warn(
+            warn(
                 f"CvxpyLayer ignores {ignored} ({why}). convexddn accepts a solution only "
                 f"with a KKT residual <= {self.convex_layer.batched_tol:g} (its batched solver; "
                 f"{self.convex_layer.tol:g} for a per-element one) and differentiates it "
                 "exactly. This warning is shown once per layer.",
-                ConvexDDNWarning, stacklevel=stacklevel)
+                ConvexDDNWarning)
         if auto_only and not getattr(self, "_warned_auto", False):  # (layers pickled before it)
             self._warned_auto = True
-            warnings.warn(f"CvxpyLayer: {list(auto_only)} {_AUTO_ONLY}. This warning is shown once per layer.",
-                          ConvexDDNWarning, stacklevel=stacklevel)
+            warn(f"CvxpyLayer: {list(auto_only)} {_AUTO_ONLY}. This warning is shown once per layer.",
+                 ConvexDDNWarning)
 
     @staticmethod
     def _native(args: dict[str, Any], solver: str) -> dict[str, Any]:
@@ -332,6 +332,6 @@ class CvxpyLayer(nn.Module):
         native = self._native(args, solver)
         if solver not in self.layers:
             self.layers[solver] = self._make(solver)
-        self._warn(ignored, stacklevel=5, auto_only=self._auto_only(solver, args))
+        self._warn(ignored, auto_only=self._auto_only(solver, args))
         out = self.layers[solver](*params, solver_args=native)
         return out if isinstance(out, tuple) else (out,)

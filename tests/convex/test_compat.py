@@ -582,3 +582,18 @@ def test_cvxpy_layer_notices_not_used_up_by_a_refused_call():
     assert any("CvxpyLayer ignores ['eps']" in m for m in notices), notices
     assert any("['max_iters'] reach only the per-element solver" in m for m in notices), notices
     assert all(w.filename == __file__ for w in caught if issubclass(w.category, ConvexDDNWarning))
+
+
+def test_cvxpy_layer_notice_names_the_callers_line_however_called():
+    """The notices walk out to the caller's frame: a fixed stack level counted the frames
+    of nn.Module's call machinery, so calling ``forward`` directly (or through another
+    wrapper) attributed the warning to a frame of pytest's instead of this file."""
+    problem, A, b, x = ridge_problem()
+    gen = torch.Generator().manual_seed(5)
+    At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
+    layer = CvxpyLayer(problem, [A, b], [x])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer.forward(At, bt, solver_args={"eps": 1e-9})
+    notices = [w for w in caught if issubclass(w.category, ConvexDDNWarning)]
+    assert notices and all(w.filename == __file__ for w in notices), [(w.filename, str(w.message)) for w in notices]
