@@ -1524,3 +1524,43 @@ def test_robust_pool_under_vmap_or_batched_cotangents_gets_a_problem_error():
         torch.autograd.functional.jacobian(f, x, vectorize=True, strategy="forward-mode")
     J = torch.autograd.functional.jacobian(f, x)
     torch.testing.assert_close(J.sum(-1), torch.eye(3, dtype=F64))  # dy_i/dx_i sums to 1 per row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_expanded_input_along_the_pooled_dim(penalty, dtype):
+    """An input expanded (stride 0) along the pooled dim gives the contiguous copy's
+    result and gradient. torch 2.13's CPU median over a stride-0 dim returned
+    uninitialised memory (4e-314 for rows of 1.5): pseudo-Huber and Huber, whose start
+    is that median, returned it for constant rows, and 0 instead of -0.75 in float32."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(3, 2, 1, dtype=F64, generator=gen).to(dtype)
+    for v in (base, torch.full_like(base, -0.75)):
+        leaf = v.clone().requires_grad_()
+        x = leaf.expand(3, 2, 64)
+        assert x.stride(-1) == 0
+        y = robust_pool(x, penalty, 1.0)
+        (g,) = torch.autograd.grad(y.sum(), leaf)
+        leaf2 = v.clone().requires_grad_()
+        y2 = robust_pool(leaf2.expand(3, 2, 64).contiguous(), penalty, 1.0)
+        (g2,) = torch.autograd.grad(y2.sum(), leaf2)
+        # Constant rows: the minimiser is the constant, the gradient 1 (weights sum to 1).
+        torch.testing.assert_close(y, v[..., 0], rtol=0, atol=4 * torch.finfo(dtype).eps)
+        # (the same up to a reduction's order: a sum over a stride-0 dim is another kernel)
+        torch.testing.assert_close(y, y2, rtol=0, atol=8 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(g, torch.ones_like(g), rtol=0, atol=64 * torch.finfo(dtype).eps)
+        torch.testing.assert_close(g, g2, rtol=0, atol=64 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("penalty", ["pseudo_huber", "huber", "welsch"])
+def test_a_zero_width_bracket_ends_inside_it_from_any_start(monkeypatch, penalty):
+    """A stop keeps the iterate inside the bracket: rows whose bracket has zero width
+    (constant rows) end on it even from a start outside it, where the stop returned the
+    start unchanged (the garbage median of an expanded input came back as the result)."""
+    from convexddn.nodes.pooling import solvers
+
+    bad = lambda x: torch.full_like(x[..., :1], 1e6)  # noqa: E731
+    for name in ("_start", "_median_start", "_remedian"):
+        monkeypatch.setattr(solvers, name, bad)
+    x = torch.full((4, 40), 1.5, dtype=F64)
+    torch.testing.assert_close(robust_pool(x, penalty, 1.0), torch.full((4,), 1.5, dtype=F64), rtol=0, atol=0)

@@ -232,6 +232,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             trust = span if trust is None else trust
             conv &= astep <= trust
         conv |= hi - lo <= tol_s
+        lo0, hi0 = lo, hi
         lo = torch.where(reliable & (g < 0), u, lo)
         hi = torch.where(reliable & (g > 0), u, hi)
         newton = u - step
@@ -246,7 +247,10 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             conv |= inside & near & (astep <= 0.5 * dx1) & (pred.addcdiv_(noise, h) <= tol_s)
         stop = conv | ~reliable | bad
         take = inside & (astep <= 0.5 * dx2)
-        nxt = torch.where(stop, torch.where(inside, newton, u), torch.where(take, newton, torch.lerp(lo, hi, 0.5)))
+        # (a stop keeps u, within the bracket it had: one of zero width ends on it even
+        # from a start outside it)
+        nxt = torch.where(stop, torch.where(inside, newton, torch.clamp(u, lo0, hi0)),
+                          torch.where(take, newton, torch.lerp(lo, hi, 0.5)))
         nxt = torch.where(active, nxt, u)
         done = stop & active
         both = done & bad

@@ -81,7 +81,9 @@ def _median_start(x: Tensor) -> Tensor:
     256 it cost Welsch more iterations than the median saves: shorter rows keep it.)
     """
     if x.shape[-1] <= _SAMPLE_MIN_N:
-        return _strided_sample(x, _MEDIAN_SAMPLE).median(-1, keepdim=True).values
+        # (contiguous: torch 2.13's CPU median over a stride-0 dim, an expanded input,
+        # returned uninitialised memory, 4e-314 for rows of 1.5)
+        return _strided_sample(x, _MEDIAN_SAMPLE).contiguous().median(-1, keepdim=True).values
     return _remedian(x)
 
 
