@@ -276,3 +276,31 @@ def test_convex_layer_second_look_under_torch_func_is_refused():
     Q = torch.randn(2, n, dtype=F64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ProblemError, match="does not run under torch.func"):
         torch.func.grad(lambda a: torch.nan_to_num(layer(a, H)).pow(2).sum())(Q)
+
+
+# A node's second tensor argument made under torch.inference_mode (a radius, a budget, a
+# TV weight computed there), with x requiring grad: (name, x, value of the argument, node).
+INFERENCE_ARGS = [
+    ("project_lp L1", 3 * torch.randn(2, 5, dtype=F64), 1.5, lambda x, r: project_lp(x, 1, "ball", r)),
+    ("project_lp L2", torch.randn(2, 5, dtype=F64), 0.5, lambda x, r: project_lp(x, 2, "sphere", r)),
+    ("project_lp Linf", torch.randn(2, 5, dtype=F64), 0.5, lambda x, r: project_lp(x, "inf", "ball", r)),
+    ("project_simplex", torch.randn(2, 5, dtype=F64), 2.0, lambda x, z: project_simplex(x, -1, z)),
+    ("tv_denoise", torch.randn(2, 12, dtype=F64), 0.3, lambda x, lam: tv_denoise(x, lam)),
+]
+
+
+@pytest.mark.parametrize("name,x,value,node", INFERENCE_ARGS, ids=[c[0] for c in INFERENCE_ARGS])
+def test_an_argument_made_in_inference_mode(name, x, value, node):
+    """Saved for the backward as a plain copy: ``Function.apply`` raised torch's
+    "Inference tensors cannot be saved for backward". Outputs and gradients are those
+    of the same call with a normal tensor."""
+    with torch.inference_mode():
+        arg = torch.tensor(value, dtype=F64)
+    xi = x.clone().requires_grad_()
+    y = node(xi, arg)
+    (g,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1], dtype=F64)).sum(), xi)
+    xr = x.clone().requires_grad_()
+    yr = node(xr, torch.tensor(value, dtype=F64))
+    (gr,) = torch.autograd.grad((yr * torch.linspace(-1, 1, yr.shape[-1], dtype=F64)).sum(), xr)
+    torch.testing.assert_close(y, yr, rtol=0, atol=0)
+    torch.testing.assert_close(g, gr, rtol=0, atol=0)

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap
+from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap, save_plain
 from .._checks import check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
@@ -123,7 +123,7 @@ class _TVFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, sigma, tie = output
         ctx.mark_non_differentiable(sigma, tie)
-        ctx.save_for_backward(sigma, tie, inputs[1])
+        save_plain(ctx, sigma, tie, inputs[1])
         ctx.save_for_forward(sigma, tie, inputs[1])  # the jvp applies the same Jacobian
         # Tangents of inputs without one stay None (not zeros): whether x and λ both carry
         # one decides the λ = 0 warning, as needs_input_grad does in the backward.

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ..._autograd import bind_fast, first_order, may_carry_tangents, with_forward_mode
+from ..._autograd import bind_fast, first_order, may_carry_tangents, save_plain, with_forward_mode
 from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
 from ...errors import ConvexDDNWarning, GradientWarning, SolverError
 from .._overflow import gain_limit, warn_gradient_overflow
@@ -218,7 +218,7 @@ class L2ReverseFn(torch.autograd.Function):
         _, r, d, sphere = inputs
         y, scale, overflow, steep, zeros = output
         ctx.mark_non_differentiable(scale)
-        ctx.save_for_backward(y, scale, r if isinstance(r, torch.Tensor) else None)
+        save_plain(ctx, y, scale, r if isinstance(r, torch.Tensor) else None)
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
         ctx.d, ctx.sphere, ctx.overflow, ctx.steep, ctx.zeros = d, sphere, overflow, steep, zeros
 
@@ -332,7 +332,7 @@ class LinfReverseFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, r, d, _sphere = inputs
-        ctx.save_for_backward(output, r if isinstance(r, torch.Tensor) else None)
+        save_plain(ctx, output, r if isinstance(r, torch.Tensor) else None)
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
         ctx.d = d
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..._autograd import bind_fast, first_order, first_order_jvp, with_forward_mode
+from ..._autograd import bind_fast, first_order, first_order_jvp, save_plain, with_forward_mode
 from ..._checks import check_finite
 from ...errors import SolverError
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
@@ -148,7 +148,7 @@ class L1ReverseFn(torch.autograd.Function):
         _, r, d, _sphere = inputs
         y, active = output
         ctx.mark_non_differentiable(active)
-        ctx.save_for_backward(y, active, r if isinstance(r, torch.Tensor) else None)
+        save_plain(ctx, y, active, r if isinstance(r, torch.Tensor) else None)
         ctx.d = d
 
     @staticmethod
@@ -238,7 +238,7 @@ class SimplexProjectionFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, z, d = inputs
-        ctx.save_for_backward(output, z if isinstance(z, torch.Tensor) else None)
+        save_plain(ctx, output, z if isinstance(z, torch.Tensor) else None)
         ctx.save_for_forward(output)
         ctx.d = d
 
