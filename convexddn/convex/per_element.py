@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
 import threading
 import weakref
 from typing import Any, Sequence
@@ -49,13 +50,7 @@ MODES = ("auto", "dense", "lsmr", "lsqr")
 
 # Tight defaults: the layer promises float64 solutions to ~1e-7 or better.
 SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "Clarabel": {
-        "tol_gap_abs": 1e-10,
-        "tol_gap_rel": 1e-10,
-        "tol_feas": 1e-10,
-        "tol_ktratio": 1e-8,
-        "max_iter": 500,
-    },
+    "Clarabel": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8, "max_iter": 500},
     "SCS": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 100_000},
     "ECOS": {"abstol": 1e-10, "reltol": 1e-10, "feastol": 1e-10},
 }
@@ -127,7 +122,7 @@ class CheckedDiffcp(SolverInterface):
                  workers: int = 1) -> None:
         self.refine = refine
         self.workers = workers
-        self._executor = None
+        self._executor, self._executor_pid = None, None
         self.solver = solver
         self.fallback = fallback
         self.mode = mode
@@ -266,8 +261,7 @@ class CheckedDiffcp(SolverInterface):
         else:
             chunks = _chunks(batch, self.workers)
             results = self._gather(pool, [(_solve_chunk, self, q_np[ix], a_np[ix], args) for ix in chunks])
-        # Failed elements are reported, never raised here: the layer decides (raise, or
-        # mask them); their outputs are zeros and their gradients exactly zero.
+        # Failed elements are reported, not raised: the layer decides; outputs 0, gradients exactly 0.
         n, m = self._shape[1] - 1, self._shape[0]
         self._local.info = ElementInfo([r.solver for r in results], [r.status for r in results],
                                        [r.residual for r in results], [r.x is not None for r in results],
@@ -349,13 +343,15 @@ class CheckedDiffcp(SolverInterface):
                 "guard its entry point with `if __name__ == '__main__':`") from err
 
     def _pool(self, batch: int):
-        """The worker pool, started on first use; None when solving in this process."""
-        if self.workers <= 1 or batch < 2:
+        """The worker pool, started on first use in each process (a forked child's copy has no
+        manager thread); None to solve in this process, as a daemonic one (a DataLoader's) must."""
+        if self.workers <= 1 or batch < 2 or multiprocessing.current_process().daemon:
             return None
         with self._pool_lock:
-            if self._executor is None:
+            if self._executor is None or self._executor_pid != os.getpid():
                 ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads
                 self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+                self._executor_pid = os.getpid()
                 weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
             return self._executor
 

@@ -512,6 +512,45 @@ def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
     assert torch.equal(layer(x), want)
 
 
+def _call_in_child(layer, x, daemon: bool):
+    """layer(x) in a forked child process (daemonic or not): ("ok", y) or ("err", repr)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+
+    def child():
+        try:
+            queue.put(("ok", layer(x).detach().numpy()))  # (not a tensor: no shared-memory handle)
+        except BaseException as err:  # noqa: BLE001 (reported to the parent)
+            queue.put(("err", repr(err)))
+
+    proc = ctx.Process(target=child, daemon=daemon)
+    proc.start()
+    try:
+        return queue.get(timeout=120)
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_convex_layer_workers_in_a_forked_child_and_a_daemonic_one():
+    """A forked child inherited its parent's started worker pool, whose manager thread
+    does not exist there: the child's call never returned. A daemonic process (a
+    DataLoader's or a Pool's worker) may not start children: AssertionError. Now the
+    child starts its own pool, and a daemonic process solves in itself."""
+    layer = cddn.layer("simplex", n=3, workers=2, backend="cvxpy", solver="Clarabel")
+    x = torch.tensor([[0.1, 0.2, 0.7], [1.0, 0.0, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
+    want = layer(x)  # starts the pool here
+    assert layer._backend._executor is not None
+    for daemon in (False, True):
+        kind, got = _call_in_child(layer, x, daemon)
+        assert kind == "ok", got
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------- audit fixes
 
 
