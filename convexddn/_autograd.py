@@ -39,7 +39,9 @@ def plain(t: torch.Tensor | None) -> torch.Tensor | None:
 def save_plain(ctx, *tensors: torch.Tensor | None) -> None:
     """``ctx.save_for_backward(*tensors)``, inference tensors replaced by :func:`plain`
     copies where the call is recorded (some input needs grad): the copy is made only then."""
-    if any(ctx.needs_input_grad):
+    # (not while torch.compile traces: dynamo cannot trace is_inference(), and a compiled
+    # graph's tensors are its own)
+    if any(ctx.needs_input_grad) and not torch.compiler.is_compiling():
         tensors = tuple(plain(t) for t in tensors)
     ctx.save_for_backward(*tensors)
 
