@@ -23,7 +23,7 @@ import dataclasses
 import multiprocessing
 import os
 import threading
-import weakref
+from multiprocessing import util as mp_util
 from typing import Any, Sequence
 
 import diffcp
@@ -352,7 +352,10 @@ class CheckedDiffcp(SolverInterface):
                 ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads
                 self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
                 self._executor_pid = os.getpid()
-                weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+                # Shut down when the layer goes, or at exit before multiprocessing waits for
+                # this process's children (a child that used the layer never exited).
+                mp_util.Finalize(self, self._executor.shutdown, kwargs={"wait": False, "cancel_futures": True},
+                                 exitpriority=0)
             return self._executor
 
 

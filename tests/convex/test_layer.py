@@ -528,9 +528,10 @@ def _call_in_child(layer, x, daemon: bool):
     proc = ctx.Process(target=child, daemon=daemon)
     proc.start()
     try:
-        return queue.get(timeout=120)
+        out = queue.get(timeout=120)
+        proc.join(timeout=60)  # and the child exits (with the pool it started)
+        return out if proc.exitcode == 0 else ("err", f"the child did not exit (exit code {proc.exitcode})")
     finally:
-        proc.join(timeout=10)
         if proc.is_alive():
             proc.kill()
 
@@ -540,7 +541,8 @@ def test_convex_layer_workers_in_a_forked_child_and_a_daemonic_one():
     """A forked child inherited its parent's started worker pool, whose manager thread
     does not exist there: the child's call never returned. A daemonic process (a
     DataLoader's or a Pool's worker) may not start children: AssertionError. Now the
-    child starts its own pool, and a daemonic process solves in itself."""
+    child starts its own pool, shut down before the child waits for its children at exit
+    (it never exited), and a daemonic process solves in itself."""
     layer = cddn.layer("simplex", n=3, workers=2, backend="cvxpy", solver="Clarabel")
     x = torch.tensor([[0.1, 0.2, 0.7], [1.0, 0.0, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
     want = layer(x)  # starts the pool here
