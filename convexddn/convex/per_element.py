@@ -353,9 +353,10 @@ class CheckedDiffcp(SolverInterface):
                 self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
                 self._executor_pid = os.getpid()
                 # Shut down when the layer goes, or at exit before multiprocessing waits for
-                # this process's children (a child that used the layer never exited).
-                mp_util.Finalize(self, self._executor.shutdown, kwargs={"wait": False, "cancel_futures": True},
-                                 exitpriority=0)
+                # this process's children (a child that used the layer never exited) and
+                # closes its queues (priority 10: the workers' stop signals were lost).
+                mp_util.Finalize(self, self._executor.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                 exitpriority=20)
             return self._executor
 
 

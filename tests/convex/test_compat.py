@@ -559,14 +559,19 @@ def test_cvxpy_layer_solver_args_errors_name_the_key_as_passed():
     assert layer.convex_layer.solver_args == {"max_iter": 7}
 
 
+def _ridge_layer(seed: int):
+    """A CvxpyLayer of the ridge problem and random data for it."""
+    problem, A, b, x = ridge_problem()
+    gen = torch.Generator().manual_seed(seed)
+    return (CvxpyLayer(problem, [A, b], [x]), torch.randn(6, 3, dtype=F64, generator=gen),
+            torch.randn(6, dtype=F64, generator=gen))
+
+
 def test_cvxpy_layer_notices_not_used_up_by_a_refused_call():
     """The once-per-layer notices (keys that reach only the per-element solver under the
     default solver; keys ignored) were issued before the call's solver_args were checked:
     a call refused for max_iters=0 used them up, and the next, valid, call said nothing."""
-    problem, A, b, x = ridge_problem()
-    gen = torch.Generator().manual_seed(4)
-    At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
-    layer = CvxpyLayer(problem, [A, b], [x])
+    layer, At, bt = _ridge_layer(4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(OptionError, match=r"must be an integer >= 1, got 0"):
@@ -588,10 +593,7 @@ def test_cvxpy_layer_notice_names_the_callers_line_however_called():
     """The notices walk out to the caller's frame: a fixed stack level counted the frames
     of nn.Module's call machinery, so calling ``forward`` directly (or through another
     wrapper) attributed the warning to a frame of pytest's instead of this file."""
-    problem, A, b, x = ridge_problem()
-    gen = torch.Generator().manual_seed(5)
-    At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
-    layer = CvxpyLayer(problem, [A, b], [x])
+    layer, At, bt = _ridge_layer(5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layer.forward(At, bt, solver_args={"eps": 1e-9})
