@@ -96,7 +96,7 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
         # LPs and QPs: one Newton step through the structured factorisation (errors of
         # near-degenerate elements drop from ~1e-7 to rounding; measured on sparsemax).
         xs, ss, zs, residual, polished = polish_nonnegative(
-            systems, d.q, d.b, layout, xs, ss, zs, residual_fn, live, refine, residual)
+            systems, d.q, d.b, layout, xs, ss, zs, residual_fn, live, residual, refine)
     elif polish_steps and polish != "never":
         # Second-order cones (errors ~√μ there) or "always": LU Newton steps.
         idx = torch.nonzero(live).squeeze(1)  # one more host round-trip, after the loop

@@ -231,8 +231,8 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     # float32 the rounding is near the tolerances (3 more of 64 QPs uncertified).
     diagonal_w = not layout.soc and x.dtype == torch.float64
 
-    def a_i(x, p):
-        return ops.Av(x)[:, z0:]
+    def a_i(x, p):  # A_I x of a KKT solution x, p its products (this iteration's W and data)
+        return W.apply(p[0]) if diagonal_w else ops.Av(x)[:, z0:]
     full_data = (d, ops, base)
     saved, slot = None, None  # full-batch state and positions of the active elements
 
@@ -292,10 +292,6 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
 
         W = NTScaling(layout, sc, zc)
         kkt = KKTSystem(ops, W, base, structure)
-        if diagonal_w:  # A_I x as W (W⁻¹A_I x), from the solve's own product
-            def a_i(x, p):
-                return W.apply(p[0])
-
         status = torch.where(running & kkt.failed, NUMERICAL, status)
         lam = W.lam
         mu = ((lam * lam).sum(1) + tau * kappa) / (nu + 1)  # λᵀλ = sᵀz

@@ -136,7 +136,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
 
 
 def polish_nonnegative(systems, q, b, layout: ConeLayout, x, s, z, residual_fn, live: torch.Tensor,
-                       refine: int = 2, residual: torch.Tensor | None = None):
+                       residual: torch.Tensor, refine: int = 2):
     """One Newton step for programs without second-order cones, through the reduced KKT.
 
     On :math:`\\mathbb{R}_+` the Nesterov–Todd linearisation *is* the Jordan one
@@ -150,7 +150,7 @@ def polish_nonnegative(systems, q, b, layout: ConeLayout, x, s, z, residual_fn, 
             :class:`~.kkt.DataOps` as ``.ops`` (:class:`~.kkt.KKTFactory`).
         live: ``(B,)`` the elements that may take the step; the others, infeasibility
             certificates, keep their rays.
-        residual: ``residual_fn(x, s, z)`` where the caller has it.
+        residual: ``residual_fn(x, s, z)``, which the caller has measured.
 
     Returns:
         ``(x, s, z, residual, improved)``.
@@ -158,7 +158,7 @@ def polish_nonnegative(systems, q, b, layout: ConeLayout, x, s, z, residual_fn, 
     from .symmetric_cones import NTScaling
 
     z0 = layout.zero
-    res = residual_fn(x, s, z) if residual is None else residual
+    res = residual
     ok = (s[:, z0:] > 0).all(1) & (z[:, z0:] > 0).all(1)
     sc = torch.where(ok[:, None], s[:, z0:], 1.0)
     zc = torch.where(ok[:, None], z[:, z0:], 1.0)
