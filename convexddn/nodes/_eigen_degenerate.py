@@ -8,10 +8,10 @@ elements, whenever the loss actually depends on what does not exist.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
+from .._warn import warn
 from ..errors import GradientWarning
 
 __all__ = ["warn_degenerate_pairs", "warn_degenerate_tangent", "warn_degenerate_values"]
@@ -46,13 +46,12 @@ def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice,
     dropped = degenerate & (num.abs() > limit)
     bad = dropped.flatten(-2).any(-1)
     if bool(bad.any()):
-        warnings.warn(
+        warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative "
             f"to max |λ|) make the eigenvector gradient undefined for {_format_indices(bad)}; "
             f"the terms of those eigenvalue pairs are set to zero (the gradient of any loss "
             f"that depends only on the spanned subspace stays exact)",
             GradientWarning,
-            stacklevel=3,
         )
 
 
@@ -77,13 +76,12 @@ def warn_degenerate_tangent(M: torch.Tensor, diag: torch.Tensor, degenerate: tor
     dropped = degenerate & ((M.abs() > limit) | (split > limit))
     bad = dropped.flatten(-2).any(-1)
     if bool(bad.any()):
-        warnings.warn(
+        warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative "
             f"to max |λ|) make the forward-mode tangent undefined for {_format_indices(bad)} "
             f"(the direction rotates or splits a repeated eigenvalue); the terms of those "
             f"eigenvalue pairs are set to zero",
             GradientWarning,
-            stacklevel=3,
         )
 
 
@@ -112,11 +110,10 @@ def warn_degenerate_values(near: torch.Tensor, g_lam: torch.Tensor, k: int, gap_
         member = cluster[..., :k] == cluster[..., k - 1 : k]
         bad |= split & (member & (g.abs() > tol)).any(-1)
     if bool(bad.any()):
-        warnings.warn(
+        warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative to "
             f"max |λ|) are weighted unequally by the loss, or split by the k-th one, for "
             f"{_format_indices(bad)}: the eigenvalue gradient does not exist there (only a "
             f"cluster's sum is differentiable); the one returned depends on the basis eigh chose",
             GradientWarning,
-            stacklevel=3,
         )

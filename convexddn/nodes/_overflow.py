@@ -26,11 +26,11 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import warnings
 from collections.abc import Sequence
 
 import torch
 
+from .._warn import warn
 from ..errors import GradientWarning
 from .degeneracy import shown_indices
 
@@ -78,7 +78,6 @@ def warn_gradient_overflow(
     incoming: torch.Tensor,
     grads: Sequence[tuple[str, torch.Tensor | None]],
     dims: Sequence[int],
-    stacklevel: int = 3,
 ) -> None:
     """Warn (:class:`~convexddn.errors.GradientWarning`) when a returned gradient holds
     NaN or Inf that the incoming gradient does not explain.
@@ -97,7 +96,6 @@ def warn_gradient_overflow(
             against ``incoming``'s.
         dims: the non-batch dims, negative (counted from the end); a gradient with
             fewer dims is reduced over those it has.
-        stacklevel: passed to :func:`warnings.warn`.
     """
     present = [(name, g) for name, g in grads if g is not None and g.numel()]
     if not present or torch.compiler.is_compiling():
@@ -121,11 +119,10 @@ def warn_gradient_overflow(
     dtype = min(dtypes, key=lambda t: torch.finfo(t).max)
     advice = ("rescale the problem" if torch.finfo(dtype).max >= torch.finfo(torch.float64).max
               else "use float64 inputs")
-    warnings.warn(
+    warn(
         f"{what}: the gradient with respect to {'; '.join(parts)} holds Inf or NaN "
         "although the inputs and the incoming gradient are finite there: the true "
         f"gradient (or a sum or product in its computation) exceeds the range of {dtype} "
         f"(largest {torch.finfo(dtype).max:.1e}); {advice}",
         GradientWarning,
-        stacklevel=stacklevel,
     )

@@ -11,10 +11,10 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
+from .._warn import warn
 from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
 from .linear_solvers import shown_indices
@@ -280,7 +280,7 @@ def check_dlt_points(p, w) -> None:
                          f"{shown_indices(line)}; pass init")
 
 
-def check_start(bad, from_init: bool, stacklevel: int = 4) -> None:
+def check_start(bad, from_init: bool) -> None:
     """Refuse an ``init`` whose reprojection error is undefined (``bad``: a non-finite
     objective, a point of nonzero weight at depth 0: :func:`objective` leaves out those
     of weight 0); a DLT start with one (measure zero) stays unsolved."""
@@ -290,8 +290,8 @@ def check_start(bad, from_init: bool, stacklevel: int = 4) -> None:
         raise InputError(f"init must put every point at a nonzero depth (every point of nonzero weight: the "
                          f"projection divides by it), got "
                          f"a non-finite reprojection error at init for {shown_indices(bad)}")
-    warnings.warn(f"pnp: the DLT start puts a point of nonzero weight at depth 0 for {shown_indices(bad)}; the "
-                  "start is returned unsolved (pass init)", SolverWarning, stacklevel=stacklevel)
+    warn(f"pnp: the DLT start puts a point of nonzero weight at depth 0 for {shown_indices(bad)}; the "
+         "start is returned unsolved (pass init)", SolverWarning)
 
 
 def check_pose(theta, H, p3d, w) -> None:
@@ -303,14 +303,14 @@ def check_pose(theta, H, p3d, w) -> None:
     behind = n_behind > 0
     if bool(behind.any()):
         counts = n_behind[behind][:8].tolist()
-        warnings.warn(f"pnp: the pose puts points at or behind the camera (depth <= 0) for {shown_indices(behind)}, "
-                      f"{counts} of {p3d.shape[-2]} point(s) each: a spurious minimum (e.g. from gross outliers or "
-                      "a poor start); pass init", SolverWarning, stacklevel=4)
+        warn(f"pnp: the pose puts points at or behind the camera (depth <= 0) for {shown_indices(behind)}, "
+             f"{counts} of {p3d.shape[-2]} point(s) each: a spurious minimum (e.g. from gross outliers or "
+             "a poor start); pass init", SolverWarning)
     singular = checked_solve(H, torch.zeros_like(theta))[1]
     if bool(singular.any()):
-        warnings.warn(f"pnp: the pose is not unique for {shown_indices(singular)} (the Hessian of the objective "
-                      "is singular there: fewer than 3 points or inliers, or collinear or coincident points); "
-                      "the returned pose is one of many", SolverWarning, stacklevel=4)
+        warn(f"pnp: the pose is not unique for {shown_indices(singular)} (the Hessian of the objective "
+             "is singular there: fewer than 3 points or inliers, or collinear or coincident points); "
+             "the returned pose is one of many", SolverWarning)
 
 
 def check_alpha_shape(alpha: torch.Tensor, batch: torch.Size) -> None:
@@ -329,14 +329,13 @@ def warn_hessian(singular: torch.Tensor, ill: torch.Tensor, cond: torch.Tensor) 
     """The backward's GradientWarnings for Hessians singular (gradient set to zero) or
     ill-conditioned at the solution, from :func:`~.dense.checked_solve`'s masks."""
     if bool(singular.any()):
-        warnings.warn(f"pnp: the Hessian at the solution is singular for {shown_indices(singular)}: the pose "
-                      "is not locally unique, so its derivative does not exist; their gradient is set to zero",
-                      GradientWarning, stacklevel=3)
+        warn(f"pnp: the Hessian at the solution is singular for {shown_indices(singular)}: the pose "
+             "is not locally unique, so its derivative does not exist; their gradient is set to zero",
+             GradientWarning)
     if bool(ill.any()):
-        warnings.warn(f"pnp: the Hessian at the solution is ill-conditioned (condition number up to "
-                      f"{float(torch.where(ill, cond, 0).amax()):.1e}) for {shown_indices(ill)}: the pose is "
-                      "close to non-unique and the gradient is very sensitive to the data", GradientWarning,
-                      stacklevel=3)
+        warn(f"pnp: the Hessian at the solution is ill-conditioned (condition number up to "
+             f"{float(torch.where(ill, cond, 0).amax()):.1e}) for {shown_indices(ill)}: the pose is "
+             "close to non-unique and the gradient is very sensitive to the data", GradientWarning)
 
 
 def objective_gradient(theta, xs, need, pen):

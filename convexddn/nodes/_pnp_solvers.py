@@ -6,10 +6,9 @@ and the starts.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from .._warn import warn
 from ..errors import SolverWarning
 from ._pnp_geometry import (
     COPLANAR,
@@ -73,11 +72,11 @@ def solve(theta, xs, pen, tol, max_iter):
     return theta, ~done
 
 
-def warn_unfinished(unfinished, tol, max_iter, stacklevel: int) -> None:
+def warn_unfinished(unfinished, tol, max_iter) -> None:
     n_todo = int(unfinished.sum())
     if n_todo:
-        warnings.warn(f"pnp: {n_todo} of {unfinished.shape[0]} problem(s) did not reach tol={tol:g} within "
-                      f"max_iter={max_iter}; returning the last iterate", SolverWarning, stacklevel=stacklevel)
+        warn(f"pnp: {n_todo} of {unfinished.shape[0]} problem(s) did not reach tol={tol:g} within "
+             f"max_iter={max_iter}; returning the last iterate", SolverWarning)
 
 
 # Scenes whose points spread off their best-fit plane by less than this fraction of
@@ -122,6 +121,6 @@ def from_starts(xs, pen, tol, max_iter):
         # where the plane's replaced them (14 of 20 nearly planar scenes had warned).
         unfinished = unfinished.index_copy(0, idx, torch.where(better, other_unfinished, pick(unfinished)))
         bad_start = bad_start.index_copy(0, idx, pick(bad_start) & ~better)
-    check_start(bad_start, False, stacklevel=5)
-    warn_unfinished(unfinished, tol, max_iter, stacklevel=5)
+    check_start(bad_start, False)
+    warn_unfinished(unfinished, tol, max_iter)
     return theta

@@ -4,11 +4,10 @@ formulas are in :mod:`convexddn.nodes.transport`'s docstring; padding in
 :mod:`convexddn.nodes._sinkhorn_padding`)."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .._autograd import bind_fast, first_order, first_order_jvp, refuse_batched
+from .._warn import warn
 from ..errors import GradientWarning, InputError
 from ._sinkhorn import schur_solve, solve
 from ._sinkhorn_padding import Padding, fill_dead
@@ -125,23 +124,21 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
     if not bool(torch.isfinite(mu.sum()) & ~bad.any()):
         lost = ~torch.isfinite(mu).all(-1)
         if bool(lost.any()):
-            warnings.warn(
+            warn(
                 "sinkhorn: the gradient is not finite at batch element(s) "
                 f"{lost.nonzero().flatten().tolist()[:10]}: the incoming gradient is "
                 "not finite there, or it overflowed float64 when scaled by the mass "
                 "of a (over about 1e308 in all)",
                 GradientWarning,
-                stacklevel=4,
             )
         if bool(bad.any()):
-            warnings.warn(
+            warn(
                 "sinkhorn: the transport plan's support splits into disconnected blocks "
                 "(entries below 1e-154 count as zero) at batch element(s) "
                 f"{bad.nonzero().flatten().tolist()[:10]}; {what} are not unique there and the "
                 "least-norm ones are returned (the derivative with respect to the cost is "
                 "unaffected)",
                 GradientWarning,
-                stacklevel=4,
             )
     lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
     return lam.squeeze(-2).div_(r), mu

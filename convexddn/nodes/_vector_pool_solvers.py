@@ -7,10 +7,10 @@ iteration to decide when to stop. See :mod:`convexddn.nodes.vector_pool` for the
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
+from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
 from .dense import checked_solve, default_rcond
 from .pooling.penalties import Penalty, Quadratic, TruncatedQuadratic
@@ -148,17 +148,17 @@ def hessian_terms(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.T
     return a, z, n, k1, pen.d2phi(z, a) - k1
 
 def hessian_solve_warned(pen: Penalty, k1: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor,
-             what: str, stacklevel: int) -> torch.Tensor:
+                         what: str) -> torch.Tensor:
     """H⁻¹ rhs per pooled set, zero with a GradientWarning where H is singular."""
     v, ok, all_ok = hess_solve_checked(k1.sum(-1), n, c, rhs)
     if not all_ok:
         bad = (~ok).nonzero().flatten()
-        warnings.warn(
+        warn(
             f"robust_vector_pool(penalty={pen.name!r}): the Hessian at the solution is "
             f"singular for {bad.numel()} of {n.shape[0]} pooled set(s) (flat indices "
             f"{bad[:8].tolist()}{', ...' if bad.numel() > 8 else ''}: no inliers or a "
             f"non-isolated minimiser); their {what} is set to zero",
-            GradientWarning, stacklevel=stacklevel)
+            GradientWarning)
     return v
 
 def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,10 +320,10 @@ def _polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol
         n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())  # one host sync per Newton step
         if n_todo == 0:
             return u
-    warnings.warn(
+    warn(
         f"robust_vector_pool(penalty={pen.name!r}): {n_todo} of {u.shape[0]} row(s) did not "
         f"reach tol={tol:g} within max_iter={max_iter}; returning the last iterate",
-        SolverWarning, stacklevel=5)
+        SolverWarning)
     return u
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .._autograd import plain
 from .._checks import check_int
+from .._warn import warn
 from ..errors import GradientWarning, InputError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
@@ -319,11 +319,11 @@ class DeclarativeNode(torch.nn.Module):
         for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
                                                             "them only to start its iterations; ")):
             if which:
-                warnings.warn(
+                warn(
                     f"{name}: {kind} {which} require grad but neither the objective nor the constraints "
                     f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
                     "solve uses them as problem data, the objective or constraints must use them too (not "
-                    ".item(), .detach() or numpy)", GradientWarning, stacklevel=3)
+                    ".item(), .detach() or numpy)", GradientWarning)
 
     def _vjp(self, xs, y, grad_y, params, batch_shape, state):
         # The parameters and buffers the forward solved with (``state``): under

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
+from .._warn import warn
 from ..errors import GradientWarning
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
@@ -219,30 +219,28 @@ def declarative_vjp(
     if any(flags[:-1]):
         counts = [int(b.sum()) for b in bad]
         if sum(counts):
-            warnings.warn(
+            warn(
                 f"{who}the implicit gradient has {sum(counts[:len(xs)])} non-finite "
                 f"entries for the inputs and {sum(counts[len(xs):])} for params (the "
                 "objective or constraints are not twice differentiable at the "
                 "solution?); they are set to zero",
                 GradientWarning,
-                stacklevel=2,
             )
             cast = tuple(torch.where(b, 0.0, c) for c, b in zip(cast, bad))
         over = [int(t.sum()) for t in lost]
         if sum(over):
-            warnings.warn(
+            warn(
                 f"{who}{sum(over)} gradient entries are finite in {work_dtype} but "
                 f"overflow the inputs' or parameters' dtype ({dtypes[0]}): they are Inf "
                 "(the true gradient is that large; use a wider dtype)",
                 GradientWarning,
-                stacklevel=2,
             )
     if flags[-1]:
-        warnings.warn(
+        warn(
             f"{who}the incoming gradient (of the loss with respect to the solution) holds "
             f"NaN or Inf for {shown_indices(upstream)}: their input gradients are NaN, and "
             "the parameters' (summed over the batch) too, as torch propagates it",
-            GradientWarning, stacklevel=2)
+            GradientWarning)
         cast = tuple(torch.where(upstream.view((-1,) + (1,) * (g.dim() - 1)), math.nan, g)
                      if i < len(xs) and g.dim() and g.shape[0] == batch else torch.full_like(g, math.nan)
                      for i, g in enumerate(cast))
@@ -339,13 +337,13 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         broken = _non_finite_derivatives(gL, probes)
         if broken is None:
             break
-        warnings.warn(
+        warn(
             f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "
             f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
             "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
             "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
             "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
-            "(tangents, in forward mode) are set to zero", GradientWarning, stacklevel=4)
+            "(tangents, in forward mode) are set to zero", GradientWarning)
         gf = torch.where(broken.unsqueeze(-1), 0.0, gf)
         if c is not None:  # their constraints as inactive: zero rows, pinned multipliers
             inactive = inactive | broken.unsqueeze(-1)

@@ -23,12 +23,12 @@ and :math:`[H, A^\\top; A, D]\\,[w; \\cdot] = [-B \\dot x - H \\dot y_0;\\ 0]`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from .._warn import warn
 from ..errors import GradientWarning
 from .graph import second_derivatives
 from .implicit import implicit_system
@@ -125,23 +125,23 @@ def declarative_jvp(
     n_bad, n_lost, n_up, n_mixed = torch.stack([bad.sum(), (lost & ~bad).sum(), upstream.sum(),
                                                 mixed.sum()]).tolist()
     if n_mixed:
-        warnings.warn(f"{who}the mixed second derivatives of the Lagrangian (in y and the inputs or "
-                      f"parameters) or the constraints' derivatives are NaN or Inf for {shown_indices(mixed)} "
-                      "(not differentiable there as written, e.g. sqrt or a norm at 0); their tangents "
-                      "are set to zero", GradientWarning, stacklevel=2)
+        warn(f"{who}the mixed second derivatives of the Lagrangian (in y and the inputs or "
+             f"parameters) or the constraints' derivatives are NaN or Inf for {shown_indices(mixed)} "
+             "(not differentiable there as written, e.g. sqrt or a norm at 0); their tangents "
+             "are set to zero", GradientWarning)
     if n_bad:
-        warnings.warn(f"{who}the implicit tangent has {n_bad} non-finite entries (the objective or constraints "
-                      "are not twice differentiable at the solution?); they are set to zero",
-                      GradientWarning, stacklevel=2)
+        warn(f"{who}the implicit tangent has {n_bad} non-finite entries (the objective or constraints "
+             "are not twice differentiable at the solution?); they are set to zero",
+             GradientWarning)
         out = torch.where(bad, 0.0, out)
     if n_lost:
-        warnings.warn(f"{who}{n_lost} tangent entries are finite in {work_dtype} but overflow the solution's "
-                      f"dtype ({y.dtype}): they are Inf (the true tangent is that large; use a wider dtype)",
-                      GradientWarning, stacklevel=2)
+        warn(f"{who}{n_lost} tangent entries are finite in {work_dtype} but overflow the solution's "
+             f"dtype ({y.dtype}): they are Inf (the true tangent is that large; use a wider dtype)",
+             GradientWarning)
     if n_up:
-        warnings.warn(f"{who}the tangent of the inputs or parameters holds NaN or Inf for "
-                      f"{shown_indices(upstream)}: their output tangents are NaN, as torch propagates it",
-                      GradientWarning, stacklevel=2)
+        warn(f"{who}the tangent of the inputs or parameters holds NaN or Inf for "
+             f"{shown_indices(upstream)}: their output tangents are NaN, as torch propagates it",
+             GradientWarning)
         out = torch.where(upstream.unsqueeze(-1), math.nan, out)
     return out.reshape(y.shape)
 

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import functools
 import numbers
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .._checks import check_choice, check_int, check_number, check_tolerance
+from .._warn import warn
 from ..errors import DTypeError, GradientWarning, OptionError, ShapeError, SolverError
 from .degeneracy import dependent_to_warn, shown_indices, warn_degenerate
 from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
@@ -164,7 +164,7 @@ def solve_kkt_dense(
     """
     res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned, check_minimum)
     warn_degenerate(res.singular, dependent_to_warn(res.dependent, warn_dependent), res.ill,
-                    res.cond, stacklevel=2, not_minimum=res.not_minimum if check_minimum else None)
+                    res.cond, not_minimum=res.not_minimum if check_minimum else None)
     return res.w, res.mu
 
 
@@ -297,7 +297,7 @@ def solve_kkt_cg(
             not_minimum = (failed & res.not_minimum) if check_minimum else None
         else:
             stuck = failed & singular
-            warnings.warn(
+            warn(
                 f"conjugate gradients did not reach tol={tol:g} (worst relative residual "
                 f"{float(out.residual.amax()):.2e}) for {shown_indices(failed)}, and the "
                 f"dense system ({dense_bytes(batch, size) / 2**30:.1f} GiB) is over "
@@ -305,22 +305,20 @@ def solve_kkt_cg(
                 + (f" (singular for {shown_indices(stuck)}: no derivative exists there)"
                    if bool(stuck.any()) else ""),
                 GradientWarning,
-                stacklevel=2,
             )
             # Said above: the singular warning's pseudo-inverse solution is not what they got.
             singular, ill = singular & ~failed, ill & ~failed
     if not can_fall_back:
         unchecked = out.unfinished & ~failed & ~ill
         if bool(unchecked.any()):
-            warnings.warn(
+            warn(
                 f"the singularity probe of conjugate gradients did not finish within "
                 f"max_iter={max_iter} for {shown_indices(unchecked)}, and the dense system is "
                 "over dense_fallback_bytes: whether their KKT system is singular or "
                 "ill-conditioned was not checked (raise max_iter or dense_fallback_bytes)",
                 GradientWarning,
-                stacklevel=2,
             )
-    warn_degenerate(singular, dependent_to_warn(dependent, warn_dependent), ill, cond, stacklevel=2,
+    warn_degenerate(singular, dependent_to_warn(dependent, warn_dependent), ill, cond,
                     not_minimum=not_minimum)
     return w, mu
 

@@ -33,12 +33,12 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
+from .._warn import warn
 from ..errors import GradientWarning, SolverError
 from .krylov import pseudo_random_directions
 from .linear_solvers import shown_indices
@@ -263,22 +263,20 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
             statuses=["not a KKT point"] * len(indices),
         )
     if bool(poor.any()):
-        warnings.warn(
+        warn(
             f"{prefix}solve returned a point that satisfies the first-order (KKT) "
             f"conditions only approximately for {shown_indices(poor)}: relative "
             f"stationarity residual {stat:.2e}, feasibility residual {feas:.2e} "
             f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely "
             f"causes: {hint}",
             GradientWarning,
-            stacklevel=5,
         )
     if bool(res.weakly_active.any()):
-        warnings.warn(
+        warn(
             f"{prefix}solve returned a point where an active inequality constraint has a "
             "zero multiplier (strict complementarity fails) for "
             f"{shown_indices(res.weakly_active)}: the solution is at a kink of its own, "
             "only one-sided derivatives exist, and the "
             "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6)",
             GradientWarning,
-            stacklevel=5,
         )

@@ -90,7 +90,7 @@ class _PnPFunction(torch.autograd.Function):
         else:
             check_start(~torch.isfinite(objective(init, *xs, pen)), True)
             theta, unfinished = solve(init, xs, pen, tol, max_iter)
-            warn_unfinished(unfinished, tol, max_iter, stacklevel=4)
+            warn_unfinished(unfinished, tol, max_iter)
         theta = canonical_pose(theta)
         # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
         # one still has eigenvalues of the order of that iterate's distance.

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any
 
 import torch
@@ -64,6 +63,7 @@ from torch import nn
 
 from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap, save_plain
 from .._checks import check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims
+from .._warn import warn
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
 from ._tv_solver import _SAFE, _counts, _edge_terms, _segment_ids, _segment_mean, _solve
@@ -74,8 +74,8 @@ __all__ = ["TotalVariation1d", "tv_denoise"]
 def _warn_rows(rows: torch.Tensor, what: str) -> None:
     if bool(rows.any()):
         where = rows.nonzero().flatten().tolist()[:10]
-        warnings.warn(f"tv_denoise: in row(s) {where} of the flattened batch, {what}",
-                      GradientWarning, stacklevel=4)  # at the backward's/jvp's caller
+        warn(f"tv_denoise: in row(s) {where} of the flattened batch, {what}",
+             GradientWarning)  # at the backward's/jvp's caller
 
 
 def _warn_nondifferentiable(tie: torch.Tensor, plateau: torch.Tensor, result: str) -> None:

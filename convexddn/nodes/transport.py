@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any
 
 import torch
@@ -58,6 +57,7 @@ from torch import nn
 
 from .._autograd import may_carry_tangents, refuse_vmap
 from .._checks import check_finite, check_int, check_positive, check_tensor
+from .._warn import warn
 from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import solve
 from ._sinkhorn_function import Box, SinkhornFn
@@ -267,13 +267,12 @@ def sinkhorn(
     if not worst <= tol:
         failed = ~(err <= tol)
         idx = [tuple(i) for i in torch.nonzero(failed.reshape(batch)).tolist()]
-        warnings.warn(
+        warn(
             f"sinkhorn did not reach tol={tol:.3g} within max_iter={max_iter} at batch "
             f"index(es) {idx[:10]}{' …' if len(idx) > 10 else ''} (relative column error "
             f"up to {worst:.3g}); raise max_iter or eps. The plan's rows are "
             "exact; its gradient assumes an optimum that was not reached",
             SolverWarning,
-            stacklevel=2,
         )
     if flip:
         P = P.transpose(-1, -2)

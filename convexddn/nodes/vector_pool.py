@@ -113,7 +113,7 @@ class _VectorPoolFunction(torch.autograd.Function):
             gx = (gy / N).unsqueeze(-2).expand(R, N, C) if need_x else None
             return gx, torch.zeros_like(alpha) if need_a else None, None, None, None, None
         a, z, n, k1, c = _terms(ctx.pen, x, alpha, y)
-        v = _h_solve(ctx.pen, k1, n, c, gy, "gradient", 3)
+        v = _h_solve(ctx.pen, k1, n, c, gy, "gradient")
         nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
         gx = ga = None
         if need_x:
@@ -147,7 +147,7 @@ class _VectorPoolFunction(torch.autograd.Function):
             at = alpha_t.to(y.dtype)
             at = at.unsqueeze(-1) if at.dim() > 0 else at
             rhs = rhs - ((ctx.pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
-        return _h_solve(ctx.pen, k1, n, c, rhs, "tangent", 4)
+        return _h_solve(ctx.pen, k1, n, c, rhs, "tangent")
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,

@@ -4,11 +4,10 @@ backward of Gould et al. Table 1 (:func:`~.kernels.pool_backward`) and its forwa
 twin."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..._autograd import bind_fast, first_order, first_order_jvp, refuse_batched, save_plain
+from ..._warn import warn
 from ...errors import GradientWarning
 from .kernels import pool_backward
 from .penalties import Quadratic
@@ -101,20 +100,18 @@ def _weights(ctx, x, alpha, y, grad_y, need_x: bool, need_alpha: bool):
     gx, ga, ok, all_ok, alpha_lost = pool_backward(ctx.penalty, x, y, a, grad_y, need_x, need_alpha,
                                                    ctx.use_compile)
     if alpha_lost:
-        warnings.warn(
+        warn(
             f"robust_pool(penalty={ctx.penalty.name!r}): the sum of d2phi_dalpha(y - x_i) is not "
             f"finite for {alpha_lost} of {rows} row(s), even in float64 (the penalty's formula "
             f"overflows); alpha's gradient from those rows is set to zero",
             GradientWarning,
-            stacklevel=4,
         )
     if not all_ok:
         bad = ~ok
-        warnings.warn(
+        warn(
             f"robust_pool(penalty={ctx.penalty.name!r}): the Hessian sum_i phi''(y - x_i) is "
             f"zero, singular or negative for {int(bad.sum())} of {rows} row(s) (no inliers, "
             f"or a non-isolated minimiser); their gradient is set to zero",
             GradientWarning,
-            stacklevel=4,
         )
     return gx, ga

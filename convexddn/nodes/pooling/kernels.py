@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..._checks import check_finite
+from ..._warn import warn
 from ...errors import ConvexDDNWarning
 from .penalties import SPREAD_DIVISOR, Penalty
 
@@ -75,11 +75,10 @@ def run(fn: Callable | None, use_compile: bool, *args: Any, key: Any = None,
                 return entry[1](*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                 _COMPILE_FAILED.add(name)
-                warnings.warn(
+                warn(
                     f"robust_pool: torch.compile failed for {name} "
                     f"({type(exc).__name__}: {str(exc)[:200]}); running it eagerly from now on",
                     ConvexDDNWarning,
-                    stacklevel=3,
                 )
     return fn(*args)
 

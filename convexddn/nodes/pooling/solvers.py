@@ -17,12 +17,11 @@ rows that float64 cannot resolve, or that hit ``max_iter``, are reported with a
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from ..._checks import check_finite
+from ..._warn import warn
 from ...errors import SolverWarning
 from .descent import descent_rows, safe_step
 from .iterations import newton_rows
@@ -118,10 +117,10 @@ def _sample_starts(xs: Tensor) -> Tensor:
     return torch.cat([xs.mean(-1, keepdim=True), _remedian(xs)], -1)
 
 
-def warn_rows(name: str, message: str, count: int, rows: int, stacklevel: int = 8) -> None:
+def warn_rows(name: str, message: str, count: int, rows: int) -> None:
     """The SolverWarning for ``count`` of ``rows`` rows of a pooling with penalty ``name``."""
-    warnings.warn(f"robust_pool(penalty={name!r}): {count} of {rows} row(s) {message}",
-                  SolverWarning, stacklevel=stacklevel)
+    warn(f"robust_pool(penalty={name!r}): {count} of {rows} row(s) {message}",
+         SolverWarning)
 
 
 # --------------------------------------------------------------------------- drivers

@@ -165,7 +165,7 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         warn_rows("trunc_quad", "have sums of squares too large (over 2^29 alpha^2 even from "
               "local anchors: rows of some ten million entries within a few alpha of each "
               "other) for float64 to rank the candidate runs to 2^-20 alpha^2; the returned "
-              "mean of a run may not be the global minimiser", unsure, rows, stacklevel=7)
+              "mean of a run may not be the global minimiser", unsure, rows)
     return y
 
 

@@ -10,12 +10,12 @@ projections are in :mod:`.simplex`; :mod:`.node` validates the options and picks
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from ..._autograd import bind_fast, first_order, may_carry_tangents, save_plain, with_forward_mode
 from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
+from ..._warn import warn
 from ...errors import ConvexDDNWarning, GradientWarning, SolverError
 from .._overflow import gain_limit, warn_gradient_overflow
 from .._repr import format_option
@@ -110,12 +110,11 @@ def warn_unrepresentable(y: torch.Tensor, d: int, what: str) -> None:
     """Warn when whole rows of a sphere projection rounded to zero (radius too small)."""
     zero = y.abs().amax(d) == 0
     if bool(zero.any()):
-        warnings.warn(
+        warn(
             f"{what}: the radius is too small for {y.dtype} ({int(zero.sum())} of "
             f"{zero.numel()} projected vector(s) rounded to zero, which is not on the "
             "sphere); use a larger radius or a wider dtype",
             ConvexDDNWarning,
-            stacklevel=4,
         )
 
 
@@ -186,20 +185,18 @@ def _warn_l2(ctx, y: torch.Tensor, wrt_x: bool, what: str) -> None:
     derivative exists (only when the derivative in x is asked for: ``wrt_x``), and a
     gain r/‖x‖ beyond the dtype's range (flagged by the forward, no host read here)."""
     if ctx.zeros and wrt_x:
-        warnings.warn(
+        warn(
             f"project_lp(p=2, mode='sphere'): {ctx.zeros} row(s) are x = 0, where every "
             "sphere point is nearest and the projection has no derivative (r/‖x‖ → ∞): "
             f"their {what} is set to zero",
             GradientWarning,
-            stacklevel=3,
         )
     if ctx.overflow:
-        warnings.warn(
+        warn(
             "project_lp(p=2): the gradient r/‖x‖·(I − ûûᵀ) overflows "
             f"{y.dtype} where ‖x‖ < r / {torch.finfo(y.dtype).max:.1e}: it "
             "is Inf (NaN where the projected gradient is 0)",
             GradientWarning,
-            stacklevel=3,
         )
 
 
