@@ -49,7 +49,7 @@ import math
 import torch
 
 from ._sinkhorn_kernel import kernel_sinkhorn as _kernel_sinkhorn
-from ._sinkhorn_padding import Padding, col_shift_, completion, row_shifted
+from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, row_shifted
 
 # Sinkhorn iterations between two checks of the column error (each check forms P).
 BLOCK = 10
@@ -246,6 +246,8 @@ def _solve(
     completion (f, g = −∞ on dead rows, columns); None without."""
     # The plan is unchanged by adding a constant to a row of C (α absorbs it), so the
     # spread that matters is the largest range within a row.
+    if C.numel():  # (and a huge offset of a whole row or column, which that range would round in)
+        C = offsets_removed(C, pad)
     if pad is None:
         D = C - C.amin(-1, keepdim=True)
         top = float(D.amax()) if C.numel() else 0.0

@@ -90,6 +90,32 @@ def row_shifted(C: torch.Tensor, pad: Padding) -> torch.Tensor:
     return (C - low).masked_fill_(pad.both, 0.0)
 
 
+def offsets_removed(C: torch.Tensor, pad: Padding | None) -> torch.Tensor:
+    """C less the offset of each row, then each column, whose live entries all lie
+    within ``OFFSET_SPREAD`` of their minimum's magnitude (that minimum); others as they are.
+
+    The plan is unchanged by such shifts, and the solver's own shifts (each row's minimum,
+    then each column's) then meet no huge offset: a column of -1e20 (a cost row of the
+    caller's, in the solver's transposed orientation) sat in every row's minimum, which
+    rounded the row's other entries away (the plan 1e-7 off at an offset of 1e10, 0.14
+    at 1e20, without a warning), and a column shift applied first rounds a huge row's
+    differences away in turn. A line's own minimum removes its offset exactly.
+    """
+    for dim, dead in ((-1, None if pad is None else pad.dead_c.unsqueeze(-2)),
+                      (-2, None if pad is None else pad.dead_r.unsqueeze(-1))):
+        lo = (C if dead is None else C.masked_fill(dead, math.inf)).amin(dim, keepdim=True)
+        hi = (C if dead is None else C.masked_fill(dead, -math.inf)).amax(dim, keepdim=True)
+        C = C - torch.where(hi - lo <= OFFSET_SPREAD * lo.abs(), lo, 0.0)
+    return C
+
+
+# A line (row or column) of costs is offset when its range is below this fraction of its
+# minimum's magnitude: removing the offset first rounds its entries by at most about
+# that fraction of their spread (in units of the last place), where a shift by another
+# line's huge entry would round them away.
+OFFSET_SPREAD = 1e-3
+
+
 def col_shift_(full: torch.Tensor, pad: Padding) -> torch.Tensor:
     """``full`` less each column's minimum over the live rows, in place."""
     full.sub_(full.masked_fill(pad.dead_r.unsqueeze(-1), math.inf).amin(-2, keepdim=True))
@@ -106,11 +132,15 @@ def completion(
     and columns, so that :math:`\pi` and :math:`\rho` are 0 on dead × dead entries. A
     row shift of D changes no :math:`\pi_i`, a column shift no :math:`\rho_j`.
     """
-    ce = full / eps
     G = P
-    if pad.rows:
-        G = torch.where(pad.dead_r.unsqueeze(-1), torch.softmax(g.unsqueeze(-2) - ce, -1), G)
+    if pad.rows:  # (``full`` is row-shifted: a 0 in every row's live columns)
+        G = torch.where(pad.dead_r.unsqueeze(-1), torch.softmax(g.unsqueeze(-2) - full / eps, -1), G)
     if pad.cols:
+        # Column-shifted first (a 0 in every column's live rows; 0 on dead × dead): a
+        # padded column of costs 1e300 at ε = 1e-10, or 1.7e308 at ε = 0.3, was +inf
+        # throughout after the division, its softmax NaN, and the backward spread that
+        # to every entry of b and a.
+        ce = col_shift_(full.clone(), pad) / eps
         G = torch.where(pad.dead_c.unsqueeze(-2), torch.softmax(f.unsqueeze(-1) - ce, -2), G)
     return G
 

@@ -582,6 +582,69 @@ def test_sinkhorn_padding_marginal_gradient_is_one_sided_limit(m, n, scale, eps)
     assert checked == int((a == 0).sum() + (b == 0).sum()) == 5 + n
 
 
+@pytest.mark.parametrize("offset", [-1e10, 1e10, -1e20, -1e300, 1e300])
+@pytest.mark.parametrize("m,n", [(4, 5), (5, 4)])
+def test_sinkhorn_plan_ignores_a_huge_constant_row_or_column(m, n, offset):
+    """Adding a constant to a row or a column of C leaves the plan as it is. A row of
+    constant cost -1e10 (in the solver's transposed orientation, a column) sat in the
+    minimum of every row that crossed it, which rounded their other costs away: the plan
+    was 1e-7 off at -1e10, 4e-5 at -1e14 and 0.14 at -1e20, without a warning. The
+    reference is the same problem with that row (column) set to 0, where nothing is large."""
+    eps = 0.3
+    C = 3 * torch.rand(m, n, generator=_gen(62), dtype=F64)
+    a = torch.rand(m, generator=_gen(63), dtype=F64) + 0.1
+    b = torch.rand(n, generator=_gen(64), dtype=F64) + 0.1
+    for dim in (0, 1):
+        big, zero = C.clone(), C.clone()
+        big.select(dim, 1).fill_(offset)
+        zero.select(dim, 1).fill_(0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            P = sinkhorn(big, a, b, eps=eps)
+        torch.testing.assert_close(P, sinkhorn(zero, a, b, eps=eps), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("value", [1e300, 1.7e308, -1.7e308])
+@pytest.mark.parametrize("eps", [0.3, 1e-10])
+def test_sinkhorn_padding_costs_of_any_finite_size(value, eps):
+    """Padded costs "may hold any finite values": with a dead row and column of costs
+    whose quotient by ε overflows (1.7e308 / 0.3, 1e300 / 1e-10), the backward's
+    completion divided them into columns of +inf: every gradient of a and b NaN, without
+    a warning; at 1e300 / 0.3 (finite, but the potentials rounded away beside it) the
+    dead a_i got a wrong one-sided derivative (0.21 for -0.12). Now the live gradients
+    are those of the problem without the padding, and the dead entries' are the
+    one-sided differences."""
+    C = 10 * eps * torch.rand(4, 5, generator=_gen(60), dtype=F64)  # spread 10 ε: the plain kernel
+    C[1, :] = value
+    C[:, 2] = value
+    a = torch.tensor([0.3, 0.0, 0.5, 0.2], dtype=F64)
+    b = torch.tensor([0.2, 0.3, 0.0, 0.1, 0.4], dtype=F64)
+    W = torch.randn(4, 5, generator=_gen(61), dtype=F64)
+
+    def loss(C, a, b):
+        return (sinkhorn(C, a, b, eps=eps, tol=1e-14) * W).sum()
+
+    C_, a_, b_ = (t.clone().requires_grad_() for t in (C, a, b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gC, ga, gb = torch.autograd.grad(loss(C_, a_, b_), (C_, a_, b_))
+    rows, cols = a > 0, b > 0
+    Cs, as_, bs = (t.clone().requires_grad_() for t in (C[rows][:, cols], a[rows], b[cols]))
+    ref = torch.autograd.grad((sinkhorn(Cs, as_, bs, eps=eps, tol=1e-14) * W[rows][:, cols]).sum(), (Cs, as_, bs))
+    torch.testing.assert_close(gC[rows][:, cols], ref[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ga[rows], ref[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gb[cols], ref[2], rtol=1e-9, atol=1e-12)
+    assert torch.equal(gC[~rows], torch.zeros(1, 5, dtype=F64)) and torch.equal(gC[:, ~cols], torch.zeros(4, 1, dtype=F64))
+    for v, g, i, which in ((a, ga, 1, "a"), (b, gb, 2, "b")):
+        def f(t, v=v, i=i, which=which):
+            w = v.clone()
+            w[i] = t
+            return float(loss(C, w, b) if which == "a" else loss(C, a, w))
+
+        fd = _one_sided(f)
+        assert abs(float(g[i]) - fd) <= 1e-6 * max(1.0, abs(fd)), (which, float(g[i]), fd)
+
+
 @pytest.mark.parametrize("scale,eps", [(1.0, 0.2), (4.0, 0.05)])
 @pytest.mark.parametrize("m,n", [(4, 3), (3, 5)])
 def test_sinkhorn_padding_gradcheck_fixed_pattern(m, n, scale, eps):
