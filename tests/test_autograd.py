@@ -173,7 +173,7 @@ JACREV_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf b
                 "tv_denoise", "least_squares", "eigen_decomposition"}
 JACFWD_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "tv_denoise",
                 "robust_vector_pool", "eigen_decomposition"}
-VMAP_WORKS = {"robust_vector_pool"}
+VMAP_WORKS = {"robust_vector_pool", "robust_pool"}
 
 
 def _transform(kind, node, x):
@@ -226,6 +226,7 @@ CONSTANT_UNDER_VMAP = [
     ("project_simplex", project_simplex),
     ("least_squares", lambda a: least_squares(a, torch.ones(2, 6, dtype=F64))),
     ("sinkhorn", lambda c: sinkhorn(c, eps=0.5)),
+    ("robust_pool", lambda c: robust_pool(c, "huber", 1.0)),
 ]
 
 

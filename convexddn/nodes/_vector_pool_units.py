@@ -1,29 +1,21 @@
 """Robust vector pooling's sets as the solver takes them: in working units (a power of
 two near alpha, relative to a midpoint where a set lies far from 0, in float64 where
-float32 cannot hold it), and with a torch.func.vmap's batch stacked onto their own.
+float32 cannot hold it).
 
 y(σx, σα) = σ y(x, α) and y(x + t) = y(x) + t, so both moves are exact and undone on
-the solution (:func:`convexddn.nodes.vector_pool.robust_vector_pool`); the sets are
-solved independently, so a vmapped call is the call on the stacked sets.
+the solution (:func:`convexddn.nodes.vector_pool.robust_vector_pool`). (Under
+torch.func.vmap the sets are stacked first: :mod:`._vmap_stack`.)
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from .._autograd import batched_values
 from .._checks import check_finite
-from ..errors import ProblemError, SolverError
+from ..errors import SolverError
 
-try:  # the innermost torch.func transform around a call (a torch without it: none)
-    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter as _innermost
-except ImportError:  # pragma: no cover
-    _innermost = None
-
-__all__ = ["in_units", "stacked_under_vmap"]
+__all__ = ["in_units"]
 
 # Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
 # up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
@@ -86,50 +78,3 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
     # Exact (powers of two); alpha is divided in float64, where it and the scale are normal.
     x3 = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype)
     return x3, (alpha.to(torch.float64) / scale).to(dtype), scale.to(dtype), anchor
-
-
-def stacked_under_vmap(x: torch.Tensor, alpha: Any, dims: tuple[int, ...], vd: int, batch: list[int],
-                       pool: Callable[..., torch.Tensor]) -> torch.Tensor | None:
-    """The vector pool of ``x`` where the innermost torch.func transform is a vmap that
-    batches ``x`` or ``alpha``: ``pool(x, alpha, dims, vector_dim)`` on the vmapped sets
-    stacked along a new leading batch dimension, batched again by that vmap (nested
-    vmaps stack one level per call). ``dims``, ``vd``: non-negative; ``batch``: the kept
-    dims' sizes, to which the caller checked that ``alpha`` broadcasts. ``None`` where no
-    vmap batches the values (no transform, or torch.func.jacfwd's vmap over tangents).
-
-    The solver decides on the host from the values (when to stop, which start wins),
-    which a vmap cannot batch (torch: "Cannot access data pointer of Tensor that doesn't
-    have storage"); stacked, the call is the node's own batch, solved set by set.
-
-    Raises:
-        ProblemError: values batched by a vmap around another transform
-            (``vmap(grad(f))``, ``vmap(jacfwd(f))``): that transform's wrappers sit
-            between the vmap and the call, so the sets cannot be stacked here.
-    """
-    if _innermost is None or not torch._C._are_functorch_transforms_active():
-        return None
-    interpreter = _innermost()
-    if not str(interpreter.key()).endswith("Vmap"):
-        if batched_values(x) or batched_values(alpha):
-            raise ProblemError(
-                "robust_vector_pool does not run under a torch.func transform inside torch.func.vmap "
-                "(e.g. vmap(grad(f)), vmap(jacfwd(f))): its solver decides on the host from the batched "
-                "values; stack the sets along a batch dimension of x instead (they are solved "
-                "independently) and differentiate that one call (torch.autograd, torch.func.jacfwd)")
-        return None
-    level, size = interpreter.level(), interpreter.batch_size()
-    functorch = torch._C._functorch
-    xs, x_dim = functorch._unwrap_batched(x, level)
-    al, a_dim = functorch._unwrap_batched(alpha, level) if isinstance(alpha, torch.Tensor) else (alpha, None)
-    with interpreter.lower():
-        if x_dim is None and a_dim is None:  # batched by an outer vmap only: stacked there
-            return pool(x, alpha, dims, vd)
-        xs = xs.movedim(x_dim, 0) if x_dim is not None else xs.expand(size, *xs.shape)
-        if a_dim is not None:  # (size, 1, ..., *its shape), broadcasting to (size, *batch)
-            al = al.movedim(a_dim, 0)
-            shape = al.shape[1:] if batch else ()  # (without a batch: one value, of any shape)
-            al = al.reshape(size, *[1] * (len(batch) - len(shape)), *shape)
-        else:  # an unbatched alpha broadcasts to the stacked batch as it is
-            al = alpha
-        y = pool(xs, al, tuple(d + 1 for d in dims), vd + 1)
-    return functorch._add_batch_dim(y, 0, level)

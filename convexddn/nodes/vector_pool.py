@@ -69,7 +69,7 @@ from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
 from ._vector_pool_solvers import solve
 from ._vector_pool_units import in_units as _in_units
-from ._vector_pool_units import stacked_under_vmap
+from ._vmap_stack import stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic
 
 __all__ = ["robust_vector_pool", "RobustVectorPool"]
@@ -294,8 +294,11 @@ def robust_vector_pool(
     else:
         a = torch.tensor(float(alpha), dtype=torch.float64, device=x.device)
     if "Vmap" in functorch_transforms():  # torch.func.vmap (and jacfwd: tangents only)
-        y = stacked_under_vmap(x, alpha, dims, vd, batch, lambda xs, al, d, v: robust_vector_pool(
-            xs, pen, al, d, v, tol=tol, max_iter=max_iter, starts=starts))
+        y = stacked_under_vmap(
+            "robust_vector_pool", x, alpha, batch,
+            lambda xs, al: robust_vector_pool(xs, pen, al, tuple(d + 1 for d in dims), vd + 1, tol=tol,
+                                              max_iter=max_iter, starts=starts),
+            lambda: robust_vector_pool(x, pen, alpha, dims, vd, tol=tol, max_iter=max_iter, starts=starts))
         if y is not None:
             return y
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

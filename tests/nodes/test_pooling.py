@@ -1507,16 +1507,18 @@ def test_pseudo_huber_alpha_gradient_float32_with_residuals_well_inside_alpha(al
     assert float(((got - ref).abs() / ref.abs()).median()) < 1e-5
 
 
-def test_robust_pool_under_vmap_or_batched_cotangents_gets_a_problem_error():
-    """vmap, jacfwd and jacrev failed with torch's "does not have vmap support" and
+def test_robust_pool_under_jacfwd_jacrev_or_batched_cotangents_gets_a_problem_error():
+    """jacfwd and jacrev failed with torch's "does not have vmap support" and
     is_grads_batched / vectorize=True with "Batching rule not implemented for
     aten::div.out"; one direction at a time works."""
     from convexddn.errors import ProblemError
     x = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
     f = lambda r: robust_pool(r, "huber", 1.0)  # noqa: E731
-    for transform in (torch.func.vmap, torch.func.jacfwd, torch.func.jacrev):
-        with pytest.raises(ProblemError, match="torch.func.vmap|batched cotangents"):  # (jacrev: its vjp)
+    for transform in (torch.func.jacfwd, torch.func.jacrev):
+        with pytest.raises(ProblemError, match="jacfwd or jacrev|batched cotangents"):  # (jacrev: its vjp)
             transform(f)(x)
+    with pytest.raises(ProblemError, match="inside torch.func.vmap"):
+        torch.func.vmap(torch.func.grad(lambda r: f(r).sum()))(x.unsqueeze(1))
     xg = x.clone().requires_grad_(True)
     with pytest.raises(ProblemError, match="batched cotangents"):
         torch.autograd.grad(f(xg), xg, torch.eye(3, dtype=F64), is_grads_batched=True)
@@ -1524,6 +1526,35 @@ def test_robust_pool_under_vmap_or_batched_cotangents_gets_a_problem_error():
         torch.autograd.functional.jacobian(f, x, vectorize=True, strategy="forward-mode")
     J = torch.autograd.functional.jacobian(f, x)
     torch.testing.assert_close(J.sum(-1), torch.eye(3, dtype=F64))  # dy_i/dx_i sums to 1 per row
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_robust_pool_under_vmap_is_the_stacked_call(penalty):
+    """torch.func.vmap raised a ProblemError (the solver decides on the host, which vmap
+    cannot batch). The rows are solved independently, so a vmapped call is now the call
+    on the stacked rows: the same values and gradients as the batched call, with x
+    vmapped along any dim, alpha vmapped too, nested vmaps and keepdim."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 7, dtype=F64, generator=gen)
+    x[..., :2] += 5.0
+    alpha = torch.rand(4, dtype=F64, generator=gen) + 0.5
+    leaf = x.clone().requires_grad_()
+    y = torch.func.vmap(lambda r: robust_pool(r, penalty, 1.0))(leaf)
+    ref_leaf = x.clone().requires_grad_()
+    ref = robust_pool(ref_leaf, penalty, 1.0)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    w = torch.randn(4, 3, dtype=F64, generator=gen)
+    (g,) = torch.autograd.grad((y * w).sum(), leaf)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), ref_leaf)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    # x vmapped along dim 1, alpha along dim 0, keepdim: y[i] pools x[:, i] with alpha[i]
+    yk = torch.func.vmap(lambda r, a: robust_pool(r, penalty, a, dim=-1, keepdim=True),
+                         in_dims=(1, 0))(x.transpose(0, 1), alpha)
+    want = robust_pool(x, penalty, alpha[:, None], dim=-1, keepdim=True)
+    torch.testing.assert_close(yk, want, rtol=0, atol=0)
+    # nested: the inner vmap batches 3, the outer 4
+    yn = torch.func.vmap(torch.func.vmap(lambda r: robust_pool(r, penalty, 1.0)))(x)
+    torch.testing.assert_close(yn, ref.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

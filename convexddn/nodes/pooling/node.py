@@ -38,9 +38,10 @@ from ..._checks import (
     normalize_dims,
     positive_range,
 )
-from ..._autograd import functorch_transforms
+from ..._autograd import batched_values, functorch_transforms
 from ...errors import ProblemError, ShapeError
 from .._repr import format_option
+from .._vmap_stack import stacked_under_vmap
 from .function import RobustPoolFunction
 from .kernels import compile_available
 from .penalties import Penalty
@@ -174,9 +175,11 @@ def robust_pool(
             ``alpha <= 0``, invalid ``dim``, ``keepdim``, ``tol``, ``max_iter`` or
             ``compile``.
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
-        ProblemError: a call under ``torch.func.vmap`` (or ``jacfwd``, ``jacrev``), and a
-            backward with batched cotangents (``is_grads_batched=True``,
-            ``jacobian(..., vectorize=True)``): use one direction at a time.
+        ProblemError: a call under ``torch.func.jacfwd`` or ``jacrev``, or under another
+            transform inside ``torch.func.vmap`` (``vmap(grad(f))``), and a backward with
+            batched cotangents (``is_grads_batched=True``,
+            ``jacobian(..., vectorize=True)``): use one direction at a time. (A plain
+            ``torch.func.vmap`` pools the stacked rows: the same as the batched call.)
 
     .. note::
         The iterative solvers decide when to stop on the host: a few device-to-host
@@ -190,14 +193,9 @@ def robust_pool(
         2021, Table 1 and §6.1.
     """
     check_tensor("x", x)
-    if "Vmap" in functorch_transforms():  # (jacfwd, jacrev and vmap itself)
-        # The solver branches on values on the host and writes into buffers (out=), which
-        # vmap cannot batch: torch's own error named RobustPoolFunction's missing rule.
-        raise ProblemError("robust_pool does not run under torch.func.vmap (nor jacfwd or jacrev, which use it): "
-                           "use torch.autograd (backward(), torch.autograd.grad, forward_ad for forward mode, "
-                           "torch.autograd.functional.jacobian without vectorize)")
     pen = _check_options(penalty, keepdim, tol, max_iter, compile)
-    wide = _check_alpha(alpha)
+    vmapped = "Vmap" in functorch_transforms()  # (vmap itself, and jacfwd, jacrev)
+    wide = False if vmapped and batched_values(alpha) else _check_alpha(alpha)  # (batched: checked stacked)
     dims = normalize_dims("dim", dim, x.ndim) if x.ndim > 0 else None
     if dims is None:
         raise ShapeError("x must have at least one dimension to pool over, got a 0-d tensor")
@@ -209,6 +207,20 @@ def robust_pool(
             )
     keep = [d for d in range(x.ndim) if d not in dims]
     batch = [x.shape[d] for d in keep]
+    if vmapped:
+        # The solver decides on the host from the values, which vmap cannot batch: a
+        # vmapped call is the call on the stacked rows (solved independently).
+        y = stacked_under_vmap(
+            "robust_pool", x, alpha, batch,
+            lambda xs, al: robust_pool(xs, pen, al, tuple(d + 1 for d in dims), keepdim, tol=tol,
+                                       max_iter=max_iter, compile=compile),
+            lambda: robust_pool(x, pen, alpha, dim, keepdim, tol=tol, max_iter=max_iter, compile=compile))
+        if y is not None:
+            return y
+        raise ProblemError("robust_pool does not run under torch.func.jacfwd or jacrev (a vmap over tangents or "
+                           "cotangents; the solver and its derivative read the host): use torch.autograd "
+                           "(backward(), torch.autograd.grad, forward_ad for forward mode, "
+                           "torch.autograd.functional.jacobian without vectorize)")
     n = math.prod(x.shape[d] for d in dims)
     x2 = x.permute(*keep, *dims).reshape(-1, n)
 
