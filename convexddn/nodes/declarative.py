@@ -117,7 +117,12 @@ class DeclarativeNode(torch.nn.Module):
         batch_dims: how many leading dimensions of every input (and of the output)
             are batch dimensions. ``0``: the inputs are one problem. Default ``1``.
         check_solution: verify in backward that ``solve`` returned a KKT point
-            (relative residuals; warning above ``solution_tol``, SolverError above 0.1).
+            (relative residuals; warning above ``solution_tol``, SolverError above 0.1),
+            and that the Lagrangian's gradient does not jump there (a kink: ``|y_i|``
+            at ``y_i = 0``, a vertex of an L1 ball, ``max`` at a tie, where autograd's
+            one-sided derivatives would give the derivative of another problem; a
+            GradientWarning, and those elements' gradients set to zero). The kink probe
+            costs two more gradient evaluations of the objective and constraints.
             Default ``True``.
         solution_tol: relative KKT residual that triggers the warning, in (0, 1)
             (``check_solution=False`` turns the check off). Default ``None``:

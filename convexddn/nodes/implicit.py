@@ -30,7 +30,7 @@ from .._warn import warn
 from ..errors import GradientWarning
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
-                         _non_finite_derivatives, _objective, _solution_length, lagrangian_probes)
+                         _non_finite_derivatives, _objective, _solution_length, kinked, lagrangian_probes)
 from .degeneracy import dependence_reaches_data
 from .implicit_options import check_implicit_options
 from .linear_solvers import LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
@@ -335,15 +335,27 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             break
         probes = lagrangian_probes(gL, yg, xg)
         broken = _non_finite_derivatives(gL, probes)
+        if broken is not None:
+            warn(
+                f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "
+                f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
+                "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
+                "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
+                "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
+                "(tangents, in forward mode) are set to zero", GradientWarning)
+        elif check_solution:
+            broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf)
+            if broken is not None:
+                warn(
+                    f"{who}the gradient of the Lagrangian in y jumps at the solution for "
+                    f"{shown_indices(broken)}: the objective or a constraint has a kink there "
+                    "(e.g. |y_i| at y_i = 0, a vertex of an L1 ball, max or clamp at a tie), where "
+                    "autograd's derivatives are one-sided choices and the implicit derivative "
+                    "(which needs twice-differentiable functions) would be that of another "
+                    "problem; their gradients (tangents, in forward mode) are set to zero "
+                    "(check_solution=False skips this probe)", GradientWarning)
         if broken is None:
             break
-        warn(
-            f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "
-            f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
-            "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
-            "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
-            "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
-            "(tangents, in forward mode) are set to zero", GradientWarning)
         gf = torch.where(broken.unsqueeze(-1), 0.0, gf)
         if c is not None:  # their constraints as inactive: zero rows, pinned multipliers
             inactive = inactive | broken.unsqueeze(-1)

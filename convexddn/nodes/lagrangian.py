@@ -171,6 +171,64 @@ def lagrangian_probes(gL: Tensor, yg: Tensor, xg) -> tuple:
     return torch.autograd.grad((gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True)
 
 
+# The kink probe's step, in eps of ‖y‖∞: a few thousand ulps of y, so that only a kink
+# at the solution to rounding is crossed (a solution 1e-7 from one is differentiable, and
+# autograd's derivative there is right), while 2δHu stays far above the rounding of y ± δu.
+_KINK_STEP = 1e4
+# A difference of ∇_y L across y ± δu that departs from 2δ Hu by more than this fraction
+# of 2δ‖Hu‖ (plus the rounding floor) is a jump, not curvature: O(δ²) relative for
+# smooth terms, O(1) / δ for a kink.
+_KINK_RATIO = 0.05
+_KINK_FLOOR = 1e3  # rounding floor, in eps of the objective's gradient ‖∇_y f‖∞
+
+
+def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | None, inactive: Tensor | None,
+           hu: Tensor | None, gf: Tensor) -> Tensor | None:
+    r"""``(B,)`` elements whose ``∇_y L`` jumps at the solution; ``None`` if none (one host sync).
+
+    Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at their kink by a one-sided
+    choice (``|·|' = 0``, ``|·|'' = 0`` at 0), so a solution at a kink (an exact zero of
+    an L1 term, a vertex of an L1 ball) looks like a smooth KKT point and the implicit
+    derivative is that of another problem (soft-thresholding at ``x_i = 0``: 1 for a true
+    0), with every check passing. The probe: with the multipliers fixed, the central
+    difference :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)` along the
+    direction ``u`` of ``hu`` (:math:`H u`, :func:`lagrangian_probes`) is
+    :math:`2\delta H u + O(\delta^3)` where L is twice differentiable, and off by the
+    jump of the gradient where a kink lies within :math:`\delta` of ``y`` (``u`` is dense:
+    it crosses every coordinate's kink; :math:`\delta = 10^4\, \epsilon\, \|y\|_\infty`,
+    2e-12 relative in float64: a kink at the solution to rounding). Elements with
+    ``y = 0`` throughout have no scale for ``δ`` and are not probed.
+    """
+    if hu is None:
+        return None
+    y = yg.detach()
+    delta = _KINK_STEP * torch.finfo(y.dtype).eps * y.abs().amax(-1, keepdim=True)
+    u = pseudo_random_directions(y.shape[1], y.shape[0], y.dtype, y.device)
+    xs = tuple(x.detach() for x in xg)
+    weights = None if lam is None else torch.where(inactive, 0.0, lam).detach()
+
+    def grad_at(point: Tensor) -> Tensor:
+        point = point.requires_grad_(True)
+        yv = point.view(shape)
+        total = _objective(f"{prefix}objective", objective, xs, yv).sum()
+        if weights is not None:
+            parts = [_constraint(f"{prefix}{name}", fn, xs, yv)
+                     for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
+            c = torch.cat([t for t in parts if t is not None], dim=1)
+            # Inactive rows detached: a constraint not differentiable there (a norm at 0)
+            # must not make the probe NaN through a zero multiplier.
+            total = total + (weights * torch.where(inactive, c.detach(), c)).sum()
+        (g,) = _grads(total, point, create_graph=False)
+        return g
+
+    with torch.enable_grad():
+        jump = grad_at(y + delta * u) - grad_at(y - delta * u) - 2.0 * delta * hu
+    size = 2.0 * delta[:, 0] * hu.abs().amax(-1)
+    floor = _KINK_FLOOR * torch.finfo(y.dtype).eps * gf.detach().abs().amax(-1)
+    kink = (jump.abs().amax(-1) > _KINK_RATIO * size + floor) & (delta[:, 0] > 0)
+    return kink if bool(kink.any()) else None
+
+
 def _non_finite_derivatives(gL: Tensor, probes) -> Tensor | None:
     """``(B,)`` elements whose ``∇_y L`` or its Hessian-vector product in ``probes``
     (:func:`lagrangian_probes`) is not finite; ``None`` if there are none (one host sync)."""

@@ -956,7 +956,8 @@ def test_solution_just_inside_active_constraint_is_rejected():
 def test_non_smooth_objective_at_kink_is_reported():
     # Total variation ½‖y − x‖² + λ Σ|y_{i+1} − y_i| at a fused solution: autograd's
     # subgradient 0 of |·| at 0 makes y look non-stationary (the derivative does not
-    # exist there); today's code gave the identity Jacobian silently.
+    # exist there); today's code gave the identity Jacobian silently. The kink probe
+    # names the kink (before the stationarity check, which fails too).
     class TV(DeclarativeNode):
         lam = 0.5
 
@@ -970,7 +971,7 @@ def test_non_smooth_objective_at_kink_is_reported():
     with pytest.raises((SolverError, GradientWarning)) as info, warnings.catch_warnings():
         warnings.simplefilter("error", GradientWarning)
         TV()(x).sum().backward()
-    assert "KKT" in str(info.value)
+    assert "KKT" in str(info.value) or "has a kink there" in str(info.value)
 
 
 def test_strict_complementarity_failure_warns():
@@ -1636,3 +1637,95 @@ def test_non_quadratic_objective_with_inequalities():
     (grad,) = torch.autograd.grad(_EntropySoftmax()(x), x, g)
     s = torch.softmax(x.detach(), -1)
     torch.testing.assert_close(grad, s * g - s * (s * g).sum(-1, keepdim=True), rtol=0, atol=1e-10)
+
+
+# ---- kinks: a solution where the Lagrangian's gradient jumps ------------------------------
+
+
+class _SoftThreshold(DeclarativeNode):
+    """½‖y − x‖² + ‖y‖₁: y = sign(x) max(|x| − 1, 0), dy/dx = diag(|x| > 1)."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + y.abs().sum(-1)
+
+    def solve(self, x):
+        return torch.sign(x) * torch.clamp(x.abs() - 1.0, min=0.0)
+
+
+class _L1Ball(DeclarativeNode):
+    """Projection onto the unit L1 ball, for inputs whose projection is the vertex e_0."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y.abs().sum(-1) - 1.0
+
+    def solve(self, x):
+        y = torch.zeros_like(x)
+        y[:, 0] = 1.0
+        return y
+
+
+def test_a_solution_at_a_kink_warns_and_zeroes_that_gradient():
+    """Soft-thresholding at x_0 = 0 exactly (y_0 = 0, where |y_0| has its kink): autograd's
+    |·|' = |·|'' = 0 there made y a smooth KKT point and the gradient that of ½‖y − x‖²,
+    1 for a true 0, silently. Now a GradientWarning names the element and its gradient is
+    zero; the other element, away from every kink, keeps its exact gradient."""
+    x = torch.tensor([[0.0, 2.0, -3.0], [1.5, 2.0, -3.0]], dtype=DT, requires_grad=True)
+    with pytest.warns(GradientWarning, match=r"jumps at the solution for 1 of 2 .*\[0\].*kink"):
+        (g,) = torch.autograd.grad(_SoftThreshold()(x).sum(), x)
+    assert torch.equal(g[0], torch.zeros(3, dtype=DT))
+    torch.testing.assert_close(g[1], torch.ones(3, dtype=DT), rtol=0, atol=1e-12)  # diag(|x| > 1)
+
+
+def test_a_vertex_of_an_l1_ball_warns():
+    """The projection of (2, 0) onto the L1 ball is the vertex (1, 0), where |y_1| has its
+    kink inside an active constraint: dy_1/dx was (0, 1), for a true (0, 0) (the vertex
+    stays put), silently."""
+    x = torch.tensor([[2.0, 0.0]], dtype=DT, requires_grad=True)
+    with pytest.warns(GradientWarning, match="kink"):
+        (g,) = torch.autograd.grad(_L1Ball()(x)[:, 1].sum(), x)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_forward_mode_at_a_kink_warns_too():
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.tensor([[0.0, 2.0, -3.0]], dtype=DT)
+    with pytest.warns(GradientWarning, match="kink"), fwAD.dual_level():
+        t = fwAD.unpack_dual(_SoftThreshold()(fwAD.make_dual(x, torch.ones_like(x)))).tangent
+    assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_no_kink_no_warning_and_the_probe_can_be_skipped():
+    """Away from the kinks (y_i 1e-7 from one and more, and a smooth but sharply curved
+    objective) the probe is silent and the gradient exact; check_solution=False skips it
+    at a kink (autograd's one-sided value, as before)."""
+    x = torch.tensor([[1.0 + 1e-7, 2.0, -3.0, 1.1]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(_SoftThreshold()(x).sum(), x)
+
+    class SharpHuber(DeclarativeNode):  # ½‖y − x‖² + Σ sqrt(y² + 1e-4): smooth, curvature 1e2
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1) + torch.sqrt(y * y + 1e-4).sum(-1)
+
+        def solve(self, x):  # bisection on the increasing y − x + y / sqrt(y² + ε), root within x ± 1
+            lo, hi = x - 1.0, x + 1.0
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                up = mid - x + mid / torch.sqrt(mid * mid + 1e-4) > 0
+                lo, hi = torch.where(up, lo, mid), torch.where(up, mid, hi)
+            return 0.5 * (lo + hi)
+
+    xs = torch.tensor([[0.3, 2.0, -3.0, 1.02]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        check_gradients(SharpHuber(), xs)
+    torch.testing.assert_close(g, torch.ones(1, 4, dtype=DT), rtol=0, atol=1e-12)  # diag(|x| > 1)
+    x0 = torch.tensor([[0.0, 2.0, -3.0]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g0,) = torch.autograd.grad(_SoftThreshold(check_solution=False)(x0).sum(), x0)
+    torch.testing.assert_close(g0, torch.ones_like(g0))  # autograd's one-sided choice, unchecked
