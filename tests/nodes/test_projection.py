@@ -633,6 +633,21 @@ def test_project_l1_sphere_underflow_warns():
         project_lp(x, 1, "sphere", 1e-45)
 
 
+@pytest.mark.parametrize("dtype,radius", [(torch.float16, 1e-30), (torch.float32, 1e-46)])
+def test_project_linf_sphere_underflow_warns(dtype, radius):
+    """A radius below the dtype's range rounds to 0: p = 1 and p = 2 warned that the
+    result (0, off the sphere) is not a sphere point, p = inf returned it silently.
+    A subnormal radius that the dtype holds is on the sphere: no warning."""
+    x = torch.tensor([[3.0, 4.0]], dtype=dtype)
+    with pytest.warns(cddn.errors.ConvexDDNWarning, match=r"p=inf.*rounded to zero"):
+        y = project_lp(x, math.inf, "sphere", radius)
+    assert torch.equal(y, torch.zeros_like(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cddn.errors.ConvexDDNWarning)
+        y = project_lp(x, math.inf, "sphere", 1e-7)  # subnormal in float16, normal in float32
+    assert float(y.abs().amax()) > 0
+
+
 
 def _exact_l1(x: list[float], r: float, dtype) -> torch.Tensor:
     """Exact L1 ball/sphere projection of x (outside the ball, or the sphere from inside)."""

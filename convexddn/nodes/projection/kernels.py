@@ -313,7 +313,11 @@ def linf_forward(
     # Out of place: an in-place write into the clamp's result is saved for the backward
     # as the pre-write tensor by AOTAutograd in torch 2.11 (wrong gradients under
     # torch.compile, seen with fullgraph=True).
-    return y.scatter(d, k, torch.where(xk < 0, -rk, rk).expand_as(xk))
+    y = y.scatter(d, k, torch.where(xk < 0, -rk, rk).expand_as(xk))
+    if not torch.compiler.is_compiling() and _may_underflow(r, 1, x.dtype):
+        # (a radius below the dtype's range rounds the pushed coordinate to 0, as p = 1, 2)
+        warn_unrepresentable(y, d, "project_lp(p=inf, mode='sphere')")
+    return y
 
 
 @bind_fast
