@@ -220,7 +220,7 @@ class ResidualMap:
         """
         if isinstance(M, np.ndarray):
             mat = M.T if transpose else M
-            sol, _, rank, _ = scipy.linalg.lstsq(mat, rhs, cond=1e-12, lapack_driver="gelsy",
+            sol, _, rank, _ = scipy.linalg.lstsq(mat, rhs, cond=_RANK_RTOL, lapack_driver="gelsy",
                                                  check_finite=False)
             # R is positively homogeneous, so M is singular along z: rank N - 1 at a
             # differentiable solution. A lower rank means the solution is not unique (or
@@ -370,6 +370,14 @@ class ResidualMap:
         finally:
             self.degenerate = kept
 
+
+# Singular values of M below this fraction of its largest are taken as 0 by the dense
+# solves. M is formed at the solver's point, accurate to its tolerance (~1e-9), so a
+# direction that weak is not resolved there: equality rows that repeat each other (a
+# row and twice it) left M's second null direction at 1.5e-12 (not 1e-16) at Clarabel's
+# point, and with a cut at 1e-12 the Newton polish stepped along it to multipliers of
+# ±8e3 and the gradient's norm went to 4e4 (the minimum-norm one: 0.9).
+_RANK_RTOL = 1e-9
 
 # Relative difference between the gradients on the two sides of an undecided row below
 # which it is taken as one (dense solves of one system: ~1e-14 apart when it is).

@@ -409,6 +409,30 @@ def test_redundant_active_constraint_gives_exact_gradient_without_warning(solver
     torch.testing.assert_close(jac, torch.eye(2, dtype=F64).expand(2, 2, 2), atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("adjoint", ["dense", "lsmr"])
+def test_repeated_equality_rows_keep_the_per_element_gradient_small(adjoint):
+    """min ‖y‖² + cᵀy s.t. A y = b with A's second row twice its first (and b's): the
+    multipliers are not unique, only the derivative along b's consistent direction
+    (1, 2) is defined (2: y moves by (1, 1, 1)/3 per unit of it, and the loss is
+    (1, 2, 3)·y). The dense adjoint stepped along M's second null direction, resolved
+    at 1.5e-12 only at Clarabel's point: multipliers of ±8e3 and gradients of 4e4 (b's
+    (-8533, 4268)), under a warning that called them minimum-norm. Now they are O(1),
+    as the iterative adjoint's and the batched path's."""
+    n = 3
+    y, A, b, c = cp.Variable(n), cp.Parameter((2, n)), cp.Parameter(2), cp.Parameter(n)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y) + c @ y), [A @ y == b])
+    layer = cddn.ConvexLayer(prob, [A, b, c], [y], solver="Clarabel", adjoint=adjoint)
+    Av = torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]], dtype=F64, requires_grad=True)
+    bv = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    cv = torch.tensor([0.3, -0.2, 0.5], dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientWarning)  # (non-unique: the dense path says so)
+        out = layer(Av, bv, cv)
+        gA, gb, gc = torch.autograd.grad(out @ torch.tensor([1.0, 2.0, 3.0], dtype=F64), (Av, bv, cv))
+    torch.testing.assert_close(float(gb @ torch.tensor([1.0, 2.0], dtype=F64)), 2.0, atol=1e-7, rtol=0)
+    assert max(float(g.abs().max()) for g in (gA, gb, gc)) < 5.0, (gA, gb, gc)
+
+
 def test_rank_deficient_system_still_warns_when_a_parameter_reaches_it():
     """The same redundant row, but with its own bound h as a parameter: moving h alone
     below a₁ + a₂ cuts the vertex (one-sided derivatives differ), so the warning stays."""
