@@ -35,10 +35,12 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
 
     - infeasible: :math:`y = z/\\|z\\|_\\infty \\in K^*` (zero-cone rows free),
       :math:`\\|A^T y\\|_\\infty \\le` ``tol`` :math:`\\max|A|` and
-      :math:`b^T y < -` ``tol`` :math:`\\|b\\|_\\infty`;
+      :math:`b^T y < -` ``tol`` :math:`\\|b \\circ y\\|_\\infty` (its own largest term: an
+      inactive bound of 1e4 that the ray does not use rejected a valid one against
+      :math:`\\|b\\|_\\infty`);
     - unbounded: :math:`d = x/\\|x\\|_\\infty` with :math:`-Ad \\in K` and
       :math:`\\|Pd\\|_\\infty` within ``tol`` of the data's largest entries and
-      :math:`q^T d < -` ``tol`` :math:`\\|q\\|_\\infty`.
+      :math:`q^T d < -` ``tol`` :math:`\\|q \\circ d\\|_\\infty`.
 
     Each test is relative to the data and to the ray's own size, as the per-element
     path's (:func:`~.cone.verify_certificate`): a ray found on the equilibrated data is
@@ -54,11 +56,11 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     y = z / torch.where(ny > 0, ny, 1.0)[:, None]
     d = x / torch.where(nx > 0, nx, 1.0)[:, None]
     infeasible = ((ny > 0) & torch.isfinite(ny) & (layout.violation(y[:, z0:]) <= tol)
-                  & (row_inf(bmv(A.mT, y)) <= tol * a_max) & ((b * y).sum(1) < -tol * row_inf(b)))
+                  & (row_inf(bmv(A.mT, y)) <= tol * a_max) & ((b * y).sum(1) < -tol * row_inf(b * y)))
     s = -bmv(A, d)
     unbounded = ((nx > 0) & torch.isfinite(nx) & (row_inf(s[:, :z0]) <= tol * a_max)
                  & (layout.violation(s[:, z0:]) <= tol * a_max) & (row_inf(bmv(P, d)) <= tol * p_max)
-                 & ((q * d).sum(1) < -tol * row_inf(q)))
+                 & ((q * d).sum(1) < -tol * row_inf(q * d)))
     return infeasible, unbounded
 
 

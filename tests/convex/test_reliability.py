@@ -768,3 +768,84 @@ def test_exponential_cone_result_left_above_its_floor_is_warned():
     lse = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.log_sum_exp(x[:3]) + cp.sum_squares(x[:3] - p))), [p], [x])
     y, texts = _solver_warnings(lambda: lse(torch.tensor([0.3, -1.0, 2.0], dtype=F64)))
     assert not texts, texts
+
+
+# ------------------------------------------------------------ one huge inactive bound beside small rows
+# A single large entry of b (an inactive bound) set the scale of the residual, cone and
+# certificate tests for every row: violations of 1e-3 in rows of 1e-2 passed 1e-8.
+
+_CONTRADICTION = (torch.tensor([[1.351977390646994, -0.24893108863163083], [-1.351977390646994, 0.24893108863163083],
+                                [-1.0251335835236195, -0.07949727834551289], [0.5899528291358902, -1.1329548861523788]],
+                               dtype=F64),
+                  torch.tensor([1.2013453140594149e-02, -1.3865033921566168e-02, 9.7740619920727405e-03, 0.0],
+                               dtype=F64),
+                  torch.tensor([-1.878942727965573, -0.43649410481269235], dtype=F64))
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+@pytest.mark.parametrize("bound", [1.0, 1e4, 3.0879897466018522e5, 1e7])
+def test_infeasible_lp_beside_a_huge_inactive_bound_is_infeasible(bound, solver):
+    """Rows 0 and 1 say G₀x <= 0.0120 and G₀x >= 0.0139 (cvxpy: infeasible with
+    Clarabel, ECOS and SCS); row 3's bound is inactive. At a bound of 3.1e5 the batched
+    path returned a point violating row 1 by 1.85e-3 as solved (residual 4e-9, relative
+    to the bound), and at 1e4 and 1e7 the valid certificate was rejected against ‖b‖∞
+    (SolverError "badly scaled"). The verdict must not depend on the inactive bound."""
+    G, h, q = _CONTRADICTION
+    h = h.clone()
+    h[3] = bound
+    x, Gp, hp, qp = cp.Variable(2), cp.Parameter((4, 2)), cp.Parameter(4), cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(qp @ x), [Gp @ x <= hp, cp.abs(x) <= 1.0])
+    layer = cddn.ConvexLayer(prob, [Gp, hp, qp], [x], solver=solver)
+    with pytest.raises(InfeasibleError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        layer(G, h, q)
+
+
+def test_infeasible_lp_per_element_is_not_solved_by_the_fallback():
+    """The per-element path: Clarabel said infeasible, SCS from its point returned a
+    point violating two rows by 6e-3 and 1.7e-2 (rows of 1e-2) with a residual of 1e-8
+    relative to an inactive bound of 6.7e7, and that point was returned as solved."""
+    G = torch.tensor([[0.3, -1.2, 0.5], [-0.3, 1.2, -0.5], [1.1, 0.4, -0.7], [0.2, 0.9, 1.3]], dtype=F64)
+    h = torch.tensor([0.011, -0.011 - 1.3e-2 * float(G[0].norm()), 0.034, 6.7e7], dtype=F64)
+    q = torch.tensor([0.4, -1.0, 0.25], dtype=F64)
+    x, Gp, hp, qp = cp.Variable(3), cp.Parameter((4, 3)), cp.Parameter(4), cp.Parameter(3)
+    prob = cp.Problem(cp.Minimize(qp @ x), [Gp @ x <= hp, cp.abs(x) <= 1.0])
+    layer = cddn.ConvexLayer(prob, [Gp, hp, qp], [x], solver="Clarabel")
+    with pytest.raises(InfeasibleError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        layer(G, h, q)
+
+
+def test_socp_beside_a_huge_inactive_bound_keeps_its_box():
+    """min w t + 1e-3 qᵀx s.t. ‖Fx − g‖ <= t, Gx <= h (row scales 1e-6 to 1e4, the last
+    row inactive with bound / row norm 4.8e11), |x| <= 1.64031300595: the second
+    opinion's point violated the box by 9.4e-4 and was certified (the slack's violation
+    measured against the inactive slack of 1e6). SCS at 1e-10 gives x = (-1.6403125,
+    0.3664067, 0.6468341); the box must hold, and the point be that one."""
+    G = torch.tensor([[5.976528279985048, 37.214884145939806, -5.901536912114305],
+                      [3643.4030490887535, 13531.661094737257, -2358.614145322932],
+                      [0.9718417713404981, 0.09605183867777159, -0.9698834961765737],
+                      [38.872096544869486, -38.49481042487675, 120.36719081470038],
+                      [-3.755987711719958e-07, 2.9075416784554456e-07, -2.0348647313421304e-06]], dtype=F64)
+    h = torch.tensor([0.01509490571435453, 4.770200944492556, -0.0006182106607811247, -0.009540179120629808,
+                      1000000.0001524338], dtype=F64)
+    q = torch.tensor([-1.1165747784173386e-07, 3.2176602031880935e-07, -7.978647879813074e-07], dtype=F64)
+    F = torch.tensor([[-0.0001638764580436073, 0.00146182473649121, 0.003985679775264315],
+                      [0.0002673512237554379, 0.00015780317568122554, -0.0012364342239419201],
+                      [0.0021895749883698115, 0.00030988625808592345, 0.0006314413251426183],
+                      [0.000661225216385148, -0.00013030613188600018, -0.0014487191546216761],
+                      [0.00039301048619868684, 0.0006596510434041749, -0.0007586995998982381]], dtype=F64)
+    g = torch.tensor([-0.05069982313100418, -1.591269937250584, 0.5624050811159641, -5.112096807140017,
+                      11.280053731836706], dtype=F64)
+    box = 1.6403130059506639
+    x, t = cp.Variable(3), cp.Variable()
+    Gp, hp, qp, Fp, gp = cp.Parameter((5, 3)), cp.Parameter(5), cp.Parameter(3), cp.Parameter((5, 3)), cp.Parameter(5)
+    prob = cp.Problem(cp.Minimize(7.919142034435401 * t + 1e-3 * (qp @ x)),
+                      [Gp @ x <= hp, cp.norm(Fp @ x - gp) <= t, cp.abs(x) <= box])
+    layer = cddn.ConvexLayer(prob, [Gp, hp, qp, Fp, gp], [x], solver="batched")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        y = layer(G, h, q, F, g)
+    assert float(y.abs().max()) <= box + 1e-6
+    torch.testing.assert_close(y, torch.tensor([-1.6403125198, 0.3664067281, 0.6468340882], dtype=F64),
+                               atol=2e-6, rtol=0)
