@@ -80,15 +80,13 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
                  x: np.ndarray, y: np.ndarray, s: np.ndarray) -> float:
     """Largest relative violation of primal/dual feasibility, cone membership and gap.
 
-    Feasibility is measured row by row (column by column) against the *data*
-    (``1 + |b_i|``, ``1 + |c_j|``) after discounting the rounding error that the row's
-    products carry (``64 eps (|A||x| + |s| + |b|)_i``); cone membership block by block,
-    against ``1 +`` the block's largest entry. One norm for all rows let an inactive
-    bound of 6.7e7 hide violations of 6e-3 in rows of 1e-2 (an infeasible LP returned
-    as solved), and a normalisation by ``|Ax|`` itself let a far-off point with
-    ``|x| ~ 1e12`` pass a 1e-6 test on a badly scaled QP (its residual grew with its own
-    size). The gap is relative to the smaller of the two objective values, as Clarabel
-    measures it.
+    Feasibility is measured row by row (column by column) against the magnitudes of the
+    row's own terms, ``1 + max(|b_i|, (|A||x| + |s| + |b|)_i)`` (``1 + max(|c_j|,
+    (|A|ᵀ|y| + |c|)_j)``), after discounting the rounding those terms carry (``64 eps``
+    of them); a slack's distance to K against its rows' scale, a multiplier's against
+    ``1 + ‖y‖∞``. One norm for all rows let an inactive bound of 6.7e7 hide violations
+    of 6e-3 in rows of 1e-2 (an infeasible LP returned as solved). The gap is relative
+    to the smaller of the two objective values, as Clarabel measures it.
     """
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(s))):
         return float("inf")
@@ -101,25 +99,25 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
         return float(np.max(v)) if v.size else 0.0
 
     eps = np.finfo(np.float64).eps
-    noise_p = 64 * eps * (absA @ np.abs(x) + np.abs(s) + np.abs(b))
-    noise_d = 64 * eps * (absA.T @ np.abs(y) + np.abs(c))
-    primal = worst(np.maximum(np.abs(Ax + s - b) - noise_p, 0.0) / (1.0 + np.abs(b)))
-    dual = worst(np.maximum(np.abs(ATy + c) - noise_d, 0.0) / (1.0 + np.abs(c)))
+    terms_p = absA @ np.abs(x) + np.abs(s) + np.abs(b)  # each row's terms' magnitudes
+    terms_d = absA.T @ np.abs(y) + np.abs(c)
+    primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (1.0 + np.maximum(np.abs(b), terms_p)))
+    dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (1.0 + np.maximum(np.abs(c), terms_d)))
     gap = max(abs(cx + by) - 64 * eps * (abs(cx) + abs(by)), 0.0) / (1.0 + min(abs(cx), abs(by)))
-    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones)
-    y_cone = _blockwise_violation(y, project(y, cones, dual=True), cones)
+    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, np.maximum(np.abs(b), terms_p))
+    y_cone = float(np.max(np.abs(y - project(y, cones, dual=True)), initial=0.0)) / (1.0 + float(np.max(np.abs(y), initial=0.0)))
     return max(primal, dual, gap, s_cone, y_cone)
 
 
-def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list) -> float:
-    """Largest ``‖v_b − proj_b‖∞ / (1 + ‖v_b‖∞)`` over the cone blocks ``b`` of ``v``
-    (one row each for the zero and nonnegative cones)."""
+def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np.ndarray) -> float:
+    """Largest ``‖v_b − proj_b‖∞ / (1 + max scale_b)`` over the cone blocks ``b`` of ``v``
+    (one row each for the zero and nonnegative cones), ``scale`` one value per row."""
     dist, at, out = np.abs(v - proj), 0, 0.0
     for kind, size in cones:
         if kind in (cone_lib.ZERO, cone_lib.POS):
             k = int(size)
             if k:
-                out = max(out, float(np.max(dist[at:at + k] / (1.0 + np.abs(v[at:at + k])))))
+                out = max(out, float(np.max(dist[at:at + k] / (1.0 + scale[at:at + k]))))
             at += k
             continue
         if kind == cone_lib.SOC:
@@ -130,7 +128,7 @@ def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list) -> float:
             blocks = [3] * int(size)
         for q in blocks:
             if q:
-                out = max(out, float(np.max(dist[at:at + q])) / (1.0 + float(np.max(np.abs(v[at:at + q])))))
+                out = max(out, float(np.max(dist[at:at + q])) / (1.0 + float(np.max(scale[at:at + q]))))
             at += q
     return out
 

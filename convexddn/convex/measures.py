@@ -17,8 +17,8 @@ __all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "UNVERIFIABLE", "Measures", "call
            "point_residual"]
 
 
-def kkt_measures(P, q, A, b, x, s, z, by_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Relative primal residual, dual residual and duality gap, per element.
+def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Relative primal residual, dual residual and duality gap, per element.
 
     .. math::
 
@@ -27,31 +27,15 @@ def kkt_measures(P, q, A, b, x, s, z, by_row: bool = False) -> tuple[torch.Tenso
         \frac{|x^T P x + q^T x + b^T z|}{1 + |x^T P x| + |q^T x| + |b^T z|}
 
     On equilibrated data (unit-size rows, columns and cost) the 1's are the data's own
-    scale, which makes these measures invariant to rescaling the problem. ``by_row``
-    (the caller's units, whose rows are not equilibrated): each row (variable) against
-    its own terms, :math:`\max_i |(Ax + s - b)_i| / (1 + \max(|b_i|, |(Ax)_i|, |s_i|))`
-    and likewise for the dual residual: with one norm for all rows, an inactive bound of
-    3e5 beside rows of 1e-2 let a violation of 1.85e-3 in another row pass as 6e-9 (an
-    infeasible LP certified as solved).
+    scale, which makes these measures invariant to rescaling the problem.
+    :func:`caller_measures` measures the caller's units row by row instead.
     """
     Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
-    if by_row:
-        pres = _by_row(Ax + s - b, b, Ax, s)
-        dres = _by_row(Px + ATz + q, q, Px, ATz)
-    else:
-        pres = row_inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(row_inf(b), row_inf(Ax)), row_inf(s)))
-        dres = row_inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(row_inf(q), row_inf(Px)), row_inf(ATz)))
+    pres = row_inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(row_inf(b), row_inf(Ax)), row_inf(s)))
+    dres = row_inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(row_inf(q), row_inf(Px)), row_inf(ATz)))
     xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
     gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
     return pres, dres, gap
-
-
-def _by_row(r: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: the largest ``|r_i| / (1 + max_k |terms_k,i|)`` over the rows of ``r (B, m)``."""
-    if not r.shape[1]:
-        return r.new_zeros(r.shape[0])
-    scale = torch.stack(terms).abs().amax(0)
-    return (r.abs() / (1 + scale)).amax(1)
 
 
 # Bits of caller_measures' second output, and of the batched solve's ``points``: the
@@ -62,21 +46,41 @@ FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE = 1, 2, 4
 
 
 def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(residual, points)`` of a point in the caller's units, per element.
+    r"""``(residual, points)`` of a point in the caller's units, per element.
 
-    ``residual``: the largest of :func:`kkt_measures` and the relative cone violations
-    of ``s`` and ``z`` (``inf`` where NaN). ``points``:
-    :data:`FEASIBLE_PRIMAL` where ``(x, s)`` is primal feasible to ``tol`` (relative
-    primal residual, and ``s``'s distance to K relative to ``1 + ‖s‖∞``), plus
-    :data:`FEASIBLE_DUAL` where ``(x, z)`` is dual feasible to ``tol`` (``z`` in
-    :math:`K^*`, zero-cone rows free). A solver's infeasibility (unboundedness)
-    certificate that meets a primal (dual) feasible point is not believed: a ray that
-    passes the relative tests on data mixing scales (a bound of 1e6 beside ones) was.
+    The caller's rows are not equilibrated, so each row and each variable is measured
+    against its own terms' magnitudes:
+
+    .. math::
+
+        \max_i \frac{|(Ax + s - b)_i|}{1 + \rho_i},\ \rho_i = \max(|b_i|, (|A||x|)_i, |s_i|);
+        \quad \max_j \frac{|(Px + A^T z + q)_j|}{1 + \max(|q_j|, (|P||x|)_j, (|A|^T|z|)_j)}
+
+    (the magnitudes of the terms, not of their sums, so rounding in a cancelling row
+    passes), a slack's distance to K against its rows' :math:`\rho`, a multiplier's
+    against :math:`1 + \|z\|_\infty`, and the gap of :func:`kkt_measures`. With one norm
+    for all rows, an inactive bound of 3e5 beside rows of 1e-2 let a violation of 1.85e-3
+    in another row pass as 6e-9 (an infeasible LP certified as solved), and a box row
+    violated by 9.4e-4 passed beside a slack of 1e6.
+
+    ``residual``: the largest of these (``inf`` where NaN). ``points``:
+    :data:`FEASIBLE_PRIMAL` where ``(x, s)`` is primal feasible to ``tol`` (the primal
+    residual and the slack's distance to K), plus :data:`FEASIBLE_DUAL` where ``(x, z)``
+    is dual feasible to ``tol`` (``z`` in :math:`K^*`, zero-cone rows free). A solver's
+    infeasibility (unboundedness) certificate that meets a primal (dual) feasible point
+    is not believed: a ray that passes the relative tests on data mixing scales (a bound
+    of 1e6 beside ones) was.
     """
-    pres, dres, gap = kkt_measures(P, q, A, b, x, s, z, by_row=True)
-    s_out, z_out = _cone_violation(layout, s, by_block=True), _cone_violation(layout, z, by_block=True)
-    # (cone membership counts as in the equilibrated units' point_residual: a slack
-    # outside K by 1.4e-3 in the caller's units passed, the equilibrated "1 +" hiding it)
+    _, _, gap = kkt_measures(P, q, A, b, x, s, z)
+    Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
+    ax = x.abs()
+    rho = torch.stack([b.abs(), bmv(A.abs(), ax), s.abs()]).amax(0)  # (B, m)
+    sigma = torch.stack([q.abs(), bmv(P.abs(), ax), bmv(A.abs().mT, z.abs())]).amax(0)  # (B, n)
+    pres = _worst((Ax + s - b).abs() / (1 + rho))
+    dres = _worst((Px + ATz + q).abs() / (1 + sigma))
+    z0 = layout.zero
+    s_out = layout.violation(s[:, z0:], scale=rho[:, z0:])
+    z_out = _cone_violation(layout, z)
     residual = torch.stack([pres, dres, gap, s_out, z_out]).amax(0)
     residual = torch.where(torch.isnan(residual), torch.inf, residual)
     primal = (pres <= tol) & (s_out <= tol)
@@ -84,12 +88,13 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     return residual, primal.long() * FEASIBLE_PRIMAL + dual.long() * FEASIBLE_DUAL
 
 
-def _cone_violation(layout: ConeLayout, v: torch.Tensor, by_block: bool = False) -> torch.Tensor:
-    """(B,) distance of ``v``'s cone rows to K (= K*), relative to ``1 + ‖v‖∞``;
-    ``by_block`` (the caller's units): each block's relative to ``1 +`` its own size (an
-    inactive slack of 1e6 hid a box row violated by 9.4e-4 against ``‖v‖∞``)."""
-    if by_block:
-        return layout.violation(v[:, layout.zero:], relative=True)
+def _worst(v: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` largest entry of each row of ``v (B, k)`` (0 when ``k = 0``)."""
+    return v.amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
+
+
+def _cone_violation(layout: ConeLayout, v: torch.Tensor) -> torch.Tensor:
+    """(B,) distance of ``v``'s cone rows to K (= K*), relative to ``1 + ‖v‖∞``."""
     return layout.violation(v[:, layout.zero:]) / (1 + row_inf(v))
 
 

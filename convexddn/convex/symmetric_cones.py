@@ -165,21 +165,24 @@ class ConeLayout:
             return u.new_full((u.shape[0],), math.inf)
         return vals.amin(1)
 
-    def violation(self, u: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    def violation(self, u: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Largest Euclidean distance of a cone block of u to the cone, per element;
-        ``relative``: each block's distance over ``1 +`` its own largest entry."""
+        with ``scale`` (one value per row of u): each block's distance over ``1 +`` its
+        rows' largest scale."""
         ul, us = self._split(u)
         parts = [torch.clamp(-ul, min=0.0)]
-        if relative:
-            parts[0] = parts[0] / (1 + ul.abs())
+        if scale is not None:
+            sl, ss = self._split(scale)
+            parts[0] = parts[0] / (1 + sl)
         if self.soc:
             idx = self.index(u.device)
             u0 = us[:, idx.heads]
             n1 = torch.sqrt(self._seg(us * us * idx.tail))
             dist = torch.where(n1 <= -u0, torch.sqrt(u0 * u0 + n1 * n1),
                                torch.clamp(n1 - u0, min=0.0) / math.sqrt(2.0))
-            if relative:
-                dist = dist / (1 + torch.sqrt(self._seg(us * us)))  # (the block's 2-norm)
+            if scale is not None:
+                block = torch.zeros_like(dist).scatter_reduce_(1, idx.soc_id.expand_as(ss), ss, "amax")
+                dist = dist / (1 + block)
             parts.append(dist)
         vals = torch.cat(parts, 1)
         return vals.amax(1) if vals.shape[1] else u.new_zeros(u.shape[0])

@@ -6,6 +6,7 @@ from dense linear algebra or from closed forms, never from the solver under test
 from __future__ import annotations
 
 import math
+import warnings
 
 import clarabel
 import numpy as np
@@ -481,15 +482,20 @@ def test_iterations_read_the_host_once_per_step(host_reads):
     assert [c - counts[0] for c in counts] == [0, 1, 2, 3, 4]
 
 
-def test_relative_cone_violation_measures_each_block_against_its_own_size():
-    """``violation(relative=True)``: each nonnegative row against 1 + its own size and
-    each second-order cone against 1 + its block's norm, so that a slack of 1e6 beside
-    them does not shrink their violations (the caller-unit check's cone test)."""
+def test_cone_violation_against_a_scale_per_row():
+    """``violation(scale=ρ)``: each nonnegative row's violation over 1 + its ρ, each
+    second-order cone's over 1 + the largest ρ of its rows (the caller-unit check's slack
+    test, ρ its rows' term magnitudes), so that a slack of 1e6 in another row does not
+    shrink them."""
     layout = ConeLayout(0, 3, (3,))
     v = torch.tensor([[1e6, -1e-3, 0.5, 1.0, 2.0, 0.0]], dtype=torch.float64)
-    # nonneg: 1e-3 / (1 + 1e-3); cone (1, (2, 0)): distance (2 - 1)/√2 over 1 + √5
-    want = max(1e-3 / (1 + 1e-3), (1 / math.sqrt(2)) / (1 + math.sqrt(5)))
-    torch.testing.assert_close(layout.violation(v, relative=True), torch.tensor([want], dtype=torch.float64))
+    rho = torch.tensor([[1e6, 0.5, 0.5, 1.0, 3.0, 0.0]], dtype=torch.float64)
+    # nonneg: 1e-3 / (1 + 0.5); cone (1, (2, 0)): distance (2 - 1)/√2 over 1 + 3
+    want = max(1e-3 / 1.5, (1 / math.sqrt(2)) / 4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = layout.violation(v, scale=rho)
+    torch.testing.assert_close(got, torch.tensor([want], dtype=torch.float64))
     inside = torch.tensor([[1e6, 0.0, 0.5, 3.0, 2.0, 0.0]], dtype=torch.float64)
-    assert float(layout.violation(inside, relative=True)) == 0.0
+    assert float(layout.violation(inside, scale=rho)) == 0.0
     torch.testing.assert_close(layout.violation(v), torch.tensor([1 / math.sqrt(2)], dtype=torch.float64))

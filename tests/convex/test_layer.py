@@ -939,8 +939,9 @@ def test_kkt_check_sees_second_order_cone_violations():
     cones = cone_lib.parse_cone_dict({"q": [3]})
     for eps in (1e-6, 1e-5):
         x = np.array([1.0, 1.0 + eps, 0.0])  # s = x outside the cone by eps; y = 0
-        # s − Π(s) = (−eps/2, eps/2, 0): its ∞-norm over 1 + ‖s‖∞.
-        expected = (eps / 2) / (1 + (1 + eps))
+        # s − Π(s) = (−eps/2, eps/2, 0): its ∞-norm over 1 + the block's row scale, the
+        # rows' terms |A||x| + |s| + |b| = 2|x| (largest 2 (1 + eps)).
+        expected = (eps / 2) / (1 + 2 * (1 + eps))
         assert kkt_residual(A, b, c, cones, x, np.zeros(3), x) == pytest.approx(expected, rel=1e-6)
 
 
