@@ -81,12 +81,14 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     """Largest relative violation of primal/dual feasibility, cone membership and gap.
 
     Feasibility is measured row by row (column by column) against the magnitudes of the
-    row's own terms, ``1 + max(|b_i|, (|A||x| + |s| + |b|)_i)`` (``1 + max(|c_j|,
-    (|A|ᵀ|y| + |c|)_j)``), after discounting the rounding those terms carry (``64 eps``
-    of them); a slack's distance to K against its rows' scale, a multiplier's against
-    ``1 + ‖y‖∞``. One norm for all rows let an inactive bound of 6.7e7 hide violations
-    of 6e-3 in rows of 1e-2 (an infeasible LP returned as solved). The gap is relative
-    to the smaller of the two objective values, as Clarabel measures it.
+    row's own terms, ``1 + (|A||x| + |s| + |b|)_i`` (``1 + (|A|ᵀ|y| + |c|)_j``), after
+    discounting the rounding those terms carry (``64 eps`` of them); a slack's distance
+    to K against its rows' scale, a multiplier's against ``1 + ‖y‖∞``. One norm for all
+    rows let an inactive bound of 6.7e7 hide violations of 6e-3 in rows of 1e-2 (an
+    infeasible LP returned as solved). (A far-off point whose residual grows with its
+    own size is relatively accurate by these measures: only the gap can tell it.)
+    The gap is relative to the smaller of the two objective values, as Clarabel
+    measures it.
     """
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(s))):
         return float("inf")
@@ -101,10 +103,10 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     eps = np.finfo(np.float64).eps
     terms_p = absA @ np.abs(x) + np.abs(s) + np.abs(b)  # each row's terms' magnitudes
     terms_d = absA.T @ np.abs(y) + np.abs(c)
-    primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (1.0 + np.maximum(np.abs(b), terms_p)))
-    dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (1.0 + np.maximum(np.abs(c), terms_d)))
+    primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (1.0 + terms_p))
+    dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (1.0 + terms_d))
     gap = max(abs(cx + by) - 64 * eps * (abs(cx) + abs(by)), 0.0) / (1.0 + min(abs(cx), abs(by)))
-    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, np.maximum(np.abs(b), terms_p))
+    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, terms_p)
     y_cone = float(np.max(np.abs(y - project(y, cones, dual=True)), initial=0.0)) / (1.0 + float(np.max(np.abs(y), initial=0.0)))
     return max(primal, dual, gap, s_cone, y_cone)
 

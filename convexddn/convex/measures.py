@@ -33,9 +33,13 @@ def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch
     Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
     pres = row_inf(Ax + s - b) / (1 + torch.maximum(torch.maximum(row_inf(b), row_inf(Ax)), row_inf(s)))
     dres = row_inf(Px + ATz + q) / (1 + torch.maximum(torch.maximum(row_inf(q), row_inf(Px)), row_inf(ATz)))
+    return pres, dres, _gap(q, b, x, z, Px)
+
+
+def _gap(q, b, x, z, Px) -> torch.Tensor:
+    """``(B,)`` relative duality gap :math:`|x^TPx + q^Tx + b^Tz| / (1 + |x^TPx| + |q^Tx| + |b^Tz|)`."""
     xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
-    gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
-    return pres, dres, gap
+    return (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
 
 
 # Bits of caller_measures' second output, and of the batched solve's ``points``: the
@@ -71,8 +75,8 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     is not believed: a ray that passes the relative tests on data mixing scales (a bound
     of 1e6 beside ones) was.
     """
-    _, _, gap = kkt_measures(P, q, A, b, x, s, z)
     Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
+    gap = _gap(q, b, x, z, Px)
     ax = x.abs()
     rho = torch.stack([b.abs(), bmv(A.abs(), ax), s.abs()]).amax(0)  # (B, m)
     sigma = torch.stack([q.abs(), bmv(P.abs(), ax), bmv(A.abs().mT, z.abs())]).amax(0)  # (B, n)
