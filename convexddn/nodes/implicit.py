@@ -344,7 +344,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
                 "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
                 "(tangents, in forward mode) are set to zero", GradientWarning)
         elif check_solution:
-            broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf)
+            broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf, gL)
             if broken is not None:
                 warn(
                     f"{who}the gradient of the Lagrangian in y jumps at the solution for "

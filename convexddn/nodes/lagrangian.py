@@ -171,19 +171,23 @@ def lagrangian_probes(gL: Tensor, yg: Tensor, xg) -> tuple:
     return torch.autograd.grad((gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True)
 
 
-# The kink probe's step, in eps of ‖y‖∞: a few thousand ulps of y, so that only a kink
-# at the solution to rounding is crossed (a solution 1e-7 from one is differentiable, and
-# autograd's derivative there is right), while 2δHu stays far above the rounding of y ± δu.
-_KINK_STEP = 1e4
+# The kink probe's step, in eps of ‖y‖∞: a hundred ulps of y, so that only a kink at the
+# solution to rounding is crossed (a solution 1e-4 from one in float32 is differentiable,
+# and autograd's derivative there is right: 1e4 eps, 1.2e-3 ‖y‖ there, crossed it).
+_KINK_STEP = 1e2
 # A difference of ∇_y L across y ± δu that departs from 2δ Hu by more than this fraction
-# of 2δ‖Hu‖ (plus the rounding floor) is a jump, not curvature: O(δ²) relative for
+# of 2δ‖Hu‖, plus the rounding floor, is a jump, not curvature: O(δ²) relative for
 # smooth terms, O(1) / δ for a kink.
 _KINK_RATIO = 0.05
-_KINK_FLOOR = 1e3  # rounding floor, in eps of the objective's gradient ‖∇_y f‖∞
+# The rounding floor, in units of the stationarity residual ∇_y L at y (its rounding is
+# that of the gradient's terms, which can dwarf ‖∇_y f‖ and ‖y‖‖H‖: least squares with a
+# large residual and a solution of 6e-7 was flagged against a floor in eps of ‖∇_y f‖),
+# plus eps of ‖∇_y f‖.
+_KINK_FLOOR = 1e3
 
 
 def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | None, inactive: Tensor | None,
-           hu: Tensor | None, gf: Tensor) -> Tensor | None:
+           hu: Tensor | None, gf: Tensor, gL: Tensor) -> Tensor | None:
     r"""``(B,)`` elements whose ``∇_y L`` jumps at the solution; ``None`` if none (one host sync).
 
     Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at their kink by a one-sided
@@ -195,9 +199,11 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     direction ``u`` of ``hu`` (:math:`H u`, :func:`lagrangian_probes`) is
     :math:`2\delta H u + O(\delta^3)` where L is twice differentiable, and off by the
     jump of the gradient where a kink lies within :math:`\delta` of ``y`` (``u`` is dense:
-    it crosses every coordinate's kink; :math:`\delta = 10^4\, \epsilon\, \|y\|_\infty`,
-    2e-12 relative in float64: a kink at the solution to rounding). Elements with
-    ``y = 0`` throughout have no scale for ``δ`` and are not probed.
+    it crosses every coordinate's kink; :math:`\delta = 100\, \epsilon\, \|y\|_\infty`: a
+    kink at the solution to rounding). The difference is compared with
+    ``_KINK_RATIO`` of :math:`2\delta\|Hu\|` plus a floor of ``_KINK_FLOOR`` times the
+    stationarity residual ``gL`` at ``y`` (its rounding is the gradient terms').
+    Elements with ``y = 0`` throughout have no scale for ``δ`` and are not probed.
     """
     if hu is None:
         return None
@@ -224,7 +230,7 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     with torch.enable_grad():
         jump = grad_at(y + delta * u) - grad_at(y - delta * u) - 2.0 * delta * hu
     size = 2.0 * delta[:, 0] * hu.abs().amax(-1)
-    floor = _KINK_FLOOR * torch.finfo(y.dtype).eps * gf.detach().abs().amax(-1)
+    floor = _KINK_FLOOR * (gL.detach().abs().amax(-1) + torch.finfo(y.dtype).eps * gf.detach().abs().amax(-1))
     kink = (jump.abs().amax(-1) > _KINK_RATIO * size + floor) & (delta[:, 0] > 0)
     return kink if bool(kink.any()) else None
 

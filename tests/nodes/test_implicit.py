@@ -1729,3 +1729,48 @@ def test_no_kink_no_warning_and_the_probe_can_be_skipped():
         warnings.simplefilter("error", GradientWarning)
         (g0,) = torch.autograd.grad(_SoftThreshold(check_solution=False)(x0).sum(), x0)
     torch.testing.assert_close(g0, torch.ones_like(g0))  # autograd's one-sided choice, unchecked
+
+
+def test_no_kink_for_a_small_solution_beside_a_large_residual():
+    """Least squares whose data lie mostly outside range(A): the residual is O(1), the
+    solution 1e-3 to 6e-7. The probe's floor was measured in eps of ‖∇_y f‖ (0 at the
+    optimum) while the rounding of ∇_y L at y ± δu is that of its terms (|Aᵀ||Ay − d|):
+    the smallest solution was flagged and its gradient zeroed (0.36 off pinv(A))."""
+
+    class LeastSquaresFit(DeclarativeNode):
+        def objective(self, A, d, y):
+            return ((A @ y.unsqueeze(-1)).squeeze(-1) - d).pow(2).sum(-1)
+
+        def solve(self, A, d):
+            return torch.linalg.lstsq(A, d.unsqueeze(-1)).solution.squeeze(-1)
+
+    gen = _gen(5)
+    A = torch.randn(3, 8, 3, dtype=DT, generator=gen)
+    Q, _ = torch.linalg.qr(A)
+    r = torch.randn(3, 8, dtype=DT, generator=gen)
+    r = r - (Q @ (Q.mT @ r.unsqueeze(-1))).squeeze(-1)
+    d = (r + torch.tensor([1.0, 1e-3, 1e-6], dtype=DT)[:, None] * torch.randn(3, 8, dtype=DT, generator=gen))
+    d.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(LeastSquaresFit()(A, d).sum(), d)
+    torch.testing.assert_close(g, torch.linalg.pinv(A).sum(-2), rtol=0, atol=1e-12)
+
+
+def test_no_kink_near_one_in_float32_backward():
+    """implicit_dtype=float32: soft-thresholding (λ = 0.5) at x = (2, 0.5001, -1.5) has
+    y₁ = 1e-4, 800 float32 ulps of ‖y‖ from the kink; a probe step of 1e4 eps (1.2e-3 ‖y‖)
+    crossed it and zeroed the gradient, for a true (1, 1, 1)."""
+
+    class HalfThreshold(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1) + 0.5 * y.abs().sum(-1)
+
+        def solve(self, x):
+            return torch.sign(x) * torch.clamp(x.abs() - 0.5, min=0.0)
+
+    x = torch.tensor([[2.0, 0.5001, -1.5]], dtype=torch.float32, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(HalfThreshold(implicit_dtype=torch.float32)(x).sum(), x)
+    torch.testing.assert_close(g, torch.ones_like(g), rtol=0, atol=1e-5)
