@@ -43,7 +43,7 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
       :math:`q^T d < -` ``tol`` :math:`\\|q \\circ d\\|_\\infty`.
 
     Each test is relative to the data and to the ray's own size, as the per-element
-    path's (:func:`~.cone.verify_certificate`): a ray found on the equilibrated data is
+    path's (:func:`~.cone_checks.verify_certificate`): a ray found on the equilibrated data is
     believed in the caller's units only if it passes there too.
 
     Shape:

@@ -1,20 +1,13 @@
-"""Cone-program maths shared by the backends: KKT residual and the residual map.
+"""The residual map of a cone program, for the per-element path.
 
-A cone program in the form cvxpylayers' DIFFCP canonicalisation produces,
-
-.. math::
-
-    \\min_x c^T x \\quad \\text{s.t.}\\quad A x + s = b,\\; s \\in K,
-
-is solved exactly when its KKT conditions hold: :func:`kkt_residual` measures how far a
-point ``(x, y, s)`` is from that, relative to the data's magnitude.
+For a cone program in the form cvxpylayers' DIFFCP canonicalisation produces
+(:mod:`.cone_checks` measures its points and certificates),
 :class:`ResidualMap` is the piecewise-smooth map :math:`R(z)` whose zeros are the
 solutions (Busseti, Moursi & Boyd, 2019): its derivative polishes solutions by Newton
 steps and, transposed, gives the adjoint derivative (Agrawal et al., "Differentiating
 through a cone program", 2019).
 """
 from __future__ import annotations
-
 
 import numpy as np
 import scipy.linalg
@@ -23,9 +16,10 @@ from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
+from .cone_checks import kkt_residual
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
-__all__ = ["POLISH_ABOVE", "ResidualMap", "kkt_residual", "verify_certificate"]
+__all__ = ["POLISH_ABOVE", "ResidualMap"]
 
 
 # Solution error goes like the square root of the KKT residual when a squared objective
@@ -37,140 +31,6 @@ _POLISHED = 1e-14
 # A Newton step that cuts the residual less than this (and leaves it within _FLOOR_SPREAD
 # of the best) has stalled (see ResidualMap.refine).
 _STEP_GAIN, _FLOOR_SPREAD = 0.1, 1e3
-
-
-def _soc(v: np.ndarray) -> np.ndarray:
-    """The exact projection onto one second-order cone {(t, u): ‖u‖ <= t}."""
-    t, u = v[0], v[1:]
-    nu = float(np.linalg.norm(u))
-    if nu <= t:
-        return v
-    if nu <= -t:
-        return np.zeros_like(v)
-    a = 0.5 * (t + nu)
-    return np.concatenate([[a], (a / nu) * u])
-
-
-def _rows(kind: str, size) -> int:
-    """Rows of a parsed diffcp cone entry (``size``: an int, or a list for q and s)."""
-    if kind in (cone_lib.SOC, cone_lib.PSD):
-        return int(sum(size if kind == cone_lib.SOC else (k * (k + 1) // 2 for k in size)))
-    return 3 * int(size) if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) else int(size)
-
-
-def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
-    """diffcp's projection onto K (or K*), exact on the second-order cones, for the checks
-    (:func:`kkt_residual`, :func:`verify_certificate`): diffcp's returns a point unchanged
-    when ``‖u‖`` is within ``1e-8`` of ``t`` (``np.isclose``: 1e-5 relative), so a slack
-    outside a cone by 1e-5 relative read as inside and passed a KKT check at 1e-6 (the
-    cones are self-dual: ``dual`` does not matter there)."""
-    out = cone_lib.pi(x, cones, dual=dual)
-    at = 0
-    for kind, size in cones:
-        if kind == cone_lib.SOC:
-            for q in size:
-                out[at:at + q] = _soc(x[at:at + q])
-                at += q
-        else:
-            at += _rows(kind, size)
-    return out
-
-
-def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
-                 x: np.ndarray, y: np.ndarray, s: np.ndarray) -> float:
-    """Largest relative violation of primal/dual feasibility, cone membership and gap.
-
-    Feasibility is measured row by row (column by column) against the magnitudes of the
-    row's own terms, ``1 + (|A||x| + |s| + |b|)_i`` (``1 + (|A|ᵀ|y| + |c|)_j``), after
-    discounting the rounding those terms carry (``64 eps`` of them); a slack's distance
-    to K against its rows' scale, a multiplier's against ``1 + ‖y‖∞``. One norm for all
-    rows let an inactive bound of 6.7e7 hide violations of 6e-3 in rows of 1e-2 (an
-    infeasible LP returned as solved). (A far-off point whose residual grows with its
-    own size is relatively accurate by these measures: only the gap can tell it.)
-    The gap is relative to the smaller of the two objective values, as Clarabel
-    measures it.
-    """
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(s))):
-        return float("inf")
-    Ax = A @ x
-    ATy = A.T @ y
-    cx, by = float(c @ x), float(b @ y)
-    absA = abs(A)
-
-    def worst(v: np.ndarray) -> float:
-        return float(np.max(v)) if v.size else 0.0
-
-    eps = np.finfo(np.float64).eps
-    terms_p = absA @ np.abs(x) + np.abs(s) + np.abs(b)  # each row's terms' magnitudes
-    terms_d = absA.T @ np.abs(y) + np.abs(c)
-    primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (1.0 + terms_p))
-    dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (1.0 + terms_d))
-    gap = max(abs(cx + by) - 64 * eps * (abs(cx) + abs(by)), 0.0) / (1.0 + min(abs(cx), abs(by)))
-    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, terms_p)
-    y_cone = float(np.max(np.abs(y - project(y, cones, dual=True)), initial=0.0)) / (1.0 + float(np.max(np.abs(y), initial=0.0)))
-    return max(primal, dual, gap, s_cone, y_cone)
-
-
-def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np.ndarray) -> float:
-    """Largest ``‖v_b − proj_b‖∞ / (1 + max scale_b)`` over the cone blocks ``b`` of ``v``
-    (one row each for the zero and nonnegative cones), ``scale`` one value per row."""
-    dist, at, out = np.abs(v - proj), 0, 0.0
-    for kind, size in cones:
-        if kind in (cone_lib.ZERO, cone_lib.POS):
-            k = int(size)
-            if k:
-                out = max(out, float(np.max(dist[at:at + k] / (1.0 + scale[at:at + k]))))
-            at += k
-            continue
-        if kind == cone_lib.SOC:
-            blocks = list(size)
-        elif kind == cone_lib.PSD:
-            blocks = [k * (k + 1) // 2 for k in size]
-        else:  # exponential cones: three rows each
-            blocks = [3] * int(size)
-        for q in blocks:
-            if q:
-                out = max(out, float(np.max(dist[at:at + q])) / (1.0 + float(np.max(scale[at:at + q]))))
-            at += q
-    return out
-
-
-def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
-                       x: np.ndarray, y: np.ndarray, claim: str, tol: float = 1e-6) -> bool:
-    """Whether the solver's certificate of ``claim`` ("infeasible" or "unbounded") holds.
-
-    - infeasible: a dual ray ``y ∈ K*`` with ``Aᵀy = 0`` and ``bᵀy < 0``;
-    - unbounded: a primal ray ``x`` with ``-Ax ∈ K`` and ``cᵀx < 0``.
-
-    Each condition is checked relative to the data and the ray's own size (the ray is
-    scale-free), so a status that a badly scaled problem provoked is not believed
-    unless its certificate verifies. The sign test of ``bᵀy`` (``cᵀx``) is relative to
-    its own largest term: measured against ``‖b‖∞``, an inactive bound of 1e4 beside
-    rows of 1e-2 (which the ray does not use) rejected a valid certificate.
-    """
-    def inf(v: np.ndarray) -> float:
-        return float(np.max(np.abs(v))) if v.size else 0.0
-
-    if claim == "infeasible":
-        ny = inf(y)
-        if not np.all(np.isfinite(y)) or ny == 0:
-            return False
-        d = y / ny
-        ATd = A.T @ d
-        a_scale = max(float(abs(A).max()) if A.nnz else 0.0, 1e-300)
-        in_cone = inf(d - project(d, cones, dual=True)) <= tol
-        return in_cone and inf(ATd) <= tol * a_scale and float(b @ d) < -tol * max(inf(b * d), 1e-300)
-    if claim == "unbounded":
-        nx = inf(x)
-        if not np.all(np.isfinite(x)) or nx == 0:
-            return False
-        d = x / nx
-        Ad = A @ d
-        a_scale = max(float(abs(A).max()) if A.nnz else 0.0, 1e-300)
-        s = -Ad
-        in_cone = inf(s - project(s, cones, dual=False)) <= tol * a_scale
-        return in_cone and float(c @ d) < -tol * max(inf(c * d), 1e-300)
-    return False
 
 
 # A nonnegative pair (y_i, s_i) with |y_i − s_i| below this, relative to the solution's

@@ -39,7 +39,8 @@ from .._warn import warn
 from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
-from .cone import POLISH_ABOVE, ResidualMap, verify_certificate
+from .cone import POLISH_ABOVE, ResidualMap
+from .cone_checks import verify_certificate
 from .parametric import parametric_entries
 from .spread import data_spread
 from .status import name_elements, status_kind
@@ -105,7 +106,7 @@ class CheckedDiffcp(SolverInterface):
         mode: how the adjoint and refinement systems are solved; ``"auto"`` picks
             ``"dense"`` for cone programs with at most 400 rows + columns, ``"lsmr"``
             above.
-        tol: largest accepted relative KKT residual (see :func:`.cone.kkt_residual`).
+        tol: largest accepted relative KKT residual (see :func:`.cone_checks.kkt_residual`).
         solver_args: keyword arguments for the first solver, over our defaults.
         refine: Newton steps polishing each solution (see :class:`.cone.ResidualMap`).
         workers: processes solving and differentiating chunks of the batch; 1 solves

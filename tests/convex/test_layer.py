@@ -933,7 +933,7 @@ def test_kkt_check_sees_second_order_cone_violations():
     import scipy.sparse as sp
     from diffcp import cones as cone_lib
 
-    from convexddn.convex.cone import kkt_residual
+    from convexddn.convex.cone_checks import kkt_residual
 
     A, b, c = sp.csc_matrix(-np.eye(3)), np.zeros(3), np.zeros(3)
     cones = cone_lib.parse_cone_dict({"q": [3]})
