@@ -56,9 +56,8 @@ SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "ECOS": {"abstol": 1e-10, "reltol": 1e-10, "feastol": 1e-10},
 }
 
-# The dense adjoint factorises an (N, N) matrix, N = rows + columns + 1 of the cone
-# program; above this size LSMR (run to 1e-12) is faster (measured: 10× on a 1026-row
-# pseudo-Huber pooling) and, with refined solutions, still accurate to ~1e-9.
+# The dense adjoint factorises an (N, N) matrix, N = rows + columns + 1; above this LSMR
+# (to 1e-12) is faster (10× on a 1026-row pseudo-Huber pooling) and accurate to ~1e-9.
 _DENSE_MAX_N = 400
 
 
