@@ -184,6 +184,9 @@ _KINK_RATIO = 0.05
 # large residual and a solution of 6e-7 was flagged against a floor in eps of ‖∇_y f‖),
 # plus eps of ‖∇_y f‖.
 _KINK_FLOOR = 1e3
+# Steps δ and 2δ whose jumps differ by more than this fraction are curvature, not a kink
+# (softmax's y log y at y_i = 1e-14 ‖y‖ was flagged with one step, its gradient zeroed).
+_KINK_AGREE = 0.25
 
 
 def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | None, inactive: Tensor | None,
@@ -200,9 +203,11 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     :math:`2\delta H u + O(\delta^3)` where L is twice differentiable, and off by the
     jump of the gradient where a kink lies within :math:`\delta` of ``y`` (``u`` is dense:
     it crosses every coordinate's kink; :math:`\delta = 100\, \epsilon\, \|y\|_\infty`: a
-    kink at the solution to rounding). The difference is compared with
-    ``_KINK_RATIO`` of :math:`2\delta\|Hu\|` plus a floor of ``_KINK_FLOOR`` times the
-    stationarity residual ``gL`` at ``y`` (its rounding is the gradient terms').
+    kink at the solution to rounding). Its excess over :math:`2\delta Hu` must
+    exceed ``_KINK_RATIO`` of :math:`2\delta\|Hu\|` plus a floor of ``_KINK_FLOOR``
+    times the stationarity residual ``gL`` at ``y`` (its rounding is the gradient
+    terms'), and agree with the excess at the step :math:`2\delta` (a jump does not
+    depend on the step; a smooth term's excess grows with it).
     Elements with ``y = 0`` throughout have no scale for ``δ`` and are not probed.
     """
     if hu is None:
@@ -228,10 +233,16 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
         return g
 
     with torch.enable_grad():
-        jump = grad_at(y + delta * u) - grad_at(y - delta * u) - 2.0 * delta * hu
+        jump, wide = (grad_at(y + k * delta * u) - grad_at(y - k * delta * u) - (2.0 * k) * delta * hu
+                      for k in (1.0, 2.0))
     size = 2.0 * delta[:, 0] * hu.abs().amax(-1)
     floor = _KINK_FLOOR * (gL.detach().abs().amax(-1) + torch.finfo(y.dtype).eps * gf.detach().abs().amax(-1))
-    kink = (jump.abs().amax(-1) > _KINK_RATIO * size + floor) & (delta[:, 0] > 0)
+    # A jump is the same across both steps; a smooth term whose curvature changes within
+    # the step (y log y at y_i ~ δ) departs from its linear term by amounts that grow
+    # with the step, or turns NaN (y ± 2δu outside its domain): not a kink.
+    agree = (wide - jump).abs() <= _KINK_AGREE * jump.abs() + floor.unsqueeze(-1)
+    excess = torch.where(agree, jump.abs(), 0.0)
+    kink = (excess.amax(-1) > _KINK_RATIO * size + floor) & (delta[:, 0] > 0)
     return kink if bool(kink.any()) else None
 
 

@@ -99,6 +99,7 @@ def kkt_residuals(
     tol: float,
     eps: float,
     probes: tuple | None = None,
+    feasibility_rows: Tensor | None = None,
 ) -> KKTResiduals:
     """Relative first-order residuals of ``y`` (see the module docstring).
 
@@ -117,6 +118,8 @@ def kkt_residuals(
             scale is at least ``eps`` times the largest in the batch.
         probes: ``(H u, Bᵀu …)`` of ``gL`` along :func:`~.krylov.pseudo_random_directions`
             if the caller has them (one double-backward pass); computed here otherwise.
+        feasibility_rows: the Jacobian that scales the feasibility residual where it is not
+            ``A`` (elements whose rows of ``A`` were zeroed); ``None``: ``A``.
     """
     batch, m = yg.shape
     if probes is None:
@@ -149,11 +152,12 @@ def kkt_residuals(
     violation = torch.where(is_ineq, c.detach().clamp_min(0.0), c.detach())
     uc = pseudo_random_directions(c.shape[1], batch, c.dtype, c.device)
     dcx = torch.autograd.grad((c * uc).sum(), tuple(xg), retain_graph=True, allow_unused=True)
-    feas_scale = A.flatten(1).norm(dim=-1) * yg.norm(dim=-1)
+    a_norm = (A if feasibility_rows is None else feasibility_rows).flatten(1).norm(dim=-1)
+    feas_scale = a_norm * yg.norm(dim=-1)
     for x, g in zip(xg, dcx):
         if g is not None:
             feas_scale = feas_scale + _row_norm(g) * _row_norm(x)
-    feas_noise = _rounding(feas_scale, eps, no_length, A.flatten(1).norm(dim=-1))
+    feas_noise = _rounding(feas_scale, eps, no_length, a_norm)
     feasibility = _ratio(_above(violation.norm(dim=-1), feas_noise), _floored(feas_scale, eps))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
