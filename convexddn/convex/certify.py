@@ -38,8 +38,10 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
       :math:`b^T y < -` ``tol`` :math:`\\|b \\circ y\\|_\\infty` (its own largest term: an
       inactive bound of 1e4 that the ray does not use rejected a valid one against
       :math:`\\|b\\|_\\infty`);
-    - unbounded: :math:`d = x/\\|x\\|_\\infty` with :math:`-Ad \\in K` and
-      :math:`\\|Pd\\|_\\infty` within ``tol`` of the data's largest entries and
+    - unbounded: :math:`d = x/\\|x\\|_\\infty` with :math:`-Ad \\in K` (each row, cone
+      block, within ``tol`` of its own largest :math:`|A|` entry: against the largest in
+      A, the ray (1, 0) of :math:`10^{-14} x_0 \\le 1`, a bounded LP, passed),
+      :math:`\\|Pd\\|_\\infty` within ``tol`` of P's largest entry and
       :math:`q^T d < -` ``tol`` :math:`\\|q \\circ d\\|_\\infty`.
 
     Each test is relative to the data and to the ray's own size, as the per-element
@@ -58,10 +60,18 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     infeasible = ((ny > 0) & torch.isfinite(ny) & (layout.violation(y[:, z0:]) <= tol)
                   & (row_inf(bmv(A.mT, y)) <= tol * a_max) & ((b * y).sum(1) < -tol * row_inf(b * y)))
     s = -bmv(A, d)
-    unbounded = ((nx > 0) & torch.isfinite(nx) & (row_inf(s[:, :z0]) <= tol * a_max)
-                 & (layout.violation(s[:, z0:]) <= tol * a_max) & (row_inf(bmv(P, d)) <= tol * p_max)
+    rows = A.abs().amax(2) if A.shape[2] else A.new_zeros(A.shape[:2])  # (B, m): each row's largest |entry|
+    tiny = torch.finfo(A.dtype).tiny
+    unbounded = ((nx > 0) & torch.isfinite(nx) & _within(s[:, :z0], tol * rows[:, :z0])
+                 & (layout.violation(s[:, z0:], scale=rows[:, z0:], unit=tiny) <= tol)
+                 & (row_inf(bmv(P, d)) <= tol * p_max)
                  & ((q * d).sum(1) < -tol * row_inf(q * d)))
     return infeasible, unbounded
+
+
+def _within(v: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: every ``|v_i| <= bound_i`` (true where ``v`` has no columns)."""
+    return (v.abs() <= bound).all(1)
 
 
 def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, steps):

@@ -101,19 +101,20 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     return max(primal, dual, gap, s_cone, y_cone)
 
 
-def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np.ndarray) -> float:
-    """Largest ``‖v_b − proj_b‖∞ / (1 + max scale_b)`` over the cone blocks ``b`` of ``v``
+def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np.ndarray,
+                         unit: float = 1.0) -> float:
+    """Largest ``‖v_b − proj_b‖∞ / (unit + max scale_b)`` over the cone blocks ``b`` of ``v``
     (one row each for the zero and nonnegative cones), ``scale`` one value per row."""
     dist, at, out = np.abs(v - proj), 0, 0.0
     for kind, size in cones:
         if kind in (cone_lib.ZERO, cone_lib.POS):  # one block per row
             k = int(size)
             if k:
-                out = max(out, float(np.max(dist[at:at + k] / (1.0 + scale[at:at + k]))))
+                out = max(out, float(np.max(dist[at:at + k] / (unit + scale[at:at + k]))))
             at += k
             continue
         for q in _block_rows(kind, size):
-            out = max(out, float(np.max(dist[at:at + q])) / (1.0 + float(np.max(scale[at:at + q]))))
+            out = max(out, float(np.max(dist[at:at + q])) / (unit + float(np.max(scale[at:at + q]))))
             at += q
     return out
 
@@ -129,7 +130,10 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
     scale-free), so a status that a badly scaled problem provoked is not believed
     unless its certificate verifies. The sign test of ``bᵀy`` (``cᵀx``) is relative to
     its own largest term: measured against ``‖b‖∞``, an inactive bound of 1e4 beside
-    rows of 1e-2 (which the ray does not use) rejected a valid certificate.
+    rows of 1e-2 (which the ray does not use) rejected a valid certificate. A primal
+    ray's distance to K is measured per cone block against its rows' largest ``|A|``
+    entry: against the largest in A, the ray (1, 0) of ``1e-14 x_0 <= 1`` (a bounded LP,
+    violated by 1e-14 per unit step) passed as unbounded.
     """
     def inf(v: np.ndarray) -> float:
         return float(np.max(np.abs(v))) if v.size else 0.0
@@ -148,9 +152,8 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
         if not np.all(np.isfinite(x)) or nx == 0:
             return False
         d = x / nx
-        Ad = A @ d
-        a_scale = max(float(abs(A).max()) if A.nnz else 0.0, 1e-300)
-        s = -Ad
-        in_cone = inf(s - project(s, cones, dual=False)) <= tol * a_scale
+        s = -(A @ d)
+        rows = np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
+        in_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, rows, unit=1e-300) <= tol
         return in_cone and float(c @ d) < -tol * max(inf(c * d), 1e-300)
     return False

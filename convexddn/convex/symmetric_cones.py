@@ -165,15 +165,15 @@ class ConeLayout:
             return u.new_full((u.shape[0],), math.inf)
         return vals.amin(1)
 
-    def violation(self, u: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def violation(self, u: torch.Tensor, scale: torch.Tensor | None = None, unit: float = 1.0) -> torch.Tensor:
         """Largest Euclidean distance of a cone block of u to the cone, per element;
-        with ``scale`` (one value per row of u): each block's distance over ``1 +`` its
+        with ``scale`` (one value per row of u): each block's distance over ``unit +`` its
         rows' largest scale."""
         ul, us = self._split(u)
         parts = [torch.clamp(-ul, min=0.0)]
         if scale is not None:
             sl, ss = self._split(scale)
-            parts[0] = parts[0] / (1 + sl)
+            parts[0] = parts[0] / (unit + sl)
         if self.soc:
             idx = self.index(u.device)
             u0 = us[:, idx.heads]
@@ -182,7 +182,7 @@ class ConeLayout:
                                torch.clamp(n1 - u0, min=0.0) / math.sqrt(2.0))
             if scale is not None:
                 block = torch.zeros_like(dist).scatter_reduce_(1, idx.soc_id.expand_as(ss), ss, "amax")
-                dist = dist / (1 + block)
+                dist = dist / (unit + block)
             parts.append(dist)
         vals = torch.cat(parts, 1)
         return vals.amax(1) if vals.shape[1] else u.new_zeros(u.shape[0])

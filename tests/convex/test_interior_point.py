@@ -460,6 +460,25 @@ def test_verified_rays_accepts_true_certificates_at_any_scale_and_rejects_false_
     assert verified_rays(P, q1, A1, b1, one, -d, z1)[1].tolist() == [False]  # -Ad ∉ K
 
 
+def test_verified_rays_measure_a_primal_ray_row_by_row():
+    """min −x₀ − x₁ s.t. p x₀ <= 1, x₁ <= 1, x >= 0: the ray (1, 0) leaves the row p x₀ <= 1
+    by p per unit step, so it is no ray for any p > 0 (the LP is bounded). At p = 1e-14 it
+    passed against the largest |A| entry (1); each row is now measured against its own
+    (also the zero cone's rows: the same row as an equality p x₀ + s = 1, s = 0)."""
+    from convexddn.convex.certify import verified_rays
+
+    def rays(p, layout):
+        A = torch.tensor([[[p, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]], dtype=F64)
+        b = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=F64)
+        P, q = torch.zeros(1, 2, 2, dtype=F64), torch.tensor([[-1.0, -1.0]], dtype=F64)
+        d = torch.tensor([[1.0, 0.0]], dtype=F64)
+        return verified_rays(P, q, A, b, layout, d, torch.zeros(1, 4, dtype=F64))[1].tolist()
+
+    for layout in (ConeLayout(0, 4), ConeLayout(1, 3)):
+        assert rays(1e-14, layout) == [False]
+        assert rays(0.0, layout) == [True]  # p = 0: unbounded, and (1, 0) its ray
+
+
 def test_iterations_read_the_host_once_per_step(host_reads):
     # The GPU path's promise: one host read per interior-point iteration (how many still
     # run, which need refinement), besides a fixed number before and after the loop. With

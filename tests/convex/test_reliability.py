@@ -849,3 +849,28 @@ def test_socp_beside_a_huge_inactive_bound_keeps_its_box():
     assert float(y.abs().max()) <= box + 1e-6
     torch.testing.assert_close(y, torch.tensor([-1.6403125198, 0.3664067281, 0.6468340882], dtype=F64),
                                atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_a_bounded_lp_whose_bound_is_tiny_is_never_called_unbounded(solver):
+    """min −x₀ − x₁ s.t. p x₀ <= 1, x₁ <= 1, x >= 0 is bounded for every p > 0 (x* =
+    (1/p, 1)). At p = 1e-14 Clarabel and SCS return the ray (1, 0), which violates its row
+    by 1e-14 per unit step: within 1e-6 of the largest |A| entry (1), so both certificates
+    "verified" and an UnboundedError was raised. Each row is now measured against its own
+    largest entry: a SolverError (badly scaled), while p = 0 (truly unbounded) and p = 1e-6
+    (x* = (1e6, 1)) keep their answers."""
+    p = cp.Parameter(nonneg=True, name="p")
+    c = cp.Parameter(2, name="c")
+    x = cp.Variable(2, name="x")
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x), [p * x[0] <= 1, x[1] <= 1, x >= 0]), [p, c], [x],
+                             solver=solver)
+    cost = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(SolverError) as err:
+            layer(torch.tensor(1e-14, dtype=torch.float64), cost)
+        assert not isinstance(err.value, UnboundedError)
+        with pytest.raises(UnboundedError):
+            layer(torch.tensor(0.0, dtype=torch.float64), cost)
+        y = layer(torch.tensor(1e-6, dtype=torch.float64), cost)
+    torch.testing.assert_close(y, torch.tensor([1e6, 1.0], dtype=torch.float64), rtol=1e-8, atol=0)
