@@ -39,13 +39,15 @@ def equal_mass(values: Sequence[torch.Tensor]) -> None:
     """
     import torch  # imported already: the values are tensors (the catalog itself does not need it)
 
-    _, a, b = values
+    C, a, b = values
     dtype = torch.promote_types(a.dtype, b.dtype)
     sa, sb = a.to(torch.float64).sum(-1), b.to(torch.float64).sum(-1)
     rtol = max(_MASS_RTOL, 4 * torch.finfo(dtype).eps)
     bad = (sa - sb).abs() > rtol * torch.maximum(sa.abs(), sb.abs())
     if bool(bad.any()):
-        sa, sb = torch.broadcast_tensors(sa, sb)
+        # Counted over the call's batch shape (the costs' too), not the marginals' alone.
+        shape = torch.broadcast_shapes(C.shape[:-2], sa.shape, sb.shape)
+        sa, sb, bad = (t.expand(shape) for t in (sa, sb, bad))
         where = torch.nonzero(bad)
         first = tuple(int(i) for i in where[0])
         raise InputError(

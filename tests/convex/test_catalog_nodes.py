@@ -134,6 +134,10 @@ def test_ot_refuses_marginals_of_unequal_mass(name, options):
     for layer in (_layer(name, m=2, n=2, **options), cddn.layer(name, m=2, n=2, **options)):
         with pytest.raises(InputError, match=r"equal mass.*1 of 2 batch element.*index \(1,\).*Σa = 0\.6, Σb = 1"):
             layer(C, a, b)
+        # Costs batched (3,), marginals not: all three elements differ, counted in the
+        # call's batch shape (was "1 of 1 batch element(s) ... index ()").
+        with pytest.raises(InputError, match=r"equal mass.*3 of 3 batch element.*index \(0,\).*Σa = 0\.6"):
+            layer(C.expand(3, 2, 2), a[1], b)
         P = layer(C, a[0], b)  # equal masses: the plan's marginals are a and b
         torch.testing.assert_close(P.sum(-1), a[0], atol=1e-7, rtol=0)
         torch.testing.assert_close(P.sum(-2), b, atol=1e-7, rtol=0)
