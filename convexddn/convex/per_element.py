@@ -10,11 +10,10 @@ and hands us, per batch element, the nonzero values of ``[A | b]`` and ``[c | c0
 For each element we solve with a solver reached through diffcp (Clarabel by default),
 polish the solution with Newton steps on the residual map of the cone program,
 **verify** the result against the KKT conditions ourselves (diffcp does not check
-Clarabel's status at all), try a fallback solver where the first one fails, and
-differentiate by solving the adjoint system of that residual map (Agrawal et al.,
-"Differentiating through a cone program", 2019) with diffcp's C++ operators: densely
-for small programs, by LSMR for large ones. cvxpylayers' defaults (SCS at 1e-4, LSQR
-adjoint) gave gradient errors of order 1 on an L1-ball projection.
+Clarabel's status), try a fallback solver where the first one fails, and differentiate
+by the adjoint of that residual map (Agrawal et al., "Differentiating through a cone
+program", 2019) with diffcp's operators: densely for small programs, by LSMR for large
+ones (cvxpylayers' SCS at 1e-4 and LSQR: gradients off by O(1) on an L1 ball).
 """
 from __future__ import annotations
 
@@ -49,15 +48,13 @@ from .validation import describe_failure
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "lsmr", "lsqr")
 
-# Tight defaults: the layer promises float64 solutions to ~1e-7 or better.
 SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "Clarabel": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8, "max_iter": 500},
     "SCS": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 100_000},
     "ECOS": {"abstol": 1e-10, "reltol": 1e-10, "feastol": 1e-10},
 }
 
-# The dense adjoint factorises an (N, N) matrix, N = rows + columns + 1; above this LSMR
-# (to 1e-12) is faster (10× on a 1026-row pseudo-Huber pooling) and accurate to ~1e-9.
+# Dense adjoint of N = rows + cols + 1 up to this; LSMR beyond (10× faster at N = 1026, to ~1e-9).
 _DENSE_MAX_N = 400
 
 
@@ -73,8 +70,11 @@ def per_element_layer(problem, parameters: list, variables: list, backend: "Chec
     except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
             cp.error.SolverError) as err:
         # (KeyError etc.: cvxpylayers' failures on edge cases, e.g. a zero-size parameter;
-        # SolverError: cvxpy's probe of a problem without constraints.)
-        raise ProblemError(f"cvxpylayers cannot use this problem: {describe_failure(err)}") from err
+        # SolverError: a cone program without constraints, i.e. an affine objective alone.)
+        bare = isinstance(err, cp.error.SolverError) and not problem.constraints
+        why = describe_failure(err) + (" (no constraints and an affine objective: unbounded for any nonzero "
+                                       "cost; add constraints or a strictly convex term)" if bare else "")
+        raise ProblemError(f"cvxpylayers cannot use this problem: {why}") from err
     # cvxpylayers keeps its problem matrices as sparse CSR buffers for its GPU path. We
     # hand it CPU float64 tensors (it then uses scipy copies), and sparse buffers break
     # deepcopy, DistributedDataParallel and .to(): drop them.

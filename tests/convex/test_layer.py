@@ -821,7 +821,9 @@ def test_problems_cvxpylayers_cannot_take_raise_problem_error(solver):
     # on the per-element path) was a raw error from the constructor.
     q = cp.Parameter(2, name="q")
     y = cp.Variable(2)
-    with pytest.raises(ProblemError, match="cvxpylayers cannot use this problem"):
+    # The message says why (it named only DIFFCP).
+    with pytest.raises(ProblemError, match="cvxpylayers cannot use this problem.*no constraints and an affine "
+                                           "objective: unbounded for any nonzero cost"):
         cddn.ConvexLayer(cp.Problem(cp.Minimize(q @ y)), [q], [y], solver=solver)
 
 
