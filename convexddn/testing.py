@@ -223,14 +223,15 @@ def check_gradients(
         try:
             out = fn(*xs)
         except RuntimeError as err:
-            if "dtype" not in str(err) or isinstance(fn, torch.nn.Module):
+            if "dtype" not in str(err):
                 raise
-            # A function wrapping a float32 module (lambda a: lin(a)): the inputs are
-            # float64 here, its weights are not.
-            raise DTypeError(
-                f"node_or_fn failed on the float64 inputs check_gradients passes ({err}); if it "
-                "wraps a module, pass the module itself (it is checked on a float64 copy) or "
-                "call .double() on it") from err
+            # A function wrapping a float32 module (lambda a: lin(a)), or a module holding a
+            # tensor as a plain attribute (its float64 copy casts parameters and buffers only):
+            # the inputs are float64 here, those tensors are not.
+            fix = ("register its tensors as buffers or parameters (a plain tensor attribute is not cast)"
+                   if isinstance(fn, torch.nn.Module) else "if it wraps a module, pass the module itself "
+                   "(it is checked on a float64 copy) or call .double() on it")
+            raise DTypeError(f"node_or_fn failed on the float64 inputs check_gradients passes ({err}); {fix}") from err
         if (isinstance(out, (tuple, list)) and out
                 and all(isinstance(o, torch.Tensor) and o.is_floating_point() for o in out)):
             # Several outputs (EigenDecomposition's values and vectors, LeastSquares'
@@ -316,8 +317,8 @@ def check_gradients(
     if err.numel() == 0:
         report = GradientReport(True, 0.0, 0.0, (), 0, mode, eps, atol, rtol, tuple(names))
     else:
-        # NaN in either Jacobian must fail, so compare with a negated "within tolerance".
-        within = err <= atol + rtol * numeric.abs()
+        # NaN or Inf in either Jacobian must fail (inf <= atol + rtol·inf would pass).
+        within = (err <= atol + rtol * numeric.abs()) & torch.isfinite(err)
         ok = bool(within.all())
         flat = int(torch.nan_to_num(err, nan=float("inf")).flatten().argmax())
         worst = (

@@ -418,3 +418,38 @@ def test_gradient_report_truth_value_is_its_verdict():
     dataclass) was always true. Reference: the report's own ``ok``."""
     assert not check_gradients(OneEntryWrong.apply, _x(2, 3))
     assert check_gradients(torch.tanh, _x(2, 2))
+
+
+def test_an_infinite_finite_difference_fails_the_check():
+    """exp at x = 709.7827 (exp(x) = 1.8e308, exp(x + 1e-6) = inf) with a backward of 0:
+    the finite difference is inf and the error inf, and inf <= atol + rtol·inf passed the
+    wrong gradient."""
+
+    class ZeroGradExp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.exp()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.zeros_like(g)
+
+    report = check_gradients(ZeroGradExp.apply, torch.tensor([709.782712893], dtype=torch.float64),
+                             raise_on_fail=False)
+    assert not report.ok
+
+
+def test_a_module_with_a_plain_tensor_attribute_gets_a_dtype_error():
+    """A float32 module keeping a tensor as a plain attribute (not cast by the float64 copy):
+    a raw RuntimeError from the matrix product, now a DTypeError saying what to register."""
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = torch.randn(3, 3)
+
+        def forward(self, x):
+            return x @ self.A
+
+    with pytest.raises(DTypeError, match="register its tensors as buffers or parameters"):
+        check_gradients(Plain(), torch.randn(2, 3))
