@@ -46,7 +46,7 @@ def equal_mass(values: Sequence[torch.Tensor]) -> None:
     bad = (sa - sb).abs() > rtol * torch.maximum(sa.abs(), sb.abs())
     if bool(bad.any()):
         # Counted over the call's batch shape (the costs' too), not the marginals' alone.
-        shape = torch.broadcast_shapes(C.shape[:-2], sa.shape, sb.shape)
+        shape = torch.broadcast_shapes(() if C is None else C.shape[:-2], sa.shape, sb.shape)
         sa, sb, bad = (t.expand(shape) for t in (sa, sb, bad))
         where = torch.nonzero(bad)
         first = tuple(int(i) for i in where[0])
