@@ -34,7 +34,10 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     For ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``, per element:
 
     - infeasible: :math:`y = z/\\|z\\|_\\infty \\in K^*` (zero-cone rows free),
-      :math:`\\|A^T y\\|_\\infty \\le` ``tol`` :math:`\\max|A|` and
+      each column :math:`|(A^T y)_j| \\le` ``tol`` :math:`(|A|^T|y|)_j` once the noise of
+      rows the ray does not use is dropped (zero and nonnegative rows whose
+      :math:`|y_i|\\,\\|A_i\\|_\\infty` is below ``tol`` of the largest) (against :math:`\\max|A|`, :math:`y = e_0` passed for the feasible
+      :math:`10^{-13} x_0 \\ge 1`), and
       :math:`b^T y < -` ``tol`` :math:`\\|b \\circ y\\|_\\infty` (its own largest term: an
       inactive bound of 1e4 that the ray does not use rejected a valid one against
       :math:`\\|b\\|_\\infty`);
@@ -53,14 +56,19 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
         ``(infeasible, unbounded)``, ``(B,)`` bool each.
     """
     z0 = layout.zero
-    a_max, p_max = row_inf(A), row_inf(P)
+    p_max = row_inf(P)
     ny, nx = row_inf(z), row_inf(x)
     y = z / torch.where(ny > 0, ny, 1.0)[:, None]
     d = x / torch.where(nx > 0, nx, 1.0)[:, None]
-    infeasible = ((ny > 0) & torch.isfinite(ny) & (layout.violation(y[:, z0:]) <= tol)
-                  & (row_inf(bmv(A.mT, y)) <= tol * a_max) & ((b * y).sum(1) < -tol * row_inf(b * y)))
-    s = -bmv(A, d)
+    in_dual = layout.violation(y[:, z0:]) <= tol
+    lead = z0 + layout.nonneg
     rows = A.abs().amax(2) if A.shape[2] else A.new_zeros(A.shape[:2])  # (B, m): each row's largest |entry|
+    weight = y.abs() * rows
+    noise = weight[:, :lead] <= tol * weight.amax(1, keepdim=True) if weight.shape[1] else weight[:, :lead] > 0
+    y = torch.cat([torch.where(noise, 0.0, y[:, :lead]), y[:, lead:]], 1)
+    infeasible = ((ny > 0) & torch.isfinite(ny) & in_dual & _within(bmv(A.mT, y), tol * bmv(A.abs().mT, y.abs()))
+                  & ((b * y).sum(1) < -tol * row_inf(b * y)))
+    s = -bmv(A, d)
     tiny = torch.finfo(A.dtype).tiny
     unbounded = ((nx > 0) & torch.isfinite(nx) & _within(s[:, :z0], tol * rows[:, :z0])
                  & (layout.violation(s[:, z0:], scale=rows[:, z0:], unit=tiny) <= tol)

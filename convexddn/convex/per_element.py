@@ -102,15 +102,13 @@ class CheckedDiffcp(SolverInterface):
     Args:
         solver: first solver, one of ``"Clarabel"``, ``"SCS"``, ``"ECOS"``.
         fallback: solver tried on the elements where ``solver`` fails, or ``None``.
-        mode: how the adjoint and refinement systems are solved; ``"auto"`` picks
-            ``"dense"`` for cone programs with at most 400 rows + columns, ``"lsmr"``
-            above.
+        mode: how the adjoint and refinement systems are solved; ``"auto"``: ``"dense"``
+            up to 400 rows + columns, ``"lsmr"`` above.
         tol: largest accepted relative KKT residual (see :func:`.cone_checks.kkt_residual`).
         solver_args: keyword arguments for the first solver, over our defaults.
         refine: Newton steps polishing each solution (see :class:`.cone.ResidualMap`).
-        workers: processes solving and differentiating chunks of the batch; 1 solves
-            in this process. cvxpylayers' own thread pool gives no speed-up (the
-            solvers hold the GIL), so we use processes.
+        workers: processes solving and differentiating chunks of the batch; 1 solves in
+            this process (processes: the solvers hold the GIL, threads gain nothing).
     """
 
     canon_solver = "DIFFCP"
@@ -211,7 +209,7 @@ class CheckedDiffcp(SolverInterface):
                     x, y, s, r = x2, y2, s2, r2
                     method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
         except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError) as err:
-            return None, (f"{method}: {err}", "other")
+            return None, (f"{method}: {err}", "other", "other")
         if not r <= self.tol:
             why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
             claim = status_kind(claimed)  # the certificate checked is that solver's point
@@ -219,11 +217,11 @@ class CheckedDiffcp(SolverInterface):
                 # Believe an infeasibility or unboundedness status only with its certificate:
                 # badly scaled data provoke such statuses on well-posed problems.
                 if verify_certificate(A, b, c, self._cones, x0, y0, claim):
-                    return None, (why + "; certificate verified", claim)
+                    return None, (why + "; certificate verified", claim, claim)
                 why += (f"; its {claim} certificate does not verify: the data may be badly scaled "
                         f"(largest |b| {np.abs(b).max(initial=0):.1e}, |c| {np.abs(c).max(initial=0):.1e}, "
                         f"|A| {abs(A).max() if A.nnz else 0:.1e})")
-            return None, (why, "other")
+            return None, (why, "other", claim)
         return (program, x, y, s, status, r, method), None
 
     def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> _Solved:
@@ -237,8 +235,10 @@ class CheckedDiffcp(SolverInterface):
             if out is not None:
                 note = f"{fail[0]}; solved by the fallback {self.fallback}"
             else:
-                # A verified certificate from either solver decides the kind of failure.
+                # A verified certificate from either solver decides the kind of failure; a ray
+                # alone ("disputed") not where the other claims infeasible: it proves no point.
                 kind = fail[1] if fail[1] != "other" else fail2[1]
+                kind = "disputed" if kind == "unbounded" and "infeasible" in (fail[2], fail2[2]) else kind
                 fail = (f"{fail[0]}; fallback {fail2[0]}", kind)
         if out is None:
             return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
@@ -370,7 +370,7 @@ class _Solved:
     status: str
     residual: float
     note: str | None
-    kind: str = "solved"  # or "infeasible"/"unbounded" (certificate verified) or "other"
+    kind: str = "solved"  # or "infeasible"/"unbounded" (certificate verified), "disputed" or "other"
     spread: float = 1.0  # data_spread of a solved element's cone program
 
     def __getstate__(self) -> dict:

@@ -105,8 +105,8 @@ def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...],
                   kinds: list[str] | None = None) -> SolverError:
     """The error for the failed elements: Infeasible/Unbounded only when *every* one is.
 
-    ``kinds`` (per failed element: "infeasible", "unbounded" or "other", from verified
-    certificates) decide the class; without them the statuses are read.
+    ``kinds`` (per failed element: "infeasible", "unbounded", "disputed" or "other", from
+    verified certificates) decide the class; without them the statuses are read.
     """
     idx = unravel(flat, batch)
     kinds = [status_kind(s) for s in statuses] if kinds is None else kinds
@@ -154,9 +154,14 @@ def adopt_certificates(info: dict, idx: list[int], verdicts: list[tuple[str, str
     (:func:`~.certify.verified_rays`); the per-element path may not verify its own on
     badly scaled data (a Huber fit with data ~5e4, infeasible by construction, ended in
     a SolverError after SCS's iteration limit). The error then names the certificate.
+    A "disputed" element (a verified ray where a solver claimed infeasible: a ray proves
+    no feasible point) takes an infeasibility certificate only: an LP infeasible by an
+    exact Farkas certificate was reported unbounded on the strength of rays.
     """
     for i, (kind, status) in zip(idx, verdicts):
-        if not info["solved"][i] and info["kinds"][i] == "other" and kind in ("infeasible", "unbounded"):
+        mine = info["kinds"][i]
+        if not info["solved"][i] and (mine == "other" and kind in ("infeasible", "unbounded")
+                                      or mine == "disputed" and kind == "infeasible"):
             info["kinds"][i] = kind
             info["statuses"][i] = f"{info['statuses'][i]}; batched path: {status} (certificate verified)"
 

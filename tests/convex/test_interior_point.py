@@ -460,6 +460,29 @@ def test_verified_rays_accepts_true_certificates_at_any_scale_and_rejects_false_
     assert verified_rays(P, q1, A1, b1, one, -d, z1)[1].tolist() == [False]  # -Ad ∉ K
 
 
+def test_verified_rays_measure_a_dual_ray_column_by_column():
+    """min x₀ + x₁ s.t. p x₀ >= 1, x₁ <= 1, x >= 0 is feasible for every p > 0 (x* = (1/p, 0)),
+    yet y = e₀ has Aᵀy = (−p, 0): within 1e-6 of the largest |A| entry (1) up to p = 1e-7,
+    so the feasible LP was certified infeasible. Each column is now measured against its
+    own terms |A|ᵀ|y|; a true certificate (p x₀ >= 1 beside x₀ <= −1) still passes, also with
+    noise on the rows it does not use."""
+    from convexddn.convex.certify import verified_rays
+
+    def infeasible(A, b, y):
+        A, b = torch.tensor([A], dtype=F64), torch.tensor([b], dtype=F64)
+        P, q = torch.zeros(1, 2, 2, dtype=F64), torch.ones(1, 2, dtype=F64)
+        return verified_rays(P, q, A, b, ConeLayout(0, 4), torch.zeros(1, 2, dtype=F64),
+                             torch.tensor([y], dtype=F64))[0].tolist()
+
+    for p in (1e-14, 1e-10, 1e-7):
+        assert infeasible([[-p, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]], [-1.0, 1.0, 0.0, 0.0],
+                          [1.0, 0.0, 0.0, 0.0]) == [False]
+        # -p x₀ <= -1 and x₀ <= -1: y = (1, p) has Aᵀy = 0, bᵀy < 0 (with noise on x₁ <= 1 of
+        # 1e-9 of the certificate's rows |y_i| ‖A_i‖∞)
+        assert infeasible([[-p, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, -1.0]], [-1.0, 1.0, -1.0, 0.0],
+                          [1.0, 1e-9 * p, p, 0.0]) == [True]
+
+
 def test_verified_rays_measure_a_primal_ray_row_by_row():
     """min −x₀ − x₁ s.t. p x₀ <= 1, x₁ <= 1, x >= 0: the ray (1, 0) leaves the row p x₀ <= 1
     by p per unit step, so it is no ray for any p > 0 (the LP is bounded). At p = 1e-14 it
