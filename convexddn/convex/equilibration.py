@@ -13,7 +13,8 @@ with positive diagonal :math:`D, E` chosen so that every column of the KKT matri
 :math:`[[P, A^T], [A, 0]]` has infinity norm close to 1 (Ruiz, "A scaling algorithm to
 equilibrate both rows and columns norms in matrices", 2001), :math:`E` constant on each
 second-order cone (so that :math:`E K = K`), a cost scale :math:`c` that brings the
-objective to unit size, as Clarabel does (Goulart & Chen, 2024, §5), and a solution
+objective to unit size, as Clarabel does (Goulart & Chen, 2024, §5; at any scale, where
+Clarabel bounds it), and a solution
 scale :math:`\\sigma = \\max(\\|Eb\\|_\\infty, \\|Dq\\|_\\infty / \\|DPD\\|_{\\max})` (the
 size of the right-hand side or of the unconstrained minimiser) that brings the
 solution itself to unit size. Without :math:`\\sigma`, a projection whose input and
@@ -33,7 +34,6 @@ from .symmetric_cones import ConeLayout
 __all__ = ["Scaled", "equilibrate", "rescale"]
 
 _MIN_SCALE, _MAX_SCALE = 1e-4, 1e4  # per Ruiz pass; passes compound
-_MIN_COST, _MAX_COST = 1e-8, 1e8
 _FIELDS = ("P", "q", "A", "b", "D", "E", "c", "sigma")  # Scaled's, in order
 
 
@@ -134,5 +134,9 @@ def rescale(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
     n = q.shape[1]
     p_norm = P.abs().amax(1).mean(1) if n else q.new_zeros(q.shape[0])
     scale = torch.maximum(p_norm, q.abs().amax(1) if n else q.new_zeros(q.shape[0]))
-    c = (1.0 / (scale + (scale == 0))).clamp(_MIN_COST, _MAX_COST)
+    # Not capped (it was, at 1e±8): with costs ~1e-12 the equilibrated objective stayed
+    # ~1e-4, the measures' "1 +" hid the dual side, and box LPs came back 10× off as
+    # solved. Only the dtype's range bounds it (c q is at most 1, c P about 1 at any scale).
+    tiny = torch.finfo(q.dtype).tiny
+    c = (1.0 / (scale + (scale == 0))).clamp(tiny, 1.0 / tiny)
     return Scaled(c[:, None, None] * P, c[:, None] * q, A, b, D, E, c, sigma)
