@@ -71,7 +71,9 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     """Largest relative violation of primal/dual feasibility, cone membership and gap.
 
     Feasibility is measured row by row (column by column) against the magnitudes of the
-    row's own terms, ``1 + (|A||x| + |s| + |b|)_i`` (``1 + (|A|ᵀ|y| + |c|)_j``), after
+    row's own terms, ``u + (|A||x| + |s| + |b|)_i`` (``u + (|A|ᵀ|y| + |c|)_j``; the floor
+    ``u`` is 1, or the program's own primal (dual) scale where ``b`` (``c``) is nonzero and
+    that scale is below 1), after
     discounting the rounding those terms carry (``64 eps`` of them); a slack's distance
     to K against its rows' scale, a multiplier's against ``1 + ‖y‖∞``. One norm for all
     rows let an inactive bound of 6.7e7 hide violations of 6e-3 in rows of 1e-2 (an
@@ -93,10 +95,18 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     eps = np.finfo(np.float64).eps
     terms_p = absA @ np.abs(x) + np.abs(s) + np.abs(b)  # each row's terms' magnitudes
     terms_d = absA.T @ np.abs(y) + np.abs(c)
-    primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (1.0 + terms_p))
-    dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (1.0 + terms_d))
+    # The feasibility floors ("1 +") in the program's own unit where b (c) is nonzero and its
+    # unit below 1: data all ~1e-6 are measured as the same program scaled to 1 (floors of
+    # 1 passed a point violating rows of 1e-6 by 1e-6, and duals of 1e-7 off by 1e-7: an
+    # infeasible and an unbounded LP returned as solved). Zero b (c) keeps 1: the point's
+    # own terms may be noise there.
+    nb, nc = worst(np.abs(b)), worst(np.abs(c))
+    unit_p = min(1.0, max(nb, worst(terms_p))) if nb > 0 else 1.0
+    unit_d = min(1.0, max(nc, worst(terms_d))) if nc > 0 else 1.0
+    primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (unit_p + terms_p))
+    dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (unit_d + terms_d))
     gap = max(abs(cx + by) - 64 * eps * (abs(cx) + abs(by)), 0.0) / (1.0 + min(abs(cx), abs(by)))
-    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, terms_p)
+    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, terms_p, unit=unit_p)
     y_cone = float(np.max(np.abs(y - project(y, cones, dual=True)), initial=0.0)) / (1.0 + float(np.max(np.abs(y), initial=0.0)))
     return max(primal, dual, gap, s_cone, y_cone)
 

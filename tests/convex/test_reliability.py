@@ -949,3 +949,26 @@ def test_tiny_costs_are_equilibrated_to_unit_size(solver):
         warnings.simplefilter("ignore", SolverWarning)
         y = layer(C, U)
     torch.testing.assert_close(y, -torch.sign(C) * U, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_programs_of_small_data_are_measured_in_their_own_unit(solver):
+    """Feasibility residuals had an absolute floor of 1 ("1 +" terms): an LP infeasible for
+    every s > 0 (s x₀ <= s and s x₀ >= 2s) returned x = (2, −1) as solved at s = 1e-6 (rows
+    violated by 1e-6), and the unbounded min c₀x₀ s.t. x₀ − x₁ <= 1, x₁ >= 0 (ray (1, 1))
+    returned points as solved at c₀ = −1e-7 and −1e-9 (duals 1e-7 off). Where b (c) is
+    nonzero and below unit size the floor is its own scale: an error, never a point."""
+    x, s, c = cp.Variable(2, name="x"), cp.Parameter(nonneg=True, name="s"), cp.Parameter(2, name="c")
+    infeasible = cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x), [s * x[0] <= s, s * x[0] >= 2 * s, s * x[1] <= s,
+                                                                  s * x[1] >= -s]), [s, c], [x], solver=solver)
+    unbounded = cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x), [x[0] - x[1] <= 1, x[1] >= 0]), [c], [x],
+                                 solver=solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(SolverError) as err:
+            infeasible(torch.tensor(1e-6, dtype=F64), torch.tensor([1e-8, 1e-8], dtype=F64))
+        assert not isinstance(err.value, UnboundedError)
+        for c0 in (-1e-7, -1e-9):
+            with pytest.raises(SolverError) as err:
+                unbounded(torch.tensor([c0, 0.0], dtype=F64))
+            assert not isinstance(err.value, InfeasibleError)
