@@ -36,8 +36,8 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     - infeasible: :math:`y = z/\\|z\\|_\\infty \\in K^*` (zero-cone rows free),
       each column :math:`|(A^T y)_j| \\le` ``tol`` :math:`(|A|^T|y|)_j` once the noise of
       rows the ray does not use is dropped (zero and nonnegative rows whose
-      :math:`|y_i|\\,\\|A_i\\|_\\infty` is below ``tol`` of the largest) (against :math:`\\max|A|`, :math:`y = e_0` passed for the feasible
-      :math:`10^{-13} x_0 \\ge 1`), and
+      :math:`|y_i|\\,\\|A_i\\|_\\infty` is below ``tol`` of the largest; against
+      :math:`\\max|A|`, :math:`y = e_0` passed for the feasible :math:`10^{-13} x_0 \\ge 1`), and
       :math:`b^T y < -` ``tol`` :math:`\\|b \\circ y\\|_\\infty` (its own largest term: an
       inactive bound of 1e4 that the ray does not use rejected a valid one against
       :math:`\\|b\\|_\\infty`);
