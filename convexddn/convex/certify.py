@@ -35,7 +35,7 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
 
     - infeasible: :math:`y = z/\\|z\\|_\\infty \\in K^*` (zero-cone rows free),
       each column :math:`|(A^T y)_j| \\le` ``tol`` :math:`(|A|^T|y|)_j` once the noise of
-      rows the ray does not use is dropped (zero and nonnegative rows whose
+      rows the ray does not use is dropped (entries, except second-order-cone heads, whose
       :math:`|y_i|\\,\\|A_i\\|_\\infty` is below ``tol`` of the largest; against
       :math:`\\max|A|`, :math:`y = e_0` passed for the feasible :math:`10^{-13} x_0 \\ge 1`), and
       :math:`b^T y < -` ``tol`` :math:`\\|b \\circ y\\|_\\infty` (its own largest term: an
@@ -61,11 +61,15 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     y = z / torch.where(ny > 0, ny, 1.0)[:, None]
     d = x / torch.where(nx > 0, nx, 1.0)[:, None]
     in_dual = layout.violation(y[:, z0:]) <= tol
-    lead = z0 + layout.nonneg
     rows = A.abs().amax(2) if A.shape[2] else A.new_zeros(A.shape[:2])  # (B, m): each row's largest |entry|
+    # Noise on rows the ray does not use: entries whose zero keeps y in K* (not the heads
+    # of second-order cones: a tail of 1e-12 beside them failed its column).
+    droppable = torch.ones(A.shape[1], dtype=torch.bool, device=A.device)
+    if layout.soc:
+        droppable[z0 + layout.nonneg + layout.index(A.device).heads] = False
     weight = y.abs() * rows
-    noise = weight[:, :lead] <= tol * weight.amax(1, keepdim=True) if weight.shape[1] else weight[:, :lead] > 0
-    y = torch.cat([torch.where(noise, 0.0, y[:, :lead]), y[:, lead:]], 1)
+    if weight.shape[1]:
+        y = torch.where(droppable & (weight <= tol * weight.amax(1, keepdim=True)), 0.0, y)
     infeasible = ((ny > 0) & torch.isfinite(ny) & in_dual & _within(bmv(A.mT, y), tol * bmv(A.abs().mT, y.abs()))
                   & ((b * y).sum(1) < -tol * row_inf(b * y)))
     s = -bmv(A, d)

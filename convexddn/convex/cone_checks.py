@@ -129,6 +129,23 @@ def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np
     return out
 
 
+def _droppable(cones: list, m: int) -> np.ndarray:
+    """``(m,)`` rows whose entry of a dual ray can be set to zero without leaving K*: zero
+    and nonnegative rows, and the tails of second-order cones (a head t >= ‖u‖ stays so);
+    not the heads, nor exponential or PSD rows."""
+    out, at = np.zeros(m, dtype=bool), 0
+    for kind, size in cones:
+        if kind in (cone_lib.ZERO, cone_lib.POS):
+            out[at:at + int(size)] = True
+        elif kind == cone_lib.SOC:
+            for q in _block_rows(kind, size):
+                out[at + 1:at + q] = True
+                at += q
+            continue
+        at += _rows(kind, size)
+    return out
+
+
 def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
                        x: np.ndarray, y: np.ndarray, claim: str, tol: float = 1e-6) -> bool:
     """Whether the solver's certificate of ``claim`` ("infeasible" or "unbounded") holds.
@@ -141,14 +158,13 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
     unless its certificate verifies. The sign test of ``bᵀy`` (``cᵀx``) is relative to
     its own largest term: measured against ``‖b‖∞``, an inactive bound of 1e4 beside
     rows of 1e-2 (which the ray does not use) rejected a valid certificate. ``Aᵀy`` is
-    measured column by column against its terms ``|A|ᵀ|y|`` (after dropping the noise of
-    rows the ray does not use: zero and nonnegative rows whose ``|y_i| ‖A_i‖∞`` is below
-    ``tol`` of the largest):
-    against the largest ``|A|`` entry, ``y = e_0`` passed for ``1e-13 x_0 >= 1``, a
-    feasible LP. A primal
-    ray's distance to K is measured per cone block against its rows' largest ``|A|``
-    entry: against the largest in A, the ray (1, 0) of ``1e-14 x_0 <= 1`` (a bounded LP,
-    violated by 1e-14 per unit step) passed as unbounded.
+    measured column by column against its terms ``|A|ᵀ|y|``, after dropping the noise of
+    rows the ray does not use (entries, except second-order-cone heads, whose
+    ``|y_i| ‖A_i‖∞`` is below ``tol`` of the largest): against the largest ``|A|`` entry,
+    ``y = e_0`` passed for ``1e-13 x_0 >= 1``, a feasible LP. A primal ray's distance to
+    K is measured per cone block against its rows' largest ``|A|`` entry: against the
+    largest in A, the ray (1, 0) of ``1e-14 x_0 <= 1`` (a bounded LP, violated by 1e-14
+    per unit step) passed as unbounded.
     """
     def inf(v: np.ndarray) -> float:
         return float(np.max(np.abs(v))) if v.size else 0.0
@@ -159,12 +175,11 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
             return False
         d = y / ny
         in_cone = inf(d - project(d, cones, dual=True)) <= tol
-        # The ray's noise on rows it does not use dropped (zero and nonnegative rows whose
-        # |d_i| ‖A_i‖∞ is below tol of the largest); then each column of Aᵀd against its
-        # own terms |A|ᵀ|d|.
-        lead = sum(int(size) for kind, size in cones if kind in (cone_lib.ZERO, cone_lib.POS))
+        # The ray's noise on rows it does not use dropped (entries whose |d_i| ‖A_i‖∞ is below
+        # tol of the largest, on rows where a zero keeps d in K*); then each column of Aᵀd
+        # against its own terms |A|ᵀ|d|.
         weight = np.abs(d) * (np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else 0.0)
-        d = np.where((np.arange(d.size) < lead) & (weight <= tol * weight.max(initial=0.0)), 0.0, d)
+        d = np.where(_droppable(cones, d.size) & (weight <= tol * weight.max(initial=0.0)), 0.0, d)
         columns_ok = bool(np.all(np.abs(A.T @ d) <= tol * (abs(A).T @ np.abs(d))))
         return in_cone and columns_ok and float(b @ d) < -tol * max(inf(b * d), 1e-300)
     if claim == "unbounded":

@@ -483,6 +483,23 @@ def test_verified_rays_measure_a_dual_ray_column_by_column():
                           [1.0, 1e-9 * p, p, 0.0]) == [True]
 
 
+def test_verified_rays_drop_noise_on_second_order_cone_tails():
+    """t >= ‖u‖ (u ∈ R³) and t <= −1: y = (1, 1, 0, 0, 0) with Aᵀy = 0, bᵀy = −1; the solvers
+    return the tails at 1e-12, which alone make u's columns fail a column test."""
+    from convexddn.convex.certify import verified_rays
+
+    # rows: t <= -1 (nonnegative), then the cone (t, u) with s = (t, u): -A = I on it
+    A = torch.zeros(1, 5, 4, dtype=F64)
+    A[0, 0, 0] = 1.0
+    A[0, 1:, :] = -torch.eye(4, dtype=F64)
+    b = torch.tensor([[-1.0, 0.0, 0.0, 0.0, 0.0]], dtype=F64)
+    P, q = torch.zeros(1, 4, 4, dtype=F64), torch.ones(1, 4, dtype=F64)
+    for noise in (0.0, 1e-15, 1e-12):
+        y = torch.tensor([[1.0, 1.0, noise, noise, noise]], dtype=F64)
+        infeasible, _ = verified_rays(P, q, A, b, ConeLayout(0, 1, (4,)), torch.zeros(1, 4, dtype=F64), y)
+        assert infeasible.tolist() == [True], noise
+
+
 def test_verified_rays_measure_a_primal_ray_row_by_row():
     """min −x₀ − x₁ s.t. p x₀ <= 1, x₁ <= 1, x >= 0: the ray (1, 0) leaves the row p x₀ <= 1
     by p per unit step, so it is no ray for any p > 0 (the LP is bounded). At p = 1e-14 it

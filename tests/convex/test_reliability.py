@@ -972,3 +972,18 @@ def test_programs_of_small_data_are_measured_in_their_own_unit(solver):
             with pytest.raises(SolverError) as err:
                 unbounded(torch.tensor([c0, 0.0], dtype=F64))
             assert not isinstance(err.value, InfeasibleError)
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel", "SCS"])
+def test_an_infeasible_program_beside_a_second_order_cone_is_called_infeasible(solver):
+    """x >= 1 and x <= 0 beside an unrelated ‖z‖ <= 1: the certificate's tails on the cone's
+    rows carry the solvers' noise (1e-12), and each of z's columns, met by one row only,
+    failed the column test until noise on second-order-cone tails was dropped as on
+    nonnegative rows (a SolverError instead of InfeasibleError)."""
+    p, x, z = cp.Parameter(name="p"), cp.Variable(name="x"), cp.Variable(3, name="z")
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(x + cp.sum(z)), [x >= p, x <= 0, cp.norm(z) <= 1]), [p], [x],
+                             solver=solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(InfeasibleError):
+            layer(torch.tensor(1.0, dtype=F64))
