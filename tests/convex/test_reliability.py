@@ -987,3 +987,33 @@ def test_an_infeasible_program_beside_a_second_order_cone_is_called_infeasible(s
         warnings.simplefilter("ignore", SolverWarning)
         with pytest.raises(InfeasibleError):
             layer(torch.tensor(1.0, dtype=F64))
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_a_point_polished_from_a_verified_certificate_is_not_returned(solver):
+    """A random LP infeasible by construction (Farkas y >= 0, Aᵀy = 0, bᵀy = −1; cvxpy with
+    Clarabel says infeasible): Clarabel's iterate at its infeasibility status, polished,
+    passed the residual check relative to its own size (‖x‖∞ 5.8e15, rows violated by 1.8)
+    and was returned as the solution with status 'Infeasible'."""
+    A_ = [[1.172451227346323, -0.08452148800245243, 0.7869443810905431, -1.297363846342752, -1.9381681078391828],
+          [-1.0490912309999634, 1.146626967509505, 1.0680774398324595, 0.3320386078520851, -0.8021701501599596],
+          [-0.1308026415658544, -0.29776047979893233, -0.34497334609531666, -2.506069837315632, -0.857926385962197],
+          [-0.19010887568223522, 1.5164277898120941, 0.16074305913174441, 1.4008882862628078, -0.39370690875944603],
+          [-0.2526885812478079, -3.899421730054339, 0.463330339207019, 0.5470956613393337, 1.763759069559374],
+          [-0.48676121079282914, 0.09415415619704649, -0.7055279547210833, -1.1762570649202813, -0.7131079667369583],
+          [-0.6399660402802145, 0.14122097386502902, -0.016924734402159733, 3.258444937032343, 2.731199004302428],
+          [0.21757135556003437, -0.6762320559749608, 1.1432336266295944, -1.88834889097665, -0.21354462808298652]]
+    b_ = [-0.5887569964696474, -1.1644560033382552, -2.5061986349931846, 1.0412401797882598, 0.8198211297824789,
+          -1.5928581275401594, 2.4046971110641286, -0.1865009426227381]
+    c_ = [1.879344377381986, -1.7134394379643105, -0.14102266511302244, 0.3426915696456793, -0.7608710875064288]
+    A, b, c = (torch.tensor(v, dtype=F64) for v in (A_, b_, c_))
+    # The truth, independently: the LP min 0 s.t. Ax <= b has no feasible point (HiGHS).
+    from scipy.optimize import linprog
+    assert linprog(np.zeros(5), A_ub=A.numpy(), b_ub=b.numpy(), bounds=[(None, None)] * 5, method="highs").status == 2
+    Ap, bp, cq, x = cp.Parameter((8, 5)), cp.Parameter(8), cp.Parameter(5), cp.Variable(5)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cq @ x), [Ap @ x <= bp]), [Ap, bp, cq], [x], solver=solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(SolverError) as err:
+            layer(A, b, c)
+    assert not isinstance(err.value, UnboundedError)
