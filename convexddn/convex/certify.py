@@ -61,7 +61,8 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     y = z / torch.where(ny > 0, ny, 1.0)[:, None]
     d = x / torch.where(nx > 0, nx, 1.0)[:, None]
     in_dual = layout.violation(y[:, z0:]) <= tol
-    rows = A.abs().amax(2) if A.shape[2] else A.new_zeros(A.shape[:2])  # (B, m): each row's largest |entry|
+    absA = A.abs()
+    rows = absA.amax(2) if A.shape[2] else A.new_zeros(A.shape[:2])  # (B, m): each row's largest |entry|
     # Noise on rows the ray does not use: entries whose zero keeps y in K* (not the heads
     # of second-order cones: a tail of 1e-12 beside them failed its column).
     droppable = torch.ones(A.shape[1], dtype=torch.bool, device=A.device)
@@ -70,7 +71,7 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     weight = y.abs() * rows
     if weight.shape[1]:
         y = torch.where(droppable & (weight <= tol * weight.amax(1, keepdim=True)), 0.0, y)
-    infeasible = ((ny > 0) & torch.isfinite(ny) & in_dual & _within(bmv(A.mT, y), tol * bmv(A.abs().mT, y.abs()))
+    infeasible = ((ny > 0) & torch.isfinite(ny) & in_dual & _within(bmv(A.mT, y), tol * bmv(absA.mT, y.abs()))
                   & ((b * y).sum(1) < -tol * row_inf(b * y)))
     s = -bmv(A, d)
     tiny = torch.finfo(A.dtype).tiny

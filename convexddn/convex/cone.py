@@ -16,7 +16,7 @@ from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
-from .cone_checks import kkt_residual
+from .cone_checks import cone_blocks, kkt_residual
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
 __all__ = ["POLISH_ABOVE", "ResidualMap"]
@@ -45,16 +45,8 @@ def _undecided_rows(cones, y: np.ndarray, s: np.ndarray) -> np.ndarray:
     ``cones``: diffcp's parsed list of ``(name, size)`` in row order.
     """
     scale = 1.0 + max(np.abs(y).max(initial=0.0), np.abs(s).max(initial=0.0))
-    offset, found = 0, []
-    for name, size in cones:
-        sizes = size if isinstance(size, (tuple, list)) else (size,)
-        if name == cone_lib.POS:
-            k = int(sum(sizes))
-            found.append(offset + np.flatnonzero(np.abs(y[offset:offset + k] - s[offset:offset + k])
-                                                 <= _UNDECIDED * scale))
-        for dim in sizes:
-            offset += (cone_lib.vec_psd_dim(dim) if name == cone_lib.PSD
-                       else 3 * dim if name in (cone_lib.EXP, cone_lib.EXP_DUAL) else dim)
+    found = [at + np.flatnonzero(np.abs(y[at:at + k] - s[at:at + k]) <= _UNDECIDED * scale)
+             for kind, at, k in cone_blocks(cones) if kind == cone_lib.POS]
     return np.concatenate(found) if found else np.zeros(0, dtype=int)
 
 

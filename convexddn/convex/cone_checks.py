@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from diffcp import cones as cone_lib
 
-__all__ = ["kkt_residual", "project", "verify_certificate"]
+__all__ = ["cone_blocks", "kkt_residual", "project", "verify_certificate"]
 
 
 def _soc(v: np.ndarray) -> np.ndarray:
@@ -43,9 +43,14 @@ def _block_rows(kind: str, size) -> list[int]:
     return [int(size)] if int(size) else []
 
 
-def _rows(kind: str, size) -> int:
-    """Rows of a parsed diffcp cone entry."""
-    return sum(_block_rows(kind, size))
+def cone_blocks(cones: list):
+    """``(kind, start, rows)`` of each cone of diffcp's parsed ``(kind, size)`` list, in row
+    order; the zero and nonnegative entries are one block each."""
+    at = 0
+    for kind, size in cones:
+        for q in _block_rows(kind, size):
+            yield kind, at, q
+            at += q
 
 
 def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
@@ -55,14 +60,9 @@ def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
     outside a cone by 1e-5 relative read as inside and passed a KKT check at 1e-6 (the
     cones are self-dual: ``dual`` does not matter there)."""
     out = cone_lib.pi(x, cones, dual=dual)
-    at = 0
-    for kind, size in cones:
+    for kind, at, q in cone_blocks(cones):
         if kind == cone_lib.SOC:
-            for q in size:
-                out[at:at + q] = _soc(x[at:at + q])
-                at += q
-        else:
-            at += _rows(kind, size)
+            out[at:at + q] = _soc(x[at:at + q])
     return out
 
 
@@ -115,17 +115,13 @@ def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np
                          unit: float = 1.0) -> float:
     """Largest ``‖v_b − proj_b‖∞ / (unit + max scale_b)`` over the cone blocks ``b`` of ``v``
     (one row each for the zero and nonnegative cones), ``scale`` one value per row."""
-    dist, at, out = np.abs(v - proj), 0, 0.0
-    for kind, size in cones:
+    dist, out = np.abs(v - proj), 0.0
+    for kind, at, q in cone_blocks(cones):
+        d, sc = dist[at:at + q], scale[at:at + q]
         if kind in (cone_lib.ZERO, cone_lib.POS):  # one block per row
-            k = int(size)
-            if k:
-                out = max(out, float(np.max(dist[at:at + k] / (unit + scale[at:at + k]))))
-            at += k
-            continue
-        for q in _block_rows(kind, size):
-            out = max(out, float(np.max(dist[at:at + q])) / (unit + float(np.max(scale[at:at + q]))))
-            at += q
+            out = max(out, float(np.max(d / (unit + sc))))
+        else:
+            out = max(out, float(np.max(d)) / (unit + float(np.max(sc))))
     return out
 
 
@@ -133,16 +129,12 @@ def _droppable(cones: list, m: int) -> np.ndarray:
     """``(m,)`` rows whose entry of a dual ray can be set to zero without leaving K*: zero
     and nonnegative rows, and the tails of second-order cones (a head t >= ‖u‖ stays so);
     not the heads, nor exponential or PSD rows."""
-    out, at = np.zeros(m, dtype=bool), 0
-    for kind, size in cones:
+    out = np.zeros(m, dtype=bool)
+    for kind, at, q in cone_blocks(cones):
         if kind in (cone_lib.ZERO, cone_lib.POS):
-            out[at:at + int(size)] = True
+            out[at:at + q] = True
         elif kind == cone_lib.SOC:
-            for q in _block_rows(kind, size):
-                out[at + 1:at + q] = True
-                at += q
-            continue
-        at += _rows(kind, size)
+            out[at + 1:at + q] = True
     return out
 
 
@@ -169,6 +161,8 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
     def inf(v: np.ndarray) -> float:
         return float(np.max(np.abs(v))) if v.size else 0.0
 
+    absA = abs(A)
+    rows = np.asarray(absA.max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])  # each row's max
     if claim == "infeasible":
         ny = inf(y)
         if not np.all(np.isfinite(y)) or ny == 0:
@@ -178,9 +172,9 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
         # The ray's noise on rows it does not use dropped (entries whose |d_i| ‖A_i‖∞ is below
         # tol of the largest, on rows where a zero keeps d in K*); then each column of Aᵀd
         # against its own terms |A|ᵀ|d|.
-        weight = np.abs(d) * (np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else 0.0)
+        weight = np.abs(d) * rows
         d = np.where(_droppable(cones, d.size) & (weight <= tol * weight.max(initial=0.0)), 0.0, d)
-        columns_ok = bool(np.all(np.abs(A.T @ d) <= tol * (abs(A).T @ np.abs(d))))
+        columns_ok = bool(np.all(np.abs(A.T @ d) <= tol * (absA.T @ np.abs(d))))
         return in_cone and columns_ok and float(b @ d) < -tol * max(inf(b * d), 1e-300)
     if claim == "unbounded":
         nx = inf(x)
@@ -188,7 +182,6 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
             return False
         d = x / nx
         s = -(A @ d)
-        rows = np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
         in_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, rows, unit=1e-300) <= tol
         return in_cone and float(c @ d) < -tol * max(inf(c * d), 1e-300)
     return False

@@ -363,10 +363,9 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     c = c_L
     if check_solution:
         tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
-        # (the probes of the pass above, unless the Lagrangian was rebuilt after it)
-        # (feasibility is measured against the constraints' own rows, also where the
-        # elements' rows were zeroed above: against zero rows, a rounding-level residual
-        # of an equality was an error of 1e292)
+        # (the probes of the pass above, unless the Lagrangian was rebuilt after it; the
+        # feasibility against the constraints' own rows, also where broken elements' rows
+        # were zeroed: against zero rows, an equality's rounding was an error of 1e292)
         verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
                                       eps=torch.finfo(y.dtype).eps,
                                       probes=probes if broken is None else None,
