@@ -287,6 +287,22 @@ def test_robust_pool_welsch_two_starts(alpha):
     assert g.abs().max() < 1e-9 and (h > 0).all()
 
 
+@pytest.mark.parametrize("copies", [1, 100])
+def test_robust_pool_welsch_leaves_a_maximum_both_starts_sit_on(copies):
+    # Mean and median of (1, 1, -1, -1, 0) are 0, where the Welsch objective at α = 0.43
+    # has zero slope and negative curvature: a local maximum, returned before. (100
+    # copies go through the strided-sample starts of long rows.)
+    x = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0], dtype=F64).repeat(copies)
+    alpha = 0.43
+    y = robust_pool(x, "welsch", alpha)
+    grid = torch.linspace(-2, 2, 40001, dtype=F64)
+    assert float(objective("welsch", x, y, alpha)) <= float(objective("welsch", x, grid, alpha).min()) + 1e-9
+    u = y.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(objective("welsch", x, u, alpha), u, create_graph=True)
+    (h,) = torch.autograd.grad(g, u)
+    assert abs(float(g.detach())) < 1e-9 * copies and float(h) > 0
+
+
 def test_robust_pool_welsch_keeps_lower_objective():
     """Mean start and median start reach different local minima; the lower one wins."""
     jitter = 0.01 * torch.arange(10, dtype=torch.float64)

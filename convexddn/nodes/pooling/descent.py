@@ -48,7 +48,8 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     step instead; an accepted one doubles rho. So the accepted objective never
     increases, the iteration cannot climb to a maximum, and near a minimum it is plain
     Newton. A start stops at an accepted point where h > 0 and |g| / h <= tol * (alpha
-    + |u|) (|g| above its noise), or where |g| is at its noise level.
+    + |u|) (|g| above its noise), or where |g| is at its noise level and h is not
+    negative (from a maximum it steps downhill by rho, either way where g = 0).
 
     Returns per row and start (``(R, k)``) the point, the objective at the last accepted
     point and the flags; None when some entry of x is NaN or Inf.
@@ -92,10 +93,12 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         reject = f > f_prev + (8 * eps) * f.abs()
         rho = torch.where(reject, 0.25 * rho, 2 * rho)
         safe = safe_step(g, h, w)
-        # Where h <= 0 step downhill by the trust radius, except on a plateau where every
-        # weight vanished (the start is stuck; the other start wins).
+        # Where h <= 0 step downhill by the trust radius (either way from a maximum, g = 0),
+        # except on a plateau where every weight vanished (the start is stuck; the other
+        # start wins).
         hpos, nstep = h > 0, g / h  # the Newton step is -nstep where h > 0
-        newton = torch.where(hpos, -nstep, torch.where(w > 0, -torch.sign(g) * rho, torch.zeros_like(u)))
+        downhill = torch.where(g > 0, -rho, rho)
+        newton = torch.where(hpos, -nstep, torch.where(w > 0, downhill, torch.zeros_like(u)))
         newton = torch.minimum(torch.maximum(newton, -rho), rho)
         trial = u + torch.where(newton.abs() >= safe.abs(), newton, safe)
         au = u.abs()
@@ -113,7 +116,9 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
             pred = _predicted_error(g, h, g_prev, h_prev, du, adu, astep)
             near = adu <= _MODEL_SPAN * a3
             conv |= hpos & ~quiet & near & (astep <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
-        stop = (~reject & (quiet | conv)) | bad
+        # A quiet gradient where the curvature is negative is a maximum, not a stop: both
+        # starts of x = (1, 1, -1, -1, 0), α = 0.43 sat at 0, the mean and the median.
+        stop = (~reject & ((quiet & ~((h < 0) & (w > 0))) | conv)) | bad
         done = stop & active
         nxt = torch.where(reject, safe_prev, trial)
         f_prev = torch.where(reject | ~active, f_prev, f)
