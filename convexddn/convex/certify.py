@@ -87,12 +87,23 @@ def _within(v: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return (v.abs() <= bound).all(1)
 
 
-def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, steps):
-    """LU Newton steps on the elements ``idx`` only; merged back into the batch."""
+def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, steps, decide=False):
+    """LU Newton steps on the elements ``idx`` only; merged back into the batch. With
+    ``decide``, a second run from the same points takes the decided nonnegative pairs at
+    their limit (see :func:`.polish.polish`); each element keeps the lower residual."""
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
-    out = newton_polish(pick(d.P), pick(d.q), pick(d.A), pick(d.b), layout, pick(xs), pick(ss),
-                        pick(zs), lambda *v: residual_fn(*v, idx), steps,
-                        settled=lambda x, s, z: undecided(layout, s, z) <= RESOLVED)
+    args = (pick(d.P), pick(d.q), pick(d.A), pick(d.b), layout, pick(xs), pick(ss), pick(zs),
+            lambda *v: residual_fn(*v, idx), steps)
+    settled = lambda x, s, z: undecided(layout, s, z) <= RESOLVED  # noqa: E731
+    out = newton_polish(*args, settled=settled)
+    if decide and layout.nonneg:
+        # Plain steps oscillated where both members of a pair are small beside x's move
+        # (a box of half-width 7e-5 in an ill-conditioned QP: 2e-6 off, normwise); the
+        # limit rows alone took a weakly active bound (s, z ~1e-11, 1e-13) as inactive
+        # and left it violated by 3e-11 where plain steps reach rounding.
+        alt = newton_polish(*args, settled=settled, decide=decided)
+        better = alt[3] < out[3]
+        out = tuple(torch.where(better.view((-1,) + (1,) * (o.dim() - 1)), a, o) for a, o in zip(alt, out))
     took = out[4]
     out = out[:4] + (took | pick(polished),)
     merged = (full.index_copy(0, idx, part) for full, part in zip((xs, ss, zs, residual, polished), out))
@@ -137,7 +148,7 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
         idx = torch.nonzero(live & ~(error <= tol_error) | (live & (undecided(layout, ss, zs) > RESOLVED))).squeeze(1)
         if idx.numel():
             xs, ss, zs, residual, polished, took = _polish_subset(d, layout, xs, ss, zs, residual, polished,
-                                                                  idx, residual_fn, 2 * polish_steps)
+                                                                  idx, residual_fn, 2 * polish_steps, True)
             if took:
                 # Estimated again on those elements only: a full-batch factorisation cost a
                 # third of this function at batch 1024 (n = 50 QP), for 16 elements.
@@ -277,6 +288,11 @@ def _limit_zero(kkt, mask: torch.Tensor) -> None:
         _limit_zero(kkt.kkt, mask)
 
 
+def _step_size(dv: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
+    """(B,) ‖scale·dv‖∞ / (1 + ‖scale·v‖∞): the step relative to the point, in the units ``scale`` gives."""
+    return row_inf(dv * scale) / (1 + row_inf(v * scale))
+
+
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element:
     ``inf`` where the factorisation failed, NaN where the step cannot be formed (nearly
@@ -302,7 +318,13 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b
-    rhs = torch.cat([-rz[:, :z0], sc - rz[:, z0:]], 1)  # Newton on s ∘ z = 0 (affine form)
+    # Newton on s ∘ z = 0 (affine form) with the Jacobian at the lifted, decided pair:
+    # z_in ds + s_in dz = −s ∘ z, i.e. ds + H dz = −s ∘ z / z_in. (With −s alone, a row
+    # decided inactive kept its multiplier: z = 8e-8 on a box of half-width 7e-5 held x
+    # 2e-6 off its optimum, normwise, with an estimate of 5e-14.)
+    k = layout.nonneg
+    lin = torch.cat([sc[:, :k] * zc[:, :k] / zc_in[:, :k], sc[:, k:]], 1) if k else sc
+    rhs = torch.cat([-rz[:, :z0], lin - rz[:, z0:]], 1)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)
     # The step is the Newton step only if it solves the equality rows, which the KKT form
@@ -317,13 +339,18 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
         AE, bE = d.A[:, :z0], d.b[:, :z0]
         eE = row_inf(ops.vec(ops.e_mv, dx) + rz[:, :z0])
         lost = eE > 64 * torch.finfo(dx.dtype).eps * (row_inf(bmv(AE.abs(), x.abs())) + row_inf(bE) + row_inf(AE))
+    # The promise is normwise in the caller's units too: with column scales spread by the
+    # equilibration, a step of 1e-9 of the equilibrated x was 2.3e-6 of the caller's
+    # (least squares with data ~6e9, components 3e9 and 386: the small one 5500 off).
+    sig = d.sigma[:, None]
+    x_scale, z_scale = sig * d.D, sig * d.E / d.c[:, None]
     if cols is not None:
         cols = cols.to(dx.device)  # a no-op for the layer's (cached on the device)
-        dx, x = dx.index_select(1, cols), x.index_select(1, cols)
-    error = row_inf(dx) / (1 + row_inf(x))
+        dx, x, x_scale = dx.index_select(1, cols), x.index_select(1, cols), x_scale.index_select(1, cols)
+    error = torch.maximum(_step_size(dx, x, 1), _step_size(dx, x, x_scale))
     if duals is not None:
         duals = duals.to(dz.device)
-        dz, z = dz.index_select(1, duals), z.index_select(1, duals)
-        error = torch.maximum(error, row_inf(dz) / (1 + row_inf(z)))
+        dz, z, z_scale = dz.index_select(1, duals), z.index_select(1, duals), z_scale.index_select(1, duals)
+        error = torch.maximum(error, torch.maximum(_step_size(dz, z, 1), _step_size(dz, z, z_scale)))
     error = torch.where(kkt.failed | ~torch.isfinite(error), torch.inf, error)
     return kkt, torch.where(lost & ~kkt.failed, torch.nan, error)  # NaN: cannot be estimated

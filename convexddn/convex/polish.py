@@ -45,8 +45,12 @@ def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor
     return out.reshape(B, k, mc).permute(0, 2, 1)
 
 
-def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
+def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     """One full Newton step (dx, ds, dz) on the KKT conditions; (B,) failure mask.
+
+    ``decide``: ``(s, z) -> (active, inactive)`` masks of the nonnegative rows whose
+    complementary pair is decided; their row of the linearisation is the limit one,
+    :math:`s_i + ds_i = 0` (active) or :math:`z_i + dz_i = 0` (inactive).
 
     With :math:`ds = -r_z - A\\,dx` substituted, the system in :math:`(dx, dz)` is
 
@@ -64,13 +68,23 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     rx = bmv(P, x) + bmv(A.mT, z) + q
     rz = bmv(A, x) + s - b
     sc, zc = s[:, z0:], z[:, z0:]
+    # The Jacobian's s and z: a decided pair's smaller member at its limit 0. Full Newton
+    # steps on z_i s_i = 0 with both small oscillate where x moves by a fair part of s_i
+    # (a box of half-width 7e-5 around a component of an ill-conditioned QP: z_i crossed
+    # zero each step and the point stayed 2e-6 off, normwise).
+    sl, zl = sc, zc
+    if decide is not None and layout.nonneg:
+        k = layout.nonneg
+        active, inactive = decide(sc[:, :k], zc[:, :k])
+        sl = torch.cat([sc[:, :k].masked_fill(active, 0.0), sc[:, k:]], 1)
+        zl = torch.cat([zc[:, :k].masked_fill(inactive, 0.0), zc[:, k:]], 1)
     K = P.new_zeros(B, n + m, n + m)
     K[:, :n, :n] = P
     K[:, :n, n:] = A.mT
     K[:, n:n + z0, :n] = A[:, :z0]
-    K[:, n + z0:, :n] = -_arrow(layout, zc, A[:, z0:])
+    K[:, n + z0:, :n] = -_arrow(layout, zl, A[:, z0:])
     eye = torch.eye(m - z0, dtype=P.dtype, device=P.device).expand(B, -1, -1)
-    K[:, n + z0:, n + z0:] = _arrow(layout, sc, eye.contiguous())
+    K[:, n + z0:, n + z0:] = _arrow(layout, sl, eye.contiguous())
     # Static regularisation of the dual block (−δ on the equality rows, +δ beside L(s)):
     # redundant equality rows (the row and column sums of a doubly-stochastic matrix)
     # or dependent active constraints make K exactly singular, and LU then fails every
@@ -79,7 +93,7 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     dual = torch.diagonal(K[:, n:, n:], dim1=-2, dim2=-1)
     dual[:, :z0] -= _DELTA
     dual[:, z0:] += _DELTA
-    rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zc, rz[:, z0:]) - layout.jordan(sc, zc)], 1)
+    rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - layout.jordan(sc, zc)], 1)
     # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN.
     bad = ~torch.isfinite(K).flatten(1).all(1)
     identity = torch.eye(n + m, dtype=P.dtype, device=P.device)
@@ -93,7 +107,7 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z):
     return dx, ds, dz, failed | ~torch.isfinite(sol).all(1)
 
 
-def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3, settled=None):
+def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3, settled=None, decide=None):
     """Newton-polish (x, s, z); return each element's best point.
 
     Full steps are taken (the first one may raise the residual slightly while it
@@ -106,6 +120,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         residual_fn: ``(x, s, z) -> (B,)`` relative KKT residual (cone violation included).
         settled: ``(x, s, z) -> (B,)`` bool, what a best point must also satisfy before
             the steps stop early (e.g. every complementary pair decided).
+        decide: nonnegative pairs taken at their limit (see :func:`_newton_step`).
 
     Returns:
         ``(x, s, z, residual, polished)``: the best points, their residual and where a
@@ -115,7 +130,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     res = residual_fn(x, s, z)
     polished = torch.zeros_like(res, dtype=torch.bool)
     for _ in range(steps):
-        dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z)
+        dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z, decide)
         x, s, z = x + dx, s + ds, z + dz
         rn = residual_fn(x, s, z)
         # An element whose step failed or left the finite numbers restarts from its best
