@@ -7,10 +7,9 @@ r"""α-entmax: sparse probability maps (softmax at α = 1, sparsemax at α = 2).
     H^T_\alpha(p) = \frac{1}{\alpha(\alpha - 1)} \sum_i (p_i - p_i^\alpha)
     \quad (\alpha > 1),
 
-with :math:`H^T_1` the Shannon entropy. The solution is
-:math:`p_i = [(\alpha - 1) x_i - \tau]_+^{1/(\alpha - 1)}`, with the threshold
-:math:`\tau` fixed by :math:`\sum_i p_i = 1`; entries below the threshold are exactly 0,
-which makes entmax a drop-in sparse replacement for softmax in attention.
+with :math:`H^T_1` the Shannon entropy. The solution is :math:`p_i = [(\alpha - 1) x_i -
+\tau]_+^{1/(\alpha - 1)}`, :math:`\tau` fixed by :math:`\sum_i p_i = 1`; entries below
+the threshold are exactly 0: a drop-in sparse replacement for softmax in attention.
 
 Forward: ``alpha=1`` is ``torch.softmax``; ``alpha=2`` is the sort-based Euclidean
 projection onto the simplex (:func:`convexddn.nodes.projection.project_simplex`);
@@ -26,17 +25,17 @@ Accuracy for ``alpha > 2``: :math:`u_i = z_i - \tau = p_i^{\alpha-1}` is known o
 :math:`\delta \approx 2\,\varepsilon|\tau|` (:math:`|\tau| = p_{\max}^{\alpha-1}`), so
 :math:`p_i` has relative error about
 :math:`\frac{2\varepsilon}{\alpha-1}(p_{\max}/p_i)^{\alpha-1}` (the problem itself is
-that sensitive to :math:`x_i` at those entries). Entries with :math:`u_i \lesssim \delta`
-are not resolved: the mass :math:`1 - \sum_i p_i` left by the others is shared among
-them (by their error estimates), so the resolved entries keep their accuracy, a single
-unresolved entry is exact (it is :math:`1 - \sum_{j \ne i} p_j`) and several are right in
-total only. E.g. at ``alpha=3`` entries below ~3e-3 p_max (float32) or ~1.5e-7 p_max
+that sensitive to :math:`x_i` there); the large entries are exact to about the sum of
+the small ones' absolute errors (as sensitive too: at ``alpha=10`` one ulp of a small
+support entry's logit moved :math:`p_{\max}` by 8e-6). Entries with :math:`u_i \lesssim \delta`
+are not resolved: they share the mass :math:`1 - \sum_i p_i` the others leave (by their
+error estimates); a single one is exact (:math:`1 - \sum_{j \ne i} p_j`), several only in total. E.g. at ``alpha=3`` entries below ~3e-3 p_max (float32) or ~1.5e-7 p_max
 (float64) lose more than 1% relative accuracy; at ``alpha=10``, ~0.25 and ~0.025 p_max.
 For :math:`\alpha \to 1^+` all paths lose about :math:`\varepsilon/(\alpha - 1)` relative
 (:math:`p_i = u_i^{1/(\alpha-1)}` amplifies the rounding of :math:`u_i`): float32 (and
 half) inputs with :math:`\alpha - 1 < 10^{-3}` are therefore solved in float64, and
-below :math:`\alpha - 1 = 10^{-10}` the softmax limit is returned (it differs from
-α-entmax by :math:`O((\alpha - 1) x^2)`, less than float64 resolves there).
+below :math:`\alpha - 1 = 10^{-10}` the softmax limit is returned (α-entmax differs by
+:math:`O((\alpha - 1) x^2)`).
 
 Backward (Peters, Niculae & Martins 2019, Prop. 1): on the support
 :math:`S = \{i : p_i > 0\}`, with :math:`s_i = p_i^{2 - \alpha}` (and 0 off it),
@@ -302,8 +301,8 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     or by bisection to the last bit (``alpha > 2``). For ``alpha > 2`` an entry
     :math:`p_i` has relative error about
     :math:`\frac{2\varepsilon}{\alpha-1}(p_{\max}/p_i)^{\alpha-1}`: small entries are not
-    resolved (see the module docstring); they share exactly the mass the others leave,
-    and do not spoil the large ones. The backward is the exact VJP of :math:`\operatorname{diag}(s) - s s^\top / \mathbf 1^\top s`,
+    resolved (see the module docstring); they share exactly the mass the others leave;
+    large entries are exact to about the sum of the small ones' absolute errors. The backward is the exact VJP of :math:`\operatorname{diag}(s) - s s^\top / \mathbf 1^\top s`,
     :math:`s_i = p_i^{2-\alpha}` on the support (Peters et al. 2019); it exists except at
     ties (an entry exactly at the threshold), where the entry counts as outside.
 
