@@ -339,9 +339,8 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
         AE, bE = d.A[:, :z0], d.b[:, :z0]
         eE = row_inf(ops.vec(ops.e_mv, dx) + rz[:, :z0])
         lost = eE > 64 * torch.finfo(dx.dtype).eps * (row_inf(bmv(AE.abs(), x.abs())) + row_inf(bE) + row_inf(AE))
-    # The promise is normwise in the caller's units too: with column scales spread by the
-    # equilibration, a step of 1e-9 of the equilibrated x was 2.3e-6 of the caller's
-    # (least squares with data ~6e9, components 3e9 and 386: the small one 5500 off).
+    # The promise is normwise in the caller's units, which the equilibration's column
+    # scales can spread apart from its own: the step is measured in both.
     sig = d.sigma[:, None]
     x_scale, z_scale = sig * d.D, sig * d.E / d.c[:, None]
     if cols is not None:

@@ -23,10 +23,11 @@ def factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
     largest entry, over the batch of the factor (not of b): ``(reflectors, tau, R,
     W^{1/2}, column norms, row order)``.
 
-    The sorting makes the factorisation stable row by row (Cox & Higham 1998): in the
-    given order the error grew like eps times the heavy rows' size over the light ones'
-    (a ridge of 1e24 over ‖A‖ ~ 1: 4.6e-5 relative, and x = 0 from 1e34 on, for a
-    problem whose condition is 1; weights 1e24 on the last rows: 3.3e-5). Q stays
+    The sorting is half of what makes Householder QR stable row by row (Cox & Higham
+    1998; the other half, column pivoting, torch's geqrf lacks): in the given order the
+    error grew like eps times the heavy rows' size over the light ones' (a ridge of 1e24
+    over ‖A‖ ~ 1: 4.6e-5 relative, and x = 0 from 1e34 on, for a problem whose
+    condition is 1; weights 1e24 on the last rows: 3.3e-5). Q stays
     implicit (LAPACK's reflectors; :func:`apply_qt` applies Qᵀ): forming it cost half
     the QR again. The column norms are R's (‖A e_j‖ = ‖R e_j‖, Q orthonormal): a
     reduction over the (…, N, N) factor instead of down the (…, M, N) columns, which
