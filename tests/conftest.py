@@ -8,10 +8,14 @@ Python (``bool()``, ``int()``, ``float()``, ``.item()``, ``.tolist()``, ``.nonze
 indexing with a boolean tensor): each is a host synchronisation on CUDA. Counting
 them on the CPU checks the "one host read per iteration" promises of the batched
 solvers without a GPU.
+
+``exact_solve`` solves a square linear system in exact rationals: the reference for
+solutions whose data are float64 numbers (normal equations, stationarity conditions).
 """
 from __future__ import annotations
 
 import contextlib
+from fractions import Fraction
 
 import pytest
 import torch
@@ -70,3 +74,33 @@ class _OnOtherDevice(torch.Tensor):
 @pytest.fixture
 def on_other_device():
     return lambda t: t.as_subclass(_OnOtherDevice)
+
+
+def _exact_solve(M, rhs) -> torch.Tensor:
+    """x with M x = rhs, computed in exact rationals (Gauss–Jordan) and rounded once:
+    ``M`` (n, n) and ``rhs`` (n,) of floats (taken exactly) or Fractions."""
+    n = len(rhs)
+    rows = [[Fraction(v) for v in M[i]] + [Fraction(rhs[i])] for i in range(n)]
+    for col in range(n):
+        for i in range(n):
+            if i != col:
+                f = rows[i][col] / rows[col][col]
+                rows[i] = [a - f * c for a, c in zip(rows[i], rows[col])]
+    return torch.tensor([float(rows[i][n] / rows[i][i]) for i in range(n)], dtype=torch.float64)
+
+
+def normal_equations(A, b, w=None, ridge=0.0):
+    """(AᵀWA + ρI, AᵀWb) of float64 data, exactly, as Fractions."""
+    Af = [[Fraction(v) for v in row] for row in A]
+    bf = [Fraction(v) for v in b]
+    wf = [Fraction(1) if w is None else Fraction(v) for v in (b if w is None else w)]
+    m, n = len(Af), len(Af[0])
+    H = [[sum(wf[k] * Af[k][i] * Af[k][j] for k in range(m)) + (Fraction(ridge) if i == j else 0)
+          for j in range(n)] for i in range(n)]
+    return H, [sum(wf[k] * Af[k][i] * bf[k] for k in range(m)) for i in range(n)]
+
+
+@pytest.fixture
+def exact_solve():
+    """``(solve, normal_equations)``: see :func:`_exact_solve` and :func:`normal_equations`."""
+    return _exact_solve, normal_equations

@@ -783,11 +783,10 @@ def test_segment_of_optima_along_a_ray_of_the_cone_is_warned():
     assert torch.equal(grads[0], torch.zeros_like(grads[0]))
 
 
-def test_least_squares_with_a_huge_rhs_under_a_loose_box_is_normwise_exact():
+def test_least_squares_with_a_huge_rhs_under_a_loose_box_is_normwise_exact(exact_solve):
     """min ‖Ax − b‖² s.t. |x| <= u with b ~ 6e9 (cond(A) 235) and the box inactive: the
     batched path returned x_1 = −5133 for 386.5 (2.2e-6 normwise, documented 1e-7) as
     solved. Truth: the normal equations of the float64 data in exact rationals."""
-    from fractions import Fraction
     A_ = [[-4.5122887803416005e-07, -4.5673932885566708e-06, 1.9412883415725599e-06],
           [-3.9823957665213419e-02, 3.4197125233663533e-01, -1.1151098308476134e-01],
           [-1.2010605937634899e+00, -1.1965552374946521e+01, -1.5758870787522506e+01],
@@ -796,15 +795,8 @@ def test_least_squares_with_a_huge_rhs_under_a_loose_box_is_normwise_exact():
     b_ = [4.1563515917528269e+05, -4.3843933024973914e+07, 6.1079870223173151e+09,
           1.7284998423280260e+06, -3.0067913476244742e+08]
     u_ = [1.2310022945242610e+12, 1.6176454429863543e+04, 1.1074491547386644e+10]
-    Af, bf = [[Fraction(v) for v in r] for r in A_], [Fraction(v) for v in b_]
-    rows = [[sum(Af[k][i] * Af[k][j] for k in range(5)) for j in range(3)]
-            + [sum(Af[k][i] * bf[k] for k in range(5))] for i in range(3)]
-    for col in range(3):
-        for i in range(3):
-            if i != col:
-                f = rows[i][col] / rows[col][col]
-                rows[i] = [a - f * c for a, c in zip(rows[i], rows[col])]
-    exact = torch.tensor([float(rows[i][3] / rows[i][i]) for i in range(3)], dtype=F64)
+    solve, normal_equations = exact_solve
+    exact = solve(*normal_equations(A_, b_))
     A, b, u = cp.Parameter((5, 3)), cp.Parameter(5), cp.Parameter(3)
     x = cp.Variable(3)
     prob = cp.Problem(cp.Minimize(cp.sum_squares(A @ x - b)), [x <= u, x >= -u])

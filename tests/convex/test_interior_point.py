@@ -560,25 +560,18 @@ def test_cone_violation_against_a_scale_per_row():
     torch.testing.assert_close(layout.violation(v), torch.tensor([1 / math.sqrt(2)], dtype=torch.float64))
 
 
-def test_tiny_inactive_box_of_an_ill_conditioned_qp_is_solved_exactly():
+def test_tiny_inactive_box_of_an_ill_conditioned_qp_is_solved_exactly(exact_solve):
     # The normal equations of a least-squares fit with data ~6e9 (P = 2AᵀA, cond 5.5e4)
     # under a box |x| <= u whose x_1 side is 7e-5 wide in the equilibrated units. The
     # interior point stopped with both of x_1's bound multipliers at ~1e-8, which held
     # x_1 5500 off (386 exact; 2.2e-6 normwise); the error estimate said 5e-14 and
     # the point was reported solved. Truth: P x = -q in exact rationals (box inactive).
-    from fractions import Fraction
     P = [[2.89715583626305229, 28.70376098227248818, 37.83793446299129215],
          [28.70376098227248818, 286.59819533797957547, 377.08471884715208944],
          [37.83793446299129215, 377.08471884715208944, 496.78297048310730588]]
     q = [1.46285380079531345e10, 1.46253666153860260e11, 1.92615917626524780e11]
     u = [1.2310022945242610e12, 1.6176454429863543e04, 1.1074491547386644e10]
-    rows = [[Fraction(v) for v in P[i]] + [-Fraction(q[i])] for i in range(3)]
-    for col in range(3):
-        for i in range(3):
-            if i != col:
-                f = rows[i][col] / rows[col][col]
-                rows[i] = [a - f * c for a, c in zip(rows[i], rows[col])]
-    exact = torch.tensor([float(rows[i][3] / rows[i][i]) for i in range(3)], dtype=F64)
+    exact = exact_solve[0](P, [-v for v in q])
     assert bool((exact.abs() < torch.tensor(u, dtype=F64)).all())  # the box is inactive
     eye = torch.eye(3, dtype=F64)
     sol = solve_cone_batch(torch.tensor([P], dtype=F64), torch.tensor([q], dtype=F64),

@@ -68,39 +68,25 @@ def test_least_squares_weighted_ridge_closed_form():
         torch.testing.assert_close(x, normal_equations(A, b, w, rho), atol=1e-12, rtol=1e-10)
 
 
-def _exact_ridge_solution(A: torch.Tensor, b: torch.Tensor, w: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(AᵀWA + ρI)⁻¹ AᵀWb of the float64 data in exact rationals (Gauss–Jordan)."""
-    from fractions import Fraction
-    Af = [[Fraction(v) for v in row] for row in A.tolist()]
-    bf, wf, rf = [Fraction(v) for v in b.tolist()], [Fraction(v) for v in w.tolist()], Fraction(ridge)
-    m, n = len(Af), len(Af[0])
-    rows = [[sum(wf[k] * Af[k][i] * Af[k][j] for k in range(m)) + (rf if i == j else 0) for j in range(n)]
-            + [sum(wf[k] * Af[k][i] * bf[k] for k in range(m))] for i in range(n)]
-    for col in range(n):
-        for i in range(n):
-            if i != col:
-                f = rows[i][col] / rows[col][col]
-                rows[i] = [a - f * c for a, c in zip(rows[i], rows[col])]
-    return torch.tensor([float(rows[i][n] / rows[i][i]) for i in range(n)], dtype=torch.float64)
-
-
 @pytest.mark.parametrize("ridge", [1e8, 1e24, 1e40])
-def test_least_squares_ridge_far_above_the_data_keeps_full_accuracy(ridge):
+def test_least_squares_ridge_far_above_the_data_keeps_full_accuracy(ridge, exact_solve):
     # H = AᵀA + ρI has condition ~1, but the QR of [A; √ρ I] in that row order erred by
     # eps·√ρ/‖A‖ (4.6e-5 at 1e24; x = 0 from 1e34 on).
     g = torch.Generator().manual_seed(0)
     A, b = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
-    exact = _exact_ridge_solution(A, b, torch.ones(6, dtype=torch.float64), ridge)
+    solve, normal_equations = exact_solve
+    exact = solve(*normal_equations(A.tolist(), b.tolist(), ridge=ridge))
     x = least_squares(A, b, ridge=ridge)
     assert float((x - exact).norm() / exact.norm()) < 1e-14
 
 
-def test_least_squares_heavy_weights_on_the_last_rows_keep_full_accuracy():
+def test_least_squares_heavy_weights_on_the_last_rows_keep_full_accuracy(exact_solve):
     # Weights 1e24 on the last rows: 3.3e-5 relative before the rows were sorted.
     g = torch.Generator().manual_seed(1)
     A, b = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
     w = torch.tensor([1.0] * 6 + [1e24] * 2, dtype=torch.float64)
-    exact = _exact_ridge_solution(A, b, w, 0.0)
+    solve, normal_equations = exact_solve
+    exact = solve(*normal_equations(A.tolist(), b.tolist(), w.tolist()))
     x = least_squares(A, b, weights=w)
     assert float((x - exact).norm() / exact.norm()) < 1e-13
 
