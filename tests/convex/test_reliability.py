@@ -1017,3 +1017,16 @@ def test_a_point_polished_from_a_verified_certificate_is_not_returned(solver):
         with pytest.raises(SolverError) as err:
             layer(A, b, c)
     assert not isinstance(err.value, UnboundedError)
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel", "SCS", "ECOS"])
+def test_infeasible_program_with_exponential_cone_terms_raises_infeasible_error(solver):
+    # y >= (3, 3) and y₁ + y₂ <= 1 contradict by construction; the objective's exp(y)
+    # puts exponential-cone rows in the program. The solvers' certificates used those
+    # rows, one at the edge of K* (w = 1e-8), which left 1e-8 in the one column it met:
+    # the column test rejected a valid certificate and every solver ended in SolverError.
+    x, lo, y = cp.Parameter(2), cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.exp(y)) - x @ y), [y >= lo, cp.sum(y) <= 1])
+    layer = cddn.ConvexLayer(prob, [x, lo], [y], solver=solver)
+    with pytest.raises(InfeasibleError):
+        layer(torch.tensor([[0.3, -0.2]], dtype=F64), torch.tensor([[3.0, 3.0]], dtype=F64))
