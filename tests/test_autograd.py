@@ -252,6 +252,35 @@ def test_forward_over_reverse_raises_double_backward_error(name, x, node):
         torch.func.jvp(torch.func.grad(_loss(node)), (x,), (torch.ones_like(x),))
 
 
+FORWARD_CASES = [
+    ("eigenvalues", _sym(4)[0], lambda s: eigen_decomposition(s, 1).eigenvalues.sum()),
+    ("entmax", torch.randn(6, dtype=F64), lambda x: (entmax(x, 1.5) * torch.arange(6.0, dtype=F64)).sum()),
+    ("tv_denoise", torch.randn(9, dtype=F64), lambda x: (tv_denoise(x, 0.5) ** 2).sum()),
+]
+
+
+@pytest.mark.parametrize("name,x,f", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward_over_forward_raises_double_backward_error(name, x, f):
+    """A jvp's tangent is computed without a graph: differentiating it by a second jvp
+    gave a zero Hessian for the largest eigenvalue and entmax's second derivative 6 % off,
+    silently."""
+    d = torch.ones_like(x)
+    torch.func.jvp(f, (x,), (d,))  # first order works
+    with pytest.raises(DoubleBackwardError):
+        torch.func.jvp(lambda t: torch.func.jvp(f, (t,), (d,))[1], (x,), (d,))
+
+
+@pytest.mark.parametrize("name,x,f", FORWARD_CASES[:1] + FORWARD_CASES[2:], ids=["eigenvalues", "tv_denoise"])
+def test_torch_func_second_derivatives_raise_double_backward_error(name, x, f):
+    """hessian, jacrev∘jacrev and jacfwd∘jacfwd of the nodes that support jacrev and
+    jacfwd: torch's "output with shape [1] doesn't match the broadcast shape" for the
+    eigenvalues, or a silently wrong Hessian (jacfwd∘jacfwd), before."""
+    for second in (torch.func.hessian, lambda g: torch.func.jacrev(torch.func.jacrev(g)),
+                   lambda g: torch.func.jacfwd(torch.func.jacfwd(g))):
+        with pytest.raises(DoubleBackwardError):
+            second(f)(x)
+
+
 def test_pnp_refuses_batched_cotangents():
     """pnp's backward reads its Hessian checks on the host: autograd's own batching gave
     torch's "Batching rule not implemented"; now a ProblemError."""

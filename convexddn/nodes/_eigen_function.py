@@ -196,8 +196,10 @@ class _EigenFunction(torch.autograd.Function):
         else:
             C = V.new_zeros(mu.shape + (k,))
         if g_lam is not None:
-            # s·g_λ on the diagonal, times the s/2 of C: g_λ/2.
-            torch.diagonal(C[..., sel, :], dim1=-2, dim2=-1).add_(g_lam.to(V.dtype), alpha=0.5)
+            # s·g_λ on the diagonal, times the s/2 of C: g_λ/2. (Not in place: under
+            # torch.func.jacrev g_λ is batched and C need not be.)
+            lam = torch.diag_embed(g_lam.to(V.dtype) * 0.5)
+            C = C + (lam if k == mu.shape[-1] else torch.nn.functional.pad(lam, (0, 0, 0, mu.shape[-1] - k)))
         grad = (V @ C) @ Vk.mT
         grad = grad + grad.mT
         return grad.to(ctx.dtype), None, None, None

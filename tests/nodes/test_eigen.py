@@ -413,3 +413,16 @@ def test_eigen_forward_mode_float32_tie_keeping_direction_is_quiet():
             dlam, _ = _tangents(X.float(), T.float())
         torch.testing.assert_close(dlam.double(), torch.tensor([1.2, -0.5, -0.5, 0.3], dtype=torch.float64),
                                    atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_jacrev_of_eigenvalues_is_the_outer_product_of_eigenvectors(k):
+    # dλ_i/dX = v_i v_iᵀ for a symmetric X (the node symmetrises: sym of it). jacrev
+    # of an eigenvalue-only output raised torch's broadcasting RuntimeError (an in-place
+    # add of the batched cotangent into an unbatched buffer).
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(4, 4, dtype=torch.float64, generator=g)
+    X = X + X.T
+    J = torch.func.jacrev(lambda s: eigen_decomposition(s, k).eigenvalues)(X)
+    V = torch.linalg.eigh(X).eigenvectors.flip(-1)[:, :k]
+    torch.testing.assert_close(J, torch.einsum("ik,jk->kij", V, V), rtol=0, atol=1e-12)
