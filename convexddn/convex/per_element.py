@@ -197,8 +197,8 @@ class CheckedDiffcp(SolverInterface):
             x, y, s, status = self._solve_with(method, args, A, b, c)
             x0, y0, claimed = x, y, status  # the solver's own point: a certificate when it claims one
             x, y, s, r = program.refine(x, y, s, self.refine)
-            if r > POLISH_ABOVE and method != "SCS" and self.refine > 0:
-                # An interior point can sit where R is not smooth; SCS warm-started there lands on the faces.
+            if r > POLISH_ABOVE and method != "SCS" and self.refine > 0 and self.fallback is not None:
+                # An interior point can sit where R is not smooth; SCS from it lands on faces (not if fallback=None).
                 x2, y2, s2, status2 = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))
                 x2, y2, s2, r2 = program.refine(x2, y2, s2, self.refine)
                 if r2 < r:  # the point returned is SCS's: last_solve says so

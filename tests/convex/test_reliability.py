@@ -1030,3 +1030,16 @@ def test_infeasible_program_with_exponential_cone_terms_raises_infeasible_error(
     layer = cddn.ConvexLayer(prob, [x, lo], [y], solver=solver)
     with pytest.raises(InfeasibleError):
         layer(torch.tensor([[0.3, -0.2]], dtype=F64), torch.tensor([[3.0, 3.0]], dtype=F64))
+
+
+def test_fallback_none_uses_no_other_solver():
+    # Clarabel stopped after 3 iterations: its point was handed to SCS (warm-started, as
+    # a polish) and SCS's answer returned without a warning, although fallback=None.
+    # Now only Clarabel (and the Newton refinement of its point) is used.
+    x, y = cp.Parameter(4), cp.Variable(4)
+    prob = cp.Problem(cp.Minimize(-x @ y - cp.sum(cp.entr(y))), [cp.sum(y) == 1])
+    X = torch.tensor(np.random.default_rng(10).standard_normal((3, 4)) * 2)
+    layer = cddn.ConvexLayer(prob, [x], [y], solver="Clarabel", fallback=None, solver_args={"max_iter": 3})
+    Y = layer(X)
+    assert not any("SCS" in s for s in layer.last_solve.solvers + layer.last_solve.statuses)
+    torch.testing.assert_close(Y, torch.softmax(X, -1), rtol=0, atol=1e-6)  # entropy-regularised argmax
