@@ -917,7 +917,8 @@ def test_last_solve_names_the_solver_whose_point_is_returned():
     point returned, last_solve said solvers=['Clarabel'], statuses=['Failure'], solved."""
     xp, yv = cp.Parameter(3), cp.Variable(3)
     prob = cp.Problem(cp.Minimize(-cp.sum(cp.entr(yv)) - xp @ yv), [cp.sum(yv) == 1])
-    layer = cddn.ConvexLayer(prob, [xp], [yv], solver="Clarabel", fallback=None, solver_args={"max_iter": 1})
+    # (The default fallback: with fallback=None no other solver is used at all.)
+    layer = cddn.ConvexLayer(prob, [xp], [yv], solver="Clarabel", solver_args={"max_iter": 1})
     x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     y = layer(x)
     torch.testing.assert_close(y, torch.softmax(x, 0), atol=1e-7, rtol=0)  # closed form
