@@ -83,8 +83,8 @@ class ConvexLayer(nn.Module):
             tight defaults (e.g. ``{"max_iter": 1000}`` for Clarabel); unknown keys
             raise ``OptionError``.
         fallback: per-element solver tried where the first one fails (default
-            ``"SCS"``), or ``None``. A fallback that succeeds emits a
-            :class:`~convexddn.errors.SolverWarning`.
+            ``"SCS"``, which also polishes its points), or ``None``: no other solver. A
+            fallback that succeeds emits a :class:`~convexddn.errors.SolverWarning`.
         adjoint: how the per-element adjoint (and polish) systems are solved:
             ``"auto"`` (dense up to 400 rows + columns, LSMR above), ``"dense"``,
             ``"lsmr"`` or ``"lsqr"``.
