@@ -34,8 +34,7 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     For ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``, per element:
 
     - infeasible: :math:`y = z/\\|z\\|_\\infty \\in K^*` (zero-cone rows free),
-      each column :math:`|(A^T y)_j| \\le` ``tol`` :math:`(|A|^T|y|)_j` (or ``tol`` times the
-      largest column's terms where its own are below ``tol`` of them) once the noise of
+      each column :math:`|(A^T y)_j| \\le` ``tol`` :math:`(|A|^T|y|)_j` once the noise of
       rows the ray does not use is dropped (entries, except second-order-cone heads, whose
       :math:`|y_i|\\,\\|A_i\\|_\\infty` is below ``tol`` of the largest; against
       :math:`\\max|A|`, :math:`y = e_0` passed for the feasible :math:`10^{-13} x_0 \\ge 1`), and
@@ -72,12 +71,7 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     weight = y.abs() * rows
     if weight.shape[1]:
         y = torch.where(droppable & (weight <= tol * weight.amax(1, keepdim=True)), 0.0, y)
-    # (A column the ray barely touches, terms below tol of the largest column's, is held to
-    # that largest, as in verify_certificate.)
-    terms = bmv(absA.mT, y.abs())
-    top = row_inf(terms)[:, None]
-    infeasible = ((ny > 0) & torch.isfinite(ny) & in_dual
-                  & _within(bmv(A.mT, y), tol * torch.where(terms <= tol * top, top, terms))
+    infeasible = ((ny > 0) & torch.isfinite(ny) & in_dual & _within(bmv(A.mT, y), tol * bmv(absA.mT, y.abs()))
                   & ((b * y).sum(1) < -tol * row_inf(b * y)))
     s = -bmv(A, d)
     tiny = torch.finfo(A.dtype).tiny

@@ -126,15 +126,15 @@ def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np
 
 
 def _droppable(cones: list, m: int) -> np.ndarray:
-    """``(m,)`` rows whose entry of a dual ray can be set to zero without leaving K*: zero
-    and nonnegative rows, and the tails of second-order cones (a head t >= ‖u‖ stays so);
-    not the heads, nor exponential or PSD rows."""
-    out = np.zeros(m, dtype=bool)
+    """``(m,)`` rows whose noise entry of a dual ray may be set to zero: zero and
+    nonnegative rows and the tails of second-order cones (y stays in K*: a head t >= ‖u‖
+    stays so), and exponential and PSD rows (y may leave K* by that noise: the caller
+    checks K* after dropping). Not the heads: a head's weight can be noise where its tail's
+    is not."""
+    out = np.ones(m, dtype=bool)
     for kind, at, q in cone_blocks(cones):
-        if kind in (cone_lib.ZERO, cone_lib.POS):
-            out[at:at + q] = True
-        elif kind == cone_lib.SOC:
-            out[at + 1:at + q] = True
+        if kind == cone_lib.SOC:
+            out[at] = False
     return out
 
 
@@ -150,10 +150,9 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
     unless its certificate verifies. The sign test of ``bᵀy`` (``cᵀx``) is relative to
     its own largest term: measured against ``‖b‖∞``, an inactive bound of 1e4 beside
     rows of 1e-2 (which the ray does not use) rejected a valid certificate. ``Aᵀy`` is
-    measured column by column against its terms ``|A|ᵀ|y|`` (a column whose terms are below
-    ``tol`` of the largest column's, against that largest), after dropping the noise of
+    measured column by column against its terms ``|A|ᵀ|y|``, after dropping the noise of
     rows the ray does not use (entries, except second-order-cone heads, whose
-    ``|y_i| ‖A_i‖∞`` is below ``tol`` of the largest): against the largest ``|A|`` entry,
+    ``|y_i| ‖A_i‖∞`` is below ``tol`` of the largest; K* is checked after): against the largest ``|A|`` entry,
     ``y = e_0`` passed for ``1e-13 x_0 >= 1``, a feasible LP. A primal ray's distance to
     K is measured per cone block against its rows' largest ``|A|`` entry: against the
     largest in A, the ray (1, 0) of ``1e-14 x_0 <= 1`` (a bounded LP, violated by 1e-14
@@ -169,19 +168,16 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
         if not np.all(np.isfinite(y)) or ny == 0:
             return False
         d = y / ny
-        in_cone = inf(d - project(d, cones, dual=True)) <= tol
         # The ray's noise on rows it does not use dropped (entries whose |d_i| ‖A_i‖∞ is below
-        # tol of the largest, on rows where a zero keeps d in K*); then each column of Aᵀd
-        # against its own terms |A|ᵀ|d|.
+        # tol of the largest, see _droppable: an exponential-cone row at the edge of K*,
+        # w = 1e-8, left 1e-8 in the one column it met, and an infeasible program ended in
+        # SolverError on every solver); then d in K* and each column of Aᵀd against its own
+        # terms |A|ᵀ|d|.
         weight = np.abs(d) * rows
-        d = np.where(_droppable(cones, d.size) & (weight <= tol * weight.max(initial=0.0)), 0.0, d)
-        # A column the ray barely touches (terms below tol of the largest column's) is
-        # held to that largest instead: a ray using exponential-cone (or PSD) rows, one at
-        # the edge of K* (w = 1e-8, not noise), left 1e-8 in the one column that row met,
-        # and a valid certificate of an infeasible program failed on every solver.
-        terms = absA.T @ np.abs(d)
-        top = terms.max(initial=0.0)
-        columns_ok = bool(np.all(np.abs(A.T @ d) <= tol * np.where(terms <= tol * top, top, terms)))
+        noise = (rows > 0) & (weight <= tol * weight.max(initial=0.0))  # (a row without A: nothing to clean)
+        d = np.where(_droppable(cones, d.size) & noise, 0.0, d)
+        in_cone = inf(d - project(d, cones, dual=True)) <= tol
+        columns_ok = bool(np.all(np.abs(A.T @ d) <= tol * (absA.T @ np.abs(d))))
         return in_cone and columns_ok and float(b @ d) < -tol * max(inf(b * d), 1e-300)
     if claim == "unbounded":
         nx = inf(x)

@@ -1043,3 +1043,18 @@ def test_fallback_none_uses_no_other_solver():
     Y = layer(X)
     assert not any("SCS" in s for s in layer.last_solve.solvers + layer.last_solve.statuses)
     torch.testing.assert_close(Y, torch.softmax(X, -1), rtol=0, atol=1e-6)  # entropy-regularised argmax
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-6])
+def test_a_ray_leaving_its_residual_in_a_small_column_does_not_certify(eps):
+    # x₁ >= 1, x₁ + eps·x₂ <= 0 is feasible (x = (1, −1/eps), exact); y = (1, 1) has
+    # Aᵀy = (0, eps) and bᵀy = −1. A floor for columns the ray barely touches (tried for
+    # the exponential-cone case above) accepted it.
+    import scipy.sparse as sp
+    from diffcp import cones as cone_lib
+
+    from convexddn.convex.cone_checks import verify_certificate
+    A = sp.csc_matrix(np.array([[-1.0, 0.0], [1.0, eps]]))
+    ok = verify_certificate(A, np.array([-1.0, 0.0]), np.zeros(2), cone_lib.parse_cone_dict({"l": 2}),
+                            np.zeros(2), np.array([1.0, 1.0]), "infeasible")
+    assert not ok
