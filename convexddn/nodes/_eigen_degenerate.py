@@ -8,6 +8,8 @@ elements, whenever the loss actually depends on what does not exist.
 """
 from __future__ import annotations
 
+import math
+
 
 import torch
 
@@ -22,6 +24,13 @@ __all__ = ["warn_degenerate_pairs", "warn_degenerate_tangent", "warn_degenerate_
 _NUMERATOR_RTOL = 1e-8
 
 _MAX_INDICES_SHOWN = 8
+
+
+def _rounding_rtol(W: torch.Tensor) -> float:
+    """Relative size below which an entry of ``W = Vᵀ G`` (``(…, N, k)``) is rounding:
+    8 √N eps of its dtype (a sum of N products rounds like √N eps; 4 N eps hid dropped
+    terms of 7e-5 in float32 at N = 300), at least ``_NUMERATOR_RTOL``."""
+    return max(_NUMERATOR_RTOL, 8 * math.sqrt(W.shape[-2]) * torch.finfo(W.dtype).eps)
 
 
 def _format_indices(mask: torch.Tensor) -> str:
@@ -42,9 +51,8 @@ def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice,
     num = W.clone()
     num[..., sel, :] -= W[..., sel, :].mT
     # (W's own rounding: in float32 a projector loss's exact zeros came out ~1e-7 and
-    # warned in 13 of 20 cases; the jvp's tolerance.)
-    rtol = max(_NUMERATOR_RTOL, 4 * W.shape[-2] * torch.finfo(W.dtype).eps)
-    limit = rtol * W.abs().amax((-2, -1), keepdim=True)
+    # warned in 13 of 20 cases.)
+    limit = _rounding_rtol(W) * W.abs().amax((-2, -1), keepdim=True)
     # ``degenerate`` excludes j = i (the caller set those gaps to inf), which is no pair.
     dropped = degenerate & (num.abs() > limit)
     bad = dropped.flatten(-2).any(-1)
@@ -72,8 +80,7 @@ def warn_degenerate_tangent(M: torch.Tensor, diag: torch.Tensor, degenerate: tor
     """
     # M's own rounding too: in float32 a tie-keeping direction's M_ii − M_jj is one ulp
     # (6e-8 relative), above 1e-8 (30 of 40 random ties warned).
-    rtol = max(_NUMERATOR_RTOL, 4 * M.shape[-2] * torch.finfo(M.dtype).eps)
-    limit = rtol * M.abs().amax((-2, -1), keepdim=True)
+    limit = _rounding_rtol(M) * M.abs().amax((-2, -1), keepdim=True)
     split = (diag[..., :, None] - diag[..., None, sel]).abs()
     # ``degenerate`` excludes j = i (the caller set those gaps to inf), which is no pair.
     dropped = degenerate & ((M.abs() > limit) | (split > limit))
