@@ -37,19 +37,19 @@ def factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
     n = A.shape[-1]
     size = At.abs().amax(-1) if n else None
     light, heavy = (None, None) if size is None or not size.shape[-1] else size.aminmax(dim=-1)
-    if ridge is not None:
-        root = ridge.sqrt().expand(*ridge.shape[:-1], n)
-        if heavy is not None:
-            heavy = torch.maximum(heavy, root.amax(-1))
-            size = torch.cat([size.expand(*heavy.shape, size.shape[-1]), root.expand(*heavy.shape, n)], -1)
-        root = torch.diag_embed(root)
-        shape = torch.broadcast_shapes(At.shape[:-2], root.shape[:-2])
-        At = torch.cat([At.expand(*shape, *At.shape[-2:]), root.expand(*shape, n, n)], -2)
+    root = None if ridge is None else ridge.sqrt().expand(*ridge.shape[:-1], n)
+    if root is not None:
+        heavy = None if heavy is None else torch.maximum(heavy, root.amax(-1))
+        block = torch.diag_embed(root)
+        shape = torch.broadcast_shapes(At.shape[:-2], block.shape[:-2])
+        At = torch.cat([At.expand(*shape, *At.shape[-2:]), block.expand(*shape, n, n)], -2)
     # Sorted only where some row is more than _HEAVIER times a data row (a sort cost 20 %
     # of a call at (64, 40, 12); data rows of one scale and a smaller ridge below them,
     # the common case, need none). One host sync.
     order = None
     if heavy is not None and bool((heavy > _HEAVIER * light).any()):
+        if root is not None:
+            size = torch.cat([size.expand(*heavy.shape, size.shape[-1]), root.expand(*heavy.shape, n)], -1)
         order = size.argsort(dim=-1, descending=True, stable=True)
         order = order.expand(*At.shape[:-1])
         At = At.gather(-2, order.unsqueeze(-1).expand(At.shape))

@@ -23,14 +23,14 @@ increases in floating point, and the result is normalised to sum to 1. ``alpha >
 
 Accuracy for ``alpha > 2``: :math:`u_i = z_i - \tau = p_i^{\alpha-1}` is known only to
 :math:`\delta \approx 2\,\varepsilon|\tau|` (:math:`|\tau| = p_{\max}^{\alpha-1}`), so
-:math:`p_i` has relative error about
-:math:`\frac{2\varepsilon}{\alpha-1}(p_{\max}/p_i)^{\alpha-1}` (the problem itself is
-that sensitive to :math:`x_i` there); the large entries are exact to about the sum of
-the small ones' absolute errors (as sensitive too: at ``alpha=10`` one ulp of a small
-support entry's logit moved :math:`p_{\max}` by 8e-6). Entries with :math:`u_i \lesssim \delta`
-are not resolved: they share the mass :math:`1 - \sum_i p_i` the others leave (by their
-error estimates); a single one is exact (:math:`1 - \sum_{j \ne i} p_j`), several only in total. E.g. at ``alpha=3`` entries below ~3e-3 p_max (float32) or ~1.5e-7 p_max
-(float64) lose more than 1% relative accuracy; at ``alpha=10``, ~0.25 and ~0.025 p_max.
+:math:`p_i` has relative error about :math:`\frac{2\varepsilon}{\alpha-1}(p_{\max}/p_i)^{\alpha-1}`
+(the problem itself is that sensitive to :math:`x_i` there); the large entries are exact
+to about the sum of the small ones' absolute errors (as sensitive too: at ``alpha=10``
+one ulp of a small support entry's logit moved :math:`p_{\max}` by 8e-6). Entries with
+:math:`u_i \lesssim \delta` are not resolved: they share the mass :math:`1 - \sum_i p_i`
+the others leave (by their error estimates); a single one is exact
+(:math:`1 - \sum_{j \ne i} p_j`), several only in total. E.g. at ``alpha=3`` entries
+below ~3e-3 p_max (float32) or ~1.5e-7 p_max (float64) lose over 1%; at ``alpha=10``, ~0.25 and ~0.025 p_max.
 For :math:`\alpha \to 1^+` all paths lose about :math:`\varepsilon/(\alpha - 1)` relative
 (:math:`p_i = u_i^{1/(\alpha-1)}` amplifies the rounding of :math:`u_i`): float32 (and
 half) inputs with :math:`\alpha - 1 < 10^{-3}` are therefore solved in float64, and
@@ -302,7 +302,8 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     :math:`p_i` has relative error about
     :math:`\frac{2\varepsilon}{\alpha-1}(p_{\max}/p_i)^{\alpha-1}`: small entries are not
     resolved (see the module docstring); they share exactly the mass the others leave;
-    large entries are exact to about the sum of the small ones' absolute errors. The backward is the exact VJP of :math:`\operatorname{diag}(s) - s s^\top / \mathbf 1^\top s`,
+    large entries are exact to about the sum of the small ones' absolute errors. The
+    backward is the exact VJP of :math:`\operatorname{diag}(s) - s s^\top / \mathbf 1^\top s`,
     :math:`s_i = p_i^{2-\alpha}` on the support (Peters et al. 2019); it exists except at
     ties (an entry exactly at the threshold), where the entry counts as outside.
 

@@ -249,9 +249,9 @@ def least_squares(
     its rows sorted by size (a ridge or weights far above the rest then cost no accuracy
     in the common case; without column pivoting, which torch lacks, some designs still
     lose it under extreme weights: Powell and Reid's 4 × 3 example, weight 1e20), and
-    one triangular solve, in float64 whatever the input dtype (the
-    result is cast back), so float32 inputs with condition numbers up to ~1e6 get
-    float64-grade solutions and gradients. The accuracy is normwise: components of x far
+    one triangular solve, in float64 whatever the input dtype (the result is cast
+    back), so float32 inputs with condition numbers up to ~1e6 get float64-grade
+    solutions and gradients. The accuracy is normwise: components of x far
     below its largest (features of 1e-12 beside an intercept of 1) are exact relative to
     ``‖x‖``, not to themselves. When ``A``, ``weights`` and ``ridge`` have fewer batch
     elements than ``b`` (one design matrix, many right-hand sides) the factorisation is
