@@ -34,13 +34,20 @@ from cvxpylayers.interfaces.base import SolverInterface
 from diffcp import cones as cone_lib
 from diffcp.cone_program import solve_internal
 
-from .._warn import warn
 from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
-from ..errors import GradientWarning, ProblemError, SolverWarning, WorkerError
+from .._warn import warn
+from ..errors import (
+    GradientWarning,
+    OptionError,
+    ProblemError,
+    SolverWarning,
+    WorkerError,
+)
 from .cone import POLISH_ABOVE, ResidualMap
 from .cone_checks import verify_certificate
 from .parametric import parametric_entries
+from .solver_args import check_solver_cones
 from .spread import data_spread
 from .status import name_elements, status_kind
 from .validation import describe_failure
@@ -65,8 +72,8 @@ def per_element_layer(problem, parameters: list, variables: list, backend: "Chec
 
     try:
         layer = CvxpyLayer(problem, parameters=parameters, variables=variables, solver=backend, gp=gp)
-    except ProblemError:
-        raise  # our own refusal (setup), already precise
+    except (ProblemError, OptionError):
+        raise  # our own refusals (setup), already precise
     except (ValueError, NotImplementedError, AssertionError, KeyError, IndexError, TypeError,
             cp.error.SolverError) as err:
         # (KeyError etc.: cvxpylayers' edge cases; SolverError: no constraints, an affine objective.)
@@ -74,8 +81,7 @@ def per_element_layer(problem, parameters: list, variables: list, backend: "Chec
         why = describe_failure(err) + (" (no constraints and an affine objective: unbounded for any nonzero "
                                        "cost; add constraints or a strictly convex term)" if bare else "")
         raise ProblemError(f"cvxpylayers cannot use this problem: {why}") from err
-    # cvxpylayers' sparse CSR buffers (for its GPU path; we hand it CPU float64 tensors)
-    # break deepcopy, DistributedDataParallel and .to(): drop them.
+    # cvxpylayers' sparse CSR buffers (its GPU path's) break deepcopy, DDP and .to(): drop them.
     for name in ("P", "q", "A"):
         layer._buffers.pop(name, None)
         object.__setattr__(layer, name, None)
@@ -149,11 +155,11 @@ class CheckedDiffcp(SolverInterface):
         if getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
             # diffcp's cone dictionary has no power cones: it dropped them, and every call
             # failed (Clarabel's bare Exception, "constraint dimensions inconsistent").
-            raise ProblemError(
-                "the problem needs power cones (cp.PowCone3D, or power/pnorm/geo_mean with approx=False), "
-                "which the per-element solvers cannot take through diffcp and the batched path does not "
-                "take either; write those atoms with approx=True (their second-order-cone form, CVXPY's "
-                "default)")
+            raise ProblemError("the problem needs power cones (cp.PowCone3D, or power/pnorm/geo_mean with "
+                               "approx=False), which the per-element solvers cannot take through diffcp and the "
+                               "batched path does not take either; write those atoms with approx=True (their "
+                               "second-order-cone form, CVXPY's default)")
+        check_solver_cones(dims, solver=self.solver, fallback=self.fallback)
         self._cone_dict = dims_to_solver_dict(dims)
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
         self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from .._checks import check_bool, check_int, check_positive, real_number
 from ..errors import OptionError
 
-__all__ = ["solver_choice", "validate_solver_args"]
+__all__ = ["check_solver_cones", "solver_choice", "validate_solver_args"]
 
 # What the value of each solver keyword argument must be: checked when the layer is
 # built (and per call) so that a wrong value is an OptionError naming the key, not a raw
@@ -138,3 +138,18 @@ def solver_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
                 return v
     extra = " or None" if name == "fallback" else ""
     raise OptionError(f"{name} must be one of {list(valid)}{extra}, got {value!r}")
+
+
+# Cones a per-element solver cannot take: diffcp hands them over anyway and the solver
+# fails on every element of every call (ECOS: "PSD cone not supported by ECOS").
+_CONES_NOT_TAKEN = {"ECOS": (("psd", "semidefinite cones (constraints such as X >> 0)"),)}
+
+
+def check_solver_cones(dims: Any, **solvers: str | None) -> None:
+    """``OptionError`` where a solver named in ``solvers`` (option name -> solver) cannot
+    take a cone of CVXPY's cone dimensions ``dims``: at construction, not per call."""
+    for option, solver in solvers.items():
+        for attr, what in _CONES_NOT_TAKEN.get(solver, ()):
+            if getattr(dims, attr, None):
+                raise OptionError(f"{option}={solver!r} cannot solve {what}, which this problem has; "
+                                  f"use 'Clarabel' or 'SCS' there")

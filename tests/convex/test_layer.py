@@ -1161,3 +1161,28 @@ def test_psd_and_symmetric_checks_follow_the_dtype_of_the_values():
         with pytest.raises(cddn.errors.InputError, match=r"declared symmetric=True, got 1 matrices .* batch index "
                                                          r"\(3,\), is not symmetric"):
             sym_layer(skew)
+
+
+def test_a_solver_that_cannot_take_the_cones_is_refused_at_construction():
+    """ECOS has no semidefinite cone: as the solver or the fallback of a problem with
+    X >> 0 it failed on every element of every call (fallback=None: a SolverError per
+    call; as the first solver, a SolverWarning and SCS's answer per call). Now an
+    OptionError at construction names the option and the cone; Clarabel and SCS still
+    solve it (the projection of a symmetric matrix onto the PSD cone: its eigenvalues
+    clamped at zero)."""
+    import numpy as np
+
+    A = cp.Parameter((3, 3), symmetric=True)
+    X = cp.Variable((3, 3), symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - A)), [X >> 0])
+    for kwargs, option in (({"solver": "ECOS", "fallback": None}, "solver"), ({"solver": "ECOS"}, "solver"),
+                           ({"solver": "Clarabel", "fallback": "ECOS"}, "fallback"),
+                           ({"fallback": "ECOS"}, "fallback")):
+        with pytest.raises(OptionError, match=rf"{option}='ECOS' cannot solve semidefinite cones"):
+            cddn.ConvexLayer(prob, [A], [X], **kwargs)
+    a = np.array([[1.0, 2.0, 0.0], [2.0, -1.0, 0.5], [0.0, 0.5, -2.0]])
+    w, V = np.linalg.eigh(a)
+    want = torch.tensor((V * np.maximum(w, 0)) @ V.T)
+    for solver in ("Clarabel", "SCS"):
+        got = cddn.ConvexLayer(prob, [A], [X], solver=solver, fallback=None)(torch.tensor(a))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
