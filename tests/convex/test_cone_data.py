@@ -72,3 +72,43 @@ def test_blocks_gradient_matches_the_maps():
     lin = _reference_blocks(data, direction.numpy())
     expected = sum(float((cot[k].numpy() * lin[k]).sum()) for k in blocks)
     assert abs(float((grad * direction).sum()) - expected) <= 1e-12 * max(1.0, abs(expected))
+
+
+def test_recover_forms_only_the_outputs_read_and_they_match_cvxpy():
+    """A variable fixed by one equality row (t = L x + c) is eliminated before solving:
+    recover() forms it, and the removed row's multiplier, only where an output reads
+    them. Each output, and its gradient, against cvxpy and central differences."""
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+
+    n = k = 4  # L square: the objective is strictly convex in x
+    L, c, G, h = cp.Parameter((k, n)), cp.Parameter(k), cp.Parameter((2, n)), cp.Parameter(2)
+    x, t = cp.Variable(n), cp.Variable(k)
+    eq = t == L @ x + c
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(t) + cp.sum(x)), [eq, G @ x <= h])
+    gen = torch.Generator().manual_seed(5)
+    vals = [torch.randn(3, k, n, dtype=F64, generator=gen), torch.randn(3, k, dtype=F64, generator=gen),
+            torch.randn(3, 2, n, dtype=F64, generator=gen), torch.rand(3, 2, dtype=F64, generator=gen) + 0.5]
+    for out, flags, cvx in (([x], (False, False), lambda: x.value), ([t], (True, False), lambda: t.value),
+                            ([eq.dual_variables[0]], (False, True), lambda: eq.dual_value)):
+        layer = ConvexLayer(prob, [L, c, G, h], out)
+        data = canonicalise(prob, [L, c, G, h], out)
+        assert data.eliminated == k and data._recovered() == flags
+        got = layer(*vals)  # one output: a tensor
+        for i in range(3):
+            for prm, v in zip((L, c, G, h), vals):
+                prm.value = v[i].numpy()
+            prob.solve(solver=cp.CLARABEL)
+            np.testing.assert_allclose(got[i].numpy(), cvx(), atol=1e-7)
+        # d<w, out>/dc by central differences (the recovered part depends on every datum).
+        w = torch.randn(got.shape, dtype=F64, generator=gen)
+        cv = vals[1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((layer(vals[0], cv, *vals[2:]) * w).sum(), cv)
+        step = 1e-6
+        for j in range(k):
+            e = torch.zeros_like(cv)
+            e[:, j] = step
+            fd = ((layer(vals[0], vals[1] + e, *vals[2:]) - layer(vals[0], vals[1] - e, *vals[2:]))
+                  * w).flatten(1).sum(1) / (2 * step)
+            np.testing.assert_allclose(g[:, j].numpy(), fd.numpy(), atol=1e-6)
