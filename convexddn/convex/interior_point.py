@@ -231,6 +231,9 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     # float32 the rounding is near the tolerances (3 more of 64 QPs uncertified).
     diagonal_w = not layout.soc and x.dtype == torch.float64
 
+    def rows(zero, cone):  # right-hand side rows: the zero cone's (if any) above the cone's
+        return torch.cat([zero, cone], 1) if z0 else cone
+
     def a_i(x, p):  # A_I x of a KKT solution x, p its products (this iteration's W and data)
         return W.apply(p[0]) if diagonal_w else ops.Av(x)[:, z0:]
     full_data = (d, ops, base)
@@ -288,7 +291,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
             running = status == RUNNING
         iterations = iterations + running.long()
         rx, rz, rtau = r.rx, r.rz, r.rtau
-        sc, zc = s[:, z0:], z[:, z0:]
+        sc, zc = (s[:, z0:], z[:, z0:]) if z0 else (s, z)
 
         W = NTScaling(layout, sc, zc)
         kkt = KKTSystem(ops, W, base, structure)
@@ -303,7 +306,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         # Predictor (affine) and the constant system K [x1; z1] = [-q; b], solved together;
         # the affine cone rows are W⁻¹(s − r_z) = λ − W⁻¹ r_z.
         (x1, z1, h1, *p1), affine = kkt.solve_columns(
-            [(-d.q, torch.cat([bE, W.apply_inv(bI)], 1)), (-rx, torch.cat([-rz[:, :z0], lam - Wrz], 1))], ref,
+            [(-d.q, rows(bE, W.apply_inv(bI))), (-rx, rows(-rz[:, :z0] if z0 else None, lam - Wrz))], ref,
             product=diagonal_w)
         v = x1 - xi
         # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
@@ -333,9 +336,9 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         corr = layout.jordan(W.apply_inv(DSa), DHa)
         if it == 0:
             corr = alpha_a[:, None] * corr
-        ds_lam = layout.jordan(lam, lam) + corr - (sigma * mu)[:, None] * layout.unit(lam)
+        ds_lam = layout.add_unit(layout.jordan(lam, lam) + corr, -sigma * mu)
         dkappa_c = tau * kappa + dtau_a * dkappa_a * (alpha_a if it == 0 else 1.0) - sigma * mu
-        rhs2_r = torch.cat([-one_s * rz[:, :z0], layout.jordan_solve(lam, ds_lam) - one_s * Wrz], 1)
+        rhs2_r = rows(-one_s * rz[:, :z0] if z0 else None, layout.jordan_solve(lam, ds_lam) - one_s * Wrz)
         corrector = kkt.solve((-one_s * rx).unsqueeze(-1), rhs2_r.unsqueeze(-1), ref, scaled=True,
                               product=diagonal_w)
         DX, DZ, _, DSc, dtau, dkappa = direction((1.0 - sigma) * rtau, one_s * rz, dkappa_c,
@@ -349,8 +352,12 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         move = a > 0
         x = torch.where(move, torch.addcmul(x, a, DX), x)
         z = torch.where(move, torch.addcmul(z, a, DZ), z)
-        s = s.clone()
-        s[:, z0:] = torch.where(move, torch.addcmul(sc, a, DSc), sc)
+        sc = torch.where(move, torch.addcmul(sc, a, DSc), sc)
+        if z0:
+            s = s.clone()
+            s[:, z0:] = sc
+        else:
+            s = sc
         tau = torch.where(alpha > 0, torch.addcmul(tau, alpha, dtau), tau)
         kappa = torch.where(alpha > 0, torch.addcmul(kappa, alpha, dkappa), kappa)
 

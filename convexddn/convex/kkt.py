@@ -236,7 +236,7 @@ class KKTSystem:
         if product and until is not None:
             raise ValueError("KKTSystem.solve: product is the last iterate's, not the best one until= returns")
         z = self.layout.zero
-        rE, t = rz[:, :z], rz[:, z:]
+        rE, t = (rz[:, :z], rz[:, z:]) if z else (rz[:, :0], rz)
         if self.scaling is not None and not scaled:
             t = self.scaling.apply_inv(t)
         x, zE, zh, atx = self._solve_regularised(rx, rE, t)
@@ -255,7 +255,7 @@ class KKTSystem:
             ex = rx - self.ops.Pmv(x) - self._at_tmv(zh)
             if z:
                 ex = ex - self.ops.e_tmv(zE)
-            eE = rE - self.ops.e_mv(x)
+            eE = rE - self.ops.e_mv(x) if z else rE
             # W⁻¹A_I x: on the first step the regularised solve's own product of this x
             # (the same numbers; one batched product fewer per refined solve).
             atx = self._at_mv(x) if atx is None else atx
@@ -276,9 +276,8 @@ class KKTSystem:
         if until is not None:
             x, zE, zh = best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
-        if product:
-            return x, torch.cat([zE, zI], 1), zh, last
-        return x, torch.cat([zE, zI], 1), zh
+        zs = torch.cat([zE, zI], 1) if z else zI
+        return (x, zs, zh, last) if product else (x, zs, zh)
 
     def solve_columns(self, columns, refine: int = 1, product: bool = False):
         """``[(x, z, ẑ[, W⁻¹A_I x])]`` of the scaled system for each ``(r_x, r_z)`` ``(B, n), (B, m)``

@@ -104,7 +104,11 @@ class ConeLayout:
         """Per-cone values (B, nsoc[, k]) onto the cone's rows (B, msoc[, k])."""
         return v[:, self.index(v.device).soc_id]
 
-    def _split(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(nonnegative rows, second-order rows) of a cone part; without second-order
+        cones ``(u, None)``, no slicing (a dispatched op each, in every iteration)."""
+        if not self.soc:
+            return u, None
         return u[:, : self.nonneg], u[:, self.nonneg:]
 
     # ------------------------------------------------------------------ algebra
@@ -115,6 +119,12 @@ class ConeLayout:
         if self.soc:
             e[:, self.nonneg + self.index(like.device).heads] = 1.0
         return e
+
+    def add_unit(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """u + c e, ``c`` one value per element ``(B,)``: ``(B, mc) -> (B, mc)``."""
+        if not self.soc:  # e = 1: a broadcast, no identity tensor formed
+            return u + c[:, None]
+        return u + c[:, None] * self.unit(u)
 
     def dot(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-element inner product over the cone part: (B, mc) -> (B,)."""
@@ -191,14 +201,12 @@ class ConeLayout:
         """u moved along e until its smallest eigenvalue is at least δ (1 + ‖u‖∞)."""
         if u.shape[1] == 0:  # no cone rows (an unconstrained or equality-only problem)
             return u
-        step = torch.clamp(delta * (1 + u.abs().amax(1)) - self.min_eig(u), min=0.0)
-        return u + step[:, None] * self.unit(u)
+        return self.add_unit(u, torch.clamp(delta * (1 + u.abs().amax(1)) - self.min_eig(u), min=0.0))
 
     def shift_inside(self, u: torch.Tensor, level: float = 1.0) -> torch.Tensor:
         """u + (level − λ_min(u)) e where λ_min(u) < level, which lands in the interior."""
         lam = self.min_eig(u)
-        shift = torch.clamp(level - lam, min=0.0)
-        return u + shift[:, None] * self.unit(u)
+        return self.add_unit(u, torch.clamp(level - lam, min=0.0))
 
     def max_step(self, u: torch.Tensor, d: torch.Tensor, extra: tuple = ()) -> torch.Tensor:
         """Largest α >= 0 with u + α d in the cone (u interior); inf when unbounded. (B,).
