@@ -325,6 +325,32 @@ def test_convex_layer_module_tree_holds_no_cvxpylayers_layer():
     assert "_layer" not in old._modules and old._layer is not None and torch.equal(old(x), ref)
 
 
+
+def test_deep_copy_of_a_layer_on_a_problem_compiled_before_solves():
+    """copy.deepcopy gives CVXPY's nodes new ids but copied their cached canonical forms
+    (old ids): once another layer had compiled the problem (its call's second opinion),
+    a deep copy's first second opinion aborted the whole process in CVXPY's C++ backend
+    (std::out_of_range, map::at). In a subprocess, as an abort would end the test run.
+    The answer against the closed form: x_i = 1 / c_i where sum(1 / c) <= 5."""
+    import ast
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import copy, warnings, torch, cvxpy as cp, convexddn as cddn
+        warnings.simplefilter("ignore")
+        c = cp.Parameter(3, pos=True); x = cp.Variable(3)
+        prob = cp.Problem(cp.Minimize(c @ x - cp.sum(cp.log(x))), [cp.sum(x) <= 5])
+        cv = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+        cddn.ConvexLayer(prob, [c], [x], solver="Clarabel")(cv)
+        clone = copy.deepcopy(cddn.ConvexLayer(prob, [c], [x], solver="Clarabel"))
+        print(clone(cv).tolist())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert [round(v, 6) for v in ast.literal_eval(out.stdout.strip().splitlines()[-1])] == [1.0, 0.5, 2.0]
+
 # ----------------------------------------------------------------------------- errors
 
 
