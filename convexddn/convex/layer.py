@@ -36,7 +36,7 @@ from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, status_kind, unravel)
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
-from .state import drop_derived_caches, picklable_state, restore_state, uncached
+from .state import picklable_state, restore_state, uncached
 from .validation import (check_values, element_subset, parameter_label, solver_choice, validate_problem,
                          validate_solver_args)
 from .widen import widened
@@ -219,7 +219,6 @@ class ConvexLayer(nn.Module):
     def __setstate__(self, state: dict) -> None:
         # Pickles from before second opinions, the check option, QP-only problems; _layer a submodule:
         restore_state(self, state, {"_opinion": None, "check": None, "_qp_only": False}, hidden=("_layer",))
-        drop_derived_caches(self.problem)  # (a deep copy renamed its nodes' ids, not their caches)
         self._local = threading.local()
         self._build_lock = threading.Lock()
 

@@ -4,7 +4,7 @@
   layer and to pickle (its own, empty solver cache);
 - :func:`picklable_state`, :func:`restore_state`: a layer's ``__getstate__`` and
   ``__setstate__`` (without transient members and solver models; through
-  ``nn.Module.__setstate__``); :func:`drop_derived_caches` after a deep copy.
+  ``nn.Module.__setstate__``).
 """
 from __future__ import annotations
 
@@ -28,33 +28,47 @@ def uncached(problem: cp.Problem) -> cp.Problem:
     from their values (an ``imag=True`` parameter without a value then failed with
     "Invalid dimensions () for Parameter value", so a second layer on one problem failed
     at construction), and a deep copy of a layer whose problem another layer had compiled
-    held that compilation with the original parameters: its first second opinion
-    aborted the process in CVXPY's C++ backend (``std::out_of_range``, ``map::at``).
+    held that compilation with the original parameters. Its nodes' derived caches are
+    dropped too (:func:`drop_derived_caches`): every compile goes through here.
     """
     problem = copy.copy(problem)
     problem._cache = type(problem._cache)()  # (cvxpy.problems.problem.Cache: all fields None)
     problem._solver_cache = {}
+    drop_derived_caches(problem)  # (the problem may be a deep copy: its nodes' caches name old ids)
     return problem
 
 
 def drop_derived_caches(problem: cp.Problem) -> None:
     """Delete CVXPY's lazily cached properties (attributes named ``_lazy…``: canonical
-    forms, curvature) on every node of ``problem``'s expression tree.
+    forms, curvature) on every CVXPY node reachable from ``problem``: its objective and
+    constraints, their arguments, and expressions held elsewhere (a variable's
+    ``bounds``, a perspective's function). They are rebuilt on need.
 
     ``copy.deepcopy`` gives every CVXPY node a new id but copies those caches, whose
-    canonical forms name the old ids: compiling a deep copy of a layer whose problem had
-    been compiled before (by another layer's second opinion) aborted the process in
-    CVXPY's C++ backend (``std::out_of_range``, ``map::at``). They are rebuilt on need.
+    canonical forms name the old ids: compiling a deep copy of a problem compiled before
+    (a layer's deep copy, or the user's copy of the problem) aborted or crashed the
+    process in CVXPY's C++ backend (``std::out_of_range``, ``map::at``; a segfault with
+    parameters in a variable's bounds). A nested problem's own ``_lazy_constraints`` is
+    state, not a cache, and is kept.
     """
-    stack, seen = [problem.objective, *problem.constraints], set()
+    from cvxpy.utilities.canonical import Canonical
+
+    stack, seen = [problem], set()
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        for name in [k for k in vars(node) if k.startswith("_lazy")]:
-            delattr(node, name)
-        stack.extend(getattr(node, "args", ()))
+        attrs = vars(node)
+        if not isinstance(node, cp.Problem):
+            for name in [k for k in attrs if k.startswith("_lazy")]:
+                delattr(node, name)
+        for value in list(attrs.values()):
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) \
+                else (value,)
+            for item in items:
+                inner = item if isinstance(item, (list, tuple)) else (item,)
+                stack.extend(v for v in inner if isinstance(v, Canonical))
 
 
 def picklable_state(module: nn.Module, transient: Sequence[str] = ()) -> dict:

@@ -329,13 +329,17 @@ def test_convex_layer_module_tree_holds_no_cvxpylayers_layer():
 def test_deep_copy_of_a_layer_on_a_problem_compiled_before_solves():
     """copy.deepcopy gives CVXPY's nodes new ids but copied their cached canonical forms
     (old ids): once another layer had compiled the problem (its call's second opinion),
-    a deep copy's first second opinion aborted the whole process in CVXPY's C++ backend
-    (std::out_of_range, map::at). In a subprocess, as an abort would end the test run.
-    The answer against the closed form: x_i = 1 / c_i where sum(1 / c) <= 5."""
+    compiling the copy killed the whole process in CVXPY's C++ backend: a deep copy of a
+    layer (std::out_of_range, map::at), the same with a parameter in a variable's bounds
+    (a segfault), a layer on the user's deep copy of the problem. In a subprocess, as a
+    crash would end the test run. Answers against closed forms: x_i = 1 / c_i where
+    sum(1 / c) <= 5; with x >= 2 lo + 1 and q = (-1, 3): x = (1, (3 + sqrt(11)) / 2)."""
     import ast
     import subprocess
     import sys
     import textwrap
+
+    import numpy as np
 
     script = textwrap.dedent("""
         import copy, warnings, torch, cvxpy as cp, convexddn as cddn
@@ -345,11 +349,22 @@ def test_deep_copy_of_a_layer_on_a_problem_compiled_before_solves():
         cv = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
         cddn.ConvexLayer(prob, [c], [x], solver="Clarabel")(cv)
         clone = copy.deepcopy(cddn.ConvexLayer(prob, [c], [x], solver="Clarabel"))
-        print(clone(cv).tolist())
+        prob2, c2, x2 = copy.deepcopy((prob, c, x))
+        lo, q = cp.Parameter(2, nonneg=True), cp.Parameter(2)
+        y = cp.Variable(2, bounds=[2 * lo + 1, None])
+        bounded = cp.Problem(cp.Minimize(cp.sum_squares(y - q) - cp.sum(cp.log(y))))
+        vals = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([-1.0, 3.0], dtype=torch.float64)
+        cddn.ConvexLayer(bounded, [lo, q], [y], solver="Clarabel")(*vals)
+        bclone = copy.deepcopy(cddn.ConvexLayer(bounded, [lo, q], [y], solver="Clarabel"))
+        print([clone(cv).tolist(), cddn.ConvexLayer(prob2, [c2], [x2], solver="Clarabel")(cv).tolist(),
+               bclone(*vals).tolist()])
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]
-    assert [round(v, 6) for v in ast.literal_eval(out.stdout.strip().splitlines()[-1])] == [1.0, 0.5, 2.0]
+    layer_copy, problem_copy, bounds_copy = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    for got in (layer_copy, problem_copy):
+        np.testing.assert_allclose(got, [1.0, 0.5, 2.0], atol=1e-7)
+    np.testing.assert_allclose(bounds_copy, [1.0, (3 + 11 ** 0.5) / 2], atol=1e-7)
 
 # ----------------------------------------------------------------------------- errors
 
