@@ -217,7 +217,8 @@ class ConvexLayer(nn.Module):
         return picklable_state(self, transient=("_local", "_build_lock"))
 
     def __setstate__(self, state: dict) -> None:
-        # Pickles from before second opinions, the check option, QP-only problems; _layer a submodule:
+        # Layers pickled before second opinions (built on need), the check option, QP-only
+        # problems; and with cvxpylayers' layer as a submodule:
         restore_state(self, state, {"_opinion": None, "check": None, "_qp_only": False}, hidden=("_layer",))
         self._local = threading.local()
         self._build_lock = threading.Lock()

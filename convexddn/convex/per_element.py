@@ -37,13 +37,7 @@ from diffcp.cone_program import solve_internal
 from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from .._warn import warn
-from ..errors import (
-    GradientWarning,
-    OptionError,
-    ProblemError,
-    SolverWarning,
-    WorkerError,
-)
+from ..errors import GradientWarning, OptionError, ProblemError, SolverWarning, WorkerError
 from .cone import POLISH_ABOVE, ResidualMap
 from .cone_checks import verify_certificate
 from .parametric import parametric_entries

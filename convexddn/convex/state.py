@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import cvxpy as cp
 from torch import nn
 
-__all__ = ["drop_derived_caches", "picklable_state", "restore_state", "uncached"]
+__all__ = ["picklable_state", "restore_state", "uncached"]
 
 
 def uncached(problem: cp.Problem) -> cp.Problem:
@@ -27,18 +27,17 @@ def uncached(problem: cp.Problem) -> cp.Problem:
     compilation when asked for the same solver again: it refills the parameters it split
     from their values (an ``imag=True`` parameter without a value then failed with
     "Invalid dimensions () for Parameter value", so a second layer on one problem failed
-    at construction), and a deep copy of a layer whose problem another layer had compiled
-    held that compilation with the original parameters. Its nodes' derived caches are
-    dropped too (:func:`drop_derived_caches`): every compile goes through here.
+    at construction). Every compile goes through here, so the nodes' derived caches are
+    dropped here too (``_drop_derived_caches``: a deep copy's caches name old ids).
     """
     problem = copy.copy(problem)
     problem._cache = type(problem._cache)()  # (cvxpy.problems.problem.Cache: all fields None)
     problem._solver_cache = {}
-    drop_derived_caches(problem)  # (the problem may be a deep copy: its nodes' caches name old ids)
+    _drop_derived_caches(problem)
     return problem
 
 
-def drop_derived_caches(problem: cp.Problem) -> None:
+def _drop_derived_caches(problem: cp.Problem) -> None:
     """Delete CVXPY's lazily cached properties (attributes named ``_lazy…``: canonical
     forms, curvature) on every CVXPY node reachable from ``problem``: its objective and
     constraints, their arguments, and expressions held elsewhere (a variable's
@@ -63,12 +62,16 @@ def drop_derived_caches(problem: cp.Problem) -> None:
         if not isinstance(node, cp.Problem):
             for name in [k for k in attrs if k.startswith("_lazy")]:
                 delattr(node, name)
-        for value in list(attrs.values()):
-            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) \
-                else (value,)
-            for item in items:
-                inner = item if isinstance(item, (list, tuple)) else (item,)
-                stack.extend(v for v in inner if isinstance(v, Canonical))
+        for value in list(attrs.values()):  # args, a variable's attributes (bounds), ...
+            for item in _members(value):
+                stack.extend(v for v in _members(item) if isinstance(v, Canonical))
+
+
+def _members(value: Any) -> tuple | list:
+    """A container's members (a dict's values), or the value alone."""
+    if isinstance(value, dict):
+        return list(value.values())
+    return value if isinstance(value, (list, tuple)) else (value,)
 
 
 def picklable_state(module: nn.Module, transient: Sequence[str] = ()) -> dict:
