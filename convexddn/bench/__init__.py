@@ -38,7 +38,7 @@ from .cases import (
     projection_cases,
     workers_speedup,
 )
-from .cases.convex import CONVEX_ROUND_BUDGET_S, CONVEX_ROUNDS, convex_cases
+from .cases.convex import CONVEX_ROUND_BUDGET_S, CONVEX_ROUNDS, LSMR_ROWS, convex_cases
 from .cases.pooling import DDN_PAPER_ROUNDS
 from .cases.nodes import node_case_count, node_cases
 from .harness import peak_memory
@@ -50,7 +50,7 @@ __all__ = ["run", "add_arguments", "main", "format_table"]
 # convexddn.bench.cases.convex.CONVEX_PROBLEMS.
 CONVEX_QUICK = [("qp50", 16), ("sparsemax16", 64)]
 CONVEX_FULL = [("qp50", 1), ("qp50", 64), ("qp50", 1024), ("qp100", 128), ("mpc30", 1), ("mpc30", 8),
-               ("sparsemax16", 1024), ("l1ball512", 128)]
+               ("sparsemax16", 1024), ("l1ball512", 128), ("logreg60", 1)]
 # On a GPU: the OptNet setting and a batch too large for the CPU-bound peers.
 CONVEX_CUDA = [("qp100", 128), ("qp50", 64), ("qp50", 4096), ("sparsemax16", 1024)]
 
@@ -79,7 +79,9 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
                 for n in names)
     # The convex rows take minutes per round; the DDN reference at the paper's shape too.
     rounds = {"convex": min(repeats, CONVEX_ROUNDS), "ddn_paper": min(repeats, DDN_PAPER_ROUNDS)}
-    total += 5 * (rounds["convex"] + 1) * len(CONVEX_QUICK if quick else CONVEX_FULL) + node_case_count() * repeats
+    convex_list = CONVEX_QUICK if quick else CONVEX_FULL
+    total += ((rounds["convex"] + 1) * sum(5 + (p in LSMR_ROWS) for p, _ in convex_list)
+              + node_case_count() * repeats)
     rows: list[dict] = []
     with warnings.catch_warnings(), tqdm(total=total, desc="convexddn bench", unit="op", disable=None) as progress:
         warnings.simplefilter("ignore")  # solver fallbacks are counted in agreement, not printed

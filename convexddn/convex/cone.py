@@ -16,10 +16,12 @@ from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
+from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import cone_blocks, kkt_residual
+from .exp_cone import replace_exp_blocks
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
-__all__ = ["POLISH_ABOVE", "ResidualMap"]
+__all__ = ["POLISH_ABOVE", "ResidualMap", "auto_mode"]
 
 
 # Solution error goes like the square root of the KKT residual when a squared objective
@@ -31,6 +33,19 @@ _POLISHED = 1e-14
 # A Newton step that cuts the residual less than this (and leaves it within _FLOOR_SPREAD
 # of the best) has stalled (see ResidualMap.refine).
 _STEP_GAIN, _FLOOR_SPREAD = 0.1, 1e3
+
+
+# Dense solves of M (N = rows + columns + 1) up to this size; above, a sparse LU where it
+# pays, else LSMR (10× faster than dense at N = 1026, to ~1e-9).
+_DENSE_MAX_N = 400
+
+
+def auto_mode(cones: list, data_nonzeros: int, size: int) -> str:
+    """How :class:`ResidualMap` solves a program of ``size`` rows + columns by default:
+    ``"dense"`` up to 400, ``"sparse"`` where :func:`.bordered.sparse_pays`, else ``"lsmr"``."""
+    if size <= _DENSE_MAX_N:
+        return "dense"
+    return "sparse" if sparse_pays(cones, data_nonzeros, size) else "lsmr"
 
 
 # A nonnegative pair (y_i, s_i) with |y_i − s_i| below this, relative to the solution's
@@ -63,9 +78,10 @@ class ResidualMap:
     derivative (Agrawal et al., "Differentiating through a cone program", 2019).
     """
 
-    def __init__(self, A, b, c, cones, cones_cpp, mode: str) -> None:
+    def __init__(self, A, b, c, cones, cones_cpp, mode: str, colours: list | None = None) -> None:
         self.A, self.b, self.c = A, b, c
         self.cones, self.cones_cpp, self.mode = cones, cones_cpp, mode
+        self._colours = colours  # mode "sparse": how to read DΠ (bordered.probes; on first use if None)
         self.m, self.n = A.shape
         self.Q = sp.csc_matrix(sp.bmat([
             [None, A.T, c[:, None]],
@@ -77,8 +93,11 @@ class ResidualMap:
         n, m = self.n, self.m
         # diffcp's projection here, not project(): the Newton steps pair R with diffcp's
         # own derivative of it (dprojection), which has the same 1e-8 band.
-        return np.concatenate([z[:n], cone_lib.pi(z[n:n + m], self.cones, dual=True),
-                               np.maximum(z[-1:], 0.0)])
+        return np.concatenate([z[:n], self._dual_projection(z[n:n + m]), np.maximum(z[-1:], 0.0)])
+
+    def _dual_projection(self, v: np.ndarray) -> np.ndarray:
+        # (exponential cones: exact, where diffcp's stops at ~1e-8 and the polish with it)
+        return replace_exp_blocks(cone_lib.pi(v, self.cones, dual=True), v, self.cones, True)
 
     def _residual(self, z: np.ndarray) -> np.ndarray:
         pz = self._pi(z)
@@ -90,6 +109,12 @@ class ResidualMap:
         u, v, w = z[:n], z[n:n + m], float(z[-1])
         if (self.mode == "dense") if dense is None else dense:
             return _diffcp.M_dense(self.Q.toarray(), self.cones_cpp, u, v, w)
+        if self.mode == "sparse":
+            if self._colours is None:
+                self._colours = probes(self.cones)
+            lu = bordered(sparse_derivative(self.Q, self.cones_cpp, self._colours, z, n), z)
+            if lu is not None:
+                return lu
         return _diffcp.M_operator(self.Q, self.cones_cpp, u, v, w)
 
     def _solve(self, M, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
@@ -101,6 +126,10 @@ class ResidualMap:
         gradients off by 8 on a projection with no active constraint). The minimum-norm
         least-squares solution is the one the derivative is defined by.
         """
+        if isinstance(M, Bordered):
+            self.degenerate = False  # (a rank below N - 1 gave diffcp's operator instead)
+            sol, self.relative_residual = M.solve(rhs, transpose)
+            return sol
         if isinstance(M, np.ndarray):
             mat = M.T if transpose else M
             sol, _, rank, _ = scipy.linalg.lstsq(mat, rhs, cond=_RANK_RTOL, lapack_driver="gelsy",
@@ -128,7 +157,7 @@ class ResidualMap:
         """(x, y, s) of a point z = (u, v, w) scaled to w = 1: y = Π_{K*}(v), s = y − v."""
         z = z / z[-1]
         n, m = self.n, self.m
-        y = cone_lib.pi(z[n:n + m], self.cones, dual=True)
+        y = self._dual_projection(z[n:n + m])
         return z, (z[:n], y, y - z[n:n + m])
 
     def refine(self, x, y, s, steps: int):

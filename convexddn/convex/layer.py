@@ -85,9 +85,9 @@ class ConvexLayer(nn.Module):
         fallback: per-element solver tried where the first one fails (default
             ``"SCS"``, which also polishes its points), or ``None``: no other solver. A
             fallback that succeeds emits a :class:`~convexddn.errors.SolverWarning`.
-        adjoint: how the per-element adjoint (and polish) systems are solved:
-            ``"auto"`` (dense up to 400 rows + columns, LSMR above), ``"dense"``,
-            ``"lsmr"`` or ``"lsqr"``.
+        adjoint: how the per-element adjoint (and polish) systems are solved: ``"auto"``
+            (dense up to 400 rows + columns, above a sparse LU where the cones are small,
+            else LSMR), ``"dense"``, ``"sparse"`` (LSMR where its LU is singular), ``"lsmr"`` or ``"lsqr"``.
         tol: largest accepted relative KKT residual of a per-element solution, in (0, 1)
             (default 1e-6); the batched path accepts ``min(tol, 1e-8)``.
         refine: Newton steps polishing each per-element solution (default 5).

@@ -12,8 +12,8 @@ polish the solution with Newton steps on the residual map of the cone program,
 **verify** the result against the KKT conditions ourselves (diffcp does not check
 Clarabel's status), try a fallback solver where the first one fails, and differentiate
 by the adjoint of that residual map (Agrawal et al., "Differentiating through a cone
-program", 2019) with diffcp's operators: densely for small programs, by LSMR for large
-ones (cvxpylayers' SCS at 1e-4 and LSQR: gradients off by O(1) on an L1 ball).
+program", 2019) with diffcp's operators: densely for small programs, by a sparse LU or
+LSMR for large ones (cvxpylayers' SCS at 1e-4 and LSQR: gradients off by O(1) on an L1 ball).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from .._warn import warn
 from ..errors import GradientWarning, OptionError, ProblemError, SolverWarning, WorkerError
-from .cone import POLISH_ABOVE, ResidualMap
+from .bordered import probes
+from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import verify_certificate
 from .parametric import parametric_entries
 from .solver_args import check_solver_cones
@@ -47,16 +48,13 @@ from .status import name_elements, status_kind
 from .validation import describe_failure
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
-MODES = ("auto", "dense", "lsmr", "lsqr")
+MODES = ("auto", "dense", "sparse", "lsmr", "lsqr")
 
 SOLVER_DEFAULTS: dict[str, dict[str, Any]] = {
     "Clarabel": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8, "max_iter": 500},
     "SCS": {"eps_abs": 1e-7, "eps_rel": 1e-7, "max_iters": 100_000},
     "ECOS": {"abstol": 1e-10, "reltol": 1e-10, "feastol": 1e-10},
 }
-
-# Dense adjoint of N = rows + cols + 1 up to this; LSMR beyond (10× faster at N = 1026, to ~1e-9).
-_DENSE_MAX_N = 400
 
 
 def per_element_layer(problem, parameters: list, variables: list, backend: "CheckedDiffcp", gp: bool):
@@ -101,7 +99,8 @@ class CheckedDiffcp(SolverInterface):
         solver: first solver, one of ``"Clarabel"``, ``"SCS"``, ``"ECOS"``.
         fallback: solver tried on the elements where ``solver`` fails, or ``None``.
         mode: how the adjoint and refinement systems are solved; ``"auto"``: ``"dense"``
-            up to 400 rows + columns, ``"lsmr"`` above.
+            up to 400 rows + columns, above ``"sparse"`` (one sparse LU per system, see
+            :mod:`.bordered`) where the derivative stays sparse, else ``"lsmr"``.
         tol: largest accepted relative KKT residual (see :func:`.cone_checks.kkt_residual`).
         solver_args: keyword arguments for the first solver, over our defaults.
         refine: Newton steps polishing each solution (see :class:`.cone.ResidualMap`).
@@ -158,9 +157,8 @@ class CheckedDiffcp(SolverInterface):
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
         self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
         self._parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
-        n_rows_cols = m + np1
-        self._mode = self.mode if self.mode != "auto" else (
-            "dense" if n_rows_cols <= _DENSE_MAX_N else "lsmr")
+        self._mode = self.mode if self.mode != "auto" else auto_mode(self._cones, self._indices.size, m + np1)
+        self._colours = probes(self._cones) if self._mode == "sparse" else None
 
     # cvxpylayers pickles nothing of ours, but deepcopy/pickle of the layer do.
     def __getstate__(self) -> dict:
@@ -192,7 +190,7 @@ class CheckedDiffcp(SolverInterface):
         return x, y, s, status
 
     def _try(self, method: str, args: dict[str, Any], A, b, c):
-        program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
+        program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode, self._colours)
         try:
             x, y, s, status = self._solve_with(method, args, A, b, c)
             x0, y0, claimed = x, y, status  # the solver's own point: a certificate when it claims one
@@ -291,7 +289,7 @@ class CheckedDiffcp(SolverInterface):
         else:
             _, q, a, x, y, s = item
             A, b, c = self._problem(q, a)
-            program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode)
+            program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode, self._colours)
         dA, db, dc = program.adjoint(x, y, s, self._parametric)(
             dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
@@ -322,7 +320,7 @@ class CheckedDiffcp(SolverInterface):
         inaccurate = [(i, g[3]) for i, g in enumerate(grads) if g[3] > 0]
         if inaccurate:
             warn(
-                f"ConvexLayer backward: the iterative adjoint solve (LSMR) of {len(inaccurate)} batch "
+                f"ConvexLayer backward: the sparse or iterative adjoint solve of {len(inaccurate)} batch "
                 f"element(s) ({name_elements(where, [i for i, _ in inaccurate])}) stopped at a relative "
                 f"residual of up to {max(r for _, r in inaccurate):.1e}: their gradient may be "
                 "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "

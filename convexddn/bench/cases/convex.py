@@ -8,7 +8,11 @@ Problems (all parameters batched, float64):
   (8 states, 3 inputs, 30 steps, ``|u| ≤ 1``; sparse, 248 equalities; theirs has 10
   states, 4 inputs, 5 steps);
 - ``sparsemax16``: projection of ``x ∈ R^16`` onto the simplex;
-- ``l1ball512``: projection onto the L1 ball in ``R^512``.
+- ``l1ball512``: projection onto the L1 ball in ``R^512``;
+- ``logreg60``: ridge-regularised logistic regression with 60 features and 120 samples,
+  tilted by the parameter (``Σ log(1 + exp(-yᵢ xᵢᵀw)) + ½‖w‖² − θᵀw``): exponential
+  cones, so every path is per element; its rows also time the per-element path with
+  LSMR instead of its sparse LU (``adjoint="lsmr"``).
 
 Paths, measured in one process on the same inputs, interleaved rounds, medians:
 ``ConvexLayer`` with ``solver="auto"`` (the batched backend, with per-element re-solves
@@ -95,6 +99,16 @@ def _l1ball(n: int, batch: int, gen: torch.Generator):
     return prob, [xp], [y], [2 * torch.randn(batch, n, dtype=F64, generator=gen) / n ** 0.5 * 4]
 
 
+def _logreg(n: int, batch: int, gen: torch.Generator):
+    m = 2 * n
+    X = torch.randn(m, n, dtype=F64, generator=gen).numpy()
+    labels = torch.randint(0, 2, (m,), generator=gen).double().mul(2).sub(1).numpy()
+    th = cp.Parameter(n, name="theta")
+    w = cp.Variable(n, name="w")
+    loss = cp.sum(cp.logistic(-cp.multiply(labels, X @ w))) + 0.5 * cp.sum_squares(w) - th @ w
+    return cp.Problem(cp.Minimize(loss)), [th], [w], [torch.randn(batch, n, dtype=F64, generator=gen)]
+
+
 #: name -> (description, builder(batch, generator))
 CONVEX_PROBLEMS: dict[str, tuple[str, Callable]] = {
     "qp50": ("QP n=50, 40 ≤, 10 =", lambda B, g: _qp(50, 40, 10, B, g)),
@@ -102,7 +116,10 @@ CONVEX_PROBLEMS: dict[str, tuple[str, Callable]] = {
     "mpc30": ("MPC, 8 states, 3 inputs, 30 steps", lambda B, g: _mpc(30, B, g)),
     "sparsemax16": ("sparsemax n=16", lambda B, g: _sparsemax(16, B, g)),
     "l1ball512": ("L1-ball projection n=512", lambda B, g: _l1ball(512, B, g)),
+    "logreg60": ("logistic regression, 60 features", lambda B, g: _logreg(60, B, g)),
 }
+#: Problems whose rows also time the per-element path with the LSMR adjoint.
+LSMR_ROWS = {"logreg60"}
 
 
 # Above this batch the CPU-bound paths (per element, cvxpylayers) are not timed: a round
@@ -118,7 +135,7 @@ CONVEX_ROUNDS = 3
 CONVEX_MAX_ROUNDS, CONVEX_ROUND_BUDGET_S = 15, 20.0
 
 
-def _paths(prob, params, variables, peers: bool = True) -> dict[str, Callable]:
+def _paths(prob, params, variables, peers: bool = True, lsmr: bool = False) -> dict[str, Callable]:
     from cvxpylayers.torch import CvxpyLayer
 
     batched = ConvexLayer(prob, params, variables)
@@ -130,6 +147,9 @@ def _paths(prob, params, variables, peers: bool = True) -> dict[str, Callable]:
         "convexddn batched (auto)": batched,
         "convexddn per element": ConvexLayer(prob, params, variables, solver="Clarabel"),
     }
+    if lsmr:
+        paths["convexddn per element, LSMR adjoint"] = ConvexLayer(prob, params, variables, solver="Clarabel",
+                                                                   adjoint="lsmr")
     cvx = CvxpyLayer(prob, parameters=params, variables=variables)
     paths["cvxpylayers default"] = lambda *a: cvx(*a)[0]
     if moreau_available():
@@ -175,7 +195,7 @@ def convex_cases(problems: list[tuple[str, int]], repeats: int, progress, device
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peers = batch <= PEER_MAX_BATCH
-            paths = _paths(prob, params, variables, peers)
+            paths = _paths(prob, params, variables, peers, name in LSMR_ROWS)
             base_label = "convexddn per element" if peers else "convexddn batched (auto), cpu"
             ref = _fwd_bwd(paths[base_label], data, g, torch.device("cpu"))  # warm-up + reference
             results: dict[str, dict[str, Any]] = {}
