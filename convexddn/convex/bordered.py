@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from diffcp import _diffcp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
@@ -85,12 +84,13 @@ def probes(cones: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return out
 
 
-def sparse_derivative(Q: sp.csc_matrix, cones_cpp, colours: list, z: np.ndarray, n: int) -> sp.csc_matrix:
+def sparse_derivative(Q: sp.csc_matrix, dprojection, colours: list, z: np.ndarray, n: int) -> sp.csc_matrix:
     """:math:`M = (Q - I) D\\Pi(z) + I` as a sparse matrix (equal to diffcp's ``M_dense``),
-    with :math:`D\\Pi` read off diffcp's own ``dprojection`` by the ``colours`` of :func:`probes`."""
+    with :math:`D\\Pi` read off ``dprojection`` (an operator at ``z``'s cone part) by the
+    ``colours`` of :func:`probes`."""
     N = z.size
     m = N - n - 1
-    op = _diffcp.dprojection(z[n:n + m], cones_cpp, True)
+    op = dprojection
     rows, cols, vals = [np.arange(n)], [np.arange(n)], [np.ones(n)]
     for hot, r, c in colours:
         e = np.zeros(m)

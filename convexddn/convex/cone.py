@@ -18,7 +18,7 @@ from scipy.sparse import linalg as sla
 
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import cone_blocks, kkt_residual
-from .exp_cone import replace_exp_blocks
+from .exp_cone import derivative_correction, replace_exp_blocks
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
 __all__ = ["POLISH_ABOVE", "ResidualMap", "auto_mode"]
@@ -103,19 +103,39 @@ class ResidualMap:
         pz = self._pi(z)
         return self.Q @ pz - pz + z
 
+    def _dprojection(self, v: np.ndarray):
+        """D Π_{K*}(v): diffcp's operator, with exact exponential-cone blocks (those of
+        :meth:`_dual_projection`; diffcp's are its own projection's)."""
+        dproj = _diffcp.dprojection(v, self.cones_cpp, True)
+        delta = derivative_correction(v, self.cones, dproj)
+        return dproj if delta is None else _Plus(dproj, delta)
+
     def _operator(self, z: np.ndarray, dense: bool | None = None):
-        """M at z: an (N, N) array (``dense``, by default in mode "dense") or diffcp's operator."""
+        """M at z: an (N, N) array (``dense``, by default in mode "dense"), in mode
+        "sparse" a :class:`~.bordered.Bordered` factorisation (diffcp's operator where
+        the bordered matrix is singular), else diffcp's operator; each with the exact
+        exponential-cone derivative (:meth:`_dprojection`)."""
         n, m = self.n, self.m
         u, v, w = z[:n], z[n:n + m], float(z[-1])
-        if (self.mode == "dense") if dense is None else dense:
-            return _diffcp.M_dense(self.Q.toarray(), self.cones_cpp, u, v, w)
-        if self.mode == "sparse":
+        dproj = self._dprojection(v)
+        if self.mode == "sparse" and not dense:
             if self._colours is None:
                 self._colours = probes(self.cones)
-            lu = bordered(sparse_derivative(self.Q, self.cones_cpp, self._colours, z, n), z)
+            lu = bordered(sparse_derivative(self.Q, dproj, self._colours, z, n), z)
             if lu is not None:
                 return lu
-        return _diffcp.M_operator(self.Q, self.cones_cpp, u, v, w)
+        # diffcp's M plus (Q - I) ΔD, ΔD the exponential cones' correction (v's columns)
+        fix = None
+        if isinstance(dproj, _Plus):
+            N = n + m + 1
+            Qv = self.Q[:, n:n + m] @ dproj.delta - sp.vstack([sp.csr_matrix((n, m)), dproj.delta,
+                                                                sp.csr_matrix((1, m))])
+            fix = sp.hstack([sp.csr_matrix((N, n)), Qv, sp.csr_matrix((N, 1))], format="csr")
+        if (self.mode == "dense") if dense is None else dense:
+            M = _diffcp.M_dense(self.Q.toarray(), self.cones_cpp, u, v, w)
+            return M if fix is None else M + fix.toarray()
+        op = _diffcp.M_operator(self.Q, self.cones_cpp, u, v, w)
+        return op if fix is None else _Plus(op, fix)
 
     def _solve(self, M, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
         """Minimum-norm solution of M d = rhs (or Mᵀ d = rhs).
@@ -214,7 +234,7 @@ class ResidualMap:
         n, m = self.n, self.m
         z = np.concatenate([x, y - s, [1.0]])
         M = self._operator(z)
-        dproj = _diffcp.dprojection(z[n:n + m], self.cones_cpp, True)
+        dproj = self._dprojection(z[n:n + m])
         pi_z = self._pi(z)
         undecided = _undecided_rows(self.cones, y, s)
 
@@ -273,7 +293,7 @@ class ResidualMap:
             for side in (1.0, -1.0):
                 zs = z.copy()
                 zs[n + undecided] = side * 1e-12 * (1.0 + np.abs(z).max())
-                dproj = _diffcp.dprojection(zs[n:n + m], self.cones_cpp, True)
+                dproj = self._dprojection(zs[n:n + m])
                 other = gradient(self._solve(self._operator(zs, dense=True),
                                              np.concatenate([dx, dproj.rmatvec(dy), [dw]]), transpose=True))
                 if any(np.abs(a - b).max(initial=0.0) > _SIDE_RTOL * size for a, b in zip(other, base)):
@@ -299,3 +319,30 @@ _SIDE_RTOL = 1e-8
 # (converged solves reach ~1e-12); above it, the dense solve below this size.
 _ITERATIVE_RTOL = 1e-9
 _DENSE_FALLBACK_MAX = 3000
+
+
+class _Plus:
+    """An operator (diffcp's: ``matvec``, ``rmatvec``, ``transpose``) plus a sparse matrix."""
+
+    def __init__(self, op, delta: sp.spmatrix) -> None:
+        self.op, self.delta = op, delta
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        return self.op.matvec(x) + self.delta @ x
+
+    def rmatvec(self, y: np.ndarray) -> np.ndarray:
+        return self.op.rmatvec(y) + self.delta.T @ y
+
+    def transpose(self) -> _Transposed:
+        return _Transposed(self)
+
+
+class _Transposed:
+    def __init__(self, plus: _Plus) -> None:
+        self.plus = plus
+
+    def matvec(self, y: np.ndarray) -> np.ndarray:
+        return self.plus.rmatvec(y)
+
+    def rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self.plus.matvec(x)

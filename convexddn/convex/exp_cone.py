@@ -25,9 +25,10 @@ rounding), else diffcp's stands. The exact membership tests decide the other cas
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from diffcp import cones as cone_lib
 
-__all__ = ["project_exp", "replace_exp_blocks"]
+__all__ = ["derivative_correction", "project_exp", "projection_derivative", "replace_exp_blocks"]
 
 _NEWTON_STEPS = 8
 
@@ -44,8 +45,8 @@ def _g(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _on_boundary(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The projection ``s a(ρ)`` and whether it verifies: ``s > 0``, ``μ ≥ 0`` and
-    ``v = s a + μ b`` to rounding (a, b orthogonal: s, μ are v's coordinates)."""
+    """The projection ``s a(ρ)``, whether it verifies (``s > 0``, ``μ ≥ 0`` and ``v = s a + μ b``
+    to rounding; a, b orthogonal: s, μ are v's coordinates), ``s`` and ``μ``."""
     e = np.exp(rho)
     a = np.stack([rho, np.ones_like(rho), e], 1)
     b = np.stack([e, (1.0 - rho) * e, -np.ones_like(rho)], 1)
@@ -54,17 +55,21 @@ def _on_boundary(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray
     p = s[:, None] * a
     err = np.abs(v - p - mu[:, None] * b).max(1)
     ok = np.isfinite(err) & (s > 0) & (mu >= 0) & (err <= 64 * np.finfo(float).eps * np.abs(v).max(1))
-    return p, ok
+    return p, ok, s, mu
 
 
-def project_exp(v: np.ndarray, dual: bool = False) -> np.ndarray:
-    """Projection of each row of ``v`` ``(k, 3)`` onto the exponential cone (``dual``: its
-    dual cone, :math:`\\Pi_{K^*}(v) = v + \\Pi_K(-v)`)."""
-    if dual:
-        return v + project_exp(-v)
-    v = np.asarray(v, dtype=float).reshape(-1, 3)
+# Which piece of the projection a point is on (see _projection).
+_INSIDE, _POLAR, _QUADRANT, _FACE, _BOUNDARY, _DIFFCP = range(6)
+
+
+def _projection(v: np.ndarray):
+    """``(Π_K(v), piece, ρ, s, μ)`` for the rows of ``v`` ``(k, 3)``; ``ρ, s, μ`` hold the
+    boundary pieces' coordinates (v = s a(ρ) + μ b(ρ)), ``piece`` says which formula gave
+    each row (:data:`_DIFFCP`: none verified, diffcp's point, lifted onto K)."""
     out = cone_lib.pi(v.ravel(), [(cone_lib.EXP, v.shape[0])], dual=False).reshape(-1, 3)
     r, s, t = v[:, 0], v[:, 1], v[:, 2]
+    k = v.shape[0]
+    piece, rho_all, s_all, mu_all = np.full(k, _BOUNDARY), np.zeros(k), np.zeros(k), np.zeros(k)
     with np.errstate(all="ignore"):
         in_k = ((s > 0) & (s * np.exp(r / s) <= t)) | ((r <= 0) & (s == 0) & (t >= 0))
         in_polar = ((r > 0) & (r * np.exp(s / r) + np.e * t <= 0)) | ((r == 0) & (s <= 0) & (t <= 0))
@@ -72,9 +77,10 @@ def project_exp(v: np.ndarray, dual: bool = False) -> np.ndarray:
         out[in_k] = v[in_k]
         out[in_polar] = 0.0
         out[quadrant] = np.stack([r, np.zeros_like(r), np.maximum(t, 0.0)], 1)[quadrant]
+        piece[in_k], piece[in_polar], piece[quadrant] = _INSIDE, _POLAR, _QUADRANT
         rest = ~(in_k | in_polar | quadrant)
         if not rest.any():
-            return out
+            return out, piece, rho_all, s_all, mu_all
         vr, pr = v[rest], out[rest]
         # Start: diffcp's ratio where it found a boundary point, else the point's own.
         rho = np.where(pr[:, 1] > 0, pr[:, 0] / pr[:, 1], np.where(vr[:, 1] > 0, vr[:, 0] / vr[:, 1], 0.0))
@@ -83,7 +89,7 @@ def project_exp(v: np.ndarray, dual: bool = False) -> np.ndarray:
             g, dg = _g(vr, rho)
             step = np.where(dg != 0, g / dg, 0.0)
             rho = np.where(np.isfinite(step), rho - step, rho)
-        p, ok = _on_boundary(vr, rho)
+        p, ok, sc, mu = _on_boundary(vr, rho)
         # A verified boundary point satisfies the projection's optimality conditions: it is
         # the projection. Elsewhere the nearer of two points in K: diffcp's, lifted onto K
         # where its tolerances left it outside, and the face s = 0's projection (the
@@ -95,7 +101,50 @@ def project_exp(v: np.ndarray, dual: bool = False) -> np.ndarray:
         pr = np.where(closer[:, None], face, lifted)
         pr[ok] = p[ok]
         out[rest] = pr
-    return out
+        piece[rest] = np.where(ok, _BOUNDARY, np.where(closer, _FACE, _DIFFCP))
+        rho_all[rest], s_all[rest], mu_all[rest] = rho, sc, mu
+    return out, piece, rho_all, s_all, mu_all
+
+
+def project_exp(v: np.ndarray, dual: bool = False) -> np.ndarray:
+    """Projection of each row of ``v`` ``(k, 3)`` onto the exponential cone (``dual``: its
+    dual cone, :math:`\\Pi_{K^*}(v) = v + \\Pi_K(-v)`)."""
+    v = np.asarray(v, dtype=float).reshape(-1, 3)
+    if dual:
+        return v + _projection(-v)[0]
+    return _projection(v)[0]
+
+
+def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(D, known)``: the derivative ``(k, 3, 3)`` of :func:`project_exp` at the rows of ``v``,
+    and where it is known (not for a row left at diffcp's point).
+
+    On the boundary piece, :math:`v = s\\,a(\\rho) + \\mu\\,b(\\rho)` is a local change of
+    coordinates with Jacobian :math:`J = [a, b, s a' + \\mu b']`, and :math:`\\Pi(v) = s\\,a(\\rho)`,
+    so :math:`D\\Pi = [a, 0, s a'] J^{-1}`; inside K it is I, on the polar 0, on the
+    quadrant :math:`r, s \\le 0` diag(1, 0, [t > 0]), at the face limit diag(0, 0, [t > 0]).
+    ``dual``: :math:`D\\Pi_{K^*}(v) = I - D\\Pi_K(-v)`."""
+    v = np.asarray(v, dtype=float).reshape(-1, 3)
+    if dual:
+        D, known = projection_derivative(-v)
+        return np.eye(3) - D, known
+    _, piece, rho, s, mu = _projection(v)
+    k = v.shape[0]
+    D = np.zeros((k, 3, 3))
+    D[piece == _INSIDE] = np.eye(3)
+    up = (v[:, 2] > 0).astype(float)
+    D[piece == _QUADRANT] = np.stack([np.ones(k), np.zeros(k), up], 1)[piece == _QUADRANT][:, :, None] * np.eye(3)
+    D[piece == _FACE] = np.stack([np.zeros(k), np.zeros(k), up], 1)[piece == _FACE][:, :, None] * np.eye(3)
+    on = piece == _BOUNDARY
+    if on.any():
+        rh, sc, m = rho[on], s[on], mu[on]
+        e, z, one = np.exp(rh), np.zeros(on.sum()), np.ones(on.sum())
+        a = np.stack([rh, one, e], 1)
+        b = np.stack([e, (1 - rh) * e, -one], 1)
+        da, db = np.stack([one, z, e], 1), np.stack([e, -rh * e, z], 1)
+        J = np.stack([a, b, sc[:, None] * da + m[:, None] * db], 2)
+        D[on] = np.stack([a, np.zeros_like(a), sc[:, None] * da], 2) @ np.linalg.inv(J)
+    return D, piece != _DIFFCP
 
 
 def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool) -> np.ndarray:
@@ -111,3 +160,38 @@ def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool) 
             out[at:at + rows] = project_exp(x[at:at + rows].reshape(-1, 3), dual=(kind == cone_lib.EXP) == dual).ravel()
         at += rows
     return out
+
+
+def derivative_correction(v: np.ndarray, cones: list, dprojection) -> sp.csr_matrix | None:
+    """:math:`\\Delta D`, the derivative of :func:`replace_exp_blocks`' projection onto
+    :math:`K^*` minus diffcp's ``dprojection`` (an operator, at the same ``v``), as a sparse
+    ``(m, m)`` matrix: nonzero on the exponential cones' 3×3 blocks only (diffcp's there is
+    that of its own, ~1e-8 accurate, projection); ``None`` without exponential cones."""
+    starts, duals, at = [], [], 0
+    for kind, size in cones:
+        rows = (3 * int(size) if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) else
+                sum(size) if kind == cone_lib.SOC else sum(k * (k + 1) // 2 for k in size) if kind == cone_lib.PSD
+                else int(size))
+        if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) and rows:
+            starts.append(at + 3 * np.arange(rows // 3))
+            duals.append(np.full(rows // 3, kind == cone_lib.EXP))
+        at += rows
+    if not starts:
+        return None
+    starts, duals = np.concatenate(starts), np.concatenate(duals)
+    rows3 = starts[:, None] + np.arange(3)  # (k, 3)
+    theirs = np.empty((starts.size, 3, 3))
+    for c in range(3):  # column c of every block at once
+        e = np.zeros(v.size)
+        e[starts + c] = 1.0
+        theirs[:, :, c] = dprojection.matvec(e)[rows3]
+    ours = np.empty_like(theirs)
+    known = np.empty(starts.size, dtype=bool)
+    for dual in (True, False):
+        sel = duals == dual
+        if sel.any():
+            ours[sel], known[sel] = projection_derivative(v[rows3[sel]], dual)
+    delta = np.where(known[:, None, None], ours - theirs, 0.0)
+    r = np.repeat(rows3, 3, axis=1).ravel()
+    c = np.tile(rows3, (1, 3)).ravel()
+    return sp.csr_matrix((delta.ravel(), (r, c)), shape=(v.size, v.size))

@@ -43,7 +43,7 @@ def test_sparse_derivative_is_diffcps_dense_one(w):
     z = np.sin(np.arange(1, n + m + 2) * 1.7)  # generic: every cone's derivative in its general case
     z[-1] = w
     cpp = cone_lib.parse_cone_dict_cpp(cones)
-    got = sparse_derivative(Q, cpp, probes(cones), z, n).toarray()
+    got = sparse_derivative(Q, _diffcp.dprojection(z[n:n + m], cpp, True), probes(cones), z, n).toarray()
     want = _diffcp.M_dense(Q.toarray(), cpp, z[:n], z[n:n + m], float(z[-1]))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
 
