@@ -28,6 +28,8 @@ import numpy as np
 import scipy.sparse as sp
 from diffcp import cones as cone_lib
 
+from .cone_checks import cone_blocks
+
 __all__ = ["derivative_correction", "project_exp", "projection_derivative", "replace_exp_blocks"]
 
 _NEWTON_STEPS = 8
@@ -147,18 +149,23 @@ def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray
     return D, piece != _DIFFCP
 
 
+def _exp_blocks(cones: list) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows (k, 3), primal (k,))``: each exponential cone's rows in diffcp's parsed list,
+    and whether it is the cone itself (else its dual)."""
+    found = [(at, kind == cone_lib.EXP) for kind, at, _ in cone_blocks(cones)
+             if kind in (cone_lib.EXP, cone_lib.EXP_DUAL)]
+    starts = np.array([at for at, _ in found], dtype=np.int64)
+    return starts[:, None] + np.arange(3), np.array([p for _, p in found], dtype=bool)
+
+
 def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool) -> np.ndarray:
     """``out`` (a projection of ``x`` onto the cones of diffcp's parsed list, or their duals)
     with its exponential-cone rows replaced by :func:`project_exp`'s."""
-    at = 0
-    for kind, size in cones:
-        rows = (3 * int(size) if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) else
-                sum(size) if kind == cone_lib.SOC else sum(k * (k + 1) // 2 for k in size) if kind == cone_lib.PSD
-                else int(size))
-        if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) and rows:
-            # onto K_exp* for an exponential cone's dual, and for a dual exponential cone itself
-            out[at:at + rows] = project_exp(x[at:at + rows].reshape(-1, 3), dual=(kind == cone_lib.EXP) == dual).ravel()
-        at += rows
+    rows, primal = _exp_blocks(cones)
+    for kind in (True, False):
+        sel = rows[primal == kind]
+        if sel.size:  # onto K_exp* for a cone's dual, and for a dual cone itself
+            out[sel] = project_exp(x[sel], dual=kind == dual)
     return out
 
 
@@ -167,19 +174,10 @@ def derivative_correction(v: np.ndarray, cones: list, dprojection) -> sp.csr_mat
     :math:`K^*` minus diffcp's ``dprojection`` (an operator, at the same ``v``), as a sparse
     ``(m, m)`` matrix: nonzero on the exponential cones' 3×3 blocks only (diffcp's there is
     that of its own, ~1e-8 accurate, projection); ``None`` without exponential cones."""
-    starts, duals, at = [], [], 0
-    for kind, size in cones:
-        rows = (3 * int(size) if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) else
-                sum(size) if kind == cone_lib.SOC else sum(k * (k + 1) // 2 for k in size) if kind == cone_lib.PSD
-                else int(size))
-        if kind in (cone_lib.EXP, cone_lib.EXP_DUAL) and rows:
-            starts.append(at + 3 * np.arange(rows // 3))
-            duals.append(np.full(rows // 3, kind == cone_lib.EXP))
-        at += rows
-    if not starts:
+    rows3, primal = _exp_blocks(cones)
+    if not rows3.size:
         return None
-    starts, duals = np.concatenate(starts), np.concatenate(duals)
-    rows3 = starts[:, None] + np.arange(3)  # (k, 3)
+    starts = rows3[:, 0]
     theirs = np.empty((starts.size, 3, 3))
     for c in range(3):  # column c of every block at once
         e = np.zeros(v.size)
@@ -187,10 +185,10 @@ def derivative_correction(v: np.ndarray, cones: list, dprojection) -> sp.csr_mat
         theirs[:, :, c] = dprojection.matvec(e)[rows3]
     ours = np.empty_like(theirs)
     known = np.empty(starts.size, dtype=bool)
-    for dual in (True, False):
-        sel = duals == dual
+    for kind in (True, False):  # (onto K_exp* for a cone, K_exp for a dual cone)
+        sel = primal == kind
         if sel.any():
-            ours[sel], known[sel] = projection_derivative(v[rows3[sel]], dual)
+            ours[sel], known[sel] = projection_derivative(v[rows3[sel]], dual=kind)
     delta = np.where(known[:, None, None], ours - theirs, 0.0)
     r = np.repeat(rows3, 3, axis=1).ravel()
     c = np.tile(rows3, (1, 3)).ravel()
