@@ -152,8 +152,9 @@ def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray
 def _exp_blocks(cones: list) -> tuple[np.ndarray, np.ndarray]:
     """``(rows (k, 3), primal (k,))``: each exponential cone's rows in diffcp's parsed list,
     and whether it is the cone itself (else its dual)."""
-    found = [(at, kind == cone_lib.EXP) for kind, at, _ in cone_blocks(cones)
-             if kind in (cone_lib.EXP, cone_lib.EXP_DUAL)]
+    kinds = (cone_lib.EXP, cone_lib.EXP_DUAL)
+    found = [] if not any(kind in kinds and size for kind, size in cones) else [
+        (at, kind == cone_lib.EXP) for kind, at, _ in cone_blocks(cones) if kind in kinds]
     starts = np.array([at for at, _ in found], dtype=np.int64)
     return starts[:, None] + np.arange(3), np.array([p for _, p in found], dtype=bool)
 
