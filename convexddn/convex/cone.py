@@ -18,7 +18,7 @@ from scipy.sparse import linalg as sla
 
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import cone_blocks, kkt_residual
-from .exp_cone import derivative_correction, replace_exp_blocks
+from .exp_cone import derivative_correction, has_exp, replace_exp_blocks
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
 __all__ = ["POLISH_ABOVE", "ResidualMap", "auto_mode"]
@@ -82,6 +82,7 @@ class ResidualMap:
         self.A, self.b, self.c = A, b, c
         self.cones, self.cones_cpp, self.mode = cones, cones_cpp, mode
         self._colours = colours  # mode "sparse": how to read DΠ (bordered.probes; on first use if None)
+        self._exp = has_exp(cones)  # (their derivative is corrected: _dprojection)
         self.m, self.n = A.shape
         self.Q = sp.csc_matrix(sp.bmat([
             [None, A.T, c[:, None]],
@@ -117,7 +118,7 @@ class ResidualMap:
         exponential-cone derivative (:meth:`_dprojection`)."""
         n, m = self.n, self.m
         u, v, w = z[:n], z[n:n + m], float(z[-1])
-        dproj = self._dprojection(v)
+        dproj = self._dprojection(v) if self._exp or (self.mode == "sparse" and not dense) else None
         if self.mode == "sparse" and not dense:
             if self._colours is None:
                 self._colours = probes(self.cones)

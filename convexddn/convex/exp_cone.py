@@ -30,7 +30,7 @@ from diffcp import cones as cone_lib
 
 from .cone_checks import cone_blocks
 
-__all__ = ["derivative_correction", "project_exp", "projection_derivative", "replace_exp_blocks"]
+__all__ = ["derivative_correction", "has_exp", "project_exp", "projection_derivative", "replace_exp_blocks"]
 
 _NEWTON_STEPS = 8
 
@@ -149,12 +149,16 @@ def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray
     return D, piece != _DIFFCP
 
 
+def has_exp(cones: list) -> bool:
+    """Whether diffcp's parsed cone list holds an exponential cone (or its dual)."""
+    return any(kind in (cone_lib.EXP, cone_lib.EXP_DUAL) and size for kind, size in cones)
+
+
 def _exp_blocks(cones: list) -> tuple[np.ndarray, np.ndarray]:
     """``(rows (k, 3), primal (k,))``: each exponential cone's rows in diffcp's parsed list,
     and whether it is the cone itself (else its dual)."""
     kinds = (cone_lib.EXP, cone_lib.EXP_DUAL)
-    found = [] if not any(kind in kinds and size for kind, size in cones) else [
-        (at, kind == cone_lib.EXP) for kind, at, _ in cone_blocks(cones) if kind in kinds]
+    found = [(at, kind == cone_lib.EXP) for kind, at, _ in cone_blocks(cones) if kind in kinds]
     starts = np.array([at for at, _ in found], dtype=np.int64)
     return starts[:, None] + np.arange(3), np.array([p for _, p in found], dtype=bool)
 
@@ -162,6 +166,8 @@ def _exp_blocks(cones: list) -> tuple[np.ndarray, np.ndarray]:
 def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool) -> np.ndarray:
     """``out`` (a projection of ``x`` onto the cones of diffcp's parsed list, or their duals)
     with its exponential-cone rows replaced by :func:`project_exp`'s."""
+    if not has_exp(cones):
+        return out
     rows, primal = _exp_blocks(cones)
     for kind in (True, False):
         sel = rows[primal == kind]
@@ -175,9 +181,9 @@ def derivative_correction(v: np.ndarray, cones: list, dprojection) -> sp.csr_mat
     :math:`K^*` minus diffcp's ``dprojection`` (an operator, at the same ``v``), as a sparse
     ``(m, m)`` matrix: nonzero on the exponential cones' 3×3 blocks only (diffcp's there is
     that of its own, ~1e-8 accurate, projection); ``None`` without exponential cones."""
-    rows3, primal = _exp_blocks(cones)
-    if not rows3.size:
+    if not has_exp(cones):
         return None
+    rows3, primal = _exp_blocks(cones)
     starts = rows3[:, 0]
     theirs = np.empty((starts.size, 3, 3))
     for c in range(3):  # column c of every block at once
