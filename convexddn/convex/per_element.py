@@ -169,7 +169,7 @@ class CheckedDiffcp(SolverInterface):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"_colours": None, **state})  # (a pickle from before the sparse mode)
         self._init_unpicklable()
         if "_cones" in state:
             self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)

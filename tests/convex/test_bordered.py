@@ -110,3 +110,19 @@ def test_layer_with_sparse_adjoint_is_softmax(monkeypatch):
     torch.testing.assert_close(out.detach(), p, atol=1e-7, rtol=0)
     torch.testing.assert_close(grad, p * g - p * (p * g).sum(-1, keepdim=True), atol=1e-7, rtol=0)
     assert False in solves and True in solves  # Newton steps and adjoints, both through the LU
+
+
+def test_a_backend_pickled_before_the_sparse_mode_still_solves():
+    """State saved without ``_colours`` (before this mode existed): restored as None, the
+    residual map reads the probes itself."""
+    n = 6
+    th, y = cp.Parameter(n), cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(-cp.sum(cp.entr(y)) - th @ y), [cp.sum(y) == 1])
+    layer = cddn.ConvexLayer(prob, [th], [y], solver="Clarabel", adjoint="sparse")
+    theta = torch.randn(2, n, dtype=F64, generator=torch.Generator().manual_seed(0))
+    layer(theta)
+    state = layer._backend.__getstate__()
+    del state["_colours"]
+    layer._backend.__setstate__(state)
+    assert layer._backend._colours is None
+    torch.testing.assert_close(layer(theta), torch.softmax(theta, -1), atol=1e-13, rtol=0)
