@@ -17,10 +17,12 @@ i.e. :math:`\\rho` is a root of :math:`g(\\rho) = \\langle v, a \\times b \\rang
 
     g(\\rho) = -r (1 + (1 - \\rho) e^{2\\rho}) + s (e^{2\\rho} + \\rho) - t (\\rho^2 - \\rho + 1) e^\\rho.
 
-Newton's method on :math:`g` from diffcp's point (its :math:`r/s`, or the point's own where
-diffcp's tolerant tests put it on the cone or at 0) converges quadratically; each result
-is kept only if it verifies (:math:`s > 0`, :math:`\\mu \\ge 0`, :math:`v` reconstructed to
-rounding), else diffcp's stands. The exact membership tests decide the other cases.
+At unit size (the projection is positively homogeneous; diffcp's tolerances are
+absolute), Newton's method on :math:`g` from diffcp's point (its :math:`r/s`, or the
+point's own) converges quadratically; where it does not verify (:math:`s > 0`,
+:math:`\\mu \\ge 0`, :math:`v` reconstructed to rounding: far along the boundary, where
+each step gains ~0.5, or at a spurious root of g), Newton steps safeguarded by bisection
+from the grid ray nearest :math:`v`. The exact membership tests decide the other cases.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ from .cone_checks import cone_blocks
 __all__ = ["derivative_correction", "has_exp", "project_exp", "projection_derivative", "replace_exp_blocks"]
 
 _NEWTON_STEPS = 8
+# The grid of boundary rays that brackets the root where Newton from diffcp's point fails
+# (far along the boundary: ρ ≳ 10, each step gains ~0.5), and its safeguarded steps.
+_GRID_SPAN, _GRID_POINTS, _BRACKETED_STEPS = 60.0, 481, 60
+_FAR = 30.0
 
 
 def _g(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,11 +70,47 @@ def _on_boundary(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray
 _INSIDE, _POLAR, _QUADRANT, _FACE, _BOUNDARY, _DIFFCP = range(6)
 
 
+def _newton(v: np.ndarray, rho: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        g, dg = _g(v, rho)
+        step = np.where(dg != 0, g / dg, 0.0)
+        rho = np.where(np.isfinite(step), rho - step, rho)
+    return rho
+
+
+def _bracketed(v: np.ndarray) -> np.ndarray:
+    """The root of :math:`g` where the projection of ``v`` (unit-size rows) lies: on a grid
+    of :math:`\\rho \\in [-60, 60]` (beyond, a ray is within e^-60 of the face's direction),
+    the first interval where g changes sign with :math:`s \\propto \\langle v, a \\rangle > 0`
+    at both ends (else the ray of largest :math:`\\langle v, a \\rangle / \\|a\\|` and its
+    neighbours), then Newton steps safeguarded by bisection in it."""
+    grid = np.linspace(-_GRID_SPAN, _GRID_SPAN, _GRID_POINTS)[None, :]
+    r, s, t = v[:, :1], v[:, 1:2], v[:, 2:3]
+    w1 = np.exp(-np.maximum(grid, 0.0))  # a and b scaled by it (signs kept), g by its square
+    e1 = np.exp(grid) * w1
+    g = -r * (w1 * w1 + (1.0 - grid) * e1 * e1) + s * (e1 * e1 + grid * w1 * w1) - t * (grid * grid - grid + 1.0) * e1 * w1
+    valid = (r * grid + s) * w1 + t * e1 > 0  # (μ ≥ 0 is verified after: it may be ~1e-28)
+    change = (np.sign(g[:, :-1]) != np.sign(g[:, 1:])) & valid[:, :-1] & valid[:, 1:]
+    rays = np.concatenate([grid * w1, w1, e1]).T
+    nearest = np.argmax(v @ (rays / np.linalg.norm(rays, axis=1, keepdims=True)).T, 1)
+    at = np.where(change.any(1), np.argmax(change, 1), np.maximum(nearest - 1, 0))
+    lo, hi = grid[0, at], grid[0, np.minimum(at + np.where(change.any(1), 1, 2), grid.size - 1)]
+    rho, g_lo = 0.5 * (lo + hi), _g(v, lo)[0]
+    for _ in range(_BRACKETED_STEPS):
+        gr, dg = _g(v, rho)
+        same = np.sign(gr) == np.sign(g_lo)
+        lo, g_lo, hi = np.where(same, rho, lo), np.where(same, gr, g_lo), np.where(same, hi, rho)
+        with np.errstate(all="ignore"):
+            newton = rho - gr / dg
+        rho = np.where(np.isfinite(newton) & (newton > lo) & (newton < hi), newton, 0.5 * (lo + hi))
+    return rho
+
+
 def _projection(v: np.ndarray):
     """``(Π_K(v), piece, ρ, s, μ)`` for the rows of ``v`` ``(k, 3)``; ``ρ, s, μ`` hold the
     boundary pieces' coordinates (v = s a(ρ) + μ b(ρ)), ``piece`` says which formula gave
-    each row (:data:`_DIFFCP`: none verified, diffcp's point, lifted onto K)."""
-    out = cone_lib.pi(v.ravel(), [(cone_lib.EXP, v.shape[0])], dual=False).reshape(-1, 3)
+    each row (:data:`_DIFFCP`: none verified; diffcp's point, lifted onto K, or the face's)."""
+    out = np.empty_like(v)
     r, s, t = v[:, 0], v[:, 1], v[:, 2]
     k = v.shape[0]
     piece, rho_all, s_all, mu_all = np.full(k, _BOUNDARY), np.zeros(k), np.zeros(k), np.zeros(k)
@@ -83,28 +125,43 @@ def _projection(v: np.ndarray):
         rest = ~(in_k | in_polar | quadrant)
         if not rest.any():
             return out, piece, rho_all, s_all, mu_all
-        vr, pr = v[rest], out[rest]
-        # Start: diffcp's ratio where it found a boundary point, else the point's own.
+        # At unit size (the projection is positively homogeneous; diffcp's tolerances are
+        # absolute): Newton from diffcp's point (its ratio, else the point's own), and
+        # where that does not verify, from the nearest ray of a grid, bracketed.
+        scale = np.abs(v[rest]).max(1, keepdims=True)
+        vr = v[rest] / scale
+        pr = cone_lib.pi(vr.ravel(), [(cone_lib.EXP, vr.shape[0])], dual=False).reshape(-1, 3)
         rho = np.where(pr[:, 1] > 0, pr[:, 0] / pr[:, 1], np.where(vr[:, 1] > 0, vr[:, 0] / vr[:, 1], 0.0))
-        rho = np.where(np.isfinite(rho), rho, 0.0)
-        for _ in range(_NEWTON_STEPS):
-            g, dg = _g(vr, rho)
-            step = np.where(dg != 0, g / dg, 0.0)
-            rho = np.where(np.isfinite(step), rho - step, rho)
+        rho = _newton(vr, np.where(np.isfinite(rho), rho, 0.0), _NEWTON_STEPS)
         p, ok, sc, mu = _on_boundary(vr, rho)
+        far = np.zeros_like(ok)
+        if not ok.all() and (vr[~ok, 1] > 0).any():  # the point's own ratio (diffcp's point may mislead)
+            redo = ~ok & (vr[:, 1] > 0)
+            rho2 = _newton(vr[redo], vr[redo, 0] / vr[redo, 1], _NEWTON_STEPS)
+            p2, ok2, sc2, mu2 = _on_boundary(vr[redo], rho2)
+            idx = np.nonzero(redo)[0][ok2]
+            rho[idx], p[idx], ok[idx], sc[idx], mu[idx] = rho2[ok2], p2[ok2], True, sc2[ok2], mu2[ok2]
+        if not ok.all():
+            redo = ~ok
+            rho[redo] = _bracketed(vr[redo])
+            p[redo], ok[redo], sc[redo], mu[redo] = _on_boundary(vr[redo], rho[redo])
+            # Rays beyond ρ ≈ 36 are the face's direction (0, 0, 1) to rounding: where the
+            # nearest grid ray is that far out (r > 0 > s with r ≪ |s|: the root lies at
+            # ρ ≈ 1 − s/r), the face's projection is the projection to rounding.
+            far = ~ok & (rho > _FAR)
         # A verified boundary point satisfies the projection's optimality conditions: it is
-        # the projection. Elsewhere the nearer of two points in K: diffcp's, lifted onto K
-        # where its tolerances left it outside, and the face s = 0's projection (the
-        # boundary's limit ρ → ∞: the answer for e.g. r > 0 > s, where diffcp's has r > 0).
+        # the projection; so is the face's where the ray is far out. Elsewhere (none seen)
+        # the nearer of two points in K: diffcp's, lifted onto K where its tolerances left
+        # it outside, and the face s = 0's projection.
         face = np.stack([np.minimum(vr[:, 0], 0.0), np.zeros(len(vr)), np.maximum(vr[:, 2], 0.0)], 1)
         lifted = np.where((pr[:, 1] > 0)[:, None], pr, face)
         lifted[:, 2] = np.maximum(lifted[:, 2], np.where(pr[:, 1] > 0, pr[:, 1] * np.exp(pr[:, 0] / pr[:, 1]), 0.0))
-        closer = np.linalg.norm(vr - face, axis=1) <= np.linalg.norm(vr - lifted, axis=1)
+        closer = far | (np.linalg.norm(vr - face, axis=1) <= np.linalg.norm(vr - lifted, axis=1))
         pr = np.where(closer[:, None], face, lifted)
         pr[ok] = p[ok]
-        out[rest] = pr
-        piece[rest] = np.where(ok, _BOUNDARY, np.where(closer, _FACE, _DIFFCP))
-        rho_all[rest], s_all[rest], mu_all[rest] = rho, sc, mu
+        out[rest] = pr * scale
+        piece[rest] = np.where(ok, _BOUNDARY, np.where(far, _FACE, _DIFFCP))
+        rho_all[rest], s_all[rest], mu_all[rest] = rho, sc * scale[:, 0], mu * scale[:, 0]
     return out, piece, rho_all, s_all, mu_all
 
 
@@ -124,7 +181,8 @@ def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray
     On the boundary piece, :math:`v = s\\,a(\\rho) + \\mu\\,b(\\rho)` is a local change of
     coordinates with Jacobian :math:`J = [a, b, s a' + \\mu b']`, and :math:`\\Pi(v) = s\\,a(\\rho)`,
     so :math:`D\\Pi = [a, 0, s a'] J^{-1}`; inside K it is I, on the polar 0, on the
-    quadrant :math:`r, s \\le 0` diag(1, 0, [t > 0]), at the face limit diag(0, 0, [t > 0]).
+    quadrant :math:`r, s \\le 0` diag(1, 0, [t > 0]), where the boundary ray is the face's
+    direction to rounding diag(0, 0, [t > 0]).
     ``dual``: :math:`D\\Pi_{K^*}(v) = I - D\\Pi_K(-v)`."""
     v = np.asarray(v, dtype=float).reshape(-1, 3)
     if dual:
