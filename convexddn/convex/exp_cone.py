@@ -108,7 +108,7 @@ def _bracketed(v: np.ndarray) -> np.ndarray:
 
 def _projection(v: np.ndarray):
     """``(Π_K(v), piece, ρ, s, μ)`` for the rows of ``v`` ``(k, 3)``; ``ρ, s, μ`` hold the
-    boundary pieces' coordinates (v = s a(ρ) + μ b(ρ)), ``piece`` says which formula gave
+    boundary pieces' coordinates (v / max|v| = s a(ρ) + μ b(ρ)), ``piece`` says which formula gave
     each row (:data:`_DIFFCP`: none verified; diffcp's point, lifted onto K, or the face's)."""
     out = np.empty_like(v)
     r, s, t = v[:, 0], v[:, 1], v[:, 2]
@@ -161,7 +161,7 @@ def _projection(v: np.ndarray):
         pr[ok] = p[ok]
         out[rest] = pr * scale
         piece[rest] = np.where(ok, _BOUNDARY, np.where(far, _FACE, _DIFFCP))
-        rho_all[rest], s_all[rest], mu_all[rest] = rho, sc * scale[:, 0], mu * scale[:, 0]
+        rho_all[rest], s_all[rest], mu_all[rest] = rho, sc, mu  # (at unit size: D Π is scale-free)
     return out, piece, rho_all, s_all, mu_all
 
 
@@ -203,8 +203,15 @@ def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray
         b = np.stack([e, (1 - rh) * e, -one], 1)
         da, db = np.stack([one, z, e], 1), np.stack([e, -rh * e, z], 1)
         J = np.stack([a, b, sc[:, None] * da + m[:, None] * db], 2)
-        D[on] = np.stack([a, np.zeros_like(a), sc[:, None] * da], 2) @ np.linalg.inv(J)
-    return D, piece != _DIFFCP
+        det = np.linalg.det(J)
+        fine = np.isfinite(det) & (det != 0)  # (else diffcp's derivative stays: known False)
+        Jinv = np.zeros_like(J)
+        Jinv[fine] = np.linalg.inv(J[fine])
+        D[on] = np.stack([a, np.zeros_like(a), sc[:, None] * da], 2) @ Jinv
+        piece = piece.copy()
+        piece[np.nonzero(on)[0][~fine]] = _DIFFCP
+    known = (piece != _DIFFCP) & np.isfinite(D).all((1, 2))
+    return np.where(known[:, None, None], D, 0.0), known
 
 
 def has_exp(cones: list) -> bool:

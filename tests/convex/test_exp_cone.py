@@ -113,3 +113,14 @@ def test_logistic_regression_is_stationary_and_its_gradient_the_inverse_hessian(
     assert float(stationarity.abs().max()) < 1e-12
     H = torch.einsum("bm,mi,mj->bij", sig * (1 - sig), X, X) + torch.eye(n, dtype=F64)
     torch.testing.assert_close(grad, torch.linalg.solve(H, g.unsqueeze(-1)).squeeze(-1), atol=1e-12, rtol=0)
+
+
+def test_derivative_of_subnormal_rows_is_finite_and_does_not_spoil_the_batch():
+    # A review found np.linalg.inv raising for a whole batch on one row of ~1e-320.
+    rng = np.random.default_rng(5)
+    good = rng.standard_normal((50, 3))
+    tiny = np.array([[5e-324, 0.0, 1e-300], [-1e-300, 5e-324, -1.0], [5e-324, 5e-324, 5e-324]])
+    D, _ = projection_derivative(np.concatenate([good, tiny]))
+    assert np.isfinite(D).all()
+    D_good, _ = projection_derivative(good)
+    np.testing.assert_array_equal(D[:50], D_good)
