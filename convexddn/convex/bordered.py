@@ -24,10 +24,11 @@ is nonsingular exactly when :math:`M` has rank :math:`N - 1` with :math:`\\hat z
   :math:`M`, and :math:`M_b^T [r_0; \\lambda] = [g; 0]` a solution of :math:`M^T r = g`;
   the minimum-norm one is :math:`r_0 - (y^T r_0 / y^T y)\\, y`.
 
-Against LSMR on a constrained MPC (1291 rows + columns): 3 solves of ~5000 iterations
-each per polished element became one factorisation per Newton step. A bordered matrix
-whose smallest singular value (two steps of inverse iteration) is below
-``_RANK_RTOL`` of its largest entry means a rank below :math:`N - 1`, where the
+Against LSMR on a ridge logistic regression (3304 rows + columns): forward 1.7 s against
+6.9 s, backward 0.24 s against 3.3 s, gradient within 6e-15 of the dense solve's against
+7e-9. A bordered matrix whose smallest singular value (two steps of inverse iteration) is
+below ``rank_rtol`` of its largest entry means a rank below :math:`N - 1` (a constrained
+MPC's non-unique epigraph variables: at least six null directions), where the
 minimum-norm solution needs the least-squares solver: :func:`bordered` returns ``None``.
 """
 from __future__ import annotations
@@ -40,11 +41,6 @@ from scipy.sparse import linalg as sla
 from .cone_checks import cone_blocks
 
 __all__ = ["Bordered", "bordered", "probes", "sparse_derivative", "sparse_pays"]
-
-# As the dense path's rank cut (cone._RANK_RTOL): singular values below this fraction of
-# the largest are zero.
-_RANK_RTOL = 1e-9
-
 
 def sparse_pays(cones: list, data_nonzeros: int, size: int) -> bool:
     """Whether :math:`M` stays about as sparse as the data: the dense derivative blocks of
@@ -90,14 +86,13 @@ def sparse_derivative(Q: sp.csc_matrix, dprojection, colours: list, z: np.ndarra
     ``colours`` of :func:`probes`."""
     N = z.size
     m = N - n - 1
-    op = dprojection
     rows, cols, vals = [np.arange(n)], [np.arange(n)], [np.ones(n)]
     for hot, r, c in colours:
         e = np.zeros(m)
         e[hot] = 1.0
         rows.append(n + r)
         cols.append(n + c)
-        vals.append(op.matvec(e)[r])
+        vals.append(dprojection.matvec(e)[r])
     rows.append(np.array([N - 1]))
     cols.append(np.array([N - 1]))
     vals.append(np.array([1.0 if z[-1] >= 0 else 0.0]))  # Π onto R+ at w (diffcp's M_dense: w >= 0)
@@ -134,10 +129,11 @@ class Bordered:
         return d, float(np.linalg.norm(res) / max(np.linalg.norm(rhs), np.finfo(float).tiny))
 
 
-def bordered(M: sp.csc_matrix, z: np.ndarray) -> Bordered | None:
+def bordered(M: sp.csc_matrix, z: np.ndarray, rank_rtol: float) -> Bordered | None:
     """:class:`Bordered` for ``M`` at ``z``, or ``None`` where the bordered matrix is
-    singular or nearly so (``M`` of rank below N − 1: a degenerate or non-unique
-    solution, which the least-squares solvers answer with their minimum-norm point)."""
+    singular or nearly so (singular values below ``rank_rtol`` of its largest entry: ``M``
+    of rank below N − 1, a degenerate or non-unique solution, which the least-squares
+    solvers answer with their minimum-norm point)."""
     zhat = z / np.linalg.norm(z)
     Mb = sp.bmat([[M, zhat[:, None]], [zhat[None, :], None]], format="csc")
     try:
@@ -151,6 +147,6 @@ def bordered(M: sp.csc_matrix, z: np.ndarray) -> Bordered | None:
         v = v / np.linalg.norm(v)
         v = lu.solve(v)
     scale = abs(Mb).max()
-    if not np.all(np.isfinite(v)) or np.linalg.norm(v) * _RANK_RTOL * scale > 1.0:
+    if not np.all(np.isfinite(v)) or np.linalg.norm(v) * rank_rtol * scale > 1.0:
         return None
     return Bordered(M, zhat, lu)

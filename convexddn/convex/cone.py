@@ -93,7 +93,8 @@ class ResidualMap:
     def _pi(self, z: np.ndarray) -> np.ndarray:
         n, m = self.n, self.m
         # diffcp's projection here, not project(): the Newton steps pair R with diffcp's
-        # own derivative of it (dprojection), which has the same 1e-8 band.
+        # own derivative of it (dprojection), which has the same 1e-8 band on second-order
+        # cones (exponential cones: both exact, _dual_projection and _dprojection).
         return np.concatenate([z[:n], self._dual_projection(z[n:n + m]), np.maximum(z[-1:], 0.0)])
 
     def _dual_projection(self, v: np.ndarray) -> np.ndarray:
@@ -122,16 +123,14 @@ class ResidualMap:
         if self.mode == "sparse" and not dense:
             if self._colours is None:
                 self._colours = probes(self.cones)
-            lu = bordered(sparse_derivative(self.Q, dproj, self._colours, z, n), z)
+            lu = bordered(sparse_derivative(self.Q, dproj, self._colours, z, n), z, _RANK_RTOL)
             if lu is not None:
                 return lu
-        # diffcp's M plus (Q - I) ΔD, ΔD the exponential cones' correction (v's columns)
+        # diffcp's M plus (Q - I) ΔD, ΔD the exponential cones' correction in v's rows and columns
         fix = None
         if isinstance(dproj, _Plus):
-            N = n + m + 1
-            Qv = self.Q[:, n:n + m] @ dproj.delta - sp.vstack([sp.csr_matrix((n, m)), dproj.delta,
-                                                                sp.csr_matrix((1, m))])
-            fix = sp.hstack([sp.csr_matrix((N, n)), Qv, sp.csr_matrix((N, 1))], format="csr")
+            delta = sp.block_diag([sp.csr_matrix((n, n)), dproj.delta, sp.csr_matrix((1, 1))], format="csr")
+            fix = self.Q @ delta - delta
         if (self.mode == "dense") if dense is None else dense:
             M = _diffcp.M_dense(self.Q.toarray(), self.cones_cpp, u, v, w)
             return M if fix is None else M + fix.toarray()

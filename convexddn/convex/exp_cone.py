@@ -43,8 +43,8 @@ _FAR = 30.0
 
 def _g(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(g, g')`` at ``rho``, both scaled by :math:`e^{-2\\max(\\rho, 0)}` (their ratio is
-    Newton's step; no overflow for large :math:`\\rho`)."""
-    r, s, t = v[:, 0], v[:, 1], v[:, 2]
+    Newton's step; no overflow for large :math:`\\rho`); ``v (..., 3)`` broadcast with ``rho``."""
+    r, s, t = v[..., 0], v[..., 1], v[..., 2]
     w = np.exp(-2.0 * np.maximum(rho, 0.0))
     e1, e2 = np.exp(rho) * w, np.exp(2.0 * rho) * w
     g = -r * (w + (1.0 - rho) * e2) + s * (e2 + rho * w) - t * (rho * rho - rho + 1.0) * e1
@@ -86,9 +86,9 @@ def _bracketed(v: np.ndarray) -> np.ndarray:
     neighbours), then Newton steps safeguarded by bisection in it."""
     grid = np.linspace(-_GRID_SPAN, _GRID_SPAN, _GRID_POINTS)[None, :]
     r, s, t = v[:, :1], v[:, 1:2], v[:, 2:3]
-    w1 = np.exp(-np.maximum(grid, 0.0))  # a and b scaled by it (signs kept), g by its square
+    w1 = np.exp(-np.maximum(grid, 0.0))  # a scaled by it (signs kept)
     e1 = np.exp(grid) * w1
-    g = -r * (w1 * w1 + (1.0 - grid) * e1 * e1) + s * (e1 * e1 + grid * w1 * w1) - t * (grid * grid - grid + 1.0) * e1 * w1
+    g = _g(v[:, None, :], grid)[0]
     valid = (r * grid + s) * w1 + t * e1 > 0  # (μ ≥ 0 is verified after: it may be ~1e-28)
     change = (np.sign(g[:, :-1]) != np.sign(g[:, 1:])) & valid[:, :-1] & valid[:, 1:]
     rays = np.concatenate([grid * w1, w1, e1]).T

@@ -64,7 +64,7 @@ def test_bordered_solves_are_the_minimum_norm_ones(transpose):
     dense = M.toarray()
     op = dense.T if transpose else dense
     rhs = op @ np.cos(np.arange(60.0))  # consistent: in the range
-    lu = bordered(M, z)
+    lu = bordered(M, z, 1e-9)
     assert lu is not None
     got, residual = lu.solve(rhs, transpose)
     want = np.linalg.pinv(op) @ rhs
@@ -75,7 +75,7 @@ def test_bordered_solves_are_the_minimum_norm_ones(transpose):
 def test_a_lower_rank_is_left_to_the_least_squares_solvers():
     # Two null directions: the bordered matrix is singular (or nearly, in rounding).
     M, z = _singular(60, 2)
-    assert bordered(M, z) is None
+    assert bordered(M, z, 1e-9) is None
 
 
 def test_the_fill_rule():
