@@ -20,9 +20,11 @@ import math
 import torch
 
 from .kkt import PatchedKKT, bmv, row_inf
+from .polish import ROUNDING
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative
-from .symmetric_cones import ConeLayout, NTScaling
+from .limit_scaling import LimitScaling
+from .symmetric_cones import ConeLayout
 
 __all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "soc_frame", "undecided", "undecided_reach",
            "verified_rays"]
@@ -87,10 +89,26 @@ def _within(v: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return (v.abs() <= bound).all(1)
 
 
+def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(active, inactive)``: every pair decided by its larger member."""
+    active = s < z
+    return active, ~active
+
+
+def _rounding(res: torch.Tensor) -> float:
+    return ROUNDING * torch.finfo(res.dtype).eps
+
+
+def _keep(take: torch.Tensor, alt: tuple, out: tuple) -> tuple:
+    """``alt``'s entries where ``take`` ``(B,)``, else ``out``'s."""
+    return tuple(torch.where(take.view((-1,) + (1,) * (o.dim() - 1)), a, o) for a, o in zip(alt, out))
+
+
 def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, steps, decide=False):
     """LU Newton steps on the elements ``idx`` only; merged back into the batch. With
     ``decide``, a second run from the same points takes the decided nonnegative pairs at
-    their limit (see :func:`.polish.polish`); each element keeps the lower residual."""
+    their limit (see :func:`.polish.polish`), each element keeping the lower residual, and
+    where a pair is still open a third run decides every pair (:func:`_by_sign`)."""
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     args = (pick(d.P), pick(d.q), pick(d.A), pick(d.b), layout, pick(xs), pick(ss), pick(zs),
             lambda *v: residual_fn(*v, idx), steps)
@@ -102,8 +120,18 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
         # limit rows alone took a weakly active bound (s, z ~1e-11, 1e-13) as inactive
         # and left it violated by 3e-11 where plain steps reach rounding.
         alt = newton_polish(*args, settled=settled, decide=decided)
-        better = alt[3] < out[3]
-        out = tuple(torch.where(better.view((-1,) + (1,) * (o.dim() - 1)), a, o) for a, o in zip(alt, out))
+        out = _keep(alt[3] < out[3], alt, out)
+        # Where a pair is still open, a semismooth run: every pair taken at the limit its
+        # larger member points to (active where s < z), i.e. Newton on min(s, z) = 0. Plain
+        # steps from an interior point with s, z ~1e-5 beside a multiplier of 1e-7 only halve
+        # both each step (a near-double root) and left the pair open after 9 steps: a
+        # halfspace projection 1e-7 outside its plane was 1.3e-7 off, its gradient 0.23 off
+        # with a warning, where the semismooth steps find the active set in two.
+        open_ = ~settled(*out[:3])
+        if bool(open_.any()):
+            alt = newton_polish(*args, settled=settled, decide=_by_sign)
+            fine = alt[3] <= out[3].clamp_min(_rounding(out[3]))
+            out = _keep(open_ & settled(*alt[:3]) & fine, alt, out)
     took = out[4]
     out = out[:4] + (took | pick(polished),)
     merged = (full.index_copy(0, idx, part) for full, part in zip((xs, ss, zs, residual, polished), out))
@@ -171,18 +199,6 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
 # near 0, is a failure of strict complementarity: no derivative exists there.
 RESOLVED = 1e-6
 DECIDED = 1e-2
-
-
-def _decide(layout: ConeLayout, sc, zc, sc_in, zc_in):
-    """``sc_in, zc_in`` with the smaller member of each decided nonnegative pair set to
-    the lift (``sc, zc``: the cone rows before lifting; same shapes)."""
-    k = layout.nonneg
-    if not k:
-        return sc_in, zc_in
-    active, inactive = decided(sc[:, :k], zc[:, :k])
-    sc_in = torch.cat([torch.where(active, _shift(sc), sc_in[:, :k]), sc_in[:, k:]], 1)
-    zc_in = torch.cat([torch.where(inactive, _shift(sc), zc_in[:, :k]), zc_in[:, k:]], 1)
-    return sc_in, zc_in
 
 
 def soc_frame(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor):
@@ -298,23 +314,23 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     ``inf`` where the factorisation failed, NaN where the step cannot be formed (nearly
     dependent equality rows, see below).
 
-    The system linearises the complementarity with the limit scaling of
-    :class:`~.symmetric_cones.NTScaling` (``derivative=True``), as the backward does.
+    The system linearises the complementarity at its limit
+    (:class:`~.limit_scaling.LimitScaling`), as the backward does.
     Only the variables in ``cols`` and the multipliers in ``duals`` count: an
     auxiliary variable that is not unique (an epigraph variable between two inactive
     bounds) makes the step arbitrary along itself without touching the outputs.
     """
     z0 = layout.zero
     sc, zc = s[:, z0:], z[:, z0:]
-    lift = polished[:, None]
-    sc_in = torch.where(lift, layout.lift(sc, _shift(sc)), sc)
-    zc_in = torch.where(lift, layout.lift(zc, _shift(sc)), zc)
-    sc_in, zc_in = _decide(layout, sc, zc, sc_in, zc_in)
+    delta, lift = _shift(sc), polished[:, None]
+    sc_in = torch.where(lift, layout.lift(sc, delta), sc)
+    zc_in = torch.where(lift, layout.lift(zc, delta), zc)
+    W = LimitScaling(layout, sc, zc, sc_in, zc_in, delta, decided)
     # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
-    kkt = systems(NTScaling(layout, sc_in, zc_in, derivative=True), retry=True)
-    if layout.nonneg:  # _decide's active rows: their exact limit is H = 0 (see KKTSystem.solve)
-        active = decided(sc[:, :layout.nonneg], zc[:, :layout.nonneg])[0]
-        _limit_zero(kkt, torch.cat([active, active.new_zeros(active.shape[0], layout.cone_rows - layout.nonneg)], 1))
+    kkt = systems(W, retry=True)
+    if layout.nonneg:  # the decided active rows: their exact limit is H = 0 (see KKTSystem.solve)
+        _limit_zero(kkt, torch.cat([W.active, W.active.new_zeros(W.active.shape[0], layout.cone_rows - layout.nonneg)],
+                                   1))
     ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b
@@ -323,7 +339,7 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     # decided inactive kept its multiplier: z = 8e-8 on a box of half-width 7e-5 held x
     # 2e-6 off its optimum, normwise, with an estimate of 5e-14.)
     k = layout.nonneg
-    lin = torch.cat([sc[:, :k] * zc[:, :k] / zc_in[:, :k], sc[:, k:]], 1) if k else sc
+    lin = torch.cat([sc[:, :k] * zc[:, :k] / W.z_nonneg, sc[:, k:]], 1) if k else sc
     rhs = torch.cat([-rz[:, :z0], lin - rz[:, z0:]], 1)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)

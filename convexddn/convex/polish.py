@@ -27,11 +27,11 @@ from .._linalg import lu_factor_ex
 from .kkt import bmv
 from .symmetric_cones import ConeLayout
 
-__all__ = ["polish"]
+__all__ = ["ROUNDING", "polish"]
 
 # Residuals at most this many ulps are at rounding level (measured after converged
 # Newton steps: 0.3-4 ulps).
-_ROUNDING = 16
+ROUNDING = 16
 # Regularisation of the Newton matrix's dual block, relative to the equilibrated data's
 # unit scale (see _newton_step).
 _DELTA = 1e-10
@@ -72,12 +72,19 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     # steps on z_i s_i = 0 with both small oscillate where x moves by a fair part of s_i
     # (a box of half-width 7e-5 around a component of an ill-conditioned QP: z_i crossed
     # zero each step and the point stayed 2e-6 off, normwise).
-    sl, zl = sc, zc
+    # A decided row is the limit's own, scaled to unit coefficients: s_i + ds_i = 0 reads
+    # (with ds = -r_z - A dx) -A_i dx = r_z,i - s_i, and z_i + dz_i = 0 reads dz_i = -z_i.
+    # (Multiplied by z_i, resp. s_i, as the Jordan rows are, a multiplier of 1e-9 met the
+    # regularisation δ below at 1e-10: each step gained only 10×.)
+    sl, zl, comp = sc, zc, layout.jordan(sc, zc)
     if decide is not None and layout.nonneg:
         k = layout.nonneg
         active, inactive = decide(sc[:, :k], zc[:, :k])
-        sl = torch.cat([sc[:, :k].masked_fill(active, 0.0), sc[:, k:]], 1)
-        zl = torch.cat([zc[:, :k].masked_fill(inactive, 0.0), zc[:, k:]], 1)
+        one = torch.ones_like(sc[:, :k])
+        sl = torch.cat([torch.where(active, 0.0, torch.where(inactive, one, sc[:, :k])), sc[:, k:]], 1)
+        zl = torch.cat([torch.where(active, one, torch.where(inactive, 0.0, zc[:, :k])), zc[:, k:]], 1)
+        comp = torch.cat([torch.where(active, sc[:, :k], torch.where(inactive, zc[:, :k], comp[:, :k])), comp[:, k:]],
+                         1)
     K = P.new_zeros(B, n + m, n + m)
     K[:, :n, :n] = P
     K[:, :n, n:] = A.mT
@@ -93,7 +100,7 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     dual = torch.diagonal(K[:, n:, n:], dim1=-2, dim2=-1)
     dual[:, :z0] -= _DELTA
     dual[:, z0:] += _DELTA
-    rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - layout.jordan(sc, zc)], 1)
+    rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - comp], 1)
     # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN.
     bad = ~torch.isfinite(K).flatten(1).all(1)
     identity = torch.eye(n + m, dtype=P.dtype, device=P.device)
@@ -142,7 +149,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         res = torch.where(take, rn, res)
         polished = polished | take
         # Rounding level: no further step can lower the residual (one host sync per step).
-        done = res <= _ROUNDING * torch.finfo(res.dtype).eps
+        done = res <= ROUNDING * torch.finfo(res.dtype).eps
         if settled is not None:
             done = done & settled(*best)
         if bool(done.all()):

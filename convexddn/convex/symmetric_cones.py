@@ -249,17 +249,14 @@ class ConeLayout:
 class NTScaling:
     """Nesterov–Todd scaling W of interior (s, z) on the cone part, and λ = W z.
 
-    With ``derivative=True`` (for implicit differentiation at a near-solution) each
-    second-order cone's η is set so that W² has the limit of the linearised
-    complementarity :math:`L(z)^{-1} L(s)` on the tangent directions of :math:`\\partial K`.
+    (The implicit derivative's scaling at the limit is :class:`~.limit_scaling.LimitScaling`.)
 
     Shape:
         s, z: ``(B, mc)``; :meth:`apply` and :meth:`apply_inv` take ``(B, mc)`` or
         ``(B, mc, k)``.
     """
 
-    def __init__(self, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor,
-                 derivative: bool = False) -> None:
+    def __init__(self, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> None:
         self.layout = layout
         sl, ss = layout._split(s)
         zl, zs = layout._split(z)
@@ -278,15 +275,7 @@ class NTScaling:
             w0 = torch.sqrt(1.0 + layout._seg(wbar * wbar * idx.tail))
             wbar[:, idx.heads] = w0
             self.wbar = wbar
-            if derivative:
-                # W² tends to the linearised complementarity L(z)⁻¹ L(s) as μ → 0 only on
-                # the central path: its eigenvalue on directions tangent to ∂K is η², which
-                # must be s_0/z_0 there (s ∘ z = 0 ⟹ ds_t = −(s_0/z_0) dz_t). An iterate off
-                # the path has η² = (det s / det z)^½ instead, off by the centrality
-                # error (seen: gradients 1.4–1.9× too large on a ball projection).
-                self.eta = torch.sqrt(ss[:, idx.heads] / zs[:, idx.heads])
-            else:
-                self.eta = torch.sqrt(s_norm / z_norm)
+            self.eta = torch.sqrt(s_norm / z_norm)
         self.lam = self.apply(z)
 
     def _wbar(self, v: torch.Tensor, sign: float) -> torch.Tensor:

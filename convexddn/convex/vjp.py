@@ -14,7 +14,7 @@ central path, :math:`ds = -H\\,dz` with :math:`H = W^T W` the Nesterov–Todd sc
 
 the differentiated KKT system with complementarity of OptNet (Amos & Kolter, 2017),
 written for symmetric cones (on a second-order cone :math:`H` takes its limit on the
-tangent space of the boundary, see :class:`~.symmetric_cones.NTScaling`). With
+tangent space of the boundary, see :class:`~.limit_scaling.LimitScaling`). With
 :math:`K u = (\\bar x, \\bar z)` for the cotangents, :math:`\\bar q = -u_x`,
 :math:`\\bar b = u_z`, :math:`\\bar P = -\\tfrac12(u_x x^T + x u_x^T)`,
 :math:`\\bar A = -(z u_x^T + u_z x^T)`. :math:`K` is the matrix the forward factors at

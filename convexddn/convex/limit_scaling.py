@@ -1,0 +1,129 @@
+"""The scaling of the derivative's KKT system: complementarity linearised at its limit.
+
+The implicit derivative (:mod:`.vjp`) and the error estimate (:mod:`.certify`) solve the
+KKT system with :math:`ds = -H\\,dz` on the cone rows, :math:`H = W^2`, at the limit of a
+strictly complementary solution. On a nonnegative row :math:`H = s/z`: 0 on an active row
+(:math:`s = 0 < z`), ∞ on an inactive one. On a second-order cone, in the Jordan frame the
+pair shares (:func:`~.certify.soc_frame`: :math:`s = a_1 c_1 + a_2 c_2`, :math:`z = b_1
+c_1 + b_2 c_2`, :math:`c_{1,2} = (1, \\pm u)/2`), linearising :math:`s \\circ z = 0` gives
+
+.. math::
+
+    H c_k = \\frac{a_k}{b_k}\\, c_k, \\qquad H t = \\frac{s_0}{z_0}\\, t \\quad (t \\perp c_1,
+    c_2),
+
+with :math:`a_k / b_k \\to 0` or ∞ along the frame and the boundary's curvature weighted by
+the multiplier, :math:`s_0 / z_0`, on the tangent directions. A point that is not on the
+central path (polished, or lifted off :math:`\\partial K`) is not Nesterov–Todd's
+:math:`W^2` there: that has the frame's :math:`a_k/b_k` but the tangent's
+:math:`(\\det s / \\det z)^{1/2}`, and rescaled to the tangent's value it multiplied the
+frame's limits by the ratio (a ball projection 1e-7 outside the ball: 0.024 where the
+limit is 0, gradients 4e-2 off, no warning).
+
+**The limits.** A pair whose smaller member is below ``DECIDED`` of the larger
+(:func:`~.certify.decided`) is taken at its limit: the smaller member is set to ``δ``
+*times the larger*, so that :math:`H = δ` or :math:`1/δ` whatever the multiplier's size. The
+lift alone (``δ (1 + ‖s‖_∞)`` along :math:`e`, which a polished point needs to be
+interior) made :math:`H = δ / b_2` on an active cone: 1e-5 for a multiplier of 1e-7,
+gradients 1e-5..1e-2 off (and :math:`H^{-1} = δ / s` on an inactive row with a slack of
+1e-5: 2e-7 off). The active nonnegative rows keep the absolute ``δ``: the solve's
+refinement is exact at their limit (:attr:`~.kkt.KKTSystem.limit_zero`). Undecided pairs keep their values, lifted: no
+derivative exists there, and the backward says so (:func:`~.certify.undecided_reach`).
+
+Shape:
+    ``s, z`` the cone parts ``(B, mc)``; :meth:`LimitScaling.apply` and
+    :meth:`~LimitScaling.apply_inv` take ``(B, mc)`` or ``(B, mc, k)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .symmetric_cones import ConeLayout, _t
+
+__all__ = ["LimitScaling"]
+
+
+class LimitScaling:
+    """Symmetric :math:`W` with :math:`W^2 = H` of the module docstring.
+
+    Args:
+        layout: the cones.
+        s, z: cone parts ``(B, mc)`` of the (polished) solution, which decide the pairs.
+        s_in, z_in: the same lifted into the cone's interior where polished (the values
+            of the pairs that are not decided).
+        delta: the limit's ``δ`` (:data:`~.certify._POLISHED_SHIFT` of the dtype).
+        decided: :func:`~.certify.decided`, ``(s, z) -> (active, inactive)``.
+
+    Attributes:
+        active: ``(B, nonneg)`` the nonnegative rows decided active (exact H = 0 in the
+            refinement, :attr:`~.kkt.KKTSystem.limit_zero`).
+        z_nonneg: ``(B, nonneg)`` the multipliers the scaling used on those rows.
+    """
+
+    def __init__(self, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, s_in: torch.Tensor, z_in: torch.Tensor,
+                 delta: float, decided) -> None:
+        self.layout = layout
+        k = layout.nonneg
+        tiny = torch.finfo(s.dtype).tiny
+        # The nonnegative rows: an active one keeps the absolute δ (its solve is exact at
+        # the limit; δ·z squared its condition in the reduced form, and the refined gradient
+        # went from 1e-15 to 1e-12 off).
+        self.active, inactive = decided(s[:, :k], z[:, :k])
+        sl = torch.where(self.active, delta, s_in[:, :k])
+        zl = torch.where(inactive, delta * sl, z_in[:, :k]).clamp_min(tiny)
+        self.z_nonneg = zl
+        self.w = torch.sqrt(sl / zl)
+        if layout.soc:
+            from .certify import soc_frame  # (certify builds this scaling)
+
+            *frame, u = soc_frame(layout, s[:, k:], z[:, k:])
+            # (the lift moves s and z along e = c₁ + c₂: the same frame, u from the tails)
+            a1, a2, b1, b2, _ = soc_frame(layout, s_in[:, k:], z_in[:, k:])
+            pairs, heads = [], []
+            for (a, b), (a_in, b_in) in zip(((frame[0], frame[2]), (frame[1], frame[3])), ((a1, b1), (a2, b2))):
+                # A decided pair: its larger member as it is, the smaller δ times it, and 0
+                # in s₀/z₀ (lifted, or δ times the other, a multiplier of 1e-7 moved s₀/z₀
+                # by 2e-5 relative).
+                act, inact = decided(a, b)
+                a_in = torch.where(act, delta * b, torch.where(inact, a, a_in))
+                b_in = torch.where(inact, delta * a, torch.where(act, b, b_in))
+                heads.append((torch.where(act, 0.0, a_in), torch.where(inact, 0.0, b_in)))
+                pairs.append((a_in.clamp_min(tiny), b_in.clamp_min(tiny)))
+            (a1, b1), (a2, b2) = pairs
+            # s₀/z₀, between δ (a whole cone active: s = 0) and 1/δ (inactive: z = 0)
+            ht = ((heads[0][0] + heads[1][0]) / (heads[0][1] + heads[1][1]).clamp_min(tiny)).clamp(delta, 1 / delta)
+            # No frame (s₁ = z₁: u = 0, a cone of one row, or both on the axis): H = (s₀/z₀) I.
+            framed = layout._seg(u * u) > 0
+            self.r1 = torch.sqrt(torch.where(framed, a1 / b1, ht))
+            self.r2 = torch.sqrt(torch.where(framed, a2 / b2, ht))
+            self.rt, self.u = torch.sqrt(ht), u
+
+    def _soc(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """W v (or W⁻¹ v) on the soc part: with p = v₀ and q = uᵀv₁, v's frame coordinates
+        are (p ± q)/2 along (1, ±u) and its tangent part is (0, v₁ − q u)."""
+        lay = self.layout
+        r1, r2, rt = (1.0 / self.r1, 1.0 / self.r2, 1.0 / self.rt) if inverse else (self.r1, self.r2, self.rt)
+        u = _t(self.u, v)
+        heads = lay.index(v.device).heads
+        p, q = v[:, heads], lay._seg(v * u)
+        plus, minus = _t(r1, v) * (p + q), _t(r2, v) * (p - q)
+        out = lay._spread(_t(rt, v)) * (v - lay._spread(q) * u) + lay._spread((plus - minus) / 2) * u
+        out[:, heads] = (plus + minus) / 2
+        return out
+
+    def _apply(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
+        k = self.layout.nonneg
+        w = _t(self.w, v)
+        lin = v[:, :k] / w if inverse else v[:, :k] * w
+        if not self.layout.soc:
+            return lin
+        soc = self._soc(v[:, k:], inverse)
+        return torch.cat([lin, soc], 1) if k else soc
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """W v."""
+        return self._apply(v, False)
+
+    def apply_inv(self, v: torch.Tensor) -> torch.Tensor:
+        """W⁻¹ v."""
+        return self._apply(v, True)
