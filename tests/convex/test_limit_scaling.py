@@ -1,0 +1,149 @@
+"""The derivative's scaling at the limit (:mod:`convexddn.convex.limit_scaling`) and the
+semismooth polish (:func:`convexddn.convex.certify._polish_subset`), near a kink.
+
+References are closed forms: the projection onto a ball, ``x / max(1, ‖x‖)`` with Jacobian
+``(I - y yᵀ) / ‖x‖`` outside and ``I`` inside, and onto a halfspace ``aᵀy ≤ 1``, ``x − (aᵀx
+− 1)₊ a`` with Jacobian ``I − a aᵀ`` outside. Points 1e-5..1e-9 from the boundary put a
+multiplier (or a slack) of that size beside O(1) ones: the batched path's gradients were
+off by up to 4e-2 there without a warning (ball, 1e-7 outside), and its solution by 1.3e-7
+with a warning (halfspace).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import cvxpy as cp
+import pytest
+import torch
+
+from convexddn.convex.certify import decided
+from convexddn.convex.layer import ConvexLayer
+from convexddn.convex.limit_scaling import LimitScaling
+from convexddn.convex.symmetric_cones import ConeLayout
+from convexddn.errors import GradientWarning
+
+F64 = torch.float64
+N = 5
+
+
+def _directions(seed: int = 0) -> torch.Tensor:
+    d = torch.randn(3, N, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def _solve(prob, xp, y, x):
+    """(solution, gradient for a fixed cotangent, cotangent, warnings) of the default layer."""
+    layer = ConvexLayer(prob, [xp], [y])
+    x = x.clone().requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = layer(x)
+        g = torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+        (gx,) = torch.autograd.grad(out, x, g)
+    return out.detach(), gx, g, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-5, 1e-7, -1e-5, -1e-7])
+def test_ball_projection_near_its_sphere_has_the_closed_form_gradient(eps):
+    xp, y = cp.Parameter(N), cp.Variable(N)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - xp)), [cp.norm(y, 2) <= 1])
+    x = _directions() * (1 + eps)
+    out, gx, g, caught = _solve(prob, xp, y, x)
+    r = x.norm(dim=-1, keepdim=True)
+    if eps > 0:
+        ref = x / r
+        g_ref = (g - (g * ref).sum(-1, keepdim=True) * ref) / r
+    else:
+        ref, g_ref = x, g
+    assert (out - ref).abs().max() < 1e-9
+    # (before: 4e-2 at 1e-7 outside, 1.3e-5 at 1e-5, 1.9e-6 at 1e-7 inside; no warning)
+    assert (gx - g_ref).abs().max() < 1e-8
+    assert not caught
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-7, 1e-9, -1e-6, -1e-9])
+def test_halfspace_projection_near_its_plane_is_exact_without_a_warning(eps):
+    xp, y = cp.Parameter(N), cp.Variable(N)
+    a = torch.ones(N, dtype=F64) / math.sqrt(N)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - xp)), [a.numpy() @ y <= 1])
+    d = torch.randn(3, N, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x = d - ((d @ a)[:, None] - 1) * a + eps * a  # eps outside the plane aᵀy = 1
+    out, gx, g, caught = _solve(prob, xp, y, x)
+    ref = x - max(eps, 0.0) * a
+    g_ref = g - (g @ a)[:, None] * a if eps > 0 else g
+    # (before: 1.3e-7 off, the gradient 0.23 off with a warning, at 1e-7 and 1e-9)
+    assert (out - ref).abs().max() < 1e-12
+    assert (gx - g_ref).abs().max() < 1e-9
+    assert not caught
+
+
+def _soc_pair(a1, b2, u):
+    """s = a1 c1, z = b2 c2 on one cone of 1 + len(u) rows, c_{1,2} = (1, ±u)/2."""
+    c1 = torch.cat([torch.ones(1, dtype=F64), u]) / 2
+    c2 = torch.cat([torch.ones(1, dtype=F64), -u]) / 2
+    return a1 * c1, b2 * c2, c1, c2
+
+
+@pytest.mark.parametrize("b2", [1.0, 1e-7])
+def test_limit_scaling_of_a_complementary_cone_pair(b2):
+    """H = W² has the limit's eigenvalues whatever the multiplier's size: δ along c₂
+    (active), 1/δ along c₁, s₀/z₀ on the tangent directions."""
+    u = torch.tensor([0.6, 0.0, -0.8], dtype=F64)
+    s, z, c1, c2 = _soc_pair(2.0, b2, u)
+    layout = ConeLayout(0, 0, (4,))
+    delta = 1e-12
+    lifted = [layout.lift(v[None], delta) for v in (s, z)]
+    W = LimitScaling(layout, s[None], z[None], *lifted, delta, decided)
+    t = torch.tensor([0.0, 0.8, 0.0, 0.6], dtype=F64)  # ⊥ c1, c2
+    t2 = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=F64)
+
+    def H(v):
+        return W.apply(W.apply(v[None]))[0]
+
+    s0, z0 = float(s[0]), float(z[0])
+    for v in (t, t2):  # (c₁'s 1/δ turns the rounding of v's frame part into ~eps/δ)
+        assert (H(v) - (s0 / z0) * v).norm() <= 1e-14 * (s0 / z0) + 1e-3
+    # Along c₂: H ≈ δ relative to its unit (the lift keeps a₂ at δ(1 + ‖s‖∞), b₂ at its
+    # value plus δ(1 + ‖z‖∞)): the old rescaling by s₀/z₀ made it ~1e-5..2e-2 at b₂ = 1e-7.
+    assert float(H(c2) @ c2 / (c2 @ c2)) <= 2 * delta
+    assert float(H(c1) @ c1 / (c1 @ c1)) >= 1 / (2 * delta)
+    # W is symmetric and W⁻¹ its inverse.
+    basis = torch.eye(4, dtype=F64)
+    Wm = torch.stack([W.apply(e[None])[0] for e in basis], 1)
+    assert torch.allclose(Wm, Wm.T, atol=1e-9 * float(Wm.abs().max()))
+    back = torch.stack([W.apply_inv(W.apply(e[None]))[0] for e in basis], 1)
+    assert torch.allclose(back, basis, atol=1e-15 / delta)  # (W's condition is 1/δ)
+
+
+def test_limit_scaling_without_a_frame_is_a_multiple_of_the_identity():
+    """s and z both on the cone's axis (s₁ = z₁ = 0, u undefined): H = (s₀/z₀) I; the
+    same for a cone of one row."""
+    layout = ConeLayout(0, 0, (3, 1))
+    s = torch.tensor([[2.0, 0.0, 0.0, 3.0]], dtype=F64)
+    z = torch.tensor([[0.5, 0.0, 0.0, 1.5]], dtype=F64)
+    W = LimitScaling(layout, s, z, s, z, 1e-12, decided)
+    v = torch.tensor([[0.3, -1.0, 2.0, 0.7]], dtype=F64)
+    expect = v * torch.tensor([[4.0, 4.0, 4.0, 2.0]], dtype=F64)
+    assert torch.allclose(W.apply(W.apply(v)), expect, rtol=1e-14)
+    # (B, m, k) columns too
+    cols = torch.stack([v[0], 2 * v[0]], -1)[None]
+    assert torch.allclose(W.apply_inv(W.apply(cols)), cols, rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_bound_met_exactly_is_still_a_kink_with_a_warning(dtype):
+    """x on a bound of the box [-1, 1]: no derivative exists (the one-sided ones are 0
+    and 1). The semismooth polish ends there with s, z at rounding level, which is not a
+    decided pair (it returned 2e-10 and 0.7 without a warning, found by review)."""
+    xp, y = cp.Parameter(4), cp.Variable(4)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - xp)), [y <= 1, y >= -1])
+    x = torch.tensor([[1.0, 0.3, -0.2, 0.1], [0.5, -1.0, 0.2, 2.0], [1.0, 1.0, -1.0, -1.0]], dtype=dtype)
+    x.requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (g,) = torch.autograd.grad(ConvexLayer(prob, [xp], [y])(x).sum(), x)
+    named = " ".join(str(w.message) for w in caught if issubclass(w.category, GradientWarning))
+    assert all(f"({i},)" in named for i in range(3))
+    # The components off the bounds keep their exact derivative (1 inside, 0 outside).
+    assert float(g[0, 1:].sub(1).abs().max()) < 1e-6 and abs(float(g[1, 3])) < 1e-6
