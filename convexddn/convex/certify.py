@@ -20,9 +20,8 @@ import math
 import torch
 
 from .kkt import PatchedKKT, bmv, row_inf
-from .polish import ROUNDING
 from .polish import polish as newton_polish
-from .polish import polish_nonnegative
+from .polish import polish_nonnegative, rounding_level
 from .limit_scaling import LimitScaling
 from .symmetric_cones import ConeLayout
 
@@ -95,10 +94,6 @@ def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return active, ~active
 
 
-def _rounding(res: torch.Tensor) -> float:
-    return ROUNDING * torch.finfo(res.dtype).eps
-
-
 def _clear(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``(B,)``: every nonnegative pair has a member above rounding. A kink (a bound met
     with a zero multiplier) ends the semismooth steps at s, z ~1e-16 and 1e-19, whose
@@ -107,7 +102,7 @@ def _clear(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor
     z0, k = layout.zero, layout.nonneg
     cone_s, cone_z = s[:, z0:], z[:, z0:]
     unit = 1 + cone_s.abs().amax(1) + cone_z.abs().amax(1) if cone_s.shape[1] else s.new_ones(s.shape[0])
-    floor = 64 * _rounding(s) * unit
+    floor = 64 * rounding_level(s) * unit
     return (torch.maximum(cone_s[:, :k], cone_z[:, :k]) > floor[:, None]).all(1)
 
 
@@ -142,7 +137,7 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
         open_ = ~settled(*out[:3])
         if bool(open_.any()):
             alt = newton_polish(*args, settled=settled, decide=_by_sign)
-            fine = alt[3] <= out[3].clamp_min(_rounding(out[3]))
+            fine = alt[3] <= out[3].clamp_min(rounding_level(out[3]))
             out = _keep(open_ & settled(*alt[:3]) & fine & _clear(layout, alt[1], alt[2]), alt, out)
     took = out[4]
     out = out[:4] + (took | pick(polished),)

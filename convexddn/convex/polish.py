@@ -27,14 +27,19 @@ from .._linalg import lu_factor_ex
 from .kkt import bmv
 from .symmetric_cones import ConeLayout
 
-__all__ = ["ROUNDING", "polish"]
+__all__ = ["polish", "rounding_level"]
 
 # Residuals at most this many ulps are at rounding level (measured after converged
 # Newton steps: 0.3-4 ulps).
-ROUNDING = 16
+_ROUNDING = 16
 # Regularisation of the Newton matrix's dual block, relative to the equilibrated data's
 # unit scale (see _newton_step).
 _DELTA = 1e-10
+
+
+def rounding_level(like: torch.Tensor) -> float:
+    """A relative residual at most this is at rounding level in ``like``'s dtype."""
+    return _ROUNDING * torch.finfo(like.dtype).eps
 
 
 def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -149,7 +154,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         res = torch.where(take, rn, res)
         polished = polished | take
         # Rounding level: no further step can lower the residual (one host sync per step).
-        done = res <= ROUNDING * torch.finfo(res.dtype).eps
+        done = res <= rounding_level(res)
         if settled is not None:
             done = done & settled(*best)
         if bool(done.all()):
