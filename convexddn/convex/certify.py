@@ -20,9 +20,9 @@ import math
 import torch
 
 from .kkt import PatchedKKT, bmv, row_inf
+from .limit_scaling import LimitScaling
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative, rounding_level
-from .limit_scaling import LimitScaling
 from .symmetric_cones import ConeLayout
 
 __all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "soc_frame", "undecided", "undecided_reach",
@@ -99,10 +99,9 @@ def _clear(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor
     with a zero multiplier) ends the semismooth steps at s, z ~1e-16 and 1e-19, whose
     ratio alone calls it decided: the box [-1, 1] at x = 1 gave a gradient of 2e-10 (and
     0.7 at x = -1), without a warning, where none exists."""
-    z0, k = layout.zero, layout.nonneg
+    z0, k = layout.zero, layout.nonneg  # (called where k > 0)
     cone_s, cone_z = s[:, z0:], z[:, z0:]
-    unit = 1 + cone_s.abs().amax(1) + cone_z.abs().amax(1) if cone_s.shape[1] else s.new_ones(s.shape[0])
-    floor = 64 * rounding_level(s) * unit
+    floor = 64 * rounding_level(s) * (1 + cone_s.abs().amax(1) + cone_z.abs().amax(1))
     return (torch.maximum(cone_s[:, :k], cone_z[:, :k]) > floor[:, None]).all(1)
 
 
@@ -332,12 +331,12 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     delta, lift = _shift(sc), polished[:, None]
     sc_in = torch.where(lift, layout.lift(sc, delta), sc)
     zc_in = torch.where(lift, layout.lift(zc, delta), zc)
-    W = LimitScaling(layout, sc, zc, sc_in, zc_in, delta, decided)
+    W = LimitScaling(layout, sc, zc, sc_in, zc_in, delta)
     # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
     kkt = systems(W, retry=True)
     if layout.nonneg:  # the decided active rows: their exact limit is H = 0 (see KKTSystem.solve)
-        _limit_zero(kkt, torch.cat([W.active, W.active.new_zeros(W.active.shape[0], layout.cone_rows - layout.nonneg)],
-                                   1))
+        rest = W.active.new_zeros(W.active.shape[0], layout.cone_rows - layout.nonneg)
+        _limit_zero(kkt, torch.cat([W.active, rest], 1))
     ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b

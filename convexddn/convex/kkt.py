@@ -37,10 +37,15 @@ their (garbage) numbers stay in their own rows of the batch.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .data_ops import DENSE, DataOps, KKTStructure, _mm, bmv
 from .symmetric_cones import ConeLayout, NTScaling
+
+if TYPE_CHECKING:  # (the derivative's scaling, built by certify)
+    from .limit_scaling import LimitScaling
 
 __all__ = ["DENSE", "DataOps", "KKTFactory", "KKTStructure", "KKTSystem", "PatchedKKT", "bmv", "constant_part",
            "row_inf"]
@@ -135,7 +140,7 @@ class KKTSystem:
             at most one equality row); else ``None`` (not known cheaply).
     """
 
-    def __init__(self, ops: DataOps, scaling: NTScaling | None, base: torch.Tensor,
+    def __init__(self, ops: DataOps, scaling: NTScaling | LimitScaling | None, base: torch.Tensor,
                  structure: KKTStructure = DENSE, retry: bool = False) -> None:
         self.ops, self.layout, self.scaling = ops, ops.layout, scaling
         self.diagonal, self.rho = structure.diagonal, structure.rho and not structure.diagonal
@@ -326,7 +331,7 @@ class KKTFactory:
     def __init__(self, ops: DataOps, base: torch.Tensor, structure: KKTStructure = DENSE) -> None:
         self.ops, self.base, self.structure = ops, base, structure
 
-    def __call__(self, scaling: NTScaling | None, retry: bool = False) -> KKTSystem:
+    def __call__(self, scaling: NTScaling | LimitScaling | None, retry: bool = False) -> KKTSystem:
         return KKTSystem(self.ops, scaling, self.base, self.structure, retry)
 
     def select(self, idx: torch.Tensor, d) -> "KKTFactory":

@@ -52,7 +52,6 @@ class LimitScaling:
         s_in, z_in: the same lifted into the cone's interior where polished (the values
             of the pairs that are not decided).
         delta: the limit's ``δ`` (:data:`~.certify._POLISHED_SHIFT` of the dtype).
-        decided: :func:`~.certify.decided`, ``(s, z) -> (active, inactive)``.
 
     Attributes:
         active: ``(B, nonneg)`` the nonnegative rows decided active (exact H = 0 in the
@@ -61,7 +60,9 @@ class LimitScaling:
     """
 
     def __init__(self, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, s_in: torch.Tensor, z_in: torch.Tensor,
-                 delta: float, decided) -> None:
+                 delta: float) -> None:
+        from .certify import decided, soc_frame  # (certify builds this scaling)
+
         self.layout = layout
         k = layout.nonneg
         tiny = torch.finfo(s.dtype).tiny
@@ -74,8 +75,6 @@ class LimitScaling:
         self.z_nonneg = zl
         self.w = torch.sqrt(sl / zl)
         if layout.soc:
-            from .certify import soc_frame  # (certify builds this scaling)
-
             *frame, u = soc_frame(layout, s[:, k:], z[:, k:])
             # (the lift moves s and z along e = c₁ + c₂: the same frame, u from the tails)
             a1, a2, b1, b2, _ = soc_frame(layout, s_in[:, k:], z_in[:, k:])

@@ -43,6 +43,8 @@ rows, regularised.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,9 @@ from .equilibration import Scaled
 from .data_ops import _mm
 from .kkt import DENSE, DataOps, KKTStructure, KKTSystem, PatchedKKT, bmv, constant_part
 from .symmetric_cones import ConeLayout, NTScaling
+
+if TYPE_CHECKING:  # (the derivative's scaling, built by certify)
+    from .limit_scaling import LimitScaling
 
 __all__ = ["NEARLY_DEPENDENT", "RANK_TOL", "ReducedSystems", "Reduction", "reduce", "unverifiable"]
 
@@ -147,7 +152,7 @@ class ReducedSystems:
         self.ops_r = DataOps(Pr, red.AN, red.layout, DENSE)
         self.base = constant_part(Pr, red.AN, red.layout, DENSE)
 
-    def __call__(self, scaling: NTScaling | None, retry: bool = False):
+    def __call__(self, scaling: NTScaling | LimitScaling | None, retry: bool = False):
         kkt = _ReducedKKT(self, KKTSystem(self.ops_r, scaling, self.base, DENSE, retry))
         if not bool(kkt.failed.any()):
             return kkt

@@ -85,9 +85,8 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     if decide is not None and layout.nonneg:
         k = layout.nonneg
         active, inactive = decide(sc[:, :k], zc[:, :k])
-        one = torch.ones_like(sc[:, :k])
-        sl = torch.cat([torch.where(active, 0.0, torch.where(inactive, one, sc[:, :k])), sc[:, k:]], 1)
-        zl = torch.cat([torch.where(active, one, torch.where(inactive, 0.0, zc[:, :k])), zc[:, k:]], 1)
+        sl = torch.cat([torch.where(active, 0.0, torch.where(inactive, 1.0, sc[:, :k])), sc[:, k:]], 1)
+        zl = torch.cat([torch.where(active, 1.0, torch.where(inactive, 0.0, zc[:, :k])), zc[:, k:]], 1)
         comp = torch.cat([torch.where(active, sc[:, :k], torch.where(inactive, zc[:, :k], comp[:, :k])), comp[:, k:]],
                          1)
     K = P.new_zeros(B, n + m, n + m)

@@ -17,7 +17,6 @@ import cvxpy as cp
 import pytest
 import torch
 
-from convexddn.convex.certify import decided
 from convexddn.convex.layer import ConvexLayer
 from convexddn.convex.limit_scaling import LimitScaling
 from convexddn.convex.symmetric_cones import ConeLayout
@@ -94,7 +93,7 @@ def test_limit_scaling_of_a_complementary_cone_pair(b2):
     layout = ConeLayout(0, 0, (4,))
     delta = 1e-12
     lifted = [layout.lift(v[None], delta) for v in (s, z)]
-    W = LimitScaling(layout, s[None], z[None], *lifted, delta, decided)
+    W = LimitScaling(layout, s[None], z[None], *lifted, delta)
     t = torch.tensor([0.0, 0.8, 0.0, 0.6], dtype=F64)  # ⊥ c1, c2
     t2 = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=F64)
 
@@ -122,7 +121,7 @@ def test_limit_scaling_without_a_frame_is_a_multiple_of_the_identity():
     layout = ConeLayout(0, 0, (3, 1))
     s = torch.tensor([[2.0, 0.0, 0.0, 3.0]], dtype=F64)
     z = torch.tensor([[0.5, 0.0, 0.0, 1.5]], dtype=F64)
-    W = LimitScaling(layout, s, z, s, z, 1e-12, decided)
+    W = LimitScaling(layout, s, z, s, z, 1e-12)
     v = torch.tensor([[0.3, -1.0, 2.0, 0.7]], dtype=F64)
     expect = v * torch.tensor([[4.0, 4.0, 4.0, 2.0]], dtype=F64)
     assert torch.allclose(W.apply(W.apply(v)), expect, rtol=1e-14)
