@@ -10,7 +10,6 @@ through a cone program", 2019).
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 from diffcp import _diffcp
 from diffcp import cones as cone_lib
@@ -19,6 +18,7 @@ from scipy.sparse import linalg as sla
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import cone_blocks, kkt_residual
 from .exp_cone import derivative_correction, has_exp, replace_exp_blocks
+from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
 __all__ = ["POLISH_ABOVE", "ResidualMap", "auto_mode"]
@@ -151,9 +151,8 @@ class ResidualMap:
             sol, self.relative_residual = M.solve(rhs, transpose)
             return sol
         if isinstance(M, np.ndarray):
-            mat = M.T if transpose else M
-            sol, _, rank, _ = scipy.linalg.lstsq(mat, rhs, cond=_RANK_RTOL, lapack_driver="gelsy",
-                                                 check_finite=False)
+            # (rank decided in equilibrated units, minimum norm in the caller's: .min_norm)
+            sol, rank = min_norm_solve(M.T if transpose else M, rhs, _RANK_RTOL)
             # R is positively homogeneous, so M is singular along z: rank N - 1 at a
             # differentiable solution. A lower rank means the solution is not unique (or
             # not differentiable there): the minimum-norm answer is then one choice among many.

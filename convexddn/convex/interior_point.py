@@ -39,6 +39,7 @@ from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_I
                             STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
+from .limit_scaling import retry_at_limit
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, max_step, point_residual
 from .nullspace import ReducedSystems, reduce, unverifiable
 from .second_opinion import equilibrated_start
@@ -165,6 +166,11 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # caller's units do not share that blind spot (nor the equilibrated ones theirs): both must pass.
     caller, points = caller_measures(P, q, A, b, layout, xo, so, zo, tol_accept)
     residual = torch.where(certified, residual, torch.maximum(residual, caller))
+    short = ok & ~certified & ~(residual <= tol_accept)
+    if bool(short.any()):  # (the limit point's residual: see limit_scaling.limit_point)
+        ss, zs, so, zo, residual, points = retry_at_limit(
+            d, layout, (P, q, A, b), xs, ss, zs, (xo, so, zo, residual, points), torch.nonzero(short).squeeze(1),
+            point_residual(d, layout), tol_accept)
     # Solved means: small residual and small estimated error, whatever the loop concluded.
     ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))

@@ -175,6 +175,8 @@ class KKTSystem:
                 pivot_min = torch.minimum(pivot_min, self.LM[:, 0, 0] ** 2) if z == 1 else None
         self.failed = failed
         self.regularisation_effect = None if pivot_min is None else _DELTA / pivot_min
+        # (B,) relative residual of the last solve refined ``until`` a target (see solve).
+        self.solve_residual: torch.Tensor | None = None
         # (B, mc) cone rows whose limit scaling is exactly H = 0 (decided active): set by
         # the error estimate for the backward's refinement, see :meth:`solve`.
         self.limit_zero: torch.Tensor | None = None
@@ -280,6 +282,7 @@ class KKTSystem:
             last, atx = (atx + datx) if product else None, None  # (the next step's residual: a fresh product)
         if until is not None:
             x, zE, zh = best[1:]
+            self.solve_residual = best[0]  # (B,) each element's relative residual, read by the backward
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
         zs = torch.cat([zE, zI], 1) if z else zI
         return (x, zs, zh, last) if product else (x, zs, zh)
@@ -319,7 +322,12 @@ class PatchedKKT:
             sub = (v.index_select(0, self.idx) for v in self.part.solve(rx, rz, refine, scaled, until))
         else:
             sub = self.part.solve(rx.index_select(0, self.idx), rz.index_select(0, self.idx), refine, scaled, until)
-        return tuple(v.index_copy(0, self.idx, w) for v, w in zip(out, sub))
+        out = tuple(v.index_copy(0, self.idx, w) for v, w in zip(out, sub))
+        if until is not None:
+            part = self.part.solve_residual
+            part = part.index_select(0, self.idx) if self.part_is_batch else part
+            self.solve_residual = self.base.solve_residual.index_copy(0, self.idx, part)
+        return out
 
 
 class KKTFactory:

@@ -30,6 +30,12 @@ gradients 1e-5..1e-2 off (and :math:`H^{-1} = δ / s` on an inactive row with a 
 refinement is exact at their limit (:attr:`~.kkt.KKTSystem.limit_zero`). Undecided pairs keep their values, lifted: no
 derivative exists there, and the backward says so (:func:`~.certify.undecided_reach`).
 
+**The limit point.** :func:`limit_point` sets the decided pairs' smaller members to 0
+themselves: where the interior point leaves a multiplier of 1e-13 beside a slack of 1.5e8
+(an epigraph variable free between ``‖y‖`` and a bound of 3e8, at its analytic centre
+``R/2``), the solution is exact but its duality gap in the caller's units is ``R z``,
+2e-6, and the point failed the residual check; at the limit the gap is 0.
+
 Shape:
     ``s, z`` the cone parts ``(B, mc)``; :meth:`LimitScaling.apply` and
     :meth:`~LimitScaling.apply_inv` take ``(B, mc)`` or ``(B, mc, k)``.
@@ -40,7 +46,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, _t
 
-__all__ = ["LimitScaling"]
+__all__ = ["LimitScaling", "limit_point", "retry_at_limit"]
 
 
 class LimitScaling:
@@ -126,3 +132,69 @@ class LimitScaling:
     def apply_inv(self, v: torch.Tensor) -> torch.Tensor:
         """W⁻¹ v."""
         return self._apply(v, True)
+
+
+def limit_point(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, z)`` with each decided pair at its limit: the smaller member 0.
+
+    On a nonnegative row, ``s_i = 0`` where decided active, ``z_i = 0`` where inactive. On a
+    second-order cone, in the pair's Jordan frame (:func:`~.certify.soc_frame`), each
+    decided ``a_k`` (``b_k``) is set to 0 and a vector with a member set to 0 loses its
+    tangent part (``s = a_1 c_1`` is on the boundary only along the frame); a cone whose
+    two members are decided on one side is 0 there. Undecided pairs are left as they are.
+
+    Shape:
+        ``s, z`` cone parts ``(B, mc)`` -> the same.
+    """
+    from .certify import decided, soc_frame  # (certify decides the pairs)
+
+    k = layout.nonneg
+    active, inactive = decided(s[:, :k], z[:, :k])
+    s_lin, z_lin = torch.where(active, 0.0, s[:, :k]), torch.where(inactive, 0.0, z[:, :k])
+    if not layout.soc:
+        return s_lin, z_lin
+    ss, zs = s[:, k:], z[:, k:]
+    a1, a2, b1, b2, u = soc_frame(layout, ss, zs)
+    act1, inact1 = decided(a1, b1)
+    act2, inact2 = decided(a2, b2)
+
+    def framed(v, m1, m2, zero1, zero2):  # v with the members zero1/zero2 set to 0, rebuilt on the frame
+        m1, m2 = torch.where(zero1, 0.0, m1), torch.where(zero2, 0.0, m2)
+        rebuilt = layout._spread((m1 - m2) / 2) * u
+        rebuilt[:, layout.index(v.device).heads] = (m1 + m2) / 2
+        return torch.where(layout._spread(zero1 | zero2), rebuilt, v)
+
+    s_soc, z_soc = framed(ss, a1, a2, act1, act2), framed(zs, b1, b2, inact1, inact2)
+    return torch.cat([s_lin, s_soc], 1), torch.cat([z_lin, z_soc], 1)
+
+
+def retry_at_limit(d, layout: ConeLayout, data, xs, ss, zs, out, idx, residual_fn, tol: float):
+    """Measure the elements ``idx`` again at the :func:`limit_point` of their solution
+    ``(xs, ss, zs)`` (equilibrated units, program ``d``); each keeps the point with the
+    smaller residual.
+
+    Args:
+        data: the caller's ``(P, q, A, b)``.
+        out: ``(xo, so, zo, residual, points)`` in the caller's units, as
+            :func:`~.measures.caller_measures` left them (residual: the larger of both units').
+        residual_fn: :func:`~.measures.point_residual` of ``d``.
+
+    Returns:
+        ``(ss, zs, so, zo, residual, points)`` of the whole batch.
+    """
+    from .measures import caller_measures
+
+    z0 = layout.zero
+    pick = lambda v: v.index_select(0, idx)  # noqa: E731
+    x, s, z = pick(xs), pick(ss), pick(zs)
+    sc, zc = limit_point(layout, s[:, z0:], z[:, z0:])
+    s, z = torch.cat([s[:, :z0], sc], 1), torch.cat([z[:, :z0], zc], 1)
+    _, so, zo = d.select(idx).unscale(x, s, z)
+    caller, points = caller_measures(*(pick(v) for v in data), layout, pick(out[0]), so, zo, tol)
+    residual = torch.maximum(residual_fn(x, s, z, idx), caller)
+    take = residual < pick(out[3])
+    merged = []
+    for full, new in zip((ss, zs, out[1], out[2], out[3], out[4]), (s, z, so, zo, residual, points)):
+        mask = take.view(-1, *(1,) * (new.dim() - 1))
+        merged.append(full.index_copy(0, idx, torch.where(mask, new, pick(full))))
+    return tuple(merged)

@@ -186,6 +186,7 @@ class _ReducedKKT:
         if scaled:  # the cone rows hold W⁻¹ r_I: subtract W⁻¹ A_I x_E
             AxE = self.kkt.scaling.apply_inv(AxE)
         y, zI, zh = self.kkt.solve(_mm(red.N.mT, rx - ops.Pmv(xE)), rI - AxE, refine, scaled, until)
+        self.solve_residual = self.kkt.solve_residual  # (the reduced system's: the one solved)
         x = xE + _mm(red.N, y)
         g = rx - ops.Pmv(x) - _mm(ops.A[:, p:].mT, zI)
         zE = _range_coefficients(red.Q1, red.R, g)

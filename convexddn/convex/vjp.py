@@ -50,7 +50,7 @@ from .kkt import bmv, row_inf
 from .status import name_elements
 from .uniqueness import limit_nonunique
 
-__all__ = ["AMPLIFICATION", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
+__all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
@@ -87,6 +87,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
 
     rx, rz = equilibrated(gx, gz)
     ux, uz, _ = kkt.solve(rx, rz, refine, until=BACKWARD_RTOL)
+    unsolved = kkt.solve_residual > BACKWARD_ACCEPT
     vertex = torch.zeros_like(sol.status, dtype=torch.bool)
     if tangent is not None:
         # The derivative of (x, z) along the tangent: K (dx, dz) = (-dAᵀz, db - dA x) (the
@@ -116,7 +117,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # an edge of optima): where it passes LIMIT_GATE, the limit system's own test
     # (:mod:`.uniqueness`) decides (on those elements only: on all, +5 % on the n = 50 QP).
     outputs, reached = _limit_test(sol, layout, ok[:, 0], amplification, rx.squeeze(-1), cols)
-    nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached)
+    nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached | unsolved)
     not_differentiable = ok[:, 0] & (kinks | nonunique | vertex | outputs)
     ok = ok & ~nonunique[:, None]
     ux = torch.where(ok, ux, 0.0)
@@ -174,6 +175,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     rc = d.c.sqrt()[:, None]
     ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
     ux, uz, _ = kkt.solve(ex, ez, refine, until=BACKWARD_RTOL)
+    unsolved = kkt.solve_residual > BACKWARD_ACCEPT
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
     ok = (sol.status == SOLVED) & ~kkt.failed & ((rx != 0).any(1) | (rz != 0).any(1))
@@ -181,7 +183,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     # optima), and a tangent may not excite it at all: the limit system decides for every
     # solved element (the backward gates it by the cotangent's gain, its hot path).
     outputs, reached = _limit_test(sol, layout, ok, torch.full_like(amplification, math.inf), ex.squeeze(-1), cols)
-    zeroed = ok & ((amplification > AMPLIFICATION) | outputs | reached)
+    zeroed = ok & ((amplification > AMPLIFICATION) | outputs | reached | unsolved)
     keep = (ok & ~zeroed)[:, None]
     dx = torch.where(keep, rc * d.D * ux.squeeze(-1), 0.0)
     dz = torch.where(keep, d.E * uz.squeeze(-1) / rc, 0.0)
@@ -220,6 +222,12 @@ def _kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor
 # (KKTSystem.solve's ``until``): an MPC's gradient 7e-7 off finite differences (4e-3 after
 # 3 steps); the n = 50 QP's backward at batch 1024 106-123 -> 127-166 ms (1e-11: 220-252).
 BACKWARD_RTOL = 1e-9
+# ... and the residual above which the solve has failed: the element's gradient is zeroed
+# and warned about. Refinement stalls where the limit system is too ill-conditioned for
+# its factorisation: CVXPY's chain of 40 second-order cones for p^1.005 (H from 1e-12 to
+# 1e12) stopped at 0.46, and the gradient came back 0.4 off without a warning. (An MPC's
+# ill-conditioned solves reach 2e-8.)
+BACKWARD_ACCEPT = 1e-6
 # Amplification of the derivative system above which the gradient is reported as not
 # existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).
 AMPLIFICATION = 1e7
@@ -286,7 +294,8 @@ def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: to
         n_zero = int(zeroed.sum())
         what = "gradient" if along == "cotangent" else "tangent"
         zero = (f"; {n_zero} of them have a solution that is not unique along their {along} "
-                f"(the derivative system is singular there), and their {what} is set to zero"
+                "(the derivative system is singular there, or too ill-conditioned to be solved: "
+                f"solver='Clarabel' differentiates each element apart), and their {what} is set to zero"
                 ) if n_zero else ""
         warn(
             f"ConvexLayer {mode} (batched): the solution of {len(idx)} batch element(s) "

@@ -146,3 +146,56 @@ def test_a_bound_met_exactly_is_still_a_kink_with_a_warning(dtype):
     assert all(f"({i},)" in named for i in range(3))
     # The components off the bounds keep their exact derivative (1 inside, 0 outside).
     assert float(g[0, 1:].sub(1).abs().max()) < 1e-6 and abs(float(g[1, 3])) < 1e-6
+
+
+def _ball_with_bound():
+    # ‖y‖ ≤ R with R huge: CVXPY's epigraph variable t is free in [‖y‖, R] and the interior
+    # point leaves it at R/2, its multipliers ~1e-13: the duality gap R·z in the caller's units.
+    x, R, y = cp.Parameter(5, name="x"), cp.Parameter(name="R", nonneg=True), cp.Variable(5)
+    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.norm(y, 2) <= R]), [x, R], [y]
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+@pytest.mark.parametrize("radius", [3e8, 1e10])
+def test_projection_onto_a_huge_ball_is_the_identity(solver, radius):
+    """x well inside ‖y‖ ≤ R: y = x and dy/dx = I (the batched path certifies it at the limit
+    point; the per-element adjoint decides its rank in equilibrated units, not against R)."""
+    prob, params, variables = _ball_with_bound()
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    G = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    layer = ConvexLayer(prob, params, variables, solver=solver)
+    Xg = X.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y = layer(Xg, torch.tensor(radius, dtype=torch.float64))
+        (g,) = torch.autograd.grad(y, Xg, G)
+    assert torch.allclose(y, X, rtol=0, atol=1e-12)
+    assert torch.allclose(g, G, rtol=0, atol=1e-9)
+    if solver == "auto":
+        assert layer.last_solve.backend == ["batched"] * 4
+
+
+def test_an_unsolvable_derivative_system_is_warned_not_returned():
+    """CVXPY's p^1.005 is a chain of 40 second-order cones whose limit system the batched
+    factorisation cannot solve (refinement stalls at 0.46): its gradient was 0.4 off
+    finite differences without a warning; it is warned about and zeroed (per element it is exact)."""
+    a = 1.005
+    x, u = cp.Parameter(5, name="x"), cp.Variable(5, name="u")
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.power(u, a)) / (a * (a - 1)) - x @ u), [u >= 0, cp.sum(u) == 1])
+    X = torch.randn(1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (CVXPY's note on the rational approximation)
+        layer = ConvexLayer(prob, [x], [u])
+        y = layer(X)
+    G = torch.arange(1.0, 6.0, dtype=torch.float64).unsqueeze(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (g,) = torch.autograd.grad(y, X, G)
+    if layer.last_solve.backend[0] == "batched":
+        assert any(issubclass(w.category, GradientWarning) for w in caught)
+        assert torch.count_nonzero(g) == 0
+    else:  # (a change that routes it per element must give the exact gradient)
+        reference = ConvexLayer(prob, [x], [u], solver="Clarabel")
+        (g_ref,) = torch.autograd.grad(reference(X), X, G)
+        assert torch.allclose(g, g_ref, atol=1e-6)

@@ -1,0 +1,61 @@
+"""Minimum-norm solutions of a dense, rank-deficient system, with a rank that does not
+depend on the units of its rows and columns (the per-element path's derivative systems).
+
+The residual map's derivative ``M`` (:mod:`.cone`) is singular at every solution and holds
+the program's data: a bound of 3e8 beside unit entries put its largest singular value at
+3e8, and a rank cut relative to it (1e-9 · 3e8 = 0.3) dropped directions of size 1: the
+gradient of a projection onto a ball of radius 3e8 came back 0.63 off, with no warning.
+Here the rank is decided on the equilibrated matrix :math:`S = D_r M D_c` (row and column
+scales, powers of two), and the solution is the minimum-norm one *in the caller's units*:
+
+.. math::
+
+    M r = h:\\quad r_p = D_c\\, S^+ D_r h, \\qquad r = r_p - Q Q^T r_p,
+
+:math:`Q` an orthonormal basis of :math:`\\mathcal N(M) = D_c \\mathcal N(S)` (the
+minimum-norm solution of :math:`S`'s system is one solution of ``M``'s; another differs by
+a null vector, which the adjoint formula does not cancel). The null vectors come from the
+same factorisation: for random ``W``, :math:`W - S^+ S W` spans :math:`\\mathcal N(S)`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+__all__ = ["min_norm_solve"]
+
+_PASSES = 4  # Ruiz passes on |M| (a scale spread of 1e8 is balanced to ~2 in four)
+
+
+def _scales(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column scales (powers of two, exact) that bring ``|mat|``'s row and column maxima near 1."""
+    rows, cols = np.ones(mat.shape[0]), np.ones(mat.shape[1])
+    a = np.abs(mat)
+    for _ in range(_PASSES):
+        scaled = a * rows[:, None] * cols[None, :]
+        r, c = scaled.max(1), scaled.max(0)
+        rows = rows * np.exp2(np.round(-0.5 * np.log2(np.where(r > 0, r, 1.0))))
+        cols = cols * np.exp2(np.round(-0.5 * np.log2(np.where(c > 0, c, 1.0))))
+    return rows, cols
+
+
+def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0) -> tuple[np.ndarray, int]:
+    """``(r, rank)``: the minimum-norm solution of ``mat r = rhs`` (``(N, N)``, ``(N,)``;
+    least squares in the equilibrated rows' norm where inconsistent) after dropping the singular directions of the
+    equilibrated matrix below ``rtol`` of its largest; ``rank`` counts the others."""
+    rows, cols = _scales(mat)
+    S = mat * rows[:, None] * cols[None, :]
+    W = np.random.default_rng(seed).standard_normal((S.shape[1], 1))
+    sol, _, rank, _ = scipy.linalg.lstsq(S, np.column_stack([rows * rhs, S @ W]), cond=rtol,
+                                         lapack_driver="gelsy", check_finite=False)
+    null = S.shape[1] - rank
+    if null > 1:  # (one random column spans a null space of dimension 1 only)
+        W = np.random.default_rng(seed).standard_normal((S.shape[1], null))
+        basis = W - scipy.linalg.lstsq(S, S @ W, cond=rtol, lapack_driver="gelsy", check_finite=False)[0]
+    else:
+        basis = W - sol[:, 1:]
+    r = cols * sol[:, 0]
+    if null:
+        Q = np.linalg.qr(cols[:, None] * basis)[0]
+        r = r - Q @ (Q.T @ r)
+    return r, int(rank)
