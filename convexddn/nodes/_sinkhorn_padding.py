@@ -198,10 +198,12 @@ def check_marginal(
     pos = v > 0
     counts = ((v < 0).sum(), (peak == 0).sum(), ((unit < MIN_SHARE) & pos).sum())
     neg, empty, small = torch.stack(counts).tolist()
+    # The messages read values on the host from detached tensors: float() of a v that
+    # requires grad adds torch's "requires_grad=True to a scalar" warning to the error.
     if neg:
         raise InputError(
             f"{name} must be >= 0 everywhere (a marginal of the plan; 0 marks padding), got "
-            f"{neg} entr{'y' if neg == 1 else 'ies'} < 0 (min {float(v.min()):.3g})"
+            f"{neg} entr{'y' if neg == 1 else 'ies'} < 0 (min {float(v.detach().min()):.3g})"
         )
     if empty:
         raise InputError(
@@ -213,6 +215,6 @@ def check_marginal(
             f"{name}'s entries must each be at least {MIN_SHARE:.0e} of its sum (the plan "
             f"cannot represent less in float64) or exactly 0 (padding), got {small} "
             f"entr{'y' if small == 1 else 'ies'} below (smallest share "
-            f"{float(unit.masked_fill(~pos, 1.0).min()):.3g})"
+            f"{float(unit.detach().masked_fill(~pos, 1.0).min()):.3g})"
         )
     return unit, s, peak, True

@@ -731,6 +731,124 @@ def test_project_simplex_sum_overflow_float16():
     assert torch.equal(project_simplex(x), want)
 
 
+# The three sorted-threshold projections as functions of (x, radius): the L1 ones solve
+# the simplex problem on |x| and put the signs back.
+THRESHOLD_KINDS = {
+    "simplex": lambda x, r: project_simplex(x, z=r),
+    "l1_ball": lambda x, r: project_lp(x, 1, "ball", r),
+    "l1_sphere": lambda x, r: project_lp(x, 1, "sphere", r),
+}
+
+
+@pytest.mark.parametrize("kind", list(THRESHOLD_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_projections_dominant_entry_is_the_exact_vertex(kind, dtype):
+    # One entry above all others by at least the radius r: the answer is the vertex
+    # ±r·e_0, locally constant in x (zero Jacobian), with dy/dr = ±e_0. The solver raises
+    # the others to −r (relative to the max), exactly the threshold −r: the rounded prefix
+    # sums of −r counted some in the support (r = 2.9 in float32, 3.423 in float64): ulp-
+    # sized entries and Dy on 5 entries (dy₀/dx₀ = 0.875). x = r·e_0 is already a vertex
+    # (idempotence), its zeros exactly at the threshold, which counts them outside (the
+    # documented tie rule). Not for the ball: there ‖x‖₁ = r is the boundary, kept as is.
+    f = THRESHOLD_KINDS[kind]
+    sign = 1.0 if kind == "simplex" else -1.0
+    for r0 in (2.9, 3.423):
+        for top in (100.0, r0) if kind != "l1_ball" else (100.0,):
+            x = torch.zeros(8, dtype=dtype)
+            x[0] = sign * top
+            r = torch.tensor(r0, dtype=dtype)
+            want = torch.zeros(8, dtype=dtype)
+            want[0] = sign * r
+            assert torch.equal(f(x, r), want)
+            # Reverse mode (x and a tensor r that require grad), then forward mode.
+            jx, jr = jacobian(f, (x, r))
+            assert torch.equal(jx, torch.zeros(8, 8, dtype=dtype))
+            assert torch.equal(jr, want / r)
+            xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+            g = torch.arange(1.0, 9.0, dtype=dtype)
+            gx, gr = torch.autograd.grad(f(xr, rr), (xr, rr), g)
+            assert torch.equal(gx, torch.zeros_like(x)) and float(gr) == sign
+            with fwAD.dual_level():
+                y = f(fwAD.make_dual(x, g), fwAD.make_dual(r, torch.ones_like(r)))
+                assert torch.equal(fwAD.unpack_dual(y).tangent, want / r)
+
+
+def _dominant_rows(n: int, rows: int, seed: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 rows of n entries with radii log-uniform in [1e-3, 1e3]: in two of three
+    rows |x_0| exceeds the others by r·U(1, 3) (a vertex answer), in the rest by r·U(0, 1)
+    (a support of several entries, the dominated ones still raised to −r)."""
+    g = torch.Generator().manual_seed(seed)
+    r = 10.0 ** (6 * torch.rand(rows, generator=g, dtype=F64) - 3)
+    x = torch.randn(rows, n, generator=g, dtype=F64) * r[:, None]
+    u = torch.rand(rows, generator=g, dtype=F64)
+    gap = torch.where(torch.arange(rows) % 3 > 0, 1 + 2 * u, u)
+    x[:, 0] = x.abs().amax(-1) + r * gap
+    if signed:  # the L1 projections on |x|: random signs
+        x *= torch.randint(0, 2, (rows, n), generator=g).to(F64) * 2 - 1
+    return x, r
+
+
+def _exact_threshold_row(x: list[float], r: float, kind: str) -> tuple[list, list, bool]:
+    """(answer, support, inside the ball) in exact rational arithmetic, by the sort-based
+    formula on a = x (simplex) or |x| (L1): θ = (Σ_{i≤ρ} u_i − r)/ρ for the largest ρ
+    with u_ρ > that value (u = a sorted descending); the support is a_i > θ. The ball
+    keeps x where Σ|x| ≤ r."""
+    from fractions import Fraction
+
+    a = [Fraction(v) if kind == "simplex" else abs(Fraction(v)) for v in x]
+    if kind == "l1_ball" and sum(a) <= Fraction(r):
+        return list(x), [v != 0 for v in x], True
+    u = sorted(a, reverse=True)
+    theta = [(sum(u[:k]) - Fraction(r)) / k for k in range(1, len(u) + 1)]
+    theta = max(t for t, uk in zip(theta, u) if uk > t)
+    y = [math.copysign(float(max(ai - theta, Fraction(0))), v) for ai, v in zip(a, x)]
+    return y, [ai > theta for ai in a], False
+
+
+@pytest.mark.parametrize("kind", list(THRESHOLD_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_projections_dominant_entry_rows_match_exact_reference(kind, dtype):
+    # Random rows with one dominant entry (one in 14 had a spurious support before), each
+    # against the rational sort-based answer for its own values: the same support, the
+    # exact vertex where the support is one entry, the answer to rounding elsewhere, and
+    # the Jacobians of that exact support, Dy = diag(m) − s sᵀ/|S| and dy/dr = s/|S|
+    # (s = sign(x) on the support S, m = |s|).
+    f = THRESHOLD_KINDS[kind]
+    eps = torch.finfo(dtype).eps
+    for n in range(2, 13):
+        x64, r64 = _dominant_rows(n, 24, seed=300 + n, signed=kind != "simplex")
+        x, r = x64.to(dtype), r64.to(dtype)
+        exact = [_exact_threshold_row(xi, ri, kind) for xi, ri in zip(x.tolist(), r.tolist())]
+        want = torch.tensor([e[0] for e in exact], dtype=F64)
+        m = torch.tensor([e[1] for e in exact], dtype=F64)
+        inside = torch.tensor([[e[2]] for e in exact])
+        s = m * x.to(F64).sign() if kind != "simplex" else m
+        xr, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = f(xr, rr)
+        assert torch.equal(y != 0, m.bool())
+        vertex = m.sum(-1) == 1
+        assert vertex.sum() >= 12 and torch.equal(y[vertex].to(F64), want[vertex])
+        err = (y.detach().to(F64) - want).abs().amax(-1)
+        assert (err <= 4 * n * eps * r64).all()
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(n), dtype=dtype)
+        gx, gr = torch.autograd.grad(y, (xr, rr), g)
+        g64 = g.to(F64)
+        k = m.sum(-1, keepdim=True)
+        sg = (s * g64).sum(-1, keepdim=True)
+        # Inside the ball y = x: Dy = I, dy/dr = 0.
+        want_gx = torch.where(inside, g64, m * g64 - s * sg / k)
+        want_gr = torch.where(inside, 0.0, sg / k).squeeze(-1)
+        torch.testing.assert_close(gx.to(F64), want_gx, rtol=0, atol=8 * eps)
+        torch.testing.assert_close(gr.to(F64), want_gr, rtol=0, atol=8 * eps)
+        if dtype == F64:  # central differences, h far inside every row's margins
+            h = 1e-7 * r64[:, None]
+            fd = torch.stack([(f(x64 + h * e, r64) - f(x64 - h * e, r64)).mul(g).sum(-1)
+                              for e in torch.eye(n, dtype=F64)], -1) / (2 * h)
+            torch.testing.assert_close(gx, fd, rtol=0, atol=1e-6)
+            fr = ((f(x64, r64 + h[:, 0]) - f(x64, r64 - h[:, 0])) * g).sum(-1) / (2 * h[:, 0])
+            torch.testing.assert_close(gr, fr, rtol=0, atol=1e-6)
+
+
 def _l2_vjp_closed_form(x: torch.Tensor, r: float, g: torch.Tensor):
     """(r/‖x‖)(I − ûûᵀ)g for û = x/‖x‖ (x of moderate size)."""
     u = x / x.norm(dim=-1, keepdim=True)

@@ -721,6 +721,24 @@ def test_sinkhorn_padding_invalid_marginals():
         sinkhorn(C, None, torch.tensor([1.0, 0.0, 1e-300, 1.0], dtype=F64))
 
 
+def test_sinkhorn_invalid_marginal_requiring_grad_raises_without_warnings():
+    # The message reads the offending value on the host: for a marginal that requires grad
+    # it must do so detached, with the InputError alone (no torch UserWarning beside it).
+    C = _cost(1, 3, 4, seed=59)
+    cases = (
+        (torch.tensor([[0.5, -1e-6, 0.5]], dtype=F64), None, r"a must be >= 0.*\(min -1e-06\)"),
+        (None, torch.tensor([1.0, 0.0, 1e-300, 1.0], dtype=F64), r"b's entries.*smallest share 5e-301"),
+    )
+    for a, b, match in cases:
+        a = a.requires_grad_() if a is not None else None
+        b = b.requires_grad_() if b is not None else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(InputError, match=match):
+                sinkhorn(C, a, b)
+        assert [str(w.message) for w in caught] == []
+
+
 # --------------------------------------------------------------------------- forward mode
 
 

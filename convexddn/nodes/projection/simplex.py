@@ -36,6 +36,15 @@ def _sorted_threshold(
     entries (no argmax needed). It is counted in floating point, as sign(max(f, 0)):
     full-size bool tensors are several times slower on CPU. j = 1 passes in exact
     arithmetic; the clamp keeps ρ ≥ 1 when z is below u₁'s ulp.
+
+    Only entries u_j > −z can count: θ ≥ −z (see :func:`_shifted_simplex`), so an entry
+    at or below −z is never in the support, and one exactly at −z sits exactly at θ = −z
+    when the answer is the vertex z·e₁ (u₂ ≤ −z: every entry clamped there, or an input
+    already at a vertex). f_j is then 0 in exact arithmetic, but the rounding of c_j
+    (sums of j copies of −z) makes it > 0 for some j: counted, they put θ just below −z,
+    leaving ulp-sized entries in the answer and a support too large for the backward
+    (dy₁/dx₁ = 1 − 1/|S| instead of 0). So f_j counts as min(f_j, u_j + z): u_j + z is
+    positive exactly when u_j > −z (a floating-point sum is 0 only for exact opposites).
     """
     # Positions and their count in float32 at least: in float16 they are inexact beyond
     # 2048 and overflow beyond 65504 (a row of 70000 gave an index error).
@@ -43,7 +52,10 @@ def _sorted_threshold(
     work = torch.promote_types(dtype, torch.float32)
     u, c = u.to(work), c.to(work)
     j = _along(torch.arange(1, u.shape[d] + 1, dtype=work, device=u.device), d, u.ndim)
-    f = torch.addcmul(z - c, u, j)
+    # In place but for u + z: on CPU a fresh full-size buffer costs about as much as a
+    # pass over it, and one fewer pays for the cap's extra pass.
+    f = torch.sub(z, c).addcmul_(u, j)
+    torch.minimum(f, u + z, out=f)
     rho = f.clamp_(min=0.0).sign_().sum(d, keepdim=True).clamp_(min=1.0)
     return ((c.gather(d, rho.long() - 1) - z) / rho).to(dtype)
 
@@ -55,7 +67,8 @@ def _shifted_simplex(
 
     Working relative to the row maximum keeps every quantity at the scale of z: the
     answer is max(t − θ, 0) with θ ∈ [−z, 0] (y_max ≤ z gives θ ≥ −z), so entries at
-    or below −z are never in the support: raising them to −z leaves ρ and θ unchanged,
+    or below −z are never in the support: raising them to −z leaves ρ and θ unchanged
+    (in floating point too: :func:`_sorted_threshold` never counts an entry at −z),
     bounds the prefix sums by n·z, and speeds up the sort (many equal keys). Without
     the shift, θ ≈ max|x| cancels against |x| and |x| ≫ z/eps gives zeros.
     """
