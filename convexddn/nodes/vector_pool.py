@@ -302,8 +302,11 @@ def robust_vector_pool(
         if y is not None:
             return y
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    # Rows of N vectors, components contiguous: norms and products run along memory.
-    x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work)
+    # Rows of N vectors, components contiguous: norms and products run along memory, and
+    # in the same order whatever x's strides (a strided view's Gram products rounded
+    # otherwise, and exact ties between data points, as trunc_quad's at alpha = 1, went
+    # to another of the tied minimisers: 2.9 apart).
+    x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work).contiguous()
     # y(σx, σα) = σ y(x, α): solving in units of a power of two near α (exact) keeps the
     # squared distances and the α² of the penalties inside the dtype's range when data
     # and α are scaled together (at 1e-20 in float32, α² underflowed and Welsch returned
