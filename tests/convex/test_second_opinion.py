@@ -153,7 +153,7 @@ def test_layer_pickled_without_second_opinion_state_still_gives_one():
     and builds the batched form when a per-element result is in doubt."""
     import copy
 
-    layer, data, want = _scaled_qp(1e3, solver="Clarabel")
+    layer, data, want = _scaled_qp(1e4, solver="Clarabel")
     state = layer.__getstate__()
     del state["_opinion"]
     old = copy.copy(layer)
