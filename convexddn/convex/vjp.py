@@ -46,6 +46,7 @@ from .._autograd import first_order, first_order_jvp, refuse_batched
 from ..errors import GradientWarning
 from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .certify import undecided_reach
+from .dense_kkt import dense_limit_solve
 from .kkt import bmv, row_inf
 from .status import name_elements
 from .uniqueness import limit_nonunique
@@ -87,7 +88,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
 
     rx, rz = equilibrated(gx, gz)
     ux, uz, _ = kkt.solve(rx, rz, refine, until=BACKWARD_RTOL)
-    unsolved = kkt.solve_residual > BACKWARD_ACCEPT
+    ux, uz, unsolved = _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz)
     vertex = torch.zeros_like(sol.status, dtype=torch.bool)
     if tangent is not None:
         # The derivative of (x, z) along the tangent: K (dx, dz) = (-dAᵀz, db - dA x) (the
@@ -175,7 +176,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     rc = d.c.sqrt()[:, None]
     ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
     ux, uz, _ = kkt.solve(ex, ez, refine, until=BACKWARD_RTOL)
-    unsolved = kkt.solve_residual > BACKWARD_ACCEPT
+    ux, uz, unsolved = _densely_where_unsolved(sol, layout, kkt, ex, ez, ux, uz)
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
     ok = (sol.status == SOLVED) & ~kkt.failed & ((rx != 0).any(1) | (rz != 0).any(1))
@@ -222,12 +223,36 @@ def _kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor
 # (KKTSystem.solve's ``until``): an MPC's gradient 7e-7 off finite differences (4e-3 after
 # 3 steps); the n = 50 QP's backward at batch 1024 106-123 -> 127-166 ms (1e-11: 220-252).
 BACKWARD_RTOL = 1e-9
-# ... and the residual above which the solve has failed: the element's gradient is zeroed
-# and warned about. Refinement stalls where the limit system is too ill-conditioned for
-# its factorisation: CVXPY's chain of 40 second-order cones for p^1.005 (H from 1e-12 to
-# 1e12) stopped at 0.46, and the gradient came back 0.4 off without a warning. (An MPC's
-# ill-conditioned solves reach 2e-8.)
+# ... and the residual above which the factorised solve has failed: refinement stalls where
+# the limit system is too ill-conditioned for its reduced form (CVXPY's chain of 40
+# second-order cones for p^1.005 stopped at 0.46, and the gradient came back 0.4 off
+# without a warning). Those elements are solved densely (:mod:`.dense_kkt`); where that
+# fails too, their gradient is zeroed and warned about. (An MPC's ill-conditioned solves
+# reach 2e-8.)
 BACKWARD_ACCEPT = 1e-6
+
+
+def _backward_accept(like: torch.Tensor) -> float:
+    """:data:`BACKWARD_ACCEPT`, or in a low precision 1e4 ε (float32 solves stop at ~1e-5,
+    where its gradients are ~1e-3 accurate)."""
+    return max(BACKWARD_ACCEPT, 1e4 * torch.finfo(like.dtype).eps)
+
+
+def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
+    """``(ux, uz, unsolved)``: the solved elements whose factorised solve stayed above
+    :func:`_backward_accept` solved again densely (:func:`~.dense_kkt.dense_limit_solve`);
+    ``unsolved`` ``(B,)`` marks those still above it. One host sync."""
+    accept = _backward_accept(rx)
+    unsolved = (sol.status == SOLVED) & ~kkt.failed & (kkt.solve_residual > accept)
+    idx = torch.nonzero(unsolved).squeeze(1)
+    if idx.numel():
+        x, z, res = dense_limit_solve(sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))
+        fixed = res <= accept
+        keep = fixed[:, None, None]
+        ux = ux.index_copy(0, idx, torch.where(keep, x, ux.index_select(0, idx)))
+        uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))
+        unsolved = unsolved.index_copy(0, idx, ~fixed)
+    return ux, uz, unsolved
 # Amplification of the derivative system above which the gradient is reported as not
 # existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).
 AMPLIFICATION = 1e7
