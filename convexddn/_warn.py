@@ -35,11 +35,19 @@ def _internal_prefixes() -> tuple[str, ...]:
     return tuple(prefixes)
 
 
-def warn(message: str, category: type[Warning]) -> None:
+def warn(message: str, category: type[Warning], **attributes) -> None:
     """``warnings.warn(message, category)`` attributed to the first frame on the stack
-    that is outside :data:`_PACKAGES` (the top frame if all are, e.g. in a worker thread)."""
+    that is outside :data:`_PACKAGES` (the top frame if all are, e.g. in a worker thread);
+    ``attributes`` are set on the warning instance (e.g. ``elements``, for callers that
+    catch it)."""
     internal = _internal_prefixes()
     frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
     while frame.f_back is not None and os.path.realpath(frame.f_code.co_filename).startswith(internal):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    if attributes:
+        instance = category(message)
+        for name, value in attributes.items():
+            setattr(instance, name, value)
+        warnings.warn(instance, stacklevel=level)
+    else:
+        warnings.warn(message, category, stacklevel=level)

@@ -123,7 +123,12 @@ class ConvexDDNWarning(UserWarning):
 
 
 class GradientWarning(ConvexDDNWarning):
-    """A gradient was replaced (zero or least-squares) because the exact one does not exist."""
+    """A gradient was replaced (zero or least-squares) because the exact one does not exist.
+
+    A ``ConvexLayer``'s warning names the first 20 batch elements in its message; its
+    ``elements`` attribute lists all of them (index tuples in the caller's batch shape;
+    caught with ``warnings.catch_warnings(record=True)``, as ``w.message.elements``).
+    """
 
 
 class SolverWarning(ConvexDDNWarning):

@@ -44,7 +44,7 @@ from .cone_checks import verify_certificate
 from .parametric import parametric_entries
 from .solver_args import check_solver_cones
 from .spread import data_spread
-from .status import name_elements, status_kind
+from .status import element_list, name_elements, status_kind
 from .validation import describe_failure
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
@@ -316,7 +316,7 @@ class CheckedDiffcp(SolverInterface):
                 f"({name_elements(where, degenerate)}) is not unique or not differentiable (the derivative "
                 "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
                 "zero multiplier); their gradient is the minimum-norm one of many",
-                GradientWarning)
+                GradientWarning, elements=element_list(where, degenerate))
         inaccurate = [(i, g[3]) for i, g in enumerate(grads) if g[3] > 0]
         if inaccurate:
             warn(
@@ -324,7 +324,7 @@ class CheckedDiffcp(SolverInterface):
                 f"element(s) ({name_elements(where, [i for i, _ in inaccurate])}) stopped at a relative "
                 f"residual of up to {max(r for _, r in inaccurate):.1e}: their gradient may be "
                 "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "
-                "it batched where it fits)", GradientWarning)
+                "it batched where it fits)", GradientWarning, elements=element_list(where, [i for i, _ in inaccurate]))
         dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t

@@ -68,6 +68,12 @@ def name_elements(where: tuple[Sequence[int], tuple[int, ...]] | None, idx: list
     return f"batch indices {unravel([where[0][i] for i in idx[:20]], where[1])}{more}"
 
 
+def element_list(where: tuple[Sequence[int], tuple[int, ...]] | None, idx: list[int]) -> list:
+    """All the elements ``idx`` of a solve, as :func:`name_elements` names its first 20:
+    index tuples in the caller's batch where ``where`` is known, else flat indices."""
+    return list(idx) if where is None else unravel([where[0][i] for i in idx], where[1])
+
+
 def forward_mode_refused(where: tuple[Sequence[int], tuple[int, ...]], reason: str) -> ProblemError:
     """The error for elements whose forward-mode tangent the per-element path cannot give."""
     n = len(where[0])

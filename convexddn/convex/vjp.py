@@ -48,10 +48,11 @@ from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .certify import undecided_reach
 from .dense_kkt import dense_limit_solve
 from .kkt import bmv, row_inf
-from .status import name_elements
+from .status import element_list, name_elements
 from .uniqueness import limit_nonunique
 
-__all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
+__all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "SIDE_RTOL", "cone_jvp",
+           "cone_vjp"]
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
@@ -329,4 +330,4 @@ def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: to
             "with its multiplier on the boundary; a derivative system that is singular: e.g. an "
             "LP with an edge of optima; or more active constraints than the solution's "
             f"dimension: a degenerate vertex); their {what} is a one-sided limit's blend{zero}",
-            GradientWarning)
+            GradientWarning, elements=element_list(where, idx))

@@ -389,6 +389,24 @@ def test_convex_layer_strict_complementarity_failure_warns(solver):
 
 
 @pytest.mark.parametrize("solver", ["batched", "Clarabel"])
+def test_gradient_warning_lists_every_element(solver):
+    """The message names the first 20 elements; ``elements`` on the warning lists all of
+    them, in the caller's batch shape (a batch of 8 × 5, 30 elements at a kink)."""
+    x = cp.Parameter(3, name="x")
+    y = cp.Variable(3, name="y")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    layer = cddn.ConvexLayer(prob, [x], [y], solver=solver)
+    xs = torch.tensor([0.5, 1.0, -1.0], dtype=F64).repeat(8, 5, 1)
+    kinks = torch.arange(40).view(8, 5) % 4 != 3
+    xs[..., 0] = torch.where(kinks, 0.0, 0.5)
+    xs.requires_grad_(True)
+    with pytest.warns(GradientWarning, match=r"\.\.\.") as rec:
+        torch.autograd.grad(layer(xs).sum(), xs)
+    flagged = [w.message for w in rec if issubclass(w.category, GradientWarning)]
+    assert sorted(flagged[0].elements) == sorted(tuple(int(i) for i in ij) for ij in kinks.nonzero())
+
+
+@pytest.mark.parametrize("solver", ["batched", "Clarabel"])
 def test_redundant_active_constraint_gives_exact_gradient_without_warning(solver):
     """max x₁ + x₂ s.t. x ≤ a, x₁ + x₂ ≤ a₁ + a₂: the third constraint is active and
     redundant at x = a, so the multipliers are not unique (λ₃ ∈ [0, 1]) and the
