@@ -14,9 +14,13 @@ gradient 0.4 off. The scaled system itself,
     \\end{bmatrix} \\begin{bmatrix} x \\\\ z_E \\\\ \\hat z \\end{bmatrix} =
     \\begin{bmatrix} r_x \\\\ r_E \\\\ W^{-1} r_I \\end{bmatrix}, \\qquad z_I = W^{-1}\\hat z,
 
-has condition 1e10 there, and a batched LU of it (with refinement against it) gives the
-gradient to 1e-7 of finite differences. It costs :math:`(n + m)^3` per element, so it is
-only taken for the elements the factorised form could not solve.
+has condition 1e10 there, and a batched LU of it gives the gradient to 1e-7 of finite
+differences. As in :meth:`.kkt.KKTSystem.solve`, the refinement is against the exact limit
+system, :math:`H = 0` (no :math:`\\hat z` term) on the nonnegative rows decided active,
+whose scaling keeps an absolute δ (against the δ-regularised matrix, a multiplier of 1e-8
+left gradients 1e-4 off). It costs :math:`(n + m)^3` per element, so it is only taken for
+the elements the factorised form could not solve, in chunks of at most
+:data:`MEMORY_BUDGET` bytes, and not at all above :data:`MAX_SIZE` rows.
 """
 from __future__ import annotations
 
@@ -29,7 +33,12 @@ from .symmetric_cones import ConeLayout
 
 __all__ = ["dense_limit_solve"]
 
-_REFINE = 3  # refinement steps against the unregularised matrix
+_REFINE = 3  # refinement steps against the exact limit matrix
+# Bytes of the dense matrices (three of (n + m)² per element) solved at once, and the
+# largest n + m solved densely at all (beyond, the element keeps its zeroed gradient and
+# warning: 6000² doubles are 288 MB a matrix).
+MEMORY_BUDGET = 1 << 30
+MAX_SIZE = 6000
 # Static regularisation of the equality block, relative to the equilibrated data's unit
 # scale: exactly repeated equality rows make the matrix singular (as in the polish).
 _DELTA = 1e-12
@@ -37,12 +46,25 @@ _DELTA = 1e-12
 
 def dense_limit_solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor):
     """Solve the limit KKT system of the elements ``idx`` of ``sol`` (a solution kept for the
-    backward) for right-hand sides in its equilibrated units, as :meth:`.kkt.KKTSystem.solve`.
+    backward) for right-hand sides in its equilibrated units, returned as
+    :meth:`.kkt.KKTSystem.solve` returns its ``(x, z)``, with the relative residual of
+    the exact limit system (``inf`` where not solved: a failed factorisation, or n + m
+    above :data:`MAX_SIZE`).
 
     Shape:
         ``rx (k, n, 1), rz (k, m, 1)`` (the elements ``idx``) ->
-        ``x (k, n, 1), z (k, m, 1)`` and the relative residual ``(k,)``.
+        ``x (k, n, 1), z (k, m, 1)``, residual ``(k,)``.
     """
+    size = sol.scaled.P.shape[-1] + sol.scaled.A.shape[1]
+    if size > MAX_SIZE:
+        return rx.new_zeros(rx.shape), rz.new_zeros(rz.shape), rx.new_full((rx.shape[0],), torch.inf)
+    step = max(1, MEMORY_BUDGET // (3 * size * size * rx.element_size()))
+    parts = [_solve(sol, layout, idx[lo:lo + step], rx[lo:lo + step], rz[lo:lo + step])
+             for lo in range(0, idx.numel(), step)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor):
     from .certify import _shift
 
     d = sol.scaled.select(idx)
@@ -59,13 +81,20 @@ def dense_limit_solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tens
     K[:, :n, n + z0:] = WA.mT
     K[:, n:n + z0, :n] = d.A[:, :z0]
     K[:, n + z0:, :n] = WA
-    K[:, n + z0:, n + z0:] = -torch.eye(m - z0, dtype=K.dtype, device=K.device)
     rhs = torch.cat([rx, rz[:, :z0], W.apply_inv(rz[:, z0:])], 1)
-    reg = K.clone()
-    torch.diagonal(reg, dim1=-2, dim2=-1)[:, n:n + z0] -= _DELTA
-    bad = ~torch.isfinite(reg).flatten(1).all(1)
+    # The factorised matrix: -I beside the cone rows, -δ on the equality rows (exactly
+    # repeated rows make the matrix singular, as in the polish).
+    diag = torch.diagonal(K, dim1=-2, dim2=-1)
+    diag[:, n:n + z0] = -_DELTA
+    diag[:, n + z0:] = -1.0
+    bad = ~torch.isfinite(K).flatten(1).all(1)
     eye = torch.eye(n + m, dtype=K.dtype, device=K.device)
-    LU, piv, info = lu_factor_ex(torch.where(bad[:, None, None], eye, reg))
+    LU, piv, info = lu_factor_ex(torch.where(bad[:, None, None], eye, K))
+    # The exact limit: no -δ on the equality rows, no ẑ term on the rows decided active.
+    diag[:, n:n + z0] = 0.0
+    if layout.nonneg:
+        k = layout.nonneg
+        diag[:, n + z0:n + z0 + k] = torch.where(W.active, 0.0, -1.0)
     u = torch.linalg.lu_solve(LU, piv, rhs)
     for _ in range(_REFINE):
         u = u + torch.linalg.lu_solve(LU, piv, rhs - K @ u)

@@ -41,8 +41,9 @@ def _scales(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0) -> tuple[np.ndarray, int]:
     """``(r, rank)``: the minimum-norm solution of ``mat r = rhs`` (``(N, N)``, ``(N,)``;
-    least squares in the equilibrated rows' norm where inconsistent) after dropping the singular directions of the
-    equilibrated matrix below ``rtol`` of its largest; ``rank`` counts the others."""
+    least squares in the equilibrated rows' norm where inconsistent) after dropping the directions of the
+    equilibrated matrix that LAPACK's rank-revealing QR (``gelsy``, condition estimate
+    ``1 / rtol``) finds negligible; ``rank`` counts the others."""
     rows, cols = _scales(mat)
     S = mat * rows[:, None] * cols[None, :]
     W = np.random.default_rng(seed).standard_normal((S.shape[1], 1))

@@ -75,7 +75,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         could not be factorised or whose solution is not unique; ``(B,)`` masks of the
         solved elements whose solution is not unique along the cotangent (``nonunique``:
         the derivative system amplifies it by more than :data:`AMPLIFICATION`, or it
-        reaches a null direction of the limit system, :func:`~.uniqueness.limit_nonunique`)
+        reaches a null direction of the limit system, :func:`~.uniqueness.limit_nonunique`,
+        or the system could not be solved, not even densely: :data:`BACKWARD_ACCEPT`)
         and, including those, whose derivative does not exist (``not_differentiable``:
         also a complementary pair undecided, see :data:`~.certify.RESOLVED`, that the
         derivative reaches, see :data:`SIDE_RTOL`, requested
@@ -160,7 +161,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
         tangent's right-hand side by more than :data:`AMPLIFICATION`, or the requested
         outputs (``cols``) or that right-hand side reach a null direction of the limit
         system (:func:`~.uniqueness.limit_nonunique`: a
-        solution that is not unique); ``flagged`` also marks solved elements with an
+        solution that is not unique), or the system could not be solved, not even densely
+        (:data:`BACKWARD_ACCEPT`); ``flagged`` also marks solved elements with an
         undecided complementary pair that the tangent reaches or a gain above :data:`PROBE_GAIN` (a degenerate
         vertex moved apart: a one-sided derivative).
     """
@@ -244,7 +246,7 @@ def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
     :func:`_backward_accept` solved again densely (:func:`~.dense_kkt.dense_limit_solve`);
     ``unsolved`` ``(B,)`` marks those still above it. One host sync."""
     accept = _backward_accept(rx)
-    unsolved = (sol.status == SOLVED) & ~kkt.failed & (kkt.solve_residual > accept)
+    unsolved = (sol.status == SOLVED) & ~kkt.failed & ~(kkt.solve_residual <= accept)  # (NaN: unsolved)
     idx = torch.nonzero(unsolved).squeeze(1)
     if idx.numel():
         x, z, res = dense_limit_solve(sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))

@@ -17,8 +17,9 @@ import cvxpy as cp
 import pytest
 import torch
 
+from convexddn.convex import vjp
 from convexddn.convex.layer import ConvexLayer
-from convexddn.convex.limit_scaling import LimitScaling
+from convexddn.convex.limit_scaling import LimitScaling, limit_point
 from convexddn.convex.symmetric_cones import ConeLayout
 from convexddn.errors import GradientWarning
 
@@ -115,6 +116,34 @@ def test_limit_scaling_of_a_complementary_cone_pair(b2):
     assert torch.allclose(back, basis, atol=1e-15 / delta)  # (W's condition is 1/δ)
 
 
+def test_limit_point_sets_decided_members_to_zero():
+    """Nonnegative rows: the smaller member of a decided pair is 0, an undecided pair (ratio
+    0.5) is left. Second-order cones: a boundary pair off by a small c₂ part and a small
+    tangent part in s (and a small c₁ part in z) lands on s = a₁c₁, z = b₂c₂ of its own
+    frame: on the boundary, complementary; an interior s beside a tiny z keeps s, z = 0."""
+    u = torch.tensor([0.6, 0.0, -0.8], dtype=F64)
+    s_b, z_b, c1, c2 = _soc_pair(2.0, 3.0, u)
+    tangent = torch.tensor([0.0, 0.8, 0.0, 0.6], dtype=F64)
+    s_off = s_b + 1e-9 * c2 + 1e-9 * tangent
+    z_off = z_b + 1e-10 * c1
+    s_in, z_tiny = torch.tensor([5.0, 1.0, 0.5, -1.0], dtype=F64), 1e-13 * torch.tensor([1.0, 0.2, 0.3, 0.1], dtype=F64)
+    s = torch.cat([torch.tensor([1.0, 1e-9, 1e-3], dtype=F64), s_off, s_in])[None]
+    z = torch.cat([torch.tensor([1e-12, 2.0, 2e-3], dtype=F64), z_off, z_tiny])[None]
+    layout = ConeLayout(0, 3, (4, 4))
+    sl, zl = limit_point(layout, s, z)
+    torch.testing.assert_close(sl[0, :3], torch.tensor([1.0, 0.0, 1e-3], dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(zl[0, :3], torch.tensor([0.0, 2.0, 2e-3], dtype=F64), rtol=0, atol=0)
+    # on the cone's boundary, complementary, and moved by no more than the perturbation
+    # (the frame's axis u comes from s̄ − z̄, which the tangent part tilts by ~1e-10)
+    for v in (sl[0, 3:7], zl[0, 3:7]):
+        assert abs(float(v[0] - v[1:].norm())) <= 1e-15
+    assert abs(float(sl[0, 3:7] @ zl[0, 3:7])) <= 1e-15
+    assert float((sl[0, 3:7] - s_b).abs().max()) <= 2e-9
+    assert float((zl[0, 3:7] - z_b).abs().max()) <= 2e-9
+    torch.testing.assert_close(sl[0, 7:], s_in, rtol=0, atol=0)
+    assert torch.count_nonzero(zl[0, 7:]) == 0
+
+
 def test_limit_scaling_without_a_frame_is_a_multiple_of_the_identity():
     """s and z both on the cone's axis (s₁ = z₁ = 0, u undefined): H = (s₀/z₀) I; the
     same for a cone of one row."""
@@ -177,7 +206,7 @@ def test_projection_onto_a_huge_ball_is_the_identity(solver, radius):
 
 
 @pytest.mark.parametrize("a", [1.001, 1.002, 1.005])
-def test_a_derivative_system_the_factorisation_cannot_solve_is_solved_densely(a):
+def test_a_derivative_system_the_factorisation_cannot_solve_is_solved_densely(a, monkeypatch):
     """CVXPY's p^a for a near 1 is a chain of second-order cones (40 for 1.005) whose limit
     system the reduced factorisation cannot solve (refinement stalled at 0.46): the
     gradient was 0.4 off without a warning. Those elements are solved densely: exact."""
@@ -188,10 +217,37 @@ def test_a_derivative_system_the_factorisation_cannot_solve_is_solved_densely(a)
         layer, reference = ConvexLayer(prob, [x], [u]), ConvexLayer(prob, [x], [u], solver="Clarabel")
     X = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     G = torch.arange(1.0, 16.0, dtype=torch.float64).view(3, 5)
+    calls = []
+    solve = vjp.dense_limit_solve
+    monkeypatch.setattr(vjp, "dense_limit_solve", lambda *args: calls.append(args[2].numel()) or solve(*args))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("error", GradientWarning)
         (g,) = torch.autograd.grad(layer(X), X, G)
         (g_ref,) = torch.autograd.grad(reference(X), X, G)
     assert layer.last_solve.backend == ["batched"] * 3
+    assert sum(calls) > 0  # (the dense solve ran: the factorised one stalls on these)
     assert torch.allclose(g, g_ref, rtol=0, atol=1e-6 * float(g_ref.abs().max()))
+
+
+@pytest.mark.parametrize("lam", [1e-2, 1e-5, 1e-8])
+def test_the_dense_solve_is_exact_at_active_rows_with_small_multipliers(lam, monkeypatch):
+    """The dense fallback, forced (every factorised solve taken as stalled), on the
+    projection onto y ≤ 0 with two rows active at multiplier λ: dy/dx = diag(0, 0, 1, 1).
+    Refined against the δ-regularised matrix instead of the exact limit (H = 0 on those
+    rows) it was δ/λ off: 1e-4 at λ = 1e-8."""
+    x, c, y = cp.Parameter(4, name="x"), cp.Parameter(4, name="c"), cp.Variable(4)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [y <= c]), [x, c], [y])
+    densely = vjp._densely_where_unsolved
+
+    def forced(sol, layout, kkt, *args):
+        kkt.solve_residual = torch.ones_like(kkt.solve_residual)
+        return densely(sol, layout, kkt, *args)
+
+    monkeypatch.setattr(vjp, "_densely_where_unsolved", forced)
+    X = torch.tensor([[lam, lam, -1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    G = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(layer(X, torch.zeros(1, 4, dtype=torch.float64)), X, G)
+    torch.testing.assert_close(g, torch.tensor([[0.0, 0.0, 3.0, 4.0]], dtype=torch.float64), rtol=0, atol=1e-10)

@@ -838,12 +838,13 @@ def test_robust_vector_pool_does_not_depend_on_memory_layout(penalty, alpha, spr
     (2.9 apart for trunc_quad, 7.5 for Welsch), and its gradient with it."""
     x = spread * torch.randn(3, 4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     g = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    layouts = [lambda t: t,  # the same values with transposed and reversed strides:
+    layouts = [lambda t: t,  # the same values with transposed strides, and every other entry of a wider tensor:
                lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),
-               lambda t: t.flip(-1).contiguous().flip(-1)]
+               lambda t: torch.stack([t, torch.zeros_like(t)], -1).flatten(-2)[..., ::2]]
     outs = []
     for layout in layouts:
         leaf = x.clone().requires_grad_(True)
+        assert torch.equal(layout(leaf), x)
         y = robust_vector_pool(layout(leaf), penalty, alpha, dim=-2, vector_dim=-1)
         outs.append((y.detach(), torch.autograd.grad(y, leaf, g)[0]))
     for y, grad in outs[1:]:
