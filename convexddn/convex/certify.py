@@ -25,8 +25,8 @@ from .polish import polish as newton_polish
 from .polish import polish_nonnegative, rounding_level
 from .symmetric_cones import ConeLayout
 
-__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "soc_frame", "undecided", "undecided_reach",
-           "verified_rays"]
+__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_scaling_at", "soc_frame", "undecided",
+           "undecided_reach", "verified_rays"]
 
 
 def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
@@ -297,6 +297,16 @@ def _shift(like: torch.Tensor) -> float:
     return _POLISHED_SHIFT.get(like.dtype, _POLISHED_SHIFT[torch.float32])
 
 
+def limit_scaling_at(layout: ConeLayout, sc: torch.Tensor, zc: torch.Tensor, lift: torch.Tensor) -> LimitScaling:
+    """The :class:`~.limit_scaling.LimitScaling` of a solution's cone parts ``sc, zc``
+    ``(B, mc)``, lifted into the interior by :data:`_POLISHED_SHIFT` where ``lift``
+    ``(B, 1)`` (polished points lie on ∂K): the error estimate's and the backward's."""
+    delta = _shift(sc)
+    sc_in = torch.where(lift, layout.lift(sc, delta), sc)
+    zc_in = torch.where(lift, layout.lift(zc, delta), zc)
+    return LimitScaling(layout, sc, zc, sc_in, zc_in, delta)
+
+
 def _limit_zero(kkt, mask: torch.Tensor) -> None:
     """Give the KKT system(s) behind ``kkt`` the rows ``mask`` ``(B, mc)`` whose limit
     scaling is H = 0 (a :class:`~.kkt.KKTSystem`, the null-space form's inner one, or
@@ -328,10 +338,7 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """
     z0 = layout.zero
     sc, zc = s[:, z0:], z[:, z0:]
-    delta, lift = _shift(sc), polished[:, None]
-    sc_in = torch.where(lift, layout.lift(sc, delta), sc)
-    zc_in = torch.where(lift, layout.lift(zc, delta), zc)
-    W = LimitScaling(layout, sc, zc, sc_in, zc_in, delta)
+    W = limit_scaling_at(layout, sc, zc, polished[:, None])
     # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
     kkt = systems(W, retry=True)
     if layout.nonneg:  # the decided active rows: their exact limit is H = 0 (see KKTSystem.solve)

@@ -28,7 +28,6 @@ import torch
 
 from .._linalg import lu_factor_ex
 from .kkt import row_inf
-from .limit_scaling import LimitScaling
 from .symmetric_cones import ConeLayout
 
 __all__ = ["dense_limit_solve"]
@@ -65,15 +64,14 @@ def dense_limit_solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tens
 
 
 def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor):
-    from .certify import _shift
+    from .certify import limit_scaling_at
 
     d = sol.scaled.select(idx)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     _, s, z = d.scale(pick(sol.x), pick(sol.s), pick(sol.z))
     z0, n, m = layout.zero, d.P.shape[-1], d.A.shape[1]
-    sc, zc = s[:, z0:], z[:, z0:]
-    delta = _shift(sc)
-    W = LimitScaling(layout, sc, zc, layout.lift(sc, delta), layout.lift(zc, delta), delta)
+    # (lifted as a polished point: the pairs this decides are set at their limits anyway)
+    W = limit_scaling_at(layout, s[:, z0:], z[:, z0:], s.new_ones(s.shape[0], 1, dtype=torch.bool))
     WA = W.apply_inv(d.A[:, z0:])
     K = d.P.new_zeros(d.P.shape[0], n + m, n + m)
     K[:, :n, :n] = d.P

@@ -314,6 +314,7 @@ class PatchedKKT:
         self.base, self.idx, self.part, self.part_is_batch = base, idx, part, part_is_batch
         part_failed = part.failed.index_select(0, idx) if part_is_batch else part.failed
         self.failed = base.failed.index_copy(0, idx, part_failed)
+        self.solve_residual: torch.Tensor | None = None  # (as KKTSystem's)
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
               until: float | None = None, product: bool = False):

@@ -43,9 +43,8 @@ rows, regularised.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -175,6 +174,7 @@ class _ReducedKKT:
 
     def __init__(self, systems: ReducedSystems, kkt: KKTSystem) -> None:
         self.systems, self.kkt, self.failed = systems, kkt, kkt.failed
+        self.solve_residual: torch.Tensor | None = None  # (as KKTSystem's)
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
               until: float | None = None):

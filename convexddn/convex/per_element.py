@@ -317,14 +317,14 @@ class CheckedDiffcp(SolverInterface):
                 "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
                 "zero multiplier); their gradient is the minimum-norm one of many",
                 GradientWarning, elements=element_list(where, degenerate))
-        inaccurate = [(i, g[3]) for i, g in enumerate(grads) if g[3] > 0]
+        inaccurate = [i for i, g in enumerate(grads) if g[3] > 0]
         if inaccurate:
             warn(
                 f"ConvexLayer backward: the sparse or iterative adjoint solve of {len(inaccurate)} batch "
-                f"element(s) ({name_elements(where, [i for i, _ in inaccurate])}) stopped at a relative "
-                f"residual of up to {max(r for _, r in inaccurate):.1e}: their gradient may be "
+                f"element(s) ({name_elements(where, inaccurate)}) stopped at a relative "
+                f"residual of up to {max(grads[i][3] for i in inaccurate):.1e}: their gradient may be "
                 "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "
-                "it batched where it fits)", GradientWarning, elements=element_list(where, [i for i, _ in inaccurate]))
+                "it batched where it fits)", GradientWarning, elements=element_list(where, inaccurate))
         dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t

@@ -233,6 +233,17 @@ BACKWARD_RTOL = 1e-9
 # fails too, their gradient is zeroed and warned about. (An MPC's ill-conditioned solves
 # reach 2e-8.)
 BACKWARD_ACCEPT = 1e-6
+# Amplification of the derivative system above which the gradient is reported as not
+# existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).
+AMPLIFICATION = 1e7
+# ... and above which the limit system's uniqueness test runs: non-unique solutions reach
+# at least ~lift/(eps·max z) (2.5e3 measured) even where rounding caps them; unique ones
+# stay near 1 (at most 4 on the OptNet QPs).
+LIMIT_GATE = 10.0
+# The same for the probe along a parameter direction: measured in a gradient fuzz, at most
+# 1.7e2 on 659 elements where central differences agree with the gradient to 1e-6, at
+# least 2.3e7 on the 20 where they disagree by more than 1e-4, 7.9e6 on one more.
+PROBE_GAIN = 1e6
 
 
 def _backward_accept(like: torch.Tensor) -> float:
@@ -256,17 +267,6 @@ def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
         uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))
         unsolved = unsolved.index_copy(0, idx, ~fixed)
     return ux, uz, unsolved
-# Amplification of the derivative system above which the gradient is reported as not
-# existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).
-AMPLIFICATION = 1e7
-# ... and above which the limit system's uniqueness test runs: non-unique solutions reach
-# at least ~lift/(eps·max z) (2.5e3 measured) even where rounding caps them; unique ones
-# stay near 1 (at most 4 on the OptNet QPs).
-LIMIT_GATE = 10.0
-# The same for the probe along a parameter direction: measured in a gradient fuzz, at most
-# 1.7e2 on 659 elements where central differences agree with the gradient to 1e-6, at
-# least 2.3e7 on the 20 where they disagree by more than 1e-4, 7.9e6 on one more.
-PROBE_GAIN = 1e6
 
 
 class _ConeSolve(torch.autograd.Function):
