@@ -307,17 +307,17 @@ def limit_scaling_at(layout: ConeLayout, sc: torch.Tensor, zc: torch.Tensor, lif
     return LimitScaling(layout, sc, zc, sc_in, zc_in, delta)
 
 
-def _limit_zero(kkt, mask: torch.Tensor) -> None:
-    """Give the KKT system(s) behind ``kkt`` the rows ``mask`` ``(B, mc)`` whose limit
-    scaling is H = 0 (a :class:`~.kkt.KKTSystem`, the null-space form's inner one, or
-    both parts of a :class:`~.kkt.PatchedKKT`)."""
-    if hasattr(kkt, "limit_zero"):
-        kkt.limit_zero = mask
+def _set_limit(kkt, rows) -> None:
+    """Give the KKT system(s) behind ``kkt`` the :class:`~.limit_scaling.LimitRows` of the
+    limit (a :class:`~.kkt.KKTSystem`, the null-space form's inner one, or both parts of
+    a :class:`~.kkt.PatchedKKT`)."""
+    if hasattr(kkt, "limit"):
+        kkt.limit = rows
     elif hasattr(kkt, "base"):
-        _limit_zero(kkt.base, mask)
-        _limit_zero(kkt.part, mask if kkt.part_is_batch else mask.index_select(0, kkt.idx))
+        _set_limit(kkt.base, rows)
+        _set_limit(kkt.part, rows if kkt.part_is_batch else rows.select(kkt.idx))
     elif hasattr(kkt, "kkt"):
-        _limit_zero(kkt.kkt, mask)
+        _set_limit(kkt.kkt, rows)
 
 
 def _step_size(dv: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
@@ -341,9 +341,7 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     W = limit_scaling_at(layout, sc, zc, polished[:, None])
     # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
     kkt = systems(W, retry=True)
-    if layout.nonneg:  # the decided active rows: their exact limit is H = 0 (see KKTSystem.solve)
-        rest = W.active.new_zeros(W.active.shape[0], layout.cone_rows - layout.nonneg)
-        _limit_zero(kkt, torch.cat([W.active, rest], 1))
+    _set_limit(kkt, W.rows)  # the decided parts' exact limits, for the backward's refinement
     ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b

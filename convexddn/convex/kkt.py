@@ -177,9 +177,10 @@ class KKTSystem:
         self.regularisation_effect = None if pivot_min is None else _DELTA / pivot_min
         # (B,) relative residual of the last solve refined ``until`` a target (see solve).
         self.solve_residual: torch.Tensor | None = None
-        # (B, mc) cone rows whose limit scaling is exactly H = 0 (decided active): set by
-        # the error estimate for the backward's refinement, see :meth:`solve`.
-        self.limit_zero: torch.Tensor | None = None
+        # The parts of the cone rows whose limit scaling is exactly H = 0 or ∞ (decided
+        # active, inactive; a LimitRows): set by the error estimate for the backward's
+        # refinement, see :meth:`solve`.
+        self.limit = None
 
     def _yt(self, v: torch.Tensor) -> torch.Tensor:  # Yᵀ v
         return _mm(self.YT, v, self.Y)
@@ -249,24 +250,29 @@ class KKTSystem:
         x, zE, zh, atx = self._solve_regularised(rx, rE, t)
         last = atx
         # With a residual target (the backward), refinement is against the exact limit
-        # system, H_i = 0 on the rows in ``limit_zero`` (their cone row reads W⁻¹A_i x = t_i):
-        # the factorisation's lifted slack (1e-12) is 0 only in O(1) units, and an SOCP with
-        # rows 1e-4 next to 1e4 in one cone (one Ruiz factor per cone) kept its active bounds
-        # soft beside the cone's stiffness: gradients 0.2 off for a true 2e-7.
-        keep = None if until is None or self.limit_zero is None else (~self.limit_zero).to(zh.dtype)
-        if keep is not None and zh.dim() == 3:
-            keep = keep.unsqueeze(-1)
+        # system (``limit``, a LimitRows): along H = 0 (decided active) the cone rows
+        # read W⁻¹A_I x = t, with no ẑ term: the factorisation's lifted slack (1e-12) is 0
+        # only in O(1) units, and an SOCP with rows 1e-4 next to 1e4 in one cone (one Ruiz
+        # factor per cone) kept its active bounds soft beside the cone's stiffness:
+        # gradients 0.2 off for a true 2e-7. Along H = ∞ (decided inactive: z = 0) ẑ leaves
+        # the first block row: the factorisation keeps those parts at H = 1/δ, which adds
+        # δ·A_iᵀA_i to the curvature, and where the program's own curvature is far below
+        # that (x ~ 1e5 under quadratics divided by 1e6) the gradient moved by 1.6e10·δ,
+        # 1.7 % at δ = 1e-12. Their cone rows stay regularised: a variable that only they
+        # hold (an epigraph variable of an inactive bound) is not unique, and its row of
+        # the first block is 0 = 0 in the limit.
+        lim = None if until is None else self.limit
         if until is not None:
             size, best, trail = row_inf(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny), None, []
         for step in range(refine if until is None else MAX_REFINE):
-            ex = rx - self.ops.Pmv(x) - self._at_tmv(zh)
+            ex = rx - self.ops.Pmv(x) - self._at_tmv(zh if lim is None else lim.held(zh))
             if z:
                 ex = ex - self.ops.e_tmv(zE)
             eE = rE - self.ops.e_mv(x) if z else rE
             # W⁻¹A_I x: on the first step the regularised solve's own product of this x
             # (the same numbers; one batched product fewer per refined solve).
             atx = self._at_mv(x) if atx is None else atx
-            et = t + (zh if keep is None else zh * keep) - atx
+            et = t + (zh if lim is None else lim.kept(zh)) - atx
             if until is not None:  # each element keeps its best (residual, x, z_E, ẑ)
                 res = row_inf(ex, eE, et) / size
                 best = (res, x, zE, zh) if best is None else tuple(

@@ -27,7 +27,7 @@ lift alone (``δ (1 + ‖s‖_∞)`` along :math:`e`, which a polished point nee
 interior) made :math:`H = δ / b_2` on an active cone: 1e-5 for a multiplier of 1e-7,
 gradients 1e-5..1e-2 off (and :math:`H^{-1} = δ / s` on an inactive row with a slack of
 1e-5: 2e-7 off). The active nonnegative rows keep the absolute ``δ``: the solve's
-refinement is exact at their limit (:attr:`~.kkt.KKTSystem.limit_zero`). Undecided pairs keep their values, lifted: no
+refinement is exact at their limit (:attr:`~.kkt.KKTSystem.limit`). Undecided pairs keep their values, lifted: no
 derivative exists there, and the backward says so (:func:`~.certify.undecided_reach`).
 
 **The limit point.** :func:`limit_point` sets the decided pairs' smaller members to 0
@@ -46,7 +46,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, _t
 
-__all__ = ["LimitScaling", "limit_point", "retry_at_limit"]
+__all__ = ["LimitRows", "LimitScaling", "limit_point", "retry_at_limit"]
 
 
 class LimitScaling:
@@ -61,7 +61,9 @@ class LimitScaling:
 
     Attributes:
         active: ``(B, nonneg)`` the nonnegative rows decided active (exact H = 0 in the
-            refinement, :attr:`~.kkt.KKTSystem.limit_zero`).
+            refinement, :attr:`~.kkt.KKTSystem.limit`).
+        rows: :class:`LimitRows`, the parts of a cone vector along which the limit is
+            exactly H = 0 or ∞ (the backward's refinement, :attr:`~.kkt.KKTSystem.limit`).
         z_nonneg: ``(B, nonneg)`` the multipliers the scaling used on those rows.
     """
 
@@ -84,12 +86,14 @@ class LimitScaling:
             *frame, u = soc_frame(layout, s[:, k:], z[:, k:])
             # (the lift moves s and z along e = c₁ + c₂: the same frame, u from the tails)
             a1, a2, b1, b2, _ = soc_frame(layout, s_in[:, k:], z_in[:, k:])
-            pairs, heads = [], []
+            pairs, heads, zero, inf = [], [], [], []
             for (a, b), (a_in, b_in) in zip(((frame[0], frame[2]), (frame[1], frame[3])), ((a1, b1), (a2, b2))):
                 # A decided pair: its larger member as it is, the smaller δ times it, and 0
                 # in s₀/z₀ (lifted, or δ times the other, a multiplier of 1e-7 moved s₀/z₀
                 # by 2e-5 relative).
                 act, inact = decided(a, b)
+                zero.append(act)
+                inf.append(inact)
                 a_in = torch.where(act, delta * b, torch.where(inact, a, a_in))
                 b_in = torch.where(inact, delta * a, torch.where(act, b, b_in))
                 heads.append((torch.where(act, 0.0, a_in), torch.where(inact, 0.0, b_in)))
@@ -102,6 +106,12 @@ class LimitScaling:
             self.r1 = torch.sqrt(torch.where(framed, a1 / b1, ht))
             self.r2 = torch.sqrt(torch.where(framed, a2 / b2, ht))
             self.rt, self.u = torch.sqrt(ht), u
+            # (c₁, c₂, tangent): a cone decided along both pairs has its tangent's limit too
+            zero.append(zero[0] & zero[1])
+            inf.append(inf[0] & inf[1])
+            self.rows = LimitRows(layout, self.active, inactive, torch.stack(zero, -1), torch.stack(inf, -1), u)
+        else:
+            self.rows = LimitRows(layout, self.active, inactive, None, None, None)
 
     def _soc(self, v: torch.Tensor, inverse: bool) -> torch.Tensor:
         """W v (or W⁻¹ v) on the soc part: with p = v₀ and q = uᵀv₁, v's frame coordinates
@@ -132,6 +142,58 @@ class LimitScaling:
     def apply_inv(self, v: torch.Tensor) -> torch.Tensor:
         """W⁻¹ v."""
         return self._apply(v, True)
+
+
+class LimitRows:
+    """The parts of a cone vector along which the limit scaling is exactly H = 0
+    (decided active: nonnegative rows, frame directions ``c_k`` of a second-order cone,
+    and its tangent where both pairs are) or H = ∞ (decided inactive, likewise).
+
+    In the scaled KKT system (cone rows :math:`W^{-1}A_I x - \\hat z = t`, first block row
+    :math:`Px + (W^{-1}A_I)^\\top \\hat z = r_x`) the exact limit drops :math:`\\hat z`
+    from the cone rows along H = 0 (:meth:`kept`) and from the first block row along
+    H = ∞ (:meth:`held`); :meth:`~.kkt.KKTSystem.solve` refines against that.
+
+    Args:
+        zero_nn, inf_nn: ``(B, nonneg)`` the nonnegative rows decided active, inactive.
+        zero_soc, inf_soc: ``(B, nsoc, 3)`` the same along (c₁, c₂, tangent) of each
+            second-order cone (None without them); ``u`` ``(B, msoc)`` the frames.
+    """
+
+    def __init__(self, layout: ConeLayout, zero_nn: torch.Tensor, inf_nn: torch.Tensor,
+                 zero_soc: torch.Tensor | None, inf_soc: torch.Tensor | None, u: torch.Tensor | None) -> None:
+        self.layout, self.zero_nn, self.inf_nn = layout, zero_nn, inf_nn
+        self.zero_soc, self.inf_soc, self.u = zero_soc, inf_soc, u
+
+    def select(self, idx: torch.Tensor) -> LimitRows:
+        """The rows of the elements ``idx``."""
+        pick = lambda v: None if v is None else v.index_select(0, idx)  # noqa: E731
+        return LimitRows(self.layout, pick(self.zero_nn), pick(self.inf_nn), pick(self.zero_soc),
+                         pick(self.inf_soc), pick(self.u))
+
+    def kept(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` ``(B, mc[, k])`` without its parts along H = 0."""
+        return self._drop(v, self.zero_nn, self.zero_soc)
+
+    def held(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` ``(B, mc[, k])`` without its parts along H = ∞."""
+        return self._drop(v, self.inf_nn, self.inf_soc)
+
+    def _drop(self, v: torch.Tensor, nn: torch.Tensor, soc: torch.Tensor | None) -> torch.Tensor:
+        lay, k = self.layout, self.layout.nonneg
+        lin = v[:, :k] * _t((~nn).to(v.dtype), v)
+        if soc is None:
+            return lin
+        # With p = v₀ and q = uᵀv₁: v = α₁(1, u) + α₂(1, −u) + (0, v₁ − q u), α₁,₂ = (p ± q)/2.
+        vs = v[:, k:]
+        u = _t(self.u, vs)
+        heads = lay.index(v.device).heads
+        p, q = vs[:, heads], lay._seg(vs * u)
+        m = soc.to(v.dtype)
+        a1, a2, mt = _t(m[..., 0], vs) * (p + q) / 2, _t(m[..., 1], vs) * (p - q) / 2, _t(m[..., 2], vs)
+        out = vs - lay._spread(mt) * (vs - lay._spread(q) * u) - lay._spread(a1 - a2) * u
+        out[:, heads] = p - a1 - a2
+        return torch.cat([lin, out], 1) if k else out
 
 
 def limit_point(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

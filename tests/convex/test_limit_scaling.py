@@ -251,3 +251,58 @@ def test_the_dense_solve_is_exact_at_active_rows_with_small_multipliers(lam, mon
         warnings.simplefilter("error", GradientWarning)
         (g,) = torch.autograd.grad(layer(X, torch.zeros(1, 4, dtype=torch.float64)), X, G)
     torch.testing.assert_close(g, torch.tensor([[0.0, 0.0, 3.0, 4.0]], dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_limit_rows_drop_the_frame_parts_whose_limit_is_zero_or_infinite():
+    """A second-order cone pair on the boundary (s = a₁c₁, z = b₂c₂): H = ∞ along c₁, 0
+    along c₂, s₀/z₀ on the tangent. ``held`` removes c₁'s part of a vector, ``kept`` c₂'s,
+    neither the tangent's; a cone decided along both pairs (s interior, z = 0) loses
+    everything in ``held`` (nonnegative rows: by their masks)."""
+    u = torch.tensor([0.6, 0.0, -0.8], dtype=F64)
+    s_b, z_b, c1, c2 = _soc_pair(2.0, 3.0, u)
+    s_in, z_in = torch.tensor([5.0, 1.0, 0.5, -1.0], dtype=F64), torch.zeros(4, dtype=F64)
+    layout = ConeLayout(0, 2, (4, 4))
+    s = torch.cat([torch.tensor([0.0, 1.0], dtype=F64), s_b, s_in])[None]
+    z = torch.cat([torch.tensor([1.0, 0.0], dtype=F64), z_b, z_in])[None]
+    rows = LimitScaling(layout, s, z, s, z, 1e-12).rows
+    t = torch.tensor([0.0, 0.8, 0.0, 0.6], dtype=F64)  # ⊥ c1, c2
+    v = torch.cat([torch.tensor([3.0, 4.0], dtype=F64), 2.0 * c1 - 5.0 * c2 + 7.0 * t, t + c1])[None]
+    held_expect = torch.cat([torch.tensor([3.0, 0.0], dtype=F64), -5.0 * c2 + 7.0 * t, torch.zeros(4, dtype=F64)])
+    kept_expect = torch.cat([torch.tensor([0.0, 4.0], dtype=F64), 2.0 * c1 + 7.0 * t, t + c1])
+    torch.testing.assert_close(rows.held(v)[0], held_expect, rtol=0, atol=1e-14)
+    torch.testing.assert_close(rows.kept(v)[0], kept_expect, rtol=0, atol=1e-14)
+    cols = torch.stack([v[0], -v[0]], -1)[None]  # (B, m, k) columns too
+    torch.testing.assert_close(rows.held(cols)[0], torch.stack([held_expect, -held_expect], -1), rtol=0, atol=1e-14)
+    torch.testing.assert_close(rows.select(torch.tensor([0, 0])).kept(v.expand(2, -1))[1], kept_expect,
+                               rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_flat_objective_under_active_cones_has_the_closed_form_gradient(dense, monkeypatch):
+    """min −a pᵀ√x + (c/2)‖x‖² with a = 1e3, c = 2e-6: x = (a p / 2c)^(2/3) ~ 5e5 and
+    dx/dp = 2x / 3p. Each √x is a second-order cone with s and z on its boundary: H = ∞
+    along one frame direction, which the factorisation keeps at 1/δ. Beside the program's
+    own curvature (~1e-10 of that in its equilibrated units) the gradient moved by
+    ~1e10·δ: 4.5 % off at δ = 1e-12, without a warning, until the refinement went against
+    the exact limit there too (the factorised solve and the dense one, forced)."""
+    n, a, c = 6, 1e3, 2e-6
+    p, x = cp.Parameter(n, nonneg=True), cp.Variable(n)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(-a * p @ cp.sqrt(x) + c / 2 * cp.sum_squares(x))), [p], [x])
+    if dense:
+        densely = vjp._densely_where_unsolved
+
+        def forced(sol, layout, kkt, *args):
+            kkt.solve_residual = torch.ones_like(kkt.solve_residual)
+            return densely(sol, layout, kkt, *args)
+
+        monkeypatch.setattr(vjp, "_densely_where_unsolved", forced)
+    gen = torch.Generator().manual_seed(0)
+    P = (0.5 + torch.rand(2, n, generator=gen, dtype=F64)).requires_grad_(True)
+    G = torch.randn(2, n, generator=gen, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y = layer(P)
+        (g,) = torch.autograd.grad(y, P, G)
+    xs = (a * P.detach() / (2 * c)) ** (2 / 3)
+    torch.testing.assert_close(y.detach(), xs, rtol=1e-8, atol=0)
+    torch.testing.assert_close(g, G * 2 * xs / (3 * P.detach()), rtol=1e-6, atol=0)
