@@ -244,9 +244,15 @@ class BatchedProgram:
                        error_duals=data.on_device("error_duals", p))
         if second_opinion:
             options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
-        # How a generic direction of the parameters moves the constraints: the backward
-        # probes for degenerate vertices along it.
-        tangent = data.constraint_tangent(p) if reverse else None  # (forward mode: its own tangent probes)
+        # How a generic direction of the parameters moves the data: the backward probes
+        # along it for degenerate vertices and for null directions the parameters reach.
+        tangent = data.parameter_tangent(p) if reverse else None  # (forward mode: its own tangent probes)
+        if tangent is not None and tangent[0] is None:
+            # Eliminated variables: P and q are products of maps of p; their secant along
+            # the direction (exact where the elimination's map is constant, as for
+            # sum_squares(L @ x)) is a direction they move in all the same.
+            P2, q2 = data.fill(p + data.tangent_direction(p))[:2]
+            tangent = (P2 - P, q2 - q, *tangent[2:])
         x, z, status, residual, iterations, error, points, _ = _ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where)
         xf, zf = data.recover(x, z, extra)

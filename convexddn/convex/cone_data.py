@@ -124,20 +124,31 @@ class ConeData:
                           else p.new_zeros(B, self.maps[k].size).scatter_add(1, where.expand(B, -1), v))
         return out
 
-    def constraint_tangent(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(dA (1, m, n), db (1, m))``: how ``[A | b]`` move along a fixed, generic
-        direction of the parameters (golden-angle sines over the parameter columns; the
-        constant column fixed), in ``like``'s dtype and device; cached.
-
-        ``A`` and ``b`` are linear in ``p``: :meth:`blocks` of the direction is their
-        exact directional derivative.
-        """
+    def tangent_direction(self, like: torch.Tensor) -> torch.Tensor:
+        """``(1, n_cols)`` a fixed, generic direction of the parameters (golden-angle sines
+        over the parameter columns; the constant column fixed), in ``like``'s dtype and
+        device; cached."""
         def build():
             k = torch.arange(self.n_cols, dtype=like.dtype, device=like.device)
             dp = torch.sin(2.399963229728653 * k + 1.0)
             dp[-1] = 0.0
-            blocks = self.blocks(dp.unsqueeze(0))
-            return blocks["A"].view(1, self.layout.m, self.n), blocks["b"]
+            return dp.unsqueeze(0)
+        return cached(self._cache, ("direction", str(like.device), like.dtype), build)
+
+    def parameter_tangent(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                             torch.Tensor, torch.Tensor]:
+        """``(dP (1, n, n), dq (1, n), dA (1, m, n), db (1, m))``: how the data move along
+        :meth:`tangent_direction`; cached. ``A`` and ``b`` are linear in ``p``, and so are
+        ``P`` and ``q`` unless variables were eliminated (then ``dP``, ``dq`` are None:
+        the caller takes their secant): :meth:`blocks` of the direction is their exact
+        directional derivative.
+        """
+        def build():
+            blocks = self.blocks(self.tangent_direction(like))
+            dA, db = blocks["A"].view(1, self.layout.m, self.n), blocks["b"]
+            if self.eliminated:
+                return None, None, dA, db
+            return blocks["PKK"].view(1, self.n, self.n), blocks["qK"], dA, db
         return cached(self._cache, ("tangent", str(like.device), like.dtype), build)
 
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
