@@ -15,7 +15,8 @@ import torch
 from .._warn import warn
 from ..errors import GradientWarning
 
-__all__ = ["warn_degenerate_pairs", "warn_degenerate_tangent", "warn_degenerate_values"]
+__all__ = ["sign_ties", "warn_degenerate_pairs", "warn_degenerate_tangent", "warn_degenerate_values",
+           "warn_sign_ties"]
 
 # A dropped pair is reported only when the term it drops is above rounding noise: a
 # loss that does not depend on the basis inside a degenerate eigenspace (a projector
@@ -126,3 +127,26 @@ def warn_degenerate_values(near: torch.Tensor, g_lam: torch.Tensor, k: int, gap_
             f"cluster's sum is differentiable); the one returned depends on the basis eigh chose",
             GradientWarning,
         )
+
+
+# Relative size (to the largest |component|) below which the two extreme components of
+# a returned eigenvector count as tied: the rounding of a float64 ``eigh``, 8 N eps.
+def sign_ties(Vk: torch.Tensor) -> torch.Tensor:
+    """``(…, k)`` the returned eigenvectors ``Vk`` ``(…, N, k)`` whose largest and smallest
+    components are equal in magnitude to rounding, where the sign convention (the largest
+    |component| positive) flips: X = [[2, 1], [1, 2]]'s v₂ = (1, −1)/√2, any symmetric
+    graph's Laplacian. There the output jumps (by 2|v| under a perturbation of 1e-9)."""
+    hi, lo = Vk.amax(-2), Vk.amin(-2)
+    return (hi + lo).abs() <= 8 * Vk.shape[-2] * torch.finfo(torch.float64).eps * (hi - lo)
+
+
+def warn_sign_ties(reached: torch.Tensor, what: str) -> None:
+    """Warn that the eigenvectors of the batch elements ``reached`` ``(…)`` sit where the
+    sign convention flips, and the ``what`` (gradient, tangent) is one side's."""
+    warn(
+        f"eigen_decomposition: for {_format_indices(reached)} a returned eigenvector has its "
+        f"largest and smallest components equal in magnitude, where the sign convention "
+        f"(largest |component| positive) flips: the output jumps there and its {what} is one "
+        f"side's",
+        GradientWarning,
+    )

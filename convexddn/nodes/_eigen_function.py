@@ -12,9 +12,11 @@ from .._autograd import bind_fast, first_order, first_order_jvp, without_autocas
 from .._checks import check_finite
 from ..errors import SolverError
 from ._eigen_degenerate import (
+    sign_ties,
     warn_degenerate_pairs,
     warn_degenerate_tangent,
     warn_degenerate_values,
+    warn_sign_ties,
 )
 
 # The decomposition is computed in float64 and cast back: a float32 eigen solve has
@@ -151,7 +153,13 @@ class _EigenFunction(torch.autograd.Function):
         gap = (mu_s[..., None, sel] - mu_s[..., :, None]).to(M.dtype)
         torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
         limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
-        if bool((mu.diff(dim=-1) <= limit).any()):  # one host sync, as in the backward
+        ties = sign_ties(V[..., sel])  # (V, not M: under jacfwd's vmap M is batched)
+        any_near, any_tie = torch.stack([(mu.diff(dim=-1) <= limit).any(), ties.any()]).tolist()  # one host sync
+        if any_tie:
+            reached = (ties & (M != 0).any(-2)).any(-1)
+            if bool(reached.any()):
+                warn_sign_ties(reached, "tangent")
+        if any_near:
             degenerate = gap.abs() <= limit.unsqueeze(-1)
             all_diag = (V * (D @ V)).sum(-2)  # M_jj for every j: the tangent splits a tie?
             warn_degenerate_tangent(M, all_diag, degenerate, sel, ctx.gap_tol)
@@ -178,7 +186,11 @@ class _EigenFunction(torch.autograd.Function):
         # mu is sorted: a degenerate pair exists iff a consecutive gap is small, an
         # (N,) test per matrix that spares the common case the (N, k) masks.
         near = mu.diff(dim=-1) <= limit
-        any_near = bool(near.any())  # one host sync
+        # The eigenvectors the cotangent reaches, at a tie of the sign convention.
+        ties = (sign_ties(Vk) & (g_vec != 0).any(-2)).any(-1) if g_vec is not None else near[..., :0].any(-1)
+        any_near, any_tie = torch.stack([near.any(), ties.any()]).tolist()  # one host sync
+        if any_tie:
+            warn_sign_ties(ties, "gradient")
         if g_lam is not None and any_near:
             warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
         if g_vec is not None:

@@ -101,7 +101,10 @@ def eigen_decomposition(
     ``largest=False`` those of the k smallest in ascending order. Sign convention: the
     largest-magnitude component of each eigenvector is positive (the first among exact
     ties), which makes the output a function of ``X`` wherever the eigenvalues are
-    simple.
+    simple; it jumps (v to −v) where the largest and smallest components of an
+    eigenvector are equal in magnitude (X = [[2, 1], [1, 2]]'s second eigenvector, a
+    symmetric graph's Laplacian), and a gradient or tangent that reaches such an
+    eigenvector is one side's, with a :class:`~convexddn.errors.GradientWarning`.
 
     Backward (vector–Jacobian product, no Jacobian formed):
     :math:`\bar X = \operatorname{sym}(V (F \circ V^\top G + E_g) V_k^\top)` with

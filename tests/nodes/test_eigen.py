@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from convexddn.errors import DTypeError, GradientWarning, NonFiniteError, OptionError, ShapeError, SolverError
 from convexddn.nodes.eigen import EigenDecomposition, EigenResult, eigen_decomposition
@@ -451,3 +452,23 @@ def test_float32_projector_loss_at_a_repeated_eigenvalue_does_not_warn():
                 for i in range(3) for j in range(3, 6))
         G = (G + G.T) / 2
         assert float((X.grad.double() - G).norm() / G.norm()) < 1e-6
+
+
+def test_a_tie_of_the_sign_convention_is_warned_about():
+    """X = [[2, 1], [1, 2]]: v₂ = (1, −1)/√2 has its two components equal in magnitude,
+    where the convention (largest |component| positive) flips: X₀₀ + 1e-9 returns −v₂.
+    The gradient through v₂ (one side's) came without a warning; v₁ = (1, 1)/√2 is no tie."""
+    X = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    E = torch.zeros(2, 2, dtype=torch.float64)
+    E[0, 0] = 1e-9
+    v_here, v_moved = (eigen_decomposition(Y).eigenvectors[:, 1] for Y in (X, X + E))
+    assert float((v_here + v_moved).abs().max()) < 1e-8  # (the jump the warning is about)
+    Xg = X.clone().requires_grad_(True)
+    with pytest.warns(GradientWarning, match="sign convention"):
+        eigen_decomposition(Xg).eigenvectors[0, 1].backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        eigen_decomposition(Xg).eigenvectors[0, 0].backward()
+        eigen_decomposition(Xg).eigenvalues.sum().backward()
+    with fwAD.dual_level(), pytest.warns(GradientWarning, match="sign convention"):
+        eigen_decomposition(fwAD.make_dual(X, E)).eigenvectors

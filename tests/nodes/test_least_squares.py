@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import warnings
 
+import math
+
 import pytest
 import torch
 
@@ -619,3 +621,20 @@ def test_least_squares_no_rows_with_ridge_is_zero():
     assert x.shape == (2, 3) and torch.equal(x, torch.zeros_like(x))
     x.sum().backward()
     assert torch.equal(ridge.grad, torch.zeros_like(ridge))
+
+
+def test_a_singular_matrix_whose_unpivoted_factor_hides_it_is_refused():
+    """Kahan's matrix with its smallest singular value set to 0 (σ_min/σ_max = 5e-20 by
+    numpy's SVD, numerical rank 59 of 60): the unpivoted QR's smallest diagonal ratio is
+    2.3e-12, above the n·eps test, and an x of norm 2e19 came back (the minimum-norm
+    solution's is 118) without an error."""
+    n, th = 60, 1.2
+    K = torch.diag(math.sin(th) ** torch.arange(n, dtype=torch.float64)) @ (
+        torch.triu(-math.cos(th) * torch.ones(n, n, dtype=torch.float64), 1) + torch.eye(n, dtype=torch.float64))
+    U, S, Vh = torch.linalg.svd(K)
+    S[-1] = 0.0
+    A = (U * S) @ Vh
+    s = torch.linalg.svdvals(A)
+    assert float(s[-1] / s[0]) < 1e-15  # (the reference: singular to float64 precision)
+    with pytest.raises(SolverError, match="rank deficient"):
+        least_squares(A, torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
