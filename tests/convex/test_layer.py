@@ -1102,6 +1102,24 @@ def test_symmetric_declaration_message_names_the_batch_index():
             layer(bad[1])
 
 
+@pytest.mark.parametrize("attr, good, bad", [("boolean", [0.0, 1.0], [0.5, -1.0]), ("integer", [-2.0, 3.0], [0.5])])
+def test_boolean_and_integer_parameters_are_checked(attr, good, bad):
+    """CVXPY takes a boolean parameter as nonneg (b‖x‖₁ is convex only so) and refuses
+    other values itself; the layer accepted 0.5 silently and reported -1 as unbounded."""
+    from convexddn.errors import InputError
+
+    b, y, x = cp.Parameter(name="b", **{attr: True}), cp.Parameter(2), cp.Variable(2)
+    term = cp.norm1(x) if attr == "boolean" else cp.sum(x)  # (convex with a nonneg b; any b)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - y) + b * term), [cp.norm_inf(x) <= 3])
+    layer = cddn.ConvexLayer(prob, [b, y], [x])
+    Y = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    for v in good:
+        layer(torch.tensor(v, dtype=torch.float64), Y)
+    for v in bad:
+        with pytest.raises(InputError, match=rf"parameter 0 \(b\) is declared {attr}=True, got 1 entries"):
+            layer(torch.tensor(v, dtype=torch.float64), Y)
+
+
 @pytest.mark.parametrize("solver", ["auto", "Clarabel"])
 def test_second_backward_without_retain_graph_raises_on_both_paths(solver):
     """The per-element path's backward saves no tensor: a second backward() without
