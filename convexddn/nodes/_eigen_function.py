@@ -186,11 +186,13 @@ class _EigenFunction(torch.autograd.Function):
         # mu is sorted: a degenerate pair exists iff a consecutive gap is small, an
         # (N,) test per matrix that spares the common case the (N, k) masks.
         near = mu.diff(dim=-1) <= limit
-        # The eigenvectors the cotangent reaches, at a tie of the sign convention.
-        ties = (sign_ties(Vk) & (g_vec != 0).any(-2)).any(-1) if g_vec is not None else near[..., :0].any(-1)
+        # Ties of the sign convention (on V, not on g_vec: under jacrev's vmap it is batched).
+        ties = sign_ties(Vk) if g_vec is not None else near[..., :0]
         any_near, any_tie = torch.stack([near.any(), ties.any()]).tolist()  # one host sync
         if any_tie:
-            warn_sign_ties(ties, "gradient")
+            reached = (ties & (g_vec != 0).any(-2)).any(-1)  # the eigenvectors the cotangent reaches
+            if bool(reached.any()):
+                warn_sign_ties(reached, "gradient")
         if g_lam is not None and any_near:
             warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
         if g_vec is not None:
