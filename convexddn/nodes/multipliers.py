@@ -55,10 +55,19 @@ def inactive_mask(g: Tensor, A_ineq: Tensor, length: Tensor, active_tol: float,
 
 
 def _least_squares(A: Tensor, g: Tensor, use: Tensor | None = None) -> Tensor:
-    """``argmin ‖Aᵀλ + g‖`` (minimum norm), with ``λ_j = 0`` where ``use`` is false."""
+    """``argmin ‖Aᵀλ + g‖``, with ``λ_j = 0`` where ``use`` is false: the minimum-norm solution
+    in the units where each row of ``A`` has length 1 (the multipliers of dependent rows
+    are not unique)."""
     if use is not None:
         A = A * use.unsqueeze(-1)  # a zero row gets a zero multiplier from pinv
-    return -(torch.linalg.pinv(A.transpose(1, 2)) @ g.unsqueeze(-1)).squeeze(-1)
+    # Rows at unit length first (λ_j = μ_j / ‖a_j‖): pinv's cut-off is relative to the
+    # largest singular value, and a constraint written in small units (−1e-14·y ≤ 0 for
+    # y ≥ 0) lost its multiplier beside the others' (a stationarity residual of 0.33
+    # at an exact solution, rejected as not a KKT point).
+    norm = A.norm(dim=-1)
+    inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
+    mu = -(torch.linalg.pinv((A * inv.unsqueeze(-1)).transpose(1, 2)) @ g.unsqueeze(-1)).squeeze(-1)
+    return mu * inv
 
 
 def nonnegative_multipliers(A: Tensor, g: Tensor, nonneg: Tensor,

@@ -1827,3 +1827,36 @@ def test_a_kink_with_an_equality_met_to_rounding_warns_and_does_not_raise():
     with pytest.warns(GradientWarning, match="kink"):
         (g,) = torch.autograd.grad(L1Sum()(x)[:, 1].sum(), x)
     assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e-16])
+def test_constraints_in_small_units_keep_their_multipliers(scale):
+    """y ≥ 0 written as −1e-14·y ≤ 0 beside Σy = 1: the multipliers' pinv cut those rows
+    off relative to the equality's (a stationarity residual of 0.33 at an exact solution,
+    SolverError). Rows are taken at unit length first; the gradient is the simplex
+    projection's, (I − s sᵀ/|S|) on the support S (closed form)."""
+    from convexddn.functional import project_simplex
+
+    class Simplex(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1)
+
+        def equality_constraints(self, x, y):
+            return y.sum(-1, keepdim=True) - 1
+
+        def inequality_constraints(self, x, y):
+            return -scale * y
+
+        def solve(self, x):
+            return project_simplex(x)
+
+    gen = torch.Generator().manual_seed(0)
+    x = (0.5 * torch.randn(3, 5, dtype=DT, generator=gen)).requires_grad_()
+    w = torch.randn(3, 5, dtype=DT, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y = Simplex()(x)
+        (g,) = torch.autograd.grad(y, x, w)
+    support = (y.detach() > 0).to(DT)
+    expect = support * (w - (support * w).sum(-1, keepdim=True) / support.sum(-1, keepdim=True))
+    torch.testing.assert_close(g, expect, atol=1e-12, rtol=0)
