@@ -6,8 +6,8 @@
   its index);
 - solver options: :mod:`.solver_args` (re-exported here);
 - :func:`check_parameter_attributes`: tensors that honour what each ``cp.Parameter``
-  declares (``nonneg``, ``pos``, ``boolean``, ``integer``, ``symmetric``, ``PSD`` …), checked on the tensors'
-  own device, relative to their scale;
+  declares (``nonneg``, ``pos``, ``boolean``, ``integer``, ``symmetric``, ``PSD`` …), checked
+  on the tensors' own device, relative to their scale;
 - :func:`check_values`: every check of one call's tensors, in order, ending with the
   problem's own domain check where the layer has one (``ConvexLayer(check=...)``).
 
@@ -243,13 +243,11 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
     bound with a margin of 2 (a -0.3·m indefinite matrix is still refused up to n = 300,
     38 in bfloat16; ``64·eps`` let bfloat16 pass -0.5·m).
     """
-    signs = {"nonneg": value.__lt__, "nonpos": value.__gt__, "pos": value.__le__, "neg": value.__ge__}
-    if attr in signs:
-        return signs[attr](0), lambda: ""  # the count says it all
-    if attr == "integer":  # (CVXPY takes a boolean parameter as nonneg, and refuses other values itself)
-        return value != torch.round(value), lambda: ""
-    if attr == "boolean":
-        return (value != 0) & (value != 1), lambda: ""
+    entrywise = {"nonneg": lambda: value < 0, "nonpos": lambda: value > 0, "pos": lambda: value <= 0,
+                 "neg": lambda: value >= 0, "integer": lambda: value != torch.round(value),
+                 "boolean": lambda: (value != 0) & (value != 1)}  # (CVXPY takes a boolean as nonneg)
+    if attr in entrywise:
+        return entrywise[attr](), lambda: ""  # the count says it all
     info, n = torch.finfo(value.dtype), value.shape[-1]
     floor, sub = (1e-12 if value.dtype == torch.float64 else 1e-6), info.eps * info.smallest_normal  # (s)
     scale = value.detach().abs().amax((-2, -1)).double()  # (double: no float16 overflow below)
@@ -306,7 +304,7 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
             bad, why = _violations(value, attr)
             n_bad = int(bad.sum())
             if n_bad:
-                what = "entries" if attr in ("nonneg", "nonpos", "pos", "neg", "integer", "boolean") else "matrices"
+                what = "matrices" if attr in _SYMMETRIC else "entries"
                 reason = why()
                 raise InputError(
                     f"{parameter_label(i, param, labels)} is declared {attr}=True, got {n_bad} {what} "

@@ -1349,11 +1349,8 @@ def test_independent_active_constraints_skip_the_nnls(monkeypatch):
     assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum()), dtype=torch.float64))
 
 
-def test_cg_at_a_vertex_no_false_ill_conditioning_warning():
-    # At a vertex of the simplex the active constraints leave no free direction: CG's
-    # projected probe was rounding noise, never "converged" relative to itself, and the
-    # element was reported ill-conditioned (condition number 1.2e4, below the 1e10
-    # threshold the message quotes). The gradients of CG and the dense solve agree.
+def _simplex_node(scale: float = 1.0) -> type[DeclarativeNode]:
+    """The projection onto the simplex as a DeclarativeNode, y ≥ 0 written as −scale·y ≤ 0."""
     from convexddn.functional import project_simplex
 
     class Simplex(DeclarativeNode):
@@ -1364,11 +1361,20 @@ def test_cg_at_a_vertex_no_false_ill_conditioning_warning():
             return y.sum(-1, keepdim=True) - 1
 
         def inequality_constraints(self, x, y):
-            return -y
+            return -scale * y
 
         def solve(self, x):
             return project_simplex(x)
 
+    return Simplex
+
+
+def test_cg_at_a_vertex_no_false_ill_conditioning_warning():
+    # At a vertex of the simplex the active constraints leave no free direction: CG's
+    # projected probe was rounding noise, never "converged" relative to itself, and the
+    # element was reported ill-conditioned (condition number 1.2e4, below the 1e10
+    # threshold the message quotes). The gradients of CG and the dense solve agree.
+    Simplex = _simplex_node()
     x0 = torch.tensor([[0.5, 0.2, 0.1], [0.0, 3.0, 0.0]], dtype=DT)
     for w in (torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.0, -1.0]], dtype=DT),
               torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=DT)):  # the audit's y[0].sum()
@@ -1835,21 +1841,7 @@ def test_constraints_in_small_units_keep_their_multipliers(scale):
     off relative to the equality's (a stationarity residual of 0.33 at an exact solution,
     SolverError). Rows are taken at unit length first; the gradient is the simplex
     projection's, (I − s sᵀ/|S|) on the support S (closed form)."""
-    from convexddn.functional import project_simplex
-
-    class Simplex(DeclarativeNode):
-        def objective(self, x, y):
-            return 0.5 * ((y - x) ** 2).sum(-1)
-
-        def equality_constraints(self, x, y):
-            return y.sum(-1, keepdim=True) - 1
-
-        def inequality_constraints(self, x, y):
-            return -scale * y
-
-        def solve(self, x):
-            return project_simplex(x)
-
+    Simplex = _simplex_node(scale)
     gen = torch.Generator().manual_seed(0)
     x = (0.5 * torch.randn(3, 5, dtype=DT, generator=gen)).requires_grad_()
     w = torch.randn(3, 5, dtype=DT, generator=gen)
