@@ -52,14 +52,25 @@ def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
 
 # torch's messages for operands whose shapes do not fit together.
 _SHAPE_FAULTS = ("must match the size", "cannot be multiplied", "size mismatch", "shape mismatch")
+_DTYPE_FAULTS = ("same dtype", "expected scalar type", "dtype mismatch")
 
 
 def _call(name: str, fn: Callable[..., Tensor], xs, y: Tensor):
     """``fn(*xs, y)``; a shape fault inside it names the shapes it was called with
-    (typically ``solve`` returned another per-element shape than ``fn`` expects)."""
+    (typically ``solve`` returned another per-element shape than ``fn`` expects), a dtype
+    fault the dtypes (typically a tensor kept as a plain attribute, which does not follow
+    the dtype the node evaluates ``fn`` in)."""
     try:
         return fn(*xs, y)
     except RuntimeError as err:
+        if any(k in str(err) for k in _DTYPE_FAULTS):
+            dtypes = ", ".join(str(x.dtype).removeprefix("torch.") for x in xs)
+            raise DTypeError(
+                f"{name} failed on inputs of dtypes {dtypes} and a solution y of dtype "
+                f"{str(y.dtype).removeprefix('torch.')} ({err}): the node evaluates {name} in the dtype "
+                "it differentiates in (float64 for its checks); a tensor it uses that is not an input "
+                "must follow it — register it with register_buffer or as an nn.Parameter, or cast it "
+                "to y's dtype inside the function") from err
         if not any(k in str(err) for k in _SHAPE_FAULTS):
             raise
         shapes = ", ".join(str(tuple(x.shape)) for x in xs)

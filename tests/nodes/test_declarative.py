@@ -621,3 +621,24 @@ def test_dependent_constraints_warn_only_where_the_data_sees_it(solver):
     t = s.detach().clone().requires_grad_(True)
     with pytest.warns(GradientWarning, match="linearly dependent"):
         torch.autograd.grad((_SumTo(False, linear_solver=solver)(x, s, t) * v).sum(), (s, t))
+
+
+def test_a_plain_attribute_in_another_dtype_is_named_with_its_remedy():
+    """A float32 matrix kept as a plain attribute (not a buffer) meets the float64 the
+    node checks in: torch's own 'expected m1 and m2 to have the same dtype' escaped,
+    naming neither the function nor the fix."""
+
+    class Quad(DeclarativeNode):
+        def __init__(self, M):
+            super().__init__()
+            self.M = M  # (a plain attribute: .double() and the probes' casts pass it by)
+
+        def objective(self, x, y):
+            return 0.5 * (y * (y @ self.M)).sum(-1) - (x * y).sum(-1)
+
+        def solve(self, x):
+            return torch.linalg.solve(self.M, x.T).T
+
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(DTypeError, match=r"Quad\.objective failed .*register_buffer"):
+        Quad(2 * torch.eye(3))(x)
