@@ -69,6 +69,16 @@ class BatchedSolveInfo:
         return [self.names[int(s)] for s in self.status.tolist()]
 
 
+def _secant(data, p: torch.Tensor):
+    """``idx -> (dP, dq)``: the change of the elements ``idx``'s P and q along
+    :meth:`~.cone_data.ConeData.tangent_direction`."""
+    def secant(idx: torch.Tensor):
+        sub = p.index_select(0, idx)
+        (P2, q2), (P1, q1) = (data.fill(v)[:2] for v in (sub + data.tangent_direction(sub), sub))
+        return P2 - P1, q2 - q1
+    return secant
+
+
 class BatchedProgram:
     """A DPP problem, canonicalised once, solved for a batch of parameters in torch.
 
@@ -247,12 +257,11 @@ class BatchedProgram:
         # How a generic direction of the parameters moves the data: the backward probes
         # along it for degenerate vertices and for null directions the parameters reach.
         tangent = data.parameter_tangent(p) if reverse else None  # (forward mode: its own tangent probes)
-        if tangent is not None and tangent[0] is None:
+        if tangent is not None:
             # Eliminated variables: P and q are products of maps of p; their secant along
-            # the direction (exact where the elimination's map is constant, as for
-            # sum_squares(L @ x)) is a direction they move in all the same.
-            P2, q2 = data.fill(p + data.tangent_direction(p))[:2]
-            tangent = (P2 - P, q2 - q, *tangent[2:])
+            # the direction is a direction they move in all the same (formed in the
+            # backward, for the elements that need it).
+            tangent = (*tangent, None if tangent[0] is not None else _secant(data, p.detach()))
         x, z, status, residual, iterations, error, points, _ = _ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where)
         xf, zf = data.recover(x, z, extra)

@@ -67,8 +67,9 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     Args:
         sol: a solution from ``solve_cone_batch(..., keep_state=True)``.
         gx, gz: cotangents of ``sol.x`` ``(B, n)`` and ``sol.z`` ``(B, m)``.
-        tangent: ``(dP, dq, dA, db)``, how a fixed, generic direction of the parameters
-            moves the data (``dP``, ``dq`` None: the objective's part left out); where the
+        tangent: ``(dP, dq, dA, db, secant)``, how a fixed, generic direction of the
+            parameters moves the data (``dP``, ``dq`` None: ``secant(idx)`` gives them for
+            the elements ``idx``, where a generic vector finds the system near singular); where the
             derivative along it grows by more than :data:`PROBE_GAIN` (a degenerate
             vertex: more active rows than the solution's dimension, moved apart), or by
             more than :data:`PROBE_GATE` and the limit system's test finds it reaching a
@@ -99,14 +100,14 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     ux, uz, _ = kkt.solve(rx, rz, refine, until=BACKWARD_RTOL)
     ux, uz, unsolved = _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz)
     vertex = torch.zeros_like(sol.status, dtype=torch.bool)
-    gain = px = None
+    gain = px = secant = None
     if tangent is not None:
         # The derivative of (x, z) along the tangent: K (dx, dz) = (-dP x - dq - dAᵀz,
         # db - dA x). Unrefined: only a blow-up by ~1/δ matters.
-        dP, dq, dA, db = tangent
+        dP, dq, dA, db, secant = tangent
         wx = -bmv(dA.mT, sol.z)
         if dP is not None:
-            wx = wx - bmv(0.5 * (dP + dP.mT), sol.x) - dq
+            wx = wx - _objective_part(dP, dq, sol.x)
         px, pz = equilibrated(wx, db - bmv(dA, sol.x))
         size = torch.maximum(row_inf(px), row_inf(pz))
         du, dz, _ = kkt.solve(px, pz, 0)
@@ -137,6 +138,19 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         # a = (1, 1, 1), a regulariser's weight at 0): the loss may be unique while its
         # derivative is not (one-sided derivatives -1 and 0; 0 returned where the right
         # one is 0.6), and rounding caps the probe's blow-up there as the cotangent's.
+        if secant is not None:
+            # P and q move nonlinearly with the parameters (eliminated variables): their
+            # secant costs a fill of the data (11 % of sparsemax's forward at batch 1024),
+            # so only where a generic vector shows the system near singular.
+            gen = torch.sin(2.399963229728653 * torch.arange(px.shape[1], dtype=px.dtype, device=px.device) + 1.0)
+            gu, gz_, _ = kkt.solve(gen.expand(px.shape[0], -1).unsqueeze(-1), torch.zeros_like(pz), 0)
+            near = ok[:, 0] & (torch.maximum(row_inf(gu), row_inf(gz_)) / row_inf(gen[None]) > PROBE_GATE)
+            idx = torch.nonzero(near).squeeze(1)
+            gain = torch.where(near, math.inf, 0.0)
+            if idx.numel():
+                dP, dq = secant(idx)
+                part = -_objective_part(dP, dq, sol.x.index_select(0, idx))
+                px = px.index_add(0, idx, (rc.index_select(0, idx) * d.D.index_select(0, idx) * part).unsqueeze(-1))
         vertex = vertex | _limit_test(sol, layout, ok[:, 0], gain / PROBE_GATE * LIMIT_GATE, px.squeeze(-1),
                                       cols)[1]
     nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached | unsolved)
@@ -151,6 +165,11 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     gP = torch.bmm(left, torch.stack([x, ux], 1)).mul_(-0.5)
     gA = torch.bmm(torch.stack([z, uz], -1), left.mT).neg_()
     return gP, -ux, gA, uz, not_differentiable, nonunique
+
+
+def _objective_part(dP: torch.Tensor, dq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sym(dP) x + dq: how the stationarity row moves with the objective's data."""
+    return 0.5 * (bmv(dP, x) + bmv(dP.mT, x)) + dq
 
 
 def _limit_test(sol: ConeSolution, layout, ok: torch.Tensor, amplification: torch.Tensor, rx: torch.Tensor,
