@@ -38,6 +38,7 @@ import scipy.sparse as sp
 from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
+from .._generic import GOLDEN_ANGLE
 from .cone_checks import cone_blocks
 
 __all__ = ["Bordered", "bordered", "probes", "sparse_derivative", "sparse_pays"]
@@ -142,7 +143,7 @@ def bordered(M: sp.csc_matrix, z: np.ndarray, rank_rtol: float) -> Bordered | No
         return None
     # Its smallest singular value by inverse iteration from a fixed generic vector (two
     # steps: the first leaves what the start held of the other directions).
-    v = np.sin(np.arange(1, Mb.shape[0] + 1) * 2.399963229728653)
+    v = np.sin(np.arange(1, Mb.shape[0] + 1) * GOLDEN_ANGLE)
     for _ in range(2):
         v = v / np.linalg.norm(v)
         v = lu.solve(v)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._generic import generic_vector
 from .kkt import DENSE, KKTStructure, bmv
 from .symmetric_cones import ConeLayout
 from .tensor_cache import cached
@@ -129,8 +130,7 @@ class ConeData:
         over the parameter columns; the constant column fixed), in ``like``'s dtype and
         device; cached."""
         def build():
-            k = torch.arange(self.n_cols, dtype=like.dtype, device=like.device)
-            dp = torch.sin(2.399963229728653 * k + 1.0)
+            dp = generic_vector(self.n_cols, like.dtype, like.device)
             dp[-1] = 0.0
             return dp.unsqueeze(0)
         return cached(self._cache, ("direction", str(like.device), like.dtype), build)

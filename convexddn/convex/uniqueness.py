@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from .._generic import generic_vector
 from .certify import decided, soc_frame
 
 __all__ = ["LIMIT_AMPLIFICATION", "limit_matrix", "limit_nonunique"]
@@ -123,7 +124,7 @@ def limit_nonunique(d, layout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tenso
     S = dj[:, :, None] * S * dj[:, None, :]
     S.diagonal(dim1=1, dim2=2).add_(n * torch.finfo(S.dtype).eps)
     L, info = torch.linalg.cholesky_ex(S)
-    probe = torch.sin(2.399963229728653 * torch.arange(n, dtype=S.dtype, device=S.device) + 1.0)
+    probe = generic_vector(n, S.dtype, S.device)
     if cols is not None:
         cols = cols.to(S.device)
         probe = torch.zeros_like(probe).index_copy(0, cols, probe.index_select(0, cols))

@@ -45,12 +45,13 @@ import math
 
 import torch
 
-from .._warn import warn
 from .._autograd import first_order, first_order_jvp, refuse_batched
+from .._generic import generic_vector
+from .._warn import warn
 from ..errors import GradientWarning
-from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .certify import undecided_reach
 from .dense_kkt import dense_limit_solve
+from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .kkt import bmv, row_inf
 from .status import element_list, name_elements
 from .uniqueness import limit_nonunique
@@ -142,7 +143,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
             # P and q move nonlinearly with the parameters (eliminated variables): their
             # secant costs a fill of the data (11 % of sparsemax's forward at batch 1024),
             # so only where a generic vector shows the system near singular.
-            gen = torch.sin(2.399963229728653 * torch.arange(px.shape[1], dtype=px.dtype, device=px.device) + 1.0)
+            gen = generic_vector(px.shape[1], px.dtype, px.device)
             gu, gz_, _ = kkt.solve(gen.expand(px.shape[0], -1).unsqueeze(-1), torch.zeros_like(pz), 0)
             near = ok[:, 0] & (torch.maximum(row_inf(gu), row_inf(gz_)) / row_inf(gen[None]) > PROBE_GATE)
             idx = torch.nonzero(near).squeeze(1)

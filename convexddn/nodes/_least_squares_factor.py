@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .._generic import generic_vector
 from ..errors import SolverError
 
 __all__ = ["factor", "column_norms", "power_of_two_scale", "apply_qt", "rank_deficient", "backward_gain",
@@ -121,8 +122,7 @@ def rank_deficient(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor) -> t
     # iteration on Rsᵀ Rs (Rs = R with unit columns) from a generic vector bounds σ_min
     # from above, ‖v‖ / ‖(Rsᵀ Rs)⁻¹ v‖ ≥ σ_min², at two triangular solves.
     Rs = R[..., :n, :] / scale.unsqueeze(-2)
-    v = torch.sin(2.399963229728653 * torch.arange(n, dtype=R.dtype, device=R.device) + 1.0)
-    v = v.expand(*Rs.shape[:-2], n).unsqueeze(-1)
+    v = generic_vector(n, R.dtype, R.device).expand(*Rs.shape[:-2], n).unsqueeze(-1)
     w = torch.linalg.solve_triangular(Rs, torch.linalg.solve_triangular(Rs.mT, v, upper=False), upper=True)
     gain = w.abs().amax((-2, -1)) / v.abs().amax((-2, -1))
     tiny = ~(gain * (tol * top.squeeze(-1)) ** 2 < 1)  # (NaN, inf: an exact zero pivot)

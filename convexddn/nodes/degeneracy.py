@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .._generic import generic_vector
 from .._warn import warn
 from ..errors import GradientWarning
 from .dense import default_rcond
@@ -100,8 +101,7 @@ def dependence_reaches_data(c: Tensor, A: Tensor, inactive: Tensor, inputs: tupl
         N = T * (~inactive).unsqueeze(-1).to(T.dtype)
         # A shared parameter's vjp sums over the batch: generic weights per element keep
         # one element's component from cancelling another's (deterministic: no RNG use).
-        k = torch.arange(batch, dtype=A.dtype, device=A.device)
-        weight = (1.0 + 0.5 * torch.sin(2.399963229728653 * k + 1.0)).unsqueeze(-1)
+        weight = (1.0 + 0.5 * generic_vector(batch, A.dtype, A.device)).unsqueeze(-1)
         norms = []  # (B,) size of ν_jᵀ ∂c/∂θ over every data tensor, per column j
         for j in range(r):
             grads = torch.autograd.grad(c, inputs + params, N[..., j] * weight, retain_graph=True,

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._generic import GOLDEN_ANGLE
+
 __all__ = [
     "CGResult",
     "constraint_gram",
@@ -38,7 +40,7 @@ _LANCZOS_STEPS = 100
 
 # The golden angle: cos(j * φ) visits [-1, 1] without short cycles, a reproducible
 # "random" vector that needs no generator (and so no device-specific RNG state).
-_GOLDEN_ANGLE = 2.399963229728653
+_GOLDEN_ANGLE = GOLDEN_ANGLE
 
 
 def pseudo_random_directions(m: int, batch: int, dtype: torch.dtype, device) -> Tensor:

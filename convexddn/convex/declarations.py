@@ -1,0 +1,104 @@
+"""Declared attributes of parameters, checked on the tensors that fill them.
+
+CVXPY canonicalises a problem assuming what each ``cp.Parameter`` declares (a ``nonneg``
+λ makes ``λ‖x‖₁`` convex, a ``boolean`` one is taken as nonneg); a value that breaks it
+gives a wrong answer or a misleading diagnosis ("unbounded"), so
+:func:`check_parameter_attributes` refuses it, naming the parameter: signs, integer and
+boolean entries per entry, symmetric and PSD/NSD matrices each at its own scale, on the
+tensors' own device.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import cvxpy as cp
+import torch
+
+from ..errors import InputError
+
+__all__ = ["SYMMETRIC_ATTRIBUTES", "check_parameter_attributes", "parameter_label"]
+
+
+def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[[], str]]:
+    """Per-entry (or per-matrix) violation mask of one declared attribute, and what the
+    first violating matrix gets wrong (asked only when there is one: a host sync).
+
+    Matrices are judged each at its own scale (its largest entry): a batch-wide scale let
+    an indefinite matrix pass beside one of 1e10 (and come back as a wrong "solved" point).
+
+    Tolerances follow the dtype the values came in: rounding to it moves each entry by at
+    most ``eps/2·m`` (``m`` the largest |entry|; or half the subnormal spacing ``s``), each
+    eigenvalue by at most ``n·eps/2·m``. Symmetric: ``|v - vᵀ| <= 8·(max(floor, eps)·m + s)``;
+    PSD (NSD): smallest (largest) eigenvalue beyond ``-(max(64·floor, n·eps)·m + n·s)``,
+    ``floor`` 1e-12 for float64, 1e-6 otherwise: float64 and float32 as before (``n·eps``
+    passes ``64·floor`` beyond n = 537 in float32); float16 and bfloat16 get the rounding
+    bound with a margin of 2 (a -0.3·m indefinite matrix is still refused up to n = 300,
+    38 in bfloat16; ``64·eps`` let bfloat16 pass -0.5·m).
+    """
+    entrywise = {"nonneg": lambda: value < 0, "nonpos": lambda: value > 0, "pos": lambda: value <= 0,
+                 "neg": lambda: value >= 0, "integer": lambda: value != torch.round(value),
+                 "boolean": lambda: (value != 0) & (value != 1)}  # (CVXPY takes a boolean as nonneg)
+    if attr in entrywise:
+        return entrywise[attr](), lambda: ""  # the count says it all
+    info, n = torch.finfo(value.dtype), value.shape[-1]
+    floor, sub = (1e-12 if value.dtype == torch.float64 else 1e-6), info.eps * info.smallest_normal  # (s)
+    scale = value.detach().abs().amax((-2, -1)).double()  # (double: no float16 overflow below)
+    sym_tol = 8 * (max(floor, info.eps) * scale + sub)
+    asym = ((value - value.transpose(-1, -2)).abs() > sym_tol[..., None, None]).flatten(-2).any(-1)
+    if attr == "symmetric":
+        def not_symmetric() -> str:
+            first = tuple(int(i) for i in torch.nonzero(asym)[0])
+            return f"the first, at batch index {first}, is not symmetric" if first else "it is not symmetric"
+        return asym, not_symmetric
+    # PSD/NSD: symmetric, and the smallest (largest) eigenvalue within rounding of >= 0 (<= 0).
+    wide = value.double()  # (float16 entries of 40000 overflowed in value + valueᵀ)
+    eig = torch.linalg.eigvalsh(0.5 * (wide + wide.transpose(-1, -2)))
+    extreme = eig.amin(-1) if attr == "PSD" else eig.amax(-1)
+    eig_tol = max(64 * floor, n * info.eps) * scale + n * sub
+    mask = asym | (extreme < -eig_tol if attr == "PSD" else extreme > eig_tol)
+
+    def why() -> str:
+        first = tuple(int(i) for i in torch.nonzero(mask)[0])
+        which = f"the first, at batch index {first}," if first else "it"  # () for an unbatched matrix
+        if bool(asym[first]):
+            return f"{which} is not symmetric"
+        dtype, tol = str(value.dtype).removeprefix("torch."), float(eig_tol[first])
+        bound = f"down to -{tol:.3g}" if attr == "PSD" else f"up to {tol:.3g}"
+        return (f"{which} has {'smallest' if attr == 'PSD' else 'largest'} "
+                f"eigenvalue {float(extreme[first]):.3g} (largest |entry| {float(scale[first]):.3g}; "
+                f"tolerance for {dtype}: {bound})")
+    return mask, why
+
+
+_CHECKED_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "integer", "boolean", "symmetric", "PSD", "NSD")
+SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD")
+
+
+def parameter_label(i: int, param: cp.Parameter, labels: Sequence[str] | None = None) -> str:
+    """How errors name the i-th parameter: ``labels[i]`` where a wrapper's call numbers its
+    inputs otherwise (:class:`~.learned.LearnedLayer`), else ``parameter i (name)``."""
+    return labels[i] if labels is not None else f"parameter {i} ({param.name()})"
+
+
+def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter],
+                               labels: Sequence[str] | None = None) -> None:
+    """Raise ``InputError`` where a tensor breaks an attribute its ``cp.Parameter`` declares.
+
+    CVXPY canonicalises a problem assuming the declared attributes (a ``nonneg`` λ makes
+    ``λ‖x‖₁`` convex); a value that breaks them gives a wrong answer or a misleading
+    diagnosis ("unbounded"), so it is refused here, naming the parameter. One host sync
+    per declared attribute.
+    """
+    for i, (value, param) in enumerate(zip(values, parameters)):
+        for attr in _CHECKED_ATTRIBUTES:
+            if not param.attributes.get(attr):
+                continue
+            bad, why = _violations(value, attr)
+            n_bad = int(bad.sum())
+            if n_bad:
+                what = "matrices" if attr in SYMMETRIC_ATTRIBUTES else "entries"
+                reason = why()
+                raise InputError(
+                    f"{parameter_label(i, param, labels)} is declared {attr}=True, got {n_bad} {what} "
+                    f"that are not (shape {tuple(value.shape)}{'; ' + reason if reason else ''}); pass "
+                    "values that satisfy the declaration or drop it from the cp.Parameter")
