@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -100,7 +101,10 @@ def declarative_vjp(
 
     - the returned point is verified (``check_solution``): the KKT residuals of
       :func:`~convexddn.nodes.optimality.kkt_residuals`, relative to the problem's
-      scale, give a :class:`~convexddn.errors.GradientWarning` above ``solution_tol``
+      scale (and, where a common offset in the inputs inflates that scale, the Newton
+      step of the residual relative to ``y``,
+      :func:`~convexddn.nodes.optimality.newton_step_error`), give a
+      :class:`~convexddn.errors.GradientWarning` above ``solution_tol``
       and a :class:`~convexddn.errors.SolverError` above ``0.1``; an active inequality
       with a zero multiplier (strict complementarity fails: only one-sided derivatives
       exist) gives a warning;
@@ -276,6 +280,13 @@ class ImplicitSystem(NamedTuple):
         return (checked_solver_result(result, v.shape[0], v.shape[1], None if self.c is None else self.c.shape[1])
                 if self.checked else result)
 
+    def quiet_step(self, r: Tensor) -> Tensor:
+        """The ``y`` part of the solution for ``[r; 0]`` (the Newton step of a residual
+        ``r`` (B, m)), without the system's warnings, which the gradient's solve gives."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.solve(r)[0]
+
 
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
                     params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
@@ -361,16 +372,6 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             inactive = inactive | broken.unsqueeze(-1)
             A_rows, A = A, A.masked_fill(broken[:, None, None], 0.0)
     c = c_L
-    if check_solution:
-        tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
-        # (the probes of the pass above, unless the Lagrangian was rebuilt after it; the
-        # feasibility against the constraints' own rows, also where broken elements' rows
-        # were zeroed: against zero rows, an equality's rounding was an error of 1e292)
-        verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
-                                      eps=torch.finfo(y.dtype).eps,
-                                      probes=probes if broken is None else None,
-                                      feasibility_rows=None if broken is None or c is None else A_rows),
-                tol, batch_shape)
 
     def hvp(directions: Tensor) -> Tensor:
         if broken is None:
@@ -383,4 +384,18 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     if isinstance(linear_solver, str):
         reach = dependence_reaches_data(c, A, inactive, xg, params) if data_in_constraints else False
         solver = functools.partial(solver, warn_dependent=reach, check_minimum=check_minimum)
-    return ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))
+    system = ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver))
+    if check_solution:
+        tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
+        # (the probes of the pass above, unless the Lagrangian was rebuilt after it; the
+        # feasibility against the constraints' own rows, also where broken elements' rows
+        # were zeroed: against zero rows, an equality's rounding was an error of 1e292;
+        # the Newton step of the residual where offsets inflate its scale, solved
+        # quietly: the system's warnings come with the gradient's own solve)
+        verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
+                                         eps=torch.finfo(y.dtype).eps,
+                                         probes=probes if broken is None else None,
+                                         feasibility_rows=None if broken is None or c is None else A_rows,
+                                         step=system.quiet_step),
+                   tol, batch_shape)
+    return system

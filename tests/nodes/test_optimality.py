@@ -1,0 +1,113 @@
+"""Tests of convexddn.nodes.optimality: is the point that ``solve`` returned a KKT point?
+
+The verdict must not depend on where the coordinates' origin is: a common offset in the
+inputs (or in a linear objective's prices) makes the residual's scale large without
+making ``y`` any less determined. Each node below has a closed-form solution; ``solve``
+returns it moved by ``off``, so the expected verdict is known without the code under
+test: exact -> silent, 1e-3 relative -> GradientWarning, 0.5 -> SolverError, whatever
+the offset.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from convexddn.errors import GradientWarning, SolverError
+from convexddn.nodes.declarative import DeclarativeNode
+
+DT = torch.float64
+
+
+class Shifted(DeclarativeNode):
+    """``argmin_u Σᵢ wᵢ (u + r − pᵢ)²`` = ``Σ wᵢ (pᵢ − r) / Σ wᵢ``, returned plus ``off``."""
+
+    def __init__(self, off: float, **kw):
+        super().__init__(**kw)
+        self.off = off
+
+    @staticmethod
+    def _w(p):
+        return torch.linspace(0.5, 1.5, p.shape[-1], dtype=p.dtype)
+
+    def objective(self, p, r, y):
+        return (self._w(p) * (y + r - p) ** 2).sum(-1)
+
+    def solve(self, p, r):
+        w = self._w(p)
+        return (w * (p - r)).sum(-1, keepdim=True) / w.sum() + self.off
+
+
+class Priced(DeclarativeNode):
+    """``argmin ½‖y‖² + pᵀy`` s.t. ``Σy = 1``: ``y = −(p − mean p) + 1/n``, returned moved
+    by ``off`` along ``e₀ − e₁`` (still feasible)."""
+
+    def __init__(self, off: float, **kw):
+        super().__init__(**kw)
+        self.off = off
+
+    def objective(self, p, y):
+        return 0.5 * (y * y).sum(-1) + (p * y).sum(-1)
+
+    def equality_constraints(self, p, y):
+        return y.sum(-1, keepdim=True) - 1
+
+    def solve(self, p):
+        y = -(p - p.mean(-1, keepdim=True)) + 1.0 / p.shape[-1]
+        y[..., 0] += self.off
+        y[..., 1] -= self.off
+        return y
+
+
+def _inputs(kind: str, base: float) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(3)
+    p = base + torch.randn(4, 8, generator=g, dtype=DT)
+    return (p, torch.full((4, 1), base, dtype=DT)) if kind == "shifted" else (p,)
+
+
+def _verdict(node: DeclarativeNode, xs: tuple[torch.Tensor, ...], mode: str) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if mode == "vjp":
+                node(*(x.clone().requires_grad_(True) for x in xs)).sum().backward()
+            else:
+                with fwAD.dual_level():
+                    y = node(*(fwAD.make_dual(x, torch.ones_like(x)) for x in xs))
+                    fwAD.unpack_dual(y).tangent
+        except SolverError:
+            return "error"
+    return "warning" if any(issubclass(w.category, GradientWarning) for w in caught) else "silent"
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("kind, base", [("shifted", 0.0), ("shifted", 5e6), ("priced", 0.0), ("priced", 1e6)])
+def test_verdict_does_not_depend_on_an_offset(kind, base, mode):
+    # Before the Newton-step measure, at base 5e6 (1e6) a solve off by 0.5 scored 1e-7
+    # and passed silently in both modes: ‖B‖‖x‖ (‖∇f‖) grew with the offset.
+    node = Shifted if kind == "shifted" else Priced
+    xs = _inputs(kind, base)
+    assert _verdict(node(0.0), xs, mode) == "silent"
+    assert _verdict(node(1e-3), xs, mode) == "warning"
+    assert _verdict(node(0.5), xs, mode) == "error"
+
+
+def test_offset_gradient_is_exact_when_the_solution_is():
+    # The closed form: ∂y/∂pᵢ = wᵢ / Σw, ∂y/∂r = −1, also at coordinates ~5e6.
+    p, r = (x.requires_grad_(True) for x in _inputs("shifted", 5e6))
+    Shifted(0.0)(p, r).sum().backward()
+    w = torch.linspace(0.5, 1.5, 8, dtype=DT)
+    torch.testing.assert_close(p.grad, (w / w.sum()).expand(4, 8), rtol=1e-9, atol=0)
+    torch.testing.assert_close(r.grad, torch.full((4, 1), -1.0, dtype=DT), rtol=1e-9, atol=0)
+
+
+def test_solution_at_zero_with_rounding_level_residual_passes():
+    # y ~ 0 with a residual at the rounding level of its inputs (~1e6): the Newton step
+    # is measured against the step a rounding-level residual makes, not against ‖y‖ = 0.
+    p = torch.tensor([[1e6 + 0.5, 1e6 - 0.5]], dtype=DT)
+    r = torch.full((1, 1), 1e6, dtype=DT)
+    # w = (0.5, 1.5): u = (0.25 - 0.75) / 2 = -0.25; this r moves it to 0 exactly.
+    r = r - 0.25
+    assert _verdict(Shifted(0.0), (p[:, :2], r), "vjp") == "silent"
