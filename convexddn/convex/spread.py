@@ -70,10 +70,14 @@ def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: lis
 
 
 #: Residual above which a per-element result that nothing confirmed is warned about where
-#: no batched form could check it: above the floor the polish reaches on exponential
-#: cones (2^-28 ≈ 3.7e-9, diffcp's projection; solutions 5e-9 accurate there) and far
-#: below where it went wrong (entropy softmax at 3.9e-7: a Jacobian 1.4e3 off).
-UNCONFIRMED_ABOVE = 1e-8
+#: no batched form could check it: where the Newton polish stopped short of
+#: :data:`~.cone.POLISH_ABOVE`. It was 1e-8 while diffcp's exponential-cone projection
+#: (~2^-28) floored the polish there; with the exact projection of :mod:`.exp_cone` the
+#: polish reaches rounding on exponential, power and PSD cones alike, and a point it could
+#: not improve passed silently: ``-H(x) - qᵀx + λ‖x‖²`` at λ = 3e-10, Clarabel's point
+#: (residual 3e-10 = λ: the epigraph of ``‖x‖²`` left slack, its multiplier 0) gave
+#: d/dλ = 0.18 against −0.11.
+UNCONFIRMED_ABOVE = POLISH_ABOVE
 
 
 def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int], residuals: Sequence[float],

@@ -3,6 +3,8 @@ projection is known by construction, and the per-element path's exponential-cone
 solutions against closed forms."""
 from __future__ import annotations
 
+import warnings
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -124,3 +126,53 @@ def test_derivative_of_subnormal_rows_is_finite_and_does_not_spoil_the_batch():
     assert np.isfinite(D).all()
     D_good, _ = projection_derivative(good)
     np.testing.assert_array_equal(D[:50], D_good)
+
+
+def _regularised_softmax(q: np.ndarray, lam: float, c: np.ndarray) -> tuple[np.ndarray, float]:
+    """argmin −H(x) − qᵀx + λ‖x‖² over Σx = 1, and d(cᵀx)/dλ, independently of the code under
+    test: log xᵢ + 1 − qᵢ + 2λxᵢ + ν = 0 solved by bisection (xᵢ in ν, ν in Σx = 1), then
+    the implicit derivative (1/xᵢ + 2λ) dxᵢ = −2xᵢ dλ − dν with Σdx = 0."""
+    def x_of(nu):
+        lo, hi = np.full(q.size, 1e-300), np.full(q.size, 10.0)
+        for _ in range(200):
+            mid = np.sqrt(lo * hi)
+            low = np.log(mid) + 1 - q + 2 * lam * mid + nu < 0
+            lo, hi = np.where(low, mid, lo), np.where(low, hi, mid)
+        return np.sqrt(lo * hi)
+
+    a, b = -60.0, 60.0
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if x_of(mid).sum() > 1 else (a, mid)
+    x = x_of(0.5 * (a + b))
+    d = 1 / x + 2 * lam
+    dnu = -np.sum(2 * x / d) / np.sum(1 / d)
+    return x, float(c @ (-(2 * x + dnu) / d))
+
+
+@pytest.mark.parametrize("lam, silent", [(3e-10, False), (1e-9, False), (1e-3, True)])
+def test_a_regulariser_weight_below_the_solver_tolerance_is_not_silent(lam, silent):
+    """λ‖x‖² becomes λ·t with t ≥ ‖x‖² (a second-order cone). At λ below Clarabel's
+    tolerance its point leaves t slack with a zero multiplier (relative residual = λ), the
+    polish cannot improve it, and the gradient in λ is another piece's (0.18 or −0.02
+    against −0.11): that passed silently below a residual of 1e-8. Where the polish
+    reaches rounding (λ = 1e-3), the gradient is exact and nothing is said."""
+    n = 3
+    x, q, weight = cp.Variable(n), cp.Parameter(n), cp.Parameter(nonneg=True)
+    prob = cp.Problem(cp.Minimize(-cp.sum(cp.entr(x)) - q @ x + weight * cp.sum_squares(x)), [cp.sum(x) == 1])
+    layer = cddn.ConvexLayer(prob, [q, weight], [x])
+    rng = np.random.default_rng(0)
+    qv, c = 2 * rng.standard_normal(n), rng.standard_normal(n)
+    lam_t = torch.tensor(lam, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = layer(torch.tensor(qv), lam_t)
+        (grad,) = torch.autograd.grad(out @ torch.tensor(c), lam_t)
+    said = [w for w in caught if issubclass(w.category, (cddn.errors.SolverWarning, cddn.errors.GradientWarning))]
+    want_x, want_grad = _regularised_softmax(qv, lam, c)
+    if silent:
+        assert not said
+        np.testing.assert_allclose(out.detach().numpy(), want_x, rtol=0, atol=1e-12)
+        assert abs(grad.item() - want_grad) < 1e-9
+    else:
+        assert said and "polish left it above rounding" in str(said[0].message)
