@@ -94,15 +94,35 @@ def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return active, ~active
 
 
-def _clear(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: every nonnegative pair has a member above rounding. A kink (a bound met
+def _kink_floor(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(at_kink (B, k), floor (B,))``: the nonnegative pairs with neither member above
+    rounding, ``floor`` = 64 rounding levels of the element's size. A kink (a bound met
     with a zero multiplier) ends the semismooth steps at s, z ~1e-16 and 1e-19, whose
     ratio alone calls it decided: the box [-1, 1] at x = 1 gave a gradient of 2e-10 (and
     0.7 at x = -1), without a warning, where none exists."""
     z0, k = layout.zero, layout.nonneg  # (called where k > 0)
     cone_s, cone_z = s[:, z0:], z[:, z0:]
     floor = 64 * rounding_level(s) * (1 + cone_s.abs().amax(1) + cone_z.abs().amax(1))
-    return (torch.maximum(cone_s[:, :k], cone_z[:, :k]) > floor[:, None]).all(1)
+    return torch.maximum(cone_s[:, :k], cone_z[:, :k]) <= floor[:, None], floor
+
+
+def _at_kink(layout: ConeLayout, point: tuple, settled) -> tuple[torch.Tensor, tuple]:
+    """``(settled_there (B,), point')``: whether ``point`` = ``(x, s, z, ...)`` is
+    ``settled`` once its kink pairs (:func:`_kink_floor`) count as decided, and the point
+    with those pairs at ``s_i = z_i = floor``: undecided (ratio 1), as the derivative's
+    checks must see them, where the semismooth steps left one side's rounding. Its x
+    stays the semismooth one: a bound of a box projection met at 0 with a zero
+    multiplier was 2.8e-7 off at the interior point's s ≈ z (the derivative's warning
+    was right, the solution's accuracy was not)."""
+    x, s, z, *rest = point
+    kink, floor = _kink_floor(layout, s, z)
+    z0, k = layout.zero, layout.nonneg
+
+    def at(v, value):
+        return torch.cat([v[:, :z0], torch.where(kink, value, v[:, z0:z0 + k]), v[:, z0 + k:]], 1)
+
+    zero = torch.zeros_like(floor)[:, None]
+    return settled(x, s, at(z, zero)), (x, at(s, floor[:, None]), at(z, floor[:, None]), *rest)
 
 
 def _keep(take: torch.Tensor, alt: tuple, out: tuple) -> tuple:
@@ -137,7 +157,8 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
         if bool(open_.any()):
             alt = newton_polish(*args, settled=settled, decide=_by_sign)
             fine = alt[3] <= out[3].clamp_min(rounding_level(out[3]))
-            out = _keep(open_ & settled(*alt[:3]) & fine & _clear(layout, alt[1], alt[2]), alt, out)
+            there, alt = _at_kink(layout, alt, settled)
+            out = _keep(open_ & there & fine, alt, out)
     took = out[4]
     out = out[:4] + (took | pick(polished),)
     merged = (full.index_copy(0, idx, part) for full, part in zip((xs, ss, zs, residual, polished), out))
