@@ -122,8 +122,11 @@ def kkt_residuals(
         feasibility_rows: the Jacobian that scales the feasibility residual where it is not
             ``A`` (elements whose rows of ``A`` were zeroed); ``None``: ``A``.
         step: ``v (B, m) -> δy (B, m)``, the ``y`` part of the KKT system's solution for
-            the right-hand side ``[v; 0]`` (:func:`newton_step_error`); ``None``: the
-            stationarity residual is judged against the scale alone.
+            the right-hand side ``[v; 0]`` (:func:`newton_step_error`); with it, where an
+            offset in the data inflates the scales, ``y``'s error is also estimated by
+            that step (stationarity) and by the least-norm correction of the violation
+            (feasibility), against ``‖y‖``. ``None``: both residuals are judged against
+            the scales alone.
     """
     batch, m = yg.shape
     if probes is None:
@@ -169,6 +172,14 @@ def kkt_residuals(
             feas_scale = feas_scale + _row_norm(g) * _row_norm(x)
     feas_noise = _rounding(feas_scale, eps, no_length, a_norm)
     feasibility = _ratio(_above(violation.norm(dim=-1), feas_noise), _floored(feas_scale, eps))
+    if step is not None:
+        # The same for the constraints: ‖D_x c‖‖x‖ grows with an offset in the data they
+        # read (Σy = p₁ − p₂ at p ~ 5e6 violated by 0.5 scored 1e-7); the least-norm
+        # correction A⁺v of the violation, against ‖y‖.
+        rows = (A if feasibility_rows is None else feasibility_rows).detach()
+        feasibility = _offset_checked(
+            feasibility, violation, yg.detach(), a_norm * yg.norm(dim=-1).detach(), feas_scale.detach(), feas_noise,
+            tol, eps, lambda v: (torch.linalg.pinv(rows) @ v.unsqueeze(-1)).squeeze(-1))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
     weakly = (active_ineq & (force <= tol * scale.unsqueeze(-1))).any(-1)
@@ -200,19 +211,26 @@ def newton_step_error(step: Callable[[Tensor], Tensor], r: Tensor, y: Tensor, Hu
     and the other terms make up more than half the scale: otherwise the scale measures
     ``y``'s error already.
     """
-    own = _ROUNDING * eps * scale
-    nu = torch.maximum(own, noise)
-    rn = r.norm(dim=-1)
-    above = _above(rn, nu)
     curvature = Hu.norm(dim=-1) * y.norm(dim=-1)
-    suspect = (above > tol * curvature) & (scale > 2 * curvature)
+    return _offset_checked(stationarity, r, y, curvature, scale, noise, tol, eps, step)
+
+
+def _offset_checked(score: Tensor, residual: Tensor, y: Tensor, own: Tensor, scale: Tensor, noise: Tensor,
+                    tol: float, eps: float, step: Callable[[Tensor], Tensor]) -> Tensor:
+    """``score`` (B,), raised to ``‖δy‖`` relative to ``y`` where the scale's terms other than
+    ``own`` (the part that ``y``'s own size makes) dominate and ``residual`` (B, k) could
+    still mean a step above ``tol``: ``δy = step(residual)`` on those elements only (see
+    :func:`newton_step_error`)."""
+    nu = torch.maximum(_ROUNDING * eps * scale, noise)
+    rn = residual.norm(dim=-1)
+    suspect = (_above(rn, nu) > tol * own) & (scale > 2 * own)
     if not bool(suspect.any()):
-        return stationarity
-    dy = step(torch.where(suspect.unsqueeze(-1), r, 0.0)).norm(dim=-1)
-    safe = rn.clamp_min(torch.finfo(r.dtype).tiny)
+        return score
+    dy = step(torch.where(suspect.unsqueeze(-1), residual, 0.0)).norm(dim=-1)
+    safe = rn.clamp_min(torch.finfo(residual.dtype).tiny)
     length = torch.maximum(y.norm(dim=-1), dy * nu / (tol * safe))
     error = _ratio(dy * (1.0 - nu / safe).clamp_min(0.0), length)
-    return torch.where(suspect, torch.maximum(stationarity, error), stationarity)
+    return torch.where(suspect, torch.maximum(score, error), score)
 
 
 def _no_length(xg: Sequence[Tensor]) -> Tensor | None:

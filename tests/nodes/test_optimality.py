@@ -1,7 +1,8 @@
 """Tests of convexddn.nodes.optimality: is the point that ``solve`` returned a KKT point?
 
 The verdict must not depend on where the coordinates' origin is: a common offset in the
-inputs (or in a linear objective's prices) makes the residual's scale large without
+inputs (or in a linear objective's prices, or in the data a constraint reads) makes the
+residual's scale large without
 making ``y`` any less determined. Each node below has a closed-form solution; ``solve``
 returns it moved by ``off``, so the expected verdict is known without the code under
 test: exact -> silent, 1e-3 relative -> GradientWarning, 0.5 -> SolverError, whatever
@@ -61,8 +62,29 @@ class Priced(DeclarativeNode):
         return y
 
 
+class Split(DeclarativeNode):
+    """``argmin ½‖y − x‖²`` s.t. ``Σy = p₀ − p₁``: ``y = x + (p₀ − p₁ − Σx)/n``, returned
+    moved by ``off/n`` on every entry (still stationary: the violation is ``off``)."""
+
+    def __init__(self, off: float, **kw):
+        super().__init__(**kw)
+        self.off = off
+
+    def objective(self, x, p, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, p, y):
+        return (y.sum(-1) - (p[:, 0] - p[:, 1])).unsqueeze(-1)
+
+    def solve(self, x, p):
+        s = (p[:, 0] - p[:, 1]).unsqueeze(-1)
+        return x + (s - x.sum(-1, keepdim=True) + self.off) / x.shape[-1]
+
+
 def _inputs(kind: str, base: float) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(3)
+    if kind == "split":
+        return torch.randn(4, 6, generator=g, dtype=DT), base + torch.randn(4, 2, generator=g, dtype=DT)
     p = base + torch.randn(4, 8, generator=g, dtype=DT)
     return (p, torch.full((4, 1), base, dtype=DT)) if kind == "shifted" else (p,)
 
@@ -83,11 +105,12 @@ def _verdict(node: DeclarativeNode, xs: tuple[torch.Tensor, ...], mode: str) -> 
 
 
 @pytest.mark.parametrize("mode", ["vjp", "jvp"])
-@pytest.mark.parametrize("kind, base", [("shifted", 0.0), ("shifted", 5e6), ("priced", 0.0), ("priced", 1e6)])
+@pytest.mark.parametrize("kind, base", [("shifted", 0.0), ("shifted", 5e6), ("priced", 0.0), ("priced", 1e6),
+                                        ("split", 0.0), ("split", 5e6)])
 def test_verdict_does_not_depend_on_an_offset(kind, base, mode):
-    # Before the Newton-step measure, at base 5e6 (1e6) a solve off by 0.5 scored 1e-7
-    # and passed silently in both modes: ‖B‖‖x‖ (‖∇f‖) grew with the offset.
-    node = Shifted if kind == "shifted" else Priced
+    # Before the offset checks, at base 5e6 (1e6) a solve off by 0.5 scored 1e-7 and
+    # passed silently in both modes: ‖B‖‖x‖ (‖∇f‖, ‖D_x c‖‖x‖) grew with the offset.
+    node = {"shifted": Shifted, "priced": Priced, "split": Split}[kind]
     xs = _inputs(kind, base)
     assert _verdict(node(0.0), xs, mode) == "silent"
     assert _verdict(node(1e-3), xs, mode) == "warning"
