@@ -117,12 +117,8 @@ def _at_kink(layout: ConeLayout, point: tuple, settled) -> tuple[torch.Tensor, t
     x, s, z, *rest = point
     kink, floor = _kink_floor(layout, s, z)
     z0, k = layout.zero, layout.nonneg
-
-    def at(v, value):
-        return torch.cat([v[:, :z0], torch.where(kink, value, v[:, z0:z0 + k]), v[:, z0 + k:]], 1)
-
-    zero = torch.zeros_like(floor)[:, None]
-    return settled(x, s, at(z, zero)), (x, at(s, floor[:, None]), at(z, floor[:, None]), *rest)
+    at = lambda v, value: torch.cat([v[:, :z0], torch.where(kink, value, v[:, z0:z0 + k]), v[:, z0 + k:]], 1)  # noqa: E731
+    return settled(x, s, at(z, 0.0)), (x, at(s, floor[:, None]), at(z, floor[:, None]), *rest)
 
 
 def _keep(take: torch.Tensor, alt: tuple, out: tuple) -> tuple:

@@ -101,10 +101,8 @@ def declarative_vjp(
 
     - the returned point is verified (``check_solution``): the KKT residuals of
       :func:`~convexddn.nodes.optimality.kkt_residuals`, relative to the problem's
-      scale (and, where a common offset in the inputs inflates that scale, the Newton
-      step of the residual relative to ``y``,
-      :func:`~convexddn.nodes.optimality.newton_step_error`), give a
-      :class:`~convexddn.errors.GradientWarning` above ``solution_tol``
+      scale (where an offset in the data inflates that scale, also as ``y``'s error
+      relative to ``y``), give a :class:`~convexddn.errors.GradientWarning` above ``solution_tol``
       and a :class:`~convexddn.errors.SolverError` above ``0.1``; an active inequality
       with a zero multiplier (strict complementarity fails: only one-sided derivatives
       exist) gives a warning;
@@ -392,10 +390,8 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         # were zeroed: against zero rows, an equality's rounding was an error of 1e292;
         # the Newton step of the residual where offsets inflate its scale, solved
         # quietly: the system's warnings come with the gradient's own solve)
-        verify_kkt(prefix, kkt_residuals(yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol,
-                                         eps=torch.finfo(y.dtype).eps,
-                                         probes=probes if broken is None else None,
-                                         feasibility_rows=None if broken is None or c is None else A_rows,
-                                         step=system.quiet_step),
-                   tol, batch_shape)
+        verify_kkt(prefix, kkt_residuals(
+            yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol, eps=torch.finfo(y.dtype).eps,
+            probes=probes if broken is None else None, step=system.quiet_step,
+            feasibility_rows=None if broken is None or c is None else A_rows), tol, batch_shape)
     return system
