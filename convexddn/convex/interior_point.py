@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .certify import DECIDED, finish, undecided, verified_rays
+from .certify import DECIDED, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING, SOLVED,
                             STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
@@ -42,6 +42,7 @@ from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_p
 from .limit_scaling import retry_at_limit
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, max_step, point_residual
 from .nullspace import ReducedSystems, reduce, unverifiable
+from .rays import verified_rays
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout, NTScaling
 
@@ -57,7 +58,7 @@ _MIN_STEP = 1e-10
 _START_LEVEL = 0.1
 # Elements stopped by numerical trouble or the iteration limit whose last iterate passes
 # the infeasibility tests at this tolerance count as certified (Clarabel's reduced-accuracy
-# tolerance) if their rays pass in the caller's units (certify.verified_rays): a QP with
+# tolerance) if their rays pass in the caller's units (rays.verified_rays): a QP with
 # data ~1e4, infeasible by construction, stopped one iteration short of 1e-8 before.
 _REDUCED_TOL_INF = 5e-5
 # An element whose best merit has not halved in this many iterations has stalled (an

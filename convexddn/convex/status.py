@@ -157,7 +157,7 @@ def adopt_certificates(info: dict, idx: list[int], verdicts: list[tuple[str, str
     their own the other path's verified ``(kind, status)``, in place.
 
     The batched path verifies its rays in the caller's units
-    (:func:`~.certify.verified_rays`); the per-element path may not verify its own on
+    (:func:`~.rays.verified_rays`); the per-element path may not verify its own on
     badly scaled data (a Huber fit with data ~5e4, infeasible by construction, ended in
     a SolverError after SCS's iteration limit). The error then names the certificate.
     A "disputed" element (a verified ray where a solver claimed infeasible: a ray proves

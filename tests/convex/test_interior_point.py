@@ -434,7 +434,7 @@ def test_solve_cone_batch_never_raises_on_broken_elements():
 
 
 def test_verified_rays_accepts_true_certificates_at_any_scale_and_rejects_false_ones():
-    from convexddn.convex.certify import verified_rays
+    from convexddn.convex.rays import verified_rays
 
     layout = ConeLayout(0, 2)
     # x <= -1 and -x <= -1 (x >= 1): y = (1, 1) has Aᵀy = 0, bᵀy = -2 < 0.
@@ -466,7 +466,7 @@ def test_verified_rays_measure_a_dual_ray_column_by_column():
     so the feasible LP was certified infeasible. Each column is now measured against its
     own terms |A|ᵀ|y|; a true certificate (p x₀ >= 1 beside x₀ <= −1) still passes, also with
     noise on the rows it does not use."""
-    from convexddn.convex.certify import verified_rays
+    from convexddn.convex.rays import verified_rays
 
     def infeasible(A, b, y):
         A, b = torch.tensor([A], dtype=F64), torch.tensor([b], dtype=F64)
@@ -486,7 +486,7 @@ def test_verified_rays_measure_a_dual_ray_column_by_column():
 def test_verified_rays_drop_noise_on_second_order_cone_tails():
     """t >= ‖u‖ (u ∈ R³) and t <= −1: y = (1, 1, 0, 0, 0) with Aᵀy = 0, bᵀy = −1; the solvers
     return the tails at 1e-12, which alone make u's columns fail a column test."""
-    from convexddn.convex.certify import verified_rays
+    from convexddn.convex.rays import verified_rays
 
     # rows: t <= -1 (nonnegative), then the cone (t, u) with s = (t, u): -A = I on it
     A = torch.zeros(1, 5, 4, dtype=F64)
@@ -505,7 +505,7 @@ def test_verified_rays_measure_a_primal_ray_row_by_row():
     by p per unit step, so it is no ray for any p > 0 (the LP is bounded). At p = 1e-14 it
     passed against the largest |A| entry (1); each row is now measured against its own
     (also the zero cone's rows: the same row as an equality p x₀ + s = 1, s = 0)."""
-    from convexddn.convex.certify import verified_rays
+    from convexddn.convex.rays import verified_rays
 
     def rays(p, layout):
         A = torch.tensor([[[p, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]], dtype=F64)
