@@ -1611,3 +1611,19 @@ def test_a_zero_width_bracket_ends_inside_it_from_any_start(monkeypatch, penalty
         monkeypatch.setattr(solvers, name, bad)
     x = torch.full((4, 40), 1.5, dtype=F64)
     torch.testing.assert_close(robust_pool(x, penalty, 1.0), torch.full((4,), 1.5, dtype=F64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch", "trunc_quad"])
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+def test_a_common_offset_moves_the_pooled_value_by_exactly_the_offset(name, offset):
+    """argmin_u Σ φ(u − xᵢ − c) = c + argmin_u Σ φ(u − xᵢ): in float64 the two agree to the
+    offset's rounding (128 eps |c| here; the stop allows 64). The stop ``tol (alpha + |u|)``
+    counted the offset as accuracy to spare: pseudo-Huber was 7e-7 off at c = 1e6, Welsch
+    2e-7, where the rounding is 2e-10."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 64, dtype=F64, generator=gen)
+    x[..., :6] += 8  # outliers
+    base = robust_pool(x, name, 1.0)
+    shifted = robust_pool(x + offset, name, 1.0) - offset
+    eps = torch.finfo(F64).eps
+    assert (shifted - base).abs().max() <= 128 * eps * (offset + x.abs().max())

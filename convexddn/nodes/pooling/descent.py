@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .iterations import _MODEL_SPAN, _NOISE, _compact, _first, _live, _predicted_error, _store, _sweep
+from .iterations import (_MODEL_SPAN, _NOISE, _compact, _first, _live, _predicted_error, _store, _sweep, offset_rows,
+                         stop_tolerance)
 from .kernels import Scratch, block_ranges
 from .penalties import Penalty
 from .rows import Result, Rows
@@ -70,6 +71,7 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     norm, clamp, lo, hi = first
     live = [True] * len(ranges)
     spread = (hi - lo).unsqueeze(-1)
+    offset = offset_rows(lo, hi)
     a3 = rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1, 1)
     af = a3 if rows.alpha_f is None else rows.alpha_f
     f_prev = torch.full_like(u, math.inf)
@@ -104,7 +106,7 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         au = u.abs()
         noise = torch.addcmul(pen.dphi_norm(h, w, n, af, spread) if norm is None else norm, h.abs(), au)
         noise.mul_(_NOISE * eps)
-        tol_s = torch.add(a3 * tol, au, alpha=tol)
+        tol_s = stop_tolerance(a3 * tol, tol, au, spread, eps, offset)
         ag = g.abs()
         quiet = ag <= noise
         conv = hpos & (ag <= tol_s * h)

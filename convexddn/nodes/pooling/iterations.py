@@ -34,6 +34,30 @@ from .penalties import SPREAD_DIVISOR, Penalty
 from .rows import Result, Rows
 
 _NOISE = 4.0
+# Rounding of u itself, in eps·|u|, that the stop always allows (see stop_tolerance).
+_OFFSET_ROUNDING = 64.0
+
+
+def offset_rows(lo: Tensor, hi: Tensor) -> bool:
+    """Whether some row's data lie on one side of the origin (one host sync): only there
+    can |u| exceed the spread, and :func:`stop_tolerance` differ from ``tol (alpha + |u|)``."""
+    return bool(((lo > 0) | (hi < 0)).any())
+
+
+def stop_tolerance(tol_a: Tensor, tol: float, au: Tensor, spread: Tensor, eps: float, offset: bool) -> Tensor:
+    """How close to its minimiser a row stops (R, 1): ``tol * alpha + max(tol * min(|u|,
+    spread), min(tol, 64 eps) * |u|)`` (``tol_a = tol * alpha``; ``spread`` the row's
+    max − min; ``offset``: :func:`offset_rows`, else ``tol * (alpha + |u|)`` directly).
+
+    That is ``tol * (alpha + |u|)`` where the data straddle the origin. Where a common
+    offset c puts |u| far above the spread, the offset (which moves the minimiser by
+    exactly c) counts only by its rounding: ``tol * |u|`` let float64 rows at c = 1e6
+    stop 7e-7 off (pseudo-Huber; Welsch 2e-7), where their rounding is 2e-10. (float32's
+    default, 1e-6, is already within 8 eps: unchanged.)"""
+    if not offset:
+        return torch.add(tol_a, au, alpha=tol)
+    near = torch.minimum(au, spread).mul_(tol)
+    return torch.maximum(near, au * min(tol, _OFFSET_ROUNDING * eps)).add_(tol_a)
 # The predicted error (see _predicted_error) is trusted only after a step of at most
 # _MODEL_SPAN * alpha (each term's third derivative varies on the scale alpha): after a
 # step of 3.5 alpha a pseudo-Huber row's estimate of g'' was 1.4 where it was 30, after
@@ -208,6 +232,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     # host sync; they cost 5 % of a pseudo-Huber solve at (4, 256, 1024)).
     check_span = bool((torch.maximum(lo.abs(), hi.abs()).mul_(tol).add_(tol_a) > span).any())
     spread = hi - lo
+    offset = offset_rows(lo, hi)
     dx1 = dx2 = spread
     g_prev = h_prev = u_prev = None
     active = torch.ones(R, 1, dtype=torch.bool, device=x.device)
@@ -222,7 +247,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         au = u.abs()
         noise = torch.addcmul(pen.dphi_norm(h, None, n, af, spread) if norm is None else norm, h, au)
         noise.mul_(_NOISE * eps)
-        tol_s = torch.add(tol_a, au, alpha=tol)
+        tol_s = stop_tolerance(tol_a, tol, au, spread, eps, offset)
         step = g / h
         astep = step.abs()
         reliable = g.abs() > noise
