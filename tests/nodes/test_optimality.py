@@ -134,3 +134,13 @@ def test_solution_at_zero_with_rounding_level_residual_passes():
     # w = (0.5, 1.5): u = (0.25 - 0.75) / 2 = -0.25; this r moves it to 0 exactly.
     r = r - 0.25
     assert _verdict(Shifted(0.0), (p[:, :2], r), "vjp") == "silent"
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+@pytest.mark.parametrize("kind", ["shifted", "split"])
+def test_offset_checks_do_not_depend_on_units(kind, scale):
+    # The same inputs in other units (offset 5e6 units included), the error with them:
+    # the verdicts of the origin's unit scale, silent / warning / error.
+    node = Shifted if kind == "shifted" else Split
+    xs = tuple(scale * t for t in _inputs(kind, 5e6 if kind == "shifted" else 0.0))
+    assert [_verdict(node(off * scale), xs, "vjp") for off in (0.0, 1e-3, 0.5)] == ["silent", "warning", "error"]
