@@ -74,8 +74,9 @@ def _secant(data, p: torch.Tensor):
     :meth:`~.cone_data.ConeData.tangent_direction`."""
     def secant(idx: torch.Tensor):
         sub = p.index_select(0, idx)
-        (P2, q2), (P1, q1) = (data.fill(v)[:2] for v in (sub + data.tangent_direction(sub), sub))
-        return P2 - P1, q2 - q1
+        P, q = data.fill(torch.cat([sub + data.tangent_direction(sub), sub]))[:2]  # one fill for both ends
+        k = idx.numel()
+        return P[:k] - P[k:], q[:k] - q[k:]
     return secant
 
 

@@ -19,6 +19,13 @@ from ..errors import InputError
 __all__ = ["SYMMETRIC_ATTRIBUTES", "check_parameter_attributes", "parameter_label"]
 
 
+# The entrywise declarations and what violates them (CVXPY takes a boolean as nonneg).
+_ENTRYWISE = {"nonneg": lambda v: v < 0, "nonpos": lambda v: v > 0, "pos": lambda v: v <= 0, "neg": lambda v: v >= 0,
+              "integer": lambda v: v != torch.round(v), "boolean": lambda v: (v != 0) & (v != 1)}
+SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD")
+_CHECKED_ATTRIBUTES = (*_ENTRYWISE, *SYMMETRIC_ATTRIBUTES)
+
+
 def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[[], str]]:
     """Per-entry (or per-matrix) violation mask of one declared attribute, and what the
     first violating matrix gets wrong (asked only when there is one: a host sync).
@@ -35,11 +42,8 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
     bound with a margin of 2 (a -0.3·m indefinite matrix is still refused up to n = 300,
     38 in bfloat16; ``64·eps`` let bfloat16 pass -0.5·m).
     """
-    entrywise = {"nonneg": lambda: value < 0, "nonpos": lambda: value > 0, "pos": lambda: value <= 0,
-                 "neg": lambda: value >= 0, "integer": lambda: value != torch.round(value),
-                 "boolean": lambda: (value != 0) & (value != 1)}  # (CVXPY takes a boolean as nonneg)
-    if attr in entrywise:
-        return entrywise[attr](), lambda: ""  # the count says it all
+    if attr in _ENTRYWISE:
+        return _ENTRYWISE[attr](value), lambda: ""  # the count says it all
     info, n = torch.finfo(value.dtype), value.shape[-1]
     floor, sub = (1e-12 if value.dtype == torch.float64 else 1e-6), info.eps * info.smallest_normal  # (s)
     scale = value.detach().abs().amax((-2, -1)).double()  # (double: no float16 overflow below)
@@ -68,10 +72,6 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
                 f"eigenvalue {float(extreme[first]):.3g} (largest |entry| {float(scale[first]):.3g}; "
                 f"tolerance for {dtype}: {bound})")
     return mask, why
-
-
-_CHECKED_ATTRIBUTES = ("nonneg", "nonpos", "pos", "neg", "integer", "boolean", "symmetric", "PSD", "NSD")
-SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD")
 
 
 def parameter_label(i: int, param: cp.Parameter, labels: Sequence[str] | None = None) -> str:

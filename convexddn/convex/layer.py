@@ -32,13 +32,13 @@ from .._autograd import first_order_only, refuse_vmap, single_backward
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
+from .declarations import parameter_label
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, status_kind, unravel)
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
 from .state import picklable_state, restore_state, uncached
-from .validation import (check_values, element_subset, parameter_label, solver_choice, validate_problem,
-                         validate_solver_args)
+from .validation import check_values, element_subset, solver_choice, validate_problem, validate_solver_args
 from .widen import widened
 
 __all__ = ["ConvexLayer"]

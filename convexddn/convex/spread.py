@@ -17,7 +17,7 @@ from ..errors import SolverWarning
 from .cone import POLISH_ABOVE
 from .status import name_elements
 
-__all__ = ["SPREAD_DOUBT", "UNCONFIRMED_ABOVE", "data_spread", "in_doubt", "warn_unchecked", "warn_unchecked_spread",
+__all__ = ["SPREAD_DOUBT", "data_spread", "in_doubt", "warn_unchecked", "warn_unchecked_spread",
            "warn_unconfirmed"]
 
 #: Data spread (see :func:`data_spread`) above which a per-element result is in doubt:
@@ -69,17 +69,6 @@ def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: lis
             SolverWarning)
 
 
-#: Residual above which a per-element result that nothing confirmed is warned about where
-#: no batched form could check it: where the Newton polish stopped short of
-#: :data:`~.cone.POLISH_ABOVE`. It was 1e-8 while diffcp's exponential-cone projection
-#: (~2^-28) floored the polish there; with the exact projection of :mod:`.exp_cone` the
-#: polish reaches rounding on exponential, power and PSD cones alike, and a point it could
-#: not improve passed silently: ``-H(x) - qᵀx + λ‖x‖²`` at λ = 3e-10, Clarabel's point
-#: (residual 3e-10 = λ: the epigraph of ``‖x‖²`` left slack, its multiplier 0) gave
-#: d/dλ = 0.18 against −0.11.
-UNCONFIRMED_ABOVE = POLISH_ABOVE
-
-
 def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int], residuals: Sequence[float],
                      batched_failed: bool) -> None:
     """The SolverWarning for per-element results ``idx`` left by the Newton polish above
@@ -103,9 +92,13 @@ def warn_unchecked(where: tuple[Sequence[int], tuple[int, ...]], doubt: list[int
     """The warnings for the per-element results ``doubt`` (:func:`in_doubt`) that the
     batched path did not confirm (``checked``: those it did; ``batched_tried``: it had a
     form for them): :func:`warn_unchecked_spread` for those on wide data, else
-    :func:`warn_unconfirmed` (where it had no form, only above :data:`UNCONFIRMED_ABOVE`)."""
+    :func:`warn_unconfirmed`, whether a batched form existed or not: a solved result is in
+    doubt here only where the polish left it above :data:`~.cone.POLISH_ABOVE`. (Without a
+    batched form that was warned about only above 1e-8, the floor of diffcp's
+    exponential-cone projection, which the exact one of :mod:`.exp_cone` replaced; a point
+    the polish could not improve then passed silently: ``-H(x) - qᵀx + λ‖x‖²`` at λ = 3e-10,
+    residual 3e-10 = λ, the epigraph of ``‖x‖²`` left slack, gave d/dλ = 0.18 against −0.11.)"""
     confirmed = set(checked)
     unchecked = [i for i in doubt if i not in confirmed and info["solved"][i]]
     warn_unchecked_spread(where, [i for i in unchecked if wide[i]], info["spreads"])
-    warn_unconfirmed(where, [i for i in unchecked if not wide[i] and (
-        batched_tried or info["residuals"][i] > UNCONFIRMED_ABOVE)], info["residuals"], batched_tried)
+    warn_unconfirmed(where, [i for i in unchecked if not wide[i]], info["residuals"], batched_tried)

@@ -5,8 +5,8 @@
   integer variables, and parameter/variable lists that match it (a wrong entry named by
   its index);
 - solver options: :mod:`.solver_args` (re-exported here);
-- :func:`check_parameter_attributes` (:mod:`.declarations`, re-exported here): tensors
-  that honour what each ``cp.Parameter`` declares (``nonneg``, ``boolean``, ``PSD`` …);
+- tensors that honour what each ``cp.Parameter`` declares (``nonneg``, ``boolean``,
+  ``PSD`` …; :func:`.declarations.check_parameter_attributes`);
 - :func:`check_values`: every check of one call's tensors, in order, ending with the
   problem's own domain check where the layer has one (``ConvexLayer(check=...)``).
 
@@ -26,7 +26,7 @@ from .declarations import SYMMETRIC_ATTRIBUTES, check_parameter_attributes, para
 from .solver_args import solver_choice, validate_solver_args
 
 __all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
-           "check_parameter_attributes", "check_values", "describe_failure", "parameter_label"]
+           "check_values", "describe_failure"]
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
     """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can

@@ -57,8 +57,7 @@ from .status import element_list, name_elements
 from .uniqueness import limit_nonunique
 
 __all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "PROBE_GATE", "SIDE_RTOL",
-           "cone_jvp",
-           "cone_vjp"]
+           "cone_jvp", "cone_vjp"]
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
@@ -150,8 +149,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
             gain = torch.where(near, math.inf, 0.0)
             if idx.numel():
                 dP, dq = secant(idx)
-                part = -_objective_part(dP, dq, sol.x.index_select(0, idx))
-                px = px.index_add(0, idx, (rc.index_select(0, idx) * d.D.index_select(0, idx) * part).unsqueeze(-1))
+                part = torch.zeros_like(sol.x).index_copy(0, idx, -_objective_part(dP, dq, sol.x.index_select(0, idx)))
+                px = px + equilibrated(part, torch.zeros_like(sol.z))[0]
         vertex = vertex | _limit_test(sol, layout, ok[:, 0], gain / PROBE_GATE * LIMIT_GATE, px.squeeze(-1),
                                       cols)[1]
     nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached | unsolved)

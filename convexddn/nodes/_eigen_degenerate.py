@@ -129,20 +129,23 @@ def warn_degenerate_values(near: torch.Tensor, g_lam: torch.Tensor, k: int, gap_
         )
 
 
-# Relative size (to the largest |component|) below which the two extreme components of
-# a returned eigenvector count as tied: the rounding of a float64 ``eigh``, 8 N eps.
 def sign_ties(Vk: torch.Tensor) -> torch.Tensor:
     """``(…, k)`` the returned eigenvectors ``Vk`` ``(…, N, k)`` whose largest and smallest
-    components are equal in magnitude to rounding, where the sign convention (the largest
-    |component| positive) flips: X = [[2, 1], [1, 2]]'s v₂ = (1, −1)/√2, any symmetric
-    graph's Laplacian. There the output jumps (by 2|v| under a perturbation of 1e-9)."""
+    components are equal in magnitude to rounding (that of a float64 ``eigh``, 8 N eps of
+    their spread), where the sign convention (the largest |component| positive) flips:
+    X = [[2, 1], [1, 2]]'s v₂ = (1, −1)/√2, any symmetric graph's Laplacian. There the
+    output jumps (by 2|v| under a perturbation of 1e-9)."""
     hi, lo = Vk.amax(-2), Vk.amin(-2)
     return (hi + lo).abs() <= 8 * Vk.shape[-2] * torch.finfo(torch.float64).eps * (hi - lo)
 
 
-def warn_sign_ties(reached: torch.Tensor, what: str) -> None:
-    """Warn that the eigenvectors of the batch elements ``reached`` ``(…)`` sit where the
-    sign convention flips, and the ``what`` (gradient, tangent) is one side's."""
+def warn_sign_ties(ties: torch.Tensor, along: torch.Tensor, what: str) -> None:
+    """Warn where a tie of the sign convention (:func:`sign_ties`, ``(…, k)``) is reached by
+    ``along`` ``(…, N, k)`` (the cotangent, or the tangent's coefficients): there the
+    ``what`` (gradient, tangent) is one side's."""
+    reached = (ties & (along != 0).any(-2)).any(-1)
+    if not bool(reached.any()):
+        return
     warn(
         f"eigen_decomposition: for {_format_indices(reached)} a returned eigenvector has its "
         f"largest and smallest components equal in magnitude, where the sign convention "

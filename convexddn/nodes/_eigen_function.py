@@ -156,9 +156,7 @@ class _EigenFunction(torch.autograd.Function):
         ties = sign_ties(V[..., sel])  # (V, not M: under jacfwd's vmap M is batched)
         any_near, any_tie = torch.stack([(mu.diff(dim=-1) <= limit).any(), ties.any()]).tolist()  # one host sync
         if any_tie:
-            reached = (ties & (M != 0).any(-2)).any(-1)
-            if bool(reached.any()):
-                warn_sign_ties(reached, "tangent")
+            warn_sign_ties(ties, M, "tangent")
         if any_near:
             degenerate = gap.abs() <= limit.unsqueeze(-1)
             all_diag = (V * (D @ V)).sum(-2)  # M_jj for every j: the tangent splits a tie?
@@ -187,12 +185,10 @@ class _EigenFunction(torch.autograd.Function):
         # (N,) test per matrix that spares the common case the (N, k) masks.
         near = mu.diff(dim=-1) <= limit
         # Ties of the sign convention (on V, not on g_vec: under jacrev's vmap it is batched).
-        ties = sign_ties(Vk) if g_vec is not None else near[..., :0]
-        any_near, any_tie = torch.stack([near.any(), ties.any()]).tolist()  # one host sync
-        if any_tie:
-            reached = (ties & (g_vec != 0).any(-2)).any(-1)  # the eigenvectors the cotangent reaches
-            if bool(reached.any()):
-                warn_sign_ties(reached, "gradient")
+        ties = None if g_vec is None else sign_ties(Vk)
+        any_near, *any_tie = torch.stack([near.any()] + ([] if ties is None else [ties.any()])).tolist()  # one sync
+        if any(any_tie):
+            warn_sign_ties(ties, g_vec, "gradient")
         if g_lam is not None and any_near:
             warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
         if g_vec is not None:

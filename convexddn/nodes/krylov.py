@@ -38,15 +38,11 @@ Tensor = torch.Tensor
 #: Lanczos steps kept for the condition estimate (the extreme Ritz values settle first).
 _LANCZOS_STEPS = 100
 
-# The golden angle: cos(j * φ) visits [-1, 1] without short cycles, a reproducible
-# "random" vector that needs no generator (and so no device-specific RNG state).
-_GOLDEN_ANGLE = GOLDEN_ANGLE
-
 
 def pseudo_random_directions(m: int, batch: int, dtype: torch.dtype, device) -> Tensor:
     """A fixed, unit-norm, dense direction per batch element, ``(B, m)``."""
     j = torch.arange(m, dtype=dtype, device=device) + 1.0
-    u = torch.cos(j * _GOLDEN_ANGLE) + 0.5 * torch.sin(j * j * 0.7548776662466927)
+    u = torch.cos(j * GOLDEN_ANGLE) + 0.5 * torch.sin(j * j * 0.7548776662466927)
     u = u / u.norm().clamp_min(torch.finfo(dtype).tiny)
     return u.expand(batch, m).clone()
 

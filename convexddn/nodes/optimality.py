@@ -143,25 +143,23 @@ def kkt_residuals(
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)
-    raw = scale
     no_length = _no_length(xg)
     noise = _rounding(scale, eps, no_length, Hu.norm(dim=-1))
+    r = gf
+    if c is not None:
+        is_ineq = torch.zeros(c.shape[1], dtype=torch.bool, device=c.device)
+        is_ineq[n_eq:] = True
+        # Negative multipliers of inequalities cannot cancel the gradient: clamp them, and
+        # what they were meant to cancel shows up in the stationarity residual.
+        lam_ok = torch.where(is_ineq, lam.clamp_min(0.0), lam)
+        r = gf + (A.transpose(1, 2) @ lam_ok.unsqueeze(-1)).squeeze(-1)
+    stationarity = _ratio(_above(r.norm(dim=-1), noise), _floored(scale, eps))
+    if step is not None:
+        stationarity = newton_step_error(step, r.detach(), yg.detach(), Hu, scale, noise, stationarity, tol, eps)
     scale = _floored(scale, eps)
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
-        stationarity = _ratio(_above(gf.norm(dim=-1), noise), scale)
-        if step is not None:
-            stationarity = newton_step_error(step, gf.detach(), yg.detach(), Hu, raw, noise, stationarity, tol, eps)
         return KKTResiduals(stationarity.detach(), zero, zero.bool())
-    is_ineq = torch.zeros(c.shape[1], dtype=torch.bool, device=c.device)
-    is_ineq[n_eq:] = True
-    # Negative multipliers of inequalities cannot cancel the gradient: clamp them, and
-    # what they were meant to cancel shows up in the stationarity residual.
-    lam_ok = torch.where(is_ineq, lam.clamp_min(0.0), lam)
-    r = gf + (A.transpose(1, 2) @ lam_ok.unsqueeze(-1)).squeeze(-1)
-    stationarity = _ratio(_above(r.norm(dim=-1), noise), scale)
-    if step is not None:
-        stationarity = newton_step_error(step, r.detach(), yg.detach(), Hu, raw, noise, stationarity, tol, eps)
     violation = torch.where(is_ineq, c.detach().clamp_min(0.0), c.detach())
     uc = pseudo_random_directions(c.shape[1], batch, c.dtype, c.device)
     dcx = torch.autograd.grad((c * uc).sum(), tuple(xg), retain_graph=True, allow_unused=True)

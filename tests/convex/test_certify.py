@@ -2,7 +2,9 @@
 closed forms."""
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import cvxpy as cp
 import pytest
@@ -10,6 +12,9 @@ import torch
 
 from convexddn.convex.layer import ConvexLayer
 from convexddn.errors import GradientWarning
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_batched import sparsemax, sparsemax_problem  # noqa: E402
 
 F64 = torch.float64
 
@@ -39,22 +44,12 @@ def test_a_weakly_active_bound_is_solved_exactly_and_still_warned_about():
     assert (g[inside] - 1).abs().max() < 1e-8 and (g[outside].numel() == 0 or g[outside].abs().max() < 1e-8)
 
 
-def _sparsemax(z: torch.Tensor) -> torch.Tensor:
-    """Closed form (Martins & Astudillo 2016): ``max(z − τ, 0)``, τ from the sorted prefix sums."""
-    s, _ = torch.sort(z, -1, descending=True)
-    k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
-    cs = s.cumsum(-1)
-    kz = (1 + k * s > cs).sum(-1, keepdim=True)
-    return (z - (cs.gather(-1, kz - 1) - 1) / kz).clamp_min(0)
-
-
 @pytest.mark.parametrize("offset", [0.0, 1e3, 3e3, 1e5])
 def test_sparsemax_is_accurate_whatever_the_offset(offset):
     """sparsemax(x + c) = sparsemax(x). With c = 3e3 the simplex's multiplier is ~3e3 beside
     a solution of size 1: one structured polish step left 4 of 16 elements 1.2e-7 off, an
     estimate of 7e-8 below tol_error (1e-7), so they were not polished further. Elements
     estimated above 1e-8 are polished now."""
-    y, xp = cp.Variable(8), cp.Parameter(8)
-    layer = ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - xp)), [y >= 0, cp.sum(y) == 1]), [xp], [y])
+    layer = ConvexLayer(*sparsemax_problem(8))
     x = torch.randn(16, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
-    assert (layer(x + offset) - _sparsemax(x)).abs().max() < 2e-8
+    assert (layer(x + offset) - sparsemax(x)).abs().max() < 2e-8

@@ -6,9 +6,8 @@ finite differences (gradcheck).
 """
 from __future__ import annotations
 
-import warnings
-
 import math
+import warnings
 
 import pytest
 import torch

@@ -36,6 +36,21 @@ from .rows import Result, Rows
 _NOISE = 4.0
 # Rounding of u itself, in eps·|u|, that the stop always allows (see stop_tolerance).
 _OFFSET_ROUNDING = 64.0
+# The predicted error (see _predicted_error) is trusted only after a step of at most
+# _MODEL_SPAN * alpha (each term's third derivative varies on the scale alpha): after a
+# step of 3.5 alpha a pseudo-Huber row's estimate of g'' was 1.4 where it was 30, after
+# 0.32 alpha one a third of it. Fuzz (rows of 9 to 4096, five distributions, alpha 0.1
+# to 10, float32 and float64): rows beyond 1.2 tol in 1 of 240 cases with alpha, none
+# with alpha / 4, for 1-2 % more entries read.
+_MODEL_SPAN = 0.25
+# A Newton step |g| / h (or a gradient's noise over h) measures the distance to the root
+# only where the curvature holds along it: each term's phi'' varies on the scale alpha
+# (pseudo-Huber's keeps 72 % of its value over alpha / 2), so a step or a noise bound up
+# to _LOCAL_SPAN * alpha is trusted, a longer one is not. Far out on a penalty's tails h
+# collapses (pseudo-Huber's ~ alpha^3 / |z|^3): from a data point at 999.37 with alpha
+# 1e-4 (float32), g = -alpha and h = 1 claimed a root within 5e-4 where it was at 999.67.
+# A penalty may know better (Penalty.newton_span: pseudo-Huber's far rows, Huber).
+_LOCAL_SPAN = 0.5
 
 
 def offset_rows(lo: Tensor, hi: Tensor) -> bool:
@@ -58,21 +73,6 @@ def stop_tolerance(tol_a: Tensor, tol: float, au: Tensor, spread: Tensor, eps: f
         return torch.add(tol_a, au, alpha=tol)
     near = torch.minimum(au, spread).mul_(tol)
     return torch.maximum(near, au * min(tol, _OFFSET_ROUNDING * eps)).add_(tol_a)
-# The predicted error (see _predicted_error) is trusted only after a step of at most
-# _MODEL_SPAN * alpha (each term's third derivative varies on the scale alpha): after a
-# step of 3.5 alpha a pseudo-Huber row's estimate of g'' was 1.4 where it was 30, after
-# 0.32 alpha one a third of it. Fuzz (rows of 9 to 4096, five distributions, alpha 0.1
-# to 10, float32 and float64): rows beyond 1.2 tol in 1 of 240 cases with alpha, none
-# with alpha / 4, for 1-2 % more entries read.
-_MODEL_SPAN = 0.25
-# A Newton step |g| / h (or a gradient's noise over h) measures the distance to the root
-# only where the curvature holds along it: each term's phi'' varies on the scale alpha
-# (pseudo-Huber's keeps 72 % of its value over alpha / 2), so a step or a noise bound up
-# to _LOCAL_SPAN * alpha is trusted, a longer one is not. Far out on a penalty's tails h
-# collapses (pseudo-Huber's ~ alpha^3 / |z|^3): from a data point at 999.37 with alpha
-# 1e-4 (float32), g = -alpha and h = 1 claimed a root within 5e-4 where it was at 999.67.
-# A penalty may know better (Penalty.newton_span: pseudo-Huber's far rows, Huber).
-_LOCAL_SPAN = 0.5
 
 
 def _predicted_error(g: Tensor, h: Tensor, g_prev: Tensor, h_prev: Tensor, du: Tensor, adu: Tensor,

@@ -117,8 +117,8 @@ def robust_pool(
     Stopping: a row stops when the distance to its minimiser is estimated within
     ``tol * (alpha + |y|)`` (where the row lies on one side of 0, ``|y|`` counts only up to
     the row's spread, and beyond it by ``min(tol, 64 eps) |y|``: a common offset moves y by
-    exactly itself, and costs only its rounding) -- by the Newton step ``|g| / h`` (``h`` the curvature)
-    while ``|g|`` is above its rounding noise, by the bracket width, or by the error
+    exactly itself, and costs only its rounding) -- by the Newton step ``|g| / h`` (``h``
+    the curvature) while ``|g|`` is above its rounding noise, by the bracket width, or by the error
     predicted after a Newton step (``|g''| step^2 / 2h``, ``g''`` estimated from the last
     two points, trusted only after a step of at most ``alpha / 4``) -- or when ``|g|``
     has sunk into its rounding noise.
