@@ -65,6 +65,23 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> HostReads:
     return HostReads(monkeypatch)
 
 
+@pytest.fixture
+def step_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every :class:`~convexddn._step_graphs.StepGraphs` made while the test runs (clear
+    the list between solves): their ``site``, ``capture``, ``replays`` and ``reason``."""
+    import convexddn._step_graphs as sg
+
+    made: list = []
+    init = sg.StepGraphs.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(sg.StepGraphs, "__init__", recording)
+    return made
+
+
 class _OnOtherDevice(torch.Tensor):
     @property
     def device(self):

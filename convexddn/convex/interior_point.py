@@ -25,7 +25,10 @@ hand sides. Data are Ruiz-equilibrated per element first (:mod:`.equilibration`)
 All elements iterate together as dense ``(B, ·, ·)`` tensors on the data's device; a
 converged, certified, stalled or troubled element is frozen (step length zero), and once
 a quarter of the batch is frozen the running ones are gathered into a smaller batch. One
-host synchronisation per iteration tests how many still run. Elements whose solution came
+host synchronisation per iteration tests how many still run. An iteration is
+:mod:`.ipm_step`'s pure functions; on CUDA each solve captures them as a graph (at most
+two variants: with and without refinement) and replays it (:mod:`convexddn._step_graphs`;
+the batch then stays whole). Elements whose solution came
 out far below the equilibrated units' size are solved again in their own unit. Then
 :mod:`.certify` polishes the solutions and estimates their errors; the measures, and the
 rays of infeasibility certificates, are checked in the caller's units too.
@@ -34,23 +37,26 @@ from __future__ import annotations
 
 import torch
 
+from .._step_graphs import StepGraphs, capture_wanted
 from .certify import DECIDED, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING, SOLVED,
                             STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .limit_scaling import retry_at_limit
-from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, max_step, point_residual
+from .ipm_step import STATE, IterationData, step, update
+from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
 from .nullspace import ReducedSystems, reduce, unverifiable
 from .rays import verified_rays
 from .second_opinion import equilibrated_start
-from .symmetric_cones import ConeLayout, NTScaling
+from .symmetric_cones import ConeLayout
 
 __all__ = ["SOLVED", "STATUS_NAMES", "ConeSolution", "solve_cone_batch", "kkt_measures"]
 
-_STEP_FRACTION = 0.99
 _COMPACT_MIN, _COMPACT_FRACTION = 4, 0.75
-_MIN_STEP = 1e-10
+# Keep the whole batch in the loop where no graphs are captured too (the tests set it to
+# run the captured path's logic on the CPU).
+_WHOLE_BATCH = False
 # Where the initial s, z are shifted into K (smallest eigenvalue; Clarabel: 1). At 0.1 the
 # start keeps more of the least-squares guess of the active pairs; against 1.0: mean
 # iterations 10.8 -> 9.6, slowest 16-19 -> 12-14 (n = 50 QP, batch 64, 1024), 11.6 -> 10.6
@@ -61,14 +67,7 @@ _START_LEVEL = 0.1
 # tolerance) if their rays pass in the caller's units (rays.verified_rays): a QP with
 # data ~1e4, infeasible by construction, stopped one iteration short of 1e-8 before.
 _REDUCED_TOL_INF = 5e-5
-# An element whose best merit has not halved in this many iterations has stalled (an
-# off-centre cycle of long and short steps): it stops and the final checks decide (as
-# Clarabel's insufficient progress). 15 stopped QPs at ~1e6 needing 21-22 iterations.
-_STALL_GAIN, _STALL_ITERATIONS = 0.5, 30
 _RESCALE_BELOW = 1e-3  # a solution (x, z) below this (equilibrated units) is solved again at its scale
-# Relative change of a KKT solve by the regularisation below which iterative refinement is
-# skipped during the iterations (the polish and the error estimate always refine).
-_REFINE_ABOVE = 1e-8
 
 
 def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
@@ -219,8 +218,6 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
             size = row_inf(x)
             ratio = torch.where(size > 0, size, 1.0).clamp(1e-3, 1e3)
             d = d.with_sigma(d.sigma * ratio)
-    norm_b, norm_q = row_inf(d.b), row_inf(d.q)
-    bE, bI = d.b[:, :z0], d.b[:, z0:]
     s = torch.zeros_like(z)
     s[:, z0:] = layout.shift_inside(-z[:, z0:], _START_LEVEL)
     z[:, z0:] = layout.shift_inside(z[:, z0:], _START_LEVEL)
@@ -228,151 +225,49 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     kappa = x.new_ones(B)
     status = torch.where(kkt.failed, NUMERICAL, torch.full_like(tau, RUNNING, dtype=torch.long))
     iterations = torch.zeros_like(status)
-    best = (x, s, z, tau)
     best_merit = torch.full_like(tau, torch.inf)
-    stall_ref, stall_count = best_merit, torch.zeros_like(status)
-    nu = layout.degree
-    # A diagonal W (no second-order cone): W (W⁻¹A_I x) is A_I x to rounding, and the KKT
-    # solves' products give A_I x of their solutions (three batched products fewer per
-    # iteration). A second-order cone's W reaches a condition number of 1e10 near ∂K; in
-    # float32 the rounding is near the tolerances (3 more of 64 QPs uncertified).
-    diagonal_w = not layout.soc and x.dtype == torch.float64
-
-    def rows(zero, cone):  # right-hand side rows: the zero cone's (if any) above the cone's
-        return torch.cat([zero, cone], 1) if z0 else cone
-
-    def a_i(x, p):  # A_I x of a KKT solution x, p its products (this iteration's W and data)
-        return W.apply(p[0]) if diagonal_w else ops.Av(x)[:, z0:]
-    full_data = (d, ops, base)
-    saved, slot = None, None  # full-batch state and positions of the active elements
+    data = IterationData(d, ops, base, layout, structure, tol, tol_inf)
+    state, res, counts = update(data, (x, s, z, tau, kappa, status, iterations, x, s, z, tau, best_merit,
+                                       best_merit, torch.zeros_like(status)),
+                                kkt.regularisation_effect, max_iter == 0)
+    # On CUDA a step and the next update are one graph, replayed (_step_graphs): the
+    # iterations' kernels cost their launches, not their arithmetic, there. The loop then
+    # keeps the whole batch (no compaction: that would change the graphs' shapes).
+    graphs = StepGraphs(capture_wanted(x), "interior point, second-order cones" if layout.soc else "interior point")
+    whole = graphs.capture or _WHOLE_BATCH
+    full, slot = None, None  # full-batch (data, state) and positions of the active elements
 
     for it in range(max_iter + 1):
-        r = Measures(d, ops, norm_b, norm_q, x, s, z, tau, kappa, tol_inf)
-        running = status == RUNNING
-        better = running & (r.merit < best_merit)
-        # Iterates stay finite (non-finite steps are never taken): lerp, exact at weights 0, 1.
-        keep = better.to(x.dtype)
-        best = tuple(torch.lerp(bv, v, _col(keep, v)) for v, bv in zip((x, s, z, tau), best))
-        best_merit = torch.where(better, r.merit, best_merit)
-        progress = best_merit < _STALL_GAIN * stall_ref
-        stall_ref = torch.where(progress, best_merit, stall_ref)
-        stall_count = torch.where(progress, 0, stall_count + 1)
-        new = torch.where(r.dinf, DUAL_INFEASIBLE, RUNNING)
-        new = torch.where(r.pinf, PRIMAL_INFEASIBLE, new)
-        new = torch.where(r.merit <= tol, SOLVED, new)
-        # Finite precision: iterates near ∂K can degrade; stop once clearly worse.
-        new = torch.where(~r.finite | ((best_merit < 1e-5) & (r.merit > 1e4 * best_merit))
-                          | (stall_count >= _STALL_ITERATIONS), NUMERICAL, new)
-        if it == max_iter:
-            new = torch.where(new == RUNNING, MAX_ITERATIONS, new)
-        status = torch.where(running, new, status)
-        running = status == RUNNING
-        # The one host round-trip per iteration: is anyone running, is anyone close
-        # (iterative refinement pays only once the KKT systems get ill-conditioned)?
-        # Refinement only corrects the static regularisation δ (and rounding): where the
-        # pivots certify that δ moves a solve by less than _REFINE_ABOVE relative (last
-        # iteration's system; a separable strictly convex program), it is skipped.
-        effect = kkt.regularisation_effect
-        coarse = running if effect is None else running & ~(effect <= _REFINE_ABOVE)
-        n_running, close, coarse = torch.stack([running.sum(), (running & (best_merit < 1e-4)).sum(),
-                                                coarse.sum()]).tolist()
+        # The one host round-trip per iteration: is anyone running, is anyone close (and
+        # needs refinement)?
+        n_running, close, coarse = counts.tolist()
         if not n_running:
             break
-        if x.shape[0] >= _COMPACT_MIN and n_running <= _COMPACT_FRACTION * x.shape[0]:
+        if not whole and state[0].shape[0] >= _COMPACT_MIN and n_running <= _COMPACT_FRACTION * state[0].shape[0]:
             # Most elements are done: iterate on the running ones only (the tail of a
             # batch often takes half again the median's iterations).
-            state = [x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count]
-            idx = torch.nonzero(running).squeeze(1)
-            if saved is None:
-                saved, slot = state, idx
+            idx = torch.nonzero(state[5] == RUNNING).squeeze(1)
+            if full is None:
+                full, slot = (data, state), idx
             else:
-                saved = [f.index_copy(0, slot, v) for f, v in zip(saved, state)]
+                full = (full[0], tuple(f.index_copy(0, slot, v) for f, v in zip(full[1], state)))
                 slot = slot.index_select(0, idx)
-            x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count = (
-                v.index_select(0, idx) for v in state)
-            d = d.select(idx)
-            ops, base = DataOps(d.P, d.A, layout, structure), base.index_select(0, idx)
-            norm_b, norm_q = row_inf(d.b), row_inf(d.q)
-            bE, bI = d.b[:, :z0], d.b[:, z0:]
-            r = r.select(idx)
-            running = status == RUNNING
-        iterations = iterations + running.long()
-        rx, rz, rtau = r.rx, r.rz, r.rtau
-        sc, zc = (s[:, z0:], z[:, z0:]) if z0 else (s, z)
-
-        W = NTScaling(layout, sc, zc)
-        kkt = KKTSystem(ops, W, base, structure)
-        status = torch.where(running & kkt.failed, NUMERICAL, status)
-        lam = W.lam
-        mu = ((lam * lam).sum(1) + tau * kappa) / (nu + 1)  # λᵀλ = sᵀz
+            state, res = (tuple(v.index_select(0, idx) for v in part) for part in (state, res))
+            data = data.select(idx)
         ref = refine if close and coarse else 0
-        xi = x / tau[:, None]
-        qPxi = d.q + 2.0 * r.Px / tau[:, None]
-        Wrz = W.apply_inv(rz[:, z0:])  # right-hand sides enter the KKT solve as W⁻¹(·)
-
-        # Predictor (affine) and the constant system K [x1; z1] = [-q; b], solved together;
-        # the affine cone rows are W⁻¹(s − r_z) = λ − W⁻¹ r_z.
-        (x1, z1, h1, *p1), affine = kkt.solve_columns(
-            [(-d.q, rows(bE, W.apply_inv(bI))), (-rx, rows(-rz[:, :z0] if z0 else None, lam - Wrz))], ref,
-            product=diagonal_w)
-        v = x1 - xi
-        # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
-        # den = ‖x1 − ξ‖²_P + ‖z1‖²_H + κ/τ > 0.
-        den = (v * ops.Pv(v)).sum(1) + (h1 * h1).sum(1) + kappa / tau
-        bAx1 = bI - a_i(x1, p1)
-
-        def direction(dtau_, dz_, dkappa_, x2, z2, h2, *p2):
-            dtau = (dtau_ - dkappa_ / tau + (qPxi * x2).sum(1) + (d.b * z2).sum(1)) / den
-            t = dtau[:, None]
-            DX, DZ, DH = torch.addcmul(x2, t, x1), torch.addcmul(z2, t, z1), torch.addcmul(h2, t, h1)
-            # Δs from the linearised primal equation A Δx + Δs − b Δτ = −d_z rather than
-            # from Δs = −d_s − W (W Δz): W reaches 1e10 on off-centre cones near ∂K, and
-            # this keeps the primal residual falling by exactly (1 − α).
-            DSc = torch.addcmul(-(a_i(x2, p2) + dz_[:, z0:]), t, bAx1)
-            dkappa = -(dkappa_ + kappa * dtau) / tau
-            return DX, DZ, DH, DSc, dtau, dkappa
-
-        DXa, DZa, DHa, DSa, dtau_a, dkappa_a = direction(rtau, rz, tau * kappa, *affine)
-        alpha_a = max_step(layout, sc, zc, tau, kappa, DSa, DZa[:, z0:], dtau_a, dkappa_a).clamp(max=1.0)
-        one_a = 1.0 - alpha_a
-        sigma = one_a * one_a * one_a
-
-        # Corrector: centring σμ and Mehrotra's second-order term (damped on the first
-        # iteration, as Clarabel does for a badly centred start).
-        one_s = (1.0 - sigma)[:, None]
-        corr = layout.jordan(W.apply_inv(DSa), DHa)
-        if it == 0:
-            corr = alpha_a[:, None] * corr
-        ds_lam = layout.add_unit(layout.jordan(lam, lam) + corr, -sigma * mu)
-        dkappa_c = tau * kappa + dtau_a * dkappa_a * (alpha_a if it == 0 else 1.0) - sigma * mu
-        rhs2_r = rows(-one_s * rz[:, :z0] if z0 else None, layout.jordan_solve(lam, ds_lam) - one_s * Wrz)
-        corrector = kkt.solve((-one_s * rx).unsqueeze(-1), rhs2_r.unsqueeze(-1), ref, scaled=True,
-                              product=diagonal_w)
-        DX, DZ, _, DSc, dtau, dkappa = direction((1.0 - sigma) * rtau, one_s * rz, dkappa_c,
-                                                 *(v[..., 0] for v in corrector))
-        alpha = torch.clamp(_STEP_FRACTION * max_step(layout, sc, zc, tau, kappa, DSc, DZ[:, z0:], dtau, dkappa),
-                            max=1.0)
-        status = torch.where(running & ~(alpha > _MIN_STEP), NUMERICAL, status)
-        alpha = torch.where(status == RUNNING, alpha, 0.0)
-        # Non-finite directions of frozen elements must not leak in through 0 * inf.
-        a = alpha[:, None]
-        move = a > 0
-        x = torch.where(move, torch.addcmul(x, a, DX), x)
-        z = torch.where(move, torch.addcmul(z, a, DZ), z)
-        sc = torch.where(move, torch.addcmul(sc, a, DSc), sc)
-        if z0:
-            s = s.clone()
-            s[:, z0:] = sc
+        last = it + 1 == max_iter
+        if it == 0 or last:  # (variants run once: not worth a capture)
+            state, effect = step(data, state, res, it == 0, ref)
+            state, res, counts = update(data, state, effect, last)
         else:
-            s = sc
-        tau = torch.where(alpha > 0, torch.addcmul(tau, alpha, dtau), tau)
-        kappa = torch.where(alpha > 0, torch.addcmul(kappa, alpha, dkappa), kappa)
+            flat, (counts,) = graphs.run(ref, _graph_body(data, ref), (*state, *res))
+            state, res = tuple(flat[:len(STATE)]), tuple(flat[len(STATE):])
 
-    if saved is not None:
-        state = [x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count]
-        x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count = (
-            f.index_copy(0, slot, v) for f, v in zip(saved, state))
-        d, ops, base = full_data
+    if full is not None:
+        state = tuple(f.index_copy(0, slot, v) for f, v in zip(full[1], state))
+        data = full[0]
+    d, ops = data.d, data.ops
+    x, s, z, tau, kappa, status, iterations, *best, _, _, _ = state
     stopped = (status == NUMERICAL) | (status == MAX_ITERATIONS)
     if bool(stopped.any()):  # their last iterate is where they stopped
         r = Measures(d, ops, row_inf(d.b), row_inf(d.q), x, s, z, tau, kappa, _REDUCED_TOL_INF)
@@ -387,3 +282,14 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
 
 def _col(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask if like.dim() == 1 else mask[:, None]
+
+
+def _graph_body(data: IterationData, refine: int):
+    """A step and the next update as one function of the flat ``(*state, *residuals)``
+    (what :class:`~convexddn._step_graphs.StepGraphs` captures): returns the new flat
+    state and the counts."""
+    def body(*flat):
+        state, effect = step(data, flat[:len(STATE)], flat[len(STATE):], False, refine)
+        state, res, counts = update(data, state, effect, False)
+        return (*state, *res, counts)
+    return body

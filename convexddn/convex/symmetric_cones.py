@@ -116,8 +116,8 @@ class ConeLayout:
         """The identity e of the Jordan algebra, shaped (B, mc) like ``like``."""
         e = like.new_zeros(like.shape[:2])
         e[:, : self.nonneg] = 1.0
-        if self.soc:
-            e[:, self.nonneg + self.index(like.device).heads] = 1.0
+        if self.soc:  # (slices, not an index: a scalar put through an index is a host copy)
+            e[:, self.nonneg:] = 1.0 - self.index(like.device).tail
         return e
 
     def add_unit(self, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -804,3 +804,93 @@ def test_least_squares_with_a_huge_rhs_under_a_loose_box_is_normwise_exact(exact
     y = layer(torch.tensor(A_, dtype=F64), torch.tensor(b_, dtype=F64), torch.tensor(u_, dtype=F64))
     assert layer.last_solve.statuses == ["solved"]
     assert float((y - exact).abs().max() / (1 + exact.abs().max())) < 1e-9
+
+
+def ball_cut_problem(n=6):
+    """Projection of p onto {‖x‖ ≤ r, aᵀx ≤ c}: a second-order cone, so the solutions are
+    LU-polished (certify.finish)."""
+    p, a = cp.Parameter(n, name="p"), cp.Parameter(n, name="a")
+    r, c = cp.Parameter(nonneg=True, name="r"), cp.Parameter(name="c")
+    x = cp.Variable(n, name="x")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [cp.norm(x, 2) <= r, a @ x <= c])
+    return prob, [p, a, r, c], [x]
+
+
+def ball_cut_data(batch, n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [2 * torch.randn(batch, n, dtype=F64, generator=gen), torch.randn(batch, n, dtype=F64, generator=gen),
+            torch.rand(batch, dtype=F64, generator=gen) + 0.5, 0.3 * torch.randn(batch, dtype=F64, generator=gen)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["qp", "socp"])
+def test_cuda_graph_steps_match_eager_steps(monkeypatch, step_graphs, case):
+    """On CUDA the interior-point steps replay as captured graphs: same solutions and
+    gradients as the eager steps (CONVEXDDN_CUDA_GRAPHS=0), and the graphs did replay."""
+    made = step_graphs
+    if case == "qp":
+        prob, params, variables, _ = qp_problem()
+        data = qp_data(16, seed=5)
+    else:
+        (prob, params, variables), data = ball_cut_problem(), ball_cut_data(64)
+    bp = BatchedProgram(prob, params, variables)
+    data = [v.cuda() for v in data]
+    out, replays = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CONVEXDDN_CUDA_GRAPHS", flag)
+        made.clear()
+        args = [v.clone().requires_grad_(True) for v in data]
+        (Y,), info = bp(*args)
+        assert info.solved.all()
+        w = torch.linspace(-1, 1, Y.numel(), dtype=Y.dtype, device=Y.device).reshape(Y.shape)
+        out[flag] = (Y.detach(), torch.autograd.grad(Y, args, w))
+        assert made and all(m.capture == (flag == "1") for m in made)
+        assert all(m.reason is None for m in made), [m.reason for m in made]
+        replays[flag] = sum(m.replays for m in made)
+    assert replays["1"] > 0 and replays["0"] == 0
+    assert torch.allclose(out["1"][0], out["0"][0], atol=1e-9, rtol=1e-9)
+    for a, b in zip(out["1"][1], out["0"][1]):
+        assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_graphs_replay_variants_and_fall_back():
+    """Two captured variants alternate on shared buffers and give the eager results; a
+    body that reads the host cannot be captured: it runs eagerly (right result), and
+    ``reason`` says why."""
+    from convexddn._step_graphs import StepGraphs
+    from convexddn.errors import ConvexDDNWarning
+
+    def pure(c):
+        return lambda x, k: (x + c * k.sum(), k + 1, x.sum())
+
+    graphs = StepGraphs(True)
+    state = [torch.ones(3, device="cuda"), torch.zeros(2, device="cuda")]
+    x, k = 1.0, 0.0
+    for c in (1.0, 2.0, 1.0, 2.0, 2.0):
+        total = 3 * x
+        state, (extra,) = graphs.run(c, pure(c), state)
+        x, k = x + c * 2 * k, k + 1
+        assert state[0].tolist() == [x] * 3 and state[1].tolist() == [k] * 2 and extra.item() == total
+    assert graphs.reason is None and graphs.replays == 5
+
+    def swap(a, b):  # new values that are the other slot's buffers
+        return b, a, a + b
+
+    graphs = StepGraphs(True)
+    state = [torch.zeros(2, device="cuda"), torch.ones(2, device="cuda")]
+    for i in range(3):
+        state, (total,) = graphs.run("swap", swap, state)
+        assert state[0].tolist() == [float(i % 2 == 0)] * 2 and state[1].tolist() == [float(i % 2)] * 2
+        assert total.tolist() == [1.0, 1.0]
+
+    def reads(x, k):
+        return x + float(k.sum()), k + 1  # float(): a host read
+
+    graphs = StepGraphs(True)
+    state = [torch.ones(3, device="cuda"), torch.zeros(2, device="cuda")]
+    with pytest.warns(ConvexDDNWarning, match="could not be captured"):
+        for _ in range(3):
+            state, _ = graphs.run("only", reads, state)
+    assert graphs.reason is not None and graphs.replays == 0
+    assert state[0].tolist() == [7.0] * 3 and state[1].tolist() == [3.0] * 2

@@ -579,3 +579,49 @@ def test_tiny_inactive_box_of_an_ill_conditioned_qp_is_solved_exactly(exact_solv
                            ConeLayout(0, 6))
     assert STATUS_NAMES[int(sol.status[0])] == "solved"
     assert float((sol.x[0] - exact).abs().max() / (1 + exact.abs().max())) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["qp", "socp"])
+def test_whole_batch_loop_matches_compacting_loop(monkeypatch, name):
+    """On CUDA the loop keeps every element (its steps replay as captured graphs, whose
+    shapes cannot shrink): finished, infeasible and unbounded elements are frozen in place
+    instead of gathered out. Each element's iterates are its own, so statuses, iteration
+    counts and points agree with the compacting loop's (here on the CPU, where the same
+    loop runs its captured bodies eagerly)."""
+    import convexddn.convex.interior_point as ip
+
+    layout, n, lp = LAYOUTS[name]
+    data = random_program(layout, n, 12, seed=3, lp=lp)
+    P, q, A, b = (v.clone() for v in data)
+    z0 = layout.zero
+    # element 0 primal infeasible (aᵀx <= -1 and -aᵀx <= -1), 1 unbounded (x_0 free of
+    # every constraint and of curvature, with cost -x_0)
+    A[0, z0 + 1] = -A[0, z0]
+    b[0, z0], b[0, z0 + 1] = -1.0, -1.0
+    P[1, 0], P[1, :, 0], A[1, :, 0] = 0.0, 0.0, 0.0
+    q[1, 0] = -1.0
+    ref = solve_cone_batch(P, q, A, b, layout)
+    assert ref.iterations.min() < ref.iterations.max()  # the compacting loop did compact
+    monkeypatch.setattr(ip, "_WHOLE_BATCH", True)
+    whole = solve_cone_batch(P, q, A, b, layout)
+    assert whole.status.tolist() == ref.status.tolist()
+    assert ref.status[0] == PRIMAL_INF and ref.status[1] == DUAL_INF and (ref.status[2:] == SOLVED).all()
+    assert whole.iterations.tolist() == ref.iterations.tolist()
+    assert torch.allclose(whole.x[2:], ref.x[2:], atol=1e-9, rtol=1e-9)
+    assert torch.allclose(whole.z[2:], ref.z[2:], atol=1e-9, rtol=1e-9)
+
+
+def test_whole_batch_loop_reads_the_host_once_per_step(host_reads, monkeypatch):
+    # What a replayed graph step costs the host: the same one read per iteration.
+    import convexddn.convex.interior_point as ip
+
+    monkeypatch.setattr(ip, "_WHOLE_BATCH", True)
+    layout, n, _ = LAYOUTS["qp"]
+    data = random_program(layout, n, 8, seed=7)
+    counts = []
+    for k in range(2, 6):
+        with host_reads.counting():
+            sol = solve_cone_batch(*data, layout, max_iter=k, polish="never")
+        assert int(sol.iterations.min()) == k
+        counts.append(host_reads.count)
+    assert [c - counts[0] for c in counts] == [0, 1, 2, 3]

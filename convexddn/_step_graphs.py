@@ -1,0 +1,127 @@
+"""Replaying the step of an iterative solver as a CUDA graph.
+
+An iteration of a batched solver on small problems is hundreds of tiny kernels: on a
+GPU each costs its launch (the host's Python and dispatch, ~10-20 µs), not its
+arithmetic, so the device idles most of the time. A CUDA graph records the kernels of
+one step once and replays them with a single launch.
+
+:class:`StepGraphs` runs ``body(*state) -> (*new_state, *extras)``: eagerly on the CPU
+(or where capture is off), and on CUDA by capturing each variant of the body (a key
+such as the number of refinement steps) the first time it is asked for and replaying
+it after. The state lives in buffers the graphs share: a replay reads them and writes
+the new state back into them, so consecutive replays need no copies and the variants
+can alternate. The body must be a pure function of its arguments and of tensors that
+outlive the loop (the data), with no host synchronisation (no ``.item()``, ``bool()``
+or data-dependent shapes); its extras (e.g. the counts the loop reads on the host) are
+the graph's own outputs, overwritten by the next replay.
+
+A variant whose capture fails (an operation that cannot be captured) runs eagerly from
+then on, as do all others of that loop, with a :class:`~convexddn.errors.ConvexDDNWarning`
+(same results, slower); ``reason`` says why. Set the environment
+variable ``CONVEXDDN_CUDA_GRAPHS=0`` to run every step eagerly.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+from ._warn import warn
+from .errors import ConvexDDNWarning
+
+__all__ = ["StepGraphs", "capture_wanted"]
+
+
+def capture_wanted(like: torch.Tensor) -> bool:
+    """Whether steps on ``like``'s device are captured: CUDA, unless the environment
+    variable ``CONVEXDDN_CUDA_GRAPHS`` is ``0``."""
+    return like.is_cuda and os.environ.get("CONVEXDDN_CUDA_GRAPHS", "1") != "0"
+
+
+class StepGraphs:
+    """The captured variants of one loop's step (see the module's docstring).
+
+    Args:
+        capture: capture on CUDA; ``False`` runs every body eagerly (the same results,
+            one launch per kernel).
+        site: which loop this is; once a capture at a site has failed, that site's
+            later loops in this process run eagerly without trying again (and warn once).
+    """
+
+    _failed: dict[str, str] = {}  # for the whole process: site -> why its capture failed
+
+    def __init__(self, capture: bool, site: str = "") -> None:
+        self.site = site
+        self.reason: str | None = self._failed.get(site) if capture else None
+        self.capture = capture and self.reason is None
+        self.replays = 0
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self._buffers: list[torch.Tensor] | None = None
+
+    def run(self, key: Hashable, body: Callable[..., Sequence[torch.Tensor]],
+            state: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """``(new_state, extras)`` of ``body(*state)``; ``key`` names the variant.
+
+        On the captured path ``new_state`` are the shared buffers (valid until the next
+        call) and ``extras`` the graph's outputs."""
+        if self.capture and self.reason is None:
+            self._load(state)
+            graph = self._graphs.get(key)
+            if graph is None:
+                graph = self._capture(body)
+                if graph is not None:
+                    self._graphs[key] = graph
+            if graph is not None:
+                graph[0].replay()
+                self.replays += 1
+                return self._buffers, graph[1]
+            state = self._buffers
+        out = body(*state)
+        return list(out[:len(state)]), tuple(out[len(state):])
+
+    def _load(self, state: Sequence[torch.Tensor]) -> None:
+        """Put ``state`` into the buffers (nothing to do where it already is there)."""
+        if self._buffers is None:
+            self._buffers = [t.clone() for t in state]
+            return
+        for buf, t in zip(self._buffers, state):
+            if t is not buf:
+                buf.copy_(t)
+
+    def _capture(self, body):
+        """The graph of ``body`` on the buffers and its extras, or None (``reason`` set).
+
+        By hand rather than through ``torch.cuda.graph``, whose entry synchronises and
+        empties the allocator's cache: every later allocation of the solve would then
+        go back to the driver."""
+        graph = torch.cuda.CUDAGraph()
+        bufs = self._buffers
+        here = torch.cuda.current_stream(bufs[0].device)
+        side = torch.cuda.Stream(bufs[0].device)  # (the default stream cannot be captured)
+        side.wait_stream(here)
+        try:
+            with torch.cuda.stream(side):
+                # thread_local: other threads' CUDA calls meanwhile are theirs, not an error here.
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    out = body(*bufs)
+                    # A new value that is another slot's buffer (u_prev = u) is copied
+                    # before any buffer is overwritten.
+                    held = {b.untyped_storage().data_ptr() for b in bufs}
+                    news = [v if v is buf or v.untyped_storage().data_ptr() not in held else v.clone()
+                            for buf, v in zip(bufs, out[:len(bufs)])]
+                    for buf, v in zip(bufs, news):
+                        if v is not buf:
+                            buf.copy_(v)
+                finally:
+                    graph.capture_end()
+        except Exception as exc:  # noqa: BLE001 -- an op that cannot be captured: run eagerly
+            self.reason = f"{type(exc).__name__}: {exc}"
+            self._failed.setdefault(self.site, self.reason)
+            warn(f"a loop's step could not be captured as a CUDA graph ({self.reason}); it runs eagerly: the "
+                 "same results, more slowly (set CONVEXDDN_CUDA_GRAPHS=0 to skip capturing)", ConvexDDNWarning)
+            return None
+        finally:
+            here.wait_stream(side)
+        return graph, tuple(out[len(bufs):])
