@@ -1043,6 +1043,49 @@ def test_robust_pool_cuda_matches_cpu(name):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_whole_row_loop_matches_compacting_loop(name, dtype, monkeypatch):
+    """On CUDA the Newton and descent loops keep every row (their iterations replay as
+    captured graphs, whose shapes cannot shrink): stopped rows stay put instead of being
+    gathered out. Each row's iterates are its own, so the results are bit-identical to the
+    compacting loop's (here on the CPU, where the same loop runs its bodies eagerly),
+    clamped blocks and Welsch's second start included."""
+    from convexddn.nodes.pooling import iterations
+
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 300, 700, generator=g, dtype=dtype)
+    x[0, :, :70] += 6.0  # a clump of outliers
+    x[1, :4, 5] = 3e19 if dtype == torch.float32 else 1e200  # squares overflow: clamped
+    x[2] = torch.rand(300, 700, generator=g, dtype=dtype) * 12.0  # flat, multimodal rows
+    ref = robust_pool(x, name, 0.7)
+    monkeypatch.setattr(iterations, "_WHOLE_ROWS", True)
+    assert torch.equal(robust_pool(x, name, 0.7), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["pseudo_huber", "huber", "welsch"])
+def test_robust_pool_cuda_graphs_match_eager(name, monkeypatch, step_graphs):
+    """On CUDA the iterations replay as captured graphs: the same values and gradients as
+    with every step eager (CONVEXDDN_CUDA_GRAPHS=0), and the graphs did replay."""
+    made = step_graphs
+    x = with_outliers(6, (4, 64, 1000)).float().cuda()
+    outs, replays = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CONVEXDDN_CUDA_GRAPHS", flag)
+        made.clear()
+        xd = x.clone().requires_grad_(True)
+        y = robust_pool(xd, name, 0.9)
+        outs[flag] = (y.detach(), torch.autograd.grad(y.sum(), xd)[0])
+        assert all(m.reason is None for m in made), [m.reason for m in made]
+        replays[flag] = sum(m.replays for m in made)
+    assert replays["1"] > 0 and replays["0"] == 0
+    # (the eager loop gathers the running rows: CUDA's row sums over fewer rows may round
+    # differently, within the solver's float32 tolerance)
+    for a, b in zip(outs["1"], outs["0"]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
 def test_start_is_robust_and_exact_on_short_rows():
     """The solvers' start: the lower median of (at most 129 strided entries of) rows up
     to 512; beyond, the repeated median of three of 81 strided entries, which outliers

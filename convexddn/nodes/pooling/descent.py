@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import iterations
 from .iterations import (_MODEL_SPAN, _NOISE, _compact, _first, _live, _predicted_error, _store, _sweep, offset_rows,
-                         stop_tolerance)
+                         step_graphs, stop_tolerance)
 from .kernels import Scratch, block_ranges
 from .penalties import Penalty
 from .rows import Result, Rows
@@ -86,10 +87,8 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     # only when the problem is compacted or ends (no indexed updates every iteration).
     unres, conv_f, spec = (torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(3))
     idx = None  # rows of the (compacted) problem, as indices of the original rows
-    for it in range(max_iter):
-        if it > 0:
-            norm = _sweep(pen, rows, "descent_sums", u, live, ranges, list(sums.unbind(0)), use_compile, scratch,
-                          clamp)
+    def update(u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, unres, conv_f, spec, sums, norm):
+        """One iteration's bookkeeping from the sums at ``u``: the next state."""
         f, g, h, w = sums.unbind(0)
         bad = ~torch.isfinite(sums).all(0)
         reject = f > f_prev + (8 * eps) * f.abs()
@@ -127,27 +126,50 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         safe_prev = torch.where(reject, safe_prev, u + safe)
         final = torch.where(hpos & ~quiet, u - nstep, u)
         h_prev = torch.where(reject, math.nan, h)  # no estimate across a rejected step
-        g_prev, u_prev = g.clone(), u
         # (Once a start stops, u and f_prev stay put: its point and the objective at its
         # last accepted point; a start still running at the end returns its last iterate.)
-        u = torch.where(active, torch.where(stop, final, nxt), u)
+        u_new = torch.where(active, torch.where(stop, final, nxt), u)
         both = done & bad
-        spec |= both
-        conv_f |= done ^ both  # done & ~bad
-        unres |= done & quiet & ~bad & hpos & (noise > tol_s * h)
+        spec = spec | both
+        conv_f = conv_f | (done ^ both)  # done & ~bad
+        unres = unres | (done & quiet & ~bad & hpos & (noise > tol_s * h))
         active = active & ~done
-        row_active = active.reshape(active.shape[0], -1).any(-1)
-        n_active, live = _live(row_active, ranges)
+        return u_new, f_prev, safe_prev, rho, g.clone(), h_prev, u, active, unres, conv_f, spec
+
+    def body(*state):  # a sweep of every row and the update (captured on CUDA)
+        sums = x.new_empty(4, R, k, 1)
+        norm = _sweep(pen, rows, "descent_sums", state[0], live, ranges, list(sums.unbind(0)), use_compile,
+                      scratch, clamp)
+        state = update(*state, sums, norm)
+        return (*state, state[7].reshape(R, -1).any(-1).sum())
+
+    state = (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, unres, conv_f, spec)
+    graphs = step_graphs(rows, use_compile, "robust pooling, descent")
+    whole = graphs.capture or iterations._WHOLE_ROWS
+    for it in range(max_iter):
+        if it == 0 or not whole:
+            if it > 0:
+                norm = _sweep(pen, rows, "descent_sums", state[0], live, ranges, list(sums.unbind(0)), use_compile,
+                              scratch, clamp)
+            state = update(*state, sums, norm)
+            row_active = state[7].reshape(state[7].shape[0], -1).any(-1)
+            n_active, live = _live(row_active, ranges)
+        else:
+            state, (count,) = graphs.run(None, body, state)
+            n_active = int(count)  # (the one host read per iteration)
         if n_active == 0 or it == max_iter - 1:
             break
-        if 2 * n_active <= active.shape[0]:
+        if not whole and 2 * n_active <= state[7].shape[0]:
             # Gather the rows still running into a smaller problem.
+            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, unres, conv_f, spec = state
             _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
             keep = row_active.nonzero().squeeze(-1)
             rows, idx, ranges, clamp, live, a3, af, state = _compact(
                 rows, keep, idx, clamp, ranges, use_compile, a3,
                 (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec))
             u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec = state
+            state = (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, unres, conv_f, spec)
             sums = x.new_empty(4, n_active, k, 1)
+    u, f_prev, unres, conv_f, spec = state[0], state[1], state[8], state[9], state[10]
     _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
     return Result(*(t.squeeze(-1) for t in (out_u, out_f, *out_flags)))

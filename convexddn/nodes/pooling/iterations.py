@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..._step_graphs import StepGraphs, capture_wanted
 from .kernels import Scratch, block_ranges, row_sums
 from .penalties import SPREAD_DIVISOR, Penalty
 from .rows import Result, Rows
@@ -51,6 +52,19 @@ _MODEL_SPAN = 0.25
 # 1e-4 (float32), g = -alpha and h = 1 claimed a root within 5e-4 where it was at 999.67.
 # A penalty may know better (Penalty.newton_span: pseudo-Huber's far rows, Huber).
 _LOCAL_SPAN = 0.5
+
+
+# Keep every row in the loop where no graphs are captured too (the tests set it to run the
+# captured path's logic on the CPU).
+_WHOLE_ROWS = False
+
+
+def step_graphs(rows: Rows, use_compile: bool, site: str) -> StepGraphs:
+    """The iteration's graphs (:mod:`convexddn._step_graphs`): on CUDA, the sweep and the
+    bookkeeping of an iteration are captured once and replayed, and the loop keeps every
+    row (no compaction: a graph's shapes are fixed). Not for a lazy selection of rows
+    (its gather buffer is allocated on first use) nor with ``compile``."""
+    return StepGraphs(capture_wanted(rows.x) and rows.index is None and not use_compile, site)
 
 
 def offset_rows(lo: Tensor, hi: Tensor) -> bool:
@@ -239,10 +253,10 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     # The flags of the (compacted) problem's rows, written into ``out`` with the points
     # (which stay put once a row stops) only when the problem is compacted or ends.
     unres, conv_f, spec = (torch.zeros(R, 1, dtype=torch.bool, device=x.device) for _ in range(3))
-    for it in range(max_iter):
-        if it > 0:
-            norm = _sweep(pen, rows, "newton_sums", u, live, ranges, [G, H], use_compile, scratch, clamp)
-        g, h = G, H
+    graphs = step_graphs(rows, use_compile, "robust pooling, Newton")
+    whole = graphs.capture or _WHOLE_ROWS
+    def update(u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, active, unres, conv_f, spec, g, h, norm):
+        """One iteration's bookkeeping from the sums ``g, h`` at ``u``: the next state."""
         bad = ~(torch.isfinite(g) & torch.isfinite(h))  # finite data, overflowing sums
         au = u.abs()
         noise = torch.addcmul(pen.dphi_norm(h, None, n, af, spread) if norm is None else norm, h, au)
@@ -279,8 +293,8 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         nxt = torch.where(active, nxt, u)
         done = stop & active
         both = done & bad
-        spec |= both
-        conv_f |= done ^ both  # done & ~bad
+        spec = spec | both
+        conv_f = conv_f | (done ^ both)  # done & ~bad
         # Flat: the noise floor itself is wider than the tolerance, or wider than the
         # span where h bounds the distance to the root (a zero curvature is a flat
         # minimum, not a flaw, unless the penalty is strictly convex). A row that stops
@@ -289,24 +303,42 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         if check_span:
             flag |= noise > trust * h
         flag &= done & ~(conv | bad)
-        unres |= flag if pen.strict else flag & (h > 0)
+        unres = unres | (flag if pen.strict else flag & (h > 0))
         active = active & ~done
-        g_prev, h_prev, u_prev = g.clone(), h.clone(), u
-        dx2, dx1 = dx1, (nxt - u).abs_()
-        u = nxt  # the rows still running at max_iter return their last iterate
-        n_active, live = _live(active.squeeze(-1), ranges)
+        # (the rows still running at max_iter return their last iterate)
+        return nxt, lo, hi, (nxt - u).abs_(), dx1, g.clone(), h.clone(), u, active, unres, conv_f, spec
+
+    def body(*state):  # a sweep of every row and the update (captured on CUDA)
+        G, H = x.new_empty(R, 1), x.new_empty(R, 1)
+        norm = _sweep(pen, rows, "newton_sums", state[0], live, ranges, [G, H], use_compile, scratch, clamp)
+        state = update(*state, G, H, norm)
+        return (*state, state[8].sum())
+
+    state = (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, active, unres, conv_f, spec)
+    for it in range(max_iter):
+        if it == 0 or not whole:
+            if it > 0:
+                norm = _sweep(pen, rows, "newton_sums", state[0], live, ranges, [G, H], use_compile, scratch, clamp)
+            state = update(*state, G, H, norm)
+            n_active, live = _live(state[8].squeeze(-1), ranges)
+        else:
+            state, (count,) = graphs.run(None, body, state)
+            n_active = int(count)  # (the one host read per iteration)
         if n_active == 0 or it == max_iter - 1:
             break
-        if 2 * n_active <= active.shape[0]:
+        if not whole and 2 * n_active <= state[8].shape[0]:
             # Gather the rows still running into a smaller problem.
+            u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, active, unres, conv_f, spec = state
             _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
             keep = active.squeeze(-1).nonzero().squeeze(-1)
             rows, idx, ranges, clamp, live, a, af, state = _compact(
                 rows, keep, idx, clamp, ranges, use_compile, a,
                 (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec, active))
             u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec, active = state
+            state = (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, active, unres, conv_f, spec)
             tol_a, span = tol * a, _LOCAL_SPAN * a
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
+    u, unres, conv_f, spec = state[0], state[9], state[10], state[11]
     _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
     return out
 
