@@ -15,6 +15,13 @@ outlive the loop (the data), with no host synchronisation (no ``.item()``, ``boo
 or data-dependent shapes); its extras (e.g. the counts the loop reads on the host) are
 the graph's own outputs, overwritten by the next replay.
 
+A loop run many times on the same shapes (a layer in training) keeps its graphs:
+:meth:`StepGraphs.kept` hands out the graphs of an earlier run with the same key (the
+last :data:`KEEP` keys, per process), and the loop passes its data as ``consts``,
+copied into the graphs' own buffers once per run. The body must then read no other
+tensor that a run makes (only the data, the state and what outlives every run, such as
+a layout's cached index tensors).
+
 A variant whose capture fails (an operation that cannot be captured) runs eagerly from
 then on, as do all others of that loop, with a :class:`~convexddn.errors.ConvexDDNWarning`
 (same results, slower); ``reason`` says why. Set the environment
@@ -23,6 +30,8 @@ variable ``CONVEXDDN_CUDA_GRAPHS=0`` to run every step eagerly.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
@@ -30,7 +39,10 @@ import torch
 from ._warn import warn
 from .errors import ConvexDDNWarning
 
-__all__ = ["StepGraphs", "capture_wanted"]
+__all__ = ["KEEP", "StepGraphs", "capture_wanted"]
+
+#: How many keys' graphs a process keeps (each holds its buffers and its graphs' memory).
+KEEP = 4
 
 
 def capture_wanted(like: torch.Tensor) -> bool:
@@ -50,6 +62,8 @@ class StepGraphs:
     """
 
     _failed: dict[str, str] = {}  # for the whole process: site -> why its capture failed
+    _kept: OrderedDict = OrderedDict()  # (site, key) -> StepGraphs, least recently used first
+    _lock = threading.Lock()
 
     def __init__(self, capture: bool, site: str = "") -> None:
         self.site = site
@@ -58,36 +72,84 @@ class StepGraphs:
         self.replays = 0
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._buffers: list[torch.Tensor] | None = None
+        self._consts: list[torch.Tensor] | None = None  # the data's buffers
+        self._const_src: list[torch.Tensor] | None = None  # what was last copied into them
+        self._key: tuple | None = None
+        self._holds: object = None
+
+    @classmethod
+    def kept(cls, capture: bool, site: str, key: Hashable, holds: object = None) -> "StepGraphs":
+        """The graphs of an earlier run with the same ``site`` and ``key`` (which must
+        determine every shape, dtype and constant of the body), or new ones; hand them
+        back with :meth:`release` after the run. ``holds``: an object the graphs read
+        from (a layout's cached tensors), kept alive with them. Runs in several threads
+        at once each get their own."""
+        if not capture:
+            return cls(False, site)
+        with cls._lock:
+            graphs = cls._kept.pop((site, key), None)
+        if graphs is None:
+            graphs = cls(True, site)
+            graphs._key, graphs._holds = (site, key), holds
+        graphs.replays = 0
+        return graphs
+
+    def release(self) -> None:
+        """Keep these graphs for the next run with the same key (unless a capture failed)."""
+        self._const_src = None  # (the run's data may go)
+        if self._key is None or self.reason is not None or not self._graphs:
+            return
+        with self._lock:
+            self._kept[self._key] = self
+            self._kept.move_to_end(self._key)
+            while len(self._kept) > KEEP:
+                self._kept.popitem(last=False)
 
     def run(self, key: Hashable, body: Callable[..., Sequence[torch.Tensor]],
-            state: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-        """``(new_state, extras)`` of ``body(*state)``; ``key`` names the variant.
+            state: Sequence[torch.Tensor], consts: Sequence[torch.Tensor] = ()
+            ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """``(new_state, extras)`` of ``body(*consts, *state)`` (which returns the new
+        state, then the extras); ``key`` names the variant, ``consts`` are the data,
+        which the body reads and does not change (pass the same tensors on every call of
+        a run: they are copied into the graphs' buffers once).
 
         On the captured path ``new_state`` are the shared buffers (valid until the next
         call) and ``extras`` the graph's outputs."""
         if self.capture and self.reason is None:
             self._load(state)
-            graph = self._graphs.get(key)
-            if graph is None:
-                graph = self._capture(body)
+            self._load_consts(consts)
+            # (the data's device, which need not be the current one)
+            with torch.cuda.device(self._buffers[0].device):
+                graph = self._graphs.get(key)
+                if graph is None:
+                    graph = self._capture(lambda *st: body(*self._consts, *st))
+                    if graph is not None:
+                        self._graphs[key] = graph
                 if graph is not None:
-                    self._graphs[key] = graph
-            if graph is not None:
-                graph[0].replay()
-                self.replays += 1
-                return self._buffers, graph[1]
+                    graph[0].replay()
+                    self.replays += 1
+                    return self._buffers, graph[1]
             state = self._buffers
-        out = body(*state)
+        out = body(*consts, *state)
         return list(out[:len(state)]), tuple(out[len(state):])
 
     def _load(self, state: Sequence[torch.Tensor]) -> None:
         """Put ``state`` into the buffers (nothing to do where it already is there)."""
         if self._buffers is None:
-            self._buffers = [t.clone() for t in state]
+            self._buffers = _copies(state)
             return
         for buf, t in zip(self._buffers, state):
             if t is not buf:
                 buf.copy_(t)
+
+    def _load_consts(self, consts: Sequence[torch.Tensor]) -> None:
+        """Copy the run's data into the buffers the graphs read, once per run."""
+        if self._consts is None:
+            self._consts = _copies(consts)
+        elif self._const_src is None or any(a is not b for a, b in zip(consts, self._const_src)):
+            for buf, t in zip(self._consts, consts):
+                buf.copy_(t)
+        self._const_src = list(consts)
 
     def _capture(self, body):
         """The graph of ``body`` on the buffers and its extras, or None (``reason`` set).
@@ -125,3 +187,10 @@ class StepGraphs:
         finally:
             here.wait_stream(side)
         return graph, tuple(out[len(bufs):])
+
+
+def _copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Buffers holding ``tensors``: normal tensors even under ``torch.inference_mode()``,
+    so that kept graphs made in an evaluation pass still take a training step's data."""
+    with torch.inference_mode(False):
+        return [t.clone() for t in tensors]

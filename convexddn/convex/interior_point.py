@@ -26,14 +26,16 @@ All elements iterate together as dense ``(B, ·, ·)`` tensors on the data's dev
 converged, certified, stalled or troubled element is frozen (step length zero), and once
 a quarter of the batch is frozen the running ones are gathered into a smaller batch. One
 host synchronisation per iteration tests how many still run. An iteration is
-:mod:`.ipm_step`'s pure functions; on CUDA each solve captures them as a graph (at most
-two variants: with and without refinement) and replays it (:mod:`convexddn._step_graphs`;
-the batch then stays whole). Elements whose solution came
+:mod:`.ipm_step`'s pure functions; on CUDA they are captured as a graph (at most two
+variants: with and without refinement) and replayed (:mod:`convexddn._step_graphs`; the
+batch then stays whole), and the graphs are kept for the next solve of the same shapes. Elements whose solution came
 out far below the equilibrated units' size are solved again in their own unit. Then
 :mod:`.certify` polishes the solutions and estimates their errors; the measures, and the
 rays of infeasibility certificates, are checked in the caller's units too.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -233,7 +235,13 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     # On CUDA a step and the next update are one graph, replayed (_step_graphs): the
     # iterations' kernels cost their launches, not their arithmetic, there. The loop then
     # keeps the whole batch (no compaction: that would change the graphs' shapes).
-    graphs = StepGraphs(capture_wanted(x), "interior point, second-order cones" if layout.soc else "interior point")
+    # The graphs are kept for the next solve of the same shapes and program (a layer in
+    # training): they read the equilibrated data from their own buffers.
+    consts = (d.P, d.q, d.A, d.b)
+    graphs = StepGraphs.kept(
+        capture_wanted(x), "interior point, second-order cones" if layout.soc else "interior point",
+        (tuple((t.shape, t.dtype) for t in (*consts, *state, *res)), x.device, id(layout), structure, tol, tol_inf,
+         refine), holds=layout)
     whole = graphs.capture or _WHOLE_BATCH
     full, slot = None, None  # full-batch (data, state) and positions of the active elements
 
@@ -256,12 +264,16 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
             data = data.select(idx)
         ref = refine if close and coarse else 0
         last = it + 1 == max_iter
-        if it == 0 or last:  # (variants run once: not worth a capture)
+        if it == 0 or last or not whole:  # (variants run once: not worth a capture)
             state, effect = step(data, state, res, it == 0, ref)
             state, res, counts = update(data, state, effect, last)
         else:
-            flat, (counts,) = graphs.run(ref, _graph_body(data, ref), (*state, *res))
+            flat, (counts,) = graphs.run(ref, _graph_body(layout, structure, tol, tol_inf, ref), (*state, *res),
+                                         consts)
             state, res = tuple(flat[:len(STATE)]), tuple(flat[len(STATE):])
+    if graphs.replays:  # (the state lies in the graphs' buffers, which the next solve overwrites)
+        state = tuple(v.clone() for v in state)
+    graphs.release()
 
     if full is not None:
         state = tuple(f.index_copy(0, slot, v) for f, v in zip(full[1], state))
@@ -284,12 +296,24 @@ def _col(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask if like.dim() == 1 else mask[:, None]
 
 
-def _graph_body(data: IterationData, refine: int):
-    """A step and the next update as one function of the flat ``(*state, *residuals)``
-    (what :class:`~convexddn._step_graphs.StepGraphs` captures): returns the new flat
-    state and the counts."""
-    def body(*flat):
+def _graph_body(layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float, refine: int):
+    """A step and the next update as one function of the data and the flat ``(*state,
+    *residuals)`` (what :class:`~convexddn._step_graphs.StepGraphs` captures, and keeps
+    across solves): returns the new flat state and the counts. Everything derived from
+    the data is derived inside, so that a kept graph reads no tensor of an earlier solve."""
+    def body(P, q, A, b, *flat):
+        data = IterationData(_Data(P, q, A, b), DataOps(P, A, layout, structure),
+                             constant_part(P, A, layout, structure), layout, structure, tol, tol_inf)
         state, effect = step(data, flat[:len(STATE)], flat[len(STATE):], False, refine)
         state, res, counts = update(data, state, effect, False)
         return (*state, *res, counts)
     return body
+
+
+class _Data(NamedTuple):
+    """The equilibrated data the iterations read (a :class:`~.equilibration.Scaled`'s)."""
+
+    P: torch.Tensor
+    q: torch.Tensor
+    A: torch.Tensor
+    b: torch.Tensor

@@ -825,32 +825,50 @@ def ball_cut_data(batch, n=6, seed=0):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case", ["qp", "socp"])
 def test_cuda_graph_steps_match_eager_steps(monkeypatch, step_graphs, case):
-    """On CUDA the interior-point steps replay as captured graphs: same solutions and
-    gradients as the eager steps (CONVEXDDN_CUDA_GRAPHS=0), and the graphs did replay."""
-    made = step_graphs
+    """On CUDA the interior-point steps replay as captured graphs, kept for the next solve
+    of the same shapes: same solutions and gradients as the eager steps
+    (CONVEXDDN_CUDA_GRAPHS=0) for two batches solved one after the other (the second
+    reuses the first's graphs, with its own data; the first's results stay intact)."""
+    import convexddn._step_graphs as sg
+
     if case == "qp":
         prob, params, variables, _ = qp_problem()
-        data = qp_data(16, seed=5)
+        batches = [qp_data(16, seed=5), qp_data(16, seed=6)]
     else:
-        (prob, params, variables), data = ball_cut_problem(), ball_cut_data(64)
+        (prob, params, variables), batches = ball_cut_problem(), [ball_cut_data(64), ball_cut_data(64, seed=1)]
     bp = BatchedProgram(prob, params, variables)
-    data = [v.cuda() for v in data]
-    out, replays = {}, {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("CONVEXDDN_CUDA_GRAPHS", flag)
-        made.clear()
-        args = [v.clone().requires_grad_(True) for v in data]
+
+    def solve(data):
+        args = [v.cuda().requires_grad_(True) for v in data]
         (Y,), info = bp(*args)
         assert info.solved.all()
         w = torch.linspace(-1, 1, Y.numel(), dtype=Y.dtype, device=Y.device).reshape(Y.shape)
-        out[flag] = (Y.detach(), torch.autograd.grad(Y, args, w))
-        assert made and all(m.capture == (flag == "1") for m in made)
-        assert all(m.reason is None for m in made), [m.reason for m in made]
-        replays[flag] = sum(m.replays for m in made)
-    assert replays["1"] > 0 and replays["0"] == 0
-    assert torch.allclose(out["1"][0], out["0"][0], atol=1e-9, rtol=1e-9)
-    for a, b in zip(out["1"][1], out["0"][1]):
-        assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
+        return Y.detach(), torch.autograd.grad(Y, args, w)
+
+    monkeypatch.setenv("CONVEXDDN_CUDA_GRAPHS", "0")
+    eager = [solve(data) for data in batches]
+    assert step_graphs and not any(m.capture or m.replays for m in step_graphs)
+    monkeypatch.setenv("CONVEXDDN_CUDA_GRAPHS", "1")
+    monkeypatch.setattr(sg.StepGraphs, "_kept", sg.OrderedDict())
+    step_graphs.clear()
+    graphs = [solve(batches[0])]
+    made = [m for m in step_graphs if m.site.startswith("interior point")]
+    assert made and all(m.capture and m.reason is None and m.replays > 0 for m in made)
+    step_graphs.clear()
+    graphs.append(solve(batches[1]))
+    assert not [m for m in step_graphs if m.site.startswith("interior point")]  # the kept ones served
+    assert all(m.replays > 0 for m in sg.StepGraphs._kept.values())
+    # Kept graphs made under inference mode serve a solve with autograd after it.
+    monkeypatch.setattr(sg.StepGraphs, "_kept", sg.OrderedDict())
+    with torch.inference_mode():
+        (Yi,), _ = bp(*(v.cuda() for v in batches[1]))
+    assert sg.StepGraphs._kept and torch.allclose(Yi, eager[1][0], atol=1e-9, rtol=1e-9)
+    Ya, ga = solve(batches[0])
+    assert torch.allclose(Ya, eager[0][0], atol=1e-9, rtol=1e-9)
+    for (Yg, gg), (Ye, ge) in zip(graphs, eager):
+        assert torch.allclose(Yg, Ye, atol=1e-9, rtol=1e-9)
+        for a, b in zip(gg, ge):
+            assert torch.allclose(a, b, atol=1e-8, rtol=1e-8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
