@@ -1,4 +1,5 @@
-"""CUDA graphs on and off (``CONVEXDDN_CUDA_GRAPHS=1`` / ``0``), side by side: same
+"""CUDA graphs on and off (``CONVEXDDN_CUDA_GRAPHS=1`` / ``0``; on, kept across calls or
+captured on each), side by side: same
 process, same inputs, interleaved rounds, medians of forward and backward. The batched
 convex path (largest differences of the two solutions and gradients, graph replays per
 solve, then one profiled OptNet forward) and robust pooling (float32, the bench's inputs,
@@ -7,6 +8,7 @@ checkout). Writes ``$OUT/graphs.json`` and ``$OUT/profile.txt`` (``OUT`` default
 ``gpu-out``).
 
 python scripts/gpu_graphs.py cuda          on a GPU, from the repository root
+python scripts/gpu_graphs.py cuda convex   the convex rows only
 python scripts/gpu_graphs.py cpu quick     a quick check of the script itself
 """
 import json
@@ -30,7 +32,19 @@ os.makedirs(OUT, exist_ok=True)
 warnings.simplefilter("ignore")
 
 made = []
+counter = {"replays": 0}
+MODES = ("kept", "fresh", "eager")  # graphs kept across calls, captured on each call, none
+kept_store, fresh_store = sg.StepGraphs._kept, sg.OrderedDict()
 _init, _capture = sg.StepGraphs.__init__, sg.StepGraphs._capture
+_replay = torch.cuda.CUDAGraph.replay
+
+
+def replay(self):
+    counter["replays"] += 1
+    return _replay(self)
+
+
+torch.cuda.CUDAGraph.replay = replay
 stats = {"captures": 0, "capture_s": 0.0, "failed": []}
 
 
@@ -75,11 +89,15 @@ for name, B in CASES:
         data = [t.to(DEV) for t in data]
         g = None
 
-        def run(flag):
+        def run(mode):
             global g
-            os.environ["CONVEXDDN_CUDA_GRAPHS"] = flag
+            os.environ["CONVEXDDN_CUDA_GRAPHS"] = "0" if mode == "eager" else "1"
+            # "fresh": an empty store that keeps nothing, beside the kept one (not evicted)
+            sg.StepGraphs._kept = fresh_store if mode == "fresh" else kept_store
+            sg.KEEP = 0 if mode == "fresh" else 4
             args = [t.detach().requires_grad_(True) for t in data]
-            made.clear()
+            counter["replays"] = 0
+            caps = stats["captures"]
             sync()
             t0 = time.perf_counter()
             y = layer(*args)
@@ -91,33 +109,32 @@ for name, B in CASES:
             gr = torch.autograd.grad(y, args, g, allow_unused=True)
             sync()
             t2 = time.perf_counter()
-            reps = {}
-            for m in made:
-                reps[m.site] = reps.get(m.site, 0) + m.replays
-            return t1 - t0, t2 - t1, y.detach(), gr, reps
+            return t1 - t0, t2 - t1, y.detach(), gr, (counter["replays"], stats["captures"] - caps)
 
-        run("1"), run("0")
-        T = {"1": [], "0": []}
+        for mode in MODES:
+            run(mode)
+        T = {m: [] for m in MODES}
         out = {}
-        c0 = dict(stats)
         for r in range(R if B < 4096 else 3):
-            for f in (("1", "0") if r % 2 == 0 else ("0", "1")):
-                tf, tb, y, gr, reps = run(f)
-                T[f].append((tf, tb, reps))
-                out[f] = (y, gr)
-        dy = (out["1"][0] - out["0"][0]).abs().max().item()
-        dg = max(((a - b).abs().max().item() for a, b in zip(out["1"][1], out["0"][1]) if a is not None),
-                 default=0.0)
-        med = {f: [statistics.median(v[i] for v in T[f]) for i in range(2)] + [T[f][-1][2]] for f in T}
-        row = {"problem": name, "batch": B, "graphs_fwd_ms": 1e3 * med["1"][0], "graphs_bwd_ms": 1e3 * med["1"][1],
-               "eager_fwd_ms": 1e3 * med["0"][0], "eager_bwd_ms": 1e3 * med["0"][1], "replays": med["1"][2],
-               "eager_replays": med["0"][2], "dy": dy, "dgrad": dg, "ymax": out["0"][0].abs().max().item(),
-               "captures_total": stats["captures"], "capture_s_total": stats["capture_s"],
-               "failed": stats["failed"][:2]}
+            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+                tf, tb, y, gr, reps = run(mode)
+                T[mode].append((tf, tb, reps))
+                out[mode] = (y, gr)
+        diff = {}
+        for mode in ("kept", "fresh"):
+            dy = (out[mode][0] - out["eager"][0]).abs().max().item()
+            dg = max(((a - b).abs().max().item() for a, b in zip(out[mode][1], out["eager"][1]) if a is not None),
+                     default=0.0)
+            diff[mode] = (dy, dg)
+        med = {m: [1e3 * statistics.median(v[i] for v in T[m]) for i in range(2)] + [T[m][-1][2]] for m in T}
+        row = {"problem": name, "batch": B, **{f"{m}_ms": med[m] for m in MODES}, "diff_vs_eager": diff,
+               "ymax": out["eager"][0].abs().max().item(), "captures_total": stats["captures"],
+               "capture_s_total": stats["capture_s"], "failed": stats["failed"][:2]}
         print(json.dumps(row), flush=True)
-        print(f"{name} B{B}: graphs {row['graphs_fwd_ms']:.1f}+{row['graphs_bwd_ms']:.1f} ms, eager "
-              f"{row['eager_fwd_ms']:.1f}+{row['eager_bwd_ms']:.1f} ms, fwd ratio "
-              f"{row['eager_fwd_ms'] / row['graphs_fwd_ms']:.2f}x, replays {med['1'][2]}, dy {dy:.1e} dg {dg:.1e}",
+        print(f"{name} B{B}: " + ", ".join(f"{m} {med[m][0]:.1f}+{med[m][1]:.1f} ms (replays, captures {med[m][2]})"
+                                           for m in MODES)
+              + f"; fwd eager/kept {med['eager'][0] / med['kept'][0]:.2f}x, eager/fresh "
+              f"{med['eager'][0] / med['fresh'][0]:.2f}x; diff kept {diff['kept'][0]:.1e}/{diff['kept'][1]:.1e}",
               flush=True)
         rows.append(row)
     except Exception:  # noqa: BLE001
@@ -172,7 +189,7 @@ def pooling():
 
 
 try:
-    pool_rows = pooling()
+    pool_rows = [] if "convex" in sys.argv else pooling()
 except Exception:  # noqa: BLE001
     print(traceback.format_exc()[-3000:], flush=True)
     pool_rows = [{"error": traceback.format_exc()[-3000:]}]
@@ -180,7 +197,7 @@ with open(os.path.join(OUT, "graphs.json"), "w") as fh:
     json.dump({"rows": rows, "pooling": pool_rows, "stats": stats, "torch": torch.__version__}, fh, indent=1)
 
 # Where the remaining forward time goes: one profiled OptNet forward with graphs.
-if DEV == "cuda" and not QUICK:
+if DEV == "cuda" and not QUICK and "convex" not in sys.argv:
     try:
         prob, params, variables, data = CONVEX_PROBLEMS["qp100"][1](128, torch.Generator().manual_seed(0))
         layer = convexddn.ConvexLayer(prob, parameters=params, variables=variables)
