@@ -5,7 +5,8 @@ GPU each costs its launch (the host's Python and dispatch, ~10-20 µs), not its
 arithmetic, so the device idles most of the time. A CUDA graph records the kernels of
 one step once and replays them with a single launch.
 
-:class:`StepGraphs` runs ``body(*state) -> (*new_state, *extras)``: eagerly on the CPU
+:class:`StepGraphs` runs ``body(*consts, *state) -> (*new_state, *extras)`` (``consts``:
+the data, which the body reads and leaves alone; none by default): eagerly on the CPU
 (or where capture is off), and on CUDA by capturing each variant of the body (a key
 such as the number of refinement steps) the first time it is asked for and replaying
 it after. The state lives in buffers the graphs share: a replay reads them and writes
@@ -23,8 +24,9 @@ tensor that a run makes (only the data, the state and what outlives every run, s
 a layout's cached index tensors).
 
 A variant whose capture fails (an operation that cannot be captured) runs eagerly from
-then on, as do all others of that loop, with a :class:`~convexddn.errors.ConvexDDNWarning`
-(same results, slower); ``reason`` says why. Set the environment
+then on, as do the other variants of that loop and that site's later loops in the
+process, with one :class:`~convexddn.errors.ConvexDDNWarning` (same results, slower);
+``reason`` says why. Set the environment
 variable ``CONVEXDDN_CUDA_GRAPHS=0`` to run every step eagerly.
 """
 from __future__ import annotations
