@@ -49,8 +49,10 @@ KEEP = 4
 
 def capture_wanted(like: torch.Tensor) -> bool:
     """Whether steps on ``like``'s device are captured: CUDA, unless the environment
-    variable ``CONVEXDDN_CUDA_GRAPHS`` is ``0``."""
-    return like.is_cuda and os.environ.get("CONVEXDDN_CUDA_GRAPHS", "1") != "0"
+    variable ``CONVEXDDN_CUDA_GRAPHS`` is ``0`` or the caller is capturing a graph itself
+    (captures do not nest)."""
+    return (like.is_cuda and os.environ.get("CONVEXDDN_CUDA_GRAPHS", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing())
 
 
 class StepGraphs:
