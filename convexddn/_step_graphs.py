@@ -82,14 +82,12 @@ class StepGraphs:
         self._holds: object = None
 
     @classmethod
-    def kept(cls, capture: bool, site: str, key: Hashable, holds: object = None) -> "StepGraphs":
+    def kept(cls, site: str, key: Hashable, holds: object = None) -> "StepGraphs":
         """The graphs of an earlier run with the same ``site`` and ``key`` (which must
         determine every shape, dtype and constant of the body), or new ones; hand them
         back with :meth:`release` after the run. ``holds``: an object the graphs read
         from (a layout's cached tensors), kept alive with them. Runs in several threads
         at once each get their own."""
-        if not capture:
-            return cls(False, site)
         with cls._lock:
             graphs = cls._kept.pop((site, key), None)
         if graphs is None:
@@ -101,7 +99,7 @@ class StepGraphs:
     def release(self) -> None:
         """Keep these graphs for the next run with the same key (unless a capture failed)."""
         self._const_src = None  # (the run's data may go)
-        if self._key is None or self.reason is not None or not self._graphs:
+        if self._key is None or not self.capture or not self._graphs:
             return
         with self._lock:
             self._kept[self._key] = self
@@ -119,7 +117,7 @@ class StepGraphs:
 
         On the captured path ``new_state`` are the shared buffers (valid until the next
         call) and ``extras`` the graph's outputs."""
-        if self.capture and self.reason is None:
+        if self.capture:
             self._load(state)
             self._load_consts(consts)
             # (the data's device, which need not be the current one)
@@ -183,7 +181,7 @@ class StepGraphs:
                 finally:
                     graph.capture_end()
         except Exception as exc:  # noqa: BLE001 -- an op that cannot be captured: run eagerly
-            self.reason = f"{type(exc).__name__}: {exc}"
+            self.reason, self.capture = f"{type(exc).__name__}: {exc}", False
             self._failed.setdefault(self.site, self.reason)
             warn(f"a loop's step could not be captured as a CUDA graph ({self.reason}); it runs eagerly: the "
                  "same results, more slowly (set CONVEXDDN_CUDA_GRAPHS=0 to skip capturing)", ConvexDDNWarning)

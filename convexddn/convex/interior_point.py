@@ -46,7 +46,7 @@ from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_I
 from .equilibration import Scaled, equilibrate
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .limit_scaling import retry_at_limit
-from .ipm_step import STATE, IterationData, step, update
+from .ipm_step import STATE, STATUS, IterationData, column_mask, step, update
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
 from .nullspace import ReducedSystems, reduce, unverifiable
 from .rays import verified_rays
@@ -238,10 +238,13 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     # The graphs are kept for the next solve of the same shapes and program (a layer in
     # training): they read the equilibrated data from their own buffers.
     consts = (d.P, d.q, d.A, d.b)
-    graphs = StepGraphs.kept(
-        capture_wanted(x), "interior point, second-order cones" if layout.soc else "interior point",
-        (tuple((t.shape, t.dtype) for t in (*consts, *state, *res)), x.device, id(layout), structure, tol, tol_inf,
-         refine), holds=layout)
+    site = "interior point, second-order cones" if layout.soc else "interior point"
+    if capture_wanted(x):
+        key = (tuple((t.shape, t.dtype) for t in (*consts, *state, *res)), x.device, id(layout), structure, tol,
+               tol_inf, refine)
+        graphs = StepGraphs.kept(site, key, holds=layout)
+    else:
+        graphs = StepGraphs(False, site)
     whole = graphs.capture or _WHOLE_BATCH
     full, slot = None, None  # full-batch (data, state) and positions of the active elements
 
@@ -254,7 +257,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
         if not whole and state[0].shape[0] >= _COMPACT_MIN and n_running <= _COMPACT_FRACTION * state[0].shape[0]:
             # Most elements are done: iterate on the running ones only (the tail of a
             # batch often takes half again the median's iterations).
-            idx = torch.nonzero(state[5] == RUNNING).squeeze(1)
+            idx = torch.nonzero(state[STATUS] == RUNNING).squeeze(1)
             if full is None:
                 full, slot = (data, state), idx
             else:
@@ -287,13 +290,10 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
                              torch.where(stopped & r.dinf, DUAL_INFEASIBLE, status))
     # Solved and stalled elements return their best point; certificates their last one.
     certified = (status == PRIMAL_INFEASIBLE) | (status == DUAL_INFEASIBLE)
-    x, s, z, tau = (torch.where(_col(~certified, bv), bv, v) for v, bv in zip((x, s, z, tau), best))
+    x, s, z, tau = (torch.where(column_mask(~certified, bv), bv, v) for v, bv in zip((x, s, z, tau), best))
     xs, ss, zs = x / tau[:, None], s / tau[:, None], z / tau[:, None]
     return d, xs, ss, zs, status, iterations, certified
 
-
-def _col(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask if like.dim() == 1 else mask[:, None]
 
 
 def _graph_body(layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float, refine: int):

@@ -23,10 +23,11 @@ from .kkt import DataOps, KKTStructure, KKTSystem, row_inf
 from .measures import Measures, max_step
 from .symmetric_cones import ConeLayout, NTScaling
 
-__all__ = ["STATE", "IterationData", "step", "update"]
+__all__ = ["STATE", "STATUS", "IterationData", "column_mask", "step", "update"]
 
 STATE = ("x", "s", "z", "tau", "kappa", "status", "iterations", "best_x", "best_s", "best_z", "best_tau",
          "best_merit", "stall_ref", "stall_count")
+STATUS = STATE.index("status")
 
 _STEP_FRACTION = 0.99
 _MIN_STEP = 1e-10
@@ -82,7 +83,7 @@ def update(data: IterationData, state: tuple, effect: torch.Tensor | None, last:
     better = running & (r.merit < best_merit)
     # Iterates stay finite (non-finite steps are never taken): lerp, exact at weights 0, 1.
     keep = better.to(x.dtype)
-    best = tuple(torch.lerp(bv, v, _col(keep, v)) for v, bv in zip((x, s, z, tau), best))
+    best = tuple(torch.lerp(bv, v, column_mask(keep, v)) for v, bv in zip((x, s, z, tau), best))
     best_merit = torch.where(better, r.merit, best_merit)
     progress = best_merit < _STALL_GAIN * stall_ref
     stall_ref = torch.where(progress, best_merit, stall_ref)
@@ -198,5 +199,6 @@ def step(data: IterationData, state: tuple, res: tuple, first: bool, refine: int
     return (x, s, z, tau, kappa, status, iterations, *rest), kkt.regularisation_effect
 
 
-def _col(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def column_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(B,)`` mask shaped to select rows of ``like`` (``(B,)`` or ``(B, k)``)."""
     return mask if like.dim() == 1 else mask[:, None]

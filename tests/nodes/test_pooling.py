@@ -1058,9 +1058,18 @@ def test_whole_row_loop_matches_compacting_loop(name, dtype, monkeypatch):
     x[0, :, :70] += 6.0  # a clump of outliers
     x[1, :4, 5] = 3e19 if dtype == torch.float32 else 1e200  # squares overflow: clamped
     x[2] = torch.rand(300, 700, generator=g, dtype=dtype) * 12.0  # flat, multimodal rows
+    from convexddn.nodes.pooling import descent
+
+    compactions = []
+    compact = iterations._compact
+    for module in (iterations, descent):
+        monkeypatch.setattr(module, "_compact", lambda *a: compactions.append(1) or compact(*a))
     ref = robust_pool(x, name, 0.7)
+    assert compactions  # the reference did gather its running rows
     monkeypatch.setattr(iterations, "_WHOLE_ROWS", True)
+    compactions.clear()
     assert torch.equal(robust_pool(x, name, 0.7), ref)
+    assert not compactions
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
