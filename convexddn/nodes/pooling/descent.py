@@ -172,4 +172,5 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
             sums = x.new_empty(4, n_active, k, 1)
     u, f_prev, unres, conv_f, spec = state[0], state[1], state[8], state[9], state[10]
     _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
+    scratch.release()
     return Result(*(t.squeeze(-1) for t in (out_u, out_f, *out_flags)))

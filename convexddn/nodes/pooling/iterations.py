@@ -340,6 +340,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
     u, unres, conv_f, spec = state[0], state[9], state[10], state[11]
     _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
+    scratch.release()
     return out
 
 

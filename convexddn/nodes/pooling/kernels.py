@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ... import _workspace as workspace
 from ..._checks import check_finite
 from ..._warn import warn
 from ...errors import ConvexDDNWarning
@@ -150,19 +151,27 @@ def block_ranges(rows: int, n: int, x: Tensor, use_compile: bool) -> list[slice]
 
 @dataclass
 class Scratch:
-    """``count`` flat buffers, handed out as views of any shape that fits."""
+    """``count`` flat buffers, handed out as views of any shape that fits. On the CPU
+    they come from, and :meth:`release` hands them back to, :mod:`convexddn._workspace`
+    (buffers kept between calls: no page faults on every call)."""
 
     flat: list[Tensor]
 
     @classmethod
     def make(cls, count: int, numel: int, like: Tensor) -> Scratch:
-        return cls([torch.empty(numel, dtype=like.dtype, device=like.device) for _ in range(count)])
+        return cls([workspace.take(numel, like.dtype, like.device) for _ in range(count)])
 
     def get(self, *shape: int) -> list[Tensor]:
         numel = math.prod(shape)
         if numel > self.flat[0].numel():
-            self.flat = [torch.empty(numel, dtype=t.dtype, device=t.device) for t in self.flat]
+            old, self.flat = self.flat, [workspace.take(numel, t.dtype, t.device) for t in self.flat]
+            workspace.give(*old)
         return [t[:numel].view(shape) for t in self.flat]
+
+    def release(self) -> None:
+        """Hand the buffers back (no view of them may be used after this)."""
+        workspace.give(*self.flat)
+        self.flat = []
 
 
 def check_ends(lo: Tensor, hi: Tensor, full: Tensor) -> None:
@@ -238,6 +247,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         torch.div(gcol[sl], sw[sl], out=scale[sl])
         if need_x:
             torch.mul(w, scale[sl], out=gx[sl])
+    scratch.release()
     if not signed:
         size = sw
     # Rows whose weights all underflowed (every point far from y) or overflowed (entries

@@ -170,6 +170,7 @@ def _refine_on_sample(pen: Penalty, xs: Tensor, a: Tensor, s0: Tensor, use_compi
             _, g, h, w, _ = row_sums(pen, "descent_sums", u[sl], xs[sl].unsqueeze(1), al, scratch, False,
                                      use_compile)
             u[sl] += safe_step(g, h, w)
+    scratch.release()
     return u.squeeze(-1)
 
 

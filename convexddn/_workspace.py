@@ -1,0 +1,77 @@
+"""Work buffers kept between calls on the CPU.
+
+torch's CPU allocator gives freed memory back to the C library, and glibc's malloc
+returns chunks of a few MiB to the kernel (``munmap``, or trimming the top of its heap
+once more than twice its mmap threshold lies free there). A work buffer of a few MiB
+made anew on every call is then faulted in again, a page at a time, on every call:
+robust pooling at (4, 256, 1024) in float32 took 250-1,500 page faults a forward call
+in a fresh process, and pseudo-Huber, Huber and Welsch ran 1.4-3× faster with glibc
+told to keep its memory (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``) -- a
+setting of the whole process, not the library's to change. So the solvers take their scratch buffers from
+here and hand them back when done: at most :data:`MAX_BYTES` stay resident, as raw
+bytes that any dtype views.
+
+CUDA's caching allocator already reuses memory (and a captured CUDA graph holds the
+addresses of its buffers, which must not be handed to anyone else): elsewhere than on
+the CPU, and under a functorch transform (whose buffers are its own wrapped tensors),
+:func:`take` allocates and :func:`give` drops.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["MAX_BYTES", "give", "take"]
+
+#: Bytes kept between calls, over all buffers (a buffer larger than half of it is not kept).
+MAX_BYTES = 32 << 20
+
+_LOCK = threading.Lock()
+_FREE: list[torch.Tensor] = []  # flat uint8 CPU tensors, not in use
+
+
+def take(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised flat tensor of ``numel`` entries; on the CPU one kept from an
+    earlier call where one is large enough (the smallest such), else a new one.
+
+    Shape:
+        ``() -> (numel,)``
+    """
+    if device.type != "cpu" or torch._C._are_functorch_transforms_active():
+        # (under vmap, grad or jvp, buffers must be the transform's own wrapped tensors)
+        return torch.empty(numel, dtype=dtype, device=device)
+    nbytes = numel * dtype.itemsize
+    with _LOCK:
+        fits = [i for i, b in enumerate(_FREE) if b.numel() >= nbytes]
+        raw = _FREE.pop(min(fits, key=lambda i: _FREE[i].numel())) if fits else None
+    if raw is None:
+        with torch.inference_mode(False):  # a kept buffer serves later calls in any mode
+            raw = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    # A fresh allocation and a kept buffer both start 64-byte aligned: any dtype views them.
+    return raw[:nbytes].view(dtype)
+
+
+def give(*buffers: torch.Tensor) -> None:
+    """Hand back buffers from :func:`take` that the caller no longer uses (nothing else
+    may: their memory goes to the next :func:`take`); kept while the kept bytes stay
+    within :data:`MAX_BYTES`, the largest first."""
+    for buf in buffers:
+        if buf.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(buf):
+            continue
+        storage = buf.untyped_storage()
+        if buf.storage_offset() or storage.nbytes() > MAX_BYTES // 2:
+            continue
+        with torch.inference_mode(False):
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # all of its bytes, as bytes
+        with _LOCK:
+            if any(b.data_ptr() == raw.data_ptr() for b in _FREE):
+                continue  # handed back twice: keep it once
+            _FREE.append(raw)
+            _FREE.sort(key=lambda b: b.numel(), reverse=True)
+            total = 0
+            for i, b in enumerate(_FREE):
+                total += b.numel()
+                if total > MAX_BYTES:
+                    del _FREE[i:]
+                    break
