@@ -6,14 +6,37 @@ float64 as int64 nothing is gained, 7.6 against 7.4 ms for 128 rows). The keys: 
 float's bit pattern read as a signed integer orders non-negative floats correctly and
 negative ones in reverse; flipping the 31 low bits of the negative ones (an
 involution, so the same flip maps back) orders every float as its key: -inf < finite
-< +inf, -0 before +0, and NaN with the sign bit first, without it last. CUDA tensors
-and other dtypes take torch's sort unchanged.
+< +inf, -0 before +0, and NaN with the sign bit first, without it last.
+
+Faster still: torch sorts a *one-dimensional* integer tensor of at least 32768 entries
+by a parallel radix sort (fbgemm's), rows only by comparison. So rows of float32 are
+sorted in chunks of about :data:`_CHUNK` entries as one flat array of int64 keys, the
+row's index above the 32 bits of its value's key: the flat order is the rows' orders one
+after another. Measured on the 2-core machine (float32, interleaved rounds, median ms;
+torch's sort, the row-wise int32 keys, this): 1024 rows of 1024: 21.2, 17.8, 7.7;
+512 rows of 2048: 23.0, 18.2, 7.1; 6144 rows of 2048: 315-317, 316-325, 89-197 (in
+different processes). Chunks of 32768 entries were slower than of 131072. Where one
+chunk holds everything (256 rows of 512, 2048 of 64) this was 1.2-1.8× faster than the
+row-wise keys in some processes and 0.6-0.9× in others, so it takes over only from
+:data:`_RADIX_MIN` entries and rows of :data:`_RADIX_ROW`. CUDA tensors and other
+dtypes take torch's sort unchanged.
 """
 from __future__ import annotations
 
 import torch
 
+from . import _workspace as workspace
+
 __all__ = ["sort_values"]
+
+# Entries per flat sort (about: the rows are split into equal chunks). torch's 1-D
+# integer sorts are radix sorts from 32768 entries (its GRAIN_SIZE).
+_CHUNK = 1 << 17
+# Flat sorts from two chunks on (see the module docstring), of rows this long at least
+# (shorter rows sort faster row by row: 0.5-0.7× for rows of 16 to 48).
+_RADIX_MIN = 2 * _CHUNK
+_RADIX_ROW = 64
+_LOW = (1 << 32) - 1
 
 
 def _flip(keys: torch.Tensor) -> torch.Tensor:
@@ -28,5 +51,39 @@ def sort_values(x: torch.Tensor, dim: int = -1, descending: bool = False) -> tor
     reads a row's two ends and refuses non-finite ones.)"""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.sort(x, dim=dim, descending=descending).values.contiguous()
-    keys = torch.sort(_flip(x.contiguous().view(torch.int32)), dim=dim, descending=descending).values
-    return _flip(keys).view(torch.float32)
+    if x.numel() < _RADIX_MIN or x.dim() == 0 or x.shape[dim] < _RADIX_ROW:
+        keys = torch.sort(_flip(x.contiguous().view(torch.int32)), dim=dim, descending=descending).values
+        return _flip(keys).view(torch.float32)
+    rows = x.movedim(dim, -1)
+    out = _radix_rows(rows.reshape(-1, rows.shape[-1]), descending).view(rows.shape)
+    return out.movedim(-1, dim).contiguous()
+
+
+def _radix_rows(x: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Each row of ``x`` ``(R, N)`` sorted, by flat int64 radix sorts of row-tagged keys."""
+    R, N = x.shape
+    keys = x.contiguous().view(torch.int32)
+    out = torch.empty_like(keys)
+    chunks = -(-R * N // _CHUNK)
+    step = -(-R // chunks)
+    tags = (torch.arange(step, dtype=torch.int64) << 32).unsqueeze(-1)
+    # The keys, their sorted copy and its indices: buffers kept between calls
+    # (:mod:`._workspace`), not three fresh MiB per chunk faulted in page by page.
+    bufs = [workspace.take(step * N, torch.int64, x.device) for _ in range(3)]
+    for i in range(0, R, step):
+        part = keys[i:i + step]
+        r = part.shape[0]
+        k, v, idx = (b[: r * N] for b in bufs)
+        # The value's key as unsigned 32 bits (+2^31), its complement for a descending
+        # order; the row above it.
+        k.view(r, N).copy_(_flip(part)).add_(1 << 31)
+        if descending:
+            torch.sub(_LOW, k, out=k)
+        k.view(r, N).bitwise_or_(tags[:r])
+        torch.sort(k, out=(v, idx))
+        v &= _LOW
+        if descending:
+            torch.sub(_LOW, v, out=v)
+        out[i:i + r] = _flip(v.sub_(1 << 31).view(r, N).to(torch.int32))
+    workspace.give(*bufs)
+    return out.view(torch.float32)

@@ -74,7 +74,7 @@ def test_buffers_made_in_inference_mode_serve_a_training_step():
     assert torch.isfinite(g).all()
 
 
-@pytest.mark.parametrize("penalty", ["pseudo_huber", "huber", "welsch"])
+@pytest.mark.parametrize("penalty", ["pseudo_huber", "huber", "welsch", "trunc_quad"])
 def test_pooling_is_unchanged_by_stale_buffers_and_its_results_own_their_memory(penalty):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 300, 700, generator=gen, dtype=torch.float64)
@@ -87,8 +87,11 @@ def test_pooling_is_unchanged_by_stale_buffers_and_its_results_own_their_memory(
         return y.detach(), torch.autograd.grad(y, xg, g)[0]
 
     y0, g0 = fwd_bwd(x)  # fresh buffers
-    nan = torch.full((1 << 22,), torch.nan)
-    workspace.give(*(workspace.take(1 << 21, torch.float64, CPU).copy_(nan[: 1 << 21]) for _ in range(6)))
+    # Only NaN-filled buffers, of the sizes the solvers take (20 MiB in all, under the cap)
+    workspace._FREE.clear()
+    stale = [workspace.take(n, torch.float64, CPU).fill_(torch.nan) for n in [1 << 19] * 4 + [1 << 16] * 10]
+    workspace.give(*stale)
+    assert len(workspace._FREE) == 14
     y1, g1 = fwd_bwd(x)  # stale NaN-filled buffers
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
     torch.testing.assert_close(g1, g0, rtol=0, atol=0)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from ... import _workspace as workspace
 from ..._checks import check_finite
 from ..._sort import sort_values
 from .kernels import block_ranges, row_scale, run
@@ -43,7 +44,7 @@ _TQ_RISK = 2.0**29
 _CELLS_RISK = _TQ_RISK
 
 
-def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None = None) -> tuple[Tensor, Tensor]:
     """Exact global minimiser of sum_i min((u - x_i)^2, alpha^2) / 2 for each sorted row s.
 
     The objective is piecewise quadratic; on each piece between consecutive breakpoints
@@ -71,6 +72,9 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     twice the smallest normal number and 2e150 in those units (below, ties between
     runs are broken by their size, as the vanishing alpha^2 term would; above, the one
     run of every point wins, as it must).
+
+    ``work``: buffers for the row-sized float64 and int64 temporaries (:class:`RunBuffers`,
+    at least as many rows); new ones where None.
     """
     rows, n = s.shape
     acc = torch.float64
@@ -82,15 +86,15 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
                       .clamp_(min=-1022))
     inv = 1.0 / unit
     pos = torch.arange(n, device=s.device)
+    f64, i64 = (work if work is not None else RunBuffers(rows, n, s.device, kept=False)).views(rows)
     # Entry runs [l_k, k] hold at least point k, even where s_k - 2 alpha rounds to s_k
     # (this also widens int32 positions to int64, for gather).
-    lft = torch.minimum(lft, pos)
+    lft = torch.minimum(lft, pos, out=i64(0))
     # (s − centre) / unit in one pass: unit is a power of two, so s/unit and centre/unit
     # are exact and the one rounding is that of s − centre.
-    d = torch.addcmul(-centre * inv, s, inv)
+    d = torch.addcmul(-centre * inv, s, inv, out=f64(0))
     # Prefix sums with a leading zero: p[:, k] is the sum of the first k entries.
-    p1 = d.new_empty(rows, n + 1)
-    p2 = d.new_empty(rows, n + 1)
+    p1, p2 = f64(1, n + 1), f64(2, n + 1)
     p1[:, 0] = 0.0
     p2[:, 0] = 0.0
     torch.cumsum(d, -1, out=p1[:, 1:])
@@ -99,16 +103,19 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     # is compared as 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
     a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
     idx = pos + 1
-    n_e = (idx - lft).to(acc)
-    s1_e = p1[:, 1:] - p1.gather(-1, lft)
-    g_e = (p2[:, 1:] - p2.gather(-1, lft)).addcdiv_(s1_e * s1_e, n_e, value=-1)
+    n_e = f64(3).copy_(torch.sub(idx, lft, out=i64(1)))
+    s1_e = torch.gather(p1, -1, lft, out=f64(4))
+    s1_e = torch.sub(p1[:, 1:], s1_e, out=s1_e)
+    g_e = torch.gather(p2, -1, lft, out=f64(5))
+    g_e = torch.sub(p2[:, 1:], g_e, out=g_e).addcdiv_(torch.mul(s1_e, s1_e, out=f64(0)), n_e, value=-1)
     g_e.addcmul_(a2, n_e, value=-1)
     # Exit runs [i + 1, r_i), possibly empty.
-    rgt = _run_ends(lft, n)
-    n_x = (rgt - idx).to(acc)
-    safe_n = n_x.clamp(min=1)
-    s1_x = p1.gather(-1, rgt) - p1[:, 1:]
-    g_x = (p2.gather(-1, rgt) - p2[:, 1:]).addcdiv_(s1_x * s1_x, safe_n, value=-1)
+    rgt = _run_ends(lft, n, i64(2, n + 1), i64(1))
+    n_x = f64(6).copy_(torch.sub(rgt, idx, out=i64(1)))
+    safe_n = torch.clamp(n_x, min=1, out=f64(7))
+    s1_x = torch.gather(p1, -1, rgt, out=f64(0)).sub_(p1[:, 1:])
+    g_x = torch.gather(p2, -1, rgt, out=f64(8)).sub_(p2[:, 1:])
+    g_x.addcdiv_(torch.mul(s1_x, s1_x, out=f64(9)), safe_n, value=-1)
     g_x.addcmul_(a2, n_x, value=-1).masked_fill_(n_x <= 0, math.inf)
 
     best_e, i_e = g_e.min(-1, keepdim=True)
@@ -117,6 +124,34 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
                 for s1, cnt, i in ((s1_e, n_e, i_e), (s1_x, safe_n, i_x)))
     y = torch.where(best_x < best_e, m_x, m_e).to(s.dtype).squeeze(-1)
     return y, (p2[:, -1:] > _TQ_RISK * a2).squeeze(-1)
+
+
+class RunBuffers:
+    """The row-sized temporaries of :func:`trunc_quad_runs` for up to ``rows`` rows of
+    ``n``: ten float64 and three int64 buffers of ``rows (n + 1)`` entries, on the CPU
+    kept between calls (:mod:`convexddn._workspace`). Made per block, a dozen temporaries
+    of 0.5 MiB each went back to the kernel and were faulted in again on every block,
+    depending on what the process had freed before (trimmed heap): 10 ms of a 37 ms
+    solve at (4, 256, 1024), and 36 ms after a change elsewhere freed other sizes."""
+
+    def __init__(self, rows: int, n: int, device: torch.device, kept: bool = True) -> None:
+        size = rows * (n + 1)
+        self.rows, self.n = rows, n
+        # (Not kept: plain tensors, as torch.compile traces them.)
+        make = workspace.take if kept else (lambda k, dtype, dev: torch.empty(k, dtype=dtype, device=dev))
+        self.f = [make(size, torch.float64, device) for _ in range(10)]
+        self.i = [make(size, torch.int64, device) for _ in range(3)]
+
+    def views(self, rows: int):
+        """``(f64, i64)``: ``f64(k, cols=n)`` is float64 buffer k as ``(rows, cols)``, i64 likewise."""
+        if rows > self.rows:
+            raise ValueError(f"RunBuffers: {rows} rows asked for, made for {self.rows}")
+        return ((lambda k, cols=self.n: self.f[k][: rows * cols].view(rows, cols)),
+                (lambda k, cols=self.n: self.i[k][: rows * cols].view(rows, cols)))
+
+    def release(self) -> None:
+        workspace.give(*self.f, *self.i)
+        self.f, self.i = [], []
 
 
 def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
@@ -132,6 +167,9 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         ranges = block_ranges(rows, n, x, use_compile)
     ends = x.new_empty(rows, 2)
     unsure = 0
+    # (torch.compile traces its own buffers)
+    work = None if use_compile or not ranges else RunBuffers(min(sub, ranges[0].stop - ranges[0].start), n, x.device)
+    extra = () if work is None else (work,)
     for sl in ranges:
         xb = x[sl]
         ab = a if a.dim() == 0 else a[sl]
@@ -148,8 +186,8 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         # is below half an ulp of s_i, s_i - 2 alpha rounds to s_i itself, and the right
         # side missed the run of s_i's duplicates ([1e8, 1e8, 0] gave 0).
         lft = torch.searchsorted(s, s - 2 * ab, out_int32=True)
-        parts = [run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub], ab if ab.dim() == 0 else ab[i:i + sub])
-                 for i in range(0, s.shape[0], sub)]
+        parts = [run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub], ab if ab.dim() == 0 else ab[i:i + sub],
+                     *extra) for i in range(0, s.shape[0], sub)]
         yb = torch.cat([p[0] for p in parts])
         risky = torch.cat([p[1] for p in parts])
         if bool(risky.any()):
@@ -159,6 +197,8 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
             yb[rr], unsure_r = trunc_quad_cells(s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr])
             unsure += int(unsure_r.sum())
         y[sl] = yb if scale is None else yb / scale.squeeze(-1)
+    if work is not None:
+        work.release()
     if not bool(torch.isfinite(ends).all()):
         check_finite("x", x)
     if unsure:
@@ -243,9 +283,12 @@ def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]
     return y, unsure
 
 
-def _run_ends(lft: Tensor, n: int) -> Tensor:
+def _run_ends(lft: Tensor, n: int, counts: Tensor | None = None, ones: Tensor | None = None) -> Tensor:
     """r_i = #{k : l_k <= i} (the end of the run leaving after point i), counted from
-    the run starts ``lft`` (R, n) in O(N): a histogram of the starts, then its prefix sums."""
-    counts = torch.zeros(lft.shape[0], n + 1, dtype=torch.int64, device=lft.device)
-    counts.scatter_add_(-1, lft, torch.ones_like(lft))
+    the run starts ``lft`` (R, n) in O(N): a histogram of the starts, then its prefix sums.
+    ``counts`` (R, n + 1) and ``ones`` (R, n), int64: buffers to use (new ones if None)."""
+    counts = (torch.zeros(lft.shape[0], n + 1, dtype=torch.int64, device=lft.device) if counts is None
+              else counts.zero_())
+    ones = torch.ones_like(lft) if ones is None else ones.fill_(1)
+    counts.scatter_add_(-1, lft, ones)
     return counts.cumsum_(-1)[:, :n]
