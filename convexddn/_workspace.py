@@ -18,6 +18,7 @@ the CPU, and under a functorch transform (whose buffers are its own wrapped tens
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -29,6 +30,18 @@ MAX_BYTES = 32 << 20
 
 _LOCK = threading.Lock()
 _FREE: list[torch.Tensor] = []  # flat uint8 CPU tensors, not in use
+
+
+def _after_fork_in_child() -> None:
+    # A fork while another thread held the lock would leave the child's copy locked
+    # forever; the kept buffers are the parent's copy-on-write pages: start afresh.
+    global _LOCK
+    _LOCK = threading.Lock()
+    _FREE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def take(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

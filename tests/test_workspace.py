@@ -137,3 +137,19 @@ def test_a_repeated_pooling_call_faults_in_no_new_memory():
         pytest.skip(f"this C library keeps freed memory mapped by itself ({without} page faults a call)")
     kept = faults(workspace.MAX_BYTES)
     assert max(kept) < 32, (kept, without)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_with_an_empty_pool_and_a_free_lock():
+    import os
+
+    workspace.give(workspace.take(1000, torch.float32, CPU))
+    assert len(workspace._FREE) == 1
+    with workspace._LOCK:  # held (by this thread) across the fork
+        pid = os.fork()
+        if pid == 0:  # the child: its lock must be free and its pool empty
+            ok = workspace._LOCK.acquire(timeout=5) and not workspace._FREE
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(workspace._FREE) == 1  # the parent's pool is untouched
