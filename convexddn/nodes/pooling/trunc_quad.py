@@ -167,8 +167,10 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         ranges = block_ranges(rows, n, x, use_compile)
     ends = x.new_empty(rows, 2)
     unsure = 0
-    # (torch.compile traces its own buffers)
-    work = None if use_compile or not ranges else RunBuffers(min(sub, ranges[0].stop - ranges[0].start), n, x.device)
+    # Kept buffers on the CPU only: torch.compile traces its own, and CUDA's blocks are
+    # large (their temporaries made per block, as before, do not outlive it).
+    work = (RunBuffers(min(sub, ranges[0].stop - ranges[0].start), n, x.device)
+            if x.device.type == "cpu" and not use_compile and ranges else None)
     extra = () if work is None else (work,)
     for sl in ranges:
         xb = x[sl]
