@@ -101,23 +101,25 @@ def test_pooling_is_unchanged_by_stale_buffers_and_its_results_own_their_memory(
 
 
 _FAULTS = """
-import resource, sys, torch
+import resource, torch
 import convexddn._workspace as workspace
 from convexddn.functional import robust_pool
-workspace.MAX_BYTES = int(sys.argv[1])
 gen = torch.Generator().manual_seed(0)
 x = torch.randn(4, 256, 1024, generator=gen)
 x[..., :102] += 5.0
-out = []
-for penalty in ("pseudo_huber", "welsch"):
-    with torch.no_grad():
-        for _ in range(3):
-            robust_pool(x, penalty, 1.0)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(5):
-            robust_pool(x, penalty, 1.0)
-    out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-print(*out)
+kept = workspace.MAX_BYTES
+for max_bytes in (0, kept):  # nothing kept (buffers made anew on each call), then kept
+    workspace.MAX_BYTES = max_bytes
+    out = []
+    for penalty in ("pseudo_huber", "welsch"):
+        with torch.no_grad():
+            for _ in range(3):
+                robust_pool(x, penalty, 1.0)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(5):
+                robust_pool(x, penalty, 1.0)
+        out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    print(*out)
 """
 
 
@@ -125,18 +127,17 @@ def test_a_repeated_pooling_call_faults_in_no_new_memory():
     # 1024 rows of 1024 float32 (10 % outliers): 2 MiB blocks, three scratch buffers of
     # 2 MiB (Welsch: 4 MiB, two starts) per solve. Made anew on each call, glibc handed
     # them back to the kernel and every forward call faulted in 250-1,500 pages; kept, none.
-    # In a fresh process: one that freed a mapped block of up to 32 MiB (as this test
-    # session's other tests do) has had glibc raise its thresholds, and faults either way.
-    def faults(max_bytes):
-        run = subprocess.run([sys.executable, "-c", _FAULTS, str(max_bytes)], capture_output=True, text=True,
-                             check=True)
-        return [float(v) for v in run.stdout.split()]
-
-    without = faults(0)  # nothing kept: the buffers are made anew on each call
-    if min(without) < 100:
-        pytest.skip(f"this C library keeps freed memory mapped by itself ({without} page faults a call)")
-    kept = faults(workspace.MAX_BYTES)
-    assert max(kept) < 32, (kept, without)
+    # In a fresh process, and there in only some: one whose glibc has raised its
+    # thresholds (this test session's other tests free blocks that do it; in fresh
+    # processes it happened in 2 of 5 too) faults either way. Both ways are timed in the
+    # same process, until one shows the faults.
+    for _ in range(6):
+        run = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True)
+        without, kept = ([float(v) for v in line.split()] for line in run.stdout.splitlines())
+        if min(without) >= 100:
+            assert max(kept) < 32, (kept, without)
+            return
+    pytest.skip(f"the C library kept freed memory mapped by itself in 6 processes ({without} page faults a call)")
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
