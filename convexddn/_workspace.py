@@ -5,11 +5,11 @@ returns chunks of a few MiB to the kernel (``munmap``, or trimming the top of it
 once more than twice its mmap threshold lies free there). A work buffer of a few MiB
 made anew on every call is then faulted in again, a page at a time, on every call:
 robust pooling at (4, 256, 1024) in float32 took 250-1,500 page faults a forward call
-in 3 of 5 fresh processes, and pseudo-Huber, Huber and Welsch ran 1.4-3× faster with glibc
-told to keep its memory (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``) -- a
-setting of the whole process, not the library's to change. So the solvers take their scratch buffers from
-here and hand them back when done: at most :data:`MAX_BYTES` stay resident, as raw
-bytes that any dtype views.
+in 3 of 5 fresh processes, and pseudo-Huber, Huber and Welsch ran 1.4-3× faster with
+glibc told to keep its memory (``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``)
+-- a setting of the whole process, not the library's to change. So the solvers take
+their scratch buffers from here and hand them back when done: at most
+:data:`MAX_BYTES` stay resident, as raw bytes that any dtype views.
 
 CUDA's caching allocator already reuses memory (and a captured CUDA graph holds the
 addresses of its buffers, which must not be handed to anyone else): elsewhere than on
