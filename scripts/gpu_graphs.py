@@ -24,6 +24,8 @@ import torch
 import convexddn
 import convexddn._step_graphs as sg
 from convexddn.bench.cases.convex import CONVEX_PROBLEMS
+from convexddn.bench.harness import round_order
+from convexddn.bench.harness import sync as _sync
 
 DEV = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 QUICK = "quick" in sys.argv
@@ -67,8 +69,7 @@ sg.StepGraphs.__init__, sg.StepGraphs._capture = init, capture
 
 
 def sync():
-    if DEV == "cuda":
-        torch.cuda.synchronize()
+    _sync(torch.device(DEV))
 
 
 sys.path.insert(0, "tests/convex")
@@ -116,7 +117,7 @@ for name, B in CASES:
         T = {m: [] for m in MODES}
         out = {}
         for r in range(R if B < 4096 else 3):
-            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+            for mode in round_order(MODES, r):
                 tf, tb, y, gr, reps = run(mode)
                 T[mode].append((tf, tb, reps))
                 out[mode] = (y, gr)
@@ -144,7 +145,6 @@ for name, B in CASES:
         json.dump({"rows": rows, "stats": stats, "torch": torch.__version__}, fh, indent=1)
 
 
-
 def pooling():
     from convexddn.bench.cases.pooling import _inputs
     from convexddn.bench.harness import fwd_bwd
@@ -170,7 +170,7 @@ def pooling():
                 f()
             T = {k: [] for k in paths}
             for r in range(R if shape[0] < 24 else 3):
-                for k in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+                for k in round_order(paths, r):
                     T[k].append(paths[k]())
             med = {k: (statistics.median(v[0] for v in T[k]), statistics.median(v[1] for v in T[k]), T[k][-1][2])
                    for k in T}

@@ -295,7 +295,6 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     return d, xs, ss, zs, status, iterations, certified
 
 
-
 def _graph_body(layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float, refine: int):
     """A step and the next update as one function of the data and the flat ``(*state,
     *residuals)`` (what :class:`~convexddn._step_graphs.StepGraphs` captures, and keeps

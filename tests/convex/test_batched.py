@@ -872,12 +872,15 @@ def test_cuda_graph_steps_match_eager_steps(monkeypatch, step_graphs, case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_step_graphs_replay_variants_and_fall_back():
+def test_cuda_step_graphs_replay_variants_and_fall_back(monkeypatch):
     """Two captured variants alternate on shared buffers and give the eager results; a
     body that reads the host cannot be captured: it runs eagerly (right result), and
     ``reason`` says why."""
     from convexddn._step_graphs import StepGraphs
     from convexddn.errors import ConvexDDNWarning
+
+    # (a failed capture is recorded for its site for the whole process: not for later tests)
+    monkeypatch.setattr(StepGraphs, "_failed", {})
 
     def pure(c):
         return lambda x, k: (x + c * k.sum(), k + 1, x.sum())

@@ -160,17 +160,13 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         if n_active == 0 or it == max_iter - 1:
             break
         if not whole and 2 * n_active <= state[7].shape[0]:
-            # Gather the rows still running into a smaller problem.
-            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, unres, conv_f, spec = state
-            _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
+            # Gather the rows still running into a smaller problem (spread rides along).
+            _store((out_u, out_f, *out_flags), idx, (*state[:2], *state[8:]))
             keep = row_active.nonzero().squeeze(-1)
-            rows, idx, ranges, clamp, live, a3, af, state = _compact(
-                rows, keep, idx, clamp, ranges, use_compile, a3,
-                (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec))
-            u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, spread, unres, conv_f, spec = state
-            state = (u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, unres, conv_f, spec)
+            rows, idx, ranges, clamp, live, a3, af, (*state, spread) = _compact(
+                rows, keep, idx, clamp, ranges, use_compile, a3, (*state, spread))
+            state = tuple(state)
             sums = x.new_empty(4, n_active, k, 1)
-    u, f_prev, unres, conv_f, spec = state[0], state[1], state[8], state[9], state[10]
-    _store((out_u, out_f, *out_flags), idx, (u, f_prev, unres, conv_f, spec))
+    _store((out_u, out_f, *out_flags), idx, (*state[:2], *state[8:]))  # u, f_prev and the flags
     scratch.release()
     return Result(*(t.squeeze(-1) for t in (out_u, out_f, *out_flags)))

@@ -327,19 +327,15 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         if n_active == 0 or it == max_iter - 1:
             break
         if not whole and 2 * n_active <= state[8].shape[0]:
-            # Gather the rows still running into a smaller problem.
-            u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, active, unres, conv_f, spec = state
-            _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
-            keep = active.squeeze(-1).nonzero().squeeze(-1)
-            rows, idx, ranges, clamp, live, a, af, state = _compact(
-                rows, keep, idx, clamp, ranges, use_compile, a,
-                (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec, active))
-            u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, spread, unres, conv_f, spec, active = state
-            state = (u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, active, unres, conv_f, spec)
+            # Gather the rows still running into a smaller problem (spread rides along).
+            _store((out.u, out.unresolved, out.converged, out.special), idx, (state[0], *state[9:]))
+            keep = state[8].squeeze(-1).nonzero().squeeze(-1)
+            rows, idx, ranges, clamp, live, a, af, (*state, spread) = _compact(
+                rows, keep, idx, clamp, ranges, use_compile, a, (*state, spread))
+            state = tuple(state)
             tol_a, span = tol * a, _LOCAL_SPAN * a
             G, H = x.new_empty(n_active, 1), x.new_empty(n_active, 1)
-    u, unres, conv_f, spec = state[0], state[9], state[10], state[11]
-    _store((out.u, out.unresolved, out.converged, out.special), idx, (u, unres, conv_f, spec))
+    _store((out.u, out.unresolved, out.converged, out.special), idx, (state[0], *state[9:]))  # u and the flags
     scratch.release()
     return out
 
