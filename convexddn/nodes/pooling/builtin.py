@@ -175,17 +175,18 @@ class PseudoHuber(Penalty):
         return torch.maximum(reach.mul_(0.25), torch.as_tensor(0.5 * alpha, dtype=h.dtype, device=h.device))
 
     def newton_sums(self, z, alpha, work):
-        # s = 1 / sqrt(1 + r^2): phi' = z s, phi'' = s^3. (torch's rsqrt on 512 Ki
-        # float32 entries: 77 us against sqrt's 116 and reciprocal's 32, AVX-512; 80
-        # against 149 + 30, AVX2; 179 against 163 + 123 without vector kernels.)
-        s = _scaled_square(z, alpha, work[0], 1.0, 1.0).rsqrt_()
+        # s = 1 / sqrt(1 + r^2): phi' = z s, phi'' = s^3. (``pow_(-0.5)``, not
+        # ``rsqrt_``: the same values to the bit, float32 and float64, in half the time
+        # on a CPU -- torch 2.13, AVX-512, 512 Ki float32 entries: 34 us against 65,
+        # float64 98 against 190; sqrt alone takes 94, reciprocal 21.)
+        s = _scaled_square(z, alpha, work[0], 1.0, 1.0).pow_(-0.5)
         d1 = z.mul_(s)
         g = _rows(d1)
         h = _rows(s.pow_(3))
         return g, h, d1
 
     def hessian_weights(self, z, alpha, work, need_alpha):
-        s = _scaled_square(z, alpha, work[0], 1.0, 1.0).rsqrt_()
+        s = _scaled_square(z, alpha, work[0], 1.0, 1.0).pow_(-0.5)  # (rsqrt, faster: see newton_sums)
         wa = None
         if need_alpha:  # d2phi/dalpha = (r s)^3
             sign = torch.sign(z)
