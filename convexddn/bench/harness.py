@@ -13,26 +13,59 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
 from ..experiments.running import synchronize as sync
 
-__all__ = ["sync", "fwd_bwd", "round_order", "median_times", "agreement", "timed_sort", "peak_memory"]
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
+__all__ = ["sync", "Timing", "fwd_bwd", "round_order", "median_times", "agreement", "timed_sort", "peak_memory"]
+
+
+class Timing(NamedTuple):
+    """Seconds of one forward and one backward, and the minor page faults the backward
+    took (None where the platform does not count them)."""
+
+    fwd: float
+    bwd: float
+    bwd_faults: int | None = None
+
+
+def _minor_faults() -> int | None:
+    """This process's minor page faults so far (None without ``resource``: Windows)."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor,
-             device: torch.device) -> tuple[float, float]:
+            device: torch.device) -> Timing:
+    """One forward and one backward of ``fn`` at ``x``, the gradient ``g`` (materialised).
+
+    The backward's page faults are counted because they can decide its time: a gradient
+    the size of a large input is a fresh mapping that the kernel faults in a 4 KiB page at
+    a time (49,153 faults, ~2 ms/sample at (24, 1024, 2048) float32) unless glibc serves
+    it from freed memory it kept, a hole in its heap left by many mid-sized tensors that
+    it cannot trim. In one benchmark process that happened for some calls and not others,
+    for mean pooling and the robust penalties alike (the same op's backward 4-7x apart
+    between rounds); after ``convexddn bench --quick`` a fresh 64 MiB tensor took no page
+    fault at all."""
     x = x.detach().requires_grad_(True)
     sync(device)
     t0 = time.perf_counter()
     y = fn(x)
     sync(device)
     t1 = time.perf_counter()
+    f0 = _minor_faults()  # (its system call in neither phase)
+    t2 = time.perf_counter()
     materialised(torch.autograd.grad(y, x, g))
     sync(device)
-    return t1 - t0, time.perf_counter() - t1
+    t3 = time.perf_counter()
+    f1 = _minor_faults()
+    return Timing(t1 - t0, t3 - t2, None if f0 is None or f1 is None else f1 - f0)
 
 
 def materialised(grads):
@@ -52,9 +85,13 @@ def round_order(keys: Iterable[Any], k: int) -> list[Any]:
     return keys if k % 2 == 0 else keys[::-1]
 
 
-def median_times(ops: dict[str, Callable[[], tuple[float, float]]], repeats: int,
-                  progress, warmups: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ops}
+def median_times(ops: dict[str, Callable[[], tuple[float, ...]]], repeats: int,
+                  progress, warmups: dict[str, float] | None = None,
+                  faults: dict[str, int | None] | None = None) -> dict[str, tuple[float, float]]:
+    """Median forward and backward seconds of each op over ``repeats`` interleaved rounds,
+    after a warm-up call each (its seconds go to ``warmups``); ``faults`` gets the median
+    of the backward's page faults where the op reports them (a :class:`Timing`)."""
+    times: dict[str, list[tuple[float, ...]]] = {k: [] for k in ops}
     for name, op in ops.items():  # warm-up: compile, canonicalise, allocate
         t0 = time.perf_counter()
         op()
@@ -65,6 +102,10 @@ def median_times(ops: dict[str, Callable[[], tuple[float, float]]], repeats: int
         for name in round_order(ops, k):
             times[name].append(ops[name]())
         progress.update(len(ops))
+    if faults is not None:
+        for k, v in times.items():
+            counts = [t[2] for t in v if len(t) > 2 and t[2] is not None]
+            faults[k] = statistics.median_low(counts) if counts else None
     return {k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
             for k, v in times.items()}
 

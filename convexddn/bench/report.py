@@ -104,8 +104,14 @@ def _memory_table(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+# A backward with at least this many page faults (4 MiB of fresh pages) gets its count printed.
+_MANY_FAULTS = 1024
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = []
+    # Shapes where some backward took many page faults: there every row says how many.
+    faulted = {tuple(r["shape"]) for r in result["rows"] if (r.get("bwd_page_faults") or 0) >= _MANY_FAULTS}
     for family in ("pooling", "projection"):
         lines += [f"### {family}", "",
                   "| node | path | shape | fwd ms/sample | bwd ms/sample | fwd / mean | bwd / mean "
@@ -126,11 +132,19 @@ def format_table(result: dict[str, Any]) -> str:
                     note += f"; {_first_call(r)}"
                 if "speedup_vs_ddn_reference" in r:
                     note += f"; forward {r['speedup_vs_ddn_reference']:.3g}× the DDN reference's speed"
+            if tuple(r["shape"]) in faulted and r.get("bwd_page_faults") is not None:
+                note += f"{'; ' if note else ''}backward {r['bwd_page_faults']:,} page faults/call"
             lines.append(
                 f"| {r['node']} | {r['path']} | {tuple(r['shape'])} | {_fmt(r['fwd_ms_per_sample'], 'ms')} "
                 f"| {_fmt(r['bwd_ms_per_sample'], 'ms')} | {_fmt(r['fwd_rel_mean'], 'x')} "
                 f"| {_fmt(r['bwd_rel_mean'], 'x')} | {_fmt(r['max_solution_diff'], 'e')} "
                 f"| {_fmt(r['max_grad_diff'], 'e')} | {note} |")
+        if family == "pooling" and faulted:
+            lines += ["", "Page faults: the median count of minor page faults in one timed backward. A "
+                      "fresh gradient the size of the input is faulted in a 4 KiB page at a time (about "
+                      "2 ms/sample at (24, 1024, 2048) float32) unless glibc serves it from freed memory "
+                      "it kept; which happens varies from call to call, so a backward's ratio to the "
+                      "mean's compares like with like only where their counts match."]
         lines.append("")
     lines += _ddn_table(result["rows"])
     if result.get("convex"):

@@ -117,7 +117,8 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress,
     for p in POOL_PENALTIES:
         ops[p] = (lambda p=p: fwd_bwd(lambda t: robust_pool(t, p, 1.0), x, g, device))
     warmups: dict[str, float] = {}
-    native = median_times(ops, repeats, progress, warmups)
+    faults: dict[str, int | None] = {}
+    native = median_times(ops, repeats, progress, warmups, faults)
     rows = []
     mean_f, mean_b = native["mean"]
     sort_f = native["sort"][0]
@@ -125,6 +126,8 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress,
         f, b = native[name]
         rows.append(row_record("pooling", name, "torch" if name in ("mean", "sort") else "native",
                                shape, dtype, device, f / B, b / B, f / mean_f, b / mean_b))
+        if faults.get(name) is not None:
+            rows[-1]["bwd_page_faults"] = faults[name]  # (median per backward call)
         if name in POOL_PENALTIES:
             rows[-1]["first_call_s"] = warmups[name]
             # The one-off cost of the first call (kernel loading; compilation if asked).
