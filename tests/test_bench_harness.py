@@ -96,7 +96,6 @@ def test_interleaved_rounds_alternate_their_order():
     assert seen == ["a", "b", "a", "b", "b", "a"]  # warm-ups, round 0, round 1
 
 
-
 def test_backward_page_faults_are_counted_outside_the_timed_phases(monkeypatch):
     """The same op's backward at (24, 1024, 2048) took 0 page faults in some rounds of one
     bench process and 49,153 (a fresh gradient, ~2 ms/sample) in others: a backward
@@ -389,8 +388,8 @@ def test_memory_peak_is_the_high_water_mark_not_a_sample(monkeypatch):
 
     def spike():
         # 64 MiB of fresh pages, touched, then unmapped at once. (Not a torch tensor: once
-        # this process has run the bench, glibc serves such a tensor from freed memory it
-        # kept -- a hole in its heap that cannot be trimmed -- with no page added to the
+        # this process has run the bench, glibc may serve one from freed memory it kept
+        # inside its heap -- 208 MiB of it after the quick bench -- adding no page to the
         # resident set: the probe then rightly saw 0 added, and this test failed after
         # test_cli's quick bench. An anonymous mapping is always fresh.)
         with mmap.mmap(-1, size) as m:

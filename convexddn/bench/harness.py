@@ -48,11 +48,12 @@ def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torc
     The backward's page faults are counted because they can decide its time: a gradient
     the size of a large input is a fresh mapping that the kernel faults in a 4 KiB page at
     a time (49,153 faults, ~2 ms/sample at (24, 1024, 2048) float32) unless glibc serves
-    it from freed memory it kept, a hole in its heap left by many mid-sized tensors that
-    it cannot trim. In one benchmark process that happened for some calls and not others,
-    for mean pooling and the robust penalties alike (the same op's backward 4-7x apart
-    between rounds); after ``convexddn bench --quick`` a fresh 64 MiB tensor took no page
-    fault at all."""
+    it from freed memory it kept: after ``convexddn bench --quick`` its heap held 208 MiB
+    of freed memory, 11 MiB of it at the top where it can be trimmed, and a fresh 64 MiB
+    tensor took no page fault where a free block that large was left (in one such process
+    of two). In one benchmark process that happened for some calls and not others, for
+    mean pooling and the robust penalties alike (the same op's backward 4-7x apart
+    between rounds)."""
     x = x.detach().requires_grad_(True)
     sync(device)
     t0 = time.perf_counter()
