@@ -161,11 +161,11 @@ def pooling():
                 os.environ["CONVEXDDN_CUDA_GRAPHS"] = flag
                 made.clear()
                 t = fwd_bwd(lambda v: robust_pool(v, pen, 1.0), x, g, torch.device(DEV))
-                return t + (sum(m.replays for m in made),)
+                return t.fwd, t.bwd, sum(m.replays for m in made)
             paths = {"graphs": lambda: ours("1"), "eager": lambda: ours("0")}
             if ref is not None:
                 rp = reference_pool(ref, pen, 1.0)
-                paths["ddn"] = lambda rp=rp: fwd_bwd(rp, x, g, torch.device(DEV)) + (0,)
+                paths["ddn"] = lambda rp=rp: (*fwd_bwd(rp, x, g, torch.device(DEV))[:2], 0)
             for f in paths.values():
                 f()
             T = {k: [] for k in paths}
