@@ -101,20 +101,32 @@ def test_backward_page_faults_are_counted_outside_the_timed_phases(monkeypatch):
     bench process and 49,153 (a fresh gradient, ~2 ms/sample) in others: a backward
     ratio to the mean's means nothing without the counts. fwd_bwd reports them, and
     median_times keeps each op's median."""
-    counts = iter([100, 4196, 5000, 5000, 7000, 9048])  # (before, after) per backward
-    clock = []
-    real = harness.time.perf_counter
+    # A clock that ticks once per reading and a fault counter, both logging their reads:
+    # the order of the reads shows where the counts are taken.
+    log = []
+    ticks = iter(range(100))
+    counts = iter([100, 4196])
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            log.append("t")
+            return float(next(ticks))
 
     def faults():
-        clock.append(real())
+        log.append("f")
         return next(counts)
 
+    monkeypatch.setattr(harness, "time", Clock)
     monkeypatch.setattr(harness, "_minor_faults", faults)
     x, g = torch.randn(2, 8), torch.randn(2)
     t = harness.fwd_bwd(lambda v: v.mean(-1), x, g, torch.device("cpu"))
-    assert isinstance(t, harness.Timing) and t.bwd_faults == 4096 and t.fwd >= 0 and t.bwd >= 0
-    # Each count is read outside the forward's and the backward's timed windows.
-    assert t.bwd <= clock[1] - clock[0]
+    assert isinstance(t, harness.Timing) and t.bwd_faults == 4096
+    # forward between the first two ticks, backward between the last two; each count is
+    # read between the timed windows, never inside one
+    assert log == ["t", "t", "f", "t", "t", "f"]
+    assert (t.fwd, t.bwd) == (1.0, 1.0)
+    monkeypatch.undo()
 
     class Bar:
         def update(self, k):
