@@ -13,6 +13,7 @@ import math
 import torch
 
 from .._checks import check_finite
+from .._pow2 import pow2_round
 from ..errors import SolverError
 
 __all__ = ["in_units"]
@@ -47,7 +48,7 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
     which the finiteness check of ``x`` rides on (a NaN or Inf makes the spread
     non-finite)."""
     a64 = alpha.detach().double()
-    scale = torch.exp2(torch.round(torch.log2(a64))) if rescale else None
+    scale = pow2_round(a64) if rescale else None
     dtype, anchor = x3.dtype, None
     if x3.shape[0]:
         hi, lo = x3.detach().amax(1).double(), x3.detach().amin(1).double()
@@ -69,7 +70,8 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
                               f"{_SPREAD_LIMIT[torch.float64]:.0e}: its squared distances overflow float64; "
                               "scale the outlying entries down or raise alpha")
         if excess > _FAR:
-            anchor = torch.where((ext[1] > _FAR).unsqueeze(-1), hi.add_(lo).mul_(0.5), 0.0).to(dtype)
+            # (Halves first: hi + lo overflows float64 for entries above 9e307.)
+            anchor = torch.where((ext[1] > _FAR).unsqueeze(-1), hi.mul_(0.5).add_(lo, alpha=0.5), 0.0).to(dtype)
     x3 = x3.to(dtype)
     if anchor is not None:
         x3 = x3 - anchor.unsqueeze(1)

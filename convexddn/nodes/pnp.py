@@ -40,6 +40,7 @@ from torch import nn
 from .._autograd import (bind_fast, first_order, first_order_jvp, may_carry_tangents, plain, refuse_batched,
                          refuse_transforms)
 from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
+from .._pow2 import pow2_round
 from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
     axis_angle_to_matrix,
@@ -312,7 +313,7 @@ def pnp(
     # units of a power of two near each scene's extent (exact) keeps rotation and
     # translation steps comparable in the stopping test and the damping, which mix them
     # (at 1e7 or 1e-7 scene units the rotation froze 4e-3 to 0.05 rad off).
-    unit = torch.exp2(torch.round(torch.log2(p.detach().abs().amax((1, 2)).clamp_min(torch.finfo(dtype).tiny))))
+    unit = pow2_round(p.detach().abs().amax((1, 2)).clamp_min(torch.finfo(dtype).tiny))
     p = p / unit.view(-1, 1, 1)
     if th0 is not None:
         th0 = torch.cat([th0[:, :3], th0[:, 3:] / unit.view(-1, 1)], 1)

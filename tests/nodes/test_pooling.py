@@ -1366,7 +1366,11 @@ def test_huber_alpha_gradient_with_overflowing_residuals_is_zero_not_nan():
     for dtype, big in ((torch.float32, 3e38), (F64, 1.7e308)):
         x = torch.tensor([[big, -big, big / 3]], dtype=dtype, requires_grad=True)
         a = torch.tensor(1.0, dtype=dtype, requires_grad=True)
-        y = robust_pool(x, "huber", a)
+        # alpha is far below one ulp of y: the gradient's rounding noise (h |y| eps)
+        # exceeds alpha, the step of g along a flat piece, so no stop there can be
+        # certified (see test_huber_noise_above_alpha_is_unresolved); the point is exact.
+        with pytest.warns(SolverWarning, match="cannot be resolved"):
+            y = robust_pool(x, "huber", a)
         assert float(y) == float(x[0, 2])
         gx, ga = torch.autograd.grad(y, (x, a))
         assert float(ga) == 0.0
@@ -1679,3 +1683,91 @@ def test_a_common_offset_moves_the_pooled_value_by_exactly_the_offset(name, offs
     shifted = robust_pool(x + offset, name, 1.0) - offset
     eps = torch.finfo(F64).eps
     assert (shifted - base).abs().max() <= 128 * eps * (offset + x.abs().max())
+
+
+def _huber_root(x: torch.Tensor, alpha: float) -> float:
+    """A minimiser of the Huber objective of row ``x`` by bisection on its (monotone)
+    derivative in float64: the paper's definition, independent of the module."""
+    xs = x.double()
+    lo, hi = float(xs.min()), float(xs.max())
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float((mid - xs).clamp(-alpha, alpha).sum()) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def test_huber_does_not_stop_on_a_step_across_a_kink():
+    """Huber's g is piecewise linear: a Newton step is exact only up to the next kink.
+    A row started at a data point with alpha far below the data's spacing has the slope
+    of one inlier there, and its step of a few alpha passed the tolerance test: 0..199
+    returned 98.000000000003 (alpha 1e-12) and 98.03 (alpha 0.01, tol 1e-3) where the
+    minimisers fill [99 + alpha, 100 - alpha]."""
+    x = torch.arange(200, dtype=F64)
+    y = float(robust_pool(x, "huber", 1e-12))
+    assert 99.0 <= y <= 100.0
+    y = float(robust_pool(x, "huber", 0.01, tol=1e-3))
+    assert 99.01 - 0.1 <= y <= 99.99 + 0.1  # within tol (alpha + |y|) of the flat minimum
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_huber_tied_clusters_small_alpha(dtype):
+    """256 ones and 257 twos: the minimiser is 2 - 256 alpha / 257 (the twos' slope
+    piece). In float32 with alpha 1e-6 (8 ulps of 1) the row stopped at 1 + 8 ulp, where
+    g was within a rounding noise of 1.2e-4 that exceeds alpha, silently 1 off; such a
+    row is unresolved in float32 and solved again in float64. Against bisection for
+    alphas from below an ulp to 1."""
+    tol = 1e-6 if dtype == torch.float32 else 1e-10
+    eps = torch.finfo(dtype).eps
+    for n1, n2 in ((256, 257), (3, 4), (1000, 1001)):
+        x = torch.cat([torch.ones(n1), torch.full((n2,), 2.0)]).to(dtype)
+        for alpha in (1e-8, 1e-7, 4e-7, 1e-6, 1e-5, 1e-3, 0.1, 1.0):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # resolved, in float64 where float32 cannot
+                y = float(robust_pool(x, "huber", alpha))
+            ref = _huber_root(x, alpha)
+            assert abs(y - ref) <= 4 * tol * (alpha + abs(ref)) + 4 * eps * abs(ref), (n1, alpha, y, ref)
+
+
+def test_huber_noise_above_alpha_is_unresolved():
+    """Where g's rounding noise exceeds alpha even in float64, a stop on a gradient
+    within the noise cannot tell a flat piece's g = +-alpha from the minimum: the row is
+    reported (SolverWarning), not returned as converged."""
+    x = torch.cat([torch.full((256,), 1e6), torch.full((257,), 1e6 + 1)]).to(F64)
+    with pytest.warns(SolverWarning, match="cannot be resolved"):
+        robust_pool(x, "huber", 1e-14)
+
+
+@pytest.mark.parametrize("penalty", ["huber", "pseudo_huber"])
+def test_a_far_row_does_not_move_its_neighbours(penalty):
+    """The rows' brackets are their own: a block's min and max, shared, let a row at
+    1e300 widen its neighbours' brackets, whose bisection went out to 5e299 (Huber:
+    1.6e270 for a row whose minimiser is -101.3; pseudo-Huber 3.2e70 for one at 500)."""
+    torch.manual_seed(0)
+    row = torch.randn(256, dtype=F64) * 1000
+    pair = torch.tensor([-1000.0, 2000.0], dtype=F64)
+    for near, far in ((row, torch.full((256,), 1e300, dtype=F64)), (pair, torch.full((2,), 1e100, dtype=F64)),
+                      (row.float(), torch.full((256,), 3e38))):
+        # (The pair is so far apart for alpha 1 that pseudo-Huber's objective is flat to
+        # rounding between them: unresolved alone and beside the far row alike.)
+        with warnings.catch_warnings(record=True) as w_alone:
+            warnings.simplefilter("always")
+            alone = robust_pool(near, penalty, 1.0)
+        with warnings.catch_warnings(record=True) as w_both:
+            warnings.simplefilter("always")
+            both = robust_pool(torch.stack([far, near]), penalty, 1.0)
+        assert float(both[0]) == float(far[0])
+        assert abs(float(both[1]) - float(alone)) <= 1e-6 * (1 + abs(float(alone)))
+        assert not any("max_iter" in str(w.message) for w in w_both + w_alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_quadratic_at_the_float_range_end(dtype):
+    """The mean rescales rows whose sum overflows by the power of two below their
+    largest entry; for the dtype's largest number log2 rounded up and that power was
+    Inf (the mean of two such entries NaN)."""
+    top = torch.finfo(dtype).max
+    y = robust_pool(torch.tensor([[top, top], [top, -top]], dtype=dtype), "quadratic")
+    assert y.tolist() == [top, 0.0]

@@ -850,3 +850,16 @@ def test_robust_vector_pool_does_not_depend_on_memory_layout(penalty, alpha, spr
     for y, grad in outs[1:]:
         assert torch.equal(y, outs[0][0])
         assert torch.equal(grad, outs[0][1])
+
+
+def test_sets_at_the_float64_range_end():
+    """Entries above 9e307: the anchor (hi + lo) / 2 overflowed to Inf, the result NaN
+    for every penalty; alpha above 2^1023.5: its power-of-two scale rounded to 2^1024 =
+    Inf. Three equal vectors pool to themselves; an alpha beyond every distance is the
+    quadratic's regime (the mean)."""
+    x = torch.full((1, 2, 3), 1e308, dtype=torch.float64)
+    for penalty in ("quadratic", "huber", "welsch"):
+        assert robust_vector_pool(x, penalty, 1.0).tolist() == [[1e308, 1e308]]
+    x = torch.randn(1, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = robust_vector_pool(x, "huber", 1.3e308)
+    assert torch.allclose(y, x.mean(-1), rtol=1e-12, atol=1e-15)

@@ -201,6 +201,7 @@ class Huber(Penalty):
 
     name = "huber"
     convex = True
+    piecewise_linear = True
 
     def phi(self, z, alpha):
         a = z.abs()
@@ -226,6 +227,8 @@ class Huber(Penalty):
         # least alpha before its slope drops to 0, where g = alpha (#below - #above) is 0
         # (a flat minimum) or at least alpha away from 0. So a gradient within its noise
         # (< alpha) is within noise / h of a root or in a flat minimum: no span limit.
+        # (A Newton step is another matter: exact only up to the next kink, which may be
+        # any distance below alpha away; see Penalty.piecewise_linear.)
         return torch.full_like(h, math.inf)
 
     @staticmethod

@@ -8,8 +8,8 @@ once (the per-row bookkeeping is a few dozen tiny ops per iteration for every ro
 per block). Blocks whose rows all stopped are skipped; once at most half of the rows
 run, they are gathered into a smaller problem (a large one block by block, see
 :class:`Rows`). The first pass over a block also takes
-its minimum and maximum (a bracket of every row's minimiser, and the NaN/Inf check)
-and, unless given, its rows' starts -- while the block is in cache.
+its rows' minima and maxima (each row's bracket of its minimisers, and the NaN/Inf
+check) and, unless given, their starts -- while the block is in cache.
 
 Notation per row: ``g = sum_i phi'(u - x_i)`` (the objective's derivative), ``h =
 sum_i phi''`` (its curvature), ``d1`` the terms of ``g``. Rounding makes the computed
@@ -112,9 +112,10 @@ def _sweep(pen: Penalty, rows: Rows, method: str, u: Tensor, live: list[bool], r
     the rows of the live blocks, written into ``out``; returns the measured terms' norm
     (None where the penalty bounds it).
 
-    ``first = (ends, fill, start)`` makes it the first pass: per block, its min and max
-    (a 2-element tensor) are appended to ``ends``, and ``fill[block] = start(x_block)``
-    unless ``start`` is None. ``clamp[b]``: clamp block b's residuals at the saturation.
+    ``first = (ends, fill, start)`` makes it the first pass: per block, its rows' min
+    and max (two ``(r, 1)`` tensors) are appended to ``ends``, and ``fill[block] =
+    start(x_block)`` unless ``start`` is None. ``clamp[b]``: clamp block b's residuals at
+    the saturation.
     """
     k = u.shape[1] if u.dim() == 3 else None
     norm = None
@@ -125,7 +126,7 @@ def _sweep(pen: Penalty, rows: Rows, method: str, u: Tensor, live: list[bool], r
         xb = rows.block(sl)
         if first is not None:
             ends, fill, start = first
-            ends.append(torch.stack([xb.amin(), xb.amax()]))
+            ends.append((xb.amin(-1, keepdim=True), xb.amax(-1, keepdim=True)))
             if start is not None:
                 fill[sl] = start(xb)
         *res, nb = row_sums(pen, method, u[sl], xb if k is None else xb.unsqueeze(1), al, scratch, clamp[b],
@@ -152,33 +153,47 @@ def _live(row_active: Tensor, ranges: list[slice]) -> tuple[int, list[bool]]:
 
 def _first(pen: Penalty, rows: Rows, method: str, u: Tensor, ranges: list[slice], out: list[Tensor],
            use_compile: bool, scratch: Scratch, fill: Tensor | None, start: Callable | None):
-    """The first pass: sums at the starts, the blocks' min and max (one host sync for
-    all), and -- for the blocks whose spread over alpha could overflow a square -- the
-    sums again with residuals clamped at the penalty's saturation. Returns ``(norm,
-    clamp flags, lo, hi)`` with per-row brackets ``(R, 1)`` (every minimiser of a row
-    lies between its block's min and max), or None when some entry is NaN or Inf."""
+    """The first pass: sums at the starts, each row's min and max (one host sync for
+    the NaN/Inf check and the clamp decisions), and -- for the blocks with a row whose
+    spread over alpha could overflow a square -- the sums again with residuals clamped
+    at the penalty's saturation. Returns ``(norm, clamp flags, lo, hi)`` with the rows'
+    brackets ``(R, 1)`` (every minimiser of a row lies between its min and max), or None
+    when some entry is NaN or Inf.
+
+    The brackets are each row's own: a block's min and max, shared by its rows, let one
+    far row (entries at 1e300) widen its neighbours' brackets, whose bisection steps
+    then went out to 5e299 and never came back within ``max_iter`` (a Huber row of
+    randn * 1000 returned 1.6e270 beside it, -101.3 alone)."""
     ends: list = []
     clamp = [rows.clamp] * len(ranges)
     norm = _sweep(pen, rows, method, u, [True] * len(ranges), ranges, out, use_compile, scratch, clamp,
                   (ends, fill, start))
-    e = torch.stack(ends)
-    vals = e.tolist()
-    if not all(math.isfinite(v) for pair in vals for v in pair):
+    lo = torch.cat([e[0] for e in ends]) if len(ends) > 1 else ends[0][0]
+    hi = torch.cat([e[1] for e in ends]) if len(ends) > 1 else ends[0][1]
+    finite = torch.isfinite(lo).all() & torch.isfinite(hi).all()
+    decide = pen.saturation is not None and not rows.clamp
+    if not decide:
+        if not bool(finite):
+            return None
+        return norm, clamp, lo, hi
+    # Each block's widest row, in float64 (a float32 spread of finite data may overflow),
+    # read with the finite check.
+    spread = hi.double() - lo.double()
+    vals = torch.cat([finite.double().reshape(1)] + [spread[sl].amax().reshape(1) for sl in ranges]).tolist()
+    if not vals[0]:
         return None
-    if pen.saturation is not None and not rows.clamp:
-        lim = math.sqrt(torch.finfo(rows.x.dtype).max) / SPREAD_DIVISOR
-        for b, sl in enumerate(ranges):
-            al = rows.alpha_arg(sl, 2)
-            a_min = al if isinstance(al, float) else float(al.min())
-            clamp[b] = (vals[b][1] - vals[b][0]) > a_min * lim
-        if any(clamp):
-            redo = _sweep(pen, rows, method, u, clamp, ranges, out, use_compile, scratch, clamp)
-            if redo is not None:
-                norm = redo if norm is None else torch.where(
-                    torch.tensor(clamp, device=e.device).repeat_interleave(_sizes(ranges, e.device)).reshape(
-                        -1, *([1] * (norm.dim() - 1))), redo, norm)
-    per_row = e.repeat_interleave(_sizes(ranges, e.device), 0)
-    return norm, clamp, per_row[:, :1].contiguous(), per_row[:, 1:].contiguous()
+    lim = math.sqrt(torch.finfo(rows.x.dtype).max) / SPREAD_DIVISOR
+    for b, sl in enumerate(ranges):
+        al = rows.alpha_arg(sl, 2)
+        a_min = al if isinstance(al, float) else float(al.min())
+        clamp[b] = vals[1 + b] > a_min * lim
+    if any(clamp):
+        redo = _sweep(pen, rows, method, u, clamp, ranges, out, use_compile, scratch, clamp)
+        if redo is not None:
+            norm = redo if norm is None else torch.where(
+                torch.tensor(clamp, device=lo.device).repeat_interleave(_sizes(ranges, lo.device)).reshape(
+                    -1, *([1] * (norm.dim() - 1))), redo, norm)
+    return norm, clamp, lo, hi
 
 
 def _compact(rows: Rows, keep: Tensor, idx: Tensor | None, clamp: list[bool], ranges: list[slice],
@@ -207,8 +222,8 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
                 max_iter: int, use_compile: bool) -> Result | None:
     """Bracketed Newton on ``g(u) = 0`` for a convex penalty, every row of ``rows.x``.
 
-    The bracket ``[lo, hi]`` starts at the block's min and max (which contain every
-    row's minimiser) and shrinks to the points where ``g`` had a reliable sign. The
+    The bracket ``[lo, hi]`` starts at the row's min and max (which contain its
+    minimisers) and shrinks to the points where ``g`` had a reliable sign. The
     Newton point is taken when it falls inside and the step is at most half the one
     before the last (so that the bracket at least halves every two steps, as in
     Numerical Recipes' ``rtsafe``); otherwise the bracket is bisected. A row stops when
@@ -217,7 +232,9 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     ``tol * (alpha + |u|)``, taking that last Newton point when it lies inside the
     bracket; a smooth penalty's row also stops once the error predicted after its
     Newton step (``|g''| / 2h`` times the step squared, ``g''`` by the secant of ``h``)
-    is.
+    is. A piecewise-linear ``g`` (Huber) never stops on its step: its row stops where
+    ``|g|`` is within the noise (below alpha, else the row is unresolved) or on its
+    bracket.
 
     ``u`` (R,) are the starts, or None: ``start(x_block)`` ``(r, 1)`` in the first pass.
     Returns None when some entry of x is NaN or Inf.
@@ -265,7 +282,10 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         step = g / h
         astep = step.abs()
         reliable = g.abs() > noise
-        conv = reliable & (astep <= tol_s)
+        # (A piecewise-linear g: no stop on the step, see Penalty.piecewise_linear; a
+        # Huber row started at a data point with alpha 1e-12 stopped 1 away from its
+        # minimiser on a step of 3 alpha, the slope of one inlier.)
+        conv = torch.zeros_like(reliable) if pen.piecewise_linear else reliable & (astep <= tol_s)
         if check_span:
             trust = pen.newton_span(h, af)
             trust = span if trust is None else trust
@@ -302,8 +322,16 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
         flag = noise > tol_s * h
         if check_span:
             flag |= noise > trust * h
-        flag &= done & ~(conv | bad)
-        unres = unres | (flag if pen.strict else flag & (h > 0))
+        if not pen.strict:
+            flag &= h > 0
+        if pen.piecewise_linear:
+            # On a flat piece g is a nonzero multiple of alpha unless the piece is the
+            # minimum (Huber: alpha (#below - #above)): a noise of alpha or more cannot
+            # tell the two apart, whatever h (a float32 row of 256 ones and 257 twos, alpha
+            # 1e-6, stopped at 1 + 8 ulp where g was within a noise of 1.2e-4; its
+            # minimiser is at 2 - 1e-6).
+            flag |= noise >= a
+        unres = unres | (flag & done & ~(conv | bad))
         active = active & ~done
         # (the rows still running at max_iter return their last iterate)
         return nxt, lo, hi, (nxt - u).abs_(), dx1, g.clone(), h.clone(), u, active, unres, conv_f, spec

@@ -111,6 +111,12 @@ class Penalty(abc.ABC):
     #: phi'' is smooth (Lipschitz), so Newton converges quadratically near a minimum and
     #: a row may stop on the error predicted after its last step.
     smooth: ClassVar[bool] = False
+    #: g = sum_i phi'(u - x_i) is piecewise linear in u (Huber): a Newton step lands on
+    #: the root exactly unless it crosses a kink of some term, which the row sums do not
+    #: locate, so a short step is no evidence of a nearby root. The convex solver then
+    #: never stops a row on its step: it takes the step and stops at the next point,
+    #: where g is within its rounding noise unless a kink was crossed.
+    piecewise_linear: ClassVar[bool] = False
     #: A multiple of alpha beyond which phi' is constant and phi'' negligible in floating
     #: point, so that residuals may be clamped there (where their squares would overflow);
     #: None: never clamp.

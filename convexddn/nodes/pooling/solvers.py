@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..._checks import check_finite
+from ..._pow2 import pow2_floor
 from ..._warn import warn
 from ...errors import SolverWarning
 from .descent import descent_rows, safe_step
@@ -54,7 +55,7 @@ def mean_solve(x: Tensor) -> Tensor:
         check_finite("x", x)
         idx = bad.nonzero().squeeze(-1)
         xb = x[idx]
-        scale = torch.exp2(torch.floor(torch.log2(xb.abs().amax(-1, keepdim=True))))
+        scale = pow2_floor(xb.abs().amax(-1, keepdim=True))
         y[idx] = (xb / scale).mean(-1) * scale.squeeze(-1)
     return y
 
