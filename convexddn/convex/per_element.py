@@ -40,7 +40,7 @@ from .._warn import warn
 from ..errors import GradientWarning, OptionError, ProblemError, SolverWarning, WorkerError
 from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
-from .cone_checks import verify_certificate
+from .cone_checks import data_scale_residual, verify_certificate
 from .parametric import parametric_entries
 from .solver_args import check_solver_cones
 from .spread import data_spread
@@ -212,6 +212,15 @@ class CheckedDiffcp(SolverInterface):
         if r <= self.tol and verified:
             return None, (f"{method}: {status}; its {claim} certificate verifies, yet a point polished from "
                           f"it (‖x‖∞ {np.abs(x).max():.1e}) passes relative to its size", "other", claim)
+        if r <= self.tol and claim != "other":
+            # Claimed, not verified (badly scaled data provoke such claims on well-posed
+            # problems, where the polished point is the solution): the point must also
+            # pass in the data's own scale, not only against its own terms.
+            rd = data_scale_residual(A, b, c, x, y, s)
+            if not rd <= self.tol:
+                return None, (f"{method}: {status}; its {claim} certificate does not verify, and the point "
+                              f"polished from its iterate (‖x‖∞ {np.abs(x).max(initial=0):.1e}) passes only "
+                              f"relative to its own size (residual in the data's scale {rd:.1e})", "other", claim)
         if not r <= self.tol:
             why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
             if verified:

@@ -1076,3 +1076,46 @@ def test_a_ray_leaving_its_residual_in_a_small_column_does_not_certify(eps):
     ok = verify_certificate(A, np.array([-1.0, 0.0]), np.zeros(2), cone_lib.parse_cone_dict({"l": 2}),
                             np.zeros(2), np.array([1.0, 1.0]), "infeasible")
     assert not ok
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_infeasible_qp_with_large_rows_is_not_returned_as_solved(solver):
+    """g·x <= h0 and g·x >= h0 + 1e3 with rows of 1e4: infeasible. Clarabel says so, but
+    its ray's columns miss the certificate test (7e-5 against 1e-6), and the point
+    polished from its last iterate (‖x‖ 2e14, rows violated by 1.4e6) passed the KKT
+    check relative to its own terms (1.2e-9): returned as solved with a warning. Such a
+    point must now also pass in the data's own scale, so the fallback (SCS) is asked and
+    its verified certificate decides."""
+    n, m = 5, 6
+    x, q, G, h = cp.Variable(n), cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(x) + q @ x), [G @ x <= h])
+    rng = np.random.default_rng(100)
+    Gv = rng.standard_normal((40, m, n)) * 1e4
+    hv = rng.random((40, m)) * 1e4
+    qv = rng.standard_normal((40, n))
+    Gv[:, 1] = -Gv[:, 0]
+    hv[:, 1] = -hv[:, 0] - 1e3
+    layer = cddn.ConvexLayer(prob, [q, G, h], [x], solver=solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(InfeasibleError):
+            layer(*(torch.tensor(v[2]) for v in (qv, Gv, hv)))
+
+
+def test_data_scale_residual_sees_what_relative_terms_hide():
+    """The measure itself: a point far out whose rows are off by 1e3 passes kkt_residual
+    (relative to terms of 1e17) and fails data_scale_residual; a solution passes both."""
+    import scipy.sparse as sp
+    from diffcp import cones as cone_lib
+
+    from convexddn.convex.cone_checks import data_scale_residual, kkt_residual
+
+    # min 0·x s.t. x0 - x1 + s = 0 (zero cone row), s in {0}: x0 = x1 along a line.
+    A = sp.csc_matrix(np.array([[1.0, -1.0]]))
+    b, c = np.zeros(1), np.zeros(2)
+    cones = [(cone_lib.ZERO, 1)]
+    far = np.array([1e14, 1e14 - 1e3])
+    assert kkt_residual(A, b, c, cones, far, np.zeros(1), np.zeros(1)) < 1e-9
+    assert data_scale_residual(A, b, c, far, np.zeros(1), np.zeros(1)) == 1e3
+    sol = np.array([3.0, 3.0])
+    assert data_scale_residual(A, b, c, sol, np.zeros(1), np.zeros(1)) == 0.0
