@@ -100,7 +100,24 @@ def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: tor
     u = torch.linalg.lu_solve(LU, piv, rhs)
     for _ in range(_REFINE):
         u = u + torch.linalg.lu_solve(LU, piv, rhs - K @ u)
-    res = row_inf((rhs - K @ u)[..., 0]) / row_inf(rhs[..., 0]).clamp_min(torch.finfo(K.dtype).tiny)
+    res = _residual(K, u, rhs)
     res = torch.where((info != 0) | bad | ~torch.isfinite(res), torch.inf, res)
+    # The exact limit matrix itself, where it is nonsingular: where it differs much from
+    # the regularised one, the refinement above gains little per step (entmax through
+    # CVXPY's cone forms: 1.7e-6 to 1.2e-6 in ten steps, above BACKWARD_ACCEPT, and the
+    # gradient was zeroed as "not unique"; its own LU: 3e-11). Each element keeps the
+    # smaller residual.
+    LU2, piv2, info2 = lu_factor_ex(torch.where(bad[:, None, None], eye, K))
+    u2 = torch.linalg.lu_solve(LU2, piv2, rhs)
+    u2 = u2 + torch.linalg.lu_solve(LU2, piv2, rhs - K @ u2)
+    res2 = _residual(K, u2, rhs)
+    take = (info2 == 0) & ~bad & (res2 < res)  # (NaN: not taken)
+    u = torch.where(take[:, None, None], u2, u)
+    res = torch.where(take, res2, res)
     x, zE, zh = u[:, :n], u[:, n:n + z0], u[:, n + z0:]
     return x, torch.cat([zE, W.apply_inv(zh)], 1), res
+
+
+def _residual(K: torch.Tensor, u: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """(k,) relative residual ‖rhs − K u‖∞ / ‖rhs‖∞ of each element."""
+    return row_inf((rhs - K @ u)[..., 0]) / row_inf(rhs[..., 0]).clamp_min(torch.finfo(K.dtype).tiny)
