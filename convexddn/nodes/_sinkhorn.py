@@ -32,7 +32,7 @@ When a row spreads over more than 50ε, ε-scaling first solves loosely for
 stage starts near its optimum; each batch element follows its own schedule (from its
 own spread), and every plan returned is at the final ε. (Past a spread of about 10³ε the
 plan's support is disconnected in float64 and convergence to ``tol`` may need more than
-``max_iter``; the caller then warns.)
+``max_iter``, for some costs from ~250ε; the caller then warns.)
 
 Arguments of ``exp`` below the dtype's normal range are never formed: CPUs take a
 slow path for them (about 50x per element) and their denormal results slow every later
@@ -83,12 +83,6 @@ def _lo(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
-def _lse(x: torch.Tensor, dim: int, lo: float) -> torch.Tensor:
-    """logsumexp with the terms below e·tiny clamped there: each is under one ulp of the sum."""
-    m = x.amax(dim, keepdim=True)
-    return m.squeeze(dim) + (x - m).clamp_(min=lo).exp_().sum(dim).log_()
-
-
 def _flush(P: torch.Tensor, below: float) -> torch.Tensor:
     # One reduction decides whether the masked copy is needed at all (rarely, at small ε).
     return P.masked_fill(P < below, 0.0) if float(P.amin()) < below else P
@@ -103,9 +97,17 @@ class _State:
 
     def __init__(self, beta, ce, a, la, b, lo, pad=None):
         x = beta.unsqueeze(-2) - ce
-        self.alpha = la - _lse(x, -1, lo)
+        m = x.amax(-1, keepdim=True)
+        d = x.sub_(m)
+        # log Σ_j exp(x_ij − m_i), the terms below e·tiny clamped there (each is under one
+        # ulp of the sum; their exp would be denormal).
+        rest = d.clamp(min=lo).exp_().sum(-1).log_()
+        self.alpha = la - (m.squeeze(-1) + rest)
         self.beta = beta
-        z = x.add_(self.alpha.unsqueeze(-1))
+        # The plan from x − m and log a − rest, not from x + α: with potentials of 1e16
+        # (costs spread over 1e16 ε) log a_i is rounded away in α, and the rows summed
+        # to 1 instead of a_i (a plan of total mass M).
+        z = d.add_((la - rest).unsqueeze(-1))
         self.P = z.clamp(min=lo).exp_().masked_fill_(z < lo, 0.0)
         self.r, self.c = self.P.sum(-1), self.P.sum(-2)
         self.err = (self.c - b).abs().sum(-1)

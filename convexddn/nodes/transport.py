@@ -110,7 +110,9 @@ def sinkhorn(
     ``eps=0.05`` on costs of range 4 they reach 1e-31 and below and stay exact; entries
     below 6e-308 are 0). Rows sum to ``a`` exactly and columns to ``b`` within ``tol``.
     Past a spread of about 1000·``eps`` the plan's support is disconnected in float64
-    and ``tol`` may not be reached in ``max_iter`` (a ``SolverWarning`` says so). The
+    and ``tol`` may not be reached in ``max_iter`` (a ``SolverWarning`` says so); about 1 %
+    of small dense randn costs fail so from a spread of ~250·``eps`` already (a 7 × 7
+    one: plan entries down to 1e-98, column error 1e-6), their plans accurate to ~1e-9. The
     gradient with respect to ``cost``, ``a`` and ``b`` is implicit (no unrolling): see
     the module docstring for the formula and :math:`O(MN\min(M,N) + \min(M,N)^3)` cost.
 

@@ -826,3 +826,25 @@ def test_sinkhorn_disconnected_support_warns_in_both_modes():
     a_req = a.clone().requires_grad_(True)
     with pytest.warns(GradientWarning, match="disconnected blocks.*gradients with respect to the marginals"):
         sinkhorn(C, a_req, eps=1.0).sum().backward()
+
+
+@pytest.mark.parametrize("big", [1e12, 1e16, 1e17, 1e30])
+def test_rows_exact_when_the_potentials_are_huge(big):
+    """Costs spread over 1e12 ε and more: the potentials reach that size, and forming the
+    plan as exp(β − C/ε + α) rounded log a_i away inside α: [[0, big], [0, 0]] with eps 1
+    gave rows of 0.5000007 (1e12), 0.472 (1e16) and 1.0 (1e17: the plan of mass 2). The
+    unique plan is diag(1/2) (row 1 must avoid the cost `big`)."""
+    P = sinkhorn(torch.tensor([[0.0, big], [0.0, 0.0]], dtype=F64), eps=1.0)
+    assert P.tolist() == [[0.5, 0.0], [0.0, 0.5]]
+
+
+def test_rows_exact_at_tiny_eps():
+    """rand(4, 4) costs at eps 1e-6 ... 1e-18: rows were off by 8e-13 ... 1.1 %, and at
+    1e-18 every row summed to 1 instead of 1/4. Rows and columns within 1e-15 now (the
+    columns reach tol there), and the plan is the assignment LP's (a permutation / 4)."""
+    C = _cost(4, 4, seed=3)
+    for eps in (1e-6, 1e-8, 1e-12, 1e-16, 1e-18):
+        P = sinkhorn(C, eps=eps)
+        assert (P.sum(-1) - 0.25).abs().max() <= 1e-15
+        assert (P.sum(-2) - 0.25).abs().max() <= 1e-15
+    assert torch.equal((P > 0.1).sum(-1), torch.ones(4, dtype=torch.long))
