@@ -87,22 +87,32 @@ def independent_rows(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rewrite the active constraints' Jacobian with independent rows: ``(A', pin, T, dependent)``.
 
-    With the eigendecomposition :math:`S A A^\\top S = V \\Lambda V^\\top` (``S`` the
-    diagonal equilibration), :math:`A' = V^\\top S A` has the same row space as ``A``,
-    with orthogonal rows; the rows of (numerically) zero eigenvalues — dependent
-    constraints, and inactive ones, whose rows of ``A`` are zero — are zeroed and
-    pinned (``pin``: ones on the diagonal of the multiplier block), so the KKT matrix
+    With the singular value decomposition :math:`S A = U \Sigma W^\top` (``S`` the
+    diagonal equilibration to unit rows), :math:`A' = U^\top S A` has the same row space
+    as ``A``, with orthogonal rows; the rows of (numerically) zero singular values --
+    dependent constraints, and inactive ones, whose rows of ``A`` are zero -- are zeroed
+    and pinned (``pin``: ones on the diagonal of the multiplier block), so the KKT matrix
     built from ``A'`` is regular whenever the Hessian is regular on the tangent space.
-    Multipliers map back as :math:`\\mu = T \\mu'` with :math:`T = S V` (the
+    Multipliers map back as :math:`\mu = T \mu'` with :math:`T = S U` (the
     minimum-norm ones, in the equilibrated metric, when the constraints are dependent).
     ``dependent`` flags the elements with more null rows than inactive constraints.
+
+    A row counts as null where :math:`\sigma \le` ``rcond`` :math:`\sigma_{max}`. The
+    singular values of :math:`SA` itself, not the eigenvalues :math:`\sigma^2` of
+    :math:`S A A^\top S`: those carry rounding of ``eps`` times the largest, so ``rcond``
+    on them cut at :math:`\sigma \approx \sqrt{rcond}` (~1e-7): two constraints 1e-7 from
+    parallel were called dependent, one direction dropped, and the derivative came out
+    O(1) wrong without a warning where the data do not enter the constraints.
     """
-    M = A @ A.transpose(1, 2)
-    s = torch.diagonal(M, dim1=-2, dim2=-1)
-    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
-    evals, V = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
-    keep = evals > rcond * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
-    T = s.unsqueeze(-1) * V
+    r, n = A.shape[-2:]
+    norms = A.square().sum(-1)
+    s = torch.where(norms > 0, norms.rsqrt(), torch.ones_like(norms))
+    # (Full U only where there are more constraints than variables: then W is n x n, small.)
+    U, sigma, _ = torch.linalg.svd(s.unsqueeze(-1) * A, full_matrices=r > n)
+    if sigma.shape[-1] < r:  # rank at most n < r: the rest are null
+        sigma = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], r - sigma.shape[-1])], -1)
+    keep = sigma > rcond * sigma.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    T = s.unsqueeze(-1) * U
     A2 = (T.transpose(1, 2) @ A) * keep.unsqueeze(-1)
     pin = torch.diag_embed((~keep).to(A.dtype))
     n_null = (~keep).sum(-1)
