@@ -345,6 +345,10 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
             "zero multiplier (strict complementarity fails) for "
             f"{shown_indices(res.weakly_active)}: the solution is at a kink of its own, "
             "only one-sided derivatives exist, and the "
-            "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6)",
+            "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6); "
+            "or the constraint is slack but within active_tol of the solution's scale "
+            "(g_j >= -active_tol ‖∇g_j‖ ‖y‖: a bound 0.5 from a solution of 1e6 counts as "
+            "active at the default 1e-6), where a smaller active_tol gives the exact "
+            "gradient if solve is exact entry by entry",
             GradientWarning,
         )
