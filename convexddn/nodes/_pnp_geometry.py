@@ -17,6 +17,7 @@ import torch
 from .._warn import warn
 from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
+from .lagrangian import _batched_vjp
 from .linear_solvers import shown_indices
 from .pooling.penalties import Penalty
 
@@ -148,9 +149,10 @@ def grad_hess(theta, xs, pen, create_graph=False):
         th = theta.detach().requires_grad_()
         f = objective(th, *xs, pen)
         g = torch.autograd.grad(f.sum(), th, create_graph=True)[0]
-        # All six Hessian rows in one vmapped backward pass (one per unit vector).
+        # All six Hessian rows in one vmapped backward pass (one per unit vector; one
+        # pass each where vmap cannot run, e.g. under anomaly mode).
         eye = torch.eye(6, dtype=th.dtype, device=th.device).unsqueeze(1).expand(6, *g.shape)
-        H = torch.autograd.grad(g, th, grad_outputs=eye, is_grads_batched=True, create_graph=create_graph)[0]
+        H = _batched_vjp(g, th, eye, create_graph)
     return f.detach(), g if create_graph else g.detach(), H.movedim(0, -2), th
 
 

@@ -24,25 +24,30 @@ Tensor = torch.Tensor
 ConstraintFn = Callable[..., "Tensor | None"]
 
 
-def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor) -> Tensor:
+def _batched_vjp(output: Tensor, inputs: Tensor, cotangents: Tensor, create_graph: bool = False) -> Tensor:
     """``k`` vjps of ``output`` at once: ``cotangents`` is ``(k, *output.shape)``."""
     if not output.requires_grad:
         return cotangents.new_zeros((cotangents.shape[0],) + tuple(inputs.shape))
     if cotangents.shape[0] == 1:
         (g,) = torch.autograd.grad(
-            output, inputs, cotangents[0], retain_graph=True, allow_unused=True
+            output, inputs, cotangents[0], retain_graph=True, allow_unused=True, create_graph=create_graph
         )
         return torch.zeros_like(inputs).unsqueeze(0) if g is None else g.unsqueeze(0)
     try:
+        if torch.is_anomaly_enabled():
+            # (Its NaN check reads each gradient on the host, which vmap refuses; the
+            # failed attempt would be reported as an error in the backward, with traces.)
+            raise RuntimeError("anomaly mode")
         (g,) = torch.autograd.grad(
             output, inputs, cotangents, retain_graph=True, allow_unused=True,
-            is_grads_batched=True,
+            is_grads_batched=True, create_graph=create_graph,
         )
     except RuntimeError:
-        # Some user ops have no vmap rule; one vjp per direction is the slow, safe path.
+        # Some user ops have no vmap rule: one vjp per direction is the slow, safe path.
         rows = []
         for c in cotangents:
-            (gi,) = torch.autograd.grad(output, inputs, c, retain_graph=True, allow_unused=True)
+            (gi,) = torch.autograd.grad(output, inputs, c, retain_graph=True, allow_unused=True,
+                                        create_graph=create_graph)
             rows.append(torch.zeros_like(inputs) if gi is None else gi)
         return torch.stack(rows)
     if g is None:

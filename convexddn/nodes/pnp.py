@@ -245,10 +245,13 @@ def pnp(
                       "or torch.func.jvp / torch.autograd.forward_ad for forward mode", allowed=("Jvp",))
     if torch.is_inference_mode_enabled():
         # The solver differentiates its objective by autograd, which inference mode
-        # forbids: run it outside, on normal copies of the inputs.
+        # forbids: run it outside, on detached normal copies of the inputs (copies still
+        # attached recorded a graph back to a Parameter), and return an inference tensor
+        # as every other node does.
         with torch.inference_mode(False):
-            c = [t.clone() if isinstance(t, torch.Tensor) else t for t in (p2d, p3d, weights, K, alpha, init)]
-            return pnp(*c[:4], penalty=penalty, alpha=c[4], init=c[5], tol=tol, max_iter=max_iter)
+            c = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in (p2d, p3d, weights, K, alpha, init)]
+            pose = pnp(*c[:4], penalty=penalty, alpha=c[4], init=c[5], tol=tol, max_iter=max_iter)
+        return pose.clone()
     pen = _check_options(penalty, alpha, tol, max_iter)
     p2d, p3d = check_tensor("p2d", p2d), check_tensor("p3d", p3d)
     if p2d.ndim < 2 or p2d.shape[-1] != 2 or p3d.ndim < 2 or p3d.shape[-1] != 3 or p2d.shape[-2] != p3d.shape[-2]:

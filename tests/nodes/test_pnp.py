@@ -634,3 +634,39 @@ def test_converged_problems_stay_finished_in_a_batch():
         again = pnp(q, P, init=theta)
     torch.testing.assert_close(theta, torch.cat([r, t], -1), rtol=0, atol=1e-12)
     torch.testing.assert_close(again, theta, rtol=0, atol=1e-12)
+
+
+def _scene(B=2, N=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.rand(B, N, 3, dtype=torch.float64, generator=g) * 2 - 1
+    r = torch.randn(B, 3, dtype=torch.float64, generator=g) * 0.3
+    t = torch.tensor([[0, 0, 6.0]] * B, dtype=torch.float64)
+    X = P @ axis_angle_to_matrix(r).mT + t[:, None]
+    return X[..., :2] / X[..., 2:], P, torch.cat([r, t], -1)
+
+
+def test_inference_mode_returns_an_inference_tensor_without_a_graph():
+    """The solver runs outside inference mode (it differentiates by autograd); it ran on
+    copies still attached to the inputs, so a Parameter's graph was recorded (the pose
+    required grad, and a backward reached the Parameter)."""
+    q, P, truth = _scene()
+    pts = torch.nn.Parameter(P.clone())
+    with torch.inference_mode():
+        pose = pnp(q, pts)
+    assert pose.is_inference() and not pose.requires_grad and pose.grad_fn is None
+    torch.testing.assert_close(pose, truth, rtol=0, atol=1e-12)
+
+
+def test_anomaly_mode():
+    """The Hessian's six rows came from one vmapped backward, which anomaly mode's NaN
+    check (a host read) breaks: pnp raised "Batching rule not implemented for
+    aten::item"; it now takes one backward per row there, with the same results."""
+    q, P, truth = _scene()
+    pts = torch.nn.Parameter(P.clone())
+    pose = pnp(q, pts)
+    grad, = torch.autograd.grad(pose.square().sum(), pts)
+    with torch.autograd.set_detect_anomaly(True):
+        pose_a = pnp(q, pts)
+        grad_a, = torch.autograd.grad(pose_a.square().sum(), pts)
+    torch.testing.assert_close(pose_a, pose, rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad_a, grad, rtol=1e-10, atol=1e-12)
