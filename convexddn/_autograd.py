@@ -7,9 +7,11 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from .errors import DoubleBackwardError, ProblemError
 
@@ -173,7 +175,7 @@ def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
     or a second Jvp level around the jvp is refused here (both gave wrong second
     derivatives silently: zeros, or entmax's 6 % off)."""
     def decorate(jvp: Callable) -> Callable:
-        guarded = first_order(what)(jvp)
+        guarded = first_order(what, reverse=False)(jvp)
 
         @functools.wraps(jvp)
         def wrapper(ctx, *tangents):
@@ -353,7 +355,7 @@ def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.
     return _FirstOrderInput.apply(what, *tensors)
 
 
-def first_order(what: str) -> Callable[[Callable], Callable]:
+def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callable]:
     """``torch.autograd.function.once_differentiable`` with the library's error, for the
     backward of the node ``what`` (its public name, for the message): the backward runs
     without a graph, and with ``create_graph=True`` its gradients are tied
@@ -365,7 +367,19 @@ def first_order(what: str) -> Callable[[Callable], Callable]:
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            with torch.no_grad():
+            dual = False
+            if reverse and not torch.compiler.is_compiling():  # (dynamo traces neither test)
+                if "Jvp" in functorch_transforms():
+                    # Forward over reverse (torch.func.jvp or jacfwd over grad, vjp or
+                    # jacrev: hessian): the tangent of this gradient, a second derivative.
+                    # (Refused here, before the backward's kernels, whose out= ops forward
+                    # mode rejects with torch's NotImplementedError.)
+                    _SecondOrderUnsupported.backward(SimpleNamespace(what=what))
+                dual = forward_ad._current_level >= 0
+            # Forward-mode tangents of the saved tensors (a torch.autograd.forward_ad dual
+            # level around the forward) are not followed: the gradient is first order, its
+            # value the primal one (robust_pool's out= kernels refused dual inputs).
+            with torch.no_grad(), (forward_ad._set_fwd_grad_enabled(False) if dual else contextlib.nullcontext()):
                 out = backward(ctx, *grads)
             if not torch.is_grad_enabled():
                 return out

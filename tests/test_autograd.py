@@ -334,3 +334,35 @@ def test_an_argument_made_in_inference_mode(name, x, value, node):
     (gr,) = torch.autograd.grad((yr * torch.linspace(-1, 1, yr.shape[-1], dtype=F64)).sum(), xr)
     torch.testing.assert_close(y, yr, rtol=0, atol=0)
     torch.testing.assert_close(g, gr, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("penalty", ["huber", "pseudo_huber", "welsch", "trunc_quad"])
+def test_robust_pool_backward_inside_a_forward_ad_level(penalty):
+    """alpha carries a forward-mode tangent (and does not require grad), x requires grad:
+    the reverse-mode gradient with respect to x inside the dual level failed with torch's
+    "Trying to use forward AD with sub_out" (the backward's out= kernels saw dual
+    tensors). It is the ordinary first-order gradient, as outside the level."""
+    import torch.autograd.forward_ad as fw
+
+    from convexddn.functional import robust_pool
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, dtype=F64, generator=g, requires_grad=True)
+    a = torch.full((3,), 0.7, dtype=F64)
+    want, = torch.autograd.grad(robust_pool(x, penalty, a).sum(), x)
+    with fw.dual_level():
+        y = robust_pool(x, penalty, fw.make_dual(a, torch.ones(3, dtype=F64)))
+        got, = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(fw.unpack_dual(got).primal, want, rtol=0, atol=0)
+
+
+def test_robust_pool_forward_over_reverse_is_refused():
+    """torch.func.jvp over torch.func.grad (a second derivative) failed inside the
+    backward with torch's NotImplementedError for every penalty but the quadratic; it
+    raises the DoubleBackwardError the quadratic did."""
+    from convexddn.functional import robust_pool
+
+    x = torch.randn(3, 9, dtype=F64, generator=torch.Generator().manual_seed(1))
+    f = torch.func.grad(lambda z: robust_pool(z, "huber", 1.0).pow(2).sum())
+    with pytest.raises(DoubleBackwardError, match="robust_pool"):
+        torch.func.jvp(f, (x,), (torch.ones_like(x),))
