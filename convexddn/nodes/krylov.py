@@ -87,20 +87,20 @@ def independent_rows(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rewrite the active constraints' Jacobian with independent rows: ``(A', pin, T, dependent)``.
 
-    With the singular value decomposition :math:`S A = U \Sigma W^\top` (``S`` the
-    diagonal equilibration to unit rows), :math:`A' = U^\top S A` has the same row space
+    With the singular value decomposition :math:`S A = U \\Sigma W^\\top` (``S`` the
+    diagonal equilibration to unit rows), :math:`A' = U^\\top S A` has the same row space
     as ``A``, with orthogonal rows; the rows of (numerically) zero singular values --
     dependent constraints, and inactive ones, whose rows of ``A`` are zero -- are zeroed
     and pinned (``pin``: ones on the diagonal of the multiplier block), so the KKT matrix
     built from ``A'`` is regular whenever the Hessian is regular on the tangent space.
-    Multipliers map back as :math:`\mu = T \mu'` with :math:`T = S U` (the
+    Multipliers map back as :math:`\\mu = T \\mu'` with :math:`T = S U` (the
     minimum-norm ones, in the equilibrated metric, when the constraints are dependent).
     ``dependent`` flags the elements with more null rows than inactive constraints.
 
-    A row counts as null where :math:`\sigma \le` ``rcond`` :math:`\sigma_{max}`. The
-    singular values of :math:`SA` itself, not the eigenvalues :math:`\sigma^2` of
-    :math:`S A A^\top S`: those carry rounding of ``eps`` times the largest, so ``rcond``
-    on them cut at :math:`\sigma \approx \sqrt{rcond}` (~1e-7): two constraints 1e-7 from
+    A row counts as null where :math:`\\sigma \\le` ``rcond`` :math:`\\sigma_{max}`. The
+    singular values of :math:`SA` itself, not the eigenvalues :math:`\\sigma^2` of
+    :math:`S A A^\\top S`: those carry rounding of ``eps`` times the largest, so ``rcond``
+    on them cut at :math:`\\sigma \\approx \\sqrt{rcond}` (~1e-7): two constraints 1e-7 from
     parallel were called dependent, one direction dropped, and the derivative came out
     O(1) wrong without a warning where the data do not enter the constraints.
     """
