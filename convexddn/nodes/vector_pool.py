@@ -63,7 +63,7 @@ from .._checks import (
     check_tensor,
     normalize_dims,
 )
-from ..errors import ShapeError
+from ..errors import ProblemError, ShapeError
 from ._repr import format_option
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
@@ -301,6 +301,14 @@ def robust_vector_pool(
             lambda: robust_vector_pool(x, pen, alpha, dims, vd, tol=tol, max_iter=max_iter, starts=starts))
         if y is not None:
             return y
+        if "Grad" in functorch_transforms():
+            # A vjp inside a vmap over tangents (torch.func.hessian, jacfwd(jacrev(f)),
+            # jacfwd(grad(f))): the Function would be vmapped around its backward, which
+            # it has no rule for (torch's "does not have vmap support" before).
+            raise ProblemError(
+                "robust_vector_pool does not run under torch.func.hessian, jacfwd(jacrev(f)) or "
+                "jacfwd(grad(f)) (a vmap around its vjp; second derivatives are not supported): use "
+                "torch.func.jacfwd or torch.autograd for first derivatives")
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     # Rows of N vectors, components contiguous: norms and products run along memory, and
     # in the same order whatever x's strides (a strided view's Gram products rounded

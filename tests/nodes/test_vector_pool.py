@@ -863,3 +863,16 @@ def test_sets_at_the_float64_range_end():
     x = torch.randn(1, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = robust_vector_pool(x, "huber", 1.3e308)
     assert torch.allclose(y, x.mean(-1), rtol=1e-12, atol=1e-15)
+
+
+def test_hessian_is_refused_with_a_problem_error():
+    """torch.func.hessian (jacfwd over jacrev) and jacfwd(grad(f)) vmapped the Function
+    around its backward and failed with torch's "does not have vmap support"; jacrev alone
+    raised the documented ProblemError, and so do these now."""
+    from torch.func import grad, hessian, jacfwd
+
+    z = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = lambda t: robust_vector_pool(t, "huber", 1.0).pow(2).sum()  # noqa: E731
+    for transform in (hessian(f), jacfwd(grad(f))):
+        with pytest.raises(ProblemError, match="robust_vector_pool does not run under torch.func.hessian"):
+            transform(z)
