@@ -88,7 +88,8 @@ def independent_rows(
     """Rewrite the active constraints' Jacobian with independent rows: ``(A', pin, T, dependent)``.
 
     With the singular value decomposition :math:`S A = U \\Sigma W^\\top` (``S`` the
-    diagonal equilibration to unit rows), :math:`A' = U^\\top S A` has the same row space
+    diagonal equilibration to unit rows; ``U`` also the eigenvectors of
+    :math:`S A A^\\top S`), :math:`A' = U^\\top S A` has the same row space
     as ``A``, with orthogonal rows; the rows of (numerically) zero singular values --
     dependent constraints, and inactive ones, whose rows of ``A`` are zero -- are zeroed
     and pinned (``pin``: ones on the diagonal of the multiplier block), so the KKT matrix
@@ -98,26 +99,44 @@ def independent_rows(
     ``dependent`` flags the elements with more null rows than inactive constraints.
 
     A row counts as null where :math:`\\sigma \\le` ``rcond`` :math:`\\sigma_{max}`. The
-    singular values of :math:`SA` itself, not the eigenvalues :math:`\\sigma^2` of
-    :math:`S A A^\\top S`: those carry rounding of ``eps`` times the largest, so ``rcond``
-    on them cut at :math:`\\sigma \\approx \\sqrt{rcond}` (~1e-7): two constraints 1e-7 from
-    parallel were called dependent, one direction dropped, and the derivative came out
-    O(1) wrong without a warning where the data do not enter the constraints.
+    eigenvalues :math:`\\sigma^2` of :math:`S A A^\\top S` carry rounding of ``eps`` times
+    the largest, so they resolve only :math:`\\sigma` well above :math:`\\sqrt{eps}`: on
+    them ``rcond`` cut at :math:`\\sigma \\approx \\sqrt{rcond}` (~1e-7), two constraints
+    1e-7 from parallel were called dependent, one direction dropped, and the derivative
+    came out O(1) wrong without a warning. Elements with more eigenvalues below
+    :data:`_GRAM_RESOLVED` of their largest than inactive constraints are decided by the
+    singular values of :math:`SA` itself (an SVD, 2-4x the cost), which resolve
+    :math:`\\sigma` to ~eps.
     """
     r, n = A.shape[-2:]
-    norms = A.square().sum(-1)
-    s = torch.where(norms > 0, norms.rsqrt(), torch.ones_like(norms))
-    # (Full U only where there are more constraints than variables: then W is n x n, small.)
-    U, sigma, _ = torch.linalg.svd(s.unsqueeze(-1) * A, full_matrices=r > n)
-    if sigma.shape[-1] < r:  # rank at most n < r: the rest are null
-        sigma = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], r - sigma.shape[-1])], -1)
-    keep = sigma > rcond * sigma.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
-    T = s.unsqueeze(-1) * U
+    M = A @ A.transpose(1, 2)
+    s = torch.diagonal(M, dim1=-2, dim2=-1)
+    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
+    evals, V = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    top = evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    keep = evals > rcond * top
+    n_inactive = 0 if inactive is None else inactive.sum(-1)
+    unsure = ((evals <= _GRAM_RESOLVED * top).sum(-1) > n_inactive).nonzero().squeeze(-1)
+    if unsure.numel():  # (a host sync; rare: dependent or nearly parallel constraints)
+        Au, su = A.index_select(0, unsure), s.index_select(0, unsure)
+        # (Full U only where there are more constraints than variables: W is then n x n, small.)
+        U, sigma, _ = torch.linalg.svd(su.unsqueeze(-1) * Au, full_matrices=r > n)
+        if sigma.shape[-1] < r:  # rank at most n < r: the rest are null
+            sigma = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], r - sigma.shape[-1])], -1)
+        V = V.index_copy(0, unsure, U)
+        keep = keep.index_copy(0, unsure, sigma > rcond * sigma.amax(-1, keepdim=True).clamp_min(
+            torch.finfo(A.dtype).tiny))
+    T = s.unsqueeze(-1) * V
     A2 = (T.transpose(1, 2) @ A) * keep.unsqueeze(-1)
     pin = torch.diag_embed((~keep).to(A.dtype))
     n_null = (~keep).sum(-1)
-    n_inactive = 0 if inactive is None else inactive.sum(-1)
     return A2, pin, T, n_null > n_inactive
+
+
+# Eigenvalues of the equilibrated Gram matrix above this fraction of the largest (singular
+# values above 1e-3 of the largest) are resolved by eigh to ~1e-10 relative: more below it
+# than inactive constraints send the element to the SVD.
+_GRAM_RESOLVED = 1e-6
 
 
 def projected_cg(
