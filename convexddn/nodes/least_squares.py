@@ -284,8 +284,9 @@ def least_squares(
             not match its M, N or batch shape, or ``M < N`` with a number ``ridge = 0``
             (a tensor ridge with zeros is checked per element: SolverError).
         NonFiniteError: a tensor holds NaN or Inf.
-        InputError: negative weights or ridge; tensors on different devices.
-        OptionError: ``ridge`` is neither a number >= 0 nor a tensor.
+        InputError: negative weights or entries of a tensor ``ridge``; tensors on
+            different devices.
+        OptionError: ``ridge`` is neither a number >= 0 nor a tensor (a negative number).
         SolverError: :math:`A^\top W A + \operatorname{diag}\rho` is singular to
             float64 precision for some batch elements (named in the message and in
             ``indices``), e.g. ``M < N`` where a tensor ridge has zeros; pass ``ridge > 0``.
