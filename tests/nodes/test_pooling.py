@@ -1771,3 +1771,16 @@ def test_quadratic_at_the_float_range_end(dtype):
     top = torch.finfo(dtype).max
     y = robust_pool(torch.tensor([[top, top], [top, -top]], dtype=dtype), "quadratic")
     assert y.tolist() == [top, 0.0]
+
+
+def test_keepdim_shaped_alpha_under_vmap():
+    """An alpha shaped like the kept output ((3, 1, 1) for x (3, 3, 6) pooled over dim 1):
+    taken by the plain call, refused under torch.func.vmap ("must broadcast to the output
+    shape (2, 3, 6)": vmap's stacked shape). Both take it now, with the same values."""
+    x = torch.randn(3, 3, 6, dtype=F64, generator=torch.Generator().manual_seed(0))
+    al = torch.tensor([0.5, 1.0, 2.0], dtype=F64).view(3, 1, 1)
+    plain = robust_pool(x, "huber", al, dim=1, keepdim=True)
+    mapped = torch.func.vmap(lambda t: robust_pool(t, "huber", al, dim=1, keepdim=True))(torch.stack([x, x + 1]))
+    assert plain.shape == (3, 1, 6) and mapped.shape == (2, 3, 1, 6)
+    torch.testing.assert_close(mapped[0], plain, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mapped[1], plain + 1, rtol=0, atol=1e-12)

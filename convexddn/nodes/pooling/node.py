@@ -149,7 +149,8 @@ def robust_pool(
             the DDN reference's ``"pseudo-huber"``) or a :class:`Penalty`.
             Default ``"quadratic"``.
         alpha: penalty scale > 0: a number, or a tensor broadcastable to the output shape
-            (as without ``keepdim``); it may require grad. Default ``1.0``.
+            (as without ``keepdim``; with ``keepdim``, shaped like the kept output also
+            works); it may require grad. Default ``1.0``.
         dim: the dimension, or tuple of dimensions, pooled over. Default ``-1``.
         keepdim: keep the pooled dimensions with size 1. Default ``False``.
         tol: stopping tolerance of the iterative solvers, relative to
@@ -209,6 +210,12 @@ def robust_pool(
             )
     keep = [d for d in range(x.ndim) if d not in dims]
     batch = [x.shape[d] for d in keep]
+    given = alpha
+    if keepdim and isinstance(alpha, torch.Tensor) and alpha.dim() == x.ndim and len(dims):
+        # An alpha shaped like the kept output: its pooled dims dropped here, before a
+        # vmap stacks x (which shifts those dims: a (3, 1, 1) alpha for x (3, 3, 6)
+        # pooled over dim 1 was refused under vmap and taken by the plain call).
+        alpha = alpha.squeeze(dims)
     if vmapped:
         # The solver decides on the host from the values, which vmap cannot batch: a
         # vmapped call is the call on the stacked rows (solved independently).
@@ -228,15 +235,12 @@ def robust_pool(
 
     if isinstance(alpha, torch.Tensor):
         check_device("alpha", alpha, x)
-        a = alpha
-        if keepdim and a.dim() == x.ndim:
-            a = a.squeeze(dims) if len(dims) else a
         try:
-            a = torch.broadcast_to(a, batch)
+            a = torch.broadcast_to(alpha, batch)
         except RuntimeError:
             raise ShapeError(
                 f"alpha must broadcast to the output shape {tuple(batch)}, got shape "
-                f"{tuple(alpha.shape)}"
+                f"{tuple(given.shape)}"
             ) from None
         a = a.reshape(-1) if batch else a.reshape(())
     work = torch.float64 if wide or x.dtype == torch.float64 else torch.float32
