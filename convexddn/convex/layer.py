@@ -28,7 +28,8 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from .._warn import warn
-from .._autograd import first_order_only, refuse_vmap, single_backward
+from .._autograd import refuse_vmap
+from .._first_order import first_order_only, single_backward
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem

@@ -17,12 +17,8 @@ LSMR for large ones (cvxpylayers' SCS at 1e-4 and LSQR: gradients off by O(1) on
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
-import os
 import threading
-from multiprocessing import util as mp_util
 from typing import Any, Sequence
 
 import diffcp
@@ -37,7 +33,7 @@ from diffcp.cone_program import solve_internal
 from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from .._warn import warn
-from ..errors import GradientWarning, OptionError, ProblemError, SolverWarning, WorkerError
+from ..errors import GradientWarning, OptionError, ProblemError, SolverWarning
 from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
@@ -46,6 +42,7 @@ from .solver_args import check_solver_cones
 from .spread import data_spread
 from .status import element_list, name_elements, status_kind
 from .validation import describe_failure
+from .worker_pool import WorkerPool, chunks
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "sparse", "lsmr", "lsqr")
@@ -117,7 +114,7 @@ class CheckedDiffcp(SolverInterface):
                  workers: int = 1) -> None:
         self.refine = refine
         self.workers = workers
-        self._executor, self._executor_pid = None, None
+        self._workers = WorkerPool(workers)
         self.solver = solver
         self.fallback = fallback
         self.mode = mode
@@ -126,9 +123,8 @@ class CheckedDiffcp(SolverInterface):
         self._init_unpicklable()
 
     def _init_unpicklable(self) -> None:
-        # Per-thread last-call info (threads must not read each other's); one pool, under a lock.
+        # Per-thread last-call info (threads must not read each other's).
         self._local = threading.local()
-        self._pool_lock = threading.Lock()
 
     @property
     def last_info(self) -> ElementInfo | None:
@@ -163,13 +159,14 @@ class CheckedDiffcp(SolverInterface):
     # cvxpylayers pickles nothing of ours, but deepcopy/pickle of the layer do.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_local", "_pool_lock", "_cones_cpp"):  # per process; C++ objects rebuilt
+        for key in ("_local", "_cones_cpp"):  # per thread; C++ objects rebuilt
             state.pop(key, None)
-        state["_executor"] = None  # a pool belongs to one process
-        return state
+        return state  # (the worker pool pickles without its processes)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update({"_colours": None, **state})  # (a pickle from before the sparse mode)
+        if "_workers" not in state:  # (a pickle from before the worker pool had its class)
+            self._workers = WorkerPool(self.workers)
         self._init_unpicklable()
         if "_cones" in state:
             self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
@@ -260,14 +257,13 @@ class CheckedDiffcp(SolverInterface):
         a_np = A.detach().cpu().double().numpy()
         args = {**self.solver_args, **(solver_args or {})}
         batch = q_np.shape[0]
-        pool = self._pool(batch)
+        pool = self._workers.get(batch)
         if pool is None:
             # Small dense factorisations: BLAS threads only fight torch's pool (a 326² solve: 150 ms, not 1).
-            with single_threaded_blas():
-                results = [self.solve_one(q_np[i], a_np[i], args) for i in range(batch)]
+            results = _solve_chunk(self, q_np, a_np, args)
         else:
-            chunks = _chunks(batch, self.workers)
-            results = self._gather(pool, [(_solve_chunk, self, q_np[ix], a_np[ix], args) for ix in chunks])
+            results = self._workers.gather(pool, [(_solve_chunk, self, q_np[ix], a_np[ix], args)
+                                                  for ix in chunks(batch, self.workers)])
         # Failed elements are reported, not raised: the layer decides; outputs 0, gradients exactly 0.
         n, m = self._shape[1] - 1, self._shape[0]
         self._local.info = ElementInfo([r.solver for r in results], [r.status for r in results],
@@ -310,13 +306,12 @@ class CheckedDiffcp(SolverInterface):
         dx_all, dy_all = (v.detach().cpu().double().numpy() for v in (dprimal, ddual))
         batch = dx_all.shape[0]
         remote = any(item is not None and item[0] == "remote" for item in saved_state)
-        pool = self._pool(batch) if remote else None
+        pool = self._workers.get(batch) if remote else None
         if pool is None:
-            with single_threaded_blas():
-                grads = [self.vjp_one(saved_state[i], dx_all[i], dy_all[i]) for i in range(batch)]
+            grads = _vjp_chunk(self, saved_state, dx_all, dy_all)
         else:
-            grads = self._gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix], dy_all[ix])
-                                        for ix in _chunks(batch, self.workers)])
+            grads = self._workers.gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix],
+                                                 dy_all[ix]) for ix in chunks(batch, self.workers)])
         where = getattr(saved_state, "where", None)
         degenerate = [i for i, g in enumerate(grads) if g[2]]
         if degenerate:
@@ -338,34 +333,6 @@ class CheckedDiffcp(SolverInterface):
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t
 
-    def _gather(self, pool, calls: list[tuple]) -> list:
-        try:
-            jobs = [pool.submit(*call) for call in calls]
-            return [r for job in jobs for r in job.result()]
-        except concurrent.futures.process.BrokenProcessPool as err:
-            self._executor = None
-            raise WorkerError(
-                f"a worker process of the layer (workers={self.workers}) died: {err}. Worker "
-                "processes are spawned; a script that calls the layer at import time must "
-                "guard its entry point with `if __name__ == '__main__':`") from err
-
-    def _pool(self, batch: int):
-        """The worker pool, started on first use in each process (a forked child's copy has no
-        manager thread); None to solve in this process, as a daemonic one (a DataLoader's) must."""
-        if self.workers <= 1 or batch < 2 or multiprocessing.current_process().daemon:
-            return None
-        with self._pool_lock:
-            if self._executor is None or self._executor_pid != os.getpid():
-                ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads
-                self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
-                self._executor_pid = os.getpid()
-                # Shut down when the layer goes, or at exit before multiprocessing waits for
-                # this process's children (a child that used the layer never exited) and
-                # closes its queues (priority 10: the workers' stop signals were lost).
-                mp_util.Finalize(self, self._executor.shutdown, kwargs={"wait": True, "cancel_futures": True},
-                                 exitpriority=20)
-            return self._executor
-
 
 @dataclasses.dataclass
 class _Solved:
@@ -384,10 +351,6 @@ class _Solved:
         state = self.__dict__.copy()
         state["program"] = None  # holds C++ cones; workers return numbers only
         return state
-
-
-def _chunks(batch: int, workers: int) -> list[np.ndarray]:
-    return [ix for ix in np.array_split(np.arange(batch), min(workers, batch)) if ix.size]
 
 
 def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict) -> list[_Solved]:

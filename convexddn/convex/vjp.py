@@ -45,7 +45,8 @@ import math
 
 import torch
 
-from .._autograd import first_order, first_order_jvp, refuse_batched
+from .._autograd import refuse_batched
+from .._first_order import first_order, first_order_jvp
 from .._generic import generic_vector
 from .._warn import warn
 from ..errors import GradientWarning

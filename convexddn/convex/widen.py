@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .._warn import warn
-from .._autograd import bind_fast, first_order, first_order_jvp
+from .._autograd import bind_fast
+from .._first_order import first_order, first_order_jvp
 from ..errors import GradientWarning
 
 __all__ = ["widened"]

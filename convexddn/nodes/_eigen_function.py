@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from .._autograd import bind_fast, first_order, first_order_jvp, without_autocast
+from .._autograd import bind_fast, without_autocast
+from .._first_order import first_order, first_order_jvp
 from .._checks import check_finite
 from ..errors import SolverError
 from ._eigen_degenerate import (

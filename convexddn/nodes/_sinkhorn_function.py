@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import bind_fast, first_order, first_order_jvp, refuse_batched
+from .._autograd import bind_fast, refuse_batched
+from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning, InputError
 from ._sinkhorn import schur_solve, solve

@@ -3,7 +3,7 @@
 Forward: the node's ``solve`` (never differentiated). Backward: the node's implicit
 vector–Jacobian product (:func:`.implicit.declarative_vjp`); forward mode: its
 Jacobian–vector product (:func:`.implicit_jvp.declarative_jvp`). With ``create_graph=True``
-the first-order gradients are returned through :func:`~convexddn._autograd.guard_gradients`, so
+the first-order gradients are returned through :func:`~convexddn._first_order.guard_gradients`, so
 that a second differentiation raises a clear error instead of silently giving zero.
 :func:`y_by_keyword` and :func:`arity_error` read the signatures of the user's methods
 (``objective(self, x, y)`` and ``objective(self, *xs, y)`` both work).
@@ -17,14 +17,8 @@ from typing import Any
 import torch
 from torch.autograd import forward_ad
 
-from .._autograd import (
-    first_order_jvp,
-    guard_gradients,
-    may_carry_tangents,
-    refuse_batched,
-    refuse_transforms,
-    save_plain,
-)
+from .._autograd import may_carry_tangents, refuse_batched, refuse_transforms, save_plain
+from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
 
 __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",

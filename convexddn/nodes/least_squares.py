@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap, save_plain
+from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
+from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
 from ._least_squares_factor import apply_qt, backward_gain, factor, power_of_two_scale, raise_rank, rank_deficient

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import (bind_fast, first_order, first_order_jvp, may_carry_tangents, plain, refuse_batched,
-                         refuse_transforms)
+from .._autograd import bind_fast, may_carry_tangents, plain, refuse_batched, refuse_transforms
+from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
 from .._pow2 import pow2_round
 from ..errors import InputError, ShapeError

@@ -61,7 +61,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, first_order, first_order_jvp, may_carry_tangents, refuse_vmap, save_plain
+from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
+from .._first_order import first_order, first_order_jvp
 from .._checks import check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims
 from .._warn import warn
 from ..errors import GradientWarning, OptionError, ShapeError

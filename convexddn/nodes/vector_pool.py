@@ -44,16 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import (
-    batched_values,
-    bind_fast,
-    first_order,
-    first_order_jvp,
-    functorch_transforms,
-    may_carry_tangents,
-    refuse_batched,
-    without_autocast,
-)
+from .._autograd import (batched_values, bind_fast, functorch_transforms, may_carry_tangents, refuse_batched,
+                         without_autocast)
+from .._first_order import first_order, first_order_jvp
 from .._checks import (
     check_device,
     check_dim_option,

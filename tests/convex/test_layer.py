@@ -544,7 +544,7 @@ def test_convex_layer_dead_worker_raises_solver_error_then_recovers():
     layer = cddn.layer("simplex", n=3, workers=2, backend="cvxpy", solver="Clarabel")
     x = torch.tensor([[0.1, 0.2, 0.7], [1.0, 0.0, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
     want = layer(x)
-    for proc in list(layer._backend._executor._processes.values()):
+    for proc in list(layer._backend._workers._executor._processes.values()):
         proc.kill()
         proc.join()
     with pytest.raises(SolverError, match=r"worker process .* died"):
@@ -587,7 +587,7 @@ def test_convex_layer_workers_in_a_forked_child_and_a_daemonic_one():
     layer = cddn.layer("simplex", n=3, workers=2, backend="cvxpy", solver="Clarabel")
     x = torch.tensor([[0.1, 0.2, 0.7], [1.0, 0.0, 0.0], [0.3, 0.3, 0.3]], dtype=torch.float64)
     want = layer(x)  # starts the pool here
-    assert layer._backend._executor is not None
+    assert layer._backend._workers._executor is not None
     for daemon in (False, True):
         kind, got = _call_in_child(layer, x, daemon)
         assert kind == "ok", got

@@ -218,7 +218,7 @@ def test_convex_layer_worker_pool_created_once_under_concurrent_first_calls():
 
     def first_call() -> None:
         layer(lo, hi)
-        pools.append(id(layer._backend._executor))
+        pools.append(id(layer._backend._workers._executor))
 
     threads = [threading.Thread(target=first_call) for _ in range(4)]
     for t in threads:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..._autograd import bind_fast, first_order, first_order_jvp, refuse_batched, save_plain
+from ..._autograd import bind_fast, refuse_batched, save_plain
+from ..._first_order import first_order, first_order_jvp
 from ..._warn import warn
 from ...errors import GradientWarning
 from .kernels import pool_backward

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from ..._autograd import bind_fast, first_order, may_carry_tangents, save_plain, with_forward_mode
+from ..._autograd import bind_fast, may_carry_tangents, save_plain
+from ..._first_order import first_order, with_forward_mode
 from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
 from ..._warn import warn
 from ...errors import ConvexDDNWarning, GradientWarning, SolverError

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from ..._autograd import bind_fast, first_order, first_order_jvp, save_plain, with_forward_mode
+from ..._autograd import bind_fast, save_plain
+from ..._first_order import first_order, first_order_jvp, with_forward_mode
 from ..._checks import check_finite
 from ...errors import SolverError
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable

@@ -1,0 +1,218 @@
+"""First-order-only derivatives: the guard that makes second derivatives of the
+library's nodes fail loudly (:class:`~convexddn.errors.DoubleBackwardError`) instead of
+giving zeros or torch's generic errors, the decorators for a Function's ``backward`` and
+``jvp`` that apply it, and the identities that guard a solver's inputs and outputs."""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+from types import SimpleNamespace
+
+import torch
+from torch.autograd import forward_ad
+
+from ._autograd import bind_fast, functorch_transforms
+from .errors import DoubleBackwardError
+
+__all__ = ["first_order", "first_order_jvp", "first_order_only", "guard_gradients", "single_backward",
+           "with_forward_mode"]
+
+
+def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
+    """:func:`first_order` for a Function's ``jvp``: its tangent is computed without a
+    graph, so differentiating it again must raise. Through ``torch.autograd`` the guard
+    does it; under torch.func (whose tensors do not show ``requires_grad``) a Grad level
+    or a second Jvp level around the jvp is refused here (both gave wrong second
+    derivatives silently: zeros, or entmax's 6 % off)."""
+    def decorate(jvp: Callable) -> Callable:
+        guarded = first_order(what, reverse=False)(jvp)
+
+        @functools.wraps(jvp)
+        def wrapper(ctx, *tangents):
+            levels = functorch_transforms()
+            if "Grad" in levels or levels.count("Jvp") > 1:
+                raise DoubleBackwardError(
+                    f"{what} does not support differentiating its forward-mode tangent "
+                    "(torch.func.grad, jvp or jacfwd over torch.func.jvp or jacfwd): the tangent "
+                    "is the exact first-order Jacobian product, computed without a graph")
+            return guarded(ctx, *tangents)
+        return wrapper
+    return decorate
+
+
+class _SecondOrderUnsupported(torch.autograd.Function):
+    """Passes first-order gradients through; differentiating them raises a clear error.
+
+    (Forward and ``setup_context`` apart, as torch.func needs: its ``grad`` runs a
+    node's backward with grad mode on, which reaches this Function; the combined form
+    raised torch's "must override the setup_context staticmethod" there.)"""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(what: str, n_anchor: int, *tensors: torch.Tensor):  # type: ignore[override]
+        return tuple(t.clone() for t in tensors[n_anchor:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.what = inputs[0]
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # type: ignore[override]
+        # Forward over reverse (torch.func.hessian, jvp(grad(f))) differentiates the
+        # gradient too: the same refusal, not torch's "must implement the jvp function".
+        _SecondOrderUnsupported.backward(ctx)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise DoubleBackwardError(
+            f"{ctx.what} does not support double backward (second derivatives of the "
+            "solution, e.g. create_graph=True then a second backward, gradgradcheck or "
+            "Hessian-vector products through it): its backward is the implicit "
+            "first-order derivative only"
+        )
+
+
+def guard_gradients(what: str, grads: Sequence[torch.Tensor | None],
+                    anchors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """In a backward run with ``create_graph=True``: ``grads`` tied to the ``anchors``
+    that require grad, so that differentiating them raises
+    :class:`~convexddn.errors.DoubleBackwardError` instead of giving zeros (a gradient
+    computed without a graph) or torch's generic error. Otherwise ``grads`` unchanged."""
+    if not torch.is_grad_enabled():
+        return list(grads)
+    tied = [t for t in anchors if isinstance(t, torch.Tensor) and t.requires_grad]
+    present = [g for g in grads if g is not None]
+    if not tied or not present:
+        return list(grads)
+    wrapped = iter(_SecondOrderUnsupported.apply(what, len(tied), *tied, *present))
+    return [None if g is None else next(wrapped) for g in grads]
+
+
+class _FirstOrderInput(torch.autograd.Function):
+    """Identity on its inputs; their gradients come back through :func:`guard_gradients`."""
+
+    @staticmethod
+    def forward(what: str, *tensors: torch.Tensor):  # type: ignore[override]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        # Kept as attributes, not saved tensors: they only anchor the error's graph, so
+        # changing them in place after the forward must not fail the backward.
+        ctx.what, ctx.anchors = inputs[0], inputs[1:]
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        return (None, *guard_gradients(ctx.what, grads, ctx.anchors))
+
+    @staticmethod
+    def jvp(ctx, _what, *tangents):  # type: ignore[override]
+        # (The identity: the solver's own Function decides whether it has a forward mode.)
+        return tuple(None if t is None else t.view_as(t) for t in tangents)
+
+
+
+class _SingleBackward(torch.autograd.Function):
+    """Identity whose backward reads a saved tensor (an extra, empty output), so that a
+    second backward through it without ``retain_graph`` raises torch's own error."""
+
+    @staticmethod
+    def forward(*tensors: torch.Tensor):  # type: ignore[override]
+        # Copies, not views: a view made in a custom Function cannot be changed in place
+        # (y /= 2 after the layer raised), which plain outputs allow.
+        return (*(t.clone() for t in tensors), tensors[0].new_empty(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.mark_non_differentiable(output[-1])
+        ctx.save_for_backward(output[-1])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        ctx.saved_tensors  # (freed by a backward without retain_graph: torch raises here)
+        return grads[:-1]
+
+
+def single_backward(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Outputs of a solver whose own backward saves no tensor (the per-element path's, in
+    numpy): a second backward without ``retain_graph`` ran it again and doubled the
+    gradient silently; through this it raises torch's "backward through the graph a
+    second time", as every other op. No-op where none requires grad."""
+    tensors = list(tensors)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return tensors
+    return list(_SingleBackward.apply(*tensors)[:-1])
+
+def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The inputs of a solver whose backward is first-order only (it may run outside
+    autograd, e.g. on the CPU in numpy, or without a graph): passed through unchanged,
+    but a second differentiation of their gradients raises
+    :class:`~convexddn.errors.DoubleBackwardError` (without this guard it silently gave
+    zeros, or None). No-op where nothing requires grad."""
+    tensors = tuple(tensors)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return tensors
+    return _FirstOrderInput.apply(what, *tensors)
+
+
+def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callable]:
+    """``torch.autograd.function.once_differentiable`` with the library's error, for the
+    backward of the node ``what`` (its public name, for the message): the backward runs
+    without a graph, and with ``create_graph=True`` its gradients are tied
+    (:func:`guard_gradients`) to the incoming gradients, the saved tensors and
+    ``ctx.anchors`` (inputs kept for this) that require grad, so that a second
+    differentiation raises :class:`~convexddn.errors.DoubleBackwardError` (torch's
+    decorator raised a generic RuntimeError, and nothing at all where the incoming
+    gradient was a constant)."""
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            dual = False
+            if reverse and not torch.compiler.is_compiling():  # (dynamo traces neither test)
+                if "Jvp" in functorch_transforms():
+                    # Forward over reverse (torch.func.jvp or jacfwd over grad, vjp or
+                    # jacrev: hessian): the tangent of this gradient, a second derivative.
+                    # (Refused here, before the backward's kernels, whose out= ops forward
+                    # mode rejects with torch's NotImplementedError.)
+                    _SecondOrderUnsupported.backward(SimpleNamespace(what=what))
+                dual = forward_ad._current_level >= 0
+            # Forward-mode tangents of the saved tensors (a torch.autograd.forward_ad dual
+            # level around the forward) are not followed: the gradient is first order, its
+            # value the primal one (robust_pool's out= kernels refused dual inputs).
+            with torch.no_grad(), (forward_ad._set_fwd_grad_enabled(False) if dual else contextlib.nullcontext()):
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            single = not isinstance(out, tuple)
+            outs = (out,) if single else out
+            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs],
+                                      (*grads, *ctx.saved_tensors, *getattr(ctx, "anchors", ())))
+            merged = tuple(g if isinstance(o, torch.Tensor) else o for g, o in zip(guarded, outs))
+            return merged[0] if single else merged
+        return wrapper
+    return decorate
+
+
+def with_forward_mode(base: type, what: str, saved: Callable[[tuple, Any], tuple], jvp: Callable) -> type:
+    """``base``, a reverse-only Function, with forward mode
+    (torch.autograd.forward_ad, torch.func.jvp): ``jvp(ctx, x_t, r_t, d_t, sphere_t)``
+    reads ``ctx.saved_tensors = saved(inputs, output)``. A subclass, not ``base`` itself:
+    torch.compile refuses a Function with a jvp, and the reverse-only one compiles whole.
+    Inputs without a tangent reach the jvp as None, not zeros (nothing is computed, or
+    warned, for them); torch.func.jacfwd vmaps the jvp by the rule torch generates (plain
+    torch ops)."""
+    def setup_context(ctx, inputs, output):
+        base.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*saved(inputs, output))
+        ctx.set_materialize_grads(False)
+
+    name = base.__name__.replace("Reverse", "Projection")
+    return bind_fast(type(name, (base,), {
+        "__doc__": f":class:`{base.__name__}` with forward mode (torch.autograd.forward_ad, torch.func.jvp).",
+        "__module__": base.__module__, "generate_vmap_rule": True,
+        "setup_context": staticmethod(setup_context),
+        # its tangent differentiated again: DoubleBackwardError
+        "jvp": staticmethod(first_order_jvp(what)(jvp))}))

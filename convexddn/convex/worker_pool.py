@@ -1,0 +1,72 @@
+"""The worker processes of the per-element path (``ConvexLayer(..., workers=k)``): one
+spawned process pool per layer and process, started on first use, and the chunks of a
+batch it solves or differentiates.
+
+Processes, not threads: the solvers hold the GIL. Spawned, not forked: a fork would copy
+torch's threads."""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import threading
+from multiprocessing import util as mp_util
+
+import numpy as np
+
+from ..errors import WorkerError
+
+__all__ = ["WorkerPool", "chunks"]
+
+
+class WorkerPool:
+    """``workers`` spawned processes, started on first use in each process (a forked
+    child's copy has no manager thread); a pickled copy starts without one."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"workers": self.workers}  # a pool (and its lock) belongs to one process
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["workers"])
+
+    def get(self, batch: int) -> concurrent.futures.ProcessPoolExecutor | None:
+        """The pool, or None to solve in this process: one worker, a batch of one, or a
+        daemonic process (a DataLoader's), which may not have children."""
+        if self.workers <= 1 or batch < 2 or multiprocessing.current_process().daemon:
+            return None
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid():
+                ctx = multiprocessing.get_context("spawn")
+                self._executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+                self._pid = os.getpid()
+                # Shut down when the layer goes, or at exit before multiprocessing waits for
+                # this process's children (a child that used the layer never exited) and
+                # closes its queues (priority 10: the workers' stop signals were lost).
+                mp_util.Finalize(self, self._executor.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                 exitpriority=20)
+            return self._executor
+
+    def gather(self, pool: concurrent.futures.ProcessPoolExecutor, calls: list[tuple]) -> list:
+        """Submit ``calls`` (function and arguments each, returning lists) and concatenate
+        their results in order; a dead worker raises :class:`~convexddn.errors.WorkerError`
+        and the next call starts a fresh pool."""
+        try:
+            jobs = [pool.submit(*call) for call in calls]
+            return [r for job in jobs for r in job.result()]
+        except concurrent.futures.process.BrokenProcessPool as err:
+            self._executor = None
+            raise WorkerError(
+                f"a worker process of the layer (workers={self.workers}) died: {err}. Worker "
+                "processes are spawned; a script that calls the layer at import time must "
+                "guard its entry point with `if __name__ == '__main__':`") from err
+
+
+def chunks(batch: int, workers: int) -> list[np.ndarray]:
+    """The batch indices split into at most ``workers`` nonempty contiguous chunks."""
+    return [ix for ix in np.array_split(np.arange(batch), min(workers, batch)) if ix.size]
