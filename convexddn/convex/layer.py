@@ -175,8 +175,7 @@ class ConvexLayer(nn.Module):
         self.parameters_ = list(parameters)
         self.variables_ = list(variables)
         self.solver, self.gp, self.on_failure, self.check = solver, gp, on_failure, check
-        # The per-element options live in its backend only (read back through
-        # properties), so there is one copy of them.
+        # The per-element options live in its backend only (one copy; properties read them).
         self._backend = CheckedDiffcp(first, fallback, adjoint, tol, solver_args, refine, workers)
         self._layer: CvxpyLayer | None = None
         self._batched: BatchedProgram | None = None

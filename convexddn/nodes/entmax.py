@@ -188,9 +188,8 @@ def _work_dtype(dtype: torch.dtype, alpha: float) -> torch.dtype:
 def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
     k = 1.0 / (alpha - 1.0)
     work = _work_dtype(x.dtype, alpha)
-    # Shift so that max z = 0: τ ∈ [−1, 0). Entries below max − 1 are never in the
-    # support (p_max ≤ 1 forces τ ≥ max z − 1); raising them (and −inf) to that floor
-    # changes nothing and keeps every difference finite.
+    # Shift so that max z = 0: τ ∈ [−1, 0). Entries below max − 1 are never in the support
+    # (p_max ≤ 1 forces τ ≥ max z − 1): raised (and −inf) to it, every difference is finite.
     z = ((x - top).to(work) * (alpha - 1.0)).clamp_(min=-1.0)
     if alpha < 2:
         tau = _threshold_newton(z, d, k)
