@@ -60,6 +60,16 @@ class CGResult(NamedTuple):
     cond: Tensor  #: condition number of H on the null space, from the probe's Ritz values
 
 
+def _equilibrated_eigh(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s, evals, V)``: the eigendecomposition of the Gram matrix ``M`` ``(B, r, r)``
+    scaled to a unit diagonal, :math:`S M S = V \\Lambda V^\\top` with ``s = diag(M)^(-1/2)``
+    (1 on zero rows), so that a constraint written in large units is not called dependent."""
+    s = torch.diagonal(M, dim1=-2, dim2=-1)
+    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
+    evals, V = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    return s, evals, V
+
+
 def constraint_gram(
     A: Tensor, inactive: Tensor | None, rcond: float
 ) -> tuple[Tensor, Tensor]:
@@ -72,9 +82,7 @@ def constraint_gram(
     M = A @ A.transpose(1, 2)
     if inactive is not None:
         M = M + torch.diag_embed(inactive.to(A.dtype))
-    s = torch.diagonal(M, dim1=-2, dim2=-1)
-    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
-    evals, evecs = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    s, evals, evecs = _equilibrated_eigh(M)
     top = evals.abs().amax(-1, keepdim=True)
     keep = evals.abs() > rcond * top
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
@@ -109,10 +117,7 @@ def independent_rows(
     :math:`\\sigma` to ~eps.
     """
     r, n = A.shape[-2:]
-    M = A @ A.transpose(1, 2)
-    s = torch.diagonal(M, dim1=-2, dim2=-1)
-    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
-    evals, V = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
+    s, evals, V = _equilibrated_eigh(A @ A.transpose(1, 2))
     top = evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
     keep = evals > rcond * top
     n_inactive = 0 if inactive is None else inactive.sum(-1)
