@@ -55,7 +55,6 @@ entries are unresolved (above) their :math:`s` and so their gradients are not ac
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
@@ -63,24 +62,18 @@ from torch import nn
 
 from .._autograd import bind_fast, may_carry_tangents, refuse_vmap
 from .._first_order import first_order, first_order_jvp
-from .._checks import check_int, check_tensor, normalize_dims
-from ..errors import InputError, NonFiniteError, OptionError, ShapeError
+from .._checks import check_int, check_number, check_tensor, normalize_dims
+from ..errors import InputError, NonFiniteError, ShapeError
+from ._entmax_map import SOFTMAX_BELOW, entmax_map, jacobian_product
 from .projection import project_simplex
 
 __all__ = ["Entmax", "entmax"]
 
-# Newton on τ stops earlier when τ stops increasing; this only bounds pathological input.
-_MAX_NEWTON = 200
-# Newton steps after which the entries already below τ are dropped from the work.
-_COMPACT_AFTER = 3
-
 
 def _check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (
-        math.isfinite(float(alpha)) and float(alpha) >= 1
-    ):
-        raise OptionError(f"alpha must be a finite number >= 1, got {alpha!r}")
-    return float(alpha)
+    # (The shared validator: an integer beyond the float range is refused by name, not
+    # an OverflowError; a tensor is refused saying that α is a constant.)
+    return check_number("alpha", alpha, at_least=1, constant_because="alpha is a constant of the node")
 
 
 def _check_dim(dim: Any, x: torch.Tensor) -> int:
@@ -112,128 +105,13 @@ def _check_values(x: torch.Tensor, d: int) -> torch.Tensor:
     return top
 
 
-def _threshold_newton(z: torch.Tensor, d: int, k: float) -> torch.Tensor:
-    """τ with Σ [z − τ]_+^k = 1 for k > 1, z ≤ 0 with max 0 along d (monotone Newton)."""
-    # Two points left of the root (f ≥ 0): max z − 1 (p_max ≤ 1), and, from the power
-    # mean inequality Σ tᵢᵏ ≥ n^{1−k} (Σ tᵢ)ᵏ, mean z − n^{−1/k}; the larger is closer.
-    n = z.shape[d]
-    tau = (z.mean(d, keepdim=True) - n ** (-1.0 / k)).clamp_(min=-1.0)
-    for it in range(_MAX_NEWTON):
-        if it == _COMPACT_AFTER and n > 64:
-            # τ only increases, so entries at or below it are out for good: continue on
-            # each row's largest entries when few remain (rows with fewer keep some
-            # entries below τ, which contribute 0).
-            keep = int((z > tau).sum(d).max())  # one host sync, once per call
-            if keep <= n // 4:
-                z = z.topk(max(keep, 1), dim=d, sorted=False).values
-        t = (z - tau).clamp_(min=0.0)
-        q = t if k == 2.0 else t ** (k - 1.0)  # α = 1.5: no pow
-        f = (q * t).sum(d, keepdim=True) - 1.0
-        fp = q.sum(d, keepdim=True) * k
-        # f ≥ 0 left of the root and f is convex, so the step only moves τ right; a
-        # step that does not (rounding at the root) ends that row.
-        new = torch.maximum(tau + f / fp, tau)
-        # One host sync per Newton step (a few per call: the steps converge quadratically).
-        if bool((new == tau).all()):
-            break
-        tau = new
-    return tau
-
-
-def _bits(v: torch.Tensor) -> torch.Tensor:
-    """The IEEE bit pattern of a nonnegative float tensor, as integers in the same order."""
-    return v.view(torch.int32 if v.dtype == torch.float32 else torch.int64)
-
-
-def _threshold_bisect(z: torch.Tensor, d: int, k: float, n: int) -> torch.Tensor:
-    """m = −τ with Σ [z + m]_+^k ≤ 1 < Σ [z + m⁺]_+^k, m⁺ the next float (k < 1).
-
-    Bisection on the bit patterns of m ∈ [n^{−1/k}, 1] (nonnegative floats order like
-    their bit patterns): every step halves the number of floats in the bracket, so it
-    ends on two adjacent floats however small m is. Halving the value instead stops
-    at an absolute width ~eps, which is most of m when m ≪ 1 (near-uniform rows).
-    The lower end is returned, where the mass Σ p is at most 1 (see the caller).
-    """
-    one = torch.ones((), dtype=z.dtype)
-    lo0 = torch.tensor(n ** (-1.0 / k), dtype=z.dtype)
-    lo_b, hi_b = int(_bits(lo0)), int(_bits(one))
-    lo = torch.full_like(z.narrow(d, 0, 1), lo_b, dtype=_bits(one).dtype)
-    hi = torch.full_like(lo, hi_b)
-    # f(lo) ≤ 0 (every term ≤ n^{−1}) and f(1) ≥ 0 (the top term is 1).
-    for _ in range((hi_b - lo_b).bit_length()):
-        mid = lo + (hi - lo) // 2
-        f = ((z + mid.view(z.dtype)).clamp_(min=0.0) ** k).sum(d, keepdim=True)
-        above = f > 1.0
-        lo = torch.where(above, lo, mid)
-        hi = torch.where(above, mid, hi)
-    return lo.view(z.dtype)
-
-
-# Below this α − 1 a float32 solve loses more than ~1e-4 relative (eps / (α − 1)): float64.
-_NEAR_ONE_F32 = 1e-3
-# ... and below this one float64 too (2e-6): the softmax limit is closer (O((α − 1) x²)).
-_SOFTMAX_BELOW = 1e-10
-
-
-def _work_dtype(dtype: torch.dtype, alpha: float) -> torch.dtype:
-    # Half inputs are solved in float32; α − 1 or 1/(α − 1) outside float32's range
-    # (α > 3.4e38) would become inf/0 there (NaN results), and α near 1 amplifies its
-    # rounding (at α = 1 + 1e-9 every float32 answer was uniform): solve in float64 instead.
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    if work == torch.float32 and (1.0 / (alpha - 1.0) < torch.finfo(work).tiny or alpha - 1.0 < _NEAR_ONE_F32):
-        work = torch.float64
-    return work
-
-
-def _entmax_forward(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
-    k = 1.0 / (alpha - 1.0)
-    work = _work_dtype(x.dtype, alpha)
-    # Shift so that max z = 0: τ ∈ [−1, 0). Entries below max − 1 are never in the support
-    # (p_max ≤ 1 forces τ ≥ max z − 1): raised (and −inf) to it, every difference is finite.
-    z = ((x - top).to(work) * (alpha - 1.0)).clamp_(min=-1.0)
-    if alpha < 2:
-        tau = _threshold_newton(z, d, k)
-        t = (z - tau).clamp_(min=0.0)
-        p = t * t if k == 2.0 else t**k
-        # k > 1: pᵢ has absolute error ~ k·eps·|τ| at most, normalising is harmless.
-        return (p / p.sum(d, keepdim=True)).to(x.dtype)
-    m = _threshold_bisect(z, d, k, x.shape[d])
-    u = z + m  # zᵢ − τ: pᵢ = uᵢ^k on the support
-    up = u.clamp(min=0.0)
-    p = up**k
-    # k < 1: uᵢ is known to δ ≈ 2·eps·|τ| (τ to one ulp, zᵢ rounded; |zᵢ| ≤ |τ| on the
-    # support), so pᵢ to ~ k·δ·uᵢ^{k−1}: relative error (2 eps/(α−1))·(p_max/pᵢ)^{α−1},
-    # which reaches 100% for the small entries (uᵢ ≲ δ). Dividing by Σp would spread
-    # their error onto every entry; instead the missing mass r = 1 − Σp ≥ 0 (m is the
-    # bracket end with Σp ≤ 1) goes to the entries in proportion to their error
-    # estimate (uᵢ⁺ + δ)^{k−1} (entries with uᵢ > −δ, i.e. possibly in the support):
-    # resolved entries keep their value to eps, a lone unresolved one gets exactly the
-    # mass the others leave, several share it.
-    # Two exclusions keep a one-hot row one-hot (p_i ≈ 3e-8 and O(1) gradients there
-    # otherwise, for 2 < α < 3): entries at the floor z = −1 are never in the support
-    # (m ≤ 1), and a shortfall r at the rounding level of Σp (m is the bracket's lower
-    # end, an ulp below 1 for a one-hot row) is rounding, not a missing mass.
-    eps = torch.finfo(work).eps
-    delta = m * (2.0 * eps)
-    maybe = (u > -delta) & (z > -1.0)
-    w = (up + delta) ** (k - 1.0) * maybe
-    r = 1.0 - p.sum(d, keepdim=True)
-    # Σp's own rounding: ~eps per term's rounding plus the summation's, which grows with
-    # the log of the terms summed (entries off the support add exact zeros: masked −inf
-    # padding changed a 3-entry row's answer by 7 % once it was 1000 entries long).
-    terms = maybe.sum(d, keepdim=True).to(work)
-    r = torch.where(r > 4.0 * (2.0 + torch.log2(terms.clamp_(min=1.0))) * eps, r, 0.0)
-    p = torch.addcmul(p, w, r / w.sum(d, keepdim=True).clamp_(min=torch.finfo(work).tiny)).clamp_(min=0.0)
-    return p.to(x.dtype)
-
-
 @bind_fast
 class _EntmaxFn(torch.autograd.Function):
     """Generic-α entmax forward; backward diag(s) − s sᵀ/1ᵀs with s = p^{2−α} on the support."""
 
     @staticmethod
     def forward(x, top, alpha, d):  # type: ignore[override]
-        return _entmax_forward(x, top, alpha, d)
+        return entmax_map(x, top, alpha, d)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -245,45 +123,14 @@ class _EntmaxFn(torch.autograd.Function):
     @first_order("entmax")
     def backward(ctx, grad_p):  # type: ignore[override]
         (p,) = ctx.saved_tensors
-        return _jacobian_product(p, grad_p, ctx.alpha, ctx.d), None, None, None
+        return jacobian_product(p, grad_p, ctx.alpha, ctx.d), None, None, None
 
     @staticmethod
     @first_order_jvp("entmax")  # its tangent differentiated again: DoubleBackwardError, not NaN
     def jvp(ctx, x_t, *_):  # type: ignore[override]
         """Forward mode: the Jacobian is symmetric, so its product is the backward's."""
         (p,) = ctx.saved_tensors
-        return _jacobian_product(p, x_t, ctx.alpha, ctx.d)
-
-
-def _jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
-    """(diag(s) − s sᵀ/1ᵀs) g with s = p^{2−α} on the support: the VJP and the JVP."""
-    # Half precision would overflow s = p^{2−α} (α > 2) or lose the sums: use float32.
-    work = _work_dtype(p.dtype, alpha)
-    p, g = p.to(work), grad_p.to(work)
-    if alpha < 2:
-        s = p.sqrt() if alpha == 1.5 else p ** (2.0 - alpha)  # 0 off the support
-        sg = s * g
-        coef = sg.sum(d, keepdim=True) / s.sum(d, keepdim=True)
-        return torch.addcmul(sg, s, coef, value=-1.0).to(grad_p.dtype)
-    # α > 2: s = p^{2−α} peaks at the smallest pᵢ (entry j), 1/eps or more above the rest,
-    # and sᵢ(gᵢ − c), c = sᵀg/1ᵀs, cancels there. Since Jᵀ1 = 0, g is shifted per row:
-    # h = g − g_j, so c = Σ_{i≠j} ŝᵢhᵢ/1ᵀŝ (ŝ = s/s_j ≤ 1) is small and accurate. Each
-    # product sᵢ(hᵢ − c) is one exp of (2−α)·log pᵢ + log|hᵢ − c| in float64: s_j alone
-    # passes any range where the product does not (as two factors: inf·0, every entry
-    # NaN in float32 from α ≈ 18).
-    wide = torch.float64 if p.device.type != "mps" else work  # (MPS has no float64)
-    p, g = p.to(wide), g.to(wide)
-    pos = p > 0
-    logp = torch.where(pos, p, 1.0).log()  # 0 off the support, where it is not used
-    lmin = torch.where(pos, logp, math.inf).amin(d, keepdim=True)
-    s = torch.where(pos, ((2.0 - alpha) * (logp - lmin)).exp(), 0.0)  # ŝ: 1 at j, 0 off the support
-    j = s.argmax(d, keepdim=True)
-    h = g - g.gather(d, j)
-    diff = h - (s * h).sum(d, keepdim=True) / s.sum(d, keepdim=True)
-    out = torch.where(pos, ((2.0 - alpha) * logp + diff.abs().log()).exp() * diff.sign(), 0.0)
-    # Entry j from Jᵀ1 = 0 (J is symmetric): −Σ_{i≠j} outᵢ. Its own product s_j·c loses c
-    # where ŝᵢ underflows (α = 100: ŝ = e^-900 beside s_j = 1e392, a product of 2.6).
-    return out.scatter(d, j, out.gather(d, j) - out.sum(d, keepdim=True)).to(grad_p.dtype)
+        return jacobian_product(p, x_t, ctx.alpha, ctx.d)
 
 
 def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
@@ -308,7 +155,9 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     ties (an entry exactly at the threshold), where the entry counts as outside.
 
     ``-inf`` entries are allowed (masked positions: their probability is 0); a row
-    must have one finite entry. float16/bfloat16 inputs are solved in float32.
+    must have one finite entry. float16/bfloat16 inputs are solved in float32 (float64 for
+    ``alpha > 2`` where :math:`n^{1-\alpha}` is below float32's range; entries tied at
+    the top of a row share its mass equally at any ``alpha``).
 
     Args:
         x: scores, floating point.
@@ -324,7 +173,13 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         NonFiniteError: ``x`` has NaN or +inf entries.
         InputError: a row is entirely ``-inf``.
         ShapeError: ``dim`` out of range, or ``x`` empty along ``dim``.
-        OptionError: ``alpha`` not a finite number >= 1, ``dim`` not an int.
+        OptionError: ``alpha`` not a finite number >= 1 (a tensor ``alpha`` too: it is
+            a constant of the node), ``dim`` not an int.
+
+    Warns:
+        GradientWarning: in backward (``alpha > 2``), a gradient beyond the dtype's
+            range: :math:`s_i = p_i^{2-\alpha}` reaches :math:`n^{\alpha-2}` (e.g.
+            ``zeros(9)`` at ``alpha=50`` in float32); Inf is returned there.
 
     References:
         Peters, Niculae & Martins, "Sparse Sequence-to-Sequence Models", ACL 2019.
@@ -345,7 +200,7 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     if x.numel() == 0:
         return x.clone()
     top = _check_values(x, d)
-    if alpha - 1.0 < _SOFTMAX_BELOW:
+    if alpha - 1.0 < SOFTMAX_BELOW:
         return torch.softmax(x, d)
     top = top.detach()
     if alpha == 2.0:
@@ -357,7 +212,7 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         return project_simplex((x - top).clamp(min=-1.0), d)
     if (torch.is_grad_enabled() and x.requires_grad) or may_carry_tangents(x):
         return _EntmaxFn.apply(x, top, alpha, d)  # (forward mode: its jvp, not the solver's ops)
-    return _entmax_forward(x, top, alpha, d)
+    return entmax_map(x, top, alpha, d)
 
 
 class Entmax(nn.Module):

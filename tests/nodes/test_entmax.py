@@ -1,6 +1,9 @@
 """Tests of convexddn.nodes.entmax: α-entmax, softmax and sparsemax as its special cases."""
 from __future__ import annotations
 
+import warnings
+from fractions import Fraction
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from torch.autograd.functional import jacobian
 
 from convexddn.errors import (
     DTypeError,
+    GradientWarning,
     InputError,
     NonFiniteError,
     OptionError,
@@ -480,3 +484,55 @@ def test_entmax_alpha_gt2_gradient_far_beyond_float64s_range(alpha, gap):
     x = torch.tensor([0.0, -1e-3, -2e-3, -5.0, -5.0], dtype=F64, requires_grad=True)
     (g,) = torch.autograd.grad(entmax(x, 1000.0)[0], x)
     assert torch.isfinite(g).all() and abs(float(g.sum())) <= 1e-12 * float(g.abs().max())
+
+
+@pytest.mark.parametrize("x, alpha, tied", [
+    (torch.tensor([1.0, 1.0, 0.0]), 150.0, 2),  # float32: the threshold is below 2^-126
+    (torch.tensor([1.0, 1.0, 0.0], dtype=F64), 1100.0, 2),  # float64: below 2^-1074, i.e. 0
+    (torch.zeros(2, 1024), 15.0, 1024),  # an all-equal attention row
+    (torch.zeros(64, dtype=torch.bfloat16), 30.0, 64),
+    (torch.tensor([0.5, 0.5, 0.5, -1e9]), 120.0, 3),  # masked by a large negative constant
+])
+def test_tied_maxima_share_the_mass_at_any_alpha(x, alpha, tied):
+    # k entries tied at the top, the rest far below: p = 1/k on the ties (symmetry). The
+    # threshold p_max^(α−1) left the working dtype's range and every entry came out NaN.
+    p = entmax(x, alpha)
+    expected = torch.where(x == x.amax(-1, keepdim=True), 1.0 / tied, 0.0).to(x.dtype)
+    assert torch.equal(p, expected)
+
+
+def test_a_near_tie_at_large_alpha_matches_the_closed_form():
+    # x = (0, −δ) at α = 50: p₁ − p₂ solves p₁^{49} − p₂^{49} = 49 δ with p₁ + p₂ = 1; the
+    # rescaled weights must not change a row whose threshold is representable.
+    x = torch.tensor([0.0, -1e-30], dtype=F64)
+    p = entmax(x, 50.0)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-15)
+    assert torch.isfinite(p).all() and (p - 0.5).abs().max() < 1e-12
+
+
+def test_a_gradient_beyond_the_dtype_range_warns():
+    # zeros(9) at α = 50: p = 1/9, s = p^{2−α} = 9^48 ≈ 6e45 > float32's max, so the true
+    # gradient s(g − mean g) overflows float32: said, not a silent Inf.
+    x = torch.zeros(9, requires_grad=True)
+    p = entmax(x, 50.0)
+    with pytest.warns(GradientWarning, match="exceeds the range of torch.float32"):
+        p[0].backward()
+    # float64 holds it: finite and the closed form, no warning.
+    x64 = torch.zeros(9, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entmax(x64, 50.0)[0].backward()
+    expected = 9.0**48 * (torch.eye(9, dtype=F64)[0] - 1 / 9)
+    assert torch.allclose(x64.grad, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha, match", [
+    (10**400, "alpha must be finite and >= 1"),
+    (Fraction(10**400, 3), "alpha must be finite and >= 1"),
+    (torch.tensor(1.5), "alpha must be a number .* got a tensor .* a constant of the node"),
+])
+def test_alpha_beyond_the_float_range_or_a_tensor_is_refused_by_name(alpha, match):
+    with pytest.raises(OptionError, match=match):
+        entmax(_x(3), alpha)
+    with pytest.raises(OptionError, match=match):
+        Entmax(alpha=alpha)
