@@ -16,7 +16,7 @@ from .._warn import warn
 from ..errors import GradientWarning
 
 __all__ = ["sign_ties", "warn_degenerate_pairs", "warn_degenerate_tangent", "warn_degenerate_values",
-           "warn_sign_ties"]
+           "warn_sign_ties", "warn_unchecked"]
 
 # A dropped pair is reported only when the term it drops is above rounding noise: a
 # loss that does not depend on the basis inside a degenerate eigenspace (a projector
@@ -42,14 +42,25 @@ def _format_indices(mask: torch.Tensor) -> str:
 
 
 
-def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice, gap_tol: float) -> None:
+def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice, gap_tol: float,
+                          uses_values: bool = False) -> None:
     """Warn (naming the batch elements) when a dropped degenerate pair carried gradient.
 
     For a pair of selected eigenvectors i, j the symmetrised VJP depends on
-    ``W_ji − W_ij`` only; for a selected i and an unselected j on ``W_ji``.
+    ``W_ji − W_ij`` only; for a selected i and an unselected j on ``W_ji``. Where the
+    loss reads the eigenvalues too (``uses_values``), a pair that carries any weight
+    counts: a loss through both, such as a matrix function V f(Λ) Vᵀ, has
+    ``W_ji − W_ij = (f_i − f_j) S_ij``, which vanishes at the tie although its term, that
+    over the gap, tends to f′ S_ij (at X = I the gradient of sum(V Λ Vᵀ) lost its
+    off-diagonal ones, silently); a loss through the vectors alone is exact there only
+    when it does not depend on the basis inside the eigenspace (a projector).
     """
-    num = W.clone()
-    num[..., sel, :] -= W[..., sel, :].mT
+    if uses_values:
+        num = W.abs()
+        num[..., sel, :] = torch.maximum(num[..., sel, :], num[..., sel, :].mT)
+    else:
+        num = W.clone()
+        num[..., sel, :] -= W[..., sel, :].mT
     # (W's own rounding: in float32 a projector loss's exact zeros came out ~1e-7 and
     # warned in 13 of 20 cases.)
     limit = _rounding_rtol(W) * W.abs().amax((-2, -1), keepdim=True)
@@ -60,8 +71,27 @@ def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice,
         warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative "
             f"to max |λ|) make the eigenvector gradient undefined for {_format_indices(bad)}; "
-            f"the terms of those eigenvalue pairs are set to zero (the gradient of any loss "
-            f"that depends only on the spanned subspace stays exact)",
+            f"the terms of those eigenvalue pairs are set to zero (the gradient of a loss "
+            f"through the eigenvectors alone that depends only on the spanned subspace stays "
+            f"exact; one that reads the eigenvalues too, e.g. V f(Λ) Vᵀ, loses its part there)",
+            GradientWarning,
+        )
+
+
+def warn_unchecked(near: torch.Tensor, ties: torch.Tensor | None, gap_tol: float, what: str) -> None:
+    """Warn for the degenerate pairs and sign ties of a batched cotangent or tangent
+    (torch.func.jacrev or jacfwd, ``is_grads_batched``): whether the loss reaches them is
+    per direction, which no host read can see; the checks above ran into the vmap
+    ("data-dependent control flow"). ``near`` (…, N − 1): the degenerate consecutive
+    gaps; ``ties`` (…, k): :func:`sign_ties`, or None."""
+    bad = near.any(-1) if ties is None else near.any(-1) | ties.any(-1)
+    if bool(bad.any()):
+        warn(
+            f"eigen_decomposition: for {_format_indices(bad)} eigenvalues closer than "
+            f"gap_tol={gap_tol:.3g} (relative to max |λ|), or an eigenvector at a tie of its "
+            f"sign convention, leave the {what} undefined along some directions; with batched "
+            f"directions (torch.func.jacrev/jacfwd, is_grads_batched) the terms of those pairs "
+            f"are set to zero without checking which directions reach them",
             GradientWarning,
         )
 

@@ -8,16 +8,19 @@ import math
 
 import torch
 
-from .._autograd import bind_fast, without_autocast
+from .._autograd import batched_by_autograd, batched_values, bind_fast, without_autocast
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_finite
+from .._pow2 import pow2_floor
 from ..errors import SolverError
+from ._overflow import may_overflow, warn_gradient_overflow
 from ._eigen_degenerate import (
     sign_ties,
     warn_degenerate_pairs,
     warn_degenerate_tangent,
     warn_degenerate_values,
     warn_sign_ties,
+    warn_unchecked,
 )
 
 # The decomposition is computed in float64 and cast back: a float32 eigen solve has
@@ -155,13 +158,19 @@ class _EigenFunction(torch.autograd.Function):
         torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
         limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
         ties = sign_ties(V[..., sel])  # (V, not M: under jacfwd's vmap M is batched)
-        any_near, any_tie = torch.stack([(mu.diff(dim=-1) <= limit).any(), ties.any()]).tolist()  # one host sync
-        if any_tie:
+        near = mu.diff(dim=-1) <= limit
+        any_near, any_tie = torch.stack([near.any(), ties.any()]).tolist()  # one host sync
+        # Tangents batched by jacfwd: no per-direction host read (M is batched).
+        batched = batched_values(X_t) or batched_by_autograd(X_t)
+        if batched and (any_near or any_tie):
+            warn_unchecked(near, ties, ctx.gap_tol, "tangent")
+        elif any_tie:
             warn_sign_ties(ties, M, "tangent")
         if any_near:
             degenerate = gap.abs() <= limit.unsqueeze(-1)
-            all_diag = (V * (D @ V)).sum(-2)  # M_jj for every j: the tangent splits a tie?
-            warn_degenerate_tangent(M, all_diag, degenerate, sel, ctx.gap_tol)
+            if not batched:
+                all_diag = (V * (D @ V)).sum(-2)  # M_jj for every j: the tangent splits a tie?
+                warn_degenerate_tangent(M, all_diag, degenerate, sel, ctx.gap_tol)
             gap.masked_fill_(degenerate, math.inf)
         dV = V @ M.div_(gap)
         return dlam, dV.to(ctx.dtype), None, None
@@ -181,29 +190,47 @@ class _EigenFunction(torch.autograd.Function):
         # C (…, N, k): coefficients of Σ_j Σ_i C_ji v_j v_iᵀ, rows over all eigenvectors
         # j, columns over the selected ones i, scaled by s/2 (the sign and the 1/2 of
         # sym) so that the symmetrisation below is one add.
-        limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
+        top = mu.abs().amax(-1, keepdim=True)
+        limit = ctx.gap_tol * top
         # mu is sorted: a degenerate pair exists iff a consecutive gap is small, an
         # (N,) test per matrix that spares the common case the (N, k) masks.
-        near = mu.diff(dim=-1) <= limit
+        gaps = mu.diff(dim=-1)
+        near = gaps <= limit
         # Ties of the sign convention (on V, not on g_vec: under jacrev's vmap it is batched).
         ties = None if g_vec is None else sign_ties(Vk)
-        any_near, *any_tie = torch.stack([near.any()] + ([] if ties is None else [ties.any()])).tolist()  # one sync
-        if any(any_tie):
-            warn_sign_ties(ties, g_vec, "gradient")
-        if g_lam is not None and any_near:
-            warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
+        # Cotangents batched by jacrev or is_grads_batched: no per-direction host read.
+        batched = any(batched_values(g) or batched_by_autograd(g) for g in (g_lam, g_vec) if g is not None)
+        # The largest factor 1/|λ_i − λ_j| of a kept pair: the gradient's gain, against
+        # the dtype's range (one read with the others).
+        gain = (1.0 / torch.where(near, math.inf, gaps).amin()) if g_vec is not None and gaps.numel() else mu.new_zeros(())
+        checks = [near.any(), gain] + ([] if ties is None else [ties.any()])
+        any_near, gain, *any_tie = torch.stack(checks).tolist()  # one sync
+        if batched:
+            if any_near or any(any_tie):
+                warn_unchecked(near, ties, ctx.gap_tol, "gradient")
+        else:
+            if any(any_tie):
+                warn_sign_ties(ties, g_vec, "gradient")
+            if g_lam is not None and any_near:
+                warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
         if g_vec is not None:
             W = V.mT @ g_vec.to(V.dtype)  # W_ji = v_jᵀ g_i
-            # 2s(μ_i − μ_j): the difference in float64, rounded once into W's dtype.
-            mu2 = mu.mul(2.0 * sign)
+            # 2s(μ_i − μ_j) on μ/c, c a power of two near max |μ| (at least the smallest
+            # normal number of W's dtype), the difference in float64 rounded once into W's
+            # dtype, and C divided by c at the end: exact, and 2(μ_i − μ_j) no longer
+            # overflows from |λ| ~ 9e307 (inf − inf: NaN), nor a float32 gap of subnormal
+            # eigenvalues to an infinite reciprocal (0·inf).
+            c = pow2_floor(top.clamp_min(torch.finfo(W.dtype).tiny))
+            mu2 = mu.div(c).mul_(2.0 * sign)
             gap = (mu2[..., None, sel] - mu2[..., :, None]).to(W.dtype)
             # 1/gap with the diagonal j = i (and degenerate pairs) sent to 1/inf = 0.
             torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
             if any_near:
-                degenerate = gap.abs() <= limit.mul(2.0).unsqueeze(-1)
-                warn_degenerate_pairs(W, degenerate, sel, ctx.gap_tol)
+                degenerate = gap.abs() <= limit.div(c).mul_(2.0).unsqueeze(-1)
+                if not batched:
+                    warn_degenerate_pairs(W, degenerate, sel, ctx.gap_tol, uses_values=g_lam is not None)
                 gap.masked_fill_(degenerate, math.inf)
-            C = W.mul_(gap.reciprocal_())
+            C = W.mul_(gap.reciprocal_()).div_(c.to(W.dtype).unsqueeze(-1))
         else:
             C = V.new_zeros(mu.shape + (k,))
         if g_lam is not None:
@@ -212,5 +239,7 @@ class _EigenFunction(torch.autograd.Function):
             lam = torch.diag_embed(g_lam.to(V.dtype) * 0.5)
             C = C + (lam if k == mu.shape[-1] else torch.nn.functional.pad(lam, (0, 0, 0, mu.shape[-1] - k)))
         grad = (V @ C) @ Vk.mT
-        grad = grad + grad.mT
-        return grad.to(ctx.dtype), None, None, None
+        grad = (grad + grad.mT).to(ctx.dtype)
+        if not batched and may_overflow(gain, ctx.dtype):
+            warn_gradient_overflow("eigen_decomposition", g_vec, [("X", grad)], (-2, -1))
+        return grad, None, None, None

@@ -41,14 +41,13 @@ References:
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .._autograd import may_carry_tangents, refuse_vmap
-from .._checks import check_bool, check_int, check_tensor
+from .._checks import check_bool, check_int, check_number, check_tensor
 from ..errors import OptionError, ShapeError
 from ._eigen_function import _eigen_forward, _EigenFunction
 
@@ -74,11 +73,8 @@ def _check_options(k: object, largest: object, gap_tol: object) -> None:
     if k is not None:
         check_int("k", k, minimum=1)
     check_bool("largest", largest)
-    if gap_tol is not None:
-        if isinstance(gap_tol, bool) or not isinstance(gap_tol, (int, float)):
-            raise OptionError(f"gap_tol must be a number >= 0 or None, got {gap_tol!r}")
-        if not (math.isfinite(gap_tol) and gap_tol >= 0):
-            raise OptionError(f"gap_tol must be finite and >= 0, got {gap_tol!r}")
+    if gap_tol is not None:  # (NumPy scalars too; 10**400 refused by name, not an OverflowError)
+        check_number("gap_tol", gap_tol, at_least=0, hint=" (or None)")
 
 
 def eigen_decomposition(
@@ -120,7 +116,9 @@ def eigen_decomposition(
     zero — never Inf or NaN — and, when the term would have been nonzero, a
     :class:`~convexddn.errors.GradientWarning` names the batch elements. Losses that
     depend only on a subspace spanned by whole groups of equal eigenvalues (e.g. the
-    projector :math:`V_k V_k^\top`) get their exact gradient without a warning.
+    projector :math:`V_k V_k^\top`) get their exact gradient without a warning; a loss
+    that reads the eigenvalues too (:math:`V f(\Lambda) V^\top`) warns wherever such a
+    group's vectors carry gradient (its gradient at the tie needs the dropped term's limit).
 
     Precision: the decomposition and the eigenvalue gaps of the backward are computed
     in float64 whatever the input dtype; the backward's matrix products run in the

@@ -472,3 +472,94 @@ def test_a_tie_of_the_sign_convention_is_warned_about():
         eigen_decomposition(Xg).eigenvalues.sum().backward()
     with fwAD.dual_level(), pytest.warns(GradientWarning, match="sign convention"):
         eigen_decomposition(fwAD.make_dual(X, E)).eigenvectors
+
+
+def _grad(X, loss, **kw):
+    X = X.clone().requires_grad_()
+    loss(*eigen_decomposition(X, **kw)).backward()
+    return X.grad
+
+
+def test_a_matrix_function_at_repeated_eigenvalues_warns():
+    # sum(V Λ Vᵀ) = sum(sym X): the true gradient is all ones. At X = I the pair terms
+    # are 0/0 (W_ji − W_ij = (λ_i − λ_j) S_ij) and their limit is what the loss needs: the
+    # node returned I silently. It now says so; the projector stays exact and silent.
+    X = torch.eye(3, dtype=torch.float64)
+    with pytest.warns(GradientWarning, match=r"reads the eigenvalues too"):
+        _grad(X, lambda lam, V: ((V * lam) @ V.mT).sum())
+    T = torch.arange(9.0, dtype=torch.float64).reshape(3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = _grad(torch.diag(torch.tensor([2.0, 2.0, 0.5], dtype=torch.float64)),
+                  lambda lam, V: ((V @ V.mT) * T).sum(), k=2)
+    # P₂ = e₁e₁ᵀ + e₂e₂ᵀ is constant under symmetric perturbations within the eigenspace:
+    # dP = (terms between the group and e₃)/(2 − 0.5); closed form sym of T there.
+    S = (T + T.mT) / 2
+    expected = torch.zeros(3, 3, dtype=torch.float64)
+    expected[:2, 2] = S[:2, 2] / 1.5
+    expected[2, :2] = S[2, :2] / 1.5
+    assert torch.allclose(g, expected, atol=1e-14)
+
+
+@pytest.mark.parametrize("transform", ["jacrev", "jacfwd", "vectorize"])
+def test_batched_directions_at_a_degenerate_spectrum_match_the_row_by_row_jacobian(transform):
+    # The per-direction checks read the host, which a vmap refuses ("data-dependent
+    # control flow"): batched directions get one unchecked warning instead.
+    X = torch.diag(torch.tensor([5.0, 1.0, 1.0], dtype=torch.float64))
+    f = lambda A: eigen_decomposition(A, 1).eigenvectors  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientWarning)
+        expected = torch.autograd.functional.jacobian(f, X)
+    with pytest.warns(GradientWarning, match="batched directions"):
+        if transform == "vectorize":
+            J = torch.autograd.functional.jacobian(f, X, vectorize=True)
+        else:
+            J = getattr(torch.func, transform)(f)(X)
+    assert torch.allclose(J, expected, atol=1e-15)
+
+
+def test_eigenvalues_near_the_float_range_have_finite_gradients():
+    # 2(λ_i − λ_j) overflowed from |λ| ~ 9e307 (inf − inf: NaN everywhere); the closed
+    # form for a diagonal X: dX_ij = G_ji/(2(λ_i − λ_j)) + G_ij/(2(λ_j − λ_i)) off the diagonal.
+    d = torch.tensor([1.0e308, 0.9e308, 1.0], dtype=torch.float64)
+    G = torch.ones(3, 3, dtype=torch.float64)
+    G[0] = 0.3
+    g = _grad(torch.diag(d), lambda lam, V: (V * G).sum())
+    expected = torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                expected[i, j] = (G[j, i] / (d[i] - d[j]) + G[i, j] / (d[j] - d[i])) / 2
+    assert torch.isfinite(g).all()
+    assert torch.allclose(g, expected, rtol=1e-12, atol=0)
+
+
+def test_float32_subnormal_eigenvalues_have_the_float64_gradient():
+    # A float32 gap of 1e-39 had an infinite reciprocal: 0·inf = NaN, even for a zero cotangent.
+    X = torch.diag(torch.tensor([3e-39, 2e-39, 1e-39]))
+    G = torch.full((3, 3), 1e-10)
+    G[0] = 3e-11
+    g32 = _grad(X, lambda lam, V: (V * G).sum())
+    g64 = _grad(X.double(), lambda lam, V: (V * G.double()).sum())
+    assert torch.equal(g32, g64.float())
+    assert torch.equal(_grad(X, lambda lam, V: (V * 0).sum()), torch.zeros(3, 3))
+
+
+def test_a_gradient_beyond_float16_warns():
+    # Gap 7.6e-6 with gap_tol=1e-6: the true entry −1.97e5 is beyond float16's 65504.
+    X = torch.diag(torch.tensor([0.01, 0.01001, -0.01], dtype=torch.float16))
+    G = torch.ones(3, 3, dtype=torch.float16)
+    G[0] = -2.0
+    with pytest.warns(GradientWarning, match="exceeds the range of torch.float16"):
+        _grad(X, lambda lam, V: (V * G).sum(), gap_tol=1e-6)
+
+
+def test_gap_tol_takes_numpy_scalars_and_refuses_huge_integers_by_name():
+    np = pytest.importorskip("numpy")
+    X = torch.randn(2, 4, 4, dtype=torch.float64)
+    for tol in (np.float32(1e-3), np.int64(0)):
+        eigen_decomposition(X, gap_tol=tol)
+    with pytest.raises(OptionError, match="gap_tol must be finite and >= 0"):
+        eigen_decomposition(X, gap_tol=10**400)
+    with pytest.raises(OptionError, match="gap_tol must be finite and >= 0"):
+        EigenDecomposition(gap_tol=10**400)
