@@ -10,8 +10,8 @@ import torch
 from .._generic import generic_vector
 from ..errors import SolverError
 
-__all__ = ["factor", "column_norms", "power_of_two_scale", "apply_qt", "rank_deficient", "backward_gain",
-           "raise_rank"]
+__all__ = ["factor", "column_norms", "power_of_two_scale", "apply_q", "apply_qt", "weighted_terms",
+           "rank_deficient", "backward_gain", "raise_rank"]
 
 _MAX_INDICES_SHOWN = 8
 # Rows are sorted by size when one is this much larger than a data row: in the given
@@ -84,22 +84,52 @@ def power_of_two_scale(R: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent)
 
 
-def apply_qt(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, n: int,
-             order: torch.Tensor | None) -> torch.Tensor:
-    """The first n rows of Qᵀ [rhs; 0] (rhs (…, M, K); zero rows for the ridge rows of
-    the factor), its rows in the factor's ``order``, broadcast over the batches of the
-    factor and of rhs."""
-    rows = a.shape[-2]
-    if rows > rhs.shape[-2]:
-        rhs = torch.cat([rhs, rhs.new_zeros(*rhs.shape[:-2], rows - rhs.shape[-2], rhs.shape[-1])], -2)
-    if a.shape[:-2] != rhs.shape[:-2]:  # (torch.ormqr does not broadcast)
+def _broadcast(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, order: torch.Tensor | None):
+    """The factor's reflectors (and row order) expanded to the batch shared with rhs
+    (torch.ormqr does not broadcast)."""
+    if a.shape[:-2] != rhs.shape[:-2]:
         shape = torch.broadcast_shapes(a.shape[:-2], rhs.shape[:-2])
         a, tau = a.expand(*shape, *a.shape[-2:]), tau.expand(*shape, tau.shape[-1])
         rhs = rhs.expand(*shape, *rhs.shape[-2:])
-        order = None if order is None else order.expand(*shape, rows)
+        order = None if order is None else order.expand(*shape, a.shape[-2])
+    return a, tau, rhs, order
+
+
+def apply_qt(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Qᵀ [rhs; 0] (rhs (…, M, K) in the rows' given order; zero rows for the ridge rows
+    of the factor), all rows, in the factor's row order, over the batches of the factor
+    and of rhs."""
+    rows = a.shape[-2]
+    if rows > rhs.shape[-2]:
+        rhs = torch.cat([rhs, rhs.new_zeros(*rhs.shape[:-2], rows - rhs.shape[-2], rhs.shape[-1])], -2)
+    a, tau, rhs, order = _broadcast(a, tau, rhs, order)
     if order is not None:
         rhs = rhs.gather(-2, order.unsqueeze(-1).expand(rhs.shape))
-    return torch.ormqr(a, tau, rhs, left=True, transpose=True)[..., :n, :]
+    return torch.ormqr(a, tau, rhs, left=True, transpose=True)
+
+
+def apply_q(a: torch.Tensor, tau: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Q y (y (…, rows, K) in the factor's row order), its rows put back in the given
+    order: the inverse of :func:`apply_qt`."""
+    a, tau, y, order = _broadcast(a, tau, y, order)
+    out = torch.ormqr(a, tau, y, left=True, transpose=False)
+    return out if order is None else torch.empty_like(out).scatter_(-2, order.unsqueeze(-1).expand(out.shape), out)
+
+
+def weighted_terms(q: list[torch.Tensor], yc: torch.Tensor | None, n: int, m: int):
+    """``(Q [yc; 0], r_w)`` on the M data rows in their given order: ``r_w = Q [0; (Qᵀ
+    W^{1/2} b) below row n]``, the weighted residual ``W^{1/2}(b − A x)`` accurate to
+    eps relative to each row's own size (``None`` for the first where ``yc`` is None).
+    ``q``: the forward's reflectors, tau, Qᵀ W^{1/2} b and row order (if sorted)."""
+    a, tau, qtb, *order = q
+    rows, k = a.shape[-2], qtb.shape[-1]
+    below = torch.cat([torch.zeros_like(qtb[..., :n, :]), qtb[..., n:, :]], -2)
+    if yc is not None:
+        batch = torch.broadcast_shapes(yc.shape[:-2], qtb.shape[:-2])
+        top = torch.cat([yc.expand(*batch, n, k), yc.new_zeros(*batch, rows - n, k)], -2)
+        below = torch.cat([top, below.expand(*batch, rows, k)], -1)
+    out = apply_q(a, tau, below, order[0] if order else None)[..., :m, :]
+    return (None, out) if yc is None else (out[..., :k], out[..., k:])
 
 
 def rank_deficient(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor) -> torch.Tensor:

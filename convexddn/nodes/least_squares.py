@@ -22,7 +22,11 @@ triangular solves gives :math:`v = H^{-1} g`; then, with the residual
     \\bar b = W A v, \\quad \\bar A = W (r v^\\top - A v x^\\top), \\quad
     \\bar w_m = (A v)_m\\, r_m, \\quad \\bar\\rho_n = -v_n x_n,
 
-summed over the columns of ``b`` when it has several. No Jacobian is formed.
+summed over the columns of ``b`` when it has several. No Jacobian is formed. With
+weights, :math:`W A v` and :math:`W r` are formed through the forward's Q
+(``_least_squares_factor.weighted_terms``), and the jvp's
+:math:`H^{-1} A^\\top W d` as :math:`R^{-1} (Q^\\top W^{1/2} d)_{:n}`: a heavy row's
+:math:`(A v)_m` is :math:`\\sim 1/w_m`, and formed directly it erred by eps times :math:`w_m`.
 
 Public name: :func:`least_squares`; the least-squares pooling layers built on it are
 in :mod:`convexddn.nodes.linear_fit`.
@@ -40,7 +44,8 @@ from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_finite, check_number, check_tensor
 from ..errors import DTypeError, InputError, ShapeError, SolverError
-from ._least_squares_factor import apply_qt, backward_gain, factor, power_of_two_scale, raise_rank, rank_deficient
+from ._least_squares_factor import (apply_qt, backward_gain, factor, power_of_two_scale, raise_rank, rank_deficient,
+                                    weighted_terms)
 from ._overflow import may_overflow, warn_gradient_overflow
 
 __all__ = ["least_squares"]
@@ -79,22 +84,25 @@ class _LeastSquaresFunction(torch.autograd.Function):
         ridge = None if ridge is None else ridge.to(_WORK)
         a, tau, R, sw, columns, order = factor(A, w, ridge)
         bt = b if sw is None else sw * b
-        x = torch.linalg.solve_triangular(R, apply_qt(a, tau, bt, A.shape[-1], order), upper=True)
+        qtb = apply_qt(a, tau, bt, order)
+        x = torch.linalg.solve_triangular(R, qtb[..., :A.shape[-1], :], upper=True)
         # A copy even in float64: the returned x must not be the saved (non-differentiable)
         # x. The caller checks the rank mask and reads the gain (one host sync with its
         # input checks).
         d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
         # (The gain matters only to a backward: none follows a call outside the Function.)
         gain = backward_gain(d, x, bt, columns) if gate.check else d.new_zeros(())
-        return x.to(out_dtype, copy=True), R, x, rank_deficient(d, columns, R), gain
+        # With weights, the derivatives also use Q (the reflectors, the row order, Qᵀ b).
+        weighted = () if w is None else (a, tau, qtb) + (() if order is None else (order,))
+        return (x.to(out_dtype, copy=True), R, x, rank_deficient(d, columns, R), gain) + weighted
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         A, b, w, ridge, _, gate = inputs
-        _, R, x, bad, gain = output
-        ctx.mark_non_differentiable(R, x, bad, gain)
-        save_plain(ctx, A, b, w, ridge, R, x)  # (inference-mode inputs as plain copies)
-        ctx.save_for_forward(A, b, w, ridge, R, x)
+        _, R, x, bad, gain, *weighted = output
+        ctx.mark_non_differentiable(R, x, bad, gain, *weighted)
+        save_plain(ctx, A, b, w, ridge, R, x, *weighted)  # (inference-mode inputs as plain copies)
+        ctx.save_for_forward(A, b, w, ridge, R, x, *weighted)
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
         ctx.gate = gate  # set by the caller from the forward's host read
         # R, x, the rank mask and the gain are not differentiable: no zero gradients made for them.
@@ -102,25 +110,36 @@ class _LeastSquaresFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order("least_squares")
-    def backward(ctx, g, _gR, _gx, _gbad, _ggain):  # type: ignore[override]
-        A, b, w, ridge, R, x = ctx.saved_tensors
+    def backward(ctx, g, _gR, _gx, _gbad, _ggain, *_gq):
+        A, b, w, ridge, R, x, *q = ctx.saved_tensors
         need = ctx.needs_input_grad
         if g is None:  # (grads are not materialised: x itself was not used)
             return (None,) * 6
         A, b = A.to(_WORK), b.to(_WORK)
         # v = H⁻¹ g = R⁻¹ R⁻ᵀ g: two triangular solves with the forward's factor, R/c (a
         # power of two near its largest entry): v ~ g/c² left float64's range where the
-        # gradients, ~g/c, do not (A ~ 1e-170: Inf; A ~ 1e200: 0). So vc = c·v, and each
-        # gradient is divided by c once more.
+        # gradients, ~g/c, do not (A ~ 1e-170: Inf; A ~ 1e200: 0). So yc = c R⁻ᵀ g and
+        # vc = c·v, and each gradient is divided by c once more.
         c = power_of_two_scale(R)
-        vc = _h_solve(R / c, g.to(_WORK)) / c
+        yc = torch.linalg.solve_triangular((R / c).mT, g.to(_WORK), upper=False)
+        vc = torch.linalg.solve_triangular(R / c, yc, upper=True) / c
         Avc = A @ vc
         Av = Avc / c
         wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
         grads: list[Any] = [None] * 6  # A, b, weights, ridge, out_dtype, gate
         if need[0] or need[2]:
             r = b - A @ x
-        if need[0]:
+        if wcol is not None and (need[0] or need[1]):
+            # W A v = W^{1/2} Q R⁻ᵀ g and W r = W^{1/2} r_w, r_w = Q [0; (Qᵀ W^{1/2} b) below n]
+            # (the weighted residual): a heavy row's (A v)_m and r_m are ~1/w_m, and formed
+            # directly they had an error of eps, times w_m (a weight of 1e16: dL/db 100 % off).
+            u, rw = weighted_terms(q, yc, R.shape[-1], A.shape[-2])
+            sw = wcol.sqrt()
+            if need[1]:
+                grads[1] = sw * u / c
+            if need[0]:
+                grads[0] = sw * (rw @ vc.mT - u @ x.mT) / c
+        if need[0] and wcol is None:
             gA = (r / c) @ vc.mT
             # r vᵀ − (Av) xᵀ with one product accumulated in place (the subtraction of two
             # (…, M, N) products was the backward's largest op at (64, 40, 12)).
@@ -128,9 +147,9 @@ class _LeastSquaresFunction(torch.autograd.Function):
                 gA.baddbmm_(Av, x.mT, alpha=-1.0)
             else:
                 gA = gA - Av @ x.mT
-            grads[0] = gA if wcol is None else wcol * gA
-        if need[1]:
-            grads[1] = Av if wcol is None else wcol * Av
+            grads[0] = gA
+        if need[1] and wcol is None:
+            grads[1] = Av
         if need[2]:
             grads[2] = (Av * r).sum(-1)
         if need[3]:
@@ -155,13 +174,12 @@ class _LeastSquaresFunction(torch.autograd.Function):
         the forward's factor (H = RᵀR), scaled as in the backward: H = c² H', c a power of
         two near R's largest entry, so dx = H'⁻¹(rhs/c)/c (rhs ~ ‖A‖‖dA‖ left float64's
         range for A and dA ~ 1e200 where dx does not)."""
-        A, b, w, ridge, R, x = ctx.saved_tensors
+        A, b, w, ridge, R, x, *q = ctx.saved_tensors
         A, b = A.to(_WORK), b.to(_WORK)
-        wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
-        weigh = (lambda t: t) if wcol is None else (lambda t: wcol * t)  # noqa: E731
+        sw = None if w is None else w.to(_WORK).unsqueeze(-1).sqrt()
         c = power_of_two_scale(R)
         rc = (b - A @ x) / c
-        rhs = None
+        rhs, data = None, None  # data: what enters through AᵀW (db − dA x), see below
 
         def add(term: torch.Tensor) -> None:
             nonlocal rhs
@@ -169,18 +187,27 @@ class _LeastSquaresFunction(torch.autograd.Function):
 
         if A_t is not None:
             A_t = A_t.to(_WORK)
-            add(A_t.mT @ weigh(rc) - A.mT @ weigh((A_t @ x) / c))
+            data = -(A_t @ x)
+            # dAᵀW r = dAᵀ W^{1/2} r_w with the weighted residual r_w from Q (as the backward).
+            add(A_t.mT @ (rc if sw is None else sw * weighted_terms(q, None, R.shape[-1], A.shape[-2])[1] / c))
         if b_t is not None:
-            add(A.mT @ weigh(b_t.to(_WORK) / c))
+            data = b_t.to(_WORK) if data is None else data + b_t.to(_WORK)
         if w_t is not None:
             add(A.mT @ (w_t.to(_WORK).unsqueeze(-1) * rc))
         if ridge_t is not None:
             add(-ridge_t.to(_WORK).unsqueeze(-1) * x / c)
-        if rhs is None:
-            dx = torch.zeros_like(x)
-        else:
-            dx = _h_solve(R / c, rhs.expand_as(x)) / c
-        return dx.to(ctx.dtypes[0]), None, None, None, None
+        dx = torch.zeros_like(x)
+        if data is not None and sw is not None:
+            # H⁻¹ AᵀW d = R⁻¹ (Qᵀ W^{1/2} d) above n, as the forward solves (through H, a
+            # heavy row's terms had errors of eps times its weight: dx/db 1e14 off at w = 1e30).
+            a, tau, _, *order = q
+            z = apply_qt(a, tau, sw * data, order[0] if order else None)[..., :R.shape[-1], :]
+            dx = dx + torch.linalg.solve_triangular(R / c, z, upper=True) / c
+        elif data is not None:
+            add(A.mT @ (data / c))
+        if rhs is not None:
+            dx = dx + _h_solve(R / c, rhs.expand_as(x)) / c
+        return (dx.to(ctx.dtypes[0]),) + (None,) * (4 + len(q))
 
 
 # --------------------------------------------------------------------------- validation
@@ -357,10 +384,10 @@ def least_squares(
     # Forward mode too: torch's geqrf and ormqr have no forward derivative, the Function's jvp is exact.
     if (torch.is_grad_enabled() and any(t.requires_grad for _, t in named)) or may_carry_tangents(
             *(t for _, t in named), r):
-        x, _, _, bad_rank, gain = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype, gate)
+        x, _, _, bad_rank, gain, *_ = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype, gate)
     else:
         gate.check = False  # no backward: no gain to estimate
-        x, _, _, bad_rank, gain = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype, gate)
+        x, _, _, bad_rank, gain, *_ = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype, gate)
     gate.check = may_overflow(_check_result(named, x, bad_rank, gain), A.dtype)
     x = x.expand(*batch, n, bm.shape[-1]) if x.shape[:-2] != batch else x
     return x.squeeze(-1) if vector else x

@@ -637,3 +637,58 @@ def test_a_singular_matrix_whose_unpivoted_factor_hides_it_is_refused():
     assert float(s[-1] / s[0]) < 1e-15  # (the reference: singular to float64 precision)
     with pytest.raises(SolverError, match="rank deficient"):
         least_squares(A, torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+
+
+def _exact_weighted(A, b, w, g):
+    """x, and the gradients b̄ = W A v, Ā = W (r vᵀ − A v xᵀ) (v = H⁻¹ g, r = b − A x), in
+    exact rational arithmetic from integer data (Gauss–Jordan on H = AᵀWA)."""
+    from fractions import Fraction as Q
+
+    M, N = len(A), len(A[0])
+
+    def solve(H, rhs):
+        aug = [[Q(v) for v in row] + [Q(r)] for row, r in zip(H, rhs)]
+        for i in range(N):
+            p = next(k for k in range(i, N) if aug[k][i] != 0)
+            aug[i], aug[p] = aug[p], aug[i]
+            for k in range(N):
+                if k != i and aug[k][i] != 0:
+                    f = aug[k][i] / aug[i][i]
+                    aug[k] = [a - f * c for a, c in zip(aug[k], aug[i])]
+        return [aug[i][N] / aug[i][i] for i in range(N)]
+
+    H = [[sum(Q(w[m]) * A[m][i] * A[m][j] for m in range(M)) for j in range(N)] for i in range(N)]
+    x = solve(H, [sum(Q(w[m]) * A[m][i] * b[m] for m in range(M)) for i in range(N)])
+    v = solve(H, g)
+    Av = [sum(Q(A[m][i]) * v[i] for i in range(N)) for m in range(M)]
+    r = [b[m] - sum(Q(A[m][i]) * x[i] for i in range(N)) for m in range(M)]
+    gb = [w[m] * Av[m] for m in range(M)]
+    gA = [[w[m] * (r[m] * v[i] - Av[m] * x[i]) for i in range(N)] for m in range(M)]
+    return x, gb, gA
+
+
+@pytest.mark.parametrize("heavy", [1e12, 1e20, 1e30])
+def test_gradients_with_a_heavy_row_weight_are_exact(heavy):
+    # A weight far above the rest: (A v)_m and r_m are ~1/w_m there and, formed directly,
+    # carried an error of eps times w_m into W A v (dL/db 100 % off at 1e16, 1e13-fold at
+    # 1e30). Through Q they are exact to rounding; the forward was already.
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randint(-5, 6, (8, 3), generator=gen).to(D)
+    b = torch.randint(-5, 6, (8,), generator=gen).to(D)
+    g = torch.tensor([1.0, -2.0, 3.0], dtype=D)
+    w = torch.ones(8, dtype=D)
+    w[2] = heavy
+    x_ex, gb_ex, gA_ex = _exact_weighted(A.long().tolist(), b.long().tolist(), [int(v) for v in w.tolist()],
+                                         g.long().tolist())
+    A_, b_ = A.clone().requires_grad_(), b.clone().requires_grad_()
+    x = least_squares(A_, b_, w)
+    gA, gb = torch.autograd.grad(x, (A_, b_), g)
+    for got, exact in ((x, x_ex), (gb, gb_ex), (gA, gA_ex)):
+        ref = torch.tensor([[float(v) for v in row] for row in exact] if isinstance(exact[0], list)
+                           else [float(v) for v in exact], dtype=D)
+        assert (got.detach() - ref).abs().max() <= 1e-13 * ref.abs().max()
+    # Forward mode along b: x is linear in b, so the difference quotient is exact.
+    t = torch.randn(8, dtype=D, generator=gen)
+    _, jv = torch.func.jvp(lambda bb: least_squares(A, bb, w), (b,), (t,))
+    ref = (least_squares(A, b + t, w) - least_squares(A, b - t, w)) / 2
+    assert (jv - ref).abs().max() <= 1e-13 * ref.abs().max()
