@@ -7,13 +7,18 @@ import math
 
 import torch
 
+from .._checks import check_finite
 from .._generic import generic_vector
-from ..errors import SolverError
+from .._warn import warn
+from ..errors import InputError, SolverError, SolverWarning
+from .degeneracy import shown_indices
 
 __all__ = ["factor", "column_norms", "power_of_two_scale", "apply_q", "apply_qt", "weighted_terms",
-           "rank_deficient", "backward_gain", "raise_rank"]
+           "conditioning", "backward_gain", "raise_rank", "check_solution", "WARN_ERROR"]
 
 _MAX_INDICES_SHOWN = 8
+# x's estimated relative error (float64 solve) above which a call warns: most digits lost.
+WARN_ERROR = 1e-6
 # Rows are sorted by size when one is this much larger than a data row: in the given
 # order the error grows like eps times the ratio of a row to a lighter one before it.
 _HEAVIER = 1024.0
@@ -22,7 +27,8 @@ _HEAVIER = 1024.0
 def factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
     """Householder QR of [W^{1/2} A; diag(ρ)^{1/2}] with its rows sorted by decreasing
     largest entry, over the batch of the factor (not of b): ``(reflectors, tau, R,
-    W^{1/2}, column norms, row order)``.
+    W^{1/2}, column norms, row order, graded)`` (graded: whether an element's rows were
+    sorted, or None where there are no rows).
 
     The sorting is half of what makes Householder QR stable row by row (Cox & Higham
     1998; the other half, column pivoting, torch's geqrf lacks): in the given order the
@@ -48,7 +54,8 @@ def factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
     # of a call at (64, 40, 12); data rows of one scale and a smaller ridge below them,
     # the common case, need none). One host sync.
     order = None
-    if heavy is not None and bool((heavy > _HEAVIER * light).any()):
+    graded = None if heavy is None else heavy > _HEAVIER * light
+    if graded is not None and bool(graded.any()):
         if root is not None:
             size = torch.cat([size.expand(*heavy.shape, size.shape[-1]), root.expand(*heavy.shape, n)], -1)
         order = size.argsort(dim=-1, descending=True, stable=True)
@@ -56,7 +63,7 @@ def factor(A: torch.Tensor, w: torch.Tensor | None, ridge: torch.Tensor | None):
         At = At.gather(-2, order.unsqueeze(-1).expand(At.shape))
     a, tau = torch.geqrf(At)
     R = a[..., :n, :].triu()
-    return a, tau, R, sw, column_norms(R), order
+    return a, tau, R, sw, column_norms(R), order, graded
 
 
 def column_norms(R: torch.Tensor) -> torch.Tensor:
@@ -132,36 +139,68 @@ def weighted_terms(q: list[torch.Tensor], yc: torch.Tensor | None, n: int, m: in
     return (None, out) if yc is None else (out[..., :k], out[..., k:])
 
 
-def rank_deficient(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """Mask of the batch elements whose H = RᵀR is singular to working precision (a
-    factor with Inf or NaN is not: its inputs were non-finite or overflowed, which the
-    caller reports as such; no unknowns, N = 0, is not either). Judged on the factor of
-    the matrix with unit columns, R diag(1/‖column‖) (the same Q): a unit intercept column
-    beside features of 1e15 was called rank deficient, the condition of the problem
-    with its columns rescaled being ~1. ``d``: the factor's diagonal, absolute."""
+def conditioning(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor, qtb: torch.Tensor,
+                 graded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per batch element: whether H = RᵀR is singular to working precision (over the
+    factor's batch), an estimate of x's relative rounding error (over qtb's), and of
+    1/σ_min(R)² (for :func:`backward_gain`); False and 0 for a factor with Inf or NaN (its
+    inputs were non-finite or overflowed, which the caller reports as such) and for N = 0.
+
+    Singular: judged on the factor of the matrix with unit columns, R diag(1/‖column‖)
+    (the same Q): a unit intercept column beside features of 1e15 was called rank
+    deficient, the condition of the problem with its columns rescaled being ~1. ``d``:
+    the factor's diagonal, absolute. An unpivoted factor's diagonal can stay far from 0
+    for a singular matrix (Kahan's: σ_min/σ_max = 5e-20 at N = 60, smallest diagonal
+    ratio 2.3e-12): one step of inverse iteration on Rsᵀ Rs from a generic vector bounds
+    σ_min from above, ‖v‖ / ‖(Rsᵀ Rs)⁻¹ v‖ ≥ σ_min², at two triangular solves.
+
+    The error: least squares is sensitive to rounding as eps·κ(1 + κ tan θ) (Higham,
+    *Accuracy and Stability*, §20.1), θ the angle between the weighted b and the range
+    (tan θ = ‖r_w‖/‖R x‖, the two parts of ``qtb`` = Qᵀ W^{1/2} b), relative to the
+    scale ‖x‖ + ‖r‖/σ_max: eps·κ(a + κ c)/(a + c) with a = ‖R x‖, c = ‖r_w‖ (κ² for b
+    orthogonal to the range, 0 for b = 0). A design with two equal columns and a ridge
+    of 1e-28 passed the singularity test (κ(R) 3e14) with x off by 1e11 relative.
+    Not for ``graded`` elements (rows of very different sizes, sorted): QR with sorted
+    rows is stable row by row (Cox & Higham 1998), so the normwise κ overstates their
+    error (a weight of 1e20 on one row: κ ~1e10, x exact); their estimate is 0."""
     scale = torch.where(columns > 0, columns, 1.0)
     d = torch.where(columns > 0, d / scale, 0.0)
     n = d.shape[-1]
     if not n:
-        return torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device)
-    tol = max(R.shape[-2], R.shape[-1], 1) * torch.finfo(R.dtype).eps
+        return (torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device), qtb.new_zeros(qtb.shape[:-2]),
+                d.new_zeros(d.shape[:-1]))
+    eps = torch.finfo(R.dtype).eps
+    tol = max(R.shape[-2], R.shape[-1], 1) * eps
     top = d.amax(-1, keepdim=True)
     small = (d <= tol * top).any(-1) | (top.squeeze(-1) == 0)
-    # An unpivoted factor's diagonal can stay far from 0 for a singular matrix (Kahan's:
-    # σ_min/σ_max = 5e-20 at N = 60, smallest diagonal ratio 2.3e-12): one step of inverse
-    # iteration on Rsᵀ Rs (Rs = R with unit columns) from a generic vector bounds σ_min
-    # from above, ‖v‖ / ‖(Rsᵀ Rs)⁻¹ v‖ ≥ σ_min², at two triangular solves.
     Rs = R[..., :n, :] / scale.unsqueeze(-2)
     v = generic_vector(n, R.dtype, R.device).expand(*Rs.shape[:-2], n).unsqueeze(-1)
     w = torch.linalg.solve_triangular(Rs, torch.linalg.solve_triangular(Rs.mT, v, upper=False), upper=True)
-    gain = w.abs().amax((-2, -1)) / v.abs().amax((-2, -1))
+    gain = w.abs().amax((-2, -1)) / v.abs().amax((-2, -1))  # ≈ 1/σ_min(Rs)²
     tiny = ~(gain * (tol * top.squeeze(-1)) ** 2 < 1)  # (NaN, inf: an exact zero pivot)
-    return (small | tiny) & torch.isfinite(top.squeeze(-1))
+    # κ(Rs) ≈ σ_max/σ_min with σ_max² ≤ N (unit columns); a and c scaled by their larger.
+    kappa = (gain * n).sqrt()
+    a = qtb[..., :n, :].abs().amax((-2, -1))
+    c = qtb[..., n:, :].abs().amax((-2, -1)) if qtb.shape[-2] > n else torch.zeros_like(a)
+    big = torch.maximum(a, c)
+    fit = torch.where(big > 0, a / big, 1.0)
+    off = torch.where(big > 0, c / big, 0.0)
+    est = eps * kappa * (fit + kappa * off) / (fit + off)
+    if graded is not None:
+        est = torch.where(graded, 0.0, est)
+    finite = torch.isfinite(top.squeeze(-1))
+    # 1/σ_min(R)² ≤ 1/(σ_min(Rs)² min ‖column‖²), R = Rs diag(‖column‖).
+    inv_sigma2 = gain / torch.where(columns > 0, columns, math.inf).amin(-1) ** 2
+    return (small | tiny) & finite, torch.where(finite & ~(small | tiny), est, 0.0), inv_sigma2
 
 
-def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor,
+                  inv_sigma2: torch.Tensor) -> torch.Tensor:
     """A 0-d estimate of the largest gradient the backward can return per unit of
-    incoming gradient: with v = H⁻¹g, ‖v‖ ≤ ‖g‖/σ², σ² estimated by min R_ii², and the
+    incoming gradient: with v = H⁻¹g, ‖v‖ ≤ ‖g‖/σ², 1/σ² estimated by the larger of
+    1/min R_ii² and ``inv_sigma2`` (:func:`conditioning`'s inverse iteration: min R_ii²
+    overstated σ² by 2e8 for a Kahan-type design, whose float32 gradients then came
+    back Inf without a warning), and the
     gradients r vᵀ − A v xᵀ, A v, (A v)·r, v·x bounded by (‖b‖ + ‖A‖(1 + ‖x‖) + ‖x‖)‖v‖
     (‖r‖ ≤ ‖b‖ at the minimiser; infinity norms of the columns and entries). ``d``: the
     factor's diagonal, absolute."""
@@ -173,7 +212,7 @@ def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: t
     bmax = bt.abs().amax((-2, -1)) if bt.numel() else bt.new_zeros(bt.shape[:-2])
     top = bmax * math.sqrt(bt.shape[-2]) + columns.amax(-1) * (1 + xs) + xs
     # (top / d / d: d·d overflowed, or underflowed to 0, where the gain itself does not.)
-    return (top / d / d).amax()
+    return torch.maximum(top / d / d, top * inv_sigma2).amax()
 
 
 def raise_rank(bad: torch.Tensor) -> None:
@@ -188,3 +227,40 @@ def raise_rank(bad: torch.Tensor) -> None:
         indices=[tuple(int(i) for i in row) for row in idx.tolist()],
         statuses=["rank deficient"] * idx.shape[0],
     )
+
+
+def check_solution(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_rank: torch.Tensor,
+                  error: torch.Tensor, gain: torch.Tensor) -> float:
+    """Input and result checks of :func:`convexddn.nodes.least_squares.least_squares` with
+    one host sync, after the solve; returns the gain (read in the same sync).
+
+    NaN or Inf in any input reaches x (QR propagates it), so a non-finite x sends each
+    input through :func:`check_finite`, which names the culprit; negative weights or
+    ridge raise InputError; a rank-deficient element raises SolverError; an estimated
+    relative error of x above ``WARN_ERROR`` warns (SolverWarning), naming the elements.
+    """
+    signed = [(name, t) for name, t in named if name in ("weights", "ridge") and t.numel() > 0]
+    # In float64: a sum of x could overflow where no entry does (float16 [700]·300), and a
+    # float64 weight of -1e-300 cast to float32 would pass the sign test as -0.0.
+    stats = [(~torch.isfinite(x)).any(), bad_rank.any(), gain, error.amax() if error.numel() else gain * 0] + [
+        t.detach().amin() for _, t in signed]
+    broken, rank, gain_value, worst, *lows = torch.stack([v.to(torch.float64) for v in stats]).tolist()
+    if broken:
+        for name, t in named:
+            check_finite(name, t)
+    for (name, _), low in zip(signed, lows):
+        if low < 0:
+            raise InputError(f"{name} must be >= 0 everywhere, got a minimum of {low:g}")
+    # An exactly singular H (a zero column, all weights zero) makes x non-finite too:
+    # the rank test comes first, so that it is reported as what it is.
+    if rank:
+        raise_rank(bad_rank)
+    if broken:
+        raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
+    if worst > WARN_ERROR:
+        warn(f"least_squares: x may be inaccurate for {shown_indices((error > WARN_ERROR).reshape(-1))}: "
+             f"estimated relative error up to {worst:.1e} in float64, the problem's own sensitivity to "
+             "rounding (eps·κ(1 + κ tan θ), κ the column-scaled design's condition number, θ the angle "
+             "of b to its range); pass ridge > 0, or rescale or drop nearly dependent columns",
+             SolverWarning)
+    return gain_value

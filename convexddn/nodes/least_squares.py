@@ -8,8 +8,10 @@
 
 solved by a Householder QR of the stacked matrix
 :math:`[W^{1/2} A;\\ \\operatorname{diag}(\\rho)^{1/2}]` in float64 (float32 input is
-promoted, so condition numbers up to ~1e6 keep float64-grade answers: QR's error grows
-like ``eps·cond`` where the normal equations' grows like ``eps·cond²``).
+promoted, so condition numbers up to ~1e6 keep float64-grade answers for small
+residuals: QR's error grows like ``eps·cond`` where the normal equations' grows like
+``eps·cond²``; a large residual adds the problem's own ``eps·cond²·tan θ``, estimated
+and warned about above 1e-6).
 
 The backward pass differentiates the optimality condition
 :math:`H x = A^\\top W b`, :math:`H = A^\\top W A + \\operatorname{diag}(\\rho) = R^\\top R`
@@ -42,9 +44,9 @@ import torch
 
 from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
-from .._checks import check_device, check_finite, check_number, check_tensor
-from ..errors import DTypeError, InputError, ShapeError, SolverError
-from ._least_squares_factor import (apply_qt, backward_gain, factor, power_of_two_scale, raise_rank, rank_deficient,
+from .._checks import check_device, check_number, check_tensor
+from ..errors import DTypeError, ShapeError
+from ._least_squares_factor import (apply_qt, backward_gain, check_solution, conditioning, factor, power_of_two_scale,
                                     weighted_terms)
 from ._overflow import may_overflow, warn_gradient_overflow
 
@@ -82,7 +84,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         A, b = A.to(_WORK), b.to(_WORK)
         w = None if w is None else w.to(_WORK)
         ridge = None if ridge is None else ridge.to(_WORK)
-        a, tau, R, sw, columns, order = factor(A, w, ridge)
+        a, tau, R, sw, columns, order, graded = factor(A, w, ridge)
         bt = b if sw is None else sw * b
         qtb = apply_qt(a, tau, bt, order)
         x = torch.linalg.solve_triangular(R, qtb[..., :A.shape[-1], :], upper=True)
@@ -91,16 +93,17 @@ class _LeastSquaresFunction(torch.autograd.Function):
         # input checks).
         d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
         # (The gain matters only to a backward: none follows a call outside the Function.)
-        gain = backward_gain(d, x, bt, columns) if gate.check else d.new_zeros(())
+        singular, error, inv_sigma2 = conditioning(d, columns, R, qtb, graded)
+        gain = backward_gain(d, x, bt, columns, inv_sigma2) if gate.check else d.new_zeros(())
         # With weights, the derivatives also use Q (the reflectors, the row order, Qᵀ b).
         weighted = () if w is None else (a, tau, qtb) + (() if order is None else (order,))
-        return (x.to(out_dtype, copy=True), R, x, rank_deficient(d, columns, R), gain) + weighted
+        return (x.to(out_dtype, copy=True), R, x, singular, error, gain) + weighted
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         A, b, w, ridge, _, gate = inputs
-        _, R, x, bad, gain, *weighted = output
-        ctx.mark_non_differentiable(R, x, bad, gain, *weighted)
+        _, R, x, bad, error, gain, *weighted = output
+        ctx.mark_non_differentiable(R, x, bad, error, gain, *weighted)
         save_plain(ctx, A, b, w, ridge, R, x, *weighted)  # (inference-mode inputs as plain copies)
         ctx.save_for_forward(A, b, w, ridge, R, x, *weighted)
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
@@ -110,7 +113,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order("least_squares")
-    def backward(ctx, g, _gR, _gx, _gbad, _ggain, *_gq):
+    def backward(ctx, g, _gR, _gx, _gbad, _gerror, _ggain, *_gq):
         A, b, w, ridge, R, x, *q = ctx.saved_tensors
         need = ctx.needs_input_grad
         if g is None:  # (grads are not materialised: x itself was not used)
@@ -207,39 +210,10 @@ class _LeastSquaresFunction(torch.autograd.Function):
             add(A.mT @ (data / c))
         if rhs is not None:
             dx = dx + _h_solve(R / c, rhs.expand_as(x)) / c
-        return (dx.to(ctx.dtypes[0]),) + (None,) * (4 + len(q))
+        return (dx.to(ctx.dtypes[0]),) + (None,) * (5 + len(q))
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _check_result(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_rank: torch.Tensor,
-                  gain: torch.Tensor) -> float:
-    """Input and result checks with one host sync, after the solve; returns the gain
-    (read in the same sync).
-
-    NaN or Inf in any input reaches x (QR propagates it), so a non-finite x sends each
-    input through :func:`check_finite`, which names the culprit; negative weights or
-    ridge raise InputError; a rank-deficient element raises SolverError.
-    """
-    signed = [(name, t) for name, t in named if name in ("weights", "ridge") and t.numel() > 0]
-    # In float64: a sum of x could overflow where no entry does (float16 [700]·300), and a
-    # float64 weight of -1e-300 cast to float32 would pass the sign test as -0.0.
-    stats = [(~torch.isfinite(x)).any(), bad_rank.any(), gain] + [t.detach().amin() for _, t in signed]
-    broken, rank, gain_value, *lows = torch.stack([v.to(torch.float64) for v in stats]).tolist()
-    if broken:
-        for name, t in named:
-            check_finite(name, t)
-    for (name, _), low in zip(signed, lows):
-        if low < 0:
-            raise InputError(f"{name} must be >= 0 everywhere, got a minimum of {low:g}")
-    # An exactly singular H (a zero column, all weights zero) makes x non-finite too:
-    # the rank test comes first, so that it is reported as what it is.
-    if rank:
-        raise_rank(bad_rank)
-    if broken:
-        raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
-    return gain_value
 
 
 def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -279,7 +253,10 @@ def least_squares(
     lose it under extreme weights: Powell and Reid's 4 × 3 example, weight 1e20), and
     one triangular solve, in float64 whatever the input dtype (the result is cast
     back), so float32 inputs with condition numbers up to ~1e6 get float64-grade
-    solutions and gradients. The accuracy is normwise: components of x far
+    solutions and gradients where b is near A's range; in general least squares is
+    sensitive to rounding as eps·κ(1 + κ tan θ) (θ the angle of b to the range), which
+    is estimated and warned about above 1e-6 (cond 1e6 with tan θ ~ 1 in float32: 1e-5
+    off). The accuracy is normwise: components of x far
     below its largest (features of 1e-12 beside an intercept of 1) are exact relative to
     ``‖x‖``, not to themselves. When ``A``, ``weights`` and ``ridge`` have fewer batch
     elements than ``b`` (one design matrix, many right-hand sides) the factorisation is
@@ -320,6 +297,10 @@ def least_squares(
             ``indices``), e.g. ``M < N`` where a tensor ridge has zeros; pass ``ridge > 0``.
 
     Warns:
+        SolverWarning: x's estimated relative error exceeds 1e-6 (an ill-conditioned
+            design, e.g. nearly dependent columns with a tiny ridge); the message names the
+            batch elements. Not for designs whose rows differ in size by over 1024× (sorted,
+            stable row by row: the estimate would overstate their error).
         GradientWarning: in backward, a gradient that holds Inf or NaN although the
             inputs and the incoming gradient are finite (it exceeds the dtype's range,
             e.g. float32 ``A`` of magnitude 1e-20); the message names the batch elements.
@@ -384,10 +365,13 @@ def least_squares(
     # Forward mode too: torch's geqrf and ormqr have no forward derivative, the Function's jvp is exact.
     if (torch.is_grad_enabled() and any(t.requires_grad for _, t in named)) or may_carry_tangents(
             *(t for _, t in named), r):
-        x, _, _, bad_rank, gain, *_ = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype, gate)
+        x, _, _, bad_rank, error, gain, *_ = _LeastSquaresFunction.apply(A, bm, weights, r, A.dtype, gate)
     else:
         gate.check = False  # no backward: no gain to estimate
-        x, _, _, bad_rank, gain, *_ = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype, gate)
-    gate.check = may_overflow(_check_result(named, x, bad_rank, gain), A.dtype)
+        x, _, _, bad_rank, error, gain, *_ = _LeastSquaresFunction.forward(A, bm, weights, r, A.dtype, gate)
+    # Each gradient is returned in its input's dtype: the narrowest range decides (float16
+    # weights beside a float32 A overflowed silently).
+    narrow = min((t.dtype for _, t in named), key=lambda t: torch.finfo(t).max)
+    gate.check = may_overflow(check_solution(named, x, bad_rank, error, gain), narrow)
     x = x.expand(*batch, n, bm.shape[-1]) if x.shape[:-2] != batch else x
     return x.squeeze(-1) if vector else x

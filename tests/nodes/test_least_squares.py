@@ -20,6 +20,7 @@ from convexddn.errors import (
     OptionError,
     ShapeError,
     SolverError,
+    SolverWarning,
 )
 from convexddn.nodes.least_squares import least_squares
 from convexddn.nodes.linear_fit import LeastSquares, LinearFit, WeightedLeastSquares, linear_fit
@@ -692,3 +693,47 @@ def test_gradients_with_a_heavy_row_weight_are_exact(heavy):
     _, jv = torch.func.jvp(lambda bb: least_squares(A, bb, w), (b,), (t,))
     ref = (least_squares(A, b + t, w) - least_squares(A, b - t, w)) / 2
     assert (jv - ref).abs().max() <= 1e-13 * ref.abs().max()
+
+
+def test_an_ill_conditioned_problem_warns_and_a_well_conditioned_one_does_not():
+    # Two equal columns and a ridge of 1e-28: H is singular to float64 precision (κ(H)
+    # ~1e29) but R passed the singularity test, and x came back off by 1e11 relative,
+    # silently. Least squares is that sensitive (eps·κ(1 + κ tan θ)): now said.
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 3, dtype=D, generator=gen)
+    A = torch.cat([A, A[:, :1]], 1)
+    b = torch.randn(8, dtype=D, generator=gen)
+    with pytest.warns(SolverWarning, match=r"x may be inaccurate for 1 of 1 batch element"):
+        least_squares(A, b, ridge=1e-28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (torch.float32, D):
+            least_squares(torch.randn(64, 40, 12, generator=gen).to(dtype), torch.randn(64, 40, generator=gen).to(dtype))
+        # a row weighted 1e20 above the rest: κ of the weighted design ~1e10, x exact (sorted rows)
+        w = torch.ones(8, dtype=D)
+        w[2] = 1e20
+        least_squares(A[:, :3], b, w)
+
+
+def test_a_kahan_design_whose_float32_gradient_overflows_warns():
+    # min R_ii² overstates σ_min² by 2e8 for a Kahan-type design (condition 4.5e5): the
+    # gain said the backward could not overflow, and dA came back with 24 Inf, silently.
+    n, c = 40, 0.3
+    K = torch.diag(math.sqrt(1 - c * c) ** torch.arange(n, dtype=D)) @ (torch.eye(n, dtype=D) - c * torch.ones(n, n, dtype=D).triu(1))
+    A = torch.cat([K * 1e-15, torch.zeros(4, n, dtype=D)]).float().requires_grad_()
+    b = torch.cat([torch.zeros(n), torch.ones(4)])  # orthogonal to the range: x = 0
+    x = least_squares(A, b)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(GradientWarning, match="gradient with respect to A"):
+        (gA,) = torch.autograd.grad(x, A, g)
+    assert not torch.isfinite(gA).all()  # the true max |dA|, 1.35e39, is beyond float32
+
+
+def test_float16_weights_beside_float32_data_warn_where_their_gradient_overflows():
+    # The overflow gate was judged on A's dtype (float32), the weights' gradient returned in float16.
+    torch.manual_seed(0)
+    A, b = torch.randn(20, 3), torch.randn(20) * 1e5
+    w = torch.rand(20).half().requires_grad_()
+    x = least_squares(A, b, w)
+    with pytest.warns(GradientWarning, match="gradient with respect to weights"):
+        torch.autograd.grad(x.sum(), w)
