@@ -168,7 +168,11 @@ def sinkhorn(
         SolverWarning: ``tol`` not reached in ``max_iter`` (names the batch indices);
             the implicit gradient then assumes a solution that was not reached.
         GradientWarning: in the backward, where the plan's support is disconnected and
-            the marginal gradients are not unique (least-norm ones are returned).
+            the marginal gradients are not unique (least-norm ones are returned), or
+            nearly so (clusters far apart against ``eps``): the marginals' gradients
+            and tangents then hang on the tiny cross-cluster mass, which the column
+            error moves by about err/λ_min (λ_min: the Schur complement's smallest
+            eigenvalue, estimated); above 0.1 it warns (a smaller ``tol`` helps).
 
     References:
         Cuturi, "Sinkhorn Distances", NeurIPS 2013. Peyré & Cuturi, "Computational
