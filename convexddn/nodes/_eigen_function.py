@@ -202,7 +202,8 @@ class _EigenFunction(torch.autograd.Function):
         batched = any(batched_values(g) or batched_by_autograd(g) for g in (g_lam, g_vec) if g is not None)
         # The largest factor 1/|λ_i − λ_j| of a kept pair: the gradient's gain, against
         # the dtype's range (one read with the others).
-        gain = (1.0 / torch.where(near, math.inf, gaps).amin()) if g_vec is not None and gaps.numel() else mu.new_zeros(())
+        kept = g_vec is not None and gaps.numel()
+        gain = 1.0 / torch.where(near, math.inf, gaps).amin() if kept else mu.new_zeros(())
         checks = [near.any(), gain] + ([] if ties is None else [ties.any()])
         any_near, gain, *any_tie = torch.stack(checks).tolist()  # one sync
         if batched:

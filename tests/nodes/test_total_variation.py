@@ -195,7 +195,7 @@ def test_tv_tie_warns():
 
 def test_total_variation_module_repr_tensor_lam():
     """A tensor lam shows its value (0-d), Parameter(value) (learnable) or its shape."""
-    tail = "dim=-1, max_iter=1000)"
+    tail = "dim=-1, max_iter=None)"
     assert repr(TotalVariation1d(lam=torch.tensor(0.25))) == f"TotalVariation1d(lam=0.25, learnable=False, {tail}"
     assert repr(TotalVariation1d(lam=0.5, learnable=True)) == (
         f"TotalVariation1d(lam=Parameter(0.5), learnable=True, {tail}")
@@ -374,8 +374,8 @@ def test_tv_reads_the_host_once_per_step(host_reads, monkeypatch):
     import convexddn.nodes._tv_solver as tv  # where the active-set loop lives
 
     steps = []
-    primal = tv._primal
-    monkeypatch.setattr(tv, "_primal", lambda *a: steps.append(1) or primal(*a))
+    segments = tv._segment_ids  # (once per step)
+    monkeypatch.setattr(tv, "_segment_ids", lambda *a: steps.append(1) or segments(*a))
     x = torch.randn(16, 300, generator=torch.Generator().manual_seed(0), dtype=F64).cumsum(1)
     with host_reads.counting():
         y = tv_denoise(x, 0.5)
@@ -602,3 +602,48 @@ def test_tv_tangent_differentiated_again_raises():
             torch.autograd.grad(t[0], x)
     with pytest.raises(DoubleBackwardError):
         torch.func.grad(lambda z: torch.func.jvp(lambda u: tv_denoise(u, 0.5), (z,), (v,))[1][0])(x.detach())
+
+
+def test_tv_one_huge_entry_does_not_decide_the_small_entries():
+    # One bound per row, 4n·eps·max|x|, let the 1e12 entry's rounding (1e-4) decide the
+    # active set of the entries of ~0.5: y[3:8] = −0.1314 came back (a merged segment),
+    # silently. The exact segments [0], [1, 2], [3..6], [7] with jumps down, down, up give
+    # the closed form below (segment mean of x + λ(σ_end − σ_before)/len), whose dual
+    # certificate the helper's 50-digit reference confirmed.
+    x = torch.tensor([1e12, 0.451, 0.517, -0.91, 0.129, -0.503, -1.245, 0.872], dtype=F64)
+    y = tv_denoise(x, 1.0)
+    expected = torch.tensor([1e12 - 1, 0.484, 0.484] + [(-0.91 + 0.129 - 0.503 - 1.245 + 2) / 4] * 4 + [0.872 - 1],
+                            dtype=F64)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-15 * 1e12)
+    assert (y[1:] - expected[1:]).abs().max() < 1e-15
+
+
+@pytest.mark.parametrize("offset", [1e10, 1e12])
+def test_tv_an_offset_changes_nothing_but_the_offset(offset):
+    # y(x + c) = y(x) + c: with the bound set by the offset, 1e12 gave 53 segments for
+    # the exact 52 (0.064 off). Compared to the small call, shifted, to the offset's rounding.
+    x = torch.randn(150, generator=_gen(7), dtype=F64).cumsum(0)
+    y = tv_denoise(x, 1.0)
+    y_off = tv_denoise(x + offset, 1.0)
+    ulp = torch.finfo(F64).eps * offset
+    assert (y_off - (y + offset)).abs().max() <= 4 * ulp
+    assert torch.equal(torch.sign(y_off.diff()), torch.sign(y.diff()))
+
+
+def test_tv_subnormal_rows_are_solved_scaled_up():
+    # Rounding bounds of eps·1e-310 underflowed to 0 and the active set cycled at this
+    # merge point (SolverError whatever max_iter); the row is now scaled up exactly.
+    x = torch.tensor([-7.831196841283e-311, -9.0447532036066e-311, -1.29673363768974e-310,
+                      3.149331895396e-311, -7.2772445688775e-311], dtype=F64)
+    lam = 9.460566964626e-311
+    s = 2.0**60
+    assert torch.equal(tv_denoise(x, lam), tv_denoise(x * s, lam * s) / s)
+
+
+def test_tv_a_long_smooth_signal_converges_at_the_default_max_iter():
+    # A ramp moves its active set a bounded distance per step: 1953 steps at n = 10⁴,
+    # beyond the old fixed default of 1000 (SolverError). The default is max(1000, 2n).
+    x = torch.arange(10_000, dtype=F64)
+    y = tv_denoise(x, 4e6)
+    box, sign = _certificate(x, y, torch.tensor(4e6, dtype=F64))
+    assert box < 1e-12 and sign < 1e-12
