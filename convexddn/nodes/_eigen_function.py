@@ -198,14 +198,15 @@ class _EigenFunction(torch.autograd.Function):
         near = gaps <= limit
         # Ties of the sign convention (on V, not on g_vec: under jacrev's vmap it is batched).
         ties = None if g_vec is None else sign_ties(Vk)
+        checks = [near.any(), top.amin(), top.amax()] + ([] if ties is None else [ties.any()])
+        any_near, lo, hi, *any_tie = torch.stack(checks).tolist()  # one sync
+        # The largest factor 1/|λ_i − λ_j| of a kept pair (the gradient's gain, against the
+        # dtype's range) is at most 1/(gap_tol·min max|μ|).
+        gain = 0.0 if g_vec is None else math.inf if not ctx.gap_tol * lo > 0 else 1.0 / (ctx.gap_tol * lo)
         # Cotangents batched by jacrev or is_grads_batched: no per-direction host read.
-        batched = any(batched_values(g) or batched_by_autograd(g) for g in (g_lam, g_vec) if g is not None)
-        # The largest factor 1/|λ_i − λ_j| of a kept pair: the gradient's gain, against
-        # the dtype's range (one read with the others).
-        kept = g_vec is not None and gaps.numel()
-        gain = 1.0 / torch.where(near, math.inf, gaps).amin() if kept else mu.new_zeros(())
-        checks = [near.any(), gain] + ([] if ties is None else [ties.any()])
-        any_near, gain, *any_tie = torch.stack(checks).tolist()  # one sync
+        # (Asked only where a check needs one: the dispatch-key test costs ~15 µs.)
+        rare = any_near or any(any_tie) or may_overflow(gain, ctx.dtype)
+        batched = rare and any(batched_values(g) or batched_by_autograd(g) for g in (g_lam, g_vec) if g is not None)
         if batched:
             if any_near or any(any_tie):
                 warn_unchecked(near, ties, ctx.gap_tol, "gradient")
@@ -216,22 +217,24 @@ class _EigenFunction(torch.autograd.Function):
                 warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
         if g_vec is not None:
             W = V.mT @ g_vec.to(V.dtype)  # W_ji = v_jᵀ g_i
-            # 2s(μ_i − μ_j) on μ/c, c a power of two near max |μ| (at least the smallest
-            # normal number of W's dtype), the difference in float64 rounded once into W's
-            # dtype, and C divided by c at the end: exact, and 2(μ_i − μ_j) no longer
-            # overflows from |λ| ~ 9e307 (inf − inf: NaN), nor a float32 gap of subnormal
-            # eigenvalues to an infinite reciprocal (0·inf).
-            c = pow2_floor(top.clamp_min(torch.finfo(W.dtype).tiny))
-            mu2 = mu.div(c).mul_(2.0 * sign)
+            # 2s(μ_i − μ_j), the difference in float64 rounded once into W's dtype. Where
+            # some max |μ| is outside [2^-60, 2^60], on μ/c, c a power of two near it (at
+            # least the smallest normal number of W's dtype), and C divided by c at the
+            # end: exact, and 2(μ_i − μ_j) no longer overflows from |λ| ~ 9e307 (inf − inf:
+            # NaN), nor a float32 gap of subnormal eigenvalues to an infinite reciprocal.
+            c = None if 2.0**-60 <= lo and hi <= 2.0**60 else pow2_floor(top.clamp_min(torch.finfo(W.dtype).tiny))
+            mu2 = (mu if c is None else mu.div(c)).mul(2.0 * sign)
             gap = (mu2[..., None, sel] - mu2[..., :, None]).to(W.dtype)
             # 1/gap with the diagonal j = i (and degenerate pairs) sent to 1/inf = 0.
             torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
             if any_near:
-                degenerate = gap.abs() <= limit.div(c).mul_(2.0).unsqueeze(-1)
+                degenerate = gap.abs() <= (limit if c is None else limit.div(c)).mul(2.0).unsqueeze(-1)
                 if not batched:
                     warn_degenerate_pairs(W, degenerate, sel, ctx.gap_tol, uses_values=g_lam is not None)
                 gap.masked_fill_(degenerate, math.inf)
-            C = W.mul_(gap.reciprocal_()).div_(c.to(W.dtype).unsqueeze(-1))
+            C = W.mul_(gap.reciprocal_())
+            if c is not None:
+                C.div_(c.to(W.dtype).unsqueeze(-1))
         else:
             C = V.new_zeros(mu.shape + (k,))
         if g_lam is not None:
@@ -241,6 +244,6 @@ class _EigenFunction(torch.autograd.Function):
             C = C + (lam if k == mu.shape[-1] else torch.nn.functional.pad(lam, (0, 0, 0, mu.shape[-1] - k)))
         grad = (V @ C) @ Vk.mT
         grad = (grad + grad.mT).to(ctx.dtype)
-        if not batched and may_overflow(gain, ctx.dtype):
+        if rare and not batched and may_overflow(gain, ctx.dtype):
             warn_gradient_overflow("eigen_decomposition", g_vec, [("X", grad)], (-2, -1))
         return grad, None, None, None
