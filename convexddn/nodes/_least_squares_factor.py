@@ -178,20 +178,18 @@ def conditioning(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor, qtb: t
     w = torch.linalg.solve_triangular(Rs, torch.linalg.solve_triangular(Rs.mT, v, upper=False), upper=True)
     gain = w.abs().amax((-2, -1)) / v.abs().amax((-2, -1))  # ≈ 1/σ_min(Rs)²
     tiny = ~(gain * (tol * top.squeeze(-1)) ** 2 < 1)  # (NaN, inf: an exact zero pivot)
-    # κ(Rs) ≈ σ_max/σ_min with σ_max² ≤ N (unit columns); a and c scaled by their larger.
+    # κ(Rs) ≈ σ_max/σ_min with σ_max² ≤ N (unit columns); (a + κc)/(a + c) within a
+    # factor 2 of 1 + (κ − 1) c/max(a, c). (Singular and non-finite elements raise before
+    # the estimate is read: no selection for them here.)
     kappa = (gain * n).sqrt()
     a = qtb[..., :n, :].abs().amax((-2, -1))
     c = qtb[..., n:, :].abs().amax((-2, -1)) if qtb.shape[-2] > n else torch.zeros_like(a)
-    big = torch.maximum(a, c)
-    fit = torch.where(big > 0, a / big, 1.0)
-    off = torch.where(big > 0, c / big, 0.0)
-    est = eps * kappa * (fit + kappa * off) / (fit + off)
+    est = (c / torch.maximum(a, c).clamp_min_(torch.finfo(R.dtype).tiny)).mul_(kappa - 1).add_(1).mul_(kappa * eps)
     if graded is not None:
-        est = torch.where(graded, 0.0, est)
-    finite = torch.isfinite(top.squeeze(-1))
-    # 1/σ_min(R)² ≤ 1/(σ_min(Rs)² min ‖column‖²), R = Rs diag(‖column‖).
-    inv_sigma2 = gain / torch.where(columns > 0, columns, math.inf).amin(-1) ** 2
-    return (small | tiny) & finite, torch.where(finite & ~(small | tiny), est, 0.0), inv_sigma2
+        est = est.masked_fill(graded, 0.0)
+    # 1/σ_min(R)² ≤ 1/(σ_min(Rs)² min ‖column‖²), R = Rs diag(‖column‖) (a zero column: inf,
+    # a singular element, which raises).
+    return (small | tiny) & torch.isfinite(top.squeeze(-1)), est, gain / columns.amin(-1) ** 2
 
 
 def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor,

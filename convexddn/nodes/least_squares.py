@@ -24,9 +24,9 @@ triangular solves gives :math:`v = H^{-1} g`; then, with the residual
     \\bar b = W A v, \\quad \\bar A = W (r v^\\top - A v x^\\top), \\quad
     \\bar w_m = (A v)_m\\, r_m, \\quad \\bar\\rho_n = -v_n x_n,
 
-summed over the columns of ``b`` when it has several. No Jacobian is formed. With
-weights, :math:`W A v` and :math:`W r` are formed through the forward's Q
-(``_least_squares_factor.weighted_terms``), and the jvp's
+summed over the columns of ``b`` when it has several. No Jacobian is formed. Where
+weights sort the rows (one over 1024× a data row), :math:`W A v` and :math:`W r` are
+formed through the forward's Q (``_least_squares_factor.weighted_terms``), and the jvp's
 :math:`H^{-1} A^\\top W d` as :math:`R^{-1} (Q^\\top W^{1/2} d)_{:n}`: a heavy row's
 :math:`(A v)_m` is :math:`\\sim 1/w_m`, and formed directly it erred by eps times :math:`w_m`.
 
@@ -95,8 +95,10 @@ class _LeastSquaresFunction(torch.autograd.Function):
         # (The gain matters only to a backward: none follows a call outside the Function.)
         singular, error, inv_sigma2 = conditioning(d, columns, R, qtb, graded)
         gain = backward_gain(d, x, bt, columns, inv_sigma2) if gate.check else d.new_zeros(())
-        # With weights, the derivatives also use Q (the reflectors, the row order, Qᵀ b).
-        weighted = () if w is None else (a, tau, qtb) + (() if order is None else (order,))
+        # Where weights sorted the rows (one over 1024× a data row), the derivatives also
+        # use Q (the reflectors, the row order, Qᵀ b); within that spread the direct
+        # formulas err by eps·w_max/w_min at most (2e-10), and cost an ormqr less.
+        weighted = () if w is None or order is None else (a, tau, qtb, order)
         return (x.to(out_dtype, copy=True), R, x, singular, error, gain) + weighted
 
     @staticmethod
@@ -132,7 +134,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         grads: list[Any] = [None] * 6  # A, b, weights, ridge, out_dtype, gate
         if need[0] or need[2]:
             r = b - A @ x
-        if wcol is not None and (need[0] or need[1]):
+        if q and (need[0] or need[1]):
             # W A v = W^{1/2} Q R⁻ᵀ g and W r = W^{1/2} r_w, r_w = Q [0; (Qᵀ W^{1/2} b) below n]
             # (the weighted residual): a heavy row's (A v)_m and r_m are ~1/w_m, and formed
             # directly they had an error of eps, times w_m (a weight of 1e16: dL/db 100 % off).
@@ -142,7 +144,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
                 grads[1] = sw * u / c
             if need[0]:
                 grads[0] = sw * (rw @ vc.mT - u @ x.mT) / c
-        if need[0] and wcol is None:
+        if need[0] and not q:
             gA = (r / c) @ vc.mT
             # r vᵀ − (Av) xᵀ with one product accumulated in place (the subtraction of two
             # (…, M, N) products was the backward's largest op at (64, 40, 12)).
@@ -150,9 +152,9 @@ class _LeastSquaresFunction(torch.autograd.Function):
                 gA.baddbmm_(Av, x.mT, alpha=-1.0)
             else:
                 gA = gA - Av @ x.mT
-            grads[0] = gA
-        if need[1] and wcol is None:
-            grads[1] = Av
+            grads[0] = gA if wcol is None else wcol * gA
+        if need[1] and not q:
+            grads[1] = Av if wcol is None else wcol * Av
         if need[2]:
             grads[2] = (Av * r).sum(-1)
         if need[3]:
@@ -179,7 +181,8 @@ class _LeastSquaresFunction(torch.autograd.Function):
         range for A and dA ~ 1e200 where dx does not)."""
         A, b, w, ridge, R, x, *q = ctx.saved_tensors
         A, b = A.to(_WORK), b.to(_WORK)
-        sw = None if w is None else w.to(_WORK).unsqueeze(-1).sqrt()
+        wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
+        weigh = (lambda t: t) if wcol is None else (lambda t: wcol * t)  # noqa: E731
         c = power_of_two_scale(R)
         rc = (b - A @ x) / c
         rhs, data = None, None  # data: what enters through AᵀW (db − dA x), see below
@@ -192,7 +195,8 @@ class _LeastSquaresFunction(torch.autograd.Function):
             A_t = A_t.to(_WORK)
             data = -(A_t @ x)
             # dAᵀW r = dAᵀ W^{1/2} r_w with the weighted residual r_w from Q (as the backward).
-            add(A_t.mT @ (rc if sw is None else sw * weighted_terms(q, None, R.shape[-1], A.shape[-2])[1] / c))
+            wr = weigh(rc) if not q else wcol.sqrt() * weighted_terms(q, None, R.shape[-1], A.shape[-2])[1] / c
+            add(A_t.mT @ wr)
         if b_t is not None:
             data = b_t.to(_WORK) if data is None else data + b_t.to(_WORK)
         if w_t is not None:
@@ -200,14 +204,14 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if ridge_t is not None:
             add(-ridge_t.to(_WORK).unsqueeze(-1) * x / c)
         dx = torch.zeros_like(x)
-        if data is not None and sw is not None:
+        if data is not None and q:
             # H⁻¹ AᵀW d = R⁻¹ (Qᵀ W^{1/2} d) above n, as the forward solves (through H, a
             # heavy row's terms had errors of eps times its weight: dx/db 1e14 off at w = 1e30).
             a, tau, _, *order = q
-            z = apply_qt(a, tau, sw * data, order[0] if order else None)[..., :R.shape[-1], :]
+            z = apply_qt(a, tau, wcol.sqrt() * data, order[0] if order else None)[..., :R.shape[-1], :]
             dx = dx + torch.linalg.solve_triangular(R / c, z, upper=True) / c
         elif data is not None:
-            add(A.mT @ (data / c))
+            add(A.mT @ weigh(data / c))
         if rhs is not None:
             dx = dx + _h_solve(R / c, rhs.expand_as(x)) / c
         return (dx.to(ctx.dtypes[0]),) + (None,) * (5 + len(q))
