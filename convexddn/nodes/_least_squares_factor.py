@@ -254,7 +254,10 @@ def check_solution(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_r
     if rank:
         raise_rank(bad_rank)
     if broken:
-        raise SolverError("least_squares: the solution overflowed (finite inputs of extreme magnitude)")
+        idx = [tuple(int(i) for i in row) for row in torch.nonzero((~torch.isfinite(x)).any(-1).any(-1)).tolist()]
+        raise SolverError(f"least_squares: the solution overflowed (finite inputs of extreme magnitude) for "
+                          f"{len(idx)} batch element(s) (indices {idx[:_MAX_INDICES_SHOWN]})",
+                          indices=idx, statuses=["overflow"] * len(idx))
     if worst > WARN_ERROR:
         warn(f"least_squares: x may be inaccurate for {shown_indices((error > WARN_ERROR).reshape(-1))}: "
              f"estimated relative error up to {worst:.1e} in float64, the problem's own sensitivity to "

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._checks import check_bool, check_device, check_finite, check_number, check_tensor
-from ..errors import OptionError, ShapeError
+from ..errors import NonFiniteError, OptionError, ShapeError, SolverError
 from ._repr import format_option
 from .least_squares import least_squares
 
@@ -78,8 +78,11 @@ def linear_fit(
         - Output: :class:`LinearFit` ``coef (*, C)``, ``intercept (*)``.
 
     Raises:
-        DTypeError, ShapeError, NonFiniteError, SolverError: as :func:`least_squares`
-            (``A`` there is ``x`` transposed).
+        DTypeError, ShapeError, SolverError: as :func:`least_squares` (``A`` there is
+            ``x`` transposed, with a column of ones for the intercept); fewer vectors than
+            unknowns with ``ridge = 0`` and, with ``bias`` and a ridge > 0, weights that are
+            all zero (the intercept is not regularised) are said in ``linear_fit``'s terms.
+        NonFiniteError: ``x``, ``target``, ``weights`` or ``ridge`` holds NaN or Inf (named).
         OptionError: a non-bool ``bias``; a numeric ``ridge`` that is not finite and >= 0.
         InputError: negative ``weights`` or a negative tensor ``ridge``; ``target``,
             ``weights`` or a tensor ``ridge`` not on ``x``'s device.
@@ -95,9 +98,10 @@ def linear_fit(
     x = check_tensor("x", x)
     target = check_tensor("target", target)
     _check_layer_options(ridge, bias)
+    given = (("x", x), ("target", target), ("weights", weights), ("ridge", ridge))
     # Refused, not moved (as least_squares and the other nodes do): a copy between
     # devices at every call would be hidden, and least_squares' own error names b and A.
-    for name, t in (("target", target), ("weights", weights), ("ridge", ridge)):
+    for name, t in given[1:]:
         check_device(name, t, x)
     if x.ndim < 2:
         raise ShapeError(f"x must have shape (*, C, T), got shape {tuple(x.shape)}")
@@ -107,7 +111,7 @@ def linear_fit(
     if bias:  # (a column of ones even where C = 0: the fit is then the intercept alone)
         A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], -1)
     if isinstance(ridge, torch.Tensor):  # (checked by _check_layer_options)
-        rr = ridge.unsqueeze(-1).to(x.dtype)
+        rr = ridge.unsqueeze(-1)  # (its own dtype: cast to float32 a ridge of 1e39 was Inf)
         if bias:
             rr = torch.cat([rr.expand(*rr.shape[:-1], c), torch.zeros_like(rr)], -1)
         r = rr
@@ -126,7 +130,28 @@ def linear_fit(
         A = A.reshape((1,) * extra + A.shape)
     elif extra < 0:
         target = target.reshape((1,) * -extra + target.shape)
-    sol = least_squares(A, target.to(x.dtype), weights, r)
+    if (r is None or (not isinstance(r, torch.Tensor) and r == 0)) and x.shape[-1] < A.shape[-1]:
+        raise ShapeError(
+            f"linear_fit needs at least C{' + 1' if bias else ''} = {A.shape[-1]} vectors (T) with "
+            f"ridge = 0, got x of shape {tuple(x.shape)}; pass ridge > 0")
+    try:
+        sol = least_squares(A, target.to(x.dtype), weights, r)
+    except NonFiniteError:
+        # least_squares names its own A and b (x transposed, the ones column): name ours.
+        for name, t in given:
+            if isinstance(t, torch.Tensor):
+                check_finite(name, t)
+        raise
+    except SolverError as err:
+        # With a number ridge > 0 only the intercept is unregularised: singular exactly
+        # where the weights sum to 0 (least_squares' advice, a larger ridge, cannot help).
+        if not (bias and isinstance(ridge, (int, float)) and ridge > 0 and "rank deficient" in str(err)):
+            raise
+        raise SolverError(
+            f"linear_fit: the weights are all zero for {len(err.indices)} batch element(s) (indices "
+            f"{err.indices[:8]}), which leaves the intercept undetermined (it is not regularised, so "
+            "no ridge helps; bias=False fits without it)",
+            indices=err.indices, statuses=err.statuses) from None
     if bias:
         return LinearFit(sol[..., :c], sol[..., c])
     return LinearFit(sol, sol.new_zeros(sol.shape[:-1]))

@@ -1119,3 +1119,14 @@ def test_data_scale_residual_sees_what_relative_terms_hide():
     assert data_scale_residual(A, b, c, far, np.zeros(1), np.zeros(1)) == 1e3
     sol = np.array([3.0, 3.0])
     assert data_scale_residual(A, b, c, sol, np.zeros(1), np.zeros(1)) == 0.0
+
+
+def test_a_subnormal_parameter_raises_no_numpy_warning():
+    # The data spread's quotient overflowed (largest / 1e-320): numpy's RuntimeWarning
+    # reached the caller beside the layer's own SolverWarning. The spread is inf there.
+    from convexddn.convex.spread import data_spread
+    import scipy.sparse as sp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert data_spread(sp.csc_matrix(np.array([[1.0, 1e-320]])), np.ones(1), np.ones(2)) == math.inf

@@ -737,3 +737,40 @@ def test_float16_weights_beside_float32_data_warn_where_their_gradient_overflows
     x = least_squares(A, b, w)
     with pytest.warns(GradientWarning, match="gradient with respect to weights"):
         torch.autograd.grad(x.sum(), w)
+
+
+def test_linear_fit_errors_name_its_own_arguments():
+    # least_squares' messages named its internal A and b (x transposed, a ones column):
+    # a NaN in x read "A must be finite ... (shape (2, 6, 4))", and all-zero weights with a
+    # ridge advised "pass ridge > 0", which cannot help the unregularised intercept.
+    x, t = torch.randn(2, 3, 6), torch.arange(6.0)
+    xn = x.clone()
+    xn[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"x must be finite, got 1 NaN .* \(shape \(2, 3, 6\)\)"):
+        linear_fit(xn, t)
+    with pytest.raises(NonFiniteError, match=r"target must be finite.* \(shape \(6,\)\)"):
+        linear_fit(x, torch.full((6,), float("nan")))
+    with pytest.raises(ShapeError, match=r"linear_fit needs at least C \+ 1 = 7 vectors .* \(2, 6, 4\)"):
+        linear_fit(torch.randn(2, 6, 4), torch.arange(4.0), None, 0.0)
+    with pytest.raises(SolverError, match="weights are all zero .* no ridge helps") as err:
+        linear_fit(x, t, torch.zeros(2, 6), 10.0)
+    assert err.value.indices == [(0,), (1,)]
+
+
+def test_linear_fit_keeps_a_float64_ridge_beside_float32_features():
+    # The tensor ridge was cast to x's dtype: a float64 ridge of 1e39 became Inf in float32
+    # and was refused as not finite; least_squares takes it as it is.
+    x, t = torch.randn(2, 3, 6), torch.arange(6.0)
+    fit = linear_fit(x, t, ridge=torch.full((2,), 1e39, dtype=D))
+    assert torch.isfinite(fit.coef).all() and fit.coef.abs().max() < 1e-30
+
+
+def test_an_overflowing_solution_names_its_batch_elements():
+    # SolverError documents indices of the failing elements; the overflow error had none.
+    torch.manual_seed(0)
+    A, b = torch.randn(4, 5, 2), torch.randn(4, 5)
+    A[2] *= 1e-30
+    b[2] *= 1e30  # x ~ 1e60, beyond float32
+    with pytest.raises(SolverError, match=r"overflowed .* indices \[\(2,\)\]") as err:
+        least_squares(A, b)
+    assert err.value.indices == [(2,)]
