@@ -161,12 +161,13 @@ def sinkhorn(
         NonFiniteError: NaN or Inf in cost, a or b.
         InputError: a marginal has an entry < 0, no entry > 0, or a positive entry
             below 1e-290 of its sum, or lives on another device; a row of ``cost`` spans
-            more than float64's range.
+            more than float64's range, or its span over ``eps`` does.
         OptionError: eps, tol not positive numbers; max_iter not an integer >= 1.
 
     Warns:
         SolverWarning: ``tol`` not reached in ``max_iter`` (names the batch indices);
-            the implicit gradient then assumes a solution that was not reached.
+            the implicit gradient then assumes a solution that was not reached. Also a
+            float16/bfloat16 plan whose entries exceed that dtype's range (Inf there).
         GradientWarning: in the backward, where the plan's support is disconnected and
             the marginal gradients are not unique (least-norm ones are returned), or
             nearly so (clusters far apart against ``eps``): the marginals' gradients
@@ -263,6 +264,11 @@ def sinkhorn(
         # solver subtracts each row's minimum).
         span = C.amax(-1) - C.amin(-1)
         wide = ~torch.isfinite(span)
+        if not bool(wide.any()) and not math.isfinite(float(span.amax()) / float(eps)):
+            # (the solver divides the shifted costs by eps: 1e100 spreads at eps 1e-211)
+            raise InputError(
+                f"cost's spread within a row over eps must stay below {torch.finfo(work).max:.3g} "
+                f"(float64's largest number), got {float(span.amax()):.3g} / {float(eps):.3g}; raise eps")
         if bool(wide.any()):
             i = int(wide.flatten().nonzero()[0])
             raise InputError(
@@ -287,7 +293,12 @@ def sinkhorn(
     if mass is not None:
         # Σa in two factors (its product may overflow where the plan's entries do not).
         P = (P * mass[0].unsqueeze(-1)).mul_(mass[1].unsqueeze(-1))
-    return P.to(cost.dtype)
+    out = P.to(cost.dtype)
+    if cost.dtype in (torch.float16, torch.bfloat16) and mass is not None and not bool(torch.isfinite(out).all()):
+        warn(f"sinkhorn: plan entries beyond {cost.dtype}'s range (largest "
+             f"{torch.finfo(cost.dtype).max:.3g}; marginals of mass up to {float(P.sum((-2, -1)).max()):.3g}) "
+             "are Inf; pass a float32 cost, or marginals of smaller mass", SolverWarning)
+    return out
 
 
 class OptimalTransport(nn.Module):

@@ -881,3 +881,20 @@ def test_marginal_gradients_of_a_nearly_disconnected_plan_warn():
         (sinkhorn(C, a, ones, eps=1.0, tol=1e-15) * V).sum().backward()
         # well separated against eps, but connected (cross mass ~1e-9): no warning either
         (sinkhorn(_two_clusters(4.6), a, ones, eps=1.0) * V).sum().backward()
+
+
+@pytest.mark.parametrize("scale, eps", [(1e100, 1e-211), (1.0, 1e-320)])
+def test_a_spread_over_eps_beyond_float64_is_an_input_error(scale, eps):
+    # The shifted costs over eps overflowed: NaN plans, with only a column-error warning
+    # ("raise max_iter or eps") and gradient warnings blaming the incoming gradient.
+    C = torch.rand(3, 4, generator=_gen(1), dtype=F64) * scale
+    with pytest.raises(InputError, match="spread within a row over eps"):
+        sinkhorn(C, eps=eps)
+
+
+def test_a_float16_plan_beyond_its_range_warns():
+    # Solved in float64 and cast back: entries of 1.5e5 became Inf in float16, silently.
+    C = torch.rand(2, 2, generator=_gen(2)).half()
+    with pytest.warns(SolverWarning, match="beyond torch.float16's range"):
+        P = sinkhorn(C, torch.tensor([3e5, 3e5]))
+    assert torch.isinf(P).all()
