@@ -21,7 +21,7 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
 
     Raises:
         DTypeError: not a tensor, or not float16/bfloat16/float32/float64.
-        InputError: a sparse (or other non-strided) tensor, or one on the ``meta``
+        InputError: a sparse (or other non-strided) or nested tensor, or one on the ``meta``
             device (no data to solve with): torch's own errors name neither the argument
             nor the fix.
     """
@@ -30,6 +30,9 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     if value.layout != torch.strided:
         raise InputError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; "
                          "call .to_dense() on it first")
+    if value.is_nested:  # (a nested tensor reports the strided layout)
+        raise InputError(f"{name} must be a dense tensor, got a nested tensor; pad it to one shape "
+                         "(torch.nested.to_padded_tensor) first")
     if value.is_meta:
         raise InputError(f"{name} is on the meta device (shape and dtype only, no data to solve with)")
     # is_floating_point() holds for the float8 types too, which few torch ops implement.

@@ -204,3 +204,15 @@ def test_positive_range_reads_min_and_max_with_the_check():
         positive_range("r", torch.tensor([1.0, -1.0]))
     with pytest.raises(OptionError, match="r must be finite and > 0"):
         positive_range("r", float("inf"))
+
+
+def test_nested_tensors_get_an_input_error():
+    """A nested tensor reports the strided layout and passed the check: torch then failed
+    inside ('NestedTensorImpl doesn't support sizes')."""
+    from convexddn.errors import InputError
+    from convexddn.nodes.total_variation import tv_denoise
+
+    nested = torch.nested.nested_tensor([torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)])
+    for name, fn, _, arg in _entry_points()[:-1] + [("tv_denoise", tv_denoise, None, r"x must")]:
+        with pytest.raises(InputError, match=f"({arg}).*nested tensor"):
+            fn(nested)
