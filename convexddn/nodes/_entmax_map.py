@@ -149,7 +149,6 @@ def entmax_map(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torc
     return p.to(x.dtype)
 
 
-
 def jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
     """(diag(s) − s sᵀ/1ᵀs) g with s = p^{2−α} on the support: the VJP and the JVP."""
     # Half precision would overflow s = p^{2−α} (α > 2) or lose the sums: use float32.

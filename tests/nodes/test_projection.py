@@ -1486,3 +1486,32 @@ def test_project_l2_sphere_steep_gain_forward_mode_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bool(torch.isfinite(_fwd_tangent(2, "sphere", x, r, torch.full_like(x, 1e-3), None)).all())
+
+
+@pytest.mark.parametrize("dtype, big, r", [(torch.float32, 1e11, 1e-33), (torch.float64, 1e100, 1e-220)])
+@pytest.mark.parametrize("mode", ["ball", "sphere"])
+def test_l2_projection_with_a_subnormal_scale_is_exact(dtype, big, r, mode):
+    # r/‖x‖ below the smallest normal number has lost bits: x·(r/‖x‖) came back 30 % off
+    # in float32 (y/r = [0.42, 0.56] for [0.6, 0.8]), silently, and right only when
+    # another row sent the batch down the rescaled path.
+    x = torch.tensor([[3 * big, 4 * big]], dtype=dtype)
+    y = project_lp(x, 2, mode, r)
+    torch.testing.assert_close(y / r, torch.tensor([[0.6, 0.8]], dtype=dtype), rtol=4 * torch.finfo(dtype).eps, atol=0)
+    both = project_lp(torch.cat([x, torch.zeros_like(x)]), 2, mode, r) if mode == "ball" else y
+    assert torch.equal(both[:1], y)
+
+
+@pytest.mark.parametrize("kind", ["simplex", "l1 ball", "l1 sphere"])
+def test_float16_simplex_and_l1_derivatives_sum_in_float32(kind):
+    # |S| and sᵀv were summed in float16: n = 1000 entries of 1 with an incoming gradient
+    # of 100 gave −inf (sᵀv = 1e5 > 65504); the true gradient is v − mean v = 0 and the
+    # radius's mean v = 100. Forward mode alike.
+    x = torch.ones(1, 1000, dtype=torch.float16, requires_grad=True)
+    r = torch.tensor([500.0], dtype=torch.float16, requires_grad=True)
+    fn = {"simplex": lambda x_, r_: project_simplex(x_, z=r_),
+          "l1 ball": lambda x_, r_: project_lp(x_, 1, "ball", r_),
+          "l1 sphere": lambda x_, r_: project_lp(x_, 1, "sphere", r_)}[kind]
+    gx, gr = torch.autograd.grad(fn(x, r), (x, r), torch.full((1, 1000), 100.0, dtype=torch.float16))
+    assert torch.equal(gx, torch.zeros_like(gx)) and gr.item() == 100.0
+    _, t = torch.func.jvp(lambda x_: fn(x_, r.detach()), (x.detach(),), (torch.full((1, 1000), 100.0, dtype=torch.float16),))
+    assert torch.equal(t, torch.zeros_like(t))

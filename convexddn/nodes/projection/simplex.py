@@ -27,6 +27,11 @@ _OVERFLOW = ("{}: the threshold overflows after rescaling ({} is Inf in x's dtyp
              "torch.compile a radius beyond that range is not widened: pass x in a wider dtype)")
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the derivatives' row sums run in: at least float32 (16-bit sums overflow)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _sorted_threshold(
     u: torch.Tensor, c: torch.Tensor, z: float | torch.Tensor, d: int
 ) -> torch.Tensor:
@@ -176,16 +181,18 @@ class L1ReverseFn(torch.autograd.Function):
         # inside the ball (θ = 0) Dy = I.
         s = y.sign()
         m = s.abs()
-        k = m.sum(d, keepdim=True).clamp_(min=1.0)
+        # (Sums at least in float32: in float16 |S| > 65504, or sᵀv of a moderate v, was Inf.)
+        acc = _accumulator(y.dtype)
+        k = m.sum(d, keepdim=True, dtype=acc).clamp_(min=1.0)
         # A select, not a product with the mask: sᵀv may overflow (v near the largest
         # float), and Inf·0 made the inside gradient v NaN.
-        coef = (s * grad_y).sum(d, keepdim=True) / k
+        coef = (s * grad_y).sum(d, keepdim=True, dtype=acc) / k
         coef = torch.where(active, coef, torch.zeros_like(coef))
         grad_x = grad_r = None
         if ctx.needs_input_grad[0]:
             # Pass-through mask: the support on active rows, everything on inactive ones.
             keep = torch.maximum(m, (~active).to(m.dtype))
-            grad_x = torch.addcmul(grad_y * keep, s, coef, value=-1.0)
+            grad_x = torch.addcmul(grad_y * keep, s, coef.to(y.dtype), value=-1.0)
         if ctx.needs_input_grad[1]:
             # dθ/dr = −1/|S|, so dy/dr = s/|S| on the support: sᵀv / |S|.
             grad_r = _sum_to(coef, r_t)
@@ -205,8 +212,9 @@ def _l1_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
     d = ctx.d
     s = y.sign()
     m = s.abs()
-    k = m.sum(d, keepdim=True).clamp_(min=1.0)
-    shift = (s * x_t).sum(d, keepdim=True) if x_t is not None else torch.zeros_like(k)
+    acc = _accumulator(y.dtype)
+    k = m.sum(d, keepdim=True, dtype=acc).clamp_(min=1.0)
+    shift = (s * x_t).sum(d, keepdim=True, dtype=acc) if x_t is not None else torch.zeros_like(k)
     if r_t is not None:
         shift = shift - r_t
     # A select, not a product with the mask (as in the backward): Inf·0 would be NaN.
@@ -215,7 +223,7 @@ def _l1_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
         base = torch.zeros_like(y)
     else:  # the support on active rows, everything on inactive ones
         base = x_t * torch.maximum(m, (~active).to(m.dtype))
-    return torch.addcmul(base, s, coef, value=-1.0), None
+    return torch.addcmul(base, s, coef.to(base.dtype), value=-1.0), None
 
 
 L1ProjectionFn = with_forward_mode(
@@ -262,12 +270,13 @@ class SimplexProjectionFn(torch.autograd.Function):
         """Forward mode: Dy·ẋ = m ∘ ẋ − m (mᵀẋ)/|S| (+ m ż/|S|), m the support indicator."""
         y = ctx.saved_tensors[0]
         m = y.sign()
-        size = m.sum(ctx.d, keepdim=True).clamp_(min=1.0)
+        acc = _accumulator(y.dtype)
+        size = m.sum(ctx.d, keepdim=True, dtype=acc).clamp_(min=1.0)
         mx = m * x_t if x_t is not None else torch.zeros_like(y)
-        shift = mx.sum(ctx.d, keepdim=True)
+        shift = mx.sum(ctx.d, keepdim=True, dtype=acc)
         if isinstance(z_t, torch.Tensor):
             shift = shift - z_t
-        return torch.addcmul(mx, m, shift / size, value=-1.0)
+        return torch.addcmul(mx, m, (shift / size).to(mx.dtype), value=-1.0)
 
     @staticmethod
     @first_order("project_simplex")
@@ -276,10 +285,11 @@ class SimplexProjectionFn(torch.autograd.Function):
         # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
         m = y.sign()  # y ≥ 0, so this is the support indicator (float: faster than bool)
         gm = m * grad_y
-        mean = gm.sum(ctx.d, keepdim=True) / m.sum(ctx.d, keepdim=True).clamp_(min=1.0)
+        acc = _accumulator(y.dtype)
+        mean = gm.sum(ctx.d, keepdim=True, dtype=acc) / m.sum(ctx.d, keepdim=True, dtype=acc).clamp_(min=1.0)
         grad_x = grad_z = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(gm, m, mean, value=-1.0)
+            grad_x = torch.addcmul(gm, m, mean.to(gm.dtype), value=-1.0)
         if ctx.needs_input_grad[1]:
             # τ = (Σ_S x − z)/|S|, so dy/dz = m/|S|: the support mean of v.
             grad_z = _sum_to(mean, z_t)
