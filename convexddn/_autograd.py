@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
         return args
 
 __all__ = ["batched_values", "bind_fast", "without_autocast", "functorch_transforms", "refuse_transforms",
-           "refuse_vmap", "may_carry_tangents", "plain", "save_plain"]
+           "refuse_trace", "refuse_vmap", "may_carry_tangents", "plain", "save_plain"]
 
 
 def plain(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -132,11 +132,23 @@ def batched_values(t: Any) -> bool:
     return False
 
 
+def refuse_trace(name: str) -> None:
+    """Raise a ProblemError under ``torch.jit.trace``: a node's solver decides on the host
+    from the values (paths, iteration counts), which a trace records as constants, so the
+    traced module can be silently wrong on new inputs (a traced ConvexLayer also lost its
+    gradient; a fresh one failed inside with 'unordered_map::at')."""
+    if torch.jit.is_tracing():
+        raise ProblemError(f"{name} does not run under torch.jit.trace: its solver decides on the host from the "
+                           "values, which a trace would record as constants (silently wrong on new inputs); "
+                           "use torch.compile")
+
+
 def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = True,
                 constants: bool = True) -> None:
-    """Raise a ProblemError where torch.func.vmap batches a node's inputs (its solver
-    decides on the host from their values: torch failed inside with "data-dependent
-    control flow" or "Cannot access data pointer"), or, with ``tangents=False`` (a node
+    """Raise a ProblemError under torch.jit.trace (:func:`refuse_trace`), and where
+    torch.func.vmap batches a node's inputs (its solver decides on the host from their
+    values: torch failed inside with "data-dependent control flow" or "Cannot access
+    data pointer"), or, with ``tangents=False`` (a node
     whose Function has no vmap rule), under torch.func.jacfwd, which batches the tangents
     ("does not have vmap support"; a plain vmap over a call on constants works); with
     ``constants=False`` under any vmap (a Function that has no vmap rule even on
@@ -145,6 +157,7 @@ def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = T
     # (Inside torch.compile there is no transform to see, and dynamo cannot trace the lookup.)
     if torch.compiler.is_compiling():
         return
+    refuse_trace(name)
     transforms = functorch_transforms()
     if "Vmap" not in transforms:
         return

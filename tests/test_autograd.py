@@ -366,3 +366,28 @@ def test_robust_pool_forward_over_reverse_is_refused():
     f = torch.func.grad(lambda z: robust_pool(z, "huber", 1.0).pow(2).sum())
     with pytest.raises(DoubleBackwardError, match="robust_pool"):
         torch.func.jvp(f, (x,), (torch.ones_like(x),))
+
+
+def test_torch_jit_trace_is_refused_by_name():
+    # A trace records the solver's host-side decisions (paths, iteration counts) as
+    # constants: a traced TotalVariation1d was silently wrong on new inputs, a traced
+    # ConvexLayer lost its gradient (and a fresh one failed with 'unordered_map::at').
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+    from convexddn.errors import ProblemError
+    from convexddn.functional import entmax, project_lp, robust_pool, robust_vector_pool, tv_denoise
+
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    p = cp.Parameter(3, name="p")
+    y = cp.Variable(3)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - p)), [y >= 0]), [p], [y])
+    layer(torch.randn(3, dtype=torch.float64))  # (a layer called once traced "fine", without a gradient)
+    for name, fn, arg in [("robust_pool", lambda t: robust_pool(t, "welsch", 1.0), x),
+                          ("robust_vector_pool", lambda t: robust_vector_pool(t, "huber", 1.0), x),
+                          ("project_lp", lambda t: project_lp(t, 1, "ball", 1.0), x),
+                          ("entmax", lambda t: entmax(t, 1.5), x),
+                          ("tv_denoise", lambda t: tv_denoise(t, 0.5), x),
+                          ("ConvexLayer", layer, torch.randn(3, dtype=torch.float64))]:
+        with pytest.raises(ProblemError, match=f"{name} does not run under torch.jit.trace"):
+            torch.jit.trace(fn, (arg,), check_trace=False)

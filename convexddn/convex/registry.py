@@ -193,6 +193,15 @@ def _check_signature(name: str, builder: Callable) -> None:
             f"register({name!r}): builder {_origin(builder)} must take each option as a named "
             f"keyword parameter (describe() lists them, build() checks them), got "
             f"{', '.join(unnamed)}; declare each option as a parameter of its own")
+    # build(name, **options) and layer(name, backend=..., **options) take these themselves:
+    # an option of that name was accepted here and then unusable (a raw TypeError).
+    taken = [p.name for p in params if p.name in _RESERVED]
+    if taken:
+        raise OptionError(f"register({name!r}): builder {_origin(builder)} has option(s) {taken}, names that "
+                          f"build() and convexddn.layer() take themselves ({sorted(_RESERVED)}); rename them")
+
+
+_RESERVED = frozenset({"name", "backend"})
 
 
 def _origin(builder: Callable) -> str:

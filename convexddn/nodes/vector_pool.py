@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .._autograd import (batched_values, bind_fast, functorch_transforms, may_carry_tangents, refuse_batched,
-                         without_autocast)
+                         refuse_trace, without_autocast)
 from .._first_order import first_order, first_order_jvp
 from .._checks import (
     check_device,
@@ -262,6 +262,7 @@ def robust_vector_pool(
         True
     """
     check_tensor("x", x)
+    refuse_trace("robust_vector_pool")
     pen = _check_options(penalty, alpha, dim, vector_dim, tol, max_iter, starts)
     if x.ndim < 2:
         raise ShapeError(f"x must have a vector dim and a set dim, got shape {tuple(x.shape)}")

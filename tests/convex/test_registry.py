@@ -659,3 +659,20 @@ def test_registry_importable_under_its_documented_name():
 
     assert mod is convexddn.registry is importlib.import_module("convexddn.convex.registry")
     assert build is mod.build and "qp" in names()
+
+
+def test_register_refuses_options_named_like_build_and_layer_arguments():
+    # build(name, **options) and layer(name, backend=..., **options): an option called
+    # name or backend was registered, then failed as a raw TypeError ("multiple values for
+    # argument 'name'") or as layer's own backend check.
+    def with_name(n: int, name: float = 1.0):
+        raise AssertionError("not called")
+
+    def with_backend(n: int, backend: float = 1.0):
+        raise AssertionError("not called")
+
+    for builder, reserved in ((with_name, "name"), (with_backend, "backend")):
+        with pytest.raises(OptionError, match=rf"has option\(s\) \['{reserved}'\], names that build\(\) and "
+                           r"convexddn.layer\(\) take themselves"):
+            registry.register("test_reserved", "never registered")(builder)
+        assert "test_reserved" not in registry.names()

@@ -1784,3 +1784,15 @@ def test_keepdim_shaped_alpha_under_vmap():
     assert plain.shape == (3, 1, 6) and mapped.shape == (2, 3, 1, 6)
     torch.testing.assert_close(mapped[0], plain, rtol=0, atol=1e-12)
     torch.testing.assert_close(mapped[1], plain + 1, rtol=0, atol=1e-12)
+
+
+def test_pseudo_huber_cvxpy_form_takes_a_huge_alpha():
+    # Its constant −n·alpha**2 raised OverflowError from alpha ~ 1.3e154 (a Python float
+    # power), where the native node returns the mean; the constant is left out there.
+    import cvxpy as cp
+
+    z = cp.Variable(4)
+    assert Penalty.resolve("pseudo_huber").cvxpy(z, 1e155).is_convex()
+    # Where it is finite the constant stays: the penalty sum is 0 at z = 0.
+    z.value = [0.0, 0.0, 0.0, 0.0]
+    assert Penalty.resolve("pseudo_huber").cvxpy(z, 2.0).value == pytest.approx(0.0, abs=1e-12)

@@ -160,7 +160,10 @@ class PseudoHuber(Penalty):
 
         n = z.shape[0]
         stacked = cp.vstack([np.full(n, alpha), z])  # columns (alpha, z_i)
-        return alpha * cp.sum(cp.norm(stacked, 2, axis=0)) - n * alpha ** 2
+        # The constant only shifts the objective: left out where it overflows (alpha ** 2
+        # raised OverflowError from alpha ~ 1.3e154; the minimiser does not depend on it).
+        constant = n * alpha * alpha
+        return alpha * cp.sum(cp.norm(stacked, 2, axis=0)) - (constant if math.isfinite(constant) else 0.0)
 
     def dphi_norm(self, h, w, n, alpha, spread):
         # phi'^2 = alpha^2 (1 - 1/q), q = 1 + r^2 >= 1, and sum 1/q >= sum q^-3/2 = h;

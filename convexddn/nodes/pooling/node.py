@@ -38,7 +38,7 @@ from ..._checks import (
     normalize_dims,
     positive_range,
 )
-from ..._autograd import batched_values, functorch_transforms
+from ..._autograd import batched_values, functorch_transforms, refuse_trace
 from ...errors import ProblemError, ShapeError
 from .._repr import format_option
 from .._vmap_stack import stacked_under_vmap
@@ -196,6 +196,7 @@ def robust_pool(
         2021, Table 1 and §6.1.
     """
     check_tensor("x", x)
+    refuse_trace("robust_pool")
     pen = _check_options(penalty, keepdim, tol, max_iter, compile)
     vmapped = "Vmap" in functorch_transforms()  # (vmap itself, and jacfwd, jacrev)
     wide = False if vmapped and batched_values(alpha) else _check_alpha(alpha)  # (batched: checked stacked)
