@@ -258,19 +258,21 @@ def _solve(
     C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
     pad: Padding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-    """(plan, column error, potentials): with ``pad``, (f, g, shifted costs) for the
-    completion (f, g = −∞ on dead rows, columns); None without."""
+    """(plan, column error, potentials): with ``pad``, (f, g, the caller's costs, the row
+    and column shifts) for the completion (f, g = −∞ on dead rows, columns); None without."""
     # The plan is unchanged by adding a constant to a row of C (α absorbs it), so the
     # spread that matters is the largest range within a row.
+    C0, s, t = C, 0.0, 0.0  # (the caller's costs and the shifts, for the completion)
     if C.numel():  # (and a huge offset of a whole row or column, which that range would round in)
-        C = offsets_removed(C, pad)
+        C, s, t = offsets_removed(C, pad)
     if pad is None:
         D = C - C.amin(-1, keepdim=True)
         top = float(D.amax()) if C.numel() else 0.0
     else:
         # Shifts and spread from the live entries only; the solver sees 0 at dead ones.
         # (|C|'s largest times 0 is NaN where any cost is NaN or Inf, dead ones too.)
-        full = row_shifted(C, pad)
+        full, low = row_shifted(C, pad)
+        s = s + low
         D = full.masked_fill(pad.dead, 0.0)
         top = float(D.amax() + C.abs().amax() * 0.0)
     if not math.isfinite(top):
@@ -281,7 +283,7 @@ def _solve(
     if top <= SCALE_ABOVE * eps:
         P, err, v, used, worst, u = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol, pad)
         if used >= max_iter or worst <= tol:
-            return P, err, None if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log(), full)
+            return P, err, None if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log(), C0, s, t)
         # (The kernel overwrote D; β = log v is relative to the same row-shifted costs,
         # whose entries, at most 50ε, keep the potentials small.)
         D = C - C.amin(-1, keepdim=True) if pad is None else full.masked_fill(pad.dead, 0.0)
@@ -294,13 +296,15 @@ def _solve(
         if pad is None:
             D.sub_(D.amin(-2, keepdim=True))
         else:
-            D = col_shift_(full, pad).masked_fill(pad.dead, 0.0)
+            full, low = col_shift_(full, pad)
+            t = t + low
+            D = full.masked_fill(pad.dead, 0.0)
         # Each element's own spread sets its ε-scaling schedule: an easy element batched
         # with a hard one must neither run the hard one's stages nor wait on its budget.
         spread = D.amax((-2, -1))
         start = torch.where(spread > SCALE_ABOVE * eps, spread / SCALE_ABOVE, eps)
         st = _solve_at(D, a, b, eps, max_iter, tol, None, start, pad)[0]
-    return st.P, st.err, None if pad is None else (st.alpha, st.beta, full)
+    return st.P, st.err, None if pad is None else (st.alpha, st.beta, C0, s, t)
 
 
 def _solve_at(

@@ -84,13 +84,14 @@ class Padding:
         self.dead, self.both = dr | dc, dr & dc
 
 
-def row_shifted(C: torch.Tensor, pad: Padding) -> torch.Tensor:
-    """C less each row's minimum over the live columns, 0 on dead × dead entries."""
+def row_shifted(C: torch.Tensor, pad: Padding) -> tuple[torch.Tensor, torch.Tensor]:
+    """C less each row's minimum over the live columns, 0 on dead × dead entries; and
+    those minima (…, M, 1)."""
     low = C.masked_fill(pad.dead_c.unsqueeze(-2), math.inf).amin(-1, keepdim=True)
-    return (C - low).masked_fill_(pad.both, 0.0)
+    return (C - low).masked_fill_(pad.both, 0.0), low
 
 
-def offsets_removed(C: torch.Tensor, pad: Padding | None) -> torch.Tensor:
+def offsets_removed(C: torch.Tensor, pad: Padding | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """C less the offset of each row, then each column, whose live entries all lie
     within ``OFFSET_SPREAD`` of their minimum's magnitude (that minimum); others as they are.
 
@@ -100,7 +101,10 @@ def offsets_removed(C: torch.Tensor, pad: Padding | None) -> torch.Tensor:
     rounded the row's other entries away (the plan 1e-7 off at an offset of 1e10, 0.14
     at 1e20, without a warning), and a column shift applied first rounds a huge row's
     differences away in turn. A line's own minimum removes its offset exactly.
+    Also returns the shifts, ``(…, M, 1)`` per row and ``(…, 1, N)`` per column (zeros
+    where none), for :func:`completion`.
     """
+    shifts = []
     for dim, dead in ((-1, None if pad is None else pad.dead_c.unsqueeze(-2)),
                       (-2, None if pad is None else pad.dead_r.unsqueeze(-1))):
         lo = (C if dead is None else C.masked_fill(dead, math.inf)).amin(dim, keepdim=True)
@@ -108,9 +112,11 @@ def offsets_removed(C: torch.Tensor, pad: Padding | None) -> torch.Tensor:
         offset = hi - lo <= OFFSET_SPREAD * lo.abs()
         # (Most costs have no offset line: the subtraction of zeros cost a seventh of
         # the forward at (2, 100, 100). One host sync per direction.)
-        if bool(offset.any()):
-            C = C - torch.where(offset, lo, 0.0)
-    return C
+        shift = torch.where(offset, lo, 0.0) if bool(offset.any()) else None
+        if shift is not None:
+            C = C - shift
+        shifts.append(torch.zeros_like(lo) if shift is None else shift)
+    return C, shifts[0], shifts[1]
 
 
 # A line (row or column) of costs is offset when its range is below this fraction of its
@@ -120,32 +126,47 @@ def offsets_removed(C: torch.Tensor, pad: Padding | None) -> torch.Tensor:
 OFFSET_SPREAD = 1e-3
 
 
-def col_shift_(full: torch.Tensor, pad: Padding) -> torch.Tensor:
-    """``full`` less each column's minimum over the live rows, in place."""
-    full.sub_(full.masked_fill(pad.dead_r.unsqueeze(-1), math.inf).amin(-2, keepdim=True))
-    return full.masked_fill_(pad.both, 0.0)
+def col_shift_(full: torch.Tensor, pad: Padding) -> tuple[torch.Tensor, torch.Tensor]:
+    """``full`` less each column's minimum over the live rows, in place; and those minima."""
+    low = full.masked_fill(pad.dead_r.unsqueeze(-1), math.inf).amin(-2, keepdim=True)
+    full.sub_(low)
+    return full.masked_fill_(pad.both, 0.0), low
 
 
 def completion(
-    P: torch.Tensor, f: torch.Tensor, g: torch.Tensor, full: torch.Tensor, eps: float, pad: Padding
+    P: torch.Tensor, f: torch.Tensor, g: torch.Tensor, C: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+    eps: float, pad: Padding
 ) -> torch.Tensor:
     r"""G: the plan on live entries, :math:`\pi_i` on dead rows, :math:`\rho_j` on dead columns.
 
     ``f``, ``g``: potentials with :math:`P_{ij} = e^{f_i + g_j - D_{ij}/\varepsilon}` on
-    live entries for the shifted costs ``full`` (D there), :math:`-\infty` on dead rows
-    and columns, so that :math:`\pi` and :math:`\rho` are 0 on dead × dead entries. A
-    row shift of D changes no :math:`\pi_i`, a column shift no :math:`\rho_j`.
+    live entries for the shifted costs :math:`D_{ij} = C_{ij} - s_i - t_j` (``C`` the
+    caller's, ``s`` ``(…, M, 1)`` and ``t`` ``(…, 1, N)`` the solver's row and column
+    shifts), :math:`-\infty` on dead rows and columns, so that :math:`\pi` and
+    :math:`\rho` are 0 on dead × dead entries. A dead column's
+    :math:`\rho_j = \operatorname{softmax}_i(f_i + s_i/\varepsilon - C_{ij}/\varepsilon)`
+    is formed from C less its minimum over the live rows and s less its largest (and a
+    dead row's π alike): the constants drop out of the softmax, and the padding values
+    are never shifted by the live lines' shifts, which rounded them (a padded column of
+    1e16 lost a single-entry row's shift, and the one-sided gradient there moved with the
+    padding value).
     """
     G = P
-    if pad.rows:  # (``full`` is row-shifted: a 0 in every row's live columns)
-        G = torch.where(pad.dead_r.unsqueeze(-1), torch.softmax(g.unsqueeze(-2) - full / eps, -1), G)
+    if pad.rows:
+        live = pad.dead_c.unsqueeze(-2)
+        W = C - C.masked_fill(live, math.inf).amin(-1, keepdim=True)
+        tt = t - t.masked_fill(live, -math.inf).amax(-1, keepdim=True)
+        arg = (g.unsqueeze(-2) + (tt - W) / eps).masked_fill(live, -math.inf)  # (dead columns: 0)
+        G = torch.where(pad.dead_r.unsqueeze(-1), torch.softmax(arg, -1), G)
     if pad.cols:
-        # Column-shifted first (a 0 in every column's live rows; 0 on dead × dead): a
-        # padded column of costs 1e300 at ε = 1e-10, or 1.7e308 at ε = 0.3, was +inf
-        # throughout after the division, its softmax NaN, and the backward spread that
-        # to every entry of b and a.
-        ce = col_shift_(full.clone(), pad) / eps
-        G = torch.where(pad.dead_c.unsqueeze(-2), torch.softmax(f.unsqueeze(-1) - ce, -2), G)
+        # Relative to the live rows' minimum first: a padded column of costs 1e300 at
+        # ε = 1e-10, or 1.7e308 at ε = 0.3, was +inf throughout after the division, its
+        # softmax NaN, and the backward spread that to every entry of b and a.
+        live = pad.dead_r.unsqueeze(-1)
+        V = C - C.masked_fill(live, math.inf).amin(-2, keepdim=True)
+        ss = s - s.masked_fill(live, -math.inf).amax(-2, keepdim=True)
+        arg = (f.unsqueeze(-1) + (ss - V) / eps).masked_fill(live, -math.inf)  # (dead rows: 0)
+        G = torch.where(pad.dead_c.unsqueeze(-2), torch.softmax(arg, -2), G)
     return G
 
 

@@ -898,3 +898,24 @@ def test_a_float16_plan_beyond_its_range_warns():
     with pytest.warns(SolverWarning, match="beyond torch.float16's range"):
         P = sinkhorn(C, torch.tensor([3e5, 3e5]))
     assert torch.isinf(P).all()
+
+
+@pytest.mark.parametrize("big", [1e16, 1e20, 1e300])
+def test_one_sided_gradients_at_padding_do_not_depend_on_its_costs(big):
+    # A constant added to a dead column leaves the plan unchanged, and so the one-sided
+    # derivative there. With one live column, each row's shift (its live cost) was
+    # subtracted from the padding too, and K − lo rounded to K: grad b at the padded
+    # entries moved from (−1.127, 0.942) at K = 0 to (3.15, 1.13) at 1e16, silently.
+    C0 = torch.randn(4, 3, generator=_gen(1), dtype=F64)
+    V = torch.randn(4, 3, generator=_gen(2), dtype=F64)
+    a = torch.rand(4, generator=_gen(3), dtype=F64) + 0.1
+    b = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+
+    def grad_b(k):
+        C = C0.clone()
+        C[:, 1:] = k
+        bb = b.clone().requires_grad_()
+        (sinkhorn(C, a, bb, eps=0.5) * V).sum().backward()
+        return bb.grad
+
+    torch.testing.assert_close(grad_b(big), grad_b(0.0), rtol=1e-12, atol=1e-12)
