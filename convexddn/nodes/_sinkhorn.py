@@ -176,14 +176,12 @@ def schur_solve(
     low = None
     if probe:  # (one more column: the triangular solves take both at once)
         v = generic_vector(rk.shape[-2], rk.dtype, rk.device).unsqueeze(-1).expand_as(rk)
-        v = v if fixed is None else v.masked_fill(fixed.unsqueeze(-1), 0.0)
-        rk = torch.cat([rk, v], -1)
+        rk = torch.cat([rk, v if fixed is None else v.masked_fill(fixed.unsqueeze(-1), 0.0)], -1)
     x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rk, upper=False), upper=True)
-    if probe:
-        x, y = x[..., :1], x[..., 1]
-        # (0 where every column is held, or none is left (N = 1): nothing solved, no λ_min)
+    if probe:  # (top 0 where every column is held, or none is left (N = 1): no λ_min, inf)
+        x, y, v = x[..., :1], x[..., 1], rk[..., 1]
         top = y.abs().amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
-        low = torch.where(top > 0, v[..., 0].abs().amax(-1) / top, math.inf) if y.shape[-1] else top + math.inf
+        low = torch.where(top > 0, v.abs().amax(-1) / top, math.inf) if y.shape[-1] else top + math.inf
     if bool(bad.any()):
         x[bad] = torch.linalg.pinv(Sk[bad], hermitian=True) @ rk[bad][..., :1]
     if fixed is not None:
@@ -284,8 +282,7 @@ def _solve(
         P, err, v, used, worst, u = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol, pad)
         if used >= max_iter or worst <= tol:
             return P, err, None if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log(), C0, s, t)
-        # (The kernel overwrote D; β = log v is relative to the same row-shifted costs,
-        # whose entries, at most 50ε, keep the potentials small.)
+        # (The kernel overwrote D; β = log v refers to the same row-shifted costs, ≤ 50ε.)
         D = C - C.amin(-1, keepdim=True) if pad is None else full.masked_fill(pad.dead, 0.0)
         st = _solve_at(D, a, b, eps, max_iter - used, tol, v.squeeze(-2).log(), None, pad)[0]
     else:
