@@ -714,3 +714,32 @@ def test_ill_conditioned_constraints_against_a_qr_reference(cond):
     ref = torch.autograd.grad((w * _affine_qr(*ref_ins)).sum(), ref_ins)
     for a, r in zip(got, ref):
         assert (a - r).abs().max() <= 1e-14 * cond * r.abs().max()
+
+
+class _SpherePlane(DeclarativeNode):
+    """argmin ½‖y − x‖² on the sphere ‖y‖ = 1 (written c·(‖y‖² − 1) = 0) and the plane
+    y₀ = 0.3; ``solve`` returns a point on the plane 10 % off the sphere."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return torch.cat([self.c * ((y**2).sum(-1, keepdim=True) - 1.0), y[:, :1] - 0.3], -1)
+
+    def solve(self, x):
+        z = x[:, 1:]
+        return torch.cat([torch.full_like(x[:, :1], 0.3), 1.1 * 0.91**0.5 * z / z.norm(dim=-1, keepdim=True)], -1)
+
+
+@pytest.mark.parametrize("c", [1.0, 1e-5, 1e-9])
+def test_the_feasibility_verdict_does_not_depend_on_a_constraints_units(c):
+    # Each active row's violation was judged against the norm of all active rows: the
+    # plane's unit row swamped the sphere's (2c‖y‖), and at c ≤ 1e-7 the 21 % violation
+    # (a gradient 17 % off) passed silently. Each row is now measured in its own units.
+    x = torch.tensor([[0.5, -0.2, 0.9, 0.3]], dtype=torch.float64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="first-order"):
+        torch.autograd.grad(_SpherePlane(c)(x).sum(), x)
