@@ -1796,3 +1796,16 @@ def test_pseudo_huber_cvxpy_form_takes_a_huge_alpha():
     # Where it is finite the constant stays: the penalty sum is 0 at z = 0.
     z.value = [0.0, 0.0, 0.0, 0.0]
     assert Penalty.resolve("pseudo_huber").cvxpy(z, 2.0).value == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n, k", [(1024, 8), (4096, 32), (512, 4), (288, 3)])
+def test_welsch_does_not_depend_on_the_order_of_the_pooled_entries(n, k):
+    # Its starts came from an evenly strided sample: a stripe in every k-th column lined
+    # up with the stride and filled the sample, and Welsch returned the stripe (30.0, at
+    # an objective 5x the main cluster's) where a shuffled row gives ~0, silently.
+    g = torch.Generator().manual_seed(0)
+    x = 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    x[::k] += 30.0
+    y = robust_pool(x, "welsch", 1.0, dim=0)
+    shuffled = robust_pool(x[torch.randperm(n, generator=g)], "welsch", 1.0, dim=0)
+    assert abs(y.item()) < 0.1 and abs(y.item() - shuffled.item()) < 1e-6

@@ -108,7 +108,7 @@ def robust_pool(
     makes the start immaterial to the result. ``welsch`` (nonconvex) runs a Newton
     iteration whose accepted objective never increases from two starts, the mean and a
     median, and keeps the one with the lower objective: a local minimum, not certified
-    global (for rows longer than 512 both starts are first refined on 128 strided
+    global (for rows longer than 512 both starts are first refined on 128 sampled
     entries, and where they reach the same point only one continues on the row). A
     user's :class:`Penalty` subclass runs on the same two solvers. ``trunc_quad``
     returns the exact global minimiser (sort, prefix sums and the 2N candidate inlier

@@ -1,11 +1,11 @@
 """Forward solvers of robust pooling: ``x (R, N)``, ``alpha`` (``(R, 1)`` or 0-d) ``-> (R,)``.
 
 Starts: rows of at most 129 entries start from their lower median; rows up to 512 long
-from the lower median of 129 evenly strided entries; longer rows from the repeated
+from the lower median of 129 entries at generic positions; longer rows from the repeated
 median of three of 81 evenly strided entries (Tukey's ninther, two levels deeper),
 taken while their block is in cache. A nonconvex penalty starts from the mean
 and that median; for rows longer than 512, from the mean and the repeated median of a
-sample of 128 strided entries, both first refined on that sample and, where they reach
+sample of 128 entries at generic positions, both first refined on that sample and, where they reach
 the same point there, only one continues on the whole row.
 
 Blocks whose spread over alpha could overflow a square have their residuals clamped
@@ -36,11 +36,11 @@ from .penalties import Penalty
 from .rows import Rows
 
 # Rows up to _SAMPLE_MIN_N long start from the lower median of at most _MEDIAN_SAMPLE
-# strided entries; longer ones from the repeated median of three of 3**_REMEDIAN_LEVELS.
+# entries at generic positions; longer ones from the repeated median of three of 3**_REMEDIAN_LEVELS.
 _MEDIAN_SAMPLE = 129
 _SAMPLE_MIN_N = 512
 _REMEDIAN_LEVELS = 4
-# The nonconvex starts of long rows are refined on about _NC_SAMPLE strided entries by
+# The nonconvex starts of long rows are refined on about _NC_SAMPLE sampled entries by
 # _SAMPLE_STEPS safeguarded Newton steps; refined starts closer than _MERGE * alpha are one.
 _NC_SAMPLE = 128
 _SAMPLE_STEPS, _MERGE = 4, 1e-3
@@ -61,9 +61,30 @@ def mean_solve(x: Tensor) -> Tensor:
 
 
 def _strided_sample(x: Tensor, count: int) -> Tensor:
-    """At most ``count`` evenly strided entries of each row (all of a short row)."""
+    """``count`` entries of each row at generic positions (all of a short row).
+
+    Not evenly strided: a periodic pattern in a row (a stripe in every k-th column of an
+    image pooled over its pixels) lined up with the stride and filled the sample, and
+    Welsch returned the stripe (30.0 where the other 88 % of the pixels lie near 0;
+    shuffled, 0.0). The positions are the golden-ratio sequence's, ⌊frac(jφ)·n⌋, which
+    no period aligns with, sorted (deterministic: the same row, the same sample)."""
     n = x.shape[-1]
-    return x if n <= count else x[:, :: -(-n // count)]
+    if n <= count:
+        return x
+    return x.index_select(-1, _positions(n, count, x.device))
+
+
+def _positions(n: int, count: int, device: torch.device) -> Tensor:
+    key = (n, count, str(device))
+    idx = _POSITIONS.get(key)
+    if idx is None:
+        j = torch.arange(1, count + 1, dtype=torch.float64)
+        idx = torch.unique((j * 0.6180339887498949 % 1.0 * n).long().clamp_(0, n - 1)).to(device)
+        _POSITIONS[key] = idx
+    return idx
+
+
+_POSITIONS: dict = {}
 
 
 def _median_start(x: Tensor) -> Tensor:
