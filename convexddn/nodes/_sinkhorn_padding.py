@@ -153,21 +153,22 @@ def completion(
     """
     G = P
     if pad.rows:
-        live = pad.dead_c.unsqueeze(-2)
-        W = C - C.masked_fill(live, math.inf).amin(-1, keepdim=True)
-        tt = t - t.masked_fill(live, -math.inf).amax(-1, keepdim=True)
-        arg = (g.unsqueeze(-2) + (tt - W) / eps).masked_fill(live, -math.inf)  # (dead columns: 0)
-        G = torch.where(pad.dead_r.unsqueeze(-1), torch.softmax(arg, -1), G)
+        G = torch.where(pad.dead_r.unsqueeze(-1), _gibbs(C, g.unsqueeze(-2), t, pad.dead_c.unsqueeze(-2), -1, eps), G)
     if pad.cols:
-        # Relative to the live rows' minimum first: a padded column of costs 1e300 at
+        # (Relative to the live rows' minimum first: a padded column of costs 1e300 at
         # ε = 1e-10, or 1.7e308 at ε = 0.3, was +inf throughout after the division, its
-        # softmax NaN, and the backward spread that to every entry of b and a.
-        live = pad.dead_r.unsqueeze(-1)
-        V = C - C.masked_fill(live, math.inf).amin(-2, keepdim=True)
-        ss = s - s.masked_fill(live, -math.inf).amax(-2, keepdim=True)
-        arg = (f.unsqueeze(-1) + (ss - V) / eps).masked_fill(live, -math.inf)  # (dead rows: 0)
-        G = torch.where(pad.dead_c.unsqueeze(-2), torch.softmax(arg, -2), G)
+        # softmax NaN, and the backward spread that to every entry of b and a.)
+        G = torch.where(pad.dead_c.unsqueeze(-2), _gibbs(C, f.unsqueeze(-1), s, pad.dead_r.unsqueeze(-1), -2, eps), G)
     return G
+
+
+def _gibbs(C: torch.Tensor, pot: torch.Tensor, shift: torch.Tensor, dead: torch.Tensor, dim: int,
+           eps: float) -> torch.Tensor:
+    """softmax along ``dim`` of pot + (shift − C)/ε, with C less its minimum and shift less
+    its largest over the live entries (``dead``: the other side's dead lines; 0 there)."""
+    W = C - C.masked_fill(dead, math.inf).amin(dim, keepdim=True)
+    sh = shift - shift.masked_fill(dead, -math.inf).amax(dim, keepdim=True)
+    return torch.softmax((pot + (sh - W) / eps).masked_fill(dead, -math.inf), dim)
 
 
 def fill_dead(
