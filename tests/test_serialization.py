@@ -318,8 +318,10 @@ def test_deterministic_across_calls(name):
 def test_tensor_options_are_stored_as_copies(make):
     # These three stored the caller's tensor itself: a graph node (p * 2) broke deepcopy
     # and a second backward, and changing the caller's tensor changed the module.
+    # (Such a tensor is detached, not learned: that is said, ConvexDDNWarning.)
     p = nn.Parameter(torch.tensor(0.8, dtype=torch.float64))
-    module = make(p * 2)
+    with pytest.warns(cddn.errors.ConvexDDNWarning, match="requires grad but is a plain tensor"):
+        module = make(p * 2)
     clone = copy.deepcopy(module)
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     module(x).sum().backward()
@@ -345,3 +347,24 @@ def test_compiled_declarative_node_pickles_and_deepcopies():
     buf = io.BytesIO()
     torch.save(node, buf)
     torch.testing.assert_close(copy_(x), node._call_impl(x))
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda t: cddn.RobustPool("huber", alpha=t), "alpha"),
+    (lambda t: cddn.RobustVectorPool("huber", alpha=t), "alpha"),
+    (lambda t: cddn.LpProjection(radius=t), "radius"),
+    (lambda t: cddn.SimplexProjection(z=t), "z"),
+    (lambda t: cddn.TotalVariation1d(lam=t), "lam"),
+    (lambda t: cddn.LeastSquares(ridge=t), "ridge"),
+])
+def test_a_tensor_option_that_requires_grad_but_is_no_parameter_is_said_to_be_a_buffer(make, name):
+    # RobustPool(alpha=torch.tensor(1.0, requires_grad=True)) was detached into a buffer
+    # without a word, and alpha never learned. A Parameter is learned; a plain tensor
+    # without grad is a buffer, silently, as before.
+    with pytest.warns(cddn.errors.ConvexDDNWarning, match=f"{name} requires grad but is a plain tensor"):
+        module = make(torch.tensor(1.5, dtype=torch.float64, requires_grad=True))
+    assert name in dict(module.named_buffers())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert name in dict(make(nn.Parameter(torch.tensor(1.5, dtype=torch.float64))).named_parameters())
+        assert name in dict(make(torch.tensor(1.5, dtype=torch.float64)).named_buffers())

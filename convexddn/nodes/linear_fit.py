@@ -29,6 +29,7 @@ from torch import nn
 from .._checks import check_bool, check_device, check_finite, check_number, check_tensor
 from ..errors import NonFiniteError, OptionError, ShapeError, SolverError
 from ._repr import format_option
+from ._module_options import store_option
 from .least_squares import least_squares
 
 __all__ = ["linear_fit", "LinearFit", "LeastSquares", "WeightedLeastSquares"]
@@ -209,10 +210,7 @@ class LeastSquares(nn.Module):
     def __init__(self, ridge: float | torch.Tensor = 1e-3, bias: bool = True) -> None:
         super().__init__()
         _check_layer_options(ridge, bias, construction=True)
-        if isinstance(ridge, torch.Tensor) and not isinstance(ridge, nn.Parameter):
-            self.register_buffer("ridge", ridge.detach().clone())
-        else:
-            self.ridge = ridge
+        store_option(self, "ridge", ridge)
         self.bias = bias
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> LinearFit:

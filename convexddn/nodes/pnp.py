@@ -58,6 +58,7 @@ from ._pnp_geometry import (
 )
 from ._pnp_solvers import from_starts, solve, warn_unfinished
 from ._repr import format_option
+from ._module_options import store_option
 from .dense import checked_solve
 from .pooling.penalties import Penalty
 
@@ -375,10 +376,7 @@ class PnP(nn.Module):
                  tol: float | None = None, max_iter: int | None = None) -> None:
         super().__init__()
         self.penalty = _check_options(penalty, alpha, tol, max_iter)
-        if isinstance(alpha, torch.Tensor) and not isinstance(alpha, nn.Parameter):
-            self.register_buffer("alpha", alpha.detach().clone())
-        else:
-            self.alpha = alpha
+        store_option(self, "alpha", alpha)
         self.tol, self.max_iter = tol, max_iter
 
     def forward(self, p2d: torch.Tensor, p3d: torch.Tensor, weights: torch.Tensor | None = None,

@@ -69,6 +69,7 @@ from .._checks import check_bool, check_device, check_finite, check_int, check_t
 from .._warn import warn
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
+from ._module_options import store_option
 from ._tv_solver import _SAFE, _TINY, _counts, _edge_terms, _segment_ids, _segment_mean, _solve
 
 __all__ = ["TotalVariation1d", "tv_denoise"]
@@ -376,10 +377,8 @@ class TotalVariation1d(nn.Module):
             value = (lam.detach().clone() if isinstance(lam, torch.Tensor)
                      else torch.tensor(float(lam), dtype=torch.float64))
             self.lam = nn.Parameter(value if value.is_floating_point() else value.double())
-        elif isinstance(lam, torch.Tensor):
-            self.register_buffer("lam", lam.detach().clone())  # not the caller's tensor
         else:
-            self.lam = float(lam)
+            store_option(self, "lam", lam, as_float=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tv_denoise(x, self.lam, self.dim, max_iter=self.max_iter)

@@ -58,6 +58,7 @@ from .._checks import (
 )
 from ..errors import ProblemError, ShapeError
 from ._repr import format_option
+from ._module_options import store_option
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
 from ._vector_pool_solvers import solve
@@ -370,10 +371,7 @@ class RobustVectorPool(nn.Module):
                  max_iter: int | None = None, starts: int | None = None) -> None:
         super().__init__()
         self.penalty = _check_options(penalty, alpha, dim, vector_dim, tol, max_iter, starts)
-        if isinstance(alpha, torch.Tensor) and not isinstance(alpha, nn.Parameter):
-            self.register_buffer("alpha", alpha.detach().clone())
-        else:
-            self.alpha = alpha
+        store_option(self, "alpha", alpha)
         self.dim, self.vector_dim = dim, vector_dim
         self.tol, self.max_iter, self.starts = tol, max_iter, starts
 

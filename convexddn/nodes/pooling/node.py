@@ -41,6 +41,7 @@ from ..._checks import (
 from ..._autograd import batched_values, functorch_transforms, refuse_trace
 from ...errors import ProblemError, ShapeError
 from .._repr import format_option
+from .._module_options import store_option
 from .._vmap_stack import stacked_under_vmap
 from .function import RobustPoolFunction
 from .kernels import compile_available
@@ -320,11 +321,7 @@ class RobustPool(nn.Module):
         check_scale("alpha", alpha)
         check_dim_option("dim", dim)
         self.penalty = pen
-        if isinstance(alpha, torch.Tensor) and not isinstance(alpha, nn.Parameter):
-            # A buffer, so that state_dict holds it and .to() moves it.
-            self.register_buffer("alpha", alpha.detach().clone())
-        else:
-            self.alpha = alpha
+        store_option(self, "alpha", alpha)
         self.dim = dim
         self.keepdim = keepdim
         self.tol = tol

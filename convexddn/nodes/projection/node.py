@@ -37,6 +37,7 @@ from ..._checks import (
 from ..._autograd import may_carry_tangents, refuse_vmap
 from ...errors import ShapeError
 from .._repr import format_option
+from .._module_options import store_option
 from .kernels import (L2ProjectionFn, L2ReverseFn, LinfProjectionFn, LinfReverseFn, carries_tangents,
                       l2_forward, linf_forward, narrowed, needs_graph, wide_dtype)
 from .simplex import L1ProjectionFn, L1ReverseFn, SimplexProjectionFn, l1_forward, simplex_forward
@@ -342,13 +343,7 @@ class LpProjection(nn.Module):
         check_int("dim", dim)
         _check_radius_option(radius)
         self.mode, self.dim = mode, dim
-        if isinstance(radius, nn.Parameter):
-            self.radius = radius
-        elif isinstance(radius, torch.Tensor):
-            # A copy: the caller's tensor may be a graph node or change later.
-            self.register_buffer("radius", radius.detach().clone())
-        else:
-            self.radius = float(radius)
+        store_option(self, "radius", radius, as_float=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` with the stored options: ``(*, n, *) -> (*, n, *)``."""
@@ -384,12 +379,7 @@ class SimplexProjection(nn.Module):
         check_int("dim", dim)
         _check_radius_option(z, name="z")
         self.dim = dim
-        if isinstance(z, nn.Parameter):
-            self.z = z
-        elif isinstance(z, torch.Tensor):
-            self.register_buffer("z", z.detach().clone())
-        else:
-            self.z = float(z)
+        store_option(self, "z", z, as_float=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` onto the simplex: ``(*, n, *) -> (*, n, *)``."""
