@@ -214,7 +214,12 @@ class _LeastSquaresFunction(torch.autograd.Function):
             add(A.mT @ weigh(data / c))
         if rhs is not None:
             dx = dx + _h_solve(R / c, rhs.expand_as(x)) / c
-        return (dx.to(ctx.dtypes[0]),) + (None,) * (5 + len(q))
+        dx = dx.to(ctx.dtypes[0])
+        if ctx.gate.check:  # (as the backward: a tangent beyond the dtype, where the gain allows one)
+            given = [t for t in (A_t, b_t, w_t, ridge_t) if isinstance(t, torch.Tensor)]
+            if bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in given])).all()):
+                warn_gradient_overflow("least_squares (forward mode)", torch.zeros_like(dx), [("x", dx)], (-2, -1))
+        return (dx,) + (None,) * (5 + len(q))
 
 
 # --------------------------------------------------------------------------- validation

@@ -774,3 +774,22 @@ def test_an_overflowing_solution_names_its_batch_elements():
     with pytest.raises(SolverError, match=r"overflowed .*indices \[\(2,\)\]") as err:
         least_squares(A, b)
     assert err.value.indices == [(2,)]
+
+
+def test_a_forward_mode_tangent_beyond_float32_warns():
+    # The reverse mode warned where its gradient overflowed; the jvp returned Inf silently
+    # (float32 A ~ 1e-20: the true tangent, 2.6e39, is beyond float32).
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    A, b = torch.randn(6, 3) * 1e-20, torch.randn(6)
+    tA = torch.zeros(6, 3)
+    tA[0, 0] = 1.0
+    with pytest.warns(GradientWarning, match=r"least_squares \(forward mode\)"):
+        with fwAD.dual_level():
+            fwAD.unpack_dual(least_squares(fwAD.make_dual(A, tA), b))
+    with warnings.catch_warnings():  # an ordinary one: no warning
+        warnings.simplefilter("error")
+        with fwAD.dual_level():
+            t = fwAD.unpack_dual(least_squares(fwAD.make_dual(torch.randn(6, 3), tA), b)).tangent
+    assert torch.isfinite(t).all()
