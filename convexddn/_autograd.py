@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["batched_values", "bind_fast", "without_autocast", "functorch_transforms", "refuse_transforms",
+__all__ = ["any_batched", "batched_values", "bind_fast", "without_autocast", "functorch_transforms", "refuse_transforms",
            "refuse_trace", "refuse_vmap", "may_carry_tangents", "plain", "save_plain"]
 
 
@@ -77,6 +77,13 @@ def batched_by_autograd(*tensors: torch.Tensor | None) -> bool:
             if any(k.strip() in ("Batched", "FuncTorchBatched") for k in keys[keys.find("(") + 1:-1].split(",")):
                 return True
     return False
+
+
+def any_batched(*tensors: torch.Tensor | None) -> bool:
+    """Whether a vmap batches any of these cotangents or tangents, torch.func's
+    (:func:`batched_values`) or autograd's own (:func:`batched_by_autograd`): no host
+    read can be made per direction then."""
+    return any(batched_values(t) or batched_by_autograd(t) for t in tensors if t is not None)
 
 
 def refuse_batched(name: str, *cotangents: torch.Tensor | None, jacfwd: bool = False) -> None:

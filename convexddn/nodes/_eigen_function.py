@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._autograd import batched_by_autograd, batched_values, bind_fast, without_autocast
+from .._autograd import any_batched, bind_fast, without_autocast
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_finite
 from .._pow2 import pow2_floor
@@ -161,7 +161,7 @@ class _EigenFunction(torch.autograd.Function):
         near = mu.diff(dim=-1) <= limit
         any_near, any_tie = torch.stack([near.any(), ties.any()]).tolist()  # one host sync
         # Tangents batched by jacfwd: no per-direction host read (M is batched).
-        batched = batched_values(X_t) or batched_by_autograd(X_t)
+        batched = any_batched(X_t)
         if batched and (any_near or any_tie):
             warn_unchecked(near, ties, ctx.gap_tol, "tangent")
         elif any_tie:
@@ -205,8 +205,9 @@ class _EigenFunction(torch.autograd.Function):
         gain = 0.0 if g_vec is None else math.inf if not ctx.gap_tol * lo > 0 else 1.0 / (ctx.gap_tol * lo)
         # Cotangents batched by jacrev or is_grads_batched: no per-direction host read.
         # (Asked only where a check needs one: the dispatch-key test costs ~15 µs.)
-        rare = any_near or any(any_tie) or may_overflow(gain, ctx.dtype)
-        batched = rare and any(batched_values(g) or batched_by_autograd(g) for g in (g_lam, g_vec) if g is not None)
+        overflow = may_overflow(gain, ctx.dtype)
+        rare = any_near or any(any_tie) or overflow
+        batched = rare and any_batched(g_lam, g_vec)
         if batched:
             if any_near or any(any_tie):
                 warn_unchecked(near, ties, ctx.gap_tol, "gradient")
@@ -244,6 +245,6 @@ class _EigenFunction(torch.autograd.Function):
             C = C + (lam if k == mu.shape[-1] else torch.nn.functional.pad(lam, (0, 0, 0, mu.shape[-1] - k)))
         grad = (V @ C) @ Vk.mT
         grad = (grad + grad.mT).to(ctx.dtype)
-        if rare and not batched and may_overflow(gain, ctx.dtype):
+        if overflow and not batched:
             warn_gradient_overflow("eigen_decomposition", g_vec, [("X", grad)], (-2, -1))
         return grad, None, None, None

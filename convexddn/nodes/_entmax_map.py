@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._autograd import batched_by_autograd, batched_values
+from .._autograd import any_batched
 from ._overflow import warn_gradient_overflow
 
 __all__ = ["SOFTMAX_BELOW", "entmax_map", "jacobian_product"]
@@ -181,7 +181,7 @@ def jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int
     # s reaches p_min^{2−α}: the true product can exceed the dtype (zeros(9) at α = 50 in
     # float32: 9^48 g). Said, not returned as a silent Inf (a host read, α > 2 only; not
     # on the cotangents a vmap batches, where no host read can be made).
-    if not (batched_values(grad_p) or batched_by_autograd(grad_p)):
+    if not any_batched(grad_p):
         warn_gradient_overflow("entmax", grad_p, [("x", out)], (d - out.ndim,))
     return out
 

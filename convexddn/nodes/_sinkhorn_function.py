@@ -135,8 +135,9 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
     tells whether any rare case needs a look."""
     rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
     mu, bad, low = schur_solve(P, r, rhs, fixed, probe=err is not None)
+    ok = torch.isfinite(mu.sum()) & ~bad.any()
     loose = None if err is None else ~(err <= _SENSITIVE * low) & ~bad
-    if not bool(torch.isfinite(mu.sum()) & ~bad.any() & (True if loose is None else ~loose.any())):
+    if not bool(ok if loose is None else ok & ~loose.any()):
         if loose is not None and bool(loose.any()):
             warn(
                 f"sinkhorn: {what} are ill-conditioned (sensitive to rounding) at batch element(s) "

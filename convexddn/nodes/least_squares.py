@@ -215,10 +215,11 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if rhs is not None:
             dx = dx + _h_solve(R / c, rhs.expand_as(x)) / c
         dx = dx.to(ctx.dtypes[0])
-        if ctx.gate.check:  # (as the backward: a tangent beyond the dtype, where the gain allows one)
-            given = [t for t in (A_t, b_t, w_t, ridge_t) if isinstance(t, torch.Tensor)]
-            if bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in given])).all()):
-                warn_gradient_overflow("least_squares (forward mode)", torch.zeros_like(dx), [("x", dx)], (-2, -1))
+        # As the backward checks its gradients, but always (one host read): the jvp runs
+        # inside the Function, before the forward's gain is read.
+        given = [t for t in (A_t, b_t, w_t, ridge_t) if isinstance(t, torch.Tensor)]
+        if bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in given])).all()):
+            warn_gradient_overflow("least_squares (forward mode)", torch.zeros_like(dx), [("x", dx)], (-2, -1))
         return (dx,) + (None,) * (5 + len(q))
 
 

@@ -28,7 +28,8 @@ _OVERFLOW = ("{}: the threshold overflows after rescaling ({} is Inf in x's dtyp
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the derivatives' row sums run in: at least float32 (16-bit sums overflow)."""
+    """The dtype the row sums and counts run in, forward and derivatives: at least float32
+    (16-bit sums overflow, and count positions inexactly)."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -55,7 +56,7 @@ def _sorted_threshold(
     # Positions and their count in float32 at least: in float16 they are inexact beyond
     # 2048 and overflow beyond 65504 (a row of 70000 gave an index error).
     dtype = u.dtype
-    work = torch.promote_types(dtype, torch.float32)
+    work = _accumulator(dtype)
     u, c = u.to(work), c.to(work)
     j = _along(torch.arange(1, u.shape[d] + 1, dtype=work, device=u.device), d, u.ndim)
     # In place but for u + z: on CPU a fresh full-size buffer costs about as much as a
@@ -84,7 +85,7 @@ def _shifted_simplex(
     u = t.sort(dim=d, descending=True).values
     # Prefix sums in float32 at least: in bfloat16 (8 bits) they stop growing after ~256
     # entries at -z, ρ was over-counted and sparsemax rows summed to 3.6.
-    c = u.cumsum(d, dtype=torch.promote_types(u.dtype, torch.float32))
+    c = u.cumsum(d, dtype=_accumulator(u.dtype))
     # u ≤ 0, so c falls monotonically and z − c_j, c_ρ − z are at most z + |c_n| in size:
     # c_n − 2z finite (2 is margin for the rounding of parallel scans) rules out overflow
     # in the threshold, with the host read that also catches NaN/Inf in the input.
