@@ -49,10 +49,10 @@ def _edge_terms(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _solve(
-    x: torch.Tensor, lam: torch.Tensor, max_iter: int, amax: torch.Tensor,
+    x: torch.Tensor, lam: torch.Tensor, max_iter: int,
     scale: torch.Tensor | None, zero_lam: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, σ, tie) for x (B, n), λ (B, 1) ≥ 0, amax = max|x| per row; tie flags rows at a tie.
+    """(y, σ, tie) for x (B, n), λ (B, 1) ≥ 0; tie flags rows at a tie.
 
     With ``scale`` (B, 1) powers of two: solves for (x·s, λ·s), y / s (exact: homogeneous).
     ``zero_lam``: whether some λ is 0 (known from the caller's host read).

@@ -120,8 +120,8 @@ class _TVFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, lam, amax, scale, zero_lam, max_iter):  # type: ignore[override]
-        return _solve(x, lam, max_iter, amax, scale, zero_lam)
+    def forward(x, lam, scale, zero_lam, max_iter):  # type: ignore[override]
+        return _solve(x, lam, max_iter, scale, zero_lam)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -133,13 +133,13 @@ class _TVFn(torch.autograd.Function):
         # one decides the λ = 0 warning, as needs_input_grad does in the backward.
         ctx.set_materialize_grads(False)
         ctx.anchors = (inputs[0],)  # only for a second differentiation's error (see first_order)
-        ctx.zero_lam = inputs[4]
+        ctx.zero_lam = inputs[3]
 
     @staticmethod
     @first_order("tv_denoise")
     def backward(ctx, grad_y, _gs, _gt):  # type: ignore[override]
         if grad_y is None:  # (not materialised: y's gradient is undefined)
-            return None, None, None, None, None, None
+            return None, None, None, None, None
         (sigma, tie, lam), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
         zero = lam == 0 if ctx.zero_lam else None
         _warn_nondifferentiable(tie, _plateau(sigma, zero, need_x and need_lam), "gradient")
@@ -150,7 +150,7 @@ class _TVFn(torch.autograd.Function):
         # ∂y_i/∂λ = segment mean of t; the segment-mean operator is symmetric. At λ = 0 it
         # is the one-sided derivative at 0+ (segments: the runs of equal entries of x).
         grad_lam = (g * _edge_terms(sigma)).sum(1, keepdim=True) if need_lam else None
-        return grad_x if need_x else None, grad_lam, None, None, None, None
+        return grad_x if need_x else None, grad_lam, None, None, None
 
     @staticmethod
     @first_order_jvp("tv_denoise")  # its tangent differentiated again: DoubleBackwardError
@@ -315,9 +315,9 @@ def tv_denoise(
         # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ; and
         # under forward-mode AD, so that the tangent is the node's (its jvp), not the
         # solver's ops differentiated (one-sided at ties, with no warning).
-        y = _TVFn.apply(rows, lam_rows, amax, scale, low == 0, max_iter)[0]
+        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter)[0]
     else:
-        y = _solve(rows, lam_rows, max_iter, amax, scale, low == 0)[0]
+        y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
     # Contiguous like a contiguous x (moved back from the last dim, y was strided).
     return y.reshape(xs.shape).movedim(-1, d).to(x.dtype).contiguous()
 
