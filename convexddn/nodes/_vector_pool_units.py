@@ -5,6 +5,12 @@ float32 cannot hold it).
 y(σx, σα) = σ y(x, α) and y(x + t) = y(x) + t, so both moves are exact and undone on
 the solution (:func:`convexddn.nodes.vector_pool.robust_vector_pool`). (Under
 torch.func.vmap the sets are stacked first: :mod:`._vmap_stack`.)
+
+The Jacobians ∂y/∂x and ∂y/∂α carry no units, so the change of units is invisible to
+derivatives: :func:`rescaled` passes them through unchanged at both of its ends. Through
+autograd's own division and product the cotangent was multiplied by σ before the
+Hessian solve and divided after, and overflowed or underflowed where σ is far from 1
+(float32 data and α in units of 1e20: an Inf gradient; of 1e-25: zero; silently).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from .._checks import check_finite
 from .._pow2 import pow2_round
 from ..errors import SolverError
 
-__all__ = ["in_units"]
+__all__ = ["in_units", "rescaled"]
 
 # Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
 # up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
@@ -31,6 +37,38 @@ _SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
 # nearer 0 is left where it is (an anchor near a far outlier would round the cluster
 # near 0 to the outlier's ulps).
 _FAR = 16.0
+
+
+class _Rescaled(torch.autograd.Function):
+    """``t * factor`` or ``t / factor``, whose derivatives pass through unchanged (see
+    :func:`rescaled`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t, factor, divide):  # type: ignore[override]
+        return t / factor if divide else t * factor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        pass
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, None, None
+
+    @staticmethod
+    def jvp(ctx, t_t, *_):  # type: ignore[override]
+        return t_t
+
+
+def rescaled(t: torch.Tensor, factor: torch.Tensor, divide: bool = False) -> torch.Tensor:
+    """``t * factor`` (``t / factor`` with ``divide``; a power of two: exact) with the
+    identity as its derivative: one end of a change of units around a map whose Jacobian
+    has none, the other end being the inverse call; together the two are exact in value
+    and in every derivative. (Divided, not multiplied by the reciprocal: 1 / 2^-1039
+    overflows.)"""
+    return _Rescaled.apply(t, factor, divide)
 
 
 def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bool
@@ -78,5 +116,5 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
     if scale is None:
         return x3, alpha.to(dtype), None, anchor
     # Exact (powers of two); alpha is divided in float64, where it and the scale are normal.
-    x3 = x3 / (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype)
-    return x3, (alpha.to(torch.float64) / scale).to(dtype), scale.to(dtype), anchor
+    x3 = rescaled(x3, (scale.view(-1, 1, 1) if scale.dim() else scale).to(dtype), divide=True)
+    return x3, rescaled(alpha.to(torch.float64), scale, divide=True).to(dtype), scale.to(dtype), anchor

@@ -63,6 +63,7 @@ from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
 from ._vector_pool_solvers import solve
 from ._vector_pool_units import in_units as _in_units
+from ._vector_pool_units import rescaled
 from ._vmap_stack import stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic
 
@@ -329,7 +330,7 @@ def robust_vector_pool(
     else:
         y = _VectorPoolFunction.forward(*args)
     if scale is not None:
-        y = y * (scale.view(-1, 1) if scale.dim() else scale)
+        y = rescaled(y, scale.view(-1, 1) if scale.dim() else scale)
     if anchor is not None:
         y = y + anchor
     y = y.to(x.dtype).reshape(*batch, C)

@@ -402,6 +402,31 @@ def test_robust_vector_pool_scale_equivariant(name):
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype,s,cot", [(torch.float32, 1e20, 1e20), (torch.float32, 1e-25, 1e-25),
+                                         (torch.float64, 2.0**-1040, 1.0)])
+def test_robust_vector_pool_gradient_in_far_units(name, dtype, s, cot):
+    # x and alpha in units of s, the cotangent in units of cot: the gradients (unit-free
+    # Jacobians applied to the cotangent) are those at unit scale times cot. The change
+    # of units went through autograd, which multiplied the cotangent by s before the
+    # Hessian solve and divided after: float32 gave Inf at 1e20 and 0 at 1e-25 (the
+    # quadratic's cotangent / N too), float64 lost digits at a subnormal alpha; silently.
+    x = torch.tensor([[[1.0, 2.0, 4.0, 8.0, 2.5], [0.5, -1.0, 3.0, 2.0, 0.0]]], dtype=D)
+    grads = []
+    for scale, c in ((1.0, 1.0), (s, cot)):
+        xs = (x * scale).to(dtype).requires_grad_()
+        a = torch.tensor(2.0 * scale, dtype=dtype, requires_grad=True)
+        y = robust_vector_pool(xs, name, a)
+        gy = torch.tensor([[3.0, -2.0]], dtype=dtype) * c
+        gx, ga = torch.autograd.grad(y, (xs, a), gy)
+        grads.append((gx.double() / c, ga.double() / c))
+    rtol = 1e-5 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=rtol, atol=rtol)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=rtol, atol=rtol)
+    if name == "quadratic":  # the mean: cotangent / N for every point, nothing for alpha
+        torch.testing.assert_close(grads[1][0], torch.tensor([3.0, -2.0], dtype=D).view(1, 2, 1).expand(1, 2, 5) / 5)
+
+
 def test_robust_vector_pool_far_outlier_float32_and_overflow_error():
     # A float32 set spreading 1e25 alpha: its squared distances overflow float32 (every
     # norm was inf and Welsch stopped at its start); it is solved in float64 instead.
