@@ -142,7 +142,9 @@ def project_lp(
       on the support :math:`S = \{i : y_i \ne 0\}` with indicator :math:`m`.
     - ``p=inf``: :math:`\mathrm{D}y = \operatorname{diag}(|y| < r)`: coordinates at
       :math:`\pm r` get zero gradient (also exactly at :math:`|x_i| = r`, where
-      ``torch.clamp`` would pass 1).
+      ``torch.clamp`` would pass 1). ``r`` is the radius rounded to x's dtype, as the
+      clamp uses it: float32 ``x_i = 0.69999999`` is float32's 0.7, so it is pinned at
+      ``radius=0.7`` (one side's derivative at the kink; in float64 it lies inside).
 
     For ``p=1, 2`` on the ball boundary (:math:`\|x\|_p = r`) the inside derivative
     (identity) is used; for ``p=2, x=0`` on the sphere, where no derivative exists, the
