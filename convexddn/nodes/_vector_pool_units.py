@@ -24,9 +24,17 @@ from ..errors import SolverError
 
 __all__ = ["in_units", "rescaled"]
 
-# Largest spread of a pooled set, in units of alpha, whose squared distances (summed over
-# up to 2^8 components) stay finite: float32 sets beyond it are solved in float64.
+# Largest spread of a pooled set, in units of alpha, whose squared distances stay finite,
+# for sets of up to 2^8 components; over C > 2^8 components it is 2^4 / √C times this
+# (the squared distance sums C squares: float32 sets of 1024 features spreading 8e17
+# alpha overflowed it, and Huber returned 2e11 for data within [-4e-12, 8e5], silently).
+# Float32 sets beyond it are solved in float64.
 _SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
+
+
+def spread_limit(dtype: torch.dtype, C: int) -> float:
+    """Largest spread over alpha that ``dtype`` holds for sets of ``C`` components."""
+    return _SPREAD_LIMIT[dtype] * min(1.0, 16.0 / math.sqrt(max(C, 1)))
 # A set whose entries reach further from 0 than this many times (its spread + alpha) is
 # solved relative to the midpoint of each coordinate's range (y(x + t) = y(x) + t): its
 # sums then stay within the spread's range (the mean of 100 float32 vectors at 1e37 was
@@ -92,8 +100,9 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
         hi, lo = x3.detach().amax(1).double(), x3.detach().amin(1).double()
         # Per set, in units of alpha: the spread, and how far the largest |entry| exceeds
         # _FAR times it (far: by more than _FAR); their maxima and the scale's range.
-        sp = (hi - lo).amax(-1)
-        ext = torch.stack([sp, torch.maximum(hi, -lo).amax(-1).sub_(sp, alpha=_FAR)]).div_(a64)
+        # (In halves, doubled after the division: 1e308 - (-1e308) overflows.)
+        sp = (hi * 0.5 - lo * 0.5).amax(-1)
+        ext = torch.stack([sp, torch.maximum(hi, -lo).amax(-1).mul_(0.5).sub_(sp, alpha=_FAR)]).div_(a64).mul_(2.0)
         stats = ext.amax(-1)
         if scale is not None:
             stats = torch.cat([stats, scale.min().view(1), scale.max().view(1)])
@@ -101,11 +110,12 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
         if not math.isfinite(spread):
             check_finite("x", x)  # names the NaN/Inf; an infinite ratio of finite data goes on
         normal = torch.finfo(torch.float32).tiny <= s_min and s_max <= 2.0**126
-        if dtype == torch.float32 and not (spread <= _SPREAD_LIMIT[dtype] and normal):
+        C = x3.shape[-1]
+        if dtype == torch.float32 and not (spread <= spread_limit(dtype, C) and normal):
             dtype = torch.float64
-        if spread > _SPREAD_LIMIT[torch.float64]:
+        if spread > spread_limit(torch.float64, C):
             raise SolverError(f"robust_vector_pool: a pooled set spreads {spread:.1e} times alpha, beyond "
-                              f"{_SPREAD_LIMIT[torch.float64]:.0e}: its squared distances overflow float64; "
+                              f"{spread_limit(torch.float64, C):.0e}: its squared distances overflow float64; "
                               "scale the outlying entries down or raise alpha")
         if excess > _FAR:
             # (Halves first: hi + lo overflows float64 for entries above 9e307.)

@@ -901,3 +901,77 @@ def test_hessian_is_refused_with_a_problem_error():
     for transform in (hessian(f), jacfwd(grad(f))):
         with pytest.raises(ProblemError, match="robust_vector_pool does not run under torch.func.hessian"):
             transform(z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["trunc_quad", "welsch"])
+def test_robust_vector_pool_cluster_beside_a_far_outlier(name, dtype):
+    # Three points near (5, 5) and one at 1e20 (-1e20): the global minimiser sits at the
+    # cluster (brute force: the truncated quadratic's is its inliers' mean, objective
+    # 0.5333 against N alpha² / 2 = 2 with no inlier). The start search centred the sets
+    # on their mean, whose ulp (16384 at 5e19) swallowed the cluster: y = (0, 0), no
+    # inlier, silently.
+    c = 40.0 if name == "welsch" else 5.0  # (Welsch's weights underflowed 40 alphas off)
+    x = torch.tensor([[[5.0, 4.9, 5.2, 1e20], [5.0, 5.3, 5.0, -1e20]]], dtype=dtype)
+    x[..., :3] += c - 5.0
+    y = robust_vector_pool(x, name, 1.0).double()
+    cluster = x[0, :, :3].double().T.numpy()
+    want = minimize(lambda u: objective(name, cluster, u, 1.0), cluster.mean(0), method="Nelder-Mead",
+                    options={"xatol": 1e-12, "fatol": 1e-14}).x
+    torch.testing.assert_close(y[0], torch.tensor(want, dtype=D), rtol=0, atol=1e-5)
+
+
+def test_robust_vector_pool_float32_many_features_far_apart():
+    # C = 1024 features: a squared distance sums C squares, so the float32 range holds a
+    # spread of 2^64 / √C alpha, not the 2^60 of C <= 256. Eight vectors near 0 and one
+    # 8e5 per feature with alpha 1e-12 (spread 8e17 alpha): Huber returned |y| = 2e11.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1024, 9, generator=g) * 1e-12
+    x[..., -1] = 8e5
+    for name in ("huber", "pseudo_huber"):
+        y = robust_vector_pool(x, name, 1e-12)
+        torch.testing.assert_close(y, robust_vector_pool(x.double(), name, 1e-12).float(), rtol=1e-4, atol=1e-16)
+
+
+def test_robust_vector_pool_welsch_alpha_gradient_far_outlier():
+    # A point 1e110 alphas away has weight exactly 0: d/dalpha is that of the set without
+    # it. r³ overflowed and inf * 0 gave NaN, without a warning.
+    x = torch.tensor([[[0.1, -0.2, 0.3, -0.4, 0.0, 1e110], [0.0, 0.1, -0.1, 0.2, -0.3, 0.0]]], dtype=D)
+    grads = []
+    for xs in (x, x[..., :5]):
+        a = torch.tensor(1.0, dtype=D, requires_grad=True)
+        robust_vector_pool(xs, "welsch", a).sum().backward()
+        grads.append(a.grad)
+    assert torch.isfinite(grads[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
+
+
+def test_robust_vector_pool_huber_newton_does_not_alternate():
+    # Newton steps between two points of equal objective (10.434 and 10.594) alternated
+    # until max_iter (SolverWarning, y = 10.434). The minimiser is the mean of the two
+    # middle points (Huber's inliers there; closed form).
+    x = torch.tensor([[[6.397009078930941, 10.223890467126136, 10.804372064348945, 13.40254213183852]]], dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_vector_pool(x, "huber", 0.3699281314284764)
+    torch.testing.assert_close(y, (x[..., 1] + x[..., 2]) / 2, rtol=1e-12, atol=0)
+
+
+def test_robust_vector_pool_far_outlier_convex_penalties_converge():
+    # Three points near (5, 5) and one at (1e20, -1e20): the outlier's term (~1e20) made
+    # the Newton acceptance slack ~1e5 wide, and the iterate wandered to (-17360, 17370)
+    # (with a SolverWarning). The limit is the minimiser with the outlier's pull fixed
+    # at alpha along its direction: the same as with the outlier at 1e8.
+    for name in ("huber", "pseudo_huber"):
+        far = robust_vector_pool(torch.tensor([[[5.0, 4.9, 5.2, 1e20], [5.0, 5.3, 5.0, -1e20]]], dtype=D),
+                                 name, 1.0)
+        near = robust_vector_pool(torch.tensor([[[5.0, 4.9, 5.2, 1e8], [5.0, 5.3, 5.0, -1e8]]], dtype=D),
+                                  name, 1.0)
+        torch.testing.assert_close(far, near, rtol=1e-6, atol=0)
+
+
+def test_robust_vector_pool_entries_at_the_float_range_end():
+    # Entries -1e308 and 1e308 (spread 2e308 overflows, though 2e8 alpha): "spreads inf
+    # times alpha" was raised. The mean is exact in halves.
+    x = torch.tensor([[[-1e308, 1e308, 1e308]]], dtype=D)
+    torch.testing.assert_close(robust_vector_pool(x, "quadratic", 1e300), torch.tensor([[1e308 / 3]], dtype=D))

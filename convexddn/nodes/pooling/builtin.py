@@ -283,11 +283,16 @@ class Welsch(Penalty):
 
     def d2phi(self, z, alpha):
         r = z / alpha
-        return (1 - r * r) * torch.exp(-0.5 * r * r) / (alpha * alpha)
+        e = torch.exp(-0.5 * r * r)
+        return torch.where(e > 0, (1 - r * r) * e, 0.0) / (alpha * alpha)
 
     def d2phi_dalpha(self, z, alpha):
+        # (Both 0 where the exponential is: r² and r³ overflow first, a point 1e103 alphas
+        # away in float64 or 1e13 in float32 made inf * 0 = NaN in robust_vector_pool's
+        # backward.)
         r = z / alpha
-        return r * (r * r - 2) * torch.exp(-0.5 * r * r) / (alpha * alpha)
+        e = torch.exp(-0.5 * r * r)
+        return torch.where(e > 0, r * (r * r - 2) * e, 0.0) / (alpha * alpha)
 
     def weights(self, z, alpha):
         # exp(-r^2/2) underflows to 0 for every point once |y - x_i| > ~13 alpha (float32):
