@@ -34,13 +34,11 @@ own spread), and every plan returned is at the final ε. (Past a spread of about
 plan's support is disconnected in float64 and convergence to ``tol`` may need more than
 ``max_iter``, for some costs from ~250ε; the caller then warns.)
 
-Arguments of ``exp`` below the dtype's normal range are never formed: CPUs take a
-slow path for them (about 50x per element) and their denormal results slow every later
-operation. Plan entries below ``e·tiny`` (6e-308 in float64) are exactly 0.
-
-Zero entries of ``a`` or ``b`` (padding) are handled by the masks of
-:mod:`convexddn.nodes._sinkhorn_padding` (``pad``; ``None`` when there are none, and
-then nothing here changes).
+Arguments of ``exp`` below the dtype's normal range are never formed: CPUs take a slow
+path for them (about 50x per element) and their denormal results slow every later
+operation. Plan entries below ``e·tiny`` (6e-308 in float64) are exactly 0. Zero entries
+of ``a`` or ``b`` (padding) are handled by the masks of :mod:`._sinkhorn_padding`
+(``pad``; ``None`` when there are none, and then nothing here changes).
 """
 from __future__ import annotations
 
@@ -48,9 +46,10 @@ import math
 
 import torch
 
-from .._generic import generic_vector
 from ._sinkhorn_kernel import kernel_sinkhorn as _kernel_sinkhorn
 from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, row_shifted
+from ._sinkhorn_schur import flush as _flush
+from ._sinkhorn_schur import schur_solve
 
 # Sinkhorn iterations between two checks of the column error (each check forms P).
 BLOCK = 10
@@ -66,9 +65,8 @@ FAST_BLOCK = 1e-3
 SCALE_ABOVE = 50.0
 SCALE_STEP = 0.25
 STAGE_TOL = 1e-4
-# Plain kernel Sinkhorn's iteration budget (spreads up to SCALE_ABOVE·ε) before the
-# Newton rounds take over from its potentials.
-# (Its checks: KERNEL_CHECK, KERNEL_AHEAD in convexddn.nodes._sinkhorn_kernel.)
+# Plain kernel Sinkhorn's iteration budget (spreads up to SCALE_ABOVE·ε) before the Newton
+# rounds take over from its potentials (its checks: KERNEL_CHECK, KERNEL_AHEAD there).
 KERNEL_ITERS = 200
 # Step halvings tried along one Newton direction.
 HALVINGS = 12
@@ -82,11 +80,6 @@ QUADRATIC = 1e-6
 
 def _lo(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 1.0
-
-
-def _flush(P: torch.Tensor, below: float) -> torch.Tensor:
-    # One reduction decides whether the masked copy is needed at all (rarely, at small ε).
-    return P.masked_fill(P < below, 0.0) if float(P.amin()) < below else P
 
 
 class _State:
@@ -127,66 +120,6 @@ class _State:
         self.P = torch.where(mask[..., None, None], other.P, self.P)
         self.err = torch.where(mask, other.err, self.err)
         self.phi = torch.where(mask, other.phi, self.phi)
-
-
-def schur_solve(
-    P: torch.Tensor, r: torch.Tensor, rhs: torch.Tensor, fixed: torch.Tensor | None = None, probe: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x with S x = rhs and x_N = 0, for S = diag(Pᵀ1) − Pᵀ diag(1/r) P and r = P1.
-
-    ``fixed`` (B, N) bool: x = 0 there instead of at N (each row of the batch its own
-    columns: the padding's dead columns and last live one); their rows and columns of S
-    become the identity's, the rest is the system with those columns dropped.
-
-    S is the Laplacian of the weights W = Pᵀ diag(1/r) P (S1 = 0), so its leading
-    (N−1)×(N−1) block is positive definite whenever the support of P connects every row
-    and column, and the dropped equation holds automatically when 1ᵀrhs = 0. The
-    diagonal is formed as the sum of the off-diagonal weights, not as Pᵀ1 − diag(W),
-    which cancels catastrophically when rows concentrate on one column (small eps).
-    Entries of P below √tiny are left out here (their products would be denormal; their
-    relative weight is under 1e-150). Returns x, the mask of batch elements whose
-    Cholesky failed, which are solved by pseudo-inverse (least norm) instead, and with
-    ``probe`` an estimate of the solved block's smallest eigenvalue (B,): ‖v‖/‖S⁻¹v‖ for
-    a generic v (one step of inverse iteration, two triangular solves; an upper bound),
-    else None.
-    """
-    n = P.shape[-1]
-    Pf = _flush(P, torch.finfo(P.dtype).tiny ** 0.5)
-    W = torch.bmm(Pf.transpose(-1, -2), Pf / r.unsqueeze(-1))
-    diag = W.diagonal(dim1=-2, dim2=-1)
-    diag.zero_()
-    # S = diag(W1) − W, formed in W's memory (no second (B, N, N) tensor).
-    d = W.sum(-1)
-    S = W.neg_()
-    diag.copy_(d)
-    if fixed is None:
-        Sk, rk = S[..., : n - 1, : n - 1], rhs[..., : n - 1].unsqueeze(-1)
-    else:
-        Sk = S.masked_fill_(fixed.unsqueeze(-1) | fixed.unsqueeze(-2), 0.0)
-        Sk.diagonal(dim1=-2, dim2=-1).add_(fixed.to(S.dtype))
-        rk = rhs.masked_fill(fixed, 0.0).unsqueeze(-1)
-    L, info = torch.linalg.cholesky_ex(Sk)
-    # Singular also where a pivot is at the rounding of its own diagonal entry: a
-    # Laplacian block of a disconnected support left a pivot of ~1e-17 of its degree and
-    # passed, the solve returned garbage silently (a jvp moving mass between blocks).
-    piv = L.diagonal(dim1=-2, dim2=-1)
-    level = Sk.diagonal(dim1=-2, dim2=-1) * (n * torch.finfo(S.dtype).eps)
-    bad = (info != 0) | (piv * piv <= level).any(-1)
-    # Two triangular solves: 11 µs against cholesky_solve's 14 µs at (2, 99, 99).
-    low = None
-    if probe:  # (one more column: the triangular solves take both at once)
-        v = generic_vector(rk.shape[-2], rk.dtype, rk.device).unsqueeze(-1).expand_as(rk)
-        rk = torch.cat([rk, v if fixed is None else v.masked_fill(fixed.unsqueeze(-1), 0.0)], -1)
-    x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rk, upper=False), upper=True)
-    if probe:  # (top 0 where every column is held, or none is left (N = 1): no λ_min, inf)
-        x, y, v = x[..., :1], x[..., 1], rk[..., 1]
-        top = y.abs().amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
-        low = torch.where(top > 0, v.abs().amax(-1) / top, math.inf) if y.shape[-1] else top + math.inf
-    if bool(bad.any()):
-        x[bad] = torch.linalg.pinv(Sk[bad], hermitian=True) @ rk[bad][..., :1]
-    if fixed is not None:
-        return x.squeeze(-1).masked_fill_(fixed, 0.0), bad, low
-    return torch.cat([x.squeeze(-1), torch.zeros_like(rhs[..., :1])], dim=-1), bad, low
 
 
 def _scaling_block(st: _State, a: torch.Tensor, b: torch.Tensor, steps: int, pad=None) -> torch.Tensor:
@@ -274,9 +207,8 @@ def _solve(
         D = full.masked_fill(pad.dead, 0.0)
         top = float(D.amax() + C.abs().amax() * 0.0)
     if not math.isfinite(top):
-        # NaN or Inf in C (amin and amax propagate NaN), or a row range that overflows:
-        # a non-finite error tells the caller, which checks its inputs then; nothing is
-        # iterated.
+        # NaN or Inf in C (amin and amax propagate NaN), or a row range that overflows: a
+        # non-finite error tells the caller, which checks its inputs then; nothing iterated.
         return torch.full_like(C, math.nan), torch.full_like(C[..., 0, 0], math.nan), None
     if top <= SCALE_ABOVE * eps:
         P, err, v, used, worst, u = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol, pad)
@@ -302,6 +234,13 @@ def _solve(
         start = torch.where(spread > SCALE_ABOVE * eps, spread / SCALE_ABOVE, eps)
         st = _solve_at(D, a, b, eps, max_iter, tol, None, start, pad)[0]
     return st.P, st.err, None if pad is None else (st.alpha, st.beta, C0, s, t)
+
+
+def _anchored(beta: torch.Tensor) -> torch.Tensor:
+    """β less its largest entry (α absorbs the constant; −∞ stays): rescaled between stages,
+    it grew 1/SCALE_STEP-fold each time (1e18 at a masked cost of 1e20 ε) and rounded β's
+    differences away, a uniform plan whose marginals passed, silently."""
+    return beta - beta.amax(-1, keepdim=True)
 
 
 def _solve_at(
@@ -340,7 +279,7 @@ def _solve_at(
             if any_up:
                 # Warm start at the next ε: β/ε, the potential in units of cost, is kept.
                 nxt = torch.where(up, (cur * SCALE_STEP).clamp_(min=eps), cur)
-                beta_n = st.beta * (cur / nxt).unsqueeze(-1)
+                beta_n = _anchored(st.beta) * (cur / nxt).unsqueeze(-1)
                 cur = nxt
                 ce = D / cur[:, None, None]
                 st.take(_State(beta_n, ce, a, la, b, lo, pad), up)
@@ -396,5 +335,5 @@ def _solve_at(
         # problem (and may pass the column test). Report the plan of their potentials at
         # eps instead, with its true column error; the caller warns on it.
         late = cur > eps
-        st.take(_State(st.beta * (cur / eps).unsqueeze(-1), D / eps, a, la, b, lo, pad), late)
+        st.take(_State(_anchored(st.beta) * (cur / eps).unsqueeze(-1), D / eps, a, la, b, lo, pad), late)
     return st, it

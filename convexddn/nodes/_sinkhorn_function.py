@@ -10,7 +10,8 @@ from .._autograd import bind_fast, refuse_batched
 from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning, InputError
-from ._sinkhorn import schur_solve, solve
+from ._sinkhorn import solve
+from ._sinkhorn_schur import schur_solve
 from ._sinkhorn_padding import Padding, fill_dead
 
 __all__ = ["SinkhornFn", "Box", "dual_solve"]

@@ -919,3 +919,25 @@ def test_one_sided_gradients_at_padding_do_not_depend_on_its_costs(big):
         return bb.grad
 
     torch.testing.assert_close(grad_b(big), grad_b(0.0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("big", [1e20, 1e30, 1e300])
+def test_sinkhorn_masked_by_huge_costs(big):
+    # Doubly-stochastic attention masked by a huge finite cost (+inf is refused): query 0
+    # sees key 1 only, so P[0, 1] = 1 and the rest is the 5 × 5 problem without row 0 and
+    # column 1 (an independent call). The ε-scaling stages carried β's free constant
+    # and multiplied it by 4 each stage (1e18 at 1e20): β's differences rounded away and
+    # the 5 × 5 block came back uniform, its marginals exact, without a warning.
+    S = torch.randn(6, 6, generator=_gen(25), dtype=F64)
+    live = torch.ones(6, 6, dtype=torch.bool)
+    live[0] = False
+    live[0, 1] = True
+    ones = torch.ones(6, dtype=F64)
+    want = torch.zeros(6, 6, dtype=F64)
+    want[0, 1] = 1.0
+    rows, cols = torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 3, 4, 5])
+    want[rows[:, None], cols] = sinkhorn(-S[rows][:, cols], ones[1:], ones[1:], eps=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        P = sinkhorn((-S).masked_fill(~live, big), ones, ones, eps=1.0)
+    torch.testing.assert_close(P, want, rtol=0, atol=1e-10)
