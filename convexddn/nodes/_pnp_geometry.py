@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .._generic import generic_vector
 from .._warn import warn
 from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
@@ -265,21 +266,35 @@ def check_intrinsics(q, K) -> None:
 
 
 def check_dlt_points(p, w) -> None:
-    """The starts need, per problem, >= 6 points of nonzero weight (fewer leave the DLT's
-    2N×12 system a null space of dimension > 1) not all on one line (no plane, so no
-    pose, is determined); coplanar points are solved from the plane's homography
-    (:func:`planar_start`)."""
-    few = (w > 0).sum(-1) < 6
+    """The starts need, per problem, >= 6 distinct points of nonzero weight (fewer leave
+    the DLT's 2N×12 system a null space of dimension > 1; a point repeated to pad to a
+    fixed N counts once: 4 points three times each gave an arbitrary start, a pose 1 rad
+    off, silently) not all on one line (no plane, so no pose, is determined); coplanar
+    points are solved from the plane's homography (:func:`planar_start`).
+
+    One line: the directions from a middle point of nonzero weight to the others span
+    one dimension (σ₂/σ₁ of the unit directions at most ``COPLANAR``): unlike the points'
+    own spread, this does not call ten points in general position collinear beside one
+    landmark 1e8 away."""
+    live = w > 0
+    key = (p @ generic_vector(3, p.dtype, p.device)).masked_fill(~live, math.inf)  # generic: distinct keys
+    key, order = key.sort(-1)
+    fresh = torch.cat([key[:, :1] < math.inf, (key[:, 1:] != key[:, :-1]) & (key[:, 1:] < math.inf)], -1)
+    distinct = fresh.sum(-1)
+    few = distinct < 6
     if bool(few.any()):
-        raise InputError(f"weights: the DLT start needs >= 6 points of nonzero weight per problem, got "
-                         f"{int((w > 0).sum(-1).min())} for {shown_indices(few)}; pass init")
-    s = _spread_values(p, w)
+        raise InputError(f"weights: the DLT start needs >= 6 distinct points of nonzero weight per problem, "
+                         f"got {int(distinct.min())} for {shown_indices(few)}; pass init")
+    mid = order.gather(-1, (live.sum(-1, keepdim=True) // 2))
+    d = p - p.gather(1, mid.unsqueeze(-1).expand(-1, 1, 3))
+    n = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
+    s = torch.linalg.svdvals(torch.where((n > 0) & live.unsqueeze(-1), d / torch.where(n > 0, n, 1.0), 0.0))
     spread = s[:, 1] / s[:, 0].clamp(min=torch.finfo(s.dtype).tiny)
     line = spread <= COPLANAR
     if bool(line.any()):
         raise InputError(f"p3d: the pose needs points (of nonzero weight) not all on one line, got points "
-                         f"collinear to {float(spread[line].max()):.1e} of their extent for "
-                         f"{shown_indices(line)}; pass init")
+                         f"whose directions from a middle one spread {float(spread[line].max()):.1e} off a "
+                         f"line for {shown_indices(line)}; pass init")
 
 
 def check_start(bad, from_init: bool) -> None:
@@ -308,6 +323,13 @@ def check_pose(theta, H, p3d, w) -> None:
         warn(f"pnp: the pose puts points at or behind the camera (depth <= 0) for {shown_indices(behind)}, "
              f"{counts} of {p3d.shape[-2]} point(s) each: a spurious minimum (e.g. from gross outliers or "
              "a poor start); pass init", SolverWarning)
+    # A negative eigenvalue beyond H's rounding: the solve stopped at a saddle (or a
+    # maximum), where the gradient vanishes too.
+    ev = torch.linalg.eigvalsh(torch.where(torch.isfinite(H), H, 0.0))
+    saddle = ev[:, 0] < -64 * torch.finfo(H.dtype).eps * ev.abs().amax(-1)
+    if bool(saddle.any()):
+        warn(f"pnp: the pose is a saddle point of the objective, not a minimum, for {shown_indices(saddle)} "
+             "(its Hessian has a negative eigenvalue); pass init", SolverWarning)
     singular = checked_solve(H, torch.zeros_like(theta))[1]
     if bool(singular.any()):
         warn(f"pnp: the pose is not unique for {shown_indices(singular)} (the Hessian of the objective "

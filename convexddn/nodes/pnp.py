@@ -32,6 +32,8 @@ References:
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -180,9 +182,12 @@ def pnp(
         \theta = (r, t) \in \operatorname*{argmin}_{r, t}
             \sum_i w_i\, \phi\big(\|\pi_K(R(r) p_i + t) - q_i\|_2; \alpha\big)
 
-    Forward: a weighted DLT start (needs N >= 6 points of nonzero weight not all on one
-    line; else pass ``init``), then Levenberg–Marquardt on the exact 6×6 Hessian from that start, every
-    step accepted only if it lowers the objective, to ``tol``. Nearly planar scenes (off
+    Forward: a weighted DLT start (needs N >= 6 distinct points of nonzero weight not all
+    on one line; else pass ``init``), then Levenberg–Marquardt on the exact 6×6 Hessian
+    from that start, every step accepted only if it lowers the objective, until both the
+    step and the undamped Newton step are below ``tol``; a nonconvex penalty (Welsch,
+    truncated quadratic) first solves the Huber problem of the same ``alpha`` from the
+    DLT start (on clean data the DLT start can leave every residual on Welsch's flat tail). Nearly planar scenes (off
     their plane by less than a tenth of their extent: a checkerboard) are also solved
     from the plane's homography (the only start for coplanar points), keeping the pose
     with all points in front and the lower objective. The result is a local
@@ -225,15 +230,16 @@ def pnp(
         NonFiniteError: an input holds NaN or Inf.
         InputError: negative weights, all-zero weights for a problem, tensors on
             different devices, ``K`` with fx or fy zero, an ``init`` that puts a point of
-            nonzero weight at depth 0, or (without ``init``) fewer than 6 points of
-            nonzero weight or collinear ones (coincident included).
+            nonzero weight at depth 0, or (without ``init``) fewer than 6 distinct points
+            of nonzero weight or collinear ones (coincident included).
         OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol`` or ``max_iter``.
         ProblemError: called under a torch.func transform other than ``jvp`` (``grad``,
             ``vmap``, ``jacrev``, ...): use torch.autograd.
 
     Warns:
         SolverWarning: ``max_iter`` reached; the pose puts points of nonzero weight at or
-            behind the camera; the pose is not unique (singular Hessian).
+            behind the camera; the pose is not unique (singular Hessian) or a saddle
+            point (a negative eigenvalue of the Hessian).
         GradientWarning: singular or ill-conditioned Hessian in the backward.
 
     References:
@@ -316,8 +322,12 @@ def pnp(
     # θ(q, s p) = (r, s t): the projection x/z does not see the scene's scale. Solving in
     # units of a power of two near each scene's extent (exact) keeps rotation and
     # translation steps comparable in the stopping test and the damping, which mix them
-    # (at 1e7 or 1e-7 scene units the rotation froze 4e-3 to 0.05 rad off).
-    unit = pow2_round(p.detach().abs().amax((1, 2)).clamp_min(torch.finfo(dtype).tiny))
+    # (at 1e7 or 1e-7 scene units the rotation froze 4e-3 to 0.05 rad off). The extent is
+    # the median of the points' of nonzero weight largest coordinates: a zero-weight
+    # padding point at 1e8, or one landmark at 1e8, made the scene's largest the unit, the
+    # near points 1e-8 in it, and the pose came back 1e-2 off, silently.
+    size = p.detach().abs().amax(-1).masked_fill(w.detach() <= 0, math.nan).nanmedian(-1).values
+    unit = pow2_round(torch.where(size > 0, size, p.detach().abs().amax((1, 2))).clamp_min(torch.finfo(dtype).tiny))
     p = p / unit.view(-1, 1, 1)
     if th0 is not None:
         th0 = torch.cat([th0[:, :3], th0[:, 3:] / unit.view(-1, 1)], 1)

@@ -17,7 +17,7 @@ from scipy.spatial.transform import Rotation
 
 from convexddn.errors import DTypeError, GradientWarning, InputError, NonFiniteError, OptionError, ShapeError
 from convexddn.errors import SolverWarning
-from convexddn.nodes._pnp_geometry import matrix_to_axis_angle
+from convexddn.nodes._pnp_geometry import check_dlt_points, check_pose, matrix_to_axis_angle
 from convexddn.nodes.pnp import PnP, axis_angle_to_matrix, pnp
 
 D = torch.float64
@@ -197,7 +197,7 @@ def test_pnp_invalid():
         pnp(q * 500 + 300, p, K=torch.tensor([0.0, 500.0, 300.0, 300.0], dtype=D))
     w = torch.ones(3, 12, dtype=D)
     w[1, 5:] = 0
-    with pytest.raises(InputError, match=r"weights: .*>= 6 points of nonzero weight.*flat indices \[1\]"):
+    with pytest.raises(InputError, match=r"weights: .*>= 6 distinct points of nonzero weight.*flat indices \[1\]"):
         pnp(q, p, w)
     qn = q.clone()
     qn[0, 0, 0] = float("nan")
@@ -235,8 +235,8 @@ def test_pnp_coplanar_points_are_solved_from_the_plane():
         torch.testing.assert_close(pnp(qp, pp), thp, atol=1e-9, rtol=0)
         torch.testing.assert_close(pnp(qp.float(), pp.float()).double(), thp, atol=1e-4, rtol=0)
     torch.testing.assert_close(pnp(qp, pp, init=thp + 0.02), thp, atol=1e-9, rtol=0)
-    ident = torch.tensor([0.0, 0.0, 3.0], dtype=D).expand(1, 8, 3)  # coincident points
-    with pytest.raises(InputError, match="p3d: .*not all on one line"):
+    ident = torch.tensor([0.0, 0.0, 3.0], dtype=D).expand(1, 8, 3)  # coincident points: one distinct
+    with pytest.raises(InputError, match=r"weights: .*>= 6 distinct points .*got 1 "):
         pnp(torch.zeros(1, 8, 2, dtype=D), ident)
     line = torch.linspace(-1, 1, 8, dtype=D)[:, None] * torch.tensor([1.0, 2.0, 0.5], dtype=D)
     with pytest.raises(InputError, match=r"p3d: .*not all on one line.*flat indices \[0\]"):
@@ -670,3 +670,81 @@ def test_anomaly_mode():
         grad_a, = torch.autograd.grad(pose_a.square().sum(), pts)
     torch.testing.assert_close(pose_a, pose, rtol=0, atol=1e-14)
     torch.testing.assert_close(grad_a, grad, rtol=1e-10, atol=1e-12)
+
+
+def _landmark_scene(dist, noise=0.0):
+    """Ten points near a camera at depth ~5 and one landmark D away, projected exactly
+    (plus noise on the near ones); returns q, p, theta."""
+    g = torch.Generator().manual_seed(3)
+    theta = torch.tensor([0.3, -0.2, 0.1, 0.1, -0.2, 5.0], dtype=F64)
+    R = torch.linalg.matrix_exp(skew(theta[:3]))
+    near = torch.randn(10, 3, generator=g, dtype=F64)
+    far = (torch.tensor([[0.3 * dist, 0.2 * dist, dist]], dtype=F64) - theta[3:]) @ R
+    p = torch.cat([near, far])
+    X = p @ R.mT + theta[3:]
+    q = X[:, :2] / X[:, 2:]
+    q[:10] += noise * torch.randn(10, 2, generator=g, dtype=F64)
+    return q, p, theta
+
+
+F64 = torch.float64
+
+
+def test_pnp_far_points_and_weight_scale_leave_the_pose():
+    # The unit of the solve was the scene's largest coordinate: a landmark (or a
+    # zero-weight padding point) 1e8 away made the near points 1e-8 in it, and the pose
+    # came back 1e-2 off its init, "converged" on a damped step (silently). Likewise
+    # weights scaled by 1e-28 (an absolute floor in the damping). Noise-free: the
+    # generating pose is the unique minimiser.
+    q, p, theta = _landmark_scene(1e8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(pnp(q, p, init=theta + 0.01), theta, atol=1e-12, rtol=0)
+        # Zero-weight padding anywhere changes nothing; the ten near points alone (with noise).
+        qn, pn, _ = _landmark_scene(1e8, noise=2e-3)
+        w = torch.cat([torch.rand(10, generator=torch.Generator().manual_seed(1), dtype=D) + 0.5,
+                       torch.zeros(1, dtype=D)])
+        ref = pnp(qn[:10], pn[:10], w[:10])
+        torch.testing.assert_close(pnp(qn, pn, w), ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(pnp(qn[:10], pn[:10], w[:10] * 1e-28), ref, atol=1e-12, rtol=0)
+
+
+def test_pnp_start_needs_distinct_points_and_not_one_line():
+    # Five distinct points each listed twice (padding to N = 10) passed the ">= 6 points"
+    # test and the DLT's null space gave an arbitrary start (1 rad off, silently); ten
+    # points in general position beside a landmark 1e8 away were refused as collinear
+    # (the spread of the points was the landmark's).
+    q, p, theta = scene(26, batch=(), n=5)
+    idx = torch.arange(10) % 5
+    with pytest.raises(InputError, match=r">= 6 distinct points .*got 5 "):
+        pnp(q[idx], p[idx])
+    torch.testing.assert_close(pnp(q[idx], p[idx], init=theta + 0.01), theta, atol=1e-9, rtol=0)
+    q, p, theta = _landmark_scene(1e8)
+    out = pnp(q, p, init=theta + 0.01)  # (the check runs without init only; no error with it)
+    check_dlt_points(p[None], torch.ones(1, 11, dtype=D))  # no InputError
+    torch.testing.assert_close(out, theta, atol=1e-12, rtol=0)
+
+
+def test_pnp_welsch_from_the_dlt_start_reaches_the_minimum():
+    # Clean data (noise 0.5 px, no outliers) seen with a long focal length (4e4 px, depth
+    # 200): the DLT start put every residual on Welsch's flat tail (f = 14.9998 of 15)
+    # and the solve stopped at a saddle keeping one inlier, 0.2 rad off, silently. From
+    # the Huber pose first it reaches the minimiser that a start at the generating pose
+    # reaches.
+    g = np.random.default_rng(1001)
+    r, t = g.normal(size=3) * 0.5, g.normal(size=3) * 0.3 + [0, 0, 200.0]
+    g.normal(size=(15, 3))
+    P = g.normal(size=(15, 3))
+    K = torch.tensor([4e4, 4e4, 320.0, 240.0], dtype=D)
+    X = P @ Rotation.from_rotvec(r).as_matrix().T + t
+    q = torch.tensor(X[:, :2] / X[:, 2:] * 4e4 + [320.0, 240.0] + 0.5 * g.normal(size=(15, 2)))
+    p = torch.tensor(P)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = pnp(q, p, K=K, penalty="welsch")
+        want = pnp(q, p, K=K, penalty="welsch", init=torch.tensor(np.r_[r, t]))
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+    # ... and a saddle is named where a caller's init lands on one.
+    H = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, -1e-3], dtype=D))[None]
+    with pytest.warns(SolverWarning, match="saddle point"):
+        check_pose(got[None], H, p[None], torch.ones(1, 15, dtype=D))
