@@ -86,15 +86,17 @@ def any_batched(*tensors: torch.Tensor | None) -> bool:
     return any(batched_values(t) or batched_by_autograd(t) for t in tensors if t is not None)
 
 
-def refuse_batched(name: str, *cotangents: torch.Tensor | None, jacfwd: bool = False) -> None:
+def refuse_batched(name: str, *cotangents: torch.Tensor | None, jacfwd: bool = False,
+                   functorch: bool = True) -> None:
     """Raise a ProblemError where autograd batches the cotangents or tangents
-    (``is_grads_batched=True``, ``torch.autograd.functional.jacobian(..., vectorize=True)``):
-    the implicit derivatives check and solve on the host, which autograd's vmap refuses
-    (it failed inside torch with "Batching rule not implemented"); also torch.func.jacrev's
-    (``jacfwd``: the node supports torch.func.jacfwd, which the message then names)."""
+    (``is_grads_batched=True``, ``torch.autograd.functional.jacobian(..., vectorize=True)``,
+    in either strategy): the implicit derivatives check and solve on the host, which
+    autograd's vmap refuses (it failed inside torch with "Batching rule not implemented");
+    also torch.func.jacrev's (``jacfwd``: the node supports torch.func.jacfwd, which the
+    message then names; ``functorch=False``: torch.func's batching is the node's to handle)."""
     if torch.compiler.is_compiling():  # (a compiled backward: no transform to see, nothing dynamo can trace)
         return
-    if any(batched_values(t) for t in cotangents):  # (torch.func.jacrev: a vmap over the vjp)
+    if functorch and any(batched_values(t) for t in cotangents):  # (torch.func.jacrev: a vmap over the vjp)
         raise ProblemError(
             f"{name} does not support torch.func.jacrev (a vmap over its vjp: batched cotangents): use "
             f"{'torch.func.jacfwd, ' if jacfwd else ''}torch.autograd.functional.jacobian without vectorize, "
@@ -113,11 +115,18 @@ def functorch_transforms() -> list[str]:
 
 
 def refuse_transforms(name: str, why: str, use: str = "torch.autograd (backward(), torch.autograd.grad)",
-                      allowed: tuple[str, ...] = ()) -> None:
+                      allowed: tuple[str, ...] = (), inputs: tuple = ()) -> None:
     """Raise a ProblemError naming ``name`` where a torch.func transform other than
     ``allowed`` (keys of :func:`functorch_transforms`) is active: ``why`` says what of the
     call those transforms cannot run (host reads, numpy, torch.autograd inside), ``use``
-    what to use instead (they failed deep inside with torch's own messages)."""
+    what to use instead (they failed deep inside with torch's own messages); likewise
+    under tracing (:func:`refuse_trace`) and where the forward-mode tangents of
+    ``inputs`` are batched by autograd (:func:`refuse_batched`: pnp's solver failed on
+    them with "autograd.grad ... called inside torch.vmap")."""
+    refuse_trace(name)
+    if inputs and torch.autograd.forward_ad._current_level >= 0:
+        unpack = torch.autograd.forward_ad.unpack_dual
+        refuse_batched(name, *(unpack(t).tangent for t in inputs if isinstance(t, torch.Tensor)))
     transforms = functorch_transforms()
     if set(transforms) - set(allowed):
         other = f" other than {', '.join(a.lower() for a in allowed)}" if allowed else ""
@@ -140,14 +149,19 @@ def batched_values(t: Any) -> bool:
 
 
 def refuse_trace(name: str) -> None:
-    """Raise a ProblemError under ``torch.jit.trace``: a node's solver decides on the host
-    from the values (paths, iteration counts), which a trace records as constants, so the
-    traced module can be silently wrong on new inputs (a traced ConvexLayer also lost its
-    gradient; a fresh one failed inside with 'unordered_map::at')."""
-    if torch.jit.is_tracing():
-        raise ProblemError(f"{name} does not run under torch.jit.trace: its solver decides on the host from the "
-                           "values, which a trace would record as constants (silently wrong on new inputs); "
-                           "use torch.compile")
+    """Raise a ProblemError under ``torch.jit.trace`` and under make_fx's tracing
+    (``torch.func.linearize``, ``make_fx``): a node's solver decides on the host from the
+    values (paths, iteration counts), which a trace records as constants, so the traced
+    module can be silently wrong on new inputs (a traced ConvexLayer also lost its
+    gradient; a fresh one failed inside with 'unordered_map::at'; linearize gave the
+    eigenvectors ±inf tangents, and the other nodes torch's raw '_local_scalar_dense'
+    error). torch.compile traces no node code that way (its graph breaks run eagerly)."""
+    if torch.jit.is_tracing() or (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+                                  and not torch.compiler.is_compiling()):
+        raise ProblemError(f"{name} does not run under torch.jit.trace, make_fx or torch.func.linearize: its "
+                           "solver decides on the host from the values, which a trace would record as "
+                           "constants (silently wrong on new inputs); use torch.compile, or torch.func.jvp "
+                           "for tangents")
 
 
 def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = True,

@@ -391,3 +391,33 @@ def test_torch_jit_trace_is_refused_by_name():
                           ("ConvexLayer", layer, torch.randn(3, dtype=torch.float64))]:
         with pytest.raises(ProblemError, match=f"{name} does not run under torch.jit.trace"):
             torch.jit.trace(fn, (arg,), check_trace=False)
+
+
+@pytest.mark.parametrize("name,x,node", CASES, ids=[c[0] for c in CASES])
+def test_make_fx_tracing_is_refused(name, x, node):
+    """torch.func.linearize (make_fx tracing) records the solvers' host decisions as
+    constants: eigen_decomposition's eigenvectors came back with ±inf tangents, silently,
+    and the other nodes raised torch's raw '_local_scalar_dense' error."""
+    with pytest.raises(ProblemError, match=f"{name.split()[0]} does not run under torch.jit.trace, make_fx"):
+        torch.func.linearize(node, x.clone())
+
+
+@pytest.mark.parametrize("name", ["least_squares", "sinkhorn", "eigen_decomposition", "pnp"])
+def test_autograd_batched_forward_mode_is_refused(name):
+    """torch.autograd.functional.jacobian(vectorize=True, strategy='forward-mode') batches
+    the tangents with autograd's own vmap: these nodes failed inside torch ("Batching rule
+    not implemented for aten::detach", "aten::is_nonzero", "aten::alias")."""
+    _, x, node = next(c for c in CASES if c[0] == name)
+    if name == "pnp":  # (its image points made outside: no random ops under the vmap)
+        node = lambda p, q=_pnp_points()[0]: pnp(q, p)  # noqa: E731
+    with pytest.raises(ProblemError, match=f"{name} does not support batched cotangents or tangents"):
+        torch.autograd.functional.jacobian(node, x.clone(), vectorize=True, strategy="forward-mode")
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_eigen_decomposition_backward_of_an_empty_batch(k):
+    # The forward ran; the backward's amin() over an empty batch raised torch's error.
+    X = torch.zeros(0, 4, 4, dtype=F64, requires_grad=True)
+    lam, V = eigen_decomposition(X, k)
+    (g,) = torch.autograd.grad(lam.sum() + V.sum(), X)
+    assert g.shape == (0, 4, 4)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._autograd import any_batched, bind_fast, without_autocast
+from .._autograd import any_batched, bind_fast, refuse_batched, without_autocast
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_finite
 from .._pow2 import pow2_floor
@@ -143,6 +143,7 @@ class _EigenFunction(torch.autograd.Function):
         :math:`\dot\lambda_i = M_{ii}` and :math:`\dot v_i = \sum_{j \ne i} v_j
         M_{ji} / (\lambda_i - \lambda_j)` (Magnus 1985), the degenerate pairs' terms
         dropped as in the backward, with a warning where the tangent has a part there."""
+        refuse_batched("eigen_decomposition", X_t, functorch=False)  # (torch.func.jacfwd works)
         mu, V = ctx.saved_tensors
         k, sign = ctx.k, ctx.sign
         sel = slice(0, k)
@@ -184,6 +185,8 @@ class _EigenFunction(torch.autograd.Function):
         # Differentiated as the bottom-k eigenpairs of S = s·sym(X): dL/dμ_k = s·g_λ and
         # dL/dX = s·dL/dS.
         mu, V = ctx.saved_tensors
+        if V.numel() == 0:  # an empty batch (the reductions below have no identity)
+            return torch.zeros_like(V, dtype=ctx.dtype), None, None, None
         k, sign = ctx.k, ctx.sign
         sel = slice(0, k)
         Vk = V[..., sel]

@@ -62,6 +62,7 @@ class SinkhornFn(torch.autograd.Function):
         Qᵀ1), Q = P ∘ dC/ε, dβ_N = 0: the backward's system (K is symmetric), solved by
         the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
         solver sees, so the dropped equation holds.)"""
+        refuse_batched("sinkhorn", C_t, a_t, b_t)
         P, err = ctx.saved_tensors
         pad = ctx.pad
         if pad is not None:

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
+from .._autograd import bind_fast, may_carry_tangents, refuse_batched, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_number, check_tensor
 from ..errors import DTypeError, ShapeError
@@ -179,6 +179,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         the forward's factor (H = RᵀR), scaled as in the backward: H = c² H', c a power of
         two near R's largest entry, so dx = H'⁻¹(rhs/c)/c (rhs ~ ‖A‖‖dA‖ left float64's
         range for A and dA ~ 1e200 where dx does not)."""
+        refuse_batched("least_squares", A_t, b_t, w_t, ridge_t)
         A, b, w, ridge, R, x, *q = ctx.saved_tensors
         A, b = A.to(_WORK), b.to(_WORK)
         wcol = None if w is None else w.to(_WORK).unsqueeze(-1)

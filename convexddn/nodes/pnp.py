@@ -117,6 +117,7 @@ class _PnPFunction(torch.autograd.Function):
         """Forward mode: dθ = −H⁻¹ (∂∇_θf/∂x · dx), the optimality condition ∇_θf = 0
         differentiated along the tangents dx of the inputs (the backward's system, H
         symmetric; singular elements get 0 and the backward's warning)."""
+        refuse_batched("pnp", *tangents)
         p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
         if theta.shape[0] == 0:
             return theta.new_zeros(theta.shape), None
@@ -249,7 +250,8 @@ def pnp(
     # (torch.func.grad failed in the backward: "requires_grad_() ... unsupported")
     refuse_transforms("pnp", "its solver and its backward differentiate the reprojection error with torch.autograd, "
                       "which those transforms do not allow inside", "torch.autograd (backward(), torch.autograd.grad), "
-                      "or torch.func.jvp / torch.autograd.forward_ad for forward mode", allowed=("Jvp",))
+                      "or torch.func.jvp / torch.autograd.forward_ad for forward mode", allowed=("Jvp",),
+                      inputs=(p2d, p3d, weights, K, alpha))
     if torch.is_inference_mode_enabled():
         # The solver differentiates its objective by autograd, which inference mode
         # forbids: run it outside, on detached normal copies of the inputs (copies still
@@ -319,13 +321,11 @@ def pnp(
         check_intrinsics(q, Kf)
     if th0 is None:
         check_dlt_points(p, w)
-    # θ(q, s p) = (r, s t): the projection x/z does not see the scene's scale. Solving in
-    # units of a power of two near each scene's extent (exact) keeps rotation and
-    # translation steps comparable in the stopping test and the damping, which mix them
-    # (at 1e7 or 1e-7 scene units the rotation froze 4e-3 to 0.05 rad off). The extent is
-    # the median of the points' of nonzero weight largest coordinates: a zero-weight
-    # padding point at 1e8, or one landmark at 1e8, made the scene's largest the unit, the
-    # near points 1e-8 in it, and the pose came back 1e-2 off, silently.
+    # θ(q, s p) = (r, s t): the projection x/z does not see the scene's scale. Solving in units of
+    # a power of two near each scene's extent (exact) keeps rotation and translation steps comparable
+    # in the stopping test and the damping (at 1e7 or 1e-7 scene units the rotation froze 4e-3 to
+    # 0.05 rad off). The extent is the median size of the points of nonzero weight: the largest made
+    # a padding point or one landmark at 1e8 the unit, the pose 1e-2 off, silently.
     size = p.detach().abs().amax(-1).masked_fill(w.detach() <= 0, math.nan).nanmedian(-1).values
     unit = pow2_round(torch.where(size > 0, size, p.detach().abs().amax((1, 2))).clamp_min(torch.finfo(dtype).tiny))
     p = p / unit.view(-1, 1, 1)
