@@ -102,7 +102,8 @@ def entmax_map(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torc
         work = torch.float64
     # Shift so that max z = 0: τ ∈ [−1, 0). Entries below max − 1 are never in the support
     # (p_max ≤ 1 forces τ ≥ max z − 1): raised (and −inf) to it, every difference is finite.
-    z = ((x - top).to(work) * (alpha - 1.0)).clamp_(min=-1.0)
+    # (The difference in the working dtype: bfloat16's x − top rounded by up to 0.4 %.)
+    z = ((x.to(work) - top.to(work)) * (alpha - 1.0)).clamp_(min=-1.0)
     if alpha < 2:
         tau = _threshold_newton(z, d, k)
         t = (z - tau).clamp_(min=0.0)

@@ -208,8 +208,11 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         # (never in the support) so that −inf entries become finite. Flooring x itself
         # at max − 1 fails once ulp(max) ≥ 1 (max − 1 rounds to max: every entry
         # floored to the max, a uniform answer); x − max is exact wherever it is > −1
-        # and rounds monotonically elsewhere, so the floor is exact.
-        return project_simplex((x - top).clamp(min=-1.0), d)
+        # and rounds monotonically elsewhere, so the floor is exact. Half inputs are
+        # solved in float32 and rounded once (in bfloat16 the threshold rounded to 8 bits
+        # and rows of 4096 summed to 1 ± 1.2e-2).
+        work = torch.promote_types(x.dtype, torch.float32)
+        return project_simplex((x.to(work) - top.to(work)).clamp(min=-1.0), d).to(x.dtype)
     if (torch.is_grad_enabled() and x.requires_grad) or may_carry_tangents(x):
         return _EntmaxFn.apply(x, top, alpha, d)  # (forward mode: its jvp, not the solver's ops)
     return entmax_map(x, top, alpha, d)
