@@ -1809,3 +1809,38 @@ def test_welsch_does_not_depend_on_the_order_of_the_pooled_entries(n, k):
     y = robust_pool(x, "welsch", 1.0, dim=0)
     shuffled = robust_pool(x[torch.randperm(n, generator=g)], "welsch", 1.0, dim=0)
     assert abs(y.item()) < 0.1 and abs(y.item() - shuffled.item()) < 1e-6
+
+
+def test_user_penalty_subclassing_a_builtin_with_new_formulas_is_refused():
+    # An asymmetric Huber written as a subclass of Huber ran Huber's fused sums and
+    # solver: y = 2.25, Huber's answer, where its own objective's minimiser is 1.8
+    # (silently). A subclass that only renames the built-in is fine.
+    class Asymmetric(cddn.nodes.pooling.builtin.Huber):
+        name = "asymmetric"
+
+        def dphi(self, z, alpha):
+            return torch.clamp(z, -alpha, 3 * alpha)
+
+    class Renamed(cddn.nodes.pooling.builtin.Huber):
+        name = "renamed"
+
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0]], dtype=torch.float64)
+    with pytest.raises(OptionError, match="subclasses the built-in Huber and redefines dphi"):
+        robust_pool(x, Asymmetric(), 1.0)
+    torch.testing.assert_close(robust_pool(x, Renamed(), 1.0), robust_pool(x, "huber", 1.0))
+
+
+def test_user_penalty_with_a_nan_derivative_returns_the_last_finite_iterate():
+    # phi' of NaN beyond |z| > 3 (a formula outside its domain) with a finite phi'':
+    # the stop took u - NaN, a NaN result under the warning "returning the last finite
+    # iterate".
+    class Broken(Cauchy):
+        name = "broken"
+
+        def dphi(self, z, alpha):
+            return torch.where(z.abs() > 3, torch.nan, super().dphi(z, alpha))
+
+    x = torch.tensor([[0.0, 0.1, 0.3, 0.35, 5.0]], dtype=torch.float64)
+    with pytest.warns(SolverWarning, match="returning the last finite iterate"):
+        y = robust_pool(x, Broken(), 1.0)
+    assert torch.isfinite(y).all() and 0.0 <= float(y) <= 5.0

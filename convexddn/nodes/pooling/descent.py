@@ -124,7 +124,9 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         nxt = torch.where(reject, safe_prev, trial)
         f_prev = torch.where(reject | ~active, f_prev, f)
         safe_prev = torch.where(reject, safe_prev, u + safe)
-        final = torch.where(hpos & ~quiet, u - nstep, u)
+        # (Not where the sums are bad: a user's phi' of NaN with a finite h made u - NaN,
+        # under the warning that the last finite iterate is returned.)
+        final = torch.where(hpos & ~quiet & ~bad, u - nstep, u)
         h_prev = torch.where(reject, math.nan, h)  # no estimate across a rejected step
         # (Once a start stops, u and f_prev stay put: its point and the objective at its
         # last accepted point; a start still running at the end returns its last iterate.)

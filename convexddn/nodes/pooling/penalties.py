@@ -288,6 +288,7 @@ class Penalty(abc.ABC):
             if not isinstance(convex, bool):
                 raise OptionError(f"penalty {cls} must set the class attribute convex (True or False: "
                                   f"which solver it gets), got {convex!r}")
+            _check_formulas(type(penalty))
             return penalty
         if not isinstance(penalty, str):
             raise OptionError(
@@ -304,6 +305,7 @@ from .builtin import Huber, PseudoHuber, Quadratic, TruncatedQuadratic, Welsch
 _BUILTIN: dict[str, Penalty] = {
     p.name: p for p in (Quadratic(), PseudoHuber(), Huber(), Welsch(), TruncatedQuadratic())
 }
+_BUILTIN_TYPES = frozenset(type(p) for p in _BUILTIN.values())
 
 #: Valid penalty names, in the order of Gould et al. Table 1.
 PENALTIES: tuple[str, ...] = tuple(_BUILTIN)
@@ -319,6 +321,22 @@ PENALTY_ALIASES: Mapping[str, str] = MappingProxyType({
     "trunc-quad": "trunc_quad",
     "truncated-quadratic": "trunc_quad",
 })
+
+
+_FORMULAS = ("phi", "dphi", "d2phi", "d2phi_dalpha", "irls_weight")
+
+
+def _check_formulas(cls: type) -> None:
+    """Refuse a subclass of a built-in penalty that redefines one of its formulas: the
+    built-in's fused row sums, solver and CVXPY form (and the solvers' tests of its
+    type) would run instead of the new formulas (an asymmetric Huber returned Huber's
+    answer, silently); a penalty with formulas of its own subclasses Penalty."""
+    base = next((c for c in cls.__mro__ if c in _BUILTIN_TYPES), None)
+    changed = [] if base in (None, cls) else [m for m in _FORMULAS if getattr(cls, m) is not getattr(base, m)]
+    if changed:
+        raise OptionError(f"penalty {cls.__name__} subclasses the built-in {base.__name__} and redefines "
+                          f"{', '.join(changed)}: the built-in's own fused sums and solver would ignore them; "
+                          "subclass convexddn.nodes.Penalty instead")
 
 
 def canonical_penalty(penalty: Any) -> Any:
