@@ -32,9 +32,10 @@ from ..errors import GradientWarning
 from .graph import check_graph, second_derivatives
 from .lagrangian import (ConstraintFn, _batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
                          _non_finite_derivatives, _objective, _solution_length, kinked, lagrangian_probes)
-from .degeneracy import dependence_reaches_data
+from .degeneracy import dependence_reaches_data, shown_indices
 from .implicit_options import check_implicit_options
-from .linear_solvers import LinearSolver, checked_solver_result, resolve_linear_solver, shown_indices
+from .linear_solvers import LinearSolver, resolve_linear_solver
+from .solver_result import checked_solver_result
 from .multipliers import inactive_mask, multipliers
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt
 

@@ -115,7 +115,12 @@ def declarative_jvp(
             # The least-norm step with A ẏ₀ = −C ẋ on the active rows (A's inactive and
             # broken rows are zero, so are theirs here).
             Cx = torch.where(zero | k.inactive, 0.0, Cx)
-            y0 = -(torch.linalg.pinv(k.A) @ Cx.unsqueeze(-1)).squeeze(-1)
+            # (Rows at unit length first: pinv's cut-off is relative to the largest
+            # singular value, and a constraint written as 1e-20·(y₀ − d₀) = 0 lost its
+            # row beside the others, a tangent 100 % off, silently.)
+            norm = k.A.norm(dim=-1, keepdim=True)
+            inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
+            y0 = -(torch.linalg.pinv(k.A * inv) @ (Cx.unsqueeze(-1) * inv)).squeeze(-1)
         rhs = -Bx if y0 is None else -Bx - k.hvp(y0.unsqueeze(0))[0]
         w, _ = k.solve(torch.where(zero, 0.0, rhs).detach())
         ydot = w if y0 is None else w + y0

@@ -77,7 +77,11 @@ def constraint_gram(
 
     ``D`` has ones on inactive constraints (whose rows of ``A`` are zero). The Gram
     matrix is equilibrated first, so that a constraint written in large units is not
-    called dependent; eigenvalues below ``rcond`` times the largest are dropped.
+    called dependent; singular values of the equilibrated ``[A, D]`` below ``rcond``
+    times the largest are dropped. As in :func:`independent_rows`, the Gram matrix's
+    eigenvalues σ² resolve only σ well above √eps: elements with eigenvalues below
+    :data:`_GRAM_RESOLVED` of the largest take σ from an SVD (the cut at σ² ≤ rcond
+    dropped one of two constraints 1e-7 from parallel: gradients O(1) off, silently).
     """
     M = A @ A.transpose(1, 2)
     if inactive is not None:
@@ -85,6 +89,17 @@ def constraint_gram(
     s, evals, evecs = _equilibrated_eigh(M)
     top = evals.abs().amax(-1, keepdim=True)
     keep = evals.abs() > rcond * top
+    unsure = (evals.abs() <= _GRAM_RESOLVED * top).any(-1).nonzero().squeeze(-1)
+    if unsure.numel():  # (a host sync; rare: nearly parallel constraints)
+        SA = s.index_select(0, unsure).unsqueeze(-1) * A.index_select(0, unsure)
+        if inactive is not None:  # S M S = S A Aᵀ S + D (s = 1 on the inactive rows)
+            SA = torch.cat([SA, torch.diag_embed(inactive.index_select(0, unsure).to(A.dtype))], -1)
+        U, sigma, _ = torch.linalg.svd(SA, full_matrices=SA.shape[-2] > SA.shape[-1])
+        if sigma.shape[-1] < U.shape[-1]:  # rank at most the columns: the rest are null
+            sigma = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], U.shape[-1] - sigma.shape[-1])], -1)
+        k = sigma > rcond * sigma.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+        evals = evals.index_copy(0, unsure, torch.where(k, sigma * sigma, 0.0))
+        evecs, keep = evecs.index_copy(0, unsure, U), keep.index_copy(0, unsure, k)
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
     Minv = s.unsqueeze(-1) * ((evecs * inv.unsqueeze(-2)) @ evecs.transpose(1, 2)) * s.unsqueeze(-2)
     return Minv, (~keep).sum(-1)

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 
 from .._checks import check_choice, check_int, check_number, check_tolerance
+from .._pow2 import pow2_floor
 from .._warn import warn
-from ..errors import DTypeError, GradientWarning, OptionError, ShapeError, SolverError
+from ..errors import GradientWarning, OptionError
 from .degeneracy import dependent_to_warn, shown_indices, warn_degenerate
 from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
 from .krylov import projected_cg
@@ -50,7 +51,6 @@ __all__ = [
     "ILL_CONDITIONED",
     "LINEAR_SOLVERS",
     "LinearSolver",
-    "checked_solver_result",
     "resolve_linear_solver",
     "shown_indices",
     "solve_kkt_cg",
@@ -175,6 +175,10 @@ def _default_cg_tol(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
+# Largest cond·tol (the error bound of CG's answer) taken without the dense check.
+_CG_ERROR = {torch.float64: 1e-4, torch.float32: 1e-2}
+
+
 def solve_kkt_cg(
     hvp: HVP,
     A: Tensor | None,
@@ -231,10 +235,11 @@ def solve_kkt_cg(
             unfinished to the dense solve: CG is only worth it when it converges fast
             (the ``"auto"`` choice sets it). Default ``None``.
         dense_fallback_bytes: where CG fails for some batch elements (no convergence, or
-            :math:`H` indefinite on the null space), or its probe flags them as
-            ill-conditioned or does not finish, and the dense system of the batch fits in
-            this many bytes, those elements get the dense solution and its scale-aware
-            tests. Default 1 GiB.
+            :math:`H` indefinite on the null space), or its probe flags them as singular
+            or ill-conditioned or does not finish, or the error bound of its answer,
+            ``tol`` times the probe's condition estimate, exceeds 1e-4 (float64; 1e-2 in
+            float32), and the dense system of the batch fits in this many bytes, those
+            elements get the dense solution and its scale-aware tests. Default 1 GiB.
 
     Returns:
         ``(w, mu)`` with shapes ``(B, m)`` and ``(B, r)`` (``mu`` is ``None`` without
@@ -243,11 +248,13 @@ def solve_kkt_cg(
     Warns:
         GradientWarning: singular or ill-conditioned systems (as the dense path), and past
         the dense fallback's size: CG failures (those elements keep the last, finite, CG
-        iterate) and elements whose probe did not finish (degeneracy not checked).
+        iterate), elements whose probe did not finish (degeneracy not checked) and those
+        whose error bound exceeds the limit above.
 
     Raises:
         OptionError: ``max_iter``, ``check_every``, ``budget`` not integers >= 1,
-            ``dense_fallback_bytes`` not a number >= 0, ``ill_conditioned`` not a number > 1.
+            ``dense_fallback_bytes`` not a number >= 0, ``ill_conditioned`` not a number > 1,
+            ``tol`` or ``rcond`` not in (0, 1).
 
     References:
         Gould, Hartley & Campbell, "Deep Declarative Networks", TPAMI 2021, Prop. 4.5
@@ -266,24 +273,30 @@ def solve_kkt_cg(
     if budget is not None:
         budget = check_int("budget", budget, minimum=1)
     size = m + (0 if A is None else A.shape[1])
-    if rcond is None:
-        rcond = default_rcond(size, v.dtype)
+    rcond = default_rcond(size, v.dtype) if rcond is None else check_tolerance("cg rcond", rcond)
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
     if budget is not None and can_fall_back:
         max_iter = min(max_iter, budget)
-    out = projected_cg(hvp, A, inactive, v, tol, max_iter, check_every, rcond)
-    w, mu = out.w, out.mu
+    # (In units of a power of two near each v's largest entry: CG's squared norms of a v
+    # of 1e160 overflowed, of 1e-200 underflowed, and both "converged" at w = 0.)
+    unit = pow2_floor(torch.where(v.abs().amax(-1, keepdim=True) > 0, v.abs().amax(-1, keepdim=True), 1.0))
+    out = projected_cg(hvp, A, inactive, v / unit, tol, max_iter, check_every, rcond)
+    w, mu = out.w * unit, None if out.mu is None else out.mu * unit
     # Ritz values lie inside the spectrum, so even an unfinished probe's estimate bounds
     # the condition number from below: ill-conditioning is that estimate's verdict only.
     singular, dependent, ill = out.singular, out.dependent, (out.cond >= ill_conditioned) & ~out.singular
+    # A relative residual of tol leaves an error of up to cond·tol in w: beyond _CG_ERROR
+    # that is no answer (condition 7.5e9, below ill_conditioned: 29 % off, silently).
+    inaccurate = (out.cond * tol > _CG_ERROR.get(v.dtype, _CG_ERROR[torch.float32])) & ~out.singular & ~ill
     failed = ~out.converged
     not_minimum = None  # (known only where the dense system is formed)
     if can_fall_back:
         # The probe's verdicts are not the dense test's: an unfinished probe is no
         # evidence of ill-conditioning (a system solved in one step was warned about), and
         # its Ritz estimate is not equilibrated (diag(1e-11, 1, 1, 1), exact in float64,
-        # was called ill-conditioned at 1e11). Where the dense system fits, it decides.
-        failed = failed | out.unfinished | ill
+        # was called ill-conditioned at 1e11). Where the dense system fits, it decides
+        # (the singular verdict too: a converged CG solve is no pseudo-inverse solution).
+        failed = failed | out.unfinished | ill | inaccurate | singular
     cond = out.cond
     if bool(failed.any()):
         if can_fall_back:
@@ -309,6 +322,13 @@ def solve_kkt_cg(
             # Said above: the singular warning's pseudo-inverse solution is not what they got.
             singular, ill = singular & ~failed, ill & ~failed
     if not can_fall_back:
+        inaccurate = inaccurate & ~failed
+        if bool(inaccurate.any()):
+            warn(f"conjugate gradients stopped at a relative residual of tol={tol:g} on KKT systems of "
+                 f"condition {float(cond[inaccurate].amax()):.1e} (a lower bound) for "
+                 f"{shown_indices(inaccurate)}: their gradients may be off by that product; the dense "
+                 "system is over dense_fallback_bytes (pass a smaller cg tol, or raise dense_fallback_bytes)",
+                 GradientWarning)
         unchecked = out.unfinished & ~failed & ~ill
         if bool(unchecked.any()):
             warn(
@@ -361,30 +381,3 @@ def resolve_linear_solver(
         # elements go to the dense solve if it fits in memory.
         options["budget"] = max(CG_BUDGET_MIN, size // 16)
     return functools.partial(solve_kkt_cg, **options) if options else solve_kkt_cg
-
-
-def checked_solver_result(result: object, batch: int, m: int, r: int | None) -> tuple[Tensor, Tensor | None]:
-    """A user ``linear_solver``'s ``(w (B, m), mu (B, r) or None)``, checked: the right
-    structure, shapes and finite values (``r`` is None without constraints).
-
-    Raises:
-        DTypeError: not a pair of tensors (``mu`` may be None without constraints).
-        ShapeError: ``w`` or ``mu`` of the wrong shape.
-        SolverError: NaN or Inf in the result (the gradient would be garbage).
-    """
-    what = "linear_solver must return (w, mu): w (B, m) and mu (B, r) (None without constraints)"
-    if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise DTypeError(f"{what}, got {type(result).__name__}")
-    w, mu = result
-    if not isinstance(w, Tensor) or not (isinstance(mu, Tensor) or (mu is None and r is None)):
-        raise DTypeError(f"{what}, got ({type(w).__name__}, {type(mu).__name__})")
-    shapes = [("w", w, (batch, m))] + ([] if r is None else [("mu", mu, (batch, r))])
-    for name, t, want in shapes:
-        if tuple(t.shape) != want:
-            raise ShapeError(f"{what}; {name} has shape {tuple(t.shape)}, expected {want}")
-    bad = ~torch.isfinite(w).all(-1)
-    if mu is not None:
-        bad = bad | ~torch.isfinite(mu).all(-1)
-    if bool(bad.any()):
-        raise SolverError(f"linear_solver returned NaN or Inf for {shown_indices(bad)}")
-    return w, mu

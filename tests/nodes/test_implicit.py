@@ -1852,3 +1852,100 @@ def test_constraints_in_small_units_keep_their_multipliers(scale):
     support = (y.detach() > 0).to(DT)
     expect = support * (w - (support * w).sum(-1, keepdim=True) / support.sum(-1, keepdim=True))
     torch.testing.assert_close(g, expect, atol=1e-12, rtol=0)
+
+
+class _Quad(DeclarativeNode):
+    """y = argmin ½uᵀHu − xᵀu = H⁻¹x (closed form), H a buffer."""
+
+    def __init__(self, H, **kw):
+        super().__init__(**kw)
+        self.register_buffer("H", H)
+
+    def objective(self, x, y):
+        return 0.5 * (y * (y @ self.H.T)).sum(-1) - (x * y).sum(-1)
+
+    def solve(self, x):
+        return torch.linalg.solve(self.H, x.T).T
+
+
+def test_cg_answer_beyond_its_error_bound_goes_to_the_dense_solve():
+    # H of condition 7.5e9 (below the ill-conditioning warning): CG's relative residual
+    # of 1e-10 left the gradient 29 % off, silently. cond·tol > 1e-4 now sends the
+    # element to the dense solve (error ~cond·eps); the gradient is H⁻¹v.
+    n = 60
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.linspace(1, 1.5, n - 1, dtype=torch.float64), torch.tensor([2e-10], dtype=torch.float64)])
+    H = (Q * lam) @ Q.T
+    c = torch.ones(1, n, dtype=torch.float64)
+    c[0, -1] = 5e-11 * c.norm()
+    v, exact = c @ Q.T, (c / lam) @ Q.T
+    x = torch.randn(1, n, generator=g, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _Quad(0.5 * (H + H.T), linear_solver="cg")(x).backward(v)
+    assert float((x.grad - exact).norm() / exact.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-200])
+def test_cg_right_hand_side_of_extreme_size(scale):
+    # CG's squared norms of v overflowed (1e160) or underflowed (1e-200), and the system
+    # counted as solved at w = 0: a zero gradient, silently.
+    H = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    x = torch.ones(1, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.full((1, 3), scale, dtype=torch.float64)
+    _Quad(H, linear_solver="cg")(x).backward(v)
+    torch.testing.assert_close(x.grad, v / torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+class _TwoPlanes(DeclarativeNode):
+    """argmin ½‖u − x‖² s.t. u₀ = d₀ and s·(u₀ + δ u₁ − d₁) = 0: y = (d₀, (d₁ − d₀)/δ, x₂, …)."""
+
+    def __init__(self, delta, s=1.0, **kw):
+        super().__init__(**kw)
+        self.delta, self.s = delta, s
+
+    def objective(self, x, d, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, d, y):
+        return torch.stack([y[:, 0] - d[:, 0], self.s * (y[:, 0] + self.delta * y[:, 1] - d[:, 1])], -1)
+
+    def solve(self, x, d):
+        y = x.clone()
+        y[:, 0], y[:, 1] = d[:, 0], (d[:, 1] - d[:, 0]) / self.delta
+        return y
+
+
+@pytest.mark.parametrize("solver", ["cg", "dense"])
+def test_nearly_parallel_constraints_and_constraint_units(solver):
+    # Two constraints 1e-7 from parallel: CG's Gram inverse cut its eigenvalues σ² at
+    # rcond and dropped one (grad_d 0.42 against ±7e6, silently). A constraint written
+    # in units of 1e-20 lost its row in the forward mode's pseudo-inverse (ẏ₀ = 0, not
+    # 1). Exact: grad_d = (v₀ − v₁/δ, v₁/δ); ẏ = (ḋ₀, (ḋ₁ − ḋ₀)/δ, ẋ₂, …).
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(1, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    _TwoPlanes(1e-7, linear_solver=solver)(x, d).backward(v)
+    want = torch.stack([v[:, 0] - v[:, 1] / 1e-7, v[:, 1] / 1e-7], -1)
+    torch.testing.assert_close(d.grad, want, rtol=1e-6, atol=0)
+    for s in (1e-20, 1e20):
+        with fwAD.dual_level():
+            y = _TwoPlanes(1.0, s, linear_solver=solver)(fwAD.make_dual(x.detach(), torch.ones_like(x)),
+                                                         fwAD.make_dual(d.detach(), torch.tensor([[1.0, 2.0]],
+                                                                                                 dtype=torch.float64)))
+            tangent = fwAD.unpack_dual(y).tangent
+        torch.testing.assert_close(tangent, torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64))
+
+
+def test_cg_options_and_custom_solver_results_are_checked():
+    H = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    with pytest.raises(OptionError, match="cg rcond must be a number in"):
+        linear_solvers.solve_kkt_cg(lambda D: D @ H, None, None, torch.ones(1, 3, dtype=torch.float64), rcond=2.0)
+    x = torch.ones(1, 3, dtype=torch.float64, requires_grad=True)
+    node = _Quad(H, linear_solver=lambda hvp, A, inactive, v: (torch.ones_like(v, dtype=torch.int64), None))
+    with pytest.raises(DTypeError, match="w must be real floating point, got torch.int64"):
+        node(x).sum().backward()
