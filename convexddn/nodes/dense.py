@@ -30,9 +30,11 @@ __all__ = ["ILL_CONDITIONED", "DenseResult", "checked_solve", "default_rcond", "
 
 
 def default_rcond(size: int, dtype: torch.dtype) -> float:
-    """The default relative singularity threshold of a system of ``size`` unknowns:
-    ten times the rounding a solve accumulates, ``10 · size · eps``."""
-    return 10 * max(size, 1) * torch.finfo(dtype).eps
+    """The default relative singularity threshold of a system of ``size`` unknowns: the
+    rounding a solve accumulates, ``size · eps`` (numpy's ``matrix_rank`` tolerance). Ten
+    times that called a positive-definite system of condition 3e11 (n = 3000) singular,
+    and its pseudo-inverse solution was 13 % off, where the LU solution is 1e-9 off."""
+    return max(size, 1) * torch.finfo(dtype).eps
 
 Tensor = torch.Tensor
 

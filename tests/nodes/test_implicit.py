@@ -1949,3 +1949,21 @@ def test_cg_options_and_custom_solver_results_are_checked():
     node = _Quad(H, linear_solver=lambda hvp, A, inactive, v: (torch.ones_like(v, dtype=torch.int64), None))
     with pytest.raises(DTypeError, match="w must be real floating point, got torch.int64"):
         node(x).sum().backward()
+
+
+def test_dense_positive_definite_system_is_not_called_singular():
+    # Condition 5e12 at n = 300: within float64's reach (LU error ~ cond·eps), but the
+    # old threshold 10·n·eps called it singular and its pseudo-inverse solution dropped
+    # the soft direction (13 % off at n = 3000, with a "singular ... not locally unique"
+    # warning). Now: the ill-conditioning warning and the LU solution.
+    n = 300
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(-10, 2.7, n, dtype=torch.float64)
+    H = (Q * lam) @ Q.T
+    c = torch.ones(1, n, dtype=torch.float64)
+    exact = (c / lam) @ Q.T
+    x = torch.zeros(1, n, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="ill-conditioned"):
+        _Quad(0.5 * (H + H.T), linear_solver="dense")(x).backward(c @ Q.T)
+    assert float((x.grad - exact).norm() / exact.norm()) < 1e-2
