@@ -16,6 +16,7 @@ from scipy.optimize import minimize
 
 from convexddn.errors import (DTypeError, GradientWarning, NonFiniteError, OptionError, ProblemError, ShapeError,
                               SolverError, SolverWarning)
+from convexddn.nodes.pooling import robust_pool
 from convexddn.nodes.vector_pool import RobustVectorPool, robust_vector_pool
 
 D = torch.float64
@@ -975,3 +976,15 @@ def test_robust_vector_pool_entries_at_the_float_range_end():
     # times alpha" was raised. The mean is exact in halves.
     x = torch.tensor([[[-1e308, 1e308, 1e308]]], dtype=D)
     torch.testing.assert_close(robust_vector_pool(x, "quadratic", 1e300), torch.tensor([[1e308 / 3]], dtype=D))
+
+
+@pytest.mark.parametrize("name", ["huber", "pseudo_huber"])
+def test_robust_vector_pool_convex_start_beside_an_outlier_1e100_away(name):
+    # From the mean, 1.7e99 off, IRLS came back about 4-fold per step and stopped at
+    # max_iter 2.5e29 off (SolverWarning); the median start is taken where its
+    # objective is lower. Reference: the scalar robust_pool (its own solver), C = 1.
+    x = torch.tensor([[[0.0, 0.2, 0.41, 0.45, 0.9, 1e100]]], dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_vector_pool(x, name, 1.0)
+    torch.testing.assert_close(y, robust_pool(x[0], name, 1.0).unsqueeze(-1), rtol=1e-12, atol=0)
