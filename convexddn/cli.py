@@ -20,6 +20,7 @@ Other failures (a solver that fails, a bug) keep their traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -181,6 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader stopped early (``convexddn list | head -1``): what it read is all it
+        # wanted. Point stdout at devnull so that the interpreter's final flush is quiet;
+        # the files a command writes were written before it printed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:
         if not _is_user_error(err):
             raise

@@ -387,3 +387,13 @@ def test_native_nodes_do_not_import_the_compiler():
                   "print(json.dumps('torch._dynamo' in sys.modules))")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) is False
+
+
+def test_cli_reader_that_stops_early():
+    # `convexddn list | true`: a raw BrokenPipeError traceback and exit status 1 before.
+    proc = subprocess.Popen([sys.executable, "-m", "convexddn.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has started: every write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -8,7 +8,9 @@ __all__ = ["estimate_skipped", "format_table", "plot"]
 
 
 def estimate_skipped(rows: list[dict]) -> None:
-    """Fill the skipped cvxpy rows' notes with the time the small shape predicts."""
+    """Fill the skipped cvxpy rows' notes with the time the small shape's per-row rate
+    predicts (linear in rows and row length): an estimate, not a bound (larger batches
+    cost less per row, longer rows more than linearly)."""
     small = {(r["family"], r["node"]): r for r in rows
              if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is not None}
     for r in rows:
@@ -21,7 +23,7 @@ def estimate_skipped(rows: list[dict]) -> None:
             seconds = per_row * n_rows * scale / 1e3
             took = f"{seconds / 3600:.1f} h" if seconds > 3600 else f"{seconds / 60:.1f} min"
             r["note"] = (f"skipped: {n_rows} cone programs of size {r['shape'][-1]}; "
-                         f"≥ {took} at the small shape's rate")
+                         f"about {took} at the small shape's rate")
 
 
 def _first_call(r: dict) -> str:

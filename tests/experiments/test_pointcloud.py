@@ -82,6 +82,9 @@ def test_table_marks_poolings_within_the_spread():
               **aggregate(per_seed)}
     table = pointcloud.format_table(result)
     assert "| 50 % | 20.0 ± 10.0 | **50.0 ± 10.0** | **53.3 ± 15.3** |" in table
+    # Rates are printed as given (12 % and 12.5 % both read "12 %" before).
+    rated = {**result, "rows": [{**r, "rate": 0.125} for r in result["rows"]]}
+    assert "| 12.5 % |" in pointcloud.format_table(rated)
     lines = pointcloud.format_comparisons(result)
     assert "best mean; within the spread: Welsch; worse beyond the spread: max −33.3" in lines
     assert "| max | 1.00 [1.00–1.00] | 3.00 [2.00–4.00] | 3.00 [3.00–3.00] | 7.00 [6.00–8.00] |" in \

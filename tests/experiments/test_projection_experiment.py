@@ -197,6 +197,11 @@ def test_run_two_variants_learns_and_sets_radius(tmp_path):
     assert rows["l2_sphere"]["radius"] == pytest.approx(sum(r["l2"] for r in result["radii"]) / 2)
     saved = json.loads((tmp_path / "projection.json").read_text())
     assert saved["rows"] == result["rows"] and (tmp_path / "projection.png").stat().st_size > 10_000
+    # The runtime header names the images a timed step held (at most the training set:
+    # it printed timing_batch_size where the set was smaller).
+    small = {**result, "n_train": 12}
+    assert "training steps of 12 images" in projection.format_runtime_table(small)
+    assert "training steps of 16 images" in projection.format_runtime_table(result)
 
 
 def test_run_is_reproducible():

@@ -16,7 +16,7 @@ PROG = "convexddn experiment pointcloud"
 
 
 def _percent(rates) -> str:
-    return ",".join(f"{100 * r:.0f}" for r in rates)
+    return ",".join(f"{100 * r:g}" for r in rates)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +109,7 @@ def _execute(cfg: Config) -> int:
     for model in result["models"]:
         if model["warnings"]:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(model["warnings"].items()))
-            rate = f" (train rate {100 * model['train_rate']:.0f} %)" if cfg.train_outliers else ""
+            rate = f" (train rate {100 * model['train_rate']:g} %)" if cfg.train_outliers else ""
             print(f"note: seed {model['seed']} {DISPLAY_NAMES[model['pooling']]}{rate}: {counts}",
                   file=sys.stderr)
     for path in result.get("files", {}).values():

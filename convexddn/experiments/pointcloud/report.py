@@ -66,7 +66,7 @@ def format_table(result: dict[str, Any]) -> str:
                     continue
                 text = format_mean_std({"mean": row[key], "std": row[f"{key}_std"], "n": row["seeds"]})
                 values.append(f"**{text}**" if key == "accuracy" and (p, rate) in bold else text)
-            lines.append(f"| {100 * rate:.0f} % | " + " | ".join(values) + " |")
+            lines.append(f"| {100 * rate:g} % | " + " | ".join(values) + " |")
         if key == "accuracy" and bold:
             lines += ["", "Bold: the best pooling at that rate, and those whose paired difference to it "
                           "(same seeds) has a 95 % interval containing 0."]
@@ -88,7 +88,7 @@ def format_runtime_table(result: dict[str, Any]) -> str:
     cell = {(r["pooling"], r["rate"]): r for r in result["runtime"]}
     n = len(result["seeds"])
     names = ("data", "forward", "backward", "total")
-    header = "| pooling | " + " | ".join(f"{name} {100 * rate:.0f} %" for rate in rates for name in names) + " |"
+    header = "| pooling | " + " | ".join(f"{name} {100 * rate:g} %" for rate in rates for name in names) + " |"
     over = f"median [range] over {n} seeds" if n > 1 else "one seed"
     lines = [f"Training time per point cloud (ms): data / forward / backward, median step of "
              f"{result['config']['timing_batches']} timed batches of {result['config']['batch_size']}, "
@@ -121,7 +121,7 @@ def format_comparisons(result: dict[str, Any]) -> str:
         tied = [DISPLAY_NAMES[p] for p, d in c["versus"].items() if d["exceeds_spread"] is False]
         same = [f"{DISPLAY_NAMES[p]} −{100 * d['mean']:.1f}"
                 for p, d in c["versus"].items() if d["exceeds_spread"] is None]
-        line = f"- {100 * c['rate']:.0f} %: best {DISPLAY_NAMES[c['best']]}"
+        line = f"- {100 * c['rate']:g} %: best {DISPLAY_NAMES[c['best']]}"
         line += f"; within the spread: {', '.join(tied)}" if tied else "" if same else "; every other pooling is worse"
         line += f"; worse beyond the spread: {', '.join(real)}" if real else ""
         line += f"; the same difference in every seed (no spread to judge by): {', '.join(same)}" if same else ""
@@ -182,7 +182,7 @@ def _plot_runtime(ax: Any, result: dict[str, Any]) -> None:
         for name, color in colors.items():
             h = [cell[(p, rate)][name] if (p, rate) in cell else 0.0 for p in poolings]
             ax.bar(xs, h, width * 0.95, bottom=bottom, color=color, alpha=1.0 if j == 0 else 0.6,
-                   label=f"{name[:-3]} ({100 * rate:.0f} %)")
+                   label=f"{name[:-3]} ({100 * rate:g} %)")
             bottom = [b + v for b, v in zip(bottom, h)]
     ax.set_xticks(range(len(poolings)), [DISPLAY_NAMES[p] for p in poolings], fontsize=8, rotation=20)
     ax.set_ylabel("training ms per cloud")

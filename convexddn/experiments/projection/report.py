@@ -77,8 +77,10 @@ def format_runtime_table(result: dict[str, Any]) -> str:
     if not rows:
         return ""
     m = result["machine"]
+    # (A step holds at most the training set: 90 images with --train-fraction 0.05.)
+    per_step = min(result['config']['timing_batch_size'], result['n_train'])
     lines = [f"Time per image (ms), median of {result['config']['timing_batches']} training steps of "
-             f"{result['config']['timing_batch_size']} images, {_spread(result)}; {m['device']}, "
+             f"{per_step} images, {_spread(result)}; {m['device']}, "
              f"{_threads(m)}", "",
              "| variant | forward | backward | head forward | head backward |",
              "|---|---:|---:|---:|---:|"]
