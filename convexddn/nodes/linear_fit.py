@@ -148,8 +148,9 @@ def linear_fit(
         # where the weights sum to 0 (least_squares' advice, a larger ridge, cannot help).
         if not (bias and isinstance(ridge, (int, float)) and ridge > 0 and "rank deficient" in str(err)):
             raise
+        what = "there are no vectors (T = 0)" if x.shape[-1] == 0 else "the weights are all zero"
         raise SolverError(
-            f"linear_fit: the weights are all zero for {len(err.indices)} batch element(s) (indices "
+            f"linear_fit: {what} for {len(err.indices)} batch element(s) (indices "
             f"{err.indices[:8]}), which leaves the intercept undetermined (it is not regularised, so "
             "no ridge helps; bias=False fits without it)",
             indices=err.indices, statuses=err.statuses) from None
