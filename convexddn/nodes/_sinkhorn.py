@@ -206,8 +206,9 @@ def _solve(
         s = s + low
         D = full.masked_fill(pad.dead, 0.0)
         top = float(D.amax() + C.abs().amax() * 0.0)
-    if not math.isfinite(top):
-        # NaN or Inf in C (amin and amax propagate NaN), or a row range that overflows: a
+    if not math.isfinite(top / eps):
+        # NaN or Inf in C (amin and amax propagate NaN), or a row range that overflows, or
+        # its ratio to eps (which ε-scaling would have walked down from for 500 stages): a
         # non-finite error tells the caller, which checks its inputs then; nothing iterated.
         return torch.full_like(C, math.nan), torch.full_like(C[..., 0, 0], math.nan), None
     if top <= SCALE_ABOVE * eps:

@@ -114,7 +114,10 @@ def offsets_removed(C: torch.Tensor, pad: Padding | None) -> tuple[torch.Tensor,
         # the forward at (2, 100, 100). One host sync per direction.)
         shift = torch.where(offset, lo, 0.0) if bool(offset.any()) else None
         if shift is not None:
-            C = C - shift
+            # (A dead entry, shifted with its live line, may leave the range: a dead row
+            # of 1e308 across a dead column of -1e308 gave -inf and an InputError about
+            # the dead row. Dead entries are 0 to the solver: finite ones stay finite.)
+            C = C - shift if dead is None else torch.where(dead & torch.isfinite(C), 0.0, C - shift)
         shifts.append(torch.zeros_like(lo) if shift is None else shift)
     return C, shifts[0], shifts[1]
 

@@ -941,3 +941,28 @@ def test_sinkhorn_masked_by_huge_costs(big):
         warnings.simplefilter("error")
         P = sinkhorn((-S).masked_fill(~live, big), ones, ones, eps=1.0)
     torch.testing.assert_close(P, want, rtol=0, atol=1e-10)
+
+
+def test_sinkhorn_padding_of_extreme_values_and_a_span_over_eps_beyond_the_range():
+    # A dead row of 1e308 across a dead column of -1e308 (padding "may hold any finite
+    # values"): the dead entry, shifted with its row, became -inf and an InputError named
+    # the dead row. A live row spanning 1e308 at eps 0.2 (5e308 over eps) ran its
+    # eps-scaling into max_iter (a SolverWarning, the plan 0.55 off) where the docs
+    # promise an InputError.
+    g = _gen(16)
+    C = torch.randn(5, 4, generator=g, dtype=F64)
+    a = torch.rand(5, generator=g, dtype=F64) + 0.1
+    b = torch.rand(4, generator=g, dtype=F64) + 0.1
+    a[3], b[1] = 0.0, 0.0
+    rows, cols = torch.tensor([0, 1, 2, 4]), torch.tensor([0, 2, 3])
+    want = sinkhorn(C[rows][:, cols], a[rows], b[cols], eps=0.2)
+    Cp = C.clone()
+    Cp[3, :], Cp[:, 1] = 1e308, -1e308
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        P = sinkhorn(Cp, a, b, eps=0.2)
+    torch.testing.assert_close(P[rows][:, cols], want, rtol=0, atol=1e-14)
+    Cp = C.clone()
+    Cp[0, 0] = 1e308
+    with pytest.raises(InputError, match="spread within a row over eps"):
+        sinkhorn(Cp, eps=0.2)
