@@ -144,9 +144,11 @@ def linear_fit(
                 check_finite(name, t)
         raise
     except SolverError as err:
-        # With a number ridge > 0 only the intercept is unregularised: singular exactly
+        # With a ridge > 0 only the intercept is unregularised: singular exactly
         # where the weights sum to 0 (least_squares' advice, a larger ridge, cannot help).
-        if not (bias and isinstance(ridge, (int, float)) and ridge > 0 and "rank deficient" in str(err)):
+        # (A tensor or NumPy ridge too: the advice "pass ridge > 0" was wrong for those.)
+        positive = bool((torch.as_tensor(ridge) > 0).all()) if ridge is not None else False
+        if not (bias and positive and "rank deficient" in str(err)):
             raise
         what = "there are no vectors (T = 0)" if x.shape[-1] == 0 else "the weights are all zero"
         raise SolverError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -793,3 +794,38 @@ def test_a_forward_mode_tangent_beyond_float32_warns():
         with fwAD.dual_level():
             t = fwAD.unpack_dual(least_squares(fwAD.make_dual(torch.randn(6, 3), tA), b)).tangent
     assert torch.isfinite(t).all()
+
+
+def test_zero_weight_or_zero_row_keeps_the_accuracy_warning():
+    # Two nearly equal columns (κ ~ 1e14): the call warns. A zero weight or an all-zero
+    # row (nothing added to the problem) counted as a "graded" design, whose estimate is
+    # skipped: 39 % off without a warning. It must warn as the problem without that row.
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    A[:, 2] = A[:, 1] + 1e-14 * torch.randn(12, generator=g, dtype=torch.float64)
+    b = torch.randn(12, generator=g, dtype=torch.float64)
+    w = torch.ones(12, dtype=torch.float64)
+    w[0] = 0.0
+    A0 = A.clone()
+    A0[0] = 0.0
+    for kwargs in ({"weights": w}, {}):
+        with pytest.warns(SolverWarning, match="least_squares"):
+            least_squares(A if kwargs else A0, b, **kwargs)
+
+
+def test_no_right_hand_sides():
+    # b of shape (…, M, 0): an empty x as torch.linalg.lstsq gives (a raw IndexError before).
+    A = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    x = least_squares(A, torch.zeros(3, 5, 0, dtype=torch.float64))
+    assert x.shape == (3, 2, 0)
+    x.sum().backward()
+    assert torch.equal(A.grad, torch.zeros_like(A))
+
+
+def test_linear_fit_all_zero_weights_with_a_tensor_ridge():
+    # A tensor (or NumPy) ridge > 0 got least_squares' advice "pass ridge > 0": linear_fit
+    # says the intercept is undetermined, whatever the ridge's type.
+    x, t = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    for ridge in (torch.tensor(1e-3, dtype=torch.float64), np.float32(1e-3)):
+        with pytest.raises(SolverError, match="weights are all zero .* no ridge helps"):
+            linear_fit(x, t, weights=torch.zeros(2, 6, dtype=torch.float64), ridge=ridge)
