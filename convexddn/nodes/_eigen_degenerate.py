@@ -125,30 +125,38 @@ def warn_degenerate_tangent(M: torch.Tensor, diag: torch.Tensor, degenerate: tor
         )
 
 
-def warn_degenerate_values(near: torch.Tensor, g_lam: torch.Tensor, k: int, gap_tol: float) -> None:
+def warn_degenerate_values(near: torch.Tensor, rel_gaps: torch.Tensor, g_lam: torch.Tensor, k: int,
+                           gap_tol: float) -> None:
     """Warn (naming the batch elements) when the eigenvalue gradient does not exist.
 
     Within a cluster of equal eigenvalues (consecutive gaps flagged in ``near``, ``(…,
     N − 1)``) only the sum over the whole cluster is differentiable: the selected
     eigenvalues' gradient ``g_lam`` (``(…, k)``) must be equal across a cluster, and zero
-    on a cluster that the k-th eigenvalue splits (equal and zero up to ``100 gap_tol``
-    relative: a smooth loss's weights differ by that much across a near-tie). Otherwise the gradient returned,
+    on a cluster that the k-th eigenvalue splits (equal and zero up to 100 times the
+    pair's gap ``rel_gaps`` (``(…, N − 1)``, relative to max|λ|): a smooth loss's weights
+    differ by that much across a near-tie). Otherwise the gradient returned,
     ``Σ g_i v_i v_iᵀ`` with the basis ``eigh`` happened to pick, is one of many one-sided
     limits (at X = I, λ_max's is e_1 e_1ᵀ, where a finite difference along e_2 e_2ᵀ gives 1
     on one side and 0 on the other)."""
     g = g_lam.to(torch.float64)
-    # A smooth loss f(λ) weighs eigenvalues gap_tol apart by f'' gap_tol · max|λ| apart,
-    # about gap_tol · max|g|: below 100 times that the weights count as equal (Σλ² at
-    # diag(1, 1 + 1e-6, 3) in float32 was reported, its gradient 2X exact).
-    tol = max(_NUMERATOR_RTOL, 100.0 * gap_tol) * g.abs().amax(-1, keepdim=True)
+    # A smooth loss f(λ) weighs eigenvalues δ apart by f'' δ · max|λ| apart, about δ ·
+    # max|g|: below 100 times that the weights count as equal (Σλ² at diag(1, 1 + 1e-6, 3)
+    # in float32 was reported, its gradient 2X exact). By each pair's own gap, not by
+    # gap_tol: 100 gap_tol ≥ 1 (float16's default, bfloat16 with gap_tol = 0.01) excused
+    # every weight at an exact tie, and λ₁ + 0.5 λ₂ at diag(3, 3, 1) was one side's, silently.
+    scale = g.abs().amax(-1, keepdim=True)
+    tol = (100.0 * rel_gaps.to(torch.float64)).clamp_min(_NUMERATOR_RTOL) * scale  # (…, N − 1)
     bad = torch.zeros(g.shape[:-1], dtype=torch.bool, device=g.device)
     if k > 1:  # tied selected neighbours with different weights
-        bad |= (near[..., : k - 1] & ((g[..., 1:] - g[..., :-1]).abs() > tol)).any(-1)
+        bad |= (near[..., : k - 1] & ((g[..., 1:] - g[..., :-1]).abs() > tol[..., : k - 1])).any(-1)
     if k < near.shape[-1] + 1:  # a cluster split by the k-th eigenvalue, with weight on it
         cluster = torch.cat([torch.zeros_like(near[..., :1], dtype=torch.long), (~near).long().cumsum(-1)], -1)
         split = cluster[..., k - 1] == cluster[..., k]
         member = cluster[..., :k] == cluster[..., k - 1 : k]
-        bad |= split & (member & (g.abs() > tol)).any(-1)
+        # (the cluster's span: its gaps from its first member up to the split)
+        span = torch.where(member[..., :-1], rel_gaps[..., : k - 1], 0.0).sum(-1, keepdim=True)
+        span = span + rel_gaps[..., k - 1 : k]
+        bad |= split & (member & (g.abs() > (100.0 * span).clamp_min(_NUMERATOR_RTOL) * scale)).any(-1)
     if bool(bad.any()):
         warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative to "

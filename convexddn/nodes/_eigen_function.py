@@ -153,14 +153,18 @@ class _EigenFunction(torch.autograd.Function):
         D = (D + D.mT).mul_(0.5)
         M = V.mT @ (D @ V[..., sel])  # M_ji = v_jᵀ sym(Ẋ) v_i
         dlam = torch.diagonal(M[..., sel, :], dim1=-2, dim2=-1).to(ctx.dtype, copy=True)  # (M is divided in place)
-        # λ_i − λ_j = s(μ_i − μ_j): the difference in float64, rounded once into M's dtype.
-        mu_s = mu.mul(sign)
-        gap = (mu_s[..., None, sel] - mu_s[..., :, None]).to(M.dtype)
-        torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
-        limit = ctx.gap_tol * mu.abs().amax(-1, keepdim=True)
+        top = mu.abs().amax(-1, keepdim=True)
+        limit = ctx.gap_tol * top
         ties = sign_ties(V[..., sel])  # (V, not M: under jacfwd's vmap M is batched)
         near = mu.diff(dim=-1) <= limit
-        any_near, any_tie = torch.stack([near.any(), ties.any()]).tolist()  # one host sync
+        any_near, any_tie, lo, hi = torch.stack([near.any(), ties.any(), top.amin(), top.amax()]).tolist()
+        # λ_i − λ_j = s(μ_i − μ_j): the difference in float64, rounded once into M's dtype;
+        # on μ/c where some max|μ| leaves [2^-60, 2^60], as in the backward (a float32 X of
+        # 1e-40 gave subnormal gaps, infinite reciprocals and NaN tangents, silently).
+        c = None if 2.0**-60 <= lo and hi <= 2.0**60 else pow2_floor(top.clamp_min(torch.finfo(M.dtype).tiny))
+        mu_s = (mu if c is None else mu.div(c)).mul(sign)
+        gap = (mu_s[..., None, sel] - mu_s[..., :, None]).to(M.dtype)
+        torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
         # Tangents batched by jacfwd: no per-direction host read (M is batched).
         batched = any_batched(X_t)
         if batched and (any_near or any_tie):
@@ -168,13 +172,19 @@ class _EigenFunction(torch.autograd.Function):
         elif any_tie:
             warn_sign_ties(ties, M, "tangent")
         if any_near:
-            degenerate = gap.abs() <= limit.unsqueeze(-1)
+            degenerate = gap.abs() <= (limit if c is None else limit.div(c)).unsqueeze(-1)
             if not batched:
                 all_diag = (V * (D @ V)).sum(-2)  # M_jj for every j: the tangent splits a tie?
                 warn_degenerate_tangent(M, all_diag, degenerate, sel, ctx.gap_tol)
             gap.masked_fill_(degenerate, math.inf)
-        dV = V @ M.div_(gap)
-        return dlam, dV.to(ctx.dtype), None, None
+        M.div_(gap)
+        dV = (V @ (M if c is None else M.div_(c.to(M.dtype).unsqueeze(-1)))).to(ctx.dtype)
+        # A tangent beyond the dtype's range warns, as the backward's gradient does (a
+        # float16 gap of 2^-10 against a tangent of 100: ±inf, silently).
+        gain = math.inf if not ctx.gap_tol * lo > 0 else 1.0 / (ctx.gap_tol * lo)
+        if may_overflow(gain, ctx.dtype) and not batched:
+            warn_gradient_overflow("eigen_decomposition (forward mode)", X_t, [("eigenvectors", dV)], (-2, -1))
+        return dlam, dV, None, None
 
     @staticmethod
     @first_order("eigen_decomposition")
@@ -218,7 +228,7 @@ class _EigenFunction(torch.autograd.Function):
             if any(any_tie):
                 warn_sign_ties(ties, g_vec, "gradient")
             if g_lam is not None and any_near:
-                warn_degenerate_values(near, g_lam, k, ctx.gap_tol)
+                warn_degenerate_values(near, gaps / top, g_lam, k, ctx.gap_tol)
         if g_vec is not None:
             W = V.mT @ g_vec.to(V.dtype)  # W_ji = v_jᵀ g_i
             # 2s(μ_i − μ_j), the difference in float64 rounded once into W's dtype. Where

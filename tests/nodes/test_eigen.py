@@ -563,3 +563,26 @@ def test_gap_tol_takes_numpy_scalars_and_refuses_huge_integers_by_name():
         eigen_decomposition(X, gap_tol=10**400)
     with pytest.raises(OptionError, match="gap_tol must be finite and >= 0"):
         EigenDecomposition(gap_tol=10**400)
+
+
+@pytest.mark.parametrize("dtype,gap_tol", [(torch.float16, 0.01), (torch.bfloat16, 0.02), (torch.float16, None),
+                                           (torch.float64, None)])
+def test_eigenvalue_loss_at_a_tie_warns_whatever_gap_tol(dtype, gap_tol):
+    # λ₁ + 0.5 λ₂ at diag(3, 3, 1): one-sided derivatives along e₂e₂ᵀ are 1 and 0.5, no
+    # gradient exists. The weights' tolerance was 100·gap_tol·max|g|, which is max|g|
+    # itself from gap_tol = 0.01 (float16's default is larger): no warning there.
+    X = torch.diag(torch.tensor([3.0, 3.0, 1.0])).to(dtype).requires_grad_()
+    lam, _ = eigen_decomposition(X, 2, gap_tol=gap_tol)
+    with pytest.warns(GradientWarning, match="weighted unequally"):
+        (lam[0] + 0.5 * lam[1]).backward()
+
+
+def test_eigen_forward_mode_tangent_overflow_warns():
+    # A float16 pair 2^-10 apart and a tangent of 100 across it: ±102400 (float64), beyond
+    # float16; the jvp returned ±inf silently where the backward warns.
+    import torch.autograd.forward_ad as fwAD
+
+    X = torch.tensor([[1.0, 0.0], [0.0, 1.0 + 2.0**-10]], dtype=torch.float16)
+    T = torch.tensor([[0.0, 100.0], [100.0, 0.0]], dtype=torch.float16)
+    with fwAD.dual_level(), pytest.warns(GradientWarning, match=r"eigen_decomposition \(forward mode\)"):
+        fwAD.unpack_dual(eigen_decomposition(fwAD.make_dual(X, T), gap_tol=1e-6)[1])
