@@ -73,11 +73,13 @@ def _solve(
     tie = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if x.shape[0] == 0 or n == 1:  # nothing to solve (and no step would ever report done)
         return x0.clone(), sigma, tie
+    # (dx from x itself, before centring: distinct neighbours that the centring rounds
+    # to one value made one segment at λ = 0, and dy/dλ one-sided there, silently)
+    dx = x[:, 1:] - x[:, :-1]
     center = x.median(1, keepdim=True).values
     x = x - center
     size = x.abs()
     eps = torch.finfo(x.dtype).eps
-    dx = x[:, 1:] - x[:, :-1]
     # dx against 4λ, not dx/4 against λ: dx/4 can underflow to 0 and hide a jump at λ = 0.
     sigma = (dx > lam / _C).to(x.dtype) - (dx < -lam / _C).to(x.dtype)
     y = torch.empty_like(x)

@@ -300,7 +300,10 @@ def tv_denoise(
     # the iterates, up to 4(n+1)·max(|x|, λ), could overflow, and whether some λ is 0.
     top, low, bottom = 0.0, 1.0, 1.0
     if rows.shape[0]:
-        top, low, bottom = torch.stack([m.max(), lam_rows.detach().min(), m.min()]).tolist()
+        # (bottom over the rows that are not all 0: an all-zero row with λ = 0 beside a row
+        # of 1e-313 turned the scale-up off for every row, and that one cycled: SolverError)
+        top, low, bottom = torch.stack([m.max(), lam_rows.detach().min(),
+                                        m.masked_fill(m == 0, math.inf).min()]).tolist()
     if not math.isfinite(top):
         check_finite("x", x)  # raises, counting the NaN and Inf
     if top * 4.0 * (n + 1) > _SAFE or 0.0 < bottom < _TINY:

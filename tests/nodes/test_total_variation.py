@@ -647,3 +647,26 @@ def test_tv_a_long_smooth_signal_converges_at_the_default_max_iter():
     y = tv_denoise(x, 4e6)
     box, sign = _certificate(x, y, torch.tensor(4e6, dtype=F64))
     assert box < 1e-12 and sign < 1e-12
+
+
+def test_tv_lam_zero_neighbours_that_centring_rounds_together():
+    # x = [-3, -3, 0.1, nextafter(0.1)]: centred on the median both last entries are 3.1,
+    # and at λ = 0 they made one segment: dy3/dλ = -0.5 where it is -1 (the exact limit at
+    # λ = 1e-30, and the documented rule: segments are runs of equal entries), silently.
+    x = torch.tensor([-3.0, -3.0, 0.1, 0.1], dtype=torch.float64)
+    x[3] = torch.nextafter(x[2], torch.tensor(1.0, dtype=torch.float64))
+    lam = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tv_denoise(x[None], lam)[0, 3].backward()
+    assert float(lam.grad) == -1.0
+
+
+def test_tv_tiny_row_beside_an_all_zero_row():
+    # A row of 1e-313 entries solves alone; beside an all-zero row with λ = 0 the batch's
+    # smallest magnitude was 0, which turned the scale-up of tiny rows off: SolverError.
+    x = torch.linspace(0, 10, 21, dtype=torch.float64) * 1e-313
+    lam = torch.tensor([3 * 1e-313, 0.0], dtype=torch.float64)  # (3 * 1e-313: the failing subnormal)
+    alone = tv_denoise(x[None], lam[:1])
+    both = tv_denoise(torch.stack([x, torch.zeros_like(x)]), lam)
+    assert torch.equal(both[:1], alone) and torch.equal(both[1], torch.zeros_like(x))
