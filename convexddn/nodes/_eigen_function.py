@@ -170,7 +170,11 @@ class _EigenFunction(torch.autograd.Function):
         if batched and (any_near or any_tie):
             warn_unchecked(near, ties, ctx.gap_tol, "tangent")
         elif any_tie:
-            warn_sign_ties(ties, M, "tangent")
+            # (M's diagonal only moves the eigenvalues: a tangent commuting with X, whose
+            # eigenvector tangent is 0, was warned about)
+            off = M.clone()
+            torch.diagonal(off[..., sel, :], dim1=-2, dim2=-1).zero_()
+            warn_sign_ties(ties, off, "tangent")
         if any_near:
             degenerate = gap.abs() <= (limit if c is None else limit.div(c)).unsqueeze(-1)
             if not batched:

@@ -122,8 +122,9 @@ def eigen_decomposition(
 
     Precision: the decomposition and the eigenvalue gaps of the backward are computed
     in float64 whatever the input dtype; the backward's matrix products run in the
-    input dtype (at least float32). Float32 inputs get correctly rounded eigenpairs,
-    and gradients within a few float32 ulps (normwise) where the kept relative gaps are
+    input dtype (at least float32). Float32 inputs get float64's eigenpairs rounded once
+    (correctly rounded but for an eigenvalue far below ‖X‖, which keeps float64's
+    absolute error: −1.3e-15 for a singular matrix's 0), and gradients within a few float32 ulps (normwise) where the kept relative gaps are
     above ~5e-4; closer pairs carry the float32 products' rounding times 1/gap (44 to
     350 ulps at relative gaps of 2e-5, 1.8e-3 relative at 1e-9 with a smaller
     ``gap_tol``). The default ``gap_tol`` (``10·N·eps`` of the input dtype) drops pairs

@@ -586,3 +586,17 @@ def test_eigen_forward_mode_tangent_overflow_warns():
     T = torch.tensor([[0.0, 100.0], [100.0, 0.0]], dtype=torch.float16)
     with fwAD.dual_level(), pytest.warns(GradientWarning, match=r"eigen_decomposition \(forward mode\)"):
         fwAD.unpack_dual(eigen_decomposition(fwAD.make_dual(X, T), gap_tol=1e-6)[1])
+
+
+def test_sign_tie_tangent_that_keeps_the_eigenvectors_is_quiet():
+    # At [[2, 1], [1, 2]] (a sign tie) a tangent commuting with X moves only the
+    # eigenvalues (eigenvector tangent exactly 0): it was warned about as "one side's";
+    # one that rotates the eigenvectors still is.
+    X = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    with fwAD.dual_level():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradientWarning)
+            V = fwAD.unpack_dual(eigen_decomposition(fwAD.make_dual(X, X.clone()))[1]).tangent
+        assert torch.equal(V, torch.zeros_like(V))
+        with pytest.warns(GradientWarning):
+            eigen_decomposition(fwAD.make_dual(X, torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))))
