@@ -1515,3 +1515,16 @@ def test_float16_simplex_and_l1_derivatives_sum_in_float32(kind):
     assert torch.equal(gx, torch.zeros_like(gx)) and gr.item() == 100.0
     _, t = torch.func.jvp(lambda x_: fn(x_, r.detach()), (x.detach(),), (torch.full((1, 1000), 100.0, dtype=torch.float16),))
     assert torch.equal(t, torch.zeros_like(t))
+
+
+def test_l2_ball_point_on_the_boundary_with_a_float_radius():
+    # radius = ‖x‖ exactly (a float): torch's float / tensor is r·(1/‖x‖), 1 ulp below 1
+    # for 137 of 1000 such rows, and the point came back x(1 − ulp) with the outside
+    # Jacobian (0.44 off the identity the docs promise); a tensor radius was exact.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x = torch.randn(5, dtype=torch.float64, generator=g)
+        r = float(torch.linalg.vector_norm(x))
+        J = torch.autograd.functional.jacobian(lambda v: project_lp(v, 2, "ball", r), x)
+        assert torch.equal(project_lp(x, 2, "ball", r), x)
+        assert torch.equal(J, torch.eye(5, dtype=torch.float64))

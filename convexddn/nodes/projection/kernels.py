@@ -131,7 +131,11 @@ def l2_forward(
     backward checks its gradient) and, on the sphere, the number of rows ``x = 0``
     (where ``Dy`` does not exist)."""
     norm = torch.linalg.vector_norm(x, dim=d, keepdim=True)
-    scale = r / norm
+    # (A true division: torch's float / tensor is r · (1/‖x‖), rounded twice, and a point
+    # exactly on the ball's boundary got scale 1 − ulp, y = x(1 − ulp) and the outside
+    # Jacobian where the docs promise the identity.)
+    rt = torch.full_like(norm, r) if not isinstance(r, torch.Tensor) else r
+    scale = rt / norm
     compiling = torch.compiler.is_compiling()
     # The sphere's gain is r/‖x‖; the ball's is at most 1 (never checked).
     limit = gain_limit(x.dtype) if sphere else torch.finfo(x.dtype).max
@@ -147,7 +151,7 @@ def l2_forward(
         check_finite("x", x)
         a = _row_scale(x.abs(), d)
         xs = x / a
-        ratio = r / torch.linalg.vector_norm(xs, dim=d, keepdim=True)  # = a·r/‖x‖
+        ratio = rt / torch.linalg.vector_norm(xs, dim=d, keepdim=True)  # = a·r/‖x‖
         zero = ratio == math.inf
         if sphere:
             y = xs * torch.where(zero, torch.zeros_like(ratio), ratio)
