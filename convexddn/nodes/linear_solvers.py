@@ -40,7 +40,7 @@ from .._pow2 import pow2_floor
 from .._warn import warn
 from ..errors import GradientWarning, OptionError
 from .degeneracy import dependent_to_warn, shown_indices, warn_degenerate
-from .dense import ILL_CONDITIONED, default_rcond, dense_kkt
+from .dense import ILL_CONDITIONED, default_rcond, dense_kkt, ill_threshold
 from .krylov import projected_cg
 
 __all__ = [
@@ -132,9 +132,10 @@ def solve_kkt_dense(
         inactive: ``(B, r)`` bool mask of dropped inequality constraints, or ``None``.
         v: right-hand side ``(B, m)`` (the incoming gradient).
         rcond: reciprocal condition number below which the system counts as singular.
-            Default ``10 (m + r) eps``.
-        ill_conditioned: condition number from which a warning is issued. Default
-            :data:`ILL_CONDITIONED` (``1e10``).
+            Default ``(m + r) eps`` (numpy's ``matrix_rank`` tolerance).
+        ill_conditioned: condition number from which a warning is issued, at most
+            1e-3/eps of the solve's dtype (three correct digits: 1.7e4 in float32).
+            Default :data:`ILL_CONDITIONED` (``1e10``).
         warn_dependent: warn about linearly dependent active constraints (whose
             multipliers are then not unique); or a callable ``(B,) mask -> (B,) mask``
             keeping the dependent elements whose gradient that non-uniqueness reaches. :func:`declarative_vjp` turns it off when
@@ -284,7 +285,8 @@ def solve_kkt_cg(
     w, mu = out.w * unit, None if out.mu is None else out.mu * unit
     # Ritz values lie inside the spectrum, so even an unfinished probe's estimate bounds
     # the condition number from below: ill-conditioning is that estimate's verdict only.
-    singular, dependent, ill = out.singular, out.dependent, (out.cond >= ill_conditioned) & ~out.singular
+    ill = (out.cond >= ill_threshold(ill_conditioned, v.dtype)) & ~out.singular
+    singular, dependent = out.singular, out.dependent
     # A relative residual of tol leaves an error of up to cond·tol in w: beyond _CG_ERROR
     # that is no answer (condition 7.5e9, below ill_conditioned: 29 % off, silently).
     inaccurate = (out.cond * tol > _CG_ERROR.get(v.dtype, _CG_ERROR[torch.float32])) & ~out.singular & ~ill

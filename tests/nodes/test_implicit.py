@@ -1967,3 +1967,19 @@ def test_dense_positive_definite_system_is_not_called_singular():
     with pytest.warns(GradientWarning, match="ill-conditioned"):
         _Quad(0.5 * (H + H.T), linear_solver="dense")(x).backward(c @ Q.T)
     assert float((x.grad - exact).norm() / exact.norm()) < 1e-2
+
+
+def test_float32_backward_warns_where_it_keeps_fewer_than_three_digits():
+    # implicit_dtype=float32 on a system of condition 1e6: gradients 3 % off, and the
+    # 1e10 threshold could never fire in float32 (the singular test, size·eps, fires
+    # first). The threshold is now at most 1e-3/eps of the solve's dtype.
+    n = 6
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    H = (Q * torch.logspace(0, 6, n, dtype=torch.float64)) @ Q.T
+    x = torch.randn(1, n, generator=g, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="ill-conditioned"):
+        _Quad(0.5 * (H + H.T), implicit_dtype=torch.float32)(x).sum().backward()
+    with warnings.catch_warnings():  # float64 keeps 10 digits there: quiet
+        warnings.simplefilter("error", GradientWarning)
+        _Quad(0.5 * (H + H.T))(x).sum().backward()
