@@ -135,6 +135,14 @@ def check_gradients(
     which costs ``k`` backward and ``2k`` forward calls instead of one backward per
     output and two forwards per entry of :math:`z`.
 
+    What it does not see: ``atol`` is absolute, so a Jacobian whose entries are all far
+    below it passes whatever the backward returns (scale ``atol`` with the Jacobian:
+    ``3e-6·sin(x)`` with a sign-flipped backward passes at the default); the full-Jacobian
+    mode feeds the backward one-hot incoming gradients only, so a backward that is not
+    linear in them (``g.abs()``, ``g / g.norm()``) passes it, which the directional mode
+    (random ``w_i``) catches; and every input is made to require grad, so a backward's
+    branch for inputs that do not (``ctx.needs_input_grad``) is not exercised.
+
     Everything runs in float64: the inputs are converted, and a module is checked
     through a float64 copy (the finite differences perturb the copy's parameters and
     its calls update the copy's buffers, such as a BatchNorm's running statistics: the
