@@ -31,6 +31,21 @@ _WORK = torch.float64
 
 
 
+def _gap_unit(top: torch.Tensor, lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """The unit c the eigenvalue gaps are formed in, μ/c: None where every max|μ| (``top``,
+    between ``lo`` and ``hi``) lies in [2^-60, 2^60], else a power of two near each (at
+    least the smallest normal number of ``dtype``, that of the products): exact, and
+    2(μ_i − μ_j) no longer overflows from |λ| ~ 9e307 (inf − inf: NaN), nor a float32 gap
+    of subnormal eigenvalues to an infinite reciprocal."""
+    return None if 2.0**-60 <= lo and hi <= 2.0**60 else pow2_floor(top.clamp_min(torch.finfo(dtype).tiny))
+
+
+def _gain(gap_tol: float, lo: float) -> float:
+    """The largest factor 1/|λ_i − λ_j| of a kept pair (the derivative's gain, against the
+    dtype's range): at most 1/(gap_tol · min max|μ|)."""
+    return math.inf if not gap_tol * lo > 0 else 1.0 / (gap_tol * lo)
+
+
 def _product_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the backward's matrix products: the input's, at least float32.
 
@@ -158,10 +173,10 @@ class _EigenFunction(torch.autograd.Function):
         ties = sign_ties(V[..., sel])  # (V, not M: under jacfwd's vmap M is batched)
         near = mu.diff(dim=-1) <= limit
         any_near, any_tie, lo, hi = torch.stack([near.any(), ties.any(), top.amin(), top.amax()]).tolist()
-        # λ_i − λ_j = s(μ_i − μ_j): the difference in float64, rounded once into M's dtype;
-        # on μ/c where some max|μ| leaves [2^-60, 2^60], as in the backward (a float32 X of
-        # 1e-40 gave subnormal gaps, infinite reciprocals and NaN tangents, silently).
-        c = None if 2.0**-60 <= lo and hi <= 2.0**60 else pow2_floor(top.clamp_min(torch.finfo(M.dtype).tiny))
+        # λ_i − λ_j = s(μ_i − μ_j): the difference in float64, rounded once into M's dtype,
+        # in the backward's unit (a float32 X of 1e-40 gave subnormal gaps, infinite
+        # reciprocals and NaN tangents, silently).
+        c = _gap_unit(top, lo, hi, M.dtype)
         mu_s = (mu if c is None else mu.div(c)).mul(sign)
         gap = (mu_s[..., None, sel] - mu_s[..., :, None]).to(M.dtype)
         torch.diagonal(gap[..., sel, :], dim1=-2, dim2=-1).fill_(math.inf)
@@ -185,8 +200,7 @@ class _EigenFunction(torch.autograd.Function):
         dV = (V @ (M if c is None else M.div_(c.to(M.dtype).unsqueeze(-1)))).to(ctx.dtype)
         # A tangent beyond the dtype's range warns, as the backward's gradient does (a
         # float16 gap of 2^-10 against a tangent of 100: ±inf, silently).
-        gain = math.inf if not ctx.gap_tol * lo > 0 else 1.0 / (ctx.gap_tol * lo)
-        if may_overflow(gain, ctx.dtype) and not batched:
+        if may_overflow(_gain(ctx.gap_tol, lo), ctx.dtype) and not batched:
             warn_gradient_overflow("eigen_decomposition (forward mode)", X_t, [("eigenvectors", dV)], (-2, -1))
         return dlam, dV, None, None
 
@@ -217,9 +231,7 @@ class _EigenFunction(torch.autograd.Function):
         ties = None if g_vec is None else sign_ties(Vk)
         checks = [near.any(), top.amin(), top.amax()] + ([] if ties is None else [ties.any()])
         any_near, lo, hi, *any_tie = torch.stack(checks).tolist()  # one sync
-        # The largest factor 1/|λ_i − λ_j| of a kept pair (the gradient's gain, against the
-        # dtype's range) is at most 1/(gap_tol·min max|μ|).
-        gain = 0.0 if g_vec is None else math.inf if not ctx.gap_tol * lo > 0 else 1.0 / (ctx.gap_tol * lo)
+        gain = 0.0 if g_vec is None else _gain(ctx.gap_tol, lo)
         # Cotangents batched by jacrev or is_grads_batched: no per-direction host read.
         # (Asked only where a check needs one: the dispatch-key test costs ~15 µs.)
         overflow = may_overflow(gain, ctx.dtype)
@@ -232,15 +244,13 @@ class _EigenFunction(torch.autograd.Function):
             if any(any_tie):
                 warn_sign_ties(ties, g_vec, "gradient")
             if g_lam is not None and any_near:
-                warn_degenerate_values(near, gaps / top, g_lam, k, ctx.gap_tol)
+                warn_degenerate_values(near, gaps / top.clamp_min(torch.finfo(top.dtype).tiny), g_lam, k,
+                                       ctx.gap_tol)
         if g_vec is not None:
             W = V.mT @ g_vec.to(V.dtype)  # W_ji = v_jᵀ g_i
-            # 2s(μ_i − μ_j), the difference in float64 rounded once into W's dtype. Where
-            # some max |μ| is outside [2^-60, 2^60], on μ/c, c a power of two near it (at
-            # least the smallest normal number of W's dtype), and C divided by c at the
-            # end: exact, and 2(μ_i − μ_j) no longer overflows from |λ| ~ 9e307 (inf − inf:
-            # NaN), nor a float32 gap of subnormal eigenvalues to an infinite reciprocal.
-            c = None if 2.0**-60 <= lo and hi <= 2.0**60 else pow2_floor(top.clamp_min(torch.finfo(W.dtype).tiny))
+            # 2s(μ_i − μ_j), the difference in float64 rounded once into W's dtype, on μ/c
+            # (:func:`_gap_unit`) and C divided by c at the end.
+            c = _gap_unit(top, lo, hi, W.dtype)
             mu2 = (mu if c is None else mu.div(c)).mul(2.0 * sign)
             gap = (mu2[..., None, sel] - mu2[..., :, None]).to(W.dtype)
             # 1/gap with the diagonal j = i (and degenerate pairs) sent to 1/inf = 0.

@@ -31,10 +31,6 @@ __all__ = ["in_units", "rescaled"]
 # Float32 sets beyond it are solved in float64.
 _SPREAD_LIMIT = {torch.float32: 2.0**60, torch.float64: 2.0**500}
 
-
-def spread_limit(dtype: torch.dtype, C: int) -> float:
-    """Largest spread over alpha that ``dtype`` holds for sets of ``C`` components."""
-    return _SPREAD_LIMIT[dtype] * min(1.0, 16.0 / math.sqrt(max(C, 1)))
 # A set whose entries reach further from 0 than this many times (its spread + alpha) is
 # solved relative to the midpoint of each coordinate's range (y(x + t) = y(x) + t): its
 # sums then stay within the spread's range (the mean of 100 float32 vectors at 1e37 was
@@ -45,6 +41,11 @@ def spread_limit(dtype: torch.dtype, C: int) -> float:
 # nearer 0 is left where it is (an anchor near a far outlier would round the cluster
 # near 0 to the outlier's ulps).
 _FAR = 16.0
+
+
+def spread_limit(dtype: torch.dtype, C: int) -> float:
+    """Largest spread over alpha that ``dtype`` holds for sets of ``C`` components."""
+    return _SPREAD_LIMIT[dtype] * min(1.0, 16.0 / math.sqrt(max(C, 1)))
 
 
 class _Rescaled(torch.autograd.Function):

@@ -120,17 +120,17 @@ def eigen_decomposition(
     that reads the eigenvalues too (:math:`V f(\Lambda) V^\top`) warns wherever such a
     group's vectors carry gradient (its gradient at the tie needs the dropped term's limit).
 
-    Precision: the decomposition and the eigenvalue gaps of the backward are computed
-    in float64 whatever the input dtype; the backward's matrix products run in the
-    input dtype (at least float32). Float32 inputs get float64's eigenpairs rounded once
+    Precision: the decomposition and the eigenvalue gaps of the backward are computed in
+    float64 whatever the input dtype; the backward's matrix products run in the input
+    dtype (at least float32). Float32 inputs get float64's eigenpairs rounded once
     (correctly rounded but for an eigenvalue far below ‖X‖, which keeps float64's
-    absolute error: −1.3e-15 for a singular matrix's 0), and gradients within a few float32 ulps (normwise) where the kept relative gaps are
-    above ~5e-4; closer pairs carry the float32 products' rounding times 1/gap (44 to
-    350 ulps at relative gaps of 2e-5, 1.8e-3 relative at 1e-9 with a smaller
-    ``gap_tol``). The default ``gap_tol`` (``10·N·eps`` of the input dtype) drops pairs
-    closer than the input's own precision can determine (with a warning). (For
-    float16 and bfloat16 that default is large — 2.5 for bfloat16 at N = 32, i.e.
-    every pair — so pass ``gap_tol`` there.)
+    absolute error: −1.3e-15 for a singular matrix's 0), and gradients within a few
+    float32 ulps (normwise) where the kept relative gaps are above ~5e-4; closer pairs
+    carry the float32 products' rounding times 1/gap (44 to 350 ulps at relative gaps of
+    2e-5, 1.8e-3 relative at 1e-9 with a smaller ``gap_tol``). The default ``gap_tol``
+    (``10·N·eps`` of the input dtype) drops pairs closer than the input's own precision
+    can determine (with a warning). (For float16 and bfloat16 that default is large —
+    2.5 for bfloat16 at N = 32, i.e. every pair — so pass ``gap_tol`` there.)
 
     Args:
         X: square matrices, floating point.

@@ -35,6 +35,7 @@ from .implicit import implicit_system
 from .implicit_options import check_implicit_options
 from .lagrangian import ConstraintFn
 from .linear_solvers import LinearSolver, shown_indices
+from .multipliers import unit_rows
 
 __all__ = ["declarative_jvp"]
 
@@ -118,9 +119,8 @@ def declarative_jvp(
             # (Rows at unit length first: pinv's cut-off is relative to the largest
             # singular value, and a constraint written as 1e-20·(y₀ − d₀) = 0 lost its
             # row beside the others, a tangent 100 % off, silently.)
-            norm = k.A.norm(dim=-1, keepdim=True)
-            inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
-            y0 = -(torch.linalg.pinv(k.A * inv) @ (Cx.unsqueeze(-1) * inv)).squeeze(-1)
+            An, inv = unit_rows(k.A)
+            y0 = -(torch.linalg.pinv(An) @ (Cx.unsqueeze(-1) * inv)).squeeze(-1)
         rhs = -Bx if y0 is None else -Bx - k.hvp(y0.unsqueeze(0))[0]
         w, _ = k.solve(torch.where(zero, 0.0, rhs).detach())
         ydot = w if y0 is None else w + y0

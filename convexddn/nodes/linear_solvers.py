@@ -280,7 +280,8 @@ def solve_kkt_cg(
         max_iter = min(max_iter, budget)
     # (In units of a power of two near each v's largest entry: CG's squared norms of a v
     # of 1e160 overflowed, of 1e-200 underflowed, and both "converged" at w = 0.)
-    unit = pow2_floor(torch.where(v.abs().amax(-1, keepdim=True) > 0, v.abs().amax(-1, keepdim=True), 1.0))
+    top = v.abs().amax(-1, keepdim=True)
+    unit = pow2_floor(torch.where(top > 0, top, 1.0))
     out = projected_cg(hvp, A, inactive, v / unit, tol, max_iter, check_every, rcond)
     w, mu = out.w * unit, None if out.mu is None else out.mu * unit
     # Ritz values lie inside the spectrum, so even an unfinished probe's estimate bounds

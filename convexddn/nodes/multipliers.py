@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "nonnegative_multipliers"]
+__all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "nonnegative_multipliers", "unit_rows"]
 
 Tensor = torch.Tensor
 
@@ -64,10 +64,18 @@ def _least_squares(A: Tensor, g: Tensor, use: Tensor | None = None) -> Tensor:
     # largest singular value, and a constraint written in small units (−1e-14·y ≤ 0 for
     # y ≥ 0) lost its multiplier beside the others' (a stationarity residual of 0.33
     # at an exact solution, rejected as not a KKT point).
-    norm = A.norm(dim=-1)
+    An, inv = unit_rows(A)
+    mu = -(torch.linalg.pinv(An.transpose(1, 2)) @ g.unsqueeze(-1)).squeeze(-1)
+    return mu * inv.squeeze(-1)
+
+
+def unit_rows(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A / ‖a_j‖, 1/‖a_j‖ (…, r, 1))``: each row of ``A`` at unit length (zero rows stay
+    zero, with a factor of 0), so that a pseudo-inverse's relative cut-off does not drop a
+    constraint written in small units."""
+    norm = A.norm(dim=-1, keepdim=True)
     inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
-    mu = -(torch.linalg.pinv((A * inv.unsqueeze(-1)).transpose(1, 2)) @ g.unsqueeze(-1)).squeeze(-1)
-    return mu * inv
+    return A * inv, inv
 
 
 def nonnegative_multipliers(A: Tensor, g: Tensor, nonneg: Tensor,

@@ -33,7 +33,6 @@ References:
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch
@@ -117,7 +116,6 @@ class _PnPFunction(torch.autograd.Function):
         """Forward mode: dθ = −H⁻¹ (∂∇_θf/∂x · dx), the optimality condition ∇_θf = 0
         differentiated along the tangents dx of the inputs (the backward's system, H
         symmetric; singular elements get 0 and the backward's warning)."""
-        refuse_batched("pnp", *tangents)
         p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
         if theta.shape[0] == 0:
             return theta.new_zeros(theta.shape), None
@@ -188,10 +186,10 @@ def pnp(
     from that start, every step accepted only if it lowers the objective, until both the
     step and the undamped Newton step are below ``tol``; a nonconvex penalty (Welsch,
     truncated quadratic) first solves the Huber problem of the same ``alpha`` from the
-    DLT start (on clean data the DLT start can leave every residual on Welsch's flat tail). Nearly planar scenes (off
-    their plane by less than a tenth of their extent: a checkerboard) are also solved
-    from the plane's homography (the only start for coplanar points), keeping the pose
-    with all points in front and the lower objective. The result is a local
+    DLT start (on clean data the DLT start can leave every residual on Welsch's flat
+    tail). Nearly planar scenes (off their plane by less than a tenth of their extent: a
+    checkerboard) are also solved from the plane's homography (the only start for
+    coplanar points), keeping the pose with all points in front and the lower objective. The result is a local
     minimiser: with gross outliers the DLT start (a least-squares fit) can lie outside
     the basin of the robust minimum, so pass ``init`` (e.g. from RANSAC) in that case.
     The scene's units do not matter: :math:`\theta(q, s\,p) = (r, s\,t)` exactly (the

@@ -600,3 +600,12 @@ def test_sign_tie_tangent_that_keeps_the_eigenvectors_is_quiet():
         assert torch.equal(V, torch.zeros_like(V))
         with pytest.warns(GradientWarning):
             eigen_decomposition(fwAD.make_dual(X, torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))))
+
+
+def test_eigenvalue_loss_at_the_zero_matrix_warns():
+    # X = 0: every eigenvalue tied, and λ₁ + 0.5 λ₂ has no gradient. The pairs' gaps
+    # relative to max|λ| were 0/0 = NaN there, which silenced the warning.
+    X = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
+    lam, _ = eigen_decomposition(X, 2)
+    with pytest.warns(GradientWarning, match="weighted unequally"):
+        (lam[0] + 0.5 * lam[1]).backward()
