@@ -151,11 +151,17 @@ def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.
     autograd, e.g. on the CPU in numpy, or without a graph): passed through unchanged,
     but a second differentiation of their gradients raises
     :class:`~convexddn.errors.DoubleBackwardError` (without this guard it silently gave
-    zeros, or None). No-op where nothing requires grad."""
+    zeros, or None). Only the tensors that require grad pass through the guard: the
+    others stay as they are, not requiring grad (a solver reads which do: the convex
+    path's backward checks what the parameters requiring grad move)."""
     tensors = tuple(tensors)
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+    idx = [i for i, t in enumerate(tensors) if t.requires_grad]
+    if not torch.is_grad_enabled() or not idx:
         return tensors
-    return _FirstOrderInput.apply(what, *tensors)
+    out = list(tensors)
+    for i, t in zip(idx, _FirstOrderInput.apply(what, *(tensors[i] for i in idx))):
+        out[i] = t
+    return tuple(out)
 
 
 def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callable]:

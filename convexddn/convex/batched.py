@@ -23,6 +23,7 @@ from .._checks import check_tolerance
 from ..errors import DTypeError, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
 from .interior_point import SOLVED, STATUS_NAMES
+from .resolution import moved_columns
 from .second_opinion import clarabel_points
 from .vjp import _ConeSolve, cone_vjp
 
@@ -78,6 +79,19 @@ def _secant(data, p: torch.Tensor):
         k = idx.numel()
         return P[:k] - P[k:], q[:k] - q[k:]
     return secant
+
+
+def _moved_by(data, p: torch.Tensor, requires: list[bool]):
+    """``idx -> (len(idx), n)``: the columns of the elements ``idx``'s program that the
+    parameters requiring grad move (:func:`~.resolution.moved_columns`, along
+    :meth:`~.cone_data.ConeData.tangent_direction` restricted to those parameters)."""
+    def moved(idx: torch.Tensor) -> torch.Tensor:
+        sub = p.index_select(0, idx)
+        step = data.tangent_direction(sub) * data.columns_of(requires, sub)
+        P, q, A, b = data.fill(torch.cat([sub + step, sub]))[:4]  # one fill for both ends
+        k = idx.numel()
+        return moved_columns(P[:k] - P[k:], q[:k] - q[k:], A[:k] - A[k:], b[:k] - b[k:], A[k:])
+    return moved
 
 
 class BatchedProgram:
@@ -263,8 +277,11 @@ class BatchedProgram:
             # the direction is a direction they move in all the same (formed in the
             # backward, for the elements that need it).
             tangent = (*tangent, None if tangent[0] is not None else _secant(data, p.detach()))
+        # Which columns the parameters requiring grad move: where the solve leaves one
+        # unresolved (a weight far below the program's scale), the backward warns.
+        moved = _moved_by(data, p.detach(), [v.requires_grad for v in values]) if reverse else None
         x, z, status, residual, iterations, error, points, _ = _ConeSolve.apply(
-            P, q, A, b, data.layout, options, needs_grad, tangent, where)
+            P, q, A, b, data.layout, options, needs_grad, tangent, where, moved)
         xf, zf = data.recover(x, z, extra)
         solved = status == SOLVED
         outs = []

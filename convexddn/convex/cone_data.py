@@ -135,6 +135,21 @@ class ConeData:
             return dp.unsqueeze(0)
         return cached(self._cache, ("direction", str(like.device), like.dtype), build)
 
+    def columns_of(self, which: Sequence[bool], like: torch.Tensor) -> torch.Tensor:
+        """``(1, n_cols)`` 1 on the columns of the parameters flagged in ``which`` (in the
+        order they are passed), 0 elsewhere; cached."""
+        def build():
+            sizes = [0] * len(self.param_cols)
+            for order, size, _ in self.param_cols:
+                sizes[order] = size
+            mask = torch.zeros(1, self.n_cols, dtype=like.dtype, device=like.device)
+            for flag, (order, size, _) in zip(which, self.param_cols):
+                if flag:
+                    start = sum(sizes[:order])
+                    mask[0, start:start + size] = 1.0
+            return mask
+        return cached(self._cache, ("columns", tuple(map(bool, which)), str(like.device), like.dtype), build)
+
     def parameter_tangent(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None,
                                                              torch.Tensor, torch.Tensor]:
         """``(dP (1, n, n), dq (1, n), dA (1, m, n), db (1, m))``: how the data move along

@@ -54,6 +54,7 @@ from .certify import undecided_reach
 from .dense_kkt import dense_limit_solve
 from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .kkt import bmv, row_inf
+from .resolution import moved_columns, warn_unresolved
 from .status import element_list, name_elements
 from .uniqueness import limit_nonunique
 
@@ -317,7 +318,7 @@ class _ConeSolve(torch.autograd.Function):
     """(P, q, A, b) -> (x, z) of the cone program, differentiated by :func:`cone_vjp`."""
 
     @staticmethod
-    def forward(P, q, A, b, layout, options, needs_grad, tangent, where):
+    def forward(P, q, A, b, layout, options, needs_grad, tangent, where, moved):
         # Inference mode: no version counters or autograd bookkeeping on the ~400 small
         # ops of an iteration (measured: forward 8-10 % faster on the n = 50 QP at batch
         # 64). The outputs are cloned into normal tensors; the kept state is only read,
@@ -325,7 +326,7 @@ class _ConeSolve(torch.autograd.Function):
         with torch.inference_mode():
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
-        state = ((sol, layout, options.get("refine", 1), tangent, where, options.get("error_cols"))
+        state = ((sol, layout, options.get("refine", 1), tangent, where, options.get("error_cols"), moved)
                  if needs_grad else None)
         return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error,
                                        sol.points)), state)
@@ -339,23 +340,28 @@ class _ConeSolve(torch.autograd.Function):
     @first_order_jvp("BatchedProgram")
     def jvp(ctx, dP, dq, dA, db, *_):
         """Forward mode: :func:`cone_jvp` along the data's tangents, with the backward's warning."""
-        sol, layout, refine, _, where, cols = ctx.state
+        sol, layout, refine, _, where, cols, _ = ctx.state
         dx, dz, flagged, zeroed = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent")
+        warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,
+                        moved_columns(dP, dq, dA, db, sol.scaled.A))
         return dx, dz, None, None, None, None, None, None
 
     @staticmethod
     @first_order("BatchedProgram")
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
-            return (None,) * 9
+            return (None,) * 10
         refuse_batched("ConvexLayer", gx, gz)  # (torch.func.jacrev: the checks read on the host)
-        sol, layout, refine, tangent, where, cols = ctx.state
+        sol, layout, refine, tangent, where, cols, moved = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
         gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
         _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent")
-        return gP, gq, gA, gb, None, None, None, None, None
+        if moved is not None:
+            live = (sol.status == SOLVED) & ((gx != 0).any(1) | (gz != 0).any(1))
+            warn_unresolved("backward", sol, layout, where, live, moved)
+        return gP, gq, gA, gb, None, None, None, None, None, None
 
 
 def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str) -> None:

@@ -1,0 +1,120 @@
+"""Columns the batched solve leaves unresolved (:mod:`convexddn.convex.resolution`): a
+regulariser's weight far below the program's scale.
+
+Expected values: the closed form of min_y ‖y − x‖² + λ Σ huber(y_i) (y = x/(1 + λ) where
+|x/(1 + λ)| ≤ 1, else x − λ sign x), differentiated by torch itself.
+"""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import convexddn as cddn
+from convexddn._first_order import first_order_only
+from convexddn.convex.resolution import moved_columns
+from convexddn.errors import GradientWarning
+
+F64 = torch.float64
+X = torch.tensor([[0.5, 2.0, -3.0], [0.25, -0.5, 1.5]], dtype=F64)
+
+
+def _layer():
+    x = cp.Parameter(3, name="x")
+    lam = cp.Parameter(nonneg=True, name="lam")
+    y = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x) + lam * cp.sum(cp.huber(y, 1.0))))
+    return cddn.ConvexLayer(prob, parameters=[x, lam], variables=[y])
+
+
+def _exact(x, lam):
+    quad = x / (1 + lam)
+    return torch.where(quad.abs() <= 1, quad, x - lam * torch.sign(x))
+
+
+def _lam_grad(lam):
+    lam = torch.full((2,), lam, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(_exact(X, lam[:, None]).sum(), lam)
+    return g
+
+
+@pytest.mark.parametrize("lam", [1e-2, 1e-6, 1e-8])
+def test_resolved_weights_give_exact_gradients_without_warning(lam):
+    layer = _layer()
+    L = torch.full((2,), lam, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(layer(X, L).sum(), L)
+    torch.testing.assert_close(g, _lam_grad(lam), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("lam", [1e-10, 1e-11])
+def test_a_weight_below_the_solves_resolution_warns_where_its_gradient_is_asked(lam):
+    """dL/dλ was 0.13 for the true −0.5 at λ = 1e-10 (the Huber's epigraph variables
+    and their bounds' multipliers, of order λ, pass the relative tolerance at any value),
+    with no warning. The gradient with respect to x goes through resolved columns: exact,
+    and no warning where λ does not require grad."""
+    layer = _layer()
+    x = X.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (gx,) = torch.autograd.grad(layer(x, torch.full((2,), lam, dtype=F64)).sum(), x)
+    torch.testing.assert_close(gx, torch.full_like(X, 1 / (1 + lam)), atol=1e-9, rtol=0)
+    L = torch.full((2,), lam, dtype=F64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="unresolved") as rec:
+        torch.autograd.grad(layer(X, L).sum(), L)
+    message = next(str(r.message) for r in rec if "unresolved" in str(r.message))
+    assert "batch indices [(0,), (1,)]" in message
+
+
+def test_forward_mode_warns_along_a_tangent_that_moves_an_unresolved_weight():
+    layer = _layer()
+    with pytest.warns(GradientWarning, match="forward mode.*unresolved"):
+        with fwAD.dual_level():
+            L = fwAD.make_dual(torch.full((2,), 1e-10, dtype=F64), torch.ones(2, dtype=F64))
+            layer(X, L)
+
+
+def test_moved_columns_reads_costs_constraint_columns_and_rows_through_a_column():
+    A = torch.tensor([[[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]]], dtype=F64)  # rows (x0 - x1), (x2)
+    none = moved_columns(None, None, None, None, A)
+    assert not none.any()
+    dq = torch.tensor([[0.0, 0.0, 2.0]], dtype=F64)
+    assert moved_columns(None, dq, None, None, A).tolist() == [[False, False, True]]
+    db = torch.tensor([[3.0, 0.0]], dtype=F64)  # moves the row through columns 0 and 1
+    assert moved_columns(None, None, None, db, A).tolist() == [[True, True, False]]
+    dA = torch.zeros(1, 2, 3, dtype=F64)
+    dA[0, 1, 2] = 1.0
+    assert moved_columns(None, None, dA, None, A).tolist() == [[False, False, True]]
+
+
+def test_first_order_only_leaves_tensors_without_grad_as_they_are():
+    a = torch.ones(2, requires_grad=True)
+    b = torch.ones(2)
+    out = first_order_only("node", [a, b])
+    assert out[0].requires_grad and not out[1].requires_grad
+    assert out[1] is b
+
+
+def test_a_second_order_cone_decided_inactive_counts_as_zero_in_the_check():
+    """λ‖y‖² through a norm: an epigraph variable t with curvature 2λ and a cone t ≥ ‖y‖
+    whose multiplier (~2λt) the derivative takes as 0 (cone decided inactive): dL/dλ came
+    back exactly 0 for the true −w·x/(1 + λ)² at λ = 1e-11, with no warning."""
+    x = cp.Parameter(3)
+    lam = cp.Parameter(nonneg=True)
+    y = cp.Variable(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x) + lam * cp.norm(y, 2) ** 2)),
+                             parameters=[x, lam], variables=[y])
+    x0 = torch.tensor([0.8, 0.35, 1.3], dtype=F64)
+    w = torch.tensor([0.5, -1.0, 0.7], dtype=F64)
+    L = torch.tensor(1e-9, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(layer(x0, L) @ w, L)
+    torch.testing.assert_close(g, -(w @ x0) / (1 + L.detach()) ** 2, atol=1e-8, rtol=0)
+    L = torch.tensor(1e-11, dtype=F64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="unresolved"):
+        torch.autograd.grad(layer(x0, L) @ w, L)
