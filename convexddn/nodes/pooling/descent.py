@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from . import iterations
-from .iterations import (_MODEL_SPAN, _NOISE, _compact, _first, _live, _predicted_error, _store, _sweep, offset_rows,
-                         step_graphs, stop_tolerance)
+from .iterations import (_MODEL_SPAN, _compact, _first, _live, _predicted_error, _store, _sweep, gradient_noise,
+                         offset_rows, step_graphs, stop_tolerance)
 from .kernels import Scratch, block_ranges
 from .penalties import Penalty
 from .rows import Result, Rows
@@ -103,8 +103,7 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         newton = torch.minimum(torch.maximum(newton, -rho), rho)
         trial = u + torch.where(newton.abs() >= safe.abs(), newton, safe)
         au = u.abs()
-        noise = torch.addcmul(pen.dphi_norm(h, w, n, af, spread) if norm is None else norm, h.abs(), au)
-        noise.mul_(_NOISE * eps)
+        noise = gradient_noise(pen.dphi_norm(h, w, n, af, spread) if norm is None else norm, h.abs(), au, n, eps)
         tol_s = stop_tolerance(a3 * tol, tol, au, spread, eps, offset)
         ag = g.abs()
         quiet = ag <= noise
