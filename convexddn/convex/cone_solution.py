@@ -32,7 +32,8 @@ class ConeSolution:
     ``error`` one more Newton step's size relative to the solution (equilibrated units),
     an estimate of its error. ``scaled`` and ``kkt`` (equilibrated data, KKT matrix
     factorised at the solution) are kept for the backward when asked for; ``undecided``
-    marks solved elements where strict complementarity fails (no derivative); ``points``
+    marks solved elements where strict complementarity fails (no derivative), ``unresolved``
+    ``(B, n)`` their columns the solve left unresolved (:mod:`.resolution`); ``points``
     :func:`~.measures.caller_measures`' feasibility bits (0 for a certificate's ray).
     """
 
@@ -47,3 +48,4 @@ class ConeSolution:
     scaled: Scaled | None = None
     kkt: KKTSystem | None = None  # or one with its solve and failed (null-space form, PatchedKKT)
     undecided: torch.Tensor | None = None
+    unresolved: torch.Tensor | None = None

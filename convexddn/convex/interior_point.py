@@ -49,6 +49,7 @@ from .limit_scaling import retry_at_limit
 from .ipm_step import STATE, STATUS, IterationData, column_mask, step, update
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
 from .nullspace import ReducedSystems, reduce, unverifiable
+from .resolution import unresolved_columns
 from .rays import verified_rays
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout
@@ -182,6 +183,9 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     out = ConeSolution(xo, so, zo, status, iterations, residual, error, points, undecided=undecided_)
     if keep_state:
         out.scaled, out.kkt = d, kkt
+        # Columns whose equation the solve left unresolved (a weight far below the
+        # program's scale), for the derivatives' warning.
+        out.unresolved = unresolved_columns(d.P, d.q, d.A, layout, xs, ss, zs) & ok_res[:, None]
     return out
 
 

@@ -39,9 +39,9 @@ __all__ = ["DATA", "ROUNDING", "ROW_RTOL", "moved_columns", "unresolved_columns"
 # rounding (a column with terms of 1e-13 beside ones, exact, ends with a residual of 1e-16).
 ROW_RTOL = 1e-4
 ROUNDING = 64.0
-# ... and, in the same units, the size a column's own data (cost, curvature) must exceed:
-# a column whose only terms are multipliers (a bound at a kink, an all-zero solution's
-# inactive rows, left at the interior point's μ/s) has nothing that forces a bound active.
+# ... and, in the same units, the size a column's terms must exceed: at a kink (a bound
+# met with a zero multiplier) they are left at the polish's floor of 64 rounding levels,
+# where the residual is of the same size.
 DATA = 1e3
 
 
@@ -50,7 +50,7 @@ def unresolved_columns(P, q, A, layout: ConeLayout, x, s, z) -> torch.Tensor:
     unresolved at ``(x, s, z)`` (see the module docstring): in the limit the derivative
     takes (the pairs decided inactive at z = 0, :func:`~.certify.decided`),
     the column's equation misses by more than :data:`ROW_RTOL` of its terms and than
-    rounding, where data of its own (cost, curvature) are above rounding. The data are
+    rounding, where its terms are above rounding (:data:`DATA`). The data are
     the equilibrated ones: the rounding unit is ε times the element's largest column
     there, at least ε (equilibrated data are of unit size; an all-zero solution's terms
     of 1e-38 are not a scale), and column scalings leave each column's own ratios
@@ -59,21 +59,26 @@ def unresolved_columns(P, q, A, layout: ConeLayout, x, s, z) -> torch.Tensor:
     # Decided-inactive multipliers (the interior point's μ/s) are 0 in the limit: on the
     # nonnegative rows, and on each second-order cone both of whose Jordan-frame pairs are
     # (a cone multiplier of 2λt on λ‖y‖²'s epigraph, taken as 0: dL/dλ came back 0).
-    parts = [z[:, :z0]]
+    # Columns an undecided pair touches are left out: no limit exists there (a kink,
+    # which the backward's own test names; the polish leaves it at s = z = its floor).
+    parts, open_rows = [z[:, :z0]], [torch.zeros_like(z[:, z0:], dtype=torch.bool)[:, :0]]
     if k:
-        parts.append(torch.where(decided(s[:, z0:z0 + k], z[:, z0:z0 + k])[1], 0.0, z[:, z0:z0 + k]))
+        active, inactive = decided(s[:, z0:z0 + k], z[:, z0:z0 + k])
+        parts.append(torch.where(inactive, 0.0, z[:, z0:z0 + k]))
+        open_rows.append(~(active | inactive))
     if layout.soc:
         a1, a2, b1, b2, _ = soc_frame(layout, s[:, z0 + k:], z[:, z0 + k:])
-        off = (decided(a1, b1)[1] & decided(a2, b2)[1]).to(z.dtype)  # (B, nsoc)
-        parts.append(z[:, z0 + k:] * (1 - layout._spread(off)))
+        (on1, off1), (on2, off2) = decided(a1, b1), decided(a2, b2)
+        parts.append(z[:, z0 + k:] * (1 - layout._spread((off1 & off2).to(z.dtype))))
+        open_rows.append(layout._spread(~(on1 | off1) | ~(on2 | off2)))
     z = torch.cat(parts, 1)
-    own = torch.maximum(q.abs(), bmv(P.abs(), x.abs()))
-    terms = torch.maximum(own, bmv(A.abs().mT, z.abs()))
+    rows = A[:, z0:, :] != 0  # (B, cone rows, n)
+    paired = rows.any(1) & ~(rows & torch.cat(open_rows, 1).unsqueeze(-1)).any(1)
+    terms = torch.maximum(torch.maximum(q.abs(), bmv(P.abs(), x.abs())), bmv(A.abs().mT, z.abs()))
     r = (bmv(P, x) + bmv(A.mT, z) + q).abs()
     eps = torch.finfo(x.dtype).eps
     unit = eps * terms.amax(1, keepdim=True).clamp_min(1.0)  # (the equilibrated data's own size is 1)
-    paired = (A[:, z0:, :] != 0).any(1)
-    return paired & (own > DATA * unit) & (r > max(ROW_RTOL, 1e4 * eps) * terms) & (r > ROUNDING * unit)
+    return paired & (terms > DATA * unit) & (r > max(ROW_RTOL, 1e4 * eps) * terms) & (r > ROUNDING * unit)
 
 
 def moved_columns(dP, dq, dA, db, A) -> torch.Tensor:
@@ -97,16 +102,14 @@ def moved_columns(dP, dq, dA, db, A) -> torch.Tensor:
     return moved | ((A != 0) & rows.unsqueeze(-1)).any(-2)
 
 
-def warn_unresolved(mode: str, sol, layout: ConeLayout, where, live: torch.Tensor, moved) -> None:
+def warn_unresolved(mode: str, sol, where, live: torch.Tensor, moved) -> None:
     """The GradientWarning naming the elements of ``live`` ``(B,)`` with an unresolved
-    column (:func:`unresolved_columns`) that ``moved`` moves: a ``(B, n)`` mask or
-    ``idx -> (len(idx), n)`` mask for those elements (:func:`moved_columns`). One host
-    sync where no column is unresolved."""
-    d = sol.scaled
-    sig = d.sigma[:, None]
-    x, z = sol.x / (sig * d.D), sol.z * d.c[:, None] / (sig * d.E)  # in the equilibrated units (as s)
-    s = sol.s * d.E / sig
-    cols = unresolved_columns(d.P, d.q, d.A, layout, x, s, z) & live[:, None]
+    column (``sol.unresolved``, :func:`unresolved_columns`) that ``moved`` moves: a
+    ``(B, n)`` mask or ``idx -> (len(idx), n)`` mask for those elements
+    (:func:`moved_columns`). One host sync where no column is unresolved."""
+    if sol.unresolved is None:
+        return
+    cols = sol.unresolved & live[:, None]
     idx = torch.nonzero(cols.any(1)).squeeze(1)
     if not idx.numel():
         return
@@ -115,10 +118,11 @@ def warn_unresolved(mode: str, sol, layout: ConeLayout, where, live: torch.Tenso
     if idx:
         what = "gradient" if mode == "backward" else "tangent"
         warn(f"ConvexLayer {mode} (batched): the solution of {len(idx)} batch element(s) "
-             f"({name_elements(where, idx)}) leaves parts of the program unresolved: terms of its "
-             "objective and multipliers far below its largest ones (a weight of 1e-10 beside terms of 1) "
-             "pass the solve's relative tolerance at any value, so its auxiliary variables there and "
-             f"which of their bounds are active are not determined, and the {what} with respect to the "
-             "parameters that move those terms may be wrong (through the rest of the solution it is exact); "
-             "rescale the program so that its terms lie within ~1e8 of one another",
+             f"({name_elements(where, idx)}) leaves parts of the program unresolved: terms of its objective and "
+             "multipliers far below its largest ones (a weight of 1e-10 beside terms of 1) pass the solve's "
+             "relative tolerance at any value, so the variables they weigh and which of their bounds are active "
+             f"are not determined, and the {what} "
+             "with respect to the parameters that move those terms may be wrong (through the rest of the "
+             "solution it is exact); rescale the program so that its terms lie within ~1e8 of one another",
              GradientWarning, elements=element_list(where, idx))
+

@@ -118,3 +118,18 @@ def test_a_second_order_cone_decided_inactive_counts_as_zero_in_the_check():
     L = torch.tensor(1e-11, dtype=F64, requires_grad=True)
     with pytest.warns(GradientWarning, match="unresolved"):
         torch.autograd.grad(layer(x0, L) @ w, L)
+
+
+def test_kinks_and_zero_solutions_are_not_unresolved():
+    """Columns whose only terms sit at the polish's floor (a bound met with a zero
+    multiplier: no derivative, which the backward names as such) or at 1e-38 (an all-zero
+    solution's inactive rows) are not a weight below the solve's resolution."""
+    x = cp.Parameter(3, name="x")
+    y = cp.Variable(3, name="y")
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0, cp.sum(y) <= 10]), [x], [y])
+    for xs in (torch.tensor([[0.0, 1.0, -1.0]], dtype=F64), torch.zeros(1, 3, dtype=F64)):
+        xs.requires_grad_()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            torch.autograd.grad(layer(xs).sum(), xs)
+        assert not any("unresolved" in str(r.message) for r in rec)
