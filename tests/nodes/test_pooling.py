@@ -1860,3 +1860,23 @@ def test_user_penalty_with_a_nan_derivative_returns_the_last_finite_iterate():
     with pytest.warns(SolverWarning, match="returning the last finite iterate"):
         y = robust_pool(x, Broken(), 1.0)
     assert torch.isfinite(y).all() and 0.0 <= float(y) <= 5.0
+
+
+def test_gradient_where_residuals_overflow_the_float_range():
+    """Welsch in float32 at alpha = max/2 on data spread over more than the range: y - x_i
+    overflowed to inf for the far points, whose weights came out 0 (grad_x (0.502, 0.498,
+    0, 0) for the true (0.608, 0.603, -0.016, -0.196)), silently; with alpha a tensor
+    requiring grad its saturation clamp raised a raw RuntimeError. Expected: Table 1's
+    weights w_i / sum w at the returned y, formed in float64 (where nothing overflows)."""
+    xs = [3.0321514783773683e38, 3.084192896234802e38, -3.0338923175936498e38, -9.45222453115603e37]
+    x = torch.tensor(xs, requires_grad=True)
+    a = 0.5 * torch.finfo(torch.float32).max
+    y = robust_pool(x, "welsch", a)
+    (gx,) = torch.autograd.grad(y, x)
+    z = y.detach().double() - x.detach().double()
+    w = Penalty.resolve("welsch").d2phi(z, torch.tensor(a, dtype=F64))
+    torch.testing.assert_close(gx.double(), w / w.sum(), atol=1e-5, rtol=0)
+    assert (gx[2:] < 0).all()
+    at = torch.tensor(a, requires_grad=True)
+    (ga,) = torch.autograd.grad(robust_pool(x.detach(), "welsch", at), at)
+    assert torch.isfinite(ga)

@@ -197,7 +197,9 @@ def clamp_saturated(penalty: Penalty, z: Tensor, alpha: float | Tensor) -> None:
     if penalty.saturation is None:
         return
     if isinstance(alpha, float):
-        bound = penalty.saturation * alpha
+        # (at most the float range: a float32 alpha of 1e38 times the saturation was a
+        # Python float torch refused to convert, a raw RuntimeError)
+        bound = min(penalty.saturation * alpha, torch.finfo(z.dtype).max)
         z.clamp_(-bound, bound)
     else:
         bound = penalty.saturation * alpha
@@ -226,6 +228,10 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
     # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
     sw, size, scale = x.new_empty(rows, 1), x.new_empty(rows, 1), x.new_empty(rows, 1)
+    # Rows with a residual y - x_i beyond the float range (data spread over more than it):
+    # their weights there came out 0 from an infinite residual, for points a few alphas
+    # away (Welsch at alpha = max/2: a gradient of 0 for the true -0.196, silently).
+    spill = x.new_zeros(rows, 1, dtype=torch.bool)
     swa = x.new_zeros(rows, 1) if need_alpha else None
     gcol = gy.reshape(rows, 1)
     for sl in ranges:
@@ -234,6 +240,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             continue
         z, *work = scratch.get(r, n)
         torch.sub(y[sl].unsqueeze(-1), x[sl], out=z)
+        spill[sl] = torch.isinf(z).any(-1, keepdim=True)  # (the block is in cache: a cheap pass)
         al = alpha_f if alpha_f is not None else a[sl]
         if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
             clamp_saturated(penalty, z, al)
@@ -255,7 +262,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # below its own rounding noise is singular (or negative: not a minimum), where the
     # exact gradient does not exist and the row gets zero. Both are rare, as is a
     # non-finite alpha weight sum: one host sync tells that none occurs.
-    low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)).squeeze(-1)
+    low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | spill).squeeze(-1)
     ok = _nonsingular(sw, size, scale, n)
     flags = [(low | ~ok).any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
     rare, *alpha_rare = torch.stack(flags).tolist()
