@@ -192,10 +192,14 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 def check_dim_option(name: str, dim: Any) -> None:
-    """Raise ``OptionError`` unless ``dim`` is an int or a non-empty tuple of ints (no bools)."""
+    """Raise ``OptionError`` unless ``dim`` is an int or a non-empty tuple of distinct ints
+    (no bools). (Dims that coincide only once the tensor's rank is known, such as 1 and -2
+    of a 3-d tensor, are refused at the call.)"""
     dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
     if not dims or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) for d in dims):
         raise OptionError(f"{name} must be an int or a non-empty tuple of ints, got {dim!r}")
+    if len(set(dims)) != len(dims):
+        raise OptionError(f"{name} must not repeat a dim, got {dim!r}")
 
 
 def check_choice(name: str, value: Any, valid: Iterable[Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import convexddn as cddn
+
 from convexddn._checks import check_choices, check_finite
 from convexddn.errors import NonFiniteError, OptionError
 
@@ -216,3 +218,12 @@ def test_nested_tensors_get_an_input_error():
     for name, fn, _, arg in _entry_points()[:-1] + [("tv_denoise", tv_denoise, None, r"x must")]:
         with pytest.raises(InputError, match=f"({arg}).*nested tensor"):
             fn(nested)
+
+
+@pytest.mark.parametrize("make", [lambda: cddn.RobustPool("huber", dim=(1, 1)),
+                                  lambda: cddn.RobustVectorPool("huber", dim=(2, 2))])
+def test_a_repeated_pooled_dim_is_refused_at_construction(make):
+    """Invalid options raise at construction (the docs' promise); a literally repeated dim
+    was only refused at the first call."""
+    with pytest.raises(OptionError, match="repeat"):
+        make()
