@@ -1,7 +1,7 @@
 """The per-element path's sparse solves (:mod:`convexddn.convex.bordered`): the sparse
 derivative against diffcp's dense one, the bordered LU's solutions against numpy's
-minimum-norm least squares, its refusal of a lower rank, and a layer using it against
-a closed form."""
+minimum-norm least squares, its refusal of a lower rank (a structurally singular matrix
+before SuperLU sees it), and a layer using it against a closed form."""
 from __future__ import annotations
 
 import warnings
@@ -14,10 +14,17 @@ import torch
 from cvxpy.reductions.solvers.conic_solvers.scs_conif import dims_to_solver_dict
 from diffcp import _diffcp
 from diffcp import cones as cone_lib
+from scipy.sparse.csgraph import structural_rank
 
 import convexddn as cddn
 from convexddn.convex import bordered as bordered_module
-from convexddn.convex.bordered import bordered, probes, sparse_derivative, sparse_pays
+from convexddn.convex.bordered import (
+    bordered,
+    probes,
+    sparse_derivative,
+    sparse_pays,
+    structurally_singular,
+)
 from convexddn.convex.cone import auto_mode
 
 F64 = torch.float64
@@ -76,6 +83,65 @@ def test_a_lower_rank_is_left_to_the_least_squares_solvers():
     # Two null directions: the bordered matrix is singular (or nearly, in rounding).
     M, z = _singular(60, 2)
     assert bordered(M, z, 1e-9) is None
+
+
+def _refusing_splu(monkeypatch) -> list[bool]:
+    """Replace SuperLU by a spy that records, per call, whether the matrix handed to it is
+    structurally singular (scipy's maximum matching on its nonzeros), and refuses those as
+    SuperLU does when it survives them (RuntimeError: exactly singular) without calling it:
+    on such a matrix it wrote through row indices it never set, a segmentation fault."""
+    seen = []
+    real = bordered_module.sla.splu
+
+    def spy(A, *args, **kwargs):
+        pattern = sp.csc_matrix(A, copy=True)
+        pattern.eliminate_zeros()
+        seen.append(bool(structural_rank(pattern) < A.shape[0]))
+        if seen[-1]:
+            raise RuntimeError("Factor is exactly singular")
+        return real(A, *args, **kwargs)
+
+    monkeypatch.setattr(bordered_module.sla, "splu", spy)
+    return seen
+
+
+def test_structural_singularity_is_read_off_the_nonzeros():
+    # A permuted diagonal: a perfect matching; two rows on one column: none (explicit zeros are zeros).
+    perm = sp.csc_matrix((np.arange(1.0, 6.0), ([3, 0, 4, 1, 2], [0, 1, 2, 3, 4])), shape=(5, 5))
+    assert not structurally_singular(perm)
+    stored_zero = perm.copy()
+    stored_zero.data[0] = 0.0  # column 0's one entry, kept in the pattern
+    assert stored_zero.nnz == 5 and structurally_singular(stored_zero)
+    clash = sp.csc_matrix((np.ones(5), ([0, 1, 2, 3, 4], [0, 0, 2, 3, 4])), shape=(5, 5))
+    assert structurally_singular(clash)
+
+
+def test_a_structurally_singular_bordered_matrix_never_reaches_superlu(monkeypatch):
+    """Four rows of M supported on two columns: with the border's one extra column, four
+    rows share three, so every matrix of that pattern is singular."""
+    seen = _refusing_splu(monkeypatch)
+    M, z = _singular(40, 1)
+    M = sp.lil_matrix(M)
+    M[:4, :] = 0.0
+    M[:4, :2] = np.arange(1.0, 9.0).reshape(4, 2)
+    M = sp.csc_matrix(M)
+    assert bordered(M, z, 1e-9) is None
+    assert seen == []
+    assert bordered(*_singular(40, 1), 1e-9) is not None and seen == [False]  # (the spy passes the others on)
+
+
+def test_entmax_polish_hands_superlu_no_structurally_singular_matrix(monkeypatch):
+    """1.5-entmax of 100 N(0, 1) scores through CVXPY (the per-element path's sparse mode):
+    9 of its 10 bordered matrices had structural rank 972 to 995 of 1003 (the inactive
+    coordinates) and one killed the process inside SuperLU. The native entmax is the
+    reference (bisection on its threshold)."""
+    seen = _refusing_splu(monkeypatch)
+    x = torch.randn(100, dtype=F64, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cddn.errors.SolverWarning)  # (a polish left above rounding)
+        got = cddn.layer("entmax", n=100, alpha=1.5, backend="cvxpy")(x)
+    assert True not in seen
+    torch.testing.assert_close(got, cddn.layer("entmax", n=100, alpha=1.5)(x), atol=1e-8, rtol=0)
 
 
 def test_the_fill_rule():
