@@ -9,8 +9,11 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import threading
+import time
 from multiprocessing import util as mp_util
+from multiprocessing.connection import wait as wait_ready
 
 import numpy as np
 
@@ -61,10 +64,35 @@ class WorkerPool:
             return [r for job in jobs for r in job.result()]
         except concurrent.futures.process.BrokenProcessPool as err:
             self._executor = None
+            # The cause is not known here: say what the exit codes show and list the usual ones
+            # (a segmentation fault in SuperLU was reported as a missing __main__ guard).
             raise WorkerError(
-                f"a worker process of the layer (workers={self.workers}) died: {err}. Worker "
-                "processes are spawned; a script that calls the layer at import time must "
-                "guard its entry point with `if __name__ == '__main__':`") from err
+                f"a worker process of the layer (workers={self.workers}) died{_exits(pool)}: {err}. It may "
+                "have crashed (a fault in a native solver or factorisation: the same call with workers=1 "
+                "shows it in this process) or been killed (out of memory, a signal); or, as worker "
+                "processes are spawned, a script that calls the layer at import time without an "
+                "`if __name__ == '__main__':` guard stopped them at start") from err
+
+
+def _exits(pool: concurrent.futures.ProcessPoolExecutor) -> str:
+    """`` (exit codes: ...)`` of the pool's workers that have ended, signals by name
+    (SIGSEGV: a crash), or ``""`` where none is known (``_processes``: the pool's own)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    ended = set(wait_ready([p.sentinel for p in procs], timeout=0))
+    codes = []
+    deadline = time.monotonic() + 1.0
+    for proc in procs:
+        # An ended worker's pipe closes as it exits, a moment before the kernel holds its status,
+        # and the pool's thread may reap it first (then it sets the code): wait up to a second.
+        while proc.sentinel in ended and proc.exitcode is None and time.monotonic() < deadline:
+            proc.join(timeout=0.01)
+        code = proc.exitcode
+        if code is not None:
+            codes.append(signal.Signals(-code).name if code < 0 and -code in _SIGNALS else str(code))
+    return f" (exit codes: {', '.join(sorted(set(codes)))})" if codes else ""
+
+
+_SIGNALS = {int(sig) for sig in signal.Signals}
 
 
 def chunks(batch: int, workers: int) -> list[np.ndarray]:
