@@ -20,9 +20,13 @@ with ``start``) and differentiates it implicitly like any batched solution. Only
 that does not certify goes on to the per-element path.
 
 This is a host loop over the elements that need it (CPU, float64), like the per-element
-path it comes before; the batched path itself never reaches it.
+path it comes before; the batched path itself never reaches it. :func:`solve_with_opinion`
+is the batched path with this second opinion, as :class:`~.layer.ConvexLayer` calls it.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import clarabel
 import numpy as np
@@ -34,9 +38,16 @@ from .._process_settings import solver_warnings_ignored
 from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
+from .status import merge_resolved, status_kind
 from .symmetric_cones import ConeLayout
+from .validation import element_subset
 
-__all__ = ["clarabel_points", "equilibrated_start"]
+if TYPE_CHECKING:  # (batched imports this module)
+    import cvxpy as cp
+
+    from .batched import BatchedProgram
+
+__all__ = ["clarabel_points", "equilibrated_start", "solve_with_opinion"]
 
 # Clarabel's statuses whose point is a ray (an infeasibility certificate), not a
 # candidate solution. Any other finite point is handed on, whatever the status: the
@@ -125,3 +136,36 @@ def equilibrated_start(d: Scaled, layout: ConeLayout, x: torch.Tensor, s: torch.
     ss = torch.cat([torch.zeros_like(ss[:, :z0]), layout.lift(ss[:, z0:], _START_SHIFT)], 1)
     zs = torch.cat([zs[:, :z0], layout.lift(zs[:, z0:], _START_SHIFT)], 1)
     return d, xs, ss, zs
+
+
+def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], flat: list[torch.Tensor],
+                       where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list[torch.Tensor], dict]:
+    """The batched iterations on ``flat`` (one tensor per parameter, batched along dim 0;
+    ``where``: the elements' flat positions in the caller's batch and its shape), then a
+    second opinion on what they do not certify: Clarabel on the same program, P kept, its
+    points polished, checked and differentiated by the batched path.
+
+    Returns:
+        ``(solutions, info)``: the variables' tensors, and per element lists ``backend``,
+        ``solvers``, ``statuses``, ``residuals``, ``solved``, ``kinds`` and ``points``
+        (the batched checks' bits, kept through merges).
+    """
+    sols, binfo = program(*flat, where=where)
+    sols, n = list(sols), len(binfo.status)
+    statuses, solved = binfo.status_names(), binfo.solved.tolist()
+    info = {"backend": ["batched"] * n, "solvers": ["batched"] * n, "statuses": statuses,
+            "residuals": binfo.residual.tolist(), "solved": solved,
+            "kinds": ["solved" if ok else status_kind(st) for ok, st in zip(solved, statuses)],
+            "points": binfo.points.tolist()}  # (not an INFO_KEYS entry: kept through merges)
+    redo = [i for i, ok in enumerate(info["solved"]) if not ok]
+    if redo:
+        fixed, finfo = program(*element_subset(parameters, flat, redo), second_opinion=True,
+                               where=([where[0][i] for i in redo], where[1]))
+        for i, bits in zip(redo, finfo.points.tolist()):
+            info["points"][i] |= bits
+        took = finfo.solved.tolist()
+        part = {"backend": ["batched"] * len(redo), "solvers": ["Clarabel (batched form)"] * len(redo),
+                "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),
+                "solved": took, "kinds": ["solved"] * len(redo)}
+        merge_resolved(sols, info, redo, fixed, part, take=took)
+    return sols, info

@@ -1256,3 +1256,28 @@ def test_a_solver_that_cannot_take_the_cones_is_refused_at_construction():
     for solver in ("Clarabel", "SCS"):
         got = cddn.ConvexLayer(prob, [A], [X], solver=solver, fallback=None)(torch.tensor(a))
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_elements_the_per_element_path_fails_get_the_batched_form_where_it_does_not_pay(monkeypatch):
+    """The per-element path runs first where the batched form does not pay (``fits``, a
+    speed choice); elements it fails are solved by the batched form before any error
+    wherever memory holds one element (entmax, n = 100, alpha = 1.25: Clarabel and SCS
+    stalled at residual 2e-6 and a SolverError, though the batched form solves it to
+    1.5e-12). Here Clarabel is cut to one iteration with no fallback, so every element
+    fails per element; y = max(x, 0) and dy/dx = [x > 0] are the closed forms."""
+    import convexddn.convex.batched as batched_module
+
+    monkeypatch.setattr(batched_module.BatchedProgram, "fits", lambda self, device: False)
+    x, y = cp.Parameter(4, name="x"), cp.Variable(4, name="y")
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    layer = cddn.ConvexLayer(prob, [x], [y], fallback=None, solver_args={"max_iter": 1}, refine=0)
+    xs = torch.tensor([[1.0, -2.0, 0.5, -0.25], [-1.0, 3.0, -0.5, 2.0]], dtype=torch.float64, requires_grad=True)
+    out = layer(xs)
+    assert layer.last_solve.backend == ["batched"] * 2 and all(layer.last_solve.solved)
+    torch.testing.assert_close(out, xs.detach().clamp(min=0), atol=1e-9, rtol=0)
+    (grad,) = torch.autograd.grad(out.sum(), xs)
+    torch.testing.assert_close(grad, (xs.detach() > 0).to(torch.float64), atol=1e-7, rtol=0)
+    # Beyond the memory budget for one element: no batched form, the per-element failure stands.
+    monkeypatch.setitem(batched_module._BATCHED_MAX_BYTES, "cpu", layer._opinion.memory_estimate(1) - 1)
+    with pytest.raises(SolverError, match="KKT residual"):
+        layer(xs.detach())
