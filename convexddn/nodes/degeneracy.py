@@ -11,8 +11,9 @@ from .._warn import warn
 from ..errors import GradientWarning
 from .dense import default_rcond
 from .krylov import independent_rows
+from .multipliers import unit_rows
 
-__all__ = ["dependence_reaches_data", "dependent_to_warn", "shown_indices", "warn_degenerate"]
+__all__ = ["DependenceCheck", "dependent_to_warn", "shown_indices", "warn_curved", "warn_degenerate"]
 
 Tensor = torch.Tensor
 _MAX_INDICES_SHOWN = 8
@@ -80,47 +81,143 @@ def warn_degenerate(
         )
 
 
-def dependence_reaches_data(c: Tensor, A: Tensor, inactive: Tensor, inputs: tuple[Tensor, ...],
-                            params: tuple[Tensor, ...]):
-    """``dependent (B,) -> (B,)``: of the elements with dependent active constraints, those
-    whose gradient is not unique (a ``warn_dependent`` for the linear solvers).
+class DependenceCheck:
+    """Where the non-unique multipliers of dependent active constraints reach the gradient.
 
     The multipliers are unique only up to ν with Aᵀν = 0 (a combination of the active
     constraints whose y-gradients cancel: the null rows of
-    :func:`~.krylov.independent_rows`); the data's gradient moves along such ν by
-    νᵀ ∂c/∂θ, which is 0 where the redundancy holds for every θ (h and 2h: the gradient
-    is unique, and a warning said it was not). Runs only where dependence was found:
-    one vjp of the constraints ``c`` per constraint row.
+    :func:`~.krylov.independent_rows`, a zero row of ``A`` among them). Such a ν reaches
+    the derivative in two ways:
+
+    - through the constraints' values, νᵀ ∂c/∂θ (the adjoint multipliers μ are as free as
+      λ): 0 where the redundancy holds for every θ (h and 2h: the gradient is unique, and
+      a warning said it was not). Calling the check, ``dependent (B,) -> (B,)``, keeps the
+      elements where it is not (a ``warn_dependent`` for the linear solvers; only with
+      ``first_order``, data entering the constraints);
+    - through their curvature (:meth:`curvature_reaches`): the split of λ among them moves
+      ∇_y L by t ∇_y(νᵀc), whose derivatives in y and in the data are those of a
+      *different* Lagrangian unless they vanish along the solve's direction. Where they do
+      not, LICQ fails with curved constraints (a bound tangent to a ball, two touching
+      disks, ‖y‖² = r² at r = 0), and the minimum-norm split gives the derivative of
+      another problem.
+
+    ``c`` ``(B, r)`` are the active constraints built from the leaf ``y`` ``(B, m)`` and the
+    data leaves ``inputs`` (per element) and ``params`` (shared); ``A`` ``(B, r, m)`` their
+    Jacobian, inactive rows zero. Nothing runs unless a solve found dependent elements.
     """
-    def reaches(dependent: Tensor) -> Tensor:
-        batch, r = A.shape[0], A.shape[1]
-        _, pin, T, _ = independent_rows(A, inactive, default_rcond(A.shape[-1] + r, A.dtype))
-        null = pin.diagonal(dim1=-2, dim2=-1) > 0  # (B, r) the null columns of T
-        # An inactive row's multiplier is pinned to 0: no free direction there (its unit
-        # vector shares the null space, and eigh may mix it in).
-        N = T * (~inactive).unsqueeze(-1).to(T.dtype)
-        # A shared parameter's vjp sums over the batch: generic weights per element keep
-        # one element's component from cancelling another's (deterministic: no RNG use).
-        weight = (1.0 + 0.5 * generic_vector(batch, A.dtype, A.device)).unsqueeze(-1)
-        norms = []  # (B,) size of ν_jᵀ ∂c/∂θ over every data tensor, per column j
-        for j in range(r):
-            grads = torch.autograd.grad(c, inputs + params, N[..., j] * weight, retain_graph=True,
-                                        allow_unused=True)
-            norm = A.new_zeros(batch)
-            for i, g in enumerate(grads):
-                if g is not None:
-                    part = g.reshape(batch, -1).abs().amax(-1) if i < len(inputs) else g.abs().amax().expand(batch)
-                    norm = torch.maximum(norm, part)
-            norms.append(norm)
+
+    def __init__(self, c: Tensor, A: Tensor, inactive: Tensor, y: Tensor, inputs: tuple[Tensor, ...],
+                 params: tuple[Tensor, ...], first_order: bool = True) -> None:
+        self.c, self.A, self.inactive, self.y = c, A, inactive, y
+        self.inputs, self.params, self.first_order = inputs, params, first_order
+        self.found: Tensor | None = None  # the dependent elements of the last solve
+        self._null = None
+
+    def _null_space(self):
+        """``(null (B, r), N (B, r, r), rows (B, r, m))``: the free directions ν (columns of
+        ``N`` where ``null``) and the active rows' orthonormal basis."""
+        if self._null is None:
+            A, inactive = self.A, self.inactive
+            A2, pin, T, _ = independent_rows(A, inactive, default_rcond(A.shape[-1] + A.shape[1], A.dtype))
+            null = pin.diagonal(dim1=-2, dim2=-1) > 0  # (B, r) the null columns of T
+            # An inactive row's multiplier is pinned to 0: no free direction there (its unit
+            # vector shares the null space, and eigh may mix it in).
+            N = T * (~inactive).unsqueeze(-1).to(T.dtype)
+            # A shared parameter's vjp sums over the batch: generic weights per element keep
+            # one element's component from cancelling another's (deterministic: no RNG use).
+            N = N * (1.0 + 0.5 * generic_vector(A.shape[0], A.dtype, A.device)).view(-1, 1, 1)
+            self._null = null, N, unit_rows(A2)[0]
+        return self._null
+
+    def _size(self, grads, n_batched: int) -> Tensor:
+        """(B,) the largest entry of per-element gradients (the first ``n_batched``) and of
+        the summed ones (a shared parameter's)."""
+        batch = self.A.shape[0]
+        norm = self.A.new_zeros(batch)
+        for i, g in enumerate(grads):
+            if g is not None:  # (NaN: an element not twice differentiable, reported as such)
+                g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+                part = g.reshape(batch, -1).abs().amax(-1) if i < n_batched else g.abs().amax().expand(batch)
+                norm = torch.maximum(norm, part)
+        return norm
+
+    @staticmethod
+    def _significant(null: Tensor, norms: list[Tensor]) -> Tensor:
+        # (against the largest column's: the null columns carry the eigenvectors' rounding
+        # of the others)
         norms = torch.stack(norms, -1)  # (B, r)
-        moved = (null & (norms > 1e-8 * norms.amax(-1, keepdim=True))).any(-1)
-        return dependent & moved
-    return reaches
+        return (null & (norms > 1e-8 * norms.amax(-1, keepdim=True))).any(-1)
+
+    def __call__(self, dependent: Tensor) -> Tensor:
+        self.found = dependent
+        if not self.first_order or not self.c.requires_grad:
+            return torch.zeros_like(dependent)
+        null, N, _ = self._null_space()
+        data = self.inputs + self.params
+        norms = [self._size(torch.autograd.grad(self.c, data, N[..., j], retain_graph=True, allow_unused=True),
+                            len(self.inputs)) for j in range(N.shape[-1])]
+        return dependent & self._significant(null, norms)
+
+    def curvature_reaches(self, a: Tensor, dirs: list[tuple[Tensor, Tensor]] | None = None) -> Tensor | None:
+        """``(B,)`` dependent elements whose derivative the split of λ reaches through the
+        constraints' curvature (``None`` where none was dependent or none is reached).
+
+        Moving λ by t ν changes the Hessian H by t H_ν and the mixed derivative B by
+        t B_ν (those of νᵀc). Reverse mode (``dirs`` ``None``): ``a`` is the KKT solve's w
+        (tangent to the active constraints); w solves the changed system too, and the
+        gradient −(wᵀB + μᵀC) does not move, exactly where P H_ν w = 0 (P the projection
+        onto the tangent space) and B_νᵀ w = 0. Forward mode: ``a`` is the tangent ẏ and
+        ``dirs`` the (leaf, tangent ẋ) pairs; ẏ solves the changed system exactly where
+        P (H_ν ẏ + B_ν ẋ) = 0. Both from one double backward per constraint row:
+        ∇(∇_y(νᵀc)·ẏ + ∇_x(νᵀc)·ẋ) (mixed partials commute).
+        """
+        if self.found is None or not bool(self.found.any()) or not self.c.requires_grad:
+            return None
+        null, N, rows = self._null_space()
+        # (a non-finite tangent is an upstream fault, reported as such)
+        y, a = self.y, torch.nan_to_num(a.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        dirs = None if dirs is None else [(leaf, torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0))
+                                          for leaf, t in dirs]
+        leaves = [] if dirs is None else [leaf for leaf, _ in dirs]
+        wrt = (y,) if dirs is not None else (y,) + self.inputs + self.params
+        norms = []
+        for j in range(N.shape[-1]):
+            first = torch.autograd.grad(self.c, [y] + leaves, N[..., j], retain_graph=True, create_graph=True,
+                                        allow_unused=True)
+            terms = [(g * t).sum() for g, t in zip(first, [a] + [t for _, t in dirs or ()])
+                     if g is not None and g.requires_grad]
+            if not terms:
+                norms.append(self.A.new_zeros(self.A.shape[0]))
+                continue
+            hy, *hx = torch.autograd.grad(sum(terms), wrt, retain_graph=True, allow_unused=True)
+            if hy is not None:  # only its tangent part moves the solution
+                hy = hy - (rows.transpose(1, 2) @ (rows @ hy.unsqueeze(-1))).squeeze(-1)
+            norms.append(self._size([hy] + hx, 1 + len(self.inputs)))
+        reached = self.found & self._significant(null, norms)
+        return reached if bool(reached.any()) else None
+
+
+def warn_curved(who: str, reached: Tensor | None, what: str = "gradient") -> None:
+    """The warning of :meth:`DependenceCheck.curvature_reaches`'s elements."""
+    if reached is None:
+        return
+    warn(
+        f"{who}the active constraints are linearly dependent (LICQ fails) and curved for "
+        f"{shown_indices(reached)}: a combination of them whose gradient in y vanishes at the solution "
+        "has second derivatives that reach this derivative (a constraint tangent to another there, "
+        "e.g. a redundant bound touching a ball or two touching disks, or an equality whose gradient "
+        "vanishes there, e.g. y0² = 0 or ‖y‖² = r² at r = 0), so the split of the multipliers among "
+        "them, which is not unique, enters the Hessian of the Lagrangian and the "
+        f"{what} can be wrong for every input (where the feasible set shrinks to a point, the true "
+        "derivative is 0); it uses the minimum-norm multipliers (drop the redundant constraint, or "
+        "write y0 = 0 for y0² = 0)",
+        GradientWarning,
+    )
 
 
 def dependent_to_warn(dependent: Tensor | None, warn_dependent) -> Tensor | None:
     """The dependent-constraints mask to warn about: none (``warn_dependent`` False), all,
-    or, for a callable (:func:`dependence_reaches_data`'s), those it keeps (called only
+    or, for a callable (a :class:`DependenceCheck`), those it keeps (called only
     where some element is dependent)."""
     if dependent is None or not warn_dependent:
         return None

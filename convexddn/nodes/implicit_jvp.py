@@ -30,9 +30,10 @@ import torch
 
 from .._warn import warn
 from ..errors import GradientWarning
+from .degeneracy import warn_curved
 from .graph import second_derivatives
-from .implicit import implicit_system
 from .implicit_options import check_implicit_options
+from .implicit_system import implicit_system
 from .lagrangian import ConstraintFn
 from .linear_solvers import LinearSolver, shown_indices
 from .multipliers import unit_rows
@@ -124,6 +125,8 @@ def declarative_jvp(
         rhs = -Bx if y0 is None else -Bx - k.hvp(y0.unsqueeze(0))[0]
         w, _ = k.solve(torch.where(zero, 0.0, rhs).detach())
         ydot = w if y0 is None else w + y0
+        if k.dependence is not None:
+            warn_curved(who, k.dependence.curvature_reaches(ydot, dirs), "tangent")
     ydot = ydot.detach()
     out = ydot.to(y.dtype)
     bad, lost = ~torch.isfinite(ydot), ~torch.isfinite(out)

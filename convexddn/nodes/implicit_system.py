@@ -1,0 +1,190 @@
+"""The optimality conditions of a declarative node at its solution, checked and ready to
+differentiate: :func:`implicit_system`, shared by the reverse (:mod:`.implicit`) and the
+forward (:mod:`.implicit_jvp`) implicit derivatives.
+
+The inputs and the solution become leaves in the work dtype; the user's objective and
+constraints are called and checked (:mod:`.lagrangian`), the active set and the
+multipliers recovered (:mod:`.multipliers`), the Lagrangian's gradient built with its graph
+and the solution verified (:mod:`.optimality`); :class:`ImplicitSystem` then solves the KKT
+system for any right-hand side.
+
+References:
+    S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks",
+    IEEE TPAMI 44(8), 2021.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .._warn import warn
+from ..errors import GradientWarning
+from .degeneracy import DependenceCheck, shown_indices
+from .graph import check_graph
+from .lagrangian import (_batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
+                         _non_finite_derivatives, _objective, _solution_length, kinked, lagrangian_probes)
+from .linear_solvers import LinearSolver, resolve_linear_solver
+from .multipliers import inactive_mask, multipliers
+from .optimality import default_solution_tol, kkt_residuals, verify_kkt
+from .solver_result import checked_solver_result
+
+__all__ = ["ImplicitSystem", "implicit_system"]
+
+Tensor = torch.Tensor
+
+
+class ImplicitSystem(NamedTuple):
+    """The optimality conditions of a declarative node at its solution, ready to
+    differentiate (:func:`implicit_system`): the inputs as leaves in the work dtype,
+    ``gL`` = ∇_y L with its graph, the active constraints ``c`` and their Jacobian ``A``
+    (inactive rows zero), elements whose Lagrangian is not twice differentiable
+    (``broken``), and :meth:`solve` for the KKT system [[H, Aᵀ], [A, D]] [w; μ] = [v; 0]."""
+
+    xg: tuple[Tensor, ...]
+    gL: Tensor
+    c: Tensor | None
+    A: Tensor | None
+    inactive: Tensor | None
+    broken: Tensor | None
+    hvp: Callable[[Tensor], Tensor]
+    solver: LinearSolver
+    checked: bool  # the solver is a user's: its result is checked
+    dependence: DependenceCheck | None = None  # where dependent constraints' multipliers reach
+
+    def zero_rhs(self, rows: Tensor) -> Tensor:
+        """Rows solved with a zero right-hand side: ``rows`` and the broken elements."""
+        return rows if self.broken is None else rows | self.broken
+
+    def solve(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(w, μ) of the KKT system with right-hand side [v; 0], ``v`` (B, m)."""
+        result = self.solver(self.hvp, self.A, self.inactive, v)
+        # A user's solver's result is checked (ours are by construction).
+        return (checked_solver_result(result, v.shape[0], v.shape[1], None if self.c is None else self.c.shape[1])
+                if self.checked else result)
+
+    def quiet_step(self, r: Tensor) -> Tensor:
+        """The ``y`` part of the solution for ``[r; 0]`` (the Newton step of a residual
+        ``r`` (B, m)), without the system's warnings, which the gradient's solve gives."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.solve(r)[0]
+
+
+def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
+                    params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
+                    check_solution: bool, solution_tol, work_dtype: torch.dtype, name: str,
+                    batch_shape, check_minimum: bool = True) -> ImplicitSystem:
+    """The checks and the system shared by :func:`declarative_vjp` and
+    :func:`~convexddn.nodes.implicit_jvp.declarative_jvp` (arguments as theirs); call
+    under ``torch.enable_grad()`` and ``second_derivatives``."""
+    batch = y.shape[0]
+    m = math.prod(y.shape[1:])
+    prefix = f"{name}." if name else ""
+    who = f"{name}: " if name else ""
+    xg = tuple(x.detach().to(work_dtype).requires_grad_(True) for x in xs)
+    yg = y.detach().to(work_dtype).reshape(batch, m).requires_grad_(True)
+    yv = yg.view(y.shape)
+    f = _objective(f"{prefix}objective", objective, xg, yv)
+    eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
+    ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
+    _, of_c = check_graph(name, f, {"equality_constraints": eq, "inequality_constraints": ineq}, yg,
+                          allowed=xg + params + tuple(known))
+    # Dependent constraints make the multipliers non-unique; that matters for the
+    # gradient through data that enters the constraints, where the data can break the
+    # dependence, and through the constraints' curvature, where the split enters the
+    # Lagrangian's Hessian (LICQ fails: degeneracy.DependenceCheck).
+    # (a parameter read in another dtype enters as its cast: a computed leaf)
+    data_in_constraints = any(id(t) in of_c for t in xg + params) or any(
+        t.grad_fn is not None for t in of_c.values())
+    parts = [c for c in (eq, ineq) if c is not None]
+    n_eq = 0 if eq is None else eq.shape[1]
+    c = A = lam = inactive = None
+    # (with a graph where the activity test probes its curvature, _solution_length)
+    (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
+    if parts:
+        c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        r = c.shape[1]
+        eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
+        A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
+        inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
+        if ineq is not None:
+            inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(gf, yg, xg),
+                                               active_tol, y.dtype)
+            gf = gf.detach()
+        A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
+        _check_jacobian(prefix, A, n_eq, batch_shape)
+        # eq. 25: multipliers that best satisfy stationarity at the given y
+        # (nonnegative on active inequalities where least squares is not).
+        lam = multipliers(A, gf, n_eq, inactive)
+    fns = (equality_constraints, inequality_constraints)
+    broken = None
+    for attempt in range(2):
+        # Elements whose Lagrangian cannot be differentiated (first pass: those without
+        # an active constraint are left out of the constraint part; second: broken
+        # ones altogether) enter it through detached inputs, see _lagrangian_parts.
+        f_L, c_L = _lagrangian_parts(objective, fns, prefix, xg, yv, f, c, inactive, broken)
+        lagrangian = f_L.sum() + (0.0 if c is None else (lam * c_L).sum())
+        (gL,) = _grads(lagrangian, yg, create_graph=True)
+        if attempt:
+            break
+        probes = lagrangian_probes(gL, yg, xg)
+        broken = _non_finite_derivatives(gL, probes)
+        if broken is not None:
+            warn(
+                f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "
+                f"the solution for {shown_indices(broken)}: the objective or a constraint is not "
+                "twice differentiable there as written (e.g. sqrt or a norm at 0, whose autograd "
+                "derivatives are 0/0 even where the function is smooth: write ‖u‖³ as "
+                "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
+                "(tangents, in forward mode) are set to zero", GradientWarning)
+        elif check_solution:
+            broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf, gL)
+            if broken is not None:
+                warn(
+                    f"{who}the gradient of the Lagrangian in y jumps at the solution for "
+                    f"{shown_indices(broken)}: the objective or a constraint has a kink there "
+                    "(e.g. |y_i| at y_i = 0, a vertex of an L1 ball, max or clamp at a tie), where "
+                    "autograd's derivatives are one-sided choices and the implicit derivative "
+                    "(which needs twice-differentiable functions) would be that of another "
+                    "problem; their gradients (tangents, in forward mode) are set to zero "
+                    "(check_solution=False skips this probe)", GradientWarning)
+        if broken is None:
+            break
+        gf = torch.where(broken.unsqueeze(-1), 0.0, gf)
+        if c is not None:  # their constraints as inactive: zero rows, pinned multipliers
+            inactive = inactive | broken.unsqueeze(-1)
+            A_rows, A = A, A.masked_fill(broken[:, None, None], 0.0)
+    c = c_L
+
+    def hvp(directions: Tensor) -> Tensor:
+        if broken is None:
+            return _batched_vjp(gL, yg, directions)
+        # Broken elements: H = I and a zero right-hand side below, so w = 0 there.
+        return torch.where(broken[:, None], directions, _batched_vjp(gL, yg, directions))
+
+    solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
+                                   dense_max, cg_options, batch)
+    if isinstance(linear_solver, str):
+        dependence = None if c is None else DependenceCheck(c, A, inactive, yg, xg, params,
+                                                             first_order=data_in_constraints)
+        solver = functools.partial(solver, warn_dependent=dependence or False, check_minimum=check_minimum)
+    else:
+        dependence = None
+    system = ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver), dependence)
+    if check_solution:
+        tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
+        # (the probes of the pass above, unless the Lagrangian was rebuilt after it; the
+        # feasibility against the constraints' own rows, also where broken elements' rows
+        # were zeroed: against zero rows, an equality's rounding was an error of 1e292;
+        # the Newton step of the residual where offsets inflate its scale, solved
+        # quietly: the system's warnings come with the gradient's own solve)
+        verify_kkt(prefix, kkt_residuals(
+            yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol, eps=torch.finfo(y.dtype).eps,
+            probes=probes if broken is None else None, step=system.quiet_step,
+            feasibility_rows=None if broken is None or c is None else A_rows), tol, batch_shape)
+    return system

@@ -1,0 +1,185 @@
+"""Tests of convexddn.nodes.degeneracy: where dependent active constraints (LICQ fails)
+reach the implicit derivative of a DeclarativeNode.
+
+Expected values are closed forms written out here, never the code's own output.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from convexddn.errors import GradientWarning
+from convexddn.nodes.declarative import DeclarativeNode
+
+DT = torch.float64
+LICQ = "LICQ fails"
+
+
+class _Ball(DeclarativeNode):
+    """Projection onto ‖y‖² ≤ 1 written with a redundant box y ≤ 1 (the ball lies inside it):
+    y = x/‖x‖ outside the ball, dy/dx = (I − y yᵀ)/‖x‖. At x = (3, 0, 0) the face y₀ ≤ 1
+    touches the ball at the solution: both active, with parallel gradients."""
+
+    def __init__(self, box: bool = True, **kw):
+        super().__init__(**kw)
+        self.box = box
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        ball = (y * y).sum(-1, keepdim=True) - 1
+        return torch.cat([ball, y - 1], -1) if self.box else ball
+
+    def solve(self, x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+def _sphere_jacobian(x: torch.Tensor) -> torch.Tensor:
+    n = x.norm(dim=-1, keepdim=True)
+    y = x / n
+    return (torch.eye(x.shape[-1], dtype=x.dtype) - y.unsqueeze(-1) * y.unsqueeze(-2)) / n.unsqueeze(-1)
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(m.message) for m in w if issubclass(m.category, GradientWarning)]
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_a_redundant_bound_touching_a_ball_warns(solver):
+    # The minimum-norm split of the multiplier between the ball and the face (½, not 1,
+    # on the ball) enters the Hessian through the ball's curvature: dy1/dx1 came out 1/2
+    # (exact 1/3) with no warning. Element 1 does not touch the face: exact and unnamed.
+    x = torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.5, 0.0]], dtype=DT, requires_grad=True)
+    v = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], dtype=DT)
+    _, msgs = _caught(lambda: _Ball(linear_solver=solver)(x).backward(v))
+    named = [m for m in msgs if LICQ in m]
+    assert len(named) == 1 and "flat indices [0]" in named[0], msgs
+    exact = (v.unsqueeze(-2) @ _sphere_jacobian(x.detach())).squeeze(-2)
+    torch.testing.assert_close(x.grad[1], exact[1])
+
+
+def test_a_redundant_bound_touching_a_ball_warns_in_forward_mode():
+    x = torch.tensor([[3.0, 0.0, 0.0]], dtype=DT)
+    with fwAD.dual_level():
+        _, msgs = _caught(lambda: _Ball()(fwAD.make_dual(x, torch.tensor([[0.0, 1.0, 0.0]], dtype=DT))))
+    assert any(LICQ in m and "tangent" in m for m in msgs), msgs
+
+
+def test_the_ball_alone_is_exact_and_quiet():
+    x = torch.tensor([[3.0, 0.0, 0.0]], dtype=DT, requires_grad=True)
+    v = torch.tensor([[0.2, 1.0, -0.5]], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        _Ball(box=False)(x).backward(v)
+    torch.testing.assert_close(x.grad, (v.unsqueeze(-2) @ _sphere_jacobian(x.detach())).squeeze(-2))
+
+
+class _Sphere(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. ‖y‖² = r²: at r = 0 the feasible set is {0}, dy/dx = 0, and the
+    constraint's gradient 2y vanishes there."""
+
+    def objective(self, x, r, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, r, y):
+        return (y * y).sum(-1, keepdim=True) - r ** 2
+
+    def solve(self, x, r):
+        return r * x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+
+
+class _Pin(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. y₀² = 0: y = (0, x₁), dy/dx = diag(0, 1)."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return y[:, :1] ** 2
+
+    def solve(self, x):
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:]], -1)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_an_equality_with_a_vanishing_gradient_warns(solver):
+    # Its null Jacobian row was pinned like an inactive constraint: the gradient of
+    # the unconstrained problem (x.grad = v; exact 0), silently.
+    x = torch.zeros(1, 3, dtype=DT, requires_grad=True)
+    r = torch.zeros(1, 1, dtype=DT, requires_grad=True)
+    _, msgs = _caught(lambda: _Sphere(linear_solver=solver)(x, r).backward(
+        torch.tensor([[1.0, 2.0, 3.0]], dtype=DT)))
+    assert any(LICQ in m for m in msgs), msgs
+    x = torch.tensor([[0.0, 2.0]], dtype=DT, requires_grad=True)
+    _, msgs = _caught(lambda: _Pin(linear_solver=solver)(x).sum().backward())
+    assert any(LICQ in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_a_derivative_the_split_does_not_reach_is_quiet(solver):
+    # y₀² = 0 with an incoming gradient on y₁ only: every split of the multipliers gives
+    # the same (exact) gradient (0, 1), so there is nothing to warn about.
+    x = torch.tensor([[0.0, 2.0]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        _Pin(linear_solver=solver)(x).backward(torch.tensor([[0.0, 1.0]], dtype=DT))
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 1.0]], dtype=DT))
+
+
+class _Lens(DeclarativeNode):
+    """Two unit disks centred at 0 and (2, 0) touching at (1, 0): the feasible set is that
+    point, y ≡ (1, 0) and dy/dx = 0; the active gradients (2, 0) and (−2, 0) are parallel."""
+
+    def __init__(self, equalities: bool = False, **kw):
+        super().__init__(**kw)
+        self.equalities = equalities
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def _disks(self, y):
+        c = torch.tensor([2.0, 0.0], dtype=y.dtype)
+        return torch.stack([(y * y).sum(-1) - 1, ((y - c) ** 2).sum(-1) - 1], -1)
+
+    def equality_constraints(self, x, y):
+        return self._disks(y) if self.equalities else None
+
+    def inequality_constraints(self, x, y):
+        return None if self.equalities else self._disks(y)
+
+    def solve(self, x):
+        return torch.tensor([[1.0, 0.0]], dtype=x.dtype).expand_as(x).clone()
+
+
+class _LineDisk(DeclarativeNode):
+    """y₁ ≤ 0 and ‖y − (0, 1)‖² ≤ 1: a half-plane tangent to a disk, feasible set {0}."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        c = torch.tensor([0.0, 1.0], dtype=y.dtype)
+        return torch.stack([y[:, 1], ((y - c) ** 2).sum(-1) - 1], -1)
+
+    def solve(self, x):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+@pytest.mark.parametrize("node, x", [
+    (_Lens, [[3.0, 0.0], [-2.0, 0.0]]),
+    (lambda **kw: _Lens(equalities=True, **kw), [[3.0, 0.0], [-2.0, 0.0]]),
+    (_LineDisk, [[0.0, 3.0], [0.0, -3.0]]),
+], ids=["disks", "disks-as-equalities", "half-plane-and-disk"])
+def test_curved_constraints_meeting_at_one_point_warn(solver, node, x):
+    # Exact gradient 0 (the feasible set is a point); 1/3, 1/4 or 1 came back, silently.
+    x = torch.tensor(x, dtype=DT, requires_grad=True)
+    _, msgs = _caught(lambda: node(linear_solver=solver)(x).sum().backward())
+    assert any(LICQ in m and "2 of 2" in m for m in msgs), msgs
