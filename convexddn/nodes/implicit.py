@@ -164,9 +164,11 @@ def declarative_vjp(
         InputError: if a tensor outside ``xs``, ``y``, ``params`` and ``known`` requires
             grad in their graph.
         SolverError: if ``y`` is far from a KKT point (relative residual above 0.1).
-        ProblemError: if an active constraint's Jacobian in ``y`` is NaN or Inf (not
-            differentiable at the solution), or the objective or a constraint uses an
-            operation that torch cannot differentiate twice (or does not depend on ``y``).
+        ProblemError: if a constraint's value at ``y`` is NaN, or Inf (an inequality's:
+            +Inf; not defined there, or overflowing ``work_dtype``), or an active
+            constraint's Jacobian in ``y`` is NaN or Inf (not differentiable at the
+            solution), or the objective or a constraint uses an operation that torch
+            cannot differentiate twice (or does not depend on ``y``).
         OptionError: for an unknown ``linear_solver`` name, or another option out of range.
 
     Warns:

@@ -26,7 +26,7 @@ from .._warn import warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, shown_indices
 from .graph import check_graph
-from .lagrangian import (_batched_vjp, _check_jacobian, _constraint, _grads, _lagrangian_parts,
+from .lagrangian import (_batched_vjp, _check_jacobian, _check_values, _constraint, _grads, _lagrangian_parts,
                          _non_finite_derivatives, _objective, _solution_length, kinked, lagrangian_probes)
 from .linear_solvers import LinearSolver, resolve_linear_solver
 from .multipliers import inactive_mask, multipliers
@@ -108,6 +108,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
     if parts:
         c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        _check_values(prefix, c, n_eq, batch_shape)
         r = c.shape[1]
         eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
         A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)

@@ -271,6 +271,35 @@ def _non_finite_derivatives(gL: Tensor, probes) -> Tensor | None:
     return bad if bool(bad.any()) else None
 
 
+def _check_values(prefix: str, c: Tensor, n_eq: int, batch_shape) -> None:
+    """Raise where a constraint's value at the solution is NaN, an equality's is ±Inf or
+    an inequality's is +Inf (an inequality at -Inf is a bound at infinity: inactive).
+
+    Such a value is not defined there (``y - sqrt(s)`` at ``s < 0``) or overflows the work
+    dtype (``‖y‖² - r²`` at ``r = 1e160``): neither the activity test nor the KKT
+    conditions can be judged (NaN compares as active: the element's gradient came back as
+    zeros under warnings about kinks and zero multipliers, or as the unconstrained one).
+    """
+    v = c.detach()
+    is_eq = torch.arange(v.shape[1], device=v.device) < n_eq
+    bad = torch.isnan(v) | (torch.isinf(v) & (is_eq | (v > 0)))
+    if not bool(bad.any()):
+        return
+    fatal = bad.any(-1)
+    indices = _format_indices(fatal, batch_shape)
+    rows = torch.nonzero(bad.any(0)).flatten().tolist()
+    which = sorted({"equality_constraints" if j < n_eq else "inequality_constraints" for j in rows})
+    flat = [j if j < n_eq else j - n_eq for j in rows]
+    raise ProblemError(
+        f"{prefix}{' and '.join(which)} return NaN or Inf at the returned solution, for "
+        f"constraint(s) {flat[:8]} (flat index within each method's output) at batch indices "
+        f"{indices[:8]} ({len(indices)} of {fatal.numel()} element(s)): the constraint is not "
+        f"defined there (e.g. sqrt of a negative number) or overflows {v.dtype} (rescale the "
+        "problem), so neither its activity nor the KKT conditions can be judged (an inequality "
+        "may be -Inf: a bound at infinity, never active)"
+    )
+
+
 def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:
     """Raise where an active constraint's Jacobian in ``y`` is NaN or Inf.
 

@@ -1,0 +1,110 @@
+"""Tests of convexddn.nodes.lagrangian: the user's constraints at a DeclarativeNode's solution.
+
+Expected values are closed forms written out here, never the code's own output.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from convexddn.errors import GradientWarning, ProblemError
+from convexddn.nodes.declarative import DeclarativeNode
+
+DT = torch.float64
+
+
+class _Bound(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. y ≤ sqrt(s): y = min(x, sqrt(s))."""
+
+    def objective(self, x, s, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, s, y):
+        return y - torch.sqrt(s)
+
+    def solve(self, x, s):
+        return torch.minimum(x, torch.sqrt(s).nan_to_num(1e300))
+
+
+class _LogPlane(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. Σy = log s."""
+
+    def objective(self, x, s, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, s, y):
+        return y.sum(-1, keepdim=True) - torch.log(s)
+
+    def solve(self, x, s):
+        return x - (x.sum(-1, keepdim=True) - torch.log(s).clamp_min(-1e300)) / x.shape[-1]
+
+
+class _Ball(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. ‖y‖² ≤ r², solved without overflow."""
+
+    def objective(self, x, r, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, r, y):
+        return (y * y).sum(-1, keepdim=True) - r ** 2
+
+    def solve(self, x, r):
+        top = x.abs().amax(-1, keepdim=True)
+        n = (x / top).norm(dim=-1, keepdim=True) * top
+        return torch.where(n > r, r * (x / top) / (x / top).norm(dim=-1, keepdim=True), x)
+
+
+def test_a_nan_constraint_value_raises_naming_the_element():
+    # sqrt(-1) for element 1 (its Jacobian in y finite): NaN compares as active, and the
+    # element's gradient came back as zeros under warnings about a zero multiplier and
+    # derivatives that are not twice differentiable.
+    x = torch.tensor([[0.5, 3.0], [0.5, 3.0]], dtype=DT, requires_grad=True)
+    s = torch.tensor([[4.0, 4.0], [-1.0, 4.0]], dtype=DT, requires_grad=True)
+    y = _Bound()(x, s)
+    with pytest.raises(ProblemError, match=r"inequality_constraints return NaN or Inf.*\[0\].*\[\(1,\)\]"):
+        y.sum().backward()
+
+
+def test_an_infinite_equality_value_raises():
+    x = torch.tensor([[0.5, 3.0]], dtype=DT, requires_grad=True)
+    s = torch.zeros(1, 1, dtype=DT, requires_grad=True)  # log 0 = -inf
+    y = _LogPlane()(x, s)
+    with pytest.raises(ProblemError, match="equality_constraints return NaN or Inf"):
+        y.sum().backward()
+
+
+def test_an_overflowing_constraint_value_raises():
+    # ‖y‖² − r² at r = 1e160 is inf − inf: the gradient was the unconstrained one (x.grad
+    # = v where the exact one is v(I − yyᵀ)/|x|·r), silently.
+    x = torch.tensor([[3e160, 4e160]], dtype=DT, requires_grad=True)
+    r = torch.tensor([[1e160]], dtype=DT, requires_grad=True)
+    y = _Ball()(x, r)
+    with pytest.raises(ProblemError, match="overflows"):
+        y[:, 0].sum().backward()
+
+
+class _Upper(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. y ≤ (1, +inf) (the second entry unbounded): y = min(x, u)."""
+
+    upper = torch.tensor([1.0, float("inf")], dtype=DT)
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y - self.upper
+
+    def solve(self, x):
+        return torch.minimum(x, self.upper)
+
+
+def test_an_inequality_at_minus_infinity_is_a_bound_at_infinity():
+    # y₁ ≤ +inf is never active: dy/dx = diag(0, 1) at x = (3, 5); no error, no warning.
+    x = torch.tensor([[3.0, 5.0]], dtype=DT, requires_grad=True)
+    v = torch.tensor([[0.3, -2.0]], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        _Upper()(x).backward(v)
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, -2.0]], dtype=DT))
