@@ -22,6 +22,7 @@ from ._checks import check_choice, check_tensor
 from .convex import registry
 from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
+from .convex.validation import bind_names
 from .errors import OptionError, ShapeError
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
@@ -81,20 +82,31 @@ class RegistryNode(nn.Module):
     """A native node standing for a registry problem: checks the input like the ConvexLayer.
 
     Shape:
-        - Input: ``(*batch, n)``, the problem's parameter ``x``.
+        - Input: ``(*batch, n)``, the problem's parameter ``x`` (by position or by name,
+          as the :class:`~convexddn.ConvexLayer` of the same problem takes it).
         - Output: what the registry problem's variable is, with the batch shape in front.
     """
 
-    def __init__(self, name: str, n: int, node: nn.Module) -> None:
-        super().__init__()
-        self.name, self.n, self.node = name, n, node
+    parameter = "x"  # the registry problem's parameter name (a class default: older pickles)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Solve the problem for every row of ``x``: ``(*batch, n) -> (*batch, ...)``."""
-        check_tensor("parameter 0 (x)", x)
+    def __init__(self, name: str, n: int, node: nn.Module, parameter: str = "x") -> None:
+        super().__init__()
+        self.name, self.n, self.node, self.parameter = name, n, node, parameter
+
+    def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        """Solve the problem for every row of ``x``: ``(*batch, n) -> (*batch, ...)``.
+
+        Raises:
+            ShapeError: not exactly one tensor (a surplus one, an unknown name) or one
+                whose trailing dimension is not ``n``, as the cone program's layer says.
+        """
+        # The ConvexLayer's binding and its errors: a surplus tensor was a raw TypeError.
+        (x,) = bind_names(values, named, [self.parameter])
+        label = f"parameter 0 ({self.parameter})"
+        check_tensor(label, x)
         if x.dim() < 1 or x.shape[-1] != self.n:
             raise ShapeError(
-                f"parameter 0 (x) must have shape (*batch, {self.n}) i.e. trailing shape "
+                f"{label} must have shape (*batch, {self.n}) i.e. trailing shape "
                 f"({self.n},), got {tuple(x.shape)}")
         return self.node(x)
 
@@ -165,7 +177,7 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
                 raise OptionError(
                     f"options {sorted(layer_opts)} configure the cone program, but problem "
                     f"{name!r} is solved by its native node; pass backend='cvxpy' to use them")
-            return RegistryNode(name, spec.options["n"], node)
+            return RegistryNode(name, spec.options["n"], node, spec.parameters[0].name())
     if backend == "native":
         raise OptionError(
             f"problem {name!r} with options {spec.options} has no native node; the native "

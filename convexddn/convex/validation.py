@@ -25,8 +25,8 @@ from ..errors import InputError, NotDPPError, ProblemError, ShapeError
 from .declarations import SYMMETRIC_ATTRIBUTES, check_parameter_attributes, parameter_label
 from .solver_args import solver_choice, validate_solver_args
 
-__all__ = ["batch_shape", "bind_parameters", "solver_choice", "validate_problem", "validate_solver_args",
-           "check_values", "describe_failure"]
+__all__ = ["batch_shape", "bind_names", "bind_parameters", "solver_choice", "validate_problem",
+           "validate_solver_args", "check_values", "describe_failure"]
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
     """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can
@@ -273,7 +273,13 @@ _MISSING = object()
 
 def bind_parameters(values: tuple, named: dict[str, Any], parameters: Sequence[cp.Parameter]) -> list[Any]:
     """A layer call's tensors in parameter order: positional first, then by CVXPY name."""
-    names = [p.name() for p in parameters]
+    return bind_names(values, named, [p.name() for p in parameters])
+
+
+def bind_names(values: tuple, named: dict[str, Any], names: Sequence[str]) -> list[Any]:
+    """:func:`bind_parameters` by the parameters' names (a native registry node has no
+    ``cp.Parameter`` but takes its input as the same name, with the same errors)."""
+    names = list(names)
     if len(values) > len(names):
         raise ShapeError(f"expected {len(names)} tensor(s), one per parameter {names}, got {len(values)}")
     # A private marker for "not given": None is a value (a wrong one, which the tensor
