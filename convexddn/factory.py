@@ -5,7 +5,9 @@ problem has a native node that computes the same solution exactly (closed form o
 exact batched solver), :func:`layer` returns that node; otherwise it returns the
 :class:`~convexddn.ConvexLayer` of the cone program. ``backend="cvxpy"`` forces the cone
 program, ``backend="native"`` insists on the node. Both take the same input and give the
-same output (tests check that they agree).
+same output (tests check that they agree), ``-inf`` scores of ``entmax`` / ``sparsemax``
+included (masked entries: ``MaskedScoresLayer`` gives the cone program a finite
+stand-in with the same solution).
 
 This module sits above both paths: it imports the registry and the nodes, and neither
 of them imports it.
@@ -23,7 +25,7 @@ from .convex import registry
 from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
 from .convex.validation import bind_names
-from .errors import OptionError, ShapeError
+from .errors import InputError, OptionError, ShapeError
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
@@ -114,6 +116,43 @@ class RegistryNode(nn.Module):
         return f"name={self.name!r}, n={self.n}"
 
 
+# The registry problems whose native node (Entmax) masks -inf scores, and their alpha.
+_MASKING = {"sparsemax": lambda options: 2.0, "entmax": lambda options: options["alpha"]}
+
+
+class MaskedScoresLayer(ConvexLayer):
+    """The :class:`~convexddn.ConvexLayer` of ``entmax`` / ``sparsemax``, taking ``-inf``
+    scores as the native :class:`~convexddn.nodes.entmax.Entmax` does (masked: p_i = 0).
+
+    A CVXPY parameter must be finite, so each ``-inf`` becomes a finite stand-in with the
+    same solution: :math:`p_i = [(\\alpha-1)x_i - \\tau]_+^{1/(\\alpha-1)}` with
+    :math:`p_i \\le 1`, so :math:`\\tau \\ge (\\alpha-1)\\max_j x_j - 1` and every
+    :math:`x_i < \\max_j x_j - 1/(\\alpha-1)` has :math:`p_i = 0`; the stand-in
+    :math:`\\max_j x_j - 2/(\\alpha-1)` (over the finite entries) has margin 1 in units of
+    :math:`(\\alpha-1)x`. It gets no gradient: a masked probability is 0 under any change,
+    as in Entmax. A row entirely ``-inf`` is an ``InputError``; NaN and +inf stay errors.
+    """
+
+    def __init__(self, *args: Any, alpha: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.alpha = float(alpha)
+
+    def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
+                **named: torch.Tensor) -> torch.Tensor:
+        (x,) = bind_names(values, named, [p.name() for p in self.parameters_])
+        # NaN, +inf and wrong shapes are left to the layer's own checks (and errors).
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1 and x.numel():
+            masked = torch.isneginf(x)
+            if bool(masked.any()) and not bool((torch.isnan(x) | torch.isposinf(x)).any()):
+                top = x.amax(dim=-1, keepdim=True)  # the largest finite score (-inf: none)
+                empty = int(torch.isneginf(top).sum())
+                if empty:
+                    raise InputError(f"parameter 0 ({self.parameters_[0].name()}) has {empty} row(s) whose "
+                                     "entries are all -inf (masked); at least one entry per row must be finite")
+                x = torch.where(masked, (top - 2.0 / (self.alpha - 1.0)).detach(), x)
+        return super().forward(x, solver_args=solver_args)
+
+
 def _valid_options(name: str, backend: str, declared: tuple[str, ...]) -> str:
     """The options layer(name, backend=backend) takes, in words, for its messages."""
     # check is the registry's own (ProblemSpec.check); a declared name is the problem's.
@@ -144,7 +183,9 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         and returning its variables. Where the problem learns some of its parameters
         (:attr:`~convexddn.ProblemSpec.learned`, e.g. ``layer("qp", n=10, n_ineq=5,
         learn="Gh", inputs="q")``), a :class:`~convexddn.convex.learned.LearnedLayer`
-        holding them as ``nn.Parameter`` s and taking the other parameters.
+        holding them as ``nn.Parameter`` s and taking the other parameters. Either
+        backend takes the parameters by position or by name, and ``entmax`` /
+        ``sparsemax`` take ``-inf`` scores (masked) on both (``MaskedScoresLayer``).
 
     Raises:
         OptionError: unknown name, backend or option; ``backend="native"`` for a
@@ -186,7 +227,9 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         own = getattr(spec.check, "__name__", spec.check)
         raise OptionError(f"check is set by the registry (ProblemSpec.check, here {own!r} for "
                           f"problem {name!r}); it cannot be passed to layer()")
-    convex = ConvexLayer(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check,
-                         **layer_opts)
+    if name in _MASKING:  # the native node's -inf masking, for the cone program too
+        layer_opts["alpha"] = _MASKING[name](spec.options)
+    cls = MaskedScoresLayer if name in _MASKING else ConvexLayer
+    convex = cls(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check, **layer_opts)
     # Parameters the problem learns (e.g. qp's learn="Gh") become nn.Parameters of the module.
     return LearnedLayer(convex, spec.learned) if spec.learned else convex

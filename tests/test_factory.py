@@ -1,14 +1,15 @@
 """``convexddn.layer``'s two backends of one registry problem take the same calls:
-the same binding of the input (and its errors)."""
+the same binding of the input (and its errors), the same masked scores."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import convexddn as cddn
-from convexddn.errors import ShapeError
+from convexddn.errors import InputError, ShapeError
 
 F64 = torch.float64
+NEG_INF = float("-inf")
 
 
 @pytest.mark.parametrize("backend", ["auto", "cvxpy"])
@@ -28,3 +29,23 @@ def test_registry_layer_binds_its_input_like_the_cone_layer(backend):
     # By position or by name: the projection onto the unit ball, x / ‖x‖ = (0.6, 0, 0.8).
     want = torch.tensor([0.6, 0.0, 0.8], dtype=F64)
     assert torch.allclose(layer(x), want, atol=1e-7) and torch.allclose(layer(x=x), want, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cvxpy"])
+def test_entmax_masks_neg_inf_scores_on_both_backends(backend):
+    """The native node masks -inf (probability 0); the cone program refused it with a
+    NonFiniteError. Closed forms on the finite entries {1, 0.5}: sparsemax τ = 0.25,
+    p = (0.75, 0, 0.25), Jacobian I − 11ᵀ/2 on the support; 1.5-entmax p_i = (x_i/2 − τ)²
+    with (a)² + (a − 1/4)² = 1, a = 1/2 − τ = (1/2 + √7.75)/4."""
+    x = torch.tensor([[1.0, NEG_INF, 0.5], [NEG_INF, 0.5, 1.0]], dtype=F64, requires_grad=True)
+    p = cddn.layer("sparsemax", n=3, backend=backend)(x)
+    assert torch.allclose(p, torch.tensor([[0.75, 0.0, 0.25], [0.0, 0.25, 0.75]], dtype=F64), atol=1e-7)
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    (grad,) = torch.autograd.grad((p * w).sum(), x)
+    # w_S − mean(w_S) on the support, 0 at the masked entries.
+    assert torch.allclose(grad, torch.tensor([[-1.0, 0.0, 1.0], [0.0, -0.5, 0.5]], dtype=F64), atol=1e-6)
+    a = (0.5 + 7.75 ** 0.5) / 4
+    p = cddn.layer("entmax", n=3, alpha=1.5, backend=backend)(x.detach()[:1])
+    assert torch.allclose(p, torch.tensor([[a * a, 0.0, (a - 0.25) ** 2]], dtype=F64), atol=1e-7)
+    with pytest.raises(InputError, match=r"1 row\(s\) .*all -inf"):
+        cddn.layer("sparsemax", n=3, backend=backend)(torch.tensor([[0.0, 1.0, 2.0], [NEG_INF] * 3]))
