@@ -32,6 +32,10 @@ def _blocks(option: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+# The option giving the number of rows of each constraint block.
+_ROWS = {"G": "n_ineq", "h": "n_ineq", "A": "n_eq", "b": "n_eq"}
+
+
 def _fixed(name: str, value: Any, shape: tuple[int, ...], learned: bool = False) -> np.ndarray:
     """The value of block ``name`` as a float64 array of ``shape``: a constant of the
     problem, or the initial value of a learned block (``learned``)."""
@@ -75,7 +79,12 @@ def _fixed(name: str, value: Any, shape: tuple[int, ...], learned: bool = False)
         raise OptionError(f"option {name} must be {expected}, got {kind}: {reprlib.repr(value)}")
     arr = raw.astype(np.float64)
     if arr.shape != shape:
-        raise OptionError(f"option {name} must have shape {shape}, got {arr.shape}")
+        hint = ""
+        if name in _ROWS and arr.ndim == len(shape) and arr.shape[1:] == shape[1:]:
+            # Only the number of rows differs: n_ineq / n_eq is the likelier mistake.
+            rows = _ROWS[name]
+            hint = f" ({name} has {arr.shape[0]} row(s) but {rows}={shape[0]}: pass {rows}={arr.shape[0]})"
+        raise OptionError(f"option {name} must have shape {shape}, got {arr.shape}{hint}")
     if not np.all(np.isfinite(arr)):
         raise OptionError(f"option {name} must be finite")
     return arr
@@ -151,7 +160,10 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
         L, q, G, h, A, b: values of the constant blocks, or initial values of learned
             ones: arrays, nested lists or tensors of real numbers (a tensor that requires
             grad only as a learned block's initial value: a constant gets no gradient).
-            Blocks of an empty constraint (n_ineq or n_eq = 0) are dropped.
+            With n_ineq = 0 (n_eq = 0) there is no G, h (A, b): a value of theirs must
+            then have 0 rows (a value with rows, or naming them in ``learn`` or
+            ``inputs``, is an ``OptionError`` asking for n_ineq / n_eq, not a
+            constraint dropped silently).
 
     Parameters (in order): the learned and input blocks among L, q, G, h, A, b (every
     choice is DPP). Variable: ``y`` of shape ``(n,)``.
@@ -159,7 +171,9 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
     Raises:
         OptionError: an unknown block name, a block both learned and an input, an input
             also given a value, a constant with neither a value nor a default, a value of
-            the wrong shape, not finite or not real numbers (strings, objects, complex),
+            the wrong shape (m rows where n_ineq or n_eq != m: the message says which count
+            to pass), not finite or not real numbers (strings, objects, complex), a block of
+            an empty constraint (n_ineq or n_eq = 0) in ``learn`` or ``inputs``,
             a tensor that requires grad as a constant (a learned block's initial value
             is detached), ridge < 0.
     """
@@ -171,11 +185,24 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
     ridge = real_option("ridge", ridge, at_least=0)
     shapes = {"L": (n, rank), "q": (n,), "G": (n_ineq, n), "h": (n_ineq,), "A": (n_eq, n), "b": (n_eq,)}
     given = {k: v for k, v in zip(QP_DATA, (L, q, G, h, A, b)) if v is not None}
-    active = [k for k in QP_DATA if not (k in "Gh" and n_ineq == 0) and not (k in "Ab" and n_eq == 0)]
+    active = [k for k in QP_DATA if shapes[k][0] or k not in _ROWS]
     if inputs is None:
         passed = () if learned else tuple(k for k in active if k not in given)
     else:
         passed = _blocks("inputs", inputs)
+    # The blocks of an empty constraint are dropped, but a value, learn or inputs naming
+    # one means that the caller wrote a constraint: n_ineq / n_eq was forgotten (the
+    # constraint was silently ignored). Only an empty value, of 0 rows, is dropped.
+    for k in QP_DATA:
+        if k not in active and k in given:
+            _fixed(k, given[k], shapes[k], learned=k in learned)  # 0 rows expected: names the count
+    for option, names in (("learn", learned), ("inputs", passed)):
+        empty = [k for k in names if k not in active]
+        if empty:
+            counts = " and ".join(sorted({f"{_ROWS[k]}=0" for k in empty}))
+            raise OptionError(
+                f"{option} names block(s) {empty} of a constraint with no rows ({counts}); pass "
+                f"{counts.replace('=0', '=m')} for m constraint rows, or drop {empty} from {option}")
     both = [k for k in active if k in learned and k in passed]
     if both:
         raise OptionError(f"block(s) {both} are both in learn and in inputs; name each in one of them")

@@ -245,3 +245,32 @@ def test_learned_layer_names_its_inputs_in_the_backward_warning_too():
     L = lay.learned["L"].detach()
     with pytest.raises(NonFiniteError, match=r"parameter 3 \(h\)"):
         inner(L, q.detach(), G, torch.tensor([1.0, float("nan")]))
+
+
+def test_qp_constraint_values_need_their_row_count():
+    """n_ineq / n_eq left at 0 with G, h (A, b) given: the constraint was dropped without
+    a word (y = −q violated G y ≤ h). Now an OptionError names the count to pass."""
+    G, h = [[1.0, 1.0, 1.0]], [0.0]
+    with pytest.raises(OptionError, match=r"option G must have shape \(0, 3\), got \(1, 3\) "
+                                          r"\(G has 1 row\(s\) but n_ineq=0: pass n_ineq=1\)"):
+        cddn.layer("qp", n=3, G=G, h=h, inputs="q")
+    with pytest.raises(OptionError, match=r"h has 1 row\(s\) but n_ineq=0: pass n_ineq=1"):
+        cddn.layer("qp", n=3, h=h, inputs="q")
+    with pytest.raises(OptionError, match=r"A has 1 row\(s\) but n_eq=0: pass n_eq=1"):
+        cddn.layer("qp", n=3, A=G, b=h, inputs="q")
+    with pytest.raises(OptionError, match=r"G has 3 row\(s\) but n_ineq=2: pass n_ineq=3"):
+        cddn.layer("qp", n=3, n_ineq=2, G=np.ones((3, 3)), h=np.ones(2), inputs="q")
+    with pytest.raises(OptionError, match=r"learn names block\(s\) \['G'\] of a constraint with no rows "
+                                          r"\(n_ineq=0\); pass n_ineq=m"):
+        cddn.layer("qp", n=3, learn="G")
+    with pytest.raises(OptionError, match=r"inputs names block\(s\) \['G'\] .*\(n_ineq=0\).*drop \['G'\] from inputs"):
+        cddn.layer("qp", n=3, inputs="Gq")
+    with pytest.raises(OptionError, match=r"learn names block\(s\) \['A', 'b'\] .*\(n_eq=0\); pass n_eq=m"):
+        cddn.layer("qp", n=3, learn="Ab", inputs="q")
+    # An empty constraint block (0 rows) is what n_ineq=0 means: still dropped.
+    assert [p.name() for p in registry.build("qp", n=3, G=np.zeros((0, 3)), h=[], inputs="q").parameters] == ["q"]
+    # With the count, the constraint holds: the closed-form half-space projection.
+    q = torch.tensor([-1.0, -2.0, -3.0], dtype=F64)
+    y = cddn.layer("qp", n=3, n_ineq=1, G=G, h=h, inputs="q")(q)
+    assert torch.allclose(y, halfspace_projection(q, torch.tensor(G[0], dtype=F64), torch.tensor(0.0, dtype=F64)),
+                          atol=1e-7)
