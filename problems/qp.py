@@ -100,10 +100,13 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
                     shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Initial values of the learned blocks: given ones, else strictly feasible defaults.
 
-    L = I and q = 0; A and G have N(0, 1/n) entries. A point z0 is drawn from N(0, I)
-    (moved onto {A z = b} when b is a constant; z0 = 0 when A is an input) and b = A z0,
-    h = G z0 + 1 (h = 1 when G is an input), so that z0 satisfies the equalities and,
-    with margin 1, the inequalities.
+    L = I and q = 0; A and G have N(0, 1/n) entries. A point z0 is drawn from N(0, I),
+    moved onto {A z = b} when b is a constant and, when h is a constant, projected onto
+    {G z <= h - t/2} where t = min(1, the largest margin max_z min(h - G z)) (an
+    ``OptionError`` where t <= 0: the constant constraints admit no strictly feasible
+    point); z0 = 0 when A, G or h is an input (the one point independent of data seen only
+    at call time). Then b = A z0 and h = G z0 + 1, so that z0 satisfies the equalities and,
+    with a margin, the inequalities.
     """
     init: dict[str, np.ndarray] = {}
     for k, default in (("L", lambda: np.eye(n, rank)), ("q", lambda: np.zeros(n)),
@@ -113,17 +116,48 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
             init[k] = values[k] if k in values else default()
     A, G = init.get("A", values.get("A")), init.get("G", values.get("G"))
     n_eq = shapes["A"][0]
-    z0 = _randn(n)
-    if n_eq and A is None:
-        z0 = np.zeros(n)  # A comes at call time: z = 0 satisfies A z = b for b = 0
-    elif n_eq and "b" in values and "b" not in learned:
+    b = values["b"] if n_eq and "b" in values and "b" not in learned else None  # a constant b
+    z0 = _randn(n)  # drawn in every case: the same seed gives the other blocks the same values
+    if any(shapes[k][0] and k not in learned and k not in values for k in "AGh"):
+        z0 = np.zeros(n)  # e.g. A comes at call time: z = 0 satisfies A z = b for b = 0
+    elif shapes["h"][0] and "h" in values and "h" not in learned and any(k in learned for k in "AbG"):
+        # A random z0 ignored the constant G z <= h: learned b = A z0 made the first call
+        # infeasible (h = -1, say), although the promise is a strictly feasible start.
+        z0 = _strictly_feasible(z0, G, values["h"], A if b is not None else None, b,
+                                [k for k in learned if k in "AbG"])
+    elif b is not None:
         pinv = np.linalg.pinv(A)
-        z0 = pinv @ values["b"] + z0 - pinv @ (A @ z0)
+        z0 = pinv @ b + z0 - pinv @ (A @ z0)
     if "b" in learned:
         init["b"] = values["b"] if "b" in values else (A @ z0 if A is not None else np.zeros(n_eq))
     if "h" in learned:
         init["h"] = values["h"] if "h" in values else (G @ z0 if G is not None else 0.0) + np.ones(shapes["h"])
     return init
+
+
+def _strictly_feasible(z: np.ndarray, G: np.ndarray, h: np.ndarray, A: np.ndarray | None, b: np.ndarray | None,
+                       learned: list[str]) -> np.ndarray:
+    """The point nearest ``z`` with G z0 <= h - t/2 (and A z0 = b where given), t the
+    largest margin of the inequalities capped at 1; ``OptionError`` where t <= 0."""
+    u, t = cp.Variable(z.shape[0]), cp.Variable()
+    equal = [A @ u == b] if A is not None else []
+    cp.Problem(cp.Maximize(t), [G @ u + t <= h, t <= 1] + equal).solve()
+    # t is None where the equalities alone are infeasible; a margin at the solver's
+    # tolerance is no strictly feasible point.
+    if t.value is None or not t.value > 1e-7 * (1.0 + np.abs(h).max()):
+        what = "G y <= h" + (" and A y = b" if A is not None else "")
+        margin = "none" if t.value is None else f"{float(t.value):.3g}"
+        starts = [k for k in learned if k in "AG"]
+        raise OptionError(
+            f"the constraints {what} have no strictly feasible point (largest margin min(h - G y): {margin}), "
+            f"so the learned block(s) {learned} cannot start strictly feasible; check the constant(s) "
+            f"{'h and b' if A is not None else 'h'}" + (f" and the initial value(s) of {starts} (random "
+                                                        "unless given)" if starts else ""))
+    inside = u.value
+    cp.Problem(cp.Minimize(cp.sum_squares(u - z)), [G @ u <= h - 0.5 * float(t.value)] + equal).solve()
+    # Nearest the random point, so that the start stays random (torch.manual_seed);
+    # the margin point itself should the projection fail.
+    return np.asarray(u.value if u.value is not None else inside, dtype=np.float64)
 
 
 @register("qp", "dense QP: argmin_u ½‖Lᵀu‖² + ridge/2‖u‖² + qᵀu s.t. Gu ≤ h, Au = b")
@@ -141,9 +175,11 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
     - **learned** (named in ``learn``): an ``nn.Parameter`` of the layer that
       :func:`convexddn.layer` returns, initialised from the option's value if given, else
       L = I, q = 0, A and G with N(0, 1/n) entries, and b = A z0, h = G z0 + 1 for a
-      random z0 (on {A z = b} when b is a constant; 0 when A is an input; h = 1 when G
-      is an input), so that the initial constraints are strictly feasible; drawn from
-      torch's global generator (``torch.manual_seed``);
+      random z0 (on {A z = b} when b is a constant; inside G z < h when h is a
+      constant; 0 when A, G or h is an input), so that the initial constraints are
+      strictly feasible (an ``OptionError`` where constant ones allow no such z0;
+      with an input among A, G, h, where its value at call time allows z0 = 0, e.g.
+      h > 0); drawn from torch's global generator (``torch.manual_seed``);
     - **an input** (named in ``inputs``): a tensor passed at call time, by position in
       the order L, q, G, h, A, b or by name;
     - **a constant**: the option's value, else L = I, q = 0 (G, h, A, b must be given).

@@ -274,3 +274,28 @@ def test_qp_constraint_values_need_their_row_count():
     y = cddn.layer("qp", n=3, n_ineq=1, G=G, h=h, inputs="q")(q)
     assert torch.allclose(y, halfspace_projection(q, torch.tensor(G[0], dtype=F64), torch.tensor(0.0, dtype=F64)),
                           atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qp_learned_b_starts_strictly_feasible_for_constant_inequalities(seed):
+    """Learned b, constant A = 1ᵀ, G = I, h = −1: b = A z0 for a z0 that ignored z ≤ −1,
+    and the first call was infeasible. {z < −1, 1ᵀz = b} is non-empty iff b < −3; with q
+    = 0 and L = I the solution is then y = (b/3) 1 (the symmetric point, inside)."""
+    torch.manual_seed(seed)
+    layer = cddn.layer("qp", n=3, n_ineq=3, n_eq=1, learn="b", inputs="q",
+                       A=np.ones((1, 3)), G=np.eye(3), h=-np.ones(3)).double()
+    b = layer.learned["b"].item()
+    assert b < -3 - 1e-6
+    y = layer(torch.zeros(3, dtype=F64))
+    assert torch.allclose(y, torch.full((3,), b / 3, dtype=F64), atol=1e-7)
+    # Learned A with constant b, G, h: the start is strictly feasible too.
+    spec = registry.build("qp", n=3, n_ineq=3, n_eq=1, learn="A", inputs="q", b=[-6.0], G=np.eye(3), h=-np.ones(3))
+    assert max_margin(np.eye(3), -np.ones(3), spec.learned["A"], np.array([-6.0])) > 1e-3
+
+
+def test_qp_learned_start_refuses_constants_without_a_strictly_feasible_point():
+    # y ≤ −1 and −y ≤ −1 (y ≥ 1): no learned b can make the first call feasible.
+    with pytest.raises(OptionError, match=r"the constraints G y <= h have no strictly feasible point .* "
+                                          r"learned block\(s\) \['b'\] cannot start strictly feasible; check .* h"):
+        registry.build("qp", n=1, n_ineq=2, n_eq=1, learn="b", inputs="q", A=[[1.0]], G=[[1.0], [-1.0]],
+                       h=[-1.0, -1.0])
