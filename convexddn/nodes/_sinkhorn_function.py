@@ -161,9 +161,10 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
             )
         if bool(bad.any()):
             warn(
-                "sinkhorn: the transport plan's support splits into disconnected blocks "
-                "(entries below 1e-154 count as zero) at batch element(s) "
-                f"{bad.nonzero().flatten().tolist()[:10]}; {what} are not unique there and the "
+                "sinkhorn: the transport plan's support splits into disconnected blocks, or blocks "
+                "joined by mass below float64's rounding of the total (the Schur complement is "
+                "singular to working precision; entries below 1e-154 count as zero), at batch element(s) "
+                f"{bad.nonzero().flatten().tolist()[:10]}; {what} are not determined there and the "
                 "least-norm ones are returned (the derivative with respect to the cost is "
                 "unaffected)",
                 GradientWarning,
