@@ -231,7 +231,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # Rows with a residual y - x_i beyond the float range (data spread over more than it):
     # their weights there came out 0 from an infinite residual, for points a few alphas
     # away (Welsch at alpha = max/2: a gradient of 0 for the true -0.196, silently).
-    spill = x.new_zeros(rows, 1, dtype=torch.bool)
+    zsum = x.new_empty(rows, 1)
     swa = x.new_zeros(rows, 1) if need_alpha else None
     gcol = gy.reshape(rows, 1)
     for sl in ranges:
@@ -240,7 +240,9 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             continue
         z, *work = scratch.get(r, n)
         torch.sub(y[sl].unsqueeze(-1), x[sl], out=z)
-        spill[sl] = torch.isinf(z).any(-1, keepdim=True)  # (the block is in cache: a cheap pass)
+        # (a row sum, not isinf(z).any(): no block-sized temporary, whose fresh pages cost
+        # 6x the backward; a finite row whose sum overflows goes the careful way too)
+        torch.sum(z, -1, keepdim=True, out=zsum[sl])
         al = alpha_f if alpha_f is not None else a[sl]
         if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
             clamp_saturated(penalty, z, al)
@@ -262,7 +264,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # below its own rounding noise is singular (or negative: not a minimum), where the
     # exact gradient does not exist and the row gets zero. Both are rare, as is a
     # non-finite alpha weight sum: one host sync tells that none occurs.
-    low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | spill).squeeze(-1)
+    low = ((size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | ~torch.isfinite(zsum)).squeeze(-1)
     ok = _nonsingular(sw, size, scale, n)
     flags = [(low | ~ok).any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
     rare, *alpha_rare = torch.stack(flags).tolist()
