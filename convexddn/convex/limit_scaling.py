@@ -34,7 +34,9 @@ derivative exists there, and the backward says so (:func:`~.certify.undecided_re
 themselves: where the interior point leaves a multiplier of 1e-13 beside a slack of 1.5e8
 (an epigraph variable free between ``‖y‖`` and a bound of 3e8, at its analytic centre
 ``R/2``), the solution is exact but its duality gap in the caller's units is ``R z``,
-2e-6, and the point failed the residual check; at the limit the gap is 0.
+2e-6, and the point failed the residual check; at the limit the gap is 0. A pair that is
+not decided, at a kink (a bound met with a zero multiplier), is measured at its kink
+too (:func:`kink_point`).
 
 Shape:
     ``s, z`` the cone parts ``(B, mc)``; :meth:`LimitScaling.apply` and
@@ -46,7 +48,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, _t
 
-__all__ = ["LimitRows", "LimitScaling", "limit_point", "retry_at_limit"]
+__all__ = ["LimitRows", "LimitScaling", "kink_point", "limit_point", "retry_at_limit"]
 
 
 class LimitScaling:
@@ -230,10 +232,38 @@ def limit_point(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> tuple[t
     return torch.cat([s_lin, s_soc], 1), torch.cat([z_lin, z_soc], 1)
 
 
+def kink_point(layout: ConeLayout, A: torch.Tensor, b: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+               z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, z)`` with each undecided nonnegative pair (:func:`~.certify.decided`: neither
+    member below ``DECIDED`` of the other) taken at its kink: multiplier 0, slack
+    :math:`\\max(b_i - (Ax)_i, 0)` (what the row leaves, the rounding of ``x`` included).
+
+    A bound met with a zero multiplier (a ReLU's input at 0) ends the iterations with
+    both members ~1e-12 of the element's scale, and no polish decides the pair; in the
+    caller's units that row's and column's terms are all ~0, so their measures are
+    absolute, and the exact solution failed them from a data scale of 1e4 on.
+
+    Shape:
+        ``A (B, m, n), b (B, m), x (B, n), s, z (B, m)`` (whole rows) -> ``s, z`` ``(B, m)``.
+    """
+    from .certify import decided  # (certify decides the pairs)
+
+    z0, k = layout.zero, layout.nonneg
+    active, inactive = decided(s[:, z0:z0 + k], z[:, z0:z0 + k])
+    kink = ~(active | inactive)
+    left = (b[:, z0:z0 + k] - torch.bmm(A[:, z0:z0 + k], x.unsqueeze(-1)).squeeze(-1)).clamp_min(0)
+    s_k, z_k = torch.where(kink, left, s[:, z0:z0 + k]), torch.where(kink, 0.0, z[:, z0:z0 + k])
+    return (torch.cat([s[:, :z0], s_k, s[:, z0 + k:]], 1), torch.cat([z[:, :z0], z_k, z[:, z0 + k:]], 1))
+
+
 def retry_at_limit(d, layout: ConeLayout, data, xs, ss, zs, out, idx, residual_fn, tol: float):
     """Measure the elements ``idx`` again at the :func:`limit_point` of their solution
     ``(xs, ss, zs)`` (equilibrated units, program ``d``); each keeps the point with the
-    smaller residual.
+    smaller residual. Then once more with its undecided nonnegative pairs at their kink
+    (:func:`kink_point`): where that is smaller still, the element keeps the limit
+    point's ``s, z`` (whose undecided pairs the derivative's checks must see as they are)
+    with the kink point's residual and feasibility bits: the residual certifies ``x``,
+    which both points share.
 
     Args:
         data: the caller's ``(P, q, A, b)``.
@@ -251,12 +281,23 @@ def retry_at_limit(d, layout: ConeLayout, data, xs, ss, zs, out, idx, residual_f
     x, s, z = pick(xs), pick(ss), pick(zs)
     sc, zc = limit_point(layout, s[:, z0:], z[:, z0:])
     s, z = torch.cat([s[:, :z0], sc], 1), torch.cat([z[:, :z0], zc], 1)
-    _, so, zo = d.select(idx).unscale(x, s, z)
-    caller, points = caller_measures(*(pick(v) for v in data), layout, pick(out[0]), so, zo, tol)
-    residual = torch.maximum(residual_fn(x, s, z, idx), caller)
-    take = residual < pick(out[3])
-    merged = []
-    for full, new in zip((ss, zs, out[1], out[2], out[3], out[4]), (s, z, so, zo, residual, points)):
-        mask = take.view(-1, *(1,) * (new.dim() - 1))
-        merged.append(full.index_copy(0, idx, torch.where(mask, new, pick(full))))
-    return tuple(merged)
+    part = d.select(idx)
+    caller_data = tuple(pick(v) for v in data)
+
+    def measure(s, z):
+        _, so, zo = part.unscale(x, s, z)
+        caller, points = caller_measures(*caller_data, layout, pick(out[0]), so, zo, tol)
+        return so, zo, torch.maximum(residual_fn(x, s, z, idx), caller), points
+
+    so, zo, residual, points = measure(s, z)
+    now = (pick(ss), pick(zs), pick(out[1]), pick(out[2]), pick(out[3]), pick(out[4]))
+    take = residual < now[4]
+    new = tuple(torch.where(take.view(-1, *(1,) * (v.dim() - 1)), v, o)
+                for v, o in zip((s, z, so, zo, residual, points), now))
+    if layout.nonneg:
+        _, _, residual_k, points_k = measure(*kink_point(layout, part.A, part.b, x, s, z))
+        kink = residual_k < new[4]
+        # (the limit point's s, z with the kink point's measures)
+        new = tuple(torch.where(kink.view(-1, *(1,) * (v.dim() - 1)), v, o)
+                    for v, o in zip((s, z, so, zo, residual_k, points_k), new))
+    return tuple(full.index_copy(0, idx, v) for full, v in zip((ss, zs, out[1], out[2], out[3], out[4]), new))

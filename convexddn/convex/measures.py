@@ -13,8 +13,8 @@ from .equilibration import Scaled
 from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout
 
-__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "UNVERIFIABLE", "Measures", "caller_measures", "kkt_measures", "max_step",
-           "point_residual"]
+__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "ROUNDING", "UNVERIFIABLE", "Measures", "caller_measures", "kkt_measures",
+           "max_step", "point_residual"]
 
 
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,6 +67,15 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     in another row pass as 6e-9 (an infeasible LP certified as solved), and a box row
     violated by 9.4e-4 passed beside a slack of 1e6.
 
+    The "1 +" is an absolute unit, which a row whose terms are all ~0 (a bound met at 0)
+    meets with the rounding of the whole solution: a box projection's ``y_0 = 0`` came
+    out as 4e-8 at a data scale of 2e7 (1e-15 relative), and the exact point failed. So
+    each residual first loses :data:`ROUNDING` rounding units of the solution's size
+    along it, :math:`\|A_i\|_\infty \|x\|_\infty` on a row and
+    :math:`\|P_j\|_\infty \|x\|_\infty + \|A_{:j}\|_\infty \|z\|_\infty` on a
+    column (the solution's norms, not the slack's: an inactive bound's slack of 1e6 does
+    not widen it), which is what a float solve of the element leaves there anyway.
+
     ``residual``: the largest of these (``inf`` where NaN). ``points``:
     :data:`FEASIBLE_PRIMAL` where ``(x, s)`` is primal feasible to ``tol`` (the primal
     residual and the slack's distance to K), plus :data:`FEASIBLE_DUAL` where ``(x, z)``
@@ -80,8 +89,12 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     ax = x.abs()
     rho = torch.stack([b.abs(), bmv(A.abs(), ax), s.abs()]).amax(0)  # (B, m)
     sigma = torch.stack([q.abs(), bmv(P.abs(), ax), bmv(A.abs().mT, z.abs())]).amax(0)  # (B, n)
-    pres = _worst((Ax + s - b).abs() / (1 + rho))
-    dres = _worst((Px + ATz + q).abs() / (1 + sigma))
+    unit = ROUNDING * torch.finfo(x.dtype).eps
+    x_inf, z_inf = row_inf(x)[:, None], row_inf(z)[:, None]
+    row_slack = unit * _inf_rows(A) * x_inf  # (B, m)
+    col_slack = unit * (_inf_rows(P) * x_inf + _inf_rows(A.mT) * z_inf)  # (B, n)
+    pres = _worst(((Ax + s - b).abs() - row_slack).clamp_min(0) / (1 + rho))
+    dres = _worst(((Px + ATz + q).abs() - col_slack).clamp_min(0) / (1 + sigma))
     z0 = layout.zero
     s_out = layout.violation(s[:, z0:], scale=rho[:, z0:])
     z_out = _cone_violation(layout, z)
@@ -90,6 +103,17 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     primal = (pres <= tol) & (s_out <= tol)
     dual = (dres <= tol) & (z_out <= tol)
     return residual, primal.long() * FEASIBLE_PRIMAL + dual.long() * FEASIBLE_DUAL
+
+
+# Rounding units of the solution's size along a row (column) that caller_measures
+# forgives its residual there: a float solve's x is that close, relatively, at best
+# (measured 5 to 11 units on a box projection at data scales 1e6 to 2e8).
+ROUNDING = 64.0
+
+
+def _inf_rows(M: torch.Tensor) -> torch.Tensor:
+    """``(B, r)`` largest |entry| of each row of ``M (B, r, c)`` (0 when ``c = 0``)."""
+    return M.abs().amax(2) if M.shape[2] else M.new_zeros(M.shape[:2])
 
 
 def _worst(v: torch.Tensor) -> torch.Tensor:

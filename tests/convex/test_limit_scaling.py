@@ -19,9 +19,9 @@ import torch
 
 from convexddn.convex import vjp
 from convexddn.convex.layer import ConvexLayer
-from convexddn.convex.limit_scaling import LimitScaling, limit_point
+from convexddn.convex.limit_scaling import LimitScaling, kink_point, limit_point
 from convexddn.convex.symmetric_cones import ConeLayout
-from convexddn.errors import GradientWarning
+from convexddn.errors import GradientWarning, SolverWarning
 
 F64 = torch.float64
 N = 5
@@ -306,3 +306,77 @@ def test_a_flat_objective_under_active_cones_has_the_closed_form_gradient(dense,
     xs = (a * P.detach() / (2 * c)) ** (2 / 3)
     torch.testing.assert_close(y.detach(), xs, rtol=1e-8, atol=0)
     torch.testing.assert_close(g, G * 2 * xs / (3 * P.detach()), rtol=1e-6, atol=0)
+
+
+def test_kink_point_takes_undecided_nonnegative_pairs_at_their_kink():
+    """An undecided pair (3e-9, 1e-8): multiplier 0, slack what its row leaves, b − Ax
+    (0 where that is negative); decided pairs, the equality row and the cone keep theirs."""
+    layout = ConeLayout(1, 4, (3,))
+    A = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0], [1.0, 1.0], [0.0, 1.0],
+                       [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]], dtype=F64)
+    x = torch.tensor([[2e-9, 3.0]], dtype=F64)
+    b = torch.tensor([[2e-9, 0.0, -3.0 - 1e-9, 4.0, 5.0, 1.0, 0.0, 0.0]], dtype=F64)
+    s = torch.tensor([[0.0, 3e-9, 1e-9, 1e-12, 2.0, 5.0, 0.1, 0.2]], dtype=F64)
+    z = torch.tensor([[0.7, 1e-8, 2e-9, 2.0, 1e-13, 1.0, 0.1, -0.2]], dtype=F64)
+    sk, zk = kink_point(layout, A, b, x, s, z)
+    # rows 1, 2 undecided: b − Ax = 2e-9 and -1e-9 (clamped to 0); rows 3, 4 decided
+    torch.testing.assert_close(sk, torch.tensor([[0.0, 2e-9, 0.0, 1e-12, 2.0, 5.0, 0.1, 0.2]], dtype=F64),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(zk, torch.tensor([[0.7, 0.0, 0.0, 2.0, 1e-13, 1.0, 0.1, -0.2]], dtype=F64),
+                               rtol=0, atol=0)
+
+
+def _exact_on_batched_path(layer, args, want):
+    """The layer's solution, which must be the batched path's, solved, without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        y = layer(*args)
+    assert layer.last_solve.solvers == ["batched"] * len(layer.last_solve.solvers)
+    assert set(layer.last_solve.statuses) == {"solved"}
+    scale = want.abs().amax(-1, keepdim=True)
+    assert float(((y - want).abs() / scale).max()) <= 1e-12
+
+
+def test_a_bound_met_at_zero_is_solved_on_the_batched_path_at_any_scale():
+    """ReLU as a projection, min ‖y − x‖² s.t. y >= 0 at x = (0, s): the interior point
+    ends with the bound's slack and multiplier both ~1e-12 s (a kink), exact but measured
+    absolutely in the caller's units (all that row's terms are 0), so from s = 1e4 the
+    point was rejected for Clarabel (and SCS from 1e6). At the kink (multiplier 0) it is
+    exact; the derivative there still warns (no derivative exists)."""
+    xp, y = cp.Parameter(2), cp.Variable(2)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - xp)), [y >= 0]), [xp], [y])
+    S = torch.tensor([1.0, 1e4, 1e5, 1e6, 1e7], dtype=F64)
+    X = torch.stack([torch.zeros_like(S), S], 1)
+    _exact_on_batched_path(layer, (X,), X.clamp_min(0))
+    x = torch.tensor([0.0, 1e6], dtype=F64, requires_grad=True)
+    with pytest.warns(GradientWarning):
+        layer(x).sum().backward()
+
+
+def test_a_box_projection_with_weakly_active_bounds_is_solved_at_any_scale():
+    """clip(x, 0, u) with x₀ = 0 and x₃ = u₃ (bounds met with zero multipliers): at s = 1e6
+    the batched point was 1.2e-15 from clip, rejected, and Clarabel and SCS failed
+    (SolverError); at 5.6e6, 1.8e7 and 1.8e8 the rounding of y₀ (~5e-16 s) alone failed the
+    caller-unit check, whose unit is absolute in a row with no other terms."""
+    n = 5
+    xp, up, y = cp.Parameter(n), cp.Parameter(n), cp.Variable(n)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - xp)), [y >= 0, y <= up]), [xp, up], [y])
+    S = torch.tensor([1e4, 1e6, 5.62341325e6, 1.77827941e7, 1.77827941e8], dtype=F64)[:, None]
+    X = S * torch.tensor([0.0, 1.5, -2.0, 0.7, 3.0], dtype=F64)
+    U = S * torch.tensor([1.0, 2.0, 1.0, 0.7, 2.0], dtype=F64)
+    _exact_on_batched_path(layer, (X, U), torch.minimum(X.clamp_min(0), U))
+
+
+@pytest.mark.parametrize("lam", [1.0, 10.0])
+def test_a_squared_hinge_at_zero_is_solved_at_any_scale(lam):
+    """min ‖y − x‖² + λ Σ pos(y)²: y = x/(1 + λ) where x > 0, x elsewhere. CVXPY's pos(y) is
+    an epigraph t >= y, t >= 0 whose t >= 0 is met with a zero multiplier where x < 0; at
+    x ~ 3e4 the point came back 13 % off with a warning (λ = 1), 2e-7 off without one
+    (λ = 10), and from 1e5 raised SolverError."""
+    xp, lp, y = cp.Parameter(4), cp.Parameter(nonneg=True), cp.Variable(4)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - xp) + lp * cp.sum_squares(cp.pos(y))))
+    layer = ConvexLayer(prob, [xp, lp], [y])
+    S = torch.tensor([1e3, 1e4, 3e4, 1e5, 1e7], dtype=F64)[:, None]
+    X = S * torch.tensor([1.5, -2.0, 0.7, 3.1], dtype=F64)
+    L = torch.full((S.shape[0],), lam, dtype=F64)
+    _exact_on_batched_path(layer, (X, L), torch.where(X > 0, X / (1 + lam), X))
