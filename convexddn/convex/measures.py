@@ -13,8 +13,8 @@ from .equilibration import Scaled
 from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout
 
-__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "ROUNDING", "UNVERIFIABLE", "Measures", "caller_measures", "kkt_measures",
-           "max_step", "point_residual"]
+__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "ROUNDING", "UNVERIFIABLE", "Measures", "caller_measures",
+           "kkt_measures", "max_step", "point_residual"]
 
 
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -80,7 +80,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
             the limit test checks (the solve's ``error_cols``).
 
     Returns:
-        ``(gP, gq, gA, gb, not_differentiable, nonunique)``: the gradients, exactly zero
+        ``(gP, gq, gA, gb, not_differentiable, nonunique, unsolved)``: the gradients, exactly zero
         for elements that are not solved, whose cotangent is zero, whose final KKT matrix
         could not be factorised or whose solution is not unique; ``(B,)`` masks of the
         solved elements whose solution is not unique along the cotangent (``nonunique``:
@@ -90,7 +90,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         and, including those, whose derivative does not exist (``not_differentiable``:
         also a complementary pair undecided, see :data:`~.certify.RESOLVED`, that the
         derivative reaches, see :data:`SIDE_RTOL`, requested
-        outputs that are not unique, or a degenerate vertex, see ``tangent``).
+        outputs that are not unique, or a degenerate vertex, see ``tangent``); ``unsolved``:
+        those of ``nonunique`` whose system could not be solved and that no other test flags.
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
@@ -166,7 +167,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     left = torch.stack([ux, x], -1)
     gP = torch.bmm(left, torch.stack([x, ux], 1)).mul_(-0.5)
     gA = torch.bmm(torch.stack([z, uz], -1), left.mT).neg_()
-    return gP, -ux, gA, uz, not_differentiable, nonunique
+    unsolved = nonunique & unsolved & ~(reached | outputs | vertex | kinks | (amplification > AMPLIFICATION))
+    return gP, -ux, gA, uz, not_differentiable, nonunique, unsolved
 
 
 def _objective_part(dP: torch.Tensor, dq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +198,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     is zero).
 
     Returns:
-        ``(dx, dz, flagged, zeroed)``: the tangents, exactly zero for elements that are
+        ``(dx, dz, flagged, zeroed, unsolved)``: the tangents, exactly zero for elements that are
         not solved and where no derivative exists (``zeroed``): the system amplifies the
         tangent's right-hand side by more than :data:`AMPLIFICATION`, or the requested
         outputs (``cols``) or that right-hand side reach a null direction of the limit
@@ -204,7 +206,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
         solution that is not unique), or the system could not be solved, not even densely
         (:data:`BACKWARD_ACCEPT`); ``flagged`` also marks solved elements with an
         undecided complementary pair that the tangent reaches or a gain above :data:`PROBE_GAIN` (a degenerate
-        vertex moved apart: a one-sided derivative).
+        vertex moved apart: a one-sided derivative); ``unsolved`` those ``zeroed`` whose
+        system could not be solved and that nothing else flags.
     """
     d, kkt, x, z = sol.scaled, sol.kkt, sol.x, sol.z
     rx, rz = torch.zeros_like(x), torch.zeros_like(z)
@@ -234,7 +237,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
     # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
     kinks = _kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1))
-    return dx, dz, zeroed | (ok & (kinks | (amplification > PROBE_GAIN))), zeroed
+    unsolved = zeroed & unsolved & ~(outputs | reached | kinks | (amplification > PROBE_GAIN))
+    return dx, dz, zeroed | (ok & (kinks | (amplification > PROBE_GAIN))), zeroed, unsolved
 
 
 # Largest component of a derivative's dual part along the directions an undecided pair
@@ -341,8 +345,8 @@ class _ConeSolve(torch.autograd.Function):
     def jvp(ctx, dP, dq, dA, db, *_):
         """Forward mode: :func:`cone_jvp` along the data's tangents, with the backward's warning."""
         sol, layout, refine, _, where, cols, _ = ctx.state
-        dx, dz, flagged, zeroed = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
-        _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent")
+        dx, dz, flagged, zeroed, unsolved = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
+        _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved)
         warn_unresolved("forward mode", sol, where, sol.status == SOLVED, moved_columns(dP, dq, dA, db, sol.scaled.A))
         return dx, dz, None, None, None, None, None, None
 
@@ -355,21 +359,33 @@ class _ConeSolve(torch.autograd.Function):
         sol, layout, refine, tangent, where, cols, moved = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
-        gP, gq, gA, gb, flagged, zeroed = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
-        _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent")
+        gP, gq, gA, gb, flagged, zeroed, unsolved = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
+        _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent", unsolved)
         if moved is not None:
             live = (sol.status == SOLVED) & ((gx != 0).any(1) | (gz != 0).any(1))
             warn_unresolved("backward", sol, where, live, moved)
         return gP, gq, gA, gb, None, None, None, None, None, None
 
 
-def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str) -> None:
-    """The GradientWarning naming the elements without a derivative (``flagged``; those
-    ``zeroed`` got exactly zero)."""
-    idx = torch.nonzero(flagged).squeeze(1).tolist()  # a host sync (and the limit test's gate one)
-    if idx:  # (and one more for the message)
+def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str,
+                             unsolved: torch.Tensor) -> None:
+    """The GradientWarnings naming the elements without a derivative (``flagged``; those
+    ``zeroed`` got exactly zero), apart from them those whose system could not be solved
+    (``unsolved``, zeroed: u^1.005 at u = 2e6 was called not unique)."""
+    what = "gradient" if along == "cotangent" else "tangent"
+    if not torch.nonzero(flagged).numel():  # a host sync (one more for each message)
+        return
+    bad = torch.nonzero(unsolved).squeeze(1).tolist()
+    if bad:
+        warn(f"ConvexLayer {mode} (batched): the derivative system of {len(bad)} batch element(s) "
+             f"({name_elements(where, bad)}) could not be solved accurately, not even by a dense LU (too "
+             "ill-conditioned in this precision; the solution itself is solved, and may be unique: "
+             f"solver='Clarabel' differentiates each element apart); their {what} is set to zero",
+             GradientWarning, elements=element_list(where, bad))
+    flagged, zeroed = flagged & ~unsolved, zeroed & ~unsolved
+    idx = torch.nonzero(flagged).squeeze(1).tolist()
+    if idx:
         n_zero = int(zeroed.sum())
-        what = "gradient" if along == "cotangent" else "tangent"
         zero = (f"; {n_zero} of them have a solution that is not unique along their {along} "
                 "(the derivative system is singular there, or too ill-conditioned to be solved: "
                 f"solver='Clarabel' differentiates each element apart), and their {what} is set to zero"
