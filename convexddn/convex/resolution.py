@@ -8,9 +8,10 @@ term in each denominator). A column :math:`j` of the dual equation
 :math:`\\lambda = 10^{-10}` beside a data term of 1: :math:`\\min_y \\|y - x\\|^2 +
 \\lambda \\sum_i \\mathrm{huber}(y_i)`) passes these measures whatever its own residual:
 its epigraph variables and their multipliers (of order :math:`\\lambda`) are not
-determined, nor which of their bounds are active. The rest of the solution is exact, and
-so are derivatives through it (dL/dx there: exact to 1e-11); derivatives with respect to
-data in such a column were O(1) wrong without a warning (dL/dλ 0.13 for the true -0.5).
+determined, nor which of their bounds are active. Derivatives with respect to data in
+such a column were O(1) wrong without a warning (dL/dλ 0.13 for the true -0.5), and so
+were those through a column sharing such a bound (a constant weight of 1e-9 on ‖y‖₁: dy/dx
+1 for the true 0 inside the soft threshold's dead zone, which the solve cannot resolve).
 
 A column is *unresolved* where it touches a cone row (a complementary pair whose side
 it may decide) and its residual is both above :data:`ROW_RTOL` of its own largest term
@@ -102,9 +103,10 @@ def moved_columns(dP, dq, dA, db, A) -> torch.Tensor:
     return moved | ((A != 0) & rows.unsqueeze(-1)).any(-2)
 
 
-def warn_unresolved(mode: str, sol, where, live: torch.Tensor, moved) -> None:
+def warn_unresolved(mode: str, sol, layout: ConeLayout, where, live: torch.Tensor, moved) -> None:
     """The GradientWarning naming the elements of ``live`` ``(B,)`` with an unresolved
-    column (``sol.unresolved``, :func:`unresolved_columns`) that ``moved`` moves: a
+    column (``sol.unresolved``, :func:`unresolved_columns`), or one sharing a cone row with
+    it, that ``moved`` moves: a
     ``(B, n)`` mask or ``idx -> (len(idx), n)`` mask for those elements
     (:func:`moved_columns`). One host sync where no column is unresolved."""
     if sol.unresolved is None:
@@ -113,7 +115,13 @@ def warn_unresolved(mode: str, sol, where, live: torch.Tensor, moved) -> None:
     idx = torch.nonzero(cols.any(1)).squeeze(1)
     if not idx.numel():
         return
-    hit = cols.index_select(0, idx) & (moved(idx) if callable(moved) else moved.index_select(0, idx))
+    # The columns that share a cone row with an unresolved one are reached too: that row's
+    # bound decides them (an L1 weight of 1e-9 whose dead zone the solve cannot resolve:
+    # dy/dx 1 for the true 0, silently).
+    cols = cols.index_select(0, idx)
+    rows = sol.scaled.A.index_select(0, idx)[:, layout.zero:, :] != 0  # (k, cone rows, n)
+    shared = (rows & (rows & cols.unsqueeze(1)).any(-1, keepdim=True)).any(1)
+    hit = (cols | shared) & (moved(idx) if callable(moved) else moved.index_select(0, idx))
     idx = idx[hit.any(1)].tolist()
     if idx:
         what = "gradient" if mode == "backward" else "tangent"
@@ -121,8 +129,8 @@ def warn_unresolved(mode: str, sol, where, live: torch.Tensor, moved) -> None:
              f"({name_elements(where, idx)}) leaves parts of the program unresolved: terms of its objective and "
              "multipliers far below its largest ones (a weight of 1e-10 beside terms of 1) pass the solve's "
              "relative tolerance at any value, so the variables they weigh and which of their bounds are active "
-             f"are not determined, and the {what} "
-             "with respect to the parameters that move those terms may be wrong (through the rest of the "
-             "solution it is exact); rescale the program so that its terms lie within ~1e8 of one another",
+             f"are not determined, and the {what} with respect to the parameters that move those terms, or "
+             "the variables those bounds constrain, may be wrong; rescale the program so that its terms lie "
+             "within ~1e8 of one another",
              GradientWarning, elements=element_list(where, idx))
 

@@ -347,7 +347,8 @@ class _ConeSolve(torch.autograd.Function):
         sol, layout, refine, _, where, cols, _ = ctx.state
         dx, dz, flagged, zeroed, unsolved = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved)
-        warn_unresolved("forward mode", sol, where, sol.status == SOLVED, moved_columns(dP, dq, dA, db, sol.scaled.A))
+        warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,
+                        moved_columns(dP, dq, dA, db, sol.scaled.A))
         return dx, dz, None, None, None, None, None, None
 
     @staticmethod
@@ -363,7 +364,7 @@ class _ConeSolve(torch.autograd.Function):
         _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent", unsolved)
         if moved is not None:
             live = (sol.status == SOLVED) & ((gx != 0).any(1) | (gz != 0).any(1))
-            warn_unresolved("backward", sol, where, live, moved)
+            warn_unresolved("backward", sol, layout, where, live, moved)
         return gP, gq, gA, gb, None, None, None, None, None, None
 
 

@@ -133,3 +133,16 @@ def test_kinks_and_zero_solutions_are_not_unresolved():
             warnings.simplefilter("always")
             torch.autograd.grad(layer(xs).sum(), xs)
         assert not any("unresolved" in str(r.message) for r in rec)
+
+
+def test_columns_sharing_a_bound_with_an_unresolved_one_are_reached():
+    """A constant L1 weight of 1e-9: y = soft(x, lam/2), so x_3 = 0 sits inside the dead
+    zone (dy_3/dx_3 = 0), which the solve cannot resolve (its epigraph t ~ 1.4 for |y|, the
+    bounds |y| <= t decided inactive): dL/dx came back (1, 1, 1, 1) for (1, 1, 1, 0) without
+    a warning, the weight being no parameter. y's columns share those bounds' rows."""
+    x = cp.Parameter(4)
+    y = cp.Variable(4)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x) + 1e-9 * cp.norm1(y))), [x], [y])
+    xs = torch.tensor([1.0, 0.5, -2.0, 0.0], dtype=F64, requires_grad=True)
+    with pytest.warns(GradientWarning, match="unresolved"):
+        torch.autograd.grad(layer(xs).sum(), xs)
