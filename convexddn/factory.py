@@ -149,7 +149,11 @@ class MaskedScoresLayer(ConvexLayer):
                 if empty:
                     raise InputError(f"parameter 0 ({self.parameters_[0].name()}) has {empty} row(s) whose "
                                      "entries are all -inf (masked); at least one entry per row must be finite")
-                x = torch.where(masked, (top - 2.0 / (self.alpha - 1.0)).detach(), x)
+                # The margin 2/(alpha - 1) plus 4 eps |top|: rounded to x's dtype the stand-in
+                # stays at least 2/(alpha - 1) below top (float32 scores of 1e8, whose ulp is
+                # 8, rounded top - 2 back to top: a masked entry got a third of the mass).
+                margin = 2.0 / (self.alpha - 1.0) + 4.0 * torch.finfo(x.dtype).eps * top.abs()
+                x = torch.where(masked, (top - margin).detach(), x)
         return super().forward(x, solver_args=solver_args)
 
 

@@ -2,6 +2,8 @@
 the same binding of the input (and its errors), the same masked scores."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -49,3 +51,14 @@ def test_entmax_masks_neg_inf_scores_on_both_backends(backend):
     assert torch.allclose(p, torch.tensor([[a * a, 0.0, (a - 0.25) ** 2]], dtype=F64), atol=1e-7)
     with pytest.raises(InputError, match=r"1 row\(s\) .*all -inf"):
         cddn.layer("sparsemax", n=3, backend=backend)(torch.tensor([[0.0, 1.0, 2.0], [NEG_INF] * 3]))
+
+
+@pytest.mark.parametrize("name, options", [("sparsemax", {}), ("entmax", {"alpha": 1.5})])
+def test_masked_scores_stay_masked_at_large_float32_scores(name, options):
+    """float32 scores of 1e8, whose ulp is 8: the stand-in top - 2/(alpha - 1) rounded back
+    to top, and each masked entry got a third of the mass. Expected: the one finite top
+    score takes it all (the others are 2e8 below)."""
+    layer = cddn.layer(name, n=4, backend="cvxpy", **options)
+    p = layer(torch.tensor([[1e8, -math.inf, -1e8, -math.inf]]))
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
