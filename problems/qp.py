@@ -102,7 +102,7 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
 
     L = I and q = 0; A and G have N(0, 1/n) entries. A point z0 is drawn from N(0, I),
     moved onto {A z = b} when b is a constant and, when h is a constant, projected onto
-    {G z <= h - t/2} where t = min(1, the largest margin max_z min(h - G z)) (an
+    {G z <= h - t/2} where t = min(1 + max|h|, the largest margin max_z min(h - G z)) (an
     ``OptionError`` where t <= 0: the constant constraints admit no strictly feasible
     point); z0 = 0 when A, G or h is an input (the one point independent of data seen only
     at call time). Then b = A z0 and h = G z0 + 1, so that z0 satisfies the equalities and,
@@ -138,10 +138,12 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
 def _strictly_feasible(z: np.ndarray, G: np.ndarray, h: np.ndarray, A: np.ndarray | None, b: np.ndarray | None,
                        learned: list[str]) -> np.ndarray:
     """The point nearest ``z`` with G z0 <= h - t/2 (and A z0 = b where given), t the
-    largest margin of the inequalities capped at 1; ``OptionError`` where t <= 0."""
+    largest margin of the inequalities capped at 1 + max|h| (h's own scale, above the
+    tolerance test below: capped at 1, bounds of 1e7 were refused); ``OptionError`` where
+    t is at the solver's tolerance or below."""
     u, t = cp.Variable(z.shape[0]), cp.Variable()
     equal = [A @ u == b] if A is not None else []
-    cp.Problem(cp.Maximize(t), [G @ u + t <= h, t <= 1] + equal).solve()
+    cp.Problem(cp.Maximize(t), [G @ u + t <= h, t <= 1.0 + np.abs(h).max()] + equal).solve()
     # t is None where the equalities alone are infeasible; a margin at the solver's
     # tolerance is no strictly feasible point.
     if t.value is None or not t.value > 1e-7 * (1.0 + np.abs(h).max()):

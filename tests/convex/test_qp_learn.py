@@ -299,3 +299,12 @@ def test_qp_learned_start_refuses_constants_without_a_strictly_feasible_point():
                                           r"learned block\(s\) \['b'\] cannot start strictly feasible; check .* h"):
         registry.build("qp", n=1, n_ineq=2, n_eq=1, learn="b", inputs="q", A=[[1.0]], G=[[1.0], [-1.0]],
                        h=[-1.0, -1.0])
+
+
+def test_qp_learned_start_accepts_loose_constant_bounds():
+    """h = 1e8 with G = I: y = 0 is feasible with a margin of 1e8, but the margin was
+    capped at 1 and compared with 1e-7 (1 + max|h|) = 10: 'no strictly feasible point'."""
+    spec = registry.build("qp", n=2, n_ineq=2, n_eq=1, learn="b", inputs="q", A=[[1.0, 1.0]], G=np.eye(2),
+                          h=[1e8, 1e8])
+    b = np.asarray(spec.learned["b"], dtype=np.float64)
+    assert b.shape == (1,) and np.isfinite(b).all()
