@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .data_ops import DENSE, DataOps, KKTStructure, _mm, bmv
+from .stall import stall_error
 from .symmetric_cones import ConeLayout, NTScaling
 
 if TYPE_CHECKING:  # (the derivative's scaling, built by certify)
@@ -177,6 +178,9 @@ class KKTSystem:
         self.regularisation_effect = None if pivot_min is None else _DELTA / pivot_min
         # (B,) relative residual of the last solve refined ``until`` a target (see solve).
         self.solve_residual: torch.Tensor | None = None
+        # (B,) where that solve stalled, the estimated distance ‖(x, z)‖∞ of its answer from
+        # the exact system's, else 0 (see :mod:`.stall`).
+        self.solve_error: torch.Tensor | None = None
         # The parts of the cone rows whose limit scaling is exactly H = 0 or ∞ (decided
         # active, inactive; a LimitRows): set by the error estimate for the backward's
         # refinement, see :meth:`solve`.
@@ -216,6 +220,18 @@ class KKTSystem:
         atx = self._at_mv(x)
         return x, zE, atx - t, atx
 
+    def residual(self, rx, rE, t, point, lim, atx=None):
+        """``(e_x, e_E, e_t)``: the scaled system's residual at ``point`` = ``(x, z_E, ẑ)``,
+        against the exact limit rows ``lim`` (``None``: the factorised system's; ``atx``:
+        :math:`W^{-1} A_I x` if formed already)."""
+        x, zE, zh = point
+        ex = rx - self.ops.Pmv(x) - self._at_tmv(zh if lim is None else lim.held(zh))
+        if self.layout.zero:
+            ex = ex - self.ops.e_tmv(zE)
+        eE = rE - self.ops.e_mv(x) if self.layout.zero else rE
+        atx = self._at_mv(x) if atx is None else atx
+        return ex, eE, t + (zh if lim is None else lim.kept(zh)) - atx
+
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
               until: float | None = None, product: bool = False):
         """Solve K [x; z] = [rx; rz] for ``(B, n, k)``, ``(B, m, k)`` right-hand sides.
@@ -231,7 +247,9 @@ class KKTSystem:
         :data:`MAX_REFINE`) while some element's relative residual is above this and still
         falls (halves within a few steps); each keeps its best iterate. Where κ(K)·δ nears 1
         a step gains only a constant factor (a constrained MPC's derivative: residual 2e-4,
-        gradient 4e-3 off finite differences after 3 steps; 2e-8 and 2e-6 after 12).
+        gradient 4e-3 off finite differences after 3 steps; 2e-8 and 2e-6 after 12). Where
+        it gains nothing at a small residual (:mod:`.stall`), ``solve_residual`` is ∞ and
+        ``solve_error`` the estimated error.
 
         ``product`` (without ``until``): also return :math:`W^{-1} A_I x`, from the
         products the solve formed (the last step's correction added: equal to a fresh
@@ -264,15 +282,11 @@ class KKTSystem:
         lim = None if until is None else self.limit
         if until is not None:
             size, best, trail = row_inf(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny), None, []
+        step_ = None
         for step in range(refine if until is None else MAX_REFINE):
-            ex = rx - self.ops.Pmv(x) - self._at_tmv(zh if lim is None else lim.held(zh))
-            if z:
-                ex = ex - self.ops.e_tmv(zE)
-            eE = rE - self.ops.e_mv(x) if z else rE
-            # W⁻¹A_I x: on the first step the regularised solve's own product of this x
-            # (the same numbers; one batched product fewer per refined solve).
-            atx = self._at_mv(x) if atx is None else atx
-            et = t + (zh if lim is None else lim.kept(zh)) - atx
+            # (W⁻¹A_I x: on the first step the regularised solve's own product of this x,
+            # the same numbers; one batched product fewer per refined solve)
+            ex, eE, et = self.residual(rx, rE, t, (x, zE, zh), lim, atx)
             if until is not None:  # each element keeps its best (residual, x, z_E, ẑ)
                 res = row_inf(ex, eE, et) / size
                 best = (res, x, zE, zh) if best is None else tuple(
@@ -285,11 +299,17 @@ class KKTSystem:
                     break
             dx, dzE, dzh, datx = self._solve_regularised(ex, eE, et)
             x, zE, zh = x + dx, zE + dzE, zh + dzh
+            step_ = (dx, dzE, dzh)
             last, atx = (atx + datx) if product else None, None  # (the next step's residual: a fresh product)
         if until is not None:
             x, zE, zh = best[1:]
-            self.solve_residual = best[0]  # (B,) each element's relative residual, read by the backward
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
+        if until is not None:
+            # (B,) each element's relative residual, read by the backward; inf where the
+            # refinement stalled far from the exact system's solution, at the estimated
+            # distance solve_error (see :mod:`.stall`)
+            self.solve_error = stall_error(self, (rx, rE, t), lim, (x, zE, zh), step_, row_inf(x, zE, zI))
+            self.solve_residual = torch.where(self.solve_error > 0, torch.inf, best[0])
         zs = torch.cat([zE, zI], 1) if z else zI
         return (x, zs, zh, last) if product else (x, zs, zh)
 
@@ -320,7 +340,7 @@ class PatchedKKT:
         self.base, self.idx, self.part, self.part_is_batch = base, idx, part, part_is_batch
         part_failed = part.failed.index_select(0, idx) if part_is_batch else part.failed
         self.failed = base.failed.index_copy(0, idx, part_failed)
-        self.solve_residual: torch.Tensor | None = None  # (as KKTSystem's)
+        self.solve_residual = self.solve_error = None  # (as KKTSystem's)
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
               until: float | None = None, product: bool = False):
@@ -331,9 +351,10 @@ class PatchedKKT:
             sub = self.part.solve(rx.index_select(0, self.idx), rz.index_select(0, self.idx), refine, scaled, until)
         out = tuple(v.index_copy(0, self.idx, w) for v, w in zip(out, sub))
         if until is not None:
-            part = self.part.solve_residual
-            part = part.index_select(0, self.idx) if self.part_is_batch else part
-            self.solve_residual = self.base.solve_residual.index_copy(0, self.idx, part)
+            for name in ("solve_residual", "solve_error"):
+                part = getattr(self.part, name)
+                part = part.index_select(0, self.idx) if self.part_is_batch else part
+                setattr(self, name, getattr(self.base, name).index_copy(0, self.idx, part))
         return out
 
 

@@ -174,7 +174,7 @@ class _ReducedKKT:
 
     def __init__(self, systems: ReducedSystems, kkt: KKTSystem) -> None:
         self.systems, self.kkt, self.failed = systems, kkt, kkt.failed
-        self.solve_residual: torch.Tensor | None = None  # (as KKTSystem's)
+        self.solve_residual = self.solve_error = None  # (as KKTSystem's)
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
               until: float | None = None):
@@ -186,7 +186,9 @@ class _ReducedKKT:
         if scaled:  # the cone rows hold W⁻¹ r_I: subtract W⁻¹ A_I x_E
             AxE = self.kkt.scaling.apply_inv(AxE)
         y, zI, zh = self.kkt.solve(_mm(red.N.mT, rx - ops.Pmv(xE)), rI - AxE, refine, scaled, until)
-        self.solve_residual = self.kkt.solve_residual  # (the reduced system's: the one solved)
+        # (the reduced system's: the one solved; x = x_E + N y with N orthonormal, z_I as
+        # they are, z_E exact given them)
+        self.solve_residual, self.solve_error = self.kkt.solve_residual, self.kkt.solve_error
         x = xE + _mm(red.N, y)
         g = rx - ops.Pmv(x) - _mm(ops.A[:, p:].mT, zI)
         zE = _range_coefficients(red.Q1, red.R, g)

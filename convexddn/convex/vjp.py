@@ -100,8 +100,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         return (rc * d.D * vx).unsqueeze(-1), (d.E * vz / rc).unsqueeze(-1)
 
     rx, rz = equilibrated(gx, gz)
-    ux, uz, _ = kkt.solve(rx, rz, refine, until=BACKWARD_RTOL)
-    ux, uz, unsolved = _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz)
+    ux, uz, unsolved = _solve_derivative(sol, layout, kkt, rx, rz, refine)
     vertex = torch.zeros_like(sol.status, dtype=torch.bool)
     gain = px = secant = None
     if tangent is not None:
@@ -221,8 +220,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
         rz = rz + db
     rc = d.c.sqrt()[:, None]
     ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
-    ux, uz, _ = kkt.solve(ex, ez, refine, until=BACKWARD_RTOL)
-    ux, uz, unsolved = _densely_where_unsolved(sol, layout, kkt, ex, ez, ux, uz)
+    ux, uz, unsolved = _solve_derivative(sol, layout, kkt, ex, ez, refine)
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
     ok = (sol.status == SOLVED) & ~kkt.failed & ((rx != 0).any(1) | (rz != 0).any(1))
@@ -299,6 +297,25 @@ def _backward_accept(like: torch.Tensor) -> float:
     """:data:`BACKWARD_ACCEPT`, or in a low precision 1e4 ε (float32 solves stop at ~1e-5,
     where its gradients are ~1e-3 accurate)."""
     return max(BACKWARD_ACCEPT, 1e4 * torch.finfo(like.dtype).eps)
+
+
+def _solve_derivative(sol, layout, kkt, rx, rz, refine: int):
+    """``(ux, uz, unsolved)``: the derivative system solved for the equilibrated ``rx (B, n, 1),
+    rz (B, m, 1)``, refined to :data:`BACKWARD_RTOL`, densely where that stays above
+    :func:`_backward_accept` or stalled (:mod:`.stall`: ``kkt.solve_error``, the estimated
+    error). A dense answer that moved by less than :data:`RECOVERED` of that estimate
+    stalled too (its refinement is from a regularised matrix as well) and is unsolved."""
+    ux0, uz0, _ = kkt.solve(rx, rz, refine, until=BACKWARD_RTOL)
+    ux, uz, unsolved = _densely_where_unsolved(sol, layout, kkt, rx, rz, ux0, uz0)
+    left = kkt.solve_error
+    if left is not None:
+        short = (left > 0) & ~(row_inf(ux - ux0, uz - uz0) >= RECOVERED * left)  # (∞, NaN: short)
+        unsolved = unsolved | ((sol.status == SOLVED) & ~kkt.failed & short)
+    return ux, uz, unsolved
+
+
+# (rows 3e-5 to 3e-7 apart: the dense solve moved the answer by 1.000 to 1.003 of the estimate)
+RECOVERED = 0.1
 
 
 def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
