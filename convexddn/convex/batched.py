@@ -70,12 +70,13 @@ class BatchedSolveInfo:
         return [self.names[int(s)] for s in self.status.tolist()]
 
 
-def _secant(data, p: torch.Tensor):
+def _secant(data, p: torch.Tensor, requires: list[bool]):
     """``idx -> (dP, dq)``: the change of the elements ``idx``'s P and q along
-    :meth:`~.cone_data.ConeData.tangent_direction`."""
+    :meth:`~.cone_data.ConeData.tangent_direction` restricted to the parameters ``requires`` flags."""
     def secant(idx: torch.Tensor):
         sub = p.index_select(0, idx)
-        P, q = data.fill(torch.cat([sub + data.tangent_direction(sub), sub]))[:2]  # one fill for both ends
+        step = data.tangent_direction(sub) * data.columns_of(requires, sub)
+        P, q = data.fill(torch.cat([sub + step, sub]))[:2]  # one fill for both ends
         k = idx.numel()
         return P[:k] - P[k:], q[:k] - q[k:]
     return secant
@@ -269,17 +270,19 @@ class BatchedProgram:
                        error_duals=data.on_device("error_duals", p))
         if second_opinion:
             options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
-        # How a generic direction of the parameters moves the data: the backward probes
-        # along it for degenerate vertices and for null directions the parameters reach.
-        tangent = data.parameter_tangent(p) if reverse else None  # (forward mode: its own tangent probes)
+        # How a generic direction of the parameters requiring grad moves the data: the
+        # backward probes along it for degenerate vertices, for null directions the
+        # parameters reach and for dependent rows they move apart.
+        requires = [v.requires_grad for v in values]
+        tangent = data.parameter_tangent(p, requires) if reverse else None  # (forward mode: its own tangents)
         if tangent is not None:
             # Eliminated variables: P and q are products of maps of p; their secant along
             # the direction is a direction they move in all the same (formed in the
             # backward, for the elements that need it).
-            tangent = (*tangent, None if tangent[0] is not None else _secant(data, p.detach()))
+            tangent = (*tangent, None if tangent[0] is not None else _secant(data, p.detach(), requires))
         # Which columns the parameters requiring grad move: where the solve leaves one
         # unresolved (a weight far below the program's scale), the backward warns.
-        moved = _moved_by(data, p.detach(), [v.requires_grad for v in values]) if reverse else None
+        moved = _moved_by(data, p.detach(), requires) if reverse else None
         x, z, status, residual, iterations, error, points, _ = _ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where, moved)
         xf, zf = data.recover(x, z, extra)

@@ -150,21 +150,24 @@ class ConeData:
             return mask
         return cached(self._cache, ("columns", tuple(map(bool, which)), str(like.device), like.dtype), build)
 
-    def parameter_tangent(self, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None,
-                                                             torch.Tensor, torch.Tensor]:
+    def parameter_tangent(self, like: torch.Tensor, requires: Sequence[bool] | None = None
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``(dP (1, n, n), dq (1, n), dA (1, m, n), db (1, m))``: how the data move along
-        :meth:`tangent_direction`; cached. ``A`` and ``b`` are linear in ``p``, and so are
+        :meth:`tangent_direction` (restricted to the parameters flagged in ``requires``, as
+        :meth:`columns_of`, if given); cached. ``A`` and ``b`` are linear in ``p``, and so are
         ``P`` and ``q`` unless variables were eliminated (then ``dP``, ``dq`` are None:
         the caller takes their secant): :meth:`blocks` of the direction is their exact
         directional derivative.
         """
         def build():
-            blocks = self.blocks(self.tangent_direction(like))
+            step = self.tangent_direction(like)
+            blocks = self.blocks(step if requires is None else step * self.columns_of(requires, like))
             dA, db = blocks["A"].view(1, self.layout.m, self.n), blocks["b"]
             if self.eliminated:
                 return None, None, dA, db
             return blocks["PKK"].view(1, self.n, self.n), blocks["qK"], dA, db
-        return cached(self._cache, ("tangent", str(like.device), like.dtype), build)
+        key = None if requires is None else tuple(map(bool, requires))
+        return cached(self._cache, ("tangent", key, str(like.device), like.dtype), build)
 
     def parameter_vector(self, values: Sequence[torch.Tensor], batch: int) -> torch.Tensor:
         """p = (θ, 1) of each element, (B, n_cols), in CVXPY's column order."""

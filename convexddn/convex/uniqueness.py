@@ -31,7 +31,7 @@ import torch
 from .._generic import generic_vector
 from .certify import decided, soc_frame
 
-__all__ = ["LIMIT_AMPLIFICATION", "limit_matrix", "limit_nonunique"]
+__all__ = ["INCONSISTENT_AMPLIFICATION", "LIMIT_AMPLIFICATION", "limit_inconsistent", "limit_matrix", "limit_nonunique"]
 
 # Amplification of the Jacobi-scaled limit matrix above which a right-hand side reaches
 # a null direction (see the module docstring: ~1e15 there, at most 2.2e5 elsewhere).
@@ -132,3 +132,67 @@ def limit_nonunique(d, layout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tenso
     amp = torch.cholesky_solve(R, L).abs().amax(1) / R.abs().amax(1).clamp_min(torch.finfo(S.dtype).tiny)
     amp = torch.where(torch.isnan(amp), torch.inf, amp)
     return (amp[:, 0] > LIMIT_AMPLIFICATION) | (info != 0), amp[:, 1] > LIMIT_AMPLIFICATION
+
+
+def limit_inconsistent(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` mask: the right-hand side ``rz`` ``(B, m)`` (equilibrated; how a direction
+    of the parameters moves :math:`b - Ax`) is inconsistent on the rows that hold at the
+    solution, the equalities and the nonnegative rows not decided inactive:
+    :math:`C\\,dx = r_C` has no solution, the rows' multipliers are not unique, and along
+    that direction the program turns infeasible on both sides (an equality row that is a
+    combination of others, its ``b`` moved alone) or has one-sided derivatives (a
+    degenerate vertex moved apart): no derivative exists, whether or not :math:`x` is
+    unique.
+
+    With the rows scaled to unit length, :math:`U = V \\Sigma W^\\top`, the least-norm
+    :math:`dx` has coefficients :math:`(V^\\top r)_i / \\sigma_i` (:math:`\\sigma_i = 0`
+    beyond ``min(rows, n)``): amplified by more than :data:`INCONSISTENT_AMPLIFICATION`
+    where ``r`` reaches a direction the rows do not span. Unsquared, unlike a Gram matrix
+    :math:`UU^\\top`: rows 1e-6 apart amplify by 4.4e6 (a derivative that the backward
+    resolves), rows 1e-7 apart by 4.4e7 (beyond its :data:`~.vjp.AMPLIFICATION`), exactly
+    redundant rows by 3e12 and more. (The factorised probe's blow-up ~1/δ is relative to the whole right-hand side,
+    whose stationarity part :math:`dA^\\top z` was 1e3 times larger: 7e5, below
+    :data:`~.vjp.PROBE_GAIN`; rows 1e-5 apart, with a derivative, gain 1e10.) Second-order
+    cones do not enter. float64 only, as :func:`limit_nonunique`."""
+    B = rz.shape[0]
+    z0, k = layout.zero, layout.nonneg
+    if rz.dtype != torch.float64 or not z0 + k:
+        return torch.zeros(B, dtype=torch.bool, device=rz.device)
+    A, r = d.A[:, :z0 + k], rz[:, :z0 + k]
+    present = torch.ones_like(r, dtype=torch.bool)
+    if k:
+        present[:, z0:] = _present(s[:, z0:z0 + k], z[:, z0:z0 + k])
+    norm = A.norm(dim=-1)
+    keep = present & (norm > 0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, norm, 1.0), 0.0)
+    V, sv, _ = torch.linalg.svd(A * inv.unsqueeze(-1))
+    coef = (V.mT @ (r * inv).unsqueeze(-1)).squeeze(-1).abs()
+    # (singular values at rounding, and the zeros beyond min(rows, n), floored at it: a
+    # consistent right-hand side's rounding there is no inconsistency)
+    sv = torch.cat([sv, sv.new_zeros(B, coef.shape[1] - sv.shape[1])], 1).clamp_min(max(A.shape[1:]) * _EPS)
+    amp = (coef / sv).amax(1) / (r * inv).abs().amax(1).clamp_min(torch.finfo(r.dtype).tiny)
+    return ~(amp <= INCONSISTENT_AMPLIFICATION)  # (NaN: inconsistent)
+
+
+# Amplification of the least-norm solution of the rows that hold above which a right-hand
+# side reaches a direction they do not span, as the backward's AMPLIFICATION (see
+# limit_inconsistent: rows 1e-6, 1e-7 and 1e-8 apart 4.4e6, 4.4e7 and 4.4e8, exactly
+# redundant rows with a condition of 1e4 3e12).
+INCONSISTENT_AMPLIFICATION = 1e7
+_EPS = torch.finfo(torch.float64).eps
+
+
+def limit_tests_at(sol, layout, test: torch.Tensor, rx: torch.Tensor, cols: torch.Tensor | None,
+                   rz: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """:func:`limit_nonunique`'s ``(outputs, reached)`` for a right-hand side ``(rx, ·)`` in a
+    batched solution's ``sol`` equilibrated units, on the elements ``test`` ``(B,)`` only
+    (False elsewhere); with ``rz`` ``(B, m)`` instead, :func:`limit_inconsistent`'s mask."""
+    idx = torch.nonzero(test).squeeze(1)
+    if not idx.numel():
+        return (test,) if rz is not None else (test, test)
+    part = sol.scaled.select(idx)
+    _, s, z = part.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
+    found = ((limit_inconsistent(part, layout, s, z, rz.index_select(0, idx)),) if rz is not None
+             else limit_nonunique(part, layout, s, z, rx.index_select(0, idx), cols))
+    return tuple(test.index_copy(0, idx, f) for f in found)
+

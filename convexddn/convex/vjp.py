@@ -30,14 +30,14 @@ Jordan-frame pair, :func:`~.certify.undecided`) along whose open direction the d
 has a component (:func:`~.certify.undecided_reach`; elsewhere both sides agree), a non-unique solution (a derivative
 system that amplifies the cotangent like 1/δ, or, where rounding caps that, a cotangent
 or requested output reaching a null direction of the limit system, :mod:`.uniqueness`),
-or a derivative along a fixed direction of
-the parameters that blows up the same way (one unrefined probe solve): a degenerate
-vertex, more active rows than the solution's dimension, which the parameters move apart
-(constraints with constant data do not move: a fixed polytope's vertex stays smooth),
-or, where that probe's blow-up is capped by rounding, a probe that reaches a null
-direction of the limit system (the parameters tilt a face of optima, or weigh an
-epigraph variable left free: a regulariser's weight at 0), where the loss may be unique
-and its derivative still not.
+or a derivative along a fixed direction of the parameters requiring grad (one unrefined
+probe solve) that blows up: where it does, the rows holding at the solution are tested
+for being dependent and moved apart (:func:`~.uniqueness.limit_inconsistent`: a
+degenerate vertex, or an equality combining others with its b moved alone; constant
+rows do not move: a fixed polytope's vertex stays smooth; on second-order cones the
+blow-up decides), and the probe for reaching a null direction of the limit system (the
+parameters tilt a face of optima, or weigh an epigraph variable left free: a
+regulariser's weight at 0), where the loss may be unique and its derivative still not.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from .interior_point import SOLVED, ConeSolution, solve_cone_batch
 from .kkt import bmv, row_inf
 from .resolution import moved_columns, warn_unresolved
 from .status import element_list, name_elements
-from .uniqueness import limit_nonunique
+from .uniqueness import limit_tests_at
 
 __all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "PROBE_GATE", "SIDE_RTOL",
            "cone_jvp", "cone_vjp"]
@@ -72,10 +72,9 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         tangent: ``(dP, dq, dA, db, secant)``, how a fixed, generic direction of the
             parameters moves the data (``dP``, ``dq`` None: ``secant(idx)`` gives them for
             the elements ``idx``, where a generic vector finds the system near singular); where the
-            derivative along it grows by more than :data:`PROBE_GAIN` (a degenerate
-            vertex: more active rows than the solution's dimension, moved apart), or by
-            more than :data:`PROBE_GATE` and the limit system's test finds it reaching a
-            null direction, none exists.
+            derivative along it grows by more than :data:`PROBE_GATE` and the limit tests
+            find it moving dependent rows apart or reaching a null direction (or, with
+            second-order cones, by more than :data:`PROBE_GAIN`), none exists.
         cols: the requested outputs' columns of ``x`` (all by default), whose uniqueness
             the limit test checks (the solve's ``error_cols``).
 
@@ -115,7 +114,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         du, dz, _ = kkt.solve(px, pz, 0)
         gain = torch.maximum(row_inf(du), row_inf(dz)) / size.clamp_min(torch.finfo(size.dtype).tiny)
         gain = torch.where(size > 0, gain, 0.0)
-        vertex = gain > PROBE_GAIN
+        vertex, raw = (gain > PROBE_GAIN) & bool(layout.soc), gain
     # How much the (equilibrated) derivative system amplifies the cotangent: O(1)-O(10)
     # where the solution is unique and differentiable, ~1/δ (δ the 1e-12 lift of
     # the polished slacks) along a direction of non-uniqueness (measured: 2e9 on an LP
@@ -155,6 +154,11 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
                 px = px + equilibrated(part, torch.zeros_like(sol.z))[0]
         vertex = vertex | _limit_test(sol, layout, ok[:, 0], gain / PROBE_GATE * LIMIT_GATE, px.squeeze(-1),
                                       cols)[1]
+        # Dependent rows that hold, moved apart: where the probe blew up (pz needs no secant),
+        # or the cotangent's solve missed its target (rows 1e-8 apart: the probe is damped).
+        stuck = unsolved | ~(kkt.solve_residual <= BACKWARD_RTOL)
+        vertex = vertex | limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck), px, cols,
+                                         pz.squeeze(-1))[0]
     nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached | unsolved)
     not_differentiable = ok[:, 0] & (kinks | nonunique | vertex | outputs)
     ok = ok & ~nonunique[:, None]
@@ -180,14 +184,7 @@ def _limit_test(sol: ConeSolution, layout, ok: torch.Tensor, amplification: torc
     """:func:`~.uniqueness.limit_nonunique`'s ``(outputs, reached)`` on the elements ``ok``
     whose amplification passes :data:`LIMIT_GATE` (False elsewhere; on all, +5 % on the
     n = 50 QP); ``rx`` ``(B, n)`` the equilibrated right-hand side's x part."""
-    outputs = reached = torch.zeros_like(ok)
-    suspect = torch.nonzero(ok & (amplification > LIMIT_GATE)).squeeze(1)
-    if suspect.numel():
-        part = sol.scaled.select(suspect)
-        _, s_eq, z_eq = part.scale(*(v.index_select(0, suspect) for v in (sol.x, sol.s, sol.z)))
-        found = limit_nonunique(part, layout, s_eq, z_eq, rx.index_select(0, suspect), cols)
-        outputs, reached = (mask.index_copy(0, suspect, f) for mask, f in zip((outputs, reached), found))
-    return outputs, reached
+    return limit_tests_at(sol, layout, ok & (amplification > LIMIT_GATE), rx, cols)
 
 
 def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: torch.Tensor | None = None):
@@ -284,7 +281,9 @@ AMPLIFICATION = 1e7
 LIMIT_GATE = 10.0
 # The same for the probe along a parameter direction: measured in a gradient fuzz, at most
 # 1.7e2 on 659 elements where central differences agree with the gradient to 1e-6, at
-# least 2.3e7 on the 20 where they disagree by more than 1e-4, 7.9e6 on one more.
+# least 2.3e7 on the 20 where they disagree by more than 1e-4, 7.9e6 on one more. Used with
+# second-order cones only: on LPs and QPs the limit tests decide (rows 1e-5 apart gain 1e10
+# with a derivative, as 1/d², which the gain cannot tell from a degenerate vertex's 1/δ).
 PROBE_GAIN = 1e6
 # ... and above which the limit system's test runs on the probe's right-hand side:
 # rounding capped the probe's blow-up at 85 on min ‖x‖₁ s.t. aᵀx = b at a = (1, 1, 1),

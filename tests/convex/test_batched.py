@@ -695,12 +695,13 @@ def test_unique_solutions_are_not_flagged_by_the_limit_test(monkeypatch):
     random QPs with inequalities and equalities, a projection onto a ball (SOC), and an
     L1-ball projection (an auxiliary epigraph variable per entry). Its gate is opened
     (LIMIT_GATE = 0: the test runs on every element; at 10 none of these reaches it)."""
+    import convexddn.convex.uniqueness as uniqueness
     import convexddn.convex.vjp as vjp
 
     calls = []
-    real = vjp.limit_nonunique
+    real = uniqueness.limit_nonunique
     monkeypatch.setattr(vjp, "LIMIT_GATE", 0.0)
-    monkeypatch.setattr(vjp, "limit_nonunique", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(uniqueness, "limit_nonunique", lambda *a: calls.append(1) or real(*a))
     prob, params, variables, _ = qp_problem(n=12, m=10, p=3)
     data = qp_data(8, n=12, m=10, p=3, seed=11)
     _, texts, _ = _batched_warned(cddn.ConvexLayer(prob, params, variables), data)

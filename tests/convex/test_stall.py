@@ -54,7 +54,7 @@ def test_nearly_parallel_equality_rows_get_the_exact_gradient(d):
     assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max(), (got, exact)
 
 
-@pytest.mark.parametrize("d", [1e-7])
+@pytest.mark.parametrize("d", [1e-7, 1e-8])
 def test_nearly_parallel_equality_rows_beyond_resolution_are_warned(d):
     """Rows 1e-7 and 1e-8 apart (gradients 1e7, 1e8; the derivative system singular to
     working precision at 1e-8): the gradient is either the closed form or warned about
