@@ -25,7 +25,8 @@ from .canonical import UnsupportedProblem, canonicalise
 from .interior_point import SOLVED, STATUS_NAMES
 from .resolution import moved_columns
 from .second_opinion import clarabel_points
-from .vjp import _ConeSolve, cone_vjp
+from .cone_solve import ConeSolve
+from .vjp import cone_vjp
 
 __all__ = ["BatchedProgram", "BatchedSolveInfo", "UnsupportedProblem", "cone_vjp"]
 
@@ -70,29 +71,27 @@ class BatchedSolveInfo:
         return [self.names[int(s)] for s in self.status.tolist()]
 
 
+def _step(data, p: torch.Tensor, requires: list[bool], idx: torch.Tensor):
+    """``(dP, dq, dA, db, A)`` of the elements ``idx``: the change of their data along
+    :meth:`~.cone_data.ConeData.tangent_direction` restricted to the parameters
+    ``requires`` flags, and their A."""
+    sub = p.index_select(0, idx)
+    step = data.tangent_direction(sub) * data.columns_of(requires, sub)
+    P, q, A, b = data.fill(torch.cat([sub + step, sub]))[:4]  # one fill for both ends
+    k = idx.numel()
+    return P[:k] - P[k:], q[:k] - q[k:], A[:k] - A[k:], b[:k] - b[k:], A[k:]
+
+
 def _secant(data, p: torch.Tensor, requires: list[bool]):
-    """``idx -> (dP, dq)``: the change of the elements ``idx``'s P and q along
-    :meth:`~.cone_data.ConeData.tangent_direction` restricted to the parameters ``requires`` flags."""
-    def secant(idx: torch.Tensor):
-        sub = p.index_select(0, idx)
-        step = data.tangent_direction(sub) * data.columns_of(requires, sub)
-        P, q = data.fill(torch.cat([sub + step, sub]))[:2]  # one fill for both ends
-        k = idx.numel()
-        return P[:k] - P[k:], q[:k] - q[k:]
-    return secant
+    """``idx -> (dP, dq)``: how the elements ``idx``'s P and q move along the parameters'
+    direction (:func:`_step`)."""
+    return lambda idx: _step(data, p, requires, idx)[:2]
 
 
 def _moved_by(data, p: torch.Tensor, requires: list[bool]):
     """``idx -> (len(idx), n)``: the columns of the elements ``idx``'s program that the
-    parameters requiring grad move (:func:`~.resolution.moved_columns`, along
-    :meth:`~.cone_data.ConeData.tangent_direction` restricted to those parameters)."""
-    def moved(idx: torch.Tensor) -> torch.Tensor:
-        sub = p.index_select(0, idx)
-        step = data.tangent_direction(sub) * data.columns_of(requires, sub)
-        P, q, A, b = data.fill(torch.cat([sub + step, sub]))[:4]  # one fill for both ends
-        k = idx.numel()
-        return moved_columns(P[:k] - P[k:], q[:k] - q[k:], A[:k] - A[k:], b[:k] - b[k:], A[k:])
-    return moved
+    parameters requiring grad move (:func:`~.resolution.moved_columns` of :func:`_step`)."""
+    return lambda idx: moved_columns(*_step(data, p, requires, idx))
 
 
 class BatchedProgram:
@@ -283,7 +282,7 @@ class BatchedProgram:
         # Which columns the parameters requiring grad move: where the solve leaves one
         # unresolved (a weight far below the program's scale), the backward warns.
         moved = _moved_by(data, p.detach(), requires) if reverse else None
-        x, z, status, residual, iterations, error, points, _ = _ConeSolve.apply(
+        x, z, status, residual, iterations, error, points, _ = ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where, moved)
         xf, zf = data.recover(x, z, extra)
         solved = status == SOLVED

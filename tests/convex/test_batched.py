@@ -527,8 +527,8 @@ def test_batch_beyond_the_memory_budget_is_solved_in_chunks(monkeypatch):
     monkeypatch.setitem(batched_module._BATCHED_MAX_BYTES, "cpu", 3 * per_element)
     assert layer._batched.max_batch(torch.device("cpu")) == 3
     calls = []
-    original = batched_module._ConeSolve.apply
-    monkeypatch.setattr(batched_module._ConeSolve, "apply",
+    original = batched_module.ConeSolve.apply
+    monkeypatch.setattr(batched_module.ConeSolve, "apply",
                         lambda P, *rest: calls.append(P.shape[0]) or original(P, *rest))
     chunked = layer(*data)
     (g_chunked,) = torch.autograd.grad(chunked.sum(), data[1])

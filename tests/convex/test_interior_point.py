@@ -286,7 +286,7 @@ def test_stalled_element_stops_and_is_certified(monkeypatch):
     now it stops 30 iterations after its last progress, and polishing solves it
     (checked against Clarabel)."""
     import convexddn as cddn
-    import convexddn.convex.vjp as batched_vjp
+    import convexddn.convex.cone_solve as batched_vjp
     import convexddn.convex.interior_point as ip
 
     gen = torch.Generator().manual_seed(0)

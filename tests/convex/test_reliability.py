@@ -12,7 +12,7 @@ import torch
 
 import convexddn as cddn
 import convexddn.convex.batched as batched
-import convexddn.convex.vjp as batched_vjp
+import convexddn.convex.cone_solve as batched_vjp
 from convexddn.convex.status import failure_error
 from convexddn.errors import (
     ConvexDDNError,
