@@ -285,19 +285,23 @@ def _check_values(prefix: str, c: Tensor, n_eq: int, batch_shape) -> None:
     bad = torch.isnan(v) | (torch.isinf(v) & (is_eq | (v > 0)))
     if not bool(bad.any()):
         return
-    fatal = bad.any(-1)
-    indices = _format_indices(fatal, batch_shape)
+    raise ProblemError(_bad_constraints(
+        prefix, "return NaN or Inf", "constraint(s)", bad, n_eq, batch_shape,
+        f"the constraint is not defined there (e.g. sqrt of a negative number) or overflows {v.dtype} "
+        "(rescale the problem), so neither its activity nor the KKT conditions can be judged (an "
+        "inequality may be -Inf: a bound at infinity, never active)"))
+
+
+def _bad_constraints(prefix: str, what: str, kind: str, bad: Tensor, n_eq: int, batch_shape, why: str) -> str:
+    """The message naming the methods, the constraints (flat indices within each method's
+    output) and the batch elements of a ``(B, m)`` mask ``bad``, then ``why``."""
     rows = torch.nonzero(bad.any(0)).flatten().tolist()
-    which = sorted({"equality_constraints" if j < n_eq else "inequality_constraints" for j in rows})
+    which = " and ".join(sorted({"equality_constraints" if j < n_eq else "inequality_constraints" for j in rows}))
     flat = [j if j < n_eq else j - n_eq for j in rows]
-    raise ProblemError(
-        f"{prefix}{' and '.join(which)} return NaN or Inf at the returned solution, for "
-        f"constraint(s) {flat[:8]} (flat index within each method's output) at batch indices "
-        f"{indices[:8]} ({len(indices)} of {fatal.numel()} element(s)): the constraint is not "
-        f"defined there (e.g. sqrt of a negative number) or overflows {v.dtype} (rescale the "
-        "problem), so neither its activity nor the KKT conditions can be judged (an inequality "
-        "may be -Inf: a bound at infinity, never active)"
-    )
+    indices = _format_indices(bad.any(-1), batch_shape)
+    return (f"{prefix}{which} {what} at the returned solution, for {kind} {flat[:8]} (flat index within "
+            f"each method's output) at batch indices {indices[:8]} ({len(indices)} of {bad.shape[0]} "
+            f"element(s)): {why}")
 
 
 def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:
@@ -310,20 +314,10 @@ def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:
     bad = ~torch.isfinite(A).all(dim=-1)  # inactive rows are zero already
     if not bool(bad.any()):
         return
-    fatal = bad.any(-1)
-    indices = _format_indices(fatal, batch_shape)
-    rows = torch.nonzero(bad.any(0)).flatten().tolist()
-    which = sorted({"equality_constraints" if j < n_eq else "inequality_constraints"
-                    for j in rows})
-    flat = [j if j < n_eq else j - n_eq for j in rows]
-    raise ProblemError(
-        f"{prefix}{' and '.join(which)} have a non-finite (NaN or Inf) Jacobian with "
-        f"respect to y at the returned solution, for active constraint(s) {flat[:8]} "
-        f"(flat index within each method's output) at batch indices {indices[:8]} "
-        f"({len(indices)} of {fatal.numel()} element(s)): a constraint that is not "
-        "differentiable at the solution (e.g. |y|^p with p < 1 at a zero entry) has no "
-        "KKT conditions there, so the implicit derivative does not exist"
-    )
+    raise ProblemError(_bad_constraints(
+        prefix, "have a non-finite (NaN or Inf) Jacobian with respect to y", "active constraint(s)", bad, n_eq,
+        batch_shape, "a constraint that is not differentiable at the solution (e.g. |y|^p with p < 1 at a zero "
+        "entry) has no KKT conditions there, so the implicit derivative does not exist"))
 
 
 def _grads(out: Tensor, inputs, create_graph: bool) -> tuple[Tensor, ...]:
