@@ -114,7 +114,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
         inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
         if ineq is not None:
-            inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(gf, yg, xg),
+            inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(gf, yg),
                                                active_tol, y.dtype)
             gf = gf.detach()
         A = A.masked_fill(inactive.unsqueeze(-1), 0.0)

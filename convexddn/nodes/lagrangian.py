@@ -150,28 +150,26 @@ def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c:
 _LENGTH_FLOOR = 1e-3
 
 
-def _solution_length(g: Tensor, yg: Tensor, xg) -> Tensor:
+def _solution_length(g: Tensor, yg: Tensor) -> Tensor:
     """``(B,)`` the length by which the activity test measures ``y``: ``‖y‖``, but at least
-    :data:`_LENGTH_FLOOR` times its reach :math:`(\\|B\\|\\,\\|x\\| + \\|\\nabla_y f\\|) / \\|H\\|`
-    (how far the objective's curvature lets ``y`` move when ``x`` moves by its size, and
-    to the unconstrained minimiser; norms from one Hessian-vector product of ``f``; no
-    floor without curvature, a linear objective). Measured by ``‖y‖`` alone, a projection
-    onto ``y >= 0`` solved to 1e-12 at ``y* = 0`` had every bound inactive: rejected, or
-    with ``check_solution=False`` the identity for a zero Jacobian. ``g``: ``∇_y f`` built
-    with ``create_graph=True``."""
+    :data:`_LENGTH_FLOOR` times its reach :math:`\\|\\nabla_y f\\| / \\|H\\|` (how far the
+    objective's curvature puts the unconstrained minimiser, the Newton step; ``‖H‖`` from
+    one Hessian-vector product of ``f``; no floor without curvature, a linear objective).
+    Measured by ``‖y‖`` alone, a projection onto ``y >= 0`` solved to 1e-12 at ``y* = 0``
+    had every bound inactive: rejected, or with ``check_solution=False`` the identity for a
+    zero Jacobian. The reach holds the data only as far as the problem sees it (``B x``
+    enters ``∇_y f``): with ``‖B‖‖x‖`` in it, a common offset of inputs that cancels in the
+    problem (``y ≥ 0`` near ``x − x₀`` at ``x ~ x₀ ~ 1e6``) made a bound 1e-3 from ``y``
+    active. ``g``: ``∇_y f`` built with ``create_graph=True``."""
     length = yg.detach().norm(dim=-1)
     if not g.requires_grad:
         return length
     u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
     # retain_graph: this second pass runs through the objective's own forward nodes, whose
     # saved tensors (exp, log, division) the Lagrangian's gradient needs after it.
-    probes = torch.autograd.grad((g * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True)
-    curvature = torch.zeros_like(length) if probes[0] is None else probes[0].norm(dim=-1)
-    reach = g.detach().norm(dim=-1)
-    for x, Bu in zip(xg, probes[1:]):
-        if Bu is not None:
-            reach = reach + Bu.flatten(1).norm(dim=-1) * x.detach().flatten(1).norm(dim=-1)
-    reach = reach / torch.where(curvature > 0, curvature, 1.0)
+    (Hu,) = torch.autograd.grad((g * u).sum(), yg, retain_graph=True, allow_unused=True)
+    curvature = torch.zeros_like(length) if Hu is None else Hu.norm(dim=-1)
+    reach = g.detach().norm(dim=-1) / torch.where(curvature > 0, curvature, 1.0)
     floor = torch.where((curvature > 0) & torch.isfinite(reach), _LENGTH_FLOOR * reach, 0.0)
     return torch.maximum(length, floor)
 

@@ -114,7 +114,8 @@ def kkt_residuals(
         lam: multipliers ``(B, r)``, or ``None``.
         n_eq: how many of the ``r`` constraints are equalities.
         inactive: ``(B, r)`` mask of inactive inequalities, or ``None``.
-        tol: relative level under which an active inequality's multiplier counts as zero.
+        tol: relative level under which an active inequality's multiplier counts as zero:
+            its force ``λ_j ‖a_j‖`` against ``‖H‖‖y‖ + ‖∇_y f‖``.
         eps: the data's rounding level (the caller's dtype's epsilon); each element's
             scale is at least ``eps`` times the largest in the batch.
         probes: ``(H u, Bᵀu …)`` of ``gL`` along :func:`~.krylov.pseudo_random_directions`
@@ -136,6 +137,10 @@ def kkt_residuals(
             (gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True
         ) if gL.requires_grad else (None,) * (1 + len(xg))
     Hu = probes[0] if probes[0] is not None else torch.zeros_like(yg)
+    # The multipliers' own scale: the gradient they cancel and how much it moves when y
+    # moves by its size (the unit of y's accepted error). Not ‖B‖‖x‖ (an offset of inputs
+    # the problem does not see called a multiplier of 0.3 zero at x ~ 1e6).
+    force_scale = _floored((Hu.norm(dim=-1) * yg.norm(dim=-1) + gf.norm(dim=-1)).detach(), eps)
     # Plus the size of the gradient the multipliers cancel: a linear objective whose
     # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding
     # was divided by 0 (a unique vertex rejected at a residual of 1e292).
@@ -185,9 +190,9 @@ def kkt_residuals(
             tol, eps, lambda v: (torch.linalg.pinv(rows) @ v.unsqueeze(-1)).squeeze(-1))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
-    weakly = (active_ineq & (force <= tol * scale.unsqueeze(-1))).any(-1)
+    weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
     if bool(weakly.any()):
-        weakly = _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly)
+        weakly = _strictly_complementary_exists(A, gf, active_ineq, r, force_scale, tol, weakly)
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly)
 
 

@@ -108,3 +108,49 @@ def test_an_inequality_at_minus_infinity_is_a_bound_at_infinity():
         warnings.simplefilter("error", GradientWarning)
         _Upper()(x).backward(v)
     torch.testing.assert_close(x.grad, torch.tensor([[0.0, -2.0]], dtype=DT))
+
+
+class _ShiftedBound(DeclarativeNode):
+    """argmin ½‖y − (x − x₀)‖² s.t. y ≥ 0: y = max(x − x₀, 0), a problem of x − x₀ only."""
+
+    def __init__(self, err: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.err = err
+
+    def objective(self, x, x0, y):
+        return 0.5 * ((y - (x - x0)) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, x0, y):
+        return -y
+
+    def solve(self, x, x0):
+        return torch.clamp(x - x0, min=0) + self.err
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6, 1e7])
+@pytest.mark.parametrize("slack", [1e-2, 1e-3])
+def test_activity_does_not_depend_on_an_offset_the_problem_does_not_see(offset, slack):
+    # A common offset of x and x₀ entered the activity length through ‖B‖‖x‖: at 1e6
+    # (slack 1e-3) or 1e7 (slack 1e-2) the slack bound y₀ ≥ 0 counted as active, x.grad
+    # [0, 1, 0] under a "kink" warning. Reference: max's Jacobian diag(x − x₀ > 0).
+    d = torch.tensor([[slack, 0.5, -0.3]], dtype=DT)
+    x0 = torch.full((1, 3), offset, dtype=DT, requires_grad=True)
+    x = (x0.detach() + d).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        _ShiftedBound()(x, x0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0, 1.0, 0.0]], dtype=DT), rtol=0, atol=1e-9)
+    torch.testing.assert_close(x0.grad, -x.grad, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_bounds_at_a_solution_near_zero_stay_active_under_an_offset(offset):
+    # The activity length's floor (a projection solved to 1e-12 at y* = 0) comes from
+    # ∇_y f alone now: it must still class those bounds active, offset or not.
+    d = torch.tensor([[-1.0, -2.0, 0.5]], dtype=DT)
+    x0 = torch.full((1, 3), offset, dtype=DT)
+    x = (x0 + d).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        _ShiftedBound(1e-12)(x, x0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, 1.0]], dtype=DT), rtol=0, atol=1e-9)

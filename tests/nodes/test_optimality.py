@@ -144,3 +144,45 @@ def test_offset_checks_do_not_depend_on_units(kind, scale):
     node = Shifted if kind == "shifted" else Split
     xs = tuple(scale * t for t in _inputs(kind, 5e6 if kind == "shifted" else 0.0))
     assert [_verdict(node(off * scale), xs, "vjp") for off in (0.0, 1e-3, 0.5)] == ["silent", "warning", "error"]
+
+
+class ShiftedBound(DeclarativeNode):
+    """``argmin ½‖y − (x − x₀)‖²`` s.t. ``y ≥ 0``: ``y = max(x − x₀, 0)``, a problem of
+    ``x − x₀`` only; bound j's multiplier is ``max(x₀ − x, 0)_j``."""
+
+    def objective(self, x, x0, y):
+        return 0.5 * ((y - (x - x0)) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, x0, y):
+        return -y
+
+    def solve(self, x, x0):
+        return torch.clamp(x - x0, min=0)
+
+
+def _gradient_warnings(node: DeclarativeNode, *xs: torch.Tensor) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        node(*xs).sum().backward()
+    return [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6, 1e7])
+def test_a_strongly_active_bound_is_not_weak_under_an_offset(offset):
+    # Multiplier 0.3 on y₁ ≥ 0 (0.3 of ‖∇f‖ = 0.3): the weak-activity test measured it
+    # against tol·‖B‖‖x‖, ~2.8 at an offset of 1e6 the problem does not see, and warned
+    # of a zero multiplier. Reference: max's Jacobian diag(x − x₀ > 0).
+    x0 = torch.full((1, 2), offset, dtype=DT)
+    x = (x0 + torch.tensor([[0.5, -0.3]], dtype=DT)).requires_grad_(True)
+    assert _gradient_warnings(ShiftedBound(), x, x0) == []
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0, 0.0]], dtype=DT), rtol=0, atol=1e-9)
+
+
+def test_a_bound_exactly_at_its_kink_is_weak_under_an_offset():
+    # x − x₀ = 0 exactly on entry 1: max(·, 0) has a kink there (multiplier 0, strict
+    # complementarity fails), and the warning must still say so at an offset of 1e6.
+    x0 = torch.full((1, 2), 1e6, dtype=DT)
+    x = (x0 + torch.tensor([[0.5, 0.0]], dtype=DT)).requires_grad_(True)
+    msgs = _gradient_warnings(ShiftedBound(), x, x0)
+    assert len(msgs) == 1 and "zero multiplier" in msgs[0]
+
