@@ -115,7 +115,7 @@ def kkt_residuals(
         n_eq: how many of the ``r`` constraints are equalities.
         inactive: ``(B, r)`` mask of inactive inequalities, or ``None``.
         tol: relative level under which an active inequality's multiplier counts as zero:
-            its force ``λ_j ‖a_j‖`` against ``‖H‖‖y‖ + ‖∇_y f‖``.
+            its force ``λ_j ‖a_j‖`` against the element's own ``‖H‖‖y‖ + ‖∇_y f‖``.
         eps: the data's rounding level (the caller's dtype's epsilon); each element's
             scale is at least ``eps`` times the largest in the batch.
         probes: ``(H u, Bᵀu …)`` of ``gL`` along :func:`~.krylov.pseudo_random_directions`
@@ -139,8 +139,9 @@ def kkt_residuals(
     Hu = probes[0] if probes[0] is not None else torch.zeros_like(yg)
     # The multipliers' own scale: the gradient they cancel and how much it moves when y
     # moves by its size (the unit of y's accepted error). Not ‖B‖‖x‖ (an offset of inputs
-    # the problem does not see called a multiplier of 0.3 zero at x ~ 1e6).
-    force_scale = _floored((Hu.norm(dim=-1) * yg.norm(dim=-1) + gf.norm(dim=-1)).detach(), eps)
+    # the problem does not see called a multiplier of 0.3 zero at x ~ 1e6), nor floored by
+    # the batch (a neighbour 1e30 larger called this element's multipliers zero).
+    force_scale = (Hu.norm(dim=-1) * yg.norm(dim=-1) + gf.norm(dim=-1)).detach()
     # Plus the size of the gradient the multipliers cancel: a linear objective whose
     # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding
     # was divided by 0 (a unique vertex rejected at a residual of 1e292).

@@ -186,3 +186,26 @@ def test_a_bound_exactly_at_its_kink_is_weak_under_an_offset():
     msgs = _gradient_warnings(ShiftedBound(), x, x0)
     assert len(msgs) == 1 and "zero multiplier" in msgs[0]
 
+
+class HalfMax(DeclarativeNode):
+    """``argmin ½‖y − x‖²`` s.t. ``y ≤ max|x| / 2``: ``y = min(x, max|x| / 2)``."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return y - 0.5 * x.abs().amax(-1, keepdim=True)
+
+    def solve(self, x):
+        return torch.minimum(x, 0.5 * x.abs().amax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("other", [None, 1e20, 1e30])
+def test_weak_activity_does_not_depend_on_the_batch(other):
+    # Element 0 (multiplier 1 on y₀ ≤ 1) was called weakly active beside an element 1e30
+    # times larger: its scale was floored at eps times the batch's largest. Reference:
+    # y = (|x₀|/2, x₁, x₂) at x = (2, −1, 0.3), so the gradient of Σy is (1/2, 1, 1).
+    x1 = torch.tensor([[2.0, -1.0, 0.3]], dtype=DT)
+    x = (x1 if other is None else torch.cat([x1, other * x1])).requires_grad_(True)
+    assert _gradient_warnings(HalfMax(), x) == []
+    torch.testing.assert_close(x.grad[0], torch.tensor([0.5, 1.0, 1.0], dtype=DT), rtol=0, atol=1e-12)
