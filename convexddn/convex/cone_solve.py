@@ -13,7 +13,7 @@ from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning
 from .interior_point import SOLVED, solve_cone_batch
-from .resolution import moved_columns, warn_unresolved
+from .resolution import moved_columns, warn_unresolved, warn_weak, weakly_determined
 from .status import element_list, name_elements
 from .vjp import cone_jvp, cone_vjp
 
@@ -67,6 +67,7 @@ class ConeSolve(torch.autograd.Function):
         if moved is not None:
             live = (sol.status == SOLVED) & ((gx != 0).any(1) | (gz != 0).any(1))
             warn_unresolved("backward", sol, layout, where, live, moved)
+            warn_weak("backward", where, weakly_determined(sol, gx, gz, (gP, gq, gA, gb), tangent, live))
         return gP, gq, gA, gb, None, None, None, None, None, None
 
 

@@ -20,6 +20,10 @@ units). Resolved columns end at 1e-16 of their terms; the unresolved ones measur
 0.1-0.6. A weight below ~1e-13 of the program's scale leaves its column at rounding, where
 the test cannot tell it from an exact zero: the limit of what one solve in float64 can
 resolve (documented in docs/which-path.md).
+
+A weak term may also act along a direction no column shows (a small ridge on an
+underdetermined least squares): :func:`weakly_determined` bounds what the solution's
+rounding floor along it does to the gradient.
 """
 from __future__ import annotations
 
@@ -28,11 +32,12 @@ import torch
 from .._warn import warn
 from ..errors import GradientWarning
 from .certify import decided, soc_frame
-from .kkt import bmv
+from .kkt import bmv, row_inf
 from .status import element_list, name_elements
 from .symmetric_cones import ConeLayout
 
-__all__ = ["DATA", "ROUNDING", "ROW_RTOL", "moved_columns", "unresolved_columns", "warn_unresolved"]
+__all__ = ["DATA", "ROUNDING", "ROW_RTOL", "WEAK_GATE", "moved_columns", "unresolved_columns", "warn_unresolved",
+           "warn_weak", "weakly_determined"]
 
 # A column's residual relative to its own largest term above which it is unresolved (a
 # derivative through it carries that relative error at least; the gradient promise is
@@ -134,3 +139,72 @@ def warn_unresolved(mode: str, sol, layout: ConeLayout, where, live: torch.Tenso
              "within ~1e8 of one another",
              GradientWarning, elements=element_list(where, idx))
 
+
+
+# The cotangent's amplification (equilibrated units) below which the solution's rounding
+# floor, carried through a gradient, cannot reach the promise's 1e-4 whatever cancels:
+# checked only above it (the secant along P's direction costs a fill of the data).
+WEAK_GATE = 1e3
+
+
+def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tangent, live: torch.Tensor
+                      ) -> torch.Tensor:
+    """``(B,)`` the elements of ``live`` whose gradient along the parameters' direction
+    (``tangent`` = ``(dP, dq, dA, db, secant)`` of :func:`~.vjp.cone_vjp`) may be off by
+    more than :data:`ROW_RTOL` of itself, carried there by the solution's own rounding floor.
+
+    A direction :math:`v` of weak curvature (``‖y‖²`` at a weight λ beside ``‖Gy - h‖²``
+    with G of rank 1 < dim y) fixes the solution along itself only to
+    :math:`\\delta \\approx \\varepsilon T \\|K^{-1}\\|` (T the rows' largest term): no
+    solve does better, the data themselves are that close. The cotangent's solve
+    :math:`u = K^{-T} g` is amplified along :math:`v` too, and the data gradient
+    :math:`-u x^T` (P), :math:`-z u_x^T - u_z x^T` (A) is exact to δ per entry yet its
+    contraction with a parameter's data direction may cancel: :math:`dL/d\\lambda = -2u^T x`
+    is 0.25 from terms of ~1/λ. The error bound along the direction ``dD`` of the data,
+    :math:`E = \\delta (|u_x|^T |dP| 1 + |u_z|^T |dA| 1 + 1^T |dA| |u_x|)` (δ per entry in
+    the caller's units), is compared with the gradient there, :math:`\\langle g_D, dD\\rangle`.
+    :math:`\\|K^{-1}\\|` is estimated by the amplification :math:`\\|u\\|/\\|g\\|` (equilibrated),
+    a lower bound that is tight where the cotangent reaches :math:`v`, the only case the
+    floor is carried through :math:`u`."""
+    B = gx.shape[0]
+    flag = torch.zeros(B, dtype=torch.bool, device=gx.device)
+    d = sol.scaled
+    if tangent is None or d is None:
+        return flag
+    gP, gq, gA, gb = grads
+    rc = d.c.sqrt()[:, None]
+    ux_e, uz_e = gq.abs() / (rc * d.D), gb.abs() * rc / d.E  # (gq = -u_x, gb = u_z, caller units)
+    amp = row_inf(ux_e, uz_e) / row_inf(rc * d.D * gx, d.E * gz / rc).clamp_min(torch.finfo(gx.dtype).tiny)
+    idx = torch.nonzero(live & (amp > WEAK_GATE)).squeeze(1)
+    if not idx.numel():
+        return flag
+    pick = lambda v: v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
+    dP, dq, dA, db, secant = tangent
+    if dP is None:
+        dP, dq = secant(idx)
+    e = d.select(idx)
+    x, s, z = e.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
+    # The rows' largest term (equilibrated): the rounding of the residual the solve can reach.
+    terms = row_inf(bmv(e.P.abs(), x.abs()), e.q, bmv(e.A.abs().mT, z.abs()), bmv(e.A.abs(), x.abs()), e.b, s)
+    floor = torch.finfo(x.dtype).eps * terms.clamp_min(1.0) * amp.index_select(0, idx)
+    sig = e.sigma[:, None]
+    dx, dz = floor[:, None] * sig * e.D, floor[:, None] * sig * e.E / e.c[:, None]  # caller units
+    ux, uz = gq.index_select(0, idx).abs(), gb.index_select(0, idx).abs()
+    dPa, dAa = pick(dP).abs(), pick(dA).abs()
+    bound = ((bmv(dPa, dx) * ux).sum(1) + (bmv(dAa, dx) * uz).sum(1) + (bmv(dAa.mT, dz) * ux).sum(1))
+    along = ((gP.index_select(0, idx) * pick(dP)).sum((1, 2)) + (gq.index_select(0, idx) * pick(dq)).sum(1)
+             + (gA.index_select(0, idx) * pick(dA)).sum((1, 2)) + (gb.index_select(0, idx) * pick(db)).sum(1))
+    return flag.index_copy(0, idx, bound > ROW_RTOL * along.abs())
+
+
+def warn_weak(mode: str, where, flagged: torch.Tensor) -> None:
+    """The GradientWarning naming the elements ``flagged`` by :func:`weakly_determined`."""
+    idx = torch.nonzero(flagged).squeeze(1).tolist()
+    if idx:
+        warn(f"ConvexLayer {mode} (batched): the gradient of {len(idx)} batch element(s) "
+             f"({name_elements(where, idx)}) may be wrong: their program curves only weakly along some direction "
+             "(a weight far below its other terms on a variable that those leave free: a small ridge on an "
+             "underdetermined least squares), which fixes the solution along it only to rounding divided by that "
+             "curvature, and the derivative amplifies that error by the same factor again; rescale the program, "
+             "or make the weak term larger (within ~1e6 of the others in float64)",
+             GradientWarning, elements=element_list(where, idx))

@@ -146,3 +146,31 @@ def test_columns_sharing_a_bound_with_an_unresolved_one_are_reached():
     xs = torch.tensor([1.0, 0.5, -2.0, 0.0], dtype=F64, requires_grad=True)
     with pytest.warns(GradientWarning, match="unresolved"):
         torch.autograd.grad(layer(xs).sum(), xs)
+
+
+def _ridge_layer(constrained: bool):
+    G, h, lam, y = cp.Parameter((1, 2)), cp.Parameter(1), cp.Parameter(nonneg=True), cp.Variable(2)
+    cost = cp.sum_squares(G @ y - h) + lam * cp.sum_squares(y)
+    prob = cp.Problem(cp.Minimize(cost), [y <= 10] if constrained else [])  # (y ≤ 10: inactive)
+    return cddn.ConvexLayer(prob, parameters=[G, h, lam], variables=[y])
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_a_small_ridge_on_an_underdetermined_least_squares_warns_where_its_gradient_is_off(constrained):
+    # min ‖Gy − h‖² + λ‖y‖² with G 1×2: y's part in G's null space is fixed by λ alone, to
+    # rounding/λ, and dL/dλ amplifies that by 1/λ again (11-14 % off at λ = 1e-7, silently).
+    # Closed form (Woodbury): y = Gᵀh/(|G|² + λ), dy/dλ = −Gᵀh/(|G|² + λ)².
+    layer, w = _ridge_layer(constrained), torch.tensor([1.0, -2.0], dtype=F64)
+    G, h = torch.tensor([[1.0, 0.3]], dtype=F64), torch.tensor([1.0], dtype=F64)
+    for lam, weak in [(1e-3, False), (1e-7, True)]:
+        L = torch.tensor(lam, dtype=F64, requires_grad=True)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            (g,) = torch.autograd.grad(layer(G, h, L) @ w, L)
+        exact = -(w @ G[0]) * h[0] / ((G ** 2).sum() + lam) ** 2
+        msgs = [str(r.message) for r in rec if issubclass(r.category, GradientWarning)]
+        if weak:
+            assert any("curves only weakly" in m for m in msgs), msgs
+        else:
+            assert not msgs
+            assert abs(float(g - exact)) <= 1e-6 * abs(float(exact))
