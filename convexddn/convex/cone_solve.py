@@ -13,7 +13,7 @@ from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning
 from .interior_point import SOLVED, solve_cone_batch
-from .resolution import moved_columns, warn_unresolved, warn_weak, weakly_determined
+from .resolution import moved_columns, warn_unresolved, warn_weak, weak_tangent, weakly_determined
 from .status import element_list, name_elements
 from .vjp import cone_jvp, cone_vjp
 
@@ -51,6 +51,7 @@ class ConeSolve(torch.autograd.Function):
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved)
         warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,
                         moved_columns(dP, dq, dA, db, sol.scaled.A))
+        warn_weak("forward mode", where, weak_tangent(sol, dP, dA, dx, sol.status == SOLVED))
         return dx, dz, None, None, None, None, None, None
 
     @staticmethod

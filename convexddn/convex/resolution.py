@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .._generic import generic_vector
 from .._warn import warn
 from ..errors import GradientWarning
 from .certify import decided, soc_frame
@@ -36,8 +37,8 @@ from .kkt import bmv, row_inf
 from .status import element_list, name_elements
 from .symmetric_cones import ConeLayout
 
-__all__ = ["DATA", "ROUNDING", "ROW_RTOL", "WEAK_GATE", "moved_columns", "unresolved_columns", "warn_unresolved",
-           "warn_weak", "weakly_determined"]
+__all__ = ["DATA", "FLOOR", "ROUNDING", "ROW_RTOL", "WEAK_GATE", "moved_columns", "unresolved_columns",
+           "warn_unresolved", "warn_weak", "weak_tangent", "weakly_determined"]
 
 # A column's residual relative to its own largest term above which it is unresolved (a
 # derivative through it carries that relative error at least; the gradient promise is
@@ -145,6 +146,9 @@ def warn_unresolved(mode: str, sol, layout: ConeLayout, where, live: torch.Tenso
 # floor, carried through a gradient, cannot reach the promise's 1e-4 whatever cancels:
 # checked only above it (the secant along P's direction costs a fill of the data).
 WEAK_GATE = 1e3
+# The residual's rounding in units of ε times the rows' largest term: the data's own
+# rounding and a sum's (the ridge's tangent at λ = 1e-6 was 1.3e-4 off, bounded at 8e-5 by 1).
+FLOOR = 4.0
 
 
 def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tangent, live: torch.Tensor
@@ -182,13 +186,7 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     dP, dq, dA, db, secant = tangent
     if dP is None:
         dP, dq = secant(idx)
-    e = d.select(idx)
-    x, s, z = e.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
-    # The rows' largest term (equilibrated): the rounding of the residual the solve can reach.
-    terms = row_inf(bmv(e.P.abs(), x.abs()), e.q, bmv(e.A.abs().mT, z.abs()), bmv(e.A.abs(), x.abs()), e.b, s)
-    floor = torch.finfo(x.dtype).eps * terms.clamp_min(1.0) * amp.index_select(0, idx)
-    sig = e.sigma[:, None]
-    dx, dz = floor[:, None] * sig * e.D, floor[:, None] * sig * e.E / e.c[:, None]  # caller units
+    dx, dz = _floor(sol, idx, amp.index_select(0, idx))
     ux, uz = gq.index_select(0, idx).abs(), gb.index_select(0, idx).abs()
     dPa, dAa = pick(dP).abs(), pick(dA).abs()
     bound = ((bmv(dPa, dx) * ux).sum(1) + (bmv(dAa, dx) * uz).sum(1) + (bmv(dAa.mT, dz) * ux).sum(1))
@@ -197,11 +195,60 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     return flag.index_copy(0, idx, bound > ROW_RTOL * along.abs())
 
 
+def _floor(sol, idx: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(δx, δz)`` of the elements ``idx`` in the caller's units: the error the solution
+    may keep along a direction that ``inverse`` ``(len(idx),)`` (an estimate of
+    :math:`\\|K^{-1}\\|`, equilibrated) amplifies, ε times the rows' largest term (the
+    rounding of the residual the solve can reach, equilibrated) times that amplification."""
+    e = sol.scaled.select(idx)
+    x, s, z = e.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
+    terms = row_inf(bmv(e.P.abs(), x.abs()), e.q, bmv(e.A.abs().mT, z.abs()), bmv(e.A.abs(), x.abs()), e.b, s)
+    floor = (FLOOR * torch.finfo(x.dtype).eps * terms.clamp_min(1.0) * inverse)[:, None] * e.sigma[:, None]
+    return floor * e.D, floor * e.E / e.c[:, None]
+
+
+def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the elements of ``live`` whose tangent ``dx`` (:func:`~.vjp.cone_jvp`'s, the
+    data moving by ``dP``, ``dA``, each None or ``(B, ...)``) may be off by more than
+    :data:`ROW_RTOL` of itself, normwise (equilibrated), carried there by the solution's
+    rounding floor (:func:`weakly_determined`): :math:`dx = -K^{-1}(dP\\,x + dA^T z + dq,\\
+    dA\\,x - db)` takes :math:`K^{-1}(dP\\,\\delta_x + dA^T \\delta_z,\\ dA\\,\\delta_x)` from the
+    floor δ, bounded by :math:`\\|K^{-1}\\|` (a generic vector's amplification, one solve)
+    times that right-hand side's size."""
+    flag = torch.zeros_like(live)
+    d, kkt = sol.scaled, sol.kkt
+    if d is None or kkt is None or (dP is None and dA is None):
+        return flag
+    idx = torch.nonzero(live).squeeze(1)
+    if not idx.numel():
+        return flag
+    gen = generic_vector(d.D.shape[1], dx.dtype, dx.device).expand(d.D.shape[0], -1)
+    gu, gz, _ = kkt.solve(gen.unsqueeze(-1), torch.zeros_like(d.E).unsqueeze(-1), 0)
+    # One power step: a generic vector's part along the weak direction may be small (the
+    # estimate was 3.6 times low on the ridge at G = (1, 0.3)).
+    size = row_inf(gu, gz).clamp_min(torch.finfo(dx.dtype).tiny)[:, None, None]
+    hu, hz, _ = kkt.solve(gu / size, gz / size, 0)
+    inverse = row_inf(hu, hz).index_select(0, idx)
+    fx, fz = _floor(sol, idx, inverse)
+    rx, rz = torch.zeros_like(fx), torch.zeros_like(fz)
+    if dP is not None:
+        rx = rx + bmv(dP.index_select(0, idx).abs(), fx)
+    if dA is not None:
+        dAa = dA.index_select(0, idx).abs()
+        rx, rz = rx + bmv(dAa.mT, fz), rz + bmv(dAa, fx)
+    e = d.select(idx)
+    rc = e.c.sqrt()[:, None]
+    bound = inverse * row_inf(rc * e.D * rx, e.E * rz / rc)  # (equilibrated, as the tangent below)
+    return flag.index_copy(0, idx, bound > ROW_RTOL * row_inf(dx.index_select(0, idx) / (rc * e.D)))
+
+
 def warn_weak(mode: str, where, flagged: torch.Tensor) -> None:
-    """The GradientWarning naming the elements ``flagged`` by :func:`weakly_determined`."""
+    """The GradientWarning naming the elements ``flagged`` by :func:`weakly_determined` (or
+    :func:`weak_tangent`)."""
     idx = torch.nonzero(flagged).squeeze(1).tolist()
     if idx:
-        warn(f"ConvexLayer {mode} (batched): the gradient of {len(idx)} batch element(s) "
+        what = "gradient" if mode == "backward" else "tangent"
+        warn(f"ConvexLayer {mode} (batched): the {what} of {len(idx)} batch element(s) "
              f"({name_elements(where, idx)}) may be wrong: their program curves only weakly along some direction "
              "(a weight far below its other terms on a variable that those leave free: a small ridge on an "
              "underdetermined least squares), which fixes the solution along it only to rounding divided by that "

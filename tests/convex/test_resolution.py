@@ -174,3 +174,21 @@ def test_a_small_ridge_on_an_underdetermined_least_squares_warns_where_its_gradi
         else:
             assert not msgs
             assert abs(float(g - exact)) <= 1e-6 * abs(float(exact))
+
+
+def test_forward_mode_warns_where_a_small_ridge_leaves_the_tangent_off():
+    # The same ridge in forward mode: dy/dλ 3.7e-2 off at λ = 1e-7 (G = (1, 1), y ≤ 10), silently.
+    layer = _ridge_layer(True)
+    G, h = torch.tensor([[1.0, 1.0]], dtype=F64), torch.tensor([1.0], dtype=F64)
+    for lam, weak in [(1e-3, False), (1e-7, True)]:
+        with warnings.catch_warnings(record=True) as rec, fwAD.dual_level():
+            warnings.simplefilter("always")
+            L = fwAD.make_dual(torch.tensor(lam, dtype=F64), torch.tensor(1.0, dtype=F64))
+            t = fwAD.unpack_dual(layer(G, h, L)).tangent
+        exact = -G[0] * h / ((G ** 2).sum() + lam) ** 2
+        msgs = [str(r.message) for r in rec if issubclass(r.category, GradientWarning)]
+        if weak:
+            assert any("curves only weakly" in m for m in msgs), msgs
+        else:
+            assert not msgs
+            assert float((t - exact).abs().max()) <= 1e-6 * float(exact.abs().max())
