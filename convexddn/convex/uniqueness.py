@@ -18,7 +18,17 @@ second-order cone, its two Jordan-frame directions and its tangent rows, all but
 decided inactive. ``x`` is unique iff :math:`S_{\\lim}` is nonsingular; a right-hand side
 that reaches its null space is amplified by ~1/(n eps) (2.7e14 to 1.4e15 measured),
 one that does not by at most its condition (2.2e5 over the test suite and the bench
-problems). An auxiliary variable that is not unique (an epigraph variable between two
+problems).
+
+:math:`C^\\top C` is not formed: it squares the rows' own condition, and equality rows
+1e-6 apart (a unique vertex, derivative 1.2e6) made an eigenvalue of 1e-12, amplified
+beyond :data:`LIMIT_AMPLIFICATION`: "not unique". In the basis of ``C``'s right singular
+vectors, :math:`C = U \\Sigma V^\\top`, :math:`V^\\top S_{\\lim} V = V^\\top P V +
+\\Sigma^2`, and the Jacobi scaling of that matrix takes each :math:`\\sigma_i^2` to 1
+wherever :math:`P` adds nothing along :math:`v_i`: rows ``d`` apart amplify by O(1), not
+1/d². Singular values at rounding (:math:`\\le` max(rows, n) eps) and :math:`V^\\top P V`'s
+diagonal at rounding (:math:`\\le` n eps max) are zeros, so a null direction keeps its
+~1/(n eps). An auxiliary variable that is not unique (an epigraph variable between two
 inactive bounds) is reached neither by the requested outputs' probe nor, usually, by
 the cotangent: no warning for it.
 """
@@ -31,7 +41,8 @@ import torch
 from .._generic import generic_vector
 from .certify import decided, soc_frame
 
-__all__ = ["INCONSISTENT_AMPLIFICATION", "LIMIT_AMPLIFICATION", "limit_inconsistent", "limit_matrix", "limit_nonunique"]
+__all__ = ["INCONSISTENT_AMPLIFICATION", "INCONSISTENT_SURE", "LIMIT_AMPLIFICATION", "limit_inconsistency",
+           "limit_inconsistent", "limit_matrix", "limit_nonunique", "limit_rows"]
 
 # Amplification of the Jacobi-scaled limit matrix above which a right-hand side reaches
 # a null direction (see the module docstring: ~1e15 there, at most 2.2e5 elsewhere).
@@ -80,6 +91,12 @@ def _tangent_rows(layout, u: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
 def limit_matrix(d, layout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``(B, n, n)`` :math:`P + C^\\top C` of the equilibrated data ``d`` at the
     equilibrated ``(s, z)`` ``(B, m)`` (see the module docstring)."""
+    C = limit_rows(d, layout, s, z)
+    return torch.baddbmm(d.P, C.mT, C)
+
+
+def limit_rows(d, layout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``(B, k, n)`` the unit rows ``C`` of :func:`limit_matrix` (zero rows for those not present)."""
     z0, k = layout.zero, layout.nonneg
     A, rows = d.A, []
     if z0:
@@ -101,8 +118,7 @@ def limit_matrix(d, layout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             tangent = tangent - f.unsqueeze(-1) * layout._spread(g)
             on = on | present  # (decided on the frame pairs, not on s0/z0: see _tangent_rows)
         rows.append(_unit_rows(tangent, _tangent_rows(layout, u, on)))
-    C = torch.cat(rows, 1) if rows else A[:, :0]
-    return torch.baddbmm(d.P, C.mT, C)
+    return torch.cat(rows, 1) if rows else A[:, :0]
 
 
 def limit_nonunique(d, layout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tensor,
@@ -111,38 +127,80 @@ def limit_nonunique(d, layout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tenso
     ``cols``, all if ``None``) are not unique — a fixed generic vector on their columns
     reaches a null direction of :func:`limit_matrix` — and the cotangent ``rx`` ``(B, n)``
     (equilibrated) reaches one. One Cholesky of the Jacobi-scaled matrix plus ``n eps I``
-    and one solve with both columns. float64 only (in float32 a null direction amplifies
-    by ~1/(n eps) ≈ 1e6, no margin over ill-conditioned unique solutions): all False
-    for other dtypes."""
+    and one solve with both columns; where that finds one, the same in the rows' singular
+    basis (the module docstring: squared, nearly dependent rows look like a null direction;
+    an SVD of ``C`` on every element cost the MPC's backward 65 %). float64 only (in float32
+    a null direction amplifies by ~1/(n eps) ≈ 1e6, no margin over ill-conditioned unique
+    solutions): all False for other dtypes."""
     B, n = rx.shape
     none = torch.zeros(B, dtype=torch.bool, device=rx.device)
     if rx.dtype != torch.float64 or n == 0:
         return none, none
-    S = limit_matrix(d, layout, s, z)
-    dg = S.diagonal(dim1=1, dim2=2)
+    C = limit_rows(d, layout, s, z)
+    probe = generic_vector(n, rx.dtype, rx.device)
+    if cols is not None:
+        cols = cols.to(rx.device)
+        probe = torch.zeros_like(probe).index_copy(0, cols, probe.index_select(0, cols))
+    R = torch.stack([probe.expand(B, n), rx], -1)
+    found = _amplified(torch.baddbmm(d.P, C.mT, C), R)
+    idx = torch.nonzero(found.any(1)).squeeze(1)
+    if idx.numel():
+        found = found.index_copy(0, idx, _unsquared(d.P.index_select(0, idx), C.index_select(0, idx),
+                                                    R.index_select(0, idx)))
+    return found[:, 0], found[:, 1]
+
+
+def _amplified(S: torch.Tensor, R: torch.Tensor, dg: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, k)``: whether ``S`` ``(B, n, n)`` (Jacobi-scaled by ``dg``, its diagonal by default,
+    plus ``n eps I``) amplifies the columns of ``R`` ``(B, n, k)`` beyond
+    :data:`LIMIT_AMPLIFICATION`; the first column also where it does not factorise (the
+    requested outputs' probe: not shown unique)."""
+    n = S.shape[-1]
+    dg = S.diagonal(dim1=1, dim2=2) if dg is None else dg
     dj = torch.where(dg > 0, dg, 1.0).rsqrt()
     S = dj[:, :, None] * S * dj[:, None, :]
     S.diagonal(dim1=1, dim2=2).add_(n * torch.finfo(S.dtype).eps)
     L, info = torch.linalg.cholesky_ex(S)
-    probe = generic_vector(n, S.dtype, S.device)
-    if cols is not None:
-        cols = cols.to(S.device)
-        probe = torch.zeros_like(probe).index_copy(0, cols, probe.index_select(0, cols))
-    R = dj[:, :, None] * torch.stack([probe.expand(B, n), rx], -1)
+    R = dj[:, :, None] * R
     amp = torch.cholesky_solve(R, L).abs().amax(1) / R.abs().amax(1).clamp_min(torch.finfo(S.dtype).tiny)
-    amp = torch.where(torch.isnan(amp), torch.inf, amp)
-    return (amp[:, 0] > LIMIT_AMPLIFICATION) | (info != 0), amp[:, 1] > LIMIT_AMPLIFICATION
+    found = ~(amp <= LIMIT_AMPLIFICATION)  # (NaN: amplified)
+    found[:, 0] |= info != 0
+    return found
+
+
+def _unsquared(P: torch.Tensor, C: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """:func:`_amplified` for :math:`P + C^\\top C` in the basis of ``C``'s right singular
+    vectors, :math:`V^\\top P V + \\Sigma^2`, Jacobi-scaled by its diagonal with the singular
+    values and ``V^T P V``'s entries at rounding taken as 0 (see the module docstring)."""
+    B, n = P.shape[0], P.shape[-1]
+    eps = torch.finfo(P.dtype).eps
+    if C.shape[1]:
+        _, sv, Vt = torch.linalg.svd(C)
+        sv = torch.where(sv > max(C.shape[1:]) * eps, sv, 0.0)  # (unit rows: the largest is >= 1)
+        sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
+    else:
+        sv, Vt = P.new_zeros(B, n), torch.eye(n, dtype=P.dtype, device=P.device).expand(B, n, n)
+    S = Vt @ P @ Vt.mT
+    pw = S.diagonal(dim1=1, dim2=2)
+    dg = torch.where(pw > n * eps * pw.abs().amax(1, keepdim=True), pw, 0.0) + sv * sv
+    S.diagonal(dim1=1, dim2=2).add_(sv * sv)
+    return _amplified(S, Vt @ R, dg)
 
 
 def limit_inconsistent(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` mask: the right-hand side ``rz`` ``(B, m)`` (equilibrated; how a direction
+    """``(B,)`` :func:`limit_inconsistency` above :data:`INCONSISTENT_AMPLIFICATION`."""
+    return ~(limit_inconsistency(d, layout, s, z, rz) <= INCONSISTENT_AMPLIFICATION)  # (NaN: inconsistent)
+
+
+def limit_inconsistency(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` how far the right-hand side ``rz`` ``(B, m)`` (equilibrated; how a direction
     of the parameters moves :math:`b - Ax`) is inconsistent on the rows that hold at the
     solution, the equalities and the nonnegative rows not decided inactive:
     :math:`C\\,dx = r_C` has no solution, the rows' multipliers are not unique, and along
     that direction the program turns infeasible on both sides (an equality row that is a
     combination of others, its ``b`` moved alone) or has one-sided derivatives (a
     degenerate vertex moved apart): no derivative exists, whether or not :math:`x` is
-    unique.
+    unique (NaN read as ∞).
 
     With the rows scaled to unit length, :math:`U = V \\Sigma W^\\top`, the least-norm
     :math:`dx` has coefficients :math:`(V^\\top r)_i / \\sigma_i` (:math:`\\sigma_i = 0`
@@ -157,7 +215,7 @@ def limit_inconsistent(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Te
     B = rz.shape[0]
     z0, k = layout.zero, layout.nonneg
     if rz.dtype != torch.float64 or not z0 + k:
-        return torch.zeros(B, dtype=torch.bool, device=rz.device)
+        return torch.zeros(B, dtype=rz.dtype, device=rz.device)
     A, r = d.A[:, :z0 + k], rz[:, :z0 + k]
     present = torch.ones_like(r, dtype=torch.bool)
     if k:
@@ -171,14 +229,17 @@ def limit_inconsistent(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Te
     # consistent right-hand side's rounding there is no inconsistency)
     sv = torch.cat([sv, sv.new_zeros(B, coef.shape[1] - sv.shape[1])], 1).clamp_min(max(A.shape[1:]) * _EPS)
     amp = (coef / sv).amax(1) / (r * inv).abs().amax(1).clamp_min(torch.finfo(r.dtype).tiny)
-    return ~(amp <= INCONSISTENT_AMPLIFICATION)  # (NaN: inconsistent)
+    return torch.where(torch.isnan(amp), torch.inf, amp)
 
 
 # Amplification of the least-norm solution of the rows that hold above which a right-hand
 # side reaches a direction they do not span, as the backward's AMPLIFICATION (see
 # limit_inconsistent: rows 1e-6, 1e-7 and 1e-8 apart 4.4e6, 4.4e7 and 4.4e8, exactly
-# redundant rows with a condition of 1e4 3e12).
+# redundant rows with a condition of 1e4 3e12) ...
 INCONSISTENT_AMPLIFICATION = 1e7
+# ... and above which it does whatever the derivative's accuracy: below it, nearly dependent
+# rows whose derivative is as large (the backward certifies its answer there, vjp._certify).
+INCONSISTENT_SURE = 1e10
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -186,13 +247,15 @@ def limit_tests_at(sol, layout, test: torch.Tensor, rx: torch.Tensor, cols: torc
                    rz: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """:func:`limit_nonunique`'s ``(outputs, reached)`` for a right-hand side ``(rx, ·)`` in a
     batched solution's ``sol`` equilibrated units, on the elements ``test`` ``(B,)`` only
-    (False elsewhere); with ``rz`` ``(B, m)`` instead, :func:`limit_inconsistent`'s mask."""
+    (False elsewhere); with ``rz`` ``(B, m)`` instead, :func:`limit_inconsistency` (0 elsewhere)."""
     idx = torch.nonzero(test).squeeze(1)
     if not idx.numel():
-        return (test,) if rz is not None else (test, test)
+        return (torch.zeros_like(test, dtype=rx.dtype),) if rz is not None else (test, test)
     part = sol.scaled.select(idx)
     _, s, z = part.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
-    found = ((limit_inconsistent(part, layout, s, z, rz.index_select(0, idx)),) if rz is not None
-             else limit_nonunique(part, layout, s, z, rx.index_select(0, idx), cols))
+    if rz is not None:
+        amp = limit_inconsistency(part, layout, s, z, rz.index_select(0, idx))
+        return (torch.zeros_like(test, dtype=amp.dtype).index_copy(0, idx, amp),)
+    found = limit_nonunique(part, layout, s, z, rx.index_select(0, idx), cols)
     return tuple(test.index_copy(0, idx, f) for f in found)
 

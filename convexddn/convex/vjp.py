@@ -29,7 +29,9 @@ elements: a complementary pair undecided (a nonnegative row, or a second-order c
 Jordan-frame pair, :func:`~.certify.undecided`) along whose open direction the derivative
 has a component (:func:`~.certify.undecided_reach`; elsewhere both sides agree), a non-unique solution (a derivative
 system that amplifies the cotangent like 1/δ, or, where rounding caps that, a cotangent
-or requested output reaching a null direction of the limit system, :mod:`.uniqueness`),
+or requested output reaching a null direction of the limit system, :mod:`.uniqueness`;
+an amplification beyond :data:`AMPLIFICATION` where that test finds the solution unique is
+an ill-conditioned derivative, returned where a dense solve certifies it, :func:`_certify`),
 or a derivative along a fixed direction of the parameters requiring grad (one unrefined
 probe solve) that blows up: where it does, the rows holding at the solution are tested
 for being dependent and moved apart (:func:`~.uniqueness.limit_inconsistent`: a
@@ -47,13 +49,13 @@ import torch
 
 from .._generic import generic_vector
 from .certify import undecided_reach
-from .dense_kkt import dense_limit_solve
+from .dense_kkt import dense_limit_solve, dense_limit_solve_error
 from .interior_point import SOLVED, ConeSolution
 from .kkt import bmv, row_inf
-from .uniqueness import limit_tests_at
+from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
 
-__all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "LIMIT_GATE", "PROBE_GAIN", "PROBE_GATE", "SIDE_RTOL",
-           "cone_jvp", "cone_vjp"]
+__all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "LIMIT_GATE", "PROBE_GAIN",
+           "PROBE_GATE", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
@@ -77,7 +79,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         for elements that are not solved, whose cotangent is zero, whose final KKT matrix
         could not be factorised or whose solution is not unique; ``(B,)`` masks of the
         solved elements whose solution is not unique along the cotangent (``nonunique``:
-        the derivative system amplifies it by more than :data:`AMPLIFICATION`, or it
+        the derivative system amplifies it by more than :data:`AMPLIFICATION` and no dense
+        solve certifies the answer (:func:`_certify`), or it
         reaches a null direction of the limit system, :func:`~.uniqueness.limit_nonunique`,
         or the system could not be solved, not even densely: :data:`BACKWARD_ACCEPT`)
         and, including those, whose derivative does not exist (``not_differentiable``:
@@ -116,17 +119,13 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(rx), row_inf(rz)).clamp_min(torch.finfo(rx.dtype).tiny))
     ok = ((sol.status == SOLVED) & ~kkt.failed & ((gx != 0).any(1) | (gz != 0).any(1)))[:, None]
-    kinks = _kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1))
-    ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
-    uz = d.E * uz.squeeze(-1) / rc
-    # (A solved element's KKT matrix was factorised: its failure would have made the
-    # error estimate infinite and the element unsolved.)
     # A non-unique solution's "gradient" is the cotangent amplified by ~1/δ (2e9 on an LP
     # with two equal costs): no derivative exists; it is replaced by zero. Rounding caps
     # that blow-up wherever an active row is in the factorised system (2.5e3 on an LP with
     # an edge of optima): where it passes LIMIT_GATE, the limit system's own test
     # (:mod:`.uniqueness`) decides (on those elements only: on all, +5 % on the n = 50 QP).
     outputs, reached = _limit_test(sol, layout, ok[:, 0], amplification, rx.squeeze(-1), cols)
+    steep = torch.zeros_like(vertex)
     if gain is not None:
         # The parameters reach a null direction of the limit system (a face of optima they
         # tilt, an epigraph variable free where they weigh it: min ‖x‖₁ s.t. aᵀx = b at
@@ -151,9 +150,25 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         # Dependent rows that hold, moved apart: where the probe blew up (pz needs no secant),
         # or the cotangent's solve missed its target (rows 1e-8 apart: the probe is damped).
         stuck = unsolved | ~(kkt.solve_residual <= BACKWARD_RTOL)
-        vertex = vertex | limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck), px, cols,
-                                         pz.squeeze(-1))[0]
-    nonunique = ok[:, 0] & ((amplification > AMPLIFICATION) | reached | unsolved)
+        apart = limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck), px, cols, pz.squeeze(-1))[0]
+        # (between INCONSISTENT_AMPLIFICATION and INCONSISTENT_SURE: rows nearly dependent,
+        # whose derivative is as large; it exists, and counts where the cotangent's is certified)
+        vertex = vertex | ~(apart <= INCONSISTENT_SURE)
+        steep = ~(apart <= INCONSISTENT_AMPLIFICATION) & ~vertex
+    # Beyond AMPLIFICATION, where the limit test finds the solution unique, an ill-conditioned
+    # but unique solution (u^1.005 at u = 6e3: du/dq = 1.2e6): its answer kept where accurate.
+    big = ok[:, 0] & (amplification > AMPLIFICATION)
+    ux, uz, certified = _certify(sol, layout, ok[:, 0] & ((big & ~reached) | steep) & ~unsolved, rx, rz, ux, uz)
+    # (not certified: unique, by the limit test or the rows' own rank, but not solved accurately:
+    # rows 1e-7 apart in a QP, multipliers ~1/d², 5e-2 off; zeroed and warned as such)
+    big, steep = big & ~certified, steep & ~certified
+    uncertain = (big & ~reached & ~unsolved & (rx.dtype == torch.float64)) | steep
+    kinks = _kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1))
+    ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
+    uz = d.E * uz.squeeze(-1) / rc
+    # (A solved element's KKT matrix was factorised: its failure would have made the
+    # error estimate infinite and the element unsolved.)
+    nonunique = ok[:, 0] & (big | reached | unsolved | steep)
     not_differentiable = ok[:, 0] & (kinks | nonunique | vertex | outputs)
     ok = ok & ~nonunique[:, None]
     ux = torch.where(ok, ux, 0.0)
@@ -164,7 +179,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     left = torch.stack([ux, x], -1)
     gP = torch.bmm(left, torch.stack([x, ux], 1)).mul_(-0.5)
     gA = torch.bmm(torch.stack([z, uz], -1), left.mT).neg_()
-    unsolved = nonunique & unsolved & ~(reached | outputs | vertex | kinks | (amplification > AMPLIFICATION))
+    unsolved = nonunique & (unsolved | uncertain) & ~(reached | outputs | vertex | kinks | (big & ~uncertain))
     return gP, -ux, gA, uz, not_differentiable, nonunique, unsolved
 
 
@@ -190,7 +205,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     Returns:
         ``(dx, dz, flagged, zeroed, unsolved)``: the tangents, exactly zero for elements that are
         not solved and where no derivative exists (``zeroed``): the system amplifies the
-        tangent's right-hand side by more than :data:`AMPLIFICATION`, or the requested
+        tangent's right-hand side by more than :data:`AMPLIFICATION` uncertified (:func:`_certify`), or the requested
         outputs (``cols``) or that right-hand side reach a null direction of the limit
         system (:func:`~.uniqueness.limit_nonunique`: a
         solution that is not unique), or the system could not be solved, not even densely
@@ -219,15 +234,20 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     # optima), and a tangent may not excite it at all: the limit system decides for every
     # solved element (the backward gates it by the cotangent's gain, its hot path).
     outputs, reached = _limit_test(sol, layout, ok, torch.full_like(amplification, math.inf), ex.squeeze(-1), cols)
-    zeroed = ok & ((amplification > AMPLIFICATION) | outputs | reached | unsolved)
+    ux, uz, certified = _certify(sol, layout, ok & (amplification > AMPLIFICATION) & ~reached & ~unsolved,
+                                 ex, ez, ux, uz)  # (as the backward)
+    big = ok & (amplification > AMPLIFICATION) & ~certified
+    uncertain = big & ~reached & ~unsolved & (rx.dtype == torch.float64)
+    zeroed = ok & (big | outputs | reached | unsolved)
     keep = (ok & ~zeroed)[:, None]
     dx = torch.where(keep, rc * d.D * ux.squeeze(-1), 0.0)
     dz = torch.where(keep, d.E * uz.squeeze(-1) / rc, 0.0)
     # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
     # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
     kinks = _kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1))
-    unsolved = zeroed & unsolved & ~(outputs | reached | kinks | (amplification > PROBE_GAIN))
-    return dx, dz, zeroed | (ok & (kinks | (amplification > PROBE_GAIN))), zeroed, unsolved
+    steep = (amplification > PROBE_GAIN) & ~certified
+    unsolved = zeroed & (unsolved | uncertain) & ~(outputs | reached | kinks | (steep & ~uncertain))
+    return dx, dz, zeroed | (ok & (kinks | steep)), zeroed, unsolved
 
 
 # Largest component of a derivative's dual part along the directions an undecided pair
@@ -267,8 +287,12 @@ BACKWARD_RTOL = 1e-9
 # reach 2e-8.)
 BACKWARD_ACCEPT = 1e-6
 # Amplification of the derivative system above which the gradient is reported as not
-# existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7).
+# existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7),
+# unless the limit system's test finds the solution unique (float64) and a dense solve's
+# estimated error is below CERTIFIED_ERROR (see _certify) ...
 AMPLIFICATION = 1e7
+# ... (the gradients' promised accuracy)
+CERTIFIED_ERROR = 1e-4
 # ... and above which the limit system's uniqueness test runs: non-unique solutions reach
 # at least ~lift/(eps·max z) (2.5e3 measured) even where rounding caps them; unique ones
 # stay near 1 (at most 4 on the OptNet QPs).
@@ -290,6 +314,27 @@ def _backward_accept(like: torch.Tensor) -> float:
     """:data:`BACKWARD_ACCEPT`, or in a low precision 1e4 ε (float32 solves stop at ~1e-5,
     where its gradients are ~1e-3 accurate)."""
     return max(BACKWARD_ACCEPT, 1e4 * torch.finfo(like.dtype).eps)
+
+
+def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor):
+    """``(ux, uz, certified)``: the elements ``test`` ``(B,)`` (amplified beyond
+    :data:`AMPLIFICATION`, unique by the limit system's test) solved densely
+    (:func:`~.dense_kkt.dense_limit_solve_error`); ``certified`` where that answer's residual
+    is below :func:`_backward_accept` and its estimated forward error below
+    :data:`CERTIFIED_ERROR`, whose answers replace ``ux (B, n, 1), uz (B, m, 1)`` (all in the
+    equilibrated units of ``rx, rz``). The amplification is the derivative's size, not an error:
+    equality rows 1e-7 apart, unique vertex, amplify by 2.2e7 and come out 1e-8 exact; in a QP
+    (multipliers ~1/d²) by 1.3e7, 5e-2 off, not certified. float64 only, as the limit test."""
+    certified = torch.zeros_like(test)
+    idx = torch.nonzero(test).squeeze(1) if rx.dtype == torch.float64 else test.new_zeros(0, dtype=torch.long)
+    if idx.numel():
+        x, z, res, error = dense_limit_solve_error(sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))
+        good = (res <= _backward_accept(rx)) & (error <= CERTIFIED_ERROR)  # (NaN: not certified)
+        keep = good[:, None, None]
+        ux = ux.index_copy(0, idx, torch.where(keep, x, ux.index_select(0, idx)))
+        uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))
+        certified = certified.index_copy(0, idx, good)
+    return ux, uz, certified
 
 
 def _solve_derivative(sol, layout, kkt, rx, rz, refine: int):

@@ -66,3 +66,28 @@ def test_redundant_equality_rows_not_moved_are_not_warned(kind, seed):
     layer = cddn.ConvexLayer(prob, parameters=[E, f, c], variables=[y])
     assert not _warned(layer, values, weights, (False, False, True))
     assert layer.last_solve.solvers == ["batched"]
+
+
+@pytest.mark.parametrize("d", [1e-6, 1e-7])
+def test_nearly_parallel_equality_rows_at_a_unique_vertex_have_their_gradient(d):
+    """min cᵀx s.t. Ex = f, x >= 0 with rows 0 and 1 of E d apart and a unique vertex
+    (basis 0, 1, 2): d sum(x)/df = E_B⁻ᵀ 1, 1.2e6 and 1.2e7. The limit test formed CᵀC, whose
+    eigenvalue d² it read as a null direction ("not unique", gradient zeroed); at 1e-7 the
+    probe's least-norm amplification 4.4e7, a conditioning, was read as rows moved apart."""
+    n, p = 6, 3
+    E, f, c, x = cp.Parameter((p, n)), cp.Parameter(p), cp.Parameter(n), cp.Variable(n)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x), [E @ x == f, x >= 0]), [E, f, c], [x])
+    rng = np.random.default_rng(3)
+    Et = rng.standard_normal((p, n))
+    Et[1] = Et[0] + d * rng.standard_normal(n)
+    xs = np.array([1.0, 2.0, 1.5, 0, 0, 0])
+    ct = Et.T @ rng.standard_normal(p) + np.array([0, 0, 0, 1.0, 1.0, 1.0])  # (dual feasible, strictly)
+    exact = np.linalg.solve(Et[:, :3].T, np.ones(3))
+    F = torch.tensor(Et @ xs, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = layer(torch.tensor(Et), F, torch.tensor(ct))
+        (g,) = torch.autograd.grad(out.sum(), F)
+    assert layer.last_solve.solvers == ["batched"]
+    assert not [w for w in caught if issubclass(w.category, GradientWarning)]
+    torch.testing.assert_close(g, torch.tensor(exact), rtol=1e-6, atol=0)

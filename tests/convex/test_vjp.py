@@ -193,3 +193,59 @@ def test_dense_solve_falls_back_to_the_exact_limit_matrix():
         g, = torch.autograd.grad((w * cone(x)).sum(), x)
     ref, = torch.autograd.grad((w * native(x)).sum(), x)
     torch.testing.assert_close(g, ref, rtol=0, atol=1e-8)
+
+
+def _forward_mode(layer, value):
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(layer(fwAD.make_dual(value, torch.ones_like(value)))).tangent
+
+
+@pytest.mark.parametrize("mode", ["backward", "forward mode"])
+def test_an_ill_conditioned_unique_solution_keeps_its_derivative(mode):
+    """argmin over u >= 0 of u^1.005 - q u = (q/1.005)^200 (CVXPY's chain of second-order
+    cones): at q = 1.05, du/dq = 200 (q/1.005)^199 / 1.005 = 1.2e6, and the derivative system
+    amplifies the cotangent by 1.1e7, beyond AMPLIFICATION: the gradient was zeroed as "not
+    unique", although the limit test finds the solution unique and the dense solve is exact."""
+    u, q = cp.Variable(), cp.Parameter(name="q")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (CVXPY's note on the rational approximation)
+        layer = ConvexLayer(cp.Problem(cp.Minimize(cp.power(u, 1.005) - q * u), [u >= 0]), [q], [u])
+    qv = 1.05
+    Q = torch.tensor(qv, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("error", GradientWarning)
+        g = torch.autograd.grad(layer(Q), Q)[0] if mode == "backward" else _forward_mode(layer, Q.detach())
+    assert layer.last_solve.backend == ["batched"]
+    torch.testing.assert_close(g, torch.tensor(200 * (qv / 1.005) ** 199 / 1.005, dtype=F64), rtol=1e-6, atol=0)
+
+
+def test_nearly_parallel_rows_have_their_derivative_where_it_is_solved_accurately():
+    """min ‖y − c‖² s.t. Ey = f, y >= −5, rows 0 and 1 of E d apart: the solution is unique,
+    d sum(y)/df = 1ᵀEᵀ(EEᵀ)⁻¹ ~ 1/d, and the multipliers go as 1/d². At d = 1e-7 the
+    cotangent is amplified beyond AMPLIFICATION, and the gradient was zeroed as "not unique";
+    the dense solve's estimated error certifies it (1.6e-6 off). At 1e-8 it does not (a
+    gradient of 3, for 1e8, came back warned as a one-sided blend): zeroed, with the warning
+    that the system could not be solved accurately, not that the solution is not unique."""
+    n, p = 5, 3
+    E, f, c, y = cp.Parameter((p, n)), cp.Parameter(p), cp.Parameter(n), cp.Variable(n)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - c)), [E @ y == f, y >= -5]), [E, f, c], [y])
+    gen = torch.Generator().manual_seed(1)
+    E0, r, f0, c0 = (torch.randn(*s, dtype=F64, generator=gen) for s in ((p, n), (n,), (p,), (n,)))
+    for d in (1e-6, 1e-7, 1e-8):
+        Et, ft = E0.clone(), 0.3 * f0
+        Et[1], ft[1] = Et[0] + d * r, ft[0] + d * 0.5
+        F = ft.clone().requires_grad_(True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = layer(Et, F, c0)
+            (g,) = torch.autograd.grad(out.sum(), F)
+        assert out.min() > -4  # (the bounds inactive)
+        texts = [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+        if d < 1e-7:
+            assert len(texts) == 1 and "could not be solved accurately" in texts[0], texts
+            assert not g.any()
+        else:
+            exact = torch.linalg.pinv(Et).T @ torch.ones(n, dtype=F64)  # (EEᵀ)⁻¹E 1, unsquared
+            assert not texts, texts
+            torch.testing.assert_close(g, exact, rtol=1e-5, atol=0)
