@@ -26,9 +26,9 @@ beyond :data:`LIMIT_AMPLIFICATION`: "not unique". In the basis of ``C``'s right 
 vectors, :math:`C = U \\Sigma V^\\top`, :math:`V^\\top S_{\\lim} V = V^\\top P V +
 \\Sigma^2`, and the Jacobi scaling of that matrix takes each :math:`\\sigma_i^2` to 1
 wherever :math:`P` adds nothing along :math:`v_i`: rows ``d`` apart amplify by O(1), not
-1/d². Singular values at rounding (:math:`\\le` max(rows, n) eps) and :math:`V^\\top P V`'s
-diagonal at rounding (:math:`\\le` n eps max) are zeros, so a null direction keeps its
-~1/(n eps). An auxiliary variable that is not unique (an epigraph variable between two
+1/d². Singular values below 1/:data:`LIMIT_AMPLIFICATION` (the amplification they stand
+for, unsquared; rounding leaves ~max(rows, n) eps) and :math:`V^\\top P V`'s diagonal at
+rounding (:math:`\\le` n eps max) are zeros, so a null direction keeps its ~1/(n eps). An auxiliary variable that is not unique (an epigraph variable between two
 inactive bounds) is reached neither by the requested outputs' probe nor, usually, by
 the cotangent: no warning for it.
 """
@@ -176,7 +176,9 @@ def _unsquared(P: torch.Tensor, C: torch.Tensor, R: torch.Tensor) -> torch.Tenso
     eps = torch.finfo(P.dtype).eps
     if C.shape[1]:
         _, sv, Vt = torch.linalg.svd(C)
-        sv = torch.where(sv > max(C.shape[1:]) * eps, sv, 0.0)  # (unit rows: the largest is >= 1)
+        # (unit rows: the largest is >= 1; below 1/LIMIT_AMPLIFICATION a direction the rows
+        # leave free up to rounding of their data, or one whose derivative is beyond reach)
+        sv = torch.where(sv > max(max(C.shape[1:]) * eps, 1 / LIMIT_AMPLIFICATION), sv, 0.0)
         sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
     else:
         sv, Vt = P.new_zeros(B, n), torch.eye(n, dtype=P.dtype, device=P.device).expand(B, n, n)
