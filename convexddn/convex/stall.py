@@ -13,8 +13,9 @@ to rounding, and :math:`|\\tau| \\lVert c \\rVert_\\infty` estimates the error (
 corrections wander along a null direction instead (an auxiliary variable that is not
 unique: entmax through CVXPY's cone forms), :math:`K c \\approx 0` and no step cuts the
 residual: not a stall. (Rows 1e-8 apart are singular to working precision, λ ~ eps:
-:math:`K c` is rounding there too; the backward's probe catches those, see
-:func:`~.uniqueness.limit_inconsistent`.)
+:math:`K c` is rounding there too; the backward's probe finds those rows nearly
+dependent, :func:`~.uniqueness.limit_inconsistency`, and a dense solve's error estimate
+does not certify them, :func:`~.vjp._certify`: zeroed and warned.)
 """
 from __future__ import annotations
 
