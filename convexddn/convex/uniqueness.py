@@ -28,9 +28,10 @@ vectors, :math:`C = U \\Sigma V^\\top`, :math:`V^\\top S_{\\lim} V = V^\\top P V
 wherever :math:`P` adds nothing along :math:`v_i`: rows ``d`` apart amplify by O(1), not
 1/d². Singular values below 1/:data:`LIMIT_AMPLIFICATION` (the amplification they stand
 for, unsquared; rounding leaves ~max(rows, n) eps) and :math:`V^\\top P V`'s diagonal at
-rounding (:math:`\\le` n eps max) are zeros, so a null direction keeps its ~1/(n eps). An auxiliary variable that is not unique (an epigraph variable between two
-inactive bounds) is reached neither by the requested outputs' probe nor, usually, by
-the cotangent: no warning for it.
+rounding (:math:`\\le` n eps max) are zeros, so a null direction keeps its ~1/(n eps).
+An auxiliary variable that is not unique (an epigraph variable between two inactive bounds)
+is reached neither by the requested outputs' probe nor, usually, by the cotangent: no
+warning for it.
 """
 from __future__ import annotations
 
