@@ -184,14 +184,16 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
         return flag
     pick = lambda v: v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
     dP, dq, dA, db, secant = tangent
-    if dP is None:
-        dP, dq = secant(idx)
+    # (the secant is formed for the elements idx alone: taken as it comes, not picked again,
+    # which indexed its k rows by batch indices: an IndexError on ordinary ridge layers)
+    dP, dq = secant(idx) if dP is None else (pick(dP), pick(dq))
+    dA, db = pick(dA), pick(db)
     dx, dz = _floor(sol, idx, amp.index_select(0, idx))
     ux, uz = gq.index_select(0, idx).abs(), gb.index_select(0, idx).abs()
-    dPa, dAa = pick(dP).abs(), pick(dA).abs()
+    dPa, dAa = dP.abs(), dA.abs()
     bound = ((bmv(dPa, dx) * ux).sum(1) + (bmv(dAa, dx) * uz).sum(1) + (bmv(dAa.mT, dz) * ux).sum(1))
-    along = ((gP.index_select(0, idx) * pick(dP)).sum((1, 2)) + (gq.index_select(0, idx) * pick(dq)).sum(1)
-             + (gA.index_select(0, idx) * pick(dA)).sum((1, 2)) + (gb.index_select(0, idx) * pick(db)).sum(1))
+    along = ((gP.index_select(0, idx) * dP).sum((1, 2)) + (gq.index_select(0, idx) * dq).sum(1)
+             + (gA.index_select(0, idx) * dA).sum((1, 2)) + (gb.index_select(0, idx) * db).sum(1))
     return flag.index_copy(0, idx, bound > ROW_RTOL * along.abs())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 
 import cvxpy as cp
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -192,3 +193,26 @@ def test_forward_mode_warns_where_a_small_ridge_leaves_the_tangent_off():
         else:
             assert not msgs
             assert float((t - exact).abs().max()) <= 1e-6 * float(exact.abs().max())
+
+
+def test_weak_direction_check_on_a_batch_of_ridge_layers_with_computed_curvature():
+    """sum_squares(G y - h) + lam sum_squares(y), G a parameter (P computed from the
+    parameters: the backward's secant, formed for the checked elements alone, was indexed
+    again by batch indices, an IndexError whenever two or more elements past the first
+    reached the check). Expected dL/dh: G (GᵀG + lam I)⁻¹ 1, the closed form."""
+    rng = np.random.default_rng(0)
+    n, B = 8, 64
+    y = cp.Variable(n)
+    lam, G, h = cp.Parameter(nonneg=True), cp.Parameter((3, n)), cp.Parameter(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(G @ y - h) + lam * cp.sum_squares(y))),
+                             parameters=[G, h, lam], variables=[y])
+    Gt = torch.tensor(rng.standard_normal((B, 3, n)), requires_grad=True)
+    ht = torch.tensor(rng.standard_normal((B, 3)), requires_grad=True)
+    lt = torch.full((B,), 1e-3, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientWarning)
+        layer(Gt, ht, lt).sum().backward()
+    Gd = Gt.detach()
+    M = Gd.mT @ Gd + 1e-3 * torch.eye(n, dtype=F64)
+    want = (Gd @ torch.linalg.solve(M, torch.ones(B, n, 1, dtype=F64))).squeeze(-1)
+    torch.testing.assert_close(ht.grad, want, atol=1e-6, rtol=1e-6)
