@@ -88,10 +88,21 @@ def _secant(data, p: torch.Tensor, requires: list[bool]):
     return lambda idx: _step(data, p, requires, idx)[:2]
 
 
-def _moved_by(data, p: torch.Tensor, requires: list[bool]):
-    """``idx -> (len(idx), n)``: the columns of the elements ``idx``'s program that the
-    parameters requiring grad move (:func:`~.resolution.moved_columns` of :func:`_step`)."""
-    return lambda idx: moved_columns(*_step(data, p, requires, idx))
+class _Moves:
+    """How the parameters requiring grad move the data of the elements ``idx``, for the
+    backward's checks: called, the columns they move (:func:`~.resolution.moved_columns`
+    of :func:`_step`); :meth:`each`, one data step per such parameter."""
+
+    def __init__(self, data, p: torch.Tensor, requires: list[bool]) -> None:
+        self.data, self.p, self.requires = data, p, requires
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        return moved_columns(*_step(self.data, self.p, self.requires, idx))
+
+    def each(self, idx: torch.Tensor) -> list[tuple]:
+        flags = self.requires
+        return [_step(self.data, self.p, [j == i for j in range(len(flags))], idx)[:4]
+                for i, on in enumerate(flags) if on]
 
 
 class BatchedProgram:
@@ -281,7 +292,7 @@ class BatchedProgram:
             tangent = (*tangent, None if tangent[0] is not None else _secant(data, p.detach(), requires))
         # Which columns the parameters requiring grad move: where the solve leaves one
         # unresolved (a weight far below the program's scale), the backward warns.
-        moved = _moved_by(data, p.detach(), requires) if reverse else None
+        moved = _Moves(data, p.detach(), requires) if reverse else None
         x, z, status, residual, iterations, error, points, _ = ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where, moved)
         xf, zf = data.recover(x, z, extra)

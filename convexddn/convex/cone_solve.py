@@ -68,7 +68,8 @@ class ConeSolve(torch.autograd.Function):
         if moved is not None:
             live = (sol.status == SOLVED) & ((gx != 0).any(1) | (gz != 0).any(1))
             warn_unresolved("backward", sol, layout, where, live, moved)
-            warn_weak("backward", where, weakly_determined(sol, gx, gz, (gP, gq, gA, gb), tangent, live))
+            warn_weak("backward", where, weakly_determined(sol, gx, gz, (gP, gq, gA, gb), tangent, live,
+                                                            moved.each))
         return gP, gq, gA, gb, None, None, None, None, None, None
 
 

@@ -151,11 +151,14 @@ WEAK_GATE = 1e3
 FLOOR = 4.0
 
 
-def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tangent, live: torch.Tensor
-                      ) -> torch.Tensor:
+def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tangent, live: torch.Tensor,
+                      each=None) -> torch.Tensor:
     """``(B,)`` the elements of ``live`` whose gradient along the parameters' direction
-    (``tangent`` = ``(dP, dq, dA, db, secant)`` of :func:`~.vjp.cone_vjp`) may be off by
-    more than :data:`ROW_RTOL` of itself, carried there by the solution's own rounding floor.
+    (``tangent`` = ``(dP, dq, dA, db, secant)`` of :func:`~.vjp.cone_vjp`), or along any
+    one parameter's (``each``: ``idx -> [(dP, dq, dA, db) per parameter requiring grad]``
+    for the elements ``idx``), may be off by more than :data:`ROW_RTOL` of itself, carried
+    there by the solution's own rounding floor. (Along the combined direction alone, a
+    large accurate dL/dG hid dL/dλ off by 25 times itself, its sign wrong.)
 
     A direction :math:`v` of weak curvature (``‖y‖²`` at a weight λ beside ``‖Gy - h‖²``
     with G of rank 1 < dim y) fixes the solution along itself only to
@@ -187,14 +190,17 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     # (the secant is formed for the elements idx alone: taken as it comes, not picked again,
     # which indexed its k rows by batch indices: an IndexError on ordinary ridge layers)
     dP, dq = secant(idx) if dP is None else (pick(dP), pick(dq))
-    dA, db = pick(dA), pick(db)
+    directions = [(dP, dq, pick(dA), pick(db))] + ([] if each is None else each(idx))
     dx, dz = _floor(sol, idx, amp.index_select(0, idx))
     ux, uz = gq.index_select(0, idx).abs(), gb.index_select(0, idx).abs()
-    dPa, dAa = dP.abs(), dA.abs()
-    bound = ((bmv(dPa, dx) * ux).sum(1) + (bmv(dAa, dx) * uz).sum(1) + (bmv(dAa.mT, dz) * ux).sum(1))
-    along = ((gP.index_select(0, idx) * dP).sum((1, 2)) + (gq.index_select(0, idx) * dq).sum(1)
-             + (gA.index_select(0, idx) * dA).sum((1, 2)) + (gb.index_select(0, idx) * db).sum(1))
-    return flag.index_copy(0, idx, bound > ROW_RTOL * along.abs())
+    gP, gq, gA, gb = (g.index_select(0, idx) for g in (gP, gq, gA, gb))
+    off = torch.zeros_like(idx, dtype=torch.bool)
+    for dP, dq, dA, db in directions:
+        dPa, dAa = dP.abs(), dA.abs()
+        bound = (bmv(dPa, dx) * ux).sum(1) + (bmv(dAa, dx) * uz).sum(1) + (bmv(dAa.mT, dz) * ux).sum(1)
+        along = (gP * dP).sum((1, 2)) + (gq * dq).sum(1) + (gA * dA).sum((1, 2)) + (gb * db).sum(1)
+        off = off | (bound > ROW_RTOL * along.abs())
+    return flag.index_copy(0, idx, off)
 
 
 def _floor(sol, idx: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

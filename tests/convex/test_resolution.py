@@ -216,3 +216,21 @@ def test_weak_direction_check_on_a_batch_of_ridge_layers_with_computed_curvature
     M = Gd.mT @ Gd + 1e-3 * torch.eye(n, dtype=F64)
     want = (Gd @ torch.linalg.solve(M, torch.ones(B, n, 1, dtype=F64))).squeeze(-1)
     torch.testing.assert_close(ht.grad, want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_weak_ridge_warns_when_other_parameters_require_grad_too():
+    """With G and h requiring grad beside lam, the check along one combined direction of
+    the parameters let the large, accurate dL/dG hide dL/dlam off by up to 25 times itself
+    (its sign wrong) at lam = 1e-7: each parameter's direction is checked too."""
+    rng = np.random.default_rng(0)
+    n = 8
+    y = cp.Variable(n)
+    lam, G, h = cp.Parameter(nonneg=True), cp.Parameter((3, n)), cp.Parameter(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(G @ y - h) + lam * cp.sum_squares(y))),
+                             parameters=[G, h, lam], variables=[y])
+    Gt = torch.tensor(rng.standard_normal((1, 3, n)), requires_grad=True)
+    ht = torch.tensor(rng.standard_normal((1, 3)), requires_grad=True)
+    lt = torch.tensor([1e-7], dtype=F64, requires_grad=True)
+    g = torch.tensor(rng.standard_normal((1, n)))
+    with pytest.warns(GradientWarning, match="curves only weakly"):
+        (layer(Gt, ht, lt) * g).sum().backward()
