@@ -59,24 +59,30 @@ def dense_limit_solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tens
         ``rx (k, n, 1), rz (k, m, 1)`` (the elements ``idx``) ->
         ``x (k, n, 1), z (k, m, 1)``, residual ``(k,)``.
     """
-    return dense_limit_solve_error(sol, layout, idx, rx, rz)[:3]
+    return _chunks(sol, layout, idx, rx, rz, False)[:3]
 
 
 def dense_limit_solve_error(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor):
     """:func:`dense_limit_solve`'s ``(x, z, residual)`` and ``(k,)`` each answer's estimated
     forward error relative to its size (``inf`` where not solved): a small residual need not
     mean an accurate answer where the matrix's condition nears 1/eps."""
+    return _chunks(sol, layout, idx, rx, rz, True)
+
+
+def _chunks(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, with_error: bool):
+    """:func:`_solve` in chunks within :data:`MEMORY_BUDGET`; the error estimate (three more
+    solves) only ``with_error`` (None in its place otherwise)."""
     size = sol.scaled.P.shape[-1] + sol.scaled.A.shape[1]
     if size > MAX_SIZE:
         inf = rx.new_full((rx.shape[0],), torch.inf)
         return rx.new_zeros(rx.shape), rz.new_zeros(rz.shape), inf, inf
     step = max(1, MEMORY_BUDGET // (3 * size * size * rx.element_size()))
-    parts = [_solve(sol, layout, idx[lo:lo + step], rx[lo:lo + step], rz[lo:lo + step])
+    parts = [_solve(sol, layout, idx[lo:lo + step], rx[lo:lo + step], rz[lo:lo + step], with_error)
              for lo in range(0, idx.numel(), step)]
-    return tuple(torch.cat(p) for p in zip(*parts))
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 
-def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor):
+def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, with_error: bool):
     from .certify import limit_scaling_at
 
     d = sol.scaled.select(idx)
@@ -136,7 +142,8 @@ def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: tor
     step = row_inf(step[..., 0]) / row_inf(u[..., 0]).clamp_min(torch.finfo(K.dtype).tiny)
     res = torch.where(bad | ((info != 0) & ~exact), torch.inf, torch.minimum(res, step))  # (NaN: not solved)
     x, zE, zh = u[:, :n], u[:, n:n + z0], u[:, n + z0:]
-    return x, torch.cat([zE, W.apply_inv(zh)], 1), res, _forward_error(K, rhs, u, (LU, piv), (LU2, piv2), exact, res)
+    error = _forward_error(K, rhs, u, (LU, piv), (LU2, piv2), exact, res) if with_error else None
+    return x, torch.cat([zE, W.apply_inv(zh)], 1), res, error
 
 
 def _forward_error(K, rhs, u, regularised, limit, exact, res) -> torch.Tensor:
