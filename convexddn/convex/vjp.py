@@ -325,16 +325,8 @@ def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor
     equilibrated units of ``rx, rz``). The amplification is the derivative's size, not an error:
     equality rows 1e-7 apart, unique vertex, amplify by 2.2e7 and come out 1e-8 exact; in a QP
     (multipliers ~1/d²) by 1.3e7, 5e-2 off, not certified. float64 only, as the limit test."""
-    certified = torch.zeros_like(test)
     idx = torch.nonzero(test).squeeze(1) if rx.dtype == torch.float64 else test.new_zeros(0, dtype=torch.long)
-    if idx.numel():
-        x, z, res, error = dense_limit_solve_error(sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))
-        good = (res <= _backward_accept(rx)) & (error <= CERTIFIED_ERROR)  # (NaN: not certified)
-        keep = good[:, None, None]
-        ux = ux.index_copy(0, idx, torch.where(keep, x, ux.index_select(0, idx)))
-        uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))
-        certified = certified.index_copy(0, idx, good)
-    return ux, uz, certified
+    return _dense_where(sol, layout, test, idx, rx, rz, ux, uz, True)
 
 
 def _solve_derivative(sol, layout, kkt, rx, rz, refine: int):
@@ -360,14 +352,23 @@ def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
     """``(ux, uz, unsolved)``: the solved elements whose factorised solve stayed above
     :func:`_backward_accept` solved again densely (:func:`~.dense_kkt.dense_limit_solve`);
     ``unsolved`` ``(B,)`` marks those still above it. One host sync."""
-    accept = _backward_accept(rx)
-    unsolved = (sol.status == SOLVED) & ~kkt.failed & ~(kkt.solve_residual <= accept)  # (NaN: unsolved)
-    idx = torch.nonzero(unsolved).squeeze(1)
+    unsolved = (sol.status == SOLVED) & ~kkt.failed & ~(kkt.solve_residual <= _backward_accept(rx))  # (NaN: unsolved)
+    ux, uz, fixed = _dense_where(sol, layout, unsolved, torch.nonzero(unsolved).squeeze(1), rx, rz, ux, uz, False)
+    return ux, uz, unsolved & ~fixed
+
+
+def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux, uz, with_error: bool):
+    """``(ux, uz, good)``: the elements ``idx`` solved densely (:mod:`.dense_kkt`), their
+    answers taking the place of ``ux, uz`` where ``good`` ``(B,)``, like ``like``: the
+    residual below :func:`_backward_accept` and, ``with_error``, the estimated error below
+    :data:`CERTIFIED_ERROR` (NaN: not good)."""
+    good = torch.zeros_like(like)
     if idx.numel():
-        x, z, res = dense_limit_solve(sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))
-        fixed = res <= accept
-        keep = fixed[:, None, None]
+        sub = (sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))
+        x, z, res, error = dense_limit_solve_error(*sub) if with_error else (*dense_limit_solve(*sub), None)
+        ok = (res <= _backward_accept(rx)) & (True if error is None else error <= CERTIFIED_ERROR)
+        keep = ok[:, None, None]
         ux = ux.index_copy(0, idx, torch.where(keep, x, ux.index_select(0, idx)))
         uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))
-        unsolved = unsolved.index_copy(0, idx, ~fixed)
-    return ux, uz, unsolved
+        good = good.index_copy(0, idx, ok)
+    return ux, uz, good
