@@ -68,7 +68,7 @@ def unresolved_columns(P, q, A, layout: ConeLayout, x, s, z) -> torch.Tensor:
     # (a cone multiplier of 2λt on λ‖y‖²'s epigraph, taken as 0: dL/dλ came back 0).
     # Columns an undecided pair touches are left out: no limit exists there (a kink,
     # which the backward's own test names; the polish leaves it at s = z = its floor).
-    parts, open_rows = [z[:, :z0]], [torch.zeros_like(z[:, z0:], dtype=torch.bool)[:, :0]]
+    parts, open_rows = [z[:, :z0]], [z.new_zeros(z.shape[0], 0, dtype=torch.bool)]  # (cat needs one)
     if k:
         active, inactive = decided(s[:, z0:z0 + k], z[:, z0:z0 + k])
         parts.append(torch.where(inactive, 0.0, z[:, z0:z0 + k]))

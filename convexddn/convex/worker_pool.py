@@ -67,7 +67,7 @@ class WorkerPool:
             # The cause is not known here: say what the exit codes show and list the usual ones
             # (a segmentation fault in SuperLU was reported as a missing __main__ guard).
             raise WorkerError(
-                f"a worker process of the layer (workers={self.workers}) died{_exits(pool)}: {err}. It may "
+                f"a worker process of the layer (workers={self.workers}) died{_exits(pool)}: {str(err).rstrip('.')}. It may "
                 "have crashed (a fault in a native solver or factorisation: the same call with workers=1 "
                 "shows it in this process) or been killed (out of memory, a signal); or, as worker "
                 "processes are spawned, a script that calls the layer at import time without an "
