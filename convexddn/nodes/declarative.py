@@ -25,18 +25,15 @@ from typing import Any
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .._autograd import plain
 from .._checks import check_int
-from .._warn import warn
-from ..errors import GradientWarning, InputError, ProblemError, SolverError
+from ..errors import InputError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
+from .declarative_probe import probe
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, y_by_keyword)
-from .graph import check_graph
 from .implicit import declarative_vjp
 from .implicit_options import check_implicit_options
 from .implicit_jvp import declarative_jvp
-from .lagrangian import _constraint, _objective
 from .optimality import _format_indices
 from .inputs import checked_solution, flatten_inputs
 from .linear_solvers import LinearSolver
@@ -44,10 +41,6 @@ from .linear_solvers import LinearSolver
 __all__ = ["DeclarativeNode"]
 
 Tensor = torch.Tensor
-
-
-def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
-    return t
 
 
 class DeclarativeNode(torch.nn.Module):
@@ -221,7 +214,8 @@ class DeclarativeNode(torch.nn.Module):
         self.implicit_dtype = implicit_dtype
         self.check_minimum = check_minimum
         self._validated = False
-        self._read_state: frozenset[str] | None = None  # buffers the problem reads (see _probe)
+        self._read_state: frozenset[str] | None = None  # state the problem reads (see .declarative_probe)
+        self._probed_names: frozenset[str] = frozenset()  # all of the state's names at the probe
         self._ddn_initialised = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -294,42 +288,6 @@ class DeclarativeNode(torch.nn.Module):
             y = self.solve(*xs)
         return checked_solution(f"{type(self).__name__}.solve", y, xs)
 
-    def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
-        """Shapes, dependence on y and closed-over tensors, before any backward."""
-        name = type(self).__name__
-        # The probe's own graph is thrown away: its saved tensors bypass any hooks around
-        # the call (a non-reentrant torch.utils.checkpoint counted them in the first
-        # forward only, not in its recomputation: CheckpointError on a node's first call).
-        with guarded(self, swap=True), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-            known = tuple(self.parameters())
-            # Buffers and frozen parameters stand in as leaves that require grad, so the
-            # graph tells which of them the problem reads (the backward checks those for
-            # in-place changes; a buffer solve only writes to, a cache, may change).
-            fixed = {n: t.detach().requires_grad_(True) for n, t in
-                     [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
-                     if t.is_floating_point() and not t.requires_grad}
-            with torch.enable_grad(), _reparametrize_module(self, fixed), read_as(self, self.implicit_dtype):
-                # (an inference tensor cannot require grad: a plain copy of it can)
-                xg = tuple(plain(x).detach().to(self.implicit_dtype).requires_grad_(True)
-                           for x in xs)
-                yg = y.detach().to(self.implicit_dtype).requires_grad_(True)
-                f = _objective(f"{name}.objective", self._call("objective"), xg, yg)
-                cons = {m: _constraint(f"{name}.{m}", self._call(m), xg, yg)
-                        for m in ("equality_constraints", "inequality_constraints")}
-                of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
-                leaves = {**of_f, **of_c}
-            idle = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in leaves]
-        self._read_state = frozenset(n for n, t in fixed.items() if id(t) in leaves)
-        unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
-        for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
-                                                            "them only to start its iterations; ")):
-            if which:
-                warn(
-                    f"{name}: {kind} {which} require grad but neither the objective nor the constraints "
-                    f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
-                    "solve uses them as problem data, the objective or constraints must use them too (not "
-                    ".item(), .detach() or numpy)", GradientWarning)
-
     def _vjp(self, xs, y, grad_y, params, batch_shape, state):
         # The parameters and buffers the forward solved with (``state``): under
         # torch.func.functional_call they were swapped in for the forward only, and the
@@ -382,8 +340,11 @@ class DeclarativeNode(torch.nn.Module):
                 indices=indices,
                 statuses=["non-finite solution"] * len(indices),
             )
-        if torch.is_grad_enabled() and (not self._validated or not y.requires_grad):
-            self._probe(flat, y)
+        # (Probed again where a parameter or buffer was added since: the backward must know
+        # whether the problem reads it.)
+        if torch.is_grad_enabled() and (not self._validated or not y.requires_grad
+                                        or self._probed_names != frozenset(state)):
+            self._read_state, self._probed_names = probe(self, flat, y)
             self._validated = True
         return y.reshape(tuple(batch_shape) + tuple(y.shape[1:]))
 

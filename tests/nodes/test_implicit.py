@@ -1558,6 +1558,49 @@ def test_buffer_changed_in_place_before_backward_is_refused():
         y.sum().backward()
 
 
+class _ScaledByParameter(DeclarativeNode):
+    """y = argmin ½ Σ (u − w x)² = w x, with w a parameter: dy/dx = w."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([2.0, 2.0, 2.0], dtype=DT))
+
+    def objective(self, x, y):
+        return 0.5 * ((y - self.w * x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return self.w * x
+
+
+@pytest.mark.parametrize("late", ["frozen", "buffer"])
+def test_state_frozen_or_added_after_the_first_call_is_watched(late):
+    """Only the state that did not require grad at the first call's probe was watched: a
+    parameter frozen later (fine-tuning), or a buffer the objective reads registered
+    later, changed in place between forward and backward gave dy/dx = 6 at x = 0 for
+    the forward's 2 (the solution does not move there, so no check saw it), silently."""
+    node = _ScaledByParameter()
+    x = torch.zeros(1, 3, dtype=DT, requires_grad=True)
+    node(x).sum().backward()  # the first call's probe
+    if late == "frozen":
+        node.w.requires_grad_(False)
+        changed = node.w
+    else:
+        w = node.w.detach().clone()
+        del node.w
+        node.register_buffer("w", w)
+        changed = node.w
+    x = torch.zeros(1, 3, dtype=DT, requires_grad=True)
+    y = node(x)
+    with torch.no_grad():
+        changed.mul_(3.0)
+    with pytest.raises(InputError, match=r"\['w'\].*modified in place"):
+        y.sum().backward()
+    # After the change, a new forward differentiates at the new value (closed form w).
+    x.grad = None
+    node(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((1, 3), 6.0, dtype=DT), rtol=0, atol=1e-12)
+
+
 class _CubicAbs(DeclarativeNode):
     """y = argmin ½(u − x)² + 0.1|u|³, the cube written as sqrt(u²)³: C² everywhere, but
     autograd's second derivative at u = 0 is 0/0. For x >= 0, y = (√(1 + 1.2x) − 1)/0.6."""

@@ -1,0 +1,71 @@
+"""The first-call probe of a :class:`~convexddn.nodes.declarative.DeclarativeNode`: the
+objective and constraints evaluated once with autograd, to check their shapes and
+their dependence on ``y``, refuse tensors they close over, and learn which inputs,
+parameters and buffers they read (the backward checks those for in-place changes)."""
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+
+from .._autograd import plain
+from .._warn import warn
+from ..errors import GradientWarning
+from ._swap_guard import guarded, read_as
+from .graph import check_graph
+from .lagrangian import _constraint, _objective
+
+__all__ = ["probe"]
+
+Tensor = torch.Tensor
+
+
+def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
+    return t
+
+
+def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str]]:
+    """Probe ``node``'s problem at the inputs ``xs`` (flattened, ``(B, ...)``) and its
+    solution ``y``; warn where inputs or parameters that require grad are not read.
+
+    Returns ``(read, names)``: the names of the parameters and buffers the problem reads
+    (through autograd), and the names of all of them at the probe (one added later is
+    unknown to ``read``: the node probes again)."""
+    name = type(node).__name__
+    dtype = node.implicit_dtype
+    # The probe's own graph is thrown away: its saved tensors bypass any hooks around
+    # the call (a non-reentrant torch.utils.checkpoint counted them in the first
+    # forward only, not in its recomputation: CheckpointError on a node's first call).
+    with guarded(node, swap=True), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        known = tuple(node.parameters())
+        # Every parameter and buffer stands in as a leaf that requires grad, so the graph
+        # tells which of them the problem reads: the backward checks those that do not
+        # require grad then for in-place changes (a buffer solve only writes to, a cache,
+        # may change) -- whether or not they require grad now: a parameter frozen after
+        # this probe was not watched, and a backward used its new value, silently.
+        # (Not a buffer that requires grad: the problem closes over it, an error below.)
+        params = dict(node.named_parameters(remove_duplicate=False))
+        state = {**params, **dict(node.named_buffers(remove_duplicate=False))}
+        fixed = {n: t.detach().requires_grad_(True) for n, t in state.items()
+                 if t.is_floating_point() and (n in params or not t.requires_grad)}
+        with torch.enable_grad(), _reparametrize_module(node, fixed), read_as(node, dtype):
+            # (an inference tensor cannot require grad: a plain copy of it can)
+            xg = tuple(plain(x).detach().to(dtype).requires_grad_(True) for x in xs)
+            yg = y.detach().to(dtype).requires_grad_(True)
+            f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
+            cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)
+                    for m in ("equality_constraints", "inequality_constraints")}
+            of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
+            leaves = {**of_f, **of_c}
+    read = frozenset(n for n, t in fixed.items() if id(t) in leaves)
+    read_ids = {id(state[n]) for n in read} | set(leaves)  # (and those closed over, not swapped)
+    idle = [n for n, p in node.named_parameters() if p.requires_grad and id(p) not in read_ids]
+    unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
+    for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
+                                                        "them only to start its iterations; ")):
+        if which:
+            warn(
+                f"{name}: {kind} {which} require grad but neither the objective nor the constraints "
+                f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
+                "solve uses them as problem data, the objective or constraints must use them too (not "
+                ".item(), .detach() or numpy)", GradientWarning)
+    return read, frozenset(state)
