@@ -46,6 +46,9 @@ class ConeSolve(torch.autograd.Function):
     @first_order_jvp("BatchedProgram")
     def jvp(ctx, dP, dq, dA, db, *_):
         """Forward mode: :func:`cone_jvp` along the data's tangents, with the backward's warning."""
+        # (jacobian(..., vectorize=True, strategy="forward-mode"): a raw "Batching rule not
+        # implemented" from inside the derivative before)
+        refuse_batched("ConvexLayer", dP, dq, dA, db, functorch=False)
         sol, layout, refine, _, where, cols, _ = ctx.state
         dx, dz, flagged, zeroed, unsolved = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved)

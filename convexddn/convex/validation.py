@@ -254,10 +254,17 @@ def check_values(values: tuple, named: dict[str, Any], parameters: Sequence[cp.P
     # gradient would be zero below the diagonal and doubled above it, and one optimiser
     # step would make the matrix asymmetric. Used as (v + vᵀ)/2 (equal to v within the
     # check above), the gradient is the symmetric one.
-    # (Halves first: v + vᵀ overflows for float16 entries above 32752.)
-    values = [0.5 * v + 0.5 * v.transpose(-1, -2) if any(p.attributes.get(a) for a in SYMMETRIC_ATTRIBUTES) else v
+    values = [_symmetrised(v) if any(p.attributes.get(a) for a in SYMMETRIC_ATTRIBUTES) else v
               for v, p in zip(values, parameters)]
     return values, batch
+
+
+def _symmetrised(v: torch.Tensor) -> torch.Tensor:
+    """(v + vᵀ)/2 in v's dtype, v itself where v is symmetric: halves first (v + vᵀ
+    overflows for float16 entries above 32752), in float64 (half of an odd float16
+    subnormal rounded: S moved by one unit before the solve)."""
+    w = v.to(torch.float64)
+    return (0.5 * w + 0.5 * w.transpose(-1, -2)).to(v.dtype)
 
 
 def element_subset(parameters: Sequence[cp.Parameter], flat: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:

@@ -1281,3 +1281,32 @@ def test_elements_the_per_element_path_fails_get_the_batched_form_where_it_does_
     monkeypatch.setitem(batched_module._BATCHED_MAX_BYTES, "cpu", layer._opinion.memory_estimate(1) - 1)
     with pytest.raises(SolverError, match="KKT residual"):
         layer(xs.detach())
+
+
+@pytest.mark.parametrize("strategy", ["reverse-mode", "forward-mode"])
+def test_vectorized_jacobian_is_refused_in_either_strategy(strategy):
+    """jacobian(..., vectorize=True) batches the cotangents or tangents with autograd's
+    own vmap; the forward-mode strategy failed inside the derivative with torch's raw
+    "Batching rule not implemented for aten::alias". The Jacobian one cotangent at a time
+    is the box projection's, diag(|x| < 1)."""
+    x, y = cp.Parameter(3), cp.Variable(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= -1, y <= 1]), [x], [y])
+    X = torch.tensor([2.0, 0.5, -3.0], dtype=torch.float64)
+    with pytest.raises(ProblemError, match="ConvexLayer does not support batched cotangents or tangents"):
+        torch.autograd.functional.jacobian(layer, X, vectorize=True, strategy=strategy)
+    J = torch.autograd.functional.jacobian(layer, X)
+    torch.testing.assert_close(J, torch.diag(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_symmetric_parameter_with_subnormal_entries_is_taken_as_given(dtype):
+    """The symmetric part (v + vᵀ)/2 was taken in the caller's dtype, halves first: half of
+    an odd subnormal rounds, so the projection argmin ‖X − S‖² = S of an exactly
+    symmetric float16 S = [[3, 5], [5, 2²⁴]]·2⁻²⁴ came back [[4, 4], [4, 2²⁴]]·2⁻²⁴."""
+    S, X = cp.Parameter((2, 2), symmetric=True), cp.Variable((2, 2))
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(X - S))), [S], [X])
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+    V = torch.tensor([[3.0, 5.0], [5.0, 0.0]], dtype=torch.float64).to(dtype) * tiny
+    V[1, 1] = 1.0
+    assert bool((V[0] != 0).all()) and torch.equal(V, V.T)
+    torch.testing.assert_close(layer(V), V, atol=0, rtol=0)
