@@ -146,16 +146,31 @@ def _blockwise_violation(v: np.ndarray, proj: np.ndarray, cones: list, scale: np
     return out
 
 
-def _droppable(cones: list, m: int) -> np.ndarray:
-    """``(m,)`` rows whose noise entry of a dual ray may be set to zero: zero and
-    nonnegative rows and the tails of second-order cones (y stays in K*: a head t >= ‖u‖
-    stays so), and exponential and PSD rows (y may leave K* by that noise: the caller
-    checks K* after dropping). Not the heads: a head's weight can be noise where its tail's
-    is not."""
-    out = np.ones(m, dtype=bool)
+def _drop_noise(d: np.ndarray, rows: np.ndarray, cones: list, tol: float) -> np.ndarray:
+    """The dual ray ``d`` without the noise of rows it does not use: entries whose
+    ``|d_i| ‖A_i‖∞`` (``rows``: each row's ``‖A_i‖∞``, a row without A left as it is) is below
+    ``tol`` of the largest, as :func:`~.rays._drop_noise` on the batched path.
+
+    Zero, nonnegative, exponential and PSD rows and second-order-cone tails become 0 (the
+    caller checks K* after: an exponential row may leave it by that noise). A second-order
+    cone's head ``t`` at noise level becomes ``‖u'‖``, its cleaned tail's norm (the least head
+    in K*), where that would be at noise level in the head's row too: both values lie within
+    the noise. Zeroed, a head above a tail left K*; kept, the rounding (1e-12) of an epigraph
+    variable's ray, alone in its column, failed that column (an infeasible program with a
+    cone ended in SolverError on every solver).
+    """
+    weight = np.abs(d) * rows
+    floor = tol * weight.max(initial=0.0)
+    noise = (rows > 0) & (weight <= floor)
+    heads = [at for kind, at, q in cone_blocks(cones) if kind == cone_lib.SOC]
+    drop = noise.copy()
+    drop[heads] = False
+    out = np.where(drop, 0.0, d)
     for kind, at, q in cone_blocks(cones):
-        if kind == cone_lib.SOC:
-            out[at] = False
+        if kind == cone_lib.SOC and noise[at]:
+            n1 = float(np.linalg.norm(out[at + 1:at + q]))
+            if n1 * rows[at] <= floor:
+                out[at] = n1
     return out
 
 
@@ -172,8 +187,9 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
     its own largest term: measured against ``‖b‖∞``, an inactive bound of 1e4 beside
     rows of 1e-2 (which the ray does not use) rejected a valid certificate. ``Aᵀy`` is
     measured column by column against its terms ``|A|ᵀ|y|``, after dropping the noise of
-    rows the ray does not use (entries, except second-order-cone heads, whose
-    ``|y_i| ‖A_i‖∞`` is below ``tol`` of the largest; K* is checked after): against the largest ``|A|`` entry,
+    rows the ray does not use (entries whose ``|y_i| ‖A_i‖∞`` is below ``tol`` of the largest,
+    a second-order cone's head lowered to its tail's norm, :func:`_drop_noise`; K* is checked
+    after): against the largest ``|A|`` entry,
     ``y = e_0`` passed for ``1e-13 x_0 >= 1``, a feasible LP. A primal ray's distance to
     K is measured per cone block against its rows' largest ``|A|`` entry: against the
     largest in A, the ray (1, 0) of ``1e-14 x_0 <= 1`` (a bounded LP, violated by 1e-14
@@ -190,13 +206,11 @@ def verify_certificate(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: li
             return False
         d = y / ny
         # The ray's noise on rows it does not use dropped (entries whose |d_i| ‖A_i‖∞ is below
-        # tol of the largest, see _droppable: an exponential-cone row at the edge of K*,
+        # tol of the largest, see _drop_noise: an exponential-cone row at the edge of K*,
         # w = 1e-8, left 1e-8 in the one column it met, and an infeasible program ended in
         # SolverError on every solver); then d in K* and each column of Aᵀd against its own
         # terms |A|ᵀ|d|.
-        weight = np.abs(d) * rows
-        noise = (rows > 0) & (weight <= tol * weight.max(initial=0.0))  # (a row without A: nothing to clean)
-        clean = np.where(_droppable(cones, d.size) & noise, 0.0, d)
+        clean = _drop_noise(d, rows, cones, tol)
         # Either ray certifies where it passes: the cleaned one, or the ray as it came (whose
         # small entries balanced other rows: an LP with g y <= -1, -g y <= -1 and data of 1
         # lost 1e-7 entries to the cleaning, its columns then off by 3e-6, and the valid

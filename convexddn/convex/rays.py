@@ -21,8 +21,9 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
 
     - infeasible: :math:`y = z/\\|z\\|_\\infty \\in K^*` (zero-cone rows free),
       each column :math:`|(A^T y)_j| \\le` ``tol`` :math:`(|A|^T|y|)_j` once the noise of
-      rows the ray does not use is dropped (entries, except second-order-cone heads, whose
-      :math:`|y_i|\\,\\|A_i\\|_\\infty` is below ``tol`` of the largest; against
+      rows the ray does not use is dropped (entries whose :math:`|y_i|\\,\\|A_i\\|_\\infty` is
+      below ``tol`` of the largest, a second-order cone's head lowered to its tail's norm,
+      :func:`_drop_noise`; against
       :math:`\\max|A|`, :math:`y = e_0` passed for the feasible :math:`10^{-13} x_0 \\ge 1`), and
       :math:`b^T y < -` ``tol`` :math:`\\|b \\circ y\\|_\\infty` (its own largest term: an
       inactive bound of 1e4 that the ray does not use rejected a valid one against
@@ -49,14 +50,9 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
     in_dual = layout.violation(y[:, z0:]) <= tol
     absA = A.abs()
     rows = absA.amax(2) if A.shape[2] else A.new_zeros(A.shape[:2])  # (B, m): each row's largest |entry|
-    # Noise on rows the ray does not use: entries whose zero keeps y in K* (not the heads
-    # of second-order cones: a tail of 1e-12 beside them failed its column).
-    droppable = torch.ones(A.shape[1], dtype=torch.bool, device=A.device)
-    if layout.soc:
-        droppable[z0 + layout.nonneg + layout.index(A.device).heads] = False
-    weight = y.abs() * rows
-    if weight.shape[1]:
-        y = torch.where(droppable & (weight <= tol * weight.amax(1, keepdim=True)), 0.0, y)
+    # Noise on rows the ray does not use dropped, y kept in K* (see _drop_noise).
+    if A.shape[1]:
+        y = _drop_noise(y, rows, tol, layout)
     infeasible = ((ny > 0) & torch.isfinite(ny) & in_dual & _within(bmv(A.mT, y), tol * bmv(absA.mT, y.abs()))
                   & ((b * y).sum(1) < -tol * row_inf(b * y)))
     s = -bmv(A, d)
@@ -66,6 +62,39 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
                  & (row_inf(bmv(P, d)) <= tol * p_max)
                  & ((q * d).sum(1) < -tol * row_inf(q * d)))
     return infeasible, unbounded
+
+
+def _drop_noise(y: torch.Tensor, rows: torch.Tensor, tol: float, layout: ConeLayout) -> torch.Tensor:
+    """The dual ray ``y`` without its noise: entries whose weight :math:`|y_i|\\,\\|A_i\\|_\\infty`
+    (``rows``: each row's :math:`\\|A_i\\|_\\infty`) is at most ``tol`` of the largest, kept in
+    K* by the cone's geometry.
+
+    Zero and nonnegative rows and second-order-cone tails become 0 (a shorter tail keeps
+    :math:`t \\ge \\|u\\|`; a tail of 1e-12 beside a cone failed its column). A head :math:`t`
+    at noise level becomes :math:`\\|u'\\|`, its cleaned tail's norm and the least head in
+    K*, where that would be at noise level in the head's row too: both values lie within the
+    noise, so the columns the head meets move by noise only. (Zeroed, a head above a tail
+    left K*; kept, the rounding (1e-10) of an epigraph variable's ray, alone in its column,
+    failed that column, and an infeasible program with a cone ended in SolverError.) A head
+    whose tail is above its noise is kept: K* then decides.
+
+    Shape:
+        ``y (B, m), rows (B, m)`` -> ``(B, m)``.
+    """
+    weight = y.abs() * rows
+    floor = tol * weight.amax(1, keepdim=True)
+    noise = weight <= floor
+    if not layout.soc:
+        return torch.where(noise, 0.0, y)
+    idx, c0 = layout.index(y.device), layout.zero + layout.nonneg
+    heads = c0 + idx.heads
+    # (a mask, not a scalar put through an index: that is a host copy)
+    y = torch.where(noise & torch.cat([noise.new_ones(c0), idx.tail > 0]), 0.0, y)
+    us = y[:, c0:]
+    n1 = torch.sqrt(layout._seg(us * us * idx.tail))  # (B, nsoc): each cleaned tail's norm
+    lower = noise[:, heads] & (n1 * rows[:, heads] <= floor)
+    y[:, heads] = torch.where(lower, n1, y[:, heads])
+    return y
 
 
 def _within(v: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:

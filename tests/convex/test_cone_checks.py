@@ -4,9 +4,11 @@ from __future__ import annotations
 import cvxpy as cp
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 import convexddn as cddn
+from convexddn.convex.cone_checks import verify_certificate
 from convexddn.errors import InfeasibleError
 
 
@@ -30,3 +32,72 @@ def test_a_valid_ray_whose_small_entries_balance_other_rows_verifies():
     with pytest.raises(InfeasibleError, match="Clarabel: Infeasible.*certificate verified") as err:
         layer(*values)
     assert "does not verify" not in str(err.value)
+
+
+def _head_alone_program():
+    """``x >= 1``, ``x <= 0`` (infeasible) beside ``‖w‖ <= t`` (w ∈ R²), variables (x, t, w),
+    in diffcp's form ``Ax + s = b``: the cone's rows ``-I``, so t meets the cone's head alone.
+    y = (1, 1, 0, 0, 0) has Aᵀy = 0 and bᵀy = −1."""
+    A = np.zeros((5, 4))
+    A[0, 0], A[1, 0] = -1.0, 1.0
+    A[2:, 1:] = -np.eye(3)
+    return sp.csc_matrix(A), np.array([-1.0, 0.0, 0.0, 0.0, 0.0]), np.ones(4), [("l", 2), ("q", [3])]
+
+
+def test_a_head_at_rounding_level_does_not_fail_its_column():
+    """The solvers return the ray's head at 1e-12 (Clarabel, with the tails at 0 or 1e-13):
+    alone in t's column it left |(Aᵀy)_t| = (|A|ᵀ|y|)_t, in the ray as it came and in the
+    cleaned one (the heads were kept), and a valid certificate did not verify. A head of
+    noise is lowered to its tail's norm (the least head in K*)."""
+    A, b, c, cones = _head_alone_program()
+    for size in (1e-8, 1.0, 1e8):
+        for head, tail in ((1e-12, 0.0), (1e-10, 1e-12), (0.0, 0.0)):
+            y = size * np.array([1.0, 1.0, head, tail, -tail])
+            assert verify_certificate(A, b, c, cones, np.zeros(4), y, "infeasible"), (size, head, tail)
+    # a head the ray uses (t's column 1e-3 off), a ray outside K* (t < ‖u‖), x's column off
+    for y in ([1.0, 1.0, 1e-3, 0.0, 0.0], [1.0, 1.0, 1e-12, 1e-3, 0.0], [1.0, 0.5, 1e-12, 0.0, 0.0]):
+        assert not verify_certificate(A, b, c, cones, np.zeros(4), np.array(y), "infeasible"), y
+
+
+def _epigraph_layer(solver: str):
+    """min ‖Y − M‖² + t + ‖w − v‖² s.t. Y >= −0.1, the column sums of Y (2 rows) = v/2 and
+    ‖w‖ <= t: infeasible where some v_j/2 < −0.2, t's column meeting the cone's head alone."""
+    M, v = cp.Parameter((2, 3)), cp.Parameter(3)
+    Y, t, w = cp.Variable((2, 3)), cp.Variable(), cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(Y - M) + t + cp.sum_squares(w - v)),
+                      [Y >= -0.1, cp.sum(Y, axis=0) == v * 0.5, cp.SOC(t, w)])
+    kw = {} if solver in ("auto", "batched") else {"fallback": None}  # each solver's own certificate
+    return cddn.ConvexLayer(prob, [M, v], [Y], solver=solver, **kw)
+
+
+@pytest.mark.parametrize("solver", ["auto", "batched", "Clarabel", "SCS", "ECOS"])
+def test_an_infeasible_program_with_an_epigraph_cone_is_called_infeasible(solver):
+    """Element 0 asks a column sum of −0.70 of two entries >= −0.1 (infeasible); element 1
+    (column sums −0.05 and 0) is feasible. Every solver's ray carried its head at rounding
+    level (1e-10, 1e-12), its certificate did not verify and the layer raised SolverError
+    ("the data may be badly scaled") instead of InfeasibleError."""
+    M = torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.4, -0.6]], dtype=torch.float64).expand(2, 2, 3)
+    v = torch.tensor([[-0.51, -1.39, -0.51], [-0.1, 0.0, -0.1]], dtype=torch.float64)
+    with pytest.raises(InfeasibleError) as err:
+        _epigraph_layer(solver)(M, v)
+    assert list(err.value.indices) == [(0,)]
+    assert "does not verify" not in str(err.value)
+
+
+def test_infeasible_polyhedra_beside_a_norm_are_called_infeasible():
+    """min ‖y − x‖² + 0.1 ‖y‖ s.t. Ay <= b with rows a and −a, both bounds −1 (a·y <= −1 and
+    a·y >= 1): infeasible by construction for every a ≠ 0. Two of ten random ones ended in
+    SolverError ("the data may be badly scaled"), the norm's epigraph variable alone in its
+    column."""
+    n, m, B = 4, 3, 10
+    x, A, b, y = cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m), cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x) + 0.1 * cp.norm(y, 2)), [A @ y <= b])
+    gen = torch.Generator().manual_seed(43)
+    At = torch.randn(B, m, n, dtype=torch.float64, generator=gen)
+    At[:, 1] = -At[:, 0]
+    bt = torch.rand(B, m, dtype=torch.float64, generator=gen)
+    bt[:, :2] = -1.0
+    xt = torch.randn(B, n, dtype=torch.float64, generator=gen)
+    with pytest.raises(InfeasibleError) as err:
+        cddn.ConvexLayer(prob, [x, A, b], [y])(xt, At, bt)
+    assert sorted(err.value.indices) == [(i,) for i in range(B)]
