@@ -18,6 +18,7 @@ from .._warn import warn
 from .._autograd import refuse_transforms
 from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
+from .widen import narrowed
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
            "refuse_per_element",
@@ -216,14 +217,15 @@ def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...
     """The solutions ``(B, ...)`` in the caller's ``shapes`` (batch shape first), device
     and dtype, NaN for the elements not ``solved`` (its batch shape). Entries beyond the
     range of a ``dtype`` narrower than float64 (float16: 65504; float32: 3.4e38) become
-    ±inf in the cast, with a ``ConvexDDNWarning``."""
+    ±inf in the cast, with a ``ConvexDDNWarning`` (and in their forward-mode tangents, with a
+    ``GradientWarning``: :func:`~.widen.narrowed`)."""
     ok = None if bool(solved.all()) else solved.to(device)
     outs, over = [], 0
     for s, shape in zip(sols, shapes):
         s = s.to(device=device).reshape(shape)
         if ok is not None:
             s = torch.where(ok.view(ok.shape + (1,) * (s.dim() - ok.dim())), s, torch.full_like(s, math.nan))
-        outs.append(s.to(dtype))
+        outs.append(narrowed(s, dtype))
         if torch.finfo(dtype).max < torch.finfo(s.dtype).max:  # (float32 too: 1e40 came back inf, silently)
             over += int((torch.isinf(outs[-1]) & torch.isfinite(s)).sum())
     if over:
