@@ -54,7 +54,8 @@ class ConeSolve(torch.autograd.Function):
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved)
         warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,
                         moved_columns(dP, dq, dA, db, sol.scaled.A))
-        warn_weak("forward mode", where, weak_tangent(sol, dP, dA, dx, sol.status == SOLVED))
+        # (the zeroed elements' tangents are warned about already: nothing of theirs to bound)
+        warn_weak("forward mode", where, weak_tangent(sol, dP, dA, dx, (sol.status == SOLVED) & ~zeroed, cols))
         return dx, dz, None, None, None, None, None, None
 
     @staticmethod

@@ -167,22 +167,17 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     :math:`u = K^{-T} g` is amplified along :math:`v` too, and the data gradient
     :math:`-u x^T` (P), :math:`-z u_x^T - u_z x^T` (A) is exact to δ per entry yet its
     contraction with a parameter's data direction may cancel: :math:`dL/d\\lambda = -2u^T x`
-    is 0.25 from terms of ~1/λ. The error bound along the direction ``dD`` of the data,
-    :math:`E = \\delta (|u_x|^T |dP| 1 + |u_z|^T |dA| 1 + 1^T |dA| |u_x|)` (δ per entry in
-    the caller's units), is compared with the gradient there, :math:`\\langle g_D, dD\\rangle`.
+    is 0.25 from terms of ~1/λ. The error bound along the direction ``dD`` of the data
+    (:func:`_carried`) is compared with the gradient there, :math:`\\langle g_D, dD\\rangle`.
     :math:`\\|K^{-1}\\|` is estimated by the amplification :math:`\\|u\\|/\\|g\\|` (equilibrated),
     a lower bound that is tight where the cotangent reaches :math:`v`, the only case the
-    floor is carried through :math:`u`."""
+    floor is carried through :math:`u`; below :data:`WEAK_GATE` nothing is checked."""
     B = gx.shape[0]
     flag = torch.zeros(B, dtype=torch.bool, device=gx.device)
-    d = sol.scaled
-    if tangent is None or d is None:
+    if tangent is None or sol.scaled is None:
         return flag
     gP, gq, gA, gb = grads
-    rc = d.c.sqrt()[:, None]
-    ux_e, uz_e = gq.abs() / (rc * d.D), gb.abs() * rc / d.E  # (gq = -u_x, gb = u_z, caller units)
-    amp = row_inf(ux_e, uz_e) / row_inf(rc * d.D * gx, d.E * gz / rc).clamp_min(torch.finfo(gx.dtype).tiny)
-    idx = torch.nonzero(live & (amp > WEAK_GATE)).squeeze(1)
+    idx, amp = _amplified(sol, gx, gz, gq, gb, live)  # (gq = -u_x, gb = u_z, caller units)
     if not idx.numel():
         return flag
     pick = lambda v: v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
@@ -191,16 +186,43 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     # which indexed its k rows by batch indices: an IndexError on ordinary ridge layers)
     dP, dq = secant(idx) if dP is None else (pick(dP), pick(dq))
     directions = [(dP, dq, pick(dA), pick(db))] + ([] if each is None else each(idx))
-    dx, dz = _floor(sol, idx, amp.index_select(0, idx))
+    fx, fz = _floor(sol, idx, amp)
     ux, uz = gq.index_select(0, idx).abs(), gb.index_select(0, idx).abs()
     gP, gq, gA, gb = (g.index_select(0, idx) for g in (gP, gq, gA, gb))
     off = torch.zeros_like(idx, dtype=torch.bool)
     for dP, dq, dA, db in directions:
-        dPa, dAa = dP.abs(), dA.abs()
-        bound = (bmv(dPa, dx) * ux).sum(1) + (bmv(dAa, dx) * uz).sum(1) + (bmv(dAa.mT, dz) * ux).sum(1)
         along = (gP * dP).sum((1, 2)) + (gq * dq).sum(1) + (gA * dA).sum((1, 2)) + (gb * db).sum(1)
-        off = off | (bound > ROW_RTOL * along.abs())
+        off = off | (_carried(fx, fz, ux, uz, dP, dA) > ROW_RTOL * along.abs())
     return flag.index_copy(0, idx, off)
+
+
+def _amplified(sol, gx: torch.Tensor, gz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor,
+               live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx, amp)``: the elements of ``live`` whose cotangent ``(gx, gz)`` ``(B, n), (B, m)``
+    the derivative system amplifies beyond :data:`WEAK_GATE` into ``u = K^{-1} g`` (``±ux,
+    uz``, caller units), and that amplification ``(len(idx),)``, equilibrated. Below the
+    gate the floor, carried through, cannot reach the promise: a well-conditioned program's
+    derivative of exactly 0 comes back as ~1e-18, right."""
+    d = sol.scaled
+    rc = d.c.sqrt()[:, None]
+    amp = (row_inf(ux.abs() / (rc * d.D), uz.abs() * rc / d.E)
+           / row_inf(rc * d.D * gx, d.E * gz / rc).clamp_min(torch.finfo(gx.dtype).tiny))
+    idx = torch.nonzero(live & (amp > WEAK_GATE)).squeeze(1)
+    return idx, amp.index_select(0, idx)
+
+
+def _carried(fx: torch.Tensor, fz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor, dP, dA) -> torch.Tensor:
+    """``(k,)`` the bound :math:`E = |u_x|^T |dP| \\delta_x + |u_z|^T |dA| \\delta_x + |u_x|^T |dA|^T
+    \\delta_z` on what the floor ``(δx, δz)`` (:func:`_floor`) does to a derivative along the data's
+    direction ``dP``, ``dA`` (``(k, ...)``, or None: not moving) read through ``(|u_x|, |u_z|)`` (all
+    caller units): ``dq`` and ``db`` do not multiply the solution."""
+    bound = ux.new_zeros(ux.shape[0])
+    if dP is not None:
+        bound = bound + (bmv(dP.abs(), fx) * ux).sum(1)
+    if dA is not None:
+        dAa = dA.abs()
+        bound = bound + (bmv(dAa, fx) * uz).sum(1) + (bmv(dAa.mT, fz) * ux).sum(1)
+    return bound
 
 
 def _floor(sol, idx: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,39 +237,38 @@ def _floor(sol, idx: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor,
     return floor * e.D, floor * e.E / e.c[:, None]
 
 
-def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """``(B,)`` the elements of ``live`` whose tangent ``dx`` (:func:`~.vjp.cone_jvp`'s, the
     data moving by ``dP``, ``dA``, each None or ``(B, ...)``) may be off by more than
-    :data:`ROW_RTOL` of itself, normwise (equilibrated), carried there by the solution's
-    rounding floor (:func:`weakly_determined`): :math:`dx = -K^{-1}(dP\\,x + dA^T z + dq,\\
-    dA\\,x - db)` takes :math:`K^{-1}(dP\\,\\delta_x + dA^T \\delta_z,\\ dA\\,\\delta_x)` from the
-    floor δ, bounded by :math:`\\|K^{-1}\\|` (a generic vector's amplification, one solve)
-    times that right-hand side's size."""
+    :data:`ROW_RTOL` of its size, carried there by the solution's rounding floor: the
+    reverse mode's test (:func:`weakly_determined`, its gate and bound) for a fixed generic
+    cotangent :math:`g` on the requested columns ``cols`` (all if None), equilibrated (one
+    more solve). :math:`g^T dx` is the gradient of :math:`g^T x` along the data's direction,
+    off by at most :func:`_carried`'s :math:`E`, which is compared with :math:`|g|^T |dx|`:
+    a functional of the tangent may cancel where the tangent is not small. (A bound of
+    :math:`\\|K^{-1}\\|` times the floor's right-hand side, with no gate, warned on exact
+    zeros inside a polytope, and on tangents exact to 1e-10 beside an inactive ball, whose
+    multipliers took its power step's estimate to 1e9: 1.7 for the generic cotangent here.)"""
     flag = torch.zeros_like(live)
     d, kkt = sol.scaled, sol.kkt
     if d is None or kkt is None or (dP is None and dA is None):
         return flag
-    idx = torch.nonzero(live).squeeze(1)
+    B, n = dx.shape
+    probe = generic_vector(n, dx.dtype, dx.device)
+    if cols is not None:
+        cols = cols.to(dx.device)
+        probe = torch.zeros_like(probe).index_copy(0, cols, probe.index_select(0, cols))
+    rc = d.c.sqrt()[:, None]
+    ux, uz, _ = kkt.solve(probe.expand(B, n).unsqueeze(-1), torch.zeros_like(d.E).unsqueeze(-1), 0)
+    g, ux, uz = probe / (rc * d.D), rc * d.D * ux.squeeze(-1), d.E * uz.squeeze(-1) / rc  # (caller units)
+    idx, amp = _amplified(sol, g, torch.zeros_like(uz), ux, uz, live)
     if not idx.numel():
         return flag
-    gen = generic_vector(d.D.shape[1], dx.dtype, dx.device).expand(d.D.shape[0], -1)
-    gu, gz, _ = kkt.solve(gen.unsqueeze(-1), torch.zeros_like(d.E).unsqueeze(-1), 0)
-    # One power step: a generic vector's part along the weak direction may be small (the
-    # estimate was 3.6 times low on the ridge at G = (1, 0.3)).
-    size = row_inf(gu, gz).clamp_min(torch.finfo(dx.dtype).tiny)[:, None, None]
-    hu, hz, _ = kkt.solve(gu / size, gz / size, 0)
-    inverse = row_inf(hu, hz).index_select(0, idx)
-    fx, fz = _floor(sol, idx, inverse)
-    rx, rz = torch.zeros_like(fx), torch.zeros_like(fz)
-    if dP is not None:
-        rx = rx + bmv(dP.index_select(0, idx).abs(), fx)
-    if dA is not None:
-        dAa = dA.index_select(0, idx).abs()
-        rx, rz = rx + bmv(dAa.mT, fz), rz + bmv(dAa, fx)
-    e = d.select(idx)
-    rc = e.c.sqrt()[:, None]
-    bound = inverse * row_inf(rc * e.D * rx, e.E * rz / rc)  # (equilibrated, as the tangent below)
-    return flag.index_copy(0, idx, bound > ROW_RTOL * row_inf(dx.index_select(0, idx) / (rc * e.D)))
+    pick = lambda v: None if v is None else v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
+    fx, fz = _floor(sol, idx, amp)
+    bound = _carried(fx, fz, *(v.index_select(0, idx).abs() for v in (ux, uz)), pick(dP), pick(dA))
+    size = (g.index_select(0, idx).abs() * dx.index_select(0, idx).abs()).sum(1)
+    return flag.index_copy(0, idx, bound > ROW_RTOL * size)
 
 
 def warn_weak(mode: str, where, flagged: torch.Tensor) -> None:

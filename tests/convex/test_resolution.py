@@ -16,6 +16,7 @@ import torch.autograd.forward_ad as fwAD
 
 import convexddn as cddn
 from convexddn._first_order import first_order_only
+from convexddn.convex.kkt import bmv
 from convexddn.convex.resolution import moved_columns
 from convexddn.errors import GradientWarning
 
@@ -234,3 +235,42 @@ def test_a_weak_ridge_warns_when_other_parameters_require_grad_too():
     g = torch.tensor(rng.standard_normal((1, n)))
     with pytest.warns(GradientWarning, match="curves only weakly"):
         (layer(Gt, ht, lt) * g).sum().backward()
+
+
+def _projection_layer(ball: bool):
+    x, A, b, y = cp.Parameter(4), cp.Parameter((3, 4)), cp.Parameter(3), cp.Variable(4)
+    r = cp.Parameter(nonneg=True)
+    cons = [A @ y <= b] + ([cp.norm(y, 2) <= r] if ball else [])
+    return cddn.ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), cons),
+                            [x, A, b] + ([r] if ball else []), [y])
+
+
+@pytest.mark.parametrize("ball", [False, True])
+def test_forward_mode_does_not_call_a_well_conditioned_projection_weak(ball):
+    """Projection onto {y : Ay <= b} (P = I), the tangent in A: forward mode warned "curves
+    only weakly" on exact zeros (x strictly inside) and, with an inactive ball, on tangents
+    exact to 1e-11, where reverse mode on the same data did not (its bound took a generic
+    vector's amplification, 1e9 through the ball's multipliers, with no gate). Closed forms:
+    inside, y = x and dy = 0; beyond the first row alone, y = x - (a₀ᵀx - b₀) a₀ / |a₀|²."""
+    g = torch.Generator().manual_seed(0)
+    B, n = 8, 4
+    X, A, dA = (torch.randn(B, *s, dtype=F64, generator=g) for s in ((n,), (3, n), (3, n)))
+    a0 = A[:, 0]
+    b0 = (a0 * X).sum(1) - 0.5
+
+    def closed(A):
+        a = A[:, 0]
+        return X - (((a * X).sum(1) - b0) / (a * a).sum(1))[:, None] * a
+
+    Y = closed(A)
+    inside = Y - 0.3 * a0 / a0.norm(dim=1, keepdim=True)  # (slack 0.3 |a₀| on the first row)
+    others = A[:, 1:]
+    slack = torch.maximum(bmv(others, Y), bmv(others, inside)) + 0.5  # (the other rows inactive at both)
+    b = torch.cat([b0[:, None], slack], 1)
+    ball_r = [torch.maximum(Y.norm(dim=1), inside.norm(dim=1)) + 0.1] if ball else []
+    layer = _projection_layer(ball)
+    for x, want in [(X, torch.func.jvp(closed, (A,), (dA,))[1]), (inside, torch.zeros(B, n, dtype=F64))]:
+        with warnings.catch_warnings(), fwAD.dual_level():
+            warnings.simplefilter("error", GradientWarning)
+            t = fwAD.unpack_dual(layer(x, fwAD.make_dual(A, dA), b, *ball_r)).tangent
+        torch.testing.assert_close(t, want, atol=1e-9, rtol=1e-9)
