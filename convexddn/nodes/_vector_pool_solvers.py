@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .._linalg import solve_ex
 from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
 from .dense import checked_solve, default_rcond
@@ -164,7 +165,7 @@ def hessian_solve_warned(pen: Penalty, k1: torch.Tensor, n: torch.Tensor, c: tor
     return v
 
 def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    v, info = torch.linalg.solve_ex(H, rhs)
+    v, info = solve_ex(H, rhs)  # (torch's batched solve_ex can hang beyond 128 × 128: see _linalg)
     return v, info == 0
 
 
