@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_info
 
 import convexddn as cddn
 from convexddn import functional as F
-from convexddn.convex import per_element
+from convexddn.convex import diffcp_solve
 from convexddn.nodes.declarative import DeclarativeNode
 
 F64 = torch.float64
@@ -50,7 +50,7 @@ def _in_order(monkeypatch, threads: dict, a_dies: bool) -> dict:
     restores first. What the filters do inside is noted in the returned dict."""
     a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
     seen: dict[str, str] = {}
-    original = per_element.solve_internal
+    original = diffcp_solve.solve_internal
 
     def solve(*args, **kwargs):
         who = threading.current_thread().name
@@ -64,7 +64,7 @@ def _in_order(monkeypatch, threads: dict, a_dies: bool) -> dict:
             threads["a"].join(WAIT) if a_dies else a_done.wait(WAIT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(per_element, "solve_internal", solve)
+    monkeypatch.setattr(diffcp_solve, "solve_internal", solve)
     seen["events"] = (a_in, a_done)
     return seen
 

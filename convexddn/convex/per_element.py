@@ -28,7 +28,6 @@ import torch
 from cvxpy.reductions.solvers.conic_solvers.scs_conif import dims_to_solver_dict
 from cvxpylayers.interfaces.base import SolverInterface
 from diffcp import cones as cone_lib
-from diffcp.cone_program import solve_internal
 
 from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
@@ -37,6 +36,7 @@ from ..errors import GradientWarning, OptionError, ProblemError, SolverWarning
 from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
+from .diffcp_solve import solve_cone_program
 from .parametric import parametric_entries
 from .solver_args import check_solver_cones
 from .spread import data_spread
@@ -180,11 +180,7 @@ class CheckedDiffcp(SolverInterface):
     def _solve_with(self, method: str, args: dict[str, Any], A, b, c, warm_start=None):
         kwargs = {**SOLVER_DEFAULTS[method], **args}
         with solver_warnings_ignored():  # (catch_warnings is not thread-safe)
-            res = solve_internal(A.copy(), b, c, self._cone_dict, solve_method=method,
-                                 warm_start=warm_start, raise_on_error=False, **kwargs)
-        status = str(res.get("info", {}).get("status", "unknown"))
-        x, y, s = (np.asarray(res[k], dtype=np.float64) for k in ("x", "y", "s"))
-        return x, y, s, status
+            return solve_cone_program(method, self._cone_dict, A, b, c, kwargs, warm_start)
 
     def _try(self, method: str, args: dict[str, Any], A, b, c):
         program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode, self._colours)

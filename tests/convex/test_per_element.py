@@ -1,0 +1,88 @@
+"""The per-element backend (:mod:`convexddn.convex.per_element`) on semidefinite cones."""
+from __future__ import annotations
+
+import cvxpy as cp
+import numpy as np
+import torch
+
+import convexddn as cddn
+
+
+def _clarabel_alone(layer: cddn.ConvexLayer) -> None:
+    """The call was solved by Clarabel's own point, polished, at a residual of rounding level."""
+    info = layer.last_solve
+    assert info.solvers == ["Clarabel"] and info.residuals[0] <= 1e-8, (info.solvers, info.statuses, info.residuals)
+
+
+def _spd(k: int, seed: int) -> np.ndarray:
+    B = np.random.default_rng(seed).standard_normal((k, k))
+    return B @ B.T / k + np.eye(k)
+
+
+def _sym(k: int, seed: int) -> np.ndarray:
+    B = np.random.default_rng(seed).standard_normal((k, k))
+    return (B + B.T) / 2
+
+
+def test_log_det_of_a_4x4_is_solved_by_clarabel_alone():
+    """max log det X - tr(C X): X* = C⁻¹, and d<W, X*>/dC = -C⁻¹ W C⁻¹ (W, C symmetric). Its cone
+    block is 8x8: diffcp gave Clarabel's y and s back in the wrong row order from 4x4 on, the KKT
+    residual stayed ~0.8 after polishing, and fallback=None raised SolverError."""
+    k = 4
+    C = cp.Parameter((k, k), symmetric=True)
+    X = cp.Variable((k, k), symmetric=True)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Maximize(cp.log_det(X) - cp.trace(C @ X))), [C], [X],
+                             solver="Clarabel", fallback=None)
+    c = torch.tensor(_spd(k, 0), requires_grad=True)
+    W = torch.tensor(_sym(k, 1))
+    out = layer(c)
+    _clarabel_alone(layer)
+    inv = torch.linalg.inv(c.detach())
+    torch.testing.assert_close(out.detach(), inv, atol=1e-7, rtol=0)
+    (grad,) = torch.autograd.grad((W * out).sum(), c)
+    torch.testing.assert_close(grad, -inv @ W @ inv, atol=1e-6, rtol=0)
+
+
+def test_lambda_max_of_a_5x5_is_solved_by_clarabel_alone():
+    """min t s.t. t I - A ⪰ 0: t* = λ_max(A), dt*/dA = v vᵀ (v its unit eigenvector: also the
+    constraint's multiplier). With Clarabel's multiplier in the wrong row order the KKT residual
+    stayed ~1 (SolverError, fallback=None)."""
+    k = 5
+    A = cp.Parameter((k, k), symmetric=True)
+    t = cp.Variable()
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(t), [t * np.eye(k) - A >> 0]), [A], [t],
+                             solver="Clarabel", fallback=None)
+    a = torch.tensor(_sym(k, 2), requires_grad=True)
+    w, V = torch.linalg.eigh(a.detach())
+    out = layer(a)
+    _clarabel_alone(layer)
+    torch.testing.assert_close(out.detach(), w[-1], atol=1e-7, rtol=0)
+    (grad,) = torch.autograd.grad(out, a)
+    torch.testing.assert_close(grad, torch.outer(V[:, -1], V[:, -1]), atol=1e-6, rtol=0)
+
+
+def test_psd_projection_of_a_5x5_is_solved_by_clarabel_alone():
+    """argmin ‖X - A‖_F s.t. X ⪰ 0: A's eigenvalues clamped at 0; the gradient of <W, X*> against
+    central differences of that closed form."""
+    k = 5
+    A = cp.Parameter((k, k), symmetric=True)
+    X = cp.Variable((k, k), symmetric=True)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(X - A)), [X >> 0]), [A], [X],
+                             solver="Clarabel", fallback=None)
+
+    def project(m: np.ndarray) -> np.ndarray:
+        w, V = np.linalg.eigh(m)
+        return (V * np.maximum(w, 0)) @ V.T
+
+    a, W = _sym(k, 3), _sym(k, 4)
+    at = torch.tensor(a, requires_grad=True)
+    out = layer(at)
+    _clarabel_alone(layer)
+    torch.testing.assert_close(out.detach(), torch.tensor(project(a)), atol=1e-7, rtol=0)
+    (grad,) = torch.autograd.grad((torch.tensor(W) * out).sum(), at)
+    h, fd = 1e-6, np.zeros((k, k))
+    for i, j in zip(*np.triu_indices(k)):
+        E = np.zeros((k, k))
+        E[i, j] = E[j, i] = h
+        fd[i, j] = fd[j, i] = np.sum(W * (project(a + E) - project(a - E))) / (2 * h) / (1 if i == j else 2)
+    torch.testing.assert_close(grad, torch.tensor(fd), atol=1e-6, rtol=0)
