@@ -182,21 +182,41 @@ class CheckedDiffcp(SolverInterface):
         with solver_warnings_ignored():  # (catch_warnings is not thread-safe)
             return solve_cone_program(method, self._cone_dict, A, b, c, kwargs, warm_start)
 
+    def _polish(self, program: ResidualMap, x, y, s):
+        """``program.refine`` of a solver's point; residual inf, unpolished, where it is not finite.
+
+        SCS returns NaN for the half of its point that an infeasibility (x) or unboundedness
+        (y) certificate leaves undefined, also warm-started from Clarabel's point; polished,
+        the NaN reached the projection onto a PSD cone, whose eigh raised numpy's "Eigenvalues
+        did not converge", and that replaced the solver's status and its verified certificate.
+        """
+        if not all(np.all(np.isfinite(v)) for v in (x, y, s)):
+            return x, y, s, float("inf")
+        return program.refine(x, y, s, self.refine)
+
     def _try(self, method: str, args: dict[str, Any], A, b, c):
         program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode, self._colours)
         try:
             x, y, s, status = self._solve_with(method, args, A, b, c)
-            x0, y0, claimed = x, y, status  # the solver's own point: a certificate when it claims one
-            x, y, s, r = program.refine(x, y, s, self.refine)
-            if r > POLISH_ABOVE and method != "SCS" and self.refine > 0 and self.fallback is not None:
-                # An interior point can sit where R is not smooth; SCS from it lands on faces (not if fallback=None).
-                x2, y2, s2, status2 = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))
-                x2, y2, s2, r2 = program.refine(x2, y2, s2, self.refine)
-                if r2 < r:  # the point returned is SCS's: last_solve says so
-                    x, y, s, r = x2, y2, s2, r2
-                    method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
         except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError) as err:
             return None, (f"{method}: {err}", "other", "other")
+        x0, y0, claimed = x, y, status  # the solver's own point: a certificate when it claims one
+        try:
+            x, y, s, r = self._polish(program, x, y, s)
+        except (ValueError, RuntimeError, ArithmeticError) as err:  # (its status and certificate still count)
+            r, status = float("inf"), f"{status} (not polished: {err})"
+        if (r > POLISH_ABOVE and np.isfinite(r) and method != "SCS" and self.refine > 0
+                and self.fallback is not None):
+            # An interior point can sit where R is not smooth; SCS from it lands on faces (not if fallback=None).
+            # Its failure leaves this attempt as it was: its certificate is still checked below.
+            try:
+                x2, y2, s2, status2 = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))
+                x2, y2, s2, r2 = self._polish(program, x2, y2, s2)
+            except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError):
+                r2 = float("inf")
+            if r2 < r:  # the point returned is SCS's: last_solve says so
+                x, y, s, r = x2, y2, s2, r2
+                method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
         claim = status_kind(claimed)  # the certificate checked is that solver's point
         # Believe an infeasibility or unboundedness status only with its certificate (badly scaled
         # data provoke them on well-posed problems), and no point polished from a verified one (an

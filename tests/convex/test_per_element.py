@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import cvxpy as cp
 import numpy as np
+import pytest
 import torch
 
 import convexddn as cddn
+from convexddn.errors import InfeasibleError, UnboundedError
+
+F64 = torch.float64
 
 
 def _clarabel_alone(layer: cddn.ConvexLayer) -> None:
@@ -86,3 +90,36 @@ def test_psd_projection_of_a_5x5_is_solved_by_clarabel_alone():
         E[i, j] = E[j, i] = h
         fd[i, j] = fd[j, i] = np.sum(W * (project(a + E) - project(a - E))) / (2 * h) / (1 if i == j else 2)
     torch.testing.assert_close(grad, torch.tensor(fd), atol=1e-6, rtol=0)
+
+
+SETTINGS = [{}, {"solver": "SCS"}, {"solver": "Clarabel", "fallback": None}]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_an_unbounded_psd_element_raises_unbounded_error(kwargs):
+    """min tr(C X) s.t. X ⪰ 0, X₀₀ <= 1 with C = diag(1, 1, -1): unbounded along e₃e₃ᵀ. SCS returns
+    NaN for y (also warm-started from Clarabel's point); the polish projected it onto the PSD
+    cone, numpy's eigh raised "Eigenvalues did not converge", and that discarded the attempt, Clarabel's
+    verified certificate included: SolverError under the default settings and with solver="SCS"."""
+    C = cp.Parameter((3, 3), symmetric=True)
+    X = cp.Variable((3, 3), symmetric=True)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.trace(C @ X)), [X >> 0, X[0, 0] <= 1]), [C], [X], **kwargs)
+    batch = torch.tensor(np.stack([np.eye(3), np.diag([1.0, 1.0, -1.0])]))
+    with pytest.raises(UnboundedError, match=r"\[\(1,\)\].*certificate verified") as err:
+        layer(batch)
+    assert "Eigenvalues" not in str(err.value)
+
+
+@pytest.mark.parametrize("k", [3, 4])
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_an_infeasible_psd_element_raises_infeasible_error(kwargs, k):
+    """X ⪰ 0 (k x k) with tr X <= t, t = -1: infeasible. SCS returns NaN for x, whose polish
+    ended in "Eigenvalues did not converge" (SolverError); from k = 4 on Clarabel's certificate,
+    given back in the wrong row order, did not verify."""
+    t = cp.Parameter()
+    X = cp.Variable((k, k), symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.trace(X)), [X >> 0, cp.trace(X) <= t, cp.trace(X) >= -10])
+    layer = cddn.ConvexLayer(prob, [t], [X], **kwargs)
+    with pytest.raises(InfeasibleError, match=r"\[\(1,\)\].*certificate verified") as err:
+        layer(torch.tensor([1.0, -1.0], dtype=F64))
+    assert "Eigenvalues" not in str(err.value)
