@@ -6,20 +6,43 @@ added one (every ConvexLayer warning pointed at torch's ``eval_frame.py``), ``nn
 call machinery, the autograd engine in a backward, cvxpylayers around the per-element
 solve. :func:`warn` walks out of those instead, so module-specific warning filters and
 the printed location name the user's own line.
+
+:func:`suppressed` drops them in one thread for a while (a solve whose warnings a later
+solve gives again): a ``warnings`` filter cannot, as the filter list is process-wide.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
-__all__ = ["warn"]
+__all__ = ["suppressed", "warn"]
 
 # Packages whose frames are never the user's: this library (with the registry's problem
 # builders, which an editable install keeps beside it), torch, and the solver stack.
 _PACKAGES = ("convexddn", "convexddn.problems", "torch", "cvxpylayers", "cvxpy", "diffcp")
+
+
+# Per thread (and asyncio task): ``warnings.catch_warnings()`` + ``simplefilter("ignore")``
+# save and restore the process-wide filter list, so two threads inside at once left
+# "ignore every warning" installed for good, and meanwhile dropped every other thread's.
+_SUPPRESSED: contextvars.ContextVar[bool] = contextvars.ContextVar("convexddn_warnings_suppressed", default=False)
+
+
+@contextlib.contextmanager
+def suppressed() -> Iterator[None]:
+    """Within: :func:`warn` does nothing in the calling thread; other threads, and
+    warnings not raised through :func:`warn` (a user's own code, torch), are untouched."""
+    token = _SUPPRESSED.set(True)
+    try:
+        yield
+    finally:
+        _SUPPRESSED.reset(token)
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,7 +62,9 @@ def warn(message: str, category: type[Warning], **attributes) -> None:
     """``warnings.warn(message, category)`` attributed to the first frame on the stack
     that is outside :data:`_PACKAGES` (the top frame if all are, e.g. in a worker thread);
     ``attributes`` are set on the warning instance (e.g. ``elements``, for callers that
-    catch it)."""
+    catch it); nothing inside :func:`suppressed`."""
+    if _SUPPRESSED.get():
+        return
     internal = _internal_prefixes()
     frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
     while frame.f_back is not None and os.path.realpath(frame.f_code.co_filename).startswith(internal):

@@ -206,6 +206,78 @@ def test_declarative_concurrent_backwards_leave_the_parameters_in_place():
     torch.testing.assert_close(w0.grad, torch.zeros_like(w0))  # the closed form at y = x
 
 
+class _Offset(DeclarativeNode):
+    """½‖y + 1e8 − x‖²: y = x − 1e8; ``solve`` is 1e-5 off, so the backward's solution check
+    takes the Newton step of the residual (ImplicitSystem.quiet_step) and warns."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y + 1e8 - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x - 1e8 + 1e-5
+
+
+def test_declarative_quiet_steps_in_two_threads_leave_warnings_on(monkeypatch):
+    """The quiet step held its solve's warnings with catch_warnings + simplefilter("ignore"),
+    which save and restore the process-wide filter list: with "a" inside, "b" entering,
+    "a" leaving, "b" leaving, "b" put back "a"'s "ignore every warning" for good; and while
+    "a" was inside, "b"'s own warnings were dropped."""
+    from convexddn.nodes import implicit_system
+
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    solve = implicit_system.ImplicitSystem.solve
+
+    def first_solve_waits(self, v):  # a backward's first solve is its quiet step's
+        who = threading.current_thread().name
+        if who == "a" and not a_in.is_set():
+            a_in.set()
+            b_in.wait(WAIT)
+        elif who == "b" and not b_in.is_set():
+            b_in.set()
+            a_done.wait(WAIT)
+        return solve(self, v)
+
+    stepped = []
+    quiet_step = implicit_system.ImplicitSystem.quiet_step
+
+    def noted_quiet_step(self, r):
+        stepped.append(threading.current_thread().name)
+        return quiet_step(self, r)
+
+    monkeypatch.setattr(implicit_system.ImplicitSystem, "solve", first_solve_waits)
+    monkeypatch.setattr(implicit_system.ImplicitSystem, "quiet_step", noted_quiet_step)
+    x = 1e8 + torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    errors = []
+
+    def backward(name: str) -> None:
+        try:
+            if name == "b":
+                a_in.wait(WAIT)
+                warnings.warn("b, while a is in its quiet step", UserWarning)
+            _Offset()(x.clone().requires_grad_()).sum().backward()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+        finally:
+            if name == "a":
+                a_done.set()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        threads = [threading.Thread(target=backward, args=(n,), name=n) for n in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and sorted(stepped) == ["a", "b"]
+        assert warnings.filters == filters
+        _Offset()(x.clone().requires_grad_()).sum().backward()  # a later call: warns
+    messages = [str(w.message) for w in seen]
+    assert "b, while a is in its quiet step" in messages
+    # One per backward ("a", "b", the later one), none from the quiet steps' solves.
+    assert sum("only approximately" in m for m in messages) == 3
+
+
 # ------------------------------------------------------------------ every node, bitwise
 
 

@@ -87,3 +87,33 @@ def test_a_module_filter_on_the_callers_module_silences_node_warnings():
         warnings.filterwarnings("ignore", category=ConvexDDNWarning, module=__name__)
         RobustPool("welsch", 1.0, max_iter=1)(_outliers())
     assert not [w for w in caught if issubclass(w.category, ConvexDDNWarning)]
+
+
+def test_suppressed_holds_this_threads_library_warnings_only():
+    """A warnings filter is process-wide: held in one thread, it dropped every other
+    thread's warnings, and two threads inside at once left it installed."""
+    import threading
+
+    from convexddn._warn import suppressed, warn
+
+    inside, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait(5)
+        warn("another thread's", ConvexDDNWarning)
+        done.set()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        t = threading.Thread(target=other)
+        t.start()
+        with suppressed():
+            warn("held", ConvexDDNWarning)
+            inside.set()
+            done.wait(5)
+            warnings.warn("not the library's", UserWarning)
+            assert warnings.filters == filters
+        warn("after", ConvexDDNWarning)
+        t.join()
+    assert [str(w.message) for w in caught] == ["another thread's", "not the library's", "after"]

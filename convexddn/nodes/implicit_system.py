@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from .._warn import warn
+from .._warn import suppressed, warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, shown_indices
 from .graph import check_graph
@@ -69,9 +68,10 @@ class ImplicitSystem(NamedTuple):
 
     def quiet_step(self, r: Tensor) -> Tensor:
         """The ``y`` part of the solution for ``[r; 0]`` (the Newton step of a residual
-        ``r`` (B, m)), without the system's warnings, which the gradient's solve gives."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        ``r`` (B, m)), without the library's warnings about the system, which the
+        gradient's solve gives (held in this thread only: a user's solver's own warnings
+        are not, a warnings filter being process-wide)."""
+        with suppressed():
             return self.solve(r)[0]
 
 

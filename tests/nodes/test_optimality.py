@@ -209,3 +209,35 @@ def test_weak_activity_does_not_depend_on_the_batch(other):
     x = (x1 if other is None else torch.cat([x1, other * x1])).requires_grad_(True)
     assert _gradient_warnings(HalfMax(), x) == []
     torch.testing.assert_close(x.grad[0], torch.tensor([0.5, 1.0, 1.0], dtype=DT), rtol=0, atol=1e-12)
+
+
+def test_the_newton_steps_solve_leaves_its_warnings_to_the_gradients():
+    # H = [[1, 1], [1, 1 + 1e-11]] (condition 4e11) at an offset of 1e8, solved 1e-5 off:
+    # the check's Newton step solves the ill-conditioned system first, quietly; the
+    # gradient's solve says so once.
+    from convexddn.nodes import implicit_system
+
+    H = torch.tensor([[1.0, 1.0], [1.0, 1.0 + 1e-11]], dtype=DT)
+
+    class Ill(DeclarativeNode):
+        def objective(self, x, y):
+            u = y + 1e8 - x
+            return 0.5 * ((u @ H) * u).sum(-1)
+
+        def solve(self, x):
+            return x - 1e8 + 1e-5
+
+    steps = []
+    quiet_step = implicit_system.ImplicitSystem.quiet_step
+
+    def noted(self, r):
+        steps.append(r)
+        return quiet_step(self, r)
+
+    x = 1e8 + torch.randn(2, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
+        warnings.simplefilter("always")
+        patch.setattr(implicit_system.ImplicitSystem, "quiet_step", noted)
+        Ill()(x.requires_grad_(True)).sum().backward()
+    assert len(steps) == 1
+    assert sum("ill-conditioned" in str(w.message) for w in caught) == 1
