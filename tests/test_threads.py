@@ -7,6 +7,8 @@ swapped by one thread's backward while another thread's forward or backward read
 """
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import threading
 import time
 import warnings
@@ -204,6 +206,100 @@ def test_declarative_concurrent_backwards_leave_the_parameters_in_place():
     assert node.w is w0 and dict(node.named_parameters())["w"] is w0 and w0.dtype == torch.float32
     assert w0.grad is not None and w0.grad.dtype == torch.float32
     torch.testing.assert_close(w0.grad, torch.zeros_like(w0))  # the closed form at y = x
+
+
+def _use_in_child(node: _Weighted, report) -> None:
+    """In a forked child: what ``node.w`` is, then a forward and a backward (y = x)."""
+    w = node.w
+    seen = [type(w).__name__, str(w.dtype), w.is_leaf, w is dict(node.named_parameters())["w"]]
+    x = torch.randn(2, 3, requires_grad=True)
+    y = node(x)
+    y.sum().backward()
+    report.put(seen + [str(y.dtype), torch.equal(y, x), torch.equal(x.grad, torch.ones(2, 3))])
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_child_forked_during_another_threads_backward_has_its_parameters_and_runs():
+    """The child inherited the swap of a thread it does not have: its module held the
+    backward's float64 cast (a non-leaf) in place of the Parameter, and its first forward
+    waited for that thread's swap to end, for ever."""
+    node = _Weighted()
+    y = node(torch.randn(2, 3, requires_grad=True))
+    inside, release = threading.Event(), threading.Event()
+
+    def hook():
+        if threading.current_thread().name == "bw" and not inside.is_set():
+            inside.set()
+            release.wait(WAIT)
+
+    node.hook = hook
+    t = threading.Thread(target=lambda: y.sum().backward(), name="bw")
+    t.start()
+    try:
+        assert inside.wait(WAIT)
+        ctx = multiprocessing.get_context("fork")
+        report = ctx.Queue()
+        child = ctx.Process(target=_use_in_child, args=(node, report))
+        with warnings.catch_warnings():  # (Python >= 3.12: fork with threads running)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child.start()
+        try:
+            got = report.get(timeout=2 * WAIT)
+        except queue.Empty:
+            got = "no answer: the child hung"
+        finally:
+            child.join(WAIT)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    finally:
+        release.set()
+        t.join()
+    assert got == ["Parameter", "torch.float32", True, True, "torch.float32", True, True]
+    assert node.w.dtype == torch.float32 and isinstance(node.w, torch.nn.Parameter)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_child_forked_during_another_threads_forward_can_swap():
+    """A read (a forward) of a thread the child does not have: the child's first swap (a
+    backward) waited for it to end, for ever."""
+    from convexddn.nodes._swap_guard import SwapGuard
+
+    guard = SwapGuard()
+    held, release = threading.Event(), threading.Event()
+
+    def reader():
+        with guard.reading():
+            held.set()
+            release.wait(WAIT)
+
+    def swap_in_child(report):
+        with guard.swapping():
+            report.put("swapped")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        assert held.wait(WAIT)
+        ctx = multiprocessing.get_context("fork")
+        report = ctx.Queue()
+        child = ctx.Process(target=swap_in_child, args=(report,))
+        with warnings.catch_warnings():  # (Python >= 3.12: fork with threads running)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child.start()
+        try:
+            got = report.get(timeout=WAIT)
+        except queue.Empty:
+            got = "no answer: the child hung"
+        finally:
+            child.join(WAIT)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    finally:
+        release.set()
+        t.join()
+    assert got == "swapped"
 
 
 class _Offset(DeclarativeNode):

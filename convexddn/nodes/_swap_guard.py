@@ -9,17 +9,41 @@ another swapped solved with the casts (``DTypeError``). :class:`SwapGuard` lets
 forwards run together and a swap run alone: a swap waits for the forwards under way,
 forwards wait for a swap under way. A thread that already holds the guard never waits
 for itself (a ``solve`` that calls its own node again).
+
+A forked child (a DataLoader worker, ``multiprocessing``'s "fork") keeps only the thread
+that forked: the holds of the others, and a swap under way in another thread, would never
+end there (the child's forward waited for ever, and its module held the backward's float64
+casts in place of its parameters). After a fork the child lets them go and puts the
+module's own tensors back.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 __all__ = ["SwapGuard", "guarded", "read_as"]
+
+# A module's own tensors, per submodule: (module, its _parameters, its _buffers).
+_Tensors = list[tuple[torch.nn.Module, dict, dict]]
+
+
+def _tensors_of(module: torch.nn.Module) -> _Tensors:
+    return [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+
+
+def _put_back(tensors: _Tensors) -> None:
+    # (by name, as torch's swaps write them: a key's place in the dict is kept)
+    for m, params, buffers in tensors:
+        for name, t in params.items():
+            m._parameters[name] = t
+        for name, t in buffers.items():
+            m._buffers[name] = t
 
 
 class SwapGuard:
@@ -32,6 +56,8 @@ class SwapGuard:
         self._depth = 0  # its nested swaps
         self._waiting = 0  # swaps waiting: new forwards let them go first (no starvation)
         self._mine = threading.local()  # this thread's reads under way
+        self._own: _Tensors | None = None  # the module's tensors before the swap under way
+        _GUARDS.add(self)
 
     def _own_reads(self) -> int:
         return getattr(self._mine, "reads", 0)
@@ -57,7 +83,9 @@ class SwapGuard:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def swapping(self) -> Iterator[None]:
+    def swapping(self, module: torch.nn.Module | None = None) -> Iterator[None]:
+        """Held alone; ``module``'s tensors are noted on entry, for a forked child to put
+        back (:meth:`_after_fork_in_child`)."""
         me = threading.get_ident()
         with self._cond:
             if self._writer == me:
@@ -73,6 +101,8 @@ class SwapGuard:
                         self._cond.wait()
                 finally:
                     self._waiting -= 1
+                # (noted before the writer: a child forked in between finds them)
+                self._own = None if module is None else _tensors_of(module)
                 self._writer, self._depth = me, 1
         try:
             yield
@@ -80,8 +110,32 @@ class SwapGuard:
             with self._cond:
                 self._depth -= 1
                 if not self._depth:
-                    self._writer = None
+                    self._writer, self._own = None, None
                     self._cond.notify_all()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child only the forking thread lives: the other threads' reads and
+        waits end, and a swap of another thread is undone (its tensors put back). The
+        lock is new: another thread may have held it at the fork."""
+        me = threading.get_ident()
+        self._cond = threading.Condition(threading.Lock())
+        self._readers, self._waiting = self._own_reads(), 0
+        if self._writer not in (None, me):
+            if self._own is not None:
+                _put_back(self._own)
+            self._writer, self._depth, self._own = None, 0, None
+
+
+_GUARDS: weakref.WeakSet[SwapGuard] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for guard in list(_GUARDS):
+        guard._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextManager:
@@ -90,7 +144,7 @@ def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextMa
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     guard = module.__dict__.get("_swap_guard") or module.__dict__.setdefault("_swap_guard", SwapGuard())
-    return guard.swapping() if swap else guard.reading()
+    return guard.swapping(module) if swap else guard.reading()
 
 
 @contextlib.contextmanager
