@@ -30,6 +30,7 @@ class WorkerPool:
         self.workers = workers
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._pid: int | None = None
+        self._stop: mp_util.Finalize | None = None  # shuts self._executor down (once)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -51,8 +52,8 @@ class WorkerPool:
                 # Shut down when the layer goes, or at exit before multiprocessing waits for
                 # this process's children (a child that used the layer never exited) and
                 # closes its queues (priority 10: the workers' stop signals were lost).
-                mp_util.Finalize(self, self._executor.shutdown, kwargs={"wait": True, "cancel_futures": True},
-                                 exitpriority=20)
+                self._stop = mp_util.Finalize(self, self._executor.shutdown,
+                                              kwargs={"wait": True, "cancel_futures": True}, exitpriority=20)
             return self._executor
 
     def gather(self, pool: concurrent.futures.ProcessPoolExecutor, calls: list[tuple]) -> list:
@@ -63,11 +64,20 @@ class WorkerPool:
             jobs = [pool.submit(*call) for call in calls]
             return [r for job in jobs for r in job.result()]
         except concurrent.futures.process.BrokenProcessPool as err:
-            self._executor = None
+            exits = _exits(pool)  # (before the shutdown below forgets the processes)
+            with self._lock:
+                # Other threads that were using this pool fail here too, maybe after one of them
+                # started a fresh pool: only the first drops it (a later one would orphan the fresh
+                # pool, kept alive with its workers by its finaliser for the layer's lifetime).
+                stop = self._stop if self._executor is pool else None
+                if stop is not None:
+                    self._executor = self._stop = None
+            if stop is not None:
+                stop()  # (its workers are terminated; this joins its thread and closes its queues)
             # The cause is not known here: say what the exit codes show and list the usual ones
             # (a segmentation fault in SuperLU was reported as a missing __main__ guard).
             raise WorkerError(
-                f"a worker process of the layer (workers={self.workers}) died{_exits(pool)}: {str(err).rstrip('.')}. It may "
+                f"a worker process of the layer (workers={self.workers}) died{exits}: {str(err).rstrip('.')}. It may "
                 "have crashed (a fault in a native solver or factorisation: the same call with workers=1 "
                 "shows it in this process) or been killed (out of memory, a signal); or, as worker "
                 "processes are spawned, a script that calls the layer at import time without an "

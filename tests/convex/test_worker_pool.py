@@ -3,7 +3,9 @@ through ConvexLayer(workers=k) in test_layer.py)."""
 from __future__ import annotations
 
 import ctypes
+import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -42,3 +44,43 @@ def test_a_crashed_worker_is_reported_as_a_possible_crash_with_its_signal():
     assert "may have crashed" in str(info.value) and "or, as worker processes are spawned" in str(info.value)
     assert ".." not in str(info.value)  # (the pool's own message ends with a period)
     assert pool._executor is None
+
+
+def _live(procs) -> set[int]:
+    return {p.pid for p in procs if p.is_alive()}
+
+
+def test_a_pool_broken_under_two_threads_is_replaced_once():
+    """Threads that used one pool all fail when a worker dies. Thread "a" failed first and
+    started a fresh pool; thread "b" failing on the old pool afterwards dropped the fresh
+    one, whose finaliser kept it and its workers alive (orphaned) for the layer's
+    lifetime, while the next call started a third. Only the broken pool is dropped now,
+    and it is shut down."""
+    pool = WorkerPool(2)
+    first = pool.get(2)
+    b_has_pool, a_done, failures = threading.Event(), threading.Event(), []
+
+    def b() -> None:
+        mine = pool.get(2)
+        b_has_pool.set()
+        a_done.wait(5.0)
+        try:
+            pool.gather(mine, [(sorted, [2, 1])])
+        except WorkerError as err:
+            failures.append(err)
+
+    thread = threading.Thread(target=b)
+    thread.start()
+    assert b_has_pool.wait(5.0)
+    with pytest.raises(WorkerError):
+        pool.gather(first, [(os._exit, 3)])  # thread "a": its worker dies
+    fresh = pool.get(2)
+    assert fresh is not first and pool.gather(fresh, [(sorted, [2, 1])]) == [1, 2]
+    workers = list(fresh._processes.values())
+    a_done.set()
+    thread.join(10.0)
+    assert len(failures) == 1  # (b's call on the broken pool)
+    assert pool._executor is fresh and pool.get(2) is fresh
+    assert pool.gather(fresh, [(sorted, [4, 3])]) == [3, 4] and _live(workers) == _live(fresh._processes.values())
+    assert first._processes is None  # shut down (its queues closed)
+
