@@ -472,3 +472,69 @@ def test_swap_guard_waiting_swap_goes_before_new_forwards():
     for t in (a, w, r):
         t.join(5)
     assert order == ["swap", "read"]
+
+
+# ------------------------------------------------------------------ after the main thread
+
+
+_AFTER_MAIN = """
+import atexit, json, threading  # (no more: the spawned workers import this file too)
+
+def layer():
+    return cddn.layer("simplex", n=3, workers=2, backend="cvxpy", solver="Clarabel")
+
+def call(key, net):
+    try:
+        x = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.5, 0.5], [0.2, 0.3, 0.2]], dtype=torch.float64)
+        x.requires_grad_(True)
+        loss = (net(x) * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum()
+        loss.backward()
+        out[key] = [loss.item(), x.grad.tolist()]
+    except BaseException as err:
+        out[key] = repr(err)
+
+def finish():
+    call("atexit, after multiprocessing's", used)
+    print(json.dumps(out))
+
+def late():
+    threading.main_thread().join()  # (it ends after concurrent.futures' exit hook)
+    call("thread, pool started", used)
+    call("thread, pool never started", fresh)
+
+if __name__ == "__main__":
+    atexit.register(finish)  # registered first: runs last, after multiprocessing's exit hook
+    import torch, convexddn as cddn
+    out, used, fresh = {}, layer(), layer()
+    pool = used._backend._workers
+    assert pool.gather(pool.get(3), [(sorted, [2, 1])]) == [1, 2]  # started (its workers import little)
+    atexit.register(call, "atexit", used)
+    threading.Thread(target=late).start()  # non-daemon: joined after the main thread returns
+"""
+
+
+def test_a_layer_with_workers_called_after_the_main_thread_returned_solves_in_this_process(tmp_path):
+    """A non-daemon thread still calling a ``workers=2`` layer after the main thread has
+    returned, or an atexit handler calling it: concurrent.futures has stopped every pool
+    by then and refuses new ones, and each call raised RuntimeError; they are solved in
+    this process now. Closed forms: the projections onto the simplex are interior (x,
+    (1/3, 1/3, 1/3), x + 0.1), so the Jacobian is I - 11^T/3 and the gradient of w.y is
+    w - mean(w) = (-1, 0, 1), and w.y = 2.6, 2, 2 (sum 6.6)."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "after_main.py"  # (a file: spawned workers re-import the main module)
+    script.write_text(_AFTER_MAIN)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-1000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(got) == sorted(["atexit", "atexit, after multiprocessing's", "thread, pool started",
+                                  "thread, pool never started"])
+    for key, value in got.items():
+        assert isinstance(value, list), f"{key}: {value}"
+        loss, grad = value
+        assert loss == pytest.approx(6.6, abs=1e-7), key
+        torch.testing.assert_close(torch.tensor(grad, dtype=F64), torch.tensor([[-1.0, 0, 1]] * 3, dtype=F64),
+                                   atol=1e-6, rtol=0)

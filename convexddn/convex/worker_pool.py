@@ -3,13 +3,16 @@ spawned process pool per layer and process, started on first use, and the chunks
 batch it solves or differentiates.
 
 Processes, not threads: the solvers hold the GIL. Spawned, not forked: a fork would copy
-torch's threads."""
+torch's threads. Once the interpreter shuts down (the main thread has returned: a
+non-daemon thread or an atexit handler still calling the layer), the calls are solved in
+this process, as with one worker: concurrent.futures has stopped every pool by then."""
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing import util as mp_util
@@ -40,9 +43,10 @@ class WorkerPool:
         self.__init__(state["workers"])
 
     def get(self, batch: int) -> concurrent.futures.ProcessPoolExecutor | None:
-        """The pool, or None to solve in this process: one worker, a batch of one, or a
-        daemonic process (a DataLoader's), which may not have children."""
-        if self.workers <= 1 or batch < 2 or multiprocessing.current_process().daemon:
+        """The pool, or None to solve in this process: one worker, a batch of one, a
+        daemonic process (a DataLoader's), which may not have children, or an interpreter
+        shutting down, which may start no pool and has stopped this one."""
+        if self.workers <= 1 or batch < 2 or multiprocessing.current_process().daemon or _exiting():
             return None
         with self._lock:
             if self._executor is None or self._pid != os.getpid():
@@ -59,9 +63,12 @@ class WorkerPool:
     def gather(self, pool: concurrent.futures.ProcessPoolExecutor, calls: list[tuple]) -> list:
         """Submit ``calls`` (function and arguments each, returning lists) and concatenate
         their results in order; a dead worker raises :class:`~convexddn.errors.WorkerError`
-        and the next call starts a fresh pool."""
+        and the next call starts a fresh pool. A pool stopped by the interpreter's shutdown
+        between :meth:`get` and here: the calls run in this process."""
+        jobs: list[concurrent.futures.Future] = []
         try:
-            jobs = [pool.submit(*call) for call in calls]
+            for call in calls:
+                jobs.append(pool.submit(*call))
             return [r for job in jobs for r in job.result()]
         except concurrent.futures.process.BrokenProcessPool as err:
             exits = _exits(pool)  # (before the shutdown below forgets the processes)
@@ -82,6 +89,22 @@ class WorkerPool:
                 "shows it in this process) or been killed (out of memory, a signal); or, as worker "
                 "processes are spawned, a script that calls the layer at import time without an "
                 "`if __name__ == '__main__':` guard stopped them at start") from err
+        except (RuntimeError, concurrent.futures.CancelledError):
+            # submit refuses a pool stopped at shutdown, which may also have cancelled pending jobs
+            # (a job's own RuntimeError comes back here too: re-raised, or at shutdown by its rerun).
+            if not _exiting():
+                raise
+            for job in jobs:
+                job.cancel()
+            return [r for fn, *args in calls for r in fn(*args)]
+
+
+def _exiting() -> bool:
+    """Whether the interpreter is shutting down: once the main thread has returned, the
+    exit hooks of ``threading`` (``_SHUTTING_DOWN`` set first) stop every
+    concurrent.futures pool and refuse new ones, before the non-daemon threads are joined
+    and atexit handlers run; the main thread is marked ended just after."""
+    return getattr(threading, "_SHUTTING_DOWN", False) or not threading.main_thread().is_alive() or sys.is_finalizing()
 
 
 def _exits(pool: concurrent.futures.ProcessPoolExecutor) -> str:

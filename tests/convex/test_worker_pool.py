@@ -84,3 +84,17 @@ def test_a_pool_broken_under_two_threads_is_replaced_once():
     assert pool.gather(fresh, [(sorted, [4, 3])]) == [3, 4] and _live(workers) == _live(fresh._processes.values())
     assert first._processes is None  # shut down (its queues closed)
 
+
+def test_a_pool_stopped_by_the_interpreter_shutdown_runs_the_calls_in_this_process(monkeypatch):
+    """Once the main thread has returned, concurrent.futures stops every pool and starts
+    none before the other threads are joined and atexit handlers run: a call then raised
+    RuntimeError('cannot schedule new futures after shutdown'); it is solved here now.
+    Here the pool stopped between :meth:`WorkerPool.get` and the submission."""
+    pool = WorkerPool(2)
+    stopped = pool.get(2)
+    stopped.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):  # not at shutdown: an error as before
+        pool.gather(stopped, [(sorted, [2, 1])])
+    monkeypatch.setattr(threading, "_SHUTTING_DOWN", True)  # (what threading's shutdown sets first)
+    assert pool.get(2) is None
+    assert pool.gather(stopped, [(sorted, [2, 1]), (sorted, [4, 3])]) == [1, 2, 3, 4]
