@@ -16,8 +16,9 @@ from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
-from .cone_checks import cone_blocks, kkt_residual
+from .cone_checks import kkt_residual
 from .exp_cone import derivative_correction, has_exp, replace_exp_blocks
+from .kinks import kink_sides
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 
@@ -46,23 +47,6 @@ def auto_mode(cones: list, data_nonzeros: int, size: int) -> str:
     if size <= _DENSE_MAX_N:
         return "dense"
     return "sparse" if sparse_pays(cones, data_nonzeros, size) else "lsmr"
-
-
-# A nonnegative pair (y_i, s_i) with |y_i − s_i| below this, relative to the solution's
-# size, has both members at 0: strict complementarity fails and the projection onto the
-# cone, hence the solution map, has a kink there (no derivative).
-_UNDECIDED = 1e-9
-
-
-def _undecided_rows(cones, y: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The nonnegative rows whose multiplier and slack are both (relatively) zero.
-
-    ``cones``: diffcp's parsed list of ``(name, size)`` in row order.
-    """
-    scale = 1.0 + max(np.abs(y).max(initial=0.0), np.abs(s).max(initial=0.0))
-    found = [at + np.flatnonzero(np.abs(y[at:at + k] - s[at:at + k]) <= _UNDECIDED * scale)
-             for kind, at, k in cone_blocks(cones) if kind == cone_lib.POS]
-    return np.concatenate(found) if found else np.zeros(0, dtype=int)
 
 
 class ResidualMap:
@@ -223,10 +207,13 @@ class ResidualMap:
     def adjoint(self, x, y, s, parametric: Parametric | None = None):
         """The map (dx, dy) -> (dA at any (row, col), db, dc) of the solution's derivative.
 
-        Sets ``degenerate`` when the gradient may not be unique: a nonnegative row has
-        multiplier and slack both 0 (a kink of the projection), or the derivative system
-        is rank-deficient beyond the homogeneity direction and the parameters or the
-        cotangent reach the extra null directions (:func:`_unique_anyway`; ``parametric``
+        Sets ``degenerate`` when the gradient may not be unique: a cone block is not
+        strictly complementary (a kink of the projection, :func:`.kinks.kink_sides`: a
+        nonnegative row with multiplier and slack both 0, a second-order or PSD pair sharing
+        a zero spectral value, an exponential cone's pair on the border of two pieces) and
+        the side taken there matters, or the derivative system is rank-deficient beyond
+        the homogeneity direction and the parameters or the cotangent reach the extra
+        null directions (:func:`_unique_anyway`; ``parametric``
         says how the parameters move the data, :class:`Parametric`; with ``None`` every
         rank deficiency counts).
         """
@@ -235,7 +222,7 @@ class ResidualMap:
         M = self._operator(z)
         dproj = self._dprojection(z[n:n + m])
         pi_z = self._pi(z)
-        undecided = _undecided_rows(self.cones, y, s)
+        sides = kink_sides(self.cones, y, s, _SIDE_STEP * (1.0 + np.abs(z).max()))
 
         def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):
             # This call's flags only (a zero cotangent returns before any solve; the
@@ -261,21 +248,21 @@ class ResidualMap:
             degenerate = self.degenerate and (parametric is None
                                               or not unique_anyway(Mz, dz, pi_z, n, parametric))
             grads = data_grads(r, pi_z, n, rows, cols)
-            self.degenerate = degenerate or (undecided.size > 0 and not (
-                isinstance(Mz, np.ndarray) and self._either_side(z, undecided, (dx, dy, dw), r, pi_z, parametric)))
+            self.degenerate = degenerate or (sides is not None and not (
+                isinstance(Mz, np.ndarray) and self._either_side(z, sides, (dx, dy, dw), r, pi_z, parametric)))
             return grads
 
         return vjp
 
-    def _either_side(self, z, undecided, dz_parts, r, pi_z, parametric: Parametric | None) -> bool:
-        """Whether the gradient is the same whichever side of its kink each undecided
-        nonnegative row (multiplier and slack both ~0) is taken on: the projection's
-        derivative there is 0 or 1, and the adjoint solved densely with each choice must
-        give the same gradient as ``r`` (a free epigraph variable's bound, e.g.
-        ‖x_i‖ <= t_i with row i inside, is such a row; a weakly active constraint is
-        not). Compared in the parameters θ where ``parametric`` says how they move the
-        data (a constant objective's entries may differ: no parameter reads them).
-        ``dz_parts``: the cotangent's ``(dx, dy, dw)``."""
+    def _either_side(self, z, sides, dz_parts, r, pi_z, parametric: Parametric | None) -> bool:
+        """Whether the gradient is the same whichever side of its kink each cone block
+        that is not strictly complementary is taken on (``sides``: :func:`.kinks.kink_sides`'
+        two points v; on a nonnegative row the projection's derivative is 0 or 1): the
+        adjoint solved densely with each must give the same gradient as ``r`` (a free
+        epigraph variable's bound, e.g. ‖x_i‖ <= t_i with row i inside, is such a row; a
+        weakly active constraint is not). Compared in the parameters θ where
+        ``parametric`` says how they move the data (a constant objective's entries may
+        differ: no parameter reads them). ``dz_parts``: the cotangent's ``(dx, dy, dw)``."""
         n, m = self.n, self.m
         dx, dy, dw = dz_parts
 
@@ -289,9 +276,9 @@ class ResidualMap:
         size = max(max(np.abs(g).max(initial=0.0) for g in base), 1e-300)
         kept = self.degenerate
         try:
-            for side in (1.0, -1.0):
+            for side in sides:
                 zs = z.copy()
-                zs[n + undecided] = side * 1e-12 * (1.0 + np.abs(z).max())
+                zs[n:n + m] = side
                 dproj = self._dprojection(zs[n:n + m])
                 other = gradient(self._solve(self._operator(zs, dense=True),
                                              np.concatenate([dx, dproj.rmatvec(dy), [dw]]), transpose=True))
@@ -310,7 +297,10 @@ class ResidualMap:
 # ±8e3 and the gradient's norm went to 4e4 (the minimum-norm one: 0.9).
 _RANK_RTOL = 1e-9
 
-# Relative difference between the gradients on the two sides of an undecided row below
+# Where kink_sides puts a zero spectral value of v on either side, relative to z's size.
+_SIDE_STEP = 1e-12
+
+# Relative difference between the gradients on the two sides of the kinks below
 # which it is taken as one (dense solves of one system: ~1e-14 apart when it is).
 _SIDE_RTOL = 1e-8
 

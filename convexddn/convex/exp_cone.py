@@ -32,7 +32,8 @@ from diffcp import cones as cone_lib
 
 from .cone_checks import cone_blocks
 
-__all__ = ["derivative_correction", "has_exp", "project_exp", "projection_derivative", "replace_exp_blocks"]
+__all__ = ["derivative_correction", "has_exp", "project_exp", "projection_derivative", "projection_piece",
+           "replace_exp_blocks"]
 
 _NEWTON_STEPS = 8
 # The grid of boundary rays that brackets the root where Newton from diffcp's point fails
@@ -212,6 +213,18 @@ def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray
         piece[np.nonzero(on)[0][~fine]] = _DIFFCP
     known = (piece != _DIFFCP) & np.isfinite(D).all((1, 2))
     return np.where(known[:, None, None], D, 0.0), known
+
+
+def projection_piece(v: np.ndarray) -> np.ndarray:
+    """Which smooth piece of :func:`project_exp` each row of ``v`` ``(k, 3)`` lies on ``(k,)``:
+    inside K, on its polar, on the quadrant :math:`r, s \\le 0` with :math:`t > 0` or with
+    :math:`t \\le 0` (diag(1, 0, [t > 0]) there), or on the boundary ray's (the face's
+    direction and diffcp's point count as that one). The projection has a kink between two
+    points on different pieces: its derivative jumps across every border (:mod:`.kinks`)."""
+    v = np.asarray(v, dtype=float).reshape(-1, 3)
+    piece = _projection(v)[1]
+    piece = np.where((piece == _FACE) | (piece == _DIFFCP), _BOUNDARY, piece)
+    return np.where((piece == _QUADRANT) & ~(v[:, 2] > 0), -1, piece)
 
 
 def has_exp(cones: list) -> bool:
