@@ -43,6 +43,11 @@ _UNDECIDED = 1e-9
 _EXP_INSIDE = np.array([-1.0, 1.0, 1.0]) / np.sqrt(3.0)
 
 
+# How far (in tolerances) from 0 a coordinate of an exponential block's y or s must be
+# for the block to be left out of the piece test (see kink_sides).
+_EXP_NEAR = 1e3
+
+
 def _spectral(kind: str, v: np.ndarray):
     """``(λ, rebuild)``: the spectral values of a second-order or PSD block ``v`` (diffcp's
     layout: ``(t, u)``; the scaled lower triangle) and the map from new values back to
@@ -93,6 +98,12 @@ def kink_sides(cones: list, y: np.ndarray, s: np.ndarray, step: float) -> tuple[
             exp_sign.append(-1.0 if kind == cone_lib.EXP else 1.0)
     if exp_rows:  # (all blocks at once: a logistic regression has one per data point)
         rows, sign = np.stack(exp_rows), np.array(exp_sign)[:, None]
+        # Only blocks with a coordinate of y or s near 0: every border of the pieces lies
+        # there (y = 0, s = 0, the faces {s = 0} of K and {r = 0} of K*, the quadrant's
+        # y_s = 0), and a step of tol moves y and s by tol at most (a projection is
+        # 1-Lipschitz). The pieces of the others cost 12 % of a logistic regression's backward.
+        near = np.minimum(np.abs(y[rows]), np.abs(s[rows])).min(1) <= _EXP_NEAR * tol
+        rows, sign = rows[near], sign[near]
         up, down = v[rows] + tol * _EXP_INSIDE, v[rows] - tol * _EXP_INSIDE
         open_ = projection_piece(sign * up) != projection_piece(sign * down)
         plus[rows[open_]], minus[rows[open_]] = up[open_], down[open_]
