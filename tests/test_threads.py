@@ -209,7 +209,11 @@ def test_declarative_concurrent_backwards_leave_the_parameters_in_place():
 
 
 def _use_in_child(node: _Weighted, report) -> None:
-    """In a forked child: what ``node.w`` is, then a forward and a backward (y = x)."""
+    """In a forked child: what ``node.w`` is, then a forward and a backward (y = x).
+    On one thread, as a DataLoader's forked workers run: the OpenMP pool an earlier test
+    started in the parent does not survive a fork (libgomp hangs in the child's first
+    parallel region)."""
+    torch.set_num_threads(1)
     w = node.w
     seen = [type(w).__name__, str(w.dtype), w.is_leaf, w is dict(node.named_parameters())["w"]]
     x = torch.randn(2, 3, requires_grad=True)

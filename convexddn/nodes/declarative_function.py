@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.autograd import forward_ad
 
-from .._autograd import may_carry_tangents, refuse_batched, refuse_transforms, save_plain
+from .._autograd import may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain
 from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
 
@@ -41,6 +41,11 @@ class DeclarativeFunction(torch.autograd.Function):
         forward saw them (the backward solves with those), and the names of the
         parameters passed after the inputs."""
         node, n, (batch_shape, state, names) = inputs[:3]
+        # A buffer or frozen parameter made under torch.inference_mode() has no version
+        # counter to watch (torch's raw "Inference tensors do not track version counter"
+        # here): the backward gets a plain copy of the value the forward solved with.
+        if not torch.compiler.is_compiling():  # (dynamo cannot trace is_inference())
+            state = {k: plain(t) if isinstance(t, torch.Tensor) else t for k, t in state.items()}
         ctx.node, ctx.n_inputs, ctx.batch_shape, ctx.state, ctx.names = node, n, batch_shape, state, names
         # The parameters that require grad are saved (not just referenced): one changed
         # in place before the backward raises autograd's error, as nn.Linear's would,
@@ -53,7 +58,7 @@ class DeclarativeFunction(torch.autograd.Function):
         # the problem at the new value, silently, or call the solution wrong).
         saved = {id(t) for t in inputs[3:]}
         ctx.versions = {name: (t, t._version) for name, t in state.items()
-                        if isinstance(t, torch.Tensor) and id(t) not in saved}
+                        if isinstance(t, torch.Tensor) and id(t) not in saved and not t.is_inference()}
 
     @staticmethod
     @first_order_jvp("DeclarativeNode")

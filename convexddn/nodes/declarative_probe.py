@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from .._autograd import plain
 from .._warn import warn
@@ -21,6 +23,23 @@ Tensor = torch.Tensor
 
 def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
     return t
+
+
+class _Reads(TorchFunctionMode):
+    """Records the names of the tensors ``names`` (``{id: name}``) that torch functions
+    receive within."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        super().__init__()
+        self.names, self.seen = names, frozenset()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.names:
+            hit = {self.names[id(a)] for a in tree_leaves((args, kwargs)) if id(a) in self.names}
+            if hit:
+                self.seen = self.seen | hit
+        return func(*args, **kwargs)
 
 
 def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str]]:
@@ -45,18 +64,23 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
         # (Not a buffer that requires grad: the problem closes over it, an error below.)
         params = dict(node.named_parameters(remove_duplicate=False))
         state = {**params, **dict(node.named_buffers(remove_duplicate=False))}
-        fixed = {n: t.detach().requires_grad_(True) for n, t in state.items()
+        # (an inference tensor cannot require grad: a plain copy of it can)
+        fixed = {n: plain(t).detach().requires_grad_(True) for n, t in state.items()
                  if t.is_floating_point() and (n in params or not t.requires_grad)}
+        # The others (integer, bool or complex buffers: no gradient to tell) are read where
+        # a torch function receives them (a bool mask changed in place between forward and
+        # backward was differentiated at its new value, silently).
+        others = _Reads({id(t): n for n, t in state.items() if n not in fixed})
         with torch.enable_grad(), _reparametrize_module(node, fixed), read_as(node, dtype):
-            # (an inference tensor cannot require grad: a plain copy of it can)
             xg = tuple(plain(x).detach().to(dtype).requires_grad_(True) for x in xs)
             yg = y.detach().to(dtype).requires_grad_(True)
-            f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
-            cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)
-                    for m in ("equality_constraints", "inequality_constraints")}
+            with others:
+                f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
+                cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)
+                        for m in ("equality_constraints", "inequality_constraints")}
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
-    read = frozenset(n for n, t in fixed.items() if id(t) in leaves)
+    read = frozenset(n for n, t in fixed.items() if id(t) in leaves) | others.seen
     read_ids = {id(state[n]) for n in read} | set(leaves)  # (and those closed over, not swapped)
     idle = [n for n, p in node.named_parameters() if p.requires_grad and id(p) not in read_ids]
     unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]

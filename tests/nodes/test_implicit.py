@@ -1601,6 +1601,54 @@ def test_state_frozen_or_added_after_the_first_call_is_watched(late):
     torch.testing.assert_close(x.grad, torch.full((1, 3), 6.0, dtype=DT), rtol=0, atol=1e-12)
 
 
+class _ScaledByAnyBuffer(DeclarativeNode):
+    """y = argmin ½ Σ (u − k x)² = k x with k a buffer of any dtype (a bool mask counts 2)."""
+
+    def __init__(self, k, inference=False):
+        super().__init__()
+        if inference:
+            with torch.inference_mode():
+                k = k.clone()
+        self.register_buffer("k", k)
+
+    def _k(self, x):
+        k = self.k.real if self.k.is_complex() else self.k
+        return 2.0 * k.to(x.dtype) if k.dtype == torch.bool else k.to(x.dtype)
+
+    def objective(self, x, y):
+        return 0.5 * ((y - self._k(x) * x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return self._k(x) * x
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex128])
+def test_a_buffer_that_cannot_require_grad_is_watched_too(dtype):
+    """Only floating buffers were watched (the probe finds what the problem reads through
+    autograd): an integer, bool or complex buffer changed in place between forward and
+    backward was differentiated at its new value (dy/dx = 6, or 0 for a flipped mask,
+    where the forward solved with 2), silently."""
+    node = _ScaledByAnyBuffer(torch.ones(3, dtype=torch.bool) if dtype == torch.bool else torch.full((3,), 2, dtype=dtype))
+    x = torch.zeros(1, 3, dtype=DT, requires_grad=True)
+    node(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((1, 3), 2.0, dtype=DT), rtol=0, atol=0)
+    y = node(x)
+    with torch.no_grad():
+        node.k.logical_not_() if dtype == torch.bool else node.k.mul_(3)
+    with pytest.raises(InputError, match=r"\['k'\].*modified in place"):
+        y.sum().backward()
+
+
+def test_a_buffer_made_under_inference_mode():
+    """A buffer made under torch.inference_mode() has no version counter: the forward
+    raised torch's "Inference tensors do not track version counter". The backward now
+    differentiates at the forward's value (dy/dx = k = 2)."""
+    node = _ScaledByAnyBuffer(torch.full((3,), 2.0, dtype=DT), inference=True)
+    x = torch.ones(1, 3, dtype=DT, requires_grad=True)
+    node(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((1, 3), 2.0, dtype=DT), rtol=0, atol=0)
+
+
 class _CubicAbs(DeclarativeNode):
     """y = argmin ½(u − x)² + 0.1|u|³, the cube written as sqrt(u²)³: C² everywhere, but
     autograd's second derivative at u = 0 is 0/0. For x >= 0, y = (√(1 + 1.2x) − 1)/0.6."""
