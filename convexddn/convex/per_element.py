@@ -37,6 +37,7 @@ from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
+from .dissent import Run, judge
 from .parametric import parametric_entries
 from .solver_args import check_solver_cones
 from .spread import data_spread
@@ -199,12 +200,14 @@ class CheckedDiffcp(SolverInterface):
         try:
             x, y, s, status = self._solve_with(method, args, A, b, c)
         except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError) as err:
-            return None, (f"{method}: {err}", "other", "other")
+            return None, (f"{method}: {err}", "other", "other", None)
         x0, y0, claimed = x, y, status  # the solver's own point: a certificate when it claims one
+        run = Run(method, status_kind(status), status, points=[(status, x0, y0)])
         try:
             x, y, s, r = self._polish(program, x, y, s)
         except (ValueError, RuntimeError, ArithmeticError) as err:  # (its status and certificate still count)
             r, status = float("inf"), f"{status} (not polished: {err})"
+        run.points.append((status, x, y))
         if (r > POLISH_ABOVE and np.isfinite(r) and method != "SCS" and self.refine > 0
                 and self.fallback is not None):
             # An interior point can sit where R is not smooth; SCS from it lands on faces (not if fallback=None).
@@ -212,6 +215,8 @@ class CheckedDiffcp(SolverInterface):
             try:
                 x2, y2, s2, status2 = self._solve_with("SCS", {}, A, b, c, warm_start=(x, y, s))
                 x2, y2, s2, r2 = self._polish(program, x2, y2, s2)
+                run.also.append(status2)
+                run.points.append((status2, x2, y2))
             except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError):
                 r2 = float("inf")
             if r2 < r:  # the point returned is SCS's: last_solve says so
@@ -222,9 +227,10 @@ class CheckedDiffcp(SolverInterface):
         # data provoke them on well-posed problems), and no point polished from a verified one (an
         # infeasible LP: ‖x‖ 5.8e15, rows off by 1.8, passed relative to its own size).
         verified = claim != "other" and verify_certificate(A, b, c, self._cones, x0, y0, claim)
+        run.ray = y0 if claim == "infeasible" else x0
         if r <= self.tol and verified:
             return None, (f"{method}: {status}; its {claim} certificate verifies, yet a point polished from "
-                          f"it (‖x‖∞ {np.abs(x).max():.1e}) passes relative to its size", "other", claim)
+                          f"it (‖x‖∞ {np.abs(x).max():.1e}) passes relative to its size", "other", claim, run)
         if r <= self.tol and claim != "other":
             # Claimed, not verified (badly scaled data provoke such claims on well-posed
             # problems, where the polished point is the solution): the point must also
@@ -233,16 +239,16 @@ class CheckedDiffcp(SolverInterface):
             if not rd <= self.tol:
                 return None, (f"{method}: {status}; its {claim} certificate does not verify, and the point "
                               f"polished from its iterate (‖x‖∞ {np.abs(x).max(initial=0):.1e}) passes only "
-                              f"relative to its own size (residual in the data's scale {rd:.1e})", "other", claim)
+                              f"relative to its own size (residual in the data's scale {rd:.1e})", "other", claim, run)
         if not r <= self.tol:
             why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
             if verified:
-                return None, (why + "; certificate verified", claim, claim)
+                return None, (why + "; certificate verified", claim, claim, run)
             if claim != "other":
                 why += (f"; its {claim} certificate does not verify: the data may be badly scaled "
                         f"(largest |b| {np.abs(b).max(initial=0):.1e}, |c| {np.abs(c).max(initial=0):.1e}, "
                         f"|A| {abs(A).max() if A.nnz else 0:.1e})")
-            return None, (why, "other", claim)
+            return None, (why, "other", claim, run)
         return (program, x, y, s, status, r, method), None
 
     def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> _Solved:
@@ -256,11 +262,12 @@ class CheckedDiffcp(SolverInterface):
             if out is not None:
                 note = f"{fail[0]}; solved by the fallback {self.fallback}"
             else:
-                # A verified certificate from either solver decides the kind of failure; a ray
-                # alone ("disputed") not where the other claims infeasible: it proves no point.
-                kind = fail[1] if fail[1] != "other" else fail2[1]
-                kind = "disputed" if kind == "unbounded" and "infeasible" in (fail[2], fail2[2]) else kind
-                fail = (f"{fail[0]}; fallback {fail2[0]}", kind)
+                # A verified certificate from either solver decides the kind of failure unless the
+                # other's run contradicts it (see .dissent: a certificate has a reach).
+                mine, theirs = (fail, fail2) if fail[1] != "other" else (fail2, fail)
+                out, fail, note = judge(self, args, A, b, c, mine, theirs, f"{fail[0]}; fallback {fail2[0]}")
+        elif out is None:
+            out, fail, note = judge(self, args, A, b, c, fail, None, fail[0])
         if out is None:
             return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
         program, x, y, s, status, r, used = out

@@ -1,0 +1,268 @@
+"""Second opinions on an infeasibility or unboundedness certificate, per element.
+
+A certificate that passes :func:`~.cone_checks.verify_certificate` proves less than it
+seems: each of its tests is relative, and an approximate ray has a reach. For
+``Ax + s = b, s ∈ K`` and a dual ray ``y ∈ K*`` (projected there), any ``x`` with slack
+``ŝ = Π_K(b − Ax)`` and residual ``r = Ax + ŝ − b`` satisfies, exactly,
+
+.. math::
+
+    b^T y = x^T A^T y + ŝ^T y - r^T y, \\qquad ŝ^T y \\ge 0,
+
+so an exact ray (``Aᵀy = 0``) gives ``rᵀy ≥ −bᵀy = |bᵀy|`` at every point: no point is
+feasible. An approximate one only excludes the points whose ``−xᵀAᵀy`` stays below
+``|bᵀy|``, those with ``‖x‖∞ < |bᵀy| / ‖Aᵀy‖₁``. That radius can be the size of the
+solution itself: the projection of ``a ~ 1e6`` onto the exponential cone, canonicalised
+with an epigraph ``t ≥ ‖y − a‖²`` (a second-order cone), has ``t ≈ 6e11``; Clarabel's
+ray (its head ``(1, 1)`` at the edge of K*) missed the ``t`` column by 3.8e-12, relative
+1.9e-12 and far inside the test, with ``bᵀy = −2.29``: radius ``2.29 / 3.8e-12 = 6e11``,
+and the feasible problem was reported infeasible. No test of the ray alone can tell (the
+program *is* within 2e-12 of an infeasible one); a point, or another solver, can.
+Symmetrically a primal ray ``d`` with ``−Ad = s_d + e`` (``s_d ∈ K``) and any dual point
+``y ∈ K*`` with residual ``r = Aᵀy + c``: ``cᵀd = rᵀd + yᵀs_d + yᵀe``, so an exact ray
+gives ``rᵀd ≤ cᵀd < 0`` at every ``y``, and an approximate one excludes only the dual
+points with ``‖y‖₁ < |cᵀd| / ‖e‖∞`` (``min y log y − 25 y``: SCS's ray ``(−1, 0.054)``
+lies within ``0.054 e^{−18.3} = 6e-10`` of K_exp, radius 6e8, while the dual solution is
+``e^{24} = 2.6e10``).
+
+:func:`believed` therefore weighs a verified certificate against the other runs
+(:class:`Run` records what each solver run left):
+
+- the other solver claims the same: it stands (even if both are inaccurate);
+- a point a run reached (not a claimant's: that is its ray) lies beyond the certificate's
+  reach, by the identity above with half the margin (``rᵀy < ½|bᵀy|``, resp.
+  ``rᵀd > ½cᵀd``, rounding discounted): it falls (Clarabel's last dual iterate ``2.0e10``
+  on ``min y log y − 25 y``: ``rᵀd = −0.011`` against ``cᵀd = −0.36``);
+- in doubt — a run reports the problem solved (``solved``, ``optimal``, inaccurate or not:
+  SCS's "solved (inaccurate)" beside Clarabel's verified ray on every false report seen),
+  or the claim is inaccurate by its own solver's measure (Clarabel's ``Almost…``, SCS's
+  ``inaccurate``: its scaled ray missed the solver's own tolerance) — an infeasibility is
+  re-solved at its reach (:func:`reach_scaling`): confirmed by a ray that verifies again,
+  or solved there, or it falls; an unboundedness in doubt falls (``min ‖x‖² − bᵀx − Σ log x``,
+  ``b ~ 1e6``: SCS's "unbounded (inaccurate - reached max_iters)" beside Clarabel's failure);
+- otherwise it stands. A ray with no reach limit (``Aᵀy = 0``) stands in doubt too.
+
+Status alone cannot decide: ``x <= 1e6, log x >= log(1e6) + 1`` (infeasible) drew the
+same "Infeasible" from Clarabel and "solved (inaccurate)" from SCS as the feasible
+projections; at the reach its ray verified again, theirs did not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import diffcp
+import numpy as np
+import scipy.sparse as sp
+
+from .cone import ResidualMap
+from .cone_checks import project, verify_certificate
+from .status import status_kind
+
+__all__ = ["Run", "believed", "judge", "reach_scaling", "reaches"]
+
+_EPS = np.finfo(np.float64).eps
+
+
+@dataclasses.dataclass
+class Run:
+    """What one failed solver run left, for :func:`believed`.
+
+    Attributes:
+        method: the solver (``"Clarabel"``, ``"SCS"``, ``"ECOS"``).
+        claim: ``status_kind`` of its status (``"infeasible"``, ``"unbounded"``, ``"other"``).
+        status: the solver's own status.
+        also: statuses of the runs it started (SCS warm-started from its point).
+        ray: its certificate as returned (``y`` for a claimed infeasibility, ``x`` for
+            unboundedness), where it claims one.
+        points: ``(status, x, y)`` of the points it reached (its point, polished, and SCS's
+            from it), each with the status of the solve that gave it.
+    """
+
+    method: str
+    claim: str
+    status: str
+    also: list[str] = dataclasses.field(default_factory=list)
+    ray: np.ndarray | None = None
+    points: list[tuple[str, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+def _solved(status: str) -> bool:
+    """Whether a status reports the problem solved, accurately or not (Clarabel ``Solved``,
+    ``Optimal Inaccurate``; SCS ``solved (inaccurate - reached max_iters)``; ECOS ``Close to
+    optimal solution found``); not ``unsolved`` or ``unfinished``."""
+    return status_kind(status) == "other" and re.search(r"\b(solved|optimal)\b", status.lower()) is not None
+
+
+def _inaccurate(status: str) -> bool:
+    """Whether a claim is inaccurate by its solver's own measure (Clarabel's
+    ``AlmostPrimalInfeasible`` reaches diffcp as ``Infeasible Inaccurate``; SCS
+    ``infeasible (inaccurate - reached max_iters)``)."""
+    s = status.lower()
+    return "inaccurate" in s or "almost" in s
+
+
+def reaches(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, claim: str, ray: np.ndarray,
+            x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether the certificate ``ray`` of ``claim`` reaches the point ``(x, y)``: whether
+    at least half its margin there rests on the point's own residual (see the module's
+    identity), rounding discounted.
+
+    - infeasible: ``ȳ = Π_{K*}(ray / ‖ray‖∞)``, ``ŝ = Π_K(b − Ax)``, ``r = Ax + ŝ − b``:
+      reached where ``rᵀȳ + 64 eps (|A||x| + |ŝ| + |b|)ᵀ|ȳ| ≥ ½|bᵀȳ|``;
+    - unbounded: ``d = ray / ‖ray‖∞``, ``ỹ = Π_{K*}(y)``, ``r = Aᵀỹ + c``: reached where
+      ``rᵀd − 64 eps (|A|ᵀ|ỹ| + |c|)ᵀ|d| ≤ ½cᵀd``.
+
+    A point not finite on the side tested is reached (it shows nothing).
+    """
+    absA = abs(A)
+    if claim == "infeasible":
+        if not np.all(np.isfinite(x)):
+            return True
+        yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
+        v = b - A @ x
+        sh = project(v, cones)
+        r = sh - v
+        noise = 64 * _EPS * float((absA @ np.abs(x) + np.abs(sh) + np.abs(b)) @ np.abs(yb))
+        return float(r @ yb) + noise >= 0.5 * abs(float(b @ yb))
+    if not np.all(np.isfinite(y)):
+        return True
+    d = ray / np.max(np.abs(ray))
+    yt = project(y, cones, dual=True)
+    r = A.T @ yt + c
+    noise = 64 * _EPS * float((absA.T @ np.abs(yt) + np.abs(c)) @ np.abs(d))
+    return float(r @ d) - noise <= 0.5 * float(c @ d)
+
+
+def _refuted(A, b, c, cones: list, mine: Run, other: Run | None) -> str | None:
+    """A point of the runs that the certificate of ``mine`` does not reach (:func:`reaches`),
+    named, or ``None``. Only points of solves that claimed neither infeasibility nor
+    unboundedness count: a claimant's point is its ray, not a point."""
+    runs = [mine] + ([other] if other is not None else [])
+    for run in runs:
+        for status, x, y in run.points:
+            if status_kind(status) == "other" and not reaches(A, b, c, cones, mine.claim, mine.ray, x, y):
+                which = "x" if mine.claim == "infeasible" else "y"
+                size = np.max(np.abs(x if mine.claim == "infeasible" else y))
+                return (f"a point {run.method}{'' if status == run.status else '→SCS'} reached (‖{which}‖∞ "
+                        f"{size:.1e}) lies beyond the certificate's reach")
+    return None
+
+
+def _doubt(mine: Run, other: Run | None) -> str | None:
+    """Why the claim of ``mine`` is in doubt by the runs' statuses, or ``None``: a run
+    reports the problem solved, or the claim is inaccurate by its own solver's measure."""
+    runs = [(mine.method + "→SCS", s) for s in mine.also]
+    if other is not None:
+        runs += [(other.method, other.status)] + [(other.method + "→SCS", s) for s in other.also]
+    for name, status in runs:
+        if _solved(status):
+            return f"{name} reports it {status}"
+    if _inaccurate(mine.status):
+        return f"the certificate is inaccurate by {mine.method}'s own measure"
+    return None
+
+
+def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> np.ndarray | None:
+    """The column scaling ``D`` at which to re-solve a program whose dual ray ``ray``
+    reaches only so far: each column's reach ``R_j = |bᵀȳ| / |(Aᵀȳ)_j|`` (``ȳ`` the ray in
+    K*, normalised) on the columns that set the reach (within a factor 10 of the least), 1 on
+    the others; ``None`` where no column limits it (``Aᵀȳ = 0``: the ray is exact).
+
+    With ``x = D x'`` the points at the edge of the reach are of unit size, where the
+    solvers' tolerances see them: Clarabel, told the same program with its epigraph
+    column ``t`` scaled by ``6e11``, no longer claimed infeasibility (its point: the
+    solution, ``t = 6.03e11``), while on ``x <= 1e6, log x >= log(1e6) + 1`` (infeasible)
+    it claimed it again, with a ray that verifies.
+    """
+    yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
+    g = np.abs(A.T @ yb)
+    if not np.any(g > 0):
+        return None
+    with np.errstate(divide="ignore"):
+        reach = abs(float(b @ yb)) / g
+    return np.where(reach <= 10 * reach.min(), reach, 1.0) if reach.min() > 0 else np.ones_like(g)
+
+
+def _near_feasible(A, b, x: np.ndarray, s: np.ndarray, tol: float) -> bool:
+    """Whether ``Ax + s = b`` holds in the data's scale once the rounding of its terms is
+    discounted: ``max(|Ax + s − b|_i − 64 eps (|A||x| + |s|)_i, 0) <= tol (1 + |b_i|)``.
+    Relative to its own terms alone a far-off point passes (an infeasible LP: ‖x‖ 5.8e15,
+    rows off by 1.8); a solution of size 6e11 carries rounding of 1e-4 in rows of 1."""
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(s))):
+        return False
+    excess = np.abs(A @ x + s - b) - 64 * _EPS * (abs(A) @ np.abs(x) + np.abs(s))
+    return bool(np.all(excess <= tol * (1.0 + np.abs(b))))
+
+
+def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: tuple, theirs: tuple | None,
+             resolve: Callable, polish: Callable, tol: float) -> tuple[str, str, tuple | None]:
+    """The kind of failure ``mine`` stands for, what to add to its message, and a solution
+    where one was found on the way (else ``None``).
+
+    ``mine``, ``theirs``: failures of the per-element solve, ``(message, kind, claim, run)``
+    with ``kind`` the verified claim (or ``"other"``) and ``run`` a :class:`Run` (or
+    ``None``); ``theirs`` the other solver's (``None``: there is none). The verified claim
+    stands where the other solver makes it too; it falls where a point of the runs lies
+    beyond its reach. In doubt (a run reports the problem solved, or the claim is
+    inaccurate: see the module's docstring) an infeasibility is re-solved at its reach:
+    ``resolve(D)`` yields each solver's ``(method, status, x, y, s)`` on ``(A D, b, D c)``,
+    ``x`` back in the caller's units; a ray of the same claim that verifies confirms it, a
+    point that ``polish`` (``(x, y, s) -> (x, y, s, r)`` on the program as given) takes to
+    ``r <= tol``, feasible in the data's scale, is the solution ``(x, y, s, r, method,
+    status)``. An unboundedness in doubt falls.
+    """
+    kind, run = mine[1], mine[3]
+    other = None if theirs is None else theirs[3]
+    if kind not in ("infeasible", "unbounded") or run is None or (other is not None and other.claim == run.claim):
+        return kind, "", None
+    why = _refuted(A, b, c, cones, run, other)
+    if why is None:
+        why = _doubt(run, other)
+        if why is None:
+            return kind, "", None
+        D = reach_scaling(A, b, cones, run.ray) if kind == "infeasible" else None
+        if kind == "infeasible" and D is None:
+            return kind, "", None  # an exact ray: no reach to doubt
+        for method, status, x, y, s in resolve(D) if D is not None else ():
+            where = f"{method} re-solving at the certificate's reach (columns scaled up to {D.max():.1e})"
+            if status_kind(status) == kind and verify_certificate(A, b, c, cones, x, y, kind):
+                return kind, f"; confirmed by {where}", None
+            x, y, s, r = polish(x, y, s)
+            if r <= tol and _near_feasible(A, b, x, s, tol):
+                return "solved", f"; {kind} not certain ({why}): solved by {where}", (x, y, s, r, method, status)
+        if D is not None:
+            why += "; no solver re-solving it at the certificate's reach confirms it"
+    return "other", (f"; {kind} not certain: {why} (the solvers disagree: the data may be badly scaled "
+                     "or the solution very large)"), None
+
+
+def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, mine: tuple, theirs: tuple | None,
+          message: str) -> tuple[tuple | None, tuple | None, str | None]:
+    """The per-element backend's verdict on a program its solvers did not solve (``mine``,
+    ``theirs``: their failures, ``theirs`` ``None`` where there was one solver; ``message``
+    what they said), by :func:`believed`: ``(solution, None, note)`` where one was found at
+    the certificate's reach (``solution`` as :meth:`~.per_element.CheckedDiffcp._try`
+    returns it), else ``(None, (message, kind), None)``. A ray alone ("disputed") does not
+    decide where a solver claimed infeasibility: it proves no point."""
+    program = ResidualMap(A, b, c, backend._cones, backend._cones_cpp, backend._mode, backend._colours)
+    methods = [(backend.solver, args)] + ([(backend.fallback, {})] if theirs is not None else [])
+
+    def resolve(D: np.ndarray):
+        As, cs = sp.csc_matrix(A @ sp.diags(D)), c * D
+        for method, margs in methods:
+            try:
+                x, y, s, status = backend._solve_with(method, margs, As, b, cs)
+            except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError):
+                continue
+            yield method, status, x * D, y, s
+
+    kind, why, found = believed(A, b, c, backend._cones, mine, theirs, resolve,
+                                lambda x, y, s: program.refine(x, y, s, backend.refine), backend.tol)
+    if found is not None:
+        x, y, s, r, method, status = found
+        return (program, x, y, s, f"{status} (re-solved at the reach)", r, method), None, message + why
+    claims = [f[2] for f in (mine, theirs) if f is not None]
+    kind = "disputed" if kind == "unbounded" and "infeasible" in claims else kind
+    return None, (message + why, kind), None

@@ -1,0 +1,209 @@
+"""Second opinions on a verified infeasibility or unboundedness certificate
+(:mod:`convexddn.convex.dissent`): programs feasible and bounded by construction whose data
+reach 1e5-1e7 are not reported infeasible or unbounded, genuinely infeasible and unbounded
+ones at that scale still are."""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import convexddn as cddn
+from convexddn.convex.dissent import Run, _doubt, reach_scaling, reaches
+from convexddn.errors import InfeasibleError, SolverError, SolverWarning, UnboundedError
+
+F64 = torch.float64
+
+
+def _quiet(layer, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        return layer(*args)
+
+
+def _exp_projection():
+    a = cp.Parameter(3)
+    y = cp.Variable(3)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - a)), [cp.constraints.ExpCone(y[0], y[1], y[2])])
+    return cddn.ConvexLayer(prob, [a], [y])
+
+
+def test_exp_projection_from_the_negative_side_is_solved_not_infeasible():
+    # Projection onto K_exp = cl{(r, s, t): s e^(r/s) <= t} is always feasible (y = 0). For r, s <= 0 it
+    # is (r, 0, max(t, 0)): a - p = (0, s, min(t, 0)) lies in the polar cone, orthogonal to p. The
+    # epigraph t >= ||y - a||^2 of the canonical form is 5.9e11 here; Clarabel's ray missed its column
+    # by 3.8e-12 (relative 1.9e-12) with b^T y = -2.29: it reached x up to 6e11 only, and the old code
+    # raised InfeasibleError ("certificate verified"). Re-solved with that column scaled by its reach,
+    # Clarabel lands on the solution.
+    a = np.array([-12104.35501169, -753374.73923385, -189376.69107785])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = _exp_projection()(torch.tensor(a, dtype=F64)).numpy()
+    assert any("re-solving at the certificate's reach" in str(w.message) for w in seen), [str(w.message) for w in seen]
+    np.testing.assert_allclose(out, [a[0], 0.0, 0.0], rtol=0, atol=1e-6 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exp_projections_of_large_points_are_never_infeasible(seed):
+    # r, s <= 0 (closed form as above) and a mixed-sign point (checked by the projection's own
+    # optimality: p in K, a - p in the polar cone -K*, <p, a - p> = 0) at 1e5..1e7.
+    rng = np.random.default_rng(seed)
+    layer = _exp_projection()
+    scale = 10.0 ** (5 + seed)
+    a = np.stack([-np.abs(rng.normal(size=3)) * scale, rng.normal(size=3) * scale])
+    a[0, 2] = abs(a[0, 2])
+    try:
+        out = _quiet(layer, torch.tensor(a, dtype=F64)).numpy()
+    except SolverError as err:  # (at worst: the solvers disagree)
+        assert type(err) is SolverError and "disagree" in str(err), err
+        return
+    np.testing.assert_allclose(out[0], [a[0, 0], 0.0, a[0, 2]], rtol=0, atol=1e-6 * np.abs(a[0]).max())
+    from convexddn.convex.exp_cone import project_exp
+    np.testing.assert_allclose(out[1], project_exp(a[1:2])[0], rtol=0, atol=1e-6 * np.abs(a[1]).max())
+
+
+def test_entropy_regularised_projection_is_never_infeasible():
+    # min ||y - a||^2 - sum(entr(y)) has no constraints but entr's domain: feasible for every a. At
+    # a ~ 1e6 Clarabel claimed infeasibility with a ray that verified (InfeasibleError); SCS, warm-started
+    # from its point and on its own, reports it solved (inaccurately), and Clarabel re-solving at the
+    # ray's reach does not claim it again.
+    a = cp.Parameter(4)
+    y = cp.Variable(4)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - a) - cp.sum(cp.entr(y)))), [a], [y])
+    av = torch.tensor([1801634.87, 1315103.765, 357380.411, -1208318.632], dtype=F64)
+    try:
+        out = _quiet(layer, av).numpy()
+    except SolverError as err:
+        assert type(err) is SolverError and "infeasible not certain" in str(err), err
+        return
+    # (solved: stationarity 2 (y - a) + log y + 1 = 0 where y > 0)
+    pos = out > 1e-300
+    np.testing.assert_allclose(2 * (out[pos] - av.numpy()[pos]) + np.log(out[pos]) + 1, 0, atol=1e-6 * 1.8e6)
+
+
+@pytest.mark.parametrize("a", [25.0, 30.0])
+def test_negative_entropy_minus_a_linear_term_is_never_unbounded(a):
+    # min y log y - a y is bounded below (-e^(a-1) at y = e^(a-1)). SCS's ray (-1, 0.054) lies within
+    # 0.054 e^(-18.3) = 6e-10 of K_exp: it excludes dual points below 0.36 / 6e-10 = 6e8 only, and
+    # Clarabel's last dual iterate, 2.0e10 (the dual solution is e^24 = 2.6e10), lies beyond it.
+    av = cp.Parameter()
+    y = cp.Variable()
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(-cp.entr(y) - av * y)), [av], [y])
+    try:
+        out = _quiet(layer, torch.tensor(a, dtype=F64)).item()
+    except SolverError as err:
+        assert type(err) is SolverError and "unbounded not certain" in str(err), err
+        return
+    assert out == pytest.approx(np.exp(a - 1), rel=1e-6)
+
+
+def test_strongly_convex_log_barrier_is_never_unbounded():
+    # min ||x||^2 - b.x - sum(log x): strongly convex, minimiser (b + sqrt(b^2 + 8)) / 4. SCS claimed
+    # unboundedness ("inaccurate - reached max_iters") with a ray that verified; Clarabel failed, and
+    # SCS from Clarabel's point reports it solved.
+    b = cp.Parameter(4)
+    x = cp.Variable(4)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x) - b @ x - cp.sum(cp.log(x)))), [b], [x])
+    bv = np.array([-535669.373, 361595.055, 1304000.045, 947080.963])
+    try:
+        out = _quiet(layer, torch.tensor(bv, dtype=F64)).numpy()
+    except SolverError as err:
+        assert type(err) is SolverError and "unbounded not certain" in str(err), err
+        return
+    np.testing.assert_allclose(out, (bv + np.sqrt(bv ** 2 + 8)) / 4, rtol=1e-4)
+
+
+def test_second_order_cone_epigraph_is_never_infeasible_and_names_the_batch():
+    # min t s.t. ||y - a||^2 <= t, y >= 0 (the projection onto the orthant, y = 0 for a <= 0): the
+    # epigraph t ~ 1e14 at a ~ 1e7 made Clarabel claim infeasibility (inaccurately) with a ray that
+    # verified, and all four elements raised InfeasibleError. Any failure names them in the batch shape.
+    a = cp.Parameter(3)
+    y = cp.Variable(3)
+    t = cp.Variable()
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(t), [cp.sum_squares(y - a) <= t, y >= 0]), [a], [y])
+    av = -np.abs(np.random.default_rng(0).normal(size=(4, 3))) * 1e7
+    try:
+        out = _quiet(layer, torch.tensor(av, dtype=F64)).numpy()
+    except SolverError as err:
+        assert type(err) is SolverError, err
+        assert set(err.indices) <= {(0,), (1,), (2,), (3,)} and err.indices, err.indices
+        return
+    np.testing.assert_allclose(out, 0.0, atol=1e-6 * np.abs(av).max())
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e7])
+def test_genuinely_infeasible_exp_programs_at_scale_stay_infeasible(scale):
+    # x <= s and log x >= log s + 1: infeasible by a factor e. SCS reports it "solved (inaccurate)",
+    # which puts Clarabel's ray in doubt; re-solved with x scaled by the ray's reach (8e11), Clarabel
+    # claims infeasibility again with a ray that verifies.
+    s = cp.Parameter(pos=True)
+    lo = cp.Parameter()
+    x = cp.Variable()
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(x), [x <= s, cp.log(x) >= lo]), [s, lo], [x])
+    sv = torch.tensor([scale, 10 * scale], dtype=F64)
+    with pytest.raises(InfeasibleError) as info:
+        _quiet(layer, sv, torch.log(sv) + 1)
+    assert info.value.indices == [(0,), (1,)]
+    # The exponential cone needs t >= 0: t <= -s is infeasible whatever the objective's scale.
+    a = cp.Parameter(3)
+    sp_ = cp.Parameter(nonneg=True)
+    y = cp.Variable(3)
+    cone = cp.Problem(cp.Minimize(cp.sum_squares(y - a)), [cp.constraints.ExpCone(y[0], y[1], y[2]), y[2] <= -sp_])
+    with pytest.raises(InfeasibleError):
+        _quiet(cddn.ConvexLayer(cone, [a, sp_], [y]), torch.tensor([-0.3, 1.2, 0.5], dtype=F64) * scale,
+               torch.tensor(scale, dtype=F64))
+    # entr's domain y >= 0 against sum(y) <= -s.
+    a4 = cp.Parameter(4)
+    y4 = cp.Variable(4)
+    entr = cp.Problem(cp.Minimize(cp.sum_squares(y4 - a4) - cp.sum(cp.entr(y4))), [cp.sum(y4) <= -sp_])
+    with pytest.raises(InfeasibleError):
+        _quiet(cddn.ConvexLayer(entr, [a4, sp_], [y4]), torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=F64) * scale,
+               torch.tensor(scale, dtype=F64))
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e7])
+def test_genuinely_unbounded_exp_programs_at_scale_stay_unbounded(scale):
+    a = cp.Parameter(nonneg=True)
+    x = cp.Variable()
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(-a * x - cp.log(x))), [a], [x])
+    with pytest.raises(UnboundedError):
+        _quiet(layer, torch.tensor(scale, dtype=F64))
+
+
+def test_an_exact_ray_reaches_every_point():
+    # x >= 1 and x <= 0 (rows -x + s0 = -1, x + s1 = 0, s >= 0): y = (1, 1) has A^T y = 0, b^T y = -1;
+    # at any x the residual along y is >= |b^T y|, and no column limits its reach.
+    A = sp.csc_matrix(np.array([[-1.0], [1.0]]))
+    b, c = np.array([-1.0, 0.0]), np.array([0.0])
+    cones = [("l", 2)]
+    ray = np.array([1.0, 1.0])
+    for x in (-1e12, 0.0, 0.5, 1e12):
+        assert reaches(A, b, c, cones, "infeasible", ray, np.array([x]), np.zeros(2))
+    assert reach_scaling(A, b, cones, ray) is None
+
+
+def test_an_approximate_ray_reaches_only_so_far():
+    # x0 >= 1 and x0 - d x1 <= 0.5 (feasible: x1 >= 0.5 / d): y = (1, 1) has A^T y = (0, -d) and
+    # b^T y = -0.5, so it excludes only the points with d x1 < 0.5. The point (1, 1e12) is feasible
+    # beyond that reach; (1, 0) violates the second row by 0.5 and is reached.
+    d = 1e-12
+    A = sp.csc_matrix(np.array([[-1.0, 0.0], [1.0, -d]]))
+    b, c = np.array([-1.0, 0.5]), np.zeros(2)
+    cones = [("l", 2)]
+    ray = np.array([1.0, 1.0])
+    assert reaches(A, b, c, cones, "infeasible", ray, np.array([1.0, 0.0]), np.zeros(2))
+    assert not reaches(A, b, c, cones, "infeasible", ray, np.array([1.0, 1e12]), np.zeros(2))
+    np.testing.assert_allclose(reach_scaling(A, b, cones, ray), [1.0, 0.5 / d])
+
+
+def test_statuses_that_put_a_claim_in_doubt():
+    mine = Run("Clarabel", "infeasible", "Infeasible")
+    assert _doubt(mine, Run("SCS", "other", "solved (inaccurate - reached max_iters)")) is not None
+    assert _doubt(mine, Run("SCS", "other", "unsolved")) is None  # (not "solved")
+    assert _doubt(mine, Run("SCS", "other", "Failure")) is None
+    assert _doubt(Run("Clarabel", "infeasible", "Infeasible Inaccurate"), None) is not None
+    assert _doubt(Run("Clarabel", "infeasible", "Infeasible", also=["Optimal Inaccurate"]), None) is not None
