@@ -28,7 +28,8 @@ lies within ``0.054 e^{−18.3} = 6e-10`` of K_exp, radius 6e8, while the dual s
 :func:`believed` therefore weighs a verified certificate against the other runs
 (:class:`Run` records what each solver run left):
 
-- the other solver claims the same: it stands (even if both are inaccurate);
+- the other solver claims the same with a certificate that verifies: it stands (even if both
+  are inaccurate; a claim that does not verify is no opinion);
 - a point a run reached (not a claimant's: that is its ray) lies beyond the certificate's
   reach, by the identity above with half the margin (``rᵀy < ½|bᵀy|``, resp.
   ``rᵀd > ½cᵀd``, rounding discounted): it falls (Clarabel's last dual iterate ``2.0e10``
@@ -76,6 +77,7 @@ class Run:
         also: statuses of the runs it started (SCS warm-started from its point).
         ray: its certificate as returned (``y`` for a claimed infeasibility, ``x`` for
             unboundedness), where it claims one.
+        verified: whether that certificate verifies (:func:`~.cone_checks.verify_certificate`).
         points: ``(status, x, y)`` of the points it reached (its point, polished, and SCS's
             from it), each with the status of the solve that gave it.
     """
@@ -85,6 +87,7 @@ class Run:
     status: str
     also: list[str] = dataclasses.field(default_factory=list)
     ray: np.ndarray | None = None
+    verified: bool = False
     points: list[tuple[str, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
@@ -204,8 +207,8 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
     ``mine``, ``theirs``: failures of the per-element solve, ``(message, kind, claim, run)``
     with ``kind`` the verified claim (or ``"other"``) and ``run`` a :class:`Run` (or
     ``None``); ``theirs`` the other solver's (``None``: there is none). The verified claim
-    stands where the other solver makes it too; it falls where a point of the runs lies
-    beyond its reach. In doubt (a run reports the problem solved, or the claim is
+    stands where the other solver makes it too, verified; it falls where a point of the runs
+    lies beyond its reach. In doubt (a run reports the problem solved, or the claim is
     inaccurate: see the module's docstring) an infeasibility is re-solved at its reach:
     ``resolve(D)`` yields each solver's ``(method, status, x, y, s)`` on ``(A D, b, D c)``,
     ``x`` back in the caller's units; a ray of the same claim that verifies confirms it, a
@@ -215,8 +218,11 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
     """
     kind, run = mine[1], mine[3]
     other = None if theirs is None else theirs[3]
-    if kind not in ("infeasible", "unbounded") or run is None or (other is not None and other.claim == run.claim):
+    if kind not in ("infeasible", "unbounded") or run is None:
         return kind, "", None
+    if other is not None and other.claim == run.claim and other.verified:
+        return kind, "", None  # (a claim that does not verify is no opinion: both solvers claimed a feasible
+        #                        program with t ~ 3e18 infeasible)
     why = _refuted(A, b, c, cones, run, other)
     if why is None:
         why = _doubt(run, other)

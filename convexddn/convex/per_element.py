@@ -227,7 +227,7 @@ class CheckedDiffcp(SolverInterface):
         # data provoke them on well-posed problems), and no point polished from a verified one (an
         # infeasible LP: ‖x‖ 5.8e15, rows off by 1.8, passed relative to its own size).
         verified = claim != "other" and verify_certificate(A, b, c, self._cones, x0, y0, claim)
-        run.ray = y0 if claim == "infeasible" else x0
+        run.ray, run.verified = (y0 if claim == "infeasible" else x0), verified
         if r <= self.tol and verified:
             return None, (f"{method}: {status}; its {claim} certificate verifies, yet a point polished from "
                           f"it (‖x‖∞ {np.abs(x).max():.1e}) passes relative to its size", "other", claim, run)
