@@ -40,11 +40,17 @@ def test_exp_projection_from_the_negative_side_is_solved_not_infeasible():
     # raised InfeasibleError ("certificate verified"). Re-solved with that column scaled by its reach,
     # Clarabel lands on the solution.
     a = np.array([-12104.35501169, -753374.73923385, -189376.69107785])
+    at = torch.tensor(a, dtype=F64, requires_grad=True)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        out = _exp_projection()(torch.tensor(a, dtype=F64)).numpy()
+        out = _exp_projection()(at)
     assert any("re-solving at the certificate's reach" in str(w.message) for w in seen), [str(w.message) for w in seen]
-    np.testing.assert_allclose(out, [a[0], 0.0, 0.0], rtol=0, atol=1e-6 * np.abs(a).max())
+    np.testing.assert_allclose(out.detach().numpy(), [a[0], 0.0, 0.0], rtol=0, atol=1e-6 * np.abs(a).max())
+    # (differentiated at the point found there, on the program as given: d(r, 0, 0)/da = diag(1, 0, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        jac = torch.autograd.functional.jacobian(_exp_projection(), at)
+    np.testing.assert_allclose(jac.numpy(), np.diag([1.0, 0.0, 0.0]), atol=1e-8)
 
 
 @pytest.mark.parametrize("seed", range(3))
