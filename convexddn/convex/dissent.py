@@ -252,7 +252,13 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
     the certificate's reach (``solution`` as :meth:`~.per_element.CheckedDiffcp._try`
     returns it), else ``(None, (message, kind), None)``. A ray alone ("disputed") does not
     decide where a solver claimed infeasibility: it proves no point."""
-    program = ResidualMap(A, b, c, backend._cones, backend._cones_cpp, backend._mode, backend._colours)
+    programs: list = []  # (built at the first polish: most failures never get there)
+
+    def polish(x, y, s):
+        if not programs:
+            programs.append(ResidualMap(A, b, c, backend._cones, backend._cones_cpp, backend._mode, backend._colours))
+        return programs[0].refine(x, y, s, backend.refine)
+
     methods = [(backend.solver, args)] + ([(backend.fallback, {})] if theirs is not None else [])
 
     def resolve(D: np.ndarray):
@@ -264,11 +270,10 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
                 continue
             yield method, status, x * D, y, s
 
-    kind, why, found = believed(A, b, c, backend._cones, mine, theirs, resolve,
-                                lambda x, y, s: program.refine(x, y, s, backend.refine), backend.tol)
+    kind, why, found = believed(A, b, c, backend._cones, mine, theirs, resolve, polish, backend.tol)
     if found is not None:
         x, y, s, r, method, status = found
-        return (program, x, y, s, f"{status} (re-solved at the reach)", r, method), None, message + why
+        return (programs[0], x, y, s, f"{status} (re-solved at the reach)", r, method), None, message + why
     claims = [f[2] for f in (mine, theirs) if f is not None]
     kind = "disputed" if kind == "unbounded" and "infeasible" in claims else kind
     return None, (message + why, kind), None
