@@ -90,6 +90,12 @@ class StepGraphs:
         at once each get their own."""
         with cls._lock:
             graphs = cls._kept.pop((site, key), None)
+            if site in cls._failed:
+                # A capture at this site failed after these were kept: its loops run eagerly
+                # (kept ones replayed on, and captured their other variants, warning again).
+                graphs = None
+                for stale in [k for k in cls._kept if k[0] == site]:
+                    del cls._kept[stale]
         if graphs is None:
             graphs = cls(True, site)
             graphs._key, graphs._holds = (site, key), holds

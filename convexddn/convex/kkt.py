@@ -300,7 +300,10 @@ class KKTSystem:
             dx, dzE, dzh, datx = self._solve_regularised(ex, eE, et)
             x, zE, zh = x + dx, zE + dzE, zh + dzh
             step_ = (dx, dzE, dzh)
-            last, atx = (atx + datx) if product else None, None  # (the next step's residual: a fresh product)
+            # W⁻¹A_I x of the new x: the product this step's residual used (``atx``, or on
+            # later steps the one ``last`` carried) plus the correction's (refine >= 2 added
+            # None: a TypeError); the next step's residual forms a fresh one.
+            last, atx = (last + datx) if product else None, None
         if until is not None:
             x, zE, zh = best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)

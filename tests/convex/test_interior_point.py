@@ -625,3 +625,19 @@ def test_whole_batch_loop_reads_the_host_once_per_step(host_reads, monkeypatch):
         assert int(sol.iterations.min()) == k
         counts.append(host_reads.count)
     assert [c - counts[0] for c in counts] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("refine", [0, 1, 2, 3])
+def test_every_refinement_count_solves_a_box_lp(refine):
+    """With refine >= 2 a float64 program without second-order cones (whose KKT solves
+    carry W⁻¹A_I x along) failed with a raw TypeError once refinement started: the
+    second step added the product of a step that had none. min qᵀx over the box
+    [-1, 1]³ is x = -sign(q)."""
+    n = 3
+    A = torch.cat([torch.eye(n), -torch.eye(n)]).double()[None].expand(2, 2 * n, n)
+    b = torch.ones(2, 2 * n, dtype=torch.float64)
+    P = torch.zeros(2, n, n, dtype=torch.float64)
+    q = torch.tensor([[1.0, -2.0, 0.5], [-3.0, 0.25, 1.0]], dtype=torch.float64)
+    sol = solve_cone_batch(P, q, A, b, ConeLayout(0, 2 * n), refine=refine)
+    assert sol.status.tolist() == [0, 0]
+    torch.testing.assert_close(sol.x, -q.sign(), atol=1e-8, rtol=0)
