@@ -4,9 +4,10 @@ On the CPU builds of torch we ship against (2.13, MKL), ``torch.linalg.lu_factor
 of a batch of matrices larger than 128 × 128 prints "Parameter 6 was incorrect on
 entry to DLASWP" and hangs once the program has called ``torch.set_num_threads(k)``
 with ``k > 1`` (a common call in training scripts); a single matrix, Cholesky, QR and
-``lu_solve`` are not affected (``torch.linalg.solve_ex`` is: it factorises by LU). There, the batch is factorised one matrix at a time:
-on a CPU torch's batched LU is a loop over the batch too (measured: 128 matrices of
-200 × 200, 30 ms batched, 32 ms one at a time), so nothing is lost. CUDA tensors and
+``lu_solve`` are not affected (``torch.linalg.solve_ex`` is: it factorises by LU). There,
+the batch is factorised one matrix at a time: on a CPU torch's batched LU is a loop over
+the batch too (measured: 128 matrices of 200 × 200, 30 ms batched, 32 ms one at a time),
+so nothing is lost. CUDA tensors and
 small matrices take the batched call unchanged.
 """
 from __future__ import annotations

@@ -9,6 +9,12 @@ import torch
 from convexddn._linalg import lu_factor_ex, solve_ex
 
 
+def _passes_in_a_subprocess(code: str) -> None:
+    """``code`` runs in a fresh interpreter and prints 'ok' (a regression hangs there, not here)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_lu_factor_ex_matches_torch_and_solves():
     gen = torch.Generator().manual_seed(0)
     for k in (8, 200):
@@ -36,8 +42,7 @@ def test_lu_factor_ex_after_set_num_threads_does_not_hang():
         "assert (x - e).abs().max() < 1e-8, (x - e).abs().max()\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _passes_in_a_subprocess(code)
 
 
 def test_solve_ex_matches_torch_for_matrices_and_vectors():
@@ -72,5 +77,4 @@ def test_robust_vector_pool_beyond_128_dims_after_set_num_threads_does_not_hang(
         "assert (y - ref).abs().max() < 1e-12, (y - ref).abs().max()\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    _passes_in_a_subprocess(code)

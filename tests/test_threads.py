@@ -222,6 +222,25 @@ def _use_in_child(node: _Weighted, report) -> None:
     report.put(seen + [str(y.dtype), torch.equal(y, x), torch.equal(x.grad, torch.ones(2, 3))])
 
 
+def _in_forked_child(target, *args, timeout: float):
+    """What ``target(*args, report)`` puts on its queue in a forked child, or that it hung."""
+    ctx = multiprocessing.get_context("fork")
+    report = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, report))
+    with warnings.catch_warnings():  # (Python >= 3.12: fork with threads running)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child.start()
+    try:
+        return report.get(timeout=timeout)
+    except queue.Empty:
+        return "no answer: the child hung"
+    finally:
+        child.join(WAIT)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 def test_a_child_forked_during_another_threads_backward_has_its_parameters_and_runs():
     """The child inherited the swap of a thread it does not have: its module held the
@@ -241,21 +260,7 @@ def test_a_child_forked_during_another_threads_backward_has_its_parameters_and_r
     t.start()
     try:
         assert inside.wait(WAIT)
-        ctx = multiprocessing.get_context("fork")
-        report = ctx.Queue()
-        child = ctx.Process(target=_use_in_child, args=(node, report))
-        with warnings.catch_warnings():  # (Python >= 3.12: fork with threads running)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            child.start()
-        try:
-            got = report.get(timeout=2 * WAIT)
-        except queue.Empty:
-            got = "no answer: the child hung"
-        finally:
-            child.join(WAIT)
-            if child.is_alive():
-                child.kill()
-                child.join()
+        got = _in_forked_child(_use_in_child, node, timeout=2 * WAIT)
     finally:
         release.set()
         t.join()
@@ -285,21 +290,7 @@ def test_a_child_forked_during_another_threads_forward_can_swap():
     t.start()
     try:
         assert held.wait(WAIT)
-        ctx = multiprocessing.get_context("fork")
-        report = ctx.Queue()
-        child = ctx.Process(target=swap_in_child, args=(report,))
-        with warnings.catch_warnings():  # (Python >= 3.12: fork with threads running)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            child.start()
-        try:
-            got = report.get(timeout=WAIT)
-        except queue.Empty:
-            got = "no answer: the child hung"
-        finally:
-            child.join(WAIT)
-            if child.is_alive():
-                child.kill()
-                child.join()
+        got = _in_forked_child(swap_in_child, timeout=WAIT)
     finally:
         release.set()
         t.join()

@@ -1628,7 +1628,8 @@ def test_a_buffer_that_cannot_require_grad_is_watched_too(dtype):
     autograd): an integer, bool or complex buffer changed in place between forward and
     backward was differentiated at its new value (dy/dx = 6, or 0 for a flipped mask,
     where the forward solved with 2), silently."""
-    node = _ScaledByAnyBuffer(torch.ones(3, dtype=torch.bool) if dtype == torch.bool else torch.full((3,), 2, dtype=dtype))
+    k = torch.ones(3, dtype=torch.bool) if dtype == torch.bool else torch.full((3,), 2, dtype=dtype)
+    node = _ScaledByAnyBuffer(k)
     x = torch.zeros(1, 3, dtype=DT, requires_grad=True)
     node(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.full((1, 3), 2.0, dtype=DT), rtol=0, atol=0)
