@@ -255,9 +255,15 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
     programs: list = []  # (built at the first polish: most failures never get there)
 
     def polish(x, y, s):
+        # As the per-element solve polishes (backend._polish): not a point that is not
+        # finite (a re-solve's NaN ray, SCS's answer to an unbounded program), whose
+        # projection onto a PSD cone raised numpy's LinAlgError out of a solve that never raises.
         if not programs:
             programs.append(ResidualMap(A, b, c, backend._cones, backend._cones_cpp, backend._mode, backend._colours))
-        return programs[0].refine(x, y, s, backend.refine)
+        try:
+            return backend._polish(programs[0], x, y, s)
+        except (ValueError, RuntimeError, ArithmeticError):
+            return x, y, s, float("inf")
 
     methods = [(backend.solver, args)] + ([(backend.fallback, {})] if theirs is not None else [])
 

@@ -47,7 +47,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
     solution ``y``; warn where inputs or parameters that require grad are not read.
 
     Returns ``(read, names)``: the names of the parameters and buffers the problem reads
-    (through autograd), and the names of all of them at the probe (one added later is
+    (through autograd or any torch function), and the names of all of them at the probe (one added later is
     unknown to ``read``: the node probes again)."""
     name = type(node).__name__
     dtype = node.implicit_dtype
@@ -67,21 +67,26 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
         # (an inference tensor cannot require grad: a plain copy of it can)
         fixed = {n: plain(t).detach().requires_grad_(True) for n, t in state.items()
                  if t.is_floating_point() and (n in params or not t.requires_grad)}
-        # The others (integer, bool or complex buffers: no gradient to tell) are read where
-        # a torch function receives them (a bool mask changed in place between forward and
-        # backward was differentiated at its new value, silently).
-        others = _Reads({id(t): n for n, t in state.items() if n not in fixed})
         with torch.enable_grad(), _reparametrize_module(node, fixed), read_as(node, dtype):
+            # Read also where a torch function receives one, differentiably or not: an
+            # integer, bool or complex buffer (no gradient to tell), or a float one read
+            # through .item() or as a mask, changed in place between forward and backward,
+            # was differentiated at its new value, silently. (By the names' tensors as the
+            # problem sees them: read_as's casts, the stand-ins, the rest.)
+            sees = [*node.named_parameters(remove_duplicate=False), *node.named_buffers(remove_duplicate=False),
+                    *fixed.items(), *state.items()]
+            reads = _Reads({id(t): n for n, t in sees})
             xg = tuple(plain(x).detach().to(dtype).requires_grad_(True) for x in xs)
             yg = y.detach().to(dtype).requires_grad_(True)
-            with others:
+            with reads:
                 f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
                 cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)
                         for m in ("equality_constraints", "inequality_constraints")}
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
-    read = frozenset(n for n, t in fixed.items() if id(t) in leaves) | others.seen
-    read_ids = {id(state[n]) for n in read} | set(leaves)  # (and those closed over, not swapped)
+    tracked = frozenset(n for n, t in fixed.items() if id(t) in leaves)  # (through autograd)
+    read = tracked | reads.seen
+    read_ids = {id(state[n]) for n in tracked} | set(leaves)  # (and those closed over, not swapped)
     idle = [n for n, p in node.named_parameters() if p.requires_grad and id(p) not in read_ids]
     unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
     for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "

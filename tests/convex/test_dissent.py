@@ -219,3 +219,29 @@ def test_statuses_that_put_a_claim_in_doubt():
     assert _doubt(mine, Run("SCS", "other", "Failure")) is None
     assert _doubt(Run("Clarabel", "infeasible", "Infeasible Inaccurate"), None) is not None
     assert _doubt(Run("Clarabel", "infeasible", "Infeasible", also=["Optimal Inaccurate"]), None) is not None
+
+
+def test_judge_polishes_no_point_that_is_not_finite(monkeypatch):
+    """judge's polish projected any re-solved point onto the cones: a NaN dual (SCS's
+    answer to an unbounded program) onto a 3×3 PSD cone raised numpy's LinAlgError out of
+    the per-element solve, which never raises. Here a real judge call of an infeasible
+    SDP (trace X <= -100) is captured and its polish handed NaN points."""
+    import convexddn.convex.dissent as dissent
+
+    seen = {}
+    real = dissent.believed
+
+    def spy(A, b, c, cones, mine, theirs, resolve, polish, tol):
+        seen.update(m=A.shape[0], n=A.shape[1], polish=polish)
+        return real(A, b, c, cones, mine, theirs, resolve, polish, tol)
+
+    monkeypatch.setattr(dissent, "believed", spy)
+    P, s = cp.Parameter((3, 3), symmetric=True), cp.Parameter(nonneg=True)
+    X = cp.Variable((3, 3), symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - P)), [X >> 0, cp.trace(X) <= -s])
+    layer = cddn.ConvexLayer(prob, [P, s], [X], solver="Clarabel")
+    with pytest.raises(InfeasibleError):
+        layer(100 * torch.eye(3, dtype=torch.float64), torch.tensor(100.0, dtype=torch.float64))
+    m, n = seen["m"], seen["n"]
+    for x, y in ((np.zeros(n), np.full(m, np.nan)), (np.full(n, np.nan), np.zeros(m))):
+        assert seen["polish"](x, y, np.zeros(m))[3] == float("inf")

@@ -1640,6 +1640,60 @@ def test_a_buffer_that_cannot_require_grad_is_watched_too(dtype):
         y.sum().backward()
 
 
+class _ThresholdedByBuffer(DeclarativeNode):
+    """y = argmin ½(u − x)² + K/2 (u − 1)², K read from the float buffer ``k`` only
+    non-differentiably: y = (x + K)/(1 + K), dy/dx = 1/(1 + K)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.register_buffer("k", torch.tensor(2.0, dtype=torch.float32))
+
+    def _K(self):
+        return self.k.item() if self.how == "item" else torch.where(self.k > 2.5, 6.0, 2.0).to(DT)
+
+    def objective(self, x, y):
+        return (0.5 * (y - x) ** 2 + 0.5 * self._K() * (y - 1) ** 2).sum(-1)
+
+    def solve(self, x):
+        return (x + self._K()) / (1 + self._K())
+
+
+@pytest.mark.parametrize("how", ["item", "where"])
+def test_a_float_buffer_read_without_a_gradient_is_watched(how):
+    """A float buffer read through .item() or as a mask never reached the probe's graph:
+    changed in place between forward and backward, the gradient was 1/7 (K = 6) where
+    the forward solved with K = 2 (1/3), silently (at x = 1, y = 1 for every K)."""
+    node = _ThresholdedByBuffer(how)
+    x = torch.ones(1, 1, dtype=DT, requires_grad=True)
+    node(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((1, 1), 1 / 3, dtype=DT), rtol=1e-12, atol=0)
+    y = node(x)
+    with torch.no_grad():
+        node.k.mul_(3)
+    with pytest.raises(InputError, match=r"\['k'\].*modified in place"):
+        y.sum().backward()
+
+
+def test_a_parameter_read_only_without_a_gradient_is_still_warned_idle():
+    """Such a read does not make a parameter that requires grad differentiable: it keeps
+    its warning (a complex one read through .item() lost it to the record of reads)."""
+
+    class Idle(DeclarativeNode):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.tensor(2.0 + 0.0j, dtype=torch.complex128))
+
+        def objective(self, x, y):
+            return (0.5 * (y - self.c.real.item() * x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return 2.0 * x
+
+    with pytest.warns(GradientWarning, match=r"parameter\(s\) \['c'\] require grad but neither"):
+        Idle()(torch.ones(1, 2, dtype=DT, requires_grad=True))
+
+
 def test_a_buffer_made_under_inference_mode():
     """A buffer made under torch.inference_mode() has no version counter: the forward
     raised torch's "Inference tensors do not track version counter". The backward now
