@@ -213,15 +213,11 @@ def robust_pool(
     keep = [d for d in range(x.ndim) if d not in dims]
     batch = [x.shape[d] for d in keep]
     given = alpha
-    if keepdim and isinstance(alpha, torch.Tensor) and 0 < alpha.dim() <= x.ndim and len(dims):
-        # An alpha that broadcasts to the kept output (aligned to x's dims from the right,
-        # size 1 along the pooled ones): those dims dropped here, before a vmap stacks x
-        # (which shifts them: a (3, 1, 1) alpha for x (3, 3, 6) pooled over dim 1 was
-        # refused under vmap and taken by the plain call). Not only one of x's rank: a
-        # (3, 4, 1) alpha for x (2, 3, 4, 5) pooled over the last dim was refused.
-        full = alpha.reshape((1,) * (x.ndim - alpha.dim()) + tuple(alpha.shape))
-        if all(full.shape[d] == 1 for d in dims):
-            alpha = full.squeeze(dims)
+    if keepdim and isinstance(alpha, torch.Tensor) and alpha.dim() == x.ndim and len(dims):
+        # An alpha shaped like the kept output: its pooled dims dropped here, before a
+        # vmap stacks x (which shifts those dims: a (3, 1, 1) alpha for x (3, 3, 6)
+        # pooled over dim 1 was refused under vmap and taken by the plain call).
+        alpha = alpha.squeeze(dims)
     if vmapped:
         # The solver decides on the host from the values, which vmap cannot batch: a
         # vmapped call is the call on the stacked rows (solved independently).
@@ -244,10 +240,13 @@ def robust_pool(
         try:
             a = torch.broadcast_to(alpha, batch)
         except RuntimeError:
+            # (with keepdim, an alpha of lower rank is read against the output without the
+            # kept dims, as documented: the one of x's rank is the kept output's)
             kept = tuple(1 if d in dims else x.shape[d] for d in range(x.ndim))
+            also = f" (or, with keepdim=True, be shaped like the kept output {kept}, of x's rank)" if keepdim else ""
             raise ShapeError(
-                f"alpha must broadcast to the output shape {kept if keepdim else tuple(batch)}"
-                f"{f' (keepdim=True; or to {tuple(batch)})' if keepdim else ''}, got shape {tuple(given.shape)}"
+                f"alpha must broadcast to the output shape {tuple(batch)}{also}, got shape "
+                f"{tuple(given.shape)}"
             ) from None
         a = a.reshape(-1) if batch else a.reshape(())
     work = torch.float64 if wide or x.dtype == torch.float64 else torch.float32
