@@ -156,9 +156,11 @@ def positive_range(name: str, value: Any) -> tuple[float, float] | None:
 
 
 def check_tolerance(name: str, value: Any) -> float:
-    """A relative tolerance: a real number (not a tensor) in (0, 1); returned as float."""
+    """A relative tolerance: a real number (not a tensor) in (0, 1); returned as float.
+    A relative error of 1 or more accepts any point: such a tolerance is refused, not
+    met by stopping at once."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise OptionError(f"{name} must be a number in (0, 1), got {value!r}")
+        check_number(name, value, above=0, constant_because="a relative tolerance in (0, 1)")  # raises
     number = real_number(value)
     if not 0 < number < 1:
         raise OptionError(f"{name} must be a number in (0, 1), got {value!r}")
@@ -218,10 +220,11 @@ def _same(value: Any, choice: Any) -> bool:
 
 
 def check_stopping(tol: Any, max_iter: Any) -> None:
-    """An iterative solver's stopping options: ``tol`` > 0 and ``max_iter`` >= 1, each
-    or ``None`` (the solver's default)."""
+    """An iterative solver's stopping options: ``tol`` (relative, in (0, 1)) and
+    ``max_iter`` >= 1, each or ``None`` (the solver's default). Both are constants: a
+    tensor is refused (a several-entry one would reach the solver's comparisons)."""
     if tol is not None:
-        check_positive("tol", tol)
+        check_tolerance("tol", tol)
     if max_iter is not None:
         check_int("max_iter", max_iter, minimum=1)
 

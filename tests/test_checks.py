@@ -227,3 +227,46 @@ def test_a_repeated_pooled_dim_is_refused_at_construction(make):
     was only refused at the first call."""
     with pytest.raises(OptionError, match="repeat"):
         make()
+
+
+# The stopping tolerances are constants (a tensor is refused, whatever its size, rather
+# than reaching the solvers' comparisons) and relative ones, in (0, 1): a relative error
+# of 1 or more accepts any point.
+def _proj_node(**kw):
+    class Proj(cddn.DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return x.detach().clone()
+    return Proj(**kw)
+
+
+_X = torch.randn(3, 5, dtype=torch.float64)
+_P3 = torch.randn(2, 8, 3, dtype=torch.float64) + torch.tensor([0.0, 0.0, 6.0], dtype=torch.float64)
+_TOL_CALLS = {
+    "robust_pool": ("tol", lambda t: cddn.functional.robust_pool(_X, "huber", tol=t)),
+    "RobustPool": ("tol", lambda t: cddn.RobustPool("huber", tol=t)),
+    "robust_vector_pool": ("tol", lambda t: cddn.functional.robust_vector_pool(_X.view(3, 1, 5), "huber", tol=t)),
+    "pnp": ("tol", lambda t: cddn.functional.pnp(_P3[..., :2] / _P3[..., 2:], _P3, tol=t)),
+    "sinkhorn": ("tol", lambda t: cddn.functional.sinkhorn(_X, tol=t)),
+    "active_tol": ("active_tol", lambda t: _proj_node(active_tol=t)),
+}
+
+
+@pytest.mark.parametrize("value", [torch.tensor([1e-6, 1e-6]), torch.tensor(1e-6), torch.tensor(1)],
+                         ids=["two-entries", "0-d", "int64"])
+@pytest.mark.parametrize("call", sorted(_TOL_CALLS))
+def test_tolerances_refuse_tensors_naming_the_option(call, value):
+    name, f = _TOL_CALLS[call]
+    with pytest.raises(OptionError, match=rf"^{name} must be a number .*got a tensor of shape"):
+        f(value)
+
+
+@pytest.mark.parametrize("value", [1.0, 1e308, 10**400])
+@pytest.mark.parametrize("call", sorted(set(_TOL_CALLS) - {"active_tol"}))
+def test_relative_stopping_tolerances_refuse_one_or_more(call, value):
+    name, f = _TOL_CALLS[call]
+    with pytest.raises(OptionError, match=rf"^{name} must be a number in \(0, 1\), got"):
+        f(value)
+

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_bool, check_choice, check_int, check_positive, check_tolerance
+from .._checks import check_bool, check_choice, check_int, check_number, check_tolerance
 from ..errors import OptionError
 from .linear_solvers import LINEAR_SOLVERS, solve_kkt_cg
 
@@ -33,7 +33,7 @@ def check_implicit_options(linear_solver: Any, dense_max: Any, active_tol: Any, 
         check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
     if dense_max is not None:
         check_int("dense_max", dense_max, minimum=0)
-    check_positive("active_tol", active_tol)
+    check_number("active_tol", active_tol, above=0)  # a constant: a tensor would reach the comparisons
     if cg_options is not None:
         if not isinstance(cg_options, dict) or set(cg_options) - _CG_KEYS:
             raise OptionError(f"cg_options must be a dict of solve_kkt_cg's keyword arguments "

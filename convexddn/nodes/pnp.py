@@ -211,7 +211,7 @@ def pnp(
             Default: ``"quadratic"`` (least-squares reprojection error).
         alpha: penalty scale > 0, a number or a tensor broadcastable to ``(*)``.
         init: start ``(*, 6)``, or ``None`` for the DLT.
-        tol: step tolerance relative to ``1 + max|θ|``. Default: 1e-8 (computations
+        tol: step tolerance in (0, 1), relative to ``1 + max|θ|``. Default: 1e-8 (computations
             run in float64 whatever the input dtype; the output has the inputs' dtype).
         max_iter: Levenberg–Marquardt iterations; reaching it issues a
             :class:`~convexddn.errors.SolverWarning`. Default: 100.

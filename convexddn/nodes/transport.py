@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .._autograd import may_carry_tangents, refuse_vmap
-from .._checks import check_finite, check_int, check_positive, check_tensor
+from .._checks import check_finite, check_int, check_positive, check_tensor, check_tolerance
 from .._warn import warn
 from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import solve
@@ -78,9 +78,7 @@ def _check_options(eps: Any, max_iter: Any, tol: Any) -> None:
     check_positive("eps", eps)
     check_int("max_iter", max_iter, minimum=1)
     if tol is not None:
-        if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-            raise OptionError(f"tol must be a positive number or None, got {tol!r}")
-        check_positive("tol", tol)
+        check_tolerance("tol", tol)  # a relative column error >= 1 accepts any plan
 
 
 def sinkhorn(
@@ -146,7 +144,7 @@ def sinkhorn(
         eps: entropic regularisation :math:`\varepsilon > 0` (the reference
             implementation's ``1/gamma``). Default: 1.0.
         max_iter: most Sinkhorn iterations plus Newton steps. Default: 1000.
-        tol: largest accepted relative column error
+        tol: largest accepted relative column error, in (0, 1),
             :math:`\|P^\top\mathbf 1 - b\|_1 / \|b\|_1`. Default: ``None`` (1e-12).
 
     Shape:
@@ -162,7 +160,8 @@ def sinkhorn(
         InputError: a marginal has an entry < 0, no entry > 0, or a positive entry
             below 1e-290 of its sum, or lives on another device; a row of ``cost`` spans
             more than float64's range, or its span over ``eps`` does.
-        OptionError: eps, tol not positive numbers; max_iter not an integer >= 1.
+        OptionError: eps not a positive number; tol not a number in (0, 1); max_iter not an
+            integer >= 1.
 
     Warns:
         SolverWarning: ``tol`` not reached in ``max_iter`` (names the batch indices);

@@ -223,7 +223,7 @@ def robust_vector_pool(
             without ``vector_dim``; may require grad. Default: 1.
         dim: the set dimension(s) pooled over. Default: -1.
         vector_dim: the dimension holding each vector's C components. Default: -2.
-        tol: stopping tolerance on the step, relative to ``alpha + max|y|`` (``y`` from
+        tol: stopping tolerance on the step, in (0, 1), relative to ``alpha + max|y|`` (``y`` from
             the set's midpoint where the set lies far from 0, see above). Default:
             1e-12 (float64), 1e-6 (float32).
         max_iter: iteration limit per phase; reaching it issues a

@@ -154,7 +154,7 @@ def robust_pool(
             works); it may require grad. Default ``1.0``.
         dim: the dimension, or tuple of dimensions, pooled over. Default ``-1``.
         keepdim: keep the pooled dimensions with size 1. Default ``False``.
-        tol: stopping tolerance of the iterative solvers, relative to
+        tol: stopping tolerance of the iterative solvers, in (0, 1), relative to
             ``alpha + |y|`` (see Stopping). Default ``None``: 1e-12 for float64, 1e-6
             otherwise.
         max_iter: iteration limit of the iterative solvers (per start for Welsch);
