@@ -175,13 +175,29 @@ def check_scale(name: str, value: Any) -> None:
     check_positive(name, value)
 
 
-def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """Return ``value`` if it is an integer (not a bool) ``>= minimum``, else raise ``OptionError``."""
+#: The largest size option (dimension, count, rank) accepted: what a 32-bit index holds.
+#: Larger values only fail later, inside NumPy, cvxpy or torch, with errors naming neither
+#: the option nor the fix.
+MAX_SIZE = 2**31 - 1
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an integer (not a bool) in ``[minimum, maximum]`` (each
+    bound optional), else raise ``OptionError``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise OptionError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    too_small = minimum is not None and value < minimum
+    if too_small or maximum is not None and value > maximum:
+        lo = "" if minimum is None else f" >= {minimum}"
+        hi = "" if maximum is None else f"{' and' if lo else ''} <= {maximum}"
+        shown = repr(value) if abs(value) < 10**30 else f"an integer of {len(str(abs(int(value))))} digits"
+        raise OptionError(f"{name} must be an integer{lo}{hi}, got {shown}")
     return int(value)
+
+
+def check_size(name: str, value: Any, minimum: int = 1) -> int:
+    """A size option (dimension, count, rank): an integer in ``[minimum, MAX_SIZE]``."""
+    return check_int(name, value, minimum=minimum, maximum=MAX_SIZE)
 
 
 def check_bool(name: str, value: Any, allow_none: bool = False) -> None:

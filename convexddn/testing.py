@@ -24,6 +24,9 @@ __all__ = ["GradientCheckError", "GradientReport", "check_gradients"]
 
 # torch.Generator.manual_seed accepts any integer that fits in 64 bits, signed or not.
 _SEED_RANGE = (-(2**63), 2**64 - 1)
+#: The most random directions :func:`check_gradients` runs (each costs one backward and
+#: two forwards): more than this is a mistake (or an unbounded loop), not a stronger check.
+MAX_DIRECTIONS = 100_000
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,8 @@ def check_gradients(
         atol: absolute tolerance. Default ``1e-5``.
         rtol: relative tolerance. Default ``1e-3``.
         n_directions: ``None`` (default) for the full Jacobian, else the number of random
-            directional checks (an integer >= 1).
+            directional checks (an integer from 1 to 100 000; beyond, the
+            full Jacobian is the cheaper and stronger check).
         raise_on_fail: raise :class:`GradientCheckError` instead of returning a failed
             report. Default ``False``.
         seed: seed of the random directions, an integer (any 64-bit value). Default
@@ -183,8 +187,8 @@ def check_gradients(
             them, checked as their concatenation).
         NonFiniteError: if an input contains NaN or Inf.
         OptionError: if ``eps``, ``atol`` or ``rtol`` is not positive, ``n_directions``
-            is not ``None`` or an integer >= 1, ``seed`` is not an integer in the 64-bit
-            range, or ``raise_on_fail`` or ``params`` is not a bool.
+            is not ``None`` or an integer from 1 to 100 000, ``seed`` is not an integer in
+            the 64-bit range, or ``raise_on_fail`` or ``params`` is not a bool.
         InputError: if no input is given, or the node's output is not connected to the
             inputs (or parameters) by autograd.
         GradientCheckError: with ``raise_on_fail=True``, when the check fails.
@@ -208,7 +212,7 @@ def check_gradients(
     if n_directions is not None:
         # An integer, not just a positive number: 2.5 would silently run 2 directions and
         # 0.5 none at all (then fail on an empty stack).
-        n_directions = check_int("n_directions", n_directions, minimum=1)
+        n_directions = check_int("n_directions", n_directions, minimum=1, maximum=MAX_DIRECTIONS)
     # Checked even in Jacobian mode, where it is unused, so a bad seed fails the same way
     # whichever mode is asked for; None is refused (not "unseeded"): the report of a
     # failed check must be reproducible.

@@ -270,3 +270,12 @@ def test_relative_stopping_tolerances_refuse_one_or_more(call, value):
     with pytest.raises(OptionError, match=rf"^{name} must be a number in \(0, 1\), got"):
         f(value)
 
+
+def test_check_int_upper_bound_names_the_option():
+    from convexddn._checks import MAX_SIZE, check_int, check_size
+
+    assert check_size("n", MAX_SIZE) == MAX_SIZE
+    with pytest.raises(OptionError, match=r"^n must be an integer >= 1 and <= 2147483647, got an integer of 401 dig"):
+        check_size("n", 10**400)
+    with pytest.raises(OptionError, match=r"^k must be an integer <= 3, got 4$"):
+        check_int("k", 4, maximum=3)

@@ -316,6 +316,13 @@ def test_check_gradients_rejects_bad_options(options, error, name):
     assert repr(options[name]) in str(info.value)  # what came is named, too
 
 
+@pytest.mark.parametrize("n, shown", [(100_001, "100001"), (10**400, "an integer of 401 digits")])
+def test_check_gradients_bounds_n_directions(n, shown):
+    # Each direction costs a backward and two forwards: 10**400 looped for ever.
+    with pytest.raises(OptionError, match=rf"^n_directions must be an integer >= 1 and <= 100000, got {shown}"):
+        check_gradients(torch.tanh, _x(3), n_directions=n)
+
+
 def test_check_gradients_accepts_any_64_bit_seed():
     for seed in (-(2**63), -1, 2**64 - 1):
         assert check_gradients(torch.tanh, _x(3), n_directions=2, seed=seed).ok
