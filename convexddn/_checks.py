@@ -27,6 +27,19 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     """
     if not isinstance(value, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    check_dense(name, value)
+    # is_floating_point() holds for the float8 types too, which few torch ops implement.
+    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise DTypeError(
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
+        )
+    return value
+
+
+def check_dense(name: str, value: torch.Tensor) -> None:
+    """Raise ``InputError`` unless the tensor ``value`` is dense (strided, not nested) and
+    holds data (not on the ``meta`` device), whatever its dtype: the part of
+    :func:`check_tensor` for tensors read as data of any dtype (a problem's constants)."""
     if value.layout != torch.strided:
         raise InputError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; "
                          "call .to_dense() on it first")
@@ -35,12 +48,6 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
                          "(torch.nested.to_padded_tensor) first")
     if value.is_meta:
         raise InputError(f"{name} is on the meta device (shape and dtype only, no data to solve with)")
-    # is_floating_point() holds for the float8 types too, which few torch ops implement.
-    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise DTypeError(
-            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
-        )
-    return value
 
 
 def check_device(name: str, value: Any, x: torch.Tensor, x_name: str = "x") -> None:

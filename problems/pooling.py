@@ -8,7 +8,7 @@ node :class:`convexddn.RobustPool` solves them.
 """
 from __future__ import annotations
 
-from convexddn._checks import check_int
+from convexddn._checks import check_size
 from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import real_option, register
 from convexddn.errors import NonconvexError, OptionError
@@ -26,7 +26,7 @@ def robust_pool(n: int, penalty: str = "quadratic", alpha: float = 1.0):
 
     penalty = canonical_penalty(penalty)  # the DDN reference's spellings ("pseudo-huber")
     NONCONVEX_PENALTIES = tuple(p for p in PENALTIES if p not in CONVEX_PENALTIES)
-    n = check_int("n", n, minimum=1)
+    n = check_size("n", n, minimum=1)
     if penalty in NONCONVEX_PENALTIES:
         raise NonconvexError(
             f"penalty {penalty!r} is nonconvex and has no CVXPY form; use the native node "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from convexddn._checks import check_int, normalize_p
+from convexddn._checks import check_size, normalize_p
 from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import real_option, register
 
@@ -14,7 +14,7 @@ def lp_ball(n: int, p: float = 2, radius: float = 1.0):
 
     Parameters: ``x`` of shape ``(n,)``. Variable: ``y`` of shape ``(n,)``.
     """
-    n = check_int("n", n, minimum=1)
+    n = check_size("n", n, minimum=1)
     p = normalize_p(p)
     radius = real_option("radius", radius, above=0)
     x = cp.Parameter(n, name="x")
@@ -33,7 +33,7 @@ def simplex(n: int):
     Parameters: ``x`` of shape ``(n,)``. Variable: ``y`` of shape ``(n,)``.
     References: Martins & Astudillo, "From softmax to sparsemax", ICML 2016.
     """
-    n = check_int("n", n, minimum=1)
+    n = check_size("n", n, minimum=1)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")
     # Deferred: the native node (SimplexProjection / sparsemax) does not need it.
@@ -47,7 +47,7 @@ def birkhoff(n: int):
     The convex relaxation of permutation matrices used for permutation learning.
     Parameters: ``X`` of shape ``(n, n)``. Variable: ``Y`` of shape ``(n, n)``.
     """
-    n = check_int("n", n, minimum=1)
+    n = check_size("n", n, minimum=1)
     X = cp.Parameter((n, n), name="X")
     Y = cp.Variable((n, n), name="Y")
     ones = [Y >= 0, cp.sum(Y, axis=1) == 1, cp.sum(Y, axis=0) == 1]

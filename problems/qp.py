@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from convexddn._checks import check_int
+from convexddn._checks import check_dense, check_size
 from convexddn._lazy import cvxpy as cp
 from convexddn._lazy import torch
 from convexddn.convex.registry import real_option, register
@@ -52,6 +52,7 @@ def _fixed(name: str, value: Any, shape: tuple[int, ...], learned: bool = False)
                 f"option {name} must be {expected} (a constant of the problem), got a tensor that "
                 f"requires grad, whose gradient would be dropped; pass {name}.detach() for a constant, "
                 f"learn='{name}' to learn it from this value, or inputs='{name}' to pass it at call time")
+        check_dense(f"option {name}", value)  # .numpy() raised torch's own error for these
         if value.is_complex():
             raise OptionError(f"option {name} must be {expected}, got a complex tensor ({value.dtype}); "
                               "pass its real part if the imaginary part is zero")
@@ -215,10 +216,10 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
             a tensor that requires grad as a constant (a learned block's initial value
             is detached), ridge < 0.
     """
-    n = check_int("n", n, minimum=1)
-    n_ineq = check_int("n_ineq", n_ineq, minimum=0)
-    n_eq = check_int("n_eq", n_eq, minimum=0)
-    rank = n if rank is None else check_int("rank", rank, minimum=1)
+    n = check_size("n", n, minimum=1)
+    n_ineq = check_size("n_ineq", n_ineq, minimum=0)
+    n_eq = check_size("n_eq", n_eq, minimum=0)
+    rank = n if rank is None else check_size("rank", rank, minimum=1)
     learned = _blocks("learn", learn)
     ridge = real_option("ridge", ridge, at_least=0)
     shapes = {"L": (n, rank), "q": (n,), "G": (n_ineq, n), "h": (n_ineq,), "A": (n_eq, n), "b": (n_eq,)}

@@ -6,7 +6,7 @@ in batches; these forms let the two paths be checked against each other.
 """
 from __future__ import annotations
 
-from convexddn._checks import check_int
+from convexddn._checks import check_size
 from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import real_option, register
 from convexddn.errors import OptionError
@@ -35,7 +35,7 @@ def entmax(n: int, alpha: float = 1.5):
     α above ~1e6). Parameters: ``x`` ``(n,)``. Variable: ``p`` ``(n,)``.
     References: Peters, Niculae & Martins, ACL 2019.
     """
-    n = check_int("n", n, minimum=1)
+    n = check_size("n", n, minimum=1)
     alpha = real_option("alpha", alpha, above=1, hint=(
         " (alpha = 1 is softmax, which has no cone form here; use convexddn.nodes.entmax.entmax)"))
     x = cp.Parameter(n, name="x")
@@ -81,7 +81,7 @@ def tv1d(n: int, lam: float = 1.0):
     ``lam`` ≥ 0 is a fixed option here; the native node
     :class:`convexddn.nodes.total_variation.TotalVariation1d` can learn it.
     """
-    n = check_int("n", n, minimum=1)
+    n = check_size("n", n, minimum=1)
     lam = real_option("lam", lam, at_least=0)
     x = cp.Parameter(n, name="x")
     y = cp.Variable(n, name="y")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from convexddn._checks import check_int
+from convexddn._checks import check_size
 from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import real_option, register
 from convexddn.errors import InputError
@@ -59,10 +59,10 @@ def equal_mass(values: Sequence[torch.Tensor]) -> None:
 
 
 def _transport(m: int, n: int) -> tuple[cp.Parameter, cp.Parameter, cp.Parameter, cp.Variable, list]:
-    m = check_int("m", m, minimum=1)
+    m = check_size("m", m, minimum=1)
     # n = 1 leaves no column constraint (the one column is implied), so b would not be a
     # parameter of the problem at all; its plan is the column a.
-    n = check_int("n", n, minimum=2)
+    n = check_size("n", n, minimum=2)
     C = cp.Parameter((m, n), name="C")
     a = cp.Parameter(m, name="a", nonneg=True)
     b = cp.Parameter(n, name="b", nonneg=True)

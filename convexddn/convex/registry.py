@@ -252,6 +252,9 @@ def names() -> list[str]:
 
 def _entry(name: str) -> _Entry:
     _load_catalog()
+    # A string first: a list raised a raw "unhashable type" from the lookup.
+    if not isinstance(name, str):
+        raise OptionError(f"name must be a problem name (a str) among {names()}, got {name!r}")
     if name not in _REGISTRY:
         raise OptionError(f"unknown problem {name!r}; registered problems are {names()}")
     return _REGISTRY[name]

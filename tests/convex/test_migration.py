@@ -193,7 +193,7 @@ def test_transport_needs_two_targets():
     """n = 1 leaves b out of the problem: the layer failed with a confusing 'parameters
     do not match' ProblemError."""
     for name in ("ot_lp", "ot_entropic"):
-        with pytest.raises(OptionError, match=r"n must be an integer >= 2, got 1"):
+        with pytest.raises(OptionError, match=r"n must be an integer >= 2 and <= 2147483647, got 1"):
             cddn.layer(name, m=3, n=1)
 
 

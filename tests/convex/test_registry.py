@@ -77,7 +77,7 @@ def test_build_invalid_option_lists_valid():
         registry.build("lp_ball", n=3, radious=2.0)
     with pytest.raises(OptionError, match=r"needs option\(s\) \['n'\]"):
         registry.build("simplex")
-    with pytest.raises(OptionError, match="n must be an integer >= 1, got 0"):
+    with pytest.raises(OptionError, match="n must be an integer >= 1 and <= 2147483647, got 0"):
         registry.build("simplex", n=0)
     with pytest.raises(OptionError, match=r"p must be one of \[1, 2, inf, 'inf'\], got 3"):
         registry.build("lp_ball", n=3, p=3)
@@ -676,3 +676,38 @@ def test_register_refuses_options_named_like_build_and_layer_arguments():
                            r"convexddn.layer\(\) take themselves"):
             registry.register("test_reserved", "never registered")(builder)
         assert "test_reserved" not in registry.names()
+
+
+@pytest.mark.parametrize("f", [registry.describe, registry.option_names, registry.build])
+@pytest.mark.parametrize("name", [["qp"], ("qp",), None])
+def test_registry_name_must_be_a_string(f, name):
+    # A list raised a raw TypeError (unhashable) from the registry's lookup.
+    with pytest.raises(OptionError, match=r"^name must be a problem name \(a str\) among \[.*'qp'.*\], got"):
+        f(name)
+
+
+@pytest.mark.parametrize("name, options, option", [
+    ("birkhoff", {"n": 10**400}, "n"),
+    ("qp", {"n": 3, "rank": 10**400}, "rank"),
+    ("qp", {"n": 3, "n_ineq": 2**31}, "n_ineq"),
+    ("qp", {"n": 3, "n_eq": 2**31}, "n_eq"),
+    ("tv1d", {"n": 10**400}, "n"),
+    ("simplex", {"n": 10**400}, "n"),
+    ("ot_lp", {"m": 10**400, "n": 3}, "m"),
+])
+@pytest.mark.parametrize("backend", ["cvxpy", "auto"])
+def test_registry_sizes_are_bounded_by_an_index(name, options, option, backend):
+    # Raw numpy ("Maximum allowed dimension exceeded") or OverflowError before; the native
+    # layer("simplex", n=10**400) was built silently.
+    with pytest.raises(OptionError, match=rf"^{option} must be an integer >= \d and <= 2147483647, got"):
+        cddn.layer(name, backend=backend, **options)
+
+
+@pytest.mark.parametrize("block", ["G", "q"])
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_qp_blocks_must_be_dense_tensors_with_data(block, kind):
+    shape = {"G": (2, 3), "q": (3,)}[block]
+    value = torch.ones(shape, device="meta") if kind == "meta" else torch.ones(shape).to_sparse()
+    # .numpy() raised torch's NotImplementedError (meta) or TypeError (sparse).
+    with pytest.raises(cddn.errors.InputError, match=rf"^option {block} (is on the meta device|must be a dense)"):
+        registry.build("qp", n=3, n_ineq=2, **{block: value})
