@@ -140,8 +140,11 @@ class MaskedScoresLayer(ConvexLayer):
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
                 **named: torch.Tensor) -> torch.Tensor:
         (x,) = bind_names(values, named, [p.name() for p in self.parameters_])
-        # NaN, +inf and wrong shapes are left to the layer's own checks (and errors).
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1 and x.numel():
+        # The layer's tensor check first: the masking reads x (a meta tensor raised torch's
+        # own error there, a sparse one too). NaN, +inf and wrong shapes are left to the
+        # layer's own checks (and errors).
+        check_tensor(f"parameter 0 ({self.parameters_[0].name()})", x)
+        if x.dim() >= 1 and x.numel():
             masked = torch.isneginf(x)
             if bool(masked.any()) and not bool((torch.isnan(x) | torch.isposinf(x)).any()):
                 top = x.amax(dim=-1, keepdim=True)  # the largest finite score (-inf: none)

@@ -62,3 +62,14 @@ def test_masked_scores_stay_masked_at_large_float32_scores(name, options):
     p = layer(torch.tensor([[1e8, -math.inf, -1e8, -math.inf]]))
     assert p.dtype == torch.float32
     torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sparsemax", "entmax"])
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_masked_scores_layer_checks_its_input_before_masking(name, kind):
+    # The -inf masking read x first: a meta tensor raised torch's RuntimeError (.item()).
+    layer = cddn.layer(name, n=4, backend="cvxpy")
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    x = x.to("meta") if kind == "meta" else x.to_sparse()
+    with pytest.raises(InputError, match=r"^parameter 0 \(\w+\) (is on the meta device|must be a dense)"):
+        layer(x)
