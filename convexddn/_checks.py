@@ -216,6 +216,19 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
         raise OptionError(f"{name} must be {expected}, got {value!r}")
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """A switch given as cvxpylayers takes it: ``True``/``False``, a NumPy bool, or a
+    scalar equal to 0 or 1; returned as a bool. Anything else raises ``OptionError``:
+    arrays and tensors among them, whose truth value is elementwise (``np.array([1.])``
+    passed as True, a two-entry tensor raised torch's "ambiguous" error)."""
+    np_ = sys.modules.get("numpy")  # a NumPy bool implies NumPy is imported
+    if isinstance(value, bool) or np_ is not None and isinstance(value, np_.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Real) and value in (0, 1):  # (arrays and tensors are not Real)
+        return bool(value)
+    raise OptionError(f"{name} must be True or False (or 0/1), got {value!r}")
+
+
 def check_dim_option(name: str, dim: Any) -> None:
     """Raise ``OptionError`` unless ``dim`` is an int or a non-empty tuple of distinct ints
     (no bools). (Dims that coincide only once the tensor's rank is known, such as 1 and -2

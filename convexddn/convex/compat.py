@@ -42,10 +42,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import cvxpy as cp
-import numpy as np
 import torch
 from torch import nn
 
+from .._checks import check_flag
 from .._warn import warn
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
@@ -192,9 +192,7 @@ class CvxpyLayer(nn.Module):
         method, self._args, ignored = self._translate(solver_args, "solver_args")
         backend = self._backend(solver)
         # cvxpylayers takes any truthy value; a string ("yes") was taken as True here too.
-        if not isinstance(verbose, (bool, np.bool_)) and verbose not in (0, 1):
-            raise OptionError(f"verbose must be True or False (or 0/1), got {verbose!r}")
-        if verbose:
+        if check_flag("verbose", verbose):
             self._args["verbose"] = True
         if canon_backend is not None:
             ignored.append("canon_backend")
@@ -320,7 +318,7 @@ class CvxpyLayer(nn.Module):
                 module docstring); a ``solve_method`` here picks the solver of this call.
             warm_start: must be False (cvxpylayers supports it only with ``MOREAU``).
         """
-        if warm_start:
+        if check_flag("warm_start", warm_start):
             raise OptionError(
                 "warm_start=True is not supported: convexddn solves each problem from "
                 "scratch (cvxpylayers supports it only with solver='MOREAU')")

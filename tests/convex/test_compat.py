@@ -599,3 +599,19 @@ def test_cvxpy_layer_notice_names_the_callers_line_however_called():
         layer.forward(At, bt, solver_args={"eps": 1e-9})
     notices = [w for w in caught if issubclass(w.category, ConvexDDNWarning)]
     assert notices and all(w.filename == __file__ for w in notices), [(w.filename, str(w.message)) for w in notices]
+
+
+@pytest.mark.parametrize("value", [torch.tensor([1.0, 2.0]), torch.tensor(1.0), np.array([1.0]), np.array(1), 0.5,
+                                   "yes"])
+def test_cvxpylayer_switches_refuse_arrays_and_tensors(value):
+    """verbose=np.array([1.]) was taken as True, a two-entry tensor (verbose or the call's
+    warm_start) raised torch's "Boolean value of Tensor ... is ambiguous"."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    with pytest.raises(OptionError, match=r"^verbose must be True or False \(or 0/1\), got"):
+        CvxpyLayer(prob, parameters=[x], variables=[y], verbose=value)
+    layer = CvxpyLayer(prob, parameters=[x], variables=[y])
+    with pytest.raises(OptionError, match=r"^warm_start must be True or False \(or 0/1\), got"):
+        layer(torch.randn(2, dtype=torch.float64), warm_start=value)
+    for ok in (False, 0, np.False_, np.int64(0), 0.0):  # what cvxpylayers takes, still taken
+        layer(torch.randn(2, dtype=torch.float64), warm_start=ok)
