@@ -11,7 +11,8 @@ chosen on the command line, and its module is imported then (the experiments thr
 :data:`convexddn.experiments.EXPERIMENTS`).
 
 Exit status: 0 on success; 2 for a user mistake — an unknown command or option, a bad
-option value (``--device gpu``, a CUDA device that is not there, ``--repeats 0``, an
+option value (``--device gpu``, a CUDA device that is not there, ``--repeats 0``, a count
+or scale beyond its bounds such as ``--epochs 10**26``, an
 ``--out`` that is a file or cannot be created, checked before the run), or an
 error from :mod:`convexddn.errors` that is about the input (those deriving from
 ``ValueError`` or ``TypeError``) — reported as one line on stderr, without a traceback.
@@ -20,6 +21,7 @@ Other failures (a solver that fails, a bug) keep their traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -29,6 +31,43 @@ from . import __version__
 __all__ = ["add_bench_arguments", "build_parser", "main"]
 
 PROG = "convexddn"
+
+
+# Bounds of the commands' numeric options: values beyond them only failed deep in the run
+# (an OverflowError from --epochs 10**26, torch's ValueError from --threads 10**22, a
+# radius of inf from --radius-scale 1e308), with a traceback and no option named.
+MAX_THREADS = 4096
+MAX_COUNT = 10**6  # epochs, timed batches, rounds
+MAX_SEED = 2**31 - 1
+
+
+def int_option(minimum: int, maximum: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[minimum, maximum]`` (argparse names the option
+    in its error, exit status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # (a 5000-digit string too: int's own digit limit)
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {minimum} to {maximum}, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            shown = value if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
+            raise argparse.ArgumentTypeError(f"must be an integer from {minimum} to {maximum}, got {shown}")
+        return value
+    return parse
+
+
+def float_option(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number in ``[low, high]`` (NaN and infinities refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text!r}")
+        return value
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +127,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     loads torch: ``bench --help`` took 5 s)."""
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=int_option(1, MAX_COUNT), default=None,
                         help="timed rounds (default 5, quick 3; by default the convex rows get 3, "
                              "the cheap ones more, up to 15)")
     parser.add_argument("--out", default="results", help="output folder (default results/)")

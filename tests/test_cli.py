@@ -150,6 +150,14 @@ def test_cli_usage_errors(argv, expected, capsys):
     (["experiment", "pointcloud", "--rates", "0.01"], ("error:", "(0.01 %)", "1 / n_points", "(0.391 %)")),
     (["experiment", "pointcloud", "--poolings", ""], ("error:", "poolings must name at least one")),
     (["experiment", "projection", "--variants", ""], ("error:", "variants must name at least one")),
+    # Bounded: an OverflowError, torch's ValueError (set_num_threads) or a derived radius of
+    # inf, with tracebacks (exit status 1) and no option named.
+    (["experiment", "projection", "--epochs", "9" * 26], ("error: argument --epochs:", "from 1 to 1000000")),
+    (["experiment", "projection", "--threads", "9" * 22], ("error: argument --threads:", "from 1 to 4096")),
+    (["experiment", "pointcloud", "--threads", "9" * 22], ("error: argument --threads:", "from 1 to 4096")),
+    (["experiment", "projection", "--radius-scale", "1e308"], ("error: argument --radius-scale:", "got '1e308'")),
+    (["experiment", "projection", "--radius-scale", "nan"], ("error: argument --radius-scale:", "got 'nan'")),
+    (["experiment", "pointcloud", "--seed", "9" * 5000], ("error: argument --seed:", "got '9999")),
 ])
 def test_cli_bad_option_values(argv, expected, tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path)]) == 2

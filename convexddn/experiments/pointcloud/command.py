@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Any
 
+from ...cli import MAX_COUNT, MAX_SEED, MAX_THREADS, int_option
 from ...errors import OptionError
 from ..pointnet import POOLINGS
 from ..running import prepare_out_dir, run_command
@@ -30,19 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda' or 'cuda:N'")
     parser.add_argument("--out", default="results",
                         help="directory for pointcloud.json and pointcloud.png (default: results)")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--seeds", type=int_option(1, 1000), default=None,
                         help="independent repetitions, reported as mean ± std (default 3, quick 2)")
-    parser.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 4, quick 2)")
+    parser.add_argument("--seed", type=int_option(0, MAX_SEED), default=None, help="first seed (default 0)")
+    parser.add_argument("--epochs", type=int_option(1, MAX_COUNT), default=None,
+                        help="training epochs (default 4, quick 2)")
     parser.add_argument("--rates", default=None,
                         help="comma-separated outlier rates in percent (default: 0,10,...,90; --quick: "
                              + _percent(QUICK_RATES) + ")")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_option(1, MAX_THREADS), default=None,
                         help="torch CPU threads for the run (default: torch's own choice)")
     parser.add_argument("--poolings", default=None,
                         help="comma-separated poolings (default: " + ",".join(DEFAULT_POOLINGS)
                              + f"; choices: {','.join(POOLINGS)})")
-    parser.add_argument("--timing-batches", type=int, default=None,
+    parser.add_argument("--timing-batches", type=int_option(0, MAX_COUNT), default=None,
                         help="timed training steps per pooling, rate and seed for the runtime table "
                              "(default 4, quick 1; 0 skips it)")
 

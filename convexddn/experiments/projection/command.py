@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Any
 
+from ...cli import MAX_COUNT, MAX_SEED, MAX_THREADS, float_option, int_option
 from ..running import prepare_out_dir, run_command
 from .config import DISPLAY_NAMES, VARIANTS, Config
 from .data import require_sklearn
@@ -21,19 +22,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda' or 'cuda:N'")
     parser.add_argument("--out", default="results",
                         help="directory for projection.json and projection.png (default: results)")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--seeds", type=int_option(1, 1000), default=None,
                         help="independent repetitions, reported as mean ± std (default 3, quick 2)")
-    parser.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 20, quick 3)")
+    parser.add_argument("--seed", type=int_option(0, MAX_SEED), default=None, help="first seed (default 0)")
+    parser.add_argument("--epochs", type=int_option(1, MAX_COUNT), default=None,
+                        help="training epochs (default 20, quick 3)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated heads (default: all; choices: " + ",".join(VARIANTS) + ")")
     parser.add_argument("--train-fraction", type=float, default=None,
                         help="fraction of each class used for training (default 0.1)")
-    parser.add_argument("--radius-scale", type=float, default=None,
+    parser.add_argument("--radius-scale", type=float_option(1e-6, 1e6), default=None,
                         help="projection radius as a multiple of the median feature norm (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_option(1, MAX_THREADS), default=None,
                         help="torch CPU threads for the run (default: torch's own choice)")
-    parser.add_argument("--timing-batches", type=int, default=None,
+    parser.add_argument("--timing-batches", type=int_option(0, MAX_COUNT), default=None,
                         help="timed training steps per variant and seed (default 8, quick 1; 0 skips)")
 
 
