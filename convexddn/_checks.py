@@ -167,7 +167,10 @@ def check_tolerance(name: str, value: Any) -> float:
     A relative error of 1 or more accepts any point: such a tolerance is refused, not
     met by stopping at once."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        check_number(name, value, above=0, constant_because="a relative tolerance in (0, 1)")  # raises
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        one = isinstance(value, torch.Tensor) and value.numel() == 1
+        hint = "; pass float(t) for a one-element tensor" if one else ""
+        raise OptionError(f"{name} must be a number in (0, 1) (a Python or NumPy scalar: a constant), got {got}{hint}")
     number = real_number(value)
     if not 0 < number < 1:
         raise OptionError(f"{name} must be a number in (0, 1), got {value!r}")
