@@ -36,8 +36,7 @@ PROG = "convexddn"
 # Bounds of the commands' numeric options: values beyond them only failed deep in the run
 # (an OverflowError from --epochs 10**26, torch's ValueError from --threads 10**22, a
 # radius of inf from --radius-scale 1e308), with a traceback and no option named.
-MAX_THREADS = 4096
-MAX_COUNT = 10**6  # epochs, timed batches, rounds
+MAX_COUNT = 10**6  # epochs, timed batches, rounds (threads: experiments.running.MAX_THREADS)
 MAX_SEED = 2**31 - 1
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "write_result",
     "resolve_device",
     "torch_threads",
+    "check_threads",
+    "MAX_THREADS",
     "synchronize",
     "Stopwatch",
     "CountLibraryWarnings",
@@ -52,6 +54,18 @@ def resolve_device(device: str) -> torch.device:
                 f"device={device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)"
             )
     return dev
+
+
+#: The most threads a run may ask for (``torch.set_num_threads`` takes a C int: 10**22
+#: raised torch's own ValueError, naming no option). The CLI's bound too.
+MAX_THREADS = 4096
+
+
+def check_threads(threads: Any) -> None:
+    """Raise ``OptionError`` unless ``threads`` is ``None`` or an integer in [1, MAX_THREADS]."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise OptionError(f"threads must be a positive int (at most {MAX_THREADS}) or None, got {threads!r}")
 
 
 @contextlib.contextmanager

@@ -191,6 +191,19 @@ def test_torch_threads_restores():
         assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("threads", [10**22, 0, 2.0, True])
+def test_experiment_configs_bound_threads(threads):
+    """Config(threads=10**22).validate() passed and the run ended in torch's own ValueError
+    ("Overflow when unpacking long long"); the CLI bounded it, the Python API did not."""
+    from convexddn.experiments.pointcloud.config import Config as PointCloud
+    from convexddn.experiments.projection.config import Config as Projection
+
+    for config in (PointCloud, Projection):
+        with pytest.raises(OptionError, match=r"^threads must be a positive int \(at most 4096\) or None"):
+            config(threads=threads).validate()
+    PointCloud(threads=4096).validate()
+
+
 def test_count_library_warnings_counts_ours_and_shows_others():
     with pytest.warns(UserWarning, match="not ours"):
         with CountLibraryWarnings() as counted:

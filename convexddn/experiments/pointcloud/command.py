@@ -5,10 +5,10 @@ import argparse
 import sys
 from typing import Any
 
-from ...cli import MAX_COUNT, MAX_SEED, MAX_THREADS, int_option
+from ...cli import MAX_COUNT, MAX_SEED, int_option
 from ...errors import OptionError
 from ..pointnet import POOLINGS
-from ..running import prepare_out_dir, run_command
+from ..running import MAX_THREADS, prepare_out_dir, run_command
 from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, QUICK_RATES, QUICK_TABLE3_RATES, TABLE3_RATES, Config
 
 __all__ = ["add_arguments", "config_from_args", "main"]

@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import Any
 
-from ...cli import MAX_COUNT, MAX_SEED, MAX_THREADS, float_option, int_option
-from ..running import prepare_out_dir, run_command
+from ...cli import MAX_COUNT, MAX_SEED, float_option, int_option
+from ..running import MAX_THREADS, prepare_out_dir, run_command
 from .config import DISPLAY_NAMES, VARIANTS, Config
 from .data import require_sklearn
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..._checks import check_choices
 from ...errors import OptionError
-from ..running import resolve_device
+from ..running import check_threads, resolve_device
 
 __all__ = ["Config", "VARIANTS", "DEFAULT_VARIANTS", "DISPLAY_NAMES", "variant_projection"]
 
@@ -135,7 +135,5 @@ class Config:
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise OptionError(f"{name} must be finite and >= 0, got {v!r}")
-        if self.threads is not None and (
-                isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise OptionError(f"threads must be a positive int or None, got {self.threads!r}")
+        check_threads(self.threads)
         resolve_device(self.device)
