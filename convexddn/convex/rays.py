@@ -83,7 +83,9 @@ def _drop_noise(y: torch.Tensor, rows: torch.Tensor, tol: float, layout: ConeLay
     """
     weight = y.abs() * rows
     floor = tol * weight.amax(1, keepdim=True)
-    noise = weight <= floor
+    # (a row without A left as it is, as cone_checks._drop_noise does: zeroed, the ray's
+    # only row of 0 x <= -1 went and a valid certificate was refused on this path alone)
+    noise = (weight <= floor) & (rows > 0)
     if not layout.soc:
         return torch.where(noise, 0.0, y)
     idx, c0 = layout.index(y.device), layout.zero + layout.nonneg

@@ -48,3 +48,21 @@ def test_a_head_the_ray_uses_or_a_ray_outside_the_dual_cone_is_rejected():
     assert not _infeasible(1.0, [1.0, 1.0, -1e-3, 0.0, 0.0])
     assert not _infeasible(1.0, [1.0, 0.5, 1e-10, 0.0, 0.0])  # x's column 0.5 off
 
+
+
+def test_a_row_without_data_is_not_taken_for_noise():
+    """0·x <= −1 beside x <= 1 is infeasible, y = (0, 1) its ray (Aᵀy = 0, bᵀy = −1). Its
+    weight |y_i|·‖A_i‖∞ is 0 (no data in the row), and the batched path zeroed it as noise,
+    refusing the certificate the per-element path (cone_checks) accepts."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from convexddn.convex.cone_checks import verify_certificate
+
+    A = torch.tensor([[[1.0], [0.0]]], dtype=F64)
+    b = torch.tensor([[1.0, -1.0]], dtype=F64)
+    y = torch.tensor([[0.0, 1.0]], dtype=F64)
+    P, q = torch.zeros(1, 1, 1, dtype=F64), torch.zeros(1, 1, dtype=F64)
+    assert verified_rays(P, q, A, b, ConeLayout(0, 2), torch.zeros(1, 1, dtype=F64), y)[0].item()
+    assert verify_certificate(sp.csc_matrix(A[0].numpy()), b[0].numpy(), np.zeros(1), [("l", 2)],
+                              np.zeros(1), y[0].numpy(), "infeasible")
