@@ -86,13 +86,13 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     """
     Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
     gap = _gap(q, b, x, z, Px)
-    ax = x.abs()
-    rho = torch.stack([b.abs(), bmv(A.abs(), ax), s.abs()]).amax(0)  # (B, m)
-    sigma = torch.stack([q.abs(), bmv(P.abs(), ax), bmv(A.abs().mT, z.abs())]).amax(0)  # (B, n)
+    ax, Aa, Pa = x.abs(), A.abs(), P.abs()  # (each |·| once: this runs on every forward)
+    rho = torch.stack([b.abs(), bmv(Aa, ax), s.abs()]).amax(0)  # (B, m)
+    sigma = torch.stack([q.abs(), bmv(Pa, ax), bmv(Aa.mT, z.abs())]).amax(0)  # (B, n)
     unit = ROUNDING * torch.finfo(x.dtype).eps
     x_inf, z_inf = row_inf(x)[:, None], row_inf(z)[:, None]
-    row_slack = unit * _inf_rows(A) * x_inf  # (B, m)
-    col_slack = unit * (_inf_rows(P) * x_inf + _inf_rows(A.mT) * z_inf)  # (B, n)
+    row_slack = unit * _inf_rows(Aa) * x_inf  # (B, m)
+    col_slack = unit * (_inf_rows(Pa) * x_inf + _inf_rows(Aa.mT) * z_inf)  # (B, n)
     pres = _worst(((Ax + s - b).abs() - row_slack).clamp_min(0) / (1 + rho))
     dres = _worst(((Px + ATz + q).abs() - col_slack).clamp_min(0) / (1 + sigma))
     z0 = layout.zero
@@ -112,8 +112,8 @@ ROUNDING = 64.0
 
 
 def _inf_rows(M: torch.Tensor) -> torch.Tensor:
-    """``(B, r)`` largest |entry| of each row of ``M (B, r, c)`` (0 when ``c = 0``)."""
-    return M.abs().amax(2) if M.shape[2] else M.new_zeros(M.shape[:2])
+    """``(B, r)`` largest entry of each row of ``M (B, r, c)``, entries ``>= 0`` (0 when ``c = 0``)."""
+    return M.amax(2) if M.shape[2] else M.new_zeros(M.shape[:2])
 
 
 def _worst(v: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ FLOOR = 4.0
 
 
 def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tangent, live: torch.Tensor,
-                      each=None) -> torch.Tensor:
+                      each=None) -> torch.Tensor | None:
     """``(B,)`` the elements of ``live`` whose gradient along the parameters' direction
     (``tangent`` = ``(dP, dq, dA, db, secant)`` of :func:`~.vjp.cone_vjp`), or along any
     one parameter's (``each``: ``idx -> [(dP, dq, dA, db) per parameter requiring grad]``
@@ -175,11 +175,11 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     B = gx.shape[0]
     flag = torch.zeros(B, dtype=torch.bool, device=gx.device)
     if tangent is None or sol.scaled is None:
-        return flag
+        return None  # (nothing checked: no host read in warn_weak)
     gP, gq, gA, gb = grads
     idx, amp = _amplified(sol, gx, gz, gq, gb, live)  # (gq = -u_x, gb = u_z, caller units)
     if not idx.numel():
-        return flag
+        return None  # (nothing checked: no host read in warn_weak)
     pick = lambda v: v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
     dP, dq, dA, db, secant = tangent
     # (the secant is formed for the elements idx alone: taken as it comes, not picked again,
@@ -237,7 +237,8 @@ def _floor(sol, idx: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor,
     return floor * e.D, floor * e.E / e.c[:, None]
 
 
-def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor,
+                 cols: torch.Tensor | None = None) -> torch.Tensor | None:
     """``(B,)`` the elements of ``live`` whose tangent ``dx`` (:func:`~.vjp.cone_jvp`'s, the
     data moving by ``dP``, ``dA``, each None or ``(B, ...)``) may be off by more than
     :data:`ROW_RTOL` of its size, carried there by the solution's rounding floor: the
@@ -252,7 +253,7 @@ def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor, cols: torch.
     flag = torch.zeros_like(live)
     d, kkt = sol.scaled, sol.kkt
     if d is None or kkt is None or (dP is None and dA is None):
-        return flag
+        return None  # (nothing checked: no host read in warn_weak)
     B, n = dx.shape
     probe = generic_vector(n, dx.dtype, dx.device)
     if cols is not None:
@@ -263,7 +264,7 @@ def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor, cols: torch.
     g, ux, uz = probe / (rc * d.D), rc * d.D * ux.squeeze(-1), d.E * uz.squeeze(-1) / rc  # (caller units)
     idx, amp = _amplified(sol, g, torch.zeros_like(uz), ux, uz, live)
     if not idx.numel():
-        return flag
+        return None  # (nothing checked: no host read in warn_weak)
     pick = lambda v: None if v is None else v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
     fx, fz = _floor(sol, idx, amp)
     bound = _carried(fx, fz, *(v.index_select(0, idx).abs() for v in (ux, uz)), pick(dP), pick(dA))
@@ -271,9 +272,11 @@ def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor, cols: torch.
     return flag.index_copy(0, idx, bound > ROW_RTOL * size)
 
 
-def warn_weak(mode: str, where, flagged: torch.Tensor) -> None:
+def warn_weak(mode: str, where, flagged: torch.Tensor | None) -> None:
     """The GradientWarning naming the elements ``flagged`` by :func:`weakly_determined` (or
-    :func:`weak_tangent`)."""
+    :func:`weak_tangent`; ``None``: none was checked)."""
+    if flagged is None:
+        return
     idx = torch.nonzero(flagged).squeeze(1).tolist()
     if idx:
         what = "gradient" if mode == "backward" else "tangent"

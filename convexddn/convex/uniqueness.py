@@ -43,7 +43,7 @@ from .._generic import generic_vector
 from .certify import decided, soc_frame
 
 __all__ = ["INCONSISTENT_AMPLIFICATION", "INCONSISTENT_SURE", "LIMIT_AMPLIFICATION", "limit_inconsistency",
-           "limit_inconsistent", "limit_matrix", "limit_nonunique", "limit_rows"]
+           "limit_nonunique", "limit_rows"]
 
 # Amplification of the Jacobi-scaled limit matrix above which a right-hand side reaches
 # a null direction (see the module docstring: ~1e15 there, at most 2.2e5 elsewhere).
@@ -89,15 +89,10 @@ def _tangent_rows(layout, u: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     return layout._spread(on) & (idx.tail > 0) & (pos != layout._spread(first))
 
 
-def limit_matrix(d, layout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``(B, n, n)`` :math:`P + C^\\top C` of the equilibrated data ``d`` at the
-    equilibrated ``(s, z)`` ``(B, m)`` (see the module docstring)."""
-    C = limit_rows(d, layout, s, z)
-    return torch.baddbmm(d.P, C.mT, C)
-
-
 def limit_rows(d, layout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``(B, k, n)`` the unit rows ``C`` of :func:`limit_matrix` (zero rows for those not present)."""
+    """``(B, k, n)`` the unit rows ``C`` of the limit matrix :math:`P + C^\\top C` (see the
+    module docstring) of the equilibrated data ``d`` at the equilibrated ``(s, z)`` ``(B, m)``
+    (zero rows for those not present)."""
     z0, k = layout.zero, layout.nonneg
     A, rows = d.A, []
     if z0:
@@ -126,7 +121,7 @@ def limit_nonunique(d, layout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tenso
                     cols: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(outputs, reached)`` ``(B,)`` masks: the requested outputs (the variables
     ``cols``, all if ``None``) are not unique — a fixed generic vector on their columns
-    reaches a null direction of :func:`limit_matrix` — and the cotangent ``rx`` ``(B, n)``
+    reaches a null direction of the limit matrix :math:`P + C^\\top C` — and the cotangent ``rx`` ``(B, n)``
     (equilibrated) reaches one. One Cholesky of the Jacobi-scaled matrix plus ``n eps I``
     and one solve with both columns; where that finds one, the same in the rows' singular
     basis (the module docstring: squared, nearly dependent rows look like a null direction;
@@ -190,11 +185,6 @@ def _unsquared(P: torch.Tensor, C: torch.Tensor, R: torch.Tensor) -> torch.Tenso
     return _amplified(S, Vt @ R, dg)
 
 
-def limit_inconsistent(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` :func:`limit_inconsistency` above :data:`INCONSISTENT_AMPLIFICATION`."""
-    return ~(limit_inconsistency(d, layout, s, z, rz) <= INCONSISTENT_AMPLIFICATION)  # (NaN: inconsistent)
-
-
 def limit_inconsistency(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Tensor) -> torch.Tensor:
     """``(B,)`` how far the right-hand side ``rz`` ``(B, m)`` (equilibrated; how a direction
     of the parameters moves :math:`b - Ax`) is inconsistent on the rows that hold at the
@@ -237,7 +227,7 @@ def limit_inconsistency(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.T
 
 # Amplification of the least-norm solution of the rows that hold above which a right-hand
 # side reaches a direction they do not span, as the backward's AMPLIFICATION (see
-# limit_inconsistent: rows 1e-6, 1e-7 and 1e-8 apart 4.4e6, 4.4e7 and 4.4e8, exactly
+# limit_inconsistency: rows 1e-6, 1e-7 and 1e-8 apart 4.4e6, 4.4e7 and 4.4e8, exactly
 # redundant rows with a condition of 1e4 3e12) ...
 INCONSISTENT_AMPLIFICATION = 1e7
 # ... and above which it does whatever the derivative's accuracy: below it, nearly dependent

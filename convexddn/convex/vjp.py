@@ -34,7 +34,7 @@ an amplification beyond :data:`AMPLIFICATION` where that test finds the solution
 an ill-conditioned derivative, returned where a dense solve certifies it, :func:`_certify`),
 or a derivative along a fixed direction of the parameters requiring grad (one unrefined
 probe solve) that blows up: where it does, the rows holding at the solution are tested
-for being dependent and moved apart (:func:`~.uniqueness.limit_inconsistent`: a
+for being dependent and moved apart (:func:`~.uniqueness.limit_inconsistency`: a
 degenerate vertex, or an equality combining others with its b moved alone; constant
 rows do not move: a fixed polytope's vertex stays smooth; on second-order cones the
 blow-up decides), and the probe for reaching a null direction of the limit system (the

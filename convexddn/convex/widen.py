@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._warn import warn
-from .._autograd import bind_fast
+from .._autograd import bind_fast, may_carry_tangents
 from .._first_order import first_order, first_order_jvp
 from ..errors import GradientWarning
 
@@ -101,4 +101,6 @@ def narrowed(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if dtype == value.dtype:
         return value
+    if not may_carry_tangents(value):  # (no tangent to check: the plain cast, no Function node)
+        return value.to(dtype)
     return _Narrow.apply(value, dtype)

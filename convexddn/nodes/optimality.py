@@ -141,11 +141,11 @@ def kkt_residuals(
     # moves by its size (the unit of y's accepted error). Not ‖B‖‖x‖ (an offset of inputs
     # the problem does not see called a multiplier of 0.3 zero at x ~ 1e6), nor floored by
     # the batch (a neighbour 1e30 larger called this element's multipliers zero).
-    force_scale = (Hu.norm(dim=-1) * yg.norm(dim=-1) + gf.norm(dim=-1)).detach()
-    # Plus the size of the gradient the multipliers cancel: a linear objective whose
+    # (Plus the size of the gradient the multipliers cancel: a linear objective whose
     # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding
-    # was divided by 0 (a unique vertex rejected at a residual of 1e292).
+    # was divided by 0 (a unique vertex rejected at a residual of 1e292).)
     scale = Hu.norm(dim=-1) * yg.norm(dim=-1) + gf.norm(dim=-1)
+    force_scale = scale.detach()
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)

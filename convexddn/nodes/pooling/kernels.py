@@ -221,9 +221,11 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     gx = torch.empty_like(x) if need_x else None
     finfo = torch.finfo(x.dtype)
     alpha_f = float(a) if a.dim() == 0 else None
+    # (a tensor alpha's least and largest in one host read)
+    a_lo, a_hi = (alpha_f, alpha_f) if alpha_f is not None else torch.stack(torch.aminmax(a)).tolist()
     # Squares of residuals over alpha beyond this overflow (only alpha's gradient of a
     # saturating penalty cares: its weights there are 0 either way).
-    wide = math.sqrt(finfo.max) / SPREAD_DIVISOR * (alpha_f if alpha_f else float(a.min()))
+    wide = math.sqrt(finfo.max) / SPREAD_DIVISOR * (alpha_f if alpha_f else a_lo)
     ranges = block_ranges(rows, n, x, use_compile)
     scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
     # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
@@ -234,8 +236,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # an alpha within 1e12 of the range's end gives such a point a weight that counts
     # (a penalty whose weight falls like (alpha/z)^2 or faster: 1e-24 of a point near y),
     # so only then is each row's residual sum formed to find them (+3-7 % of the backward).
-    a_top = alpha_f if alpha_f is not None else float(a.max())
-    zsum = x.new_empty(rows, 1) if a_top * 1e12 >= finfo.max else None
+    zsum = x.new_empty(rows, 1) if a_hi * 1e12 >= finfo.max else None
     swa = x.new_zeros(rows, 1) if need_alpha else None
     gcol = gy.reshape(rows, 1)
     for sl in ranges:
