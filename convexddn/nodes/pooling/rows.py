@@ -22,7 +22,9 @@ class Rows:
     2048 float32 into a fresh tensor took 19-24 ms (the first touch of 60 MB of new
     memory), into a reused one 4 ms a pass -- and after the selection a sweep or two
     usually remain. A smaller one is copied at once (its memory comes back from the
-    allocator's free lists, and later sweeps read it contiguously)."""
+    allocator's free lists, and later sweeps read it contiguously). The first ``prefix``
+    rows of an ``index`` are ``x``'s own first rows (see :meth:`extended`): a block of
+    them alone is a view."""
 
     x: Tensor
     alpha: Tensor
@@ -30,6 +32,7 @@ class Rows:
     clamp: bool = False
     index: Tensor | None = None
     buf: Tensor | None = None
+    prefix: int = 0
 
     @property
     def count(self) -> int:
@@ -42,9 +45,24 @@ class Rows:
             return Rows(self.x.index_select(0, index), a, self.alpha_f, self.clamp)
         return Rows(self.x, a, self.alpha_f, self.clamp, index, self.buf)
 
+    def extended(self, idx: Tensor) -> Rows:
+        """These rows followed by the rows ``idx`` of them again (a second start of some
+        rows solved in the same pass as the first of all). On a CPU the blocks of the first
+        rows stay views of ``x`` and only one holding repeated rows is gathered; elsewhere the rows are
+        copied into one tensor (cheap there, and the iteration's captured graphs need
+        one: see :func:`.iterations.step_graphs`)."""
+        a = self.alpha if self.alpha.dim() == 0 else torch.cat([self.alpha, self.alpha.index_select(0, idx)])
+        if self.index is None and self.x.device.type != "cpu":
+            return Rows(torch.cat([self.x, self.x.index_select(0, idx)]), a, self.alpha_f, self.clamp)
+        if self.index is None:
+            own = torch.arange(self.x.shape[0], device=idx.device)
+            return Rows(self.x, a, self.alpha_f, self.clamp, torch.cat([own, idx]), None, self.x.shape[0])
+        return Rows(self.x, a, self.alpha_f, self.clamp, torch.cat([self.index, self.index.index_select(0, idx)]),
+                    self.buf)
+
     def block(self, sl: slice) -> Tensor:
         """Rows ``sl`` of the solve, ``(r, N)``: a view of x, or gathered from it."""
-        if self.index is None:
+        if self.index is None or sl.stop <= self.prefix:
             return self.x[sl]
         idx = self.index[sl]
         numel = idx.numel() * self.x.shape[1]
