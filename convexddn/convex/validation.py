@@ -51,10 +51,26 @@ def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> st
             else:
                 ok = part.is_dcp(dpp=True)
             if not ok:
-                return f"{label} `{part}` is not DPP"
+                return f"{label} `{part}` is not DPP" + _parametric_bounds(part)
         except Exception:  # noqa: BLE001 — CVXPY raises various errors here
             continue
     return "CVXPY could not pin down the expression"
+
+
+def _parametric_bounds(part) -> str:
+    """A hint where ``part`` reads a variable whose ``bounds=`` hold parameters: CVXPY then
+    counts the variable itself as parameter-dependent, so a parameter times it is not DPP
+    (``c @ x`` with ``x = Variable(n, bounds=[0, ub])``), where the same bounds written as
+    constraints are."""
+    names = []
+    for var in part.variables():
+        bounds = var.attributes.get("bounds") or ()
+        if any(isinstance(b, cp.Expression) and b.parameters() for b in bounds):
+            names.append(var.name())
+    if not names:
+        return ""
+    return (f" (it reads variable(s) {', '.join(names)} whose bounds= hold parameters, which CVXPY counts as "
+            "parameter-dependent: write those bounds as constraints, e.g. x >= lb, x <= ub)")
 
 
 def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp: bool = False,

@@ -377,6 +377,31 @@ def test_convex_layer_invalid_not_dpp():
         cddn.ConvexLayer(prob, [x], [y])
 
 
+def test_not_dpp_because_of_parametric_bounds_says_so():
+    # A parameter in a variable's bounds= makes CVXPY count the variable as
+    # parameter-dependent, so c @ x is not DPP: the error blamed the objective alone. It
+    # now names the variable and the rewrite, which is DPP and solves to the same point.
+    c, ub, a = (cp.Parameter(3, name=k) for k in ("c", "ub", "a"))
+    x = cp.Variable(3, bounds=[0, ub], name="x")
+    prob = cp.Problem(cp.Minimize(c @ x + 0.1 * cp.sum_squares(x)), [a @ x <= 1])
+    with pytest.raises(NotDPPError, match=r"objective .* not DPP \(it reads variable\(s\) x whose bounds= hold "
+                                          r"parameters.*x >= lb, x <= ub"):
+        cddn.ConvexLayer(prob, [c, ub, a], [x])
+    x2 = cp.Variable(3, name="x2")
+    rewritten = cp.Problem(cp.Minimize(c @ x2 + 0.1 * cp.sum_squares(x2)), [a @ x2 <= 1, x2 >= 0, x2 <= ub])
+    y = cddn.ConvexLayer(rewritten, [c, ub, a], [x2])(
+        torch.tensor([-1.0, 0.05, -0.2], dtype=torch.float64), torch.tensor([2.0, 2.0, 0.5], dtype=torch.float64),
+        torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64))
+    # Separable closed form: x_i = clip(-c_i / 0.2, 0, ub_i) (a @ x = 0.25 <= 1: inactive).
+    torch.testing.assert_close(y, torch.tensor([2.0, 0.0, 0.5], dtype=torch.float64), atol=1e-8, rtol=0)
+    # Without parameters in the bounds the message has no such note.
+    z = cp.Variable(2, bounds=[0, 1], name="z")
+    p = cp.Parameter(2, name="p")
+    with pytest.raises(NotDPPError) as info:
+        cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(z) + p[0] * p[1] * cp.sum(z))), [p], [z])
+    assert "bounds=" not in str(info.value)
+
+
 def test_convex_layer_invalid_nonconvex_problem():
     x = cp.Parameter(2, name="x")
     y = cp.Variable(2, name="y")
