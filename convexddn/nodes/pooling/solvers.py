@@ -17,6 +17,8 @@ rows that float64 cannot resolve, or that hit ``max_iter``, are reported with a
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -75,16 +77,15 @@ def _strided_sample(x: Tensor, count: int) -> Tensor:
 
 
 def _positions(n: int, count: int, device: torch.device) -> Tensor:
-    key = (n, count, str(device))
-    idx = _POSITIONS.get(key)
-    if idx is None:
-        j = torch.arange(1, count + 1, dtype=torch.float64)
-        idx = torch.unique((j * 0.6180339887498949 % 1.0 * n).long().clamp_(0, n - 1)).to(device)
-        _POSITIONS[key] = idx
-    return idx
+    return _kept_positions(n, count, str(device))
 
 
-_POSITIONS: dict = {}
+@functools.lru_cache(maxsize=64)
+def _kept_positions(n: int, count: int, device: str) -> Tensor:
+    # The most recently used few (a dict kept one tensor per row length for good: point
+    # clouds of a new size in every batch grew it without bound).
+    j = torch.arange(1, count + 1, dtype=torch.float64)
+    return torch.unique((j * 0.6180339887498949 % 1.0 * n).long().clamp_(0, n - 1)).to(device)
 
 
 def _median_start(x: Tensor) -> Tensor:
