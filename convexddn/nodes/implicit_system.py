@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._autograd import plain
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, shown_indices
@@ -86,7 +87,10 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     m = math.prod(y.shape[1:])
     prefix = f"{name}." if name else ""
     who = f"{name}: " if name else ""
-    xg = tuple(x.detach().to(work_dtype).requires_grad_(True) for x in xs)
+    # (plain: an input made under torch.inference_mode() that is already of the working
+    # dtype would be the inference tensor itself, which refuses requires_grad -- forward
+    # mode saves its inputs as they came)
+    xg = tuple(plain(x.detach()).to(work_dtype).requires_grad_(True) for x in xs)
     yg = y.detach().to(work_dtype).reshape(batch, m).requires_grad_(True)
     yv = yg.view(y.shape)
     f = _objective(f"{prefix}objective", objective, xg, yv)

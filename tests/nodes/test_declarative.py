@@ -416,6 +416,29 @@ def test_inference_tensor_input_with_a_learned_parameter():
     torch.testing.assert_close(g, x.mean(-1).sum(), rtol=1e-12, atol=1e-14)
 
 
+def test_forward_mode_with_an_inference_tensor_input():
+    """Forward mode saves the inputs as they came: a float64 input made under
+    torch.inference_mode() (the output of a frozen network) beside a dual one raised
+    torch's raw "Setting requires_grad=True on inference tensor" in the jvp. Closed
+    form: y = x / (1 + s), so the tangent is dx / (1 + s)."""
+    import torch.autograd.forward_ad as fw
+
+    class Shrink(DeclarativeNode):
+        def objective(self, x, s, y):
+            return 0.5 * ((y - x) ** 2).sum(-1) + 0.5 * (s.unsqueeze(-1) * y**2).sum(-1)
+
+        def solve(self, x, s):
+            return x / (1 + s.unsqueeze(-1))
+
+    x = torch.randn(3, 4, dtype=DT, generator=_gen(3))
+    dx = torch.randn(3, 4, dtype=DT, generator=_gen(4))
+    with torch.inference_mode():
+        s = torch.rand(3, dtype=DT, generator=_gen(5)) + 0.5
+    with fw.dual_level():
+        tangent = fw.unpack_dual(Shrink()(fw.make_dual(x, dx), s)).tangent
+    torch.testing.assert_close(tangent, dx / (1 + s.unsqueeze(-1)), rtol=1e-12, atol=1e-14)
+
+
 def test_first_call_under_non_reentrant_checkpoint():
     # torch.utils.checkpoint(use_reentrant=False) counts the tensors saved in the forward
     # and in its recomputation; the first call's problem check saved more (CheckpointError
