@@ -33,7 +33,8 @@ __all__ = ["polish", "rounding_level"]
 # Newton steps: 0.3-4 ulps).
 _ROUNDING = 16
 # Regularisation of the Newton matrix's dual block, relative to the equilibrated data's
-# unit scale (see _newton_step).
+# unit scale on the equality rows and to each pair's size on the cone rows (see
+# _newton_step, _pair_scale).
 _DELTA = 1e-10
 
 
@@ -48,6 +49,20 @@ def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor
     flat = V.permute(0, 2, 1).reshape(B * k, mc)
     out = layout.jordan(u.repeat_interleave(k, 0), flat)
     return out.reshape(B, k, mc).permute(0, 2, 1)
+
+
+def _pair_scale(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(B, mc) the size of each complementary pair's Jordan row, |s_i| + |z_i| on a
+    nonnegative row (1 on the second-order cones' rows), never below ``tiny``: the
+    regularisation beside L(s) in units of the row it regularises. An absolute δ is not
+    small beside a pair whose members are both small: a transport plan's entry of 2e-9
+    (a marginal of 1e-9) beside δ = 1e-10 kept 5 % of its multiplier each step (dz_i =
+    -z_i s_i / (s_i + δ)), and six steps left the point where they found it."""
+    k = layout.nonneg
+    scale = torch.ones_like(s)
+    if k:
+        scale[:, :k] = (s[:, :k].abs() + z[:, :k].abs()).clamp_min(torch.finfo(s.dtype).tiny)
+    return scale
 
 
 def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
@@ -96,14 +111,15 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     K[:, n + z0:, :n] = -_arrow(layout, zl, A[:, z0:])
     eye = torch.eye(m - z0, dtype=P.dtype, device=P.device).expand(B, -1, -1)
     K[:, n + z0:, n + z0:] = _arrow(layout, sl, eye.contiguous())
-    # Static regularisation of the dual block (−δ on the equality rows, +δ beside L(s)):
+    # Static regularisation of the dual block (−δ on the equality rows, +δ beside L(s), in
+    # units of the pair's size on a nonnegative row):
     # redundant equality rows (the row and column sums of a doubly-stochastic matrix)
     # or dependent active constraints make K exactly singular, and LU then fails every
     # step. With δ the step along such a direction is bounded and the others move by
     # O(δ) relative, which the next step's exact residual corrects.
     dual = torch.diagonal(K[:, n:, n:], dim1=-2, dim2=-1)
     dual[:, :z0] -= _DELTA
-    dual[:, z0:] += _DELTA
+    dual[:, z0:] += _DELTA * _pair_scale(layout, sl, zl)
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - comp], 1)
     # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN.
     bad = ~torch.isfinite(K).flatten(1).all(1)
