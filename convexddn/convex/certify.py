@@ -21,12 +21,13 @@ import torch
 
 from .kkt import PatchedKKT, bmv, row_inf
 from .limit_scaling import LimitScaling
+from .nullspace import NEARLY_DEPENDENT
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative, rounding_level
 from .symmetric_cones import ConeLayout
 
-__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_scaling_at", "soc_frame", "undecided",
-           "undecided_reach"]
+__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_scaling_at",
+           "nearly_dependent_rows", "soc_frame", "undecided", "undecided_reach"]
 
 
 def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,10 +290,24 @@ def _step_size(dv: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
     return row_inf(dv * scale) / (1 + row_inf(v * scale))
 
 
+def nearly_dependent_rows(AE: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(B,) the elements among ``where`` (B,) whose equality rows ``AE`` (B, p, n), each
+    scaled to unit length (a row's own scale says nothing of its direction), have a
+    smallest singular value at most :data:`~.nullspace.NEARLY_DEPENDENT` of their largest
+    (more rows than variables, or a zero row: dependent)."""
+    idx = torch.nonzero(where).squeeze(1)
+    rows = AE.index_select(0, idx)
+    if rows.shape[1] > rows.shape[2]:
+        return where.clone()
+    norms = torch.linalg.vector_norm(rows, dim=2, keepdim=True)
+    sv = torch.linalg.svdvals(rows / torch.where(norms > 0, norms, 1.0))
+    return torch.zeros_like(where).index_copy(0, idx, sv[:, -1] <= NEARLY_DEPENDENT * sv[:, 0])
+
+
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element:
-    ``inf`` where the factorisation failed, NaN where the step cannot be formed (nearly
-    dependent equality rows, see below).
+    ``inf`` where the factorisation failed or the step does not solve the equality rows,
+    NaN where it cannot be formed because those rows are nearly dependent (see below).
 
     The system linearises the complementarity at its limit
     (:class:`~.limit_scaling.LimitScaling`), as the backward does.
@@ -324,12 +339,19 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     # parallel to 1e-7). What it may lose is that residual's rounding (exactly redundant
     # rows: a doubly stochastic matrix's sums), ~eps·(|A_E||x| + |b_E|), not more; and
     # never below the rounding of the estimate's own unit, 1 + ‖x‖∞ (x_0 = 0 gave 1e-40
-    # against a threshold of 0).
-    lost = torch.zeros_like(kkt.failed)
+    # against a threshold of 0). Only rows that are nearly dependent make the point
+    # unverifiable (NaN); on others the system at the point is what is singular along
+    # them, e.g. every variable of a row decided active (a transport plan's marginal of
+    # 1e-11, its entries ~1e-11 beside multipliers ~0.4 at the interior point's end):
+    # not estimated (inf), another solver's point checkable as any other.
+    lost = dependent = torch.zeros_like(kkt.failed)
     if z0:  # (only the equality rows: no work for programs without them)
         AE, bE = d.A[:, :z0], d.b[:, :z0]
         eE = row_inf(ops.vec(ops.e_mv, dx) + rz[:, :z0])
         lost = eE > 64 * torch.finfo(dx.dtype).eps * (row_inf(bmv(AE.abs(), x.abs())) + row_inf(bE) + row_inf(AE))
+        lost = lost & ~kkt.failed
+        if bool(lost.any()):  # (a host read; the rows' spectra only where a residual was lost)
+            dependent = nearly_dependent_rows(AE, lost)
     # The promise is normwise in the caller's units, which the equilibration's column
     # scales can spread apart from its own: the step is measured in both.
     sig = d.sigma[:, None]
@@ -342,5 +364,5 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
         duals = duals.to(dz.device)
         dz, z, z_scale = dz.index_select(1, duals), z.index_select(1, duals), z_scale.index_select(1, duals)
         error = torch.maximum(error, torch.maximum(_step_size(dz, z, 1), _step_size(dz, z, z_scale)))
-    error = torch.where(kkt.failed | ~torch.isfinite(error), torch.inf, error)
-    return kkt, torch.where(lost & ~kkt.failed, torch.nan, error)  # NaN: cannot be estimated
+    error = torch.where(kkt.failed | lost | ~torch.isfinite(error), torch.inf, error)
+    return kkt, torch.where(dependent, torch.nan, error)  # NaN: cannot be estimated

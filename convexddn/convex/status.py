@@ -18,6 +18,7 @@ from .._warn import warn
 from .._autograd import refuse_transforms
 from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
+from .nullspace import NEARLY_DEPENDENT
 from .widen import narrowed
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
@@ -201,15 +202,18 @@ def doubt_certificates(info: dict, idx: Sequence[int], points: Sequence[int]) ->
 def refuse_unverifiable(info: dict, idx: Sequence[int], points: Sequence[int]) -> None:
     """Elements ``idx`` that another solver reports solved although the batched path
     found that no point of their program can be verified (``points`` with
-    :data:`~.measures.UNVERIFIABLE`: equality rows too nearly dependent) become unsolved,
-    their status saying why, in place: a residual check alone passed points 0.02 to 2
-    off on two equality rows parallel to 1e-10 (Clarabel, per element)."""
+    :data:`~.measures.UNVERIFIABLE`: equality rows measured nearly dependent, see
+    :func:`~.nullspace.unverifiable`) become unsolved, their status saying why, in place:
+    a residual check alone passed points 0.02 to 2 off on two equality rows parallel to
+    1e-10 (Clarabel, per element)."""
     for i, bits in zip(idx, points):
         if info["solved"][i] and bits & UNVERIFIABLE:
             info["solved"][i], info["kinds"][i] = False, "other"
             info["statuses"][i] = (f"{info['statuses'][i]}; not verified: the equality constraints are nearly "
-                                   "linearly dependent (the solution is ill-determined by the data; drop or "
-                                   "combine nearly parallel rows)")
+                                   "linearly dependent (after equilibration, their smallest singular value is "
+                                   f"at most {NEARLY_DEPENDENT:g} of their largest): the solution is ill-determined "
+                                   "by the data and no residual check can vouch for a point; drop or combine "
+                                   "nearly parallel rows")
 
 
 def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], solved: torch.Tensor,

@@ -53,3 +53,49 @@ def test_sparsemax_is_accurate_whatever_the_offset(offset):
     layer = ConvexLayer(*sparsemax_problem(8))
     x = torch.randn(16, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
     assert (layer(x + offset) - sparsemax(x)).abs().max() < 2e-8
+
+
+def test_nearly_dependent_rows_are_measured_on_the_rows_directions():
+    """Only rows whose unit-length directions are nearly dependent count: a transport
+    problem's 0/1 rows (singular values 0.73..2.73) and orthogonal rows of scales 1 and
+    1e-8 are not; rows parallel to 1e-7, a zero row, or more rows than variables are."""
+    from convexddn.convex.certify import nearly_dependent_rows
+
+    M = 4
+    transport = torch.zeros(7, M * M, dtype=F64)
+    for i in range(M):
+        transport[i, i * M:(i + 1) * M] = 1
+    for j in range(M - 1):
+        transport[M + j, j::M] = 1
+    d = torch.tensor([0.3, -1.0, 0.7, 0.2], dtype=F64)
+    parallel = torch.stack([d, d + 1e-7 * torch.tensor([1.0, 0.5, -2.0, 0.1], dtype=F64)])
+    scaled = torch.tensor([[1.0, 0, 0, 0], [0, 1e-8, 0, 0]], dtype=F64)
+    zero = torch.tensor([[1.0, 2, 0, 0], [0, 0, 0, 0]], dtype=F64)
+    for A, expected in ((transport, False), (parallel, True), (scaled, False), (zero, True)):
+        assert nearly_dependent_rows(A[None], torch.tensor([True])).tolist() == [expected]
+    # only the elements asked about
+    assert nearly_dependent_rows(torch.stack([parallel, parallel]), torch.tensor([False, True])).tolist() == [False,
+                                                                                                            True]
+    assert nearly_dependent_rows(torch.ones(1, 3, 2, dtype=F64), torch.tensor([True])).tolist() == [True]
+
+
+def test_a_transport_marginal_below_the_solvers_resolution_is_not_refused_as_dependent_rows():
+    """ot_lp with a = (1 − 3e, e, e, e), e = 1e-11: the interior point ends with the plan's
+    small entries ~1e-11 beside multipliers ~0.4, which decides every variable of rows 2-4
+    active; the error estimate's step then cannot solve those rows (the system at that
+    point is singular along them, not the rows: singular values 0.73..2.73), and that was
+    read as nearly dependent rows: Clarabel's "Solved" was refused with that message. Now
+    the element is only not certified by the batched path, and another solver's plan is
+    returned: within 1e-10 of the closed form (its entries of 1e-11 are at the solvers'
+    resolution; their derivative is warned about, not silently wrong)."""
+    from test_polish import tiny_mass_transport
+
+    import convexddn as cddn
+
+    C, a, b, P = tiny_mass_transport(1e-11)
+    layer = cddn.layer("ot_lp", m=4, n=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = layer(*(torch.tensor(v) for v in (C, a, b)))
+    assert layer.last_solve.solved.all()
+    assert (out - torch.tensor(P)).abs().max() < 1e-10
