@@ -83,6 +83,13 @@ _METHODS = {
 }
 
 
+# The probe's allocator setting (see harness.peak_memory), which the figures depend on.
+_MALLOC = ("Each probe runs with MALLOC_MMAP_THRESHOLD_=65536 (glibc maps blocks of 64 KiB and more on their "
+           "own, so freed memory leaves the resident set at once and the peak is what was live); with glibc's "
+           "default adaptive threshold freed temporaries stay in the heap and count too (Welsch at "
+           "(24, 1024, 2048): 1.09× instead of 1.00×).")
+
+
 def below_floor(r: dict) -> bool:
     """Whether a memory row shows less than the 1× floor (as printed, to 2 decimals): the
     materialised gradient alone is one input-sized tensor, so such a figure missed the
@@ -97,7 +104,7 @@ def _memory_table(rows: list[dict]) -> list[str]:
         flag = " (below the 1× floor: unreliable)" if below_floor(r) else ""
         out.append(f"| {r['node']} | {tuple(r['shape'])} | {r['peak_over_input']:.2f}×{flag} |")
     methods = sorted({r.get("peak_method", "sampled") for r in rows})
-    out += ["", "Peak: " + "; ".join(_METHODS.get(m, m) for m in methods) + "; the gradient materialised."]
+    out += ["", "Peak: " + "; ".join(_METHODS.get(m, m) for m in methods) + "; the gradient materialised. " + _MALLOC]
     if any(below_floor(r) for r in rows):
         out.append("A figure below 1× is no saving: the gradient alone is one input-sized tensor, so the "
                    "measurement came short of the peak. The kernel's resident-set figures can come a few "
