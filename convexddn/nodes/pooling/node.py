@@ -158,7 +158,9 @@ def robust_pool(
             ``alpha + |y|`` (see Stopping). Default ``None``: 1e-12 for float64, 1e-6
             otherwise.
         max_iter: iteration limit of the iterative solvers (per start for Welsch);
-            hitting it issues a :class:`~convexddn.errors.SolverWarning`. Default 100.
+            hitting it issues a :class:`~convexddn.errors.SolverWarning`, also where
+            only the start that was not returned hit it (it might have gone lower).
+            Default 100.
         compile: ``True``: form the row sums with the penalty's derived formulas fused by
             :func:`torch.compile` (one-off compile of tens of seconds on a small CPU; a
             compile failure falls back to eager with a warning). ``False`` or ``None``

@@ -205,8 +205,9 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
             starts: Tensor | None) -> Tensor:
     """Solve; solve float32 rows that cannot be resolved, or whose sums overflow, again in
     float64; warn for rows unresolved in float64, overflowing there too, or stopped by
-    ``max_iter``."""
-    y, unresolved, converged, special = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
+    ``max_iter`` (or with a start stopped by it)."""
+    y, *flags = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
+    unresolved, converged, special, cut = flags
     rows = x.shape[0]
     if x.dtype != torch.float64 and bool((unresolved | special).any()):
         # (A user's penalty without a saturation can overflow on a far outlier in float32,
@@ -214,13 +215,13 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
         idx = (unresolved | special).nonzero().squeeze(-1)
         a64 = (a if a.dim() == 0 else a[idx]).double()
         s64 = None if starts is None else starts[idx].double()
-        y64, res64, conv64, spec64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
+        y64, *flags64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
         y[idx] = y64.to(y.dtype)
-        unresolved[idx] = res64
-        converged[idx] = conv64
-        special[idx] = spec64
-    # The three counts in one host read.
-    n_spec, n_res, n_unc = torch.stack([special.sum(), unresolved.sum(), (~converged & ~special).sum()]).tolist()
+        for f, f64 in zip(flags, flags64):
+            f[idx] = f64
+    # The counts in one host read.
+    n_spec, n_res, n_unc, n_cut = torch.stack([special.sum(), unresolved.sum(), (~converged & ~special).sum(),
+                                               (cut & converged).sum()]).tolist()
     if n_spec:
         warn_rows(pen.name, "have sums of the penalty's derivatives that overflow even with scaled "
               "residuals (in float64; its formula exceeds the float range there); returning the "
@@ -233,35 +234,41 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     if n_unc:
         warn_rows(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
               "iterate", n_unc, rows)
+    if n_cut:
+        warn_rows(pen.name, f"had a start stopped by max_iter={max_iter} on its way down: the other start's "
+              "local minimum is returned, and the stopped one might have reached a lower objective", n_cut, rows)
     return y
 
 
 def _solve(pen: Penalty, rows: Rows, tol: float, max_iter: int, use_compile: bool,
-           starts: Tensor | None, full: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, unresolved, converged, special)`` for every row; rows whose sums overflowed
+           starts: Tensor | None, full: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, unresolved, converged, special, cut)`` for every row; rows whose sums overflowed
     (entries near the end of the float range) are solved again apart, scaled by a power
     of two and with residuals clamped where the penalty saturates; ``special`` marks
-    those whose sums overflowed even so."""
+    those whose sums overflowed even so; ``cut`` those with a start (of two) that
+    ``max_iter`` stopped (the flags are the returned start's)."""
     if pen.convex:
         res = newton_rows(pen, rows, starts, _start if starts is None else None, tol, max_iter, use_compile)
-        picked = None if res is None else (res.u, res.unresolved, res.converged, res.special)
+        picked = None if res is None else (res.u, res.unresolved, res.converged, res.special,
+                                           torch.zeros_like(res.special))
     else:
         picked = _nonconvex(pen, rows, tol, max_iter, use_compile, starts)
     if picked is None:
         check_finite("x", full)
         raise AssertionError("unreachable: a non-finite row min or max with finite x")
-    y, unresolved, converged, special = picked
+    y, *flags = picked
+    special = flags[2]
     if bool(special.any()) and not rows.clamp:
         idx = special.nonzero().squeeze(-1)
         xs = rows.x.index_select(0, idx)
         s = row_scale(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True))
         a_s = (rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1)[idx]) * s
         st = None if starts is None else starts[idx] * (s if starts.dim() == 2 else s.squeeze(-1))
-        ys, res_s, conv_s, spec_s = _solve(pen, Rows(xs * s, a_s, None, True), tol, max_iter, use_compile, st,
-                                           full)
+        ys, *flags_s = _solve(pen, Rows(xs * s, a_s, None, True), tol, max_iter, use_compile, st, full)
         y[idx] = ys / s.squeeze(-1)
-        unresolved[idx], converged[idx], special[idx] = res_s, conv_s, spec_s
-    return y, unresolved, converged, special
+        for f, fs in zip(flags, flags_s):
+            f[idx] = fs
+    return (y, *flags)
 
 
 def _nonconvex(pen, rows: Rows, tol, max_iter, use_compile, starts):
@@ -291,6 +298,10 @@ def _nonconvex(pen, rows: Rows, tol, max_iter, use_compile, starts):
             t[apart, 1] = o[R:, 0]
         fields = both
     # The start with the lower objective (at its last accepted point) wins; only its
-    # flags count (a mean start far from every point stalls on a flat stretch).
+    # flags count (a mean start far from every point stalls on a flat stretch) -- but a
+    # start cut off by max_iter (neither stopped nor overflowing) may have been heading
+    # below the winner: ``cut`` (the median start's higher minimum was returned without a
+    # warning where max_iter = 2..4 stopped the mean start's way down).
     pick = fields[1].argmin(-1, keepdim=True)
-    return tuple(t.gather(-1, pick).squeeze(-1) for i, t in enumerate(fields) if i != 1)
+    u, unresolved, converged, special = (t.gather(-1, pick).squeeze(-1) for i, t in enumerate(fields) if i != 1)
+    return u, unresolved, converged, special, (~(fields[3] | fields[4])).any(-1)
