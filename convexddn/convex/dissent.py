@@ -41,7 +41,12 @@ lies within ``0.054 e^{−18.3} = 6e-10`` of K_exp, radius 6e8, while the dual s
   re-solved at its reach (:func:`reach_scaling`): confirmed by a ray that verifies again,
   or solved there, or it falls; an unboundedness in doubt falls (``min ‖x‖² − bᵀx − Σ log x``,
   ``b ~ 1e6``: SCS's "unbounded (inaccurate - reached max_iters)" beside Clarabel's failure);
-- otherwise it stands. A ray with no reach limit (``Aᵀy = 0``) stands in doubt too.
+- otherwise it stands. A ray with no reach limit (``Aᵀy = 0`` to the rounding of its terms,
+  or a part of it that certifies alone so, :func:`exact_ray`) stands in doubt too, and the
+  per-element path runs no other solver for it: on an O(1) QP infeasible by two rows,
+  Clarabel's ray leaned on the objective's cone at its edge (a "reach" of 1.4e12), SCS ran
+  to its iteration limit ("solved (inaccurate)", 2.5 s a run) three times, and the re-solve at
+  that reach confirmed nothing: a SolverError after 7 s.
 
 Status alone cannot decide: ``x <= 1e6, log x >= log(1e6) + 1`` (infeasible) drew the
 same "Infeasible" from Clarabel and "solved (inaccurate)" from SCS as the feasible
@@ -56,12 +61,13 @@ from collections.abc import Callable
 import diffcp
 import numpy as np
 import scipy.sparse as sp
+from diffcp import cones as cone_lib
 
 from .cone import ResidualMap
-from .cone_checks import project, verify_certificate
+from .cone_checks import _drop_noise, cone_blocks, project, verify_certificate
 from .status import status_kind
 
-__all__ = ["Run", "believed", "judge", "reach_scaling", "reaches"]
+__all__ = ["Run", "believed", "exact_ray", "judge", "reach_scaling", "reaches"]
 
 _EPS = np.finfo(np.float64).eps
 
@@ -78,6 +84,7 @@ class Run:
         ray: its certificate as returned (``y`` for a claimed infeasibility, ``x`` for
             unboundedness), where it claims one.
         verified: whether that certificate verifies (:func:`~.cone_checks.verify_certificate`).
+        exact: whether it is a verified dual ray exact to rounding (:func:`exact_ray`).
         points: ``(status, x, y)`` of the points it reached (its point, polished, and SCS's
             from it), each with the status of the solve that gave it.
     """
@@ -88,6 +95,7 @@ class Run:
     also: list[str] = dataclasses.field(default_factory=list)
     ray: np.ndarray | None = None
     verified: bool = False
+    exact: bool = False
     points: list[tuple[str, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
@@ -171,7 +179,8 @@ def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray)
     """The column scaling ``D`` at which to re-solve a program whose dual ray ``ray``
     reaches only so far: each column's reach ``R_j = |bᵀȳ| / |(Aᵀȳ)_j|`` (``ȳ`` the ray in
     K*, normalised) on the columns that set the reach (within a factor 10 of the least), 1 on
-    the others; ``None`` where no column limits it (``Aᵀȳ = 0``: the ray is exact).
+    the others; ``None`` where no column limits it (``Aᵀȳ = 0`` to rounding: the ray is exact,
+    :func:`exact_ray`).
 
     With ``x = D x'`` the points at the edge of the reach are of unit size, where the
     solvers' tolerances see them: Clarabel, told the same program with its epigraph
@@ -180,12 +189,73 @@ def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray)
     it claimed it again, with a ray that verifies.
     """
     yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
+    # A column whose (Aᵀȳ)_j is within the rounding of its terms (64 eps |A|ᵀ|ȳ|) limits nothing
+    # a float64 point can show: beyond its "reach" |x_j (Aᵀȳ)_j| passes |bᵀȳ| only where the
+    # rounding of those rows does too, which :func:`reaches` discounts. Scaled, such columns made
+    # the re-solve a program of rounding: an O(1) QP with G₀x <= h₀, G₀x >= h₀ + 1e-2 had 24 of
+    # its 25 columns within 10x of the least reach (1.8e12) by rounding alone; Clarabel failed
+    # there and SCS ran to its iteration limit, while with the one column that sets the reach
+    # scaled Clarabel confirmed the ray.
     g = np.abs(A.T @ yb)
+    g = np.where(g <= 64 * _EPS * (abs(A).T @ np.abs(yb)), 0.0, g)
     if not np.any(g > 0):
         return None
     with np.errstate(divide="ignore"):
         reach = abs(float(b @ yb)) / g
     return np.where(reach <= 10 * reach.min(), reach, 1.0) if reach.min() > 0 else np.ones_like(g)
+
+
+def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> bool:
+    """Whether the dual ray ``ray``, or a part of it that is itself a certificate, is exact in
+    float64: each column of ``Aᵀȳ`` is 0 to the rounding of its terms (:func:`reach_scaling`
+    is ``None``). A verified claim of infeasibility with such a ray stands whatever another run
+    shows (:func:`believed`): every point is within its reach, and there is none to re-solve at.
+
+    The parts tried: the ray as it came (verified by the caller); and, each kept only where it
+    verifies (:func:`~.cone_checks.verify_certificate`), the ray without the noise of the rows it
+    does not use (``_drop_noise``, at that check's tolerance) and that without its curved cone
+    blocks (second-order, exponential, PSD), made exact on the rows it keeps (:func:`_polyhedral`).
+    A solver's ray may lean on a cone it does not need: Clarabel's for ``G₀x <= h₀``,
+    ``G₀x >= h₀ + 1e-3`` in a QP put 2e-3 on the objective's second-order cone, at its edge, whose
+    epigraph column it missed by 4e-16 ("reach" 1.4e12), while the two rows alone are an exact
+    certificate."""
+    yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
+    if reach_scaling(A, b, cones, yb) is None:
+        return True
+    absA = abs(A)
+    rows = np.asarray(absA.max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
+    clean = _drop_noise(yb, rows, cones, 1e-6)
+    zero = np.zeros(A.shape[1])
+    return any(r is not None and np.any(r != 0) and verify_certificate(A, b, zero, cones, zero, r, "infeasible")
+               and reach_scaling(A, b, cones, r) is None for r in (clean, _polyhedral(A, cones, clean)))
+
+
+# The most entries (rows × columns) of the dense least squares that makes a polyhedral ray exact.
+_DENSE_RAY = 4_000_000
+
+
+def _polyhedral(A: sp.csc_matrix, cones: list, y: np.ndarray) -> np.ndarray | None:
+    """The part of the dual ray ``y`` on the zero and nonnegative rows, made exact on its support
+    ``S``: projected onto the null space of ``A_Sᵀ`` (a least squares; a solver's ray carries
+    its tolerance there, 1 − 1e-9 for the 1 a conflicting pair of rows needs), or ``None`` where
+    that leaves the nonnegative cone or ``A_S`` is too large to take densely."""
+    keep = np.zeros(y.size, dtype=bool)
+    nonneg = np.zeros(y.size, dtype=bool)
+    for kind, at, q in cone_blocks(cones):
+        if kind in (cone_lib.ZERO, cone_lib.POS):
+            keep[at:at + q] = True
+            nonneg[at:at + q] = kind == cone_lib.POS
+    support = np.flatnonzero(keep & (y != 0))
+    if not support.size or support.size * A.shape[1] > _DENSE_RAY:
+        return None
+    AS = A.tocsr()[support].toarray()
+    step, *_ = np.linalg.lstsq(AS.T, AS.T @ y[support], rcond=None)
+    ys = y[support] - step
+    if np.any(ys[nonneg[support]] < 0):
+        return None
+    out = np.zeros_like(y)
+    out[support] = ys
+    return out
 
 
 def _near_feasible(A, b, x: np.ndarray, s: np.ndarray, tol: float) -> bool:
@@ -219,6 +289,8 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
     kind, run = mine[1], mine[3]
     other = None if theirs is None else theirs[3]
     if kind not in ("infeasible", "unbounded") or run is None:
+        return kind, "", None
+    if run.exact:  # (a ray exact to rounding: every point within its reach, see exact_ray)
         return kind, "", None
     if other is not None and other.claim == run.claim and other.verified:
         return kind, "", None  # (a claim that does not verify is no opinion: both solvers claimed a feasible

@@ -37,7 +37,7 @@ from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
-from .dissent import Run, judge
+from .dissent import Run, exact_ray, judge
 from .parametric import parametric_entries
 from .solver_args import check_solver_cones
 from .spread import data_spread
@@ -208,8 +208,17 @@ class CheckedDiffcp(SolverInterface):
         except (ValueError, RuntimeError, ArithmeticError) as err:  # (its status and certificate still count)
             r, status = float("inf"), f"{status} (not polished: {err})"
         run.points.append((status, x, y))
+        claim = status_kind(claimed)  # the certificate checked is that solver's point
+        # Believe an infeasibility or unboundedness status only with its certificate (badly scaled
+        # data provoke them on well-posed problems), and no point polished from a verified one (an
+        # infeasible LP: ‖x‖ 5.8e15, rows off by 1.8, passed relative to its own size).
+        verified = claim != "other" and verify_certificate(A, b, c, self._cones, x0, y0, claim)
+        run.ray, run.verified = (y0 if claim == "infeasible" else x0), verified
+        # A verified dual ray exact to rounding decides the element whatever another run shows
+        # (.dissent.exact_ray): no SCS run for it, here or as the fallback.
+        run.exact = verified and claim == "infeasible" and exact_ray(A, b, self._cones, y0)
         if (r > POLISH_ABOVE and np.isfinite(r) and method != "SCS" and self.refine > 0
-                and self.fallback is not None):
+                and self.fallback is not None and not run.exact):
             # An interior point can sit where R is not smooth; SCS from it lands on faces (not if fallback=None).
             # Its failure leaves this attempt as it was: its certificate is still checked below.
             try:
@@ -222,12 +231,6 @@ class CheckedDiffcp(SolverInterface):
             if r2 < r:  # the point returned is SCS's: last_solve says so
                 x, y, s, r = x2, y2, s2, r2
                 method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
-        claim = status_kind(claimed)  # the certificate checked is that solver's point
-        # Believe an infeasibility or unboundedness status only with its certificate (badly scaled
-        # data provoke them on well-posed problems), and no point polished from a verified one (an
-        # infeasible LP: ‖x‖ 5.8e15, rows off by 1.8, passed relative to its own size).
-        verified = claim != "other" and verify_certificate(A, b, c, self._cones, x0, y0, claim)
-        run.ray, run.verified = (y0 if claim == "infeasible" else x0), verified
         if r <= self.tol and verified:
             return None, (f"{method}: {status}; its {claim} certificate verifies, yet a point polished from "
                           f"it (‖x‖∞ {np.abs(x).max():.1e}) passes relative to its size", "other", claim, run)
@@ -243,7 +246,8 @@ class CheckedDiffcp(SolverInterface):
         if not r <= self.tol:
             why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
             if verified:
-                return None, (why + "; certificate verified", claim, claim, run)
+                exact = " (exact to rounding: no other solver run)" if run.exact else ""
+                return None, (why + "; certificate verified" + exact, claim, claim, run)
             if claim != "other":
                 why += (f"; its {claim} certificate does not verify: the data may be badly scaled "
                         f"(largest |b| {np.abs(b).max(initial=0):.1e}, |c| {np.abs(c).max(initial=0):.1e}, "
@@ -256,7 +260,8 @@ class CheckedDiffcp(SolverInterface):
         A, b, c = self._problem(q, a)
         out, fail = self._try(self.solver, args, A, b, c)
         used, note = self.solver, None
-        if out is None and self.fallback is not None and self.fallback != self.solver:
+        decided = out is None and fail[1] == "infeasible" and fail[3] is not None and fail[3].exact
+        if out is None and self.fallback is not None and self.fallback != self.solver and not decided:
             out, fail2 = self._try(self.fallback, {}, A, b, c)
             used = self.fallback
             if out is not None:

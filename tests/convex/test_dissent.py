@@ -1,7 +1,8 @@
 """Second opinions on a verified infeasibility or unboundedness certificate
 (:mod:`convexddn.convex.dissent`): programs feasible and bounded by construction whose data
 reach 1e5-1e7 are not reported infeasible or unbounded, genuinely infeasible and unbounded
-ones at that scale still are."""
+ones at that scale still are; a ray exact to rounding on the rows it needs decides alone (an O(1)
+QP infeasible by two rows: InfeasibleError, no SCS run)."""
 from __future__ import annotations
 
 import warnings
@@ -245,3 +246,87 @@ def test_judge_polishes_no_point_that_is_not_finite(monkeypatch):
     m, n = seen["m"], seen["n"]
     for x, y in ((np.zeros(n), np.full(m, np.nan)), (np.full(n, np.nan), np.zeros(m))):
         assert seen["polish"](x, y, np.zeros(m))[3] == float("inf")
+
+
+def _conflicting_rows(y1: float, alpha: float) -> tuple:
+    """x0 <= 0 and -x0 <= -1e-3 (infeasible: y = (1, 1) on them is exact, b^T y = -1e-3) beside a
+    second-order cone (1 + t, x1, 1 - t) that a solver's ray leans on at its edge, alpha (1, 0, 1 - 1e-9):
+    columns x0 and t then miss by 1e-9 and 1e-13, "reaches" of 1e6 and 8e9."""
+    A = sp.csc_matrix(np.array([[1.0, 0, 0], [-1.0, 0, 0], [0, 0, -1.0], [0, -1.0, 0], [0, 0, 1.0]]))
+    b = np.array([0.0, -1e-3, 1.0, 0.0, 1.0])
+    cones = [("l", 2), ("q", [3])]
+    ray = np.array([1.0, y1, alpha, 0.0, alpha * (1 - 1e-9)])
+    return A, b, cones, ray
+
+
+def test_a_ray_exact_on_the_rows_it_needs_has_no_reach_to_doubt():
+    # A column that misses by rounding only limits nothing: 0.1 + 0.2 - 0.3 = 5.6e-17 in float64.
+    A3 = sp.csc_matrix(np.array([[0.1], [0.2], [-0.3]]))
+    b3, ones = np.array([0.0, 0.0, -1.0]), np.ones(3)
+    assert (A3.T @ ones)[0] != 0
+    assert reach_scaling(A3, b3, [("l", 3)], ones) is None
+    from convexddn.convex.cone_checks import verify_certificate
+    from convexddn.convex.dissent import exact_ray
+
+    assert exact_ray(A3, b3, [("l", 3)], ones)
+    A, b, cones, ray = _conflicting_rows(1 - 1e-9, 1e-4)
+    assert verify_certificate(A, b, np.zeros(3), cones, np.zeros(3), ray, "infeasible")
+    assert reach_scaling(A, b, cones, ray) is not None  # (the ray as it came reaches only so far)
+    assert exact_ray(A, b, cones, ray)  # (its nonnegative rows alone, made exact, certify)
+    # The approximate ray of a feasible program (x0 >= 1, x0 - 1e-12 x1 <= 0.5) is not made exact.
+    A2 = sp.csc_matrix(np.array([[-1.0, 0.0], [1.0, -1e-12]]))
+    assert not exact_ray(A2, np.array([-1.0, 0.5]), [("l", 2)], np.array([1.0, 1.0]))
+
+
+def _qp_with_conflicting_rows(gap: float, seed: int = 11, n: int = 30, mi: int = 40, pe: int = 5) -> tuple:
+    """min ½‖Lx‖² + qᵀx s.t. Gx <= h, Ax = b with O(1) data (largest 11.6), made infeasible by
+    its last row: G₀x >= h₀ + gap. Returns the layer and the parameters' values."""
+    L, q, G, h = (cp.Parameter(shape, name=k) for k, shape in (("L", (n, n)), ("q", n), ("G", (mi, n)), ("h", mi)))
+    Ap, bp = cp.Parameter((pe, n)), cp.Parameter(pe)
+    x = cp.Variable(n)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L @ x) + q @ x), [G @ x <= h, Ap @ x == bp])
+    rng = np.random.default_rng(seed)
+    Lv, qv, Gv, x0 = rng.standard_normal((n, n)), rng.standard_normal(n), rng.standard_normal((mi, n)), \
+        rng.standard_normal(n)
+    hv = Gv @ x0 + rng.uniform(0.1, 1, mi)
+    Av = rng.standard_normal((pe, n))
+    Gv[-1], hv[-1] = -Gv[0], -(hv[0] + gap)
+    return cddn.ConvexLayer(prob, [L, q, G, h, Ap, bp], [x]), [Lv, qv, Gv, hv, Av, Av @ x0]
+
+
+def test_an_infeasible_qp_with_o1_data_raises_infeasible_error_naming_it():
+    # G₀x <= h₀ and G₀x >= h₀ + 1e-3: infeasible (Farkas: the two rows, exactly). The batched interior
+    # point stopped in "numerical trouble"; Clarabel's ray verified, SCS stopped at its iteration limit
+    # "solved (inaccurate)", and re-solving at the ray's "reach" (4e11, set by its 2e-3 on the objective's
+    # cone) confirmed nothing: SolverError "the solvers disagree" after 7 s.
+    layer, bad = _qp_with_conflicting_rows(1e-3)
+    good = _qp_with_conflicting_rows(1e-3, seed=12)[1]
+    good[2][-1], good[3][-1] = 0.0, 1.0  # (0 <= 1: feasible)
+    batch = [torch.tensor(np.stack([g, g, v])) for g, v in zip(good, bad)]
+    with pytest.raises(InfeasibleError) as err:
+        _quiet(layer, *batch)
+    assert type(err.value) is InfeasibleError and err.value.indices == [(2,)], str(err.value)
+
+
+def test_no_scs_run_for_an_element_whose_exact_certificate_verifies(monkeypatch):
+    # G₀x <= h₀ and G₀x >= h₀ + 1e-2: the batched path and Clarabel both verify its infeasibility, and the
+    # two rows alone certify it exactly. SCS then ran three times to its iteration limit (warm-started from
+    # Clarabel's ray, as the fallback, and re-solving at the ray's reach): 6 s for an InfeasibleError that
+    # Clarabel gave in 0.01 s. Counted, not timed.
+    from convexddn.convex.per_element import CheckedDiffcp
+
+    layer, bad = _qp_with_conflicting_rows(1e-2)
+    good = _qp_with_conflicting_rows(1e-2, seed=12)[1]
+    good[2][-1], good[3][-1] = 0.0, 1.0  # (0 <= 1: feasible)
+    calls = []
+    real = CheckedDiffcp._solve_with
+
+    def counted(self, method, *args, **kwargs):
+        calls.append(method)
+        return real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(CheckedDiffcp, "_solve_with", counted)
+    with pytest.raises(InfeasibleError, match=r"\[\(1,\)\].*certificate verified") as err:
+        layer(*(torch.tensor(np.stack([g, v])) for g, v in zip(good, bad)))
+    assert type(err.value) is InfeasibleError and err.value.indices == [(1,)]
+    assert calls == ["Clarabel"], calls  # (the per-element path was reached, and ran Clarabel alone)
