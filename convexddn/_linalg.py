@@ -24,8 +24,14 @@ def lu_factor_ex(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """``torch.linalg.lu_factor_ex(A)`` for ``A (B, k, k)``: ``(LU, pivots, info)``."""
     if A.device.type != "cpu" or A.dim() != 3 or A.shape[0] < 2 or A.shape[-1] <= _SAFE_BATCHED_CPU:
         return torch.linalg.lu_factor_ex(A)
-    parts = [torch.linalg.lu_factor_ex(A[i:i + 1]) for i in range(A.shape[0])]
-    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+    # Each factor written into its place in the batch's (a list of them, concatenated,
+    # held the batch's factors twice: the Newton polish's peak).
+    first = torch.linalg.lu_factor_ex(A[:1])
+    out = tuple(v.new_empty((A.shape[0],) + tuple(v.shape[1:])) for v in first)
+    for i in range(A.shape[0]):
+        for o, v in zip(out, first if i == 0 else torch.linalg.lu_factor_ex(A[i:i + 1])):
+            o[i:i + 1] = v
+    return out  # type: ignore[return-value]
 
 
 def solve_ex(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,31 @@ def _pair_scale(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.T
     return scale
 
 
+def _arrow_into(layout: ConeLayout, u: torch.Tensor, out: torch.Tensor) -> None:
+    """Write L(u), the matrix of v -> u ∘ v, into ``out`` (B, mc, mc), zero on entry.
+
+    Its entries directly: ``diag(u)`` on the nonnegative rows; per second-order cone
+    :math:`u_0 I` plus :math:`u_1` in the head's row and column. (Formed as L(u) I by
+    :func:`_arrow`, it took five more (B, mc, mc) temporaries: the Newton step's peak.)
+    The values are those Jordan products, to the sign of a zero.
+    """
+    k = layout.nonneg
+    diag = out.diagonal(dim1=-2, dim2=-1)
+    diag[:, :k] = u[:, :k]
+    if not layout.soc:
+        return
+    idx = layout.index(u.device)
+    us = u[:, k:]
+    diag[:, k:] = us[:, idx.heads][:, idx.soc_id]
+    # The rows of the cones' u_1 parts and the head of each one's cone (from the host's
+    # index: no device sync).
+    host = layout.index(torch.device("cpu"))
+    tail = torch.nonzero(host.tail).squeeze(1)
+    tail, head = (k + v.to(u.device) for v in (tail, host.heads[host.soc_id[tail]]))
+    out[:, head, tail] = u[:, tail]
+    out[:, tail, head] = u[:, tail]
+
+
 def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     """One full Newton step (dx, ds, dz) on the KKT conditions; (B,) failure mask.
 
@@ -109,8 +134,7 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     K[:, :n, n:] = A.mT
     K[:, n:n + z0, :n] = A[:, :z0]
     K[:, n + z0:, :n] = -_arrow(layout, zl, A[:, z0:])
-    eye = torch.eye(m - z0, dtype=P.dtype, device=P.device).expand(B, -1, -1)
-    K[:, n + z0:, n + z0:] = _arrow(layout, sl, eye.contiguous())
+    _arrow_into(layout, sl, K[:, n + z0:, n + z0:])
     # Static regularisation of the dual block (−δ on the equality rows, +δ beside L(s), in
     # units of the pair's size on a nonnegative row):
     # redundant equality rows (the row and column sums of a doubly-stochastic matrix)
@@ -121,12 +145,15 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     dual[:, :z0] -= _DELTA
     dual[:, z0:] += _DELTA * _pair_scale(layout, sl, zl)
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - comp], 1)
-    # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN.
+    # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN. (In place:
+    # K and its factors are the step's two (B, n + m, n + m) tensors, and its peak.)
     bad = ~torch.isfinite(K).flatten(1).all(1)
     identity = torch.eye(n + m, dtype=P.dtype, device=P.device)
-    LU, piv, info = lu_factor_ex(torch.where(bad[:, None, None], identity, K))
+    torch.where(bad[:, None, None], identity, K, out=K)
+    LU, piv, info = lu_factor_ex(K)
+    del K
     failed = (info != 0) | bad
-    LU = torch.where(failed[:, None, None], identity, LU)
+    torch.where(failed[:, None, None], identity, LU, out=LU)
     sol = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
     dx, dz = sol[:, :n], sol[:, n:]
     ds = -rz - bmv(A, dx)

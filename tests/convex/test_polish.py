@@ -1,5 +1,6 @@
 """Tests of convexddn.convex.polish: Newton steps on the exact complementarity, against
-closed forms and finite differences."""
+closed forms and finite differences, and its pieces against the Jordan product's
+definition, one unit vector at a time."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 import convexddn as cddn
+from convexddn.convex.polish import _arrow_into
+from convexddn.convex.symmetric_cones import ConeLayout
 
 F64 = torch.float64
 
@@ -74,3 +77,17 @@ def test_tiny_mass_transport_gradient_matches_central_differences():
     numeric = (loss(1.0) - loss(-1.0)) / (2 * h)
     assert abs(numeric) > 0.1  # (a direction the plan moves along)
     assert analytic == pytest.approx(numeric, rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", [ConeLayout(zero=1, nonneg=3, soc=(4, 1, 2)), ConeLayout(zero=0, nonneg=2, soc=()),
+                                    ConeLayout(zero=0, nonneg=0, soc=(5,))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_arrow_matrix_is_the_jordan_product_column_by_column(layout, dtype):
+    """L(u), written straight into the Newton matrix's block (it was formed as L(u) I through
+    five (B, mc, mc) temporaries, the polish's peak), is u ∘ e_j in column j, exactly."""
+    mc = layout.nonneg + sum(layout.soc)
+    u = torch.randn(3, mc, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    columns = [layout.jordan(u, torch.eye(mc, dtype=dtype)[j].expand(3, -1)) for j in range(mc)]
+    out = torch.zeros(3, mc, mc, dtype=dtype)
+    _arrow_into(layout, u, out)
+    assert torch.equal(out, torch.stack(columns, -1))
