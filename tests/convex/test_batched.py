@@ -916,3 +916,32 @@ def test_cuda_step_graphs_replay_variants_and_fall_back(monkeypatch):
             state, _ = graphs.run("only", reads, state)
     assert graphs.reason is not None and graphs.replays == 0
     assert state[0].tolist() == [7.0] * 3 and state[1].tolist() == [3.0] * 2
+
+
+@pytest.mark.parametrize("kind, polish", [("soc", "auto"), ("qp", "always")])
+def test_memory_estimate_holds_the_newton_polish_matrices(monkeypatch, kind, polish):
+    """Where the Newton polish takes LU steps on every element (second-order cones, or
+    polish="always"), it holds each element's (n + m)-square KKT matrix K and K's LU factors
+    at once; the estimate that sizes the chunks omitted them, and the chunks the 4 GiB budget
+    allowed for ‖Ax‖₂ ≤ 1 (A 100×10) peaked at 7× it. The matrices' size is read from what
+    the polish factorises, not from the estimate's formula."""
+    import convexddn.convex.polish as polish_module
+
+    n, rows = 4, 60
+    A = np.random.default_rng(0).standard_normal((rows, n))
+    x, c = cp.Variable(n), cp.Parameter(n)
+    if kind == "soc":
+        prob = cp.Problem(cp.Minimize(c @ x), [cp.norm(A @ x, 2) <= 1, cp.norm(x, 2) <= 10])
+    else:
+        prob = cp.Problem(cp.Minimize(cp.sum_squares(x - c)), [A @ x <= 1])
+    program = BatchedProgram(prob, [c], [x], polish=polish)
+    seen = []
+    original = polish_module.lu_factor_ex
+    monkeypatch.setattr(polish_module, "lu_factor_ex", lambda K: seen.append(tuple(K.shape)) or original(K))
+    batch = 4
+    _, info = program(torch.randn(batch, n, dtype=F64, generator=torch.Generator().manual_seed(0)))
+    assert bool(info.solved.all()) and seen
+    k, size, _ = max(seen)
+    assert k == batch  # every element at once
+    held = 2 * k * size * size * 8  # K and its factors, float64
+    assert program.memory_estimate(batch) >= held
