@@ -43,6 +43,7 @@ of ``a`` or ``b`` (padding) are handled by the masks of :mod:`._sinkhorn_padding
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -169,28 +170,57 @@ def solve(
 
     ``cols_exact`` swaps the roles at the end: the columns are scaled to ``b`` exactly
     and the returned error is the rows' ‖P1 − a‖₁ (for a caller whose rows are these
-    columns). The scaling moves the rows by at most the columns' error.
+    columns). The scaling moves the rows by at most the columns' error; a column whose
+    mass underflowed (all of it, when ``max_iter`` ran out far from the optimum) is formed
+    anew from the row potentials (:func:`_exact_cols`).
 
     ``pad``: the masks of zero entries of ``a`` and ``b`` (None: there are none). With
     ``gibbs`` too, G is the plan with each dead row's and column's Gibbs distribution
     filled in (:func:`~convexddn.nodes._sinkhorn_padding.completion`, for the backward);
     otherwise G is None.
     """
-    P, err, pot = _solve(C, a, b, eps, max_iter, tol, pad)
+    P, err, pot = _solve(C, a, b, eps, max_iter, tol, pad, cols_exact)
     if cols_exact:
-        cs = P.sum(-2, keepdim=True)
-        P = P.mul_(torch.where(cs > 0, b.unsqueeze(-2) / cs, 1.0))
         err = (P.sum(-1) - a).abs_().sum(-1)
     G = completion(P, *pot, eps, pad) if gibbs and pot is not None else None
     return P, err, G
 
 
+def _exact_cols(
+    P: torch.Tensor, b: torch.Tensor, logits: Callable[[], torch.Tensor], pad: Padding | None
+) -> torch.Tensor:
+    r"""P with its columns scaled to sum to ``b`` (in place); ``logits()``: α_i − C_ij/ε.
+
+    Scaling column j by b_j / Σ_i P_ij is the log-domain column update of β_j. Where that
+    sum is below e·tiny/ε_mach, entries of over an ulp of it underflowed to 0 (all of them:
+    a column that stays 0, when ``max_iter`` ran out far from the optimum), so such columns
+    are formed anew as the update itself, :math:`b_j\,\operatorname{softmax}_i(\alpha_i -
+    C_{ij}/\varepsilon)`, relative to the column's own largest term (as :class:`_State`
+    forms rows); ``logits`` is only evaluated then.
+    """
+    cs = P.sum(-2, keepdim=True)
+    P = P.mul_(torch.where(cs > 0, b.unsqueeze(-2) / cs, 1.0))
+    lo = _lo(P.dtype)
+    low = cs < math.exp(lo) / torch.finfo(P.dtype).eps
+    if pad is not None:
+        low &= ~pad.dead_c.unsqueeze(-2)
+    if bool(low.any()):
+        x = logits()
+        d = x.sub_(x.amax(-2, keepdim=True))
+        rest = d.clamp(min=lo).exp_().sum(-2, keepdim=True).log_()
+        z = d.add_(b.unsqueeze(-2).log() - rest)
+        P = torch.where(low, z.clamp(min=lo).exp_().masked_fill_(z < lo, 0.0), P)
+    return P
+
+
 def _solve(
     C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
-    pad: Padding | None = None,
+    pad: Padding | None = None, cols_exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """(plan, column error, potentials): with ``pad``, (f, g, the caller's costs, the row
-    and column shifts) for the completion (f, g = −∞ on dead rows, columns); None without."""
+    and column shifts) for the completion (f, g = −∞ on dead rows, columns); None without.
+    With ``cols_exact`` the plan's columns are made exact (:func:`_exact_cols`); the error
+    is still the one before."""
     # The plan is unchanged by adding a constant to a row of C (α absorbs it), so the
     # spread that matters is the largest range within a row.
     C0, s, t = C, 0.0, 0.0  # (the caller's costs and the shifts, for the completion)
@@ -213,10 +243,13 @@ def _solve(
         return torch.full_like(C, math.nan), torch.full_like(C[..., 0, 0], math.nan), None
     if top <= SCALE_ABOVE * eps:
         P, err, v, used, worst, u = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol, pad)
-        if used >= max_iter or worst <= tol:
-            return P, err, None if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log(), C0, s, t)
         # (The kernel overwrote D; β = log v refers to the same row-shifted costs, ≤ 50ε.)
-        D = C - C.amin(-1, keepdim=True) if pad is None else full.masked_fill(pad.dead, 0.0)
+        shifted = (lambda: C - C.amin(-1, keepdim=True)) if pad is None else (lambda: full.masked_fill(pad.dead, 0.0))
+        if used >= max_iter or worst <= tol:
+            if cols_exact:
+                P = _exact_cols(P, b, lambda: u.transpose(-1, -2).log() - shifted() / eps, pad)
+            return P, err, None if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log(), C0, s, t)
+        D = shifted()
         st = _solve_at(D, a, b, eps, max_iter - used, tol, v.squeeze(-2).log(), None, pad)[0]
     else:
         # Less each column's minimum too (β absorbs it): the potentials then stay of the
@@ -234,7 +267,8 @@ def _solve(
         spread = D.amax((-2, -1))
         start = torch.where(spread > SCALE_ABOVE * eps, spread / SCALE_ABOVE, eps)
         st = _solve_at(D, a, b, eps, max_iter, tol, None, start, pad)[0]
-    return st.P, st.err, None if pad is None else (st.alpha, st.beta, C0, s, t)
+    P = _exact_cols(st.P, b, lambda: st.alpha.unsqueeze(-1) - D / eps, pad) if cols_exact else st.P
+    return P, st.err, None if pad is None else (st.alpha, st.beta, C0, s, t)
 
 
 def _anchored(beta: torch.Tensor) -> torch.Tensor:

@@ -966,3 +966,30 @@ def test_sinkhorn_padding_of_extreme_values_and_a_span_over_eps_beyond_the_range
     Cp[0, 0] = 1e308
     with pytest.raises(InputError, match="spread within a row over eps"):
         sinkhorn(Cp, eps=0.2)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rows_exact_when_max_iter_runs_out_in_eps_scaling(grad):
+    # M < N is solved transposed, the caller's rows made exact by scaling the solver's
+    # columns. With max_iter spent during ε-scaling, the plan at eps (of the stage's
+    # potentials) had a column underflowed entirely: the caller's row 1 came back as 0
+    # (it must sum to a[1] = 0.2587) while the SolverWarning said "the plan's rows are
+    # exact". Rows are a to rounding now, in a batch too, and the warned column error is
+    # the returned plan's.
+    C = torch.tensor([[0.059996917501365286, 2.027617259274005, -1.9547938113231125, 1.2243100307902006],
+                      [1.0516795374097947, -0.22991855108718087, -0.9017682810562575, 1.7907328199442303],
+                      [-0.9914213330446372, -0.6164285061386324, 1e20, 1e20]], dtype=F64)
+    a = torch.tensor([0.3105214784673205, 0.25872652854301637, 0.38618179236957484], dtype=F64)
+    b = torch.tensor([1.2157070006754272e-116, 0.5393994577530568, 0.4568464954138003, 0.16599274286219445],
+                     dtype=F64)
+    easy = torch.rand(3, 4, generator=_gen(5), dtype=F64)
+    Cb = torch.stack([C, easy]).requires_grad_(grad)
+    with pytest.warns(SolverWarning, match="did not reach tol") as rec:
+        P = sinkhorn(Cb, a, b, eps=0.003788659875186879, max_iter=1000).detach()
+    torch.testing.assert_close(P.sum(-1), a.expand(2, 3), rtol=1e-14, atol=0)
+    msg = str(next(w.message for w in rec if issubclass(w.category, SolverWarning)))
+    assert "batch index(es) [(0,)]" in msg
+    # (Relative: the plan for unit masses against b / Σb; here Σa = 0.955 and Σb = 1.162.)
+    col_err = float((P[0].sum(-2) / a.sum() - b / b.sum()).abs().sum())
+    warned = float(msg.split("column error up to ")[1].split(")")[0])
+    assert warned == pytest.approx(col_err, rel=5e-3)
