@@ -84,7 +84,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         A, b = A.to(_WORK), b.to(_WORK)
         w = None if w is None else w.to(_WORK)
         ridge = None if ridge is None else ridge.to(_WORK)
-        a, tau, R, sw, columns, order, graded = factor(A, w, ridge)
+        a, tau, R, sw, columns, order, graded, rows = factor(A, w, ridge)
         bt = b if sw is None else sw * b
         qtb = apply_qt(a, tau, bt, order)
         x = torch.linalg.solve_triangular(R, qtb[..., :A.shape[-1], :], upper=True)
@@ -93,7 +93,8 @@ class _LeastSquaresFunction(torch.autograd.Function):
         # input checks).
         d = torch.diagonal(R, dim1=-2, dim2=-1).abs()
         # (The gain matters only to a backward: none follows a call outside the Function.)
-        singular, error, inv_sigma2 = conditioning(d, columns, R, qtb, graded)
+        singular, error, inv_sigma2 = conditioning(d, columns, R, qtb, graded,
+                                                   None if order is None else (a, tau, rows, x))
         gain = backward_gain(d, x, bt, columns, inv_sigma2) if gate.check else d.new_zeros(())
         # Where weights sorted the rows (one over 1024× a data row), the derivatives also
         # use Q (the reflectors, the row order, Qᵀ b); within that spread the direct
@@ -310,8 +311,10 @@ def least_squares(
     Warns:
         SolverWarning: x's estimated relative error exceeds 1e-6 (an ill-conditioned
             design, e.g. nearly dependent columns with a tiny ridge); the message names the
-            batch elements. Not for designs whose rows differ in size by over 1024× (sorted,
-            stable row by row: the estimate would overstate their error).
+            batch elements. Where rows differ in size by over 1024× (sorted, stable row by
+            row) the error is estimated row by row, from the design with unit columns and
+            its rows' norms as weights: nearly dependent columns still warn, row scales alone
+            (a weight of 1e20 on one row) do not.
         GradientWarning: in backward, a gradient that holds Inf or NaN although the
             inputs and the incoming gradient are finite (it exceeds the dtype's range,
             e.g. float32 ``A`` of magnitude 1e-20); the message names the batch elements.

@@ -829,3 +829,51 @@ def test_linear_fit_all_zero_weights_with_a_tensor_ridge():
     for ridge in (torch.tensor(1e-3, dtype=torch.float64), np.float32(1e-3)):
         with pytest.raises(SolverError, match="weights are all zero .* no ridge helps"):
             linear_fit(x, t, weights=torch.zeros(2, 6, dtype=torch.float64), ridge=ridge)
+
+
+def _nearly_parallel_design():
+    # Six rows, the second column -1.664 times the first up to 1e-13: κ ~1e13.
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(6, generator=g, dtype=D)
+    A = torch.stack([u, -1.664 * u * (1 + 1e-13 * torch.randn(6, generator=g, dtype=D))], -1)
+    A[:, 1] += 1e-13 * torch.randn(6, generator=g, dtype=D)
+    b = A @ torch.tensor([4.2e7, 2.5e7], dtype=D) + 1e-3 * torch.randn(6, generator=g, dtype=D)
+    return A, b
+
+
+@pytest.mark.parametrize("case", ["a light row", "a heavy row and a ridge"])
+def test_graded_rows_keep_the_accuracy_warning_where_columns_are_nearly_dependent(case, exact_solve):
+    # Rows over 1024× apart are sorted, and their estimate was switched off (κ overstates
+    # what only the row scales do). But sorted QR is stable row by row only: nearly
+    # dependent columns still cost κ's digits. One row 1e-4 times the rest appended to the
+    # design above: x ~1e-3 off, silently; rows all nearly parallel, one 1.6e7 times the
+    # rest, ridge 1.4e-13: 2.6 % off, silently.
+    if case == "a light row":
+        A, b = _nearly_parallel_design()
+        A, b, ridge = torch.cat([A, 0.9e-4 * A[:1]]), torch.cat([b, 1e-4 * b[:1]]), 0.0
+    else:
+        A = torch.tensor([[16084567.230692301, -1562462.8581052257], [0.3440707284705858, -0.033423201637073865],
+                          [0.6733452341406669, -0.0654090908345613], [0.6268988226967864, -0.060897263333547905]],
+                         dtype=D)
+        b = torch.tensor([-196.69478910124124, -209.07592112364858, 253.17716454967498, 115.2249668471303], dtype=D)
+        ridge = 1.4203211378916627e-13
+    solve, normal_equations = exact_solve
+    exact = solve(*normal_equations(A.tolist(), b.tolist(), ridge=ridge))
+    with pytest.warns(SolverWarning, match=r"x may be inaccurate for 1 of 1 batch element"):
+        x = least_squares(A, b, ridge=ridge)
+    assert float((x - exact).abs().max() / exact.abs().max()) > 1e-5  # (the warning is due)
+
+
+def test_graded_rows_with_well_determined_columns_stay_silent_and_exact(exact_solve):
+    # The converse: rows 1e-4 or 1e10 (a weight of 1e20) times the rest, columns well
+    # determined row by row: the normwise κ ~1e10 would call them inaccurate; they are exact.
+    g = torch.Generator().manual_seed(2)
+    A, b = torch.randn(8, 3, generator=g, dtype=D), torch.randn(8, generator=g, dtype=D)
+    solve, normal_equations = exact_solve
+    for w, scale in ((torch.tensor([1.0] * 2 + [1e20] + [1.0] * 5, dtype=D), None), (None, 1e-4)):
+        AA, bb = (A, b) if scale is None else (torch.cat([A, scale * A[:1]]), torch.cat([b, scale * b[:1]]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            x = least_squares(AA, bb, w)
+        exact = solve(*normal_equations(AA.tolist(), bb.tolist(), None if w is None else w.tolist()))
+        assert float((x - exact).abs().max() / exact.abs().max()) < 1e-13
