@@ -96,7 +96,13 @@ class _FirstOrderInput(torch.autograd.Function):
 
     @staticmethod
     def forward(what: str, *tensors: torch.Tensor):  # type: ignore[override]
-        return tuple(t.view_as(t) for t in tensors)
+        # Copies, not views: views returned by a Function of several outputs cannot be
+        # rebuilt once their base changes, and torch asks for a saved tensor's grad_fn
+        # before it compares versions. An input changed in place between the forward and
+        # the backward, saved as a view downstream (log of a DGP parameter, gp=True),
+        # raised "Output 0 of View ... returns multiple views" in place of the version error;
+        # a copy is what the solver reads, so the backward is that of the forward's point.
+        return tuple(t.clone() for t in tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]

@@ -703,6 +703,25 @@ def test_double_backward_raises(solver):
         g.sum().backward()
 
 
+def test_gp_input_changed_in_place_after_the_forward_differentiates_at_the_forward_point():
+    # gp=True takes the log of each parameter (a saved tensor). The second-order guard handed it
+    # views from a Function of two outputs, which torch cannot rebuild once their base changes:
+    # backward raised "Output 0 of View is a view ... returns multiple views". Now the guard
+    # passes copies: the gradient is the one at the point solved. x = a, y = sqrt(b) here.
+    x, y = cp.Variable(pos=True), cp.Variable(pos=True)
+    a, b = cp.Parameter(pos=True), cp.Parameter(pos=True)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(x * y), [a / x <= 1, b / y ** 2 <= 1]), [a, b], [x, y], gp=True)
+    A = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
+    B = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    a_in = A * 1.0
+    X, Y = layer(a_in, B)
+    a_in.add_(0.37)
+    (X + Y).sum().backward()
+    torch.testing.assert_close(X.detach(), A.detach(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(A.grad, torch.ones(2, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(B.grad, 0.5 / B.detach().sqrt(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("tol", [1.0, 2.0, torch.tensor(1e-9), torch.tensor([1e-6, 1e-6]), True, 0.0])
 def test_tol_is_a_number_in_unit_interval(tol):
     # tol = 1 accepted an infeasible element as solved; a tensor tol gave an error naming
