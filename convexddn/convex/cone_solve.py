@@ -15,6 +15,7 @@ from ..errors import GradientWarning
 from .interior_point import SOLVED, solve_cone_batch
 from .resolution import moved_columns, warn_unresolved, warn_weak, weak_tangent, weakly_determined
 from .status import element_list, name_elements
+from .upstream import zero_nonfinite
 from .vjp import cone_jvp, cone_vjp
 
 __all__ = ["ConeSolve"]
@@ -67,6 +68,7 @@ class ConeSolve(torch.autograd.Function):
         sol, layout, refine, tangent, where, cols, moved = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
+        gx, gz = zero_nonfinite("backward (batched)", where, (gx, gz))  # before any solve sees them
         gP, gq, gA, gb, flagged, zeroed, unsolved = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
         _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent", unsolved)
         if moved is not None:

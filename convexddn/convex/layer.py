@@ -40,6 +40,7 @@ from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, unravel)
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
 from .state import picklable_state, restore_state, uncached
+from .upstream import zero_nonfinite
 from .validation import check_values, element_subset, solver_choice, validate_problem, validate_solver_args
 from .widen import widened
 
@@ -259,7 +260,9 @@ class ConvexLayer(nn.Module):
         finally:
             self._backend._local.where = None
         info = self._backend.last_info
-        return single_backward(sols), {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
+        # (NaN or Inf incoming gradients: zeroed and named, as the batched path's backward does)
+        sols = single_backward(sols, lambda grads: zero_nonfinite("backward (per element)", where, grads))
+        return sols, {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
                             "statuses": info.statuses, "residuals": [float(r) for r in info.residuals],
                             "solved": info.solved, "kinds": info.kinds, "spreads": info.spreads}
 
