@@ -99,7 +99,8 @@ class ConvexLayer(nn.Module):
         gp: the problem is a log-log convex program (geometric programming); its
             parameters must be positive. Solved on the per-element path.
         on_failure: ``"raise"`` (default: an error naming the failing batch indices) or
-            ``"mask"``: failing elements' outputs are NaN, no gradient flows to them,
+            ``"mask"``: failing elements' outputs are NaN, constants of the graph (no gradient
+            flows through them: zero, and in forward mode their tangent is zero),
             ``last_solve.solved`` marks them and a ``SolverWarning`` names them.
         check: the problem's own check of each call's tensors (in ``parameters``
             order, after the checks above), raising an error of

@@ -137,6 +137,15 @@ def test_forward_mode_with_an_infeasible_element_masks_or_raises_as_reverse_mode
     # q > 0; row 2 onto the simplex face sum(z) = 2 with z_0 = 0 (q − 0.5 on the support).
     torch.testing.assert_close(got[0], torch.tensor([1.0, -1.0, 0.0], dtype=F64), atol=1e-9, rtol=0)
     torch.testing.assert_close(got[2], torch.tensor([0.0, 0.25, -0.25], dtype=F64), atol=1e-9, rtol=0)
+    # The masked element: its NaN output is a constant of the graph in both modes, as the docs
+    # say (no gradient reaches it in reverse mode; a zero tangent in forward mode).
+    assert torch.equal(got[1], torch.zeros(3, dtype=F64))
+    X = Q.clone().requires_grad_()
+    with pytest.warns(SolverWarning):
+        out = layer(X, B)
+    assert out[1].isnan().all()
+    out.sum().backward()  # (a NaN loss: the masked element is in it)
+    assert torch.equal(X.grad[1], torch.zeros(3, dtype=F64))
     with pytest.raises(InfeasibleError, match=r"\(1,\)"):
         _jvp(lambda qq: ConvexLayer(prob, [q, b], [z])(qq, B), [Q], [T])
 
