@@ -1,4 +1,6 @@
-"""Solvers of robust vector pooling: IRLS, safeguarded Newton and the multi-start search.
+"""Solvers of robust vector pooling: the maths (IRLS weights, Hessian solves), the
+multi-start search and the truncated quadratic's IRLS polish; the other penalties'
+Newton polish and its stopping rule are :mod:`._vector_pool_polish`.
 
 Rows are pooled sets ``x (R, N, C)`` of N vectors in C dimensions; ``alpha`` is ``(R, 1)``
 or 0-d; every function is batched torch code (CPU or CUDA) with one host sync per
@@ -14,7 +16,7 @@ from .._linalg import solve_ex
 from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
 from .dense import checked_solve, default_rcond
-from .pooling.penalties import Penalty, Quadratic, TruncatedQuadratic
+from .pooling.penalties import Penalty, TruncatedQuadratic
 
 # The multi-start phase only has to rank the basins, so it stops at a loose tolerance
 # or after a few dozen IRLS steps (IRLS converges linearly, at a rate of ~0.8 per step
@@ -26,8 +28,6 @@ _START_MAX_ITER = 30
 # reliably (on 60 random 9-point sets in 2-D, radius alpha alone missed the global
 # truncated-quadratic minimum 10 times; these four radii, never).
 _BALL_RADII = (0.5, 1.0, 1.5, 2.0)
-# Newton steps shorter than _SHORT alpha may raise the objective by its rounding (_polish).
-_SHORT = 1e-3
 # Swap rounds of the multi-start search (each stops early when nothing improves).
 _SWAP_ROUNDS = 8
 # The start phase's Gram-form squared distances err by about eps·M² (M: a set's largest
@@ -299,43 +299,23 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
     return u + centre.squeeze(-2)
 
 
-def _polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,
-            max_iter: int, newton: bool) -> torch.Tensor:
-    """Newton/IRLS from u with exact distances until the step is at most
-    ``tol·(alpha + ‖u‖∞)`` in every row.
-
-    The IRLS point never raises the objective (majorise–minimise); the Newton point is
-    taken instead where it lowers the objective below the current one.
-    """
+def _polish_irls(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,
+                 max_iter: int) -> torch.Tensor:
+    """IRLS from u with exact distances until the step is at most ``tol·(alpha + ‖u‖∞)``
+    in every row: the truncated quadratic's, whose IRLS step is its Newton step (the
+    mean of the inliers), exact once the inlier set settles."""
     ar = a.reshape(-1) if a.dim() > 0 else a
     n_todo = 0
     for _ in range(max_iter):
-        d, z = geometry(x, u)
+        z = geometry(x, u)[1]
         k1 = kappa(pen, z, a)
         s1 = k1.sum(-1)
         ok = s1 > 0
         u_irls = (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1, 1.0).unsqueeze(-1)
         new = torch.where(ok.unsqueeze(-1), u_irls, u)
-        if newton:
-            g = (k1.unsqueeze(-2) @ d).squeeze(-2)
-            step, good = hess_solve(s1, unit(d, z), pen.d2phi(z, a) - k1, g)
-            u_nt = u - step
-            f_nt = pen.phi(geometry(x, u_nt)[1], a).sum(-1)
-            f = pen.phi(z, a).sum(-1)
-            # Slack of the sums' rounding: at convergence the quadratic decrease of a
-            # Newton step falls below it, and rejecting the step there would leave the
-            # (linearly converging) IRLS step to crawl the last digits. Only for short
-            # steps (below _SHORT alpha): Huber's Newton steps between two points of equal
-            # objective 0.43 alpha apart alternated forever (10.434 and 10.594, the
-            # minimiser 10.514), and far outliers' terms made the slack so wide that
-            # steps raising the inliers' part were taken and the iterate wandered off.
-            short = step.abs().amax(-1) <= _SHORT * ar
-            slack = x.shape[-2] * torch.finfo(x.dtype).eps * f.abs()
-            take = good & ((f_nt < f) | (short & (f_nt <= f + slack)))
-            new = torch.where(take.unsqueeze(-1), u_nt, new)
         moved = (new - u).abs().amax(-1)
         u = new
-        n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())  # one host sync per Newton step
+        n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())  # one host sync per step
         if n_todo == 0:
             return u
     warn(
@@ -343,26 +323,3 @@ def _polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol
         f"reach tol={tol:g} within max_iter={max_iter}; returning the last iterate",
         SolverWarning)
     return u
-
-
-def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: int, starts: int) -> torch.Tensor:
-    if isinstance(pen, Quadratic):  # (by type: a user penalty may share the name)
-        return x.mean(-2)
-    if pen.convex:
-        # From the mean or the coordinate median, whichever has the lower objective: from
-        # the mean alone, one outlier 1e70 away put the start 1e69 off, and IRLS (about
-        # 4-fold closer per step there, Newton's steps rejected) stopped at max_iter, 2.5e29
-        # off at 1e100 (with a SolverWarning).
-        xd = x.detach()
-        mean, med = xd.mean(-2), _centre(xd).squeeze(-2)
-        f_mean, f_med = (pen.phi(geometry(xd, s)[1], a).sum(-1) for s in (mean, med))
-        u = torch.where((f_med < f_mean).unsqueeze(-1), med, mean)
-    else:
-        # The start only picks the basin; the polish's steps (Newton; the truncated
-        # quadratic's mean of its inliers) carry the derivative where torch.func.jacfwd
-        # differentiates these ops. Differentiated, the search's distances, square roots
-        # of 0 at its data-point starts, made NaN tangents that reached the Jacobian
-        # (jacfwd over several Welsch sets).
-        u = _start(pen, x.detach(), a.detach(), starts, max_iter)
-    # Truncated quadratic: the Newton step equals the IRLS step (the mean of the inliers).
-    return _polish(pen, x, u, a, tol, max_iter, newton=not isinstance(pen, TruncatedQuadratic))

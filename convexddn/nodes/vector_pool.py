@@ -59,9 +59,9 @@ from .._checks import (
 from ..errors import ProblemError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
+from ._vector_pool_polish import solve
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
-from ._vector_pool_solvers import solve
 from ._vector_pool_units import in_units as _in_units
 from ._vector_pool_units import rescaled
 from ._vmap_stack import stacked_under_vmap
@@ -186,10 +186,15 @@ def robust_vector_pool(
     ``tol``. Convex penalties start from the mean. Nonconvex ones first run IRLS from
     the mean, the coordinate-wise median (the reference's two starts) and ``starts``
     evenly spaced data points at once, then polish the lowest-objective end point.
-    Guarantee for ``welsch`` and ``trunc_quad``: a stationary point (for ``trunc_quad``
-    the mean of its own inliers, a local minimiser) whose objective is no higher than
-    that of the local searches from these starts; the global minimiser of the vector
-    problem is combinatorial in C dimensions and is not certified.
+    Guarantee for ``welsch`` and ``trunc_quad``: a stationary point that is no maximum
+    or saddle (for ``trunc_quad`` the mean of its own inliers, a local minimiser) whose
+    objective is no higher than that of the local searches from these starts; the
+    global minimiser of the vector problem is combinatorial in C dimensions and is not
+    certified. A set stops on a Newton step within ``tol`` and within the span (α/2 near
+    a data point) where the curvature holds, or where the gradient is at its rounding
+    noise (:mod:`._vector_pool_polish`); where that noise over the curvature exceeds
+    either, the set is solved again in float64 (from float32) and a
+    :class:`~convexddn.errors.SolverWarning` names those still unresolved.
 
     Backward: :math:`\bar x_i = H_i v`, :math:`v = H^{-1}\bar y`,
     :math:`H_i = \kappa_i I + (\phi''_i - \kappa_i) n_i n_i^\top` (see the module

@@ -1,0 +1,302 @@
+r"""The polish of robust vector pooling: Newton/IRLS from a start to a local minimum, and
+its stopping rule.
+
+Notation per pooled set (row): ``g = Σ_i φ'(z_i) n_i`` the objective's gradient, ``H =
+(Σ κ_i) I + Σ c_i n_i n_iᵀ`` its Hessian (κ_i = φ'(z_i)/z_i, c_i = φ''(z_i) − κ_i,
+:mod:`._vector_pool_solvers`), ``p = H⁻¹ g`` the Newton step. As in the scalar pooling
+(:mod:`.pooling.iterations`), rounding makes the computed ``g`` uncertain by up to
+``noise = eps (2.5 √N ‖φ'‖₂ + 4 Σ_i |φ''(z_i)| z_i)`` (2-norm: the sums' rounding, and
+that of each difference u − x_i, relative to z_i; u and x_i themselves are exact, so
+unlike the scalar's ``h |u|`` the offset of a set does not enter: that term made a data
+point 1e7 alpha from the origin, whose φ''(0) dominates H, look quiet). A row
+stops
+
+* on its Newton step, where H is positive definite, ``‖g‖ > noise`` and ``‖p‖∞`` is at
+  most both the tolerance ``tol (alpha + ‖u‖∞)`` and the span over which the curvature
+  holds (alpha / 2, or the penalty's :meth:`~.pooling.penalties.Penalty.newton_span`):
+  at a data point, where one term's φ''(0) dominates H, a step of about alpha times
+  ``|Σ_{i≠k} n_i|`` said nothing of a minimiser 2e11 alpha away (the Weiszfeld stall);
+* where ``‖g‖ <= noise`` (no reliable direction) and H is positive definite. The row is
+  *unresolved* when ``noise / λ_min(H)`` (how far from the minimiser such a point can
+  be) exceeds that tolerance or span, or u's own rounding exceeds the tolerance (in
+  float32 also the span, see :func:`_on_grid`): float32 rows are solved again in
+  float64, others get a SolverWarning. A Newton step taken there would move on rounding
+  (collinear points 0, 0.1, ..., 0.9 with alpha 1e-8: from the exact minimiser 0.45 to
+  0.4503, with no warning).
+
+A quiet gradient where H is not positive definite is a saddle or a maximum, not a stop:
+the row steps along H's lowest eigenvector to the lowest of a few trial points (Welsch,
+two points 2.01 alpha apart: the mean start, a maximum by symmetry, was returned).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._warn import warn
+from ..errors import SolverWarning
+from ._vector_pool_solvers import (
+    _centre,
+    _hessian,
+    _masked,
+    _polish_irls,
+    _start,
+    geometry,
+    hess_solve,
+    kappa,
+    unit,
+)
+from .pooling.iterations import _LOCAL_SPAN, _NOISE, _SUM_NOISE
+from .pooling.penalties import Penalty, Quadratic, TruncatedQuadratic
+
+# Newton steps shorter than _SHORT alpha may raise the objective by its rounding (polish).
+_SHORT = 1e-3
+# Trial steps along a direction of negative curvature, in alpha (both signs).
+_ESCAPE = (2.0, 1.0, 0.5, 0.25, 0.125, 1.0 / 16)
+
+
+def _newton(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
+    """``(p, good, pd, H)``: the Newton step H⁻¹g, where it is good, and (C <= N: by
+    Cholesky, which also solves) whether H is positive definite (None for C > N, whose
+    Woodbury form does not tell; H None too)."""
+    H = _hessian(s, n, c)
+    if H is None:
+        p, good = hess_solve(s, n, c, g)
+        return p, good, None, None
+    L, info = torch.linalg.cholesky_ex(H)
+    pd = info == 0
+    p, good = _masked(torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1), pd, s)
+    return p, good, pd & good, H
+
+
+def _lowest(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H's smallest eigenvalue (r,) and a unit direction (r, C) of that curvature, for the
+    few rows that need them (detached). C <= N: eigh of H; C > N: H = sI + U D Uᵀ has the
+    eigenvalue s off the span of the n_i and there those of K = sI + G½ D G½ (G = UᵀU,
+    N × N), whose eigenvector w gives the direction U G^{-½} w."""
+    N, C = n.shape[-2:]
+    if C <= N:
+        lam, V = torch.linalg.eigh(_hessian(s, n, c))
+        return lam[:, 0], V[:, :, 0]
+    ev, Q = torch.linalg.eigh(n @ n.mT)
+    big = ev > ev.amax(-1, keepdim=True) * (N * torch.finfo(ev.dtype).eps)
+    root = (Q * ev.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.mT
+    K = root @ (c.unsqueeze(-1) * root)
+    K.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
+    mu, W = torch.linalg.eigh(K)
+    inv = (Q * torch.where(big, ev.clamp(min=1e-300).rsqrt(), 0.0).unsqueeze(-2)) @ Q.mT
+    v = (n.mT @ (inv @ W[:, :, :1])).squeeze(-1)
+    v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+    return torch.minimum(mu[:, 0], s), v
+
+
+def _span(pen: Penalty, h: torch.Tensor, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """How far a Newton step or a noise bound is trusted (R,): alpha / 2, or further where
+    the penalty knows its curvature ``h = Σ φ''`` holds further (pseudo-Huber far from every
+    point). Huber's unlimited span rests on its scalar g being piecewise linear, which the
+    vector one is not: its outliers' terms (α/z_i)(I − n_i n_iᵀ) vary on the scale z_i,
+    so it is a quarter of the nearest distance (alpha / 2 at least). (With alpha / 2, the
+    geometric-median regime, alpha 1e-40 of a spread of 3, was called unresolved.)"""
+    half = _LOCAL_SPAN * a.reshape(-1) if a.dim() else _LOCAL_SPAN * a
+    own = pen.newton_span(h.unsqueeze(-1), a)
+    if own is None:
+        return half.expand(h.shape)
+    own = own.reshape(-1)
+    own = torch.where(torch.isfinite(own), own, 0.25 * z.amin(-1))
+    return torch.maximum(own, half)
+
+
+def _on_grid(au: torch.Tensor, a: torch.Tensor, tol: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Whether u's own rounding, ``4 eps ‖u‖∞``, is within the tolerance (rows stopped on a
+    quiet gradient are unresolved where it is not) and, in float32, within the span
+    alpha / 2: beyond it the grid of u is coarser than the curvature near a data point,
+    whose quiet gradient then says nothing of the points between, and such rows are
+    solved again in float64."""
+    grid = (_NOISE * eps) * au
+    ok = grid <= tol * (a + au)
+    return ok & (grid <= _LOCAL_SPAN * a) if dtype == torch.float32 else ok
+
+
+def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,
+           max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Newton/IRLS from u (R, C) until the stopping rule of the module docstring holds in
+    every row; returns the points and the unresolved rows (R,) bool.
+
+    The IRLS point never raises the objective (majorise–minimise); the Newton point is
+    taken instead where it lowers the objective below the current one. A row stopped on
+    its Newton step returns the Newton point (whose forward-mode tangent is the implicit
+    function's, for torch.func.jacfwd); one stopped on a quiet gradient returns its point,
+    with the tangent of that Newton point.
+    """
+    R, N = x.shape[:2]
+    eps = torch.finfo(x.dtype).eps
+    ar = a.reshape(-1) if a.dim() > 0 else a
+    active = torch.ones(R, dtype=torch.bool, device=x.device)
+    unres = torch.zeros_like(active)
+    n_todo = R
+    # Where no tolerance tol (alpha + |u|) can exceed alpha / 2 (|u| within twice the
+    # largest |x|), the span is not computed: the tests use alpha / 2, which it is at
+    # least; likewise u's grid where it is within the tolerance and (float32) alpha / 2.
+    # (One host read; they cost a tenth of a Huber solve at (16, 8, 36).)
+    half = _LOCAL_SPAN * ar
+    reach = 2 * x.detach().abs().amax((-2, -1))
+    need_span, need_grid = torch.stack([(tol * (ar + reach) > half).any(),
+                                        (_NOISE * eps * reach > half).any()]).tolist()
+    need_grid = tol < _NOISE * eps or (bool(need_grid) and x.dtype == torch.float32)
+    for _ in range(max_iter):
+        d, z = geometry(x, u)
+        k1 = kappa(pen, z, a)
+        s1 = k1.sum(-1)
+        ok = s1 > 0
+        u_irls = (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1, 1.0).unsqueeze(-1)
+        d2 = pen.d2phi(z, a)
+        n, c = unit(d, z), d2 - k1
+        g = (k1.unsqueeze(-2) @ d).squeeze(-2)
+        step, good, pd, H = _newton(s1, n, c, g)
+        u_nt = u - step
+        f = pen.phi(z, a).sum(-1)
+        f_nt = pen.phi(geometry(x, u_nt)[1], a).sum(-1)
+        astep = step.abs().amax(-1)
+        with torch.no_grad():  # the stopping rule (module docstring), on detached values
+            au = u.abs().amax(-1)
+            span = _span(pen, d2.sum(-1), a, z) if need_span else half
+            lim = torch.minimum(tol * (ar + au), span)
+            noise = (torch.linalg.vector_norm(k1 * z, dim=-1) * (_SUM_NOISE * math.sqrt(N))
+                     + _NOISE * (d2.abs() * z).sum(-1)) * eps
+            quiet = torch.linalg.vector_norm(g, dim=-1) <= noise
+            # λ_min(H) >= Σ_i min(κ_i, φ''_i) (Weyl: term i's eigenvalues are κ_i and φ''_i).
+            lam = torch.minimum(k1, d2).sum(-1)
+            if H is not None:  # and >= s − ‖H − sI‖_F (Huber's outliers: Weyl's bound is 0)
+                B = H.clone()
+                B.diagonal(dim1=-2, dim2=-1).sub_(s1.unsqueeze(-1))
+                lam = torch.maximum(lam, s1 - torch.linalg.matrix_norm(B))
+            pd_c = (lam > 0) if pd is None else pd
+            near = good & ~quiet & (astep <= lim)
+            resolved = (lam > 0) & (noise / lam <= lim)
+            if need_grid:
+                resolved &= _on_grid(au, ar, tol, eps, x.dtype)
+            # Slack of the sums' rounding: near a minimum the Newton step's decrease (gᵀp / 2)
+            # falls below it and f cannot judge the step. It is taken there on a positive
+            # definite H within the span where the curvature holds (IRLS crawled 1.5e-14 per
+            # step 4.4e-8 from a minimiser), or when short (below _SHORT alpha). (Huber's
+            # Newton steps between two points of equal objective 0.43 alpha apart, each
+            # decreasing the model by more than the slack, alternated forever.)
+            slack = N * eps * f.abs()
+            flat_f = (astep <= _SHORT * ar) | (pd_c & ~quiet & (astep <= span) & ((g * step).sum(-1) <= 2 * slack))
+            take = good & ((f_nt < f) | (flat_f & (f_nt <= f + slack)))
+            stop = active & ((near & pd_c) | (quiet & pd_c & resolved))
+            rare = active & ((quiet & ~(pd_c & resolved)) | ~pd_c)
+        new = torch.where(take.unsqueeze(-1), u_nt, torch.where(ok.unsqueeze(-1), u_irls, u))
+        # A row that cannot move although its gradient points somewhere (float32 at a data
+        # point 1e7 alpha from the origin: every step rounds back to it) stops unresolved:
+        # float32 rows are solved again in float64.
+        stuck = active & ~stop & ~rare & (new == u).all(-1)
+        stop = stop | stuck
+        n_rare, n_go = torch.stack([rare.sum(), (active & ~stop & ~rare).sum()]).tolist()  # one host sync
+        if n_rare:
+            stop, new, unres = _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, noise,
+                                     au, lim, slack)
+            stuck_r = rare & ~stop & (new == u).all(-1)
+            stuck, stop = stuck | stuck_r, stop | stuck_r
+            n_go = int((active & ~stop).sum())
+        unres = unres | stuck
+        # A stop on a quiet gradient keeps u, with the Newton point's tangent (value u exactly).
+        at_stop = torch.where((quiet | stuck).unsqueeze(-1), u - (step - step.detach()), u_nt)
+        u = torch.where(stop.unsqueeze(-1), at_stop, torch.where(active.unsqueeze(-1), new, u))
+        active = active & ~stop
+        n_todo = n_go
+        if n_todo == 0:
+            return u, unres
+    warn(
+        f"robust_vector_pool(penalty={pen.name!r}): {n_todo} of {u.shape[0]} row(s) did not "
+        f"reach tol={tol:g} within max_iter={max_iter}; returning the last iterate",
+        SolverWarning)
+    return u, unres
+
+
+def _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, noise, au, lim, slack):
+    """The rows whose step or stop needs H's smallest eigenvalue: a quiet gradient where
+    the bound on it does not show H positive definite or the row resolved, or H not shown
+    positive definite (C > N, or a nonconvex penalty's curvature). Decides their stops;
+    where H is not positive definite the row moves to the lowest of its step and trial
+    points along H's direction of lowest curvature (a saddle or a maximum with a quiet
+    gradient is left that way; elsewhere IRLS crawled through the concave region: Welsch
+    at 0.013 alpha per step)."""
+    idx = rare.nonzero().squeeze(-1)
+    with torch.no_grad():
+        s_i, n_i, c_i = s1[idx], n[idx], c[idx]
+        lam, v = _lowest(s_i, n_i, c_i)
+        N, C = n.shape[-2:]
+        # Positive definite beyond the rounding of forming H (hess_solve_checked's bound).
+        pd = lam > (s_i.abs() + c_i.abs().sum(-1)) * (C * math.sqrt(N + 1) * torch.finfo(lam.dtype).eps)
+        q = quiet[idx]
+        eps = torch.finfo(lam.dtype).eps
+        flat = q & pd & ((noise[idx] / lam > lim[idx]) | ~_on_grid(au[idx], ar[idx] if ar.dim() else ar, tol, eps,
+                                                                    lam.dtype))
+        # Trial points u ± t alpha v, and the step's point: the lowest is taken.
+        a_i = (ar[idx] if ar.dim() else ar.expand(idx.shape)).unsqueeze(-1)
+        t = torch.tensor([s * r for r in _ESCAPE for s in (1.0, -1.0)], dtype=u.dtype, device=u.device)
+        u_i = u[idx].detach()
+        trial = torch.cat([u_i.unsqueeze(-2) + (a_i * t).unsqueeze(-1) * v.unsqueeze(-2),
+                           new[idx].detach().unsqueeze(-2), u_i.unsqueeze(-2)], -2)  # (r, T + 2, C)
+        aa = a[idx].unsqueeze(-1) if a.dim() else a
+        ft = pen.phi(torch.linalg.vector_norm(trial.unsqueeze(-2) - x[idx].detach().unsqueeze(-3), dim=-1),
+                     aa).sum(-1)
+        f_u = ft[:, -1]
+        fbest, best = ft[:, :-1].min(-1)
+        escape = ~pd & (fbest < f_u - slack[idx]) & (best < t.numel())
+        halt = (near[idx] | q) & pd | (q & ~escape & ~(fbest < f_u - slack[idx]))
+    stop = stop.index_put((idx,), halt)
+    unres = unres.index_put((idx,), unres[idx] | flat)
+    moved = trial[torch.arange(idx.numel(), device=u.device), best]
+    new = new.index_put((idx,), torch.where(escape.unsqueeze(-1), moved + (u[idx] - u[idx].detach()), new[idx]))
+    return stop, new, unres
+
+
+def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: int, starts: int) -> torch.Tensor:
+    """The pooled points (R, C) of the sets x (R, N, C): the mean (quadratic); a polish
+    from the mean or median (convex) or from the multi-start search (nonconvex)."""
+    if isinstance(pen, Quadratic):  # (by type: a user penalty may share the name)
+        return x.mean(-2)
+    if pen.convex:
+        # From the mean or the coordinate median, whichever has the lower objective: from
+        # the mean alone, one outlier 1e70 away put the start 1e69 off, and IRLS (about
+        # 4-fold closer per step there, Newton's steps rejected) stopped at max_iter, 2.5e29
+        # off at 1e100 (with a SolverWarning).
+        xd = x.detach()
+        mean, med = xd.mean(-2), _centre(xd).squeeze(-2)
+        f_mean, f_med = (pen.phi(geometry(xd, s)[1], a).sum(-1) for s in (mean, med))
+        u = torch.where((f_med < f_mean).unsqueeze(-1), med, mean)
+    else:
+        # The start only picks the basin; the polish's steps (Newton; the truncated
+        # quadratic's mean of its inliers) carry the derivative where torch.func.jacfwd
+        # differentiates these ops. Differentiated, the search's distances, square roots
+        # of 0 at its data-point starts, made NaN tangents that reached the Jacobian
+        # (jacfwd over several Welsch sets).
+        u = _start(pen, x.detach(), a.detach(), starts, max_iter)
+    if isinstance(pen, TruncatedQuadratic):  # its Newton step is the IRLS step, the inliers' mean
+        return _polish_irls(pen, x, u, a, tol, max_iter)
+    u, unres = polish(pen, x, u, a, tol, max_iter)
+    n_unres = int(unres.sum())
+    if n_unres and x.dtype == torch.float32:
+        # Float32 rows whose gradient's rounding hides the minimiser (a data point at 1e7
+        # alpha from the origin: the grid of u is an alpha wide) are solved again in
+        # float64 from where they stopped.
+        idx = unres.nonzero().squeeze(-1)
+        a64 = (a.index_select(0, idx) if a.dim() > 0 else a).double()
+        u64, unres64 = polish(pen, x.index_select(0, idx).double(), u.index_select(0, idx).double(), a64, tol,
+                              max_iter)
+        u = u.index_copy(0, idx, u64.to(u.dtype))
+        unres = unres.index_copy(0, idx, unres64)
+        n_unres = int(unres.sum())
+    if n_unres:
+        bad = unres.nonzero().flatten()
+        warn(
+            f"robust_vector_pool(penalty={pen.name!r}): {n_unres} of {u.shape[0]} row(s) (flat indices "
+            f"{bad[:8].tolist()}{', ...' if n_unres > 8 else ''}) cannot be resolved to tol={tol:g} in "
+            "float64: the objective is so flat there that the rounding noise of its gradient, over its "
+            "curvature, exceeds tol (alpha + |y|) or the span over which that curvature holds (alpha / 2 "
+            "near a data point); returning the point where the gradient is at its noise level",
+            SolverWarning)
+    return u
