@@ -68,11 +68,7 @@ _START_LEVEL = 0.1
 # Elements stopped by numerical trouble or the iteration limit whose last iterate passes
 # the infeasibility tests at this tolerance count as certified (Clarabel's reduced-accuracy
 # tolerance) if their rays pass in the caller's units (rays.verified_rays): a QP with
-# data ~1e4, infeasible by construction, stopped one iteration short of 1e-8 before. The
-# dual ray is also tested as the caller's units test it, without the noise of the rows it
-# does not use: O(1) QPs infeasible by two rows (G₀x <= h₀, G₀x >= h₀ + 1e-3) stopped at
-# τ = 5e-9 with a failed factorisation, ‖Aᵀz‖ 1.1e-4 of |bᵀz| from the small multipliers of
-# their other rows (5 of 12 uncertified; the per-element path then took 7 s a QP).
+# data ~1e4, infeasible by construction, stopped one iteration short of 1e-8 before.
 _REDUCED_TOL_INF = 5e-5
 _RESCALE_BELOW = 1e-3  # a solution (x, z) below this (equilibrated units) is solved again at its scale
 
@@ -294,8 +290,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     stopped = (status == NUMERICAL) | (status == MAX_ITERATIONS)
     if bool(stopped.any()):  # their last iterate is where they stopped
         r = Measures(d, ops, row_inf(d.b), row_inf(d.q), x, s, z, tau, kappa, _REDUCED_TOL_INF)
-        ray, _ = verified_rays(d.P, d.q, d.A, d.b, layout, x, z, _REDUCED_TOL_INF)  # (see _REDUCED_TOL_INF)
-        status = torch.where(stopped & (r.pinf | ray), PRIMAL_INFEASIBLE,
+        status = torch.where(stopped & r.pinf, PRIMAL_INFEASIBLE,
                              torch.where(stopped & r.dinf, DUAL_INFEASIBLE, status))
     # Solved and stalled elements return their best point; certificates their last one.
     certified = (status == PRIMAL_INFEASIBLE) | (status == DUAL_INFEASIBLE)
