@@ -219,15 +219,19 @@ def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> 
     ``G₀x >= h₀ + 1e-3`` in a QP put 2e-3 on the objective's second-order cone, at its edge, whose
     epigraph column it missed by 4e-16 ("reach" 1.4e12), while the two rows alone are an exact
     certificate."""
-    yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
-    if reach_scaling(A, b, cones, yb) is None:
-        return True
-    absA = abs(A)
-    rows = np.asarray(absA.max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
-    clean = _drop_noise(yb, rows, cones, 1e-6)
     zero = np.zeros(A.shape[1])
+
+    def parts():
+        # (lazily: the later parts cost a least squares)
+        yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
+        yield yb  # (projected onto K*: verified again below, as the parts are)
+        rows = np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
+        clean = _drop_noise(yb, rows, cones, 1e-6)
+        yield clean
+        yield _polyhedral(A, cones, clean)
+
     return any(r is not None and np.any(r != 0) and verify_certificate(A, b, zero, cones, zero, r, "infeasible")
-               and reach_scaling(A, b, cones, r) is None for r in (clean, _polyhedral(A, cones, clean)))
+               and reach_scaling(A, b, cones, r) is None for r in parts())
 
 
 # The most entries (rows × columns) of the dense least squares that makes a polyhedral ray exact.

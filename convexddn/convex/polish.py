@@ -52,16 +52,18 @@ def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor
 
 
 def _pair_scale(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(B, mc) the size of each complementary pair's Jordan row, |s_i| + |z_i| on a
-    nonnegative row (1 on the second-order cones' rows), never below ``tiny``: the
-    regularisation beside L(s) in units of the row it regularises. An absolute δ is not
-    small beside a pair whose members are both small: a transport plan's entry of 2e-9
-    (a marginal of 1e-9) beside δ = 1e-10 kept 5 % of its multiplier each step (dz_i =
-    -z_i s_i / (s_i + δ)), and six steps left the point where they found it."""
+    """(B, mc) the regularisation's scale beside L(s) on each row: on a nonnegative row
+    the size of its complementary pair, |s_i| + |z_i|, where that is below 1 (never
+    below sqrt(eps): an exactly zero pair keeps a nonzero row); 1 elsewhere. An absolute
+    δ is not small beside a pair whose members are both small: a transport plan's entry
+    of 2e-9 (a marginal of 1e-9) beside δ = 1e-10 kept 5 % of its multiplier each step
+    (dz_i = -z_i s_i / (s_i + δ)), and six steps left the point where they found it. Nor
+    may it grow with a large multiplier: δ·z beside s ≈ 1e-12 at z ≈ 2.8e7 (a badly
+    scaled LP) swamped L(s), and the polish stalled where δ alone had converged."""
     k = layout.nonneg
     scale = torch.ones_like(s)
     if k:
-        scale[:, :k] = (s[:, :k].abs() + z[:, :k].abs()).clamp_min(torch.finfo(s.dtype).tiny)
+        scale[:, :k] = (s[:, :k].abs() + z[:, :k].abs()).clamp_(torch.finfo(s.dtype).eps ** 0.5, 1.0)
     return scale
 
 

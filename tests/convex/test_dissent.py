@@ -330,3 +330,18 @@ def test_no_scs_run_for_an_element_whose_exact_certificate_verifies(monkeypatch)
         layer(*(torch.tensor(np.stack([g, v])) for g, v in zip(good, bad)))
     assert type(err.value) is InfeasibleError and err.value.indices == [(1,)]
     assert calls == ["Clarabel"], calls  # (the per-element path was reached, and ran Clarabel alone)
+
+
+def test_exact_ray_verifies_its_projection_too():
+    """exact_ray vouched for the ray projected onto K* without checking that the projection
+    is still a certificate: x <= 0, -x <= 0, x <= 1000 is feasible (x = 0), and the ray
+    (1, 1, -0.9e-6), which the tolerant check accepts (a K* violation of 1e-6 times b =
+    1000), projects to (1, 1, 0), an exact null vector with b^T y = 0 -- called exact."""
+    from convexddn.convex.dissent import exact_ray
+
+    A = sp.csc_matrix(np.array([[1.0], [-1.0], [1.0]]))
+    b = np.array([0.0, 0.0, 1000.0])
+    assert not exact_ray(A, b, [("l", 3)], np.array([1.0, 1.0, -0.9e-6]))
+    # A genuine exact certificate still is one: x <= -1, -x <= 0.
+    assert exact_ray(sp.csc_matrix(np.array([[1.0], [-1.0]])), np.array([-1.0, 0.0]), [("l", 2)], np.array([1.0, 1.0]))
+
