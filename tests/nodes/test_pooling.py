@@ -1233,6 +1233,25 @@ def test_welsch_start_cut_off_by_max_iter_warns(max_iter):
     assert float(objective("welsch", x[0], y, alpha)) < float(objective("welsch", x[0], cut, alpha)) - 0.3
 
 
+def test_welsch_float32_start_stuck_on_rounding_is_solved_in_float64():
+    """Where alpha is about an ulp of the data (float32 rows near 1e5, alpha 0.01) a start
+    can be stuck, every Newton step rounding back to it: it ran into max_iter and the row
+    was reported as "had a start stopped by max_iter ... might have reached a lower
+    objective", though the float64 solve of the same rows is silent with the same
+    objective. Such rows are solved again in float64, as unresolved ones are."""
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(32, 2000, generator=g, dtype=F64) * 1e3 + 1e5
+    x32 = x64.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y32 = robust_pool(x32, "welsch", 0.01)
+        y64 = robust_pool(x32.double(), "welsch", 0.01)
+    # Points ~0.5 apart at alpha 0.01: every data point is a local minimum of objective
+    # ~N - 1 (which one wins is rounding); both dtypes return one.
+    for y in (y32.double(), y64):
+        assert (objective("welsch", x32.double(), y, 0.01) <= 2000 - 1 + 1e-3).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_welsch_second_starts_ride_in_the_same_solve(dtype, monkeypatch):
     """Rows of more than 512 whose two refined starts differ solve their second start as
@@ -1313,8 +1332,6 @@ def test_extended_rows_are_views_then_gathered():
     # A selection of it, and an extension of a selection, read the right rows.
     sel = ext.select(torch.tensor([6, 1]))
     assert torch.equal(sel.block(slice(0, 2)), x[[0, 1]])
-    lazy = Rows(x, alpha, None, index=torch.tensor([4, 2])).extended(torch.tensor([1]))
-    assert torch.equal(lazy.block(slice(0, 3)), x[[4, 2, 2]])
     meta = Rows(x.to("meta"), alpha.to("meta"), None).extended(idx.to("meta"))
     assert meta.index is None and meta.x.shape == (7, 4)
 

@@ -47,18 +47,17 @@ class Rows:
 
     def extended(self, idx: Tensor) -> Rows:
         """These rows followed by the rows ``idx`` of them again (a second start of some
-        rows solved in the same pass as the first of all). On a CPU the blocks of the first
-        rows stay views of ``x`` and only one holding repeated rows is gathered; elsewhere the rows are
-        copied into one tensor (cheap there, and the iteration's captured graphs need
-        one: see :func:`.iterations.step_graphs`)."""
+        rows solved in the same pass as the first of all). On a CPU the blocks of the
+        first rows stay views of ``x`` and only one holding repeated rows is gathered;
+        elsewhere the rows are copied into one tensor (cheap there, and the iteration's
+        captured graphs need one: see :func:`.iterations.step_graphs`)."""
+        if self.index is not None:
+            raise ValueError("Rows.extended: rows that are already a selection")  # (no caller makes one)
         a = self.alpha if self.alpha.dim() == 0 else torch.cat([self.alpha, self.alpha.index_select(0, idx)])
-        if self.index is None and self.x.device.type != "cpu":
+        if self.x.device.type != "cpu":
             return Rows(torch.cat([self.x, self.x.index_select(0, idx)]), a, self.alpha_f, self.clamp)
-        if self.index is None:
-            own = torch.arange(self.x.shape[0], device=idx.device)
-            return Rows(self.x, a, self.alpha_f, self.clamp, torch.cat([own, idx]), None, self.x.shape[0])
-        return Rows(self.x, a, self.alpha_f, self.clamp, torch.cat([self.index, self.index.index_select(0, idx)]),
-                    self.buf)
+        own = torch.arange(self.x.shape[0], device=idx.device)
+        return Rows(self.x, a, self.alpha_f, self.clamp, torch.cat([own, idx]), None, self.x.shape[0])
 
     def block(self, sl: slice) -> Tensor:
         """Rows ``sl`` of the solve, ``(r, N)``: a view of x, or gathered from it."""

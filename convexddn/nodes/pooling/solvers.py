@@ -209,10 +209,13 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     y, *flags = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
     unresolved, converged, special, cut = flags
     rows = x.shape[0]
-    if x.dtype != torch.float64 and bool((unresolved | special).any()):
+    again = unresolved | special | cut
+    if x.dtype != torch.float64 and bool(again.any()):
         # (A user's penalty without a saturation can overflow on a far outlier in float32,
-        # (z / alpha)^2 at 1e20, where float64 has room: the row's answer was the mean.)
-        idx = (unresolved | special).nonzero().squeeze(-1)
+        # (z / alpha)^2 at 1e20, where float64 has room: the row's answer was the mean. A
+        # start "stopped by max_iter" in float32 may be stuck, not descending: where alpha
+        # is about an ulp of the data every step rounds back to u.)
+        idx = again.nonzero().squeeze(-1)
         a64 = (a if a.dim() == 0 else a[idx]).double()
         s64 = None if starts is None else starts[idx].double()
         y64, *flags64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
