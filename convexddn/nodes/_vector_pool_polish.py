@@ -39,7 +39,6 @@ from ..errors import SolverWarning
 from ._vector_pool_solvers import (
     _centre,
     _hessian,
-    _masked,
     _polish_irls,
     _start,
     geometry,
@@ -56,8 +55,8 @@ _SHORT = 1e-3
 _ESCAPE = (2.0, 1.0, 0.5, 0.25, 0.125, 1.0 / 16)
 
 
-def _newton(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
-    """``(p, good, pd, H)``: the Newton step H⁻¹g, where it is good, and (C <= N: by
+def _newton(s: torch.Tensor, pos: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
+    """``(p, good, pd, H)``: the Newton step H⁻¹g, where it is good (pos: s > 0), and (C <= N: by
     Cholesky, which also solves) whether H is positive definite (None for C > N, whose
     Woodbury form does not tell; H None too)."""
     H = _hessian(s, n, c)
@@ -65,9 +64,9 @@ def _newton(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
         p, good = hess_solve(s, n, c, g)
         return p, good, None, None
     L, info = torch.linalg.cholesky_ex(H)
-    pd = info == 0
-    p, good = _masked(torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1), pd, s)
-    return p, good, pd & good, H
+    p = torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+    good = (info == 0) & pos & torch.isfinite(p).all(-1)  # (_masked's test; pos: s > 0)
+    return torch.where(good.unsqueeze(-1), p, 0.0), good, good, H
 
 
 def _lowest(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +127,11 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
     its Newton step returns the Newton point (whose forward-mode tangent is the implicit
     function's, for torch.func.jacfwd); one stopped on a quiet gradient returns its point,
     with the tangent of that Newton point.
+
+    Each step first applies the rule as it reads where no active row has a quiet gradient
+    or an H not shown positive definite (the common case: no λ_min bound, no saddle
+    test); where one has, the step's decision is made again by the full rule
+    (:func:`_full_rule`), the same for every row.
     """
     R, N = x.shape[:2]
     eps = torch.finfo(x.dtype).eps
@@ -144,38 +148,37 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
     need_span, need_grid = torch.stack([(tol * (ar + reach) > half).any(),
                                         (_NOISE * eps * reach > half).any()]).tolist()
     need_grid = tol < _NOISE * eps or (bool(need_grid) and x.dtype == torch.float32)
+    sum_noise, short = _SUM_NOISE * math.sqrt(N), _SHORT * ar
+    # (d, z, f) at u where every row that goes on took the last step's Newton point: those
+    # of that point, the same values (and tangents) as formed again from u.
+    carry = None
     for _ in range(max_iter):
-        d, z = geometry(x, u)
+        every = n_todo == R  # every row active: no mask by `active` needed
+        d, z, f = (*geometry(x, u), None) if carry is None else carry
         k1 = kappa(pen, z, a)
         s1 = k1.sum(-1)
         ok = s1 > 0
-        u_irls = (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1, 1.0).unsqueeze(-1)
         d2 = pen.d2phi(z, a)
         n, c = unit(d, z), d2 - k1
         g = (k1.unsqueeze(-2) @ d).squeeze(-2)
-        step, good, pd, H = _newton(s1, n, c, g)
+        step, good, pd, H = _newton(s1, ok, n, c, g)
         u_nt = u - step
-        f = pen.phi(z, a).sum(-1)
-        f_nt = pen.phi(geometry(x, u_nt)[1], a).sum(-1)
+        d_nt, z_nt = geometry(x, u_nt)
+        if f is None:  # f at u and at the Newton point in one pass of phi (rows of the same sums)
+            f, f_nt = pen.phi(torch.cat((z, z_nt), -1), a).unflatten(-1, (2, N)).sum(-1).unbind(-1)
+        else:
+            f_nt = pen.phi(z_nt, a).sum(-1)
         astep = step.abs().amax(-1)
         with torch.no_grad():  # the stopping rule (module docstring), on detached values
             au = u.abs().amax(-1)
             span = _span(pen, d2.sum(-1), a, z) if need_span else half
             lim = torch.minimum(tol * (ar + au), span)
-            noise = (torch.linalg.vector_norm(k1 * z, dim=-1) * (_SUM_NOISE * math.sqrt(N))
-                     + _NOISE * (d2.abs() * z).sum(-1)) * eps
+            noise = (torch.linalg.vector_norm(k1 * z, dim=-1) * sum_noise
+                     + _NOISE * torch.linalg.vecdot(d2.abs(), z)) * eps
             quiet = torch.linalg.vector_norm(g, dim=-1) <= noise
             # λ_min(H) >= Σ_i min(κ_i, φ''_i) (Weyl: term i's eigenvalues are κ_i and φ''_i).
-            lam = torch.minimum(k1, d2).sum(-1)
-            if H is not None:  # and >= s − ‖H − sI‖_F (Huber's outliers: Weyl's bound is 0)
-                B = H.clone()
-                B.diagonal(dim1=-2, dim2=-1).sub_(s1.unsqueeze(-1))
-                lam = torch.maximum(lam, s1 - torch.linalg.matrix_norm(B))
-            pd_c = (lam > 0) if pd is None else pd
-            near = good & ~quiet & (astep <= lim)
-            resolved = (lam > 0) & (noise / lam <= lim)
-            if need_grid:
-                resolved &= _on_grid(au, ar, tol, eps, x.dtype)
+            weyl = torch.minimum(k1, d2).sum(-1) if pd is None else None
+            pd_c = good if pd is not None else weyl > 0
             # Slack of the sums' rounding: near a minimum the Newton step's decrease (gᵀp / 2)
             # falls below it and f cannot judge the step. It is taken there on a positive
             # definite H within the span where the curvature holds (IRLS crawled 1.5e-14 per
@@ -183,28 +186,51 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
             # Newton steps between two points of equal objective 0.43 alpha apart, each
             # decreasing the model by more than the slack, alternated forever.)
             slack = N * eps * f.abs()
-            flat_f = (astep <= _SHORT * ar) | (pd_c & ~quiet & (astep <= span) & ((g * step).sum(-1) <= 2 * slack))
+            # (pd_c & ~quiet: pd_c is good where pd is not None, which take has already.)
+            flat_f = (astep <= short) | ((~quiet if pd is not None else pd_c & ~quiet) & (astep <= span)
+                                         & (torch.linalg.vecdot(g, step) <= 2 * slack))
             take = good & ((f_nt < f) | (flat_f & (f_nt <= f + slack)))
-            stop = active & ((near & pd_c) | (quiet & pd_c & resolved))
-            rare = active & ((quiet & ~(pd_c & resolved)) | ~pd_c)
-        new = torch.where(take.unsqueeze(-1), u_nt, torch.where(ok.unsqueeze(-1), u_irls, u))
+            # The stop as it reads where every active row has ~quiet and pd_c (`special`: not).
+            special = quiet | ~pd_c
+            stop = good & (astep <= lim)
+            if not every:
+                special, stop = special & active, stop & active
+            # The IRLS point is formed only where a row goes on without its Newton point (in a
+            # step the full rule decides: where an active row has not taken it).
+            notake = ~take if every else active & ~take
+            irls = notake & ~stop
         # A row that cannot move although its gradient points somewhere (float32 at a data
         # point 1e7 alpha from the origin: every step rounds back to it) stops unresolved:
-        # float32 rows are solved again in float64.
-        stuck = active & ~stop & ~rare & (new == u).all(-1)
-        stop = stop | stuck
-        n_rare, n_go = torch.stack([rare.sum(), (active & ~stop & ~rare).sum()]).tolist()  # one host sync
-        if n_rare:
-            stop, new, unres = _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, noise,
-                                     au, lim, slack)
-            stuck_r = rare & ~stop & (new == u).all(-1)
-            stuck, stop = stuck | stuck_r, stop | stuck_r
-            n_go = int((active & ~stop).sum())
-        unres = unres | stuck
-        # A stop on a quiet gradient keeps u, with the Newton point's tangent (value u exactly).
-        at_stop = torch.where((quiet | stuck).unsqueeze(-1), u - (step - step.detach()), u_nt)
-        u = torch.where(stop.unsqueeze(-1), at_stop, torch.where(active.unsqueeze(-1), new, u))
-        active = active & ~stop
+        # float32 rows are solved again in float64. (Rows that go on take u_nt unless irls.)
+        new, same = u_nt, (u_nt == u).all(-1)
+        stuck = ~stop & same if every else active & ~stop & same
+        counts = torch.stack([special, notake, irls, stop, stuck]).sum(-1).tolist()  # one host sync
+        n_special, n_notake, n_irls, n_stop, n_stuck = counts
+        carry = None if n_irls or n_special else (d_nt, z_nt, f_nt)
+        if n_irls or (n_special and n_notake):
+            u_irls = (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1, 1.0).unsqueeze(-1)
+            new = torch.where(take.unsqueeze(-1), u_nt, torch.where(ok.unsqueeze(-1), u_irls, u))
+            same = (new == u).all(-1)
+            if not n_special:
+                stuck = ~stop & same if every else active & ~stop & same
+                n_stuck = int(stuck.sum())  # a second read, in IRLS steps only
+        n_go = n_todo - n_stop - n_stuck  # (stop and stuck: disjoint sets of active rows)
+        if n_special:
+            u, active, unres, n_go = _full_rule(pen, x, u, a, ar, tol, need_grid, eps, active, n_todo, unres, k1, d2,
+                                                s1, n, c, H, weyl, pd, good, step, u_nt, new, same, astep, au, lim,
+                                                noise, quiet, slack)
+        else:
+            at_stop = u_nt
+            if n_stuck:
+                unres, stop = unres | stuck, stop | stuck
+                # A stop on a quiet gradient keeps u, with the Newton point's tangent (value u).
+                at_stop = torch.where(stuck.unsqueeze(-1), u - (step - step.detach()), u_nt)
+            if every and at_stop is new:  # (every row takes u_nt)
+                u = new
+            else:
+                u = torch.where(stop.unsqueeze(-1), at_stop,
+                                new if every else torch.where(active.unsqueeze(-1), new, u))
+            active = ~stop if every else active & ~stop
         n_todo = n_go
         if n_todo == 0:
             return u, unres
@@ -213,6 +239,47 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
         f"reach tol={tol:g} within max_iter={max_iter}; returning the last iterate",
         SolverWarning)
     return u, unres
+
+
+def _full_rule(pen, x, u, a, ar, tol, need_grid, eps, active, n_todo, unres, k1, d2, s1, n, c, H, weyl, pd, good,
+               step, u_nt, new, same, astep, au, lim, noise, quiet, slack):
+    """One step's decision by the module docstring's full rule, for a step where some
+    active row has a quiet gradient or an H not shown positive definite: ``(u, active,
+    unres, rows still to go)``. (The step's point ``new`` is the rule's already; n_todo
+    rows are active.)"""
+    every = n_todo == active.shape[0]  # (no mask by `active` needed)
+    with torch.no_grad():
+        lam = torch.minimum(k1, d2).sum(-1) if weyl is None else weyl
+        if H is not None:  # and >= s − ‖H − sI‖_F (Huber's outliers: Weyl's bound is 0)
+            B = H.clone()
+            B.diagonal(dim1=-2, dim2=-1).sub_(s1.unsqueeze(-1))
+            lam = torch.maximum(lam, s1 - torch.linalg.matrix_norm(B))
+        pd_c = (lam > 0) if pd is None else pd
+        near = good & ~quiet & (astep <= lim)
+        resolved = (lam > 0) & (noise / lam <= lim)
+        if need_grid:
+            resolved &= _on_grid(au, ar, tol, eps, x.dtype)
+        firm = pd_c & resolved
+        stop = (near if pd is not None else near & pd_c) | (quiet & firm)  # (near: good, pd_c where pd)
+        rare = (quiet & ~firm) | ~pd_c
+        if not every:
+            stop, rare = stop & active, rare & active
+    stuck = ~(stop | rare) & same if every else active & ~(stop | rare) & same
+    stop = stop | stuck
+    # (stop and rare: disjoint sets of active rows, by pd_c, quiet and firm)
+    n_rare, n_stop = torch.stack([rare, stop]).sum(-1).tolist()  # one host sync
+    n_go = n_todo - n_rare - n_stop
+    if n_rare:
+        stop, new, unres = _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, noise,
+                                 au, lim, slack)
+        stuck_r = rare & ~stop & (new == u).all(-1)
+        stuck, stop = stuck | stuck_r, stop | stuck_r
+        n_go = int((active & ~stop).sum())
+    unres = unres | stuck
+    # A stop on a quiet gradient keeps u, with the Newton point's tangent (value u exactly).
+    at_stop = torch.where((quiet | stuck).unsqueeze(-1), u - (step - step.detach()), u_nt)
+    u = torch.where(stop.unsqueeze(-1), at_stop, new if every else torch.where(active.unsqueeze(-1), new, u))
+    return u, ~stop if every else active & ~stop, unres, n_go
 
 
 def _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, noise, au, lim, slack):
@@ -234,24 +301,39 @@ def _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, 
         eps = torch.finfo(lam.dtype).eps
         flat = q & pd & ((noise[idx] / lam > lim[idx]) | ~_on_grid(au[idx], ar[idx] if ar.dim() else ar, tol, eps,
                                                                     lam.dtype))
-        # Trial points u ± t alpha v, and the step's point: the lowest is taken.
-        a_i = (ar[idx] if ar.dim() else ar.expand(idx.shape)).unsqueeze(-1)
+        # Where H is positive definite the row halts on a near step or a quiet gradient and
+        # keeps its step: no trial points.
+        halt = (near[idx] | q) & pd
+    stop = stop.index_put((idx,), halt)
+    unres = unres.index_put((idx,), unres[idx] | flat)
+    sub = (~pd).nonzero().squeeze(-1)
+    if sub.numel():
+        stop, new = _escape(pen, x, u, a, ar, idx.index_select(0, sub), v.index_select(0, sub),
+                            q.index_select(0, sub), stop, new, slack)
+    return stop, new, unres
+
+
+def _escape(pen, x, u, a, ar, j, v, q, stop, new, slack):
+    """The rows j whose H is not positive definite: to the lowest of the trial points u ±
+    t alpha v (v: the direction of lowest curvature), the step's point and u; a row halts
+    where its gradient is quiet and none is lower than u (by the slack)."""
+    with torch.no_grad():
+        a_j = (ar[j] if ar.dim() else ar.expand(j.shape)).unsqueeze(-1)
         t = torch.tensor([s * r for r in _ESCAPE for s in (1.0, -1.0)], dtype=u.dtype, device=u.device)
-        u_i = u[idx].detach()
-        trial = torch.cat([u_i.unsqueeze(-2) + (a_i * t).unsqueeze(-1) * v.unsqueeze(-2),
-                           new[idx].detach().unsqueeze(-2), u_i.unsqueeze(-2)], -2)  # (r, T + 2, C)
-        aa = a[idx].unsqueeze(-1) if a.dim() else a
-        ft = pen.phi(torch.linalg.vector_norm(trial.unsqueeze(-2) - x[idx].detach().unsqueeze(-3), dim=-1),
+        u_j = u[j].detach()
+        trial = torch.cat([u_j.unsqueeze(-2) + (a_j * t).unsqueeze(-1) * v.unsqueeze(-2),
+                           new[j].detach().unsqueeze(-2), u_j.unsqueeze(-2)], -2)  # (r, T + 2, C)
+        aa = a[j].unsqueeze(-1) if a.dim() else a
+        ft = pen.phi(torch.linalg.vector_norm(trial.unsqueeze(-2) - x[j].detach().unsqueeze(-3), dim=-1),
                      aa).sum(-1)
         f_u = ft[:, -1]
         fbest, best = ft[:, :-1].min(-1)
-        escape = ~pd & (fbest < f_u - slack[idx]) & (best < t.numel())
-        halt = (near[idx] | q) & pd | (q & ~escape & ~(fbest < f_u - slack[idx]))
-    stop = stop.index_put((idx,), halt)
-    unres = unres.index_put((idx,), unres[idx] | flat)
-    moved = trial[torch.arange(idx.numel(), device=u.device), best]
-    new = new.index_put((idx,), torch.where(escape.unsqueeze(-1), moved + (u[idx] - u[idx].detach()), new[idx]))
-    return stop, new, unres
+        lower = fbest < f_u - slack[j]
+        escape = lower & (best < t.numel())
+    stop = stop.index_put((j,), q & ~lower)
+    moved = trial[torch.arange(j.numel(), device=u.device), best]
+    new = new.index_put((j,), torch.where(escape.unsqueeze(-1), moved + (u[j] - u[j].detach()), new[j]))
+    return stop, new
 
 
 def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: int, starts: int) -> torch.Tensor:
@@ -266,7 +348,9 @@ def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: 
         # off at 1e100 (with a SolverWarning).
         xd = x.detach()
         mean, med = xd.mean(-2), _centre(xd).squeeze(-2)
-        f_mean, f_med = (pen.phi(geometry(xd, s)[1], a).sum(-1) for s in (mean, med))
+        N = x.shape[-2]  # (both objectives in one pass of phi)
+        f_mean, f_med = pen.phi(torch.cat((geometry(xd, mean)[1], geometry(xd, med)[1]), -1), a).unflatten(
+            -1, (2, N)).sum(-1).unbind(-1)
         u = torch.where((f_med < f_mean).unsqueeze(-1), med, mean)
     else:
         # The start only picks the basin; the polish's steps (Newton; the truncated

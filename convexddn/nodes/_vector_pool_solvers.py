@@ -55,7 +55,7 @@ def geometry(x: torch.Tensor, u: torch.Tensor):
 
 def unit(d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """n_i = d_i / z_i, and 0 where z_i = 0 (where every term it enters vanishes)."""
-    return d / torch.where(z > 0, z, torch.ones_like(z)).unsqueeze(-1)
+    return d / torch.where(z > 0, z, 1.0).unsqueeze(-1)
 
 
 def _hessian(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
