@@ -183,7 +183,8 @@ def robust_vector_pool(
     ``trunc_quad`` (nonconvex).
 
     Forward: IRLS (majorise–minimise, monotone) safeguarded with Newton steps, to
-    ``tol``. Convex penalties start from the mean. Nonconvex ones first run IRLS from
+    ``tol``. Convex penalties start from the mean or the coordinate-wise median,
+    whichever has the lower objective. Nonconvex ones first run IRLS from
     the mean, the coordinate-wise median (the reference's two starts) and ``starts``
     evenly spaced data points at once, then polish the lowest-objective end point.
     Guarantee for ``welsch`` and ``trunc_quad``: a stationary point that is no maximum
