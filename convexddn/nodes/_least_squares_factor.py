@@ -176,9 +176,11 @@ def conditioning(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor, qtb: t
     For ``graded`` elements (rows of very different sizes, sorted; ``sorted_``: the
     factor's reflectors, tau, row norms and x) the smaller of this and
     :func:`rowwise_error`: QR with sorted rows is also stable row by row (Cox & Higham
-    1998), where the normwise κ overstates the error (a weight of 1e20 on one row: κ
-    ~1e10, x exact). Their estimate was 0 before, which hid nearly dependent columns (one
-    row 1e-4 times the rest beside columns parallel to 1e-13: x 1e-3 off, silently)."""
+    1998), as far as the factor is one column pivoting could have made
+    (:func:`pivot_growth`), where the normwise κ overstates the error (a weight of 1e20 on
+    one row: κ ~1e10, x exact). Their estimate was 0 before, which hid nearly dependent
+    columns (one row 1e-4 times the rest beside columns parallel to 1e-13: x 1e-3 off,
+    silently)."""
     scale = torch.where(columns > 0, columns, 1.0)
     d = torch.where(columns > 0, d / scale, 0.0)
     n = d.shape[-1]
@@ -204,47 +206,73 @@ def conditioning(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor, qtb: t
     a = qtb[..., :n, :].abs().amax((-2, -1))
     c = qtb[..., n:, :].abs().amax((-2, -1)) if qtb.shape[-2] > n else torch.zeros_like(a)
     est = (c / torch.maximum(a, c).clamp_min_(torch.finfo(R.dtype).tiny)).mul_(kappa - 1).add_(1).mul_(kappa * eps)
+    singular = small | tiny
     if sorted_ is not None:
         a_, tau, rows, x = sorted_
-        rowwise = rowwise_error(a_, tau, rows, Rs, y, v, gain, qtb, x * scale.unsqueeze(-1))
+        # ‖B‖ = ‖A_s⁺ D‖ times what the unpivoted factor may have added to it: the row-wise
+        # counterpart of κ.
+        norm_b = rowwise_norm(a_, tau, rows, Rs, y, v)
+        growth = pivot_growth(Rs, d)
+        rowwise = rowwise_error(a_, tau, rows, norm_b, growth, gain, qtb, x * scale.unsqueeze(-1))
         est = torch.where(graded, torch.minimum(est, rowwise), est)
     # 1/σ_min(R)² ≤ 1/(σ_min(Rs)² min ‖column‖²), R = Rs diag(‖column‖) (a zero column: inf,
     # a singular element, which raises).
-    return (small | tiny) & torch.isfinite(top.squeeze(-1)), est, gain / columns.amin(-1) ** 2
+    return singular & torch.isfinite(top.squeeze(-1)), est, gain / columns.amin(-1) ** 2
 
 
-def rowwise_error(a: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, Rs: torch.Tensor, y: torch.Tensor,
-                  v: torch.Tensor, gain: torch.Tensor, qtb: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """x's estimated relative error where the rows were sorted, from a backward error
-    bounded row by row: A_s + D E, ‖E‖ ≤ eps √M, A_s the weighted, regularised design
-    with unit columns (M rows), D = diag(``rows``) its row norms, in the factor's order
-    (Cox & Higham 1998). To first order x_s = diag(‖column‖) x moves by
-    −B E x_s + (A_sᵀA_s)⁻¹ Eᵀ D r_w, B = A_s⁺ D = R_s⁻¹ Q₁ᵀ D: the error is at most
-    eps √M (‖B‖ + ‖(A_sᵀA_s)⁻¹‖ ‖D r_w‖/‖x_s‖). ‖B‖² is estimated by one power step,
-    ‖B Bᵀ v‖/‖v‖ from the generic ``v`` (``y`` = R_s⁻ᵀ v), at an ormqr each way;
-    ‖(A_sᵀA_s)⁻¹‖ is :func:`conditioning`'s ``gain``. With rows of one size this is the
-    normwise estimate; where only the row scales are graded and the columns well
-    determined row by row (a weight of 1e20 on one row: κ(R_s) ~1e10), ‖B‖ stays ~1,
-    while nearly dependent columns still make it large (rows all nearly parallel, one
-    1.6e7 times the rest: x 2.6 % off)."""
+def pivot_growth(Rs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """How far the unpivoted factor is from one column pivoting could have made, (…):
+    Π_k max(1, max_{j>k} ‖Rs[k:, j]‖ / |Rs[k, k]|) (``d``: |diag Rs|; ‖Rs[k:, j]‖ is the
+    norm column j had left at step k, Q orthonormal). Cox & Higham's row-wise stability
+    needs both the sorted rows and column pivoting, which keeps each ratio ≤ 1: step k
+    changes row i of a later column j by up to 2 |a_ik| ‖a_j‖/|r_kk|, so a pivot far
+    below a later column's remaining norm multiplies a light row's backward error by that
+    ratio (columns equal to 2e-13 and weights from 3.8e-6 to 1.5e11, diagonal −8e5, −7e-7,
+    9e4: x 1.6e-5 off while the row-wise bound said 2.8e-14). Inf where a pivot is 0."""
+    if Rs.shape[-1] < 2:
+        return d.new_ones(d.shape[:-1])
+    # (Squares of entries ≤ 1, unit columns: they underflow only far below eps.)
+    left = Rs.square().flip(-2).cumsum(-2).flip(-2).triu(1).amax(-1).sqrt()
+    return (left / d).nan_to_num(nan=math.inf).clamp_min(1).prod(-1)
+
+
+def rowwise_norm(a: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, Rs: torch.Tensor, y: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+    """‖B‖ = ‖A_s⁺ D‖ (see :func:`rowwise_error`) over the factor's batch, by one power
+    step: ‖B Bᵀ v‖/‖v‖ from the generic ``v`` (``y`` = R_s⁻ᵀ v), B Bᵀ v = R_s⁻¹ Q₁ᵀ D² Q₁
+    R_s⁻ᵀ v, at an ormqr each way. Inf or NaN for an exactly singular factor."""
     n, m = Rs.shape[-1], a.shape[-2]
-    eps = torch.finfo(Rs.dtype).eps
-    # Q [R_s⁻ᵀ v, 0; 0, (Qᵀ W^{1/2} b) below n] = [Q₁ R_s⁻ᵀ v, r_w], in the factor's row
-    # order (no gather), over the batch shared with b: one ormqr for both.
-    batch = torch.broadcast_shapes(y.shape[:-2], qtb.shape[:-2])
-    top = torch.cat([y.expand(*batch, n, 1), y.new_zeros(*batch, m - n, 1)], -2)
-    below = torch.cat([torch.zeros_like(qtb[..., :n, :]), qtb[..., n:, :]], -2).expand(*batch, m, qtb.shape[-1])
-    a2, tau2, both, _ = _broadcast(a, tau, torch.cat([top, below], -1), None)
-    both = torch.ormqr(a2, tau2, both, left=True, transpose=False) * rows.unsqueeze(-1)
-    drw = both[..., 1:].abs().amax((-2, -1))
-    # B Bᵀ v = R_s⁻¹ Q₁ᵀ D² Q₁ R_s⁻ᵀ v (D once applied above).
-    z = torch.ormqr(a2, tau2, both[..., :1] * rows.unsqueeze(-1), left=True, transpose=True)[..., :n, :]
+    u = torch.ormqr(a, tau, torch.cat([y, y.new_zeros(*y.shape[:-2], m - n, 1)], -2), left=True, transpose=False)
+    z = torch.ormqr(a, tau, u * rows.square().unsqueeze(-1), left=True, transpose=True)[..., :n, :]
     power = torch.linalg.solve_triangular(Rs, z, upper=True).abs().amax((-2, -1)) / v.abs().amax((-2, -1))
+    return power.sqrt()
+
+
+def rowwise_error(a: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, norm_b: torch.Tensor,
+                  growth: torch.Tensor, gain: torch.Tensor, qtb: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """x's estimated relative error where the rows were sorted, from a backward error
+    bounded row by row: A_s + D E, ‖E‖ ≤ eps √M g, A_s the weighted, regularised design
+    with unit columns (M rows), D = diag(``rows``) its row norms, in the factor's order,
+    g the :func:`pivot_growth` (Cox & Higham 1998). To first order x_s = diag(‖column‖) x
+    moves by −B E x_s + (A_sᵀA_s)⁻¹ Eᵀ D r_w, B = A_s⁺ D = R_s⁻¹ Q₁ᵀ D: the error is at
+    most eps √M g (‖B‖ + ‖(A_sᵀA_s)⁻¹‖ ‖D r_w‖/‖x_s‖). ``norm_b``: ‖B‖
+    (:func:`rowwise_norm`), ``growth``: g; ‖(A_sᵀA_s)⁻¹‖ is :func:`conditioning`'s
+    ``gain``; r_w through Q, over the batch shared with b. With rows of one size this is
+    the normwise estimate;
+    where only the row scales are graded and the columns well determined row by row (a
+    weight of 1e20 on one row: κ(R_s) ~1e10), ‖B‖ stays ~1, while nearly dependent
+    columns still make it large (rows all nearly parallel, one 1.6e7 times the rest: x
+    2.6 % off)."""
+    n, m = a.shape[-1], a.shape[-2]
+    eps = torch.finfo(a.dtype).eps
+    below = torch.cat([torch.zeros_like(qtb[..., :n, :]), qtb[..., n:, :]], -2)
+    a2, tau2, below, _ = _broadcast(a, tau, below, None)
+    drw = (torch.ormqr(a2, tau2, below, left=True, transpose=False) * rows.unsqueeze(-1)).abs().amax((-2, -1))
     xmax = xs.abs().amax((-2, -1)) if xs.shape[-1] else torch.zeros_like(drw)
     # (x = 0 with r_w ≠ 0, b orthogonal to the range: no relative error to bound, inf;
     # b = 0: none at all.)
     tail = torch.where(drw > 0, gain * drw / xmax, 0.0)
-    return (power.sqrt() + tail) * (math.sqrt(m) * eps)
+    return (norm_b + tail) * growth * (math.sqrt(m) * eps)
 
 
 def backward_gain(d: torch.Tensor, x: torch.Tensor, bt: torch.Tensor, columns: torch.Tensor,

@@ -313,8 +313,9 @@ def least_squares(
             design, e.g. nearly dependent columns with a tiny ridge); the message names the
             batch elements. Where rows differ in size by over 1024× (sorted, stable row by
             row) the error is estimated row by row, from the design with unit columns and
-            its rows' norms as weights: nearly dependent columns still warn, row scales alone
-            (a weight of 1e20 on one row) do not.
+            its rows' norms as weights, times how far the unpivoted factor is from a
+            column-pivoted one (which row-wise stability needs): nearly dependent columns
+            still warn, row scales alone (a weight of 1e20 on one row) do not.
         GradientWarning: in backward, a gradient that holds Inf or NaN although the
             inputs and the incoming gradient are finite (it exceeds the dtype's range,
             e.g. float32 ``A`` of magnitude 1e-20); the message names the batch elements.

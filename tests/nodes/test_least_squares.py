@@ -877,3 +877,30 @@ def test_graded_rows_with_well_determined_columns_stay_silent_and_exact(exact_so
             x = least_squares(AA, bb, w)
         exact = solve(*normal_equations(AA.tolist(), bb.tolist(), None if w is None else w.tolist()))
         assert float((x - exact).abs().max() / exact.abs().max()) < 1e-13
+
+
+def test_graded_rows_warn_where_the_unpivoted_factor_is_not_stable_row_by_row(exact_solve):
+    # Sorted rows make Householder QR stable row by row only with column pivoting too (Cox
+    # & Higham), which geqrf lacks: columns 0 and 1 equal to ~2e-13 leave a pivot of 7e-7
+    # before one of 9e4, and x came out 1.6e-5 off while the row-wise estimate said 2.8e-14,
+    # silently. (A row-sorted, column-pivoted QR gets 2e-15.)
+    A = torch.tensor([[-1.6212133821796382, -1.6212133821799681, -1.936465810165677, 0.4455440879385614,
+                       -0.9931720164626999],
+                      [1.7260815817568498, 1.726081581755227, 0.8584564409854354, -0.6825613444795653,
+                       1.499831435855922],
+                      [1.278960070295762, 1.2789600702970023, 0.17507081530356994, 0.42389048400778434,
+                       0.3666717709975949],
+                      [-0.34482807774479834, -0.34482807774599755, 1.1874496694577081, -1.1108658188675227,
+                       -0.05950182029500596],
+                      [-0.5892631140796216, -0.5892631140769508, -0.46985621794370336, 1.9022307886175074,
+                       -1.7072894528587799]], dtype=D)
+    b = torch.tensor([3.0218091829410256, -2.409810480541574, -2.141638597848091, 0.31658387348937156,
+                      -0.07266461744708608], dtype=D)
+    w = torch.tensor([3830403867.8188066, 152623151519.63568, 121176512182.75479, 3.797579849225966e-06,
+                      1.1232074944534307], dtype=D)
+    solve, normal_equations = exact_solve
+    exact = solve(*normal_equations(A.tolist(), b.tolist(), w.tolist(), ridge=1e-14))
+    with pytest.warns(SolverWarning, match=r"x may be inaccurate for 1 of 1 batch element"):
+        x = least_squares(A, b, w, 1e-14)
+    assert float((x - exact).norm() / exact.norm()) > 1e-6  # (the warning is due)
+
