@@ -180,7 +180,8 @@ def conditioning(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor, qtb: t
     (:func:`pivot_growth`), where the normwise κ overstates the error (a weight of 1e20 on
     one row: κ ~1e10, x exact). Their estimate was 0 before, which hid nearly dependent
     columns (one row 1e-4 times the rest beside columns parallel to 1e-13: x 1e-3 off,
-    silently)."""
+    silently). Their rank is judged row by row as well: singular only where the row-wise
+    counterpart of κ, growth·‖A_s⁺ D‖, also exceeds 1/tol."""
     scale = torch.where(columns > 0, columns, 1.0)
     d = torch.where(columns > 0, d / scale, 0.0)
     n = d.shape[-1]
@@ -210,9 +211,13 @@ def conditioning(d: torch.Tensor, columns: torch.Tensor, R: torch.Tensor, qtb: t
     if sorted_ is not None:
         a_, tau, rows, x = sorted_
         # ‖B‖ = ‖A_s⁺ D‖ times what the unpivoted factor may have added to it: the row-wise
-        # counterpart of κ.
+        # counterpart of κ. Rows of very different sizes grade R's diagonal (rows s, 1, 1/s
+        # of a well-conditioned 3×3: 1, 1/s, 1/s² after column scaling) without the matrix
+        # being singular row by row: s = 1e8 was refused as rank deficient, torch.linalg.solve
+        # gets x to 1e-16. Singular for sorted elements is singular both ways.
         norm_b = rowwise_norm(a_, tau, rows, Rs, y, v)
         growth = pivot_growth(Rs, d)
+        singular = torch.where(graded, singular & ~(norm_b * growth * tol < 1), singular)
         rowwise = rowwise_error(a_, tau, rows, norm_b, growth, gain, qtb, x * scale.unsqueeze(-1))
         est = torch.where(graded, torch.minimum(est, rowwise), est)
     # 1/σ_min(R)² ≤ 1/(σ_min(Rs)² min ‖column‖²), R = Rs diag(‖column‖) (a zero column: inf,

@@ -904,3 +904,32 @@ def test_graded_rows_warn_where_the_unpivoted_factor_is_not_stable_row_by_row(ex
         x = least_squares(A, b, w, 1e-14)
     assert float((x - exact).norm() / exact.norm()) > 1e-6  # (the warning is due)
 
+
+@pytest.mark.parametrize("s", [2.0**27, 2.0**30, 2.0**40])
+def test_an_invertible_square_system_with_graded_rows_is_solved_not_refused(s, exact_solve):
+    # Rows s, 1, 1/s of a well-conditioned 3×3 grade the column-scaled factor's diagonal
+    # (1, 1/s, 1/s²) without the matrix being singular row by row: from s ~1e8 on it was
+    # refused as rank deficient (torch.linalg.solve gets x to 1e-16). Powers of two: the
+    # scaled rows, and the weights s², are exact, so x is A0⁻¹ b.
+    A0 = torch.tensor([[1.0, 2.0, 0.5], [-0.3, 1.0, 2.0], [1.5, -1.0, 1.0]], dtype=D)
+    b = torch.tensor([1.0, 2.0, 3.0], dtype=D)
+    Dr = torch.tensor([s, 1.0, 1 / s], dtype=D)
+    solve, _ = exact_solve
+    exact = solve(A0.tolist(), b.tolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x in (least_squares(Dr[:, None] * A0, Dr * b), least_squares(A0, b, Dr**2)):
+            assert float((x - exact).abs().max() / exact.abs().max()) < 1e-13
+
+
+@pytest.mark.parametrize("dup", [(0, 1), (1, 2)])
+def test_a_rank_deficient_design_with_graded_rows_is_still_refused(dup):
+    # The converse of the above: two equal columns stay singular whatever the row scales
+    # (the equal pair first, where a later column follows the zero pivot, or last).
+    A = rand(6, 3, seed=3)
+    A[:, dup[1]] = A[:, dup[0]]
+    Dr = 2.0 ** torch.tensor([30.0, 0, -30, 10, -10, 0], dtype=D)
+    with pytest.raises(SolverError, match="rank deficient"):
+        least_squares(Dr[:, None] * A, rand(6, seed=4))
+    with pytest.raises(SolverError, match="rank deficient"):
+        least_squares(A, rand(6, seed=4), Dr**2)
