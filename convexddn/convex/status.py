@@ -210,11 +210,10 @@ def refuse_unverifiable(info: dict, idx: Sequence[int], points: Sequence[int]) -
         if info["solved"][i] and bits & UNVERIFIABLE:
             info["solved"][i], info["kinds"][i] = False, "other"
             info["statuses"][i] = (f"{info['statuses'][i]}; not verified: the equality constraints are nearly "
-                                   "linearly dependent (after equilibration, measured by their singular values or their QR "
-                                   f"factor's diagonal: the least at most {NEARLY_DEPENDENT:g} of the largest): the "
-                                   "solution is ill-determined "
-                                   "by the data and no residual check can vouch for a point; drop or combine "
-                                   "nearly parallel rows")
+                                   "linearly dependent (after equilibration, measured by their singular values or "
+                                   f"their QR factor's diagonal: the least at most {NEARLY_DEPENDENT:g} of the "
+                                   "largest): the solution is ill-determined by the data and no residual check can "
+                                   "vouch for a point; drop or combine nearly parallel rows")
 
 
 def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], solved: torch.Tensor,
