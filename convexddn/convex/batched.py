@@ -55,7 +55,10 @@ class BatchedSolveInfo:
     is the estimated relative error of the solution (one Newton step's size; NaN where
     no estimate can be formed: equality rows too nearly dependent);
     ``points`` whether the returned point is primal and/or dual feasible in the
-    caller's units (bits :data:`~.measures.FEASIBLE_PRIMAL`, :data:`~.measures.FEASIBLE_DUAL`).
+    caller's units (bits :data:`~.measures.FEASIBLE_PRIMAL`, :data:`~.measures.FEASIBLE_DUAL`);
+    ``opinion``, with ``second_opinion``, what Clarabel said of the element
+    (:func:`~.second_opinion.clarabel_points`' codes: solved, a claim whose ray verifies,
+    an unboundedness it did not confirm at its ray's reach, or none), ``-1`` without.
     """
 
     status: torch.Tensor
@@ -64,6 +67,7 @@ class BatchedSolveInfo:
     iterations: torch.Tensor
     error: torch.Tensor | None = None
     points: torch.Tensor | None = None
+    opinion: torch.Tensor | None = None
     names: ClassVar[dict[int, str]] = STATUS_NAMES
 
     def status_names(self) -> list[str]:
@@ -280,7 +284,7 @@ class BatchedProgram:
             z = sum(v.sum() for v in values) * 0
             outs = tuple(values[0].new_zeros((0,) + v.shape) + z for v in data.variables)
             e = values[0].new_zeros(0)
-            return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e, e.long())
+            return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e, e.long(), e.long())
         chunk = max(1, self.max_batch(values[0].device))
         if B > chunk:
             # More than the memory budget holds (a large program at a large batch): in
@@ -297,8 +301,10 @@ class BatchedProgram:
                        max_iter=self.max_iter, refine=self.refine,
                        polish=self.polish, structure=data.structure, error_cols=data.on_device("error_cols", p),
                        error_duals=data.on_device("error_duals", p))
+        opinion = torch.full((B,), -1, dtype=torch.long, device=p.device)
         if second_opinion:
-            options["start"] = clarabel_points(P, q, A, b, data.layout)[:3]
+            *start, _, opinion = clarabel_points(P, q, A, b, data.layout, opinions=True)
+            options["start"] = tuple(start)
         # How a generic direction of the parameters requiring grad moves the data: the
         # backward probes along it for degenerate vertices, for null directions the
         # parameters reach and for dependent rows they move apart.
@@ -321,4 +327,4 @@ class BatchedProgram:
             # Failed elements: keep their (finite) values but cut them off the graph.
             mask = solved.view((-1,) + (1,) * (out.dim() - 1))
             outs.append(torch.where(mask, out, out.detach()) if needs_grad else out)
-        return tuple(outs), BatchedSolveInfo(status, residual, solved, iterations, error, points)
+        return tuple(outs), BatchedSolveInfo(status, residual, solved, iterations, error, points, opinion)

@@ -35,10 +35,12 @@ import torch
 
 from .._autograd import refuse_transforms
 from .._process_settings import solver_warnings_ignored
+from .cone_solution import DUAL_INFEASIBLE, NUMERICAL, PRIMAL_INFEASIBLE, SOLVED
 from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
-from .status import merge_resolved, status_kind
+from .rays import verified_rays
+from .status import doubt_certificates, merge_resolved, status_kind
 from .symmetric_cones import ConeLayout
 from .validation import element_subset
 
@@ -47,16 +49,18 @@ if TYPE_CHECKING:  # (batched imports this module)
 
     from .batched import BatchedProgram
 
-__all__ = ["clarabel_points", "equilibrated_start", "solve_with_opinion"]
+__all__ = ["clarabel_points", "equilibrated_start", "solve_with_opinion", "weigh_unbounded"]
 
 # Clarabel's statuses whose point is a ray (an infeasibility certificate), not a
 # candidate solution. Any other finite point is handed on, whatever the status: the
 # polish and the checks decide (Clarabel stopped with "InsufficientProgress" 0.94 off
 # on the badly scaled QP at s = 100, and the polish makes that point exact).
 _RAYS = {"PrimalInfeasible", "DualInfeasible", "AlmostPrimalInfeasible", "AlmostDualInfeasible"}
+_SOLVED = {"Solved", "AlmostSolved"}
 
 # The per-element path's tight Clarabel settings (one source for the tolerances).
 _SETTINGS = {**SOLVER_DEFAULTS["Clarabel"], "verbose": False}
+_EPS = np.finfo(np.float64).eps
 
 
 def _cones(layout: ConeLayout) -> list:
@@ -69,17 +73,23 @@ def _cones(layout: ConeLayout) -> list:
     return cones
 
 
-def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor,
-                    layout: ConeLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tensor, layout: ConeLayout,
+                    opinions: bool = False) -> tuple[torch.Tensor, ...]:
     """Clarabel's solution of each element of a batch of cone programs.
 
     Shape:
         ``P (B, n, n), q (B, n), A (B, m, n), b (B, m)`` -> ``x (B, n), s (B, m),
-        z (B, m), usable (B,)``, on the data's device and dtype.
+        z (B, m), usable (B,)`` [, ``opinion (B,)``], on the data's device and dtype.
 
     Returns:
         The points (zeros where Clarabel raised, returned a non-finite point or an
-        infeasibility ray) and a bool mask of the others. Never raises for one element.
+        infeasibility ray) and a bool mask of the others. With ``opinions``, also what
+        Clarabel says of each element, as a status code of
+        :data:`~.cone_solution.STATUS_NAMES`: ``SOLVED`` where it reports the problem
+        solved (``Solved``, ``AlmostSolved``), ``PRIMAL_INFEASIBLE`` (``DUAL_INFEASIBLE``)
+        where it claims infeasibility (unboundedness) with a ray that verifies in the units
+        given (:func:`~.rays.verified_rays`), ``NUMERICAL`` otherwise (no opinion).
+        Never raises for one element.
     """
     # (torch's "Cannot access data pointer" at the numpy copy)
     refuse_transforms("ConvexLayer: Clarabel's second look at elements the batched iterations did not certify",
@@ -92,22 +102,126 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
     for key, value in _SETTINGS.items():
         setattr(settings, key, value)
     x, s, z = np.zeros((B, n)), np.zeros((B, m)), np.zeros((B, m))
+    rx, rz = np.zeros((B, n)), np.zeros((B, m))  # the rays Clarabel claims, where it claims one
     usable = np.zeros(B, dtype=bool)
+    said = np.full(B, NUMERICAL)
     for i in range(B):
         Pi = sp.triu(sp.csc_matrix(0.5 * (Pn[i] + Pn[i].T)), format="csc")
-        try:
-            with solver_warnings_ignored():  # (catch_warnings is not thread-safe)
-                sol = clarabel.DefaultSolver(Pi, qn[i], sp.csc_matrix(An[i]), bn[i], cones, settings).solve()
-        except BaseException as err:  # noqa: B036 (a Rust panic is a BaseException)
-            if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-                raise
+        got = _solve(Pi, qn[i], An[i], bn[i], cones, settings)
+        if got is None:
             continue  # this element stays unusable; the per-element path comes next
-        xi, si, zi = (np.asarray(v, dtype=np.float64) for v in (sol.x, sol.s, sol.z))
-        if str(sol.status) not in _RAYS and np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all():
+        status, xi, si, zi = got
+        finite = np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all()
+        D = _row_reach(An[i], Pn[i], qn[i], layout, xi) if finite and status in _UNBOUNDED else None
+        if D is not None:
+            # An approximate ray: Clarabel again on the rows scaled by their reach, where the
+            # dual points it does not exclude are of unit size (x unchanged, s / D, z D).
+            again = _solve(Pi, qn[i], D[:, None] * An[i], D * bn[i], cones, settings)
+            if again is None:
+                said[i] = UNCONFIRMED
+                continue
+            status, xi, si, zi = again
+            si, zi = si / D, zi * D
+            if status not in _UNBOUNDED:  # (a ray that verifies there confirms it, checked below)
+                said[i] = UNCONFIRMED
+            finite = np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all()
+        if status in _RAYS:
+            if finite:
+                rx[i], rz[i] = xi, zi
+                said[i] = PRIMAL_INFEASIBLE if "Primal" in status else DUAL_INFEASIBLE
+        elif finite:
             x[i], s[i], z[i], usable[i] = xi, si, zi, True
+            said[i] = SOLVED if status in _SOLVED else said[i]
     to = dict(device=dev, dtype=dtype)
-    return (torch.from_numpy(x).to(**to), torch.from_numpy(s).to(**to), torch.from_numpy(z).to(**to),
-            torch.from_numpy(usable).to(dev))
+    out = (torch.from_numpy(x).to(**to), torch.from_numpy(s).to(**to), torch.from_numpy(z).to(**to),
+           torch.from_numpy(usable).to(dev))
+    if not opinions:
+        return out
+    said = torch.from_numpy(said).to(dev)
+    if bool((said > SOLVED).any()):  # (a claimed ray is an opinion only where it verifies)
+        infeasible, unbounded = verified_rays(P.detach(), q.detach(), A.detach(), b.detach(), layout,
+                                              torch.from_numpy(rx).to(**to), torch.from_numpy(rz).to(**to))
+        real = ((said == PRIMAL_INFEASIBLE) & infeasible) | ((said == DUAL_INFEASIBLE) & unbounded)
+        said = torch.where((said == SOLVED) | (said == UNCONFIRMED) | real, said, NUMERICAL)
+    return (*out, said)
+
+
+_UNBOUNDED = {"DualInfeasible", "AlmostDualInfeasible"}
+# clarabel_points' opinion where Clarabel claimed unboundedness with an approximate ray and,
+# solved again at the ray's reach (_row_reach), did not claim it there.
+UNCONFIRMED = 5
+
+
+def _solve(P: sp.csc_matrix, q: np.ndarray, A: np.ndarray, b: np.ndarray, cones: list,
+           settings) -> tuple[str, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Clarabel's ``(status, x, s, z)`` on one program, ``None`` where it raised."""
+    try:
+        with solver_warnings_ignored():  # (catch_warnings is not thread-safe)
+            sol = clarabel.DefaultSolver(P, q, sp.csc_matrix(A), b, cones, settings).solve()
+    except BaseException as err:  # noqa: B036 (a Rust panic is a BaseException)
+        if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        return None
+    return str(sol.status), *(np.asarray(v, dtype=np.float64) for v in (sol.x, sol.s, sol.z))
+
+
+def _outside(A: np.ndarray, layout: ConeLayout, d: np.ndarray) -> np.ndarray:
+    """``(m,)``: how far :math:`-A_i d` lies outside K, row by row (zero rows :math:`|A_i d|`,
+    nonnegative rows :math:`(A_i d)_+`, a second-order cone's rows its :math:`(\\|u\\| - t)_+`
+    for :math:`-A d = (t, u)`), 0 within the rounding of the row's terms."""
+    w = -(A @ d)
+    c0 = layout.zero + layout.nonneg
+    parts = [np.abs(w[:layout.zero]), np.maximum(-w[layout.zero:c0], 0.0)]
+    for k in layout.soc:
+        parts.append(np.full(k, max(np.linalg.norm(w[c0 + 1:c0 + k]) - w[c0], 0.0)))
+        c0 += k
+    e = np.concatenate(parts)
+    return np.where(e <= 64 * _EPS * (np.abs(A) @ np.abs(d)), 0.0, e)
+
+
+def _exact_part(A: np.ndarray, P: np.ndarray, q: np.ndarray, layout: ConeLayout, d: np.ndarray) -> bool:
+    """Whether the ray ``d`` (normalised), made exact on the zero and nonnegative rows it
+    nearly meets (:math:`|A_i d|` within 1e-6 of :math:`\\|A_i\\|_\\infty`) and on P (projected
+    onto their null space, a least squares), is a ray to rounding: :math:`-Ad' \\in K` and
+    :math:`Pd' = 0` to the rounding of their terms, :math:`q^T d' < 0`. A solver's ray of an
+    unbounded program along an open slab carries its tolerance across the slab's rows
+    (parallel exactly); along a slab that closes (rows parallel to 1e-8) nothing is left."""
+    c0 = layout.zero + layout.nonneg
+    rows = np.abs(A).max(axis=1) if A.shape[1] else np.zeros(A.shape[0])
+    near = np.zeros(A.shape[0], dtype=bool)
+    near[:c0] = np.abs(A[:c0] @ d) <= 1e-6 * rows[:c0]
+    M = np.concatenate([A[near], P])
+    if M.size:
+        d = d - np.linalg.lstsq(M, M @ d, rcond=None)[0]
+    top = np.max(np.abs(d))
+    if not top > 0:
+        return False
+    d = d / top
+    flat = np.all(np.abs(P @ d) <= 64 * _EPS * (np.abs(P) @ np.abs(d)))
+    return bool(flat and not np.any(_outside(A, layout, d) > 0) and float(q @ d) < 0)
+
+
+def _row_reach(A: np.ndarray, P: np.ndarray, q: np.ndarray, layout: ConeLayout, ray: np.ndarray) -> np.ndarray | None:
+    """The row scaling at which to solve again a program claimed unbounded along ``ray``,
+    or ``None`` where the ray is exact, or has an exact part (:func:`_exact_part`): no row
+    limits its reach.
+
+    With :math:`d` the ray normalised and :math:`e_i` how far :math:`-A_i d` lies outside K
+    (:func:`_outside`), any dual point :math:`y \\in K^*` with residual :math:`r = A^T y + q`
+    has :math:`q^T d \\ge r^T d - y^T e`, so the ray excludes only the dual points with
+    :math:`|y_i| < R_i = |q^T d| / e_i` on some row. The rows within a factor 10 of the
+    least reach are scaled by it, the others by 1 (a cone's rows alike: D keeps K).
+    """
+    top = np.max(np.abs(ray))
+    if not top > 0:
+        return None
+    d = ray / top
+    e = _outside(A, layout, d)
+    if not np.any(e > 0) or _exact_part(A, P, q, layout, d):
+        return None
+    with np.errstate(divide="ignore"):
+        reach = abs(float(q @ d)) / e
+    return np.where(reach <= 10 * reach.min(), reach, 1.0) if reach.min() > 0 else None
 
 
 # How far inside K a given start is moved (relative to its size; as a polished point).
@@ -168,4 +282,42 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
                 "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),
                 "solved": took, "kinds": ["solved"] * len(redo)}
         merge_resolved(sols, info, redo, fixed, part, take=took)
+        # A verdict of the iterations is weighed against the second opinion: what the
+        # checked point shows, then what Clarabel claims.
+        doubt_certificates(info, redo, [info["points"][i] for i in redo])
+        weigh_unbounded(info, redo, finfo.opinion.tolist())
     return sols, info
+
+
+def weigh_unbounded(info: dict, idx: Sequence[int], opinions: Sequence[int]) -> None:
+    """Elements ``idx`` the batched iterations left unsolved as unbounded, weighed against
+    Clarabel's ``opinions`` on the same program (:func:`clarabel_points`' codes, in the
+    order of ``idx``), in place, as :func:`~.dissent.believed` weighs the per-element
+    solvers' claims.
+
+    A verified ray :math:`d` (:math:`-Ad + e \\in K`, :math:`e` within the test's relative
+    tolerance) proves less than it seems: for any dual point :math:`y \\in K^*` with residual
+    :math:`r = A^T y + q`, :math:`q^T d = r^T d + y^T(-Ad)`, so it excludes only the dual points
+    with :math:`\\|y\\|_1 < |q^T d| / \\|e\\|_\\infty`. Two nearly parallel, opposite rows
+    (a slab closing at 2e7, parallel to 1e-8) let an O(10) LP's ray verify at 1e-6, while its
+    multipliers are ~1e8: the bounded LP was reported unbounded (UnboundedError). So the
+    claim stands where Clarabel claims it too with a ray that verifies, or says nothing
+    (it failed); it falls (kind "other", the status saying why) where Clarabel reports the
+    problem solved or claims it infeasible (its ray verified; a ray of each kind proves
+    neither). (A dual feasible point the second opinion reached is weighed before, by
+    :func:`~.status.doubt_certificates`.)
+    """
+    for i, said in zip(idx, opinions):
+        if info["solved"][i] or info["kinds"][i] != "unbounded":
+            continue
+        if said == SOLVED:
+            seen = "Clarabel on the same program reports it solved"
+        elif said == UNCONFIRMED:
+            seen = "Clarabel, solving it again at its ray's reach (rows scaled), does not confirm it"
+        elif said == PRIMAL_INFEASIBLE:
+            seen = "Clarabel on the same program claims it infeasible (ray verified)"
+        else:
+            continue
+        info["kinds"][i] = "other"
+        info["statuses"][i] = (f"{info['statuses'][i]}; but {seen}: unbounded not certain "
+                               "(the data may be badly scaled or the solution very large)")

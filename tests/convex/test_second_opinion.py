@@ -88,9 +88,9 @@ def test_second_opinion_point_is_checked_not_trusted(wrong, monkeypatch):
     and the element goes on to the per-element path, which solves it."""
     import convexddn.convex.batched as batched
 
-    def off(P, q, A, b, layout):
-        x, s, z, ok = clarabel_points(P, q, A, b, layout)
-        return x + 1.0, s, z, ok
+    def off(*args, **kwargs):
+        x, s, z, ok, *said = clarabel_points(*args, **kwargs)
+        return (x + 1.0, s, z, ok, *said)
 
     if wrong:
         monkeypatch.setattr(batched, "clarabel_points", off)
@@ -164,3 +164,84 @@ def test_layer_pickled_without_second_opinion_state_still_gives_one():
         y = old(*data)
     assert old.last_solve.backend == ["batched"]
     torch.testing.assert_close(y, want, atol=1e-8, rtol=0)
+
+
+# Two-variable LPs min cᵀx s.t. Gx <= h: rows 0 and 1 nearly parallel and opposite (a slab
+# closing far out), row 2 a far bound; each feasible and bounded (exact vertex enumeration
+# below), with optima of size 1e6 to 1e11.
+_SLAB_LPS = [
+    ([[0.016088428510790526, -0.006176722996297057], [-0.01608842839946477, 0.0061767230458555835],
+      [-0.011132575753543792, -0.004955852757246735]], [-0.012185840941843168, 0.006092920470921584, 6092920.4709215835],
+     [-0.9135664749502249, -0.40668943414726194]),
+    ([[-20.125599462120775, -98.71865897377661], [20.125599855086072, 98.71865837955532],
+      [-39.29652975582792, 59.422129217948694]], [-71.24048492005976, 35.62024246002988, 356202424600.29877],
+     [-0.5516039061205615, 0.83410618673676]),
+    ([[0.024181635023438453, -0.0013927500245745003], [-0.02418163501065126, 0.0013927500359689426],
+      [-0.012787192524006476, -0.011394442499431976]], [-0.01712733524278861, 0.008563667621394305, 856366762.1394304],
+     [-0.7465955645021002, -0.6652781847210912]),
+]
+
+
+def _exact_lp_optimum(G, h, c):
+    """The optimal vertex of a bounded, feasible two-variable LP, in rationals."""
+    import itertools
+    from fractions import Fraction as Fr
+
+    G, h, c = [[Fr(v) for v in r] for r in G], [Fr(v) for v in h], [Fr(v) for v in c]
+    best = None
+    for i, j in itertools.combinations(range(len(h)), 2):
+        det = G[i][0] * G[j][1] - G[i][1] * G[j][0]
+        if det == 0:
+            continue
+        x = [(h[i] * G[j][1] - G[i][1] * h[j]) / det, (G[i][0] * h[j] - h[i] * G[j][0]) / det]
+        if all(G[k][0] * x[0] + G[k][1] * x[1] <= h[k] for k in range(len(h))):
+            f = c[0] * x[0] + c[1] * x[1]
+            best = (f, x) if best is None or f < best[0] else best
+    return None if best is None else torch.tensor([float(v) for v in best[1]], dtype=torch.float64)
+
+
+def _slab_layer(**kwargs):
+    """A batched-only layer (quad_form of a parameter P, here 0) of min cᵀx s.t. Gx <= h."""
+    import cvxpy as cp
+
+    import convexddn as cddn
+
+    x = cp.Variable(2)
+    G, h, c, P = cp.Parameter((3, 2)), cp.Parameter(3), cp.Parameter(2), cp.Parameter((2, 2), PSD=True)
+    prob = cp.Problem(cp.Minimize(c @ x + cp.quad_form(x, P)), [G @ x <= h])
+    return cddn.ConvexLayer(prob, [G, h, c, P], [x], **kwargs)
+
+
+@pytest.mark.parametrize("k", range(len(_SLAB_LPS)))
+def test_bounded_lp_with_approximate_ray_is_not_reported_unbounded(k):
+    """Each LP's ray along its slab verifies at 1e-6 (the rows are parallel to ~1e-8), so the
+    batched iterations called these bounded LPs unbounded and the batched-only layer raised
+    UnboundedError. The ray reaches only so far: the second opinion's dual feasible point
+    (multipliers ~1e8), Clarabel's infeasibility claim, or Clarabel solving again at the
+    ray's reach contradicts it. Solved, the point is the exact optimum; not solved, the
+    error says the claim is not certain (a SolverError, neither infeasible nor unbounded)."""
+    from convexddn.errors import SolverError
+
+    G, h, c = (torch.tensor(v, dtype=torch.float64) for v in _SLAB_LPS[k])
+    want = _exact_lp_optimum(*_SLAB_LPS[k])
+    assert want is not None  # feasible (and bounded: x is on a vertex of a pointed cone's polyhedron)
+    layer = _slab_layer()
+    try:
+        y = layer(G, h, c, torch.zeros(2, 2, dtype=torch.float64))
+    except SolverError as err:
+        assert type(err) is SolverError and "unbounded not certain" in str(err), err
+    else:
+        torch.testing.assert_close(y, want, atol=1e-6 * float(want.abs().max()), rtol=0)
+
+
+def test_genuinely_unbounded_slab_lp_stays_unbounded():
+    """The same structure with rows 0 and 1 exactly opposite (an open slab, x₁ free along
+    it, the objective falling along it) and the far bound behind: unbounded, and
+    still an UnboundedError."""
+    from convexddn.errors import UnboundedError
+
+    G = torch.tensor([[0.5, -0.25], [-0.5, 0.25], [-1.0, -0.5]], dtype=torch.float64)
+    h = torch.tensor([-1.0, 2.0, 1e8], dtype=torch.float64)
+    c = torch.tensor([-0.5, -1.0], dtype=torch.float64)  # along d = (1, 2): cᵀd = -2.5, Gd = (0, 0, -2)
+    with pytest.raises(UnboundedError):
+        _slab_layer()(G, h, c, torch.zeros(2, 2, dtype=torch.float64))
