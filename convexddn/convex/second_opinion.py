@@ -40,7 +40,7 @@ from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
 from .rays import verified_rays
-from .status import doubt_certificates, merge_resolved, status_kind
+from .status import demote, doubt_certificates, merge_resolved, status_kind
 from .symmetric_cones import ConeLayout
 from .validation import element_subset
 
@@ -168,7 +168,9 @@ def _solve(P: sp.csc_matrix, q: np.ndarray, A: np.ndarray, b: np.ndarray, cones:
 def _outside(A: np.ndarray, layout: ConeLayout, d: np.ndarray) -> np.ndarray:
     """``(m,)``: how far :math:`-A_i d` lies outside K, row by row (zero rows :math:`|A_i d|`,
     nonnegative rows :math:`(A_i d)_+`, a second-order cone's rows its :math:`(\\|u\\| - t)_+`
-    for :math:`-A d = (t, u)`), 0 within the rounding of the row's terms."""
+    for :math:`-A d = (t, u)`), 0 within rounding: of the row's terms, or of the row at the
+    ray's scale (:math:`\\|A_i\\|_\\infty \\|d\\|_\\infty`: a least squares' projection leaves
+    1e-35 on a row whose support d meets only in that noise, whose terms then say 1e-48)."""
     w = -(A @ d)
     c0 = layout.zero + layout.nonneg
     parts = [np.abs(w[:layout.zero]), np.maximum(-w[layout.zero:c0], 0.0)]
@@ -176,7 +178,9 @@ def _outside(A: np.ndarray, layout: ConeLayout, d: np.ndarray) -> np.ndarray:
         parts.append(np.full(k, max(np.linalg.norm(w[c0 + 1:c0 + k]) - w[c0], 0.0)))
         c0 += k
     e = np.concatenate(parts)
-    return np.where(e <= 64 * _EPS * (np.abs(A) @ np.abs(d)), 0.0, e)
+    rows = np.abs(A).max(axis=1) if A.shape[1] else np.zeros(A.shape[0])
+    scale = np.maximum(np.abs(A) @ np.abs(d), rows * np.max(np.abs(d), initial=0.0))
+    return np.where(e <= 64 * _EPS * scale, 0.0, e)
 
 
 def _exact_part(A: np.ndarray, P: np.ndarray, q: np.ndarray, layout: ConeLayout, d: np.ndarray) -> bool:
@@ -301,23 +305,22 @@ def weigh_unbounded(info: dict, idx: Sequence[int], opinions: Sequence[int]) -> 
     with :math:`\\|y\\|_1 < |q^T d| / \\|e\\|_\\infty`. Two nearly parallel, opposite rows
     (a slab closing at 2e7, parallel to 1e-8) let an O(10) LP's ray verify at 1e-6, while its
     multipliers are ~1e8: the bounded LP was reported unbounded (UnboundedError). So the
-    claim stands where Clarabel claims it too with a ray that verifies, or says nothing
-    (it failed); it falls (kind "other", the status saying why) where Clarabel reports the
-    problem solved or claims it infeasible (its ray verified; a ray of each kind proves
-    neither). (A dual feasible point the second opinion reached is weighed before, by
+    claim stands where Clarabel claims it too with a ray that verifies, says nothing (it
+    failed) or reports a solution whose point failed the check; it falls (kind "other",
+    the status saying why) where Clarabel claims it infeasible (its ray verified; a ray of
+    each kind proves neither) or does not confirm it at its ray's reach. (A dual feasible
+    point the second opinion reached is weighed before, by
     :func:`~.status.doubt_certificates`.)
     """
     for i, said in zip(idx, opinions):
         if info["solved"][i] or info["kinds"][i] != "unbounded":
             continue
-        if said == SOLVED:
-            seen = "Clarabel on the same program reports it solved"
-        elif said == UNCONFIRMED:
+        # (Not where Clarabel reports it solved: that point failed the check, or the element
+        # would be solved -- x0 = -3.2e26 on an exactly unbounded LP, "Solved" at a scale.)
+        if said == UNCONFIRMED:
             seen = "Clarabel, solving it again at its ray's reach (rows scaled), does not confirm it"
         elif said == PRIMAL_INFEASIBLE:
             seen = "Clarabel on the same program claims it infeasible (ray verified)"
         else:
             continue
-        info["kinds"][i] = "other"
-        info["statuses"][i] = (f"{info['statuses'][i]}; but {seen}: unbounded not certain "
-                               "(the data may be badly scaled or the solution very large)")
+        demote(info, i, f"{seen}: unbounded not certain (the data may be badly scaled or the solution very large)")

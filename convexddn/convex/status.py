@@ -21,9 +21,9 @@ from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
 from .nullspace import NEARLY_DEPENDENT
 from .widen import narrowed
 
-__all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "doubt_certificates", "failure_error", "masked_outputs",
-           "refuse_per_element",
-           "merge_resolved", "refuse_unverifiable", "status_kind", "unravel", "name_elements"]
+__all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "demote", "doubt_certificates", "failure_error",
+           "masked_outputs", "refuse_per_element", "merge_resolved", "refuse_unverifiable", "status_kind", "unravel",
+           "name_elements"]
 
 
 @dataclasses.dataclass
@@ -194,9 +194,14 @@ def doubt_certificates(info: dict, idx: Sequence[int], points: Sequence[int]) ->
             seen = "a dual feasible point (a finite lower bound)"
         else:
             continue
-        info["kinds"][i] = "other"
-        info["statuses"][i] = (f"{info['statuses'][i]}; but the batched path found {seen}: {kind} "
-                               "not certain (the data may be badly scaled)")
+        demote(info, i, f"the batched path found {seen}: {kind} not certain (the data may be badly scaled)")
+
+
+def demote(info: dict, i: int, why: str) -> None:
+    """Element ``i``'s infeasible or unbounded verdict becomes "other" (no certain claim), in
+    place, its status saying ``why``."""
+    info["kinds"][i] = "other"
+    info["statuses"][i] = f"{info['statuses'][i]}; but {why}"
 
 
 def refuse_unverifiable(info: dict, idx: Sequence[int], points: Sequence[int]) -> None:

@@ -171,7 +171,8 @@ def test_layer_pickled_without_second_opinion_state_still_gives_one():
 # below), with optima of size 1e6 to 1e11.
 _SLAB_LPS = [
     ([[0.016088428510790526, -0.006176722996297057], [-0.01608842839946477, 0.0061767230458555835],
-      [-0.011132575753543792, -0.004955852757246735]], [-0.012185840941843168, 0.006092920470921584, 6092920.4709215835],
+      [-0.011132575753543792, -0.004955852757246735]],
+     [-0.012185840941843168, 0.006092920470921584, 6092920.4709215835],
      [-0.9135664749502249, -0.40668943414726194]),
     ([[-20.125599462120775, -98.71865897377661], [20.125599855086072, 98.71865837955532],
       [-39.29652975582792, 59.422129217948694]], [-71.24048492005976, 35.62024246002988, 356202424600.29877],
@@ -245,3 +246,28 @@ def test_genuinely_unbounded_slab_lp_stays_unbounded():
     c = torch.tensor([-0.5, -1.0], dtype=torch.float64)  # along d = (1, 2): cᵀd = -2.5, Gd = (0, 0, -2)
     with pytest.raises(UnboundedError):
         _slab_layer()(G, h, c, torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cost", [1e-5, 3e-6, 1e-6, 1e-7])
+def test_exactly_unbounded_lp_with_a_small_cost_stays_unbounded(cost):
+    """min cost·x₀ + x₁ s.t. 0 <= x₁ <= 1, x₀ free: unbounded along the exact ray (-1, 0).
+    Two faults of the weighing made it SolverError "unbounded not certain" below 1e-5: the
+    ray's exactness was judged against the rounding of its terms alone (1e-48, beside the
+    1e-35 a least squares leaves), so it was solved again at a huge row scaling; and
+    Clarabel's "Solved" there (x₀ = -3.2e26, failing the check) overruled the claim."""
+    from convexddn.errors import UnboundedError
+
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    with pytest.raises(UnboundedError):
+        _slab_layer_2()(t([[0, -1.0], [0, 1.0]]), t([0.0, 1.0]), t([cost, 1.0]), torch.zeros(2, 2, dtype=torch.float64))
+
+
+def _slab_layer_2():
+    """_slab_layer's layer with two rows."""
+    import cvxpy as cp
+
+    import convexddn as cddn
+
+    x = cp.Variable(2)
+    G, h, c, P = cp.Parameter((2, 2)), cp.Parameter(2), cp.Parameter(2), cp.Parameter((2, 2), PSD=True)
+    return cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x + cp.quad_form(x, P)), [G @ x <= h]), [G, h, c, P], [x])
