@@ -207,7 +207,8 @@ class CheckedDiffcp(SolverInterface):
             x, y, s, r = self._polish(program, x, y, s)
         except (ValueError, RuntimeError, ArithmeticError) as err:  # (its status and certificate still count)
             r, status = float("inf"), f"{status} (not polished: {err})"
-        run.points.append((status, x, y))
+        else:  # (unpolished, the point is points[0] already)
+            run.points.append((status, x, y))
         claim = status_kind(claimed)  # the certificate checked is that solver's point
         # Believe an infeasibility or unboundedness status only with its certificate (badly scaled
         # data provoke them on well-posed problems), and no point polished from a verified one (an

@@ -26,6 +26,7 @@ import torch
 from .._linalg import lu_factor_ex
 from .kkt import bmv
 from .symmetric_cones import ConeLayout
+from .tensor_cache import cached
 
 __all__ = ["polish", "rounding_level"]
 
@@ -83,13 +84,19 @@ def _arrow_into(layout: ConeLayout, u: torch.Tensor, out: torch.Tensor) -> None:
     idx = layout.index(u.device)
     us = u[:, k:]
     diag[:, k:] = us[:, idx.heads][:, idx.soc_id]
-    # The rows of the cones' u_1 parts and the head of each one's cone (from the host's
-    # index: no device sync).
-    host = layout.index(torch.device("cpu"))
-    tail = torch.nonzero(host.tail).squeeze(1)
-    tail, head = (k + v.to(u.device) for v in (tail, host.heads[host.soc_id[tail]]))
+    tail, head = cached(layout._cache, ("arrow", str(u.device)), lambda: _arrow_rows(layout, u.device))
     out[:, head, tail] = u[:, tail]
     out[:, tail, head] = u[:, tail]
+
+
+def _arrow_rows(layout: ConeLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the cones' u_1 parts and the head of each one's cone, among the cone
+    rows: formed from the host's index once per layout and device (kept: a copy to the
+    device on every Newton step would sync it)."""
+    k = layout.nonneg
+    host = layout.index(torch.device("cpu"))
+    tail = torch.nonzero(host.tail).squeeze(1)
+    return tuple(k + v.to(device) for v in (tail, host.heads[host.soc_id[tail]]))
 
 
 def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):

@@ -88,8 +88,11 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
         :data:`~.cone_solution.STATUS_NAMES`: ``SOLVED`` where it reports the problem
         solved (``Solved``, ``AlmostSolved``), ``PRIMAL_INFEASIBLE`` (``DUAL_INFEASIBLE``)
         where it claims infeasibility (unboundedness) with a ray that verifies in the units
-        given (:func:`~.rays.verified_rays`), ``NUMERICAL`` otherwise (no opinion).
-        Never raises for one element.
+        given (:func:`~.rays.verified_rays`), :data:`UNCONFIRMED` (not a status code) where
+        its approximate unboundedness ray, solved again at the ray's reach, gave no ray
+        there (a point it reports solved there counts as ``SOLVED``, which the checks of
+        that point then judge), ``NUMERICAL`` otherwise (no opinion). Never raises for one
+        element.
     """
     # (torch's "Cannot access data pointer" at the numpy copy)
     refuse_transforms("ConvexLayer: Clarabel's second look at elements the batched iterations did not certify",
@@ -137,8 +140,9 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
            torch.from_numpy(usable).to(dev))
     if not opinions:
         return out
+    claimed = bool(np.isin(said, (PRIMAL_INFEASIBLE, DUAL_INFEASIBLE)).any())  # (on the host: no sync)
     said = torch.from_numpy(said).to(dev)
-    if bool((said > SOLVED).any()):  # (a claimed ray is an opinion only where it verifies)
+    if claimed:  # (a claimed ray is an opinion only where it verifies)
         infeasible, unbounded = verified_rays(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                               torch.from_numpy(rx).to(**to), torch.from_numpy(rz).to(**to))
         real = ((said == PRIMAL_INFEASIBLE) & infeasible) | ((said == DUAL_INFEASIBLE) & unbounded)
