@@ -256,8 +256,8 @@ def rowwise_norm(a: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, Rs: tor
     step: ‖B Bᵀ v‖/‖v‖ from the generic ``v`` (``y`` = R_s⁻ᵀ v), B Bᵀ v = R_s⁻¹ Q₁ᵀ D² Q₁
     R_s⁻ᵀ v, at an ormqr each way. Inf or NaN for an exactly singular factor."""
     n, m = Rs.shape[-1], a.shape[-2]
-    u = torch.ormqr(a, tau, torch.cat([y, y.new_zeros(*y.shape[:-2], m - n, 1)], -2), left=True, transpose=False)
-    z = torch.ormqr(a, tau, u * rows.square().unsqueeze(-1), left=True, transpose=True)[..., :n, :]
+    u = apply_q(a, tau, torch.cat([y, y.new_zeros(*y.shape[:-2], m - n, 1)], -2), None)
+    z = apply_qt(a, tau, u * rows.square().unsqueeze(-1), None)[..., :n, :]
     power = torch.linalg.solve_triangular(Rs, z, upper=True).abs().amax((-2, -1)) / v.abs().amax((-2, -1))
     return power.sqrt()
 
@@ -280,8 +280,7 @@ def rowwise_error(a: torch.Tensor, tau: torch.Tensor, rows: torch.Tensor, norm_b
     n, m = a.shape[-1], a.shape[-2]
     eps = torch.finfo(a.dtype).eps
     below = torch.cat([torch.zeros_like(qtb[..., :n, :]), qtb[..., n:, :]], -2)
-    a2, tau2, below, _ = _broadcast(a, tau, below, None)
-    drw = (torch.ormqr(a2, tau2, below, left=True, transpose=False) * rows.unsqueeze(-1)).abs().amax((-2, -1))
+    drw = (apply_q(a, tau, below, None) * rows.unsqueeze(-1)).abs().amax((-2, -1))
     xmax = xs.abs().amax((-2, -1)) if xs.shape[-1] else torch.zeros_like(drw)
     # (x = 0 with r_w ≠ 0, b orthogonal to the range: no relative error to bound, inf;
     # b = 0: none at all.)

@@ -39,6 +39,8 @@ from ..errors import SolverWarning
 from ._vector_pool_solvers import (
     _centre,
     _hessian,
+    _masked,
+    forming_noise,
     _polish_irls,
     _start,
     geometry,
@@ -55,8 +57,8 @@ _SHORT = 1e-3
 _ESCAPE = (2.0, 1.0, 0.5, 0.25, 0.125, 1.0 / 16)
 
 
-def _newton(s: torch.Tensor, pos: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
-    """``(p, good, pd, H)``: the Newton step H⁻¹g, where it is good (pos: s > 0), and (C <= N: by
+def _newton(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
+    """``(p, good, pd, H)``: the Newton step H⁻¹g, where it is good, and (C <= N: by
     Cholesky, which also solves) whether H is positive definite (None for C > N, whose
     Woodbury form does not tell; H None too)."""
     H = _hessian(s, n, c)
@@ -64,9 +66,8 @@ def _newton(s: torch.Tensor, pos: torch.Tensor, n: torch.Tensor, c: torch.Tensor
         p, good = hess_solve(s, n, c, g)
         return p, good, None, None
     L, info = torch.linalg.cholesky_ex(H)
-    p = torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
-    good = (info == 0) & pos & torch.isfinite(p).all(-1)  # (_masked's test; pos: s > 0)
-    return torch.where(good.unsqueeze(-1), p, 0.0), good, good, H
+    p, good = _masked(torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1), info == 0, s)
+    return p, good, good, H
 
 
 def _lowest(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +162,7 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
         d2 = pen.d2phi(z, a)
         n, c = unit(d, z), d2 - k1
         g = (k1.unsqueeze(-2) @ d).squeeze(-2)
-        step, good, pd, H = _newton(s1, ok, n, c, g)
+        step, good, pd, H = _newton(s1, n, c, g)
         u_nt = u - step
         d_nt, z_nt = geometry(x, u_nt)
         if f is None:  # f at u and at the Newton point in one pass of phi (rows of the same sums)
@@ -295,8 +296,7 @@ def _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, 
         s_i, n_i, c_i = s1[idx], n[idx], c[idx]
         lam, v = _lowest(s_i, n_i, c_i)
         N, C = n.shape[-2:]
-        # Positive definite beyond the rounding of forming H (hess_solve_checked's bound).
-        pd = lam > (s_i.abs() + c_i.abs().sum(-1)) * (C * math.sqrt(N + 1) * torch.finfo(lam.dtype).eps)
+        pd = lam > forming_noise(s_i, n_i, c_i)  # (positive definite beyond the rounding of forming H)
         q = quiet[idx]
         eps = torch.finfo(lam.dtype).eps
         flat = q & pd & ((noise[idx] / lam > lim[idx]) | ~_on_grid(au[idx], ar[idx] if ar.dim() else ar, tol, eps,

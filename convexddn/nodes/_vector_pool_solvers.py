@@ -92,6 +92,13 @@ def hess_solve(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Ten
     return _masked(v, good, s)
 
 
+def forming_noise(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(R,) the rounding of forming H = s I + Σ_i c_i n_i n_iᵀ (unit n_i), 2-norm: about
+    C √(N + 1) eps (|s| + Σ_i |c_i|) (see :func:`hess_solve_checked`)."""
+    N, C = n.shape[-2:]
+    return (s.abs() + c.abs().sum(-1)) * (C * math.sqrt(N + 1) * torch.finfo(s.dtype).eps)
+
+
 def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor):
     r""":func:`hess_solve` for the derivatives: ``(v, ok, all ok)``, one host read where
     every row is clear-cut. Rows whose matrix is singular to working precision count as
@@ -116,7 +123,7 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
     eigenvalues.
     """
     N, C = n.shape[-2:]
-    noise = (s.abs() + c.abs().sum(-1)) * (C * math.sqrt(N + 1) * torch.finfo(s.dtype).eps)
+    noise = forming_noise(s, n, c)
     H = _hessian(s, n, c)
     if H is not None:
         L, info = torch.linalg.cholesky_ex(H)

@@ -76,12 +76,8 @@ def _strided_sample(x: Tensor, count: int) -> Tensor:
     return x.index_select(-1, _positions(n, count, x.device))
 
 
-def _positions(n: int, count: int, device: torch.device) -> Tensor:
-    return _kept_positions(n, count, str(device))
-
-
 @functools.lru_cache(maxsize=64)
-def _kept_positions(n: int, count: int, device: str) -> Tensor:
+def _positions(n: int, count: int, device: torch.device) -> Tensor:
     # The most recently used few (a dict kept one tensor per row length for good: point
     # clouds of a new size in every batch grew it without bound).
     j = torch.arange(1, count + 1, dtype=torch.float64)

@@ -231,10 +231,11 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         # out around a small run, in float64: 1.5e-11 off for 5 inliers among 876 points
         # spread over 1255 alpha) are summed again from the run's own entries. (Never in
         # float32: the float64 sums' rounding stays far below its ulps.)
-        loose = rounding > (8 * torch.finfo(x.dtype).eps) * (ab.reshape(-1) + yb.abs())
-        if x.dtype == torch.float64 and bool(loose.any()):  # (a host read: only where it can matter)
-            lr = torch.nonzero(loose).squeeze(1)
-            yb[lr] = run_mean(s[lr], yb[lr], ab if ab.dim() == 0 else ab[lr]).to(yb.dtype)
+        if x.dtype == torch.float64:  # (only there can it matter: no work, no host read elsewhere)
+            loose = rounding > (8 * torch.finfo(x.dtype).eps) * (ab.reshape(-1) + yb.abs())
+            if bool(loose.any()):
+                lr = torch.nonzero(loose).squeeze(1)
+                yb[lr] = run_mean(s[lr], yb[lr], ab if ab.dim() == 0 else ab[lr]).to(yb.dtype)
         y[sl] = yb if scale is None else yb / scale.squeeze(-1)
     if work is not None:
         work.release()
