@@ -220,8 +220,8 @@ def check_bool(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 def check_flag(name: str, value: Any) -> bool:
-    """A switch given as cvxpylayers takes it: ``True``/``False``, a NumPy bool, or a
-    scalar equal to 0 or 1; returned as a bool. Anything else raises ``OptionError``:
+    """A switch (a ``bool`` option, as cvxpylayers types its ``verbose``): ``True``/``False``,
+    a NumPy bool, or a scalar equal to 0 or 1; returned as a bool. Anything else raises ``OptionError``:
     arrays and tensors among them, whose truth value is elementwise (``np.array([1.])``
     passed as True, a two-entry tensor raised torch's "ambiguous" error)."""
     np_ = sys.modules.get("numpy")  # a NumPy bool implies NumPy is imported

@@ -24,6 +24,7 @@ from ._checks import check_choice, check_tensor
 from .convex import registry
 from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
+from .convex.declarations import parameter_label
 from .convex.validation import bind_names
 from .errors import InputError, OptionError, ShapeError
 from .nodes.entmax import Entmax
@@ -143,14 +144,15 @@ class MaskedScoresLayer(ConvexLayer):
         # The layer's tensor check first: the masking reads x (a meta tensor raised torch's
         # own error there, a sparse one too). NaN, +inf and wrong shapes are left to the
         # layer's own checks (and errors).
-        check_tensor(f"parameter 0 ({self.parameters_[0].name()})", x)
+        label = parameter_label(0, self.parameters_[0])
+        check_tensor(label, x)
         if x.dim() >= 1 and x.numel():
             masked = torch.isneginf(x)
             if bool(masked.any()) and not bool((torch.isnan(x) | torch.isposinf(x)).any()):
                 top = x.amax(dim=-1, keepdim=True)  # the largest finite score (-inf: none)
                 empty = int(torch.isneginf(top).sum())
                 if empty:
-                    raise InputError(f"parameter 0 ({self.parameters_[0].name()}) has {empty} row(s) whose "
+                    raise InputError(f"{label} has {empty} row(s) whose "
                                      "entries are all -inf (masked); at least one entry per row must be finite")
                 # The margin 2/(alpha - 1) plus 4 eps |top|: rounded to x's dtype the stand-in
                 # stays at least 2/(alpha - 1) below top (float32 scores of 1e8, whose ulp is

@@ -86,8 +86,7 @@ _METHODS = {
 # The probe's allocator setting (see harness.peak_memory), which the figures depend on.
 _MALLOC = ("Each probe runs with MALLOC_MMAP_THRESHOLD_=65536 (glibc maps blocks of 64 KiB and more on their "
            "own, so freed memory leaves the resident set at once and the peak is what was live); with glibc's "
-           "default adaptive threshold freed temporaries stay in the heap and count too (Welsch at "
-           "(24, 1024, 2048): 1.09× instead of 1.00×).")
+           "default adaptive threshold freed temporaries stay in the heap and count too.")
 
 
 def below_floor(r: dict) -> bool:

@@ -219,8 +219,9 @@ def test_bounded_lp_with_approximate_ray_is_not_reported_unbounded(k):
     batched iterations called these bounded LPs unbounded and the batched-only layer raised
     UnboundedError. The ray reaches only so far: the second opinion's dual feasible point
     (multipliers ~1e8), Clarabel's infeasibility claim, or Clarabel solving again at the
-    ray's reach contradicts it. Solved, the point is the exact optimum; not solved, the
-    error says the claim is not certain (a SolverError, neither infeasible nor unbounded)."""
+    ray's reach contradicts it. Not solved (these three are not: their multipliers are
+    ~1e8), the error says the claim is not certain (a SolverError, neither infeasible nor
+    unbounded); solved, the point is the exact optimum (as for the family's LPs below)."""
     from convexddn.errors import SolverError
 
     G, h, c = (torch.tensor(v, dtype=torch.float64) for v in _SLAB_LPS[k])
@@ -233,6 +234,26 @@ def test_bounded_lp_with_approximate_ray_is_not_reported_unbounded(k):
         assert type(err) is SolverError and "unbounded not certain" in str(err), err
     else:
         torch.testing.assert_close(y, want, atol=1e-6 * float(want.abs().max()), rtol=0)
+
+
+# Two LPs of the same family (rows parallel to ~1e-4 and 1e-5) that the layer solves: the
+# branch above that checks the exact optimum is not taken by the three LPs there.
+_SOLVED_SLAB_LPS = [
+    ([[58.48873897946583, 67.89338382512379], [-58.48920921170811, -67.88706471898357],
+      [4.702322422828982, -63.19106140229481]], [-63.36578001821514, 31.68289000910757, 319997.18909198645],
+     [0.07420917759518231, -0.9972426976221218]),
+    ([[-1.4519481199679314, 1.3892232985928352], [1.4518060613970032, -1.3892264348339038],
+      [1.4205857092803833, 0.03136241068754797]], [-1.4209318626224776, 0.7104659313112388, 8525.591175734864],
+     [0.9997563899077782, 0.022071720335460267]),
+]
+
+
+@pytest.mark.parametrize("k", range(len(_SOLVED_SLAB_LPS)))
+def test_bounded_slab_lp_that_is_solved_is_the_exact_optimum(k):
+    G, h, c = (torch.tensor(v, dtype=torch.float64) for v in _SOLVED_SLAB_LPS[k])
+    want = _exact_lp_optimum(*_SOLVED_SLAB_LPS[k])
+    y = _slab_layer()(G, h, c, torch.zeros(2, 2, dtype=torch.float64))
+    torch.testing.assert_close(y, want, atol=1e-6 * float(want.abs().max()), rtol=0)
 
 
 def test_genuinely_unbounded_slab_lp_stays_unbounded():

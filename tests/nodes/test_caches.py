@@ -130,6 +130,8 @@ def test_pooling_sample_positions_do_not_grow_with_row_lengths():
     gen = torch.Generator().manual_seed(0)
     for n in range(513, 513 + 100):
         robust_pool(torch.randn(1, n, generator=gen), "welsch", 1.0)
+    # (no module-level dict keeps them: the old one held all 100)
     sizes = [len(v) for k, v in vars(solvers).items() if isinstance(v, dict) and not k.startswith("__")]
     assert max(sizes, default=0) < 100
-    assert solvers._kept_positions.cache_info().currsize <= 64
+    info = solvers._positions.cache_info()
+    assert info.misses >= 64 and info.currsize <= 64  # (used, and bounded)
