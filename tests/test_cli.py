@@ -405,3 +405,19 @@ def test_cli_reader_that_stops_early():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_cli_errors_shown_in_the_docs_are_what_it_prints(tmp_path, capsys, monkeypatch):
+    """docs/cli.md's example session: each ``$ convexddn …`` line's error is the one printed
+    (it showed a --repeats message that argparse's check made unreachable)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    pairs = re.findall(r"^\$ convexddn (.+)\n(convexddn .+: error: .+)$", text, flags=re.M)
+    assert len(pairs) >= 3
+    monkeypatch.chdir(Path(__file__).parents[1])  # (--out README.md names the repository's file)
+    for argv, shown in pairs:
+        assert cli.main(shlex.split(argv)) == 2
+        assert capsys.readouterr().err.strip() == shown, argv
