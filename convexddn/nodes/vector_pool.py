@@ -185,8 +185,9 @@ def robust_vector_pool(
     Forward: IRLS (majorise–minimise, monotone) safeguarded with Newton steps, to
     ``tol``. Convex penalties start from the mean or the coordinate-wise median,
     whichever has the lower objective. Nonconvex ones first run IRLS from
-    the mean, the coordinate-wise median (the reference's two starts) and ``starts``
-    evenly spaced data points at once, then polish the lowest-objective end point.
+    the mean, the coordinate-wise median (the reference's two starts) and, around each of
+    ``starts`` evenly spaced data points, the means of its neighbours within rα
+    (r ∈ {½, 1, 3/2, 2}) at once, then polish the lowest-objective end point.
     Guarantee for ``welsch`` and ``trunc_quad``: a stationary point that is no maximum
     or saddle (for ``trunc_quad`` the mean of its own inliers, a local minimiser) whose
     objective is no higher than that of the local searches from these starts; the
