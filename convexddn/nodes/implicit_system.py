@@ -26,8 +26,10 @@ from .._warn import suppressed, warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, shown_indices
 from .graph import check_graph
+from .krylov import pseudo_random_directions
 from .lagrangian import (_batched_vjp, _check_jacobian, _check_values, _constraint, _grads, _lagrangian_parts,
-                         _non_finite_derivatives, _objective, _solution_length, kinked, lagrangian_probes)
+                         _non_finite_derivatives, _objective, _solution_length, check_second_order, kinked,
+                         lagrangian_gradient, lagrangian_probes)
 from .linear_solvers import LinearSolver, resolve_linear_solver
 from .multipliers import inactive_mask, multipliers
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt
@@ -74,6 +76,31 @@ class ImplicitSystem(NamedTuple):
         are not, a warnings filter being process-wide)."""
         with suppressed():
             return self.solve(r)[0]
+
+
+def _probe_direction(yg: Tensor) -> Tensor:
+    """The direction of :func:`~.lagrangian.lagrangian_probes`."""
+    return pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.detach().reshape(t.shape[0], -1)
+
+
+def _term_scale(yg: Tensor, xg, gf: Tensor, probes, A: Tensor | None, lam: Tensor | None) -> Tensor:
+    """``(B,)`` ``‖Hu‖‖y‖ + ‖∇_y f‖ + Σ ‖Bᵀu‖‖x‖ + Σ_j |λ_j|‖a_j‖``: how large the
+    terms of ``∇_y L`` are (the stationarity scale of :func:`~.optimality.kkt_residuals`,
+    and the constraints' terms, which cancel each other where active rows are nearly
+    parallel)."""
+    def norm(t: Tensor | None, of: Tensor) -> Tensor:
+        return 0.0 if t is None else _rows(t).norm(dim=-1) * _rows(of).norm(dim=-1)
+
+    scale = norm(probes[0], yg) + gf.detach().norm(dim=-1)
+    for x, bu in zip(xg, probes[1:]):
+        scale = scale + norm(bu, x)
+    if A is not None:
+        scale = scale + (lam.detach().abs() * A.detach().norm(dim=-1)).sum(-1)
+    return scale
 
 
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
@@ -133,11 +160,14 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         # an active constraint are left out of the constraint part; second: broken
         # ones altogether) enter it through detached inputs, see _lagrangian_parts.
         f_L, c_L = _lagrangian_parts(objective, fns, prefix, xg, yv, f, c, inactive, broken)
-        lagrangian = f_L.sum() + (0.0 if c is None else (lam * c_L).sum())
-        (gL,) = _grads(lagrangian, yg, create_graph=True)
+        lagrangian = f_L + (0.0 if c is None else (lam * c_L).sum(-1))
+        gL, seed = lagrangian_gradient(prefix, lagrangian, yg)
         if attempt:
             break
-        probes = lagrangian_probes(gL, yg, xg)
+        *probes, d_seed = lagrangian_probes(gL, yg, xg, seed)
+        probes = tuple(probes)
+        check_second_order(prefix, gL, _probe_direction(yg), d_seed, _term_scale(yg, xg, gf, probes, A, lam),
+                           batch_shape)
         broken = _non_finite_derivatives(gL, probes)
         if broken is not None:
             warn(

@@ -174,15 +174,76 @@ def _solution_length(g: Tensor, yg: Tensor) -> Tensor:
     return torch.maximum(length, floor)
 
 
-def lagrangian_probes(gL: Tensor, yg: Tensor, xg) -> tuple:
+def lagrangian_gradient(prefix: str, lagrangian: Tensor, yg: Tensor) -> tuple[Tensor, Tensor]:
+    """``(∇_y L, ω)``: the gradient (B, m) of the per-element Lagrangian ``lagrangian``
+    (B,), with its graph, taken with an incoming gradient ``ω = 1`` (B,) that requires grad.
+
+    Every term of ``∇_y L`` is then a function of ``ω`` as well as of ``y``: an operation
+    whose backward is first-order only (``@once_differentiable``, a compiled function)
+    raises torch's own error on the second pass (or here), where with a constant ``ω``
+    its curvature silently dropped out of the Hessian (a custom softplus: gradients 20 %
+    off); a backward that runs under ``no_grad`` is caught by :func:`check_second_order`.
+    """
+    seed = torch.ones_like(lagrangian.detach()).requires_grad_(True)
+    try:
+        return _grads(lagrangian, yg, create_graph=True, seed=seed)[0], seed
+    except RuntimeError as err:
+        try:  # (fails also with a constant ω: not a second-derivative fault)
+            _grads(lagrangian, yg, create_graph=True)
+        except RuntimeError:
+            raise err from None
+        raise ProblemError(
+            f"{prefix}objective or constraints use an operation whose backward fails when its incoming "
+            f"gradient requires grad ({str(err).strip()[:200]}): it cannot be differentiated twice (e.g. a "
+            "torch.compile'd function), and the implicit backward needs their second derivatives "
+            "(Hessian-vector products). Write it with differentiable torch operations") from err
+
+
+# ∂⟨∇_y L, u⟩/∂ω may depart from ⟨∇_y L, u⟩ by this many eps of the terms' scale.
+_SECOND_ORDER_NOISE = 1e3
+
+
+def check_second_order(prefix: str, gL: Tensor, u: Tensor, d_seed: Tensor | None, scale: Tensor,
+                       batch_shape) -> None:
+    r"""Raise where a term of ``∇_y L`` carries no graph: its curvature is missing from H.
+
+    ``∇_y L`` is linear in the incoming gradient ``ω`` of :func:`lagrangian_gradient`, so
+    :math:`\partial \langle \nabla_y L, u\rangle / \partial\omega = \langle \nabla_y L, u\rangle`
+    at ``ω = 1`` when every term is differentiable; a custom ``autograd.Function`` whose
+    backward runs under ``torch.no_grad`` (or detaches, or goes through numpy) adds its
+    value without its graph, and the difference is that term's ``⟨∇t, u⟩``, O(1) of the
+    scale ``scale`` (B,) of :func:`~.optimality.kkt_residuals` where rounding leaves eps of it.
+    ``d_seed`` (B,): the derivative from :func:`lagrangian_probes`; ``u`` its direction.
+    """
+    if d_seed is None:
+        return
+    value = (gL.detach() * u).sum(-1)
+    eps = torch.finfo(gL.dtype).eps
+    gap = (d_seed - value).abs()
+    bad = gap > _SECOND_ORDER_NOISE * eps * (scale + value.abs() + d_seed.abs())
+    if not bool(bad.any()):
+        return
+    indices = _format_indices(bad, batch_shape)
+    raise ProblemError(
+        f"{prefix}objective or constraints use an operation whose backward is not itself differentiable "
+        f"(at batch indices {indices[:8]}, {len(indices)} of {bad.numel()} element(s)): a term of their gradient "
+        "in y carries no autograd graph (e.g. a custom torch.autograd.Function whose backward runs under "
+        "torch.no_grad, detaches, or uses numpy), so its second derivatives would be missing from the implicit "
+        "system and the gradient would be wrong. Give the Function a differentiable backward (torch operations "
+        "on the saved tensors, outside no_grad) or write the term with differentiable torch operations")
+
+
+def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None = None) -> tuple:
     """One double-backward pass of ``∇_y L`` along the generic direction
     :func:`~.krylov.pseudo_random_directions`: ``(H u, Bᵀu for each input)`` (``None`` where
     unused), shared by :func:`_non_finite_derivatives` and
-    :func:`~.optimality.kkt_residuals`."""
+    :func:`~.optimality.kkt_residuals`; with ``seed`` (the ``ω`` of
+    :func:`lagrangian_gradient`), also ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for :func:`check_second_order`)."""
+    extra = () if seed is None else (seed,)
     if not gL.requires_grad:
-        return (None,) * (1 + len(xg))
+        return (None,) * (1 + len(xg) + len(extra))
     u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
-    return torch.autograd.grad((gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True)
+    return torch.autograd.grad((gL * u).sum(), (yg, *xg, *extra), retain_graph=True, allow_unused=True)
 
 
 # The kink probe's step, in eps of ‖y‖∞: a hundred ulps of y, so that only a kink at the
@@ -318,12 +379,15 @@ def _check_jacobian(prefix: str, A: Tensor, n_eq: int, batch_shape) -> None:
         "entry) has no KKT conditions there, so the implicit derivative does not exist"))
 
 
-def _grads(out: Tensor, inputs, create_graph: bool) -> tuple[Tensor, ...]:
-    """``torch.autograd.grad`` that gives zeros for inputs ``out`` does not depend on."""
+def _grads(out: Tensor, inputs, create_graph: bool, seed: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad`` (incoming gradient ``seed``, shaped as ``out``; ``None``: ones)
+    that gives zeros for inputs ``out`` does not depend on."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     if not out.requires_grad or not inputs:
         return tuple(torch.zeros_like(t) for t in inputs)
+    if seed is None and out.dim():
+        seed = torch.ones_like(out)
     gs = torch.autograd.grad(
-        out, inputs, retain_graph=True, create_graph=create_graph, allow_unused=True
+        out, inputs, seed, retain_graph=True, create_graph=create_graph, allow_unused=True
     )
     return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, gs))

@@ -154,3 +154,87 @@ def test_bounds_at_a_solution_near_zero_stay_active_under_an_offset(offset):
         warnings.simplefilter("error", GradientWarning)
         _ShiftedBound(1e-12)(x, x0).sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, 1.0]], dtype=DT), rtol=0, atol=1e-9)
+
+
+class _SoftplusNoGrad(torch.autograd.Function):
+    """softplus whose backward runs under no_grad: first-order only, silently."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return torch.nn.functional.softplus(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        with torch.no_grad():
+            return g * torch.sigmoid(z)
+
+
+class _SoftplusOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return torch.nn.functional.softplus(z)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        return g * torch.sigmoid(z)
+
+
+class _SoftplusTwice(_SoftplusNoGrad):
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        return g * torch.sigmoid(z)
+
+
+def _softplus_node(fn):
+    class Softplus(DeclarativeNode):
+        """argmin ½‖y − x‖² + Σ softplus(y): dy/dx = 1 / (1 + s(1 − s)), s = σ(y)."""
+
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1) + fn(y).sum(-1)
+
+        def solve(self, x):
+            y = x.clone()
+            for _ in range(60):
+                s = torch.sigmoid(y)
+                y = y - (y - x + s) / (1 + s * (1 - s))
+            return y
+    return Softplus()
+
+
+@pytest.mark.parametrize("fn", [_SoftplusNoGrad.apply, _SoftplusOnce.apply])
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_a_first_order_backward_in_the_objective_is_refused(fn, mode):
+    """A term whose backward is not differentiable lost its curvature from H, silently: the
+    gradient was that of H = I, 20 % off the closed form (the incoming gradient of ∇_y L
+    did not require grad, so neither a no_grad backward nor @once_differentiable showed)."""
+    x = 2 * torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0))
+    node = _softplus_node(fn)
+    with pytest.raises(ProblemError, match="backward is not itself differentiable"):
+        if mode == "reverse":
+            xr = x.clone().requires_grad_(True)
+            torch.autograd.grad(node(xr).sum(), xr)
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                torch.autograd.forward_ad.unpack_dual(node(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))))
+
+
+def test_a_twice_differentiable_custom_function_gets_the_closed_form():
+    x = 2 * torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = _softplus_node(_SoftplusTwice.apply)(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    s = torch.sigmoid(y.detach())
+    torch.testing.assert_close(g, 1 / (1 + s * (1 - s)), rtol=1e-10, atol=1e-12)
+
+
+def test_a_compiled_term_is_refused():
+    """torch.compile(backend="aot_eager")'s backward is first-order only: 20 % off, silently."""
+    compiled = torch.compile(torch.nn.functional.softplus, backend="aot_eager")
+    x = 2 * torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with pytest.raises(ProblemError, match="differentiated twice"):
+        torch.autograd.grad(_softplus_node(compiled)(x).sum(), x)
