@@ -195,7 +195,11 @@ def _arity_error(cls: type, n: int) -> str | None:
         sig = _signature(getattr(cls, method))
         if sig is None:
             continue
-        args = [None] * (n + 1)  # self first: the methods are looked up on the class
+        # self first where the method takes it: a plain function looked up on the class;
+        # a staticmethod takes none and a classmethod's cls is bound already (both were
+        # refused as unable to take the inputs they take).
+        static = isinstance(inspect.getattr_static(cls, method, None), (staticmethod, classmethod))
+        args = [None] * (n + (0 if static else 1))
         try:
             if not with_y:
                 sig.bind(*args)

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from convexddn.errors import DTypeError, GradientWarning, OptionError, ProblemError, ShapeError, SolverError
+from convexddn.errors import DTypeError, GradientWarning, InputError, OptionError, ProblemError, ShapeError, SolverError
 from convexddn.nodes.declarative import DeclarativeNode
 from convexddn.nodes.linear_solvers import solve_kkt_cg, solve_kkt_dense
 
@@ -766,3 +766,38 @@ def test_the_feasibility_verdict_does_not_depend_on_a_constraints_units(c):
     x = torch.tensor([[0.5, -0.2, 0.9, 0.3]], dtype=torch.float64, requires_grad=True)
     with pytest.warns(GradientWarning, match="first-order"):
         torch.autograd.grad(_SpherePlane(c)(x).sum(), x)
+
+
+class _Static(DeclarativeNode):
+    @staticmethod
+    def objective(x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    @staticmethod
+    def solve(x):
+        return x.clone()
+
+
+class _Klass(DeclarativeNode):
+    @classmethod
+    def objective(cls, x, *, y):
+        return 0.5 * ((y - 2 * x) ** 2).sum(-1)
+
+    @classmethod
+    def solve(cls, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("node", [_Static, _Klass])
+def test_static_and_class_methods_are_accepted(node):
+    """The arity check bound the class-level signature with a slot for self: a
+    staticmethod or classmethod objective/solve was refused with a false InputError."""
+    x = torch.randn(3, 4, dtype=DT, generator=_gen(0), requires_grad=True)
+    y = node()(x)
+    (g,) = torch.autograd.grad(y.sum(), x)  # y = x, y = 2x: dy/dx = I, 2I
+    torch.testing.assert_close(g, torch.full_like(x, 1.0 if node is _Static else 2.0))
+
+
+def test_a_static_method_still_gets_the_arity_check():
+    with pytest.raises(InputError, match="cannot take"):
+        _Static()(torch.ones(2, 3, dtype=DT), torch.ones(2, 3, dtype=DT))
