@@ -148,8 +148,10 @@ class DeclarativeNode(torch.nn.Module):
             frozen parameter the objective or constraints read was modified in place
             after the forward (the backward needs the values the forward solved with).
         ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not
-            call ``super().__init__()``, the objective does not depend on ``y``, or (in
-            backward) an active constraint's Jacobian is NaN or Inf.
+            call ``super().__init__()``, the objective does not depend on ``y``, a row of
+            the objective or a constraint reads another batch row (first call), or (in
+            backward) an active constraint's Jacobian is NaN or Inf, or a term's backward
+            cannot be differentiated.
         NonFiniteError: an input contains NaN or Inf.
         SolverError: ``solve`` returns NaN or Inf, or (in backward) a point far from
             a KKT point; with the failing batch indices.

@@ -11,9 +11,10 @@ from torch.utils._pytree import tree_leaves
 
 from .._autograd import plain
 from .._warn import warn
-from ..errors import GradientWarning
+from ..errors import GradientWarning, ProblemError
 from ._swap_guard import guarded, read_as
 from .graph import check_graph
+from .krylov import pseudo_random_directions
 from .lagrangian import _constraint, _objective
 
 __all__ = ["probe"]
@@ -40,6 +41,64 @@ class _Reads(TorchFunctionMode):
             if hit:
                 self.seen = self.seen | hit
         return func(*args, **kwargs)
+
+
+def _cross_rows(outputs, leaves: tuple[Tensor, ...], make) -> int | None:
+    """The index in ``leaves`` of one whose rows the vector-Jacobian products of ``outputs``
+    mix: with a seed ``make(t, rows)`` on rows ``0`` and on ``1:`` (zero elsewhere), the
+    result must vanish off those rows; ``None`` where none does. Exactly zero where rows
+    are separate (a zero seed contributes exact zeros; NaN, from ``0 · ∞``, does not count)."""
+    for own in (slice(0, 1), slice(1, None)):
+        grads = torch.autograd.grad(outputs, leaves, make(outputs, own), retain_graph=True, allow_unused=True)
+        for k, g in enumerate(grads):
+            if g is not None:
+                cross = g.detach().clone()
+                cross[own] = 0.0
+                if bool((cross.abs() > 0).any()):
+                    return k
+    return None
+
+
+def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) -> None:
+    """Raise where row ``b`` of the objective or of a constraint reads another row of ``y``
+    or of an input (``y.mean(0)``, a BatchNorm in train mode).
+
+    The implicit backward treats each batch element as its own problem (block-diagonal
+    ``H = ∇²_yy L`` and ``B = ∇²_xy L``): such a coupling was differentiated as if absent,
+    35 % off with no warning. Two vector-Jacobian products per output tell where its
+    value's rows mix (the constraints enter through their Jacobian), and for the objective
+    two Hessian-vector products of ``∇_y f`` along directions confined to row 0 and to the
+    others (its gradient may vanish at the solution where its curvature mixes rows:
+    ``½‖y_b − x_b + x̄‖²``). A missing second derivative is left to the backward to report.
+    """
+    if yg.shape[0] < 2:
+        return
+    leaves = (yg, *xg)
+
+    def on_rows(out: Tensor, rows: slice, value=None) -> Tensor:
+        seed = torch.zeros_like(out)
+        seed[rows] = 1.0 if value is None else value[rows]
+        return seed
+
+    for method, out in outputs.items():
+        if out is None or not out.requires_grad:
+            continue
+        k = _cross_rows(out, leaves, on_rows)
+        if k is None and method == "objective":
+            (gy,) = torch.autograd.grad(out, yg, torch.ones_like(out), create_graph=True)
+            u = pseudo_random_directions(gy[0].numel(), gy.shape[0], gy.dtype, gy.device).view(gy.shape)
+            try:
+                k = _cross_rows(gy, leaves, lambda t, rows: on_rows(t, rows, u)) if gy.requires_grad else None
+            except (RuntimeError, NotImplementedError):
+                k = None
+        if k is not None:
+            what = "y" if k == 0 else f"input {k - 1}"
+            raise ProblemError(
+                f"{name}.{method}: batch element 0 and the others depend on each other's rows of {what} (e.g. "
+                "y.mean(0), x.sum(0), a BatchNorm in train mode), but row b may depend only on row b of the "
+                "inputs and of y: the implicit backward solves each element's problem on its own, and would "
+                "differentiate the coupling as if it were absent. Write it row by row, or pass batch_dims=0 "
+                "to make the whole batch one problem")
 
 
 def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str]]:
@@ -84,6 +143,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
                         for m in ("equality_constraints", "inequality_constraints")}
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
+            _check_rows(name, {"objective": f, **cons}, xg, yg)
     tracked = frozenset(n for n, t in fixed.items() if id(t) in leaves)  # (through autograd)
     read = tracked | reads.seen
     read_ids = {id(state[n]) for n in tracked} | set(leaves)  # (and those closed over, not swapped)
