@@ -192,6 +192,9 @@ def kkt_residuals(
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
     weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
+    if n_eq and bool(weakly.any()):
+        force_scale = torch.where(weakly, _beyond_equalities(Hu, yg, gf, A[:, :n_eq]), force_scale)
+        weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
     if bool(weakly.any()):
         weakly = _strictly_complementary_exists(A, gf, active_ineq, r, force_scale, tol, weakly)
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly)
@@ -282,6 +285,21 @@ def _rounding(scale: Tensor, eps: float, no_length: Tensor | None, derivative: T
 def _above(residual: Tensor, noise: Tensor) -> Tensor:
     """What of ``residual`` exceeds its rounding level ``noise`` (0 below it)."""
     return (residual - noise).clamp_min(0.0)
+
+
+def _beyond_equalities(Hu: Tensor, yg: Tensor, gf: Tensor, A_eq: Tensor) -> Tensor:
+    """``(B,)`` ``‖Hu‖‖y‖ + ‖(I − P) ∇_y f‖``, ``P`` the projection onto the span of the
+    equalities' gradients ``A_eq`` (B, p, m): the inequality multipliers' own scale.
+
+    An offset of the inputs that the equalities absorb (the simplex projection of
+    ``x + c``: ``∇_y f = y − x`` grows with ``c``, the equality's multiplier takes it,
+    the bounds' stay ~0.2) inflated ``‖∇_y f‖``, and at ``c = 100`` in float32 (``1e5`` in
+    float64) the bounds' multipliers were called zero. :math:`P g = A_{eq}^+ A_{eq} g`.
+    """
+    A_eq = A_eq.detach()
+    g = gf.detach().unsqueeze(-1)
+    rest = g - torch.linalg.pinv(A_eq) @ (A_eq @ g)
+    return (Hu.norm(dim=-1) * yg.norm(dim=-1) + rest.squeeze(-1).norm(dim=-1)).detach()
 
 
 def _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly) -> Tensor:

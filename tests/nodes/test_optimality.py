@@ -241,3 +241,49 @@ def test_the_newton_steps_solve_leaves_its_warnings_to_the_gradients():
         Ill()(x.requires_grad_(True)).sum().backward()
     assert len(steps) == 1
     assert sum("ill-conditioned" in str(w.message) for w in caught) == 1
+
+
+class _Simplex(DeclarativeNode):
+    """Projection onto {Σy = 1, y ≥ 0} (sort-based closed form): the bounds' multipliers
+    are τ − xᵢ, the equality's takes any common offset of x."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return y.sum(-1, keepdim=True) - 1
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def solve(self, x):
+        u = torch.sort(x.double(), descending=True, dim=-1).values
+        css = u.cumsum(-1) - 1
+        k = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64)
+        rho = (u - css / k > 0).sum(-1, keepdim=True) - 1
+        tau = css.gather(-1, rho) / (rho + 1).double()
+        return (x.double() - tau).clamp_min(0.0).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype, c", [(torch.float32, 100.0), (torch.float32, 1e4), (torch.float64, 1e5)])
+def test_an_offset_the_equalities_absorb_keeps_the_bounds_strict(dtype, c):
+    """The zero-multiplier level scaled with ‖∇_y f‖ = ‖y − x‖, which grows with a common
+    offset c that the equality's multiplier takes: bounds with multipliers ≥ 0.23 were
+    called zero from c = 100 in float32 (1e5 in float64)."""
+    z = torch.randn(1, 50, dtype=DT, generator=torch.Generator().manual_seed(0))
+    x = (z + c).to(dtype).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = _Simplex()(x)
+        (g,) = torch.autograd.grad(y[0, 0], x)
+    s = (y.detach() > 0).to(DT)[0]  # dy₀/dx = s₀ (e₀ − s / |S|)
+    torch.testing.assert_close(g[0].double(), s[0] * (torch.eye(50, dtype=DT)[0] - s / s.sum()),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [0.0, 1e5])
+def test_a_zero_multiplier_beside_an_equality_still_warns(c):
+    """x = (½, ½, 0) + c: τ = c, y = (½, ½, 0) and the bound on y₃ has multiplier τ − x₃ = 0."""
+    x = torch.tensor([[0.5, 0.5, 0.0]], dtype=DT) + c
+    with pytest.warns(GradientWarning, match="zero multiplier"):
+        _Simplex()(x.requires_grad_(True)).sum().backward()
