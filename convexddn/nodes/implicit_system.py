@@ -31,7 +31,7 @@ from .lagrangian import (_batched_vjp, _check_jacobian, _check_values, _constrai
                          _non_finite_derivatives, _objective, _solution_length, check_second_order, kinked,
                          lagrangian_gradient, lagrangian_probes)
 from .linear_solvers import LinearSolver, resolve_linear_solver
-from .multipliers import inactive_mask, multipliers
+from .multipliers import inactive_mask, multipliers, scaled_norm
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt
 from .solver_result import checked_solver_result
 
@@ -93,13 +93,13 @@ def _term_scale(yg: Tensor, xg, gf: Tensor, probes, A: Tensor | None, lam: Tenso
     and the constraints' terms, which cancel each other where active rows are nearly
     parallel)."""
     def norm(t: Tensor | None, of: Tensor) -> Tensor:
-        return 0.0 if t is None else _rows(t).norm(dim=-1) * _rows(of).norm(dim=-1)
+        return 0.0 if t is None else scaled_norm(_rows(t)) * scaled_norm(_rows(of))
 
-    scale = norm(probes[0], yg) + gf.detach().norm(dim=-1)
+    scale = norm(probes[0], yg) + scaled_norm(gf.detach())
     for x, bu in zip(xg, probes[1:]):
         scale = scale + norm(bu, x)
     if A is not None:
-        scale = scale + (lam.detach().abs() * A.detach().norm(dim=-1)).sum(-1)
+        scale = scale + (lam.detach().abs() * scaled_norm(A.detach())).sum(-1)
     return scale
 
 

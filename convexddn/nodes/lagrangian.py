@@ -15,6 +15,7 @@ import torch
 
 from ..errors import DTypeError, ProblemError, ShapeError
 from .krylov import pseudo_random_directions
+from .multipliers import scaled_norm
 from .optimality import _format_indices
 
 __all__ = ["ConstraintFn"]
@@ -161,7 +162,7 @@ def _solution_length(g: Tensor, yg: Tensor) -> Tensor:
     enters ``∇_y f``): with ``‖B‖‖x‖`` in it, a common offset of inputs that cancels in the
     problem (``y ≥ 0`` near ``x − x₀`` at ``x ~ x₀ ~ 1e6``) made a bound 1e-3 from ``y``
     active. ``g``: ``∇_y f`` built with ``create_graph=True``."""
-    length = yg.detach().norm(dim=-1)
+    length = scaled_norm(yg.detach())  # (‖y‖ overflowed from |y| ~ 1e154 in float64)
     if not g.requires_grad:
         return length
     u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "nonnegative_multipliers", "unit_rows"]
+__all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "nonnegative_multipliers",
+           "scaled_norm", "unit_rows"]
 
 Tensor = torch.Tensor
 
@@ -50,8 +51,20 @@ def inactive_mask(g: Tensor, A_ineq: Tensor, length: Tensor, active_tol: float,
     active, the caller reports the non-finite Jacobian).
     """
     tol = max(active_tol, ACTIVE_EPS * torch.finfo(data_dtype).eps)
-    scale = _finite(A_ineq).norm(dim=-1) * length.unsqueeze(-1)
-    return g < -tol * scale
+    # g_j / ‖∇g_j‖ against tol · ℓ, norms scaled: at |y| ~ 1e154 in float64, ‖y‖ (or the
+    # product ‖∇g_j‖ ℓ) overflowed to Inf, every bound counted as active and the gradient
+    # came back as zeros under a false zero-multiplier warning.
+    row = scaled_norm(_finite(A_ineq))
+    return torch.where(row > 0, g / torch.where(row > 0, row, 1.0), g) < -tol * torch.where(
+        row > 0, length.unsqueeze(-1), 0.0)
+
+
+def scaled_norm(t: Tensor) -> Tensor:
+    """The 2-norm over the last dimension, without overflow or underflow on the way
+    (``t / max|t|`` first): finite wherever the norm itself is."""
+    top = t.abs().amax(-1)
+    safe = torch.where(top > 0, top, 1.0)
+    return (t / safe.unsqueeze(-1)).norm(dim=-1) * safe
 
 
 def _least_squares(A: Tensor, g: Tensor, use: Tensor | None = None) -> Tensor:

@@ -42,7 +42,7 @@ from .._warn import warn
 from ..errors import GradientWarning, SolverError
 from .krylov import pseudo_random_directions
 from .linear_solvers import shown_indices
-from .multipliers import dependent, nonnegative_multipliers
+from .multipliers import dependent, nonnegative_multipliers, scaled_norm
 
 __all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "default_solution_tol", "kkt_residuals",
            "newton_step_error", "verify_kkt"]
@@ -83,7 +83,7 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _row_norm(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).norm(dim=-1)
+    return scaled_norm(t.reshape(t.shape[0], -1))
 
 
 def kkt_residuals(
@@ -144,13 +144,13 @@ def kkt_residuals(
     # (Plus the size of the gradient the multipliers cancel: a linear objective whose
     # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding
     # was divided by 0 (a unique vertex rejected at a residual of 1e292).)
-    scale = Hu.norm(dim=-1) * yg.norm(dim=-1) + gf.norm(dim=-1)
+    scale = scaled_norm(Hu) * scaled_norm(yg) + scaled_norm(gf)
     force_scale = scale.detach()
     for x, Bu in zip(xg, probes[1:]):
         if Bu is not None:
             scale = scale + _row_norm(Bu) * _row_norm(x)
     no_length = _no_length(xg)
-    noise = _rounding(scale, eps, no_length, Hu.norm(dim=-1))
+    noise = _rounding(scale, eps, no_length, scaled_norm(Hu))
     r = gf
     if c is not None:
         is_ineq = torch.zeros(c.shape[1], dtype=torch.bool, device=c.device)
@@ -159,7 +159,7 @@ def kkt_residuals(
         # what they were meant to cancel shows up in the stationarity residual.
         lam_ok = torch.where(is_ineq, lam.clamp_min(0.0), lam)
         r = gf + (A.transpose(1, 2) @ lam_ok.unsqueeze(-1)).squeeze(-1)
-    stationarity = _ratio(_above(r.norm(dim=-1), noise), _floored(scale, eps))
+    stationarity = _ratio(_above(scaled_norm(r), noise), _floored(scale, eps))
     if step is not None:
         stationarity = newton_step_error(step, r.detach(), yg.detach(), Hu, scale, noise, stationarity, tol, eps)
     scale = _floored(scale, eps)
@@ -169,8 +169,8 @@ def kkt_residuals(
     violation = torch.where(is_ineq, c.detach().clamp_min(0.0), c.detach())
     uc = pseudo_random_directions(c.shape[1], batch, c.dtype, c.device)
     dcx = torch.autograd.grad((c * uc).sum(), tuple(xg), retain_graph=True, allow_unused=True)
-    a_norm = (A if feasibility_rows is None else feasibility_rows).flatten(1).norm(dim=-1)
-    feas_scale = a_norm * yg.norm(dim=-1)
+    a_norm = scaled_norm((A if feasibility_rows is None else feasibility_rows).flatten(1))
+    feas_scale = a_norm * scaled_norm(yg)
     for x, g in zip(xg, dcx):
         if g is not None:
             feas_scale = feas_scale + _row_norm(g) * _row_norm(x)
@@ -178,19 +178,19 @@ def kkt_residuals(
     # Each row's violation in the units of the largest active row (its own gradient's
     # norm brought to that one's): a constraint written as c·(‖y‖² − r²) beside a bound
     # was judged against the bound's norm, and at c ≤ 1e-6 a 21 % violation passed.
-    row = (A if feasibility_rows is None else feasibility_rows).detach().norm(dim=-1)
+    row = scaled_norm((A if feasibility_rows is None else feasibility_rows).detach())
     unit = torch.where(row > 0, row.amax(-1, keepdim=True) / row.clamp_min(torch.finfo(row.dtype).tiny), 1.0)
-    feasibility = _ratio(_above((violation * unit).norm(dim=-1), feas_noise), _floored(feas_scale, eps))
+    feasibility = _ratio(_above(scaled_norm(violation * unit), feas_noise), _floored(feas_scale, eps))
     if step is not None:
         # The same for the constraints: ‖D_x c‖‖x‖ grows with an offset in the data they
         # read (Σy = p₁ − p₂ at p ~ 5e6 violated by 0.5 scored 1e-7); the least-norm
         # correction A⁺v of the violation, against ‖y‖.
         rows = (A if feasibility_rows is None else feasibility_rows).detach()
         feasibility = _offset_checked(
-            feasibility, violation, yg.detach(), a_norm * yg.norm(dim=-1).detach(), feas_scale.detach(), feas_noise,
+            feasibility, violation, yg.detach(), a_norm * scaled_norm(yg.detach()), feas_scale.detach(), feas_noise,
             tol, eps, lambda v: (torch.linalg.pinv(rows) @ v.unsqueeze(-1)).squeeze(-1))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
-    force = lam.detach() * A.norm(dim=-1)  # how hard each constraint pushes, in gradient units
+    force = lam.detach() * scaled_norm(A)  # how hard each constraint pushes, in gradient units
     weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
     if n_eq and bool(weakly.any()):
         force_scale = torch.where(weakly, _beyond_equalities(Hu, yg, gf, A[:, :n_eq]), force_scale)
@@ -223,7 +223,7 @@ def newton_step_error(step: Callable[[Tensor], Tensor], r: Tensor, y: Tensor, Hu
     and the other terms make up more than half the scale: otherwise the scale measures
     ``y``'s error already.
     """
-    curvature = Hu.norm(dim=-1) * y.norm(dim=-1)
+    curvature = scaled_norm(Hu) * scaled_norm(y)
     return _offset_checked(stationarity, r, y, curvature, scale, noise, tol, eps, step)
 
 
@@ -234,13 +234,13 @@ def _offset_checked(score: Tensor, residual: Tensor, y: Tensor, own: Tensor, sca
     still mean a step above ``tol``: ``δy = step(residual)`` on those elements only (see
     :func:`newton_step_error`)."""
     nu = torch.maximum(_ROUNDING * eps * scale, noise)
-    rn = residual.norm(dim=-1)
+    rn = scaled_norm(residual)
     suspect = (_above(rn, nu) > tol * own) & (scale > 2 * own)
     if not bool(suspect.any()):
         return score
     dy = step(torch.where(suspect.unsqueeze(-1), residual, 0.0)).norm(dim=-1)
     safe = rn.clamp_min(torch.finfo(residual.dtype).tiny)
-    length = torch.maximum(y.norm(dim=-1), dy * nu / (tol * safe))
+    length = torch.maximum(scaled_norm(y), dy * nu / (tol * safe))
     error = _ratio(dy * (1.0 - nu / safe).clamp_min(0.0), length)
     return torch.where(suspect, torch.maximum(score, error), score)
 
@@ -299,7 +299,7 @@ def _beyond_equalities(Hu: Tensor, yg: Tensor, gf: Tensor, A_eq: Tensor) -> Tens
     A_eq = A_eq.detach()
     g = gf.detach().unsqueeze(-1)
     rest = g - torch.linalg.pinv(A_eq) @ (A_eq @ g)
-    return (Hu.norm(dim=-1) * yg.norm(dim=-1) + rest.squeeze(-1).norm(dim=-1)).detach()
+    return (scaled_norm(Hu) * scaled_norm(yg) + scaled_norm(rest.squeeze(-1))).detach()
 
 
 def _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly) -> Tensor:

@@ -238,3 +238,26 @@ def test_a_compiled_term_is_refused():
     x = 2 * torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with pytest.raises(ProblemError, match="differentiated twice"):
         torch.autograd.grad(_softplus_node(compiled)(x).sum(), x)
+
+
+class _NonNeg(DeclarativeNode):
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def solve(self, x):
+        return x.clamp(min=0)
+
+
+@pytest.mark.parametrize("s", [1e154, 1e200, 1e300])
+def test_the_activity_test_does_not_overflow(s):
+    """‖y‖ of (1, 2, −1)·1e154 overflowed float64: every bound counted as active and the
+    gradient came back as zeros under a false zero-multiplier warning. Closed form: the
+    projection onto y ≥ 0 has dy/dx = diag(x > 0)."""
+    x = (s * torch.tensor([[1.0, 2.0, -1.0]], dtype=DT)).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (g,) = torch.autograd.grad(_NonNeg()(x).sum(), x)
+    torch.testing.assert_close(g, torch.tensor([[1.0, 1.0, 0.0]], dtype=DT), rtol=0, atol=0)
