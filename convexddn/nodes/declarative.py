@@ -138,7 +138,8 @@ class DeclarativeNode(torch.nn.Module):
 
     Raises:
         DTypeError: an input is not a floating-point tensor, inputs differ in dtype,
-            or ``solve`` returns a non-tensor or another dtype.
+            ``solve`` returns a non-tensor or another dtype, or the objective or a
+            constraint returns a complex or integer tensor.
         ShapeError: an input has fewer than ``batch_dims`` dimensions, batch shapes
             differ, or ``solve``, ``objective`` or a constraint returns the wrong shape.
         InputError: inputs on different devices, keyword inputs, a call with a number

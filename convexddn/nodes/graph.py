@@ -8,6 +8,9 @@ wrong, and both are visible in the graph of ``f`` before anything is solved:
   derivative would be zero (a constraint that does not: it would be ignored);
 - ``f`` uses a tensor that requires grad but is none of those (a closed-over tensor,
   e.g. ``self.w = w`` set from outside): it would get no gradient, without a word.
+
+And the graph of ``∇_y L`` must carry every term's second derivatives
+(:func:`second_derivatives`, :func:`lagrangian_gradient`, :func:`check_second_order`).
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 from ..errors import InputError, ProblemError
+from .lagrangian import _grads
+from .optimality import _format_indices
 
-__all__ = ["autograd_leaves", "check_graph", "second_derivatives"]
+__all__ = ["autograd_leaves", "check_graph", "check_second_order", "lagrangian_gradient", "second_derivatives"]
 
 Tensor = torch.Tensor
 
@@ -146,3 +151,62 @@ def second_derivatives(prefix: str) -> Iterator[None]:
             f"twice ({text.strip()}); the implicit backward needs their second derivatives "
             "(Hessian-vector products). Write it with elementary operations (e.g. "
             "((y - p) ** 2).sum(-1).sqrt() for torch.cdist)") from err
+
+
+def lagrangian_gradient(prefix: str, lagrangian: Tensor, yg: Tensor) -> tuple[Tensor, Tensor]:
+    """``(∇_y L, ω)``: the gradient (B, m) of the per-element Lagrangian ``lagrangian``
+    (B,), with its graph, taken with an incoming gradient ``ω = 1`` (B,) that requires grad.
+
+    Every term of ``∇_y L`` is then a function of ``ω`` as well as of ``y``: an operation
+    whose backward is first-order only (``@once_differentiable``, a compiled function)
+    raises torch's own error on the second pass (or here), where with a constant ``ω``
+    its curvature silently dropped out of the Hessian (a custom softplus: gradients 20 %
+    off); a backward that runs under ``no_grad`` is caught by :func:`check_second_order`.
+    """
+    seed = torch.ones_like(lagrangian.detach()).requires_grad_(True)
+    try:
+        return _grads(lagrangian, yg, create_graph=True, seed=seed)[0], seed
+    except RuntimeError as err:
+        try:  # (fails also with a constant ω: not a second-derivative fault)
+            _grads(lagrangian, yg, create_graph=True)
+        except RuntimeError:
+            raise err from None
+        raise ProblemError(
+            f"{prefix}objective or constraints use an operation whose backward fails when its incoming "
+            f"gradient requires grad ({str(err).strip()[:200]}): it cannot be differentiated twice (e.g. a "
+            "torch.compile'd function), and the implicit backward needs their second derivatives "
+            "(Hessian-vector products). Write it with differentiable torch operations") from err
+
+
+# ∂⟨∇_y L, u⟩/∂ω may depart from ⟨∇_y L, u⟩ by this many eps of the terms' scale.
+_SECOND_ORDER_NOISE = 1e3
+
+
+def check_second_order(prefix: str, gL: Tensor, u: Tensor, d_seed: Tensor | None, scale: Tensor,
+                       batch_shape) -> None:
+    r"""Raise where a term of ``∇_y L`` carries no graph: its curvature is missing from H.
+
+    ``∇_y L`` is linear in the incoming gradient ``ω`` of :func:`lagrangian_gradient`, so
+    :math:`\partial \langle \nabla_y L, u\rangle / \partial\omega = \langle \nabla_y L, u\rangle`
+    at ``ω = 1`` when every term is differentiable; a custom ``autograd.Function`` whose
+    backward runs under ``torch.no_grad`` (or detaches, or goes through numpy) adds its
+    value without its graph, and the difference is that term's ``⟨∇t, u⟩``, O(1) of the
+    scale ``scale`` (B,) of :func:`~.optimality.kkt_residuals` where rounding leaves eps of it.
+    ``d_seed`` (B,): the derivative from :func:`lagrangian_probes`; ``u`` its direction.
+    """
+    if d_seed is None:
+        return
+    value = (gL.detach() * u).sum(-1)
+    eps = torch.finfo(gL.dtype).eps
+    gap = (d_seed - value).abs()
+    bad = gap > _SECOND_ORDER_NOISE * eps * (scale + value.abs() + d_seed.abs())
+    if not bool(bad.any()):
+        return
+    indices = _format_indices(bad, batch_shape)
+    raise ProblemError(
+        f"{prefix}objective or constraints use an operation whose backward is not itself differentiable "
+        f"(at batch indices {indices[:8]}, {len(indices)} of {bad.numel()} element(s)): a term of their gradient "
+        "in y carries no autograd graph (e.g. a custom torch.autograd.Function whose backward runs under "
+        "torch.no_grad, detaches, or uses numpy), so its second derivatives would be missing from the implicit "
+        "system and the gradient would be wrong. Give the Function a differentiable backward (torch operations "
+        "on the saved tensors, outside no_grad) or write the term with differentiable torch operations")

@@ -25,11 +25,10 @@ from .._autograd import plain
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, shown_indices
-from .graph import check_graph
+from .graph import check_graph, check_second_order, lagrangian_gradient
 from .krylov import pseudo_random_directions
 from .lagrangian import (_batched_vjp, _check_jacobian, _check_values, _constraint, _grads, _lagrangian_parts,
-                         _non_finite_derivatives, _objective, _solution_length, check_second_order, kinked,
-                         lagrangian_gradient, lagrangian_probes)
+                         _non_finite_derivatives, _objective, _solution_length, kinked, lagrangian_probes)
 from .linear_solvers import LinearSolver, resolve_linear_solver
 from .multipliers import inactive_mask, multipliers, scaled_norm
 from .optimality import default_solution_tol, kkt_residuals, verify_kkt

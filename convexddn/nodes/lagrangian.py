@@ -85,10 +85,19 @@ def _call(name: str, fn: Callable[..., Tensor], xs, y: Tensor):
                          f"the shapes inside {name} fit together?") from err
 
 
+def _real(name: str, t: Tensor) -> None:
+    """A complex (or integer, bool) value has no order to minimise or bound: a complex one
+    escaped as torch's raw error in the backward (grad of a non-real output)."""
+    if not t.is_floating_point():
+        raise DTypeError(f"{name} must return a real floating-point tensor, got {t.dtype} (take .real, .abs() "
+                         "or a squared modulus of a complex value)")
+
+
 def _objective(name: str, fn: Callable[..., Tensor], xs, y: Tensor) -> Tensor:
     f = _call(name, fn, xs, y)
     if not isinstance(f, torch.Tensor):
         raise DTypeError(f"{name} must return a torch.Tensor, got {type(f).__name__}")
+    _real(name, f)
     if tuple(f.shape) != (y.shape[0],):
         raise ShapeError(
             f"{name} must return shape (B,) = ({y.shape[0]},), one value per batch "
@@ -106,6 +115,7 @@ def _constraint(name: str, fn: ConstraintFn | None, xs, y: Tensor) -> Tensor | N
         return None
     if not isinstance(c, torch.Tensor):
         raise DTypeError(f"{name} must return a torch.Tensor or None, got {type(c).__name__}")
+    _real(name, c)
     if c.ndim == 0 or c.shape[0] != y.shape[0]:
         raise ShapeError(
             f"{name} must return shape (B, ...) with B = {y.shape[0]} (one row of "
@@ -175,71 +185,13 @@ def _solution_length(g: Tensor, yg: Tensor) -> Tensor:
     return torch.maximum(length, floor)
 
 
-def lagrangian_gradient(prefix: str, lagrangian: Tensor, yg: Tensor) -> tuple[Tensor, Tensor]:
-    """``(∇_y L, ω)``: the gradient (B, m) of the per-element Lagrangian ``lagrangian``
-    (B,), with its graph, taken with an incoming gradient ``ω = 1`` (B,) that requires grad.
-
-    Every term of ``∇_y L`` is then a function of ``ω`` as well as of ``y``: an operation
-    whose backward is first-order only (``@once_differentiable``, a compiled function)
-    raises torch's own error on the second pass (or here), where with a constant ``ω``
-    its curvature silently dropped out of the Hessian (a custom softplus: gradients 20 %
-    off); a backward that runs under ``no_grad`` is caught by :func:`check_second_order`.
-    """
-    seed = torch.ones_like(lagrangian.detach()).requires_grad_(True)
-    try:
-        return _grads(lagrangian, yg, create_graph=True, seed=seed)[0], seed
-    except RuntimeError as err:
-        try:  # (fails also with a constant ω: not a second-derivative fault)
-            _grads(lagrangian, yg, create_graph=True)
-        except RuntimeError:
-            raise err from None
-        raise ProblemError(
-            f"{prefix}objective or constraints use an operation whose backward fails when its incoming "
-            f"gradient requires grad ({str(err).strip()[:200]}): it cannot be differentiated twice (e.g. a "
-            "torch.compile'd function), and the implicit backward needs their second derivatives "
-            "(Hessian-vector products). Write it with differentiable torch operations") from err
-
-
-# ∂⟨∇_y L, u⟩/∂ω may depart from ⟨∇_y L, u⟩ by this many eps of the terms' scale.
-_SECOND_ORDER_NOISE = 1e3
-
-
-def check_second_order(prefix: str, gL: Tensor, u: Tensor, d_seed: Tensor | None, scale: Tensor,
-                       batch_shape) -> None:
-    r"""Raise where a term of ``∇_y L`` carries no graph: its curvature is missing from H.
-
-    ``∇_y L`` is linear in the incoming gradient ``ω`` of :func:`lagrangian_gradient`, so
-    :math:`\partial \langle \nabla_y L, u\rangle / \partial\omega = \langle \nabla_y L, u\rangle`
-    at ``ω = 1`` when every term is differentiable; a custom ``autograd.Function`` whose
-    backward runs under ``torch.no_grad`` (or detaches, or goes through numpy) adds its
-    value without its graph, and the difference is that term's ``⟨∇t, u⟩``, O(1) of the
-    scale ``scale`` (B,) of :func:`~.optimality.kkt_residuals` where rounding leaves eps of it.
-    ``d_seed`` (B,): the derivative from :func:`lagrangian_probes`; ``u`` its direction.
-    """
-    if d_seed is None:
-        return
-    value = (gL.detach() * u).sum(-1)
-    eps = torch.finfo(gL.dtype).eps
-    gap = (d_seed - value).abs()
-    bad = gap > _SECOND_ORDER_NOISE * eps * (scale + value.abs() + d_seed.abs())
-    if not bool(bad.any()):
-        return
-    indices = _format_indices(bad, batch_shape)
-    raise ProblemError(
-        f"{prefix}objective or constraints use an operation whose backward is not itself differentiable "
-        f"(at batch indices {indices[:8]}, {len(indices)} of {bad.numel()} element(s)): a term of their gradient "
-        "in y carries no autograd graph (e.g. a custom torch.autograd.Function whose backward runs under "
-        "torch.no_grad, detaches, or uses numpy), so its second derivatives would be missing from the implicit "
-        "system and the gradient would be wrong. Give the Function a differentiable backward (torch operations "
-        "on the saved tensors, outside no_grad) or write the term with differentiable torch operations")
-
-
 def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None = None) -> tuple:
     """One double-backward pass of ``∇_y L`` along the generic direction
     :func:`~.krylov.pseudo_random_directions`: ``(H u, Bᵀu for each input)`` (``None`` where
     unused), shared by :func:`_non_finite_derivatives` and
     :func:`~.optimality.kkt_residuals`; with ``seed`` (the ``ω`` of
-    :func:`lagrangian_gradient`), also ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for :func:`check_second_order`)."""
+    :func:`~.graph.lagrangian_gradient`), also ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for
+    :func:`~.graph.check_second_order`)."""
     extra = () if seed is None else (seed,)
     if not gL.requires_grad:
         return (None,) * (1 + len(xg) + len(extra))

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from convexddn.errors import GradientWarning, ProblemError
+from convexddn.errors import DTypeError, GradientWarning, ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
 
 DT = torch.float64
@@ -261,3 +261,31 @@ def test_the_activity_test_does_not_overflow(s):
         warnings.simplefilter("error")
         (g,) = torch.autograd.grad(_NonNeg()(x).sum(), x)
     torch.testing.assert_close(g, torch.tensor([[1.0, 1.0, 0.0]], dtype=DT), rtol=0, atol=0)
+
+
+class _ComplexValued(DeclarativeNode):
+    """½‖y − x‖² s.t. Σy ≤ 10, one of them returned as a complex tensor."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.which = which
+
+    def objective(self, x, y):
+        f = 0.5 * ((y - x) ** 2).sum(-1)
+        return f.to(torch.complex128) if self.which == "objective" else f
+
+    def inequality_constraints(self, x, y):
+        g = y.sum(-1, keepdim=True) - 10
+        return g.to(torch.complex128) if self.which == "inequality_constraints" else g
+
+    def solve(self, x):
+        return x.clone()
+
+
+@pytest.mark.parametrize("which", ["objective", "inequality_constraints"])
+def test_a_complex_valued_objective_or_constraint_is_a_dtype_error(which):
+    """A complex objective escaped at backward as torch's raw RuntimeError ("grad can be
+    implicitly created only for real scalar outputs"), naming neither method nor remedy."""
+    x = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with pytest.raises(DTypeError, match=rf"_ComplexValued\.{which} must return a real floating-point .*complex128"):
+        _ComplexValued(which)(x)
