@@ -833,3 +833,50 @@ def test_an_objective_coupling_batch_rows_is_refused(through):
     (g,) = torch.autograd.grad(y.sum(), x)
     one = 1.0 if through == "y" else 0.0
     torch.testing.assert_close(g, torch.tensor([[one, one], [0, 0], [0, 0]], dtype=DT))
+
+
+class _RunningScale(DeclarativeNode):
+    """argmin ½‖y − x‖² + ¼ s Σy⁴ (Newton; dy/dx = 1 / (1 + 3 s y²)); ``solve`` then moves
+    the buffer ``s`` (read by the objective) or ``count`` (a cache it only writes) in place."""
+
+    def __init__(self, update):
+        super().__init__()
+        self.update = update
+        self.register_buffer("s", torch.ones((), dtype=DT))
+        self.register_buffer("count", torch.zeros((), dtype=DT))
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + 0.25 * self.s * (y ** 4).sum(-1)
+
+    def solve(self, x):
+        y = x.clone()
+        for _ in range(80):
+            y = y - (y - x + self.s * y ** 3) / (1 + 3 * self.s * y ** 2)
+        getattr(self, self.update).add_(1e-3)
+        return y
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_a_read_buffer_that_solve_changes_in_place_is_refused(mode):
+    """The backward differentiated the objective at the buffer's new value (2.5e-4 off the
+    closed form 1 / (1 + 3 s y²) at s = 1 for a change of 1e-3), silently or with a
+    warning blaming solve."""
+    x = torch.randn(3, 4, dtype=DT, generator=_gen(0))
+    node = _RunningScale("s")
+    for _ in range(2):  # before the probe knows what the objective reads, and after
+        with pytest.raises(InputError, match=r"solve modified \['s'\] .* in place"):
+            if mode == "reverse":
+                xr = x.clone().requires_grad_(True)
+                torch.autograd.grad(node(xr).sum(), xr)
+            else:
+                with torch.autograd.forward_ad.dual_level():
+                    node(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+
+
+def test_a_buffer_solve_only_writes_may_change():
+    x = torch.randn(3, 4, dtype=DT, generator=_gen(0), requires_grad=True)
+    node = _RunningScale("count")
+    for _ in range(2):
+        y = node(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(g, 1 / (1 + 3 * y.detach() ** 2))
