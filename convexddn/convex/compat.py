@@ -16,14 +16,20 @@ errors from :mod:`convexddn.errors`.
 
 ``solver_args`` are read the way a cvxpylayers user means them, in three groups:
 
-- **applied** (:data:`APPLIED_SOLVER_ARGS`): ``solve_method`` picks the solver
-  (``"SCS"``, ``"ECOS"`` or ``"Clarabel"``); ``max_iters`` (or Clarabel's ``max_iter``),
-  ``time_limit_secs`` (SCS's per-solve time limit, diffcp's default solver; or
-  Clarabel's ``time_limit``) and ``verbose`` reach that solver under its own spelling
-  (with the default solver, only the per-element one, which solves just the elements
-  the batched interior point does not certify: the one warning says so). ECOS has no
-  time limit: a time limit with ``solve_method="ECOS"`` raises
-  :class:`~convexddn.errors.OptionError` (cvxpylayers raises a ``TypeError`` there);
+- **applied**: ``solve_method`` picks the solver (``"SCS"``, ``"ECOS"`` or
+  ``"Clarabel"``; ``None``, as if not given: the layer's solver); ``max_iters`` (or
+  Clarabel's ``max_iter``), ``time_limit_secs`` (SCS's per-solve time limit, diffcp's
+  default solver, 0 meaning none; or Clarabel's ``time_limit``) and ``verbose``
+  (:data:`APPLIED_SOLVER_ARGS`) reach that solver under its own spelling, and any other
+  setting that solver takes (Clarabel's ``direct_solve_method``, ``equilibrate_enable``,
+  ...; ECOS's ``nitref``; SCS's ``log_csv_filename``) reaches it as written, checked as
+  :class:`ConvexLayer` checks it (:mod:`.solver_args`). With the default solver they reach
+  only the per-element one, Clarabel, which solves just the elements the batched interior
+  point does not certify (the one warning says so). A setting of another solver raises
+  :class:`~convexddn.errors.OptionError` naming its solver (cvxpylayers passes it on and
+  the solver raises a ``TypeError``): a time limit with ``solve_method="ECOS"``, ECOS's
+  ``nitref`` with Clarabel; SCS's own settings with the default solver are ignored with
+  the one warning (cvxpylayers' default solver is SCS, which does not run here);
 - **ignored, with one warning per layer** (:data:`IGNORED_SOLVER_ARGS`): solver
   tolerances (SCS's ``eps``, ECOS's ``abstol``, Clarabel's ``tol_*``, ...), SCS's
   convergence tuning (``acceleration_lookback``, ``normalize``, ...), diffcp's
@@ -35,7 +41,7 @@ errors from :mod:`convexddn.errors`.
   solve always raises :class:`~convexddn.errors.InfeasibleError`,
   :class:`~convexddn.errors.UnboundedError` or :class:`~convexddn.errors.SolverError`;
   with ``False`` diffcp returned SCS's unverified iterate instead);
-- anything else raises :class:`~convexddn.errors.OptionError` listing the valid keys.
+- a key no solver takes raises :class:`~convexddn.errors.OptionError` listing the valid keys.
 """
 from __future__ import annotations
 
@@ -49,7 +55,8 @@ from .._checks import check_flag
 from .._warn import warn
 from ..errors import ConvexDDNWarning, OptionError
 from .layer import ConvexLayer
-from .solver_args import validate_solver_args
+from .per_element import SOLVERS
+from .solver_args import solver_settings, spelled, validate_solver_args
 from .state import picklable_state
 
 __all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
@@ -86,6 +93,8 @@ _TOLERANCE = "a solver tolerance (solutions are polished and verified to the lay
 _SCS_TUNING = "SCS convergence tuning (solutions are polished and verified to the layer's tol)"
 _DERIVATIVE = "diffcp's derivative settings (the adjoint is solved to full accuracy)"
 _WARM_STARTS = "diffcp's warm starts (each problem is solved from scratch; a warm start changes only SCS's speed)"
+_SCS_ONLY = ("SCS's setting: SCS, cvxpylayers' default solver, runs only with solve_method='SCS' here (the "
+             "default is the batched interior point, then Clarabel)")
 _RAISE_ON_ERROR = ("diffcp's raise_on_error (a failed solve always raises InfeasibleError, UnboundedError "
                    "or SolverError; ConvexLayer(on_failure='mask') returns NaN for failed elements instead)")
 
@@ -104,15 +113,53 @@ IGNORED_SOLVER_ARGS: dict[str, str] = {
     "raise_on_error": _RAISE_ON_ERROR,
 }
 
-_VALID_KEYS = sorted({"solve_method", *APPLIED_SOLVER_ARGS, *IGNORED_SOLVER_ARGS})
+_COMMON_KEYS = frozenset({"solve_method", *APPLIED_SOLVER_ARGS, *IGNORED_SOLVER_ARGS})
 # The buffers of cvxpylayers' CvxpyLayer (its canonical problem data), dropped on load.
 _CVXPYLAYERS_BUFFERS = ("P", "q", "A")
 
 
-def _solver_name(value: Any, what: str) -> str:
+def _solver_name(value: Any, what: str) -> str | None:
+    if value is None:  # diffcp's default: the layer's solver here
+        return None
     if isinstance(value, str) and value.lower() in _SOLVERS:
         return _SOLVERS[value.lower()]
-    raise OptionError(f"{what} must be one of {sorted(_SOLVERS.values())}, got {value!r}")
+    raise OptionError(f"{what} must be None or one of {sorted(_SOLVERS.values())}, got {value!r}")
+
+
+def _per_element(solver: str) -> str:
+    """The solver that ``solver_args`` reach: the per-element one (Clarabel under "auto")."""
+    return "Clarabel" if solver == "auto" else solver
+
+
+def _classify(args: dict[str, Any], solver: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """cvxpylayers' ``solver_args`` (less ``solve_method``) for ``solver`` -> (applied:
+    the keys that reach it, ignored: key -> why); ``OptionError`` for a key that only
+    another solver takes (naming it) or that no solver takes (listing the valid keys)."""
+    own = solver_settings(_per_element(solver))
+    applied, ignored, foreign = {}, {}, []
+    for key, value in args.items():
+        if key in IGNORED_SOLVER_ARGS:
+            ignored[key] = IGNORED_SOLVER_ARGS[key]
+        elif key in APPLIED_SOLVER_ARGS or key in own:
+            applied[key] = value
+        elif solver == "auto" and key in solver_settings("SCS"):
+            ignored[key] = _SCS_ONLY
+        else:
+            foreign.append(key)
+    unknown = sorted(str(k) for k in foreign if not any(k in solver_settings(s) for s in SOLVERS))
+    if unknown:
+        raise OptionError(
+            f"solver_args has unknown key(s) {unknown}; valid keys are {sorted(_COMMON_KEYS)} (see "
+            f"convexddn.convex.compat for what each does here) and {_per_element(solver)}'s own settings "
+            f"{sorted(own - _COMMON_KEYS)}")
+    if foreign:
+        key = sorted(foreign)[0]
+        takes = [s for s in SOLVERS if key in solver_settings(s)]
+        chosen = "the default solver's per-element one, Clarabel" if solver == "auto" else solver
+        raise OptionError(
+            f"solver_args[{key!r}] is a setting of {' and '.join(takes)}, not of {chosen} (cvxpylayers passes it "
+            f"on and the solver raises a TypeError); pass solve_method={takes[0]!r} or drop the key")
+    return applied, ignored
 
 
 class CvxpyLayer(nn.Module):
@@ -155,9 +202,12 @@ class CvxpyLayer(nn.Module):
 
     Raises:
         OptionError: an unknown solver, a custom ``SolverInterface``, ``solver_args``
-            that is not a dict or has a key outside the valid ones (the message lists
-            them), a time limit with ``solve_method="ECOS"`` (ECOS has none),
-            ``warm_start=True``.
+            that is not a dict or has a key no solver takes (the message lists the
+            valid ones), a setting of another solver than the chosen one (a time limit
+            with ``solve_method="ECOS"``: ECOS has none), a solver that cannot take the
+            problem (a per-element one for ``quad_form(x, P)`` of a parameter ``P``;
+            ECOS for PSD cones: named as chosen, ``solver`` or
+            ``solver_args['solve_method']``), ``warm_start=True``.
         ProblemError, NotDPPError: the problem is not DCP/DPP (DGP with ``gp=True``) or
             the parameters/variables do not match it (ValueError subclasses, as in
             cvxpylayers).
@@ -189,19 +239,23 @@ class CvxpyLayer(nn.Module):
         self._gp = gp
         # (nn.Module owns the names _parameters and parameters: keep the CVXPY objects apart)
         self._declared = (problem, list(parameters), list(variables))
-        method, self._args, ignored = self._translate(solver_args, "solver_args")
+        # The constructor's solver_args as given (less solve_method): each solver a call
+        # picks reads them again (_make), as cvxpylayers merges them into every call's.
+        method, self._args = self._translate(solver_args, "solver_args")
         backend = self._backend(solver)
         # cvxpylayers takes any truthy value; a string ("yes") was taken as True here too.
         if check_flag("verbose", verbose):
             self._args["verbose"] = True
-        if canon_backend is not None:
-            ignored.append("canon_backend")
-        if isinstance(solver, str) and solver.lower() in _REPLACED_BACKENDS:
-            ignored.append(f"solver={solver!r}")
         self._solver = method or backend or "auto"
+        applied, ignored = _classify(self._args, self._solver)
+        if canon_backend is not None:
+            ignored["canon_backend"] = "CVXPY's canonicalisation backend (the problem is canonicalised once here)"
+        if isinstance(solver, str) and solver.lower() in _REPLACED_BACKENDS:
+            ignored[f"solver={solver!r}"] = "another algorithm, replaced by the default solver"
         # One ConvexLayer per solver used; a per-call solve_method adds one on first use.
-        self.layers = nn.ModuleDict({self._solver: self._make(self._solver)})
-        self._warn(ignored, auto_only=self._auto_only(self._solver, self._args))
+        option = "solver_args['solve_method']" if method else "solver"
+        self.layers = nn.ModuleDict({self._solver: self._make(self._solver, option)})
+        self._warn(ignored, auto_only=self._auto_only(self._solver, applied))
 
     @staticmethod
     def _backend(solver: Any) -> str | None:
@@ -218,40 +272,37 @@ class CvxpyLayer(nn.Module):
             f"solver must be None or one of {valid} (a custom SolverInterface cannot be "
             f"used: convexddn solves with its own checked backend), got {solver!r}")
 
-    def _translate(self, args: Any, what: str) -> tuple[str | None, dict[str, Any], list[str]]:
-        """Split cvxpylayers' solver_args into (solver, applied args, ignored keys)."""
+    @staticmethod
+    def _translate(args: Any, what: str) -> tuple[str | None, dict[str, Any]]:
+        """cvxpylayers' solver_args -> (the solver its ``solve_method`` names, or None;
+        the other keys), refusing a non-dict, an unknown ``solve_method`` and both
+        spellings of one setting (the keys themselves are judged per solver: _classify)."""
         if args is None:
-            return None, {}, []
+            return None, {}
         if not isinstance(args, dict):
             raise OptionError(f"{what} must be a dict or None, got {type(args).__name__}")
-        unknown = sorted(str(k) for k in args if k not in _VALID_KEYS)
-        if unknown:
-            raise OptionError(
-                f"{what} has unknown key(s) {unknown}; valid keys are {_VALID_KEYS} "
-                "(see convexddn.convex.compat for what each does here)")
-        method = _solver_name(args["solve_method"], f"{what}['solve_method']") \
-            if "solve_method" in args else None
-        applied = {k: v for k, v in args.items() if k in APPLIED_SOLVER_ARGS}
+        method = _solver_name(args.get("solve_method"), f"{what}['solve_method']")
         for key, alias in _ALIASES:
-            if key in applied and alias in applied:
+            if key in args and alias in args:
                 raise OptionError(f"{what} gives both {key} and {alias}; give one")
-        return method, applied, [k for k in args if k in IGNORED_SOLVER_ARGS]
+        return method, {k: v for k, v in args.items() if k != "solve_method"}
 
     @staticmethod
-    def _auto_only(solver: str, args: dict[str, Any]) -> list[str]:
+    def _auto_only(solver: str, applied: dict[str, Any]) -> list[str]:
         """The applied keys that, with the default solver, reach only the per-element
         solver: it solves just the elements the batched interior point does not certify,
         so ``max_iters`` and ``verbose`` seldom have an effect there (said in the warning)."""
-        return [k for k in args if k in APPLIED_SOLVER_ARGS] if solver == "auto" else []
+        return list(applied) if solver == "auto" else []
 
-    def _warn(self, ignored: list[str], auto_only: Sequence[str] = ()) -> None:
-        """The two notices, each once per layer: keys ignored, and keys that reach only
-        the per-element solver under the default solver (attributed to the caller's line)."""
+    def _warn(self, ignored: dict[str, str], auto_only: Sequence[str] = ()) -> None:
+        """The two notices, each once per layer: keys ignored (key -> why), and keys that
+        reach only the per-element solver under the default solver (attributed to the
+        caller's line)."""
         if ignored and not self._warned:
             self._warned = True
-            why = "; ".join(sorted({f"{k}: {IGNORED_SOLVER_ARGS.get(k, 'no effect here')}" for k in ignored}))
+            why = "; ".join(sorted({f"{k}: {reason}" for k, reason in ignored.items()}))
             warn(
-                f"CvxpyLayer ignores {ignored} ({why}). convexddn accepts a solution only "
+                f"CvxpyLayer ignores {list(ignored)} ({why}). convexddn accepts a solution only "
                 f"with a KKT residual <= {self.convex_layer.batched_tol:g} (its batched solver; "
                 f"{self.convex_layer.tol:g} for a per-element one) and differentiates it "
                 "exactly. This warning is shown once per layer.",
@@ -262,12 +313,13 @@ class CvxpyLayer(nn.Module):
                  ConvexDDNWarning)
 
     @staticmethod
-    def _native(args: dict[str, Any], solver: str) -> dict[str, Any]:
-        """cvxpylayers' spelling -> the solver's spelling, each value checked as that
-        solver takes it (``OptionError`` for a key the solver has no setting for: a time
-        limit with ECOS; or for a value it refuses, naming the key as the user wrote it:
-        ``solver_args['max_iters']``, not the ``max_iter`` it became for Clarabel)."""
-        missing = sorted(k for k in args if solver not in APPLIED_SOLVER_ARGS[k])
+    def _native(applied: dict[str, Any], solver: str) -> dict[str, Any]:
+        """cvxpylayers' spelling -> the solver's spelling (a key the solver takes as written
+        stays), each value checked as that solver takes it (``OptionError`` for a key the
+        solver has no setting for: a time limit with ECOS; or for a value it refuses,
+        naming the key as the user wrote it: ``solver_args['max_iters']``, not the
+        ``max_iter`` it became for Clarabel)."""
+        missing = sorted(k for k in applied if k in APPLIED_SOLVER_ARGS and solver not in APPLIED_SOLVER_ARGS[k])
         if missing:
             takes = sorted(s for s in APPLIED_SOLVER_ARGS[missing[0]] if s != "auto")
             raise OptionError(
@@ -275,15 +327,21 @@ class CvxpyLayer(nn.Module):
                 f"limit is taken by {takes}; cvxpylayers raises a TypeError here too); pass "
                 f"solve_method={takes[-1]!r} or drop the key")
         # One user key per native key (_translate refuses both spellings of one setting).
-        names = {APPLIED_SOLVER_ARGS[k][solver]: k for k in args}
-        native = {APPLIED_SOLVER_ARGS[k][solver]: v for k, v in args.items()}
+        spell = {k: APPLIED_SOLVER_ARGS[k][solver] if k in APPLIED_SOLVER_ARGS else k for k in applied}
+        names = {native: k for k, native in spell.items()}
+        native = {spell[k]: v for k, v in applied.items()}
         # "auto" passes them to its per-element solver, Clarabel (as ConvexLayer does).
-        return validate_solver_args("Clarabel" if solver == "auto" else solver, native, "solver_args", names)
+        return validate_solver_args(_per_element(solver), native, "solver_args", names)
 
-    def _make(self, solver: str) -> ConvexLayer:
-        return ConvexLayer(*self._declared, solver=solver,
-                           fallback="Clarabel" if solver in ("SCS", "ECOS") else "SCS",
-                           solver_args=self._native(self._args, solver), gp=self._gp)
+    def _make(self, solver: str, option: str) -> ConvexLayer:
+        """The ConvexLayer of ``solver`` (with the constructor's solver_args), which the user
+        chose by ``option``: its errors about that choice name the option so."""
+        native = self._native(_classify(self._args, solver)[0], solver)
+        remedy = ("drop solve_method: the default solver takes it" if option != "solver"
+                  else "use solver=None (the default solver takes it)")
+        fallback = "Clarabel" if solver in ("SCS", "ECOS") else "SCS"
+        with spelled(solver=option, batched_remedy=remedy):
+            return ConvexLayer(*self._declared, solver=solver, fallback=fallback, solver_args=native, gp=self._gp)
 
     def __getstate__(self) -> dict:
         return picklable_state(self)  # (the problem in _declared, without a solve's cached model)
@@ -322,14 +380,15 @@ class CvxpyLayer(nn.Module):
             raise OptionError(
                 "warm_start=True is not supported: convexddn solves each problem from "
                 "scratch (cvxpylayers supports it only with solver='MOREAU')")
-        method, args, ignored = self._translate(solver_args, "solver_args")
+        method, args = self._translate(solver_args, "solver_args")
         solver = method or self._solver
         # Checked here, under the user's keys (ConvexLayer would name the translated ones),
         # and before the once-per-layer notices: a call refused for its solver_args does
         # not use them up.
-        native = self._native(args, solver)
+        applied, ignored = _classify(args, solver)
+        native = self._native(applied, solver)
         if solver not in self.layers:
-            self.layers[solver] = self._make(solver)
-        self._warn(ignored, auto_only=self._auto_only(solver, args))
+            self.layers[solver] = self._make(solver, "solver_args['solve_method']")
+        self._warn(ignored, auto_only=self._auto_only(solver, applied))
         out = self.layers[solver](*params, solver_args=native)
         return out if isinstance(out, tuple) else (out,)

@@ -67,7 +67,7 @@ from .cone import ResidualMap
 from .cone_checks import _drop_noise, cone_blocks, project, verify_certificate
 from .status import status_kind
 
-__all__ = ["Run", "believed", "exact_ray", "judge", "reach_scaling", "reaches"]
+__all__ = ["Run", "believed", "claims_solved", "exact_ray", "judge", "reach_scaling", "reaches"]
 
 _EPS = np.finfo(np.float64).eps
 
@@ -99,7 +99,7 @@ class Run:
     points: list[tuple[str, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
-def _solved(status: str) -> bool:
+def claims_solved(status: str) -> bool:
     """Whether a status reports the problem solved, accurately or not (Clarabel ``Solved``,
     ``Optimal Inaccurate``; SCS ``solved (inaccurate - reached max_iters)``; ECOS ``Close to
     optimal solution found``); not ``unsolved`` or ``unfinished``."""
@@ -168,7 +168,7 @@ def _doubt(mine: Run, other: Run | None) -> str | None:
     if other is not None:
         runs += [(other.method, other.status)] + [(other.method + "→SCS", s) for s in other.also]
     for name, status in runs:
-        if _solved(status):
+        if claims_solved(status):
             return f"{name} reports it {status}"
     if _inaccurate(mine.status):
         return f"the certificate is inaccurate by {mine.method}'s own measure"
@@ -356,7 +356,7 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
     kind, why, found = believed(A, b, c, backend._cones, mine, theirs, resolve, polish, backend.tol)
     if found is not None:
         x, y, s, r, method, status = found
-        return (programs[0], x, y, s, f"{status} (re-solved at the reach)", r, method), None, message + why
+        return (programs[0], x, y, s, f"{status} (re-solved at the reach)", r, method, None), None, message + why
     claims = [f[2] for f in (mine, theirs) if f is not None]
     kind = "disputed" if kind == "unbounded" and "infeasible" in claims else kind
     return None, (message + why, kind), None

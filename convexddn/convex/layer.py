@@ -85,10 +85,12 @@ class ConvexLayer(nn.Module):
             case-insensitive. ``last_solve`` says what solved each element.
         solver_args: keyword arguments for the per-element solver, over convexddn's
             tight defaults (e.g. ``{"max_iter": 1000}`` for Clarabel); unknown keys
-            raise ``OptionError``.
+            raise ``OptionError``. A time limit of 0 or inf means none (SCS's
+            ``time_limit_secs`` says it with 0, Clarabel's ``time_limit`` with inf).
         fallback: per-element solver tried where the first one fails (default
             ``"SCS"``, which also polishes its points), or ``None``: no other solver. A
-            fallback that succeeds emits a :class:`~convexddn.errors.SolverWarning`.
+            fallback that succeeds emits a :class:`~convexddn.errors.SolverWarning`, as
+            does SCS from the point of a first solver that failed (not with ``None``).
         adjoint: how the per-element adjoint (and polish) systems are solved: ``"auto"``
             (dense up to 400 rows + columns, above a sparse LU where the cones are small,
             else LSMR), ``"dense"``, ``"sparse"`` (LSMR where its LU is singular), ``"lsmr"`` or ``"lsqr"``.
@@ -120,7 +122,9 @@ class ConvexLayer(nn.Module):
         ProblemError, NotDPPError: at construction, for a problem that is not convex
             (DCP/DGP), not DPP, has no parameters or integer variables, or whose
             parameters/variables do not match it (or have no entries: zero size).
-        OptionError: an invalid option, or unknown ``solver_args`` keys.
+        OptionError: an invalid option, or unknown ``solver_args`` keys; a per-element
+            ``solver`` for a problem only the batched solver takes (``quad_form(x, P)``
+            of a parameter ``P``) or one with cones it cannot take (ECOS: PSD cones).
         DTypeError: a non-tensor or non-floating tensor.
         ShapeError: wrong number of tensors or names, wrong trailing shape, batch
             shapes that do not broadcast.
@@ -173,7 +177,7 @@ class ConvexLayer(nn.Module):
         first = solver if solver in SOLVERS else "Clarabel"
         solver_args = validate_solver_args(first, solver_args)
         # True for quad_form(x, P) of a parameter P: the batched solver only (see validate_problem).
-        self._qp_only = validate_problem(problem, parameters, variables, gp, batched=solver in ("auto", "batched"))
+        self._qp_only = validate_problem(problem, parameters, variables, gp, solver in ("auto", "batched"), solver)
 
         self.problem = problem
         self.parameters_ = list(parameters)

@@ -37,7 +37,7 @@ from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
-from .dissent import Run, exact_ray, judge
+from .dissent import Run, claims_solved, exact_ray, judge
 from .parametric import parametric_entries
 from .solver_args import check_solver_cones
 from .spread import data_spread
@@ -124,8 +124,7 @@ class CheckedDiffcp(SolverInterface):
         self._init_unpicklable()
 
     def _init_unpicklable(self) -> None:
-        # Per-thread last-call info (threads must not read each other's).
-        self._local = threading.local()
+        self._local = threading.local()  # per-thread last-call info (threads must not read each other's)
 
     @property
     def last_info(self) -> ElementInfo | None:
@@ -145,10 +144,10 @@ class CheckedDiffcp(SolverInterface):
         if getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
             # diffcp's cone dictionary has no power cones: it dropped them, and every call
             # failed (Clarabel's bare Exception, "constraint dimensions inconsistent").
-            raise ProblemError("the problem needs power cones (cp.PowCone3D, or power/pnorm/geo_mean with "
-                               "approx=False), which the per-element solvers cannot take through diffcp and the "
-                               "batched path does not take either; write those atoms with approx=True (their "
-                               "second-order-cone form, CVXPY's default)")
+            raise ProblemError("the problem needs power cones (cp.PowCone3D, or power/pnorm/geo_mean with approx="
+                               "False), which the per-element solvers cannot take through diffcp and the batched path "
+                               "does not take either; write those atoms with approx=True (their second-order-cone "
+                               "form, CVXPY's default)")
         check_solver_cones(dims, solver=self.solver, fallback=self.fallback)
         self._cone_dict = dims_to_solver_dict(dims)
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
@@ -218,6 +217,7 @@ class CheckedDiffcp(SolverInterface):
         # A verified dual ray exact to rounding decides the element whatever another run shows
         # (.dissent.exact_ray): no SCS run for it, here or as the fallback.
         run.exact = verified and claim == "infeasible" and exact_ray(A, b, self._cones, y0)
+        rescued = None  # where the first solver failed outright and SCS from its point solved: a fallback
         if (r > POLISH_ABOVE and np.isfinite(r) and method != "SCS" and self.refine > 0
                 and self.fallback is not None and not run.exact):
             # An interior point can sit where R is not smooth; SCS from it lands on faces (not if fallback=None).
@@ -229,8 +229,9 @@ class CheckedDiffcp(SolverInterface):
                 run.points.append((status2, x2, y2))
             except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError):
                 r2 = float("inf")
-            if r2 < r:  # the point returned is SCS's: last_solve says so
+            if r2 < r:  # the point returned is SCS's: last_solve says so (a SolverWarning if it rescued a failure)
                 x, y, s, r = x2, y2, s2, r2
+                rescued = None if claims_solved(status) else f"{method}: {status}; solved by SCS from its point"
                 method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
         if r <= self.tol and verified:
             return None, (f"{method}: {status}; its {claim} certificate verifies, yet a point polished from "
@@ -254,7 +255,7 @@ class CheckedDiffcp(SolverInterface):
                         f"(largest |b| {np.abs(b).max(initial=0):.1e}, |c| {np.abs(c).max(initial=0):.1e}, "
                         f"|A| {abs(A).max() if A.nnz else 0:.1e})")
             return None, (why, "other", claim, run)
-        return (program, x, y, s, status, r, method), None
+        return (program, x, y, s, status, r, method, rescued), None
 
     def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> _Solved:
         """Solve one batch element with the solver, then the fallback; never raises."""
@@ -276,8 +277,8 @@ class CheckedDiffcp(SolverInterface):
             out, fail, note = judge(self, args, A, b, c, fail, None, fail[0])
         if out is None:
             return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
-        program, x, y, s, status, r, used = out
-        return _Solved(program, x, y, s, used, status, r, note, "solved", data_spread(A, b, c))
+        program, x, y, s, status, r, used, rescued = out
+        return _Solved(program, x, y, s, used, status, r, note or rescued, "solved", data_spread(A, b, c))
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
         if P is not None:  # DIFFCP canonicalisation never keeps a quadratic term

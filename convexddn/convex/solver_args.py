@@ -1,19 +1,23 @@
 """The solver options ConvexLayer accepts: :func:`validate_solver_args` (keyword
 arguments the chosen solver knows, with values of the right type and range) and
 :func:`solver_choice` (a solver's name). Each raises an
-:class:`~convexddn.errors.OptionError` naming the key, what was expected and what came.
+:class:`~convexddn.errors.OptionError` naming the key, what was expected and what came;
+inside :func:`spelled`, errors about the solver choice name the option as a wrapper's
+user wrote it (:class:`~convexddn.convex.compat.CvxpyLayer`: ``solver_args['solve_method']``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .._checks import check_bool, check_int, check_positive, real_number
 from ..errors import OptionError
 
-__all__ = ["check_solver_cones", "solver_choice", "validate_solver_args"]
+__all__ = ["check_solver_cones", "solver_choice", "solver_settings", "spelled", "spelling", "validate_solver_args"]
 
 # What the value of each solver keyword argument must be: checked when the layer is
 # built (and per call) so that a wrong value is an OptionError naming the key, not a raw
@@ -23,7 +27,7 @@ _NATURAL = "an integer >= 0"
 _INTEGER = "an integer"
 _POSITIVE = "a finite number > 0"
 _NONNEG = "a finite number >= 0"  # tolerances, regularisations: 0 is the solver's to judge
-_SECONDS = "a number of seconds >= 0 (inf: no limit)"
+_SECONDS = "a number of seconds >= 0 (0 or inf: no limit)"
 _BOOL = "True or False"
 _TEXT = "a string"
 _RELAXATION = "a number in (0, 2)"  # SCS's over-relaxation
@@ -60,6 +64,18 @@ def _clarabel_args() -> dict[str, str | None]:
 
 def _solver_kinds(solver: str) -> dict[str, str | None]:
     return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
+
+
+def solver_settings(solver: str) -> frozenset[str]:
+    """The keyword arguments ``solver`` (``"Clarabel"``, ``"SCS"`` or ``"ECOS"``) takes."""
+    return frozenset(_solver_kinds(solver))
+
+
+# Each solver's own spelling of "no time limit": SCS refuses inf ("0 disables"), Clarabel
+# stops at once at 0 (status Failure on every element). A limit of 0 s can never solve
+# anything, so 0 and inf both mean "no limit" and reach each solver as its own spelling
+# (cvxpylayers' time_limit_secs is SCS's, where 0 is the way to say it).
+_NO_LIMIT = {"SCS": 0.0, "Clarabel": math.inf}
 
 
 def _solver_value(name: str, kind: str | None, value: Any) -> Any:
@@ -105,6 +121,9 @@ def validate_solver_args(solver: str, args: Any, what: str = "solver_args",
             f"{what} has key(s) {unknown} that solver {solver!r} does not take; valid keys "
             f"are {sorted(kinds)}")
     checked = {k: _solver_value(f"{what}[{names.get(k, k)!r}]", kinds[k], v) for k, v in args.items()}
+    for k, v in checked.items():
+        if kinds[k] == _SECONDS and v in (0, math.inf):
+            checked[k] = _NO_LIMIT[solver]
     if solver == "Clarabel" and checked:
         _clarabel_accepts(checked, what, names)
     return checked
@@ -147,9 +166,34 @@ _CONES_NOT_TAKEN = {"ECOS": (("psd", "semidefinite cones (constraints such as X 
 
 def check_solver_cones(dims: Any, **solvers: str | None) -> None:
     """``OptionError`` where a solver named in ``solvers`` (option name -> solver) cannot
-    take a cone of CVXPY's cone dimensions ``dims``: at construction, not per call."""
+    take a cone of CVXPY's cone dimensions ``dims``: at construction, not per call (the
+    option as :func:`spelling` names it)."""
     for option, solver in solvers.items():
         for attr, what in _CONES_NOT_TAKEN.get(solver, ()):
             if getattr(dims, attr, None):
-                raise OptionError(f"{option}={solver!r} cannot solve {what}, which this problem has; "
+                raise OptionError(f"{spelling(option)}={solver!r} cannot solve {what}, which this problem has; "
                                   f"use 'Clarabel' or 'SCS' there")
+
+
+# Option -> how the user of a wrapper spelled it (and "batched_remedy": how that user reaches
+# the batched solver), for errors raised while the wrapper builds a ConvexLayer: a context
+# variable, so that each thread (and asyncio task) sees its own.
+_SPELLING: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("convexddn_spelling", default={})
+
+
+@contextlib.contextmanager
+def spelled(**names: str) -> Iterator[None]:
+    """Within the block, errors about ConvexLayer's options name them as ``names`` says
+    (option -> the caller's spelling; ``batched_remedy``: the advice that reaches the
+    batched solver), e.g. ``spelled(solver="solver_args['solve_method']")``."""
+    token = _SPELLING.set({**_SPELLING.get(), **names})
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
+
+
+def spelling(option: str, default: str | None = None) -> str:
+    """``option`` as the caller's user wrote it (see :func:`spelled`), else ``default``
+    (``option`` itself when ``default`` is None)."""
+    return _SPELLING.get().get(option, option if default is None else default)

@@ -21,9 +21,9 @@ import cvxpy as cp
 import torch
 
 from .._checks import check_finite, check_tensor
-from ..errors import InputError, NotDPPError, ProblemError, ShapeError
+from ..errors import InputError, NotDPPError, OptionError, ProblemError, ShapeError
 from .declarations import SYMMETRIC_ATTRIBUTES, check_parameter_attributes, parameter_label
-from .solver_args import solver_choice, validate_solver_args
+from .solver_args import solver_choice, spelling, validate_solver_args
 
 __all__ = ["batch_shape", "bind_names", "bind_parameters", "solver_choice", "validate_problem",
            "validate_solver_args", "check_values", "describe_failure"]
@@ -74,13 +74,16 @@ def _parametric_bounds(part) -> str:
 
 
 def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp: bool = False,
-                     batched: bool = False) -> bool:
+                     batched: bool = False, solver: str | None = None) -> bool:
     """Raise ``ProblemError``/``NotDPPError`` unless ConvexLayer can use the problem.
 
     With ``batched`` (the batched solver may take it), a problem that is DPP only with
     ``quad_form(x, P)`` of a parameter ``P`` in the objective is accepted: the batched
     solver keeps P as the quadratic term, the per-element path (which writes it as a
-    second-order cone) cannot. Returns whether the problem is such a one.
+    second-order cone) cannot. Returns whether the problem is such a one. Without
+    ``batched`` such a problem raises ``OptionError`` naming the ``solver`` chosen (the
+    problem is fine, the choice is not), under the option's and the advice's spelling
+    (:func:`.solver_args.spelled`).
     """
     if not isinstance(problem, cp.Problem):
         raise ProblemError(f"problem must be a cvxpy.Problem, got {type(problem).__name__}")
@@ -98,13 +101,18 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
             raise ProblemError(f"problem must be convex (DCP): {_offending_expression(problem, gp)}")
         dpp = problem.is_dpp()
         quad_form = not dpp and problem.is_dpp(quad_form_dpp="qp")
-        if not dpp and not (quad_form and batched):
-            hint = (" (quad_form(x, P) with a parameter P is DPP in the objective for the batched "
-                    "solver: use solver='auto' or 'batched')") if quad_form else ""
+        if quad_form and not batched:
+            remedy = spelling("batched_remedy", "use solver='auto' or 'batched'")
+            raise OptionError(
+                f"{spelling('solver')}={solver!r} cannot solve this problem: quad_form(x, P) with a parameter P "
+                "is DPP in the objective only for the batched solver, which keeps P as the quadratic term; a "
+                f"per-element solver writes it as a second-order cone, where {_offending_expression(problem, gp)}; "
+                f"{remedy}")
+        if not dpp and not quad_form:
             raise NotDPPError(
                 "problem must be DPP (disciplined parametrized programming: parameters may "
                 "enter only affinely, or multiply parameter-free expressions) so that it "
-                f"can be canonicalised once: {_offending_expression(problem, gp, qp=batched)}{hint}")
+                f"can be canonicalised once: {_offending_expression(problem, gp, qp=batched)}")
     if problem.is_mixed_integer():
         names = [v.name() for v in problem.variables() if v.attributes["boolean"] or v.attributes["integer"]]
         raise ProblemError(

@@ -12,12 +12,14 @@ import torch
 from cvxpylayers.interfaces.base import SolverInterface
 from cvxpylayers.torch import CvxpyLayer as Reference
 
+from convexddn import ConvexLayer
 from convexddn.convex.compat import APPLIED_SOLVER_ARGS, IGNORED_SOLVER_ARGS, CvxpyLayer
 from convexddn.errors import (
     ConvexDDNWarning,
     InfeasibleError,
     OptionError,
     ProblemError,
+    SolverWarning,
     UnboundedError,
 )
 
@@ -303,10 +305,64 @@ def test_cvxpy_layer_unknown_solver_args_raise():
         layer(At, bt, solver_args={"max_iterations": 3})
     with pytest.raises(OptionError, match="solver_args must be a dict or None, got list"):
         layer(At, bt, solver_args=["eps"])
-    with pytest.raises(OptionError, match=r"solve_method'\] must be one of \['Clarabel', 'ECOS', 'SCS'\], got 'OSQP'"):
+    with pytest.raises(OptionError, match=r"solve_method'\] must be None or one of \['Clarabel', 'ECOS', 'SCS'\], "
+                                          r"got 'OSQP'"):
         layer(At, bt, solver_args={"solve_method": "OSQP"})
     with pytest.raises(OptionError, match="both max_iters and max_iter"):
         layer(At, bt, solver_args={"max_iters": 3, "max_iter": 3})
+
+
+def test_cvxpy_layer_passes_the_chosen_solvers_own_settings():
+    """Settings cvxpylayers 1.2 hands to the chosen solver through diffcp were refused as
+    'unknown key(s)': Clarabel's direct_solve_method, equilibrate_enable, presolve_enable,
+    static_regularization_constant; ECOS's nitref; SCS's log_csv_filename; and
+    solve_method=None (diffcp's default). Each now reaches that solver, checked as
+    ConvexLayer checks it; a setting of another solver is refused naming that solver.
+    Reference: the ridge closed form (AᵀA + I)⁻¹Aᵀb."""
+    problem, A, b, x = ridge_problem()
+    gen = torch.Generator().manual_seed(12)
+    At, bt = torch.randn(2, 6, 3, dtype=F64, generator=gen), torch.randn(2, 6, dtype=F64, generator=gen)
+    expected = ridge_closed_form(At, bt)
+    clarabel = {"direct_solve_method": "qdldl", "equilibrate_enable": False, "presolve_enable": False,
+                "static_regularization_constant": 1e-8}
+    layer = CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "Clarabel", **clarabel})
+    assert layer.convex_layer.solver_args == clarabel
+    torch.testing.assert_close(layer(At, bt)[0], expected, atol=1e-8, rtol=0)
+    assert layer.convex_layer.last_solve.statuses == ["Solved", "Solved"]
+    # Per call, for each solver; None is the layer's own solver.
+    layer = CvxpyLayer(problem, [A, b], [x])
+    for args in ({"solve_method": "ECOS", "nitref": 9}, {"solve_method": "SCS", "log_csv_filename": "/dev/null"},
+                 {"solve_method": None}, {"solve_method": "clarabel", "equilibrate_enable": False}):
+        torch.testing.assert_close(layer(At, bt, solver_args=args)[0], expected, atol=1e-7, rtol=0)
+    assert CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": None}).convex_layer.solver == "auto"
+    # With the default solver Clarabel's settings reach its per-element solver, Clarabel (the notice says so).
+    with pytest.warns(ConvexDDNWarning, match=r"\['presolve_enable'\] reach only the per-element solver"):
+        layer = CvxpyLayer(problem, [A, b], [x], solver_args={"presolve_enable": False})
+    assert layer.convex_layer.solver_args == {"presolve_enable": False}
+    # SCS's own settings: SCS is cvxpylayers' default solver and does not run under ours (ignored, said).
+    with pytest.warns(ConvexDDNWarning, match=r"ignores \['write_data_filename'\] .*SCS's setting"):
+        layer = CvxpyLayer(problem, [A, b], [x], solver_args={"write_data_filename": "/dev/null"})
+    assert layer.convex_layer.solver_args == {}
+    # Values checked as ConvexLayer checks them, named as written.
+    with pytest.raises(OptionError, match=r"solver_args\['equilibrate_enable'\] must be True or False, got 'no'"):
+        CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "Clarabel", "equilibrate_enable": "no"})
+    with pytest.raises(OptionError, match=r"solver_args\['nitref'\] must be an integer >= 0, got -1"):
+        layer(At, bt, solver_args={"solve_method": "ECOS", "nitref": -1})
+    with pytest.raises(OptionError, match=r"'direct_solve_method': 'nope'\} are not accepted by Clarabel"):
+        layer(At, bt, solver_args={"direct_solve_method": "nope"})
+    # Another solver's setting: refused naming its solver (cvxpylayers: the solver's TypeError).
+    with pytest.raises(OptionError, match=r"solver_args\['nitref'\] is a setting of ECOS, not of the default solver"):
+        layer(At, bt, solver_args={"nitref": 3})
+    with pytest.raises(OptionError, match=r"solver_args\['direct_solve_method'\] is a setting of Clarabel, not of "
+                                          r"SCS .*pass solve_method='Clarabel'"):
+        layer(At, bt, solver_args={"solve_method": "SCS", "direct_solve_method": "qdldl"})
+    # The constructor's settings reach each solver a call picks, as cvxpylayers merges them.
+    layer = CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "Clarabel", "presolve_enable": False})
+    with pytest.raises(OptionError, match=r"\['presolve_enable'\] is a setting of Clarabel, not of ECOS"):
+        layer(At, bt, solver_args={"solve_method": "ECOS"})
+    with pytest.raises(OptionError, match=r"unknown key\(s\) \['bogus'\]; .* and Clarabel's own settings \[.*"
+                                          r"'direct_solve_method'"):
+        layer(At, bt, solver_args={"bogus": 1})
 
 
 # ---------------------------------------------------------------- constructor, dtype, errors
@@ -455,12 +511,9 @@ def test_cvxpy_layer_takes_diffcp_time_limit_raise_on_error_and_warm_starts():
     assert layer.convex_layer.solver == "SCS" and layer.convex_layer.solver_args == {"time_limit_secs": 10.0}
     (sol,) = layer(At, bt)
     assert torch.allclose(sol, expected, atol=1e-8)
-    # Per call it reaches Clarabel as time_limit: with 0 s Clarabel stops (SCS takes over).
-    layer(At, bt, solver_args={"solve_method": "Clarabel"})
+    # Per call it reaches Clarabel as time_limit (0 is SCS's "no limit": Clarabel's inf, test below).
+    layer(At, bt, solver_args={"solve_method": "Clarabel", "time_limit_secs": 10})
     assert layer.layers["Clarabel"].last_solve.statuses == ["Solved", "Solved"]
-    (sol,) = layer(At, bt, solver_args={"solve_method": "Clarabel", "time_limit_secs": 0})
-    assert "Solved" not in layer.layers["Clarabel"].last_solve.statuses
-    assert torch.allclose(sol, expected, atol=1e-8)
     assert APPLIED_SOLVER_ARGS["time_limit_secs"]["Clarabel"] == "time_limit"
     layer = CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "Clarabel", "time_limit": 5})
     assert layer.convex_layer.solver_args == {"time_limit": 5.0}
@@ -615,3 +668,99 @@ def test_cvxpylayer_switches_refuse_arrays_and_tensors(value):
         layer(torch.randn(2, dtype=torch.float64), warm_start=value)
     for ok in (False, 0, np.False_, np.int64(0), 0.0):  # what cvxpylayers takes, still taken
         layer(torch.randn(2, dtype=torch.float64), warm_start=ok)
+
+
+def test_cvxpy_layer_time_limit_zero_means_no_limit():
+    """solver_args={'time_limit_secs': 0} is SCS's "no limit" (diffcp's default solver);
+    it reached Clarabel as time_limit=0, which stops at once: every per-element Clarabel
+    solve failed and SCS rescued it. Now 0 (or inf) reaches each solver as its own "no
+    limit": Clarabel's inf, SCS's 0 (SCS refuses inf). Reference: the projection onto
+    {X ⪰ 0, tr X = 1}, V diag(Π_simplex(λ)) Vᵀ (a PSD cone: the per-element path)."""
+    k = 4
+    C, X = cp.Parameter((k, k)), cp.Variable((k, k), symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - C)), [X >> 0, cp.trace(X) == 1])
+    M = np.random.default_rng(34).standard_normal((2, k, k))
+    c = M + M.transpose(0, 2, 1)
+    lam, V = np.linalg.eigh(c)
+    w = np.stack([_simplex(v) for v in lam])
+    expected = torch.tensor(np.einsum("bij,bj,bkj->bik", V, w, V))
+    for args in ({"time_limit_secs": 0}, {"time_limit_secs": 0, "solve_method": "Clarabel"},
+                 {"time_limit": 0, "solve_method": "Clarabel"}, {"time_limit_secs": float("inf")}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SolverWarning)  # no element rescued by another solver
+            warnings.simplefilter("ignore", ConvexDDNWarning)  # (the per-element notice)
+            layer = CvxpyLayer(prob, [C], [X], solver_args=args)
+            assert layer.convex_layer.solver_args == {"time_limit": float("inf")}
+            torch.testing.assert_close(layer(torch.tensor(c))[0], expected, atol=1e-7, rtol=0)
+        assert layer.convex_layer.last_solve.solvers == ["Clarabel", "Clarabel"], args
+    for value in (0, float("inf")):  # SCS: 0 disables its limit, inf is refused by SCS itself
+        layer = CvxpyLayer(prob, [C], [X], solver_args={"solve_method": "SCS", "time_limit_secs": value})
+        assert layer.convex_layer.solver_args == {"time_limit_secs": 0.0}
+        torch.testing.assert_close(layer(torch.tensor(c))[0], expected, atol=1e-6, rtol=0)
+        assert layer.convex_layer.last_solve.solvers == ["SCS", "SCS"]
+
+
+def _simplex(v: np.ndarray) -> np.ndarray:
+    """argmin_{w >= 0, sum w = 1} ||w - v||² by sorting."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1
+    k = np.nonzero(u - css / np.arange(1, v.size + 1) > 0)[0][-1]
+    return np.maximum(v - css[k] / (k + 1), 0)
+
+
+def test_cvxpy_layer_solver_choice_errors_name_the_option_used():
+    """A per-call solve_method='ECOS' on an SDP was refused naming solver='ECOS', which the
+    user never passed; quad_form(x, P) of a parameter P with solve_method='SCS' raised
+    NotDPPError advising solver='auto' or 'batched', which CvxpyLayer refuses. Both now
+    name the option the solver was chosen by, and the advice is what works there."""
+    X, C = cp.Variable((2, 2), symmetric=True), cp.Parameter((2, 2))
+    sdp = cp.Problem(cp.Minimize(cp.sum_squares(X - C)), [X >> 0])
+    layer = CvxpyLayer(sdp, [C], [X])
+    with pytest.raises(OptionError, match=r"^solver_args\['solve_method'\]='ECOS' cannot solve semidefinite cones"):
+        layer(torch.eye(2, dtype=F64), solver_args={"solve_method": "ECOS"})
+    with pytest.raises(OptionError, match=r"^solver_args\['solve_method'\]='ECOS' cannot solve semidefinite cones"):
+        CvxpyLayer(sdp, [C], [X], solver_args={"solve_method": "ECOS"})
+    with pytest.raises(OptionError, match=r"^solver='ECOS' cannot solve semidefinite cones"):
+        CvxpyLayer(sdp, [C], [X], solver="ECOS")
+    torch.testing.assert_close(layer(torch.eye(2, dtype=F64))[0], torch.eye(2, dtype=F64), atol=1e-8, rtol=0)
+    x, P, q = cp.Variable(2), cp.Parameter((2, 2), PSD=True), cp.Parameter(2)
+    qp = cp.Problem(cp.Minimize(cp.quad_form(x, P) + q @ x), [x >= -1])
+    layer = CvxpyLayer(qp, [P, q], [x])
+    P_t, q_t = torch.eye(2, dtype=F64), torch.ones(2, dtype=F64)
+    with pytest.raises(OptionError, match=r"^solver_args\['solve_method'\]='SCS' cannot solve this problem: .*; "
+                                          r"drop solve_method: the default solver takes it$"):
+        layer(P_t, q_t, solver_args={"solve_method": "SCS"})
+    with pytest.raises(OptionError, match=r"^solver='SCS' cannot solve this problem: .*; use solver=None"):
+        CvxpyLayer(qp, [P, q], [x], solver="SCS")
+    # The advice works: argmin xᵀx + 1ᵀx over x >= -1 is -1/2 per entry.
+    torch.testing.assert_close(layer(P_t, q_t)[0], torch.full((2,), -0.5, dtype=F64), atol=1e-8, rtol=0)
+    # Outside a wrapper the message names ConvexLayer's own option again.
+    with pytest.raises(OptionError, match=r"^solver='ECOS' cannot solve semidefinite cones"):
+        ConvexLayer(sdp, [C], [X], solver="ECOS")
+
+
+def test_cvxpy_layer_symmetric_parameter_gradient_is_the_documented_split():
+    """The README's migration section lists every difference from cvxpylayers; it did not
+    list this one: the gradient in a symmetric/PSD parameter is the symmetric split
+    (G + Gᵀ)/2, where cvxpylayers returns triu(G + Gᵀ − diag G). Reference: for S ≻ 0,
+    argmin_{X ⪰ 0} ‖X − S‖² = S, so d⟨W, X⟩/dS along symmetric directions is sym(W)."""
+    import pathlib
+
+    n = 3
+    X, S = cp.Variable((n, n), symmetric=True), cp.Parameter((n, n), symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - S)), [X >> 0])
+    gen = torch.Generator().manual_seed(21)
+    B = torch.randn(n, n, dtype=F64, generator=gen)
+    s = (B @ B.T + torch.eye(n, dtype=F64)).requires_grad_()
+    W = torch.randn(n, n, dtype=F64, generator=gen)
+    (g,) = torch.autograd.grad((CvxpyLayer(prob, [S], [X])(s)[0] * W).sum(), s)
+    sym = (W + W.T) / 2
+    torch.testing.assert_close(g, sym, atol=1e-8, rtol=0)
+    (g_ref,) = torch.autograd.grad((Reference(prob, [S], [X])(s, solver_args={"eps": 1e-12, "max_iters": 100_000})[0]
+                                    * W).sum(), s)
+    torch.testing.assert_close(g_ref, torch.triu(2 * sym - torch.diag(torch.diag(sym))), atol=1e-6, rtol=0)
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Migrating from cvxpylayers"):]
+    differences = section[section.index("Differences:"):]
+    differences = " ".join(differences[:differences.index("\n\n")].split())
+    assert "symmetric split `(G + Gᵀ)/2`" in differences and "upper triangle" in differences

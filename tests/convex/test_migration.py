@@ -64,8 +64,10 @@ def test_quad_form_with_a_parameter_matrix_is_solved_by_the_batched_solver():
 
 def test_quad_form_with_a_parameter_matrix_errors_stay_precise():
     prob, params, x = _quad_form_qp(3)
-    with pytest.raises(NotDPPError, match=r"quad_form\(x, P\) with a parameter P is DPP in the objective for the "
-                                          r"batched solver: use solver='auto'"):
+    # The problem is fine, the solver chosen cannot take it: an OptionError naming the choice.
+    with pytest.raises(OptionError, match=r"^solver='Clarabel' cannot solve this problem: quad_form\(x, P\) with a "
+                                          r"parameter P is DPP in the objective only for the batched solver.*"
+                                          r"objective `.*` is not DPP; use solver='auto' or 'batched'$"):
         ConvexLayer(prob, params, [x], solver="Clarabel")
     # In a constraint it is not DPP for any solver: the error names the constraint (it
     # named the objective, which the batched solver takes).

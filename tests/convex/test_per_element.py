@@ -1,13 +1,15 @@
 """The per-element backend (:mod:`convexddn.convex.per_element`) on semidefinite cones."""
 from __future__ import annotations
 
+import warnings
+
 import cvxpy as cp
 import numpy as np
 import pytest
 import torch
 
 import convexddn as cddn
-from convexddn.errors import InfeasibleError, UnboundedError
+from convexddn.errors import InfeasibleError, SolverWarning, UnboundedError
 
 F64 = torch.float64
 
@@ -123,3 +125,35 @@ def test_an_infeasible_psd_element_raises_infeasible_error(kwargs, k):
     with pytest.raises(InfeasibleError, match=r"\[\(1,\)\].*certificate verified") as err:
         layer(torch.tensor([1.0, -1.0], dtype=F64))
     assert "Eigenvalues" not in str(err.value)
+
+
+def _simplex_projection(v: np.ndarray) -> np.ndarray:
+    """argmin_{w >= 0, sum w = 1} ||w - v||² by sorting (Held, Wolfe & Crowder)."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1
+    k = np.nonzero(u - css / np.arange(1, v.size + 1) > 0)[0][-1]
+    return np.maximum(v - css[k] / (k + 1), 0)
+
+
+def test_a_failed_first_solve_rescued_by_scs_from_its_point_warns():
+    """Clarabel stopped after one iteration (status Failure) and SCS, warm-started at its
+    point, solved: returned with no SolverWarning, while the same rescue by the fallback
+    (refine=0 skips the warm start) warned "solved by the fallback SCS". Now it warns too.
+    Reference: the projection onto {X ⪰ 0, tr X = 1} is V diag(Π_simplex(λ)) Vᵀ."""
+    k = 4
+    C = cp.Parameter((k, k), symmetric=True)
+    X = cp.Variable((k, k), symmetric=True)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(X - C)), [X >> 0, cp.trace(X) == 1])
+    c = _sym(k, 3) * 2
+    lam, V = np.linalg.eigh(c)
+    expected = torch.tensor(V @ np.diag(_simplex_projection(lam)) @ V.T)
+    layer = cddn.ConvexLayer(prob, [C], [X], solver="Clarabel", solver_args={"max_iter": 1})
+    with pytest.warns(SolverWarning, match=r"Clarabel: Failure; solved by SCS from its point"):
+        out = layer(torch.tensor(c))
+    assert layer.last_solve.solvers == ["Clarabel→SCS"]
+    torch.testing.assert_close(out, expected, atol=1e-7, rtol=0)
+    # A solve that succeeded is only polished by SCS from its point where that helps: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        out = cddn.ConvexLayer(prob, [C], [X], solver="Clarabel")(torch.tensor(c))
+    torch.testing.assert_close(out, expected, atol=1e-7, rtol=0)
