@@ -17,7 +17,8 @@ from .errors import DTypeError, InputError, NonFiniteError, OptionError, ShapeEr
 
 
 def check_tensor(name: str, value: Any) -> torch.Tensor:
-    """Return ``value`` if it is a dense floating-point tensor with data.
+    """Return ``value`` if it is a dense floating-point tensor with data, as
+    :func:`tracked` hands it on: callers solve with the returned tensor.
 
     Raises:
         DTypeError: not a tensor, or not float16/bfloat16/float32/float64.
@@ -33,6 +34,25 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
         raise DTypeError(
             f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
         )
+    return tracked(value)
+
+
+def tracked(value: torch.Tensor) -> torch.Tensor:
+    """``value``, or ``value.clone()`` where it is an inference tensor (made under
+    ``torch.inference_mode()``, such as a Parameter built there) that requires grad while
+    autograd records (grad enabled, so outside inference mode).
+
+    Outside inference mode torch drops ``requires_grad`` on views of an inference tensor
+    (``broadcast_to``, ``reshape``, ``permute``: its gradient was silently lost) and refuses
+    ``out=`` ops on it (a raw ``RuntimeError``); a clone is an ordinary tensor whose
+    gradient autograd carries back to ``value``. Every other tensor is returned as it is
+    (so is every tensor while ``torch.compile`` traces: dynamo cannot trace
+    ``is_inference()``). The copy is made only for such a tensor, at the call.
+    (:func:`convexddn._autograd.plain` copies the inference tensors a backward saves.)
+    """
+    if value.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+            and value.is_inference():
+        return value.clone()
     return value
 
 
@@ -177,12 +197,14 @@ def check_tolerance(name: str, value: Any) -> float:
     return number
 
 
-def check_scale(name: str, value: Any) -> None:
+def check_scale(name: str, value: Any) -> Any:
     """A positive scale option such as a penalty's alpha: a number (NumPy scalars
-    included) or a floating-point tensor (it may be learned), finite and > 0."""
+    included) or a floating-point tensor (it may be learned), finite and > 0; returned
+    (a tensor as :func:`check_tensor` returns it)."""
     if isinstance(value, torch.Tensor):
-        check_tensor(name, value)
+        value = check_tensor(name, value)
     check_positive(name, value)
+    return value
 
 
 #: The largest size option (dimension, count, rank) accepted: what a 32-bit index holds.

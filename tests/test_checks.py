@@ -9,6 +9,8 @@ import convexddn as cddn
 from convexddn._checks import check_choices, check_finite
 from convexddn.errors import NonFiniteError, OptionError
 
+F64 = torch.float64
+
 
 def test_check_choices_accepts_distinct_valid_entries():
     check_choices("poolings", ("max", "mean"), ["max", "mean", "welsch"])
@@ -279,3 +281,115 @@ def test_check_int_upper_bound_names_the_option():
         check_size("n", 10**400)
     with pytest.raises(OptionError, match=r"^k must be an integer <= 3, got 4$"):
         check_int("k", 4, maximum=3)
+
+
+# Every native node's tensor inputs and tensor options as nn.Parameters made under
+# torch.inference_mode() (a model built in an inference-mode context, then trained):
+# (name, node, float64 arguments). Torch drops requires_grad on views of such tensors
+# taken outside inference mode and refuses out= ops on them.
+def _inference_cases():
+    from convexddn import functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, dtype=F64, generator=g)
+    X = torch.randn(2, 4, 4, dtype=F64, generator=g)
+    p3 = torch.randn(2, 10, 3, dtype=F64, generator=g) + torch.tensor([0, 0, 6.0], dtype=F64)
+    w7, w10 = torch.rand(2, 7, dtype=F64, generator=g) + 0.5, torch.rand(2, 10, dtype=F64, generator=g) + 0.5
+
+    class Quartic(cddn.DeclarativeNode):
+        def objective(self, x, y):
+            return ((y - x) ** 2).sum(-1) + (y ** 4).sum(-1)
+
+        def solve(self, x):
+            y = x.clone()
+            for _ in range(60):
+                y = y - (2 * (y - x) + 4 * y ** 3) / (2 + 12 * y ** 2)
+            return y
+
+    s = torch.tensor(0.5, dtype=F64)
+    return [
+        ("robust_pool", lambda t, a: F.robust_pool(t, "welsch", a), [x, s]),
+        ("RobustPool", lambda t, a: cddn.RobustPool("huber", a)(t), [x, s]),
+        ("robust_vector_pool", lambda t, a: F.robust_vector_pool(t, "huber", a), [x, s]),
+        ("project_lp L1", lambda t, r: F.project_lp(t, 1, "ball", r), [x, s]),
+        ("project_lp L2", lambda t, r: F.project_lp(t, 2, "sphere", r), [x, s]),
+        ("project_lp Linf", lambda t, r: F.project_lp(t, "inf", "ball", r), [x, s]),
+        ("project_simplex", lambda t, z: F.project_simplex(t, -1, z), [x, s]),
+        ("tv_denoise", lambda t, lam: F.tv_denoise(t, lam), [x, s]),
+        ("least_squares", F.least_squares, [x.mT, x[:, 0], w7, s]),
+        ("linear_fit", lambda t, y, w, r: F.linear_fit(t, y, w, r).coef, [x, torch.arange(7.0, dtype=F64), w7, s]),
+        ("entmax", F.entmax, [x]),
+        ("eigen_decomposition", lambda t: F.eigen_decomposition(t).eigenvalues, [X + X.mT]),
+        ("sinkhorn", lambda c, a, b: F.sinkhorn(c, a, b, eps=0.5), [X.exp(), w7[:, :4], w10[:, :4]]),
+        ("pnp", lambda q, p, w, a: F.pnp(q, p, w, penalty="huber", alpha=a), [p3[..., :2] / p3[..., 2:], p3, w10, s]),
+        ("DeclarativeNode", lambda t: Quartic()(t), [x.reshape(6, 7)]),
+    ]
+
+
+INFERENCE_CASES = _inference_cases()
+
+
+@pytest.mark.parametrize("name,node,args", INFERENCE_CASES, ids=[c[0] for c in INFERENCE_CASES])
+def test_parameters_made_in_inference_mode_get_their_gradients(name, node, args):
+    """check_tensor hands such a tensor on as a clone, which autograd tracks back to it:
+    alpha, ridge and the least-squares targets got no gradient, silently, and radius,
+    z, lam and pnp's alpha raised torch's "abs(): functions with out=... arguments don't
+    support automatic differentiation". Each gradient equals that of the same call with
+    ordinary Parameters (the float64 reference is below for the Welsch pool's alpha)."""
+    ref = [torch.nn.Parameter(a.clone()) for a in args]
+    with torch.inference_mode():
+        made = [torch.nn.Parameter(a.clone()) for a in args]
+    out = node(*ref)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=F64).reshape(out.shape)
+    (out * weight).sum().backward()
+    (node(*made) * weight).sum().backward()
+    for i, (p, r) in enumerate(zip(made, ref)):
+        assert p.grad is not None, f"argument {i} got no gradient"
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_welsch_alpha_made_in_inference_mode_gets_the_finite_difference_gradient():
+    """The tester's case: RobustPool("welsch", Parameter(0.7)) built in inference mode,
+    d/dα Σ y² = -6.18389 by float64 central differences (alpha.grad was None)."""
+    from convexddn.functional import robust_pool
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 7)
+    with torch.inference_mode():
+        pool = cddn.RobustPool("welsch", torch.nn.Parameter(torch.tensor(0.7)))
+    pool(x).pow(2).sum().backward()
+    xd, h = x.double(), 1e-6
+    f = lambda a: robust_pool(xd, "welsch", a).pow(2).sum().item()  # noqa: E731
+    want = (f(0.7 + h) - f(0.7 - h)) / (2 * h)
+    assert abs(want - -6.18389) < 1e-4
+    assert pool.alpha.grad is not None and abs(pool.alpha.grad.item() - want) < 2e-4 * abs(want)
+
+
+def test_a_module_built_in_inference_mode_learns_its_option():
+    """TotalVariation1d(0.3, learnable=True) built in inference mode raised torch's out=
+    error at its first training call; the gradient of Σ wᵢ yᵢ in λ is checked against a
+    float64 central difference."""
+    from convexddn.functional import tv_denoise
+
+    with torch.inference_mode():
+        tv = cddn.TotalVariation1d(0.3, learnable=True)
+    x = torch.tensor([0.0, 0.1, 2.0, 2.1, 0.5], dtype=F64)
+    w = torch.linspace(-1, 1, 5, dtype=F64)
+    (tv(x) * w).sum().backward()
+    h = 1e-6
+    want = ((tv_denoise(x, 0.3 + h) * w).sum() - (tv_denoise(x, 0.3 - h) * w).sum()) / (2 * h)
+    torch.testing.assert_close(tv.lam.grad, want.to(tv.lam.dtype), rtol=1e-6, atol=1e-9)
+
+
+def test_tracked_copies_only_what_autograd_would_lose():
+    from convexddn._checks import check_tensor
+
+    plain = torch.ones(2, requires_grad=True)
+    assert check_tensor("x", plain) is plain
+    with torch.inference_mode():
+        made = torch.nn.Parameter(torch.ones(2))
+        assert check_tensor("x", made) is made  # (no graph inside inference mode)
+    with torch.no_grad():
+        assert check_tensor("x", made) is made
+    copy = check_tensor("x", made)
+    assert copy is not made and copy.requires_grad and not copy.is_inference()

@@ -228,10 +228,11 @@ class _LeastSquaresFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- validation
 
 
-def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
-    """``None`` for a zero scalar ridge, else a tensor broadcastable to (*, N)."""
+def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+    """The ridge as checked (a tensor as ``check_tensor`` returns it), and ``None`` for a
+    zero scalar ridge, else a tensor broadcastable to (*, N)."""
     if isinstance(ridge, torch.Tensor):
-        check_tensor("ridge", ridge)
+        ridge = check_tensor("ridge", ridge)
         check_device("ridge", ridge, like, "A")
         r = ridge if ridge.ndim > 0 else ridge.reshape(1)
         if r.shape[-1] not in (1, n):
@@ -239,11 +240,11 @@ def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> torch.Tensor | None:
                 f"ridge must broadcast to (*, N) with N={n} (use shape (*, 1) for one ridge "
                 f"per batch element), got shape {tuple(ridge.shape)}"
             )
-        return r
+        return ridge, r
     ridge = check_number("ridge", ridge, at_least=0, hint=" (or pass a tensor)")  # NumPy scalars too
     # In the working dtype: the solve runs there (a float32 A keeps 1/3 exact, and a
     # ridge beyond float32's range does not overflow).
-    return None if ridge == 0 else torch.full((1,), float(ridge), dtype=_WORK, device=like.device)
+    return ridge, None if ridge == 0 else torch.full((1,), float(ridge), dtype=_WORK, device=like.device)
 
 
 def least_squares(
@@ -359,7 +360,7 @@ def least_squares(
         if weights.ndim < 1 or weights.shape[-1] != m:
             raise ShapeError(f"weights must have shape (*, M) with M={m}, got shape {tuple(weights.shape)}")
         named.append(("weights", weights))
-    r = _as_ridge(ridge, n, A)
+    ridge, r = _as_ridge(ridge, n, A)
     if isinstance(ridge, torch.Tensor):
         named.append(("ridge", ridge))
     if r is None and m < n:

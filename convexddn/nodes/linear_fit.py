@@ -98,7 +98,7 @@ def linear_fit(
     """
     x = check_tensor("x", x)
     target = check_tensor("target", target)
-    _check_layer_options(ridge, bias)
+    ridge = _check_layer_options(ridge, bias)
     given = (("x", x), ("target", target), ("weights", weights), ("ridge", ridge))
     # Refused, not moved (as least_squares and the other nodes do): a copy between
     # devices at every call would be hidden, and least_squares' own error names b and A.
@@ -161,10 +161,11 @@ def linear_fit(
     return LinearFit(sol, sol.new_zeros(sol.shape[:-1]))
 
 
-def _check_layer_options(ridge: Any, bias: Any, construction: bool = False) -> None:
+def _check_layer_options(ridge: Any, bias: Any, construction: bool = False) -> Any:
+    """Check ``bias`` and ``ridge``; returns the ridge (a tensor as ``check_tensor`` returns it)."""
     check_bool("bias", bias)
     if isinstance(ridge, torch.Tensor):
-        check_tensor("ridge", ridge)
+        ridge = check_tensor("ridge", ridge)
         if construction and ridge.numel():
             # Calls check a tensor ridge with the solve's one host sync; a module checks
             # its own once, when built (as it does a numeric one).
@@ -174,6 +175,7 @@ def _check_layer_options(ridge: Any, bias: Any, construction: bool = False) -> N
                 raise OptionError(f"ridge must be >= 0 everywhere, got a minimum of {low:g}")
     else:
         check_number("ridge", ridge, at_least=0, hint=" (or pass a tensor)")  # NumPy scalars too
+    return ridge
 
 
 class LeastSquares(nn.Module):

@@ -155,11 +155,11 @@ class _PnPFunction(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
-def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> Penalty:
+def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> tuple[Penalty, Any]:
     pen = Penalty.resolve(penalty)
-    check_scale("alpha", alpha)
+    alpha = check_scale("alpha", alpha)  # (a tensor as check_tensor returns it)
     check_stopping(tol, max_iter)
-    return pen
+    return pen, alpha
 
 
 def pnp(
@@ -259,7 +259,7 @@ def pnp(
             c = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in (p2d, p3d, weights, K, alpha, init)]
             pose = pnp(*c[:4], penalty=penalty, alpha=c[4], init=c[5], tol=tol, max_iter=max_iter)
         return pose.clone()
-    pen = _check_options(penalty, alpha, tol, max_iter)
+    pen, alpha = _check_options(penalty, alpha, tol, max_iter)
     p2d, p3d = check_tensor("p2d", p2d), check_tensor("p3d", p3d)
     if p2d.ndim < 2 or p2d.shape[-1] != 2 or p3d.ndim < 2 or p3d.shape[-1] != 3 or p2d.shape[-2] != p3d.shape[-2]:
         raise ShapeError(f"p2d must be (*, N, 2) and p3d (*, N, 3) with the same N, got shapes "
@@ -383,7 +383,7 @@ class PnP(nn.Module):
     def __init__(self, penalty: str | Penalty = "quadratic", alpha: float | torch.Tensor = 1.0,
                  tol: float | None = None, max_iter: int | None = None) -> None:
         super().__init__()
-        self.penalty = _check_options(penalty, alpha, tol, max_iter)
+        self.penalty = _check_options(penalty, alpha, tol, max_iter)[0]
         store_option(self, "alpha", alpha)
         self.tol, self.max_iter = tol, max_iter
 

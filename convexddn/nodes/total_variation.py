@@ -180,19 +180,21 @@ class _TVFn(torch.autograd.Function):
 # --------------------------------------------------------------------------- public API
 
 
-def _check_lam_option(lam: Any) -> None:
+def _check_lam_option(lam: Any) -> Any:
+    """Check λ; returns it (a tensor as ``check_tensor`` returns it)."""
     if isinstance(lam, torch.Tensor):
-        check_tensor("lam", lam)
+        lam = check_tensor("lam", lam)
         if lam.numel() and not bool((torch.isfinite(lam) & (lam >= 0)).all()):
             raise OptionError(
                 f"lam must be finite and >= 0, got {lam.detach().flatten()[:4].tolist()}"
             )
-        return
+        return lam
     # (real_number: an integer beyond the float range is refused here, not an OverflowError)
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not (
         math.isfinite(real_number(lam)) and real_number(lam) >= 0
     ):
         raise OptionError(f"lam must be a finite number >= 0 or a tensor, got {lam!r}")
+    return lam
 
 
 def _check_max_iter(max_iter: Any) -> int | None:
@@ -267,7 +269,7 @@ def tv_denoise(
     """
     x = check_tensor("x", x)
     refuse_vmap("tv_denoise", x, lam)
-    _check_lam_option(lam)
+    lam = _check_lam_option(lam)
     max_iter = _check_max_iter(max_iter)
     check_int("dim", dim)
     d = normalize_dims("dim", dim, x.ndim)[0]

@@ -146,18 +146,19 @@ class _VectorPoolFunction(torch.autograd.Function):
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
-                   starts: Any) -> Penalty:
+                   starts: Any) -> tuple[Penalty, Any]:
+    """The penalty, and alpha as checked (a tensor as ``check_tensor`` returns it)."""
     pen = Penalty.resolve(penalty)
     if batched_values(alpha):  # (under torch.func.vmap: its values are checked once stacked)
-        check_tensor("alpha", alpha)
+        alpha = check_tensor("alpha", alpha)
     else:
-        check_scale("alpha", alpha)
+        alpha = check_scale("alpha", alpha)
     check_dim_option("dim", dim)
     check_int("vector_dim", vector_dim)
     check_stopping(tol, max_iter)
     if starts is not None:
         check_int("starts", starts, minimum=0)
-    return pen
+    return pen, alpha
 
 
 def robust_vector_pool(
@@ -270,9 +271,9 @@ def robust_vector_pool(
         >>> bool(y.norm(dim=-1).max() < 1.0)
         True
     """
-    check_tensor("x", x)
+    x = check_tensor("x", x)
     refuse_trace("robust_vector_pool")
-    pen = _check_options(penalty, alpha, dim, vector_dim, tol, max_iter, starts)
+    pen, alpha = _check_options(penalty, alpha, dim, vector_dim, tol, max_iter, starts)
     if x.ndim < 2:
         raise ShapeError(f"x must have a vector dim and a set dim, got shape {tuple(x.shape)}")
     dims = normalize_dims("dim", dim, x.ndim)
@@ -378,8 +379,8 @@ class RobustVectorPool(nn.Module):
                  dim: int | tuple[int, ...] = -1, vector_dim: int = -2, *, tol: float | None = None,
                  max_iter: int | None = None, starts: int | None = None) -> None:
         super().__init__()
-        self.penalty = _check_options(penalty, alpha, dim, vector_dim, tol, max_iter, starts)
-        store_option(self, "alpha", alpha)
+        self.penalty = _check_options(penalty, alpha, dim, vector_dim, tol, max_iter, starts)[0]
+        store_option(self, "alpha", alpha)  # (the caller's tensor: a checked copy would be no leaf)
         self.dim, self.vector_dim = dim, vector_dim
         self.tol, self.max_iter, self.starts = tol, max_iter, starts
 

@@ -392,7 +392,7 @@ def test_tv_lam_on_another_device_is_an_input_error_not_a_shape_error(monkeypatc
     import convexddn.nodes.total_variation as tv
     from convexddn.errors import InputError
 
-    monkeypatch.setattr(tv, "_check_lam_option", lambda lam: None)
+    monkeypatch.setattr(tv, "_check_lam_option", lambda lam: lam)
     x = torch.ones(3, 5, dtype=F64)
     with pytest.raises(InputError, match=r"lam must be on x's device cpu, got meta") as err:
         tv_denoise(x, torch.empty(3, dtype=F64, device="meta"))

@@ -59,18 +59,19 @@ def _resolve_tol(tol: float | None, dtype: torch.dtype) -> float:
     return _DEFAULT_TOL.get(dtype, 1e-6) if tol is None else tol
 
 
-def _check_alpha(alpha: Any) -> bool:
-    """``check_scale("alpha", alpha)``; returns whether alpha leaves float32's normal
-    range somewhere, where float32 and 16-bit x are solved in float64 (a float alpha of
-    1e5 made in float16 x's dtype was Inf, 1e-8 was 0; 1e39 is Inf in float32). Within
-    the check's one host read (none when compiling: an async assert, float32 kept)."""
+def _check_alpha(alpha: Any) -> tuple[Any, bool]:
+    """``check_scale("alpha", alpha)``: alpha as checked (a tensor as ``check_tensor``
+    returns it), and whether it leaves float32's normal range somewhere, where float32
+    and 16-bit x are solved in float64 (a float alpha of 1e5 made in float16 x's dtype
+    was Inf, 1e-8 was 0; 1e39 is Inf in float32). Within the check's one host read (none
+    when compiling: an async assert, float32 kept)."""
     info, a = torch.finfo(torch.float32), alpha
     if not isinstance(a, torch.Tensor) or a.numel() == 0 or torch.compiler.is_compiling():
-        check_scale("alpha", a)
-        return not isinstance(a, torch.Tensor) and not info.tiny <= float(a) <= info.max
-    check_tensor("alpha", a)
+        a = check_scale("alpha", a)
+        return a, not isinstance(a, torch.Tensor) and not info.tiny <= float(a) <= info.max
+    a = check_tensor("alpha", a)
     lo, hi = positive_range("alpha", a)
-    return not (info.tiny <= lo and hi <= info.max)
+    return a, not (info.tiny <= lo and hi <= info.max)
 
 
 def _check_options(penalty: Any, keepdim: Any, tol: Any, max_iter: Any, compile: Any) -> Penalty:
@@ -198,11 +199,14 @@ def robust_pool(
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI
         2021, Table 1 and §6.1.
     """
-    check_tensor("x", x)
+    x = check_tensor("x", x)
     refuse_trace("robust_pool")
     pen = _check_options(penalty, keepdim, tol, max_iter, compile)
     vmapped = "Vmap" in functorch_transforms()  # (vmap itself, and jacfwd, jacrev)
-    wide = False if vmapped and batched_values(alpha) else _check_alpha(alpha)  # (batched: checked stacked)
+    if not (vmapped and batched_values(alpha)):  # (batched: checked stacked)
+        alpha, wide = _check_alpha(alpha)
+    else:
+        wide = False
     dims = normalize_dims("dim", dim, x.ndim) if x.ndim > 0 else None
     if dims is None:
         raise ShapeError("x must have at least one dimension to pool over, got a 0-d tensor")

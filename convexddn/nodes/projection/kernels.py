@@ -69,29 +69,31 @@ def _may_underflow(r: float | torch.Tensor, n: int, dtype: torch.dtype) -> bool:
     return r < n * torch.finfo(dtype).tiny
 
 
-def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor, name: str = "radius") -> torch.dtype | None:
+def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor,
+               name: str = "radius") -> tuple[float | torch.Tensor, torch.dtype | None]:
     """Validate ``radius`` (a positive number, or a floating-point tensor on x's device,
-    finite and > 0) and return the dtype to solve in when it exceeds the largest float
-    of x's dtype (float32, or float64 beyond float32's range); ``None`` for x's own. Cast
+    finite and > 0) and return it (a tensor as ``check_tensor`` returns it) with the dtype
+    to solve in when it exceeds the largest float of x's dtype (float32, or float64
+    beyond float32's range); ``None`` for x's own. Cast
     to x's dtype, such a radius overflowed (float16 x, z = 1e5: torch's scalar conversion
     error, or a radius of Inf). The device is checked before any value is read; a tensor
     radius costs the one host read of its positivity check, which also reads its maximum
     where its dtype is wider than x's (inside torch.compile none: x's dtype is kept)."""
     top = torch.finfo(x.dtype).max
     if isinstance(radius, torch.Tensor):
-        check_tensor(name, radius)
+        radius = check_tensor(name, radius)
         check_device(name, radius, x)
         if (torch.finfo(radius.dtype).max <= top or radius.numel() == 0
                 or torch.compiler.is_compiling()):
             check_positive(name, radius)
-            return None
+            return radius, None
         value = positive_range(name, radius)[1]
     else:
         check_positive(name, radius)
         value = float(radius)
     if value <= top:
-        return None
-    return torch.float32 if value <= torch.finfo(torch.float32).max else torch.float64
+        return radius, None
+    return radius, torch.float32 if value <= torch.finfo(torch.float32).max else torch.float64
 
 
 def narrowed(y: torch.Tensor, dtype: torch.dtype, d: int, what: str, name: str,

@@ -215,7 +215,7 @@ def project_lp(
     p = normalize_p(p)
     check_choice("mode", mode, _MODES)
     d = _check_dim(dim, x)
-    wide = wide_dtype(radius, x)  # validates radius too: its device, then its values
+    radius, wide = wide_dtype(radius, x)  # validates radius too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype
         y = project_lp(x.to(wide), p, mode, radius, dim)
         return narrowed(y, x.dtype, d, f"project_lp(p={_p_repr(p)}, mode={mode!r})", "radius", radius)
@@ -291,7 +291,7 @@ def project_simplex(
     x = check_tensor("x", x)
     refuse_vmap("project_simplex", x, z, tangents=False)
     d = _check_dim(dim, x)
-    wide = wide_dtype(z, x, "z")  # validates z too: its device, then its values
+    z, wide = wide_dtype(z, x, "z")  # validates z too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype
         return narrowed(project_simplex(x.to(wide), dim, z), x.dtype, d, "project_simplex", "z", z)
     zz = _prepare_radius(z, x, d, name="z")
