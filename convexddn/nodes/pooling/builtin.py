@@ -81,7 +81,9 @@ class Quadratic(Penalty):
     def solve(self, x, alpha, tol, max_iter, use_compile):
         from .solvers import mean_solve
 
-        return mean_solve(x)
+        # (contiguous: torch sums a strided row in another order, and the mean of the same
+        # values then depended on their layout by an ulp or two; a copy only for a strided x)
+        return mean_solve(x.contiguous())
 
 
 def _signed_cube_sums(sign: Tensor, rs: Tensor, u: Tensor) -> Tensor:
