@@ -81,8 +81,9 @@ def linear_fit(
     Raises:
         DTypeError, ShapeError, SolverError: as :func:`least_squares` (``A`` there is
             ``x`` transposed, with a column of ones for the intercept); fewer vectors than
-            unknowns with ``ridge = 0`` and, with ``bias`` and a ridge > 0, weights that are
-            all zero (the intercept is not regularised) are said in ``linear_fit``'s terms.
+            unknowns with ``ridge = 0``, batch shapes of ``x``, ``target``, ``weights`` and
+            ``ridge`` that do not broadcast and, with ``bias`` and a ridge > 0, weights that
+            are all zero (the intercept is not regularised) are said in ``linear_fit``'s terms.
         NonFiniteError: ``x``, ``target``, ``weights`` or ``ridge`` holds NaN or Inf (named).
         OptionError: a non-bool ``bias``; a numeric ``ridge`` that is not finite and >= 0.
         InputError: negative ``weights`` or a negative tensor ``ridge``; ``target``,
@@ -125,6 +126,7 @@ def linear_fit(
             f"target must have shape (*, T) with T={x.shape[-1]} like x {tuple(x.shape)}, "
             f"got shape {tuple(target.shape)}"
         )
+    _check_batch_shapes(given)
     # least_squares tells b's vector form by its rank: give A and target equal batch ranks.
     extra = target.ndim - (A.ndim - 1)
     if extra > 0:
@@ -159,6 +161,24 @@ def linear_fit(
     if bias:
         return LinearFit(sol[..., :c], sol[..., c])
     return LinearFit(sol, sol.new_zeros(sol.shape[:-1]))
+
+
+def _check_batch_shapes(given: tuple[tuple[str, Any], ...]) -> None:
+    """Raise ``ShapeError`` unless the batch shapes ``(*)`` of x ``(*, C, T)``, target
+    ``(*, T)``, weights ``(*, T)`` and a tensor ridge ``(*)`` broadcast, naming them with
+    the shapes the caller passed (least_squares' own error names its A and b, reshaped)."""
+    rest = {"x": 2, "target": 1, "weights": 1, "ridge": 0}
+    named = [(name, t, t.shape[:t.ndim - rest[name]]) for name, t in given
+             if isinstance(t, torch.Tensor) and t.ndim >= rest[name]]  # (others: least_squares names them)
+    if all(s == named[0][2] for _, _, s in named):  # (broadcast_shapes costs ~30 µs)
+        return
+    try:
+        torch.broadcast_shapes(*(s for _, _, s in named))
+    except RuntimeError:
+        batches = ", ".join(f"{name} {tuple(s)}" for name, _, s in named)
+        forms = {"x": "(*, C, T)", "target": "(*, T)", "weights": "(*, T)", "ridge": "(*)"}
+        passed = ", ".join(f"{name} {tuple(t.shape)} = {forms[name]}" for name, t, _ in named)
+        raise ShapeError(f"the batch shapes (*) of {batches} do not broadcast (shapes passed: {passed})") from None
 
 
 def _check_layer_options(ridge: Any, bias: Any, construction: bool = False) -> Any:

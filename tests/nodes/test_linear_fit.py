@@ -23,3 +23,36 @@ def test_linear_fit_without_vectors_says_so():
     x = torch.zeros(2, 3, 0, dtype=torch.float64)
     with pytest.raises(SolverError, match="there are no vectors"):
         linear_fit(x, torch.zeros(2, 0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("args,names", [
+    ((torch.rand(2, 6),), r"x \(4,\), target \(2,\) do not broadcast \(shapes passed: x \(4, 3, 6\) = \(\*, C, T\), "
+                          r"target \(2, 6\) = \(\*, T\)\)$"),
+    ((torch.arange(6.0), torch.rand(3, 6)), r"x \(4,\), target \(\), weights \(3,\) do not broadcast \(shapes passed: "
+                                            r"x \(4, 3, 6\) = \(\*, C, T\), target \(6,\) = \(\*, T\), weights \(3, 6\)"),
+    ((torch.arange(6.0), None, torch.rand(3)), r"x \(4,\), target \(\), ridge \(3,\) do not broadcast .*ridge \(3,\) = \(\*\)"),
+], ids=["target", "weights", "ridge"])
+def test_linear_fit_batch_shape_errors_name_its_own_arguments(args, names):
+    """They named least_squares' A and b with internally reshaped shapes ("the batch
+    shapes of A (4,), b (1,), ridge () do not broadcast" for a shared target (6,))."""
+    from convexddn.errors import ShapeError
+
+    x = torch.randn(4, 3, 6)
+    with pytest.raises(ShapeError, match=r"^the batch shapes \(\*\) of " + names) as err:
+        linear_fit(x, *args)
+    assert " A " not in str(err.value) and " b " not in str(err.value)
+
+
+def test_linear_fit_broadcasts_batch_shapes_as_before():
+    """Batch shapes that broadcast still do: a shared target (T,) and a ridge (B, 1)
+    against x (B, C', C, T) give the per-element fits (closed form: the normal equations)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 9, dtype=torch.float64, generator=g)
+    t = torch.arange(9.0, dtype=torch.float64)
+    ridge = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+    fit = linear_fit(x, t, None, ridge, bias=False)
+    for i in range(2):
+        for j in range(3):
+            A = x[i, j].T
+            want = torch.linalg.solve(A.T @ A + ridge[i, 0] * torch.eye(4, dtype=torch.float64), A.T @ t)
+            torch.testing.assert_close(fit.coef[i, j], want)
