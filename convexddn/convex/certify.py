@@ -36,31 +36,38 @@ def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return active, ~active
 
 
-def _kink_floor(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(at_kink (B, k), floor (B,))``: the nonnegative pairs with neither member above
-    rounding, ``floor`` = 64 rounding levels of the element's size. A kink (a bound met
-    with a zero multiplier) ends the semismooth steps at s, z ~1e-16 and 1e-19, whose
-    ratio alone calls it decided: the box [-1, 1] at x = 1 gave a gradient of 2e-10 (and
-    0.7 at x = -1), without a warning, where none exists."""
+def _kink_floor(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``(B, k)`` the nonnegative pairs with neither member above rounding: 64 rounding
+    levels of the element's size. A kink (a bound met with a zero multiplier) ends the
+    semismooth steps at s, z ~1e-16 and 1e-19, whose ratio alone calls it decided: the box
+    [-1, 1] at x = 1 gave a gradient of 2e-10 (and 0.7 at x = -1), without a warning,
+    where none exists."""
     z0, k = layout.zero, layout.nonneg  # (called where k > 0)
     cone_s, cone_z = s[:, z0:], z[:, z0:]
     floor = 64 * rounding_level(s) * (1 + cone_s.abs().amax(1) + cone_z.abs().amax(1))
-    return torch.maximum(cone_s[:, :k], cone_z[:, :k]) <= floor[:, None], floor
+    return torch.maximum(cone_s[:, :k], cone_z[:, :k]) <= floor[:, None]
 
 
 def _at_kink(layout: ConeLayout, point: tuple, settled) -> tuple[torch.Tensor, tuple]:
     """``(settled_there (B,), point')``: whether ``point`` = ``(x, s, z, ...)`` is
     ``settled`` once its kink pairs (:func:`_kink_floor`) count as decided, and the point
-    with those pairs at ``s_i = z_i = floor``: undecided (ratio 1), as the derivative's
-    checks must see them, where the semismooth steps left one side's rounding. Its x
-    stays the semismooth one: a bound of a box projection met at 0 with a zero
-    multiplier was 2.8e-7 off at the interior point's s ≈ z (the derivative's warning
-    was right, the solution's accuracy was not)."""
+    with each such pair at ``s_i = z_i = max(min(s_i, z_i), tiny)``: undecided (ratio 1),
+    as the derivative's checks must see them, where the semismooth steps left one side's
+    rounding. Each member moves by at most its own size, so the point's residual moves by
+    no more than what the semismooth point left in that row and column (its Newton step,
+    the error estimate, stays at rounding). Its x stays the semismooth one: a bound of a
+    box projection met at 0 with a zero multiplier was 2.8e-7 off at the interior point's
+    s ≈ z (the derivative's warning was right, the solution's accuracy was not)."""
     x, s, z, *rest = point
-    kink, floor = _kink_floor(layout, s, z)
+    kink = _kink_floor(layout, s, z)
     z0, k = layout.zero, layout.nonneg
+    # (Both at the kink's floor, 64 rounding levels of the element's size, which the
+    # multipliers set, moved s by that much: a box projection with an entry at 1e6, x ~
+    # 2.7e-6 beside multipliers ~1 equilibrated, got s_0 = 1.9e-7 in the caller's units
+    # beside y_0 = 7e-17, a Newton step of 1.07e-7 > tol_error and no solution.)
+    pair = torch.minimum(s[:, z0:z0 + k], z[:, z0:z0 + k]).clamp_min(torch.finfo(s.dtype).tiny)
     at = lambda v, value: torch.cat([v[:, :z0], torch.where(kink, value, v[:, z0:z0 + k]), v[:, z0 + k:]], 1)  # noqa: E731
-    return settled(x, s, at(z, 0.0)), (x, at(s, floor[:, None]), at(z, floor[:, None]), *rest)
+    return settled(x, s, at(z, 0.0)), (x, at(s, pair), at(z, pair), *rest)
 
 
 def _keep(take: torch.Tensor, alt: tuple, out: tuple) -> tuple:
@@ -269,6 +276,18 @@ def limit_scaling_at(layout: ConeLayout, sc: torch.Tensor, zc: torch.Tensor, lif
     delta = _shift(sc)
     sc_in = torch.where(lift, layout.lift(sc, delta), sc)
     zc_in = torch.where(lift, layout.lift(zc, delta), zc)
+    k = layout.nonneg
+    if k:
+        # An undecided nonnegative pair is lifted by the larger of the two lifts, on both
+        # members: each vector's lift is δ(1 + its norm), and where the primal and dual
+        # sizes differ, a pair at its kink below both (s = z ~0, _at_kink) takes their
+        # ratio as H, i.e. a side: the box [0, 1] projection of x = 0 (slacks ~8e5 beside
+        # multipliers ~0, equilibrated) got H = 8e5, the one-sided derivative 1 - 1e-6
+        # and no warning.
+        open_ = lift & ~torch.stack(decided(sc[:, :k], zc[:, :k])).any(0)
+        up = torch.maximum(sc_in[:, :k] - sc[:, :k], zc_in[:, :k] - zc[:, :k])
+        sc_in = torch.cat([torch.where(open_, sc[:, :k] + up, sc_in[:, :k]), sc_in[:, k:]], 1)
+        zc_in = torch.cat([torch.where(open_, zc[:, :k] + up, zc_in[:, :k]), zc_in[:, k:]], 1)
     return LimitScaling(layout, sc, zc, sc_in, zc_in, delta)
 
 

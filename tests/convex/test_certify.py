@@ -99,3 +99,40 @@ def test_a_transport_marginal_below_the_solvers_resolution_is_not_refused_as_dep
         out = layer(*(torch.tensor(v) for v in (C, a, b)))
     assert layer.last_solve.solved.all()
     assert (out - torch.tensor(P)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("box", [(0.0, 1.0), (-1.0, 1.0)])
+def test_a_bound_met_beside_an_entry_far_outside_the_box_is_solved_on_the_batched_path(box, dtype):
+    """min ‖y − x‖² s.t. lo ≤ y ≤ hi with x₀ exactly on a bound and x₁ at 1e5..1e10: the
+    equilibrated solution is ~1/x₁ beside multipliers ~1, and the kink's pair was set to 64
+    rounding levels of the multipliers' size, s₀ = 1.9e-7 in the caller's units at 1e6
+    beside y₀ = 7e-17: a Newton step (the error estimate) of 1.07e-7 > tol_error, and
+    Clarabel and SCS failed (SolverError); at 1e5 the estimate was 1.07e-8. All such
+    elements, and x = 0 (every entry at the kink), are solved on the batched path now,
+    clamp(x, lo, hi) to rounding; the backward warns about exactly the elements with a
+    bound met, and elsewhere gives the closed form (1 strictly inside, 0 outside)."""
+    lo, hi = box
+    xp, y = cp.Parameter(3), cp.Variable(3)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - xp)), [y >= lo, y <= hi]), [xp], [y])
+    rows = [[on, far, 0.3] for on in (lo, hi) for far in (1e5, 1e6, 1e8, 1e10, -1e6)] + [[lo, lo, lo], [0.2, 1e6, 0.3]]
+    x = torch.tensor(rows, dtype=dtype)
+    xg = x.clone().requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = layer(xg)
+        (g,) = torch.autograd.grad(out.sum(), xg)
+    assert layer.last_solve.solvers == ["batched"] * len(rows)
+    assert set(layer.last_solve.statuses) == {"solved"}
+    want = x.clamp(lo, hi)
+    err = (out.detach() - want).abs()
+    eps = torch.finfo(dtype).eps
+    # (the box [-1, 1] at 1e5 leaves y₀ 3e-11 from its bound, as it did where it was solved,
+    # and the far entry's bound, with a multiplier of 2e10 at 1e10, is met to 2e-11)
+    exact = err[:, [0, 2]] if lo == 0 else err[x[:, 1].abs() > 1e5][:, [0, 2]]
+    assert float(exact.max()) <= 4 * eps and float(err.max()) <= max(4 * eps, 1e-10)
+    named = {e for w in caught if issubclass(w.category, GradientWarning) for e in w.message.elements}
+    assert named == {(i,) for i in range(len(rows) - 1)}  # the last has no bound met
+    inside, outside = (x > lo) & (x < hi), (x < lo) | (x > hi)
+    tol = 1e-8 if dtype == torch.float64 else 1e-5
+    assert float((g[inside] - 1).abs().max()) <= tol and float(g[outside].abs().max()) <= tol
