@@ -25,13 +25,14 @@ from .convex import registry
 from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
 from .convex.declarations import parameter_label
-from .convex.validation import bind_names
+from .convex.validation import bind_names, check_values
 from .errors import InputError, OptionError, ShapeError
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
 from .nodes.projection import LpProjection, SimplexProjection
 from .nodes.total_variation import TotalVariation1d
+from .nodes.transport import OptimalTransport
 
 __all__ = ["layer", "BACKENDS", "NATIVE"]
 
@@ -70,6 +71,10 @@ def _tv1d(n: int, lam: float = 1.0) -> nn.Module:
     return TotalVariation1d(lam=lam, dim=-1)
 
 
+def _ot_entropic(m: int, n: int, eps: float = 1.0) -> nn.Module:
+    return OptimalTransport(eps=eps)
+
+
 #: Registry problems with an exact native node: name -> builder taking the problem's options.
 NATIVE: dict[str, Callable[..., nn.Module | None]] = {
     "lp_ball": _lp_ball,
@@ -78,6 +83,7 @@ NATIVE: dict[str, Callable[..., nn.Module | None]] = {
     "sparsemax": _sparsemax,
     "entmax": _entmax,
     "tv1d": _tv1d,
+    "ot_entropic": _ot_entropic,
 }
 
 
@@ -115,6 +121,43 @@ class RegistryNode(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, n={self.n}"
+
+
+class TransportNode(nn.Module):
+    """The native node of ``ot_entropic`` (:class:`~convexddn.OptimalTransport`), taking
+    ``(C, a, b)`` as its :class:`~convexddn.ConvexLayer` does, with the registry's gradient.
+
+    The plan is defined where :math:`\\sum a = \\sum b` only, so a gradient with respect to
+    the marginals is unique along mass-preserving directions only. The registry's problem
+    states the last column sum as implied, :math:`b_n = \\sum_i a_i - \\sum_{j<n} b_j`, so its
+    gradient has :math:`\\partial L/\\partial b_n = 0` and carries that entry's effect on
+    ``a`` and the other entries of ``b``. The node alone rescales ``b`` to ``a``'s mass (a
+    gradient orthogonal to ``b``); here ``b_n`` is replaced by ``b_n + (d - d.detach())``,
+    :math:`d = \\sum a - \\sum b`: the same values (so the plan is the node's), the registry's
+    derivative. Both backends of ``convexddn.layer("ot_entropic")`` then agree.
+
+    Shape:
+        - Input: ``C (*, m, n)``, ``a (*, m)``, ``b (*, n)`` (batch shapes broadcast), by
+          position or by name; checked as the cone program's layer checks them (finite,
+          ``a, b >= 0``, equal masses: :attr:`~convexddn.ProblemSpec.check`).
+        - Output: ``P (*, m, n)``.
+    """
+
+    def __init__(self, name: str, node: nn.Module, parameters: tuple, check: Callable | None) -> None:
+        super().__init__()
+        self.name, self.node, self.parameters_, self.check = name, node, tuple(parameters), check
+
+    def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+        """The plan for every batch element: see the class docstring."""
+        (C, a, b), _ = check_values(values, named, self.parameters_, self.check)
+        d = (a.sum(-1, keepdim=True) - b.sum(-1, keepdim=True)).to(b.dtype)
+        last = torch.zeros(b.shape[-1], dtype=b.dtype, device=b.device)
+        last[-1] = 1.0
+        # (d - d.detach()) is exactly 0: the values stay b's, the derivative is b_n's as implied.
+        return self.node(C, a, b + (d - d.detach()) * last)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
 
 
 # The registry problems whose native node (Entmax) masks -inf scores, and their alpha.
@@ -227,6 +270,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
                 raise OptionError(
                     f"options {sorted(layer_opts)} configure the cone program, but problem "
                     f"{name!r} is solved by its native node; pass backend='cvxpy' to use them")
+            if name == "ot_entropic":
+                return TransportNode(name, node, spec.parameters, spec.check)
             return RegistryNode(name, spec.options["n"], node, spec.parameters[0].name())
     if backend == "native":
         raise OptionError(

@@ -95,10 +95,17 @@ def ot_entropic(m: int, n: int, eps: float = 1.0):
     (``-ε Σ entr(P)``; the ``+ε ΣP`` term of the entropy is constant on the feasible
     set.) Parameters: ``C`` ``(m, n)``, ``a`` ``(m,)``, ``b`` ``(n,)`` (positive,
     equal sums: :func:`equal_mass` checks each call). Variable: ``P`` ``(m, n)``. Native node:
-    :func:`convexddn.nodes.transport.sinkhorn` with the same ``eps``.
+    :class:`convexddn.OptimalTransport` with the same ``eps`` (what :func:`convexddn.layer`
+    returns; the problem is built on first use of ``spec.problem``). Gradient with respect to
+    the marginals, on both backends: ``b``'s last entry is implied (``Σa − Σ_{j<n} b_j``), so
+    its gradient is 0 and ``a`` and the other entries of ``b`` carry its effect (see
+    :class:`convexddn.factory.TransportNode`); along mass-preserving directions it is the
+    unique derivative.
     """
     eps = real_option("eps", eps, above=0)
     C, a, b, P, constraints = _transport(m, n)
-    objective = cp.sum(cp.multiply(C, P)) - eps * cp.sum(cp.entr(P))
-    problem = cp.Problem(cp.Minimize(objective), constraints)
+
+    def problem():  # deferred: the native node (OptimalTransport) does not need it
+        objective = cp.sum(cp.multiply(C, P)) - eps * cp.sum(cp.entr(P))
+        return cp.Problem(cp.Minimize(objective), constraints)
     return problem, [C, a, b], [P]

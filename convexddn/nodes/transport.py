@@ -118,7 +118,10 @@ def sinkhorn(
     problem is feasible only for equal masses, so ``b`` is rescaled to the mass of ``a``:
     the result is :math:`(\sum_i a_i)\, P(C, a/\textstyle\sum a, b/\sum b)`, whose
     columns sum to :math:`b \sum_i a_i / \sum_j b_j`. Gradients include these
-    normalisations (a gradient with respect to ``b`` is orthogonal to ``b`` itself). Pass
+    normalisations (a gradient with respect to ``b`` is orthogonal to ``b`` itself); along
+    mass-preserving directions, the only ones where the marginals' gradient is unique, it
+    agrees with the registry's ``ot_entropic`` (``convexddn.layer``), whose gradient gives
+    ``b``'s last entry 0 instead (that entry implied by the others). Pass
     ``a = b = 1`` (square cost) for a doubly-stochastic matrix.
 
     Padding: zero entries of ``a`` or ``b`` mark rows or columns that do not exist, so
