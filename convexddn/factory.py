@@ -26,6 +26,7 @@ from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
 from .convex.declarations import parameter_label
 from .convex.validation import bind_names, check_values
+from .convex.widen import narrowed, widened
 from .errors import InputError, OptionError, ShapeError
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
@@ -174,7 +175,11 @@ class MaskedScoresLayer(ConvexLayer):
     :math:`x_i < \\max_j x_j - 1/(\\alpha-1)` has :math:`p_i = 0`; the stand-in
     :math:`\\max_j x_j - 2/(\\alpha-1)` (over the finite entries) has margin 1 in units of
     :math:`(\\alpha-1)x`. It gets no gradient: a masked probability is 0 under any change,
-    as in Entmax. A row entirely ``-inf`` is an ``InputError``; NaN and +inf stay errors.
+    as in Entmax. The cone program gets the scores in float64, less each row's largest
+    finite score (the map is shift invariant), so the stand-in is :math:`-2/(\\alpha-1)`
+    for scores of any size and dtype, and finite scores further below it take its value
+    (their probability is 0 too). A row entirely ``-inf`` is an ``InputError``; NaN and
+    +inf stay errors.
     """
 
     def __init__(self, *args: Any, alpha: float, **kwargs: Any) -> None:
@@ -192,16 +197,20 @@ class MaskedScoresLayer(ConvexLayer):
         if x.dim() >= 1 and x.numel():
             masked = torch.isneginf(x)
             if bool(masked.any()) and not bool((torch.isnan(x) | torch.isposinf(x)).any()):
-                top = x.amax(dim=-1, keepdim=True)  # the largest finite score (-inf: none)
+                w = widened(x, label)
+                top = w.amax(dim=-1, keepdim=True)  # the largest finite score (-inf: none)
                 empty = int(torch.isneginf(top).sum())
                 if empty:
                     raise InputError(f"{label} has {empty} row(s) whose "
                                      "entries are all -inf (masked); at least one entry per row must be finite")
-                # The margin 2/(alpha - 1) plus 4 eps |top|: rounded to x's dtype the stand-in
-                # stays at least 2/(alpha - 1) below top (float32 scores of 1e8, whose ulp is
-                # 8, rounded top - 2 back to top: a masked entry got a third of the mass).
-                margin = 2.0 / (self.alpha - 1.0) + 4.0 * torch.finfo(x.dtype).eps * top.abs()
-                x = torch.where(masked, (top - margin).detach(), x)
+                # In float64, shifted by the row's largest score (p(x - c) = p(x); detached, as
+                # its derivative J 1 is 0), the stand-in is -2/(alpha - 1) whatever the scores'
+                # size: computed as top - margin in x's dtype it overflowed (float16 scores of
+                # -65504 became -inf, refused as the caller's error). Entries further below
+                # (x - top overflowing too) have p = 0 and no gradient: floored there as well.
+                w = (w - top.detach()).clamp(min=-2.0 / (self.alpha - 1.0))
+                p = narrowed(super().forward(w, solver_args=solver_args), x.dtype)
+                return p.masked_fill(masked, 0.0)  # exactly 0, not the solver's 1e-21
         return super().forward(x, solver_args=solver_args)
 
 

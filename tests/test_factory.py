@@ -113,3 +113,24 @@ def test_ot_entropic_is_native_and_both_backends_share_one_gradient():
     torch.testing.assert_close(plans[0].sum(-1), a0, atol=1e-12, rtol=0)
     with pytest.raises(InputError, match=r"equal mass"):
         native(C, a0, b0 * 2)
+
+
+@pytest.mark.parametrize("name, options", [("sparsemax", {}), ("entmax", {"alpha": 1.5})])
+def test_masked_scores_stand_in_does_not_overflow(name, options):
+    """The stand-in top − 2/(alpha − 1) − 4 eps |top| was computed in the scores' dtype: for
+    float16 scores of −65504 it became −inf and the cone program refused the caller's legal
+    input (NonFiniteError); float32 −3.3e38 and float64 −1.7e308 failed in the solver.
+    Closed forms: two equal finite scores share the mass, p = (1/2, 0, 1/2), Jacobian
+    diag(s) − ssᵀ/Σs on the support, s_i = p_i^(2 − alpha) (Peters et al. 2019); a finite
+    score 2·big below the top one gets p = 0."""
+    layer = cddn.layer(name, n=3, backend="cvxpy", **options)
+    s = 0.5 ** (2.0 - options.get("alpha", 2.0))
+    want = torch.tensor([[0.5, 0.0, 0.5], [1.0, 0.0, 0.0]], dtype=F64)
+    w = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=F64)
+    for dtype, big in [(torch.float16, 65504.0), (torch.float32, 3.3e38), (F64, 1.7e308)]:
+        x = torch.tensor([[-big, NEG_INF, -big], [big, NEG_INF, -big]], dtype=dtype, requires_grad=True)
+        p = layer(x)
+        assert p.dtype == dtype
+        torch.testing.assert_close(p, want.to(dtype), atol=1e-6, rtol=0)
+        (grad,) = torch.autograd.grad((p * w.to(dtype)).sum(), x)
+        torch.testing.assert_close(grad, torch.tensor([[-s, 0.0, s], [0.0, 0.0, 0.0]], dtype=dtype), atol=1e-3, rtol=0)
