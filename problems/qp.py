@@ -127,13 +127,31 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
         z0 = _strictly_feasible(z0, G, values["h"], A if b is not None else None, b,
                                 [k for k in learned if k in "AbG"])
     elif b is not None:
-        pinv = np.linalg.pinv(A)
-        z0 = pinv @ b + z0 - pinv @ (A @ z0)
+        z0 = _on_equalities(z0, A, b, learned)
     if "b" in learned:
         init["b"] = values["b"] if "b" in values else (A @ z0 if A is not None else np.zeros(n_eq))
     if "h" in learned:
         init["h"] = values["h"] if "h" in values else (G @ z0 if G is not None else 0.0) + np.ones(shapes["h"])
     return init
+
+
+def _on_equalities(z: np.ndarray, A: np.ndarray, b: np.ndarray, learned: tuple[str, ...] | list[str]) -> np.ndarray:
+    """The point of {A y = b} nearest ``z`` (least squares); an ``OptionError`` naming A and b
+    where A y = b has no solution and a constraint block is learned: its start would be
+    infeasible (learned h = G z + 1 with A z != b failed at the first call, InfeasibleError)."""
+    pinv = np.linalg.pinv(A)
+    z = pinv @ b + z - pinv @ (A @ z)
+    residual = float(np.abs(A @ z - b).max()) if b.size else 0.0
+    # Rounding of pinv: a few eps of the terms' size (the point is otherwise exact).
+    scale = np.abs(b).max() + np.abs(A).max() * np.abs(z).max() if b.size else 0.0
+    blocks = [k for k in learned if k in "AGh"]
+    if blocks and not residual <= 1e-9 * (1.0 + scale):
+        own = "the constant A" if "A" not in learned else "the initial value of A (random unless given)"
+        raise OptionError(
+            f"the equalities A y = b have no solution (least-squares residual max|A y - b| = {residual:.3g}), "
+            f"so the learned block(s) {blocks} cannot start feasible: every call would be infeasible; "
+            f"check the constant b and {own}")
+    return z
 
 
 def _strictly_feasible(z: np.ndarray, G: np.ndarray, h: np.ndarray, A: np.ndarray | None, b: np.ndarray | None,
@@ -142,6 +160,8 @@ def _strictly_feasible(z: np.ndarray, G: np.ndarray, h: np.ndarray, A: np.ndarra
     largest margin of the inequalities capped at 1 + max|h| (h's own scale, above the
     tolerance test below: capped at 1, bounds of 1e7 were refused); ``OptionError`` where
     t is at the solver's tolerance or below."""
+    if A is not None:  # the equalities alone first: their fault is A's and b's, not h's
+        z = _on_equalities(z, A, b, learned)
     u, t = cp.Variable(z.shape[0]), cp.Variable()
     equal = [A @ u == b] if A is not None else []
     cp.Problem(cp.Maximize(t), [G @ u + t <= h, t <= 1.0 + np.abs(h).max()] + equal).solve()
@@ -214,7 +234,9 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
             to pass), not finite or not real numbers (strings, objects, complex), a block of
             an empty constraint (n_ineq or n_eq = 0) in ``learn`` or ``inputs``,
             a tensor that requires grad as a constant (a learned block's initial value
-            is detached), ridge < 0.
+            is detached), ridge < 0; no block learned or an input (the solution would be a
+            constant); a learned constraint block with constant A y = b that has no
+            solution, or constant G y <= h, A y = b without a strictly feasible point.
     """
     n = check_size("n", n, minimum=1)
     n_ineq = check_size("n_ineq", n_ineq, minimum=0)
@@ -264,6 +286,12 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
             raise OptionError(
                 f"{k} is not learned (not in `learn`) nor an input (not in `inputs`), so a fixed "
                 f"value of shape {shapes[k]} must be given as option {k}=...")
+    if not params:
+        # (ConvexLayer's ProblemError asked to "declare ... cp.Parameter", which qp does itself.)
+        raise OptionError(
+            "qp has no learned or input block: every block among L, q, G, h, A, b is a constant, so its "
+            "solution is a constant with nothing to pass in or learn; name at least one block in "
+            "inputs= (a tensor at call time, e.g. inputs='q') or learn= (an nn.Parameter, e.g. learn='q')")
     y = cp.Variable(n, name="y")
     objective = 0.5 * cp.sum_squares(data["L"].T @ y) + data["q"] @ y
     if ridge > 0:

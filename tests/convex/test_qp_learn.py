@@ -308,3 +308,27 @@ def test_qp_learned_start_accepts_loose_constant_bounds():
                           h=[1e8, 1e8])
     b = np.asarray(spec.learned["b"], dtype=np.float64)
     assert b.shape == (1,) and np.isfinite(b).all()
+
+
+@pytest.mark.parametrize("learn, extra", [("h", {"G": np.eye(2)}), ("G", {"h": np.ones(2)}), ("Gh", {})])
+def test_qp_learned_start_refuses_inconsistent_constant_equalities(learn, extra):
+    """A = [[1, 1], [1, 1]], b = (0, 1): y1 + y2 cannot be both 0 and 1. Learned h (or G, h)
+    were started at G z0 + 1 for the least-squares z0, built without error, and the first
+    call raised InfeasibleError; learned G blamed 'h and b'. The same rank-deficient A with
+    a consistent b = (1, 1) builds, and its first call solves, with y1 + y2 = 1."""
+    A = np.array([[1.0, 1.0], [1.0, 1.0]])
+    with pytest.raises(OptionError, match=r"the equalities A y = b have no solution \(least-squares residual "
+                                          r"max\|A y - b\| = 0\.5\).*check the constant b and the constant A$"):
+        cddn.layer("qp", n=2, n_ineq=2, n_eq=2, A=A, b=[0.0, 1.0], learn=learn, inputs="q", **extra)
+    torch.manual_seed(0)
+    layer = cddn.layer("qp", n=2, n_ineq=2, n_eq=2, A=A, b=[1.0, 1.0], learn=learn, inputs="q", **extra).double()
+    y = layer(torch.zeros(2, dtype=F64))
+    torch.testing.assert_close(y.sum(), torch.tensor(1.0, dtype=F64), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"inputs": ""}, {"L": np.eye(2), "q": np.zeros(2)},
+                                     {"n_ineq": 1, "G": np.ones((1, 2)), "h": np.ones(1), "inputs": ""}])
+def test_qp_without_any_parameter_is_an_option_error(options):
+    # Every block a constant: the ConvexLayer's ProblemError asked to declare a cp.Parameter.
+    with pytest.raises(OptionError, match=r"qp has no learned or input block.*inputs=.*learn="):
+        cddn.layer("qp", n=2, **options)

@@ -459,7 +459,8 @@ def test_qp_unconstrained_closed_form():
         assert torch.allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("learn", ["L", "q", "Gh", "Ab", "LqGhAb", ()])
+# (learn=() with every block a constant has no parameter: an OptionError, test_qp_learn.py)
+@pytest.mark.parametrize("learn", ["L", "q", "Gh", "Ab", "LqGhAb"])
 def test_qp_every_learn_choice_is_dpp(learn):
     G = np.eye(4)[:3]
     spec = registry.build("qp", n=4, n_ineq=3, n_eq=1, learn=learn, ridge=0.1,
