@@ -6,6 +6,8 @@ in batches; these forms let the two paths be checked against each other.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from convexddn._checks import check_size
 from convexddn._lazy import cvxpy as cp
 from convexddn.convex.registry import real_option, register
@@ -29,10 +31,10 @@ def entmax(n: int, alpha: float = 1.5):
     """.. math:: p(x) = \\operatorname*{argmin}_{p \\ge 0,\\ 1^T p = 1} \\frac{\\sum_i p_i^\\alpha}{\\alpha(\\alpha - 1)} - x^T p
 
     (the Tsallis-entropy form of α-entmax; the linear term of the entropy is constant on
-    the simplex). ``alpha > 1``; CVXPY represents ``p^α`` by second-order or power cones
-    for a fraction near α, with a denominator large enough that the solution moves by
-    less than 1e-7 (an ``OptionError`` where none up to 2^20 is: α within ~1e-7 of 1, or
-    α above ~1e6). Parameters: ``x`` ``(n,)``. Variable: ``p`` ``(n,)``.
+    the simplex). ``alpha > 1``; ``p^α`` is written in second-order cones for a fraction
+    near α, with a denominator (up to 2^32) large enough that the solution moves by less
+    than 1e-7 (see :func:`_power_epigraph`): an ``OptionError`` for α − 1 below 1e-7 or α
+    above about 4e9 (2^32). Parameters: ``x`` ``(n,)``. Variable: ``p`` ``(n,)``.
     References: Peters, Niculae & Martins, ACL 2019.
     """
     n = check_size("n", n, minimum=1)
@@ -42,9 +44,9 @@ def entmax(n: int, alpha: float = 1.5):
     p = cp.Variable(n, name="p")
 
     def problem():  # deferred: the native node (Entmax) does not need it
-        power = _rational_power(p, alpha, n)
-        objective = cp.sum(power) / (alpha * (alpha - 1.0)) - x @ p
-        return cp.Problem(cp.Minimize(objective), [p >= 0, cp.sum(p) == 1])
+        t, cones = _power_epigraph(p, alpha, n)
+        objective = cp.sum(t) / (alpha * (alpha - 1.0)) - x @ p
+        return cp.Problem(cp.Minimize(objective), [p >= 0, cp.sum(p) == 1, *cones])
     return problem, [x], [p]
 
 
@@ -52,25 +54,44 @@ def entmax(n: int, alpha: float = 1.5):
 # (1024 by default): α = 1.0001 became 1, a linear objective, and the layer returned a
 # vertex 0.15 from the solution as "solved". The rounding error δ moves the solution by
 # about δ / (α − 1); denominators grow until that is below _ALPHA_RTOL (the layer's
-# default tolerance is 1e-6), each a few more second-order cones per entry.
+# default tolerance is 1e-6), each step a few more second-order cones per entry (about
+# log2 of the denominator in all). Up to 2^20 only, ordinary alphas were refused: 4/3 was
+# the nearest fraction to 1.3333333 there (1e-7 off in the solution), float32(1.1) needs 2^26.
 _ALPHA_RTOL = 1e-7
-_MAX_DENOMS = (1024, 1 << 14, 1 << 20)
+_MAX_DENOMS = (1024, 1 << 14, 1 << 20, 1 << 26, 1 << 32)
+# Below it the objective's scale 1/(α(α − 1)) passes 1e7 against its α-dependent part:
+# alpha = 1 + 1e-8 was written exactly and both Clarabel and SCS failed on it.
+_MIN_ALPHA_GAP = 1e-7
 
 
-def _rational_power(p, alpha: float, n: int):
-    """``cp.power(p, alpha)`` with a fraction close enough to ``alpha`` (see above)."""
-    for denom in _MAX_DENOMS:
-        try:
-            power = cp.power(p, alpha, max_denom=denom)
-        except ZeroDivisionError:  # 1/α rounded to 0 (α above about the denominator)
-            continue
-        if power.approx_error <= _ALPHA_RTOL * (alpha - 1.0):
-            return power
+def _power_epigraph(p, alpha: float, n: int) -> tuple:
+    """``(t, cones)``: second-order cones stating ``t ≥ p^r`` (p ≥ 0) for a fraction r close
+    enough to ``alpha`` (see above), as CVXPY's canonicalisation of ``cp.power`` writes them.
+
+    Written here rather than left to CVXPY, which warned at every build that the power was
+    "approximated" (a plain UserWarning suggesting power cones, which neither solver path
+    takes) although the fraction is chosen to be exact to 1e-7 of the solution.
+
+    Raises:
+        OptionError: α − 1 < 1e-7, or no fraction of denominator up to 2^32 is close enough.
+    """
+    from cvxpy.utilities.power_tools import gm_constrs  # the cones of cp.power's canonicalisation
+
+    if alpha - 1.0 >= _MIN_ALPHA_GAP:
+        for denom in _MAX_DENOMS:
+            try:
+                power = cp.power(p, alpha, max_denom=denom)
+            except ZeroDivisionError:  # 1/α rounded to 0 (α above about the denominator)
+                continue
+            if power.approx_error <= _ALPHA_RTOL * (alpha - 1.0):
+                t = cp.Variable(n)
+                # p <= t^(1/r) 1^(1 - 1/r), i.e. t >= p^r: the weights are (1/r, 1 - 1/r).
+                return t, gm_constrs(p, [t, cp.Constant(np.ones(n))], power.w)
     raise OptionError(
-        f"alpha = {alpha!r} has no cone form close enough here: CVXPY writes p**alpha with a "
-        f"fraction of denominator <= {_MAX_DENOMS[-1]}, whose error moves the solution by more "
-        f"than {_ALPHA_RTOL:g} (alpha too close to 1, or too large); use the native node: "
-        f"convexddn.layer('entmax', n={n}, alpha={alpha!r})")
+        f"alpha = {alpha!r} has no cone form close enough here: p**alpha is written with a fraction "
+        f"of denominator <= 2^32 whose error must move the solution by less than {_ALPHA_RTOL:g}, and "
+        f"alpha - 1 must be >= {_MIN_ALPHA_GAP:g} (alpha too close to 1, or above about 4e9); use the "
+        f"native node: convexddn.layer('entmax', n={n}, alpha={alpha!r})")
 
 
 @register("tv1d", "1-D total variation denoising: argmin_y ½‖y − x‖² + λ Σ|y_{i+1} − y_i|")

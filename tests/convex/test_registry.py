@@ -596,7 +596,7 @@ def test_register_same_definition_again_replaces_it():
 def test_layer_entmax_large_alpha_native_without_building_the_cone_form():
     # CVXPY writes p**alpha with a fraction of bounded denominator; with the default
     # (1024) alpha above ~2048 raised ZeroDivisionError, the registry now tries larger
-    # ones (up to 2^20), and beyond (5e6) says so. The native node needs no cone form
+    # ones (up to 2^32), and beyond (1e10) says so. The native node needs no cone form
     # and layer() does not build it.
     node = cddn.layer("entmax", n=3, alpha=1e5)
     assert not isinstance(node, cddn.ConvexLayer)
@@ -607,12 +607,12 @@ def test_layer_entmax_large_alpha_native_without_building_the_cone_form():
         warnings.simplefilter("ignore")  # CVXPY's note on its rational approximation
         cone = cddn.layer("entmax", n=3, alpha=1e5, backend="cvxpy")
         torch.testing.assert_close(cone(x), torch.tensor([1.0, 0.0, 0.0], dtype=F64), atol=1e-8, rtol=0)
-    spec = registry.build("entmax", n=3, alpha=5e6)  # options checked, problem deferred
+    spec = registry.build("entmax", n=3, alpha=1e10)  # options checked, problem deferred
     assert spec.parameter_shapes == {"x": (3,)}
-    with pytest.raises(OptionError, match=r"alpha = 5000000.0 has no cone form close enough"):
+    with pytest.raises(OptionError, match=r"alpha = 10000000000.0 has no cone form close enough"):
         spec.problem
-    with pytest.raises(OptionError, match=r"alpha = 5000000.0 has no cone form"):
-        cddn.layer("entmax", n=3, alpha=5e6, backend="cvxpy")
+    with pytest.raises(OptionError, match=r"alpha = 10000000000.0 has no cone form"):
+        cddn.layer("entmax", n=3, alpha=1e10, backend="cvxpy")
 
 
 def test_registry_deferred_problem_is_built_once():
