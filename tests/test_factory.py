@@ -134,3 +134,41 @@ def test_masked_scores_stand_in_does_not_overflow(name, options):
         torch.testing.assert_close(p, want.to(dtype), atol=1e-6, rtol=0)
         (grad,) = torch.autograd.grad((p * w.to(dtype)).sum(), x)
         torch.testing.assert_close(grad, torch.tensor([[-s, 0.0, s], [0.0, 0.0, 0.0]], dtype=dtype), atol=1e-3, rtol=0)
+
+
+def _ball_projection(x: torch.Tensor, p: float, r: float) -> torch.Tensor:
+    """Closed forms: p = 2 scales, p = ∞ clips, p = 1 soft-thresholds at τ with Σ(|x| − τ)_+ = r."""
+    if p == 2:
+        return r * x / x.norm()
+    if math.isinf(p):
+        return x.clamp(-r, r)
+    u = x.abs().sort(descending=True).values
+    c = u.cumsum(0)
+    k = max(i for i in range(len(u)) if u[i] > (c[i] - r) / (i + 1))
+    return x.sign() * (x.abs() - (c[k] - r) / (k + 1)).clamp(min=0)
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_ball_cone_program_keeps_relative_accuracy_at_small_radius(p):
+    """The cone program of radius 1e-10 lost all relative accuracy (errors 0.2 to 0.9 of r, a
+    p = 2 Jacobian of 0 for r/|x| (I − uuᵀ) ≈ 4e-11), silently: the solvers' tolerances are
+    absolute. Now it is solved at radius 1 on x / r (exact for a norm ball). Where |x|/r itself
+    passes tol/eps (here 2e10) a SolverWarning says that float64 fixes the projection to about
+    eps |x|/r of r only (4.4e-6; the result is still 8e-8 here)."""
+    import warnings
+
+    base = torch.tensor([0.3, -1.2, 2.0, 0.5], dtype=F64)
+    r = 1e-10
+    for x, warns in ((1e-9 * base, False), (base, True)):
+        layer = cddn.layer("lp_ball", n=4, p=p, radius=r, backend="cvxpy")
+        xx = x.clone().requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(xx)
+        assert [w.category for w in caught] == ([cddn.errors.SolverWarning] if warns else [])
+        assert float((y.detach() - _ball_projection(x, p, r)).abs().max()) <= 1e-6 * r
+        if p == 2:  # J = r/|x| (I − uuᵀ), u = x/|x|
+            u = x / x.norm()
+            want = r / x.norm() * (torch.eye(4, dtype=F64) - torch.outer(u, u))
+            J = torch.stack([torch.autograd.grad(y[i], xx, retain_graph=True)[0] for i in range(4)])
+            assert float((J - want).abs().max()) <= 1e-6 * float(want.abs().max())
