@@ -100,10 +100,11 @@ class RegistryNode(nn.Module):
     """
 
     parameter = "x"  # the registry problem's parameter name (a class default: older pickles)
+    finite = False  # whether x must be finite (checked here, as the ConvexLayer does)
 
-    def __init__(self, name: str, n: int, node: nn.Module, parameter: str = "x") -> None:
+    def __init__(self, name: str, n: int, node: nn.Module, parameter: str = "x", finite: bool = False) -> None:
         super().__init__()
-        self.name, self.n, self.node, self.parameter = name, n, node, parameter
+        self.name, self.n, self.node, self.parameter, self.finite = name, n, node, parameter, finite
 
     def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         """Solve the problem for every row of ``x``: ``(*batch, n) -> (*batch, ...)``.
@@ -111,6 +112,8 @@ class RegistryNode(nn.Module):
         Raises:
             ShapeError: not exactly one tensor (a surplus one, an unknown name) or one
                 whose trailing dimension is not ``n``, as the cone program's layer says.
+            NonFiniteError: NaN or Inf in ``x`` (except the masked ``-inf`` scores of
+                ``entmax`` / ``sparsemax``), named as the cone program's layer names it.
         """
         # The ConvexLayer's binding and its errors: a surplus tensor was a raw TypeError.
         (x,) = bind_names(values, named, [self.parameter])
@@ -120,6 +123,8 @@ class RegistryNode(nn.Module):
             raise ShapeError(
                 f"{label} must have shape (*batch, {self.n}) i.e. trailing shape "
                 f"({self.n},), got {tuple(x.shape)}")
+        if self.finite:  # the ConvexLayer's label and the caller's shape (the node saw its rows)
+            check_finite(label, x)
         return self.node(x)
 
     def extra_repr(self) -> str:
@@ -328,7 +333,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
                     f"{name!r} is solved by its native node; pass backend='cvxpy' to use them")
             if name == "ot_entropic":
                 return TransportNode(name, node, spec.parameters, spec.check)
-            return RegistryNode(name, spec.options["n"], node, spec.parameters[0].name())
+            # (entmax and sparsemax take -inf scores: masked, not refused)
+            return RegistryNode(name, spec.options["n"], node, spec.parameters[0].name(), name not in _MASKING)
     if backend == "native":
         raise OptionError(
             f"problem {name!r} with options {spec.options} has no native node; the native "

@@ -172,3 +172,16 @@ def test_lp_ball_cone_program_keeps_relative_accuracy_at_small_radius(p):
             want = r / x.norm() * (torch.eye(4, dtype=F64) - torch.outer(u, u))
             J = torch.stack([torch.autograd.grad(y[i], xx, retain_graph=True)[0] for i in range(4)])
             assert float((J - want).abs().max()) <= 1e-6 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("name, options", [("robust_pool", {"penalty": "huber"}), ("lp_ball", {"p": 1}),
+                                           ("tv1d", {})])
+def test_native_registry_layer_names_nonfinite_input_as_the_cone_layer(name, options):
+    """The native robust_pool said "x must be finite ... (shape (6, 4))" for an input of shape
+    (2, 3, 4) (its solver's rows) where the cone program says "parameter 0 (x) ... (shape
+    (2, 3, 4))"."""
+    x = torch.zeros(2, 3, 4, dtype=F64)
+    x[0, 1, 2] = float("nan")
+    want = r"^parameter 0 \(x\) must be finite, got 1 NaN and 0 Inf value\(s\) among 24 \(shape \(2, 3, 4\)\)$"
+    with pytest.raises(cddn.errors.NonFiniteError, match=want):
+        cddn.layer(name, n=4, **options)(x)

@@ -2102,3 +2102,18 @@ def test_welsch_rows_up_to_129_do_not_depend_on_the_order_of_their_entries():
     y = robust_pool(x, "welsch", 0.6)
     y_p = robust_pool(x.gather(-1, perm), "welsch", 0.6)
     torch.testing.assert_close(y_p, y, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("penalty", ["quadratic", "huber", "welsch"])
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 4)])
+def test_robust_pool_nonfinite_error_names_the_callers_shape(penalty, shape):
+    # The solver checks finiteness on its rows: (4,) was reported as (1, 4), (2, 3, 4) as (6, 4).
+    x = torch.zeros(shape, dtype=torch.float64)
+    x.view(-1)[1] = float("nan")
+    want = rf"x must be finite, got 1 NaN and 0 Inf value\(s\) among {x.numel()} \(shape {re_shape(shape)}\)"
+    with pytest.raises(NonFiniteError, match=want):
+        robust_pool(x, penalty)
+
+
+def re_shape(shape: tuple[int, ...]) -> str:
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")

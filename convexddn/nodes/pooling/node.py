@@ -32,6 +32,7 @@ from ..._checks import (
     check_bool,
     check_device,
     check_dim_option,
+    check_finite,
     check_scale,
     check_stopping,
     check_tensor,
@@ -39,7 +40,7 @@ from ..._checks import (
     positive_range,
 )
 from ..._autograd import batched_values, functorch_transforms, refuse_trace
-from ...errors import ProblemError, ShapeError
+from ...errors import NonFiniteError, ProblemError, ShapeError
 from .._repr import format_option
 from .._module_options import store_option
 from .._vmap_stack import stacked_under_vmap
@@ -268,14 +269,20 @@ def robust_pool(
     xw = x2.to(work)
     aw = a.to(work)
     use_compile = bool(compile) and compile_available()
-    y2 = RobustPoolFunction.apply(
-        xw,
-        aw,
-        pen,
-        _resolve_tol(tol, work),
-        _DEFAULT_MAX_ITER if max_iter is None else max_iter,
-        use_compile,
-    ).to(x.dtype)
+    try:
+        y2 = RobustPoolFunction.apply(
+            xw,
+            aw,
+            pen,
+            _resolve_tol(tol, work),
+            _DEFAULT_MAX_ITER if max_iter is None else max_iter,
+            use_compile,
+        ).to(x.dtype)
+    except NonFiniteError:
+        # The solver checks finiteness only where a row fails (no host sync otherwise), on
+        # its rows: x of shape (4,) was reported as (1, 4), (2, 3, 4) as (6, 4). The caller's.
+        check_finite("x", x)
+        raise
 
     y = y2.reshape(batch)
     if keepdim:
