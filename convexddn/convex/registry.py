@@ -278,6 +278,14 @@ def option_names(name: str) -> tuple[str, ...]:
     return tuple(inspect.signature(_entry(name).builder).parameters)
 
 
+def _as_tuple(value: Any) -> tuple | None:
+    """``tuple(value)``, or ``None`` where ``value`` is not iterable."""
+    try:
+        return tuple(value)
+    except TypeError:
+        return None
+
+
 def build(name: str, **options: Any) -> ProblemSpec:
     """Build the registered problem ``name`` with the given options.
 
@@ -285,6 +293,10 @@ def build(name: str, **options: Any) -> ProblemSpec:
         OptionError: unknown name (the message lists the registered ones), unknown or
             missing option (lists the valid ones), or an invalid option value.
         NonconvexError: a convex-only builder asked for a nonconvex variant.
+        ProblemError: a builder breaking its return contract (not a 3- or 4-tuple, a
+            problem that is neither a ``cvxpy.Problem`` nor a callable, ``parameters`` /
+            ``variables`` not a sequence of ``cp.Parameter`` / ``cp.Variable``, e.g. a bare
+            ``cp.Parameter``), naming the builder.
     """
     entry = _entry(name)
     sig = inspect.signature(entry.builder)
@@ -309,6 +321,20 @@ def build(name: str, **options: Any) -> ProblemSpec:
     if not (isinstance(problem, cp.Problem) or callable(problem)):
         raise ProblemError(f"registry builder {name!r} returned a {type(problem).__name__} "
                            "as its problem, not a cvxpy.Problem or a callable making one")
+    # A bare cp.Parameter as `parameters` was iterated into its entries (x[0], x[1], ...), and
+    # the spec listed expressions as parameters: layer() then failed naming neither the
+    # builder nor its contract.
+    checked = []
+    for what, value, kind in (("parameters", parameters, cp.Parameter), ("variables", variables, cp.Variable)):
+        items = None if isinstance(value, (cp.Expression, str, dict)) else _as_tuple(value)
+        if items is None or not all(isinstance(v, kind) for v in items):
+            got = (f"a {type(value).__name__}" if items is None else
+                   f"a {type(value).__name__} holding {[type(v).__name__ for v in items]}")
+            raise ProblemError(
+                f"registry builder {name!r} must return (problem, parameters, variables[, learned]) with "
+                f"{what} a list or tuple of cvxpy.{kind.__name__}, got {got} as {what}")
+        checked.append(items)
+    parameters, variables = checked
     declared = {k: np.asarray(v, dtype=np.float64) for k, v in (rest[0] if rest else {}).items()}
     shapes = {p.name(): tuple(p.shape) for p in parameters}
     for key, value in declared.items():

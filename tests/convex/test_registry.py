@@ -143,6 +143,32 @@ def test_register_checks_name_and_builder_contract():
         registry._REGISTRY.pop("test_two_items")
 
 
+@pytest.mark.parametrize("kind", ["bare parameter", "expressions", "bare variable"])
+def test_build_checks_the_parameters_and_variables_a_builder_returns(kind):
+    """A builder returning one cp.Parameter as `parameters` was accepted: tuple() iterated it
+    into x[0], x[1] (spec.parameter_shapes {'x[0]': (), 'x[1]': ()}), and layer() failed
+    naming neither the builder nor its contract."""
+    @registry.register("test_bad_sequences", "returns a bare parameter")
+    def bad(n: int = 2):
+        x = cp.Parameter(n, name="x")
+        y = cp.Variable(n, name="y")
+        problem = cp.Problem(cp.Minimize(cp.sum_squares(y - x)))
+        return {"bare parameter": (problem, x, [y]), "expressions": (problem, [x[0], x[1]], [y]),
+                "bare variable": (problem, [x], y)}[kind]
+
+    what, got = {"bare parameter": ("parameters", "a Parameter"),
+                 "expressions": ("parameters", r"a list holding \['index', 'index'\]"),
+                 "bare variable": ("variables", "a Variable")}[kind]
+    try:
+        for call in (lambda: registry.build("test_bad_sequences"), lambda: cddn.layer("test_bad_sequences")):
+            with pytest.raises(ProblemError, match=rf"^registry builder 'test_bad_sequences' must return \(problem, "
+                                                   rf"parameters, variables\[, learned\]\) with {what} a list or "
+                                                   rf"tuple of cvxpy\.\w+, got {got} as {what}$"):
+                call()
+    finally:
+        registry._REGISTRY.pop("test_bad_sequences")
+
+
 def test_register_refuses_builders_with_unnamed_options():
     # A **kwargs builder registered and then could never be built: build() read
     # **extra as a required option named "extra" ("needs option(s) ['extra']").
