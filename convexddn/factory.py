@@ -299,6 +299,9 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         holding them as ``nn.Parameter`` s and taking the other parameters. Either
         backend takes the parameters by position or by name, and ``entmax`` /
         ``sparsemax`` take ``-inf`` scores (masked) on both (``MaskedScoresLayer``).
+        ``ot_entropic``'s native node is :class:`TransportNode` (the registry's gradient
+        with respect to the marginals); ``lp_ball``'s cone program is a
+        :class:`ScaledBallLayer` (a radius below 1 solved at radius 1 on ``x / r``).
 
     Raises:
         OptionError: unknown name, backend or option; ``backend="native"`` for a
