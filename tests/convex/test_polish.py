@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import convexddn as cddn
-from convexddn.convex.polish import _arrow_into
+from convexddn.convex.polish import _arrow_into, better, natural_residual, rounding_level
 from convexddn.convex.symmetric_cones import ConeLayout
 
 F64 = torch.float64
@@ -129,3 +129,34 @@ def test_polish_regularisation_does_not_grow_with_a_large_multiplier():
     assert info.status_names() == ["solved"]
     assert np.abs(sol[0].numpy() - exact).max() <= 1e-7 * np.abs(exact).max()
 
+
+def test_at_rounding_level_the_natural_residual_orders_the_points():
+    """A weakly active bound (both members 0 at the solution) ends the interior point at
+    s_i ≈ z_i ≈ 1e-8, a product at rounding: the residual cannot tell that point from the
+    exact one (s_i, z_i ~1e-19), and the polish kept the first. Where both residuals are at
+    rounding level and within a factor of 2 of the lowest met, max_i |min(s_i, z_i)|
+    decides; otherwise (a badly scaled element's 4e-18 beside 5e-26), or on second-order
+    cones (where s ∘ z at rounding hides a misalignment), the residual alone."""
+    lp = ConeLayout(zero=1, nonneg=2, soc=())
+    s_ip = torch.tensor([[0.0, 1.19e-8, 0.5]], dtype=F64)
+    z_ip = torch.tensor([[0.3, 1.13e-8, 0.0]], dtype=F64)
+    s_ex = torch.tensor([[0.0, 5.9e-19, 0.5]], dtype=F64)
+    z_ex = torch.tensor([[0.3, -6e-36, 0.0]], dtype=F64)
+    assert natural_residual(lp, s_ip, z_ip).tolist() == [1.13e-8]
+    assert natural_residual(lp, s_ex, z_ex).tolist() == [6e-36]
+    r = torch.tensor([8.7e-17], dtype=F64)  # the same residual, at rounding level
+    assert better(lp, r, s_ex, z_ex, r, s_ip, z_ip, r).tolist() == [True]
+    assert better(lp, r, s_ip, z_ip, r, s_ex, z_ex, r).tolist() == [False]
+    assert better(lp, r / 2, s_ip, z_ip, r, s_ex, z_ex, r / 2).tolist() == [False]
+    assert better(lp, 1.5 * r, s_ex, z_ex, r, s_ip, z_ip, r).tolist() == [True]
+    # far above the lowest residual met, or above rounding level: the lower residual
+    far, low = torch.tensor([4e-18], dtype=F64), torch.tensor([5e-26], dtype=F64)
+    assert better(lp, far, s_ex, z_ex, low, s_ip, z_ip, low).tolist() == [False]
+    above = torch.tensor([100 * rounding_level(r)], dtype=F64)
+    assert better(lp, above, s_ex, z_ex, above, s_ip, z_ip, above).tolist() == [False]
+    assert better(lp, r, s_ip, z_ip, above, s_ex, z_ex, r).tolist() == [True]
+    # with a second-order cone: the residual alone
+    soc = ConeLayout(zero=1, nonneg=2, soc=(1,))
+    pad = torch.ones(1, 1, dtype=F64)
+    cat = lambda v: torch.cat([v, pad], 1)  # noqa: E731
+    assert better(soc, r, cat(s_ex), cat(z_ex), r, cat(s_ip), cat(z_ip), r).tolist() == [False]
