@@ -65,9 +65,11 @@ from diffcp import cones as cone_lib
 
 from .cone import ResidualMap
 from .cone_checks import _drop_noise, cone_blocks, project, verify_certificate
+from .edge_boost import boost_frame
 from .status import status_kind
 
-__all__ = ["Run", "believed", "claims_solved", "exact_ray", "judge", "reach_scaling", "reaches"]
+__all__ = ["Run", "believed", "claims_solved", "exact_ray", "judge", "reach_point", "reach_scaling",
+           "reaches"]
 
 _EPS = np.finfo(np.float64).eps
 
@@ -175,19 +177,11 @@ def _doubt(mine: Run, other: Run | None) -> str | None:
     return None
 
 
-def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> np.ndarray | None:
-    """The column scaling ``D`` at which to re-solve a program whose dual ray ``ray``
-    reaches only so far: each column's reach ``R_j = |bᵀȳ| / |(Aᵀȳ)_j|`` (``ȳ`` the ray in
-    K*, normalised) on the columns that set the reach (within a factor 10 of the least), 1 on
-    the others; ``None`` where no column limits it (``Aᵀȳ = 0`` to rounding: the ray is exact,
-    :func:`exact_ray`).
-
-    With ``x = D x'`` the points at the edge of the reach are of unit size, where the
-    solvers' tolerances see them: Clarabel, told the same program with its epigraph
-    column ``t`` scaled by ``6e11``, no longer claimed infeasibility (its point: the
-    solution, ``t = 6.03e11``), while on ``x <= 1e6, log x >= log(1e6) + 1`` (infeasible)
-    it claimed it again, with a ray that verifies.
-    """
+def reach_point(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> np.ndarray | None:
+    """Where the dual ray ``ray`` stops reaching: ``x_j = −sign((Aᵀȳ)_j) R_j`` on the columns
+    that set its reach (``R_j = |bᵀȳ| / |(Aᵀȳ)_j|`` within a factor 10 of the least; ``ȳ`` the
+    ray in K*, normalised), 0 on the others; ``None`` where no column limits it (``Aᵀȳ = 0`` to
+    rounding: the ray is exact, :func:`exact_ray`). All 0 where ``bᵀȳ = 0``."""
     yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
     # A column whose (Aᵀȳ)_j is within the rounding of its terms (64 eps |A|ᵀ|ȳ|) limits nothing
     # a float64 point can show: beyond its "reach" |x_j (Aᵀȳ)_j| passes |bᵀȳ| only where the
@@ -196,13 +190,32 @@ def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray)
     # its 25 columns within 10x of the least reach (1.8e12) by rounding alone; Clarabel failed
     # there and SCS ran to its iteration limit, while with the one column that sets the reach
     # scaled Clarabel confirmed the ray.
-    g = np.abs(A.T @ yb)
-    g = np.where(g <= 64 * _EPS * (abs(A).T @ np.abs(yb)), 0.0, g)
-    if not np.any(g > 0):
+    g = A.T @ yb
+    g = np.where(np.abs(g) <= 64 * _EPS * (abs(A).T @ np.abs(yb)), 0.0, g)
+    if not np.any(g != 0):
         return None
-    with np.errstate(divide="ignore"):
-        reach = abs(float(b @ yb)) / g
-    return np.where(reach <= 10 * reach.min(), reach, 1.0) if reach.min() > 0 else np.ones_like(g)
+    reach = np.full(g.shape, np.inf)
+    reach[g != 0] = abs(float(b @ yb)) / np.abs(g[g != 0])
+    x = np.zeros_like(g)
+    if reach.min() > 0:
+        near = reach <= 10 * reach.min()
+        x[near] = -np.sign(g[near]) * reach[near]
+    return x
+
+
+def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> np.ndarray | None:
+    """The column scaling ``D`` at which to re-solve a program whose dual ray ``ray``
+    reaches only so far: each column's reach ``|x_j|`` at :func:`reach_point` on the columns
+    that set the reach, 1 on the others; ``None`` where no column limits it (the ray is exact,
+    :func:`exact_ray`).
+
+    With ``x = D x'`` the points at the edge of the reach are of unit size, where the
+    solvers' tolerances see them: on ``x <= 1e6, log x >= log(1e6) + 1`` (infeasible)
+    Clarabel claimed infeasibility again there, with a ray that verifies. (A column that stretches
+    a second-order cone along its edge leaves it unbalanced at any scale: :mod:`.edge_boost`.)
+    """
+    x = reach_point(A, b, cones, ray)
+    return None if x is None else np.where(x != 0, np.abs(x), 1.0)
 
 
 def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> bool:
@@ -281,18 +294,31 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
 
     ``mine``, ``theirs``: failures of the per-element solve, ``(message, kind, claim, run)``
     with ``kind`` the verified claim (or ``"other"``) and ``run`` a :class:`Run` (or
-    ``None``); ``theirs`` the other solver's (``None``: there is none). The verified claim
-    stands where the other solver makes it too, verified; it falls where a point of the runs
-    lies beyond its reach. In doubt (a run reports the problem solved, or the claim is
-    inaccurate: see the module's docstring) an infeasibility is re-solved at its reach:
-    ``resolve(D)`` yields each solver's ``(method, status, x, y, s)`` on ``(A D, b, D c)``,
-    ``x`` back in the caller's units; a ray of the same claim that verifies confirms it, a
-    point that ``polish`` (``(x, y, s) -> (x, y, s, r)`` on the program as given) takes to
-    ``r <= tol``, feasible in the data's scale, is the solution ``(x, y, s, r, method,
-    status)``. An unboundedness in doubt falls.
+    ``None``); ``theirs`` the other solver's (``None``: there is none). First, where either run's
+    claim of infeasibility (verified or not, not exact) stretches a second-order cone along an edge
+    at its reach, a solution is looked for in the frame that balances it (:func:`.edge_boost.boost_frame`):
+    ``resolve(D, boost)`` yields each solver's ``(method, status, x, y, s)`` on ``(B A D, B b, D c)``,
+    back in the caller's frame. Then the verified claim stands where the other solver makes it too,
+    verified; it falls where a point of the runs lies beyond its reach. In doubt (a run reports the
+    problem solved, or the claim is inaccurate: see the module's docstring) an infeasibility is
+    re-solved at its reach, ``resolve(D)``: a ray of the same claim that verifies confirms it. A point
+    that ``polish`` (``(x, y, s) -> (x, y, s, r)`` on the program as given) takes to ``r <= tol``,
+    feasible in the data's scale, is the solution ``(x, y, s, r, method, status)``. An
+    unboundedness in doubt falls.
     """
     kind, run = mine[1], mine[3]
     other = None if theirs is None else theirs[3]
+    for claimant in (run, other):  # (a solution ends every doubt)
+        ray = None if claimant is None or claimant.claim != "infeasible" or claimant.exact else claimant.ray
+        usable = ray is not None and np.all(np.isfinite(ray)) and np.any(ray)
+        frame = boost_frame(A, b, cones, reach_point(A, b, cones, ray)) if usable else None
+        for method, status, x, y, s in resolve(*frame[:2]) if frame is not None else ():
+            if status_kind(status) == "infeasible":  # (a boost frames solutions, not rays: at t >= ‖y − a‖²,
+                break  # a ~ 1e9 (t ~ 1e18), SCS's ray there verified but reached 5e15 only)
+            x, y, s, r = polish(x, y, s)
+            if r <= tol and _near_feasible(A, b, x, s, tol):
+                where = f"{method} re-solving at the certificate's reach ({frame[2]})"
+                return "solved", f"; infeasible not certain: solved by {where}", (x, y, s, r, method, status)
     if kind not in ("infeasible", "unbounded") or run is None:
         return kind, "", None
     if run.exact:  # (a ray exact to rounding: every point within its reach, see exact_ray)
@@ -344,13 +370,17 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
 
     methods = [(backend.solver, args)] + ([(backend.fallback, {})] if theirs is not None else [])
 
-    def resolve(D: np.ndarray):
-        As, cs = sp.csc_matrix(A @ sp.diags(D)), c * D
+    def resolve(D: np.ndarray, boost=None):
+        As, bs, cs = sp.csc_matrix(A @ sp.diags(D)), b, c * D
+        if boost is not None:
+            As, bs = boost.program(As, b)
         for method, margs in methods:
             try:
-                x, y, s, status = backend._solve_with(method, margs, As, b, cs)
+                x, y, s, status = backend._solve_with(method, margs, As, bs, cs)
             except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError):
                 continue
+            if boost is not None:
+                y, s = boost.back(y, s)
             yield method, status, x * D, y, s
 
     kind, why, found = believed(A, b, c, backend._cones, mine, theirs, resolve, polish, backend.tol)

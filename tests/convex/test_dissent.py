@@ -38,8 +38,8 @@ def test_exp_projection_from_the_negative_side_is_solved_not_infeasible():
     # is (r, 0, max(t, 0)): a - p = (0, s, min(t, 0)) lies in the polar cone, orthogonal to p. The
     # epigraph t >= ||y - a||^2 of the canonical form is 5.9e11 here; Clarabel's ray missed its column
     # by 3.8e-12 (relative 1.9e-12) with b^T y = -2.29: it reached x up to 6e11 only, and the old code
-    # raised InfeasibleError ("certificate verified"). Re-solved with that column scaled by its reach,
-    # Clarabel lands on the solution.
+    # raised InfeasibleError ("certificate verified"). Re-solved at its reach, in the frame of the Lorentz
+    # boost that balances the epigraph's cone block (k = 7.7e5), Clarabel lands on the solution.
     a = np.array([-12104.35501169, -753374.73923385, -189376.69107785])
     at = torch.tensor(a, dtype=F64, requires_grad=True)
     with warnings.catch_warnings(record=True) as seen:
@@ -52,6 +52,27 @@ def test_exp_projection_from_the_negative_side_is_solved_not_infeasible():
         warnings.simplefilter("ignore", SolverWarning)
         jac = torch.autograd.functional.jacobian(_exp_projection(), at)
     np.testing.assert_allclose(jac.numpy(), np.diag([1.0, 0.0, 0.0]), atol=1e-8)
+
+
+@pytest.mark.parametrize("nudge", [-2, -1, 1, 2])
+def test_exp_projection_does_not_hinge_on_the_last_bit_of_the_certificate(monkeypatch, nudge):
+    # The test above passed where OpenBLAS ran its Haswell kernels and failed under its SkylakeX ones:
+    # their dot products put the reach 6.0047e11 one ulp apart, and Clarabel, re-solving with the
+    # column t scaled by it, stopped after 3 iterations either way ("InsufficientProgress") with a last
+    # iterate the polish took to the solution on one machine only. Here the certificate's projection
+    # onto K* is nudged by a few ulps (before: solved at one nudge of five); the projection (a0, 0, 0)
+    # must come back at every one.
+    import convexddn.convex.dissent as dissent
+
+    real = dissent.project
+    monkeypatch.setattr(dissent, "project",
+                        lambda x, cones, dual=False: real(x, cones, dual) * (1 + nudge * np.finfo(np.float64).eps))
+    a = np.array([-12104.35501169, -753374.73923385, -189376.69107785])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = _exp_projection()(torch.tensor(a, dtype=F64))
+    assert any("re-solving at the certificate's reach" in str(w.message) for w in seen), [str(w.message) for w in seen]
+    np.testing.assert_allclose(out.numpy(), [a[0], 0.0, 0.0], rtol=0, atol=1e-6 * np.abs(a).max())
 
 
 @pytest.mark.parametrize("seed", range(3))
