@@ -147,20 +147,28 @@ def test_ddp_matches_single_process_full_batch(tmp_path):
         assert abs(mean - full) <= 1e-9 * max(1.0, full), (step, mean, full)
 
 
-def test_ddp_default_buffer_broadcast():
-    # A one-process group in this process is enough: DDP broadcasts the module's
-    # parameters and buffers at construction whatever the world size.
+def _buffer_broadcast() -> None:
+    """A one-process group is enough: DDP broadcasts the module's parameters and buffers
+    at construction whatever the world size. Run in a child process, which leaves with
+    os._exit once checked (as _worker does): torch's teardown of the process group can
+    deadlock (the DDP Reducer's destructor joins gloo's thread while holding the GIL);
+    in the test process itself it hung a whole suite run."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        model = make_model()
-        ddp = DDP(model)
-        points, target = batch(0)
-        ((ddp(points[:2]) - target[:2]) ** 2).mean().backward()
-        assert model.pool.alpha.grad is not None
-    finally:
-        dist.destroy_process_group()
+    model = make_model()
+    ddp = DDP(model)
+    points, target = batch(0)
+    ((ddp(points[:2]) - target[:2]) ** 2).mean().backward()
+    assert model.pool.alpha.grad is not None
+    print("ok", flush=True)
+    os._exit(0)
+
+
+def test_ddp_default_buffer_broadcast():
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_distributed as t; t._buffer_broadcast()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_ddp_example_script_with_torchrun():
