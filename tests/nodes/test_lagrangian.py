@@ -289,3 +289,17 @@ def test_a_complex_valued_objective_or_constraint_is_a_dtype_error(which):
     x = torch.randn(5, 3, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with pytest.raises(DTypeError, match=rf"_ComplexValued\.{which} must return a real floating-point .*complex128"):
         _ComplexValued(which)(x)
+
+
+def test_a_compiled_terms_double_backward_error_is_a_problem_error():
+    """Whether a torch.compile'd term fails in lagrangian_gradient (above) or only at the
+    Hessian-vector probe depends on what dynamo compiled before: in a full suite run the
+    probe raised aot_autograd's raw RuntimeError. Both places are in second_derivatives."""
+    from convexddn.nodes.graph import second_derivatives
+
+    with pytest.raises(ProblemError, match="cannot differentiate twice"):
+        with second_derivatives("Node."):
+            raise RuntimeError("torch.compile with aot_autograd does not currently support double backward")
+    with pytest.raises(RuntimeError, match="something else"):  # (other faults pass through)
+        with second_derivatives("Node."):
+            raise RuntimeError("something else")
