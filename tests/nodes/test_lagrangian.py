@@ -236,7 +236,9 @@ def test_a_compiled_term_is_refused():
     """torch.compile(backend="aot_eager")'s backward is first-order only: 20 % off, silently."""
     compiled = torch.compile(torch.nn.functional.softplus, backend="aot_eager")
     x = 2 * torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    with pytest.raises(ProblemError, match="differentiated twice"):
+    # (it fails in lagrangian_gradient, "cannot be differentiated twice", or, depending on
+    # what dynamo compiled before, at the Hessian-vector probe: "cannot differentiate twice")
+    with pytest.raises(ProblemError, match="differentiated? twice"):
         torch.autograd.grad(_softplus_node(compiled)(x).sum(), x)
 
 
