@@ -3,7 +3,9 @@ patterns (its README examples and its torch test file) against closed forms, CVX
 solves and cvxpylayers itself."""
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import cvxpy as cp
 import numpy as np
@@ -22,6 +24,9 @@ from convexddn.errors import (
     SolverWarning,
     UnboundedError,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_per_element import _simplex_projection  # noqa: E402  (the closed form, by one sort)
 
 F64 = torch.float64
 
@@ -682,7 +687,7 @@ def test_cvxpy_layer_time_limit_zero_means_no_limit():
     M = np.random.default_rng(34).standard_normal((2, k, k))
     c = M + M.transpose(0, 2, 1)
     lam, V = np.linalg.eigh(c)
-    w = np.stack([_simplex(v) for v in lam])
+    w = np.stack([_simplex_projection(v) for v in lam])
     expected = torch.tensor(np.einsum("bij,bj,bkj->bik", V, w, V))
     for args in ({"time_limit_secs": 0}, {"time_limit_secs": 0, "solve_method": "Clarabel"},
                  {"time_limit": 0, "solve_method": "Clarabel"}, {"time_limit_secs": float("inf")}):
@@ -698,14 +703,6 @@ def test_cvxpy_layer_time_limit_zero_means_no_limit():
         assert layer.convex_layer.solver_args == {"time_limit_secs": 0.0}
         torch.testing.assert_close(layer(torch.tensor(c))[0], expected, atol=1e-6, rtol=0)
         assert layer.convex_layer.last_solve.solvers == ["SCS", "SCS"]
-
-
-def _simplex(v: np.ndarray) -> np.ndarray:
-    """argmin_{w >= 0, sum w = 1} ||w - v||² by sorting."""
-    u = np.sort(v)[::-1]
-    css = np.cumsum(u) - 1
-    k = np.nonzero(u - css / np.arange(1, v.size + 1) > 0)[0][-1]
-    return np.maximum(v - css[k] / (k + 1), 0)
 
 
 def test_cvxpy_layer_solver_choice_errors_name_the_option_used():

@@ -171,12 +171,7 @@ class _SoftplusNoGrad(torch.autograd.Function):
             return g * torch.sigmoid(z)
 
 
-class _SoftplusOnce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return torch.nn.functional.softplus(z)
-
+class _SoftplusOnce(_SoftplusNoGrad):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
