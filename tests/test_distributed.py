@@ -166,7 +166,8 @@ def _buffer_broadcast() -> None:
 
 
 def test_ddp_default_buffer_broadcast():
-    code = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_distributed as t; t._buffer_broadcast()"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+            "import test_distributed as t; t._buffer_broadcast()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

@@ -28,9 +28,11 @@ def test_linear_fit_without_vectors_says_so():
 @pytest.mark.parametrize("args,names", [
     ((torch.rand(2, 6),), r"x \(4,\), target \(2,\) do not broadcast \(shapes passed: x \(4, 3, 6\) = \(\*, C, T\), "
                           r"target \(2, 6\) = \(\*, T\)\)$"),
-    ((torch.arange(6.0), torch.rand(3, 6)), r"x \(4,\), target \(\), weights \(3,\) do not broadcast \(shapes passed: "
-                                            r"x \(4, 3, 6\) = \(\*, C, T\), target \(6,\) = \(\*, T\), weights \(3, 6\)"),
-    ((torch.arange(6.0), None, torch.rand(3)), r"x \(4,\), target \(\), ridge \(3,\) do not broadcast .*ridge \(3,\) = \(\*\)"),
+    ((torch.arange(6.0), torch.rand(3, 6)),
+     r"x \(4,\), target \(\), weights \(3,\) do not broadcast \(shapes passed: "
+     r"x \(4, 3, 6\) = \(\*, C, T\), target \(6,\) = \(\*, T\), weights \(3, 6\)"),
+    ((torch.arange(6.0), None, torch.rand(3)),
+     r"x \(4,\), target \(\), ridge \(3,\) do not broadcast .*ridge \(3,\) = \(\*\)"),
 ], ids=["target", "weights", "ridge"])
 def test_linear_fit_batch_shape_errors_name_its_own_arguments(args, names):
     """They named least_squares' A and b with internally reshaped shapes ("the batch
