@@ -23,7 +23,6 @@ import math
 from typing import Any
 
 import torch
-from torch.autograd import forward_ad
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .._checks import check_int
@@ -31,7 +30,7 @@ from ..errors import InputError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
 from .declarative_probe import probe
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
-                                   refuse_functorch, refuse_solve_changes, y_by_keyword)
+                                   refuse_functorch, y_by_keyword)
 from .implicit import declarative_vjp
 from .implicit_options import check_implicit_options
 from .implicit_jvp import declarative_jvp
@@ -148,8 +147,7 @@ class DeclarativeNode(torch.nn.Module):
             device, or a tensor requiring grad that is neither an input nor a
             parameter used in the objective or constraints; in backward, a buffer or
             frozen parameter the objective or constraints read was modified in place
-            after the forward (the backward needs the values the forward solved with),
-            or by ``solve`` itself (at the call).
+            after the forward (the backward needs the values the forward solved with).
         ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not
             call ``super().__init__()``, the objective does not depend on ``y``, a row of
             the objective or a constraint reads another batch row (first call), or (in
@@ -334,9 +332,8 @@ class DeclarativeNode(torch.nn.Module):
         with guarded(self, swap=False):  # (not while another thread's backward swaps them)
             state = dict((*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)))
             named = differentiated_parameters(self)
-            during_solve: dict = {}
-            y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state, tuple(n for n, _ in named),
-                                                            during_solve), *flat, *(p for _, p in named))
+            y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state, tuple(n for n, _ in named)), *flat,
+                                          *(p for _, p in named))
         bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)
         if y.numel() and bool(bad.any()):
             indices = _format_indices(bad, batch_shape)
@@ -352,10 +349,6 @@ class DeclarativeNode(torch.nn.Module):
                                         or self._probed_names != frozenset(state)):
             self._read_state, self._probed_names = probe(self, flat, y)
             self._validated = True
-        # (here, once the probe knows what the problem reads, for forward mode too: its
-        # tangent is formed inside the call; the backward checks again)
-        if self._read_state is not None and (y.requires_grad or forward_ad.unpack_dual(y).tangent is not None):
-            refuse_solve_changes(self, during_solve.get("changed", frozenset()), self._read_state)
         return y.reshape(tuple(batch_shape) + tuple(y.shape[1:]))
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
 
 __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",
-           "refuse_functorch", "refuse_solve_changes", "y_by_keyword"]
+           "refuse_functorch", "y_by_keyword"]
 
 Tensor = torch.Tensor
 
@@ -32,26 +32,16 @@ class DeclarativeFunction(torch.autograd.Function):
     """Runs ``node.solve`` forward and :func:`declarative_vjp` backward."""
 
     @staticmethod
-    def forward(node: Any, n_inputs: int, context: tuple[tuple[int, ...], dict, tuple[str, ...], dict],
+    def forward(node: Any, n_inputs: int, context: tuple[tuple[int, ...], dict, tuple[str, ...]],
                 *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        # The state's version counters around solve: a buffer it updates in place (a
-        # running scale, as BatchNorm's) that the objective reads would be differentiated
-        # at its new value, not the one solve used -- silently, or with a warning blaming
-        # solve. The backward, which knows what the objective reads, refuses it.
-        state, during_solve = context[1], context[3]
-        watch = {} if torch.compiler.is_compiling() else {
-            name: (t, t._version) for name, t in state.items() if isinstance(t, torch.Tensor) and not t.is_inference()}
-        y = node._checked_solve(tensors[:n_inputs])
-        during_solve["changed"] = frozenset(name for name, (t, version) in watch.items() if t._version != version)
-        return y
+        return node._checked_solve(tensors[:n_inputs])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         """``context``: the batch shape, the node's parameters and buffers by name as the
         forward saw them (the backward solves with those), and the names of the
         parameters passed after the inputs."""
-        node, n, (batch_shape, state, names, during_solve) = inputs[:3]
-        ctx.solve_changed = during_solve.get("changed", frozenset())
+        node, n, (batch_shape, state, names) = inputs[:3]
         # A buffer or frozen parameter made under torch.inference_mode() has no version
         # counter to watch (torch's raw "Inference tensors do not track version counter"
         # here): the backward gets a plain copy of the value the forward solved with.
@@ -97,7 +87,6 @@ class DeclarativeFunction(torch.autograd.Function):
         # Only those the objective or constraints read (the forward's probe of their graph):
         # a buffer that solve only writes to is a cache, free to change.
         read = getattr(node, "_read_state", None)
-        refuse_solve_changes(node, ctx.solve_changed, read)
         changed = sorted(name for name, (t, version) in ctx.versions.items()
                          if t._version != version and (read is None or name in read))
         if changed:
@@ -117,18 +106,6 @@ class DeclarativeFunction(torch.autograd.Function):
         # create_graph=True: make a second differentiation fail loudly, not give 0.
         grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *params))
         return (None, None, None, *grads)
-
-
-def refuse_solve_changes(node: Any, changed: frozenset[str], read: frozenset[str] | None) -> None:
-    """Raise where ``solve`` modified in place state (``changed``) that the objective or
-    constraints read (``read``; ``None``: not known, all of it)."""
-    by_solve = sorted(name for name in changed if read is None or name in read)
-    if by_solve:
-        raise InputError(
-            f"{type(node).__name__}: solve modified {by_solve} (buffers or parameters) in place, and the objective "
-            "or constraints read them: the derivative would be that of the problem at their new values, not at "
-            "the ones solve solved with (update them out of place after the call, or keep the values solve uses "
-            "apart from those the problem reads)")
 
 
 def differentiated_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
