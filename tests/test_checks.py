@@ -381,6 +381,23 @@ def test_a_module_built_in_inference_mode_learns_its_option():
     torch.testing.assert_close(tv.lam.grad, want.to(tv.lam.dtype), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("build", [lambda r: cddn.LpProjection(p=2, radius=r), lambda r: cddn.LpProjection(p=1, radius=r),
+                                   lambda r: cddn.SimplexProjection(z=r)], ids=["l2", "l1", "simplex"])
+def test_projection_modules_built_with_an_inference_mode_radius_learn_it(build):
+    """LpProjection(radius=P) and SimplexProjection(z=P), P made in inference mode, raised
+    torch's out= error in the constructor's positivity check (it ran on P, not on the
+    tracked copy check_tensor returned): the gradient must be that of an ordinary P."""
+    x = 2 * torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    w = torch.linspace(-1, 1, 15, dtype=F64).view(3, 5)
+    grads = []
+    for inference in (True, False):
+        with torch.inference_mode(inference):
+            r = torch.nn.Parameter(torch.tensor(0.7, dtype=F64))
+        (build(r)(x) * w).sum().backward()
+        grads.append(r.grad)
+    assert grads[1] is not None and torch.equal(grads[0], grads[1])
+
+
 def test_tracked_copies_only_what_autograd_would_lose():
     from convexddn._checks import check_tensor
 

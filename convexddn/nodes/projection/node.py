@@ -68,7 +68,9 @@ def _check_dim(dim: Any, x: torch.Tensor) -> int:
 def _check_radius_option(radius: Any, name: str = "radius") -> None:
     """Validate a radius on its own (constructor time): a positive number or tensor."""
     if isinstance(radius, torch.Tensor):
-        check_tensor(name, radius)
+        # (check_tensor's value: an inference-mode Parameter's tracked clone, on which the
+        # positivity test's ops may record; on the Parameter itself they raised torch's error)
+        radius = check_tensor(name, radius)
     check_positive(name, radius)
 
 
