@@ -833,3 +833,27 @@ def test_an_objective_coupling_batch_rows_is_refused(through):
     (g,) = torch.autograd.grad(y.sum(), x)
     one = 1.0 if through == "y" else 0.0
     torch.testing.assert_close(g, torch.tensor([[one, one], [0, 0], [0, 0]], dtype=DT))
+
+
+class _RowsOneAndTwo(DeclarativeNode):
+    """½|d_b|² + ¼ d_b·d_σ(b), d = y − x, σ swapping rows 1 and 2 (the other rows alone):
+    rows 1 and 2 share curvature (H = [[1, ½], [½, 1]] per entry, positive definite); y = x."""
+
+    def objective(self, x, y):
+        d = y - x
+        perm = torch.arange(d.shape[0])
+        perm[1], perm[2] = 2, 1
+        keep = ((perm == 1) | (perm == 2)).to(d.dtype).unsqueeze(-1)
+        return 0.5 * (d * d).sum(-1) + 0.25 * (d * d[perm] * keep).sum(-1)
+
+    def solve(self, x):
+        return x.clone()
+
+
+@pytest.mark.parametrize("batch", [3, 5])
+def test_a_coupling_of_rows_other_than_the_first_is_refused(batch):
+    """Seeds on row 0 and on the rest saw no coupling of rows 1 and 2 among themselves:
+    dy₁/dx came back 2/3 on row 1 and 1/3 on row 2 (exact: 1 and 0), no warning."""
+    x = torch.randn(batch, 2, dtype=DT, generator=_gen(1), requires_grad=True)
+    with pytest.raises(ProblemError, match="row b may depend only on row b"):
+        _RowsOneAndTwo()(x)
