@@ -114,7 +114,7 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
         if got is None:
             continue  # this element stays unusable; the per-element path comes next
         status, xi, si, zi = got
-        finite = np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all()
+        finite = _finite(xi, si, zi)
         D = _row_reach(An[i], Pn[i], qn[i], layout, xi) if finite and status in _UNBOUNDED else None
         if D is not None:
             # An approximate ray: Clarabel again on the rows scaled by their reach, where the
@@ -127,7 +127,7 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
             si, zi = si / D, zi * D
             if status not in _UNBOUNDED:  # (a ray that verifies there confirms it, checked below)
                 said[i] = UNCONFIRMED
-            finite = np.isfinite(xi).all() and np.isfinite(si).all() and np.isfinite(zi).all()
+            finite = _finite(xi, si, zi)
         if status in _RAYS:
             if finite:
                 rx[i], rz[i] = xi, zi
@@ -169,6 +169,11 @@ def _solve(P: sp.csc_matrix, q: np.ndarray, A: np.ndarray, b: np.ndarray, cones:
     return str(sol.status), *(np.asarray(v, dtype=np.float64) for v in (sol.x, sol.s, sol.z))
 
 
+def _finite(*vs: np.ndarray) -> bool:
+    """Whether every entry of ``vs`` is finite."""
+    return all(np.isfinite(v).all() for v in vs)
+
+
 def _outside(A: np.ndarray, layout: ConeLayout, d: np.ndarray) -> np.ndarray:
     """``(m,)``: how far :math:`-A_i d` lies outside K, row by row (zero rows :math:`|A_i d|`,
     nonnegative rows :math:`(A_i d)_+`, a second-order cone's rows its :math:`(\\|u\\| - t)_+`
@@ -182,7 +187,7 @@ def _outside(A: np.ndarray, layout: ConeLayout, d: np.ndarray) -> np.ndarray:
         parts.append(np.full(k, max(np.linalg.norm(w[c0 + 1:c0 + k]) - w[c0], 0.0)))
         c0 += k
     e = np.concatenate(parts)
-    rows = np.abs(A).max(axis=1) if A.shape[1] else np.zeros(A.shape[0])
+    rows = np.abs(A).max(axis=1, initial=0.0)  # (0 on a program without columns)
     scale = np.maximum(np.abs(A) @ np.abs(d), rows * np.max(np.abs(d), initial=0.0))
     return np.where(e <= 64 * _EPS * scale, 0.0, e)
 
@@ -195,7 +200,7 @@ def _exact_part(A: np.ndarray, P: np.ndarray, q: np.ndarray, layout: ConeLayout,
     unbounded program along an open slab carries its tolerance across the slab's rows
     (parallel exactly); along a slab that closes (rows parallel to 1e-8) nothing is left."""
     c0 = layout.zero + layout.nonneg
-    rows = np.abs(A).max(axis=1) if A.shape[1] else np.zeros(A.shape[0])
+    rows = np.abs(A).max(axis=1, initial=0.0)
     near = np.zeros(A.shape[0], dtype=bool)
     near[:c0] = np.abs(A[:c0] @ d) <= 1e-6 * rows[:c0]
     M = np.concatenate([A[near], P])
