@@ -30,8 +30,7 @@ def zero_nonfinite(mode: str, where: tuple[Sequence[int], tuple[int, ...]] | Non
     present = [g for g in grads if g is not None and g.dim() > 0]
     if not present:
         return list(grads)
-    bad = torch.stack([~(torch.isfinite(g).flatten(1).all(1) if g.dim() > 1 else torch.isfinite(g))
-                       for g in present]).any(0)
+    bad = torch.stack([~torch.isfinite(g.unsqueeze(-1)).flatten(1).all(1) for g in present]).any(0)  # (B,)
     idx = torch.nonzero(bad).squeeze(1).tolist()
     if not idx:
         return list(grads)
