@@ -220,7 +220,7 @@ def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray)
 
 def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> bool:
     """Whether the dual ray ``ray``, or a part of it that is itself a certificate, is exact in
-    float64: each column of ``Aᵀȳ`` is 0 to the rounding of its terms (:func:`reach_scaling`
+    float64: each column of ``Aᵀȳ`` is 0 to the rounding of its terms (:func:`reach_point`
     is ``None``). A verified claim of infeasibility with such a ray stands whatever another run
     shows (:func:`believed`): every point is within its reach, and there is none to re-solve at.
 
@@ -244,7 +244,7 @@ def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> 
         yield _polyhedral(A, cones, clean)
 
     # (the cheap test first: most rays that are not exact fail it)
-    return any(r is not None and np.any(r != 0) and reach_scaling(A, b, cones, r) is None
+    return any(r is not None and np.any(r != 0) and reach_point(A, b, cones, r) is None
                and verify_certificate(A, b, zero, cones, zero, r, "infeasible") for r in parts())
 
 
