@@ -201,14 +201,14 @@ def _exact_lp_optimum(G, h, c):
     return None if best is None else torch.tensor([float(v) for v in best[1]], dtype=torch.float64)
 
 
-def _slab_layer(**kwargs):
-    """A batched-only layer (quad_form of a parameter P, here 0) of min cᵀx s.t. Gx <= h."""
+def _slab_layer(rows: int = 3, **kwargs):
+    """A batched-only layer (quad_form of a parameter P, here 0) of min cᵀx s.t. Gx <= h, G (rows, 2)."""
     import cvxpy as cp
 
     import convexddn as cddn
 
     x = cp.Variable(2)
-    G, h, c, P = cp.Parameter((3, 2)), cp.Parameter(3), cp.Parameter(2), cp.Parameter((2, 2), PSD=True)
+    G, h, c, P = cp.Parameter((rows, 2)), cp.Parameter(rows), cp.Parameter(2), cp.Parameter((2, 2), PSD=True)
     prob = cp.Problem(cp.Minimize(c @ x + cp.quad_form(x, P)), [G @ x <= h])
     return cddn.ConvexLayer(prob, [G, h, c, P], [x], **kwargs)
 
@@ -280,15 +280,4 @@ def test_exactly_unbounded_lp_with_a_small_cost_stays_unbounded(cost):
 
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     with pytest.raises(UnboundedError):
-        _slab_layer_2()(t([[0, -1.0], [0, 1.0]]), t([0.0, 1.0]), t([cost, 1.0]), torch.zeros(2, 2, dtype=torch.float64))
-
-
-def _slab_layer_2():
-    """_slab_layer's layer with two rows."""
-    import cvxpy as cp
-
-    import convexddn as cddn
-
-    x = cp.Variable(2)
-    G, h, c, P = cp.Parameter((2, 2)), cp.Parameter(2), cp.Parameter(2), cp.Parameter((2, 2), PSD=True)
-    return cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x + cp.quad_form(x, P)), [G @ x <= h]), [G, h, c, P], [x])
+        _slab_layer(2)(t([[0, -1.0], [0, 1.0]]), t([0.0, 1.0]), t([cost, 1.0]), torch.zeros(2, 2, dtype=torch.float64))
