@@ -299,20 +299,27 @@ def test_a_ray_exact_on_the_rows_it_needs_has_no_reach_to_doubt():
     assert not exact_ray(A2, np.array([-1.0, 0.5]), [("l", 2)], np.array([1.0, 1.0]))
 
 
-def _qp_with_conflicting_rows(gap: float, seed: int = 11, n: int = 30, mi: int = 40, pe: int = 5) -> tuple:
-    """min ½‖Lx‖² + qᵀx s.t. Gx <= h, Ax = b with O(1) data (largest 11.6), made infeasible by
-    its last row: G₀x >= h₀ + gap. Returns the layer and the parameters' values."""
+def _qp_with_conflicting_rows(gap: float, n: int = 30, mi: int = 40, pe: int = 5) -> tuple:
+    """min ½‖Lx‖² + qᵀx s.t. Gx <= h, Ax = b with O(1) data (largest 11.6). Returns the layer
+    and two elements' parameter values: one made infeasible by its last row, G₀x >= h₀ + gap
+    (seed 11), and a feasible one (seed 12, its last row 0 <= 1)."""
     L, q, G, h = (cp.Parameter(shape, name=k) for k, shape in (("L", (n, n)), ("q", n), ("G", (mi, n)), ("h", mi)))
     Ap, bp = cp.Parameter((pe, n)), cp.Parameter(pe)
     x = cp.Variable(n)
     prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L @ x) + q @ x), [G @ x <= h, Ap @ x == bp])
-    rng = np.random.default_rng(seed)
-    Lv, qv, Gv, x0 = rng.standard_normal((n, n)), rng.standard_normal(n), rng.standard_normal((mi, n)), \
-        rng.standard_normal(n)
-    hv = Gv @ x0 + rng.uniform(0.1, 1, mi)
-    Av = rng.standard_normal((pe, n))
-    Gv[-1], hv[-1] = -Gv[0], -(hv[0] + gap)
-    return cddn.ConvexLayer(prob, [L, q, G, h, Ap, bp], [x]), [Lv, qv, Gv, hv, Av, Av @ x0]
+
+    def values(seed: int) -> list:
+        rng = np.random.default_rng(seed)
+        Lv, qv, Gv, x0 = rng.standard_normal((n, n)), rng.standard_normal(n), rng.standard_normal((mi, n)), \
+            rng.standard_normal(n)
+        hv = Gv @ x0 + rng.uniform(0.1, 1, mi)
+        Av = rng.standard_normal((pe, n))
+        Gv[-1], hv[-1] = -Gv[0], -(hv[0] + gap)
+        return [Lv, qv, Gv, hv, Av, Av @ x0]
+
+    bad, good = values(11), values(12)
+    good[2][-1], good[3][-1] = 0.0, 1.0  # (0 <= 1: feasible)
+    return cddn.ConvexLayer(prob, [L, q, G, h, Ap, bp], [x]), bad, good
 
 
 def test_an_infeasible_qp_with_o1_data_raises_infeasible_error_naming_it():
@@ -320,9 +327,7 @@ def test_an_infeasible_qp_with_o1_data_raises_infeasible_error_naming_it():
     # point stopped in "numerical trouble"; Clarabel's ray verified, SCS stopped at its iteration limit
     # "solved (inaccurate)", and re-solving at the ray's "reach" (4e11, set by its 2e-3 on the objective's
     # cone) confirmed nothing: SolverError "the solvers disagree" after 7 s.
-    layer, bad = _qp_with_conflicting_rows(1e-3)
-    good = _qp_with_conflicting_rows(1e-3, seed=12)[1]
-    good[2][-1], good[3][-1] = 0.0, 1.0  # (0 <= 1: feasible)
+    layer, bad, good = _qp_with_conflicting_rows(1e-3)
     batch = [torch.tensor(np.stack([g, g, v])) for g, v in zip(good, bad)]
     with pytest.raises(InfeasibleError) as err:
         _quiet(layer, *batch)
@@ -336,9 +341,7 @@ def test_no_scs_run_for_an_element_whose_exact_certificate_verifies(monkeypatch)
     # Clarabel gave in 0.01 s. Counted, not timed.
     from convexddn.convex.per_element import CheckedDiffcp
 
-    layer, bad = _qp_with_conflicting_rows(1e-2)
-    good = _qp_with_conflicting_rows(1e-2, seed=12)[1]
-    good[2][-1], good[3][-1] = 0.0, 1.0  # (0 <= 1: feasible)
+    layer, bad, good = _qp_with_conflicting_rows(1e-2)
     calls = []
     real = CheckedDiffcp._solve_with
 
