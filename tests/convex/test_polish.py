@@ -99,11 +99,11 @@ def test_polish_regularisation_does_not_grow_with_a_large_multiplier():
     1e-12 beside z ~ 2.8e7. A regularisation δ(|s| + |z|) there (2.8e-3) swamped L(s), the
     polish stalled at a residual of 1e-7 and the element was left unsolved; the pair's
     scale stops at 1 (δ itself, which converges to 5e-10)."""
-    import itertools
     import warnings
-    from fractions import Fraction
 
     import cvxpy as cp
+
+    from test_second_opinion import _exact_lp_optimum
 
     from convexddn.convex.batched import BatchedProgram
 
@@ -111,15 +111,7 @@ def test_polish_regularisation_does_not_grow_with_a_large_multiplier():
                   [3.099947819168883, -12.069971733445403]])
     h = np.array([-12.461697080564145, 6.230848540282072, 199007098.74255022])
     c = np.array([0.24875807838434053, -0.9685656500405795])
-    Gq, hq, cq = ([[Fraction(v) for v in r] for r in G], [Fraction(v) for v in h], [Fraction(v) for v in c])
-    best = None
-    for i, j in itertools.combinations(range(3), 2):
-        det = Gq[i][0] * Gq[j][1] - Gq[i][1] * Gq[j][0]
-        v = [(hq[i] * Gq[j][1] - Gq[i][1] * hq[j]) / det, (Gq[i][0] * hq[j] - hq[i] * Gq[j][0]) / det]
-        if all(Gq[k][0] * v[0] + Gq[k][1] * v[1] <= hq[k] for k in range(3)):
-            f = cq[0] * v[0] + cq[1] * v[1]
-            best = (f, v) if best is None or f < best[0] else best
-    exact = np.array([float(v) for v in best[1]])
+    exact = _exact_lp_optimum(G, h, c).numpy()
     x = cp.Variable(2)
     Gp, hp, cp_ = cp.Parameter((3, 2)), cp.Parameter(3), cp.Parameter(2)
     program = BatchedProgram(cp.Problem(cp.Minimize(cp_ @ x), [Gp @ x <= hp]), [Gp, hp, cp_], [x])
