@@ -35,7 +35,7 @@ import torch
 
 from .._autograd import refuse_transforms
 from .._process_settings import solver_warnings_ignored
-from .cone_solution import DUAL_INFEASIBLE, NUMERICAL, PRIMAL_INFEASIBLE, SOLVED
+from .cone_solution import DUAL_INFEASIBLE, NUMERICAL, PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES
 from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
@@ -57,6 +57,10 @@ __all__ = ["clarabel_points", "equilibrated_start", "solve_with_opinion", "weigh
 # on the badly scaled QP at s = 100, and the polish makes that point exact).
 _RAYS = {"PrimalInfeasible", "DualInfeasible", "AlmostPrimalInfeasible", "AlmostDualInfeasible"}
 _SOLVED = {"Solved", "AlmostSolved"}
+_UNBOUNDED = {"DualInfeasible", "AlmostDualInfeasible"}
+# clarabel_points' opinion where Clarabel claimed unboundedness with an approximate ray and,
+# solved again at the ray's reach (_row_reach), did not claim it there.
+UNCONFIRMED = max(STATUS_NAMES) + 1  # (not a status code)
 
 # The per-element path's tight Clarabel settings (one source for the tolerances).
 _SETTINGS = {**SOLVER_DEFAULTS["Clarabel"], "verbose": False}
@@ -148,12 +152,6 @@ def clarabel_points(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.
         real = ((said == PRIMAL_INFEASIBLE) & infeasible) | ((said == DUAL_INFEASIBLE) & unbounded)
         said = torch.where((said == SOLVED) | (said == UNCONFIRMED) | real, said, NUMERICAL)
     return (*out, said)
-
-
-_UNBOUNDED = {"DualInfeasible", "AlmostDualInfeasible"}
-# clarabel_points' opinion where Clarabel claimed unboundedness with an approximate ray and,
-# solved again at the ray's reach (_row_reach), did not claim it there.
-UNCONFIRMED = 5
 
 
 def _solve(P: sp.csc_matrix, q: np.ndarray, A: np.ndarray, b: np.ndarray, cones: list,
