@@ -37,6 +37,9 @@ _ROUNDING = 16
 # unit scale on the equality rows and to each pair's size on the cone rows (see
 # _newton_step, _pair_scale).
 _DELTA = 1e-10
+# Residuals within this factor of each other (at rounding level) are a tie: a Newton
+# step from a point at its rounding floor lands at that floor again, within a few units.
+_TIE = 2.0
 
 
 def rounding_level(like: torch.Tensor) -> float:
@@ -74,15 +77,10 @@ def better(layout: ConeLayout, res: torch.Tensor, s: torch.Tensor, z: torch.Tens
     lower = res < res_old
     if layout.soc or not layout.nonneg:
         return lower
-    level = rounding_level(res)
+    top = torch.maximum(res, res_old)
     nat, nat_old = natural_residual(layout, s, z), natural_residual(layout, s_old, z_old)
-    tie = (torch.maximum(res, res_old) <= level) & (torch.maximum(res, res_old) <= _TIE * low)
+    tie = (top <= rounding_level(res)) & (top <= _TIE * low)
     return torch.where(tie, (nat < nat_old) | ((nat == nat_old) & lower), lower)
-
-
-# Residuals within this factor of each other (at rounding level) are a tie: a Newton
-# step from a point at its rounding floor lands at that floor again, within a few units.
-_TIE = 2.0
 
 
 def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
