@@ -295,7 +295,6 @@ def _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, 
     with torch.no_grad():
         s_i, n_i, c_i = s1[idx], n[idx], c[idx]
         lam, v = _lowest(s_i, n_i, c_i)
-        N, C = n.shape[-2:]
         pd = lam > forming_noise(s_i, n_i, c_i)  # (positive definite beyond the rounding of forming H)
         q = quiet[idx]
         eps = torch.finfo(lam.dtype).eps
