@@ -45,6 +45,7 @@ from ._vector_pool_solvers import (
     _start,
     geometry,
     hess_solve,
+    irls_point,
     kappa,
     unit,
 )
@@ -158,7 +159,6 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
         d, z, f = (*geometry(x, u), None) if carry is None else carry
         k1 = kappa(pen, z, a)
         s1 = k1.sum(-1)
-        ok = s1 > 0
         d2 = pen.d2phi(z, a)
         n, c = unit(d, z), d2 - k1
         g = (k1.unsqueeze(-2) @ d).squeeze(-2)
@@ -209,8 +209,7 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
         n_special, n_notake, n_irls, n_stop, n_stuck = counts
         carry = None if n_irls or n_special else (d_nt, z_nt, f_nt)
         if n_irls or (n_special and n_notake):
-            u_irls = (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1, 1.0).unsqueeze(-1)
-            new = torch.where(take.unsqueeze(-1), u_nt, torch.where(ok.unsqueeze(-1), u_irls, u))
+            new = torch.where(take.unsqueeze(-1), u_nt, irls_point(k1, s1, x, u))
             same = (new == u).all(-1)
             if not n_special:
                 stuck = ~stop & same if every else active & ~stop & same

@@ -306,6 +306,13 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
     return u + centre.squeeze(-2)
 
 
+def irls_point(k1: torch.Tensor, s1: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The IRLS (majorise–minimise) point Σ_i κ_i x_i / Σ_i κ_i (R, C) of the weights
+    ``k1`` (R, N), ``s1`` their sums (R,), and u where s1 = 0 (no inliers)."""
+    ok = (s1 > 0).unsqueeze(-1)
+    return torch.where(ok, (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1.unsqueeze(-1), 1.0), u)
+
+
 def _polish_irls(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,
                  max_iter: int) -> torch.Tensor:
     """IRLS from u with exact distances until the step is at most ``tol·(alpha + ‖u‖∞)``
@@ -316,10 +323,7 @@ def _polish_irls(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor
     for _ in range(max_iter):
         z = geometry(x, u)[1]
         k1 = kappa(pen, z, a)
-        s1 = k1.sum(-1)
-        ok = s1 > 0
-        u_irls = (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1, 1.0).unsqueeze(-1)
-        new = torch.where(ok.unsqueeze(-1), u_irls, u)
+        new = irls_point(k1, k1.sum(-1), x, u)
         moved = (new - u).abs().amax(-1)
         u = new
         n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())  # one host sync per step
