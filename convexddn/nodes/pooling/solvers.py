@@ -210,22 +210,29 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     y, *flags = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
     unresolved, converged, special, cut = flags
     rows = x.shape[0]
-    again = unresolved | special | cut
-    if x.dtype != torch.float64 and bool(again.any()):
-        # (A user's penalty without a saturation can overflow on a far outlier in float32,
-        # (z / alpha)^2 at 1e20, where float64 has room: the row's answer was the mean. A
-        # start "stopped by max_iter" in float32 may be stuck, not descending: where alpha
-        # is about an ulp of the data every step rounds back to u.)
-        idx = again.nonzero().squeeze(-1)
-        a64 = (a if a.dim() == 0 else a[idx]).double()
-        s64 = None if starts is None else starts[idx].double()
-        y64, *flags64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
-        y[idx] = y64.to(y.dtype)
-        for f, f64 in zip(flags, flags64):
-            f[idx] = f64
-    # The counts in one host read.
-    n_spec, n_res, n_unc, n_cut = torch.stack([special.sum(), unresolved.sum(), (~converged & ~special).sum(),
-                                               (cut & converged).sum()]).tolist()
+
+    def counts(*extra: Tensor) -> list[int]:  # (the flags' counts and ``extra``'s in one host read)
+        return torch.stack([special.sum(), unresolved.sum(), (~converged & ~special).sum(), (cut & converged).sum(),
+                            *extra]).tolist()
+
+    if x.dtype == torch.float64:
+        n_spec, n_res, n_unc, n_cut = counts()
+    else:
+        again = unresolved | special | cut
+        n_spec, n_res, n_unc, n_cut, n_again = counts(again.sum())
+        if n_again:
+            # (A user's penalty without a saturation can overflow on a far outlier in float32,
+            # (z / alpha)^2 at 1e20, where float64 has room: the row's answer was the mean. A
+            # start "stopped by max_iter" in float32 may be stuck, not descending: where alpha
+            # is about an ulp of the data every step rounds back to u.)
+            idx = again.nonzero().squeeze(-1)
+            a64 = (a if a.dim() == 0 else a[idx]).double()
+            s64 = None if starts is None else starts[idx].double()
+            y64, *flags64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
+            y[idx] = y64.to(y.dtype)
+            for f, f64 in zip(flags, flags64):
+                f[idx] = f64
+            n_spec, n_res, n_unc, n_cut = counts()
     if n_spec:
         warn_rows(pen.name, "have sums of the penalty's derivatives that overflow even with scaled "
               "residuals (in float64; its formula exceeds the float range there); returning the "
