@@ -144,13 +144,18 @@ def kkt_residuals(
     # (Plus the size of the gradient the multipliers cancel: a linear objective whose
     # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding
     # was divided by 0 (a unique vertex rejected at a residual of 1e292).)
-    scale = scaled_norm(Hu) * scaled_norm(yg) + scaled_norm(gf)
-    force_scale = scale.detach()
-    for x, Bu in zip(xg, probes[1:]):
+    # (each norm once, of detached tensors: yg and xg require grad, and none of these needs a graph)
+    y = yg.detach()
+    hu_norm, y_norm = scaled_norm(Hu), scaled_norm(y)
+    curvature = hu_norm * y_norm
+    scale = curvature + scaled_norm(gf.detach())
+    force_scale = scale
+    x_norms = [None if Bu is None else _row_norm(x.detach()) for x, Bu in zip(xg, probes[1:])]
+    for x_norm, Bu in zip(x_norms, probes[1:]):
         if Bu is not None:
-            scale = scale + _row_norm(Bu) * _row_norm(x)
+            scale = scale + _row_norm(Bu) * x_norm
     no_length = _no_length(xg)
-    noise = _rounding(scale, eps, no_length, scaled_norm(Hu))
+    noise = _rounding(scale, eps, no_length, hu_norm)
     r = gf
     if c is not None:
         is_ineq = torch.zeros(c.shape[1], dtype=torch.bool, device=c.device)
@@ -161,7 +166,8 @@ def kkt_residuals(
         r = gf + (A.transpose(1, 2) @ lam_ok.unsqueeze(-1)).squeeze(-1)
     stationarity = _ratio(_above(scaled_norm(r), noise), _floored(scale, eps))
     if step is not None:
-        stationarity = newton_step_error(step, r.detach(), yg.detach(), Hu, scale, noise, stationarity, tol, eps)
+        # (newton_step_error, with the curvature at hand)
+        stationarity = _offset_checked(stationarity, r.detach(), y, curvature, scale, noise, tol, eps, step)
     scale = _floored(scale, eps)
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
@@ -169,31 +175,33 @@ def kkt_residuals(
     violation = torch.where(is_ineq, c.detach().clamp_min(0.0), c.detach())
     uc = pseudo_random_directions(c.shape[1], batch, c.dtype, c.device)
     dcx = torch.autograd.grad((c * uc).sum(), tuple(xg), retain_graph=True, allow_unused=True)
-    a_norm = scaled_norm((A if feasibility_rows is None else feasibility_rows).flatten(1))
-    feas_scale = a_norm * scaled_norm(yg)
-    for x, g in zip(xg, dcx):
+    rows = (A if feasibility_rows is None else feasibility_rows).detach()
+    a_norm = scaled_norm(rows.flatten(1))
+    feas_own = a_norm * y_norm
+    feas_scale = feas_own
+    for x, x_norm, g in zip(xg, x_norms, dcx):
         if g is not None:
-            feas_scale = feas_scale + _row_norm(g) * _row_norm(x)
+            feas_scale = feas_scale + _row_norm(g) * (_row_norm(x.detach()) if x_norm is None else x_norm)
     feas_noise = _rounding(feas_scale, eps, no_length, a_norm)
     # Each row's violation in the units of the largest active row (its own gradient's
     # norm brought to that one's): a constraint written as c·(‖y‖² − r²) beside a bound
     # was judged against the bound's norm, and at c ≤ 1e-6 a 21 % violation passed.
-    row = scaled_norm((A if feasibility_rows is None else feasibility_rows).detach())
+    row = scaled_norm(rows)
     unit = torch.where(row > 0, row.amax(-1, keepdim=True) / row.clamp_min(torch.finfo(row.dtype).tiny), 1.0)
     feasibility = _ratio(_above(scaled_norm(violation * unit), feas_noise), _floored(feas_scale, eps))
     if step is not None:
         # The same for the constraints: ‖D_x c‖‖x‖ grows with an offset in the data they
         # read (Σy = p₁ − p₂ at p ~ 5e6 violated by 0.5 scored 1e-7); the least-norm
         # correction A⁺v of the violation, against ‖y‖.
-        rows = (A if feasibility_rows is None else feasibility_rows).detach()
         feasibility = _offset_checked(
-            feasibility, violation, yg.detach(), a_norm * scaled_norm(yg.detach()), feas_scale.detach(), feas_noise,
+            feasibility, violation, y, feas_own, feas_scale, feas_noise,
             tol, eps, lambda v: (torch.linalg.pinv(rows) @ v.unsqueeze(-1)).squeeze(-1))
     active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
-    force = lam.detach() * scaled_norm(A)  # how hard each constraint pushes, in gradient units
+    # how hard each constraint pushes, in gradient units
+    force = lam.detach() * (row if feasibility_rows is None else scaled_norm(A.detach()))
     weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
     if n_eq and bool(weakly.any()):
-        force_scale = torch.where(weakly, _beyond_equalities(Hu, yg, gf, A[:, :n_eq]), force_scale)
+        force_scale = torch.where(weakly, _beyond_equalities(curvature, gf, A[:, :n_eq]), force_scale)
         weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
     if bool(weakly.any()):
         weakly = _strictly_complementary_exists(A, gf, active_ineq, r, force_scale, tol, weakly)
@@ -287,7 +295,7 @@ def _above(residual: Tensor, noise: Tensor) -> Tensor:
     return (residual - noise).clamp_min(0.0)
 
 
-def _beyond_equalities(Hu: Tensor, yg: Tensor, gf: Tensor, A_eq: Tensor) -> Tensor:
+def _beyond_equalities(curvature: Tensor, gf: Tensor, A_eq: Tensor) -> Tensor:
     """``(B,)`` ``‖Hu‖‖y‖ + ‖(I − P) ∇_y f‖``, ``P`` the projection onto the span of the
     equalities' gradients ``A_eq`` (B, p, m): the inequality multipliers' own scale.
 
@@ -295,11 +303,12 @@ def _beyond_equalities(Hu: Tensor, yg: Tensor, gf: Tensor, A_eq: Tensor) -> Tens
     ``x + c``: ``∇_y f = y − x`` grows with ``c``, the equality's multiplier takes it,
     the bounds' stay ~0.2) inflated ``‖∇_y f‖``, and at ``c = 100`` in float32 (``1e5`` in
     float64) the bounds' multipliers were called zero. :math:`P g = A_{eq}^+ A_{eq} g`.
+    ``curvature``: ``‖Hu‖‖y‖`` (B,), as :func:`kkt_residuals` has it.
     """
     A_eq = A_eq.detach()
     g = gf.detach().unsqueeze(-1)
     rest = g - torch.linalg.pinv(A_eq) @ (A_eq @ g)
-    return (scaled_norm(Hu) * scaled_norm(yg) + scaled_norm(rest.squeeze(-1))).detach()
+    return curvature + scaled_norm(rest.squeeze(-1))
 
 
 def _strictly_complementary_exists(A, gf, active_ineq, r, scale, tol, weakly) -> Tensor:
