@@ -77,11 +77,6 @@ class ImplicitSystem(NamedTuple):
             return self.solve(r)[0]
 
 
-def _probe_direction(yg: Tensor) -> Tensor:
-    """The direction of :func:`~.lagrangian.lagrangian_probes`."""
-    return pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
-
-
 def _rows(t: Tensor) -> Tensor:
     return t.detach().reshape(t.shape[0], -1)
 
@@ -163,10 +158,10 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         gL, seed = lagrangian_gradient(prefix, lagrangian, yg)
         if attempt:
             break
-        *probes, d_seed = lagrangian_probes(gL, yg, xg, seed)
+        u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
+        *probes, d_seed = lagrangian_probes(gL, yg, xg, seed, u)
         probes = tuple(probes)
-        check_second_order(prefix, gL, _probe_direction(yg), d_seed, _term_scale(yg, xg, gf, probes, A, lam),
-                           batch_shape)
+        check_second_order(prefix, gL, u, d_seed, _term_scale(yg, xg, gf, probes, A, lam), batch_shape)
         broken = _non_finite_derivatives(gL, probes)
         if broken is not None:
             warn(

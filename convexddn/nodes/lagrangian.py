@@ -185,17 +185,18 @@ def _solution_length(g: Tensor, yg: Tensor) -> Tensor:
     return torch.maximum(length, floor)
 
 
-def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None = None) -> tuple:
+def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None = None, u: Tensor | None = None) -> tuple:
     """One double-backward pass of ``∇_y L`` along the generic direction
     :func:`~.krylov.pseudo_random_directions`: ``(H u, Bᵀu for each input)`` (``None`` where
     unused), shared by :func:`_non_finite_derivatives` and
     :func:`~.optimality.kkt_residuals`; with ``seed`` (the ``ω`` of
     :func:`~.graph.lagrangian_gradient`), also ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for
-    :func:`~.graph.check_second_order`)."""
+    :func:`~.graph.check_second_order`); ``u``: that direction, if the caller has it."""
     extra = () if seed is None else (seed,)
     if not gL.requires_grad:
         return (None,) * (1 + len(xg) + len(extra))
-    u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
+    if u is None:
+        u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
     return torch.autograd.grad((gL * u).sum(), (yg, *xg, *extra), retain_graph=True, allow_unused=True)
 
 
