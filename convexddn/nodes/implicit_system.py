@@ -31,7 +31,7 @@ from .lagrangian import (_batched_vjp, _check_jacobian, _check_values, _constrai
                          _non_finite_derivatives, _objective, _solution_length, kinked, lagrangian_probes)
 from .linear_solvers import LinearSolver, resolve_linear_solver
 from .multipliers import inactive_mask, multipliers, scaled_norm
-from .optimality import default_solution_tol, kkt_residuals, verify_kkt
+from .optimality import default_solution_tol, kkt_residuals, term_norms, verify_kkt
 from .solver_result import checked_solver_result
 
 __all__ = ["ImplicitSystem", "implicit_system"]
@@ -77,24 +77,12 @@ class ImplicitSystem(NamedTuple):
             return self.solve(r)[0]
 
 
-def _rows(t: Tensor) -> Tensor:
-    return t.detach().reshape(t.shape[0], -1)
-
-
-def _term_scale(yg: Tensor, xg, gf: Tensor, probes, A: Tensor | None, lam: Tensor | None) -> Tensor:
+def _term_scale(total: Tensor, A: Tensor | None, lam: Tensor | None) -> Tensor:
     """``(B,)`` ``‖Hu‖‖y‖ + ‖∇_y f‖ + Σ ‖Bᵀu‖‖x‖ + Σ_j |λ_j|‖a_j‖``: how large the
-    terms of ``∇_y L`` are (the stationarity scale of :func:`~.optimality.kkt_residuals`,
-    and the constraints' terms, which cancel each other where active rows are nearly
-    parallel)."""
-    def norm(t: Tensor | None, of: Tensor) -> Tensor:
-        return 0.0 if t is None else scaled_norm(_rows(t)) * scaled_norm(_rows(of))
-
-    scale = norm(probes[0], yg) + scaled_norm(gf.detach())
-    for x, bu in zip(xg, probes[1:]):
-        scale = scale + norm(bu, x)
-    if A is not None:
-        scale = scale + (lam.detach().abs() * scaled_norm(A.detach())).sum(-1)
-    return scale
+    terms of ``∇_y L`` are (``total``: the stationarity scale of
+    :func:`~.optimality.term_norms`, and the constraints' terms, which cancel each other
+    where active rows are nearly parallel)."""
+    return total if A is None else total + (lam.detach().abs() * scaled_norm(A.detach())).sum(-1)
 
 
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
@@ -161,7 +149,8 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
         *probes, d_seed = lagrangian_probes(gL, yg, xg, seed, u)
         probes = tuple(probes)
-        check_second_order(prefix, gL, u, d_seed, _term_scale(yg, xg, gf, probes, A, lam), batch_shape)
+        norms = term_norms(yg, xg, gf, probes)
+        check_second_order(prefix, gL, u, d_seed, _term_scale(norms[4], A, lam), batch_shape)
         broken = _non_finite_derivatives(gL, probes)
         if broken is not None:
             warn(
@@ -214,6 +203,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         # quietly: the system's warnings come with the gradient's own solve)
         verify_kkt(prefix, kkt_residuals(
             yg, xg, gf, gL, c, A, lam, n_eq, inactive, tol, eps=torch.finfo(y.dtype).eps,
-            probes=probes if broken is None else None, step=system.quiet_step,
+            probes=probes if broken is None else None, norms=norms if broken is None else None,
+            step=system.quiet_step,
             feasibility_rows=None if broken is None or c is None else A_rows), tol, batch_shape)
     return system

@@ -45,7 +45,7 @@ from .linear_solvers import shown_indices
 from .multipliers import dependent, nonnegative_multipliers, scaled_norm
 
 __all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "default_solution_tol", "kkt_residuals",
-           "newton_step_error", "verify_kkt"]
+           "newton_step_error", "term_norms", "verify_kkt"]
 
 Tensor = torch.Tensor
 
@@ -86,6 +86,22 @@ def _row_norm(t: Tensor) -> Tensor:
     return scaled_norm(t.reshape(t.shape[0], -1))
 
 
+def term_norms(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, probes: tuple) -> tuple:
+    """Per element (B,), the sizes of the terms of ``∇_y L`` along the probes ``(H u, Bᵀu …)``:
+    ``(‖H u‖, ‖y‖, ‖H u‖‖y‖, own = ‖H u‖‖y‖ + ‖∇_y f‖, own + Σ ‖Bᵀu‖‖x‖, [‖x‖ or None])``
+    (each norm once, of detached tensors: ``yg`` and ``xg`` require grad, no norm needs a graph)."""
+    hu = scaled_norm(torch.zeros_like(yg) if probes[0] is None else probes[0])
+    y = scaled_norm(yg.detach())
+    curvature = hu * y
+    own = curvature + scaled_norm(gf.detach())
+    x_norms = [None if Bu is None else _row_norm(x.detach()) for x, Bu in zip(xg, probes[1:])]
+    total = own
+    for x_norm, Bu in zip(x_norms, probes[1:]):
+        if Bu is not None:
+            total = total + _row_norm(Bu) * x_norm
+    return hu, y, curvature, own, total, x_norms
+
+
 def kkt_residuals(
     yg: Tensor,
     xg: Sequence[Tensor],
@@ -101,6 +117,7 @@ def kkt_residuals(
     probes: tuple | None = None,
     feasibility_rows: Tensor | None = None,
     step: Callable[[Tensor], Tensor] | None = None,
+    norms: tuple | None = None,
 ) -> KKTResiduals:
     """Relative first-order residuals of ``y`` (see the module docstring).
 
@@ -128,6 +145,7 @@ def kkt_residuals(
             that step (stationarity) and by the least-norm correction of the violation
             (feasibility), against ``‖y‖``. ``None``: both residuals are judged against
             the scales alone.
+        norms: :func:`term_norms` of ``probes``, if the caller has them.
     """
     batch, m = yg.shape
     if probes is None:
@@ -136,7 +154,6 @@ def kkt_residuals(
         probes = torch.autograd.grad(
             (gL * u).sum(), (yg, *xg), retain_graph=True, allow_unused=True
         ) if gL.requires_grad else (None,) * (1 + len(xg))
-    Hu = probes[0] if probes[0] is not None else torch.zeros_like(yg)
     # The multipliers' own scale: the gradient they cancel and how much it moves when y
     # moves by its size (the unit of y's accepted error). Not ‖B‖‖x‖ (an offset of inputs
     # the problem does not see called a multiplier of 0.3 zero at x ~ 1e6), nor floored by
@@ -144,16 +161,8 @@ def kkt_residuals(
     # (Plus the size of the gradient the multipliers cancel: a linear objective whose
     # data enter only the constraints (an LP) has H = 0 and B = 0, and its rounding
     # was divided by 0 (a unique vertex rejected at a residual of 1e292).)
-    # (each norm once, of detached tensors: yg and xg require grad, and none of these needs a graph)
     y = yg.detach()
-    hu_norm, y_norm = scaled_norm(Hu), scaled_norm(y)
-    curvature = hu_norm * y_norm
-    scale = curvature + scaled_norm(gf.detach())
-    force_scale = scale
-    x_norms = [None if Bu is None else _row_norm(x.detach()) for x, Bu in zip(xg, probes[1:])]
-    for x_norm, Bu in zip(x_norms, probes[1:]):
-        if Bu is not None:
-            scale = scale + _row_norm(Bu) * x_norm
+    hu_norm, y_norm, curvature, force_scale, scale, x_norms = term_norms(yg, xg, gf, probes) if norms is None else norms
     no_length = _no_length(xg)
     noise = _rounding(scale, eps, no_length, hu_norm)
     r = gf
@@ -166,8 +175,7 @@ def kkt_residuals(
         r = gf + (A.transpose(1, 2) @ lam_ok.unsqueeze(-1)).squeeze(-1)
     stationarity = _ratio(_above(scaled_norm(r), noise), _floored(scale, eps))
     if step is not None:
-        # (newton_step_error, with the curvature at hand)
-        stationarity = _offset_checked(stationarity, r.detach(), y, curvature, scale, noise, tol, eps, step)
+        stationarity = newton_step_error(step, r.detach(), y, curvature, scale, noise, stationarity, tol, eps)
     scale = _floored(scale, eps)
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
@@ -208,7 +216,7 @@ def kkt_residuals(
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly)
 
 
-def newton_step_error(step: Callable[[Tensor], Tensor], r: Tensor, y: Tensor, Hu: Tensor, scale: Tensor,
+def newton_step_error(step: Callable[[Tensor], Tensor], r: Tensor, y: Tensor, curvature: Tensor, scale: Tensor,
                       noise: Tensor, stationarity: Tensor, tol: float, eps: float) -> Tensor:
     """``stationarity`` (B,), raised to ``y``'s relative error where the scale hid it.
 
@@ -229,9 +237,8 @@ def newton_step_error(step: Callable[[Tensor], Tensor], r: Tensor, y: Tensor, Hu
     (a rounding-level residual scores at most ``tol``). The solve is done only where
     ``‖r‖ / (‖H u‖ ‖y‖)`` (the step's size from the probe's curvature) exceeds ``tol``
     and the other terms make up more than half the scale: otherwise the scale measures
-    ``y``'s error already.
+    ``y``'s error already. ``curvature``: ``‖H u‖ ‖y‖`` (B,).
     """
-    curvature = scaled_norm(Hu) * scaled_norm(y)
     return _offset_checked(stationarity, r, y, curvature, scale, noise, tol, eps, step)
 
 
