@@ -26,9 +26,9 @@ errors from :mod:`convexddn.errors`.
   :class:`ConvexLayer` checks it (:mod:`.solver_args`). With the default solver they reach
   only the per-element one, Clarabel, which solves just the elements the batched interior
   point does not certify (the one warning says so). A setting of another solver raises
-  :class:`~convexddn.errors.OptionError` naming its solver (cvxpylayers passes it on and
-  the solver raises a ``TypeError``): a time limit with ``solve_method="ECOS"``, ECOS's
-  ``nitref`` with Clarabel; SCS's own settings with the default solver are ignored with
+  :class:`~convexddn.errors.OptionError` naming its solver (cvxpylayers 1.2 passes it on:
+  ECOS and SCS raise a ``TypeError``, Clarabel an ``AttributeError``): a time limit with
+  ``solve_method="ECOS"``, ECOS's ``nitref`` with Clarabel; SCS's own settings with the default solver are ignored with
   the one warning (cvxpylayers' default solver is SCS, which does not run here);
 - **ignored, with one warning per layer** (:data:`IGNORED_SOLVER_ARGS`): solver
   tolerances (SCS's ``eps``, ECOS's ``abstol``, Clarabel's ``tol_*``, ...), SCS's
@@ -158,7 +158,7 @@ def _classify(args: dict[str, Any], solver: str) -> tuple[dict[str, Any], dict[s
         chosen = "the default solver's per-element one, Clarabel" if solver == "auto" else solver
         raise OptionError(
             f"solver_args[{key!r}] is a setting of {' and '.join(takes)}, not of {chosen} (cvxpylayers passes it "
-            f"on and the solver raises a TypeError); pass solve_method={takes[0]!r} or drop the key")
+            f"on and the solver raises a TypeError or AttributeError); pass solve_method={takes[0]!r} or drop the key")
     return applied, ignored
 
 

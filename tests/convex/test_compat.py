@@ -355,7 +355,7 @@ def test_cvxpy_layer_passes_the_chosen_solvers_own_settings():
         layer(At, bt, solver_args={"solve_method": "ECOS", "nitref": -1})
     with pytest.raises(OptionError, match=r"'direct_solve_method': 'nope'\} are not accepted by Clarabel"):
         layer(At, bt, solver_args={"direct_solve_method": "nope"})
-    # Another solver's setting: refused naming its solver (cvxpylayers: the solver's TypeError).
+    # Another solver's setting: refused naming its solver (cvxpylayers: the solver's TypeError or AttributeError).
     with pytest.raises(OptionError, match=r"solver_args\['nitref'\] is a setting of ECOS, not of the default solver"):
         layer(At, bt, solver_args={"nitref": 3})
     with pytest.raises(OptionError, match=r"solver_args\['direct_solve_method'\] is a setting of Clarabel, not of "
