@@ -29,7 +29,7 @@ from .convex.declarations import parameter_label
 from .convex.validation import bind_names, check_values
 from .convex.widen import narrowed, widened
 from ._warn import warn
-from .errors import InputError, OptionError, ShapeError, SolverWarning
+from .errors import InputError, NonFiniteError, OptionError, ShapeError, SolverWarning
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
@@ -100,7 +100,7 @@ class RegistryNode(nn.Module):
     """
 
     parameter = "x"  # the registry problem's parameter name (a class default: older pickles)
-    finite = False  # whether x must be finite (checked here, as the ConvexLayer does)
+    finite = False  # whether non-finite x is an error named as the ConvexLayer names it
 
     def __init__(self, name: str, n: int, node: nn.Module, parameter: str = "x", finite: bool = False) -> None:
         super().__init__()
@@ -123,9 +123,14 @@ class RegistryNode(nn.Module):
             raise ShapeError(
                 f"{label} must have shape (*batch, {self.n}) i.e. trailing shape "
                 f"({self.n},), got {tuple(x.shape)}")
-        if self.finite:  # the ConvexLayer's label and the caller's shape (the node saw its rows)
-            check_finite(label, x)
-        return self.node(x)
+        try:
+            return self.node(x)
+        except NonFiniteError:
+            # Each node checks x where it must (on failure only: no extra pass or host sync here);
+            # named again with the ConvexLayer's label and the caller's shape (the node saw its rows).
+            if self.finite:
+                check_finite(label, x)
+            raise
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, n={self.n}"
