@@ -175,13 +175,14 @@ def test_lp_ball_cone_program_keeps_relative_accuracy_at_small_radius(p):
 
 
 @pytest.mark.parametrize("name, options", [("robust_pool", {"penalty": "huber"}), ("lp_ball", {"p": 1}),
-                                           ("tv1d", {})])
-def test_native_registry_layer_names_nonfinite_input_as_the_cone_layer(name, options):
+                                           ("tv1d", {}), ("simplex", {})])
+@pytest.mark.parametrize("bad, counts", [(float("nan"), "1 NaN and 0 Inf"), (-float("inf"), "0 NaN and 1 Inf")])
+def test_native_registry_layer_names_nonfinite_input_as_the_cone_layer(name, options, bad, counts):
     """The native robust_pool said "x must be finite ... (shape (6, 4))" for an input of shape
     (2, 3, 4) (its solver's rows) where the cone program says "parameter 0 (x) ... (shape
     (2, 3, 4))"."""
     x = torch.zeros(2, 3, 4, dtype=F64)
-    x[0, 1, 2] = float("nan")
-    want = r"^parameter 0 \(x\) must be finite, got 1 NaN and 0 Inf value\(s\) among 24 \(shape \(2, 3, 4\)\)$"
+    x[0, 1, 2] = bad
+    want = rf"^parameter 0 \(x\) must be finite, got {counts} value\(s\) among 24 \(shape \(2, 3, 4\)\)$"
     with pytest.raises(cddn.errors.NonFiniteError, match=want):
         cddn.layer(name, n=4, **options)(x)
