@@ -62,7 +62,7 @@ from .state import picklable_state
 __all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
 
 # Our solvers by lower-case name (``solve_method`` and ``solver=`` spellings).
-_SOLVERS = {"clarabel": "Clarabel", "scs": "SCS", "ecos": "ECOS"}
+_SOLVERS = {s.lower(): s for s in SOLVERS}
 
 # cvxpylayers' backends (its ``solver=``) all map to ConvexLayer's default, "auto" (the
 # batched interior point where it applies, per-element Clarabel otherwise), unless
