@@ -361,6 +361,12 @@ def test_cvxpy_layer_passes_the_chosen_solvers_own_settings():
     with pytest.raises(OptionError, match=r"solver_args\['direct_solve_method'\] is a setting of Clarabel, not of "
                                           r"SCS .*pass solve_method='Clarabel'"):
         layer(At, bt, solver_args={"solve_method": "SCS", "direct_solve_method": "qdldl"})
+    # (cvxpylayers 1.2 hands them on, as the docstring says: SCS raises a TypeError, Clarabel an AttributeError)
+    reference = Reference(problem, [A, b], [x])
+    with pytest.raises(TypeError, match="direct_solve_method"):
+        reference(At, bt, solver_args={"solve_method": "SCS", "direct_solve_method": "qdldl"})
+    with pytest.raises(AttributeError, match="nitref"):
+        reference(At, bt, solver_args={"solve_method": "Clarabel", "nitref": 3})
     # The constructor's settings reach each solver a call picks, as cvxpylayers merges them.
     layer = CvxpyLayer(problem, [A, b], [x], solver_args={"solve_method": "Clarabel", "presolve_enable": False})
     with pytest.raises(OptionError, match=r"\['presolve_enable'\] is a setting of Clarabel, not of ECOS"):
