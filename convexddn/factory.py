@@ -129,7 +129,10 @@ class RegistryNode(nn.Module):
             # Each node checks x where it must (on failure only: no extra pass or host sync here);
             # named again with the ConvexLayer's label and the caller's shape (the node saw its rows).
             if self.finite:
-                check_finite(label, x)
+                try:
+                    check_finite(label, x)
+                except NonFiniteError as named:
+                    raise named from None  # (not shown beside the node's own message)
             raise
 
     def extra_repr(self) -> str:
