@@ -381,7 +381,8 @@ def test_a_module_built_in_inference_mode_learns_its_option():
     torch.testing.assert_close(tv.lam.grad, want.to(tv.lam.dtype), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("build", [lambda r: cddn.LpProjection(p=2, radius=r), lambda r: cddn.LpProjection(p=1, radius=r),
+@pytest.mark.parametrize("build", [lambda r: cddn.LpProjection(p=2, radius=r),
+                                   lambda r: cddn.LpProjection(p=1, radius=r),
                                    lambda r: cddn.SimplexProjection(z=r)], ids=["l2", "l1", "simplex"])
 def test_projection_modules_built_with_an_inference_mode_radius_learn_it(build):
     """LpProjection(radius=P) and SimplexProjection(z=P), P made in inference mode, raised
