@@ -32,13 +32,14 @@ from diffcp import cones as cone_lib
 from .._autograd import refuse_batched
 from .._process_settings import single_threaded_blas, solver_warnings_ignored
 from .._warn import warn
-from ..errors import GradientWarning, OptionError, ProblemError, SolverWarning
+from ..errors import GradientWarning, OptionError, ProblemError
 from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
 from .dissent import Run, claims_solved, exact_ray, judge
 from .parametric import parametric_entries
+from .rescues import failure_cause, warn_rescued
 from .solver_args import check_solver_cones
 from .spread import data_spread
 from .status import element_list, name_elements, status_kind
@@ -261,30 +262,33 @@ class CheckedDiffcp(SolverInterface):
         """Solve one batch element with the solver, then the fallback; never raises."""
         A, b, c = self._problem(q, a)
         out, fail = self._try(self.solver, args, A, b, c)
-        used, note = self.solver, None
+        used, note, cause = self.solver, None, None  # cause: the note without this element's numbers (.rescues)
         decided = out is None and fail[1] == "infeasible" and fail[3] is not None and fail[3].exact
         if out is None and self.fallback is not None and self.fallback != self.solver and not decided:
             out, fail2 = self._try(self.fallback, {}, A, b, c)
             used = self.fallback
             if out is not None:
                 note = f"{fail[0]}; solved by the fallback {self.fallback}"
+                cause = f"{failure_cause(fail)}; solved by the fallback {self.fallback}"
             else:
                 # A verified certificate from either solver decides the kind of failure unless the
                 # other's run contradicts it (see .dissent: a certificate has a reach).
                 mine, theirs = (fail, fail2) if fail[1] != "other" else (fail2, fail)
+                cause = f"{failure_cause(fail)}; fallback {failure_cause(fail2)}; solved at the certificate's reach"
                 out, fail, note = judge(self, args, A, b, c, mine, theirs, f"{fail[0]}; fallback {fail2[0]}")
         elif out is None:
+            cause = f"{failure_cause(fail)}; solved at the certificate's reach"  # (if judge finds a solution)
             out, fail, note = judge(self, args, A, b, c, fail, None, fail[0])
         if out is None:
             return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
-        program, x, y, s, status, r, used, rescued = out
-        return _Solved(program, x, y, s, used, status, r, note or rescued, "solved", data_spread(A, b, c))
+        program, x, y, s, status, r, used, rescued = out  # (rescued: "<solver>: <status>; ..." has no numbers)
+        return _Solved(program, x, y, s, used, status, r, note or rescued, "solved", data_spread(A, b, c),
+                       cause if note else rescued)
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
         if P is not None:  # DIFFCP canonicalisation never keeps a quadratic term
             raise RuntimeError("unexpected quadratic objective in the cone program")
-        q_np = q.detach().cpu().double().numpy()
-        a_np = A.detach().cpu().double().numpy()
+        q_np, a_np = (v.detach().cpu().double().numpy() for v in (q, A))
         args = {**self.solver_args, **(solver_args or {})}
         batch = q_np.shape[0]
         pool = self._workers.get(batch)
@@ -300,9 +304,7 @@ class CheckedDiffcp(SolverInterface):
                                        [r.residual for r in results], [r.x is not None for r in results],
                                        [r.kind for r in results], [r.spread for r in results])
         where = getattr(self._local, "where", None)
-        for i, r in enumerate(results):
-            if r.note is not None and r.x is not None:
-                warn(f"{name_elements(where, [i])}: {r.note}", SolverWarning)
+        warn_rescued(where, [r.note for r in results], [r.cause for r in results])  # (a failed one has no note)
         primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
         dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else r.y for r in results])).to(q.dtype)
         if not needs_grad:
@@ -345,20 +347,17 @@ class CheckedDiffcp(SolverInterface):
         where = getattr(saved_state, "where", None)
         degenerate = [i for i, g in enumerate(grads) if g[2]]
         if degenerate:
-            warn(
-                f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) "
-                f"({name_elements(where, degenerate)}) is not unique or not differentiable (the derivative "
-                "system is rank-deficient: e.g. a degenerate LP, or a constraint active with a "
-                "zero multiplier); their gradient is the minimum-norm one of many",
-                GradientWarning, elements=element_list(where, degenerate))
+            warn(f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) "
+                 f"({name_elements(where, degenerate)}) is not unique or not differentiable (the derivative system is "
+                 "rank-deficient: e.g. a degenerate LP, or a constraint active with a zero multiplier); their "
+                 "gradient is the minimum-norm one of many", GradientWarning, elements=element_list(where, degenerate))
         inaccurate = [i for i, g in enumerate(grads) if g[3] > 0]
         if inaccurate:
-            warn(
-                f"ConvexLayer backward: the sparse or iterative adjoint solve of {len(inaccurate)} batch "
-                f"element(s) ({name_elements(where, inaccurate)}) stopped at a relative "
-                f"residual of up to {max(grads[i][3] for i in inaccurate):.1e}: their gradient may be "
-                "inaccurate (the problem is too large for the dense fallback; solver='auto' solves "
-                "it batched where it fits)", GradientWarning, elements=element_list(where, inaccurate))
+            warn(f"ConvexLayer backward: the sparse or iterative adjoint solve of {len(inaccurate)} batch element(s) "
+                 f"({name_elements(where, inaccurate)}) stopped at a relative residual of up to "
+                 f"{max(grads[i][3] for i in inaccurate):.1e}: their gradient may be inaccurate (the problem is too "
+                 "large for the dense fallback; solver='auto' solves it batched where it fits)",
+                 GradientWarning, elements=element_list(where, inaccurate))
         dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
         return None, dq, dA_t
@@ -376,6 +375,7 @@ class _Solved:
     note: str | None
     kind: str = "solved"  # or "infeasible"/"unbounded" (certificate verified), "disputed" or "other"
     spread: float = 1.0  # data_spread of a solved element's cone program
+    cause: str | None = None  # the note without the element's own numbers (see .rescues)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

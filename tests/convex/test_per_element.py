@@ -157,3 +157,25 @@ def test_a_failed_first_solve_rescued_by_scs_from_its_point_warns():
         warnings.simplefilter("error", SolverWarning)
         out = cddn.ConvexLayer(prob, [C], [X], solver="Clarabel")(torch.tensor(c))
     torch.testing.assert_close(out, expected, atol=1e-7, rtol=0)
+
+
+def test_fallback_rescues_are_one_warning_naming_the_elements():
+    """ECOS stopped after one iteration raises on every element, and SCS solves each: the
+    per-element path gave one SolverWarning per element (6 for a (2, 3) batch, 64 for 64),
+    each naming one element. Now one per call names all six, in the caller's batch shape, and
+    lists them in ``elements`` (their notes in ``notes``). Reference: the projection onto
+    y >= 0 is clamp(p, min=0)."""
+    p = cp.Parameter(3)
+    y = cp.Variable(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - p)), [y >= 0]), [p], [y], solver="ECOS")
+    P = torch.randn(2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = layer(P, solver_args={"max_iters": 1})
+    said = [w.message for w in caught if issubclass(w.category, SolverWarning)]
+    assert len(said) == 1, [str(w) for w in said]
+    every = [(i, j) for i in range(2) for j in range(3)]
+    assert said[0].elements == every and len(said[0].notes) == 6
+    assert str(said[0]).startswith("ConvexLayer: 6 batch element(s) (batch indices [(0, 0), (0, 1), (0, 2), (1, 0)")
+    assert "solved by the fallback SCS" in str(said[0])
+    torch.testing.assert_close(out, P.clamp(min=0), atol=1e-7, rtol=0)
