@@ -71,14 +71,17 @@ from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
 from ._tv_solver import _SAFE, _TINY, _counts, _edge_terms, _segment_ids, _segment_mean, _solve
+from .degeneracy import shown_indices
 
 __all__ = ["TotalVariation1d", "tv_denoise"]
 
 
 def _warn_rows(rows: torch.Tensor, what: str) -> None:
+    """Warn ``what`` for the signals where ``rows`` (``(R,)``, one per signal, the batch
+    flattened) holds, saying how many of all there are and the first few (it named the
+    first 10 alone: 130 of 200 rows read as 10)."""
     if bool(rows.any()):
-        where = rows.nonzero().flatten().tolist()[:10]
-        warn(f"tv_denoise: in row(s) {where} of the flattened batch, {what}",
+        warn(f"tv_denoise: in {shown_indices(rows)}, each a signal along dim, {what}",
              GradientWarning)  # at the backward's/jvp's caller
 
 
