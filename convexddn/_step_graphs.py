@@ -188,9 +188,11 @@ class StepGraphs:
                     graph.capture_end()
         except Exception as exc:  # noqa: BLE001 -- an op that cannot be captured: run eagerly
             self.reason, self.capture = f"{type(exc).__name__}: {exc}", False
-            self._failed.setdefault(self.site, self.reason)
             warn(f"a loop's step could not be captured as a CUDA graph ({self.reason}); it runs eagerly: the "
                  "same results, more slowly (set CONVEXDDN_CUDA_GRAPHS=0 to skip capturing)", ConvexDDNWarning)
+            # The site is marked once the warning returned: where warnings are errors it raised, the
+            # call failed, and a failed call changes nothing (marked first, later loops ran eagerly, unsaid).
+            self._failed.setdefault(self.site, self.reason)
             return None
         finally:
             here.wait_stream(side)

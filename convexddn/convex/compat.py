@@ -297,9 +297,10 @@ class CvxpyLayer(nn.Module):
     def _warn(self, ignored: dict[str, str], auto_only: Sequence[str] = ()) -> None:
         """The two notices, each once per layer: keys ignored (key -> why), and keys that
         reach only the per-element solver under the default solver (attributed to the
-        caller's line)."""
+        caller's line). Each flag is set once its warning has returned: under
+        ``simplefilter("error")`` the warning raises, the call fails, and a failed call
+        changes nothing (set first, the identical next call ran silently)."""
         if ignored and not self._warned:
-            self._warned = True
             why = "; ".join(sorted({f"{k}: {reason}" for k, reason in ignored.items()}))
             warn(
                 f"CvxpyLayer ignores {list(ignored)} ({why}). convexddn accepts a solution only "
@@ -307,10 +308,11 @@ class CvxpyLayer(nn.Module):
                 f"{self.convex_layer.tol:g} for a per-element one) and differentiates it "
                 "exactly. This warning is shown once per layer.",
                 ConvexDDNWarning)
+            self._warned = True
         if auto_only and not getattr(self, "_warned_auto", False):  # (layers pickled before it)
-            self._warned_auto = True
             warn(f"CvxpyLayer: {list(auto_only)} {_AUTO_ONLY}. This warning is shown once per layer.",
                  ConvexDDNWarning)
+            self._warned_auto = True
 
     @staticmethod
     def _native(applied: dict[str, Any], solver: str) -> dict[str, Any]:

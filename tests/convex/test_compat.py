@@ -653,6 +653,28 @@ def test_cvxpy_layer_notices_not_used_up_by_a_refused_call():
     assert all(w.filename == __file__ for w in caught if issubclass(w.category, ConvexDDNWarning))
 
 
+def test_cvxpy_layer_notices_not_used_up_by_a_call_they_failed():
+    """Under simplefilter("error", ConvexDDNWarning) (docs/api/errors.md) a notice raises and the
+    call fails; its once-per-layer flag was set before the warning, so the identical second call
+    returned silently, ignoring eps (a failed call changed the layer). Now both calls raise,
+    for each notice (keys ignored; keys that reach only the per-element solver), and once the
+    filter is lifted each notice is given once, the solution the ridge's closed form."""
+    layer, At, bt = _ridge_layer(6)
+    for args, said in (({"eps": 1e-9}, r"CvxpyLayer ignores \['eps'\]"),
+                       ({"max_iters": 50}, r"\['max_iters'\] reach only the per-element solver")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvexDDNWarning)
+            for _ in range(2):
+                with pytest.raises(ConvexDDNWarning, match=said):
+                    layer(At, bt, solver_args=args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (sol,) = layer(At, bt, solver_args=args)
+            layer(At, bt, solver_args=args)
+        assert len([w for w in caught if issubclass(w.category, ConvexDDNWarning)]) == 1, [str(w) for w in caught]
+        torch.testing.assert_close(sol, ridge_closed_form(At, bt), atol=1e-7, rtol=0)
+
+
 def test_cvxpy_layer_notice_names_the_callers_line_however_called():
     """The notices walk out to the caller's frame: a fixed stack level counted the frames
     of nn.Module's call machinery, so calling ``forward`` directly (or through another

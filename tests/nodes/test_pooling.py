@@ -474,6 +474,29 @@ def test_robust_pool_compile_fallback(monkeypatch):
         robust_pool(x, "huber", 1.0, compile=True)
 
 
+def test_robust_pool_compile_fallback_not_used_up_by_a_failed_call(monkeypatch):
+    """Where warnings are errors the compile-failure warning raises and the call fails; the
+    kernel was marked eager before the warning, so the identical next call ran eagerly,
+    unsaid (a failed call changed state). Now it raises again, and once warnings are shown
+    the fallback says so once; the result is the eager one."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_COMPILE_FAILED", set())
+    x = with_outliers(1, (3, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvexDDNWarning)
+        for _ in range(2):
+            with pytest.raises(ConvexDDNWarning, match="torch.compile failed"):
+                robust_pool(x, "huber", 1.0, compile=True)
+    with pytest.warns(ConvexDDNWarning, match="torch.compile failed"):
+        y = robust_pool(x, "huber", 1.0, compile=True)
+    torch.testing.assert_close(y, robust_pool(x, "huber", 1.0, compile=False))
+
+
 # --------------------------------------------------------------------------- module
 
 

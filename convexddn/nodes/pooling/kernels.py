@@ -75,12 +75,14 @@ def run(fn: Callable | None, use_compile: bool, *args: Any, key: Any = None,
                     entry[1] = torch.compile(fn)
                 return entry[1](*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-                _COMPILE_FAILED.add(name)
                 warn(
                     f"robust_pool: torch.compile failed for {name} "
                     f"({type(exc).__name__}: {str(exc)[:200]}); running it eagerly from now on",
                     ConvexDDNWarning,
                 )
+                # Marked once the warning returned: where warnings are errors it raised, the call
+                # failed, and a failed call changes nothing (marked first, the next ran eagerly, unsaid).
+                _COMPILE_FAILED.add(name)
     return fn(*args)
 
 
