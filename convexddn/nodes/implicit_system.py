@@ -150,7 +150,8 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         *probes, d_seed = lagrangian_probes(gL, yg, xg, seed, u)
         probes = tuple(probes)
         norms = term_norms(yg, xg, gf, probes)
-        check_second_order(prefix, gL, u, d_seed, _term_scale(norms[4], A, lam), batch_shape)
+        terms = _term_scale(norms[4], A, lam)
+        check_second_order(prefix, gL, u, d_seed, terms, batch_shape)
         broken = _non_finite_derivatives(gL, probes)
         if broken is not None:
             warn(
@@ -161,7 +162,8 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
                 "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
                 "(tangents, in forward mode) are set to zero", GradientWarning)
         elif check_solution:
-            broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf, gL)
+            broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf, gL,
+                            terms.detach())
             if broken is not None:
                 warn(
                     f"{who}the gradient of the Lagrangian in y jumps at the solution for "

@@ -213,13 +213,19 @@ _KINK_RATIO = 0.05
 # large residual and a solution of 6e-7 was flagged against a floor in eps of ‖∇_y f‖),
 # plus eps of ‖∇_y f‖.
 _KINK_FLOOR = 1e3
+# Plus this many eps of the size of ∇_y L's terms (the scale of _term_scale: ‖H‖‖y‖ +
+# ‖B‖‖x‖ + ‖∇_y f‖ + Σ|λ_j|‖a_j‖), the rounding of ∇_y L at y ± δu whatever its value at
+# y: for y = mean(x) at y ~ 0.02, x ~ 2, Σ(y − x_i) came out exactly 0, so the floor
+# above was 0, and one rounding step of the terms y ± δu − x_i (7e-16, 0.3 eps of the
+# scale; δ is below their ulp) showed at both steps: a "kink", gradient zeroed for 1/8.
+_KINK_TERMS = 64.0
 # Steps δ and 2δ whose jumps differ by more than this fraction are curvature, not a kink
 # (softmax's y log y at y_i = 1e-14 ‖y‖ was flagged with one step, its gradient zeroed).
 _KINK_AGREE = 0.25
 
 
 def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | None, inactive: Tensor | None,
-           hu: Tensor | None, gf: Tensor, gL: Tensor) -> Tensor | None:
+           hu: Tensor | None, gf: Tensor, gL: Tensor, scale: Tensor) -> Tensor | None:
     r"""``(B,)`` elements whose ``∇_y L`` jumps at the solution; ``None`` if none (one host sync).
 
     Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at their kink by a one-sided
@@ -233,10 +239,13 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     jump of the gradient where a kink lies within :math:`\delta` of ``y`` (``u`` is dense:
     it crosses every coordinate's kink; :math:`\delta = 100\, \epsilon\, \|y\|_\infty`: a
     kink at the solution to rounding). Its excess over :math:`2\delta Hu` must
-    exceed ``_KINK_RATIO`` of :math:`2\delta\|Hu\|` plus a floor of ``_KINK_FLOOR``
-    times the stationarity residual ``gL`` at ``y`` (its rounding is the gradient
-    terms'), and agree with the excess at the step :math:`2\delta` (a jump does not
-    depend on the step; a smooth term's excess grows with it).
+    exceed ``_KINK_RATIO`` of :math:`2\delta\|Hu\|` plus a rounding floor,
+    :math:`10^3 (\|\nabla_y L\|_\infty + \epsilon \|\nabla_y f\|_\infty) + 64\,\epsilon\, s`
+    with ``s`` (B,) the size of the terms of :math:`\nabla_y L` (``scale``:
+    :math:`\|H\|\|y\| + \|B\|\|x\| + \|\nabla_y f\| + \sum_j |\lambda_j| \|a_j\|`, the
+    inputs' share included: where ``|y| << |x|`` the step is below the rounding of the
+    terms ``y ± δu − x_i``), and agree with the excess at the step :math:`2\delta` (a
+    jump does not depend on the step; a smooth term's excess grows with it).
     Elements with ``y = 0`` throughout have no scale for ``δ`` and are not probed.
     """
     if hu is None:
@@ -265,7 +274,8 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
         jump, wide = (grad_at(y + k * delta * u) - grad_at(y - k * delta * u) - (2.0 * k) * delta * hu
                       for k in (1.0, 2.0))
     size = 2.0 * delta[:, 0] * hu.abs().amax(-1)
-    floor = _KINK_FLOOR * (gL.detach().abs().amax(-1) + torch.finfo(y.dtype).eps * gf.detach().abs().amax(-1))
+    eps = torch.finfo(y.dtype).eps
+    floor = _KINK_FLOOR * (gL.detach().abs().amax(-1) + eps * gf.detach().abs().amax(-1)) + _KINK_TERMS * eps * scale
     # A jump is the same across both steps; a smooth term whose curvature changes within
     # the step (y log y at y_i ~ δ) departs from its linear term by amounts that grow
     # with the step, or turns NaN (y ± 2δu outside its domain): not a kink.

@@ -300,3 +300,111 @@ def test_a_compiled_terms_double_backward_error_is_a_problem_error():
     with pytest.raises(RuntimeError, match="something else"):  # (other faults pass through)
         with second_derivatives("Node."):
             raise RuntimeError("something else")
+
+
+# ---- the kink probe's rounding floor: the terms' size, not the residual's ------------------
+
+
+class _Mean(DeclarativeNode):
+    """argmin ½‖y − x‖²: y = mean(x), dy/dx_i = 1/n."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x.mean(-1, keepdim=True)
+
+
+class _PseudoHuberPool(DeclarativeNode):
+    """argmin Σ sqrt(1 + (y − x_i)²) − 1: smooth everywhere, dy/dx_i = h_i / Σh,
+    h = (1 + (y − x)²)^(-3/2)."""
+
+    def objective(self, x, y):
+        return (torch.sqrt(1 + (y - x) ** 2) - 1).sum(-1)
+
+    def solve(self, x):
+        y = x.median(-1, keepdim=True).values
+        for _ in range(60):
+            r = y - x
+            y = y - (r / torch.sqrt(1 + r * r)).sum(-1, keepdim=True) / ((1 + r * r) ** -1.5).sum(-1, keepdim=True)
+        return y
+
+
+_MEAN_ROW = [-1.5213357963905696, -0.8638365897660122, 1.7062964971334207, 0.4578564723931028,
+             0.4772258325276957, 1.999306934137103, -2.57061413378082, 0.12703567325533036]
+
+
+def test_no_kink_where_the_solution_is_small_beside_the_data():
+    """y = mean(x) = -0.0235 beside |x_i| up to 2.6: Σ(y − x_i) is exactly 0 at y, so the
+    probe's rounding floor (in units of that residual) was 0, while its step δ = 100 eps |y|
+    is below the ulp of the terms y ± δ − x_i: one rounding step (7e-16) read as a jump,
+    a "kink" GradientWarning, and the gradient and the tangent came back 0 for 1/8 and 1."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.tensor([_MEAN_ROW], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(_Mean()(x).sum(), x)
+        with fwAD.dual_level():
+            t = fwAD.unpack_dual(_Mean()(fwAD.make_dual(x.detach(), torch.ones_like(x)))).tangent
+    torch.testing.assert_close(g, torch.full_like(g, 1 / 8), rtol=0, atol=1e-14)
+    torch.testing.assert_close(t, torch.ones_like(t), rtol=0, atol=1e-14)
+
+
+def test_no_kink_on_a_batch_of_means():
+    """4000 randn rows (n = 8, scale 2): 3 were flagged as kinks, gradients zeroed; the
+    gradient is 1/n on every row."""
+    x = 2 * torch.randn(4000, 8, dtype=DT, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(_Mean()(x).sum(), x)
+    torch.testing.assert_close(g, torch.full_like(g, 1 / 8), rtol=0, atol=1e-13)
+
+
+def _bisect_pseudo_huber(x: torch.Tensor) -> float:
+    """The minimiser of Σ sqrt(1 + (y − x_i)²) by bisection on its increasing gradient."""
+    lo, hi = x.min().item(), x.max().item()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float(((mid - x) / torch.sqrt(1 + (mid - x) ** 2)).sum()) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("row", [
+    [-0.4996717275953195, 2.198202929921051, -1.3315212098093545, 2.6356703711458316,
+     0.46085713730054917, -3.293957405929292, -2.799957046774046, 1.4575058009896424],
+    [2.6691087451132307, 0.7958420473287973, -5.166357828415585, 0.06678557103966783,
+     -0.5547887209370009, 0.5724571242436904, -4.661255516389305, 0.49422039098078385],
+])
+def test_no_kink_for_a_smooth_pooling_near_zero(row):
+    """Pseudo-Huber pooling (C-infinity) at y ~ ±0.03 beside data ~ 3: flagged as a kink, the
+    gradient all zero. Reference: h_i / Σh at an independent bisection solve."""
+    x = torch.tensor([row], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(_PseudoHuberPool()(x).sum(), x)
+    h = (1 + (_bisect_pseudo_huber(x.detach()[0]) - x.detach()[0]) ** 2) ** -1.5
+    torch.testing.assert_close(g[0], h / h.sum(), rtol=0, atol=1e-12)
+
+
+class _SoftThresholdNode(DeclarativeNode):
+    """½‖y − x‖² + ‖y‖₁: y = sign(x) max(|x| − 1, 0), dy/dx = diag(|x| > 1)."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + y.abs().sum(-1)
+
+    def solve(self, x):
+        return torch.sign(x) * torch.clamp(x.abs() - 1.0, min=0.0)
+
+
+def test_a_kink_beside_large_data_is_still_found():
+    """The floor in the terms' size (here ~3e3) keeps a genuine kink (a jump of 2 in
+    |y_0|'s gradient at y_0 = 0, x_0 = 0) visible: warned, that gradient zero."""
+    x = torch.tensor([[0.0, 1e3, -3e3]], dtype=DT, requires_grad=True)
+    with pytest.warns(GradientWarning, match="kink"):
+        (g,) = torch.autograd.grad(_SoftThresholdNode()(x).sum(), x)
+    assert torch.equal(g, torch.zeros_like(g))
