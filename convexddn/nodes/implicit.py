@@ -100,8 +100,8 @@ def declarative_vjp(
       scale (where an offset in the data inflates that scale, also as ``y``'s error
       relative to ``y``), give a :class:`~convexddn.errors.GradientWarning` above ``solution_tol``
       and a :class:`~convexddn.errors.SolverError` above ``0.1``; an active inequality
-      with a zero multiplier (strict complementarity fails: only one-sided derivatives
-      exist) gives a warning;
+      whose multiplier is zero within ``solution_tol`` gives a warning with its size
+      (only a truly zero one fails strict complementarity: one-sided derivatives);
     - a singular or ill-conditioned KKT system gives a warning (the pseudo-inverse
       solution is used where singular), on the dense and the CG path alike;
     - a KKT point that is not a local minimiser (``check_minimum``: the KKT matrix's

@@ -71,6 +71,7 @@ class KKTResiduals(NamedTuple):
     stationarity: Tensor
     feasibility: Tensor  #: ``‖(h, max(g, 0))‖ / (‖A‖‖y‖ + ‖D_x c‖‖x‖)``
     weakly_active: Tensor  #: an active inequality with a (relatively) zero multiplier
+    weakest: Tensor | None = None  #: smallest ``λ_j ‖a_j‖`` / scale of an active inequality (+inf: none)
 
     @property
     def worst(self) -> Tensor:
@@ -213,7 +214,9 @@ def kkt_residuals(
         weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
     if bool(weakly.any()):
         weakly = _strictly_complementary_exists(A, gf, active_ineq, r, force_scale, tol, weakly)
-    return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly)
+    weakest = torch.where(active_ineq, force / force_scale.clamp_min(torch.finfo(force.dtype).tiny).unsqueeze(-1),
+                          math.inf).amin(-1)
+    return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly, weakest)
 
 
 def newton_step_error(step: Callable[[Tensor], Tensor], r: Tensor, y: Tensor, curvature: Tensor, scale: Tensor,
@@ -356,44 +359,42 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
     error_tol = max(SOLUTION_ERROR_TOL, 10 * tol)
     fatal = worst > error_tol
     poor = (worst > tol) & ~fatal
-    hint = (
-        "solve stopped early or returned a wrong point, the objective or constraints do "
-        "not describe what solve computes (e.g. a clamp without its inequality "
-        "constraints), an inequality multiplier is negative, or the objective is "
-        "non-smooth at the solution (e.g. |u| at u = 0), where the derivative does not "
-        "exist"
-    )
+    hint = ("solve stopped early or returned a wrong point, the objective or constraints do not describe what solve "
+            "computes (e.g. a clamp without its inequality constraints), an inequality multiplier is negative, or the "
+            "objective is non-smooth at the solution (e.g. |u| at u = 0), where the derivative does not exist")
     stat, feas = float(res.stationarity.amax()), float(res.feasibility.amax())
     if bool(fatal.any()):
         indices = _format_indices(fatal, batch_shape)
         raise SolverError(
-            f"{prefix}solve returned a point that is not a KKT point of the declared "
-            f"problem for {len(indices)} of {fatal.numel()} batch element(s), at batch "
-            f"indices {indices[:8]}: relative stationarity residual {stat:.2e}, "
-            f"feasibility residual {feas:.2e} (rejected above {error_tol:g}); likely "
-            f"causes: {hint}. Pass check_solution=False to differentiate anyway",
-            indices=indices,
-            statuses=["not a KKT point"] * len(indices),
-        )
+            f"{prefix}solve returned a point that is not a KKT point of the declared problem for {len(indices)} of "
+            f"{fatal.numel()} batch element(s), at batch indices {indices[:8]}: relative stationarity residual "
+            f"{stat:.2e}, feasibility residual {feas:.2e} (rejected above {error_tol:g}); likely causes: {hint}. "
+            "Pass check_solution=False to differentiate anyway",
+            indices=indices, statuses=["not a KKT point"] * len(indices))
     if bool(poor.any()):
-        warn(
-            f"{prefix}solve returned a point that satisfies the first-order (KKT) "
-            f"conditions only approximately for {shown_indices(poor)}: relative "
-            f"stationarity residual {stat:.2e}, feasibility residual {feas:.2e} "
-            f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely "
-            f"causes: {hint}",
-            GradientWarning,
-        )
+        warn(f"{prefix}solve returned a point that satisfies the first-order (KKT) conditions only approximately for "
+             f"{shown_indices(poor)}: relative stationarity residual {stat:.2e}, feasibility residual {feas:.2e} "
+             f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely causes: {hint}",
+             GradientWarning)
     if bool(res.weakly_active.any()):
-        warn(
-            f"{prefix}solve returned a point where an active inequality constraint has a "
-            "zero multiplier (strict complementarity fails) for "
-            f"{shown_indices(res.weakly_active)}: the solution is at a kink of its own, "
-            "only one-sided derivatives exist, and the "
-            "gradient treats the constraint as an equality (Gould et al. 2021, Prop. 4.6); "
-            "or the constraint is slack but within active_tol of the solution's scale "
-            "(g_j >= -active_tol ‖∇g_j‖ ‖y‖: a bound 0.5 from a solution of 1e6 counts as "
-            "active at the default 1e-6), where a smaller active_tol gives the exact "
-            "gradient if solve is exact entry by entry",
-            GradientWarning,
-        )
+        warn(f"{prefix}solve returned a point where an active inequality constraint has a multiplier that is zero "
+             f"within solution_tol for {shown_indices(res.weakly_active)}{_weakness(res, tol)}; or the constraint "
+             "is slack but within active_tol of the solution's scale (g_j >= -active_tol ‖∇g_j‖ ‖y‖: a bound 0.5 "
+             "from a solution of 1e6 counts as active at the default 1e-6), where a smaller active_tol gives the "
+             "exact gradient if solve is exact entry by entry", GradientWarning)
+
+
+def _weakness(res: KKTResiduals, tol: float) -> str:
+    """The weakly active elements' smallest multipliers, in the warning's words: one below
+    ``tol`` of its scale is zero as far as a solve accurate to ``tol`` shows, but only a
+    true zero makes the derivative one-sided (float32's ``tol`` is 3.5e-4: a multiplier
+    of 4.8e-3 beside ‖y‖ = 12 was said to put the solution at a kink)."""
+    kink = (" (a zero multiplier: strict complementarity fails), the solution is at a kink of its own, only "
+            "one-sided derivatives exist, and the gradient treats the constraint as an equality (Gould et al. 2021)")
+    w = None if res.weakest is None else res.weakest[res.weakly_active]
+    if w is None or float(w.amax()) <= _ROUNDING * torch.finfo(w.dtype).eps:
+        return ": it is zero" + kink
+    lo, hi = float(w.amin()), float(w.amax())
+    return (f" (its force λ_j ‖∇g_j‖ is {lo:.1e}" + ("" if hi == lo else f" to {hi:.1e}") + " of the element's "
+            f"scale ‖H‖‖y‖ + ‖∇_y f‖, at most solution_tol={tol:g}). If it is truly zero{kink}; if it is small but "
+            "nonzero, the gradient is exact (a smaller solution_tol, where solve is that accurate, tells them apart)")

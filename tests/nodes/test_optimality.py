@@ -287,3 +287,48 @@ def test_a_zero_multiplier_beside_an_equality_still_warns(c):
     x = torch.tensor([[0.5, 0.5, 0.0]], dtype=DT) + c
     with pytest.warns(GradientWarning, match="zero multiplier"):
         _Simplex()(x.requires_grad_(True)).sum().backward()
+
+
+class _NonNeg(DeclarativeNode):
+    """argmin ½‖y − x‖² s.t. y ≥ 0: y = max(x, 0), multipliers λ_i = max(−x_i, 0)."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def solve(self, x):
+        return x.clamp_min(0.0)
+
+
+def _weak_message(x: torch.Tensor) -> str:
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        _NonNeg()(x.requires_grad_(True)).sum().backward()
+    texts = [str(w.message) for w in ws if "multiplier that is zero within solution_tol" in str(w.message)]
+    assert len(texts) == 1, [str(w.message) for w in ws]
+    return texts[0]
+
+
+def test_a_small_nonzero_multiplier_is_not_called_a_kink():
+    """float32, x = (3, 4, 10, −0.003): the bound's multiplier 0.003 is nonzero, under
+    solution_tol = sqrt(eps) = 3.5e-4 of the element's scale ‖y‖ + ‖∇_y f‖ (‖H u‖ = 1); the
+    warning said "the solution is at a kink of its own, only one-sided derivatives exist",
+    which is false (the gradient is diag(x > 0), exact). It now gives the multiplier's
+    size, 0.003 / (√125 + 0.003) = 2.68e-4 (closed form), and the kink only as a case."""
+    x = torch.tensor([[3.0, 4.0, 10.0, -0.003]], dtype=torch.float32)
+    text = _weak_message(x)
+    ratio = float(text.split("‖∇g_j‖ is ")[1].split(" ")[0])
+    assert ratio == pytest.approx(0.003 / (125 ** 0.5 + 0.003), rel=0.02)
+    assert "If it is truly zero (a zero multiplier: strict complementarity fails), the solution is at a kink" in text
+    assert "small but nonzero, the gradient is exact" in text
+    torch.testing.assert_close(x.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))  # diag(x > 0)
+
+
+def test_a_zero_multiplier_is_called_a_kink():
+    """x_1 = 0 exactly: y_1 = 0 on its bound with λ_1 = 0, where only one-sided derivatives
+    exist; the warning says so without a condition."""
+    text = _weak_message(torch.tensor([[3.0, 0.0, -1.0]], dtype=DT))
+    assert ": it is zero (a zero multiplier: strict complementarity fails), the solution is at a kink" in text
+    assert "If it is truly zero" not in text
