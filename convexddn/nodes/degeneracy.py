@@ -1,8 +1,12 @@
 """The warnings of a degenerate implicit derivative, one text per degeneracy, on every
 path (:mod:`.linear_solvers`' dense and CG solves, the native nodes' own backward passes):
 a singular KKT system, dependent active constraints, an ill-conditioned system; and how
-they name batch elements."""
+they name batch elements and the node (:func:`naming`)."""
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 
@@ -13,10 +17,25 @@ from .dense import default_rcond
 from .krylov import independent_rows
 from .multipliers import unit_rows
 
-__all__ = ["DependenceCheck", "dependent_to_warn", "shown_indices", "warn_curved", "warn_degenerate"]
+__all__ = ["DependenceCheck", "dependent_to_warn", "naming", "shown_indices", "warn_curved", "warn_degenerate"]
 
 Tensor = torch.Tensor
 _MAX_INDICES_SHOWN = 8
+# The node whose KKT system is being solved: the linear solvers warn about it without
+# knowing it (their signature is a user-facing protocol), and without the name a model
+# with several nodes left "the KKT system ... is ill-conditioned" unattributed, beside
+# the node's other warnings ("Mean: ...", "Nonneg.solve ..."). Per thread and task.
+_NODE: contextvars.ContextVar[str] = contextvars.ContextVar("convexddn_node_name", default="")
+
+
+@contextlib.contextmanager
+def naming(name: str) -> Iterator[None]:
+    """Within: :func:`warn_degenerate` names the node ``name`` ("" names none)."""
+    token = _NODE.set(name)
+    try:
+        yield
+    finally:
+        _NODE.reset(token)
 
 
 def shown_indices(mask: Tensor) -> str:
@@ -36,10 +55,12 @@ def warn_degenerate(
 ) -> None:
     """The one warning text per degeneracy of the KKT system, on every path (and, where
     the KKT matrix's inertia is known, ``not_minimum``: a stationary point that is not
-    a minimiser)."""
+    a minimiser), prefixed with the node's name within :func:`naming`."""
+    name = _NODE.get()
+    prefix, who = (f"{name}.", f"{name}: ") if name else ("", "")
     if not_minimum is not None and bool(not_minimum.any()):
         warn(
-            f"solve returned a stationary point that is not a minimiser for "
+            f"{prefix}solve returned a stationary point that is not a minimiser for "
             f"{shown_indices(not_minimum)}: the Hessian of the Lagrangian has negative "
             "curvature along the active constraints' tangent space (a saddle point or a "
             "maximiser), so the gradient is this point's, not that of the argmin the node "
@@ -48,7 +69,7 @@ def warn_degenerate(
         )
     if bool(singular.any()):
         warn(
-            "the KKT system of the implicit derivative is singular for "
+            f"{who}the KKT system of the implicit derivative is singular for "
             f"{shown_indices(singular)}: the solution is not locally unique (a flat "
             "objective, a symmetry, or a Hessian singular on the constraints' tangent "
             "space), so its derivative does not exist; the gradient uses the "
@@ -60,7 +81,7 @@ def warn_degenerate(
         dependent = dependent & ~singular
         if bool(dependent.any()):
             warn(
-                "the active constraints are linearly dependent for "
+                f"{who}the active constraints are linearly dependent for "
                 f"{shown_indices(dependent)}: the KKT system is singular and the "
                 "multipliers are not unique, so the derivative with respect to data "
                 "that enters only the constraints is not unique either; the gradient "
@@ -74,7 +95,7 @@ def warn_degenerate(
             f" (condition number up to {float(torch.where(ill, cond, 0).amax()):.1e})"
         )
         warn(
-            f"the KKT system of the implicit derivative is ill-conditioned{worst} for "
+            f"{who}the KKT system of the implicit derivative is ill-conditioned{worst} for "
             f"{shown_indices(ill)}: the solution is close to non-unique and the gradient "
             "is very sensitive to the data and to the accuracy of solve",
             GradientWarning,

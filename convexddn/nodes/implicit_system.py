@@ -24,7 +24,7 @@ import torch
 from .._autograd import plain
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
-from .degeneracy import DependenceCheck, shown_indices
+from .degeneracy import DependenceCheck, naming, shown_indices
 from .graph import check_graph, check_second_order, lagrangian_gradient
 from .krylov import pseudo_random_directions
 from .lagrangian import (_batched_vjp, _check_jacobian, _check_values, _constraint, _grads, _lagrangian_parts,
@@ -56,6 +56,7 @@ class ImplicitSystem(NamedTuple):
     solver: LinearSolver
     checked: bool  # the solver is a user's: its result is checked
     dependence: DependenceCheck | None = None  # where dependent constraints' multipliers reach
+    name: str = ""  # the node's, for the solvers' degeneracy warnings
 
     def zero_rhs(self, rows: Tensor) -> Tensor:
         """Rows solved with a zero right-hand side: ``rows`` and the broken elements."""
@@ -63,7 +64,8 @@ class ImplicitSystem(NamedTuple):
 
     def solve(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
         """(w, μ) of the KKT system with right-hand side [v; 0], ``v`` (B, m)."""
-        result = self.solver(self.hvp, self.A, self.inactive, v)
+        with naming(self.name):
+            result = self.solver(self.hvp, self.A, self.inactive, v)
         # A user's solver's result is checked (ours are by construction).
         return (checked_solver_result(result, v.shape[0], v.shape[1], None if self.c is None else self.c.shape[1])
                 if self.checked else result)
@@ -195,7 +197,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         solver = functools.partial(solver, warn_dependent=dependence or False, check_minimum=check_minimum)
     else:
         dependence = None
-    system = ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver), dependence)
+    system = ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver), dependence, name)
     if check_solution:
         tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
         # (the probes of the pass above, unless the Lagrangian was rebuilt after it; the

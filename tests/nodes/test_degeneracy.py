@@ -183,3 +183,78 @@ def test_curved_constraints_meeting_at_one_point_warn(solver, node, x):
     x = torch.tensor(x, dtype=DT, requires_grad=True)
     _, msgs = _caught(lambda: node(linear_solver=solver)(x).sum().backward())
     assert any(LICQ in m and "2 of 2" in m for m in msgs), msgs
+
+
+# ---- the degeneracy warnings name the node, as its other warnings do ----------------------
+
+
+class _Flat(DeclarativeNode):
+    """½(y₀ + y₁ − x)²: every y with y₀ + y₁ = x is a minimiser, the KKT system singular."""
+
+    def objective(self, x, y):
+        return 0.5 * (y.sum(-1) - x[..., 0]) ** 2
+
+    def solve(self, x):
+        return torch.cat([x, torch.zeros_like(x)], -1)
+
+
+class _NearCollinear(DeclarativeNode):
+    """½‖A y − b‖² with two columns of A 1e-6 apart: cond(AᵀA) ~ 1e12."""
+
+    def objective(self, A, b, y):
+        return 0.5 * ((A @ y.unsqueeze(-1)).squeeze(-1) - b).pow(2).sum(-1)
+
+    def solve(self, A, b):
+        return torch.linalg.lstsq(A, b.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+
+
+class _TwinBounds(DeclarativeNode):
+    """½(y − x)² s.t. y ≤ s, y ≤ t, at s = t < x: both active with the same gradient."""
+
+    def objective(self, x, s, t, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, s, t, y):
+        return torch.cat([y - s, y - t], -1)
+
+    def solve(self, x, s, t):
+        return torch.minimum(x, torch.minimum(s, t))
+
+
+class _Maximiser(DeclarativeNode):
+    """−½(y − x)² at y = x: stationary, a maximiser."""
+
+    def objective(self, x, y):
+        return -0.5 * ((y - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x.clone()
+
+
+def _near_collinear_inputs():
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(1, 10, 3, dtype=DT, generator=gen)
+    A[:, :, 2] = A[:, :, 1] + 1e-6 * torch.randn(1, 10, dtype=DT, generator=gen)
+    return A.requires_grad_(True), torch.randn(1, 10, dtype=DT, generator=gen)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+@pytest.mark.parametrize("node, inputs, text", [
+    (_Flat, lambda: (torch.tensor([[1.0]], dtype=DT, requires_grad=True),),
+     "_Flat: the KKT system of the implicit derivative is singular"),
+    (_NearCollinear, _near_collinear_inputs, "_NearCollinear: the KKT system of the implicit derivative is ill-"),
+    (_TwinBounds, lambda: tuple(torch.tensor([[v]], dtype=DT, requires_grad=True) for v in (2.0, 1.0, 1.0)),
+     "_TwinBounds: the active constraints are linearly dependent"),
+])
+def test_the_degeneracy_warnings_name_the_node(solver, node, inputs, text):
+    """The singular, ill-conditioned and dependent-constraints warnings came without the
+    node's name ("the KKT system of the implicit derivative is ill-conditioned (condition
+    number up to 2.8e+12) ..."), unlike the node's others ("Mean: ...")."""
+    _, msgs = _caught(lambda: node(linear_solver=solver)(*inputs()).sum().backward())
+    assert any(m.startswith(text) for m in msgs), msgs
+
+
+def test_the_not_a_minimiser_warning_names_the_node():
+    x = torch.tensor([[1.0, 2.0]], dtype=DT, requires_grad=True)
+    _, msgs = _caught(lambda: _Maximiser(linear_solver="dense")(x).sum().backward())
+    assert any(m.startswith("_Maximiser.solve returned a stationary point that is not a minimiser") for m in msgs), msgs
