@@ -21,13 +21,14 @@ scaling of the current plan (two matrix–vector products per iteration, no ``ex
 Sinkhorn converges linearly, fast when :math:`\varepsilon` is large compared with the
 spread of the costs and very slowly when it is small; Newton converges quadratically
 near the optimum; each element takes whichever served it better in the last round.
-When no row of the costs spreads over more than 50ε (no entry of the kernel below
+For each batch element whose rows spread over 50ε at most (no entry of the kernel below
 e⁻⁵⁰, so nothing can underflow; a constant added to a row does not change the plan),
 plain Sinkhorn on the kernel :math:`K = e^{(\min_j C_{ij} - C)/\varepsilon}`
 runs first, two matrix–vector products per iteration, and hands its potentials to the
 rounds below when its observed linear rate predicts more than ``3·KERNEL_AHEAD``
 further iterations (or after ``KERNEL_ITERS``; :mod:`convexddn.nodes._sinkhorn_kernel`).
-When a row spreads over more than 50ε, ε-scaling first solves loosely for
+The other elements are solved as a batch of their own (so an easy element never waits on
+a hard one's path), and when a row spreads over more than 50ε, ε-scaling first solves loosely for
 ε = spread/50, spread/200, … and warm-starts each stage from the last, so that the final
 stage starts near its optimum; each batch element follows its own schedule (from its
 own spread), and every plan returned is at the final ε. (Past a spread of about 10³ε the
@@ -47,6 +48,7 @@ from collections.abc import Callable
 
 import torch
 
+from ._sinkhorn_columns import exact_cols
 from ._sinkhorn_kernel import kernel_sinkhorn as _kernel_sinkhorn
 from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, row_shifted
 from ._sinkhorn_schur import flush as _flush
@@ -160,7 +162,9 @@ def solve(
     """The plan, its column error ‖Pᵀ1 − b‖₁ (rows exact) and G, batched.
 
     Stops when every element's error is at most ``tol`` or after ``max_iter`` Sinkhorn
-    iterations plus Newton steps in all; the caller reports elements above ``tol``.
+    iterations plus Newton steps in all (counted apart for the elements on the kernel path
+    and those in the log domain, which are solved as two batches); the caller reports
+    elements above ``tol``.
     Costs with NaN or Inf give a NaN plan and error without iterating (the caller then
     checks its inputs: one host sync fewer than checking first).
     When ε is small against the spread of the costs, the problem is first solved for a
@@ -172,7 +176,7 @@ def solve(
     and the returned error is the rows' ‖P1 − a‖₁ (for a caller whose rows are these
     columns). The scaling moves the rows by at most the columns' error; a column whose
     mass underflowed (all of it, when ``max_iter`` ran out far from the optimum) is formed
-    anew from the row potentials (:func:`_exact_cols`).
+    anew from the row potentials (:func:`~convexddn.nodes._sinkhorn_columns.exact_cols`).
 
     ``pad``: the masks of zero entries of ``a`` and ``b`` (None: there are none). With
     ``gibbs`` too, G is the plan with each dead row's and column's Gibbs distribution
@@ -186,69 +190,86 @@ def solve(
     return P, err, G
 
 
-def _exact_cols(
-    P: torch.Tensor, b: torch.Tensor, logits: Callable[[], torch.Tensor], pad: Padding | None
-) -> torch.Tensor:
-    r"""P with its columns scaled to sum to ``b`` (in place); ``logits()``: α_i − C_ij/ε.
-
-    Scaling column j by b_j / Σ_i P_ij is the log-domain column update of β_j. Where that
-    sum is below e·tiny/ε_mach, entries of over an ulp of it underflowed to 0 (all of them:
-    a column that stays 0, when ``max_iter`` ran out far from the optimum), so such columns
-    are formed anew as the update itself, :math:`b_j\,\operatorname{softmax}_i(\alpha_i -
-    C_{ij}/\varepsilon)`, relative to the column's own largest term (as :class:`_State`
-    forms rows); ``logits`` is only evaluated then.
-    """
-    cs = P.sum(-2, keepdim=True)
-    P = P.mul_(torch.where(cs > 0, b.unsqueeze(-2) / cs, 1.0))
-    lo = _lo(P.dtype)
-    low = cs < math.exp(lo) / torch.finfo(P.dtype).eps
-    if pad is not None:
-        low &= ~pad.dead_c.unsqueeze(-2)
-    if bool(low.any()):
-        x = logits()
-        d = x.sub_(x.amax(-2, keepdim=True))
-        rest = d.clamp(min=lo).exp_().sum(-2, keepdim=True).log_()
-        z = d.add_(b.unsqueeze(-2).log() - rest)
-        P = torch.where(low, z.clamp(min=lo).exp_().masked_fill_(z < lo, 0.0), P)
-    return P
-
-
 def _solve(
     C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, tol: float,
     pad: Padding | None = None, cols_exact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """(plan, column error, potentials): with ``pad``, (f, g, the caller's costs, the row
     and column shifts) for the completion (f, g = −∞ on dead rows, columns); None without.
-    With ``cols_exact`` the plan's columns are made exact (:func:`_exact_cols`); the error
-    is still the one before."""
+    With ``cols_exact`` the plan's columns are made exact
+    (:func:`~convexddn.nodes._sinkhorn_columns.exact_cols`); the error is still the one before.
+
+    The path is chosen per batch element, from its own largest row range: the elements
+    within 50ε take the kernel path, the others the log domain, each group solved as a
+    batch of its own (and with its own ``max_iter``) and scattered back, so an element's
+    result does not depend on which path its batch mates need (one hard element sent
+    every easy one to the log domain, 15–20x slower)."""
     # The plan is unchanged by adding a constant to a row of C (α absorbs it), so the
     # spread that matters is the largest range within a row.
     C0, s, t = C, 0.0, 0.0  # (the caller's costs and the shifts, for the completion)
     if C.numel():  # (and a huge offset of a whole row or column, which that range would round in)
         C, s, t = offsets_removed(C, pad)
     if pad is None:
-        D = C - C.amin(-1, keepdim=True)
-        top = float(D.amax()) if C.numel() else 0.0
+        D, full = C - C.amin(-1, keepdim=True), None
     else:
         # Shifts and spread from the live entries only; the solver sees 0 at dead ones.
-        # (|C|'s largest times 0 is NaN where any cost is NaN or Inf, dead ones too.)
         full, low = row_shifted(C, pad)
         s = s + low
         D = full.masked_fill(pad.dead, 0.0)
-        top = float(D.amax() + C.abs().amax() * 0.0)
+    # Each element's spread; (|C|'s largest times 0 is NaN where any cost is NaN or Inf,
+    # dead ones too, which the masked D would hide.)
+    spread = D.amax((-2, -1)) if C.numel() else D.new_zeros(D.shape[:-2])
+    if pad is not None and C.numel():
+        spread = spread + C.abs().amax((-2, -1)) * 0.0
+    easy = spread <= SCALE_ABOVE * eps
+    # (One host sync for the input test and the split.)
+    top, n_easy = torch.stack((spread.amax(), easy.sum().to(spread.dtype))).tolist() if spread.numel() else (0.0, 0)
+    n_easy, n = int(n_easy), D.shape[0]
     if not math.isfinite(top / eps):
         # NaN or Inf in C (amin and amax propagate NaN), or a row range that overflows, or
         # its ratio to eps (which ε-scaling would have walked down from for 500 stages): a
         # non-finite error tells the caller, which checks its inputs then; nothing iterated.
         return torch.full_like(C, math.nan), torch.full_like(C[..., 0, 0], math.nan), None
-    if top <= SCALE_ABOVE * eps:
+    if n_easy in (0, n):  # one path for the whole batch: no copies
+        rows = (lambda: C - C.amin(-1, keepdim=True)) if pad is None else (lambda: full)
+        P, err, f, g, dt = _path(n_easy > 0, D, rows, a, b, eps, max_iter, tol, pad, cols_exact)
+        return P, err, None if pad is None else (f, g, C0, s, t + dt)
+    # Both paths: the easy elements first (a stable sort keeps their order), then the others.
+    # Each group solves on copies (D and full stay as they are), taken by indexing, which keeps
+    # the layout (rows or columns contiguous) and so the rounding of a call on those alone.
+    order = torch.argsort((~easy).to(torch.uint8), stable=True)
+    P, err = torch.empty_like(D), D.new_empty(n)
+    f, g = (None, None) if pad is None else (torch.empty_like(a), torch.empty_like(b))
+    src = D if full is None else full
+    for kernel, idx in ((True, order[:n_easy]), (False, order[n_easy:])):
+        sub = None if pad is None else pad.select(idx)
+        P[idx], err[idx], fi, gi, dt = _path(kernel, D[idx], lambda idx=idx: src[idx], a[idx], b[idx], eps,
+                                             max_iter, tol, sub, cols_exact)
+        if pad is not None:
+            f[idx], g[idx] = fi, gi
+            if torch.is_tensor(dt):  # (the log domain's column shifts)
+                t = t.index_add(0, idx, dt)
+    return P, err, None if pad is None else (f, g, C0, s, t)
+
+
+def _path(
+    kernel: bool, D: torch.Tensor, rows: Callable[[], torch.Tensor], a: torch.Tensor, b: torch.Tensor,
+    eps: float, max_iter: int, tol: float, pad: Padding | None, cols_exact: bool,
+) -> tuple:
+    """(plan, column error, α, β (None without ``pad``), column shift added to D) for a batch
+    on one path: ``kernel``, each row of ``D`` (C less its row minima, 0 on dead entries;
+    overwritten) spreads over 50ε at most; else the log domain with ε-scaling. ``rows()``:
+    D anew, with dead entries as they are (read once; it may be modified)."""
+    dt = 0.0
+    if kernel:
         P, err, v, used, worst, u = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol, pad)
         # (The kernel overwrote D; β = log v refers to the same row-shifted costs, ≤ 50ε.)
-        shifted = (lambda: C - C.amin(-1, keepdim=True)) if pad is None else (lambda: full.masked_fill(pad.dead, 0.0))
+        shifted = rows if pad is None else (lambda: rows().masked_fill(pad.dead, 0.0))
         if used >= max_iter or worst <= tol:
             if cols_exact:
-                P = _exact_cols(P, b, lambda: u.transpose(-1, -2).log() - shifted() / eps, pad)
-            return P, err, None if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log(), C0, s, t)
+                P = exact_cols(P, b, lambda: u.transpose(-1, -2).log() - shifted() / eps, pad)
+            pot = (None, None) if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log())
+            return P, err, *pot, dt
         D = shifted()
         st = _solve_at(D, a, b, eps, max_iter - used, tol, v.squeeze(-2).log(), None, pad)[0]
     else:
@@ -259,16 +280,15 @@ def _solve(
         if pad is None:
             D.sub_(D.amin(-2, keepdim=True))
         else:
-            full, low = col_shift_(full, pad)
-            t = t + low
+            full, dt = col_shift_(rows(), pad)
             D = full.masked_fill(pad.dead, 0.0)
         # Each element's own spread sets its ε-scaling schedule: an easy element batched
         # with a hard one must neither run the hard one's stages nor wait on its budget.
         spread = D.amax((-2, -1))
         start = torch.where(spread > SCALE_ABOVE * eps, spread / SCALE_ABOVE, eps)
         st = _solve_at(D, a, b, eps, max_iter, tol, None, start, pad)[0]
-    P = _exact_cols(st.P, b, lambda: st.alpha.unsqueeze(-1) - D / eps, pad) if cols_exact else st.P
-    return P, st.err, None if pad is None else (st.alpha, st.beta, C0, s, t)
+    P = exact_cols(st.P, b, lambda: st.alpha.unsqueeze(-1) - D / eps, pad) if cols_exact else st.P
+    return P, st.err, st.alpha, st.beta, dt
 
 
 def _anchored(beta: torch.Tensor) -> torch.Tensor:

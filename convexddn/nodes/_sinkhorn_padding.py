@@ -83,6 +83,14 @@ class Padding:
         dr, dc = self.dead_r.unsqueeze(-1), self.dead_c.unsqueeze(-2)
         self.dead, self.both = dr | dc, dr & dc
 
+    def select(self, idx: torch.Tensor) -> Padding:
+        """The masks of the batch elements ``idx`` (a 1-D index tensor), for a solve of those alone."""
+        out = object.__new__(Padding)
+        out.rows, out.cols = self.rows, self.cols
+        for name in ("dead_r", "dead_c", "pad_r", "pad_c", "fixed", "dead", "both"):
+            setattr(out, name, getattr(self, name)[idx])
+        return out
+
 
 def row_shifted(C: torch.Tensor, pad: Padding) -> tuple[torch.Tensor, torch.Tensor]:
     """C less each row's minimum over the live columns, 0 on dead × dead entries; and

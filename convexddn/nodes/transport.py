@@ -7,10 +7,10 @@ r"""Entropic optimal transport (Sinkhorn) as a declarative node.
     H(P) = -\sum_{ij} P_{ij} (\log P_{ij} - 1)
 
 The minimiser is :math:`P_{ij} = \exp(\alpha_i + \beta_j - C_{ij}/\varepsilon)` for dual
-potentials :math:`\alpha, \beta` fixed by the two marginal constraints. When no row of
-the costs spreads over more than 50ε, plain Sinkhorn on the kernel
+potentials :math:`\alpha, \beta` fixed by the two marginal constraints. For each batch
+element whose rows spread over 50ε at most, plain Sinkhorn on the kernel
 :math:`e^{(\min_j C_{ij} - C)/\varepsilon}` (entries in :math:`[e^{-50}, 1]`: nothing
-underflows) finds them; otherwise, and where it converges slowly, the forward pass works
+underflows) finds them; for the others, and where it converges slowly, the forward pass works
 in the log domain (no kernel formed, so a small :math:`\varepsilon` neither underflows
 nor loses the tiny entries of the plan): Sinkhorn's alternating row and column updates
 and Newton steps on the reduced dual, which converge quadratically, with ε-scaling when

@@ -146,6 +146,87 @@ def test_sinkhorn_kernel_hands_slow_cases_to_newton(monkeypatch):
     assert _gibbs_residual(P, C, 0.1) < 1e-9
 
 
+def _mixed(m: int, n: int, seed: int) -> torch.Tensor:
+    """Five costs at ε = 1: rows of elements 1 and 3 spread over ~100ε (randn·30, the log domain's),
+    the others' over ~4ε (the kernel path's)."""
+    C = torch.randn(5, m, n, generator=_gen(seed), dtype=F64)
+    C[[1, 3]] *= 30
+    return C
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("m,n", [(12, 9), (9, 12)])
+def test_sinkhorn_mixed_batch_matches_separate_calls(m, n, padded):
+    # The path is chosen per element: an element's plan is that of a call on its own path's
+    # elements alone, bit for bit, whatever its batch mates need (one hard element used to
+    # send every easy one to the log domain: 15-20x slower, 5e-14 apart), and so are its
+    # gradients (to rounding).
+    C = _mixed(m, n, 60)
+    a = torch.rand(5, m, generator=_gen(61), dtype=F64) + 0.2
+    b = torch.rand(5, n, generator=_gen(62), dtype=F64) + 0.2
+    if padded:  # (zero patterns in both groups)
+        a[0, -2:] = a[3, 0] = b[1, 1] = b[4, -1] = 0.0
+    W = torch.randn(5, m, n, generator=_gen(63), dtype=F64)
+
+    def run(idx):
+        Ci, ai, bi = (t[idx].clone().requires_grad_() for t in (C, a, b))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            P = sinkhorn(Ci, ai, bi, eps=1.0)
+            return (P.detach(), *torch.autograd.grad((P * W[idx]).sum(), (Ci, ai, bi)))
+
+    mixed = run([0, 1, 2, 3, 4])
+    for idx in ([0, 2, 4], [1, 3]):
+        alone = run(idx)
+        assert torch.equal(mixed[0][idx], alone[0])
+        # (The gradients to rounding: the public function's sums over a's entries, batched
+        # differently, may round differently in the last place.)
+        for got, want in zip(mixed[1:], alone[1:]):
+            torch.testing.assert_close(got[idx], want, rtol=1e-13, atol=1e-17)
+    # And each plan is the optimum (an independent check: marginals and the Gibbs form).
+    P = mixed[0]
+    # (b is rescaled to a's mass; the column error is relative to it.)
+    bm = b * (a.sum(-1) / b.sum(-1)).unsqueeze(-1)
+    torch.testing.assert_close(P.sum(-1), a, rtol=1e-13, atol=1e-16)
+    assert ((P.sum(-2) - bm).abs().sum(-1) / a.sum(-1)).max() <= 1e-12
+    for k in range(5):
+        live = (a[k] > 0).unsqueeze(-1) & (b[k] > 0)
+        assert torch.equal(P[k][~live], torch.zeros_like(P[k][~live]))
+        Pk, Ck = _live(P[k], a[k], b[k]), _live(C[k], a[k], b[k])
+        assert _gibbs_residual(Pk, Ck, 1.0) < 1e-8
+
+
+def test_sinkhorn_mixed_batch_easy_elements_take_kernel_path(monkeypatch):
+    # Instrumented: the four elements within 50ε go to plain kernel Sinkhorn as one batch,
+    # only the two beyond (rows spreading over ~90ε) to the log-domain solver.
+    from convexddn.nodes import _sinkhorn
+
+    C = _cost(6, 10, 8, seed=64)
+    C[[2, 5]] *= 100
+    used = []
+    for name in ("_kernel_sinkhorn", "_solve_at"):
+        f = getattr(_sinkhorn, name)
+        monkeypatch.setattr(_sinkhorn, name, lambda *x, f=f, name=name: used.append((name, len(x[0]))) or f(*x))
+    P = sinkhorn(C, eps=1.0)
+    assert used == [("_kernel_sinkhorn", 4), ("_solve_at", 2)]
+    assert (P.sum(-2) - 0.125).abs().sum(-1).max() <= 1e-12
+    assert _gibbs_residual(P, C, 1.0) < 1e-8
+
+
+def test_sinkhorn_mixed_batch_gradcheck():
+    # The backward of a batch split between the two paths (element 1 beyond 50ε), against
+    # central differences in float64, through the costs and both marginals.
+    eps = 0.5
+    C = _cost(3, 5, 4, seed=65)
+    C[1] *= 40
+    spread = (C - C.amin(-1, keepdim=True)).amax((-2, -1))
+    assert spread[1] > 50 * eps > spread[[0, 2]].max()
+    C.requires_grad_()
+    a = (_marginal(5, 66) * 2).expand(3, 5).clone().requires_grad_()
+    b = _marginal(4, 67).expand(3, 4).clone().requires_grad_()
+    assert gradcheck(lambda C, a, b: sinkhorn(C, a, b, eps=eps), (C, a, b), atol=1e-8, rtol=1e-6)
+
+
 def test_sinkhorn_row_offsets_do_not_change_plan():
     # A constant added to each row of C is absorbed by α: the plan is the same, and
     # the solver's path (chosen by the row ranges) must not change either.
@@ -526,14 +607,17 @@ def test_sinkhorn_padding_matches_sliced_problem(m, n, scale, eps, monkeypatch):
     used = []
     for name in ("_kernel_sinkhorn", "_solve_at", "schur_solve"):
         f = getattr(_sinkhorn, name)
-        monkeypatch.setattr(_sinkhorn, name, lambda *x, f=f, name=name: used.append(name) or f(*x))
+        monkeypatch.setattr(_sinkhorn, name, lambda *x, f=f, name=name: used.append((name, len(x[0]))) or f(*x))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         P = sinkhorn(C, a, b, eps=eps)
         gC, ga, gb = torch.autograd.grad((P * W).sum(), (C, a, b))
-    # The padded problem took the path _PATHS names (Newton steps call schur_solve).
-    assert ("_kernel_sinkhorn" in used) == (scale <= 50 * eps)
-    assert ("_solve_at" in used) == ("schur_solve" in used) == (eps < 1.0)
+    # Each element took the path _PATHS names (Newton steps call schur_solve), from its live
+    # entries only: all four on the kernel within 50ε; beyond, element 3 alone, whose single
+    # live column (row, for M < N) spreads over nothing.
+    names = [name for name, _ in used]
+    assert [k for name, k in used if name == "_kernel_sinkhorn"] == [4 if scale <= 50 * eps else 1]
+    assert ("_solve_at" in names) == ("schur_solve" in names) == (eps < 1.0)
     monkeypatch.undo()
     for t in (P, gC, ga, gb):
         assert torch.isfinite(t).all()
@@ -634,7 +718,8 @@ def test_sinkhorn_padding_costs_of_any_finite_size(value, eps):
     torch.testing.assert_close(gC[rows][:, cols], ref[0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ga[rows], ref[1], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gb[cols], ref[2], rtol=1e-9, atol=1e-12)
-    assert torch.equal(gC[~rows], torch.zeros(1, 5, dtype=F64)) and torch.equal(gC[:, ~cols], torch.zeros(4, 1, dtype=F64))
+    assert torch.equal(gC[~rows], torch.zeros(1, 5, dtype=F64))
+    assert torch.equal(gC[:, ~cols], torch.zeros(4, 1, dtype=F64))
     for v, g, i, which in ((a, ga, 1, "a"), (b, gb, 2, "b")):
         def f(t, v=v, i=i, which=which):
             w = v.clone()
