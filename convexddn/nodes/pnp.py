@@ -14,7 +14,8 @@ reference's ``reproj_huber``).
 Forward: a batched direct linear transform (DLT) start (for nearly planar scenes also
 the plane's homography, the better pose kept), then damped Newton
 (Levenberg–Marquardt on the exact 6×6 Hessian, shifted to be positive definite, each
-step accepted only if it lowers the objective), all batch elements at once, in float64.
+step accepted only if it lowers the objective), all batch elements at once (those still
+running, once half have finished), in float64.
 
 Backward (Gould et al. Prop. 4.4, §6.1):
 :math:`v = H^{-1} \\bar\\theta` with the exact 6×6 Hessian at the solution, then
