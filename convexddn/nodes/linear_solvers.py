@@ -29,6 +29,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -45,12 +46,14 @@ from .krylov import projected_cg
 
 __all__ = [
     "CG_BUDGET_MIN",
+    "CG_ITER_WORK",
     "DENSE_MAX",
     "DENSE_WORK",
     "HVP",
     "ILL_CONDITIONED",
     "LINEAR_SOLVERS",
     "LinearSolver",
+    "cg_budget",
     "resolve_linear_solver",
     "shown_indices",
     "solve_kkt_cg",
@@ -76,11 +79,10 @@ LINEAR_SOLVERS = ("auto", "dense", "cg")
 #: more as the condition number grows: at condition 1e4 dense won everywhere measured).
 DENSE_MAX = 64
 DENSE_WORK = 3e8
-#: Under ``"auto"``, CG runs at most ``max(CG_BUDGET_MIN, N // 16)`` iterations before
-#: unconverged elements go to the dense solve (measured: for an entropic transport node
-#: with N = 960 the dense solve took as long as ~75 CG iterations).
-CG_BUDGET_MIN = 50
-
+#: :func:`cg_budget`: the dense solve costs about ``B N^3 / CG_ITER_WORK`` CG iterations
+#: (CPU, float64, one thread: one per 0.9e6-4.5e6 of ``B N^3`` for cheap Hessian-vector
+#: products, N = 128-2000, B = 1-64; 5e6-1.7e7 for dense matrix products; ~75 at DENSE_WORK).
+CG_BUDGET_MIN, CG_ITER_WORK = 50, 4e6
 
 #: Largest dense KKT batch (bytes, float64) that "auto" and the CG fallback will form.
 _DENSE_BYTES = 1 << 30
@@ -138,8 +140,9 @@ def solve_kkt_dense(
             Default :data:`ILL_CONDITIONED` (``1e10``).
         warn_dependent: warn about linearly dependent active constraints (whose
             multipliers are then not unique); or a callable ``(B,) mask -> (B,) mask``
-            keeping the dependent elements whose gradient that non-uniqueness reaches. :func:`declarative_vjp` turns it off when
-            no input or parameter enters the constraints: the gradient is then unique.
+            keeping the dependent elements whose gradient that non-uniqueness reaches.
+            :func:`declarative_vjp` turns it off when no input or parameter enters the
+            constraints: the gradient is then unique.
         check_minimum: warn where :math:`K_b`'s inertia shows that :math:`H_b` has
             negative curvature on the active constraints' tangent space (more negative
             eigenvalues than independent active constraints, from an
@@ -271,8 +274,7 @@ def solve_kkt_cg(
             or not dense_fallback_bytes >= 0:  # inf: always
         raise OptionError(f"dense_fallback_bytes must be a number >= 0 (inf: no limit), got {dense_fallback_bytes!r}")
     check_number("ill_conditioned", ill_conditioned, above=1)
-    if budget is not None:
-        budget = check_int("budget", budget, minimum=1)
+    budget = None if budget is None else check_int("budget", budget, minimum=1)
     size = m + (0 if A is None else A.shape[1])
     rcond = default_rcond(size, v.dtype) if rcond is None else check_tolerance("cg rcond", rcond)
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
@@ -305,23 +307,18 @@ def solve_kkt_cg(
         if can_fall_back:
             res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned, check_minimum)
             w = torch.where(failed.unsqueeze(-1), res.w, w)
-            if mu is not None:
-                mu = torch.where(failed.unsqueeze(-1), res.mu, mu)
+            mu = None if mu is None else torch.where(failed.unsqueeze(-1), res.mu, mu)
             singular = torch.where(failed, res.singular, singular)
             ill = torch.where(failed, res.ill, ill)
             cond = torch.where(failed, res.cond, cond)
             not_minimum = (failed & res.not_minimum) if check_minimum else None
         else:
             stuck = failed & singular
-            warn(
-                f"conjugate gradients did not reach tol={tol:g} (worst relative residual "
-                f"{float(out.residual.amax()):.2e}) for {shown_indices(failed)}, and the "
-                f"dense system ({dense_bytes(batch, size) / 2**30:.1f} GiB) is over "
-                "dense_fallback_bytes: those elements keep the last CG iterate"
-                + (f" (singular for {shown_indices(stuck)}: no derivative exists there)"
-                   if bool(stuck.any()) else ""),
-                GradientWarning,
-            )
+            warn(f"conjugate gradients did not reach tol={tol:g} (worst relative residual "
+                 f"{float(out.residual.amax()):.2e}) for {shown_indices(failed)}, and the dense system "
+                 f"({dense_bytes(batch, size) / 2**30:.1f} GiB) is over dense_fallback_bytes: those elements keep "
+                 "the last CG iterate" + (f" (singular for {shown_indices(stuck)}: no derivative exists there)"
+                                          if bool(stuck.any()) else ""), GradientWarning)
             # Said above: the singular warning's pseudo-inverse solution is not what they got.
             singular, ill = singular & ~failed, ill & ~failed
     if not can_fall_back:
@@ -334,19 +331,33 @@ def solve_kkt_cg(
                  GradientWarning)
         unchecked = out.unfinished & ~failed & ~ill
         if bool(unchecked.any()):
-            warn(
-                f"the singularity probe of conjugate gradients did not finish within "
-                f"max_iter={max_iter} for {shown_indices(unchecked)}, and the dense system is "
-                "over dense_fallback_bytes: whether their KKT system is singular or "
-                "ill-conditioned was not checked (raise max_iter or dense_fallback_bytes)",
-                GradientWarning,
-            )
+            warn(f"the singularity probe of conjugate gradients did not finish within max_iter={max_iter} for "
+                 f"{shown_indices(unchecked)}, and the dense system is over dense_fallback_bytes: whether their "
+                 "KKT system is singular or ill-conditioned was not checked (raise max_iter or "
+                 "dense_fallback_bytes)", GradientWarning)
     warn_degenerate(singular, dependent_to_warn(dependent, warn_dependent), ill, cond,
                     not_minimum=not_minimum)
     return w, mu
 
 
 # --------------------------------------------------------------------------- choice
+
+
+def cg_budget(size: int, batch: int = 1) -> int:
+    """CG iterations ``"auto"`` allows ``batch`` systems of ``size = N`` unknowns before
+    the dense fallback: :math:`\\max(\\texttt{CG\\_BUDGET\\_MIN}, \\min(N, \\lceil B N^3 /
+    \\texttt{CG\\_ITER\\_WORK} \\rceil))`.
+
+    Ski rental: the fallback forms ``H`` from ``N`` Hessian-vector products (a CG step
+    does two: system and probe), factorises ``B`` matrices of ``N^2`` entries and holds
+    ``3 B N^2`` floats; CG gets about that time (measured), so a system that stalls costs
+    about twice the dense solve alone (up to ~5x with dense matrix products as HVPs). With
+    ``B N^3 / CG_ITER_WORK = N (B N^2 / CG_ITER_WORK)``, memory counts too: a dense batch of
+    32 MB (float64) or more leaves CG all ``N`` steps, the most exact CG needs (more means
+    rounding has taken over: an ill-conditioned system, which the dense tests judge better).
+    """
+    work = batch * float(size) ** 3 / CG_ITER_WORK
+    return max(CG_BUDGET_MIN, min(size, math.ceil(work)))
 
 
 def resolve_linear_solver(
@@ -361,8 +372,9 @@ def resolve_linear_solver(
     ``"dense"``, ``"cg"`` (with ``cg_options`` such as ``tol`` and ``max_iter``), or
     ``"auto"``: dense up to ``dense_max`` unknowns when it is given; otherwise dense
     while ``size <= DENSE_MAX`` or ``batch * size**3 <= DENSE_WORK`` (the measured
-    crossover), and the dense batch fits in 1 GiB; CG above. A callable is returned as
-    is.
+    crossover), and the dense batch fits in 1 GiB; CG above, for at most
+    :func:`cg_budget` iterations before unconverged elements go to the dense solve
+    (unless ``cg_options`` sets ``max_iter``). A callable is returned as is.
 
     Raises:
         OptionError: an unknown name.
@@ -382,5 +394,5 @@ def resolve_linear_solver(
     if linear_solver == "auto" and "max_iter" not in options:
         # Ski rental: CG gets about the time of the dense solve, then the unconverged
         # elements go to the dense solve if it fits in memory.
-        options["budget"] = max(CG_BUDGET_MIN, size // 16)
+        options["budget"] = cg_budget(size, batch)
     return functools.partial(solve_kkt_cg, **options) if options else solve_kkt_cg

@@ -1,0 +1,98 @@
+"""Tests of convexddn.nodes.linear_solvers: which KKT solver ``"auto"`` runs, and its answer.
+
+Gradients are checked against closed forms written out here (``y = Q^{-1} x`` for a
+quadratic objective, so ``dL/dx = Q^{-1} v`` with ``Q^{-1}`` from its eigenvectors);
+which path ran is read from the calls to the dense solve, never from timings.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from convexddn.nodes import linear_solvers
+from convexddn.nodes.declarative import DeclarativeNode
+from convexddn.nodes.linear_solvers import CG_BUDGET_MIN, CG_ITER_WORK, cg_budget
+
+DT = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class _RotatedDiagonal(DeclarativeNode):
+    """argmin_u ½ uᵀQu − xᵀu = Q⁻¹x with Q = P diag(d) P, P = I − 2uuᵀ (a Householder
+    reflection; ``u = None``: P = I). Q is dense for a dense ``u``; its products cost O(m)."""
+
+    def __init__(self, d: torch.Tensor, u: torch.Tensor | None = None, **kw):
+        super().__init__(**kw)
+        self.register_buffer("d", d)
+        self.register_buffer("u", torch.zeros_like(d) if u is None else u)
+
+    def _reflect(self, z):
+        return z - 2.0 * (z @ self.u).unsqueeze(-1) * self.u
+
+    def objective(self, x, y):
+        py = self._reflect(y)
+        return 0.5 * (self.d * py * py).sum(-1) - (x * y).sum(-1)
+
+    def solve(self, x):
+        return self._reflect(self._reflect(x) / self.d)
+
+
+def _dense_calls(monkeypatch) -> list[int]:
+    """Count the dense solves, chosen up front (solve_kkt_dense) or as CG's fallback (dense_kkt)."""
+    calls: list[int] = []
+    dense_kkt, solve_dense = linear_solvers.dense_kkt, linear_solvers.solve_kkt_dense
+    monkeypatch.setattr(linear_solvers, "dense_kkt", lambda *a, **k: calls.append(1) or dense_kkt(*a, **k))
+    monkeypatch.setattr(linear_solvers, "solve_kkt_dense", lambda *a, **k: calls.append(2) or solve_dense(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("rotated", [False, True], ids=["diagonal", "dense"])
+def test_auto_keeps_cg_on_moderately_conditioned_hessians(monkeypatch, rotated):
+    """m = 2000, B = 2, condition 300: CG converges in a few hundred iterations, where the
+    old budget, max(50, N // 16) = 125, handed both systems to a dense solve 20x slower
+    with 10x the memory. Now CG finishes and the gradient is the closed form Q⁻¹v."""
+    m, batch = 2000, 2
+    d = torch.logspace(0, math.log10(300.0), m, dtype=DT)
+    u = None
+    if rotated:
+        u = torch.randn(m, generator=_gen(1), dtype=DT)
+        u = u / u.norm()
+    node = _RotatedDiagonal(d, u)
+    x = torch.randn(batch, m, generator=_gen(2), dtype=DT, requires_grad=True)
+    v = torch.randn(batch, m, generator=_gen(3), dtype=DT)
+    calls = _dense_calls(monkeypatch)
+    (g,) = torch.autograd.grad(node(x), x, v)
+    assert calls == []  # neither the dense solve nor the fallback ran
+    ref = v / d if u is None else node._reflect(node._reflect(v) / d)
+    torch.testing.assert_close(g, ref, rtol=1e-7, atol=1e-9)
+
+
+def test_auto_still_hands_stalling_cg_to_the_dense_solve(monkeypatch):
+    """Condition 1e9 (m = 700, B = 1): CG cannot finish in its budget (86 iterations), so
+    the dense solve answers, exactly: the fallback stays for genuinely stalling systems."""
+    m = 700
+    d = torch.logspace(0, 9, m, dtype=DT)
+    x = torch.randn(1, m, generator=_gen(4), dtype=DT, requires_grad=True)
+    v = torch.randn(1, m, generator=_gen(5), dtype=DT)
+    calls = _dense_calls(monkeypatch)
+    (g,) = torch.autograd.grad(_RotatedDiagonal(d)(x), x, v)
+    assert calls == [1]
+    torch.testing.assert_close(g, v / d, rtol=1e-10, atol=0)
+
+
+def test_cg_budget_follows_the_dense_cost():
+    """At least CG_BUDGET_MIN; growing with the batch; all N unknowns once the dense batch
+    holds CG_ITER_WORK floats (memory counts); never below the old rule, max(50, N // 16)."""
+    assert cg_budget(100, 1) == CG_BUDGET_MIN
+    assert cg_budget(1000, 1) < cg_budget(1000, 2) < 1000  # the dense solve's cost grows with B
+    n = math.ceil(math.sqrt(CG_ITER_WORK))
+    assert cg_budget(n, 1) == n and cg_budget(3000, 2) == 3000 and cg_budget(500, 64) == 500
+    for size in (64, 700, 2000, 5000):
+        for batch in (1, 16):
+            assert max(CG_BUDGET_MIN, size // 16) <= cg_budget(size, batch) <= max(CG_BUDGET_MIN, size)
+
