@@ -103,23 +103,11 @@ def term_norms(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, probes: tuple) -> t
     return hu, y, curvature, own, total, x_norms
 
 
-def kkt_residuals(
-    yg: Tensor,
-    xg: Sequence[Tensor],
-    gf: Tensor,
-    gL: Tensor,
-    c: Tensor | None,
-    A: Tensor | None,
-    lam: Tensor | None,
-    n_eq: int,
-    inactive: Tensor | None,
-    tol: float,
-    eps: float,
-    probes: tuple | None = None,
-    feasibility_rows: Tensor | None = None,
-    step: Callable[[Tensor], Tensor] | None = None,
-    norms: tuple | None = None,
-) -> KKTResiduals:
+def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: Tensor | None, A: Tensor | None,
+                  lam: Tensor | None, n_eq: int, inactive: Tensor | None, tol: float, eps: float,
+                  probes: tuple | None = None, feasibility_rows: Tensor | None = None,
+                  step: Callable[[Tensor], Tensor] | None = None, norms: tuple | None = None,
+                  rounding: Tensor | None = None) -> KKTResiduals:
     """Relative first-order residuals of ``y`` (see the module docstring).
 
     Args:
@@ -147,6 +135,8 @@ def kkt_residuals(
             (feasibility), against ``‖y‖``. ``None``: both residuals are judged against
             the scales alone.
         norms: :func:`term_norms` of ``probes``, if the caller has them.
+        rounding: ``(B,)`` a residual level not counted, as measured (terms that saturate
+            and cancel round far above eps of the scale); ``None``: the scale's alone.
     """
     batch, m = yg.shape
     if probes is None:
@@ -166,6 +156,7 @@ def kkt_residuals(
     hu_norm, y_norm, curvature, force_scale, scale, x_norms = term_norms(yg, xg, gf, probes) if norms is None else norms
     no_length = _no_length(xg)
     noise = _rounding(scale, eps, no_length, hu_norm)
+    noise = noise if rounding is None else torch.maximum(noise, rounding)
     r = gf
     if c is not None:
         is_ineq = torch.zeros(c.shape[1], dtype=torch.bool, device=c.device)

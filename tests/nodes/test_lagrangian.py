@@ -408,3 +408,130 @@ def test_a_kink_beside_large_data_is_still_found():
     with pytest.warns(GradientWarning, match="kink"):
         (g,) = torch.autograd.grad(_SoftThresholdNode()(x).sum(), x)
     assert torch.equal(g, torch.zeros_like(g))
+
+
+# ---- saturated terms: the checks' rounding floors measured, not built from derivatives ------
+
+
+def _bisect_pseudo_huber_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B,) the minimisers of Σ sqrt(1 + (y − x_i)²) per row of ``x`` (B, n), by bisection
+    on the increasing gradient (float64, to the last bit)."""
+    lo, hi = x.amin(-1), x.amax(-1)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        r = mid.unsqueeze(-1) - x
+        neg = (r / torch.sqrt(1 + r * r)).sum(-1) < 0
+        lo, hi = torch.where(neg, mid, lo), torch.where(neg, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def _saturated_rows(batch: int, seed: int, off: float = 100.0) -> torch.Tensor:
+    """Four points near −off and four near +off: pseudo-Huber terms ±(1 − 1/(2 off²)) that
+    cancel at y, curvatures h_i ~ off⁻³."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(batch, 4, dtype=DT, generator=g) - off,
+                      torch.randn(batch, 4, dtype=DT, generator=g) + off], 1)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_saturated_terms_are_not_taken_for_a_missing_graph(mode):
+    """Plain torch pseudo-Huber pooling of points ±100 from y: ∇_y L rounds at eps·Σ|t_i| ~
+    1e-15, the second-order check's floor (eps of ‖H‖‖y‖ + ‖B‖‖x‖ ~ 1e-3, curvatures 1e-6)
+    at ~2e-16: a ProblemError "backward is not itself differentiable" for 20 of 50 rows.
+    Reference: h_i / Σh, h = (1 + (y − x)²)^(-3/2), at an independent bisection solve."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = _saturated_rows(50, 2)
+    v = torch.randn(x.shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    h = (1 + (_bisect_pseudo_huber_rows(x).unsqueeze(-1) - x) ** 2) ** -1.5
+    dy = h / h.sum(-1, keepdim=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        if mode == "reverse":
+            xr = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(_PseudoHuberPool()(xr).sum(), xr)
+            torch.testing.assert_close(g, dy, rtol=1e-7, atol=0)
+        else:
+            with fwAD.dual_level():
+                t = fwAD.unpack_dual(_PseudoHuberPool()(fwAD.make_dual(x, v))).tangent
+            torch.testing.assert_close(t[:, 0], (dy * v).sum(-1), rtol=1e-7, atol=1e-12)
+
+
+def test_saturated_terms_are_not_taken_for_kinks(monkeypatch):
+    """The kink probe's floor (64 eps of the same scale, ~1e-17) missed that rounding too:
+    90 of 2000 rows were "kinks" (gradients zeroed) with the second-order check aside."""
+    from convexddn.nodes import implicit_system
+
+    monkeypatch.setattr(implicit_system, "check_second_order", lambda *args, **kwargs: None)
+    x = _saturated_rows(400, 4).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(_PseudoHuberPool()(x).sum(), x)
+    h = (1 + (_bisect_pseudo_huber_rows(x.detach()).unsqueeze(-1) - x.detach()) ** 2) ** -1.5
+    torch.testing.assert_close(g, h / h.sum(-1, keepdim=True), rtol=1e-7, atol=0)
+
+
+class _NoGradPseudoHuber(torch.autograd.Function):
+    """sqrt(1 + r²) − 1 with a first-order backward (under no_grad)."""
+
+    @staticmethod
+    def forward(ctx, r):
+        ctx.save_for_backward(r)
+        return torch.sqrt(1 + r * r) - 1
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        with torch.no_grad():
+            return g * r / torch.sqrt(1 + r * r)
+
+
+class _UnseededPseudoHuber(_NoGradPseudoHuber):
+    """The same with a differentiable backward that ignores its incoming gradient: right at
+    ω = 1, but its gradient is not linear in ω (so ∂/∂ω misses it, as a missing graph)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return r / torch.sqrt(1 + r * r) + 0 * g
+
+
+def _mixed_objective(fn):
+    def objective(x, y):
+        r = y - x
+        return (torch.sqrt(1 + r[:, :6] ** 2) - 1).sum(-1) + fn(r[:, 6:]).sum(-1)
+    return objective
+
+
+def test_a_missing_graph_among_saturated_terms_is_still_refused():
+    """Two of the eight terms through a no_grad backward: its gap (~2) is 1e15 times the
+    measured rounding, far beyond the margin of 64."""
+
+    class Mixed(_PseudoHuberPool):
+        def objective(self, x, y):
+            return _mixed_objective(_NoGradPseudoHuber.apply)(x, y)
+
+    x = _saturated_rows(50, 2).requires_grad_(True)
+    with pytest.raises(ProblemError, match="backward is not itself differentiable"):
+        torch.autograd.grad(Mixed()(x).sum(), x)
+
+
+def test_a_backward_ignoring_its_incoming_gradient_is_refused_among_saturated_terms():
+    """Such a term is not linear in ω: it leaks |1/c − 1| of itself into the measured
+    rounding, which the seeds (within 1.4e-4 of 1) keep 7e3 times below its gap (at c = 3
+    it leaked 2/3 and would pass). (Through a node, the batch-coupling probe refuses it
+    first; here the second-order check alone.)"""
+    from convexddn.nodes.graph import check_second_order, lagrangian_gradient
+    from convexddn.nodes.implicit_system import _measured_rounding
+    from convexddn.nodes.krylov import pseudo_random_directions
+    from convexddn.nodes.lagrangian import lagrangian_probes
+
+    x = _saturated_rows(50, 2).requires_grad_(True)
+    y = _bisect_pseudo_huber_rows(x.detach()).unsqueeze(-1).requires_grad_(True)
+    lagrangian = _mixed_objective(_UnseededPseudoHuber.apply)(x, y)
+    gL, seed = lagrangian_gradient("", lagrangian, y)
+    u = pseudo_random_directions(1, 50, DT, y.device)
+    *_, d_seed = lagrangian_probes(gL, y, (x,), seed, u)
+    scale = torch.ones(50, dtype=DT)
+    with pytest.raises(ProblemError, match="backward is not itself differentiable"):
+        check_second_order("", gL, u, d_seed, scale, (50,), rounding=lambda: _measured_rounding(lagrangian, y, gL))
