@@ -28,7 +28,7 @@ from .kkt import bmv
 from .symmetric_cones import ConeLayout
 from .tensor_cache import cached
 
-__all__ = ["better", "natural_residual", "polish", "rounding_level"]
+__all__ = ["better", "empty_columns", "natural_residual", "polish", "rounding_level"]
 
 # Residuals at most this many ulps are at rounding level (measured after converged
 # Newton steps: 0.3-4 ulps).
@@ -192,6 +192,13 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     dual = torch.diagonal(K[:, n:, n:], dim1=-2, dim2=-1)
     dual[:, :z0] -= _DELTA
     dual[:, z0:] += _DELTA * _pair_scale(layout, sl, zl)
+    # A variable that appears nowhere (its column of P and A zero: the unused entries of a
+    # vector variable) leaves K's row and column zero, and LU failed every step: a sqrt
+    # epigraph with such a t stayed at the interior point's √μ error, 7e-7. Its row reads
+    # 0 · dx_j = −q_j; a unit pivot there gives dx_j = −q_j (0 wherever the program is
+    # bounded) and the step of the program without it for the others.
+    diag = torch.diagonal(K[:, :n, :n], dim1=-2, dim2=-1)
+    diag += empty_columns(P, A).to(P.dtype)
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - comp], 1)
     # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN. (In place:
     # K and its factors are the step's two (B, n + m, n + m) tensors, and its peak.)
@@ -207,6 +214,14 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     ds = -rz - bmv(A, dx)
     ds = torch.cat([torch.zeros_like(ds[:, :z0]), ds[:, z0:]], 1)
     return dx, ds, dz, failed | ~torch.isfinite(sol).all(1)
+
+
+def empty_columns(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """(B, n) the variables of each element that appear nowhere: their column of ``P``
+    (B, n, n) and of ``A`` (B, m, n) is exactly zero."""
+    empty = P.abs().amax(-2) == 0 if P.shape[-2] else torch.ones(P.shape[:-2] + P.shape[-1:], dtype=torch.bool,
+                                                                   device=P.device)
+    return empty & (A.abs().amax(-2) == 0) if A.shape[-2] else empty
 
 
 def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3, settled=None, decide=None):
