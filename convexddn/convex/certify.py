@@ -223,7 +223,6 @@ def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Ten
     return out
 
 
-
 def undecided_reach(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(B,) largest component of ``w`` along a direction whose limit scaling an undecided
     pair leaves open (0 where there is none): ``s, z`` the cone rows of a solution,
@@ -323,16 +322,29 @@ def nearly_dependent_rows(AE: torch.Tensor, where: torch.Tensor) -> torch.Tensor
     return torch.zeros_like(where).index_copy(0, idx, sv[:, -1] <= NEARLY_DEPENDENT * sv[:, 0])
 
 
+def _soc_linear(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, delta: float, rt: torch.Tensor) -> torch.Tensor:
+    """(B, msoc) ``r`` of Newton on ``s ∘ z = 0`` in the limit's form ``ds + H dz = −r`` on the cones'
+    parts ``s, z``: ``a_k b_k / b_k^lim`` along each frame direction c_k (``b_k / δ`` decided inactive,
+    else ``a_k``), ``(z₀ s_t + s₀ z_t) / z₀ = s_t + rt² z_t`` on the tangent (``rt²`` (B, nsoc): H's there;
+    ``s`` alone missed ``rt² z_t``: a sqrt epigraph's misaligned pairs, estimated 6e-8 off, were 3e-7)."""
+    a1, a2, b1, b2, u = soc_frame(layout, s, z)
+    l1, l2 = (torch.where(decided(a, b)[1], b / delta, a) for a, b in ((a1, b1), (a2, b2)))
+    out = s + layout._spread(rt * rt) * z  # its tangent part, s_t + rt² z_t (u's and the heads' replaced)
+    out = out + layout._spread((l1 - l2) / 2 - layout._seg(out * u)) * u
+    out[:, layout.index(s.device).heads] = (l1 + l2) / 2
+    return out
+
+
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element:
     ``inf`` where the factorisation failed or the step does not solve the equality rows,
     NaN where it cannot be formed because those rows are nearly dependent (see below).
 
-    The system linearises the complementarity at its limit
-    (:class:`~.limit_scaling.LimitScaling`), as the backward does.
-    Only the variables in ``cols`` and the multipliers in ``duals`` count: an
-    auxiliary variable that is not unique (an epigraph variable between two inactive
-    bounds) makes the step arbitrary along itself without touching the outputs.
+    The system linearises the complementarity at its limit (:class:`~.limit_scaling.LimitScaling`)
+    as the backward does, from any point (polished or not). Only the variables in ``cols``
+    and the multipliers in ``duals`` count: an auxiliary variable that is not unique (an
+    epigraph variable between two inactive bounds) makes the step arbitrary along itself
+    without touching the outputs.
     """
     z0 = layout.zero
     sc, zc = s[:, z0:], z[:, z0:]
@@ -344,11 +356,12 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b
     # Newton on s ∘ z = 0 (affine form) with the Jacobian at the lifted, decided pair:
-    # z_in ds + s_in dz = −s ∘ z, i.e. ds + H dz = −s ∘ z / z_in. (With −s alone, a row
-    # decided inactive kept its multiplier: z = 8e-8 on a box of half-width 7e-5 held x
-    # 2e-6 off its optimum, normwise, with an estimate of 5e-14.)
+    # z_in ds + s_in dz = −s ∘ z, i.e. ds + H dz = −s ∘ z / z_in (cones: _soc_linear). (With −s
+    # alone, a row decided inactive kept its multiplier: z = 8e-8 on a box of half-width 7e-5
+    # held x 2e-6 off its optimum, normwise, with an estimate of 5e-14.)
     k = layout.nonneg
-    lin = torch.cat([sc[:, :k] * zc[:, :k] / W.z_nonneg, sc[:, k:]], 1) if k else sc
+    lin = _soc_linear(layout, sc[:, k:], zc[:, k:], _shift(sc), W.rt) if layout.soc else sc[:, k:]
+    lin = torch.cat([sc[:, :k] * zc[:, :k] / W.z_nonneg, lin], 1) if k else lin
     rhs = torch.cat([-rz[:, :z0], lin - rz[:, z0:]], 1)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import cvxpy as cp
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +160,21 @@ def test_a_bound_met_beside_an_entry_far_outside_the_box_is_solved_on_the_batche
     inside, outside = (x > lo) & (x < hi), (x < lo) | (x > hi)
     tol = 1e-8 if dtype == torch.float64 else 1e-5
     assert float((g[inside] - 1).abs().max()) <= tol and float(g[outside].abs().max()) <= tol
+
+
+def test_error_estimate_of_an_unpolished_second_order_cone_point_is_its_error():
+    """The interior point's solution of a sqrt epigraph (the cones' pairs misaligned by
+    ~√μ, polish="never"; what a polish that cannot step leaves): the estimate linearised
+    s ∘ z = 0 as ds + H dz = −s, which misses the tangent's (s₀/z₀) z_t, and said 1e-8 to
+    8.7e-8 where the solution was 8.1e-8 to 4.9e-7 off (relative, against the closed form):
+    all four solved, three beyond tol_error = 1e-7. Newton's right-hand side, s_t + (s₀/z₀) z_t
+    on the tangent, gives the error itself (to 1e-7 of it), and only the one within tol_error is solved."""
+    from test_polish import UNUSED_X, sqrt_reference, unused_entries_program
+
+    program = unused_entries_program("sqrt", scalar=True, polish="never")
+    (y,), info = program(torch.tensor(UNUSED_X))
+    ref = sqrt_reference(UNUSED_X)
+    actual = torch.tensor(np.abs(y.numpy() - ref).max(1) / (1 + np.abs(ref).max(1)))
+    assert (actual > 1e-8).all()  # (the interior point's error: something to estimate)
+    assert ((info.error >= 0.5 * actual) & (info.error <= 2 * actual)).all()
+    assert not (info.solved & (actual > program.tol_error)).any()
