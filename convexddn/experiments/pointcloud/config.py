@@ -142,6 +142,18 @@ class Config:
         return cls(**settings)
 
     @property
+    def preset_rates(self) -> tuple[float, ...]:
+        """The rates this preset runs by default under this protocol (whatever ``rates`` is).
+
+        The test outliers of a rate are keyed on its place in this fixed list, not in
+        ``rates``, so that a cell does not depend on which other rates were asked for.
+        ``quick`` has its own lists; any other preset name uses the default ones.
+        """
+        if self.preset == "quick":
+            return QUICK_TABLE3_RATES if self.train_outliers else QUICK_RATES
+        return TABLE3_RATES if self.train_outliers else DEFAULT_RATES
+
+    @property
     def seed_list(self) -> list[int]:
         """The seeds of the run, in order."""
         return [self.seed + i for i in range(self.seeds)]

@@ -1,8 +1,9 @@
 """One seed of the point-cloud experiment: corrupt, train, evaluate, time.
 
-A seed fixes the generated data, the test outliers, the initialisation (shared by
-every pooling: they have the same parameters) and the batch order, so the poolings of
-one seed are compared on identical inputs and can be paired across seeds.
+A seed fixes the generated data, the test outliers (each rate's whatever other rates
+the run has), the initialisation (shared by every pooling: they have the same
+parameters) and the batch order, so the poolings of one seed are compared on identical
+inputs and can be paired across seeds.
 
 Evaluation uses ``model.eval()`` (BatchNorm running statistics) on a shuffled test set:
 with per-batch statistics the network partly adapts to each test batch's outliers and
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -35,14 +36,34 @@ _TEST_SEED_OFFSET = 10_007
 _TEST_OUTLIER_SEED_OFFSET = 20_011
 _TRAIN_ORDER_SEED_OFFSET = 30_011
 _TIMING_SEED_OFFSET = 40_009
-# Rate i's test outliers: seed + 20,011 + i·stride (a stride of 1 made seed s's second
+# Rate key k's test outliers: seed + 20,011 + k·stride (a stride of 1 made seed s's second
 # rate reuse seed s + 1's first rate's outliers, correlating the seeds).
 _RATE_SEED_STRIDE = 1_000_003
+# Keys of rates outside the preset's list: this base plus the rate in units of 1e-9 (above
+# every preset list's indices; 1e-9 is far below 1 / n_points for any cloud that fits).
+_OFF_LIST_KEY_BASE = 16
+_RATE_RESOLUTION = 1e-9
 
 
-def outlier_seed(seed: int, rate_index: int) -> int:
-    """Seed of the test outliers at the ``rate_index``-th rate of the run's ``seed``."""
-    return seed + _TEST_OUTLIER_SEED_OFFSET + rate_index * _RATE_SEED_STRIDE
+def rate_key(rate: float, preset_rates: Sequence[float]) -> int:
+    """The key of a rate's test outliers: its index in ``preset_rates`` (the preset's
+    fixed default list, :attr:`.Config.preset_rates`), else ``16 + round(rate / 1e-9)``.
+
+    A function of the rate's value and the preset alone: the index in the run's own
+    ``rates`` made ``--rates 90`` and ``--rates 0,90`` corrupt the test clouds at 90 %
+    differently. Keying on the preset's list keeps each default run's outliers (and so
+    the committed results) as they were.
+    """
+    units = round(rate / _RATE_RESOLUTION)
+    for i, r in enumerate(preset_rates):
+        if round(r / _RATE_RESOLUTION) == units:
+            return i
+    return _OFF_LIST_KEY_BASE + units
+
+
+def outlier_seed(seed: int, key: int) -> int:
+    """Seed of the test outliers of the rate with key ``key`` (:func:`rate_key`) in the run's ``seed``."""
+    return seed + _TEST_OUTLIER_SEED_OFFSET + key * _RATE_SEED_STRIDE
 
 
 def add_outliers(points: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -200,6 +221,14 @@ def _time_steps(model: nn.Module, points: torch.Tensor, labels: torch.Tensor, cf
     return rows
 
 
+def _test_sets(cfg: Config, seed: int, test_x: torch.Tensor) -> dict[float, torch.Tensor]:
+    """One corrupted copy of the test clouds ``(M, N, 3)`` per rate of ``cfg.rates``, shared
+    by every pooling; each rate's outliers depend on the seed, the preset and the rate only."""
+    return {rate: add_outliers(test_x, rate, torch.Generator().manual_seed(
+                outlier_seed(seed, rate_key(rate, cfg.preset_rates))))
+            for rate in cfg.rates}
+
+
 def run_seed(cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
     """Train and evaluate every pooling (and training rate) for one seed.
 
@@ -211,11 +240,7 @@ def run_seed(cfg: Config, seed: int, device: torch.device) -> dict[str, Any]:
     """
     train_x, train_y = make_dataset(cfg.train_per_class, cfg.n_points, seed=seed)
     test_x, test_y = make_dataset(cfg.test_per_class, cfg.n_points, seed=seed + _TEST_SEED_OFFSET)
-    # One corrupted copy of the test set per rate, shared by every pooling.
-    test_sets = {
-        rate: add_outliers(test_x, rate, torch.Generator().manual_seed(outlier_seed(seed, i)))
-        for i, rate in enumerate(cfg.rates)
-    }
+    test_sets = _test_sets(cfg, seed, test_x)
     evaluations: list[dict[str, Any]] = []
     models: list[dict[str, Any]] = []
     timing: list[dict[str, Any]] = []
