@@ -141,10 +141,10 @@ def _check_bench_options(args: argparse.Namespace) -> None:
     """Reject a device that is not there, and create ``--out``: the results are written
     after the whole run, too late to fail. (``--repeats`` is checked by its argparse type:
     0, which the bench would read as its default, never comes here.)"""
-    from .experiments.running import prepare_out_dir, resolve_device
+    from .experiments.running import output_files, prepare_out_dir, resolve_device
 
     resolve_device(args.device)
-    prepare_out_dir(args.out)
+    prepare_out_dir(args.out, files=output_files("bench"))
 
 
 def _bench(args: argparse.Namespace) -> int:

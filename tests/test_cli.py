@@ -323,6 +323,58 @@ def test_cli_unusable_out_fails_up_front(command, where, tmp_path, monkeypatch, 
     assert afile.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("command, name", [
+    (["bench", "--quick"], "bench.json"),
+    (["bench", "--quick"], "bench.png"),
+    (["experiment", "pointcloud", "--quick"], "pointcloud.png"),
+    (["experiment", "pointcloud", "--quick"], "pointcloud.json"),
+    (["experiment", "projection", "--quick"], "projection.png"),
+])
+def test_cli_output_name_taken_by_a_directory_fails_up_front(command, name, tmp_path, monkeypatch, capsys):
+    # Only the folder was checked: with a directory named pointcloud.png in it the whole
+    # run completed, then crashed with an IsADirectoryError traceback (exit 1, no JSON).
+    _forbid_work(monkeypatch)
+    (tmp_path / name).mkdir()
+    assert cli.main([*command, "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys.readouterr().err, "error:", "--out", repr(str(tmp_path)), f"{name} is a directory")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("name", ["pointcloud", "projection"])
+def test_experiment_run_checks_output_names_before_any_work(name, tmp_path, monkeypatch):
+    import importlib
+
+    from convexddn.errors import OptionError
+
+    runner = importlib.import_module(f"convexddn.experiments.{name}.runner")
+    config = importlib.import_module(f"convexddn.experiments.{name}.config")
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the run started before out was checked")
+
+    monkeypatch.setattr(runner, "run_seed", reached)
+    (tmp_path / f"{name}.json").mkdir()
+    with pytest.raises(OptionError, match=f"out must be a directory where {name}.json can be written"):
+        runner.run(config.Config(out=str(tmp_path)))
+
+
+def test_write_result_writes_the_json_before_the_plot(tmp_path):
+    # The plot was drawn first: a plot that failed lost the raw results too.
+    from convexddn.errors import OptionError
+    from convexddn.experiments.running import write_result
+
+    def broken_plot(result, path):
+        raise RuntimeError("no display")
+
+    with pytest.raises(RuntimeError, match="no display"):
+        write_result({"rows": [1, 2]}, str(tmp_path), "probe", broken_plot)
+    assert json.loads((tmp_path / "probe.json").read_text())["rows"] == [1, 2]
+    (tmp_path / "other.png").mkdir()
+    with pytest.raises(OptionError, match="other.png is a directory"):
+        write_result({}, str(tmp_path), "other", lambda result, path: None)
+    assert not (tmp_path / "other.json").exists()
+
+
 def test_bench_run_checks_out_before_any_work(tmp_path, monkeypatch):
     import convexddn.bench as bench
     from convexddn.errors import OptionError

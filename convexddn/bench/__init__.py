@@ -28,7 +28,7 @@ import torch
 
 from .._machine import machine
 from ..errors import OptionError
-from ..experiments.running import prepare_out_dir
+from ..experiments.running import output_files, prepare_out_dir
 from .cases import (
     CONVEX_PENALTIES,
     POOL_PENALTIES,
@@ -69,7 +69,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
     # The results are written only after minutes of timing: a bad out must fail now.
-    prepare_out_dir(out, "out")
+    prepare_out_dir(out, "out", output_files("bench"))
     names = ["small"] if quick else ["small", "issue", "paper"]
     # Cheap convex rows get extra rounds only by default: --repeats is what it says.
     convex_budget = 0.0 if quick or repeats else CONVEX_ROUND_BUDGET_S
@@ -99,7 +99,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     result = {"machine": machine(dev), "repeats": repeats, "rounds": rounds, "quick": quick, "rows": rows,
               "convex": convex, "nodes": nodes, "memory": memory, "workers": workers}
     if out is not None:
-        prepare_out_dir(out, "out")  # again: it may have been removed during the run
+        prepare_out_dir(out, "out", output_files("bench"))  # again: it may have changed during the run
         with open(os.path.join(out, "bench.json"), "w") as f:
             json.dump(result, f, indent=2)
         plot(result, os.path.join(out, "bench.png"))

@@ -13,13 +13,14 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import ConvexDDNWarning, OptionError
 
 __all__ = [
+    "output_files",
     "prepare_out_dir",
     "write_result",
     "resolve_device",
@@ -167,16 +168,22 @@ def run_command(prog: str, prepare: Callable[[], Any], execute: Callable[[Any], 
     return execute(config)
 
 
-def prepare_out_dir(out: Any, option: str = "--out") -> None:
-    """Create the output directory ``out`` (if missing) and check that files can be written
-    into it; ``None`` (write nothing) passes.
+def output_files(name: str) -> tuple[str, str]:
+    """The files a run called ``name`` writes into its ``out``: ``<name>.json``, ``<name>.png``."""
+    return f"{name}.json", f"{name}.png"
+
+
+def prepare_out_dir(out: Any, option: str = "--out", files: Sequence[str] = ()) -> None:
+    """Create the output directory ``out`` (if missing) and check that ``files`` (names)
+    can be written into it; ``None`` (write nothing) passes.
 
     Called before a run starts: a run writes its results only at the end, so a bad
     ``out`` found there would throw away minutes of work with a traceback.
 
     Raises:
         OptionError: naming ``option``, if ``out`` is not a path, is a file, lies under a
-            file, cannot be created, or is not writable.
+            file, cannot be created, or is not writable; or if one of ``files`` already
+            exists there as a directory or a file that cannot be written.
     """
     if out is None:
         return
@@ -194,6 +201,16 @@ def prepare_out_dir(out: Any, option: str = "--out") -> None:
         ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise OptionError(f"{option} must be a writable directory, got {path!r} (not writable)")
+    # The folder alone passed a directory named pointcloud.png: the run completed, then
+    # the write failed with an IsADirectoryError traceback and the results were lost.
+    for name in files:
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            raise OptionError(f"{option} must be a directory where {name} can be written, got {path!r}, "
+                              f"where {name} is a directory")
+        if os.path.lexists(target) and not os.access(target, os.W_OK):
+            raise OptionError(f"{option} must be a directory where {name} can be written, got {path!r}, "
+                              f"where {name} is not writable")
 
 
 def write_result(result: dict[str, Any], out: str, name: str,
@@ -201,13 +218,16 @@ def write_result(result: dict[str, Any], out: str, name: str,
     """Write ``<name>.json`` (the result with its file paths) and ``<name>.png`` (``plot``)
     into ``out``; return their paths.
 
+    The JSON is written first: if the plot fails, the raw results are kept.
+
     Raises:
-        OptionError: if ``out`` is not a directory that can be written (see
+        OptionError: if ``out`` is not a directory where both files can be written (see
             :func:`prepare_out_dir`; the commands check it before they run).
     """
-    prepare_out_dir(out, "out")
-    files = {"json": os.path.join(out, f"{name}.json"), "png": os.path.join(out, f"{name}.png")}
-    plot(result, files["png"])
+    json_name, png_name = output_files(name)
+    prepare_out_dir(out, "out", (json_name, png_name))
+    files = {"json": os.path.join(out, json_name), "png": os.path.join(out, png_name)}
     with open(files["json"], "w") as f:
         json.dump({**result, "files": files}, f, indent=2)
+    plot(result, files["png"])
     return files

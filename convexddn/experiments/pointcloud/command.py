@@ -8,7 +8,7 @@ from typing import Any
 from ...cli import MAX_COUNT, MAX_SEED, int_option
 from ...errors import OptionError
 from ..pointnet import POOLINGS
-from ..running import MAX_THREADS, prepare_out_dir, run_command
+from ..running import MAX_THREADS, output_files, prepare_out_dir, run_command
 from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, QUICK_RATES, QUICK_TABLE3_RATES, TABLE3_RATES, Config
 
 __all__ = ["add_arguments", "config_from_args", "main"]
@@ -88,7 +88,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _prepare(args: argparse.Namespace) -> Config:
     cfg = config_from_args(args)
     cfg.validate()
-    prepare_out_dir(cfg.out)  # before the run, not after it (results are written last)
+    # Before the run, not after it (results are written last).
+    prepare_out_dir(cfg.out, files=output_files("pointcloud"))
     return cfg
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..._machine import machine
 from ..shapes import CLASSES
-from ..running import prepare_out_dir, resolve_device, torch_threads
+from ..running import output_files, prepare_out_dir, resolve_device, torch_threads
 from ..stats import paired_difference, summarize
 from .config import Config
 from .protocol import run_seed
@@ -39,7 +39,8 @@ def run(config: Config | None = None) -> dict[str, Any]:
     """
     cfg = Config() if config is None else config
     cfg.validate()
-    prepare_out_dir(cfg.out, "out")  # results are written last: a bad out must fail first
+    # Results are written last: a bad out must fail first.
+    prepare_out_dir(cfg.out, "out", output_files("pointcloud"))
     device = resolve_device(cfg.device)
     with torch_threads(cfg.threads):
         start = time.perf_counter()

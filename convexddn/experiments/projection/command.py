@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from ...cli import MAX_COUNT, MAX_SEED, float_option, int_option
-from ..running import MAX_THREADS, prepare_out_dir, run_command
+from ..running import MAX_THREADS, output_files, prepare_out_dir, run_command
 from .config import DISPLAY_NAMES, VARIANTS, Config
 from .data import require_sklearn
 
@@ -58,7 +58,8 @@ def _prepare(args: argparse.Namespace) -> Config:
     cfg = config_from_args(args)
     cfg.validate()
     require_sklearn()  # first: a missing dependency must not leave an empty out directory
-    prepare_out_dir(cfg.out)  # before the run, not after it (results are written last)
+    # Before the run, not after it (results are written last).
+    prepare_out_dir(cfg.out, files=output_files("projection"))
     return cfg
 
 

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from ..._machine import machine
-from ..running import prepare_out_dir, resolve_device, torch_threads
+from ..running import output_files, prepare_out_dir, resolve_device, torch_threads
 from ..stats import paired_difference, summarize
 from .config import Config
 from .data import require_sklearn
@@ -36,7 +36,8 @@ def run(config: Config | None = None) -> dict[str, Any]:
     cfg = Config() if config is None else config
     cfg.validate()
     require_sklearn()
-    prepare_out_dir(cfg.out, "out")  # results are written last: a bad out must fail first
+    # Results are written last: a bad out must fail first.
+    prepare_out_dir(cfg.out, "out", output_files("projection"))
     device = resolve_device(cfg.device)
     with torch_threads(cfg.threads):
         start = time.perf_counter()
