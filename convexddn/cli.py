@@ -101,6 +101,10 @@ class _LazyCommands(argparse._SubParsersAction):
         if setup is not None:
             setup(self._name_parser_map[values[0]])
         super().__call__(parser, namespace, values, option_string)
+        # The commands chosen, outermost first (the inner levels' list was copied into
+        # namespace by the call above): main() needs them to place an unknown option.
+        chain = getattr(namespace, "command_chain", [])
+        namespace.command_chain = [(values[0], self._name_parser_map[values[0]])] + chain
 
 
 # --- list ---------------------------------------------------------------------------------
@@ -202,6 +206,54 @@ def _is_user_error(err: BaseException) -> bool:
     return isinstance(err, ConvexDDNError) and isinstance(err, (ValueError, TypeError))
 
 
+def _knows(parser: argparse.ArgumentParser, option: str) -> bool:
+    """Whether ``parser`` accepts ``option`` (``--name`` or ``--name=value``, or a prefix
+    of one of its long options, which argparse accepts too)."""
+    name = option.split("=", 1)[0]
+    # (argparse has no public list of a parser's option strings.)
+    known = parser._option_string_actions
+    return name in known or (name.startswith("--") and len(name) > 2 and parser.allow_abbrev
+                             and any(o.startswith(name) for o in known))
+
+
+def _unrecognized(argv: Sequence[str], top: argparse.ArgumentParser, args: argparse.Namespace,
+                  extra: Sequence[str]) -> str:
+    """The error line for the arguments no parser took, from the level that rejected them.
+
+    An option is rejected by the level where it stands: ``convexddn experiment --quick
+    pointcloud`` gives ``--quick`` to ``convexddn experiment``, which has no such option,
+    though ``convexddn experiment pointcloud --help`` lists it. Such an option is told to
+    move after the command that has it; the others are named as unrecognized by their level.
+    """
+    chain = getattr(args, "command_chain", [])
+    progs = [top.prog] + [p.prog for _, p in chain]
+    parsers = [top] + [p for _, p in chain]
+    # argparse hands everything after a command's name to that command: each name's
+    # first occurrence, in order, splits argv into levels.
+    argv = list(argv)
+    names, i = [], 0
+    for name, _ in chain:
+        i = argv.index(name, i)
+        names.append(i)
+        i += 1
+    at, position = [], 0
+    for token in extra:  # (in argv order: each level's own, then its command's)
+        while position < len(argv) and (argv[position] != token or position in names):
+            position += 1
+        at.append(sum(position > n for n in names))
+        position += 1
+    for token, level in zip(extra, at):
+        owner = next((k for k in range(level + 1, len(parsers)) if _knows(parsers[k], token)), None)
+        if owner is not None:
+            misplaced = [t for t, lv in zip(extra, at) if lv == level and _knows(parsers[owner], t)]
+            return (f"{progs[level]}: error: {' '.join(misplaced)} must come after '{chain[owner - 1][0]}': "
+                    f"{'they are options' if len(misplaced) > 1 else 'it is an option'} of '{progs[owner]}' "
+                    f"(see '{progs[owner]} --help')")
+    level = at[0]
+    tokens = [t for t, lv in zip(extra, at) if lv == level]
+    return f"{progs[level]}: error: unrecognized arguments: {' '.join(tokens)} (see '{progs[level]} --help')"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit status (0, or 2 for a user mistake).
 
@@ -209,11 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
     """
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        if extra:  # (argparse names the top-level program; the options are the subcommand's)
-            prog = getattr(args, "command_prog", PROG)
-            parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see '{prog} --help')\n")
+        if extra:  # (argparse would name the top-level program, whatever level rejected them)
+            parser.exit(2, _unrecognized(argv, parser, args, extra) + "\n")
     except SystemExit as done:  # --help, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     try:

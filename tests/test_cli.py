@@ -131,6 +131,18 @@ def test_cli_list_shows_options_as_passed(capsys):
     (["experiment", "nope"], ("convexddn experiment: error:", "invalid choice", "nope")),
     (["experiment", "pointcloud", "--frob"], ("convexddn experiment pointcloud: error: unrecognized arguments: --frob",
                                               "'convexddn experiment pointcloud --help'")),
+    # An option before its command's name was "unrecognized" by the command whose --help
+    # lists it; the level that rejected it says where it goes (and a stray one is named by
+    # the level it stood at).
+    (["experiment", "--quick", "pointcloud"], ("convexddn experiment: error: --quick must come after 'pointcloud': "
+                                               "it is an option of 'convexddn experiment pointcloud'",)),
+    (["--quick", "bench"], ("convexddn: error: --quick must come after 'bench': it is an option of 'convexddn bench'",
+                            "(see 'convexddn bench --help')")),
+    (["experiment", "--seeds=3", "--qui", "pointcloud"], ("convexddn experiment: error: --seeds=3 --qui must come "
+                                                          "after 'pointcloud': they are options",)),
+    (["experiment", "--frob", "pointcloud"], ("convexddn experiment: error: unrecognized arguments: --frob",
+                                              "(see 'convexddn experiment --help')")),
+    (["bench", "bench"], ("convexddn bench: error: unrecognized arguments: bench",)),
 ])
 def test_cli_usage_errors(argv, expected, capsys):
     assert cli.main(argv) == 2
