@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_finite
-from ..errors import DTypeError, OptionError, ShapeError
+from ..errors import DTypeError, InputError, OptionError, ShapeError
 
 __all__ = [
     "average_precision",
@@ -19,19 +19,47 @@ __all__ = [
 ]
 
 
-def _check_scores(scores: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_scores(scores: torch.Tensor, labels: torch.Tensor, name: str = "scores") -> None:
+    if not isinstance(scores, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise DTypeError(f"{name} and labels must be torch.Tensors, got {type(scores).__name__} and "
+                         f"{type(labels).__name__}")
     if scores.dim() != 2 or labels.shape != scores.shape[:1]:
         raise ShapeError(
-            f"scores must be (M, C) and labels (M,), got {tuple(scores.shape)} and {tuple(labels.shape)}"
+            f"{name} must be (M, C) and labels (M,), got {tuple(scores.shape)} and {tuple(labels.shape)}"
         )
+    # No sample (or no class) gave NaN for every metric, silently.
+    if scores.numel() == 0:
+        raise ShapeError(f"{name} must have at least one row (sample) and one column (class), "
+                         f"got shape {tuple(scores.shape)}")
+    # Complex scores were ranked by their real part (a warning at most); bool ones broke
+    # topk with a raw RuntimeError.
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise DTypeError(f"{name} must be real (floating-point or integer), got {scores.dtype}")
     # A diverged model's NaN scores broke the ranking with a raw index error; a label
     # outside [0, C) was dropped as an absent class (mAP 1.0 for a wrong answer).
-    check_finite("scores", scores.detach())
+    check_finite(name, scores.detach())
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise DTypeError(f"labels must be integers, got {labels.dtype}")
-    if labels.numel() and not bool(((labels >= 0) & (labels < scores.shape[1])).all()):
-        raise OptionError(f"labels must lie in [0, {scores.shape[1]}) (the columns of scores), got "
+    if not bool(((labels >= 0) & (labels < scores.shape[1])).all()):
+        raise OptionError(f"labels must lie in [0, {scores.shape[1]}) (the columns of {name}), got "
                           f"values from {int(labels.min())} to {int(labels.max())}")
+
+
+def _check_probabilities(probs: torch.Tensor) -> None:
+    """``InputError`` unless every row of ``probs`` is a probability vector: entries in
+    [0, 1] and a sum of 1, up to rounding (1e-4, or 4 ulp of a half-precision dtype)."""
+    eps = torch.finfo(probs.dtype).eps if probs.is_floating_point() else 0.0
+    tol = max(1e-4, 4 * eps)
+    p = probs.detach().to(torch.float64)
+    total = p.sum(dim=1)
+    bad = (p < -tol).any(dim=1) | (p > 1 + tol).any(dim=1) | ((total - 1).abs() > tol)
+    if bool(bad.any()):
+        # Logits were taken as confidences: ECE 4.54 for 10-class logits, "in [0, 1]".
+        i = int(bad.nonzero()[0, 0])
+        raise InputError(
+            f"probs must hold probability vectors (entries in [0, 1], each row summing to 1, e.g. "
+            f"scores.softmax(dim=1)), got {int(bad.sum())} row(s) that are not, e.g. row {i}: entries from "
+            f"{float(p[i].min()):.4g} to {float(p[i].max()):.4g}, sum {float(total[i]):.6g}")
 
 
 def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,8 +80,10 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     ``NaN`` for a class with no positive sample.
 
     Raises:
-        ShapeError: if ``scores`` is not 2-D or ``labels`` does not match its rows.
-        NonFiniteError: NaN or Inf scores. DTypeError: labels that are not integers.
+        ShapeError: if ``scores`` is not 2-D with at least one row and column, or
+            ``labels`` does not match its rows.
+        NonFiniteError: NaN or Inf scores. DTypeError: bool or complex scores, labels
+            that are not integers.
         OptionError: labels outside ``[0, C)``.
     """
     _check_scores(scores, labels)
@@ -76,6 +106,9 @@ def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present in ``labels`` of :func:`average_precision`.
 
     Shape: scores ``(M, C)``, labels ``(M,)`` -> a float in ``[0, 1]``.
+
+    Raises:
+        as :func:`average_precision`.
     """
     ap = average_precision(scores, labels)
     present = ~torch.isnan(ap)
@@ -118,9 +151,12 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
     Raises:
         ShapeError, NonFiniteError, DTypeError: as :func:`average_precision`.
+        InputError: if a row of ``probs`` is not a probability vector (entries in
+            ``[0, 1]`` summing to 1, up to rounding): logits, for instance.
         OptionError: if ``bins`` is not a positive int, or as :func:`average_precision`.
     """
-    _check_scores(probs, labels)
+    _check_scores(probs, labels, "probs")
+    _check_probabilities(probs)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise OptionError(f"bins must be a positive int, got {bins!r}")
     conf, pred = probs.detach().to(torch.float64).max(dim=1)

@@ -11,9 +11,10 @@ differences qualify; that is the intended, conservative reading.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
-from ..errors import ShapeError
+from ..errors import DTypeError, NonFiniteError, ShapeError
 
 __all__ = ["t_quantile_975", "summarize", "paired_difference", "format_mean_std"]
 
@@ -23,6 +24,20 @@ def t_quantile_975(df: int) -> float:
     from scipy.stats import t  # scipy is a dependency; imported late, it is slow to load
 
     return float(t.ppf(0.975, df))
+
+
+def _finite(name: str, values: Sequence[float]) -> list[float]:
+    """``values`` as floats; ``DTypeError`` for a value that is not a real number,
+    ``NonFiniteError`` for NaN or ±Inf (naming ``name`` and the index)."""
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise DTypeError(f"{name}[{i}] must be a real number, got {v!r} ({type(v).__name__})")
+        v = float(v)
+        if not math.isfinite(v):
+            raise NonFiniteError(f"{name}[{i}] must be finite, got {v!r}")
+        out.append(v)
+    return out
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
@@ -37,8 +52,12 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     Returns:
         ``{"mean", "std", "ci95", "n"}``; with one value ``std`` is 0 and ``ci95`` is
         ``None`` (no interval from one sample).
+
+    Raises:
+        DTypeError: a value that is not a real number. NonFiniteError: NaN or ±Inf (a
+            NaN seed gave a NaN mean, which the reports printed as a figure).
     """
-    vals = [float(v) for v in values]
+    vals = _finite("values", values)
     n = len(vals)
     if n == 0:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
@@ -61,10 +80,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
     Raises:
         ShapeError: if ``a`` and ``b`` differ in length (they must be paired by seed).
+        DTypeError, NonFiniteError: as :func:`summarize`, naming ``a`` or ``b`` (a NaN
+            seed made ``exceeds_spread`` False, printed as "within the spread").
     """
     if len(a) != len(b):
-        raise ShapeError(f"paired_difference: a and b must be paired by seed (equal lengths), got {len(a)} and {len(b)} values")
-    s = summarize([float(x) - float(y) for x, y in zip(a, b)])
+        raise ShapeError(f"paired_difference: a and b must be paired by seed (equal lengths), "
+                         f"got {len(a)} and {len(b)} values")
+    a, b = _finite("a", a), _finite("b", b)
+    s = summarize([x - y for x, y in zip(a, b)])
     # "The same difference" up to rounding: accuracies are fractions k / n, whose
     # differences agree only to ~1e-16.
     flat = s["ci95"] is not None and s["std"] <= 1e-12 * (1.0 + abs(s["mean"]))

@@ -254,3 +254,65 @@ def test_metrics_refuse_non_finite_scores_and_foreign_labels():
                 metric(scores.softmax(1) if metric is expected_calibration_error else scores, labels)
     with pytest.raises(DTypeError, match="labels must be integers"):
         top_k_accuracy(scores, torch.tensor([0.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_stats_refuse_non_finite_values(bad):
+    from convexddn.errors import NonFiniteError
+
+    # A NaN seed made paired_difference's exceeds_spread False ("within the spread" in the
+    # reports) and summarize's mean NaN, without a warning.
+    with pytest.raises(NonFiniteError, match=r"a\[1\] must be finite"):
+        paired_difference([0.9, bad, 0.8], [0.1, 0.1, 0.1])
+    with pytest.raises(NonFiniteError, match=r"b\[0\] must be finite"):
+        paired_difference([0.9, 0.5, 0.8], [bad, 0.1, 0.1])
+    with pytest.raises(NonFiniteError, match=r"values\[2\] must be finite"):
+        summarize([0.5, 0.6, bad])
+
+
+def test_stats_refuse_values_that_are_not_real_numbers():
+    from convexddn.errors import DTypeError
+
+    for bad in ("0.5", 1 + 2j, True, None):
+        with pytest.raises(DTypeError, match=r"values\[1\] must be a real number"):
+            summarize([0.5, bad])
+    assert summarize([1, 3])["mean"] == 2.0  # ints are real numbers
+
+
+@pytest.mark.parametrize("metric", [average_precision, mean_average_precision, top_k_accuracy,
+                                    expected_calibration_error])
+def test_metrics_refuse_empty_bool_and_complex_scores(metric):
+    from convexddn.errors import DTypeError
+
+    labels = torch.tensor([0, 1, 1, 0])
+    # No sample gave NaN for every metric; complex scores were ranked by their real part;
+    # bool ones raised torch's RuntimeError from topk.
+    with pytest.raises(ShapeError, match="at least one row"):
+        metric(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ShapeError, match="at least one row"):
+        metric(torch.zeros(4, 0), labels)
+    for scores in (torch.tensor([[True, False]] * 4), torch.full((4, 2), 0.5, dtype=torch.cfloat)):
+        with pytest.raises(DTypeError, match=f"must be real .*got {scores.dtype}"):
+            metric(scores, labels)
+
+
+def test_ece_refuses_rows_that_are_not_probability_vectors():
+    from convexddn.errors import InputError
+
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(200, 10, dtype=torch.float64)
+    labels = torch.randint(0, 10, (200,))
+    # Logits passed as probabilities gave ECE 4.54 (documented "in [0, 1]").
+    with pytest.raises(InputError, match="probs must hold probability vectors"):
+        expected_calibration_error(logits, labels)
+    # Rows summing to 1 with entries outside [0, 1].
+    with pytest.raises(InputError, match="row 0: entries from -0.5 to 1.5, sum 1"):
+        expected_calibration_error(torch.tensor([[1.5, -0.5]] * 4), torch.zeros(4, dtype=torch.long))
+    # A half-precision softmax passes (its rows sum to 1 only to a few ulp), and the value
+    # is that of the float64 probabilities up to that rounding.
+    for dtype in (torch.float16, torch.bfloat16):
+        probs = logits.to(dtype).softmax(dim=1)
+        ece = expected_calibration_error(probs, labels)
+        assert 0.0 <= ece <= 1.0
+    # One-hot integer rows are probability vectors: confidence 1 and always right, ECE 0.
+    assert expected_calibration_error(torch.eye(3, dtype=torch.long), torch.arange(3)) == 0.0
