@@ -143,8 +143,8 @@ def _setup_bench(parser: argparse.ArgumentParser) -> None:
 
 def _check_bench_options(args: argparse.Namespace) -> None:
     """Reject a device that is not there, and create ``--out``: the results are written
-    after the whole run, too late to fail. (``--repeats`` is checked by its argparse type:
-    0, which the bench would read as its default, never comes here.)"""
+    after the whole run, too late to fail. (``--repeats`` is checked by its argparse type,
+    and by :func:`convexddn.bench.run` for callers from Python.)"""
     from .experiments.running import output_files, prepare_out_dir, resolve_device
 
     resolve_device(args.device)

@@ -398,6 +398,28 @@ def test_bench_run_checks_out_before_any_work(tmp_path, monkeypatch):
         bench.run(quick=True, out=str(afile))
 
 
+@pytest.mark.parametrize("options, expected", [
+    # repeats=0 silently meant the default (`repeats or 5`); -1 raised statistics'
+    # StatisticsError after the warm-up work, and out had been created.
+    (dict(repeats=0), "repeats must be None or an int from 1 to 1000000, got 0"),
+    (dict(repeats=-1), "got -1"),
+    (dict(repeats=10**7), "got 10000000"),
+    (dict(repeats=2.5), "got 2.5"),
+    (dict(repeats=True), "got True"),
+    (dict(quick="no"), "quick must be True or False, got 'no'"),
+    (dict(device="gpu"), "'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+])
+def test_bench_run_checks_its_options_before_any_work(options, expected, tmp_path, monkeypatch):
+    import convexddn.bench as bench
+    from convexddn.errors import OptionError
+
+    _forbid_work(monkeypatch)
+    out = tmp_path / "never"
+    with pytest.raises(OptionError, match=re.escape(expected)):
+        bench.run(**{"quick": True, **options}, out=str(out))
+    assert not out.exists()
+
+
 def test_write_result_refuses_a_file_as_out(tmp_path):
     from convexddn.errors import OptionError
     from convexddn.experiments.running import write_result

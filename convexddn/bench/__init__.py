@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 
+from .._checks import check_bool
 from .._machine import machine
+from ..cli import MAX_COUNT
 from ..errors import OptionError
-from ..experiments.running import output_files, prepare_out_dir
+from ..experiments.running import output_files, prepare_out_dir, resolve_device
 from .cases import (
     CONVEX_PENALTIES,
     POOL_PENALTIES,
@@ -59,21 +61,32 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
         out: str | None = "results", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Run the benchmark; write bench.json and bench.png under ``out`` (unless None).
 
+    Args:
+        repeats: timed rounds, an int from 1 to 1,000,000 (``--repeats``' bounds);
+            ``None``: 5, or 3 with ``quick``.
+
     Raises:
-        OptionError: for a CUDA device that is not there, or an ``out`` that is not a
-            directory that can be created and written (checked before any work).
+        OptionError: for a ``repeats`` or ``quick`` of the wrong kind, a device that is
+            not 'cpu', 'cuda' or 'cuda:N' or is not there, or an ``out`` that is not a
+            directory where bench.json and bench.png can be written (all checked before
+            any work).
     """
     from tqdm.auto import tqdm
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("device 'cuda' was asked for, but torch.cuda.is_available() is False")
+    # Checked here as the CLI's --repeats is: 0 silently meant the default (`repeats or
+    # default`), and -1 raised statistics.StatisticsError after the warm-up work.
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int)
+                                or not 1 <= repeats <= MAX_COUNT):
+        raise OptionError(f"repeats must be None or an int from 1 to {MAX_COUNT}, got {repeats!r}")
+    check_bool("quick", quick)
+    dev = resolve_device(device)
     # The results are written only after minutes of timing: a bad out must fail now.
     prepare_out_dir(out, "out", output_files("bench"))
     names = ["small"] if quick else ["small", "issue", "paper"]
     # Cheap convex rows get extra rounds only by default: --repeats is what it says.
-    convex_budget = 0.0 if quick or repeats else CONVEX_ROUND_BUDGET_S
-    repeats = repeats or (3 if quick else 5)
+    convex_budget = 0.0 if quick or repeats is not None else CONVEX_ROUND_BUDGET_S
+    if repeats is None:
+        repeats = 3 if quick else 5
     total = sum((repeats + 1) * ((2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS) if SHAPES[n][1] else 0))
                 + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
                 for n in names)
