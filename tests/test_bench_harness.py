@@ -430,3 +430,34 @@ def test_report_flags_memory_below_the_floor():
     assert "| huber | (4, 64, 256) | 1.03× |" in table
     assert "| mean | (4, 64, 256) | 1.00× |" in table  # within the printed precision
     assert "high-water mark" in table and "A figure below 1× is no saving" in table
+
+
+def test_report_notes_use_units_and_precision_that_show_the_figure():
+    """The committed bench.md printed a skipped row's estimate of 2 s as "about 0.0 min",
+    a first call as "0.0 s (+0.01 s over a warm call)" (tenths beside hundredths) and one
+    thread as "(1 threads)". Notes are rendered from the rows' figures, so a JSON written
+    with the old note prints the new one."""
+    from convexddn.bench.report import estimate_skipped, format_table
+
+    machine = {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 1, "device": "cpu"}
+
+    def row(node, path, shape, fwd=None, bwd=None, note="", **extra):
+        return {"family": "projection", "node": node, "path": path, "shape": list(shape), "dtype": "float32",
+                "device": "cpu", "fwd_ms_per_sample": fwd, "bwd_ms_per_sample": bwd, "fwd_rel_mean": None,
+                "bwd_rel_mean": None, "max_solution_diff": None, "max_grad_diff": None, "note": note, **extra}
+
+    # 1.2 ms per row of 64 at the small shape: 1.2 ms * rows * (512 / 64) for the others,
+    # 2.4576 s, 39.3216 s and 629.1456 s (10.49 min).
+    rows = [row("simplex", "cvxpy", (8, 64), 1.0, 0.2),
+            row("simplex", "cvxpy", (256, 512), note="skipped: ...; about 0.0 min at the small shape's rate"),
+            row("simplex", "cvxpy", (4096, 512)), row("simplex", "cvxpy", (65536, 512)),
+            row("simplex", "native", (8, 64), 0.1, 0.1, first_call_s=0.0071, first_call_over_warm_s=0.0066),
+            row("simplex", "native", (256, 512), 0.1, 0.1, first_call_s=2.6962, first_call_over_warm_s=-0.0002)]
+    table = format_table({"machine": machine, "repeats": 1, "rows": rows})
+    assert "skipped: 256 cone programs of size 512; about 2.5 s at the small shape's rate" in table
+    assert "about 39 s at" in table and "about 10.5 min at" in table and "0.0 min" not in table
+    assert "first call at this shape 0.007 s (+0.007 s over a warm call)" in table
+    assert "first call at this shape 2.696 s (+0.000 s over a warm call)" in table
+    assert "(1 thread)" in table and "threads)" not in table
+    estimate_skipped(rows)
+    assert rows[1]["note"] == "skipped: 256 cone programs of size 512; about 2.5 s at the small shape's rate"

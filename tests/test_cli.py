@@ -243,7 +243,7 @@ def test_cli_bench_quick_writes_every_row(tmp_path, capsys):
         assert row["fwd_ms_per_sample"] > 0 and row["bwd_ms_per_sample"] > 0
         # The table states the first call's cost over a warm one (what its goal bounds).
         over = row["first_call_over_warm_s"]
-        assert f"| {p} | native |" in out and f"({over:+.2f} s over a warm call)" in out
+        assert f"| {p} | native |" in out and f"({round(over, 3) + 0.0:+.3f} s over a warm call)" in out
     for p in CONVEX_PENALTIES:
         row = rows[("pooling", p, "cvxpy")]
         assert row["fwd_ms_per_sample"] > 0

@@ -11,9 +11,18 @@ def estimate_skipped(rows: list[dict]) -> None:
     """Fill the skipped cvxpy rows' notes with the time the small shape's per-row rate
     predicts (linear in rows and row length): an estimate, not a bound (larger batches
     cost less per row, longer rows more than linearly)."""
+    for i, note in _skipped_notes(rows).items():
+        rows[i]["note"] = note
+
+
+def _skipped_notes(rows: list[dict]) -> dict[int, str]:
+    """The note of each skipped cvxpy row (by index in ``rows``), from the figures of the
+    rows: :func:`format_table` renders them afresh, so a JSON written by an older
+    formatter prints as the current one would."""
     small = {(r["family"], r["node"]): r for r in rows
              if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is not None}
-    for r in rows:
+    notes = {}
+    for i, r in enumerate(rows):
         ref = small.get((r["family"], r["node"]))
         if r["path"] == "cvxpy" and r["fwd_ms_per_sample"] is None and ref is not None:
             per_row = (ref["fwd_ms_per_sample"] + ref["bwd_ms_per_sample"]) / (
@@ -21,18 +30,31 @@ def estimate_skipped(rows: list[dict]) -> None:
             n_rows = math.prod(r["shape"][:-1])
             scale = r["shape"][-1] / ref["shape"][-1]  # at least linear in the row length
             seconds = per_row * n_rows * scale / 1e3
-            took = f"{seconds / 3600:.1f} h" if seconds > 3600 else f"{seconds / 60:.1f} min"
-            r["note"] = (f"skipped: {n_rows} cone programs of size {r['shape'][-1]}; "
-                         f"about {took} at the small shape's rate")
+            notes[i] = (f"skipped: {n_rows} cone programs of size {r['shape'][-1]}; "
+                        f"about {_duration(seconds)} at the small shape's rate")
+    return notes
+
+
+def _duration(seconds: float) -> str:
+    """An estimated duration in the unit that shows it, to about two digits: seconds below
+    a minute ("about 0.0 min" was printed for a few seconds), minutes below an hour, then
+    hours."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
 
 
 def _first_call(r: dict) -> str:
     """The first call's time at this shape and what it costs over a warm call (the goal's
     measure). The shapes run in one process, smallest first: only the first shape's is
     the process's first call."""
-    text = f"first call at this shape {r['first_call_s']:.1f} s"
+    # Both figures in milliseconds' precision: "0.0 s (+0.01 s over a warm call)" showed
+    # the first call in tenths beside the difference in hundredths. (+ 0.0: no "-0.000".)
+    text = f"first call at this shape {round(r['first_call_s'], 3) + 0.0:.3f} s"
     if r.get("first_call_over_warm_s") is not None:
-        text += f" ({r['first_call_over_warm_s']:+.2f} s over a warm call)"
+        text += f" ({round(r['first_call_over_warm_s'], 3) + 0.0:+.3f} s over a warm call)"
     return text
 
 
@@ -120,15 +142,16 @@ def format_table(result: dict[str, Any]) -> str:
     lines = []
     # Shapes where some backward took many page faults: there every row says how many.
     faulted = {tuple(r["shape"]) for r in result["rows"] if (r.get("bwd_page_faults") or 0) >= _MANY_FAULTS}
+    skipped = _skipped_notes(result["rows"])
     for family in ("pooling", "projection"):
         lines += [f"### {family}", "",
                   "| node | path | shape | fwd ms/sample | bwd ms/sample | fwd / mean | bwd / mean "
                   "| max Δ solution | max Δ gradient | note |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in result["rows"]:
+        for i, r in enumerate(result["rows"]):
             if r["family"] != family:
                 continue
-            note = r["note"]
+            note = skipped.get(i, r["note"])
             if "first_call_s" in r:
                 note = _first_call(r)
             if "goal" in r:
@@ -213,8 +236,9 @@ def format_table(result: dict[str, Any]) -> str:
                    else f"at most {rounds['convex']}")
     lines.append("The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "
                  "see the README's Benchmarks.")
+    threads = f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}"
     lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
-                 f"({m['torch_threads']} threads), device {m['device']}; medians of "
+                 f"({threads}), device {m['device']}; medians of "
                  f"{result['repeats']} rounds (the convex path: {convex_span}; the DDN "
                  f"reference at the paper's shape: {rounds['ddn_paper']}, its own interleaved rounds; "
                  "cone-program rows: see their note); "

@@ -239,6 +239,14 @@ def test_cli_quick_preset_writes_every_row(tmp_path, capsys):
     assert (tmp_path / "pointcloud.png").stat().st_size > 10_000
 
 
+def test_config_from_args_reads_minus_zero_as_zero():
+    # --rates=-0 was accepted (it equals 0) and labelled "-0 %" in every table.
+    parser = argparse.ArgumentParser()
+    pointcloud.add_arguments(parser)
+    cfg = pointcloud.config_from_args(parser.parse_args(["--rates=-0,50"]))
+    assert cfg.rates == (0.0, 0.5) and str(cfg.rates[0]) == "0.0" and f"{100 * cfg.rates[0]:g}" == "0"
+
+
 def test_config_from_args():
     parser = argparse.ArgumentParser()
     pointcloud.add_arguments(parser)

@@ -179,6 +179,21 @@ def test_format_comparisons_marks_the_same_difference_in_every_seed():
     assert row.split("|")[4].strip() == "+0.00 ± 0.00"
 
 
+def test_cli_one_seed_says_so_once(monkeypatch, capsys):
+    """With one seed both comparison blocks (to the baseline, to BN) are the same sentence,
+    which was printed twice."""
+    from convexddn.experiments.projection import command, runner
+
+    result = {"seeds": [0], "config": {"epochs": 1, "timing_batch_size": 16, "timing_batches": 1},
+              "n_train": 10, "n_test": 10, "wall_seconds": 1.0,
+              "machine": {"device": "cpu", "torch_threads": 1, "cpu_count": 2, "torch": "t"},
+              **aggregate([_record(0, {"baseline": 0.5, "bn": 0.6, "l2_ball": 0.7})])}
+    monkeypatch.setattr(runner, "run", lambda cfg: result)
+    assert command._execute(Config(seeds=1, out=None)) == 0
+    out = capsys.readouterr().out
+    assert out.count("One seed: no interval") == 1 and "| L2 ball |" in out
+
+
 # ---------------------------------------------------------------------------- end to end
 
 

@@ -78,7 +78,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         for r in percents:
             if not 0.0 <= r < 100.0:
                 raise OptionError(f"--rates must be percentages in [0, 100), got {r:g}")
-        overrides["rates"] = tuple(r / 100 for r in percents)
+        # + 0.0 turns -0 (accepted, as it equals 0) into 0: it was labelled "-0 %".
+        overrides["rates"] = tuple(r / 100 + 0.0 for r in percents)
     if getattr(args, "poolings", None) is not None:
         overrides["poolings"] = tuple(p.strip() for p in args.poolings.split(",") if p.strip())
     preset = Config.quick if getattr(args, "quick", False) else Config.default

@@ -70,7 +70,8 @@ def _execute(cfg: Config) -> int:
     result = run(cfg)
     blocks = [format_table(result), format_comparisons(result, "baseline"),
               format_comparisons(result, "bn"), format_runtime_table(result)]
-    print("\n\n".join(b for b in blocks if b))
+    # Each block once: with one seed both comparisons are the same "One seed: ..." line.
+    print("\n\n".join(dict.fromkeys(b for b in blocks if b)))
     m = result["machine"]
     print(f"\nwall time {result['wall_seconds']:.1f} s on {m['device']} "
           f"({m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}, "
