@@ -1,9 +1,9 @@
 """One seed of the point-cloud experiment: corrupt, train, evaluate, time.
 
-A seed fixes the generated data, the test outliers (each rate's whatever other rates
-the run has), the initialisation (shared by every pooling: they have the same
-parameters) and the batch order, so the poolings of one seed are compared on identical
-inputs and can be paired across seeds.
+A seed fixes the generated data, the test outliers of each rate (the same whatever
+other rates the run has), the initialisation (shared by every pooling: they have the
+same parameters) and the batch order, so the poolings of one seed are compared on
+identical inputs and can be paired across seeds.
 
 Evaluation uses ``model.eval()`` (BatchNorm running statistics) on a shuffled test set:
 with per-batch statistics the network partly adapts to each test batch's outliers and
