@@ -303,6 +303,36 @@ def test_robust_pool_welsch_leaves_a_maximum_both_starts_sit_on(copies):
     assert abs(float(g.detach())) < 1e-9 * copies and float(h) > 0
 
 
+@pytest.mark.parametrize("n", [64, 1024])
+@pytest.mark.parametrize("ulps", [0.34, 1.0])
+@pytest.mark.parametrize("tol", [None, 1e-9])
+def test_robust_pool_welsch_stops_on_the_float_grid(n, ulps, tol, monkeypatch):
+    # Float32 rows of 0.3 with alpha at most an ulp of 0.3 (3e-8): the minimiser is 0.3
+    # (closed form: every residual 0 there, each term's minimum). The mean start, an ulp
+    # off, went between -1, +1 and +2 ulps (equal objectives) for all of max_iter = 100
+    # sweeps, then the rows were solved again in float64. It stops on the grid's floor
+    # now; with a tolerance below the ulp (tol 1e-9) that floor leaves the row unresolved
+    # in float32 and float64 solves it (alpha above its ulp: an ordinary descent).
+    from convexddn.nodes.pooling import descent
+    sweeps = []
+    real = descent._sweep
+
+    def counting(pen, rows, *args, **kwargs):
+        sweeps.append(rows.x.dtype)
+        return real(pen, rows, *args, **kwargs)
+
+    monkeypatch.setattr(descent, "_sweep", counting)
+    c = torch.tensor(0.3, dtype=torch.float32)
+    alpha = ulps * float(c.nextafter(torch.tensor(1.0)) - c)
+    x = torch.full((4, n), 0.3, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = robust_pool(x, "welsch", alpha, tol=tol)
+    assert torch.equal(y, c.expand(4))
+    assert sweeps.count(torch.float32) <= 5, sweeps
+    assert sweeps.count(torch.float64) <= (0 if tol is None else 20), sweeps
+
+
 def test_robust_pool_welsch_keeps_lower_objective():
     """Mean start and median start reach different local minima; the lower one wins."""
     jitter = 0.01 * torch.arange(10, dtype=torch.float64)

@@ -24,6 +24,15 @@ __all__ = ["descent_rows", "safe_step"]
 # The descent iteration's safe step is -g / max(h, kappa W), W >= h the IRLS curvature.
 # Any kappa > 1/2 keeps it a strict descent step (see descent_rows).
 _KAPPA = 0.55
+# A start stops on the float grid's floor: where an accepted step of at most _GRID eps |u|
+# (4-8 ulps) did not lower the objective beyond rounding. In exact arithmetic each accepted
+# step lowers it; on the grid, where alpha is about an ulp of u or less, the curvature
+# changes sign between neighbouring floats and a safe step of 1.8 ulps rounds to 2 (t = 2:
+# no decrease): float32 rows of 0.3 with alpha 1e-8 (ulp 3e-8) sent the mean start, an ulp
+# off, between -1, +1 and +2 ulps of the minimum (equal objectives) until max_iter, then
+# through a float64 solve again (70x a Gaussian row's time). The objective equal at both
+# ends, a stationary point lies between them (Rolle): within the step of u.
+_GRID = 4.0
 
 def safe_step(g: Tensor, h: Tensor, w: Tensor) -> Tensor:
     """The descent iteration's safe step ``-g / max(h, kappa W)`` (0 where ``W = 0``):
@@ -50,8 +59,10 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     step instead; an accepted one doubles rho. So the accepted objective never
     increases, the iteration cannot climb to a maximum, and near a minimum it is plain
     Newton. A start stops at an accepted point where h > 0 and |g| / h <= tol * (alpha
-    + |u|) (|g| above its noise), or where |g| is at its noise level and h is not
-    negative (from a maximum it steps downhill by rho, either way where g = 0).
+    + |u|) (|g| above its noise), where |g| is at its noise level and h is not
+    negative (from a maximum it steps downhill by rho, either way where g = 0), or on
+    the float grid's floor: an accepted step of a few ulps that did not lower f (see
+    ``_GRID``; unresolved where that step exceeds the tolerance).
 
     Returns per row and start (``(R, k)``) the point, the objective at the last accepted
     point and the flags; None when some entry of x is NaN or Inf.
@@ -118,14 +129,25 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
             conv |= hpos & ~quiet & near & (astep <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
         # A quiet gradient where the curvature is negative is a maximum, not a stop: both
         # starts of x = (1, 1, -1, -1, 0), α = 0.43 sat at 0, the mean and the median.
-        stop = (~reject & ((quiet & ~((h < 0) & (w > 0))) | conv)) | bad
+        stop = ~reject & ((quiet & ~((h < 0) & (w > 0))) | conv)
+        floor = wide = torch.zeros_like(stop)
+        if h_prev is not None:
+            # The float grid's floor (see _GRID): a step of a few ulps from the last accepted
+            # point (h_prev is NaN after a rejected one) that did not lower the objective.
+            adu = (u - u_prev).abs()
+            floor = (~reject & ~conv & (f >= f_prev - (8 * eps) * f.abs()) & ~torch.isnan(h_prev)
+                     & (adu <= (_GRID * eps) * au))
+            stop |= floor
+            wide = floor & (adu > tol_s)  # a floor wider than the tolerance: unresolved
+        stop |= bad
         done = stop & active
         nxt = torch.where(reject, safe_prev, trial)
         f_prev = torch.where(reject | ~active, f_prev, f)
         safe_prev = torch.where(reject, safe_prev, u + safe)
         # (Not where the sums are bad: a user's phi' of NaN with a finite h made u - NaN,
         # under the warning that the last finite iterate is returned.)
-        final = torch.where(hpos & ~quiet & ~bad, u - nstep, u)
+        # (At the floor the Newton step is no estimate: it sent a row of 0.3 a third away.)
+        final = torch.where(hpos & ~quiet & ~bad & ~floor, u - nstep, u)
         h_prev = torch.where(reject, math.nan, h)  # no estimate across a rejected step
         # (Once a start stops, u and f_prev stay put: its point and the objective at its
         # last accepted point; a start still running at the end returns its last iterate.)
@@ -133,7 +155,7 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         both = done & bad
         spec = spec | both
         conv_f = conv_f | (done ^ both)  # done & ~bad
-        unres = unres | (done & quiet & ~bad & hpos & (noise > tol_s * h))
+        unres = unres | (done & ((quiet & ~bad & hpos & (noise > tol_s * h)) | wide))
         active = active & ~done
         return u_new, f_prev, safe_prev, rho, g.clone(), h_prev, u, active, unres, conv_f, spec
 
