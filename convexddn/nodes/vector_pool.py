@@ -237,7 +237,7 @@ def robust_vector_pool(
         max_iter: iteration limit per phase; reaching it issues a
             :class:`~convexddn.errors.SolverWarning`. Default: 100.
         starts: data-point starts for nonconvex penalties (0: mean and median only, as
-            the reference; ``>= N``: every point). Default: 32.
+            the reference; ``>= N``: every point); time grows with it, memory does not. Default: 32.
 
     Shape:
         - Input: ``(*)``, e.g. ``(B, C, N)`` with the defaults or ``(B, C, H, W)``

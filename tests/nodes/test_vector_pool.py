@@ -988,3 +988,48 @@ def test_robust_vector_pool_convex_start_beside_an_outlier_1e100_away(name):
         warnings.simplefilter("error")
         y = robust_vector_pool(x, name, 1.0)
     torch.testing.assert_close(y, robust_pool(x[0], name, 1.0).unsqueeze(-1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["welsch", "trunc_quad"])
+def test_robust_vector_pool_start_search_memory_is_bounded(name, monkeypatch):
+    """The start search's (r, S, N) temporaries (S = 130 starts) are taken a block of rows
+    at a time, within the pooling kernels' block budget: all rows at once, (64, 3, 2048)
+    float64 sets (3 MB) took 730 MB. Here (8, 3, 512): 4.3 MB per temporary all at once,
+    at most 2 MiB (the CPU block) in blocks; the result is still a stationary point."""
+    from convexddn.nodes import _vector_pool_solvers as vps
+    from convexddn.nodes.pooling import kernels
+    seen = []
+    real = vps.kappa
+
+    def recording(pen, z, a):
+        if z.dim() == 3:  # the start search's (r, S, N) distances
+            seen.append(z.numel() * z.element_size())
+        return real(pen, z, a)
+
+    monkeypatch.setattr(vps, "kappa", recording)
+    x = torch.randn(8, 3, 512, dtype=D, generator=torch.Generator().manual_seed(0))
+    x[..., :200] = 0.3 * x[..., :200] + 2.0  # an inlier cluster
+    y = robust_vector_pool(x, name, 1.0)
+    assert seen and max(seen) <= kernels._CPU_BLOCK_BYTES, (max(seen), kernels._CPU_BLOCK_BYTES)
+    if name == "welsch":  # the gradient of the objective written out, at y
+        d = y.unsqueeze(-1) - x
+        grad = (d * torch.exp(-0.5 * (d * d).sum(-2, keepdim=True))).sum(-1)
+        assert grad.abs().max() < 1e-10
+    else:  # the mean of its own inliers
+        inl = ((y.unsqueeze(-1) - x).norm(dim=-2) <= 1.0).to(D)
+        torch.testing.assert_close(y, (x * inl.unsqueeze(-2)).sum(-1) / inl.sum(-1, keepdim=True), rtol=0,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["welsch", "trunc_quad"])
+@pytest.mark.parametrize("spread", [1.0, 1e7])  # 1e7: the start search by direct differences, in float64
+def test_robust_vector_pool_start_blocks_do_not_change_the_result(name, spread, monkeypatch):
+    """One row per block or every row in one: the same iterations, bit for bit."""
+    from convexddn.nodes.pooling import kernels
+    x = torch.randn(6, 3, 40, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    x[..., :10] *= spread
+    outs = []
+    for budget in (1, 1 << 40):
+        monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", budget)
+        outs.append(robust_vector_pool(x, name, 1.0))
+    assert torch.equal(outs[0], outs[1])
