@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +21,34 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["any_batched", "batched_values", "bind_fast", "without_autocast", "functorch_transforms", "refuse_transforms",
-           "refuse_trace", "refuse_vmap", "may_carry_tangents", "plain", "save_plain"]
+__all__ = ["any_batched", "batched_values", "bind_fast", "without_autocast", "functorch_transforms",
+           "refuse_transforms", "refuse_trace", "refuse_vmap", "may_carry_tangents", "outside_compile", "plain",
+           "save_plain"]
+
+
+def outside_compile(fn: Callable) -> Callable:
+    """``fn`` (a decorator), never captured by torch.compile: a graph break around it, and every
+    call it makes runs eagerly, as ``torch.compiler.disable(fn)`` does.
+
+    For code that differentiates the user's functions more than once (``retain_graph=True``,
+    ``create_graph=True``): traced, they became a compiled graph whose backward donates its
+    buffers and refuses a second pass (torch's raw "This backward function was compiled with
+    non-empty donated buffers" at a DeclarativeNode's first compiled call). Such code tests
+    on the host anyway; compiling it gains nothing. ``torch.compiler.disable`` is applied at
+    the first call after torch._dynamo is imported (it imports torch._dynamo, 1.3 s, which an
+    eager user need not pay; before that, nothing can be compiling); the wrapper adds ~0.4 us.
+    """
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
 
 
 def plain(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
+from .._autograd import outside_compile
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
@@ -291,6 +292,7 @@ class DeclarativeNode(torch.nn.Module):
             y = self.solve(*xs)
         return checked_solution(f"{type(self).__name__}.solve", y, xs)
 
+    @outside_compile  # (the swaps too: under compile, guarded() would hold no lock)
     def _vjp(self, xs, y, grad_y, params, batch_shape, state):
         # The parameters and buffers the forward solved with (``state``): under
         # torch.func.functional_call they were swapped in for the forward only, and the
@@ -299,6 +301,7 @@ class DeclarativeNode(torch.nn.Module):
             return declarative_vjp(self._call("objective"), tuple(xs), y, grad_y, params=tuple(params),
                                    **self._implicit_options(batch_shape))
 
+    @outside_compile
     def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names):
         leaves, state = parameter_leaves(params, state, names)
         with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):

@@ -9,7 +9,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .._autograd import plain
+from .._autograd import outside_compile, plain
 from .._warn import warn
 from ..errors import GradientWarning, ProblemError
 from ._swap_guard import guarded, read_as
@@ -118,6 +118,7 @@ def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) ->
                 "to make the whole batch one problem")
 
 
+@outside_compile  # (it differentiates the objective several times: see outside_compile)
 def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str]]:
     """Probe ``node``'s problem at the inputs ``xs`` (flattened, ``(B, ...)``) and its
     solution ``y``; warn where inputs or parameters that require grad are not read.

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._autograd import outside_compile
 from .._warn import warn
 from ..errors import GradientWarning
 from .degeneracy import shown_indices, warn_curved
@@ -38,6 +39,8 @@ __all__ = ["declarative_vjp"]
 
 Tensor = torch.Tensor
 
+
+@outside_compile  # (it differentiates the objective more than once: see outside_compile)
 def declarative_vjp(
     objective: Callable[..., Tensor],
     xs: Tensor | Sequence[Tensor],

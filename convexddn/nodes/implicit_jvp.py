@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .._autograd import outside_compile
 from .._warn import warn
 from ..errors import GradientWarning
 from .degeneracy import warn_curved
@@ -43,6 +44,7 @@ __all__ = ["declarative_jvp"]
 Tensor = torch.Tensor
 
 
+@outside_compile  # (it differentiates the objective more than once: see outside_compile)
 def declarative_jvp(
     objective: Callable[..., Tensor],
     xs: Tensor | Sequence[Tensor],
