@@ -4,14 +4,17 @@ CVXPY canonicalises a problem assuming what each ``cp.Parameter`` declares (a ``
 λ makes ``λ‖x‖₁`` convex, a ``boolean`` one is taken as nonneg); a value that breaks it
 gives a wrong answer or a misleading diagnosis ("unbounded"), so
 :func:`check_parameter_attributes` refuses it, naming the parameter: signs, integer and
-boolean entries per entry, symmetric and PSD/NSD matrices each at its own scale, on the
-tensors' own device.
+boolean entries per entry, ``bounds=[lo, hi]`` per entry (CVXPY refuses such a value:
+"Parameter value must be in bounds"), symmetric and PSD/NSD matrices each at its own
+scale, on the tensors' own device.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ..errors import InputError
@@ -23,7 +26,30 @@ __all__ = ["SYMMETRIC_ATTRIBUTES", "check_parameter_attributes", "parameter_labe
 _ENTRYWISE = {"nonneg": lambda v: v < 0, "nonpos": lambda v: v > 0, "pos": lambda v: v <= 0, "neg": lambda v: v >= 0,
               "integer": lambda v: v != torch.round(v), "boolean": lambda v: (v != 0) & (v != 1)}
 SYMMETRIC_ATTRIBUTES = ("symmetric", "PSD", "NSD")
-_CHECKED_ATTRIBUTES = (*_ENTRYWISE, *SYMMETRIC_ATTRIBUTES)
+_CHECKED_ATTRIBUTES = (*_ENTRYWISE, "bounds", *SYMMETRIC_ATTRIBUTES)
+
+
+def _bound_text(bound: np.ndarray) -> str:
+    return f"{float(bound):g}" if np.ndim(bound) == 0 else f"an array of shape {np.shape(bound)}"
+
+
+def _out_of_bounds(value: torch.Tensor, bounds: Sequence) -> tuple[torch.Tensor, Callable[[], str]]:
+    """Entries of ``value`` outside ``bounds = [lo, hi]`` (numbers or arrays of the
+    parameter's shape, ±inf for a missing side: CVXPY's numeric ``bounds``), and the first
+    one, with its bounds. A bound rounded to the value's dtype passes: each side widens by
+    ``eps·|bound|`` (a float32 0.1 lies 1.5e-9 above the float64 bound 0.1)."""
+    eps = torch.finfo(value.dtype).eps
+    lo, hi = (torch.as_tensor(b.toarray() if sp.issparse(b) else np.asarray(b), dtype=torch.float64,
+                              device=value.device) for b in bounds)
+    wide = value.double()
+    mask = (wide < lo - eps * lo.abs()) | (wide > hi + eps * hi.abs())
+
+    def why() -> str:
+        first = tuple(int(i) for i in torch.nonzero(mask)[0])
+        # (the entry's own bounds: lo and hi broadcast over the batch dimensions in front)
+        lo_i, hi_i = (float(b.expand(value.shape)[first]) for b in (lo, hi))
+        return f"the first, at index {first}, is {float(wide[first]):.6g}, outside [{lo_i:.6g}, {hi_i:.6g}]"
+    return mask, why
 
 
 def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[[], str]]:
@@ -86,19 +112,27 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
 
     CVXPY canonicalises a problem assuming the declared attributes (a ``nonneg`` λ makes
     ``λ‖x‖₁`` convex); a value that breaks them gives a wrong answer or a misleading
-    diagnosis ("unbounded"), so it is refused here, naming the parameter. One host sync
-    per declared attribute.
+    diagnosis ("unbounded"), so it is refused here, naming the parameter; a value outside
+    its ``bounds=[lo, hi]`` too (as CVXPY refuses it), naming the first such entry and its
+    bounds. One host sync per declared attribute.
     """
     for i, (value, param) in enumerate(zip(values, parameters)):
         for attr in _CHECKED_ATTRIBUTES:
-            if not param.attributes.get(attr):
+            declared = param.attributes.get(attr)
+            if not declared:
                 continue
-            bad, why = _violations(value, attr)
+            if attr == "bounds":
+                bad, why = _out_of_bounds(value, declared)
+                declared = f"bounds=[{_bound_text(declared[0])}, {_bound_text(declared[1])}]"
+            else:
+                bad, why = _violations(value, attr)
+                declared = f"{attr}=True"
             n_bad = int(bad.sum())
             if n_bad:
                 what = "matrices" if attr in SYMMETRIC_ATTRIBUTES else "entries"
+                what += " outside them" if attr == "bounds" else " that are not"
                 reason = why()
                 raise InputError(
-                    f"{parameter_label(i, param, labels)} is declared {attr}=True, got {n_bad} {what} "
-                    f"that are not (shape {tuple(value.shape)}{'; ' + reason if reason else ''}); pass "
+                    f"{parameter_label(i, param, labels)} is declared {declared}, got {n_bad} {what} "
+                    f"(shape {tuple(value.shape)}{'; ' + reason if reason else ''}); pass "
                     "values that satisfy the declaration or drop it from the cp.Parameter")
