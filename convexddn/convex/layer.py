@@ -17,6 +17,7 @@ element it does not certify with the per-element one, before any error.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ from .._first_order import first_order_only, single_backward
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import NotDPPError, OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
-from .declarations import parameter_label
+from .finite import finite_problem
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .second_opinion import solve_with_opinion
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
@@ -41,8 +42,7 @@ from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
 from .state import picklable_state, restore_state, uncached
 from .upstream import zero_nonfinite
-from .validation import check_values, element_subset, solver_choice, validate_problem, validate_solver_args
-from .widen import widened
+from .validation import check_values, element_subset, flat_values, solver_choice, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
 
@@ -121,7 +121,9 @@ class ConvexLayer(nn.Module):
     Raises:
         ProblemError, NotDPPError: at construction, for a problem that is not convex
             (DCP/DGP), not DPP, has no parameters or integer variables, or whose
-            parameters/variables do not match it (or have no entries: zero size).
+            parameters/variables do not match it (or have no entries: zero size); a NaN
+            constant, or an infinite one that is no bound (:mod:`.finite`: an infinite
+            entry of an inequality's constant side means no bound, as in CVXPY).
         OptionError: an invalid option, or unknown ``solver_args`` keys; a per-element
             ``solver`` for a problem only the batched solver takes (``quad_form(x, P)``
             of a parameter ``P``) or one with cones it cannot take (ECOS: PSD cones).
@@ -129,7 +131,7 @@ class ConvexLayer(nn.Module):
         ShapeError: wrong number of tensors or names, wrong trailing shape, batch
             shapes that do not broadcast.
         InputError: tensors on several devices; a value that breaks its parameter's
-            declared attribute (``nonneg``, ``pos``, ``PSD`` …) or that ``check`` refuses.
+            declared attribute (``nonneg``, ``pos``, ``PSD``, ``bounds`` …) or that ``check`` refuses.
         NonFiniteError: NaN or Inf in a parameter (names it and counts them).
         InfeasibleError, UnboundedError, SolverError: a solve failed (with
             ``on_failure="raise"``); the error names the failing batch indices and the
@@ -178,6 +180,8 @@ class ConvexLayer(nn.Module):
         solver_args = validate_solver_args(first, solver_args)
         # True for quad_form(x, P) of a parameter P: the batched solver only (see validate_problem).
         self._qp_only = validate_problem(problem, parameters, variables, gp, solver in ("auto", "batched"), solver)
+        # What both backends compile: infinite bounds' rows dropped (y <= [0.1, inf]), other non-finite refused.
+        self._program = finite_problem(problem, variables)
 
         self.problem = problem
         self.parameters_ = list(parameters)
@@ -189,7 +193,7 @@ class ConvexLayer(nn.Module):
         self._batched: BatchedProgram | None = None
         if solver in ("auto", "batched") and not gp:
             try:
-                self._batched = BatchedProgram(uncached(problem), self.parameters_, self.variables_,
+                self._batched = BatchedProgram(uncached(self._program), self.parameters_, self.variables_,
                                                tol_accept=self.batched_tol)
             except UnsupportedProblem as err:
                 if solver == "batched" or self._qp_only:
@@ -226,8 +230,9 @@ class ConvexLayer(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         # Layers pickled before second opinions (built on need), the check option, QP-only
-        # problems; and with cvxpylayers' layer as a submodule:
-        restore_state(self, state, {"_opinion": None, "check": None, "_qp_only": False}, hidden=("_layer",))
+        # problems, infinite bounds dropped (the problem itself); with cvxpylayers' layer as a submodule:
+        restore_state(self, state, {"_opinion": None, "check": None, "_qp_only": False,
+                                    "_program": state.get("problem")}, hidden=("_layer",))
         self._local = threading.local()
         self._build_lock = threading.Lock()
 
@@ -246,7 +251,7 @@ class ConvexLayer(nn.Module):
     def _per_element_layer(self) -> CvxpyLayer:
         """cvxpylayers' canonicalisation with our checked per-element solver (built once)."""
         if self._layer is None:  # (kept out of the module tree: an internal, empty module)
-            object.__setattr__(self, "_layer", per_element_layer(uncached(self.problem), self.parameters_,
+            object.__setattr__(self, "_layer", per_element_layer(uncached(self._program), self.parameters_,
                                                                  self.variables_, self._backend, self.gp))
         return self._layer
 
@@ -281,7 +286,7 @@ class ConvexLayer(nn.Module):
             with self._build_lock:
                 if self._opinion is None:
                     try:
-                        self._opinion = BatchedProgram(uncached(self.problem), self.parameters_, self.variables_,
+                        self._opinion = BatchedProgram(uncached(self._program), self.parameters_, self.variables_,
                                                        tol_accept=self.batched_tol)
                     except UnsupportedProblem:
                         self._opinion = False
@@ -306,9 +311,7 @@ class ConvexLayer(nn.Module):
         # differentiation raises DoubleBackwardError (the batched one gave zeros).
         values = first_order_only("ConvexLayer", values)
 
-        out_dtype = values[0].dtype
-        for v in values[1:]:
-            out_dtype = torch.promote_types(out_dtype, v.dtype)
+        out_dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
         device = values[0].device
         n_batch = math.prod(batch)
         out_shapes = [batch + tuple(v.shape) for v in self.variables_]
@@ -320,16 +323,7 @@ class ConvexLayer(nn.Module):
             self._local.info = SolveInfo([], [], [], [], torch.zeros(batch, dtype=torch.bool))
             return outs[0] if len(outs) == 1 else outs
 
-        flat = []
-        for i, (value, param) in enumerate(zip(values, self.parameters_)):
-            shape = tuple(param.shape)
-            v64 = widened(value, parameter_label(i, param, labels))
-            # Unbatched parameters stay shared (both backends broadcast them).
-            flat.append(v64 if value.dim() == len(shape) else
-                        v64.expand(batch + shape).reshape((n_batch,) + shape))
-        if not batch:
-            flat = [v if v.dim() == len(p.shape) + 1 else v.unsqueeze(0)
-                    for v, p in zip(flat, self.parameters_)]
+        flat = flat_values(values, self.parameters_, batch, labels)  # (float64, gradients checked)
         sols, info = self._solve(flat, device, call_args, batch)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
         if failed and self.on_failure == "raise":

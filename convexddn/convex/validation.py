@@ -15,6 +15,7 @@ was expected and what came.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import cvxpy as cp
@@ -26,7 +27,7 @@ from .declarations import SYMMETRIC_ATTRIBUTES, check_parameter_attributes, para
 from .solver_args import solver_choice, spelling, validate_solver_args
 
 __all__ = ["batch_shape", "bind_names", "bind_parameters", "solver_choice", "validate_problem",
-           "validate_solver_args", "check_values", "describe_failure"]
+           "validate_solver_args", "check_values", "describe_failure", "flat_values"]
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
     """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can
@@ -191,6 +192,25 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
                 f"variable {v.name()} is declared diag=True or with a sparsity pattern, which the layer "
                 "cannot return; return a vector variable d used as cp.diag(d) (or a dense matrix) instead")
     return not gp and not dpp
+
+
+def flat_values(values: Sequence[torch.Tensor], parameters: Sequence[cp.Parameter], batch: tuple[int, ...],
+                labels: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """One call's checked values as the backends take them: float64 (:func:`.widen.widened`,
+    whose gradient goes back checked), batched ones as ``(prod(batch), *param.shape)``,
+    unbatched ones shared as ``param.shape`` (both backends broadcast them); with no
+    batch at all, each as ``(1, *param.shape)``."""
+    from .widen import widened
+
+    n_batch = math.prod(batch)
+    flat = []
+    for i, (value, param) in enumerate(zip(values, parameters)):
+        shape = tuple(param.shape)
+        v64 = widened(value, parameter_label(i, param, labels))
+        flat.append(v64 if value.dim() == len(shape) else v64.expand(batch + shape).reshape((n_batch,) + shape))
+    if not batch:
+        flat = [v if v.dim() == len(p.shape) + 1 else v.unsqueeze(0) for v, p in zip(flat, parameters)]
+    return flat
 
 
 def describe_failure(err: BaseException) -> str:
