@@ -40,9 +40,10 @@ from cvxpylayers.interfaces.base import SolverInterface
 from .cone_data import ConeData, _Map, _Var
 from .kkt import KKTStructure
 from .symmetric_cones import ConeLayout
+from ..errors import NotDPPError, OptionError, ProblemError
 from .validation import describe_failure
 
-__all__ = ["ConeData", "UnsupportedProblem", "canonicalise"]
+__all__ = ["ConeData", "UnsupportedProblem", "batched_refusal", "canonicalise"]
 
 
 class UnsupportedProblem(Exception):
@@ -60,6 +61,22 @@ class _CanonOnly(SolverInterface):
 
     def derivative_torch_batch(self, *args: Any) -> Any:
         raise NotImplementedError
+
+
+def _other_cones(dims: Any) -> str:
+    """The cones of CVXPY's ``ConeDims`` that the batched solver does not take, in words
+    ("" if none): their kinds, counts and sizes, and the atoms that usually bring them."""
+    found = []
+    if dims.exp:
+        found.append(f"{dims.exp} exponential cone(s) (from atoms such as log, exp, entr, rel_entr, kl_div, "
+                     "log_sum_exp, logistic)")
+    if dims.psd:
+        found.append(f"{len(dims.psd)} PSD cone(s) of order {list(dims.psd)} (from PSD constraints or "
+                     "variables, lambda_max, sigma_max, normNuc, log_det ...)")
+    for attr in ("p3d", "pnd"):
+        if getattr(dims, attr, None):
+            found.append(f"{len(getattr(dims, attr))} power cone(s) (cp.PowCone3D / PowConeND constraints)")
+    return " and ".join(found)
 
 
 def _coo(mat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,13 +105,16 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
         # (KeyError etc.: cvxpylayers' own failures on edge cases, e.g. a zero-size parameter.)
         raise UnsupportedProblem(f"cvxpylayers cannot canonicalise this problem: {describe_failure(err)}") from err
     dims = ctx.cone_dims
-    if dims.exp or dims.psd or getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
-        raise UnsupportedProblem(
-            f"only zero, nonnegative and second-order cones are batched; got {dims}")
+    other = _other_cones(dims)
+    if other:
+        raise UnsupportedProblem(f"it takes zero, nonnegative and second-order cones only, and this problem's cone "
+                                 f"program has {other}")
     variables_out = []
-    for rec in ctx.var_recover:
+    for i, rec in enumerate(ctx.var_recover):
         if rec.unpack_fn != "reshape":
-            raise UnsupportedProblem("symmetric/PSD variables are not batched")
+            raise UnsupportedProblem(
+                f"it cannot return variables[{i}] ({variables[i].name()}, declared symmetric or PSD: CVXPY "
+                "stores it by one triangle); return a plain variable X with the constraint X == X.T instead")
         sl = rec.primal if rec.source == "primal" else rec.dual
         variables_out.append(_Var(rec.source, sl.start, sl.stop, tuple(rec.shape)))
     layout = ConeLayout(int(dims.zero), int(dims.nonneg), tuple(int(k) for k in dims.soc))
@@ -212,6 +232,39 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     data.error_cols = None if every else torch.as_tensor(kpos[wanted], dtype=torch.long)
     data.error_duals = torch.as_tensor(rpos[rows & (rpos >= 0)], dtype=torch.long) if rows.any() else None
     return data
+
+
+def _parametric_quad_forms(objective: Any) -> list[str]:
+    """The ``quad_form(x, P)`` terms of ``objective`` whose ``P`` holds a parameter, written out."""
+    from cvxpy.atoms.quad_form import QuadForm
+
+    found, stack = [], [objective]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, QuadForm) and node.args[1].parameters():
+            names = ", ".join(p.name() for p in node.args[1].parameters())
+            found.append(f"quad_form({node.args[0]}, {node.args[1]}) of parameter {names}")
+        else:
+            stack.extend(node.args)
+    return found
+
+
+def batched_refusal(problem: cp.Problem, solver: str, why: Exception, qp_only: bool) -> ProblemError | OptionError:
+    """The error for a problem the batched solver cannot take (``why``) where only it may
+    solve it: with ``solver='batched'`` an ``OptionError`` (the choice is wrong); with
+    ``quad_form(x, P)`` of a parameter ``P`` in the objective (``qp_only``) a
+    ``NotDPPError`` naming those terms, since no solver takes the problem: the batched
+    solver keeps ``P`` as the quadratic term, a per-element one writes the term as a
+    second-order cone, where a parameter ``P`` is not DPP."""
+    if not qp_only:
+        return OptionError(f"solver={solver!r}: the batched solver cannot solve this problem: {why}")
+    terms = "; ".join(_parametric_quad_forms(problem.objective)) or "quad_form(x, P) of a parameter P"
+    return NotDPPError(
+        f"solver={solver!r}: no solver can take this problem. The objective's {terms} requires the batched "
+        "solver (it keeps P as the quadratic term; a per-element solver writes the term as a second-order cone, "
+        f"where a parameter P is not DPP), and the batched solver cannot solve this problem: {why}. Write the "
+        "term as cp.sum_squares(L @ x) with a parameter L (P = LᵀL), which every solver takes, or make P a "
+        "constant")
 
 
 # Rows of A touching more than two variables that a nearly separable program may have.

@@ -32,8 +32,9 @@ from .._warn import warn
 from .._autograd import refuse_vmap
 from .._first_order import first_order_only, single_backward
 from .._checks import check_choice, check_int, check_tolerance
-from ..errors import NotDPPError, OptionError, SolverWarning
+from ..errors import OptionError, SolverWarning
 from .batched import BatchedProgram, UnsupportedProblem
+from .canonical import batched_refusal
 from .finite import finite_problem
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .second_opinion import solve_with_opinion
@@ -197,8 +198,7 @@ class ConvexLayer(nn.Module):
                                                tol_accept=self.batched_tol)
             except UnsupportedProblem as err:
                 if solver == "batched" or self._qp_only:
-                    raise (NotDPPError if self._qp_only else OptionError)(
-                        f"solver={solver!r}: the batched solver cannot solve this problem: {err}") from None
+                    raise batched_refusal(problem, solver, err, self._qp_only) from None
         elif solver == "batched":
             raise OptionError("solver='batched' does not take gp=True problems; use solver='auto'")
         if self._batched is None:
