@@ -258,3 +258,28 @@ def test_nearly_parallel_rows_have_their_derivative_where_it_is_solved_accuratel
             exact = torch.linalg.pinv(Et).T @ torch.ones(n, dtype=F64)  # (EEᵀ)⁻¹E 1, unsquared
             assert not texts, texts
             torch.testing.assert_close(g, exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_an_inactive_bound_has_an_exactly_zero_derivative(mode):
+    """min ½‖u‖² + qᵀu s.t. u ≤ h at q = (-1, 0.5, -0.2), h = (3, 0.1, 0.05): the first bound has
+    slack 2, so u ≤ h[0] leaves the solution u = (1, min(-0.5, 0.1), min(0.2, 0.05)) unchanged in h[0]
+    for any nearby h: dL/dh[0] is 0, exactly (it came out ~1e-11, and Adam, which divides by a
+    gradient's own size, moved h[0] by 5.8e-4 in 20 steps); the other bound's is the closed form."""
+    q, h = cp.Parameter(3), cp.Parameter(3)
+    u = cp.Variable(3)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u) + q @ u), [u <= h]), [q, h], [u])
+    qv = torch.tensor([[-1.0, 0.5, -0.2]], dtype=torch.float64)
+    hv = torch.tensor([[3.0, 0.1, 0.05]], dtype=torch.float64, requires_grad=True)
+    if mode == "reverse":
+        (y,) = layer(qv, hv)
+        assert torch.allclose(y, torch.tensor([[1.0, -0.5, 0.05]], dtype=torch.float64), atol=1e-12)
+        y.sum().backward()
+        # u₀ = -q₀ and u₁ = -q₁ are free of h; u₂ = h₂ is active: gradient (0, 0, 1).
+        assert hv.grad[0, 0].item() == 0.0 and hv.grad[0, 1].item() == 0.0
+        assert abs(hv.grad[0, 2].item() - 1.0) < 1e-10
+    else:
+        with fwAD.dual_level():
+            (y,) = layer(qv, fwAD.make_dual(hv.detach(), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)))
+            tangent = fwAD.unpack_dual(y).tangent
+        assert torch.equal(tangent, torch.zeros_like(tangent))
