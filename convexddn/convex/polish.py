@@ -28,7 +28,7 @@ from .kkt import bmv
 from .symmetric_cones import ConeLayout
 from .tensor_cache import cached
 
-__all__ = ["better", "empty_columns", "natural_residual", "polish", "rounding_level"]
+__all__ = ["better", "natural_residual", "polish", "rounding_level"]
 
 # Residuals at most this many ulps are at rounding level (measured after converged
 # Newton steps: 0.3-4 ulps).
@@ -138,9 +138,10 @@ def _arrow_rows(layout: ConeLayout, device: torch.device) -> tuple[torch.Tensor,
     return tuple(k + v.to(device) for v in (tail, host.heads[host.soc_id[tail]]))
 
 
-def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
+def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, empty, decide=None):
     """One full Newton step (dx, ds, dz) on the KKT conditions; (B,) failure mask.
 
+    ``empty``: ``(B, n)`` :func:`_empty_columns` of ``P, A`` (the same at every step).
     ``decide``: ``(s, z) -> (active, inactive)`` masks of the nonnegative rows whose
     complementary pair is decided; their row of the linearisation is the limit one,
     :math:`s_i + ds_i = 0` (active) or :math:`z_i + dz_i = 0` (inactive).
@@ -198,7 +199,7 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     # 0 · dx_j = −q_j; a unit pivot there gives dx_j = −q_j (0 wherever the program is
     # bounded) and the step of the program without it for the others.
     diag = torch.diagonal(K[:, :n, :n], dim1=-2, dim2=-1)
-    diag += empty_columns(P, A).to(P.dtype)
+    diag += empty.to(P.dtype)
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - comp], 1)
     # A non-finite matrix never reaches LAPACK: MKL's getrf can hang on NaN. (In place:
     # K and its factors are the step's two (B, n + m, n + m) tensors, and its peak.)
@@ -216,12 +217,10 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, decide=None):
     return dx, ds, dz, failed | ~torch.isfinite(sol).all(1)
 
 
-def empty_columns(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+def _empty_columns(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """(B, n) the variables of each element that appear nowhere: their column of ``P``
-    (B, n, n) and of ``A`` (B, m, n) is exactly zero."""
-    empty = P.abs().amax(-2) == 0 if P.shape[-2] else torch.ones(P.shape[:-2] + P.shape[-1:], dtype=torch.bool,
-                                                                   device=P.device)
-    return empty & (A.abs().amax(-2) == 0) if A.shape[-2] else empty
+    (B, n, n) and of ``A`` (B, m, n) is exactly zero (``m = 0`` included: no rows)."""
+    return ~((P != 0).any(-2) | (A != 0).any(-2))
 
 
 def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3, settled=None, decide=None):
@@ -247,8 +246,9 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     best = (x, s, z)
     res = low = residual_fn(x, s, z)
     polished = torch.zeros_like(res, dtype=torch.bool)
+    empty = _empty_columns(P, A)
     for _ in range(steps):
-        dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z, decide)
+        dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z, empty, decide)
         x, s, z = x + dx, s + ds, z + dz
         rn = residual_fn(x, s, z)
         # An element whose step failed or left the finite numbers restarts from its best
