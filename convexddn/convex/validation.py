@@ -25,6 +25,7 @@ from .._checks import check_finite, check_tensor
 from ..errors import InputError, NotDPPError, OptionError, ProblemError, ShapeError
 from .declarations import SYMMETRIC_ATTRIBUTES, check_parameter_attributes, parameter_label
 from .solver_args import solver_choice, spelling, validate_solver_args
+from .widen import widened
 
 __all__ = ["batch_shape", "bind_names", "bind_parameters", "solver_choice", "validate_problem",
            "validate_solver_args", "check_values", "describe_failure", "flat_values"]
@@ -200,8 +201,6 @@ def flat_values(values: Sequence[torch.Tensor], parameters: Sequence[cp.Paramete
     whose gradient goes back checked), batched ones as ``(prod(batch), *param.shape)``,
     unbatched ones shared as ``param.shape`` (both backends broadcast them); with no
     batch at all, each as ``(1, *param.shape)``."""
-    from .widen import widened
-
     n_batch = math.prod(batch)
     flat = []
     for i, (value, param) in enumerate(zip(values, parameters)):
