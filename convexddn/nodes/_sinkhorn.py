@@ -48,7 +48,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._sinkhorn_columns import exact_cols
+from ._sinkhorn_columns import exact_cols, log_floor as _lo
 from ._sinkhorn_kernel import kernel_sinkhorn as _kernel_sinkhorn
 from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, row_shifted
 from ._sinkhorn_schur import flush as _flush
@@ -79,10 +79,6 @@ MAX_STEP = 20.0
 # Below this column error φ's rounding hides the progress of a step, so a lower error
 # alone accepts it (Newton is then in its quadratic phase).
 QUADRATIC = 1e-6
-
-
-def _lo(dtype: torch.dtype) -> float:
-    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 class _State:

@@ -10,7 +10,12 @@ import torch
 
 from ._sinkhorn_padding import Padding
 
-__all__ = ["exact_cols"]
+__all__ = ["exact_cols", "log_floor"]
+
+
+def log_floor(dtype: torch.dtype) -> float:
+    """The log of the smallest plan entry formed (below it, exp is denormal): log(tiny) + 1."""
+    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 def exact_cols(
@@ -27,7 +32,7 @@ def exact_cols(
     """
     cs = P.sum(-2, keepdim=True)
     P = P.mul_(torch.where(cs > 0, b.unsqueeze(-2) / cs, 1.0))
-    lo = math.log(torch.finfo(P.dtype).tiny) + 1.0  # (as the solver's rows: below, exp is denormal)
+    lo = log_floor(P.dtype)  # (as the solver's rows)
     low = cs < math.exp(lo) / torch.finfo(P.dtype).eps
     if pad is not None:
         low &= ~pad.dead_c.unsqueeze(-2)
