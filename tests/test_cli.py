@@ -401,7 +401,7 @@ def test_bench_run_checks_out_before_any_work(tmp_path, monkeypatch):
 @pytest.mark.parametrize("options, expected", [
     # repeats=0 silently meant the default (`repeats or 5`); -1 raised statistics'
     # StatisticsError after the warm-up work, and out had been created.
-    (dict(repeats=0), "repeats must be None or an int from 1 to 1000000, got 0"),
+    (dict(repeats=0), "repeats must be an integer >= 1 and <= 1000000, got 0"),
     (dict(repeats=-1), "got -1"),
     (dict(repeats=10**7), "got 10000000"),
     (dict(repeats=2.5), "got 2.5"),

@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
-from .._checks import check_bool
+from .._checks import check_bool, check_int
 from .._machine import machine
 from ..cli import MAX_COUNT
-from ..errors import OptionError
 from ..experiments.running import output_files, prepare_out_dir, resolve_device
 from .cases import (
     CONVEX_PENALTIES,
@@ -75,9 +74,8 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
 
     # Checked here as the CLI's --repeats is: 0 silently meant the default (`repeats or
     # default`), and -1 raised statistics.StatisticsError after the warm-up work.
-    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int)
-                                or not 1 <= repeats <= MAX_COUNT):
-        raise OptionError(f"repeats must be None or an int from 1 to {MAX_COUNT}, got {repeats!r}")
+    if repeats is not None:
+        repeats = check_int("repeats", repeats, minimum=1, maximum=MAX_COUNT)
     check_bool("quick", quick)
     dev = resolve_device(device)
     # The results are written only after minutes of timing: a bad out must fail now.
