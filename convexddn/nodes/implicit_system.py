@@ -154,6 +154,9 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         f_L, c_L = _lagrangian_parts(objective, fns, prefix, xg, yv, f, c, inactive, broken)
         lagrangian = f_L + (0.0 if c is None else (lam * c_L).sum(-1))
         gL, seed = lagrangian_gradient(prefix, lagrangian, yg)
+        # (measured at most once per Lagrangian: the second-order check and the KKT re-test
+        # below may both need it, where saturated terms round above the scale's floor)
+        rounding = functools.cache(functools.partial(_measured_rounding, lagrangian, yg, gL))
         if attempt:
             break
         u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
@@ -161,8 +164,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         probes = tuple(probes)
         norms = term_norms(yg, xg, gf, probes)
         terms = _term_scale(norms[4], A, lam)
-        check_second_order(prefix, gL, u, d_seed, terms, batch_shape,
-                           rounding=functools.partial(_measured_rounding, lagrangian, yg, gL))
+        check_second_order(prefix, gL, u, d_seed, terms, batch_shape, rounding=rounding)
         broken = _non_finite_derivatives(gL, probes)
         if broken is not None:
             warn(
@@ -234,6 +236,6 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             # saturated terms that cancel exceed (a pooling's Newton step of its rounding
             # was a "poor" solution for 1 in 2000; the measured rounding of that residual
             # was at least half of it, at most twice).
-            res = kkt(rounding=_ROUNDING * scaled_norm(_measured_rounding(lagrangian, yg, gL)))
+            res = kkt(rounding=_ROUNDING * scaled_norm(rounding()))
         verify_kkt(prefix, res, tol, batch_shape)
     return system
