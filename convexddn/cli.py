@@ -102,7 +102,8 @@ class _LazyCommands(argparse._SubParsersAction):
             setup(self._name_parser_map[values[0]])
         super().__call__(parser, namespace, values, option_string)
         # The commands chosen, outermost first (the inner levels' list was copied into
-        # namespace by the call above): main() needs them to place an unknown option.
+        # namespace by the call above): main() needs them to place an unknown option and to
+        # name the command in an error.
         chain = getattr(namespace, "command_chain", [])
         namespace.command_chain = [(values[0], self._name_parser_map[values[0]])] + chain
 
@@ -110,7 +111,7 @@ class _LazyCommands(argparse._SubParsersAction):
 # --- list ---------------------------------------------------------------------------------
 
 def _setup_list(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(func=_list, command_prog=parser.prog)
+    parser.set_defaults(func=_list)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -138,7 +139,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _setup_bench(parser: argparse.ArgumentParser) -> None:
     add_bench_arguments(parser)
-    parser.set_defaults(func=_bench, command_prog=parser.prog)
+    parser.set_defaults(func=_bench)
 
 
 def _check_bench_options(args: argparse.Namespace) -> None:
@@ -176,7 +177,7 @@ def _experiment_setup(module: str) -> Callable[[argparse.ArgumentParser], None]:
 
         experiment = importlib.import_module(f".experiments.{module}", __package__)
         experiment.add_arguments(parser)
-        parser.set_defaults(func=experiment.main, command_prog=parser.prog)
+        parser.set_defaults(func=experiment.main)
     return setup
 
 
@@ -279,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if not _is_user_error(err):
             raise
-        print(f"{args.command_prog}: error: {err}", file=sys.stderr)
+        # (the innermost command chosen: the one whose run failed)
+        print(f"{args.command_chain[-1][1].prog}: error: {err}", file=sys.stderr)
         return 2
 
 
