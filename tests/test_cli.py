@@ -352,24 +352,6 @@ def test_cli_output_name_taken_by_a_directory_fails_up_front(command, name, tmp_
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
-@pytest.mark.parametrize("name", ["pointcloud", "projection"])
-def test_experiment_run_checks_output_names_before_any_work(name, tmp_path, monkeypatch):
-    import importlib
-
-    from convexddn.errors import OptionError
-
-    runner = importlib.import_module(f"convexddn.experiments.{name}.runner")
-    config = importlib.import_module(f"convexddn.experiments.{name}.config")
-
-    def reached(*args, **kwargs):
-        raise AssertionError("the run started before out was checked")
-
-    monkeypatch.setattr(runner, "run_seed", reached)
-    (tmp_path / f"{name}.json").mkdir()
-    with pytest.raises(OptionError, match=f"out must be a directory where {name}.json can be written"):
-        runner.run(config.Config(out=str(tmp_path)))
-
-
 def test_write_result_writes_the_json_before_the_plot(tmp_path):
     # The plot was drawn first: a plot that failed lost the raw results too.
     from convexddn.errors import OptionError
@@ -430,9 +412,11 @@ def test_write_result_refuses_a_file_as_out(tmp_path):
         write_result({}, str(afile), "probe", lambda result, path: None)
 
 
+@pytest.mark.parametrize("taken", [False, True])
 @pytest.mark.parametrize("name", ["pointcloud", "projection"])
-def test_experiment_run_checks_out_before_any_work(name, tmp_path, monkeypatch):
-    # Called from Python (not the CLI), an unusable out failed only after the whole run.
+def test_experiment_run_checks_out_before_any_work(name, taken, tmp_path, monkeypatch):
+    # Called from Python (not the CLI), an unusable out failed only after the whole run:
+    # a file for out, or (taken) an out whose <name>.json is a directory.
     import importlib
 
     from convexddn.errors import OptionError
@@ -444,10 +428,14 @@ def test_experiment_run_checks_out_before_any_work(name, tmp_path, monkeypatch):
         raise AssertionError("the run started before out was checked")
 
     monkeypatch.setattr(runner, "run_seed", reached)
-    afile = tmp_path / "afile"
-    afile.write_text("")
-    with pytest.raises(OptionError, match="out must be a directory"):
-        runner.run(config.Config(out=str(afile)))
+    if taken:
+        (tmp_path / f"{name}.json").mkdir()
+        out, message = tmp_path, f"out must be a directory where {name}.json can be written"
+    else:
+        out, message = tmp_path / "afile", "out must be a directory"
+        out.write_text("")
+    with pytest.raises(OptionError, match=message):
+        runner.run(config.Config(out=str(out)))
 
 
 def test_cli_bench_creates_out_before_the_run(tmp_path, monkeypatch, capsys):

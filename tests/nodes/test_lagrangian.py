@@ -317,7 +317,11 @@ class _Mean(DeclarativeNode):
 
 class _PseudoHuberPool(DeclarativeNode):
     """argmin Σ sqrt(1 + (y − x_i)²) − 1: smooth everywhere, dy/dx_i = h_i / Σh,
-    h = (1 + (y − x)²)^(-3/2)."""
+    h = (1 + (y − x)²)^(-3/2). ``error``: the relative error of ``solve``."""
+
+    def __init__(self, error: float = 0.0):
+        super().__init__()
+        self.error = error
 
     def objective(self, x, y):
         return (torch.sqrt(1 + (y - x) ** 2) - 1).sum(-1)
@@ -327,7 +331,7 @@ class _PseudoHuberPool(DeclarativeNode):
         for _ in range(60):
             r = y - x
             y = y - (r / torch.sqrt(1 + r * r)).sum(-1, keepdim=True) / ((1 + r * r) ** -1.5).sum(-1, keepdim=True)
-        return y
+        return y * (1 + self.error)
 
 
 _MEAN_ROW = [-1.5213357963905696, -0.8638365897660122, 1.7062964971334207, 0.4578564723931028,

@@ -10,7 +10,9 @@ the offset.
 """
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,9 @@ import torch.autograd.forward_ad as fwAD
 
 from convexddn.errors import GradientWarning, SolverError
 from convexddn.nodes.declarative import DeclarativeNode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_lagrangian import _NonNeg, _PseudoHuberPool  # noqa: E402
 
 DT = torch.float64
 
@@ -289,19 +294,6 @@ def test_a_zero_multiplier_beside_an_equality_still_warns(c):
         _Simplex()(x.requires_grad_(True)).sum().backward()
 
 
-class _NonNeg(DeclarativeNode):
-    """argmin ½‖y − x‖² s.t. y ≥ 0: y = max(x, 0), multipliers λ_i = max(−x_i, 0)."""
-
-    def objective(self, x, y):
-        return 0.5 * ((y - x) ** 2).sum(-1)
-
-    def inequality_constraints(self, x, y):
-        return -y
-
-    def solve(self, x):
-        return x.clamp_min(0.0)
-
-
 def _weak_message(x: torch.Tensor) -> str:
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter("always")
@@ -334,27 +326,9 @@ def test_a_zero_multiplier_is_called_a_kink():
     assert "If it is truly zero" not in text
 
 
-class _OddPseudoHuber(DeclarativeNode):
-    """argmin Σ sqrt(1 + (y − x_i)²) − 1 over points (s − 100 + z_i, s + 100 − z_i): odd
-    about s, so y = s exactly; dy/dx_i = h_i / Σh, h = (1 + (y − x)²)^(-3/2). ``error``:
-    the relative error of ``solve``."""
-
-    def __init__(self, error: float = 0.0):
-        super().__init__()
-        self.error = error
-
-    def objective(self, x, y):
-        return (torch.sqrt(1 + (y - x) ** 2) - 1).sum(-1)
-
-    def solve(self, x):
-        y = x.median(-1, keepdim=True).values
-        for _ in range(60):
-            r = y - x
-            y = y - (r / torch.sqrt(1 + r * r)).sum(-1, keepdim=True) / ((1 + r * r) ** -1.5).sum(-1, keepdim=True)
-        return y * (1 + self.error)
-
-
 def _odd_rows():
+    """Rows of points (s − 100 + z_i, s + 100 − z_i): odd about s, so the pseudo-Huber pool
+    (_PseudoHuberPool) has y = s exactly."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(20, 4, dtype=DT, generator=g)
     s = 1e-5 * torch.randn(20, 1, dtype=DT, generator=g)
@@ -374,7 +348,7 @@ def test_a_residual_at_the_saturated_terms_rounding_is_a_kkt_point(monkeypatch):
     x.requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientWarning)
-        y = _OddPseudoHuber()(x)
+        y = _PseudoHuberPool()(x)
         (g,) = torch.autograd.grad(y.sum(), x)
     h = (1 + (s - x.detach()) ** 2) ** -1.5
     torch.testing.assert_close(y.detach(), s, rtol=1e-4, atol=0)
@@ -387,4 +361,4 @@ def test_a_solve_above_the_saturated_terms_rounding_is_still_reported():
     x, _ = _odd_rows()
     x.requires_grad_(True)
     with pytest.warns(GradientWarning, match=r"only approximately for 20 of 20"):
-        torch.autograd.grad(_OddPseudoHuber(1e-3)(x).sum(), x)
+        torch.autograd.grad(_PseudoHuberPool(1e-3)(x).sum(), x)
