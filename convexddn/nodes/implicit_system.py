@@ -95,6 +95,39 @@ def _measured_rounding(lagrangian: Tensor, yg: Tensor, gL: Tensor) -> Tensor:
     return seed_rounding(lambda c: _grads(lagrangian, yg, False, seed=torch.full_like(seed, c))[0], gL.detach())
 
 
+def _element_hvp(gL: Tensor, yg: Tensor, broken: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """``hvp(D)``: the Hessian of the Lagrangian times directions ``D`` ``(k, B, m)``, one
+    vjp of ``gL`` = ∇_y L ``(B, m)``; broken elements get ``H = I`` (and a zero right-hand
+    side, :meth:`ImplicitSystem.zero_rhs`, so ``w = 0`` there)."""
+    def hvp(directions: Tensor) -> Tensor:
+        if broken is None:
+            return _batched_vjp(gL, yg, directions)
+        return torch.where(broken[:, None], directions, _batched_vjp(gL, yg, directions))
+    return hvp
+
+
+def _rows_hvp(objective, fns, prefix: str, xg, yg: Tensor, event, lam: Tensor | None, inactive: Tensor | None,
+              broken: Tensor | None, idx: Tensor) -> Callable[[Tensor], Tensor]:
+    """The ``hvp`` of the batch elements ``idx`` ``(n,)`` alone, ``(k, n, m) -> (k, n, m)``:
+    their Lagrangian :math:`f + \\lambda^\\top c` built again from their rows of the inputs
+    and the solution (the multipliers, fixed, taken from the whole batch's), so a product
+    costs ``n`` elements, not ``B``. The linear solvers ask for it once most elements'
+    systems are solved (:mod:`.krylov`, :mod:`.linear_solvers`); each element's Hessian
+    is its own, as every declarative node's problem is (its value is checked there)."""
+    xs = tuple(x.detach().index_select(0, idx) for x in xg)
+    ys = yg.detach().index_select(0, idx).requires_grad_(True)
+    yv = ys.view((idx.numel(),) + tuple(event))
+    pick = (lambda t: None if t is None else t.index_select(0, idx))
+    f = _objective(f"{prefix}objective", objective, xs, yv)
+    parts = [_constraint(f"{prefix}{n}", fn, xs, yv)
+             for n, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
+    parts = [t for t in parts if t is not None]
+    c = None if not parts else (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    f_L, c_L = _lagrangian_parts(objective, fns, prefix, xs, yv, f, c, pick(inactive), pick(broken))
+    lagrangian = f_L + (0.0 if c_L is None else (pick(lam) * c_L).sum(-1))
+    return _element_hvp(lagrangian_gradient(prefix, lagrangian, ys)[0], ys, pick(broken))
+
+
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
                     params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
                     check_solution: bool, solution_tol, work_dtype: torch.dtype, name: str,
@@ -194,11 +227,10 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             A_rows, A = A, A.masked_fill(broken[:, None, None], 0.0)
     c = c_L
 
-    def hvp(directions: Tensor) -> Tensor:
-        if broken is None:
-            return _batched_vjp(gL, yg, directions)
-        # Broken elements: H = I and a zero right-hand side below, so w = 0 there.
-        return torch.where(broken[:, None], directions, _batched_vjp(gL, yg, directions))
+    hvp = _element_hvp(gL, yg, broken)
+    # (the Lagrangian of the elements idx alone, built again: a graph over the whole batch
+    # costs the whole batch per product, also where only one element's solve is left)
+    hvp.rows = functools.partial(_rows_hvp, objective, fns, prefix, xg, yg, y.shape[1:], lam, inactive, broken)
 
     solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
                                    dense_max, cg_options, batch)

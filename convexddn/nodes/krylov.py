@@ -18,6 +18,7 @@ References:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,11 +27,16 @@ import torch
 from .._generic import GOLDEN_ANGLE
 
 __all__ = [
+    "CG_BUDGET_MIN",
+    "CG_ITER_WORK",
     "CGResult",
+    "cg_budget",
     "constraint_gram",
+    "hvp_of_rows",
     "independent_rows",
     "projected_cg",
     "pseudo_random_directions",
+    "restricted_hvp",
 ]
 
 Tensor = torch.Tensor
@@ -159,6 +165,71 @@ def independent_rows(
 _GRAM_RESOLVED = 1e-6
 
 
+def restricted_hvp(hvp: Callable[[Tensor], Tensor], idx: Tensor, D: Tensor,
+                   HD: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """The products of the batch elements ``idx`` ``(n,)`` alone, ``(k, n, m) -> (k, n, m)``,
+    where ``hvp`` offers them (an attribute ``rows``: ``idx -> hvp``, which
+    :func:`~.implicit_system.implicit_system` sets), else ``None``.
+
+    A graph over the whole batch costs the whole batch per product, also for elements
+    whose solve is finished (one ill-conditioned element kept 63 solved ones in 400
+    products: 9-65x the time of the two groups solved apart). The restriction is
+    accepted only where it reproduces the whole batch's products ``HD = hvp(D)``
+    ``(k, B, m)`` on those rows to :math:`\\sqrt{\\varepsilon}` relative: an objective that
+    mixes batch elements, or that cannot be evaluated on fewer of them, keeps the whole
+    batch's products.
+    """
+    rows = getattr(hvp, "rows", None)
+    if rows is None:
+        return None
+    try:  # (the user's objective, called again on fewer rows: any failure only costs the speed-up)
+        with torch.enable_grad():
+            sub = rows(idx)
+            got = sub(D.index_select(1, idx))
+    except Exception:  # noqa: BLE001
+        return None
+    want = HD.index_select(1, idx)
+    ok = (got - want).norm(dim=-1) <= torch.finfo(want.dtype).eps ** 0.5 * want.norm(dim=-1)
+    return sub if bool(ok.all()) else None
+
+
+#: :func:`cg_budget`: the dense solve costs about ``B N^3 / CG_ITER_WORK`` CG iterations
+#: (CPU, float64, one thread: one per 0.9e6-4.5e6 of ``B N^3`` for cheap Hessian-vector
+#: products, N = 128-2000, B = 1-64; 5e6-1.7e7 for dense matrix products; ~75 at
+#: linear_solvers.DENSE_WORK).
+CG_BUDGET_MIN, CG_ITER_WORK = 50, 4e6
+
+
+def cg_budget(size: int, batch: int = 1) -> int:
+    """CG iterations ``"auto"`` allows ``batch`` systems of ``size = N`` unknowns before
+    the dense fallback: :math:`\\max(\\texttt{CG\\_BUDGET\\_MIN}, \\min(N, \\lceil B N^3 /
+    \\texttt{CG\\_ITER\\_WORK} \\rceil))`.
+
+    Ski rental: the fallback forms ``H`` from ``N`` Hessian-vector products (a CG step
+    does two: system and probe), factorises ``B`` matrices of ``N^2`` entries and holds
+    ``3 B N^2`` floats; CG gets about that time (measured), so a system that stalls costs
+    about twice the dense solve alone (up to ~5x with dense matrix products as HVPs). With
+    ``B N^3 / CG_ITER_WORK = N (B N^2 / CG_ITER_WORK)``, memory counts too: a dense batch of
+    32 MB (float64) or more leaves CG all ``N`` steps, the most exact CG needs (more means
+    rounding has taken over: an ill-conditioned system, which the dense tests judge better).
+    ``B`` counts the elements still running where the products and the fallback cost only
+    theirs (:func:`restricted_hvp`): one stalled element in 64 kept the budget of 64
+    (N = 400 steps where alone it has 50), and 63 solved ones paying for each step.
+    """
+    work = batch * float(size) ** 3 / CG_ITER_WORK
+    return max(CG_BUDGET_MIN, min(size, math.ceil(work)))
+
+
+def hvp_of_rows(hvp: Callable[[Tensor], Tensor], idx: Tensor, v: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """:func:`restricted_hvp` for the elements ``idx`` of the batch of ``v`` ``(B, m)``,
+    checked against one product of the whole batch; ``None`` also where ``idx`` is all of it."""
+    batch, m = v.shape
+    if idx.numel() == batch or getattr(hvp, "rows", None) is None:
+        return None
+    D = pseudo_random_directions(m, batch, v.dtype, v.device).unsqueeze(0)
+    return restricted_hvp(hvp, idx, D, hvp(D))
+
+
 def projected_cg(
     hvp: Callable[[Tensor], Tensor],
     A: Tensor | None,
@@ -168,6 +239,7 @@ def projected_cg(
     max_iter: int,
     check_every: int,
     rcond: float,
+    cap: Callable[[int], int] | None = None,
 ) -> CGResult:
     """Projected CG on ``v`` and on a fixed probe, frozen per system once done or broken.
 
@@ -180,6 +252,12 @@ def projected_cg(
     does meet it, which is why it is there. The probe's CG coefficients also give its
     Lanczos tridiagonal matrix, whose extreme eigenvalues (Ritz values, which converge
     first) estimate the condition number of :math:`H` on the null space.
+
+    Once half the elements whose products are computed (or more) are finished, the rest
+    go on with products of their own rows (:func:`restricted_hvp`, where ``hvp`` offers
+    them; each element's iterates are its own, so only rounding changes). ``cap(n)``,
+    when given, ends the iteration early once it reaches ``cap`` of the ``n`` elements
+    still running (tested every ``check_every`` iterations, with convergence).
     """
     batch, m = v.shape
     eps = torch.finfo(v.dtype).eps
@@ -218,8 +296,11 @@ def projected_cg(
     negative = torch.zeros_like(done)
     curv = torch.zeros_like(rg)
     lanczos: list[tuple[Tensor, Tensor, Tensor]] = []  # the probe's (alpha, beta, step)
+    live, hvp_live = None, hvp  # the elements whose products are computed (None: all)
     for it in range(max_iter):
-        HP = hvp(P)
+        P_in = P
+        # Frozen elements' products are never read (their step is 0): only live ones'.
+        HP = hvp(P) if live is None else P.new_zeros(P.shape).index_copy(1, live, hvp_live(P.index_select(1, live)))
         pp = (P * P).sum(-1, keepdim=True)
         pHp = (P * HP).sum(-1, keepdim=True)
         curv = torch.maximum(curv, pHp / pp.clamp_min(tiny))
@@ -240,8 +321,16 @@ def projected_cg(
         if it < _LANCZOS_STEPS:
             lanczos.append((alpha[1, :, 0], beta[1, :, 0], step[1, :, 0]))
         # Convergence is tested only every few iterations to limit host syncs.
-        if (it + 1) % check_every == 0 and bool((done | broken).all()):
+        if (it + 1) % check_every:
+            continue
+        idx = (~(done | broken)).any(0).squeeze(-1).nonzero().squeeze(-1)
+        if idx.numel() == 0 or (cap is not None and it + 1 >= cap(idx.numel())):
             break
+        if hvp_live is not None and 2 * idx.numel() <= (batch if live is None else live.numel()):
+            # Half the elements (or more) finished: go on with the others' products only.
+            live, hvp_live = idx, restricted_hvp(hvp, idx, P_in, HP)
+            if hvp_live is None:  # (not offered, or not the same products: the whole batch's)
+                live = None
     rel = (rg / (thresh / (tol * tol)).clamp_min(tiny)).sqrt().squeeze(-1)
     done, broken, negative = done.squeeze(-1), broken.squeeze(-1), negative.squeeze(-1)
     cond = _ritz_condition(lanczos, batch, v)

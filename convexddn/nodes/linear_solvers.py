@@ -29,7 +29,6 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -41,8 +40,8 @@ from .._pow2 import pow2_floor
 from .._warn import warn
 from ..errors import GradientWarning, OptionError
 from .degeneracy import dependent_to_warn, shown_indices, warn_degenerate
-from .dense import ILL_CONDITIONED, default_rcond, dense_kkt, ill_threshold
-from .krylov import projected_cg
+from .dense import ILL_CONDITIONED, DenseResult, default_rcond, dense_kkt, ill_threshold
+from .krylov import CG_BUDGET_MIN, CG_ITER_WORK, cg_budget, hvp_of_rows, projected_cg
 
 __all__ = [
     "CG_BUDGET_MIN",
@@ -61,7 +60,8 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
-#: ``hvp(D)`` maps directions ``D`` of shape ``(k, B, m)`` to ``H_b d`` of the same shape.
+#: ``hvp(D)`` maps directions ``D`` of shape ``(k, B, m)`` to ``H_b d`` of the same shape; it
+#: may offer ``hvp.rows(idx)``, the products of the elements ``idx`` alone (:func:`.krylov.restricted_hvp`).
 HVP = Callable[[Tensor], Tensor]
 #: ``solver(hvp, A, inactive, v) -> (w, mu)``; see :func:`solve_kkt_dense`.
 LinearSolver = Callable[
@@ -79,10 +79,6 @@ LINEAR_SOLVERS = ("auto", "dense", "cg")
 #: more as the condition number grows: at condition 1e4 dense won everywhere measured).
 DENSE_MAX = 64
 DENSE_WORK = 3e8
-#: :func:`cg_budget`: the dense solve costs about ``B N^3 / CG_ITER_WORK`` CG iterations
-#: (CPU, float64, one thread: one per 0.9e6-4.5e6 of ``B N^3`` for cheap Hessian-vector
-#: products, N = 128-2000, B = 1-64; 5e6-1.7e7 for dense matrix products; ~75 at DENSE_WORK).
-CG_BUDGET_MIN, CG_ITER_WORK = 50, 4e6
 
 #: Largest dense KKT batch (bytes, float64) that "auto" and the CG fallback will form.
 _DENSE_BYTES = 1 << 30
@@ -196,7 +192,7 @@ def solve_kkt_cg(
     ill_conditioned: float = ILL_CONDITIONED,
     dense_fallback_bytes: int = _DENSE_BYTES,
     warn_dependent: bool = True,
-    budget: int | None = None,
+    budget: int | Callable[[int], int] | None = None,
     check_minimum: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Solve the batched KKT system matrix-free with projected conjugate gradients.
@@ -237,7 +233,11 @@ def solve_kkt_cg(
         budget: with a dense fallback available, stop CG after this many iterations
             (instead of ``max_iter``) and hand every element whose system or probe is
             unfinished to the dense solve: CG is only worth it when it converges fast
-            (the ``"auto"`` choice sets it). Default ``None``.
+            (the ``"auto"`` choice sets it). Or a callable ``n -> iterations`` for ``n``
+            elements still running (``"auto"``: :func:`cg_budget`), where ``hvp`` offers
+            products of fewer elements (:func:`~.krylov.restricted_hvp`): then both the
+            remaining CG steps and the dense fallback cost only those elements. Default
+            ``None``.
         dense_fallback_bytes: where CG fails for some batch elements (no convergence, or
             :math:`H` indefinite on the null space), or its probe flags them as singular
             or ill-conditioned or does not finish, or the error bound of its answer,
@@ -274,17 +274,22 @@ def solve_kkt_cg(
             or not dense_fallback_bytes >= 0:  # inf: always
         raise OptionError(f"dense_fallback_bytes must be a number >= 0 (inf: no limit), got {dense_fallback_bytes!r}")
     check_number("ill_conditioned", ill_conditioned, above=1)
-    budget = None if budget is None else check_int("budget", budget, minimum=1)
     size = m + (0 if A is None else A.shape[1])
     rcond = default_rcond(size, v.dtype) if rcond is None else check_tolerance("cg rcond", rcond)
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
+    # The budget counts the elements still running only where they alone pay for the
+    # products and the fallback (the rows of hvp); otherwise the whole batch's.
+    cap = budget if callable(budget) and getattr(hvp, "rows", None) is not None and can_fall_back else None
+    if callable(budget):
+        budget = budget(batch)
+    budget = None if budget is None else check_int("budget", budget, minimum=1)
     if budget is not None and can_fall_back:
         max_iter = min(max_iter, budget)
     # (In units of a power of two near each v's largest entry: CG's squared norms of a v
     # of 1e160 overflowed, of 1e-200 underflowed, and both "converged" at w = 0.)
     top = v.abs().amax(-1, keepdim=True)
     unit = pow2_floor(torch.where(top > 0, top, 1.0))
-    out = projected_cg(hvp, A, inactive, v / unit, tol, max_iter, check_every, rcond)
+    out = projected_cg(hvp, A, inactive, v / unit, tol, max_iter, check_every, rcond, cap)
     w, mu = out.w * unit, None if out.mu is None else out.mu * unit
     # Ritz values lie inside the spectrum, so even an unfinished probe's estimate bounds
     # the condition number from below: ill-conditioning is that estimate's verdict only.
@@ -305,13 +310,19 @@ def solve_kkt_cg(
     cond = out.cond
     if bool(failed.any()):
         if can_fall_back:
-            res = dense_kkt(hvp, A, inactive, v, rcond, ill_conditioned, check_minimum)
-            w = torch.where(failed.unsqueeze(-1), res.w, w)
-            mu = None if mu is None else torch.where(failed.unsqueeze(-1), res.mu, mu)
-            singular = torch.where(failed, res.singular, singular)
-            ill = torch.where(failed, res.ill, ill)
-            cond = torch.where(failed, res.cond, cond)
-            not_minimum = (failed & res.not_minimum) if check_minimum else None
+            # (H formed for the failed elements alone where hvp offers their rows: m products
+            # of the whole batch formed 64 Hessians for 1 failed element)
+            idx = failed.nonzero().squeeze(-1)
+            sub, pick = hvp_of_rows(hvp, idx, v), (lambda t: None if t is None else t.index_select(0, idx))
+            opts = (rcond, ill_conditioned, check_minimum)
+            res = (DenseResult(*map(pick, dense_kkt(hvp, A, inactive, v, *opts))) if sub is None
+                   else dense_kkt(sub, pick(A), pick(inactive), pick(v), *opts))
+            w = w.index_copy(0, idx, res.w)
+            mu = None if mu is None else mu.index_copy(0, idx, res.mu)
+            singular = singular.index_copy(0, idx, res.singular)
+            ill = ill.index_copy(0, idx, res.ill)
+            cond = cond.index_copy(0, idx, res.cond)
+            not_minimum = torch.zeros_like(failed).index_copy(0, idx, res.not_minimum) if check_minimum else None
         else:
             stuck = failed & singular
             warn(f"conjugate gradients did not reach tol={tol:g} (worst relative residual "
@@ -341,23 +352,6 @@ def solve_kkt_cg(
 
 
 # --------------------------------------------------------------------------- choice
-
-
-def cg_budget(size: int, batch: int = 1) -> int:
-    """CG iterations ``"auto"`` allows ``batch`` systems of ``size = N`` unknowns before
-    the dense fallback: :math:`\\max(\\texttt{CG\\_BUDGET\\_MIN}, \\min(N, \\lceil B N^3 /
-    \\texttt{CG\\_ITER\\_WORK} \\rceil))`.
-
-    Ski rental: the fallback forms ``H`` from ``N`` Hessian-vector products (a CG step
-    does two: system and probe), factorises ``B`` matrices of ``N^2`` entries and holds
-    ``3 B N^2`` floats; CG gets about that time (measured), so a system that stalls costs
-    about twice the dense solve alone (up to ~5x with dense matrix products as HVPs). With
-    ``B N^3 / CG_ITER_WORK = N (B N^2 / CG_ITER_WORK)``, memory counts too: a dense batch of
-    32 MB (float64) or more leaves CG all ``N`` steps, the most exact CG needs (more means
-    rounding has taken over: an ill-conditioned system, which the dense tests judge better).
-    """
-    work = batch * float(size) ** 3 / CG_ITER_WORK
-    return max(CG_BUDGET_MIN, min(size, math.ceil(work)))
 
 
 def resolve_linear_solver(
@@ -393,6 +387,7 @@ def resolve_linear_solver(
     options = {k: v for k, v in (cg_options or {}).items() if v is not None}
     if linear_solver == "auto" and "max_iter" not in options:
         # Ski rental: CG gets about the time of the dense solve, then the unconverged
-        # elements go to the dense solve if it fits in memory.
-        options["budget"] = cg_budget(size, batch)
+        # elements go to the dense solve if it fits in memory (the budget of the elements
+        # still running, where they alone pay for the products and the fallback).
+        options["budget"] = functools.partial(cg_budget, size)
     return functools.partial(solve_kkt_cg, **options) if options else solve_kkt_cg

@@ -96,3 +96,115 @@ def test_cg_budget_follows_the_dense_cost():
         for batch in (1, 16):
             assert max(CG_BUDGET_MIN, size // 16) <= cg_budget(size, batch) <= max(CG_BUDGET_MIN, size)
 
+
+
+class _ScaledRotated(DeclarativeNode):
+    """argmin_u ½ Σ d (Pu)² − xᵀu = P((Px) / d), with ``d`` an input (one Hessian per
+    element) and P = I − 2uuᵀ a fixed Householder reflection (products O(m))."""
+
+    def __init__(self, u: torch.Tensor, **kw):
+        super().__init__(**kw)
+        self.register_buffer("u", u)
+
+    def _reflect(self, z):
+        return z - 2.0 * (z @ self.u).unsqueeze(-1) * self.u
+
+    def objective(self, x, d, y):
+        py = self._reflect(y)
+        return 0.5 * (d * py * py).sum(-1) - (x * y).sum(-1)
+
+    def solve(self, x, d):
+        return self._reflect(self._reflect(x) / d)
+
+
+def _mixed_batch(m: int, batch: int):
+    """``batch - 1`` elements of condition 1.1 and one, the last, of condition 1e8."""
+    d = 1 + 0.1 * torch.rand(batch, m, generator=_gen(6), dtype=DT)
+    d[-1] = torch.logspace(0, 8, m, dtype=DT)
+    u = torch.randn(m, generator=_gen(7), dtype=DT)
+    return d, u / u.norm()
+
+
+def test_auto_cg_compacts_to_the_unfinished_element(monkeypatch):
+    """m = 400, B = 32, one element of condition 1e8: CG ran 400 products of all 32
+    elements (the budget of 32, though 31 were solved in 10), then formed the dense
+    Hessians of all 32 for the one it kept. Now, once half are solved, the products are
+    the unfinished element's alone, its budget is one element's (50 steps), and the dense
+    fallback forms its Hessian only; gradients are the closed form P((Pv)/d)."""
+    from convexddn.nodes import implicit_system
+
+    m, batch = 400, 32
+    d, u = _mixed_batch(m, batch)
+    rows: list[tuple[int, int]] = []  # (directions, elements) of each product
+    vjp = implicit_system._batched_vjp
+    monkeypatch.setattr(implicit_system, "_batched_vjp",
+                        lambda out, y, cot, *a: rows.append(tuple(cot.shape[:2])) or vjp(out, y, cot, *a))
+    node = _ScaledRotated(u)
+    x = torch.randn(batch, m, generator=_gen(8), dtype=DT, requires_grad=True)
+    v = torch.randn(batch, m, generator=_gen(9), dtype=DT)
+    calls = _dense_calls(monkeypatch)
+    (g,) = torch.autograd.grad(node(x, d), x, v)
+    assert calls == [1]  # the CG fallback, not the dense solve chosen up front
+    whole = [k for k, n in rows if n == batch]
+    assert len(whole) <= 12, whole  # 10 CG steps and one check of the restricted products
+    assert all(n == 1 for k, n in rows if k == m)  # H formed for the unfinished element only
+    assert sum(1 for k, n in rows if n == 1) <= CG_BUDGET_MIN  # its budget: one element's
+    ref = node._reflect(node._reflect(v) / d)
+    torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+
+
+def test_restricted_products_must_reproduce_the_batch():
+    """A ``rows`` that does not give the batch's own products (an objective that mixes
+    elements) is refused: CG and its fallback keep the whole batch's products, and the
+    answer is still H⁻¹v (from torch.linalg.solve)."""
+    m, batch = 40, 8
+    d, _ = _mixed_batch(m, batch)
+    H = torch.diag_embed(d)
+    seen: list[int] = []
+
+    def hvp(D):
+        seen.append(D.shape[1])
+        return torch.einsum("bij,kbj->kbi", H, D)
+
+    hvp.rows = lambda idx: (lambda D: 2.0 * torch.einsum("bij,kbj->kbi", H[idx], D))  # wrong by 2x
+    v = torch.randn(batch, m, generator=_gen(10), dtype=DT)
+    w, _ = linear_solvers.solve_kkt_cg(hvp, None, None, v, budget=lambda n: 20)
+    assert set(seen) == {batch}
+    torch.testing.assert_close(w, torch.linalg.solve(H, v), rtol=1e-9, atol=0)
+
+
+class _ScaledSimplexPlane(DeclarativeNode):
+    """argmin_u ½ Σ d u² − xᵀu s.t. Σ u = 1 (and ‖u‖² ≤ 1e6, inactive): u = (x + ν) / d."""
+
+    def objective(self, x, d, y):
+        return 0.5 * (d * y * y).sum(-1) - (x * y).sum(-1)
+
+    def equality_constraints(self, x, d, y):
+        return y.sum(-1, keepdim=True) - 1.0
+
+    def inequality_constraints(self, x, d, y):
+        return (y * y).sum(-1, keepdim=True) - 1e6
+
+    def solve(self, x, d):
+        nu = (1.0 - (x / d).sum(-1, keepdim=True)) / (1.0 / d).sum(-1, keepdim=True)
+        return (x + nu) / d
+
+
+def test_auto_cg_compaction_keeps_multipliers_and_active_sets(monkeypatch):
+    """The restricted products carry each element's multipliers and active set: with an
+    equality and an inactive inequality, the mixed batch's gradient is the closed form
+    D⁻¹v − D⁻¹1 (1ᵀD⁻¹v) / (1ᵀD⁻¹1), and the unfinished element's products are its own."""
+    from convexddn.nodes import implicit_system
+
+    m, batch = 400, 32
+    d, _ = _mixed_batch(m, batch)
+    rows: list[int] = []
+    vjp = implicit_system._batched_vjp
+    monkeypatch.setattr(implicit_system, "_batched_vjp",
+                        lambda out, y, cot, *a: rows.append(cot.shape[1]) or vjp(out, y, cot, *a))
+    x = torch.randn(batch, m, generator=_gen(11), dtype=DT, requires_grad=True)
+    v = torch.randn(batch, m, generator=_gen(12), dtype=DT)
+    (g,) = torch.autograd.grad(_ScaledSimplexPlane()(x, d), x, v)
+    assert rows.count(1) > 0 and rows.count(batch) <= 20
+    ref = v / d - (1 / d) * (v / d).sum(-1, keepdim=True) / (1 / d).sum(-1, keepdim=True)
+    torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
