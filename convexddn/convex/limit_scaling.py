@@ -48,7 +48,8 @@ import torch
 
 from .symmetric_cones import ConeLayout, _t
 
-__all__ = ["LimitRows", "LimitScaling", "kink_point", "limit_point", "retry_at_limit"]
+__all__ = ["LimitRows", "LimitScaling", "decided_inactive", "inactive_zero", "kink_point", "limit_point",
+           "retry_at_limit"]
 
 
 class LimitScaling:
@@ -301,3 +302,37 @@ def retry_at_limit(d, layout: ConeLayout, data, xs, ss, zs, out, idx, residual_f
         new = tuple(torch.where(kink.view(-1, *(1,) * (v.dim() - 1)), v, o)
                     for v, o in zip((s, z, so, zo, residual_k, points_k), new))
     return tuple(full.index_copy(0, idx, v) for full, v in zip((ss, zs, out[1], out[2], out[3], out[4]), new))
+
+
+def inactive_zero(kkt, layout, uz: torch.Tensor) -> torch.Tensor:
+    """``uz`` ``(B, m, 1)`` (a multiplier part: the derivative system's answer or right-hand
+    side) with its nonnegative rows decided inactive (the limit's H = ∞) set to 0: their
+    multiplier is 0 with a positive slack and stays 0, so in the exact limit system their
+    answer is 0 and their right-hand side reaches nothing. The factorisation keeps those
+    rows at H = 1/δ (see :meth:`~.kkt.KKTSystem.solve`), which left δ-sized values: the
+    gradient of h of a bound with slack 0.23 came out -8.9e-12, not 0, and Adam, which
+    divides by the gradient's own size, moved that h by 5.8e-4 in 20 steps though the loss
+    does not depend on it."""
+    inactive = decided_inactive(kkt) if layout.nonneg else None
+    if inactive is None:
+        return uz
+    at, k = layout.zero, layout.nonneg
+    keep = (~inactive).to(uz.dtype).unsqueeze(-1)
+    return torch.cat([uz[:, :at], uz[:, at:at + k] * keep, uz[:, at + k:]], 1)
+
+
+def decided_inactive(kkt) -> torch.Tensor | None:
+    """``(B, nonneg)`` the nonnegative rows the limit decided inactive, from the system(s)
+    behind ``kkt`` as :func:`~.certify.error_estimate` gave them their limit: a
+    :class:`~.kkt.KKTSystem`, the null-space form's inner one, or a
+    :class:`~.kkt.PatchedKKT`'s two parts (a batch with re-polished elements: beside one,
+    the inactive bound's gradient was -1.5e-12 again); ``None`` where one has none."""
+    lim = getattr(kkt, "limit", None)
+    if lim is not None:
+        return lim.inf_nn
+    if hasattr(kkt, "base"):
+        base, part = decided_inactive(kkt.base), decided_inactive(kkt.part)
+        if base is None or part is None:
+            return None
+        return base.index_copy(0, kkt.idx, part.index_select(0, kkt.idx) if kkt.part_is_batch else part)
+    return decided_inactive(kkt.kkt) if hasattr(kkt, "kkt") else None

@@ -52,6 +52,7 @@ from .certify import undecided_reach
 from .dense_kkt import dense_limit_solve, dense_limit_solve_error
 from .interior_point import SOLVED, ConeSolution
 from .kkt import bmv, row_inf
+from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
 
 __all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "LIMIT_GATE", "PROBE_GAIN",
@@ -96,7 +97,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         return (rc * d.D * vx).unsqueeze(-1), (d.E * vz / rc).unsqueeze(-1)
 
     rx, rz = equilibrated(gx, gz)
-    rz = _inactive_zero(kkt, layout, rz)  # (the cotangent of a multiplier that stays 0)
+    rz = inactive_zero(kkt, layout, rz)  # (the cotangent of a multiplier that stays 0)
     ux, uz, unsolved = _solve_derivative(sol, layout, kkt, rx, rz, refine)
     vertex = torch.zeros_like(sol.status, dtype=torch.bool)
     gain = px = secant = None
@@ -160,7 +161,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # but unique solution (u^1.005 at u = 6e3: du/dq = 1.2e6): its answer kept where accurate.
     big = ok[:, 0] & (amplification > AMPLIFICATION)
     ux, uz, certified = _certify(sol, layout, ok[:, 0] & ((big & ~reached) | steep) & ~unsolved, rx, rz, ux, uz)
-    uz = _inactive_zero(kkt, layout, uz)
+    uz = inactive_zero(kkt, layout, uz)
     # (not certified: unique, by the limit test or the rows' own rank, but not solved accurately:
     # rows 1e-7 apart in a QP, multipliers ~1/d², 5e-2 off; zeroed and warned as such)
     big, steep = big & ~certified, steep & ~certified
@@ -228,7 +229,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
         rz = rz + db
     rc = d.c.sqrt()[:, None]
     ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
-    ez = _inactive_zero(kkt, layout, ez)  # (an inactive row's data moves nothing)
+    ez = inactive_zero(kkt, layout, ez)  # (an inactive row's data moves nothing)
     ux, uz, unsolved = _solve_derivative(sol, layout, kkt, ex, ez, refine)
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
@@ -239,7 +240,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     outputs, reached = _limit_test(sol, layout, ok, torch.full_like(amplification, math.inf), ex.squeeze(-1), cols)
     ux, uz, certified = _certify(sol, layout, ok & (amplification > AMPLIFICATION) & ~reached & ~unsolved,
                                  ex, ez, ux, uz)  # (as the backward)
-    uz = _inactive_zero(kkt, layout, uz)
+    uz = inactive_zero(kkt, layout, uz)
     big = ok & (amplification > AMPLIFICATION) & ~certified
     uncertain = big & ~reached & ~unsolved & (rx.dtype == torch.float64)
     zeroed = ok & (big | outputs | reached | unsolved)
@@ -318,23 +319,6 @@ def _backward_accept(like: torch.Tensor) -> float:
     """:data:`BACKWARD_ACCEPT`, or in a low precision 1e4 ε (float32 solves stop at ~1e-5,
     where its gradients are ~1e-3 accurate)."""
     return max(BACKWARD_ACCEPT, 1e4 * torch.finfo(like.dtype).eps)
-
-
-def _inactive_zero(kkt, layout, uz: torch.Tensor) -> torch.Tensor:
-    """``uz`` ``(B, m, 1)`` (a multiplier part: the derivative system's answer or right-hand
-    side) with its nonnegative rows decided inactive (the limit's H = ∞) set to 0: their
-    multiplier is 0 with a positive slack and stays 0, so in the exact limit system their
-    answer is 0 and their right-hand side reaches nothing. The factorisation keeps those
-    rows at H = 1/δ (see :meth:`~.kkt.KKTSystem.solve`), which left δ-sized values: the
-    gradient of h of a bound with slack 0.23 came out -8.9e-12, not 0, and Adam, which
-    divides by the gradient's own size, moved that h by 5.8e-4 in 20 steps though the loss
-    does not depend on it. (A batch patched from parts has no single ``limit``: left.)"""
-    lim = getattr(kkt, "limit", None)
-    if lim is None or not layout.nonneg:
-        return uz
-    at, k = layout.zero, layout.nonneg
-    keep = (~lim.inf_nn).to(uz.dtype).unsqueeze(-1)
-    return torch.cat([uz[:, :at], uz[:, at:at + k] * keep, uz[:, at + k:]], 1)
 
 
 def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor):

@@ -272,7 +272,7 @@ def test_an_inactive_bound_has_an_exactly_zero_derivative(mode):
     qv = torch.tensor([[-1.0, 0.5, -0.2]], dtype=torch.float64)
     hv = torch.tensor([[3.0, 0.1, 0.05]], dtype=torch.float64, requires_grad=True)
     if mode == "reverse":
-        (y,) = layer(qv, hv)
+        y = layer(qv, hv)
         assert torch.allclose(y, torch.tensor([[1.0, -0.5, 0.05]], dtype=torch.float64), atol=1e-12)
         y.sum().backward()
         # u₀ = -q₀ and u₁ = -q₁ are free of h; u₂ = h₂ is active: gradient (0, 0, 1).
@@ -280,6 +280,24 @@ def test_an_inactive_bound_has_an_exactly_zero_derivative(mode):
         assert abs(hv.grad[0, 2].item() - 1.0) < 1e-10
     else:
         with fwAD.dual_level():
-            (y,) = layer(qv, fwAD.make_dual(hv.detach(), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)))
+            y = layer(qv, fwAD.make_dual(hv.detach(), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)))
             tangent = fwAD.unpack_dual(y).tangent
         assert torch.equal(tangent, torch.zeros_like(tangent))
+
+
+def test_an_inactive_bound_is_exactly_zero_beside_a_repolished_element():
+    """x = (0.1, 0.2, 0.3) strictly inside a·y ≤ 0.43 (slack 0.23): y = x and dL/dh = 0, exactly,
+    whatever shares the batch. Beside an element 1e-7 outside its halfspace (re-polished: the
+    batch's KKT system is patched from two parts) it was -1.5e-12."""
+    x, a, h = cp.Parameter(3), cp.Parameter(3), cp.Parameter()
+    y = cp.Variable(3)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [a @ y <= h, y <= 5, y >= -5]), [x, a, h], [y])
+    av = torch.tensor([1.0, 2.0, -1.0], dtype=F64)
+    xv = torch.tensor([0.1, 0.2, 0.3], dtype=F64)
+    X = torch.stack([xv, xv + 1e-7 * av / 6]).requires_grad_(True)
+    H = torch.tensor([0.43, 0.2], dtype=F64, requires_grad=True)
+    out = layer(X, av.expand(2, 3), H)
+    (out * torch.tensor([0.3, -1.0, 0.7], dtype=F64)).sum().backward()
+    assert torch.allclose(out[0], xv, atol=1e-14)
+    assert H.grad[0].item() == 0.0
+    assert torch.allclose(X.grad[0], torch.tensor([0.3, -1.0, 0.7], dtype=F64), atol=1e-12)
