@@ -229,61 +229,67 @@ def seed_rounding(grad: Callable[[float], Tensor], reference: Tensor) -> Tensor:
     return torch.nan_to_num(noise, nan=0.0, posinf=0.0)  # (no measure: no floor)
 
 
-# The kink probe's step, in eps of ‖y‖∞: a hundred ulps of y, so that only a kink at the
-# solution to rounding is crossed (a solution 1e-4 from one in float32 is differentiable,
-# and autograd's derivative there is right: 1e4 eps, 1.2e-3 ‖y‖ there, crossed it).
+# The kink probe's step, in eps of ‖y‖∞ (norm-wise, as the solution's accuracy): a hundred
+# ulps of y, so that only a kink at the solution to rounding is crossed (one 1e-4 from y in
+# float32 is not: a step of 1e4 eps, 1.2e-3 ‖y‖, crossed it, where autograd was right).
 _KINK_STEP = 1e2
 # A difference of ∇_y L across y ± δu that departs from 2δ Hu by more than this fraction
 # of 2δ‖Hu‖, plus the rounding floor, is a jump, not curvature: O(δ²) relative for
 # smooth terms, O(1) / δ for a kink.
 _KINK_RATIO = 0.05
-# The rounding floor, in units of the stationarity residual ∇_y L at y (its rounding is
-# that of the gradient's terms, which can dwarf ‖∇_y f‖ and ‖y‖‖H‖: least squares with a
-# large residual and a solution of 6e-7 was flagged against a floor in eps of ‖∇_y f‖),
-# plus eps of ‖∇_y f‖.
+# Each entry's rounding floor, in units of its residual ∇_y L at y (the rounding of its
+# terms: least squares with a large residual and a solution of 6e-7 was flagged against eps
+# of ‖∇_y f‖), plus eps of ∇_y f's. Per entry: a row's largest hid a float32 solution's kink
+# (soft-thresholding at x = (0, 10000.3): 1e3 times the residual 5e-4 over the jump 0.2).
 _KINK_FLOOR = 1e3
-# Plus this many eps of the size of ∇_y L's terms (the scale of _term_scale: ‖H‖‖y‖ +
-# ‖B‖‖x‖ + ‖∇_y f‖ + Σ|λ_j|‖a_j‖), the rounding of ∇_y L at y ± δu whatever its value at
-# y: for y = mean(x) at y ~ 0.02, x ~ 2, Σ(y − x_i) came out exactly 0, so the floor
-# above was 0, and one rounding step of the terms y ± δu − x_i (7e-16, 0.3 eps of the
-# scale; δ is below their ulp) showed at both steps: a "kink", gradient zeroed for 1/8.
+# Plus this many eps of the row's size of ∇_y L's terms (_term_scale), their rounding at
+# y ± δu whatever ∇_y L's value at y: at y = mean(x) ~ 0.02, x ~ 2, Σ(y − x_i) was exactly
+# 0, and one rounding step of y ± δu − x_i (7e-16; δ is below their ulp) a "kink".
 _KINK_TERMS = 64.0
 # Steps δ and 2δ whose jumps differ by more than this fraction are curvature, not a kink
 # (softmax's y log y at y_i = 1e-14 ‖y‖ was flagged with one step, its gradient zeroed).
 _KINK_AGREE = 0.25
 
 
+def _kink_length(y: Tensor, curvature: Tensor, scale: Tensor) -> Tensor:
+    r"""``(B, 1)`` the length ``ℓ`` of the kink probe's step ``100 eps ℓ``: ``‖y‖∞``; where ``y = 0``
+    (a step of 0: soft-thresholding at ``x = 0`` went unprobed, gradient 1 for a true 0), the reach
+    :math:`s / \|Hu\|_\infty` of the terms' size ``s`` (``scale`` (B,)) over the ``curvature`` (B,)
+    along the unit ``u`` (eps of it: the Newton step of their rounding); else the dtype's unit 1 (any
+    step crosses a kink exactly at ``y``; 100 eps of 1, others only where constants put them as close)."""
+    reach = scale / curvature  # (Inf or NaN without curvature: 1 below)
+    reach = torch.where(torch.isfinite(reach) & (reach > 0), reach, 1.0)
+    top = y.abs().amax(-1)
+    return torch.where(top > 0, top, reach).unsqueeze(-1)
+
+
 def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | None, inactive: Tensor | None,
            hu: Tensor | None, gf: Tensor, gL: Tensor, scale: Tensor) -> Tensor | None:
     r"""``(B,)`` elements whose ``∇_y L`` jumps at the solution; ``None`` if none (one host sync).
 
-    Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at their kink by a one-sided
-    choice (``|·|' = 0``, ``|·|'' = 0`` at 0), so a solution at a kink (an exact zero of
-    an L1 term, a vertex of an L1 ball) looks like a smooth KKT point and the implicit
-    derivative is that of another problem (soft-thresholding at ``x_i = 0``: 1 for a true
-    0), with every check passing. The probe: with the multipliers fixed, the central
-    difference :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)` along the
-    direction ``u`` of ``hu`` (:math:`H u`, :func:`lagrangian_probes`) is
-    :math:`2\delta H u + O(\delta^3)` where L is twice differentiable, and off by the
-    jump of the gradient where a kink lies within :math:`\delta` of ``y`` (``u`` is dense:
-    it crosses every coordinate's kink; :math:`\delta = 100\, \epsilon\, \|y\|_\infty`: a
-    kink at the solution to rounding). Its excess over :math:`2\delta Hu` must
-    exceed ``_KINK_RATIO`` of :math:`2\delta\|Hu\|` plus a rounding floor,
-    :math:`10^3 (\|\nabla_y L\|_\infty + \epsilon \|\nabla_y f\|_\infty) + 64\,\epsilon\, s`
-    with ``s`` (B,) the size of the terms of :math:`\nabla_y L` (``scale``:
-    :math:`\|H\|\|y\| + \|B\|\|x\| + \|\nabla_y f\| + \sum_j |\lambda_j| \|a_j\|`, the
-    inputs' share included: where ``|y| << |x|`` the step is below the rounding of the
-    terms ``y ± δu − x_i``), and agree with the excess at the step :math:`2\delta` (a
-    jump does not depend on the step; a smooth term's excess grows with it).
-    Elements with ``y = 0`` throughout have no scale for ``δ`` and are not probed. An element
-    is reported only where the excess also exceeds ``ROUNDING_MARGIN`` times the gradient's
-    rounding measured at the step's ends (:func:`seed_rounding`: saturated terms that cancel
-    round far above eps of ``s``; pseudo-Huber pooling of points ±100 had 90 of 2000 "kinks").
+    Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at a kink by a one-sided choice
+    (``|·|' = |·|'' = 0`` at 0): a solution at one (an L1 term's exact zero, an L1 ball's
+    vertex) looks like a smooth KKT point, its implicit derivative that of another problem
+    (soft-thresholding at ``x_i = 0``: 1 for a true 0). The probe: with the multipliers
+    fixed, :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)` along the dense ``u``
+    of ``hu`` (:math:`H u`, :func:`lagrangian_probes`) is :math:`2\delta H u + O(\delta^3)`
+    where L is twice differentiable, off by the gradient's jump where a kink lies within
+    :math:`\delta = 100\, \epsilon\, \ell` of ``y`` (:func:`_kink_length`: at the solution
+    to rounding). Flagged: an element where, in some entry ``j``, that excess exceeds
+    ``_KINK_RATIO`` of :math:`2\delta\|Hu\|_\infty` plus the entry's rounding floor
+    :math:`10^3 (|\nabla_y L|_j + \epsilon |\nabla_y f|_j) + 64\,\epsilon\, s` (``s`` =
+    ``scale`` (B,), the size of the terms of :math:`\nabla_y L`: :math:`\|H\|\|y\| +
+    \|B\|\|x\| + \|\nabla_y f\| + \sum_j |\lambda_j| \|a_j\|`) and agrees with the excess at
+    the step :math:`2\delta` (a jump does not depend on the step; a smooth term's excess
+    grows with it); reported where it also exceeds ``ROUNDING_MARGIN`` times the gradient's
+    rounding measured at the step's ends, entry by entry (:func:`seed_rounding`).
     """
     if hu is None:
         return None
     y = yg.detach()
-    delta = _KINK_STEP * torch.finfo(y.dtype).eps * y.abs().amax(-1, keepdim=True)
+    eps = torch.finfo(y.dtype).eps
+    curvature = hu.detach().abs().amax(-1)
+    delta = _KINK_STEP * eps * _kink_length(y, curvature, scale)
     u = pseudo_random_directions(y.shape[1], y.shape[0], y.dtype, y.device)
     xs = tuple(x.detach() for x in xg)
     weights = None if lam is None else torch.where(inactive, 0.0, lam).detach()
@@ -296,8 +302,7 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
             parts = [_constraint(f"{prefix}{name}", fn, xs, yv)
                      for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
             c = torch.cat([t for t in parts if t is not None], dim=1)
-            # Inactive rows detached: a constraint not differentiable there (a norm at 0)
-            # must not make the probe NaN through a zero multiplier.
+            # (inactive rows detached: one not differentiable there, a norm at 0, would make the probe NaN)
             total = total + (weights * torch.where(inactive, c.detach(), c)).sum()
         (g,) = _grads(total, point, create_graph=False, seed=None if seed == 1.0 else total.new_tensor(seed))
         return g
@@ -305,24 +310,21 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     with torch.enable_grad():
         ends = [grad_at(y + k * delta * u) for k in (1.0, -1.0, 2.0, -2.0)]
     jump, wide = ends[0] - ends[1] - 2.0 * delta * hu, ends[2] - ends[3] - 4.0 * delta * hu
-    size = 2.0 * delta[:, 0] * hu.abs().amax(-1)
-    eps = torch.finfo(y.dtype).eps
-    floor = _KINK_FLOOR * (gL.detach().abs().amax(-1) + eps * gf.detach().abs().amax(-1)) + _KINK_TERMS * eps * scale
-    # A jump is the same across both steps; a smooth term whose curvature changes within
-    # the step (y log y at y_i ~ δ) departs from its linear term by amounts that grow
-    # with the step, or turns NaN (y ± 2δu outside its domain): not a kink.
-    agree = (wide - jump).abs() <= _KINK_AGREE * jump.abs() + floor.unsqueeze(-1)
-    excess = torch.where(agree, jump.abs(), 0.0)
-    kink = (excess.amax(-1) > _KINK_RATIO * size + floor) & (delta[:, 0] > 0)
+    size = _KINK_RATIO * 2.0 * delta[:, 0] * curvature
+    floor = _KINK_FLOOR * (gL.detach().abs() + eps * gf.detach().abs()) + _KINK_TERMS * eps * scale.unsqueeze(-1)
+    # A jump is the same across both steps; a smooth term whose curvature changes within the
+    # step (y log y at y_i ~ δ) departs by amounts that grow with it, or turns NaN: no kink.
+    agree = (wide - jump).abs() <= _KINK_AGREE * jump.abs() + floor
+    excess = torch.where(agree, jump.abs(), 0.0) - floor
+    kink = excess.amax(-1) > size
     if not bool(kink.any()):
         return None
-    # Before reporting: the jump's rounding measured at its two ends (seed_rounding), which
-    # the floor above, built from derivatives, misses where the terms saturate and cancel
-    # (pseudo-Huber pooling with points ±100 from y: 90 of 2000 elements were "kinks").
+    # Before reporting: the jump's rounding measured at its ends, which the floor above misses
+    # where terms saturate and cancel (pseudo-Huber pooling of points ±100: 90 of 2000 "kinks").
     with torch.enable_grad():
         noise = sum(seed_rounding(lambda c, p=y + k * delta * u: grad_at(p, c), end)
                     for k, end in zip((1.0, -1.0), ends))
-    kink = kink & ((excess - ROUNDING_MARGIN * noise).amax(-1) > _KINK_RATIO * size + floor)
+    kink = kink & ((excess - ROUNDING_MARGIN * noise).amax(-1) > size)
     return kink if bool(kink.any()) else None
 
 

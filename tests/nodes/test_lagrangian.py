@@ -539,3 +539,104 @@ def test_a_backward_ignoring_its_incoming_gradient_is_refused_among_saturated_te
     scale = torch.ones(50, dtype=DT)
     with pytest.raises(ProblemError, match="backward is not itself differentiable"):
         check_second_order("", gL, u, d_seed, scale, (50,), rounding=lambda: _measured_rounding(lagrangian, y, gL))
+
+
+# ---- the kink probe: per-entry floors, and a step where y = 0 throughout ---------------
+
+
+class _Threshold(DeclarativeNode):
+    """½‖y − x‖² + λ‖y‖₁: y = sign(x) max(|x| − λ, 0), dy/dx = diag(|x| > λ) for |x_i| ≠ λ."""
+
+    def __init__(self, lam: float, **options):
+        super().__init__(**options)
+        self.lam = lam
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + self.lam * y.abs().sum(-1)
+
+    def solve(self, x):
+        return torch.sign(x) * torch.clamp(x.abs() - self.lam, min=0.0)
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.01])
+def test_a_kink_beside_a_large_float32_entry_is_found(lam):
+    """float32 soft-thresholding at x = (0, 10000.3): y_0 = 0 exactly, the kink of |y_0|.
+    The float32 solution's residual in the large entry (5e-4, half an ulp of 1e4) set a floor
+    of 1e3 times it for the whole row, above the jump 2λ of the other entry: dy_0/dx_0 came
+    out 1, silently (closed form: 0, as |x_0| < λ). Now a GradientWarning and a zero row."""
+    x = torch.tensor([[0.0, 10000.3]], dtype=torch.float32, requires_grad=True)
+    with pytest.warns(GradientWarning, match="kink"):
+        (g,) = torch.autograd.grad(_Threshold(lam)(x)[:, 0].sum(), x)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_kinks_beside_large_float32_entries_are_found_on_every_row():
+    """200 float32 rows, x_0 = 0 exactly, the others ~ 100 N(0, 1), λ = 1e-3: 100 of them came
+    back with dy_0/dx_0 = 1 and no warning for them (closed form: 0 on every row)."""
+    x = 100 * torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 0.0
+    x.requires_grad_(True)
+    with pytest.warns(GradientWarning, match="for 200 of 200"):
+        (g,) = torch.autograd.grad(_Threshold(1e-3)(x)[:, 0].sum(), x)
+    assert torch.equal(g[:, 0], torch.zeros(200))
+
+
+class _MeanL1(DeclarativeNode):
+    """½ mean_i (y − x_i)² + λ|y|: y = sign(m) max(|m| − λ, 0), m = mean(x); dy/dx = 0 for |m| < λ."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).mean(-1) + 0.5 * y.abs().sum(-1)
+
+    def solve(self, x):
+        m = x.mean(-1, keepdim=True)
+        return torch.sign(m) * torch.clamp(m.abs() - 0.5, min=0.0)
+
+
+class _ReluEdge(DeclarativeNode):
+    """½(y − x)² + ½ relu(y) at x = ½: y = 0, where the solution map x − ½ (x > ½), 0 (0 ≤ x ≤ ½)
+    has one-sided derivatives 1 and 0, and no derivative."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + 0.5 * y.clamp(min=0).sum(-1)
+
+    def solve(self, x):
+        return torch.where(x > 0.5, x - 0.5, torch.where(x < 0, x, torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("node, x", [
+    (_Threshold(0.5), [[0.0, 0.0, 0.0, 0.0]]),  # dy/dx = diag(|x| > λ) = 0; was diag(1, 1, 1, 1)
+    (_MeanL1(), [[3.0, -3.0, 1.0, -1.0]]),      # mean 0, |m| < λ: dy/dx = 0; was 1/4 each
+    (_ReluEdge(), [[0.5]]),                     # no derivative; was 1 (one side)
+])
+def test_a_kink_at_an_all_zero_solution_is_found(node, x):
+    """y = 0 throughout: the probe's step 100 eps ‖y‖∞ was 0 and the element was skipped, so
+    autograd's one-sided choice came back silently. The step now takes its length from the
+    terms' size over the curvature (here ‖B‖‖x‖ / ‖H‖), or the dtype's unit where there is
+    none (x = 0): a GradientWarning and a zero gradient."""
+    x = torch.tensor(x, dtype=DT, requires_grad=True)
+    with pytest.warns(GradientWarning, match="kink"):
+        (g,) = torch.autograd.grad(node(x)[:, 0].sum(), x)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_no_kink_where_a_smooth_solution_is_zero_throughout():
+    """The same step at y = 0 for smooth objectives sees no jump: ½(y − x)² + sqrt(y² + 1e-4)
+    at x = 0 (terms that vanish: the dtype's unit), pseudo-Huber pooling of ±1, ±2 (mean 0).
+    References: 1 / (1 + 1e2) from the curvature sqrt(1e-4)⁻¹; h_i / Σh, h = (1 + x_i²)^(-3/2)."""
+
+    class Sharp(DeclarativeNode):
+        def objective(self, x, y):
+            return (0.5 * (y - x) ** 2 + torch.sqrt(y * y + 1e-4)).sum(-1)
+
+        def solve(self, x):
+            return torch.zeros_like(x)
+
+    x = torch.zeros(1, 3, dtype=DT, requires_grad=True)
+    p = torch.tensor([[1.0, -1.0, 2.0, -2.0]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(Sharp()(x).sum(), x)
+        (gp,) = torch.autograd.grad(_PseudoHuberPool()(p).sum(), p)
+    torch.testing.assert_close(g, torch.full_like(g, 1 / 101), rtol=0, atol=1e-15)
+    h = (1 + p.detach() ** 2) ** -1.5
+    torch.testing.assert_close(gp, h / h.sum(), rtol=0, atol=1e-15)
