@@ -49,7 +49,7 @@ from collections.abc import Callable
 import torch
 
 from ._sinkhorn_columns import exact_cols, log_floor as _lo
-from ._sinkhorn_kernel import kernel_sinkhorn as _kernel_sinkhorn
+from ._sinkhorn_kernel import kernel_rounds as _kernel_sinkhorn
 from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, row_shifted
 from ._sinkhorn_schur import flush as _flush
 from ._sinkhorn_schur import schur_solve
@@ -258,16 +258,26 @@ def _path(
     D anew, with dead entries as they are (read once; it may be modified)."""
     dt = 0.0
     if kernel:
-        P, err, v, used, worst, u = _kernel_sinkhorn(D, a, b, eps, min(max_iter, KERNEL_ITERS), tol, pad)
-        # (The kernel overwrote D; β = log v refers to the same row-shifted costs, ≤ 50ε.)
+        # (The kernel overwrites D; β = log v refers to the same row-shifted costs, ≤ 50ε.)
         shifted = rows if pad is None else (lambda: rows().masked_fill(pad.dead, 0.0))
+        P, err, v, used, worst, u = _kernel_sinkhorn(D, shifted, a, b, eps, max_iter, KERNEL_ITERS, tol, pad)
         if used >= max_iter or worst <= tol:
             if cols_exact:
                 P = exact_cols(P, b, lambda: u.transpose(-1, -2).log() - shifted() / eps, pad)
             pot = (None, None) if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log())
             return P, err, *pot, dt
-        D = shifted()
-        st = _solve_at(D, a, b, eps, max_iter - used, tol, v.squeeze(-2).log(), None, pad)[0]
+        D, beta = shifted(), v.squeeze(-2).log()
+        # Only the elements still above tol go on to the Newton rounds, as a batch of their own.
+        idx = torch.nonzero(err > tol).squeeze(1)
+        if idx.numel() < err.numel():
+            st = _solve_at(D[idx], a[idx], b[idx], eps, max_iter - used, tol, beta[idx], None,
+                           None if pad is None else pad.select(idx))[0]
+            P, err = P.index_copy(0, idx, st.P), err.index_copy(0, idx, st.err)
+            alpha = u.squeeze(-2).log().index_copy(0, idx, st.alpha)
+            beta = beta.index_copy(0, idx, st.beta)
+            P = exact_cols(P, b, lambda: alpha.unsqueeze(-1) - D / eps, pad) if cols_exact else P
+            return P, err, alpha, beta, dt
+        st = _solve_at(D, a, b, eps, max_iter - used, tol, beta, None, pad)[0]
     else:
         # Less each column's minimum too (β absorbs it): the potentials then stay of the
         # size of the spread over ε, not |C|/ε, whose rounding in β − C/ε would cap the

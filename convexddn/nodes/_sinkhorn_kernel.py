@@ -22,8 +22,8 @@ KERNEL_AHEAD = 20
 
 def kernel_sinkhorn(
     D: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, iters: int, tol: float,
-    pad: Padding | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, torch.Tensor]:
+    pad: Padding | None = None, v0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, torch.Tensor, torch.Tensor | None]:
     r"""Plain Sinkhorn on the kernel, for costs whose rows spread over ``SCALE_ABOVE``·ε at most.
 
     ``D`` is the costs less their row minima (overwritten with the kernel).
@@ -34,20 +34,23 @@ def kernel_sinkhorn(
     checked after ``KERNEL_CHECK`` iterations and as many again, then where the rate
     observed between the last two checks predicts ``tol`` (at most ``KERNEL_AHEAD``
     iterations on). Returns (plan, column error, v ``(B, 1, N)``, iterations used,
-    largest error, u ``(B, 1, M)``); β = log v warm-starts the Newton rounds when the
-    kernel iterations stopped short of ``tol``. With ``pad``, v starts at 0 on dead
+    largest error, u ``(B, 1, M)``, slow); β = log v warm-starts the Newton rounds when the
+    kernel iterations stopped short of ``tol``. ``slow`` ``(B,)``: where they stopped
+    because the batch's rate was slow (else None), the elements above ``tol`` whose own
+    rate is slow too; the others would converge here, and the caller goes on with them
+    from ``v0`` = their v. With ``pad``, v starts at 0 on dead
     columns; u = a / Kv and v = b / Kᵀu are then 0 on dead rows and columns (no product
     is 0: every entry of K is positive and every marginal has a live entry).
     """
     K = D.mul_(-1.0 / eps).exp_()
     Kt = K.transpose(-1, -2)
     a_, b_ = a.unsqueeze(-2), b.unsqueeze(-2)
-    v = torch.ones_like(b_) if pad is None else 1.0 - pad.pad_c.unsqueeze(-2)
+    v = v0 if v0 is not None else torch.ones_like(b_) if pad is None else 1.0 - pad.pad_c.unsqueeze(-2)
     u = a_ / torch.bmm(v, Kt)
     s, t, it = torch.bmm(u, K), torch.empty_like(u), 0
     # The error falls linearly: after two checks the next one is placed where the
     # observed rate predicts ``tol`` (a check costs as much as an iteration).
-    check, last = KERNEL_CHECK, None
+    check, last, slow = KERNEL_CHECK, None, None
     while True:
         if it == check or it == iters:
             err = torch.addcmul(b_, v, s, value=-1).abs_().sum(-1).squeeze(-1)
@@ -60,11 +63,33 @@ def kernel_sinkhorn(
                 gain = math.log(worst / last[1]) / (it - last[0]) if 0.0 < worst < last[1] else 0.0
                 ahead = math.log(tol / worst) / gain if gain < 0.0 else math.inf
                 if ahead > KERNEL_AHEAD * 3:  # slow: Newton converges faster from here
+                    # ... for the elements whose own rate is slow (NaN: no progress, slow)
+                    gains = (err / last[2]).log_().div_(it - last[0])
+                    slow = (err > tol) & ~((gains < 0) & ((tol / err).log_().div_(gains) <= KERNEL_AHEAD * 3))
                     break
                 check = it + max(1, min(KERNEL_AHEAD, math.ceil(ahead)))
-            last = (it, worst)
+            last = (it, worst, err)
         torch.div(b_, s, out=v)
         torch.div(a_, torch.bmm(v, Kt, out=t), out=u)
         torch.bmm(u, K, out=s)
         it += 1
-    return (K * v).mul_(u.transpose(-1, -2)), err, v, it, worst, u
+    return (K * v).mul_(u.transpose(-1, -2)), err, v, it, worst, u, slow
+
+
+def kernel_rounds(
+    D: torch.Tensor, shifted, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, iters: int, tol: float,
+    pad: Padding | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, torch.Tensor]:
+    """:func:`kernel_sinkhorn` for at most ``min(max_iter, iters)`` iterations; where it stopped
+    on the batch's slow rate and some elements above ``tol`` converge fast on their own,
+    those go on alone from their v (``shifted()``: ``D`` anew), so that one slow element does
+    not send the others to the Newton rounds (511 of them with it: 12x the groups apart).
+    Returns (plan, column error, v, iterations used (the most), largest error, u)."""
+    P, err, v, used, worst, u, slow = kernel_sinkhorn(D, a, b, eps, min(max_iter, iters), tol, pad)
+    fast = None if slow is None else torch.nonzero((err > tol) & ~slow).squeeze(1)
+    if fast is not None and 0 < fast.numel() < err.numel():
+        out = kernel_sinkhorn(shifted()[fast], a[fast], b[fast], eps, min(max_iter - used, iters), tol,
+                              None if pad is None else pad.select(fast), v[fast])
+        P, err, v, u = (w.index_copy(0, fast, x) for w, x in zip((P, err, v, u), (out[0], out[1], out[2], out[5])))
+        used, worst = used + out[3], float(err.max())
+    return P, err, v, used, worst, u

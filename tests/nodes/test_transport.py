@@ -1078,3 +1078,29 @@ def test_rows_exact_when_max_iter_runs_out_in_eps_scaling(grad):
     col_err = float((P[0].sum(-2) / a.sum() - b / b.sum()).abs().sum())
     warned = float(msg.split("column error up to ")[1].split(")")[0])
     assert warned == pytest.approx(col_err, rel=5e-3)
+
+
+def test_sinkhorn_one_slow_kernel_element_alone_reaches_newton(monkeypatch):
+    # Instrumented: one element within 50ε but slow on the kernel path (costs to 45ε and
+    # peaked marginals) among 15 easy ones: only it goes on to the Newton rounds; the easy
+    # ones converge on the kernel (all 16 went to Newton, 12x the two groups apart at 512).
+    from convexddn.nodes import _sinkhorn
+
+    g = torch.Generator().manual_seed(3)
+    B, n = 16, 40
+    C = torch.rand(B, n, n, dtype=torch.float64, generator=g)
+    a = torch.full((B, n), 1 / n, dtype=torch.float64)
+    b = a.clone()
+    C[-1] = 45 * torch.rand(n, n, dtype=torch.float64, generator=g)
+    a[-1] = torch.softmax(5 * torch.randn(n, dtype=torch.float64, generator=g), 0)
+    b[-1] = torch.softmax(5 * torch.randn(n, dtype=torch.float64, generator=g), 0)
+    sizes = []
+    solve_at = _sinkhorn._solve_at
+    monkeypatch.setattr(_sinkhorn, "_solve_at", lambda *x: sizes.append(len(x[0])) or solve_at(*x))
+    P = sinkhorn(C, a, b, eps=1.0)
+    assert sizes == [1]
+    # Independent checks: the marginals, the Gibbs form, and each element solved alone.
+    assert (P.sum(-2) - b).abs().sum(-1).max() <= 1e-10 and (P.sum(-1) - a).abs().sum(-1).max() <= 1e-12
+    for k in (0, B - 1):
+        assert _gibbs_residual(P[k:k + 1], C[k:k + 1], 1.0) < 1e-8
+        assert torch.allclose(P[k], sinkhorn(C[k:k + 1], a[k:k + 1], b[k:k + 1], eps=1.0)[0], atol=1e-12, rtol=0)
