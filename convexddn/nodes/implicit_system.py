@@ -27,8 +27,8 @@ from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, naming, shown_indices
 from .graph import check_graph, check_second_order, lagrangian_gradient
 from .krylov import pseudo_random_directions
-from .lagrangian import (ROUNDING_MARGIN, _batched_vjp, _check_jacobian, _check_values, _constraint, _grads,
-                         _lagrangian_parts, _non_finite_derivatives, _objective, _solution_length, kinked,
+from .lagrangian import (ROUNDING_MARGIN, _batched_vjp, _check_jacobian, _check_values, _constraint, _constraints,
+                         _grads, _lagrangian_parts, _non_finite_derivatives, _objective, _solution_length, kinked,
                          lagrangian_probes, seed_rounding)
 from .linear_solvers import LinearSolver, resolve_linear_solver
 from .multipliers import inactive_mask, multipliers, scaled_norm
@@ -119,10 +119,7 @@ def _rows_hvp(objective, fns, prefix: str, xg, yg: Tensor, event, lam: Tensor | 
     yv = ys.view((idx.numel(),) + tuple(event))
     pick = (lambda t: None if t is None else t.index_select(0, idx))
     f = _objective(f"{prefix}objective", objective, xs, yv)
-    parts = [_constraint(f"{prefix}{n}", fn, xs, yv)
-             for n, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
-    parts = [t for t in parts if t is not None]
-    c = None if not parts else (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    c = _constraints(prefix, fns, xs, yv)
     f_L, c_L = _lagrangian_parts(objective, fns, prefix, xs, yv, f, c, pick(inactive), pick(broken))
     lagrangian = f_L + (0.0 if c_L is None else (pick(lam) * c_L).sum(-1))
     return _element_hvp(lagrangian_gradient(prefix, lagrangian, ys)[0], ys, pick(broken))

@@ -125,6 +125,13 @@ def _constraint(name: str, fn: ConstraintFn | None, xs, y: Tensor) -> Tensor | N
     return c if c.shape[1] else None
 
 
+def _constraints(prefix: str, fns, xs, y: Tensor) -> Tensor | None:
+    """``(B, p + q)`` the equality then the inequality constraints ``fns``; ``None`` without either."""
+    parts = [c for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)
+             if (c := _constraint(f"{prefix}{name}", fn, xs, y)) is not None]
+    return None if not parts else (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+
 def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c: Tensor | None,
                       inactive: Tensor | None, broken: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``(f, c)`` for the Lagrangian, where some elements enter through detached inputs.
@@ -147,13 +154,7 @@ def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c:
     keep = ~inactive.all(-1)  # equality rows are never inactive
     if broken is not None:
         keep = keep & ~broken
-    if bool(keep.all()):
-        return f, c
-    xc, yc = tuple(cut(x, keep) for x in xg), cut(yv, keep)
-    parts = [_constraint(f"{prefix}{name}", fn, xc, yc)
-             for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
-    parts = [t for t in parts if t is not None]
-    return f, (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return f, c if bool(keep.all()) else _constraints(prefix, fns, tuple(cut(x, keep) for x in xg), cut(yv, keep))
 
 
 # A solution shorter than this fraction of how far the objective lets it move has no
@@ -299,9 +300,7 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
         yv = point.view(shape)
         total = _objective(f"{prefix}objective", objective, xs, yv).sum()
         if weights is not None:
-            parts = [_constraint(f"{prefix}{name}", fn, xs, yv)
-                     for name, fn in zip(("equality_constraints", "inequality_constraints"), fns)]
-            c = torch.cat([t for t in parts if t is not None], dim=1)
+            c = _constraints(prefix, fns, xs, yv)
             # (inactive rows detached: one not differentiable there, a norm at 0, would make the probe NaN)
             total = total + (weights * torch.where(inactive, c.detach(), c)).sum()
         (g,) = _grads(total, point, create_graph=False, seed=None if seed == 1.0 else total.new_tensor(seed))
