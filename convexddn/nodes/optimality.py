@@ -71,7 +71,7 @@ class KKTResiduals(NamedTuple):
     stationarity: Tensor
     feasibility: Tensor  #: ``‖(h, max(g, 0))‖ / (‖A‖‖y‖ + ‖D_x c‖‖x‖)``
     weakly_active: Tensor  #: an active inequality with a (relatively) zero multiplier
-    weakest: Tensor | None = None  #: smallest ``λ_j ‖a_j‖`` / scale of an active inequality (+inf: none)
+    weakest: Tensor | None = None  #: least ``λ_j ‖a_j‖`` / scale of an active inequality (+inf: none; None: none weak)
 
     @property
     def worst(self) -> Tensor:
@@ -203,10 +203,11 @@ def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: T
     if n_eq and bool(weakly.any()):
         force_scale = torch.where(weakly, _beyond_equalities(curvature, gf, A[:, :n_eq]), force_scale)
         weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
+    weakest = None  # (read only by the warning of weakly active elements: formed only where there are some)
     if bool(weakly.any()):
         weakly = _strictly_complementary_exists(A, gf, active_ineq, r, force_scale, tol, weakly)
-    weakest = torch.where(active_ineq, force / force_scale.clamp_min(torch.finfo(force.dtype).tiny).unsqueeze(-1),
-                          math.inf).amin(-1)
+        weakest = torch.where(active_ineq, force / force_scale.clamp_min(torch.finfo(force.dtype).tiny).unsqueeze(-1),
+                              math.inf).amin(-1)
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly, weakest)
 
 
