@@ -275,9 +275,9 @@ def _path(
             P, err = P.index_copy(0, idx, st.P), err.index_copy(0, idx, st.err)
             alpha = u.squeeze(-2).log().index_copy(0, idx, st.alpha)
             beta = beta.index_copy(0, idx, st.beta)
-            P = exact_cols(P, b, lambda: alpha.unsqueeze(-1) - D / eps, pad) if cols_exact else P
-            return P, err, alpha, beta, dt
-        st = _solve_at(D, a, b, eps, max_iter - used, tol, beta, None, pad)[0]
+        else:
+            st = _solve_at(D, a, b, eps, max_iter - used, tol, beta, None, pad)[0]
+            P, err, alpha, beta = st.P, st.err, st.alpha, st.beta
     else:
         # Less each column's minimum too (β absorbs it): the potentials then stay of the
         # size of the spread over ε, not |C|/ε, whose rounding in β − C/ε would cap the
@@ -293,8 +293,9 @@ def _path(
         spread = D.amax((-2, -1))
         start = torch.where(spread > SCALE_ABOVE * eps, spread / SCALE_ABOVE, eps)
         st = _solve_at(D, a, b, eps, max_iter, tol, None, start, pad)[0]
-    P = exact_cols(st.P, b, lambda: st.alpha.unsqueeze(-1) - D / eps, pad) if cols_exact else st.P
-    return P, st.err, st.alpha, st.beta, dt
+        P, err, alpha, beta = st.P, st.err, st.alpha, st.beta
+    P = exact_cols(P, b, lambda: alpha.unsqueeze(-1) - D / eps, pad) if cols_exact else P
+    return P, err, alpha, beta, dt
 
 
 def _anchored(beta: torch.Tensor) -> torch.Tensor:
