@@ -8,6 +8,7 @@ potentials on to its Newton rounds when the observed linear rate is slow.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -34,11 +35,11 @@ def kernel_sinkhorn(
     checked after ``KERNEL_CHECK`` iterations and as many again, then where the rate
     observed between the last two checks predicts ``tol`` (at most ``KERNEL_AHEAD``
     iterations on). Returns (plan, column error, v ``(B, 1, N)``, iterations used,
-    largest error, u ``(B, 1, M)``, slow); β = log v warm-starts the Newton rounds when the
-    kernel iterations stopped short of ``tol``. ``slow`` ``(B,)``: where they stopped
+    largest error, u ``(B, 1, M)``, fast); β = log v warm-starts the Newton rounds when the
+    kernel iterations stopped short of ``tol``. ``fast`` ``(B,)``: where they stopped
     because the batch's rate was slow (else None), the elements above ``tol`` whose own
-    rate is slow too; the others would converge here, and the caller goes on with them
-    from ``v0`` = their v. With ``pad``, v starts at 0 on dead
+    rate is not: they would converge here, and the caller goes on with them from ``v0`` =
+    their v. With ``pad``, v starts at 0 on dead
     columns; u = a / Kv and v = b / Kᵀu are then 0 on dead rows and columns (no product
     is 0: every entry of K is positive and every marginal has a live entry).
     """
@@ -50,7 +51,7 @@ def kernel_sinkhorn(
     s, t, it = torch.bmm(u, K), torch.empty_like(u), 0
     # The error falls linearly: after two checks the next one is placed where the
     # observed rate predicts ``tol`` (a check costs as much as an iteration).
-    check, last, slow = KERNEL_CHECK, None, None
+    check, last, fast = KERNEL_CHECK, None, None
     while True:
         if it == check or it == iters:
             err = torch.addcmul(b_, v, s, value=-1).abs_().sum(-1).squeeze(-1)
@@ -63,9 +64,10 @@ def kernel_sinkhorn(
                 gain = math.log(worst / last[1]) / (it - last[0]) if 0.0 < worst < last[1] else 0.0
                 ahead = math.log(tol / worst) / gain if gain < 0.0 else math.inf
                 if ahead > KERNEL_AHEAD * 3:  # slow: Newton converges faster from here
-                    # ... for the elements whose own rate is slow (NaN: no progress, slow)
+                    # ... for the elements whose own rate is slow too; fast: those above tol whose own
+                    # rate is not (NaN: no progress, slow)
                     gains = (err / last[2]).log_().div_(it - last[0])
-                    slow = (err > tol) & ~((gains < 0) & ((tol / err).log_().div_(gains) <= KERNEL_AHEAD * 3))
+                    fast = (err > tol) & (gains < 0) & ((tol / err).log_().div_(gains) <= KERNEL_AHEAD * 3)
                     break
                 check = it + max(1, min(KERNEL_AHEAD, math.ceil(ahead)))
             last = (it, worst, err)
@@ -73,11 +75,12 @@ def kernel_sinkhorn(
         torch.div(a_, torch.bmm(v, Kt, out=t), out=u)
         torch.bmm(u, K, out=s)
         it += 1
-    return (K * v).mul_(u.transpose(-1, -2)), err, v, it, worst, u, slow
+    return (K * v).mul_(u.transpose(-1, -2)), err, v, it, worst, u, fast
 
 
 def kernel_rounds(
-    D: torch.Tensor, shifted, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int, iters: int, tol: float,
+    D: torch.Tensor, shifted: Callable[[], torch.Tensor], a: torch.Tensor, b: torch.Tensor, eps: float,
+    max_iter: int, iters: int, tol: float,
     pad: Padding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, torch.Tensor]:
     """:func:`kernel_sinkhorn` for at most ``min(max_iter, iters)`` iterations; where it stopped
@@ -85,8 +88,8 @@ def kernel_rounds(
     those go on alone from their v (``shifted()``: ``D`` anew), so that one slow element does
     not send the others to the Newton rounds (511 of them with it: 12x the groups apart).
     Returns (plan, column error, v, iterations used (the most), largest error, u)."""
-    P, err, v, used, worst, u, slow = kernel_sinkhorn(D, a, b, eps, min(max_iter, iters), tol, pad)
-    fast = None if slow is None else torch.nonzero((err > tol) & ~slow).squeeze(1)
+    P, err, v, used, worst, u, fast = kernel_sinkhorn(D, a, b, eps, min(max_iter, iters), tol, pad)
+    fast = None if fast is None else torch.nonzero(fast).squeeze(1)
     if fast is not None and 0 < fast.numel() < err.numel():
         out = kernel_sinkhorn(shifted()[fast], a[fast], b[fast], eps, min(max_iter - used, iters), tol,
                               None if pad is None else pad.select(fast), v[fast])
