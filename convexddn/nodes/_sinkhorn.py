@@ -273,8 +273,7 @@ def _path(
             st = _solve_at(D[idx], a[idx], b[idx], eps, max_iter - used, tol, beta[idx], None,
                            None if pad is None else pad.select(idx))[0]
             P, err = P.index_copy(0, idx, st.P), err.index_copy(0, idx, st.err)
-            alpha = u.squeeze(-2).log().index_copy(0, idx, st.alpha)
-            beta = beta.index_copy(0, idx, st.beta)
+            alpha, beta = u.squeeze(-2).log().index_copy(0, idx, st.alpha), beta.index_copy(0, idx, st.beta)
         else:
             st = _solve_at(D, a, b, eps, max_iter - used, tol, beta, None, pad)[0]
             P, err, alpha, beta = st.P, st.err, st.alpha, st.beta
