@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, may_carry_tangents, plain, refuse_batched, refuse_transforms
+from .._autograd import bind_fast, may_carry_tangents, outside_compile, plain, refuse_batched, refuse_transforms
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
 from .._pow2 import pow2_round
@@ -337,26 +337,15 @@ def pnp(
     # (forward mode too: through the solver's own ops its tangents were wrong, -0.41
     # against a central difference of -0.08; the Function's jvp is the implicit one)
     grad = (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or may_carry_tangents(*tensors)
-    theta = (_eager_solve() if torch.compiler.is_compiling() else _solve)(args, grad)
+    theta = _solve(args, grad)
     theta = torch.cat([theta[:, :3], theta[:, 3:] * unit.view(-1, 1)], 1)
     return theta.reshape(*batch, 6).to(torch.promote_types(p2d.dtype, p3d.dtype))
 
 
+@outside_compile  # (it takes gradients and Hessians of the objective with create_graph, which
+# compiled autograd cannot trace: a graph break under torch.compile)
 def _solve(args: tuple, grad: bool) -> torch.Tensor:
     return _PnPFunction.apply(*args)[0] if grad else _PnPFunction.forward(*args)[0]
-
-
-_EAGER_SOLVE = []
-
-
-def _eager_solve():
-    """:func:`_solve` as a graph break under torch.compile: the solve takes gradients and
-    Hessians of the objective with autograd (create_graph), which compiled autograd
-    cannot trace. Made on the first compiled call: ``torch.compiler.disable`` imports
-    torch._dynamo (1.3 s), which an eager user of the native nodes need not pay."""
-    if not _EAGER_SOLVE:
-        _EAGER_SOLVE.append(torch.compiler.disable(_solve))
-    return _EAGER_SOLVE[0]
 
 
 class PnP(nn.Module):
