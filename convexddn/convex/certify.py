@@ -290,19 +290,6 @@ def limit_scaling_at(layout: ConeLayout, sc: torch.Tensor, zc: torch.Tensor, lif
     return LimitScaling(layout, sc, zc, sc_in, zc_in, delta)
 
 
-def _set_limit(kkt, rows) -> None:
-    """Give the KKT system(s) behind ``kkt`` the :class:`~.limit_scaling.LimitRows` of the
-    limit (a :class:`~.kkt.KKTSystem`, the null-space form's inner one, or both parts of
-    a :class:`~.kkt.PatchedKKT`)."""
-    if hasattr(kkt, "limit"):
-        kkt.limit = rows
-    elif hasattr(kkt, "base"):
-        _set_limit(kkt.base, rows)
-        _set_limit(kkt.part, rows if kkt.part_is_batch else rows.select(kkt.idx))
-    elif hasattr(kkt, "kkt"):
-        _set_limit(kkt.kkt, rows)
-
-
 def _step_size(dv: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
     """(B,) ‖scale·dv‖∞ / (1 + ‖scale·v‖∞): the step relative to the point, in the units ``scale`` gives."""
     return row_inf(dv * scale) / (1 + row_inf(v * scale))
@@ -351,7 +338,7 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     W = limit_scaling_at(layout, sc, zc, polished[:, None])
     # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
     kkt = systems(W, retry=True)
-    _set_limit(kkt, W.rows)  # the decided parts' exact limits, for the backward's refinement
+    kkt.limit = W.rows  # the decided parts' exact limits, for the backward's refinement
     ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b

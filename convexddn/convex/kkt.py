@@ -345,6 +345,20 @@ class PatchedKKT:
         self.failed = base.failed.index_copy(0, idx, part_failed)
         self.solve_residual = self.solve_error = None  # (as KKTSystem's)
 
+    @property
+    def limit(self):
+        """As :attr:`KKTSystem.limit`, of the whole batch (``None`` where a part has none);
+        set, it gives each part its rows."""
+        base, part = self.base.limit, self.part.limit
+        if base is None or part is None:
+            return None
+        return base.patched(self.idx, part.select(self.idx) if self.part_is_batch else part)
+
+    @limit.setter
+    def limit(self, rows) -> None:
+        self.base.limit = rows
+        self.part.limit = rows if self.part_is_batch else rows.select(self.idx)
+
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
               until: float | None = None, product: bool = False):
         out = self.base.solve(rx, rz, refine, scaled, until)

@@ -48,8 +48,7 @@ import torch
 
 from .symmetric_cones import ConeLayout, _t
 
-__all__ = ["LimitRows", "LimitScaling", "decided_inactive", "inactive_zero", "kink_point", "limit_point",
-           "retry_at_limit"]
+__all__ = ["LimitRows", "LimitScaling", "inactive_zero", "kink_point", "limit_point", "retry_at_limit"]
 
 
 class LimitScaling:
@@ -173,6 +172,12 @@ class LimitRows:
         pick = lambda v: None if v is None else v.index_select(0, idx)  # noqa: E731
         return LimitRows(self.layout, pick(self.zero_nn), pick(self.inf_nn), pick(self.zero_soc),
                          pick(self.inf_soc), pick(self.u))
+
+    def patched(self, idx: torch.Tensor, part: LimitRows) -> LimitRows:
+        """These rows with those of the elements ``idx`` taken from ``part`` (theirs alone)."""
+        put = lambda v, w: None if v is None else v.index_copy(0, idx, w)  # noqa: E731
+        return LimitRows(self.layout, put(self.zero_nn, part.zero_nn), put(self.inf_nn, part.inf_nn),
+                         put(self.zero_soc, part.zero_soc), put(self.inf_soc, part.inf_soc), put(self.u, part.u))
 
     def kept(self, v: torch.Tensor) -> torch.Tensor:
         """``v`` ``(B, mc[, k])`` without its parts along H = 0."""
@@ -313,26 +318,10 @@ def inactive_zero(kkt, layout, uz: torch.Tensor) -> torch.Tensor:
     gradient of h of a bound with slack 0.23 came out -8.9e-12, not 0, and Adam, which
     divides by the gradient's own size, moved that h by 5.8e-4 in 20 steps though the loss
     does not depend on it."""
-    inactive = decided_inactive(kkt) if layout.nonneg else None
-    if inactive is None:
+    lim = kkt.limit
+    if lim is None or not layout.nonneg:
         return uz
     at, k = layout.zero, layout.nonneg
-    keep = (~inactive).to(uz.dtype).unsqueeze(-1)
+    keep = (~lim.inf_nn).to(uz.dtype).unsqueeze(-1)
     return torch.cat([uz[:, :at], uz[:, at:at + k] * keep, uz[:, at + k:]], 1)
 
-
-def decided_inactive(kkt) -> torch.Tensor | None:
-    """``(B, nonneg)`` the nonnegative rows the limit decided inactive, from the system(s)
-    behind ``kkt`` as :func:`~.certify.error_estimate` gave them their limit: a
-    :class:`~.kkt.KKTSystem`, the null-space form's inner one, or a
-    :class:`~.kkt.PatchedKKT`'s two parts (a batch with re-polished elements: beside one,
-    the inactive bound's gradient was -1.5e-12 again); ``None`` where one has none."""
-    lim = getattr(kkt, "limit", None)
-    if lim is not None:
-        return lim.inf_nn
-    if hasattr(kkt, "base"):
-        base, part = decided_inactive(kkt.base), decided_inactive(kkt.part)
-        if base is None or part is None:
-            return None
-        return base.index_copy(0, kkt.idx, part.index_select(0, kkt.idx) if kkt.part_is_batch else part)
-    return decided_inactive(kkt.kkt) if hasattr(kkt, "kkt") else None

@@ -176,6 +176,15 @@ class _ReducedKKT:
         self.systems, self.kkt, self.failed = systems, kkt, kkt.failed
         self.solve_residual = self.solve_error = None  # (as KKTSystem's)
 
+    @property
+    def limit(self):
+        """The reduced system's :attr:`~.kkt.KKTSystem.limit` (its cone rows are the full one's)."""
+        return self.kkt.limit
+
+    @limit.setter
+    def limit(self, rows) -> None:
+        self.kkt.limit = rows
+
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
               until: float | None = None):
         sy, red = self.systems, self.systems.red
