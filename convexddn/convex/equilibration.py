@@ -10,7 +10,7 @@ replaced by the equivalent
     s = \\sigma E^{-1} \\hat s,\\quad z = \\frac{\\sigma}{c} E \\hat z,
 
 with positive diagonal :math:`D, E` chosen so that every column of the KKT matrix
-:math:`[[P, A^T], [A, 0]]` has infinity norm close to 1 (Ruiz, "A scaling algorithm to
+:math:`[[P, A^T], [A, 0]]` has infinity norm nearer 1 (a damped variant of Ruiz, "A scaling algorithm to
 equilibrate both rows and columns norms in matrices", 2001), :math:`E` constant on each
 second-order cone (so that :math:`E K = K`), a cost scale :math:`c` that brings the
 objective to unit size, as Clarabel does (Goulart & Chen, 2024, §5; at any scale, where
@@ -100,6 +100,11 @@ def equilibrate(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tens
         col = (absP * D[:, None, :]).amax(2) * D if n else q
         if m:
             AD = absA * D[:, None, :]
+            # (A damped variant of Ruiz: A's part of a column is weighed by D_j once more than
+            # textbook Ruiz would, D_j² max_i E_i|A_ij|, so badly scaled columns approach 1
+            # more slowly over the passes. Textbook Ruiz measured worse on programs this
+            # solver is tested on: an SOCP with rows 1e±4 apart in one cone got a gradient
+            # 1e-3 off (warned), an LP with an approximate ray ended in numerical trouble.)
             col = torch.maximum(col, (AD * E[:, :, None]).amax(1) * D)
         d = _inv_sqrt(col)
         e = _inv_sqrt(AD.amax(2) * E) if m and n else torch.ones_like(b)
