@@ -235,8 +235,9 @@ def solve_kkt_cg(
             unfinished to the dense solve: CG is only worth it when it converges fast
             (the ``"auto"`` choice sets it). Or a callable ``n -> iterations`` for ``n``
             elements still running (``"auto"``: :func:`cg_budget`), where ``hvp`` offers
-            products of fewer elements (:func:`~.krylov.restricted_hvp`): then both the
-            remaining CG steps and the dense fallback cost only those elements. Default
+            products of fewer elements and they reproduce the batch's
+            (:func:`~.krylov.restricted_hvp`): then both the remaining CG steps and the
+            dense fallback cost only those elements (otherwise ``budget(B)``). Default
             ``None``.
         dense_fallback_bytes: where CG fails for some batch elements (no convergence, or
             :math:`H` indefinite on the null space), or its probe flags them as singular
@@ -278,7 +279,8 @@ def solve_kkt_cg(
     rcond = default_rcond(size, v.dtype) if rcond is None else check_tolerance("cg rcond", rcond)
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
     # The budget counts the elements still running only where they alone pay for the
-    # products and the fallback (the rows of hvp); otherwise the whole batch's.
+    # products and the fallback (the rows of hvp, where projected_cg uses them); otherwise
+    # the whole batch's.
     cap = budget if callable(budget) and getattr(hvp, "rows", None) is not None and can_fall_back else None
     if callable(budget):
         budget = budget(batch)

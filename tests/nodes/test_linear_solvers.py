@@ -173,6 +173,30 @@ def test_restricted_products_must_reproduce_the_batch():
     torch.testing.assert_close(w, torch.linalg.solve(H, v), rtol=1e-9, atol=0)
 
 
+def test_refused_restricted_products_keep_the_batch_budget(monkeypatch):
+    """Where ``restricted_hvp`` refuses the rows (here wrong by 2x), the whole batch pays
+    for every product, so CG keeps the batch's budget: the element of condition 1e4 got
+    one element's budget (10 steps, 12 products of the 110 it needs) and went to the dense
+    solve. Now CG converges alone, to the answer of a fixed budget (no compaction) to
+    1e-12 and to H⁻¹v (torch.linalg.solve)."""
+    m, batch = 40, 8
+    d, _ = _mixed_batch(m, batch)
+    d[-1] = torch.logspace(0, 4, m, dtype=DT)
+    H = torch.diag_embed(d)
+
+    def hvp(D):
+        return torch.einsum("bij,kbj->kbi", H, D)
+
+    hvp.rows = lambda idx: (lambda D: 2.0 * torch.einsum("bij,kbj->kbi", H[idx], D))  # refused
+    v = torch.randn(batch, m, generator=_gen(10), dtype=DT)
+    calls = _dense_calls(monkeypatch)
+    w, _ = linear_solvers.solve_kkt_cg(hvp, None, None, v, budget=lambda n: 200 if n == batch else 10)
+    assert calls == []  # no dense fallback: CG converged within the batch's budget
+    w_fixed, _ = linear_solvers.solve_kkt_cg(hvp, None, None, v, budget=200)
+    torch.testing.assert_close(w, w_fixed, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w, torch.linalg.solve(H, v), rtol=1e-8, atol=0)
+
+
 class _ScaledSimplexPlane(DeclarativeNode):
     """argmin_u ½ Σ d u² − xᵀu s.t. Σ u = 1 (and ‖u‖² ≤ 1e6, inactive): u = (x + ν) / d."""
 
