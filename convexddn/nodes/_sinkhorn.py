@@ -158,9 +158,9 @@ def solve(
     """The plan, its column error ‖Pᵀ1 − b‖₁ (rows exact) and G, batched.
 
     Stops when every element's error is at most ``tol`` or after ``max_iter`` Sinkhorn
-    iterations plus Newton steps in all (counted apart for the elements on the kernel path
-    and those in the log domain, which are solved as two batches); the caller reports
-    elements above ``tol``.
+    iterations plus Newton steps in all (each batch solved together counts its own: the
+    log domain's; on the kernel path, each element's own kernel iterations, then its Newton
+    batch's steps); the caller reports elements above ``tol``.
     Costs with NaN or Inf give a NaN plan and error without iterating (the caller then
     checks its inputs: one host sync fewer than checking first).
     When ε is small against the spread of the costs, the problem is first solved for a
@@ -261,22 +261,22 @@ def _path(
         # (The kernel overwrites D; β = log v refers to the same row-shifted costs, ≤ 50ε.)
         shifted = rows if pad is None else (lambda: rows().masked_fill(pad.dead, 0.0))
         P, err, v, used, worst, u = _kernel_sinkhorn(D, shifted, a, b, eps, max_iter, KERNEL_ITERS, tol, pad)
-        if used >= max_iter or worst <= tol:
-            if cols_exact:
-                P = exact_cols(P, b, lambda: u.transpose(-1, -2).log() - shifted() / eps, pad)
+        # Those above tol with budget left go on to Newton, a batch per count of kernel iterations.
+        late = (err > tol) & (used < max_iter)
+        counts = used[late].unique().tolist() if worst > tol else []
+        if not counts:
+            P = exact_cols(P, b, lambda: u.transpose(-1, -2).log() - shifted() / eps, pad) if cols_exact else P
             pot = (None, None) if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log())
             return P, err, *pot, dt
-        D, beta = shifted(), v.squeeze(-2).log()
-        # Only the elements still above tol go on to the Newton rounds, as a batch of their own.
-        idx = torch.nonzero(err > tol).squeeze(1)
-        if idx.numel() < err.numel():
-            st = _solve_at(D[idx], a[idx], b[idx], eps, max_iter - used, tol, beta[idx], None,
-                           None if pad is None else pad.select(idx))[0]
-            P, err = P.index_copy(0, idx, st.P), err.index_copy(0, idx, st.err)
-            alpha, beta = u.squeeze(-2).log().index_copy(0, idx, st.alpha), beta.index_copy(0, idx, st.beta)
-        else:
-            st = _solve_at(D, a, b, eps, max_iter - used, tol, beta, None, pad)[0]
-            P, err, alpha, beta = st.P, st.err, st.alpha, st.beta
+        D, alpha, beta = shifted(), u.squeeze(-2).log(), v.squeeze(-2).log()
+        for n in counts:
+            idx = torch.nonzero(late & (used == n)).squeeze(1)
+            whole = idx.numel() == err.numel()  # (all of them: no copies)
+            sel = (lambda t: t) if whole else (lambda t, idx=idx: t[idx])
+            st = _solve_at(sel(D), sel(a), sel(b), eps, max_iter - n, tol, sel(beta), None,
+                           pad if pad is None or whole else pad.select(idx))[0]
+            x = (st.P, st.err, st.alpha, st.beta)
+            P, err, alpha, beta = x if whole else (w.index_copy(0, idx, y) for w, y in zip((P, err, alpha, beta), x))
     else:
         # Less each column's minimum too (β absorbs it): the potentials then stay of the
         # size of the spread over ε, not |C|/ε, whose rounding in β − C/ε would cap the

@@ -87,12 +87,15 @@ def kernel_rounds(
     on the batch's slow rate and some elements above ``tol`` converge fast on their own,
     those go on alone from their v (``shifted()``: ``D`` anew), so that one slow element does
     not send the others to the Newton rounds (511 of them with it: 12x the groups apart).
-    Returns (plan, column error, v, iterations used (the most), largest error, u)."""
-    P, err, v, used, worst, u, fast = kernel_sinkhorn(D, a, b, eps, min(max_iter, iters), tol, pad)
+    Returns (plan, column error, v, iterations used ``(B,)``, largest error, u): each element's
+    own count, so that the fast ones' second round does not come off the slow ones' budget
+    (which left a slow element 42 Newton iterations fewer than alone, and short of ``tol``)."""
+    P, err, v, n, worst, u, fast = kernel_sinkhorn(D, a, b, eps, min(max_iter, iters), tol, pad)
+    used = torch.full(err.shape, n, dtype=torch.long, device=err.device)
     fast = None if fast is None else torch.nonzero(fast).squeeze(1)
     if fast is not None and 0 < fast.numel() < err.numel():
-        out = kernel_sinkhorn(shifted()[fast], a[fast], b[fast], eps, min(max_iter - used, iters), tol,
+        out = kernel_sinkhorn(shifted()[fast], a[fast], b[fast], eps, min(max_iter - n, iters), tol,
                               None if pad is None else pad.select(fast), v[fast])
         P, err, v, u = (w.index_copy(0, fast, x) for w, x in zip((P, err, v, u), (out[0], out[1], out[2], out[5])))
-        used, worst = used + out[3], float(err.max())
+        used, worst = used.index_fill(0, fast, n + out[3]), float(err.max())
     return P, err, v, used, worst, u
