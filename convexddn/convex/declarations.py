@@ -10,6 +10,7 @@ scale, on the tensors' own device.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import cvxpy as cp
@@ -18,6 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from ..errors import InputError
+from .tensor_cache import cached
 
 __all__ = ["SYMMETRIC_ATTRIBUTES", "check_parameter_attributes", "parameter_label"]
 
@@ -33,16 +35,36 @@ def _bound_text(bound: np.ndarray) -> str:
     return f"{float(bound):g}" if np.ndim(bound) == 0 else f"an array of shape {np.shape(bound)}"
 
 
-def _out_of_bounds(value: torch.Tensor, bounds: Sequence) -> tuple[torch.Tensor, Callable[[], str]]:
-    """Entries of ``value`` outside ``bounds = [lo, hi]`` (numbers or arrays of the
-    parameter's shape, ±inf for a missing side: CVXPY's numeric ``bounds``), and the first
-    one, with its bounds. A bound rounded to the value's dtype passes: each side widens by
+# Each parameter's bounds as tensors, per (device, dtype of the values): built from its
+# numpy (or sparse) arrays once, not on every call. Keyed by the object's id for its lifetime
+# (a WeakKeyDictionary compares keys with ==, which a cp.Parameter answers with a
+# constraint; CVXPY's own id survives pickling, so another process's parameter can hold it).
+_BOUNDS: dict[int, dict] = {}
+
+
+def _bound_tensors(param: cp.Parameter, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(lo, hi, lo - eps·|lo|, hi + eps·|hi|)``, float64 on ``value``'s device, ``eps``
+    that of ``value``'s dtype (the widening differs per dtype: the key holds both)."""
+    def build() -> tuple[torch.Tensor, ...]:
+        eps = torch.finfo(value.dtype).eps
+        lo, hi = (torch.as_tensor(b.toarray() if sp.issparse(b) else np.asarray(b), dtype=torch.float64,
+                                  device=value.device) for b in param.attributes["bounds"])
+        return lo, hi, lo - eps * lo.abs(), hi + eps * hi.abs()
+    cache = _BOUNDS.get(id(param))
+    if cache is None:
+        cache = _BOUNDS.setdefault(id(param), {})
+        weakref.finalize(param, _BOUNDS.pop, id(param), None)
+    return cached(cache, (str(value.device), value.dtype), build)
+
+
+def _out_of_bounds(value: torch.Tensor, param: cp.Parameter) -> tuple[torch.Tensor, Callable[[], str]]:
+    """Entries of ``value`` outside the parameter's ``bounds = [lo, hi]`` (numbers or arrays
+    of its shape, ±inf for a missing side: CVXPY's numeric ``bounds``), and the first one,
+    with its bounds. A bound rounded to the value's dtype passes: each side widens by
     ``eps·|bound|`` (a float32 0.1 lies 1.5e-9 above the float64 bound 0.1)."""
-    eps = torch.finfo(value.dtype).eps
-    lo, hi = (torch.as_tensor(b.toarray() if sp.issparse(b) else np.asarray(b), dtype=torch.float64,
-                              device=value.device) for b in bounds)
+    lo, hi, lo_wide, hi_wide = _bound_tensors(param, value)
     wide = value.double()
-    mask = (wide < lo - eps * lo.abs()) | (wide > hi + eps * hi.abs())
+    mask = (wide < lo_wide) | (wide > hi_wide)
 
     def why() -> str:
         first = tuple(int(i) for i in torch.nonzero(mask)[0])
@@ -122,7 +144,7 @@ def check_parameter_attributes(values: Sequence[torch.Tensor], parameters: Seque
             if not declared:
                 continue
             if attr == "bounds":
-                bad, why = _out_of_bounds(value, declared)
+                bad, why = _out_of_bounds(value, param)
                 declared = f"bounds=[{_bound_text(declared[0])}, {_bound_text(declared[1])}]"
             else:
                 bad, why = _violations(value, attr)
