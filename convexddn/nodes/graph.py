@@ -10,7 +10,9 @@ wrong, and both are visible in the graph of ``f`` before anything is solved:
   e.g. ``self.w = w`` set from outside): it would get no gradient, without a word.
 
 And the graph of ``∇_y L`` must carry every term's second derivatives
-(:func:`second_derivatives`, :func:`lagrangian_gradient`, :func:`check_second_order`).
+(:func:`second_derivatives`, :func:`lagrangian_gradient`; where a custom
+``autograd.Function`` is in it, :func:`check_second_order` and :func:`check_curvature`),
+which must resolve the solution at the dtype's precision (:func:`ill_determined`).
 """
 from __future__ import annotations
 
@@ -21,23 +23,26 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import InputError, ProblemError
-from .lagrangian import ROUNDING_MARGIN, _grads
+from .lagrangian import ROUNDING_MARGIN, _grads, seed_rounding
 from .optimality import _format_indices
 
-__all__ = ["autograd_leaves", "check_graph", "check_second_order", "lagrangian_gradient", "second_derivatives"]
+__all__ = ["autograd_leaves", "check_curvature", "check_graph", "check_second_order", "ill_determined",
+           "lagrangian_gradient", "second_derivatives"]
 
 Tensor = torch.Tensor
 
 
 def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None,
-                    boundary: Sequence[Tensor] = ()) -> dict[int, Tensor]:
+                    boundary: Sequence[Tensor] = (), custom: list | None = None) -> dict[int, Tensor]:
     """The leaf tensors requiring grad that ``outputs`` depend on, by ``id``.
 
     With ``stop``, the walk ends at the first leaf whose id is not in ``stop`` (enough
     to report it without walking a large foreign graph). Tensors in ``boundary`` that
     are not leaves count as leaves where the walk reaches their ``grad_fn`` (a node's
     parameters swapped in as computed tensors: MAML's fast weights under
-    torch.func.functional_call, DataParallel's replicas).
+    torch.func.functional_call, DataParallel's replicas). ``custom``: a list that gets
+    the graph's custom ``torch.autograd.Function`` nodes (the only ones whose backward
+    may lack its own graph: torch's operations have a double backward, or raise).
     """
     ends = {id(t.grad_fn): t for t in boundary if t.grad_fn is not None}
     leaves: dict[int, Tensor] = {}
@@ -61,6 +66,8 @@ def autograd_leaves(outputs: Iterable[Tensor], stop: set[int] | None = None,
         if id(fn) in ends:
             leaves[id(ends[id(fn)])] = ends[id(fn)]
             continue
+        if custom is not None and isinstance(fn, torch.autograd.function.BackwardCFunction):
+            custom.append(fn)
         var = getattr(fn, "variable", None)
         if var is not None:  # AccumulateGrad: a leaf
             leaves[id(var)] = var
@@ -81,13 +88,15 @@ def check_graph(
     constraints: dict[str, Tensor | None],
     y: Tensor,
     allowed: Sequence[Tensor],
+    custom: list | None = None,
 ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
     """Raise if ``objective`` or a constraint ignores ``y``, or a graph uses a foreign
     tensor requiring grad.
 
     ``constraints`` maps each constraint method's name to its values (``None``: the
     node has none). Returns the leaves of the objective and of the constraints,
-    separately (to tell which inputs each uses).
+    separately (to tell which inputs each uses); ``custom`` gets their custom
+    ``autograd.Function`` nodes (:func:`autograd_leaves`).
 
     Raises:
         ProblemError: ``objective`` or a constraint is not connected to ``y`` by autograd.
@@ -95,12 +104,12 @@ def check_graph(
     """
     prefix = f"{name}." if name else ""
     known = {id(t) for t in allowed} | {id(y)}
-    of_objective = autograd_leaves([objective], stop=known, boundary=allowed)
+    of_objective = autograd_leaves([objective], stop=known, boundary=allowed, custom=custom)
     of_constraints = {}
     for method, c in constraints.items():
         if c is None:
             continue
-        leaves_c = autograd_leaves([c], stop=known, boundary=allowed)
+        leaves_c = autograd_leaves([c], stop=known, boundary=allowed, custom=custom)
         if id(y) not in leaves_c:
             # Its Jacobian in y would be zero: a constraint the gradient cannot see (the
             # unconstrained problem's gradient, silently, or autograd's raw error).
@@ -223,3 +232,105 @@ def check_second_order(prefix: str, gL: Tensor, u: Tensor, d_seed: Tensor | None
         "torch.no_grad, detaches, or uses numpy), so its second derivatives would be missing from the implicit "
         "system and the gradient would be wrong. Give the Function a differentiable backward (torch operations "
         "on the saved tensors, outside no_grad) or write the term with differentiable torch operations")
+
+
+# The curvature probe's step, in eps^(1/3) of y's length: a central difference's rounding
+# (eps / step) and truncation (step²) balanced, ~1e-10 of the curvature each in float64.
+_CURVATURE_STEP = 1.0 / 3.0
+# A central difference of ∇_y L departing from autograd's H u by more than this fraction of
+# their size, alike at the steps h and 2h (truncation grows 4-fold, rounding halves), is a
+# missing second derivative.
+_CURVATURE_RATIO = 0.05
+_CURVATURE_AGREE = 0.25
+
+
+def check_curvature(prefix: str, grad_at: Callable[..., Tensor], y: Tensor, u: Tensor, hu: Tensor | None,
+                    length: Tensor, custom: Sequence, batch_shape) -> None:
+    r"""Raise where autograd's ``H u`` misses curvature that ``∇_y L`` has: a term whose backward
+    computes its value without a graph in ``y`` (a custom ``autograd.Function`` whose backward runs
+    under ``torch.no_grad``, detaches or uses numpy), whatever its first derivative at ``y``.
+
+    :func:`check_second_order` sees such a term by its value, and misses it where it vanishes at
+    the solution (``(y − c)²`` at ``y = c``: its curvature 2 silently dropped out of H, a gradient of
+    1 for 1/3); its curvature shows in the central difference
+    :math:`D_h = (\nabla_y L(y + hu) - \nabla_y L(y - hu)) / 2h` along ``u`` (B, m), which
+    ``hu`` (:math:`Hu` (B, m) from :func:`~.lagrangian.lagrangian_probes`; ``None``: no graph at all)
+    must match up to :math:`O(h^2)`, with :math:`h = \epsilon^{1/3} \ell` (``length`` (B, 1),
+    :func:`~.lagrangian._kink_length`). Flagged: an element whose :math:`\|D_h - Hu\|_\infty`
+    exceeds ``_CURVATURE_RATIO`` of :math:`\|D_h\|_\infty + \|Hu\|_\infty`, agrees with
+    :math:`D_{2h} - Hu` (a missing term's curvature does not depend on the step), where
+    :math:`D_h` itself has that size (terms that saturate leave ∇_y L flat: :math:`D_h = 0`, not a
+    missing term) and beyond ``ROUNDING_MARGIN`` times the rounding measured at the ends
+    (:func:`~.lagrangian.seed_rounding`). Run only where the graph holds ``custom`` nodes (of
+    :func:`check_graph`): torch's own operations cannot drop a graph.
+    """
+    eps = torch.finfo(y.dtype).eps
+    h = eps ** _CURVATURE_STEP * length
+    hu = torch.zeros_like(y) if hu is None else hu.detach()
+    with torch.enable_grad():
+        ends = [grad_at(y + k * h * u) for k in (1.0, -1.0, 2.0, -2.0)]
+    d1, d2 = (ends[0] - ends[1]) / (2.0 * h), (ends[2] - ends[3]) / (4.0 * h)
+    miss, seen = (d1 - hu).abs().amax(-1), d1.abs().amax(-1)
+    bad = ((miss > _CURVATURE_RATIO * (seen + hu.abs().amax(-1))) & (seen > 0.5 * miss)
+           & ((d2 - d1).abs().amax(-1) <= _CURVATURE_AGREE * miss))
+    if not bool(bad.any()):
+        return
+    with torch.enable_grad():
+        noise = sum(seed_rounding(lambda c, p=y + k * h * u: grad_at(p, c), end) for k, end in zip((1.0, -1.0), ends))
+    bad = bad & (miss * 2.0 * h[:, 0] > ROUNDING_MARGIN * noise.amax(-1))
+    if not bool(bad.any()):
+        return
+    names = sorted({type(fn).__name__.removesuffix("Backward") for fn in custom})
+    indices = _format_indices(bad, batch_shape)
+    raise ProblemError(
+        f"{prefix}objective or constraints use an operation whose backward is not itself differentiable in y "
+        f"(at batch indices {indices[:8]}, {len(indices)} of {bad.numel()} element(s)): the Hessian-vector "
+        f"product misses curvature that a finite difference of their gradient shows (up to {float(miss.amax()):.2e}), "
+        f"so the implicit system would lack second derivatives and the gradient would be wrong. Custom "
+        f"torch.autograd.Function(s) in the graph: {', '.join(names)}; give each a differentiable backward (torch "
+        "operations on the saved tensors, outside no_grad and numpy) or write the term with torch operations")
+
+
+def ill_determined(grad_at: Callable[..., Tensor], y: Tensor, u: Tensor, hu: Tensor, diff: Tensor, delta: Tensor,
+                   scale: Tensor, tol: float, free: Tensor | None = None) -> Tensor | None:
+    r"""``(B,)`` elements whose ``∇_y L`` does not resolve its own curvature across ``tol`` of the
+    problem's length :math:`\ell = s / \|Hu\|_\infty` (``scale`` :math:`s` (B,), the size of the
+    terms of ∇_y L as its derivatives show them, :func:`~.implicit_system._term_scale`: ``‖y‖``, and
+    the inputs' ``‖x‖`` as far as the problem sees them, a solution ~1e-17 beside data ~1 is not
+    undetermined for being small): the solution is determined only to more than that; ``None`` if none.
+
+    Where the terms of ∇_y L saturate and cancel (log-cosh pooling with every point 10 to 60
+    widths from ``y``: terms ±a, curvature 5.7e-15), its rounding, eps of the terms, exceeds what
+    the curvature moves it by, and neither derivative shows how large the terms are: the measured
+    rounding (:func:`~.lagrangian.seed_rounding`) was 0, as the terms cancel exactly at every
+    seed, and the second-order check took it for a missing graph; the gradient was 3 % (to 50 %)
+    off the mpmath one. The test, a ladder of central differences along ``u``: ``diff`` (B, m),
+    the kink probe's :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)`
+    (:func:`~.lagrangian.kinked`, its step ``delta`` (B, 1)), within half of :math:`2\delta Hu`
+    (``hu`` (B, m)) of it: resolved, nothing more is spent; else the same at the step
+    :math:`\text{tol}\,\ell`, and where that departs too, its size against ``ROUNDING_MARGIN``
+    times the rounding measured at its ends (a curvature that varies within that step, pooling
+    at an offset of 1e7 with unit width, moves it far above its rounding). ``free`` (B,): the
+    elements without an active constraint (others are judged by the KKT system's conditioning).
+    """
+    def departs(d: Tensor, step: Tensor) -> Tensor:
+        predicted = 2.0 * step * hu
+        return (d - predicted).abs().amax(-1) > 0.5 * predicted.abs().amax(-1)
+
+    hu = hu.detach()
+    curvature = hu.abs().amax(-1)
+    # (no curvature along u: a singular Hessian, which the KKT system's test reports)
+    bad = departs(diff, delta) & (curvature > 0) & (True if free is None else free)
+    if not bool(bad.any()):
+        return None
+    s = tol * (scale / torch.where(curvature > 0, curvature, 1.0)).unsqueeze(-1)
+    with torch.enable_grad():
+        ends = [grad_at(y + k * s * u) for k in (1.0, -1.0)]
+    change = ends[0] - ends[1]
+    bad = bad & departs(change, s)
+    if not bool(bad.any()):
+        return None
+    with torch.enable_grad():
+        noise = sum(seed_rounding(lambda c, p=y + k * s * u: grad_at(p, c), end) for k, end in zip((1.0, -1.0), ends))
+    bad = bad & ~(change.abs().amax(-1) > ROUNDING_MARGIN * noise.amax(-1))
+    return bad if bool(bad.any()) else None

@@ -25,11 +25,11 @@ from .._autograd import plain
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, naming, shown_indices
-from .graph import check_graph, check_second_order, lagrangian_gradient
+from .graph import check_curvature, check_graph, check_second_order, ill_determined, lagrangian_gradient
 from .krylov import pseudo_random_directions
 from .lagrangian import (ROUNDING_MARGIN, _batched_vjp, _check_jacobian, _check_values, _constraint, _constraints,
-                         _grads, _lagrangian_parts, _non_finite_derivatives, _objective, _solution_length, kinked,
-                         lagrangian_probes, seed_rounding)
+                         _grads, _kink_length, _lagrangian_parts, _non_finite_derivatives, _objective,
+                         _solution_length, gradient_at, kinked, lagrangian_probes, seed_rounding)
 from .linear_solvers import LinearSolver, resolve_linear_solver
 from .multipliers import inactive_mask, multipliers, scaled_norm
 from .optimality import _ROUNDING, default_solution_tol, kkt_residuals, term_norms, verify_kkt
@@ -145,8 +145,9 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     f = _objective(f"{prefix}objective", objective, xg, yv)
     eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
     ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
+    custom = []
     _, of_c = check_graph(name, f, {"equality_constraints": eq, "inequality_constraints": ineq}, yg,
-                          allowed=xg + params + tuple(known))
+                          allowed=xg + params + tuple(known), custom=custom)
     # Dependent constraints make the multipliers non-unique; that matters for the
     # gradient through data that enters the constraints, where the data can break the
     # dependence, and through the constraints' curvature, where the split enters the
@@ -177,6 +178,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         lam = multipliers(A, gf, n_eq, inactive)
     fns = (equality_constraints, inequality_constraints)
     broken = None
+    diff = []  # (the kink probe's central difference, for the resolution test below)
     for attempt in range(2):
         # Elements whose Lagrangian cannot be differentiated (first pass: those without
         # an active constraint are left out of the constraint part; second: broken
@@ -194,7 +196,11 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         probes = tuple(probes)
         norms = term_norms(yg, xg, gf, probes)
         terms = _term_scale(norms[4], A, lam)
-        check_second_order(prefix, gL, u, d_seed, terms, batch_shape, rounding=rounding)
+        if custom:  # (torch's own operations cannot drop a graph: their gap is rounding)
+            check_second_order(prefix, gL, u, d_seed, terms, batch_shape, rounding=rounding)
+            curvature = torch.zeros_like(terms) if probes[0] is None else probes[0].detach().abs().amax(-1)
+            check_curvature(prefix, gradient_at(objective, fns, prefix, xg, y.shape, lam, inactive), yg.detach(), u,
+                            probes[0], _kink_length(yg.detach(), curvature, terms.detach()), custom, batch_shape)
         broken = _non_finite_derivatives(gL, probes)
         if broken is not None:
             warn(
@@ -206,7 +212,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
                 "(tangents, in forward mode) are set to zero", GradientWarning)
         elif check_solution:
             broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf, gL,
-                            terms.detach())
+                            terms.detach(), diff=diff)
             if broken is not None:
                 warn(
                     f"{who}the gradient of the Lagrangian in y jumps at the solution for "
@@ -267,4 +273,17 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             # was at least half of it, at most twice).
             res = kkt(rounding=_ROUNDING * scaled_norm(rounding()))
         verify_kkt(prefix, res, tol, batch_shape)
+        # (rows with an active constraint are judged by the KKT system's conditioning; broken ones have no gradient)
+        free = None if c is None else inactive.all(-1)
+        if broken is not None:
+            free = ~broken if free is None else free & ~broken
+        loose = None if not diff else ill_determined(gradient_at(objective, fns, prefix, xg, y.shape, lam, inactive),
+                                                     yg.detach(), u, probes[0], *diff[0], terms.detach(), tol, free)
+        if loose is not None:
+            warn(f"{who}the Hessian of the Lagrangian in y is near singular at {yg.dtype}'s precision for "
+                 f"{shown_indices(loose)}: the rounding of its gradient (terms that cancel at the solution, e.g. "
+                 "saturated penalties, are far larger than its curvature) leaves the solution determined only to "
+                 f"more than solution_tol={tol:g} of its length, so the implicit gradient is unreliable "
+                 "(ill-conditioned). Rescale the problem (e.g. a wider penalty) so that the curvature at the "
+                 "solution is not lost in rounding", GradientWarning)
     return system

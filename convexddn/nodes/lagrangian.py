@@ -18,7 +18,7 @@ from .krylov import pseudo_random_directions
 from .multipliers import scaled_norm
 from .optimality import _format_indices
 
-__all__ = ["ConstraintFn"]
+__all__ = ["ConstraintFn", "gradient_at"]
 
 Tensor = torch.Tensor
 #: ``fn(*xs, y)``: a constraint function, returning ``(B, ...)`` or ``None``.
@@ -187,12 +187,10 @@ def _solution_length(g: Tensor, yg: Tensor) -> Tensor:
 
 
 def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None = None, u: Tensor | None = None) -> tuple:
-    """One double-backward pass of ``∇_y L`` along the generic direction
-    :func:`~.krylov.pseudo_random_directions`: ``(H u, Bᵀu for each input)`` (``None`` where
-    unused), shared by :func:`_non_finite_derivatives` and
-    :func:`~.optimality.kkt_residuals`; with ``seed`` (the ``ω`` of
-    :func:`~.graph.lagrangian_gradient`), also ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for
-    :func:`~.graph.check_second_order`); ``u``: that direction, if the caller has it."""
+    """One double-backward pass of ``∇_y L`` along the generic direction :func:`~.krylov.pseudo_random_directions`:
+    ``(H u, Bᵀu for each input)`` (``None`` where unused), shared by :func:`_non_finite_derivatives` and
+    :func:`~.optimality.kkt_residuals`; with ``seed`` (the ``ω`` of :func:`~.graph.lagrangian_gradient`), also
+    ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for :func:`~.graph.check_second_order`); ``u``: that direction, if known."""
     extra = () if seed is None else (seed,)
     if not gL.requires_grad:
         return (None,) * (1 + len(xg) + len(extra))
@@ -201,28 +199,25 @@ def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None = None, u:
     return torch.autograd.grad((gL * u).sum(), (yg, *xg, *extra), retain_graph=True, allow_unused=True)
 
 
-# Incoming gradients c near 1, not powers of two: ∇_y L(c ω)/c rounds each product and sum
-# of the terms anew (seed_rounding). Twelve: a sum of a few terms can round alike at a seed
-# (3 seeds measured none for up to 17 of 2000 elements, 6 for 3 of 60,000). Near 1: a term
-# affine in ω (a backward ignoring its incoming gradient) leaks only |1/c − 1| ≤ 1.4e-4 of
-# itself into the measure, its gap 7e3 times that (at c = 3 it leaked 2/3: a ratio of 1.5).
+# Incoming gradients c near 1, not powers of two: ∇_y L(c ω)/c rounds each product and sum of the terms anew
+# (seed_rounding). Twelve: a sum of a few terms can round alike at a seed (3 seeds measured none for up to 17 of
+# 2000 elements, 6 for 3 of 60,000). Near 1: a term affine in ω (a backward ignoring its incoming gradient) leaks
+# only |1/c − 1| ≤ 1.4e-4 of itself into the measure, its gap 7e3 times that (at c = 3 it leaked 2/3: 1.5).
 _ROUNDING_SEEDS = tuple(1.0 + s * (0.7 + 0.13 * k) * 1e-4 for k in range(6) for s in (1.0, -1.0))
-#: A gap between two evaluations of ∇_y L up to this many times their measured rounding
-#: (:func:`seed_rounding`) is rounding: at most 2.5 times it for plain torch pooling whose
-#: terms saturate (±1, cancelling; float32 and float64, 24,000 elements); a term without a
-#: graph scored ≥ 1.8e6 (float32), a backward ignoring its incoming gradient ≥ 7e3.
+#: A gap between two evaluations of ∇_y L up to this many times their measured rounding (:func:`seed_rounding`)
+#: is rounding: at most 2.5 times it for plain torch pooling whose terms saturate (±1, cancelling; float32 and
+#: float64, 24,000 elements); a term without a graph scored ≥ 1.8e6 (float32), one ignoring its seed ≥ 7e3.
 ROUNDING_MARGIN = 64.0
 
 
 def seed_rounding(grad: Callable[[float], Tensor], reference: Tensor) -> Tensor:
-    r"""``(B, m)`` the rounding of a gradient ``reference`` = ``grad(1)`` (B, m), measured:
-    :math:`\max_c |g(c)/c - g(1)|` over ``_ROUNDING_SEEDS``, ``grad(c)`` the gradient taken
-    with the incoming gradient ``c``. A gradient is linear in it, so the difference is only
-    the rounding of the terms the gradient sums, whatever their size: where they saturate
-    and cancel (pseudo-Huber terms ±1 of points ±100 from y) ``∇_y L`` rounds at eps·Σ|t_i|
-    ~ 1e-15, far above eps of the scale the checks build from its derivatives
-    (``‖H‖‖y‖ + ‖B‖‖x‖`` ~ 1e-4: curvatures of 1e-6). For a check about to report only
-    (one backward pass per seed).
+    r"""``(B, m)`` the rounding of a gradient ``reference`` = ``grad(1)`` (B, m), measured: :math:`\max_c
+    |g(c)/c - g(1)|` over ``_ROUNDING_SEEDS``, ``grad(c)`` the gradient taken with the incoming gradient ``c``.
+    A gradient is linear in it, so the difference is only the rounding of the terms the gradient sums, whatever
+    their size: where they saturate and cancel (pseudo-Huber terms ±1 of points ±100 from y) ``∇_y L`` rounds at
+    eps·Σ|t_i| ~ 1e-15, far above eps of the scale the checks build from its derivatives (``‖H‖‖y‖ + ‖B‖‖x‖`` ~
+    1e-4: curvatures of 1e-6); 0 where they cancel exactly at every seed (terms ±a, tanh at 1 exactly: see
+    :func:`~.graph.ill_determined`). For a check about to report only (one backward pass per seed).
     """
     noise = torch.zeros_like(reference)
     for c in _ROUNDING_SEEDS:
@@ -238,10 +233,9 @@ _KINK_STEP = 1e2
 # of 2δ‖Hu‖, plus the rounding floor, is a jump, not curvature: O(δ²) relative for
 # smooth terms, O(1) / δ for a kink.
 _KINK_RATIO = 0.05
-# Each entry's rounding floor, in units of its residual ∇_y L at y (the rounding of its
-# terms: least squares with a large residual and a solution of 6e-7 was flagged against eps
-# of ‖∇_y f‖), plus eps of ∇_y f's. Per entry: a row's largest hid a float32 solution's kink
-# (soft-thresholding at x = (0, 10000.3): 1e3 times the residual 5e-4 over the jump 0.2).
+# Each entry's rounding floor, in units of its residual ∇_y L at y (the rounding of its terms: least squares with
+# a large residual and a solution of 6e-7 was flagged against eps of ‖∇_y f‖), plus eps of ∇_y f's. Per entry:
+# a row's largest hid a float32 solution's kink (soft-thresholding at x = (0, 10000.3): 1e3 times 5e-4 > 0.2).
 _KINK_FLOOR = 1e3
 # Plus this many eps of the row's size of ∇_y L's terms (_term_scale), their rounding at
 # y ± δu whatever ∇_y L's value at y: at y = mean(x) ~ 0.02, x ~ 2, Σ(y − x_i) was exactly
@@ -264,26 +258,44 @@ def _kink_length(y: Tensor, curvature: Tensor, scale: Tensor) -> Tensor:
     return torch.where(top > 0, top, reach).unsqueeze(-1)
 
 
+def gradient_at(objective, fns, prefix: str, xg, shape, lam: Tensor | None,
+                inactive: Tensor | None) -> Callable[..., Tensor]:
+    """``grad(point, c=1.0)``: ``∇_y L`` (B, m) at ``point`` (B, m), the inputs ``xg`` and the
+    multipliers ``lam`` fixed (inactive rows 0, their constraints detached: one not differentiable
+    there, a norm at 0, would make a probe NaN), taken with the incoming gradient ``c``."""
+    xs = tuple(x.detach() for x in xg)
+    weights = None if lam is None else torch.where(inactive, 0.0, lam).detach()
+
+    def grad(point: Tensor, seed: float = 1.0) -> Tensor:
+        point = point.requires_grad_(True)
+        yv = point.view(shape)
+        total = _objective(f"{prefix}objective", objective, xs, yv).sum()
+        if weights is not None:
+            c = _constraints(prefix, fns, xs, yv)
+            total = total + (weights * torch.where(inactive, c.detach(), c)).sum()
+        (g,) = _grads(total, point, create_graph=False, seed=None if seed == 1.0 else total.new_tensor(seed))
+        return g
+    return grad
+
+
 def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | None, inactive: Tensor | None,
-           hu: Tensor | None, gf: Tensor, gL: Tensor, scale: Tensor) -> Tensor | None:
+           hu: Tensor | None, gf: Tensor, gL: Tensor, scale: Tensor, diff: list | None = None) -> Tensor | None:
     r"""``(B,)`` elements whose ``∇_y L`` jumps at the solution; ``None`` if none (one host sync).
 
-    Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at a kink by a one-sided choice
-    (``|·|' = |·|'' = 0`` at 0): a solution at one (an L1 term's exact zero, an L1 ball's
-    vertex) looks like a smooth KKT point, its implicit derivative that of another problem
-    (soft-thresholding at ``x_i = 0``: 1 for a true 0). The probe: with the multipliers
-    fixed, :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)` along the dense ``u``
-    of ``hu`` (:math:`H u`, :func:`lagrangian_probes`) is :math:`2\delta H u + O(\delta^3)`
-    where L is twice differentiable, off by the gradient's jump where a kink lies within
-    :math:`\delta = 100\, \epsilon\, \ell` of ``y`` (:func:`_kink_length`: at the solution
-    to rounding). Flagged: an element where, in some entry ``j``, that excess exceeds
-    ``_KINK_RATIO`` of :math:`2\delta\|Hu\|_\infty` plus the entry's rounding floor
-    :math:`10^3 (|\nabla_y L|_j + \epsilon |\nabla_y f|_j) + 64\,\epsilon\, s` (``s`` =
-    ``scale`` (B,), the size of the terms of :math:`\nabla_y L`: :math:`\|H\|\|y\| +
-    \|B\|\|x\| + \|\nabla_y f\| + \sum_j |\lambda_j| \|a_j\|`) and agrees with the excess at
-    the step :math:`2\delta` (a jump does not depend on the step; a smooth term's excess
-    grows with it); reported where it also exceeds ``ROUNDING_MARGIN`` times the gradient's
-    rounding measured at the step's ends, entry by entry (:func:`seed_rounding`).
+    Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at a kink by a one-sided choice (``|·|' = |·|'' = 0``
+    at 0): a solution at one (an L1 term's exact zero, an L1 ball's vertex) looks like a smooth KKT point, its
+    implicit derivative that of another problem (soft-thresholding at ``x_i = 0``: 1 for a true 0). The probe:
+    with the multipliers fixed, :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)` along the dense ``u``
+    of ``hu`` (:math:`H u`, :func:`lagrangian_probes`) is :math:`2\delta H u + O(\delta^3)` where L is twice
+    differentiable, off by the gradient's jump where a kink lies within :math:`\delta = 100\, \epsilon\, \ell` of
+    ``y`` (:func:`_kink_length`: at the solution to rounding). Flagged: an element where, in some entry ``j``,
+    that excess exceeds ``_KINK_RATIO`` of :math:`2\delta\|Hu\|_\infty` plus the entry's rounding floor
+    :math:`10^3 (|\nabla_y L|_j + \epsilon |\nabla_y f|_j) + 64\,\epsilon\, s` (``s`` = ``scale`` (B,), the size
+    of the terms of :math:`\nabla_y L`: :math:`\|H\|\|y\| + \|B\|\|x\| + \|\nabla_y f\| + \sum_j |\lambda_j|
+    \|a_j\|`) and agrees with the excess at the step :math:`2\delta` (a jump does not depend on the step; a
+    smooth term's excess grows with it); reported where it also exceeds ``ROUNDING_MARGIN`` times the gradient's
+    rounding measured at the step's ends, entry by entry (:func:`seed_rounding`). ``diff``: a list that gets
+    ``(∇_y L(y + δu) − ∇_y L(y − δu), δ)`` ((B, m), (B, 1)), for :func:`~.graph.ill_determined`.
     """
     if hu is None:
         return None
@@ -292,22 +304,11 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     curvature = hu.detach().abs().amax(-1)
     delta = _KINK_STEP * eps * _kink_length(y, curvature, scale)
     u = pseudo_random_directions(y.shape[1], y.shape[0], y.dtype, y.device)
-    xs = tuple(x.detach() for x in xg)
-    weights = None if lam is None else torch.where(inactive, 0.0, lam).detach()
-
-    def grad_at(point: Tensor, seed: float = 1.0) -> Tensor:
-        point = point.requires_grad_(True)
-        yv = point.view(shape)
-        total = _objective(f"{prefix}objective", objective, xs, yv).sum()
-        if weights is not None:
-            c = _constraints(prefix, fns, xs, yv)
-            # (inactive rows detached: one not differentiable there, a norm at 0, would make the probe NaN)
-            total = total + (weights * torch.where(inactive, c.detach(), c)).sum()
-        (g,) = _grads(total, point, create_graph=False, seed=None if seed == 1.0 else total.new_tensor(seed))
-        return g
-
+    grad_at = gradient_at(objective, fns, prefix, xg, shape, lam, inactive)
     with torch.enable_grad():
         ends = [grad_at(y + k * delta * u) for k in (1.0, -1.0, 2.0, -2.0)]
+    if diff is not None:
+        diff.append((ends[0] - ends[1], delta))
     jump, wide = ends[0] - ends[1] - 2.0 * delta * hu, ends[2] - ends[3] - 4.0 * delta * hu
     size = _KINK_RATIO * 2.0 * delta[:, 0] * curvature
     floor = _KINK_FLOOR * (gL.detach().abs() + eps * gf.detach().abs()) + _KINK_TERMS * eps * scale.unsqueeze(-1)

@@ -4,6 +4,7 @@ Expected values are closed forms written out here, never the code's own output.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -640,3 +641,151 @@ def test_no_kink_where_a_smooth_solution_is_zero_throughout():
     torch.testing.assert_close(g, torch.full_like(g, 1 / 101), rtol=0, atol=1e-15)
     h = (1 + p.detach() ** 2) ** -1.5
     torch.testing.assert_close(gp, h / h.sum(), rtol=0, atol=1e-15)
+
+
+# ---- a backward without a graph where its own gradient vanishes; saturated terms ---------
+
+
+class _SquareNoGrad(torch.autograd.Function):
+    """r ↦ r² with a backward under no_grad: right first derivative, no second."""
+
+    @staticmethod
+    def forward(ctx, r):
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        with torch.no_grad():
+            return g * 2 * r
+
+
+class _SquareNumpy(_SquareNoGrad):
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return g * torch.from_numpy(2 * r.detach().numpy())
+
+
+class _SquareTwice(_SquareNoGrad):
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return g * 2 * r
+
+
+def _anchored(fn):
+    class Anchored(DeclarativeNode):
+        """argmin ½‖y − x‖² + ‖y − c‖²: y = (x + 2c)/3, dy/dx = 1/3, dy/dc = 2/3."""
+
+        def objective(self, x, c, y):
+            return 0.5 * ((y - x) ** 2).sum(-1) + fn(y - c).sum(-1)
+
+        def solve(self, x, c):
+            return (x + 2 * c) / 3
+    return Anchored()
+
+
+@pytest.mark.parametrize("fn", [_SquareNoGrad, _SquareNumpy])
+def test_a_first_order_backward_is_refused_where_its_gradient_vanishes(fn):
+    """At x = c the term (y − c)² has gradient 0 at the solution, so the check of ∇_y L's
+    derivative in its incoming gradient saw nothing: its curvature 2 dropped out of H and
+    dy/dx came back as 1 (no_grad) or with a "kink" warning (numpy) for the closed form 1/3."""
+    x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    xg, cg = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with pytest.raises(ProblemError, match=f"not itself differentiable in y.*{fn.__name__}"):
+        torch.autograd.grad(_anchored(fn.apply)(xg, cg)[:, 0].sum(), (xg, cg))
+
+
+def test_a_first_order_backward_as_the_only_term_is_refused():
+    """‖y − x‖² through the no_grad square alone: ∇_y L has no graph at all (a singular
+    system, dy/dx = 0 for the closed form 1, under a warning that blamed the problem)."""
+
+    class Only(DeclarativeNode):
+        def objective(self, x, y):
+            return _SquareNoGrad.apply(y - x).sum(-1)
+
+        def solve(self, x):
+            return x.clone()
+
+    x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with pytest.raises(ProblemError, match="_SquareNoGrad"):
+        torch.autograd.grad(Only()(x).sum(), x)
+
+
+def test_a_differentiable_custom_square_at_its_minimum_gets_the_closed_form():
+    """The curvature probe passes a Function with a differentiable backward: dy/dx = 1/3,
+    dy/dc = 2/3 (closed form), x = c and x ≠ c."""
+    x = torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    c = torch.cat([x[:2], x[2:] + 1.0])
+    xg, cg = x.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        gx, gc = torch.autograd.grad(_anchored(_SquareTwice.apply)(xg, cg).sum(), (xg, cg))
+    torch.testing.assert_close(gx, torch.full_like(gx, 1 / 3), rtol=0, atol=1e-12)
+    torch.testing.assert_close(gc, torch.full_like(gc, 2 / 3), rtol=0, atol=1e-12)
+
+
+def _log_cosh_pool(a: float):
+    class LogCoshPool(DeclarativeNode):
+        """argmin Σ a² log cosh((y − x_i)/a), plain torch; solved by bisection on Σ tanh."""
+
+        def objective(self, x, y):
+            z = (y - x) / a
+            return (a * a * (torch.logaddexp(z, -z) - math.log(2))).sum(-1)
+
+        def solve(self, x):
+            lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                neg = torch.tanh((mid - x) / a).sum(-1, keepdim=True) < 0
+                lo, hi = torch.where(neg, mid, lo), torch.where(neg, hi, mid)
+            return 0.5 * (lo + hi)
+    return LogCoshPool()
+
+
+def _log_cosh_reference(row: list[float], a: float) -> tuple[float, list[float]]:
+    """(curvature Σ sech², dy/dx = sech²_i / Σ sech²) at the mpmath root (40 digits)."""
+    mp = pytest.importorskip("mpmath")
+    mp.mp.dps = 40
+    xs = [mp.mpf(v) for v in row]
+    lo, hi = min(xs), max(xs)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mp.tanh((mid - v) / a) for v in xs) < 0 else (lo, mid)
+    w = [mp.sech(((lo + hi) / 2 - v) / a) ** 2 for v in xs]
+    return float(sum(w)), [float(t / sum(w)) for t in w]
+
+
+# Two rows of 8 standard normal points: every point 10 to 60 widths from the minimiser
+# (a = 0.03: curvature 5.7e-15), and two points 9.6 widths either side of it (a = 0.01).
+_FLAT_ROW = [-1.9551282592221295, -0.9700854624017413, 0.4847021905759555, 0.33649661688134097,
+             -0.7741984333440965, 0.4557244988772856, -0.7098594296148351, 0.4162225870438083]
+_STEEP_ROW = [-0.4113823639743302, 1.3381484365586305, 1.5197227077785898, 0.5762097203396179,
+              -0.1063000098911105, -0.82453526760449, -0.2983585622138141, -1.5389229707506724]
+
+
+def test_saturated_log_cosh_is_ill_conditioned_not_refused():
+    """Terms ±a that cancel exactly at every seed: a measured rounding of 0, and the
+    second-order check's gap of 4 ulps of a was a ProblemError "not itself differentiable".
+    The curvature 5.7e-15 is below the terms' rounding: y is determined to ~1e-2, the
+    gradient 3 % off the mpmath one; the right verdict is a warning saying so."""
+    x = torch.tensor([_FLAT_ROW], dtype=DT, requires_grad=True)
+    with pytest.warns(GradientWarning, match="near singular"):
+        (g,) = torch.autograd.grad(_log_cosh_pool(0.03)(x).sum(), x)
+    curvature, dy = _log_cosh_reference(_FLAT_ROW, 0.03)
+    assert curvature < 1e-14
+    assert (g - torch.tensor([dy], dtype=DT)).abs().max() > 1e-3  # (why it warns)
+
+
+def test_saturated_log_cosh_with_a_resolved_curvature_is_exact():
+    """Curvature 3.7e-8 beside terms ±a = 0.01: the same ProblemError, where the gradient is
+    exact (mpmath: 0.5 on the two points 9.6 widths from y) and no warning is due."""
+    x = torch.tensor([_STEEP_ROW], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (g,) = torch.autograd.grad(_log_cosh_pool(0.01)(x).sum(), x)
+    curvature, dy = _log_cosh_reference(_STEEP_ROW, 0.01)
+    assert 1e-8 < curvature < 1e-7
+    torch.testing.assert_close(g, torch.tensor([dy], dtype=DT), rtol=0, atol=1e-9)
