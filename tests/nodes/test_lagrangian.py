@@ -688,14 +688,20 @@ def _anchored(fn):
 
 
 @pytest.mark.parametrize("fn", [_SquareNoGrad, _SquareNumpy])
-def test_a_first_order_backward_is_refused_where_its_gradient_vanishes(fn):
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_a_first_order_backward_is_refused_where_its_gradient_vanishes(fn, mode):
     """At x = c the term (y − c)² has gradient 0 at the solution, so the check of ∇_y L's
     derivative in its incoming gradient saw nothing: its curvature 2 dropped out of H and
     dy/dx came back as 1 (no_grad) or with a "kink" warning (numpy) for the closed form 1/3."""
     x = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
-    xg, cg = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with pytest.raises(ProblemError, match=f"not itself differentiable in y.*{fn.__name__}"):
-        torch.autograd.grad(_anchored(fn.apply)(xg, cg)[:, 0].sum(), (xg, cg))
+        if mode == "reverse":
+            xg, cg = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            torch.autograd.grad(_anchored(fn.apply)(xg, cg)[:, 0].sum(), (xg, cg))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                torch.autograd.forward_ad.unpack_dual(
+                    _anchored(fn.apply)(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)), x.clone()))
 
 
 def test_a_first_order_backward_as_the_only_term_is_refused():
