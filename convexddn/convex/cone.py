@@ -21,6 +21,7 @@ from .exp_cone import derivative_correction, has_exp, replace_exp_blocks
 from .kinks import kink_sides
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
+from .zero_rows import moves_zero_row
 
 __all__ = ["POLISH_ABOVE", "ResidualMap", "auto_mode"]
 
@@ -215,7 +216,8 @@ class ResidualMap:
         the homogeneity direction and the parameters or the cotangent reach the extra
         null directions (:func:`_unique_anyway`; ``parametric``
         says how the parameters move the data, :class:`Parametric`; with ``None`` every
-        rank deficiency counts).
+        rank deficiency counts). Sets ``zero_row`` where, degenerate, the program has a zero
+        row that holds and that the parameters move (:func:`~.zero_rows.moves_zero_row`).
         """
         n, m = self.n, self.m
         z = np.concatenate([x, y - s, [1.0]])
@@ -228,7 +230,7 @@ class ResidualMap:
             # This call's flags only (a zero cotangent returns before any solve; the
             # forward's refine left its own degeneracy flag here: with workers=1, whose
             # map is reused, an element with no cotangent was warned about).
-            self.inaccurate, self.degenerate = 0.0, False
+            self.inaccurate, self.degenerate, self.zero_row = 0.0, False, False
             dw = -(x @ dx + y @ dy)
             dz = np.concatenate([dx, dproj.rmatvec(dy), [dw]])
             if not np.any(dz):
@@ -250,6 +252,9 @@ class ResidualMap:
             grads = data_grads(r, pi_z, n, rows, cols)
             self.degenerate = degenerate or (sides is not None and not (
                 isinstance(Mz, np.ndarray) and self._either_side(z, sides, (dx, dy, dw), r, pi_z, parametric)))
+            # (why, for the warning: a zero row that holds, moved by the parameters)
+            self.zero_row = self.degenerate and parametric is not None and moves_zero_row(
+                self.A, self.b, self.cones, x, parametric)
             return grads
 
         return vjp

@@ -17,6 +17,7 @@ from .resolution import moved_columns, warn_unresolved, warn_weak, weak_tangent,
 from .status import element_list, name_elements
 from .upstream import zero_nonfinite
 from .vjp import cone_jvp, cone_vjp
+from .zero_rows import moved_zero_rows, warn_zero_rows
 
 __all__ = ["ConeSolve"]
 
@@ -52,7 +53,11 @@ class ConeSolve(torch.autograd.Function):
         refuse_batched("ConvexLayer", dP, dq, dA, db, functorch=False)
         sol, layout, refine, _, where, cols, _ = ctx.state
         dx, dz, flagged, zeroed, unsolved = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
-        _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved)
+        rz = torch.zeros_like(sol.z) if db is None else db  # (b - Ax's tangent: moved_zero_rows tests it for 0)
+        rz = rz if dA is None else rz - torch.bmm(dA, sol.x.unsqueeze(-1)).squeeze(-1)
+        zero = flagged & moved_zero_rows(sol, layout, rz)
+        _warn_zero_rows("forward mode", where, zero, zeroed, "tangent")
+        _warn_not_differentiable("forward mode", where, flagged & ~zero, zeroed, "tangent", unsolved)
         warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,
                         moved_columns(dP, dq, dA, db, sol.scaled.A))
         # (the zeroed elements' tangents are warned about already: nothing of theirs to bound)
@@ -69,14 +74,23 @@ class ConeSolve(torch.autograd.Function):
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
         gx, gz = zero_nonfinite("backward (batched)", where, (gx, gz))  # before any solve sees them
-        gP, gq, gA, gb, flagged, zeroed, unsolved = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
-        _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent", unsolved)
+        gP, gq, gA, gb, flagged, zeroed, unsolved, zero = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
+        _warn_zero_rows("backward", where, zero, zeroed, "gradient")
+        _warn_not_differentiable("backward", where, flagged & ~zero, zeroed, "cotangent", unsolved)
         if moved is not None:
             live = (sol.status == SOLVED) & ((gx != 0).any(1) | (gz != 0).any(1))
             warn_unresolved("backward", sol, layout, where, live, moved)
             warn_weak("backward", where, weakly_determined(sol, gx, gz, (gP, gq, gA, gb), tangent, live,
                                                             moved.each))
         return gP, gq, gA, gb, None, None, None, None, None, None
+
+
+def _warn_zero_rows(mode: str, where, zero: torch.Tensor, zeroed: torch.Tensor, what: str) -> None:
+    """:func:`~.zero_rows.warn_zero_rows` for the elements ``zero`` (those ``zeroed`` got 0)."""
+    idx = torch.nonzero(zero).squeeze(1).tolist()  # (a host sync)
+    n_zero = int((zero & zeroed).sum()) if idx else 0
+    warn_zero_rows(f"{mode} (batched)", where, idx, f"their {what} is a one-sided limit's blend"
+                   + (f" ({n_zero} of them: set to zero)" if n_zero else ""))
 
 
 def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str,

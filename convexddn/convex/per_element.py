@@ -45,6 +45,7 @@ from .spread import data_spread
 from .status import element_list, name_elements, status_kind
 from .validation import describe_failure
 from .worker_pool import WorkerPool, chunks
+from .zero_rows import warn_zero_rows
 
 SOLVERS = ("Clarabel", "SCS", "ECOS")
 MODES = ("auto", "dense", "sparse", "lsmr", "lsqr")
@@ -110,17 +111,10 @@ class CheckedDiffcp(SolverInterface):
     canon_solver = "DIFFCP"
     supports_quad_obj = False
 
-    def __init__(self, solver: str = "Clarabel", fallback: str | None = "SCS",
-                 mode: str = "auto", tol: float = 1e-6,
-                 solver_args: dict[str, Any] | None = None, refine: int = 5,
-                 workers: int = 1) -> None:
-        self.refine = refine
-        self.workers = workers
-        self._workers = WorkerPool(workers)
-        self.solver = solver
-        self.fallback = fallback
-        self.mode = mode
-        self.tol = tol
+    def __init__(self, solver: str = "Clarabel", fallback: str | None = "SCS", mode: str = "auto", tol: float = 1e-6,
+                 solver_args: dict[str, Any] | None = None, refine: int = 5, workers: int = 1) -> None:
+        self.refine, self.workers, self._workers = refine, workers, WorkerPool(workers)
+        self.solver, self.fallback, self.mode, self.tol = solver, fallback, mode, tol
         self.solver_args = dict(solver_args or {})
         self._init_unpicklable()
 
@@ -317,8 +311,9 @@ class CheckedDiffcp(SolverInterface):
         state.where = where
         return primal, dual, state
 
-    def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Gradient of one element's (q, A-values) given the solution's cotangent."""
+    def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple:
+        """Gradient of one element's (q, A-values) given the solution's cotangent, whether it is
+        degenerate (1; 2: a zero row moved, :meth:`~.cone.ResidualMap.adjoint`) and inaccurate."""
         if item is None:  # an element that was not solved: no gradient flows to it
             return np.zeros(self._shape[1]), np.zeros(self._indices.size), False, 0.0
         if item[0] == "local":
@@ -331,7 +326,7 @@ class CheckedDiffcp(SolverInterface):
             dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
         return (np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]]),
-                bool(getattr(program, "degenerate", False)), program.inaccurate)
+                int(getattr(program, "degenerate", False)) + getattr(program, "zero_row", False), program.inaccurate)
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
         refuse_batched("ConvexLayer", dprimal, ddual)  # (torch.func.jacrev: solved in numpy)
@@ -345,7 +340,9 @@ class CheckedDiffcp(SolverInterface):
             grads = self._workers.gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix],
                                                  dy_all[ix]) for ix in chunks(batch, self.workers)])
         where = getattr(saved_state, "where", None)
-        degenerate = [i for i, g in enumerate(grads) if g[2]]
+        warn_zero_rows("backward", where, [i for i, g in enumerate(grads) if g[2] == 2],  # (2: vjp_one's zero row)
+                       "their gradient is the minimum-norm one of many")
+        degenerate = [i for i, g in enumerate(grads) if g[2] == 1]
         if degenerate:
             warn(f"ConvexLayer backward: the solution of {len(degenerate)} batch element(s) "
                  f"({name_elements(where, degenerate)}) is not unique or not differentiable (the derivative system is "

@@ -41,6 +41,7 @@ import torch
 
 from .._generic import generic_vector
 from .certify import decided, soc_frame
+from .zero_rows import zero_rows
 
 __all__ = ["INCONSISTENT_AMPLIFICATION", "INCONSISTENT_SURE", "LIMIT_AMPLIFICATION", "limit_inconsistency",
            "limit_nonunique", "limit_rows"]
@@ -185,7 +186,8 @@ def _unsquared(P: torch.Tensor, C: torch.Tensor, R: torch.Tensor) -> torch.Tenso
     return _amplified(S, Vt @ R, dg)
 
 
-def limit_inconsistency(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.Tensor) -> torch.Tensor:
+def limit_inconsistency(d, layout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                        rz: torch.Tensor) -> torch.Tensor:
     """``(B,)`` how far the right-hand side ``rz`` ``(B, m)`` (equilibrated; how a direction
     of the parameters moves :math:`b - Ax`) is inconsistent on the rows that hold at the
     solution, the equalities and the nonnegative rows not decided inactive:
@@ -203,8 +205,13 @@ def limit_inconsistency(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.T
     resolves), rows 1e-7 apart by 4.4e7 (beyond its :data:`~.vjp.AMPLIFICATION`), exactly
     redundant rows by 3e12 and more. (The factorised probe's blow-up ~1/δ is relative to the whole right-hand side,
     whose stationarity part :math:`dA^\\top z` was 1e3 times larger: 7e5, below
-    :data:`~.vjp.PROBE_GAIN`; rows 1e-5 apart, with a derivative, gain 1e10.) Second-order
-    cones do not enter. float64 only, as :func:`limit_nonunique`."""
+    :data:`~.vjp.PROBE_GAIN`; rows 1e-5 apart, with a derivative, gain 1e10.) A row that is
+    zero (:func:`~.zero_rows.zero_rows`) holds where its ``b`` is zero, whatever its pair's values (its
+    multiplier is any), and is not at all elsewhere; it stays a zero row, its ``r`` in the
+    units of the element's largest row, so that a parameter that moves it reaches a singular
+    value 0 (dropped, as it was, the row's :math:`dA_i` went unseen: a projection with a
+    zero equality row got a gradient in it silently). Second-order cones do not enter.
+    float64 only, as :func:`limit_nonunique`; ``x`` ``(B, n)`` the equilibrated solution."""
     B = rz.shape[0]
     z0, k = layout.zero, layout.nonneg
     if rz.dtype != torch.float64 or not z0 + k:
@@ -213,15 +220,20 @@ def limit_inconsistency(d, layout, s: torch.Tensor, z: torch.Tensor, rz: torch.T
     present = torch.ones_like(r, dtype=torch.bool)
     if k:
         present[:, z0:] = _present(s[:, z0:z0 + k], z[:, z0:z0 + k])
+    zero, holds = zero_rows(d, layout, x)
+    present = torch.where(zero, holds, present)
     norm = A.norm(dim=-1)
-    keep = present & (norm > 0)
+    keep = present & ~zero
     inv = torch.where(keep, 1.0 / torch.where(keep, norm, 1.0), 0.0)
+    # (a zero row's r in the units of the others': its E undone, over the largest row's size)
+    largest = (d.A.norm(dim=-1) / d.E).amax(1, keepdim=True)
+    rinv = torch.where(zero & holds, 1.0 / (d.E[:, :z0 + k] * torch.where(largest > 0, largest, 1.0)), inv)
     V, sv, _ = torch.linalg.svd(A * inv.unsqueeze(-1))
-    coef = (V.mT @ (r * inv).unsqueeze(-1)).squeeze(-1).abs()
+    coef = (V.mT @ (r * rinv).unsqueeze(-1)).squeeze(-1).abs()
     # (singular values at rounding, and the zeros beyond min(rows, n), floored at it: a
     # consistent right-hand side's rounding there is no inconsistency)
     sv = torch.cat([sv, sv.new_zeros(B, coef.shape[1] - sv.shape[1])], 1).clamp_min(max(A.shape[1:]) * _EPS)
-    amp = (coef / sv).amax(1) / (r * inv).abs().amax(1).clamp_min(torch.finfo(r.dtype).tiny)
+    amp = (coef / sv).amax(1) / (r * rinv).abs().amax(1).clamp_min(torch.finfo(r.dtype).tiny)
     return torch.where(torch.isnan(amp), torch.inf, amp)
 
 
@@ -245,9 +257,9 @@ def limit_tests_at(sol, layout, test: torch.Tensor, rx: torch.Tensor, cols: torc
     if not idx.numel():
         return (torch.zeros_like(test, dtype=rx.dtype),) if rz is not None else (test, test)
     part = sol.scaled.select(idx)
-    _, s, z = part.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
+    x, s, z = part.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
     if rz is not None:
-        amp = limit_inconsistency(part, layout, s, z, rz.index_select(0, idx))
+        amp = limit_inconsistency(part, layout, x, s, z, rz.index_select(0, idx))
         return (torch.zeros_like(test, dtype=amp.dtype).index_copy(0, idx, amp),)
     found = limit_nonunique(part, layout, s, z, rx.index_select(0, idx), cols)
     return tuple(test.index_copy(0, idx, f) for f in found)

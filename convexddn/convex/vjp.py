@@ -35,7 +35,8 @@ an ill-conditioned derivative, returned where a dense solve certifies it, :func:
 or a derivative along a fixed direction of the parameters requiring grad (one unrefined
 probe solve) that blows up: where it does, the rows holding at the solution are tested
 for being dependent and moved apart (:func:`~.uniqueness.limit_inconsistency`: a
-degenerate vertex, or an equality combining others with its b moved alone; constant
+degenerate vertex, an equality combining others with its b moved alone, or a zero
+row with b = 0, :func:`~.zero_rows.zero_rows`, moved at all; constant
 rows do not move: a fixed polytope's vertex stays smooth; on second-order cones the
 blow-up decides), and the probe for reaching a null direction of the limit system (the
 parameters tilt a face of optima, or weigh an epigraph variable left free: a
@@ -54,6 +55,7 @@ from .interior_point import SOLVED, ConeSolution
 from .kkt import bmv, row_inf
 from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
+from .zero_rows import moved_zero_rows
 
 __all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "LIMIT_GATE", "PROBE_GAIN",
            "PROBE_GATE", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
@@ -76,7 +78,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
             the limit test checks (the solve's ``error_cols``).
 
     Returns:
-        ``(gP, gq, gA, gb, not_differentiable, nonunique, unsolved)``: the gradients, exactly zero
+        ``(gP, gq, gA, gb, not_differentiable, nonunique, unsolved, zero_rows)``: the gradients, exactly zero
         for elements that are not solved, whose cotangent is zero, whose final KKT matrix
         could not be factorised or whose solution is not unique; ``(B,)`` masks of the
         solved elements whose solution is not unique along the cotangent (``nonunique``:
@@ -88,7 +90,9 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         also a complementary pair undecided, see :data:`~.certify.RESOLVED`, that the
         derivative reaches, see :data:`SIDE_RTOL`, requested
         outputs that are not unique, or a degenerate vertex, see ``tangent``); ``unsolved``:
-        those of ``nonunique`` whose system could not be solved and that no other test flags.
+        those of ``nonunique`` whose system could not be solved and that no other test flags;
+        ``zero_rows``: those of ``not_differentiable`` with a zero row that holds, which the
+        ``tangent`` moves (:func:`~.zero_rows.moved_zero_rows`: no derivative in its data).
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
@@ -99,7 +103,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     rx, rz = equilibrated(gx, gz)
     rz = inactive_zero(kkt, layout, rz)  # (the cotangent of a multiplier that stays 0)
     ux, uz, unsolved = _solve_derivative(sol, layout, kkt, rx, rz, refine)
-    vertex = torch.zeros_like(sol.status, dtype=torch.bool)
+    vertex = zero = torch.zeros_like(sol.status, dtype=torch.bool)
     gain = px = secant = None
     if tangent is not None:
         # The derivative of (x, z) along the tangent: K (dx, dz) = (-dP x - dq - dAᵀz,
@@ -151,11 +155,15 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
                                       cols)[1]
         # Dependent rows that hold, moved apart: where the probe blew up (pz needs no secant),
         # or the cotangent's solve missed its target (rows 1e-8 apart: the probe is damped).
+        # A zero row that holds, moved (its 1/δ blow-up is the regularisation's, not a test).
         stuck = unsolved | ~(kkt.solve_residual <= BACKWARD_RTOL)
-        apart = limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck), px, cols, pz.squeeze(-1))[0]
+        zero = ok[:, 0] & moved_zero_rows(sol, layout, pz.squeeze(-1))
+        apart = limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck | zero), px, cols,
+                               pz.squeeze(-1))[0]
         # (between INCONSISTENT_AMPLIFICATION and INCONSISTENT_SURE: rows nearly dependent,
         # whose derivative is as large; it exists, and counts where the cotangent's is certified)
         vertex = vertex | ~(apart <= INCONSISTENT_SURE)
+        zero = zero & ~(apart <= INCONSISTENT_SURE)
         steep = ~(apart <= INCONSISTENT_AMPLIFICATION) & ~vertex
     # Beyond AMPLIFICATION, where the limit test finds the solution unique, an ill-conditioned
     # but unique solution (u^1.005 at u = 6e3: du/dq = 1.2e6): its answer kept where accurate.
@@ -183,7 +191,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     gP = torch.bmm(left, torch.stack([x, ux], 1)).mul_(-0.5)
     gA = torch.bmm(torch.stack([z, uz], -1), left.mT).neg_()
     unsolved = nonunique & (unsolved | uncertain) & ~(reached | outputs | vertex | kinks | (big & ~uncertain))
-    return gP, -ux, gA, uz, not_differentiable, nonunique, unsolved
+    return gP, -ux, gA, uz, not_differentiable, nonunique, unsolved, zero & not_differentiable
 
 
 def _objective_part(dP: torch.Tensor, dq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
