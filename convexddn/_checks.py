@@ -104,6 +104,39 @@ def check_finite(name: str, value: torch.Tensor) -> None:
         )
 
 
+def cast_checked(name: str, value: torch.Tensor, dtype: torch.dtype, into: str = "x's dtype",
+                 fix: str = "pass x in a wider dtype") -> torch.Tensor:
+    """``value.to(dtype)`` (differentiably), refusing a finite entry that the cast would turn
+    into ±Inf: a later finiteness check (or a solver) would blame that Inf on the tensor it
+    was handed on as (least squares' ``b`` of shape ``(1, T)`` for linear_fit's ``target (T,)``).
+
+    Checked only where ``dtype``'s range is narrower than ``value``'s (float64 → float32,
+    float32 → float16 or bfloat16): one reduction and one host read then, none otherwise
+    (inside ``torch.compile``, an asynchronous assert without the counts). ``into`` says
+    whose dtype it is (``"x's dtype"``) and ``fix`` what to do, for the message.
+
+    Raises:
+        NonFiniteError: ``value`` holds NaN or Inf (as :func:`check_finite`, naming it).
+        InputError: an entry beyond ``±finfo(dtype).max``, naming the argument, the dtype
+            and its range, how many entries and the largest magnitude, with the shape as passed.
+    """
+    out = value.to(dtype)
+    if value.numel() == 0 or torch.finfo(dtype).max >= torch.finfo(value.dtype).max:
+        return out
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(out).all(), f"{name} must fit {into} {dtype}")
+        return out
+    if bool(torch.isfinite(out).all()):
+        return out
+    check_finite(name, value)  # a NaN or Inf that came in is named as such
+    over = ~torch.isfinite(out.detach())  # (value is finite here: these are the cast's overflows)
+    raise InputError(
+        f"{name} must fit {into} {dtype} (it is cast to it), whose range is ±{torch.finfo(dtype).max:.6g}; "
+        f"got {int(over.sum())} of {value.numel()} entries beyond it (largest magnitude "
+        f"{float(value.detach().abs().amax()):.4g}) in {name} of shape {tuple(value.shape)} and dtype "
+        f"{value.dtype}; {fix} or rescale {name}")
+
+
 def real_number(value: numbers.Real) -> float:
     """``float(value)``, or ±inf for an integer beyond the float range (where ``float``
     raises ``OverflowError``): the range checks then refuse it with the option's name."""

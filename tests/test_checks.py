@@ -6,8 +6,8 @@ import torch
 
 import convexddn as cddn
 
-from convexddn._checks import check_choices, check_finite
-from convexddn.errors import NonFiniteError, OptionError
+from convexddn._checks import cast_checked, check_choices, check_finite
+from convexddn.errors import InputError, NonFiniteError, OptionError
 
 F64 = torch.float64
 
@@ -411,3 +411,25 @@ def test_tracked_copies_only_what_autograd_would_lose():
         assert check_tensor("x", made) is made
     copy = check_tensor("x", made)
     assert copy is not made and copy.requires_grad and not copy.is_inference()
+
+
+def test_cast_checked_refuses_finite_entries_the_cast_overflows():
+    """A narrowing cast turned finite entries into ±Inf, later blamed on another tensor;
+    cast_checked names the argument, the dtype's range (IEEE binary32: 3.40282e38;
+    bfloat16: 3.38953e38) and how many entries. Widening casts and fitting entries pass,
+    differentiably; a NaN that came in is a NonFiniteError naming the argument."""
+    t = torch.tensor([1.0, -1e39, 3e38], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(InputError, match=r"^t must fit x's dtype torch.float32 .*±3\.40282e\+38; got 1 of 3 "
+                                         r"entries beyond it \(largest magnitude 1e\+39\) in t of shape \(3,\)"):
+        cast_checked("t", t, torch.float32)
+    with pytest.raises(InputError, match=r"^w must fit implicit_dtype torch.bfloat16 .*±3\.38953e\+38; got 1 of 1 .*"
+                                         r"pass implicit_dtype=torch.float64 or rescale w$"):
+        cast_checked("w", torch.tensor([3.4e38]), torch.bfloat16, "implicit_dtype", "pass implicit_dtype=torch.float64")
+    with pytest.raises(NonFiniteError, match="^t must be finite, got 1 NaN"):
+        cast_checked("t", torch.tensor([float("nan"), 1e39], dtype=torch.float64), torch.float32)
+    ok = cast_checked("t", t[:1] * 2.0, torch.float32)
+    assert ok.dtype == torch.float32 and ok.tolist() == [2.0]
+    ok.sum().backward()
+    assert t.grad.tolist() == [2.0, 0.0, 0.0]
+    wide = cast_checked("t", torch.tensor([3e38]), torch.float64)  # widening: nothing to check
+    assert wide.dtype == torch.float64

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_device, check_finite, check_number, check_tensor
+from .._checks import cast_checked, check_bool, check_device, check_finite, check_number, check_tensor
 from ..errors import NonFiniteError, OptionError, ShapeError, SolverError
 from ._repr import format_option
 from ._module_options import store_option
@@ -87,7 +87,9 @@ def linear_fit(
         NonFiniteError: ``x``, ``target``, ``weights`` or ``ridge`` holds NaN or Inf (named).
         OptionError: a non-bool ``bias``; a numeric ``ridge`` that is not finite and >= 0.
         InputError: negative ``weights`` or a negative tensor ``ridge``; ``target``,
-            ``weights`` or a tensor ``ridge`` not on ``x``'s device.
+            ``weights`` or a tensor ``ridge`` not on ``x``'s device; a finite ``target``
+            entry beyond the range of ``x``'s dtype, which the cast would make Inf (float64
+            1e40 for float32 ``x``, float32 7e4 for float16 ``x``).
 
     Examples::
 
@@ -127,6 +129,9 @@ def linear_fit(
             f"got shape {tuple(target.shape)}"
         )
     _check_batch_shapes(given)
+    # The documented cast, checked here: an entry beyond x's dtype's range became Inf,
+    # which least_squares then reported as its b of the reshaped shape (1, T).
+    target = cast_checked("target", target, x.dtype)
     # least_squares tells b's vector form by its rank: give A and target equal batch ranks.
     extra = target.ndim - (A.ndim - 1)
     if extra > 0:
@@ -138,7 +143,7 @@ def linear_fit(
             f"linear_fit needs at least C{' + 1' if bias else ''} = {A.shape[-1]} vectors (T) with "
             f"ridge = 0, got x of shape {tuple(x.shape)}; pass ridge > 0")
     try:
-        sol = least_squares(A, target.to(x.dtype), weights, r)
+        sol = least_squares(A, target, weights, r)
     except NonFiniteError:
         # least_squares names its own A and b (x transposed, the ones column): name ours.
         for name, t in given:

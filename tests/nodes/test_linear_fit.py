@@ -58,3 +58,24 @@ def test_linear_fit_broadcasts_batch_shapes_as_before():
             A = x[i, j].T
             want = torch.linalg.solve(A.T @ A + ridge[i, 0] * torch.eye(4, dtype=torch.float64), A.T @ t)
             torch.testing.assert_close(fit.coef[i, j], want)
+
+
+@pytest.mark.parametrize("x_dtype,target,top,over", [
+    (torch.float32, torch.tensor([1e40, 2e40, 3e40, 4e40], dtype=torch.float64), r"3\.40282e\+38", 4),
+    (torch.float16, torch.tensor([7e4, 1.0, 2.0, 3.0]), "65504", 1),
+], ids=["float64-into-float32", "float32-into-float16"])
+@pytest.mark.parametrize("call", ["linear_fit", "LeastSquares", "WeightedLeastSquares"])
+def test_linear_fit_target_beyond_x_dtype_names_target(x_dtype, target, top, over, call):
+    """A finite target that overflows in the documented cast to x's dtype became Inf and was
+    reported as least_squares' b ("b must be finite, got 0 NaN and 4 Inf ... (shape (1, 4))"):
+    an argument and a shape the caller never passed. (Ranges: IEEE binary32 and binary16.)"""
+    from convexddn.errors import InputError, NonFiniteError
+
+    x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0)).to(x_dtype)
+    fit = {"linear_fit": lambda: linear_fit(x, target),
+           "LeastSquares": lambda: LeastSquares()(x, target),
+           "WeightedLeastSquares": lambda: WeightedLeastSquares()(x, target, torch.ones(4, dtype=x_dtype))}[call]
+    with pytest.raises(InputError, match=rf"^target must fit x's dtype {x_dtype} .*±{top}; got "
+                                         rf"{over} of 4 .*shape \(4,\)") as err:
+        fit()
+    assert not isinstance(err.value, NonFiniteError) and "b " not in str(err.value)
