@@ -633,6 +633,25 @@ def test_project_l1_sphere_underflow_warns():
         project_lp(x, 1, "sphere", 1e-45)
 
 
+@pytest.mark.parametrize("dtype,z", [(torch.float16, 1e-8), (torch.float32, 1e-46), (torch.bfloat16, 1e-45)])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float_z", "tensor_z"])
+def test_project_simplex_underflow_warns(dtype, z, as_tensor):
+    """A z below the dtype's range: whole rows rounded to 0 (row sum 0, not z: off the
+    simplex, whose points sum to z > 0 by definition), silently, where the L1 sphere warned.
+    A subnormal z/n that the dtype holds (float16 z = 1e-6, n = 8) keeps the rows on it
+    (sum z within n half-spacings of the dtype there, 8 · 2**-25): no warning."""
+    x = _x(3, 8, seed=0).to(dtype)
+    zz = torch.tensor(z, dtype=F64) if as_tensor else z
+    with pytest.warns(cddn.errors.ConvexDDNWarning,
+                      match=r"^project_simplex: z too small for .*3 of 3 .*not on the simplex\); use a larger z"):
+        y = project_simplex(x, z=zz)
+    assert torch.equal(y, torch.zeros_like(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cddn.errors.ConvexDDNWarning)
+        y = project_simplex(x.to(torch.float16), z=1e-6)
+    assert (y.double().sum(-1) - 1e-6).abs().max() <= 8 * 2.0**-25 and bool((y >= 0).all())
+
+
 @pytest.mark.parametrize("dtype,radius", [(torch.float16, 1e-30), (torch.float32, 1e-46)])
 def test_project_linf_sphere_underflow_warns(dtype, radius):
     """A radius below the dtype's range rounds to 0: p = 1 and p = 2 warned that the

@@ -109,14 +109,16 @@ def narrowed(y: torch.Tensor, dtype: torch.dtype, d: int, what: str, name: str,
     return out
 
 
-def warn_unrepresentable(y: torch.Tensor, d: int, what: str) -> None:
-    """Warn when whole rows of a sphere projection rounded to zero (radius too small)."""
+def warn_unrepresentable(y: torch.Tensor, d: int, what: str, name: str = "radius", on: str = "sphere") -> None:
+    """Warn when whole rows of a sphere (or simplex: ``name="z"``, ``on="simplex"``)
+    projection rounded to zero (``name`` too small); ``y`` may be any tensor that is zero
+    along ``d`` exactly where a row is (the simplex passes its threshold, one per row)."""
     zero = y.abs().amax(d) == 0
     if bool(zero.any()):
         warn(
-            f"{what}: the radius is too small for {y.dtype} ({int(zero.sum())} of "
+            f"{what}: {name} too small for {y.dtype} ({int(zero.sum())} of "
             f"{zero.numel()} projected vector(s) rounded to zero, which is not on the "
-            "sphere); use a larger radius or a wider dtype",
+            f"{on}); use a larger {name} or a wider dtype",
             ConvexDDNWarning,
         )
 

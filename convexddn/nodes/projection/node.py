@@ -276,9 +276,12 @@ def project_simplex(
             and the result rounded once to x's dtype).
 
     Warns:
-        Nothing in backward: the entries of Dy are at most 1, so a gradient overflows
-            only where the incoming one is near the largest float: torch's ordinary
-            overflow (Inf, as in its own reductions), not checked (no host read).
+        ConvexDDNWarning: whole rows rounded to zero (``z`` below the dtype's range:
+            float16 ``z = 1e-8``, float32 ``1e-46``), which sum to 0, not ``z``: off the
+            simplex (their gradient is zero). Nothing in backward: the entries of Dy
+            are at most 1, so a gradient overflows only where the incoming one is near
+            the largest float: torch's ordinary overflow (Inf, as in its own
+            reductions), not checked (no host read).
 
     References:
         Martins & Astudillo, "From Softmax to Sparsemax", ICML 2016.

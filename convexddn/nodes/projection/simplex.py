@@ -247,6 +247,11 @@ def simplex_forward(
         xs, zs, s = _scaled(x, z, d)
         # y ≤ z exactly; the clamp keeps a last-ulp excess from turning z ≈ max into Inf.
         return simplex_forward(xs, zs, d, True).clamp(max=zs).div_(s).to(x.dtype)
+    if not torch.compiler.is_compiling() and _may_underflow(z, x.shape[d], x.dtype):
+        # z/n below the dtype's normal range (float16 z = 1e-8, float32 1e-46): whole rows
+        # can round to 0, off the simplex, as the L1 sphere's do. A row is 0 exactly where
+        # its threshold is (max(t − θ, 0) with max t = 0 and θ ≤ 0): the cheap (…, 1) test.
+        warn_unrepresentable(out[1], d, "project_simplex", "z", "simplex")
     return out[0]
 
 
