@@ -122,7 +122,9 @@ class DeclarativeNode(torch.nn.Module):
             (``check_solution=False`` turns the check off). Default ``None``:
             ``max(1e-6, sqrt(eps))`` of the inputs' dtype.
         implicit_dtype: ``torch.float64`` (default) or ``torch.float32``: the dtype the
-            backward's linear algebra runs in.
+            backward's linear algebra runs in. Inputs (or a solution) beyond its range
+            raise ``InputError`` in backward, naming them (float64 ``x`` of 1e40 with
+            float32: the cast made them Inf).
         check_minimum: warn in backward where ``solve`` returned a KKT point that is not
             a local minimiser (a saddle point or a maximiser: the Lagrangian's Hessian
             has negative curvature on the active constraints' tangent space, seen from

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .._autograd import plain
+from .._checks import cast_checked
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, naming, shown_indices
@@ -139,8 +140,14 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     # (plain: an input made under torch.inference_mode() that is already of the working
     # dtype would be the inference tensor itself, which refuses requires_grad -- forward
     # mode saves its inputs as they came)
-    xg = tuple(plain(x.detach()).to(work_dtype).requires_grad_(True) for x in xs)
-    yg = y.detach().to(work_dtype).reshape(batch, m).requires_grad_(True)
+    # (checked casts: float64 data beyond float32's range with implicit_dtype=float32 became
+    # Inf, and the backward blamed the objective's derivatives, "not twice differentiable")
+    names = ["x"] if len(xs) == 1 else [f"input {i}" for i in range(len(xs))]  # (as flatten_inputs)
+    into, fix = "the backward's implicit_dtype", "pass implicit_dtype=torch.float64"
+    xg = tuple(cast_checked(n, plain(x.detach()), work_dtype, into, fix).requires_grad_(True)
+               for n, x in zip(names, xs))
+    yg = cast_checked(f"{prefix}solve's output y", y.detach(), work_dtype, into, fix).reshape(batch, m)
+    yg.requires_grad_(True)
     yv = yg.view(y.shape)
     f = _objective(f"{prefix}objective", objective, xg, yv)
     eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)

@@ -2129,3 +2129,34 @@ def test_float32_backward_warns_where_it_keeps_fewer_than_three_digits():
     with warnings.catch_warnings():  # float64 keeps 10 digits there: quiet
         warnings.simplefilter("error", GradientWarning)
         _Quad(0.5 * (H + H.T))(x).sum().backward()
+
+
+class _Shrunk(DeclarativeNode):
+    """y = x / s: argmin_y ½‖y − x/s‖² (dy/dx = 1/s, closed form)."""
+
+    def __init__(self, s: float, **kw) -> None:
+        super().__init__(**kw)
+        self.s = s
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x / self.s) ** 2).sum(-1)
+
+    def solve(self, x):
+        return x / self.s
+
+
+@pytest.mark.parametrize("s,name,over", [(1e10, "x", 6), (1e-10, "_Shrunk.solve's output y", 6)],
+                         ids=["input", "solution"])
+def test_float32_backward_refuses_float64_data_beyond_its_range(s, name, over):
+    # float64 data of 1e40 (or a solution of 1e40) with implicit_dtype=float32: the casts
+    # made them Inf, the gradient came back zero (closed form: 1/s per entry) under a warning
+    # that blamed the objective ("not twice differentiable"). Now an InputError names them.
+    x = torch.full((2, 3), 1e40 if s > 1 else 1e30, dtype=torch.float64, requires_grad=True)
+    y = _Shrunk(s, implicit_dtype=torch.float32)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no misleading warning on the way
+        with pytest.raises(InputError, match=rf"^{name} must fit the backward's implicit_dtype torch.float32 .*"
+                                             rf"±3\.40282e\+38; got {over} of 6 .*pass implicit_dtype=torch.float64"):
+            y.sum().backward()
+    (g,) = torch.autograd.grad(_Shrunk(s)(x).sum(), x)  # float64 (the default): the closed form
+    torch.testing.assert_close(g, torch.full_like(x, 1 / s))
