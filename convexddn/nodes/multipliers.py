@@ -60,7 +60,7 @@ def inactive_mask(g: Tensor, A_ineq: Tensor, length: Tensor, active_tol: float,
 
 
 def scaled_norm(t: Tensor, dim: int = -1) -> Tensor:
-    """The 2-norm over ``dim``, :math:`m\,\|t/m\|` with :math:`m = \max|t|` (0 where
+    """The 2-norm over ``dim``, :math:`m\\,\\|t/m\\|` with :math:`m = \\max|t|` (0 where
     ``t`` is 0 or ``dim`` is empty), so without overflow or underflow on the way: finite
     wherever the norm itself is. ``t`` ``(..., n, ...)`` -> ``(..., ...)``.
 
