@@ -23,9 +23,10 @@ import math
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .._autograd import outside_compile
+from .._autograd import may_carry_tangents, outside_compile
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
@@ -153,17 +154,20 @@ class DeclarativeNode(torch.nn.Module):
             after the forward (the backward needs the values the forward solved with).
         ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not
             call ``super().__init__()``, the objective does not depend on ``y``, a row of
-            the objective or a constraint reads another batch row (first call), or (in
-            backward) an active constraint's Jacobian is NaN or Inf, or a term's backward
-            cannot be differentiated.
+            the objective or a constraint reads another batch row (first call with two
+            rows or more), or (in backward) an active constraint's Jacobian is NaN or Inf,
+            or a term's backward cannot be differentiated.
         NonFiniteError: an input contains NaN or Inf.
         SolverError: ``solve`` returns NaN or Inf, or (in backward) a point far from
             a KKT point; with the failing batch indices.
         OptionError: invalid options.
 
     The shape, dependency and closed-over-tensor checks run at the first forward with
-    grad mode on (and at every forward whose output would not require grad), before
-    any backward: one evaluation of the objective and constraints.
+    grad mode on or with forward-mode tangents (and at every forward with grad mode on
+    whose output would neither require grad nor carry a tangent), before any backward or
+    jvp: one evaluation of the objective and constraints. The rows' independence needs
+    two rows: where the first batch has 0 or 1, the checks run again at the first batch
+    of two or more.
 
     .. note::
         During the backward the node's parameters and buffers are swapped for the ones
@@ -172,10 +176,10 @@ class DeclarativeNode(torch.nn.Module):
         Threads may share an instance: a swap runs alone (forwards in other threads wait
         for it, it for theirs; a waiting swap goes first); code reading ``node.weight``
         or ``state_dict()`` meanwhile sees the swapped tensors. Calls with grad mode on
-        and nothing requiring grad check the problem each time, a swap: wrap inference
-        in ``torch.no_grad()`` to run them together. A ``solve`` that runs autograd on
-        CUDA tensors must not share its node with threads backpropagating through it
-        (their backward, on the device's autograd thread, waits for that forward).
+        and nothing requiring grad (nor a tangent) check the problem each time, a swap:
+        wrap inference in ``torch.no_grad()`` to run them together. A ``solve`` that runs
+        autograd on CUDA tensors must not share its node with threads backpropagating
+        through it (their backward, on the device's autograd thread, waits for that forward).
         ``nn.DataParallel``'s replicas are not supported.
 
     Examples::
@@ -190,6 +194,8 @@ class DeclarativeNode(torch.nn.Module):
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021.
     """
+
+    _rows_checked = False  # (also for a node pickled before it existed: it checks its rows again)
 
     def __init__(
         self,
@@ -219,8 +225,8 @@ class DeclarativeNode(torch.nn.Module):
         self.solution_tol = solution_tol
         self.implicit_dtype = implicit_dtype
         self.check_minimum = check_minimum
-        self._validated = False
-        self._read_state: frozenset[str] | None = None  # state the problem reads (see .declarative_probe)
+        self._rows_checked = False  # (the probe's row check needs a batch of two rows or more)
+        self._read_state: frozenset[str] | None = None  # state the problem reads; None: not probed yet
         self._probed_names: frozenset[str] = frozenset()  # all of the state's names at the probe
         self._ddn_initialised = True
 
@@ -305,10 +311,24 @@ class DeclarativeNode(torch.nn.Module):
 
     @outside_compile
     def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names):
+        if self._probe_due(y.shape[0], state):  # (before the jvp, which assumes the rows apart)
+            self._probe(xs, y)
         leaves, state = parameter_leaves(params, state, names)
         with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
             return declarative_jvp(self._call("objective"), tuple(xs), y, tuple(tangents), params=leaves,
                                    param_tangents=tuple(param_tangents), **self._implicit_options(batch_shape))
+
+    def _probe_due(self, rows: int, state: dict) -> bool:
+        """Whether the problem must be probed before it is differentiated: never probed yet, its
+        rows' independence not yet checked and this batch has two rows or more (a first batch of
+        0 or 1 has none to couple: a later batch of 5 coupled through y.mean(0) was accepted, its
+        gradient 1.41 off), or a parameter or buffer added since (does the problem read it?)."""
+        return (self._read_state is None or (not self._rows_checked and rows >= 2)
+                or self._probed_names != frozenset(state))
+
+    def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
+        self._read_state, self._probed_names, rows = probe(self, xs, y)
+        self._rows_checked = self._rows_checked or rows
 
     def _implicit_options(self, batch_shape) -> dict[str, Any]:
         """The keyword arguments the vjp and the jvp share."""
@@ -348,12 +368,15 @@ class DeclarativeNode(torch.nn.Module):
                 indices=indices,
                 statuses=["non-finite solution"] * len(indices),
             )
-        # (Probed again where a parameter or buffer was added since: the backward must know
-        # whether the problem reads it.)
-        if torch.is_grad_enabled() and (not self._validated or not y.requires_grad
-                                        or self._probed_names != frozenset(state)):
-            self._read_state, self._probed_names = probe(self, flat, y)
-            self._validated = True
+        # Probed wherever the call is differentiated: with grad mode on, and in forward mode
+        # under no_grad too (the jvp, as the backward, solves each row's problem on its own:
+        # a coupled objective's tangent was 0.87 off, silently; the jvp probes first where
+        # due). Also at every reverse-mode call where nothing requires grad.
+        grad = torch.is_grad_enabled()
+        tangent = may_carry_tangents() and forward_ad.unpack_dual(y).tangent is not None
+        if (grad or tangent) and (self._probe_due(y.shape[0], state)
+                                  or (grad and not tangent and not y.requires_grad)):
+            self._probe(flat, y)
         return y.reshape(tuple(batch_shape) + tuple(y.shape[1:]))
 
     def extra_repr(self) -> str:

@@ -76,7 +76,7 @@ def _cross_rows(outputs, leaves: tuple[Tensor, ...], make) -> int | None:
     return None
 
 
-def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) -> None:
+def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) -> bool:
     """Raise where row ``b`` of the objective or of a constraint reads another row of ``y``
     or of an input (``y.mean(0)``, a BatchNorm in train mode).
 
@@ -87,9 +87,12 @@ def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) ->
     two Hessian-vector products of ``∇_y f`` along directions confined to row 0 and to the
     others (its gradient may vanish at the solution where its curvature mixes rows:
     ``½‖y_b − x_b + x̄‖²``). A missing second derivative is left to the backward to report.
+
+    Returns whether the check was made: not for a batch of 0 or 1 rows (nothing to
+    couple there; the node checks again at its first batch of two or more).
     """
     if yg.shape[0] < 2:
-        return
+        return False
     leaves = (yg, *xg)
 
     def on_rows(out: Tensor, rows: Tensor, value=None) -> Tensor:
@@ -113,19 +116,21 @@ def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) ->
             raise ProblemError(
                 f"{name}.{method}: batch elements depend on each other's rows of {what} (e.g. "
                 "y.mean(0), x.sum(0), a BatchNorm in train mode), but row b may depend only on row b of the "
-                "inputs and of y: the implicit backward solves each element's problem on its own, and would "
-                "differentiate the coupling as if it were absent. Write it row by row, or pass batch_dims=0 "
-                "to make the whole batch one problem")
+                "inputs and of y: the implicit backward (and forward mode's jvp) solves each element's problem on "
+                "its own, and would differentiate the coupling as if it were absent. Write it row by row, or pass "
+                "batch_dims=0 to make the whole batch one problem")
+    return True
 
 
 @outside_compile  # (it differentiates the objective several times: see outside_compile)
-def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str]]:
+def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str], bool]:
     """Probe ``node``'s problem at the inputs ``xs`` (flattened, ``(B, ...)``) and its
     solution ``y``; warn where inputs or parameters that require grad are not read.
 
-    Returns ``(read, names)``: the names of the parameters and buffers the problem reads
-    (through autograd or any torch function), and the names of all of them at the probe (one added later is
-    unknown to ``read``: the node probes again)."""
+    Returns ``(read, names, rows)``: the names of the parameters and buffers the problem reads
+    (through autograd or any torch function), the names of all of them at the probe (one added later is
+    unknown to ``read``: the node probes again), and whether the rows' independence was checked
+    (a batch of two rows or more)."""
     name = type(node).__name__
     dtype = node.implicit_dtype
     # The probe's own graph is thrown away: its saved tensors bypass any hooks around
@@ -161,7 +166,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
                         for m in ("equality_constraints", "inequality_constraints")}
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
-            _check_rows(name, {"objective": f, **cons}, xg, yg)
+            rows = _check_rows(name, {"objective": f, **cons}, xg, yg)
     tracked = frozenset(n for n, t in fixed.items() if id(t) in leaves)  # (through autograd)
     read = tracked | reads.seen
     read_ids = {id(state[n]) for n in tracked} | set(leaves)  # (and those closed over, not swapped)
@@ -175,4 +180,4 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
                 f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
                 "solve uses them as problem data, the objective or constraints must use them too (not "
                 ".item(), .detach() or numpy)", GradientWarning)
-    return read, frozenset(state)
+    return read, frozenset(state), rows

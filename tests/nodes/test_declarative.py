@@ -835,6 +835,50 @@ def test_an_objective_coupling_batch_rows_is_refused(through):
     torch.testing.assert_close(g, torch.tensor([[one, one], [0, 0], [0, 0]], dtype=DT))
 
 
+@pytest.mark.parametrize("first", [1, 0])
+def test_rows_are_checked_at_the_first_batch_of_two_after_one_of_fewer(first):
+    """A first call with 1 or 0 rows (nothing to couple) marked the node checked: a later
+    batch of 3 coupled through y.mean(0) was accepted and its gradient 1.41 off the joint
+    closed form, silently. The check now runs at the first batch of two rows or more."""
+    node = _Coupled("y")
+    x1 = torch.randn(first, 2, dtype=DT, generator=_gen(2), requires_grad=True)
+    node(x1).sum().backward()
+    node(x1).sum().backward()
+    x = torch.randn(3, 2, dtype=DT, generator=_gen(3), requires_grad=True)
+    with pytest.raises(ProblemError, match="row b may depend only on row b"):
+        node(x)
+
+
+@pytest.mark.parametrize("through", ["y", "x"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_mode_checks_the_rows_before_its_jvp(through, grad, monkeypatch):
+    """Under torch.no_grad() (where forward mode still runs) the probe never ran: a coupled
+    objective's tangent was 0.87 off the joint closed form on every call, silently; with grad
+    on, the jvp (run before the probe) blamed coupling through y on a non-differentiable
+    backward. The rows are now checked first, in both modes."""
+    import torch.autograd.forward_ad as fw
+    import convexddn.nodes.declarative as declarative
+
+    x = torch.randn(3, 2, dtype=DT, generator=_gen(4))
+    t = torch.randn(3, 2, dtype=DT, generator=_gen(5))
+    node = _Coupled(through)
+    for _ in range(2):  # (refused each time: a refused call leaves the node unchecked)
+        with fw.dual_level(), torch.set_grad_enabled(grad):
+            with pytest.raises(ProblemError, match="row b may depend only on row b"):
+                node(fw.make_dual(x, t))
+    # A node that keeps its rows apart: y = x, tangent t (closed form), probed once only
+    # (a later forward-mode call costs no probe).
+    calls = []
+    probe = declarative.probe
+    monkeypatch.setattr(declarative, "probe", lambda *a: calls.append(1) or probe(*a))
+    fit = Fit()
+    for _ in range(3):
+        with fw.dual_level(), torch.set_grad_enabled(grad):
+            tangent = fw.unpack_dual(fit(fw.make_dual(x, t))).tangent
+        torch.testing.assert_close(tangent, t, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 1
+
+
 class _RowsOneAndTwo(DeclarativeNode):
     """½|d_b|² + ¼ d_b·d_σ(b), d = y − x, σ swapping rows 1 and 2 (the other rows alone):
     rows 1 and 2 share curvature (H = [[1, ½], [½, 1]] per entry, positive definite); y = x."""
