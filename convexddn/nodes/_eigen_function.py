@@ -168,6 +168,8 @@ class _EigenFunction(torch.autograd.Function):
         D = (D + D.mT).mul_(0.5)
         M = V.mT @ (D @ V[..., sel])  # M_ji = v_jᵀ sym(Ẋ) v_i
         dlam = torch.diagonal(M[..., sel, :], dim1=-2, dim2=-1).to(ctx.dtype, copy=True)  # (M is divided in place)
+        if M.numel() == 0:  # an empty batch: no pairs, and top.amin() below has no identity
+            return dlam, (V @ M).to(ctx.dtype), None, None  # (from M: batched as it is under jacfwd)
         top = mu.abs().amax(-1, keepdim=True)
         limit = ctx.gap_tol * top
         ties = sign_ties(V[..., sel])  # (V, not M: under jacfwd's vmap M is batched)

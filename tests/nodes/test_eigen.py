@@ -402,6 +402,24 @@ def test_eigen_jacfwd_matches_reverse_mode():
                                rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("k", [None, 2])
+def test_eigen_forward_mode_on_an_empty_batch(k):
+    """Forward mode on a (0, 4, 4) batch raised torch's raw "amin(): Expected reduction dim"
+    (the gap scale's minimum over no matrices); reverse mode gave its (0, 4, 4) gradient.
+    The tangents of no matrices are empty, of the outputs' shapes and dtype."""
+    n = 4 if k is None else k
+    for dtype in (torch.float64, torch.float32):
+        X = torch.zeros(0, 4, 4, dtype=dtype)
+        with fwAD.dual_level():
+            out = eigen_decomposition(fwAD.make_dual(X, torch.ones_like(X)), k)
+            dlam, dV = (fwAD.unpack_dual(t).tangent for t in out)
+        assert dlam.shape == (0, n) and dV.shape == (0, 4, n) and dlam.dtype == dV.dtype == dtype
+        _, dlam = torch.func.jvp(lambda z: eigen_decomposition(z, k).eigenvalues, (X,), (torch.ones_like(X),))
+        assert dlam.shape == (0, n)
+        J = torch.func.jacfwd(lambda z: eigen_decomposition(z, k).eigenvectors)(X)
+        assert J.shape == (0, 4, n, 0, 4, 4)
+
+
 def test_eigen_forward_mode_float32_tie_keeping_direction_is_quiet():
     """In float32 a direction keeping the tie had M_ii − M_jj of one ulp (6e-8 relative),
     above the 1e-8 limit: 30 of 40 random ties warned."""
