@@ -2170,3 +2170,53 @@ def test_robust_pool_nonfinite_error_names_the_callers_shape(penalty, shape):
 
 def re_shape(shape: tuple[int, ...]) -> str:
     return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+@pytest.mark.parametrize("penalty", ["huber", "pseudo_huber", "welsch", "trunc_quad"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_robust_pool_nonfinite_incoming_gradient_propagates(penalty, bad):
+    """A NaN or Inf in the incoming gradient (a fault upstream) propagates, as torch does and
+    as the quadratic penalty's mean does. It was zeroed: the row's gradient came out 0 and a
+    shared alpha's finite (pseudo-Huber 0.0075 instead of NaN; -0.023 with a finite
+    cotangent), under a GradientWarning that blamed a singular Hessian. The other rows'
+    gradients match central differences of the solution (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, dtype=F64, generator=gen)
+    alpha = torch.tensor(1.3, dtype=F64, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    gout = torch.tensor([bad, 0.7, -1.1], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)  # the Hessian is regular: nothing to say
+        robust_pool(xr, penalty, alpha).backward(gout)
+    assert not torch.isfinite(xr.grad[0]).any() and not torch.isfinite(alpha.grad)
+    dx = torch.randn(3, 7, dtype=F64, generator=gen)
+    dx[0] = 0.0
+    h = 1e-6
+    fd = ((robust_pool(x + h * dx, penalty, 1.3) - robust_pool(x - h * dx, penalty, 1.3)) / (2 * h))[1:] @ gout[1:]
+    torch.testing.assert_close((xr.grad[1:] * dx[1:]).sum(), fd, rtol=1e-6, atol=1e-9)
+
+
+def test_robust_pool_gradient_over_a_tiny_hessian_is_not_called_singular():
+    """gy / sum_j w_j overflowing float32 with a finite gy is no singular Hessian: pseudo-Huber
+    points 1e10 alpha either side of y weigh about 1e-30 each, and gy = 1e9 gave Inf there;
+    the row's gradient was set to zero under a singular-Hessian warning. By symmetry each
+    point's gradient is gy / 2 (the weights' ratio, formed in float64)."""
+    x = torch.tensor([[-1e10, 1e10], [0.0, 1.0]], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)  # (the flat objective's resolution)
+        y = robust_pool(x, "pseudo_huber", 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y.backward(torch.tensor([1e9, 1.0]))
+    torch.testing.assert_close(x.grad, torch.tensor([[5e8, 5e8], [0.5, 0.5]]), rtol=1e-6, atol=0)
+    # That row's careful pass also forms alpha's gradient again where it is not finite: a
+    # NaN incoming gradient on the other row stays NaN there, not zero under a warning that
+    # the penalty's formula overflows.
+    alpha = torch.tensor(1.0, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        y = robust_pool(x.detach(), "pseudo_huber", alpha)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        y.backward(torch.tensor([1e9, math.nan]))
+    assert torch.isnan(alpha.grad)

@@ -216,7 +216,8 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     d2phi/dz dalpha``. Each block is read once and its gradient written once into the
     output. Returns ``(grad_x (R, N), grad_alpha (R,), ok (R,), ok.all() as a bool)``;
     rows whose Hessian sum is zero, singular or negative get a zero gradient and
-    ``ok = False``.
+    ``ok = False``. A NaN or Inf in ``gy`` (a fault upstream) is no verdict on the
+    Hessian: it propagates to that row's gradients (and a shared alpha's), as torch does.
 
     ``x`` and ``a`` (0-d or ``(R, 1)``), ``y`` and ``gy`` ``(R,)``."""
     rows, n = x.shape
@@ -268,28 +269,32 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     if not signed:
         size = sw
     # Rows whose weights all underflowed (every point far from y) or overflowed (entries
-    # near the float range's end) get the careful, rescaled weights; a Hessian sum at or
-    # below its own rounding noise is singular (or negative: not a minimum), where the
-    # exact gradient does not exist and the row gets zero. Both are rare, as is a
-    # non-finite alpha weight sum: one host sync tells that none occurs.
-    low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size)
+    # near the float range's end), or whose gy / sum_j w_j overflowed although gy is finite
+    # (weights near underflow: float32 pseudo-Huber points 1e10 alpha from y weigh 1e-30),
+    # get the careful, rescaled weights in float64. A Hessian sum at or below its own
+    # rounding noise is singular (or negative: not a minimum), where the exact gradient does
+    # not exist and the row gets zero: a test of the Hessian alone, never of gy (a NaN or
+    # Inf there is a fault upstream, which propagates as torch propagates it). All are
+    # rare, as is a non-finite alpha weight sum: one host sync tells that none occurs.
+    low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | (~torch.isfinite(scale) & torch.isfinite(gcol))
     low = (low if zsum is None else low | ~torch.isfinite(zsum)).squeeze(-1)
-    ok = _nonsingular(sw, size, scale, n)
+    ok = _nonsingular(sw, size, n)
     flags = [(low | ~ok).any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
     rare, *alpha_rare = torch.stack(flags).tolist()
     all_ok = not rare
     if not all_ok:
         if bool(low.any()):
             idx = low.nonzero().squeeze(-1)
-            w_r, sw_r, wa_r, size_r = (None if t is None else t.to(x.dtype)
-                                       for t in _careful_weights64(penalty, x, y, a, idx, need_alpha))
-            sw[idx], size[idx] = sw_r, size_r
-            scale[idx] = gcol[idx] / sw_r
+            w_r, sw_r, wa_r, size_r = _careful_weights64(penalty, x, y, a, idx, need_alpha)
+            # (float64 throughout: the gradient is the ratio w_i / sum_j w_j times gy, and
+            # the test is taken before a cast that could flush a tiny sum to zero)
+            g_r = gcol[idx].to(sw_r.dtype) / sw_r
+            sw[idx], size[idx], scale[idx] = sw_r.to(x.dtype), size_r.to(x.dtype), g_r.to(x.dtype)
             if need_alpha:
-                swa[idx] = wa_r
+                swa[idx] = wa_r.to(x.dtype)
             if need_x:
-                gx[idx] = w_r * scale[idx]
-            ok = _nonsingular(sw, size, scale, n)
+                gx[idx] = (w_r * g_r).to(x.dtype)
+            ok = ok.index_copy(0, idx, _nonsingular(sw_r, size_r, n))
         all_ok = bool(ok.all())
         if not all_ok:
             bad = (~ok).nonzero().squeeze(-1)
@@ -318,9 +323,10 @@ def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, g
     """``ga`` with its non-finite entries formed again in float64 by the careful,
     rescaled weights (a penalty's ``d2phi_dalpha`` overflowing in a low precision: a
     user's formula at ``z / alpha ~ 1e15`` in float32); entries still not finite are
-    set to zero. Returns the gradient and how many were set to zero (rare: its host
-    syncs run only where the caller's one read saw something amiss)."""
-    bad = ~torch.isfinite(ga)
+    set to zero. Entries whose incoming gradient is not finite are left as they are (a
+    fault upstream, propagated). Returns the gradient and how many were set to zero (rare:
+    its host syncs run only where the caller's one read saw something amiss)."""
+    bad = ~torch.isfinite(ga) & torch.isfinite(gcol).squeeze(-1)
     if not bool(bad.any()):
         return ga, 0
     idx = bad.nonzero().squeeze(-1)
@@ -330,11 +336,12 @@ def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, g
     return ga.index_copy(0, idx, torch.where(lost, 0.0, again)), int(lost.sum())
 
 
-def _nonsingular(sw: Tensor, size: Tensor, scale: Tensor, n: int) -> Tensor:
+def _nonsingular(sw: Tensor, size: Tensor, n: int) -> Tensor:
     """(R,) rows whose Hessian sum ``sw`` is above the rounding noise of its terms
-    (``size`` bounds their absolute sum) and whose scale ``gy / sw`` is finite."""
+    (``size`` bounds their absolute sum): a property of the Hessian alone, whatever the
+    incoming gradient."""
     eps = torch.finfo(sw.dtype).eps
-    return ((sw > (n * eps) * size) & torch.isfinite(scale)).squeeze(-1)
+    return (sw > (n * eps) * size).squeeze(-1)
 
 
 def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool):

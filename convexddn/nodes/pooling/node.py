@@ -149,8 +149,9 @@ def robust_pool(
     Jacobian: one pass over ``x`` writing the gradient. Where ``sum_j w_j`` is zero,
     singular or negative (Huber or truncated quadratic with no inliers, a Welsch point
     that is not a strict minimum) that row's gradient is zero and a
-    :class:`~convexddn.errors.GradientWarning` is issued once per call. At the kinks of
-    Huber and truncated quadratic (:math:`|y - x_i| = \\alpha`) the inlier side is taken.
+    :class:`~convexddn.errors.GradientWarning` is issued once per call; a NaN or Inf in
+    ``grad_y`` (a fault upstream) propagates to that row's gradients, as torch does. At the
+    kinks of Huber and truncated quadratic (:math:`|y - x_i| = \\alpha`) the inlier side is taken.
 
     Args:
         x: input tensor, float32 or float64 (float16/bfloat16 are solved in float32; all in
