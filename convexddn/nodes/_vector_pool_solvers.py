@@ -77,8 +77,16 @@ def _woodbury(solve, s, n, c, rhs):
     return (rhs - (y.unsqueeze(-2) @ n).squeeze(-2)) / s.unsqueeze(-1), good
 
 
-def _masked(v: torch.Tensor, good: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ok = good & torch.isfinite(v).all(-1) & (s > 0)
+def _masked(v: torch.Tensor, good: torch.Tensor, s: torch.Tensor,
+            rhs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v`` zero, and ``ok`` False, in the rows that are not ``good``, have ``s <= 0`` or
+    a non-finite ``v`` (the solver's Newton steps: no step). Given the derivatives'
+    ``rhs``, one that holds NaN or Inf (an incoming gradient or tangent: a fault upstream)
+    says nothing about H: its rows keep their non-finite ``v``, propagated as torch does."""
+    finite = torch.isfinite(v).all(-1)
+    if rhs is not None:
+        finite = finite | ~torch.isfinite(rhs).all(-1)
+    ok = good & finite & (s > 0)
     return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok
 
 
@@ -133,7 +141,7 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
         inv2 = inv.square().sum((-2, -1))  # ‖L⁻¹‖_F² ≥ 1 / λ_min
         clear = (info == 0) & (torch.linalg.matrix_norm(H) * inv2 * (C * default_rcond(C, H.dtype)) < 1) \
             & (noise * inv2 < 1)
-        v, ok = _masked(torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1), clear, s)
+        v, ok = _masked(torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1), clear, s, rhs)
         if bool(ok.all()):
             return v, ok, True
         # Only the rows the bounds did not clear get the careful solve.
@@ -144,7 +152,7 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
     else:
         # M = sI + D UᵀU has H's eigenvalues (and s): the same test applies to it.
         v, good = _woodbury(lambda M, r: _checked(M, r, noise, symmetric=False), s, n, c, rhs)
-    v, ok = _masked(v, good, s)
+    v, ok = _masked(v, good, s, rhs)
     return v, ok, bool(ok.all())
 
 

@@ -103,7 +103,9 @@ def _condition(K: Tensor, lu: Tensor, piv: Tensor, small: Tensor, iters: int = 3
 def _solve_and_condition(Ks: Tensor, d: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
     """``(x, κ)``: the solution of ``K x = rhs`` from the equilibrated ``Ks = D K D``
     (``d`` its scaling) and the estimated condition number of ``Ks`` (``inf`` where the
-    factorisation failed or anything is non-finite)."""
+    factorisation failed, ``K`` or κ is not finite, or the solution of a finite ``rhs``
+    is not). A NaN or Inf in ``rhs`` (an incoming gradient or tangent: a fault upstream)
+    says nothing about ``K``: its solution is not finite, and its κ is ``K``'s."""
     batch, size = rhs.shape
     lu, piv, info = lu_factor_ex(Ks)
     # The system and the first inverse-iteration step of the condition estimate at once.
@@ -111,7 +113,7 @@ def _solve_and_condition(Ks: Tensor, d: Tensor, rhs: Tensor) -> tuple[Tensor, Te
     both = torch.linalg.lu_solve(lu, piv, torch.stack([d * rhs, start], -1))
     sol = d * both[..., 0]
     cond = _condition(Ks, lu, piv, both[..., 1])
-    ok = (info == 0) & torch.isfinite(sol).all(dim=-1) & torch.isfinite(cond)
+    ok = (info == 0) & (torch.isfinite(sol).all(dim=-1) | ~torch.isfinite(rhs).all(dim=-1)) & torch.isfinite(cond)
     return sol, torch.where(ok, cond, torch.full_like(cond, float("inf")))
 
 
@@ -245,7 +247,9 @@ def checked_solve(
     estimated as in :func:`dense_kkt`. A matrix singular to working precision (κ of the
     equilibrated matrix at least ``1 / rcond``, or a non-finite system) is one that
     rounding kept from being *exactly* singular, where ``solve_ex`` reports nothing and
-    returns a finite, arbitrary solution: such elements get ``v = 0``.
+    returns a finite, arbitrary solution: such elements get ``v = 0``. The tests read
+    ``H`` alone: an element whose ``rhs`` holds NaN or Inf (a fault upstream) is not
+    singular for it, and its ``v`` is not finite (torch's propagation).
 
     Shape:
         ``H (B, n, n)`` (symmetric, or nearly: the estimate is a lower bound, close in

@@ -203,8 +203,9 @@ def robust_vector_pool(
     :math:`H_i = \kappa_i I + (\phi''_i - \kappa_i) n_i n_i^\top` (see the module
     docstring); ``alpha`` gets :math:`-\sum_i \partial_\alpha\phi'(z_i)\, n_i^\top v`. Where
     :math:`H` is singular the row's gradient is zero and a
-    :class:`~convexddn.errors.GradientWarning` names it. At the kinks of Huber and the
-    truncated quadratic (:math:`z_i = \alpha`) the inlier side is taken.
+    :class:`~convexddn.errors.GradientWarning` names it (a test of :math:`H` alone: a NaN
+    or Inf in :math:`\bar y` or a tangent, a fault upstream, propagates as torch does). At
+    the kinks of Huber and the truncated quadratic (:math:`z_i = \alpha`) the inlier side is taken.
 
     Scale-equivariant: :math:`y(s x, s\alpha) = s\, y(x, \alpha)`; the solve runs in units
     of a power of two near α, so data and α far from 1 (1e-20 or 1e25 in float32) are

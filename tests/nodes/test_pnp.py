@@ -6,6 +6,7 @@ scipy's Rotation), from torch.linalg.matrix_exp and from finite differences (gra
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -780,3 +781,32 @@ def test_pnp_finished_problems_leave_the_working_set(monkeypatch):
     quadratic = solvers.Penalty.resolve("quadratic")
     _, unfinished = solvers.solve(init, (q, P, w, None, torch.tensor(1.0, dtype=D)), quadratic, 1e-8, 6)
     assert unfinished.tolist() == [i == 5 for i in range(8)]
+
+
+@pytest.mark.parametrize("penalty", ["huber", "welsch"])
+def test_pnp_nan_incoming_gradient_and_tangent_propagate(penalty):
+    """A NaN in the incoming gradient, or in a tangent (a fault upstream), propagates to that
+    problem's gradients (and a shared alpha's) or pose tangent, as torch does. Both came out
+    zero under a GradientWarning that called the Hessian singular (the pose "not locally
+    unique"). The other problem's match central differences."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, p, _ = scene(5, batch=(2,), n=8, noise=0.01)
+    gen = torch.Generator().manual_seed(6)
+    dq = torch.randn(q.shape, dtype=D, generator=gen)
+    dq[0] = 0.0
+    gout = torch.randn(2, 6, dtype=D, generator=gen)
+    h = 1e-6
+    fd = (pnp(q + h * dq, p, penalty=penalty, alpha=0.05) - pnp(q - h * dq, p, penalty=penalty, alpha=0.05)) / (2 * h)
+    qr, alpha = q.clone().requires_grad_(), torch.tensor(0.05, dtype=D, requires_grad=True)
+    bad_out, bad_t = gout.clone(), dq.clone()
+    bad_out[0, 2] = math.nan
+    bad_t[0, 3, 1] = math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)  # the Hessians are regular: nothing to say
+        pnp(qr, p, penalty=penalty, alpha=alpha).backward(bad_out)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(pnp(fwAD.make_dual(q, bad_t), p, penalty=penalty, alpha=0.05)).tangent
+    assert torch.isnan(qr.grad[0]).all() and torch.isnan(alpha.grad) and torch.isnan(tangent[0]).all()
+    torch.testing.assert_close((qr.grad[1] * dq[1]).sum(), (fd[1] * gout[1]).sum(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(tangent[1], fd[1], rtol=1e-6, atol=1e-8)

@@ -7,6 +7,7 @@ minimiser is the mean of its own inliers), and finite differences (gradcheck).
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -1033,3 +1034,34 @@ def test_robust_vector_pool_start_blocks_do_not_change_the_result(name, spread, 
         monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", budget)
         outs.append(robust_vector_pool(x, name, 1.0))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["huber", "pseudo_huber", "welsch", "trunc_quad"])
+@pytest.mark.parametrize("shape", [(2, 3, 6), (2, 5, 3)])  # C <= N: the C×C solve; C > N: Woodbury's N×N
+def test_robust_vector_pool_nan_incoming_gradient_and_tangent_propagate(name, shape):
+    """A NaN in the incoming gradient, or in a tangent (a fault upstream), propagates to that
+    pooled set's gradient (and a shared alpha's) or output tangent, as torch does. Both came
+    out zero (Welsch's alpha gradient 0.42, finite: the NaN dropped) under a GradientWarning
+    that called the Hessian singular. The other set's match central differences."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, dtype=D, generator=gen)
+    dx = torch.randn(*shape, dtype=D, generator=gen)
+    dx[0] = 0.0
+    gout = torch.randn(shape[0], shape[1], dtype=D, generator=gen)
+    h = 1e-6
+    fd = (robust_vector_pool(x + h * dx, name, 1.3) - robust_vector_pool(x - h * dx, name, 1.3)) / (2 * h)
+    xr, alpha = x.clone().requires_grad_(), torch.tensor(1.3, dtype=D, requires_grad=True)
+    bad_out = gout.clone()
+    bad_out[0, 0] = math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)  # the Hessians are regular: nothing to say
+        robust_vector_pool(xr, name, alpha).backward(bad_out)
+        bad_t = dx.clone()
+        bad_t[0, 0, 0] = math.nan
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(robust_vector_pool(fwAD.make_dual(x, bad_t), name, 1.3)).tangent
+    assert torch.isnan(xr.grad[0]).all() and torch.isnan(alpha.grad) and torch.isnan(tangent[0]).all()
+    torch.testing.assert_close((xr.grad[1] * dx[1]).sum(), (fd[1] * gout[1]).sum(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(tangent[1], fd[1], rtol=1e-6, atol=1e-9)
