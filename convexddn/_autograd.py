@@ -1,10 +1,12 @@
 """Helpers for the library's ``torch.autograd.Function`` classes: cached signatures, the
 tests for forward-mode tangents and torch.func transforms (and the refusals built on
-them), autocast off, and plain copies of inference tensors for saving. The first-order
-guard is :mod:`convexddn._first_order`."""
+them, naming the public function the user called: :func:`called_as`), autocast off, and
+plain copies of inference tensors for saving. The first-order guard is
+:mod:`convexddn._first_order`."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import sys
@@ -21,9 +23,32 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["any_batched", "batched_values", "bind_fast", "without_autocast", "functorch_transforms",
-           "refuse_transforms", "refuse_trace", "refuse_vmap", "may_carry_tangents", "outside_compile", "plain",
-           "save_plain"]
+__all__ = ["any_batched", "batched_values", "bind_fast", "called_as", "without_autocast", "functorch_transforms",
+           "public_name", "refuse_transforms", "refuse_trace", "refuse_vmap", "may_carry_tangents", "outside_compile",
+           "plain", "save_plain"]
+
+# The public function the user called, where it runs another node inside (linear_fit runs
+# least_squares): see called_as.
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("convexddn_caller", default=None)
+
+
+@contextlib.contextmanager
+def called_as(name: str | None):
+    """Inside: the refusals and errors of the nodes called (now, and in the backward of
+    what they record: :func:`bind_fast` keeps the name on the Function's ``ctx``) name
+    ``name``, the public function the user called, not the node it runs inside
+    (linear_fit's refusals under jacfwd, vmap and double backward named least_squares,
+    which the user never called). The outermost name wins; ``None``: no change."""
+    token = _CALLER.set(_CALLER.get() or name)
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
+
+
+def public_name(name: str) -> str:
+    """``name``, or the public function that called it (:func:`called_as`)."""
+    return _CALLER.get() or name
 
 
 def outside_compile(fn: Callable) -> Callable:
@@ -114,17 +139,25 @@ def any_batched(*tensors: torch.Tensor | None) -> bool:
 
 
 def refuse_batched(name: str, *cotangents: torch.Tensor | None, jacfwd: bool = False,
-                   functorch: bool = True) -> None:
+                   functorch: bool = True, tangents: bool = False) -> None:
     """Raise a ProblemError where autograd batches the cotangents or tangents
     (``is_grads_batched=True``, ``torch.autograd.functional.jacobian(..., vectorize=True)``,
     in either strategy): the implicit derivatives check and solve on the host, which
     autograd's vmap refuses (it failed inside torch with "Batching rule not implemented");
     also torch.func.jacrev's (``jacfwd``: the node supports torch.func.jacfwd, which the
-    message then names; ``functorch=False``: torch.func's batching is the node's to handle)."""
+    message then names; ``functorch=False``: torch.func's batching is the node's to handle),
+    or, with ``tangents=True`` (forward-mode tangents given), torch.func.jacfwd's. The
+    message names :func:`public_name` of ``name``."""
     if torch.compiler.is_compiling():  # (a compiled backward: no transform to see, nothing dynamo can trace)
         return
-    if functorch and any(batched_values(t) for t in cotangents):  # (torch.func.jacrev: a vmap over the vjp)
-        raise ProblemError(
+    name = public_name(name)
+    if functorch and any(batched_values(t) for t in cotangents):
+        if tangents:  # (torch.func.jacfwd: a vmap over the jvp; pnp's message named jacrev)
+            raise ProblemError(
+                f"{name} does not support torch.func.jacfwd (a vmap over its forward mode: batched tangents): "
+                "use torch.autograd.functional.jacobian without vectorize, or one tangent at a time "
+                "(torch.func.jvp, torch.autograd.forward_ad)")
+        raise ProblemError(  # (torch.func.jacrev: a vmap over the vjp)
             f"{name} does not support torch.func.jacrev (a vmap over its vjp: batched cotangents): use "
             f"{'torch.func.jacfwd, ' if jacfwd else ''}torch.autograd.functional.jacobian without vectorize, "
             "or one cotangent at a time")
@@ -153,7 +186,8 @@ def refuse_transforms(name: str, why: str, use: str = "torch.autograd (backward(
     refuse_trace(name)
     if inputs and torch.autograd.forward_ad._current_level >= 0:
         unpack = torch.autograd.forward_ad.unpack_dual
-        refuse_batched(name, *(unpack(t).tangent for t in inputs if isinstance(t, torch.Tensor)))
+        refuse_batched(name, *(unpack(t).tangent for t in inputs if isinstance(t, torch.Tensor)), tangents=True)
+    name = public_name(name)
     transforms = functorch_transforms()
     if set(transforms) - set(allowed):
         other = f" other than {', '.join(a.lower() for a in allowed)}" if allowed else ""
@@ -185,8 +219,8 @@ def refuse_trace(name: str) -> None:
     error). torch.compile traces no node code that way (its graph breaks run eagerly)."""
     if torch.jit.is_tracing() or (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
                                   and not torch.compiler.is_compiling()):
-        raise ProblemError(f"{name} does not run under torch.jit.trace, make_fx or torch.func.linearize: its "
-                           "solver decides on the host from the values, which a trace would record as "
+        raise ProblemError(f"{public_name(name)} does not run under torch.jit.trace, make_fx or torch.func.linearize: "
+                           "its solver decides on the host from the values, which a trace would record as "
                            "constants (silently wrong on new inputs); use torch.compile, or torch.func.jvp "
                            "for tangents")
 
@@ -209,6 +243,7 @@ def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = T
     transforms = functorch_transforms()
     if "Vmap" not in transforms:
         return
+    name = public_name(name)
     if any(batched_values(v) for v in values):
         raise ProblemError(
             f"{name} does not run under torch.func.vmap over its inputs (its solver decides on the host "
@@ -236,7 +271,13 @@ def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functio
     own calls do. Those go straight to the C++ ``apply`` (outside functorch transforms,
     after the dead-wrapper unwrapping torch does there); any other call takes torch's
     path, with ``forward``'s signature precomputed.
+
+    Its ``setup_context`` also keeps the public caller (:func:`called_as`) as
+    ``ctx.caller``, for the refusals of the backward, which runs after the call.
     """
+    setup = cls.__dict__.get("setup_context")
+    if isinstance(setup, staticmethod) and not hasattr(setup.__func__, "keeps_caller"):
+        cls.setup_context = staticmethod(_keeping_caller(setup.__func__))  # type: ignore[method-assign]
     signature = inspect.signature(cls.forward)
     cls.forward.__signature__ = signature  # type: ignore[attr-defined]
     count = len(signature.parameters)
@@ -251,6 +292,18 @@ def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functio
 
     cls.apply = classmethod(apply)  # type: ignore[method-assign]
     return cls
+
+
+def _keeping_caller(setup: Callable) -> Callable:
+    """``setup`` (a Function's ``setup_context``), then the public caller, if any, kept as ``ctx.caller``."""
+    @functools.wraps(setup)
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        caller = None if torch.compiler.is_compiling() else _CALLER.get()  # (dynamo: nothing to name)
+        if caller is not None:
+            ctx.caller = caller
+    setup_context.keeps_caller = True  # type: ignore[attr-defined]
+    return setup_context
 
 
 def without_autocast(fn: Callable) -> Callable:

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import torch
 from torch.autograd import forward_ad
 
-from ._autograd import bind_fast, functorch_transforms
+from ._autograd import bind_fast, called_as, functorch_transforms, public_name
 from .errors import DoubleBackwardError
 
-__all__ = ["first_order", "first_order_jvp", "first_order_only", "guard_gradients", "single_backward",
-           "with_forward_mode"]
+__all__ = ["first_order", "first_order_jvp", "first_order_only", "guard_gradients", "refuse_forward_over_reverse",
+           "single_backward", "with_forward_mode"]
 
 
 def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
@@ -34,7 +34,7 @@ def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
             levels = functorch_transforms()
             if "Grad" in levels or levels.count("Jvp") > 1:
                 raise DoubleBackwardError(
-                    f"{what} does not support differentiating its forward-mode tangent "
+                    f"{public_name(what)} does not support differentiating its forward-mode tangent "
                     "(torch.func.grad, jvp or jacfwd over torch.func.jvp or jacfwd): the tangent "
                     "is the exact first-order Jacobian product, computed without a graph")
             return guarded(ctx, *tangents)
@@ -71,23 +71,62 @@ class _SecondOrderUnsupported(torch.autograd.Function):
             f"{ctx.what} does not support double backward (second derivatives of the "
             "solution, e.g. create_graph=True then a second backward, gradgradcheck or "
             "Hessian-vector products through it): its backward is the implicit "
-            "first-order derivative only"
+            f"first-order derivative only. {_FIRST_ORDER_JVP}"
         )
 
 
-def guard_gradients(what: str, grads: Sequence[torch.Tensor | None],
-                    anchors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+# torch.autograd.functional.jvp differentiates the backward with respect to its incoming
+# gradient (the double-vjp trick): a first-order product asked the second-order way, refused
+# with the rest (the guard's backward cannot tell which of its inputs the caller wants, nor
+# run the node's jvp); the message says what gives that product.
+_FIRST_ORDER_JVP = (
+    "(torch.autograd.functional.jvp differentiates the backward too, even for a first-order "
+    "Jacobian-vector product: use torch.func.jvp or torch.autograd.forward_ad for that product)")
+
+
+def refuse_forward_over_reverse(what: str, tensors: Sequence[Any]) -> None:
+    """Raise :class:`~convexddn.errors.DoubleBackwardError` where a backward runs inside
+    a ``torch.autograd.forward_ad`` dual level and one of ``tensors`` (its incoming
+    gradients, saved tensors and inputs) carries a tangent there: the gradient itself is
+    then differentiated in forward mode (forward over reverse: a Hessian-vector product
+    where the input carries the tangent, a mixed second derivative where a parameter
+    does, J(x)ᵀ dv where the incoming gradient does). The backward is first order,
+    computed without tangents: the gradient's tangent came back None, zeros (ConvexLayer)
+    or, where plain ops around a node carry part of it, wrong (sinkhorn, 87 % off), with no
+    warning. A backward in a level whose tensors carry no tangent on this node's path is
+    the plain one."""
+    if forward_ad._current_level < 0:
+        return
+    unpack = forward_ad.unpack_dual
+    if any(isinstance(t, torch.Tensor) and unpack(t).tangent is not None for t in tensors):
+        raise DoubleBackwardError(
+            f"{public_name(what)} does not support double backward in forward mode: a backward inside a "
+            "torch.autograd.forward_ad dual level where its input, solution or incoming gradient carries a "
+            "tangent differentiates the gradient (a Hessian-vector product, or a mixed second derivative "
+            "where a parameter carries it), and its backward is the implicit first-order derivative only, "
+            "computed without tangents (they would be dropped). Take the gradient outside the dual level, "
+            "or forward mode alone (torch.func.jvp, torch.autograd.forward_ad) for first-order products")
+
+
+def guard_gradients(what: str, grads: Sequence[torch.Tensor | None], anchors: Sequence[torch.Tensor | None],
+                    check_tangents: bool = True) -> list[torch.Tensor | None]:
     """In a backward run with ``create_graph=True``: ``grads`` tied to the ``anchors``
     that require grad, so that differentiating them raises
     :class:`~convexddn.errors.DoubleBackwardError` instead of giving zeros (a gradient
-    computed without a graph) or torch's generic error. Otherwise ``grads`` unchanged."""
+    computed without a graph) or torch's generic error. Otherwise ``grads`` unchanged.
+    Inside a forward-AD dual level where ``anchors`` carry tangents, the same error
+    (:func:`refuse_forward_over_reverse`; ``check_tangents=False``: checked already, or
+    the caller is a jvp, whose inputs carry them): the gradient's tangent, a second
+    derivative, would be dropped."""
+    if check_tangents:
+        refuse_forward_over_reverse(what, anchors)
     if not torch.is_grad_enabled():
         return list(grads)
     tied = [t for t in anchors if isinstance(t, torch.Tensor) and t.requires_grad]
     present = [g for g in grads if g is not None]
     if not tied or not present:
         return list(grads)
-    wrapped = iter(_SecondOrderUnsupported.apply(what, len(tied), *tied, *present))
+    wrapped = iter(_SecondOrderUnsupported.apply(public_name(what), len(tied), *tied, *present))
     return [None if g is None else next(wrapped) for g in grads]
 
 
@@ -183,10 +222,23 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
     ``ctx.anchors`` (inputs kept for this) that require grad, so that a second
     differentiation raises :class:`~convexddn.errors.DoubleBackwardError` (torch's
     decorator raised a generic RuntimeError, and nothing at all where the incoming
-    gradient was a constant)."""
+    gradient was a constant). Inside a ``torch.autograd.forward_ad`` dual level where
+    those carry tangents the same error, before the backward runs
+    (:func:`refuse_forward_over_reverse`). Its refusals name the public function that
+    ran the node (``ctx.caller``, kept by :func:`~convexddn._autograd.bind_fast`)."""
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            caller = getattr(ctx, "caller", None)
+            if caller is None:
+                return run(ctx, grads)
+            with called_as(caller):
+                return run(ctx, grads)
+
+        def run(ctx, grads):
+            def anchors():  # (read only where needed: unpacking the saved tensors costs)
+                return (*grads, *ctx.saved_tensors, *getattr(ctx, "anchors", ()))
+
             dual = False
             if reverse and not torch.compiler.is_compiling():  # (dynamo traces neither test)
                 if "Jvp" in functorch_transforms():
@@ -194,19 +246,20 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
                     # jacrev: hessian): the tangent of this gradient, a second derivative.
                     # (Refused here, before the backward's kernels, whose out= ops forward
                     # mode rejects with torch's NotImplementedError.)
-                    _SecondOrderUnsupported.backward(SimpleNamespace(what=what))
+                    _SecondOrderUnsupported.backward(SimpleNamespace(what=public_name(what)))
                 dual = forward_ad._current_level >= 0
-            # Forward-mode tangents of the saved tensors (a torch.autograd.forward_ad dual
-            # level around the forward) are not followed: the gradient is first order, its
-            # value the primal one (robust_pool's out= kernels refused dual inputs).
+                if dual:  # (the same, by torch.autograd.forward_ad)
+                    refuse_forward_over_reverse(what, anchors())
+            # A dual level open, no tangent on this node's path (checked above): its kernels
+            # run with forward AD off all the same (out= ops refuse dual tensors outright).
             with torch.no_grad(), (forward_ad._set_fwd_grad_enabled(False) if dual else contextlib.nullcontext()):
                 out = backward(ctx, *grads)
             if not torch.is_grad_enabled():
                 return out
             single = not isinstance(out, tuple)
             outs = (out,) if single else out
-            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs],
-                                      (*grads, *ctx.saved_tensors, *getattr(ctx, "anchors", ())))
+            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs], anchors(),
+                                      check_tangents=False)  # (checked above)
             merged = tuple(g if isinstance(o, torch.Tensor) else o for g, o in zip(guarded, outs))
             return merged[0] if single else merged
         return wrapper

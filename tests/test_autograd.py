@@ -4,11 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from convexddn import DeclarativeNode
 from convexddn.errors import DoubleBackwardError, ProblemError
 from convexddn.functional import (
     eigen_decomposition,
     entmax,
     least_squares,
+    linear_fit,
     pnp,
     project_lp,
     project_simplex,
@@ -338,22 +340,155 @@ def test_an_argument_made_in_inference_mode(name, x, value, node):
 
 @pytest.mark.parametrize("penalty", ["huber", "pseudo_huber", "welsch", "trunc_quad"])
 def test_robust_pool_backward_inside_a_forward_ad_level(penalty):
-    """alpha carries a forward-mode tangent (and does not require grad), x requires grad:
-    the reverse-mode gradient with respect to x inside the dual level failed with torch's
-    "Trying to use forward AD with sub_out" (the backward's out= kernels saw dual
-    tensors). It is the ordinary first-order gradient, as outside the level."""
+    """A dual level open, x requiring grad, but no tangent on the node's path (another
+    tensor carries it): the reverse-mode gradient with respect to x is the ordinary one,
+    as outside the level, its tangent None (exactly: nothing on the path moves). (The
+    backward's out= kernels once failed in a dual level with torch's "Trying to use
+    forward AD with sub_out".)"""
     import torch.autograd.forward_ad as fw
-
-    from convexddn.functional import robust_pool
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 9, dtype=F64, generator=g, requires_grad=True)
     a = torch.full((3,), 0.7, dtype=F64)
-    want, = torch.autograd.grad(robust_pool(x, penalty, a).sum(), x)
+    want, = torch.autograd.grad(robust_pool(x, penalty, a).pow(2).sum(), x)
     with fw.dual_level():
-        y = robust_pool(x, penalty, fw.make_dual(a, torch.ones(3, dtype=F64)))
-        got, = torch.autograd.grad(y.sum(), x)
-    torch.testing.assert_close(fw.unpack_dual(got).primal, want, rtol=0, atol=0)
+        other = fw.make_dual(a.clone(), torch.ones(3, dtype=F64))
+        y = robust_pool(x, penalty, a)
+        got, = torch.autograd.grad(y.pow(2).sum(), x)
+        elsewhere = other * 2  # (forward mode on other tensors goes on)
+        assert fw.unpack_dual(got).tangent is None and fw.unpack_dual(elsewhere).tangent is not None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("penalty", ["huber", "pseudo_huber", "welsch"])  # (trunc_quad's is 0 here)
+def test_robust_pool_mixed_second_derivative_in_a_forward_ad_level_is_refused(penalty):
+    """alpha carries a tangent, x requires grad: the gradient's tangent is the mixed
+    second derivative d/dalpha (dL/dx), nonzero (central differences of the first-order
+    gradient, below). It came back None, silently; now DoubleBackwardError."""
+    import torch.autograd.forward_ad as fw
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 9, dtype=F64, generator=g)
+    a0 = torch.full((3,), 0.7, dtype=F64)
+
+    def grad_x(a):
+        x = x0.clone().requires_grad_()
+        return torch.autograd.grad(robust_pool(x, penalty, a).pow(2).sum(), x)[0]
+
+    mixed = (grad_x(a0 + 1e-6) - grad_x(a0 - 1e-6)) / 2e-6
+    assert mixed.abs().max() > 1e-3  # (what the dropped tangent should have been)
+    with fw.dual_level():
+        x = x0.clone().requires_grad_()
+        y = robust_pool(x, penalty, fw.make_dual(a0, torch.ones(3, dtype=F64)))
+        with pytest.raises(DoubleBackwardError, match="robust_pool does not support double backward in forward mode"):
+            torch.autograd.grad(y.pow(2).sum(), x)
+
+
+def _sinkhorn_marginal(a):
+    g = torch.Generator().manual_seed(4)
+    C = torch.rand(2, 4, 5, generator=g, dtype=F64)
+    b = torch.softmax(torch.randn(2, 5, generator=g, dtype=F64), -1)
+    return sinkhorn(C, a, b, eps=0.5)
+
+
+def _convex_layer():
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+
+    v, y = cp.Parameter(4), cp.Variable(4)
+    return ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - v)), [y >= 0, cp.sum(y) <= 1]), [v], [y])
+
+
+class _Quartic(DeclarativeNode):
+    """y = argmin_u ‖u − x‖² + Σ u⁴, elementwise: 2(y − x) + 4y³ = 0, by Newton."""
+
+    def objective(self, x, y):
+        return ((y - x) ** 2).sum(-1) + (y ** 4).sum(-1)
+
+    def solve(self, x):
+        y = x.clone()
+        for _ in range(60):
+            y = y - (2 * (y - x) + 4 * y ** 3) / (2 + 12 * y ** 2)
+        return y
+
+
+FORWARD_OVER_REVERSE = CASES + [
+    ("DeclarativeNode", torch.randn(2, 3, dtype=F64), _Quartic()),
+    ("sinkhorn marginal", torch.softmax(torch.randn(2, 4, dtype=F64), -1), _sinkhorn_marginal),
+    ("ConvexLayer", torch.randn(2, 4, dtype=F64), _convex_layer()),
+    ("linear_fit", torch.randn(2, 3, 7, dtype=F64), lambda z: linear_fit(z, torch.arange(7.0, dtype=F64)).coef),
+]
+
+
+@pytest.mark.parametrize("name,x,node", FORWARD_OVER_REVERSE, ids=[c[0] for c in FORWARD_OVER_REVERSE])
+def test_forward_over_reverse_through_forward_ad_raises_double_backward_error(name, x, node):
+    """x carries a tangent d and requires grad; torch.autograd.grad inside the dual level:
+    the gradient's tangent is the Hessian-vector product H d (plain torch ops give it). It
+    came back None for the nodes, zeros for ConvexLayer and 87 % off for sinkhorn's
+    marginals, silently; now DoubleBackwardError naming the function called. (The true
+    H d, central differences of the first-order gradient, is checked to be nonzero.)"""
+    import torch.autograd.forward_ad as fw
+
+    if name == "project_lp Linf ball":  # (3 randn: every entry clipped at times, a zero Hessian)
+        x = x / 3
+    out = node(x)
+    w = torch.linspace(0.5, 1.5, out.numel(), dtype=F64).view_as(out)
+    d = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(6))  # (sinkhorn: not C + a1ᵀ + 1bᵀ)
+
+    def grad(z):
+        z = z.clone().requires_grad_()
+        return torch.autograd.grad((node(z) * w).pow(2).sum(), z)[0]
+
+    assert ((grad(x + 1e-6 * d) - grad(x - 1e-6 * d)) / 2e-6).abs().max() > 1e-3
+    with fw.dual_level():
+        X = fw.make_dual(x.clone().requires_grad_(), d)
+        loss = (node(X) * w).pow(2).sum()
+        with pytest.raises(DoubleBackwardError, match=f"{name.split()[0]} does not support double backward"):
+            torch.autograd.grad(loss, X)
+
+
+def test_refusals_name_the_function_called():
+    """linear_fit runs least_squares, entmax(alpha=2) project_simplex, a ConvexLayer its
+    batched program: their refusals named those (least_squares, project_simplex,
+    BatchedProgram), which the user never called; pnp under torch.func.jacfwd said it
+    does not support torch.func.jacrev."""
+    x = torch.randn(2, 3, 7, dtype=F64, generator=torch.Generator().manual_seed(5))
+    fit = lambda z: linear_fit(z, torch.arange(7.0, dtype=F64)).coef  # noqa: E731
+
+    def double_backward(node, z):
+        z = z.clone().requires_grad_()
+        (g,) = torch.autograd.grad(node(z).pow(2).sum(), z, create_graph=True)
+        torch.autograd.grad(g.sum(), z)
+
+    calls = [("linear_fit", ProblemError, lambda: torch.func.jacfwd(fit)(x)),
+             ("linear_fit", ProblemError, lambda: torch.func.vmap(fit)(torch.stack([x, x]))),
+             ("linear_fit", DoubleBackwardError, lambda: double_backward(fit, x)),
+             ("entmax", DoubleBackwardError, lambda: double_backward(lambda z: entmax(z, 2.0), x[0])),
+             ("ConvexLayer", DoubleBackwardError, lambda: double_backward(_convex_layer(), x[:, 0, :4]))]
+    for name, error, call in calls:
+        with pytest.raises(error, match=f"^{name} ") as info:
+            call()
+        assert not any(inner in str(info.value) for inner in ("least_squares", "project_simplex", "BatchedProgram"))
+    xy, p3d = _pnp_points()
+    with pytest.raises(ProblemError, match="pnp does not support torch.func.jacfwd") as info:
+        torch.func.jacfwd(lambda p: pnp(xy, p))(p3d)
+    assert "jacrev" not in str(info.value)
+
+
+def test_autograd_functional_jvp_is_refused_with_what_to_use():
+    """torch.autograd.functional.jvp differentiates the backward (the double-vjp trick)
+    even for a first-order product: refused as a second derivative, with a message that
+    named nothing to use instead. It names torch.func.jvp and torch.autograd.forward_ad,
+    which give the product (checked against central differences)."""
+    x = 2 * torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    f = lambda z: project_lp(z, 1, "ball", 1.0)  # noqa: E731
+    with pytest.raises(DoubleBackwardError, match=r"torch.autograd.functional.jvp .* use torch.func.jvp or "
+                                                  r"torch.autograd.forward_ad"):
+        torch.autograd.functional.jvp(f, x, v)
+    fd = (f(x + 1e-6 * v) - f(x - 1e-6 * v)) / 2e-6
+    torch.testing.assert_close(torch.func.jvp(f, (x,), (v,))[1], fd, rtol=1e-7, atol=1e-7)
 
 
 def test_robust_pool_forward_over_reverse_is_refused():

@@ -45,7 +45,7 @@ class ConeSolve(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[2:7])
 
     @staticmethod
-    @first_order_jvp("BatchedProgram")
+    @first_order_jvp("ConvexLayer")  # (the public name: the user calls a ConvexLayer)
     def jvp(ctx, dP, dq, dA, db, *_):
         """Forward mode: :func:`cone_jvp` along the data's tangents, with the backward's warning."""
         # (jacobian(..., vectorize=True, strategy="forward-mode"): a raw "Batching rule not
@@ -65,7 +65,7 @@ class ConeSolve(torch.autograd.Function):
         return dx, dz, None, None, None, None, None, None
 
     @staticmethod
-    @first_order("BatchedProgram")
+    @first_order("ConvexLayer")
     def backward(ctx, gx, gz, *_):
         if ctx.state is None:
             return (None,) * 10

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, may_carry_tangents, refuse_vmap
+from .._autograd import bind_fast, called_as, may_carry_tangents, refuse_vmap
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_int, check_number, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, ShapeError
@@ -212,7 +212,8 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         # solved in float32 and rounded once (in bfloat16 the threshold rounded to 8 bits
         # and rows of 4096 summed to 1 ± 1.2e-2).
         work = torch.promote_types(x.dtype, torch.float32)
-        return project_simplex((x.to(work) - top.to(work)).clamp(min=-1.0), d).to(x.dtype)
+        with called_as("entmax"):  # (its refusals, now or in the backward, name entmax)
+            return project_simplex((x.to(work) - top.to(work)).clamp(min=-1.0), d).to(x.dtype)
     if (torch.is_grad_enabled() and x.requires_grad) or may_carry_tangents(x):
         return _EntmaxFn.apply(x, top, alpha, d)  # (forward mode: its jvp, not the solver's ops)
     return entmax_map(x, top, alpha, d)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._autograd import called_as
 from .._checks import cast_checked, check_bool, check_device, check_finite, check_number, check_tensor
 from ..errors import NonFiniteError, OptionError, ShapeError, SolverError
 from ._repr import format_option
@@ -143,7 +144,8 @@ def linear_fit(
             f"linear_fit needs at least C{' + 1' if bias else ''} = {A.shape[-1]} vectors (T) with "
             f"ridge = 0, got x of shape {tuple(x.shape)}; pass ridge > 0")
     try:
-        sol = least_squares(A, target, weights, r)
+        with called_as("linear_fit"):  # (its refusals, now or in the backward, name linear_fit)
+            sol = least_squares(A, target, weights, r)
     except NonFiniteError:
         # least_squares names its own A and b (x transposed, the ones column): name ours.
         for name, t in given:

@@ -238,7 +238,12 @@ def test_a_dual_parameter_that_does_not_require_grad_leaves_the_backward_intact(
     s0 = node.log_s.detach().clone()
     with fwAD.dual_level():
         y = torch.func.functional_call(node, {"log_s": fwAD.make_dual(s0, torch.tensor(1.0, dtype=DT))}, (x, a, b))
-        y.sum().backward()
+        # Inside the level the gradient's tangent is a mixed second derivative, d/ds (dΣy/dx)
+        # (0 for this node, not in general), which the first-order backward cannot give: refused
+        # (convexddn._first_order.refuse_forward_over_reverse). The graph outlives the level.
+        with pytest.raises(DoubleBackwardError, match="ScaledPlane|DeclarativeNode"):
+            y.sum().backward(retain_graph=True)
+    y.sum().backward()
     # y = x − a (aᵀx − b s)/‖a‖²: the gradient of Σy in x is 1 − a (Σa)/‖a‖² per row.
     want = 1 - a * a.sum(-1, keepdim=True) / (a * a).sum(-1, keepdim=True)
     torch.testing.assert_close(x.grad, want, rtol=1e-10, atol=1e-12)
