@@ -1,5 +1,6 @@
 """The gradient-overflow check shared by the closed-form backward passes (least
-squares, the L2 sphere projection), and the gain beyond which a node runs it.
+squares, the L2 sphere projection), the gain beyond which a node runs it, and the
+checked casts between a node's float64 work and the caller's dtype.
 
 Their inputs are checked to be finite in the forward, so a NaN or Inf in a gradient
 they return, with a finite incoming gradient, means that the true gradient (or a sum
@@ -20,6 +21,18 @@ that overflow only because the incoming gradient is within that margin of the dt
 range (an incoming 3e38 in float32; fp16 gradients scaled by ``GradScaler``, which
 overflow by design and are skipped by it) are torch's ordinary overflow, Inf as in its
 own reductions, and are not checked.
+
+The casts. Nodes that solve and differentiate in float64 (sinkhorn, pnp) hand their
+results and derivatives back in the caller's dtype, where a finite float64 value beyond
+that dtype's range becomes ±Inf and a line that holds mass can round to all zeros: a
+float16 sinkhorn's cost gradient of 1.7e5 came back as Inf, a float32 plan of a marginal
+of mass 1e40 as Inf, one of mass 1e-50 as zeros, all silently. :func:`widened` (the
+inputs' float64 copies, whose gradients go back through a checked cast) and
+:func:`narrowed` (the result, checked, and its forward-mode tangent) are those casts:
+one sum per gradient and one host read per backward, as above, the cause being the cast
+itself (an entry finite in float64 and ±Inf in the caller's dtype) so that no gain
+decides; the node's own float64 arithmetic stays checked by
+:func:`warn_gradient_overflow` where its gain says so.
 """
 from __future__ import annotations
 
@@ -30,11 +43,13 @@ from collections.abc import Sequence
 
 import torch
 
+from .._autograd import bind_fast, may_carry_tangents
 from .._warn import warn
-from ..errors import GradientWarning
+from ..errors import GradientWarning, SolverWarning
 from .degeneracy import shown_indices
 
-__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "warn_gradient_overflow"]
+__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "narrowed", "warn_cast_overflow", "warn_gradient_overflow",
+           "widened"]
 
 GAIN_MARGIN = 2.0**20
 
@@ -78,6 +93,7 @@ def warn_gradient_overflow(
     incoming: torch.Tensor,
     grads: Sequence[tuple[str, torch.Tensor | None]],
     dims: Sequence[int],
+    tangent: bool = False,
 ) -> None:
     """Warn (:class:`~convexddn.errors.GradientWarning`) when a returned gradient holds
     NaN or Inf that the incoming gradient does not explain.
@@ -96,15 +112,11 @@ def warn_gradient_overflow(
             against ``incoming``'s.
         dims: the non-batch dims, negative (counted from the end); a gradient with
             fewer dims is reduced over those it has.
+        tangent: the derivatives are forward-mode tangents of the outputs named in
+            ``grads``, ``incoming`` the inputs' tangents (the message says so).
     """
     present = [(name, g) for name, g in grads if g is not None and g.numel()]
-    if not present or torch.compiler.is_compiling():
-        return
-    # 16-bit gradients summed in float32: a finite float16 gradient whose sum overflows
-    # 65504 took the exact path (more host reads) to find nothing.
-    total = functools.reduce(operator.add, [
-        g.detach().sum(dtype=torch.promote_types(g.dtype, torch.float32)) for _, g in present])
-    if bool(torch.isfinite(total)):
+    if not present or torch.compiler.is_compiling() or _finite_sum([g for _, g in present]):
         return
     upstream = _rows(~torch.isfinite(incoming.detach()), dims)
     parts, dtypes = [], []
@@ -116,13 +128,171 @@ def warn_gradient_overflow(
             dtypes.append(g.dtype)
     if not parts:  # a NaN or Inf came in: torch's propagation, not ours to report
         return
+    _warn_overflow(what, tangent, parts, dtypes)
+
+
+def _warn_overflow(what: str, tangent: bool, parts: list[str], dtypes: list[torch.dtype]) -> None:
     dtype = min(dtypes, key=lambda t: torch.finfo(t).max)
     advice = ("rescale the problem" if torch.finfo(dtype).max >= torch.finfo(torch.float64).max
               else "use float64 inputs")
+    noun, given = ("tangent of", "their tangents") if tangent else ("gradient with respect to", "the incoming gradient")
     warn(
-        f"{what}: the gradient with respect to {'; '.join(parts)} holds Inf or NaN "
-        "although the inputs and the incoming gradient are finite there: the true "
-        f"gradient (or a sum or product in its computation) exceeds the range of {dtype} "
+        f"{what}: the {noun} {'; '.join(parts)} holds Inf or NaN "
+        f"although the inputs and {given} are finite there: the true "
+        f"{noun.split()[0]} (or a sum or product in its computation) exceeds the range of {dtype} "
         f"(largest {torch.finfo(dtype).max:.1e}); {advice}",
         GradientWarning,
     )
+
+
+def _finite_sum(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry is finite, by one sum per tensor and one host read; a finite
+    tensor whose sum overflows reads as not finite (the callers' exact path then finds
+    nothing). 16-bit tensors are summed in float32: a finite float16 gradient whose sum
+    overflowed 65504 took that path (more host reads) for nothing."""
+    total = functools.reduce(operator.add, [
+        t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors])
+    return bool(torch.isfinite(total))
+
+
+def warn_cast_overflow(
+    what: str,
+    casts: Sequence[tuple[str, torch.Tensor, torch.Tensor, int]],
+    tangent: bool = False,
+) -> None:
+    """Warn (:class:`~convexddn.errors.GradientWarning`) where a derivative, finite in
+    float64, became ±Inf when cast to the caller's dtype.
+
+    Common path: one sum per cast derivative and one host read (skipped inside a
+    compiled graph). A derivative that is not finite in float64 already (a NaN or Inf
+    incoming gradient, or the node's own overflow, which :func:`warn_gradient_overflow`
+    reports) is not the cast's doing and is not reported here.
+
+    Args:
+        what: the node's name, which starts the message.
+        casts: ``(name, float64 derivative, the same cast, k)``: k trailing dims of each
+            are reduced so that the message names batch elements.
+        tangent: the derivatives are forward-mode tangents of the outputs named in
+            ``casts`` (the message says so).
+    """
+    present = [c for c in casts if c[2].numel()]
+    if not present or torch.compiler.is_compiling() or _finite_sum([c[2] for c in present]):
+        return
+    parts, dtypes = [], []
+    for name, wide, out, k in present:
+        lost = _rows(torch.isinf(out.detach()) & torch.isfinite(wide.detach()), range(-k, 0))
+        if bool(lost.any()):
+            parts.append(f"{name} at {shown_indices(lost.flatten())}")
+            dtypes.append(out.dtype)
+    if parts:
+        _warn_overflow(what, tangent, parts, dtypes)
+
+
+@bind_fast
+class _Widen(torch.autograd.Function):
+    """The float64 copies of the caller's tensors; backward: their gradients cast back to
+    each one's dtype and checked together by :func:`warn_cast_overflow`."""
+
+    @staticmethod
+    def forward(what, names, ks, *xs):  # type: ignore[override]
+        return tuple(x.to(torch.float64) for x in xs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.what, ctx.names, ctx.ks = inputs[:3]
+        # (Grads and tangents materialised: with None, forward mode failed an internal
+        # assert of torch's on a copy without a tangent beside one with.)
+        ctx.dtypes = [x.dtype for x in inputs[3:]]
+
+    @staticmethod
+    def backward(ctx, *gs):  # type: ignore[override]
+        out = [None if g is None else g.to(t) for g, t in zip(gs, ctx.dtypes)]
+        warn_cast_overflow(ctx.what, [(n, g, o, k) for n, g, o, k in zip(ctx.names, gs, out, ctx.ks)
+                                      if o is not None])
+        return (None, None, None, *out)
+
+    @staticmethod
+    def jvp(ctx, _what, _names, _ks, *ts):  # type: ignore[override]
+        return tuple(None if t is None else t.to(torch.float64) for t in ts)
+
+
+def widened(what: str, named: Sequence[tuple[str, torch.Tensor | None, int]]) -> list[torch.Tensor | None]:
+    """The float64 copies of a node's inputs ``(name, tensor or None, k)`` (k: the
+    tensor's trailing non-batch dims), in order; those narrower than float64 that autograd
+    or forward mode may differentiate through one Function, whose backward casts their
+    gradients back with one check (:func:`warn_cast_overflow`). The rest: plain casts.
+
+    Shape: each tensor keeps its shape.
+    """
+    grad, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
+    tracked = [i for i, (_, t, _) in enumerate(named) if t is not None and t.dtype != torch.float64
+               and not compiling and ((grad and t.requires_grad) or may_carry_tangents(t))]
+    out = [None if i in tracked or t is None else t.to(torch.float64) for i, (_, t, _) in enumerate(named)]
+    if tracked:
+        names, ks = tuple(named[i][0] for i in tracked), tuple(named[i][2] for i in tracked)
+        for i, w in zip(tracked, _Widen.apply(what, names, ks, *(named[i][1] for i in tracked))):
+            out[i] = w
+    return out
+
+
+@bind_fast
+class _Narrow(torch.autograd.Function):
+    """``y.to(dtype)`` of a float64 result; its forward-mode tangent cast likewise and
+    checked (:func:`warn_cast_overflow`); the backward widens, exactly."""
+
+    @staticmethod
+    def forward(y, dtype, what, name, k):  # type: ignore[override]
+        return y.to(dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        ctx.dtype, ctx.what, ctx.name, ctx.k = inputs[1:]
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g.to(torch.float64), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, y_t, *_):  # type: ignore[override]
+        out = y_t.to(ctx.dtype)
+        warn_cast_overflow(f"{ctx.what} (forward mode)", [(ctx.name, y_t, out, ctx.k)], tangent=True)
+        return out
+
+
+def narrowed(y: torch.Tensor, dtype: torch.dtype, what: str, name: str, k: int,
+             lines: Sequence[tuple[int, str]] = (), advice: str = "pass inputs in a wider dtype",
+             check: bool = True) -> torch.Tensor:
+    """A node's float64 result ``y`` (``name``: "the plan") in the caller's ``dtype``, with a
+    :class:`~convexddn.errors.SolverWarning` where it does not fit: entries finite in
+    ``y`` and ±Inf in ``dtype``, or, for each ``(dim, noun)`` of ``lines``, lines along
+    ``dim`` that hold nonzero entries in ``y`` and are all zero in ``dtype`` (a plan's row
+    that must sum to its marginal). One pass per line direction (the largest entry of
+    each line) and one host read; none inside a compiled graph. The forward-mode tangent
+    goes through :class:`_Narrow` and its check; ``k``: the trailing non-batch dims.
+    ``check=False``: the caller knows (from host numbers) that ``y`` fits; no pass, no read.
+
+    Shape: any -> the same.
+    """
+    if dtype == y.dtype:
+        return y
+    out = _Narrow.apply(y, dtype, what, name, k) if may_carry_tangents(y) else y.to(dtype)
+    if not check or torch.compiler.is_compiling() or not out.numel():
+        return out
+    top = [out.detach().abs().amax(d) for d, _ in lines] or [out.detach().abs().amax()]
+    flags = [top[0].eq(math.inf).any()] + [t.eq(0).any() for t in top[:len(lines)]]
+    if not bool(torch.stack(flags).any()):
+        return out
+    y = y.detach()
+    found = []
+    big = torch.isinf(out.detach()) & torch.isfinite(y)
+    if bool(big.any()):
+        found.append(f"{int(big.sum())} of {big.numel()} entries beyond {dtype}'s range (largest "
+                     f"{torch.finfo(dtype).max:.3g}; up to {float(y.abs().amax()):.3g} in float64) are Inf")
+    for (d, noun), t in zip(lines, top):
+        zero = t.eq(0) & y.abs().amax(d).gt(0)
+        if bool(zero.any()):
+            found.append(f"{int(zero.sum())} of {zero.numel()} {noun}s rounded to all zeros (their entries "
+                         f"up to {float(y.abs().amax(d)[zero].max()):.3g} in float64)")
+    if found:
+        warn(f"{what}: {name} does not fit {dtype}: {'; '.join(found)}; {advice}", SolverWarning)
+    return out

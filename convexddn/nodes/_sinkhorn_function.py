@@ -10,6 +10,7 @@ from .._autograd import bind_fast, refuse_batched
 from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning, InputError
+from ._overflow import warn_gradient_overflow
 from ._sinkhorn import solve
 from ._sinkhorn_schur import schur_solve
 from ._sinkhorn_padding import Padding, fill_dead
@@ -23,13 +24,15 @@ _SENSITIVE = 0.1
 
 class Box:
     """What the forward hands to setup_context besides its outputs (an object: torch.func
-    passes it through as it is, where a list would be rebuilt). ``gibbs``, set by the
-    caller: whether a marginal needs a gradient (only those read the completion G)."""
+    passes it through as it is, where a list would be rebuilt). Set by the caller:
+    ``gibbs``, whether a marginal needs a gradient (only those read the completion G);
+    ``check``, whether the cost gradient and the plan tangent may overflow float64
+    (:func:`~convexddn.nodes._overflow.may_overflow` of the gain, see ``backward``)."""
 
-    __slots__ = ("pad", "G", "gibbs")
+    __slots__ = ("pad", "G", "gibbs", "check")
 
-    def __init__(self, gibbs: bool = True) -> None:
-        self.pad, self.G, self.gibbs = None, None, gibbs
+    def __init__(self, gibbs: bool = True, check: bool = True) -> None:
+        self.pad, self.G, self.gibbs, self.check = None, None, gibbs, check
 
 
 @bind_fast  # (setup_context, as torch.func needs, without apply's binding cost)
@@ -54,6 +57,7 @@ class SinkhornFn(torch.autograd.Function):
         ctx.save_for_backward(output[0], G, err)
         ctx.save_for_forward(output[0], err)
         ctx.eps, ctx.pad, ctx.flip = inputs[3], pad, inputs[6]  # (flip: a and b are the caller's b and a)
+        ctx.check = inputs[-1].check
 
     @staticmethod
     @first_order_jvp("sinkhorn")
@@ -89,7 +93,14 @@ class SinkhornFn(torch.autograd.Function):
                                    "the tangent with respect to the marginals",
                                    err if a_t is not None or b_t is not None else None)
         dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
-        return (dP if Q is None else dP.sub_(Q)), None
+        if Q is None:  # (without a cost tangent nothing is divided by eps)
+            return dP, None
+        dP.sub_(Q)
+        if ctx.check:  # (a NaN or Inf tangent of a or b reaches every entry: not ours)
+            given = C_t if a_t is None else C_t + a_t.unsqueeze(-1) * 0
+            given = given if b_t is None else given + b_t.unsqueeze(-2) * 0
+            warn_gradient_overflow("sinkhorn (forward mode)", given, [("the plan", dP)], (-2, -1), tangent=True)
+        return dP, None
 
     @staticmethod
     @first_order("sinkhorn")
@@ -111,8 +122,14 @@ class SinkhornFn(torch.autograd.Function):
             lam, mu = fill_dead(G, V, lam, mu, pad)
         grad_C = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            # P ∘ (λ1ᵀ + 1μᵀ − V) / ε = (P ∘ (λ1ᵀ + 1μᵀ) − Q) / ε, in one buffer.
+            # P ∘ (λ1ᵀ + 1μᵀ − V) / ε = (P ∘ (λ1ᵀ + 1μᵀ) − Q) / ε, in one buffer. λ1ᵀ + 1μᵀ
+            # is V's projection in the P-weighted inner product (K's equations are its
+            # normal equations), so Σ P (λ + μ − V)² ≤ Σ P V² and each entry is at most
+            # √P_ij ‖V‖∞ / ε: a gain of 1/ε on the unit-mass plan (Σa/ε for the caller's
+            # V), beyond float64 only where eps is tiny (2e-307: Inf, silently), checked.
             grad_C = (lam.unsqueeze(-1) + mu.unsqueeze(-2)).mul_(P).sub_(Q).div_(ctx.eps)
+            if ctx.check:
+                warn_gradient_overflow("sinkhorn", V, [("cost", grad_C)], (-2, -1))
         if ctx.needs_input_grad[1]:
             grad_a = lam
         if ctx.needs_input_grad[2]:

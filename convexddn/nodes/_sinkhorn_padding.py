@@ -40,8 +40,9 @@ beside the plan's live entries (one tensor G), :func:`fill_dead` applies the sum
 Forward mode solves the live system the same way (dead rows and columns get a zero
 tangent); a tangent at a dead marginal entry is refused, as only one side is feasible.
 
-:func:`check_marginal` checks a marginal for the public function: entries ≥ 0, a
-positive mass, and each positive entry at least :data:`MIN_SHARE` of the mass.
+:func:`check_marginal` and :func:`marginal_parts` check a marginal for the public
+function: entries ≥ 0, a positive mass, and each positive entry at least
+:data:`MIN_SHARE` of the mass.
 """
 from __future__ import annotations
 
@@ -201,14 +202,10 @@ def fill_dead(
     return lam, mu
 
 
-def check_marginal(
-    name: str, v: Any, cost: torch.Tensor, size: int, side: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """The checked marginal as (v/Σv, Σv/max v, max v) in float64, and whether it has zeros.
-
-    Σv itself may overflow (entries near float64's largest); Σv = (Σv/max v)·max v
-    never multiplies out here: the plan is scaled by the two factors in turn.
-    """
+def check_marginal(name: str, v: Any, cost: torch.Tensor, size: int, side: str) -> torch.Tensor:
+    """``v`` checked as a marginal of ``cost``'s ``side`` (a finite floating-point tensor
+    of last dim ``size`` on cost's device), as :func:`check_tensor` returns it; its values
+    are checked by :func:`marginal_parts`."""
     v = check_tensor(name, v)
     check_device(name, v, cost, "cost")
     if v.ndim < 1 or v.shape[-1] != size:
@@ -217,20 +214,38 @@ def check_marginal(
             f"got shape {tuple(v.shape)}"
         )
     check_finite(name, v)
-    v64 = v.to(torch.float64)
+    return v
+
+
+def marginal_parts(name: str, v: torch.Tensor, v64: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, tuple[float, float, float]]:
+    """The checked marginal ``v`` (``v64``: its float64 copy) as (v/Σv, Σv/max v, max v)
+    in float64, whether it has zeros, and host numbers: the largest and the smallest
+    mass Σv and the smallest positive share v/Σv (the backward's gain, see
+    :mod:`convexddn.nodes._overflow`, and the range of the plan's row and column sums).
+
+    Σv itself may overflow (entries near float64's largest); Σv = (Σv/max v)·max v
+    never multiplies out here: the plan is scaled by the two factors in turn.
+    """
     peak = v64.amax(-1, keepdim=True)
     ratio = v64 / peak
     s = ratio.sum(-1, keepdim=True)
     unit = ratio / s
     # One host sync for the usual case (every entry positive, none too small); only
     # zeros or errors take a second one, for the breakdown. (An all-zero marginal has
-    # peak 0 and a NaN unit.)
-    nonpos, small = torch.stack(((v <= 0).sum(), (unit < MIN_SHARE).sum())).tolist()
+    # peak 0 and a NaN unit.) The counts are exact in float64.
+    share = unit.detach()
+    low, high = torch.aminmax((s * peak).detach())
+    flags = ((v <= 0).sum(dtype=torch.float64), (unit < MIN_SHARE).sum(dtype=torch.float64), high, low, share.amin())
+    nonpos, small, *sizes = torch.stack(flags).tolist()
     if not (nonpos or small):
-        return unit, s, peak, False
+        return unit, s, peak, False, tuple(sizes)
     pos = v > 0
     counts = ((v < 0).sum(), (peak == 0).sum(), ((unit < MIN_SHARE) & pos).sum())
-    neg, empty, small = torch.stack(counts).tolist()
+    # (with the smallest positive share, exact in float64 as the counts are)
+    least = share.masked_fill(~pos, math.inf).amin()
+    neg, empty, small, sizes[2] = torch.stack([t.to(torch.float64) for t in counts] + [least]).tolist()
+    neg, empty, small = int(neg), int(empty), int(small)
     # The messages read values on the host from detached tensors: float() of a v that
     # requires grad adds torch's "requires_grad=True to a scalar" warning to the error.
     if neg:
@@ -250,4 +265,4 @@ def check_marginal(
             f"entr{'y' if small == 1 else 'ies'} below (smallest share "
             f"{float(unit.detach().masked_fill(~pos, 1.0).min()):.3g})"
         )
-    return unit, s, peak, True
+    return unit, s, peak, True, tuple(sizes)

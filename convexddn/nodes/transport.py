@@ -61,7 +61,8 @@ from .._warn import warn
 from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import solve
 from ._sinkhorn_function import Box, SinkhornFn
-from ._sinkhorn_padding import Padding, check_marginal
+from ._overflow import may_overflow, narrowed, widened
+from ._sinkhorn_padding import Padding, check_marginal, marginal_parts
 
 __all__ = ["OptimalTransport", "sinkhorn"]
 
@@ -169,13 +170,18 @@ def sinkhorn(
     Warns:
         SolverWarning: ``tol`` not reached in ``max_iter`` (names the batch indices);
             the implicit gradient then assumes a solution that was not reached. Also a
-            float16/bfloat16 plan whose entries exceed that dtype's range (Inf there).
+            plan that does not fit the cost's dtype: entries beyond its range (Inf
+            there; marginals of huge mass) or rows or columns that round to all zeros
+            (marginals of tiny mass).
         GradientWarning: in the backward, where the plan's support is disconnected and
             the marginal gradients are not unique (least-norm ones are returned), or
             nearly so (clusters far apart against ``eps``): the marginals' gradients
             and tangents then hang on the tiny cross-cluster mass, which the column
             error moves by about err/λ_min (λ_min: the Schur complement's smallest
-            eigenvalue, estimated); above 0.1 it warns (a smaller ``tol`` helps).
+            eigenvalue, estimated); above 0.1 it warns (a smaller ``tol`` helps). Also a
+            gradient (or forward-mode tangent) entry beyond the range of its input's
+            dtype (±Inf there, the input and batch elements named): a float16 cost at
+            ``eps=1e-6``, or float64 at an ``eps`` below about 1e-302.
 
     References:
         Cuturi, "Sinkhorn Distances", NeurIPS 2013. Peyré & Cuturi, "Computational
@@ -208,8 +214,16 @@ def sinkhorn(
     m, n = cost.shape[-2:]
     # (cost's finiteness is checked after the solve, only where its error is not
     # finite: the solver returns NaN at once for NaN or Inf costs.)
-    am = None if a is None else check_marginal("a", a, cost, m, "rows M")
-    bm = None if b is None else check_marginal("b", b, cost, n, "columns N")
+    a = None if a is None else check_marginal("a", a, cost, m, "rows M")
+    b = None if b is None else check_marginal("b", b, cost, n, "columns N")
+    # Always solved in float64: Newton's linear algebra needs it at small eps, and the
+    # output is then the correctly rounded plan in any lower precision. The gradients go
+    # back to the caller's dtypes through one checked cast (a float16 cost's gradient of
+    # 1.7e5 became Inf there, silently).
+    work = torch.float64
+    C, a64, b64 = widened("sinkhorn", (("cost", cost, 2), ("a", a, 1), ("b", b, 1)))
+    am = None if a is None else marginal_parts("a", a, a64)
+    bm = None if b is None else marginal_parts("b", b, b64)
     shapes = [cost.shape[:-2]] + [v[0].shape[:-1] for v in (am, bm) if v is not None]
     try:
         batch = torch.broadcast_shapes(*shapes) if len(shapes) > 1 else shapes[0]
@@ -218,9 +232,6 @@ def sinkhorn(
             "the batch shapes of cost, a and b must broadcast, got "
             f"{[tuple(s) for s in shapes]}"
         ) from None
-    # Always solved in float64: Newton's linear algebra needs it at small eps, and the
-    # output is then the correctly rounded plan in any lower precision.
-    work = torch.float64
     tol = DEFAULT_TOL if tol is None else float(tol)
     out_shape = (*batch, m, n)
     if math.prod(batch) == 0:
@@ -235,7 +246,6 @@ def sinkhorn(
     # Solve for unit-mass marginals: the plan for (a, b) is Σa times the plan for
     # (a/Σa, b/Σb) (the entropy's extra term is constant), which keeps every quantity
     # in the solver at a known scale. Autograd carries the gradient through both.
-    C = cost.to(work)
     mass = None if am is None else am[1:3]
     # Zero entries (padding) switch on the solver's masks; none: the plain path.
     holes = (am is not None and am[3], bm is not None and bm[3])
@@ -254,8 +264,11 @@ def sinkhorn(
     holes = holes if any(holes) else None
     # (Forward mode too: the Function's jvp, not the solver's iterations differentiated.)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b))) or may_carry_tangents(C, a, b):
+        # The Function's cost gradient and plan tangent reach about max(Σa, 1)/eps times
+        # the incoming ones in float64 (bound in _sinkhorn_function): checked beyond its range.
+        gain = max(1.0 if am is None else am[4][0], 1.0) / float(eps)
         P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes,
-                                     Box(gibbs=a.requires_grad or b.requires_grad))
+                                  Box(a.requires_grad or b.requires_grad, may_overflow(gain, work)))
     else:
         pad = None if holes is None else Padding(a, b, *holes)
         P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)
@@ -295,12 +308,22 @@ def sinkhorn(
     if mass is not None:
         # Σa in two factors (its product may overflow where the plan's entries do not).
         P = (P * mass[0].unsqueeze(-1)).mul_(mass[1].unsqueeze(-1))
-    out = P.to(cost.dtype)
-    if cost.dtype in (torch.float16, torch.bfloat16) and mass is not None and not bool(torch.isfinite(out).all()):
-        warn(f"sinkhorn: plan entries beyond {cost.dtype}'s range (largest "
-             f"{torch.finfo(cost.dtype).max:.3g}; marginals of mass up to {float(P.sum((-2, -1)).max()):.3g}) "
-             "are Inf; pass a float32 cost, or marginals of smaller mass", SolverWarning)
-    return out
+    # Rows sum to a and columns to b·Σa/Σb: in a narrower dtype an entry may exceed its
+    # range (a of mass 1e40 in float32) or a row round to zeros (a = 1e-50), both warned.
+    return narrowed(P, cost.dtype, "sinkhorn", "the plan", 2, ((-1, "row"), (-2, "column")),
+                    "pass a wider cost dtype, or marginals of another mass", _may_not_fit(am, bm, m, n, cost.dtype))
+
+
+def _may_not_fit(am: tuple | None, bm: tuple | None, m: int, n: int, dtype: torch.dtype) -> bool:
+    """Whether the plan may not fit ``dtype``, from the marginals' host numbers (no pass
+    over the plan): an entry is at most its row's sum a_i ≤ Σa, and a row's (a column's)
+    largest entry at least its sum over N (over M); the sums are a_i = Σa·share and
+    b_j Σa/Σb = Σa·share of b."""
+    info = torch.finfo(dtype)
+    top, bottom, row_share = (1.0, 1.0, 1.0 / m) if am is None else am[4]
+    col_share = 1.0 / n if bm is None else bm[4][2]
+    least = 2 * info.tiny * info.eps  # (a line whose largest entry reaches this keeps it)
+    return not (top <= info.max / 2 and bottom * row_share / n >= least and bottom * col_share / m >= least)
 
 
 class OptimalTransport(nn.Module):

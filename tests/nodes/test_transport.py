@@ -1,6 +1,7 @@
 """Tests of convexddn.nodes.transport: entropic optimal transport (log-domain Sinkhorn)."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import cvxpy as cp
@@ -1127,3 +1128,108 @@ def test_sinkhorn_slow_kernel_element_keeps_its_own_budget():
     assert (P.sum(-2) - b).abs().sum(-1).max() <= 1e-10 and (P.sum(-1) - a).abs().sum(-1).max() <= 1e-12
     assert _gibbs_residual(P[-1:], C[-1:], 1.0) < 1e-8
     assert torch.allclose(P[-1], alone[0], atol=1e-12, rtol=0)
+
+
+# --------------------------------------------------------------------------- the caller's dtype
+
+
+def _central(f, x: torch.Tensor, idx: tuple, h: float) -> float:
+    """Float64 central difference of the scalar f at x along the entry idx."""
+    e = torch.zeros_like(x)
+    e[idx] = h
+    return float((f(x + e) - f(x - e)) / (2 * h))
+
+
+@pytest.mark.parametrize("dtype, lo, span, eps, scale", [
+    (torch.float16, 6.2e-5, 3e-5, 1e-6, 10.0),
+    (torch.float32, 0.0, 1e-36, 2e-38, 1000.0),
+])
+def test_a_cost_gradient_beyond_its_dtype_warns(dtype, lo, span, eps, scale):
+    # Solved and differentiated in float64, the gradient went back to the cost's dtype by
+    # autograd's cast: float16 entries of 1.7e5 (float32: 2e39) became Inf, silently.
+    C = (lo + span * torch.rand(2, 5, 6, generator=_gen(0), dtype=F64)).to(dtype)
+    W = (scale * torch.randn(2, 5, 6, generator=_gen(1), dtype=F64)).to(dtype)
+    c = C.clone().requires_grad_()
+    with pytest.warns(GradientWarning, match=rf"gradient with respect to cost at .* range of {dtype}"):
+        grad, = torch.autograd.grad(sinkhorn(c, eps=eps), c, W)
+    # Reference: float64 central differences on the same (rounded) costs.
+    Cd, Wd = C.double(), W.double()
+    big = torch.isinf(grad).nonzero()[0].tolist()
+    fd = _central(lambda x: (sinkhorn(x, eps=eps) * Wd).sum(), Cd, tuple(big), 1e-4 * eps)
+    assert abs(fd) > torch.finfo(dtype).max and grad[tuple(big)] == math.copysign(math.inf, fd)
+    small = (1, 4, 5)
+    fd = _central(lambda x: (sinkhorn(x, eps=eps) * Wd).sum(), Cd, small, 1e-4 * eps)
+    assert float(grad[small]) == pytest.approx(fd, rel=2e-3, abs=1e-3 * torch.finfo(dtype).max)
+
+
+def test_a_plan_tangent_beyond_its_dtype_warns():
+    # Forward mode: the float16 tangent (4.2e5 in float64) became Inf, silently.
+    import torch.autograd.forward_ad as fwAD
+
+    C = (6.2e-5 + 3e-5 * torch.rand(2, 5, 6, generator=_gen(0), dtype=F64)).half()
+    T = (10 * torch.randn(2, 5, 6, generator=_gen(1), dtype=F64)).half()
+    with pytest.warns(GradientWarning, match=r"forward mode\): the tangent of the plan .* range of torch.float16"):
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(sinkhorn(fwAD.make_dual(C, T), eps=1e-6)).tangent
+    h = 1e-4 * 1e-6  # reference: a float64 central difference along T
+    Cd, Td = C.double(), T.double()
+    fd = (sinkhorn(Cd + h * Td, eps=1e-6) - sinkhorn(Cd - h * Td, eps=1e-6)) / (2 * h)
+    over = fd.abs() > torch.finfo(torch.float16).max
+    assert over.any() and torch.isinf(tangent[over]).all()
+
+
+def test_a_cost_gradient_beyond_float64_warns():
+    # grad = P ∘ (λ + μ − V)/eps overflowed float64 itself at eps = 2e-307, silently
+    # (reverse and forward mode). Reference: P(C, eps) = P(C/s, eps/s), so the gradient
+    # is that of the scaled problem over s: float64 central differences there.
+    s = 1e-306
+    C = s * torch.rand(2, 5, 6, generator=_gen(0), dtype=F64)
+    W = 1e3 * torch.randn(2, 5, 6, generator=_gen(1), dtype=F64)
+    c = C.clone().requires_grad_()
+    with pytest.warns(GradientWarning, match=r"gradient with respect to cost at .* range of torch.float64"):
+        grad, = torch.autograd.grad(sinkhorn(c, eps=2e-307), c, W)
+    idx = tuple(torch.isinf(grad).nonzero()[0].tolist())
+    fd = _central(lambda x: (sinkhorn(x, eps=0.2) * W).sum(), C / s, idx, 1e-5)
+    assert abs(fd) / s > torch.finfo(F64).max
+    import torch.autograd.forward_ad as fwAD
+
+    with pytest.warns(GradientWarning, match=r"forward mode\): the tangent of the plan"):
+        with fwAD.dual_level():
+            sinkhorn(fwAD.make_dual(C, W), eps=2e-307)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_plan_beyond_its_dtype_warns_for_every_narrower_cost(dtype):
+    # float64 marginals beside a float32 cost: a plan of +Inf, silently (only float16 and
+    # bfloat16 costs were checked). Rows of mass 1e40/3 over 4 columns hold an entry of
+    # at least 8.3e38 (float16: 1e6/3 over 4, 8.3e4): beyond the range.
+    mass = 1e6 if dtype == torch.float16 else 1e40
+    a = torch.full((2, 3), mass / 3, dtype=F64)
+    with pytest.warns(SolverWarning, match=rf"the plan does not fit {dtype}: .* beyond {dtype}'s range"):
+        P = sinkhorn(_cost(2, 3, 4).to(dtype), a)
+    assert torch.isinf(P).any()
+
+
+def test_a_plan_whose_rows_round_to_zero_warns():
+    # a = 1e-50 with a float32 cost: an all-zero plan (its rows must sum to 1e-50),
+    # silently. Padding rows (a_i = 0) are zero by definition and are not counted.
+    a = torch.tensor([[1e-50, 0.0, 1e-50], [1e-50, 1e-50, 1e-50]], dtype=F64)
+    with pytest.warns(SolverWarning, match=r"5 of 6 rows rounded to all zeros"):
+        P = sinkhorn(_cost(2, 3, 4, dtype=torch.float32), a)
+    assert (P == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sinkhorn(_cost(2, 3, 4, dtype=torch.float32), a * 1e20)  # padding alone: no warning
+
+
+def test_a_marginal_gradient_beyond_its_dtype_warns():
+    # A float16 a beside a float32 cost: its gradient (1.2e5) became Inf, silently.
+    C = _cost(2, 4, 5, dtype=torch.float32)
+    a = (torch.rand(2, 4, generator=_gen(1)) + 0.5).half()
+    V = 8e4 * torch.randn(2, 4, 5, generator=_gen(2))
+    x = a.clone().requires_grad_()
+    with pytest.warns(GradientWarning, match=r"gradient with respect to a at .* range of torch.float16"):
+        grad, = torch.autograd.grad(sinkhorn(C, x, eps=0.05), x, V)
+    idx = tuple(torch.isinf(grad).nonzero()[0].tolist())
+    fd = _central(lambda v: (sinkhorn(C.double(), v, eps=0.05) * V.double()).sum(), a.double(), idx, 1e-6)
+    assert abs(fd) > torch.finfo(torch.float16).max
