@@ -61,6 +61,7 @@ from ._pnp_geometry import (
 from ._pnp_solvers import from_starts, solve, warn_unfinished
 from ._repr import format_option
 from ._module_options import store_option
+from ._overflow import narrowed, widened
 from .dense import checked_solve
 from .pooling.penalties import Penalty
 
@@ -239,8 +240,11 @@ def pnp(
     Warns:
         SolverWarning: ``max_iter`` reached; the pose puts points of nonzero weight at or
             behind the camera; the pose is not unique (singular Hessian) or a saddle
-            point (a negative eigenvalue of the Hessian).
-        GradientWarning: singular or ill-conditioned Hessian in the backward.
+            point (a negative eigenvalue of the Hessian); the pose does not fit the
+            output dtype (Inf entries).
+        GradientWarning: singular or ill-conditioned Hessian in the backward; a gradient
+            (or forward-mode tangent) entry beyond its dtype's range, computed in float64
+            and ±Inf when cast back (names the input and the batch elements).
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -302,20 +306,24 @@ def pnp(
         if bool((weights.sum(-1) == 0).any()):
             raise InputError("weights must not be all zero for a problem (the pose is then undetermined)")
 
-    def flat(t, k):
-        # (a Size: expand() with no sizes, an unbatched problem's 0-d alpha, is an error;
-        # an inference tensor is copied: the solve differentiates the objective it enters)
-        t = plain(t)
-        return t.to(dtype).expand(torch.Size((*batch, *t.shape[t.ndim - k:]))).reshape(-1, *t.shape[t.ndim - k:])
+    # float64 copies (an inference tensor copied first: the solve differentiates the
+    # objective it enters), whose gradients go back to the inputs' dtypes through one
+    # checked cast: a float16 p3d's gradient of 1.1e5 came back as Inf there, silently.
+    keys = [name for name in named if name != "init"]
+    wide = dict(zip(keys, widened("pnp", [(name, plain(named[name][0]), named[name][1]) for name in keys])))
 
-    q, p = flat(p2d, 2), flat(p3d, 2)
-    w = flat(weights, 1) if weights is not None else torch.ones_like(q[..., 0])
-    Kf = flat(K, 1) if K is not None else None
+    def flat(t, k):
+        # (a Size: expand() with no sizes, an unbatched problem's 0-d alpha, is an error)
+        return t.expand(torch.Size((*batch, *t.shape[t.ndim - k:]))).reshape(-1, *t.shape[t.ndim - k:])
+
+    q, p = flat(wide["p2d"], 2), flat(wide["p3d"], 2)
+    w = flat(wide["weights"], 1) if weights is not None else torch.ones_like(q[..., 0])
+    Kf = flat(wide["K"], 1) if K is not None else None
     if isinstance(alpha, torch.Tensor):
-        a = flat(alpha, 0).unsqueeze(-1)
+        a = flat(wide["alpha"], 0).unsqueeze(-1)
     else:
         a = torch.tensor(float(alpha), dtype=dtype, device=q.device)
-    th0 = flat(init, 1) if init is not None else None
+    th0 = flat(plain(init).to(dtype), 1) if init is not None else None
     if Kf is not None:
         check_intrinsics(q, Kf)
     if th0 is None:
@@ -339,7 +347,8 @@ def pnp(
     grad = (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or may_carry_tangents(*tensors)
     theta = _solve(args, grad)
     theta = torch.cat([theta[:, :3], theta[:, 3:] * unit.view(-1, 1)], 1)
-    return theta.reshape(*batch, 6).to(torch.promote_types(p2d.dtype, p3d.dtype))
+    return narrowed(theta.reshape(*batch, 6), torch.promote_types(p2d.dtype, p3d.dtype), "pnp", "the pose", 1,
+                    advice="pass p2d and p3d in a wider dtype, or the scene in other units")
 
 
 @outside_compile  # (it takes gradients and Hessians of the objective with create_graph, which

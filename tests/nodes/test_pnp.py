@@ -810,3 +810,24 @@ def test_pnp_nan_incoming_gradient_and_tangent_propagate(penalty):
     assert torch.isnan(qr.grad[0]).all() and torch.isnan(alpha.grad) and torch.isnan(tangent[0]).all()
     torch.testing.assert_close((qr.grad[1] * dq[1]).sum(), (fd[1] * gout[1]).sum(), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(tangent[1], fd[1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype, scale, ws", [(torch.float16, 2e-4, 200.0), (torch.float32, 3e-37, 1000.0)])
+def test_pnp_gradient_beyond_its_dtype_warns(dtype, scale, ws):
+    # Solved and differentiated in float64, the gradient went back to p3d's dtype by
+    # autograd's cast: float16 entries of 1.1e5 (float32: 4e38) became Inf, silently.
+    g = torch.Generator().manual_seed(0)
+    p3d = torch.randn(1, 10, 3, generator=g, dtype=D) * scale
+    R = axis_angle_to_matrix(torch.randn(1, 3, generator=g, dtype=D) * 0.3)
+    pc = p3d @ R.mT + torch.tensor([0.1, -0.2, 5.0], dtype=D) * scale
+    p2d = pc[..., :2] / pc[..., 2:] + 0.01 * torch.randn(1, 10, 2, generator=g, dtype=D)
+    q, p = p2d.to(dtype), p3d.to(dtype).requires_grad_()
+    W = torch.full((1, 6), ws, dtype=dtype)
+    with pytest.warns(GradientWarning, match=rf"pnp: the gradient with respect to p3d at .* range of {dtype}"):
+        grad, = torch.autograd.grad(pnp(q, p), p, W)
+    # Reference: a float64 central difference on the same (rounded) points.
+    idx = tuple(torch.isinf(grad).nonzero()[0].tolist())
+    P2, P3, e = q.double(), p.detach().double(), torch.zeros(1, 10, 3, dtype=D)
+    e[idx] = h = 1e-6 * scale
+    fd = float(((pnp(P2, P3 + e) - pnp(P2, P3 - e)) * W.double()).sum() / (2 * h))
+    assert abs(fd) > torch.finfo(dtype).max and grad[idx] == math.copysign(math.inf, fd)
