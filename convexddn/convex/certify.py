@@ -24,7 +24,7 @@ from .limit_scaling import LimitScaling
 from .nullspace import NEARLY_DEPENDENT
 from .polish import polish as newton_polish
 from .polish import polish_nonnegative, rounding_level
-from .symmetric_cones import ConeLayout
+from .symmetric_cones import ConeLayout, soc_frame
 
 __all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_scaling_at",
            "nearly_dependent_rows", "soc_frame", "undecided", "undecided_reach"]
@@ -37,37 +37,55 @@ def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _kink_floor(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``(B, k)`` the nonnegative pairs with neither member above rounding: 64 rounding
-    levels of the element's size. A kink (a bound met with a zero multiplier) ends the
+    """``(B, 1)`` 64 rounding levels of the element's size, at or below which both members of
+    a complementary pair are a kink (a bound met with a zero multiplier), which ends the
     semismooth steps at s, z ~1e-16 and 1e-19, whose ratio alone calls it decided: the box
     [-1, 1] at x = 1 gave a gradient of 2e-10 (and 0.7 at x = -1), without a warning,
     where none exists."""
-    z0, k = layout.zero, layout.nonneg  # (called where k > 0)
-    cone_s, cone_z = s[:, z0:], z[:, z0:]
-    floor = 64 * rounding_level(s) * (1 + cone_s.abs().amax(1) + cone_z.abs().amax(1))
-    return torch.maximum(cone_s[:, :k], cone_z[:, :k]) <= floor[:, None]
+    cone_s, cone_z = s[:, layout.zero:], z[:, layout.zero:]
+    return (64 * rounding_level(s) * (1 + cone_s.abs().amax(1) + cone_z.abs().amax(1)))[:, None]
 
 
 def _at_kink(layout: ConeLayout, point: tuple, settled) -> tuple[torch.Tensor, tuple]:
     """``(settled_there (B,), point')``: whether ``point`` = ``(x, s, z, ...)`` is
-    ``settled`` once its kink pairs (:func:`_kink_floor`) count as decided, and the point
-    with each such pair at ``s_i = z_i = max(min(s_i, z_i), tiny)``: undecided (ratio 1),
+    ``settled`` once its kink pairs (:func:`_kink_floor`: nonnegative rows, and second-order
+    cones' Jordan-frame pairs, :func:`soc_frame`) count as decided, and the point with each
+    such pair at ``s_i = z_i = max(min(s_i, z_i), tiny)`` (a cone's frame pair at least one
+    rounding level of the element): undecided (ratio 1),
     as the derivative's checks must see them, where the semismooth steps left one side's
     rounding. Each member moves by at most its own size, so the point's residual moves by
     no more than what the semismooth point left in that row and column (its Newton step,
     the error estimate, stays at rounding). Its x stays the semismooth one: a bound of a
     box projection met at 0 with a zero multiplier was 2.8e-7 off at the interior point's
-    s ≈ z (the derivative's warning was right, the solution's accuracy was not)."""
+    s ≈ z (the derivative's warning was right, the solution's accuracy was not). (A cone's
+    pair moves along its frame vector c_k: a group soft-threshold at ‖v‖ = λ, at the tip
+    with its multiplier on the boundary, was called decided, its one-sided derivatives'
+    blend returned without a warning.)"""
     x, s, z, *rest = point
-    kink = _kink_floor(layout, s, z)
-    z0, k = layout.zero, layout.nonneg
+    floor, tiny = _kink_floor(layout, s, z), torch.finfo(s.dtype).tiny
+    c, k = layout.zero + layout.nonneg, layout.nonneg
     # (Both at the kink's floor, 64 rounding levels of the element's size, which the
     # multipliers set, moved s by that much: a box projection with an entry at 1e6, x ~
     # 2.7e-6 beside multipliers ~1 equilibrated, got s_0 = 1.9e-7 in the caller's units
     # beside y_0 = 7e-17, a Newton step of 1.07e-7 > tol_error and no solution.)
-    pair = torch.minimum(s[:, z0:z0 + k], z[:, z0:z0 + k]).clamp_min(torch.finfo(s.dtype).tiny)
-    at = lambda v, value: torch.cat([v[:, :z0], torch.where(kink, value, v[:, z0:z0 + k]), v[:, z0 + k:]], 1)  # noqa: E731
-    return settled(x, s, at(z, 0.0)), (x, at(s, pair), at(z, pair), *rest)
+    kink = torch.maximum(s[:, c - k:c], z[:, c - k:c]) <= floor
+    pair = torch.minimum(s[:, c - k:c], z[:, c - k:c]).clamp_min(tiny)
+    at = lambda v, value: torch.cat([v[:, :c - k], torch.where(kink, value, v[:, c - k:c]), v[:, c:]], 1)  # noqa: E731
+    s_at, z_at, z_off = at(s, pair), at(z, pair), at(z, 0.0)  # (z_off: the kinks' z at 0)
+    if layout.soc:
+        ds, dz = torch.zeros_like(s[:, c:]), torch.zeros_like(s[:, c:])  # (moves along the frame)
+        a1, a2, b1, b2, u = soc_frame(layout, s[:, c:], z[:, c:])
+        head = 1 - layout.index(s.device).tail
+        for a, b, vec in ((a1, b1, (head + u) / 2), (a2, b2, (head - u) / 2)):
+            on = torch.maximum(a, b) <= floor
+            # (at least one rounding level of the element: a frame coefficient a_k = s₀ ± s₁ᵀu is
+            # exact to no better, and members of 1e-308 came back as 0 and 1e-16, decided)
+            p = torch.maximum(torch.minimum(a, b), floor / 64)
+            ds += layout._spread(torch.where(on, p - a, 0.0)) * vec
+            dz += layout._spread(torch.where(on, p - b, 0.0)) * vec
+            z_off[:, c:] -= layout._spread(torch.where(on, b, 0.0)) * vec
+        s_at[:, c:], z_at[:, c:] = s_at[:, c:] + ds, z_at[:, c:] + dz
+    return settled(x, s, z_off), (x, s_at, z_at, *rest)
 
 
 def _keep(take: torch.Tensor, alt: tuple, out: tuple) -> tuple:
@@ -83,9 +101,9 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     args = (pick(d.P), pick(d.q), pick(d.A), pick(d.b), layout, pick(xs), pick(ss), pick(zs),
             lambda *v: residual_fn(*v, idx), steps)
-    settled = lambda x, s, z: undecided(layout, s, z) <= RESOLVED  # noqa: E731
+    settled = lambda x, s, z: undecided(layout, s, z, rounding=True) <= RESOLVED  # noqa: E731
     out = newton_polish(*args, settled=settled)
-    if decide and layout.nonneg:
+    if decide and (layout.nonneg or layout.soc):
         # Plain steps oscillated where both members of a pair are small beside x's move
         # (a box of half-width 7e-5 in an ill-conditioned QP: 2e-6 off, normwise); the
         # limit rows alone took a weakly active bound (s, z ~1e-11, 1e-13) as inactive
@@ -179,22 +197,9 @@ DECIDED = 1e-2
 POLISH_ERROR = 1e-8
 
 
-def soc_frame(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor):
-    """Jordan-frame coefficients of each second-order cone's pair (soc parts ``(B, msoc)``):
-    ``s = a1 c1 + a2 c2 (+ tangent)``, ``z = b1 c1 + b2 c2``, ``c_{1,2} = (1, ±u)/2`` with
-    ``u = (s1 − z1)/‖s1 − z1‖`` (the frame a complementary pair shares). Returns
-    ``(a1, a2, b1, b2)`` ``(B, nsoc)`` and ``u`` ``(B, msoc)`` (0 on the heads)."""
-    idx = layout.index(s.device)
-    dv = (s - z) * idx.tail
-    nd = torch.sqrt(layout._seg(dv * dv))
-    u = dv / layout._spread(torch.where(nd > 0, nd, 1.0))
-    su, zu = layout._seg(s * u), layout._seg(z * u)
-    s0, z0 = s[:, idx.heads], z[:, idx.heads]
-    return s0 + su, s0 - su, z0 + zu, z0 - zu, u
-
-
-def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _ratio(a: torch.Tensor, b: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
     a, b = a.clamp_min(0), b.clamp_min(0)
+    a, b = torch.where((a <= floor) & (b > floor), 0.0, a), torch.where((b <= floor) & (a > floor), 0.0, b)
     hi = torch.maximum(a, b)
     return torch.minimum(a, b) / torch.where(hi > 0, hi, 1.0)
 
@@ -206,20 +211,25 @@ def decided(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return s < DECIDED * z, z < DECIDED * s
 
 
-def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, rounding: bool = False) -> torch.Tensor:
     """(B,) largest min/max ratio of a complementary pair (0: all decided): the nonnegative
     rows' (s_i, z_i) and, on each second-order cone, the two Jordan-frame pairs (a_k, b_k)
     of :func:`soc_frame` (strict complementarity there: s + z in the cone's interior, i.e.
     a_k + b_k > 0; at the tip with a multiplier on the boundary, e.g. a group
     soft-threshold at ‖v‖ = λ, a pair has ratio ~1: one-sided derivatives 0 and 0.64
-    were blended into 0.007 without a warning)."""
+    were blended into 0.007 without a warning). With ``rounding``, a frame coefficient at
+    rounding level of its cone (:func:`~.polish.rounding_level` of Σ|a_k| + |b_k|, to which
+    a_k = s₀ ± s₁ᵀu is exact) beside one above it counts as 0: the polish's test, which
+    a₂ ≈ 4e-16 beside s₀ ≈ 2 failed against a multiplier of 3e-10 (a ball's 1e-10
+    outside). (Both there: a kink, as it comes, see :func:`_at_kink`.)"""
     z0, k = layout.zero, layout.nonneg
     out = s.new_zeros(s.shape[0])
     if k:
         out = _ratio(s[:, z0:z0 + k], z[:, z0:z0 + k]).amax(1)
     if layout.soc:
         a1, a2, b1, b2, _ = soc_frame(layout, s[:, z0 + k:], z[:, z0 + k:])
-        out = torch.maximum(out, torch.maximum(_ratio(a1, b1), _ratio(a2, b2)).amax(1))
+        floor = rounding_level(s) * (a1.abs() + a2.abs() + b1.abs() + b2.abs()) if rounding else 0.0
+        out = torch.maximum(out, torch.maximum(_ratio(a1, b1, floor), _ratio(a2, b2, floor)).amax(1))
     return out
 
 
@@ -291,7 +301,8 @@ def limit_scaling_at(layout: ConeLayout, sc: torch.Tensor, zc: torch.Tensor, lif
 
 
 def _step_size(dv: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
-    """(B,) ‖scale·dv‖∞ / (1 + ‖scale·v‖∞): the step relative to the point, in the units ``scale`` gives."""
+    """(B,) ‖scale·dv‖∞ / (1 + ‖scale·v‖∞): the step relative to the point, in the units
+    ``scale`` gives."""
     return row_inf(dv * scale) / (1 + row_inf(v * scale))
 
 

@@ -27,7 +27,7 @@ import torch
 
 from .tensor_cache import cached
 
-__all__ = ["ConeLayout", "NTScaling"]
+__all__ = ["ConeLayout", "NTScaling", "soc_frame"]
 
 
 def _t(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -244,6 +244,20 @@ class ConeLayout:
         alpha = torch.where(b < 0, root_neg_b, root_pos_b)
         free = ((a >= 0) & (b >= 0)) | (disc < 0)
         return torch.where(free, math.inf, alpha).amin(1)
+
+
+def soc_frame(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor):
+    """Jordan-frame coefficients of each second-order cone's pair (soc parts ``(B, msoc)``):
+    ``s = a1 c1 + a2 c2 (+ tangent)``, ``z = b1 c1 + b2 c2`` (+ the same tangent), ``c_{1,2} = (1, ±u)/2`` with
+    ``u = (s1 − z1)/‖s1 − z1‖`` (the frame a complementary pair shares). Returns
+    ``(a1, a2, b1, b2)`` ``(B, nsoc)`` and ``u`` ``(B, msoc)`` (0 on the heads)."""
+    idx = layout.index(s.device)
+    dv = (s - z) * idx.tail
+    nd = torch.sqrt(layout._seg(dv * dv))
+    u = dv / layout._spread(torch.where(nd > 0, nd, 1.0))
+    su, zu = layout._seg(s * u), layout._seg(z * u)
+    s0, z0 = s[:, idx.heads], z[:, idx.heads]
+    return s0 + su, s0 - su, z0 + zu, z0 - zu, u
 
 
 class NTScaling:

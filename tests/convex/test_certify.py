@@ -178,3 +178,44 @@ def test_error_estimate_of_an_unpolished_second_order_cone_point_is_its_error():
     assert (actual > 1e-8).all()  # (the interior point's error: something to estimate)
     assert ((info.error >= 0.5 * actual) & (info.error <= 2 * actual)).all()
     assert not (info.solved & (actual > program.tol_error)).any()
+
+
+def test_the_polishs_test_reads_a_frame_coefficient_at_rounding_beside_a_larger_one_as_zero():
+    """A cone's frame pair whose smaller member is at rounding level of the cone (a₂ = s₀ −
+    ‖s₁‖ ≈ 4e-16 beside s₀ ≈ 2, exact to no better, against a ball's multiplier of 3e-10)
+    is as decided as float64 can tell: the polish's test had called it open (ratio 1.5e-6
+    > RESOLVED) and kept the Jordan steps' point, undecided, 0.2 off in the gradient. A
+    cone whose members are all small keeps its ratios (the floor is the cone's own)."""
+    from convexddn.convex.certify import RESOLVED, undecided
+    from convexddn.convex.symmetric_cones import ConeLayout
+
+    one, two = ConeLayout(0, 0, (2,)), ConeLayout(0, 0, (2, 2))
+    # cone 1: a = (4, 2⁻⁵¹ ≈ 4.4e-16), b = (0, 3e-10); cone 2: a = (1e-16, 0), b = (1e-17, 0)
+    s = torch.tensor([[2.0 + 2.0 ** -51, 2.0, 5e-17, 5e-17]], dtype=F64)
+    z = torch.tensor([[1.5e-10, -1.5e-10, 5e-18, 5e-18]], dtype=F64)
+    assert float(undecided(one, s[:, :2], z[:, :2])) == pytest.approx(2.0 ** -51 / 3e-10)  # (> RESOLVED)
+    assert float(undecided(one, s[:, :2], z[:, :2], rounding=True)) == 0.0
+    assert float(undecided(two, s, z, rounding=True)) == pytest.approx(0.1)
+    assert 2.0 ** -51 / 3e-10 > RESOLVED
+
+
+def test_a_second_order_cone_at_its_tip_with_its_multiplier_on_the_boundary_is_a_kink():
+    """The semismooth steps end such a cone (s = 0, z = b₂ c₂) with its first frame pair at
+    rounding on both sides (a₁ = -6e-17, b₁ = 0), whose ratio calls it decided: the pair is
+    set to one rounding level of the element on both sides, undecided (ratio 1), as the
+    derivative's checks must see it (a group soft-threshold at ‖v‖ = λ: one-sided
+    derivatives 0 and 0.64); the point is settled once that pair counts as decided."""
+    from convexddn.convex.certify import DECIDED, RESOLVED, _at_kink, undecided
+    from convexddn.convex.symmetric_cones import ConeLayout, soc_frame
+
+    layout = ConeLayout(0, 1, (3,))
+    u = torch.tensor([0.6, 0.8], dtype=F64)
+    s = torch.tensor([[1.5, -3.5e-17, 0.0, 0.0]], dtype=F64)  # (a₁ = a₂ = -3.5e-17 along u)
+    z = torch.cat([torch.tensor([[0.0, 1.0]], dtype=F64), -u[None]], 1)  # b₁ = 0, b₂ = 2
+    settled = lambda x, s, z: undecided(layout, s, z) <= RESOLVED  # noqa: E731
+    there, (_, s2, z2) = _at_kink(layout, (None, s, z), settled)
+    assert bool(there)
+    a1, a2, b1, b2, _ = soc_frame(layout, s2[:, 1:], z2[:, 1:])
+    assert float(b2) == pytest.approx(2.0) and float(a1) == pytest.approx(float(b1), rel=0.1)
+    assert float(undecided(layout, s2, z2)) > DECIDED
+    assert float((s2 - s).abs().max()) < 1e-13 and float((z2 - z).abs().max()) < 1e-13
