@@ -230,18 +230,25 @@ class MaskedScoresLayer(ConvexLayer):
 
 
 class ScaledBallLayer(ConvexLayer):
-    """The :class:`~convexddn.ConvexLayer` of ``lp_ball``, solved at radius :math:`\\max(r, 1)`:
-    for :math:`r < 1`, :math:`\\Pi_{\\|\\cdot\\| \\le r}(x) = r\\, \\Pi_{\\|\\cdot\\| \\le 1}(x / r)` (any
-    norm), so the value and the Jacobian (:math:`J_1(x/r)`) are exact.
+    """The :class:`~convexddn.ConvexLayer` of ``lp_ball``, solved at radius :math:`r / s \\in [1, 2)`,
+    :math:`s = 2^{\\lfloor \\log_2 r \\rfloor}` (a power of two: never 2^1024, which overflows):
+    :math:`\\Pi_{\\|\\cdot\\| \\le r}(x) = s\\, \\Pi_{\\|\\cdot\\| \\le r/s}(x / s)` (any norm),
+    so the value and the Jacobian (:math:`J_{r/s}(x/s)`) are exact, and dividing by a power of
+    two rounds nothing.
 
-    The solvers' tolerances are absolute at the data's scale: at radius 1e-10 |x| the
-    solution (of norm r) lost all relative accuracy (errors of 0.2 to 0.9 r, a p = 2 gradient
-    of 0 for 4.1e-11). Scaled, the solution is O(1). What scaling cannot remove is the ratio
-    :math:`\\|x\\|_\\infty / r` itself: the p = 1 solution :math:`x_i - \\tau` cancels, so float64
-    fixes it to about :math:`\\epsilon \\|x\\|_\\infty / r` of r only, and the cone program's
-    gradients go astray there (2.4 times the p = 2 Jacobian at a ratio of 2e12). Where that
-    bound exceeds ``tol`` a ``SolverWarning`` says so. The input is scaled in float64 (a
-    float32 x / r may overflow where x does not) and the output returned in its dtype.
+    The solvers work at the data's scale: at radius 1e-10 |x| the solution (of norm r) lost
+    all relative accuracy (errors of 0.2 to 0.9 r, a p = 2 gradient of 0 for 4.1e-11), and
+    from radius 1e160 the cone program's r² overflows (Clarabel: KKT residual 1.0 for x
+    inside the ball). Scaled, the radius is O(1) at every r. What scaling cannot remove is
+    the ratio :math:`\\|x\\|_\\infty / r` itself: the p = 1 solution :math:`x_i - \\tau` cancels,
+    so float64 fixes it to about :math:`\\epsilon \\|x\\|_\\infty / r` of r only, and the cone
+    program's gradients go astray there (2.4 times the p = 2 Jacobian at a ratio of 2e12).
+    Where that bound exceeds ``tol`` a ``SolverWarning`` says so; where :math:`x / s`
+    overflows, an ``InputError``; where it falls below float64's normal range while
+    :math:`x` does not (:math:`\\|x\\|_\\infty / r` below about :math:`2^{-1022}`), a ``SolverWarning`` that the
+    projection (x itself there) keeps only the bits of a subnormal. The input is scaled in
+    float64 (a float32 x / r may overflow where x does not) and the output returned in its
+    dtype.
 
     Shape: as the ConvexLayer's: ``(*batch, n) -> (*batch, n)``.
     """
@@ -262,7 +269,12 @@ class ScaledBallLayer(ConvexLayer):
         if not math.isfinite(top / self.scale):
             raise InputError(f"{label} / radius overflows float64 (radius {self.radius:g}, largest |x| "
                              f"{top:.3g}); scale x and radius down together")
-        eps = torch.finfo(torch.float64).eps
+        info = torch.finfo(torch.float64)
+        eps = info.eps
+        if top / self.scale < info.tiny <= top:  # (x is then far inside the ball: y = x)
+            warn(f"lp_ball (backend='cvxpy'): |x| is at most {ratio:.3g} times the radius {self.radius:g}, so "
+                 f"x / {self.scale:g} falls below float64's normal range and the projection keeps only the "
+                 "bits of a subnormal there; the native node (backend='auto') is exact to rounding", SolverWarning)
         if eps * ratio > self.tol:
             warn(f"lp_ball (backend='cvxpy'): |x| reaches {ratio:.3g} times the radius, so float64 fixes the "
                  f"projection to about {eps * ratio:.1e} of the radius only (> tol = {self.tol:g}), and the cone "
@@ -309,7 +321,7 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         ``sparsemax`` take ``-inf`` scores (masked) on both (``MaskedScoresLayer``).
         ``ot_entropic``'s native node is :class:`TransportNode` (the registry's gradient
         with respect to the marginals); ``lp_ball``'s cone program is a
-        :class:`ScaledBallLayer` (a radius below 1 solved at radius 1 on ``x / r``).
+        :class:`ScaledBallLayer` (solved at a radius in [1, 2) on ``x / s``, s a power of two).
 
     Raises:
         OptionError: unknown name, backend or option; ``backend="native"`` for a
@@ -358,10 +370,12 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
     if name in _MASKING:  # the native node's -inf masking, for the cone program too
         layer_opts["alpha"] = _MASKING[name](spec.options)
         cls = MaskedScoresLayer
-    elif name == "lp_ball":  # a radius below 1 solved at radius 1 (ScaledBallLayer)
+    elif name == "lp_ball":  # solved at radius r / s in [1, 2), s a power of two (ScaledBallLayer)
         radius = spec.options["radius"]
-        layer_opts.update(scale=min(radius, 1.0), radius=radius)
-        spec = registry.build(name, **{**options, "radius": max(radius, 1.0)})
+        # r = m 2^e, m in [1/2, 1): s = 2^(e - 1), finite up to float64's largest r (2^e is not)
+        scale = math.ldexp(1.0, math.frexp(radius)[1] - 1)
+        layer_opts.update(scale=scale, radius=radius)
+        spec = registry.build(name, **{**options, "radius": radius / scale})
         cls = ScaledBallLayer
     convex = cls(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check, **layer_opts)
     # Parameters the problem learns (e.g. qp's learn="Gh") become nn.Parameters of the module.

@@ -174,6 +174,48 @@ def test_lp_ball_cone_program_keeps_relative_accuracy_at_small_radius(p):
             assert float((J - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
+def _ball_reference(x: list[float], p: float, r: float) -> list[float]:
+    """The closed forms in Python floats at the data's own scale (math.hypot does not
+    overflow at |x| ~ 1e300, nor underflow at 1e-300): no rescaling, unlike the layer."""
+    if p == 2:
+        norm = math.hypot(*x)
+        return list(x) if norm <= r else [r * (v / norm) for v in x]
+    if math.isinf(p):
+        return [min(max(v, -r), r) for v in x]
+    if sum(abs(v) for v in x) <= r:
+        return list(x)
+    u, c = sorted((abs(v) for v in x), reverse=True), 0.0
+    for i, v in enumerate(u):  # τ = (Σ_{j<=k} u_j − r)/(k + 1) for the last k with u_k > τ_k
+        c += v
+        if v > (c - r) / (i + 1):
+            tau = (c - r) / (i + 1)
+    return [math.copysign(max(abs(v) - tau, 0.0), v) for v in x]
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_ball_cone_program_at_any_radius(p):
+    """Radii of 1e160 and more failed for x inside the ball (p = 2: SolverError 'Clarabel:
+    Solved (KKT residual 1.0e+00 > tol)'; r² overflows float64): only radii below 1 were
+    rescaled. Now every radius is solved at r / s in [1, 2), s a power of two. Points inside,
+    on the boundary side and outside the ball, at the radius' scale, and O(1) points inside
+    huge balls, against the closed forms; an x / s below float64's normal range warns."""
+    base = [0.3, -1.2, 2.0, 0.5]
+    for r in (1e-300, 1e-150, 1e-10, 1.0, 3.0, 1e10, 1e160, 1e300):
+        layer = cddn.layer("lp_ball", n=4, p=p, radius=r, backend="cvxpy")
+        rows = [[c * r * v for v in base] for c in (0.1, 0.45, 3.0)]
+        rows += [base] if r >= 1e10 else []
+        got = layer(torch.tensor(rows, dtype=F64))
+        for row, y in zip(rows, got.tolist()):
+            want = _ball_reference(row, p, r)
+            scale = max(abs(v) for v in want)
+            assert max(abs(a - b) for a, b in zip(y, want)) <= 1e-7 * scale, (r, row, y, want)
+    layer = cddn.layer("lp_ball", n=4, p=p, radius=1e300, backend="cvxpy")
+    x = torch.tensor([1e-10 * v for v in base], dtype=F64)
+    with pytest.warns(cddn.errors.SolverWarning, match="below float64's normal range"):
+        y = layer(x)
+    torch.testing.assert_close(y, x, rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("name, options", [("robust_pool", {"penalty": "huber"}), ("lp_ball", {"p": 1}),
                                            ("tv1d", {}), ("simplex", {})])
 @pytest.mark.parametrize("bad, counts", [(float("nan"), "1 NaN and 0 Inf"), (-float("inf"), "0 NaN and 1 Inf")])
