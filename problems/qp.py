@@ -106,8 +106,12 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
     {G z <= h - t/2} where t = min(1 + max|h|, the largest margin max_z min(h - G z)) (an
     ``OptionError`` where t <= 0: the constant constraints admit no strictly feasible
     point); z0 = 0 when A, G or h is an input (the one point independent of data seen only
-    at call time). Then b = A z0 and h = G z0 + 1, so that z0 satisfies the equalities and,
-    with a margin, the inequalities.
+    at call time: A 0 = 0 and G 0 = 0 for every A, G), which needs a constant b = 0 and a
+    constant h > 0 when A or G is an input (an ``OptionError`` otherwise). Then b = A z0 and
+    h = G z0 + 1, so that z0 satisfies the equalities and, with a margin, the inequalities.
+    A learned A or b needs A (constant or initial) of full row rank n_eq <= n (an
+    ``OptionError`` otherwise): with dependent rows A y = b is consistent only on a set of
+    measure zero, which rounding and gradient steps leave.
     """
     init: dict[str, np.ndarray] = {}
     for k, default in (("L", lambda: np.eye(n, rank)), ("q", lambda: np.zeros(n)),
@@ -118,8 +122,13 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
     A, G = init.get("A", values.get("A")), init.get("G", values.get("G"))
     n_eq = shapes["A"][0]
     b = values["b"] if n_eq and "b" in values and "b" not in learned else None  # a constant b
+    passed = [k for k in "AGh" if shapes[k][0] and k not in learned and k not in values]  # inputs
+    if A is not None and any(k in learned for k in "Ab"):
+        _independent_rows(A, learned)
+    if any(k in passed for k in "AG") and any(k in learned for k in "AbGh"):
+        _zero_start(values, learned, passed)
     z0 = _randn(n)  # drawn in every case: the same seed gives the other blocks the same values
-    if any(shapes[k][0] and k not in learned and k not in values for k in "AGh"):
+    if passed:
         z0 = np.zeros(n)  # e.g. A comes at call time: z = 0 satisfies A z = b for b = 0
     elif shapes["h"][0] and "h" in values and "h" not in learned and any(k in learned for k in "AbG"):
         # A random z0 ignored the constant G z <= h: learned b = A z0 made the first call
@@ -133,6 +142,50 @@ def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[st
     if "h" in learned:
         init["h"] = values["h"] if "h" in values else (G @ z0 if G is not None else 0.0) + np.ones(shapes["h"])
     return init
+
+
+def _independent_rows(A: np.ndarray, learned: tuple[str, ...]) -> None:
+    """An ``OptionError`` where A (a constant, or a learned A's initial value) has linearly
+    dependent rows while A or b is learned: A y = b is then consistent only for b in A's
+    range, a set of measure zero that rounding to the parameters' dtype (float32: b = A z0
+    missed it by 1e-8, a SolverError at every first call) and each gradient step leave.
+    n_eq > n rows are always dependent."""
+    n_eq, n = A.shape
+    rank = int(np.linalg.matrix_rank(A))
+    if rank == n_eq:
+        return
+    blocks = [k for k in learned if k in "Ab"]
+    if n_eq > n and "A" in learned:
+        raise OptionError(
+            f"n_eq={n_eq} equality rows in n={n} unknowns with learned block(s) {blocks}: the rows of A are "
+            f"linearly dependent, so A y = b holds only for b in A's range, which the stored parameters "
+            f"(rounded to their dtype) and every gradient step leave: calls would be infeasible; pass n_eq <= n")
+    own = "the initial value of A" if "A" in learned else "the constant A"
+    raise OptionError(
+        f"{own} has rank {rank} < n_eq={n_eq} (linearly dependent rows) with learned block(s) {blocks}: "
+        f"A y = b holds only for b in A's range, which the stored parameters (rounded to their dtype) and "
+        f"every gradient step leave: calls would be infeasible; drop the dependent rows of A (and n_eq)")
+
+
+def _zero_start(values: dict[str, np.ndarray], learned: tuple[str, ...], passed: list[str]) -> None:
+    """An ``OptionError`` where the constants exclude the start z0 = 0 that an input A or G
+    forces: z0 must satisfy A z0 = b and G z0 < h for values seen only at call time, and
+    A 0 = 0, G 0 = 0 whatever A and G, so a constant b must be 0 and a constant h > 0.
+    (h = -1 with learned G, inputs A, b: 6 fresh layers in 10 were infeasible at the first
+    call; no learned value can help, the product with z0 = 0 being 0.)"""
+    bad = []
+    if "h" in values and "h" not in learned and values["h"].size and not values["h"].min() > 0:
+        bad.append(f"the constant h has an entry {values['h'].min():.3g} <= 0, so G 0 = 0 < h fails (pass h > 0, "
+                   "learn h, started at G z0 + 1, or make h an input)")
+    if "b" in values and "b" not in learned and values["b"].size and np.abs(values["b"]).max() > 0:
+        bad.append(f"the constant b is not 0 (max|b| = {np.abs(values['b']).max():.3g}), so A 0 = b fails (pass "
+                   "b = 0, learn b, started at A z0, or make b an input)")
+    if bad:
+        blocks = [k for k in learned if k in "AbGh"]
+        raise OptionError(
+            f"with {[k for k in passed if k in 'AG']} among inputs, the learned block(s) {blocks} start at z0 = 0 "
+            f"(the one point meeting A z = 0 and G z = 0 whatever the inputs' values), but " + "; and ".join(bad)
+            + ": z0 = 0 is infeasible whatever the inputs, and no other start is feasible for all of them")
 
 
 def _on_equalities(z: np.ndarray, A: np.ndarray, b: np.ndarray, learned: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -202,7 +255,12 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
       constant; 0 when A, G or h is an input), so that the initial constraints are
       strictly feasible (an ``OptionError`` where constant ones allow no such z0;
       with an input among A, G, h, where its value at call time allows z0 = 0, e.g.
-      h > 0); drawn from torch's global generator (``torch.manual_seed``);
+      h > 0 for an input h; with an input A or G, z0 = 0 is the only start feasible
+      whatever its value, so a constant h must be > 0 and a constant b = 0, else an
+      ``OptionError``). A learned A or b needs A (constant or the initial value) of
+      full row rank, so n_eq <= n: with dependent rows A y = b holds only for b in A's
+      range, which rounding to float32 and gradient steps leave (``OptionError``).
+      Drawn from torch's global generator (``torch.manual_seed``);
     - **an input** (named in ``inputs``): a tensor passed at call time, by position in
       the order L, q, G, h, A, b or by name;
     - **a constant**: the option's value, else L = I, q = 0 (G, h, A, b must be given).
@@ -236,7 +294,10 @@ def qp(n: int, n_ineq: int = 0, n_eq: int = 0, learn: str = "", inputs: str | No
             a tensor that requires grad as a constant (a learned block's initial value
             is detached), ridge < 0; no block learned or an input (the solution would be a
             constant); a learned constraint block with constant A y = b that has no
-            solution, or constant G y <= h, A y = b without a strictly feasible point.
+            solution, or constant G y <= h, A y = b without a strictly feasible point, or,
+            with an input A or G, a constant h with an entry <= 0 or a constant b != 0
+            (they exclude the start z0 = 0); a learned A or b with A's rows linearly
+            dependent (n_eq > n with learned A, or a constant A of rank < n_eq).
     """
     n = check_size("n", n, minimum=1)
     n_ineq = check_size("n_ineq", n_ineq, minimum=0)

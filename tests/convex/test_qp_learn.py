@@ -332,3 +332,55 @@ def test_qp_without_any_parameter_is_an_option_error(options):
     # Every block a constant: the ConvexLayer's ProblemError asked to declare a cp.Parameter.
     with pytest.raises(OptionError, match=r"qp has no learned or input block.*inputs=.*learn="):
         cddn.layer("qp", n=2, **options)
+
+
+def qp_reference(q: np.ndarray, G: np.ndarray, h: np.ndarray, A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ½‖y‖² + qᵀy s.t. G y ≤ h, A y = b by cvxpy + Clarabel (L = I)."""
+    y = cp.Variable(q.shape[0])
+    cons = ([G @ y <= h] if G.size else []) + ([A @ y == b] if A.size else [])
+    cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y) + q @ y), cons).solve(solver="CLARABEL")
+    return y.value
+
+
+@pytest.mark.parametrize("options, blamed", [
+    ({"learn": "G", "h": [-1.0, -1.0], "inputs": "qAb"}, r"constant h has an entry -1 <= 0"),
+    ({"learn": "b", "h": [-1.0, 2.0], "A": [[1.0, 0.0]], "inputs": "qG"}, r"constant h has an entry -1 <= 0"),
+    ({"learn": "h", "b": [1.0], "G": np.eye(2), "inputs": "qA"}, r"constant b is not 0 \(max\|b\| = 1\)")])
+def test_qp_learned_start_with_input_A_or_G_refuses_constants_excluding_zero(options, blamed):
+    """An input A or G forces the start z0 = 0 (A 0 = 0, G 0 = 0 whatever their values), and
+    constant h = −1 (or b = 1) excludes it: learn='G', h = −1, inputs='qAb' built, and 6 first
+    calls in 10 were InfeasibleError (no learned G helps: G 0 = 0 > −1). Now an OptionError
+    names the constant and the inputs; h > 0 builds, and its first call matches Clarabel."""
+    with pytest.raises(OptionError, match=r"with \['[AG]'\] among inputs, the learned block\(s\) .* start at "
+                                          r"z0 = 0 .*" + blamed):
+        registry.build("qp", n=2, n_ineq=2, n_eq=1, **options)
+    A, b, q = np.array([[1.0, 1.0]]), np.array([0.0]), np.array([0.3, -0.2])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = cddn.layer("qp", n=2, n_ineq=2, n_eq=1, learn="G", h=[0.5, 1.0], inputs="qAb").double()
+        y = layer(*(torch.tensor(v, dtype=F64) for v in (q, A, b)))
+        G = layer.learned["G"].detach().numpy()
+        np.testing.assert_allclose(y.detach().numpy(), qp_reference(q, G, np.array([0.5, 1.0]), A, b), atol=1e-6)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"n_eq": 3, "learn": "Ab"}, r"n_eq=3 equality rows in n=2 unknowns with learned block\(s\) \['A', 'b'\].*"
+                                 r"pass n_eq <= n"),
+    ({"n_eq": 3, "learn": "A", "b": [1.0, 2.0, 3.0]}, r"n_eq=3 equality rows in n=2 .*pass n_eq <= n"),
+    ({"n_eq": 2, "learn": "b", "A": [[1.0, 1.0], [3.0, 3.0]]}, r"the constant A has rank 1 < n_eq=2 .*"
+                                                                r"drop the dependent rows of A")])
+def test_qp_learned_A_or_b_needs_independent_rows(options, match):
+    """learn='Ab' with n_eq = 3 > n = 2: b = A z0 is consistent in float64, but A, b stored
+    in float32 left A's range (lstsq residual 3e-9 to 1.4e-8) and every first call was a
+    SolverError; a constant A = [[1, 1], [3, 3]] with learned b failed for 2 seeds in 3.
+    Now an OptionError at build time; with n_eq <= n the first call matches Clarabel."""
+    with pytest.raises(OptionError, match=match):
+        registry.build("qp", n=2, inputs="q", **options)
+    q = np.array([0.3, -0.2, 0.1])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = cddn.layer("qp", n=3, n_eq=2, learn="Ab", inputs="q")  # float32 parameters
+        y = layer(torch.tensor(q, dtype=torch.float32))
+        A, b = (layer.learned[k].detach().double().numpy() for k in "Ab")
+        np.testing.assert_allclose(y.detach().double().numpy(), qp_reference(q, np.zeros((0, 3)), np.zeros(0), A, b),
+                                   atol=1e-4)
