@@ -18,7 +18,7 @@ import torch.autograd.forward_ad as fwAD
 
 from convexddn.convex.batched import BatchedProgram
 from convexddn.convex.layer import ConvexLayer
-from convexddn.errors import GradientWarning, ProblemError
+from convexddn.errors import DoubleBackwardError, GradientWarning, ProblemError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_batched import (_corner, edge_of_optima_lps, qp_data, qp_problem, sparsemax,  # noqa: E402
@@ -93,7 +93,12 @@ def test_dual_inputs_that_also_require_grad():
     with fwAD.dual_level():
         y = layer(*(fwAD.make_dual(v, t) for v, t in zip(values, tangents)))
         tangent = fwAD.unpack_dual(y).tangent
-        y.sum().backward()  # reverse mode through the same call
+        # Inside the level a backward whose inputs carry tangents would differentiate the
+        # gradient in forward mode (a second derivative the first-order backward cannot give):
+        # refused (convexddn._first_order.refuse_forward_over_reverse). The graph outlives it.
+        with pytest.raises(DoubleBackwardError, match="ConvexLayer"):
+            y.sum().backward(retain_graph=True)
+    y.sum().backward()  # reverse mode through the same call, after the level
     assert all(v.grad is not None for v in values)
     torch.testing.assert_close(tangent, _jvp(layer, [v.detach() for v in values], tangents), rtol=1e-9, atol=1e-10)
 
