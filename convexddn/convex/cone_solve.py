@@ -17,7 +17,7 @@ from .resolution import moved_columns, warn_unresolved, warn_weak, weak_tangent,
 from .status import element_list, name_elements
 from .upstream import zero_nonfinite
 from .vjp import cone_jvp, cone_vjp
-from .zero_rows import moved_zero_rows, warn_zero_rows
+from .zero_rows import warn_zero_rows
 
 __all__ = ["ConeSolve"]
 
@@ -52,10 +52,7 @@ class ConeSolve(torch.autograd.Function):
         # implemented" from inside the derivative before)
         refuse_batched("ConvexLayer", dP, dq, dA, db, functorch=False)
         sol, layout, refine, _, where, cols, _ = ctx.state
-        dx, dz, flagged, zeroed, unsolved = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
-        rz = torch.zeros_like(sol.z) if db is None else db  # (b - Ax's tangent: moved_zero_rows tests it for 0)
-        rz = rz if dA is None else rz - torch.bmm(dA, sol.x.unsqueeze(-1)).squeeze(-1)
-        zero = flagged & moved_zero_rows(sol, layout, rz)
+        dx, dz, flagged, zeroed, unsolved, zero = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
         _warn_zero_rows("forward mode", where, zero, zeroed, "tangent")
         _warn_not_differentiable("forward mode", where, flagged & ~zero, zeroed, "tangent", unsolved)
         warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,

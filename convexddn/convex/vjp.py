@@ -214,7 +214,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     is zero).
 
     Returns:
-        ``(dx, dz, flagged, zeroed, unsolved)``: the tangents, exactly zero for elements that are
+        ``(dx, dz, flagged, zeroed, unsolved, zero_rows)``: the tangents, exactly zero for elements that are
         not solved and where no derivative exists (``zeroed``): the system amplifies the
         tangent's right-hand side by more than :data:`AMPLIFICATION` uncertified (:func:`_certify`), or the requested
         outputs (``cols``) or that right-hand side reach a null direction of the limit
@@ -223,7 +223,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
         (:data:`BACKWARD_ACCEPT`); ``flagged`` also marks solved elements with an
         undecided complementary pair that the tangent reaches or a gain above :data:`PROBE_GAIN` (a degenerate
         vertex moved apart: a one-sided derivative); ``unsolved`` those ``zeroed`` whose
-        system could not be solved and that nothing else flags.
+        system could not be solved and that nothing else flags; ``zero_rows`` those ``flagged``
+        with a zero row that holds, which the tangent moves (:func:`~.zero_rows.moved_zero_rows`).
     """
     d, kkt, x, z = sol.scaled, sol.kkt, sol.x, sol.z
     rx, rz = torch.zeros_like(x), torch.zeros_like(z)
@@ -260,7 +261,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     kinks = _kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1))
     steep = (amplification > PROBE_GAIN) & ~certified
     unsolved = zeroed & (unsolved | uncertain) & ~(outputs | reached | kinks | (steep & ~uncertain))
-    return dx, dz, zeroed | (ok & (kinks | steep)), zeroed, unsolved
+    flagged = zeroed | (ok & (kinks | steep))
+    return dx, dz, flagged, zeroed, unsolved, flagged & moved_zero_rows(sol, layout, rz)
 
 
 # Largest component of a derivative's dual part along the directions an undecided pair
