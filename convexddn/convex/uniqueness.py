@@ -222,12 +222,12 @@ def limit_inconsistency(d, layout, x: torch.Tensor, s: torch.Tensor, z: torch.Te
         present[:, z0:] = _present(s[:, z0:z0 + k], z[:, z0:z0 + k])
     zero, holds = zero_rows(d, layout, x)
     present = torch.where(zero, holds, present)
-    norm = A.norm(dim=-1)
+    norms = d.A.norm(dim=-1)
     keep = present & ~zero
-    inv = torch.where(keep, 1.0 / torch.where(keep, norm, 1.0), 0.0)
+    inv = torch.where(keep, 1.0 / torch.where(keep, norms[:, :z0 + k], 1.0), 0.0)
     # (a zero row's r in the units of the others': its E undone, over the largest row's size)
-    largest = (d.A.norm(dim=-1) / d.E).amax(1, keepdim=True)
-    rinv = torch.where(zero & holds, 1.0 / (d.E[:, :z0 + k] * torch.where(largest > 0, largest, 1.0)), inv)
+    largest = (norms / d.E).amax(1, keepdim=True)
+    rinv = torch.where(holds, 1.0 / (d.E[:, :z0 + k] * torch.where(largest > 0, largest, 1.0)), inv)
     V, sv, _ = torch.linalg.svd(A * inv.unsqueeze(-1))
     coef = (V.mT @ (r * rinv).unsqueeze(-1)).squeeze(-1).abs()
     # (singular values at rounding, and the zeros beyond min(rows, n), floored at it: a
