@@ -53,8 +53,7 @@ class ConeSolve(torch.autograd.Function):
         refuse_batched("ConvexLayer", dP, dq, dA, db, functorch=False)
         sol, layout, refine, _, where, cols, _ = ctx.state
         dx, dz, flagged, zeroed, unsolved, zero = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
-        _warn_zero_rows("forward mode", where, zero, zeroed, "tangent")
-        _warn_not_differentiable("forward mode", where, flagged & ~zero, zeroed, "tangent", unsolved)
+        _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved, zero)
         warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,
                         moved_columns(dP, dq, dA, db, sol.scaled.A))
         # (the zeroed elements' tangents are warned about already: nothing of theirs to bound)
@@ -72,8 +71,7 @@ class ConeSolve(torch.autograd.Function):
         gz = torch.zeros_like(sol.z) if gz is None else gz
         gx, gz = zero_nonfinite("backward (batched)", where, (gx, gz))  # before any solve sees them
         gP, gq, gA, gb, flagged, zeroed, unsolved, zero = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
-        _warn_zero_rows("backward", where, zero, zeroed, "gradient")
-        _warn_not_differentiable("backward", where, flagged & ~zero, zeroed, "cotangent", unsolved)
+        _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent", unsolved, zero)
         if moved is not None:
             live = (sol.status == SOLVED) & ((gx != 0).any(1) | (gz != 0).any(1))
             warn_unresolved("backward", sol, layout, where, live, moved)
@@ -82,21 +80,21 @@ class ConeSolve(torch.autograd.Function):
         return gP, gq, gA, gb, None, None, None, None, None, None
 
 
-def _warn_zero_rows(mode: str, where, zero: torch.Tensor, zeroed: torch.Tensor, what: str) -> None:
-    """:func:`~.zero_rows.warn_zero_rows` for the elements ``zero`` (those ``zeroed`` got 0)."""
-    idx = torch.nonzero(zero).squeeze(1).tolist()  # (a host sync)
+def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str,
+                             unsolved: torch.Tensor, zero: torch.Tensor) -> None:
+    """The GradientWarnings naming the elements without a derivative (``flagged``; those
+    ``zeroed`` got exactly zero): first those of them with a moved zero row (``zero``:
+    :func:`~.zero_rows.warn_zero_rows`), then, apart from the rest, those whose system could
+    not be solved (``unsolved``, zeroed: u^1.005 at u = 2e6 was called not unique)."""
+    what = "gradient" if along == "cotangent" else "tangent"
+    if not torch.nonzero(flagged).numel():  # a host sync (one more for each message)
+        return
+    idx = torch.nonzero(zero).squeeze(1).tolist()
     n_zero = int((zero & zeroed).sum()) if idx else 0
     warn_zero_rows(f"{mode} (batched)", where, idx, f"their {what} is a one-sided limit's blend"
                    + (f" ({n_zero} of them: set to zero)" if n_zero else ""))
-
-
-def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str,
-                             unsolved: torch.Tensor) -> None:
-    """The GradientWarnings naming the elements without a derivative (``flagged``; those
-    ``zeroed`` got exactly zero), apart from them those whose system could not be solved
-    (``unsolved``, zeroed: u^1.005 at u = 2e6 was called not unique)."""
-    what = "gradient" if along == "cotangent" else "tangent"
-    if not torch.nonzero(flagged).numel():  # a host sync (one more for each message)
+    flagged = flagged & ~zero
+    if idx and not torch.nonzero(flagged).numel():
         return
     bad = torch.nonzero(unsolved).squeeze(1).tolist()
     if bad:
