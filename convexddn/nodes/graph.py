@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import InputError, ProblemError
-from .lagrangian import ROUNDING_MARGIN, _grads, seed_rounding
+from .lagrangian import ROUNDING_MARGIN, _grads, end_rounding
 from .optimality import _format_indices
 
 __all__ = ["autograd_leaves", "check_curvature", "check_graph", "check_second_order", "ill_determined",
@@ -275,8 +275,7 @@ def check_curvature(prefix: str, grad_at: Callable[..., Tensor], y: Tensor, u: T
            & ((d2 - d1).abs().amax(-1) <= _CURVATURE_AGREE * miss))
     if not bool(bad.any()):
         return
-    with torch.enable_grad():
-        noise = sum(seed_rounding(lambda c, p=y + k * h * u: grad_at(p, c), end) for k, end in zip((1.0, -1.0), ends))
+    noise = end_rounding(grad_at, y, h, u, ends)
     bad = bad & (miss * 2.0 * h[:, 0] > ROUNDING_MARGIN * noise.amax(-1))
     if not bool(bad.any()):
         return
@@ -330,7 +329,6 @@ def ill_determined(grad_at: Callable[..., Tensor], y: Tensor, u: Tensor, hu: Ten
     bad = bad & departs(change, s)
     if not bool(bad.any()):
         return None
-    with torch.enable_grad():
-        noise = sum(seed_rounding(lambda c, p=y + k * s * u: grad_at(p, c), end) for k, end in zip((1.0, -1.0), ends))
+    noise = end_rounding(grad_at, y, s, u, ends)
     bad = bad & ~(change.abs().amax(-1) > ROUNDING_MARGIN * noise.amax(-1))
     return bad if bool(bad.any()) else None

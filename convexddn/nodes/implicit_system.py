@@ -199,6 +199,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         if attempt:
             break
         u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
+        grad_at = gradient_at(objective, fns, prefix, xg, y.shape, lam, inactive)  # (∇_y L at other points)
         *probes, d_seed = lagrangian_probes(gL, yg, xg, seed, u)
         probes = tuple(probes)
         norms = term_norms(yg, xg, gf, probes)
@@ -206,8 +207,8 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         if custom:  # (torch's own operations cannot drop a graph: their gap is rounding)
             check_second_order(prefix, gL, u, d_seed, terms, batch_shape, rounding=rounding)
             curvature = torch.zeros_like(terms) if probes[0] is None else probes[0].detach().abs().amax(-1)
-            check_curvature(prefix, gradient_at(objective, fns, prefix, xg, y.shape, lam, inactive), yg.detach(), u,
-                            probes[0], _kink_length(yg.detach(), curvature, terms.detach()), custom, batch_shape)
+            length = _kink_length(yg.detach(), curvature, terms.detach())
+            check_curvature(prefix, grad_at, yg.detach(), u, probes[0], length, custom, batch_shape)
         broken = _non_finite_derivatives(gL, probes)
         if broken is not None:
             warn(
@@ -218,8 +219,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
                 "(u*u).sum()**1.5), so no implicit derivative can be formed; their gradients "
                 "(tangents, in forward mode) are set to zero", GradientWarning)
         elif check_solution:
-            broken = kinked(objective, fns, prefix, xg, yg, y.shape, lam, inactive, probes[0], gf, gL,
-                            terms.detach(), diff=diff)
+            broken = kinked(grad_at, yg, u, probes[0], gf, gL, terms.detach(), diff=diff)
             if broken is not None:
                 warn(
                     f"{who}the gradient of the Lagrangian in y jumps at the solution for "

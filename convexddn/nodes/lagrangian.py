@@ -186,16 +186,14 @@ def _solution_length(g: Tensor, yg: Tensor) -> Tensor:
     return torch.maximum(length, floor)
 
 
-def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None = None, u: Tensor | None = None) -> tuple:
+def lagrangian_probes(gL: Tensor, yg: Tensor, xg, seed: Tensor | None, u: Tensor) -> tuple:
     """One double-backward pass of ``∇_y L`` along the generic direction :func:`~.krylov.pseudo_random_directions`:
     ``(H u, Bᵀu for each input)`` (``None`` where unused), shared by :func:`_non_finite_derivatives` and
     :func:`~.optimality.kkt_residuals`; with ``seed`` (the ``ω`` of :func:`~.graph.lagrangian_gradient`), also
-    ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for :func:`~.graph.check_second_order`); ``u``: that direction, if known."""
+    ``∂⟨∇_y L, u⟩/∂ω`` (B,) last (for :func:`~.graph.check_second_order`); ``u`` (B, m): that direction."""
     extra = () if seed is None else (seed,)
     if not gL.requires_grad:
         return (None,) * (1 + len(xg) + len(extra))
-    if u is None:
-        u = pseudo_random_directions(yg.shape[1], yg.shape[0], yg.dtype, yg.device)
     return torch.autograd.grad((gL * u).sum(), (yg, *xg, *extra), retain_graph=True, allow_unused=True)
 
 
@@ -223,6 +221,12 @@ def seed_rounding(grad: Callable[[float], Tensor], reference: Tensor) -> Tensor:
     for c in _ROUNDING_SEEDS:
         noise = torch.maximum(noise, (grad(c) / c - reference).abs())
     return torch.nan_to_num(noise, nan=0.0, posinf=0.0)  # (no measure: no floor)
+
+
+def end_rounding(grad_at: Callable[..., Tensor], y: Tensor, step: Tensor, u: Tensor, ends) -> Tensor:
+    """``(B, m)``: :func:`seed_rounding` of ``ends`` = ``grad_at(y ± step u)`` (``step`` (B, 1)), summed."""
+    with torch.enable_grad():
+        return sum(seed_rounding(lambda c, p=y + k * step * u: grad_at(p, c), end) for k, end in zip((1.0, -1.0), ends))
 
 
 # The kink probe's step, in eps of ‖y‖∞ (norm-wise, as the solution's accuracy): a hundred
@@ -278,15 +282,15 @@ def gradient_at(objective, fns, prefix: str, xg, shape, lam: Tensor | None,
     return grad
 
 
-def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | None, inactive: Tensor | None,
-           hu: Tensor | None, gf: Tensor, gL: Tensor, scale: Tensor, diff: list | None = None) -> Tensor | None:
+def kinked(grad_at: Callable[..., Tensor], yg: Tensor, u: Tensor, hu: Tensor | None, gf: Tensor, gL: Tensor,
+           scale: Tensor, diff: list | None = None) -> Tensor | None:
     r"""``(B,)`` elements whose ``∇_y L`` jumps at the solution; ``None`` if none (one host sync).
 
     Autograd differentiates ``|y_i|``, ``max`` or ``clamp`` at a kink by a one-sided choice (``|·|' = |·|'' = 0``
     at 0): a solution at one (an L1 term's exact zero, an L1 ball's vertex) looks like a smooth KKT point, its
     implicit derivative that of another problem (soft-thresholding at ``x_i = 0``: 1 for a true 0). The probe:
-    with the multipliers fixed, :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)` along the dense ``u``
-    of ``hu`` (:math:`H u`, :func:`lagrangian_probes`) is :math:`2\delta H u + O(\delta^3)` where L is twice
+    with the multipliers fixed (``grad_at``), :math:`\nabla_y L(y + \delta u) - \nabla_y L(y - \delta u)` along
+    the dense ``u`` (B, m) of ``hu`` (:math:`H u`) is :math:`2\delta H u + O(\delta^3)` where L is twice
     differentiable, off by the gradient's jump where a kink lies within :math:`\delta = 100\, \epsilon\, \ell` of
     ``y`` (:func:`_kink_length`: at the solution to rounding). Flagged: an element where, in some entry ``j``,
     that excess exceeds ``_KINK_RATIO`` of :math:`2\delta\|Hu\|_\infty` plus the entry's rounding floor
@@ -294,7 +298,8 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     of the terms of :math:`\nabla_y L`: :math:`\|H\|\|y\| + \|B\|\|x\| + \|\nabla_y f\| + \sum_j |\lambda_j|
     \|a_j\|`) and agrees with the excess at the step :math:`2\delta` (a jump does not depend on the step; a
     smooth term's excess grows with it); reported where it also exceeds ``ROUNDING_MARGIN`` times the gradient's
-    rounding measured at the step's ends, entry by entry (:func:`seed_rounding`). ``diff``: a list that gets
+    rounding measured at the step's ends, entry by entry (:func:`seed_rounding`). ``grad_at``:
+    :func:`gradient_at`; ``u``, ``hu``: those of :func:`lagrangian_probes`. ``diff``: a list that gets
     ``(∇_y L(y + δu) − ∇_y L(y − δu), δ)`` ((B, m), (B, 1)), for :func:`~.graph.ill_determined`.
     """
     if hu is None:
@@ -303,8 +308,6 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
     eps = torch.finfo(y.dtype).eps
     curvature = hu.detach().abs().amax(-1)
     delta = _KINK_STEP * eps * _kink_length(y, curvature, scale)
-    u = pseudo_random_directions(y.shape[1], y.shape[0], y.dtype, y.device)
-    grad_at = gradient_at(objective, fns, prefix, xg, shape, lam, inactive)
     with torch.enable_grad():
         ends = [grad_at(y + k * delta * u) for k in (1.0, -1.0, 2.0, -2.0)]
     if diff is not None:
@@ -321,10 +324,7 @@ def kinked(objective, fns, prefix: str, xg, yg: Tensor, shape, lam: Tensor | Non
         return None
     # Before reporting: the jump's rounding measured at its ends, which the floor above misses
     # where terms saturate and cancel (pseudo-Huber pooling of points ±100: 90 of 2000 "kinks").
-    with torch.enable_grad():
-        noise = sum(seed_rounding(lambda c, p=y + k * delta * u: grad_at(p, c), end)
-                    for k, end in zip((1.0, -1.0), ends))
-    kink = kink & ((excess - ROUNDING_MARGIN * noise).amax(-1) > size)
+    kink = kink & ((excess - ROUNDING_MARGIN * end_rounding(grad_at, y, delta, u, ends)).amax(-1) > size)
     return kink if bool(kink.any()) else None
 
 
