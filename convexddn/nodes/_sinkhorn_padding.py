@@ -262,7 +262,6 @@ def marginal_parts(name: str, v: torch.Tensor, v64: torch.Tensor
         raise InputError(
             f"{name}'s entries must each be at least {MIN_SHARE:.0e} of its sum (the plan "
             f"cannot represent less in float64) or exactly 0 (padding), got {small} "
-            f"entr{'y' if small == 1 else 'ies'} below (smallest share "
-            f"{float(unit.detach().masked_fill(~pos, 1.0).min()):.3g})"
+            f"entr{'y' if small == 1 else 'ies'} below (smallest share {sizes[2]:.3g})"
         )
     return unit, s, peak, True, tuple(sizes)
