@@ -200,20 +200,19 @@ class _Widen(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         ctx.what, ctx.names, ctx.ks = inputs[:3]
-        # (Grads and tangents materialised: with None, forward mode failed an internal
-        # assert of torch's on a copy without a tangent beside one with.)
+        # (Grads and tangents materialised, never None: with None, forward mode failed an
+        # internal assert of torch's on a copy without a tangent beside one with.)
         ctx.dtypes = [x.dtype for x in inputs[3:]]
 
     @staticmethod
     def backward(ctx, *gs):  # type: ignore[override]
-        out = [None if g is None else g.to(t) for g, t in zip(gs, ctx.dtypes)]
-        warn_cast_overflow(ctx.what, [(n, g, o, k) for n, g, o, k in zip(ctx.names, gs, out, ctx.ks)
-                                      if o is not None])
+        out = [g.to(t) for g, t in zip(gs, ctx.dtypes)]
+        warn_cast_overflow(ctx.what, list(zip(ctx.names, gs, out, ctx.ks)))
         return (None, None, None, *out)
 
     @staticmethod
     def jvp(ctx, _what, _names, _ks, *ts):  # type: ignore[override]
-        return tuple(None if t is None else t.to(torch.float64) for t in ts)
+        return tuple(t.to(torch.float64) for t in ts)
 
 
 def widened(what: str, named: Sequence[tuple[str, torch.Tensor | None, int]]) -> list[torch.Tensor | None]:
