@@ -195,7 +195,9 @@ class DeclarativeNode(torch.nn.Module):
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021.
     """
 
-    _rows_checked = False  # (also for a node pickled before it existed: it checks its rows again)
+    # Whether the probe's row check ran: it needs a batch of two rows or more. (A class default: a
+    # node pickled before it existed checks its rows again.)
+    _rows_checked = False
 
     def __init__(
         self,
@@ -225,7 +227,6 @@ class DeclarativeNode(torch.nn.Module):
         self.solution_tol = solution_tol
         self.implicit_dtype = implicit_dtype
         self.check_minimum = check_minimum
-        self._rows_checked = False  # (the probe's row check needs a batch of two rows or more)
         self._read_state: frozenset[str] | None = None  # state the problem reads; None: not probed yet
         self._probed_names: frozenset[str] = frozenset()  # all of the state's names at the probe
         self._ddn_initialised = True
