@@ -27,6 +27,7 @@ from .._warn import suppressed, warn
 from ..errors import GradientWarning
 from .degeneracy import DependenceCheck, naming, shown_indices
 from .graph import check_curvature, check_graph, check_second_order, ill_determined, lagrangian_gradient
+from .inputs import input_names
 from .krylov import pseudo_random_directions
 from .lagrangian import (ROUNDING_MARGIN, _batched_vjp, _check_jacobian, _check_values, _constraint, _constraints,
                          _grads, _kink_length, _lagrangian_parts, _non_finite_derivatives, _objective,
@@ -142,7 +143,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     # mode saves its inputs as they came)
     # (checked casts: float64 data beyond float32's range with implicit_dtype=float32 became
     # Inf, and the backward blamed the objective's derivatives, "not twice differentiable")
-    names = ["x"] if len(xs) == 1 else [f"input {i}" for i in range(len(xs))]  # (as flatten_inputs)
+    names = input_names(len(xs))
     into, fix = "the backward's implicit_dtype", "pass implicit_dtype=torch.float64"
     xg = tuple(cast_checked(n, plain(x.detach()), work_dtype, into, fix).requires_grad_(True)
                for n, x in zip(names, xs))

@@ -14,9 +14,14 @@ import torch
 from .._checks import check_finite, check_tensor
 from ..errors import DTypeError, InputError, ShapeError
 
-__all__ = ["checked_solution", "flatten_inputs"]
+__all__ = ["checked_solution", "flatten_inputs", "input_names"]
 
 Tensor = torch.Tensor
+
+
+def input_names(count: int) -> list[str]:
+    """How messages name a node's ``count`` inputs: ``x`` alone, else ``input 0``, ``input 1``, ..."""
+    return ["x"] if count == 1 else [f"input {i}" for i in range(count)]
 
 
 def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
@@ -29,7 +34,7 @@ def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, 
     Returns:
         ``(flat inputs, batch_shape)``.
     """
-    names = ["x"] if len(xs) == 1 else [f"input {i}" for i in range(len(xs))]
+    names = input_names(len(xs))
     xs = tuple(check_tensor(n, x) for n, x in zip(names, xs))
     for n, x in zip(names, xs):
         check_finite(n, x)
