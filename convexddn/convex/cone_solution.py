@@ -32,7 +32,8 @@ class ConeSolution:
     ``error`` one more Newton step's size relative to the solution (equilibrated units),
     an estimate of its error. ``scaled`` and ``kkt`` (equilibrated data, KKT matrix
     factorised at the solution) are kept for the backward when asked for; ``undecided``
-    marks solved elements where strict complementarity fails (no derivative), ``unresolved``
+    marks solved elements where strict complementarity fails (no derivative), ``undetermined``
+    those whose requested outputs float64 does not determine (:func:`~.uniqueness.undetermined`), ``unresolved``
     ``(B, n)`` their columns the solve left unresolved (:mod:`.resolution`); ``points``
     :func:`~.measures.caller_measures`' feasibility bits (0 for a certificate's ray).
     """
@@ -48,4 +49,5 @@ class ConeSolution:
     scaled: Scaled | None = None
     kkt: KKTSystem | None = None  # or one with its solve and failed (null-space form, PatchedKKT)
     undecided: torch.Tensor | None = None
+    undetermined: torch.Tensor | None = None
     unresolved: torch.Tensor | None = None

@@ -11,7 +11,7 @@ import torch
 from .._autograd import refuse_batched
 from .._first_order import first_order, first_order_jvp
 from .._warn import warn
-from ..errors import GradientWarning
+from ..errors import GradientWarning, SolverWarning
 from .interior_point import SOLVED, solve_cone_batch
 from .resolution import moved_columns, warn_unresolved, warn_weak, weak_tangent, weakly_determined
 from .status import element_list, name_elements
@@ -34,6 +34,7 @@ class ConeSolve(torch.autograd.Function):
         with torch.inference_mode():
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
+        _warn_undetermined(where, sol.undetermined)
         state = ((sol, layout, options.get("refine", 1), tangent, where, options.get("error_cols"), moved)
                  if needs_grad else None)
         return (*(v.clone() for v in (sol.x, sol.z, sol.status, sol.residual, sol.iterations, sol.error,
@@ -78,6 +79,22 @@ class ConeSolve(torch.autograd.Function):
             warn_weak("backward", where, weakly_determined(sol, gx, gz, (gP, gq, gA, gb), tangent, live,
                                                             moved.each))
         return gP, gq, gA, gb, None, None, None, None, None, None
+
+
+def _warn_undetermined(where, flagged: torch.Tensor | None) -> None:
+    """The SolverWarning naming the solved elements whose outputs float64 does not
+    determine (:func:`~.uniqueness.undetermined`; one host read)."""
+    idx = [] if flagged is None else torch.nonzero(flagged).squeeze(1).tolist()
+    if idx:
+        warn(f"ConvexLayer forward (batched): the solution of {len(idx)} batch element(s) "
+             f"({name_elements(where, idx)}) is not determined in this precision: the program curves along some "
+             "direction of the outputs only through terms far below its scale (p**alpha at a large alpha, whose "
+             "curvature is ~p**(alpha - 2); cp.huber with M = 1e-10 beside data of 1), which leave its objective and "
+             "KKT residual at rounding anywhere along it, so the point returned may lie anywhere on that face "
+             "(entmax at alpha = 50 on a tie: 0.309 and 0.353 for 1/3 each); use a native node where one exists "
+             "(convexddn.layer's default backend), or rescale the program so that those terms lie within ~1e8 of "
+             "its others",
+             SolverWarning, elements=element_list(where, idx))
 
 
 def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str,

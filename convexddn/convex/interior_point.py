@@ -53,6 +53,7 @@ from .resolution import unresolved_columns
 from .rays import verified_rays
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout
+from .uniqueness import undetermined
 
 __all__ = ["SOLVED", "STATUS_NAMES", "ConeSolution", "solve_cone_batch", "kkt_measures"]
 
@@ -180,12 +181,14 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
     undecided_ = ok_res & (undecided(layout, ss, zs) > DECIDED)
     points = torch.where(certified | ~ok, 0, points + unverifiable(error, red).long() * UNVERIFIABLE)
-    out = ConeSolution(xo, so, zo, status, iterations, residual, error, points, undecided=undecided_)
+    # Columns whose equation the solve left unresolved (a weight far below the program's
+    # scale), for the derivatives' warning; where the outputs are free along the limit
+    # system's null direction there, the solution itself is not determined (.uniqueness).
+    unresolved = unresolved_columns(d.P, d.q, d.A, layout, xs, ss, zs) & ok_res[:, None]
+    out = ConeSolution(xo, so, zo, status, iterations, residual, error, points, undecided=undecided_,
+                       undetermined=undetermined(d, layout, ss, zs, unresolved, error_cols))
     if keep_state:
-        out.scaled, out.kkt = d, kkt
-        # Columns whose equation the solve left unresolved (a weight far below the
-        # program's scale), for the derivatives' warning.
-        out.unresolved = unresolved_columns(d.P, d.q, d.A, layout, xs, ss, zs) & ok_res[:, None]
+        out.scaled, out.kkt, out.unresolved = d, kkt, unresolved
     return out
 
 

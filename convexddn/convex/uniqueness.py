@@ -44,7 +44,7 @@ from .certify import decided, soc_frame
 from .zero_rows import zero_rows
 
 __all__ = ["INCONSISTENT_AMPLIFICATION", "INCONSISTENT_SURE", "LIMIT_AMPLIFICATION", "limit_inconsistency",
-           "limit_nonunique", "limit_rows"]
+           "limit_nonunique", "limit_rows", "undetermined"]
 
 # Amplification of the Jacobi-scaled limit matrix above which a right-hand side reaches
 # a null direction (see the module docstring: ~1e15 there, at most 2.2e5 elsewhere).
@@ -145,6 +145,37 @@ def limit_nonunique(d, layout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tenso
         found = found.index_copy(0, idx, _unsquared(d.P.index_select(0, idx), C.index_select(0, idx),
                                                     R.index_select(0, idx)))
     return found[:, 0], found[:, 1]
+
+
+def undetermined(d, layout, s: torch.Tensor, z: torch.Tensor, unresolved: torch.Tensor,
+                 cols: torch.Tensor | None) -> torch.Tensor:
+    """``(B,)`` the elements with an unresolved column (``unresolved`` ``(B, n)``,
+    :func:`~.resolution.unresolved_columns`) whose requested outputs ``cols`` (all if
+    ``None``) the limit system leaves free (:func:`limit_nonunique`): a solution that float64
+    determines only along the directions the program's resolved terms fix. ``d`` the
+    equilibrated data, ``s, z`` ``(B, m)`` the equilibrated solution.
+
+    A strictly convex program whose curvature along some direction lives in terms far
+    below its scale (α-entmax at α = 50, written in second-order cones: on a tie at the
+    maximum, p^α's curvature ~p^48 ~ 1e-23 sits in multipliers of that size) is flat
+    there in float64: its objective and KKT residual at every point of that face are at
+    rounding, the limit scaling decides those multipliers inactive, and the KKT matrix
+    factorised at that limit amplifies a probe on the outputs by only 6 (error estimate
+    2e-15). The point returned is any one on the face: (0.309, 0.353, 0.338) for (1/3, 1/3, 1/3).
+    Such terms leave their columns unresolved (their residual far above their own size);
+    the limit system, which drops the decided-inactive rows, then has a null direction
+    along the outputs. Where no column is unresolved, a null direction is a face of
+    optima of the program itself (an LP with two equal costs), any point of which is a
+    solution; nothing is tested (no cost beyond one host read). float64 only, as
+    :func:`limit_nonunique` (all False in other dtypes)."""
+    gate = unresolved.any(1)
+    idx = torch.nonzero(gate).squeeze(1)
+    if not idx.numel():
+        return gate
+    pick = lambda v: v.index_select(0, idx)  # noqa: E731
+    rx = torch.zeros(idx.numel(), d.A.shape[2], dtype=s.dtype, device=s.device)
+    outputs, _ = limit_nonunique(d.select(idx), layout, pick(s), pick(z), rx, cols)
+    return gate.index_copy(0, idx, outputs)
 
 
 def _amplified(S: torch.Tensor, R: torch.Tensor, dg: torch.Tensor | None = None) -> torch.Tensor:
