@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from diffcp import _diffcp
-from diffcp import cones as cone_lib
 from scipy.sparse import linalg as sla
 
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import kkt_residual
-from .exp_cone import derivative_correction, has_exp, replace_exp_blocks
+from .exp_cone import derivative_correction, has_exp, project_cones
 from .kinks import kink_sides
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
@@ -69,6 +68,7 @@ class ResidualMap:
         self._colours = colours  # mode "sparse": how to read DΠ (bordered.probes; on first use if None)
         self._exp = has_exp(cones)  # (their derivative is corrected: _dprojection)
         self.m, self.n = A.shape
+        self._Q_dense = None  # (Q as an array, on first use by a dense M)
         self.Q = sp.csc_matrix(sp.bmat([
             [None, A.T, c[:, None]],
             [-A, None, b[:, None]],
@@ -84,7 +84,7 @@ class ResidualMap:
 
     def _dual_projection(self, v: np.ndarray) -> np.ndarray:
         # (exponential cones: exact, where diffcp's stops at ~1e-8 and the polish with it)
-        return replace_exp_blocks(cone_lib.pi(v, self.cones, dual=True), v, self.cones, True)
+        return project_cones(v, self.cones, True)
 
     def _residual(self, z: np.ndarray) -> np.ndarray:
         pz = self._pi(z)
@@ -112,15 +112,20 @@ class ResidualMap:
             if lu is not None:
                 return lu
         # diffcp's M plus (Q - I) ΔD, ΔD the exponential cones' correction in v's rows and columns
-        fix = None
-        if isinstance(dproj, _Plus):
-            delta = sp.block_diag([sp.csr_matrix((n, n)), dproj.delta, sp.csr_matrix((1, 1))], format="csr")
-            fix = self.Q @ delta - delta
         if (self.mode == "dense") if dense is None else dense:
-            M = _diffcp.M_dense(self.Q.toarray(), self.cones_cpp, u, v, w)
-            return M if fix is None else M + fix.toarray()
+            if self._Q_dense is None:
+                self._Q_dense = self.Q.toarray()
+            M = _diffcp.M_dense(self._Q_dense, self.cones_cpp, u, v, w)
+            if isinstance(dproj, _Plus):  # (dense: sparse products cost more than they save here)
+                delta = dproj.delta.toarray()
+                M[:, n:n + m] += self._Q_dense[:, n:n + m] @ delta
+                M[n:n + m, n:n + m] -= delta
+            return M
         op = _diffcp.M_operator(self.Q, self.cones_cpp, u, v, w)
-        return op if fix is None else _Plus(op, fix)
+        if not isinstance(dproj, _Plus):
+            return op
+        delta = sp.block_diag([sp.csr_matrix((n, n)), dproj.delta, sp.csr_matrix((1, 1))], format="csr")
+        return _Plus(op, self.Q @ delta - delta)
 
     def _solve(self, M, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
         """Minimum-norm solution of M d = rhs (or Mᵀ d = rhs).

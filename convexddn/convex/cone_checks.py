@@ -60,9 +60,9 @@ def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
     outside a cone by 1e-5 relative read as inside and passed a KKT check at 1e-6 (the
     cones are self-dual: ``dual`` does not matter there); and exact on the exponential
     cones (:mod:`.exp_cone`), where diffcp's is ~1e-8 accurate."""
-    from .exp_cone import replace_exp_blocks  # (it builds on this module: cone_blocks)
+    from .exp_cone import project_cones  # (it builds on this module: cone_blocks)
 
-    out = replace_exp_blocks(cone_lib.pi(x, cones, dual=dual), x, cones, dual)
+    out = project_cones(x, cones, dual)
     for kind, at, q in cone_blocks(cones):
         if kind == cone_lib.SOC:
             out[at:at + q] = _soc(x[at:at + q])

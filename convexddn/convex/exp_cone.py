@@ -36,8 +36,8 @@ from diffcp import cones as cone_lib
 
 from .cone_checks import cone_blocks
 
-__all__ = ["derivative_correction", "has_exp", "project_exp", "projection_derivative", "projection_piece",
-           "replace_exp_blocks"]
+__all__ = ["derivative_correction", "has_exp", "project_cones", "project_exp", "projection_derivative",
+           "projection_piece", "replace_exp_blocks"]
 
 _NEWTON_STEPS = 8
 # The grid of boundary rays that brackets the root where Newton from diffcp's point fails
@@ -180,7 +180,9 @@ def _projection(v: np.ndarray):
         _MEMO[key] = found
         while len(_MEMO) > _MEMO_SIZE:
             del _MEMO[next(iter(_MEMO))]
-        _RECENT[v.shape[0]] = np.where(found[1] == _BOUNDARY, found[2], np.nan)
+        # (kept per row where this call found none: the checks' points inside K or its polar)
+        last = _RECENT.get(v.shape[0], np.full(v.shape[0], np.nan))
+        _RECENT[v.shape[0]] = np.where(found[1] >= _FACE, found[2], last)
         while len(_RECENT) > _MEMO_SIZE:
             del _RECENT[next(iter(_RECENT))]
     return found
@@ -332,6 +334,17 @@ def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool) 
         if sel.size:  # onto K_exp* for a cone's dual, and for a dual cone itself
             out[sel] = project_exp(x[sel], dual=kind == dual)
     return out
+
+
+def project_cones(x: np.ndarray, cones: list, dual: bool) -> np.ndarray:
+    """diffcp's projection of ``x`` onto the cones of its parsed list (or their duals), with
+    :func:`project_exp`'s exponential-cone blocks; diffcp's own projection is not computed
+    there (one call per cone in a Python loop): those rows go through as a zero cone's."""
+    if not has_exp(cones):
+        return cone_lib.pi(x, cones, dual=dual)
+    kinds = (cone_lib.EXP, cone_lib.EXP_DUAL)
+    rows_only = [(cone_lib.ZERO, 3 * int(size)) if kind in kinds else (kind, size) for kind, size in cones]
+    return replace_exp_blocks(cone_lib.pi(x, rows_only, dual=dual), x, cones, dual)
 
 
 def derivative_correction(v: np.ndarray, cones: list, dprojection) -> sp.csr_matrix | None:
