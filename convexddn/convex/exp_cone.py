@@ -78,15 +78,18 @@ def _on_boundary(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray
 _INSIDE, _POLAR, _QUADRANT, _FACE, _BOUNDARY, _DIFFCP = range(6)
 
 
-def _newton(v: np.ndarray, rho: np.ndarray, steps: int) -> np.ndarray:
-    """At most ``steps`` Newton steps on :math:`g` from ``rho``; none after every row's step
-    is at rounding (the next ones would repeat it)."""
+def _newton(v: np.ndarray, rho: np.ndarray, steps: int, row: np.ndarray, k: int) -> np.ndarray:
+    """At most ``steps`` Newton steps on :math:`g` from ``rho``, for the ``k`` points whose
+    starts these rows are (``row``: which point each is); none after every point has a start
+    whose step is at rounding (its next steps repeat it; the others are spares)."""
     for _ in range(steps):
         g, dg = _g(v, rho)
         step = np.where(dg != 0, g / dg, 0.0)
         step = np.where(np.isfinite(step), step, 0.0)
         rho = rho - step
-        if np.all(np.abs(step) <= _SETTLED * (1.0 + np.abs(rho))):
+        settled = np.zeros(k, dtype=bool)
+        settled[row[np.abs(step) <= _SETTLED * (1.0 + np.abs(rho))]] = True
+        if settled.all():
             break
     return rho
 
@@ -108,16 +111,16 @@ def _first_verified(v: np.ndarray, starts: np.ndarray):
     """``(ρ, Π, ok, s, μ)`` (:func:`_on_boundary`'s) for each row of ``v`` ``(k, 3)``, from
     the first of its starting points ``starts`` ``(c, k)`` (NaN: none) from which Newton's
     steps verify; ``ok`` False (and zeros) where none does. All starts in one batch."""
-    k = v.shape[0]
+    c, k = starts.shape
     cand, row = np.nonzero(np.isfinite(starts))
-    rho = _newton(v[row], starts[cand, row], _NEWTON_STEPS)
+    rho = _newton(v[row], starts[cand, row], _NEWTON_STEPS, row, k)
     p, ok, s, mu = _on_boundary(v[row], rho)
-    at = np.nonzero(ok)[0]
-    at = at[np.lexsort((cand[at], row[at]))]  # by row, then by start
-    rows, first = np.unique(row[at], return_index=True)
-    at = at[first]
-    out = np.zeros(k), np.zeros((k, 3)), np.zeros(k, dtype=bool), np.zeros(k), np.zeros(k)
-    out[0][rows], out[1][rows], out[2][rows], out[3][rows], out[4][rows] = rho[at], p[at], True, s[at], mu[at]
+    verified, at = np.zeros((c, k), dtype=bool), np.zeros((c, k), dtype=np.int64)
+    verified[cand, row], at[cand, row] = ok, np.arange(row.size)
+    found = verified.any(0)
+    at = at[verified.argmax(0), np.arange(k)][found]  # (each point's first verified start)
+    out = np.zeros(k), np.zeros((k, 3)), found, np.zeros(k), np.zeros(k)
+    out[0][found], out[1][found], out[3][found], out[4][found] = rho[at], p[at], s[at], mu[at]
     return out
 
 
@@ -236,13 +239,14 @@ def _project_rows(v: np.ndarray, recent: np.ndarray | None):
         # the projection; so is the face's where the ray is far out. Elsewhere (none seen)
         # the nearer of two points in K: diffcp's, lifted onto K where its tolerances left
         # it outside, and the face s = 0's projection.
-        face = np.stack([np.minimum(vr[:, 0], 0.0), np.zeros(len(vr)), np.maximum(vr[:, 2], 0.0)], 1)
-        lifted = np.where((pr[:, 1] > 0)[:, None], pr, face)
-        lifted[:, 2] = np.maximum(lifted[:, 2], np.where(pr[:, 1] > 0, pr[:, 1] * np.exp(pr[:, 0] / pr[:, 1]), 0.0))
-        closer = far | (np.linalg.norm(vr - face, axis=1) <= np.linalg.norm(vr - lifted, axis=1))
-        pr = np.where(closer[:, None], face, lifted)
-        pr[ok] = p[ok]
-        out[rest] = pr * scale
+        if not ok.all():
+            face = np.stack([np.minimum(vr[:, 0], 0.0), np.zeros(len(vr)), np.maximum(vr[:, 2], 0.0)], 1)
+            lifted = np.where((pr[:, 1] > 0)[:, None], pr, face)
+            lifted[:, 2] = np.maximum(lifted[:, 2],
+                                      np.where(pr[:, 1] > 0, pr[:, 1] * np.exp(pr[:, 0] / pr[:, 1]), 0.0))
+            closer = far | (np.linalg.norm(vr - face, axis=1) <= np.linalg.norm(vr - lifted, axis=1))
+            p = np.where(ok[:, None], p, np.where(closer[:, None], face, lifted))
+        out[rest] = p * scale
         piece[rest] = np.where(ok, _BOUNDARY, np.where(far, _FACE, _DIFFCP))
         rho_all[rest], s_all[rest], mu_all[rest] = rho, sc, mu  # (at unit size: D Π is scale-free)
     return out, piece, rho_all, s_all, mu_all
