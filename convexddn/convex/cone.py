@@ -16,7 +16,7 @@ from scipy.sparse import linalg as sla
 
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import kkt_residual
-from .exp_cone import derivative_correction, has_exp, project_cones
+from .exp_cone import Memo, derivative_correction, has_exp, project_cones
 from .kinks import kink_sides
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
@@ -69,6 +69,7 @@ class ResidualMap:
         self._exp = has_exp(cones)  # (their derivative is corrected: _dprojection)
         self.m, self.n = A.shape
         self._Q_dense = None  # (Q as an array, on first use by a dense M)
+        self._memo = Memo()  # (the exponential cones' projections: each point's, once)
         self.Q = sp.csc_matrix(sp.bmat([
             [None, A.T, c[:, None]],
             [-A, None, b[:, None]],
@@ -84,7 +85,7 @@ class ResidualMap:
 
     def _dual_projection(self, v: np.ndarray) -> np.ndarray:
         # (exponential cones: exact, where diffcp's stops at ~1e-8 and the polish with it)
-        return project_cones(v, self.cones, True)
+        return project_cones(v, self.cones, True, self._memo)
 
     def _residual(self, z: np.ndarray) -> np.ndarray:
         pz = self._pi(z)
@@ -94,17 +95,18 @@ class ResidualMap:
         """D Π_{K*}(v): diffcp's operator, with exact exponential-cone blocks (those of
         :meth:`_dual_projection`; diffcp's are its own projection's)."""
         dproj = _diffcp.dprojection(v, self.cones_cpp, True)
-        delta = derivative_correction(v, self.cones, dproj)
+        delta = derivative_correction(v, self.cones, dproj, self._memo)
         return dproj if delta is None else _Plus(dproj, delta)
 
-    def _operator(self, z: np.ndarray, dense: bool | None = None):
+    def _operator(self, z: np.ndarray, dense: bool | None = None, dproj=None):
         """M at z: an (N, N) array (``dense``, by default in mode "dense"), in mode
         "sparse" a :class:`~.bordered.Bordered` factorisation (diffcp's operator where
         the bordered matrix is singular), else diffcp's operator; each with the exact
         exponential-cone derivative (:meth:`_dprojection`)."""
         n, m = self.n, self.m
         u, v, w = z[:n], z[n:n + m], float(z[-1])
-        dproj = self._dprojection(v) if self._exp or (self.mode == "sparse" and not dense) else None
+        if dproj is None and (self._exp or (self.mode == "sparse" and not dense)):
+            dproj = self._dprojection(v)  # (else given: the caller's, at the same v)
         if self.mode == "sparse" and not dense:
             if self._colours is None:
                 self._colours = probes(self.cones)
@@ -183,7 +185,7 @@ class ResidualMap:
         piece of R).
         """
         z, best = self._triple(np.concatenate([x, y - s, [1.0]]))
-        best_r = kkt_residual(self.A, self.b, self.c, self.cones, *best)
+        best_r = kkt_residual(self.A, self.b, self.c, self.cones, *best, self._memo)
         for _ in range(steps):
             if not np.isfinite(best_r) or best_r <= _POLISHED:
                 break
@@ -196,7 +198,7 @@ class ResidualMap:
             if not np.all(np.isfinite(z)) or z[-1] == 0:
                 break
             z, cand = self._triple(z)
-            r = kkt_residual(self.A, self.b, self.c, self.cones, *cand)
+            r = kkt_residual(self.A, self.b, self.c, self.cones, *cand, self._memo)
             stalled = _STEP_GAIN * best_r <= r <= _FLOOR_SPREAD * best_r
             if r < best_r:
                 best, best_r = cand, r
@@ -226,8 +228,8 @@ class ResidualMap:
         """
         n, m = self.n, self.m
         z = np.concatenate([x, y - s, [1.0]])
-        M = self._operator(z)
         dproj = self._dprojection(z[n:n + m])
+        M = self._operator(z, dproj=dproj)
         pi_z = self._pi(z)
         sides = kink_sides(self.cones, y, s, _SIDE_STEP * (1.0 + np.abs(z).max()))
 

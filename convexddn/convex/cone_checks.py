@@ -53,16 +53,17 @@ def cone_blocks(cones: list):
             at += q
 
 
-def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
+def project(x: np.ndarray, cones: list, dual: bool = False, memo=None) -> np.ndarray:
     """diffcp's projection onto K (or K*), exact on the second-order cones, for the checks
     (:func:`kkt_residual`, :func:`verify_certificate`): diffcp's returns a point unchanged
     when ``‖u‖`` is within ``1e-8`` of ``t`` (``np.isclose``: 1e-5 relative), so a slack
     outside a cone by 1e-5 relative read as inside and passed a KKT check at 1e-6 (the
     cones are self-dual: ``dual`` does not matter there); and exact on the exponential
-    cones (:mod:`.exp_cone`), where diffcp's is ~1e-8 accurate."""
+    cones (:mod:`.exp_cone`), where diffcp's is ~1e-8 accurate (``memo``: an
+    :class:`.exp_cone.Memo` that keeps them)."""
     from .exp_cone import project_cones  # (it builds on this module: cone_blocks)
 
-    out = project_cones(x, cones, dual)
+    out = project_cones(x, cones, dual, memo)
     for kind, at, q in cone_blocks(cones):
         if kind == cone_lib.SOC:
             out[at:at + q] = _soc(x[at:at + q])
@@ -70,7 +71,7 @@ def project(x: np.ndarray, cones: list, dual: bool = False) -> np.ndarray:
 
 
 def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
-                 x: np.ndarray, y: np.ndarray, s: np.ndarray) -> float:
+                 x: np.ndarray, y: np.ndarray, s: np.ndarray, memo=None) -> float:
     """Largest relative violation of primal/dual feasibility, cone membership and gap.
 
     Feasibility is measured row by row (column by column) against the magnitudes of the
@@ -83,7 +84,7 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     infeasible LP returned as solved). (A far-off point whose residual grows with its
     own size is relatively accurate by these measures: only the gap can tell it.)
     The gap is relative to the smaller of the two objective values, as Clarabel
-    measures it.
+    measures it. ``memo``: an :class:`.exp_cone.Memo` for the exponential cones' projections.
     """
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(s))):
         return float("inf")
@@ -109,8 +110,9 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (unit_p + terms_p))
     dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (unit_d + terms_d))
     gap = max(abs(cx + by) - 64 * eps * (abs(cx) + abs(by)), 0.0) / (1.0 + min(abs(cx), abs(by)))
-    s_cone = _blockwise_violation(s, project(s, cones, dual=False), cones, terms_p, unit=unit_p)
-    y_cone = float(np.max(np.abs(y - project(y, cones, dual=True)), initial=0.0)) / (1.0 + float(np.max(np.abs(y), initial=0.0)))
+    s_cone = _blockwise_violation(s, project(s, cones, dual=False, memo=memo), cones, terms_p, unit=unit_p)
+    y_dist = np.abs(y - project(y, cones, dual=True, memo=memo))
+    y_cone = float(np.max(y_dist, initial=0.0)) / (1.0 + float(np.max(np.abs(y), initial=0.0)))
     return max(primal, dual, gap, s_cone, y_cone)
 
 

@@ -28,15 +28,13 @@ from the grid ray nearest :math:`v`. The exact membership tests decide the other
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import scipy.sparse as sp
 from diffcp import cones as cone_lib
 
 from .cone_checks import cone_blocks
 
-__all__ = ["derivative_correction", "has_exp", "project_cones", "project_exp", "projection_derivative",
+__all__ = ["Memo", "derivative_correction", "has_exp", "project_cones", "project_exp", "projection_derivative",
            "projection_piece", "replace_exp_blocks"]
 
 _NEWTON_STEPS = 8
@@ -154,41 +152,47 @@ def _bracketed(v: np.ndarray) -> np.ndarray:
     return rho
 
 
-# The last projections, read-only (input bytes -> result): the per-element polish projects
-# each point up to three times (the triple, the residual, the derivative), and the ρ
-# found for the last rows of each count, a start for the next point's Newton steps (a
-# polish step moves each cone's point a little). A verified root is the projection
-# whatever the start, so a start from another program is only a slower one.
-_MEMO: dict = {}
-_RECENT: dict = {}
-_MEMO_SIZE = 16
-_LOCK = threading.Lock()
+class Memo:
+    """One program's projections (:class:`~.cone.ResidualMap` holds one; use from one thread):
+    the last few, read-only, by the input's bytes (the per-element polish projects each point
+    up to three times: the triple, the residual, the derivative), and the ρ last found for
+    as many rows, a start for the next point's Newton steps (a polish step moves each cone's
+    point a little). Its own, not shared: where Newton starts moves a root by rounding, and
+    a program's answers depend on its own calls only (bit for bit, whatever else ran)."""
+
+    SIZE, ROWS = 16, 4096  # entries; rows above which nothing is kept (memory)
+
+    def __init__(self) -> None:
+        self.found: dict = {}
+        self.recent: dict = {}
+
+    def projection(self, v: np.ndarray):
+        """:func:`_projection` of ``v``, kept."""
+        if v.shape[0] > self.ROWS:
+            return _project_rows(v, None)
+        key = (v.shape, v.tobytes())
+        found = self.found.get(key)
+        if found is None:
+            found = _project_rows(v, self.recent.get(v.shape[0]))
+            for a in found:
+                a.setflags(write=False)
+            self.found[key] = found
+            # (kept per row where this call found none: the checks' points inside K or its polar)
+            last = self.recent.get(v.shape[0], np.full(v.shape[0], np.nan))
+            self.recent[v.shape[0]] = np.where(found[1] >= _FACE, found[2], last)
+            for kept in (self.found, self.recent):
+                while len(kept) > self.SIZE:
+                    del kept[next(iter(kept))]
+        return found
 
 
-def _projection(v: np.ndarray):
+def _projection(v: np.ndarray, memo: Memo | None = None):
     """``(Π_K(v), piece, ρ, s, μ)`` for the rows of ``v`` ``(k, 3)``; ``ρ, s, μ`` hold the
     boundary pieces' coordinates (v / max|v| = s a(ρ) + μ b(ρ)), ``piece`` says which formula gave
     each row (:data:`_DIFFCP`: none verified; diffcp's point, lifted onto K, or the face's).
-    Read-only arrays (shared with later calls at the same ``v``)."""
+    With a ``memo``, read-only arrays kept there."""
     v = np.ascontiguousarray(v, dtype=float)
-    key = (v.shape, v.tobytes())
-    with _LOCK:
-        found, recent = _MEMO.get(key), _RECENT.get(v.shape[0])
-    if found is not None:
-        return found
-    found = _project_rows(v, recent)
-    for a in found:
-        a.setflags(write=False)
-    with _LOCK:
-        _MEMO[key] = found
-        while len(_MEMO) > _MEMO_SIZE:
-            del _MEMO[next(iter(_MEMO))]
-        # (kept per row where this call found none: the checks' points inside K or its polar)
-        last = _RECENT.get(v.shape[0], np.full(v.shape[0], np.nan))
-        _RECENT[v.shape[0]] = np.where(found[1] >= _FACE, found[2], last)
-        while len(_RECENT) > _MEMO_SIZE:
-            del _RECENT[next(iter(_RECENT))]
-    return found
+    return _project_rows(v, None) if memo is None else memo.projection(v)
 
 
 def _project_rows(v: np.ndarray, recent: np.ndarray | None):
@@ -252,16 +256,16 @@ def _project_rows(v: np.ndarray, recent: np.ndarray | None):
     return out, piece, rho_all, s_all, mu_all
 
 
-def project_exp(v: np.ndarray, dual: bool = False) -> np.ndarray:
+def project_exp(v: np.ndarray, dual: bool = False, memo: Memo | None = None) -> np.ndarray:
     """Projection of each row of ``v`` ``(k, 3)`` onto the exponential cone (``dual``: its
     dual cone, :math:`\\Pi_{K^*}(v) = v + \\Pi_K(-v)`)."""
     v = np.asarray(v, dtype=float).reshape(-1, 3)
     if dual:
-        return v + _projection(-v)[0]
-    return _projection(v)[0].copy()
+        return v + _projection(-v, memo)[0]
+    return _projection(v, memo)[0].copy()
 
 
-def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def projection_derivative(v: np.ndarray, dual: bool = False, memo: Memo | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(D, known)``: the derivative ``(k, 3, 3)`` of :func:`project_exp` at the rows of ``v``,
     and where it is known (not for a row left at diffcp's point).
 
@@ -273,9 +277,9 @@ def projection_derivative(v: np.ndarray, dual: bool = False) -> tuple[np.ndarray
     ``dual``: :math:`D\\Pi_{K^*}(v) = I - D\\Pi_K(-v)`."""
     v = np.asarray(v, dtype=float).reshape(-1, 3)
     if dual:
-        D, known = projection_derivative(-v)
+        D, known = projection_derivative(-v, memo=memo)
         return np.eye(3) - D, known
-    _, piece, rho, s, mu = _projection(v)
+    _, piece, rho, s, mu = _projection(v, memo)
     k = v.shape[0]
     D = np.zeros((k, 3, 3))
     D[piece == _INSIDE] = np.eye(3)
@@ -327,7 +331,7 @@ def _exp_blocks(cones: list) -> tuple[np.ndarray, np.ndarray]:
     return starts[:, None] + np.arange(3), np.array([p for _, p in found], dtype=bool)
 
 
-def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool) -> np.ndarray:
+def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool, memo: Memo | None = None) -> np.ndarray:
     """``out`` (a projection of ``x`` onto the cones of diffcp's parsed list, or their duals)
     with its exponential-cone rows replaced by :func:`project_exp`'s."""
     if not has_exp(cones):
@@ -336,11 +340,11 @@ def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool) 
     for kind in (True, False):
         sel = rows[primal == kind]
         if sel.size:  # onto K_exp* for a cone's dual, and for a dual cone itself
-            out[sel] = project_exp(x[sel], dual=kind == dual)
+            out[sel] = project_exp(x[sel], dual=kind == dual, memo=memo)
     return out
 
 
-def project_cones(x: np.ndarray, cones: list, dual: bool) -> np.ndarray:
+def project_cones(x: np.ndarray, cones: list, dual: bool, memo: Memo | None = None) -> np.ndarray:
     """diffcp's projection of ``x`` onto the cones of its parsed list (or their duals), with
     :func:`project_exp`'s exponential-cone blocks; diffcp's own projection is not computed
     there (one call per cone in a Python loop): those rows go through as a zero cone's."""
@@ -348,10 +352,10 @@ def project_cones(x: np.ndarray, cones: list, dual: bool) -> np.ndarray:
         return cone_lib.pi(x, cones, dual=dual)
     kinds = (cone_lib.EXP, cone_lib.EXP_DUAL)
     rows_only = [(cone_lib.ZERO, 3 * int(size)) if kind in kinds else (kind, size) for kind, size in cones]
-    return replace_exp_blocks(cone_lib.pi(x, rows_only, dual=dual), x, cones, dual)
+    return replace_exp_blocks(cone_lib.pi(x, rows_only, dual=dual), x, cones, dual, memo)
 
 
-def derivative_correction(v: np.ndarray, cones: list, dprojection) -> sp.csr_matrix | None:
+def derivative_correction(v: np.ndarray, cones: list, dprojection, memo: Memo | None = None) -> sp.csr_matrix | None:
     """:math:`\\Delta D`, the derivative of :func:`replace_exp_blocks`' projection onto
     :math:`K^*` minus diffcp's ``dprojection`` (an operator, at the same ``v``), as a sparse
     ``(m, m)`` matrix: nonzero on the exponential cones' 3×3 blocks only (diffcp's there is
@@ -370,7 +374,7 @@ def derivative_correction(v: np.ndarray, cones: list, dprojection) -> sp.csr_mat
     for kind in (True, False):  # (onto K_exp* for a cone, K_exp for a dual cone)
         sel = primal == kind
         if sel.any():
-            ours[sel], known[sel] = projection_derivative(v[rows3[sel]], dual=kind)
+            ours[sel], known[sel] = projection_derivative(v[rows3[sel]], dual=kind, memo=memo)
     delta = np.where(known[:, None, None], ours - theirs, 0.0)
     r = np.repeat(rows3, 3, axis=1).ravel()
     c = np.tile(rows3, (1, 3)).ravel()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import convexddn as cddn
-from convexddn.convex.exp_cone import project_exp, projection_derivative
+from convexddn.convex.exp_cone import Memo, project_exp, projection_derivative
 
 F64 = torch.float64
 
@@ -61,6 +61,21 @@ def test_the_closed_form_cases():
     ])
     want = np.array([[-1.0, 2.0, 5.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 3.0], [-1.0, 0.0, 0.0]])
     np.testing.assert_allclose(project_exp(v), want, rtol=0, atol=1e-15)
+
+
+def test_memo_starts_from_the_last_roots_and_keeps_the_answers():
+    # The per-element polish projects nearby points in turn: Newton from the last roots (a
+    # Memo), each verified, gives the constructed projection as from the point's own start.
+    v, want, _ = _constructed(2000, seed=3)
+    memo = Memo()
+    first = project_exp(v, memo=memo)
+    moved = v * (1 + 1e-4 * np.random.default_rng(4).standard_normal(v.shape))
+    for got, ref in ((first, want), (project_exp(moved, memo=memo), project_exp(moved))):
+        err = np.abs(got - ref).max(1) / np.abs(v).max(1)
+        assert np.quantile(err, 0.99) < 1e-15 and err.max() < 1e-13, (np.quantile(err, 0.99), err.max())
+    again = project_exp(v, memo=memo)  # (kept: the same bits, a copy the caller may write)
+    again[0] = 0.0
+    assert np.array_equal(project_exp(v, memo=memo), first)
 
 
 def test_projection_derivative_against_central_differences():
