@@ -1,10 +1,12 @@
 """convexddn._autograd: every first-order-only node refuses second derivatives clearly."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from convexddn import DeclarativeNode
 from convexddn.errors import DoubleBackwardError, ProblemError
 from convexddn.functional import (
     eigen_decomposition,
@@ -19,6 +21,9 @@ from convexddn.functional import (
     sinkhorn,
     tv_denoise,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_checks import Quartic  # noqa: E402
 
 F64 = torch.float64
 
@@ -406,21 +411,8 @@ def _convex_layer():
     return ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - v)), [y >= 0, cp.sum(y) <= 1]), [v], [y])
 
 
-class _Quartic(DeclarativeNode):
-    """y = argmin_u ‖u − x‖² + Σ u⁴, elementwise: 2(y − x) + 4y³ = 0, by Newton."""
-
-    def objective(self, x, y):
-        return ((y - x) ** 2).sum(-1) + (y ** 4).sum(-1)
-
-    def solve(self, x):
-        y = x.clone()
-        for _ in range(60):
-            y = y - (2 * (y - x) + 4 * y ** 3) / (2 + 12 * y ** 2)
-        return y
-
-
 FORWARD_OVER_REVERSE = CASES + [  # (seeded, as CASES: a ConvexLayer input projected onto vertices has H = 0)
-    ("DeclarativeNode", torch.randn(2, 3, dtype=F64, generator=_G), _Quartic()),
+    ("DeclarativeNode", torch.randn(2, 3, dtype=F64, generator=_G), Quartic()),
     ("sinkhorn marginal", torch.softmax(torch.randn(2, 4, dtype=F64, generator=_G), -1), _sinkhorn_marginal),
     ("ConvexLayer", torch.randn(2, 4, dtype=F64, generator=_G), _convex_layer()),
     ("linear_fit", torch.randn(2, 3, 7, dtype=F64, generator=_G),

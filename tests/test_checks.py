@@ -283,6 +283,19 @@ def test_check_int_upper_bound_names_the_option():
         check_int("k", 4, maximum=3)
 
 
+class Quartic(cddn.DeclarativeNode):
+    """y = argmin_u ‖u − x‖² + Σ u⁴, elementwise: 2(y − x) + 4y³ = 0, by Newton (also tests/test_autograd.py's)."""
+
+    def objective(self, x, y):
+        return ((y - x) ** 2).sum(-1) + (y ** 4).sum(-1)
+
+    def solve(self, x):
+        y = x.clone()
+        for _ in range(60):
+            y = y - (2 * (y - x) + 4 * y ** 3) / (2 + 12 * y ** 2)
+        return y
+
+
 # Every native node's tensor inputs and tensor options as nn.Parameters made under
 # torch.inference_mode() (a model built in an inference-mode context, then trained):
 # (name, node, float64 arguments). Torch drops requires_grad on views of such tensors
@@ -295,16 +308,6 @@ def _inference_cases():
     X = torch.randn(2, 4, 4, dtype=F64, generator=g)
     p3 = torch.randn(2, 10, 3, dtype=F64, generator=g) + torch.tensor([0, 0, 6.0], dtype=F64)
     w7, w10 = torch.rand(2, 7, dtype=F64, generator=g) + 0.5, torch.rand(2, 10, dtype=F64, generator=g) + 0.5
-
-    class Quartic(cddn.DeclarativeNode):
-        def objective(self, x, y):
-            return ((y - x) ** 2).sum(-1) + (y ** 4).sum(-1)
-
-        def solve(self, x):
-            y = x.clone()
-            for _ in range(60):
-                y = y - (2 * (y - x) + 4 * y ** 3) / (2 + 12 * y ** 2)
-            return y
 
     s = torch.tensor(0.5, dtype=F64)
     return [
