@@ -21,10 +21,11 @@ At unit size (the projection is positively homogeneous; diffcp's tolerances are
 absolute), Newton's method on :math:`g` converges quadratically from the point's own guesses
 (:math:`r/s` near K's boundary, :math:`\\log(-r/t)` near its polar's, the ρ last found for as
 many rows: a polish step moves each cone's point a little), all tried in one batch, else
-from diffcp's point (its :math:`r/s`); where none verifies (:math:`s > 0`,
-:math:`\\mu \\ge 0`, :math:`v` reconstructed to rounding: far along the boundary, where
-each step gains ~0.5, or at a spurious root of g), Newton steps safeguarded by bisection
-from the grid ray nearest :math:`v`. The exact membership tests decide the other cases.
+from diffcp's point (its :math:`r/s`); where none verifies (:math:`s > 0`, :math:`\\mu \\ge 0`,
+the last step at ρ's rounding, each coordinate of :math:`v` reconstructed to its own terms'
+rounding; not so far along the boundary, where each step gains ~0.5, at a spurious root of
+g, or 12 steps from far off), Newton steps safeguarded by bisection from the grid ray nearest
+:math:`v`. The exact membership tests decide the other cases.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from .cone_checks import cone_blocks
 __all__ = ["Memo", "derivative_correction", "has_exp", "project_cones", "project_exp", "projection_derivative",
            "projection_piece", "replace_exp_blocks"]
 
-_NEWTON_STEPS = 8
+# (12: from diffcp's point, -0.04, a root at 23.09 takes 11; 8 left some 2.6e-6 off, then unverified.)
+_NEWTON_STEPS = 12
 # The grid of boundary rays that brackets the root where Newton from diffcp's point fails
 # (far along the boundary: ρ ≳ 10, each step gains ~0.5), and its safeguarded steps.
 _GRID_SPAN, _GRID_POINTS, _BRACKETED_STEPS = 60.0, 481, 60
@@ -58,38 +60,49 @@ def _g(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return g, dg
 
 
-def _on_boundary(v: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The projection ``s a(ρ)``, whether it verifies (``s > 0``, ``μ ≥ 0`` and ``v = s a + μ b``
-    to rounding; a, b orthogonal: s, μ are v's coordinates), ``s`` and ``μ``."""
-    e = np.exp(rho)
-    a = np.stack([rho, np.ones_like(rho), e], 1)
-    b = np.stack([e, (1.0 - rho) * e, -np.ones_like(rho)], 1)
-    s = np.einsum("ij,ij->i", v, a) / np.einsum("ij,ij->i", a, a)
-    mu = np.einsum("ij,ij->i", v, b) / np.einsum("ij,ij->i", b, b)
-    p = s[:, None] * a
-    err = np.abs(v - p - mu[:, None] * b).max(1)
-    ok = np.isfinite(err) & (s > 0) & (mu >= 0) & (err <= 64 * _EPS * np.abs(v).max(1))
-    return p, ok, s, mu
+def _on_boundary(v: np.ndarray, rho: np.ndarray, step: np.ndarray):
+    """The projection ``s a(ρ)``, whether it verifies, ``s``, ``μ`` (a ⊥ b: v's coordinates). It
+    verifies where ``s > 0``, ``μ ≥ 0``, the last ``step`` to ρ is within δ, ρ's rounding level
+    (Newton has converged), and ``v = s a + μ b`` holds in each coordinate against its own
+    terms, 64 ε (|v_i| + |s a_i| + |μ b_i|), plus what δ moves it by. (Against 64 ε max|v| after
+    8 steps, a ρ 2.6e-6 off passed: r, s 2.5e-6 off where one ulp of v moves them 1e-14.)"""
+    e, one = np.exp(rho), np.ones_like(rho)
+    a, b = np.stack([rho, one, e], 1), np.stack([e, (1.0 - rho) * e, -one], 1)
+    s, mu = (np.einsum("ij,ij->i", v, x) / np.einsum("ij,ij->i", x, x) for x in (a, b))
+    p, q = s[:, None] * a, mu[:, None] * b
+    err, tol = np.abs(v - p - q), 64 * _EPS * (np.abs(v) + np.abs(p) + np.abs(q))
+    signs = np.isfinite(err).all(1) & (s > 0) & (mu >= 0)
+    delta = _SETTLED * (1.0 + np.abs(rho))
+    if (signs & ~((np.abs(step) <= delta) & (err <= tol).all(1))).any():  # (else δ's first term decides)
+        # c = a × b: g = ⟨v, c⟩, and at a root g' = -⟨s a' + μ b', c⟩ (⟨a, c⟩ = ⟨b, c⟩ = 0). δ: the
+        # step g / g' that g's rounding makes (16 ε times its terms' sizes), plus ρ's ulps. The
+        # residual v - s a - μ b = ⟨v, c⟩ c / ‖c‖²; moving ρ by δ moves it by δ g' c / ‖c‖².
+        e2 = e * e
+        c = np.stack([-1.0 - (1.0 - rho) * e2, e2 + rho, -(rho * rho - rho + 1.0) * e], 1)
+        size = np.stack([1.0 + np.abs(1.0 - rho) * e2, e2 + np.abs(rho), (rho * rho + np.abs(rho) + 1.0) * e], 1)
+        dg = np.abs((s + mu * e) * c[:, 0] - mu * rho * e * c[:, 1] + s * e * c[:, 2])
+        delta = delta + 16 * _EPS * np.einsum("ij,ij->i", np.abs(v), size) / dg
+        tol = tol + (delta * dg / np.einsum("ij,ij->i", c, c))[:, None] * np.abs(c)
+    return p, signs & (np.abs(step) <= delta) & (err <= tol).all(1), s, mu
 
 
 # Which piece of the projection a point is on (see _projection).
 _INSIDE, _POLAR, _QUADRANT, _FACE, _BOUNDARY, _DIFFCP = range(6)
 
 
-def _newton(v: np.ndarray, rho: np.ndarray, steps: int, row: np.ndarray, k: int) -> np.ndarray:
-    """At most ``steps`` Newton steps on :math:`g` from ``rho``, for the ``k`` points whose
-    starts these rows are (``row``: which point each is); none after every point has a start
-    whose step is at rounding (its next steps repeat it; the others are spares)."""
+def _newton(v: np.ndarray, rho: np.ndarray, steps: int, row: np.ndarray, k: int):
+    """``(ρ, the last step)``: at most ``steps`` Newton steps on :math:`g` from ``rho``, for the
+    ``k`` points whose starts these rows are (``row``: which point each is); none after every
+    point has a start whose step is at rounding (its next steps repeat it; the others are spares)."""
     for _ in range(steps):
         g, dg = _g(v, rho)
-        step = np.where(dg != 0, g / dg, 0.0)
-        step = np.where(np.isfinite(step), step, 0.0)
-        rho = rho - step
+        step = g / dg  # (NaN, inf where g' = 0: _projection ignores numpy's warnings)
+        rho = rho - np.where(np.isfinite(step), step, 0.0)
         settled = np.zeros(k, dtype=bool)
         settled[row[np.abs(step) <= _SETTLED * (1.0 + np.abs(rho))]] = True
         if settled.all():
             break
-    return rho
+    return rho, step
 
 
 def _guesses(v: np.ndarray) -> np.ndarray:
@@ -111,8 +124,8 @@ def _first_verified(v: np.ndarray, starts: np.ndarray):
     steps verify; ``ok`` False (and zeros) where none does. All starts in one batch."""
     c, k = starts.shape
     cand, row = np.nonzero(np.isfinite(starts))
-    rho = _newton(v[row], starts[cand, row], _NEWTON_STEPS, row, k)
-    p, ok, s, mu = _on_boundary(v[row], rho)
+    rho, step = _newton(v[row], starts[cand, row], _NEWTON_STEPS, row, k)
+    p, ok, s, mu = _on_boundary(v[row], rho, step)
     verified, at = np.zeros((c, k), dtype=bool), np.zeros((c, k), dtype=np.int64)
     verified[cand, row], at[cand, row] = ok, np.arange(row.size)
     found = verified.any(0)
@@ -122,12 +135,13 @@ def _first_verified(v: np.ndarray, starts: np.ndarray):
     return out
 
 
-def _bracketed(v: np.ndarray) -> np.ndarray:
-    """The root of :math:`g` where the projection of ``v`` (unit-size rows) lies: on a grid
-    of :math:`\\rho \\in [-60, 60]` (beyond, a ray is within e^-60 of the face's direction),
-    the first interval where g changes sign with :math:`s \\propto \\langle v, a \\rangle > 0`
-    at both ends (else the ray of largest :math:`\\langle v, a \\rangle / \\|a\\|` and its
-    neighbours), then Newton steps safeguarded by bisection in it."""
+def _bracketed(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ρ, the last step)``: the root of :math:`g` where the projection of ``v`` (unit-size
+    rows) lies: on a grid of :math:`\\rho \\in [-60, 60]` (beyond, a ray is within e^-60 of the
+    face's direction), the first interval where g changes sign with :math:`s \\propto \\langle v,
+    a \\rangle > 0` at both ends (else the ray of largest :math:`\\langle v, a \\rangle / \\|a\\|`
+    and its neighbours), then Newton steps safeguarded by bisection in it, and one more (the
+    loop may end on a bisection step, whose size says nothing of how far off ρ is)."""
     grid = np.linspace(-_GRID_SPAN, _GRID_SPAN, _GRID_POINTS)[None, :]
     r, s, t = v[:, :1], v[:, 1:2], v[:, 2:3]
     w1 = np.exp(-np.maximum(grid, 0.0))  # a scaled by it (signs kept)
@@ -149,7 +163,9 @@ def _bracketed(v: np.ndarray) -> np.ndarray:
         rho, before = np.where(np.isfinite(newton) & (newton > lo) & (newton < hi), newton, 0.5 * (lo + hi)), rho
         if np.all(np.abs(rho - before) <= _SETTLED * (1.0 + np.abs(rho))):  # (the next steps repeat it)
             break
-    return rho
+    gr, dg = _g(v, rho)
+    step = gr / dg  # (taken where no longer than the bracket: a far root is the face's, see below)
+    return np.where(np.abs(step) <= hi - lo + _SETTLED * (1.0 + np.abs(rho)), rho - step, rho), step
 
 
 class Memo:
@@ -233,8 +249,8 @@ def _project_rows(v: np.ndarray, recent: np.ndarray | None):
         far = np.zeros_like(ok)
         if not ok.all():
             redo = ~ok
-            rho[redo] = _bracketed(vr[redo])
-            p[redo], ok[redo], sc[redo], mu[redo] = _on_boundary(vr[redo], rho[redo])
+            rho[redo], step = _bracketed(vr[redo])
+            p[redo], ok[redo], sc[redo], mu[redo] = _on_boundary(vr[redo], rho[redo], step)
             # Rays beyond ρ ≈ 36 are the face's direction (0, 0, 1) to rounding: where the
             # nearest grid ray is that far out (r > 0 > s with r ≪ |s|: the root lies at
             # ρ ≈ 1 − s/r), the face's projection is the projection to rounding.
