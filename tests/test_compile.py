@@ -102,6 +102,45 @@ def test_robust_pool_compiled_matches_eager(penalty, backend):
     compare(pool, data(), backend)
 
 
+class _PoolTransposed(nn.Module):
+    """Robust pooling of ``x.mT``: the rows the solver reads are a transposed view."""
+
+    def __init__(self, penalty: str) -> None:
+        super().__init__()
+        self.pool = cddn.RobustPool(penalty, alpha=0.9)
+
+    def forward(self, x):
+        return self.pool(x.mT)
+
+
+# Closed forms of phi' and phi'' (Gould et al. Table 1), alpha 0.9.
+_DPHI = {"huber": lambda z: z.clamp(-0.9, 0.9), "pseudo_huber": lambda z: z / (1 + (z / 0.9) ** 2).sqrt()}
+_D2PHI = {"huber": lambda z: (z.abs() <= 0.9).to(z.dtype), "pseudo_huber": lambda z: (1 + (z / 0.9) ** 2) ** -1.5}
+
+
+# (Both penalties failed either way; one way each: a compile costs seconds.)
+@pytest.mark.parametrize("penalty,layout", [("huber", "dim0"), ("pseudo_huber", "transposed")])
+def test_robust_pool_compiled_strided_input_matches_eager(penalty, layout):
+    """Pooling over dim 0, or over the last dim of a transposed view, hands the solver
+    rows that are a transposed view of x. Traced, an ``out=`` op's result takes its
+    operands' layout (eagerly: its ``out``'s), and the solvers' ``torch.sub(u, x,
+    out=z)`` into a flat scratch buffer failed: BackendCompilerFailed, "Cannot view a
+    tensor with shape [6, 8] and strides (1, 6) as a tensor with shape (48,)". Compiled
+    now equals eager, and both the first-order condition and Table 1's gradient."""
+    module = cddn.RobustPool(penalty, alpha=0.9, dim=0) if layout == "dim0" else _PoolTransposed(penalty)
+    x = data(8, shape=(8, 6))
+    compare(module, x, "aot_eager")
+    # The reference: sum_i phi'(y - x_i) = 0 per column, and dy_j/dx_ij = phi''_i / sum phi''.
+    xr = x.clone().requires_grad_(True)
+    y = module(xr)
+    (g,) = torch.autograd.grad(y.sum(), xr)
+    r = y.detach() - x  # column j of x against y_j
+    h = _D2PHI[penalty](r)
+    # (the solver's stopping test: the Newton step |g| / h within tol (alpha + |y|), tol 1e-12)
+    assert (_DPHI[penalty](r).sum(0).abs() / h.sum(0)).max() < 1e-11
+    torch.testing.assert_close(g, h / h.sum(0), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager"])
 @pytest.mark.parametrize("p,mode", LP_CASES)
 def test_lp_projection_compiled_matches_eager(p, mode, backend):

@@ -130,12 +130,29 @@ def row_sums(penalty: Penalty, method: str, u: Tensor, x: Tensor, alpha, scratch
     # u and x have the same number of dims, one of them 1 where they differ
     # (torch.broadcast_shapes costs ~30 us per call here).
     z, *work = scratch.get(*(max(a, b) for a, b in zip(u.shape, x.shape)))
-    torch.sub(u, x, out=z)
+    sub_into(z, u, x)
     if clamp:
         clamp_saturated(penalty, z, alpha)
     *out, d1 = getattr(penalty, method)(z, alpha, work)
     norm = d1.mul_(d1).sum(-1, keepdim=True).sqrt_() if measure else None
     return (*out, norm)
+
+
+def sub_into(z: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``z = a - b`` in place, broadcast: the residuals ``u - x`` of a block (``a`` ``(r, 1)``
+    or ``(r, k, 1)``, ``b`` ``(r, N)`` or ``(r, 1, N)``, ``z`` a scratch view of their
+    broadcast shape). ``b`` holds rows of the caller's ``x`` in whatever layout they came:
+    a transposed view where pooling runs over a leading dim, or over a transposed input.
+
+    Eagerly one ``out=`` pass, and ``z`` keeps its layout. Traced by torch.compile, an
+    ``out=`` op's result takes its operands' layout instead of ``out``'s: ``z`` then held a
+    transposed tensor, which could not be written back into the flat buffer that ``z``
+    views (BackendCompilerFailed: "Cannot view a tensor with shape [6, 8] and strides
+    (1, 6) as a tensor with shape (48,)"). There the difference is copied in, which keeps
+    ``z``'s layout (the compiler fuses the two)."""
+    if torch.compiler.is_compiling():
+        return z.copy_(torch.sub(a, b))
+    return torch.sub(a, b, out=z)
 
 
 def block_rows(n: int, x: Tensor, use_compile: bool) -> int:
@@ -247,7 +264,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         if r == 0:
             continue
         z, *work = scratch.get(r, n)
-        torch.sub(y[sl].unsqueeze(-1), x[sl], out=z)
+        sub_into(z, y[sl].unsqueeze(-1), x[sl])
         if zsum is not None:
             # (a row sum, not isinf(z).any(): no block-sized temporary, whose fresh pages
             # cost 6x the backward; a finite row whose sum overflows goes the careful way too)
