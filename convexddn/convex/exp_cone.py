@@ -392,6 +392,9 @@ def derivative_correction(v: np.ndarray, cones: list, dprojection, memo: Memo | 
         if sel.any():
             ours[sel], known[sel] = projection_derivative(v[rows3[sel]], dual=kind, memo=memo)
     delta = np.where(known[:, None, None], ours - theirs, 0.0)
-    r = np.repeat(rows3, 3, axis=1).ravel()
-    c = np.tile(rows3, (1, 3)).ravel()
-    return sp.csr_matrix((delta.ravel(), (r, c)), shape=(v.size, v.size))
+    # CSR arrays directly (the triplets' conversion was a third of this call): the blocks lie
+    # in increasing rows, so row-major ``delta`` is already in CSR order, 3 entries a row.
+    indptr = np.zeros(v.size + 1, dtype=np.int64)
+    indptr[rows3.ravel() + 1] = 3
+    indices = np.repeat(rows3, 3, axis=0).ravel()
+    return sp.csr_matrix((delta.ravel(), indices, np.cumsum(indptr)), shape=(v.size, v.size))

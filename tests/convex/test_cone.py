@@ -71,3 +71,21 @@ def test_no_step_from_a_polished_or_broken_point(monkeypatch, start):
 def test_stall_above_the_threshold_uses_every_step(monkeypatch):
     taken, r = _polish(monkeypatch, [1e-6, 9e-7, 8e-7, 7e-7, 6e-7, 5e-7], steps=5)
     assert taken == 5 and r == 5e-7 and r > POLISH_ABOVE
+
+
+def test_q_is_the_skew_matrix_of_its_definition():
+    # Q = [[0, A^T, c], [-A, 0, b], [-c^T, -b^T, 0]] written out densely; A's stored entries kept
+    # (an explicit zero too) and b's and c's zeros not stored, as scipy's bmat of the blocks stores them.
+    A = sp.random(5, 4, density=0.5, format="csc", random_state=3)
+    A.data[0] = 0.0
+    b = np.array([1.0, 0.0, -2.0, 0.0, 0.5])
+    c = np.array([0.0, 3.0, 0.0, -1.0])
+    Ad = A.toarray()
+    want = np.zeros((10, 10))
+    want[:4, 4:9], want[:4, 9] = Ad.T, c
+    want[4:9, :4], want[4:9, 9] = -Ad, b
+    want[9, :4], want[9, 4:9] = -c, -b
+    Q = cone._skew(A, b, c)
+    assert isinstance(Q, sp.csc_matrix) and Q.has_canonical_format
+    np.testing.assert_array_equal(Q.toarray(), want)
+    assert Q.nnz == 2 * A.nnz + 2 * 3 + 2 * 2

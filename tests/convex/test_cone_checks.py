@@ -101,3 +101,21 @@ def test_infeasible_polyhedra_beside_a_norm_are_called_infeasible():
     with pytest.raises(InfeasibleError) as err:
         cddn.ConvexLayer(prob, [x, A, b], [y])(xt, At, bt)
     assert sorted(err.value.indices) == [(i,) for i in range(B)]
+
+
+def test_kkt_residual_with_its_parts_given_is_the_same():
+    # A polish passes residual_parts(A) once for all its steps: (A^T, |A|, |A|^T), the same number.
+    from convexddn.convex.cone_checks import kkt_residual, residual_parts
+    from diffcp import cones as cone_lib
+
+    rng = np.random.default_rng(2)
+    A = sp.random(6, 4, density=0.6, format="csc", random_state=2)
+    A.data -= 0.5
+    AT, absA, absAT = residual_parts(A)
+    np.testing.assert_array_equal(AT.toarray(), A.toarray().T)
+    np.testing.assert_array_equal(absA.toarray(), np.abs(A.toarray()))
+    np.testing.assert_array_equal(absAT.toarray(), np.abs(A.toarray()).T)
+    b, c, x, y, s = (rng.standard_normal(k) for k in (6, 4, 4, 6, 6))
+    cones = [(cone_lib.ZERO, 2), (cone_lib.POS, 4)]
+    r = kkt_residual(A, b, c, cones, x, y, s)
+    assert r > 0 and kkt_residual(A, b, c, cones, x, y, s, parts=(AT, absA, absAT)) == r

@@ -221,3 +221,30 @@ def test_a_regulariser_weight_below_the_solver_tolerance_is_not_silent(lam, sile
         assert abs(grad.item() - want_grad) < 1e-9
     else:
         assert said and "polish left it above rounding" in str(said[0].message)
+
+
+def test_derivative_correction_places_each_block_on_its_rows():
+    # Against diffcp's operator taken as 0, the correction is the exact derivative itself:
+    # each exponential cone's 3x3 block (K_exp* for a cone, K_exp for a dual cone) on its own
+    # rows and columns, assembled here entry by entry; CSR in canonical form, as the triplets gave.
+    from diffcp import cones as cone_lib
+
+    from convexddn.convex.exp_cone import derivative_correction
+
+    cones = [(cone_lib.ZERO, 2), (cone_lib.EXP, 2), (cone_lib.POS, 1), (cone_lib.EXP_DUAL, 1)]
+    v = np.random.default_rng(5).standard_normal(12)
+
+    class Zero:
+        def matvec(self, e):
+            return np.zeros_like(e)
+
+    got = derivative_correction(v, cones, Zero())
+    want = np.zeros((12, 12))
+    for start, dual in ((2, True), (5, True), (9, False)):
+        D, known = projection_derivative(v[None, start:start + 3], dual=dual)
+        assert known.all()
+        for i in range(3):
+            for j in range(3):
+                want[start + i, start + j] = D[0, i, j]
+    assert got.has_canonical_format and got.nnz == 27
+    np.testing.assert_array_equal(got.toarray(), want)
