@@ -174,11 +174,13 @@ def _zero_start(values: dict[str, np.ndarray], learned: tuple[str, ...], passed:
     (h = -1 with learned G, inputs A, b: 6 fresh layers in 10 were infeasible at the first
     call; no learned value can help, the product with z0 = 0 being 0.)"""
     bad = []
-    if "h" in values and "h" not in learned and values["h"].size and not values["h"].min() > 0:
-        bad.append(f"the constant h has an entry {values['h'].min():.3g} <= 0, so G 0 = 0 < h fails (pass h > 0, "
+    h_min = values["h"].min() if "h" in values and "h" not in learned and values["h"].size else None
+    b_max = np.abs(values["b"]).max() if "b" in values and "b" not in learned and values["b"].size else None
+    if h_min is not None and not h_min > 0:
+        bad.append(f"the constant h has an entry {h_min:.3g} <= 0, so G 0 = 0 < h fails (pass h > 0, "
                    "learn h, started at G z0 + 1, or make h an input)")
-    if "b" in values and "b" not in learned and values["b"].size and np.abs(values["b"]).max() > 0:
-        bad.append(f"the constant b is not 0 (max|b| = {np.abs(values['b']).max():.3g}), so A 0 = b fails (pass "
+    if b_max is not None and b_max > 0:
+        bad.append(f"the constant b is not 0 (max|b| = {b_max:.3g}), so A 0 = b fails (pass "
                    "b = 0, learn b, started at A z0, or make b an input)")
     if bad:
         blocks = [k for k in learned if k in "AbGh"]
