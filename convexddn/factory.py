@@ -265,13 +265,13 @@ class ScaledBallLayer(ConvexLayer):
         check_finite(label, x)  # the caller's values named, not the scaled ones
         w = widened(x, label)
         top = float(w.detach().abs().amax()) if w.numel() else 0.0  # (one host read)
-        ratio = top / self.radius
-        if not math.isfinite(top / self.scale):
+        ratio, scaled = top / self.radius, top / self.scale
+        if not math.isfinite(scaled):
             raise InputError(f"{label} / radius overflows float64 (radius {self.radius:g}, largest |x| "
                              f"{top:.3g}); scale x and radius down together")
         info = torch.finfo(torch.float64)
         eps = info.eps
-        if top / self.scale < info.tiny <= top:  # (x is then far inside the ball: y = x)
+        if scaled < info.tiny <= top:  # (x is then far inside the ball: y = x)
             warn(f"lp_ball (backend='cvxpy'): |x| is at most {ratio:.3g} times the radius {self.radius:g}, so "
                  f"x / {self.scale:g} falls below float64's normal range and the projection keeps only the "
                  "bits of a subnormal there; the native node (backend='auto') is exact to rounding", SolverWarning)
