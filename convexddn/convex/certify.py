@@ -27,7 +27,7 @@ from .polish import polish_nonnegative, rounding_level
 from .symmetric_cones import ConeLayout, soc_frame
 
 __all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_scaling_at",
-           "nearly_dependent_rows", "soc_frame", "undecided", "undecided_reach"]
+           "nearly_dependent_rows", "undecided", "undecided_reach"]
 
 
 def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from .symmetric_cones import ConeLayout, _t
+from .symmetric_cones import ConeLayout, _t, soc_frame
 
 __all__ = ["LimitRows", "LimitScaling", "inactive_zero", "kink_point", "limit_point", "retry_at_limit"]
 
@@ -71,7 +71,7 @@ class LimitScaling:
 
     def __init__(self, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, s_in: torch.Tensor, z_in: torch.Tensor,
                  delta: float) -> None:
-        from .certify import decided, soc_frame  # (certify builds this scaling)
+        from .certify import decided  # (certify builds this scaling)
 
         self.layout = layout
         k = layout.nonneg
@@ -216,7 +216,7 @@ def limit_point(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> tuple[t
     Shape:
         ``s, z`` cone parts ``(B, mc)`` -> the same.
     """
-    from .certify import decided, soc_frame  # (certify decides the pairs)
+    from .certify import decided  # (certify decides the pairs)
 
     k = layout.nonneg
     active, inactive = decided(s[:, :k], z[:, :k])

@@ -32,10 +32,10 @@ import torch
 from .._generic import generic_vector
 from .._warn import warn
 from ..errors import GradientWarning
-from .certify import decided, soc_frame
+from .certify import decided
 from .kkt import bmv, row_inf
 from .status import element_list, name_elements
-from .symmetric_cones import ConeLayout
+from .symmetric_cones import ConeLayout, soc_frame
 
 __all__ = ["DATA", "FLOOR", "ROUNDING", "ROW_RTOL", "WEAK_GATE", "moved_columns", "unresolved_columns",
            "warn_unresolved", "warn_weak", "weak_tangent", "weakly_determined"]

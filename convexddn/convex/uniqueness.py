@@ -40,7 +40,8 @@ import math
 import torch
 
 from .._generic import generic_vector
-from .certify import decided, soc_frame
+from .certify import decided
+from .symmetric_cones import soc_frame
 from .zero_rows import zero_rows
 
 __all__ = ["INCONSISTENT_AMPLIFICATION", "INCONSISTENT_SURE", "LIMIT_AMPLIFICATION", "limit_inconsistency",
