@@ -63,14 +63,14 @@ def _at_kink(layout: ConeLayout, point: tuple, settled) -> tuple[torch.Tensor, t
     blend returned without a warning.)"""
     x, s, z, *rest = point
     floor, tiny = _kink_floor(layout, s, z), torch.finfo(s.dtype).tiny
-    c, k = layout.zero + layout.nonneg, layout.nonneg
+    z0, c = layout.zero, layout.zero + layout.nonneg  # (the nonnegative rows: z0:c)
     # (Both at the kink's floor, 64 rounding levels of the element's size, which the
     # multipliers set, moved s by that much: a box projection with an entry at 1e6, x ~
     # 2.7e-6 beside multipliers ~1 equilibrated, got s_0 = 1.9e-7 in the caller's units
     # beside y_0 = 7e-17, a Newton step of 1.07e-7 > tol_error and no solution.)
-    kink = torch.maximum(s[:, c - k:c], z[:, c - k:c]) <= floor
-    pair = torch.minimum(s[:, c - k:c], z[:, c - k:c]).clamp_min(tiny)
-    at = lambda v, value: torch.cat([v[:, :c - k], torch.where(kink, value, v[:, c - k:c]), v[:, c:]], 1)  # noqa: E731
+    kink = torch.maximum(s[:, z0:c], z[:, z0:c]) <= floor
+    pair = torch.minimum(s[:, z0:c], z[:, z0:c]).clamp_min(tiny)
+    at = lambda v, value: torch.cat([v[:, :z0], torch.where(kink, value, v[:, z0:c]), v[:, c:]], 1)  # noqa: E731
     s_at, z_at, z_off = at(s, pair), at(z, pair), at(z, 0.0)  # (z_off: the kinks' z at 0)
     if layout.soc:
         ds, dz = torch.zeros_like(s[:, c:]), torch.zeros_like(s[:, c:])  # (moves along the frame)
