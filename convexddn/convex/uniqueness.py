@@ -70,10 +70,11 @@ def _tangent_rows(layout, u: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
 
     A cone's tangent rows carry :math:`H = s_0/z_0` (:class:`~.limit_scaling.LimitScaling`):
     the boundary's curvature weighted by the multiplier, finite wherever the multiplier
-    does not vanish, i.e. unless both Jordan-frame pairs are decided inactive (``on`` ``(B, nsoc)`` False). :math:`s_0/z_0` itself converges to a
-    value of the data's order, not to 0 or ∞: tested against :data:`~.certify.DECIDED`
-    it dropped a strictly complementary cone's curvature at :math:`z_0 < 10^{-2} s_0`
-    and called a unique solution not unique.
+    does not vanish, i.e. unless both Jordan-frame pairs are decided inactive (``on``
+    ``(B, nsoc)`` False). :math:`s_0/z_0` itself converges to a value of the data's order,
+    not to 0 or ∞: tested against :data:`~.certify.DECIDED` it dropped a strictly
+    complementary cone's curvature at :math:`z_0 < 10^{-2} s_0` and called a unique
+    solution not unique.
 
     The rows are dependent, :math:`\\sum_j u_j t_j = u^\\top (I - u u^\\top) A_{tail} = 0`:
     the row at ``u``'s largest entry is a combination of the others (coefficients
