@@ -36,7 +36,7 @@ from diffcp import cones as cone_lib
 from .cone_checks import cone_blocks
 
 __all__ = ["Memo", "derivative_correction", "has_exp", "project_cones", "project_exp", "projection_derivative",
-           "projection_piece", "replace_exp_blocks"]
+           "projection_piece"]
 
 # (12: from diffcp's point, -0.04, a root at 23.09 takes 11; 8 left some 2.6e-6 off, then unverified.)
 _NEWTON_STEPS = 12
@@ -347,19 +347,6 @@ def _exp_blocks(cones: list) -> tuple[np.ndarray, np.ndarray]:
     return starts[:, None] + np.arange(3), np.array([p for _, p in found], dtype=bool)
 
 
-def replace_exp_blocks(out: np.ndarray, x: np.ndarray, cones: list, dual: bool, memo: Memo | None = None) -> np.ndarray:
-    """``out`` (a projection of ``x`` onto the cones of diffcp's parsed list, or their duals)
-    with its exponential-cone rows replaced by :func:`project_exp`'s."""
-    if not has_exp(cones):
-        return out
-    rows, primal = _exp_blocks(cones)
-    for kind in (True, False):
-        sel = rows[primal == kind]
-        if sel.size:  # onto K_exp* for a cone's dual, and for a dual cone itself
-            out[sel] = project_exp(x[sel], dual=kind == dual, memo=memo)
-    return out
-
-
 def project_cones(x: np.ndarray, cones: list, dual: bool, memo: Memo | None = None) -> np.ndarray:
     """diffcp's projection of ``x`` onto the cones of its parsed list (or their duals), with
     :func:`project_exp`'s exponential-cone blocks; diffcp's own projection is not computed
@@ -368,11 +355,17 @@ def project_cones(x: np.ndarray, cones: list, dual: bool, memo: Memo | None = No
         return cone_lib.pi(x, cones, dual=dual)
     kinds = (cone_lib.EXP, cone_lib.EXP_DUAL)
     rows_only = [(cone_lib.ZERO, 3 * int(size)) if kind in kinds else (kind, size) for kind, size in cones]
-    return replace_exp_blocks(cone_lib.pi(x, rows_only, dual=dual), x, cones, dual, memo)
+    out = cone_lib.pi(x, rows_only, dual=dual)
+    rows, primal = _exp_blocks(cones)
+    for kind in (True, False):
+        sel = rows[primal == kind]
+        if sel.size:  # onto K_exp* for a cone's dual, and for a dual cone itself
+            out[sel] = project_exp(x[sel], dual=kind == dual, memo=memo)
+    return out
 
 
 def derivative_correction(v: np.ndarray, cones: list, dprojection, memo: Memo | None = None) -> sp.csr_matrix | None:
-    """:math:`\\Delta D`, the derivative of :func:`replace_exp_blocks`' projection onto
+    """:math:`\\Delta D`, the derivative of :func:`project_cones`' projection onto
     :math:`K^*` minus diffcp's ``dprojection`` (an operator, at the same ``v``), as a sparse
     ``(m, m)`` matrix: nonzero on the exponential cones' 3×3 blocks only (diffcp's there is
     that of its own, ~1e-8 accurate, projection); ``None`` without exponential cones."""
