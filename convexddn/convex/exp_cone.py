@@ -73,7 +73,8 @@ def _on_boundary(v: np.ndarray, rho: np.ndarray, step: np.ndarray):
     err, tol = np.abs(v - p - q), 64 * _EPS * (np.abs(v) + np.abs(p) + np.abs(q))
     signs = np.isfinite(err).all(1) & (s > 0) & (mu >= 0)
     delta = _SETTLED * (1.0 + np.abs(rho))
-    if (signs & ~((np.abs(step) <= delta) & (err <= tol).all(1))).any():  # (else δ's first term decides)
+    ok = signs & (np.abs(step) <= delta) & (err <= tol).all(1)
+    if (signs & ~ok).any():  # (else δ's first term decides)
         # c = a × b: g = ⟨v, c⟩, and at a root g' = -⟨s a' + μ b', c⟩ (⟨a, c⟩ = ⟨b, c⟩ = 0). δ: the
         # step g / g' that g's rounding makes (16 ε times its terms' sizes), plus ρ's ulps. The
         # residual v - s a - μ b = ⟨v, c⟩ c / ‖c‖²; moving ρ by δ moves it by δ g' c / ‖c‖².
@@ -83,7 +84,8 @@ def _on_boundary(v: np.ndarray, rho: np.ndarray, step: np.ndarray):
         dg = np.abs((s + mu * e) * c[:, 0] - mu * rho * e * c[:, 1] + s * e * c[:, 2])
         delta = delta + 16 * _EPS * np.einsum("ij,ij->i", np.abs(v), size) / dg
         tol = tol + (delta * dg / np.einsum("ij,ij->i", c, c))[:, None] * np.abs(c)
-    return p, signs & (np.abs(step) <= delta) & (err <= tol).all(1), s, mu
+        ok = signs & (np.abs(step) <= delta) & (err <= tol).all(1)
+    return p, ok, s, mu
 
 
 # Which piece of the projection a point is on (see _projection).
