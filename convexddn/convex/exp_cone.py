@@ -191,13 +191,13 @@ class Memo:
         key = (v.shape, v.tobytes())
         found = self.found.get(key)
         if found is None:
-            found = _project_rows(v, self.recent.get(v.shape[0]))
+            last = self.recent.get(v.shape[0])
+            found = _project_rows(v, last)
             for a in found:
                 a.setflags(write=False)
             self.found[key] = found
             # (kept per row where this call found none: the checks' points inside K or its polar)
-            last = self.recent.get(v.shape[0], np.full(v.shape[0], np.nan))
-            self.recent[v.shape[0]] = np.where(found[1] >= _FACE, found[2], last)
+            self.recent[v.shape[0]] = np.where(found[1] >= _FACE, found[2], np.nan if last is None else last)
             for kept in (self.found, self.recent):
                 while len(kept) > self.SIZE:
                     del kept[next(iter(kept))]
