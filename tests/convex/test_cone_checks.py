@@ -119,3 +119,5 @@ def test_kkt_residual_with_its_parts_given_is_the_same():
     cones = [(cone_lib.ZERO, 2), (cone_lib.POS, 4)]
     r = kkt_residual(A, b, c, cones, x, y, s)
     assert r > 0 and kkt_residual(A, b, c, cones, x, y, s, parts=(AT, absA, absAT)) == r
+    # ... and the parts given are the ones used: another matrix's give another number.
+    assert kkt_residual(A, b, c, cones, x, y, s, parts=residual_parts(2.0 * A)) != r
