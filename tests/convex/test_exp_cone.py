@@ -23,9 +23,14 @@ def _constructed(count: int, seed: int = 0):
     rho = rng.uniform(-30, 30, count)  # (far along the boundary too: Newton from diffcp's point fails there)
     s = np.exp(rng.uniform(-5, 5, count))
     mu = np.exp(rng.uniform(-12, 3, count)) * (rng.uniform(size=count) > 0.1)
-    e = np.exp(rho)
-    a = np.stack([rho, np.ones(count), e], 1)
-    b = np.stack([e, (1 - rho) * e, -np.ones(count)], 1)
+    return _built(rho, s, mu)
+
+
+def _built(rho, s, mu):
+    """``(v, Π_K(v), −Π_K*(−v))`` of :func:`_constructed` for given ``ρ, s, μ`` ``(count,)``."""
+    e, one = np.exp(rho), np.ones_like(rho)
+    a = np.stack([rho, one, e], 1)
+    b = np.stack([e, (1 - rho) * e, -one], 1)
     return s[:, None] * a + mu[:, None] * b, s[:, None] * a, mu[:, None] * b
 
 
@@ -66,11 +71,15 @@ def test_the_closed_form_cases():
 def test_memo_starts_from_the_last_roots_and_keeps_the_answers():
     # The per-element polish projects nearby points in turn: Newton from the last roots (a
     # Memo), each verified, gives the constructed projection as from the point's own start.
-    v, want, _ = _constructed(2000, seed=3)
+    # The moved points are constructed too (ρ, s, μ moved by 1e-4 relative): known projections.
+    rng = np.random.default_rng(3)
+    rho, s, mu = rng.uniform(-30, 30, 2000), np.exp(rng.uniform(-5, 5, 2000)), np.exp(rng.uniform(-12, 3, 2000))
+    v, want, _ = _built(rho, s, mu)
+    move = lambda u: u * (1 + 1e-4 * rng.standard_normal(u.shape))  # noqa: E731
+    moved, moved_want, _ = _built(move(rho), move(s), move(mu))
     memo = Memo()
     first = project_exp(v, memo=memo)
-    moved = v * (1 + 1e-4 * np.random.default_rng(4).standard_normal(v.shape))
-    for got, ref in ((first, want), (project_exp(moved, memo=memo), project_exp(moved))):
+    for got, ref in ((first, want), (project_exp(moved, memo=memo), moved_want)):
         err = np.abs(got - ref).max(1) / np.abs(v).max(1)
         assert np.quantile(err, 0.99) < 1e-15 and err.max() < 1e-13, (np.quantile(err, 0.99), err.max())
     again = project_exp(v, memo=memo)  # (kept: the same bits, a copy the caller may write)
