@@ -222,9 +222,12 @@ def sinkhorn(
     # 1.7e5 became Inf there, silently).
     work = torch.float64
     C, a64, b64 = widened("sinkhorn", (("cost", cost, 2), ("a", a, 1), ("b", b, 1)))
-    am = None if a is None else marginal_parts("a", a, a64)
-    bm = None if b is None else marginal_parts("b", b, b64)
-    shapes = [cost.shape[:-2]] + [v[0].shape[:-1] for v in (am, bm) if v is not None]
+    # A marginal's values are checked wherever it has entries; an empty one has none to
+    # check (its reductions have no identity: aminmax raised a raw RuntimeError) and only
+    # broadcasts to an empty batch, where nothing is solved.
+    am = None if a is None or a.numel() == 0 else marginal_parts("a", a, a64)
+    bm = None if b is None or b.numel() == 0 else marginal_parts("b", b, b64)
+    shapes = [cost.shape[:-2]] + [v.shape[:-1] for v in (a, b) if v is not None]
     try:
         batch = torch.broadcast_shapes(*shapes) if len(shapes) > 1 else shapes[0]
     except RuntimeError:

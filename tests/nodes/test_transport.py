@@ -527,6 +527,28 @@ def test_sinkhorn_empty_batch_keeps_graph():
     assert c.grad.shape == c.shape and not a.grad.any() and not b.grad.any()
 
 
+@pytest.mark.parametrize(
+    "c_shape, a_shape, b_shape",
+    [((0, 3, 4), (0, 3), (0, 4)), ((0, 3, 4), (0, 3), None), ((0, 3, 4), None, (0, 4)),
+     ((3, 4), (0, 3), (4,)), ((2, 1, 3, 4), (0, 3), None)],
+)
+def test_sinkhorn_empty_marginals(c_shape, a_shape, b_shape):
+    # An empty marginal only broadcasts to an empty batch: an empty plan and zero gradients,
+    # as without marginals (its values were checked first: aminmax over no entries raised).
+    c = torch.rand(c_shape, dtype=F64, requires_grad=True)
+    a = None if a_shape is None else torch.ones(a_shape, dtype=F64, requires_grad=True)
+    b = None if b_shape is None else torch.full(b_shape, 0.75, dtype=F64, requires_grad=True)
+    batch = torch.broadcast_shapes(*[s[:-1] for s in (c_shape[:-1], a_shape, b_shape) if s is not None])
+    for P in (sinkhorn(c, a, b, eps=0.5), OptimalTransport(eps=0.5)(c, a, b)):
+        assert P.shape == (*batch, 3, 4)
+        P.sum().backward()
+    for t in (c, a, b):
+        assert t is None or (t.grad.shape == t.shape and not t.grad.any())
+    # A marginal with entries is still checked when the batch is empty.
+    with pytest.raises(InputError, match="a must be >= 0"):
+        sinkhorn(torch.rand(0, 3, 4, dtype=F64), torch.tensor([1.0, -1.0, 1.0], dtype=F64))
+
+
 def test_sinkhorn_overflowing_inputs():
     # A row range beyond float64's largest number cannot be shifted: refused, not NaN.
     with pytest.raises(InputError, match="cost's entries within a row"):
