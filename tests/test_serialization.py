@@ -349,6 +349,41 @@ def test_compiled_declarative_node_pickles_and_deepcopies():
     torch.testing.assert_close(copy_(x), node._call_impl(x))
 
 
+class _Clamp(nn.Module):
+    def forward(self, t):
+        return t.clamp(-0.25, 0.25)
+
+
+def test_parametrized_declarative_node_deepcopies_after_a_call():
+    # torch's parametrize deep-copies a module's __dict__ itself, past the node's
+    # __getstate__: the thread guard made by the first call ("cannot pickle '_thread.lock'")
+    # must copy too, as a new, free guard; AveragedModel deep-copies so.
+    from torch.nn.utils import parametrize
+    from torch.optim.swa_utils import AveragedModel
+
+    from convexddn.nodes._swap_guard import SwapGuard
+
+    node = WeightedCentroid()
+    parametrize.register_parametrization(node, "logw", _Clamp())
+    x = torch.randn(3, N, dtype=DT)
+    node(x).sum().backward()
+    w = torch.linspace(-0.5, 0.5, N, dtype=DT).clamp(-0.25, 0.25).exp()
+    expected = (w * x).sum(-1, keepdim=True) / w.sum()  # the weighted mean, closed form
+    guard = node.__dict__["_swap_guard"]
+    with guard.reading():  # a read under way in the original is none of the copy's
+        clone = copy.deepcopy(node)
+        averaged = AveragedModel(node)
+    for m in (clone, averaged.module):
+        fresh = m.__dict__["_swap_guard"]
+        assert isinstance(fresh, SwapGuard) and fresh is not guard and fresh._readers == 0
+        y = m(x)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=0)
+        y.sum().backward()
+        assert torch.isfinite(m.parametrizations.logw.original.grad).all()
+    for other in (copy.copy(guard), pickle.loads(pickle.dumps(guard))):
+        assert isinstance(other, SwapGuard) and other is not guard and other._readers == 0
+
+
 @pytest.mark.parametrize("make, name", [
     (lambda t: cddn.RobustPool("huber", alpha=t), "alpha"),
     (lambda t: cddn.RobustVectorPool("huber", alpha=t), "alpha"),

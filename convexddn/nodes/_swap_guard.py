@@ -59,6 +59,16 @@ class SwapGuard:
         self._own: _Tensors | None = None  # the module's tensors before the swap under way
         _GUARDS.add(self)
 
+    def __reduce__(self) -> tuple:
+        # Any copy (pickle, copy.copy, deepcopy) is a new, free guard: a copied module owns
+        # new tensors, which no read or swap of the original's is under way on, and a lock
+        # and a thread-local do not copy (torch's parametrize deep-copies a module's
+        # __dict__ itself, past DeclarativeNode.__getstate__: "cannot pickle '_thread.lock'").
+        return (SwapGuard, ())
+
+    def __deepcopy__(self, memo: dict) -> SwapGuard:
+        return SwapGuard()
+
     def _own_reads(self) -> int:
         return getattr(self._mine, "reads", 0)
 
