@@ -389,8 +389,11 @@ class CvxpyLayer(nn.Module):
         # not use them up.
         applied, ignored = _classify(args, solver)
         native = self._native(applied, solver)
-        if solver not in self.layers:
-            self.layers[solver] = self._make(solver, "solver_args['solve_method']")
+        # A new solver's layer joins the module tree only once its first call succeeds: a
+        # failed call (a NaN parameter) left 'layers.SCS' in named_modules() and the repr.
+        layer = self.layers[solver] if solver in self.layers else self._make(solver, "solver_args['solve_method']")
         self._warn(ignored, auto_only=self._auto_only(solver, applied))
-        out = self.layers[solver](*params, solver_args=native)
+        out = layer(*params, solver_args=native)
+        if solver not in self.layers:
+            self.layers[solver] = layer
         return out if isinstance(out, tuple) else (out,)

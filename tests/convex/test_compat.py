@@ -19,6 +19,7 @@ from convexddn.convex.compat import APPLIED_SOLVER_ARGS, IGNORED_SOLVER_ARGS, Cv
 from convexddn.errors import (
     ConvexDDNWarning,
     InfeasibleError,
+    NonFiniteError,
     OptionError,
     ProblemError,
     SolverWarning,
@@ -673,6 +674,21 @@ def test_cvxpy_layer_notices_not_used_up_by_a_call_they_failed():
             layer(At, bt, solver_args=args)
         assert len([w for w in caught if issubclass(w.category, ConvexDDNWarning)]) == 1, [str(w) for w in caught]
         torch.testing.assert_close(sol, ridge_closed_form(At, bt), atol=1e-7, rtol=0)
+
+
+def test_cvxpy_layer_failed_call_leaves_the_module_tree():
+    """A per-call solve_method's layer was added to ``layers`` before its call: a call that
+    raised (a NaN parameter) left 'layers.SCS' in named_modules() and the repr. It joins
+    only once its call succeeds."""
+    layer, At, bt = _ridge_layer(7)
+    names, text = [n for n, _ in layer.named_modules()], repr(layer)
+    for method in ("SCS", "ECOS"):
+        with pytest.raises(NonFiniteError):
+            layer(At, torch.full_like(bt, float("nan")), solver_args={"solve_method": method})
+        assert [n for n, _ in layer.named_modules()] == names and repr(layer) == text
+    (sol,) = layer(At, bt, solver_args={"solve_method": "ECOS"})
+    torch.testing.assert_close(sol, ridge_closed_form(At, bt), atol=1e-7, rtol=0)
+    assert [n for n, _ in layer.named_modules()] == names + ["layers.ECOS"]
 
 
 def test_cvxpy_layer_notice_names_the_callers_line_however_called():
