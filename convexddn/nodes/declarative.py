@@ -31,6 +31,7 @@ from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._swap_guard import guarded, read_as
 from .declarative_probe import probe
+from ._reference_hooks import refuse_reference_hooks
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, y_by_keyword)
 from .implicit import declarative_vjp
@@ -156,7 +157,9 @@ class DeclarativeNode(torch.nn.Module):
             call ``super().__init__()``, the objective does not depend on ``y``, a row of
             the objective or a constraint reads another batch row (first call with two
             rows or more), or (in backward) an active constraint's Jacobian is NaN or Inf,
-            or a term's backward cannot be differentiated.
+            or a term's backward cannot be differentiated; and at the class's definition, a
+            method of the DDN reference's API that would be ignored (``linear_constraint_parameters``,
+            ``gradient``, ``jacobian``, ...: the table of the guide "Migrating from the DDN reference").
         NonFiniteError: an input contains NaN or Inf.
         SolverError: ``solve`` returns NaN or Inf, or (in backward) a point far from
             a KKT point; with the failing batch indices.
@@ -233,6 +236,7 @@ class DeclarativeNode(torch.nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        refuse_reference_hooks(cls)  # (a DDN reference method kept in a port is never called: refuse it here)
         init = cls.__dict__.get("__init__")
         if init is None or getattr(init, "_ddn_checked", False):
             return

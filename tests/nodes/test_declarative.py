@@ -983,3 +983,80 @@ def test_compiled_node_forward_mode_matches_closed_form():
         torch.testing.assert_close(tangent.detach(), tangent_cf, rtol=1e-12, atol=1e-12)
     finally:
         torch._dynamo.reset()
+
+
+# --- methods of the DDN reference's API, which DeclarativeNode never calls ----------------
+
+def test_declarative_reference_linear_constraint_parameters_invalid():
+    """Tutorial 08's MinKL ported with the reference's linear_constraint_parameters kept (A = 1ᵀ,
+    d = 1: Σ y = 1) was differentiated as unconstrained: a KKT error whose causes never named the
+    method, and with check_solution=False, at x₀ = [0.9, 0.3, 0.5, 0.7], dy₀/dx₀ = [0.417, 0, 0, 0]
+    where the closed form is (e₀ − y₀)/Σx = [0.260, −0.156, −0.156, −0.156], without a warning.
+    Refused at definition."""
+    with pytest.raises(ProblemError, match=r"(?s)MinKL defines linear_constraint_parameters.*never calls.*"
+                                           r"equality_constraints\(self, \*xs, y\) returning the residual A y − d"):
+        class MinKL(DeclarativeNode):
+            def objective(self, x, y):
+                return -(x * y.log()).sum(-1)
+
+            def linear_constraint_parameters(self, y):
+                return y.new_ones(1, y.shape[-1]), y.new_ones(1)
+
+            def solve(self, x):
+                return x / x.sum(-1, keepdim=True)
+
+
+def test_declarative_reference_lineq_port_matches_closed_form():
+    """The refusal's advice, followed: equality_constraints returning A y − d = Σy − 1 gives
+    tutorial 08's closed form dy_i/dx_j = (δ_ij − y_i)/Σx."""
+    class MinKL(DeclarativeNode):
+        def objective(self, x, y):
+            return -(x * y.log()).sum(-1)
+
+        def equality_constraints(self, x, y):
+            return y @ y.new_ones(1, y.shape[-1]).T - y.new_ones(1)
+
+        def solve(self, x):
+            return x / x.sum(-1, keepdim=True)
+
+    x = torch.tensor([[0.9, 0.3, 0.5, 0.7], [0.2, 1.1, 0.4, 0.6]], dtype=DT, requires_grad=True)
+    jac = torch.autograd.functional.jacobian(MinKL(), x)
+    s = x.detach().sum(-1)
+    for b in range(2):
+        y = x.detach()[b] / s[b]
+        torch.testing.assert_close(jac[b, :, b], (torch.eye(4, dtype=DT) - y[:, None]) / s[b], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(jac[b, :, 1 - b], torch.zeros(4, 4, dtype=DT))
+
+
+@pytest.mark.parametrize("hook, advice", [
+    ("gradient", r"differentiates implicitly.*\.backward\(\)"),
+    ("jacobian", r"torch\.autograd\.functional\.jacobian\(node, x\)"),
+    ("constraint", r"equality_constraints\(self, \*xs, y\).*or inequality_constraints\(self, \*xs, y\)"),
+    ("eq_constraints", r"equality_constraints\(self, \*xs, y\)"),
+    ("ineq_constraints", r"inequality_constraints\(self, \*xs, y\)"),
+])
+def test_declarative_reference_hooks_invalid(hook, advice):
+    """A reference node's analytic gradient() (ddn/pytorch/sample_nodes.py) or jacobian() kept in
+    a port was never called, silently; ddn/basic's constraint()/eq_constraints()/ineq_constraints()
+    were ignored like linear_constraint_parameters. Refused at definition, naming what to write."""
+    def ignored(self, *xs, y=None, v=None, ctx=None):
+        raise AssertionError("never called")
+
+    body = {"objective": lambda self, x, y: ((y - x) ** 2).sum(-1), "solve": lambda self, x: x, hook: ignored}
+    with pytest.raises(ProblemError, match=rf"(?s)Port defines {hook}: a method of the DDN.*{advice}"):
+        type("Port", (DeclarativeNode,), body)
+
+
+def test_declarative_reference_hook_from_a_mixin_invalid():
+    """The method counts wherever the class gets it: a mixin kept from the port too."""
+    class RefMixin:
+        def gradient(self, *xs, y=None, v=None, ctx=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(ProblemError, match="Port defines gradient"):
+        class Port(RefMixin, DeclarativeNode):
+            def objective(self, x, y):
+                return ((y - x) ** 2).sum(-1)
+
+            def solve(self, x):
+                return x
