@@ -22,7 +22,7 @@ DOCS = ROOT / "docs"
 # Guide pages whose ```python blocks must run as printed (each page in one namespace).
 RUNNABLE_PAGES = ("index.md", "getting-started.md", "which-path.md", "registry.md", "declarative-node.md",
                   "nodes-pooling.md", "nodes-projection.md", "nodes-attention-transport-tv.md",
-                  "nodes-eigen-lstsq-vector-pool.md")
+                  "nodes-eigen-lstsq-vector-pool.md", "migrating-from-ddn.md")
 
 
 def _load_hook(name: str):
@@ -49,6 +49,20 @@ def test_docs_registry_catalog_lists_every_problem():
         name = row.split("`")[1]
         assert convexddn.registry.describe(name).replace("|", r"\|") in row
         assert ("native node" in row) == (name in NATIVE)
+
+
+def test_docs_ddn_hooks_table_is_the_refused_methods():
+    """The migration guide had no row for the DDN reference's linear_constraint_parameters,
+    gradient or jacobian, which a ported DeclarativeNode silently ignored; DeclarativeNode now
+    refuses them, and the guide prints the very table the refusal reads."""
+    from convexddn.nodes._reference_hooks import REFERENCE_HOOKS
+
+    table = _load_hook("generated").ddn_hooks()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(REFERENCE_HOOKS)
+    assert {"linear_constraint_parameters", "gradient", "jacobian"} <= set(REFERENCE_HOOKS)
+    assert "A y − d" in rows[0] and "torch.autograd.functional.jacobian(node, x)" in table
+    assert "<!-- generated: ddn-hooks -->" in (DOCS / "migrating-from-ddn.md").read_text()
 
 
 def test_docs_prose_ratios_match_bench_json():

@@ -7,6 +7,9 @@ A page asks for generated content with a marker on a line of its own:
   path :func:`convexddn.layer` takes for each problem (:data:`convexddn.factory.NATIVE`);
 - ``<!-- generated: path-costs -->``: the cost of both paths on the same problems, from
   the benchmark's ``docs/bench.json``;
+- ``<!-- generated: ddn-hooks -->``: the DDN reference's methods that a ``DeclarativeNode``
+  refuses and what to write instead, from the table the refusal reads
+  (:data:`convexddn.nodes._reference_hooks.REFERENCE_HOOKS`);
 - ``<!-- generated: api MODULE -->``: the API reference of a public module — its
   docstring, then every name of its ``__all__`` that no earlier API page documents
   (:data:`API_PAGES` fixes the order), then links to those that one does.
@@ -47,6 +50,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
             return registry_catalog()
         if what == "path-costs":
             return path_costs(Path(config["docs_dir"]) / "bench.json")
+        if what == "ddn-hooks":
+            return ddn_hooks()
         if what == "api" and arg:
             return api_page(arg)
         raise ValueError(f"{page.file.src_uri}: unknown generated content {match.group(0)!r}")
@@ -66,6 +71,18 @@ def registry_catalog() -> str:
         path = ("the native node" if name in NATIVE else "a `ConvexLayer` (cone program)")
         text = convexddn.registry.describe(name).replace("|", r"\|")
         rows.append(f"| `{name}` | {text} | {path} |")
+    return "\n".join(rows)
+
+
+# --- the DDN reference's methods a DeclarativeNode refuses --------------------------------
+
+def ddn_hooks() -> str:
+    from convexddn.nodes._reference_hooks import REFERENCE_HOOKS
+
+    rows = ["| reference method | in the reference | in a convexddn `DeclarativeNode` |", "|---|---|---|"]
+    for name, (reference, instead) in REFERENCE_HOOKS.items():
+        cells = (f"`{name}`", reference, instead)
+        rows.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
     return "\n".join(rows)
 
 
