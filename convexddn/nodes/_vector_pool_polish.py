@@ -127,7 +127,8 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
     The IRLS point never raises the objective (majorise–minimise); the Newton point is
     taken instead where it lowers the objective below the current one. A row stopped on
     its Newton step returns the Newton point (whose forward-mode tangent is the implicit
-    function's, for torch.func.jacfwd); one stopped on a quiet gradient returns its point,
+    function's, where these ops are differentiated: the node's own derivatives, jacfwd's
+    included, come from its Function); one stopped on a quiet gradient returns its point,
     with the tangent of that Newton point.
 
     Each step first applies the rule as it reads where no active row has a quiet gradient
@@ -352,8 +353,9 @@ def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: 
         u = torch.where((f_med < f_mean).unsqueeze(-1), med, mean)
     else:
         # The start only picks the basin; the polish's steps (Newton; the truncated
-        # quadratic's mean of its inliers) carry the derivative where torch.func.jacfwd
-        # differentiates these ops. Differentiated, the search's distances, square roots
+        # quadratic's mean of its inliers) carry the derivative where these ops are
+        # differentiated (torch.func.jacfwd did until 2026-12-05; the node's Function now
+        # gives every derivative). Differentiated, the search's distances, square roots
         # of 0 at its data-point starts, made NaN tangents that reached the Jacobian
         # (jacfwd over several Welsch sets).
         u = _start(pen, x.detach(), a.detach(), starts, max_iter)

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .._autograd import any_batched
 from .._linalg import solve_ex
 from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
@@ -130,7 +131,18 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
     clear their thresholds take the Cholesky solve. The others (and, in the Woodbury
     form, rows :func:`~.dense.checked_solve` finds ill-conditioned) are decided by their
     eigenvalues.
+
+    Right-hand sides batched by a vmap (torch.func.jacfwd's tangents, which share the
+    primal's H) cannot be read on the host: H's rows are decided on a zero right-hand side
+    (the same host reads, none of the batched values), then every direction is solved by
+    LU and set to zero in the rows found singular, as in the unbatched call (a NaN or Inf
+    in a tangent propagates there too).
     """
+    if any_batched(rhs):
+        _, ok, all_ok = hess_solve_checked(s, n, c, torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device))
+        H = _hessian(s, n, c)
+        v = _plain(H, rhs)[0] if H is not None else _woodbury(_plain, s, n, c, rhs)[0]
+        return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok, all_ok
     N, C = n.shape[-2:]
     noise = forming_noise(s, n, c)
     H = _hessian(s, n, c)
