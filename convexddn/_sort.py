@@ -66,7 +66,7 @@ def _radix_rows(x: torch.Tensor, descending: bool) -> torch.Tensor:
     out = torch.empty_like(keys)
     chunks = -(-R * N // _CHUNK)
     step = -(-R // chunks)
-    tags = (torch.arange(step, dtype=torch.int64) << 32).unsqueeze(-1)
+    tags = (torch.arange(step, dtype=torch.int64, device=x.device) << 32).unsqueeze(-1)
     # The keys, their sorted copy and its indices: buffers kept between calls
     # (:mod:`._workspace`), not three fresh MiB per chunk faulted in page by page.
     bufs = [workspace.take(step * N, torch.int64, x.device) for _ in range(3)]

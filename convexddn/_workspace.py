@@ -60,7 +60,7 @@ def take(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         raw = _FREE.pop(min(fits, key=lambda i: _FREE[i].numel())) if fits else None
     if raw is None:
         with torch.inference_mode(False):  # a kept buffer serves later calls in any mode
-            raw = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            raw = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cpu")
     # A fresh allocation and a kept buffer both start 64-byte aligned: any dtype views them.
     return raw[:nbytes].view(dtype)
 
@@ -76,7 +76,7 @@ def give(*buffers: torch.Tensor) -> None:
         if buf.storage_offset() or storage.nbytes() > MAX_BYTES // 2:
             continue
         with torch.inference_mode(False):
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # all of its bytes, as bytes
+            raw = torch.empty(0, dtype=torch.uint8, device="cpu").set_(storage)  # all of its bytes, as bytes
         with _LOCK:
             if any(b.data_ptr() == raw.data_ptr() for b in _FREE):
                 continue  # handed back twice: keep it once

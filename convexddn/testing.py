@@ -312,9 +312,9 @@ def check_gradients(
             gen = torch.Generator(device="cpu").manual_seed(seed)
             directions = []
             for _ in range(n_directions):
-                u = torch.randn(total, generator=gen, dtype=torch.float64)
+                u = torch.randn(total, generator=gen, dtype=torch.float64, device="cpu")
                 u = (u / u.norm().clamp_min(1e-300)).to(device)
-                w = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
+                w = torch.randn(y.shape, generator=gen, dtype=torch.float64, device="cpu").to(y.device)
                 directions.append((u, w))
             # Every backward product before any finite difference: shifted() perturbs the
             # parameters in place, and a graph that saved them (e.g. a Linear's weight)
@@ -338,7 +338,7 @@ def check_gradients(
         )
         worst_wrt = ""
         if err.ndim == 2:
-            bounds = torch.tensor(sizes).cumsum(0)
+            bounds = torch.tensor(sizes, device="cpu").cumsum(0)
             worst_wrt = names[int((bounds <= worst[1]).sum())]
         max_abs = float(err.flatten()[flat])
         scale = float(numeric.abs().max())

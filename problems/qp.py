@@ -94,7 +94,7 @@ def _fixed(name: str, value: Any, shape: tuple[int, ...], learned: bool = False)
 def _randn(*shape: int) -> np.ndarray:
     # torch's global generator, so that torch.manual_seed makes a model reproducible,
     # as it does for nn.Linear's initial weights.
-    return torch.randn(*shape, dtype=torch.float64).numpy()
+    return torch.randn(*shape, dtype=torch.float64, device="cpu").numpy()  # host-side, whatever the default device
 
 
 def _initial_values(n: int, rank: int, learned: tuple[str, ...], values: dict[str, np.ndarray],

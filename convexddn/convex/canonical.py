@@ -123,7 +123,10 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     sizes = [len(t[0]) if t is not None else p.size for p, t in zip(parameters, ctx.param_triu_indices)]
     order = list(ctx.user_order_to_col_order)
     param_cols = [(order[i], sizes[i], tuple(p.shape)) for i, p in enumerate(parameters)]
-    triu = [None if t is None else (torch.tensor(t[0]), torch.tensor(t[1])) for t in ctx.param_triu_indices]
+    # Host-side index arrays are made on the CPU whatever the default device: under
+    # torch.device("meta") (or a CUDA default) they were made there, then refused by .numpy().
+    triu = [None if t is None else (torch.tensor(t[0], device="cpu"), torch.tensor(t[1], device="cpu"))
+            for t in ctx.param_triu_indices]
 
     if ctx.reduced_A.problem_data_index is None:
         # No constraints at all: an unconstrained QP has no rows (n from q's rows: x, then
@@ -188,8 +191,8 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     ecoef[rows_elim] = elim_coef
 
     def mk(sel, pos, col, cf, size) -> _Map:
-        return _Map(torch.as_tensor(pos[sel]), torch.as_tensor(col[sel]),
-                    torch.as_tensor(cf[sel], dtype=torch.float64), int(size))
+        return _Map(torch.as_tensor(pos[sel], device="cpu"), torch.as_tensor(col[sel], device="cpu"),
+                    torch.as_tensor(cf[sel], dtype=torch.float64, device="cpu"), int(size))
 
     maps: dict[str, _Map] = {}
     pk, pu = kpos[p_row], upos[p_row]
@@ -229,8 +232,9 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     # An eliminated output (a variable, or the multiplier of a removed row, recovered
     # from stationarity) depends on every kept variable.
     every = wanted[elim_a].any() or rows[rows_elim].any()
-    data.error_cols = None if every else torch.as_tensor(kpos[wanted], dtype=torch.long)
-    data.error_duals = torch.as_tensor(rpos[rows & (rpos >= 0)], dtype=torch.long) if rows.any() else None
+    data.error_cols = None if every else torch.as_tensor(kpos[wanted], dtype=torch.long, device="cpu")
+    duals = rpos[rows & (rpos >= 0)]
+    data.error_duals = torch.as_tensor(duals, dtype=torch.long, device="cpu") if rows.any() else None
     return data
 
 

@@ -56,9 +56,12 @@ class ConeData:
                  param_cols: list[tuple[int, int]], triu: list, variables: list[_Var]) -> None:
         self.maps, self.layout = maps, layout
         self.n, self.eliminated = n_keep, n_elim
-        self.keep, self.elim = torch.as_tensor(keep), torch.as_tensor(elim)
-        self.rows_keep, self.rows_elim = torch.as_tensor(rows_keep), torch.as_tensor(rows_elim)
-        self.elim_coef = torch.as_tensor(elim_coef, dtype=torch.float64)
+        # On the CPU whatever the default device (a host-side copy, moved by on_device).
+        host = torch.device("cpu")
+        self.keep, self.elim = torch.as_tensor(keep, device=host), torch.as_tensor(elim, device=host)
+        self.rows_keep = torch.as_tensor(rows_keep, device=host)
+        self.rows_elim = torch.as_tensor(rows_elim, device=host)
+        self.elim_coef = torch.as_tensor(elim_coef, dtype=torch.float64, device=host)
         self.puu_diag, self.pku_zero = puu_diag, pku_zero
         self.n_full, self.m_full = n_full, m_full
         self.param_cols, self.triu, self.variables = param_cols, triu, variables
@@ -90,7 +93,7 @@ class ConeData:
         for k in names:
             m = self.maps[k]
             order = torch.argsort(m.pos)
-            direct = m.pos.numel() == m.size and bool((m.pos[order] == torch.arange(m.size)).all())
+            direct = m.pos.numel() == m.size and bool((m.pos[order] == torch.arange(m.size, device=m.pos.device)).all())
             pos.append(None if direct else m.pos.to(p.device))
             cols.append(m.col[order] if direct else m.col)
             coefs.append(m.coef[order] if direct else m.coef)

@@ -320,7 +320,7 @@ class ConvexLayer(nn.Module):
             zero = sum((v.sum() * 0 for v in values), torch.zeros((), dtype=out_dtype, device=device))
             outs = tuple(torch.zeros(s, dtype=out_dtype, device=device) + zero for s in out_shapes)
             # Nothing solved, but last_solve must describe this call, not the one before.
-            self._local.info = SolveInfo([], [], [], [], torch.zeros(batch, dtype=torch.bool))
+            self._local.info = SolveInfo([], [], [], [], torch.zeros(batch, dtype=torch.bool, device="cpu"))
             return outs[0] if len(outs) == 1 else outs
 
         flat = flat_values(values, self.parameters_, batch, labels)  # (float64, gradients checked)
@@ -329,7 +329,7 @@ class ConvexLayer(nn.Module):
         if failed and self.on_failure == "raise":
             raise failure_error(failed, [info["statuses"][i] for i in failed], batch,
                                 [info["kinds"][i] for i in failed])
-        solved = torch.tensor(info["solved"], dtype=torch.bool).reshape(batch)
+        solved = torch.tensor(info["solved"], dtype=torch.bool, device="cpu").reshape(batch)
         if failed:
             idx = unravel(failed, batch)
             warn(

@@ -58,7 +58,7 @@ def unravel(flat: list[int], batch: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Flat indices -> index tuples into ``batch`` (empty tuples for an unbatched call)."""
     if not batch:
         return [() for _ in flat]
-    return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), batch)) for i in flat]
+    return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i, device="cpu"), batch)) for i in flat]
 
 
 def name_elements(where: tuple[Sequence[int], tuple[int, ...]] | None, idx: list[int]) -> str:

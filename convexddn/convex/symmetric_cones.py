@@ -84,12 +84,12 @@ class ConeLayout:
         return cached(self._cache, str(device), lambda: self._build_index(device))
 
     def _build_index(self, device: torch.device) -> _Index:
-        sizes = torch.tensor(self.soc, dtype=torch.long)
-        soc_id = torch.repeat_interleave(torch.arange(len(self.soc)), sizes)
+        sizes = torch.tensor(self.soc, dtype=torch.long, device="cpu")
+        soc_id = torch.repeat_interleave(torch.arange(len(self.soc), device="cpu"), sizes)
         heads = torch.cumsum(sizes, 0) - sizes
         # 0/1 entries, exact in float32, which promotes to the iterates' dtype: a
         # float64 mask made a float32 program with a second-order cone float64.
-        tail = torch.ones(int(sizes.sum()), dtype=torch.float32)
+        tail = torch.ones(int(sizes.sum()), dtype=torch.float32, device="cpu")
         tail[heads] = 0.0
         return _Index(soc_id.to(device), heads.to(device), tail.to(device))
 

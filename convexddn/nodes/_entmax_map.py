@@ -61,8 +61,8 @@ def _threshold_bisect(z: torch.Tensor, d: int, k: float, n: int) -> torch.Tensor
     at an absolute width ~eps, which is most of m when m ≪ 1 (near-uniform rows).
     The lower end is returned, where the mass Σ p is at most 1 (see the caller).
     """
-    one = torch.ones((), dtype=z.dtype)
-    lo0 = torch.tensor(n ** (-1.0 / k), dtype=z.dtype)
+    one = torch.ones((), dtype=z.dtype, device="cpu")  # host-side: read as ints below
+    lo0 = torch.tensor(n ** (-1.0 / k), dtype=z.dtype, device="cpu")
     lo_b, hi_b = int(_bits(lo0)), int(_bits(one))
     lo = torch.full_like(z.narrow(d, 0, 1), lo_b, dtype=_bits(one).dtype)
     hi = torch.full_like(lo, hi_b)

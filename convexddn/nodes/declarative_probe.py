@@ -48,7 +48,7 @@ def _groups(batch: int, device: torch.device) -> list[Tensor]:
     against the rest, then even against odd rows, then every third row (a coupling among
     rows 1 and 2 passed the first alone, 1/3 off); two rows coupled escape only where
     they agree in all three (indices ≡ mod 6, both nonzero)."""
-    idx = torch.arange(batch)
+    idx = torch.arange(batch, device="cpu")  # host-side (read by tolist), whatever the default device
     groups, seen = [], set()
     for mask in (idx == 0, idx % 2 == 0, idx % 3 == 0):
         for m in (mask, ~mask):

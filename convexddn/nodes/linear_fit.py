@@ -156,7 +156,7 @@ def linear_fit(
         # With a ridge > 0 only the intercept is unregularised: singular exactly
         # where the weights sum to 0 (least_squares' advice, a larger ridge, cannot help).
         # (A tensor or NumPy ridge too: the advice "pass ridge > 0" was wrong for those.)
-        positive = bool((torch.as_tensor(ridge) > 0).all()) if ridge is not None else False
+        positive = bool((torch.as_tensor(ridge, device="cpu") > 0).all()) if ridge is not None else False
         if not (bias and positive and "rank deficient" in str(err)):
             raise
         what = "there are no vectors (T = 0)" if x.shape[-1] == 0 else "the weights are all zero"

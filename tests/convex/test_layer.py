@@ -1355,3 +1355,53 @@ def test_a_symmetric_parameter_with_subnormal_entries_is_taken_as_given(dtype):
     V[1, 1] = 1.0
     assert bool((V[0] != 0).all()) and torch.equal(V, V.T)
     torch.testing.assert_close(layer(V), V, atol=0, rtol=0)
+
+
+def _box_problem():
+    """argmin ½‖u − x‖² s.t. −½ ≤ u ≤ ½: closed form clamp(x, −½, ½)."""
+    x, u = cp.Parameter(4, name="x"), cp.Variable(4, name="u")
+    return cp.Problem(cp.Minimize(0.5 * cp.sum_squares(u - x)), [u >= -0.5, u <= 0.5]), x, u
+
+
+@pytest.mark.parametrize("how", ["context", "default"])
+@pytest.mark.parametrize("cls", ["ConvexLayer", "CvxpyLayer"])
+def test_layer_builds_under_a_meta_default_device(how, cls):
+    """Built under torch.device("meta") (or torch.set_default_device, as a CUDA default
+    device is set): the canonicalisation's host-side index maps followed the default
+    device, then .numpy() raised torch's TypeError ("can't convert meta device type
+    tensor to numpy"). The layer has no tensors of its own; it solves as built on the CPU."""
+    prob, x, u = _box_problem()
+    make = (lambda: cddn.ConvexLayer(prob, [x], [u])) if cls == "ConvexLayer" else \
+        (lambda: cddn.CvxpyLayer(prob, parameters=[x], variables=[u]))
+    if how == "context":
+        with torch.device("meta"):
+            layer = make()
+    else:
+        torch.set_default_device("meta")
+        try:
+            layer = make()
+        finally:
+            torch.set_default_device(None)
+    layer = layer.to_empty(device="cpu")
+    X = torch.tensor([[1.0, -0.2, 0.3, -2.0], [0.1, 0.6, -0.7, 0.0]], dtype=torch.float64)
+    out = layer(X)
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.allclose(out, X.clamp(-0.5, 0.5), atol=1e-7)
+
+
+def test_layer_solves_cpu_tensors_under_another_default_device():
+    """A call on CPU tensors while the default device is another (meta here, as a CUDA
+    default): the coefficient maps' order check compared its CPU positions with an
+    arange on the default device (torch's RuntimeError, "Tensor on device meta is not on
+    the expected device cpu"). Closed form: clamp(x, −½, ½), gradient 1 inside the box."""
+    prob, x, u = _box_problem()
+    layer = cddn.ConvexLayer(prob, [x], [u])
+    X = torch.tensor([[1.0, -0.2, 0.3, -2.0], [0.1, 0.6, -0.7, 0.0]], dtype=torch.float64, requires_grad=True)
+    torch.set_default_device("meta")
+    try:
+        out = layer(X)
+        (grad,) = torch.autograd.grad(out.sum(), X)
+    finally:
+        torch.set_default_device(None)
+    assert torch.allclose(out, X.detach().clamp(-0.5, 0.5), atol=1e-7)
+    assert torch.allclose(grad, (X.detach().abs() < 0.5).double(), atol=1e-6)

@@ -384,3 +384,29 @@ def test_qp_learned_A_or_b_needs_independent_rows(options, match):
         A, b = (layer.learned[k].detach().double().numpy() for k in "Ab")
         np.testing.assert_allclose(y.detach().double().numpy(), qp_reference(q, np.zeros((0, 3)), np.zeros(0), A, b),
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["context", "default"])
+def test_qp_learn_builds_under_a_meta_default_device(how):
+    """layer("qp", learn="Gh") under torch.device("meta") (or torch.set_default_device,
+    as a CUDA default device is set): its learned blocks are parameters on that device,
+    as nn.Linear's are, and to_empty + load_state_dict(assign=True) gives it values. The
+    initial draw and the canonicalisation's index maps followed the default device and
+    .numpy() refused them (torch's TypeError)."""
+    def make():
+        return cddn.layer("qp", n=3, n_ineq=1, learn="Gh", inputs="q")
+    if how == "context":
+        with torch.device("meta"):
+            layer = make()
+    else:
+        torch.set_default_device("meta")
+        try:
+            layer = make()
+        finally:
+            torch.set_default_device(None)
+    assert all(p.is_meta for p in layer.parameters())
+    g, h = torch.tensor([1.0, -0.5, 2.0], dtype=F64), torch.tensor(0.3, dtype=F64)
+    layer = layer.to_empty(device="cpu")
+    layer.load_state_dict({"learned.G": g.reshape(1, 3), "learned.h": h.reshape(1)}, assign=True)
+    q = torch.tensor([[0.4, -1.0, -0.8], [-1.0, 0.2, 0.1]], dtype=F64)
+    assert torch.allclose(layer(q), halfspace_projection(q, g, h), atol=1e-7)

@@ -738,3 +738,23 @@ def test_qp_blocks_must_be_dense_tensors_with_data(block, kind):
     # .numpy() raised torch's NotImplementedError (meta) or TypeError (sparse).
     with pytest.raises(cddn.errors.InputError, match=rf"^option {block} (is on the meta device|must be a dense)"):
         registry.build("qp", n=3, n_ineq=2, **{block: value})
+
+
+_SMALL = {"ot_entropic": {"m": 2, "n": 3}, "ot_lp": {"m": 2, "n": 3}, "qp": {"n": 3, "n_ineq": 2},
+          "birkhoff": {"n": 3}}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_cone_program_layers_build_under_a_meta_default_device(name):
+    """Every cone-program layer of the registry builds under torch.device("meta") and
+    under torch.set_default_device("meta") (as under a CUDA default device): the
+    canonicalisation's host-side index maps followed the default device, and .numpy()
+    on them raised torch's TypeError ("can't convert meta device type tensor to numpy")."""
+    options = _SMALL.get(name, {"n": 3})
+    with torch.device("meta"):
+        cddn.layer(name, backend="cvxpy", **options)
+    torch.set_default_device("meta")
+    try:
+        cddn.layer(name, backend="cvxpy", **options)
+    finally:
+        torch.set_default_device(None)

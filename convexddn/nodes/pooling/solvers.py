@@ -80,7 +80,7 @@ def _strided_sample(x: Tensor, count: int) -> Tensor:
 def _positions(n: int, count: int, device: torch.device) -> Tensor:
     # The most recently used few (a dict kept one tensor per row length for good: point
     # clouds of a new size in every batch grew it without bound).
-    j = torch.arange(1, count + 1, dtype=torch.float64)
+    j = torch.arange(1, count + 1, dtype=torch.float64, device="cpu")
     return torch.unique((j * 0.6180339887498949 % 1.0 * n).long().clamp_(0, n - 1)).to(device)
 
 
