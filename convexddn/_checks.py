@@ -6,10 +6,12 @@ the tensor's own device and only the final boolean crosses to the host.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ._lazy import torch
 
@@ -66,8 +68,30 @@ def check_dense(name: str, value: torch.Tensor) -> None:
     if value.is_nested:  # (a nested tensor reports the strided layout)
         raise InputError(f"{name} must be a dense tensor, got a nested tensor; pad it to one shape "
                          "(torch.nested.to_padded_tensor) first")
-    if value.is_meta:
+    if value.is_meta and not _BUILDING.get():
         raise InputError(f"{name} is on the meta device (shape and dtype only, no data to solve with)")
+
+
+_BUILDING = contextvars.ContextVar("convexddn_building", default=False)  # (see building)
+
+
+@contextlib.contextmanager
+def building() -> Iterator[None]:
+    """Where a node Module checks its options at construction (``@building()`` on ``__init__``): a tensor
+    option on the ``meta`` device (a model built under ``torch.device("meta")``, given data
+    later by ``to_empty`` and ``load_state_dict(assign=True)``, as ``nn.PReLU`` is) has no
+    values, so its value checks (:func:`unread`) are passed over there and run at the
+    call, which refuses a meta tensor as ever (:func:`check_dense`)."""
+    token = _BUILDING.set(True)
+    try:
+        yield
+    finally:
+        _BUILDING.reset(token)
+
+
+def unread(value: Any) -> bool:
+    """Whether a value check passes over ``value``: a meta tensor inside :func:`building`."""
+    return isinstance(value, torch.Tensor) and value.is_meta and _BUILDING.get()
 
 
 def check_device(name: str, value: Any, x: torch.Tensor, x_name: str = "x") -> None:
@@ -179,7 +203,7 @@ def check_number(name: str, value: Any, *, above: float | None = None, at_least:
 def check_positive(name: str, value: Any) -> None:
     """Raise ``OptionError`` unless ``value`` (a number or tensor) is finite and > 0."""
     if isinstance(value, torch.Tensor):
-        if value.numel() == 0:
+        if value.numel() == 0 or unread(value):  # (a meta option of a Module being built)
             return
         if torch.compiler.is_compiling():  # no host sync inside a compiled graph
             torch._assert_async((torch.isfinite(value) & (value > 0)).all(),

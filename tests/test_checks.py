@@ -436,3 +436,64 @@ def test_cast_checked_refuses_finite_entries_the_cast_overflows():
     assert t.grad.tolist() == [2.0, 0.0, 0.0]
     wide = cast_checked("t", torch.tensor([3e38]), torch.float64)  # widening: nothing to check
     assert wide.dtype == torch.float64
+
+
+def _tensor_option_modules():
+    """Each node Module with a tensor option: (make(option), option name, inputs, the
+    output at the option value 0.7 by a closed form)."""
+    x = torch.tensor([[0.3, -1.2, 0.4, 2.0], [0.2, 0.1, -0.5, 0.0]], dtype=F64)
+    t = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.5, 0.5, 1.0, -1.0]], dtype=F64)
+    norms = x.norm(dim=-1, keepdim=True)
+    s = torch.tensor([[0.3, -1.2, 0.4, 0.6]], dtype=F64)
+    xs3 = torch.stack([x, x.flip(-1)], dim=-2)  # (2 sets, 2 features, 4 items)
+
+    def ridge_fit(rho):  # without intercept: β = (XᵀX + ρI)⁻¹ Xᵀt per set (normal equations)
+        X = xs3.mT  # (2, 4, 2)
+        return torch.linalg.solve(X.mT @ X + rho * torch.eye(2, dtype=F64), (X.mT @ t.unsqueeze(-1))).squeeze(-1)
+
+    return {
+        "RobustPool": (lambda a: cddn.RobustPool("quadratic", alpha=a), "alpha", (x,), x.mean(-1)),
+        "RobustVectorPool": (lambda a: cddn.RobustVectorPool("quadratic", alpha=a, dim=-1, vector_dim=-2),
+                             "alpha", (xs3,), xs3.mean(-1)),
+        "LpProjection": (lambda a: cddn.LpProjection(p=2, radius=a), "radius", (x,),
+                         x * (0.7 / norms).clamp(max=1.0)),
+        # [0.3, −1.2, 0.4, 0.6] onto {Σ y = 0.7, y ≥ 0}: support {0, 2, 3}, τ = (1.3 − 0.7)/3.
+        "SimplexProjection": (lambda a: cddn.SimplexProjection(z=a), "z", (s,),
+                              torch.tensor([[0.1, 0.0, 0.2, 0.4]], dtype=F64)),
+        "LeastSquares": (lambda a: cddn.LeastSquares(ridge=a, bias=False), "ridge", (xs3, t), ridge_fit(0.7)),
+        # λ = 0.7 above every |Σ_{i≤k} (x_i − x̄)| of each row: the solution is the row's mean.
+        "TotalVariation1d": (lambda a: cddn.TotalVariation1d(lam=a), "lam", (x * 0.2,), None),
+        "PnP": (lambda a: cddn.PnP("huber", alpha=a), "alpha", None, None),
+    }
+
+
+@pytest.mark.parametrize("module", list(_tensor_option_modules()))
+def test_modules_with_tensor_options_build_on_the_meta_device(module):
+    """Built under torch.device("meta") (a model given data later by to_empty and
+    load_state_dict(assign=True), as nn.PReLU is), a Module's tensor option has no values
+    to check: RobustPool, LpProjection, LeastSquares, ... raised InputError ("alpha is on the
+    meta device") where TotalVariation1d(learnable=True) built. Their dtype is still checked
+    at construction, their values at the call, which refuses a meta option as ever."""
+    from torch import nn
+
+    from convexddn.errors import DTypeError
+
+    make, name, inputs, want = _tensor_option_modules()[module]
+    with torch.device("meta"):
+        node = make(nn.Parameter(torch.tensor(0.7, dtype=F64)))
+        with pytest.raises(DTypeError, match=rf"^{name} must have a floating-point dtype"):
+            make(torch.tensor(1))
+    assert getattr(node, name).is_meta and "of shape ()" in repr(node)
+    if inputs is None:
+        return
+    with pytest.raises(InputError, match=rf"^{name} is on the meta device"):
+        node(*inputs)
+    node = node.to_empty(device="cpu")
+    node.load_state_dict({name: torch.tensor(-1.0, dtype=F64)}, assign=True)
+    with pytest.raises((OptionError, InputError), match=rf"^{name} must be"):  # the value check, at the call
+        node(*inputs)
+    node.load_state_dict({name: torch.tensor(0.7, dtype=F64)}, assign=True)
+    out = node(*inputs)
+    out = out.coef if module == "LeastSquares" else out
+    want = inputs[0].mean(-1, keepdim=True).expand_as(inputs[0]) if want is None else want
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)

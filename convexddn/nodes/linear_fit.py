@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .._autograd import called_as
-from .._checks import cast_checked, check_bool, check_device, check_finite, check_number, check_tensor
+from .._checks import building, cast_checked, check_bool, check_device, check_finite, check_number, check_tensor, unread
 from ..errors import NonFiniteError, OptionError, ShapeError, SolverError
 from ._repr import format_option
 from ._module_options import store_option
@@ -193,7 +193,7 @@ def _check_layer_options(ridge: Any, bias: Any, construction: bool = False) -> A
     check_bool("bias", bias)
     if isinstance(ridge, torch.Tensor):
         ridge = check_tensor("ridge", ridge)
-        if construction and ridge.numel():
+        if construction and ridge.numel() and not unread(ridge):
             # Calls check a tensor ridge with the solve's one host sync; a module checks
             # its own once, when built (as it does a numeric one).
             check_finite("ridge", ridge)
@@ -239,6 +239,7 @@ class LeastSquares(nn.Module):
         torch.Size([4, 32])
     """
 
+    @building()
     def __init__(self, ridge: float | torch.Tensor = 1e-3, bias: bool = True) -> None:
         super().__init__()
         _check_layer_options(ridge, bias, construction=True)

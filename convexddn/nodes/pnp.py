@@ -41,7 +41,7 @@ from torch import nn
 
 from .._autograd import bind_fast, may_carry_tangents, outside_compile, plain, refuse_batched, refuse_transforms
 from .._first_order import first_order, first_order_jvp
-from .._checks import check_device, check_finite, check_scale, check_stopping, check_tensor
+from .._checks import building, check_device, check_finite, check_scale, check_stopping, check_tensor
 from .._pow2 import pow2_round
 from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
@@ -379,6 +379,7 @@ class PnP(nn.Module):
         DTypeError: at construction, an ``alpha`` tensor that is not floating point.
     """
 
+    @building()
     def __init__(self, penalty: str | Penalty = "quadratic", alpha: float | torch.Tensor = 1.0,
                  tol: float | None = None, max_iter: int | None = None) -> None:
         super().__init__()

@@ -66,7 +66,8 @@ from torch import nn
 
 from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
-from .._checks import check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims, real_number
+from .._checks import (building, check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims,
+                       real_number, unread)
 from .._warn import warn
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
@@ -188,7 +189,7 @@ def _check_lam_option(lam: Any) -> Any:
     """Check λ; returns it (a tensor as ``check_tensor`` returns it)."""
     if isinstance(lam, torch.Tensor):
         lam = check_tensor("lam", lam)
-        if lam.numel() and not bool((torch.isfinite(lam) & (lam >= 0)).all()):
+        if lam.numel() and not unread(lam) and not bool((torch.isfinite(lam) & (lam >= 0)).all()):
             raise OptionError(
                 f"lam must be finite and >= 0, got {lam.detach().flatten()[:4].tolist()}"
             )
@@ -362,6 +363,7 @@ class TotalVariation1d(nn.Module):
         torch.Size([])
     """
 
+    @building()
     def __init__(
         self,
         lam: float | torch.Tensor = 1.0,

@@ -48,6 +48,7 @@ from .._autograd import (batched_values, bind_fast, functorch_transforms, may_ca
                          refuse_trace, without_autocast)
 from .._first_order import first_order, first_order_jvp
 from .._checks import (
+    building,
     check_device,
     check_dim_option,
     check_int,
@@ -379,6 +380,7 @@ class RobustVectorPool(nn.Module):
         torch.Size([4, 16])
     """
 
+    @building()
     def __init__(self, penalty: str | Penalty = "quadratic", alpha: float | torch.Tensor = 1.0,
                  dim: int | tuple[int, ...] = -1, vector_dim: int = -2, *, tol: float | None = None,
                  max_iter: int | None = None, starts: int | None = None) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..._checks import (
+    building,
     check_bool,
     check_device,
     check_dim_option,
@@ -330,6 +331,7 @@ class RobustPool(nn.Module):
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
     """
 
+    @building()
     def __init__(
         self,
         penalty: str | Penalty = "quadratic",

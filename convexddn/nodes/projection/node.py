@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..._checks import (
+    building,
     check_choice,
     check_device,
     check_int,
@@ -337,6 +338,7 @@ class LpProjection(nn.Module):
         torch.Size([4])
     """
 
+    @building()
     def __init__(
         self,
         p: float | str = 2,
@@ -381,6 +383,7 @@ class SimplexProjection(nn.Module):
         DTypeError: at construction, a ``z`` tensor that is not floating point.
     """
 
+    @building()
     def __init__(self, dim: int = -1, z: float | torch.Tensor = 1.0) -> None:
         super().__init__()
         check_int("dim", dim)
