@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +35,7 @@ from .errors import InputError, NonFiniteError, OptionError, ShapeError, SolverW
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
+from .nodes._repr import format_option
 from .nodes.projection import LpProjection, SimplexProjection
 from .nodes.total_variation import TotalVariation1d
 from .nodes.transport import OptimalTransport
@@ -282,8 +285,21 @@ class ScaledBallLayer(ConvexLayer):
                  "(backend='auto') is exact to rounding", SolverWarning)
         return narrowed(super().forward(w / self.scale, solver_args=solver_args) * self.scale, x.dtype)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, radius={self.radius:g}, scale={self.scale:g}"
+    def extra_repr(self) -> str:  # (the radius asked for: in the origin where layer() built it)
+        return f"{super().extra_repr()}{'' if self.origin else f', radius={self.radius:g}'}, scale={self.scale:g}"
+
+
+def _origin(name: str, options: dict[str, Any]) -> str:
+    """The registry problem and its options as its cone program's ``repr`` shows them
+    (:attr:`ConvexLayer.origin`): ``name='entmax', n=4, alpha=1.2``; options left at ``None``
+    are omitted, a number is shown as a Python number, an array or tensor by its shape."""
+    def shown(v: Any) -> str:
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):  # (NumPy scalars as Python numbers)
+            return repr(int(v) if isinstance(v, numbers.Integral) else float(v))
+        if isinstance(v, torch.Tensor):
+            return format_option(v)
+        return f"array of shape {np.shape(v)}" if isinstance(v, (list, tuple, np.ndarray)) else repr(v)
+    return ", ".join([f"name={name!r}"] + [f"{k}={shown(v)}" for k, v in options.items() if v is not None])
 
 
 def _valid_options(name: str, backend: str, declared: tuple[str, ...]) -> str:
@@ -366,7 +382,7 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         own = getattr(spec.check, "__name__", spec.check)
         raise OptionError(f"check is set by the registry (ProblemSpec.check, here {own!r} for "
                           f"problem {name!r}); it cannot be passed to layer()")
-    cls = ConvexLayer
+    cls, origin = ConvexLayer, _origin(name, spec.options)  # (the options asked for: lp_ball's radius is rescaled)
     if name in _MASKING:  # the native node's -inf masking, for the cone program too
         layer_opts["alpha"] = _MASKING[name](spec.options)
         cls = MaskedScoresLayer
@@ -378,5 +394,6 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         spec = registry.build(name, **{**options, "radius": radius / scale})
         cls = ScaledBallLayer
     convex = cls(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check, **layer_opts)
+    convex.origin = origin  # (repr: which registry problem, with which options)
     # Parameters the problem learns (e.g. qp's learn="Gh") become nn.Parameters of the module.
     return LearnedLayer(convex, spec.learned) if spec.learned else convex

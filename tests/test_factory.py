@@ -228,3 +228,38 @@ def test_native_registry_layer_names_nonfinite_input_as_the_cone_layer(name, opt
     want = rf"^parameter 0 \(x\) must be finite, got {counts} value\(s\) among 24 \(shape \(2, 3, 4\)\)$"
     with pytest.raises(cddn.errors.NonFiniteError, match=want):
         cddn.layer(name, n=4, **options)(x)
+
+
+@pytest.mark.parametrize("name, options, shown", [
+    ("entmax", {"n": 4, "alpha": 1.2}, "MaskedScoresLayer(name='entmax', n=4, alpha=1.2, parameters=[x(4,)]"),
+    ("entmax", {"n": 4, "alpha": 1.8}, "MaskedScoresLayer(name='entmax', n=4, alpha=1.8, parameters=[x(4,)]"),
+    ("sparsemax", {"n": 4}, "MaskedScoresLayer(name='sparsemax', n=4, parameters=[x(4,)]"),
+    ("tv1d", {"n": 4, "lam": 0.3}, "ConvexLayer(name='tv1d', n=4, lam=0.3, parameters=[x(4,)]"),
+    ("robust_pool", {"n": 4, "penalty": "huber", "alpha": 0.3},
+     "ConvexLayer(name='robust_pool', n=4, penalty='huber', alpha=0.3, parameters=[x(4,)]"),
+    ("ot_entropic", {"m": 2, "n": 3, "eps": 0.2}, "ConvexLayer(name='ot_entropic', m=2, n=3, eps=0.2, parameters="),
+    # The radius asked for (solved at 0.7 / 0.5, shown as scale), an array option by its shape.
+    ("lp_ball", {"n": 3, "p": 1, "radius": 0.7}, "ScaledBallLayer(name='lp_ball', n=3, p=1, radius=0.7, parameters="),
+    ("qp", {"n": 2, "n_ineq": 1, "G": [[1.0, 2.0]]},
+     "ConvexLayer(name='qp', n=2, n_ineq=1, n_eq=0, learn='', ridge=0.0, G=array of shape (1, 2), parameters="),
+])
+def test_cone_program_layer_repr_names_the_problem_and_its_options(name, options, shown):
+    """The registry's cone-program layers did not say which problem they solve: entmax with
+    alpha 1.2 and 1.8 printed alike (MaskedScoresLayer(parameters=[x(4,)], ...)), and tv1d's
+    lam, robust_pool's penalty and alpha, ot_entropic's eps were shown nowhere. A pickled
+    copy keeps them; a ConvexLayer built by hand has no problem name to show."""
+    import pickle
+
+    layer = cddn.layer(name, backend="cvxpy", **options)
+    assert repr(layer).startswith(shown)
+    assert repr(pickle.loads(pickle.dumps(layer))) == repr(layer)
+    if name == "lp_ball":
+        assert repr(layer).endswith("scale=0.5)") and repr(layer).count("radius") == 1
+    hand = cddn.ConvexLayer(layer.problem, layer.parameters_, layer.variables_)
+    assert repr(hand).startswith("ConvexLayer(parameters=")
+
+
+def test_learned_layer_repr_names_the_problem():
+    layer = cddn.layer("qp", n=2, n_ineq=1, learn="Gh", inputs="q")
+    assert "(layer): ConvexLayer(name='qp', n=2, n_ineq=1, n_eq=0, learn='Gh', inputs='q', ridge=0.0, " \
+           "parameters=[q(2,), G(1, 2), h(1,)]" in repr(layer)

@@ -147,6 +147,10 @@ class ConvexLayer(nn.Module):
         tensor([[1., 0., 3.]])
     """
 
+    #: The registry problem a layer of :func:`convexddn.layer` solves and its options, shown
+    #: first by ``repr`` (``name='entmax', n=4, alpha=1.2``); empty for a layer built by hand.
+    origin = ""
+
     def __init__(
         self,
         problem: cp.Problem,
@@ -239,8 +243,8 @@ class ConvexLayer(nn.Module):
     def extra_repr(self) -> str:
         params = ", ".join(f"{p.name()}{tuple(p.shape)}" for p in self.parameters_)
         vars_ = ", ".join(f"{v.name()}{tuple(v.shape)}" for v in self.variables_)
-        return (f"parameters=[{params}], variables=[{vars_}], solver={self.solver!r}, "
-                f"fallback={self.fallback!r}, adjoint={self.adjoint!r}, tol={self.tol:g}, "
+        return ((f"{self.origin}, " if self.origin else "") + f"parameters=[{params}], variables=[{vars_}], "
+                f"solver={self.solver!r}, fallback={self.fallback!r}, adjoint={self.adjoint!r}, tol={self.tol:g}, "
                 f"refine={self.refine}, workers={self.workers}"
                 + (", gp=True" if self.gp else "")
                 + (f", on_failure={self.on_failure!r}" if self.on_failure != "raise" else "")
