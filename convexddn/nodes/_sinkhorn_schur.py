@@ -8,9 +8,7 @@ import math
 
 import torch
 
-from .._generic import generic_vector
-
-__all__ = ["flush", "schur_solve"]
+__all__ = ["flush", "lambda_min_lower", "lambda_min_upper", "schur_solve"]
 
 
 def flush(P: torch.Tensor, below: float) -> torch.Tensor:
@@ -36,9 +34,9 @@ def schur_solve(
     Entries of P below √tiny are left out here (their products would be denormal; their
     relative weight is under 1e-150). Returns x, the mask of batch elements whose
     Cholesky failed, which are solved by pseudo-inverse (least norm) instead, and with
-    ``probe`` an estimate of the solved block's smallest eigenvalue (B,): ‖v‖/‖S⁻¹v‖ for
-    a generic v (one step of inverse iteration, two triangular solves; an upper bound),
-    else None.
+    ``probe`` y = S⁻¹v (B, N − 1) or (B, N) with ``fixed`` (0 on the held columns), v
+    the ones on the solved ones: :func:`lambda_min_lower` and :func:`lambda_min_upper`
+    bracket the solved block's smallest eigenvalue λ_min with it; else None.
     """
     n = P.shape[-1]
     Pf = flush(P, torch.finfo(P.dtype).tiny ** 0.5)
@@ -63,17 +61,37 @@ def schur_solve(
     level = Sk.diagonal(dim1=-2, dim2=-1) * (n * torch.finfo(S.dtype).eps)
     bad = (info != 0) | (piv * piv <= level).any(-1)
     # Two triangular solves: 11 µs against cholesky_solve's 14 µs at (2, 99, 99).
-    low = None
+    yp = None
     if probe:  # (one more column: the triangular solves take both at once)
-        v = generic_vector(rk.shape[-2], rk.dtype, rk.device).unsqueeze(-1).expand_as(rk)
-        rk = torch.cat([rk, v if fixed is None else v.masked_fill(fixed.unsqueeze(-1), 0.0)], -1)
+        v = rk.new_ones(rk.shape)
+        rk = torch.cat([rk, v if fixed is None else v.masked_fill_(fixed.unsqueeze(-1), 0.0)], -1)
     x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rk, upper=False), upper=True)
-    if probe:  # (top 0 where every column is held, or none is left (N = 1): no λ_min, inf)
-        x, y, v = x[..., :1], x[..., 1], rk[..., 1]
-        top = y.abs().amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
-        low = torch.where(top > 0, v.abs().amax(-1) / top, math.inf) if y.shape[-1] else top + math.inf
+    if probe:
+        x, yp = x[..., :1], x[..., 1]
     if bool(bad.any()):
         x[bad] = torch.linalg.pinv(Sk[bad], hermitian=True) @ rk[bad][..., :1]
     if fixed is not None:
-        return x.squeeze(-1).masked_fill_(fixed, 0.0), bad, low
-    return torch.cat([x.squeeze(-1), torch.zeros_like(rhs[..., :1])], dim=-1), bad, low
+        return x.squeeze(-1).masked_fill_(fixed, 0.0), bad, yp
+    return torch.cat([x.squeeze(-1), torch.zeros_like(rhs[..., :1])], dim=-1), bad, yp
+
+
+def lambda_min_lower(y: torch.Tensor) -> torch.Tensor:
+    """(B,): lo ≤ λ_min of S's solved block, from the probe y = S⁻¹v of :func:`schur_solve`
+    (v: ones on the solved columns; inf where none is left).
+
+    S is a Stieltjes matrix (a Laplacian's positive definite block: off-diagonal ≤ 0), so
+    S⁻¹ ≥ 0 entrywise and Collatz–Wielandt bounds its spectral radius 1/λ_min by
+    max_i (S⁻¹v)_i / v_i for any v > 0: lo = 1/max_i y_i, a lower bound (up to the
+    solve's rounding), never below λ_min/√(N−1) (max_i y_i = ‖S⁻¹‖_∞ ≤ √(N−1)‖S⁻¹‖₂).
+    Measured on 240 nearly disconnected plans (2 to 4 clusters, N ≤ 60, λ_min 1e-14 to
+    1e-7): 0.86 to 1.00 of λ_min, and :func:`lambda_min_upper` 1.00 to 1.07; on connected
+    random ones 0.61 to 1.00 and up to 2.6. (‖v‖/‖S⁻¹v‖ for a generic v, used before, is
+    only an upper bound, 2.9 to 70 times λ_min on such plans: it hid a gradient 1 % off.)"""
+    top = y.amax(-1) if y.shape[-1] else y.new_zeros(y.shape[:-1])
+    return torch.where(top > 0, 1.0 / top, math.inf)
+
+
+def lambda_min_upper(y: torch.Tensor) -> torch.Tensor:
+    """(B,): hi ≥ λ_min from the same probe: y's Rayleigh quotient yᵀSy/yᵀy = yᵀv/yᵀy
+    (Sy = v, and vᵀy = Σ y since y = 0 off the solved columns); inf where none is left."""
+    return torch.where(y.ne(0).any(-1), y.sum(-1) / y.square().sum(-1), math.inf)

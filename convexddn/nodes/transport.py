@@ -178,10 +178,11 @@ def sinkhorn(
             nearly so (clusters far apart against ``eps``): the marginals' gradients
             and tangents then hang on the tiny cross-cluster mass, which the column
             error moves by about err/λ_min (λ_min: the Schur complement's smallest
-            eigenvalue, estimated); above 0.1 it warns (a smaller ``tol`` helps). Also a
-            gradient (or forward-mode tangent) entry beyond the range of its input's
-            dtype (±Inf there, the input and batch elements named): a float16 cost at
-            ``eps=1e-6``, or float64 at an ``eps`` below about 1e-302.
+            eigenvalue, bounded from below); wherever that exceeds 0.1 it warns (a
+            smaller ``tol`` helps). Also a gradient (or forward-mode tangent) entry
+            beyond the range of its input's dtype (±Inf there, the input and batch
+            elements named): a float16 cost at ``eps=1e-6``, or float64 at an ``eps``
+            below about 1e-302.
 
     References:
         Cuturi, "Sinkhorn Distances", NeurIPS 2013. Peyré & Cuturi, "Computational
