@@ -47,16 +47,8 @@ from torch import nn
 from .._autograd import (batched_values, bind_fast, functorch_transforms, may_carry_tangents, refuse_batched,
                          refuse_trace, without_autocast)
 from .._first_order import first_order, first_order_jvp
-from .._checks import (
-    building,
-    check_device,
-    check_dim_option,
-    check_int,
-    check_scale,
-    check_stopping,
-    check_tensor,
-    normalize_dims,
-)
+from .._checks import (building, check_device, check_dim_option, check_int, check_scale, check_stopping, check_tensor,
+                       normalize_dims)
 from ..errors import ProblemError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
