@@ -29,6 +29,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .._autograd import may_carry_tangents, outside_compile
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
+from ._read_guard import watch
 from ._swap_guard import guarded, read_as
 from .declarative_probe import probe
 from ._reference_hooks import refuse_reference_hooks
@@ -150,10 +151,12 @@ class DeclarativeNode(torch.nn.Module):
         InputError: inputs on different devices, keyword inputs, a call with a number
             of inputs the methods do not take, ``solve`` returning a tensor on another
             device, or a tensor requiring grad that is neither an input nor a
-            parameter used in the objective or constraints; in backward, a buffer or
-            frozen parameter the objective or constraints read was modified in place
-            after the forward (the backward needs the values the forward solved with).
-        ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not
+            parameter used in the objective or constraints; in backward, a tensor this
+            backward's objective or constraints read (a buffer, frozen parameter, plain
+            tensor attribute or view, or one from outside the node that an earlier call
+            read) was modified in place after the forward (it needs the forward's values).
+        ProblemError: ``objective`` or ``solve`` is not defined, ``solve`` modified an input
+            or a parameter in place, ``__init__`` did not
             call ``super().__init__()``, the objective does not depend on ``y``, a row of
             the objective or a constraint reads another batch row (first call with two
             rows or more), or (in backward) an active constraint's Jacobian is NaN or Inf,
@@ -278,12 +281,12 @@ class DeclarativeNode(torch.nn.Module):
         state.pop("_swap_guard", None)
         return state
 
-    def _call(self, method: str):
-        """The user's ``method`` as ``fn(*xs, y)``, whatever its way of taking ``y``."""
+    def _call(self, method: str, versions=None):
+        """The user's ``method`` as ``fn(*xs, y)``, whatever its way of taking ``y``; checked
+        against in-place changes since the forward of ``versions`` (a ``ForwardVersions``)."""
         fn = getattr(self, method)
-        if y_by_keyword(type(self), method):
-            return lambda *args: fn(*args[:-1], y=args[-1])
-        return fn
+        call = (lambda *args: fn(*args[:-1], y=args[-1])) if y_by_keyword(type(self), method) else fn
+        return call if versions is None else versions.checked(self, call)
 
     def _check_structure(self, n: int) -> None:
         name = type(self).__name__
@@ -306,13 +309,14 @@ class DeclarativeNode(torch.nn.Module):
         return checked_solution(f"{type(self).__name__}.solve", y, xs)
 
     @outside_compile  # (the swaps too: under compile, guarded() would hold no lock)
-    def _vjp(self, xs, y, grad_y, params, batch_shape, state):
+    def _vjp(self, xs, y, grad_y, params, batch_shape, state, versions):
         # The parameters and buffers the forward solved with (``state``): under
         # torch.func.functional_call they were swapped in for the forward only, and the
         # backward differentiated the module's own ones (gradient 0 for the swapped-in).
+        # Each method raises where what it reads changed in place since (``versions``).
         with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
-            return declarative_vjp(self._call("objective"), tuple(xs), y, grad_y, params=tuple(params),
-                                   **self._implicit_options(batch_shape))
+            return declarative_vjp(self._call("objective", versions), tuple(xs), y, grad_y, params=tuple(params),
+                                   **self._implicit_options(batch_shape, versions))
 
     @outside_compile
     def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names):
@@ -331,16 +335,17 @@ class DeclarativeNode(torch.nn.Module):
         return (self._read_state is None or (not self._rows_checked and rows >= 2)
                 or self._probed_names != frozenset(state))
 
-    def _probe(self, xs: tuple[Tensor, ...], y: Tensor) -> None:
-        self._read_state, self._probed_names, rows = probe(self, xs, y)
+    def _probe(self, xs: tuple[Tensor, ...], y: Tensor, record=()) -> None:
+        self._read_state, self._probed_names, rows, outside = probe(self, xs, y)
         self._rows_checked = self._rows_checked or rows
+        watch(self, outside, record)  # (tensors from outside the node: each forward notes their versions)
 
-    def _implicit_options(self, batch_shape) -> dict[str, Any]:
+    def _implicit_options(self, batch_shape, versions=None) -> dict[str, Any]:
         """The keyword arguments the vjp and the jvp share."""
-        return dict(equality_constraints=self._call("equality_constraints"),
-                    inequality_constraints=self._call("inequality_constraints"), known=tuple(self.parameters()),
-                    linear_solver=self.linear_solver, dense_max=self.dense_max, active_tol=self.active_tol,
-                    cg_options={"tol": self.cg_tol, "max_iter": self.cg_max_iter},
+        return dict(equality_constraints=self._call("equality_constraints", versions),
+                    inequality_constraints=self._call("inequality_constraints", versions),
+                    known=tuple(self.parameters()), linear_solver=self.linear_solver, dense_max=self.dense_max,
+                    active_tol=self.active_tol, cg_options={"tol": self.cg_tol, "max_iter": self.cg_max_iter},
                     check_solution=self.check_solution, solution_tol=self.solution_tol,
                     work_dtype=self.implicit_dtype, name=type(self).__name__, batch_shape=batch_shape,
                     check_minimum=self.check_minimum)
@@ -362,8 +367,9 @@ class DeclarativeNode(torch.nn.Module):
         with guarded(self, swap=False):  # (not while another thread's backward swaps them)
             state = dict((*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)))
             named = differentiated_parameters(self)
-            y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state, tuple(n for n, _ in named)), *flat,
-                                          *(p for _, p in named))
+            record: list = []  # (the call's ForwardVersions)
+            y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state, tuple(n for n, _ in named), record),
+                                          *flat, *(p for _, p in named))
         bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)
         if y.numel() and bool(bad.any()):
             indices = _format_indices(bad, batch_shape)
@@ -381,17 +387,13 @@ class DeclarativeNode(torch.nn.Module):
         tangent = may_carry_tangents() and forward_ad.unpack_dual(y).tangent is not None
         if (grad or tangent) and (self._probe_due(y.shape[0], state)
                                   or (grad and not tangent and not y.requires_grad)):
-            self._probe(flat, y)
+            self._probe(flat, y, record)
         return y.reshape(tuple(batch_shape) + tuple(y.shape[1:]))
 
     def extra_repr(self) -> str:
         solver = self.linear_solver if isinstance(self.linear_solver, str) else (
-            getattr(self.linear_solver, "__name__", repr(self.linear_solver))
-        )
-        return (
-            f"linear_solver={solver!r}, dense_max={self.dense_max}, "
-            f"active_tol={self.active_tol:g}, cg_tol={self.cg_tol}, "
-            f"cg_max_iter={self.cg_max_iter}, batch_dims={self.batch_dims}, "
-            f"check_solution={self.check_solution}, solution_tol={self.solution_tol}, "
-            f"implicit_dtype={self.implicit_dtype}, check_minimum={self.check_minimum}"
-        )
+            getattr(self.linear_solver, "__name__", repr(self.linear_solver)))
+        return (f"linear_solver={solver!r}, dense_max={self.dense_max}, active_tol={self.active_tol:g}, "
+                f"cg_tol={self.cg_tol}, cg_max_iter={self.cg_max_iter}, batch_dims={self.batch_dims}, "
+                f"check_solution={self.check_solution}, solution_tol={self.solution_tol}, "
+                f"implicit_dtype={self.implicit_dtype}, check_minimum={self.check_minimum}")

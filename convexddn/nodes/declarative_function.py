@@ -21,6 +21,7 @@ from torch.autograd import forward_ad
 from .._autograd import may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain
 from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
+from ._read_guard import ForwardVersions, check_solve_kept, versions_of
 
 __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",
            "refuse_functorch", "y_by_keyword"]
@@ -32,16 +33,24 @@ class DeclarativeFunction(torch.autograd.Function):
     """Runs ``node.solve`` forward and :func:`declarative_vjp` backward."""
 
     @staticmethod
-    def forward(node: Any, n_inputs: int, context: tuple[tuple[int, ...], dict, tuple[str, ...]],
+    def forward(node: Any, n_inputs: int, context: tuple[tuple[int, ...], dict, tuple[str, ...], list],
                 *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        return node._checked_solve(tensors[:n_inputs])
+        if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference())
+            return node._checked_solve(tensors[:n_inputs])
+        # solve runs under no_grad, where torch lets a leaf that requires grad change in place:
+        # x.sub_(1) there changed the caller's x and the backward's, silently.
+        before = versions_of(tensors)
+        y = node._checked_solve(tensors[:n_inputs])
+        check_solve_kept(type(node).__name__, tensors, before, n_inputs, context[2])
+        return y
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         """``context``: the batch shape, the node's parameters and buffers by name as the
-        forward saw them (the backward solves with those), and the names of the
-        parameters passed after the inputs."""
-        node, n, (batch_shape, state, names) = inputs[:3]
+        forward saw them (the backward solves with those), the names of the parameters
+        passed after the inputs, and a list that receives the call's :class:`ForwardVersions`
+        (for the probe of the same call to add to)."""
+        node, n, (batch_shape, state, names, record) = inputs[:3]
         # A buffer or frozen parameter made under torch.inference_mode() has no version
         # counter to watch (torch's raw "Inference tensors do not track version counter"
         # here): the backward gets a plain copy of the value the forward solved with.
@@ -54,12 +63,12 @@ class DeclarativeFunction(torch.autograd.Function):
         # torch.inference_mode() are saved as plain copies (autograd refuses to save them).
         save_plain(ctx, *inputs[3:], output)
         ctx.save_for_forward(*inputs[3:], output)
-        # Buffers and frozen parameters are only referenced: their version counters tell
-        # the backward whether one was changed in place since (it would differentiate
-        # the problem at the new value, silently, or call the solution wrong).
-        saved = {id(t) for t in inputs[3:]}
-        ctx.versions = {name: (t, t._version) for name, t in state.items()
-                        if isinstance(t, torch.Tensor) and id(t) not in saved and not t.is_inference()}
+        # Buffers, frozen parameters and other tensors the problem may read are only
+        # referenced: their version counters tell the backward whether one it reads was
+        # changed in place since (it would differentiate the problem at the new value,
+        # silently, or call the solution wrong).
+        ctx.versions = ForwardVersions(node, state, {id(t) for t in inputs[3:]})
+        record.append(ctx.versions)
 
     @staticmethod
     @first_order_jvp("DeclarativeNode")
@@ -84,21 +93,12 @@ class DeclarativeFunction(torch.autograd.Function):
         if not any(needs):
             return (None,) * (3 + len(needs))
         node = ctx.node
-        # Only those the objective or constraints read (the forward's probe of their graph):
-        # a buffer that solve only writes to is a cache, free to change.
-        read = getattr(node, "_read_state", None)
-        changed = sorted(name for name, (t, version) in ctx.versions.items()
-                         if t._version != version and (read is None or name in read))
-        if changed:
-            raise InputError(
-                f"{type(node).__name__}: {changed} (buffers or parameters that do not require grad) "
-                "were modified in place between the forward and the backward; the backward needs "
-                "the values the forward solved with (modify them after backward, or out of place)")
         # Only the parameters that need a gradient (one that only carries a forward-mode
         # tangent need not require grad, and autograd refuses to differentiate it).
         want = [i for i, need in enumerate(needs[ctx.n_inputs:]) if need]
         with torch.no_grad():
-            grad_xs, grad_want = node._vjp(xs, y, grad_y, [params[i] for i in want], ctx.batch_shape, ctx.state)
+            grad_xs, grad_want = node._vjp(xs, y, grad_y, [params[i] for i in want], ctx.batch_shape, ctx.state,
+                                           ctx.versions)
         grad_params: list[Tensor | None] = [None] * len(params)
         for i, g in zip(want, grad_want):
             grad_params[i] = g

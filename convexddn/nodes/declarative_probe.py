@@ -1,17 +1,17 @@
 """The first-call probe of a :class:`~convexddn.nodes.declarative.DeclarativeNode`: the
 objective and constraints evaluated once with autograd, to check their shapes and
 their dependence on ``y``, refuse tensors they close over, and learn which inputs,
-parameters and buffers they read (the backward checks those for in-place changes)."""
+parameters and buffers they read, and which tensors from outside the node (the in-place
+guard, :mod:`._read_guard`, watches those from this call on)."""
 from __future__ import annotations
 
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from .._autograd import outside_compile, plain
 from .._warn import warn
 from ..errors import GradientWarning, ProblemError
+from ._read_guard import Reads
 from ._swap_guard import guarded, read_as
 from .graph import check_graph
 from .krylov import pseudo_random_directions
@@ -24,23 +24,6 @@ Tensor = torch.Tensor
 
 def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
     return t
-
-
-class _Reads(TorchFunctionMode):
-    """Records the names of the tensors ``names`` (``{id: name}``) that torch functions
-    receive within."""
-
-    def __init__(self, names: dict[int, str]) -> None:
-        super().__init__()
-        self.names, self.seen = names, frozenset()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.names:
-            hit = {self.names[id(a)] for a in tree_leaves((args, kwargs)) if id(a) in self.names}
-            if hit:
-                self.seen = self.seen | hit
-        return func(*args, **kwargs)
 
 
 def _groups(batch: int, device: torch.device) -> list[Tensor]:
@@ -123,14 +106,15 @@ def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) ->
 
 
 @outside_compile  # (it differentiates the objective several times: see outside_compile)
-def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str], bool]:
+def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str], bool, list[Tensor]]:
     """Probe ``node``'s problem at the inputs ``xs`` (flattened, ``(B, ...)``) and its
     solution ``y``; warn where inputs or parameters that require grad are not read.
 
-    Returns ``(read, names, rows)``: the names of the parameters and buffers the problem reads
-    (through autograd or any torch function), the names of all of them at the probe (one added later is
-    unknown to ``read``: the node probes again), and whether the rows' independence was checked
-    (a batch of two rows or more)."""
+    Returns ``(read, names, rows, outside)``: the names of the parameters and buffers the problem
+    reads (through autograd or any torch function), the names of all of them at the probe (one added
+    later is unknown to ``read``: the node probes again), whether the rows' independence was checked
+    (a batch of two rows or more), and the tensors from outside the node's parameters and buffers
+    that it reads (closed over, plain attributes: the in-place guard watches them)."""
     name = type(node).__name__
     dtype = node.implicit_dtype
     # The probe's own graph is thrown away: its saved tensors bypass any hooks around
@@ -157,9 +141,10 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
             # problem sees them: read_as's casts, the stand-ins, the rest.)
             sees = [*node.named_parameters(remove_duplicate=False), *node.named_buffers(remove_duplicate=False),
                     *fixed.items(), *state.items()]
-            reads = _Reads({id(t): n for n, t in sees})
+            names = {id(t): n for n, t in sees}
             xg = tuple(plain(x).detach().to(dtype).requires_grad_(True) for x in xs)
             yg = y.detach().to(dtype).requires_grad_(True)
+            reads = Reads(map(id, (*xg, yg)))
             with reads:
                 f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
                 cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)
@@ -168,7 +153,8 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
             leaves = {**of_f, **of_c}
             rows = _check_rows(name, {"objective": f, **cons}, xg, yg)
     tracked = frozenset(n for n, t in fixed.items() if id(t) in leaves)  # (through autograd)
-    read = tracked | reads.seen
+    read = tracked | {names[i] for i in reads.seen if i in names}
+    outside = [t for i, t in reads.outside.items() if i not in names and not t.is_inference()]
     read_ids = {id(state[n]) for n in tracked} | set(leaves)  # (and those closed over, not swapped)
     idle = [n for n, p in node.named_parameters() if p.requires_grad and id(p) not in read_ids]
     unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
@@ -180,4 +166,4 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
                 f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
                 "solve uses them as problem data, the objective or constraints must use them too (not "
                 ".item(), .detach() or numpy)", GradientWarning)
-    return read, frozenset(state), rows
+    return read, frozenset(state), rows, outside

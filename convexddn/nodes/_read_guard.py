@@ -1,0 +1,190 @@
+"""The in-place guard of a :class:`~.declarative.DeclarativeNode`: what its problem reads,
+and what its ``solve`` may not change.
+
+The backward differentiates the objective and constraints at the values the forward solved
+with. torch's own operations save what their backward needs and raise ("modified by an
+inplace operation") where it changed in place since; the node's backward evaluates the
+user's methods again instead, so it checks for itself, per call, with autograd's version
+counters (ints, cheap):
+
+- :class:`ForwardVersions`, at each forward: the version of every tensor the problem may
+  read that autograd does not save: the node's buffers and frozen parameters, tensors held
+  as plain attributes of the node or of its submodules (``self.c = c``; a view of a buffer,
+  ``self.c = self.big[:4]``, shares its base's counter), and tensors from elsewhere (closed
+  over, in a list) that an earlier evaluation of the problem was seen to read;
+- :meth:`ForwardVersions.checked`, in the backward: each user method runs under
+  :class:`Reads`, which records every tensor a torch function receives, and those of the
+  forward's record that changed raise an ``InputError`` naming them, before the backward
+  uses what they gave.
+
+Only what this backward's own evaluation reads counts: a buffer the objective reads only in
+training mode, or only on some calls, is checked where it is read (a record of the first
+call's reads missed it: gradient 0.30 for 0.20, silently), and one only ``solve`` writes to
+(a warm-start cache) may change. A tensor from outside the node first read in a backward is
+watched from the next forward on (its version at this one is unknown).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..errors import InputError, ProblemError
+
+__all__ = ["ForwardVersions", "Reads", "check_solve_kept", "versions_of", "watch"]
+
+Tensor = torch.Tensor
+
+# Per node, held weakly: tensors from outside the node (closed over, in containers) that an
+# evaluation of its problem read, by id (each held weakly too: a dead one's id may come back).
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def watch(node: torch.nn.Module, tensors, records=()) -> None:
+    """Record ``tensors`` as read by ``node``'s problem: each later forward notes their
+    versions, and so do the :class:`ForwardVersions` ``records`` now (of the forward under way)."""
+    with _LOCK:
+        held = _WATCHED.setdefault(node, weakref.WeakValueDictionary())
+        for t in tensors:
+            held[id(t)] = t
+    for record in records:
+        for t in tensors:
+            record.note(t, _outside(t))
+
+
+def _outside(t: Tensor) -> str:
+    return f"a tensor of shape {tuple(t.shape)} from outside the node"
+
+
+def _watched(node: torch.nn.Module) -> list[Tensor]:
+    with _LOCK:
+        held = _WATCHED.get(node)
+        return [] if held is None else list(held.values())
+
+
+class Reads(TorchFunctionMode):
+    """Records the tensors that torch functions receive within: ``seen``, their ids, and
+    ``outside``, those (by id) neither made within nor among ``given`` (the ids of the
+    call's own arguments)."""
+
+    def __init__(self, given=()) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+        self.made: set[int] = set(given)
+        self.outside: dict[int, Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # (Tensors at the top level or in a list or tuple, as torch functions take them; not
+        # torch's pytree: it cost as much as the rest of the backward's evaluations.)
+        seen, made, outside = self.seen, self.made, self.outside
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            for t in (a,) if isinstance(a, Tensor) else a if isinstance(a, (list, tuple)) else ():
+                if isinstance(t, Tensor):
+                    i = id(t)
+                    seen.add(i)
+                    if i not in made and i not in outside:
+                        outside[i] = t
+        out = func(*args, **(kwargs or {}))
+        for o in (out,) if isinstance(out, Tensor) else out if isinstance(out, (list, tuple)) else ():
+            if isinstance(o, Tensor):
+                made.add(id(o))
+        return out
+
+
+def _named_state(node: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    return [*node.named_parameters(remove_duplicate=False), *node.named_buffers(remove_duplicate=False)]
+
+
+class ForwardVersions:
+    """The version counters, at one forward of ``node``, of the tensors its problem may read
+    that autograd does not save (not those of ids ``saved``: autograd checks them itself).
+
+    ``state``: the parameters and buffers by name as the forward saw them (under
+    ``functional_call``, the tensors passed there)."""
+
+    def __init__(self, node: torch.nn.Module, state: dict, saved: set[int]) -> None:
+        self.node = type(node).__name__
+        self.saved = saved
+        self.entries: dict[int, tuple[str, Tensor, int]] = {}  # id: (what, the tensor, its version)
+        self.by_name = {name: id(t) for name, t in state.items() if self.note(t, name)}
+        self.attributes: list[tuple[torch.nn.Module, str, Tensor, str]] = []  # (module, key, tensor, what)
+        if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference())
+            return
+        for prefix, module in node.named_modules():
+            for key, t in vars(module).items():
+                if isinstance(t, Tensor):
+                    what = f"{prefix}.{key}" if prefix else key
+                    self.attributes.append((module, key, t, what))
+                    self.note(t, what)
+        for t in _watched(node):
+            self.note(t, _outside(t))
+
+    def note(self, t: Any, what: str) -> bool:
+        """Note ``t``'s version now (not one autograd saves, nor an inference tensor: no
+        counter); whether it is noted."""
+        if not isinstance(t, Tensor) or id(t) in self.saved or t.is_inference():
+            return False
+        self.entries.setdefault(id(t), (what, t, t._version))
+        return True
+
+    def checked(self, node: torch.nn.Module, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (one of ``node``'s methods, ``fn(*xs, y)``), raising ``InputError`` where it
+        read a tensor of this record changed in place since the forward. To be made within
+        the backward's swaps: what the node's names hold then (the forward's tensors, their
+        ``implicit_dtype`` casts) stands for the forward's tensor of that name."""
+        own = {id(t): self.by_name.get(name) for name, t in _named_state(node)}
+        alias = {i: j for i, j in own.items() if j is not None}
+        # A plain attribute bound to another tensor since: the backward would read that one.
+        rebound = {id(now): what for module, key, t, what in self.attributes
+                   if (now := vars(module).get(key)) is not t and isinstance(now, Tensor)}
+
+        def call(*args: Any) -> Any:
+            reads = Reads(id(a) for a in args)
+            with reads:
+                out = fn(*args)
+            changed = sorted({what for what, t, version in (self.entries[alias.get(i, i)] for i in reads.seen
+                                                             if alias.get(i, i) in self.entries)
+                              if t._version != version})
+            if changed:
+                raise InputError(
+                    f"{self.node}: {changed} (buffers, parameters that do not require grad or other tensors the "
+                    "objective or constraints read) were modified in place between the forward and the backward; "
+                    "the backward needs the values the forward solved with (modify them after backward, or out "
+                    "of place)")
+            replaced = sorted({rebound[i] for i in reads.seen if i in rebound})
+            if replaced:
+                raise InputError(
+                    f"{self.node}: tensor attribute(s) {replaced} that the objective or constraints read were bound "
+                    "to other tensors between the forward and the backward, which would read the new ones; the "
+                    "backward needs the values the forward solved with (register them as buffers, whose forward "
+                    "values the backward swaps back in, or rebind them after backward)")
+            new = [t for i, t in reads.outside.items()
+                   if i not in own and i not in self.entries and i not in self.saved and not t.is_inference()]
+            if new:
+                watch(node, new)
+            return out
+
+        return call
+
+
+def versions_of(tensors) -> list[int | None]:
+    """The version counters of ``tensors`` (``None`` for an inference tensor: it has none)."""
+    return [None if t.is_inference() else t._version for t in tensors]
+
+
+def check_solve_kept(node: str, tensors, before: list[int | None], n_inputs: int, names) -> None:
+    """Raise ``ProblemError`` where ``solve`` modified an input (the first ``n_inputs`` of
+    ``tensors``) or a parameter that requires grad (named ``names``) in place. It runs under
+    ``torch.no_grad()``, where torch lets a leaf that requires grad change in place: the
+    caller's tensor changed, silently, and the backward differentiated at the changed value."""
+    changed = [i for i, (t, v) in enumerate(zip(tensors, before)) if v is not None and t._version != v]
+    if changed:
+        what = [f"input {i}" if i < n_inputs else f"parameter {names[i - n_inputs]!r}" for i in changed]
+        raise ProblemError(
+            f"{node}.solve modified {', '.join(what)} in place (the caller's tensor changed, and the backward would "
+            "differentiate at the changed value); solve must not change its arguments: work on a copy "
+            "(x = x.clone()) or out of place")

@@ -1,0 +1,201 @@
+"""DeclarativeNode's in-place guard (convexddn/nodes/_read_guard.py): a tensor the backward's
+objective reads, changed in place between the forward and the backward, raises instead of
+being differentiated at its new value; solve may not change its arguments in place.
+
+The node of most tests is the weighted mean y = argmin_u Σ_i c_i (u − x_i)² = Σ c x / Σ c,
+whose derivative is dy/dx_i = c_i / Σ c at the c the forward solved with (closed form). The
+change ``d`` of c is orthogonal to the forward's residuals y − x_i, so the forward's y stays
+the exact minimiser for c + d: no KKT check can see it, only the guard.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convexddn.errors import InputError, ProblemError
+from convexddn.nodes.declarative import DeclarativeNode
+
+DT = torch.float64
+X0 = torch.tensor([[0.0, 1.0, 2.0, 4.0]], dtype=DT)
+C0 = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=DT)
+
+
+def _expected(c: torch.Tensor = C0) -> torch.Tensor:
+    return (c / c.sum()).unsqueeze(0)
+
+
+def _kkt_preserving_change() -> torch.Tensor:
+    """A change of c (max 0.9: c stays positive) orthogonal to the residuals y0 − x."""
+    r = (C0 * X0[0]).sum() / C0.sum() - X0[0]
+    d = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=DT)
+    d = d - (d @ r) / (r @ r) * r
+    return d * (0.9 / d.abs().max())
+
+
+class _TrainWeighted(DeclarativeNode):
+    """Weighted mean by the buffer ``c`` in training mode, the plain mean in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", C0.clone())
+
+    def _w(self):
+        return self.c if self.training else torch.ones(4, dtype=DT)
+
+    def objective(self, x, y):
+        return (self._w() * (y - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        w = self._w()
+        return (w * x).sum(-1, keepdim=True) / w.sum()
+
+
+@pytest.mark.parametrize("earlier", ["eval", "eval_reprobe"])
+def test_a_buffer_read_only_on_later_calls_is_guarded(earlier):
+    """The guard watched the buffers that the latest probe saw read: c, read only in
+    training mode, was unwatched after a first call (or a re-probe at the first batch of
+    two rows) in eval mode; changed in place before a training call's backward, the
+    gradient was [0.30, 0.29, 0.17, 0.24] for the forward's [0.2, 0.4, 0.2, 0.2], silently."""
+    node = _TrainWeighted()
+    if earlier == "eval_reprobe":
+        node(X0.clone().requires_grad_()).sum().backward()  # probed in training mode, 1 row
+    node.eval()
+    node(torch.cat([X0, X0]).requires_grad_()).sum().backward()  # probed in eval mode
+    node.train()
+    x = X0.clone().requires_grad_()
+    node(x).sum().backward()  # unchanged: the closed form
+    torch.testing.assert_close(x.grad, _expected(), rtol=0, atol=1e-12)
+    x = X0.clone().requires_grad_()
+    y = node(x)
+    with torch.no_grad():
+        node.c.add_(_kkt_preserving_change())
+    with pytest.raises(InputError, match=r"\['c'\].*modified in place between the forward and the backward"):
+        y.sum().backward()
+
+
+class _Cached(DeclarativeNode):
+    """Weighted mean by the buffer ``c``; ``solve`` writes the buffer ``cache`` and the plain
+    tensor attribute ``last`` (warm starts), which the objective never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("c", C0.clone())
+        self.register_buffer("cache", torch.zeros(1, 1, dtype=DT))
+        self.last = torch.zeros(1, 1, dtype=DT)
+
+    def objective(self, x, y):
+        return (self.c * (y - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        y = (self.c * x).sum(-1, keepdim=True) / self.c.sum()
+        self.cache.copy_(y)
+        self.last.copy_(y)
+        return y
+
+
+def test_state_solve_only_writes_may_change():
+    """A warm-start cache that solve rewrites (a buffer, a plain attribute) at a second
+    forward before the first one's backward is not read by the objective: no error, and the
+    closed-form gradient c / Σc."""
+    node = _Cached()
+    x = X0.clone().requires_grad_()
+    y = node(x)
+    node(X0 + 1.0)  # rewrites both caches in place
+    with torch.no_grad():
+        node.cache.add_(1.0)
+        node.last.add_(1.0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, _expected(), rtol=0, atol=1e-12)
+
+
+class _Plain(DeclarativeNode):
+    """Weighted mean by ``c``: a plain tensor attribute, a plain view of a registered
+    buffer, or a tensor closed over (not the node's)."""
+
+    def __init__(self, how, c):
+        super().__init__()
+        self.how = how
+        if how == "attribute":
+            self.c = c
+        elif how == "view":
+            self.register_buffer("big", torch.cat([c, torch.zeros(2, dtype=DT)]))
+            self.c = self.big[:4]
+        else:
+            self._get = lambda: c  # closed over
+
+    def _c(self):
+        return self._get() if self.how == "closure" else self.c
+
+    def objective(self, x, y):
+        return (self._c() * (y - x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return (self._c() * x).sum(-1, keepdim=True) / self._c().sum()
+
+
+@pytest.mark.parametrize("how", ["attribute", "view", "closure"])
+@pytest.mark.parametrize("change", ["kkt_preserving", "large"])
+def test_a_plain_tensor_the_objective_reads_is_guarded(how, change):
+    """A tensor the objective reads that is not a registered buffer (self.c = c, a view of a
+    buffer self.big[:4], one closed over), changed in place between forward and backward:
+    differentiated at its new value (max error 0.109, silently), or, for a larger change, a
+    SolverError blaming solve. torch's own ops raise there; so does the node now, naming it."""
+    c = C0.clone()
+    node = _Plain(how, c)
+    for call in range(2):  # (the first call probes; the second does not)
+        x = X0.clone().requires_grad_()
+        y = node(x)
+        with torch.no_grad():
+            target = node.big[:4] if how == "view" else c
+            if change == "large":
+                target.mul_(3.0)
+                target[0] += 5.0
+            else:
+                target.add_(_kkt_preserving_change())
+        name = r"'c'" if how != "closure" else r"'a tensor of shape \(4,\) from outside the node'"
+        with pytest.raises(InputError, match=rf"\[{name}\].*modified in place"):
+            y.sum().backward()
+    x = X0.clone().requires_grad_()
+    node(x).sum().backward()  # a new forward differentiates at the new value (closed form)
+    torch.testing.assert_close(x.grad, _expected(target.clone()), rtol=0, atol=1e-12)
+
+
+class _MutatingSolve(DeclarativeNode):
+    """y = argmin ½‖u − w x‖² = w x, whose solve modifies its input or the parameter w."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+        self.w = torch.nn.Parameter(torch.tensor(2.0, dtype=DT))
+
+    def objective(self, x, y):
+        return 0.5 * ((y - self.w * x) ** 2).sum(-1)
+
+    def solve(self, x):
+        (x if self.what == "input" else self.w).sub_(1.0)  # the user's bug
+        return self.w * x
+
+
+@pytest.mark.parametrize("what", ["input", "parameter"])
+def test_solve_modifying_its_argument_in_place_is_refused(what):
+    """solve runs under no_grad, where torch lets a leaf that requires grad change in place
+    (called directly, torch refuses: "a leaf Variable that requires grad is being used in an
+    in-place operation"): the caller's x changed and the backward differentiated at it,
+    silently."""
+    x = X0.clone().requires_grad_()
+    node = _MutatingSolve(what)
+    match = r"input 0 in place" if what == "input" else r"parameter 'w' in place"
+    with pytest.raises(ProblemError, match=rf"_MutatingSolve\.solve modified {match}"):
+        node(x)
+
+
+def test_a_plain_tensor_attribute_rebound_before_backward_is_refused():
+    """A plain attribute bound to another tensor between forward and backward (node.c = c + d,
+    out of place) was read by the backward: gradient 0.109 off, silently. (A registered buffer
+    rebound so is swapped back to the forward's tensor for the backward.)"""
+    node = _Plain("attribute", C0.clone())
+    x = X0.clone().requires_grad_()
+    y = node(x)
+    node.c = node.c + _kkt_preserving_change()
+    with pytest.raises(InputError, match=r"attribute\(s\) \['c'\].*bound to other tensors"):
+        y.sum().backward()
