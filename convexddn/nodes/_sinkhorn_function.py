@@ -12,17 +12,19 @@ from .._warn import warn
 from ..errors import GradientWarning, InputError
 from ._overflow import warn_gradient_overflow
 from ._sinkhorn import solve
-from ._sinkhorn_schur import lambda_min_lower, lambda_min_upper, schur_solve
+from ._sinkhorn_schur import lambda_min_lower, lambda_min_upper, polish, refine, schur_solve
 from ._sinkhorn_padding import Padding, fill_dead
 
-__all__ = ["SinkhornFn", "Box", "dual_solve"]
+__all__ = ["ACCURACY", "SinkhornFn", "Box", "Polish", "dual_solve"]
 
-# The forward's column error over the Schur complement's smallest eigenvalue above which
-# the marginals' derivatives warn (measured: 4e-2 gave 3e-4 relative error, 0.18 gave 1 %,
-# 4.4 gave 13 %; on 30 balanced two-cluster plans up to about a quarter of it). Taken
-# over a lower bound of λ_min, so no safety factor: it warns wherever the ratio exceeds
-# this, and from 0.086 at the earliest (the bound is 0.86 to 1 of λ_min on such plans).
-_SENSITIVE = 0.1
+# The relative accuracy the docs promise for the gradients, by the caller's dtype (float64:
+# central differences to 1e-8; narrower: the dtype's rounding, float32's 6e-8 up to 1e-7).
+ACCURACY = {torch.float64: 1e-8, torch.float32: 1e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# The marginals' derivatives are off by up to about a quarter of the forward's column error
+# over the Schur complement's smallest eigenvalue (measured: 4e-2 gave 3e-4, 0.18 gave 1 %,
+# 4.4 gave 13 %; on 30 balanced two-cluster plans up to a quarter): above _WARN times the
+# accuracy the plan is polished, and where the ratio stays above that, it warns.
+_WARN = 4.0
 
 
 class Box:
@@ -30,12 +32,14 @@ class Box:
     passes it through as it is, where a list would be rebuilt). Set by the caller:
     ``gibbs``, whether a marginal needs a gradient (only those read the completion G);
     ``check``, whether the cost gradient and the plan tangent may overflow float64
-    (:func:`~convexddn.nodes._overflow.may_overflow` of the gain, see ``backward``)."""
+    (:func:`~convexddn.nodes._overflow.may_overflow` of the gain, see ``backward``);
+    ``accuracy``, the relative accuracy promised for the marginals' derivatives
+    (``ACCURACY`` of the caller's narrowest dtype)."""
 
-    __slots__ = ("pad", "G", "gibbs", "check")
+    __slots__ = ("pad", "G", "gibbs", "check", "accuracy")
 
-    def __init__(self, gibbs: bool = True, check: bool = True) -> None:
-        self.pad, self.G, self.gibbs, self.check = None, None, gibbs, check
+    def __init__(self, gibbs: bool = True, check: bool = True, accuracy: float = ACCURACY[torch.float64]) -> None:
+        self.pad, self.G, self.gibbs, self.check, self.accuracy = None, None, gibbs, check, accuracy
 
 
 @bind_fast  # (setup_context, as torch.func needs, without apply's binding cost)
@@ -57,10 +61,10 @@ class SinkhornFn(torch.autograd.Function):
         pad, G = inputs[-1].pad, inputs[-1].G
         ctx.mark_non_differentiable(err)
         ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
-        ctx.save_for_backward(output[0], G, err)
-        ctx.save_for_forward(output[0], err)
+        ctx.save_for_backward(output[0], G, err, inputs[1], inputs[2])
+        ctx.save_for_forward(output[0], err, inputs[1], inputs[2])
         ctx.eps, ctx.pad, ctx.flip = inputs[3], pad, inputs[6]  # (flip: a and b are the caller's b and a)
-        ctx.check = inputs[-1].check
+        ctx.check, ctx.accuracy = inputs[-1].check, inputs[-1].accuracy
 
     @staticmethod
     @first_order_jvp("sinkhorn")
@@ -70,7 +74,7 @@ class SinkhornFn(torch.autograd.Function):
         the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
         solver sees, so the dropped equation holds.)"""
         refuse_batched("sinkhorn", C_t, a_t, b_t)
-        P, err = ctx.saved_tensors
+        P, err, a, b = ctx.saved_tensors
         pad = ctx.pad
         if pad is not None:
             # Along a zero marginal entry only a ≥ 0 is feasible: the derivative there is
@@ -92,13 +96,25 @@ class SinkhornFn(torch.autograd.Function):
         # (Padding: dead rows get r = 1 and u = 0, so dα = 0 there; dead columns are held
         # fixed with the last live one, as in the backward. P and Q are 0 on both.)
         r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
-        dalpha, dbeta = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
-                                   "the tangent with respect to the marginals",
-                                   err if a_t is not None or b_t is not None else None)
+
+        def rhs(Pk, k):  # (u, w) at polished plans of elements k
+            Qk = None if C_t is None else Pk * C_t.to(P.dtype).expand(P.shape)[k] / ctx.eps
+            uk = Pk.new_zeros(Pk.shape[:-1]) if Qk is None else Qk.sum(-1)
+            wk = Pk.new_zeros(Pk.shape[:-2] + Pk.shape[-1:]) if Qk is None else Qk.sum(-2)
+            for t, s in ((a_t, uk), (b_t, wk)):
+                if t is not None:
+                    s.add_(t.to(P.dtype).expand(P.shape[:1] + s.shape[1:])[k])
+            return uk, wk
+
+        marginals = a_t is not None or b_t is not None
+        P0 = P
+        dalpha, dbeta, P = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
+                                      "the tangent with respect to the marginals", err if marginals else None,
+                                      _fix(ctx, a, b, rhs) if marginals else None)
         dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
         if Q is None:  # (without a cost tangent nothing is divided by eps)
             return dP, None
-        dP.sub_(Q)
+        dP.sub_(Q if P is P0 else P * C_t.to(P.dtype) / ctx.eps)  # (polished plans: their own Q)
         if ctx.check:  # (a NaN or Inf tangent of a or b reaches every entry: not ours)
             given = C_t if a_t is None else C_t + a_t.unsqueeze(-1) * 0
             given = given if b_t is None else given + b_t.unsqueeze(-2) * 0
@@ -108,7 +124,7 @@ class SinkhornFn(torch.autograd.Function):
     @staticmethod
     @first_order("sinkhorn")
     def backward(ctx, V, _grad_err):  # type: ignore[override]
-        P, G, err = ctx.saved_tensors
+        P, G, err, a, b = ctx.saved_tensors
         pad = ctx.pad
         if V is None:
             return (None,) * 9
@@ -119,8 +135,11 @@ class SinkhornFn(torch.autograd.Function):
         # the last live one, which is held in place of the last.)
         r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
         marginals = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        lam, mu = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
-                             "the gradients with respect to the marginals", err if marginals else None)
+        P0 = P
+        lam, mu, P = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
+                                "the gradients with respect to the marginals", err if marginals else None,
+                                _fix(ctx, a, b, lambda Pk, k: _sums(V.expand(P.shape)[k] * Pk)) if marginals else None)
+        Q = Q if P is P0 else V * P  # (polished plans: their own Q)
         if pad is not None and G is not None:  # the one-sided limits on dead rows and columns
             lam, mu = fill_dead(G, V, lam, mu, pad)
         grad_C = grad_a = grad_b = None
@@ -140,44 +159,84 @@ class SinkhornFn(torch.autograd.Function):
         return grad_C, grad_a, grad_b, None, None, None, None, None, None
 
 
+def _sums(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return Q.sum(-1), Q.sum(-2)
+
+
+def _fix(ctx, a: torch.Tensor, b: torch.Tensor, rhs) -> "Polish":
+    """The backward's or jvp's :class:`Polish` (a, b: the solver's marginals, maybe expanded)."""
+    pad = ctx.pad
+    return Polish(a, b, None if pad is None else pad.pad_r, ctx.accuracy, rhs)
+
+
+class Polish:
+    """What :func:`dual_solve` needs to polish a loose element's plan (:func:`~._sinkhorn_schur.polish`):
+    the solver's unit-mass marginals ``a``, ``b`` (B, M), (B, N), the padding's ``pad_r``
+    (or None), the promised relative ``accuracy`` of the gradients, and ``rhs(P, idx)``,
+    the system's right-hand side (u, w) for the plans P of batch elements idx."""
+
+    __slots__ = ("a", "b", "pad_r", "accuracy", "rhs")
+
+    def __init__(self, a, b, pad_r, accuracy, rhs) -> None:
+        self.a, self.b, self.pad_r, self.accuracy, self.rhs = a, b, pad_r, accuracy, rhs
+
+
 def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-               fixed: torch.Tensor | None, what: str,
-               err: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(λ, μ) with K (λ, μ) = (u, w), K = [[diag(r), P], [Pᵀ, diag(Pᵀ1)]], μ = 0 on the
+               fixed: torch.Tensor | None, what: str, err: torch.Tensor | None = None,
+               fix: Polish | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(λ, μ, P) with K (λ, μ) = (u, w), K = [[diag(r), P], [Pᵀ, diag(Pᵀ1)]], μ = 0 on the
     ``fixed`` columns (the last one when None): μ from the Schur complement, then λ row by
     row. The backward's system and the jvp's (K is symmetric), with their warnings:
     non-finite results (an incoming gradient or tangent that is not finite, or overflowed
     float64) and a support split into disconnected blocks, where ``what`` is not unique
-    (least norm returned). ``err`` (the forward's column error, per element): where the
-    marginals' derivatives are asked for, they are also checked against it; a nearly
-    disconnected support (two clusters far apart against ε) makes them as sensitive to the
-    plan's smallest entries as 1/λ_min of the Schur complement, and the forward's column
-    error moves those entries by about err/λ_min: 13 % off at a cross-cluster mass of
-    1e-13 (λ_min 2e-14), silently. Where that ratio can exceed ``_SENSITIVE`` (err over a
-    guaranteed lower bound of λ_min, see :func:`~._sinkhorn_schur.lambda_min_lower`) it warns.
-    One host sync tells whether any rare case needs a look."""
+    (least norm returned).
+
+    ``err`` (the forward's column error, per element) where the marginals' derivatives
+    are asked for: a nearly disconnected support (two clusters far apart against ε) makes
+    them as sensitive to the plan's smallest entries as 1/λ_min of the Schur complement,
+    and the column error moves those entries by about err/λ_min; the derivatives' relative
+    error was up to a quarter of that ratio (13 % off at a cross-cluster mass of 1e-13).
+    Where err over a guaranteed lower bound of λ_min (:func:`~._sinkhorn_schur.lambda_min_lower`)
+    exceeds ``_WARN`` times ``fix.accuracy`` (4e-8 in float64), those elements' plans are
+    polished by Newton steps on the marginal equations (:func:`~._sinkhorn_schur.polish`:
+    the same cost, exact marginals to rounding) and their system solved again at the
+    polished plan (:func:`~._sinkhorn_schur.refine`), which is returned in place of P there
+    (else P itself): the derivatives are the exact solution map's at the given cost. Where
+    the ratio is still above that (λ_min below about 1e-8 in float64, where the polished
+    error is ~1e-16 × √M) it warns. One host sync tells whether any rare case needs a look."""
     rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
-    mu, bad, y = schur_solve(P, r, rhs, fixed, probe=err is not None)
+    keep: list | None = None if err is None else []
+    mu, bad, y = schur_solve(P, r, rhs, fixed, probe=err is not None, keep=keep)
     ok = torch.isfinite(mu.sum()) & ~bad.any()
     low = None if y is None else lambda_min_lower(y)
-    loose = None if low is None else ~(err <= _SENSITIVE * low) & ~bad
+    # (the error is up to about a quarter of err/λ_min: above _WARN times the accuracy, polish)
+    loose = None if low is None else ~(err <= _WARN * fix.accuracy * low) & ~bad
     if not bool(ok if loose is None else ok & ~loose.any()):
         if loose is not None and bool(loose.any()):
-            k = int(torch.where(loose, err / low, -1.0).argmax())  # (the worst element named)
-            warn(
-                f"sinkhorn: {what} are ill-conditioned (sensitive to rounding) at batch element(s) "
-                f"{loose.nonzero().flatten().tolist()[:10]}: the plan's support is nearly "
-                "disconnected (the Schur complement's smallest eigenvalue is "
-                f"{float(low[k]):.2e} to {float(lambda_min_upper(y[k])):.2e} of the mass at element {k}), "
-                f"and the forward's column error ({float(err[k]):.1e}) can move them by up to "
-                "about their ratio; lower tol (to 1e-15) or raise eps",
-                GradientWarning,
-            )
+            k = loose.nonzero().squeeze(-1)
+            sub = None if fixed is None else fixed[k]
+            pad = None if fix.pad_r is None else fix.pad_r[k]
+            Pk, ek = polish(P[k], fix.a[k], fix.b[k], pad, sub, keep[0][k])
+            uk, wk = fix.rhs(Pk, k)
+            rk = Pk.sum(-1) if pad is None else Pk.sum(-1).add_(pad)
+            rhs_k = torch.baddbmm(wk.unsqueeze(-2), (uk / rk).unsqueeze(-2), Pk, alpha=-1).squeeze(-2)
+            mu_k = refine(Pk, rk, rhs_k, sub, keep[0][k])
+            far = err[k] > 1e-3 * low[k]  # (refinement's contraction, ~2 err/λ_min, too slow there:
+            if bool(far.any()):           # the polished plan's own factorisation)
+                j = far.nonzero().squeeze(-1)
+                mu_k[j] = schur_solve(Pk[j], rk[j], rhs_k[j], None if sub is None else sub[j])[0]
+            P, u, r, mu = P.clone(), u.clone(), r.clone(), mu.clone()
+            P[k], u[k], r[k], mu[k] = Pk, uk, rk, mu_k
+            # Still above _WARN times the accuracy (the error is up to about a quarter of
+            # the ratio; λ_min moves by about the ratio before polishing, a factor of 2 at most)
+            still = ek > _WARN * fix.accuracy * low[k] * (1 - (err[k] / low[k]).clamp(max=0.5))
+            if bool(still.any()):
+                _warn_loose(what, k[still], ek[still], low[k][still], y[k][still], fix.accuracy)
         lost = ~torch.isfinite(mu).all(-1)
         if bool(lost.any()):
             warn(
                 "sinkhorn: the gradient is not finite at batch element(s) "
-                f"{lost.nonzero().flatten().tolist()[:10]}: the incoming gradient is "
+                f"{_named(lost)}: the incoming gradient is "
                 "not finite there, or it overflowed float64 when scaled by the mass "
                 "of a (over about 1e308 in all)",
                 GradientWarning,
@@ -187,10 +246,31 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
                 "sinkhorn: the transport plan's support splits into disconnected blocks, or blocks "
                 "joined by mass below float64's rounding of the total (the Schur complement is "
                 "singular to working precision; entries below 1e-154 count as zero), at batch element(s) "
-                f"{bad.nonzero().flatten().tolist()[:10]}; {what} are not determined there and the "
+                f"{_named(bad)}; {what} are not determined there and the "
                 "least-norm ones are returned (the derivative with respect to the cost is "
                 "unaffected)",
                 GradientWarning,
             )
     lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
-    return lam.squeeze(-2).div_(r), mu
+    return lam.squeeze(-2).div_(r), mu, P
+
+
+def _warn_loose(what: str, at: torch.Tensor, err: torch.Tensor, low: torch.Tensor, y: torch.Tensor,
+                accuracy: float) -> None:
+    """The ill-conditioning warning for the elements ``at`` (their errors after polishing,
+    λ_min's lower bounds and probes), the worst one named with λ_min's bracket."""
+    j = int((err / low).argmax())
+    warn(
+        f"sinkhorn: {what} are ill-conditioned (sensitive to rounding) at batch element(s) "
+        f"{at.tolist()[:10]}: the plan's support is nearly disconnected (the Schur complement's "
+        f"smallest eigenvalue is {float(low[j]):.2e} to {float(lambda_min_upper(y[j])):.2e} of the mass at "
+        f"element {int(at[j])}), and the marginals' error ({float(err[j]):.1e}, after Newton steps on them) "
+        f"can move them by up to about a quarter of their ratio, {float(err[j] / low[j]):.1e}, above "
+        f"{_WARN * accuracy:.0e} (4 times the accuracy promised for the gradients); raise eps",
+        GradientWarning,
+    )
+
+
+def _named(mask: torch.Tensor) -> list:
+    """The first ten batch elements of ``mask``."""
+    return mask.nonzero().flatten().tolist()[:10]

@@ -60,7 +60,7 @@ from .._checks import check_finite, check_int, check_positive, check_tensor, che
 from .._warn import warn
 from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import solve
-from ._sinkhorn_function import Box, SinkhornFn
+from ._sinkhorn_function import ACCURACY, Box, SinkhornFn
 from ._overflow import may_overflow, narrowed, widened
 from ._sinkhorn_padding import Padding, check_marginal, marginal_parts
 
@@ -178,8 +178,12 @@ def sinkhorn(
             nearly so (clusters far apart against ``eps``): the marginals' gradients
             and tangents then hang on the tiny cross-cluster mass, which the column
             error moves by about err/λ_min (λ_min: the Schur complement's smallest
-            eigenvalue, bounded from below); wherever that exceeds 0.1 it warns (a
-            smaller ``tol`` helps). Also a gradient (or forward-mode tangent) entry
+            eigenvalue, bounded from below; the gradients' error is up to a quarter of
+            it). Where it exceeds 4 times the gradients' promised accuracy (1e-8 in
+            float64, 1e-7 in float32) the backward polishes the plan (Newton steps on
+            the marginals, to rounding) and differentiates the exact plan; where even
+            that leaves it above (λ_min below about 1e-8 of the mass in float64, 1e-9
+            in float32) it warns (raise ``eps``). Also a gradient (or forward-mode tangent) entry
             beyond the range of its input's dtype (±Inf there, the input and batch
             elements named): a float16 cost at ``eps=1e-6``, or float64 at an ``eps``
             below about 1e-302.
@@ -226,6 +230,9 @@ def sinkhorn(
     # A marginal's values are checked wherever it has entries; an empty one has none to
     # check (its reductions have no identity: aminmax raised a raw RuntimeError) and only
     # broadcasts to an empty batch, where nothing is solved.
+    # (the marginals' derivatives are kept to the accuracy promised for the narrowest
+    # dtype's gradient that is exact enough for all: the tightest of them)
+    accuracy = min(ACCURACY.get(t.dtype, ACCURACY[work]) for t in (cost, a, b) if t is not None)
     am = None if a is None or a.numel() == 0 else marginal_parts("a", a, a64)
     bm = None if b is None or b.numel() == 0 else marginal_parts("b", b, b64)
     shapes = [cost.shape[:-2]] + [v.shape[:-1] for v in (a, b) if v is not None]
@@ -272,7 +279,7 @@ def sinkhorn(
         # the incoming ones in float64 (bound in _sinkhorn_function): checked beyond its range.
         gain = max(1.0 if am is None else am[4][0], 1.0) / float(eps)
         P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes,
-                                  Box(a.requires_grad or b.requires_grad, may_overflow(gain, work)))
+                                  Box(a.requires_grad or b.requires_grad, may_overflow(gain, work), accuracy))
     else:
         pad = None if holes is None else Padding(a, b, *holes)
         P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)
