@@ -51,10 +51,10 @@ def test_docs_registry_catalog_lists_every_problem():
         assert ("native node" in row) == (name in NATIVE)
 
 
-def test_docs_ddn_hooks_table_is_the_refused_methods():
+def test_docs_ddn_hooks_table_is_the_warned_methods():
     """The migration guide had no row for the DDN reference's linear_constraint_parameters,
     gradient or jacobian, which a ported DeclarativeNode silently ignored; DeclarativeNode now
-    refuses them, and the guide prints the very table the refusal reads."""
+    warns of them, and the guide prints the very table the warning reads."""
     from convexddn.nodes._reference_hooks import REFERENCE_HOOKS
 
     table = _load_hook("generated").ddn_hooks()

@@ -10,16 +10,26 @@ differentiated as an unconstrained problem, its KKT check failing with causes th
 named the method, and with ``check_solution=False`` it gave ``dy₀/dx = [0.417, 0, 0, 0]``
 at ``x = [0.9, 0.3, 0.5, 0.7]`` where the closed form ``(e₀ − y₀)/Σx`` is ``[0.260, −0.156,
 −0.156, −0.156]``, without a warning; an analytic ``gradient`` was never called.
-:func:`refuse_reference_hooks` refuses such a class where it is defined.
+:func:`warn_reference_hooks` warns where such a class is defined. It warns rather than
+refuses: a method of one of these names may as well be the user's own helper that their
+``solve`` calls (a gradient-descent step named ``gradient``), which is fine; renaming it
+silences the warning. Only methods count (plain functions, static and class methods, the
+class's own or its bases', not the library's): a data attribute, a property or a metaclass
+method of such a name is no hook of the reference's.
 
 :data:`REFERENCE_HOOKS` is the one table of those names: the check reads it and the
 migration guide (``docs/migrating-from-ddn.md``) prints it, so the two cannot differ.
 """
 from __future__ import annotations
 
-from ..errors import ProblemError
+import types
+import warnings
 
-__all__ = ["REFERENCE_HOOKS", "refuse_reference_hooks"]
+import torch
+
+from ..errors import ConvexDDNWarning
+
+__all__ = ["REFERENCE_HOOKS", "warn_reference_hooks"]
 
 #: The reference's method name -> (where the reference defines it and what it means,
 #: what a convexddn DeclarativeNode has instead). Markdown: the guide prints it as is.
@@ -53,27 +63,62 @@ REFERENCE_HOOKS: dict[str, tuple[str, str]] = {
 
 
 def _plain(text: str) -> str:
-    """The table's Markdown as an error message's plain text."""
+    """The table's Markdown as a warning message's plain text."""
     return text.replace("`", "")
 
 
-def refuse_reference_hooks(cls: type) -> None:
-    """Raise :class:`~convexddn.errors.ProblemError` if ``cls`` has a method of :data:`REFERENCE_HOOKS`.
+_METHODS = (types.FunctionType, staticmethod, classmethod)
 
-    The whole class is read (its own methods and the ones it inherits, a mixin's too), at
-    its definition, before any call could silently ignore the method.
 
-    Raises:
-        ProblemError: naming each such method, where the reference has it and what to write instead.
+def _owner(cls: type, name: str) -> type | None:
+    """The class along ``cls.__mro__`` whose own ``__dict__`` has ``name``, as attribute access finds it."""
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
+def _hook_methods(cls: type, root: type) -> dict[str, type]:
+    """The names of :data:`REFERENCE_HOOKS` that ``cls`` resolves to a method -> the class that defines it.
+
+    Each name is looked up along ``cls.__mro__`` as attribute access does, in the classes'
+    own ``__dict__`` (not the metaclass's: an instance never sees its methods); the first
+    class that has the name decides, and only a function there counts (a data attribute or
+    a property of that name shadows any method further along). A method that ``root``
+    (DeclarativeNode), ``nn.Module`` or ``object`` defines is the library's; one that a base
+    of ``cls`` below ``root`` resolves the same way was reported where that base was defined.
     """
-    found = [name for name in REFERENCE_HOOKS if getattr(cls, name, None) is not None]
+    found: dict[str, type] = {}
+    for name in REFERENCE_HOOKS:
+        owner = _owner(cls, name)
+        if owner is None or owner in (root, torch.nn.Module, object):
+            continue
+        if any(base is not root and issubclass(base, root) and _owner(base, name) is owner
+               for base in cls.__mro__[1:]):
+            continue  # (warned at that base's definition)
+        if isinstance(vars(owner)[name], _METHODS):
+            found[name] = owner
+    return found
+
+
+def warn_reference_hooks(cls: type, root: type) -> None:
+    """Warn (:class:`~convexddn.errors.ConvexDDNWarning`) if ``cls`` has a method named in :data:`REFERENCE_HOOKS`.
+
+    Called from ``root.__init_subclass__`` (``root`` is :class:`~convexddn.DeclarativeNode`),
+    at the class's definition, before any call could silently ignore the method. The
+    warning names each such method, where the reference has it and what to write instead,
+    and says that a helper of that name which the node's own code calls is fine.
+    """
+    found = _hook_methods(cls, root)
     if not found:
         return
-    lines = [f"- {name} (the reference's {_plain(REFERENCE_HOOKS[name][0])}); convexddn: "
-             f"{_plain(REFERENCE_HOOKS[name][1])}" for name in found]
-    raise ProblemError(
-        f"{cls.__name__} defines {', '.join(found)}: {'methods' if len(found) > 1 else 'a method'} of the DDN "
+    lines = [f"- {name}{'' if owner is cls else f' (from {owner.__name__})'}: the reference's "
+             f"{_plain(REFERENCE_HOOKS[name][0])}; convexddn: {_plain(REFERENCE_HOOKS[name][1])}"
+             for name, owner in found.items()]
+    names = ", ".join(found)
+    warnings.warn(
+        f"{cls.__name__} defines {names}: the name of {'hooks' if len(found) > 1 else 'a hook'} of the DDN "
         "reference's node API that DeclarativeNode never calls (it calls only objective, solve, "
-        "equality_constraints and inequality_constraints): kept, it would be silently ignored. Remove or "
-        "rename it (see 'Migrating from the DDN reference' in the docs):\n" + "\n".join(lines)
-    )
+        "equality_constraints and inequality_constraints). Ported from the reference, such a method is "
+        "silently ignored (a kept linear_constraint_parameters gives the unconstrained problem's gradient); "
+        "write instead (see 'Migrating from the DDN reference' in the docs):\n" + "\n".join(lines) + "\n"
+        "A helper of that name which the node's own code calls (its solve, say) is fine: rename it to "
+        "silence this warning.",
+        ConvexDDNWarning, stacklevel=3)

@@ -32,7 +32,7 @@ from ..errors import InputError, ProblemError, SolverError
 from ._read_guard import watch
 from ._swap_guard import guarded, read_as
 from .declarative_probe import probe
-from ._reference_hooks import refuse_reference_hooks
+from ._reference_hooks import warn_reference_hooks
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, y_by_keyword)
 from .implicit import declarative_vjp
@@ -239,7 +239,7 @@ class DeclarativeNode(torch.nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        refuse_reference_hooks(cls)  # (a DDN reference method kept in a port is never called: refuse it here)
+        warn_reference_hooks(cls, DeclarativeNode)  # (a DDN reference method kept in a port is never called)
         init = cls.__dict__.get("__init__")
         if init is None or getattr(init, "_ddn_checked", False):
             return

@@ -8,7 +8,7 @@ A page asks for generated content with a marker on a line of its own:
 - ``<!-- generated: path-costs -->``: the cost of both paths on the same problems, from
   the benchmark's ``docs/bench.json``;
 - ``<!-- generated: ddn-hooks -->``: the DDN reference's methods that a ``DeclarativeNode``
-  refuses and what to write instead, from the table the refusal reads
+  warns of and what to write instead, from the table the warning reads
   (:data:`convexddn.nodes._reference_hooks.REFERENCE_HOOKS`);
 - ``<!-- generated: api MODULE -->``: the API reference of a public module — its
   docstring, then every name of its ``__all__`` that no earlier API page documents
@@ -74,7 +74,7 @@ def registry_catalog() -> str:
     return "\n".join(rows)
 
 
-# --- the DDN reference's methods a DeclarativeNode refuses --------------------------------
+# --- the DDN reference's methods a DeclarativeNode warns of -------------------------------
 
 def ddn_hooks() -> str:
     from convexddn.nodes._reference_hooks import REFERENCE_HOOKS

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from convexddn.errors import DTypeError, GradientWarning, InputError, OptionError, ProblemError, ShapeError, SolverError
+from convexddn.errors import ConvexDDNWarning, DTypeError, GradientWarning, InputError, OptionError, ProblemError, ShapeError, SolverError
 from convexddn.nodes.declarative import DeclarativeNode
 from convexddn.nodes.linear_solvers import solve_kkt_cg, solve_kkt_dense
 
@@ -987,14 +987,15 @@ def test_compiled_node_forward_mode_matches_closed_form():
 
 # --- methods of the DDN reference's API, which DeclarativeNode never calls ----------------
 
-def test_declarative_reference_linear_constraint_parameters_invalid():
+def test_declarative_reference_linear_constraint_parameters_warns():
     """Tutorial 08's MinKL ported with the reference's linear_constraint_parameters kept (A = 1ᵀ,
     d = 1: Σ y = 1) was differentiated as unconstrained: a KKT error whose causes never named the
     method, and with check_solution=False, at x₀ = [0.9, 0.3, 0.5, 0.7], dy₀/dx₀ = [0.417, 0, 0, 0]
     where the closed form is (e₀ − y₀)/Σx = [0.260, −0.156, −0.156, −0.156], without a warning.
-    Refused at definition."""
-    with pytest.raises(ProblemError, match=r"(?s)MinKL defines linear_constraint_parameters.*never calls.*"
-                                           r"equality_constraints\(self, \*xs, y\) returning the residual A y − d"):
+    Warned at definition, naming what to write instead."""
+    with pytest.warns(ConvexDDNWarning, match=r"(?s)MinKL defines linear_constraint_parameters.*never calls.*"
+                                              r"equality_constraints\(self, \*xs, y\) returning the residual A y − d"
+                                              r".*helper of that name.*is fine: rename it"):
         class MinKL(DeclarativeNode):
             def objective(self, x, y):
                 return -(x * y.log()).sum(-1)
@@ -1035,31 +1036,88 @@ def test_declarative_reference_lineq_port_matches_closed_form():
     ("eq_constraints", r"equality_constraints\(self, \*xs, y\)"),
     ("ineq_constraints", r"inequality_constraints\(self, \*xs, y\)"),
 ])
-def test_declarative_reference_hooks_invalid(hook, advice):
+@pytest.mark.parametrize("kind", [lambda f: f, staticmethod, classmethod])
+def test_declarative_reference_hooks_warns(hook, advice, kind):
     """A reference node's analytic gradient() (ddn/pytorch/sample_nodes.py) or jacobian() kept in
     a port was never called, silently; ddn/basic's constraint()/eq_constraints()/ineq_constraints()
-    were ignored like linear_constraint_parameters. Refused at definition, naming what to write."""
-    def ignored(self, *xs, y=None, v=None, ctx=None):
+    were ignored like linear_constraint_parameters. Warned at definition, naming what to write."""
+    def ignored(*args, **kwargs):
         raise AssertionError("never called")
 
-    body = {"objective": lambda self, x, y: ((y - x) ** 2).sum(-1), "solve": lambda self, x: x, hook: ignored}
-    with pytest.raises(ProblemError, match=rf"(?s)Port defines {hook}: a method of the DDN.*{advice}"):
+    body = {"objective": lambda self, x, y: ((y - x) ** 2).sum(-1), "solve": lambda self, x: x, hook: kind(ignored)}
+    with pytest.warns(ConvexDDNWarning, match=rf"(?s)Port defines {hook}: the name of a hook of the DDN.*{advice}"):
         type("Port", (DeclarativeNode,), body)
 
 
-def test_declarative_reference_hook_from_a_mixin_invalid():
-    """The method counts wherever the class gets it: a mixin kept from the port too."""
+def test_declarative_reference_hook_from_a_mixin_warns():
+    """The method counts wherever the class gets it: a mixin kept from the port too; a subclass
+    of the warned class is not warned again."""
     class RefMixin:
         def gradient(self, *xs, y=None, v=None, ctx=None):
             raise AssertionError("never called")
 
-    with pytest.raises(ProblemError, match="Port defines gradient"):
+    with pytest.warns(ConvexDDNWarning, match=r"Port defines gradient.*\n- gradient \(from RefMixin\)"):
         class Port(RefMixin, DeclarativeNode):
             def objective(self, x, y):
                 return ((y - x) ** 2).sum(-1)
 
             def solve(self, x):
                 return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        class Sub(Port):
+            pass
+
+
+def _gd_mean_body(helper_name):
+    """y = argmin_y Σ_i (y − x_i)² = mean(x), found by gradient descent in the user's own helper."""
+    def objective(self, x, y):
+        return ((x - y.unsqueeze(-1)) ** 2).sum(-1)
+
+    def helper(self, x, y):
+        return -2 * (x - y.unsqueeze(-1)).sum(-1)
+
+    def solve(self, x):
+        y = torch.zeros(x.shape[0], dtype=x.dtype)
+        for _ in range(100):
+            y = y - 0.5 / x.shape[-1] * getattr(self, helper_name)(x, y)
+        return y.detach()
+
+    return {"objective": objective, helper_name: helper, "solve": solve}
+
+
+def test_declarative_reference_hook_name_as_own_helper():
+    """The check refused (ProblemError) a user's own helper named gradient that their solve
+    calls. Now a warning, and the node works: y = mean x = 0.6, dy/dx = 1/n = 0.25 each."""
+    with pytest.warns(ConvexDDNWarning, match="GDMean defines gradient.*"):
+        GDMean = type("GDMean", (DeclarativeNode,), _gd_mean_body("gradient"))
+    x = torch.tensor([[0.9, 0.3, 0.5, 0.7]], dtype=DT, requires_grad=True)
+    y = GDMean()(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y.detach(), torch.tensor([0.6], dtype=DT), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, torch.full((1, 4), 0.25, dtype=DT), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["data", "mixin_data", "property", "metaclass"])
+def test_declarative_reference_hook_names_not_methods(case):
+    """The check (getattr(cls, name) is not None) refused any attribute of a hook's name: a data
+    attribute constraint = "simplex", a mixin's gradient = 0.0, a property jacobian, a
+    metaclass's method constraint (no instance sees it). None is a method the reference had as a
+    hook: no error, no warning."""
+    body = _gd_mean_body("step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if case == "data":
+            type("P", (DeclarativeNode,), {"constraint": "simplex", **body})
+        elif case == "mixin_data":
+            type("P", (type("Stats", (), {"gradient": 0.0}), DeclarativeNode), body)
+        elif case == "property":
+            type("P", (DeclarativeNode,), {"jacobian": property(lambda self: None), **body})
+        else:
+            meta = type("Meta", (type(DeclarativeNode),), {"constraint": lambda cls: 0})
+            meta("P", (DeclarativeNode,), body)
 
 
 def test_node_runs_on_cpu_tensors_under_another_default_device():
