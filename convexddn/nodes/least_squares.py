@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .._autograd import bind_fast, may_carry_tangents, refuse_batched, refuse_vmap, save_plain
+from .._autograd import bind_fast, functorch_transforms, may_carry_tangents, refuse_batched, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_number, check_tensor
 from ..errors import DTypeError, ShapeError
@@ -148,8 +148,9 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if need[0] and not q:
             gA = (r / c) @ vc.mT
             # r vᵀ − (Av) xᵀ with one product accumulated in place (the subtraction of two
-            # (…, M, N) products was the backward's largest op at (64, 40, 12)).
-            if gA.dim() == 3 and gA.shape[0] == Av.shape[0] == x.shape[0]:
+            # (…, M, N) products was the backward's largest op at (64, 40, 12)). Not under a vmap
+            # (jacrev): baddbmm_ has no batching rule, and its fallback fails on an empty batch.
+            if gA.dim() == 3 and gA.shape[0] == Av.shape[0] == x.shape[0] and "Vmap" not in functorch_transforms():
                 gA.baddbmm_(Av, x.mT, alpha=-1.0)
             else:
                 gA = gA - Av @ x.mT

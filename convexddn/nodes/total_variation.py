@@ -149,7 +149,7 @@ class _TVFn(torch.autograd.Function):
         zero = lam == 0 if ctx.zero_lam else None
         _warn_nondifferentiable(tie, _plateau(sigma, zero, need_x and need_lam), "gradient")
         seg = _segment_ids(sigma)
-        g = _segment_mean(grad_y, seg, _counts(seg, grad_y))
+        g = _segment_mean(grad_y, seg, _counts(seg, torch.empty(seg.shape, dtype=grad_y.dtype, device=grad_y.device)))
         # λ = 0: y = x, so ∂y/∂x = I, not the average over the segments of equal entries.
         grad_x = g if zero is None or not need_x else torch.where(zero, grad_y, g)
         # ∂y_i/∂λ = segment mean of t; the segment-mean operator is symmetric. At λ = 0 it
@@ -296,9 +296,9 @@ def tv_denoise(
         check_device("lam", lam, x)
     work = torch.float64
     xs = x.to(work).movedim(d, -1)
-    rows = xs.reshape(-1, n)
+    rows = xs.reshape(math.prod(batch), n)  # (not -1: jacfwd's tangents on an empty batch have a vmap dim of 0)
     if isinstance(lam, torch.Tensor):
-        lam_rows = lam.to(work).expand(batch).reshape(-1, 1)
+        lam_rows = lam.to(work).expand(batch).reshape(rows.shape[0], 1)
     else:
         lam_rows = torch.full((rows.shape[0], 1), float(lam), dtype=work, device=x.device)
     amax = rows.detach().abs().amax(1, keepdim=True)

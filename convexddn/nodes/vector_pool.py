@@ -289,7 +289,7 @@ def robust_vector_pool(
     if isinstance(alpha, torch.Tensor):
         check_device("alpha", alpha, x)
         try:
-            a = torch.broadcast_to(alpha, batch).reshape(-1) if batch else alpha.reshape(())
+            a = torch.broadcast_to(alpha, batch).reshape(math.prod(batch)) if batch else alpha.reshape(())
         except RuntimeError:
             raise ShapeError(f"alpha must broadcast to the batch shape {tuple(batch)} (the output "
                              f"without vector_dim), got shape {tuple(alpha.shape)}") from None
@@ -315,8 +315,9 @@ def robust_vector_pool(
     # Rows of N vectors, components contiguous: norms and products run along memory, and
     # in the same order whatever x's strides (a strided view's Gram products rounded
     # otherwise, and exact ties between data points, as trunc_quad's at alpha = 1, went
-    # to another of the tied minimisers: 2.9 apart).
-    x3 = x.permute(*others, *dims, vd).reshape(-1, N, C).to(work).contiguous()
+    # to another of the tied minimisers: 2.9 apart). Explicit sizes, not -1: under jacfwd on an empty
+    # batch the tangents' vmap dim is 0 too, and torch cannot infer -1 beside it.
+    x3 = x.permute(*others, *dims, vd).reshape(math.prod(batch), N, C).to(work).contiguous()
     # y(σx, σα) = σ y(x, α): solving in units of a power of two near α (exact) keeps the
     # squared distances and the α² of the penalties inside the dtype's range when data
     # and α are scaled together (at 1e-20 in float32, α² underflowed and Welsch returned

@@ -933,3 +933,17 @@ def test_a_rank_deficient_design_with_graded_rows_is_still_refused(dup):
         least_squares(Dr[:, None] * A, rand(6, seed=4))
     with pytest.raises(SolverError, match="rank deficient"):
         least_squares(A, rand(6, seed=4), Dr**2)
+
+
+def test_least_squares_jacrev_wrt_A_on_an_empty_batch_and_a_full_one():
+    """torch.func.jacrev w.r.t. A on an empty batch (0, 5, 2) raised torch's "Batching rule not
+    implemented for aten::baddbmm_" (the backward's in-place product under the vmap over
+    cotangents); plain torch gives an empty Jacobian (0, 2, 0, 5, 2). On a full batch the
+    Jacobian matches torch.linalg.lstsq's (normal equations, differentiated by autograd)."""
+    A0, b0 = torch.randn(0, 5, 2, dtype=D), torch.randn(0, 5, dtype=D)
+    assert torch.func.jacrev(lambda A: least_squares(A, b0))(A0).shape == (0, 2, 0, 5, 2)
+    g = torch.Generator().manual_seed(3)
+    A, b = torch.randn(3, 5, 2, dtype=D, generator=g), torch.randn(3, 5, dtype=D, generator=g)
+    J = torch.func.jacrev(lambda A: least_squares(A, b))(A)
+    ref = torch.autograd.functional.jacobian(lambda A: torch.linalg.solve(A.mT @ A, (A.mT @ b[..., None]))[..., 0], A)
+    torch.testing.assert_close(J, ref, rtol=1e-10, atol=1e-12)

@@ -717,3 +717,17 @@ def test_tv_tiny_row_beside_an_all_zero_row():
     alone = tv_denoise(x[None], lam[:1])
     both = tv_denoise(torch.stack([x, torch.zeros_like(x)]), lam)
     assert torch.equal(both[:1], alone) and torch.equal(both[1], torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("jac", [torch.func.jacfwd, torch.func.jacrev])
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0, 4)])
+def test_tv_jacobians_on_an_empty_batch(jac, shape):
+    """On an empty batch, torch.func.jacfwd raised torch's "cannot reshape tensor of 0 elements
+    into shape [0, -1, 4]" (rows reshaped with -1 beside the tangents' vmap dim of 0) and jacrev
+    "Batching rule not implemented for aten::clamp_" (the backward's segment counts built from
+    the vmapped cotangent). Plain torch gives an empty Jacobian, (*y.shape, *x.shape): so now
+    do x's and lam's."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert jac(lambda x: tv_denoise(x, 0.3))(x).shape == (*shape, *shape)
+    lam = torch.full(shape[:-1], 0.3, dtype=torch.float64)
+    assert jac(lambda lam: tv_denoise(x, lam))(lam).shape == (*shape, *shape[:-1])

@@ -1144,3 +1144,17 @@ def test_robust_vector_pool_nan_incoming_gradient_and_tangent_propagate(name, sh
     assert torch.isnan(xr.grad[0]).all() and torch.isnan(alpha.grad) and torch.isnan(tangent[0]).all()
     torch.testing.assert_close((xr.grad[1] * dx[1]).sum(), (fd[1] * gout[1]).sum(), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(tangent[1], fd[1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 3, 5)])
+def test_vector_pool_jacfwd_on_an_empty_batch(shape):
+    """torch.func.jacfwd on an empty batch raised torch's RuntimeError "cannot reshape tensor of
+    0 elements into shape [0, -1, 5, 3]" (the rows reshaped with -1 beside the tangents' vmap dim
+    of size 0). Plain torch gives an empty Jacobian of shape (*y.shape, *x.shape): so now do
+    x's and alpha's."""
+    x = torch.randn(*shape, dtype=D)
+    J = torch.func.jacfwd(lambda x: robust_vector_pool(x, "huber", 1.0))(x)
+    assert J.shape == (*shape[:-1], *shape)
+    alpha = torch.ones(shape[:-2], dtype=D)
+    Ja = torch.func.jacfwd(lambda a: robust_vector_pool(x, "huber", a))(alpha)
+    assert Ja.shape == (*shape[:-1], *shape[:-2])
