@@ -41,7 +41,8 @@ def equal_mass(values: Sequence[torch.Tensor]) -> None:
 
     C, a, b = values
     dtype = torch.promote_types(a.dtype, b.dtype)
-    sa, sb = a.to(torch.float64).sum(-1), b.to(torch.float64).sum(-1)
+    # (Detached: the check reads values; float() of a tensor that requires grad warned.)
+    sa, sb = a.detach().to(torch.float64).sum(-1), b.detach().to(torch.float64).sum(-1)
     rtol = max(_MASS_RTOL, 4 * torch.finfo(dtype).eps)
     bad = (sa - sb).abs() > rtol * torch.maximum(sa.abs(), sb.abs())
     if bool(bad.any()):

@@ -164,6 +164,28 @@ def test_ot_mass_check_tolerates_rounding_only():
         check([None, a64, torch.cat([b64[:3], b64[3:4] * (1 + 1e-4), b64[4:]])])
 
 
+@pytest.mark.parametrize("name, options", [("ot_lp", {}), ("ot_entropic", {"eps": 0.5})])
+def test_ot_unequal_mass_check_reads_no_tensor_that_requires_grad(name, options, monkeypatch):
+    """With marginals that require grad (a of mass 1, b of 1.5), the InputError came with
+    torch's own UserWarning "Converting a tensor with requires_grad=True to a scalar" (the
+    message read its masses with float() of tensors in the graph). torch warns of it once per
+    process, so the test catches the conversion itself."""
+    real = torch.Tensor.__float__
+
+    def strict(self):
+        assert not self.requires_grad, "float() of a tensor that requires grad"
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", strict)
+    C = torch.rand(2, 3, 3, dtype=F64)
+    a = torch.full((2, 3), 1 / 3, dtype=F64, requires_grad=True)
+    b = torch.full((2, 3), 0.5, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Converting a tensor")
+        with pytest.raises(InputError, match=r"equal mass.*2 of 2 batch element.*Σa = 1, Σb = 1\.5"):
+            cddn.layer(name, backend="cvxpy", m=3, n=3, **options)(C, a, b)
+
+
 def test_check_option_is_validated():
     spec = registry.build("ot_lp", m=2, n=2)
     with pytest.raises(OptionError, match=r"check must be a callable or None, got int"):
