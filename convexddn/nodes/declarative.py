@@ -29,6 +29,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .._autograd import may_carry_tangents, outside_compile
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
+from ._guarded_state import GuardedState
 from ._read_guard import watch
 from ._swap_guard import guarded, read_as
 from .declarative_probe import probe
@@ -47,7 +48,7 @@ __all__ = ["DeclarativeNode"]
 Tensor = torch.Tensor
 
 
-class DeclarativeNode(torch.nn.Module):
+class DeclarativeNode(GuardedState):
     """Base class for a node whose output is the solution of an optimization problem.
 
     .. math::
@@ -180,8 +181,8 @@ class DeclarativeNode(torch.nn.Module):
         its forward saw (under ``torch.func.functional_call``, the tensors passed there)
         and read as ``implicit_dtype`` casts (also while a forward checks the problem).
         Threads may share an instance: a swap runs alone (forwards in other threads wait
-        for it, it for theirs; a waiting swap goes first); code reading ``node.weight``
-        or ``state_dict()`` meanwhile sees the swapped tensors. Calls with grad mode on
+        for it, it for theirs; a waiting swap goes first; ``state_dict()``, loads, pickle, copies and
+        ``.to()`` wait for it too); ``node.weight`` read meanwhile is the swapped tensor. Calls with grad mode on
         and nothing requiring grad (nor a tangent) check the problem each time, a swap:
         wrap inference in ``torch.no_grad()`` to run them together. A ``solve`` that runs
         autograd on CUDA tensors must not share its node with threads backpropagating
