@@ -121,3 +121,24 @@ def normal_equations(A, b, w=None, ridge=0.0):
 def exact_solve():
     """``(solve, normal_equations)``: see :func:`_exact_solve` and :func:`normal_equations`."""
     return _exact_solve, normal_equations
+
+
+@contextlib.contextmanager
+def _default_device(device: str, how: str = "set"):
+    """torch's default device is ``device`` within: set by ``torch.set_default_device`` (as a
+    user's CUDA default; ``how="set"``) or by ``with torch.device(device)`` (``"context"``)."""
+    if how == "context":
+        with torch.device(device):
+            yield
+        return
+    torch.set_default_device(device)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.fixture
+def default_device():
+    """:func:`_default_device`: ``with default_device("meta"[, how]):`` (meta stands in for CUDA)."""
+    return _default_device

@@ -156,17 +156,14 @@ def test_a_forked_child_starts_with_an_empty_pool_and_a_free_lock():
     assert len(workspace._FREE) == 1  # the parent's pool is untouched
 
 
-def test_host_buffers_stay_on_the_cpu_under_another_default_device():
+def test_host_buffers_stay_on_the_cpu_under_another_default_device(default_device):
     """Under torch.set_default_device (meta here, as a CUDA default) a new CPU buffer was
     made on the default device: robust pooling of CPU rows then failed ("Attempting to
     copy from device cpu to device meta"). Closed form: Huber pooling with alpha above
     every residual is the mean."""
     x = torch.tensor([[0.0, 1.0, 5.0, -2.0], [3.0, 3.5, 2.0, 0.5]], dtype=torch.float64)
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         buf = workspace.take(100, torch.float64, CPU)
         y = robust_pool(x, "huber", alpha=100.0)
-    finally:
-        torch.set_default_device(None)
     assert buf.device == CPU
     assert torch.allclose(y, x.mean(-1), rtol=1e-12, atol=1e-12)

@@ -1365,7 +1365,7 @@ def _box_problem():
 
 @pytest.mark.parametrize("how", ["context", "default"])
 @pytest.mark.parametrize("cls", ["ConvexLayer", "CvxpyLayer"])
-def test_layer_builds_under_a_meta_default_device(how, cls):
+def test_layer_builds_under_a_meta_default_device(how, cls, default_device):
     """Built under torch.device("meta") (or torch.set_default_device, as a CUDA default
     device is set): the canonicalisation's host-side index maps followed the default
     device, then .numpy() raised torch's TypeError ("can't convert meta device type
@@ -1373,15 +1373,8 @@ def test_layer_builds_under_a_meta_default_device(how, cls):
     prob, x, u = _box_problem()
     make = (lambda: cddn.ConvexLayer(prob, [x], [u])) if cls == "ConvexLayer" else \
         (lambda: cddn.CvxpyLayer(prob, parameters=[x], variables=[u]))
-    if how == "context":
-        with torch.device("meta"):
-            layer = make()
-    else:
-        torch.set_default_device("meta")
-        try:
-            layer = make()
-        finally:
-            torch.set_default_device(None)
+    with default_device("meta", how):
+        layer = make()
     layer = layer.to_empty(device="cpu")
     X = torch.tensor([[1.0, -0.2, 0.3, -2.0], [0.1, 0.6, -0.7, 0.0]], dtype=torch.float64)
     out = layer(X)
@@ -1389,7 +1382,7 @@ def test_layer_builds_under_a_meta_default_device(how, cls):
     assert torch.allclose(out, X.clamp(-0.5, 0.5), atol=1e-7)
 
 
-def test_layer_solves_cpu_tensors_under_another_default_device():
+def test_layer_solves_cpu_tensors_under_another_default_device(default_device):
     """A call on CPU tensors while the default device is another (meta here, as a CUDA
     default): the coefficient maps' order check compared its CPU positions with an
     arange on the default device (torch's RuntimeError, "Tensor on device meta is not on
@@ -1397,11 +1390,8 @@ def test_layer_solves_cpu_tensors_under_another_default_device():
     prob, x, u = _box_problem()
     layer = cddn.ConvexLayer(prob, [x], [u])
     X = torch.tensor([[1.0, -0.2, 0.3, -2.0], [0.1, 0.6, -0.7, 0.0]], dtype=torch.float64, requires_grad=True)
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         out = layer(X)
         (grad,) = torch.autograd.grad(out.sum(), X)
-    finally:
-        torch.set_default_device(None)
     assert torch.allclose(out, X.detach().clamp(-0.5, 0.5), atol=1e-7)
     assert torch.allclose(grad, (X.detach().abs() < 0.5).double(), atol=1e-6)

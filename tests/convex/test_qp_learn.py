@@ -387,7 +387,7 @@ def test_qp_learned_A_or_b_needs_independent_rows(options, match):
 
 
 @pytest.mark.parametrize("how", ["context", "default"])
-def test_qp_learn_builds_under_a_meta_default_device(how):
+def test_qp_learn_builds_under_a_meta_default_device(how, default_device):
     """layer("qp", learn="Gh") under torch.device("meta") (or torch.set_default_device,
     as a CUDA default device is set): its learned blocks are parameters on that device,
     as nn.Linear's are, and to_empty + load_state_dict(assign=True) gives it values. The
@@ -395,15 +395,8 @@ def test_qp_learn_builds_under_a_meta_default_device(how):
     .numpy() refused them (torch's TypeError)."""
     def make():
         return cddn.layer("qp", n=3, n_ineq=1, learn="Gh", inputs="q")
-    if how == "context":
-        with torch.device("meta"):
-            layer = make()
-    else:
-        torch.set_default_device("meta")
-        try:
-            layer = make()
-        finally:
-            torch.set_default_device(None)
+    with default_device("meta", how):
+        layer = make()
     assert all(p.is_meta for p in layer.parameters())
     g, h = torch.tensor([1.0, -0.5, 2.0], dtype=F64), torch.tensor(0.3, dtype=F64)
     layer = layer.to_empty(device="cpu")

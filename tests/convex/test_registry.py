@@ -745,16 +745,12 @@ _SMALL = {"ot_entropic": {"m": 2, "n": 3}, "ot_lp": {"m": 2, "n": 3}, "qp": {"n"
 
 
 @pytest.mark.parametrize("name", registry.names())
-def test_cone_program_layers_build_under_a_meta_default_device(name):
+@pytest.mark.parametrize("how", ["context", "set"])
+def test_cone_program_layers_build_under_a_meta_default_device(name, how, default_device):
     """Every cone-program layer of the registry builds under torch.device("meta") and
     under torch.set_default_device("meta") (as under a CUDA default device): the
     canonicalisation's host-side index maps followed the default device, and .numpy()
     on them raised torch's TypeError ("can't convert meta device type tensor to numpy")."""
     options = _SMALL.get(name, {"n": 3})
-    with torch.device("meta"):
+    with default_device("meta", how):
         cddn.layer(name, backend="cvxpy", **options)
-    torch.set_default_device("meta")
-    try:
-        cddn.layer(name, backend="cvxpy", **options)
-    finally:
-        torch.set_default_device(None)

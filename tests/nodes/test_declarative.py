@@ -1120,18 +1120,15 @@ def test_declarative_reference_hook_names_not_methods(case):
             meta("P", (DeclarativeNode,), body)
 
 
-def test_node_runs_on_cpu_tensors_under_another_default_device():
+def test_node_runs_on_cpu_tensors_under_another_default_device(default_device):
     """Under torch.set_default_device (meta here, as a CUDA default) the first call's row
     probe made its host-side row indices on the default device and read them back
     (NotImplementedError, "Cannot copy out of meta tensor"). Closed form (weights 1):
     y = mean p, dy/dp_i = 1/n."""
     node = _WeightedMean(4)
     p = torch.tensor([[1.0, 2.0, 3.0, 10.0], [0.0, -1.0, 4.0, 1.0]], dtype=DT, requires_grad=True)
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         y = node(p)
         (gp,) = torch.autograd.grad(y.sum(), p)
-    finally:
-        torch.set_default_device(None)
     torch.testing.assert_close(y.detach().reshape(-1), p.detach().mean(-1), rtol=1e-12, atol=0)
     torch.testing.assert_close(gp, torch.full((2, 4), 0.25, dtype=DT), rtol=1e-12, atol=0)

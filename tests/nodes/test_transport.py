@@ -1029,6 +1029,19 @@ def _entropic_mp(C: list, a: list, b: list, start=None):
     s = mp.fsum(a)
     return [[s * mp.exp(f[i] + g[j]) * K[i][j] for j in range(n)] for i in range(m)], (f, g)
 
+def _balanced_two_clusters(g: torch.Generator, gap: float):
+    """``(C, a, b, V)``: a 4 × 4 cost of two clusters ``gap`` apart (entries in [0, ½) within
+    them), random marginals balanced between the clusters (each cluster's masses equal, so
+    the plan needs no cross-cluster mass), and a random cotangent ``V``, all from ``g``."""
+    C = 0.5 * torch.rand(4, 4, generator=g, dtype=F64)
+    C[:2, 2:] += gap
+    C[2:, :2] += gap
+    a = torch.rand(4, generator=g, dtype=F64) + 0.2
+    a = a / a.sum()
+    b = torch.rand(4, generator=g, dtype=F64) + 0.2
+    b = torch.cat([b[:2] / b[:2].sum() * a[:2].sum(), b[2:] / b[2:].sum() * a[2:].sum()])
+    return C, a, b, torch.randn(4, 4, generator=g, dtype=F64)
+
 
 def _two_cluster_reference(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, V: torch.Tensor, grad: bool = True):
     """(plan, λ_min of its Schur complement's leading block, d⟨V, P⟩/da or None), all
@@ -1094,14 +1107,7 @@ def test_marginal_gradient_is_polished_and_warns_beyond_the_promise(seed):
     # one: 2e-16 over λ_min is still beyond float64's promised 1e-8.
     g = _gen(100 + seed)
     gap = 24.0 + 4 * torch.rand((), generator=g, dtype=F64).item()
-    C = 0.5 * torch.rand(4, 4, generator=g, dtype=F64)
-    C[:2, 2:] += gap
-    C[2:, :2] += gap
-    a = torch.rand(4, generator=g, dtype=F64) + 0.2
-    a = a / a.sum()
-    b = torch.rand(4, generator=g, dtype=F64) + 0.2
-    b = torch.cat([b[:2] / b[:2].sum() * a[:2].sum(), b[2:] / b[2:].sum() * a[2:].sum()])
-    V = torch.randn(4, 4, generator=g, dtype=F64)
+    C, a, b, V = _balanced_two_clusters(g, gap)
     _, lam, _ = _two_cluster_reference(C, a, b, V, grad=False)
     a_req = a.clone().requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
@@ -1121,14 +1127,7 @@ def test_marginal_gradient_is_accurate_after_polishing(seed, gap, tol):
     # gradient is that of the exact plan: within 2e-8 of the 50-digit reference (what is
     # left is the returned plan's own error through Σa·P), and quiet.
     g = _gen(200 + seed)
-    C = 0.5 * torch.rand(4, 4, generator=g, dtype=F64)
-    C[:2, 2:] += gap
-    C[2:, :2] += gap
-    a = torch.rand(4, generator=g, dtype=F64) + 0.2
-    a = a / a.sum()
-    b = torch.rand(4, generator=g, dtype=F64) + 0.2
-    b = torch.cat([b[:2] / b[:2].sum() * a[:2].sum(), b[2:] / b[2:].sum() * a[2:].sum()])
-    V = torch.randn(4, 4, generator=g, dtype=F64)
+    C, a, b, V = _balanced_two_clusters(g, gap)
     _, lam, g_ref = _two_cluster_reference(C, a, b, V)
     a_req = a.clone().requires_grad_()
     with warnings.catch_warnings():
