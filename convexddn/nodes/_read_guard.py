@@ -67,14 +67,17 @@ def _watched(node: torch.nn.Module) -> list[Tensor]:
 
 
 class Reads(TorchFunctionMode):
-    """Records the tensors that torch functions receive within: ``seen``, their ids, and
-    ``outside``, those (by id) neither made within nor among ``given`` (the ids of the
-    call's own arguments)."""
+    """Records the tensors that torch functions receive within: ``seen``, and ``outside``,
+    those neither made within nor among ``given`` (the call's own arguments); each by id.
+
+    Every record holds its tensor, not just its id: a tensor freed within (a submodule's
+    attribute rebuilt at each call, ``weight_norm``'s ``weight``) gives its id to a later one,
+    which then matched it (a false in-place error in 4-11 of 200 backward calls)."""
 
     def __init__(self, given=()) -> None:
         super().__init__()
-        self.seen: set[int] = set()
-        self.made: set[int] = set(given)
+        self.seen: dict[int, Tensor] = {}
+        self.made: dict[int, Tensor] = {id(t): t for t in given}
         self.outside: dict[int, Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -85,13 +88,13 @@ class Reads(TorchFunctionMode):
             for t in (a,) if isinstance(a, Tensor) else a if isinstance(a, (list, tuple)) else ():
                 if isinstance(t, Tensor):
                     i = id(t)
-                    seen.add(i)
+                    seen[i] = t
                     if i not in made and i not in outside:
                         outside[i] = t
         out = func(*args, **(kwargs or {}))
         for o in (out,) if isinstance(out, Tensor) else out if isinstance(out, (list, tuple)) else ():
             if isinstance(o, Tensor):
-                made.add(id(o))
+                made[id(o)] = o
         return out
 
 
@@ -101,14 +104,15 @@ def _named_state(node: torch.nn.Module) -> list[tuple[str, Tensor]]:
 
 class ForwardVersions:
     """The version counters, at one forward of ``node``, of the tensors its problem may read
-    that autograd does not save (not those of ids ``saved``: autograd checks them itself).
+    that autograd does not save (not those of ``saved``: autograd checks them itself).
 
     ``state``: the parameters and buffers by name as the forward saw them (under
     ``functional_call``, the tensors passed there)."""
 
-    def __init__(self, node: torch.nn.Module, state: dict, saved: set[int]) -> None:
+    def __init__(self, node: torch.nn.Module, state: dict, saved) -> None:
         self.node = type(node).__name__
-        self.saved = saved
+        # (Each id-keyed record here holds its tensor, as in Reads: an id compared is never reused.)
+        self.saved: dict[int, Tensor] = {id(t): t for t in saved}
         self.entries: dict[int, tuple[str, Tensor, int]] = {}  # id: (what, the tensor, its version)
         self.by_name = {name: id(t) for name, t in state.items() if self.note(t, name)}
         self.attributes: list[tuple[torch.nn.Module, str, Tensor, str]] = []  # (module, key, tensor, what)
@@ -136,14 +140,16 @@ class ForwardVersions:
         read a tensor of this record changed in place since the forward. To be made within
         the backward's swaps: what the node's names hold then (the forward's tensors, their
         ``implicit_dtype`` casts) stands for the forward's tensor of that name."""
-        own = {id(t): self.by_name.get(name) for name, t in _named_state(node)}
-        alias = {i: j for i, j in own.items() if j is not None}
+        # (Tensors held beside their ids, as in Reads: a submodule may rebind an attribute within
+        # the call, ``weight_norm``'s ``weight``, freeing the one noted here, whose id came back.)
+        own = {id(t): (t, self.by_name.get(name)) for name, t in _named_state(node)}
+        alias = {i: j for i, (_, j) in own.items() if j is not None}
         # A plain attribute bound to another tensor since: the backward would read that one.
-        rebound = {id(now): what for module, key, t, what in self.attributes
+        rebound = {id(now): (what, now) for module, key, t, what in self.attributes
                    if (now := vars(module).get(key)) is not t and isinstance(now, Tensor)}
 
         def call(*args: Any) -> Any:
-            reads = Reads(id(a) for a in args)
+            reads = Reads(a for a in args if isinstance(a, Tensor))
             with reads:
                 out = fn(*args)
             changed = sorted({what for what, t, version in (self.entries[alias.get(i, i)] for i in reads.seen
@@ -155,7 +161,7 @@ class ForwardVersions:
                     "objective or constraints read) were modified in place between the forward and the backward; "
                     "the backward needs the values the forward solved with (modify them after backward, or out "
                     "of place)")
-            replaced = sorted({rebound[i] for i in reads.seen if i in rebound})
+            replaced = sorted({rebound[i][0] for i in reads.seen if i in rebound})
             if replaced:
                 raise InputError(
                     f"{self.node}: tensor attribute(s) {replaced} that the objective or constraints read were bound "

@@ -67,7 +67,7 @@ class DeclarativeFunction(torch.autograd.Function):
         # referenced: their version counters tell the backward whether one it reads was
         # changed in place since (it would differentiate the problem at the new value,
         # silently, or call the solution wrong).
-        ctx.versions = ForwardVersions(node, state, {id(t) for t in inputs[3:]})
+        ctx.versions = ForwardVersions(node, state, inputs[3:])
         record.append(ctx.versions)
 
     @staticmethod

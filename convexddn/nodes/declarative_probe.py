@@ -144,7 +144,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
             names = {id(t): n for n, t in sees}
             xg = tuple(plain(x).detach().to(dtype).requires_grad_(True) for x in xs)
             yg = y.detach().to(dtype).requires_grad_(True)
-            reads = Reads(map(id, (*xg, yg)))
+            reads = Reads((*xg, yg))
             with reads:
                 f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
                 cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)
