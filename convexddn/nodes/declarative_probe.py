@@ -152,11 +152,17 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
             rows = _check_rows(name, {"objective": f, **cons}, xg, yg)
-    tracked = frozenset(n for n, t in fixed.items() if id(t) in leaves)  # (through autograd)
+        tracked = frozenset(n for n, t in fixed.items() if id(t) in leaves)  # (through autograd)
+        read_ids = {id(state[n]) for n in tracked} | set(leaves)  # (and those closed over, not swapped)
+        # From the parameters as this guard saw them, not the node's now: past the guard another
+        # thread's probe may hold its stand-ins there, which require grad (a frozen parameter was
+        # named as requiring grad, unread: a false GradientWarning in 4 of 30 runs of 4 threads).
+        first: dict[int, tuple[str, Tensor]] = {}  # (each tied parameter once, by its first name)
+        for n, p in params.items():
+            first.setdefault(id(p), (n, p))
+        idle = [n for n, p in first.values() if p.requires_grad and id(p) not in read_ids]
     read = tracked | {names[i] for i in reads.seen if i in names}
     outside = [t for i, t in reads.outside.items() if i not in names and not t.is_inference()]
-    read_ids = {id(state[n]) for n in tracked} | set(leaves)  # (and those closed over, not swapped)
-    idle = [n for n, p in node.named_parameters() if p.requires_grad and id(p) not in read_ids]
     unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
     for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
                                                         "them only to start its iterations; ")):
