@@ -105,6 +105,31 @@ def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) ->
     return True
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    if a.device.type == "meta" or a.shape != b.shape:
+        return a.shape == b.shape
+    if not (a.is_floating_point() or a.is_complex()):
+        return torch.equal(a, b.to(a.device))
+    b = b.to(a.device)
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _check_kept(name: str, fixed: dict, state: dict, versions: dict) -> None:
+    """Raise where the problem wrote to a parameter or buffer (a stand-in's version counter
+    moved, or a buffer's copy no longer equals the buffer: native_batch_norm writes its running
+    statistics without moving the counter): the backward evaluates the problem again, several
+    times, each time writing again (a BatchNorm in train mode moves its running statistics once
+    per evaluation)."""
+    written = [n for n, t in fixed.items()
+               if t._version != versions[n] or (not t.requires_grad and not _same(t, state[n]))]
+    if written:
+        raise ProblemError(
+            f"{name}: the objective or constraints modified {written} in place (e.g. a BatchNorm in train mode "
+            "updates its running statistics): the backward evaluates them again, several times, each time changing "
+            "them again; they must not change the node's state: call such a submodule in eval mode (or with "
+            "track_running_stats=False), or update the state in solve")
+
+
 @outside_compile  # (it differentiates the objective several times: see outside_compile)
 def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str], bool, list[Tensor]]:
     """Probe ``node``'s problem at the inputs ``xs`` (flattened, ``(B, ...)``) and its
@@ -122,17 +147,22 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
     # forward only, not in its recomputation: CheckpointError on a node's first call).
     with guarded(node, swap=True), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         known = tuple(node.parameters())
-        # Every parameter and buffer stands in as a leaf that requires grad, so the graph
+        # Every floating parameter stands in as a leaf that requires grad, so the graph
         # tells which of them the problem reads: the backward checks those that do not
         # require grad then for in-place changes (a buffer solve only writes to, a cache,
         # may change) -- whether or not they require grad now: a parameter frozen after
         # this probe was not watched, and a backward used its new value, silently.
+        # Every buffer stands in as a copy (Reads tells which are read), not one that requires
+        # grad: a BatchNorm in train mode, which writes its running statistics, raised torch's
+        # raw "not differentiable with respect to argument 'running_mean'"; the copy takes the
+        # write, which raises below, and the node's own buffer is left as it was.
         # (Not a buffer that requires grad: the problem closes over it, an error below.)
         params = dict(node.named_parameters(remove_duplicate=False))
         state = {**params, **dict(node.named_buffers(remove_duplicate=False))}
         # (an inference tensor cannot require grad: a plain copy of it can)
-        fixed = {n: plain(t).detach().requires_grad_(True) for n, t in state.items()
-                 if t.is_floating_point() and (n in params or not t.requires_grad)}
+        fixed = {n: plain(t).detach().requires_grad_(True) if n in params else plain(t).detach().clone()
+                 for n, t in state.items() if (t.is_floating_point() and n in params) or not t.requires_grad}
+        versions = {n: t._version for n, t in fixed.items()}
         with torch.enable_grad(), _reparametrize_module(node, fixed), read_as(node, dtype):
             # Read also where a torch function receives one, differentiably or not: an
             # integer, bool or complex buffer (no gradient to tell), or a float one read
@@ -149,6 +179,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
                 f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
                 cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)
                         for m in ("equality_constraints", "inequality_constraints")}
+            _check_kept(name, fixed, state, versions)
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
             rows = _check_rows(name, {"objective": f, **cons}, xg, yg)

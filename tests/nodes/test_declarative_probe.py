@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import pytest
 import torch
 
 import convexddn.nodes.declarative_probe as dp
+from convexddn.errors import ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
 
 DT = torch.float64
@@ -61,3 +63,37 @@ def test_another_threads_probe_swapped_in_is_no_false_unread_parameter(monkeypat
         other.join(10.0)
     assert warned == []
     assert not node.w.requires_grad
+
+
+class _Normalised(DeclarativeNode):
+    """y = argmin_u ‖u − BatchNorm(x)‖² (no affine part): y = BatchNorm(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(4, affine=False).double()
+
+    def objective(self, x, y):
+        return ((y - self.bn(x)) ** 2).sum(-1)
+
+    def solve(self, x):
+        with torch.no_grad():
+            return self.bn(x)
+
+
+def test_an_objective_writing_a_buffer_is_refused_by_name():
+    """A BatchNorm in train mode in the objective writes its running statistics at each
+    evaluation (the backward evaluates several times): torch's raw RuntimeError "native_batch_norm
+    is not differentiable with respect to argument 'running_mean'" came from the probe's stand-in
+    that required grad. Now a ProblemError naming the buffers; the node's own are left as they were."""
+    node = _Normalised()
+    x = torch.randn(5, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with pytest.raises(ProblemError, match=r"modified \['bn\.running_mean', 'bn\.running_var', "
+                                           r"'bn\.num_batches_tracked'\] in place"):
+        node(x)
+    assert int(node.bn.num_batches_tracked) == 1  # (solve's own update only: not the probe's)
+    node = _Normalised()
+    node.bn.eval()  # (reads the running statistics, 0 and 1: y = x / √(1 + ε), closed form)
+    node(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((5, 4), (1 + 1e-5) ** -0.5, dtype=DT), rtol=1e-10, atol=0)
+    fresh = dict(torch.nn.BatchNorm1d(4, affine=False).double().named_buffers())
+    assert all(torch.equal(b, fresh[n.removeprefix("bn.")]) for n, b in node.named_buffers())
