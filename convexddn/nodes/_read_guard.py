@@ -70,14 +70,18 @@ class Reads(TorchFunctionMode):
     """Records the tensors that torch functions receive within: ``seen``, and ``outside``,
     those neither made within nor among ``given`` (the call's own arguments); each by id.
 
-    Every record holds its tensor, not just its id: a tensor freed within (a submodule's
-    attribute rebuilt at each call, ``weight_norm``'s ``weight``) gives its id to a later one,
-    which then matched it (a false in-place error in 4-11 of 200 backward calls)."""
+    An id stands for its tensor only while that lives: a tensor freed within (a submodule's
+    attribute rebuilt at each call, ``weight_norm``'s ``weight``) gave its id to a later one,
+    which then matched it (a false in-place error in 4-11 of 200 backward calls). ``seen`` and
+    ``made`` hold their tensors weakly (an entry leaves with its tensor: the evaluation's
+    intermediates are freed as without the guard); what they are compared with (the
+    forward's record, the node's own and rebound tensors) is held alive by its holder."""
 
     def __init__(self, given=()) -> None:
         super().__init__()
-        self.seen: dict[int, Tensor] = {}
-        self.made: dict[int, Tensor] = {id(t): t for t in given}
+        self.seen: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+        self.made: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary(
+            (id(t), t) for t in given)
         self.outside: dict[int, Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
