@@ -294,8 +294,9 @@ def _origin(name: str, options: dict[str, Any]) -> str:
     (:attr:`ConvexLayer.origin`): ``name='entmax', n=4, alpha=1.2``; options left at ``None``
     are omitted, a number is shown as a Python number, an array or tensor by its shape."""
     def shown(v: Any) -> str:
-        if isinstance(v, numbers.Real) and not isinstance(v, bool):  # (NumPy scalars as Python numbers)
-            return repr(int(v) if isinstance(v, numbers.Integral) else float(v))
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):  # (np.float32(1.2) as 1.2, not 1.2000000476837158)
+            return repr(int(v) if isinstance(v, numbers.Integral) else float(str(v) if isinstance(v, np.floating)
+                                                                              else v))
         if isinstance(v, torch.Tensor):
             return format_option(v)
         return f"array of shape {np.shape(v)}" if isinstance(v, (list, tuple, np.ndarray)) else repr(v)

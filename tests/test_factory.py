@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,6 +234,9 @@ def test_native_registry_layer_names_nonfinite_input_as_the_cone_layer(name, opt
 @pytest.mark.parametrize("name, options, shown", [
     ("entmax", {"n": 4, "alpha": 1.2}, "MaskedScoresLayer(name='entmax', n=4, alpha=1.2, parameters=[x(4,)]"),
     ("entmax", {"n": 4, "alpha": 1.8}, "MaskedScoresLayer(name='entmax', n=4, alpha=1.8, parameters=[x(4,)]"),
+    # NumPy scalars in their own precision's shortest digits (np.float32(1.2) showed 1.2000000476837158).
+    ("entmax", {"n": np.int64(4), "alpha": np.float32(1.2)},
+     "MaskedScoresLayer(name='entmax', n=4, alpha=1.2, parameters=[x(4,)]"),
     ("sparsemax", {"n": 4}, "MaskedScoresLayer(name='sparsemax', n=4, parameters=[x(4,)]"),
     ("tv1d", {"n": 4, "lam": 0.3}, "ConvexLayer(name='tv1d', n=4, lam=0.3, parameters=[x(4,)]"),
     ("robust_pool", {"n": 4, "penalty": "huber", "alpha": 0.3},
