@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from convexddn.errors import ConvexDDNWarning, DTypeError, GradientWarning, InputError, OptionError, ProblemError, ShapeError, SolverError
+from convexddn.errors import (ConvexDDNWarning, DTypeError, GradientWarning, InputError, OptionError, ProblemError,
+                              ShapeError, SolverError)
 from convexddn.nodes.declarative import DeclarativeNode
 from convexddn.nodes.linear_solvers import solve_kkt_cg, solve_kkt_dense
 

@@ -1029,18 +1029,19 @@ def _entropic_mp(C: list, a: list, b: list, start=None):
     s = mp.fsum(a)
     return [[s * mp.exp(f[i] + g[j]) * K[i][j] for j in range(n)] for i in range(m)], (f, g)
 
-def _balanced_two_clusters(g: torch.Generator, gap: float):
-    """``(C, a, b, V)``: a 4 × 4 cost of two clusters ``gap`` apart (entries in [0, ½) within
+def _balanced_two_clusters(g: torch.Generator, gap: float, m: int = 4):
+    """``(C, a, b, V)``: an m × m cost of two clusters ``gap`` apart (entries in [0, ½) within
     them), random marginals balanced between the clusters (each cluster's masses equal, so
     the plan needs no cross-cluster mass), and a random cotangent ``V``, all from ``g``."""
-    C = 0.5 * torch.rand(4, 4, generator=g, dtype=F64)
-    C[:2, 2:] += gap
-    C[2:, :2] += gap
-    a = torch.rand(4, generator=g, dtype=F64) + 0.2
+    h = m // 2
+    C = 0.5 * torch.rand(m, m, generator=g, dtype=F64)
+    C[:h, h:] += gap
+    C[h:, :h] += gap
+    a = torch.rand(m, generator=g, dtype=F64) + 0.2
     a = a / a.sum()
-    b = torch.rand(4, generator=g, dtype=F64) + 0.2
-    b = torch.cat([b[:2] / b[:2].sum() * a[:2].sum(), b[2:] / b[2:].sum() * a[2:].sum()])
-    return C, a, b, torch.randn(4, 4, generator=g, dtype=F64)
+    b = torch.rand(m, generator=g, dtype=F64) + 0.2
+    b = torch.cat([b[:h] / b[:h].sum() * a[:h].sum(), b[h:] / b[h:].sum() * a[h:].sum()])
+    return C, a, b, torch.randn(m, m, generator=g, dtype=F64)
 
 
 def _two_cluster_reference(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, V: torch.Tensor, grad: bool = True):
@@ -1145,14 +1146,7 @@ def test_float32_marginal_gradient_is_accurate_to_float32_or_warns(m, gap, seed)
     # silently. Polished, it is within 1e-7 of the 50-digit reference (at the float32
     # inputs) where quiet, and warns otherwise.
     g = _gen(1000 + seed + int(gap) * 10 + m)
-    C = 0.5 * torch.rand(m, m, generator=g, dtype=F64)
-    C[: m // 2, m // 2:] += gap
-    C[m // 2:, : m // 2] += gap
-    a = torch.rand(m, generator=g, dtype=F64) + 0.2
-    a = a / a.sum()
-    b = torch.rand(m, generator=g, dtype=F64) + 0.2
-    b = torch.cat([b[: m // 2] / b[: m // 2].sum() * a[: m // 2].sum(), b[m // 2:] / b[m // 2:].sum() * a[m // 2:].sum()])
-    V = torch.randn(m, m, generator=g, dtype=F64)
+    C, a, b, V = _balanced_two_clusters(g, gap, m)
     C, a, b = C.float(), a.float(), b.float()
     _, _, g_ref = _two_cluster_reference(C.double(), a.double(), b.double(), V)
     a_req = a.clone().requires_grad_()
