@@ -108,6 +108,8 @@ def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) ->
 def _same(a: Tensor, b: Tensor) -> bool:
     if a.device.type == "meta" or a.shape != b.shape:
         return a.shape == b.shape
+    if a.layout != torch.strided:  # (sparse: no elementwise comparison; a write moves the counter)
+        return True
     if not (a.is_floating_point() or a.is_complex()):
         return torch.equal(a, b.to(a.device))
     b = b.to(a.device)
@@ -160,7 +162,9 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
         params = dict(node.named_parameters(remove_duplicate=False))
         state = {**params, **dict(node.named_buffers(remove_duplicate=False))}
         # (an inference tensor cannot require grad: a plain copy of it can)
-        fixed = {n: plain(t).detach().requires_grad_(True) if n in params else plain(t).detach().clone()
+        # (an integer parameter, which cannot require grad, stands in as a copy, as a buffer)
+        fixed = {n: plain(t).detach().requires_grad_(True) if n in params and t.is_floating_point()
+                 else plain(t).detach().clone()
                  for n, t in state.items() if (t.is_floating_point() and n in params) or not t.requires_grad}
         versions = {n: t._version for n, t in fixed.items()}
         with torch.enable_grad(), _reparametrize_module(node, fixed), read_as(node, dtype):

@@ -97,3 +97,36 @@ def test_an_objective_writing_a_buffer_is_refused_by_name():
     torch.testing.assert_close(x.grad, torch.full((5, 4), (1 + 1e-5) ** -0.5, dtype=DT), rtol=1e-10, atol=0)
     fresh = dict(torch.nn.BatchNorm1d(4, affine=False).double().named_buffers())
     assert all(torch.equal(b, fresh[n.removeprefix("bn.")]) for n, b in node.named_buffers())
+
+
+class _Identity(DeclarativeNode):
+    """y = argmin_u ½‖A u − x‖² with A = I held as ``state`` (a buffer or a parameter of any
+    kind): y = x, dL/dx = 1 for L = Σ y."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        E = torch.eye(4, dtype=DT)
+        if kind == "int parameter":  # (an index table: torch allows it, requires_grad=False)
+            self.k = torch.nn.Parameter(torch.tensor([1, 2]), requires_grad=False)
+            self.register_buffer("A", E)
+        else:
+            self.register_buffer("A", E.to_sparse() if kind == "coo buffer" else E.to_sparse_csr())
+
+    def objective(self, x, y):
+        extra = 0.0 * self.k.sum() if hasattr(self, "k") else 0.0
+        return 0.5 * (((self.A @ y.T).T - x) ** 2).sum(-1) + extra
+
+    def solve(self, x):
+        return x.clone()
+
+
+@pytest.mark.parametrize("kind", ["int parameter", "coo buffer", "csr buffer"])
+def test_integer_parameters_and_sparse_buffers_stand_in_as_copies(kind):
+    """The probe's stand-ins (c164e9f) made an integer parameter require grad (torch's raw
+    "only Tensors of floating point dtype can require gradients") and compared sparse buffer
+    copies elementwise (raw NotImplementedError / RuntimeError). Closed form: y = x, dL/dx = 1."""
+    x = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = _Identity(kind)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, torch.ones_like(x), rtol=1e-12, atol=1e-12)
