@@ -12,7 +12,8 @@ from .._warn import warn
 from ..errors import GradientWarning, InputError
 from ._overflow import warn_gradient_overflow
 from ._sinkhorn import solve
-from ._sinkhorn_schur import lambda_min_lower, lambda_min_upper, polish, refine, schur_solve
+from ._sinkhorn_schur import (back_substitute, lambda_min_lower, lambda_min_upper, polish, refine, row_sums,
+                             schur_rhs, schur_solve)
 from ._sinkhorn_padding import Padding, fill_dead
 
 __all__ = ["ACCURACY", "SinkhornFn", "Box", "Polish", "dual_solve"]
@@ -95,7 +96,7 @@ class SinkhornFn(torch.autograd.Function):
             w = w + b_t.to(P.dtype)
         # (Padding: dead rows get r = 1 and u = 0, so dα = 0 there; dead columns are held
         # fixed with the last live one, as in the backward. P and Q are 0 on both.)
-        r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
+        r = row_sums(P, None if pad is None else pad.pad_r)
 
         def rhs(Pk, k):  # (u, w) at polished plans of elements k
             Qk = None if C_t is None else Pk * C_t.to(P.dtype).expand(P.shape)[k] / ctx.eps
@@ -133,7 +134,7 @@ class SinkhornFn(torch.autograd.Function):
         u, w = Q.sum(-1), Q.sum(-2)
         # (Padding: r = 1 on dead rows, whose P, Q rows are 0; μ = 0 on dead columns and
         # the last live one, which is held in place of the last.)
-        r = P.sum(-1) if pad is None else P.sum(-1).add_(pad.pad_r)
+        r = row_sums(P, None if pad is None else pad.pad_r)
         marginals = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         P0 = P
         lam, mu, P = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
@@ -204,7 +205,7 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
     (else P itself): the derivatives are the exact solution map's at the given cost. Where
     the ratio is still above that (λ_min below about 1e-8 in float64, where the polished
     error is ~1e-16 × √M) it warns. One host sync tells whether any rare case needs a look."""
-    rhs = torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
+    rhs = schur_rhs(P, r, u, w)
     keep: list | None = None if err is None else []
     mu, bad, y = schur_solve(P, r, rhs, fixed, probe=err is not None, keep=keep)
     ok = torch.isfinite(mu.sum()) & ~bad.any()
@@ -218,8 +219,8 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
             pad = None if fix.pad_r is None else fix.pad_r[k]
             Pk, ek = polish(P[k], fix.a[k], fix.b[k], pad, sub, keep[0][k])
             uk, wk = fix.rhs(Pk, k)
-            rk = Pk.sum(-1) if pad is None else Pk.sum(-1).add_(pad)
-            rhs_k = torch.baddbmm(wk.unsqueeze(-2), (uk / rk).unsqueeze(-2), Pk, alpha=-1).squeeze(-2)
+            rk = row_sums(Pk, pad)
+            rhs_k = schur_rhs(Pk, rk, uk, wk)
             mu_k = refine(Pk, rk, rhs_k, sub, keep[0][k])
             far = err[k] > 1e-3 * low[k]  # (refinement's contraction, ~2 err/λ_min, too slow there:
             if bool(far.any()):           # the polished plan's own factorisation)
@@ -251,8 +252,7 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
                 "unaffected)",
                 GradientWarning,
             )
-    lam = torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1)
-    return lam.squeeze(-2).div_(r), mu, P
+    return back_substitute(P, r, u, mu), mu, P
 
 
 def _warn_loose(what: str, at: torch.Tensor, err: torch.Tensor, low: torch.Tensor, y: torch.Tensor,

@@ -8,13 +8,29 @@ import math
 
 import torch
 
-__all__ = ["flush", "lambda_min_lower", "lambda_min_upper", "polish", "refine", "schur_solve"]
+__all__ = ["back_substitute", "flush", "lambda_min_lower", "lambda_min_upper", "polish", "refine", "row_sums",
+           "schur_rhs", "schur_solve"]
 
 
 def flush(P: torch.Tensor, below: float) -> torch.Tensor:
     """P with its entries below ``below`` set to 0 (their products would be denormal)."""
     # One reduction decides whether the masked copy is needed at all (rarely, at small ε).
     return P.masked_fill(P < below, 0.0) if float(P.amin()) < below else P
+
+
+def row_sums(P: torch.Tensor, pad_r: torch.Tensor | None) -> torch.Tensor:
+    """r = P1, with the padding's ``pad_r`` (1 on dead rows) added where given."""
+    return P.sum(-1) if pad_r is None else P.sum(-1).add_(pad_r)
+
+
+def schur_rhs(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w − Pᵀ(u/r): the Schur complement's right-hand side for K (λ, μ) = (u, w)."""
+    return torch.baddbmm(w.unsqueeze(-2), (u / r).unsqueeze(-2), P, alpha=-1).squeeze(-2)
+
+
+def back_substitute(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """λ = (u − Pμ)/r, K's first block row given μ."""
+    return torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1).squeeze(-2).div_(r)
 
 
 def schur_solve(
@@ -119,17 +135,17 @@ def polish(P: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pad_r: torch.Tenso
     best, err = P, _error(P, a, b)
     floor = P.shape[-2] ** 0.5 * torch.finfo(P.dtype).eps / 2
     for _ in range(steps):
-        rows = P.sum(-1) if pad_r is None else P.sum(-1).add_(pad_r)
+        rows = row_sums(P, pad_r)
         ra, rb = a - P.sum(-1), b - P.sum(-2)
-        rhs = torch.baddbmm(rb.unsqueeze(-2), (ra / rows).unsqueeze(-2), P, alpha=-1).squeeze(-2)
+        rhs = schur_rhs(P, rows, ra, rb)
         if L is None:
             db, bad, _ = schur_solve(P, rows, rhs, fixed)
         else:
             db, bad = _apply(L, rhs, fixed), torch.zeros_like(err, dtype=torch.bool)
-        da = torch.baddbmm(ra.unsqueeze(-2), db.unsqueeze(-2), P.transpose(-1, -2), alpha=-1).squeeze(-2) / rows
+        da = back_substitute(P, rows, ra, db)
         step = (da.unsqueeze(-1) + db.unsqueeze(-2)).clamp_(-1.0, 1.0).masked_fill_(bad[:, None, None], 0.0)
         P = P * step.exp_()
-        rows = P.sum(-1) if pad_r is None else P.sum(-1).add_(pad_r)
+        rows = row_sums(P, pad_r)
         P = P * (a / rows).unsqueeze(-1)  # (rows exact: 0 on dead ones)
         new = _error(P, a, b)
         if L is not None and bool(((new > 0.01 * err) & (err > floor)).any()):
