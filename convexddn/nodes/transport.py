@@ -227,12 +227,12 @@ def sinkhorn(
     # 1.7e5 became Inf there, silently).
     work = torch.float64
     C, a64, b64 = widened("sinkhorn", (("cost", cost, 2), ("a", a, 1), ("b", b, 1)))
+    # The marginals' derivatives are kept to the tightest accuracy promised among the
+    # inputs' dtypes (float64's where any input is float64).
+    accuracy = min(ACCURACY.get(t.dtype, ACCURACY[work]) for t in (cost, a, b) if t is not None)
     # A marginal's values are checked wherever it has entries; an empty one has none to
     # check (its reductions have no identity: aminmax raised a raw RuntimeError) and only
     # broadcasts to an empty batch, where nothing is solved.
-    # (the marginals' derivatives are kept to the accuracy promised for the narrowest
-    # dtype's gradient that is exact enough for all: the tightest of them)
-    accuracy = min(ACCURACY.get(t.dtype, ACCURACY[work]) for t in (cost, a, b) if t is not None)
     am = None if a is None or a.numel() == 0 else marginal_parts("a", a, a64)
     bm = None if b is None or b.numel() == 0 else marginal_parts("b", b, b64)
     shapes = [cost.shape[:-2]] + [v.shape[:-1] for v in (a, b) if v is not None]

@@ -1029,6 +1029,7 @@ def _entropic_mp(C: list, a: list, b: list, start=None):
     s = mp.fsum(a)
     return [[s * mp.exp(f[i] + g[j]) * K[i][j] for j in range(n)] for i in range(m)], (f, g)
 
+
 def _balanced_two_clusters(g: torch.Generator, gap: float, m: int = 4):
     """``(C, a, b, V)``: an m × m cost of two clusters ``gap`` apart (entries in [0, ½) within
     them), random marginals balanced between the clusters (each cluster's masses equal, so
