@@ -234,8 +234,7 @@ class DeclarativeNode(GuardedState):
         self.solution_tol = solution_tol
         self.implicit_dtype = implicit_dtype
         self.check_minimum = check_minimum
-        self._read_state: frozenset[str] | None = None  # state the problem reads; None: not probed yet
-        self._probed_names: frozenset[str] = frozenset()  # all of the state's names at the probe
+        self._probed_names: frozenset[str] | None = None  # all of the state's names at the probe; None: not yet
         self._ddn_initialised = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -333,11 +332,10 @@ class DeclarativeNode(GuardedState):
         rows' independence not yet checked and this batch has two rows or more (a first batch of
         0 or 1 has none to couple: a later batch of 5 coupled through y.mean(0) was accepted, its
         gradient 1.41 off), or a parameter or buffer added since (does the problem read it?)."""
-        return (self._read_state is None or (not self._rows_checked and rows >= 2)
-                or self._probed_names != frozenset(state))
+        return (not self._rows_checked and rows >= 2) or self._probed_names != frozenset(state)
 
     def _probe(self, xs: tuple[Tensor, ...], y: Tensor, record=()) -> None:
-        self._read_state, self._probed_names, rows, outside = probe(self, xs, y)
+        self._probed_names, rows, outside = probe(self, xs, y)
         self._rows_checked = self._rows_checked or rows
         watch(self, outside, record)  # (tensors from outside the node: each forward notes their versions)
 

@@ -133,15 +133,14 @@ def _check_kept(name: str, fixed: dict, state: dict, versions: dict) -> None:
 
 
 @outside_compile  # (it differentiates the objective several times: see outside_compile)
-def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], frozenset[str], bool, list[Tensor]]:
+def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool, list[Tensor]]:
     """Probe ``node``'s problem at the inputs ``xs`` (flattened, ``(B, ...)``) and its
     solution ``y``; warn where inputs or parameters that require grad are not read.
 
-    Returns ``(read, names, rows, outside)``: the names of the parameters and buffers the problem
-    reads (through autograd or any torch function), the names of all of them at the probe (one added
-    later is unknown to ``read``: the node probes again), whether the rows' independence was checked
-    (a batch of two rows or more), and the tensors from outside the node's parameters and buffers
-    that it reads (closed over, plain attributes: the in-place guard watches them)."""
+    Returns ``(names, rows, outside)``: the names of the parameters and buffers at the probe (one
+    added later: the node probes again), whether the rows' independence was checked (a batch of two
+    rows or more), and the tensors from outside the node's parameters and buffers that the problem
+    reads (closed over, plain attributes: the in-place guard watches them)."""
     name = type(node).__name__
     dtype = node.implicit_dtype
     # The probe's own graph is thrown away: its saved tensors bypass any hooks around
@@ -150,10 +149,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
     with guarded(node, swap=True), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
         known = tuple(node.parameters())
         # Every floating parameter stands in as a leaf that requires grad, so the graph
-        # tells which of them the problem reads: the backward checks those that do not
-        # require grad then for in-place changes (a buffer solve only writes to, a cache,
-        # may change) -- whether or not they require grad now: a parameter frozen after
-        # this probe was not watched, and a backward used its new value, silently.
+        # tells which of them the problem reads (one that requires grad, unread: warned below).
         # Every buffer stands in as a copy (Reads tells which are read), not one that requires
         # grad: a BatchNorm in train mode, which writes its running statistics, raised torch's
         # raw "not differentiable with respect to argument 'running_mean'"; the copy takes the
@@ -168,11 +164,8 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
                  for n, t in state.items() if (t.is_floating_point() and n in params) or not t.requires_grad}
         versions = {n: t._version for n, t in fixed.items()}
         with torch.enable_grad(), _reparametrize_module(node, fixed), read_as(node, dtype):
-            # Read also where a torch function receives one, differentiably or not: an
-            # integer, bool or complex buffer (no gradient to tell), or a float one read
-            # through .item() or as a mask, changed in place between forward and backward,
-            # was differentiated at its new value, silently. (By the names' tensors as the
-            # problem sees them: read_as's casts, the stand-ins, the rest.)
+            # The node's own tensors as the problem sees them (read_as's casts, the stand-ins, the
+            # rest): Reads' other tensors, not made within, are from outside the node.
             sees = [*node.named_parameters(remove_duplicate=False), *node.named_buffers(remove_duplicate=False),
                     *fixed.items(), *state.items()]
             names = {id(t): n for n, t in sees}
@@ -187,8 +180,8 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
             of_f, of_c = check_graph(name, f, cons, yg, allowed=xg + known + tuple(fixed.values()))
             leaves = {**of_f, **of_c}
             rows = _check_rows(name, {"objective": f, **cons}, xg, yg)
-        tracked = frozenset(n for n, t in fixed.items() if id(t) in leaves)  # (through autograd)
-        read_ids = {id(state[n]) for n in tracked} | set(leaves)  # (and those closed over, not swapped)
+        # (read through autograd: the stand-ins' own tensors, and those closed over, not swapped)
+        read_ids = {id(state[n]) for n, t in fixed.items() if id(t) in leaves} | set(leaves)
         # From the parameters as this guard saw them, not the node's now: past the guard another
         # thread's probe may hold its stand-ins there, which require grad (a frozen parameter was
         # named as requiring grad, unread: a false GradientWarning in 4 of 30 runs of 4 threads).
@@ -196,7 +189,6 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
         for n, p in params.items():
             first.setdefault(id(p), (n, p))
         idle = [n for n, p in first.values() if p.requires_grad and id(p) not in read_ids]
-    read = tracked | {names[i] for i in reads.seen if i in names}
     outside = [t for i, t in reads.outside.items() if i not in names and not t.is_inference()]
     unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
     for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
@@ -207,4 +199,4 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], froz
                 f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
                 "solve uses them as problem data, the objective or constraints must use them too (not "
                 ".item(), .detach() or numpy)", GradientWarning)
-    return read, frozenset(state), rows, outside
+    return frozenset(state), rows, outside
