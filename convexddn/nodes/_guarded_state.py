@@ -58,13 +58,16 @@ def _copying_whole(module: torch.nn.Module) -> Iterator[None]:
             held.discard(id(module))
 
 
-def _reading_all(module: torch.nn.Module, stack: contextlib.ExitStack) -> None:
+@contextlib.contextmanager
+def _reading_all(module: torch.nn.Module) -> Iterator[None]:
     """The guards' reading sides of ``module`` and of its guarded submodules (a nested node
     swaps its own tensors under its own guard), outermost first: the order in which the
     swaps take them (an outer swap runs the inner node's forward and backward)."""
-    for m in module.modules():
-        if isinstance(m, GuardedState):
-            stack.enter_context(guarded(m, swap=False))
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if isinstance(m, GuardedState):
+                stack.enter_context(guarded(m, swap=False))
+        yield
 
 
 def _clone(module: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> torch.nn.Module:
@@ -95,13 +98,11 @@ class GuardedState(torch.nn.Module):
     module's docstring)."""
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        with contextlib.ExitStack() as stack:
-            _reading_all(self, stack)
+        with _reading_all(self):
             return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        with contextlib.ExitStack() as stack:
-            _reading_all(self, stack)
+        with _reading_all(self):
             return super().load_state_dict(*args, **kwargs)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -109,13 +110,11 @@ class GuardedState(torch.nn.Module):
             super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, *args: Any, **kwargs: Any) -> Any:
-        with contextlib.ExitStack() as stack:
-            _reading_all(self, stack)
+        with _reading_all(self):
             return super()._apply(*args, **kwargs)
 
     def __getstate__(self) -> dict:
-        with contextlib.ExitStack() as stack:
-            _reading_all(self, stack)
+        with _reading_all(self):
             state = super().__getstate__()
             if id(self) not in getattr(_whole, "ids", ()):
                 # (the pickler reads it after the guard is let go: a snapshot, taken under it)
@@ -125,9 +124,7 @@ class GuardedState(torch.nn.Module):
     def _copy(self, deep: bool, memo: dict | None) -> GuardedState:
         """Python's own copy (``__reduce_ex__``'s state through ``__setstate__``), made whole
         under the guards: the live state, no snapshot (a shallow copy shares the dicts, as before)."""
-        with contextlib.ExitStack() as stack:
-            _reading_all(self, stack)
-            stack.enter_context(_copying_whole(self))
+        with _reading_all(self), _copying_whole(self):
             new = type(self).__new__(type(self))
             if deep:
                 memo[id(self)] = new  # (before the state: a submodule may refer back to this one)
