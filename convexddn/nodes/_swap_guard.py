@@ -66,9 +66,6 @@ class SwapGuard:
         # __dict__ itself, past DeclarativeNode.__getstate__: "cannot pickle '_thread.lock'").
         return (SwapGuard, ())
 
-    def __deepcopy__(self, memo: dict) -> SwapGuard:
-        return SwapGuard()
-
     def _own_reads(self) -> int:
         return getattr(self._mine, "reads", 0)
 
