@@ -31,9 +31,9 @@ from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._guarded_state import GuardedState
 from ._read_guard import watch
+from ._reference_hooks import warn_reference_hooks
 from ._swap_guard import guarded, read_as
 from .declarative_probe import probe
-from ._reference_hooks import warn_reference_hooks
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, y_by_keyword)
 from .implicit import declarative_vjp
