@@ -174,7 +174,7 @@ class DeclarativeNode(GuardedState):
     whose output would neither require grad nor carry a tangent), before any backward or
     jvp: one evaluation of the objective and constraints. The rows' independence needs
     two rows: where the first batch has 0 or 1, the checks run again at the first batch
-    of two or more.
+    of two or more. A copy (pickle, ``copy.deepcopy``) checks again at its first call.
 
     .. note::
         During the backward the node's parameters and buffers are swapped for the ones
@@ -202,8 +202,7 @@ class DeclarativeNode(GuardedState):
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", TPAMI 2021.
     """
 
-    # Whether the probe's row check ran: it needs a batch of two rows or more. (A class default: a
-    # node pickled before it existed checks its rows again.)
+    # Whether the probe's row check ran (needs two rows). A class default: a node pickled before it checks again.
     _rows_checked = False
 
     def __init__(
@@ -277,9 +276,12 @@ class DeclarativeNode(GuardedState):
     # ---- machinery ------------------------------------------------------------------
 
     def __getstate__(self) -> dict:  # (a lock does not pickle; nn.Module drops a compiled call)
-        state = super().__getstate__()
-        state.pop("_swap_guard", None)
-        return state
+        return {k: v for k, v in super().__getstate__().items() if k != "_swap_guard"}
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy probes again: the outside tensors the probe found are watched per node object, and may not be
+        # the copy's (deepcopy copies a list's). A closed-over w changed before backward gave 2.0 for 1.0, silently.
+        super().__setstate__({**state, "_probed_names": None})
 
     def _call(self, method: str, versions=None):
         """The user's ``method`` as ``fn(*xs, y)``, whatever its way of taking ``y``; checked

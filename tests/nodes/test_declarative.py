@@ -1133,3 +1133,54 @@ def test_node_runs_on_cpu_tensors_under_another_default_device(default_device):
         (gp,) = torch.autograd.grad(y.sum(), p)
     torch.testing.assert_close(y.detach().reshape(-1), p.detach().mean(-1), rtol=1e-12, atol=0)
     torch.testing.assert_close(gp, torch.full((2, 4), 0.25, dtype=DT), rtol=1e-12, atol=0)
+
+
+# Closed over by _Scaled (module level: a pickled node refers to it, not to a copy).
+_W = torch.tensor(1.0, dtype=DT)
+
+
+class _Scaled(DeclarativeNode):
+    """y = argmin ½‖u − w x‖² = w x, dy/dx = w: ``w`` closed over (the global ``_W``) or in a dict
+    attribute (a container: not a parameter, buffer or tensor attribute of the node)."""
+
+    def __init__(self, where, **kw):
+        super().__init__(**kw)
+        self.where = where
+        self.held = {"w": torch.tensor(1.0, dtype=DT)}
+
+    def _w(self):
+        return _W if self.where == "global" else self.held["w"]
+
+    def objective(self, x, y):
+        return 0.5 * ((y - self._w() * x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return self._w() * x
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+@pytest.mark.parametrize("where", ["global", "dict"])
+@pytest.mark.parametrize("check_solution", [True, False])
+def test_a_copy_after_the_first_call_guards_tensors_from_outside_the_node(how, where, check_solution):
+    """A node copied after its first call was not probed again, so the tensors from outside the
+    node that its objective reads (watched per node object) went unwatched in the copy: w changed
+    in place between the copy's forward and backward gave dL/dx = 2.0 (closed form at the forward's
+    w: 1.0), silently with check_solution=False, else a SolverError blaming solve. The copy now
+    raises as the original does, naming the tensor; a new forward differentiates at the new w."""
+    import copy
+    import pickle
+
+    _W.fill_(1.0)
+    node = _Scaled(where, check_solution=check_solution)
+    node(torch.ones(2, 1, dtype=DT, requires_grad=True)).sum().backward()
+    twin = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": lambda n: pickle.loads(pickle.dumps(n))}[how](node)
+    w = _W if where == "global" else twin.held["w"]
+    for m in (node, twin) if how == "copy" or where == "global" else (twin,):
+        x = torch.ones(2, 1, dtype=DT, requires_grad=True)
+        y = m(x)
+        w.mul_(2.0)
+        with pytest.raises(InputError, match=r"\['a tensor of shape \(\) from outside the node'\].*modified in place"):
+            y.sum().backward()
+    x = torch.ones(2, 1, dtype=DT, requires_grad=True)
+    twin(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((2, 1), float(w), dtype=DT), rtol=0, atol=1e-12)
