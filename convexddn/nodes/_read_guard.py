@@ -66,9 +66,24 @@ def _watched(node: torch.nn.Module) -> list[Tensor]:
         return [] if held is None else list(held.values())
 
 
+def _swapped(a: Any, consts: dict) -> Any:
+    """``a`` (a tensor, or a list or tuple of them) with the tensors of ``consts`` (id -> copy) replaced."""
+    if isinstance(a, Tensor):
+        return consts.get(id(a), a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(consts.get(id(t), t) if isinstance(t, Tensor) else t for t in a)
+    return a
+
+
 class Reads(TorchFunctionMode):
     """Records the tensors that torch functions receive within: ``seen``, and ``outside``,
     those neither made within nor among ``given`` (the call's own arguments); each by id.
+
+    An inference tensor from outside (made under ``torch.inference_mode()``, closed over: a
+    constant of the problem) is passed on as a plain copy: autograd refuses to save one (torch's
+    raw "Inference tensors cannot be saved for backward" at ``w * x``), and it has no version
+    counter for the guard to watch. The copy is ``consts``' (id -> the value the forward solved
+    with, :meth:`ForwardVersions.note`), else one made at its first read here.
 
     An id stands for its tensor only while that lives: a tensor freed within (a submodule's
     attribute rebuilt at each call, ``weight_norm``'s ``weight``) gave its id to a later one,
@@ -77,8 +92,9 @@ class Reads(TorchFunctionMode):
     intermediates are freed as without the guard); what they are compared with (the
     forward's record, the node's own and rebound tensors) is held alive by its holder."""
 
-    def __init__(self, given=()) -> None:
+    def __init__(self, given=(), consts=None) -> None:
         super().__init__()
+        self.consts: dict[int, Tensor] = dict(consts or {})
         self.seen: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self.made: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary(
             (id(t), t) for t in given)
@@ -87,7 +103,8 @@ class Reads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # (Tensors at the top level or in a list or tuple, as torch functions take them; not
         # torch's pytree: it cost as much as the rest of the backward's evaluations.)
-        seen, made, outside = self.seen, self.made, self.outside
+        seen, made, outside, consts = self.seen, self.made, self.outside, self.consts
+        swap = False
         for a in (*args, *kwargs.values()) if kwargs else args:
             for t in (a,) if isinstance(a, Tensor) else a if isinstance(a, (list, tuple)) else ():
                 if isinstance(t, Tensor):
@@ -95,6 +112,12 @@ class Reads(TorchFunctionMode):
                     seen[i] = t
                     if i not in made and i not in outside:
                         outside[i] = t
+                        if i not in consts and t.is_inference() and not torch.is_inference_mode_enabled():
+                            consts[i] = t.clone()  # (outside inference mode: a plain copy)
+                    swap = swap or i in consts
+        if swap:
+            args = tuple(_swapped(a, consts) for a in args)
+            kwargs = {k: _swapped(v, consts) for k, v in kwargs.items()} if kwargs else kwargs
         out = func(*args, **(kwargs or {}))
         for o in (out,) if isinstance(out, Tensor) else out if isinstance(out, (list, tuple)) else ():
             if isinstance(o, Tensor):
@@ -118,6 +141,8 @@ class ForwardVersions:
         # (Each id-keyed record here holds its tensor, as in Reads: an id compared is never reused.)
         self.saved: dict[int, Tensor] = {id(t): t for t in saved}
         self.entries: dict[int, tuple[str, Tensor, int]] = {}  # id: (what, the tensor, its version)
+        self.consts: dict[int, Tensor] = {}  # id of an inference tensor: a plain copy of its value now
+        self._held: list[Tensor] = []  # (those inference tensors, held: their ids stay theirs)
         self.by_name = {name: id(t) for name, t in state.items() if self.note(t, name)}
         self.attributes: list[tuple[torch.nn.Module, str, Tensor, str]] = []  # (module, key, tensor, what)
         if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference())
@@ -132,9 +157,14 @@ class ForwardVersions:
             self.note(t, _outside(t))
 
     def note(self, t: Any, what: str) -> bool:
-        """Note ``t``'s version now (not one autograd saves, nor an inference tensor: no
-        counter); whether it is noted."""
-        if not isinstance(t, Tensor) or id(t) in self.saved or t.is_inference():
+        """Note ``t``'s version now (not one autograd saves; of an inference tensor, which has no
+        counter, a plain copy of its value, which the backward reads instead); whether it is noted."""
+        if not isinstance(t, Tensor) or id(t) in self.saved:
+            return False
+        if t.is_inference():
+            if id(t) not in self.consts and not torch.is_inference_mode_enabled():
+                self.consts[id(t)] = t.clone()
+                self._held.append(t)
             return False
         self.entries.setdefault(id(t), (what, t, t._version))
         return True
@@ -153,7 +183,7 @@ class ForwardVersions:
                    if (now := vars(module).get(key)) is not t and isinstance(now, Tensor)}
 
         def call(*args: Any) -> Any:
-            reads = Reads(a for a in args if isinstance(a, Tensor))
+            reads = Reads((a for a in args if isinstance(a, Tensor)), self.consts)
             with reads:
                 out = fn(*args)
             changed = sorted({what for what, t, version in (self.entries[alias.get(i, i)] for i in reads.seen
@@ -173,7 +203,7 @@ class ForwardVersions:
                     "backward needs the values the forward solved with (register them as buffers, whose forward "
                     "values the backward swaps back in, or rebind them after backward)")
             new = [t for i, t in reads.outside.items()
-                   if i not in own and i not in self.entries and i not in self.saved and not t.is_inference()]
+                   if i not in own and i not in self.entries and i not in self.saved and i not in self.consts]
             if new:
                 watch(node, new)
             return out

@@ -321,13 +321,14 @@ class DeclarativeNode(GuardedState):
                                    **self._implicit_options(batch_shape, versions))
 
     @outside_compile
-    def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names):
+    def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names, versions):
         if self._probe_due(y.shape[0], state):  # (before the jvp, which assumes the rows apart)
-            self._probe(xs, y)
+            self._probe(xs, y, (versions,))
         leaves, state = parameter_leaves(params, state, names)
         with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
-            return declarative_jvp(self._call("objective"), tuple(xs), y, tuple(tangents), params=leaves,
-                                   param_tangents=tuple(param_tangents), **self._implicit_options(batch_shape))
+            return declarative_jvp(self._call("objective", versions), tuple(xs), y, tuple(tangents), params=leaves,
+                                   param_tangents=tuple(param_tangents),
+                                   **self._implicit_options(batch_shape, versions))
 
     def _probe_due(self, rows: int, state: dict) -> bool:
         """Whether the problem must be probed before it is differentiated: never probed yet, its
@@ -380,10 +381,9 @@ class DeclarativeNode(GuardedState):
                 indices=indices,
                 statuses=["non-finite solution"] * len(indices),
             )
-        # Probed wherever the call is differentiated: with grad mode on, and in forward mode
-        # under no_grad too (the jvp, as the backward, solves each row's problem on its own:
-        # a coupled objective's tangent was 0.87 off, silently; the jvp probes first where
-        # due). Also at every reverse-mode call where nothing requires grad.
+        # Probed wherever the call is differentiated: with grad mode on, and in forward mode under no_grad too (the
+        # jvp, as the backward, solves each row's problem on its own: a coupled objective's tangent was 0.87 off,
+        # silently; the jvp probes first where due). Also at every reverse-mode call where nothing requires grad.
         grad = torch.is_grad_enabled()
         tangent = may_carry_tangents() and forward_ad.unpack_dual(y).tangent is not None
         if (grad or tangent) and (self._probe_due(y.shape[0], state)

@@ -82,7 +82,8 @@ class DeclarativeFunction(torch.autograd.Function):
             return torch.zeros_like(y)
         refuse_batched(type(ctx.node).__name__, *ts)
         with torch.no_grad():
-            return ctx.node._jvp(tensors[:n], y, ts[:n], tensors[n:], ts[n:], ctx.batch_shape, ctx.state, ctx.names)
+            return ctx.node._jvp(tensors[:n], y, ts[:n], tensors[n:], ts[n:], ctx.batch_shape, ctx.state, ctx.names,
+                                 ctx.versions)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]

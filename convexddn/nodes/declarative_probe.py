@@ -189,7 +189,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool
         for n, p in params.items():
             first.setdefault(id(p), (n, p))
         idle = [n for n, p in first.values() if p.requires_grad and id(p) not in read_ids]
-    outside = [t for i, t in reads.outside.items() if i not in names and not t.is_inference()]
+    outside = [t for i, t in reads.outside.items() if i not in names]
     unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
     for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
                                                         "them only to start its iterations; ")):

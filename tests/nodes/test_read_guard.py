@@ -262,3 +262,38 @@ def test_weight_norm_in_the_objective_is_no_false_alarm():
         node, x = WN(), torch.randn(3, 4, dtype=DT, requires_grad=True)
         node(x).sum().backward()
         torch.testing.assert_close(x.grad, node.lin.weight.detach().sum(0).expand(3, 4), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_closed_over_inference_tensor_is_a_constant_at_its_forward_value(dtype):
+    """A tensor made under torch.inference_mode() and closed over, y = argmin ½‖u − w x‖² = w x:
+    the objective's w * x raised torch's raw "Inference tensors cannot be saved for backward" (plain
+    autograd refuses it too, where it would be saved). It is now read as a plain copy, a constant: the
+    value the forward solved with, even where it changed (under inference_mode) before the backward.
+    Closed form dy/dx = w (forward's w), in reverse mode on the first call and later, and forward mode."""
+    from torch.autograd import forward_ad
+
+    with torch.inference_mode():
+        w = torch.tensor([2.0], dtype=dtype)
+
+    class Scaled(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - w * x) ** 2).sum(-1)
+
+        def solve(self, x):
+            return w * x
+
+    node = Scaled()
+    for _ in range(2):  # (the first call probes; the second does not)
+        before = float(w)
+        x = torch.ones(2, 1, dtype=DT, requires_grad=True)
+        y = node(x)
+        with torch.inference_mode():
+            w.mul_(1.5)
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, torch.full((2, 1), before, dtype=DT), rtol=0, atol=1e-12)
+    for m in (Scaled(), node):
+        with forward_ad.dual_level():
+            y = m(forward_ad.make_dual(torch.ones(2, 1, dtype=DT), torch.ones(2, 1, dtype=DT)))
+            tangent = forward_ad.unpack_dual(y).tangent
+        torch.testing.assert_close(tangent, torch.full((2, 1), float(w), dtype=DT), rtol=0, atol=1e-12)
