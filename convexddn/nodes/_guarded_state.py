@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch.nn.utils.parametrize import is_parametrized
 
-from ._swap_guard import guarded
+from ..errors import ProblemError
+from ._swap_guard import guarded, swapped_here
 
 __all__ = ["GuardedState"]
 
@@ -92,6 +93,21 @@ def _own_dicts(state: dict, memo: dict[int, torch.nn.Module]) -> None:
         state["_modules"] = {name: None if m is None else _clone(m, memo) for name, m in state["_modules"].items()}
 
 
+def _refuse_mid_swap(module: torch.nn.Module, how: str) -> None:
+    """Raise where this thread swaps ``module``'s tensors (or those of a module it holds or is held by):
+    a deep copy made in the node's own objective or constraints (``copy.deepcopy(self)``) took the stand-ins
+    as its tensors, torch's raw "Only Tensors created explicitly by the user (graph leaves) support the
+    deepcopy protocol" for an ``implicit_dtype`` cast, else a copy cut off from the node's parameters."""
+    swapped = swapped_here(module)
+    if swapped is not None:
+        raise ProblemError(
+            f"{type(module).__name__} was {how} while {type(swapped).__name__}'s objective or constraints were "
+            "evaluated (copy.deepcopy(self) in the objective, say): its parameters and buffers are swapped then for "
+            "the tensors the implicit differentiation reads (implicit_dtype casts, stand-ins that require grad), "
+            "which the copy would take for its own, cut off from the node's parameters (no gradient would reach "
+            "them). Read the node's tensors directly (self.weight), or copy the node in solve or outside it")
+
+
 class GuardedState(torch.nn.Module):
     """A module whose ``state_dict``, ``load_state_dict``, ``_apply``, pickle, ``copy`` and
     ``deepcopy`` exclude a swap of its tensors under :func:`~._swap_guard.guarded` (see the
@@ -117,6 +133,7 @@ class GuardedState(torch.nn.Module):
         with _reading_all(self):
             state = super().__getstate__()
             if id(self) not in getattr(_whole, "ids", ()):
+                _refuse_mid_swap(self, "pickled")
                 # (the pickler reads it after the guard is let go: a snapshot, taken under it)
                 _own_dicts(state, {id(self): self})
             return state
@@ -124,6 +141,8 @@ class GuardedState(torch.nn.Module):
     def _copy(self, deep: bool, memo: dict | None) -> GuardedState:
         """Python's own copy (``__reduce_ex__``'s state through ``__setstate__``), made whole
         under the guards: the live state, no snapshot (a shallow copy shares the dicts, as before)."""
+        if deep:  # (a shallow copy shares the dicts: it reads what the node reads, the stand-ins too)
+            _refuse_mid_swap(self, "deep-copied")
         with _reading_all(self), _copying_whole(self):
             new = type(self).__new__(type(self))
             if deep:

@@ -27,7 +27,11 @@ from collections.abc import Iterator
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["SwapGuard", "guarded", "read_as"]
+__all__ = ["SwapGuard", "guarded", "read_as", "swapped_here"]
+
+# The modules this thread swaps now (innermost last): a copy of one of them made meanwhile, in its own
+# objective, would take the stand-ins for its tensors (see swapped_here).
+_here = threading.local()
 
 # A module's own tensors, per submodule: (module, its _parameters, its _buffers).
 _Tensors = list[tuple[torch.nn.Module, dict, dict]]
@@ -111,9 +115,12 @@ class SwapGuard:
                 # (noted before the writer: a child forked in between finds them)
                 self._own = None if module is None else _tensors_of(module)
                 self._writer, self._depth = me, 1
+        held = _here.__dict__.setdefault("modules", [])
+        held.append(module)
         try:
             yield
         finally:
+            held.pop()
             with self._cond:
                 self._depth -= 1
                 if not self._depth:
@@ -143,6 +150,16 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def swapped_here(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module this thread swaps now that ``module`` is, holds or is held by (``None`` if none)."""
+    inside = getattr(_here, "modules", ())
+    if not inside:
+        return None
+    mine = {id(m) for m in module.modules()}
+    return next((m for m in inside if m is not None and (id(m) in mine or any(s is module for s in m.modules()))),
+                None)
 
 
 def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextManager:

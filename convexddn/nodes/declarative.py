@@ -157,11 +157,11 @@ class DeclarativeNode(GuardedState):
             tensor attribute or view, or one from outside the node that an earlier call
             read) was modified in place after the forward (it needs the forward's values).
         ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not call
-            ``super().__init__()``, ``solve`` modified an input or a parameter in place, the objective
-            or constraints wrote to the node's state, the objective does not depend on ``y``, a row of
-            the objective or a constraint reads another batch row (first call with two rows or more),
-            or (in backward) an active constraint's Jacobian is NaN or Inf, or a term's backward cannot
-            be differentiated. (A method of the DDN reference's API that would be ignored, such as
+            ``super().__init__()``, ``solve`` modified an input or a parameter in place, the objective or
+            constraints wrote to the node's state or deep-copied or pickled the node, the objective does not
+            depend on ``y``, a row of the objective or a constraint reads another batch row (first call with two
+            rows or more), or (in backward) an active constraint's Jacobian is NaN or Inf, or a term's backward
+            cannot be differentiated. (A method of the DDN reference's API that would be ignored, such as
             ``linear_constraint_parameters`` or ``gradient``, is a ``ConvexDDNWarning`` at the class's
             definition: see the guide "Migrating from the DDN reference".)
         NonFiniteError: an input contains NaN or Inf.

@@ -18,6 +18,7 @@ import threading
 import pytest
 import torch
 
+from convexddn.errors import ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
 
 WAIT = 5.0  # seconds; reached only where the code under test is broken
@@ -173,3 +174,48 @@ def test_a_pickled_node_keeps_a_submodule_it_shares_within_itself_shared():
     got = _roundtrip_pickle(node)
     assert got.again is got.inner and got.inner.c is got.again.c
     assert copy.deepcopy(node).again.c.dtype == torch.float32
+
+
+class _CopiesItself(DeclarativeNode):
+    """½ (y − w x)²: y = w x, dy/dx = w; its objective copies (or pickles) the node itself where
+    ``how`` says so (the user's bug), else in ``solve`` (fine: nothing is swapped there)."""
+
+    def __init__(self, how, dtype) -> None:
+        super().__init__()
+        self.how = how
+        self.w = torch.nn.Parameter(torch.tensor(2.0, dtype=dtype))
+
+    def _twin(self):
+        return {"deepcopy": copy.deepcopy, "copy": copy.copy,
+                "pickle": lambda m: pickle.loads(pickle.dumps(m))}[self.how.split("_")[0]](self)
+
+    def objective(self, x, y):
+        w = self._twin().w if self.how.endswith("_objective") else self.w
+        return 0.5 * ((y - w * x) ** 2).sum(-1)
+
+    def solve(self, x):
+        w = self._twin().w if self.how.endswith("_solve") else self.w
+        return w.to(x.dtype) * x
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_copying_the_node_in_its_own_objective_is_a_problem_error(how, dtype):
+    """copy.deepcopy(self) in the objective copied the swapped-in tensors: torch's raw "Only Tensors
+    created explicitly by the user (graph leaves) support the deepcopy protocol" for a float32
+    parameter's float64 cast, or (float64) an InputError blaming a tensor that requires grad. Now a
+    ProblemError names the copy; a shallow copy there (it shares the node's dicts: it reads the same
+    tensors), a copy in solve, and one after the call, work (dy/dx = w = 2)."""
+    x = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    nodes = [_CopiesItself(f"{how}_solve", dtype)]
+    if how == "copy":
+        nodes.append(_CopiesItself(f"{how}_objective", dtype))
+    else:
+        with pytest.raises(ProblemError, match=r"_CopiesItself was (deep-copied|pickled) while _CopiesItself's obj"):
+            _CopiesItself(f"{how}_objective", dtype)(x)
+    for node in nodes:
+        x.grad = None
+        node(x).sum().backward()
+        torch.testing.assert_close(x.grad, torch.full((2, 1), 2.0, dtype=torch.float64), rtol=0, atol=1e-12)
+    twin = copy.deepcopy(node)
+    assert type(twin.w) is torch.nn.Parameter and twin.w.dtype == dtype
