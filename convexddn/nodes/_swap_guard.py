@@ -27,6 +27,8 @@ from collections.abc import Iterator
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ._held_estimates import held_estimates
+
 __all__ = ["SwapGuard", "guarded", "read_as", "swapped_here"]
 
 # The modules this thread swaps now (innermost last): a copy of one of them made meanwhile, in its own
@@ -173,8 +175,9 @@ def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextMa
 
 @contextlib.contextmanager
 def read_as(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Within: ``module``'s floating parameters and buffers read as ``dtype`` (differentiably;
-    a swap, to be held under :func:`guarded` with ``swap=True``)."""
+    """Within: ``module`` as its problem's evaluations read it: its floating parameters and buffers
+    read as ``dtype`` (differentiably), and its spectral norms' estimates held
+    (:func:`~._held_estimates.held_estimates`); a swap, to be held under :func:`guarded` with ``swap=True``."""
     with torch.enable_grad():  # the casts must carry gradients back to parameters
         casts = {
             name: t.to(dtype)
@@ -182,8 +185,5 @@ def read_as(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
                             *module.named_buffers(remove_duplicate=False)]
             if t.is_floating_point() and t.dtype != dtype
         }
-    if not casts:
-        yield
-        return
-    with _reparametrize_module(module, casts):
+    with held_estimates(module), (_reparametrize_module(module, casts) if casts else contextlib.nullcontext()):
         yield
