@@ -13,16 +13,16 @@ at ``x = [0.9, 0.3, 0.5, 0.7]`` where the closed form ``(e₀ − y₀)/Σx`` is
 :func:`warn_reference_hooks` warns where such a class is defined. It warns rather than
 refuses: a method of one of these names may as well be the user's own helper that their
 ``solve`` calls (a gradient-descent step named ``gradient``), which is fine; renaming it
-silences the warning. Only methods count (plain functions, static and class methods, the
-class's own or its bases', not the library's): a data attribute, a property or a metaclass
-method of such a name is no hook of the reference's.
+silences the warning. Only methods count (plain functions, static, class and partial methods,
+any attribute the class hands out as a callable; the class's own or its bases', not the
+library's): a data attribute, a property or a metaclass method of such a name is no hook of
+the reference's.
 
 :data:`REFERENCE_HOOKS` is the one table of those names: the check reads it and the
 migration guide (``docs/migrating-from-ddn.md``) prints it, so the two cannot differ.
 """
 from __future__ import annotations
 
-import types
 import warnings
 
 import torch
@@ -67,7 +67,20 @@ def _plain(text: str) -> str:
     return text.replace("`", "")
 
 
-_METHODS = (types.FunctionType, staticmethod, classmethod)
+def _is_method(attr: object, owner: type) -> bool:
+    """Whether the class attribute ``attr`` (of ``owner``'s own ``__dict__``) is a method: what the class
+    hands out for it is callable (a function; a static, class or partial method, ``partialmethod``,
+    ``singledispatchmethod``, any descriptor that gives a callable, or a callable object), and it is not a
+    data descriptor (a property: an instance reads its value, whatever ``property`` itself is). Only
+    functions, static and class methods counted: a ``partialmethod`` named ``gradient`` was not warned."""
+    kind = type(attr)
+    if hasattr(kind, "__set__") or hasattr(kind, "__delete__"):
+        return False
+    try:
+        got = kind.__get__(attr, None, owner) if hasattr(kind, "__get__") else attr
+    except Exception:  # (a descriptor that needs an instance: not a method the class hands out)
+        return False
+    return callable(got)
 
 
 def _owner(cls: type, name: str) -> type | None:
@@ -93,7 +106,7 @@ def _hook_methods(cls: type, root: type) -> dict[str, type]:
         if any(base is not root and issubclass(base, root) and _owner(base, name) is owner
                for base in cls.__mro__[1:]):
             continue  # (warned at that base's definition)
-        if isinstance(vars(owner)[name], _METHODS):
+        if _is_method(vars(owner)[name], owner):
             found[name] = owner
     return found
 

@@ -6,6 +6,7 @@ closed forms written out here.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -1037,11 +1038,14 @@ def test_declarative_reference_lineq_port_matches_closed_form():
     ("eq_constraints", r"equality_constraints\(self, \*xs, y\)"),
     ("ineq_constraints", r"inequality_constraints\(self, \*xs, y\)"),
 ])
-@pytest.mark.parametrize("kind", [lambda f: f, staticmethod, classmethod])
+@pytest.mark.parametrize("kind", [lambda f: f, staticmethod, classmethod, functools.partialmethod,
+                                  functools.singledispatchmethod, lambda f: functools.partial(f, None)])
 def test_declarative_reference_hooks_warns(hook, advice, kind):
     """A reference node's analytic gradient() (ddn/pytorch/sample_nodes.py) or jacobian() kept in
     a port was never called, silently; ddn/basic's constraint()/eq_constraints()/ineq_constraints()
-    were ignored like linear_constraint_parameters. Warned at definition, naming what to write."""
+    were ignored like linear_constraint_parameters. Warned at definition, naming what to write
+    (also a partialmethod, singledispatchmethod or functools.partial: only plain functions, static
+    and class methods were)."""
     def ignored(*args, **kwargs):
         raise AssertionError("never called")
 
@@ -1101,7 +1105,7 @@ def test_declarative_reference_hook_name_as_own_helper():
     torch.testing.assert_close(g, torch.full((1, 4), 0.25, dtype=DT), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["data", "mixin_data", "property", "metaclass"])
+@pytest.mark.parametrize("case", ["data", "mixin_data", "property", "cached_property", "static_data", "metaclass"])
 def test_declarative_reference_hook_names_not_methods(case):
     """The check (getattr(cls, name) is not None) refused any attribute of a hook's name: a data
     attribute constraint = "simplex", a mixin's gradient = 0.0, a property jacobian, a
@@ -1116,6 +1120,10 @@ def test_declarative_reference_hook_names_not_methods(case):
             type("P", (type("Stats", (), {"gradient": 0.0}), DeclarativeNode), body)
         elif case == "property":
             type("P", (DeclarativeNode,), {"jacobian": property(lambda self: None), **body})
+        elif case == "cached_property":
+            type("P", (DeclarativeNode,), {"jacobian": functools.cached_property(lambda self: None), **body})
+        elif case == "static_data":
+            type("P", (DeclarativeNode,), {"gradient": staticmethod(0.0), **body})
         else:
             meta = type("Meta", (type(DeclarativeNode),), {"constraint": lambda cls: 0})
             meta("P", (DeclarativeNode,), body)
