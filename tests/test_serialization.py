@@ -375,13 +375,13 @@ def test_parametrized_declarative_node_deepcopies_after_a_call():
         averaged = AveragedModel(node)
     for m in (clone, averaged.module):
         fresh = m.__dict__["_swap_guard"]
-        assert isinstance(fresh, SwapGuard) and fresh is not guard and fresh._readers == 0
+        assert isinstance(fresh, SwapGuard) and fresh is not guard and not fresh._readers
         y = m(x)
         torch.testing.assert_close(y, expected, rtol=1e-12, atol=0)
         y.sum().backward()
         assert torch.isfinite(m.parametrizations.logw.original.grad).all()
     for other in (copy.copy(guard), pickle.loads(pickle.dumps(guard))):
-        assert isinstance(other, SwapGuard) and other is not guard and other._readers == 0
+        assert isinstance(other, SwapGuard) and other is not guard and not other._readers
 
 
 @pytest.mark.parametrize("make, name", [

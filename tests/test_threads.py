@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import re
 import threading
 import time
 import warnings
@@ -467,6 +468,91 @@ def test_swap_guard_waiting_swap_goes_before_new_forwards():
     for t in (a, w, r):
         t.join(5)
     assert order == ["swap", "read"]
+
+
+class _ReadsOther(DeclarativeNode):
+    """½ (y − w x)², y = w x, dy/dx = w = 2; its objective reads another node's state_dict()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(2.0, dtype=F64))
+        self.other: list = []  # (a list: the other node is no submodule)
+        self.meet: threading.Barrier | None = None
+
+    def objective(self, x, y):
+        meet, self.meet = self.meet, None
+        if meet is not None:  # (the first call's check, in both threads at once, each holding its swap)
+            meet.wait(WAIT)
+        self.other[0].state_dict()
+        return 0.5 * ((y - self.w * x) ** 2).sum(-1)
+
+    def solve(self, x):
+        return self.w.detach() * x
+
+
+def test_two_nodes_reading_each_others_state_in_two_threads_do_not_deadlock():
+    """Two nodes whose objectives read each other's state_dict(), run forward+backward in two
+    threads: each held its own swap (the first call's check) and waited for the other's, for ever.
+    Now the thread that closes the cycle of waits raises a ProblemError saying so, and the other
+    finishes (dy/dx = w = 2). Threads are daemons joined with a timeout: the test never hangs."""
+    a, b = type("NodeA", (_ReadsOther,), {})(), type("NodeB", (_ReadsOther,), {})()
+    a.other, b.other = [b], [a]
+    a.meet = b.meet = threading.Barrier(2)
+    out: dict = {}
+
+    def run(key, node):
+        try:
+            x = torch.ones(2, 1, dtype=F64, requires_grad=True)
+            node(x).sum().backward()
+            out[key] = x.grad.flatten().tolist()
+        except Exception as err:  # noqa: BLE001 (reported below)
+            out[key] = err
+
+    threads = [threading.Thread(target=run, args=(k, n), daemon=True) for k, n in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * WAIT)
+    assert not any(t.is_alive() for t in threads), "deadlocked"
+    errors = [v for v in out.values() if isinstance(v, Exception)]
+    assert len(errors) == 1 and isinstance(errors[0], cddn.errors.ProblemError), out
+    assert re.search(r"Node[AB]: this thread would wait for ever to read Node[AB]'s tensors: the thread that "
+                     r"holds them waits for Node[AB], which this thread holds", str(errors[0]))
+    assert [v for v in out.values() if not isinstance(v, Exception)] == [[2.0, 2.0]]
+    for node in (a, b):  # (each node's own parameter, back in place)
+        assert type(node.w) is torch.nn.Parameter and node.w.dtype == F64
+
+
+def test_swap_guard_cycle_of_three_waits_raises_in_one_thread():
+    """Three guards, each swapped by one thread that then reads the next one's: the third wait
+    closes the cycle and raises; the other two go on once its holds end."""
+    from convexddn.nodes._swap_guard import SwapGuard
+
+    guards = [SwapGuard() for _ in range(3)]
+    for i, guard in enumerate(guards):
+        guard.name = f"G{i}"
+    holding = threading.Barrier(3)
+    out: dict = {}
+
+    def run(i):
+        try:
+            with guards[i].swapping():
+                holding.wait(WAIT)
+                time.sleep(0.05 * i)  # (the waits begin in order: thread 2 closes the cycle)
+                with guards[(i + 1) % 3].reading():
+                    out[i] = "ok"
+        except cddn.errors.ProblemError as err:
+            out[i] = str(err)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * WAIT)
+    assert not any(t.is_alive() for t in threads), "deadlocked"
+    assert out[0] == out[1] == "ok"
+    assert out[2].startswith("G0: this thread would wait for ever to read G0's tensors: the thread that holds them "
+                             "waits for G1 -> G2, which this thread holds")
 
 
 # ------------------------------------------------------------------ after the main thread

@@ -15,6 +15,12 @@ that forked: the holds of the others, and a swap under way in another thread, wo
 end there (the child's forward waited for ever, and its module held the backward's float64
 casts in place of its parameters). After a fork the child lets them go and puts the
 module's own tensors back.
+
+A wait that would never end raises a ``ProblemError`` (:meth:`SwapGuard._await`): two nodes
+whose objectives read each other's ``state_dict()``, run in two threads, each held its own swap
+and waited for the other's. Every guard keeps its bookkeeping under one lock, so a thread about
+to wait sees who holds what and who waits for what at one moment, and follows the waits from
+the holders it waits for: back to itself is a cycle, which only its wait could close.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ..errors import ProblemError
 from ._held_estimates import held_estimates
 
 __all__ = ["SwapGuard", "guarded", "read_as", "swapped_here"]
@@ -52,47 +59,98 @@ def _put_back(tensors: _Tensors) -> None:
             m._buffers[name] = t
 
 
-class SwapGuard:
-    """Shared ``reading()`` (forwards) and exclusive ``swapping()`` of one module's tensors."""
+# One lock for every guard's bookkeeping (each guard waits on a Condition of its own over it): a
+# thread about to wait then sees, at once, what each thread holds and waits for (see _cycle).
+_LOCK = threading.Lock()
+# Each waiting thread's ident -> (the guard it waits for, its wait's blockers: threads, from the state now).
+_WAITS: dict[int, tuple[SwapGuard, Callable[[], set[int]]]] = {}
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
+
+def _cycle(me: int, holders: set[int]) -> list[str] | None:
+    """The guards' names along a cycle of waits back to thread ``me`` (blocked by ``holders``):
+    each thread of it waits for one that waits, in turn, ..., for ``me``; ``None`` if none. Under
+    ``_LOCK``: the holds and waits seen are those of one moment."""
+    path: dict[int, list[str]] = {t: [] for t in holders}
+    todo = list(holders)
+    while todo:
+        t = todo.pop()
+        if t == me:
+            return path[t]
+        wait = _WAITS.get(t)
+        if wait is not None:
+            for u in wait[1]():
+                if u not in path:
+                    path[u] = [*path[t], wait[0].name]
+                    todo.append(u)
+    return None
+
+
+class SwapGuard:
+    """Shared ``reading()`` (forwards) and exclusive ``swapping()`` of one module's tensors
+    (``name``: the module's class, for messages).
+
+    A wait that would never end raises a ``ProblemError`` instead: where the threads that hold
+    what this thread waits for wait, in turn, for what it holds (two nodes whose objectives read
+    each other's ``state_dict()``, run in two threads: each held its own swap and waited for the
+    other's, for ever). The thread that closes the cycle raises; its holds end as the error
+    unwinds, and the others go on."""
+
+    def __init__(self, name: str = "module") -> None:
+        self.name = name
+        self._cond = threading.Condition(_LOCK)
+        self._readers: dict[int, int] = {}  # thread -> its reads under way
         self._writer: int | None = None  # the thread swapping now
         self._depth = 0  # its nested swaps
-        self._waiting = 0  # swaps waiting: new forwards let them go first (no starvation)
-        self._mine = threading.local()  # this thread's reads under way
+        self._waiting: set[int] = set()  # threads waiting to swap: new forwards let them go first (no starvation)
         self._own: _Tensors | None = None  # the module's tensors before the swap under way
         _GUARDS.add(self)
 
     def __reduce__(self) -> tuple:
         # Any copy (pickle, copy.copy, deepcopy) is a new, free guard: a copied module owns
         # new tensors, which no read or swap of the original's is under way on, and a lock
-        # and a thread-local do not copy (torch's parametrize deep-copies a module's
-        # __dict__ itself, past DeclarativeNode.__getstate__: "cannot pickle '_thread.lock'").
-        return (SwapGuard, ())
+        # does not copy (torch's parametrize deep-copies a module's __dict__ itself, past
+        # DeclarativeNode.__getstate__: "cannot pickle '_thread.lock'").
+        return (SwapGuard, (self.name,))
 
-    def _own_reads(self) -> int:
-        return getattr(self._mine, "reads", 0)
+    def _await(self, me: int, blockers: Callable[[], set[int]], what: str) -> None:
+        """Wait (``_LOCK`` held) until ``blockers()`` is empty; raise where the wait would never end."""
+        while holders := blockers():
+            cycle = _cycle(me, holders)
+            if cycle is not None:
+                raise ProblemError(
+                    f"{self.name}: this thread would wait for ever to {what} {self.name}'s tensors: the thread that "
+                    f"holds them waits for {' -> '.join(cycle)}, which this thread holds (its swap: in its "
+                    "objective, constraints or backward, or its forward). Two nodes whose objectives read "
+                    "each other's state (state_dict(), a copy, a call), run in two threads, wait for each other so; "
+                    "read the other node's tensors before the call (pass them as inputs), or run the two in one thread")
+            _WAITS[me] = (self, blockers)
+            try:
+                self._cond.wait()
+            finally:
+                del _WAITS[me]
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
         me = threading.get_ident()
-        with self._cond:
+
+        def blockers() -> set[int]:
             # (a thread that holds a read goes on: a swap waiting for it waits for it to end)
             # A swap waiting goes first: a backward behind a stream of forwards waited
             # 4.6 s with 4 threads of 10 ms forwards before.
-            while (self._writer not in (None, me) or (self._waiting and self._writer != me)) \
-                    and not self._own_reads():
-                self._cond.wait()
-            self._readers += 1
-        self._mine.reads = self._own_reads() + 1
+            if self._readers.get(me) or self._writer == me:
+                return set()
+            return {self._writer} if self._writer is not None else set(self._waiting)
+
+        with self._cond:
+            self._await(me, blockers, "read")
+            self._readers[me] = self._readers.get(me, 0) + 1
         try:
             yield
         finally:
-            self._mine.reads -= 1
             with self._cond:
-                self._readers -= 1
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -107,13 +165,19 @@ class SwapGuard:
                 # A thread that holds a read (a swap inside its own forward) waits only for
                 # a swap under way: waiting for the reads would wait for itself, and two
                 # such threads for each other.
-                own = self._own_reads()
-                self._waiting += 1
+                own = bool(self._readers.get(me))
+
+                def blockers() -> set[int]:
+                    if self._writer is not None:
+                        return {self._writer}
+                    return set() if own else set(self._readers)
+
+                self._waiting.add(me)
                 try:
-                    while self._writer is not None or (self._readers and not own):
-                        self._cond.wait()
+                    self._await(me, blockers, "swap")
                 finally:
-                    self._waiting -= 1
+                    self._waiting.discard(me)
+                    self._cond.notify_all()  # (forwards that let this swap go first)
                 # (noted before the writer: a child forked in between finds them)
                 self._own = None if module is None else _tensors_of(module)
                 self._writer, self._depth = me, 1
@@ -132,10 +196,11 @@ class SwapGuard:
     def _after_fork_in_child(self) -> None:
         """In a forked child only the forking thread lives: the other threads' reads and
         waits end, and a swap of another thread is undone (its tensors put back). The
-        lock is new: another thread may have held it at the fork."""
+        lock is new (:func:`_after_fork_in_child`): another thread may have held it at the fork."""
         me = threading.get_ident()
-        self._cond = threading.Condition(threading.Lock())
-        self._readers, self._waiting = self._own_reads(), 0
+        self._cond = threading.Condition(_LOCK)
+        self._readers = {me: self._readers[me]} if self._readers.get(me) else {}
+        self._waiting = set()
         if self._writer not in (None, me):
             if self._own is not None:
                 _put_back(self._own)
@@ -146,6 +211,9 @@ _GUARDS: weakref.WeakSet[SwapGuard] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()
+    _WAITS.clear()
     for guard in list(_GUARDS):
         guard._after_fork_in_child()
 
@@ -169,7 +237,8 @@ def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextMa
     ``_swap_guard``), exclusively with ``swap``; nothing while torch.compile traces."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    guard = module.__dict__.get("_swap_guard") or module.__dict__.setdefault("_swap_guard", SwapGuard())
+    guard = module.__dict__.get("_swap_guard") or module.__dict__.setdefault("_swap_guard",
+                                                                             SwapGuard(type(module).__name__))
     return guard.swapping(module) if swap else guard.reading()
 
 

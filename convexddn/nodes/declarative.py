@@ -180,14 +180,14 @@ class DeclarativeNode(GuardedState):
         During the backward the node's parameters and buffers are swapped for the ones
         its forward saw (under ``torch.func.functional_call``, the tensors passed there)
         and read as ``implicit_dtype`` casts (also while a forward checks the problem).
-        Threads may share an instance: a swap runs alone (forwards in other threads wait
-        for it, it for theirs; a waiting swap goes first; ``state_dict()``, loads, pickle, copies and
-        ``.to()`` wait for it too); ``node.weight`` read meanwhile is the swapped tensor. Calls with grad mode on
-        and nothing requiring grad (nor a tangent) check the problem each time, a swap:
-        wrap inference in ``torch.no_grad()`` to run them together. A ``solve`` that runs
-        autograd on CUDA tensors must not share its node with threads backpropagating
-        through it (their backward, on the device's autograd thread, waits for that forward).
-        ``nn.DataParallel``'s replicas are not supported.
+        Threads may share an instance: a swap runs alone (forwards in other threads wait for it, it for theirs; a
+        waiting swap goes first; ``state_dict()``, loads, pickle, copies and ``.to()`` wait for it too); ``node.weight``
+        read meanwhile is the swapped tensor. A wait that would never end (two nodes whose objectives read each
+        other's ``state_dict()``, in two threads) raises a ``ProblemError`` in the thread that closes the cycle.
+        Calls with grad mode on and nothing requiring grad (nor a tangent) check the problem each time, a swap:
+        wrap inference in ``torch.no_grad()`` to run them together. A ``solve`` that runs autograd on CUDA tensors
+        must not share its node with threads backpropagating through it (their backward, on the device's autograd
+        thread, waits for that forward). ``nn.DataParallel``'s replicas are not supported.
 
     Examples::
 
