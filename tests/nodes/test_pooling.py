@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from convexddn.nodes.pooling import kernels
+from convexddn.nodes.pooling.backward import pool_backward
 from convexddn.errors import (
     NonconvexError,
     ConvexDDNWarning,
@@ -1178,8 +1179,8 @@ def test_pool_backward_rows_whose_weights_underflow():
     x = torch.tensor([[-1e200, 1e200], [-3e200, 3e200]], dtype=torch.float64)
     y = torch.zeros(2, dtype=torch.float64)
     gy = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    gx, _, ok, all_ok, _ = kernels.pool_backward(pen, x, y, torch.tensor(1.0, dtype=torch.float64), gy,
-                                                 True, False, False)
+    gx, _, ok, all_ok, _, _ = pool_backward(pen, x, y, torch.tensor(1.0, dtype=torch.float64), gy,
+                                            True, False, False)
     assert all_ok and bool(ok.all())
     expected = torch.tensor([[0.5, 0.5], [1.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(gx, expected, rtol=1e-12, atol=0)
@@ -1814,6 +1815,75 @@ def test_pseudo_huber_alpha_gradient_float32_with_residuals_well_inside_alpha(al
     ref = _pseudo_huber_alpha_grad_f64(x, y64, alpha)
     assert (got.sign() == ref.sign()).all()
     assert float(((got - ref).abs() / ref.abs()).median()) < 1e-5
+
+
+def _fd_gradients(x: torch.Tensor, penalty: str, alpha: float, h: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy/dx (R, N), dy/dalpha (R,))`` of each row by central differences of float64
+    solves (``x`` float64, near 0: the tolerance there is ~1e-14 alpha), one column of
+    every row at a time (the rows are independent)."""
+    def f(xs, al):
+        return robust_pool(xs, penalty, torch.tensor(al, dtype=F64))
+    gx = torch.empty_like(x)
+    for j in range(x.shape[1]):
+        e = torch.zeros_like(x)
+        e[:, j] = h
+        gx[:, j] = (f(x + e, alpha) - f(x - e, alpha)) / (2 * h)
+    return gx, (f(x, alpha + h) - f(x, alpha - h)) / (2 * h)
+
+
+@pytest.mark.parametrize("dtype, offset", [(torch.float32, 1000.0), (F64, 2.0 ** 37)])
+@pytest.mark.parametrize("penalty", ["pseudo_huber", "welsch", "huber"])
+def test_gradients_far_from_zero_in_units_of_alpha(penalty, dtype, offset):
+    """Data at 1000 + 0.01 randn in float32, alpha 0.003 (|y| / alpha ~ 3e5): y is known
+    to its rounding only, up to 0.16 alpha here, and the weights phi''(y - x_i) were taken
+    at that y: dy/dx off by 0.16 (pseudo-Huber) and 0.3 (Welsch), dy/dalpha by 0.14 and
+    1.2, Huber's inlier sets wrong (an entry off by 1/|S|), without a warning. The same
+    in float64 at 2^37 (rounding 1e-2 alpha). Reference: central differences of float64
+    solves of the same data less the offset (exact: y(x + t) = y(x) + t)."""
+    g = torch.Generator().manual_seed(3)
+    x = (offset + 0.01 * torch.randn(32, 64, generator=g, dtype=F64)).to(dtype)
+    a = torch.full((32,), 0.003, dtype=dtype, requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        gx, ga = torch.autograd.grad(robust_pool(xg, penalty, a).sum(), (xg, a))
+    ref_x, ref_a = _fd_gradients(x.double() - offset, penalty, 0.003, 1e-7)
+    # Float32 gradients formed in float64 at the refined residuals: their rounding, and
+    # the differences' (~1e-7 here), not y's 0.16 alpha.
+    assert float((gx.double() - ref_x).abs().max()) < 1e-5
+    assert float((ga.double() - ref_a).abs().max()) < 1e-5 * max(1.0, float(ref_a.abs().max()))
+
+
+@pytest.mark.parametrize("alpha", [1e-4, 3e-4])
+def test_gradient_between_float32_neighbours_by_symmetry(alpha):
+    """Four consecutive float32 values at 1e4 (ulp 9.8e-4, 3 to 10 alpha): the minimiser
+    lies midway (symmetry), half an ulp from either float32 y. The weights at y gave one
+    point 0.95-0.998 of the gradient and dy/dalpha 0.92-0.99; by symmetry dy/dalpha is 0
+    and the middle pair share alike (Table 1's weights at the midpoint, in float64), to
+    float32's resolution of this flat minimum (the gradient's rounding over the curvature,
+    ~6e-5 alpha at alpha 1e-4), as for the same floats near 0."""
+    ulp = 2.0 ** -10
+    x = (1e4 + ulp * torch.arange(4, dtype=F64)).float().reshape(1, 4).requires_grad_(True)
+    a = torch.tensor(alpha, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        gx, ga = torch.autograd.grad(robust_pool(x, "pseudo_huber", a).sum(), (x, a))
+    z = torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=F64) * ulp / alpha
+    w = (1 + z * z) ** -1.5
+    torch.testing.assert_close(gx.double().reshape(-1), w / w.sum(), rtol=1e-4, atol=1e-6)
+    assert abs(float(ga)) < 1e-4
+
+
+def test_gradient_warns_where_y_is_too_coarse_to_refine():
+    """The same four floats with alpha 3e-5: the midpoint is 16 alpha from y, where the
+    curvature is that one point's. The weights there gave that point the whole gradient
+    (0.9999) without a word; Newton steps from y (at most alpha / 2 each, 16 of them) do
+    not reach the midpoint: a GradientWarning says so."""
+    ulp = 2.0 ** -10
+    x = (1e4 + ulp * torch.arange(4, dtype=F64)).float().reshape(1, 4).requires_grad_(True)
+    a = torch.tensor(3e-5, requires_grad=True)
+    with pytest.warns(GradientWarning, match=r"y's rounding exceeds .* for 1 of 1 row\(s\)"):
+        robust_pool(x, "pseudo_huber", a).sum().backward()
 
 
 def test_robust_pool_under_jacfwd_jacrev_or_batched_cotangents_gets_a_problem_error():

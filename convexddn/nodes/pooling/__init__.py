@@ -2,7 +2,10 @@
 
 - :mod:`.penalties`: :class:`Penalty` and the five built-in penalties, each owning its
   maths, its CVXPY form (convex ones) and its solver hook;
-- :mod:`.kernels`: fused Newton/IRLS steps and the backward, derived from the penalties;
+- :mod:`.kernels`: row blocks, scratch buffers and the solvers' fused row sums;
+- :mod:`.backward`: the closed-form backward (Table 1) over the same blocks;
+- :mod:`.rounding`: the rounding model (u's grid, the sums' noise) and the backward's
+  refinement of rows whose y is coarse against alpha;
 - :mod:`.solvers`: iteration drivers (safeguarded Newton, Welsch);
 - :mod:`.trunc_quad`: the exact truncated-quadratic minimiser (sorted rows, candidate runs);
 - :mod:`.node`: the autograd Function, :func:`robust_pool` and :class:`RobustPool`.

@@ -1,6 +1,6 @@
 """The autograd Function of :func:`convexddn.nodes.pooling.node.robust_pool`: the solve
 (:meth:`Penalty.solve <convexddn.nodes.pooling.penalties.Penalty.solve>`), the closed-form
-backward of Gould et al. Table 1 (:func:`~.kernels.pool_backward`) and its forward-mode
+backward of Gould et al. Table 1 (:func:`~.backward.pool_backward`) and its forward-mode
 twin."""
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from ..._autograd import bind_fast, refuse_batched, save_plain
 from ..._first_order import first_order, first_order_jvp
 from ..._warn import warn
 from ...errors import GradientWarning
-from .kernels import pool_backward
+from .backward import pool_backward
 from .penalties import Quadratic
+from .rounding import _GRADIENT_GRID
 
 __all__ = ["RobustPoolFunction"]
 
@@ -94,12 +95,21 @@ class RobustPoolFunction(torch.autograd.Function):
 
 
 def _weights(ctx, x, alpha, y, grad_y, need_x: bool, need_alpha: bool):
-    """:func:`~.kernels.pool_backward`'s ``(grad_x, grad_alpha per row)`` at ``grad_y``,
+    """:func:`~.backward.pool_backward`'s ``(grad_x, grad_alpha per row)`` at ``grad_y``,
     with the warnings for rows whose gradient does not exist (set to zero)."""
     rows = x.shape[0]
     a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-    gx, ga, ok, all_ok, alpha_lost = pool_backward(ctx.penalty, x, y, a, grad_y, need_x, need_alpha,
-                                                   ctx.use_compile)
+    gx, ga, ok, all_ok, alpha_lost, coarse = pool_backward(ctx.penalty, x, y, a, grad_y, need_x, need_alpha,
+                                                           ctx.use_compile)
+    if coarse:
+        warn(
+            f"robust_pool(penalty={ctx.penalty.name!r}): y's rounding exceeds {_GRADIENT_GRID:.2g} alpha "
+            f"for {coarse} of {rows} row(s) (|y| / alpha too large for {x.dtype}), and Newton steps "
+            f"from y did not reach the minimiser's residuals (a curvature sum <= 0, or y too far "
+            f"off); their gradient is taken where the steps stopped, and may be off by about that "
+            f"point's distance to the minimiser over alpha",
+            GradientWarning,
+        )
     if alpha_lost:
         warn(
             f"robust_pool(penalty={ctx.penalty.name!r}): the sum of d2phi_dalpha(y - x_i) is not "

@@ -32,18 +32,9 @@ from torch import Tensor
 from ..._step_graphs import StepGraphs, capture_wanted
 from .kernels import Scratch, block_ranges, row_sums
 from .penalties import SPREAD_DIVISOR, Penalty
+from .rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE
 from .rows import Result, Rows
 
-_NOISE = 4.0
-# The rounding of a float sum of terms d1 (torch's cascade sums) is a random walk, ~eps ||d1||_2,
-# only for terms of random sizes: on rows of a few repeated values its errors add up
-# (measured in float32, the largest of 20 trials: N(0, 1) rows 2.4 eps ||d1||_2 = 0.06
-# eps sum |d1|; 2048 entries of 5 integers 8.3 eps ||d1||_2; 32768 zeros and 32768 ones
-# 2.2 eps sum |d1| = 550 eps ||d1||_2). Bounded by _SUM_NOISE eps sum |d1|, sum |d1| by
-# sqrt(n) ||d1||_2: with 4 eps ||d1||_2 a pseudo-Huber row of 32768 zeros and 32768 ones
-# (alpha 0.003) stopped on rounding 1.9e-3 from its minimiser 0.5, 3800 times the tolerance,
-# without a warning.
-_SUM_NOISE = 2.5
 # Rounding of u itself, in eps·|u|, that the stop always allows (see stop_tolerance).
 _OFFSET_ROUNDING = 64.0
 # The predicted error (see _predicted_error) is trusted only after a step of at most
@@ -53,14 +44,6 @@ _OFFSET_ROUNDING = 64.0
 # to 10, float32 and float64): rows beyond 1.2 tol in 1 of 240 cases with alpha, none
 # with alpha / 4, for 1-2 % more entries read.
 _MODEL_SPAN = 0.25
-# A Newton step |g| / h (or a gradient's noise over h) measures the distance to the root
-# only where the curvature holds along it: each term's phi'' varies on the scale alpha
-# (pseudo-Huber's keeps 72 % of its value over alpha / 2), so a step or a noise bound up
-# to _LOCAL_SPAN * alpha is trusted, a longer one is not. Far out on a penalty's tails h
-# collapses (pseudo-Huber's ~ alpha^3 / |z|^3): from a data point at 999.37 with alpha
-# 1e-4 (float32), g = -alpha and h = 1 claimed a root within 5e-4 where it was at 999.67.
-# A penalty may know better (Penalty.newton_span: pseudo-Huber's far rows, Huber).
-_LOCAL_SPAN = 0.5
 
 
 # Keep every row in the loop where no graphs are captured too (the tests set it to run the

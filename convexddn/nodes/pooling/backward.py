@@ -1,0 +1,196 @@
+"""The closed-form backward of robust pooling (Gould et al. Table 1) by row blocks:
+:func:`pool_backward`, with its careful float64 path for rare rows (weights that
+underflow or overflow, entries near the end of the float range) and the refinement of
+rows whose y is coarse against alpha (:mod:`.rounding`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .kernels import Scratch, block_ranges, clamp_saturated, row_scale, sub_into
+from .penalties import SPREAD_DIVISOR, Penalty
+from .rounding import any_coarse, coarse_rows, refine_residuals
+
+__all__ = ["pool_backward"]
+
+
+def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor, need_x: bool,
+                  need_alpha: bool, use_compile: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """The vjp of Table 1 by row blocks: ``grad_x_i = gy * w_i / sum_j w_j`` and
+    ``grad_alpha = -gy * sum_j wa_j / sum_j w_j``, ``w = phi''(y - x)``, ``wa =
+    d2phi/dz dalpha``. Each block is read once and its gradient written once into the
+    output. Returns ``(grad_x (R, N), grad_alpha (R,), ok (R,), ok.all() as a bool,
+    how many rows' alpha gradient was lost, how many stayed coarse)``; rows whose Hessian
+    sum is zero, singular or negative get a zero gradient and ``ok = False``. Rows whose
+    y is coarse against alpha (:func:`.rounding.coarse_rows`: data far from 0 in units of
+    alpha) take their weights at residuals refined to the minimiser, in their block
+    (:func:`.rounding.refine_residuals`; in float64 where the careful path takes them);
+    those where that fails are counted (weights where the steps stopped). A NaN or Inf
+    in ``gy`` (a fault upstream) is no verdict on the Hessian: it propagates to that row's
+    gradients (and a shared alpha's), as torch does.
+
+    ``x`` and ``a`` (0-d or ``(R, 1)``), ``y`` and ``gy`` ``(R,)``."""
+    rows, n = x.shape
+    gx = torch.empty_like(x) if need_x else None
+    finfo = torch.finfo(x.dtype)
+    alpha_f = float(a) if a.dim() == 0 else None
+    # (a tensor alpha's least and largest in one host read)
+    a_lo, a_hi = (alpha_f, alpha_f) if alpha_f is not None else torch.stack(torch.aminmax(a)).tolist()
+    # Squares of residuals over alpha beyond this overflow (only alpha's gradient of a
+    # saturating penalty cares: its weights there are 0 either way).
+    wide = math.sqrt(finfo.max) / SPREAD_DIVISOR * (alpha_f if alpha_f else a_lo)
+    ranges = block_ranges(rows, n, x, use_compile)
+    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
+    # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
+    sw, size, scale = x.new_empty(rows, 1), x.new_empty(rows, 1), x.new_empty(rows, 1)
+    # Rows with a residual y - x_i beyond the float range (data spread over more than it):
+    # their weights there came out 0 from an infinite residual, for points a few alphas
+    # away (Welsch at alpha = max/2: a gradient of 0 for the true -0.196, silently). Only
+    # an alpha within 1e12 of the range's end gives such a point a weight that counts
+    # (a penalty whose weight falls like (alpha/z)^2 or faster: 1e-24 of a point near y),
+    # so only then is each row's residual sum formed to find them (+3-7 % of the backward).
+    zsum = x.new_empty(rows, 1) if a_hi * 1e12 >= finfo.max else None
+    swa = x.new_zeros(rows, 1) if need_alpha else None
+    gcol = gy.reshape(rows, 1)
+    # Rows whose y is coarse against alpha (the gradient's rule of .rounding): their
+    # residuals are refined in their block (one host read; none of them in the common case).
+    a_arg = a if alpha_f is None else alpha_f
+    coarse = coarse_rows(y, a_arg, finfo.eps) if bool(any_coarse(y, a_arg, finfo.eps)) else None
+    lost = None if coarse is None else torch.zeros_like(coarse)
+    for sl in ranges:
+        r = sl.stop - sl.start
+        if r == 0:
+            continue
+        z, *work = scratch.get(r, n)
+        sub_into(z, y[sl].unsqueeze(-1), x[sl])
+        if zsum is not None:
+            # (a row sum, not isinf(z).any(): no block-sized temporary, whose fresh pages
+            # cost 6x the backward; a finite row whose sum overflows goes the careful way too)
+            torch.sum(z, -1, keepdim=True, out=zsum[sl])
+        al = alpha_f if alpha_f is not None else a[sl]
+        if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
+            clamp_saturated(penalty, z, al)
+        j = None if coarse is None else coarse[sl].nonzero().squeeze(-1)
+        if j is not None and j.numel():
+            a_j = al if alpha_f is not None else al[j]
+            z_j = z[j]
+            clamp_saturated(penalty, z_j, a_j)  # (the fused sums need finite squares)
+            z_j, ok_j = refine_residuals(penalty, z_j, a_j)
+            z[j], lost[sl.start + j] = z_j, ~ok_j
+        w, wa, wsize = penalty.hessian_weights(z, al, work, need_alpha)
+        torch.sum(w, -1, keepdim=True, out=sw[sl])
+        signed = wsize is not None
+        if signed:
+            size[sl] = wsize
+        if need_alpha:
+            swa[sl] = wa
+        torch.div(gcol[sl], sw[sl], out=scale[sl])
+        if need_x:
+            torch.mul(w, scale[sl], out=gx[sl])
+    scratch.release()
+    if not signed:
+        size = sw
+    # Rows whose weights all underflowed (every point far from y) or overflowed (entries
+    # near the float range's end), or whose gy / sum_j w_j overflowed although gy is finite
+    # (weights near underflow: float32 pseudo-Huber points 1e10 alpha from y weigh 1e-30),
+    # get the careful, rescaled weights in float64. A Hessian sum at or below its own
+    # rounding noise is singular (or negative: not a minimum), where the exact gradient does
+    # not exist and the row gets zero: a test of the Hessian alone, never of gy (a NaN or
+    # Inf there is a fault upstream, which propagates as torch propagates it). All are
+    # rare, as is a non-finite alpha weight sum: one host sync tells that none occurs.
+    low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | (~torch.isfinite(scale) & torch.isfinite(gcol))
+    low = (low if zsum is None else low | ~torch.isfinite(zsum)).squeeze(-1)
+    ok = _nonsingular(sw, size, n)
+    flags = [(low | ~ok).any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
+    rare, *alpha_rare = torch.stack(flags).tolist()
+    all_ok = not rare
+    if not all_ok:
+        if bool(low.any()):
+            idx = low.nonzero().squeeze(-1)
+            w_r, sw_r, wa_r, size_r, lost_r = _careful_weights64(penalty, x, y, a, idx, need_alpha,
+                                                                 None if coarse is None else coarse[idx])
+            if lost_r is not None:
+                lost[idx] = lost_r
+            # (float64 throughout: the gradient is the ratio w_i / sum_j w_j times gy, and
+            # the test is taken before a cast that could flush a tiny sum to zero)
+            g_r = gcol[idx].to(sw_r.dtype) / sw_r
+            sw[idx], size[idx], scale[idx] = sw_r.to(x.dtype), size_r.to(x.dtype), g_r.to(x.dtype)
+            if need_alpha:
+                swa[idx] = wa_r.to(x.dtype)
+            if need_x:
+                gx[idx] = (w_r * g_r).to(x.dtype)
+            ok = ok.index_copy(0, idx, _nonsingular(sw_r, size_r, n))
+        all_ok = bool(ok.all())
+        if not all_ok:
+            bad = (~ok).nonzero().squeeze(-1)
+            if need_x:
+                gx.index_fill_(0, bad, 0.0)
+            scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
+    ga, alpha_lost = None, 0
+    if need_alpha:
+        # Rows set to zero above stay zero (their swa may be NaN, and NaN * 0 is NaN).
+        ga = torch.where(ok, (-(swa * scale)).squeeze(-1), 0.0)
+        if alpha_rare[0] or rare:  # (the careful weights above may have overflowed too)
+            ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga, coarse)
+    return gx, ga, ok, all_ok, alpha_lost, 0 if lost is None else int(lost.sum())
+
+
+def _careful_weights64(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, need_alpha: bool,
+                       coarse: Tensor | None):
+    """:func:`_careful_weights` of the rows ``idx`` in float64 (rare rows): a user's penalty
+    without a saturation overflows on a far outlier in float32 ((z / alpha)^2 at 1e20)
+    whatever the row's scale; ``coarse`` (of those rows) have their residuals refined."""
+    f64 = torch.float64
+    return _careful_weights(penalty, x[idx].to(f64), y[idx].to(f64), (a if a.dim() == 0 else a[idx]).to(f64),
+                            need_alpha, coarse)
+
+
+def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, ga: Tensor,
+                       coarse: Tensor | None) -> tuple[Tensor, int]:
+    """``ga`` with its non-finite entries formed again in float64 by the careful,
+    rescaled weights (a penalty's ``d2phi_dalpha`` overflowing in a low precision: a
+    user's formula at ``z / alpha ~ 1e15`` in float32); entries still not finite are
+    set to zero. Entries whose incoming gradient is not finite are left as they are (a
+    fault upstream, propagated). Returns the gradient and how many were set to zero (rare:
+    its host syncs run only where the caller's one read saw something amiss)."""
+    bad = ~torch.isfinite(ga) & torch.isfinite(gcol).squeeze(-1)
+    if not bool(bad.any()):
+        return ga, 0
+    idx = bad.nonzero().squeeze(-1)
+    _, sw, wa, _, _ = _careful_weights64(penalty, x, y, a, idx, True, None if coarse is None else coarse[idx])
+    again = (-(gcol[idx].to(sw.dtype) * wa / sw)).squeeze(-1).to(ga.dtype)
+    lost = ~torch.isfinite(again)
+    return ga.index_copy(0, idx, torch.where(lost, 0.0, again)), int(lost.sum())
+
+
+def _nonsingular(sw: Tensor, size: Tensor, n: int) -> Tensor:
+    """(R,) rows whose Hessian sum ``sw`` is above the rounding noise of its terms
+    (``size`` bounds their absolute sum): a property of the Hessian alone, whatever the
+    incoming gradient."""
+    eps = torch.finfo(sw.dtype).eps
+    return (sw > (n * eps) * size).squeeze(-1)
+
+
+def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool,
+                     coarse: Tensor | None):
+    """The backward's weights of rows with huge entries or spread: scaled by a power of
+    two per row (exact), residuals clamped at the penalty's saturation, rescaled weights.
+    Both ratios of Table 1 are scale-free. The ``coarse`` rows' residuals are refined to
+    the minimiser first (:func:`.rounding.refine_residuals`); returns ``(w, sum w, sum
+    w_alpha, sum |w|, coarse rows where that failed or None)``."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s = row_scale(torch.minimum(lo, y.unsqueeze(-1)), torch.maximum(hi, y.unsqueeze(-1)))
+    a_s = a * s
+    # Scaled before the subtraction: y - x overflows where both lie near the range's ends.
+    z = y.unsqueeze(-1) * s - x * s
+    clamp_saturated(penalty, z, a_s)
+    lost = None if coarse is None else torch.zeros_like(coarse)
+    if coarse is not None and bool(coarse.any()):
+        j = coarse.nonzero().squeeze(-1)
+        z_j, ok_j = refine_residuals(penalty, z[j], a_s[j])  # (a_s: (r, 1), as s)
+        z[j], lost[j] = z_j, ~ok_j
+    w, sw, swa = penalty.weight_sums(z, a_s, need_alpha)
+    return w, sw, swa, w.abs().sum(-1, keepdim=True), lost
