@@ -49,7 +49,7 @@ from ._vector_pool_solvers import (
     kappa,
     unit,
 )
-from .pooling.iterations import _LOCAL_SPAN, _NOISE, _SUM_NOISE
+from .pooling.rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE, grid
 from .pooling.penalties import Penalty, Quadratic, TruncatedQuadratic
 
 # Newton steps shorter than _SHORT alpha may raise the objective by its rounding (polish).
@@ -114,9 +114,9 @@ def _on_grid(au: torch.Tensor, a: torch.Tensor, tol: float, eps: float, dtype: t
     alpha / 2: beyond it the grid of u is coarser than the curvature near a data point,
     whose quiet gradient then says nothing of the points between, and such rows are
     solved again in float64."""
-    grid = (_NOISE * eps) * au
-    ok = grid <= tol * (a + au)
-    return ok & (grid <= _LOCAL_SPAN * a) if dtype == torch.float32 else ok
+    g = grid(au, eps)
+    ok = g <= tol * (a + au)
+    return ok & (g <= _LOCAL_SPAN * a) if dtype == torch.float32 else ok
 
 
 def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,

@@ -53,6 +53,7 @@ from ..errors import ProblemError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
 from ._vector_pool_polish import solve
+from ._vector_pool_refine import per_set
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
 from ._vector_pool_units import in_units as _in_units
@@ -104,16 +105,16 @@ class _VectorPoolFunction(torch.autograd.Function):
         if isinstance(ctx.pen, Quadratic) or R == 0:
             gx = (gy / N).unsqueeze(-2).expand(R, N, C) if need_x else None
             return gx, torch.zeros_like(alpha) if need_a else None, None, None, None, None
-        a, z, n, k1, c = _terms(ctx.pen, x, alpha, y)
-        v = _h_solve(ctx.pen, k1, n, c, gy, "gradient")
-        nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
-        gx = ga = None
-        if need_x:
-            gx = k1.unsqueeze(-1) * v.unsqueeze(-2) + (c * nv).unsqueeze(-1) * n
-        if need_a:
-            ga = -(ctx.pen.d2phi_dalpha(z, a) * nv).sum(-1)
-            ga = ga if alpha.dim() > 0 else ga.sum()
-        return gx, ga, None, None, None, None
+        pen = ctx.pen
+        def rows(xs, al, ys, idx):  # (per_set: sets whose y is coarse again, refined)
+            g = gy if idx is None else gy.index_select(0, idx)
+            a, z, n, k1, c = _terms(pen, xs, al, ys)
+            v = _h_solve(pen, k1, n, c, g, "gradient")
+            nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
+            gx = k1.unsqueeze(-1) * v.unsqueeze(-2) + (c * nv).unsqueeze(-1) * n if need_x else None
+            return gx, -(pen.d2phi_dalpha(z, a) * nv).sum(-1) if need_a else None
+        gx, ga = per_set(pen, x, alpha, y, rows)
+        return gx, ga if ga is None or alpha.dim() > 0 else ga.sum(), None, None, None, None
 
     @staticmethod
     @first_order_jvp("robust_vector_pool")
@@ -129,17 +130,20 @@ class _VectorPoolFunction(torch.autograd.Function):
             return y.new_zeros(y.shape)
         if isinstance(ctx.pen, Quadratic):  # the mean: α plays no part
             return y.new_zeros(y.shape) if x_t is None else x_t.to(y.dtype).mean(-2)
-        a, z, n, k1, c = _terms(ctx.pen, x, alpha, y)
-        rhs = y.new_zeros(y.shape)
-        if x_t is not None:
-            x_t = x_t.to(y.dtype)
-            nx = (n * x_t).sum(-1)  # n_iᵀ ẋ_i, (R, N)
-            rhs = rhs + (k1.unsqueeze(-1) * x_t + (c * nx).unsqueeze(-1) * n).sum(-2)
-        if alpha_t is not None:
-            at = alpha_t.to(y.dtype)
-            at = at.unsqueeze(-1) if at.dim() > 0 else at
-            rhs = rhs - ((ctx.pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
-        return _h_solve(ctx.pen, k1, n, c, rhs, "tangent")
+        pen = ctx.pen
+        def rows(xs, al, ys, idx):  # (per_set: sets whose y is coarse again, refined)
+            a, z, n, k1, c = _terms(pen, xs, al, ys)
+            rhs = ys.new_zeros(ys.shape)
+            if x_t is not None:
+                xt = (x_t if idx is None else x_t.index_select(0, idx)).to(ys.dtype)
+                nx = (n * xt).sum(-1)  # n_iᵀ ẋ_i, (R, N)
+                rhs = rhs + (k1.unsqueeze(-1) * xt + (c * nx).unsqueeze(-1) * n).sum(-2)
+            if alpha_t is not None:
+                at = alpha_t.to(ys.dtype)
+                at = (at if idx is None else at.index_select(0, idx)).unsqueeze(-1) if at.dim() > 0 else at
+                rhs = rhs - ((pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
+            return (_h_solve(pen, k1, n, c, rhs, "tangent"),)
+        return per_set(pen, x, alpha, y, rows)[0]
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,

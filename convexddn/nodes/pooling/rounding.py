@@ -12,7 +12,8 @@ alpha, so a y off by ``e`` moves the gradient by about ``e / alpha`` (1-2 times 
 pseudo-Huber, up to 8 times for Welsch's ``dy/dalpha``; measured against float64).
 Where the grid exceeds :data:`_GRADIENT_GRID` alpha (``|y| / alpha`` beyond about 250
 in float32, 1.4e11 in float64), the backward takes its weights at residuals refined by
-Newton steps (:func:`refine_residuals`, in the working precision) instead.
+Newton steps (:func:`refine_residuals`, in the working precision) instead; robust vector pooling
+translates such sets to y and polishes them there (:mod:`convexddn.nodes._vector_pool_refine`).
 """
 from __future__ import annotations
 
