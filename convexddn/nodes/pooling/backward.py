@@ -18,7 +18,7 @@ __all__ = ["pool_backward"]
 
 
 def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor, need_x: bool,
-                  need_alpha: bool, use_compile: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+                  need_alpha: bool, use_compile: bool, far: bool | None = None) -> tuple:
     """The vjp of Table 1 by row blocks: ``grad_x_i = gy * w_i / sum_j w_j`` and
     ``grad_alpha = -gy * sum_j wa_j / sum_j w_j``, ``w = phi''(y - x)``, ``wa =
     d2phi/dz dalpha``. Each block is read once and its gradient written once into the
@@ -32,7 +32,8 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     in ``gy`` (a fault upstream) is no verdict on the Hessian: it propagates to that row's
     gradients (and a shared alpha's), as torch does.
 
-    ``x`` and ``a`` (0-d or ``(R, 1)``), ``y`` and ``gy`` ``(R,)``."""
+    ``x`` and ``a`` (0-d or ``(R, 1)``), ``y`` and ``gy`` ``(R,)``; ``far``: whether some
+    row is coarse, if known (:func:`.rounding.any_coarse`, else read here)."""
     rows, n = x.shape
     gx = torch.empty_like(x) if need_x else None
     finfo = torch.finfo(x.dtype)
@@ -56,9 +57,10 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     swa = x.new_zeros(rows, 1) if need_alpha else None
     gcol = gy.reshape(rows, 1)
     # Rows whose y is coarse against alpha (the gradient's rule of .rounding): their
-    # residuals are refined in their block (one host read; none of them in the common case).
+    # residuals are refined in their block (none of them in the common case).
     a_arg = a if alpha_f is None else alpha_f
-    coarse = coarse_rows(y, a_arg, finfo.eps) if bool(any_coarse(y, a_arg, finfo.eps)) else None
+    far = bool(any_coarse(y, a_arg, finfo.eps)) if far is None else far
+    coarse = coarse_rows(y, a_arg, finfo.eps) if far else None
     lost = None if coarse is None else torch.zeros_like(coarse)
     for sl in ranges:
         r = sl.stop - sl.start
