@@ -53,7 +53,7 @@ from ..errors import ProblemError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
 from ._vector_pool_polish import solve
-from ._vector_pool_refine import per_set
+from ._vector_pool_refine import coarse_flag, per_set
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
 from ._vector_pool_units import in_units as _in_units
@@ -92,7 +92,7 @@ class _VectorPoolFunction(torch.autograd.Function):
         x, alpha, pen = inputs[:3]
         ctx.save_for_backward(x, alpha, output)
         ctx.save_for_forward(x, alpha, output)
-        ctx.pen = pen
+        ctx.pen, ctx.coarse = pen, coarse_flag(output, alpha, ctx.needs_input_grad)
 
     @staticmethod
     @first_order("robust_vector_pool")
@@ -113,7 +113,7 @@ class _VectorPoolFunction(torch.autograd.Function):
             nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
             gx = k1.unsqueeze(-1) * v.unsqueeze(-2) + (c * nv).unsqueeze(-1) * n if need_x else None
             return gx, -(pen.d2phi_dalpha(z, a) * nv).sum(-1) if need_a else None
-        gx, ga = per_set(pen, x, alpha, y, rows)
+        gx, ga = per_set(pen, x, alpha, y, rows, ctx.coarse)
         return gx, ga if ga is None or alpha.dim() > 0 else ga.sum(), None, None, None, None
 
     @staticmethod
@@ -143,7 +143,7 @@ class _VectorPoolFunction(torch.autograd.Function):
                 at = (at if idx is None else at.index_select(0, idx)).unsqueeze(-1) if at.dim() > 0 else at
                 rhs = rhs - ((pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
             return (_h_solve(pen, k1, n, c, rhs, "tangent"),)
-        return per_set(pen, x, alpha, y, rows)[0]
+        return per_set(pen, x, alpha, y, rows, ctx.coarse)[0]
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
