@@ -44,7 +44,8 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # saturating penalty cares: its weights there are 0 either way).
     wide = math.sqrt(finfo.max) / SPREAD_DIVISOR * (alpha_f if alpha_f else a_lo)
     ranges = block_ranges(rows, n, x, use_compile)
-    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
+    # (z and two work buffers; alpha's weights take four more: see builtin._signed_cube_sums)
+    scratch = Scratch.make(6 if need_alpha else 3, (ranges[0].stop - ranges[0].start) * n, x)
     # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
     sw, size, scale = x.new_empty(rows, 1), x.new_empty(rows, 1), x.new_empty(rows, 1)
     # Rows with a residual y - x_i beyond the float range (data spread over more than it):
