@@ -33,6 +33,15 @@ one sum per gradient and one host read per backward, as above, the cause being t
 itself (an entry finite in float64 and ±Inf in the caller's dtype) so that no gain
 decides; the node's own float64 arithmetic stays checked by
 :func:`warn_gradient_overflow` where its gain says so.
+
+The options. A tensor option (robust pooling's alpha, a projection's radius or z, total
+variation's lam, a ridge) narrower than the node's work dtype goes through the same
+checked cast (:func:`option_cast`), and before it is broadcast against the batch: its
+gradient is then summed over the batch in the work dtype and rounded once. Broadcast
+first, each row's term was rounded to the option's dtype before the sum: a float16
+alpha over float32 rows got +Inf and -Inf terms beyond 65504 that summed to NaN (two
+mirror rows whose exact gradient is 0), silently; and a sum that did not fit came back
+±Inf with no warning (a float16 radius's gradient of -2.5e5).
 """
 from __future__ import annotations
 
@@ -48,8 +57,8 @@ from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
 from .degeneracy import shown_indices
 
-__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "narrowed", "warn_cast_overflow", "warn_gradient_overflow",
-           "widened"]
+__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "narrowed", "option_cast", "warn_cast_overflow",
+           "warn_gradient_overflow", "widened"]
 
 GAIN_MARGIN = 2.0**20
 
@@ -190,29 +199,29 @@ def warn_cast_overflow(
 
 @bind_fast
 class _Widen(torch.autograd.Function):
-    """The float64 copies of the caller's tensors; backward: their gradients cast back to
-    each one's dtype and checked together by :func:`warn_cast_overflow`."""
+    """The caller's tensors in a wider ``dtype`` (float64: :func:`widened`); backward: their
+    gradients cast back to each one's dtype and checked together by :func:`warn_cast_overflow`."""
 
     @staticmethod
-    def forward(what, names, ks, *xs):  # type: ignore[override]
-        return tuple(x.to(torch.float64) for x in xs)
+    def forward(what, names, ks, dtype, *xs):  # type: ignore[override]
+        return tuple(x.to(dtype) for x in xs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.what, ctx.names, ctx.ks = inputs[:3]
+        ctx.what, ctx.names, ctx.ks, ctx.wide = inputs[:4]
         # (Grads and tangents materialised, never None: with None, forward mode failed an
         # internal assert of torch's on a copy without a tangent beside one with.)
-        ctx.dtypes = [x.dtype for x in inputs[3:]]
+        ctx.dtypes = [x.dtype for x in inputs[4:]]
 
     @staticmethod
     def backward(ctx, *gs):  # type: ignore[override]
         out = [g.to(t) for g, t in zip(gs, ctx.dtypes)]
         warn_cast_overflow(ctx.what, list(zip(ctx.names, gs, out, ctx.ks)))
-        return (None, None, None, *out)
+        return (None, None, None, None, *out)
 
     @staticmethod
-    def jvp(ctx, _what, _names, _ks, *ts):  # type: ignore[override]
-        return tuple(t.to(torch.float64) for t in ts)
+    def jvp(ctx, _what, _names, _ks, _dtype, *ts):  # type: ignore[override]
+        return tuple(t.to(ctx.wide) for t in ts)
 
 
 def widened(what: str, named: Sequence[tuple[str, torch.Tensor | None, int]]) -> list[torch.Tensor | None]:
@@ -229,9 +238,33 @@ def widened(what: str, named: Sequence[tuple[str, torch.Tensor | None, int]]) ->
     out = [None if i in tracked or t is None else t.to(torch.float64) for i, (_, t, _) in enumerate(named)]
     if tracked:
         names, ks = tuple(named[i][0] for i in tracked), tuple(named[i][2] for i in tracked)
-        for i, w in zip(tracked, _Widen.apply(what, names, ks, *(named[i][1] for i in tracked))):
+        for i, w in zip(tracked, _Widen.apply(what, names, ks, torch.float64, *(named[i][1] for i in tracked))):
             out[i] = w
     return out
+
+
+def option_cast(what: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A node's tensor option ``name`` (alpha, radius, z, lam, ridge) in the node's work
+    ``dtype``; call it before broadcasting the option against the batch (module docstring).
+
+    Where the option is narrower than ``dtype`` and autograd or forward mode may
+    differentiate through it, the cast is :class:`_Widen`'s: its gradient, summed in
+    ``dtype``, is cast back to the option's dtype, and where a finite gradient becomes
+    ±Inf there a :class:`~convexddn.errors.GradientWarning` names ``name`` and its
+    entries (the value stays torch's cast, Inf, as for :func:`widened`'s tensors). Else
+    (a wider or equal option, none tracked, a compiled graph, a torch.func transform:
+    the Function has no vmap rule) a plain cast.
+
+    Shape: any -> the same.
+    """
+    if t.dtype == dtype:
+        return t
+    narrower = torch.finfo(t.dtype).max < torch.finfo(dtype).max
+    tracked = (torch.is_grad_enabled() and t.requires_grad) or may_carry_tangents(t)
+    if (not narrower or not tracked or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return t.to(dtype)
+    return _Widen.apply(what, (name,), (0,), dtype, t)[0]
 
 
 @bind_fast

@@ -48,7 +48,7 @@ from .._checks import check_device, check_number, check_tensor
 from ..errors import DTypeError, ShapeError
 from ._least_squares_factor import (apply_qt, backward_gain, check_solution, conditioning, factor, power_of_two_scale,
                                     weighted_terms)
-from ._overflow import may_overflow, warn_gradient_overflow
+from ._overflow import may_overflow, option_cast, warn_gradient_overflow
 
 __all__ = ["least_squares"]
 
@@ -235,7 +235,9 @@ def _as_ridge(ridge: Any, n: int, like: torch.Tensor) -> tuple[Any, torch.Tensor
     if isinstance(ridge, torch.Tensor):
         ridge = check_tensor("ridge", ridge)
         check_device("ridge", ridge, like, "A")
-        r = ridge if ridge.ndim > 0 else ridge.reshape(1)
+        # In the working dtype first: its gradient is summed there, cast back checked (_overflow).
+        r = option_cast("least_squares", "ridge", ridge, _WORK)
+        r = r if r.ndim > 0 else r.reshape(1)
         if r.shape[-1] not in (1, n):
             raise ShapeError(
                 f"ridge must broadcast to (*, N) with N={n} (use shape (*, 1) for one ridge "

@@ -31,6 +31,7 @@ from .._checks import building, cast_checked, check_bool, check_device, check_fi
 from ..errors import NonFiniteError, OptionError, ShapeError, SolverError
 from ._repr import format_option
 from ._module_options import store_option
+from ._overflow import option_cast
 from .least_squares import least_squares
 
 __all__ = ["linear_fit", "LinearFit", "LeastSquares", "WeightedLeastSquares"]
@@ -116,7 +117,9 @@ def linear_fit(
     if bias:  # (a column of ones even where C = 0: the fit is then the intercept alone)
         A = torch.cat([A, A.new_ones(*A.shape[:-1], 1)], -1)
     if isinstance(ridge, torch.Tensor):  # (checked by _check_layer_options)
-        rr = ridge.unsqueeze(-1)  # (its own dtype: cast to float32 a ridge of 1e39 was Inf)
+        # In float64, the solve's, before the expand: its gradient is summed there (_overflow;
+        # the float32 cast of a ridge of 1e39 was Inf).
+        rr = option_cast("linear_fit", "ridge", ridge, torch.float64).unsqueeze(-1)
         if bias:
             rr = torch.cat([rr.expand(*rr.shape[:-1], c), torch.zeros_like(rr)], -1)
         r = rr

@@ -72,6 +72,7 @@ from .._warn import warn
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
+from ._overflow import option_cast
 from ._tv_solver import _SAFE, _TINY, _counts, _edge_terms, _segment_ids, _segment_mean, _solve
 from .degeneracy import shown_indices
 
@@ -298,7 +299,7 @@ def tv_denoise(
     xs = x.to(work).movedim(d, -1)
     rows = xs.reshape(math.prod(batch), n)  # (not -1: jacfwd's tangents on an empty batch have a vmap dim of 0)
     if isinstance(lam, torch.Tensor):
-        lam_rows = lam.to(work).expand(batch).reshape(rows.shape[0], 1)
+        lam_rows = option_cast("tv_denoise", "lam", lam, work).expand(batch).reshape(rows.shape[0], 1)
     else:
         lam_rows = torch.full((rows.shape[0], 1), float(lam), dtype=work, device=x.device)
     amax = rows.detach().abs().amax(1, keepdim=True)

@@ -52,6 +52,7 @@ from .._checks import (building, check_device, check_dim_option, check_int, chec
 from ..errors import ProblemError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
+from ._overflow import option_cast
 from ._vector_pool_polish import solve
 from ._vector_pool_refine import coarse_flag, per_set
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
@@ -292,8 +293,9 @@ def robust_vector_pool(
     C, N = x.shape[vd], math.prod(x.shape[d] for d in dims)
     if isinstance(alpha, torch.Tensor):
         check_device("alpha", alpha, x)
-        try:
-            a = torch.broadcast_to(alpha, batch).reshape(math.prod(batch)) if batch else alpha.reshape(())
+        try:  # in float64 (every work dtype's), then broadcast: its gradient is summed there (_overflow)
+            a = option_cast("robust_vector_pool", "alpha", alpha, torch.float64)
+            a = torch.broadcast_to(a, batch).reshape(math.prod(batch)) if batch else a.reshape(())
         except RuntimeError:
             raise ShapeError(f"alpha must broadcast to the batch shape {tuple(batch)} (the output "
                              f"without vector_dim), got shape {tuple(alpha.shape)}") from None

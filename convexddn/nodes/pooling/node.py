@@ -44,6 +44,7 @@ from ..._autograd import batched_values, functorch_transforms, refuse_trace
 from ...errors import NonFiniteError, ProblemError, ShapeError
 from .._repr import format_option
 from .._module_options import store_option
+from .._overflow import option_cast
 from .._vmap_stack import stacked_under_vmap
 from .function import RobustPoolFunction
 from .kernels import compile_available
@@ -251,10 +252,11 @@ def robust_pool(
     n = math.prod(x.shape[d] for d in dims)
     x2 = x.permute(*keep, *dims).reshape(-1, n)
 
+    work = torch.float64 if wide or x.dtype == torch.float64 else torch.float32
     if isinstance(alpha, torch.Tensor):
         check_device("alpha", alpha, x)
-        try:
-            a = torch.broadcast_to(alpha, batch)
+        try:  # cast, then broadcast: alpha's gradient is summed over the rows in `work` (_overflow)
+            a = torch.broadcast_to(option_cast("robust_pool", "alpha", alpha, work), batch)
         except RuntimeError:
             # (with keepdim, an alpha of lower rank is read against the output without the
             # kept dims, as documented: the one of x's rank is the kept output's)
@@ -265,7 +267,6 @@ def robust_pool(
                 f"{tuple(given.shape)}"
             ) from None
         a = a.reshape(-1) if batch else a.reshape(())
-    work = torch.float64 if wide or x.dtype == torch.float64 else torch.float32
     if not isinstance(alpha, torch.Tensor):
         a = torch.tensor(float(alpha), dtype=work, device=x.device)
     xw = x2.to(work)

@@ -39,6 +39,7 @@ from ..._autograd import may_carry_tangents, refuse_vmap
 from ...errors import ShapeError
 from .._repr import format_option
 from .._module_options import store_option
+from .._overflow import option_cast
 from .kernels import (L2ProjectionFn, L2ReverseFn, LinfProjectionFn, LinfReverseFn, carries_tangents,
                       l2_forward, linf_forward, narrowed, needs_graph, wide_dtype)
 from .simplex import L1ProjectionFn, L1ReverseFn, SimplexProjectionFn, l1_forward, simplex_forward
@@ -100,7 +101,7 @@ def _prepare_radius(
             f"{name} must broadcast to the shape of x without dim={d}, {tuple(reduced)}, "
             f"got shape {tuple(radius.shape)}"
         )
-    r = radius.to(dtype=x.dtype)
+    r = option_cast("project_simplex" if name == "z" else "project_lp", name, radius, x.dtype)  # (a checked cast)
     # Right-aligned broadcasting: the kept (size-1) dim goes before the radius dims that
     # line up with x's trailing dims after d; with fewer dims than that it broadcasts as is.
     pos = r.ndim - (x.ndim - 1 - d)
