@@ -1142,7 +1142,9 @@ def test_projection_that_does_not_fit_the_dtype_is_a_solver_error(as_tensor):
         with pytest.raises(SolverError, match=r"does not fit torch.float16 for 1 of 1 vector"):
             call()
     y = project_lp(x, 2, "sphere", r / 2)  # 3e4, 4e4: fits
-    assert torch.equal(y, torch.tensor([[30000.0, 40000.0]], dtype=torch.float16))
+    # r·[0.6, 0.8] rounded once; a tensor radius is x's dtype's (5e4 -> 49984: [29984, 40000])
+    rh = float(torch.tensor(5e4).half()) if as_tensor else 5e4
+    assert torch.equal(y, (rh * torch.tensor([[0.6, 0.8]], dtype=F64)).half())
 
 
 @pytest.mark.parametrize("dtype,r", [(torch.float32, 3e38), (F64, 1e308), (torch.float16, 6e4)])
@@ -1547,3 +1549,31 @@ def test_l2_ball_point_on_the_boundary_with_a_float_radius():
         J = torch.autograd.functional.jacobian(lambda v: project_lp(v, 2, "ball", r), x)
         assert torch.equal(project_lp(x, 2, "ball", r), x)
         assert torch.equal(J, torch.eye(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype, scale, r", [(torch.float16, 1e-3, 1e-6), (torch.float32, 1e-3, 1e-41),
+                                             (torch.bfloat16, 1e-3, 1e-39)])
+@pytest.mark.parametrize("mode", ["ball", "sphere"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_l2_derivatives_with_a_subnormal_output_take_the_direction_from_x(dtype, scale, r, mode, as_tensor):
+    # y = r·x/‖x‖ below the dtype's normal range keeps a few bits; the backward took û
+    # from it (and r/‖x‖ from r rounded there): gradients 4.9 % off in float16 (r = 1e-6),
+    # 3.6 % in bfloat16 (1e-39), 4.7e-5 in float32 (1e-41), silently. Closed form in
+    # float64 on the same x: (r/‖x‖)(I − ûûᵀ)v, and dy/dr = û (x outside the ball).
+    x = _x(4, 6, scale=scale, seed=3).to(dtype)
+    v = (1 + torch.rand(4, 6, generator=torch.Generator().manual_seed(4), dtype=F64)).to(dtype)
+    radius = torch.tensor(r, dtype=dtype) if as_tensor else r
+    r64 = float(radius) if as_tensor else r  # (a tensor radius: the dtype's own value)
+    want = _l2_vjp_closed_form(x.double(), r64, v.double())
+    xl = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(project_lp(xl, 2, mode, radius), xl, v)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(grad.double(), want, rtol=2 * eps, atol=2 * eps * float(want.abs().max()))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(project_lp(fwAD.make_dual(x, v), 2, mode, radius)).tangent
+    torch.testing.assert_close(tangent.double(), want, rtol=2 * eps, atol=2 * eps * float(want.abs().max()))
+    if as_tensor:
+        rl = radius.clone().requires_grad_()
+        (grad_r,) = torch.autograd.grad(project_lp(x, 2, mode, rl), rl, v)
+        u = x.double() / x.double().norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(grad_r.double(), (u * v.double()).sum(), rtol=2 * eps, atol=0)

@@ -148,29 +148,32 @@ def l2_forward(
     # graph there is no sync: the rescaled computation runs for every row, and the
     # data-dependent warnings (a result or gradient that cannot be represented) are not
     # issued.
-    # (A subnormal scale, r/‖x‖ below the smallest normal number, has lost bits: x·scale
-    # was 30 % off in float32 at r/‖x‖ = 2e-45, silently. The rescaled path is exact.)
+    # (A subnormal scale, r/‖x‖ below the smallest normal number, has lost bits: x·scale was 30 % off
+    # in float32 at r/‖x‖ = 2e-45, silently; so had a float r below it, rounded to x's dtype (float16,
+    # r = 1e-6: 1.3 %). The rescaled path takes r and r/‖x‖ in float64, rounds y and the scale once.)
     tiny = torch.finfo(x.dtype).tiny
-    if compiling or not bool(((scale >= tiny) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
+    if compiling or not bool(((scale >= tiny) & (rt >= tiny) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
         check_finite("x", x)
         a = _row_scale(x.abs(), d)
-        xs = x / a
-        ratio = rt / torch.linalg.vector_norm(xs, dim=d, keepdim=True)  # = a·r/‖x‖
+        xs = (x / a).double()
+        nw = torch.linalg.vector_norm(xs, dim=d, keepdim=True)
+        ratio = (r.double() if isinstance(r, torch.Tensor) else torch.full_like(nw, r)) / nw  # = a·r/‖x‖
         zero = ratio == math.inf
         if sphere:
             y = xs * torch.where(zero, torch.zeros_like(ratio), ratio)
             # Every sphere point is nearest to 0; take r·e₀ (first coordinate).
-            e0 = torch.zeros_like(x).narrow(d, 0, 1).fill_(1.0)
+            e0 = torch.zeros_like(xs).narrow(d, 0, 1).fill_(1.0)
             y.narrow(d, 0, 1).add_(torch.where(zero, e0 * r, torch.zeros_like(e0)))
-            scale = torch.where(zero, torch.zeros_like(ratio), ratio / a)
+            y = y.to(x.dtype)
+            scale = torch.where(zero, torch.zeros_like(ratio), ratio / a).to(x.dtype)
             if not compiling and _may_underflow(r, x.shape[d], x.dtype):
                 warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
         else:
             # Inside the ball (ratio >= a) the answer is x itself: (x/a)·a was 1 ulp off
             # for a = max|x| not a power of two (float32 x of 1e-3 with r = 3e38).
             inside = ratio >= a
-            y = torch.where(inside, x, xs * ratio)
-            scale = torch.where(inside, torch.ones_like(ratio), ratio / a)
+            y = torch.where(inside, x, (xs * ratio).to(x.dtype))
+            scale = torch.where(inside, torch.ones_like(ratio), ratio / a).to(x.dtype)
         if compiling:
             return y, scale, False, False, 0
         flags = [torch.isinf(scale).any(), (scale > limit).any(), zero.sum() if sphere else zero.new_zeros(())]
@@ -181,15 +184,20 @@ def l2_forward(
     return x * scale, scale, False, False, 0
 
 
-def _unit(y: torch.Tensor, r: float | torch.Tensor, d: int) -> torch.Tensor:
-    """y/‖y‖ (= y/r on the sphere), without squaring r or y: safe for any radius."""
-    info = torch.finfo(y.dtype)
-    if not isinstance(r, torch.Tensor) and r >= info.tiny / info.eps:
-        return y / r  # y is a normal number here: exact enough, one pass
-    ys = y / _row_scale(y.abs(), d)
-    return ys / torch.linalg.vector_norm(ys, dim=d, keepdim=True).clamp_min(
-        torch.finfo(y.dtype).tiny
-    )
+def _l2_saved(inputs: tuple, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A tensor r, and x where r may be below tiny/eps (a tensor r is not read), saved besides y and
+    the scale: y = r·û keeps a few bits there (float16 r = 1e-6: a gradient 4.9 % off, silently)."""
+    x, r, info = inputs[0], inputs[1], torch.finfo(y.dtype)
+    return (r, x) if isinstance(r, torch.Tensor) else (None, x if r < info.tiny / info.eps else None)
+
+
+def _unit(y: torch.Tensor, x: torch.Tensor | None, r: float | torch.Tensor, d: int, sphere: bool) -> torch.Tensor:
+    """û outside the ball: y/r where x was not saved (y normal), else x/‖x‖ (e₀ at sphere rows x = 0)."""
+    if x is None:
+        return y / r
+    t = torch.where((x == 0).all(d, keepdim=True), y, x) if sphere else x
+    ts = t / _row_scale(t.abs(), d)
+    return ts / torch.linalg.vector_norm(ts, dim=d, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
 
 
 def _warn_l2(ctx, y: torch.Tensor, wrt_x: bool, what: str) -> None:
@@ -227,21 +235,21 @@ class L2ReverseFn(torch.autograd.Function):
         _, r, d, sphere = inputs
         y, scale, overflow, steep, zeros = output
         ctx.mark_non_differentiable(scale)
-        save_plain(ctx, y, scale, r if isinstance(r, torch.Tensor) else None)
+        save_plain(ctx, y, scale, *_l2_saved(inputs, y))
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
         ctx.d, ctx.sphere, ctx.overflow, ctx.steep, ctx.zeros = d, sphere, overflow, steep, zeros
 
     @staticmethod
     @first_order("project_lp")
     def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_steep, _grad_zeros):  # type: ignore[override]
-        y, scale, r_t = ctx.saved_tensors
+        y, scale, r_t, x = ctx.saved_tensors
         if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
             grad_y = torch.zeros_like(y)
         r = ctx.r_float if r_t is None else r_t
         _warn_l2(ctx, y, ctx.needs_input_grad[0], "gradient with respect to x")
-        # Dy = (r/‖x‖)(I − ûûᵀ) outside the ball (û = y/r), I inside:
+        # Dy = (r/‖x‖)(I − ûûᵀ) outside the ball (û = x/‖x‖ = y/r), I inside:
         # v ↦ s·(v − û(ûᵀv)).
-        u = _unit(y, r, ctx.d)
+        u = _unit(y, x, r, ctx.d, ctx.sphere)
         coef = (u * grad_y).sum(ctx.d, keepdim=True)
         if not ctx.sphere:
             # A select, not a product with the mask: ûᵀv may overflow (v near the
@@ -266,17 +274,17 @@ class L2ReverseFn(torch.autograd.Function):
 
 def _l2_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
         _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None, None, None, None]:
-    r"""Forward mode, the backward's Jacobian (symmetric in x): with û = y/r and
+    r"""Forward mode, the backward's Jacobian (symmetric in x): with û = x/‖x‖ and
     s = r/‖x‖, outside the ball (every sphere row)
 
     .. math:: \dot y = s\,(\dot x - \hat u\,\hat u^\top \dot x) + \hat u\,\dot r
 
     and ẏ = ẋ inside the ball (boundary included); zero in x at sphere rows x = 0.
     The backward's warnings, for the same rows."""
-    y, scale, r_saved = ctx.saved_tensors
+    y, scale, r_saved, x = ctx.saved_tensors
     r = ctx.r_float if r_saved is None else r_saved
     _warn_l2(ctx, y, x_t is not None, "tangent from x")
-    u = _unit(y, r, ctx.d)
+    u = _unit(y, x, r, ctx.d, ctx.sphere)
     outside = None if ctx.sphere else scale < 1
     out = None
     if x_t is not None:
@@ -298,8 +306,7 @@ def _l2_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
 
 
 L2ProjectionFn = with_forward_mode(
-    L2ReverseFn, "project_lp", lambda inputs, output: (*output[:2], inputs[1] if isinstance(inputs[1], torch.Tensor) else None),
-    _l2_jvp)
+    L2ReverseFn, "project_lp", lambda inputs, output: (*output[:2], *_l2_saved(inputs, output[0])), _l2_jvp)
 
 
 # --------------------------------------------------------------------------- L∞
