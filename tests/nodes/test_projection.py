@@ -1577,3 +1577,19 @@ def test_l2_derivatives_with_a_subnormal_output_take_the_direction_from_x(dtype,
         (grad_r,) = torch.autograd.grad(project_lp(x, 2, mode, rl), rl, v)
         u = x.double() / x.double().norm(dim=-1, keepdim=True)
         torch.testing.assert_close(grad_r.double(), (u * v.double()).sum(), rtol=2 * eps, atol=0)
+
+
+def test_l2_saves_x_only_for_a_radius_below_the_normal_range():
+    # x is saved (for û) only where the forward found some r below tiny/eps: a learned radius
+    # of ordinary size keeps the memory and in-place semantics of before (x changed in place
+    # after the call, as a plain y = r·x/‖x‖ node allows).
+    for r, saved in ((torch.tensor(0.5, requires_grad=True), False), (torch.tensor(1e-41, requires_grad=True), True),
+                     (0.5, False), (1e-41, True)):
+        x = _x(3, 4, seed=5).float().requires_grad_() * 1.0
+        y = project_lp(x, 2, "sphere", r)
+        x.add_(1.0)
+        if saved:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+        else:
+            y.sum().backward()

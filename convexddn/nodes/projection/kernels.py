@@ -128,12 +128,12 @@ def warn_unrepresentable(y: torch.Tensor, d: int, what: str, name: str = "radius
 
 def l2_forward(
     x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool
-) -> tuple[torch.Tensor, torch.Tensor, bool, bool, int]:
-    """Returns ``(y, scale, overflow, steep, zeros)``: ``scale = r/‖x‖`` (ball:
+) -> tuple[torch.Tensor, torch.Tensor, bool, bool, int, bool]:
+    """Returns ``(y, scale, overflow, steep, zeros, small)``: ``scale = r/‖x‖`` (ball:
     ``min(1, ·)``) per row, whether it overflowed (then ``Dy`` cannot be represented),
     whether it exceeds :func:`~convexddn.nodes._overflow.gain_limit` (sphere only: the
-    backward checks its gradient) and, on the sphere, the number of rows ``x = 0``
-    (where ``Dy`` does not exist)."""
+    backward checks its gradient), on the sphere the number of rows ``x = 0`` (where
+    ``Dy`` does not exist), and whether some r is below tiny/eps (:func:`_unit`)."""
     norm = torch.linalg.vector_norm(x, dim=d, keepdim=True)
     # (A true division: torch's float / tensor is r · (1/‖x‖), rounded twice, and a point
     # exactly on the ball's boundary got scale 1 − ulp, y = x(1 − ulp) and the outside
@@ -151,8 +151,8 @@ def l2_forward(
     # (A subnormal scale, r/‖x‖ below the smallest normal number, has lost bits: x·scale was 30 % off
     # in float32 at r/‖x‖ = 2e-45, silently; so had a float r below it, rounded to x's dtype (float16,
     # r = 1e-6: 1.3 %). The rescaled path takes r and r/‖x‖ in float64, rounds y and the scale once.)
-    tiny = torch.finfo(x.dtype).tiny
-    if compiling or not bool(((scale >= tiny) & (rt >= tiny) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
+    tiny, low = torch.finfo(x.dtype).tiny, torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps
+    if compiling or not bool(((scale >= tiny) & (rt >= low) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
         check_finite("x", x)
         a = _row_scale(x.abs(), d)
         xs = (x / a).double()
@@ -174,21 +174,21 @@ def l2_forward(
             inside = ratio >= a
             y = torch.where(inside, x, (xs * ratio).to(x.dtype))
             scale = torch.where(inside, torch.ones_like(ratio), ratio / a).to(x.dtype)
-        if compiling:
-            return y, scale, False, False, 0
-        flags = [torch.isinf(scale).any(), (scale > limit).any(), zero.sum() if sphere else zero.new_zeros(())]
-        overflow, steep, zeros = torch.stack(flags).tolist()
-        return y, scale, bool(overflow), bool(steep), int(zeros)
+        if compiling:  # (no read: small where it may be)
+            return y, scale, False, False, 0, isinstance(r, torch.Tensor) or r < low
+        flags = [torch.isinf(scale).any(), (scale > limit).any(), zero.sum() if sphere else zero.new_zeros(()),
+                 (rt < low).any()]
+        overflow, steep, zeros, small = torch.stack(flags).tolist()
+        return y, scale, bool(overflow), bool(steep), int(zeros), bool(small)
     if not sphere:
         scale = scale.clamp(max=1.0)
-    return x * scale, scale, False, False, 0
+    return x * scale, scale, False, False, 0, False
 
 
-def _l2_saved(inputs: tuple, y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """A tensor r, and x where r may be below tiny/eps (a tensor r is not read), saved besides y and
-    the scale: y = r·û keeps a few bits there (float16 r = 1e-6: a gradient 4.9 % off, silently)."""
-    x, r, info = inputs[0], inputs[1], torch.finfo(y.dtype)
-    return (r, x) if isinstance(r, torch.Tensor) else (None, x if r < info.tiny / info.eps else None)
+def _l2_saved(inputs: tuple, output: tuple) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the backward and jvp save besides y and the scale: a tensor r, and x where some r is
+    below tiny/eps (``small``), where y = r·û keeps a few bits (float16 r = 1e-6: 4.9 % off)."""
+    return (inputs[1] if isinstance(inputs[1], torch.Tensor) else None), (inputs[0] if output[5] else None)
 
 
 def _unit(y: torch.Tensor, x: torch.Tensor | None, r: float | torch.Tensor, d: int, sphere: bool) -> torch.Tensor:
@@ -233,15 +233,15 @@ class L2ReverseFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, r, d, sphere = inputs
-        y, scale, overflow, steep, zeros = output
+        y, scale, overflow, steep, zeros, _small = output
         ctx.mark_non_differentiable(scale)
-        save_plain(ctx, y, scale, *_l2_saved(inputs, y))
+        save_plain(ctx, y, scale, *_l2_saved(inputs, output))
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
         ctx.d, ctx.sphere, ctx.overflow, ctx.steep, ctx.zeros = d, sphere, overflow, steep, zeros
 
     @staticmethod
     @first_order("project_lp")
-    def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_steep, _grad_zeros):  # type: ignore[override]
+    def backward(ctx, grad_y, _grad_scale, _grad_overflow, _grad_steep, _grad_zeros, _grad_small):  # type: ignore
         y, scale, r_t, x = ctx.saved_tensors
         if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
             grad_y = torch.zeros_like(y)
@@ -273,7 +273,7 @@ class L2ReverseFn(torch.autograd.Function):
 
 
 def _l2_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
-        _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None, None, None, None]:
+        _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None, None, None, None, None]:
     r"""Forward mode, the backward's Jacobian (symmetric in x): with û = x/‖x‖ and
     s = r/‖x‖, outside the ball (every sphere row)
 
@@ -302,11 +302,11 @@ def _l2_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
         incoming = sum((t for t in (x_t, r_t) if t is not None), torch.zeros_like(out))
         warn_gradient_overflow("project_lp(p=2), forward mode", incoming,
                                [("x (the Jacobian-vector product)", out)], (ctx.d - y.ndim,))
-    return out, None, None, None, None
+    return out, None, None, None, None, None
 
 
 L2ProjectionFn = with_forward_mode(
-    L2ReverseFn, "project_lp", lambda inputs, output: (*output[:2], *_l2_saved(inputs, output[0])), _l2_jvp)
+    L2ReverseFn, "project_lp", lambda inputs, output: (*output[:2], *_l2_saved(inputs, output)), _l2_jvp)
 
 
 # --------------------------------------------------------------------------- L∞
