@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch.autograd import forward_ad
 
-from .._autograd import may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain
+from .._autograd import may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain, without_autocast
 from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
 from ._read_guard import ForwardVersions, check_solve_kept, versions_of
@@ -70,8 +70,12 @@ class DeclarativeFunction(torch.autograd.Function):
         ctx.versions = ForwardVersions(node, state, inputs[3:])
         record.append(ctx.versions)
 
+    # The backward and the jvp (the probe too) evaluate the user's problem with the caller's autocast off: it
+    # lowered the objective's Hessian products to bfloat16 (a float32 gradient 3e-3 off, with KKT warnings that
+    # blamed solve) or float16 (1e-4 off, silently). solve itself runs as called: the user's algorithm.
     @staticmethod
     @first_order_jvp("DeclarativeNode")
+    @without_autocast
     def jvp(ctx, *tangents: Tensor | None) -> Tensor:  # type: ignore[override]
         """Forward mode: :func:`.implicit_jvp.declarative_jvp` along the tangents of the
         inputs and of the parameters that require grad."""
@@ -86,6 +90,7 @@ class DeclarativeFunction(torch.autograd.Function):
                                  ctx.versions)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         refuse_batched(type(ctx.node).__name__, grad_y)
         *tensors, y = ctx.saved_tensors

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .._autograd import outside_compile, plain
+from .._autograd import outside_compile, plain, without_autocast
 from .._warn import warn
 from ..errors import GradientWarning, ProblemError
 from ._read_guard import Reads
@@ -133,6 +133,7 @@ def _check_kept(name: str, fixed: dict, state: dict, versions: dict) -> None:
 
 
 @outside_compile  # (it differentiates the objective several times: see outside_compile)
+@without_autocast  # (as the backward: the problem's derivatives in its own dtype)
 def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool, list[Tensor]]:
     """Probe ``node``'s problem at the inputs ``xs`` (flattened, ``(B, ...)``) and its
     solution ``y``; warn where inputs or parameters that require grad are not read.

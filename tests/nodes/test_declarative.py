@@ -1192,3 +1192,51 @@ def test_a_copy_after_the_first_call_guards_tensors_from_outside_the_node(how, w
     x = torch.ones(2, 1, dtype=DT, requires_grad=True)
     twin(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.full((2, 1), float(w), dtype=DT), rtol=0, atol=1e-12)
+
+
+class _LogCosh(DeclarativeNode):
+    """y = argmin ½ yᵀAy − xᵀy + 0.1 Σ log cosh y (Newton in float64): dy/dx = H⁻¹,
+    H = A + 0.1 diag(sech² y), symmetric."""
+
+    def __init__(self, A, **kw):
+        super().__init__(**kw)
+        self.register_buffer("A", A)
+
+    def objective(self, x, y):
+        return 0.5 * (y @ self.A * y).sum(-1) - (x * y).sum(-1) + 0.1 * torch.log(torch.cosh(y)).sum(-1)
+
+    def solve(self, x):
+        A, xd = self.A.double(), x.double()
+        y = torch.linalg.solve(A, xd.T).T
+        for _ in range(30):
+            H = A + torch.diag_embed(0.1 / torch.cosh(y) ** 2)
+            y = y - torch.linalg.solve(H, (y @ A - xd + 0.1 * torch.tanh(y)).unsqueeze(-1)).squeeze(-1)
+        return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("lowp", [torch.bfloat16, torch.float16])
+def test_derivatives_under_autocast_keep_the_implicit_dtype(lowp):
+    """The backward, the jvp and the probe evaluated the objective under the caller's
+    torch.autocast: its products in bfloat16 (gradient 3.2e-3 off, with KKT warnings
+    that blamed solve) or float16 (1.3e-4, silently). Closed form: v ↦ H⁻¹v."""
+    M = torch.randn(5, 5, generator=_gen(0), dtype=DT)
+    A = (M @ M.T + 5 * torch.eye(5, dtype=DT)).float()
+    x = torch.randn(4, 5, generator=_gen(1)).float()
+    v = torch.randn(4, 5, generator=_gen(2)).float()
+    y64 = _LogCosh(A.double()).solve(x.double())
+    want = torch.linalg.solve(A.double() + torch.diag_embed(0.1 / torch.cosh(y64) ** 2), v.double().unsqueeze(-1))
+    want = want.squeeze(-1)
+    node = _LogCosh(A, implicit_dtype=torch.float32)
+    xl = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvexDDNWarning)
+        with torch.autocast("cpu", dtype=lowp):
+            y = node(xl)
+            (grad,) = torch.autograd.grad(y, xl, v)
+        with torch.autocast("cpu", dtype=lowp), torch.autograd.forward_ad.dual_level():
+            fw = torch.autograd.forward_ad
+            tangent = fw.unpack_dual(_LogCosh(A, implicit_dtype=torch.float32)(fw.make_dual(x, v))).tangent
+    assert grad.dtype == torch.float32 and tangent.dtype == torch.float32
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tangent.double(), want, rtol=1e-5, atol=1e-6)
+
