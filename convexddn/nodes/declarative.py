@@ -35,7 +35,7 @@ from ._reference_hooks import warn_reference_hooks
 from ._swap_guard import guarded, read_as
 from .declarative_probe import probe
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
-                                   refuse_functorch, y_by_keyword)
+                                   refuse_functorch, solve_input_names, y_by_keyword)
 from .implicit import declarative_vjp
 from .implicit_options import check_implicit_options
 from .implicit_jvp import declarative_jvp
@@ -365,7 +365,7 @@ class DeclarativeNode(GuardedState):
         refuse_functorch(type(self).__name__)
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")
-        flat, batch_shape = flatten_inputs(xs, self.batch_dims)
+        flat, batch_shape = flatten_inputs(xs, self.batch_dims, solve_input_names(type(self), len(xs)))
         with guarded(self, swap=False):  # (not while another thread's backward swaps them)
             state = dict((*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)))
             named = differentiated_parameters(self)

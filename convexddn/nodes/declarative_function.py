@@ -22,9 +22,10 @@ from .._autograd import may_carry_tangents, plain, refuse_batched, refuse_transf
 from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
 from ._read_guard import ForwardVersions, check_solve_kept, versions_of
+from .inputs import input_names
 
 __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",
-           "refuse_functorch", "y_by_keyword"]
+           "refuse_functorch", "solve_input_names", "y_by_keyword"]
 
 Tensor = torch.Tensor
 
@@ -187,6 +188,22 @@ def _y_by_keyword(cls: type, method: str) -> bool:
     sig = _signature(getattr(cls, method))
     p = None if sig is None else sig.parameters.get("y")
     return p is not None and p.kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def solve_input_names(cls: type, n: int) -> list[str]:
+    """How messages name ``cls``'s ``n`` inputs: by ``solve``'s positional parameters
+    (``solve(self, x, z)``: ``x``, ``z``), the rest (``*xs``) as :func:`.inputs.input_names`
+    does (``input 2``); cached."""
+    return _per_class(cls, ("names", n), lambda: _solve_input_names(cls, n))
+
+
+def _solve_input_names(cls: type, n: int) -> list[str]:
+    sig = _signature(cls.solve)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    given = [] if sig is None else [p.name for p in sig.parameters.values() if p.kind in positional]
+    if not isinstance(inspect.getattr_static(cls, "solve", None), (staticmethod, classmethod)):
+        given = given[1:]  # (self)
+    return given[:n] + input_names(n)[len(given):]
 
 
 def arity_error(cls: type, n: int) -> str | None:

@@ -24,9 +24,11 @@ def input_names(count: int) -> list[str]:
     return ["x"] if count == 1 else [f"input {i}" for i in range(count)]
 
 
-def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+def flatten_inputs(xs: tuple[Any, ...], batch_dims: int,
+                   names: list[str] | None = None) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
     """Check the inputs (floating, finite, one dtype and device, one batch shape) and
-    flatten their first ``batch_dims`` dimensions.
+    flatten their first ``batch_dims`` dimensions. Messages name them by ``names`` (the
+    node's ``solve`` parameters), else as :func:`input_names` does.
 
     Shape:
         ``xs[i]``: ``(*batch_shape, *rest_i)`` -> ``(B, *rest_i)`` with ``B = prod(batch_shape)``.
@@ -34,7 +36,7 @@ def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, 
     Returns:
         ``(flat inputs, batch_shape)``.
     """
-    names = input_names(len(xs))
+    names = names or input_names(len(xs))
     xs = tuple(check_tensor(n, x) for n, x in zip(names, xs))
     for n, x in zip(names, xs):
         check_finite(n, x)
@@ -42,11 +44,11 @@ def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, 
     for n, x in zip(names[1:], xs[1:]):
         if x.dtype != first.dtype:
             raise DTypeError(
-                f"all inputs must have one dtype: input 0 is {first.dtype}, {n} is {x.dtype}"
+                f"all inputs must have one dtype: {names[0]} is {first.dtype}, {n} is {x.dtype}"
             )
         if x.device != first.device:
             raise InputError(
-                f"all inputs must be on one device: input 0 is on {first.device}, {n} on "
+                f"all inputs must be on one device: {names[0]} is on {first.device}, {n} on "
                 f"{x.device}"
             )
     k = batch_dims
@@ -60,7 +62,7 @@ def flatten_inputs(xs: tuple[Any, ...], batch_dims: int) -> tuple[tuple[Tensor, 
     for n, x in zip(names[1:], xs[1:]):
         if tuple(x.shape[:k]) != batch_shape:
             raise ShapeError(
-                f"every input must have the batch shape of input 0, {batch_shape} (its "
+                f"every input must have the batch shape of {names[0]}, {batch_shape} (its "
                 f"first batch_dims={k} dimension(s)); {n} has shape {tuple(x.shape)}"
             )
     batch = math.prod(batch_shape)

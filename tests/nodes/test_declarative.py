@@ -1240,3 +1240,33 @@ def test_derivatives_under_autocast_keep_the_implicit_dtype(lowp):
     torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tangent.double(), want, rtol=1e-5, atol=1e-6)
 
+
+class _Product(DeclarativeNode):
+    def objective(self, x, z, y):
+        return ((y - x * z) ** 2).sum(-1)
+
+    def solve(self, x, z):
+        return x * z
+
+
+class _Products(DeclarativeNode):
+    def objective(self, *xs, y):
+        return ((y - xs[0] * xs[1]) ** 2).sum(-1)
+
+    def solve(self, first, *rest):
+        return first * rest[0]
+
+
+def test_input_errors_name_solve_parameters():
+    """The checks of several inputs named them by position ("input 0 is torch.float16,
+    input 1 is torch.float64") where solve names them; now by solve's parameters, and by
+    position past them (``*rest``)."""
+    h, d = torch.ones(2, 3, dtype=torch.float16), torch.ones(2, 3, dtype=DT)
+    with pytest.raises(DTypeError, match=r"one dtype: x is torch.float16, z is torch.float64$"):
+        _Product()(h, d)
+    with pytest.raises(DTypeError, match=r"^z must have a floating-point dtype"):
+        _Product()(d, torch.ones(2, 3, dtype=torch.int32))
+    with pytest.raises(ShapeError, match=r"batch shape of x, \(2,\).*; z has shape \(3, 3\)"):
+        _Product()(d, torch.ones(3, 3, dtype=DT))
+    with pytest.raises(DTypeError, match=r"one dtype: first is torch.float64, input 1 is torch.float16$"):
+        _Products()(d, h)

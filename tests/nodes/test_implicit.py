@@ -651,11 +651,12 @@ def test_batch_dims_option(batch_dims):
 
 def test_mismatched_batch_shapes_and_input_count():
     P = torch.randn(2, 4, 2, dtype=DT)
-    with pytest.raises(ShapeError, match=r"batch shape of input 0, \(2,\)"):
+    # (named by solve's parameters, P and q; they were "input 0" and "input 1")
+    with pytest.raises(ShapeError, match=r"batch shape of P, \(2,\).*; q has shape \(3, 3\)"):
         LowRank()(P, torch.randn(3, 3, dtype=DT))
     with pytest.raises(InputError, match="called with 1 input"):
         LowRank()(P)
-    with pytest.raises(DTypeError, match="one dtype"):
+    with pytest.raises(DTypeError, match="one dtype: P is torch.float64, q is torch.float32"):
         LowRank()(P, torch.randn(2, 3))
 
 
