@@ -57,8 +57,7 @@ from ._vector_pool_polish import solve
 from ._vector_pool_refine import coarse_flag, per_set
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve
 from ._vector_pool_solvers import hessian_terms as _terms
-from ._vector_pool_units import in_units as _in_units
-from ._vector_pool_units import rescaled
+from ._vector_pool_units import in_units as _in_units, rescaled
 from ._vmap_stack import stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic
 

@@ -396,5 +396,5 @@ def _linf_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
     return out
 
 
-LinfProjectionFn = with_forward_mode(
-    LinfReverseFn, "project_lp", lambda inputs, output: (output, inputs[1] if isinstance(inputs[1], torch.Tensor) else None), _linf_jvp)
+LinfProjectionFn = with_forward_mode(LinfReverseFn, "project_lp", lambda inputs, output: (
+    output, inputs[1] if isinstance(inputs[1], torch.Tensor) else None), _linf_jvp)

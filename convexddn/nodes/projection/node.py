@@ -152,17 +152,17 @@ def project_lp(
 
     For ``p=1, 2`` on the ball boundary (:math:`\|x\|_p = r`) the inside derivative
     (identity) is used; for ``p=2, x=0`` on the sphere, where no derivative exists, the
-    gradient with respect to ``x`` is zero and a ``GradientWarning`` counts those rows. ``radius`` gets its gradient when it is a tensor that requires grad
+    gradient with respect to ``x`` is zero and a ``GradientWarning`` counts those rows.
+    ``radius`` gets its gradient when it is a tensor that requires grad
     (:math:`\partial y/\partial r` is :math:`y/r`, :math:`s \circ m/|S|` and
-    :math:`\operatorname{sign}(y)` on the pinned coordinates for p = 2, 1, inf; 0 inside
-    the ball).
+    :math:`\operatorname{sign}(y)` on the pinned coordinates for p = 2, 1, inf; 0 inside the ball).
 
     Numerical range: every projection is computed scale-invariantly. ``p=1`` works
     relative to each row's :math:`\max_i |x_i|` (the threshold never cancels against
     :math:`|x|`, so :math:`|x| \gg r/\varepsilon` and tiny radii keep full relative
     accuracy; rows whose prefix sums of about :math:`n r` would overflow are solved on
-    :math:`(2^{-k} x, 2^{-k} r)` and scaled back, exactly); ``p=2`` rescales rows whose norm would overflow or lose bits to
-    subnormals, and its backward never squares ``r``. Where the true result cannot be
+    :math:`(2^{-k} x, 2^{-k} r)` and scaled back, exactly); ``p=2`` rescales rows whose norm
+    would overflow or lose bits to subnormals, and its backward never squares ``r``. Where the true result cannot be
     represented in the dtype (a sphere radius so small that the projection rounds to
     zero; a gradient :math:`r/\|x\|` beyond the largest float for subnormal ``x``)
     a :class:`~convexddn.errors.ConvexDDNWarning` /
