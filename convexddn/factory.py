@@ -9,8 +9,7 @@ same output (tests check that they agree), ``-inf`` scores of ``entmax`` / ``spa
 included (masked entries: ``MaskedScoresLayer`` gives the cone program a finite
 stand-in with the same solution).
 
-This module sits above both paths: it imports the registry and the nodes, and neither
-of them imports it.
+This module sits above both paths: it imports the registry and the nodes, and neither of them imports it.
 """
 from __future__ import annotations
 
@@ -159,7 +158,7 @@ class TransportNode(nn.Module):
         - Input: ``C (*, m, n)``, ``a (*, m)``, ``b (*, n)`` (batch shapes broadcast), by
           position or by name; checked as the cone program's layer checks them (finite,
           ``a, b >= 0``, equal masses: :attr:`~convexddn.ProblemSpec.check`).
-        - Output: ``P (*, m, n)``.
+        - Output: ``P (*, m, n)``, in the inputs' promoted dtype (as the cone program's).
     """
 
     def __init__(self, name: str, node: nn.Module, parameters: tuple, check: Callable | None) -> None:
@@ -169,9 +168,10 @@ class TransportNode(nn.Module):
     def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         """The plan for every batch element: see the class docstring."""
         (C, a, b), _ = check_values(values, named, self.parameters_, self.check)
-        d = (a.sum(-1, keepdim=True) - b.sum(-1, keepdim=True)).to(b.dtype)
-        last = torch.zeros(b.shape[-1], dtype=b.dtype, device=b.device)
-        last[-1] = 1.0
+        dtype = torch.promote_types(torch.promote_types(C.dtype, a.dtype), b.dtype)  # (the cone program's)
+        C, a, b = C.to(dtype), a.to(dtype), b.to(dtype)
+        d = a.sum(-1, keepdim=True) - b.sum(-1, keepdim=True)
+        last = torch.arange(b.shape[-1], device=b.device) == b.shape[-1] - 1
         # (d - d.detach()) is exactly 0: the values stay b's, the derivative is b_n's as implied.
         return self.node(C, a, b + (d - d.detach()) * last)
 

@@ -76,6 +76,20 @@ def test_masked_scores_layer_checks_its_input_before_masking(name, kind):
         layer(x)
 
 
+def test_ot_entropic_backends_return_the_promoted_dtype():
+    """float16 costs with float64 marginals: the native backend returned a float16 plan,
+    the cone program a float64 one. Both compute in the promoted dtype now, and agree."""
+    gen = torch.Generator().manual_seed(0)
+    C = torch.rand(1, 3, 4, dtype=F64, generator=gen).half()
+    a, b = torch.tensor([[0.2, 0.3, 0.5]], dtype=F64), torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=F64)
+    plans = [cddn.layer("ot_entropic", m=3, n=4, eps=0.5, backend=be)(C, a, b) for be in ("native", "cvxpy")]
+    assert [p.dtype for p in plans] == [F64, F64]
+    assert torch.allclose(plans[0], plans[1], atol=1e-6)
+    # The float64 plan of the float16 costs' values: the float64 native call.
+    ref = cddn.layer("ot_entropic", m=3, n=4, eps=0.5, backend="native")(C.double(), a, b)
+    assert torch.equal(plans[0], ref)
+
+
 def test_ot_entropic_is_native_and_both_backends_share_one_gradient():
     """layer("ot_entropic") returned the cone program (1.2 s for 16 plans of 8 x 8 against
     1.3 ms for OptimalTransport) and backend="native" said it had no native node. Both
