@@ -97,7 +97,7 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
     """LU Newton steps on the elements ``idx`` only; merged back into the batch. With
     ``decide``, a second run from the same points takes the decided nonnegative pairs at
     their limit (see :func:`.polish.polish`), each element keeping the lower residual, and
-    where a pair is still open a third run decides every pair (:func:`_by_sign`)."""
+    where a pair is still open a third run decides every pair (:func:`_by_sign`); last, ``(k,)`` who moved."""
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     args = (pick(d.P), pick(d.q), pick(d.A), pick(d.b), layout, pick(xs), pick(ss), pick(zs),
             lambda *v: residual_fn(*v, idx), steps)
@@ -125,7 +125,7 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
     took = out[4]
     out = out[:4] + (took | pick(polished),)
     merged = (full.index_copy(0, idx, part) for full, part in zip((xs, ss, zs, residual, polished), out))
-    return (*merged, bool(took.any()))
+    return (*merged, took)
 
 
 def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish: str,
@@ -168,9 +168,11 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
         if idx.numel():
             xs, ss, zs, residual, polished, took = _polish_subset(d, layout, xs, ss, zs, residual, polished,
                                                                   idx, residual_fn, 2 * polish_steps, True)
-            if took:
-                # Estimated again on those elements only: a full-batch factorisation cost a
-                # third of this function at batch 1024 (n = 50 QP), for 16 elements.
+            if bool(took.any()):
+                # Estimated again on the elements that moved only: a full-batch factorisation cost
+                # a third of this function at batch 1024 (n = 50 QP), for 16 elements (and one that
+                # did not move keeps its estimate, as alone).
+                idx = idx[took]
                 pick = lambda v: v.index_select(0, idx)  # noqa: E731
                 sub = d.select(idx)
                 part, part_error = error_estimate(

@@ -48,7 +48,7 @@ from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_p
 from .limit_scaling import retry_at_limit
 from .ipm_step import STATE, STATUS, IterationData, column_mask, step, update
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
-from .nullspace import ReducedSystems, reduce, unverifiable
+from .nullspace import ReducedSystems, SplitKKT, gather, reduce, unverifiable
 from .resolution import unresolved_columns
 from .rays import verified_rays
 from .second_opinion import equilibrated_start
@@ -96,8 +96,9 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             is small but whose solution is not).
         tol_inf: relative tolerance of the infeasibility certificates.
         max_iter: iterations before an element is reported as ``max iterations``.
-        refine: iterative-refinement steps per KKT solve, once some element's measures
-            are below 1e-4 (the KKT systems get ill-conditioned; before, none).
+        refine: iterative-refinement steps per KKT solve, for an element whose measures
+            are below 1e-4 (the KKT systems get ill-conditioned; before, none) and whose
+            system the regularisation moves (each by its own numbers, as alone).
         equilibrate_passes: Ruiz passes (0: no equilibration).
         polish: Newton steps on the exact complementarity after the iterations
             (:mod:`.polish`): ``"auto"``: LU-based steps for programs with second-order
@@ -123,9 +124,19 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         Never raises for a per-element failure.
     """
     tol = min(tol, tol_accept)
+    args = (P, q, A, b, layout)
     P = 0.5 * (P + P.mT)
     d = equilibrate(P, q, A, b, layout, equilibrate_passes)
     B = A.shape[0]
+    reduced = None if start is not None else reduce(d, layout, structure)
+    if isinstance(reduced, torch.Tensor):
+        # The null-space form applies to some elements only: each group is solved apart, in
+        # the form it gets alone (one batch in the regularised form moved the others' points
+        # by 4e-12 and their iteration counts).
+        opts = dict(tol=tol, tol_accept=tol_accept, tol_error=tol_error, tol_inf=tol_inf, max_iter=max_iter,
+                    refine=refine, equilibrate_passes=equilibrate_passes, polish=polish, polish_steps=polish_steps,
+                    structure=structure, error_cols=error_cols, error_duals=error_duals, keep_state=keep_state)
+        return _apart(args, [torch.nonzero(m).squeeze(1) for m in (reduced, ~reduced)], opts)
     if start is not None:
         d, xs, ss, zs = equilibrated_start(d, layout, *start, rescale_below=_RESCALE_BELOW)
         status = torch.full((B,), SOLVED, dtype=torch.long, device=A.device)  # the checks decide
@@ -133,7 +144,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         red = None
     else:
         d, xs, ss, zs, status, iterations, certified, red = _iterate(d, layout, structure, tol, tol_inf,
-                                                                     max_iter, refine)
+                                                                     max_iter, refine, reduced=reduced)
         # σ sizes the equilibrated units from the data; an inactive constraint with a huge
         # right-hand side inflates it far above the solution, whose error the measures'
         # "1 +" then hides. Elements whose solution came out that small are solved again
@@ -192,10 +203,31 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     return out
 
 
-def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, *args, **kwargs):
-    """:func:`_iterations`, on the program without its equalities where that applies (:mod:`.nullspace`)."""
-    reduced = reduce(d, layout, structure)
-    if reduced is None:
+def _apart(args: tuple, groups: list[torch.Tensor], opts: dict) -> ConeSolution:
+    """:func:`solve_cone_batch` of ``args`` ``(P, q, A, b, layout)`` for each group of elements
+    (index tensors covering the batch once), merged into one :class:`ConeSolution`."""
+    sols = [(idx, solve_cone_batch(*(v.index_select(0, idx) for v in args[:4]), args[4], **opts)) for idx in groups]
+    B = args[0].shape[0]
+    merged = {name: gather(B, [(idx, getattr(sol, name)) for idx, sol in sols])
+              for name in ("x", "s", "z", "status", "iterations", "residual", "error", "points", "undecided",
+                           "undetermined")}
+    out = ConeSolution(**merged)
+    if opts["keep_state"]:
+        first = sols[0][1].scaled
+        scaled = first.select(torch.zeros(B, dtype=torch.long, device=first.c.device))  # (each replaced below)
+        for idx, sol in sols:
+            scaled = scaled.merge(idx, sol.scaled)
+        out.scaled, out.kkt = scaled, SplitKKT(B, [(idx, sol.kkt) for idx, sol in sols])
+        out.unresolved = gather(B, [(idx, sol.unresolved) for idx, sol in sols])
+    return out
+
+
+def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, *args, reduced=False, **kwargs):
+    """:func:`_iterations`, on the program without its equalities where that applies
+    (:mod:`.nullspace`; ``reduced``: :func:`~.nullspace.reduce`'s answer if known)."""
+    reduced = reduce(d, layout, structure) if reduced is False else reduced
+    # (A mask here: a part of a group the caller found all in one form, split by rounding now; kept whole.)
+    if not isinstance(reduced, tuple):
         return (*_iterations(d, layout, structure, *args, **kwargs), None)
     dr, red = reduced
     dr, ys, ss, zs, status, iterations, certified = _iterations(dr, red.layout, DENSE, *args, **kwargs)
@@ -256,9 +288,9 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     full, slot = None, None  # full-batch (data, state) and positions of the active elements
 
     for it in range(max_iter + 1):
-        # The one host round-trip per iteration: is anyone running, is anyone close (and
-        # needs refinement)?
-        n_running, close, coarse = counts.tolist()
+        # The one host round-trip per iteration: is anyone running, does anyone refine? (The
+        # refinement is computed for the batch then, and taken by those update() marked.)
+        n_running, n_refined = counts.tolist()
         if not n_running:
             break
         if not whole and state[0].shape[0] >= _COMPACT_MIN and n_running <= _COMPACT_FRACTION * state[0].shape[0]:
@@ -272,7 +304,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
                 slot = slot.index_select(0, idx)
             state, res = (tuple(v.index_select(0, idx) for v in part) for part in (state, res))
             data = data.select(idx)
-        ref = refine if close and coarse else 0
+        ref = refine if n_refined else 0
         last = it + 1 == max_iter
         if it == 0 or last or not whole:  # (variants run once: not worth a capture)
             state, effect = step(data, state, res, it == 0, ref)

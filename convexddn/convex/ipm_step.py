@@ -9,7 +9,7 @@ only the counts :func:`update` returns.
 The iterate is a tuple of ``(B, ·)`` tensors in the order of :data:`STATE`: the
 embedding's point, the status and iteration count, the best point visited with its merit,
 and the stall bookkeeping. The residuals of the last update that the step needs travel
-beside it as ``(r_x, r_z, r_τ, Px)``.
+beside it as ``(r_x, r_z, r_τ, Px, refined)`` (``refined``: whose solves the step refines).
 """
 from __future__ import annotations
 
@@ -73,9 +73,10 @@ def update(data: IterationData, state: tuple, effect: torch.Tensor | None, last:
     ``effect``: the last KKT system's ``regularisation_effect`` (or None); ``last``: the
     iteration limit is reached (who still runs stops there).
 
-    Returns ``(state, residuals, counts)``, ``counts`` ``(3,)``: the elements still
-    running, those of them close (best merit below 1e-4), and those whose solves need
-    refinement (the regularisation's effect on the last system above ``_REFINE_ABOVE``).
+    Returns ``(state, residuals, counts)``: ``residuals`` ``(r_x, r_z, r_τ, Px, refined)``,
+    ``refined`` ``(B,)`` the running elements whose next step refines its KKT solves: close
+    (best merit below 1e-4) and coarse (the regularisation's effect on the last system above
+    ``_REFINE_ABOVE``), each by its own numbers; ``counts`` ``(2,)``: how many run, how many refine.
     """
     x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count = state
     r = Measures(data.d, data.ops, data.norm_b, data.norm_q, x, s, z, tau, kappa, data.tol_inf)
@@ -102,22 +103,25 @@ def update(data: IterationData, state: tuple, effect: torch.Tensor | None, last:
     # corrects the static regularisation δ (and rounding): where the pivots certify that
     # δ moves a solve by less than _REFINE_ABOVE relative (last iteration's system; a
     # separable strictly convex program), it is skipped.
+    # Decided per element (an element's iterates are those it has alone, whoever shares its batch).
     coarse = running if effect is None else running & ~(effect <= _REFINE_ABOVE)
-    counts = torch.stack([running.sum(), (running & (best_merit < 1e-4)).sum(), coarse.sum()])
+    refined = coarse & (best_merit < 1e-4)
+    counts = torch.stack([running.sum(), refined.sum()])
     state = (x, s, z, tau, kappa, status, iterations, *best, best_merit, stall_ref, stall_count)
-    return state, (r.rx, r.rz, r.rtau, r.Px), counts
+    return state, (r.rx, r.rz, r.rtau, r.Px, refined), counts
 
 
 def step(data: IterationData, state: tuple, res: tuple, first: bool, refine: int):
     """The predictor-corrector step of the running elements (the others keep their
     point: step length 0); ``first``: damp the corrector, as Clarabel does for a badly
-    centred start; ``refine``: refinement steps per KKT solve.
+    centred start; ``refine``: refinement steps per KKT solve, applied to the elements that
+    :func:`update` marked (``res``' last member) only.
 
     Returns ``(state, effect)``: the new iterate and this step's KKT system's
     ``regularisation_effect`` (or None).
     """
     x, s, z, tau, kappa, status, iterations, *rest = state
-    rx, rz, rtau, Px = res
+    rx, rz, rtau, Px, refined = res
     d, ops, layout = data.d, data.ops, data.layout
     z0, nu = layout.zero, layout.degree
     bE, bI = d.b[:, :z0], d.b[:, z0:]
@@ -144,7 +148,7 @@ def step(data: IterationData, state: tuple, res: tuple, first: bool, refine: int
     # the affine cone rows are W⁻¹(s − r_z) = λ − W⁻¹ r_z.
     (x1, z1, h1, *p1), affine = kkt.solve_columns(
         [(-d.q, rows(bE, W.apply_inv(bI))), (-rx, rows(-rz[:, :z0] if z0 else None, lam - Wrz))], refine,
-        product=data.diagonal_w)
+        product=data.diagonal_w, mask=refined)
     v = x1 - xi
     # Δτ from the third row after eliminating Δs, Δκ (Clarabel §4.1); h = W Δz_I and
     # den = ‖x1 − ξ‖²_P + ‖z1‖²_H + κ/τ > 0.
@@ -176,7 +180,7 @@ def step(data: IterationData, state: tuple, res: tuple, first: bool, refine: int
     dkappa_c = tau * kappa + dtau_a * dkappa_a * (alpha_a if first else 1.0) - sigma * mu
     rhs2_r = rows(-one_s * rz[:, :z0] if z0 else None, layout.jordan_solve(lam, ds_lam) - one_s * Wrz)
     corrector = kkt.solve((-one_s * rx).unsqueeze(-1), rhs2_r.unsqueeze(-1), refine, scaled=True,
-                          product=data.diagonal_w)
+                          product=data.diagonal_w, mask=refined)
     DX, DZ, _, DSc, dtau, dkappa = direction((1.0 - sigma) * rtau, one_s * rz, dkappa_c,
                                              *(v[..., 0] for v in corrector))
     alpha = torch.clamp(_STEP_FRACTION * max_step(layout, sc, zc, tau, kappa, DSc, DZ[:, z0:], dtau, dkappa),

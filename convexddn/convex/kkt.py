@@ -233,7 +233,7 @@ class KKTSystem:
         return ex, eE, t + (zh if lim is None else lim.kept(zh)) - atx
 
     def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
-              until: float | None = None, product: bool = False):
+              until: float | None = None, product: bool = False, mask: torch.Tensor | None = None):
         """Solve K [x; z] = [rx; rz] for ``(B, n, k)``, ``(B, m, k)`` right-hand sides.
 
         With :math:`\\hat z = W z_I` the cone rows become :math:`W^{-1} A_I x - \\hat z =
@@ -244,8 +244,9 @@ class KKTSystem:
         ``scaled=True`` says the cone rows of ``rz`` already hold :math:`W^{-1} r_I` (the
         interior-point method forms them without ever multiplying by :math:`W`).
         ``until``: after the ``refine`` steps, refine on (a host sync per step, at most
-        :data:`MAX_REFINE`) while some element's relative residual is above this and still
-        falls (halves within a few steps); each keeps its best iterate. Where κ(K)·δ nears 1
+        :data:`MAX_REFINE`) each element whose relative residual is above this and still
+        falls (halves within a few steps); each keeps its best iterate, and one that stops stays
+        stopped (its answer is the one it gets alone, however long the others go on). Where κ(K)·δ nears 1
         a step gains only a constant factor (a constrained MPC's derivative: residual 2e-4,
         gradient 4e-3 off finite differences after 3 steps; 2e-8 and 2e-6 after 12). Where
         it gains nothing at a small residual (:mod:`.stall`), ``solve_residual`` is ∞ and
@@ -253,7 +254,9 @@ class KKTSystem:
 
         ``product`` (without ``until``): also return :math:`W^{-1} A_I x`, from the
         products the solve formed (the last step's correction added: equal to a fresh
-        product to rounding).
+        product to rounding). ``mask`` ``(B,)``: the refinement's corrections are applied
+        only there (the interior-point iterations compute them for the batch when some element
+        needs them, and each takes them by its own rule, as it would alone).
 
         Returns:
             ``(x, z, ẑ)``: the solution and :math:`\\hat z = W z_I` ``(B, mc, k)``
@@ -282,30 +285,35 @@ class KKTSystem:
         lim = None if until is None else self.limit
         if until is not None:
             size, best, trail = row_inf(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny), None, []
-        step_ = None
+        step_, on = None, mask  # on: the elements still refined (None: all)
         for step in range(refine if until is None else MAX_REFINE):
-            # (W⁻¹A_I x: on the first step the regularised solve's own product of this x,
-            # the same numbers; one batched product fewer per refined solve)
+            # (W⁻¹A_I x: on the first step the regularised solve's own product of this x)
             ex, eE, et = self.residual(rx, rE, t, (x, zE, zh), lim, atx)
             if until is not None:  # each element keeps its best (residual, x, z_E, ẑ)
                 res = row_inf(ex, eE, et) / size
                 best = (res, x, zE, zh) if best is None else tuple(
-                    torch.where((res < best[0]).view(-1, *(1,) * (v.dim() - 1)), v, w)
+                    torch.where(((res < best[0]) & (True if on is None else on)).view(-1, *(1,) * (v.dim() - 1)), v, w)
                     for v, w in zip((res, x, zE, zh), best))
                 trail.append(best[0])
-                # On while an element above the target halved its best in _REFINE_WINDOW steps.
+                # On while above the target and its best halved in _REFINE_WINDOW steps; once
+                # stopped, for good: as alone, however long the others go on.
                 back = trail[max(0, len(trail) - 1 - _REFINE_WINDOW)]
-                if step >= refine and not bool(((best[0] > until) & (best[0] < 0.5 * back)).any()):
-                    break
-            dx, dzE, dzh, datx = self._solve_regularised(ex, eE, et)
-            x, zE, zh = x + dx, zE + dzE, zh + dzh
-            step_ = (dx, dzE, dzh)
+                if step >= refine:
+                    on = (best[0] > until) & (best[0] < 0.5 * back) & (True if on is None else on)
+                    if not bool(on.any()):
+                        break
+            d = self._solve_regularised(ex, eE, et)
             # W⁻¹A_I x of the new x: the product this step's residual used (``atx``, or on
             # later steps the one ``last`` carried) plus the correction's (refine >= 2 added
             # None: a TypeError); the next step's residual forms a fresh one.
-            last, atx = (last + datx) if product else None, None
-        if until is not None:
-            x, zE, zh = best[1:]
+            new = (x + d[0], zE + d[1], zh + d[2], (last + d[3]) if product else None)
+            if on is not None:  # corrected only where this element's own rule refines (exactly as alone)
+                keep = on.view(-1, 1, 1)
+                new = tuple(v if v is None else torch.where(keep, v, w) for v, w in zip(new, (x, zE, zh, last)))
+                d = tuple(torch.where(keep, v, w) for v, w in zip(d[:3], step_ or (0.0,) * 3))
+            x, zE, zh, last = new
+            step_, atx = d[:3], None
+        x, zE, zh = (x, zE, zh) if until is None else best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
         if until is not None:
             # (B,) each element's relative residual, read by the backward; inf where the
@@ -316,19 +324,18 @@ class KKTSystem:
         zs = torch.cat([zE, zI], 1) if z else zI
         return (x, zs, zh, last) if product else (x, zs, zh)
 
-    def solve_columns(self, columns, refine: int = 1, product: bool = False):
+    def solve_columns(self, columns, refine: int = 1, product: bool = False, mask: torch.Tensor | None = None):
         """``[(x, z, ẑ[, W⁻¹A_I x])]`` of the scaled system for each ``(r_x, r_z)`` ``(B, n), (B, m)``
-        in ``columns`` (cone rows of ``r_z`` already scaled, as in :meth:`solve`).
+        in ``columns`` (cone rows of ``r_z`` already scaled; ``mask`` as in :meth:`solve`).
 
-        One ``(B, ·, 1)`` solve per column, not one ``(B, ·, k)`` solve: batched
-        LAPACK/BLAS calls with two right-hand sides cost 2–3× those with one (CPU, B = 64,
-        n = 40: triangular solve 33 µs against 100, product 20 against 50; the same at
-        n = 50…400, B = 1…1024), and on a diagonal system torch's elementwise kernels do
-        not vectorise over an innermost dimension of 2 (31 µs against 4 at B = 1024,
-        n = 16). The n = 50 QP's forward at batch 64 got 10 % faster.
+        One ``(B, ·, 1)`` solve per column, not one ``(B, ·, k)`` solve: batched LAPACK/BLAS
+        calls with two right-hand sides cost 2–3× those with one (CPU, B = 64, n = 40:
+        triangular solve 33 µs against 100, product 20 against 50; the same at n = 50…400,
+        B = 1…1024), and on a diagonal system torch's elementwise kernels do not vectorise
+        over an innermost dimension of 2 (31 µs against 4 at B = 1024, n = 16).
         """
         return [tuple(v.squeeze(-1) for v in self.solve(rx.unsqueeze(-1), rz.unsqueeze(-1), refine, scaled=True,
-                                                         product=product))
+                                                         product=product, mask=mask))
                 for rx, rz in columns]
 
 

@@ -39,7 +39,10 @@ Where it does not apply — no equalities, a separable (diagonal) structure whos
 solves are elementwise anyway, :math:`p \\ge n`, or :math:`A_E` of some element
 rank-deficient or nearly so (duplicated rows; :math:`R`'s diagonal spread above
 ``1/RANK_TOL``) — :func:`reduce` returns ``None`` and the iterations keep the equality
-rows, regularised.
+rows, regularised. Where it applies to some elements of a batch and not to others,
+:func:`reduce` says which (a mask), and the caller solves the two groups apart
+(:class:`SplitKKT` holds their systems for the backward): an element's numbers are those
+it gets alone, not its neighbours' form.
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ from .symmetric_cones import ConeLayout, NTScaling
 if TYPE_CHECKING:  # (the derivative's scaling, built by certify)
     from .limit_scaling import LimitScaling
 
-__all__ = ["NEARLY_DEPENDENT", "RANK_TOL", "ReducedSystems", "Reduction", "reduce", "unverifiable"]
+__all__ = ["NEARLY_DEPENDENT", "RANK_TOL", "ReducedSystems", "Reduction", "SplitKKT", "gather", "reduce",
+           "unverifiable"]
 
 # Smallest |R_ii| relative to the largest, per element, for the elimination (float64; 1e3
 # eps in lower precision): x_p and z_E are solves with R, whose errors grow with its
@@ -204,8 +208,9 @@ class _ReducedKKT:
         return x, torch.cat([zE, zI], 1), zh
 
 
-def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scaled, Reduction] | None:
-    """The equality-free program of the module docstring, or ``None`` where it does not apply.
+def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scaled, Reduction] | torch.Tensor | None:
+    """The equality-free program of the module docstring, ``None`` where it applies to no
+    element, or where it applies to some only, the ``(B,)`` mask of those.
 
     Shape:
         ``d`` with ``P (B, n, n), A (B, m, n)``, ``p = layout.zero`` ->
@@ -220,8 +225,9 @@ def reduce(d: Scaled, layout: ConeLayout, structure: KKTStructure) -> tuple[Scal
     R = R[:, :p]
     diag = R.diagonal(dim1=1, dim2=2).abs()
     limit = max(RANK_TOL, 1e3 * torch.finfo(R.dtype).eps)  # float32: 1.2e-4
-    if not bool((diag.amin(1) > limit * diag.amax(1)).all()):
-        return None
+    ok = diag.amin(1) > limit * diag.amax(1)
+    if not bool(ok.all()):
+        return ok if bool(ok.any()) else None
     Q1, N = Q[:, :, :p], Q[:, :, p:]
     xp = _least_norm(Q1, R, d.b[:, :p].unsqueeze(-1)).squeeze(-1)
     AN = AI @ N
@@ -261,3 +267,49 @@ def _projected(P: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     """:math:`N^T P N`, symmetric to rounding: ``(B, n, n), (B, n, k) -> (B, k, k)``."""
     Pr = N.mT @ (P @ N)
     return 0.5 * (Pr + Pr.mT)
+
+
+def gather(B: int, parts) -> torch.Tensor:
+    """``(B, ...)`` from ``[(idx, v)]``, ``v`` the values of the elements ``idx`` (together all ``B``)."""
+    v0 = parts[0][1]
+    out = v0.new_zeros((B, *v0.shape[1:]))
+    for idx, v in parts:
+        out = out.index_copy(0, idx, v)
+    return out
+
+
+class SplitKKT:
+    """A batch's KKT systems at its solutions held in parts ``[(idx, kkt)]`` that cover its
+    ``B`` elements once each (those in the null-space form and the others, solved apart):
+    the interface the backward uses (``solve``, ``failed``, ``limit``; as
+    :class:`~.kkt.PatchedKKT`)."""
+
+    def __init__(self, B: int, parts) -> None:
+        self.B, self.parts = B, parts
+        self.failed = gather(B, [(idx, kkt.failed) for idx, kkt in parts])
+        self.solve_residual = self.solve_error = None  # (as KKTSystem's)
+
+    @property
+    def limit(self):
+        """As :attr:`KKTSystem.limit`, of the whole batch (``None`` where a part has none)."""
+        rows = [kkt.limit for _, kkt in self.parts]
+        if any(r is None for r in rows):
+            return None
+        whole = rows[0].select(self.failed.new_zeros(self.B, dtype=torch.long))  # (each row replaced below)
+        for (idx, _), r in zip(self.parts, rows):
+            whole = whole.patched(idx, r)
+        return whole
+
+    @limit.setter
+    def limit(self, rows) -> None:
+        for idx, kkt in self.parts:
+            kkt.limit = rows.select(idx)
+
+    def solve(self, rx: torch.Tensor, rz: torch.Tensor, refine: int = 1, scaled: bool = False,
+              until: float | None = None):
+        outs = [(idx, kkt.solve(rx.index_select(0, idx), rz.index_select(0, idx), refine, scaled, until))
+                for idx, kkt in self.parts]
+        if until is not None:
+            for name in ("solve_residual", "solve_error"):
+                setattr(self, name, gather(self.B, [(idx, getattr(kkt, name)) for idx, kkt in self.parts]))
+        return tuple(gather(self.B, [(idx, out[k]) for idx, out in outs]) for k in range(len(outs[0][1])))

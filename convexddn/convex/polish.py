@@ -284,8 +284,9 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     removes an error of order √μ; the next lands at rounding level), and the best point
     over the steps is kept (:func:`better`: the lowest residual, or at a tie at rounding
     level the lowest natural residual), so an element the steps do not help keeps its
-    interior-point solution. The steps stop early once every element's best
-    point has a residual at rounding level and, where ``settled`` is given, satisfies it.
+    interior-point solution. An element stops once its best point has a residual at
+    rounding level and, where ``settled`` is given, satisfies it (later steps of the others
+    change nothing of it: its point is the one it gets alone); the steps end when all have.
 
     Args:
         residual_fn: ``(x, s, z) -> (B,)`` relative KKT residual (cone violation included).
@@ -300,6 +301,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     best = (x, s, z)
     res = low = residual_fn(x, s, z)
     polished = torch.zeros_like(res, dtype=torch.bool)
+    going = torch.ones_like(polished)  # not yet done: an element done keeps its best, as alone
     empty = _empty_columns(P, A)
     for _ in range(steps):
         dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z, empty, decide)
@@ -310,7 +312,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         lost = failed | ~torch.isfinite(rn)
         x, s, z = (torch.where(lost[:, None], bv, v) for v, bv in zip((x, s, z), best))
         low = torch.where(lost, low, torch.minimum(low, rn))
-        take = ~lost & better(layout, rn, s, z, res, *best[1:], low)
+        take = going & ~lost & better(layout, rn, s, z, res, *best[1:], low)
         best = tuple(torch.where(take[:, None], v, bv) for v, bv in zip((x, s, z), best))
         res = torch.where(take, rn, res)
         polished = polished | take
@@ -318,7 +320,8 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         done = res <= rounding_level(res)
         if settled is not None:
             done = done & settled(*best)
-        if bool(done.all()):
+        going = going & ~done
+        if not bool(going.any()):
             break
     return (*best, res, polished)
 

@@ -153,8 +153,12 @@ def test_a_bound_met_beside_an_entry_far_outside_the_box_is_solved_on_the_batche
     eps = torch.finfo(dtype).eps
     # (the box [-1, 1] at 1e5 leaves y₀ 3e-11 from its bound, as it did where it was solved,
     # and the far entry's bound, with a multiplier of 2e10 at 1e10, is met to 2e-11)
-    exact = err[:, [0, 2]] if lo == 0 else err[x[:, 1].abs() > 1e5][:, [0, 2]]
-    assert float(exact.max()) <= 4 * eps and float(err.max()) <= max(4 * eps, 1e-10)
+    # The last row (no bound met; its far bound's multiplier 2e6 sets its KKT system's rounding
+    # at ~4e-10) came out 8e-14 off, alone as on old code; it met 4 eps only inside this batch,
+    # whose other elements' refinement it used to take (now each element gets what it gets alone).
+    exact = err[:-1, [0, 2]] if lo == 0 else err[:-1][x[:-1, 1].abs() > 1e5][:, [0, 2]]
+    assert float(exact.max()) <= 4 * eps and float(err[-1, [0, 2]].max()) <= max(4 * eps, 1e-12)
+    assert float(err.max()) <= max(4 * eps, 1e-10)
     named = {e for w in caught if issubclass(w.category, GradientWarning) for e in w.message.elements}
     assert named == {(i,) for i in range(len(rows) - 1)}  # the last has no bound met
     inside, outside = (x > lo) & (x < hi), (x < lo) | (x > hi)

@@ -39,12 +39,13 @@ def test_reduce_applies_only_to_dense_full_rank_equalities():
     assert reduce(d, layout, DENSE) is not None
     assert reduce(d, layout, KKTStructure(rho=False, diagonal=True, cols=tuple(range(14)))) is None
     assert reduce(d, ConeLayout(0, 13, (4,)), DENSE) is None  # no equalities
-    # A duplicated equality row in one element: rank-deficient, the whole batch keeps its rows.
+    # A duplicated equality row in one element: rank-deficient, it keeps its rows (the mask of
+    # the others: the caller solves the two groups apart).
     A2 = A.clone()
     A2[2, 1] = A2[2, 0]
     b2 = b.clone()
     b2[2, 1] = b2[2, 0]
-    assert reduce(equilibrate(P, q, A2, b2, layout), layout, DENSE) is None
+    assert reduce(equilibrate(P, q, A2, b2, layout), layout, DENSE).tolist() == [True, True, False, True]
     # p >= n: the equalities leave nothing (or nothing consistent) to eliminate onto.
     wide = ConeLayout(4, 2)
     P3, q3, A3, b3 = random_program(wide, 4, 2, seed=1)
@@ -171,3 +172,50 @@ def test_reduced_systems_solve_the_full_kkt_system(layout, scaled):
     expected = torch.linalg.solve(K, rhs)
     torch.testing.assert_close(torch.cat([x, z], 1), expected, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(zh, W.apply(z[:, z0:]), atol=1e-9, rtol=1e-9)
+
+
+def test_elements_beside_dependent_rows_keep_their_own_form_forward_and_backward():
+    """One element whose equality rows are dependent to 1e-14 kept the whole batch out of the
+    null-space form: its neighbours' points moved by 4e-12 (relative) and their iteration
+    counts changed. The two groups are solved apart now; forward and backward, every element
+    gets what it gets alone (the dependent one too)."""
+    import warnings
+
+    import convexddn as cddn
+    from test_interior_point import mixed_qps
+
+    params, kind = mixed_qps(24, seed=3)
+    params = [p.clone() for p in params]
+    L, q, G, h, A, b = params
+    A[5, 1] = A[5, 0] + 1e-14 * torch.randn(6, dtype=F64, generator=torch.Generator().manual_seed(0))
+    b[5, 1] = b[5, 0]
+    layer = cddn.layer("qp", backend="cvxpy", n=6, n_ineq=4, n_eq=2, on_failure="mask")
+    up = torch.randn(6, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    def run(idx):
+        ins = [p[idx].clone().requires_grad_(True) for p in params]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = layer(*ins)
+            grads = torch.autograd.grad((y * up).sum(), ins)
+        return y.detach(), grads, layer.last_solve.solvers
+
+    y, grads, solvers = run(torch.arange(24))
+    for i in range(24):
+        y1, grads1, solvers1 = run(torch.tensor([i]))
+        assert solvers1[0] == solvers[i], i
+        torch.testing.assert_close(y1[0], y[i], atol=1e-13, rtol=1e-13, equal_nan=True)
+        for g1, g in zip(grads1, grads):
+            torch.testing.assert_close(g1[0], g[i], atol=1e-11, rtol=1e-11)
+
+
+def test_reduce_names_the_elements_it_applies_to_when_not_all():
+    """Equality rows dependent to 1e-14 in element 1 of 3: :func:`reduce` returns the mask of
+    the others (the caller solves the groups apart); for element 1 alone, None."""
+    layout = ConeLayout(2, 3)
+    P, q, A, b = random_program(layout, 5, 3, seed=2)
+    A[1, 1] = A[1, 0] * (1 + 1e-14)
+    d = equilibrate(P, q, A, b, layout, 3)
+    assert reduce(d, layout, DENSE).tolist() == [True, False, True]
+    assert reduce(d.select(torch.tensor([1])), layout, DENSE) is None
+    assert isinstance(reduce(d.select(torch.tensor([0, 2])), layout, DENSE), tuple)

@@ -337,3 +337,35 @@ def test_a_second_order_cone_near_its_tip_at_small_scale_has_the_closed_form_gra
     for k, (y, J) in enumerate(zip(refs, jacs)):
         assert np.abs(out[k, 2:] - y).max() < 1e-12 * rows[k][1]
         assert np.abs(g[k] - np.concatenate([[0.0, Wn[k, 1]], J.T @ Wn[k, 2:]])).max() < 1e-9
+
+
+def test_each_element_stops_polishing_as_alone():
+    """The Newton steps went on for every element until all were at rounding level, and an
+    element already there took the others' steps and kept whichever point :func:`better`
+    preferred: 13 of 16 random SOCPs came back from their points alone by up to 6.8e-14, one
+    with a residual of 2.4e-16 in the batch against 3.1e-15 alone. Each stops by its own rule
+    now: the same point and residual in any batch."""
+    from convexddn.convex.interior_point import kkt_measures, solve_cone_batch
+    from convexddn.convex.polish import polish
+
+    gen = torch.Generator().manual_seed(4)
+    layout, B, n = ConeLayout(2, 6, (4, 3, 5)), 16, 8
+    A = torch.randn(B, layout.m, n, dtype=torch.float64, generator=gen)
+    s0 = torch.zeros(B, layout.m, dtype=torch.float64)
+    s0[:, 2:] = layout.shift_inside(torch.randn(B, layout.cone_rows, dtype=torch.float64, generator=gen))
+    b = (A @ torch.randn(B, n, 1, dtype=torch.float64, generator=gen))[..., 0] + s0
+    L = torch.randn(B, n, n, dtype=torch.float64, generator=gen)
+    P, q = L @ L.mT / n + 0.1 * torch.eye(n, dtype=torch.float64), torch.randn(B, n, dtype=torch.float64, generator=gen)
+    start = solve_cone_batch(P, q, A, b, layout, polish="never", tol=1e-6, tol_accept=1e-6)
+
+    def run(i):
+        def residual(x, s, z):
+            return torch.stack(kkt_measures(P[i], q[i], A[i], b[i], x, s, z)).amax(0)
+        return polish(P[i], q[i], A[i], b[i], layout, start.x[i], start.s[i], start.z[i], residual, steps=6)
+
+    full = run(slice(None))
+    assert (full[3] < 1e-14).all()
+    for i in range(B):
+        one = run(slice(i, i + 1))
+        torch.testing.assert_close(one[0][0], full[0][i], atol=1e-14, rtol=0)
+        torch.testing.assert_close(one[3][0], full[3][i], atol=0, rtol=1e-2)
