@@ -528,6 +528,60 @@ def test_robust_pool_compile_fallback_not_used_up_by_a_failed_call(monkeypatch):
     torch.testing.assert_close(y, robust_pool(x, "huber", 1.0, compile=False))
 
 
+def test_robust_pool_compile_error_of_the_penalty_is_the_callers(monkeypatch):
+    """An error a user's penalty raised inside the compiled kernel was reported as
+    "torch.compile failed", swallowed (the call ran eagerly), and the kernel ran eagerly for
+    the rest of the process; under -W error it surfaced as that ConvexDDNWarning. It
+    propagates now and changes nothing; a failure of the compiler's backend (raised by
+    dynamo as BackendCompilerFailed) still falls back to eager, with the warning."""
+    import functools
+
+    from convexddn.nodes import Penalty
+
+    class Flaky(Penalty):
+        name = "flaky_pseudo_huber"
+        convex, strict, smooth = True, True, True
+        fail = False
+
+        def phi(self, z, a):
+            return a * a * (torch.sqrt(1 + (z / a) ** 2) - 1)
+
+        def dphi(self, z, a):
+            if Flaky.fail:
+                Flaky.fail = False
+                raise RuntimeError("the penalty's own error")
+            return z / torch.sqrt(1 + (z / a) ** 2)
+
+        def d2phi(self, z, a):
+            return (1 + (z / a) ** 2) ** -1.5
+
+        def d2phi_dalpha(self, z, a):
+            return (z / a) ** 3 * (1 + (z / a) ** 2) ** -1.5
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_COMPILE_FAILED", set())
+    x = with_outliers(2, (3, 9))
+    y0 = robust_pool(x, Flaky(), 1.0, compile=True)
+    Flaky.fail = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="the penalty's own error"):
+            robust_pool(x, Flaky(), 1.0, compile=True)
+    assert kernels._COMPILE_FAILED == set()
+    torch.testing.assert_close(robust_pool(x, Flaky(), 1.0, compile=True), y0)
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("the backend broke")
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch._dynamo.optimize, broken_backend))
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    with pytest.warns(ConvexDDNWarning, match="torch.compile failed"):
+        y = robust_pool(x, Flaky(), 1.0, compile=True)
+    torch.testing.assert_close(y, y0)
+    assert kernels._COMPILE_FAILED
+
+
 # --------------------------------------------------------------------------- module
 
 

@@ -60,6 +60,17 @@ def kernel(key: Any, make: Callable[[], Callable]) -> list:
     return entry
 
 
+def _from_compiler(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is torch.compile's own (dynamo's,
+    or a backend's, which dynamo raises as ``BackendCompilerFailed``), not one the compiled
+    code raised: that propagates unchanged through a compiled call."""
+    while exc is not None:
+        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def run(fn: Callable | None, use_compile: bool, *args: Any, key: Any = None,
         make: Callable[[], Callable] | None = None) -> Any:
     """Call ``fn(*args)`` through torch.compile when asked, falling back to eager (with a
@@ -73,16 +84,27 @@ def run(fn: Callable | None, use_compile: bool, *args: Any, key: Any = None,
             try:
                 if entry[1] is None:  # (two threads may both wrap it: either will do)
                     entry[1] = torch.compile(fn)
-                return entry[1](*args)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-                warn(
-                    f"robust_pool: torch.compile failed for {name} "
-                    f"({type(exc).__name__}: {str(exc)[:200]}); running it eagerly from now on",
-                    ConvexDDNWarning,
-                )
-                # Marked once the warning returned: where warnings are errors it raised, the call
-                # failed, and a failed call changes nothing (marked first, the next ran eagerly, unsaid).
-                _COMPILE_FAILED.add(name)
+                compiled = entry[1]
+            except Exception as exc:  # noqa: BLE001 - torch.compile itself failed: run eagerly
+                failure = exc
+            else:
+                try:
+                    return compiled(*args)
+                except Exception as exc:  # noqa: BLE001
+                    # Only the compiler's own failures mean "run eagerly": an error the kernel's
+                    # code raised (a user's penalty) is the caller's. It was reported as a compile
+                    # failure, and compilation of that kernel was off for the rest of the process.
+                    if not _from_compiler(exc):
+                        raise
+                    failure = exc
+            warn(
+                f"robust_pool: torch.compile failed for {name} "
+                f"({type(failure).__name__}: {str(failure)[:200]}); running it eagerly from now on",
+                ConvexDDNWarning,
+            )
+            # Marked once the warning returned: where warnings are errors it raised, the call
+            # failed, and a failed call changes nothing (marked first, the next ran eagerly, unsaid).
+            _COMPILE_FAILED.add(name)
     return fn(*args)
 
 
