@@ -19,7 +19,6 @@ measured), :mod:`.report` (markdown, JSON, plot).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from .._checks import check_bool, check_int
 from .._machine import machine
 from ..cli import MAX_COUNT
-from ..experiments.running import output_files, prepare_out_dir, resolve_device
+from ..experiments.running import output_files, prepare_out_dir, resolve_device, write_json
 from .cases import (
     CONVEX_PENALTIES,
     POOL_PENALTIES,
@@ -111,8 +110,7 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
               "convex": convex, "nodes": nodes, "memory": memory, "workers": workers}
     if out is not None:
         prepare_out_dir(out, "out", output_files("bench"))  # again: it may have changed during the run
-        with open(os.path.join(out, "bench.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(out, "bench.json"), result)
         plot(result, os.path.join(out, "bench.png"))
     return result
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from ..errors import ConvexDDNWarning, OptionError
 __all__ = [
     "output_files",
     "prepare_out_dir",
+    "write_json",
     "write_result",
     "resolve_device",
     "torch_threads",
@@ -227,7 +229,23 @@ def write_result(result: dict[str, Any], out: str, name: str,
     json_name, png_name = output_files(name)
     prepare_out_dir(out, "out", (json_name, png_name))
     files = {"json": os.path.join(out, json_name), "png": os.path.join(out, png_name)}
-    with open(files["json"], "w") as f:
-        json.dump({**result, "files": files}, f, indent=2)
+    write_json(files["json"], {**result, "files": files})
     plot(result, files["png"])
     return files
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` whole or not at all: into a temporary file beside
+    it, then renamed over it. Written in place, an interrupted or failed write (Ctrl-C during
+    ``json.dump``, a value JSON cannot encode) left a truncated file where the previous run's
+    result had been."""
+    folder, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,47 @@
+"""convexddn.experiments.running: writing results (the JSON whole or not at all)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from convexddn.experiments.running import write_json, write_result
+
+
+def test_a_failed_write_keeps_the_previous_result(tmp_path):
+    """The JSON was written in place: a write that failed half way (a value JSON cannot
+    encode, as a float32 left in a result; Ctrl-C during json.dump alike) left a truncated,
+    unparseable file where the previous run's result had been."""
+    path = tmp_path / "run.json"
+    write_json(str(path), {"a": 1.5, "rows": list(range(100))})
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_json(str(path), {"a": 2.0, "rows": list(range(100)), "bad": np.float32(1.0)})
+    assert path.read_text() == before and json.loads(before)["a"] == 1.5
+    assert os.listdir(tmp_path) == ["run.json"]  # no temporary file left behind
+
+
+def test_an_interrupted_write_keeps_the_previous_result(tmp_path, monkeypatch):
+    path = tmp_path / "run.json"
+    write_json(str(path), {"a": 1})
+    real_dump = json.dump
+
+    def interrupted(obj, f, **kwargs):
+        f.write('{"a": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(str(path), {"a": 2})
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_write_result_writes_the_json_then_the_plot(tmp_path):
+    seen = []
+    files = write_result({"x": 1}, str(tmp_path), "demo", lambda result, png: seen.append((result, png)))
+    assert json.loads(open(files["json"]).read()) == {"x": 1, "files": files}
+    assert seen == [({"x": 1}, files["png"])]
