@@ -41,6 +41,7 @@ _LAZY = {
     "OptimalTransport": ".nodes",
     "Entmax": ".nodes",
     "TotalVariation1d": ".nodes",
+    "TridiagonalSolve": ".nodes",
 }
 _SUBMODULES = ("errors", "functional", "testing", "convex", "nodes", "bench", "experiments")
 
@@ -59,6 +60,7 @@ __all__ = [
     "RobustVectorPool",
     "SimplexProjection",
     "TotalVariation1d",
+    "TridiagonalSolve",
     "WeightedLeastSquares",
     "errors",
     "functional",
@@ -100,5 +102,6 @@ if TYPE_CHECKING:  # for type checkers and documentation tools: the eager import
         RobustVectorPool,
         SimplexProjection,
         TotalVariation1d,
+        TridiagonalSolve,
         WeightedLeastSquares,
     )

@@ -13,7 +13,9 @@ from .nodes.pooling import robust_pool
 from .nodes.projection import project_lp, project_simplex
 from .nodes.total_variation import tv_denoise
 from .nodes.transport import sinkhorn
+from .nodes.tridiagonal import tridiagonal_solve
 from .nodes.vector_pool import robust_vector_pool
 
 __all__ = ["robust_pool", "project_lp", "project_simplex", "robust_vector_pool", "eigen_decomposition",
-           "least_squares", "linear_fit", "pnp", "sinkhorn", "entmax", "tv_denoise"]
+           "least_squares", "linear_fit", "pnp", "sinkhorn", "entmax", "tv_denoise",
+           "tridiagonal_solve"]

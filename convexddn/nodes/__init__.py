@@ -11,7 +11,8 @@
 - :mod:`.eigen`, :mod:`.least_squares` / :mod:`.linear_fit`, :mod:`.vector_pool`,
   :mod:`.pnp`: eigen decomposition, (weighted) least squares, robust vector pooling,
   perspective-n-point; :mod:`.transport` (entropic optimal transport), :mod:`.entmax`
-  (sparse attention), :mod:`.total_variation` (1-D TV denoising).
+  (sparse attention), :mod:`.total_variation` (1-D TV denoising), :mod:`.tridiagonal`
+  (batched tridiagonal linear systems).
 
 The functions ``entmax``, ``least_squares``, ``linear_fit`` and ``pnp`` are exported
 here under their modules' names, so the attributes ``convexddn.nodes.entmax`` etc. are
@@ -29,6 +30,7 @@ from .pooling import Penalty, RobustPool, robust_pool
 from .projection import LpProjection, SimplexProjection, project_lp, project_simplex
 from .total_variation import TotalVariation1d, tv_denoise
 from .transport import OptimalTransport, sinkhorn
+from .tridiagonal import TridiagonalSolve, tridiagonal_solve
 
 __all__ = [
     "DeclarativeNode",
@@ -40,6 +42,8 @@ __all__ = [
     "sinkhorn",
     "TotalVariation1d",
     "tv_denoise",
+    "TridiagonalSolve",
+    "tridiagonal_solve",
     "eigen_decomposition",
     "least_squares",
     "LeastSquares",

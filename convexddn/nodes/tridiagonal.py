@@ -1,0 +1,248 @@
+r"""Batched tridiagonal linear systems as a differentiable node.
+
+.. math::
+
+    x = A^{-1} d, \qquad
+    A = \begin{pmatrix} b_1 & c_1 & & \\ a_2 & b_2 & \ddots & \\ & \ddots & \ddots & c_{n-1} \\
+    & & a_n & b_n \end{pmatrix}
+
+(``diag`` :math:`= b`, ``lower`` :math:`= (a_2, \dots, a_n)`, ``upper`` :math:`= (c_1, \dots,
+c_{n-1})`, ``rhs`` :math:`= d`: the argument order of the DDN reference's ``tridiagsolve(b, a, c,
+d)``). The minimiser of :math:`\tfrac12 x^\top A x - d^\top x` for symmetric positive definite
+:math:`A`, and the linear solve inside TV-, spline- and diffusion-type layers.
+
+**Solver** (:mod:`._tridiagonal_solver`): cyclic reduction or the Thomas algorithm, all batch
+elements in one tensor, unpivoted and so fast; each element's answer is then checked (its
+componentwise backward error and its pivots), refined once where the check fails, and solved
+again with partial pivoting (LAPACK ``gtsv``'s algorithm) where it still fails: an element never
+returns an unchecked answer. A matrix singular to working precision raises a ``SolverError``
+naming the batch elements.
+
+**Derivatives** (implicit, hand-written). From :math:`A x = d`, :math:`dA\,x + A\,dx = dd`:
+with :math:`w = A^{-\top} g` (:math:`A^\top` is tridiagonal with ``lower`` and ``upper``
+swapped: the same checked solver),
+
+.. math::
+
+    \bar d = w, \quad \bar b_i = -\textstyle\sum_k w_{ik} x_{ik}, \quad
+    \bar a_{i} = -\textstyle\sum_k w_{i+1,k} x_{ik}, \quad \bar c_{i} = -\textstyle\sum_k w_{ik} x_{i+1,k}
+
+(:math:`\bar a_i` for the entry :math:`(i+1, i)`, :math:`\bar c_i` for :math:`(i, i+1)`),
+summed over broadcast dimensions; forward mode: :math:`\dot x = A^{-1}(\dot d - \dot A x)`.
+Second derivatives raise :class:`~convexddn.errors.DoubleBackwardError`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._autograd import bind_fast, functorch_transforms, may_carry_tangents, refuse_vmap, save_plain
+from .._checks import check_device, check_finite, check_tensor
+from .._first_order import first_order, first_order_jvp
+from ..errors import DTypeError, ShapeError
+from ._tridiagonal_solver import multiply, solve_checked
+
+__all__ = ["TridiagonalSolve", "tridiagonal_solve"]
+
+_NAME = "tridiagonal_solve"
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 and bfloat16 are solved in float32 (their 3–4 digits would not survive the
+    elimination), and the answer rounded once; float32 and float64 as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _flat(t: torch.Tensor, batch: tuple, tail: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` broadcast to ``batch + tail`` and flattened to ``(M, *tail)`` in ``dtype``
+    (``math.prod``, not -1: an empty batch)."""
+    return t.to(dtype).expand(*batch, *tail).reshape(math.prod(batch), *tail)
+
+
+@bind_fast
+class _TridiagonalFn(torch.autograd.Function):
+    """Checked solve forward; the implicit derivatives of the module docstring."""
+
+    # torch.func.jacfwd vmaps the jvp over its tangents (the primals stay unbatched).
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(diag, lower, upper, rhs, batch):  # type: ignore[override]
+        n, k = rhs.shape[-2:]
+        work = _work_dtype(diag.dtype)
+        b, a, c = (_flat(t, batch, (t.shape[-1],), work) for t in (diag, lower, upper))
+        x, routed = solve_checked(b, a, c, _flat(rhs, batch, (n, k), work), _NAME, batch)
+        return x.reshape(*batch, n, k).to(rhs.dtype), routed
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        diag, lower, upper, rhs, batch = inputs
+        x, routed = output
+        ctx.mark_non_differentiable(routed)
+        work = _work_dtype(diag.dtype)
+        flat = [_flat(t, batch, (t.shape[-1],), work) for t in (diag, lower, upper)]
+        x = _flat(x.detach(), batch, x.shape[-2:], work)  # (a float16 x: its rounded value, in float32)
+        save_plain(ctx, *flat, x, routed)
+        ctx.save_for_forward(*flat, x, routed)
+        ctx.set_materialize_grads(False)
+        ctx.batch, ctx.shapes = batch, [t.shape for t in inputs[:4]]
+        ctx.dtypes = [t.dtype for t in inputs[:4]]
+        ctx.anchors = inputs[:4]  # only for a second differentiation's error (see first_order)
+
+    @staticmethod
+    @first_order(_NAME)
+    def backward(ctx, grad_x, _gr):  # type: ignore[override]
+        if grad_x is None:
+            return None, None, None, None, None
+        b, a, c, x, routed = ctx.saved_tensors
+        m, n, k = x.shape
+        g = grad_x.to(x.dtype).reshape(m, n, k)
+        # Aᵀ: lower and upper swapped; the forward's pivoted elements start pivoted.
+        w, _ = solve_checked(b, c, a, g, _NAME, ctx.batch, route=routed)
+        grads = [-(w * x).sum(-1), -(w[:, 1:] * x[:, :-1]).sum(-1), -(w[:, :-1] * x[:, 1:]).sum(-1), w]
+        out = []
+        for grad, need, shape, dtype in zip(grads, ctx.needs_input_grad, ctx.shapes, ctx.dtypes):
+            out.append(grad.reshape(*ctx.batch, *grad.shape[1:]).sum_to_size(shape).to(dtype) if need else None)
+        return (*out, None)
+
+    @staticmethod
+    @first_order_jvp(_NAME)
+    def jvp(ctx, diag_t, lower_t, upper_t, rhs_t, _batch):  # type: ignore[override]
+        r""":math:`\dot x = A^{-1}(\dot d - \dot A x)`, the forward's pivoted elements pivoted."""
+        b, a, c, x, routed = ctx.saved_tensors
+        m, n, k = x.shape
+        zero_b, zero_o = torch.zeros_like(b), torch.zeros_like(a)
+        db, da, dc = (zero if t is None else _flat(t, ctx.batch, (t.shape[-1],), x.dtype)
+                      for t, zero in ((diag_t, zero_b), (lower_t, zero_o), (upper_t, zero_o)))
+        r = -multiply(db, da, dc, x)
+        if rhs_t is not None:
+            r = r + _flat(rhs_t, ctx.batch, (n, k), x.dtype)
+        # Under torch.func.jacfwd the tangents are batched: no host decision on their values,
+        # so the forward's choice of solver per element is reused unchecked.
+        check = not functorch_transforms()
+        x_t, _ = solve_checked(b, a, c, r, _NAME, ctx.batch, route=routed, check=check)
+        return x_t.reshape(*ctx.batch, n, k).to(ctx.dtypes[3]), None
+
+
+def _check_inputs(diag, lower, upper, rhs) -> tuple[torch.Tensor, bool, tuple]:
+    """The checks of :func:`tridiagonal_solve`: ``(rhs as (*, N, K), vector, batch shape)``."""
+    for name, t in (("lower", lower), ("upper", upper), ("rhs", rhs)):
+        if t.dtype != diag.dtype:
+            raise DTypeError(f"{name} must have diag's dtype {diag.dtype}, got {t.dtype}")
+        check_device(name, t, diag, "diag")
+    if diag.ndim < 1 or diag.shape[-1] == 0:
+        raise ShapeError(f"diag must have shape (*, N) with N >= 1, got shape {tuple(diag.shape)}")
+    n = diag.shape[-1]
+    for name, t in (("lower", lower), ("upper", upper)):
+        if t.ndim < 1 or t.shape[-1] != n - 1:
+            raise ShapeError(f"{name} must have shape (*, N-1) = (*, {n - 1}) for diag of shape "
+                             f"{tuple(diag.shape)}, got shape {tuple(t.shape)}")
+    if rhs.ndim == diag.ndim and rhs.ndim >= 1:
+        vector, rm = True, rhs.unsqueeze(-1)
+    elif rhs.ndim == diag.ndim + 1:
+        vector, rm = False, rhs
+    else:
+        raise ShapeError(f"rhs must have shape (*, N) (as many dims as diag, {diag.ndim}) or (*, N, K) (one more), "
+                         f"got shape {tuple(rhs.shape)}")
+    if rm.shape[-2] != n:
+        raise ShapeError(f"rhs must have N={n} rows like diag {tuple(diag.shape)}, got shape {tuple(rhs.shape)}")
+    try:
+        batch = tuple(torch.broadcast_shapes(diag.shape[:-1], lower.shape[:-1], upper.shape[:-1], rm.shape[:-2]))
+    except RuntimeError:
+        raise ShapeError(f"the batch shapes of diag {tuple(diag.shape[:-1])}, lower {tuple(lower.shape[:-1])}, "
+                         f"upper {tuple(upper.shape[:-1])} and rhs {tuple(rm.shape[:-2])} do not broadcast") from None
+    tensors = (diag, lower, upper, rhs)
+    if any(t.numel() for t in tensors) and not bool(torch.isfinite(torch.stack(
+            [t.detach().float().abs().sum() if t.numel() else t.new_zeros((), dtype=torch.float32)
+             for t in tensors])).all()):
+        # (one host read in the common case; a sum that overflows sends here, and is cleared)
+        for name, t in zip(("diag", "lower", "upper", "rhs"), tensors):
+            check_finite(name, t)
+    return rm, vector, batch
+
+
+def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, rhs: torch.Tensor
+                      ) -> torch.Tensor:
+    r"""Solve batched tridiagonal systems :math:`A x = d`, differentiably.
+
+    .. math::
+
+        A_{ii} = \text{diag}_i, \quad A_{i+1,i} = \text{lower}_i, \quad A_{i,i+1} = \text{upper}_i,
+        \qquad x = A^{-1}\,\text{rhs}
+
+    Solved by cyclic reduction or the Thomas algorithm (the faster for the shape), every
+    element's answer checked by its componentwise backward error and pivots, refined once where
+    that fails, and re-solved with partial pivoting (as LAPACK ``gtsv``) where it still fails: any
+    nonsingular matrix is solved stably, diagonally dominant and SPD ones at the fast path's cost
+    (module docstring of :mod:`convexddn.nodes._tridiagonal_solver`). O(N log N) work, O(log N)
+    vectorised steps (cyclic reduction); the pivoted fallback is a loop over the N rows.
+    Gradients and forward-mode tangents are implicit: one more (transposed) solve.
+
+    Args:
+        diag: the main diagonal :math:`b_1 \dots b_N`.
+        lower: the sub-diagonal :math:`a_2 \dots a_N` (entries :math:`(i+1, i)`).
+        upper: the super-diagonal :math:`c_1 \dots c_{N-1}` (entries :math:`(i, i+1)`).
+        rhs: the right-hand side(s).
+
+    Shape:
+        - diag :math:`(*, N)`, lower and upper :math:`(*, N-1)` (empty for N = 1); their leading
+          dims broadcast with each other and with rhs's.
+        - rhs :math:`(*, N)` (as many dims as diag) or :math:`(*, N, K)` (one more: K right-hand sides).
+        - Output: rhs's shape with the broadcast batch, in the inputs' dtype (float16 and bfloat16
+          solved in float32) and device.
+
+    Raises:
+        DTypeError: an input is not a floating-point tensor, or not of diag's dtype.
+        ShapeError: N = 0, lower/upper not of length N-1, rhs of the wrong rank or N, or batch
+            shapes that do not broadcast.
+        NonFiniteError: an input holds NaN or Inf.
+        InputError: inputs on different devices.
+        SolverError: :math:`A` is singular to working precision (a pivot of its LU factorisation
+            with partial pivoting at most :math:`N\varepsilon\|A\|_\infty`), or the solution
+            overflows, for some batch elements (named in the message and in ``indices``).
+
+    References:
+        R. W. Hockney and C. R. Jesshope, *Parallel Computers*, 1981 (cyclic reduction).
+        N. J. Higham, *Accuracy and Stability of Numerical Algorithms*, 2002, §9.6 (tridiagonal
+        systems) and §12 (iterative refinement). LAPACK ``dgtsv``.
+
+    Examples::
+
+        >>> diag = torch.full((2, 4), 4.0); off = torch.ones(2, 3)
+        >>> x = tridiagonal_solve(diag, off, off, torch.ones(2, 4))
+        >>> x[0]
+        tensor([0.2105, 0.1579, 0.1579, 0.2105])
+    """
+    tensors = [check_tensor(name, t) for name, t in (("diag", diag), ("lower", lower), ("upper", upper),
+                                                     ("rhs", rhs))]
+    refuse_vmap(_NAME, *tensors)
+    diag, lower, upper, rhs = tensors
+    rm, vector, batch = _check_inputs(diag, lower, upper, rhs)
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or may_carry_tangents(*tensors):
+        x = _TridiagonalFn.apply(diag, lower, upper, rm, batch)[0]
+    else:
+        x = _TridiagonalFn.forward(diag, lower, upper, rm, batch)[0]
+    return x.squeeze(-1) if vector else x
+
+
+class TridiagonalSolve(nn.Module):
+    r"""Module form of :func:`tridiagonal_solve` (no options): ``forward(diag, lower, upper, rhs)``
+    returns :math:`A^{-1}\,\text{rhs}` for the tridiagonal :math:`A` with those diagonals.
+
+    Shape:
+        - as :func:`tridiagonal_solve`: diag :math:`(*, N)`, lower and upper :math:`(*, N-1)`, rhs
+          :math:`(*, N)` or :math:`(*, N, K)`; Output: rhs's shape with the broadcast batch.
+
+    Examples::
+
+        >>> solve = TridiagonalSolve()
+        >>> x = solve(torch.full((8, 16), 3.0), torch.ones(8, 15), torch.ones(8, 15), torch.randn(8, 16))
+        >>> x.shape
+        torch.Size([8, 16])
+    """
+
+    def forward(self, diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, rhs: torch.Tensor
+                ) -> torch.Tensor:
+        return tridiagonal_solve(diag, lower, upper, rhs)

@@ -1,0 +1,262 @@
+"""Tests of convexddn.nodes.tridiagonal: every value against a dense float64 torch.linalg.solve
+of the assembled matrix, or float64 central differences."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from convexddn import TridiagonalSolve
+from convexddn.errors import DoubleBackwardError, DTypeError, InputError, NonFiniteError, ShapeError, SolverError
+from convexddn.functional import tridiagonal_solve
+from convexddn.nodes._tridiagonal_solver import solve_checked
+
+F64 = torch.float64
+
+
+def dense(diag, lower, upper):
+    return torch.diag_embed(diag) + torch.diag_embed(lower, -1) + torch.diag_embed(upper, 1)
+
+
+def reference(diag, lower, upper, rhs):
+    """Dense LU (LAPACK getrf, partial pivoting) in float64 on the assembled matrix."""
+    vector = rhs.ndim == diag.ndim
+    A = dense(diag.double(), lower.double(), upper.double())
+    x = torch.linalg.solve(A, rhs.double().unsqueeze(-1) if vector else rhs.double())
+    return x.squeeze(-1) if vector else x
+
+
+def system(batch, n, *, dominant=True, k=None, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    diag = torch.randn(*batch, n, generator=g, dtype=F64)
+    lower = torch.randn(*batch, n - 1, generator=g, dtype=F64)
+    upper = torch.randn(*batch, n - 1, generator=g, dtype=F64)
+    if dominant:  # strictly, by rows: |b_i| >= |a_i| + |c_i| + 0.5
+        off = torch.nn.functional.pad(lower.abs(), (1, 0)) + torch.nn.functional.pad(upper.abs(), (0, 1))
+        diag = diag.sign() * (diag.abs() + off + 0.5)
+    rhs = torch.randn(*batch, n, *(() if k is None else (k,)), generator=g, dtype=F64)
+    return tuple(t.to(dtype) for t in (diag, lower, upper, rhs))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 40, 300])
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("batch", [(5,), (70,), (2, 3)])
+def test_tridiagonal_solve_matches_dense(batch, n, k):
+    # (70,) with n <= 3 runs the Thomas path, the rest cyclic reduction.
+    args = system(batch, n, k=k)
+    x = tridiagonal_solve(*args)
+    assert x.shape == args[3].shape and x.dtype == F64
+    torch.testing.assert_close(x, reference(*args), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("batch", [(6,), (200,)])
+def test_tridiagonal_solve_non_dominant(batch):
+    # Random non-dominant matrices: the unpivoted paths grow (or hit tiny pivots) on some
+    # elements; the checked result must still match partial-pivoting LU.
+    args = system(batch, 24, dominant=False, k=2, seed=1)
+    x = tridiagonal_solve(*args)
+    xr = reference(*args)
+    cond = torch.linalg.cond(dense(*args[:3]))
+    err = ((x - xr).abs().amax((-2, -1)) / xr.abs().amax((-2, -1)))
+    assert bool((err <= 100 * cond * torch.finfo(F64).eps).all())
+
+
+def test_tridiagonal_solve_needs_pivoting():
+    # Zero diagonals: [[0, 1], [1, 0]] blocks, no unpivoted elimination can start.
+    diag = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1e-300, 0.0]], dtype=F64)
+    lower = torch.tensor([[1.0], [2.0], [1.0]], dtype=F64)
+    upper = torch.tensor([[1.0], [-3.0], [1.0]], dtype=F64)
+    rhs = torch.tensor([[2.0, 5.0], [1.0, 4.0], [3.0, 7.0]], dtype=F64)
+    x = tridiagonal_solve(diag, lower, upper, rhs)
+    torch.testing.assert_close(x, reference(diag, lower, upper, rhs), rtol=1e-15, atol=0)
+    # A longer system whose diagonal is 0 at every other row (cond 35; at odd n it is singular).
+    n = 8
+    diag = torch.zeros(n, dtype=F64)
+    diag[1::2] = 0.5
+    off = torch.ones(n - 1, dtype=F64)
+    rhs = torch.arange(1.0, n + 1, dtype=F64)
+    torch.testing.assert_close(tridiagonal_solve(diag, off, 2 * off, rhs), reference(diag, off, 2 * off, rhs),
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_tridiagonal_solve_ill_conditioned():
+    # cond ~1e12 (a 1-D Laplacian shifted to nearly singular): error within cond·eps of dense LU.
+    n = 40
+    eig_min = 2 - 2 * torch.cos(torch.tensor(torch.pi / (n + 1), dtype=F64))
+    diag = torch.full((n,), 2.0, dtype=F64) - eig_min * (1 - 1e-10)
+    off = -torch.ones(n - 1, dtype=F64)
+    rhs = torch.randn(n, dtype=F64, generator=torch.Generator().manual_seed(2))
+    cond = float(torch.linalg.cond(dense(diag, off, off)))
+    assert 1e11 < cond < 1e14
+    x, xr = tridiagonal_solve(diag, off, off, rhs), reference(diag, off, off, rhs)
+    assert float((x - xr).abs().max() / xr.abs().max()) <= 10 * cond * torch.finfo(F64).eps
+
+
+def test_tridiagonal_solve_singular_names_the_element():
+    args = list(system((2, 3), 4, k=2))
+    args[0][1, 2, 0] = 0.0
+    args[2][1, 2, 0] = 0.0  # a zero first row
+    with pytest.raises(SolverError, match=r"singular to working precision.*1 of 6 batch element\(s\) \(flat indices \[5\]") \
+            as err:
+        tridiagonal_solve(*args)
+    assert err.value.indices == [(1, 2)] and err.value.statuses == ["singular"]
+    with pytest.raises(SolverError, match="singular"):  # the zero matrix
+        tridiagonal_solve(torch.zeros(1), torch.zeros(0), torch.zeros(0), torch.ones(1))
+
+
+def test_tridiagonal_solve_broadcasting():
+    diag, lower, upper, rhs = system((4, 1), 7, k=2)
+    lower, upper = lower[0, 0], upper[:1]  # (6,) and (1, 1, 6)
+    rhs = rhs.expand(4, 3, 7, 2).clone() + torch.arange(3, dtype=F64).view(1, 3, 1, 1)
+    x = tridiagonal_solve(diag, lower, upper, rhs)
+    assert x.shape == (4, 3, 7, 2)
+    torch.testing.assert_close(x, reference(diag.expand(4, 3, 7), lower.expand(4, 3, 6), upper.expand(4, 3, 6), rhs))
+    # Vector rhs (as many dims as diag) with a batch of one for the matrix; a (5,) diag with
+    # an (8, 5) rhs is one matrix with K = 5 columns of N = 8 rows instead (refused: N = 5).
+    d1, l1, u1, _ = system((1,), 5)
+    r = torch.randn(8, 5, dtype=F64)
+    torch.testing.assert_close(tridiagonal_solve(d1, l1, u1, r), reference(d1.expand(8, 5), l1.expand(8, 4),
+                                                                             u1.expand(8, 4), r))
+
+
+def test_tridiagonal_solve_empty_batch_and_module():
+    d, l, u, r = system((0,), 5, k=2)
+    assert tridiagonal_solve(d, l, u, r).shape == (0, 5, 2)
+    args = system((3,), 6)
+    torch.testing.assert_close(TridiagonalSolve()(*args), reference(*args))
+
+
+def test_tridiagonal_solve_float32_and_half():
+    args = system((64,), 200, k=2, dtype=torch.float32)
+    x = tridiagonal_solve(*args)
+    assert x.dtype == torch.float32
+    xr = reference(*args)
+    cond = torch.linalg.cond(dense(*(t.double() for t in args[:3])))
+    err = (x.double() - xr).abs().amax((-2, -1)) / xr.abs().amax((-2, -1))
+    assert bool((err <= 10 * cond * torch.finfo(torch.float32).eps).all()) and float(cond.max()) < 100
+    half = tuple(t.to(torch.bfloat16) for t in system((4,), 20))
+    xh = tridiagonal_solve(*half)
+    assert xh.dtype == torch.bfloat16
+    torch.testing.assert_close(xh.double(), reference(*half), rtol=1e-2, atol=1e-2)
+
+
+def test_tridiagonal_solve_grad():
+    args = [t.requires_grad_() for t in system((2, 3), 6, k=2)]
+    assert gradcheck(tridiagonal_solve, args)
+    # Broadcast inputs: gradients summed over the broadcast dims; vector rhs.
+    d, l, u, r = system((3,), 5)
+    args = [d.requires_grad_(), l[0].requires_grad_(), u[:1].requires_grad_(), r.requires_grad_()]
+    assert gradcheck(tridiagonal_solve, args)
+
+
+def test_tridiagonal_solve_grad_vs_central_differences():
+    # Independent of autograd: the gradient of <v, x> against central differences of the
+    # dense float64 solve, at a non-dominant matrix (a pivoted element).
+    d, l, u, r = system((), 6, dominant=False, k=2, seed=3)
+    d[0] = 0.0  # forces the pivoted path
+    v = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    inputs = [t.clone().requires_grad_() for t in (d, l, u, r)]
+    (tridiagonal_solve(*inputs) * v).sum().backward()
+    h = 1e-6
+    for i, t in enumerate((d, l, u, r)):
+        fd = torch.zeros_like(t)
+        for j in range(t.numel()):
+            plus, minus = [s.clone() for s in (d, l, u, r)], [s.clone() for s in (d, l, u, r)]
+            plus[i].view(-1)[j] += h
+            minus[i].view(-1)[j] -= h
+            fd.view(-1)[j] = ((reference(*plus) - reference(*minus)) * v).sum() / (2 * h)
+        torch.testing.assert_close(inputs[i].grad, fd, rtol=1e-6, atol=1e-7)
+
+
+def test_tridiagonal_solve_jvp():
+    args = system((3,), 8, k=2, seed=5)
+    tangents = system((3,), 8, k=2, seed=6)
+    _, jt = torch.func.jvp(tridiagonal_solve, args, tangents)
+    _, jd = torch.func.jvp(reference, args, tangents)
+    torch.testing.assert_close(jt, jd, rtol=1e-11, atol=1e-12)
+    assert gradcheck(tridiagonal_solve, [t.requires_grad_() for t in args], check_forward_ad=True,
+                     check_backward_ad=False, check_undefined_grad=False)
+    # jacfwd (batched tangents) in one input; a pivoted element.
+    d, l, u, r = system((2,), 5, dominant=False, seed=7)
+    d[1, 0] = 0.0
+    jac = torch.func.jacfwd(tridiagonal_solve, argnums=0)(d, l, u, r)
+    torch.testing.assert_close(jac, torch.func.jacfwd(reference, argnums=0)(d, l, u, r), rtol=1e-10, atol=1e-11)
+
+
+def test_tridiagonal_solve_double_backward_is_refused():
+    args = [t.requires_grad_() for t in system((2,), 4)]
+    x = tridiagonal_solve(*args)
+    (g,) = torch.autograd.grad(x.sum(), args[0], create_graph=True)
+    with pytest.raises(DoubleBackwardError):
+        g.sum().backward()
+
+
+def test_tridiagonal_solve_backward_checked():
+    # The transposed solve is checked as the forward: a matrix whose transpose needs pivoting.
+    d, l, u, r = (t.requires_grad_() for t in (torch.tensor([0.0, 1.0], dtype=F64), torch.tensor([2.0], dtype=F64),
+                                               torch.tensor([3.0], dtype=F64), torch.tensor([1.0, 2.0], dtype=F64)))
+    tridiagonal_solve(d, l, u, r).sum().backward()
+    A = dense(d.detach(), l.detach(), u.detach())
+    w = torch.linalg.solve(A.T, torch.ones(2, dtype=F64))
+    torch.testing.assert_close(r.grad, w)
+
+
+def test_tridiagonal_solve_invalid():
+    d, l, u, r = system((2,), 4)
+    with pytest.raises(DTypeError, match=r"lower must have diag's dtype torch.float64, got torch.float32"):
+        tridiagonal_solve(d, l.float(), u, r)
+    with pytest.raises(DTypeError, match="rhs must be a torch.Tensor"):
+        tridiagonal_solve(d, l, u, [1.0])
+    with pytest.raises(ShapeError, match=r"upper must have shape \(\*, N-1\) = \(\*, 3\).*got shape \(2, 4\)"):
+        tridiagonal_solve(d, l, d, r)
+    with pytest.raises(ShapeError, match=r"rhs must have N=4 rows.*got shape \(2, 5\)"):
+        tridiagonal_solve(d, l, u, torch.zeros(2, 5, dtype=F64))
+    with pytest.raises(ShapeError, match=r"rhs must have shape \(\*, N\)"):
+        tridiagonal_solve(d, l, u, torch.zeros(1, 1, 2, 4, 1, dtype=F64))
+    with pytest.raises(ShapeError, match="do not broadcast"):
+        tridiagonal_solve(d, l, u, torch.zeros(3, 4, dtype=F64))
+    with pytest.raises(ShapeError, match="N >= 1"):
+        tridiagonal_solve(torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 0))
+    r2 = r.clone()
+    r2[0, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="rhs must be finite, got 1 NaN"):
+        tridiagonal_solve(d, l, u, r2)
+    with pytest.raises(SolverError, match="overflows"):
+        tiny = torch.full((2,), 1e-300, dtype=F64)  # 1e-300·I, well conditioned; x = 1e600
+        tridiagonal_solve(tiny, torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64), torch.full((2,), 1e300, dtype=F64))
+    if torch.cuda.is_available():
+        with pytest.raises(InputError, match="rhs must be on diag's device"):
+            tridiagonal_solve(d.cuda(), l.cuda(), u.cuda(), r)
+
+
+def test_solve_checked_routes_only_failing_elements():
+    # Dominant elements keep the fast path; the one with a zero pivot alone is pivoted.
+    d, l, u, r = system((4,), 6, k=1)
+    d[2, 0] = 0.0
+    x, pivoted = solve_checked(d, l, u, r, "t", (4,))
+    assert pivoted.tolist() == [False, False, True, False]
+    torch.testing.assert_close(x, reference(d, l, u, r))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tridiagonal_solve_cuda():
+    args = system((64,), 1024, k=2, seed=8)
+    cuda = [t.cuda().requires_grad_() for t in args]
+    cpu = [t.clone().requires_grad_() for t in args]
+    x = tridiagonal_solve(*cuda)
+    assert x.device.type == "cuda"
+    torch.testing.assert_close(x.cpu(), tridiagonal_solve(*cpu).detach(), rtol=1e-12, atol=1e-13)
+    x.sum().backward()
+    tridiagonal_solve(*cpu).sum().backward()
+    for a, b in zip(cuda, cpu):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-10, atol=1e-12)
+    # A pivoted element on the GPU, and a singular one.
+    d, l, u, r = (t.cuda() for t in system((3,), 8, seed=9))
+    d[1, 0] = 0.0
+    torch.testing.assert_close(tridiagonal_solve(d, l, u, r).cpu(), reference(d.cpu(), l.cpu(), u.cpu(), r.cpu()))
+    d32 = args[0].float().cuda()
+    x32 = tridiagonal_solve(d32, args[1].float().cuda(), args[2].float().cuda(), args[3].float().cuda())
+    assert x32.dtype == torch.float32
+    with pytest.raises(SolverError, match="singular"):
+        tridiagonal_solve(torch.zeros(2, 3, device="cuda"), torch.zeros(2, 2, device="cuda"),
+                          torch.zeros(2, 2, device="cuda"), torch.ones(2, 3, device="cuda"))
