@@ -23,6 +23,7 @@ from convexddn.functional import (
     robust_pool,
     robust_vector_pool,
     sinkhorn,
+    tridiagonal_solve,
     tv_denoise,
 )
 
@@ -66,6 +67,8 @@ CASES = [
     ("least_squares", (_randn(3, 6, 2), _randn(3, 6, seed=1)), lambda a, b: least_squares(a, b, ridge=0.1)),
     ("linear_fit", (_randn(3, 2, 6), _randn(3, 6, seed=1)), lambda x, t: linear_fit(x, t, ridge=0.1).coef),
     ("tv_denoise", (_randn(3, 9),), lambda x: tv_denoise(x, 0.3)),
+    ("tridiagonal_solve", (4 + _randn(3, 6).abs(), _randn(3, 6, seed=1)),
+     lambda d, r: tridiagonal_solve(d, torch.ones_like(d[..., 1:]), -torch.ones_like(d[..., 1:]), r)),
     ("pnp huber", (_P3D, _P2D), lambda p3d, p2d: pnp(p2d, p3d, penalty="huber", alpha=0.5)),
 ]
 

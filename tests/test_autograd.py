@@ -19,6 +19,7 @@ from convexddn.functional import (
     robust_pool,
     robust_vector_pool,
     sinkhorn,
+    tridiagonal_solve,
     tv_denoise,
 )
 
@@ -59,6 +60,9 @@ CASES = [
     ("robust_vector_pool", torch.randn(1, 3, 5, dtype=F64, generator=_G),
      lambda x: robust_vector_pool(x, "huber", 1.0)),
     ("eigen_decomposition", _sym(4), lambda s: eigen_decomposition(s).eigenvectors),
+    ("tridiagonal_solve", 4 + torch.rand(2, 6, dtype=F64, generator=_G),
+     lambda d: tridiagonal_solve(d, torch.ones(2, 5, dtype=F64), -torch.ones(2, 5, dtype=F64),
+                                 torch.linspace(-1, 1, 6, dtype=F64).expand(2, 6))),
     ("pnp", _pnp_points()[1], lambda p: pnp(_pnp_points()[0], p)),
 ]
 
@@ -183,9 +187,9 @@ def test_pnp_refuses_torch_func_transforms(transform):
 # torch.func.jacrev (a vmap over the vjp) failed for every node: the second-order guard
 # had no vmap rule. Where the backward is plain torch ops it now works.
 JACREV_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "project_simplex", "entmax",
-                "tv_denoise", "least_squares", "eigen_decomposition"}
+                "tv_denoise", "least_squares", "eigen_decomposition", "tridiagonal_solve"}
 JACFWD_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "tv_denoise",
-                "robust_vector_pool", "eigen_decomposition"}
+                "robust_vector_pool", "eigen_decomposition", "tridiagonal_solve"}
 VMAP_WORKS = {"robust_vector_pool", "robust_pool"}
 
 

@@ -284,7 +284,8 @@ def test_node_references_agree_with_ours_on_the_real_reference():
     if not os.environ.get(reference.ENV_VAR):
         pytest.skip(f"{reference.ENV_VAR} not set")
     for node, _, ours, inputs, spec in nodes._cases(torch.Generator().manual_seed(0)):
-        if spec is None or spec.file not in ("leastsquares.py", "robust_vec_pool.py", "projections.py"):
+        if spec is None or spec.file not in ("leastsquares.py", "robust_vec_pool.py", "projections.py",
+                                             "tridiagsolve.py"):
             continue
         ref, note = nodes._reference(spec)
         assert ref is not None, note

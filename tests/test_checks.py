@@ -105,6 +105,7 @@ def _entry_points():
     from convexddn.nodes.entmax import entmax
     from convexddn.nodes.pooling import robust_pool
     from convexddn.nodes.transport import sinkhorn
+    from convexddn.nodes.tridiagonal import tridiagonal_solve
 
     x = cp.Parameter(4, name="x")
     y = cp.Variable(4)
@@ -113,6 +114,10 @@ def _entry_points():
             ("eigen_decomposition", eigen_decomposition, (2, 4, 4), r"X must|X is"),
             ("entmax", lambda t: entmax(t, 1.5), (3, 4), r"x must|x is"),
             ("sinkhorn", lambda t: sinkhorn(t, eps=0.5), (2, 4, 4), r"cost must|cost is"),
+            ("tridiagonal_solve", lambda t: tridiagonal_solve(torch.full((4,), 3.0, dtype=torch.float64),
+                                                              torch.ones(3, dtype=torch.float64),
+                                                              torch.ones(3, dtype=torch.float64), t),
+             (4, 2), r"rhs must|rhs is"),
             ("ConvexLayer", layer, (3, 4), r"parameter 0 \(x\)")]
 
 

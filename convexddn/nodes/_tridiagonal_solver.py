@@ -46,26 +46,22 @@ def reduce_cyclic(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
     ``(M, N, K)`` and ``pivots`` ``(M, N)``, the reduced diagonal (``1/(A⁻¹)_ii``)."""
     n = b.shape[-1]
     diag, rhs = b, d
-    # low[i]: the coefficient of x_{i-h} in equation i (0 for i < h); up[i]: that of x_{i+h}.
-    low = torch.cat([torch.zeros_like(b[:, :1]), a], 1)
-    up = torch.cat([c, torch.zeros_like(b[:, :1])], 1)
+    # At step h, low[:, j] is the coefficient of x_{i-h} in equation i = j + h (i >= h: the
+    # others have none) and up[:, i] that of x_{i+h} in equation i < n - h.
+    low, up = a, c
     h = 1
     while h < n:
-        alpha = -low[:, h:] / diag[:, :-h]  # eliminates x_{i-h} (i >= h) with equation i-h
-        beta = -up[:, :-h] / diag[:, h:]  # eliminates x_{i+h} (i < n-h) with equation i+h
+        alpha = -low / diag[:, :-h]  # eliminates x_{i-h} (i >= h) with equation i-h
+        beta = -up / diag[:, h:]  # eliminates x_{i+h} (i < n-h) with equation i+h
         diag = diag.clone()
-        diag[:, h:] += alpha * up[:, :-h]
-        diag[:, :-h] += beta * low[:, h:]
+        diag[:, h:] += alpha * up
+        diag[:, :-h] += beta * low
         new = rhs.clone()
         new[:, h:] += alpha.unsqueeze(-1) * rhs[:, :-h]
         new[:, :-h] += beta.unsqueeze(-1) * rhs[:, h:]
         rhs = new
         # The new neighbours are 2h away: equation i-h's own x_{i-2h} term, equation i+h's x_{i+2h}.
-        new_low, new_up = torch.zeros_like(low), torch.zeros_like(up)
-        if 2 * h < n:
-            new_low[:, 2 * h:] = alpha[:, h:] * low[:, h:-h]
-            new_up[:, :-2 * h] = beta[:, :-h] * up[:, h:-h]
-        low, up = new_low, new_up
+        low, up = alpha[:, h:] * low[:, :-h], beta[:, :-h] * up[:, h:]
         h *= 2
     return rhs / diag.unsqueeze(-1), diag
 
@@ -114,12 +110,19 @@ def multiply(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, x: torch.Tensor,
 
 def backward_error(b, a, c, d, x) -> torch.Tensor:
     """ω per element ``(M,)`` (module docstring, step 2); ``inf`` where ``x`` is not finite."""
-    r = (d - multiply(b, a, c, x)).abs()
-    scale = multiply(b, a, c, x, absolute=True) + d.abs()
+    # The three products once: |A||x| is the sum of their magnitudes.
+    t0, ax, cx = b.unsqueeze(-1) * x, a.unsqueeze(-1) * x[:, :-1], c.unsqueeze(-1) * x[:, 1:]
+    r, scale = d - t0, t0.abs() + d.abs()
+    if b.shape[-1] > 1:
+        r[:, 1:] -= ax
+        r[:, :-1] -= cx
+        scale[:, 1:] += ax.abs()
+        scale[:, :-1] += cx.abs()
+    r = r.abs()
     # 0/0 (an exact zero residual against a zero scale) is no error; r > 0 there is.
-    ratio = torch.where(r == 0, torch.zeros_like(r), r / scale)
+    ratio = torch.where(r == 0, 0.0, r / scale)
     omega = ratio.flatten(1).amax(1) if r.shape[1] * r.shape[2] else r.new_zeros(r.shape[0])
-    return torch.where(torch.isfinite(x).flatten(1).all(1), omega, torch.full_like(omega, torch.inf))
+    return torch.where(torch.isfinite(x).flatten(1).all(1), omega, torch.inf)
 
 
 def row_norm(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,11 @@ swapped: the same checked solver),
 
 (:math:`\bar a_i` for the entry :math:`(i+1, i)`, :math:`\bar c_i` for :math:`(i, i+1)`),
 summed over broadcast dimensions; forward mode: :math:`\dot x = A^{-1}(\dot d - \dot A x)`.
-Second derivatives raise :class:`~convexddn.errors.DoubleBackwardError`.
+Under a vmap of the cotangents or tangents (``torch.func.jacrev``, ``jacfwd``,
+``jacobian(vectorize=True)``), whose values allow no host decision, these solves reuse the
+forward's choice per element (pivoted or not) without their own check. Second derivatives
+raise :class:`~convexddn.errors.DoubleBackwardError`; ``torch.func.vmap`` over the inputs
+raises a ``ProblemError`` (the batch dims do that job).
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ import math
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, functorch_transforms, may_carry_tangents, refuse_vmap, save_plain
+from .._autograd import (batched_by_autograd, bind_fast, functorch_transforms, may_carry_tangents, refuse_vmap,
+                         save_plain)
 from .._checks import check_device, check_finite, check_tensor
 from .._first_order import first_order, first_order_jvp
 from ..errors import DTypeError, ShapeError
@@ -99,8 +104,11 @@ class _TridiagonalFn(torch.autograd.Function):
         b, a, c, x, routed = ctx.saved_tensors
         m, n, k = x.shape
         g = grad_x.to(x.dtype).reshape(m, n, k)
-        # Aᵀ: lower and upper swapped; the forward's pivoted elements start pivoted.
-        w, _ = solve_checked(b, c, a, g, _NAME, ctx.batch, route=routed)
+        # Aᵀ: lower and upper swapped; the forward's pivoted elements start pivoted. Cotangents
+        # batched by a vmap (torch.func.jacrev, jacobian(vectorize=True)) allow no host decision
+        # on their values: the forward's choice of solver per element is reused unchecked.
+        check = not (functorch_transforms() or batched_by_autograd(grad_x))
+        w, _ = solve_checked(b, c, a, g, _NAME, ctx.batch, route=routed, check=check)
         grads = [-(w * x).sum(-1), -(w[:, 1:] * x[:, :-1]).sum(-1), -(w[:, :-1] * x[:, 1:]).sum(-1), w]
         out = []
         for grad, need, shape, dtype in zip(grads, ctx.needs_input_grad, ctx.shapes, ctx.dtypes):
@@ -121,7 +129,7 @@ class _TridiagonalFn(torch.autograd.Function):
             r = r + _flat(rhs_t, ctx.batch, (n, k), x.dtype)
         # Under torch.func.jacfwd the tangents are batched: no host decision on their values,
         # so the forward's choice of solver per element is reused unchecked.
-        check = not functorch_transforms()
+        check = not (functorch_transforms() or batched_by_autograd(diag_t, lower_t, upper_t, rhs_t))
         x_t, _ = solve_checked(b, a, c, r, _NAME, ctx.batch, route=routed, check=check)
         return x_t.reshape(*ctx.batch, n, k).to(ctx.dtypes[3]), None
 
@@ -154,10 +162,9 @@ def _check_inputs(diag, lower, upper, rhs) -> tuple[torch.Tensor, bool, tuple]:
         raise ShapeError(f"the batch shapes of diag {tuple(diag.shape[:-1])}, lower {tuple(lower.shape[:-1])}, "
                          f"upper {tuple(upper.shape[:-1])} and rhs {tuple(rm.shape[:-2])} do not broadcast") from None
     tensors = (diag, lower, upper, rhs)
-    if any(t.numel() for t in tensors) and not bool(torch.isfinite(torch.stack(
-            [t.detach().float().abs().sum() if t.numel() else t.new_zeros((), dtype=torch.float32)
-             for t in tensors])).all()):
-        # (one host read in the common case; a sum that overflows sends here, and is cleared)
+    if not bool(torch.isfinite(torch.stack([t.detach().sum() for t in tensors])).all()):
+        # (one host read in the common case: a NaN or Inf makes its tensor's sum non-finite;
+        # a sum that overflows sends here too, and check_finite clears it)
         for name, t in zip(("diag", "lower", "upper", "rhs"), tensors):
             check_finite(name, t)
     return rm, vector, batch

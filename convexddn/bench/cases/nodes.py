@@ -25,6 +25,7 @@ from ...nodes.least_squares import least_squares
 from ...nodes.projection import project_lp, project_simplex
 from ...nodes.total_variation import tv_denoise
 from ...nodes.transport import sinkhorn
+from ...nodes.tridiagonal import tridiagonal_solve
 from ...nodes.vector_pool import robust_vector_pool
 from ..harness import materialised, round_order, sync
 from ..reference import load_reference_file
@@ -131,6 +132,15 @@ def _cases(gen: torch.Generator) -> list[tuple[str, str, Callable, list, _Ref | 
                              ("L∞ ball", lambda x: project_lp(x, math.inf, "ball"), "LInfBall"),
                              ("simplex", lambda x: project_simplex(x), "Simplex")):
         cases.append((f"projection onto the {label} (radius 1)", "(256, 512)", ours, [P], _projection_ref(cls)))
+    # Appended after those for the same reason. A strictly diagonally dominant system
+    # (|b| >= 2.5 > |a| + |c|); the reference's TriDiagSolveFcn (its default, cyclic
+    # reduction) takes (B, N, K) right-hand sides.
+    diag = 2.5 + torch.rand(64, 1024, dtype=F64, generator=gen)
+    lower, upper = (2 * torch.rand(64, 1023, dtype=F64, generator=gen) - 1 for _ in range(2))
+    cases.append(("tridiagonal solve", "(64, 1024)", tridiagonal_solve,
+                  [diag, lower, upper, torch.randn(64, 1024, dtype=F64, generator=gen)],
+                  _Ref("tridiagsolve.py", ("TriDiagSolveFcn",),
+                       lambda m: (lambda b, a, c, d: m.TriDiagSolveFcn.apply(b, a, c, d[..., None]).squeeze(-1)))))
     return cases
 
 
