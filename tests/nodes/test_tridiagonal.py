@@ -96,8 +96,8 @@ def test_tridiagonal_solve_singular_names_the_element():
     args = list(system((2, 3), 4, k=2))
     args[0][1, 2, 0] = 0.0
     args[2][1, 2, 0] = 0.0  # a zero first row
-    with pytest.raises(SolverError, match=r"singular to working precision.*1 of 6 batch element\(s\) \(flat indices \[5\]") \
-            as err:
+    match = r"singular to working precision.*1 of 6 batch element\(s\) \(flat indices \[5\]"
+    with pytest.raises(SolverError, match=match) as err:
         tridiagonal_solve(*args)
     assert err.value.indices == [(1, 2)] and err.value.statuses == ["singular"]
     with pytest.raises(SolverError, match="singular"):  # the zero matrix
@@ -223,18 +223,21 @@ def test_tridiagonal_solve_invalid():
         tridiagonal_solve(d, l, u, r2)
     with pytest.raises(SolverError, match="overflows"):
         tiny = torch.full((2,), 1e-300, dtype=F64)  # 1e-300·I, well conditioned; x = 1e600
-        tridiagonal_solve(tiny, torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64), torch.full((2,), 1e300, dtype=F64))
+        zero = torch.zeros(1, dtype=F64)
+        tridiagonal_solve(tiny, zero, zero, torch.full((2,), 1e300, dtype=F64))
     if torch.cuda.is_available():
         with pytest.raises(InputError, match="rhs must be on diag's device"):
             tridiagonal_solve(d.cuda(), l.cuda(), u.cuda(), r)
 
 
-def test_solve_checked_routes_only_failing_elements():
-    # Dominant elements keep the fast path; the one with a zero pivot alone is pivoted.
-    d, l, u, r = system((4,), 6, k=1)
+@pytest.mark.parametrize("m", [4, 200])
+def test_solve_checked_routes_only_failing_elements(m):
+    # Dominant elements keep the fast path (cyclic reduction at M = 4, Thomas at M = 200 >= 16 N);
+    # the one with a zero pivot alone is pivoted.
+    d, l, u, r = system((m,), 6, k=1)
     d[2, 0] = 0.0
-    x, pivoted = solve_checked(d, l, u, r, "t", (4,))
-    assert pivoted.tolist() == [False, False, True, False]
+    x, pivoted = solve_checked(d, l, u, r, "t", (m,))
+    assert pivoted.nonzero().flatten().tolist() == [2]
     torch.testing.assert_close(x, reference(d, l, u, r))
 
 
