@@ -109,10 +109,16 @@ class _TridiagonalFn(torch.autograd.Function):
         # on their values: the forward's choice of solver per element is reused unchecked.
         check = not (functorch_transforms() or batched_by_autograd(grad_x))
         w, _ = solve_checked(b, c, a, g, _NAME, ctx.batch, route=routed, check=check)
-        grads = [-(w * x).sum(-1), -(w[:, 1:] * x[:, :-1]).sum(-1), -(w[:, :-1] * x[:, 1:]).sum(-1), w]
+        # (each formed only where its input needs it)
+        grads = [lambda: -(w * x).sum(-1), lambda: -(w[:, 1:] * x[:, :-1]).sum(-1),
+                 lambda: -(w[:, :-1] * x[:, 1:]).sum(-1), lambda: w]
         out = []
         for grad, need, shape, dtype in zip(grads, ctx.needs_input_grad, ctx.shapes, ctx.dtypes):
-            out.append(grad.reshape(*ctx.batch, *grad.shape[1:]).sum_to_size(shape).to(dtype) if need else None)
+            if need:
+                grad = grad()
+                out.append(grad.reshape(*ctx.batch, *grad.shape[1:]).sum_to_size(shape).to(dtype))
+            else:
+                out.append(None)
         return (*out, None)
 
     @staticmethod
