@@ -34,6 +34,7 @@ from .errors import InputError, NonFiniteError, OptionError, ShapeError, SolverW
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
+from .nodes._overflow import option_cast
 from .nodes._repr import format_option
 from .nodes.projection import LpProjection, SimplexProjection
 from .nodes.total_variation import TotalVariation1d
@@ -169,7 +170,7 @@ class TransportNode(nn.Module):
         """The plan for every batch element: see the class docstring."""
         (C, a, b), _ = check_values(values, named, self.parameters_, self.check)
         dtype = torch.promote_types(torch.promote_types(C.dtype, a.dtype), b.dtype)  # (the cone program's)
-        C, a, b = C.to(dtype), a.to(dtype), b.to(dtype)
+        C, a, b = (option_cast("ot_entropic", k, v, dtype) for k, v in (("C", C), ("a", a), ("b", b)))  # (checked)
         d = a.sum(-1, keepdim=True) - b.sum(-1, keepdim=True)
         last = torch.arange(b.shape[-1], device=b.device) == b.shape[-1] - 1
         # (d - d.detach()) is exactly 0: the values stay b's, the derivative is b_n's as implied.
@@ -236,8 +237,7 @@ class ScaledBallLayer(ConvexLayer):
     """The :class:`~convexddn.ConvexLayer` of ``lp_ball``, solved at radius :math:`r / s \\in [1, 2)`,
     :math:`s = 2^{\\lfloor \\log_2 r \\rfloor}` (a power of two: never 2^1024, which overflows):
     :math:`\\Pi_{\\|\\cdot\\| \\le r}(x) = s\\, \\Pi_{\\|\\cdot\\| \\le r/s}(x / s)` (any norm),
-    so the value and the Jacobian (:math:`J_{r/s}(x/s)`) are exact, and dividing by a power of
-    two rounds nothing.
+    so the value and the Jacobian (:math:`J_{r/s}(x/s)`) are exact (dividing by 2^k rounds nothing).
 
     The solvers work at the data's scale: at radius 1e-10 |x| the solution (of norm r) lost
     all relative accuracy (errors of 0.2 to 0.9 r, a p = 2 gradient of 0 for 4.1e-11), and

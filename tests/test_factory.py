@@ -90,6 +90,26 @@ def test_ot_entropic_backends_return_the_promoted_dtype():
     assert torch.equal(plans[0], ref)
 
 
+def test_ot_entropic_float16_costs_gradient_overflow_warns():
+    """Cast to the promoted dtype by a plain .to(), a float16 C's gradient beyond float16's
+    range came back as Inf with no warning (sinkhorn's own checked cast warned before)."""
+    from convexddn.errors import GradientWarning
+
+    lay = cddn.layer("ot_entropic", m=4, n=4, eps=1.0)
+    gen = torch.Generator().manual_seed(0)
+    C = torch.rand(4, 4, generator=gen).half()
+    a, b = torch.full((8, 4), 0.25, dtype=F64), torch.full((8, 4), 0.25, dtype=F64)
+    g = torch.randn(8, 4, 4, dtype=F64, generator=gen) * 1e6
+    Cx = C.clone().requires_grad_(True)
+    with pytest.warns(GradientWarning, match=r"\bC\b"):
+        (lay(Cx, a, b) * g).sum().backward()
+    C64 = C.double().requires_grad_(True)
+    (lay(C64, a, b) * g).sum().backward()
+    big = C64.grad.abs() > torch.finfo(torch.float16).max
+    assert big.any() and torch.isinf(Cx.grad[big]).all()
+    assert torch.allclose(Cx.grad[~big].double(), C64.grad[~big], rtol=1e-3, atol=1.0)
+
+
 def test_ot_entropic_is_native_and_both_backends_share_one_gradient():
     """layer("ot_entropic") returned the cone program (1.2 s for 16 plans of 8 x 8 against
     1.3 ms for OptimalTransport) and backend="native" said it had no native node. Both
