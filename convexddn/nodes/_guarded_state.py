@@ -59,16 +59,10 @@ def _copying_whole(module: torch.nn.Module) -> Iterator[None]:
             held.discard(id(module))
 
 
-@contextlib.contextmanager
-def _reading_all(module: torch.nn.Module) -> Iterator[None]:
+def _reading_all(module: torch.nn.Module) -> contextlib.AbstractContextManager:
     """The guards' reading sides of ``module`` and of its guarded submodules (a nested node
-    swaps its own tensors under its own guard), outermost first: the order in which the
-    swaps take them (an outer swap runs the inner node's forward and backward)."""
-    with contextlib.ExitStack() as stack:
-        for m in module.modules():
-            if isinstance(m, GuardedState):
-                stack.enter_context(guarded(m, swap=False))
-        yield
+    swaps its own tensors under its own guard), in the order the swaps take them."""
+    return guarded(module, swap=False)
 
 
 def _clone(module: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> torch.nn.Module:
@@ -112,6 +106,8 @@ class GuardedState(torch.nn.Module):
     """A module whose ``state_dict``, ``load_state_dict``, ``_apply``, pickle, ``copy`` and
     ``deepcopy`` exclude a swap of its tensors under :func:`~._swap_guard.guarded` (see the
     module's docstring)."""
+
+    _guards_swaps = True  # (a module holding this one takes its guard too: see _swap_guard._in_order)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         with _reading_all(self):

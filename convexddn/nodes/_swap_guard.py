@@ -21,10 +21,17 @@ whose objectives read each other's ``state_dict()``, run in two threads, each he
 and waited for the other's. Every guard keeps its bookkeeping under one lock, so a thread about
 to wait sees who holds what and who waits for what at one moment, and follows the waits from
 the holders it waits for: back to itself is a cycle, which only its wait could close.
+
+A node among another's submodules (``outer.inner``) is swapped by the outer's swap too (its tensors are
+among the outer's): :func:`guarded` holds, with a module's guard, those of its submodules that guard their
+own (:func:`_in_order`). With only its own, one thread's training of ``outer`` and another's
+``inner.state_dict()`` read the outer backward's float64 cast of ``inner.w`` (752k of 775k), and training
+both in two threads failed 308 of 400 calls (``DTypeError``: one solve read the other's casts).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import weakref
@@ -103,6 +110,7 @@ class SwapGuard:
         self._depth = 0  # its nested swaps
         self._waiting: set[int] = set()  # threads waiting to swap: new forwards let them go first (no starvation)
         self._own: _Tensors | None = None  # the module's tensors before the swap under way
+        self.serial = next(_SERIALS)  # (the order of guards that neither holds the other: see _in_order)
         _GUARDS.add(self)
 
     def __reduce__(self) -> tuple:
@@ -208,6 +216,7 @@ class SwapGuard:
 
 
 _GUARDS: weakref.WeakSet[SwapGuard] = weakref.WeakSet()
+_SERIALS = itertools.count()
 
 
 def _after_fork_in_child() -> None:
@@ -232,14 +241,52 @@ def swapped_here(module: torch.nn.Module) -> torch.nn.Module | None:
                 None)
 
 
+def _guard(module: torch.nn.Module) -> SwapGuard:
+    """``module``'s guard, made on first use (in ``module.__dict__`` as ``_swap_guard``)."""
+    return module.__dict__.get("_swap_guard") or module.__dict__.setdefault("_swap_guard",
+                                                                            SwapGuard(type(module).__name__))
+
+
+def _in_order(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """``module`` and its submodules that guard their own swaps (``_guards_swaps``: a nested node),
+    in the one order every thread takes their guards in, whatever module it starts from: a module
+    before those it holds (by its height, the longest chain of such modules below it, which a
+    module holding it exceeds), ties by the guards' age. Two threads taking two guards in
+    opposite orders (``outer``, ``inner``, ``mid`` beside ``mid``, ``inner``) waited for each other."""
+    heights: dict[int, int] = {}
+
+    def height(m: torch.nn.Module) -> int:
+        if id(m) not in heights:
+            heights[id(m)] = 0  # (a module that holds itself: no endless recursion)
+            heights[id(m)] = max((height(c) + _guards(c) for c in m.children()), default=0)
+        return heights[id(m)]
+
+    mods = [m for m in module.modules() if m is module or _guards(m)]
+    return sorted(mods, key=lambda m: (-height(m), _guard(m).serial)) if len(mods) > 1 else mods
+
+
+def _guards(module: torch.nn.Module) -> bool:
+    return bool(getattr(type(module), "_guards_swaps", False))
+
+
+@contextlib.contextmanager
+def _holding(mods: list[torch.nn.Module], swap: bool) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for m in mods:
+            stack.enter_context(_guard(m).swapping(m) if swap else _guard(m).reading())
+        yield
+
+
 def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextManager:
-    """``module``'s :class:`SwapGuard` held (made on first use, in ``module.__dict__`` as
-    ``_swap_guard``), exclusively with ``swap``; nothing while torch.compile traces."""
+    """``module``'s :class:`SwapGuard` held, and those of its submodules that guard their own
+    (:func:`_in_order`): a swap of ``module`` swaps theirs, a swap of theirs changes what
+    ``module`` reads. Exclusively with ``swap``; nothing while torch.compile traces."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    guard = module.__dict__.get("_swap_guard") or module.__dict__.setdefault("_swap_guard",
-                                                                             SwapGuard(type(module).__name__))
-    return guard.swapping(module) if swap else guard.reading()
+    mods = _in_order(module)
+    if len(mods) == 1:
+        return _guard(module).swapping(module) if swap else _guard(module).reading()
+    return _holding(mods, swap)
 
 
 @contextlib.contextmanager
