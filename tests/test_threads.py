@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import functools
 import re
 import threading
 import time
@@ -189,13 +190,7 @@ def test_declarative_concurrent_backwards_leave_the_parameters_in_place():
 
     errors = []
 
-    def other():
-        a_in.wait(WAIT)
-        try:
-            yb.sum().backward()
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
+    other = functools.partial(_backward_after, a_in, yb, errors)
     node.hook = hook
     t = threading.Thread(target=other)
     t.start()
@@ -223,22 +218,8 @@ def _use_in_child(node: _Weighted, report) -> None:
     report.put(seen + [str(y.dtype), torch.equal(y, x), torch.equal(x.grad, torch.ones(2, 3))])
 
 
-class _Inner(DeclarativeNode):
+class _Inner(_Weighted):
     """y = argmin 1/2 sum w (y - x)^2 = x, ``w = [1, 2, 3]``; ``hook`` runs in the objective."""
-
-    hook = None
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
-
-    def objective(self, x, y):
-        if self.hook is not None:
-            self.hook()
-        return 0.5 * (self.w * (y - x) ** 2).sum(-1)
-
-    def solve(self, x):
-        return x * (self.w / self.w)
 
 
 class _Outer(DeclarativeNode):
@@ -351,13 +332,7 @@ def test_the_outer_and_the_inner_nodes_backwards_leave_the_inner_parameter_in_pl
 
     errors = []
 
-    def other():
-        a_in.wait(WAIT)
-        try:
-            y.sum().backward()
-        except Exception as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
+    other = functools.partial(_backward_after, a_in, y, errors)
     inner.hook, outer.hook = inner_hook, outer_hook
     t = threading.Thread(target=other, daemon=True)
     t.start()
@@ -801,3 +776,12 @@ def test_a_layer_with_workers_called_after_the_main_thread_returned_solves_in_th
         assert loss == pytest.approx(6.6, abs=1e-7), key
         torch.testing.assert_close(torch.tensor(grad, dtype=F64), torch.tensor([[-1.0, 0, 1]] * 3, dtype=F64),
                                    atol=1e-6, rtol=0)
+
+
+def _backward_after(event: threading.Event, y: torch.Tensor, errors: list) -> None:
+    """A thread's target: once ``event`` is set, ``y.sum().backward()``; its error goes to ``errors``."""
+    event.wait(WAIT)
+    try:
+        y.sum().backward()
+    except Exception as err:  # noqa: BLE001 - reported by the caller
+        errors.append(err)
