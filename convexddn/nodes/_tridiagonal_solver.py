@@ -51,16 +51,22 @@ def reduce_cyclic(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
     # the multipliers are then plain quotients, and each update one fused addcmul_, 10 passes a
     # step instead of 16: (64, 1024) float64 3.7 -> 2.4 ms.)
     low, up = -a, -c
+    fused = not torch._C._are_functorch_transforms_active()
     h = 1
     while h < n:
         alpha = low / diag[:, :-h]  # eliminates x_{i-h} (i >= h) with equation i-h
         beta = up / diag[:, h:]  # eliminates x_{i+h} (i < n-h) with equation i+h
-        diag = diag.clone()
-        diag[:, h:].addcmul_(alpha, up, value=-1.0)
-        diag[:, :-h].addcmul_(beta, low, value=-1.0)
-        new = rhs.clone()
-        new[:, h:].addcmul_(alpha.unsqueeze(-1), rhs[:, :-h])
-        new[:, :-h].addcmul_(beta.unsqueeze(-1), rhs[:, h:])
+        diag, new = diag.clone(), rhs.clone()
+        if fused:
+            diag[:, h:].addcmul_(alpha, up, value=-1.0)
+            diag[:, :-h].addcmul_(beta, low, value=-1.0)
+            new[:, h:].addcmul_(alpha.unsqueeze(-1), rhs[:, :-h])
+            new[:, :-h].addcmul_(beta.unsqueeze(-1), rhs[:, h:])
+        else:  # (torch.func's batched tensors: addcmul_ has no batching rule, a loop and a warning)
+            diag[:, h:] -= alpha * up
+            diag[:, :-h] -= beta * low
+            new[:, h:] += alpha.unsqueeze(-1) * rhs[:, :-h]
+            new[:, :-h] += beta.unsqueeze(-1) * rhs[:, h:]
         rhs = new
         # The new neighbours are 2h away: equation i-h's own x_{i-2h} term, equation i+h's x_{i+2h}.
         low, up = alpha[:, h:] * low[:, :-h], beta[:, :-h] * up[:, h:]

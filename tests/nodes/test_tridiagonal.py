@@ -284,3 +284,19 @@ def test_tridiagonal_solve_cuda():
     with pytest.raises(SolverError, match="singular"):
         tridiagonal_solve(torch.zeros(2, 3, device="cuda"), torch.zeros(2, 2, device="cuda"),
                           torch.zeros(2, 2, device="cuda"), torch.ones(2, 3, device="cuda"))
+
+
+def test_torch_func_jacobians_raise_no_torch_warning():
+    """The reduction's fused in-place updates (addcmul_) have no vmap batching rule: under
+    torch.func.jacrev / jacfwd torch warned of "a performance drop" at every call. Those run the
+    unfused updates; the Jacobian of x with respect to rhs is A's inverse (dense, float64)."""
+    import warnings
+
+    diag, lower, upper, rhs = system((), 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        jr = torch.func.jacrev(lambda d: tridiagonal_solve(diag, lower, upper, d))(rhs)
+        jf = torch.func.jacfwd(lambda d: tridiagonal_solve(diag, lower, upper, d))(rhs)
+    inv = torch.linalg.inv(dense(diag, lower, upper))
+    torch.testing.assert_close(jr, inv, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(jf, inv, rtol=1e-12, atol=1e-13)
