@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from contextlib import AbstractContextManager
 import functools
 import inspect
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import ProblemError
+from ._context import bound
 
 try:  # torch's unwrapping of tensors left from a finished functorch transform
     from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead
@@ -32,18 +34,13 @@ __all__ = ["any_batched", "batched_values", "bind_fast", "called_as", "without_a
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("convexddn_caller", default=None)
 
 
-@contextlib.contextmanager
-def called_as(name: str | None):
+def called_as(name: str | None) -> AbstractContextManager[None]:
     """Inside: the refusals and errors of the nodes called (now, and in the backward of
     what they record: :func:`bind_fast` keeps the name on the Function's ``ctx``) name
     ``name``, the public function the user called, not the node it runs inside
     (linear_fit's refusals under jacfwd, vmap and double backward named least_squares,
     which the user never called). The outermost name wins; ``None``: no change."""
-    token = _CALLER.set(_CALLER.get() or name)
-    try:
-        yield
-    finally:
-        _CALLER.reset(token)
+    return bound(_CALLER, _CALLER.get() or name)
 
 
 def public_name(name: str) -> str:

@@ -6,16 +6,17 @@ the tensor's own device and only the final boolean crosses to the host.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
+from contextlib import AbstractContextManager
 import math
 import numbers
 import sys
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from ._lazy import torch
 
 from .errors import DTypeError, InputError, NonFiniteError, OptionError, ShapeError
+from ._context import bound
 
 
 def check_tensor(name: str, value: Any) -> torch.Tensor:
@@ -75,18 +76,13 @@ def check_dense(name: str, value: torch.Tensor) -> None:
 _BUILDING = contextvars.ContextVar("convexddn_building", default=False)  # (see building)
 
 
-@contextlib.contextmanager
-def building() -> Iterator[None]:
+def building() -> AbstractContextManager[None]:
     """Where a node Module checks its options at construction (``@building()`` on ``__init__``): a tensor
     option on the ``meta`` device (a model built under ``torch.device("meta")``, given data
     later by ``to_empty`` and ``load_state_dict(assign=True)``, as ``nn.PReLU`` is) has no
     values, so its value checks (:func:`unread`) are passed over there and run at the
     call, which refuses a meta tensor as ever (:func:`check_dense`)."""
-    token = _BUILDING.set(True)
-    try:
-        yield
-    finally:
-        _BUILDING.reset(token)
+    return bound(_BUILDING, True)
 
 
 def unread(value: Any) -> bool:

@@ -12,14 +12,14 @@ solve gives again): a ``warnings`` filter cannot, as the filter list is process-
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
+from contextlib import AbstractContextManager
 import functools
 import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from ._context import bound
 
 __all__ = ["suppressed", "warn"]
 
@@ -34,15 +34,10 @@ _PACKAGES = ("convexddn", "convexddn.problems", "torch", "cvxpylayers", "cvxpy",
 _SUPPRESSED: contextvars.ContextVar[bool] = contextvars.ContextVar("convexddn_warnings_suppressed", default=False)
 
 
-@contextlib.contextmanager
-def suppressed() -> Iterator[None]:
+def suppressed() -> AbstractContextManager[None]:
     """Within: :func:`warn` does nothing in the calling thread; other threads, and
     warnings not raised through :func:`warn` (a user's own code, torch), are untouched."""
-    token = _SUPPRESSED.set(True)
-    try:
-        yield
-    finally:
-        _SUPPRESSED.reset(token)
+    return bound(_SUPPRESSED, True)
 
 
 @functools.lru_cache(maxsize=1)

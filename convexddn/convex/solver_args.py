@@ -7,15 +7,16 @@ user wrote it (:class:`~convexddn.convex.compat.CvxpyLayer`: ``solver_args['solv
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
+from contextlib import AbstractContextManager
 import functools
 import math
 import numbers
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from .._checks import check_bool, check_int, check_positive, real_number
 from ..errors import OptionError
+from .._context import bound
 
 __all__ = ["check_solver_cones", "solver_choice", "solver_settings", "spelled", "spelling", "validate_solver_args"]
 
@@ -181,16 +182,11 @@ def check_solver_cones(dims: Any, **solvers: str | None) -> None:
 _SPELLING: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("convexddn_spelling", default={})
 
 
-@contextlib.contextmanager
-def spelled(**names: str) -> Iterator[None]:
+def spelled(**names: str) -> AbstractContextManager[None]:
     """Within the block, errors about ConvexLayer's options name them as ``names`` says
     (option -> the caller's spelling; ``batched_remedy``: the advice that reaches the
     batched solver), e.g. ``spelled(solver="solver_args['solve_method']")``."""
-    token = _SPELLING.set({**_SPELLING.get(), **names})
-    try:
-        yield
-    finally:
-        _SPELLING.reset(token)
+    return bound(_SPELLING, {**_SPELLING.get(), **names})
 
 
 def spelling(option: str, default: str | None = None) -> str:

@@ -4,9 +4,8 @@ a singular KKT system, dependent active constraints, an ill-conditioned system; 
 they name batch elements and the node (:func:`naming`)."""
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -16,6 +15,7 @@ from ..errors import GradientWarning
 from .dense import default_rcond
 from .krylov import independent_rows
 from .multipliers import unit_rows
+from .._context import bound
 
 __all__ = ["DependenceCheck", "dependent_to_warn", "naming", "shown_indices", "warn_curved", "warn_degenerate"]
 
@@ -28,14 +28,9 @@ _MAX_INDICES_SHOWN = 8
 _NODE: contextvars.ContextVar[str] = contextvars.ContextVar("convexddn_node_name", default="")
 
 
-@contextlib.contextmanager
-def naming(name: str) -> Iterator[None]:
+def naming(name: str) -> AbstractContextManager[None]:
     """Within: :func:`warn_degenerate` names the node ``name`` ("" names none)."""
-    token = _NODE.set(name)
-    try:
-        yield
-    finally:
-        _NODE.reset(token)
+    return bound(_NODE, name)
 
 
 def shown_indices(mask: Tensor) -> str:
