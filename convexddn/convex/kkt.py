@@ -310,9 +310,9 @@ class KKTSystem:
             if on is not None:  # corrected only where this element's own rule refines (exactly as alone)
                 keep = on.view(-1, 1, 1)
                 new = tuple(v if v is None else torch.where(keep, v, w) for v, w in zip(new, (x, zE, zh, last)))
-                d = tuple(torch.where(keep, v, w) for v, w in zip(d[:3], step_ or (0.0,) * 3))
-            x, zE, zh, last = new
-            step_, atx = d[:3], None
+                if until is not None:  # (each element's last step, read by stall_error only)
+                    d = tuple(torch.where(keep, v, w) for v, w in zip(d[:3], step_ or (0.0,) * 3))
+            (x, zE, zh, last), step_, atx = new, d[:3], None
         x, zE, zh = (x, zE, zh) if until is None else best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
         if until is not None:
