@@ -59,12 +59,6 @@ def _copying_whole(module: torch.nn.Module) -> Iterator[None]:
             held.discard(id(module))
 
 
-def _reading_all(module: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """The guards' reading sides of ``module`` and of its guarded submodules (a nested node
-    swaps its own tensors under its own guard), in the order the swaps take them."""
-    return guarded(module, swap=False)
-
-
 def _clone(module: torch.nn.Module, memo: dict[int, torch.nn.Module]) -> torch.nn.Module:
     """A shallow clone of ``module`` whose parameter, buffer and submodule dicts are new
     (the tensors themselves shared), its submodules cloned alike; ``memo``: id -> clone."""
@@ -110,11 +104,11 @@ class GuardedState(torch.nn.Module):
     _guards_swaps = True  # (a module holding this one takes its guard too: see _swap_guard._in_order)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        with _reading_all(self):
+        with guarded(self, swap=False):
             return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        with _reading_all(self):
+        with guarded(self, swap=False):
             return super().load_state_dict(*args, **kwargs)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -122,11 +116,11 @@ class GuardedState(torch.nn.Module):
             super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, *args: Any, **kwargs: Any) -> Any:
-        with _reading_all(self):
+        with guarded(self, swap=False):
             return super()._apply(*args, **kwargs)
 
     def __getstate__(self) -> dict:
-        with _reading_all(self):
+        with guarded(self, swap=False):
             state = super().__getstate__()
             if id(self) not in getattr(_whole, "ids", ()):
                 _refuse_mid_swap(self, "pickled")
@@ -139,7 +133,7 @@ class GuardedState(torch.nn.Module):
         under the guards: the live state, no snapshot (a shallow copy shares the dicts, as before)."""
         if deep:  # (a shallow copy shares the dicts: it reads what the node reads, the stand-ins too)
             _refuse_mid_swap(self, "deep-copied")
-        with _reading_all(self), _copying_whole(self):
+        with guarded(self, swap=False), _copying_whole(self):
             new = type(self).__new__(type(self))
             if deep:
                 memo[id(self)] = new  # (before the state: a submodule may refer back to this one)
