@@ -33,6 +33,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError, ProblemError
+from ._swap_guard import named_state
 
 __all__ = ["ForwardVersions", "Reads", "check_solve_kept", "versions_of", "watch"]
 
@@ -125,10 +126,6 @@ class Reads(TorchFunctionMode):
         return out
 
 
-def _named_state(node: torch.nn.Module) -> list[tuple[str, Tensor]]:
-    return [*node.named_parameters(remove_duplicate=False), *node.named_buffers(remove_duplicate=False)]
-
-
 class ForwardVersions:
     """The version counters, at one forward of ``node``, of the tensors its problem may read
     that autograd does not save (not those of ``saved``: autograd checks them itself).
@@ -176,7 +173,7 @@ class ForwardVersions:
         ``implicit_dtype`` casts) stands for the forward's tensor of that name."""
         # (Tensors held beside their ids, as in Reads: a submodule may rebind an attribute within
         # the call, ``weight_norm``'s ``weight``, freeing the one noted here, whose id came back.)
-        own = {id(t): (t, self.by_name.get(name)) for name, t in _named_state(node)}
+        own = {id(t): (t, self.by_name.get(name)) for name, t in named_state(node)}
         alias = {i: j for i, (_, j) in own.items() if j is not None}
         # A plain attribute bound to another tensor since: the backward would read that one.
         rebound = {id(now): (what, now) for module, key, t, what in self.attributes

@@ -43,7 +43,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from ..errors import ProblemError
 from ._held_estimates import held_estimates
 
-__all__ = ["SwapGuard", "guarded", "read_as", "swapped_here"]
+__all__ = ["SwapGuard", "guarded", "named_state", "read_as", "swapped_here"]
 
 # The modules this thread swaps now (innermost last): a copy of one of them made meanwhile, in its own
 # objective, would take the stand-ins for its tensors (see swapped_here).
@@ -289,17 +289,17 @@ def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextMa
     return _holding(mods, swap)
 
 
+def named_state(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s parameters, then its buffers, by name (a tied tensor under each of its names)."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
 @contextlib.contextmanager
 def read_as(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Within: ``module`` as its problem's evaluations read it: its floating parameters and buffers
     read as ``dtype`` (differentiably), and its spectral norms' estimates held
     (:func:`~._held_estimates.held_estimates`); a swap, to be held under :func:`guarded` with ``swap=True``."""
     with torch.enable_grad():  # the casts must carry gradients back to parameters
-        casts = {
-            name: t.to(dtype)
-            for name, t in [*module.named_parameters(remove_duplicate=False),
-                            *module.named_buffers(remove_duplicate=False)]
-            if t.is_floating_point() and t.dtype != dtype
-        }
+        casts = {name: t.to(dtype) for name, t in named_state(module) if t.is_floating_point() and t.dtype != dtype}
     with held_estimates(module), (_reparametrize_module(module, casts) if casts else contextlib.nullcontext()):
         yield

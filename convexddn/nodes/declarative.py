@@ -32,7 +32,7 @@ from ..errors import InputError, ProblemError, SolverError
 from ._guarded_state import GuardedState
 from ._read_guard import watch
 from ._reference_hooks import warn_reference_hooks
-from ._swap_guard import guarded, read_as
+from ._swap_guard import guarded, named_state, read_as
 from .declarative_probe import probe
 from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, solve_input_names, y_by_keyword)
@@ -367,7 +367,7 @@ class DeclarativeNode(GuardedState):
             raise InputError(f"{type(self).__name__} needs at least one input tensor")
         flat, batch_shape = flatten_inputs(xs, self.batch_dims, solve_input_names(type(self), len(xs)))
         with guarded(self, swap=False):  # (not while another thread's backward swaps them)
-            state = dict((*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)))
+            state = dict(named_state(self))
             named = differentiated_parameters(self)
             record: list = []  # (the call's ForwardVersions)
             y = DeclarativeFunction.apply(self, len(flat), (batch_shape, state, tuple(n for n, _ in named), record),

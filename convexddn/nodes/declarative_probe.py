@@ -12,7 +12,7 @@ from .._autograd import outside_compile, plain, without_autocast
 from .._warn import warn
 from ..errors import GradientWarning, ProblemError
 from ._read_guard import Reads
-from ._swap_guard import guarded, read_as
+from ._swap_guard import guarded, named_state, read_as
 from .graph import check_graph
 from .krylov import pseudo_random_directions
 from .lagrangian import _constraint, _objective
@@ -167,8 +167,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool
         with torch.enable_grad(), _reparametrize_module(node, fixed), read_as(node, dtype):
             # The node's own tensors as the problem sees them (read_as's casts, the stand-ins, the
             # rest): Reads' other tensors, not made within, are from outside the node.
-            sees = [*node.named_parameters(remove_duplicate=False), *node.named_buffers(remove_duplicate=False),
-                    *fixed.items(), *state.items()]
+            sees = [*named_state(node), *fixed.items(), *state.items()]
             names = {id(t): n for n, t in sees}
             xg = tuple(plain(x).detach().to(dtype).requires_grad_(True) for x in xs)
             yg = y.detach().to(dtype).requires_grad_(True)
