@@ -224,7 +224,11 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
     # A NaN pivot (0/0) fails too: the comparisons are written to be False for NaN.
     fail = ~(piv.abs() > small.unsqueeze(1)).all(1) | (norm == 0) | routed
     refine = ~ok & ~fail
-    if bool(refine.any()):
+    # (one host read where all pass: without a refinement, ~ok implies fail)
+    any_refine, any_fail = torch.stack([refine.any(), fail.any()]).tolist()
+    if not (any_refine or any_fail):
+        return x, fail
+    if any_refine:
         idx = refine.nonzero().squeeze(1)
         sub = (b[idx], a[idx], c[idx], d[idx])
         x_new = _refine(*sub, x[idx])
