@@ -11,6 +11,7 @@ from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning, InputError
 from ._overflow import warn_gradient_overflow
+from .degeneracy import shown_indices
 from ._sinkhorn import solve
 from ._sinkhorn_schur import (back_substitute, lambda_min_lower, lambda_min_upper, polish, refine, row_sums,
                              schur_rhs, schur_solve)
@@ -236,8 +237,7 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
         lost = ~torch.isfinite(mu).all(-1)
         if bool(lost.any()):
             warn(
-                "sinkhorn: the gradient is not finite at batch element(s) "
-                f"{_named(lost)}: the incoming gradient is "
+                f"sinkhorn: the gradient is not finite at {shown_indices(lost)}: the incoming gradient is "
                 "not finite there, or it overflowed float64 when scaled by the mass "
                 "of a (over about 1e308 in all)",
                 GradientWarning,
@@ -246,8 +246,8 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
             warn(
                 "sinkhorn: the transport plan's support splits into disconnected blocks, or blocks "
                 "joined by mass below float64's rounding of the total (the Schur complement is "
-                "singular to working precision; entries below 1e-154 count as zero), at batch element(s) "
-                f"{_named(bad)}; {what} are not determined there and the "
+                "singular to working precision; entries below 1e-154 count as zero), at "
+                f"{shown_indices(bad)}; {what} are not determined there and the "
                 "least-norm ones are returned (the derivative with respect to the cost is "
                 "unaffected)",
                 GradientWarning,
@@ -269,8 +269,3 @@ def _warn_loose(what: str, at: torch.Tensor, err: torch.Tensor, low: torch.Tenso
         f"{_WARN * accuracy:.0e} (4 times the accuracy promised for the gradients); raise eps",
         GradientWarning,
     )
-
-
-def _named(mask: torch.Tensor) -> list:
-    """The first ten batch elements of ``mask``."""
-    return mask.nonzero().flatten().tolist()[:10]
