@@ -127,12 +127,12 @@ class _TridiagonalFn(torch.autograd.Function):
         r""":math:`\dot x = A^{-1}(\dot d - \dot A x)`, the forward's pivoted elements pivoted."""
         b, a, c, x, routed = ctx.saved_tensors
         m, n, k = x.shape
-        zero_b, zero_o = torch.zeros_like(b), torch.zeros_like(a)
-        db, da, dc = (zero if t is None else _flat(t, ctx.batch, (t.shape[-1],), x.dtype)
-                      for t, zero in ((diag_t, zero_b), (lower_t, zero_o), (upper_t, zero_o)))
-        r = -multiply(db, da, dc, x)
-        if rhs_t is not None:
-            r = r + _flat(rhs_t, ctx.batch, (n, k), x.dtype)
+        r = x.new_zeros(x.shape) if rhs_t is None else _flat(rhs_t, ctx.batch, (n, k), x.dtype)
+        if diag_t is not None or lower_t is not None or upper_t is not None:  # (else no -dA x to form)
+            zero_b, zero_o = torch.zeros_like(b), torch.zeros_like(a)
+            db, da, dc = (zero if t is None else _flat(t, ctx.batch, (t.shape[-1],), x.dtype)
+                          for t, zero in ((diag_t, zero_b), (lower_t, zero_o), (upper_t, zero_o)))
+            r = r - multiply(db, da, dc, x)
         # Under torch.func.jacfwd the tangents are batched: no host decision on their values,
         # so the forward's choice of solver per element is reused unchecked.
         check = not (functorch_transforms() or batched_by_autograd(diag_t, lower_t, upper_t, rhs_t))
