@@ -1534,7 +1534,8 @@ def test_float16_simplex_and_l1_derivatives_sum_in_float32(kind):
           "l1 sphere": lambda x_, r_: project_lp(x_, 1, "sphere", r_)}[kind]
     gx, gr = torch.autograd.grad(fn(x, r), (x, r), torch.full((1, 1000), 100.0, dtype=torch.float16))
     assert torch.equal(gx, torch.zeros_like(gx)) and gr.item() == 100.0
-    _, t = torch.func.jvp(lambda x_: fn(x_, r.detach()), (x.detach(),), (torch.full((1, 1000), 100.0, dtype=torch.float16),))
+    v = torch.full((1, 1000), 100.0, dtype=torch.float16)
+    _, t = torch.func.jvp(lambda x_: fn(x_, r.detach()), (x.detach(),), (v,))
     assert torch.equal(t, torch.zeros_like(t))
 
 
