@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from ... import _workspace as workspace
-from ..._checks import check_finite
 from ..._warn import warn
 from ...errors import ConvexDDNWarning
 from .penalties import Penalty
@@ -213,13 +212,6 @@ class Scratch:
         """Hand the buffers back (no view of them may be used after this)."""
         workspace.give(*self.flat)
         self.flat = []
-
-
-def check_ends(lo: Tensor, hi: Tensor, full: Tensor) -> None:
-    """Raise NonFiniteError naming ``full`` when a row's min or max is not finite (they
-    propagate NaN and Inf). One host sync; the full count runs only on failure."""
-    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
-        check_finite("x", full)
 
 
 def row_scale(lo: Tensor, hi: Tensor) -> Tensor:
