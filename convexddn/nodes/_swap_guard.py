@@ -289,9 +289,17 @@ def guarded(module: torch.nn.Module, swap: bool) -> contextlib.AbstractContextMa
     return _holding(mods, swap)
 
 
-def named_state(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``module``'s parameters, then its buffers, by name (a tied tensor under each of its names)."""
-    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+def named_state(module: torch.nn.Module, kinds=("_parameters", "_buffers")) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s parameters, then its buffers (``kinds``: which dicts of each submodule), by name: one name
+    per place that holds one (a submodule's ``_parameters`` or ``_buffers`` key). A tied tensor (two
+    submodules' attributes bound to it) comes under each of its names: both places are swapped. A submodule
+    held under two names (``self.a = self.b = lin``) comes once, by its first name: its names are one place,
+    which a swap by both names swapped twice, and whose restore left the first stand-in there in place of the
+    parameter (a plain tensor, cut off from the optimizer's, after a call's probe; the probe named the other
+    name's parameters unread, a false GradientWarning)."""
+    mods = list(module.named_modules())  # (a submodule under two names: once)
+    return [(f"{prefix}.{key}" if prefix else key, t) for kind in kinds
+            for prefix, m in mods for key, t in getattr(m, kind).items() if t is not None]
 
 
 @contextlib.contextmanager

@@ -156,8 +156,9 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool
         # raw "not differentiable with respect to argument 'running_mean'"; the copy takes the
         # write, which raises below, and the node's own buffer is left as it was.
         # (Not a buffer that requires grad: the problem closes over it, an error below.)
-        params = dict(node.named_parameters(remove_duplicate=False))
-        state = {**params, **dict(node.named_buffers(remove_duplicate=False))}
+        # (a submodule under two names once: a swap by both names did not restore it)
+        params = dict(named_state(node, ("_parameters",)))
+        state = {**params, **dict(named_state(node, ("_buffers",)))}
         # (an inference tensor cannot require grad: a plain copy of it can)
         # (an integer parameter, which cannot require grad, stands in as a copy, as a buffer)
         fixed = {n: plain(t).detach().requires_grad_(True) if n in params and t.is_floating_point()

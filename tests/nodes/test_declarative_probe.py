@@ -130,3 +130,48 @@ def test_integer_parameters_and_sparse_buffers_stand_in_as_copies(kind):
     y.sum().backward()
     torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, torch.ones_like(x), rtol=1e-12, atol=1e-12)
+
+
+class _Shared(DeclarativeNode):
+    """y = argmin_u ½‖u − (W x + c)‖² = W x + c, through one Linear held under two names (``a``
+    and ``b``) and read through ``via`` only: for L = Σ y, dL/dx = 1ᵀ W per row, dL/dW = 1 sᵀ
+    (s = Σ_b x_b) and dL/dc = B·1 (closed forms)."""
+
+    def __init__(self, via: str, dtype: torch.dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(3, 3).to(dtype)
+        self.a = lin
+        self.b = lin
+        self.via = via
+
+    def objective(self, x, y):
+        return 0.5 * ((y - getattr(self, self.via)(x).to(y.dtype)) ** 2).sum(-1)
+
+    def solve(self, x):
+        return getattr(self, self.via)(x)
+
+
+@pytest.mark.parametrize("via", ["a", "b"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_submodule_under_two_names_is_one_place_to_swap(via, dtype, recwarn):
+    """The probe swapped the shared Linear's weight in by both names ('a.weight', 'b.weight': one
+    place), and its restore left a stand-in there: after the first forward node.a.weight was a plain
+    tensor, not the optimizer's parameter, and (float32) the probe warned that the parameters of the
+    other name were unread (a false GradientWarning). Now each place is swapped once."""
+    node = _Shared(via, dtype)
+    W, c = node.a.weight, node.a.bias
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]], dtype=dtype, requires_grad=True)
+    y = node(x)
+    assert node.a.weight is W and node.b.bias is c  # (the parameters themselves, after the probe)
+    with torch.no_grad():
+        node(x)
+    node(x.detach())  # (grad mode on, nothing requires grad: probed again)
+    assert node.a.weight is W and node.b.bias is c
+    y.sum().backward()
+    assert not [w for w in recwarn.list if "require grad but neither" in str(w.message)]
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    ones = torch.ones(3, dtype=dtype)
+    torch.testing.assert_close(x.grad, (ones @ W.detach()).expand(2, 3), **tol)
+    torch.testing.assert_close(W.grad, torch.outer(ones, x.detach().sum(0)), **tol)
+    torch.testing.assert_close(c.grad, torch.full((3,), 2.0, dtype=dtype), **tol)
