@@ -21,6 +21,7 @@ from torch.autograd import forward_ad
 from .._autograd import may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain, without_autocast
 from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
+from ._held_estimates import held_per_call
 from ._read_guard import ForwardVersions, check_solve_kept, versions_of
 from .inputs import input_names
 
@@ -57,6 +58,9 @@ class DeclarativeFunction(torch.autograd.Function):
         # here): the backward gets a plain copy of the value the forward solved with.
         if not torch.compiler.is_compiling():  # (dynamo cannot trace is_inference())
             state = {k: plain(t) if isinstance(t, torch.Tensor) else t for k, t in state.items()}
+        # A spectral norm's estimate u, v as this forward left it, held for its backward: a second
+        # forward before it (the GAN pattern) steps them in place (an InputError in this backward before).
+        state = held_per_call(node, state)
         ctx.node, ctx.n_inputs, ctx.batch_shape, ctx.state, ctx.names = node, n, batch_shape, state, names
         # The parameters that require grad are saved (not just referenced): one changed
         # in place before the backward raises autograd's error, as nn.Linear's would,

@@ -63,3 +63,34 @@ def test_spectral_norm_in_training_mode_matches_closed_form(form, dtype):
         torch.testing.assert_close(x.grad.double(), (ones @ (Wd / sigma)).expand(2, 3), **tol)
         expected_W = torch.outer(ones, s) / sigma - (ones @ Wd @ s) / sigma ** 2 * torch.outer(ud, vd)
         torch.testing.assert_close(W.grad.double(), expected_W, **tol)
+
+
+@pytest.mark.parametrize("form", ["hook", "parametrization"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_forwards_before_one_backward_hold_each_calls_estimate(form, dtype):
+    """The GAN pattern: the node called twice (each solve steps u, v once, in place), then one
+    backward of c_1 Σ y_1 + c_2 Σ y_2. The first call's backward reads u, v, which the second forward
+    had changed: an InputError ("['lin.weight_u', 'lin.weight_v'] ... were modified in place between
+    the forward and the backward"). Now each call's backward differentiates its own problem, at the
+    u_k, v_k its forward left (σ_k = u_kᵀ W v_k): dL/dx_k = c_k 1ᵀ W / σ_k, and dL/dW the sum over
+    the calls of c_k (1 s_kᵀ / σ_k − (1ᵀ W s_k) / σ_k² · u_k v_kᵀ) (closed forms)."""
+    node = _Normalised(form, dtype)
+    W, u, v = node.parts()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    xs = [torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]], dtype=dtype, requires_grad=True),
+          torch.tensor([[-0.4, 0.9, 2.0], [1.5, 0.2, 0.6]], dtype=dtype, requires_grad=True)]
+    ys, held = [], []
+    for x in xs:
+        ys.append(node(x))
+        held.append((u.detach().double().clone(), v.detach().double().clone()))
+    assert not torch.equal(held[0][0], held[1][0])  # (the second forward stepped u: σ_1 ≠ σ_2)
+    scales = (1.0, 2.0)
+    (scales[0] * ys[0].sum() + scales[1] * ys[1].sum()).backward()
+    Wd, ones = W.detach().double(), torch.ones(4, dtype=torch.float64)
+    expected_W = torch.zeros_like(Wd)
+    for x, y, (uk, vk), c in zip(xs, ys, held, scales):
+        sigma, s = uk @ Wd @ vk, x.detach().double().sum(0)
+        torch.testing.assert_close(y.detach().double(), x.detach().double() @ (Wd / sigma).T, **tol)
+        torch.testing.assert_close(x.grad.double(), (c * ones @ Wd / sigma).expand(2, 3), **tol)
+        expected_W += c * (torch.outer(ones, s) / sigma - (ones @ Wd @ s) / sigma ** 2 * torch.outer(uk, vk))
+    torch.testing.assert_close(W.grad.double(), expected_W, **tol)
