@@ -37,8 +37,7 @@ from typing import Any
 import torch
 from torch.nn.utils.parametrize import is_parametrized
 
-from ..errors import ProblemError
-from ._swap_guard import guarded, swapped_here
+from ._swap_guard import guarded, mid_swap_error, swapped_here
 
 __all__ = ["GuardedState"]
 
@@ -88,12 +87,7 @@ def _refuse_mid_swap(module: torch.nn.Module, how: str) -> None:
     deepcopy protocol" for an ``implicit_dtype`` cast, else a copy cut off from the node's parameters."""
     swapped = swapped_here(module)
     if swapped is not None:
-        raise ProblemError(
-            f"{type(module).__name__} was {how} while {type(swapped).__name__}'s objective or constraints were "
-            "evaluated (copy.deepcopy(self) in the objective, say): its parameters and buffers are swapped then for "
-            "the tensors the implicit differentiation reads (implicit_dtype casts, stand-ins that require grad), "
-            "which the copy would take for its own, cut off from the node's parameters (no gradient would reach "
-            "them). Read the node's tensors directly (self.weight), or copy the node in solve or outside it")
+        raise mid_swap_error(type(module).__name__, type(swapped).__name__, how)
 
 
 class GuardedState(torch.nn.Module):

@@ -33,7 +33,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError, ProblemError
-from ._swap_guard import named_state
+from ._swap_guard import mid_swap_error, named_state
 
 __all__ = ["ForwardVersions", "Reads", "check_solve_kept", "versions_of", "watch"]
 
@@ -76,6 +76,9 @@ def _swapped(a: Any, consts: dict) -> Any:
     return a
 
 
+_DEEPCOPY = Tensor.__deepcopy__  # (what a TorchFunctionMode sees for copy.deepcopy of a plain tensor)
+
+
 class Reads(TorchFunctionMode):
     """Records the tensors that torch functions receive within: ``seen``, and ``outside``,
     those neither made within nor among ``given`` (the call's own arguments); each by id.
@@ -91,10 +94,22 @@ class Reads(TorchFunctionMode):
     which then matched it (a false in-place error in 4-11 of 200 backward calls). ``seen`` and
     ``made`` hold their tensors weakly (an entry leaves with its tensor: the evaluation's
     intermediates are freed as without the guard); what they are compared with (the
-    forward's record, the node's own and rebound tensors) is held alive by its holder."""
+    forward's record, the node's own and rebound tensors) is held alive by its holder.
 
-    def __init__(self, given=(), consts=None) -> None:
+    ``swapped``: id -> (name, whether it stands for a tensor that requires grad) of the tensors of the
+    node ``node`` (its class's name) as the evaluation sees them (stand-ins, ``implicit_dtype`` casts).
+    A deep copy of a submodule in the objective (``copy.deepcopy(self.sub)``: a plain module has none
+    of the node's copy hooks, :class:`~._guarded_state.GuardedState`) copies them: torch's raw "Only
+    Tensors created explicitly by the user (graph leaves) support the deepcopy protocol" for a cast,
+    else a copy that requires grad, cut off from the node's parameters (an InputError blaming it).
+    Where the tensor stands for one that requires grad, the copy could not be right (no gradient
+    would reach the node's parameter): a ``ProblemError`` says so; else (a buffer, a frozen
+    parameter) the copy is its value, detached, as a copy of the node's own tensor would be."""
+
+    def __init__(self, given=(), consts=None, swapped=None, node: str = "") -> None:
         super().__init__()
+        self.swapped: dict[int, tuple[str, bool]] = swapped or {}
+        self.node = node
         self.consts: dict[int, Tensor] = dict(consts or {})
         self.seen: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
         self.made: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary(
@@ -105,6 +120,8 @@ class Reads(TorchFunctionMode):
         # (Tensors at the top level or in a list or tuple, as torch functions take them; not
         # torch's pytree: it cost as much as the rest of the backward's evaluations.)
         seen, made, outside, consts = self.seen, self.made, self.outside, self.consts
+        if func is _DEEPCOPY and args and id(args[0]) in self.swapped:
+            return self._deepcopy(*args, **(kwargs or {}))
         swap = False
         for a in (*args, *kwargs.values()) if kwargs else args:
             for t in (a,) if isinstance(a, Tensor) else a if isinstance(a, (list, tuple)) else ():
@@ -124,6 +141,13 @@ class Reads(TorchFunctionMode):
             if isinstance(o, Tensor):
                 made[id(o)] = o
         return out
+
+    def _deepcopy(self, t: Tensor, memo: dict | None = None) -> Tensor:
+        """``copy.deepcopy`` of the node's tensor ``t`` (see the class docstring)."""
+        name, needs_grad = self.swapped[id(t)]
+        if needs_grad:
+            raise mid_swap_error(f"{self.node}'s {name!r}, which requires grad,", self.node, "deep-copied")
+        return t.detach().clone()  # (copy.deepcopy enters it in memo)
 
 
 class ForwardVersions:
@@ -173,14 +197,16 @@ class ForwardVersions:
         ``implicit_dtype`` casts) stands for the forward's tensor of that name."""
         # (Tensors held beside their ids, as in Reads: a submodule may rebind an attribute within
         # the call, ``weight_norm``'s ``weight``, freeing the one noted here, whose id came back.)
-        own = {id(t): (t, self.by_name.get(name)) for name, t in named_state(node)}
+        mine = named_state(node)
+        own = {id(t): (t, self.by_name.get(name)) for name, t in mine}
+        swapped = {id(t): (name, t.requires_grad) for name, t in mine}  # (a cast requires grad as its source)
         alias = {i: j for i, (_, j) in own.items() if j is not None}
         # A plain attribute bound to another tensor since: the backward would read that one.
         rebound = {id(now): (what, now) for module, key, t, what in self.attributes
                    if (now := vars(module).get(key)) is not t and isinstance(now, Tensor)}
 
         def call(*args: Any) -> Any:
-            reads = Reads((a for a in args if isinstance(a, Tensor)), self.consts)
+            reads = Reads((a for a in args if isinstance(a, Tensor)), self.consts, swapped, self.node)
             with reads:
                 out = fn(*args)
             changed = sorted({what for what, t, version in (self.entries[alias.get(i, i)] for i in reads.seen

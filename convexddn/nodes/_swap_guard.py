@@ -43,7 +43,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from ..errors import ProblemError
 from ._held_estimates import held_estimates
 
-__all__ = ["SwapGuard", "guarded", "named_state", "read_as", "swapped_here"]
+__all__ = ["SwapGuard", "guarded", "mid_swap_error", "named_state", "read_as", "swapped_here"]
 
 # The modules this thread swaps now (innermost last): a copy of one of them made meanwhile, in its own
 # objective, would take the stand-ins for its tensors (see swapped_here).
@@ -239,6 +239,17 @@ def swapped_here(module: torch.nn.Module) -> torch.nn.Module | None:
     mine = {id(m) for m in module.modules()}
     return next((m for m in inside if m is not None and (id(m) in mine or any(s is module for s in m.modules()))),
                 None)
+
+
+def mid_swap_error(copied: str, swapped: str, how: str) -> ProblemError:
+    """The error for a copy (``how``: "deep-copied", "pickled") of ``copied`` made while this thread evaluates
+    the problem of node ``swapped`` (its class's name), whose tensors are swapped then."""
+    return ProblemError(
+        f"{copied} was {how} while {swapped}'s objective or constraints were evaluated (copy.deepcopy(self), or of "
+        "a submodule, in the objective, say): the node's parameters and buffers, its submodules' too, are swapped "
+        "then for the tensors the implicit differentiation reads (implicit_dtype casts, stand-ins that require "
+        "grad), which the copy would take for its own, cut off from the node's parameters (no gradient would reach "
+        "them). Read the tensors directly (self.weight, self.sub(x)), or copy in solve, __init__ or outside the node")
 
 
 def _guard(module: torch.nn.Module) -> SwapGuard:

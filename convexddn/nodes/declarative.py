@@ -158,12 +158,12 @@ class DeclarativeNode(GuardedState):
             read) was modified in place after the forward (it needs the forward's values).
         ProblemError: ``objective`` or ``solve`` is not defined, ``__init__`` did not call
             ``super().__init__()``, ``solve`` modified an input or a parameter in place, the objective or
-            constraints wrote to the node's state or deep-copied or pickled the node, the objective does not
-            depend on ``y``, a row of the objective or a constraint reads another batch row (first call with two
-            rows or more), or (in backward) an active constraint's Jacobian is NaN or Inf, or a term's backward
-            cannot be differentiated. (A method of the DDN reference's API that would be ignored, such as
-            ``linear_constraint_parameters`` or ``gradient``, is a ``ConvexDDNWarning`` at the class's
-            definition: see the guide "Migrating from the DDN reference".)
+            constraints wrote to the node's state, deep-copied or pickled the node or deep-copied a parameter
+            that requires grad (of a submodule), the objective does not depend on ``y``, a row of the objective
+            or a constraint reads another batch row (first call with two rows or more), or (in backward) an
+            active constraint's Jacobian is NaN or Inf, or a term's backward cannot be differentiated. (A DDN
+            reference's method that would be ignored, ``linear_constraint_parameters`` or ``gradient`` say, is
+            a ``ConvexDDNWarning`` at the class's definition: see the guide "Migrating from the DDN reference".)
         NonFiniteError: an input contains NaN or Inf.
         SolverError: ``solve`` returns NaN or Inf, or (in backward) a point far from
             a KKT point; with the failing batch indices.

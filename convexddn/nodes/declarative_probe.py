@@ -172,7 +172,8 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool
             names = {id(t): n for n, t in sees}
             xg = tuple(plain(x).detach().to(dtype).requires_grad_(True) for x in xs)
             yg = y.detach().to(dtype).requires_grad_(True)
-            reads = Reads((*xg, yg))
+            # (a deep copy of a stand-in: a ProblemError where the tensor it stands for requires grad)
+            reads = Reads((*xg, yg), swapped={i: (n, state[n].requires_grad) for i, n in names.items()}, node=name)
             with reads:
                 f = _objective(f"{name}.objective", node._call("objective"), xg, yg)
                 cons = {m: _constraint(f"{name}.{m}", node._call(m), xg, yg)

@@ -9,6 +9,8 @@ the exact minimiser for c + d: no KKT check can see it, only the guard.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -297,3 +299,58 @@ def test_a_closed_over_inference_tensor_is_a_constant_at_its_forward_value(dtype
             y = m(forward_ad.make_dual(torch.ones(2, 1, dtype=DT), torch.ones(2, 1, dtype=DT)))
             tangent = forward_ad.unpack_dual(y).tangent
         torch.testing.assert_close(tangent, torch.full((2, 1), float(w), dtype=DT), rtol=0, atol=1e-12)
+
+
+class _Scale(torch.nn.Module):
+    """x ↦ w x with w = 2 held as a parameter (trainable or frozen) or as a buffer."""
+
+    def __init__(self, kind: str, dtype: torch.dtype):
+        super().__init__()
+        w = torch.tensor([2.0], dtype=dtype)
+        if kind == "buffer":
+            self.register_buffer("w", w)
+        else:
+            self.w = torch.nn.Parameter(w, requires_grad=kind == "parameter")
+
+    def forward(self, x):
+        return self.w.to(x.dtype) * x
+
+
+class _CopiesSub(DeclarativeNode):
+    """½ (y − w x)²: y = w x, dy/dx = w = 2 (closed form), through the submodule ``sub``, which the
+    method ``where`` deep-copies before it applies it (the objective: the user's question)."""
+
+    def __init__(self, kind: str, where: str, dtype: torch.dtype):
+        super().__init__()
+        self.sub = _Scale(kind, dtype)
+        self.where = where
+
+    def _sub(self, method: str):
+        return copy.deepcopy(self.sub) if method == self.where else self.sub
+
+    def objective(self, x, y):
+        return 0.5 * ((y - self._sub("objective")(x)) ** 2).sum(-1)
+
+    def solve(self, x):
+        return self._sub("solve")(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_deep_copy_of_a_submodule_in_the_objective(dtype):
+    """copy.deepcopy(self.sub) in the objective copied the stand-ins swapped in for the evaluation:
+    torch's raw "Only Tensors created explicitly by the user (graph leaves) support the deepcopy
+    protocol" for a float32 parameter's float64 cast, an InputError blaming the copy (float64). Where
+    the parameter requires grad, no copy can be right (the gradient would not reach it): a ProblemError
+    names it. A frozen parameter or a buffer copies as its value (dy/dx = 2); so does any copy in solve."""
+    x = torch.tensor([[1.0], [3.0]], dtype=DT, requires_grad=True)
+    with pytest.raises(ProblemError, match=r"_CopiesSub's 'sub\.w', which requires grad, was deep-copied while "
+                                           r"_CopiesSub's objective or constraints were evaluated"):
+        _CopiesSub("parameter", "objective", dtype)(x)
+    for kind, where in (("frozen", "objective"), ("buffer", "objective"), ("parameter", "solve")):
+        node = _CopiesSub(kind, where, dtype)
+        x.grad = None
+        node(x).sum().backward()
+        torch.testing.assert_close(x.grad, torch.full_like(x, 2.0), rtol=1e-12, atol=0)
+        if kind == "parameter":  # dL/dw = Σ x = 4
+            torch.testing.assert_close(node.sub.w.grad, torch.tensor([4.0], dtype=dtype), rtol=1e-6, atol=0)
+        assert type(node.sub.w) is (torch.Tensor if kind == "buffer" else torch.nn.Parameter)
