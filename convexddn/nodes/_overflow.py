@@ -41,7 +41,12 @@ gradient is then summed over the batch in the work dtype and rounded once. Broad
 first, each row's term was rounded to the option's dtype before the sum: a float16
 alpha over float32 rows got +Inf and -Inf terms beyond 65504 that summed to NaN (two
 mirror rows whose exact gradient is 0), silently; and a sum that did not fit came back
-±Inf with no warning (a float16 radius's gradient of -2.5e5).
+±Inf with no warning (a float16 radius's gradient of -2.5e5). Where the work dtype is
+narrower than float32 (a projection of float16 x) or than the option itself (a float64
+alpha over float32 rows), :func:`option_rows` broadcasts the option in the wider
+:func:`sum_dtype` and only then casts it to the work dtype: the rows' gradients, each
+formed in the work dtype, are summed in that wider dtype (a float32 radius of a
+float16 projection over 60,000 rows had the gradient 9.0e4, summed in float16: +Inf).
 """
 from __future__ import annotations
 
@@ -57,8 +62,8 @@ from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
 from .degeneracy import shown_indices
 
-__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "narrowed", "option_cast", "warn_cast_overflow",
-           "warn_gradient_overflow", "widened"]
+__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "narrowed", "option_cast", "option_rows", "sum_dtype",
+           "warn_cast_overflow", "warn_gradient_overflow", "widened"]
 
 GAIN_MARGIN = 2.0**20
 
@@ -260,11 +265,49 @@ def option_cast(what: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> to
     if t.dtype == dtype:
         return t
     narrower = torch.finfo(t.dtype).max < torch.finfo(dtype).max
-    tracked = (torch.is_grad_enabled() and t.requires_grad) or may_carry_tangents(t)
-    if (not narrower or not tracked or torch.compiler.is_compiling()
+    if (not narrower or not _tracked(t) or torch.compiler.is_compiling()
             or torch._C._are_functorch_transforms_active()):
         return t.to(dtype)
     return _Widen.apply(what, (name,), (0,), dtype, t)[0]
+
+
+def _tracked(t: torch.Tensor) -> bool:
+    """Whether autograd or forward mode may differentiate through ``t``."""
+    return (torch.is_grad_enabled() and t.requires_grad) or may_carry_tangents(t)
+
+
+def sum_dtype(option: torch.dtype, work: torch.dtype) -> torch.dtype:
+    """The dtype an option's gradient is summed over the rows in: the work dtype, float32
+    at least (a float16 sum overflows past 65504 and rounds to 11 bits), or the option's
+    own dtype where that is wider (its gradient may exceed the work dtype's range)."""
+    return torch.promote_types(torch.promote_types(work, torch.float32), option)
+
+
+def option_rows(what: str, name: str, t: torch.Tensor, dtype: torch.dtype,
+                shape: Sequence[int]) -> torch.Tensor:
+    r"""A node's tensor option ``name`` broadcast to ``shape`` (one entry per row of the
+    batch) in the node's work ``dtype``, its gradient summed over the rows in
+    :func:`sum_dtype` and cast back to the option's dtype by :func:`option_cast`'s
+    checked cast (a :class:`~convexddn.errors.GradientWarning` naming ``name`` where a
+    gradient that is finite in the sum's dtype does not fit the option's).
+
+    For :math:`g_r` the rows' gradients (each formed in ``dtype``), the option's gradient
+    is :math:`\sum_r g_r` over the broadcast rows, computed in ``sum_dtype(t.dtype, dtype)``:
+    the option is cast to that dtype, broadcast, then cast to ``dtype``, so that autograd
+    widens each row's gradient before the broadcast's sum. That last cast forms a tensor
+    of ``shape`` (one entry per row); only where the option is tracked and the sum's dtype
+    differs from ``dtype``. Otherwise: :func:`option_cast` and a broadcast view.
+
+    Shape: ``t`` broadcastable to ``shape`` -> ``shape``.
+
+    Raises:
+        RuntimeError: torch's, where ``t`` does not broadcast to ``shape`` (the callers
+            name the shapes).
+    """
+    wide = sum_dtype(t.dtype, dtype)
+    if wide == dtype or not _tracked(t):
+        return torch.broadcast_to(option_cast(what, name, t, dtype), shape)
+    return torch.broadcast_to(option_cast(what, name, t, wide), shape).to(dtype)
 
 
 @bind_fast

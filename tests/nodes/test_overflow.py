@@ -7,12 +7,14 @@ the same derivative, no cast on the way), or its closed form (0 for mirror-image
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
 from convexddn.errors import GradientWarning
+from convexddn.nodes._overflow import option_rows
 from convexddn.functional import (least_squares, linear_fit, project_lp, project_simplex, robust_pool,
                                   robust_vector_pool, tv_denoise)
 
@@ -114,3 +116,71 @@ def test_option_tangent_goes_through_the_checked_cast():
             a = fwAD.make_dual(torch.tensor(0.5, dtype=ad), torch.tensor(1.0, dtype=ad))
             out.append(fwAD.unpack_dual(robust_pool(x.to(xd), "huber", a)).tangent)
     torch.testing.assert_close(out[0].double(), out[1], rtol=1e-5, atol=1e-6)
+
+
+# Float16 x, 60,000 rows of 8 (no zero entries): each row's term in the option's gradient is
+# at most 2·‖x‖₁/‖x‖₂ ≤ 6, their sum 1.2e5 to 1.5e5, beyond float16's 65504. It was summed in
+# float16 inside the kernels (or by autograd, the option cast to x's dtype first): +Inf, even
+# for a float32 or float64 option, silently. References: closed forms in float64 (r = z = 1,
+# upstream v = 2·sign(x), or 2 for the simplex): dr of ûᵀv (L2, rows outside the ball),
+# sᵀv/|S| = 2 (L1, rows outside the ball), Σ sign(yᵢ)vᵢ over the pinned coordinates
+# (|xᵢ| ≥ 1, and the pushed one of sphere rows inside: L∞), the support mean of v (simplex).
+_G16 = torch.Generator().manual_seed(2)
+_X16 = torch.randn(60000, 8, generator=_G16) * 3
+_X16 = (_X16.sign() * (_X16.abs() + 0.25)).half()
+
+
+def _float16_reference(kind: str) -> float:
+    x = _X16.double()
+    l1, l2, top = x.abs().sum(-1), x.norm(dim=-1), x.abs().amax(-1)
+    out = {
+        "L2 ball": (2 * l1 / l2)[l2 > 1].sum(),
+        "L2 sphere": (2 * l1 / l2).sum(),
+        "L1 ball": 2.0 * (l1 > 1).sum(),
+        "L1 sphere": 2.0 * x.shape[0],
+        "Linf ball": 2.0 * (x.abs() >= 1).sum(),
+        "Linf sphere": 2.0 * ((x.abs() >= 1).sum() + (top < 1).sum()),
+        "simplex": 2.0 * x.shape[0],
+    }[kind]
+    return float(out)
+
+
+FLOAT16_ROWS = [(f"{name} {mode}", p, mode) for name, p in (("L2", 2), ("L1", 1), ("Linf", "inf"))
+                for mode in ("ball", "sphere")] + [("simplex", None, None)]
+
+
+@pytest.mark.parametrize("kind,p,mode", FLOAT16_ROWS, ids=[c[0] for c in FLOAT16_ROWS])
+@pytest.mark.parametrize("dtype", [F16, F32, F64])
+def test_float16_projection_option_gradient_is_summed_in_float32(kind, p, mode, dtype):
+    if p is None:
+        fn, up, name = (lambda x, z: project_simplex(x, z=z)), torch.full_like(_X16, 2), "z"
+    else:
+        fn, up, name = (lambda x, r: project_lp(x, p, mode, r)), 2 * _X16.sign(), "radius"
+    ref = _float16_reference(kind)
+    assert 65504 < ref < 1e6
+    g, warned = _grad(fn, _X16, torch.tensor(1.0, dtype=dtype), up)
+    assert g.dtype == dtype
+    if dtype == F16:  # the true gradient does not fit the option's dtype: Inf, said
+        assert float(g) == math.inf
+        assert len(warned) == 1 and f"with respect to {name} at" in str(warned[0].message)
+    else:
+        assert not warned
+        torch.testing.assert_close(g.double(), torch.tensor(ref, dtype=F64), rtol=2e-3, atol=0.0)
+
+
+def test_option_rows_sums_in_the_option_dtype_where_wider():
+    """A float64 option over float32 rows, each row's gradient 1e34 (float32), 60,000 rows:
+    6e38 beyond float32's range, summed in float64 (was +Inf: the option cast to float32,
+    then broadcast, summed in float32). Also through robust_pool's alpha (float64 reference)."""
+    t = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    rows = option_rows("node", "alpha", t, F32, (60000,))
+    assert rows.dtype == F32 and rows.shape == (60000,)
+    (g,) = torch.autograd.grad(rows, t, torch.full((60000,), 1e34))
+    torch.testing.assert_close(g, torch.tensor(6e38, dtype=F64), rtol=1e-6, atol=0.0)
+    x = torch.randn(60000, 7, generator=torch.Generator().manual_seed(3)) * 3
+    up = torch.full((60000,), 3e37)
+    ref, _ = _grad(lambda x, a: robust_pool(x, "huber", a), x.double(), torch.tensor(0.5, dtype=F64), up)
+    assert abs(float(ref)) > torch.finfo(F32).max
+    g, warned = _grad(lambda x, a: robust_pool(x, "huber", a), x, torch.tensor(0.5, dtype=F64), up)
+    assert not warned
+    torch.testing.assert_close(g, ref, rtol=1e-4, atol=0.0)

@@ -44,7 +44,7 @@ from ..._autograd import batched_values, functorch_transforms, refuse_trace
 from ...errors import NonFiniteError, ProblemError, ShapeError
 from .._repr import format_option
 from .._module_options import store_option
-from .._overflow import option_cast
+from .._overflow import option_rows
 from .._vmap_stack import stacked_under_vmap
 from .function import RobustPoolFunction
 from .kernels import compile_available
@@ -255,8 +255,8 @@ def robust_pool(
     work = torch.float64 if wide or x.dtype == torch.float64 else torch.float32
     if isinstance(alpha, torch.Tensor):
         check_device("alpha", alpha, x)
-        try:  # cast, then broadcast: alpha's gradient is summed over the rows in `work` (_overflow)
-            a = torch.broadcast_to(option_cast("robust_pool", "alpha", alpha, work), batch)
+        try:  # alpha's gradient is summed over the rows in `work`, or alpha's dtype if wider (_overflow)
+            a = option_rows("robust_pool", "alpha", alpha, work, batch)
         except RuntimeError:
             # (with keepdim, an alpha of lower rank is read against the output without the
             # kept dims, as documented: the one of x's rank is the kept output's)

@@ -39,7 +39,7 @@ from ..._autograd import may_carry_tangents, refuse_vmap
 from ...errors import ShapeError
 from .._repr import format_option
 from .._module_options import store_option
-from .._overflow import option_cast
+from .._overflow import option_rows
 from .kernels import (L2ProjectionFn, L2ReverseFn, LinfProjectionFn, LinfReverseFn, carries_tangents,
                       l2_forward, linf_forward, narrowed, needs_graph, wide_dtype)
 from .simplex import L1ProjectionFn, L1ReverseFn, SimplexProjectionFn, l1_forward, simplex_forward
@@ -82,9 +82,11 @@ def _prepare_radius(
     """Return radius as a float, or as a tensor that broadcasts against x with dim kept.
 
     A tensor radius must broadcast to x's shape with ``dim`` removed (one radius per
-    projected vector, or any broadcastable part of that); it is converted to x's dtype
-    (differentiably, so a radius that requires grad gets its gradient; the callers solve
-    in a wider dtype where it would overflow, :func:`.kernels.wide_dtype`); one on another
+    projected vector, or any broadcastable part of that); it is broadcast to one radius
+    per row and converted to x's dtype (differentiably, so a radius that requires grad
+    gets its gradient, summed over the rows in float32 at least:
+    :func:`~convexddn.nodes._overflow.option_rows`; the callers solve in a wider dtype
+    where it would overflow, :func:`.kernels.wide_dtype`); one on another
     device than x is refused (``InputError``), not moved. It is validated (device first,
     then its values) by :func:`.kernels.wide_dtype` before.
     """
@@ -101,13 +103,10 @@ def _prepare_radius(
             f"{name} must broadcast to the shape of x without dim={d}, {tuple(reduced)}, "
             f"got shape {tuple(radius.shape)}"
         )
-    r = option_cast("project_simplex" if name == "z" else "project_lp", name, radius, x.dtype)  # (a checked cast)
-    # Right-aligned broadcasting: the kept (size-1) dim goes before the radius dims that
-    # line up with x's trailing dims after d; with fewer dims than that it broadcasts as is.
-    pos = r.ndim - (x.ndim - 1 - d)
-    if pos >= 0:
-        r = r.unsqueeze(pos)
-    return r
+    # One per row (a view, or a (*batch) tensor where the rows' gradients are summed wider than x's dtype,
+    # cast back checked: _overflow.option_rows; a float32 radius over 60,000 float16 rows got +Inf).
+    r = option_rows("project_simplex" if name == "z" else "project_lp", name, radius, x.dtype, reduced)
+    return r.unsqueeze(d)  # the kept (size-1) dim
 
 
 def project_lp(
@@ -155,7 +154,8 @@ def project_lp(
     gradient with respect to ``x`` is zero and a ``GradientWarning`` counts those rows.
     ``radius`` gets its gradient when it is a tensor that requires grad
     (:math:`\partial y/\partial r` is :math:`y/r`, :math:`s \circ m/|S|` and
-    :math:`\operatorname{sign}(y)` on the pinned coordinates for p = 2, 1, inf; 0 inside the ball).
+    :math:`\operatorname{sign}(y)` on the pinned coordinates for p = 2, 1, inf; 0 inside the ball),
+    summed over the rows in float32 at least (the radius's dtype if wider; a float16 one's sum beyond 65504 warns).
 
     Numerical range: every projection is computed scale-invariantly. ``p=1`` works
     relative to each row's :math:`\max_i |x_i|` (the threshold never cancels against
