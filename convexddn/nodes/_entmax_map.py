@@ -93,6 +93,9 @@ def _work_dtype(dtype: torch.dtype, alpha: float) -> torch.dtype:
 
 
 def entmax_map(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
+    """p in the working dtype (:func:`_work_dtype`: float32 for half x, float64 near α = 1),
+    not yet rounded to x's: the backward reads its support and s = p^{2−α} from this p
+    (a float16 pᵢ of 5.7e-9 rounds to 0, off the support, where sᵢ is 7.6e-5 at α = 1.5)."""
     k = 1.0 / (alpha - 1.0)
     work = _work_dtype(x.dtype, alpha)
     n = x.shape[d]
@@ -109,7 +112,7 @@ def entmax_map(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torc
         t = (z - tau).clamp_(min=0.0)
         p = t * t if k == 2.0 else t**k
         # k > 1: pᵢ has absolute error ~ k·eps·|τ| at most, normalising is harmless.
-        return (p / p.sum(d, keepdim=True)).to(x.dtype)
+        return p / p.sum(d, keepdim=True)
     m = _threshold_bisect(z, d, k, n)
     u = z + m  # zᵢ − τ: pᵢ = uᵢ^k on the support
     up = u.clamp(min=0.0)
@@ -147,11 +150,14 @@ def entmax_map(x: torch.Tensor, top: torch.Tensor, alpha: float, d: int) -> torc
         # ≥ 2^-149 in size for float32 input): the tied entries share the mass equally.
         tied = (u >= 0).to(work)
         p = torch.where(m < torch.finfo(work).tiny, tied / tied.sum(d, keepdim=True), p)
-    return p.to(x.dtype)
+    return p
 
 
-def jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int) -> torch.Tensor:
-    """(diag(s) − s sᵀ/1ᵀs) g with s = p^{2−α} on the support: the VJP and the JVP."""
+def jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(diag(s) − s sᵀ/1ᵀs) g with s = p^{2−α} on the support: the VJP and the JVP, in
+    ``dtype`` (x's; default grad_p's), where its overflow is checked (α > 2)."""
+    dtype = grad_p.dtype if dtype is None else dtype
     # Half precision would overflow s = p^{2−α} (α > 2) or lose the sums: use float32.
     work = _work_dtype(p.dtype, alpha)
     p, g = p.to(work), grad_p.to(work)
@@ -159,7 +165,7 @@ def jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int
         s = p.sqrt() if alpha == 1.5 else p ** (2.0 - alpha)  # 0 off the support
         sg = s * g
         coef = sg.sum(d, keepdim=True) / s.sum(d, keepdim=True)
-        return torch.addcmul(sg, s, coef, value=-1.0).to(grad_p.dtype)
+        return torch.addcmul(sg, s, coef, value=-1.0).to(dtype)
     # α > 2: s = p^{2−α} peaks at the smallest pᵢ (entry j), 1/eps or more above the rest,
     # and sᵢ(gᵢ − c), c = sᵀg/1ᵀs, cancels there. Since Jᵀ1 = 0, g is shifted per row:
     # h = g − g_j, so c = Σ_{i≠j} ŝᵢhᵢ/1ᵀŝ (ŝ = s/s_j ≤ 1) is small and accurate. Each
@@ -178,7 +184,7 @@ def jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int
     out = torch.where(pos, ((2.0 - alpha) * logp + diff.abs().log()).exp() * diff.sign(), 0.0)
     # Entry j from Jᵀ1 = 0 (J is symmetric): −Σ_{i≠j} outᵢ. Its own product s_j·c loses c
     # where ŝᵢ underflows (α = 100: ŝ = e^-900 beside s_j = 1e392, a product of 2.6).
-    out = out.scatter(d, j, out.gather(d, j) - out.sum(d, keepdim=True)).to(grad_p.dtype)
+    out = out.scatter(d, j, out.gather(d, j) - out.sum(d, keepdim=True)).to(dtype)
     # s reaches p_min^{2−α}: the true product can exceed the dtype (zeros(9) at α = 50 in
     # float32: 9^48 g). Said, not returned as a silent Inf (a host read, α > 2 only; not
     # on the cotangents a vmap batches, where no host read can be made).

@@ -107,7 +107,9 @@ def _check_values(x: torch.Tensor, d: int) -> torch.Tensor:
 
 @bind_fast
 class _EntmaxFn(torch.autograd.Function):
-    """Generic-α entmax forward; backward diag(s) − s sᵀ/1ᵀs with s = p^{2−α} on the support."""
+    """Generic-α entmax forward, p in the working dtype (its caller rounds it to x's: the
+    support and s are read from the unrounded p); backward diag(s) − s sᵀ/1ᵀs with
+    s = p^{2−α} on the support."""
 
     @staticmethod
     def forward(x, top, alpha, d):  # type: ignore[override]
@@ -117,20 +119,21 @@ class _EntmaxFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)
-        ctx.alpha, ctx.d = inputs[2], inputs[3]
+        ctx.alpha, ctx.d, ctx.dtype = inputs[2], inputs[3], inputs[0].dtype
 
     @staticmethod
     @first_order("entmax")
     def backward(ctx, grad_p):  # type: ignore[override]
         (p,) = ctx.saved_tensors
-        return jacobian_product(p, grad_p, ctx.alpha, ctx.d), None, None, None
+        return jacobian_product(p, grad_p, ctx.alpha, ctx.d, ctx.dtype), None, None, None
 
     @staticmethod
     @first_order_jvp("entmax")  # its tangent differentiated again: DoubleBackwardError, not NaN
     def jvp(ctx, x_t, *_):  # type: ignore[override]
-        """Forward mode: the Jacobian is symmetric, so its product is the backward's."""
+        """Forward mode: the Jacobian is symmetric, so its product is the backward's (formed
+        and checked in x's dtype, widened exactly to p's, which the caller's cast narrows)."""
         (p,) = ctx.saved_tensors
-        return jacobian_product(p, x_t, ctx.alpha, ctx.d)
+        return jacobian_product(p, x_t.to(p.dtype), ctx.alpha, ctx.d, x_t.dtype).to(p.dtype)
 
 
 def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
@@ -215,8 +218,8 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         with called_as("entmax"):  # (its refusals, now or in the backward, name entmax)
             return project_simplex((x.to(work) - top.to(work)).clamp(min=-1.0), d).to(x.dtype)
     if (torch.is_grad_enabled() and x.requires_grad) or may_carry_tangents(x):
-        return _EntmaxFn.apply(x, top, alpha, d)  # (forward mode: its jvp, not the solver's ops)
-    return entmax_map(x, top, alpha, d)
+        return _EntmaxFn.apply(x, top, alpha, d).to(x.dtype)  # (forward mode: its jvp, not the solver's ops)
+    return entmax_map(x, top, alpha, d).to(x.dtype)
 
 
 class Entmax(nn.Module):

@@ -550,3 +550,26 @@ def test_entmax_half_inputs_are_rounded_once(dtype, alpha):
     want = entmax(x.to(F64), alpha)
     ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
     assert ((p.to(F64) - want).abs() <= ulp * want + 1e-30).all()
+
+
+def test_entmax_half_support_read_before_rounding():
+    """float16 [0, 0, -1.4140625] at α = 1.5: p₃ = 5.7e-9 > 0 rounds to 0 in float16, and
+    the backward read the support from that rounded p: column 3 of the Jacobian 0 where
+    it is −s₁s₃/Σs = −3.8e-5 (s = p^{1/2}). Reference: τ by bisection in float64 on the
+    same float16 values (Σ[z − τ]₊² = 1, z = x/2), J = diag(s) − s sᵀ/Σs on the support."""
+    x = torch.tensor([0.0, 0.0, -1.4140625], dtype=torch.float16)
+    z = x.double().numpy() / 2
+    lo, hi = z.max() - 1.0, z.max()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (np.clip(z - mid, 0, None) ** 2).sum() > 1 else (lo, mid)
+    s = np.clip(z - lo, 0, None)  # p^{1/2}
+    assert 0 < s[2] ** 2 < 2.9e-8  # in the support, below float16's smallest subnormal / 2
+    ref = np.diag(s) - np.outer(s, s) / s.sum()
+    xr = x.clone().requires_grad_()
+    assert entmax(xr, alpha=1.5)[2].item() == 0.0
+    rows = torch.stack([torch.autograd.grad(entmax(xr, alpha=1.5)[i], xr)[0] for i in range(3)]).double()
+    torch.testing.assert_close(rows, torch.from_numpy(ref), rtol=2e-3, atol=1e-7)
+    cols = [torch.func.jvp(lambda t: entmax(t, alpha=1.5), (x,), (torch.eye(3, dtype=torch.float16)[j],))[1]
+            for j in range(3)]
+    torch.testing.assert_close(torch.stack(cols, -1).double(), torch.from_numpy(ref), rtol=2e-3, atol=1e-7)

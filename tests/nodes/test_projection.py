@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from fractions import Fraction
 
 import cvxpy as cp
 import numpy as np
@@ -1594,3 +1595,65 @@ def test_l2_saves_x_only_for_a_radius_below_the_normal_range():
                 y.sum().backward()
         else:
             y.sum().backward()
+
+
+def _exact_simplex_support(v: np.ndarray, z: float) -> np.ndarray:
+    """The support of the projection of v onto {u ≥ 0, Σu = z} in exact arithmetic
+    (Fractions: the float16 values and z are dyadic), by Duchi et al.'s sort."""
+    q = [Fraction(float(t)) for t in v]
+    u = sorted(q, reverse=True)
+    rho = max(j for j in range(1, len(u) + 1) if u[j - 1] - (sum(u[:j]) - Fraction(z)) / j > 0)
+    tau = (sum(u[:rho]) - Fraction(z)) / rho
+    return np.array([t > tau for t in q])
+
+
+# Near-kinks in float16: an entry whose exact y is a subnormal that rounds to 0
+# (simplex [1, 6e-8, -1]: y₂ = 2^-25 → 0), or a row whose ‖x‖₁ exceeds r by 2^-24 (L1
+# ball, where x − max|x| rounded in float16 gave θ = r − max and the row counted as
+# inside): the backward took the other side's derivative (the support read from the
+# rounded y). Reference: the exact projection's Jacobian of the same float16 values,
+# I − 11ᵀ/|S| on S (simplex), diag(m) − (s∘m)(s∘m)ᵀ/|S| (L1 outside the ball).
+NEAR_KINKS = [
+    ("simplex", [1.0, 6e-8, -1.0], 1.0),
+    ("l1 ball", [1.0, 6e-8, 0.0], 1.0),
+    ("l1 ball", [-1.0, -6e-8, 0.0, 0.5, -3e-8], 1.5),
+    ("l1 sphere", [-1.0, -6e-8, 0.0, 0.5, -3e-8], 1.5),
+]
+
+
+@pytest.mark.parametrize("kind,values,z", NEAR_KINKS)
+def test_float16_near_kink_jacobian_is_the_exact_projections(kind, values, z):
+    x = torch.tensor(values, dtype=torch.float16)
+    fn = {"simplex": lambda t: project_simplex(t, z=z), "l1 ball": lambda t: project_lp(t, 1, "ball", z),
+          "l1 sphere": lambda t: project_lp(t, 1, "sphere", z)}[kind]
+    xs = x.double().numpy()
+    s = np.ones_like(xs) if kind == "simplex" else np.sign(xs)
+    m = _exact_simplex_support(s * xs, z)
+    assert np.abs(xs).sum() > z or kind == "simplex"  # outside the ball: no identity rows
+    sm = s * m
+    ref = np.diag(m.astype(float)) - np.outer(sm, sm) / m.sum()
+    xr = x.clone().requires_grad_()
+    rows = [torch.autograd.grad(fn(xr)[i], xr)[0] for i in range(x.numel())]
+    torch.testing.assert_close(torch.stack(rows).double(), torch.from_numpy(ref), rtol=0, atol=1e-3)
+    n = x.numel()  # forward mode (the jvp): the Jacobian's columns
+    cols = [torch.func.jvp(fn, (x,), (torch.eye(n, dtype=torch.float16)[j],))[1] for j in range(n)]
+    torch.testing.assert_close(torch.stack(cols, -1).double(), torch.from_numpy(ref), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("values,r", [([1.0, 2.0**-12], 1.0), ([3.0, 4.0, 2.0**-10], 5.0), ([0.6, 0.8, 2.0**-12], 1.0)])
+def test_float16_l2_ball_near_its_boundary_takes_the_exact_side(values, r):
+    """‖x‖ exceeds r by less than float16's rounding ([1, 2^-12]: 1 + 2^-25), so the norm
+    and r/‖x‖ rounded to r and 1 and the row took the inside derivative I, where the exact
+    projection of these float16 values is outside: (r/‖x‖)(I − ûûᵀ), computed here in float64
+    (the third case is inside: I)."""
+    x = torch.tensor(values, dtype=torch.float16)
+    x64 = x.double()
+    n, norm = x.numel(), x64.norm()
+    u = x64 / norm
+    ref = (r / norm) * (torch.eye(n, dtype=F64) - torch.outer(u, u)) if norm > r else torch.eye(n, dtype=F64)
+    xr = x.clone().requires_grad_()
+    rows = torch.stack([torch.autograd.grad(project_lp(xr, 2, "ball", r)[i], xr)[0] for i in range(n)])
+    torch.testing.assert_close(rows.double(), ref, rtol=0, atol=1e-3)
+    cols = [torch.func.jvp(lambda t: project_lp(t, 2, "ball", r), (x,), (torch.eye(n, dtype=torch.float16)[j],))[1]
+            for j in range(n)]
+    torch.testing.assert_close(torch.stack(cols, -1).double(), ref, rtol=0, atol=1e-3)

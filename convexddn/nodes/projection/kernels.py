@@ -115,12 +115,8 @@ def warn_unrepresentable(y: torch.Tensor, d: int, what: str, name: str = "radius
     along ``d`` exactly where a row is (the simplex passes its threshold, one per row)."""
     zero = y.abs().amax(d) == 0
     if bool(zero.any()):
-        warn(
-            f"{what}: {name} too small for {y.dtype} ({int(zero.sum())} of "
-            f"{zero.numel()} projected vector(s) rounded to zero, which is not on the "
-            f"{on}); use a larger {name} or a wider dtype",
-            ConvexDDNWarning,
-        )
+        warn(f"{what}: {name} too small for {y.dtype} ({int(zero.sum())} of {zero.numel()} projected vector(s) "
+             f"rounded to zero, which is not on the {on}); use a larger {name} or a wider dtype", ConvexDDNWarning)
 
 
 # --------------------------------------------------------------------------- L2
@@ -133,8 +129,11 @@ def l2_forward(
     ``min(1, ·)``) per row, whether it overflowed (then ``Dy`` cannot be represented),
     whether it exceeds :func:`~convexddn.nodes._overflow.gain_limit` (sphere only: the
     backward checks its gradient), on the sphere the number of rows ``x = 0`` (where
-    ``Dy`` does not exist), and whether some r is below tiny/eps (:func:`_unit`)."""
-    norm = torch.linalg.vector_norm(x, dim=d, keepdim=True)
+    ``Dy`` does not exist), and whether some r is below tiny/eps (:func:`_unit`). For 16-bit x
+    the norm and scale are float64's (y rounded once): float16 [1, 2^-12], ‖x‖ = 1 + 2^-25, is
+    outside r = 1 (its rounded norm, 1, gave Dy = I, not the exact projection's (r/‖x‖)(I − ûûᵀ))."""
+    sdt = torch.float64 if x.dtype.itemsize < 4 else x.dtype
+    norm = torch.linalg.vector_norm(x, dim=d, keepdim=True, dtype=sdt)
     # (A true division: torch's float / tensor is r · (1/‖x‖), rounded twice, and a point
     # exactly on the ball's boundary got scale 1 − ulp, y = x(1 − ulp) and the outside
     # Jacobian where the docs promise the identity.)
@@ -143,11 +142,10 @@ def l2_forward(
     compiling = torch.compiler.is_compiling()
     # The sphere's gain is r/‖x‖; the ball's is at most 1 (never checked).
     limit = gain_limit(x.dtype) if sphere else torch.finfo(x.dtype).max
-    # One host sync covers NaN/Inf input, norm overflow or underflow (or a norm whose
-    # squares lost bits to subnormals), zero rows and a steep sphere. Inside a compiled
-    # graph there is no sync: the rescaled computation runs for every row, and the
-    # data-dependent warnings (a result or gradient that cannot be represented) are not
-    # issued.
+    # One host sync covers NaN/Inf input, norm overflow or underflow (or a norm whose squares lost
+    # bits to subnormals), zero rows and a steep sphere. Inside a compiled graph there is no sync:
+    # the rescaled computation runs for every row, and the data-dependent warnings (a result or
+    # gradient that cannot be represented) are not issued.
     # (A subnormal scale, r/‖x‖ below the smallest normal number, has lost bits: x·scale was 30 % off
     # in float32 at r/‖x‖ = 2e-45, silently; so had a float r below it, rounded to x's dtype (float16,
     # r = 1e-6: 1.3 %). The rescaled path takes r and r/‖x‖ in float64, rounds y and the scale once.)
@@ -165,7 +163,7 @@ def l2_forward(
             e0 = torch.zeros_like(xs).narrow(d, 0, 1).fill_(1.0)
             y.narrow(d, 0, 1).add_(torch.where(zero, e0 * r, torch.zeros_like(e0)))
             y = y.to(x.dtype)
-            scale = torch.where(zero, torch.zeros_like(ratio), ratio / a).to(x.dtype)
+            scale = torch.where(zero, torch.zeros_like(ratio), ratio / a).to(sdt)
             if not compiling and _may_underflow(r, x.shape[d], x.dtype):
                 warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
         else:
@@ -173,16 +171,16 @@ def l2_forward(
             # for a = max|x| not a power of two (float32 x of 1e-3 with r = 3e38).
             inside = ratio >= a
             y = torch.where(inside, x, (xs * ratio).to(x.dtype))
-            scale = torch.where(inside, torch.ones_like(ratio), ratio / a).to(x.dtype)
+            scale = torch.where(inside, torch.ones_like(ratio), ratio / a).to(sdt)
         if compiling:  # (no read: small where it may be)
             return y, scale, False, False, 0, isinstance(r, torch.Tensor) or r < low
-        flags = [torch.isinf(scale).any(), (scale > limit).any(), zero.sum() if sphere else zero.new_zeros(()),
-                 (rt < low).any()]
+        flags = [(scale > torch.finfo(x.dtype).max).any(), (scale > limit).any(),
+                 zero.sum() if sphere else zero.new_zeros(()), (rt < low).any()]
         overflow, steep, zeros, small = torch.stack(flags).tolist()
         return y, scale, bool(overflow), bool(steep), int(zeros), bool(small)
     if not sphere:
         scale = scale.clamp(max=1.0)
-    return x * scale, scale, False, False, 0, False
+    return (x * scale).to(x.dtype), scale, False, False, 0, False
 
 
 def _l2_saved(inputs: tuple, output: tuple) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -305,8 +305,8 @@ def project_simplex(
     # Forward mode too: through the sort's ties it gave tangents leaving the simplex
     # ([1, 0, 0, -0.5]: [0, -1.3, 0.2, 0]); the Function's jvp is the exact one.
     if needs_graph(x, zz) or may_carry_tangents(x, zz):
-        return SimplexProjectionFn.apply(x, zz, d)
-    return simplex_forward(x, zz, d)
+        return SimplexProjectionFn.apply(x, zz, d)[0]
+    return simplex_forward(x, zz, d)[0]
 
 
 class LpProjection(nn.Module):

@@ -33,6 +33,23 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _threshold_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the threshold and the support are found in: float64 for 16-bit x, whose
+    differences from the row maximum it holds exactly (float16: multiples of 2^-24 below
+    2^17), so that the support (and the L1 ball's inside/outside) is the exact projection's
+    of the given x, not the one of x − max rounded to 11 bits; x's own dtype otherwise."""
+    return torch.float64 if dtype.itemsize < 4 else dtype
+
+
+def _support(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the backward and jvp read the support from where ``v`` (``max(t − θ, 0)``, the
+    result before its rounding to x's dtype) is wider than x: the indicator ``v > 0`` in
+    x's dtype (a subnormal vᵢ that rounds to 0 stays in the support: float16
+    [1, 6e-8, -1] has y₂ = 3e-8 → 0, on the support {1, 2}, Dy = I − 11ᵀ/2 there); where it
+    is not, an empty tensor (then ``v`` is y itself, read as ``y ≠ 0``)."""
+    return v.sign().to(x.dtype) if v.dtype != x.dtype else x.new_empty(0)
+
+
 def _sorted_threshold(
     u: torch.Tensor, c: torch.Tensor, z: float | torch.Tensor, d: int
 ) -> torch.Tensor:
@@ -120,24 +137,30 @@ def _scaled(
 
 def l1_forward(
     x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool, _rescaled: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, active, support)``: the projection, whether each row is outside the ball
+    (every sphere row), and the support indicator (:func:`_support`; empty unless x is 16-bit)."""
     ax = x.abs()
     top = ax.amax(d, keepdim=True)
     # |x| onto the r-simplex, in coordinates relative to max|x| (exact for the entries
-    # that can be in the support, by Sterbenz's lemma).
-    out = _shifted_simplex(ax - top, r, d)
+    # that can be in the support, by Sterbenz's lemma; for 16-bit x in float64, exact).
+    work = _threshold_dtype(x.dtype)
+    out = _shifted_simplex(ax.to(work) - top.to(work), r, d)
     if out is None:  # NaN/Inf in x (which poison the sums), or sums of ~n·r that overflow
         check_finite("x", x)
         if _rescaled:  # _scaled's bound rules out a finite radius: fail loudly, never loop
             raise SolverError(_OVERFLOW.format("project_lp(p=1)", "radius"))
         xs, rs, s = _scaled(x, r, d)
-        y, active = l1_forward(xs, rs, d, sphere, True)
+        y, active, _ = l1_forward(xs, rs, d, sphere, True)
         # |y| ≤ r exactly; the clamp keeps a last-ulp excess from turning r ≈ max into Inf.
-        y = torch.clamp(y, -rs, rs).div_(s).to(x.dtype)
+        y = torch.clamp(y, -rs, rs).div_(s)
+        support = _support(y.abs(), x)
+        y = y.to(x.dtype)
         # Rows inside the ball keep x itself: scaled by 2^-k, entries near the subnormal
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
-        return (y if sphere else torch.where(active, y, x)), active
-    t, theta = out
+        return (y if sphere else torch.where(active, y, x)), active, support
+    v, theta = out
+    support, t = _support(v, x), v.to(x.dtype)
     # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
     # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
     # facet of the cross-polytope).
@@ -146,11 +169,11 @@ def l1_forward(
         if _may_underflow(r, x.shape[d], x.dtype):
             warn_unrepresentable(t, d, "project_lp(p=1, mode='sphere')")
     else:
-        active = (theta + top) > 0
-        return torch.where(active, torch.copysign(t, x), x), active
+        active = (theta + top.to(theta.dtype)) > 0  # (in θ's dtype: float16 [1, 6e-8] is outside r = 1)
+        return torch.where(active, torch.copysign(t, x), x), active, support
     # Zero coordinates go to the + side (the tie rule of the sphere-from-inside case):
     # adding +0.0 turns −0.0 into +0.0, so copysign sees a + sign for every zero.
-    return torch.copysign(t, x + 0.0), active
+    return torch.copysign(t, x + 0.0), active, support
 
 
 @bind_fast
@@ -166,22 +189,21 @@ class L1ReverseFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, r, d, _sphere = inputs
-        y, active = output
-        ctx.mark_non_differentiable(active)
-        save_plain(ctx, y, active, r if isinstance(r, torch.Tensor) else None)
+        y, active, support = output
+        ctx.mark_non_differentiable(active, support)
+        save_plain(ctx, y, active, support, r if isinstance(r, torch.Tensor) else None)
         ctx.d = d
 
     @staticmethod
     @first_order("project_lp")
-    def backward(ctx, grad_y, _grad_active):  # type: ignore[override]
-        y, active, r_t = ctx.saved_tensors
+    def backward(ctx, grad_y, _grad_active, _grad_support):  # type: ignore[override]
+        y, active, support, r_t = ctx.saved_tensors
         if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
             grad_y = torch.zeros_like(y)
         d = ctx.d
-        # On the support S (y ≠ 0) with s = sign(y): Dy = diag(1_S) − (s∘1_S)(s∘1_S)ᵀ/|S|;
-        # inside the ball (θ = 0) Dy = I.
-        s = y.sign()
-        m = s.abs()
+        # On the support S (y ≠ 0, or before y's rounding: _support) with s = sign(y):
+        # Dy = diag(1_S) − (s∘1_S)(s∘1_S)ᵀ/|S|; inside the ball (θ = 0) Dy = I.
+        s, m = _signs(y, support)
         # (Sums at least in float32: in float16 |S| > 65504, or sᵀv of a moderate v, was Inf.)
         acc = _accumulator(y.dtype)
         k = m.sum(d, keepdim=True, dtype=acc).clamp_(min=1.0)
@@ -201,18 +223,28 @@ class L1ReverseFn(torch.autograd.Function):
         return grad_x, grad_r, None, None
 
 
+def _signs(y: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, m)``: the signs of the L1 projection on its support and the support indicator,
+    from the forward's unrounded support (:func:`_support`) where it saved one. Zero
+    coordinates of y on the support take + (the sphere's tie rule; y = 0 there only by
+    rounding, as x ≠ 0 on a ball row's support)."""
+    if not support.numel():
+        s = y.sign()
+        return s, s.abs()
+    return torch.where(torch.signbit(y), -support, support), support  # (signbit: -0.0 too)
+
+
 def _l1_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
-        _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None]:
+        _d_t: None, _sphere_t: None) -> tuple[torch.Tensor, None, None]:
     r"""Forward mode, the backward's Jacobian (symmetric in x): with s = sign(y) and
     m = |s| the support indicator, on rows outside the ball (and every sphere row)
 
     .. math:: \dot y = m \circ \dot x - s\,(s^\top \dot x - \dot r)/|S|
 
     (θ = (Σ_S |x| − r)/|S|, so dy/dr = s/|S|); on rows inside the ball ẏ = ẋ."""
-    y, active = ctx.saved_tensors
+    y, active, support = ctx.saved_tensors
     d = ctx.d
-    s = y.sign()
-    m = s.abs()
+    s, m = _signs(y, support)
     acc = _accumulator(y.dtype)
     k = m.sum(d, keepdim=True, dtype=acc).clamp_(min=1.0)
     shift = (s * x_t).sum(d, keepdim=True, dtype=acc) if x_t is not None else torch.zeros_like(k)
@@ -224,7 +256,7 @@ def _l1_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
         base = torch.zeros_like(y)
     else:  # the support on active rows, everything on inactive ones
         base = x_t * torch.maximum(m, (~active).to(m.dtype))
-    return torch.addcmul(base, s, coef.to(base.dtype), value=-1.0), None
+    return torch.addcmul(base, s, coef.to(base.dtype), value=-1.0), None, None
 
 
 L1ProjectionFn = with_forward_mode(
@@ -233,26 +265,31 @@ L1ProjectionFn = with_forward_mode(
 
 def simplex_forward(
     x: torch.Tensor, z: float | torch.Tensor, d: int, _rescaled: bool = False
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, support)``: the projection and its support indicator (:func:`_support`:
+    empty unless x is 16-bit, where the threshold is found in float64)."""
     lo, hi = torch.aminmax(x, dim=d, keepdim=True)
     if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
         check_finite("x", x)  # -Inf would be clamped away below: test here
     # The projection is shift invariant; shifting by the row max keeps τ's prefix sums at
     # the scale of the answer (no cancellation for large x). x − hi may overflow to −Inf:
     # the clamp at −z in _shifted_simplex takes it back.
-    out = _shifted_simplex(x - hi, z, d)
+    work = _threshold_dtype(x.dtype)
+    out = _shifted_simplex(x.to(work) - hi.to(work), z, d)
     if out is None:  # sums of ~n·z that overflow (x is finite here)
         if _rescaled:  # _scaled's bound rules out a finite z: fail loudly, never loop
             raise SolverError(_OVERFLOW.format("project_simplex", "z"))
         xs, zs, s = _scaled(x, z, d)
         # y ≤ z exactly; the clamp keeps a last-ulp excess from turning z ≈ max into Inf.
-        return simplex_forward(xs, zs, d, True).clamp(max=zs).div_(s).to(x.dtype)
+        y = simplex_forward(xs, zs, d, True)[0].clamp(max=zs).div_(s)
+        return y.to(x.dtype), _support(y, x)
     if not torch.compiler.is_compiling() and _may_underflow(z, x.shape[d], x.dtype):
         # z/n below the dtype's normal range (float16 z = 1e-8, float32 1e-46): whole rows
         # can round to 0, off the simplex, as the L1 sphere's do. A row is 0 exactly where
-        # its threshold is (max(t − θ, 0) with max t = 0 and θ ≤ 0): the cheap (…, 1) test.
-        warn_unrepresentable(out[1], d, "project_simplex", "z", "simplex")
-    return out[0]
+        # its threshold is (max(t − θ, 0) with max t = 0 and θ ≤ 0), rounded to x's dtype:
+        # the cheap (…, 1) test.
+        warn_unrepresentable(out[1].to(x.dtype), d, "project_simplex", "z", "simplex")
+    return out[0].to(x.dtype), _support(out[0], x)
 
 
 @bind_fast
@@ -266,30 +303,34 @@ class SimplexProjectionFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         _, z, d = inputs
-        save_plain(ctx, output, z if isinstance(z, torch.Tensor) else None)
-        ctx.save_for_forward(output)
+        y, support = output
+        ctx.mark_non_differentiable(support)
+        save_plain(ctx, y, support, z if isinstance(z, torch.Tensor) else None)
+        ctx.save_for_forward(y, support)
         ctx.d = d
 
     @staticmethod
     @first_order_jvp("project_simplex")  # its tangent differentiated again: DoubleBackwardError
     def jvp(ctx, x_t, z_t, _):  # type: ignore[override]
         """Forward mode: Dy·ẋ = m ∘ ẋ − m (mᵀẋ)/|S| (+ m ż/|S|), m the support indicator."""
-        y = ctx.saved_tensors[0]
-        m = y.sign()
+        y, support = ctx.saved_tensors[:2]
+        m = support if support.numel() else y.sign()
         acc = _accumulator(y.dtype)
         size = m.sum(ctx.d, keepdim=True, dtype=acc).clamp_(min=1.0)
         mx = m * x_t if x_t is not None else torch.zeros_like(y)
         shift = mx.sum(ctx.d, keepdim=True, dtype=acc)
         if isinstance(z_t, torch.Tensor):
             shift = shift - z_t
-        return torch.addcmul(mx, m, (shift / size).to(mx.dtype), value=-1.0)
+        return torch.addcmul(mx, m, (shift / size).to(mx.dtype), value=-1.0), None
 
     @staticmethod
     @first_order("project_simplex")
-    def backward(ctx, grad_y):  # type: ignore[override]
-        y, z_t = ctx.saved_tensors
+    def backward(ctx, grad_y, _grad_support):  # type: ignore[override]
+        y, support, z_t = ctx.saved_tensors
         # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
-        m = y.sign()  # y ≥ 0, so this is the support indicator (float: faster than bool)
+        # y ≥ 0, so y's sign is it (float: faster than bool) where y is not rounded from a
+        # wider result; else the forward's own (_support: a subnormal entry rounded to 0).
+        m = support if support.numel() else y.sign()
         gm = m * grad_y
         acc = _accumulator(y.dtype)
         mean = gm.sum(ctx.d, keepdim=True, dtype=acc) / m.sum(ctx.d, keepdim=True, dtype=acc).clamp_(min=1.0)
