@@ -24,26 +24,13 @@ from ..errors import GradientWarning
 from ._vector_pool_polish import polish
 from ._vector_pool_solvers import _polish_irls
 from .pooling.penalties import Penalty, TruncatedQuadratic
-from .pooling.rounding import _GRADIENT_GRID, coarse_rows
+from .pooling.rounding import _GRADIENT_GRID, coarse_mask
 
 # The polish stops on a Newton step within _GRADIENT_GRID alpha (and returns that step's
 # point, about its square over alpha off): the bound the other sets' y meet. (With the
 # solver's tol, 1e-6 (alpha + ‖u‖∞), the origin's tolerance is 1e-6 alpha, at float32's
 # noise floor there: Welsch sets were called unresolved with their derivatives at 3e-7.)
 _MAX_ITER = 100
-
-
-def coarse_flag(y: torch.Tensor, alpha: torch.Tensor, needs_grad: tuple) -> bool | None:
-    """Whether some set's y is coarse (see :func:`per_set`), read in the forward where
-    an input needs a gradient (the backward then pays nothing for it; there the read cost
-    2.5 % at (256, 32, 8)); None elsewhere (compiling, forward mode: read when needed)."""
-    if not any(needs_grad[:2]) or torch.compiler.is_compiling() or y.shape[0] == 0:
-        return None
-    return bool(_coarse(y, alpha).any())
-
-
-def _coarse(y: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return coarse_rows(y.abs().amax(-1), alpha.unsqueeze(-1) if alpha.dim() else alpha, torch.finfo(y.dtype).eps)
 
 
 def per_set(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor,
@@ -54,11 +41,11 @@ def per_set(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor,
     GradientWarning names the sets whose polish did not resolve.
 
     ``x (R, N, C)``, ``alpha (R,)`` or 0-d, ``y (R, C)``, in the solver's units; ``far``:
-    :func:`coarse_flag`, if the forward read it."""
+    :func:`~convexddn.nodes.pooling.rounding.coarse_flag`, if the forward read it."""
     out = fn(x, alpha, y, None)
     if far is False:
         return out
-    coarse = _coarse(y, alpha)
+    coarse = coarse_mask(y, alpha)
     if not bool(coarse.any()):
         return out
     idx = coarse.nonzero().squeeze(-1)

@@ -54,12 +54,12 @@ from ._repr import format_option
 from ._module_options import store_option
 from ._overflow import option_cast
 from ._vector_pool_polish import solve
-from ._vector_pool_refine import coarse_flag, per_set
-from ._vector_pool_solvers import hessian_solve_warned as _h_solve
-from ._vector_pool_solvers import hessian_terms as _terms
+from ._vector_pool_refine import per_set
+from ._vector_pool_solvers import hessian_solve_warned as _h_solve, hessian_terms as _terms
 from ._vector_pool_units import in_units as _in_units, rescaled
 from ._vmap_stack import stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic
+from .pooling.rounding import coarse_flag
 
 __all__ = ["robust_vector_pool", "RobustVectorPool"]
 

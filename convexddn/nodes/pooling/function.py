@@ -12,7 +12,7 @@ from ..._warn import warn
 from ...errors import GradientWarning
 from .backward import pool_backward
 from .penalties import Quadratic
-from .rounding import _GRADIENT_GRID, any_coarse
+from .rounding import _GRADIENT_GRID, coarse_flag
 
 __all__ = ["RobustPoolFunction"]
 
@@ -43,15 +43,9 @@ class RobustPoolFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, alpha, penalty, _tol, _max_iter, use_compile = inputs
         save_plain(ctx, x, alpha, output)  # (inference-mode inputs as plain copies)
-        # Whether some row's y is coarse against alpha (.rounding), read in the forward's
-        # time (a few us of its milliseconds) where an input needs a gradient: the backward
-        # then pays nothing for it, where the same read cost 2-3.5 % of a backward at (4,
-        # 256, 1024). (Compiling, or forward mode only: the backward or jvp reads it.
-        # Grad mode is off here whatever the caller's: needs_input_grad says it.)
-        ctx.coarse = None
-        if any(ctx.needs_input_grad[:2]) and not torch.compiler.is_compiling():
-            a = alpha.unsqueeze(-1) if alpha.dim() else alpha
-            ctx.coarse = bool(any_coarse(output, a, torch.finfo(output.dtype).eps))
+        # Whether some row's y is coarse against alpha, read in the forward's time (a few us of
+        # its milliseconds). (Grad mode is off here whatever the caller's: needs_input_grad says it.)
+        ctx.coarse = coarse_flag(output, alpha, ctx.needs_input_grad)
         ctx.save_for_forward(x, alpha, output)
         ctx.penalty = penalty
         ctx.use_compile = use_compile
