@@ -13,10 +13,11 @@ d)``). The minimiser of :math:`\tfrac12 x^\top A x - d^\top x` for symmetric pos
 
 **Solver** (:mod:`._tridiagonal_solver`): cyclic reduction or the Thomas algorithm, all batch
 elements in one tensor, unpivoted and so fast; each element's answer is then checked (its
-componentwise backward error and its pivots), refined once where the check fails, and solved
-again with partial pivoting (LAPACK ``gtsv``'s algorithm) where it still fails: an element never
-returns an unchecked answer. A matrix singular to working precision raises a ``SolverError``
-naming the batch elements.
+componentwise backward error), refined once where the check fails, and solved again, scaled by
+powers of two and with partial pivoting (LAPACK ``gtsv``'s algorithm), where it still fails or
+its entries are near underflow: an element never returns an unchecked answer. A matrix
+singular to working precision (a pivot of that factorisation at rounding level against the
+terms that formed it) raises a ``SolverError`` naming the batch elements.
 
 **Derivatives** (implicit, hand-written). From :math:`A x = d`, :math:`dA\,x + A\,dx = dd`:
 with :math:`w = A^{-\top} g` (:math:`A^\top` is tridiagonal with ``lower`` and ``upper``
@@ -29,9 +30,13 @@ swapped: the same checked solver),
 
 (:math:`\bar a_i` for the entry :math:`(i+1, i)`, :math:`\bar c_i` for :math:`(i, i+1)`),
 summed over broadcast dimensions; forward mode: :math:`\dot x = A^{-1}(\dot d - \dot A x)`.
-Under a vmap of the cotangents or tangents (``torch.func.jacrev``, ``jacfwd``,
-``jacobian(vectorize=True)``), whose values allow no host decision, these solves reuse the
-forward's choice per element (pivoted or not) without their own check. Second derivatives
+These solves take the forward's route per element (refined, pivoted) and make no singularity
+verdict of their own (the forward's stands: a derivative that misses accuracy or overflows is a
+``GradientWarning``). Under a vmap of the cotangents or tangents (``torch.func.jacrev``,
+``jacfwd``, ``jacobian(vectorize=True)``), whose values allow no host decision, that route is
+reproduced without their own check; ``torch.func.grad``, ``vjp`` and ``jvp`` (not vmapped) are
+checked. float16 and bfloat16 results and derivatives are checked on the cast back: a forward
+that overflows it raises, as in float32, a derivative warns. Second derivatives
 raise :class:`~convexddn.errors.DoubleBackwardError`; ``torch.func.vmap`` over the inputs
 raises a ``ProblemError`` (the batch dims do that job).
 """
@@ -42,16 +47,17 @@ import math
 import torch
 from torch import nn
 
-from .._autograd import (batched_by_autograd, bind_fast, functorch_transforms, may_carry_tangents, refuse_vmap,
-                         save_plain)
+from .._autograd import any_batched, bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._checks import check_device, check_finite, check_tensor
 from .._first_order import first_order, first_order_jvp
 from ..errors import DTypeError, ShapeError
-from ._tridiagonal_solver import multiply, solve_checked
+from ._overflow import warn_cast_overflow
+from ._tridiagonal_solver import check_cast, multiply, solve_checked
 
 __all__ = ["TridiagonalSolve", "tridiagonal_solve"]
 
 _NAME = "tridiagonal_solve"
+_ARGS = ("diag", "lower", "upper", "rhs")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,8 +84,11 @@ class _TridiagonalFn(torch.autograd.Function):
         n, k = rhs.shape[-2:]
         work = _work_dtype(diag.dtype)
         b, a, c = (_flat(t, batch, (t.shape[-1],), work) for t in (diag, lower, upper))
-        x, routed = solve_checked(b, a, c, _flat(rhs, batch, (n, k), work), _NAME, batch)
-        return x.reshape(*batch, n, k).to(rhs.dtype), routed
+        x, route = solve_checked(b, a, c, _flat(rhs, batch, (n, k), work), _NAME, batch)
+        out = x.to(rhs.dtype)
+        if out.dtype != x.dtype:  # (float16, bfloat16: the rounding to the caller's dtype may overflow)
+            check_cast(_NAME, x, out, batch)
+        return out.reshape(*batch, n, k), route
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -104,21 +113,27 @@ class _TridiagonalFn(torch.autograd.Function):
         b, a, c, x, routed = ctx.saved_tensors
         m, n, k = x.shape
         g = grad_x.to(x.dtype).reshape(m, n, k)
-        # Aᵀ: lower and upper swapped; the forward's pivoted elements start pivoted. Cotangents
-        # batched by a vmap (torch.func.jacrev, jacobian(vectorize=True)) allow no host decision
-        # on their values: the forward's choice of solver per element is reused unchecked.
-        check = not (functorch_transforms() or batched_by_autograd(grad_x))
-        w, _ = solve_checked(b, c, a, g, _NAME, ctx.batch, route=routed, check=check)
+        # Aᵀ: lower and upper swapped; the forward's route per element (refined, pivoted) taken,
+        # and no singularity verdict of its own (strict=False: Aᵀ is singular with A, which the
+        # forward accepted). Cotangents batched by a vmap (torch.func.jacrev,
+        # jacobian(vectorize=True)) allow no host decision on their values: the forward's route
+        # is then reproduced unchecked; unbatched ones (torch.func.grad, vjp) are checked.
+        check = not any_batched(grad_x)
+        w, _ = solve_checked(b, c, a, g, _NAME, ctx.batch, route=routed, check=check, strict=False)
         # (each formed only where its input needs it)
         grads = [lambda: -(w * x).sum(-1), lambda: -(w[:, 1:] * x[:, :-1]).sum(-1),
                  lambda: -(w[:, :-1] * x[:, 1:]).sum(-1), lambda: w]
-        out = []
-        for grad, need, shape, dtype in zip(grads, ctx.needs_input_grad, ctx.shapes, ctx.dtypes):
+        out, casts = [], []
+        for name, grad, need, shape, dtype in zip(_ARGS, grads, ctx.needs_input_grad, ctx.shapes, ctx.dtypes):
             if need:
                 grad = grad()
-                out.append(grad.reshape(*ctx.batch, *grad.shape[1:]).sum_to_size(shape).to(dtype))
+                wide = grad.reshape(*ctx.batch, *grad.shape[1:]).sum_to_size(shape)
+                out.append(wide.to(dtype))
+                casts.append((name, wide, out[-1], 2 if name == "rhs" else 1))
             else:
                 out.append(None)
+        if check and casts and ctx.dtypes[0] != x.dtype:  # (float16, bfloat16: the same rule as the forward's)
+            warn_cast_overflow(_NAME, casts)
         return (*out, None)
 
     @staticmethod
@@ -134,10 +149,13 @@ class _TridiagonalFn(torch.autograd.Function):
                           for t, zero in ((diag_t, zero_b), (lower_t, zero_o), (upper_t, zero_o)))
             r = r - multiply(db, da, dc, x)
         # Under torch.func.jacfwd the tangents are batched: no host decision on their values,
-        # so the forward's choice of solver per element is reused unchecked.
-        check = not (functorch_transforms() or batched_by_autograd(diag_t, lower_t, upper_t, rhs_t))
-        x_t, _ = solve_checked(b, a, c, r, _NAME, ctx.batch, route=routed, check=check)
-        return x_t.reshape(*ctx.batch, n, k).to(ctx.dtypes[3]), None
+        # so the forward's route per element is reproduced unchecked (torch.func.jvp: checked).
+        check = not any_batched(diag_t, lower_t, upper_t, rhs_t)
+        x_t, _ = solve_checked(b, a, c, r, _NAME, ctx.batch, route=routed, check=check, strict=False)
+        out = x_t.to(ctx.dtypes[3])
+        if check and out.dtype != x_t.dtype:
+            warn_cast_overflow(_NAME, [("the solution", x_t, out, 2)], tangent=True)
+        return out.reshape(*ctx.batch, n, k), None
 
 
 def _check_inputs(diag, lower, upper, rhs) -> tuple[torch.Tensor, bool, tuple]:
@@ -186,8 +204,9 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
         \qquad x = A^{-1}\,\text{rhs}
 
     Solved by cyclic reduction or the Thomas algorithm (the faster for the shape), every
-    element's answer checked by its componentwise backward error and pivots, refined once where
-    that fails, and re-solved with partial pivoting (as LAPACK ``gtsv``) where it still fails: any
+    element's answer checked by its componentwise backward error, refined once where that fails,
+    and re-solved, scaled by powers of two (exact) and with partial pivoting (as LAPACK ``gtsv``),
+    where it still fails or its entries are near underflow: any
     nonsingular matrix is solved stably, diagonally dominant and SPD ones at the fast path's cost
     (module docstring of :mod:`convexddn.nodes._tridiagonal_solver`). O(N log N) work, O(log N)
     vectorised steps (cyclic reduction); the pivoted fallback is a loop over the N rows.
@@ -212,9 +231,15 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
             shapes that do not broadcast.
         NonFiniteError: an input holds NaN or Inf.
         InputError: inputs on different devices.
-        SolverError: :math:`A` is singular to working precision (a pivot of its LU factorisation
-            with partial pivoting at most :math:`N\varepsilon\|A\|_\infty`), or the solution
-            overflows, for some batch elements (named in the message and in ``indices``).
+        SolverError: :math:`A` is singular to working precision (a pivot of its row-scaled LU
+            factorisation with partial pivoting 0, or at most 4ε times the larger of the two terms
+            whose difference formed it: the message gives the ratio), or the solution overflows
+            the dtype (float16's on the cast back too), for some batch elements (named in the
+            message and in ``indices``).
+
+    Warns:
+        GradientWarning: a gradient or tangent overflows (the work dtype, or float16 on the cast
+            back), or its solve misses working accuracy.
 
     References:
         R. W. Hockney and C. R. Jesshope, *Parallel Computers*, 1981 (cyclic reduction).

@@ -8,7 +8,8 @@ import torch
 from torch.autograd import gradcheck
 
 from convexddn import TridiagonalSolve
-from convexddn.errors import DoubleBackwardError, DTypeError, InputError, NonFiniteError, ShapeError, SolverError
+from convexddn.errors import (DoubleBackwardError, DTypeError, GradientWarning, InputError, NonFiniteError, ShapeError,
+                              SolverError)
 from convexddn.functional import tridiagonal_solve
 from convexddn.nodes._tridiagonal_solver import solve_checked
 
@@ -115,7 +116,7 @@ def test_tridiagonal_solve_singular_names_the_element():
     args = list(system((2, 3), 4, k=2))
     args[0][1, 2, 0] = 0.0
     args[2][1, 2, 0] = 0.0  # a zero first row
-    match = r"singular to working precision.*1 of 6 batch element\(s\) \(flat indices \[5\]"
+    match = r"singular \(an exactly zero pivot.*1 of 6 batch element\(s\) \(flat indices \[5\]"
     with pytest.raises(SolverError, match=match) as err:
         tridiagonal_solve(*args)
     assert err.value.indices == [(1, 2)] and err.value.statuses == ["singular"]
@@ -300,3 +301,127 @@ def test_torch_func_jacobians_raise_no_torch_warning():
     inv = torch.linalg.inv(dense(diag, lower, upper))
     torch.testing.assert_close(jr, inv, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(jf, inv, rtol=1e-12, atol=1e-13)
+
+
+def _np_dense(diag, lower, upper):
+    """The assembled matrix in float64 NumPy (an independent reference: LAPACK's dense LU)."""
+    d, lo, up = (np.asarray(t.detach().double().numpy()) for t in (diag, lower, upper))
+    return np.diag(d) + np.diag(lo, -1) + np.diag(up, 1)
+
+
+def test_tridiagonal_solve_torch_func_reproduces_refinement():
+    # The forward accepts this element only after one refinement (cond 15). torch.func.grad /
+    # vjp / jvp (not vmapped) were run unchecked and jacrev / jacobian(vectorize=True) without
+    # the refinement: 1e-7 .. 1e-8 off (expected cond·eps).
+    import warnings
+
+    D = torch.tensor([-0.32656363207527145, -6.108665613473521e-11, -1.2870761537214692, -0.8161007281224384],
+                     dtype=F64)
+    L = torch.tensor([-0.010692579777179443, -0.492115120124441, 0.24329215882343241], dtype=F64)
+    U = torch.tensor([0.5546144384648174, 1.1243838758850309, -0.880276756771633], dtype=F64)
+    r = torch.tensor([-0.012716081709339381, -0.5121504494954228, 0.005580414163554033, -0.18848662046759887],
+                     dtype=F64)
+    inv = np.linalg.inv(_np_dense(D, L, U))
+    x = inv @ r.numpy()
+    tol = dict(rtol=1e-13, atol=1e-13 * np.abs(inv).max())
+    solve_r = lambda rr: tridiagonal_solve(D, L, U, rr)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = {"grad": (torch.func.grad(lambda rr: solve_r(rr).sum())(r), inv.sum(0)),
+               "jvp": (torch.func.jvp(solve_r, (r,), (torch.ones(4, dtype=F64),))[1], inv.sum(1)),
+               "jacrev": (torch.func.jacrev(solve_r)(r), inv),
+               "jacobian(vectorize)": (torch.autograd.functional.jacobian(solve_r, r, vectorize=True), inv),
+               "jacrev(diag)": (torch.func.jacrev(lambda dd: tridiagonal_solve(dd, L, U, r))(D), -inv * x)}
+    for name, (value, expected) in got.items():
+        np.testing.assert_allclose(value.numpy(), expected, **tol, err_msg=name)
+
+
+def test_tridiagonal_solve_half_overflow_is_reported():
+    # float16: solved in float32 and cast back; x_0 = 1.0e5 > 65504 came back Inf silently.
+    d, o = torch.full((3,), 1e-2, dtype=torch.float16), torch.full((2,), 1e-3, dtype=torch.float16)
+    with pytest.raises(SolverError, match=r"overflows torch.float16") as err:
+        tridiagonal_solve(d, o, o, torch.tensor([1000.0, 1.0, 1.0], dtype=torch.float16))
+    assert err.value.statuses == ["overflow"]
+    # x fits (about 100) but the gradients for an incoming gradient of 1000 do not: rhs's is
+    # A^-T g ~ 1e5, diag's -w x ~ 1e7 (float64 dense reference), Inf on the cast.
+    dd = d.clone().requires_grad_()
+    rhs = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    x = tridiagonal_solve(dd, o, o, rhs)
+    A = _np_dense(d, o, o)
+    w = np.linalg.solve(A.T, np.full(3, 1000.0))
+    assert np.isfinite(x.detach().numpy()).all() and np.abs(w).max() > 65504
+    with pytest.warns(GradientWarning, match=r"gradient with respect to diag .* rhs .*torch.float16"):
+        x.backward(torch.full((3,), 1000.0, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("argnum", [1, 2])
+def test_tridiagonal_solve_jacfwd_wrt_off_diagonals(argnum):
+    # A tangent in lower or upper alone: multiply() added it in place into the unbatched zero
+    # term and torch raised "output with shape ... doesn't match the broadcast shape".
+    D, L, U = (torch.tensor(v, dtype=F64) for v in ([4.0, 4.0, 4.0], [1.0, 2.0], [0.5, 1.0]))
+    R = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    inv = np.linalg.inv(_np_dense(D, L, U))
+    x = inv @ R.numpy()
+    # dx/da_j = -A^-1 e_{j+1} x_j (entry (j+1, j)); dx/dc_j = -A^-1 e_j x_{j+1}
+    expected = -inv[:, 1:] * x[None, :-1] if argnum == 1 else -inv[:, :-1] * x[None, 1:]
+    jac = torch.func.jacfwd(tridiagonal_solve, argnums=argnum)(D, L, U, R)
+    np.testing.assert_allclose(jac.numpy(), expected, rtol=1e-13, atol=1e-15)
+    both = torch.func.jacfwd(tridiagonal_solve, argnums=(argnum, 3))(D, L, U, R)
+    np.testing.assert_allclose(both[1].numpy(), inv, rtol=1e-13, atol=1e-15)
+
+
+def test_tridiagonal_solve_singularity_is_scale_and_n_free():
+    # The threshold N·eps·‖A‖∞ refused a decoupled kappa = 4e12 block at N = 10^4 (not at 10^3),
+    # a matrix of entries 1e308 (its row sum overflowed) and diag(1, 1e-20).
+    n = 10**4
+    D, L, U = torch.full((n,), 4.0, dtype=F64), torch.zeros(n - 1, dtype=F64), torch.zeros(n - 1, dtype=F64)
+    D[0], D[1], U[0], L[0] = 1.0, 1.0 + 1e-12, 1.0, 1.0
+    R = torch.ones(n, dtype=F64)
+    R[1] = 2.0
+    block = np.linalg.solve(np.array([[1.0, 1.0], [1.0, 1.0 + 1e-12]]), [1.0, 2.0])
+    kappa = np.linalg.cond(np.array([[1.0, 1.0], [1.0, 1.0 + 1e-12]]))
+    x = tridiagonal_solve(D, L, U, R)
+    np.testing.assert_allclose(x[:2].numpy(), block, rtol=10 * kappa * 2.2e-16)
+    assert bool((x[2:] == 0.25).all())
+    one = lambda *v: torch.tensor(v, dtype=F64)  # noqa: E731
+    torch.testing.assert_close(tridiagonal_solve(one(1e308, 1e308), one(0.0), one(1e308), one(1e308, 1e308)),
+                               one(0.0, 1.0), rtol=0, atol=1e-16)
+    f32 = [t.float() for t in (one(2e38, 2e38), one(0.0), one(2e38), one(2e38, 2e38))]
+    torch.testing.assert_close(tridiagonal_solve(*f32), torch.tensor([0.0, 1.0]), rtol=0, atol=1e-7)
+    assert tridiagonal_solve(one(1.0, 1e-20), one(0.0), one(0.0), one(1.0, 1.0)).tolist() == [1.0, 1e20]
+    # Singular at rounding level: [[0.1, 0.3], [0.3, 0.9]] (exactly singular in reals; its LU
+    # pivot 0.9 - 3·0.3 is 1.9e-16 of its terms): the message says what was found.
+    with pytest.raises(SolverError, match=r"singular to working precision.*pivot .* is 1.9e-16 times the terms"):
+        tridiagonal_solve(one(0.1, 0.9), one(0.3), one(0.3), one(1.0, 1.0))
+
+
+def test_tridiagonal_solve_backward_accepts_what_the_forward_did():
+    # kappa 1e15: the forward's pivoted LU is fine; that of A^T has a pivot under N·eps·‖A‖, and
+    # the backward raised "singular" for the matrix the forward had solved.
+    D = torch.tensor([0.0, -0.37940622622859105, 0.001594614031669793, -8.430819640472956, -0.008185308804990065],
+                     dtype=F64)
+    L = torch.tensor([-0.0014833516111286387, 0.38020577078791756, -0.0005400513546239356, -0.002289123972086582],
+                     dtype=F64)
+    U = torch.tensor([-8.63536630643578, 1013.2476336141652, 454.3348181070002, -6.300020590615767], dtype=F64)
+    R = torch.arange(1.0, 6.0, dtype=F64).requires_grad_()
+    A = _np_dense(D, L, U)
+    kappa = np.linalg.cond(A)
+    w = np.linalg.solve(A.T, np.ones(5))
+    tridiagonal_solve(D, L, U, R).sum().backward()
+    np.testing.assert_allclose(R.grad.numpy(), w, rtol=10 * kappa * 2.2e-16 / 1e2)
+
+
+def test_tridiagonal_solve_subnormal_system():
+    # Every entry subnormal (O(1) values times 2^-1060): answers came back 1.5e-2 off (the
+    # check's 16·eps·scale underflowed; the pivoted answer was not checked). The reference: the
+    # same (rounded) systems scaled back by 2^1060 (exact), dense LU.
+    g = np.random.default_rng(9)
+    M, n = 20, 12
+    s = 2.0**-1060
+    D, L, U, R = (g.standard_normal(shape) * s for shape in ((M, n), (M, n - 1), (M, n - 1), (M, n)))
+    x = tridiagonal_solve(*(torch.tensor(v) for v in (D, L, U, R)))
+    D, L, U, R = (v / s for v in (D, L, U, R))
+    A = np.stack([np.diag(D[i]) + np.diag(L[i], -1) + np.diag(U[i], 1) for i in range(M)])
+    ref = np.linalg.solve(A, R[..., None])[..., 0]
+    err = np.abs(x.numpy() - ref).max(1) / np.abs(ref).max(1)
+    assert (err <= 100 * np.linalg.cond(A) * 2.2e-16).all(), err.max()
