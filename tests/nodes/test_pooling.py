@@ -206,6 +206,37 @@ def test_trunc_quad_duplicates_closer_than_an_ulp_of_alpha():
         assert float(y) == best
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trunc_quad_runs_empty_exit_runs_never_win(dtype):
+    """Empty exit runs are not masked out of the candidates: their value is exactly 0,
+    above the first point's own run (-alpha^2), so they never win. Rows of isolated points
+    (every exit run empty), clusters, duplicates, signed zeros, spread rows: the minimiser
+    is the global one (the best mean of every contiguous run of the sorted row, brute force
+    in float64)."""
+    from convexddn._sort import sort_values
+    from convexddn.nodes.pooling.trunc_quad import trunc_quad_runs
+
+    gen = torch.Generator().manual_seed(5)
+    alpha = 0.5
+    x = torch.randn(6, 14, generator=gen, dtype=F64)
+    x[0] = 3 * alpha * torch.arange(14.0, dtype=F64) - 7  # isolated points
+    x[1, :7] = 0.25 * torch.arange(7.0, dtype=F64)  # a cluster among others
+    x[2] = torch.round(4 * x[2]) / 4  # duplicates
+    x[3, ::2] = torch.tensor([-0.0, 0.0] * 3 + [-0.0], dtype=F64)
+    x[4] = 20 * x[4]  # spread: mostly singletons
+    x = x.to(dtype)
+    a = torch.tensor(alpha, dtype=dtype)
+    s = sort_values(x)
+    y, *_ = trunc_quad_runs(s, torch.searchsorted(s, s - 2 * a, out_int32=True), a)
+    sd = s.double()
+    n = sd.shape[-1]
+    means = torch.stack([sd[:, i:j].mean(-1) for i in range(n) for j in range(i + 1, n + 1)], -1)
+    f_best = objective("trunc_quad", x.double().unsqueeze(1), means, alpha).min(-1).values
+    f_y = objective("trunc_quad", x.double(), y.double(), alpha)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    torch.testing.assert_close(f_y, f_best, rtol=0, atol=tol)
+
+
 def _root(g, lo: float, hi: float) -> float:
     """A sign change of g in [lo, hi] by plain bisection (Python floats)."""
     for _ in range(200):

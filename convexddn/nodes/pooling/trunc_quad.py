@@ -44,7 +44,7 @@ _TQ_RISK = 2.0**29
 _CELLS_RISK = _TQ_RISK
 
 
-def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None = None) -> tuple[Tensor, Tensor]:
+def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Exact global minimiser of sum_i min((u - x_i)^2, alpha^2) / 2 for each sorted row s.
 
     The objective is piecewise quadratic; on each piece between consecutive breakpoints
@@ -52,7 +52,7 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None =
     minimiser is the mean of its own inlier run. Every piece starts where a point
     enters (the run ends at that point i and starts at l_i = #{k : s_k < s_i - 2 alpha},
     given as ``lft``) or leaves (the run starts after i and ends at
-    r_i = #{k : s_k < s_i + 2 alpha} = #{k : l_k <= i}, counted from ``lft`` in O(N)).
+    r_i = #{k : s_k - 2 alpha <= s_i} = #{k : l_k <= i}, counted from ``lft`` in O(N)).
     For any run W, G_W = SSE_W / 2 + alpha^2 (N - |W|) / 2 bounds the objective at the
     mean of W from above, with equality for the optimal run, so the smallest G over the
     2N candidate runs is the global minimum and its mean the global minimiser: no
@@ -87,11 +87,10 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None =
     unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half))))
                       .clamp_(min=-1022))
     inv = 1.0 / unit
-    pos = torch.arange(n, device=s.device)
     f64, i64 = (work if work is not None else RunBuffers(rows, n, s.device, kept=False)).views(rows)
     # Entry runs [l_k, k] hold at least point k, even where s_k - 2 alpha rounds to s_k
     # (this also widens int32 positions to int64, for gather).
-    lft = torch.minimum(lft, pos, out=i64(0))
+    lft = torch.minimum(lft, torch.arange(n, device=s.device), out=i64(0))
     # (s − centre) / unit in one pass: unit is a power of two, so s/unit and centre/unit
     # are exact and the one rounding is that of s − centre.
     d = torch.addcmul(-centre * inv, s, inv, out=f64(0))
@@ -104,29 +103,32 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None =
     # a2 = alpha^2 in these units. Every candidate's G = (SSE_W + alpha^2 (N - |W|)) / 2
     # is compared as 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
     a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
-    idx = pos + 1
-    n_e = f64(3).copy_(torch.sub(idx, lft, out=i64(1)))
+    # Run sizes straight into float64 (int64 minus float64: one pass, exact).
+    idx = torch.arange(1, n + 1, dtype=acc, device=s.device)
+    n_e = torch.sub(idx, lft, out=f64(3))
     s1_e = torch.gather(p1, -1, lft, out=f64(4))
     s1_e = torch.sub(p1[:, 1:], s1_e, out=s1_e)
     g_e = torch.gather(p2, -1, lft, out=f64(5))
     g_e = torch.sub(p2[:, 1:], g_e, out=g_e).addcdiv_(torch.mul(s1_e, s1_e, out=f64(0)), n_e, value=-1)
     g_e.addcmul_(a2, n_e, value=-1)
-    # Exit runs [i + 1, r_i), possibly empty.
+    best_e, i_e = g_e.min(-1, keepdim=True)
+    # Exit runs [i + 1, r_i), possibly empty (r_i >= i + 1: every l_k <= k). An empty
+    # one's sums are exact zeros, and divided by a size of 1 its 2G - alpha^2 N is 0,
+    # above the entry run [0, 0]'s -alpha^2 (l_0 = 0; d_0^2 - d_0^2 / 1 is exactly 0):
+    # it never wins, without a mask over the candidates (a masked_fill took 16 % of
+    # this function's time).
     rgt = _run_ends(lft, n, i64(2, n + 1), i64(1))
-    n_x = f64(6).copy_(torch.sub(rgt, idx, out=i64(1)))
-    safe_n = torch.clamp(n_x, min=1, out=f64(7))
+    n_x = torch.sub(rgt, idx, out=f64(6))
+    size_x = torch.clamp(n_x, min=1, out=f64(7))
     s1_x = torch.gather(p1, -1, rgt, out=f64(0)).sub_(p1[:, 1:])
     g_x = torch.gather(p2, -1, rgt, out=f64(8)).sub_(p2[:, 1:])
-    g_x.addcdiv_(torch.mul(s1_x, s1_x, out=f64(9)), safe_n, value=-1)
-    g_x.addcmul_(a2, n_x, value=-1).masked_fill_(n_x <= 0, math.inf)
-
-    best_e, i_e = g_e.min(-1, keepdim=True)
+    g_x.addcdiv_(torch.mul(s1_x, s1_x, out=f64(5)), size_x, value=-1)
+    g_x.addcmul_(a2, n_x, value=-1)
     best_x, i_x = g_x.min(-1, keepdim=True)
-    m_e, m_x = (s1.gather(-1, i) / cnt.gather(-1, i) * unit + centre
-                for s1, cnt, i in ((s1_e, n_e, i_e), (s1_x, safe_n, i_x)))
     exit_wins = best_x < best_e
-    y = torch.where(exit_wins, m_x, m_e).to(s.dtype).squeeze(-1)
-    size = torch.where(exit_wins, safe_n.gather(-1, i_x), n_e.gather(-1, i_e))
+    s1 = torch.where(exit_wins, s1_x.gather(-1, i_x), s1_e.gather(-1, i_e))
+    size = torch.where(exit_wins, size_x.gather(-1, i_x), n_e.gather(-1, i_e))
+    y = (s1 / size * unit + centre).to(s.dtype).squeeze(-1)
     return y, (p2[:, -1:] > _TQ_RISK * a2).squeeze(-1), _mean_rounding(p2[:, -1:], n, size, unit)
 
 
@@ -156,7 +158,7 @@ def run_mean(s: Tensor, y: Tensor, a: Tensor) -> Tensor:
 
 class RunBuffers:
     """The row-sized temporaries of :func:`trunc_quad_runs` for up to ``rows`` rows of
-    ``n``: ten float64 and three int64 buffers of ``rows (n + 1)`` entries, on the CPU
+    ``n``: nine float64 and three int64 buffers of ``rows (n + 1)`` entries, on the CPU
     kept between calls (:mod:`convexddn._workspace`). Made per block, a dozen temporaries
     of 0.5 MiB each went back to the kernel and were faulted in again on every block,
     depending on what the process had freed before (trimmed heap): 10 ms of a 37 ms
@@ -167,7 +169,7 @@ class RunBuffers:
         self.rows, self.n = rows, n
         # (Not kept: plain tensors, as torch.compile traces them.)
         make = workspace.take if kept else (lambda k, dtype, dev: torch.empty(k, dtype=dtype, device=dev))
-        self.f = [make(size, torch.float64, device) for _ in range(10)]
+        self.f = [make(size, torch.float64, device) for _ in range(9)]
         self.i = [make(size, torch.int64, device) for _ in range(3)]
 
     def views(self, rows: int):
