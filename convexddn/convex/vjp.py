@@ -158,8 +158,10 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         # A zero row that holds, moved (its 1/δ blow-up is the regularisation's, not a test).
         stuck = unsolved | ~(kkt.solve_residual <= BACKWARD_RTOL)
         zero = ok[:, 0] & moved_zero_rows(sol, layout, pz.squeeze(-1))
+        # (the probe's du solves the rows that hold for pz up to the lifted slacks: where that
+        # shows them consistent, no factorisation of the rows is needed, see limit_inconsistency)
         apart = limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck | zero), px, cols,
-                               pz.squeeze(-1))[0]
+                               pz.squeeze(-1), du.squeeze(-1))[0]
         # (between INCONSISTENT_AMPLIFICATION and INCONSISTENT_SURE: rows nearly dependent,
         # whose derivative is as large; it exists, and counts where the cotangent's is certified)
         vertex = vertex | ~(apart <= INCONSISTENT_SURE)

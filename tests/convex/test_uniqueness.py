@@ -164,3 +164,108 @@ def test_huber_threshold_far_below_the_data_is_warned_undetermined():
     texts = " ".join(str(w.message) for w in caught if issubclass(w.category, SolverWarning))
     off = {(i,) for i in torch.nonzero((y - x.median(1).values).abs() > 1e-6).flatten().tolist()}
     assert off and all(str(e) in texts for e in off), (off, texts)
+
+
+def test_mpc_rows_that_hold_are_shown_consistent_without_an_svd(monkeypatch):
+    """The bench's MPC at batch 1: 284 rows hold, the solution is unique and differentiable,
+    but its derivative system misses the refinement's target, so the test for dependent rows
+    moved apart runs. One QR of the rows certifies them consistent (its bound, from a
+    solution and its residual, is at most INCONSISTENT_AMPLIFICATION); an SVD of all the rows
+    (37 of the backward's 55 ms) ran on every such element before. The gradient's agreement
+    with finite differences: test_batched's MPC test."""
+    import convexddn.convex.uniqueness as uniqueness
+    from convexddn.bench.cases.convex import CONVEX_PROBLEMS
+
+    prob, params, variables, data = CONVEX_PROBLEMS["mpc30"][1](1, torch.Generator().manual_seed(0))
+    layer = cddn.ConvexLayer(prob, params, variables)
+    tested, inside = [], []
+    real_test, real_svd = uniqueness.limit_inconsistency, torch.linalg.svd
+
+    def test(*args):
+        tested.append(args[-1].shape[0])
+        monkeypatch.setattr(torch.linalg, "svd", lambda M, *a, **k: inside.append(M.shape) or real_svd(M, *a, **k))
+        try:
+            return real_test(*args)
+        finally:
+            monkeypatch.setattr(torch.linalg, "svd", real_svd)
+
+    monkeypatch.setattr(uniqueness, "limit_inconsistency", test)
+    x0 = data[0].clone().requires_grad_(True)
+    out = layer(x0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out.sum().backward()
+    assert layer.last_solve.solvers == ["batched"]
+    assert not [w for w in caught if issubclass(w.category, GradientWarning)]
+    assert tested == [1] and not inside, (tested, inside)
+
+
+def _svd_amplification(U: np.ndarray, r: np.ndarray, floor: float) -> float:
+    """The reference: max_i |(Vᵀr)_i| / max(σ_i, floor) from numpy's full SVD (σ_i = 0 beyond
+    min(k, n)), relative to max |r|."""
+    V, sv, _ = np.linalg.svd(U)
+    sv = np.concatenate([sv, np.zeros(U.shape[0] - sv.size)])
+    return float((np.abs(V.T @ r) / np.maximum(sv, floor)).max() / max(np.abs(r).max(), 1e-300))
+
+
+def _unit(M: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(M, axis=1, keepdims=True)
+    return np.where(norm > 0, M / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+def test_inconsistency_bounds_are_upper_bounds_of_the_svd_amplification():
+    """The bounds limit_inconsistency tries before its SVD, against numpy's SVD on one padded
+    batch of unit rows: from the rows' least-norm solution (one QR) and from any other
+    solution (numpy's least squares, perturbed): neither falls below the SVD's amplification
+    (so neither can clear rows the SVD finds moved apart), and the first decides (at most
+    INCONSISTENT_AMPLIFICATION) where the rows are independent. Rows: independent (30 of
+    50), one row a combination of others with r consistent and moved apart, rows 1e-6 and
+    1e-8 apart, a zero row moved, absent rows between the others, more rows than columns."""
+    from convexddn.convex.uniqueness import INCONSISTENT_AMPLIFICATION, _EPS, _least_norm_bound, _residual_bound
+
+    rng = np.random.default_rng(0)
+    k, n = 56, 50
+    cases, decide = [], []
+
+    def add(M, r, decides):
+        pad = np.zeros((k - M.shape[0], n))
+        cases.append((np.vstack([_unit(M), pad]), np.concatenate([r, np.zeros(k - r.size)])))
+        decide.append(decides)
+
+    M = rng.standard_normal((30, n))
+    add(M, _unit(M) @ rng.standard_normal(n), True)  # independent, consistent
+    add(M, rng.standard_normal(30), True)  # independent: any r is consistent
+    D = M.copy()
+    D[5] = D[:3].T @ np.array([0.5, -1.0, 2.0])
+    D = _unit(D)
+    add(D, D @ rng.standard_normal(n), None)  # dependent, r consistent (a pivot at rounding: the SVD decides)
+    r = D @ rng.standard_normal(n)
+    r[5] += 1e-3
+    add(D, r, False)  # dependent, moved apart
+    for gap in (1e-6, 1e-8):
+        N = M.copy()
+        N[1] = N[0] + gap * rng.standard_normal(n)
+        add(N, rng.standard_normal(30), None)
+    Z = M.copy()
+    Z[7] = 0.0
+    r = _unit(Z) @ rng.standard_normal(n)
+    r[7] = 1e-2
+    add(Z, r, False)  # a zero row moved
+    W = rng.standard_normal((k, n))
+    add(W, _unit(W) @ rng.standard_normal(n), None)  # more rows than columns
+    U = torch.tensor(np.stack([c[0] for c in cases]))
+    R = torch.tensor(np.stack([c[1] for c in cases]))
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))  # (absent rows between the others)
+    U, R = U[:, perm], R[:, perm]
+    floor = max(k, n) * _EPS
+    got = (_least_norm_bound(U, R, floor) / R.abs().amax(1)).tolist()
+    dx = torch.tensor(np.stack([np.linalg.lstsq(Ui, ri, rcond=None)[0]
+                                for Ui, ri in zip(U.numpy(), R.numpy())]))
+    dx = dx * (1 + 1e-9 * torch.randn(dx.shape, dtype=dx.dtype, generator=torch.Generator().manual_seed(2)))
+    other = (_residual_bound(U, R.unsqueeze(-1), dx.unsqueeze(-1), floor) / R.abs().amax(1)).tolist()
+    for (Ui, ri), g, o, want in zip(zip(U.numpy(), R.numpy()), got, other, decide):
+        ref = _svd_amplification(Ui, ri, floor)
+        assert g >= ref * (1 - 1e-9) and o >= ref * (1 - 1e-9), (g, o, ref)
+        if want is not None:
+            assert (g <= INCONSISTENT_AMPLIFICATION) == want, (g, ref)
+    assert got[-1] == float("inf")
