@@ -80,7 +80,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
                      equilibrate_passes: int = 3, polish: str = "auto", polish_steps: int = 3,
                      structure: KKTStructure = DENSE, error_cols: torch.Tensor | None = None,
                      error_duals: torch.Tensor | None = None, keep_state: bool = False,
-                     start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> ConeSolution:
+                     start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     prepared: tuple | None = None) -> ConeSolution:
     """Solve a batch of cone programs ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``.
 
     Args:
@@ -114,6 +115,9 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             solution (for the backward).
         start: ``(x, s, z)``, a solution found elsewhere (:mod:`.second_opinion`) to
             polish, check and keep instead of iterating: no interior-point iterations.
+        prepared: ``(d, reduced)``, these elements' equilibrated data and
+            :func:`~.nullspace.reduce`'s answer, where a caller split a batch by the form
+            each element takes (internal: each part reuses its rows of the batch's).
 
     Shape:
         ``P (B, n, n), q (B, n), A (B, m, n), b (B, m)`` ->
@@ -126,17 +130,25 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     tol = min(tol, tol_accept)
     args = (P, q, A, b, layout)
     P = 0.5 * (P + P.mT)
-    d = equilibrate(P, q, A, b, layout, equilibrate_passes)
     B = A.shape[0]
-    reduced = None if start is not None else reduce(d, layout, structure)
+    if prepared is None:
+        d = equilibrate(P, q, A, b, layout, equilibrate_passes)
+        reduced = None if start is not None else reduce(d, layout, structure)
+    else:
+        d, reduced = prepared
     if isinstance(reduced, torch.Tensor):
         # The null-space form applies to some elements only: each group is solved apart, in
         # the form it gets alone (one batch in the regularised form moved the others' points
-        # by 4e-12 and their iteration counts).
+        # by 4e-12 and their iteration counts), from its rows of the equilibrated data (per
+        # element: bitwise what it gets alone; each group equilibrated its elements again
+        # before). Its QR of A_Eᵀ is its own: torch's batched Q differs in the last bit with
+        # the batch (R does not), so only the group in the null-space form factorises again.
         opts = dict(tol=tol, tol_accept=tol_accept, tol_error=tol_error, tol_inf=tol_inf, max_iter=max_iter,
                     refine=refine, equilibrate_passes=equilibrate_passes, polish=polish, polish_steps=polish_steps,
                     structure=structure, error_cols=error_cols, error_duals=error_duals, keep_state=keep_state)
-        return _apart(args, [torch.nonzero(m).squeeze(1) for m in (reduced, ~reduced)], opts)
+        idx, other = (torch.nonzero(m).squeeze(1) for m in (reduced, ~reduced))
+        part = d.select(idx)
+        return _apart(args, [(idx, (part, reduce(part, layout, structure))), (other, (d.select(other), None))], opts)
     if start is not None:
         d, xs, ss, zs = equilibrated_start(d, layout, *start, rescale_below=_RESCALE_BELOW)
         status = torch.full((B,), SOLVED, dtype=torch.long, device=A.device)  # the checks decide
@@ -203,10 +215,12 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     return out
 
 
-def _apart(args: tuple, groups: list[torch.Tensor], opts: dict) -> ConeSolution:
+def _apart(args: tuple, groups: list[tuple[torch.Tensor, tuple]], opts: dict) -> ConeSolution:
     """:func:`solve_cone_batch` of ``args`` ``(P, q, A, b, layout)`` for each group of elements
-    (index tensors covering the batch once), merged into one :class:`ConeSolution`."""
-    sols = [(idx, solve_cone_batch(*(v.index_select(0, idx) for v in args[:4]), args[4], **opts)) for idx in groups]
+    (``(idx, prepared)``: index tensors covering the batch once, and the group's ``prepared``),
+    merged into one :class:`ConeSolution`."""
+    sols = [(idx, solve_cone_batch(*(v.index_select(0, idx) for v in args[:4]), args[4], prepared=prep, **opts))
+            for idx, prep in groups]
     B = args[0].shape[0]
     merged = {name: gather(B, [(idx, getattr(sol, name)) for idx, sol in sols])
               for name in ("x", "s", "z", "status", "iterations", "residual", "error", "points", "undecided",
