@@ -1618,6 +1618,11 @@ NEAR_KINKS = [
     ("l1 ball", [1.0, 6e-8, 0.0], 1.0),
     ("l1 ball", [-1.0, -6e-8, 0.0, 0.5, -3e-8], 1.5),
     ("l1 sphere", [-1.0, -6e-8, 0.0, 0.5, -3e-8], 1.5),
+    # z beyond float16's largest float: solved wider, where float32 rounded x − max (2^-24 − 32768 → −32768)
+    # and took the support {1, 2} (the L1 ball: inside), not {1, 2, 3}
+    ("simplex", [32768.0, 32752.0, 6e-8], 65520.0),
+    ("l1 ball", [32768.0, 32752.0, 6e-8], 65520.0),
+    ("l1 sphere", [32768.0, -32752.0, 6e-8], 65520.0),
 ]
 
 
@@ -1640,7 +1645,8 @@ def test_float16_near_kink_jacobian_is_the_exact_projections(kind, values, z):
     torch.testing.assert_close(torch.stack(cols, -1).double(), torch.from_numpy(ref), rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("values,r", [([1.0, 2.0**-12], 1.0), ([3.0, 4.0, 2.0**-10], 5.0), ([0.6, 0.8, 2.0**-12], 1.0)])
+@pytest.mark.parametrize("values,r", [([1.0, 2.0**-12], 1.0), ([3.0, 4.0, 2.0**-10], 5.0), ([0.6, 0.8, 2.0**-12], 1.0),
+                                      ([60000.0, 30000.0, 0.25], 67082.0393254)])  # r > 65504: solved wider
 def test_float16_l2_ball_near_its_boundary_takes_the_exact_side(values, r):
     """‖x‖ exceeds r by less than float16's rounding ([1, 2^-12]: 1 + 2^-25), so the norm
     and r/‖x‖ rounded to r and 1 and the row took the inside derivative I, where the exact
@@ -1657,3 +1663,51 @@ def test_float16_l2_ball_near_its_boundary_takes_the_exact_side(values, r):
     cols = [torch.func.jvp(lambda t: project_lp(t, 2, "ball", r), (x,), (torch.eye(n, dtype=torch.float16)[j],))[1]
             for j in range(n)]
     torch.testing.assert_close(torch.stack(cols, -1).double(), ref, rtol=0, atol=1e-3)
+
+
+_SMALL_L2 = [  # (dtype, x, r): ‖x‖ below kernels._small_norm(dtype), within 1e-3 of r
+    (torch.float16, [-0.00478363037109375, -0.00859832763671875, 0.004535675048828125], 0.010833740234375),
+    (torch.float16, [0.0440673828125, -0.02508544921875, 0.003704071044921875], 0.05084228515625),
+    (torch.bfloat16, [1.685380498076794e-23, -1.6233419521353168e-23, 5.686866711302065e-24], 2.409163534060693e-23),
+]
+
+
+@pytest.mark.parametrize("dtype,values,r", _SMALL_L2)
+def test_16bit_small_norm_l2_ball_takes_the_exact_side(dtype, values, r):
+    """Rows with ‖x‖ below sqrt(tiny/eps) are rescaled by a = max|x|: x/a was rounded to x's
+    dtype before the norm, which moved ‖x‖ by up to 2^-11 (float16) and put rows within that
+    of r on the other side (the first is outside by ‖x‖² − r² = +1.7e-8 and got Dy = I; the
+    others are inside and got the outside Jacobian). The side from exact rationals, the
+    Jacobian in float64 closed form: (r/‖x‖)(I − ûûᵀ) outside, I inside."""
+    x = torch.tensor(values, dtype=dtype)
+    assert float(torch.tensor(r, dtype=dtype)) == r
+    outside = sum(Fraction(float(v)) ** 2 for v in x.tolist()) > Fraction(r) ** 2
+    x64, n = x.double(), x.numel()
+    u = x64 / x64.norm()
+    ref = (r / x64.norm()) * (torch.eye(n, dtype=F64) - torch.outer(u, u)) if outside else torch.eye(n, dtype=F64)
+    xr = x.clone().requires_grad_()
+    rows = torch.stack([torch.autograd.grad(project_lp(xr, 2, "ball", r)[i], xr)[0] for i in range(n)])
+    torch.testing.assert_close(rows.double(), ref, rtol=0, atol=1e-2)
+    cols = [torch.func.jvp(lambda t: project_lp(t, 2, "ball", r), (x,), (torch.eye(n, dtype=dtype)[j],))[1]
+            for j in range(n)]
+    torch.testing.assert_close(torch.stack(cols, -1).double(), ref, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype,values,r", [
+    (torch.float16, [0.0024852752685546875, -0.0004334449768066406, -0.00362396240234375], 0.0161285400390625),
+    (torch.bfloat16, [-4.006656092053728e-25, -4.9436966297114545e-25, -1.1890721305449773e-24],
+     2.358757215483243e-25),
+])
+def test_16bit_small_norm_l2_sphere_is_correctly_rounded(dtype, values, r):
+    """The sphere's rescaled path (‖x‖ < sqrt(tiny/eps)) formed y from x/a rounded to x's
+    dtype, then rounded again: entries came back 1-2 ulps off (float16 y₂ = -0.001584
+    for -0.0015831). Reference: r·x/‖x‖ with mpmath at 200 bits, rounded once to x's dtype."""
+    mpmath = pytest.importorskip("mpmath")
+
+    x = torch.tensor(values, dtype=dtype)
+    with mpmath.workprec(200):
+        norm = mpmath.sqrt(sum(mpmath.mpf(v) ** 2 for v in x.tolist()))
+        exact = [float(mpmath.mpf(v) * mpmath.mpf(r) / norm) for v in x.tolist()]
+    # float64 holds each exact value to 2^-53: one rounding to 8/11 bits from there is the correct one
+    # unless it is a tie, which these values are not.
+    torch.testing.assert_close(project_lp(x, 2, "sphere", r), torch.tensor(exact, dtype=F64).to(dtype), rtol=0, atol=0)

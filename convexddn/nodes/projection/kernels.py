@@ -73,8 +73,9 @@ def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor,
                name: str = "radius") -> tuple[float | torch.Tensor, torch.dtype | None]:
     """Validate ``radius`` (a positive number, or a floating-point tensor on x's device,
     finite and > 0) and return it (a tensor as ``check_tensor`` returns it) with the dtype
-    to solve in when it exceeds the largest float of x's dtype (float32, or float64
-    beyond float32's range); ``None`` for x's own. Cast
+    to solve in when it exceeds the largest float of x's dtype (float64: for 16-bit x
+    too, where float32 rounded x − max and ‖x‖, and float16 [32768, 32752, 2^-24] took
+    the support {1, 2} on the simplex z = 65520, not {1, 2, 3}); ``None`` for x's own. Cast
     to x's dtype, such a radius overflowed (float16 x, z = 1e5: torch's scalar conversion
     error, or a radius of Inf). The device is checked before any value is read; a tensor
     radius costs the one host read of its positivity check, which also reads its maximum
@@ -91,9 +92,7 @@ def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor,
     else:
         check_positive(name, radius)
         value = float(radius)
-    if value <= top:
-        return radius, None
-    return radius, torch.float32 if value <= torch.finfo(torch.float32).max else torch.float64
+    return radius, (None if value <= top else torch.float64)
 
 
 def narrowed(y: torch.Tensor, dtype: torch.dtype, d: int, what: str, name: str,
@@ -153,7 +152,9 @@ def l2_forward(
     if compiling or not bool(((scale >= tiny) & (rt >= low) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
         check_finite("x", x)
         a = _row_scale(x.abs(), d)
-        xs = (x / a).double()
+        # In float64: x/a rounded to float16 put rows near the boundary on the wrong side ([-0.0047836,
+        # -0.0085983, 0.0045357], ‖x‖² − r² = +1.7e-8 at r = 0.0108337: taken as inside, Dy = I).
+        xs = x.double() / a.double()
         nw = torch.linalg.vector_norm(xs, dim=d, keepdim=True)
         ratio = (r.double() if isinstance(r, torch.Tensor) else torch.full_like(nw, r)) / nw  # = a·r/‖x‖
         zero = ratio == math.inf

@@ -167,8 +167,8 @@ def project_lp(
     zero; a gradient :math:`r/\|x\|` beyond the largest float for subnormal ``x``)
     a :class:`~convexddn.errors.ConvexDDNWarning` /
     :class:`~convexddn.errors.GradientWarning` says so. A radius beyond the largest float
-    of x's dtype (float16 ``x``, ``radius=1e5``) is solved in float32 (float64 beyond
-    float32's range) and the result rounded once to x's dtype (the ball keeps ``x``).
+    of x's dtype (float16 ``x``, ``radius=1e5``) is solved in float64 and the result
+    rounded once to x's dtype (the ball keeps ``x``).
 
     Args:
         x: input tensor, floating point.
@@ -274,8 +274,8 @@ def project_simplex(
         OptionError: ``dim`` is not an int, ``z`` ≤ 0 or not a number.
         InputError: a tensor ``z`` on another device than ``x`` (refused, not moved).
         SolverError: an entry of the result beyond the largest float of x's dtype (a
-            ``z`` beyond that range is solved in float32, or float64 beyond float32's,
-            and the result rounded once to x's dtype).
+            ``z`` beyond that range is solved in float64 and the result rounded once to
+            x's dtype).
 
     Warns:
         ConvexDDNWarning: whole rows rounded to zero (``z`` below the dtype's range:
