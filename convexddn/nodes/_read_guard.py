@@ -25,6 +25,7 @@ watched from the next forward on (its version at this one is unknown).
 """
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Any, Callable
@@ -77,6 +78,9 @@ def _swapped(a: Any, consts: dict) -> Any:
 
 
 _DEEPCOPY = Tensor.__deepcopy__  # (what a TorchFunctionMode sees for copy.deepcopy of a plain tensor)
+# nn.Parameter's own __deepcopy__ (plain Python, no torch function) is seen only as its read of .data:
+_DATA = Tensor.data.__get__
+_PARAMETER_DEEPCOPY = torch.nn.Parameter.__deepcopy__.__code__
 
 
 class Reads(TorchFunctionMode):
@@ -104,7 +108,11 @@ class Reads(TorchFunctionMode):
     else a copy that requires grad, cut off from the node's parameters (an InputError blaming it).
     Where the tensor stands for one that requires grad, the copy could not be right (no gradient
     would reach the node's parameter): a ``ProblemError`` says so; else (a buffer, a frozen
-    parameter) the copy is its value, detached, as a copy of the node's own tensor would be."""
+    parameter) the copy is its value, detached, as a copy of the node's own tensor would be.
+    Where the evaluation reads the parameter itself (no cast: ``implicit_dtype`` its dtype, float64
+    by default), ``nn.Parameter.__deepcopy__`` copies it, ``self.data.clone()``, which no torch function
+    sees: its read of ``.data`` of a parameter that requires grad is the same ``ProblemError``
+    (a copy that required grad, the InputError, on every float64 call after the first)."""
 
     def __init__(self, given=(), consts=None, swapped=None, node: str = "") -> None:
         super().__init__()
@@ -120,8 +128,11 @@ class Reads(TorchFunctionMode):
         # (Tensors at the top level or in a list or tuple, as torch functions take them; not
         # torch's pytree: it cost as much as the rest of the backward's evaluations.)
         seen, made, outside, consts = self.seen, self.made, self.outside, self.consts
-        if func is _DEEPCOPY and args and id(args[0]) in self.swapped:
-            return self._deepcopy(*args, **(kwargs or {}))
+        if args and id(args[0]) in self.swapped:
+            if func is _DEEPCOPY:
+                return self._deepcopy(*args, **(kwargs or {}))
+            if func == _DATA and sys._getframe(1).f_code is _PARAMETER_DEEPCOPY:  # (its caller's frame)
+                self._deepcopy(args[0], None, parameter=True)
         swap = False
         for a in (*args, *kwargs.values()) if kwargs else args:
             for t in (a,) if isinstance(a, Tensor) else a if isinstance(a, (list, tuple)) else ():
@@ -142,12 +153,13 @@ class Reads(TorchFunctionMode):
                 made[id(o)] = o
         return out
 
-    def _deepcopy(self, t: Tensor, memo: dict | None = None) -> Tensor:
-        """``copy.deepcopy`` of the node's tensor ``t`` (see the class docstring)."""
+    def _deepcopy(self, t: Tensor, memo: dict | None = None, parameter: bool = False) -> Tensor | None:
+        """``copy.deepcopy`` of the node's tensor ``t`` (see the class docstring); ``parameter``:
+        only the check, where ``nn.Parameter.__deepcopy__`` copies it (a frozen one: as itself)."""
         name, needs_grad = self.swapped[id(t)]
         if needs_grad:
             raise mid_swap_error(f"{self.node}'s {name!r}, which requires grad,", self.node, "deep-copied")
-        return t.detach().clone()  # (copy.deepcopy enters it in memo)
+        return None if parameter else t.detach().clone()  # (copy.deepcopy enters it in memo)
 
 
 class ForwardVersions:

@@ -354,3 +354,30 @@ def test_a_deep_copy_of_a_submodule_in_the_objective(dtype):
         if kind == "parameter":  # dL/dw = Σ x = 4
             torch.testing.assert_close(node.sub.w.grad, torch.tensor([4.0], dtype=dtype), rtol=1e-6, atol=0)
         assert type(node.sub.w) is (torch.Tensor if kind == "buffer" else torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_deep_copy_of_a_submodule_in_the_objective_after_the_first_call(dtype):
+    """After the first (probed) call the float64 backward evaluates the objective on the parameter
+    itself (no stand-in, no cast), and nn.Parameter's own __deepcopy__ (``self.data.clone()``, no
+    torch function) copied it as a new parameter that requires grad: an InputError telling the user
+    to make 'a tensor of shape (1,)' a parameter of the node (it is one, sub.w). The same ProblemError
+    as on the first call, in the backward and in forward mode; a frozen parameter copies as its value
+    (dy/dx = w = 2, closed form)."""
+    from torch.autograd import forward_ad
+
+    match = r"_CopiesSub's 'sub\.w', which requires grad, was deep-copied while _CopiesSub's objective"
+    x = torch.tensor([[1.0], [3.0]], dtype=DT, requires_grad=True)
+    for kind in ("parameter", "frozen"):
+        node = _CopiesSub(kind, "solve", dtype)
+        node(x).sum().backward()  # the first call (probed), no copy in the objective
+        node.where = "objective"
+        x.grad = None
+        if kind == "frozen":
+            node(x).sum().backward()
+            torch.testing.assert_close(x.grad, torch.full_like(x, 2.0), rtol=1e-12, atol=0)
+            continue
+        with pytest.raises(ProblemError, match=match):
+            node(x).sum().backward()
+        with forward_ad.dual_level(), pytest.raises(ProblemError, match=match):
+            node(forward_ad.make_dual(x.detach(), torch.ones_like(x)))
