@@ -13,19 +13,29 @@ Systems :math:`A x = d` with :math:`A` tridiagonal (main diagonal ``b`` ``(M, N)
    Without pivoting both are stable for diagonally dominant and symmetric positive definite
    matrices only, so every element's answer is **checked**:
 2. the componentwise backward error (Oettli–Prager)
-   :math:`\omega = \max_{i,k} |d - A x|_{ik} / (|A||x| + |d|)_{ik}`, an O(N) pass (invariant under
-   the scaling of rows and of ``d``; trusted only where no diagonal entry and no nonzero column
-   of ``d`` is near underflow, :func:`in_range`: else the element takes step 3). Elements
-   with :math:`\omega > 16\varepsilon` get one step of iterative refinement (one more unpivoted
+   :math:`\omega = \max_{i,k} |d - A x|_{ik} / (|A||x| + |d|)_{ik}`, an O(N) pass, invariant under
+   exact (power-of-two) scalings of the rows and of the columns; an answer with ω ≤ 16ε is
+   accepted (its componentwise forward error is then at most 16ε times Skeel's condition
+   number, graded systems included). Evaluated plainly (:func:`accepted`) where every
+   ``(|A||x| + |d|)_{ik}`` lies in :math:`[2^{e_{min}}/\varepsilon, \infty)`; elsewhere that
+   evaluation under- or overflows (a subnormal system's residual rounded to zero passed answers
+   1e-2 off), so ω is formed there in exponent-split form (:func:`._tridiagonal_scaled.omega`:
+   exact scalings, no range limit) and a correct answer is kept (routing every system with a
+   diagonal entry below 1.5e-289 to step 3 returned graded systems up to 6e7 off). Elements
+   with ω > 16ε and a plain check get one step of iterative refinement (one more unpivoted
    solve on their residuals) and are checked again;
-3. the elements that still fail are solved again, alone, **scaled and pivoted**: each row of
-   the system divided by the power of two of its largest entry and each rhs column then by that
-   of its largest entry (exact, so that no entry is subnormal or near overflow: a system of
-   subnormal entries came back 1e-2 off), by Gaussian elimination with partial pivoting on the
-   band, the algorithm of LAPACK's ``gtsv`` (row interchanges fill one more super-diagonal), a
-   loop over the N rows vectorised over those elements; it is backward stable for every
-   nonsingular tridiagonal matrix. Its answer is checked too, by its normwise backward error
-   (at most :data:`_ACCEPT_PIVOTED` ε, else one refinement with the same pivoting).
+3. the elements that still fail are solved again, alone, **equilibrated and pivoted**: rows,
+   then columns, then rhs columns scaled by powers of two (exact; columns too: rows alone left
+   a solution graded by 2^±500, whose small entries underflowed,
+   :func:`._tridiagonal_scaled.solve_scaled`), by Gaussian elimination with partial pivoting on
+   the band, the algorithm of LAPACK's ``gtsv`` (row interchanges fill one more
+   super-diagonal), a loop over the N rows vectorised over those elements; backward stable
+   (normwise) for every nonsingular tridiagonal matrix. Its answer is checked too, by the same
+   componentwise ω, split form (at most :data:`_ACCEPT_PIVOTED` ε, else up to two refinements
+   with the same pivoting, which make it componentwise stable unless ``A`` is near singular:
+   graded systems with a cond-300 core needing pivots came to 1e3 ulps after one, 1 ulp after
+   two; a normwise check passed graded answers 1e9 off); one that still fails raises (a
+   derivative: warns).
    **Singularity** is decided there, locally and scale-free: a pivot that is 0, or at most
    :data:`_SINGULAR` ε times the larger of the two terms whose difference formed it (it is
    rounding error: :math:`A` is within that relative distance of a singular matrix), raises a
@@ -44,15 +54,17 @@ import torch
 
 from .._warn import warn
 from ..errors import GradientWarning, SolverError
+from ._tridiagonal_scaled import multiply, omega, solve_scaled
 from .degeneracy import shown_indices
 
-__all__ = ["FAST", "PIVOTED", "PIVOTED_REFINED", "REFINED", "check_cast", "solve_checked"]
+__all__ = ["FAST", "PIVOTED", "PIVOTED_REFINED", "REFINED", "check_cast", "multiply", "solve_checked"]
 
 _THOMAS_RATIO, _THOMAS_WORK = 16, 1 << 16  # where Thomas's loop over the rows pays (solve_fast)
 _ACCEPT = 16.0  # ω accepted up to this many ulps (dominant systems: ≤ 7 measured, N up to 10⁵)
-_ACCEPT_PIVOTED = 64.0  # the pivoted answer's normwise backward error, in ulps
+_ACCEPT_PIVOTED = 64.0  # the pivoted answer's ω, in ulps
 _SINGULAR = 4.0  # a pivot at most this many ulps of the terms that formed it is rounding error
 FAST, REFINED, PIVOTED, PIVOTED_REFINED = 0, 1, 2, 3  # an element's route (solve_checked)
+_PIVOTED_STEPS = 2  # refinements of a pivoted answer at most (route PIVOTED + their number)
 
 
 def reduce_cyclic(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor
@@ -121,24 +133,16 @@ def solve_fast(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tenso
     return reduce_cyclic(b, a, c, d)
 
 
-def multiply(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``A x`` (``(M, N, K)``), out of place: under torch.func.jacfwd a tangent (``b``, ``a`` or
-    ``c``) may be batched where ``x`` is not, and an in-place sum into the unbatched term failed."""
-    out = b.unsqueeze(-1) * x
-    if b.shape[-1] > 1:
-        out = out + torch.nn.functional.pad(a.unsqueeze(-1) * x[:, :-1], (0, 0, 1, 0))
-        out = out + torch.nn.functional.pad(c.unsqueeze(-1) * x[:, 1:], (0, 0, 0, 1))
-    return out
-
-
-def accepted(b, a, c, d, x) -> torch.Tensor:
-    """``(M,)`` whether each element's componentwise backward error ω (module docstring, step 2)
-    is at most :data:`_ACCEPT` eps; False where ``x`` is not finite. As the sign of
+def accepted(b, a, c, d, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ok, trusted)``, each ``(M,)``: whether each element's componentwise backward error ω
+    (module docstring, step 2) is at most :data:`_ACCEPT` eps (False where ``x`` is not finite),
+    and whether that plain evaluation can be trusted: every scale ``(|A||x| + |d|)_{ik}`` at
+    least :math:`2^{e_{min}}/\\varepsilon` (so ``16ε·scale`` is normal and the subnormal
+    roundings in the residual are far below it) and finite (an overflow made an entry's excess
+    -Inf, which the maximum would pass). As the sign of
     :math:`\\max_{ik} (|d - Ax| - 16\\varepsilon (|A||x| + |d|))_{ik}` rather than ω itself: no
     division, and a non-finite ``x`` makes the maximum NaN (one third of the passes of forming
-    ω, which cost 60 % of the unpivoted solve at (64, 1024)). A scale ``|A||x| + |d|`` that
-    overflows makes that entry's excess -Inf, which the maximum would pass: the minimum (the same
-    pass, ``aminmax``) refuses it."""
+    ω, which cost 60 % of the unpivoted solve at (64, 1024))."""
     t0, ax, cx = b.unsqueeze(-1) * x, a.unsqueeze(-1) * x[:, :-1], c.unsqueeze(-1) * x[:, 1:]
     r, scale = d - t0, t0.abs_().add_(d.abs())
     if b.shape[-1] > 1:
@@ -147,124 +151,22 @@ def accepted(b, a, c, d, x) -> torch.Tensor:
         scale[:, 1:] += ax.abs_()
         scale[:, :-1] += cx.abs_()
     if not r.shape[1] * r.shape[2]:
-        return torch.ones(r.shape[0], dtype=torch.bool, device=r.device)
-    excess = torch.add(r.abs_(), scale, alpha=-_ACCEPT * torch.finfo(b.dtype).eps)
-    low, worst = torch.aminmax(excess.flatten(1), dim=1)
-    return (worst <= 0) & (low > -math.inf)  # (NaN: False)
-
-
-def row_max(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``(M, N)``: each row's largest absolute entry (a maximum: no sum to overflow)."""
-    s = b.abs()
-    if b.shape[-1] > 1:
-        s[:, 1:] = torch.maximum(s[:, 1:], a.abs())
-        s[:, :-1] = torch.maximum(s[:, :-1], c.abs())
-    return s
-
-
-def in_range(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``(M,)`` whether :func:`accepted` can be trusted for each element: every diagonal entry
-    (so every row's largest entry), and every nonzero rhs column's largest entry, at least
-    :math:`2^{e_{min}}/\\varepsilon^{1.2}` (below that ``16ε(|A||x| + |d|)`` is subnormal or zero,
-    and a residual rounded to zero passed answers 1e-2 off; a row whose diagonal is that small
-    takes the pivoted path, which it needs in most cases; large entries need no bound: an
-    overflow fails the check)."""
+        every = torch.ones(r.shape[0], dtype=torch.bool, device=r.device)
+        return every, every
     info = torch.finfo(b.dtype)
-    tiny = info.tiny / info.eps ** 1.2
-    cols = d.abs().amax(1)  # (M, K)
-    return (b.abs().amin(1) >= tiny) & ((cols >= tiny) | (cols == 0)).all(1)
+    low, high = torch.aminmax(scale.flatten(1), dim=1)
+    worst = torch.add(r.abs_(), scale, alpha=-_ACCEPT * info.eps).flatten(1).amax(1)
+    return worst <= 0, (low >= info.tiny / info.eps) & (high < math.inf)  # (NaN: False)
 
 
-def _pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``t · 2^k`` for an integer tensor ``k`` broadcasting with ``t``, exact where the result is
-    normal: in steps of at most :math:`2^{\\pm(e_{max}-2)}` (``2^k`` alone over- or underflows for
-    the exponents of a subnormal system), a fixed number of them (no host read: torch.func)."""
-    top = int(math.log2(torch.finfo(t.dtype).max)) - 1  # (1023 for float64, 126 for float32)
-    for _ in range(5):  # |k| <= 5 top: twice the exponent range of the dtype, with room
-        step = k.clamp(-top, top)
-        t, k = torch.ldexp(t, step.to(t.dtype)), k - step
-    return t
-
-
-def solve_pivoted(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian elimination with partial pivoting on the band (LAPACK ``gtsv``'s algorithm),
-    vectorised over the ``M`` elements, a loop over the rows: ``(x, ratio)``, ``ratio`` ``(M,)``
-    the smallest over the pivots of :math:`|u_{ii}|` over the larger of the two terms whose
-    difference formed it (1 for a pivot that is an entry of ``A``): the cancellation. A
-    ratio at most a few ε says a pivot is rounding error (``A`` within that distance of a
-    singular matrix, entrywise); 0, an exactly zero pivot."""
-    m, n = b.shape
-    # Row-major over the rows (one contiguous (M,) slice per row); u2 is the fill-in
-    # super-diagonal that a row interchange creates.
-    u0, lo, u1 = b.T.clone(), a.T.clone(), c.T.clone()
-    u2 = torch.zeros((max(n - 2, 0), m), dtype=b.dtype, device=b.device)
-    rhs = d.transpose(0, 1).clone()  # (N, M, K)
-    # formed[i]: the cancellation ratio of u0[i] (1 for an entry of A); a NaN (0/0) is a zero pivot.
-    formed, ratio = torch.ones_like(u0[0]), torch.ones_like(u0[0])
-    for i in range(n - 1):
-        swap = u0[i].abs() < lo[i].abs()  # the sub-diagonal entry is the larger pivot
-        piv = torch.where(swap, lo[i], u0[i])
-        ratio = torch.minimum(ratio, torch.where(swap, 1.0, torch.where(piv == 0, 0.0, formed)))
-        other = torch.where(swap, u0[i], lo[i])  # the entry eliminated below the pivot
-        f = torch.where(piv == 0, torch.zeros_like(piv), other / piv)
-        # The pivot row's entries in columns i+1, i+2 and its rhs, and the row left below it.
-        top1 = torch.where(swap, u0[i + 1], u1[i])
-        bot1 = torch.where(swap, u1[i], u0[i + 1])
-        top_d = torch.where(swap.unsqueeze(-1), rhs[i + 1], rhs[i])
-        bot_d = torch.where(swap.unsqueeze(-1), rhs[i], rhs[i + 1])
-        u0[i], u1[i], rhs[i] = piv, top1, top_d
-        ft = f * top1
-        u0[i + 1] = bot1 - ft
-        # (a maximum, not a sum: entries near the dtype's largest do not overflow it)
-        formed = torch.where(ft == 0, 1.0, u0[i + 1].abs() / torch.maximum(bot1.abs(), ft.abs()))
-        rhs[i + 1] = bot_d - f.unsqueeze(-1) * top_d
-        if i < n - 2:
-            top2 = torch.where(swap, u1[i + 1], torch.zeros_like(piv))
-            u2[i] = top2
-            u1[i + 1] = torch.where(swap, -f * top2, u1[i + 1])
-    ratio = torch.minimum(ratio, torch.where(u0[n - 1] == 0, 0.0, formed))
-    x = torch.empty_like(rhs)
-    x[n - 1] = rhs[n - 1] / u0[n - 1].unsqueeze(-1)
-    for i in range(n - 2, -1, -1):
-        acc = rhs[i] - u1[i].unsqueeze(-1) * x[i + 1]
-        if i < n - 2:
-            acc = acc - u2[i].unsqueeze(-1) * x[i + 2]
-        x[i] = acc / u0[i].unsqueeze(-1)
-    return x.transpose(0, 1), ratio
-
-
-def _backward_error(b, a, c, d, x) -> torch.Tensor:
-    """``(M,)`` the normwise backward error :math:`\\max_k \\|d - Ax\\|_\\infty / (\\|A\\|_\\infty
-    \\|x\\|_\\infty + \\|d\\|_\\infty)` (columns k) of a row-equilibrated system (its rows' largest
-    entries in [1/2, 1): every norm at most 3 times its largest entry, quartered against overflow);
-    NaN where ``x`` is not finite."""
-    r = (d - multiply(b, a, c, x)).abs().amax(1) / 4
-    norm = row_max(b, a, c).amax(1, keepdim=True) * 0.75
-    size = norm * (x.abs().amax(1) / 4) + d.abs().amax(1) / 4
-    eta = torch.where(r == 0, 0.0, r / size)
-    return eta.amax(1) if eta.shape[1] else eta.new_zeros(eta.shape[0])
-
-
-def solve_scaled(b, a, c, d, refine: torch.Tensor | bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The slow path (module docstring, step 3): ``(x, ratio, η)``. Each row scaled by the power of
-    two of its largest entry (:math:`RAx = Rd`: the same ``x``) and each rhs column by that of its
-    largest entry (:math:`x = 2^f y`), both exact; solved by :func:`solve_pivoted` (``ratio``
-    its), where ``refine`` (``(M,)`` or a bool) one step of refinement with the same pivoting;
-    ``η``: :func:`_backward_error` of the result."""
-    e = torch.frexp(row_max(b, a, c))[1]  # (M, N): rows' largest entries in [2^(e-1), 2^e); 0 for a zero row
-    bs, as_, cs = _pow2(b, -e), _pow2(a, -e[:, 1:]), _pow2(c, -e[:, :-1])
-    ed = torch.frexp(d)[1] - e.unsqueeze(-1)  # exponents of R d's entries
-    low = torch.iinfo(ed.dtype).min
-    f = ed.masked_fill(d == 0, low).amax(1, keepdim=True)  # (M, 1, K)
-    f = f.masked_fill(f == low, 0)  # (a zero column: y = 0)
-    ds = _pow2(d, -e.unsqueeze(-1) - f)
-    y, ratio = solve_pivoted(bs, as_, cs, ds)
-    if not isinstance(refine, bool) or refine:
-        y_new = y + solve_pivoted(bs, as_, cs, ds - multiply(bs, as_, cs, y))[0]
-        y = y_new if isinstance(refine, bool) else torch.where(refine.view(-1, 1, 1), y_new, y)
-    return _pow2(y, f), ratio, _backward_error(bs, as_, cs, ds, y)
+def _certified(b, a, c, d, x) -> torch.Tensor:
+    """``(M,)`` ω ≤ :data:`_ACCEPT` ε: :func:`accepted`, and where it cannot be trusted
+    :func:`._tridiagonal_scaled.omega`."""
+    ok, trusted = accepted(b, a, c, d, x)
+    if not bool(trusted.all()):
+        idx = (~trusted).nonzero().squeeze(1)
+        ok = ok.index_copy(0, idx, omega(b[idx], a[idx], c[idx], d[idx], x[idx]) <= _ACCEPT * torch.finfo(b.dtype).eps)
+    return ok
 
 
 def _refine(b, a, c, d, x):
@@ -328,7 +230,7 @@ def _report(who, bad, batch, dtype, ratio, eta, strict):
                    "rescale the system", "overflow")
         warn(f"{what} overflows {dtype} in {shown_indices(overflow)} (Inf or NaN returned)", GradientWarning)
     if bool(inaccurate.any()):
-        found = f"normwise backward error up to {float(eta[inaccurate].max()):.2g} (> {_ACCEPT_PIVOTED}·eps)"
+        found = f"componentwise backward error up to {float(eta[inaccurate].max()):.2g} (> {_ACCEPT_PIVOTED}·eps)"
         if strict:
             _raise(who, inaccurate, batch, f"the pivoted solve did not reach working accuracy ({found}); the "
                    "matrix is too ill-conditioned for " + str(dtype), "inaccurate")
@@ -341,7 +243,8 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A⁻¹ d, route)`` for every element, checked and repaired (module docstring). ``route``
     ``(M,)`` int8, each element's path: :data:`FAST`, :data:`REFINED` (one unpivoted refinement),
-    :data:`PIVOTED` (scaled and pivoted), :data:`PIVOTED_REFINED`. As an argument (the forward's,
+    :data:`PIVOTED` (equilibrated and pivoted), :data:`PIVOTED_REFINED` (and refined once;
+    ``PIVOTED + k``: k times, at most :data:`_PIVOTED_STEPS`). As an argument (the forward's,
     for the derivative's solves with the same matrix or its transpose): elements routed
     pivoted start there, and ``check=False`` (the values batched by a vmap, which allow no host
     decision) reproduces the route exactly, unchecked. ``strict=False``: the derivative's solves
@@ -359,39 +262,49 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
     x, _ = solve_fast(b, a, c, d)
     if not check:
         # (route is the forward's plain tensor, not batched: host reads on it are allowed)
-        refined, slow, twice = (route == REFINED), route >= PIVOTED, route == PIVOTED_REFINED
+        refined, slow = (route == REFINED), route >= PIVOTED
         if bool(refined.any()):
             idx = refined.nonzero().squeeze(1)
             x = x.index_copy(0, idx, _refine(b[idx], a[idx], c[idx], d[idx], x[idx]))
         if bool(slow.any()):
             idx = slow.nonzero().squeeze(1)
-            x = x.index_copy(0, idx, solve_scaled(b[idx], a[idx], c[idx], d[idx], twice[idx])[0])
+            x = x.index_copy(0, idx, solve_scaled(b[idx], a[idx], c[idx], d[idx], route[idx] - PIVOTED)[0])
         return x, route
-    ok = accepted(b, a, c, d, x)
-    # (one host read where all pass: no refinement, nothing out of range, nothing routed)
-    fail = (route >= PIVOTED) | ~in_range(b, d)
-    refine = ~ok & ~fail
-    any_refine, any_fail = torch.stack([refine.any(), fail.any()]).tolist()
-    if not (any_refine or any_fail):
+    ok, trusted = accepted(b, a, c, d, x)
+    routed = route >= PIVOTED
+    # (one host read where all pass: checked plainly, nothing to refine, nothing routed)
+    if bool((ok & trusted & ~routed).all()):
         return x, route
-    if any_refine:
+    eps = torch.finfo(b.dtype).eps
+    doubt = ~trusted & ~routed  # (the plain check under- or overflows: ω in split form)
+    if bool(doubt.any()):
+        idx = doubt.nonzero().squeeze(1)
+        ok = ok.index_copy(0, idx, omega(b[idx], a[idx], c[idx], d[idx], x[idx]) <= _ACCEPT * eps)
+    # Refined: where the plain check holds (elsewhere the unpivoted residual itself under- or overflows).
+    refine = ~ok & trusted & ~routed
+    if bool(refine.any()):
         idx = refine.nonzero().squeeze(1)
         sub = (b[idx], a[idx], c[idx], d[idx])
         x_new = _refine(*sub, x[idx])
         x = x.index_copy(0, idx, x_new)
-        ok = ok.index_copy(0, idx, accepted(*sub, x_new))
-    fail = fail | ~ok
+        ok = ok.index_copy(0, idx, _certified(*sub, x_new))
+    fail = routed | ~ok
     route = torch.where(fail, PIVOTED, torch.where(refine, REFINED, FAST)).to(torch.int8)
     if not bool(fail.any()):
         return x, route
     idx = fail.nonzero().squeeze(1)
     sub = (b[idx], a[idx], c[idx], d[idx])
-    eps = torch.finfo(b.dtype).eps
-    x_p, ratio, eta = solve_scaled(*sub)
-    redo = ~(eta <= _ACCEPT_PIVOTED * eps) & torch.isfinite(eta)  # (once, with the same pivoting)
-    if bool(redo.any()):
-        x_p, _, eta = solve_scaled(*sub, refine=redo)
-        route = route.index_copy(0, idx, torch.where(redo, PIVOTED_REFINED, PIVOTED).to(torch.int8))
+    x_p, ratio = solve_scaled(*sub)
+    eta = omega(*sub, x_p)
+    steps = torch.zeros_like(idx)
+    for _ in range(_PIVOTED_STEPS):  # (refinement with the same pivoting; recomputed whole: reproducible)
+        redo = ~(eta <= _ACCEPT_PIVOTED * eps) & torch.isfinite(eta)
+        if not bool(redo.any()):
+            break
+        steps = steps + redo
+        x_p = solve_scaled(*sub, steps)[0]
+        eta = omega(*sub, x_p)
+    route = route.index_copy(0, idx, (PIVOTED + steps).to(torch.int8))
     bad = [torch.zeros_like(fail).index_copy(0, idx, v) for v in _problems(x_p, ratio, eta, strict)]
     if bool(torch.stack(bad).any()):
         full = (torch.ones(m, dtype=ratio.dtype, device=b.device).index_copy(0, idx, ratio),

@@ -13,9 +13,11 @@ d)``). The minimiser of :math:`\tfrac12 x^\top A x - d^\top x` for symmetric pos
 
 **Solver** (:mod:`._tridiagonal_solver`): cyclic reduction or the Thomas algorithm, all batch
 elements in one tensor, unpivoted and so fast; each element's answer is then checked (its
-componentwise backward error), refined once where the check fails, and solved again, scaled by
-powers of two and with partial pivoting (LAPACK ``gtsv``'s algorithm), where it still fails or
-its entries are near underflow: an element never returns an unchecked answer. A matrix
+componentwise backward error, formed in exponent-split form where a plain evaluation would
+under- or overflow), refined once where the check fails, and solved again, equilibrated by
+powers of two and with partial pivoting (LAPACK ``gtsv``'s algorithm), where it still fails,
+that answer checked the same way (refined up to twice): an element never returns an unchecked
+answer. A matrix
 singular to working precision (a pivot of that factorisation at rounding level against the
 terms that formed it) raises a ``SolverError`` naming the batch elements.
 
@@ -205,8 +207,8 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
 
     Solved by cyclic reduction or the Thomas algorithm (the faster for the shape), every
     element's answer checked by its componentwise backward error, refined once where that fails,
-    and re-solved, scaled by powers of two (exact) and with partial pivoting (as LAPACK ``gtsv``),
-    where it still fails or its entries are near underflow: any
+    and re-solved, equilibrated by powers of two (exact) and with partial pivoting (as LAPACK
+    ``gtsv``), where it still fails (that answer checked alike, refined up to twice): any
     nonsingular matrix is solved stably, diagonally dominant and SPD ones at the fast path's cost
     (module docstring of :mod:`convexddn.nodes._tridiagonal_solver`). O(N log N) work, O(log N)
     vectorised steps (cyclic reduction); the pivoted fallback is a loop over the N rows.
@@ -234,8 +236,10 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
         SolverError: :math:`A` is singular to working precision (a pivot of its row-scaled LU
             factorisation with partial pivoting 0, or at most 4ε times the larger of the two terms
             whose difference formed it: the message gives the ratio), or the solution overflows
-            the dtype (float16's on the cast back too), for some batch elements (named in the
-            message and in ``indices``).
+            the dtype (float16's on the cast back too), or the pivoted answer's componentwise
+            backward error stays above 64ε after two refinements (too ill-conditioned or too
+            badly graded to certify), for some batch elements (named in the message and in
+            ``indices``).
 
     Warns:
         GradientWarning: a gradient or tangent overflows (the work dtype, or float16 on the cast

@@ -425,3 +425,62 @@ def test_tridiagonal_solve_subnormal_system():
     ref = np.linalg.solve(A, R[..., None])[..., 0]
     err = np.abs(x.numpy() - ref).max(1) / np.abs(ref).max(1)
     assert (err <= 100 * np.linalg.cond(A) * 2.2e-16).all(), err.max()
+
+
+def _graded(seed, span, dtype=F64, pivot=False):
+    """The tester's graded systems: A' = R A0 S, d' = R d0 with R, S diagonal powers of two in
+    2^[-span, span) and A0 an N = 100 core of O(1) entries (``pivot``: every third diagonal
+    entry 0, a third of the rest shrunk 10x: pivots needed); then A'^-1 d' = S^-1 A0^-1 d0
+    exactly. Returns the (exactly representable) diag, lower, upper, rhs, the scaling s, the
+    reference A0^-1 d0 (dense float64 LU) and cond1(A0)."""
+    g, n = np.random.default_rng(seed), 100
+    b = g.standard_normal(n) + 3 * np.sign(g.standard_normal(n))
+    a, c = g.standard_normal(n - 1), g.standard_normal(n - 1)
+    if pivot:
+        b[::3], b[1::3] = 0.0, 0.1 * b[1::3]
+    r, s = 2.0 ** g.integers(-span, span, n), 2.0 ** g.integers(-span, span, n)
+    d0 = g.standard_normal(n)
+    if dtype == torch.float32:
+        b, a, c, d0 = (v.astype(np.float32).astype(np.float64) for v in (b, a, c, d0))
+    A0 = np.diag(b) + np.diag(a, -1) + np.diag(c, 1)
+    args = tuple(torch.tensor(v, dtype=dtype) for v in (r * b * s, r[1:] * a * s[:-1], r[:-1] * c * s[1:], r * d0))
+    assert all(np.array_equal(t.double().numpy(), v)
+               for t, v in zip(args, (r * b * s, r[1:] * a * s[:-1], r[:-1] * c * s[1:], r * d0)))
+    return args, s, np.linalg.solve(A0, d0), np.linalg.cond(A0, 1)
+
+
+@pytest.mark.parametrize("dtype, span, seeds", [(F64, 500, (21, 39, 49, 78)), (torch.float32, 60, (3, 6, 9))])
+def test_tridiagonal_solve_graded_systems(dtype, span, seeds):
+    # Entries all normal (1e-300..1e300; float32 1e-36..1e36) but a diagonal entry below
+    # 1.5e-289 (float32 2.7e-30): every such element was sent to the row-scaled pivoted path,
+    # whose answer (up to 6e7 off; float32 3e3) passed a normwise check: returned silently.
+    eps = torch.finfo(dtype).eps
+    for seed in seeds:
+        args, s, y, cond = _graded(seed, span, dtype)
+        assert float(args[0].abs().min()) < torch.finfo(dtype).tiny / eps ** 1.2
+        x = tridiagonal_solve(*args).double().numpy()
+        assert np.abs(s * x - y).max() / np.abs(y).max() <= 50 * cond * eps, seed
+
+
+def test_tridiagonal_solve_graded_systems_needing_pivots():
+    # The same graded systems with pivots needed: the row-scaled pivoted answer came back up to
+    # 1e14·cond·eps off, silently (normwise check). Now equilibrated, checked componentwise and
+    # refined (twice at most): accurate, or a SolverError (seed 18), never silently wrong.
+    eps = torch.finfo(F64).eps
+    for seed in (1, 3, 7, 11):
+        args, s, y, cond = _graded(seed, 500, pivot=True)
+        x = tridiagonal_solve(*args).numpy()
+        assert np.abs(s * x - y).max() / np.abs(y).max() <= 50 * cond * eps, seed
+    with pytest.raises(SolverError, match="did not reach working accuracy .componentwise backward error"):
+        tridiagonal_solve(*_graded(18, 500, pivot=True)[0])
+    # The derivatives' unchecked solve (under a vmap) reproduces the route, refinements included.
+    flat = [t[None] for t in args[:3]] + [args[3][None, :, None]]  # (seed 11)
+    x, route = solve_checked(*flat, "t", (1,))
+    assert int(route) > 2
+    assert torch.equal(solve_checked(*flat, "t", (1,), route=route, check=False)[0], x)
+    # A solution graded within one rhs column, x = (3·2^600, 5·2^-600) (a permutation matrix):
+    # the rhs column lowered to its largest entry flushed 2^-1200 to 0: x_2 = 0, silently.
+    one = lambda *v: torch.tensor(v, dtype=F64)  # noqa: E731
+    rhs = one(2.0**300 * 5 * 2.0**-600, 2.0**-300 * 3 * 2.0**600)
+    assert tridiagonal_solve(one(0.0, 0.0), one(2.0**-300), one(2.0**300), rhs).tolist() == [3 * 2.0**600,
+                                                                                          5 * 2.0**-600]

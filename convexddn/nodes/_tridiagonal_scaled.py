@@ -1,0 +1,198 @@
+r"""Scale-proof pieces of the tridiagonal solver (:mod:`._tridiagonal_solver`): the componentwise
+backward error in exponent-split form and the equilibrated, pivoted solve.
+
+Same layout as there: main diagonal ``b`` ``(M, N)``, sub-diagonal ``a`` ``(M, N-1)`` holding
+:math:`A_{i+1,i}`, super-diagonal ``c`` ``(M, N-1)`` holding :math:`A_{i,i+1}`, ``d`` and ``x``
+``(M, N, K)``.
+
+Why: a graded system :math:`RAS` (row and column scalings spanning :math:`2^{\pm 500}`, every
+entry a normal float64) has terms :math:`a_{ij} x_j` and a check scale
+:math:`16\varepsilon(|A||x| + |d|)` far outside the dtype's range even where every entry and
+the solution are inside it. Powers of two are exact, so both the check (:func:`omega`) and the
+solve (:func:`solve_scaled`) are carried out on exactly rescaled quantities: nothing underflows
+that matters, nothing overflows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["multiply", "omega", "row_max", "solve_pivoted", "solve_scaled"]
+
+_LOW = -(1 << 20)  # the exponent given to a zero: below the sum of any two real exponents
+
+
+def multiply(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``A x`` (``(M, N, K)``), out of place: under torch.func.jacfwd a tangent (``b``, ``a`` or
+    ``c``) may be batched where ``x`` is not, and an in-place sum into the unbatched term failed."""
+    out = b.unsqueeze(-1) * x
+    if b.shape[-1] > 1:
+        out = out + F.pad(a.unsqueeze(-1) * x[:, :-1], (0, 0, 1, 0))
+        out = out + F.pad(c.unsqueeze(-1) * x[:, 1:], (0, 0, 0, 1))
+    return out
+
+
+def row_max(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``(M, N)``: each row's largest absolute entry (a maximum: no sum to overflow)."""
+    s = b.abs()
+    if b.shape[-1] > 1:
+        s[:, 1:] = torch.maximum(s[:, 1:], a.abs())
+        s[:, :-1] = torch.maximum(s[:, :-1], c.abs())
+    return s
+
+
+def _split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t = m · 2^e`` (``frexp``: ``|m|`` in [1/2, 1), exact also for subnormals), with ``e`` =
+    :data:`_LOW` for a zero (so that it never sets a maximum exponent)."""
+    m, e = torch.frexp(t)
+    return m, e.masked_fill(t == 0, _LOW)
+
+
+def _exponent(t: torch.Tensor) -> torch.Tensor:
+    """The exponents of :func:`_split`, as int64 (sums of them stay exact)."""
+    return _split(t)[1].long()
+
+
+def omega(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor, x: torch.Tensor
+          ) -> torch.Tensor:
+    r"""``(M,)`` the componentwise backward error (Oettli–Prager) of ``x``, whatever the scale:
+
+    .. math::
+
+        \omega = \max_{i,k} \frac{|d - A x|_{ik}}{(|A|\,\max(|x|, t) + |d|)_{ik}}
+
+    with :math:`t` the dtype's smallest normal number: an entry of ``x`` below it carries an
+    absolute rounding of one subnormal ulp (:math:`\varepsilon t`), which that floor allows for
+    (a correctly rounded answer whose entries underflow passes). Every product
+    :math:`a_{ij} x_{jk}` is formed as the product of the two ``frexp`` mantissas and the sum
+    of the exponents; each ``(i, k)``'s terms are then scaled by the power of two of their
+    largest one (exact): neither the residual nor the scale can under- or overflow (the plain
+    check's 16ε·scale rounded to zero for subnormal systems and overflowed near 1e308). NaN where
+    ``x`` is not finite. About four times the plain check's cost: used where that one cannot be
+    trusted and on the pivoted answers."""
+    m, n, k = x.shape
+    if not n * k:
+        return x.new_zeros(m)
+    tiny = torch.finfo(x.dtype).tiny
+    floor = x.abs().clamp_min(tiny)
+    # Row i's three terms: (a_{i-1} x_{i-1}, b_i x_i, c_i x_{i+1}), zeros padded at the ends.
+    coefs = (F.pad(a, (1, 0)), b, F.pad(c, (0, 1)))
+    shifts = ((lambda t: F.pad(t[:, :-1], (0, 0, 1, 0))), (lambda t: t), (lambda t: F.pad(t[:, 1:], (0, 0, 0, 1))))
+    md, ed = _split(d)
+    res, size = [], []
+    for coef, shift in zip(coefs, shifts):
+        mc, ec = _split(coef.unsqueeze(-1))
+        mx, ex = _split(shift(x))
+        mf, ef = torch.frexp(shift(floor))  # (the padded zeros: their coefficient is 0)
+        res.append((mc * mx, ec + ex))
+        size.append((mc.abs() * mf, ec + ef))  # (ef >= ex: these set the largest exponent)
+    top = torch.stack([ed] + [e for _, e in size]).amax(0)
+
+    def scaled(mant, exp):  # mant · 2^(exp - top), exp <= top: no overflow; what underflows is negligible
+        return torch.ldexp(mant, (exp - top).to(mant.dtype))
+
+    dd = scaled(md, ed)
+    r, s = dd, dd.abs()
+    for (mr, er), (ms, es) in zip(res, size):
+        r = r - scaled(mr, er)
+        s = s + scaled(ms, es)
+    w = torch.where(r == 0, 0.0, r.abs() / s)  # (s >= 1/4 wherever any term is nonzero)
+    worst = w.flatten(1).amax(1)
+    return worst.masked_fill(~torch.isfinite(x).flatten(1).all(1), math.nan)
+
+
+def _pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``t · 2^k`` for an integer tensor ``k`` broadcasting with ``t``, exact where the result is
+    normal: in steps of at most :math:`2^{\\pm(e_{max}-2)}` (``2^k`` alone over- or underflows for
+    the exponents of a subnormal system), a fixed number of them (no host read: torch.func)."""
+    top = int(math.log2(torch.finfo(t.dtype).max)) - 1  # (1023 for float64, 126 for float32)
+    for _ in range(5):  # |k| <= 5 top: the row and column scalings together, with room
+        step = k.clamp(-top, top)
+        t, k = torch.ldexp(t, step.to(t.dtype)), k - step
+    return t
+
+
+def solve_pivoted(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian elimination with partial pivoting on the band (LAPACK ``gtsv``'s algorithm),
+    vectorised over the ``M`` elements, a loop over the rows: ``(x, ratio)``, ``ratio`` ``(M,)``
+    the smallest over the pivots of :math:`|u_{ii}|` over the larger of the two terms whose
+    difference formed it (1 for a pivot that is an entry of ``A``): the cancellation. A
+    ratio at most a few ε says a pivot is rounding error (``A`` within that distance of a
+    singular matrix, entrywise); 0, an exactly zero pivot. (Scaling a column by a power of two
+    changes neither the pivot choices nor these ratios.)"""
+    m, n = b.shape
+    # Row-major over the rows (one contiguous (M,) slice per row); u2 is the fill-in
+    # super-diagonal that a row interchange creates.
+    u0, lo, u1 = b.T.clone(), a.T.clone(), c.T.clone()
+    u2 = torch.zeros((max(n - 2, 0), m), dtype=b.dtype, device=b.device)
+    rhs = d.transpose(0, 1).clone()  # (N, M, K)
+    # formed[i]: the cancellation ratio of u0[i] (1 for an entry of A); a NaN (0/0) is a zero pivot.
+    formed, ratio = torch.ones_like(u0[0]), torch.ones_like(u0[0])
+    for i in range(n - 1):
+        swap = u0[i].abs() < lo[i].abs()  # the sub-diagonal entry is the larger pivot
+        piv = torch.where(swap, lo[i], u0[i])
+        ratio = torch.minimum(ratio, torch.where(swap, 1.0, torch.where(piv == 0, 0.0, formed)))
+        other = torch.where(swap, u0[i], lo[i])  # the entry eliminated below the pivot
+        f = torch.where(piv == 0, torch.zeros_like(piv), other / piv)
+        # The pivot row's entries in columns i+1, i+2 and its rhs, and the row left below it.
+        top1 = torch.where(swap, u0[i + 1], u1[i])
+        bot1 = torch.where(swap, u1[i], u0[i + 1])
+        top_d = torch.where(swap.unsqueeze(-1), rhs[i + 1], rhs[i])
+        bot_d = torch.where(swap.unsqueeze(-1), rhs[i], rhs[i + 1])
+        u0[i], u1[i], rhs[i] = piv, top1, top_d
+        ft = f * top1
+        u0[i + 1] = bot1 - ft
+        # (a maximum, not a sum: entries near the dtype's largest do not overflow it)
+        formed = torch.where(ft == 0, 1.0, u0[i + 1].abs() / torch.maximum(bot1.abs(), ft.abs()))
+        rhs[i + 1] = bot_d - f.unsqueeze(-1) * top_d
+        if i < n - 2:
+            top2 = torch.where(swap, u1[i + 1], torch.zeros_like(piv))
+            u2[i] = top2
+            u1[i + 1] = torch.where(swap, -f * top2, u1[i + 1])
+    ratio = torch.minimum(ratio, torch.where(u0[n - 1] == 0, 0.0, formed))
+    x = torch.empty_like(rhs)
+    x[n - 1] = rhs[n - 1] / u0[n - 1].unsqueeze(-1)
+    for i in range(n - 2, -1, -1):
+        acc = rhs[i] - u1[i].unsqueeze(-1) * x[i + 1]
+        if i < n - 2:
+            acc = acc - u2[i].unsqueeze(-1) * x[i + 2]
+        x[i] = acc / u0[i].unsqueeze(-1)
+    return x.transpose(0, 1), ratio
+
+
+def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The slow path (:mod:`._tridiagonal_solver`, step 3): ``(x, ratio)``. The system is
+    equilibrated by powers of two, :math:`\tilde A = R A C` (``R``: each row by its largest
+    entry's; ``C``: then each column by its largest scaled entry's, so that every row and every
+    column of :math:`\tilde A` has its largest entry in [1/2, 1)) and :math:`\tilde d = R d\,2^{-f}`
+    (``f``: each rhs column's largest brought to at least 1/2 and at most :math:`2^{e_{max}/2}`
+    if outside), all exponents found in integer arithmetic and each entry
+    shifted once (exact: an entry tiny against its row's largest is not rounded away before the
+    column scaling brings it back). Then :math:`x = C \tilde y\, 2^f` with
+    :math:`\tilde A \tilde y = \tilde d` solved by :func:`solve_pivoted` (``ratio`` its),
+    then ``steps`` (``(M,)`` or an int) steps of refinement with the same pivoting. Rows alone
+    left a column graded by 2^±500 in :math:`\tilde y`: its small entries underflowed."""
+    e = torch.frexp(row_max(b, a, c))[1].long()  # (M, N): rows' largest entries in [2^(e-1), 2^e); 0: zero row
+    eb, ea, ec = _exponent(b) - e, _exponent(a) - e[:, 1:], _exponent(c) - e[:, :-1]
+    g = eb.clone()  # column j holds b_j (row j), a_j (row j+1), c_{j-1} (row j-1)
+    if b.shape[1] > 1:
+        g[:, :-1] = torch.maximum(g[:, :-1], ea)
+        g[:, 1:] = torch.maximum(g[:, 1:], ec)
+    g = g.masked_fill(g < _LOW // 2, 0)  # (a zero column: A is singular, any scale)
+    bs, as_, cs = _pow2(b, -e - g), _pow2(a, -e[:, 1:] - g[:, :-1]), _pow2(c, -e[:, :-1] - g[:, 1:])
+    ed = _exponent(d) - e.unsqueeze(-1)  # exponents of R d's entries
+    f = ed.amax(1, keepdim=True)  # (M, 1, K)
+    f = f.masked_fill(f < _LOW // 2, 0)  # (a zero column: y = 0)
+    # Columns whose largest entry is below 1/2 are raised to [1/2, 1), those above 2^(emax/2)
+    # lowered to it, the others kept: lowering every column to [1/2, 1) flushed a solution entry
+    # 2^-1200 below the column's largest to 0 (x = (2^600, 2^-600) for a permutation matrix).
+    f = f - f.clamp(0, int(math.log2(torch.finfo(d.dtype).max)) // 2)
+    ds = _pow2(d, -e.unsqueeze(-1) - f)
+    y, ratio = solve_pivoted(bs, as_, cs, ds)
+    for k in range(int(steps.max()) if torch.is_tensor(steps) else steps):  # (a plain tensor: the route)
+        y_new = y + solve_pivoted(bs, as_, cs, ds - multiply(bs, as_, cs, y))[0]
+        y = torch.where((steps > k).view(-1, 1, 1), y_new, y) if torch.is_tensor(steps) else y_new
+    return _pow2(y, f - g.unsqueeze(-1)), ratio
