@@ -25,9 +25,9 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["any_batched", "batched_values", "bind_fast", "called_as", "without_autocast", "functorch_transforms",
-           "public_name", "refuse_transforms", "refuse_trace", "refuse_vmap", "may_carry_tangents", "outside_compile",
-           "plain", "save_plain"]
+__all__ = ["any_batched", "batched_values", "bind_fast", "called_as", "eager_with_tangents", "without_autocast",
+           "functorch_transforms", "public_name", "refuse_transforms", "refuse_trace", "refuse_vmap",
+           "may_carry_tangents", "outside_compile", "plain", "save_plain"]
 
 # The public function the user called, where it runs another node inside (linear_fit runs
 # least_squares): see called_as.
@@ -271,10 +271,15 @@ def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functio
 
     Its ``setup_context`` also keeps the public caller (:func:`called_as`) as
     ``ctx.caller``, for the refusals of the backward, which runs after the call.
+
+    A Function with a ``jvp`` is made to run eagerly under torch.compile where forward
+    mode is on (:func:`eager_with_tangents`).
     """
     setup = cls.__dict__.get("setup_context")
     if isinstance(setup, staticmethod) and not hasattr(setup.__func__, "keeps_caller"):
         cls.setup_context = staticmethod(_keeping_caller(setup.__func__))  # type: ignore[method-assign]
+    if cls.jvp is not torch.autograd.Function.jvp:
+        eager_with_tangents(cls)
     signature = inspect.signature(cls.forward)
     cls.forward.__signature__ = signature  # type: ignore[attr-defined]
     count = len(signature.parameters)
@@ -288,6 +293,42 @@ def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functio
         return base_apply.__get__(klass, klass)(*_unwrap_dead(args))
 
     cls.apply = classmethod(apply)  # type: ignore[method-assign]
+    return cls
+
+
+def eager_with_tangents(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator (:func:`bind_fast` applies it): make ``cls``, a Function with a
+    ``jvp``, run outside torch.compile's graph where a
+    ``torch.autograd.forward_ad`` dual level is open, and its ``setup_context`` never
+    compiled as a frame of its own, so that forward mode gives the eager tangents.
+
+    Dynamo never runs a Function's ``jvp``: with inputs that do not require grad it traces
+    the forward alone, whose ops forward mode then differentiated (project_lp(p=inf) passed
+    the tangent at a tie |x_i| = r, where the derivative is 0; p=1 raised torch's "forward
+    AD with minimum_out" error). There the forward now calls itself through
+    :func:`outside_compile`, which dynamo cannot inline: the whole call runs eagerly (a
+    graph break; dynamo guards on the dual level, so the graph without one is kept). An
+    eager call compiles each Python frame it runs on its own, and a compiled
+    ``setup_context`` drops ``ctx.mark_non_differentiable`` (dynamo records it on its
+    stand-in for the ``ctx``, torch 2.13): forward mode then set a tangent on the bool and
+    index outputs, torch's "INTERNAL ASSERT FAILED at autograd_meta.cpp" (tv_denoise,
+    eigen_decomposition, least_squares, sinkhorn; a DeclarativeNode's output had no tangent
+    at all). (Not for the Functions without a jvp: dynamo traces those whole,
+    ``setup_context`` included, as fullgraph=True needs.)
+    """
+    forward = cls.forward
+    eager = outside_compile(forward)
+
+    @functools.wraps(forward)
+    def forward_eager_with_tangents(*args: Any) -> Any:
+        if torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0:
+            return eager(*args)
+        return forward(*args)
+
+    cls.forward = staticmethod(forward_eager_with_tangents)  # type: ignore[method-assign]
+    setup = cls.__dict__.get("setup_context")
+    if isinstance(setup, staticmethod):  # (bookkeeping: nothing to gain from compiling it)
+        cls.setup_context = staticmethod(outside_compile(setup.__func__))  # type: ignore[method-assign]
     return cls
 
 

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .._autograd import eager_with_tangents
 from .._checks import check_finite
 from .._pow2 import pow2_round
 from ..errors import SolverError
@@ -48,6 +49,7 @@ def spread_limit(dtype: torch.dtype, C: int) -> float:
     return _SPREAD_LIMIT[dtype] * min(1.0, 16.0 / math.sqrt(max(C, 1)))
 
 
+@eager_with_tangents  # (torch.compile would trace its forward alone in forward mode: t_t·factor)
 class _Rescaled(torch.autograd.Function):
     """``t * factor`` or ``t / factor``, whose derivatives pass through unchanged (see
     :func:`rescaled`)."""

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 from torch.autograd import forward_ad
 
-from .._autograd import may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain, without_autocast
+from .._autograd import (eager_with_tangents, may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain,
+                         without_autocast)
 from .._first_order import first_order_jvp, guard_gradients
 from ..errors import InputError
 from ._held_estimates import held_per_call
@@ -31,6 +32,7 @@ __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "p
 Tensor = torch.Tensor
 
 
+@eager_with_tangents  # (torch.compile would trace its forward alone in forward mode: no tangent)
 class DeclarativeFunction(torch.autograd.Function):
     """Runs ``node.solve`` forward and :func:`declarative_vjp` backward."""
 

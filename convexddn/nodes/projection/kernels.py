@@ -49,8 +49,14 @@ def needs_graph(x: torch.Tensor, r: float | torch.Tensor) -> bool:
 def carries_tangents(x: torch.Tensor, r: float | torch.Tensor) -> bool:
     """Whether forward mode may track x or r (a dual level open, torch.func.jvp): then the
     Function's ``jvp`` must run (torch's derivatives of the forward's ops passed ẋ at
-    |x_i| = r for p=inf, where Dy is 0). False in torch.compile, which cannot trace it."""
-    return not torch.compiler.is_compiling() and may_carry_tangents(x, r)
+    |x_i| = r for p=inf, where Dy is 0). Inside torch.compile only an open dual level is
+    seen (dynamo traces that test, guarding on it; not torch.func's wrappers): the Function
+    then runs eagerly (a graph break) and gives the eager tangents (the forward's own ops,
+    differentiated in the graph, refused the L1 threshold's out= op); without one, the
+    closed forms stay in one graph (fullgraph=True)."""
+    if torch.compiler.is_compiling():
+        return torch.autograd.forward_ad._current_level >= 0
+    return may_carry_tangents(x, r)
 
 
 # --------------------------------------------------------------------------- range

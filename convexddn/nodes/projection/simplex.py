@@ -76,10 +76,11 @@ def _sorted_threshold(
     work = _accumulator(dtype)
     u, c = u.to(work), c.to(work)
     j = _along(torch.arange(1, u.shape[d] + 1, dtype=work, device=u.device), d, u.ndim)
-    # In place but for u + z: on CPU a fresh full-size buffer costs about as much as a
-    # pass over it, and one fewer pays for the cap's extra pass.
+    # In place but for u + z and the cap: on CPU a fresh full-size buffer costs about as
+    # much as a pass over it. (The cap out of place: forward mode, which reaches these ops
+    # on tensors torch.compile cannot see carry tangents, refuses an out= minimum.)
     f = torch.sub(z, c).addcmul_(u, j)
-    torch.minimum(f, u + z, out=f)
+    f = torch.minimum(f, u + z)
     rho = f.clamp_(min=0.0).sign_().sum(d, keepdim=True).clamp_(min=1.0)
     return ((c.gather(d, rho.long() - 1) - z) / rho).to(dtype)
 
