@@ -1,8 +1,9 @@
 """Helpers for the library's ``torch.autograd.Function`` classes: cached signatures, the
 tests for forward-mode tangents and torch.func transforms (and the refusals built on
 them, naming the public function the user called: :func:`called_as`), autocast off, and
-plain copies of inference tensors for saving. The first-order guard is
-:mod:`convexddn._first_order`."""
+plain copies of inference tensors for saving; the refusals of tracing and ``torch.export``.
+The first-order guard is :mod:`convexddn._first_order`; what runs eagerly under
+torch.compile, :mod:`convexddn._compile`."""
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +11,13 @@ import contextvars
 from contextlib import AbstractContextManager
 import functools
 import inspect
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .errors import ProblemError
+from ._compile import eager_with_tangents, outside_compile
 from ._context import bound
 
 try:  # torch's unwrapping of tensors left from a finished functorch transform
@@ -26,8 +27,8 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
         return args
 
 __all__ = ["any_batched", "batched_values", "bind_fast", "called_as", "eager_with_tangents", "without_autocast",
-           "functorch_transforms", "public_name", "refuse_transforms", "refuse_trace", "refuse_vmap",
-           "may_carry_tangents", "outside_compile", "plain", "save_plain"]
+           "functorch_transforms", "public_name", "refuse_export", "refuse_transforms", "refuse_trace", "refuse_vmap",
+           "refusing_export", "may_carry_tangents", "outside_compile", "plain", "save_plain"]
 
 # The public function the user called, where it runs another node inside (linear_fit runs
 # least_squares): see called_as.
@@ -46,31 +47,6 @@ def called_as(name: str | None) -> AbstractContextManager[None]:
 def public_name(name: str) -> str:
     """``name``, or the public function that called it (:func:`called_as`)."""
     return _CALLER.get() or name
-
-
-def outside_compile(fn: Callable) -> Callable:
-    """``fn`` (a decorator), never captured by torch.compile: a graph break around it, and every
-    call it makes runs eagerly, as ``torch.compiler.disable(fn)`` does.
-
-    For code that differentiates the user's functions more than once (``retain_graph=True``,
-    ``create_graph=True``): traced, they became a compiled graph whose backward donates its
-    buffers and refuses a second pass (torch's raw "This backward function was compiled with
-    non-empty donated buffers" at a DeclarativeNode's first compiled call). Such code tests
-    on the host anyway; compiling it gains nothing. ``torch.compiler.disable`` is applied at
-    the first call after torch._dynamo is imported (it imports torch._dynamo, 1.3 s, which an
-    eager user need not pay; before that, nothing can be compiling); the wrapper adds ~0.4 us.
-    """
-    disabled: list[Callable] = []
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if "torch._dynamo" not in sys.modules:
-            return fn(*args, **kwargs)
-        if not disabled:
-            disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
-
-    return wrapper
 
 
 def plain(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -206,24 +182,64 @@ def batched_values(t: Any) -> bool:
     return False
 
 
-def refuse_trace(name: str) -> None:
+def refuse_trace(name: str, exportable: bool = False) -> None:
     """Raise a ProblemError under ``torch.jit.trace`` and under make_fx's tracing
     (``torch.func.linearize``, ``make_fx``): a node's solver decides on the host from the
     values (paths, iteration counts), which a trace records as constants, so the traced
     module can be silently wrong on new inputs (a traced ConvexLayer also lost its
     gradient; a fresh one failed inside with 'unordered_map::at'; linearize gave the
     eigenvectors ±inf tangents, and the other nodes torch's raw '_local_scalar_dense'
-    error). torch.compile traces no node code that way (its graph breaks run eagerly)."""
-    if torch.jit.is_tracing() or (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
-                                  and not torch.compiler.is_compiling()):
+    error). torch.compile traces no node code that way (its graph breaks run eagerly).
+    Under ``torch.export`` too, unless ``exportable`` (:func:`refuse_export`)."""
+    if torch.compiler.is_compiling():  # (torch.compile, torch.export: no trace of the other kinds)
+        if not exportable:
+            refuse_export(name)
+        return
+    if torch.jit.is_tracing() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
         raise ProblemError(f"{public_name(name)} does not run under torch.jit.trace, make_fx or torch.func.linearize: "
                            "its solver decides on the host from the values, which a trace would record as "
                            "constants (silently wrong on new inputs); use torch.compile, or torch.func.jvp "
                            "for tangents")
 
 
+def _constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` where torch has it: dynamo calls ``fn``
+    while it traces instead of tracing it, so an error ``fn`` raises reaches the caller as
+    it is (traced, strict torch.export wrapped it in its own Unsupported error)."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return fn if mark is None else mark(fn)
+
+
+@_constant_result
+def refuse_export(name: str) -> None:
+    """Raise a ProblemError under ``torch.export`` (strict or not): an exported program is
+    one graph, which cannot hold a solver's host-side decisions (torch failed inside with
+    its raw GuardOnDataDependentSymNode, or dynamo's Unsupported). torch.export sets
+    ``torch.compiler.is_compiling()`` too, which let the other refusals pass (torch.compile
+    breaks the graph there instead). The closed-form L2 and L∞ projections export."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # (torch < 2.3: none to refuse)
+    if is_exporting is not None and is_exporting():
+        raise ProblemError(f"{public_name(name)} does not run under torch.export: its solver decides on the host "
+                           "from the values (convergence tests, active sets), which an exported graph cannot "
+                           "hold; use torch.compile (it runs those steps eagerly, between graphs), or keep the "
+                           "node outside the exported module")
+
+
+def refusing_export(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: :func:`refuse_export` with ``name``, then the function, which may be one
+    torch.compile cannot enter (``torch.compiler.disable``: strict torch.export stopped
+    there with dynamo's "Skip inlining" error, before any refusal inside could run)."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn, updated=())  # (not fn's __dict__: it holds torch.compiler.disable's mark)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            refuse_export(name)
+            return fn(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
 def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = True,
-                constants: bool = True) -> None:
+                constants: bool = True, exportable: bool = False) -> None:
     """Raise a ProblemError under torch.jit.trace (:func:`refuse_trace`), and where
     torch.func.vmap batches a node's inputs (its solver decides on the host from their
     values: torch failed inside with "data-dependent control flow" or "Cannot access
@@ -232,11 +248,14 @@ def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = T
     ("does not have vmap support"; a plain vmap over a call on constants works); with
     ``constants=False`` under any vmap (a Function that has no vmap rule even on
     constants). ``jacrev``: whether to point to torch.func.jacrev instead (the node's
-    backward takes batched cotangents)."""
+    backward takes batched cotangents); ``exportable``: whether to let ``torch.export``
+    through (else :func:`refuse_export`)."""
     # (Inside torch.compile there is no transform to see, and dynamo cannot trace the lookup.)
     if torch.compiler.is_compiling():
+        if not exportable:
+            refuse_export(name)
         return
-    refuse_trace(name)
+    refuse_trace(name, exportable)
     transforms = functorch_transforms()
     if "Vmap" not in transforms:
         return
@@ -293,42 +312,6 @@ def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Functio
         return base_apply.__get__(klass, klass)(*_unwrap_dead(args))
 
     cls.apply = classmethod(apply)  # type: ignore[method-assign]
-    return cls
-
-
-def eager_with_tangents(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
-    """Class decorator (:func:`bind_fast` applies it): make ``cls``, a Function with a
-    ``jvp``, run outside torch.compile's graph where a
-    ``torch.autograd.forward_ad`` dual level is open, and its ``setup_context`` never
-    compiled as a frame of its own, so that forward mode gives the eager tangents.
-
-    Dynamo never runs a Function's ``jvp``: with inputs that do not require grad it traces
-    the forward alone, whose ops forward mode then differentiated (project_lp(p=inf) passed
-    the tangent at a tie |x_i| = r, where the derivative is 0; p=1 raised torch's "forward
-    AD with minimum_out" error). There the forward now calls itself through
-    :func:`outside_compile`, which dynamo cannot inline: the whole call runs eagerly (a
-    graph break; dynamo guards on the dual level, so the graph without one is kept). An
-    eager call compiles each Python frame it runs on its own, and a compiled
-    ``setup_context`` drops ``ctx.mark_non_differentiable`` (dynamo records it on its
-    stand-in for the ``ctx``, torch 2.13): forward mode then set a tangent on the bool and
-    index outputs, torch's "INTERNAL ASSERT FAILED at autograd_meta.cpp" (tv_denoise,
-    eigen_decomposition, least_squares, sinkhorn; a DeclarativeNode's output had no tangent
-    at all). (Not for the Functions without a jvp: dynamo traces those whole,
-    ``setup_context`` included, as fullgraph=True needs.)
-    """
-    forward = cls.forward
-    eager = outside_compile(forward)
-
-    @functools.wraps(forward)
-    def forward_eager_with_tangents(*args: Any) -> Any:
-        if torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0:
-            return eager(*args)
-        return forward(*args)
-
-    cls.forward = staticmethod(forward_eager_with_tangents)  # type: ignore[method-assign]
-    setup = cls.__dict__.get("setup_context")
-    if isinstance(setup, staticmethod):  # (bookkeeping: nothing to gain from compiling it)
-        cls.setup_context = staticmethod(outside_compile(setup.__func__))  # type: ignore[method-assign]
     return cls
 
 

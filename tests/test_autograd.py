@@ -1,6 +1,7 @@
 """convexddn._autograd: every first-order-only node refuses second derivatives clearly."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -559,3 +560,68 @@ def test_eigen_decomposition_backward_of_an_empty_batch(k):
     lam, V = eigen_decomposition(X, k)
     (g,) = torch.autograd.grad(lam.sum() + V.sum(), X)
     assert g.shape == (0, 4, 4)
+
+
+class _Exported(torch.nn.Module):
+    """A module around a node function: what torch.export takes."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+_EXPORTABLE = ("project_lp L2 sphere", "project_lp Linf ball")
+EXPORT_REFUSED = [(name.replace("project_lp L1 ball", "project_lp(p=1)").split()[0], x, node)
+                  for name, x, node in CASES if name not in _EXPORTABLE] + [
+    ("ConvexLayer", torch.randn(2, 4, dtype=F64, generator=_G), _convex_layer()),
+    ("Quartic", torch.randn(2, 3, dtype=F64, generator=_G), Quartic()),
+]
+
+
+@pytest.mark.skipif(not hasattr(torch, "export"), reason="no torch.export in this torch")
+@pytest.mark.parametrize("name,x,node", EXPORT_REFUSED, ids=[c[0] for c in EXPORT_REFUSED])
+def test_torch_export_is_refused_by_name(name, x, node):
+    """torch.export (non-strict, its default) failed inside with torch's raw
+    GuardOnDataDependentSymNode: it sets torch.compiler.is_compiling(), which let the
+    refusals of jit.trace and make_fx pass. The node's ProblemError now, naming it."""
+    with pytest.raises(ProblemError, match=rf"^{re.escape(name)} does not run under torch.export"):
+        torch.export.export(_Exported(node), (x.clone(),), strict=False)
+
+
+@pytest.mark.skipif(not hasattr(torch, "export"), reason="no torch.export in this torch")
+@pytest.mark.parametrize("name", ["ConvexLayer", "robust_pool", "Quartic", "entmax"])
+def test_strict_torch_export_is_refused_by_name(name):
+    """Strict export (dynamo) failed before the refusals, or wrapped their error in its
+    own Unsupported: "Skip inlining torch.compiler.disable()d function" (ConvexLayer),
+    "Failed to convert args/kwargs to proxy" (robust_pool), "Unsupported context manager"
+    (a DeclarativeNode), "Observed exception" (entmax)."""
+    _, x, node = next(c for c in EXPORT_REFUSED if c[0] == name)
+    with pytest.raises(ProblemError, match=rf"^{name} does not run under torch.export"):
+        torch.export.export(_Exported(node), (x.clone(),), strict=True)
+
+
+@pytest.mark.skipif(not hasattr(torch, "export"), reason="no torch.export in this torch")
+@pytest.mark.parametrize("p,mode", [(2, "ball"), (2, "sphere"), ("inf", "ball"), ("inf", "sphere")])
+def test_closed_form_projections_export(p, mode):
+    """The closed-form L2 and L∞ projections export, and the exported program projects
+    new inputs as the closed forms do: x·r/‖x‖ (the ball: only outside it), the clamp
+    (the sphere: the largest |x_k| inside pushed to ±r)."""
+    x = 2 * torch.randn(4, 5, dtype=F64, generator=_G)
+    x[0] *= 0.05  # a row inside both balls
+    program = torch.export.export(_Exported(lambda t: project_lp(t, p, mode, 1.5)), (x.clone(),))
+    new = 2 * torch.randn(4, 5, dtype=F64, generator=_G)
+    new[1] *= 0.05
+    if p == 2:
+        norm = torch.linalg.vector_norm(new, dim=-1, keepdim=True)
+        expected = new * (1.5 / norm if mode == "sphere" else (1.5 / norm).clamp(max=1))
+    else:
+        expected = new.clamp(-1.5, 1.5)
+        if mode == "sphere":
+            k = new.abs().argmax(-1, keepdim=True)
+            inside = new.abs().amax(-1, keepdim=True) < 1.5
+            top = torch.where(new.gather(-1, k) >= 0, 1.5, -1.5).to(F64)
+            expected = torch.where(inside, expected.scatter(-1, k, top), expected)
+    torch.testing.assert_close(program.module()(new), expected, rtol=1e-14, atol=1e-14)

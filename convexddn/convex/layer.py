@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from .._warn import warn
-from .._autograd import refuse_vmap
+from .._autograd import refuse_vmap, refusing_export
 from .._first_order import first_order_only, single_backward
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import OptionError, SolverWarning
@@ -299,6 +299,7 @@ class ConvexLayer(nn.Module):
         usable = self._opinion.fits(device) if pays else self._opinion.max_batch(device) >= 1
         return self._opinion if usable else None
 
+    @refusing_export("ConvexLayer")  # (outside the break, where strict torch.export can see it)
     @torch.compiler.disable  # a clean graph break: the solve is not traceable
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
                 **named: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -26,7 +26,7 @@ import torch
 from torch.autograd import forward_ad
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .._autograd import may_carry_tangents, outside_compile
+from .._autograd import may_carry_tangents, outside_compile, refuse_export
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._guarded_state import GuardedState
@@ -355,12 +355,12 @@ class DeclarativeNode(GuardedState):
     def forward(self, *xs: Tensor, **named: Any) -> Tensor:
         """Solve for ``y`` and attach the implicit backward; see the class docstring."""
         if named:
-            # The user's methods take the inputs positionally (solve(self, *xs)), in
-            # the order of the call; a keyword has no position to go to.
+            # The user's methods take the inputs positionally (solve(self, *xs)): a keyword has no position.
             raise InputError(
                 f"{type(self).__name__} takes its inputs positionally, node(x1, x2, ...); "
                 f"got keyword input(s) {sorted(named)}"
             )
+        refuse_export(type(self).__name__)  # (first: strict torch.export cannot trace the checks)
         self._check_structure(len(xs))
         refuse_functorch(type(self).__name__)
         if not xs:

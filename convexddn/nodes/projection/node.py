@@ -35,7 +35,7 @@ from ..._checks import (
     normalize_dims,
     normalize_p,
 )
-from ..._autograd import may_carry_tangents, refuse_vmap
+from ..._autograd import may_carry_tangents, refuse_export, refuse_vmap
 from ...errors import ShapeError
 from .._repr import format_option
 from .._module_options import store_option
@@ -215,8 +215,10 @@ def project_lp(
         True
     """
     x = check_tensor("x", x)
-    refuse_vmap("project_lp", x, radius)
+    refuse_vmap("project_lp", x, radius, exportable=True)  # (the closed forms, p = 2 and ∞, export)
     p = normalize_p(p)
+    if p == 1:  # (its threshold is found on the host)
+        refuse_export("project_lp(p=1)")
     check_choice("mode", mode, _MODES)
     d = _check_dim(dim, x)
     radius, wide = wide_dtype(radius, x)  # validates radius too: its device, then its values
@@ -225,8 +227,7 @@ def project_lp(
         return narrowed(y, x.dtype, d, f"project_lp(p={_p_repr(p)}, mode={mode!r})", "radius", radius)
     r = _prepare_radius(radius, x, d)
     sphere = mode == "sphere"
-    # Forward mode runs the Function with the jvp; reverse mode alone (and torch.compile,
-    # which refuses a jvp: the L2/L∞ projections compile with fullgraph=True) its base.
+    # Forward mode runs the Function with the jvp (eagerly under torch.compile); reverse mode alone its base.
     tangents = carries_tangents(x, r)
     graph = tangents or needs_graph(x, r)
     if p == 2:
@@ -302,8 +303,7 @@ def project_simplex(
     if wide is not None:  # solved there, rounded once to x's dtype
         return narrowed(project_simplex(x.to(wide), dim, z), x.dtype, d, "project_simplex", "z", z)
     zz = _prepare_radius(z, x, d, name="z")
-    # Forward mode too: through the sort's ties it gave tangents leaving the simplex
-    # ([1, 0, 0, -0.5]: [0, -1.3, 0.2, 0]); the Function's jvp is the exact one.
+    # Forward mode too: via the sort's ties tangents left the simplex ([1, 0, 0, -0.5]: [0, -1.3, 0.2, 0]).
     if needs_graph(x, zz) or may_carry_tangents(x, zz):
         return SimplexProjectionFn.apply(x, zz, d)[0]
     return simplex_forward(x, zz, d)[0]
