@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import ProblemError
-from ._compile import eager_with_tangents, outside_compile
+from ._compile import constant_result, eager_with_tangents, outside_compile
 from ._context import bound
 
 try:  # torch's unwrapping of tensors left from a finished functorch transform
@@ -202,15 +202,7 @@ def refuse_trace(name: str, exportable: bool = False) -> None:
                            "for tangents")
 
 
-def _constant_result(fn: Callable) -> Callable:
-    """``torch.compiler.assume_constant_result(fn)`` where torch has it: dynamo calls ``fn``
-    while it traces instead of tracing it, so an error ``fn`` raises reaches the caller as
-    it is (traced, strict torch.export wrapped it in its own Unsupported error)."""
-    mark = getattr(torch.compiler, "assume_constant_result", None)
-    return fn if mark is None else mark(fn)
-
-
-@_constant_result
+@constant_result  # (dynamo calls it: its error reaches the caller as it is, not wrapped by strict export)
 def refuse_export(name: str) -> None:
     """Raise a ProblemError under ``torch.export`` (strict or not): an exported program is
     one graph, which cannot hold a solver's host-side decisions (torch failed inside with

@@ -99,15 +99,20 @@ def check_device(name: str, value: Any, x: torch.Tensor, x_name: str = "x") -> N
         raise InputError(f"{name} must be on {x_name}'s device {x.device}, got {value.device}")
 
 
-def check_finite(name: str, value: torch.Tensor) -> None:
+def check_finite(name: str, value: torch.Tensor, in_graph: bool = False) -> None:
     """Raise ``NonFiniteError`` naming how many entries of ``value`` are NaN or Inf.
 
-    Inside a graph being compiled by ``torch.compile`` a host sync would break the graph:
-    there the check is an asynchronous assert (a ``RuntimeError`` without the counts).
+    Under ``torch.compile`` too: its host read breaks the graph there, and the error is the
+    same as eagerly (an asynchronous assert gave a bare ``RuntimeError`` in robust_pool,
+    project_lp(p=1), tv_denoise, sinkhorn and a DeclarativeNode, which ``except
+    NonFiniteError`` or ``ValueError`` missed). ``in_graph``: the caller's graph must not
+    break (a closed form under ``fullgraph=True`` or ``torch.export``:
+    :func:`convexddn._compile.may_break_graph`); there, inside a compiled graph, the check
+    is an asynchronous assert (a ``RuntimeError`` naming the argument, without the counts).
     """
     if value.numel() == 0:
         return
-    if torch.compiler.is_compiling():
+    if in_graph and torch.compiler.is_compiling():
         torch._assert_async(torch.isfinite(value).all(), f"{name} must be finite (NaN or Inf found)")
         return
     # One reduction first: a NaN or Inf anywhere makes the sum non-finite (a finite sum

@@ -1,6 +1,7 @@
 """The library's code under ``torch.compile``: functions it must run eagerly
-(:func:`outside_compile`), and ``autograd.Function`` classes with a forward mode, whose
-``jvp`` only an eager call runs (:func:`eager_with_tangents`). The refusals of tracing and
+(:func:`outside_compile`), ``autograd.Function`` classes with a forward mode, whose
+``jvp`` only an eager call runs (:func:`eager_with_tangents`), and whether the graph being
+traced may break (:func:`may_break_graph`). The refusals of tracing and
 ``torch.export`` are in :mod:`convexddn._autograd`."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["eager_with_tangents", "outside_compile"]
+__all__ = ["constant_result", "eager_with_tangents", "may_break_graph", "outside_compile"]
 
 
 def outside_compile(fn: Callable) -> Callable:
@@ -73,3 +74,28 @@ def eager_with_tangents(cls: type[torch.autograd.Function]) -> type[torch.autogr
     if isinstance(setup, staticmethod):  # (bookkeeping: nothing to gain from compiling it)
         cls.setup_context = staticmethod(outside_compile(setup.__func__))  # type: ignore[method-assign]
     return cls
+
+
+def constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` where torch has it: dynamo calls ``fn``
+    while it traces instead of tracing it (its result is a constant of the graph)."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return fn if mark is None else mark(fn)
+
+
+@constant_result
+def may_break_graph() -> bool:
+    """Whether the code running now may break its graph for a host read: outside
+    torch.compile, or inside a torch.compile trace with ``fullgraph=False``; not with
+    ``fullgraph=True`` (a break is an error there), under ``torch.export``, or where this
+    cannot be told (dynamo's tracer state is private: a torch that moved it answers False).
+    Called by dynamo while it traces, not traced (the flags are read from its tracer)."""
+    if not torch.compiler.is_compiling():
+        return True
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return not (tx.one_graph or tx.export or getattr(tx, "error_on_graph_break", False))
+    except Exception:  # noqa: BLE001 - non-strict export (no tracer), or another torch: no break
+        return False

@@ -357,3 +357,28 @@ def test_forward_mode_compiled_projection_uses_its_jvp():
     proj = cddn.LpProjection(p=math.inf, radius=1.0)
     for fn in (proj, torch.compile(proj, backend="eager")):
         torch.testing.assert_close(_tangent(fn, x, torch.ones_like(x)), expected, rtol=0, atol=0)
+
+
+# A NaN input under default torch.compile (fullgraph=False) raises the NonFiniteError it raises
+# eagerly: check_finite breaks the graph for its host read. It was an asynchronous assert, a bare
+# RuntimeError that `except NonFiniteError` / `except ValueError` missed. The closed-form L2/L∞
+# projections break there only where the graph may break (fullgraph=True: the assert above).
+NAN_CASES = {
+    "robust_pool": lambda x: _F.robust_pool(x, "welsch"),
+    "project_lp_p1": lambda x: _F.project_lp(x, 1),
+    "project_lp_p2": cddn.LpProjection(p=2, radius=nn.Parameter(torch.tensor(1.5, dtype=DT))),
+    "project_lp_pinf_sphere": lambda x: _F.project_lp(x, math.inf, "sphere"),
+    "tv_denoise": lambda x: _F.tv_denoise(x),
+    "sinkhorn": lambda x: _F.sinkhorn(x.reshape(2, 2, 3)),
+    "DeclarativeNode": _SumToOne(),
+}
+
+
+@pytest.mark.parametrize("name", list(NAN_CASES))
+def test_nan_input_compiled_raises_non_finite_error(name):
+    x = data(8, shape=(2, 6))
+    x[0, 1] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (dynamo's graph-break notes)
+        with pytest.raises(cddn.errors.NonFiniteError, match=r"must be finite, got 1 NaN and 0 Inf"):
+            torch.compile(NAN_CASES[name], backend="eager")(x)

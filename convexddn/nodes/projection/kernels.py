@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..._autograd import bind_fast, may_carry_tangents, save_plain
+from ..._compile import may_break_graph
 from ..._first_order import first_order, with_forward_mode
 from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
 from ..._warn import warn
@@ -49,11 +50,8 @@ def needs_graph(x: torch.Tensor, r: float | torch.Tensor) -> bool:
 def carries_tangents(x: torch.Tensor, r: float | torch.Tensor) -> bool:
     """Whether forward mode may track x or r (a dual level open, torch.func.jvp): then the
     Function's ``jvp`` must run (torch's derivatives of the forward's ops passed ẋ at
-    |x_i| = r for p=inf, where Dy is 0). Inside torch.compile only an open dual level is
-    seen (dynamo traces that test, guarding on it; not torch.func's wrappers): the Function
-    then runs eagerly (a graph break) and gives the eager tangents (the forward's own ops,
-    differentiated in the graph, refused the L1 threshold's out= op); without one, the
-    closed forms stay in one graph (fullgraph=True)."""
+    |x_i| = r for p=inf, where Dy is 0), eagerly under torch.compile, which sees only a dual
+    level (a guarded test; without one the closed forms stay one graph, fullgraph=True)."""
     if torch.compiler.is_compiling():
         return torch.autograd.forward_ad._current_level >= 0
     return may_carry_tangents(x, r)
@@ -148,15 +146,14 @@ def l2_forward(
     # The sphere's gain is r/‖x‖; the ball's is at most 1 (never checked).
     limit = gain_limit(x.dtype) if sphere else torch.finfo(x.dtype).max
     # One host sync covers NaN/Inf input, norm overflow or underflow (or a norm whose squares lost
-    # bits to subnormals), zero rows and a steep sphere. Inside a compiled graph there is no sync:
-    # the rescaled computation runs for every row, and the data-dependent warnings (a result or
-    # gradient that cannot be represented) are not issued.
+    # bits to subnormals), zero rows and a steep sphere. Compiled, no sync (but the finite check's where
+    # the graph may break): the rescaled path runs for every row, without the data-dependent warnings.
     # (A subnormal scale, r/‖x‖ below the smallest normal number, has lost bits: x·scale was 30 % off
     # in float32 at r/‖x‖ = 2e-45, silently; so had a float r below it, rounded to x's dtype (float16,
     # r = 1e-6: 1.3 %). The rescaled path takes r and r/‖x‖ in float64, rounds y and the scale once.)
     tiny, low = torch.finfo(x.dtype).tiny, torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps
     if compiling or not bool(((scale >= tiny) & (rt >= low) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
-        check_finite("x", x)
+        check_finite("x", x, in_graph=not may_break_graph())  # (fullgraph=True: an assert)
         a = _row_scale(x.abs(), d)
         # In float64: x/a rounded to float16 put rows near the boundary on the wrong side ([-0.0047836,
         # -0.0085983, 0.0045357], ‖x‖² − r² = +1.7e-8 at r = 0.0108337: taken as inside, Dy = I).
@@ -174,8 +171,7 @@ def l2_forward(
             if not compiling and _may_underflow(r, x.shape[d], x.dtype):
                 warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
         else:
-            # Inside the ball (ratio >= a) the answer is x itself: (x/a)·a was 1 ulp off
-            # for a = max|x| not a power of two (float32 x of 1e-3 with r = 3e38).
+            # Inside the ball (ratio >= a) the answer is x: (x/a)·a was 1 ulp off (float32 x = 1e-3, r = 3e38).
             inside = ratio >= a
             y = torch.where(inside, x, (xs * ratio).to(x.dtype))
             scale = torch.where(inside, torch.ones_like(ratio), ratio / a).to(sdt)
@@ -325,11 +321,11 @@ def linf_forward(
     else:
         y = x.clamp(-r, r)
     if not sphere:
-        check_finite("x", x)  # one reduction; the full count only on failure
+        check_finite("x", x, in_graph=not may_break_graph())  # (one reduction; counts only on failure)
         return y
     top, k = x.abs().max(d, keepdim=True)  # first index among ties
     if torch.compiler.is_compiling() or not bool(torch.isfinite(top).all()):
-        check_finite("x", x)
+        check_finite("x", x, in_graph=not may_break_graph())
     # Outside the ball the clamp already sets that coordinate to ±r; inside, pushing it
     # out to the nearest face {u_k = ±r} is the projection. Ties in sign go to +r.
     xk = x.gather(d, k)
