@@ -148,9 +148,8 @@ def l2_forward(
     # One host sync covers NaN/Inf input, norm overflow or underflow (or a norm whose squares lost
     # bits to subnormals), zero rows and a steep sphere. Compiled, no sync (but the finite check's where
     # the graph may break): the rescaled path runs for every row, without the data-dependent warnings.
-    # (A subnormal scale, r/‖x‖ below the smallest normal number, has lost bits: x·scale was 30 % off
-    # in float32 at r/‖x‖ = 2e-45, silently; so had a float r below it, rounded to x's dtype (float16,
-    # r = 1e-6: 1.3 %). The rescaled path takes r and r/‖x‖ in float64, rounds y and the scale once.)
+    # (A subnormal scale r/‖x‖ has lost bits: x·scale 30 % off in float32 at 2e-45, silently, and a float r
+    # rounded to float16 at 1e-6, 1.3 %. The rescaled path takes r and r/‖x‖ in float64, rounds y once.)
     tiny, low = torch.finfo(x.dtype).tiny, torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps
     if compiling or not bool(((scale >= tiny) & (rt >= low) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
         check_finite("x", x, in_graph=not may_break_graph())  # (fullgraph=True: an assert)
