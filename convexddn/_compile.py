@@ -77,10 +77,15 @@ def eager_with_tangents(cls: type[torch.autograd.Function]) -> type[torch.autogr
 
 
 def constant_result(fn: Callable) -> Callable:
-    """``torch.compiler.assume_constant_result(fn)`` where torch has it: dynamo calls ``fn``
-    while it traces instead of tracing it (its result is a constant of the graph)."""
-    mark = getattr(torch.compiler, "assume_constant_result", None)
-    return fn if mark is None else mark(fn)
+    """``torch.compiler.assume_constant_result(fn)``: dynamo calls ``fn`` while it traces
+    instead of tracing it (its result is a constant of the graph). That function imports
+    torch._dynamo (1.3 s at ``import convexddn``, which an eager user need not pay) to set
+    one attribute, ``fn._dynamo_marked_constant`` (torch 2.13), which dynamo reads when it
+    meets the call: set here as it does, or through it where dynamo is loaded already."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
 
 
 @constant_result
