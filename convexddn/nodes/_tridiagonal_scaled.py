@@ -19,7 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["multiply", "omega", "row_max", "solve_pivoted", "solve_scaled"]
+__all__ = ["equilibrate", "multiply", "omega", "refine_pivoted", "row_max", "solve_pivoted", "solve_scaled",
+           "unscale"]
 
 _LOW = -(1 << 20)  # the exponent given to a zero: below the sum of any two real exponents
 
@@ -170,18 +171,10 @@ def solve_pivoted(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
     return x.transpose(0, 1), ratio
 
 
-def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The slow path (:mod:`._tridiagonal_solver`, step 3): ``(x, ratio)``. The system is
-    equilibrated by powers of two, :math:`\tilde A = R A C` (``R``: each row by its largest
-    entry's; ``C``: then each column by its largest scaled entry's, so that every row and every
-    column of :math:`\tilde A` has its largest entry in [1/2, 1)) and :math:`\tilde d = R d\,2^{-f}`
-    (``f``: each rhs column's largest brought to at least 1/2 and at most :math:`2^{e_{max}/2}`
-    if outside), all exponents found in integer arithmetic and each entry
-    shifted once (exact: an entry tiny against its row's largest is not rounded away before the
-    column scaling brings it back). Then :math:`x = C \tilde y\, 2^f` with
-    :math:`\tilde A \tilde y = \tilde d` solved by :func:`solve_pivoted` (``ratio`` its),
-    then ``steps`` (``(M,)`` or an int) steps of refinement with the same pivoting. Rows alone
-    left a column graded by 2^±500 in :math:`\tilde y`: its small entries underflowed."""
+def equilibrate(b, a, c, d) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    r"""The equilibrated system of :func:`solve_scaled`, :math:`(\tilde A, \tilde d)` as
+    ``(bs, as, cs, ds)``, and the exponents ``shift`` (``(M, N, K)``) that bring its solution
+    back: :math:`x = \tilde y \cdot 2^{\text{shift}}` (:func:`unscale`)."""
     e = torch.frexp(row_max(b, a, c))[1].long()  # (M, N): rows' largest entries in [2^(e-1), 2^e); 0: zero row
     eb, ea, ec = _exponent(b) - e, _exponent(a) - e[:, 1:], _exponent(c) - e[:, :-1]
     g = eb.clone()  # column j holds b_j (row j), a_j (row j+1), c_{j-1} (row j-1)
@@ -197,9 +190,39 @@ def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0) -> tuple[torch.Tenso
     # lowered to it, the others kept: lowering every column to [1/2, 1) flushed a solution entry
     # 2^-1200 below the column's largest to 0 (x = (2^600, 2^-600) for a permutation matrix).
     f = f - f.clamp(0, int(math.log2(torch.finfo(d.dtype).max)) // 2)
-    ds = _pow2(d, -e.unsqueeze(-1) - f)
-    y, ratio = solve_pivoted(bs, as_, cs, ds)
-    for k in range(int(steps.max()) if torch.is_tensor(steps) else steps):  # (a plain tensor: the route)
-        y_new = y + solve_pivoted(bs, as_, cs, ds - multiply(bs, as_, cs, y))[0]
-        y = torch.where((steps > k).view(-1, 1, 1), y_new, y) if torch.is_tensor(steps) else y_new
-    return _pow2(y, f - g.unsqueeze(-1)), ratio
+    return (bs, as_, cs, _pow2(d, -e.unsqueeze(-1) - f)), f - g.unsqueeze(-1)
+
+
+def unscale(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The solution of the system of :func:`equilibrate` brought back: ``y · 2^shift``."""
+    return _pow2(y, shift)
+
+
+def refine_pivoted(system: tuple[torch.Tensor, ...], y: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """One step of refinement with the same pivoting on the equilibrated ``system``, taken by
+    the elements ``where`` (``(M,)`` bool)."""
+    bs, as_, cs, ds = system
+    y_new = y + solve_pivoted(bs, as_, cs, ds - multiply(bs, as_, cs, y))[0]
+    return torch.where(where.view(-1, 1, 1), y_new, y)
+
+
+def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The slow path (:mod:`._tridiagonal_solver`, step 3): ``(x, ratio)``. The system is
+    equilibrated by powers of two (:func:`equilibrate`), :math:`\tilde A = R A C` (``R``: each
+    row by its largest entry's; ``C``: then each column by its largest scaled entry's, so that
+    every row and every column of :math:`\tilde A` has its largest entry in [1/2, 1)) and
+    :math:`\tilde d = R d\,2^{-f}` (``f``: each rhs column's largest brought to at least 1/2
+    and at most :math:`2^{e_{max}/2}` if outside), all exponents found in integer arithmetic and
+    each entry shifted once (exact: an entry tiny against its row's largest is not rounded away
+    before the column scaling brings it back). Then :math:`x = C \tilde y\, 2^f` with
+    :math:`\tilde A \tilde y = \tilde d` solved by :func:`solve_pivoted` (``ratio`` its),
+    then ``steps`` (``(M,)`` or an int) steps of refinement with the same pivoting
+    (:func:`refine_pivoted`). Rows alone left a column graded by 2^±500 in :math:`\tilde y`:
+    its small entries underflowed."""
+    system, shift = equilibrate(b, a, c, d)
+    y, ratio = solve_pivoted(*system)
+    if not torch.is_tensor(steps):
+        steps = torch.full((b.shape[0],), steps, device=b.device)
+    for k in range(int(steps.max()) if steps.numel() else 0):  # (a plain tensor: the route)
+        y = refine_pivoted(system, y, steps > k)
+    return unscale(y, shift), ratio

@@ -54,7 +54,7 @@ import torch
 
 from .._warn import warn
 from ..errors import GradientWarning, SolverError
-from ._tridiagonal_scaled import multiply, omega, solve_scaled
+from ._tridiagonal_scaled import equilibrate, multiply, omega, refine_pivoted, solve_pivoted, solve_scaled, unscale
 from .degeneracy import shown_indices
 
 __all__ = ["FAST", "PIVOTED", "PIVOTED_REFINED", "REFINED", "check_cast", "multiply", "solve_checked"]
@@ -294,15 +294,19 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
         return x, route
     idx = fail.nonzero().squeeze(1)
     sub = (b[idx], a[idx], c[idx], d[idx])
-    x_p, ratio = solve_scaled(*sub)
+    # solve_scaled's steps one at a time, each checked (the same operations: check=False reproduces them)
+    system, shift = equilibrate(*sub)
+    y, ratio = solve_pivoted(*system)
+    x_p = unscale(y, shift)
     eta = omega(*sub, x_p)
     steps = torch.zeros_like(idx)
-    for _ in range(_PIVOTED_STEPS):  # (refinement with the same pivoting; recomputed whole: reproducible)
+    for _ in range(_PIVOTED_STEPS):  # (refinement with the same pivoting)
         redo = ~(eta <= _ACCEPT_PIVOTED * eps) & torch.isfinite(eta)
         if not bool(redo.any()):
             break
         steps = steps + redo
-        x_p = solve_scaled(*sub, steps)[0]
+        y = refine_pivoted(system, y, redo)
+        x_p = unscale(y, shift)
         eta = omega(*sub, x_p)
     route = route.index_copy(0, idx, (PIVOTED + steps).to(torch.int8))
     bad = [torch.zeros_like(fail).index_copy(0, idx, v) for v in _problems(x_p, ratio, eta, strict)]
