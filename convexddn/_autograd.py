@@ -242,12 +242,10 @@ def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = T
     constants). ``jacrev``: whether to point to torch.func.jacrev instead (the node's
     backward takes batched cotangents); ``exportable``: whether to let ``torch.export``
     through (else :func:`refuse_export`)."""
+    refuse_trace(name, exportable)  # (torch.compile and torch.export: that function's test, refuse_export)
     # (Inside torch.compile there is no transform to see, and dynamo cannot trace the lookup.)
     if torch.compiler.is_compiling():
-        if not exportable:
-            refuse_export(name)
         return
-    refuse_trace(name, exportable)
     transforms = functorch_transforms()
     if "Vmap" not in transforms:
         return
