@@ -131,9 +131,9 @@ class _EntmaxFn(torch.autograd.Function):
     @first_order_jvp("entmax")  # its tangent differentiated again: DoubleBackwardError, not NaN
     def jvp(ctx, x_t, *_):  # type: ignore[override]
         """Forward mode: the Jacobian is symmetric, so its product is the backward's (formed
-        and checked in x's dtype, widened exactly to p's, which the caller's cast narrows)."""
+        and checked in x_t's dtype, widened exactly to p's, which the caller's cast narrows)."""
         (p,) = ctx.saved_tensors
-        return jacobian_product(p, x_t.to(p.dtype), ctx.alpha, ctx.d, x_t.dtype).to(p.dtype)
+        return jacobian_product(p, x_t, ctx.alpha, ctx.d).to(p.dtype)
 
 
 def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
