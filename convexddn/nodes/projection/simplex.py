@@ -120,12 +120,8 @@ def _scaled(
 
     P(s·x; s·z) = s·P(x; z), exactly for powers of two (short of subnormals, far below
     ε·z). 2^k ≥ 4(n+1) keeps every partial sum (≤ 3nz·s when rounded) below the largest
-    float. 16-bit dtypes are solved in float32: it holds n·z for float16 unscaled, and
-    their own range would push z·s into subnormals.
+    float. (Never for 16-bit x: solved in float64 (:func:`_threshold_dtype`), their sums fit.)
     """
-    if x.dtype.itemsize < 4:
-        x = x.float()
-        z = z.float() if isinstance(z, torch.Tensor) else z
     k = math.ceil(math.log2(4 * (x.shape[d] + 1)))
     big = torch.finfo(x.dtype).max / 2.0**k
     if isinstance(z, torch.Tensor):
@@ -155,8 +151,7 @@ def l1_forward(
         y, active, _ = l1_forward(xs, rs, d, sphere, True)
         # |y| ≤ r exactly; the clamp keeps a last-ulp excess from turning r ≈ max into Inf.
         y = torch.clamp(y, -rs, rs).div_(s)
-        support = _support(y.abs(), x)
-        y = y.to(x.dtype)
+        support = x.new_empty(0)  # (y is in x's dtype here: x is not 16-bit)
         # Rows inside the ball keep x itself: scaled by 2^-k, entries near the subnormal
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
         return (y if sphere else torch.where(active, y, x)), active, support
@@ -282,8 +277,8 @@ def simplex_forward(
             raise SolverError(_OVERFLOW.format("project_simplex", "z"))
         xs, zs, s = _scaled(x, z, d)
         # y ≤ z exactly; the clamp keeps a last-ulp excess from turning z ≈ max into Inf.
-        y = simplex_forward(xs, zs, d, True)[0].clamp(max=zs).div_(s)
-        return y.to(x.dtype), _support(y, x)
+        # (x is not 16-bit here, so y is in x's dtype and has no wider support to keep)
+        return simplex_forward(xs, zs, d, True)[0].clamp(max=zs).div_(s), x.new_empty(0)
     if not torch.compiler.is_compiling() and _may_underflow(z, x.shape[d], x.dtype):
         # z/n below the dtype's normal range (float16 z = 1e-8, float32 1e-46): whole rows
         # can round to 0, off the simplex, as the L1 sphere's do. A row is 0 exactly where
