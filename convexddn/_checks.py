@@ -99,6 +99,18 @@ def check_device(name: str, value: Any, x: torch.Tensor, x_name: str = "x") -> N
         raise InputError(f"{name} must be on {x_name}'s device {x.device}, got {value.device}")
 
 
+def _may_break_graph() -> bool:
+    """:func:`convexddn._compile.may_break_graph`, imported when first asked (inside a
+    torch.compile trace): a compiled graph that may break reads on the host, as eager code
+    does, and raises the same precise error; one that must not (``fullgraph=True``,
+    ``torch.export``) gets an asynchronous assert, a ``RuntimeError`` naming the argument
+    (a bare ``RuntimeError`` came from ``torch.compile(project_lp)`` with a radius of -1,
+    and robust_pool's alpha, which ``except OptionError`` missed)."""
+    from ._compile import may_break_graph
+
+    return may_break_graph()
+
+
 def check_finite(name: str, value: torch.Tensor, in_graph: bool = False) -> None:
     """Raise ``NonFiniteError`` naming how many entries of ``value`` are NaN or Inf.
 
@@ -137,7 +149,8 @@ def cast_checked(name: str, value: torch.Tensor, dtype: torch.dtype, into: str =
 
     Checked only where ``dtype``'s range is narrower than ``value``'s (float64 → float32,
     float32 → float16 or bfloat16): one reduction and one host read then, none otherwise
-    (inside ``torch.compile``, an asynchronous assert without the counts). ``into`` says
+    (inside a ``torch.compile`` graph that must not break, an asynchronous assert without
+    the counts: :func:`_may_break_graph`). ``into`` says
     whose dtype it is (``"x's dtype"``) and ``fix`` what to do, for the message.
 
     Raises:
@@ -148,7 +161,7 @@ def cast_checked(name: str, value: torch.Tensor, dtype: torch.dtype, into: str =
     out = value.to(dtype)
     if value.numel() == 0 or torch.finfo(dtype).max >= torch.finfo(value.dtype).max:
         return out
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not _may_break_graph():
         torch._assert_async(torch.isfinite(out).all(), f"{name} must fit {into} {dtype}")
         return out
     if bool(torch.isfinite(out).all()):
@@ -202,11 +215,12 @@ def check_number(name: str, value: Any, *, above: float | None = None, at_least:
 
 
 def check_positive(name: str, value: Any) -> None:
-    """Raise ``OptionError`` unless ``value`` (a number or tensor) is finite and > 0."""
+    """Raise ``OptionError`` unless ``value`` (a number or tensor) is finite and > 0 (inside
+    a ``torch.compile`` graph that must not break, an asynchronous assert: :func:`_may_break_graph`)."""
     if isinstance(value, torch.Tensor):
         if value.numel() == 0 or unread(value):  # (a meta option of a Module being built)
             return
-        if torch.compiler.is_compiling():  # no host sync inside a compiled graph
+        if torch.compiler.is_compiling() and not _may_break_graph():
             torch._assert_async((torch.isfinite(value) & (value > 0)).all(),
                                 f"{name} must be finite and > 0")
             return

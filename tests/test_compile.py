@@ -382,3 +382,36 @@ def test_nan_input_compiled_raises_non_finite_error(name):
         warnings.simplefilter("ignore", UserWarning)  # (dynamo's graph-break notes)
         with pytest.raises(cddn.errors.NonFiniteError, match=r"must be finite, got 1 NaN and 0 Inf"):
             torch.compile(NAN_CASES[name], backend="eager")(x)
+
+
+# A bad option or an overflowing cast under default torch.compile (fullgraph=False) raises the
+# error it raises eagerly: the check breaks the graph for its host read. It was an asynchronous
+# assert, a bare RuntimeError that `except OptionError` / `except InputError` missed.
+BAD_OPTION_CASES = {
+    "robust_pool alpha": (lambda x, v: _F.robust_pool(x, "huber", v), cddn.errors.OptionError,
+                          r"alpha must be finite and > 0, got \[-1.0\]"),
+    "project_lp radius": (lambda x, v: _F.project_lp(x, 2, radius=v), cddn.errors.OptionError,
+                          r"radius must be finite and > 0, got \[-1.0\]"),
+    "linear_fit target": (lambda x, v: _F.linear_fit(x.float(), torch.full((7,), 1e39, dtype=DT) * -v).coef,
+                          cddn.errors.InputError, r"target must fit x's dtype torch.float32 .* 7 of 7 entries"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_OPTION_CASES))
+def test_bad_option_compiled_raises_the_eager_error(name):
+    fn, error, message = BAD_OPTION_CASES[name]
+    x, v = data(9), torch.tensor(-1.0, dtype=DT)
+    with pytest.raises(error, match=message):
+        fn(x, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (dynamo's graph-break notes)
+        with pytest.raises(error, match=message):
+            torch.compile(fn, backend="eager")(x, v)
+
+
+def test_fullgraph_projection_bad_radius_is_an_assert():
+    """Where the graph must not break, the positivity check stays an asynchronous assert
+    inside it: the call still stops, with a RuntimeError naming the option."""
+    f = torch.compile(lambda x, r: _F.project_lp(x, 2, radius=r), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="radius must be finite and > 0"):
+        f(data(10), torch.tensor(-1.0, dtype=DT))
