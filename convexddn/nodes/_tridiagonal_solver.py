@@ -24,6 +24,18 @@ Systems :math:`A x = d` with :math:`A` tridiagonal (main diagonal ``b`` ``(M, N)
    diagonal entry below 1.5e-289 to step 3 returned graded systems up to 6e7 off). Elements
    with ω > 16ε and a plain check get one step of iterative refinement (one more unpivoted
    solve on their residuals) and are checked again;
+   2b. **wide** (16- and 32-bit inputs: float16 and bfloat16 arrive as float32): the elements
+   that still fail are solved again unpivoted, and refined once, in float64, the answer rounded
+   to the input dtype and checked, ω of that rounded answer (evaluated in float64: products of
+   two float32 numbers are exact there) at most 16ε of the **input** dtype: easy to meet for
+   any system the unpivoted algorithm does not break down on (a float32 non-dominant random
+   system at N = 20000 failed in float32 and went to step 3's loop over the rows, 2.2 s, where
+   its float64 twin passed refined in 5 ms; now 40 ms). Accepted only where the equilibrated
+   matrix's estimated condition number (:func:`._tridiagonal_scaled.condition`: Hager–Higham,
+   three more float64 solves) is below 1/ε of the input dtype, LAPACK ``gtsvx``'s rule for
+   "singular to working precision": a nearer-singular matrix goes on to step 3 and its
+   singularity verdict, as before (an underestimate can let a near-singular matrix through:
+   its answer still meets the ω check, and is then more accurate than step 3's);
 3. the elements that still fail are solved again, alone, **equilibrated and pivoted**: rows,
    then columns, then rhs columns scaled by powers of two (exact; columns too: rows alone left
    a solution graded by 2^±500, whose small entries underflowed,
@@ -43,8 +55,9 @@ Systems :math:`A x = d` with :math:`A` tridiagonal (main diagonal ``b`` ``(M, N)
    does an overflowing solution. (A threshold :math:`N\varepsilon\|A\|_\infty` refused a
    decoupled κ = 4e12 block at N = 10⁴ but not at 10³, a matrix of entries 1e308 whose row sum
    overflowed, and diag(1, 1e-20).) The derivatives' solves (``strict=False``) use the
-   forward's route and make no singularity verdict of their own (:math:`A^\top` is singular
-   with :math:`A`; its pivots differ): an answer that misses accuracy is a GradientWarning.
+   forward's route (its wide elements start at step 2b, its pivoted ones at step 3) and make
+   no singularity verdict of their own (:math:`A^\top` is singular with :math:`A`; its pivots
+   differ; no condition estimate in step 2b): an answer that misses accuracy is a GradientWarning.
 """
 from __future__ import annotations
 
@@ -54,16 +67,18 @@ import torch
 
 from .._warn import warn
 from ..errors import GradientWarning, SolverError
-from ._tridiagonal_scaled import equilibrate, multiply, omega, refine_pivoted, solve_pivoted, solve_scaled, unscale
+from ._tridiagonal_scaled import (condition, equilibrate, multiply, omega, refine_pivoted, solve_pivoted, solve_scaled,
+                                  unscale)
 from .degeneracy import shown_indices
 
-__all__ = ["FAST", "PIVOTED", "PIVOTED_REFINED", "REFINED", "check_cast", "multiply", "solve_checked"]
+__all__ = ["FAST", "PIVOTED", "PIVOTED_REFINED", "REFINED", "WIDE", "check_cast", "multiply", "solve_checked"]
 
 _THOMAS_RATIO, _THOMAS_WORK = 16, 1 << 16  # where Thomas's loop over the rows pays (solve_fast)
 _ACCEPT = 16.0  # ω accepted up to this many ulps (dominant systems: ≤ 7 measured, N up to 10⁵)
 _ACCEPT_PIVOTED = 64.0  # the pivoted answer's ω, in ulps
 _SINGULAR = 4.0  # a pivot at most this many ulps of the terms that formed it is rounding error
-FAST, REFINED, PIVOTED, PIVOTED_REFINED = 0, 1, 2, 3  # an element's route (solve_checked)
+FAST, REFINED, WIDE, PIVOTED, PIVOTED_REFINED = 0, 1, 2, 3, 4  # an element's route (solve_checked)
+_WIDE_COND = 1.0  # the wide route's answer accepted where the estimated κ(Ã)·ε is below this (LAPACK gtsvx's rule)
 _PIVOTED_STEPS = 2  # refinements of a pivoted answer at most (route PIVOTED + their number)
 
 
@@ -133,9 +148,10 @@ def solve_fast(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tenso
     return reduce_cyclic(b, a, c, d)
 
 
-def accepted(b, a, c, d, x) -> tuple[torch.Tensor, torch.Tensor]:
+def accepted(b, a, c, d, x, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ok, trusted)``, each ``(M,)``: whether each element's componentwise backward error ω
-    (module docstring, step 2) is at most :data:`_ACCEPT` eps (False where ``x`` is not finite),
+    (module docstring, step 2) is at most :data:`_ACCEPT` eps (False where ``x`` is not finite;
+    ``eps``: the dtype's unless given, the input dtype's for the wide route's float64 check),
     and whether that plain evaluation can be trusted: every scale ``(|A||x| + |d|)_{ik}`` at
     least :math:`2^{e_{min}}/\\varepsilon` (so ``16ε·scale`` is normal and the subnormal
     roundings in the residual are far below it) and finite (an overflow made an entry's excess
@@ -155,17 +171,18 @@ def accepted(b, a, c, d, x) -> tuple[torch.Tensor, torch.Tensor]:
         return every, every
     info = torch.finfo(b.dtype)
     low, high = torch.aminmax(scale.flatten(1), dim=1)
-    worst = torch.add(r.abs_(), scale, alpha=-_ACCEPT * info.eps).flatten(1).amax(1)
+    worst = torch.add(r.abs_(), scale, alpha=-_ACCEPT * (info.eps if eps is None else eps)).flatten(1).amax(1)
     return worst <= 0, (low >= info.tiny / info.eps) & (high < math.inf)  # (NaN: False)
 
 
-def _certified(b, a, c, d, x) -> torch.Tensor:
+def _certified(b, a, c, d, x, eps: float | None = None) -> torch.Tensor:
     """``(M,)`` ω ≤ :data:`_ACCEPT` ε: :func:`accepted`, and where it cannot be trusted
-    :func:`._tridiagonal_scaled.omega`."""
-    ok, trusted = accepted(b, a, c, d, x)
+    :func:`._tridiagonal_scaled.omega` (``eps`` as there)."""
+    eps = torch.finfo(b.dtype).eps if eps is None else eps
+    ok, trusted = accepted(b, a, c, d, x, eps)
     if not bool(trusted.all()):
         idx = (~trusted).nonzero().squeeze(1)
-        ok = ok.index_copy(0, idx, omega(b[idx], a[idx], c[idx], d[idx], x[idx]) <= _ACCEPT * torch.finfo(b.dtype).eps)
+        ok = ok.index_copy(0, idx, omega(b[idx], a[idx], c[idx], d[idx], x[idx]) <= _ACCEPT * eps)
     return ok
 
 
@@ -173,6 +190,24 @@ def _refine(b, a, c, d, x):
     """One step of iterative refinement: ``x + A⁻¹(d - A x)``, unpivoted."""
     dx, _ = solve_fast(b, a, c, d - multiply(b, a, c, x))
     return x + dx
+
+
+def _solve_wide(b, a, c, d, check: bool = True, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The wide route (module docstring, step 2b) for 16/32-bit ``b, a, c, d``: ``(x, ok)``, ``x``
+    the unpivoted float64 answer refined once and rounded to the input dtype, ``ok`` ``(M,)``
+    whether that rounded answer's ω (evaluated in float64: the products of two float32 numbers
+    are exact there) is at most :data:`_ACCEPT` ε of the input dtype and (``strict``, the
+    forward) the equilibrated matrix's estimated condition number below 1/ε
+    (:func:`._tridiagonal_scaled.condition`); ``check=False``: the same answer, ``ok`` all True."""
+    wide = tuple(t.double() for t in (b, a, c, d))
+    x = _refine(*wide, solve_fast(*wide)[0]).to(b.dtype)
+    if not check:
+        return x, torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
+    eps = torch.finfo(b.dtype).eps
+    ok = _certified(*wide, x.double(), eps)
+    if strict:  # (NaN, a breakdown of the estimate's unpivoted solves: not accepted)
+        ok &= condition(*wide[:3], lambda *s: solve_fast(*s)[0]) * eps < _WIDE_COND
+    return x, ok
 
 
 def _raise(who: str, bad: torch.Tensor, batch: tuple, what: str, status: str) -> None:
@@ -243,10 +278,11 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A⁻¹ d, route)`` for every element, checked and repaired (module docstring). ``route``
     ``(M,)`` int8, each element's path: :data:`FAST`, :data:`REFINED` (one unpivoted refinement),
-    :data:`PIVOTED` (equilibrated and pivoted), :data:`PIVOTED_REFINED` (and refined once;
+    :data:`WIDE` (16/32-bit: unpivoted in float64, refined once, step 2b), :data:`PIVOTED`
+    (equilibrated and pivoted), :data:`PIVOTED_REFINED` (and refined once;
     ``PIVOTED + k``: k times, at most :data:`_PIVOTED_STEPS`). As an argument (the forward's,
     for the derivative's solves with the same matrix or its transpose): elements routed
-    pivoted start there, and ``check=False`` (the values batched by a vmap, which allow no host
+    wide or pivoted start there, and ``check=False`` (the values batched by a vmap, which allow no host
     decision) reproduces the route exactly, unchecked. ``strict=False``: the derivative's solves
     (the forward decided singularity): a solution that overflows or misses working accuracy is a
     GradientWarning, not a SolverError. ``batch``: the caller's batch shape (for the indices of
@@ -262,16 +298,19 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
     x, _ = solve_fast(b, a, c, d)
     if not check:
         # (route is the forward's plain tensor, not batched: host reads on it are allowed)
-        refined, slow = (route == REFINED), route >= PIVOTED
+        refined, wide, slow = (route == REFINED), route == WIDE, route >= PIVOTED
         if bool(refined.any()):
             idx = refined.nonzero().squeeze(1)
             x = x.index_copy(0, idx, _refine(b[idx], a[idx], c[idx], d[idx], x[idx]))
+        if bool(wide.any()):
+            idx = wide.nonzero().squeeze(1)
+            x = x.index_copy(0, idx, _solve_wide(b[idx], a[idx], c[idx], d[idx], check=False)[0])
         if bool(slow.any()):
             idx = slow.nonzero().squeeze(1)
             x = x.index_copy(0, idx, solve_scaled(b[idx], a[idx], c[idx], d[idx], route[idx] - PIVOTED)[0])
         return x, route
     ok, trusted = accepted(b, a, c, d, x)
-    routed = route >= PIVOTED
+    routed = route >= WIDE  # (the forward's wide and pivoted elements start there)
     # (one host read where all pass: checked plainly, nothing to refine, nothing routed)
     if bool((ok & trusted & ~routed).all()):
         return x, route
@@ -289,9 +328,18 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
         x = x.index_copy(0, idx, x_new)
         ok = ok.index_copy(0, idx, _certified(*sub, x_new))
     fail = routed | ~ok
+    widen = (fail & (route < PIVOTED)) if torch.finfo(b.dtype).bits < 64 else None
     route = torch.where(fail, PIVOTED, torch.where(refine, REFINED, FAST)).to(torch.int8)
     if not bool(fail.any()):
         return x, route
+    if widen is not None and bool(widen.any()):  # step 2b: 16/32-bit, their fast path again in float64
+        idx = widen.nonzero().squeeze(1)
+        x_w, ok_w = _solve_wide(b[idx], a[idx], c[idx], d[idx], strict=strict)
+        x = x.index_copy(0, idx, x_w)
+        route = route.index_copy(0, idx, torch.where(ok_w, WIDE, PIVOTED).to(torch.int8))
+        fail = fail.index_copy(0, idx, ~ok_w)
+        if not bool(fail.any()):
+            return x, route
     idx = fail.nonzero().squeeze(1)
     sub = (b[idx], a[idx], c[idx], d[idx])
     # solve_scaled's steps one at a time, each checked (the same operations: check=False reproduces them)

@@ -14,7 +14,9 @@ d)``). The minimiser of :math:`\tfrac12 x^\top A x - d^\top x` for symmetric pos
 **Solver** (:mod:`._tridiagonal_solver`): cyclic reduction or the Thomas algorithm, all batch
 elements in one tensor, unpivoted and so fast; each element's answer is then checked (its
 componentwise backward error, formed in exponent-split form where a plain evaluation would
-under- or overflow), refined once where the check fails, and solved again, equilibrated by
+under- or overflow), refined once where the check fails, for 16/32-bit inputs solved again
+unpivoted in float64 where it still fails (checked against the input dtype's ε, and accepted
+where the matrix's estimated condition number is below 1/ε), and solved again, equilibrated by
 powers of two and with partial pivoting (LAPACK ``gtsv``'s algorithm), where it still fails,
 that answer checked the same way (refined up to twice): an element never returns an unchecked
 answer. A matrix
@@ -32,7 +34,7 @@ swapped: the same checked solver),
 
 (:math:`\bar a_i` for the entry :math:`(i+1, i)`, :math:`\bar c_i` for :math:`(i, i+1)`),
 summed over broadcast dimensions; forward mode: :math:`\dot x = A^{-1}(\dot d - \dot A x)`.
-These solves take the forward's route per element (refined, pivoted) and make no singularity
+These solves take the forward's route per element (refined, wide, pivoted) and make no singularity
 verdict of their own (the forward's stands: a derivative that misses accuracy or overflows is a
 ``GradientWarning``). Under a vmap of the cotangents or tangents (``torch.func.jacrev``,
 ``jacfwd``, ``jacobian(vectorize=True)``), whose values allow no host decision, that route is
@@ -207,8 +209,10 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
 
     Solved by cyclic reduction or the Thomas algorithm (the faster for the shape), every
     element's answer checked by its componentwise backward error, refined once where that fails,
-    and re-solved, equilibrated by powers of two (exact) and with partial pivoting (as LAPACK
-    ``gtsv``), where it still fails (that answer checked alike, refined up to twice): any
+    (float32, float16, bfloat16) re-solved unpivoted in float64 where it still fails (that answer
+    checked against the input dtype's ε and accepted where the estimated condition number is
+    below 1/ε), and re-solved, equilibrated by powers of two (exact) and with partial pivoting
+    (as LAPACK ``gtsv``), where it still fails (that answer checked alike, refined up to twice): any
     nonsingular matrix is solved stably, diagonally dominant and SPD ones at the fast path's cost
     (module docstring of :mod:`convexddn.nodes._tridiagonal_solver`). O(N log N) work, O(log N)
     vectorised steps (cyclic reduction); the pivoted fallback is a loop over the N rows.

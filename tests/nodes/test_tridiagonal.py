@@ -488,3 +488,87 @@ def test_tridiagonal_solve_graded_systems_needing_pivots():
     rhs = one(2.0**300 * 5 * 2.0**-600, 2.0**-300 * 3 * 2.0**600)
     assert tridiagonal_solve(one(0.0, 0.0), one(2.0**-300), one(2.0**300), rhs).tolist() == [3 * 2.0**600,
                                                                                           5 * 2.0**-600]
+
+
+def _banded(diag, lower, upper):
+    """The float64 band form of scipy.linalg.solve_banded (LAPACK gbsv: LU with partial pivoting)."""
+    n = diag.shape[-1]
+    ab = np.zeros((3, n))
+    ab[0, 1:], ab[1], ab[2, :-1] = upper, diag, lower
+    return ab
+
+
+def test_tridiagonal_solve_float32_non_dominant_takes_the_wide_route(monkeypatch):
+    # Random non-dominant float32 systems: two of 64 failed the unpivoted check (and its
+    # refinement) and went to the pivoted loop over the rows (2.2-4 s at (1, 20000)). Now their
+    # fast path is retried in float64 (route WIDE), checked against 16 eps of float32, and
+    # replayed unchecked under a vmap; the pivoted loop is not entered.
+    from scipy.linalg import solve_banded
+    calls, pivoted = [], _solver.solve_pivoted
+    monkeypatch.setattr(_solver, "solve_pivoted", lambda *s: calls.append(1) or pivoted(*s))
+    d, l, u, r = system((64,), 256, dominant=False, k=1, dtype=torch.float32, seed=0)
+    x, route = solve_checked(d, l, u, r, "t", (64,))
+    assert not calls
+    wide = (route == _solver.WIDE).nonzero().flatten().tolist()
+    assert len(wide) == 2 and bool((route < _solver.WIDE).sum() == 62)
+    eps = torch.finfo(torch.float32).eps
+    D, L, U, R, X = (t.double().numpy() for t in (d, l, u, r, x))
+    for i in wide:
+        ref = solve_banded((1, 1), _banded(D[i], L[i], U[i]), R[i])
+        assert np.abs(X[i] - ref).max() <= 2 * eps * np.abs(ref).max()
+        A = np.diag(D[i]) + np.diag(L[i], -1) + np.diag(U[i], 1)  # ω of the answer, float64
+        assert (np.abs(R[i] - A @ X[i]) / (np.abs(A) @ np.abs(X[i]) + np.abs(R[i]))).max() <= 16 * eps
+    assert torch.equal(solve_checked(d, l, u, r, "t", (64,), route=route, check=False)[0], x)
+
+
+def test_tridiagonal_solve_float32_wide_route_gradients(monkeypatch):
+    # (1, 20000) float32, diag, lower, upper, rhs all randn: the gradients and the tangent
+    # (both solves on the forward's route, WIDE) against the float64 closed form:
+    # w = A^-T g, dL/dd = w, dL/db = -w x, dL/da_i = -w_{i+1} x_i, dL/dc_i = -w_i x_{i+1}.
+    from scipy.linalg import solve_banded
+    n = 20000
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(1, k, generator=gen, dtype=F64).float() for k in (n, n - 1, n - 1, n)]
+    calls, pivoted = [], _solver.solve_pivoted
+    monkeypatch.setattr(_solver, "solve_pivoted", lambda *s: calls.append(1) or pivoted(*s))
+    x, route = solve_checked(*args[:3], args[3][..., None], "t", (1,))
+    assert not calls and route.tolist() == [_solver.WIDE]
+    inputs = [t.clone().requires_grad_() for t in args]
+    g = torch.randn(1, n, generator=gen, dtype=F64).float()
+    out = tridiagonal_solve(*inputs)
+    grads = torch.autograd.grad(out, inputs, g)
+    _, x_t = torch.func.jvp(lambda rhs: tridiagonal_solve(*args[:3], rhs), (args[3],), (g,))
+    assert not calls
+    D, L, U, R, G = (t[0].double().numpy() for t in (*args, g))
+    ab = _banded(D, L, U)
+    xr = solve_banded((1, 1), ab, R)
+    w = solve_banded((1, 1), _banded(D, U, L), G)  # A^T: lower and upper swapped
+    expected = (-w * xr, -w[1:] * xr[:-1], -w[:-1] * xr[1:], w)
+    eps = torch.finfo(torch.float32).eps
+    for got, want in zip((out, *grads, x_t), (xr, *expected, solve_banded((1, 1), ab, G))):
+        assert np.abs(got[0].detach().double().numpy() - want).max() <= 4 * eps * np.abs(want).max()
+
+
+def test_tridiagonal_solve_float32_singular_still_refused():
+    # The wide route accepts no matrix singular at float32's precision: exactly singular ones
+    # break its unpivoted float64 solve or its condition estimate (κ·eps >= 1) and go on to the
+    # pivoted path, whose verdict stands as before.
+    d, l, u, r = system((3,), 40, dominant=False, dtype=torch.float32, seed=2)
+    d[1], l[1], u[1] = 2 * d[0], 2 * l[0], 2 * u[0]  # element 1: A = 2 A_0 with a zero first row
+    d[1, 0], u[1, 0] = 0.0, 0.0
+    with pytest.raises(SolverError, match=r"singular \(an exactly zero pivot.*flat indices \[1\]"):
+        tridiagonal_solve(d, l, u, r)
+    # A symmetric non-dominant matrix shifted by one of its eigenvalues (float64), rounded to
+    # float32 (cond 4e8 .. 7e8): the unpivoted float32 answer fails, the float64 one passes
+    # the backward-error check, but the estimate refers the elements to the pivoted path: one
+    # is refused there (a pivot 8e-8 of its terms), the others solved pivoted, as before.
+    for seed in range(4):
+        d, l, _, r = system((), 200, dominant=False, seed=seed)
+        A = np.diag(d.numpy()) + np.diag(l.numpy(), -1) + np.diag(l.numpy(), 1)
+        f32 = [(d - np.linalg.eigvalsh(A)[100]).float(), l.float(), l.float(), r.float()]
+        if seed == 0:
+            with pytest.raises(SolverError, match="singular to working precision"):
+                tridiagonal_solve(*f32)
+        else:
+            _, route = solve_checked(*(t[None] for t in f32[:3]), f32[3][None, :, None], "t", (1,))
+            assert int(route) >= _solver.PIVOTED
