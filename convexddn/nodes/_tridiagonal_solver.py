@@ -344,7 +344,7 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
     sub = (b[idx], a[idx], c[idx], d[idx])
     # solve_scaled's steps one at a time, each checked (the same operations: check=False reproduces them)
     system, shift = equilibrate(*sub)
-    y, ratio = solve_pivoted(*system)
+    y, ratio, factors = solve_pivoted(*system)
     x_p = unscale(y, shift)
     eta = omega(*sub, x_p)
     steps = torch.zeros_like(idx)
@@ -353,7 +353,7 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
         if not bool(redo.any()):
             break
         steps = steps + redo
-        y = refine_pivoted(system, y, redo)
+        y = refine_pivoted(system, factors, y, redo)
         x_p = unscale(y, shift)
         eta = omega(*sub, x_p)
     route = route.index_copy(0, idx, (PIVOTED + steps).to(torch.int8))
