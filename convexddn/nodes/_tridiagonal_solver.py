@@ -24,18 +24,19 @@ Systems :math:`A x = d` with :math:`A` tridiagonal (main diagonal ``b`` ``(M, N)
    diagonal entry below 1.5e-289 to step 3 returned graded systems up to 6e7 off). Elements
    with ω > 16ε and a plain check get one step of iterative refinement (one more unpivoted
    solve on their residuals) and are checked again;
-   2b. **wide** (16- and 32-bit inputs: float16 and bfloat16 arrive as float32): the elements
-   that still fail are solved again unpivoted, and refined once, in float64, the answer rounded
-   to the input dtype and checked, ω of that rounded answer (evaluated in float64: products of
-   two float32 numbers are exact there) at most 16ε of the **input** dtype: easy to meet for
-   any system the unpivoted algorithm does not break down on (a float32 non-dominant random
-   system at N = 20000 failed in float32 and went to step 3's loop over the rows, 2.2 s, where
-   its float64 twin passed refined in 5 ms; now 40 ms). Accepted only where the equilibrated
-   matrix's estimated condition number (:func:`._tridiagonal_scaled.condition`: Hager–Higham,
-   three more float64 solves) is below 1/ε of the input dtype, LAPACK ``gtsvx``'s rule for
-   "singular to working precision": a nearer-singular matrix goes on to step 3 and its
-   singularity verdict, as before (an underestimate can let a near-singular matrix through:
-   its answer still meets the ω check, and is then more accurate than step 3's);
+   2b. **wide** (16- and 32-bit inputs, solved in float32): the elements that still fail are
+   solved again unpivoted, and refined once, in float64, the answer rounded to float32 and
+   checked, ω of that rounded answer (evaluated in float64: products of two float32 numbers are
+   exact there) at most 16ε of **float32**, as on the other routes: easy to meet for any system
+   the unpivoted algorithm does not break down on (a float32 non-dominant random system at
+   N = 20000 failed in float32 and went to step 3's loop over the rows, 2.2 to 3.5 s, where its
+   float64 twin passed refined in 5 ms; now 15 to 45 ms, one thread, a shared machine).
+   Accepted only where the equilibrated matrix's estimated condition number
+   (:func:`._tridiagonal_scaled.condition`: Hager–Higham, three more float64 solves) is below
+   1/ε, LAPACK ``gtsvx``'s rule for "singular to working precision": a nearer-singular matrix
+   goes on to step 3 and its singularity verdict, as before (an underestimate can let a
+   near-singular matrix through: its answer still meets the ω check, and is more accurate than
+   step 3's would be);
 3. the elements that still fail are solved again, alone, **equilibrated and pivoted**: rows,
    then columns, then rhs columns scaled by powers of two (exact; columns too: rows alone left
    a solution graded by 2^±500, whose small entries underflowed,

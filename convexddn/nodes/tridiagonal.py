@@ -15,7 +15,7 @@ d)``). The minimiser of :math:`\tfrac12 x^\top A x - d^\top x` for symmetric pos
 elements in one tensor, unpivoted and so fast; each element's answer is then checked (its
 componentwise backward error, formed in exponent-split form where a plain evaluation would
 under- or overflow), refined once where the check fails, for 16/32-bit inputs solved again
-unpivoted in float64 where it still fails (checked against the input dtype's ε, and accepted
+unpivoted in float64 where it still fails (checked against float32's ε, as everywhere, and accepted
 where the matrix's estimated condition number is below 1/ε), and solved again, equilibrated by
 powers of two and with partial pivoting (LAPACK ``gtsv``'s algorithm), where it still fails,
 that answer checked the same way (refined up to twice): an element never returns an unchecked
@@ -210,7 +210,7 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
     Solved by cyclic reduction or the Thomas algorithm (the faster for the shape), every
     element's answer checked by its componentwise backward error, refined once where that fails,
     (float32, float16, bfloat16) re-solved unpivoted in float64 where it still fails (that answer
-    checked against the input dtype's ε and accepted where the estimated condition number is
+    checked against float32's ε and accepted where the estimated condition number is
     below 1/ε), and re-solved, equilibrated by powers of two (exact) and with partial pivoting
     (as LAPACK ``gtsv``), where it still fails (that answer checked alike, refined up to twice): any
     nonsingular matrix is solved stably, diagonally dominant and SPD ones at the fast path's cost
