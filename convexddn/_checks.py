@@ -299,6 +299,17 @@ def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | 
     return int(value)
 
 
+#: The largest iteration count (``max_iter``, a budget) accepted: what an int64 holds. The
+#: solvers compare their counts in int64 tensors, and a larger Python int there raised a
+#: raw ``OverflowError`` (``sinkhorn(C, max_iter=10**20)``) where other solvers ran.
+MAX_ITERATIONS = 2**63 - 1
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """An iteration count or budget: an integer in ``[minimum, MAX_ITERATIONS]``."""
+    return check_int(name, value, minimum=minimum, maximum=MAX_ITERATIONS)
+
+
 def check_size(name: str, value: Any, minimum: int = 1) -> int:
     """A size option (dimension, count, rank): an integer in ``[minimum, MAX_SIZE]``."""
     return check_int(name, value, minimum=minimum, maximum=MAX_SIZE)
@@ -359,7 +370,7 @@ def check_stopping(tol: Any, max_iter: Any) -> None:
     if tol is not None:
         check_tolerance("tol", tol)
     if max_iter is not None:
-        check_int("max_iter", max_iter, minimum=1)
+        check_count("max_iter", max_iter)
 
 
 def check_choices(name: str, values: Iterable[Any], valid: Iterable[Any]) -> None:

@@ -288,6 +288,25 @@ def test_check_int_upper_bound_names_the_option():
         check_int("k", 4, maximum=3)
 
 
+# An iteration count beyond int64 raised a raw OverflowError in sinkhorn (its counts are
+# compared in int64 tensors) while tv_denoise and robust_pool ran: one bound for every count.
+_COUNT_CALLS = {
+    "sinkhorn": lambda m: cddn.functional.sinkhorn(torch.rand(2, 3, 3, dtype=torch.float64), max_iter=m),
+    "OptimalTransport": lambda m: cddn.OptimalTransport(max_iter=m)(torch.rand(2, 3, 3, dtype=torch.float64)),
+    "tv_denoise": lambda m: cddn.functional.tv_denoise(torch.randn(2, 5, dtype=torch.float64), 0.3, max_iter=m),
+    "robust_pool": lambda m: cddn.functional.robust_pool(torch.randn(2, 5, dtype=torch.float64), "welsch", max_iter=m),
+}
+
+
+@pytest.mark.parametrize("call", list(_COUNT_CALLS))
+def test_iteration_counts_beyond_int64_are_refused_by_name(call):
+    from convexddn._checks import MAX_ITERATIONS
+
+    _COUNT_CALLS[call](MAX_ITERATIONS)  # the largest count runs (to convergence)
+    with pytest.raises(OptionError, match=r"^max_iter must be an integer >= 1 and <= 9223372036854775807, got 10{20}$"):
+        _COUNT_CALLS[call](10**20)
+
+
 class Quartic(cddn.DeclarativeNode):
     """y = argmin_u ‖u − x‖² + Σ u⁴, elementwise: 2(y − x) + 4y³ = 0, by Newton (also tests/test_autograd.py's)."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_bool, check_choice, check_int, check_number, check_tolerance
+from .._checks import check_bool, check_choice, check_count, check_int, check_number, check_tolerance
 from ..errors import OptionError
 from .linear_solvers import LINEAR_SOLVERS, solve_kkt_cg
 
@@ -41,7 +41,7 @@ def check_implicit_options(linear_solver: Any, dense_max: Any, active_tol: Any, 
         if cg_options.get("tol") is not None:
             check_tolerance("cg_tol", cg_options["tol"])  # >= 1 would stop CG before its first step
         if cg_options.get("max_iter") is not None:
-            check_int("cg_max_iter", cg_options["max_iter"], minimum=1)
+            check_count("cg_max_iter", cg_options["max_iter"])
     check_bool("check_solution", check_solution)
     check_bool("check_minimum", check_minimum)
     if solution_tol is not None:

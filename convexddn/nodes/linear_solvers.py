@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_choice, check_int, check_number, check_tolerance
+from .._checks import check_choice, check_count, check_number, check_tolerance
 from .._pow2 import pow2_floor
 from .._warn import warn
 from ..errors import GradientWarning, OptionError
@@ -269,8 +269,8 @@ def solve_kkt_cg(
     """
     batch, m = v.shape
     tol = _default_cg_tol(v.dtype) if tol is None else check_tolerance("cg tol", tol)
-    max_iter = 10 * m if max_iter is None else check_int("cg max_iter", max_iter, minimum=1)
-    check_every = check_int("check_every", check_every, minimum=1)
+    max_iter = 10 * m if max_iter is None else check_count("cg max_iter", max_iter)
+    check_every = check_count("check_every", check_every)
     if isinstance(dense_fallback_bytes, bool) or not isinstance(dense_fallback_bytes, numbers.Real) \
             or not dense_fallback_bytes >= 0:  # inf: always
         raise OptionError(f"dense_fallback_bytes must be a number >= 0 (inf: no limit), got {dense_fallback_bytes!r}")
@@ -284,7 +284,7 @@ def solve_kkt_cg(
     cap = budget if callable(budget) and getattr(hvp, "rows", None) is not None and can_fall_back else None
     if callable(budget):
         budget = budget(batch)
-    budget = None if budget is None else check_int("budget", budget, minimum=1)
+    budget = None if budget is None else check_count("budget", budget)
     if budget is not None and can_fall_back:
         max_iter = min(max_iter, budget)
     # (In units of a power of two near each v's largest entry: CG's squared norms of a v

@@ -66,8 +66,8 @@ from torch import nn
 
 from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
-from .._checks import (building, check_bool, check_device, check_finite, check_int, check_tensor, normalize_dims,
-                       real_number, unread)
+from .._checks import (building, check_bool, check_count, check_device, check_finite, check_int, check_tensor,
+                       normalize_dims, real_number, unread)
 from .._warn import warn
 from ..errors import GradientWarning, OptionError, ShapeError
 from ._repr import format_option
@@ -204,7 +204,7 @@ def _check_lam_option(lam: Any) -> Any:
 
 
 def _check_max_iter(max_iter: Any) -> int | None:
-    return None if max_iter is None else check_int("max_iter", max_iter, minimum=1)
+    return None if max_iter is None else check_count("max_iter", max_iter)
 
 
 def _default_steps(n: int) -> int:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .._autograd import may_carry_tangents, refuse_vmap
-from .._checks import check_finite, check_int, check_positive, check_tensor, check_tolerance
+from .._checks import check_count, check_finite, check_positive, check_tensor, check_tolerance
 from .._warn import warn
 from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import solve
@@ -77,7 +77,7 @@ def _check_options(eps: Any, max_iter: Any, tol: Any) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise OptionError(f"eps must be a positive number, got {eps!r}")
     check_positive("eps", eps)
-    check_int("max_iter", max_iter, minimum=1)
+    check_count("max_iter", max_iter)
     if tol is not None:
         check_tolerance("tol", tol)  # a relative column error >= 1 accepts any plan
 
