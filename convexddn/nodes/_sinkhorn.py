@@ -50,7 +50,7 @@ import torch
 
 from ._sinkhorn_columns import exact_cols, log_floor as _lo
 from ._sinkhorn_kernel import kernel_rounds as _kernel_sinkhorn
-from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, row_shifted
+from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, plain_ranges, row_shifted
 from ._sinkhorn_schur import flush as _flush
 from ._sinkhorn_schur import schur_solve
 
@@ -58,16 +58,13 @@ from ._sinkhorn_schur import schur_solve
 BLOCK = 10
 # Newton is tried below this column error, and its step counts as having served an
 # element when it at least halves the error; elsewhere a Sinkhorn block follows.
-NEWTON_BELOW = 0.1
-NEWTON_GAIN = 0.5
+NEWTON_BELOW, NEWTON_GAIN = 0.1, 0.5
 # An element whose last Sinkhorn block cut its error by this factor or more stays on
 # Sinkhorn: a few more blocks are cheaper than Newton steps.
 FAST_BLOCK = 1e-3
 # ε-scaling: used when the costs spread over more than SCALE_ABOVE·ε; the stages
 # start at spread/SCALE_ABOVE, shrink by SCALE_STEP, and stop each at STAGE_TOL.
-SCALE_ABOVE = 50.0
-SCALE_STEP = 0.25
-STAGE_TOL = 1e-4
+SCALE_ABOVE, SCALE_STEP, STAGE_TOL = 50.0, 0.25, 1e-4
 # Plain kernel Sinkhorn's iteration budget (spreads up to SCALE_ABOVE·ε) before the Newton
 # rounds take over from its potentials (its checks: KERNEL_CHECK, KERNEL_AHEAD there).
 KERNEL_ITERS = 200
@@ -201,12 +198,13 @@ def _solve(
     result does not depend on which path its batch mates need (one hard element sent
     every easy one to the log domain, 15–20x slower)."""
     # The plan is unchanged by adding a constant to a row of C (α absorbs it), so the
-    # spread that matters is the largest range within a row.
+    # spread that matters is the largest range within a row (and a huge offset of a whole row
+    # or column, which that range would round in, is removed first; plain_ranges: no line is).
     C0, s, t = C, 0.0, 0.0  # (the caller's costs and the shifts, for the completion)
-    if C.numel():  # (and a huge offset of a whole row or column, which that range would round in)
-        C, s, t = offsets_removed(C, pad)
+    lim = plain_ranges(C) if pad is None and C.numel() else None  # (then one host read for the set-up)
+    C, s, t = offsets_removed(C, pad) if C.numel() and lim is None else (C, s, t)
     if pad is None:
-        D, full = C - C.amin(-1, keepdim=True), None
+        D, full = C - (C.amin(-1, keepdim=True) if lim is None else lim[0][0]), None
     else:
         # Shifts and spread from the live entries only; the solver sees 0 at dead ones.
         full, low = row_shifted(C, pad)
@@ -214,13 +212,15 @@ def _solve(
         D = full.masked_fill(pad.dead, 0.0)
     # Each element's spread; (|C|'s largest times 0 is NaN where any cost is NaN or Inf,
     # dead ones too, which the masked D would hide.)
-    spread = D.amax((-2, -1)) if C.numel() else D.new_zeros(D.shape[:-2])
+    spread = lim[1] if lim is not None else D.amax((-2, -1)) if C.numel() else D.new_zeros(D.shape[:-2])
     if pad is not None and C.numel():
         spread = spread + C.abs().amax((-2, -1)) * 0.0
-    easy = spread <= SCALE_ABOVE * eps
-    # (One host sync for the input test and the split.)
-    top, n_easy = torch.stack((spread.amax(), easy.sum().to(spread.dtype))).tolist() if spread.numel() else (0.0, 0)
-    n_easy, n = int(n_easy), D.shape[0]
+    n, cut = D.shape[0], SCALE_ABOVE * eps
+    easy = None if lim is not None and (lim[3] <= cut or not lim[2] <= cut) else spread <= cut
+    # (One host sync for the input test and the split; none where plain_ranges read one path for all.)
+    top, n_easy = (lim[3], n * (lim[3] <= cut)) if easy is None else torch.stack(
+        (spread.amax(), easy.sum().to(spread.dtype))).tolist() if n else (0.0, 0)
+    n_easy = int(n_easy)
     if not math.isfinite(top / eps):
         # NaN or Inf in C (amin and amax propagate NaN), or a row range that overflows, or
         # its ratio to eps (which ε-scaling would have walked down from for 500 stages): a
@@ -262,8 +262,8 @@ def _path(
         shifted = rows if pad is None else (lambda: rows().masked_fill(pad.dead, 0.0))
         P, err, v, used, worst, u = _kernel_sinkhorn(D, shifted, a, b, eps, max_iter, KERNEL_ITERS, tol, pad)
         # Those above tol with budget left go on to Newton, a batch per count of kernel iterations.
-        late = (err > tol) & (used < max_iter)
-        counts = used[late].unique().tolist() if worst > tol else []
+        late = (err > tol) & (used < max_iter) if worst > tol else None
+        counts = [] if late is None else used[late].unique().tolist()
         if not counts:
             P = exact_cols(P, b, lambda: u.transpose(-1, -2).log() - shifted() / eps, pad) if cols_exact else P
             pot = (None, None) if pad is None else (u.squeeze(-2).log(), v.squeeze(-2).log())

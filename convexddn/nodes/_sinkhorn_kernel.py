@@ -19,6 +19,7 @@ KERNEL_CHECK = 2
 # Most iterations between two checks when the observed rate predicts convergence later;
 # past three times as many still needed, the Newton rounds take over.
 KERNEL_AHEAD = 20
+_LOG2E = 1.0 / math.log(2.0)
 
 
 def kernel_sinkhorn(
@@ -27,7 +28,7 @@ def kernel_sinkhorn(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float, torch.Tensor, torch.Tensor | None]:
     r"""Plain Sinkhorn on the kernel, for costs whose rows spread over ``SCALE_ABOVE``·ε at most.
 
-    ``D`` is the costs less their row minima (overwritten with the kernel).
+    ``D`` is the costs less their row minima (overwritten with the kernel, then the plan).
     :math:`P = \operatorname{diag}(u) K \operatorname{diag}(v)` with
     :math:`K = e^{-D/\varepsilon} \in [e^{-50}, 1]`:
     alternating v = b / Kᵀu, u = a / Kv (the rows exact after each pair); the column
@@ -43,7 +44,10 @@ def kernel_sinkhorn(
     columns; u = a / Kv and v = b / Kᵀu are then 0 on dead rows and columns (no product
     is 0: every entry of K is positive and every marginal has a live entry).
     """
-    K = D.mul_(-1.0 / eps).exp_()
+    # e^x as 2^(x·log₂e): torch's exp2 takes about 0.6 of exp's time on float64 (21 against
+    # 33 µs at (2, 100, 100)), as accurate (both within an ulp of the rounded argument), and
+    # the kernel's exponent is scaled anyway.
+    K = D.mul_(-_LOG2E / eps).exp2_()
     Kt = K.transpose(-1, -2)
     a_, b_ = a.unsqueeze(-2), b.unsqueeze(-2)
     v = v0 if v0 is not None else torch.ones_like(b_) if pad is None else 1.0 - pad.pad_c.unsqueeze(-2)
@@ -54,8 +58,9 @@ def kernel_sinkhorn(
     check, last, fast = KERNEL_CHECK, None, None
     while True:
         if it == check or it == iters:
-            err = torch.addcmul(b_, v, s, value=-1).abs_().sum(-1).squeeze(-1)
-            worst = float(err.max())
+            # (‖·‖₁ in one op: a check is a few ops on (B, 1, N), so their count is its cost)
+            err = torch.linalg.vector_norm(torch.addcmul(b_, v, s, value=-1), 1, (-2, -1))
+            worst = err.max().item()
             if it == iters or worst <= tol:
                 break
             check = it + KERNEL_CHECK
@@ -75,7 +80,8 @@ def kernel_sinkhorn(
         torch.div(a_, torch.bmm(v, Kt, out=t), out=u)
         torch.bmm(u, K, out=s)
         it += 1
-    return (K * v).mul_(u.transpose(-1, -2)), err, v, it, worst, u, fast
+    # (the plan in K's memory: no caller reads the kernel afterwards)
+    return K.mul_(v).mul_(u.transpose(-1, -2)), err, v, it, worst, u, fast
 
 
 def kernel_rounds(

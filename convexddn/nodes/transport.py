@@ -260,14 +260,14 @@ def sinkhorn(
     mass = None if am is None else am[1:3]
     # Zero entries (padding) switch on the solver's masks; none: the plain path.
     holes = (am is not None and am[3], bm is not None and bm[3])
-    a = torch.full((m,), 1.0 / m, dtype=work, device=C.device) if am is None else am[0]
-    b = torch.full((n,), 1.0 / n, dtype=work, device=C.device) if bm is None else bm[0]
     # (Each view of a tensor that requires grad is an autograd node: none when C already
     # has the working shape.)
-    if C.shape != (math.prod(batch), m, n):
+    size = math.prod(batch)
+    if C.shape != (size, m, n):
         C = C.expand(out_shape).reshape(-1, m, n)
-    a = a.expand(*batch, m).reshape(-1, m)
-    b = b.expand(*batch, n).reshape(-1, n)
+    # (uniform ones as one row broadcast over the batch: two ops, not three)
+    a = C.new_full((1, m), 1.0 / m).expand(size, m) if am is None else am[0].expand(*batch, m).reshape(-1, m)
+    b = C.new_full((1, n), 1.0 / n).expand(size, n) if bm is None else bm[0].expand(*batch, n).reshape(-1, n)
     # The backward's Schur complement lives on the smaller side: make it the columns.
     flip = n > m
     if flip:
