@@ -156,13 +156,19 @@ def linear_fit(
                 check_finite(name, t)
         raise
     except SolverError as err:
-        # With a ridge > 0 only the intercept is unregularised: singular exactly
-        # where the weights sum to 0 (least_squares' advice, a larger ridge, cannot help).
-        # (A tensor or NumPy ridge too: the advice "pass ridge > 0" was wrong for those.)
-        positive = bool((torch.as_tensor(ridge, device="cpu") > 0).all()) if ridge is not None else False
+        # With a ridge > 0 only the intercept is unregularised, but the design is singular
+        # to working precision for other reasons too (a constant feature beside the
+        # intercept with a ridge too small to register, 1e-33): "all zero" is read from the
+        # weights themselves, and the ridge in float64 (a float32 cast made 1e-300 zero).
+        positive = ridge is not None and bool((torch.as_tensor(ridge, dtype=torch.float64, device="cpu") > 0).all())
         if not (bias and positive and "rank deficient" in str(err)):
             raise
-        what = "there are no vectors (T = 0)" if x.shape[-1] == 0 else "the weights are all zero"
+        if x.shape[-1] == 0:
+            what = "there are no vectors (T = 0)"
+        elif _all_zero_weights(weights, err.indices):
+            what = "the weights are all zero"
+        else:
+            raise
         raise SolverError(
             f"linear_fit: {what} for {len(err.indices)} batch element(s) (indices "
             f"{err.indices[:8]}), which leaves the intercept undetermined (it is not regularised, so "
@@ -171,6 +177,19 @@ def linear_fit(
     if bias:
         return LinearFit(sol[..., :c], sol[..., c])
     return LinearFit(sol, sol.new_zeros(sol.shape[:-1]))
+
+
+def _all_zero_weights(weights: Any, indices: list) -> bool:
+    """Whether ``weights`` ``(*, T)`` are all zero for every batch index in ``indices``
+    (tuples into the broadcast batch shape, as least_squares reports them)."""
+    if not isinstance(weights, torch.Tensor):
+        return False
+    zero = (weights == 0).all(-1)
+    for idx in indices:
+        tail = tuple(idx)[len(idx) - zero.ndim:] if zero.ndim else ()
+        if not bool(zero[tuple(i if n > 1 else 0 for i, n in zip(tail, zero.shape))]):
+            return False
+    return True
 
 
 def _check_batch_shapes(given: tuple[tuple[str, Any], ...]) -> None:

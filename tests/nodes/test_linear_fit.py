@@ -79,3 +79,31 @@ def test_linear_fit_target_beyond_x_dtype_names_target(x_dtype, target, top, ove
                                          rf"{over} of 4 .*shape \(4,\)") as err:
         fit()
     assert not isinstance(err.value, NonFiniteError) and "b " not in str(err.value)
+
+
+@pytest.mark.parametrize("ridge", [1e-40, 1e-33, 1e-300])
+def test_linear_fit_tiny_ridge_on_a_constant_feature_is_not_blamed_on_the_weights(ridge):
+    """A constant feature is collinear with the intercept's column of ones: with a ridge
+    too small to register the design is singular to float64 precision, and every weight
+    is 1. It was reported as "the weights are all zero ... no ridge helps" (ridge 1e-40,
+    1e-33); least_squares' rank-deficiency advice (a larger ridge) is the right one: with
+    ridge 1e-3 the fit is the closed form coef 0, intercept mean(t) = 4."""
+    x = torch.ones(1, 1, 9, dtype=torch.float64)
+    t = torch.arange(9.0, dtype=torch.float64)
+    w = torch.ones(1, 9, dtype=torch.float64)
+    with pytest.raises(SolverError, match=r"rank deficient.*pass ridge > 0 \(or a larger one\)") as err:
+        linear_fit(x, t, w, ridge=ridge)
+    assert "all zero" not in str(err.value)
+    fit = linear_fit(x, t, w, ridge=1e-3)
+    torch.testing.assert_close(fit.intercept, torch.tensor([4.0], dtype=torch.float64))
+
+
+def test_linear_fit_all_zero_weights_with_a_tiny_ridge_say_so():
+    """Weights all zero for one element of two leave its intercept undetermined whatever
+    the ridge: a ridge of 1e-300 was cast to float32 (0) and got least_squares' advice
+    "pass ridge > 0" instead (it is > 0)."""
+    x = torch.randn(2, 2, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.ones(2, 9, dtype=torch.float64)
+    w[1] = 0
+    with pytest.raises(SolverError, match=r"the weights are all zero for 1 batch element\(s\) \(indices \[\(1,\)\]\)"):
+        linear_fit(x, torch.arange(9.0, dtype=torch.float64), w, ridge=1e-300)
