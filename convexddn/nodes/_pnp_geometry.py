@@ -1,12 +1,8 @@
 """Geometry of the PnP node: axis-angle rotations, the reprojection objective with its
-gradient and Hessian, the batched DLT pose start and the degeneracy measures the node
-checks (coplanar points, points behind the camera).
+gradient and Hessian, and the checks of its inputs and of the pose (points behind the
+camera, a singular Hessian). The starts are in :mod:`._pnp_starts`.
 
 Batched torch code (CPU or CUDA); see :mod:`convexddn.nodes.pnp`.
-
-References:
-    R. Hartley and A. Zisserman, "Multiple View Geometry", 2nd ed., §7.1 (DLT), §4.1
-    (homography), §8.8 (pose from a plane's homography).
 """
 from __future__ import annotations
 
@@ -14,7 +10,6 @@ import math
 
 import torch
 
-from .._generic import generic_vector
 from .._warn import warn
 from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
@@ -23,32 +18,21 @@ from .linear_solvers import shown_indices
 from .pooling.penalties import Penalty
 
 __all__ = [
-    "COPLANAR",
     "axis_angle_to_matrix",
     "canonical_pose",
     "check_alpha_shape",
-    "check_dlt_points",
     "check_intrinsics",
     "check_pose",
     "check_start",
     "depths",
-    "dlt",
     "grad_hess",
     "matrix_to_axis_angle",
     "mixed_jvp",
     "objective_gradient",
     "normalised",
     "objective",
-    "off_plane_spread",
-    "planar_start",
     "warn_hessian",
 ]
-
-# Points whose spread off their best-fit plane (line) is below this fraction of their
-# largest spread count as coplanar (collinear): the DLT's 2N×12 system then has a null
-# space of dimension > 1, and its start is an arbitrary member of it. Well above rounding
-# (float32 data round a tilted plane to ~1e-7 of its extent).
-COPLANAR = 1e-6
 
 
 def _skew(r: torch.Tensor) -> torch.Tensor:
@@ -161,91 +145,6 @@ def normalised(p2d: torch.Tensor, K: torch.Tensor | None) -> torch.Tensor:
     return p2d if K is None else (p2d - K[:, None, 2:]) / K[:, None, :2]
 
 
-def dlt(q: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted DLT pose start from normalised image points q (B, N, 2) and 3-D points p.
-
-    The camera matrix [M | m] is the smallest right singular vector of the 2N×12
-    system on centred, scaled 3-D points; R is the nearest rotation to M (sign chosen so
-    the points lie in front of the camera) and t = m / scale.
-    """
-    B, N, _ = p.shape
-    wn = w / w.sum(-1, keepdim=True)
-    c = (wn.unsqueeze(-1) * p).sum(-2, keepdim=True)
-    sc = ((wn * ((p - c) ** 2).sum(-1)).sum(-1).sqrt() / math.sqrt(3)).clamp(min=1e-30)[:, None, None]
-    Xh = torch.cat([(p - c) / sc, torch.ones_like(p[..., :1])], -1)  # (B, N, 4)
-    zero = torch.zeros_like(Xh)
-    r1 = torch.cat([Xh, zero, -q[..., :1] * Xh], -1)
-    r2 = torch.cat([zero, Xh, -q[..., 1:] * Xh], -1)
-    A = torch.cat([r1, r2], -2) * w.sqrt().repeat(1, 2).unsqueeze(-1)
-    P = torch.linalg.svd(A, full_matrices=False).Vh[:, -1].reshape(B, 3, 4)
-    # Undo the 3-D normalisation: P [ (X - c)/s ; 1 ] = [M/s | m - M c/s] [X ; 1].
-    M = P[..., :3] / sc
-    m = P[..., 3] - (M @ c.mT).squeeze(-1)
-    depth = (p @ M.mT + m.unsqueeze(-2))[..., 2]
-    flip = ((wn * torch.sign(depth)).sum(-1) < 0)[:, None, None]
-    M, m = torch.where(flip, -M, M), torch.where(flip.squeeze(-1), -m, m)
-    U, S, Vh = torch.linalg.svd(M)
-    d = torch.ones_like(S)
-    d[:, 2] = torch.det(U @ Vh)
-    R = U @ (d.unsqueeze(-1) * Vh)
-    t = m / S.mean(-1, keepdim=True)
-    return torch.cat([matrix_to_axis_angle(R), t], -1)
-
-
-def planar_start(q: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Pose start from the homography of the points' best-fit plane, ``(B, N, 2),
-    (B, N, 3), (B, N) -> (B, 6)``: for (nearly) planar scenes, where the DLT's 2N×12
-    system has a null space of dimension > 1 (up to noise).
-
-    With plane axes :math:`e_1, e_2` (and normal :math:`e_3 = e_1 \\times e_2`) through
-    the weighted centroid c and plane coordinates (u, v), a point maps to the camera
-    frame as :math:`[R e_1, R e_2, R c + t]\\,(u, v, 1)^T`, which is the homography H
-    from (u, v) to the image, up to scale: :math:`R = [h_1, h_2, h_1 \\times h_2]`
-    (normalised, nearest rotation) :math:`E^T`, :math:`t = h_3 - R c`.
-    """
-    wn = w / w.sum(-1, keepdim=True)
-    c = (wn.unsqueeze(-1) * p).sum(-2, keepdim=True)
-    Vh = torch.linalg.svd((p - c) * wn.sqrt().unsqueeze(-1), full_matrices=False).Vh  # rows: plane axes
-    e1, e2 = Vh[:, 0], Vh[:, 1]
-    E = torch.stack([e1, e2, torch.linalg.cross(e1, e2)], -1)  # (B, 3, 3), right-handed
-    uv = (p - c) @ E[..., :2]
-    sc = ((wn * (uv * uv).sum(-1)).sum(-1).sqrt() / math.sqrt(2)).clamp(min=1e-30)[:, None, None]
-    U = torch.cat([uv / sc, torch.ones_like(uv[..., :1])], -1)  # (B, N, 3)
-    zero = torch.zeros_like(U)
-    rows = torch.cat([torch.cat([U, zero, -q[..., :1] * U], -1), torch.cat([zero, U, -q[..., 1:] * U], -1)], -2)
-    Hm = torch.linalg.svd(rows * w.sqrt().repeat(1, 2).unsqueeze(-1), full_matrices=False).Vh[:, -1].reshape(-1, 3, 3)
-    h1, h2, h3 = Hm[..., 0] / sc[..., 0], Hm[..., 1] / sc[..., 0], Hm[..., 2]
-    lam = 0.5 * (h1.norm(dim=-1) + h2.norm(dim=-1)).clamp(min=1e-300)
-    # The sign that puts the centroid in front of the camera (depth h3_z / λ > 0).
-    lam = torch.where(h3[:, 2] < 0, -lam, lam).unsqueeze(-1)
-    a1, a2 = h1 / lam, h2 / lam
-    U3, _, V3 = torch.linalg.svd(torch.stack([a1, a2, torch.linalg.cross(a1, a2)], -1))
-    d = torch.ones_like(h1)
-    d[:, 2] = torch.det(U3 @ V3)
-    R = (U3 @ (d.unsqueeze(-1) * V3)) @ E.mT
-    t = h3 / lam - (R @ c.mT).squeeze(-1)
-    return torch.cat([matrix_to_axis_angle(R), t], -1)
-
-
-def off_plane_spread(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Spread of the points of nonzero weight off their best-fit plane, relative to their
-    largest spread: σ_min / σ_max of the weighted, centred points, (B, N, 3) -> (B,).
-
-    Invariant to the scale, position and orientation of the points; 0 for coplanar,
-    collinear or coincident points (and rounding level, ~1e-16 in float64 or ~1e-7 for
-    float32 data, for points that are coplanar up to the precision of the input).
-    """
-    s = _spread_values(p, w)
-    return s[:, -1] / s[:, 0].clamp(min=torch.finfo(s.dtype).tiny)
-
-
-def _spread_values(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Singular values of the weighted, centred points, (B, N, 3) -> (B, 3), descending."""
-    wn = w / w.sum(-1, keepdim=True)
-    c = (wn.unsqueeze(-1) * p).sum(-2, keepdim=True)
-    return torch.linalg.svdvals((p - c) * wn.sqrt().unsqueeze(-1))
-
-
 def depths(theta: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Camera-frame depth of each point under the pose θ = (r, t): (B, 6), (B, N, 3) -> (B, N)."""
     R = axis_angle_to_matrix(theta[:, :3])
@@ -263,38 +162,6 @@ def check_intrinsics(q, K) -> None:
         raise InputError(f"K must have nonzero focal lengths fx = K[..., 0] and fy = K[..., 1] with "
                          f"p2d / f finite, got {float(K[:, :2].abs().min()):g} as the smallest |f| "
                          f"({shown_indices(bad)})")
-
-
-def check_dlt_points(p, w) -> None:
-    """The starts need, per problem, >= 6 distinct points of nonzero weight (fewer leave
-    the DLT's 2N×12 system a null space of dimension > 1; a point repeated to pad to a
-    fixed N counts once: 4 points three times each gave an arbitrary start, a pose 1 rad
-    off, silently) not all on one line (no plane, so no pose, is determined); coplanar
-    points are solved from the plane's homography (:func:`planar_start`).
-
-    One line: the directions from a middle point of nonzero weight to the others span
-    one dimension (σ₂/σ₁ of the unit directions at most ``COPLANAR``): unlike the points'
-    own spread, this does not call ten points in general position collinear beside one
-    landmark 1e8 away."""
-    live = w > 0
-    key = (p @ generic_vector(3, p.dtype, p.device)).masked_fill(~live, math.inf)  # generic: distinct keys
-    key, order = key.sort(-1)
-    fresh = torch.cat([key[:, :1] < math.inf, (key[:, 1:] != key[:, :-1]) & (key[:, 1:] < math.inf)], -1)
-    distinct = fresh.sum(-1)
-    few = distinct < 6
-    if bool(few.any()):
-        raise InputError(f"weights: the DLT start needs >= 6 distinct points of nonzero weight per problem, "
-                         f"got {int(distinct.min())} for {shown_indices(few)}; pass init")
-    mid = order.gather(-1, (live.sum(-1, keepdim=True) // 2))
-    d = p - p.gather(1, mid.unsqueeze(-1).expand(-1, 1, 3))
-    n = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
-    s = torch.linalg.svdvals(torch.where((n > 0) & live.unsqueeze(-1), d / torch.where(n > 0, n, 1.0), 0.0))
-    spread = s[:, 1] / s[:, 0].clamp(min=torch.finfo(s.dtype).tiny)
-    line = spread <= COPLANAR
-    if bool(line.any()):
-        raise InputError(f"p3d: the pose needs points (of nonzero weight) not all on one line, got points "
-                         f"whose directions from a middle one spread {float(spread[line].max()):.1e} off a "
-                         f"line for {shown_indices(line)}; pass init")
 
 
 def check_start(bad, from_init: bool) -> None:

@@ -11,17 +11,8 @@ import torch
 from .._warn import warn
 from ..errors import SolverWarning
 from .pooling.penalties import Penalty
-from ._pnp_geometry import (
-    COPLANAR,
-    check_start,
-    depths,
-    dlt,
-    grad_hess,
-    normalised,
-    objective,
-    off_plane_spread,
-    planar_start,
-)
+from ._pnp_geometry import check_start, depths, grad_hess, normalised, objective
+from ._pnp_starts import COPLANAR, dlt, off_plane_spread, planar_start
 
 __all__ = ["from_starts", "solve", "warn_unfinished"]
 

@@ -48,7 +48,6 @@ from ._pnp_geometry import (
     axis_angle_to_matrix,
     canonical_pose,
     check_alpha_shape,
-    check_dlt_points,
     check_intrinsics,
     check_pose,
     check_start,
@@ -59,6 +58,7 @@ from ._pnp_geometry import (
     warn_hessian,
 )
 from ._pnp_solvers import from_starts, solve, warn_unfinished
+from ._pnp_starts import check_dlt_points
 from ._repr import format_option
 from ._module_options import store_option
 from ._overflow import narrowed, widened
