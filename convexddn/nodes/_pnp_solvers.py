@@ -12,7 +12,7 @@ from .._warn import warn
 from ..errors import SolverWarning
 from .pooling.penalties import Penalty
 from ._pnp_geometry import check_start, depths, grad_hess, normalised, objective
-from ._pnp_starts import COPLANAR, dlt, off_plane_spread, planar_start
+from ._pnp_starts import COPLANAR, dlt, image_spread, off_plane_spread, planar_start
 
 __all__ = ["from_starts", "solve", "warn_unfinished"]
 
@@ -120,11 +120,17 @@ def warn_unfinished(unfinished, tol, max_iter) -> None:
 
 
 # Scenes whose points spread off their best-fit plane by less than this fraction of
-# their extent are also solved from the plane's homography start, and the better pose is
-# kept: there the DLT's system is nearly rank-deficient, and with 1e-3 image noise its
-# start led to a wrong minimum in front of the camera (relief 1e-3: objective 1.8e-2
-# against 8e-6, t_z 5.3 against 4.0) without a word.
+# their extent are also solved from the plane's starts, and the best pose is kept: there
+# the DLT's system is nearly rank-deficient, and with 1e-3 image noise its start led to
+# a wrong minimum in front of the camera (relief 1e-3: objective 1.8e-2 against 8e-6,
+# t_z 5.3 against 4.0) without a word.
 _NEARLY_PLANAR = 0.1
+# So are scenes seen under an angle (:func:`~._pnp_starts.image_spread`) below this:
+# there the camera is nearly affine, the DLT's start poor and a plane's pose two-fold
+# (8 points 2 units across at depth 30, relief 0.3, 0.19 off their plane: from the DLT's
+# start 34x the minimum's objective, the pose 40 units off, silently; 10 points 2 units
+# across at depth 15, relief 0.3: 259x).
+_FAR = 0.1
 
 
 def _solve_robust(theta, xs, pen, tol, max_iter):
@@ -138,39 +144,44 @@ def _solve_robust(theta, xs, pen, tol, max_iter):
 
 
 def from_starts(xs, pen, tol, max_iter):
-    """The pose from the DLT start and, for nearly planar scenes, also from the plane's
-    homography start (:func:`~._pnp_geometry.planar_start`; the only start where the
-    points are coplanar): the one with every point of nonzero weight in front of the
-    camera and the lower objective is kept. One host read beyond the solves'."""
+    """The pose from the DLT start and, for nearly planar scenes or scenes seen under a
+    small angle, also from the plane's three starts (:func:`~._pnp_starts.planar_start`:
+    the homography's pose, which replaces the DLT's for coplanar points, and the pose
+    pair of its affine part): all starts are solved as one batch, and the pose with every
+    point of nonzero weight in front of the camera and the lowest objective is kept
+    (ties: the first start). One host read beyond the solves'."""
     p2d, p3d, w, K, alpha = xs
+    B = p3d.shape[0]
     qn = normalised(p2d, K)
     theta = dlt(qn, p3d, w)
     spread = off_plane_spread(p3d, w)
-    idx = torch.nonzero(spread <= _NEARLY_PLANAR).squeeze(1)
+    idx = torch.nonzero((spread <= _NEARLY_PLANAR) | (image_spread(qn, w) <= _FAR)).squeeze(1)
+    owner = torch.arange(B, device=p3d.device)  # the problem each start belongs to
     if idx.numel():
         pick = lambda t: _rows(t, idx)  # noqa: E731
-        sub = tuple(pick(t) for t in xs)
-        planar = planar_start(pick(qn), sub[1], sub[2])
-        # Coplanar points leave the DLT's start an arbitrary member of its null space.
+        planes = planar_start(pick(qn), pick(p3d), pick(w))  # (k, 3, 6)
+        # Coplanar points leave the DLT's start an arbitrary member of its null space:
+        # the homography's pose takes its place (and is solved twice, as before).
         flat = (pick(spread) <= COPLANAR).unsqueeze(-1)
-        theta = theta.index_copy(0, idx, torch.where(flat, planar, pick(theta)))
+        theta = theta.index_copy(0, idx, torch.where(flat, planes[:, 0], pick(theta)))
+        theta = torch.cat([theta, planes.transpose(0, 1).flatten(0, 1)])
+        owner = torch.cat([owner, idx.repeat(3)])
+        xs = tuple(_rows(t, owner) for t in xs)
     bad_start = ~torch.isfinite(objective(theta, *xs, pen))
     theta, unfinished = _solve_robust(theta, xs, pen, tol, max_iter)
-    if idx.numel():
-        ok = torch.isfinite(objective(planar, *sub, pen)).unsqueeze(-1)
-        other, other_unfinished = _solve_robust(torch.where(ok, planar, pick(theta)), sub, pen, tol, max_iter)
-
-        def score(th):  # the objective, +inf with a point of nonzero weight at or behind the camera
-            behind = ((depths(th, sub[1]) <= 0) & (sub[2] > 0)).any(-1)
-            f = objective(th, *sub, pen)
-            return torch.where(behind | ~torch.isfinite(f), torch.inf, f)
-
-        better = score(other) < score(pick(theta))
-        theta = theta.index_copy(0, idx, torch.where(better.unsqueeze(-1), other, pick(theta)))
-        # What is said is said of the poses kept: the DLT's start and solve are moot
-        # where the plane's replaced them (14 of 20 nearly planar scenes had warned).
-        unfinished = unfinished.index_copy(0, idx, torch.where(better, other_unfinished, pick(unfinished)))
-        bad_start = bad_start.index_copy(0, idx, pick(bad_start) & ~better)
+    if owner.shape[0] > B:
+        # The objective, +inf with a point of nonzero weight at or behind the camera; per
+        # problem the first start of the lowest score (scatter_reduce: no host read).
+        behind = ((depths(theta, xs[1]) <= 0) & (xs[2] > 0)).any(-1)
+        f = objective(theta, *xs, pen)
+        score = torch.where(behind | ~torch.isfinite(f), torch.inf, f)
+        best = score.new_full((B,), torch.inf).scatter_reduce(0, owner, score, "amin")
+        order = torch.arange(owner.shape[0], device=owner.device)
+        first = torch.where(score == best[owner], order, owner.shape[0])
+        keep = torch.full((B,), owner.shape[0], device=owner.device).scatter_reduce(0, owner, first, "amin")
+        # What is said is said of the poses kept: a start's warnings are moot where
+        # another replaced it (14 of 20 nearly planar scenes had warned).
+        theta, unfinished, bad_start = theta[keep], unfinished[keep], bad_start[keep]
     check_start(bad_start, False)
     warn_unfinished(unfinished, tol, max_iter)
     return theta

@@ -11,11 +11,11 @@ with :math:`R(r)` the rotation of the axis-angle vector :math:`r` (Rodrigues),
 reprojection distance (``quadratic``: least-squares reprojection error; ``huber``: the
 reference's ``reproj_huber``).
 
-Forward: a batched direct linear transform (DLT) start (for nearly planar scenes also
-the plane's homography, the better pose kept), then damped Newton
-(Levenberg–Marquardt on the exact 6×6 Hessian, shifted to be positive definite, each
-step accepted only if it lowers the objective), all batch elements at once (those still
-running, once half have finished), in float64.
+Forward: a batched direct linear transform (DLT) start (for nearly planar or distant
+scenes also the plane's homography and its affine pose pair, the best pose kept), then
+damped Newton (Levenberg–Marquardt on the exact 6×6 Hessian, shifted to be positive
+definite, each step accepted only if it lowers the objective), all batch elements at
+once (those still running, once half have finished), in float64.
 
 Backward (Gould et al. Prop. 4.4, §6.1):
 :math:`v = H^{-1} \\bar\\theta` with the exact 6×6 Hessian at the solution, then
@@ -29,7 +29,7 @@ References:
     D. Campbell, L. Liu and S. Gould, "Solving the Blind Perspective-n-Point Problem
     End-To-End With Robust Differentiable Geometric Optimization", ECCV 2020.
     R. Hartley and A. Zisserman, "Multiple View Geometry", 2nd ed., §7.1 (DLT), §8.8
-    (pose from a plane's homography).
+    (pose from a plane's homography); Collins & Bartoli, IJCV 2014 (IPPE, the planar pair).
 """
 from __future__ import annotations
 
@@ -189,9 +189,11 @@ def pnp(
     step and the undamped Newton step are below ``tol``; a nonconvex penalty (Welsch,
     truncated quadratic) first solves the Huber problem of the same ``alpha`` from the
     DLT start (on clean data the DLT start can leave every residual on Welsch's flat
-    tail). Nearly planar scenes (off their plane by less than a tenth of their extent: a
-    checkerboard) are also solved from the plane's homography (the only start for
-    coplanar points), keeping the pose with all points in front and the lower objective. The result is a local
+    tail). Nearly planar scenes (off their plane by under a tenth of their extent: a
+    checkerboard) and distant ones (normalised image points within 0.1 RMS of their
+    centroid) are also solved from the best-fit plane's homography (the only start for
+    coplanar points) and its affine part's two mirror-image poses (IPPE), keeping the
+    pose with all points in front and the lowest objective. The result is a local
     minimiser: with gross outliers the DLT start (a least-squares fit) can lie outside
     the basin of the robust minimum, so pass ``init`` (e.g. from RANSAC) in that case.
     The scene's units do not matter: :math:`\theta(q, s\,p) = (r, s\,t)` exactly (the
