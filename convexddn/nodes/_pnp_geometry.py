@@ -32,6 +32,7 @@ __all__ = [
     "normalised",
     "objective",
     "warn_hessian",
+    "warn_holes",
 ]
 
 
@@ -112,8 +113,7 @@ def objective(theta, p2d, p3d, w, K, a, pen: Penalty) -> torch.Tensor:
     """Σ_i w_i φ(‖π_K(R p_i + t) − q_i‖; α) per batch element, (B,); points of weight 0
     at (or near) depth 0 contribute 0 too (see ``_DEPTH_FLOOR``)."""
     X = p3d @ axis_angle_to_matrix(theta[:, :3]).mT + theta[:, None, 3:]
-    # (`not >`: a NaN depth, from a non-finite θ, is a hole too.)
-    hole = (w == 0) & ~(X[..., 2].abs() > _DEPTH_FLOOR * X.abs().amax(-1))
+    hole = _holes(X, w)
     depth = torch.where(hole, 1.0, X[..., 2]).unsqueeze(-1)
     proj = torch.where(hole.unsqueeze(-1), 0.0, X[..., :2]) / depth
     if K is not None:
@@ -126,6 +126,30 @@ def objective(theta, p2d, p3d, w, K, a, pen: Penalty) -> torch.Tensor:
     zero = torch.zeros_like(s)
     near = pen.phi(zero, a) + 0.5 * pen.d2phi(zero, a) * s
     return (w * torch.where(small, near, pen.phi(z, a))).sum(-1)
+
+
+def _holes(X, w):
+    """Points of weight 0 at (or near) depth 0 in the camera frame, X (B, N, 3) -> (B, N),
+    which :func:`objective` leaves out (`not >`: a NaN depth, from a non-finite θ, is a
+    hole too)."""
+    return (w == 0) & ~(X[..., 2].abs() > _DEPTH_FLOOR * X.abs().amax(-1))
+
+
+def warn_holes(theta, p3d, w) -> None:
+    """GradientWarning for the points :func:`objective` leaves out at the pose θ (weight 0,
+    depth within ``_DEPTH_FLOOR`` of 0), where the gradient w.r.t. their weights is asked
+    for: ∂θ/∂w_i = −H⁻¹ ∇_θ φ_i, and ∇_θ φ_i grows like 1/Z_i² as the depth Z_i → 0
+    (1.6e20 at Z = 1e-6, 1.3e27 at 5e-9; undefined at 0), so the 0 returned for them is no
+    derivative (it was returned silently). Their coordinates' gradients are exact: with
+    w_i = 0 the objective does not depend on them."""
+    X = p3d @ axis_angle_to_matrix(theta[:, :3]).mT + theta[:, None, 3:]
+    hole = _holes(X, w)
+    if bool(hole.any()):
+        pairs = hole.nonzero()[:8].tolist()
+        warn(f"pnp: the gradient w.r.t. weights of {int(hole.sum())} point(s) of weight 0 at depth 0 under the "
+             f"pose (within {_DEPTH_FLOOR:g} of their largest camera-frame coordinate), [batch element, point] "
+             f"{pairs}{' ...' if hole.sum() > 8 else ''}, is set to 0: the pose's derivative w.r.t. the weight of a "
+             "point at depth 0 is unbounded (its projection is undefined there)", GradientWarning)
 
 
 def grad_hess(theta, xs, pen, create_graph=False):
@@ -233,6 +257,8 @@ def objective_gradient(theta, xs, need, pen):
     """``(inputs, ∇_θf)``: detached copies of ``xs`` that require grad where ``need``
     says, and the objective's gradient at θ as a graph over them (call with grad
     enabled): the backward's and :func:`mixed_jvp`'s mixed derivatives both start here."""
+    if need[2]:
+        warn_holes(theta, xs[1], xs[2])
     args = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(xs, need)]
     th = theta.detach().requires_grad_()
     return args, torch.autograd.grad(objective(th, *args, pen).sum(), th, create_graph=True)[0]
@@ -244,6 +270,8 @@ def mixed_jvp(xs, theta, moving, tangents, pen):
     (``torch.autograd.forward_ad``, where forward mode cannot nest) by reverse mode
     twice: J dx = ∂/∂u ⟨Jᵀu, dx⟩, Jᵀu being linear in u."""
     if torch._C._are_functorch_transforms_active():
+        if 2 in moving:  # (the other branch warns in objective_gradient)
+            warn_holes(theta, xs[1], xs[2])
         def grad_theta(*moved):
             args = list(xs)
             for i, t in zip(moving, moved):

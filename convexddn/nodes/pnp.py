@@ -184,20 +184,20 @@ def pnp(
             \sum_i w_i\, \phi\big(\|\pi_K(R(r) p_i + t) - q_i\|_2; \alpha\big)
 
     Forward: a weighted DLT start (needs N >= 6 distinct points of nonzero weight not all
-    on one line; else pass ``init``), then Levenberg–Marquardt on the exact 6×6 Hessian
-    from that start, every step accepted only if it lowers the objective, until both the
-    step and the undamped Newton step are below ``tol``; a nonconvex penalty (Welsch,
-    truncated quadratic) first solves the Huber problem of the same ``alpha`` from the
-    DLT start (on clean data the DLT start can leave every residual on Welsch's flat
-    tail). Nearly planar scenes (off their plane by under a tenth of their extent: a
-    checkerboard) and distant ones (normalised image points within 0.1 RMS of their
-    centroid) are also solved from the best-fit plane's homography (the only start for
-    coplanar points) and its affine part's two mirror-image poses (IPPE), keeping the
-    pose with all points in front and the lowest objective. The result is a local
-    minimiser: with gross outliers the DLT start (a least-squares fit) can lie outside
-    the basin of the robust minimum, so pass ``init`` (e.g. from RANSAC) in that case.
-    The scene's units do not matter: :math:`\theta(q, s\,p) = (r, s\,t)` exactly (the
-    solve runs in units of a power of two near each scene's extent).
+    on one line; else pass ``init``), then Levenberg–Marquardt on the exact 6×6 Hessian,
+    each step kept only if it lowers the objective, until the step and the undamped
+    Newton step are below ``tol``; a nonconvex penalty (Welsch, truncated quadratic)
+    first solves the Huber problem of the same ``alpha`` from the DLT start (on clean
+    data that start can leave every residual on Welsch's flat tail). Nearly planar
+    scenes (off their plane by under a tenth of their extent: a checkerboard) and
+    distant ones (normalised image points within 0.1 RMS of their centroid) are also
+    solved from the best-fit plane's homography (the only start for coplanar points) and
+    its affine part's two mirror-image poses (IPPE), keeping the pose with all points in
+    front and the lowest objective. The result is a local minimiser: with gross outliers
+    the DLT start (a least-squares fit) can lie outside the basin of the robust minimum,
+    so pass ``init`` (e.g. from RANSAC) in that case. The scene's units do not matter:
+    :math:`\theta(q, s\,p) = (r, s\,t)` exactly (the solve runs in units of a power of
+    two near each scene's extent).
 
     Backward: :math:`v = H^{-1}\bar\theta` with :math:`H = \nabla^2_{\theta} f` at the
     solution, then :math:`\bar x = -\partial_x(\nabla_\theta f(\theta, x)^\top v)` for
@@ -246,7 +246,8 @@ def pnp(
             output dtype (Inf entries).
         GradientWarning: singular or ill-conditioned Hessian in the backward; a gradient
             (or forward-mode tangent) entry beyond its dtype's range, computed in float64
-            and ±Inf when cast back (names the input and the batch elements).
+            and ±Inf when cast back (names the input and the batch elements); the weight
+            of a zero-weight point at depth 0 (its unbounded gradient is set to 0).
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -338,8 +339,7 @@ def pnp(
     size = p.detach().abs().amax(-1).masked_fill(w.detach() <= 0, math.nan).nanmedian(-1).values
     unit = pow2_round(torch.where(size > 0, size, p.detach().abs().amax((1, 2))).clamp_min(torch.finfo(dtype).tiny))
     p = p / unit.view(-1, 1, 1)
-    if th0 is not None:
-        th0 = torch.cat([th0[:, :3], th0[:, 3:] / unit.view(-1, 1)], 1)
+    th0 = None if th0 is None else torch.cat([th0[:, :3], th0[:, 3:] / unit.view(-1, 1)], 1)
     args = (q, p, w, Kf, a, None if th0 is None else th0.detach(), pen,
             _DEFAULT_TOL if tol is None else float(tol), _DEFAULT_MAX_ITER if max_iter is None else max_iter)
     # An empty batch goes through apply too, so that its output stays in the graph.

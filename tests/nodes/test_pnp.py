@@ -380,9 +380,41 @@ def test_pnp_zero_weight_padding_at_depth_zero_at_the_solution(case):
     R = axis_angle_to_matrix(theta[:, :3])
     on_plane = torch.tensor([[[0.5, -0.3, 0.0], [0.0, 0.0, 0.0]]], dtype=D)
     pad3 = (on_plane - theta[:, None, 3:]) @ R  # Rᵀ(X − t)
-    est = _assert_same_as_unpadded(q, p, w, torch.full((1, 2, 2), 0.3, dtype=D), pad3, init=init)
+    # (the padding's weights get a gradient of 0 there, with a warning: it has none)
+    with pytest.warns(GradientWarning, match=r"weights of \d point\(s\) of weight 0 at depth 0"):
+        est = _assert_same_as_unpadded(q, p, w, torch.full((1, 2, 2), 0.3, dtype=D), pad3, init=init)
     depth = (pad3 @ axis_angle_to_matrix(est[:, :3]).mT + est[:, None, 3:])[..., 2]
     assert depth.abs().max() <= (0 if case == "exact" else 1e-12)
+
+
+def test_pnp_weight_gradient_of_padding_at_depth_zero_warns():
+    """A padding point (weight 0) at camera-frame (1, 1, Z): dθ/dw_pad = −H⁻¹∇_θφ_pad grows
+    like 1/Z² (1.6e20 at Z = 1e-6, right), but under the objective's depth floor (Z =
+    5e-9: 1.3e27 by the implicit function theorem) the point is left out and its weight's
+    gradient came back 0, silently. Now a GradientWarning names [batch element, point];
+    p3d's gradient (exactly 0 for that point: with weight 0 nothing depends on it) and a
+    point above the floor say nothing."""
+    q, p, theta = scene(12, batch=(1,), n=10, noise=1e-2)
+    theta = pnp(q, p)
+    R = axis_angle_to_matrix(theta[:, :3])
+    for z, warns in [(1e-6, False), (5e-9, True), (0.0, True)]:
+        pad3 = (torch.tensor([[[1.0, 1.0, z]]], dtype=D) - theta[:, None, 3:]) @ R
+        qp, pp = torch.cat([q, torch.full((1, 1, 2), 0.3, dtype=D)], 1), torch.cat([p, pad3], 1)
+        w = torch.cat([torch.ones(1, 10, dtype=D), torch.zeros(1, 1, dtype=D)], 1).requires_grad_()
+        pp.requires_grad_()
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            gw, gp = torch.autograd.grad(pnp(qp, pp, w).sum(), (w, pp))
+            torch.func.jvp(lambda w: pnp(qp.detach(), pp.detach(), w), (w.detach(),), (torch.ones_like(w),))
+        said = [str(m.message) for m in got if issubclass(m.category, GradientWarning)]
+        assert len(said) == (2 if warns else 0), said  # (the backward's and the jvp's)
+        assert all("weight 0 at depth 0" in m and "[[0, 10]]" in m for m in said)
+        assert torch.equal(gp[0, 10], torch.zeros(3, dtype=D))
+        assert (gw[0, 10] == 0) == warns
+        pp.requires_grad_(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # p3d alone: nothing to say
+            torch.autograd.grad(pnp(qp, pp.requires_grad_(), w.detach()).sum(), pp)
 
 
 def test_pnp_points_behind_camera_warn():
