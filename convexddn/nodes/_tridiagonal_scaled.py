@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["condition", "equilibrate", "multiply", "omega", "refine_pivoted", "row_max", "solve_pivoted",
+__all__ = ["condition", "equilibrate", "growth", "multiply", "omega", "refine_pivoted", "row_max", "solve_pivoted",
            "solve_scaled", "unscale"]
 
 _LOW = -(1 << 20)  # the exponent given to a zero: below the sum of any two real exponents
@@ -196,10 +196,22 @@ def _solve_factored(factors: tuple[torch.Tensor, ...], d: torch.Tensor) -> torch
     return _back(u, torch.stack(ys))
 
 
-def equilibrate(b, a, c, d) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+def equilibrate(b, a, c, d, headroom: torch.Tensor | None = None
+                ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
     r"""The equilibrated system of :func:`solve_scaled`, :math:`(\tilde A, \tilde d)` as
-    ``(bs, as, cs, ds)``, and the exponents ``shift`` (``(M, N, K)``) that bring its solution
-    back: :math:`x = \tilde y \cdot 2^{\text{shift}}` (:func:`unscale`)."""
+    ``(bs, as, cs, ds)``, the exponents ``shift`` (``(M, N, K)``) that bring its solution back
+    (:math:`x = \tilde y \cdot 2^{\text{shift}}`, :func:`unscale`), and ``lost`` ``(M,)``: whether
+    :math:`\tilde d` lost bits of ``d`` (entries rounded or flushed below the normal range).
+
+    Each rhs column of :math:`R d` is scaled by :math:`2^{-s}`. By default :math:`s` brings its
+    largest entry to at least 1/2 and at most :math:`2^{e_{max}/2}` (headroom for the growth of
+    the solution: lowering every column to [1/2, 1) flushed a solution entry 2^-1200 below the
+    column's largest to 0, x = (2^600, 2^-600) for a permutation matrix). With ``headroom``
+    (``(M, 1, K)`` integers, :func:`growth` measured on the default's solve) the columns are
+    lowered only as far as their smallest nonzero entry stays normal, and at least as far as
+    leaves :math:`2^{\text{headroom}}` below the largest finite number: exact where the range
+    allows it (``d = (1e-300, 1.7e308)`` for a permutation matrix: the default's 2^-511 flushed
+    1e-300 to 0 and the check failed, a SolverError blaming the conditioning)."""
     e = torch.frexp(row_max(b, a, c))[1].long()  # (M, N): rows' largest entries in [2^(e-1), 2^e); 0: zero row
     eb, ea, ec = _exponent(b) - e, _exponent(a) - e[:, 1:], _exponent(c) - e[:, :-1]
     g = eb.clone()  # column j holds b_j (row j), a_j (row j+1), c_{j-1} (row j-1)
@@ -210,12 +222,27 @@ def equilibrate(b, a, c, d) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     bs, as_, cs = _pow2(b, -e - g), _pow2(a, -e[:, 1:] - g[:, :-1]), _pow2(c, -e[:, :-1] - g[:, 1:])
     ed = _exponent(d) - e.unsqueeze(-1)  # exponents of R d's entries
     f = ed.amax(1, keepdim=True)  # (M, 1, K)
-    f = f.masked_fill(f < _LOW // 2, 0)  # (a zero column: y = 0)
-    # Columns whose largest entry is below 1/2 are raised to [1/2, 1), those above 2^(emax/2)
-    # lowered to it, the others kept: lowering every column to [1/2, 1) flushed a solution entry
-    # 2^-1200 below the column's largest to 0 (x = (2^600, 2^-600) for a permutation matrix).
-    f = f - f.clamp(0, int(math.log2(torch.finfo(d.dtype).max)) // 2)
-    return (bs, as_, cs, _pow2(d, -e.unsqueeze(-1) - f)), f - g.unsqueeze(-1)
+    empty = f < _LOW // 2  # (a zero column: y = 0)
+    info = torch.finfo(d.dtype)
+    emax, emin = math.frexp(info.max)[1], math.frexp(info.tiny)[1]  # frexp's exponents: 1024, -1021 (float64)
+    s = f - f.clamp(0, emax // 2)
+    if headroom is not None:
+        lo = ed.masked_fill(ed < _LOW // 2, -_LOW).amin(1, keepdim=True)  # the smallest nonzero entry's
+        s = (lo - emin).minimum(s).maximum(f - emax + headroom.clamp(0, emax // 2))  # (lo - s >= emin if it can)
+    s = s.masked_fill(empty, 0)
+    ds = _pow2(d, -e.unsqueeze(-1) - s)
+    lost = (_pow2(ds, e.unsqueeze(-1) + s) != d).flatten(1).any(1)
+    return (bs, as_, cs, ds), s - g.unsqueeze(-1), lost
+
+
+def growth(ds: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(M, 1, K)``: by how many powers of two each column's largest entry grew from the
+    equilibrated rhs ``ds`` to the solution ``y`` (at least 0; half the exponent range where
+    ``y`` is not finite), the headroom a lossless shift must leave (:func:`equilibrate`)."""
+    top = math.frexp(torch.finfo(y.dtype).max)[1]
+    gain = _exponent(y.abs().amax(1, keepdim=True)) - _exponent(ds.abs().amax(1, keepdim=True))
+    finite = torch.isfinite(y).all(1, keepdim=True)
+    return torch.where(finite, gain.clamp(0, top // 2), top // 2)
 
 
 def condition(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, solve) -> torch.Tensor:
@@ -268,7 +295,8 @@ def refine_pivoted(system: tuple[torch.Tensor, ...], factors: tuple[torch.Tensor
     return torch.where(where.view(-1, 1, 1), y_new, y)
 
 
-def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0, lossless: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The slow path (:mod:`._tridiagonal_solver`, step 3): ``(x, ratio)``. The system is
     equilibrated by powers of two (:func:`equilibrate`), :math:`\tilde A = R A C` (``R``: each
     row by its largest entry's; ``C``: then each column by its largest scaled entry's, so that
@@ -279,9 +307,15 @@ def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0) -> tuple[torch.Tenso
     before the column scaling brings it back). Then :math:`x = C \tilde y\, 2^f` with
     :math:`\tilde A \tilde y = \tilde d` solved by :func:`solve_pivoted` (``ratio`` its),
     then ``steps`` (``(M,)`` or an int) steps of refinement with the same pivoting
-    (:func:`refine_pivoted`). Rows alone left a column graded by 2^±500 in :math:`\tilde y`:
-    its small entries underflowed."""
-    system, shift = equilibrate(b, a, c, d)
+    (:func:`refine_pivoted`). ``lossless`` (``(M,)`` bool): those elements solved again with
+    :func:`equilibrate`'s lossless shift, its headroom the :func:`growth` of the first solve.
+    Rows alone left a column graded by 2^±500 in :math:`\tilde y`: its small entries underflowed."""
+    system, shift, _ = equilibrate(b, a, c, d)
+    if lossless is not None and bool(lossless.any()):  # (a plain tensor: the route)
+        again, shift_l, _ = equilibrate(b, a, c, d, growth(system[3], solve_pivoted(*system)[0]))
+        pick = lossless.view(-1, 1, 1)
+        system = tuple(torch.where(pick.view(-1, *[1] * (t.ndim - 1)), u, t) for t, u in zip(system, again))
+        shift = torch.where(pick, shift_l, shift)
     y, ratio, factors = solve_pivoted(*system)
     if not torch.is_tensor(steps):
         steps = torch.full((b.shape[0],), steps, device=b.device)

@@ -40,7 +40,10 @@ Systems :math:`A x = d` with :math:`A` tridiagonal (main diagonal ``b`` ``(M, N)
 3. the elements that still fail are solved again, alone, **equilibrated and pivoted**: rows,
    then columns, then rhs columns scaled by powers of two (exact; columns too: rows alone left
    a solution graded by 2^±500, whose small entries underflowed,
-   :func:`._tridiagonal_scaled.solve_scaled`), by Gaussian elimination with partial pivoting on
+   :func:`._tridiagonal_scaled.solve_scaled`; where the rhs shift rounds entries of ``d``, solved
+   again with :func:`._tridiagonal_scaled.equilibrate`'s lossless shift, route + :data:`LOSSLESS`,
+   kept where it passes: a κ = 1 permutation system with rhs (1e-300, 1.7e308) failed its check
+   with 1e-300 flushed, a SolverError blaming the conditioning), by Gaussian elimination with partial pivoting on
    the band, the algorithm of LAPACK's ``gtsv`` (row interchanges fill one more
    super-diagonal), a loop over the N rows vectorised over those elements; backward stable
    (normwise) for every nonsingular tridiagonal matrix. Its answer is checked too, by the same
@@ -68,11 +71,12 @@ import torch
 
 from .._warn import warn
 from ..errors import GradientWarning, SolverError
-from ._tridiagonal_scaled import (condition, equilibrate, multiply, omega, refine_pivoted, solve_pivoted, solve_scaled,
-                                  unscale)
+from ._tridiagonal_scaled import (condition, equilibrate, growth, multiply, omega, refine_pivoted, solve_pivoted,
+                                  solve_scaled, unscale)
 from .degeneracy import shown_indices
 
-__all__ = ["FAST", "PIVOTED", "PIVOTED_REFINED", "REFINED", "WIDE", "check_cast", "multiply", "solve_checked"]
+__all__ = ["FAST", "LOSSLESS", "PIVOTED", "PIVOTED_REFINED", "REFINED", "WIDE", "check_cast", "multiply",
+           "solve_checked"]
 
 _THOMAS_RATIO, _THOMAS_WORK = 16, 1 << 16  # where Thomas's loop over the rows pays (solve_fast)
 _ACCEPT = 16.0  # ω accepted up to this many ulps (dominant systems: ≤ 7 measured, N up to 10⁵)
@@ -81,6 +85,7 @@ _SINGULAR = 4.0  # a pivot at most this many ulps of the terms that formed it is
 FAST, REFINED, WIDE, PIVOTED, PIVOTED_REFINED = 0, 1, 2, 3, 4  # an element's route (solve_checked)
 _WIDE_COND = 1.0  # the wide route's answer accepted where the estimated κ(Ã)·ε is below this (LAPACK gtsvx's rule)
 _PIVOTED_STEPS = 2  # refinements of a pivoted answer at most (route PIVOTED + their number)
+LOSSLESS = 8  # added to a pivoted route: the rhs shifted without flushing entries (equilibrate's lossless)
 
 
 def reduce_cyclic(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor
@@ -243,9 +248,12 @@ def _problems(x: torch.Tensor, ratio: torch.Tensor, eta: torch.Tensor, strict: b
     return exact, rounding, overflow, inaccurate
 
 
-def _report(who, bad, batch, dtype, ratio, eta, strict):
+def _report(who, bad, batch, dtype, ratio, eta, strict, rounded):
     """Raise (``strict``: the forward) or warn (GradientWarning: a derivative) for the elements of
-    :func:`_problems`."""
+    :func:`_problems`; ``rounded`` ``(M,)``: those whose answer comes from an equilibrated rhs that
+    lost bits (the lossless retry did not pass: the range of the rhs, not only the matrix, may be
+    the cause; where the solution is representable a lossless shift with its growth's headroom exists
+    up to a bit or two, so this is rare)."""
     exact, rounding, overflow, inaccurate = bad
     eps = torch.finfo(dtype).eps
     if strict and bool(exact.any()):
@@ -268,10 +276,38 @@ def _report(who, bad, batch, dtype, ratio, eta, strict):
     if bool(inaccurate.any()):
         found = f"componentwise backward error up to {float(eta[inaccurate].max()):.2g} (> {_ACCEPT_PIVOTED}·eps)"
         if strict:
-            _raise(who, inaccurate, batch, f"the pivoted solve did not reach working accuracy ({found}); the "
-                   "matrix is too ill-conditioned for " + str(dtype), "inaccurate")
+            cause = f"the matrix is too ill-conditioned for {dtype}"
+            if bool((rounded & inaccurate).any()):
+                cause += (", or the right-hand side spans more magnitudes than it can hold beside the solution's "
+                          "growth (its small entries rounded in the equilibrated solve): rescale those elements")
+            _raise(who, inaccurate, batch, f"the pivoted solve did not reach working accuracy ({found}); {cause}",
+                   "inaccurate")
         warn(f"{what} did not reach working accuracy in {shown_indices(inaccurate)} ({found}): the derivatives "
              "there are inaccurate", GradientWarning)
+
+
+def _pivoted(sub: tuple[torch.Tensor, ...], headroom: torch.Tensor | None = None):
+    """Step 3 on the elements ``sub = (b, a, c, d)``: :func:`._tridiagonal_scaled.solve_scaled`'s
+    steps one at a time, each checked (the same operations: ``check=False`` reproduces them):
+    ``(x, ratio, eta, steps, lost)``, ``eta`` the answer's ω, ``steps`` the refinements taken,
+    ``lost`` whether the rhs shift rounded entries of ``d``, ``grew`` the first solve's
+    :func:`._tridiagonal_scaled.growth` (``headroom``: :func:`equilibrate`'s lossless shift)."""
+    eps = torch.finfo(sub[0].dtype).eps
+    system, shift, lost = equilibrate(*sub, headroom)
+    y, ratio, factors = solve_pivoted(*system)
+    grew = growth(system[3], y)
+    x_p = unscale(y, shift)
+    eta = omega(*sub, x_p)
+    steps = torch.zeros(sub[0].shape[0], dtype=torch.long, device=sub[0].device)
+    for _ in range(_PIVOTED_STEPS):  # (refinement with the same pivoting)
+        redo = ~(eta <= _ACCEPT_PIVOTED * eps) & torch.isfinite(eta)
+        if not bool(redo.any()):
+            break
+        steps = steps + redo
+        y = refine_pivoted(system, factors, y, redo)
+        x_p = unscale(y, shift)
+        eta = omega(*sub, x_p)
+    return x_p, ratio, eta, steps, lost, grew
 
 
 def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor, who: str, batch: tuple,
@@ -307,8 +343,8 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
             idx = wide.nonzero().squeeze(1)
             x = x.index_copy(0, idx, _solve_wide(b[idx], a[idx], c[idx], d[idx], check=False)[0])
         if bool(slow.any()):
-            idx = slow.nonzero().squeeze(1)
-            x = x.index_copy(0, idx, solve_scaled(b[idx], a[idx], c[idx], d[idx], route[idx] - PIVOTED)[0])
+            idx, steps = slow.nonzero().squeeze(1), route[slow] % LOSSLESS - PIVOTED
+            x = x.index_copy(0, idx, solve_scaled(b[idx], a[idx], c[idx], d[idx], steps, route[slow] >= LOSSLESS)[0])
         return x, route
     ok, trusted = accepted(b, a, c, d, x)
     routed = route >= WIDE  # (the forward's wide and pivoted elements start there)
@@ -343,24 +379,19 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
             return x, route
     idx = fail.nonzero().squeeze(1)
     sub = (b[idx], a[idx], c[idx], d[idx])
-    # solve_scaled's steps one at a time, each checked (the same operations: check=False reproduces them)
-    system, shift = equilibrate(*sub)
-    y, ratio, factors = solve_pivoted(*system)
-    x_p = unscale(y, shift)
-    eta = omega(*sub, x_p)
-    steps = torch.zeros_like(idx)
-    for _ in range(_PIVOTED_STEPS):  # (refinement with the same pivoting)
-        redo = ~(eta <= _ACCEPT_PIVOTED * eps) & torch.isfinite(eta)
-        if not bool(redo.any()):
-            break
-        steps = steps + redo
-        y = refine_pivoted(system, factors, y, redo)
-        x_p = unscale(y, shift)
-        eta = omega(*sub, x_p)
+    x_p, ratio, eta, steps, lost, grew = _pivoted(sub)
+    if bool(lost.any()):  # the rhs shift rounded entries of d: again with the lossless one, kept where it passes
+        at = lost.nonzero().squeeze(1)
+        x_l, _, eta_l, steps_l, _, _ = _pivoted(tuple(t[at] for t in sub), grew[at])
+        take = torch.zeros_like(lost).index_copy(0, at, eta_l <= _ACCEPT_PIVOTED * eps)
+        x_p = torch.where(take.view(-1, 1, 1), x_p.index_copy(0, at, x_l), x_p)
+        eta = torch.where(take, eta.index_copy(0, at, eta_l), eta)
+        steps = torch.where(take, steps.index_copy(0, at, steps_l) + LOSSLESS, steps)
     route = route.index_copy(0, idx, (PIVOTED + steps).to(torch.int8))
     bad = [torch.zeros_like(fail).index_copy(0, idx, v) for v in _problems(x_p, ratio, eta, strict)]
     if bool(torch.stack(bad).any()):
         full = (torch.ones(m, dtype=ratio.dtype, device=b.device).index_copy(0, idx, ratio),
                 torch.zeros(m, dtype=eta.dtype, device=b.device).index_copy(0, idx, eta))
-        _report(who, bad, batch, b.dtype, *full, strict)
+        rounded = torch.zeros_like(fail).index_copy(0, idx, lost & (steps < LOSSLESS))
+        _report(who, bad, batch, b.dtype, *full, strict, rounded)
     return x.index_copy(0, idx, x_p), route

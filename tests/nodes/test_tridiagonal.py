@@ -615,3 +615,22 @@ def test_solve_pivoted_tensor_calls_per_row():
         refine[n], y = counted(scaled.refine_pivoted, (d, l, u, r), factors, x, mask)
         assert torch.equal(y[1], x[1]) and torch.allclose(y, x, rtol=1e-12, atol=0)
     assert (refine[128] - refine[64]) / 64 <= 8
+
+
+@pytest.mark.parametrize("dtype, d1, d2", [
+    (F64, 1e-300, 1.7e308), (F64, 1e-308, 1.7e308), (F64, 1e-310, 1e300), (F64, 1e-320, 1e200),
+    (torch.float32, 1e-30, 3e38), (torch.float32, 1e-37, 3e38), (torch.float32, 1e-40, 1e30),
+    (torch.float32, 9.8e-45, 1e20)])
+def test_tridiagonal_solve_rhs_wide_range(dtype, d1, d2):
+    # [[0, 1], [1, 0]] (κ = 1): x = (d2, d1) exactly. The pivoted route lowered the rhs column by
+    # 2^511 (float64; 2^(emax/2) for its largest entry), flushing d1: a SolverError blaming the
+    # conditioning, or (float32, 9.8e-45) x2 = 0 silently.
+    d = torch.tensor([d1, d2], dtype=dtype)
+    x = tridiagonal_solve(torch.zeros(2, dtype=dtype), torch.ones(1, dtype=dtype), torch.ones(1, dtype=dtype), d)
+    assert torch.equal(x, d.flip(0))
+    # The unchecked route (a vmap's) reproduces the answer (the lossless shift recorded in the route).
+    flat = (torch.zeros(1, 2, dtype=dtype), torch.ones(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype),
+            d[None, :, None])
+    y, route = solve_checked(*flat, "t", (1,))
+    assert torch.equal(solve_checked(*flat, "t", (1,), route=route, check=False)[0], y)
+
