@@ -62,8 +62,8 @@ from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
 from .degeneracy import shown_indices
 
-__all__ = ["GAIN_MARGIN", "gain_limit", "may_overflow", "narrowed", "option_cast", "option_rows", "sum_dtype",
-           "warn_cast_overflow", "warn_gradient_overflow", "widened"]
+__all__ = ["GAIN_MARGIN", "all_finite", "gain_limit", "may_overflow", "narrowed", "option_cast", "option_rows",
+           "sum_dtype", "warn_cast_overflow", "warn_gradient_overflow", "widened"]
 
 GAIN_MARGIN = 2.0**20
 
@@ -167,6 +167,12 @@ def _finite_sum(tensors: Sequence[torch.Tensor]) -> bool:
     total = functools.reduce(operator.add, [
         t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors])
     return bool(torch.isfinite(total))
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """:func:`_finite_sum` for the nodes that form a derivative plainly and, where this is False
+    (an overflow on the way, or a finite tensor whose sum overflows), again in a scaled form."""
+    return _finite_sum(tensors)
 
 
 def warn_cast_overflow(

@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["condition", "equilibrate", "growth", "multiply", "omega", "refine_pivoted", "row_max", "solve_pivoted",
-           "solve_scaled", "unscale"]
+__all__ = ["condition", "equilibrate", "growth", "multiply", "omega", "product_sum", "refine_pivoted", "row_max",
+           "scaled_residual", "solve_pivoted", "solve_scaled", "split_form", "split_sum_to", "unscale"]
 
 _LOW = -(1 << 20)  # the exponent given to a zero: below the sum of any two real exponents
 
@@ -33,6 +33,57 @@ def multiply(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, x: torch.Tensor)
         out = out + F.pad(a.unsqueeze(-1) * x[:, :-1], (0, 0, 1, 0))
         out = out + F.pad(c.unsqueeze(-1) * x[:, 1:], (0, 0, 0, 1))
     return out
+
+
+def product_sum(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(mant, exp)``, each ``(M, L)``, with :math:`\sum_k u_{lk} v_{lk} = \text{mant} \cdot
+    2^{\text{exp}}` for ``u``, ``v`` ``(M, L, K)``: every product formed as the product of the
+    ``frexp`` mantissas and the sum of the exponents, the terms of a sum scaled by the power of two
+    of its largest one (exact; a term below it by more than the dtype's range is negligible), so
+    that no product overflows and a sum whose terms cancel comes out right (two columns
+    :math:`\pm 10^{200}` whose products overflowed float64 and summed to NaN: 0). ``exp`` int64."""
+    if not u.shape[-1] or not u.numel():
+        return u.new_zeros(u.shape[:-1]), torch.zeros(u.shape[:-1], dtype=torch.long, device=u.device)
+    mu, eu = _split(u)
+    mv, ev = _split(v)
+    e = eu.long() + ev.long()
+    top = e.amax(-1)
+    top = top.masked_fill(top < _LOW // 2, 0)  # (every term zero)
+    return torch.ldexp(mu * mv, (e - top.unsqueeze(-1)).clamp_min(_LOW // 2).to(u.dtype)).sum(-1), top
+
+
+def split_form(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mant, exp)`` with ``t = mant · 2^exp`` (``frexp``; ``exp`` int64, very negative for a zero)."""
+    m, e = _split(t)
+    return m, e.long()
+
+
+def split_sum_to(mant: torch.Tensor, exp: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """``mant · 2^exp`` (``exp`` int64, both of a broadcast shape) summed to ``shape`` (as
+    ``sum_to_size``), the terms of each sum scaled by the power of two of the largest one first:
+    ±Inf only where the sum itself is beyond the dtype's range."""
+    if not mant.numel():
+        return mant.new_zeros(shape)
+    lead = mant.ndim - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and mant.shape[lead + i] != 1]
+    top = exp.amax(dims, keepdim=True) if dims else exp
+    scaled = torch.ldexp(mant, (exp - top).clamp_min(_LOW // 2).to(mant.dtype))
+    return _pow2(scaled.sum_to_size(shape), top.reshape(shape))
+
+
+def scaled_residual(dd: torch.Tensor, db: torch.Tensor, da: torch.Tensor, dc: torch.Tensor, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(r, s)`` with :math:`\dot d - \dot A x = r \cdot 2^{s}`, ``s`` ``(M, 1, K)`` int64: ``x``
+    scaled per column and :math:`\dot A` per element by powers of two before the products (exact),
+    ``r``'s columns at most 2 in size: no product overflows (a true residual within range came
+    back ±Inf or NaN where :math:`\dot A x` overflowed)."""
+    ex = _exponent(x.abs().amax(1, keepdim=True))  # (M, 1, K)
+    ea = _exponent(row_max(db, da, dc).amax(1)).view(-1, 1, 1)  # (M, 1, 1)
+    s = torch.maximum(ex + ea + 2, _exponent(dd.abs().amax(1, keepdim=True)))  # (|three products| < 4)
+    s = s.masked_fill(s < _LOW // 2, 0)
+    e2 = ea.view(-1, 1)
+    prod = multiply(_pow2(db, -e2), _pow2(da, -e2), _pow2(dc, -e2), _pow2(x, -ex))
+    return _pow2(dd, -s) - _pow2(prod, ex + ea - s), s
 
 
 def row_max(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,11 @@ swapped: the same checked solver),
 
 (:math:`\bar a_i` for the entry :math:`(i+1, i)`, :math:`\bar c_i` for :math:`(i, i+1)`),
 summed over broadcast dimensions; forward mode: :math:`\dot x = A^{-1}(\dot d - \dot A x)`.
+The products and sums are formed plainly and, where that overflows (one host read), again in split
+form (:func:`._tridiagonal_scaled.product_sum`, :func:`~._tridiagonal_scaled.split_sum_to`,
+:func:`~._tridiagonal_scaled.scaled_residual`: powers of two, exact), so that a derivative within
+the dtype's range comes out right and one beyond it is ±Inf with a ``GradientWarning`` naming the
+argument (vmapped cotangents and tangents: the plain form, unchecked).
 These solves take the forward's route per element (refined, wide, pivoted) and make no singularity
 verdict of their own (the forward's stands: a derivative that misses accuracy or overflows is a
 ``GradientWarning``). Under a vmap of the cotangents or tangents (``torch.func.jacrev``,
@@ -55,7 +60,8 @@ from .._autograd import any_batched, bind_fast, may_carry_tangents, refuse_vmap,
 from .._checks import check_device, check_finite, check_tensor
 from .._first_order import first_order, first_order_jvp
 from ..errors import DTypeError, ShapeError
-from ._overflow import warn_cast_overflow
+from ._overflow import all_finite, warn_cast_overflow, warn_gradient_overflow
+from ._tridiagonal_scaled import product_sum, scaled_residual, split_form, split_sum_to, unscale
 from ._tridiagonal_solver import check_cast, multiply, solve_checked
 
 __all__ = ["TridiagonalSolve", "tridiagonal_solve"]
@@ -74,6 +80,24 @@ def _flat(t: torch.Tensor, batch: tuple, tail: tuple, dtype: torch.dtype) -> tor
     """``t`` broadcast to ``batch + tail`` and flattened to ``(M, *tail)`` in ``dtype``
     (``math.prod``, not -1: an empty batch)."""
     return t.to(dtype).expand(*batch, *tail).reshape(math.prod(batch), *tail)
+
+
+def _plain_grad(pair, w: torch.Tensor, batch: tuple, shape: torch.Size) -> torch.Tensor:
+    r"""A gradient of :func:`_TridiagonalFn.backward`: :math:`-\sum_k u_{ik} v_{ik}` for
+    ``pair = (u, v)`` (``(M, L, K)``), ``w`` itself for ``None`` (rhs), summed over the broadcast
+    batch to ``shape``, plainly."""
+    t = w if pair is None else -(pair[0] * pair[1]).sum(-1)
+    return t.reshape(*batch, *t.shape[1:]).sum_to_size(shape)
+
+
+def _split_grad(pair, w: torch.Tensor, batch: tuple, shape: torch.Size) -> torch.Tensor:
+    r""":func:`_plain_grad` in split form (:func:`._tridiagonal_scaled.product_sum`,
+    :func:`~._tridiagonal_scaled.split_sum_to`: powers of two, exact): no product or partial sum
+    overflows, so the result is ±Inf only where the gradient is beyond the dtype's range."""
+    mant, exp = split_form(w) if pair is None else product_sum(*pair)
+    mant = mant if pair is None else -mant
+    tail = mant.shape[1:]
+    return split_sum_to(mant.reshape(*batch, *tail), exp.reshape(*batch, *tail), tuple(shape))
 
 
 @bind_fast
@@ -124,18 +148,21 @@ class _TridiagonalFn(torch.autograd.Function):
         # is then reproduced unchecked; unbatched ones (torch.func.grad, vjp) are checked.
         check = not any_batched(grad_x)
         w, _ = solve_checked(b, c, a, g, _NAME, ctx.batch, route=routed, check=check, strict=False)
-        # (each formed only where its input needs it)
-        grads = [lambda: -(w * x).sum(-1), lambda: -(w[:, 1:] * x[:, :-1]).sum(-1),
-                 lambda: -(w[:, :-1] * x[:, 1:]).sum(-1), lambda: w]
+        # Each formed only where its input needs it: plainly, and in split form where that overflowed
+        # (products of ±1e200 summed to NaN for a gradient of 0; -Inf for one beyond the range, silently).
+        pairs = {"diag": (w, x), "lower": (w[:, 1:], x[:, :-1]), "upper": (w[:, :-1], x[:, 1:]), "rhs": None}
+        needed = [(name, shape) for name, need, shape in zip(_ARGS, ctx.needs_input_grad, ctx.shapes) if need]
+        grads = {name: _plain_grad(pairs[name], w, ctx.batch, shape) for name, shape in needed}
+        if check and grads and not all_finite(list(grads.values())):
+            grads = {name: _split_grad(pairs[name], w, ctx.batch, shape) for name, shape in needed}
+            given = torch.where(torch.isfinite(g).flatten(1).all(1), 0.0, math.nan).reshape(*ctx.batch, 1)
+            warn_gradient_overflow(_NAME, given, [(name, t.flatten(-2) if name == "rhs" else t)
+                                                  for name, t in grads.items()], (-1,))
         out, casts = [], []
-        for name, grad, need, shape, dtype in zip(_ARGS, grads, ctx.needs_input_grad, ctx.shapes, ctx.dtypes):
-            if need:
-                grad = grad()
-                wide = grad.reshape(*ctx.batch, *grad.shape[1:]).sum_to_size(shape)
-                out.append(wide.to(dtype))
-                casts.append((name, wide, out[-1], 2 if name == "rhs" else 1))
-            else:
-                out.append(None)
+        for name, dtype in zip(_ARGS, ctx.dtypes):
+            out.append(grads[name].to(dtype) if name in grads else None)
+            if name in grads:
+                casts.append((name, grads[name], out[-1], 2 if name == "rhs" else 1))
         if check and casts and ctx.dtypes[0] != x.dtype:  # (float16, bfloat16: the same rule as the forward's)
             warn_cast_overflow(_NAME, casts)
         return (*out, None)
@@ -147,15 +174,25 @@ class _TridiagonalFn(torch.autograd.Function):
         b, a, c, x, routed = ctx.saved_tensors
         m, n, k = x.shape
         r = x.new_zeros(x.shape) if rhs_t is None else _flat(rhs_t, ctx.batch, (n, k), x.dtype)
+        # Under torch.func.jacfwd the tangents are batched: no host decision on their values,
+        # so the forward's route per element is reproduced unchecked (torch.func.jvp: checked).
+        check = not any_batched(diag_t, lower_t, upper_t, rhs_t)
+        scale = None
         if diag_t is not None or lower_t is not None or upper_t is not None:  # (else no -dA x to form)
             zero_b, zero_o = torch.zeros_like(b), torch.zeros_like(a)
             db, da, dc = (zero if t is None else _flat(t, ctx.batch, (t.shape[-1],), x.dtype)
                           for t, zero in ((diag_t, zero_b), (lower_t, zero_o), (upper_t, zero_o)))
-            r = r - multiply(db, da, dc, x)
-        # Under torch.func.jacfwd the tangents are batched: no host decision on their values,
-        # so the forward's route per element is reproduced unchecked (torch.func.jvp: checked).
-        check = not any_batched(diag_t, lower_t, upper_t, rhs_t)
+            plain = r - multiply(db, da, dc, x)
+            if check and not all_finite([plain]):  # (dA x overflowed: formed again scaled, x_t = A⁻¹r · 2^s)
+                given = torch.stack([t.isfinite().flatten(1).all(1) for t in (db, da, dc, r)]).all(0)
+                r, scale = scaled_residual(r, db, da, dc, x)
+            else:
+                r = plain
         x_t, _ = solve_checked(b, a, c, r, _NAME, ctx.batch, route=routed, check=check, strict=False)
+        if scale is not None:
+            x_t = unscale(x_t, scale)
+            warn_gradient_overflow(f"{_NAME} (forward mode)", torch.where(given, 0.0, math.nan).view(-1, 1, 1),
+                                   [("the solution", x_t)], (-2, -1), tangent=True)
         out = x_t.to(ctx.dtypes[3])
         if check and out.dtype != x_t.dtype:
             warn_cast_overflow(_NAME, [("the solution", x_t, out, 2)], tangent=True)
@@ -246,8 +283,9 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
             ``indices``).
 
     Warns:
-        GradientWarning: a gradient or tangent overflows (the work dtype, or float16 on the cast
-            back), or its solve misses working accuracy.
+        GradientWarning: a gradient or tangent is beyond the dtype's range (the work dtype, or
+            float16 on the cast back; products that overflow only on the way are formed scaled),
+            or its solve misses working accuracy.
 
     References:
         R. W. Hockney and C. R. Jesshope, *Parallel Computers*, 1981 (cyclic reduction).

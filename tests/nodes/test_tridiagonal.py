@@ -634,3 +634,51 @@ def test_tridiagonal_solve_rhs_wide_range(dtype, d1, d2):
     y, route = solve_checked(*flat, "t", (1,))
     assert torch.equal(solve_checked(*flat, "t", (1,), route=route, check=False)[0], y)
 
+
+def _spd(dtype, big, k):
+    """A = [[2, .5], [.5, 1]] (well conditioned), rhs columns all ``big``."""
+    leaf = lambda *v: torch.tensor(v, dtype=dtype, requires_grad=True)  # noqa: E731
+    return leaf(2.0, 1.0), leaf(0.5), leaf(0.5), torch.full((2, k), big, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 1e30), (F64, 1e200)])
+def test_tridiagonal_solve_grad_cancelling_products(dtype, big, recwarn):
+    # Incoming gradient columns +big and -big: dL/db_i = -Σ_k w_ik x_ik = 0 exactly (the columns
+    # cancel), every product w_ik x_ik ~ big² beyond the range: plainly NaN for diag, lower and upper.
+    b, a, c, d = _spd(dtype, big, 2)
+    g = torch.tensor([[big, -big], [big, -big]], dtype=dtype)
+    tridiagonal_solve(b, a, c, d).backward(g)
+    for t in (b, a, c):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=F64)
+    w = torch.linalg.solve(A.T, g.double())  # (closed form: dL/dd = A^-T g)
+    torch.testing.assert_close(d.grad.double(), w, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert not [w for w in recwarn.list if issubclass(w.category, GradientWarning)]
+
+
+def test_tridiagonal_solve_grad_overflow_warns():
+    # K = 1: dL/db_i = -w_i x_i ~ -8e59, beyond float32: -Inf, which now comes with a warning.
+    b, a, c, d = _spd(torch.float32, 1e30, 1)
+    with pytest.warns(GradientWarning, match="diag"):
+        tridiagonal_solve(b, a, c, d).backward(torch.full((2, 1), 1e30))
+    assert torch.isinf(b.grad).all() and (b.grad < 0).all()
+    # Broadcast over a batch: rows +1e200 and -1e200 (float64) whose per-row gradients ±big² cancel.
+    b2, a2, c2 = (t.detach().double()[None].requires_grad_() for t in (b, a, c))
+    rhs = torch.full((2, 2), 1e200, dtype=F64)
+    x = tridiagonal_solve(b2, a2, c2, rhs)  # (batch 2, one shared matrix: diag (1, 2), rhs (2, 2))
+    x.backward(torch.tensor([[1e200, 1e200], [-1e200, -1e200]], dtype=F64))
+    assert torch.equal(b2.grad, torch.zeros(1, 2, dtype=F64)) and torch.equal(a2.grad, torch.zeros(1, 1, dtype=F64))
+
+
+def test_tridiagonal_solve_jvp_product_overflow():
+    # x = (1e200, 1e200) (A = I); tangents db = (1e200, 0), dc = -1e200: (dA x)_1 = 1e400 - 1e400 = 0,
+    # plainly Inf - Inf = NaN; the tangent x_t = -A^-1 dA x = 0 exactly.
+    one = lambda *v: torch.tensor(v, dtype=F64)  # noqa: E731
+    primals = (one(1.0, 1.0), one(0.0), one(0.0), one(1e200, 1e200))
+    tangents = (one(1e200, 0.0), one(0.0), one(-1e200), one(0.0, 0.0))
+    _, x_t = torch.func.jvp(tridiagonal_solve, primals, tangents)
+    assert torch.equal(x_t, torch.zeros(2, dtype=F64))
+    # Truly beyond the range: x_t = -(1e400, 0): a GradientWarning naming the tangent.
+    with pytest.warns(GradientWarning, match="tangent"):
+        _, x_t = torch.func.jvp(tridiagonal_solve, primals, (one(1e200, 0.0), one(0.0), one(0.0), one(0.0, 0.0)))
+    assert x_t[0] == -np.inf and x_t[1] == 0
