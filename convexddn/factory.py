@@ -34,7 +34,7 @@ from .errors import InputError, NonFiniteError, OptionError, ShapeError, SolverW
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
-from .nodes._overflow import option_cast
+from .nodes._overflow import narrowed as checked_cast, option_cast
 from .nodes._repr import format_option
 from .nodes.projection import LpProjection, SimplexProjection
 from .nodes.total_variation import TotalVariation1d
@@ -242,23 +242,25 @@ class ScaledBallLayer(ConvexLayer):
     The solvers work at the data's scale: at radius 1e-10 |x| the solution (of norm r) lost
     all relative accuracy (errors of 0.2 to 0.9 r, a p = 2 gradient of 0 for 4.1e-11), and
     from radius 1e160 the cone program's r² overflows (Clarabel: KKT residual 1.0 for x
-    inside the ball). Scaled, the radius is O(1) at every r. What scaling cannot remove is
-    the ratio :math:`\\|x\\|_\\infty / r` itself: the p = 1 solution :math:`x_i - \\tau` cancels,
-    so float64 fixes it to about :math:`\\epsilon \\|x\\|_\\infty / r` of r only, and the cone
-    program's gradients go astray there (2.4 times the p = 2 Jacobian at a ratio of 2e12).
-    Where that bound exceeds ``tol`` a ``SolverWarning`` says so; where :math:`x / s`
-    overflows, an ``InputError``; where it falls below float64's normal range while
-    :math:`x` does not (:math:`\\|x\\|_\\infty / r` below about :math:`2^{-1022}`), a ``SolverWarning`` that the
-    projection (x itself there) keeps only the bits of a subnormal. The input is scaled in
-    float64 (a float32 x / r may overflow where x does not) and the output returned in its
-    dtype.
+    inside the ball). Scaled, the radius is O(1) at every r. The solvers' error is absolute
+    (about 1e-48 at radius O(1), so s 1e-48 after scaling back): a row with
+    :math:`\\|x\\|_p \\le r` is therefore decided exactly and returned as x (Jacobian I), its cone
+    program fed 0 instead (x = 0 came back as -1.18e-48 r in every entry, -inf in float32);
+    a row outside has :math:`r \\le n \\|x\\|_\\infty`, so that error is relative to |x| too.
+    What scaling cannot remove is the ratio :math:`\\|x\\|_\\infty / r` itself: the p = 1 solution
+    :math:`x_i - \\tau` cancels, so float64 fixes it to about :math:`\\epsilon \\|x\\|_\\infty / r` of r
+    only, and the cone program's gradients go astray there (2.4 times the p = 2 Jacobian at a
+    ratio of 2e12). Where that bound exceeds ``tol`` a ``SolverWarning`` says so; where
+    :math:`x / s` overflows, an ``InputError``. The input is scaled in float64 (a float32 x / r
+    may overflow where x does not) and the output returned in its dtype by the checked cast
+    (a ``SolverWarning`` where an entry overflows it).
 
     Shape: as the ConvexLayer's: ``(*batch, n) -> (*batch, n)``.
     """
 
-    def __init__(self, *args: Any, scale: float, radius: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, scale: float, radius: float, p: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.scale, self.radius = float(scale), float(radius)
+        self.scale, self.radius, self.p = float(scale), float(radius), p
 
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
                 **named: torch.Tensor) -> torch.Tensor:
@@ -272,18 +274,16 @@ class ScaledBallLayer(ConvexLayer):
         if not math.isfinite(scaled):
             raise InputError(f"{label} / radius overflows float64 (radius {self.radius:g}, largest |x| "
                              f"{top:.3g}); scale x and radius down together")
-        info = torch.finfo(torch.float64)
-        eps = info.eps
-        if scaled < info.tiny <= top:  # (x is then far inside the ball: y = x)
-            warn(f"lp_ball (backend='cvxpy'): |x| is at most {ratio:.3g} times the radius {self.radius:g}, so "
-                 f"x / {self.scale:g} falls below float64's normal range and the projection keeps only the "
-                 "bits of a subnormal there; the native node (backend='auto') is exact to rounding", SolverWarning)
+        eps = torch.finfo(torch.float64).eps
         if eps * ratio > self.tol:
             warn(f"lp_ball (backend='cvxpy'): |x| reaches {ratio:.3g} times the radius, so float64 fixes the "
                  f"projection to about {eps * ratio:.1e} of the radius only (> tol = {self.tol:g}), and the cone "
                  "program's solution and gradient are not accurate to tol there; the native node "
                  "(backend='auto') is exact to rounding", SolverWarning)
-        return narrowed(super().forward(w / self.scale, solver_args=solver_args) * self.scale, x.dtype)
+        v = w / self.scale  # (a row whose norm under/overflows here is inside/outside: the decision holds)
+        inside = torch.linalg.vector_norm(v.detach(), ord=self.p, dim=-1, keepdim=True) <= self.radius / self.scale
+        y = super().forward(v.masked_fill(inside, 0.0), solver_args=solver_args) * self.scale
+        return checked_cast(torch.where(inside, w, y), x.dtype, "lp_ball (backend='cvxpy')", "the projection", 1)
 
     def extra_repr(self) -> str:  # (the radius asked for: in the origin where layer() built it)
         return f"{super().extra_repr()}{'' if self.origin else f', radius={self.radius:g}'}, scale={self.scale:g}"
@@ -391,7 +391,7 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         radius = spec.options["radius"]
         # r = m 2^e, m in [1/2, 1): s = 2^(e - 1), finite up to float64's largest r (2^e is not)
         scale = math.ldexp(1.0, math.frexp(radius)[1] - 1)
-        layer_opts.update(scale=scale, radius=radius)
+        layer_opts.update(scale=scale, radius=radius, p=float(spec.options["p"]))  # (1, 2, inf; "inf" too)
         spec = registry.build(name, **{**options, "radius": radius / scale})
         cls = ScaledBallLayer
     convex = cls(spec.problem, list(spec.parameters), list(spec.variables), check=spec.check, **layer_opts)

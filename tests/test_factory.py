@@ -3,6 +3,7 @@ the same binding of the input (and its errors), the same masked scores."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -233,7 +234,7 @@ def test_lp_ball_cone_program_at_any_radius(p):
     Solved (KKT residual 1.0e+00 > tol)'; r² overflows float64): only radii below 1 were
     rescaled. Now every radius is solved at r / s in [1, 2), s a power of two. Points inside,
     on the boundary side and outside the ball, at the radius' scale, and O(1) points inside
-    huge balls, against the closed forms; an x / s below float64's normal range warns."""
+    huge balls, against the closed forms; an x / s below float64's normal range is x, silently."""
     base = [0.3, -1.2, 2.0, 0.5]
     for r in (1e-300, 1e-150, 1e-10, 1.0, 3.0, 1e10, 1e160, 1e300):
         layer = cddn.layer("lp_ball", n=4, p=p, radius=r, backend="cvxpy")
@@ -246,9 +247,35 @@ def test_lp_ball_cone_program_at_any_radius(p):
             assert max(abs(a - b) for a, b in zip(y, want)) <= 1e-7 * scale, (r, row, y, want)
     layer = cddn.layer("lp_ball", n=4, p=p, radius=1e300, backend="cvxpy")
     x = torch.tensor([1e-10 * v for v in base], dtype=F64)
-    with pytest.warns(cddn.errors.SolverWarning, match="below float64's normal range"):
-        y = layer(x)
-    torch.testing.assert_close(y, x, rtol=1e-9, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(layer(x), x)
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_ball_cone_program_returns_points_inside_exactly(p):
+    """p = 1, n = 8: x = 0 came back as -1.18e-48 r in every entry (-1.18e252 at r = 1e300,
+    -inf in float32 at r = 1e100), silently, and x ~ 1e-30 at r = 1e300 as -1.18e252 with a
+    warning about subnormals: the cone program's absolute error (~1e-48 at radius O(1)) was
+    scaled by s ~ r. A row inside the ball is x (closed form: P(x) = x, Jacobian I), a row
+    outside as before, against the closed forms, with no warning."""
+    torch.manual_seed(0)
+    tiny = torch.randn(8, dtype=F64) * 1e-30
+    for dtype, r in ((F64, 1.0), (F64, 1e100), (F64, 1e300), (torch.float32, 1e100), (torch.float32, 1e300)):
+        layer = cddn.layer("lp_ball", n=8, p=p, radius=r, backend="cvxpy")
+        x = torch.stack([torch.zeros(8, dtype=F64), tiny]).to(dtype).requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = layer(x)
+        assert torch.equal(y.detach(), x.detach()), (dtype, r, y)
+        (g,) = torch.autograd.grad(y, x, torch.arange(16.0, dtype=dtype).view(2, 8))
+        assert torch.equal(g, torch.arange(16.0, dtype=dtype).view(2, 8))
+    layer = cddn.layer("lp_ball", n=8, p=p, radius=1e300, backend="cvxpy")
+    rows = [[0.0] * 8, tiny.tolist(), [3e299 * (i - 3.5) for i in range(8)]]
+    got = layer(torch.tensor(rows, dtype=F64)).tolist()
+    assert got[:2] == rows[:2]
+    want = _ball_reference(rows[2], p, 1e300)
+    assert max(abs(a - b) for a, b in zip(got[2], want)) <= 1e-7 * max(abs(v) for v in want)
 
 
 @pytest.mark.parametrize("name, options", [("robust_pool", {"penalty": "huber"}), ("lp_ball", {"p": 1}),
