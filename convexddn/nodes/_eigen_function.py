@@ -40,6 +40,16 @@ def _gap_unit(top: torch.Tensor, lo: float, hi: float, dtype: torch.dtype) -> to
     return None if 2.0**-60 <= lo and hi <= 2.0**60 else pow2_floor(top.clamp_min(torch.finfo(dtype).tiny))
 
 
+def _selected_gaps(mu: torch.Tensor, k: int) -> torch.Tensor:
+    r"""``(…, min(k, N − 1))`` the consecutive gaps :math:`\mu_{m+1} - \mu_m`, m < k, of the sorted
+    ``mu`` ``(…, N)``: those that touch a returned eigenvalue. A pair (j, i), i < k, within a
+    limit has one of them within it (the one beside i towards j), and a tie among the
+    unreturned eigenvalues enters no formula (its eigenspace's projector is defined), so
+    the degeneracy checks of both modes test these only (all N − 1 gaps warned under
+    jacrev for S = Q diag(5, 4, 1, 1, 1) Qᵀ, k = 2, whose Jacobian is exact)."""
+    return mu[..., : k + 1].diff(dim=-1)
+
+
 def _gain(gap_tol: float, lo: float) -> float:
     """The largest factor 1/|λ_i − λ_j| of a kept pair (the derivative's gain, against the
     dtype's range): at most 1/(gap_tol · min max|μ|)."""
@@ -173,7 +183,7 @@ class _EigenFunction(torch.autograd.Function):
         top = mu.abs().amax(-1, keepdim=True)
         limit = ctx.gap_tol * top
         ties = sign_ties(V[..., sel])  # (V, not M: under jacfwd's vmap M is batched)
-        near = mu.diff(dim=-1) <= limit
+        near = _selected_gaps(mu, k) <= limit  # (a tie among unreturned eigenvalues: no term)
         any_near, any_tie, lo, hi = torch.stack([near.any(), ties.any(), top.amin(), top.amax()]).tolist()
         # λ_i − λ_j = s(μ_i − μ_j): the difference in float64, rounded once into M's dtype,
         # in the backward's unit (a float32 X of 1e-40 gave subnormal gaps, infinite
@@ -225,9 +235,9 @@ class _EigenFunction(torch.autograd.Function):
         # sym) so that the symmetrisation below is one add.
         top = mu.abs().amax(-1, keepdim=True)
         limit = ctx.gap_tol * top
-        # mu is sorted: a degenerate pair exists iff a consecutive gap is small, an
-        # (N,) test per matrix that spares the common case the (N, k) masks.
-        gaps = mu.diff(dim=-1)
+        # mu is sorted: a degenerate pair (j, i), i < k, exists iff a gap beside a returned
+        # eigenvalue is small, a (k,) test per matrix that spares the common case the (N, k) masks.
+        gaps = _selected_gaps(mu, k)
         near = gaps <= limit
         # Ties of the sign convention (on V, not on g_vec: under jacrev's vmap it is batched).
         ties = None if g_vec is None else sign_ties(Vk)
