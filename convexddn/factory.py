@@ -243,9 +243,9 @@ class ScaledBallLayer(ConvexLayer):
     all relative accuracy (errors of 0.2 to 0.9 r, a p = 2 gradient of 0 for 4.1e-11), and
     from radius 1e160 the cone program's r² overflows (Clarabel: KKT residual 1.0 for x
     inside the ball). Scaled, the radius is O(1) at every r. The solvers' error is absolute
-    (about 1e-48 at radius O(1), so s 1e-48 after scaling back): a row with
-    :math:`\\|x\\|_p \\le r` is therefore decided exactly and returned as x (Jacobian I), its cone
-    program fed 0 instead (x = 0 came back as -1.18e-48 r in every entry, -inf in float32);
+    (about 1e-48 at radius O(1), so s 1e-48 scaled back: x = 0 gave -1.18e-48 r, -inf in float32),
+    so a row with :math:`\\|x\\|_p < r` is decided exactly and returned as x (Jacobian I), its cone
+    program fed 0 instead (on the sphere: the cone program's one-sided derivative and its warning);
     a row outside has :math:`r \\le n \\|x\\|_\\infty`, so that error is relative to |x| too.
     What scaling cannot remove is the ratio :math:`\\|x\\|_\\infty / r` itself: the p = 1 solution
     :math:`x_i - \\tau` cancels, so float64 fixes it to about :math:`\\epsilon \\|x\\|_\\infty / r` of r
@@ -280,8 +280,8 @@ class ScaledBallLayer(ConvexLayer):
                  f"projection to about {eps * ratio:.1e} of the radius only (> tol = {self.tol:g}), and the cone "
                  "program's solution and gradient are not accurate to tol there; the native node "
                  "(backend='auto') is exact to rounding", SolverWarning)
-        v = w / self.scale  # (a row whose norm under/overflows here is inside/outside: the decision holds)
-        inside = torch.linalg.vector_norm(v.detach(), ord=self.p, dim=-1, keepdim=True) <= self.radius / self.scale
+        v = w / self.scale  # (a norm that under/overflows here is inside/outside: the decision holds)
+        inside = torch.linalg.vector_norm(v.detach(), ord=self.p, dim=-1, keepdim=True) < self.radius / self.scale
         y = super().forward(v.masked_fill(inside, 0.0), solver_args=solver_args) * self.scale
         return checked_cast(torch.where(inside, w, y), x.dtype, "lp_ball (backend='cvxpy')", "the projection", 1)
 

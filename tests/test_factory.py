@@ -276,6 +276,11 @@ def test_lp_ball_cone_program_returns_points_inside_exactly(p):
     assert got[:2] == rows[:2]
     want = _ball_reference(rows[2], p, 1e300)
     assert max(abs(a - b) for a, b in zip(got[2], want)) <= 1e-7 * max(abs(v) for v in want)
+    if math.isinf(p):  # on the sphere (|x_3| = r): not inside, the cone program's kink warning
+        layer = cddn.layer("lp_ball", n=4, p=p, radius=2.0, backend="cvxpy")
+        x = torch.tensor([[0.3, -1.2, 2.0, 0.5]], dtype=F64, requires_grad=True)
+        with pytest.warns(cddn.errors.GradientWarning, match="not unique or not differentiable"):
+            layer(x).sum().backward()
 
 
 @pytest.mark.parametrize("name, options", [("robust_pool", {"penalty": "huber"}), ("lp_ball", {"p": 1}),
