@@ -1711,3 +1711,96 @@ def test_16bit_small_norm_l2_sphere_is_correctly_rounded(dtype, values, r):
     # float64 holds each exact value to 2^-53: one rounding to 8/11 bits from there is the correct one
     # unless it is a tie, which these values are not.
     torch.testing.assert_close(project_lp(x, 2, "sphere", r), torch.tensor(exact, dtype=F64).to(dtype), rtol=0, atol=0)
+
+
+# (2, 6, 9 | 11) scaled by 3/256 (and by powers of two): ‖x‖ = r exactly, checked in rationals.
+_PYTH = ([0.0234375, -0.0703125, -0.10546875], 0.12890625)
+
+
+@pytest.mark.parametrize("dtype,shift", [(torch.float16, 0), (torch.bfloat16, -70), (torch.float64, -700),
+                                         (torch.float32, 4), (torch.float32, -75)])
+def test_l2_ball_exact_boundary_takes_the_inside_derivative(dtype, shift):
+    """A row exactly on the L2 ball's boundary gets y = x, J = I and ∂y/∂r = 0 (the documented
+    inside derivative): the rescaled path divided by max|x| (rounded), and float32's norm is a few
+    ulp off; float16 [0.0234375, -0.0703125, -0.10546875] at r = 0.12890625 got max|J − I| = 0.67."""
+    x0 = [v * 2.0 ** shift for v in _PYTH[0]]
+    r0 = _PYTH[1] * 2.0 ** shift
+    if dtype == torch.float32 and shift == 4:  # the tester's float32 row (m = 2, 4, 4 | 6 times c)
+        x0, r0 = [1.8951797485351562, 3.7903594970703125, 3.7903594970703125], 5.685539245605469
+    assert sum(Fraction(v) ** 2 for v in x0) == Fraction(r0) ** 2  # the reference: exact rationals
+    x = torch.tensor(x0, dtype=dtype)
+    assert x.double().tolist() == x0
+    J = jacobian(lambda v: project_lp(v, 2, "ball", r0), x)
+    assert torch.equal(project_lp(x, 2, "ball", r0), x)
+    assert torch.equal(J, torch.eye(3, dtype=dtype))
+    r = torch.tensor(r0, dtype=dtype, requires_grad=True)
+    (g,) = torch.autograd.grad(project_lp(x, 2, "ball", r).sum(), r)
+    assert g.item() == 0.0
+
+
+def test_l2_ball_row_does_not_depend_on_its_batch():
+    """The same float64 boundary row got J = I alone and the outside J beside [1e-200, 0, 0]
+    (one tiny row sent the whole batch through the rescaled path): each row decides alone."""
+    row, r = _PYTH
+    for batch in ([row], [row, [1e-200, 0.0, 0.0]], [row, [0.0, 0.0, 0.0]]):
+        x = torch.tensor(batch, dtype=F64)
+        J = jacobian(lambda v: project_lp(v, 2, "ball", r), x)[0, :, 0, :]
+        assert torch.equal(J, torch.eye(3, dtype=F64)), batch
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+@pytest.mark.parametrize("xdt,rdt,rv", [(torch.float32, F64, 1e-300), (torch.float32, F64, 1e-46),
+                                        (torch.float16, torch.float32, 1e-8)])
+def test_radius_below_x_dtype_range_keeps_its_gradient(p, xdt, rdt, rv):
+    """A learnable radius that x's dtype rounds to 0 or a subnormal is solved in float64: its
+    gradient was 0 for p = 1 and ∞ (float32 x, float64 radius 1e-46: −0.7, −0.6 expected). Closed
+    forms at r → 0 for x = [0.5, −2, 1], v = [0.3, 0.7, −0.2]: p = 1, the largest entry alone,
+    sign(−2)·0.7; p = ∞, Σ sign(x_i) v_i = 0.3 − 0.7 − 0.2; p = 2, ûᵀv = (0.15 − 1.4 − 0.2)/√5.25.
+    (16-bit x: the incoming gradient is rounded to x's dtype, hence the tolerance.)"""
+    x = torch.tensor([[0.5, -2.0, 1.0]], dtype=xdt)
+    v = torch.tensor([[0.3, 0.7, -0.2]], dtype=F64)
+    r = torch.tensor([rv], dtype=rdt, requires_grad=True)
+    (g,) = torch.autograd.grad((project_lp(x, p, "ball", r).double() * v).sum(), r)
+    want = {1: -0.7, math.inf: 0.3 - 0.7 - 0.2, 2: (0.15 - 1.4 - 0.2) / math.sqrt(5.25)}[p]
+    tol = 1e-6 if xdt == torch.float32 else 2e-3
+    assert abs(g.item() - want) <= tol * abs(want)
+
+
+def test_radius_below_x_dtype_range_on_the_sphere_warns():
+    """Solved in float64, a sphere row that rounds to zero in x's dtype still warns."""
+    x = torch.tensor([[0.5, -2.0, 1.0]], dtype=torch.float32)
+    with pytest.warns(cddn.errors.ConvexDDNWarning, match="rounded to zero"):
+        y = project_lp(x, math.inf, "sphere", torch.tensor([1e-46], dtype=F64))
+    assert torch.equal(y, torch.zeros_like(x))
+
+
+def test_linf_backward_selects_instead_of_masking_inf():
+    """torch.clamp's VJP: an Inf incoming gradient on a pinned coordinate does not reach grad_x
+    (it was NaN, Inf·0), and one on a free coordinate does not reach grad_r (was NaN)."""
+    x = torch.tensor([3.0, 0.5, -2.0], dtype=F64, requires_grad=True)
+    r = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    gx, gr = torch.autograd.grad(project_lp(x, math.inf, "ball", r), [x, r],
+                                 torch.tensor([math.inf, 1.0, 0.0], dtype=F64))
+    assert gx.tolist() == [0.0, 1.0, 0.0] and gr.item() == math.inf
+    gx, gr = torch.autograd.grad(project_lp(x, math.inf, "ball", r), [x, r],
+                                 torch.tensor([0.0, math.inf, 0.0], dtype=F64))
+    assert gx.tolist() == [0.0, math.inf, 0.0] and gr.item() == 0.0
+    with fwAD.dual_level():  # forward mode alike: an Inf tangent on a pinned coordinate stays out
+        t = fwAD.unpack_dual(project_lp(fwAD.make_dual(x.detach(), torch.tensor([math.inf, 1.0, 0.0], dtype=F64)),
+                                        math.inf, "ball", 1.0)).tangent
+    assert t.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_compiled_l2_sphere_at_zero_warns_where_the_graph_may_break():
+    """Under torch.compile (fullgraph=False) the sphere at x = 0 returned its zero gradient
+    silently; it now reads the rows back as eager does. fullgraph=True reads nothing (documented)."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda v: project_lp(v, 2, "sphere", 1.0), backend="aot_eager")
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]], dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (dynamo's own graph-break notes)
+        with pytest.warns(GradientWarning, match="1 row"):
+            (g,) = torch.autograd.grad(f(x)[:, 1].sum(), x)
+    assert g[0].tolist() == [0.0, 0.0, 0.0]
+    # Row 1: Dy = (1/3)(I − ûûᵀ), û = (1, 2, 2)/3; column sums of row 1 of Dy: (−2, 5, −4)/27.
+    torch.testing.assert_close(g[1], torch.tensor([-2 / 27, 5 / 27, -4 / 27], dtype=F64), rtol=1e-14, atol=0)

@@ -1,5 +1,5 @@
 """Closed-form Euclidean projections (L2, L∞) and their vector–Jacobian products
-(autograd Functions), with the range helpers every projection shares.
+(autograd Functions); the range helpers every projection shares are in :mod:`.ranges`.
 
 Each ``*_forward`` computes one projection over dim ``d`` (batched, any device); each
 Function adds the hand-written backward (Gould et al. Table 2 for the sphere, §5.2 for
@@ -16,28 +16,12 @@ import torch
 from ..._autograd import bind_fast, may_carry_tangents, save_plain
 from ..._compile import may_break_graph
 from ..._first_order import first_order, with_forward_mode
-from ..._checks import check_device, check_finite, check_positive, check_tensor, positive_range
+from ..._checks import check_finite
 from ..._warn import warn
-from ...errors import ConvexDDNWarning, GradientWarning, SolverError
+from ...errors import GradientWarning
 from .._overflow import gain_limit, warn_gradient_overflow
-from .._repr import format_option
-
-
-def _along(values: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
-    """Reshape a 1-D tensor so it lies along dim d of an ndim-dimensional tensor."""
-    shape = [1] * ndim
-    shape[d] = values.numel()
-    return values.view(shape)
-
-
-def _sum_to(grad: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    return grad.sum_to_size(r.shape) if grad.shape != r.shape else grad
-
-
-def _row_scale(ax: torch.Tensor, d: int) -> torch.Tensor:
-    """Per-row max of |x| (1 for all-zero rows): dividing by it keeps reductions finite."""
-    a = ax.amax(d, keepdim=True)
-    return torch.where(a > 0, a, torch.ones_like(a))
+from .ranges import (_along, _may_underflow, _small_norm, _sum_to, narrowed, row_pow2,  # noqa: F401 (re-exported)
+                     warn_unrepresentable, wide_dtype)
 
 
 def needs_graph(x: torch.Tensor, r: float | torch.Tensor) -> bool:
@@ -55,71 +39,6 @@ def carries_tangents(x: torch.Tensor, r: float | torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return torch.autograd.forward_ad._current_level >= 0
     return may_carry_tangents(x, r)
-
-
-# --------------------------------------------------------------------------- range
-
-
-def _small_norm(dtype: torch.dtype) -> float:
-    """Below this ‖x‖₂ the squares of the largest entries are subnormal: rescale first."""
-    info = torch.finfo(dtype)
-    return math.sqrt(info.tiny / info.eps)
-
-
-def _may_underflow(r: float | torch.Tensor, n: int, dtype: torch.dtype) -> bool:
-    """Whether r/n can round to zero (host test for a float radius; a tensor: assume so)."""
-    if isinstance(r, torch.Tensor):
-        return True
-    return r < n * torch.finfo(dtype).tiny
-
-
-def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor,
-               name: str = "radius") -> tuple[float | torch.Tensor, torch.dtype | None]:
-    """Validate ``radius`` (a positive number, or a floating-point tensor on x's device,
-    finite and > 0) and return it (a tensor as ``check_tensor`` returns it) with the dtype
-    to solve in when it exceeds the largest float of x's dtype (float64: for 16-bit x
-    too, where float32 rounded x − max and ‖x‖, and float16 [32768, 32752, 2^-24] took
-    the support {1, 2} on the simplex z = 65520, not {1, 2, 3}); ``None`` for x's own. Cast
-    to x's dtype, such a radius overflowed (float16 x, z = 1e5: torch's scalar conversion
-    error, or a radius of Inf). The device is checked before any value is read; a tensor
-    radius costs the one host read of its positivity check, which also reads its maximum
-    where its dtype is wider than x's (inside torch.compile none: x's dtype is kept)."""
-    top = torch.finfo(x.dtype).max
-    if isinstance(radius, torch.Tensor):
-        radius = check_tensor(name, radius)
-        check_device(name, radius, x)
-        if (torch.finfo(radius.dtype).max <= top or radius.numel() == 0
-                or torch.compiler.is_compiling()):
-            check_positive(name, radius)
-            return radius, None
-        value = positive_range(name, radius)[1]
-    else:
-        check_positive(name, radius)
-        value = float(radius)
-    return radius, (None if value <= top else torch.float64)
-
-
-def narrowed(y: torch.Tensor, dtype: torch.dtype, d: int, what: str, name: str,
-             radius: float | torch.Tensor) -> torch.Tensor:
-    """``y``, solved in a wider dtype, in ``dtype``; ``SolverError`` where it does not fit."""
-    out = y.to(dtype)
-    bad = ~torch.isfinite(out).all(d)
-    if bool(bad.any()):
-        raise SolverError(
-            f"{what}: the projection does not fit {dtype} for {int(bad.sum())} of {bad.numel()} "
-            f"vector(s) (an entry beyond {torch.finfo(dtype).max:g}, with {name}={format_option(radius)}); "
-            f"pass x in a wider dtype or a smaller {name}")
-    return out
-
-
-def warn_unrepresentable(y: torch.Tensor, d: int, what: str, name: str = "radius", on: str = "sphere") -> None:
-    """Warn when whole rows of a sphere (or simplex: ``name="z"``, ``on="simplex"``)
-    projection rounded to zero (``name`` too small); ``y`` may be any tensor that is zero
-    along ``d`` exactly where a row is (the simplex passes its threshold, one per row)."""
-    zero = y.abs().amax(d) == 0
-    if bool(zero.any()):
-        warn(f"{what}: {name} too small for {y.dtype} ({int(zero.sum())} of {zero.numel()} projected vector(s) "
-             f"rounded to zero, which is not on the {on}); use a larger {name} or a wider dtype", ConvexDDNWarning)
 
 
 # --------------------------------------------------------------------------- L2
@@ -151,12 +70,20 @@ def l2_forward(
     # (A subnormal scale r/‖x‖ has lost bits: x·scale 30 % off in float32 at 2e-45, silently, and a float r
     # rounded to float16 at 1e-6, 1.3 %. The rescaled path takes r and r/‖x‖ in float64, rounds y once.)
     tiny, low = torch.finfo(x.dtype).tiny, torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps
-    if compiling or not bool(((scale >= tiny) & (rt >= low) & (scale <= limit) & (norm >= _small_norm(x.dtype))).all()):
+    fast = (scale >= tiny) & (rt >= low) & (scale <= limit) & (norm >= _small_norm(x.dtype))
+    if not sphere and x.dtype == torch.float32:
+        # A float32 norm is a few ulp off: rows within 16 ulp of the boundary decide their side in float64
+        # below (squares exact there). [1.8951797485351562, 3.7903594970703125, 3.7903594970703125] has
+        # ‖x‖ = r = 5.685539245605469 exactly; float32's norm put it outside, J − I = 0.44.
+        fast &= (scale - 1).abs() > 16 * torch.finfo(x.dtype).eps
+    if not sphere:
+        scale = scale.clamp(max=1.0)
+    if compiling or not bool(fast.all()):
         check_finite("x", x, in_graph=not may_break_graph())  # (fullgraph=True: an assert)
-        a = _row_scale(x.abs(), d)
-        # In float64: x/a rounded to float16 put rows near the boundary on the wrong side ([-0.0047836,
-        # -0.0085983, 0.0045357], ‖x‖² − r² = +1.7e-8 at r = 0.0108337: taken as inside, Dy = I).
-        xs = x.double() / a.double()
+        # A power of two per row, in float64: x/a is exact. (x/max|x| rounded, and put rows exactly on the
+        # boundary outside: float16 [0.0234375, -0.0703125, -0.10546875], r = 0.12890625, got J − I = 0.67.)
+        a = row_pow2(x.abs(), d)
+        xs = x.double() / a
         nw = torch.linalg.vector_norm(xs, dim=d, keepdim=True)
         ratio = (r.double() if isinstance(r, torch.Tensor) else torch.full_like(nw, r)) / nw  # = a·r/‖x‖
         zero = ratio == math.inf
@@ -166,22 +93,27 @@ def l2_forward(
             e0 = torch.zeros_like(xs).narrow(d, 0, 1).fill_(1.0)
             y.narrow(d, 0, 1).add_(torch.where(zero, e0 * r, torch.zeros_like(e0)))
             y = y.to(x.dtype)
-            scale = torch.where(zero, torch.zeros_like(ratio), ratio / a).to(sdt)
-            if not compiling and _may_underflow(r, x.shape[d], x.dtype):
-                warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
+            wide = torch.where(zero, torch.zeros_like(ratio), ratio / a)
         else:
             # Inside the ball (ratio >= a) the answer is x: (x/a)·a was 1 ulp off (float32 x = 1e-3, r = 3e38).
             inside = ratio >= a
             y = torch.where(inside, x, (xs * ratio).to(x.dtype))
-            scale = torch.where(inside, torch.ones_like(ratio), ratio / a).to(sdt)
-        if compiling:  # (no read: small where it may be)
+            wide = torch.where(inside, torch.ones_like(ratio), ratio / a)
+        # Each row's answer from its own values: rows the one-pass test accepts keep its result. (One tiny
+        # row sent the whole batch here, and float32's and float64's norms may put a row near the boundary
+        # on different sides: the same float64 row got J = I alone, the outside J beside [1e-200, 0, 0].)
+        y = torch.where(fast, (x * scale).to(x.dtype), y)
+        scale = torch.where(fast, scale, wide.to(sdt))
+        if not compiling and sphere and _may_underflow(r, x.shape[d], x.dtype):
+            warn_unrepresentable(y, d, "project_lp(p=2, mode='sphere')")
+        if compiling and not may_break_graph():  # fullgraph=True, export: no read (small where it may be)
             return y, scale, False, False, 0, isinstance(r, torch.Tensor) or r < low
+        # (Compiled where the graph may break, the eager read: sphere rows at x = 0 got a zero gradient
+        # with no GradientWarning.)
         flags = [(scale > torch.finfo(x.dtype).max).any(), (scale > limit).any(),
                  zero.sum() if sphere else zero.new_zeros(()), (rt < low).any()]
         overflow, steep, zeros, small = torch.stack(flags).tolist()
         return y, scale, bool(overflow), bool(steep), int(zeros), bool(small)
-    if not sphere:
-        scale = scale.clamp(max=1.0)
     return (x * scale).to(x.dtype), scale, False, False, 0, False
 
 
@@ -192,12 +124,13 @@ def _l2_saved(inputs: tuple, output: tuple) -> tuple[torch.Tensor | None, torch.
 
 
 def _unit(y: torch.Tensor, x: torch.Tensor | None, r: float | torch.Tensor, d: int, sphere: bool) -> torch.Tensor:
-    """û outside the ball: y/r where x was not saved (y normal), else x/‖x‖ (e₀ at sphere rows x = 0)."""
+    """û outside the ball: y/r where x was not saved (y normal), else x/‖x‖ (e₀ at sphere rows x = 0),
+    formed in float64 from x/2^k (exact) and rounded once (x is saved only for radii below tiny/eps)."""
     if x is None:
         return y / r
     t = torch.where((x == 0).all(d, keepdim=True), y, x) if sphere else x
-    ts = t / _row_scale(t.abs(), d)
-    return ts / torch.linalg.vector_norm(ts, dim=d, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+    ts = t.double() / row_pow2(t.abs(), d)
+    return (ts / torch.linalg.vector_norm(ts, dim=d, keepdim=True).clamp_min(torch.finfo(ts.dtype).tiny)).to(t.dtype)
 
 
 def _warn_l2(ctx, y: torch.Tensor, wrt_x: bool, what: str) -> None:
@@ -363,15 +296,17 @@ class LinfReverseFn(torch.autograd.Function):
         if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
             grad_y = torch.zeros_like(y)
         r = ctx.r_float if r_t is None else r_t
-        # Coordinates at ±r are pinned (dy/dx = 0, dy/dr = ±1); the others pass through.
-        # |y| ≤ r, so sign(r − |y|) is the pass-through indicator, built in floating point
-        # because full-size bool masks are several times slower on CPU.
-        free = torch.sub(r, y.abs()).sign_()
+        # Coordinates at ±r are pinned (dy/dx = 0, dy/dr = ±1); the others pass through. The slack
+        # r − |y| ≥ 0 is 0 exactly there. Selects, not products with a 0/1 mask: an Inf incoming gradient
+        # on a pinned coordinate made grad_x NaN (Inf·0; torch.clamp's is 0), one on a free coordinate
+        # grad_r NaN. (relu's backward, a fused select: as fast as the product; torch.where's bool mask
+        # took twice as long on CPU.)
+        slack = torch.sub(r, y.abs())
         grad_x = grad_r = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y * free
+            grad_x = torch.ops.aten.threshold_backward(grad_y, slack, 0)
         if ctx.needs_input_grad[1]:
-            pinned_grad = (y.sign() * grad_y).mul_(1.0 - free)
+            pinned_grad = torch.where(slack > 0, 0.0, y.sign() * grad_y)
             # grad_x is v or 0 and grad_r a sum of ±v over the row: no gain to check.
             grad_r = _sum_to(pinned_grad.sum(ctx.d, keepdim=True), r_t)
         return grad_x, grad_r, None, None
@@ -387,10 +322,10 @@ def _linf_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
     so a coordinate exactly at |x_i| = r is pinned (tangent 0 in x), as in the
     backward, where the clamp's own derivative passes ẋ_i."""
     y, r_saved = ctx.saved_tensors
-    free = torch.sub(ctx.r_float if r_saved is None else r_saved, y.abs()).sign_()
-    out = None if x_t is None else x_t * free
+    slack = torch.sub(ctx.r_float if r_saved is None else r_saved, y.abs())  # (selects, as the backward)
+    out = None if x_t is None else torch.ops.aten.threshold_backward(x_t, slack, 0)
     if r_t is not None:
-        pinned = (y.sign() * r_t).mul_(1.0 - free)
+        pinned = torch.where(slack > 0, 0.0, y.sign() * r_t)
         out = pinned if out is None else out.add_(pinned)
     assert out is not None  # torch calls jvp only where some input has a tangent
     return out

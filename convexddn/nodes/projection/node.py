@@ -85,10 +85,9 @@ def _prepare_radius(
     projected vector, or any broadcastable part of that); it is broadcast to one radius
     per row and converted to x's dtype (differentiably, so a radius that requires grad
     gets its gradient, summed over the rows in float32 at least:
-    :func:`~convexddn.nodes._overflow.option_rows`; the callers solve in a wider dtype
-    where it would overflow, :func:`.kernels.wide_dtype`); one on another
-    device than x is refused (``InputError``), not moved. It is validated (device first,
-    then its values) by :func:`.kernels.wide_dtype` before.
+    :func:`~convexddn.nodes._overflow.option_rows`; the callers solve in float64 where it would overflow or
+    round below the smallest normal, :func:`.ranges.wide_dtype`, which validates it before, device first);
+    one on another device than x is refused (``InputError``), not moved.
     """
     if not isinstance(radius, torch.Tensor):
         return float(radius)
@@ -167,8 +166,8 @@ def project_lp(
     zero; a gradient :math:`r/\|x\|` beyond the largest float for subnormal ``x``)
     a :class:`~convexddn.errors.ConvexDDNWarning` /
     :class:`~convexddn.errors.GradientWarning` says so. A radius beyond the largest float
-    of x's dtype (float16 ``x``, ``radius=1e5``) is solved in float64 and the result
-    rounded once to x's dtype (the ball keeps ``x``).
+    of x's dtype (``radius=1e5``, float16 ``x``), or a tensor one below its smallest normal (float64 ``1e-46``, float32
+    ``x``: else its gradient is 0), is solved in float64, the result rounded once (the ball keeps ``x``; eager only).
 
     Args:
         x: input tensor, floating point.
@@ -224,7 +223,8 @@ def project_lp(
     radius, wide = wide_dtype(radius, x)  # validates radius too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype
         y = project_lp(x.to(wide), p, mode, radius, dim)
-        return narrowed(y, x.dtype, d, f"project_lp(p={_p_repr(p)}, mode={mode!r})", "radius", radius)
+        return narrowed(y, x.dtype, d, f"project_lp(p={_p_repr(p)}, mode={mode!r})", "radius", radius,
+                        "sphere" if mode == "sphere" else None)  # (rows rounded to 0, off the sphere: warned)
     r = _prepare_radius(radius, x, d)
     sphere = mode == "sphere"
     # Forward mode runs the Function with the jvp (eagerly under torch.compile); reverse mode alone its base.
@@ -301,7 +301,7 @@ def project_simplex(
     d = _check_dim(dim, x)
     z, wide = wide_dtype(z, x, "z")  # validates z too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype
-        return narrowed(project_simplex(x.to(wide), dim, z), x.dtype, d, "project_simplex", "z", z)
+        return narrowed(project_simplex(x.to(wide), dim, z), x.dtype, d, "project_simplex", "z", z, "simplex")
     zz = _prepare_radius(z, x, d, name="z")
     # Forward mode too: via the sort's ties tangents left the simplex ([1, 0, 0, -0.5]: [0, -1.3, 0.2, 0]).
     if needs_graph(x, zz) or may_carry_tangents(x, zz):
