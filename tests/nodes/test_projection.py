@@ -1804,3 +1804,16 @@ def test_compiled_l2_sphere_at_zero_warns_where_the_graph_may_break():
     assert g[0].tolist() == [0.0, 0.0, 0.0]
     # Row 1: Dy = (1/3)(I − ûûᵀ), û = (1, 2, 2)/3; column sums of row 1 of Dy: (−2, 5, −4)/27.
     torch.testing.assert_close(g[1], torch.tensor([-2 / 27, 5 / 27, -4 / 27], dtype=F64), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["ball", "sphere"])
+def test_l2_long_float64_rows_keep_full_accuracy(mode):
+    """vector_norm accumulated a long float64 row in a few sequential lanes: n = 1e5 entries
+    1 + 1e-6·randn, r = 10, y was 301 eps off. Reference: the entries are float32 values, so their
+    squares are exact in float64 and math.fsum rounds their sum once (the norm within 1 ulp)."""
+    g = torch.Generator().manual_seed(4)
+    x = (1.0 + 1e-6 * torch.randn(30000, generator=g)).double()
+    norm = math.sqrt(math.fsum(v * v for v in x.tolist()))
+    want = x * (10.0 / norm)
+    got = project_lp(x, 2, mode, 10.0)
+    assert float((got - want).abs().max() / want.abs().max()) <= 4 * torch.finfo(F64).eps
