@@ -83,8 +83,7 @@ def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor,
         low, value = positive_range(name, radius)
     else:
         check_positive(name, radius)
-        low = value = float(radius)
-        low = info.tiny  # (a float: only the top end widens)
+        value, low = float(radius), info.tiny  # (a float has no gradient: only the top end widens)
     return radius, (None if value <= info.max and low >= info.tiny else torch.float64)
 
 
