@@ -1817,3 +1817,94 @@ def test_l2_long_float64_rows_keep_full_accuracy(mode):
     want = x * (10.0 / norm)
     got = project_lp(x, 2, mode, 10.0)
     assert float((got - want).abs().max() / want.abs().max()) <= 4 * torch.finfo(F64).eps
+
+
+# ---- exact decisions: boundary of the L1 ball, ties with the simplex threshold, Inf cotangents ----
+
+
+def _simplex_exact(x: list[float], z: float) -> tuple[list[Fraction], Fraction]:
+    """Projection onto {y ≥ 0, Σy = z} and its threshold τ in exact rationals (Duchi et al.)."""
+    xs, zf = [Fraction(v) for v in x], Fraction(z)
+    c, best = Fraction(0), None
+    for j, u in enumerate(sorted(xs, reverse=True), 1):
+        c += u
+        if u - (c - zf) / j > 0:
+            best = (j, c)
+    tau = (best[1] - zf) / best[0]
+    return [max(v - tau, Fraction(0)) for v in xs], tau
+
+
+def test_project_l1_ball_exactly_on_the_boundary_keeps_x_and_the_identity():
+    # Σ|x| = r exactly (checked in rationals); the rounded θ + max|x| called it outside
+    # (Jacobian I − ssᵀ/3 instead of the documented inside one, I; dy/dr 1 instead of 0).
+    x = [0.18528182125433124, -0.7391544078297145, 0.8318896234619622]
+    r = 1.756325852546008
+    assert sum(abs(Fraction(v)) for v in x) == Fraction(r)
+    xt = torch.tensor(x, dtype=F64)
+    assert torch.equal(project_lp(xt, p=1, radius=r), xt)
+    J = jacobian(lambda a: project_lp(a, p=1, radius=r), xt)
+    assert torch.equal(J, torch.eye(3, dtype=F64))
+    rt = torch.tensor(r, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(project_lp(xt, p=1, radius=rt).sum(), rt)
+    assert g.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_project_l1_ball_inside_outside_is_decided_exactly(dtype):
+    # Radii at fl(Σ|x|) and 1–2 ulps either side: y = x exactly iff Σ|x| ≤ r in rationals
+    # (before: 1143/14858 boundary rows and ~45% of rows an ulp outside were misjudged).
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(240, 8, generator=g, dtype=F64) * 2 - 1).to(dtype)
+    x[:, 4:] *= torch.rand(240, 1, generator=g, dtype=F64).to(dtype) * 0.1  # entries below max/2
+    sums = [sum(abs(Fraction(v)) for v in row) for row in x.double().tolist()]
+    base = torch.tensor([float(s) for s in sums], dtype=F64).to(dtype)
+    steps = torch.arange(240) % 5 - 2  # −2 … 2 ulps
+    r = base.clone()
+    for k in range(2):
+        up, down = torch.nextafter(r, r.new_tensor(math.inf)), torch.nextafter(r, r.new_tensor(-math.inf))
+        r = torch.where(steps > k, up, torch.where(steps < -k, down, r))
+    y = project_lp(x, p=1, radius=r)
+    inside = torch.tensor([s <= Fraction(rv) for s, rv in zip(sums, r.double().tolist())])
+    kept = (y == x).all(-1)
+    assert torch.equal(kept, inside)
+    assert inside.any() and (~inside).any()
+    # Outside rows are on the sphere (to the dtype's rounding): Σ|y| ≤ r(1 + 8 eps).
+    eps = torch.finfo(dtype).eps
+    assert bool((y.abs().double().sum(-1) <= r.double() * (1 + 8 * eps)).all())
+
+
+def test_project_simplex_entry_exactly_at_the_threshold_is_outside():
+    # x₁ = τ exactly: the rounded threshold put it in the support (y₁ = 1.1e-16, and the
+    # Jacobian of a 3-entry support, −1/3 off the diagonal, instead of 2 entries, −1/2).
+    x = [-0.07999569970113996, 0.8268053039341334, 0.013203296663586661]
+    y_ref, tau = _simplex_exact(x, 1.0)
+    assert Fraction(x[0]) == tau
+    xt = torch.tensor(x, dtype=F64)
+    y = project_simplex(xt, z=1.0)
+    assert y[0].item() == 0.0
+    torch.testing.assert_close(y, torch.tensor([float(v) for v in y_ref], dtype=F64), rtol=0, atol=4e-16)
+    m = torch.tensor([0.0, 1.0, 1.0], dtype=F64)
+    J = jacobian(lambda a: project_simplex(a, z=1.0), xt)
+    assert torch.equal(J, torch.diag(m) - torch.outer(m, m) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_project_simplex_support_is_exact_at_constructed_ties(dtype):
+    # Rows with an entry set to the exact threshold τ of the others (where τ is a float):
+    # the support is {i : xᵢ > τ} in rationals, read back from y ≠ 0.
+    g = torch.Generator().manual_seed(6)
+    rows, supports = [], []
+    while len(rows) < 60:
+        x = (torch.rand(5, generator=g, dtype=F64) - 0.3).to(dtype).double().tolist()
+        _, tau = _simplex_exact(x, 1.0)
+        t = float(torch.tensor(float(tau), dtype=F64).to(dtype))
+        if Fraction(t) != tau or t in x:
+            continue
+        x.insert(int(torch.randint(6, (), generator=g)), t)  # an entry at τ leaves τ as it was
+        _, tau2 = _simplex_exact(x, 1.0)
+        assert tau2 == tau
+        rows.append(x)
+        supports.append([Fraction(v) > tau for v in x])
+    y = project_simplex(torch.tensor(rows, dtype=dtype), z=1.0)
+    assert torch.equal(y != 0, torch.tensor(supports))
+
