@@ -1908,3 +1908,18 @@ def test_project_simplex_support_is_exact_at_constructed_ties(dtype):
     y = project_simplex(torch.tensor(rows, dtype=dtype), z=1.0)
     assert torch.equal(y != 0, torch.tensor(supports))
 
+
+def test_projection_inf_cotangent_off_the_support_gives_zero():
+    # Dy's column is 0 off the support, so an Inf there contributes exactly 0 (was 0·Inf:
+    # grad_x = [nan, nan, nan] for both).
+    x = torch.tensor([2.0, 0.1, -1.0], dtype=F64, requires_grad=True)
+    v = torch.tensor([1.0, 0.0, math.inf], dtype=F64)
+    (gs,) = torch.autograd.grad(project_simplex(x), x, v)
+    assert torch.equal(gs, torch.zeros(3, dtype=F64))
+    (gl,) = torch.autograd.grad(project_lp(x, p=1, radius=1.0), x, v)
+    assert torch.equal(gl, torch.zeros(3, dtype=F64))
+    # Forward mode, the same Jacobian: an Inf tangent there contributes 0 too.
+    with fwAD.dual_level():
+        for fn in (project_simplex, lambda a: project_lp(a, p=1, radius=1.0)):
+            t = fwAD.unpack_dual(fn(fwAD.make_dual(x.detach(), v))).tangent
+            assert torch.equal(t, torch.zeros(3, dtype=F64))

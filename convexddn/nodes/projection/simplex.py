@@ -218,13 +218,16 @@ class L1ReverseFn(torch.autograd.Function):
         k = m.sum(d, keepdim=True, dtype=acc).clamp_(min=1.0)
         # A select, not a product with the mask: sᵀv may overflow (v near the largest
         # float), and Inf·0 made the inside gradient v NaN.
-        coef = (s * grad_y).sum(d, keepdim=True, dtype=acc) / k
+        # Selects for the masks too: an Inf in v off the support (where Dy's column is 0)
+        # made 0·Inf = NaN of the whole row (x = [2, 0.1, -1], r = 1, v₃ = Inf: NaN, not 0).
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
+        coef = torch.where(m > 0, s * grad_y, zero).sum(d, keepdim=True, dtype=acc) / k
         coef = torch.where(active, coef, torch.zeros_like(coef))
         grad_x = grad_r = None
         if ctx.needs_input_grad[0]:
             # Pass-through mask: the support on active rows, everything on inactive ones.
-            keep = torch.maximum(m, (~active).to(m.dtype))
-            grad_x = torch.addcmul(grad_y * keep, s, coef.to(y.dtype), value=-1.0)
+            keep = (m > 0) | ~active
+            grad_x = torch.where(keep, torch.addcmul(grad_y, s, coef.to(y.dtype), value=-1.0), zero)
         if ctx.needs_input_grad[1]:
             # dθ/dr = −1/|S|, so dy/dr = s/|S| on the support: sᵀv / |S|.
             grad_r = _sum_to(coef, r_t)
@@ -256,16 +259,17 @@ def _l1_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
     s, m = _signs(y, support)
     acc = _accumulator(y.dtype)
     k = m.sum(d, keepdim=True, dtype=acc).clamp_(min=1.0)
-    shift = (s * x_t).sum(d, keepdim=True, dtype=acc) if x_t is not None else torch.zeros_like(k)
+    zero = torch.zeros((), dtype=y.dtype, device=y.device)
+    # Selects for the masks (as in the backward): an Inf tangent off the support gave 0·Inf = NaN.
+    shift = (torch.where(m > 0, s * x_t, zero).sum(d, keepdim=True, dtype=acc) if x_t is not None
+             else torch.zeros_like(k))
     if r_t is not None:
         shift = shift - r_t
     # A select, not a product with the mask (as in the backward): Inf·0 would be NaN.
     coef = torch.where(active, shift / k, torch.zeros_like(k))
-    if x_t is None:
-        base = torch.zeros_like(y)
-    else:  # the support on active rows, everything on inactive ones
-        base = x_t * torch.maximum(m, (~active).to(m.dtype))
-    return torch.addcmul(base, s, coef.to(base.dtype), value=-1.0), None, None
+    base = torch.zeros_like(y) if x_t is None else x_t
+    keep = (m > 0) | ~active  # the support on active rows, everything on inactive ones
+    return torch.where(keep, torch.addcmul(base, s, coef.to(base.dtype), value=-1.0), zero), None, None
 
 
 L1ProjectionFn = with_forward_mode(
@@ -327,11 +331,13 @@ class SimplexProjectionFn(torch.autograd.Function):
         m = support if support.numel() else y.sign()
         acc = _accumulator(y.dtype)
         size = m.sum(ctx.d, keepdim=True, dtype=acc).clamp_(min=1.0)
-        mx = m * x_t if x_t is not None else torch.zeros_like(y)
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
+        # A select, not m·ẋ: an Inf tangent off the support gave 0·Inf = NaN (as the backward).
+        mx = torch.where(m > 0, x_t, zero) if x_t is not None else torch.zeros_like(y)
         shift = mx.sum(ctx.d, keepdim=True, dtype=acc)
         if isinstance(z_t, torch.Tensor):
             shift = shift - z_t
-        return torch.addcmul(mx, m, (shift / size).to(mx.dtype), value=-1.0), None
+        return torch.where(m > 0, mx - (shift / size).to(mx.dtype), zero), None
 
     @staticmethod
     @first_order("project_simplex")
@@ -341,12 +347,16 @@ class SimplexProjectionFn(torch.autograd.Function):
         # y ≥ 0, so y's sign is it (float: faster than bool) where y is not rounded from a
         # wider result; else the forward's own (_support: a subnormal entry rounded to 0).
         m = support if support.numel() else y.sign()
-        gm = m * grad_y
+        # A select, not m·v: an Inf in v off the support (Dy's column 0 there) gave 0·Inf =
+        # NaN for the whole row (x = [2, 0.1, -1], v₃ = Inf: NaN, exactly 0).
+        on = m > 0
+        zero = torch.zeros((), dtype=y.dtype, device=y.device)
+        gm = torch.where(on, grad_y, zero)
         acc = _accumulator(y.dtype)
         mean = gm.sum(ctx.d, keepdim=True, dtype=acc) / m.sum(ctx.d, keepdim=True, dtype=acc).clamp_(min=1.0)
         grad_x = grad_z = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(gm, m, mean.to(gm.dtype), value=-1.0)
+            grad_x = torch.where(on, gm - mean.to(gm.dtype), zero)
         if ctx.needs_input_grad[1]:
             # τ = (Σ_S x − z)/|S|, so dy/dz = m/|S|: the support mean of v.
             grad_z = _sum_to(mean, z_t)
