@@ -32,8 +32,7 @@ def _distill(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     while t.shape[-1] > 1:
         if t.shape[-1] % 2:
             t = torch.nn.functional.pad(t, (0, 1))
-        h = t.shape[-1] // 2  # (halves, not even/odd entries: unit-stride reads are faster)
-        t, e = _two_sum(t[..., :h], t[..., h:])
+        t, e = _two_sum(t[..., 0::2], t[..., 1::2])
         errs.append(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0))
     e = torch.cat(errs, -1) if errs else t.new_zeros(t.shape[:-1] + (0,))
     return t[..., 0], e
@@ -175,19 +174,12 @@ def exact_support(a: torch.Tensor, z: float | torch.Tensor, m0: torch.Tensor, d:
 
 def support_threshold(a: torch.Tensor, z: float | torch.Tensor, m: torch.Tensor, d: int) -> torch.Tensor:
     r"""τ = (Σ_{i∈S} aᵢ − z)/|S| (keepdim, float64) for the exact support ``m``, its sum
-    compensated: relative error a few ulps even where Σ_S a and z cancel, as they do for rows
-    just outside the L1 ball.
-
-    Rump's extraction: with σ = 2^k ≥ 2n·max|tᵢ| per row, hᵢ = (tᵢ + σ) − σ and
-    lᵢ = tᵢ − hᵢ are exact, the hᵢ are multiples of 2⁻⁵³σ whose partial sums stay below σ, so
-    Σ hᵢ is exact in any order, and Σ lᵢ (each |lᵢ| ≤ 2⁻⁵³σ) errs by ≤ n²2⁻¹⁰⁶σ. (Rows
-    whose n·max overflows give NaN: the caller keeps its other route there.)"""
+    compensated (:func:`_distill`: s + fl(Σ e), relative error a few ulps even where Σ_S a
+    and z cancel, as they do for rows just outside the L1 ball)."""
     kshape = list(a.shape)
     kshape[d] = 1
     zt = torch.broadcast_to(torch.as_tensor(z, dtype=a.dtype, device=a.device), kshape)
     t, shape = _rows(torch.cat([torch.where(m, a, torch.zeros((), dtype=a.dtype, device=a.device)), -zt], d), d)
-    _, k = torch.frexp(t.abs().amax(-1, keepdim=True) * (2.0 * t.shape[-1]))
-    sigma = torch.ldexp(torch.ones_like(t[..., :1]), k)
-    hi = (t + sigma).sub_(sigma)
-    total = _unrows(hi.sum(-1, keepdim=True) + (t - hi).sum(-1, keepdim=True), shape, d)
+    s, e = _distill(t)
+    total = _unrows((s + e.sum(-1)).unsqueeze(-1), shape, d)
     return total / m.sum(d, keepdim=True, dtype=a.dtype).clamp_(min=1.0)
