@@ -153,7 +153,7 @@ def l1_forward(
     x: torch.Tensor, r: float | torch.Tensor, d: int, sphere: bool, _rescaled: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, active, support)``: the projection, whether each row is outside the ball
-    (every sphere row), and the support indicator (:func:`_exact`; empty unless x is 16-bit)."""
+    (every sphere row), and the support indicator (:func:`_support`; empty unless x is 16-bit)."""
     ax = x.abs()
     top = ax.amax(d, keepdim=True)
     # |x| onto the r-simplex, in coordinates relative to max|x| (exact for the entries
@@ -165,11 +165,10 @@ def l1_forward(
         if _rescaled:  # _scaled's bound rules out a finite radius: fail loudly, never loop
             raise SolverError(_OVERFLOW.format("project_lp(p=1)", "radius"))
         xs, rs, s = _scaled(x, r, d)
-        # (y is in x's dtype here, x is not 16-bit: the support comes back only where an
-        # entry on it rounded to 0)
-        y, active, support = l1_forward(xs, rs, d, sphere, True)
+        y, active, _ = l1_forward(xs, rs, d, sphere, True)
         # |y| ≤ r exactly; the clamp keeps a last-ulp excess from turning r ≈ max into Inf.
         y = torch.clamp(y, -rs, rs).div_(s)
+        support = x.new_empty(0)  # (y is in x's dtype here: x is not 16-bit)
         # Rows inside the ball keep x itself: scaled by 2^-k, entries near the subnormal
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
         return (y if sphere else torch.where(active, y, x)), active, support
@@ -219,7 +218,7 @@ class L1ReverseFn(torch.autograd.Function):
         if grad_y is None:  # undefined (the jvp's subclass does not materialise it): zeros, as before
             grad_y = torch.zeros_like(y)
         d = ctx.d
-        # On the support S (y ≠ 0, or before y's rounding: _exact) with s = sign(y):
+        # On the support S (y ≠ 0, or before y's rounding: _support) with s = sign(y):
         # Dy = diag(1_S) − (s∘1_S)(s∘1_S)ᵀ/|S|; inside the ball (θ = 0) Dy = I.
         s, m = _signs(y, support)
         # (Sums at least in float32: in float16 |S| > 65504, or sᵀv of a moderate v, was Inf.)
@@ -246,7 +245,7 @@ class L1ReverseFn(torch.autograd.Function):
 
 def _signs(y: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, m)``: the signs of the L1 projection on its support and the support indicator,
-    from the forward's unrounded support (:func:`_exact`) where it saved one. Zero
+    from the forward's unrounded support (:func:`_support`) where it saved one. Zero
     coordinates of y on the support take + (the sphere's tie rule; y = 0 there only by
     rounding, as x ≠ 0 on a ball row's support)."""
     if not support.numel():
@@ -288,7 +287,7 @@ L1ProjectionFn = with_forward_mode(
 def simplex_forward(
     x: torch.Tensor, z: float | torch.Tensor, d: int, _rescaled: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, support)``: the projection and its support indicator (:func:`_exact`:
+    """``(y, support)``: the projection and its support indicator (:func:`_support`:
     empty unless x is 16-bit, where the threshold is found in float64)."""
     lo, hi = torch.aminmax(x, dim=d, keepdim=True)
     if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
@@ -303,10 +302,8 @@ def simplex_forward(
             raise SolverError(_OVERFLOW.format("project_simplex", "z"))
         xs, zs, s = _scaled(x, z, d)
         # y ≤ z exactly; the clamp keeps a last-ulp excess from turning z ≈ max into Inf.
-        # (x is not 16-bit here, so y is in x's dtype: a support comes back only where an
-        # entry on it rounded to 0)
-        y, support = simplex_forward(xs, zs, d, True)
-        return y.clamp(max=zs).div_(s), support
+        # (x is not 16-bit here, so y is in x's dtype and has no wider support to keep)
+        return simplex_forward(xs, zs, d, True)[0].clamp(max=zs).div_(s), x.new_empty(0)
     if not torch.compiler.is_compiling() and _may_underflow(z, x.shape[d], x.dtype):
         # z/n below the dtype's normal range (float16 z = 1e-8, float32 1e-46): whole rows
         # can round to 0, off the simplex, as the L1 sphere's do. A row is 0 exactly where
@@ -356,7 +353,7 @@ class SimplexProjectionFn(torch.autograd.Function):
         y, support, z_t = ctx.saved_tensors
         # Dy = diag(m) − m mᵀ/|S| with m the support indicator: centre v on the support.
         # y ≥ 0, so y's sign is it (float: faster than bool) where y is not rounded from a
-        # wider result; else the forward's own (_exact: a subnormal entry rounded to 0).
+        # wider result; else the forward's own (_support: a subnormal entry rounded to 0).
         m = support if support.numel() else y.sign()
         # A select, not m·v: an Inf in v off the support (Dy's column 0 there) gave 0·Inf =
         # NaN for the whole row (x = [2, 0.1, -1], v₃ = Inf: NaN, exactly 0).
