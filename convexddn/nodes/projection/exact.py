@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["exact_sign", "exact_support", "support_threshold"]
+__all__ = ["exact_sign", "exact_support"]
 
 _PASSES = 40  # each pass gains ~53 bits; float64 spans ~2100 bits: never reached in practice
 
@@ -170,16 +170,3 @@ def exact_support(a: torch.Tensor, z: float | torch.Tensor, m0: torch.Tensor, d:
         sub = _bisected_support(a2[rows], zt[rows], m2[rows].sum(-1, keepdim=True), -1)
         mask = mask.index_copy(0, rows, sub)
     return _unrows(mask, shape, d)
-
-
-def support_threshold(a: torch.Tensor, z: float | torch.Tensor, m: torch.Tensor, d: int) -> torch.Tensor:
-    r"""τ = (Σ_{i∈S} aᵢ − z)/|S| (keepdim, float64) for the exact support ``m``, its sum
-    compensated (:func:`_distill`: s + fl(Σ e), relative error a few ulps even where Σ_S a
-    and z cancel, as they do for rows just outside the L1 ball)."""
-    kshape = list(a.shape)
-    kshape[d] = 1
-    zt = torch.broadcast_to(torch.as_tensor(z, dtype=a.dtype, device=a.device), kshape)
-    t, shape = _rows(torch.cat([torch.where(m, a, torch.zeros((), dtype=a.dtype, device=a.device)), -zt], d), d)
-    s, e = _distill(t)
-    total = _unrows((s + e.sum(-1)).unsqueeze(-1), shape, d)
-    return total / m.sum(d, keepdim=True, dtype=a.dtype).clamp_(min=1.0)

@@ -17,7 +17,7 @@ from ..._autograd import bind_fast, save_plain
 from ..._first_order import first_order, first_order_jvp, with_forward_mode
 from ..._checks import check_finite
 from ...errors import SolverError
-from .exact import exact_sign, exact_support, support_threshold
+from .exact import exact_sign, exact_support
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
 __all__ = ["L1ProjectionFn", "L1ReverseFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
@@ -43,7 +43,7 @@ def _threshold_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _exact(
-    v: torch.Tensor, a: torch.Tensor, z: float | torch.Tensor, x: torch.Tensor, d: int, direct: bool = False
+    v: torch.Tensor, a: torch.Tensor, z: float | torch.Tensor, x: torch.Tensor, d: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(v, support)``: v (``max(t − θ, 0)`` from the rounded θ) zeroed off the exact
     support of a's projection (:func:`.exact.exact_support`, a = x or |x| in float64: an
@@ -51,17 +51,9 @@ def _exact(
     backward and jvp read the support from: its indicator in x's dtype where y alone does
     not show it (v wider than x: a subnormal vᵢ rounds to 0, float16 [1, 6e-8, -1] has
     y₂ = 3e-8 → 0 on the support {1, 2}; or an entry on it whose v rounded to 0), else an
-    empty tensor (then the support is read as ``y ≠ 0``). ``direct``: where |τ| ≤ z, v is
-    formed again as max(aᵢ − τ, 0) from the compensated τ of the exact support
-    (:func:`.exact.support_threshold`: errors ≤ ulp(yᵢ)/2 + 3ε|τ|, not ~nε·z; a row an
-    ulp outside the L1 ball came back as x, Σ|y| > r)."""
+    empty tensor (then the support is read as ``y ≠ 0``)."""
     m = exact_support(a, z, v > 0, d)
-    zero = torch.zeros((), dtype=v.dtype, device=v.device)
-    if direct:  # (the L1 ball: a ≥ 0, so τ ≤ max a and |τ| ≤ z keeps aᵢ − τ at the scale of z)
-        tau = support_threshold(a, z, m, d)
-        near = torch.isfinite(tau) & (tau.abs() <= torch.as_tensor(z, dtype=tau.dtype, device=tau.device))
-        v = torch.where(near, (a - tau).clamp_(min=0.0).to(v.dtype), v)
-    v = torch.where(m, v, zero)
+    v = torch.where(m, v, torch.zeros((), dtype=v.dtype, device=v.device))
     if torch.compiler.is_compiling() or v.dtype != x.dtype or bool((m & (v == 0)).any()):
         return v, m.to(x.dtype)
     return v, x.new_empty(0)
@@ -173,7 +165,7 @@ def l1_forward(
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
         return (y if sphere else torch.where(active, y, x)), active, support
     v, theta = out
-    v, support = _exact(v, ax.to(torch.float64), r, x, d, direct=True)
+    v, support = _exact(v, ax.to(torch.float64), r, x, d)
     t = v.to(x.dtype)
     # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
     # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
