@@ -38,59 +38,33 @@ def _distill(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t[..., 0], e
 
 
-def _rows(t: torch.Tensor, d: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """t with ``d`` moved last and the rest flattened: (rows, n), and the moved shape."""
-    t = t.movedim(d, -1)
-    return t.reshape(-1, t.shape[-1]), tuple(t.shape)
-
-
-def _unrows(t: torch.Tensor, shape: tuple[int, ...], d: int) -> torch.Tensor:
-    """Inverse of :func:`_rows` for a (rows, k) result."""
-    return t.reshape(shape[:-1] + (t.shape[-1],)).movedim(-1, d)
-
-
 def exact_sign(terms: torch.Tensor, d: int) -> torch.Tensor:
     r"""sign(Σᵢ termsᵢ) along ``d`` in exact arithmetic (keepdim; −1, 0 or 1 in terms' dtype).
 
     ``terms`` is float64 (any float's values are exact there; its sums round, hence this):
-    finite, or with overflowed terms of one sign only (the sum's sign is then theirs). First
-    the plain sum s decides where |s| > 2(n + 1)·2⁻⁵³·Σ|tᵢ| + n·2⁻¹⁰⁷⁴ (a bound on any
-    summation order's error, subnormals included): most rows, at the cost of two sums.
-    The rest are distilled; there the bound on the errors' sum is fl(Σ|eⱼ|)(1 + 2m·2⁻⁵³)
-    plus m·2⁻¹⁰⁷⁴.
+    finite, or with overflowed terms of one sign only (the sum's sign is then theirs). The
+    bound on the errors' sum is fl(Σ|eⱼ|)(1 + 2m·2⁻⁵³) plus m·2⁻¹⁰⁷⁴ for the subnormal range.
     """
-    t, shape = _rows(terms, d)
-    n = t.shape[-1]
-    tiny = torch.finfo(torch.float64).tiny * torch.finfo(torch.float64).eps
-    s = t.sum(-1)
-    bound = t.abs().sum(-1) * (2.0 * (n + 1) * 2.0**-53) + n * tiny
-    sign = torch.sign(s)
-    compiling = torch.compiler.is_compiling()  # no host read there: a fixed number of passes
-    if compiling:
-        rows = None
-    else:
-        rows = torch.nonzero(~(s.abs() > bound) & torch.isfinite(s)).squeeze(-1)
-        if not rows.numel():
-            return _unrows(sign.unsqueeze(-1), shape, d)
-        t = t[rows]
-    sub = torch.zeros(t.shape[:-1], dtype=t.dtype, device=t.device)
+    t = terms.movedim(d, -1)
+    sign = torch.zeros(t.shape[:-1], dtype=t.dtype, device=t.device)
     open_ = torch.ones(t.shape[:-1], dtype=torch.bool, device=t.device)
+    tiny = torch.finfo(torch.float64).tiny * torch.finfo(torch.float64).eps
+    compiling = torch.compiler.is_compiling()  # no host read there: a fixed number of passes
     for _ in range(3 if compiling else _PASSES):
         s, e = _distill(t)
         m = e.shape[-1]
         bound = e.abs().sum(-1) * (1.0 + 2.0 * m * 2.0**-53) + m * tiny
         done = (s.abs() > bound) | ~torch.isfinite(s) | (e == 0).all(-1)
-        sub = torch.where(open_ & done, torch.sign(s), sub)
+        sign = torch.where(open_ & done, torch.sign(s), sign)
         open_ = open_ & ~done
         if not compiling and not bool(open_.any()):
             break
         t = torch.cat([s.unsqueeze(-1), e], -1)
-    sign = sub if rows is None else sign.index_copy(0, rows, sub)
-    return _unrows(sign.unsqueeze(-1), shape, d)
+    return sign.unsqueeze(-1).movedim(-1, d)
 
 
-def _bisected_support(a: torch.Tensor, z: float | torch.Tensor, seed: torch.Tensor, d: int) -> torch.Tensor:
-    r"""The support {i : aᵢ > τ} of the projection of ``a`` onto {v ≥ 0, Σv = z}, exactly, by bisection.
+def exact_support(a: torch.Tensor, z: float | torch.Tensor, seed: torch.Tensor, d: int) -> torch.Tensor:
+    r"""The support {i : aᵢ > τ} of the projection of ``a`` onto {v ≥ 0, Σv = z}, exactly.
 
     With u = a sorted descending, j is in it iff f_j = z − Σ_{i<j} (u_i − u_j) > 0
     (Duchi et al.: u_j > (Σ_{i≤j} u_i − z)/j), and f_j falls with j, so the support is the
@@ -131,42 +105,3 @@ def _bisected_support(a: torch.Tensor, z: float | torch.Tensor, seed: torch.Tens
         p = positive(mid.clamp(max=n))
         lo, hi = torch.where(p, torch.maximum(lo, mid), lo), torch.where(p, hi, torch.minimum(hi, mid))
     return a >= u.gather(d, lo - 1)
-
-
-def exact_support(a: torch.Tensor, z: float | torch.Tensor, m0: torch.Tensor, d: int) -> torch.Tensor:
-    r"""The exact support (bool, a's shape) of a's projection onto {v ≥ 0, Σv = z}, given
-    ``m0``, the support found from the rounded threshold (bool, a's shape).
-
-    With F(w) = z − Σᵢ max(aᵢ − w, 0) (non-decreasing in w; F(u_j) = f_j of
-    :func:`_bisected_support`), the support is {i : F(aᵢ) > 0}. m0 is certified where
-    F(w_in) > 0 ≥ F(w_out) for w_in = min of a on m0 and w_out = max off it: computed in
-    float64 with the error bound 2(n + 2)·2⁻⁵³·(z + Σ max(aᵢ − w, 0)) + n·2⁻¹⁰⁷⁴, this
-    settles all but rows with an entry within rounding of τ (ties, near-ties), which are
-    bisected exactly. ``a`` float64 (…, n, …), z > 0 (a number or broadcastable keepdim).
-    """
-    a2, shape = _rows(a, d)
-    m2 = _rows(m0, d)[0]
-    n = a2.shape[-1]
-    kshape = list(a.shape)
-    kshape[d] = 1
-    zt = _rows(torch.broadcast_to(torch.as_tensor(z, dtype=a2.dtype, device=a2.device), kshape), d)[0]
-    inf = torch.tensor(torch.inf, dtype=a2.dtype, device=a2.device)
-    w_in = torch.where(m2, a2, inf).amin(-1, keepdim=True)
-    w_out = torch.where(m2, -inf, a2).amax(-1, keepdim=True)
-    tiny = torch.finfo(torch.float64).tiny * torch.finfo(torch.float64).eps
-
-    def f(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = (a2 - w).clamp_(min=0.0).sum(-1, keepdim=True)
-        return zt - p, (zt + p) * (2.0 * (n + 2) * 2.0**-53) + n * tiny
-
-    f_in, b_in = f(w_in)
-    f_out, b_out = f(w_out)
-    ok = (w_in < inf) & (f_in > b_in) & ((w_out == -inf) | (f_out < -b_out))
-    mask = a2 >= w_in
-    if torch.compiler.is_compiling():  # no host read: the bisection for every row
-        return _unrows(_bisected_support(a2, zt, m2.sum(-1, keepdim=True), -1), shape, d)
-    rows = torch.nonzero(~ok.squeeze(-1)).squeeze(-1)
-    if rows.numel():
-        sub = _bisected_support(a2[rows], zt[rows], m2[rows].sum(-1, keepdim=True), -1)
-        mask = mask.index_copy(0, rows, sub)
-    return _unrows(mask, shape, d)

@@ -52,7 +52,7 @@ def _exact(
     not show it (v wider than x: a subnormal vᵢ rounds to 0, float16 [1, 6e-8, -1] has
     y₂ = 3e-8 → 0 on the support {1, 2}; or an entry on it whose v rounded to 0), else an
     empty tensor (then the support is read as ``y ≠ 0``)."""
-    m = exact_support(a, z, v > 0, d)
+    m = exact_support(a, z, (v > 0).sum(d, keepdim=True, dtype=v.dtype), d)
     v = torch.where(m, v, torch.zeros((), dtype=v.dtype, device=v.device))
     if torch.compiler.is_compiling() or v.dtype != x.dtype or bool((m & (v == 0)).any()):
         return v, m.to(x.dtype)
