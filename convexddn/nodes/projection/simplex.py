@@ -17,7 +17,6 @@ from ..._autograd import bind_fast, save_plain
 from ..._first_order import first_order, first_order_jvp, with_forward_mode
 from ..._checks import check_finite
 from ...errors import SolverError
-from .exact import exact_sign, exact_support
 from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
 
 __all__ = ["L1ProjectionFn", "L1ReverseFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
@@ -42,21 +41,13 @@ def _threshold_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype.itemsize < 4 else dtype
 
 
-def _exact(
-    v: torch.Tensor, a: torch.Tensor, z: float | torch.Tensor, x: torch.Tensor, d: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(v, support)``: v (``max(t − θ, 0)`` from the rounded θ) zeroed off the exact
-    support of a's projection (:func:`.exact.exact_support`, a = x or |x| in float64: an
-    entry exactly at τ is outside, where the rounded θ put it inside by an ulp), and what the
-    backward and jvp read the support from: its indicator in x's dtype where y alone does
-    not show it (v wider than x: a subnormal vᵢ rounds to 0, float16 [1, 6e-8, -1] has
-    y₂ = 3e-8 → 0 on the support {1, 2}; or an entry on it whose v rounded to 0), else an
-    empty tensor (then the support is read as ``y ≠ 0``)."""
-    m = exact_support(a, z, (v > 0).sum(d, keepdim=True, dtype=v.dtype), d)
-    v = torch.where(m, v, torch.zeros((), dtype=v.dtype, device=v.device))
-    if torch.compiler.is_compiling() or v.dtype != x.dtype or bool((m & (v == 0)).any()):
-        return v, m.to(x.dtype)
-    return v, x.new_empty(0)
+def _support(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the backward and jvp read the support from where ``v`` (``max(t − θ, 0)``, the
+    result before its rounding to x's dtype) is wider than x: the indicator ``v > 0`` in
+    x's dtype (a subnormal vᵢ that rounds to 0 stays in the support: float16
+    [1, 6e-8, -1] has y₂ = 3e-8 → 0, on the support {1, 2}, Dy = I − 11ᵀ/2 there); where it
+    is not, an empty tensor (then ``v`` is y itself, read as ``y ≠ 0``)."""
+    return v.sign().to(x.dtype) if v.dtype != x.dtype else x.new_empty(0)
 
 
 def _sorted_threshold(
@@ -165,8 +156,7 @@ def l1_forward(
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
         return (y if sphere else torch.where(active, y, x)), active, support
     v, theta = out
-    v, support = _exact(v, ax.to(torch.float64), r, x, d)
-    t = v.to(x.dtype)
+    support, t = _support(v, x), v.to(x.dtype)
     # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
     # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
     # facet of the cross-polytope).
@@ -175,10 +165,7 @@ def l1_forward(
         if _may_underflow(r, x.shape[d], x.dtype):
             warn_unrepresentable(t, d, "project_lp(p=1, mode='sphere')")
     else:
-        # Outside iff Σ|x| > r, signed exactly: the rounded θ + max|x| (|x| − max|x| rounds
-        # below max|x|/2) put rows exactly on the sphere, or an ulp inside, outside.
-        rr = torch.broadcast_to(torch.as_tensor(r, dtype=torch.float64, device=x.device), top.shape)
-        active = exact_sign(torch.cat([ax.to(torch.float64), -rr], d), d) > 0
+        active = (theta + top.to(theta.dtype)) > 0  # (in θ's dtype: float16 [1, 6e-8] is outside r = 1)
         return torch.where(active, torch.copysign(t, x), x), active, support
     # Zero coordinates go to the + side (the tie rule of the sphere-from-inside case):
     # adding +0.0 turns −0.0 into +0.0, so copysign sees a + sign for every zero.
@@ -302,8 +289,7 @@ def simplex_forward(
         # its threshold is (max(t − θ, 0) with max t = 0 and θ ≤ 0), rounded to x's dtype:
         # the cheap (…, 1) test.
         warn_unrepresentable(out[1].to(x.dtype), d, "project_simplex", "z", "simplex")
-    v, support = _exact(out[0], x.to(torch.float64), z, x, d)
-    return v.to(x.dtype), support
+    return out[0].to(x.dtype), _support(out[0], x)
 
 
 @bind_fast
