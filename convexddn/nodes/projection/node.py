@@ -254,7 +254,7 @@ def project_simplex(
     sorted prefix sums (Duchi et al. 2008; Martins & Astudillo 2016), computed relative
     to each row's maximum so that no large value cancels. The gradient is the VJP of
     :math:`\mathrm{D}y = \operatorname{diag}(m) - m m^\top/|S|`, :math:`m` the support
-    indicator (a coordinate exactly at the threshold counts as outside), and
+    indicator (a coordinate at the rounded threshold counts as outside), and
     :math:`\partial y/\partial z = m/|S|` when ``z`` is a tensor that requires grad.
 
     Args:
