@@ -1738,6 +1738,35 @@ def test_l2_ball_exact_boundary_takes_the_inside_derivative(dtype, shift):
     assert g.item() == 0.0
 
 
+def test_l2_ball_float32_rows_just_outside_take_the_outside_derivative():
+    """Float32 rows within a few ulp of the sphere: the side decided in float64 reaches the
+    backward. The saved scale ratio/a (1 − 7.4e-9 for the row below) rounded to 1.0 in float32,
+    and the backward, which reads the side from scale < 1, gave the inside J = I to rows outside
+    (tester: 38 of 960). Reference: the side from exact rationals, the outside VJP
+    (r/‖x‖)(v − û ûᵀv) in float64."""
+    g = torch.Generator().manual_seed(5)
+    rows = [[-1.7613080739974976, 1.2661904096603394, 0.18554872274398804]]
+    r = 2.177124834060669
+    base = torch.randn(300, 3, dtype=F64, generator=g)
+    base = base / base.norm(dim=-1, keepdim=True) * r  # on the sphere, then a few float32 ulps either way
+    x = torch.cat([torch.tensor(rows, dtype=F64), base]).float()
+    x = x * (1 + torch.randint(-5, 6, (x.shape[0], 1), generator=g).float() * 2.0 ** -24)
+    v = torch.randn(x.shape, dtype=torch.float32, generator=g)
+    xg = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(project_lp(xg, 2, "ball", r), xg, v)
+    outside = [sum(Fraction(float(t)) ** 2 for t in row) > Fraction(r) ** 2 for row in x.tolist()]
+    assert outside[0] and 20 < sum(outside) < 280
+    x64, v64 = x.double(), v.double()
+    nrm = x64.norm(dim=-1, keepdim=True)
+    u = x64 / nrm
+    want = (r / nrm) * (v64 - u * (u * v64).sum(-1, keepdim=True))
+    for i, out in enumerate(outside):
+        if out:
+            torch.testing.assert_close(gx[i].double(), want[i], rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(gx[i], v[i]), i  # inside or on the sphere: J = I
+
+
 def test_l2_ball_row_does_not_depend_on_its_batch():
     """The same float64 boundary row got J = I alone and the outside J beside [1e-200, 0, 0]
     (one tiny row sent the whole batch through the rescaled path): each row decides alone."""

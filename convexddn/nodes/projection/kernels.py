@@ -109,7 +109,9 @@ def l2_forward(
             # Inside the ball (ratio >= a) the answer is x: (x/a)·a was 1 ulp off (float32 x = 1e-3, r = 3e38).
             inside = ratio >= a
             y = torch.where(inside, x, (xs * ratio).to(x.dtype))
-            wide = torch.where(inside, torch.ones_like(ratio), ratio / a)
+            # An outside row's scale stays below 1 in the saved dtype: the backward reads its side from
+            # scale < 1 (float32 rows 7e-9 outside rounded ratio/a to 1.0 and got the inside J = I).
+            wide = torch.where(inside, torch.ones_like(ratio), (ratio / a).clamp(max=1 - torch.finfo(sdt).eps / 2))
         # Each row's answer from its own values: rows the one-pass test accepts keep its result. (One tiny
         # row sent the whole batch here, and float32's and float64's norms may put a row near the boundary
         # on different sides: the same float64 row got J = I alone, the outside J beside [1e-200, 0, 0].)
