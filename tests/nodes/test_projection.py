@@ -1665,7 +1665,7 @@ def test_float16_l2_ball_near_its_boundary_takes_the_exact_side(values, r):
     torch.testing.assert_close(torch.stack(cols, -1).double(), ref, rtol=0, atol=1e-3)
 
 
-_SMALL_L2 = [  # (dtype, x, r): ‖x‖ below kernels._small_norm(dtype), within 1e-3 of r
+_SMALL_L2 = [  # (dtype, x, r): ‖x‖ below ranges._small_norm(dtype), within 1e-3 of r
     (torch.float16, [-0.00478363037109375, -0.00859832763671875, 0.004535675048828125], 0.010833740234375),
     (torch.float16, [0.0440673828125, -0.02508544921875, 0.003704071044921875], 0.05084228515625),
     (torch.bfloat16, [1.685380498076794e-23, -1.6233419521353168e-23, 5.686866711302065e-24], 2.409163534060693e-23),

@@ -20,8 +20,7 @@ from ..._checks import check_finite
 from ..._warn import warn
 from ...errors import GradientWarning
 from .._overflow import gain_limit, warn_gradient_overflow
-from .ranges import (_along, _may_underflow, _small_norm, _sum_to, narrowed, row_pow2,  # noqa: F401 (re-exported)
-                     warn_unrepresentable, wide_dtype)
+from .ranges import _may_underflow, _small_norm, _sum_to, row_pow2, warn_unrepresentable
 
 
 def needs_graph(x: torch.Tensor, r: float | torch.Tensor) -> bool:

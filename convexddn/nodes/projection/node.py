@@ -25,23 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._checks import (
-    building,
-    check_choice,
-    check_device,
-    check_int,
-    check_positive,
-    check_tensor,
-    normalize_dims,
-    normalize_p,
-)
+from ..._checks import (building, check_choice, check_device, check_int, check_positive, check_tensor, normalize_dims,
+                        normalize_p)
 from ..._autograd import may_carry_tangents, refuse_export, refuse_vmap
 from ...errors import ShapeError
 from .._repr import format_option
 from .._module_options import store_option
 from .._overflow import option_rows
 from .kernels import (L2ProjectionFn, L2ReverseFn, LinfProjectionFn, LinfReverseFn, carries_tangents,
-                      l2_forward, linf_forward, narrowed, needs_graph, wide_dtype)
+                      l2_forward, linf_forward, needs_graph)
+from .ranges import narrowed, wide_dtype
 from .simplex import L1ProjectionFn, L1ReverseFn, SimplexProjectionFn, l1_forward, simplex_forward
 
 __all__ = ["LpProjection", "SimplexProjection", "normalize_p", "project_lp", "project_simplex"]

@@ -17,12 +17,12 @@ from ..._autograd import bind_fast, save_plain
 from ..._first_order import first_order, first_order_jvp, with_forward_mode
 from ..._checks import check_finite
 from ...errors import SolverError
-from .kernels import _along, _may_underflow, _sum_to, warn_unrepresentable
+from .ranges import _along, _may_underflow, _sum_to, warn_unrepresentable
 
 __all__ = ["L1ProjectionFn", "L1ReverseFn", "SimplexProjectionFn", "l1_forward", "simplex_forward"]
 
 # Where the radius is Inf in x's dtype: the public functions widen a radius beyond that
-# range first (kernels.wide_dtype), except inside torch.compile (no host read there).
+# range first (ranges.wide_dtype), except inside torch.compile (no host read there).
 _OVERFLOW = ("{}: the threshold overflows after rescaling ({} is Inf in x's dtype; under "
              "torch.compile a radius beyond that range is not widened: pass x in a wider dtype)")
 
