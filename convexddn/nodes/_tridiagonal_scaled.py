@@ -103,8 +103,8 @@ def _split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _exponent(t: torch.Tensor) -> torch.Tensor:
-    """The exponents of :func:`_split`, as int64 (sums of them stay exact)."""
-    return _split(t)[1].long()
+    """The exponents of :func:`split_form` (int64: sums of them stay exact)."""
+    return split_form(t)[1]
 
 
 def omega(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor, x: torch.Tensor
