@@ -118,7 +118,7 @@ def offsets_removed(C: torch.Tensor, pad: Padding | None) -> tuple[torch.Tensor,
                       (-2, None if pad is None else pad.dead_r.unsqueeze(-1))):
         lo = (C if dead is None else C.masked_fill(dead, math.inf)).amin(dim, keepdim=True)
         hi = (C if dead is None else C.masked_fill(dead, -math.inf)).amax(dim, keepdim=True)
-        offset = hi - lo <= OFFSET_SPREAD * lo.abs()
+        offset = _offset(lo, hi)
         # (Most costs have no offset line: the subtraction of zeros cost a seventh of
         # the forward at (2, 100, 100). One host sync per direction.)
         shift = torch.where(offset, lo, 0.0) if bool(offset.any()) else None
@@ -129,6 +129,12 @@ def offsets_removed(C: torch.Tensor, pad: Padding | None) -> tuple[torch.Tensor,
             C = C - shift if dead is None else torch.where(dead & torch.isfinite(C), 0.0, C - shift)
         shifts.append(torch.zeros_like(lo) if shift is None else shift)
     return C, shifts[0], shifts[1]
+
+
+def _offset(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Lines (minima ``lo``, maxima ``hi``) offset from 0 by far more than their range (see
+    :data:`OFFSET_SPREAD`)."""
+    return hi - lo <= OFFSET_SPREAD * lo.abs()
 
 
 def plain_ranges(C: torch.Tensor) -> tuple | None:
@@ -145,7 +151,7 @@ def plain_ranges(C: torch.Tensor) -> tuple | None:
     """
     stats = [(C.amin(d, keepdim=True), C.amax(d, keepdim=True)) for d in (-1, -2)]
     spread = (stats[0][1] - stats[0][0]).amax((-2, -1))
-    flags = [(hi - lo <= OFFSET_SPREAD * lo.abs()).sum(dtype=C.dtype) for lo, hi in stats]  # (counts)
+    flags = [_offset(lo, hi).sum(dtype=C.dtype) for lo, hi in stats]  # (counts)
     offset_r, offset_c, least, top = torch.stack(flags + [spread.amin(), spread.amax()]).tolist()
     return None if offset_r or offset_c else (stats[0], spread, least, top)
 
