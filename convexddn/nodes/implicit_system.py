@@ -73,13 +73,17 @@ class ImplicitSystem(NamedTuple):
         return (checked_solver_result(result, v.shape[0], v.shape[1], None if self.c is None else self.c.shape[1])
                 if self.checked else result)
 
-    def quiet_step(self, r: Tensor) -> Tensor:
+    def quiet_step(self, r: Tensor, release: Tensor | None = None) -> Tensor:
         """The ``y`` part of the solution for ``[r; 0]`` (the Newton step of a residual
-        ``r`` (B, m)), without the library's warnings about the system, which the
-        gradient's solve gives (held in this thread only: a user's solver's own warnings
-        are not, a warnings filter being process-wide)."""
+        ``r`` (B, m)), the active constraints ``release`` (B, r) made inactive, without the
+        library's warnings about the system, which the gradient's solve gives (held in this
+        thread only: a user's solver's own warnings are not, a warnings filter being
+        process-wide)."""
+        system = self
+        if release is not None and bool(release.any()):
+            system = self._replace(A=self.A.masked_fill(release.unsqueeze(-1), 0.0), inactive=self.inactive | release)
         with suppressed():
-            return self.solve(r)[0]
+            return system.solve(r)[0]
 
 
 def _term_scale(total: Tensor, A: Tensor | None, lam: Tensor | None) -> Tensor:
@@ -261,11 +265,12 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         # quietly: the system's warnings come with the gradient's own solve)
         steps = []
 
-        def step(r: Tensor) -> Tensor:
+        def step(r: Tensor, release: Tensor | None = None) -> Tensor:
             # (once: the re-test below, whose rounding floor is higher, reads the step only
-            # where the first pass did, and each element's step is its own)
+            # where the first pass did, and each element's step is its own; release is
+            # the same in both, from the same multipliers)
             if not steps:
-                steps.append(system.quiet_step(r))
+                steps.append(system.quiet_step(r) if release is None else system.quiet_step(r, release))
             return steps[0]
 
         kkt = functools.partial(

@@ -43,16 +43,15 @@ from ..errors import GradientWarning, SolverError
 from .krylov import pseudo_random_directions
 from .linear_solvers import shown_indices
 from .multipliers import dependent, nonnegative_multipliers, scaled_norm
+from .step_error import _ROUNDING, _above, _ratio, coordinate_reach, newton_step_error, offset_checked
 
-__all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "default_solution_tol", "kkt_residuals",
+__all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "coordinate_reach", "default_solution_tol", "kkt_residuals",
            "newton_step_error", "term_norms", "verify_kkt"]
 
 Tensor = torch.Tensor
 
 #: Relative KKT residual above which the solution is rejected with a SolverError.
 SOLUTION_ERROR_TOL = 0.1
-# Residual of a correctly rounded solution, in eps of its scale (sums of a few terms).
-_ROUNDING = 8.0
 
 
 def default_solution_tol(dtype: torch.dtype) -> float:
@@ -78,11 +77,6 @@ class KKTResiduals(NamedTuple):
         return torch.maximum(self.stationarity, self.feasibility)
 
 
-def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    tiny = torch.finfo(num.dtype).tiny
-    return torch.where(num > 0, num / den.clamp_min(tiny), torch.zeros_like(num))
-
-
 def _row_norm(t: Tensor) -> Tensor:
     return scaled_norm(t.reshape(t.shape[0], -1))
 
@@ -106,7 +100,7 @@ def term_norms(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, probes: tuple) -> t
 def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: Tensor | None, A: Tensor | None,
                   lam: Tensor | None, n_eq: int, inactive: Tensor | None, tol: float, eps: float,
                   probes: tuple | None = None, feasibility_rows: Tensor | None = None,
-                  step: Callable[[Tensor], Tensor] | None = None, norms: tuple | None = None,
+                  step: Callable[..., Tensor] | None = None, norms: tuple | None = None,
                   rounding: Tensor | None = None) -> KKTResiduals:
     """Relative first-order residuals of ``y`` (see the module docstring).
 
@@ -128,12 +122,12 @@ def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: T
             if the caller has them (one double-backward pass); computed here otherwise.
         feasibility_rows: the Jacobian that scales the feasibility residual where it is not
             ``A`` (elements whose rows of ``A`` were zeroed); ``None``: ``A``.
-        step: ``v (B, m) -> δy (B, m)``, the ``y`` part of the KKT system's solution for
-            the right-hand side ``[v; 0]`` (:func:`newton_step_error`); with it, where an
-            offset in the data inflates the scales, ``y``'s error is also estimated by
-            that step (stationarity) and by the least-norm correction of the violation
-            (feasibility), against ``‖y‖``. ``None``: both residuals are judged against
-            the scales alone.
+        step: ``(v (B, m), release (B, r) or None) -> δy (B, m)``, the ``y`` part of the KKT
+            system's solution for the right-hand side ``[v; 0]`` (:func:`newton_step_error`),
+            the constraints ``release`` made inactive; with it, where an offset in the data
+            or a stiff direction hides an error, ``y``'s error is also estimated by that step
+            (stationarity) and by the least-norm correction of the violation (feasibility),
+            against ``‖y‖``. ``None``: both residuals are judged against the scales alone.
         norms: :func:`term_norms` of ``probes``, if the caller has them.
         rounding: ``(B,)`` a residual level not counted, as measured (terms that saturate
             and cancel round far above eps of the scale); ``None``: the scale's alone.
@@ -165,9 +159,15 @@ def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: T
         # what they were meant to cancel shows up in the stationarity residual.
         lam_ok = torch.where(is_ineq, lam.clamp_min(0.0), lam)
         r = gf + (A.transpose(1, 2) @ lam_ok.unsqueeze(-1)).squeeze(-1)
+        active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     stationarity = _ratio(_above(scaled_norm(r), noise), _floored(scale, eps))
     if step is not None:
-        stationarity = newton_step_error(step, r.detach(), y, curvature, scale, noise, stationarity, tol, eps)
+        # (the active inequalities without a multiplier left out of the step: where a negative
+        # one was clamped, the residual lies along their rows, and with them kept the step
+        # was 0; y = 0 for y >= 0 at x = 0.5 beside a stiff term passed as a "kink")
+        stat_step = step if c is None else (lambda v: step(v, active_ineq & (lam_ok.detach() <= 0)))
+        stationarity = newton_step_error(stat_step, r.detach(), y, curvature, scale, noise, stationarity, tol, eps,
+                                         reach=coordinate_reach(r.detach(), probes[0], m))
     scale = _floored(scale, eps)
     if c is None:
         zero = torch.zeros(batch, dtype=yg.dtype, device=yg.device)
@@ -193,10 +193,9 @@ def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: T
         # The same for the constraints: ‖D_x c‖‖x‖ grows with an offset in the data they
         # read (Σy = p₁ − p₂ at p ~ 5e6 violated by 0.5 scored 1e-7); the least-norm
         # correction A⁺v of the violation, against ‖y‖.
-        feasibility = _offset_checked(
+        feasibility = offset_checked(
             feasibility, violation, y, feas_own, feas_scale, feas_noise,
             tol, eps, lambda v: (torch.linalg.pinv(rows) @ v.unsqueeze(-1)).squeeze(-1))
-    active_ineq = is_ineq & ~inactive if inactive is not None else is_ineq.expand_as(c)
     # how hard each constraint pushes, in gradient units
     force = lam.detach() * (row if feasibility_rows is None else scaled_norm(A.detach()))
     weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
@@ -209,50 +208,6 @@ def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: T
         weakest = torch.where(active_ineq, force / force_scale.clamp_min(torch.finfo(force.dtype).tiny).unsqueeze(-1),
                               math.inf).amin(-1)
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly, weakest)
-
-
-def newton_step_error(step: Callable[[Tensor], Tensor], r: Tensor, y: Tensor, curvature: Tensor, scale: Tensor,
-                      noise: Tensor, stationarity: Tensor, tol: float, eps: float) -> Tensor:
-    """``stationarity`` (B,), raised to ``y``'s relative error where the scale hid it.
-
-    The scale of :func:`kkt_residuals` includes ``‖B‖‖x‖`` and ``‖∇_y f‖``, which a
-    common offset in the inputs or the prices inflates without making ``y`` any less
-    determined: at coordinates ~5e6, a solve of ``argmin_u Σ wᵢ(u + r − pᵢ)²`` off by
-    0.5 scored 1e-7 and passed. The Newton step ``δy`` of the KKT system for the residual,
-
-    .. math::
-
-        \\begin{bmatrix} H & A^\\top \\\\ A & 0 \\end{bmatrix}
-        \\begin{bmatrix} \\delta y \\\\ \\delta\\lambda \\end{bmatrix}
-        = \\begin{bmatrix} r \\\\ 0 \\end{bmatrix},
-
-    estimates ``y``'s error and is invariant to those offsets; it is measured against
-    ``‖y‖``, or, where ``y`` is ~0, against the step that a residual at the rounding
-    level ``ν = 8 eps · scale`` makes: ``‖δy‖ (1 − ν/‖r‖)₊ / max(‖y‖, ‖δy‖ ν / (tol ‖r‖))``
-    (a rounding-level residual scores at most ``tol``). The solve is done only where
-    ``‖r‖ / (‖H u‖ ‖y‖)`` (the step's size from the probe's curvature) exceeds ``tol``
-    and the other terms make up more than half the scale: otherwise the scale measures
-    ``y``'s error already. ``curvature``: ``‖H u‖ ‖y‖`` (B,).
-    """
-    return _offset_checked(stationarity, r, y, curvature, scale, noise, tol, eps, step)
-
-
-def _offset_checked(score: Tensor, residual: Tensor, y: Tensor, own: Tensor, scale: Tensor, noise: Tensor,
-                    tol: float, eps: float, step: Callable[[Tensor], Tensor]) -> Tensor:
-    """``score`` (B,), raised to ``‖δy‖`` relative to ``y`` where the scale's terms other than
-    ``own`` (the part that ``y``'s own size makes) dominate and ``residual`` (B, k) could
-    still mean a step above ``tol``: ``δy = step(residual)`` on those elements only (see
-    :func:`newton_step_error`)."""
-    nu = torch.maximum(_ROUNDING * eps * scale, noise)
-    rn = scaled_norm(residual)
-    suspect = (_above(rn, nu) > tol * own) & (scale > 2 * own)
-    if not bool(suspect.any()):
-        return score
-    dy = step(torch.where(suspect.unsqueeze(-1), residual, 0.0)).norm(dim=-1)
-    safe = rn.clamp_min(torch.finfo(residual.dtype).tiny)
-    length = torch.maximum(scaled_norm(y), dy * nu / (tol * safe))
-    error = _ratio(dy * (1.0 - nu / safe).clamp_min(0.0), length)
-    return torch.where(suspect, torch.maximum(score, error), score)
 
 
 def _no_length(xg: Sequence[Tensor]) -> Tensor | None:
@@ -290,11 +245,6 @@ def _rounding(scale: Tensor, eps: float, no_length: Tensor | None, derivative: T
     if no_length is not None:
         level = torch.where(no_length, torch.maximum(level, _ROUNDING * eps * derivative), level)
     return torch.where(scale <= level, level, 0.0)
-
-
-def _above(residual: Tensor, noise: Tensor) -> Tensor:
-    """What of ``residual`` exceeds its rounding level ``noise`` (0 below it)."""
-    return (residual - noise).clamp_min(0.0)
 
 
 def _beyond_equalities(curvature: Tensor, gf: Tensor, A_eq: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ the offset.
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -362,3 +363,105 @@ def test_a_solve_above_the_saturated_terms_rounding_is_still_reported():
     x.requires_grad_(True)
     with pytest.warns(GradientWarning, match=r"only approximately for 20 of 20"):
         torch.autograd.grad(_PseudoHuberPool(1e-3)(x).sum(), x)
+
+
+def _cubic_root(s: float) -> float:
+    """The real root of ``t + t³ = s`` (Cardano): the reference, apart from the nodes' Newton solves."""
+    q = (s * s / 4 + 1 / 27) ** 0.5
+    return math.copysign(abs(s / 2 + q) ** (1 / 3), s / 2 + q) + math.copysign(abs(s / 2 - q) ** (1 / 3), s / 2 - q)
+
+
+def _newton_cubic(s: torch.Tensor) -> torch.Tensor:
+    t = s.clone()
+    for _ in range(60):
+        t = t - (t + t**3 - s) / (1 + 3 * t * t)
+    return t
+
+
+class Stiff(DeclarativeNode):
+    """``argmin ½k(u₀ − x₀)² + ½(u₁ − x₁)² + u₁⁴/4`` = ``(x₀, t)``, ``t + t³ = x₁``, returned with
+    ``off`` added to ``u₁`` (the weakly curved coordinate: curvature 1 + 3t², beside ``k``)."""
+
+    def __init__(self, k: float, off: float, **kw):
+        super().__init__(**kw)
+        self.k, self.off = k, off
+
+    def objective(self, x, y):
+        return 0.5 * self.k * (y[:, 0] - x[:, 0]) ** 2 + 0.5 * (y[:, 1] - x[:, 1]) ** 2 + 0.25 * y[:, 1] ** 4
+
+    def solve(self, x):
+        return torch.stack([x[:, 0], _newton_cubic(x[:, 1]) + self.off], -1)
+
+
+class Pinned(Stiff):
+    """``Stiff`` with its stiff term pulled to 10 and ``u₀ = x₀`` pinned by an equality (multiplier ~k·10)."""
+
+    def objective(self, x, y):
+        return 0.5 * self.k * (y[:, 0] - 10) ** 2 + 0.5 * (y[:, 1] - x[:, 1]) ** 2 + 0.25 * y[:, 1] ** 4
+
+    def equality_constraints(self, x, y):
+        return (y[:, 0] - x[:, 0]).unsqueeze(-1)
+
+
+_STIFF_X = torch.tensor([[1.0, 1.0], [-0.5, 2.0], [0.0, -0.7]], dtype=DT)
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+@pytest.mark.parametrize("node", [Stiff, Pinned])
+@pytest.mark.parametrize("k", [1.0, 1e6])
+def test_a_stiff_term_does_not_hide_an_error_along_a_weak_coordinate(node, k, mode):
+    # At k = 1e6 (and with the equality, multipliers ~1e7) ‖H u‖‖y‖ set the scale: a solve 0.1 off
+    # in u₁ scored 2e-7 and passed silently, its gradient 15 % off. Each coordinate's residual is
+    # now held against its own curvature: the verdicts are those at k = 1.
+    assert _verdict(node(k, 0.0), (_STIFF_X,), mode) == "silent"
+    assert _verdict(node(k, 1e-3), (_STIFF_X,), mode) == "warning"
+    assert _verdict(node(k, 0.5), (_STIFF_X,), mode) == "error"
+
+
+@pytest.mark.parametrize("k", [1.0, 1e6])
+def test_a_stiff_well_solved_node_is_exact_without_a_newton_solve(k, monkeypatch):
+    # Closed form: ∂y₀/∂x₀ = 1, ∂y₁/∂x₁ = 1 / (1 + 3t²) at the Cardano root t; a solution at
+    # rounding level needs no Newton step (no second solve of the KKT system).
+    from convexddn.nodes import implicit_system
+
+    steps = []
+    quiet_step = implicit_system.ImplicitSystem.quiet_step
+    noted = lambda self, *a: steps.append(1) or quiet_step(self, *a)  # noqa: E731
+    monkeypatch.setattr(implicit_system.ImplicitSystem, "quiet_step", noted)
+    x = _STIFF_X.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Stiff(k, 0.0)(x).sum().backward()
+    want = torch.tensor([[1.0, 1 / (1 + 3 * _cubic_root(float(s)) ** 2)] for s in _STIFF_X[:, 1]], dtype=DT)
+    torch.testing.assert_close(x.grad, want, rtol=1e-12, atol=1e-14)
+    assert steps == []
+
+
+class StiffNonNeg(DeclarativeNode):
+    """``argmin ½‖u_{:2} − x_{:2}‖² + ½k(u₂ − x₂)²`` s.t. ``u ≥ 0`` = ``max(x, 0)``; ``clamp_first`` returns
+    ``u₀ = 0`` whatever ``x₀`` (a wrong active set where ``x₀ > 0``: the bound's multiplier would be −x₀)."""
+
+    def __init__(self, k: float, clamp_first: bool):
+        super().__init__()
+        self.k, self.clamp_first = k, clamp_first
+
+    def objective(self, x, y):
+        return 0.5 * ((y[:, :2] - x[:, :2]) ** 2).sum(-1) + 0.5 * self.k * (y[:, 2] - x[:, 2]) ** 2
+
+    def inequality_constraints(self, x, y):
+        return -y
+
+    def solve(self, x):
+        y = x.clamp(min=0)
+        if self.clamp_first:
+            y[:, 0] = 0
+        return y
+
+
+@pytest.mark.parametrize("k", [1.0, 1e6])
+def test_a_stiff_term_does_not_hide_a_wrong_active_set(k):
+    # At k = 1e6 y₀ = 0 for x₀ = 0.5 (true y₀ = 0.5) came back with ∂y₀/∂x₀ = 0 (true 1) under a
+    # warning that called the bound's multiplier zero (its least-squares value is −0.5): the
+    # Newton step kept the bound active and was 0. The bound without a multiplier is left out of it.
+    x = torch.tensor([[0.5, 1.0, 1.0], [0.3, -1.0, 2.0]], dtype=DT)
+    assert _verdict(StiffNonNeg(k, True), (x,), "vjp") == "error"
