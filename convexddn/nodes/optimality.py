@@ -42,7 +42,7 @@ from .._warn import warn
 from ..errors import GradientWarning, SolverError
 from .krylov import pseudo_random_directions
 from .linear_solvers import shown_indices
-from .multipliers import dependent, nonnegative_multipliers, scaled_norm
+from .multipliers import dependent, nonnegative_multipliers, scaled_norm, unit_rows
 from .step_error import _ROUNDING, _above, _ratio, coordinate_reach, newton_step_error, offset_checked
 
 __all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "coordinate_reach", "default_solution_tol", "kkt_residuals",
@@ -204,10 +204,33 @@ def kkt_residuals(yg: Tensor, xg: Sequence[Tensor], gf: Tensor, gL: Tensor, c: T
         weakly = (active_ineq & (force <= tol * force_scale.unsqueeze(-1))).any(-1)
     weakest = None  # (read only by the warning of weakly active elements: formed only where there are some)
     if bool(weakly.any()):
+        row_scale = _row_force_scale(gL, yg, A, y_norm, force_scale - curvature, force_scale, weakly)
+        weakly = (active_ineq & (force <= tol * row_scale)).any(-1)
+    if bool(weakly.any()):
         weakly = _strictly_complementary_exists(A, gf, active_ineq, r, force_scale, tol, weakly)
-        weakest = torch.where(active_ineq, force / force_scale.clamp_min(torch.finfo(force.dtype).tiny).unsqueeze(-1),
+        weakest = torch.where(active_ineq, force / row_scale.clamp_min(torch.finfo(force.dtype).tiny),
                               math.inf).amin(-1)
     return KKTResiduals(stationarity.detach(), feasibility.detach(), weakly, weakest)
+
+
+def _row_force_scale(gL: Tensor, yg: Tensor, A: Tensor, y_norm: Tensor, gradient: Tensor, force_scale: Tensor,
+                     weakly: Tensor) -> Tensor:
+    """``(B, r)`` each active row's own force scale on the ``weakly`` elements (B,): ``‖H n_j‖ ‖y‖`` (how much
+    ``∇_y L`` moves along the row's unit normal ``n_j`` when ``y`` moves by its length) plus ``gradient`` (B,),
+    the scale's gradient part; at most ``force_scale`` (B,), which stands for every other element.
+
+    ``‖H u‖`` is the largest curvature's: beside a stiff term ``k (y₂ − x₂)²`` at ``k = 1e6`` the bound ``y₁ ≥ 0``
+    of a projection, pushing with a multiplier of 1 against a curvature of 1, was called zero (5.5e-7 of the
+    scale) and the solution a kink. One Hessian-vector product per row, only where an element is weakly active.
+    """
+    from .lagrangian import _batched_vjp  # (lagrangian imports this module)
+
+    whole = force_scale.unsqueeze(-1).expand(A.shape[:2])
+    if not gL.requires_grad:  # (H = 0: no curvature along any row)
+        return torch.where(weakly.unsqueeze(-1), gradient.unsqueeze(-1), whole)
+    units = unit_rows(A.detach())[0].transpose(0, 1)  # (r, B, m)
+    curvature = scaled_norm(_batched_vjp(gL, yg, units).detach()).transpose(0, 1) * y_norm.unsqueeze(-1)
+    return torch.where(weakly.unsqueeze(-1), torch.minimum(curvature + gradient.unsqueeze(-1), whole), whole)
 
 
 def _no_length(xg: Sequence[Tensor]) -> Tensor | None:

@@ -465,3 +465,15 @@ def test_a_stiff_term_does_not_hide_a_wrong_active_set(k):
     # Newton step kept the bound active and was 0. The bound without a multiplier is left out of it.
     x = torch.tensor([[0.5, 1.0, 1.0], [0.3, -1.0, 2.0]], dtype=DT)
     assert _verdict(StiffNonNeg(k, True), (x,), "vjp") == "error"
+
+
+@pytest.mark.parametrize("k", [1.0, 1e6])
+def test_a_stiff_term_does_not_make_a_pushing_bound_weak(k):
+    # The bound y₁ ≥ 0 at x₁ = −1 pushes with a multiplier of 1 against a curvature of 1; beside
+    # k = 1e6 its force was 5.5e-7 of ‖H u‖‖y‖ + ‖∇f‖ and it was called zero (a "kink" warning).
+    # Closed form: y = max(x, 0), ∂Σy/∂x = 1 where x > 0, 0 where x < 0.
+    x = torch.tensor([[0.5, 1.0, 1.0], [0.3, -1.0, 2.0]], dtype=DT)
+    assert _verdict(StiffNonNeg(k, False), (x,), "vjp") == "silent"
+    xg = x.clone().requires_grad_(True)
+    StiffNonNeg(k, False)(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]], dtype=DT), rtol=0, atol=1e-12)
