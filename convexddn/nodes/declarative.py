@@ -103,12 +103,12 @@ class DeclarativeNode(GuardedState):
             :func:`~convexddn.nodes.linear_solvers.resolve_linear_solver` (dense up to
             64 unknowns, or while ``B (m + p + q)^3 <= 3e8``, CG above with a dense
             fallback when it does not converge quickly).
-        active_tol: inequality constraint ``j`` counts as active where ``g_j >=
-            -active_tol * ‖∇_y g_j‖ ‖y‖``, relative to the constraint's own scale (and
-            at least 8 epsilons of the inputs' dtype). ``‖y‖`` is the whole solution's
-            norm (for a solution near 0, at least 1e-3 of how far the objective's
-            curvature lets it move: its bounds are active there too): where ``y`` mixes
-            scales, pass a smaller value if ``solve`` is exact entry by entry. Default ``1e-6``.
+        active_tol: inequality constraint ``j`` counts as active where ``g_j >= -active_tol * ‖∇_y g_j‖ ‖y‖``,
+            relative to the constraint's own scale (at least 8 epsilons of the inputs' dtype). ``‖y‖`` is the
+            whole solution's norm (for a solution near 0, at least 1e-3 of how far the objective's curvature
+            lets it move): where ``y`` mixes scales, pass a smaller value if ``solve`` is exact entry by entry;
+            a larger one where ``solve`` approaches bounds without reaching them (an interior point method's
+            ``1e-6`` for 0: the SolverError names the slack and the value). Default ``1e-6``.
         cg_tol: relative residual tolerance of CG, in (0, 1). Default ``None``
             (``1e-10`` in float64, ``1e-5`` in float32).
         cg_max_iter: CG iteration cap. Default ``None`` (``10 * m``).

@@ -142,7 +142,8 @@ def declarative_vjp(
         active_tol: inequality constraint ``j`` is active where ``g_j >= -active_tol *
             ‖∇_y g_j‖ ‖y‖`` (relative to how much ``g_j`` moves when ``y`` moves by its
             own size; at least 8 epsilons of ``y``'s dtype; ``‖y‖`` at least 1e-3 of how
-            far the objective's curvature lets ``y`` move). Default ``1e-6``.
+            far the objective's curvature lets ``y`` move). Larger where ``solve`` approaches
+            bounds without reaching them (the SolverError names the value). Default ``1e-6``.
         cg_options: keyword arguments of :func:`solve_kkt_cg` (``tol``, ``max_iter``).
         check_solution: verify the KKT conditions at ``y``. Default ``True``.
         solution_tol: relative residual that triggers the warning. Default ``None``

@@ -33,7 +33,7 @@ from .lagrangian import (ROUNDING_MARGIN, _batched_vjp, _check_jacobian, _check_
                          _grads, _kink_length, _lagrangian_parts, _non_finite_derivatives, _objective,
                          _solution_length, gradient_at, kinked, lagrangian_probes, seed_rounding)
 from .linear_solvers import LinearSolver, resolve_linear_solver
-from .multipliers import inactive_mask, multipliers, scaled_norm
+from .multipliers import inactive_mask, multipliers, near_active, scaled_norm
 from .optimality import _ROUNDING, default_solution_tol, kkt_residuals, term_norms, verify_kkt
 from .solver_result import checked_solver_result
 
@@ -169,7 +169,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         t.grad_fn is not None for t in of_c.values())
     parts = [c for c in (eq, ineq) if c is not None]
     n_eq = 0 if eq is None else eq.shape[1]
-    c = A = lam = inactive = None
+    c = A = lam = inactive = near = None
     # (with a graph where the activity test probes its curvature, _solution_length)
     (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
     if parts:
@@ -180,9 +180,11 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
         inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
         if ineq is not None:
-            inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], _solution_length(gf, yg),
-                                               active_tol, y.dtype)
+            length = _solution_length(gf, yg)
+            inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], length, active_tol, y.dtype)
             gf = gf.detach()
+            # (the slack rows kept for the report: near_active, read only where a check fails)
+            near = functools.partial(near_active, ineq.detach(), A, length, gf, n_eq, inactive, active_tol)
         A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
         _check_jacobian(prefix, A, n_eq, batch_shape)
         # eq. 25: multipliers that best satisfy stationarity at the given y
@@ -285,7 +287,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             # was a "poor" solution for 1 in 2000; the measured rounding of that residual
             # was at least half of it, at most twice).
             res = kkt(rounding=_ROUNDING * scaled_norm(rounding()))
-        verify_kkt(prefix, res, tol, batch_shape)
+        verify_kkt(prefix, res, tol, batch_shape, near_active=near if broken is None else None)
         # (rows with an active constraint are judged by the KKT system's conditioning; broken ones have no gradient)
         free = None if c is None else inactive.all(-1)
         if broken is not None:

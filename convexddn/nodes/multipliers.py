@@ -25,9 +25,11 @@ References:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "nonnegative_multipliers",
+__all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "near_active", "nonnegative_multipliers",
            "scaled_norm", "unit_rows"]
 
 Tensor = torch.Tensor
@@ -180,3 +182,43 @@ def multipliers(A: Tensor, g: Tensor, n_eq: int, inactive: Tensor) -> Tensor:
         if rows.numel():
             lam = lam.index_copy(0, rows, nonnegative_multipliers(A[rows], g[rows], is_ineq))
     return lam
+
+
+def near_active(g: Tensor, A_all: Tensor, length: Tensor, gf: Tensor, n_eq: int, inactive: Tensor,
+                active_tol: float, rows: Tensor) -> tuple[float, float, float, float, float] | None:
+    """``(tol, least, largest, active_tol, factor)``: the smallest ``active_tol`` (a power of ten up to 1e-2)
+    at which counting the inequalities within it active makes the stationarity residual ``‖∇_y f + Aᵀλ‖`` of
+    every element ``rows`` (B,) at least 10 times smaller (``factor``: the least of those ratios), and the
+    relative slack ``-g_j / (‖∇_y g_j‖ ℓ)`` of those inequalities; ``None`` where no such ``active_tol`` does.
+
+    A solver that approaches bounds without reaching them (an interior point method's ``y_j =
+    1e-6`` for ``y_j = 0``) returns slack bounds, which the default ``active_tol`` counts
+    inactive: without their multipliers ``y`` is not stationary, and the error said so with
+    causes that did not name ``active_tol`` (for the report only: a few least-squares solves).
+    ``g`` (B, q): the inequalities; ``A_all`` (B, r, m): all constraints' Jacobian, inactive rows
+    kept; ``length`` (B,): :func:`inactive_mask`'s; ``gf`` (B, m): ``∇_y f``; ``inactive`` (B, r).
+    """
+    row = scaled_norm(_finite(A_all[:, n_eq:]))
+    slack = torch.where(row > 0, -g / torch.where(row > 0, row * length.unsqueeze(-1), 1.0), torch.inf)
+    is_ineq = torch.zeros(A_all.shape[1], dtype=torch.bool, device=A_all.device)
+    is_ineq[n_eq:] = True
+
+    def residual(off: Tensor) -> Tensor:
+        A = A_all.masked_fill(off.unsqueeze(-1), 0.0)
+        lam = multipliers(A, gf, n_eq, off)
+        lam = torch.where(is_ineq, lam.clamp_min(0.0), lam)
+        return (gf + (A.transpose(1, 2) @ lam.unsqueeze(-1)).squeeze(-1)).norm(dim=-1)
+
+    before = residual(inactive)
+    exponent = math.floor(math.log10(active_tol)) + 1
+    for tol in (10.0 ** e for e in range(exponent, -1)):
+        near = inactive[:, n_eq:] & (slack <= tol) & rows.unsqueeze(-1)
+        if not bool(near.any()):
+            continue
+        after = residual(inactive & ~torch.cat([torch.zeros_like(near[:, :n_eq]), near], -1))
+        fixed = rows & near.any(-1) & (after <= 0.1 * before)
+        if bool((fixed == rows).all()):
+            s = slack[near]
+            factor = (before / after.clamp_min(torch.finfo(after.dtype).tiny))[rows].amin()
+            return tol, float(s.amin()), float(s.amax()), active_tol, float(factor)
+    return None

@@ -318,8 +318,11 @@ def _format_indices(mask: Tensor, batch_shape: Sequence[int] | None) -> list[tup
     return [tuple(i) for i in idx.tolist()]
 
 
-def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
-    """Raise or warn where ``y`` is not a KKT point; warn where complementarity fails."""
+def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape,
+               near_active: Callable[[Tensor], tuple | None] | None = None) -> None:
+    """Raise or warn where ``y`` is not a KKT point; warn where complementarity fails.
+    ``near_active``: :func:`~.multipliers.near_active` of the reported elements (B,), if inequalities slack
+    within a larger ``active_tol`` may be the cause."""
     worst = res.worst
     error_tol = max(SOLUTION_ERROR_TOL, 10 * tol)
     fatal = worst > error_tol
@@ -328,19 +331,32 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape) -> None:
             "computes (e.g. a clamp without its inequality constraints), an inequality multiplier is negative, or the "
             "objective is non-smooth at the solution (e.g. |u| at u = 0), where the derivative does not exist")
     stat, feas = float(res.stationarity.amax()), float(res.feasibility.amax())
+    found = None if near_active is None or not bool((fatal | poor).any()) else near_active(fatal | poor)
+    if found is not None:
+        # (an interior point solver's bounds at +1e-6 were rejected with causes that did not name active_tol,
+        # and check_solution=False, which the error advised, gave the gradient with those bounds free: wrong)
+        size = f"{found[1]:.1e}" + ("" if f"{found[1]:.1e}" == f"{found[2]:.1e}" else f" to {found[2]:.1e}")
+        hint = (f"inequality constraints slack by only {size} of the solution's scale (-g_j / (‖∇g_j‖ ‖y‖)) count "
+                f"as inactive at active_tol={found[3]:g}, and counted active they cut the stationarity residual "
+                f"{found[4]:.1e}-fold: solve approaches bounds without reaching them (as an interior point method "
+                "does); pass "
+                f"active_tol={found[0]:g} or larger (below the slack of the truly inactive ones) to count them active "
+                "(check_solution=False would keep them free: a wrong gradient)")
+    skip = ("" if found is not None else ". check_solution=False skips this check, but the gradient is then that of a "
+            "point that is not a KKT point (wrong unless this check is): fix solve or the declaration instead")
     if bool(fatal.any()):
         indices = _format_indices(fatal, batch_shape)
         raise SolverError(
             f"{prefix}solve returned a point that is not a KKT point of the declared problem for {len(indices)} of "
             f"{fatal.numel()} batch element(s), at batch indices {indices[:8]}: relative stationarity residual "
-            f"{stat:.2e}, feasibility residual {feas:.2e} (rejected above {error_tol:g}); likely causes: {hint}. "
-            "Pass check_solution=False to differentiate anyway",
+            f"{stat:.2e}, feasibility residual {feas:.2e} (rejected above {error_tol:g}); likely "
+            f"{'cause' if found is not None else 'causes'}: {hint}{skip}",
             indices=indices, statuses=["not a KKT point"] * len(indices))
     if bool(poor.any()):
         warn(f"{prefix}solve returned a point that satisfies the first-order (KKT) conditions only approximately for "
              f"{shown_indices(poor)}: relative stationarity residual {stat:.2e}, feasibility residual {feas:.2e} "
-             f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely causes: {hint}",
-             GradientWarning)
+             f"(solution_tol={tol:g}); the gradient is that of a nearby problem. Likely "
+             f"{'cause' if found is not None else 'causes'}: {hint}", GradientWarning)
     if bool(res.weakly_active.any()):
         warn(f"{prefix}solve returned a point where an active inequality constraint has a multiplier that is zero "
              f"within solution_tol for {shown_indices(res.weakly_active)}{_weakness(res, tol)}; or the constraint "

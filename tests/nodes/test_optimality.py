@@ -11,6 +11,7 @@ the offset.
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -477,3 +478,45 @@ def test_a_stiff_term_does_not_make_a_pushing_bound_weak(k):
     xg = x.clone().requires_grad_(True)
     StiffNonNeg(k, False)(xg).sum().backward()
     torch.testing.assert_close(xg.grad, torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]], dtype=DT), rtol=0, atol=1e-12)
+
+
+class _InteriorSimplex(_Simplex):
+    """The simplex projection as an interior point solver returns it: the zero entries at ``off``
+    (the sum kept at 1)."""
+
+    def __init__(self, off: float, **kw):
+        super().__init__(**kw)
+        self.off = off
+
+    def solve(self, x):
+        y = super().solve(x)
+        zero = y == 0
+        return torch.where(zero, self.off, y - self.off * zero.sum(-1, keepdim=True) / (~zero).sum(-1, keepdim=True))
+
+
+def test_bounds_approached_not_reached_name_active_tol():
+    # y = (.5, .5, 0, 0) returned with 1e-6 for its zeros: the bounds counted inactive and the error
+    # named causes without active_tol, advising check_solution=False, whose gradient was
+    # (.75, −.25, −.25, −.25) for ∂y₀/∂x. Now the error names the slack and the active_tol that
+    # counts the bounds active, and that option gives the closed form: ∂y₀/∂x = e₀ − 1_S/|S| on the
+    # support S = {0, 1}.
+    x = torch.tensor([[1.0, 1.0, -1.0, -2.0]], dtype=DT)
+    with pytest.raises(SolverError, match=r"slack by only 1\.4e-06 .*pass active_tol=1e-05 or larger") as info:
+        _InteriorSimplex(1e-6)(x.clone().requires_grad_(True)).sum().backward()
+    assert "check_solution=False would keep them free: a wrong gradient" in str(info.value)
+    tol = float(re.search(r"pass active_tol=(\S+) or larger", str(info.value)).group(1))
+    xg = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _InteriorSimplex(1e-6, active_tol=tol)(xg)[:, 0].sum().backward()
+    torch.testing.assert_close(xg.grad, torch.tensor([[0.5, -0.5, 0.0, 0.0]], dtype=DT), rtol=0, atol=1e-12)
+
+
+def test_a_rejected_point_is_not_sent_to_check_solution_false():
+    # The error advised "Pass check_solution=False to differentiate anyway", whose gradient is that
+    # of a point that is not a KKT point.
+    with pytest.raises(SolverError, match="not a KKT point") as info:
+        StiffNonNeg(1.0, True)(torch.tensor([[0.5, 1.0, 1.0]], dtype=DT, requires_grad=True)).sum().backward()
+    assert "differentiate anyway" not in str(info.value)
+    assert "check_solution=False skips this check, but the gradient is then that of a point that is not" in str(
+        info.value)
