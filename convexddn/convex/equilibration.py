@@ -21,7 +21,8 @@ solution itself to unit size. Without :math:`\\sigma`, a projection whose input 
 bounds are scaled by 1e-8 kept its matrices, its solution shrank to 1e-8, and
 "relative" residuals with a 1 in the denominator accepted a wrong point (measured:
 error 1.5 relative); scaled by 1e8 it was declared infeasible. With it, every
-measure of the interior-point method is relative to the data's own scale.
+measure of the interior-point method is relative to the data's own scale (where a huge
+inactive bound sets that scale, :mod:`.far_rows` solves the element again without it).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 
 from .symmetric_cones import ConeLayout
 
-__all__ = ["Scaled", "equilibrate", "rescale"]
+__all__ = ["Scaled", "equilibrate", "rescale", "solution_scale"]
 
 _MIN_SCALE, _MAX_SCALE = 1e-4, 1e4  # per Ruiz pass; passes compound
 _FIELDS = ("P", "q", "A", "b", "D", "E", "c", "sigma")  # Scaled's, in order
@@ -117,14 +118,15 @@ def equilibrate(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch.Tens
         E = E * e
     P = D[:, :, None] * P * D[:, None, :]
     A = E[:, :, None] * A * D[:, None, :]
-    return rescale(P, D * q, A, E * b, D, E, _solution_scale(P, D * q, E * b))
-
-
-def _solution_scale(P: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """σ: the right-hand side's size, or the unconstrained minimiser's (q/P; an LP's q
-    only scales its objective, which c takes care of); 1 where both vanish."""
-    B, n = q.shape
     p_max = P.abs().amax(dim=(1, 2)) if n else q.new_zeros(B)
+    return rescale(P, D * q, A, E * b, D, E, solution_scale(p_max, D * q, E * b))
+
+
+def solution_scale(p_max: torch.Tensor, q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """σ: the right-hand side's size, or the unconstrained minimiser's (q/P, ``p_max`` (B,)
+    P's largest entry; an LP's q only scales its objective, which c takes care of); 1 where
+    both vanish."""
+    B, n = q.shape
     q_inf = q.abs().amax(1) if n else q.new_zeros(B)
     b_inf = b.abs().amax(1) if b.shape[1] else b.new_zeros(B)
     sigma = torch.maximum(b_inf, torch.where(p_max > 0, q_inf / (p_max + (p_max == 0)), 0.0))

@@ -28,8 +28,10 @@ a quarter of the batch is frozen the running ones are gathered into a smaller ba
 host synchronisation per iteration tests how many still run. An iteration is
 :mod:`.ipm_step`'s pure functions; on CUDA they are captured as a graph (at most two
 variants: with and without refinement) and replayed (:mod:`convexddn._step_graphs`; the
-batch then stays whole), and the graphs are kept for the next solve of the same shapes. Elements whose solution came
-out far below the equilibrated units' size are solved again in their own unit. Then
+batch then stays whole), and the graphs are kept for the next solve of the same shapes.
+Elements whose units a huge inactive bound set are solved again without it
+(:mod:`.far_rows`); those whose solution came out far below the equilibrated units'
+size, again in their own unit. Then
 :mod:`.certify` polishes the solutions and estimates their errors; the measures, and the
 rays of infeasibility certificates, are checked in the caller's units too.
 """
@@ -44,6 +46,7 @@ from .certify import DECIDED, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING, SOLVED,
                             STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
+from .far_rows import relax_far_rows
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .limit_scaling import retry_at_limit
 from .ipm_step import STATE, STATUS, IterationData, column_mask, step, update
@@ -157,6 +160,10 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     else:
         d, xs, ss, zs, status, iterations, certified, red = _iterate(d, layout, structure, tol, tol_inf,
                                                                      max_iter, refine, reduced=reduced)
+        # A huge inactive bound sets σ: solved again without it, in the solution's unit (.far_rows).
+        d, xs, ss, zs, status, iterations, certified = relax_far_rows(
+            d, layout, (xs, ss, zs, status, iterations, certified),
+            lambda part: _iterate(part, layout, structure, tol, tol_inf, max_iter, refine)[:7])
         # σ sizes the equilibrated units from the data; an inactive constraint with a huge
         # right-hand side inflates it far above the solution, whose error the measures'
         # "1 +" then hides. Elements whose solution came out that small are solved again

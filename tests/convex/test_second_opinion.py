@@ -61,12 +61,16 @@ def test_start_is_polished_and_certified(kind):
 
 
 @pytest.mark.parametrize("scale", [1e7, 3e7])
-def test_default_layer_solves_badly_scaled_qp_by_second_opinion(scale):
+def test_default_layer_solves_badly_scaled_qp_by_second_opinion(scale, monkeypatch):
     """min ½‖s·y‖² + s²y₁ − s²y₂ + y₃ s.t. y₁ ≤ s², y₃ ≤ 1: the batched iterations do not
-    certify it at s = 1e7 and the per-element path (second-order-cone form, entries s⁴)
-    called it unbounded (UnboundedError before this stage existed). Clarabel on the
-    batched program solves it; y* = (−1, 1, −1/s²) and dy/dq = −I/s² (constraints
-    inactive)."""
+    certify it at s = 1e7 without relaxing the far bound y₁ ≤ s² (.far_rows, off here; with
+    it they do, tests/convex/test_far_rows.py) and the per-element path (second-order-cone
+    form, entries s⁴) called it unbounded (UnboundedError before this stage existed).
+    Clarabel on the batched program solves it; y* = (−1, 1, −1/s²) and dy/dq = −I/s²
+    (constraints inactive)."""
+    import convexddn.convex.far_rows as far_rows
+
+    monkeypatch.setattr(far_rows, "SHRINK", 0.0)
     layer, data, want = _scaled_qp(scale)
     q = data[1].clone().requires_grad_(True)
     with warnings.catch_warnings():
