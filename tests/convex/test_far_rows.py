@@ -120,3 +120,25 @@ def test_convex_layer_badly_scaled_qp_certified_by_batched_iterations(scale):
     assert layer.last_solve.solvers == ["batched"] and layer.last_solve.statuses == ["solved"]
     torch.testing.assert_close(y, want, atol=1e-15, rtol=0)
     torch.testing.assert_close(g * scale ** 2, -w, atol=1e-12, rtol=0)
+
+
+def test_convex_layer_far_bound_mixed_batch():
+    """A batch where the norm bound r is huge (inactive) for some elements and active for
+    others: y = relu(x) min(1, r / ‖relu(x)‖) (the projection onto the ball ∩ orthant, closed
+    form). The relaxed elements are solved again apart; the others keep their first solve.
+    Before: the elements at r = 1e10, 1e12 went per element (SolverWarning), r = 1e6 was
+    9e-10 off."""
+    x = cp.Parameter(N, name="x")
+    r = cp.Parameter(nonneg=True, name="r")
+    y = cp.Variable(N, name="y")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [y >= 0, cp.norm(y, 2) <= r])
+    layer = cddn.ConvexLayer(prob, [x, r], [y])
+    X = torch.randn(B, N, dtype=F64, generator=torch.Generator().manual_seed(1))
+    R = torch.tensor([1e10, 0.5, 1e3, 0.1, 1e12, 1.0, 1e6, 3.0], dtype=F64)
+    relu = X.clamp_min(0)
+    want = relu * torch.clamp(R[:, None] / relu.norm(dim=1, keepdim=True), max=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Y = layer(X, R)
+    assert layer.last_solve.solvers == ["batched"] * B
+    torch.testing.assert_close(Y, want, atol=4e-15, rtol=0)
