@@ -43,10 +43,14 @@ SHRINK = 0.5
 
 def _costed(d: Scaled) -> tuple[torch.Tensor, torch.Tensor]:
     """``((B, n), (B,))``: the variables the objective sees (a column of P or an entry of q;
-    all where none is), and P's largest entry."""
-    p_col = d.P.abs().amax(1) if d.P.shape[1] else d.q.new_zeros(d.q.shape)
-    cols = (p_col != 0) | (d.q != 0)
-    return cols | ~cols.any(1, keepdim=True), p_col.amax(1) if p_col.shape[1] else d.q.new_zeros(d.q.shape[0])
+    all where none is), and P's largest entry. Both from P's diagonal: P is positive
+    semidefinite, so a column is zero where its diagonal entry is, and
+    :math:`|P_{ij}| \\le \\sqrt{P_{ii} P_{jj}}` puts the largest entry there (a pass over the
+    whole of P cost 0.1 ms of the n = 50 QP's forward at batch 64)."""
+    diag = d.P.diagonal(dim1=1, dim2=2)
+    cols = (diag != 0) | (d.q != 0)
+    p_max = diag.abs().amax(1) if diag.shape[1] else d.q.new_zeros(d.q.shape[0])
+    return cols | ~cols.any(1, keepdim=True), p_max
 
 
 def objective_size(d: Scaled, x: torch.Tensor, z: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,11 +122,13 @@ def relax_far_rows(d: Scaled, layout: ConeLayout, point: tuple, solve: Callable)
         return (d, *point)
     cols, p_max = _costed(d)
     size = objective_size(d, x, z, cols)
-    far = torch.cat([torch.zeros_like(s[:, :z0], dtype=torch.bool), _far(layout, s, size)], 1)
-    far = far & ~certified[:, None] & (size > 0)[:, None]
+    far = _far(layout, s, size) & (~certified & (size > 0))[:, None]
+    if not bool(far.any()):  # (a host sync; most programs end here, after a dozen small ops)
+        return (d, *point)
+    far = torch.cat([torch.zeros_like(s[:, :z0], dtype=torch.bool), far], 1)
     # σ of the rest, from the equilibrated data (c cancels in q/P; σ scales q and b alike).
     sigma = solution_scale(p_max, d.q * d.sigma[:, None], torch.where(far, 0.0, d.b * d.sigma[:, None]))
-    idx = torch.nonzero(far.any(1) & (sigma <= SHRINK * d.sigma)).squeeze(1)  # (a host sync)
+    idx = torch.nonzero(far.any(1) & (sigma <= SHRINK * d.sigma)).squeeze(1)
     if not idx.numel():
         return (d, *point)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
