@@ -19,6 +19,7 @@ from convexddn.convex.equilibration import equilibrate
 from convexddn.convex.far_rows import objective_size
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_per_element import _simplex_projection  # noqa: E402  (the closed form, by one sort)
 from test_reliability import _scaled_qp  # noqa: E402
 
 F64 = torch.float64
@@ -90,8 +91,7 @@ def test_batched_program_huge_inactive_bound_float32(R):
 
 def test_objective_size_ignores_cost_free_variables():
     """The epigraph t of norm(y) <= t, t <= R sits anywhere in [‖y‖, R] (~R/2 at the
-    interior point): the solution's size is read from the variables with a cost and the
-    multipliers only, not from t."""
+    interior point): the solution's size is read from the variables with a cost only."""
     prob, x, y = _problem("norm", 1e10)
     program = BatchedProgram(prob, [x], [y])
     data = program.data
@@ -99,8 +99,8 @@ def test_objective_size_ignores_cost_free_variables():
     d = equilibrate(P, q, A, b, data.layout)
     assert bool(((P != 0).any(1) | (q != 0)).all(0).logical_not().any())  # (a cost-free column exists)
     costed = (d.P != 0).any(1) | (d.q != 0)
-    xs = torch.where(costed, 1e-9, 0.5)  # cost-free columns at 0.5, the others at 1e-9
-    size = objective_size(d, xs, torch.zeros_like(d.b))
+    xs = torch.full_like(d.q, 0.5).masked_fill(costed, 1e-9)  # cost-free columns at 0.5, the others at 1e-9
+    size = objective_size(d, xs)
     torch.testing.assert_close(size, torch.full((B,), 1e-9, dtype=F64))
 
 
@@ -140,5 +140,26 @@ def test_convex_layer_far_bound_mixed_batch():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Y = layer(X, R)
+    assert layer.last_solve.solvers == ["batched"] * B
+    torch.testing.assert_close(Y, want, atol=4e-15, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["norm", "upper"])
+@pytest.mark.parametrize("R", [1e3, 1e10, 1e12])
+def test_convex_layer_far_bound_beside_an_equality(kind, R):
+    """The simplex projection (sum(y) == 1, y >= 0) beside a huge inactive bound: the
+    equality takes the iterations to the null-space form, and in the unit R its right-hand
+    side is ~1/R, so the first point's multipliers came out ~1 (a dual direction that costs
+    ~nothing there) beside a solution of 1e-13. Before: 4.3e-11 off (norm, R = 1e3), 1e-8
+    (upper, 1e10), the rest per element with a SolverWarning; now to rounding, batched."""
+    x = cp.Parameter(N, name="x")
+    y = cp.Variable(N, name="y")
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.sum(y) == 1] + BOUNDS[kind](y, R))
+    layer = cddn.ConvexLayer(prob, [x], [y])
+    X = 2 * torch.randn(B, N, dtype=F64, generator=torch.Generator().manual_seed(3))
+    want = torch.stack([torch.from_numpy(_simplex_projection(v.numpy())) for v in X])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Y = layer(X)
     assert layer.last_solve.solvers == ["batched"] * B
     torch.testing.assert_close(Y, want, atol=4e-15, rtol=0)
