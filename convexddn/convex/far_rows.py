@@ -12,14 +12,15 @@ trouble at 1e12), and where the bound's pairs are undecided in the inflated unit
 √μ) the solution's size cannot even be read from the point (it reads √μ).
 
 So the rows and cones whose slack is far inside K at the first solution (its distance to
-the boundary :data:`FAR` times the solution's size) are relaxed: their rows of A set to 0
-and their right-hand side to the cone's identity, so that they hold whatever x is. Where
-that shrinks σ (computed from the remaining data) by :data:`SHRINK` or more, the relaxed
-program is solved in its own unit; its solution, with each relaxed row's slack ``b - Ax``
-and multiplier 0, is a solution of the original program wherever those slacks lie in K
-(the relaxed program's feasible set contains the original's), which is checked; elsewhere
-the first point stays. Variables that only the relaxed rows touched (CVXPY's epigraph
-variable t of ``norm(y) <= t, t <= R``, free between its bounds) keep their first values.
+the boundary :data:`FAR` times the solution's size and its multiplier) are relaxed: their
+rows of A set to 0 and their right-hand side to the cone's identity, so that they hold
+whatever x is. Where that shrinks σ (computed from the remaining data) by :data:`SHRINK`
+or more, the relaxed program is solved in its own unit; its solution, with each relaxed
+row's slack ``b - Ax`` and a multiplier ~0 (the relaxed pair's complementarity), is a
+solution of the original program wherever those slacks lie in K (the relaxed program's
+feasible set contains the original's), which is checked; elsewhere the first point
+stays. Variables that only the relaxed rows touched (CVXPY's epigraph variable t of
+``norm(y) <= t, t <= R``, free between its bounds) keep their first values.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .symmetric_cones import ConeLayout
 __all__ = ["FAR", "SHRINK", "objective_size", "relax_far_rows"]
 
 # A cone row (a second-order cone) is far inside K where its slack's distance to the boundary
-# is at least this many times the solution's size (objective_size).
+# is at least this many times the solution's size (objective_size) and its multiplier.
 FAR = 10.0
 # ... and the relaxed program is solved where its σ is at most this fraction of the first one.
 SHRINK = 0.5
@@ -151,7 +152,7 @@ def relax_far_rows(d: Scaled, layout: ConeLayout, point: tuple, solve: Callable)
     sr = s_far
     # Solved, and the relaxed rows' slacks in K: a solution of the original program.
     inside = layout.violation(torch.where(rows, sr, _unit(layout, sr))[:, z0:]) == 0
-    take = (st == SOLVED) & ~cert & inside & torch.isfinite(xr).all(1)
+    take = (st == SOLVED) & ~cert & inside & torch.isfinite(xr).all(1) & torch.isfinite(zr).all(1)
     keep = idx[take]
     sel = lambda v: v[take]  # noqa: E731
     d = d.merge(keep, full.select(torch.nonzero(take).squeeze(1)))
