@@ -16,7 +16,7 @@ from torch.autograd import forward_ad
 from ._autograd import bind_fast, called_as, functorch_transforms, public_name
 from .errors import DoubleBackwardError
 
-__all__ = ["first_order", "first_order_jvp", "first_order_only", "guard_gradients", "refuse_forward_over_reverse",
+__all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only", "guard_gradients", "refuse_forward_over_reverse",
            "single_backward", "with_forward_mode"]
 
 
@@ -52,12 +52,12 @@ class _SecondOrderUnsupported(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(what: str, n_anchor: int, *tensors: torch.Tensor):  # type: ignore[override]
+    def forward(what: str, forward_mode: str, n_anchor: int, *tensors: torch.Tensor):  # type: ignore[override]
         return tuple(t.clone() for t in tensors[n_anchor:])
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.what = inputs[0]
+        ctx.what, ctx.forward_mode = inputs[0], inputs[1]
 
     @staticmethod
     def jvp(ctx, *tangents):  # type: ignore[override]
@@ -71,20 +71,23 @@ class _SecondOrderUnsupported(torch.autograd.Function):
             f"{ctx.what} does not support double backward (second derivatives of the "
             "solution, e.g. create_graph=True then a second backward, gradgradcheck or "
             "Hessian-vector products through it): its backward is the implicit "
-            f"first-order derivative only. {_FIRST_ORDER_JVP}"
+            "first-order derivative only. (torch.autograd.functional.jvp differentiates the backward too, "
+            "even for a first-order Jacobian-vector product: use "
+            f"{getattr(ctx, 'forward_mode', FORWARD_MODE)} for that product)"
         )
 
 
 # torch.autograd.functional.jvp differentiates the backward with respect to its incoming
 # gradient (the double-vjp trick): a first-order product asked the second-order way, refused
 # with the rest (the guard's backward cannot tell which of its inputs the caller wants, nor
-# run the node's jvp); the message says what gives that product.
-_FIRST_ORDER_JVP = (
-    "(torch.autograd.functional.jvp differentiates the backward too, even for a first-order "
-    "Jacobian-vector product: use torch.func.jvp or torch.autograd.forward_ad for that product)")
+# run the node's jvp); the messages say what gives that product, which depends on the node:
+# these two for those that run under torch.func, the second alone for those that refuse its
+# transforms (DeclarativeNode: the advice was torch.func.jvp, which then raised).
+FORWARD_MODE = "torch.func.jvp or torch.autograd.forward_ad"
+FORWARD_AD_ONLY = "torch.autograd.forward_ad (not torch.func.jvp: this node does not run under torch.func transforms)"
 
 
-def refuse_forward_over_reverse(what: str, tensors: Sequence[Any]) -> None:
+def refuse_forward_over_reverse(what: str, tensors: Sequence[Any], forward_mode: str = FORWARD_MODE) -> None:
     """Raise :class:`~convexddn.errors.DoubleBackwardError` where a backward runs inside
     a ``torch.autograd.forward_ad`` dual level and one of ``tensors`` (its incoming
     gradients, saved tensors and inputs) carries a tangent there: the gradient itself is
@@ -94,7 +97,8 @@ def refuse_forward_over_reverse(what: str, tensors: Sequence[Any]) -> None:
     computed without tangents: the gradient's tangent came back None, zeros (ConvexLayer)
     or, where plain ops around a node carry part of it, wrong (sinkhorn, 87 % off), with no
     warning. A backward in a level whose tensors carry no tangent on this node's path is
-    the plain one."""
+    the plain one. ``forward_mode``: what the message recommends for first-order products
+    (:data:`FORWARD_MODE`, or :data:`FORWARD_AD_ONLY` for a node refusing torch.func)."""
     if forward_ad._current_level < 0:
         return
     unpack = forward_ad.unpack_dual
@@ -105,11 +109,11 @@ def refuse_forward_over_reverse(what: str, tensors: Sequence[Any]) -> None:
             "tangent differentiates the gradient (a Hessian-vector product, or a mixed second derivative "
             "where a parameter carries it), and its backward is the implicit first-order derivative only, "
             "computed without tangents (they would be dropped). Take the gradient outside the dual level, "
-            "or forward mode alone (torch.func.jvp, torch.autograd.forward_ad) for first-order products")
+            f"or forward mode alone ({forward_mode}) for first-order products")
 
 
 def guard_gradients(what: str, grads: Sequence[torch.Tensor | None], anchors: Sequence[torch.Tensor | None],
-                    check_tangents: bool = True) -> list[torch.Tensor | None]:
+                    check_tangents: bool = True, forward_mode: str = FORWARD_MODE) -> list[torch.Tensor | None]:
     """In a backward run with ``create_graph=True``: ``grads`` tied to the ``anchors``
     that require grad, so that differentiating them raises
     :class:`~convexddn.errors.DoubleBackwardError` instead of giving zeros (a gradient
@@ -117,16 +121,17 @@ def guard_gradients(what: str, grads: Sequence[torch.Tensor | None], anchors: Se
     Inside a forward-AD dual level where ``anchors`` carry tangents, the same error
     (:func:`refuse_forward_over_reverse`; ``check_tangents=False``: checked already, or
     the caller is a jvp, whose inputs carry them): the gradient's tangent, a second
-    derivative, would be dropped."""
+    derivative, would be dropped. ``forward_mode``: the errors' advice for first-order
+    products (:func:`refuse_forward_over_reverse`)."""
     if check_tangents:
-        refuse_forward_over_reverse(what, anchors)
+        refuse_forward_over_reverse(what, anchors, forward_mode)
     if not torch.is_grad_enabled():
         return list(grads)
     tied = [t for t in anchors if isinstance(t, torch.Tensor) and t.requires_grad]
     present = [g for g in grads if g is not None]
     if not tied or not present:
         return list(grads)
-    wrapped = iter(_SecondOrderUnsupported.apply(public_name(what), len(tied), *tied, *present))
+    wrapped = iter(_SecondOrderUnsupported.apply(public_name(what), forward_mode, len(tied), *tied, *present))
     return [None if g is None else next(wrapped) for g in grads]
 
 

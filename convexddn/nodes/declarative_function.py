@@ -20,7 +20,7 @@ from torch.autograd import forward_ad
 
 from .._autograd import (eager_with_tangents, may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain,
                          without_autocast)
-from .._first_order import first_order_jvp, guard_gradients
+from .._first_order import FORWARD_AD_ONLY, first_order_jvp, guard_gradients
 from ..errors import InputError
 from ._held_estimates import held_per_call
 from ._read_guard import ForwardVersions, check_solve_kept, versions_of
@@ -117,7 +117,8 @@ class DeclarativeFunction(torch.autograd.Function):
             grad_params[i] = g
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
         # create_graph=True: make a second differentiation fail loudly, not give 0.
-        grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *params))
+        # (its advice for first-order products: forward_ad alone, the node refusing torch.func)
+        grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *params), forward_mode=FORWARD_AD_ONLY)
         return (None, None, None, *grads)
 
 

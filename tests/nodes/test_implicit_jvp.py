@@ -185,6 +185,21 @@ def test_torch_func_transforms_are_refused_clearly(transform):
         calls[transform]()
 
 
+def test_autograd_functional_jvp_is_refused_with_advice_that_works():
+    """torch.autograd.functional.jvp (the double-vjp trick) is refused as a second derivative; its message said
+    "use torch.func.jvp", which this node refuses too (a ProblemError). The advice it gives now, followed,
+    gives the product: the unit sphere's closed form."""
+    x, t = torch.randn(3, 4, dtype=DT, generator=_gen(19)), torch.randn(3, 4, dtype=DT, generator=_gen(20))
+    node = Sphere()
+    with pytest.raises(DoubleBackwardError, match="torch.autograd.functional.jvp") as info:
+        torch.autograd.functional.jvp(node, (x,), (t,))
+    advice = str(info.value).split("use ", 1)[1]
+    assert advice.startswith("torch.autograd.forward_ad") and "use torch.func.jvp" not in str(info.value)
+    with pytest.raises(ProblemError, match="torch.func transforms"):  # (what it no longer recommends)
+        torch.func.jvp(node, (x,), (t,))
+    torch.testing.assert_close(_jvp(node, (x,), (t,)), _sphere_tangent(x, t), rtol=1e-10, atol=1e-12)
+
+
 def test_the_tangent_is_not_differentiated_again():
     x = torch.randn(2, 3, dtype=DT, generator=_gen(14)).requires_grad_(True)
     t = torch.randn(2, 3, dtype=DT, generator=_gen(15))
