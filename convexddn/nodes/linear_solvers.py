@@ -130,7 +130,8 @@ def solve_kkt_dense(
         inactive: ``(B, r)`` bool mask of dropped inequality constraints, or ``None``.
         v: right-hand side ``(B, m)`` (the incoming gradient).
         rcond: reciprocal condition number below which the system counts as singular.
-            Default ``(m + r) eps`` (numpy's ``matrix_rank`` tolerance).
+            Default: an eigenvalue within ``4 eps`` of the largest (:data:`~.dense.SINGULAR_EPS`),
+            judged where the estimate exceeds ``1/((m + r) eps)``.
         ill_conditioned: condition number from which a warning is issued, at most
             1e-3/eps of the solve's dtype (three correct digits: 1.7e4 in float32).
             Default :data:`ILL_CONDITIONED` (``1e10``).
@@ -276,7 +277,9 @@ def solve_kkt_cg(
         raise OptionError(f"dense_fallback_bytes must be a number >= 0 (inf: no limit), got {dense_fallback_bytes!r}")
     check_number("ill_conditioned", ill_conditioned, above=1)
     size = m + (0 if A is None else A.shape[1])
-    rcond = default_rcond(size, v.dtype) if rcond is None else check_tolerance("cg rcond", rcond)
+    # (the dense fallback gets the caller's rcond: its default decides on the exact spectrum)
+    dense_rcond = rcond = None if rcond is None else check_tolerance("cg rcond", rcond)
+    rcond = default_rcond(size, v.dtype) if rcond is None else rcond
     can_fall_back = dense_bytes(batch, size) <= dense_fallback_bytes
     # The budget counts the elements still running only where they alone pay for the
     # products and the fallback (the rows of hvp, where projected_cg uses them); otherwise
@@ -316,7 +319,7 @@ def solve_kkt_cg(
             # of the whole batch formed 64 Hessians for 1 failed element)
             idx = failed.nonzero().squeeze(-1)
             sub, pick = hvp_of_rows(hvp, idx, v), (lambda t: None if t is None else t.index_select(0, idx))
-            opts = (rcond, ill_conditioned, check_minimum)
+            opts = (dense_rcond, ill_conditioned, check_minimum)
             res = (DenseResult(*map(pick, dense_kkt(hvp, A, inactive, v, *opts))) if sub is None
                    else dense_kkt(sub, pick(A), pick(inactive), pick(v), *opts))
             w = w.index_copy(0, idx, res.w)

@@ -232,3 +232,62 @@ def test_auto_cg_compaction_keeps_multipliers_and_active_sets(monkeypatch):
     assert rows.count(1) > 0 and rows.count(batch) <= 20
     ref = v / d - (1 / d) * (v / d).sum(-1, keepdim=True) / (1 / d).sum(-1, keepdim=True)
     torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+
+
+def _products(H: torch.Tensor):
+    """hvp of the matrices ``H`` (B, m, m): directions (k, B, m) -> products (k, B, m)."""
+    return lambda D: torch.einsum("bij,kbj->kbi", H, D)
+
+
+def _exact_solve(H: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """H⁻¹v for the values H holds (float64 exactly), solved with 60 digits (mpmath)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(60):
+        x = mpmath.lu_solve(mpmath.matrix(H.double().tolist()), mpmath.matrix(v.double().tolist()))
+        return torch.tensor([float(t) for t in x], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype, n, kappa", [(torch.float32, 20, 1e6), (torch.float64, 20, 6e14)])
+def test_dense_kkt_solves_a_system_its_dtype_resolves(dtype, n, kappa):
+    """A symmetric positive-definite system of condition κ below 1/(4 eps) (1e6 in float32:
+    1/eps = 8.4e6; 6e14 in float64: 4.5e15) is regular to working precision: the screen
+    (n + r) eps (2.4e-6 in float32) called it singular, and its pseudo-inverse solution
+    was 87 % (float32) and 100 % (float64) off, where the LU solution is 0.2 % off. The
+    reference: the exact solution of the matrix as stored (60 digits)."""
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(0), dtype=DT))
+    H = (Q * torch.logspace(0, math.log10(kappa), n, dtype=DT)) @ Q.T
+    H = (0.5 * (H + H.T)).to(dtype).unsqueeze(0)
+    v = torch.randn(1, n, generator=_gen(1), dtype=DT).to(dtype)
+    res = linear_solvers.dense_kkt(_products(H), None, None, v)
+    exact = _exact_solve(H[0], v[0])
+    assert not bool(res.singular.any()) and bool(res.ill.all())
+    assert float((res.w[0].double() - exact).norm() / exact.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("formed", ["rounded", "summed"])
+def test_dense_kkt_still_calls_a_rank_deficient_system_singular(dtype, formed):
+    """The other side: a singular matrix rounded to the dtype (``rounded``), or formed in it
+    as a Gram matrix GᵀG summed over 400 rows whose first and last columns cancel exactly
+    (``summed``: its rounding left eigenvalues of up to 2.5 eps), is singular; its solution
+    is the minimum-norm one, Q diag(1/λ, 0) Qᵀ v from the eigenvectors of the exact matrix."""
+    n = 20
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(2), dtype=DT))
+    lam = torch.cat([torch.logspace(0, 3, n - 1, dtype=DT), torch.zeros(1, dtype=DT)])
+    if formed == "rounded":
+        H = ((Q * lam) @ Q.T).to(dtype)
+    else:
+        G = torch.randn(20 * n, n, generator=_gen(3), dtype=DT) * torch.logspace(0, 1, n, dtype=DT)
+        G[:, -1] = -G[:, 0]
+        G = G.to(dtype)
+        H = G.T @ G  # summed in dtype
+        lam, Q = torch.linalg.eigh(G.double().T @ G.double())  # null vector (1, 0, ..., 0, 1)/√2
+        lam[lam.abs().argmin()] = 0.0
+    H = (0.5 * (H + H.T)).unsqueeze(0)
+    v = torch.randn(1, n, generator=_gen(4), dtype=DT)
+    res = linear_solvers.dense_kkt(_products(H), None, None, v.to(dtype))
+    assert bool(res.singular.all())
+    inv = torch.where(lam > 0, 1.0 / torch.where(lam > 0, lam, 1.0), 0.0)
+    want = ((v @ Q) * inv) @ Q.T
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    assert float((res.w.double() - want).norm() / want.norm()) < tol
