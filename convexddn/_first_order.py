@@ -16,8 +16,8 @@ from torch.autograd import forward_ad
 from ._autograd import bind_fast, called_as, functorch_transforms, public_name
 from .errors import DoubleBackwardError
 
-__all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only", "guard_gradients", "refuse_forward_over_reverse",
-           "single_backward", "with_forward_mode"]
+__all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only", "guard_gradients",
+           "refuse_forward_over_reverse", "single_backward", "with_forward_mode"]
 
 
 def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
