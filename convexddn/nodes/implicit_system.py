@@ -25,6 +25,7 @@ from .._autograd import plain
 from .._checks import cast_checked
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
+from ._strong_zero import strong_zero, strong_zero_fn
 from .degeneracy import DependenceCheck, naming, shown_indices
 from .graph import check_curvature, check_graph, check_second_order, ill_determined, lagrangian_gradient
 from .inputs import input_names
@@ -131,6 +132,31 @@ def _rows_hvp(objective, fns, prefix: str, xg, yg: Tensor, event, lam: Tensor | 
     return _element_hvp(lagrangian_gradient(prefix, lagrangian, ys)[0], ys, pick(broken))
 
 
+def _isolate(c: Tensor, fns: tuple, inactive: Tensor, n_eq: int, since: int) -> tuple[Tensor, tuple]:
+    """``(c, fns)`` whose graphs keep the rows inactive in every element out of the derivatives
+    (:mod:`._strong_zero`; ``c`` built after the mark ``since``); ``fns``: the (equality,
+    inequality) constraint functions."""
+    dead = inactive.all(0)
+    return strong_zero(c, dead, since), (fns[0], strong_zero_fn(fns[1], dead[n_eq:]))
+
+
+def _active_jacobian(c: Tensor, ineq: Tensor | None, yg: Tensor, gf: Tensor, n_eq: int, active_tol,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(A, inactive, A_all, length)``: the constraints' Jacobian ``(B, r, m)`` in ``yg``, rows of
+    the inactive inequalities (``(B, r)`` mask, from :func:`~.multipliers.inactive_mask`) zero; the
+    Jacobian with every row (``A_all``, for :func:`~.multipliers.near_active`'s report) and the
+    solution's length (None without inequalities)."""
+    batch, r = c.shape
+    eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
+    A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
+    inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
+    length = None
+    if ineq is not None:
+        length = _solution_length(gf, yg)
+        inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], length, active_tol, dtype)
+    return A.masked_fill(inactive.unsqueeze(-1), 0.0), inactive, A, length
+
+
 def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_constraints, inequality_constraints,
                     params: tuple[Tensor, ...], known, linear_solver, dense_max, active_tol, cg_options,
                     check_solution: bool, solution_tol, work_dtype: torch.dtype, name: str,
@@ -154,6 +180,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     yg = cast_checked(f"{prefix}solve's output y", y.detach(), work_dtype, into, fix).reshape(batch, m)
     yg.requires_grad_(True)
     yv = yg.view(y.shape)
+    since = yv.grad_fn._sequence_nr()  # (the evaluation's own graph starts at yv: see _strong_zero)
     f = _objective(f"{prefix}objective", objective, xg, yv)
     eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
     ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
@@ -172,30 +199,30 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     c = A = lam = inactive = near = None
     # (with a graph where the activity test probes its curvature, _solution_length)
     (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
+    fns = (equality_constraints, inequality_constraints)
+    isolated = False  # (inactive rows kept out of the derivatives: _strong_zero, where needed)
     if parts:
         c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         _check_values(prefix, c, n_eq, batch_shape)
-        r = c.shape[1]
-        eye_r = torch.eye(r, dtype=yg.dtype, device=yg.device)
-        A = _batched_vjp(c, yg, eye_r.unsqueeze(1).expand(r, batch, r)).transpose(0, 1)
-        inactive = torch.zeros(batch, r, dtype=torch.bool, device=yg.device)
+        gf_graph = gf
+        A, inactive, A_all, length = _active_jacobian(c, ineq, yg, gf_graph, n_eq, active_tol, y.dtype)
+        gf = gf.detach()
+        if not bool(torch.isfinite(A).all()):
+            if bool(inactive.all(0).any()):  # (maybe an inactive row's NaN, 0 · ∞, through y: isolated)
+                isolated, c, fns = True, *_isolate(c, fns, inactive, n_eq, since)
+                A, inactive, A_all, length = _active_jacobian(c, ineq, yg, gf_graph, n_eq, active_tol, y.dtype)
+            _check_jacobian(prefix, A, n_eq, batch_shape)
         if ineq is not None:
-            length = _solution_length(gf, yg)
-            inactive[:, n_eq:] = inactive_mask(ineq.detach(), A[:, n_eq:], length, active_tol, y.dtype)
-            gf = gf.detach()
             # (the slack rows kept for the report: near_active, read only where a check fails)
-            near = functools.partial(near_active, ineq.detach(), A, length, gf, n_eq, inactive, active_tol)
-        A = A.masked_fill(inactive.unsqueeze(-1), 0.0)
-        _check_jacobian(prefix, A, n_eq, batch_shape)
+            near = functools.partial(near_active, ineq.detach(), A_all, length, gf, n_eq, inactive, active_tol)
         # eq. 25: multipliers that best satisfy stationarity at the given y
         # (nonnegative on active inequalities where least squares is not).
         lam = multipliers(A, gf, n_eq, inactive)
-    fns = (equality_constraints, inequality_constraints)
     broken = None
     diff = []  # (the kink probe's central difference, for the resolution test below)
-    for attempt in range(2):
+    while True:
         # Elements whose Lagrangian cannot be differentiated (first pass: those without
-        # an active constraint are left out of the constraint part; second: broken
+        # an active constraint are left out of the constraint part; last: broken
         # ones altogether) enter it through detached inputs, see _lagrangian_parts.
         f_L, c_L = _lagrangian_parts(objective, fns, prefix, xg, yv, f, c, inactive, broken)
         lagrangian = f_L + (0.0 if c is None else (lam * c_L).sum(-1))
@@ -203,7 +230,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         # (measured at most once per Lagrangian: the second-order check and the KKT re-test
         # below may both need it, where saturated terms round above the scale's floor)
         rounding = functools.cache(functools.partial(_measured_rounding, lagrangian, yg, gL))
-        if attempt:
+        if broken is not None:
             break
         u = pseudo_random_directions(m, batch, yg.dtype, yg.device)
         grad_at = gradient_at(objective, fns, prefix, xg, y.shape, lam, inactive)  # (∇_y L at other points)
@@ -217,6 +244,10 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             length = _kink_length(yg.detach(), curvature, terms.detach())
             check_curvature(prefix, grad_at, yg.detach(), u, probes[0], length, custom, batch_shape)
         broken = _non_finite_derivatives(gL, probes)
+        if broken is not None and not isolated and c is not None and bool(inactive.all(0).any()):
+            # (an inactive row's NaN in the second derivatives, y.norm() at 0: built again, isolated)
+            isolated, (c, fns), broken = True, _isolate(c, fns, inactive, n_eq, since), None
+            continue
         if broken is not None:
             warn(
                 f"{who}the first or second derivatives of the Lagrangian in y are NaN or Inf at "

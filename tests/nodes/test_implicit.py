@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from convexddn.errors import (
     DTypeError,
@@ -1455,6 +1456,104 @@ def test_inactive_constraint_not_differentiable_at_the_solution(solver):
     u = x[1].detach() / 5.0
     torch.testing.assert_close(grad[0], g[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(grad[1], (g[1] - (g[1] @ u) * u) / 5.0, rtol=0, atol=1e-10)
+
+
+class _PositiveBall(DeclarativeNode):
+    """Projection onto {y >= 0, ‖y‖ <= 1}, the ball's constraint written by ``norm``."""
+
+    def __init__(self, norm, **kw):
+        super().__init__(**kw)
+        self.norm = norm
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return torch.cat([-y, self.norm(y) - 1], -1)
+
+    def solve(self, x):
+        p = x.clamp(min=0)
+        return p / p.norm(dim=-1, keepdim=True).clamp(min=1)
+
+
+_NORMS = {"sqrt": lambda y: (y * y).sum(-1, keepdim=True).sqrt(), "norm": lambda y: y.norm(dim=-1, keepdim=True)}
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+@pytest.mark.parametrize("norm", ["sqrt", "norm"])
+def test_an_inactive_constraint_not_differentiable_there_stays_out_of_the_active_ones(norm, solver):
+    """y = 0 (x < 0): the bounds are active, the ball inactive (value -1) and not differentiable at 0. Its
+    0 · ∞ reached the bounds' derivatives through y: with sqrt the backward raised for the whole batch, blaming
+    "active constraint(s) [0, 1, 2]" (Jacobian -I); with norm the Lagrangian's second derivatives were NaN and
+    a warning said so. Reference (closed form): ∂y/∂x = 0 at y = 0, diag(1, 0, 1) for the other element (inside
+    the ball, y₁ = 0 on its bound), in reverse and in forward mode."""
+    x = torch.tensor([[-1.0, -2.0, -0.5], [0.3, -1.0, 0.2]], dtype=DT, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=DT)
+    J = torch.stack([torch.zeros(3, 3, dtype=DT), torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=DT))])
+    node = _PositiveBall(_NORMS[norm], linear_solver=solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (grad,) = torch.autograd.grad(node(x), x, g)
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(node(fwAD.make_dual(x.detach(), g))).tangent
+    want = torch.einsum("bi,bij->bj", g, J)
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(tangent, want, rtol=0, atol=1e-10)
+
+
+class _CoupledCorner(DeclarativeNode):
+    """argmin ½(y − x)ᵀM(y − x) s.t. y₀, y₁ >= 0 and ‖(y₀, y₁)‖ <= 1 (written with sqrt); solve
+    for x where both bounds are active: y = (0, 0, x₂ + (M₂₀x₀ + M₂₁x₁)/M₂₂)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("M", torch.tensor([[2.0, 0.5, 0.3], [0.5, 2.0, 0.2], [0.3, 0.2, 1.0]], dtype=DT))
+
+    def objective(self, x, y):
+        d = y - x
+        return 0.5 * (d * (d @ self.M)).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return torch.cat([-y[:, :2], (y[:, :2] ** 2).sum(-1, keepdim=True).sqrt() - 1], -1)
+
+    def solve(self, x):
+        M = self.M
+        y2 = x[:, 2] + (M[2, 0] * x[:, 0] + M[2, 1] * x[:, 1]) / M[2, 2]
+        return torch.stack([torch.zeros_like(y2), torch.zeros_like(y2), y2], -1)
+
+
+def test_the_active_rows_keep_the_objectives_curvature_beside_an_isolated_inactive_row():
+    """The bounds pin y₀, y₁ and the inactive ball (not differentiable at their 0) is kept out: the Hessian
+    and the mixed derivative of the objective still give y₂'s row, (M₂₀, M₂₁, M₂₂)/M₂₂ (closed form)."""
+    x = torch.tensor([[-1.0, -1.0, 1.5]], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (J,) = torch.autograd.functional.jacobian(lambda z: _CoupledCorner()(z).sum(0), (x,))
+    want = torch.zeros(3, 3, dtype=DT)
+    want[2] = torch.tensor([0.3, 0.2, 1.0], dtype=DT)
+    torch.testing.assert_close(J[:, 0], want, rtol=0, atol=1e-10)
+
+
+class _RootBound(DeclarativeNode):
+    """Projection onto {|y_0|^0.5 <= 0, ‖y‖ <= 10}: the first is active at y_0 = 0, where its
+    derivative is infinite; the second is inactive."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def inequality_constraints(self, x, y):
+        return torch.cat([y[:, :1].abs().sqrt(), (y * y).sum(-1, keepdim=True).sqrt() - 10], -1)
+
+    def solve(self, x):
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:]], -1)
+
+
+def test_a_non_finite_jacobian_on_an_active_row_is_still_named():
+    """The isolation of inactive rows does not hide an active one's infinite derivative:
+    it is reported, naming that row (0) and not the inactive one (1)."""
+    x = torch.tensor([[0.5, 1.0], [-0.2, 2.0]], dtype=DT, requires_grad=True)
+    with pytest.raises(ProblemError, match=r"non-finite .* active constraint\(s\) \[0\] "):
+        _RootBound()(x).sum().backward()
 
 
 class _SqrtAtZero(DeclarativeNode):
