@@ -10,24 +10,28 @@ were reported non-finite and the backward raised for the whole batch; written as
 zeroed under a warning. Inactive rows have multiplier 0 and do not enter the derivatives.
 
 :func:`strong_zero` gives the constraints' graph that meaning: the operations that feed
-only rows inactive in every element pass zeros back where all their incoming gradients are
-zero, whatever their local derivative (the "strong zero" 0 · ∞ = 0 of a vector-Jacobian
-product, linear in them). It is exact for the rows that enter; an inactive row's own
-Jacobian row (a non-zero incoming gradient) is NaN as before, and zeroed as inactive; an
-active row's infinite derivative is still reported, naming that row. Its limits: the
-operations are told apart at the tensors the user's code builds (a row computed in one
-tensor with active rows is not separated), and a row inactive in one element but active
-in another is not cut (that element is reported as before). It costs a backward pass and a
-host read per operation, so :func:`~.implicit_system.implicit_system` turns it on only
-where non-finite derivatives meet rows inactive everywhere.
+only inactive rows pass zeros back where all their incoming gradients are zero, whatever
+their local derivative (the "strong zero" 0 · ∞ = 0 of a vector-Jacobian product, linear
+in them). It is exact for the rows that enter; an inactive row's own Jacobian row (a
+non-zero incoming gradient) is NaN as before, and zeroed as inactive; an active row's
+infinite derivative is still reported, naming that row. The Jacobian's rows, first order,
+need only :func:`zero_passing`; the Lagrangian's second derivatives need the rows told
+apart per element, :func:`strong_zero_fn`: the constraints evaluated once per group of
+elements with the same inactive rows. Its limit: operations are told apart at the tensors
+the user's code builds (an inactive row computed in one tensor with active rows, through
+one singular operation, is not separated: that element is reported as before). It costs
+evaluations, backward passes and a host read per operation, so
+:func:`~.implicit_system.implicit_system` turns it on only where non-finite derivatives
+meet inactive rows.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["graph_mark", "strong_zero", "strong_zero_fn"]
+__all__ = ["graph_mark", "strong_zero", "strong_zero_fn", "zero_passing"]
 
 Tensor = torch.Tensor
 
@@ -49,25 +53,23 @@ def graph_mark() -> int:
         return torch.zeros((), requires_grad=True).mul(1).grad_fn._sequence_nr()
 
 
-def _graph(out: Tensor, since: int) -> tuple[list, list[Tensor]]:
-    """The nodes of ``out``'s graph built after the mark ``since`` (:func:`graph_mark`; leaves
-    excluded) and the tensors where it stops (leaves, and the older nodes' outputs)."""
-    nodes, leaves, seen, stack = [], [], set(), [out.grad_fn]
+def _graph(out: Tensor, since: int) -> list:
+    """The nodes of ``out``'s graph built after the mark ``since`` (:func:`graph_mark`),
+    leaves' excluded."""
+    nodes, seen, stack = [], set(), [out.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         if not node.next_functions or node._sequence_nr() < since:  # (a leaf's AccumulateGrad, the caller's)
-            if isinstance(getattr(node, "variable", None), torch.Tensor):
-                leaves.append(node.variable)
             continue
         nodes.append(node)
         stack.extend(n for n, _ in node.next_functions)
-    return nodes, leaves
+    return nodes
 
 
-def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int) -> Tensor | None:
+def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int, inputs: tuple[Tensor, ...]) -> Tensor | None:
     """``out`` (B, ...), the operations of whose graph that feed only the rows ``dead_rows``
     (flat, ``(p,)`` bool: inactive in every element) now pass zeros back where all their
     incoming gradients are zero (module docstring).
@@ -78,10 +80,12 @@ def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int) -> Ten
     whose second derivative is not 0) depends on ``y``, and is left alone. (A zero by value
     alone cut the objective's curvature where ``∇_y L = 0``.) Nothing is marked where that
     pass fails (an operation that cannot build a graph: the backward reports it later). Only
-    the nodes built after ``since`` (:func:`graph_mark`) are hooked."""
+    the nodes built after ``since`` (:func:`graph_mark`) are hooked; ``inputs``: the tensors
+    ``out`` was computed from (the pass runs down to them)."""
     if out is None or out.grad_fn is None or dead_rows is None or not bool(dead_rows.any()):
         return out
-    nodes, leaves = _graph(out, since)
+    nodes = _graph(out, since)
+    inputs = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
     dead = {}
 
     def record(node):
@@ -91,7 +95,7 @@ def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int) -> Ten
     handles = [node.register_prehook(record(node)) for node in nodes]
     live = (~dead_rows).to(out.dtype).reshape(out.shape[1:]).expand(out.shape)
     try:
-        torch.autograd.grad(out, leaves, live, retain_graph=True, create_graph=True, allow_unused=True)
+        torch.autograd.grad(out, inputs, live, retain_graph=True, create_graph=True, allow_unused=True)
     except RuntimeError:
         dead.clear()
     finally:
@@ -103,13 +107,48 @@ def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int) -> Ten
     return out
 
 
+@contextlib.contextmanager
+def zero_passing(out: Tensor, since: int) -> Iterator[None]:
+    """Within: every operation of ``out``'s graph built after ``since`` passes zeros back
+    where all its incoming gradients are zero, by value. For first-order passes only (a
+    Jacobian's rows): there a zero incoming gradient is a constant, and the product is 0
+    by linearity; with create_graph a zero may be a function of ``y`` (:func:`strong_zero`)."""
+    nodes = _graph(out, since)
+    handles = [node.register_hook(_pass_zero) for node in nodes]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _cut(t: Tensor, keep: Tensor) -> Tensor:
+    """``t`` (B, ...) with the elements outside ``keep`` (B,) detached."""
+    return torch.where(keep.view((-1,) + (1,) * (t.dim() - 1)), t, t.detach())
+
+
 def strong_zero_fn(fn: Callable[..., Tensor | None] | None,
-                   dead_rows: Tensor | None) -> Callable[..., Tensor | None] | None:
-    """``fn`` whose result's graph passes zeros for ``dead_rows`` (:func:`strong_zero`)."""
-    if fn is None or dead_rows is None or not bool(dead_rows.any()):
+                   groups: list[tuple[Tensor, Tensor]]) -> Callable[..., Tensor | None] | None:
+    """``fn(*xs, y)`` evaluated once per group ``(elements (B,), dead_rows (p,))`` of the
+    batch, the other elements' inputs detached, its graph passing zeros for the group's
+    ``dead_rows`` (:func:`strong_zero`: rows inactive in each of its elements), the
+    groups' rows put together. Called on another number of elements (the linear solvers'
+    products of a few rows, which must reproduce the batch's to be used), ``fn`` itself."""
+    if fn is None or not groups:
         return fn
 
     def isolated(*args):
-        since = graph_mark()
-        return strong_zero(fn(*args), dead_rows, since)
+        *xs, y = args
+        if y.shape[0] != groups[0][0].shape[0]:
+            return fn(*args)
+        out = None
+        for keep, dead in groups:
+            inputs = (*(_cut(t, keep) if isinstance(t, torch.Tensor) else t for t in xs), _cut(y, keep))
+            since = graph_mark()
+            part = fn(*inputs)
+            if part is None or not isinstance(part, torch.Tensor):
+                return part  # (the caller reports it)
+            part = strong_zero(part, dead, since, inputs)
+            out = part if out is None else torch.where(keep.view((-1,) + (1,) * (part.dim() - 1)), part, out)
+        return out
     return isolated

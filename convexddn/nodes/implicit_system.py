@@ -25,7 +25,7 @@ from .._autograd import plain
 from .._checks import cast_checked
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
-from ._strong_zero import strong_zero, strong_zero_fn
+from ._strong_zero import strong_zero_fn, zero_passing
 from .degeneracy import DependenceCheck, naming, shown_indices
 from .graph import check_curvature, check_graph, check_second_order, ill_determined, lagrangian_gradient
 from .inputs import input_names
@@ -132,12 +132,18 @@ def _rows_hvp(objective, fns, prefix: str, xg, yg: Tensor, event, lam: Tensor | 
     return _element_hvp(lagrangian_gradient(prefix, lagrangian, ys)[0], ys, pick(broken))
 
 
-def _isolate(c: Tensor, fns: tuple, inactive: Tensor, n_eq: int, since: int) -> tuple[Tensor, tuple]:
-    """``(c, fns)`` whose graphs keep the rows inactive in every element out of the derivatives
-    (:mod:`._strong_zero`; ``c`` built after the mark ``since``); ``fns``: the (equality,
-    inequality) constraint functions."""
-    dead = inactive.all(0)
-    return strong_zero(c, dead, since), (fns[0], strong_zero_fn(fns[1], dead[n_eq:]))
+def _isolate(fns: tuple, inactive: Tensor, broken: Tensor, n_eq: int) -> tuple:
+    """``fns`` (equality, inequality constraint functions) whose inequalities' graphs keep
+    inactive rows out of the derivatives (:func:`~._strong_zero.strong_zero_fn`): evaluated
+    once for the elements that are not ``broken`` (B,) and once per pattern of inactive rows
+    among those that are (one group for a row inactive everywhere)."""
+    ineq = inactive[:, n_eq:]
+    groups = [] if bool(broken.all()) else [(~broken, ineq[~broken].all(0))]
+    patterns, which = torch.unique(ineq[broken], dim=0, return_inverse=True)
+    idx = broken.nonzero().squeeze(-1)
+    for k in range(patterns.shape[0]):
+        groups.append((torch.zeros_like(broken).index_fill(0, idx[which == k], True), patterns[k]))
+    return fns[0], strong_zero_fn(fns[1], groups)
 
 
 def _active_jacobian(c: Tensor, ineq: Tensor | None, yg: Tensor, gf: Tensor, n_eq: int, active_tol,
@@ -200,7 +206,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     # (with a graph where the activity test probes its curvature, _solution_length)
     (gf,) = _grads(f.sum(), yg, create_graph=ineq is not None)
     fns = (equality_constraints, inequality_constraints)
-    isolated = False  # (inactive rows kept out of the derivatives: _strong_zero, where needed)
+    isolated = False  # (inactive rows kept out of the second derivatives: _isolate, where needed)
     if parts:
         c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         _check_values(prefix, c, n_eq, batch_shape)
@@ -208,9 +214,9 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         A, inactive, A_all, length = _active_jacobian(c, ineq, yg, gf_graph, n_eq, active_tol, y.dtype)
         gf = gf.detach()
         if not bool(torch.isfinite(A).all()):
-            if bool(inactive.all(0).any()):  # (maybe an inactive row's NaN, 0 · ∞, through y: isolated)
-                isolated, c, fns = True, *_isolate(c, fns, inactive, n_eq, since)
-                A, inactive, A_all, length = _active_jacobian(c, ineq, yg, gf_graph, n_eq, active_tol, y.dtype)
+            if bool(inactive.any()):  # (maybe an inactive row's 0 · ∞ through y: _strong_zero)
+                with zero_passing(c, since):
+                    A, inactive, A_all, length = _active_jacobian(c, ineq, yg, gf_graph, n_eq, active_tol, y.dtype)
             _check_jacobian(prefix, A, n_eq, batch_shape)
         if ineq is not None:
             # (the slack rows kept for the report: near_active, read only where a check fails)
@@ -244,9 +250,10 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
             length = _kink_length(yg.detach(), curvature, terms.detach())
             check_curvature(prefix, grad_at, yg.detach(), u, probes[0], length, custom, batch_shape)
         broken = _non_finite_derivatives(gL, probes)
-        if broken is not None and not isolated and c is not None and bool(inactive.all(0).any()):
-            # (an inactive row's NaN in the second derivatives, y.norm() at 0: built again, isolated)
-            isolated, (c, fns), broken = True, _isolate(c, fns, inactive, n_eq, since), None
+        if broken is not None and not isolated and ineq is not None and bool((inactive & broken[:, None]).any()):
+            # (maybe an inactive row's NaN, 0 · ∞, through y: the constraints built again, isolated)
+            isolated, fns, broken = True, _isolate(fns, inactive, broken, n_eq), None
+            c = _constraints(prefix, fns, xg, yv)
             continue
         if broken is not None:
             warn(

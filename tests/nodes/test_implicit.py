@@ -1485,11 +1485,14 @@ def test_an_inactive_constraint_not_differentiable_there_stays_out_of_the_active
     """y = 0 (x < 0): the bounds are active, the ball inactive (value -1) and not differentiable at 0. Its
     0 · ∞ reached the bounds' derivatives through y: with sqrt the backward raised for the whole batch, blaming
     "active constraint(s) [0, 1, 2]" (Jacobian -I); with norm the Lagrangian's second derivatives were NaN and
-    a warning said so. Reference (closed form): ∂y/∂x = 0 at y = 0, diag(1, 0, 1) for the other element (inside
-    the ball, y₁ = 0 on its bound), in reverse and in forward mode."""
-    x = torch.tensor([[-1.0, -2.0, -0.5], [0.3, -1.0, 0.2]], dtype=DT, requires_grad=True)
-    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=DT)
-    J = torch.stack([torch.zeros(3, 3, dtype=DT), torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=DT))])
+    a warning said so. Reference (closed form): ∂y/∂x = 0 at y = 0, diag(1, 0, 1) for the second element (inside
+    the ball, y₁ = 0 on its bound), (I − uuᵀ)/‖x‖ for the third, on the sphere (the ball active there, inactive
+    in the others), in reverse and in forward mode."""
+    x = torch.tensor([[-1.0, -2.0, -0.5], [0.3, -1.0, 0.2], [3.0, 0.5, 4.0]], dtype=DT, requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], dtype=DT)
+    u = x[2].detach() / x[2].detach().norm()
+    J = torch.stack([torch.zeros(3, 3, dtype=DT), torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=DT)),
+                     (torch.eye(3, dtype=DT) - torch.outer(u, u)) / x[2].detach().norm()])
     node = _PositiveBall(_NORMS[norm], linear_solver=solver)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientWarning)
