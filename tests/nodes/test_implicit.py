@@ -2234,11 +2234,12 @@ def test_float32_backward_warns_where_it_keeps_fewer_than_three_digits():
         _Quad(0.5 * (H + H.T))(x).sum().backward()
 
 
-def test_float32_backward_solves_a_system_float32_resolves():
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_float32_backward_solves_a_system_float32_resolves(solver):
     # implicit_dtype=float32, n = 20, condition 1e6 < 1/eps = 8.4e6: the singularity test
     # n·eps (2.4e-6) called it singular ("not locally unique") and the pseudo-inverse
-    # gradient was 81 % off, where a plain float32 solve is 0.3 % off. Reference: H⁻¹v in
-    # float64 for the float32 H (condition 1e6: ~1e-10 there).
+    # gradient was 81 % off, where a plain float32 solve is 0.3 % off (CG's dense fallback
+    # the same). Reference: H⁻¹v in float64 for the float32 H (condition 1e6: ~1e-10 there).
     n = 20
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(0), dtype=DT))
     H = ((Q * torch.logspace(0, 6, n, dtype=DT)) @ Q.T).float()
@@ -2247,7 +2248,7 @@ def test_float32_backward_solves_a_system_float32_resolves():
     v = torch.randn(4, n, generator=_gen(2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (_Quad(H, implicit_dtype=torch.float32)(x) * v).sum().backward()
+        (_Quad(H, implicit_dtype=torch.float32, linear_solver=solver)(x) * v).sum().backward()
     said = [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
     assert said and all("ill-conditioned" in m and "singular" not in m for m in said)
     want = torch.linalg.solve(H.double(), v.double().T).T
