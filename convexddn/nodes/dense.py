@@ -39,11 +39,11 @@ def default_rcond(size: int, dtype: torch.dtype) -> float:
 
 #: Eigenvalues of the equilibrated KKT matrix within this many eps of its largest are
 #: rounding: the system is singular to working precision. Rounding a singular matrix's
-#: entries left eigenvalues up to 2.5 eps (Hessians summed from 20 m terms, m = 5-300,
-#: float32 and float64); above 4 eps an LU solution's error bound κ eps is below 1/4. The
-#: screen (m + r) eps, applied to the exact spectrum, called a strictly convex quadratic of
-#: κ = 1e6, m = 20 singular in float32 (1/eps = 8.4e6) and its pseudo-inverse gradient was
-#: 81 % off, where the LU solution is 0.3 % off.
+#: entries left eigenvalues up to 2.5 eps (Gram matrices summed from 20 m to 200 m rows,
+#: m = 5-300, float32 and float64); above 4 eps an LU solution's error bound κ eps is
+#: below 1/4. The screen (m + r) eps, applied to the exact spectrum, called a strictly
+#: convex quadratic of κ = 1e6, m = 20 singular in float32 (1/eps = 8.4e6) and its
+#: pseudo-inverse gradient was 81 % off, where the LU solution is 0.3 % off.
 SINGULAR_EPS = 4.0
 
 
