@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["graph_mark", "strong_zero", "strong_zero_fn", "zero_passing"]
+__all__ = ["strong_zero", "strong_zero_fn", "zero_passing"]
 
 Tensor = torch.Tensor
 
@@ -45,31 +45,31 @@ def _pass_zero(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
     return tuple(None if g is None else torch.zeros_like(g) for g in grad_inputs)
 
 
-def graph_mark() -> int:
-    """A mark of autograd's node counter (this thread's): the nodes built after it have larger
-    numbers. (The graph :func:`strong_zero` hooks stops at older ones: a tensor with a graph
-    held by the node, built in its forward, is the caller's, not the evaluation's.)"""
-    with torch.enable_grad():
-        return torch.zeros((), requires_grad=True).mul(1).grad_fn._sequence_nr()
-
-
-def _graph(out: Tensor, since: int) -> list:
-    """The nodes of ``out``'s graph built after the mark ``since`` (:func:`graph_mark`),
-    leaves' excluded."""
-    nodes, seen, stack = [], set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+def _graph(out: Tensor, inputs: tuple[Tensor, ...]) -> list:
+    """The nodes of ``out``'s graph with a path to one of ``inputs`` (the evaluation's own
+    operations; the inputs' nodes excluded). A tensor with a graph built before the
+    evaluation (in the node's forward, held as an attribute) has no path to inputs made
+    for it: its operations are the caller's, and are left alone."""
+    ids = {id(t) for t in inputs}
+    roots = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    reach: dict = {}
+    stack = [(out.grad_fn, False)]
+    while stack:  # (depth first, each node's verdict after its inputs')
+        node, done = stack.pop()
+        if node is None or (not done and node in reach):
             continue
-        seen.add(node)
-        if not node.next_functions or node._sequence_nr() < since:  # (a leaf's AccumulateGrad, the caller's)
-            continue
-        nodes.append(node)
-        stack.extend(n for n, _ in node.next_functions)
-    return nodes
+        if node in roots or not node.next_functions:  # (an input's node, a leaf's AccumulateGrad)
+            reach[node] = node in roots or id(getattr(node, "variable", None)) in ids
+        elif done:
+            reach[node] = any(reach.get(n, False) for n, _ in node.next_functions if n is not None)
+        else:
+            reach[node] = False  # (visited; its verdict when its inputs are in)
+            stack.append((node, True))
+            stack.extend((n, False) for n, _ in node.next_functions if n is not None and n not in reach)
+    return [n for n, r in reach.items() if r and n not in roots and n.next_functions]
 
 
-def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int, inputs: tuple[Tensor, ...]) -> Tensor | None:
+def strong_zero(out: Tensor | None, dead_rows: Tensor | None, inputs: tuple[Tensor, ...]) -> Tensor | None:
     """``out`` (B, ...), the operations of whose graph that feed only the rows ``dead_rows``
     (flat, ``(p,)`` bool: inactive in every element) now pass zeros back where all their
     incoming gradients are zero (module docstring).
@@ -79,13 +79,13 @@ def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int, inputs
     constant (no graph): a zero that a local derivative makes (``2 (y − y₀)`` at ``y = y₀``,
     whose second derivative is not 0) depends on ``y``, and is left alone. (A zero by value
     alone cut the objective's curvature where ``∇_y L = 0``.) Nothing is marked where that
-    pass fails (an operation that cannot build a graph: the backward reports it later). Only
-    the nodes built after ``since`` (:func:`graph_mark`) are hooked; ``inputs``: the tensors
-    ``out`` was computed from (the pass runs down to them)."""
+    pass fails (an operation that cannot build a graph: the backward reports it later).
+    ``inputs``: the tensors ``out`` was computed from; only the operations between them and
+    ``out`` are marked (:func:`_graph`)."""
     if out is None or out.grad_fn is None or dead_rows is None or not bool(dead_rows.any()):
         return out
-    nodes = _graph(out, since)
     inputs = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+    nodes = _graph(out, inputs)
     dead = {}
 
     def record(node):
@@ -108,12 +108,12 @@ def strong_zero(out: Tensor | None, dead_rows: Tensor | None, since: int, inputs
 
 
 @contextlib.contextmanager
-def zero_passing(out: Tensor, since: int) -> Iterator[None]:
-    """Within: every operation of ``out``'s graph built after ``since`` passes zeros back
-    where all its incoming gradients are zero, by value. For first-order passes only (a
+def zero_passing(out: Tensor, inputs: tuple[Tensor, ...]) -> Iterator[None]:
+    """Within: every operation between ``inputs`` and ``out`` (:func:`_graph`) passes zeros
+    back where all its incoming gradients are zero, by value. For first-order passes only (a
     Jacobian's rows): there a zero incoming gradient is a constant, and the product is 0
     by linearity; with create_graph a zero may be a function of ``y`` (:func:`strong_zero`)."""
-    nodes = _graph(out, since)
+    nodes = _graph(out, tuple(t for t in inputs if t.requires_grad))
     handles = [node.register_hook(_pass_zero) for node in nodes]
     try:
         yield
@@ -144,11 +144,10 @@ def strong_zero_fn(fn: Callable[..., Tensor | None] | None,
         out = None
         for keep, dead in groups:
             inputs = (*(_cut(t, keep) if isinstance(t, torch.Tensor) else t for t in xs), _cut(y, keep))
-            since = graph_mark()
             part = fn(*inputs)
             if part is None or not isinstance(part, torch.Tensor):
                 return part  # (the caller reports it)
-            part = strong_zero(part, dead, since, inputs)
+            part = strong_zero(part, dead, inputs)
             out = part if out is None else torch.where(keep.view((-1,) + (1,) * (part.dim() - 1)), part, out)
         return out
     return isolated

@@ -186,7 +186,6 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     yg = cast_checked(f"{prefix}solve's output y", y.detach(), work_dtype, into, fix).reshape(batch, m)
     yg.requires_grad_(True)
     yv = yg.view(y.shape)
-    since = yv.grad_fn._sequence_nr()  # (the evaluation's own graph starts at yv: see _strong_zero)
     f = _objective(f"{prefix}objective", objective, xg, yv)
     eq = _constraint(f"{prefix}equality_constraints", equality_constraints, xg, yv)
     ineq = _constraint(f"{prefix}inequality_constraints", inequality_constraints, xg, yv)
@@ -215,7 +214,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
         gf = gf.detach()
         if not bool(torch.isfinite(A).all()):
             if bool(inactive.any()):  # (maybe an inactive row's 0 · ∞ through y: _strong_zero)
-                with zero_passing(c, since):
+                with zero_passing(c, (yv, *xg)):
                     A, inactive, A_all, length = _active_jacobian(c, ineq, yg, gf_graph, n_eq, active_tol, y.dtype)
             _check_jacobian(prefix, A, n_eq, batch_shape)
         if ineq is not None:
