@@ -91,19 +91,25 @@ def _arrow(layout: ConeLayout, u: torch.Tensor, V: torch.Tensor) -> torch.Tensor
     return out.reshape(B, k, mc).permute(0, 2, 1)
 
 
-def _pair_scale(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _pair_scale(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     """(B, mc) the regularisation's scale beside L(s) on each row: on a nonnegative row
-    the size of its complementary pair, |s_i| + |z_i|, where that is below 1 (never
-    below sqrt(eps): an exactly zero pair keeps a nonzero row); 1 elsewhere. An absolute
-    δ is not small beside a pair whose members are both small: a transport plan's entry
-    of 2e-9 (a marginal of 1e-9) beside δ = 1e-10 kept 5 % of its multiplier each step
-    (dz_i = -z_i s_i / (s_i + δ)), and six steps left the point where they found it. Nor
-    may it grow with a large multiplier: δ·z beside s ≈ 1e-12 at z ≈ 2.8e7 (a badly
-    scaled LP) swamped L(s), and the polish stalled where δ alone had converged."""
+    the size of its complementary pair, |s_i| + |z_i|, times its row's own size ``rho``
+    (B, mc) (its terms' magnitude, max(|b_i|, (|A||x|)_i)), each where below 1, the
+    product never below sqrt(eps) (an exactly zero pair keeps a nonzero row); 1
+    elsewhere. An absolute δ is not small beside a pair whose members are both small: a
+    transport plan's entry of 2e-9 (a marginal of 1e-9) beside δ = 1e-10 kept 5 % of its
+    multiplier each step (dz_i = -z_i s_i / (s_i + δ)), and six steps left the point where
+    they found it. Nor may it grow with a large multiplier: δ·z beside s ≈ 1e-12 at z ≈
+    2.8e7 (a badly scaled LP) swamped L(s), and the polish stalled where δ alone had
+    converged. Nor is a pair's size the slack's unit: the unit ball written ‖1e-6 y‖ ≤
+    1e-6 leaves its epigraph's bound t ≤ 1e-6 with terms of 2e-4 (equilibrated) and a
+    slack of 2e-12 beside a multiplier of 0.1, where δ·0.1 removed 15 % of the pair per
+    step: 1e-7 inside the ball, y stayed 3e-8 off (on the sphere) and its gradient 0.5 off."""
     k = layout.nonneg
     scale = torch.ones_like(s)
     if k:
-        scale[:, :k] = (s[:, :k].abs() + z[:, :k].abs()).clamp_(torch.finfo(s.dtype).eps ** 0.5, 1.0)
+        pair = (s[:, :k].abs() + z[:, :k].abs()).clamp_(max=1.0) * rho[:, :k].clamp(max=1.0)
+        scale[:, :k] = pair.clamp_(min=torch.finfo(s.dtype).eps ** 0.5)
     return scale
 
 
@@ -194,7 +200,8 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, empty, decide=None):
     # O(δ) relative, which the next step's exact residual corrects.
     dual = torch.diagonal(K[:, n:, n:], dim1=-2, dim2=-1)
     dual[:, :z0] -= _DELTA
-    dual[:, z0:] += _DELTA * _pair_scale(layout, sl, zl)
+    rho = torch.maximum(b.abs(), bmv(A.abs(), x.abs()))[:, z0:] if layout.nonneg else None
+    dual[:, z0:] += _DELTA * _pair_scale(layout, sl, zl, rho)
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - comp], 1)
     if decide is not None and layout.soc:
         # Second-order cones whose frame pairs are decided: their semismooth rows instead.

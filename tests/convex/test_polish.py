@@ -369,3 +369,29 @@ def test_each_element_stops_polishing_as_alone():
         one = run(slice(i, i + 1))
         torch.testing.assert_close(one[0][0], full[0][i], atol=1e-14, rtol=0)
         torch.testing.assert_close(one[3][0], full[3][i], atol=0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_polish_resolves_a_bound_whose_terms_are_small_beside_its_multiplier(side, solver):
+    """The unit ball written with its cone row scaled, ‖1e-6 y‖₂ <= 1e-6, at x = (1 ± 1e-7) u:
+    inside y = x, J = I; outside y = u, J = (I − u uᵀ)/‖x‖ (closed forms). CVXPY's epigraph
+    bound t <= 1e-6 has terms of 2e-4 (equilibrated) and, at the interior point's end, a
+    slack of 2e-12 beside a multiplier of 0.1: the polish's regularisation, relative to
+    the pair's size only (δ·0.1 = 1e-11 beside the slack), removed 15 % of the pair per
+    step. Inside, y stayed on the sphere, 3.2e-8 off, its gradient 0.5 off; outside 3e-8
+    off; on both paths, without a warning."""
+    u = np.array([0.48, -0.6, 0.64])
+    xv = (1 + side * 1e-7) * u
+    gv = np.array([0.3, 1.0, -0.5])
+    x, y = cp.Parameter(3), cp.Variable(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.norm(1e-6 * y, 2) <= 1e-6]),
+                             [x], [y], solver=solver)
+    X = torch.tensor(xv, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Y = layer(X)
+        (Y * torch.tensor(gv)).sum().backward()
+    ref, grad = (xv, gv) if side < 0 else (u, (gv - u * (u @ gv)) / np.linalg.norm(xv))
+    assert np.abs(Y.detach().numpy() - ref).max() <= 1e-12
+    assert np.abs(X.grad.numpy() - grad).max() <= 1e-8

@@ -60,17 +60,30 @@ def test_start_is_polished_and_certified(kind):
     assert SOLVED not in sol.status.tolist()
 
 
+def _iterations_fail(monkeypatch) -> None:
+    """The batched iterations cut to one iteration without polish (they no longer fail on
+    the badly scaled QP: the polish's regularisation is relative to each row's own size);
+    a second opinion's start keeps the usual polish and checks."""
+    import convexddn.convex.cone_solve as cone_solve
+
+    real = cone_solve.solve_cone_batch
+
+    def cut(*args, **kwargs):
+        if kwargs.get("start") is None:
+            kwargs.update(max_iter=1, polish="never")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cone_solve, "solve_cone_batch", cut)
+
+
 @pytest.mark.parametrize("scale", [1e7, 3e7])
 def test_default_layer_solves_badly_scaled_qp_by_second_opinion(scale, monkeypatch):
     """min ½‖s·y‖² + s²y₁ − s²y₂ + y₃ s.t. y₁ ≤ s², y₃ ≤ 1: the batched iterations do not
-    certify it at s = 1e7 without relaxing the far bound y₁ ≤ s² (.far_rows, off here; with
-    it they do, tests/convex/test_far_rows.py) and the per-element path (second-order-cone
-    form, entries s⁴) called it unbounded (UnboundedError before this stage existed).
-    Clarabel on the batched program solves it; y* = (−1, 1, −1/s²) and dy/dq = −I/s²
-    (constraints inactive)."""
-    import convexddn.convex.far_rows as far_rows
-
-    monkeypatch.setattr(far_rows, "SHRINK", 0.0)
+    certify it at s = 1e7 and the per-element path (second-order-cone form, entries s⁴)
+    called it unbounded (UnboundedError before this stage existed). Clarabel on the
+    batched program solves it; y* = (−1, 1, −1/s²) and dy/dq = −I/s² (constraints
+    inactive). (The batched path now certifies it itself: :func:`_iterations_fail`.)"""
+    _iterations_fail(monkeypatch)
     layer, data, want = _scaled_qp(scale)
     q = data[1].clone().requires_grad_(True)
     with warnings.catch_warnings():
@@ -112,9 +125,10 @@ def test_second_opinion_point_is_checked_not_trusted(wrong, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_second_opinion_on_cuda():
+def test_second_opinion_on_cuda(monkeypatch):
     """Clarabel runs on the host; the point, the checks and the gradient come back to
     the parameters' device and agree with the closed form."""
+    _iterations_fail(monkeypatch)
     layer, data, want = _scaled_qp(1e7)
     q = data[1].cuda().requires_grad_(True)
     with warnings.catch_warnings():
