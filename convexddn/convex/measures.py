@@ -11,10 +11,10 @@ import torch
 
 from .equilibration import Scaled
 from .kkt import DataOps, bmv, row_inf
-from .symmetric_cones import ConeLayout
+from .symmetric_cones import ConeLayout, soc_frame
 
-__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "ROUNDING", "UNVERIFIABLE", "Measures", "caller_measures",
-           "kkt_measures", "max_step", "point_residual"]
+__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "NOT_COMPLEMENTARY", "ROUNDING", "UNVERIFIABLE", "Measures",
+           "caller_measures", "kkt_measures", "max_step", "point_residual"]
 
 
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,7 +62,8 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
 
     (the magnitudes of the terms, not of their sums, so rounding in a cancelling row
     passes), a slack's distance to K against its rows' :math:`\rho`, a multiplier's
-    against :math:`1 + \|z\|_\infty`, and the gap of :func:`kkt_measures`. With one norm
+    against :math:`1 + \|z\|_\infty`, the gap of :func:`kkt_measures`, and a pair whose
+    members are both large beside their own scales (:func:`_own_complementarity`). With one norm
     for all rows, an inactive bound of 3e5 beside rows of 1e-2 let a violation of 1.85e-3
     in another row pass as 6e-9 (an infeasible LP certified as solved), and a box row
     violated by 9.4e-4 passed beside a slack of 1e6.
@@ -98,11 +99,65 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     z0 = layout.zero
     s_out = layout.violation(s[:, z0:], scale=rho[:, z0:])
     z_out = _cone_violation(layout, z)
-    residual = torch.stack([pres, dres, gap, s_out, z_out]).amax(0)
+    # (a multiplier's unit: the largest one, or tol of the dual equations' terms through its row)
+    a_rows = _inf_rows(Aa)
+    z_unit = torch.maximum(z_inf, tol * _worst(sigma)[:, None] / torch.where(a_rows > 0, a_rows, 1.0))
+    comp = _own_complementarity(layout, s, z, rho, row_slack * max(1.0, tol / unit), z_unit)
+    residual = torch.stack([pres, dres, gap, s_out, z_out, comp]).amax(0)
     residual = torch.where(torch.isnan(residual), torch.inf, residual)
     primal = (pres <= tol) & (s_out <= tol)
     dual = (dres <= tol) & (z_out <= tol)
     return residual, primal.long() * FEASIBLE_PRIMAL + dual.long() * FEASIBLE_DUAL
+
+
+def _own_complementarity(layout: ConeLayout, s, z, rho, s_small, z_unit) -> torch.Tensor:
+    r"""``(B,)`` the largest complementary pair whose members are both large beside their
+    own scales (0 where every pair has one member below :data:`NOT_COMPLEMENTARY` of it):
+
+    .. math::
+
+        \max_i \min\Big(\frac{s_i}{\rho_i}, \frac{z_i}{\zeta_i}\Big), \qquad
+        \zeta_i = \max\big(\|z\|_\infty, \mathrm{tol}\,\|\sigma\|_\infty / \|A_i\|_\infty\big)
+
+    over the nonnegative rows (:math:`\rho_i` its row's terms) and each second-order
+    cone's Jordan-frame pairs (:func:`~.symmetric_cones.soc_frame`: :math:`a_k` against
+    the head row's :math:`\rho`, the cone's radius, its other rows' slack being the
+    difference of their terms). A slack counts less ``s_small`` ``(B, m)``, tol of the
+    solution's size along its row (:math:`\|A_i\|_\infty \|x\|_\infty`, as the
+    measures' normwise promise goes; the largest over a cone's rows): a bound y_i >= 0
+    met at y_i = 1.4e-6 beside a solution of 1e8 (1e-14 of it) is no row of its own. A
+    multiplier's unit ``z_unit`` ``(B, m)`` is :math:`\zeta_i` (:math:`\sigma`: the dual
+    equations' terms), so that one whose term there is below tol of them is small (the
+    badly scaled QP's multiplier of 7e-5 on an inactive row, beside terms of 4e8).
+    The gap of :func:`kkt_measures` weighs the products against the whole program,
+    beside which a row whose terms are small passes unresolved: the bound
+    ``r - t >= 0`` of a ball's epigraph, r = 1e-6 around an O(1) centre, ended with its
+    slack at half its terms beside the largest multiplier (5e-5), neither side decided,
+    at a gap of 2e-11: the barrier held y at the centre, 4e-7 off, its gradient 0 for I.
+    (Pairs small beside the element but decided beside their own scales pass: an
+    auxiliary cone of entmax at its tip, head 4e-9, multiplier 1e-8 of the largest.)"""
+    z0, k = layout.zero, layout.nonneg
+    pos = lambda v: torch.where(v > 0, v, 1.0)  # noqa: E731  (ρ = 0: s is 0 there; ζ = 0: z is)
+    sl, z_unit = (s[:, z0:z0 + k].abs() - s_small[:, z0:z0 + k]).clamp_min(0), pos(z_unit)
+    out = _worst(torch.minimum(sl / pos(rho[:, z0:z0 + k]), z[:, z0:z0 + k].clamp_min(0) / z_unit[:, z0:z0 + k]))
+    if layout.soc:
+        a1, a2, b1, b2, _ = soc_frame(layout, s[:, z0 + k:], z[:, z0 + k:])
+        idx = layout.index(s.device)
+        head = pos(rho[:, z0 + k:][:, idx.heads])
+        ids = idx.soc_id.expand(s.shape[0], -1)
+        small, zeta = (torch.zeros_like(head).scatter_reduce_(1, ids, v[:, z0 + k:], "amax")  # (its rows' largest)
+                       for v in (s_small, z_unit))
+        for a, b_ in ((a1, b1), (a2, b2)):
+            out = torch.maximum(out, _worst(torch.minimum((a - small).clamp_min(0) / head, b_.clamp_min(0) / zeta)))
+    return torch.where(out > NOT_COMPLEMENTARY, out, 0.0)
+
+
+# A complementary pair both of whose members exceed this fraction of their own scales is
+# no solution's (see _own_complementarity): where both are small beside the element (a
+# weakly active bound, s_i = z_i = 1e-8 at the interior point's end) or one is small
+# beside its own, the derivative's checks decide (certify.undecided); the ball above had
+# 0.5, entmax's auxiliary cones at their tips 1e-8.
+NOT_COMPLEMENTARY = 1e-2
 
 
 # Rounding units of the solution's size along a row (column) that caller_measures

@@ -9,6 +9,7 @@ absolutely and failed from ``S ~ 1e7`` on.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from convexddn.convex.measures import caller_measures
@@ -53,3 +54,40 @@ def test_caller_measures_still_see_a_violation_beyond_rounding():
         assert _residual(1e8, -1e-4, 0.0, bound) >= 5e-5, bound
         assert _residual(1e8, 0.0, 1e-4, bound) >= 5e-5, bound
         assert _residual(1.0, 1e-7, 1e-7, bound) >= 5e-8, bound
+
+
+
+def test_caller_measures_see_a_pair_not_complementary_beside_its_own_row():
+    """A bound whose terms are small, x₀ <= r = 1e-6, met halfway (slack r/2, half its
+    row's terms) with the largest multiplier, 5e-5, the dual residual exact (c₀ = x₀ + z):
+    its product, 2.5e-11, is nothing beside the program's unit (the gap), but neither
+    member is small beside its own scale: the point is no solution (x₀ = c₀ is, at z = 0).
+    The ball of radius 1e-6 around an O(1) centre ended there: pulled to its centre."""
+    r, z0 = 1e-6, 5e-5
+    A = torch.tensor([[[1.0, 0.0]]], dtype=F64)
+    b = torch.tensor([[r]], dtype=F64)
+    x = torch.tensor([[r / 2, 1.0]], dtype=F64)
+    for z, c0, worse in ((z0, r / 2 + z0, True), (0.0, r / 2, False)):
+        q = torch.tensor([[-c0, -1.0]], dtype=F64)
+        zz = torch.tensor([[z]], dtype=F64)
+        residual, _ = caller_measures(torch.eye(2, dtype=F64)[None], q, A, b, ConeLayout(0, 1), x, b - x[:, :1], zz,
+                                      TOL)
+        # min(s/ρ, z/max(‖z‖∞, tol)) = min(1/2, 1), s less TOL of the solution's size (‖A₀‖∞‖x‖∞ = 1)
+        expected = (r / 2 - TOL) / r if worse else 0.0
+        assert float(residual) == pytest.approx(expected, rel=1e-6, abs=TOL), z
+
+
+def test_caller_measures_weigh_a_second_order_cone_by_its_head_row():
+    """‖y - c‖₂ <= r as one cone (r, y - c): its slack's tail is y - c, the difference of
+    O(1) terms, and its head the radius. At y = c with the interior multiplier z = (w, 0, 0)
+    (w = 5e-5, the largest) both Jordan-frame pairs are (r, w): each member its own scale."""
+    r, w = 1e-6, 5e-5
+    c = torch.tensor([0.3, -1.2], dtype=F64)
+    A = torch.cat([torch.zeros(1, 2, dtype=F64), -torch.eye(2, dtype=F64)])[None]
+    b = torch.cat([torch.tensor([r], dtype=F64), -c])[None]
+    x = c[None].clone()
+    s = b - torch.einsum("bij,bj->bi", A, x)
+    z = torch.tensor([[w, 0.0, 0.0]], dtype=F64)
+    q = -(x + torch.einsum("bij,bi->bj", A, z))  # the dual residual exact
+    residual, _ = caller_measures(torch.eye(2, dtype=F64)[None], q, A, b, ConeLayout(0, 0, (3,)), x, s, z, TOL)
+    assert float(residual) == pytest.approx((r - TOL * 1.2) / r, rel=1e-6)  # (a_k less TOL‖A_i‖∞‖x‖∞)
