@@ -136,7 +136,10 @@ def check_gradients(
     projections :math:`w_i^\\top J u_i` against
     :math:`w_i^\\top (y(z + \\varepsilon u_i) - y(z - \\varepsilon u_i)) / 2\\varepsilon`,
     which costs ``k`` backward and ``2k`` forward calls instead of one backward per
-    output and two forwards per entry of :math:`z`.
+    output and two forwards per entry of :math:`z`. The divisor is the step actually taken,
+    :math:`(z + \\varepsilon u) - (z - \\varepsilon u)` in float64, not :math:`2\\varepsilon u`:
+    where :math:`|z| \\gg \\varepsilon` the shifted point rounds (by up to 1.5 % of the step at
+    :math:`|z| = 10^8`, ``eps = 1e-6``), and that error would fail a correct backward.
 
     What it does not see: ``atol`` is absolute, so a Jacobian whose entries are all far
     below it passes whatever the backward returns (scale ``atol`` with the Jacobian:
@@ -276,6 +279,15 @@ def check_gradients(
                     p.copy_(s)
 
     total = sum(sizes)
+    z = torch.cat([t.detach().flatten() for t in point + thetas])
+
+    def realised(delta: torch.Tensor) -> torch.Tensor:
+        """The step shifted(delta) and shifted(-delta) are apart: (z + delta) - (z - delta).
+
+        z ± delta rounds where |z| >> |delta| (Numerical Recipes §5.7: divide by the step
+        the arithmetic took); there the subtraction itself is exact (Sterbenz's lemma).
+        """
+        return (z + delta) - (z - delta)
     with torch.enable_grad():
         xg = [x.clone().requires_grad_(True) for x in point]
         y = evaluate(xg)
@@ -301,11 +313,12 @@ def check_gradients(
             # All rows before any column: see the directional branch.
             rows = [vjp(e.reshape(y.shape)) for e in eye_out]
             analytic = torch.stack(rows) if rows else y.new_zeros(0, total)
+            taken = realised(torch.full((total,), eps, dtype=torch.float64, device=device))
             cols = []
             for j in range(total):
                 step = torch.zeros(total, dtype=torch.float64, device=device)
                 step[j] = eps
-                cols.append(((shifted(step) - shifted(-step)) / (2 * eps)).flatten())
+                cols.append(((shifted(step) - shifted(-step)) / taken[j]).flatten())
             numeric = torch.stack(cols, dim=1) if cols else y.new_zeros(y.numel(), 0)
         else:
             mode = "directional"
@@ -319,7 +332,9 @@ def check_gradients(
             # Every backward product before any finite difference: shifted() perturbs the
             # parameters in place, and a graph that saved them (e.g. a Linear's weight)
             # refuses to run backward after that, even once they are restored.
-            analytic = torch.stack([(vjp(w) * u).sum() for u, w in directions])
+            # J applied to the direction actually stepped along (see realised), so the
+            # difference is divided by the 2·eps it was taken over.
+            analytic = torch.stack([(vjp(w) * realised(eps * u) / (2 * eps)).sum() for u, w in directions])
             numeric = torch.stack([
                 (w * ((shifted(eps * u) - shifted(-eps * u)) / (2 * eps))).sum()
                 for u, w in directions

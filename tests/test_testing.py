@@ -460,3 +460,31 @@ def test_a_module_with_a_plain_tensor_attribute_gets_a_dtype_error():
 
     with pytest.raises(DTypeError, match="register its tensors as buffers or parameters"):
         check_gradients(Plain(), torch.randn(2, 3))
+
+
+class SinOfWeight(torch.nn.Module):
+    """y = sin(w) x with a weight w far from 0 (1e7): dy/dw = cos(w) x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1e7, -3.3e6], dtype=DT))
+
+    def forward(self, x):
+        return self.w.sin() * x
+
+
+@pytest.mark.parametrize("n_directions", [None, 8])
+def test_check_gradients_divides_by_the_step_actually_taken(n_directions):
+    """At |z| = 1e8 the float64 spacing is 1.5e-8, so z ± 1e-6 rounds and the step taken is
+    up to 1.5 % off 2·eps: sin's exact backward (cos, the closed form) FAILED (max abs error
+    5.9e-4 against cos(1e8) ≈ 0.42; directional 2.2e-3). Divided by the realised step,
+    (z + eps) - (z - eps), the finite difference is off by its truncation (eps²/6·|cos|) and
+    the rounding of sin (ulp / eps ≈ 1e-10) only; a 10 % wrong backward still fails there."""
+    x = torch.tensor([1e8, -3e7, 5e6, 2.0], dtype=DT)
+    report = check_gradients(torch.sin, x, n_directions=n_directions)
+    assert report.ok, str(report)
+    assert report.max_abs_error < 1e-8
+    assert not check_gradients(ScaledSin.apply, x, n_directions=n_directions).ok
+    # A parameter far from 0 too (perturbed in place on the module's copy).
+    module = check_gradients(SinOfWeight(), _x(2), n_directions=n_directions)
+    assert module.ok and module.max_abs_error < 1e-8, str(module)
