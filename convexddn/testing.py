@@ -12,12 +12,13 @@ References:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from ._checks import check_bool, check_finite, check_int, check_number, check_tensor
+from ._gradient_report import GradientReport
 from .errors import DTypeError, GradientCheckError, InputError, OptionError
 
 __all__ = ["GradientCheckError", "GradientReport", "check_gradients"]
@@ -27,62 +28,6 @@ _SEED_RANGE = (-(2**63), 2**64 - 1)
 #: The most random directions :func:`check_gradients` runs (each costs one backward and
 #: two forwards): more than this is a mistake (or an unbounded loop), not a stronger check.
 MAX_DIRECTIONS = 100_000
-
-
-@dataclass(frozen=True)
-class GradientReport:
-    """Outcome of :func:`check_gradients`.
-
-    Attributes:
-        ok: every compared value satisfies ``|analytic - fd| <= atol + rtol * |fd|``.
-        max_abs_error: the largest ``|analytic - fd|``.
-        max_rel_error: ``max_abs_error`` divided by the largest ``|fd|`` (normwise, so
-            entries that are zero do not blow it up).
-        worst: where the largest absolute error is: ``(output index, input index)``
-            into the flattened output and the flattened, concatenated inputs and
-            parameters (in the order of ``wrt``) for a full Jacobian, or
-            ``(direction,)`` for a directional check.
-        n_compared: how many Jacobian entries or directional derivatives were compared.
-        mode: ``"jacobian"`` (every entry) or ``"directional"`` (random projections).
-        eps, atol, rtol: the settings used.
-        wrt: the names of what was differentiated: ``"x"`` (one input) or ``"input i"``,
-            then ``"param <name>"`` for each parameter of a module that requires grad.
-        worst_wrt: the entry of ``wrt`` where the largest error is (Jacobian mode).
-    """
-
-    ok: bool
-    max_abs_error: float
-    max_rel_error: float
-    worst: tuple[int, ...]
-    n_compared: int
-    mode: str
-    eps: float
-    atol: float
-    rtol: float
-    wrt: tuple[str, ...] = ()
-    worst_wrt: str = ""
-
-    def __bool__(self) -> bool:
-        """``ok``: ``assert check_gradients(node, x)`` fails on a wrong gradient (a dataclass
-        instance is otherwise always true, and such an assert passed on a failed check)."""
-        return self.ok
-
-    def __str__(self) -> str:
-        verdict = "passed" if self.ok else "FAILED"
-        where = (
-            f"output {self.worst[0]}, input {self.worst[1]}"
-            if self.mode == "jacobian" and len(self.worst) == 2
-            else f"direction {self.worst[0]}" if self.worst else "n/a"
-        )
-        if self.worst_wrt:
-            where += f" ({self.worst_wrt})"
-        checked = f" w.r.t. {', '.join(self.wrt)}" if self.wrt else ""
-        return (
-            f"gradient check {verdict}: max abs error {self.max_abs_error:.3e}, "
-            f"max rel error {self.max_rel_error:.3e} (worst at {where}) over "
-            f"{self.n_compared} {self.mode} comparison(s){checked}; "
-            f"eps={self.eps:g}, atol={self.atol:g}, rtol={self.rtol:g}"
-        )
 
 
 def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
@@ -106,6 +51,35 @@ def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
             f"check_gradients compares in float64 on a copy of the module, but {type(fn).__name__} "
             f"cannot be deep-copied ({type(err).__name__}: {err}): pass a float64 module "
             "(module.double()) with params=False, or make it copyable") from err
+
+
+def _alone(evaluate, point, thetas, names, sizes, y, vjp, seed, atol, rtol) -> tuple[float, str]:
+    """The largest gap between the backward with only one input (or parameter) requiring
+    grad and the full one ``vjp``, for one seeded random incoming gradient, and the name
+    where it exceeds ``atol + rtol |full|`` ("" if nowhere): each such run takes the
+    backward's ``ctx.needs_input_grad`` branches that the full check never takes."""
+    if len(sizes) < 2 or not y.numel():
+        return 0.0, ""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
+    full = torch.split(vjp(w), sizes)
+    worst, failed = 0.0, ""
+    for i, name in enumerate(names):
+        xs = [x.clone().requires_grad_(k == i) for k, x in enumerate(point)]
+        try:
+            for k, p in enumerate(thetas):
+                p.requires_grad_(len(point) + k == i)
+            yi = evaluate(xs)
+            target = (xs + thetas)[i]
+            g = torch.autograd.grad(yi, target, w, allow_unused=True)[0] if yi.requires_grad else None
+        finally:
+            for p in thetas:
+                p.requires_grad_(True)
+        gap = ((torch.zeros_like(target) if g is None else g).flatten() - full[i]).abs()
+        worst = max(worst, float(torch.nan_to_num(gap, nan=float("inf")).max()))
+        if not failed and not bool(((gap <= atol + rtol * full[i].abs()) & torch.isfinite(gap)).all()):
+            failed = name
+    return worst, failed
 
 
 def check_gradients(
@@ -146,8 +120,10 @@ def check_gradients(
     ``3e-6·sin(x)`` with a sign-flipped backward passes at the default); the full-Jacobian
     mode feeds the backward one-hot incoming gradients only, so a backward that is not
     linear in them (``g.abs()``, ``g / g.norm()``) passes it, which the directional mode
-    (random ``w_i``) catches; and every input is made to require grad, so a backward's
-    branch for inputs that do not (``ctx.needs_input_grad``) is not exercised.
+    (random ``w_i``) catches. A backward's branches for inputs that need no gradient
+    (``ctx.needs_input_grad``: in training the data need none) are run too: with two or
+    more inputs and parameters, each is differentiated alone (one forward and backward
+    each) and compared with the full backward (``alone_error``, ``alone_wrt``).
 
     Everything runs in float64: the inputs are converted, and a module is checked
     through a float64 copy (the finite differences perturb the copy's parameters and
@@ -304,6 +280,9 @@ def check_gradients(
                 (torch.zeros_like(t) if g is None else g).flatten() for t, g in zip(wrt, gs)
             ])
 
+        # Before any finite difference (shifted() perturbs parameters a graph may have saved).
+        alone_error, alone_wrt = _alone(evaluate, point, thetas, names, sizes, y, vjp, seed, atol, rtol)
+
         # The finite differences run with grad mode on, as in training: some back
         # ends behave differently under no_grad.
         device = point[0].device
@@ -362,6 +341,9 @@ def check_gradients(
             ok, max_abs, max_rel, worst, err.numel(), mode, eps, atol, rtol,
             tuple(names), worst_wrt,
         )
+    if alone_wrt:
+        report = dataclasses.replace(report, ok=False)
+    report = dataclasses.replace(report, alone_error=alone_error, alone_wrt=alone_wrt)
     if raise_on_fail and not report.ok:
         raise GradientCheckError(report)
     return report

@@ -488,3 +488,51 @@ def test_check_gradients_divides_by_the_step_actually_taken(n_directions):
     # A parameter far from 0 too (perturbed in place on the module's copy).
     module = check_gradients(SinOfWeight(), _x(2), n_directions=n_directions)
     assert module.ok and module.max_abs_error < 1e-8, str(module)
+
+
+class ForgetsWeightAlone(torch.autograd.Function):
+    """y = w x whose backward forgets w in x's gradient when w needs none (only x does),
+    and gives w the gradient 2 x when x needs none: right whenever both need one."""
+
+    @staticmethod
+    def forward(x, w):
+        return w * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
+        gx = grad * w if both else grad
+        gw = grad * x if both else 2.0 * grad * x
+        return (gx if ctx.needs_input_grad[0] else None), (gw if ctx.needs_input_grad[1] else None)
+
+
+class WeightAloneWrong(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -1.5, 2.0], dtype=DT))
+
+    def forward(self, x):
+        return ForgetsWeightAlone.apply(x, self.w)
+
+
+@pytest.mark.parametrize("n_directions", [None, 3])
+def test_check_gradients_runs_each_input_alone(n_directions):
+    """A backward wrong only where some input needs no gradient (training: the data need
+    none, the parameters do) passed: every input was made to require grad. Each input and
+    parameter is now differentiated alone too; reference: the closed forms dy/dx = w,
+    dy/dw = x (the backward gives 1 and 2x there, errors |w - 1| = 1, |x|)."""
+    x, w = _x(2, 3), torch.tensor([0.5, -1.5, 2.0], dtype=DT)
+    report = check_gradients(ForgetsWeightAlone.apply, x, w, n_directions=n_directions)
+    assert not report.ok
+    assert report.alone_wrt in ("input 0", "input 1") and report.alone_error > 0.1
+    assert "requiring grad" in str(report)
+    module = check_gradients(WeightAloneWrong(), x, n_directions=n_directions)
+    assert not module.ok and module.alone_wrt in ("x", "param w")
+    # The same maths with a consistent backward passes, alone and together.
+    right = check_gradients(lambda a, b: a * b, x, w, n_directions=n_directions)
+    assert right.ok and right.alone_error == 0.0, str(right)
