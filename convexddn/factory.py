@@ -291,15 +291,16 @@ class ScaledBallLayer(ConvexLayer):
 
 def _origin(name: str, options: dict[str, Any]) -> str:
     """The registry problem and its options as its cone program's ``repr`` shows them
-    (:attr:`ConvexLayer.origin`): ``name='entmax', n=4, alpha=1.2``; options left at ``None``
-    are omitted, a number is shown as a Python number, an array or tensor by its shape."""
+    (:attr:`ConvexLayer.origin`): ``name='entmax', n=4, alpha=1.2``; options left at ``None`` are
+    omitted, a number is shown as a Python number, names as given, an array or tensor by its shape."""
     def shown(v: Any) -> str:
         if isinstance(v, numbers.Real) and not isinstance(v, bool):  # (np.float32(1.2) as 1.2, not 1.2000000476837158)
             return repr(int(v) if isinstance(v, numbers.Integral) else float(str(v) if isinstance(v, np.floating)
                                                                               else v))
         if isinstance(v, torch.Tensor):
             return format_option(v)
-        return f"array of shape {np.shape(v)}" if isinstance(v, (list, tuple, np.ndarray)) else repr(v)
+        names = isinstance(v, (list, tuple)) and all(isinstance(e, str) for e in v)  # qp's learn=('G', 'h')
+        return f"array of shape {np.shape(v)}" if isinstance(v, (list, tuple, np.ndarray)) and not names else repr(v)
     return ", ".join([f"name={name!r}"] + [f"{k}={shown(v)}" for k, v in options.items() if v is not None])
 
 
@@ -321,9 +322,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
 
     Args:
         name: a registry name (:func:`convexddn.registry.names`).
-        backend: ``"auto"`` (default: the native node where the problem has one, else
-            the :class:`~convexddn.ConvexLayer`), ``"native"`` (the node, or an
-            ``OptionError``) or ``"cvxpy"`` (always the cone program).
+        backend: ``"auto"`` (default: the native node where the problem has one, else the
+            :class:`~convexddn.ConvexLayer`), ``"native"`` (the node, or an ``OptionError``) or ``"cvxpy"``.
         **options: the problem's options (e.g. ``n=512, p=1``) and, for the cone
             program, :class:`~convexddn.ConvexLayer`'s options (``solver``, ``tol``, …);
             a name the problem's builder declares goes to the builder.

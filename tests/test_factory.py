@@ -333,3 +333,10 @@ def test_learned_layer_repr_names_the_problem():
     layer = cddn.layer("qp", n=2, n_ineq=1, learn="Gh", inputs="q")
     assert "(layer): ConvexLayer(name='qp', n=2, n_ineq=1, n_eq=0, learn='Gh', inputs='q', ridge=0.0, " \
            "parameters=[q(2,), G(1, 2), h(1,)]" in repr(layer)
+
+
+def test_repr_shows_block_names_given_as_a_tuple():
+    """qp takes learn= and inputs= as a string or a tuple of block names; given as a tuple
+    they were shown as arrays ("learn=array of shape (2,)"). Reference: the tuple as given."""
+    layer = cddn.layer("qp", n=2, n_ineq=1, learn=("G", "h"), inputs=["q"])
+    assert "ConvexLayer(name='qp', n=2, n_ineq=1, n_eq=0, learn=('G', 'h'), inputs=['q'], ridge=0.0, " in repr(layer)
