@@ -49,14 +49,13 @@ likewise (see :mod:`convexddn.nodes._sinkhorn_padding`).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._autograd import may_carry_tangents, refuse_vmap
-from .._checks import check_count, check_finite, check_positive, check_tensor, check_tolerance
+from .._checks import check_count, check_finite, check_number, check_tensor, check_tolerance
 from .._warn import warn
 from ..errors import InputError, OptionError, ShapeError, SolverWarning
 from ._sinkhorn import solve
@@ -74,9 +73,8 @@ DEFAULT_TOL = 1e-12
 
 
 def _check_options(eps: Any, max_iter: Any, tol: Any) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise OptionError(f"eps must be a positive number, got {eps!r}")
-    check_positive("eps", eps)
+    # The shared check of a constant option: a tensor got "must be a positive number, got tensor(0.5)".
+    check_number("eps", eps, above=0, constant_because="eps is a constant of the node")
     check_count("max_iter", max_iter)
     if tol is not None:
         check_tolerance("tol", tol)  # a relative column error >= 1 accepts any plan

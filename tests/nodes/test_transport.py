@@ -1548,3 +1548,17 @@ def test_a_marginal_gradient_beyond_its_dtype_warns():
     idx = tuple(torch.isinf(grad).nonzero()[0].tolist())
     fd = _central(lambda v: (sinkhorn(C.double(), v, eps=0.05) * V.double()).sum(), a.double(), idx, 1e-6)
     assert abs(fd) > torch.finfo(torch.float16).max
+
+
+def test_sinkhorn_tensor_eps_is_refused_through_the_shared_option_check():
+    """A tensor eps (a constant of the node, as the registry's eps) was refused as "eps must
+    be a positive number, got Parameter containing: tensor(0.5000, ...)" -- 0.5 is positive,
+    and the repr ran over lines. It now says what every other constant option says."""
+    for eps in (torch.tensor(0.5), torch.nn.Parameter(torch.tensor(0.5, dtype=F64))):
+        with pytest.raises(OptionError, match=r"^eps must be a number \(a Python or NumPy scalar\) > 0, got a "
+                                              r"tensor of shape \(\): .*pass float\(t\)"):
+            OptimalTransport(eps=eps)
+    for bad, match in ((True, "eps must be a number > 0, got True"), (0.0, "eps must be finite and > 0, got 0.0")):
+        with pytest.raises(OptionError, match=match):
+            sinkhorn(_cost(3, 4, seed=1), eps=bad)
+    assert OptimalTransport(eps=np.float32(0.5)).eps == 0.5
