@@ -11,7 +11,7 @@ class GradientReport:
 
     Attributes:
         ok: every compared value satisfies ``|analytic - fd| <= atol + rtol * |fd|``, and
-            the backward of each input alone agrees with the full one (``alone_wrt`` empty).
+            the backward agrees with itself (``inconsistent`` empty).
         max_abs_error: the largest ``|analytic - fd|``.
         max_rel_error: ``max_abs_error`` divided by the largest ``|fd|`` (normwise, so
             entries that are zero do not blow it up).
@@ -25,10 +25,11 @@ class GradientReport:
         wrt: the names of what was differentiated: ``"x"`` (one input) or ``"input i"``,
             then ``"param <name>"`` for each parameter of a module that requires grad.
         worst_wrt: the entry of ``wrt`` where the largest error is (Jacobian mode).
-        alone_error, alone_wrt: the largest ``|g_alone - g|`` over the entries of ``wrt``
-            (with two or more), ``g_alone`` the backward with only that entry requiring grad
-            and ``g`` the full one, for one seeded random incoming gradient; ``alone_wrt``
-            names the entry where it fails ``atol + rtol·|g|`` (``ok`` is then false), else "".
+        consistency_error, inconsistent: the largest gap between the backward ``g`` of one
+            seeded random incoming gradient ``w`` and what it must equal: the backward with
+            only one entry of ``wrt`` requiring grad (with two or more), and in Jacobian mode
+            ``w`` times the one-hot rows (a vector-Jacobian product is linear in ``w``).
+            ``inconsistent`` says which failed ``atol + rtol·|g|`` (``ok`` is then false), else "".
     """
 
     ok: bool
@@ -42,8 +43,8 @@ class GradientReport:
     rtol: float
     wrt: tuple[str, ...] = ()
     worst_wrt: str = ""
-    alone_error: float = 0.0
-    alone_wrt: str = ""
+    consistency_error: float = 0.0
+    inconsistent: str = ""
 
     def __bool__(self) -> bool:
         """``ok``: ``assert check_gradients(node, x)`` fails on a wrong gradient (a dataclass
@@ -60,9 +61,8 @@ class GradientReport:
         if self.worst_wrt:
             where += f" ({self.worst_wrt})"
         checked = f" w.r.t. {', '.join(self.wrt)}" if self.wrt else ""
-        if self.alone_wrt:
-            checked += (f"; the backward with only {self.alone_wrt} requiring grad differs from the full "
-                        f"one by {self.alone_error:.3e}")
+        if self.inconsistent:
+            checked += f"; the backward {self.inconsistent} by {self.consistency_error:.3e}"
         return (
             f"gradient check {verdict}: max abs error {self.max_abs_error:.3e}, "
             f"max rel error {self.max_rel_error:.3e} (worst at {where}) over "

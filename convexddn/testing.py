@@ -53,18 +53,24 @@ def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
             "(module.double()) with params=False, or make it copyable") from err
 
 
-def _alone(evaluate, point, thetas, names, sizes, y, vjp, seed, atol, rtol) -> tuple[float, str]:
-    """The largest gap between the backward with only one input (or parameter) requiring
-    grad and the full one ``vjp``, for one seeded random incoming gradient, and the name
-    where it exceeds ``atol + rtol |full|`` ("" if nowhere): each such run takes the
-    backward's ``ctx.needs_input_grad`` branches that the full check never takes."""
-    if len(sizes) < 2 or not y.numel():
+def _gap(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> tuple[float, bool]:
+    """The largest ``|got - want|`` (NaN as inf) and whether every entry is within ``atol + rtol |want|``."""
+    gap = (got - want).abs()
+    if not gap.numel():
+        return 0.0, True
+    within = (gap <= atol + rtol * want.abs()) & torch.isfinite(gap)
+    return float(torch.nan_to_num(gap, nan=float("inf")).max()), bool(within.all())
+
+
+def _alone(evaluate, point, thetas, names, sizes, w, full, atol, rtol) -> tuple[float, str]:
+    """The largest gap between the backward of ``w`` with only one input (or parameter)
+    requiring grad and the full one ``full``, and where it exceeds ``atol + rtol |full|``
+    ("" if nowhere): each such run takes the backward's ``ctx.needs_input_grad`` branches
+    that the full check never takes."""
+    if len(sizes) < 2:
         return 0.0, ""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
-    full = torch.split(vjp(w), sizes)
     worst, failed = 0.0, ""
-    for i, name in enumerate(names):
+    for i, (name, want) in enumerate(zip(names, torch.split(full, sizes))):
         xs = [x.clone().requires_grad_(k == i) for k, x in enumerate(point)]
         try:
             for k, p in enumerate(thetas):
@@ -75,10 +81,10 @@ def _alone(evaluate, point, thetas, names, sizes, y, vjp, seed, atol, rtol) -> t
         finally:
             for p in thetas:
                 p.requires_grad_(True)
-        gap = ((torch.zeros_like(target) if g is None else g).flatten() - full[i]).abs()
-        worst = max(worst, float(torch.nan_to_num(gap, nan=float("inf")).max()))
-        if not failed and not bool(((gap <= atol + rtol * full[i].abs()) & torch.isfinite(gap)).all()):
-            failed = name
+        gap, within = _gap((torch.zeros_like(target) if g is None else g).flatten(), want, atol, rtol)
+        worst = max(worst, gap)
+        if not failed and not within:
+            failed = f"with only {name} requiring grad differs from the full one"
     return worst, failed
 
 
@@ -118,12 +124,13 @@ def check_gradients(
     What it does not see: ``atol`` is absolute, so a Jacobian whose entries are all far
     below it passes whatever the backward returns (scale ``atol`` with the Jacobian:
     ``3e-6·sin(x)`` with a sign-flipped backward passes at the default); the full-Jacobian
-    mode feeds the backward one-hot incoming gradients only, so a backward that is not
-    linear in them (``g.abs()``, ``g / g.norm()``) passes it, which the directional mode
-    (random ``w_i``) catches. A backward's branches for inputs that need no gradient
-    (``ctx.needs_input_grad``: in training the data need none) are run too: with two or
-    more inputs and parameters, each is differentiated alone (one forward and backward
-    each) and compared with the full backward (``alone_error``, ``alone_wrt``).
+    mode feeds the backward one-hot incoming gradients, and compares their combination
+    with one seeded random ``w`` against the backward of ``w`` itself, so a backward not
+    linear in its incoming gradient (``g.abs()``) fails there as in the directional mode.
+    A backward's branches for inputs that need no gradient (``ctx.needs_input_grad``: in
+    training the data need none) are run too: with two or more inputs and parameters, each
+    is differentiated alone (one forward and backward each) and compared with the full
+    backward of ``w`` (``consistency_error``, ``inconsistent``).
 
     Everything runs in float64: the inputs are converted, and a module is checked
     through a float64 copy (the finite differences perturb the copy's parameters and
@@ -281,7 +288,10 @@ def check_gradients(
             ])
 
         # Before any finite difference (shifted() perturbs parameters a graph may have saved).
-        alone_error, alone_wrt = _alone(evaluate, point, thetas, names, sizes, y, vjp, seed, atol, rtol)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        w0 = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
+        g0 = vjp(w0) if y.numel() else torch.zeros(total, dtype=torch.float64, device=y.device)
+        consistency, inconsistent = _alone(evaluate, point, thetas, names, sizes, w0, g0, atol, rtol)
 
         # The finite differences run with grad mode on, as in training: some back
         # ends behave differently under no_grad.
@@ -292,6 +302,10 @@ def check_gradients(
             # All rows before any column: see the directional branch.
             rows = [vjp(e.reshape(y.shape)) for e in eye_out]
             analytic = torch.stack(rows) if rows else y.new_zeros(0, total)
+            linear, within = _gap(w0.flatten() @ analytic, g0, atol, rtol)
+            consistency = max(consistency, linear)
+            if not within and not inconsistent:
+                inconsistent = "of a random incoming gradient w differs from w times its one-hot rows (not linear in w)"
             taken = realised(torch.full((total,), eps, dtype=torch.float64, device=device))
             cols = []
             for j in range(total):
@@ -341,9 +355,8 @@ def check_gradients(
             ok, max_abs, max_rel, worst, err.numel(), mode, eps, atol, rtol,
             tuple(names), worst_wrt,
         )
-    if alone_wrt:
-        report = dataclasses.replace(report, ok=False)
-    report = dataclasses.replace(report, alone_error=alone_error, alone_wrt=alone_wrt)
+    report = dataclasses.replace(report, ok=report.ok and not inconsistent, consistency_error=consistency,
+                                 inconsistent=inconsistent)
     if raise_on_fail and not report.ok:
         raise GradientCheckError(report)
     return report
