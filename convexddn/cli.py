@@ -21,6 +21,7 @@ Other failures (a solver that fails, a bug) keep their traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -261,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
     """
+    # A stream that cannot encode a character (an ASCII or cp1252 terminal: "α-entmax", "§7")
+    # writes its backslash escape instead of ending the command with a UnicodeEncodeError
+    # traceback: Python's own handling of stderr, for stdout too.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         parser = build_parser()

@@ -495,3 +495,22 @@ def test_cli_errors_shown_in_the_docs_are_what_it_prints(tmp_path, capsys, monke
     for argv, shown in pairs:
         assert cli.main(shlex.split(argv)) == 2
         assert capsys.readouterr().err.strip() == shown, argv
+
+
+@pytest.mark.parametrize("argv", [["list"], ["experiment", "pointcloud", "--help"]])
+def test_cli_on_a_terminal_that_cannot_encode_unicode(argv):
+    """An ASCII (or cp1252) stdout: `convexddn list` ("α-entmax", "n=…") and the experiments'
+    help ("§7") died with a UnicodeEncodeError traceback and exit status 1. Characters the
+    stream cannot encode are now written as backslash escapes (Python's own choice for
+    stderr). Reference: the escapes of the registry's descriptions, as Python writes them."""
+    import os
+
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    out = subprocess.run([sys.executable, "-m", "convexddn.cli", *argv], capture_output=True, text=True,
+                         env=env, encoding="ascii")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    if argv == ["list"]:
+        expected = registry.describe("entmax").encode("ascii", "backslashreplace").decode("ascii")
+        assert expected.startswith("\\u03b1-entmax") and expected in out.stdout
+    else:
+        assert "\\xa77" in out.stdout
