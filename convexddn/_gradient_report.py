@@ -30,6 +30,9 @@ class GradientReport:
             only one entry of ``wrt`` requiring grad (with two or more), and in Jacobian mode
             ``w`` times the one-hot rows (a vector-Jacobian product is linear in ``w``).
             ``inconsistent`` says which failed ``atol + rtol·|g|`` (``ok`` is then false), else "".
+        fd_rounding: at the worst entry, the error the finite difference carries from rounding
+            its two values of ``y`` alone, :math:`2^{-53}(|y(z+h)| + |y(z-h)|)/|2h|`: an error
+            near it says ``eps`` is too small for the size of ``y``, not that the backward is wrong.
     """
 
     ok: bool
@@ -45,6 +48,7 @@ class GradientReport:
     worst_wrt: str = ""
     consistency_error: float = 0.0
     inconsistent: str = ""
+    fd_rounding: float = 0.0
 
     def __bool__(self) -> bool:
         """``ok``: ``assert check_gradients(node, x)`` fails on a wrong gradient (a dataclass
@@ -61,6 +65,9 @@ class GradientReport:
         if self.worst_wrt:
             where += f" ({self.worst_wrt})"
         checked = f" w.r.t. {', '.join(self.wrt)}" if self.wrt else ""
+        if not self.ok and self.max_abs_error <= 10 * self.fd_rounding:
+            checked += (f"; the finite differences' rounding alone is {self.fd_rounding:.1e} there (|y| 2^-53 / "
+                        "step): try a larger eps before suspecting the backward")
         if self.inconsistent:
             checked += f"; the backward {self.inconsistent} by {self.consistency_error:.3e}"
         return (

@@ -28,6 +28,9 @@ _SEED_RANGE = (-(2**63), 2**64 - 1)
 #: The most random directions :func:`check_gradients` runs (each costs one backward and
 #: two forwards): more than this is a mistake (or an unbounded loop), not a stronger check.
 MAX_DIRECTIONS = 100_000
+# The relative rounding of a float64 value: each y(z ± step) carries at least this much,
+# so a finite difference carries at least 2^-53 (|y(z + step)| + |y(z - step)|) / step.
+_ROUNDING = 2.0 ** -53
 
 
 def _float64_copy(fn: Callable[..., torch.Tensor], with_params: bool):
@@ -307,12 +310,15 @@ def check_gradients(
             if not within and not inconsistent:
                 inconsistent = "of a random incoming gradient w differs from w times its one-hot rows (not linear in w)"
             taken = realised(torch.full((total,), eps, dtype=torch.float64, device=device))
-            cols = []
+            cols, floors = [], []
             for j in range(total):
                 step = torch.zeros(total, dtype=torch.float64, device=device)
                 step[j] = eps
-                cols.append(((shifted(step) - shifted(-step)) / taken[j]).flatten())
+                plus, minus = shifted(step), shifted(-step)
+                cols.append(((plus - minus) / taken[j]).flatten())
+                floors.append((_ROUNDING * (plus.abs() + minus.abs()) / taken[j].abs()).flatten())
             numeric = torch.stack(cols, dim=1) if cols else y.new_zeros(y.numel(), 0)
+            floor = torch.stack(floors, dim=1) if floors else y.new_zeros(y.numel(), 0)
         else:
             mode = "directional"
             gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -328,10 +334,10 @@ def check_gradients(
             # J applied to the direction actually stepped along (see realised), so the
             # difference is divided by the 2·eps it was taken over.
             analytic = torch.stack([(vjp(w) * realised(eps * u) / (2 * eps)).sum() for u, w in directions])
-            numeric = torch.stack([
-                (w * ((shifted(eps * u) - shifted(-eps * u)) / (2 * eps))).sum()
-                for u, w in directions
-            ])
+            pairs = [(w, shifted(eps * u), shifted(-eps * u)) for u, w in directions]
+            numeric = torch.stack([(w * (plus - minus) / (2 * eps)).sum() for w, plus, minus in pairs])
+            floor = torch.stack([_ROUNDING * (w.abs() * (plus.abs() + minus.abs())).sum() / (2 * eps)
+                                 for w, plus, minus in pairs])
 
     err = (analytic - numeric).abs()
     if err.numel() == 0:
@@ -353,7 +359,7 @@ def check_gradients(
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
         report = GradientReport(
             ok, max_abs, max_rel, worst, err.numel(), mode, eps, atol, rtol,
-            tuple(names), worst_wrt,
+            tuple(names), worst_wrt, fd_rounding=float(floor.flatten()[flat]),
         )
     report = dataclasses.replace(report, ok=report.ok and not inconsistent, consistency_error=consistency,
                                  inconsistent=inconsistent)

@@ -566,3 +566,23 @@ def test_check_gradients_jacobian_mode_finds_a_backward_not_linear_in_its_incomi
     assert "not linear" in str(report)
     right = check_gradients(lambda a: 2.0 * a, _x(2, 3))
     assert right.ok and right.inconsistent == "" and right.consistency_error < 1e-12
+
+
+def test_a_failure_at_the_finite_differences_rounding_says_so():
+    """y = W x + c at |x| = 1e8 (|y| ~ 1e8): y's own rounding, 2^-53 |y| / 1e-6 ~ 1e-3, is far
+    above atol, so the exact backward of an affine map FAILED with nothing saying why. The
+    report now gives that floor and, where the error is within 10 times it, says to raise
+    eps; an affine map's finite difference is exact at any step, so eps = 1e-2 passes. A
+    10 % wrong backward at |x| ~ 1 fails without the hint."""
+    lin = torch.nn.Linear(4, 2).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.3, -0.2, 0.5, 0.1], [-0.4, 0.25, 0.2, -0.3]], dtype=DT))
+        lin.bias.copy_(torch.tensor([0.1, -0.2], dtype=DT))
+    x = torch.tensor([1e8, -3e7, 5e6, 2.0], dtype=DT)
+    report = check_gradients(lin, x)
+    assert not report.ok and report.max_abs_error <= 10 * report.fd_rounding, str(report)
+    assert "rounding alone" in str(report) and "larger eps" in str(report)
+    assert check_gradients(lin, x, eps=1e-2).ok
+    wrong = check_gradients(ScaledSin.apply, _x(2, 3))
+    assert not wrong.ok and wrong.max_abs_error > 1e3 * wrong.fd_rounding
+    assert "rounding alone" not in str(wrong)
