@@ -126,14 +126,14 @@ def check_gradients(
 
     What it does not see: ``atol`` is absolute, so a Jacobian whose entries are all far
     below it passes whatever the backward returns (scale ``atol`` with the Jacobian:
-    ``3e-6·sin(x)`` with a sign-flipped backward passes at the default); the full-Jacobian
-    mode feeds the backward one-hot incoming gradients, and compares their combination
-    with one seeded random ``w`` against the backward of ``w`` itself, so a backward not
-    linear in its incoming gradient (``g.abs()``) fails there as in the directional mode.
-    A backward's branches for inputs that need no gradient (``ctx.needs_input_grad``: in
-    training the data need none) are run too: with two or more inputs and parameters, each
-    is differentiated alone (one forward and backward each) and compared with the full
-    backward of ``w`` (``consistency_error``, ``inconsistent``).
+    ``3e-6·sin(x)`` with a sign-flipped backward passes at the default). What it checks
+    besides: the full-Jacobian mode feeds the backward one-hot incoming gradients, and
+    compares their combination with one seeded random ``w`` against the backward of ``w``
+    itself, so a backward not linear in its incoming gradient (``g.abs()``) fails there as
+    in the directional mode; a backward's branches for inputs that need no gradient
+    (``ctx.needs_input_grad``: in training the data need none) are run too: with two or
+    more inputs and parameters, each is differentiated alone (one forward and backward
+    each) and compared with the full backward of ``w`` (``consistency_error``, ``inconsistent``).
 
     Everything runs in float64: the inputs are converted, and a module is checked
     through a float64 copy (the finite differences perturb the copy's parameters and
@@ -142,7 +142,8 @@ def check_gradients(
     the finite differences carry the solver's error divided by ``eps``: with a solver
     tolerance near ``1e-8`` (e.g. a :class:`~convexddn.ConvexLayer`) use ``eps=1e-4``
     or so, and keep the inputs away from points where the solution is not
-    differentiable (kinks, changes of the active set).
+    differentiable (kinks, changes of the active set). They also carry y's own rounding,
+    :math:`2^{-53}|y| / \\varepsilon` (``report.fd_rounding``): for large outputs raise ``eps``.
 
     Args:
         node_or_fn: a :class:`~convexddn.DeclarativeNode`, any ``torch.nn.Module`` or
