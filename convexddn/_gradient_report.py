@@ -33,6 +33,8 @@ class GradientReport:
         fd_rounding: at the worst entry, the error the finite difference carries from rounding
             its two values of ``y`` alone, :math:`2^{-53}(|y(z+h)| + |y(z-h)|)/|2h|`: an error
             near it says ``eps`` is too small for the size of ``y``, not that the backward is wrong.
+        fd_ok: the comparison with the finite differences alone passed (``ok`` also needs
+            ``inconsistent`` empty).
     """
 
     ok: bool
@@ -49,6 +51,7 @@ class GradientReport:
     consistency_error: float = 0.0
     inconsistent: str = ""
     fd_rounding: float = 0.0
+    fd_ok: bool = True
 
     def __bool__(self) -> bool:
         """``ok``: ``assert check_gradients(node, x)`` fails on a wrong gradient (a dataclass
@@ -65,7 +68,7 @@ class GradientReport:
         if self.worst_wrt:
             where += f" ({self.worst_wrt})"
         checked = f" w.r.t. {', '.join(self.wrt)}" if self.wrt else ""
-        if not self.ok and self.max_abs_error <= 10 * self.fd_rounding:
+        if not self.fd_ok and self.max_abs_error <= 10 * self.fd_rounding:
             checked += (f"; the finite differences' rounding alone is {self.fd_rounding:.1e} there (|y| 2^-53 / "
                         "step): try a larger eps before suspecting the backward")
         if self.inconsistent:

@@ -586,3 +586,37 @@ def test_a_failure_at_the_finite_differences_rounding_says_so():
     wrong = check_gradients(ScaledSin.apply, _x(2, 3))
     assert not wrong.ok and wrong.max_abs_error > 1e3 * wrong.fd_rounding
     assert "rounding alone" not in str(wrong)
+
+
+class ReversedSum(torch.autograd.Function):
+    """y = A x whose backward sums A^T g in the reverse order: linear in g, rounded otherwise."""
+
+    @staticmethod
+    def forward(A, x):
+        return A @ x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.A = inputs[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, (g.flip(0).unsqueeze(1) * ctx.A.flip(0)).cumsum(0)[-1]
+
+
+def test_the_linearity_check_allows_for_the_rounding_of_its_sums():
+    """A^T w summed in another order than w times the one-hot rows differs by rounding,
+    up to m 2^-53 |w|^T |A| each (Higham, Accuracy and Stability, Thm 3.5): with entries of
+    1e12 and A^T w cancelling to 1e-3 that was 7.3e-4, and the exact, linear backward was
+    called "not linear in w". Reference: an affine map, whose finite difference at eps = 1
+    is exact up to y's rounding."""
+    m, n = 50, 3
+    w = torch.randn((m,), generator=torch.Generator().manual_seed(0), dtype=DT)  # check_gradients' w (seed 0)
+    V = torch.randn(m, n, generator=torch.Generator().manual_seed(1), dtype=DT)
+    A = 1e12 * (V - torch.outer(w, (w @ V) / (w @ w)))  # columns orthogonal to w: A^T w cancels
+    report = check_gradients(lambda x: ReversedSum.apply(A, x), _x(n), eps=1.0)
+    assert report.ok and report.inconsistent == "", str(report)
+    wrong = check_gradients(AbsIncoming.apply, _x(2, 3))
+    assert not wrong.ok and wrong.inconsistent  # still found,
+    # and said to be no finite-difference failure (no advice to raise eps: the differences agree).
+    assert wrong.fd_ok and "rounding alone" not in str(wrong)
