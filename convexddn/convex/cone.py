@@ -17,12 +17,12 @@ from scipy.sparse import linalg as sla
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import kkt_residual, residual_parts
 from .exp_cone import Memo, derivative_correction, has_exp, project_cones
-from .kinks import kink_sides
+from .kinks import kink_sides, pair_tolerances
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 from .zero_rows import moves_zero_row
 
-__all__ = ["POLISH_ABOVE", "ResidualMap", "auto_mode"]
+__all__ = ["ILL_CONDITIONED", "POLISH_ABOVE", "ResidualMap", "auto_mode"]
 
 
 # Solution error goes like the square root of the KKT residual when a squared objective
@@ -83,6 +83,9 @@ class ResidualMap:
         self._Q_dense = None  # (Q as an array, on first use by a dense M)
         self._memo = Memo()  # (the exponential cones' projections: each point's, once)
         self.Q = _skew(A, b, c)
+        self.residual: float | None = None  # the polished point's KKT residual (refine's)
+        self._rtol = _RANK_RTOL  # the dense solves' rank cut, for the point M is formed at (_rank_rtol)
+        self.condition = 0.0  # the last dense solve's, along the directions it kept (0: none solved)
 
     def _pi(self, z: np.ndarray) -> np.ndarray:
         n, m = self.n, self.m
@@ -97,7 +100,11 @@ class ResidualMap:
 
     def _residual(self, z: np.ndarray) -> np.ndarray:
         pz = self._pi(z)
-        return self.Q @ pz - pz + z
+        # z − Π(z) first (−s in v's rows, exact where Π keeps a coordinate): summed left to right,
+        # Q Π(z) − Π(z) lost a row's Q-term below the rounding of its multiplier (rows of 1e-8
+        # with multipliers of 5e7: the rows' residual 2e-13 read as 0, and the polish stalled
+        # at 5.6e-6 of their size).
+        return self.Q @ pz + (z - pz)
 
     def _dprojection(self, v: np.ndarray):
         """D Π_{K*}(v): diffcp's operator, with exact exponential-cone blocks (those of
@@ -152,7 +159,7 @@ class ResidualMap:
             return sol
         if isinstance(M, np.ndarray):
             # (rank decided in equilibrated units, minimum norm in the caller's: .min_norm)
-            sol, rank = min_norm_solve(M.T if transpose else M, rhs, _RANK_RTOL)
+            sol, rank, self.condition = min_norm_solve(M.T if transpose else M, rhs, self._rtol)
             # R is positively homogeneous, so M is singular along z: rank N - 1 at a
             # differentiable solution. A lower rank means the solution is not unique (or
             # not differentiable there): the minimum-norm answer is then one choice among many.
@@ -195,9 +202,11 @@ class ResidualMap:
         z, best = self._triple(np.concatenate([x, y - s, [1.0]]))
         parts = residual_parts(self.A)  # (A is the same at every step: its transposes once)
         best_r = kkt_residual(self.A, self.b, self.c, self.cones, *best, self._memo, parts)
+        r = best_r
         for _ in range(steps):
             if not np.isfinite(best_r) or best_r <= _POLISHED:
                 break
+            self._rtol = _rank_rtol(r)  # (M at z, as accurate as z is)
             try:
                 z = z - self._solve(self._operator(z), self._residual(z))
             except (ValueError, RuntimeError, ArithmeticError):
@@ -219,6 +228,7 @@ class ResidualMap:
             # jump far above, at any residual, lets the steps go on.
             if stalled and best_r <= POLISH_ABOVE:
                 break
+        self.residual = best_r
         return (*best, best_r)
 
     def adjoint(self, x, y, s, parametric: Parametric | None = None):
@@ -237,10 +247,14 @@ class ResidualMap:
         """
         n, m = self.n, self.m
         z = np.concatenate([x, y - s, [1.0]])
+        if self.residual is None:  # (a map rebuilt in a worker: refine ran in another process)
+            self.residual = kkt_residual(self.A, self.b, self.c, self.cones, x, y, s, self._memo)
+        self._rtol = _rank_rtol(self.residual)
         dproj = self._dprojection(z[n:n + m])
         M = self._operator(z, dproj=dproj)
         pi_z = self._pi(z)
-        sides = kink_sides(self.cones, y, s, _SIDE_STEP * (1.0 + np.abs(z).max()))
+        tols = pair_tolerances(self.A, self.b, self.c, x, y, s, self.residual)
+        sides = kink_sides(self.cones, y, s, _SIDE_STEP * (1.0 + np.abs(z).max()), tols)
 
         def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):
             # This call's flags only (a zero cotangent returns before any solve; the
@@ -317,6 +331,28 @@ class ResidualMap:
 # point, and with a cut at 1e-12 the Newton polish stepped along it to multipliers of
 # ±8e3 and the gradient's norm went to 4e4 (the minimum-norm one: 0.9).
 _RANK_RTOL = 1e-9
+# ... but only where M is formed at a point that inaccurate: at a point of KKT residual r
+# (relative, as the singular values are on the equilibrated M), directions above r are
+# resolved, down to this floor (rounding in forming M: the homogeneity direction's own
+# singular value sits at ~r, ~eps at an exact point). Nearly parallel active rows (1e-6
+# apart, multipliers 0.26 and 0.90) make a genuine singular value of 1.4e-13 (their
+# angle, squared by the objective's block): cut at 1e-9, the polish stalled at multipliers
+# 0.58 and 0.58 (solution 2.6e-7 off at residual 4.7e-14) and the adjoint called the
+# solution not unique, its gradient 0.55 off.
+_RANK_FLOOR = 64 * np.finfo(np.float64).eps
+
+
+# A polish whose last dense solve had a condition above this (the equilibrated M's, along the
+# directions it kept; LAPACK's 1-norm estimate) leaves a point and a gradient whose errors its
+# residual does not bound: rounding alone costs ~10 eps of it (rows scaled by 1e8: condition
+# 7.7e8, gradients 2e-6 off at residual 1e-16; the parallel rows above, kept at 1.4e-13: 1.8e13,
+# 5e-4 off), so such a result is in doubt (.spread.in_doubt) and the batched path re-solves it.
+ILL_CONDITIONED = 1e6
+
+
+def _rank_rtol(residual: float) -> float:
+    """The rank cut of the dense solves at a point of KKT residual ``residual``."""
+    return min(_RANK_RTOL, max(_RANK_FLOOR, residual)) if np.isfinite(residual) else _RANK_RTOL
 
 # Where kink_sides puts a zero spectral value of v on either side, relative to z's size.
 _SIDE_STEP = 1e-12

@@ -18,25 +18,32 @@ where each cone block's pair :math:`(s, y)` is strictly complementary, and has a
   :math:`y \\in \\partial K^*`, :math:`y = 0` with :math:`s \\in \\partial K`, both 0, or
   :math:`s, y` on faces whose dimensions add up to less than 3.
 
-Each test has the tolerance of the nonnegative rows' (``_UNDECIDED`` of the solution's
-size): a spectral value within it of 0, or pieces that differ a step that far along
-:math:`\\pm e` (a direction inside :math:`K` and :math:`K^*`, which crosses every border
-of the pieces), is a kink. :func:`kink_sides` moves :math:`v` to either side of every
-kink at once; the adjoint tells from the two whether the side matters.
+Each test has a tolerance per row (:func:`pair_tolerances`: the point's accuracy in the
+row's own scale, the slack's or the multiplier's): a spectral value within it of 0 is a
+kink; an exponential block's pieces that differ a step of ``_UNDECIDED`` of the
+solution's size along :math:`\\pm e` (a direction inside :math:`K` and :math:`K^*`, which
+crosses every border of the pieces) are. :func:`kink_sides` moves :math:`v` to either side
+of every kink at once; the adjoint tells from the two whether the side matters.
 """
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from diffcp import cones as cone_lib
 
-from .cone_checks import cone_blocks
+from .cone_checks import cone_blocks, row_maxima
 from .exp_cone import projection_piece
 
-__all__ = ["kink_sides"]
+__all__ = ["kink_sides", "pair_tolerances"]
 
 # A spectral value of v (a nonnegative row's v_i = y_i − s_i included) below this, relative
 # to the solution's size, has both y's and s's at 0: strict complementarity fails there.
 _UNDECIDED = 1e-9
+# ... a point polished to a KKT residual r below it is that accurate (relative to each row's
+# scale), down to this floor: at 1e-9 of the solution's size, clamp(x, 0, 1) at x = (1e-9, 0.5)
+# (its slack 1e-9 exact to rounding) was called a kink, "not unique or not differentiable". (Not
+# lower: a second-order cone projected to its tip keeps a spectral value of 1e-11 at a size of 3.)
+_UNDECIDED_FLOOR = 1e-10
 
 # A direction inside both the exponential cone and its dual (y e^{x/y} = e^{-1} <= z = 1;
 # −u e^{v/u} = e^{-1} <= e w = e): a step along it crosses every border of the pieces.
@@ -66,7 +73,35 @@ def _spectral(kind: str, v: np.ndarray):
     return lam, lambda new: cone_lib.vec_symm((Q * new) @ Q.T)
 
 
-def kink_sides(cones: list, y: np.ndarray, s: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray] | None:
+def pair_tolerances(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray,
+                    residual: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(for s, for y)``: each row's tolerance for :func:`kink_sides`, the point's relative
+    accuracy (``residual``, its KKT residual, within [1e-10, 1e-9]) times the row's own scale:
+    ``‖A_i‖∞ max(‖x‖∞, max_k |b_k| / ‖A_k‖∞) + |b_i|`` for the slack (x's scale implied by the
+    data where x is 0), ``‖|A|ᵀ|y| + |c|‖∞ / ‖A_i‖∞`` for the multiplier (what it weighs in the
+    dual rows). Both scale with the row (a row times d: its slack times
+    d, its multiplier over d): with one tolerance for all rows, 1e-9 of the solution's size,
+    rows scaled by 1e-8 were kinks wherever their slack was below 0.1 of their size (148 of
+    2526 elements warned "not unique", gradients exact). A zero row keeps the solution's size."""
+    accuracy = min(_UNDECIDED, max(_UNDECIDED_FLOOR, residual)) if np.isfinite(residual) else _UNDECIDED
+    A = A if sp.isspmatrix_csc(A) else sp.csc_matrix(A)
+    rows = row_maxima(A)[0]
+    # ‖|A|ᵀ|y| + |c|‖∞ from A's stored entries (CSC: each column's between indptr's bounds)
+    terms = np.bincount(np.repeat(np.arange(A.shape[1]), np.diff(A.indptr)), np.abs(A.data) * np.abs(y[A.indices]),
+                        minlength=A.shape[1])
+    dual = float(np.max(terms + np.abs(c), initial=0.0))
+    size = 1.0 + max(np.abs(y).max(initial=0.0), np.abs(s).max(initial=0.0))  # (kink_sides' default)
+    safe = np.where(rows > 0, rows, 1.0)
+    # x's scale: the solution's, or the one the data imply (b_i / ‖A_i‖∞) where the solution is
+    # at 0 (a projection onto a cone at its tip: every slack term 0, yet a kink)
+    x_scale = max(np.abs(x).max(initial=0.0), float(np.max(np.where(rows > 0, np.abs(b) / safe, 0.0), initial=0.0)))
+    tol_s = np.where((rows > 0) & (x_scale > 0), rows * x_scale + np.abs(b), size)
+    tol_y = np.where((rows > 0) & (dual > 0), dual / safe, size)
+    return accuracy * tol_s, accuracy * tol_y
+
+
+def kink_sides(cones: list, y: np.ndarray, s: np.ndarray, step: float,
+               tols: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """``v = y − s`` moved to the side ``+`` (y's) and the side ``−`` (s's) of every kink of
     :math:`\\Pi_{K^*}` it sits at, or None where every cone block is strictly complementary.
 
@@ -75,20 +110,23 @@ def kink_sides(cones: list, y: np.ndarray, s: np.ndarray, step: float) -> tuple[
     value at 0 (nonnegative, second-order and PSD blocks: the other values kept, so the
     projection's derivative is exactly each side's limit). An exponential block is moved
     by ``±τ e`` (``τ`` the test's tolerance), the step that showed its pieces differ.
+    ``tols``: :func:`pair_tolerances` (a spectral value of y's within the second, of s's
+    within the first, is 0); by default ``_UNDECIDED`` of the solution's size for all.
     Returns two ``(m,)`` arrays.
     """
     v = y - s
     tol = _UNDECIDED * (1.0 + max(np.abs(y).max(initial=0.0), np.abs(s).max(initial=0.0)))
+    tol_s, tol_y = (np.full(v.size, tol), np.full(v.size, tol)) if tols is None else tols
     plus, minus, exp_rows, exp_sign, found = v.copy(), v.copy(), [], [], False
     for kind, at, q in cone_blocks(cones):
         block = slice(at, at + q)
         if kind == cone_lib.POS:
-            open_ = np.abs(v[block]) <= tol
+            open_ = np.where(v[block] >= 0, v[block] <= tol_y[block], -v[block] <= tol_s[block])
             plus[block], minus[block] = np.where(open_, step, v[block]), np.where(open_, -step, v[block])
             found |= bool(open_.any())
         elif kind in (cone_lib.SOC, cone_lib.PSD):
             lam, rebuild = _spectral(kind, v[block])
-            open_ = np.abs(lam) <= tol
+            open_ = np.where(lam >= 0, lam <= tol_y[block].max(), -lam <= tol_s[block].max())
             if open_.any():
                 plus[block], minus[block] = rebuild(np.where(open_, step, lam)), rebuild(np.where(open_, -step, lam))
                 found = True

@@ -278,7 +278,8 @@ class ConvexLayer(nn.Module):
         sols = single_backward(sols, lambda grads: zero_nonfinite("backward (per element)", where, grads))
         return sols, {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
                             "statuses": info.statuses, "residuals": [float(r) for r in info.residuals],
-                            "solved": info.solved, "kinds": info.kinds, "spreads": info.spreads}
+                            "solved": info.solved, "kinds": info.kinds, "spreads": info.spreads,
+                            "conditions": info.conditions}
 
     # ------------------------------------------------------------------ the call
 
@@ -392,7 +393,7 @@ class ConvexLayer(nn.Module):
                                            "path did not certify them)")
             merge_resolved(sols, info, redo, fixed, part)
             warn_unconfirmed((redo, batch), [j for j in in_doubt(part, self.refine)[0] if part["solved"][j]],
-                             part["residuals"], True)
+                             part["residuals"], True, part["conditions"])
             adopt_certificates(info, redo, verdicts)
             for check in (doubt_certificates, refuse_unverifiable):  # what the batched path saw
                 check(info, redo, [info["points"][i] for i in redo])

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.lapack import dtrcon, get_lapack_funcs
 
 __all__ = ["min_norm_solve"]
 
 _PASSES = 4  # Ruiz passes on |M| (a scale spread of 1e8 is balanced to ~2 in four)
+_GELSY, _GELSY_LWORK = get_lapack_funcs(("gelsy", "gelsy_lwork"), (np.zeros((1, 1)),))  # (float64)
 
 
 def _scales(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,16 +41,31 @@ def _scales(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0) -> tuple[np.ndarray, int]:
-    """``(r, rank)``: the minimum-norm solution of ``mat r = rhs`` (``(N, N)``, ``(N,)``;
+def _gelsy(S: np.ndarray, B: np.ndarray, rtol: float) -> tuple[np.ndarray, int, float]:
+    """``scipy.linalg.lstsq(S, B, cond=rtol, lapack_driver="gelsy")``'s solution and rank, and
+    the condition (1-norm, LAPACK's estimate) of the directions kept: ``gelsy`` factorises
+    ``S P = Q [T 0; 0 0] Z`` with ``T`` (rank × rank) triangular, whose singular values are
+    those kept, so ``trcon`` of ``T`` costs O(rank²) beside the O(N³) factorisation."""
+    lwork, info = _GELSY_LWORK(S.shape[0], S.shape[1], B.shape[1], rtol)
+    if info != 0:  # (as scipy's lstsq: no workspace size, no solve)
+        raise ValueError(f"gelsy workspace query failed (info {info})")
+    fact, sol, _, rank, info = _GELSY(S, B, np.zeros(S.shape[1], dtype=np.int32), rtol, int(lwork))
+    if info != 0:
+        raise ValueError(f"gelsy failed (info {info})")
+    rcond = dtrcon(np.triu(fact[:rank, :rank]))[0] if rank else 1.0
+    return sol[:S.shape[1]], int(rank), 1.0 / rcond if rcond > 0 else float("inf")
+
+
+def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0) -> tuple[np.ndarray, int, float]:
+    """``(r, rank, condition)``: the minimum-norm solution of ``mat r = rhs`` (``(N, N)``, ``(N,)``;
     least squares in the equilibrated rows' norm where inconsistent) after dropping the directions of the
     equilibrated matrix that LAPACK's rank-revealing QR (``gelsy``, condition estimate
-    ``1 / rtol``) finds negligible; ``rank`` counts the others."""
+    ``1 / rtol``) finds negligible; ``rank`` counts the others, ``condition`` estimates the
+    equilibrated matrix's condition along them (how far rounding in ``rhs`` is amplified)."""
     rows, cols = _scales(mat)
     S = mat * rows[:, None] * cols[None, :]
     W = np.random.default_rng(seed).standard_normal((S.shape[1], 1))
-    sol, _, rank, _ = scipy.linalg.lstsq(S, np.column_stack([rows * rhs, S @ W]), cond=rtol,
-                                         lapack_driver="gelsy", check_finite=False)
+    sol, rank, condition = _gelsy(S, np.column_stack([rows * rhs, S @ W]), rtol)
     null = S.shape[1] - rank
     if null > 1:  # (one random column spans a null space of dimension 1 only)
         W = np.random.default_rng(seed).standard_normal((S.shape[1], null))
@@ -59,4 +76,4 @@ def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0)
     if null:
         Q = np.linalg.qr(cols[:, None] * basis)[0]
         r = r - Q @ (Q.T @ r)
-    return r, int(rank)
+    return r, rank, condition

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import diffcp
 import numpy as np
@@ -38,6 +38,7 @@ from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
 from .dissent import Run, claims_solved, exact_ray, judge
+from .element_result import SavedStates, Solved
 from .parametric import parametric_entries
 from .rescues import failure_cause, warn_rescued
 from .solver_args import check_solver_cones
@@ -90,6 +91,7 @@ class ElementInfo:
     solved: list[bool]
     kinds: list[str]
     spreads: list[float]  # each element's data spread, see data_spread
+    conditions: list[float]  # each solved element's polish condition (ResidualMap.condition; 0: none)
 
 
 class CheckedDiffcp(SolverInterface):
@@ -252,7 +254,7 @@ class CheckedDiffcp(SolverInterface):
             return None, (why, "other", claim, run)
         return (program, x, y, s, status, r, method, rescued), None
 
-    def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> _Solved:
+    def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> Solved:
         """Solve one batch element with the solver, then the fallback; never raises."""
         A, b, c = self._problem(q, a)
         out, fail = self._try(self.solver, args, A, b, c)
@@ -274,10 +276,10 @@ class CheckedDiffcp(SolverInterface):
             cause = f"{failure_cause(fail)}; solved at the certificate's reach"  # (if judge finds a solution)
             out, fail, note = judge(self, args, A, b, c, fail, None, fail[0])
         if out is None:
-            return _Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
+            return Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
         program, x, y, s, status, r, used, rescued = out  # (rescued: "<solver>: <status>; ..." has no numbers)
-        return _Solved(program, x, y, s, used, status, r, note or rescued, "solved", data_spread(A, b, c),
-                       cause if note else rescued)
+        return Solved(program, x, y, s, used, status, r, note or rescued, "solved", data_spread(A, b, c),
+                      cause if note else rescued, program.condition)
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
         if P is not None:  # DIFFCP canonicalisation never keeps a quadratic term
@@ -296,7 +298,8 @@ class CheckedDiffcp(SolverInterface):
         n, m = self._shape[1] - 1, self._shape[0]
         self._local.info = ElementInfo([r.solver for r in results], [r.status for r in results],
                                        [r.residual for r in results], [r.x is not None for r in results],
-                                       [r.kind for r in results], [r.spread for r in results])
+                                       [r.kind for r in results], [r.spread for r in results],
+                                       [r.condition for r in results])
         where = getattr(self._local, "where", None)
         warn_rescued(where, [r.note for r in results], [r.cause for r in results])  # (a failed one has no note)
         primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
@@ -304,9 +307,9 @@ class CheckedDiffcp(SolverInterface):
         if not needs_grad:
             return primal, dual, None
         if pool is None:
-            state = _State(None if r.x is None else ("local", r.program, r.x, r.y, r.s) for r in results)
+            state = SavedStates(None if r.x is None else ("local", r.program, r.x, r.y, r.s) for r in results)
         else:
-            state = _State(None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s)
+            state = SavedStates(None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s)
                            for i, r in enumerate(results))
         state.where = where
         return primal, dual, state
@@ -360,27 +363,7 @@ class CheckedDiffcp(SolverInterface):
         return None, dq, dA_t
 
 
-@dataclasses.dataclass
-class _Solved:
-    program: Any
-    x: np.ndarray | None
-    y: np.ndarray | None
-    s: np.ndarray | None
-    solver: str
-    status: str
-    residual: float
-    note: str | None
-    kind: str = "solved"  # or "infeasible"/"unbounded" (certificate verified), "disputed" or "other"
-    spread: float = 1.0  # data_spread of a solved element's cone program
-    cause: str | None = None  # the note without the element's own numbers (see .rescues)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["program"] = None  # holds C++ cones; workers return numbers only
-        return state
-
-
-def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict) -> list[_Solved]:
+def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict) -> list[Solved]:
     with single_threaded_blas():
         return [solver.solve_one(q[i], a[i], args) for i in range(q.shape[0])]
 
@@ -388,10 +371,3 @@ def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict
 def _vjp_chunk(solver: CheckedDiffcp, items: list, dx: np.ndarray, dy: np.ndarray) -> list:
     with single_threaded_blas():
         return [solver.vjp_one(item, dx[i], dy[i]) for i, item in enumerate(items)]
-
-
-class _State(list):
-    """Per-element saved states, and ``where`` (the elements' flat positions in the
-    caller's batch and its shape, set by :class:`~.layer.ConvexLayer`) for messages."""
-
-    where: tuple[Sequence[int], tuple[int, ...]] | None = None

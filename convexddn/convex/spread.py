@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from .._warn import warn
 from ..errors import SolverWarning
-from .cone import POLISH_ABOVE
+from .cone import ILL_CONDITIONED, POLISH_ABOVE
 from .status import name_elements
 
 __all__ = ["SPREAD_DOUBT", "data_spread", "in_doubt", "warn_unchecked", "warn_unchecked_spread",
@@ -53,12 +53,21 @@ def in_doubt(info: dict, refine: int) -> tuple[list[int], list[bool]]:
     second-order-cone form of a squared objective the solution error goes like the
     residual's square root: tests/convex/test_reliability.py's badly scaled QP came back
     4.9e-3 off at residual 2.4e-9, 6.6e4 off at 8.2e-7, and a bounded problem was called
-    unbounded); or solved on wide data (:func:`data_spread`).
+    unbounded); polished along directions of condition above :data:`~.cone.ILL_CONDITIONED`
+    (:func:`ill_conditioned`); or solved on wide data (:func:`data_spread`).
     """
     wide = [ok and r > SPREAD_DOUBT for ok, r in zip(info["solved"], info["spreads"])]
+    ill = ill_conditioned(info)
     doubt = [i for i, (ok, r) in enumerate(zip(info["solved"], info["residuals"]))
-             if not ok or (refine > 0 and r > POLISH_ABOVE) or wide[i]]
+             if not ok or (refine > 0 and r > POLISH_ABOVE) or wide[i] or ill[i]]
     return doubt, wide
+
+
+def ill_conditioned(info: dict) -> list[bool]:
+    """Which solved elements the polish solved along directions of condition above
+    :data:`~.cone.ILL_CONDITIONED` (``info["conditions"]``; none where it is absent)."""
+    conditions = info.get("conditions") or [0.0] * len(info["solved"])
+    return [ok and c > ILL_CONDITIONED for ok, c in zip(info["solved"], conditions)]
 
 
 def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int],
@@ -75,15 +84,25 @@ def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: lis
 
 
 def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int], residuals: Sequence[float],
-                     batched_failed: bool) -> None:
+                     batched_failed: bool, conditions: Sequence[float] | None = None) -> None:
     """The SolverWarning for per-element results ``idx`` left by the Newton polish above
     rounding that nothing confirmed: ``batched_failed``, the batched path tried them and
     did not certify them (ill-conditioned, or not converged: a least-squares fit with
     cond(A) = 1e4 beside a bound of 1e6 came back 2e-2 off at residual 5e-10, "solved"),
-    else no batched form could check them."""
+    else no batched form could check them. Those polished to rounding whose polish was
+    ill-conditioned (``conditions``, see :func:`ill_conditioned`) are named for that."""
+    why = "the batched path did not certify them" if batched_failed else "no batched form could check them"
+    ill = [i for i in idx if conditions is not None and residuals[i] <= POLISH_ABOVE
+           and conditions[i] > ILL_CONDITIONED]
+    if ill:
+        warn(
+            f"ConvexLayer, {name_elements(where, ill)}: the per-element solver's result is polished to rounding "
+            f"level, but along directions whose condition reaches {max(conditions[i] for i in ill):.0e} (e.g. "
+            f"nearly parallel active constraints), where that residual does not bound the error of the solution "
+            f"or its gradient, and {why}; rescale or reformulate the constraints, or check the result",
+            SolverWarning)
+    idx = [i for i in idx if i not in ill]
     if idx:
-        why = ("the batched path did not certify them" if batched_failed
-               else "no batched form could check them")
         warn(
             f"ConvexLayer, {name_elements(where, idx)}: the per-element solver's result passed its residual "
             f"check (up to {max(residuals[i] for i in idx):.1e}) but the Newton polish left it above rounding "
@@ -106,4 +125,5 @@ def warn_unchecked(where: tuple[Sequence[int], tuple[int, ...]], doubt: list[int
     confirmed = set(checked)
     unchecked = [i for i in doubt if i not in confirmed and info["solved"][i]]
     warn_unchecked_spread(where, [i for i in unchecked if wide[i]], info["spreads"])
-    warn_unconfirmed(where, [i for i in unchecked if not wide[i]], info["residuals"], batched_tried)
+    warn_unconfirmed(where, [i for i in unchecked if not wide[i]], info["residuals"], batched_tried,
+                     info.get("conditions"))

@@ -89,3 +89,15 @@ def test_q_is_the_skew_matrix_of_its_definition():
     assert isinstance(Q, sp.csc_matrix) and Q.has_canonical_format
     np.testing.assert_array_equal(Q.toarray(), want)
     assert Q.nnz == 2 * A.nnz + 2 * 3 + 2 * 2
+
+
+def test_residual_keeps_a_small_rows_term_beside_a_large_multiplier():
+    """R(z) = Q Π(z) − Π(z) + z summed left to right lost an active row's Q-term below the
+    rounding of its multiplier (rows of 1e-8, multipliers of 5e7: the row's residual 2e-13
+    read as 0, and the polish stalled at 5.6e-6 of the row's size). In v's rows with v > 0,
+    R = −A x + b w exactly (Π keeps v): here −1e-8 (1 + 1e-5) + 1e-8 = −1e-13."""
+    A = sp.csc_matrix(np.array([[1e-8]]))
+    cones = cone_lib.parse_cone_dict({"l": 1})
+    program = ResidualMap(A, np.array([1e-8]), np.array([-1.0]), cones, cone_lib.parse_cone_dict_cpp(cones), "dense")
+    z = np.array([1.0 + 1e-5, 5e7, 1.0])  # (u, v, w): v the row's multiplier, 5e7
+    assert program._residual(z)[1] == pytest.approx(-1e-8 * 1e-5, rel=1e-6, abs=0.0)

@@ -7,6 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from diffcp import cones as cone_lib
+
 import convexddn as cddn
 from convexddn.convex.cone_checks import verify_certificate
 from convexddn.errors import InfeasibleError
@@ -104,20 +106,48 @@ def test_infeasible_polyhedra_beside_a_norm_are_called_infeasible():
 
 
 def test_kkt_residual_with_its_parts_given_is_the_same():
-    # A polish passes residual_parts(A) once for all its steps: (A^T, |A|, |A|^T), the same number.
+    # A polish passes residual_parts(A) once for all its steps: (A^T, |A|, |A|^T, |A|'s row and column
+    # maxima), the same number.
     from convexddn.convex.cone_checks import kkt_residual, residual_parts
     from diffcp import cones as cone_lib
 
     rng = np.random.default_rng(2)
     A = sp.random(6, 4, density=0.6, format="csc", random_state=2)
     A.data -= 0.5
-    AT, absA, absAT = residual_parts(A)
+    AT, absA, absAT, row_max, col_max = residual_parts(A)
     np.testing.assert_array_equal(AT.toarray(), A.toarray().T)
     np.testing.assert_array_equal(absA.toarray(), np.abs(A.toarray()))
     np.testing.assert_array_equal(absAT.toarray(), np.abs(A.toarray()).T)
+    np.testing.assert_array_equal(row_max, np.abs(A.toarray()).max(1))
+    np.testing.assert_array_equal(col_max, np.abs(A.toarray()).max(0))
     b, c, x, y, s = (rng.standard_normal(k) for k in (6, 4, 4, 6, 6))
     cones = [(cone_lib.ZERO, 2), (cone_lib.POS, 4)]
     r = kkt_residual(A, b, c, cones, x, y, s)
-    assert r > 0 and kkt_residual(A, b, c, cones, x, y, s, parts=(AT, absA, absAT)) == r
+    assert r > 0 and kkt_residual(A, b, c, cones, x, y, s, parts=(AT, absA, absAT, row_max, col_max)) == r
     # ... and the parts given are the ones used: another matrix's give another number.
     assert kkt_residual(A, b, c, cones, x, y, s, parts=residual_parts(2.0 * A)) != r
+
+
+def _small_row_program(scale: float):
+    """x in R^3: a nonnegative row ``scale (x0 - 1) <= 0`` beside a second-order cone
+    ``(x0, x1, x2)`` of unit rows; at x = (1 + 1e-5, 0.5, 0.5) with s = 0 on the small row
+    it is violated by 1e-5 of its own size, whatever ``scale``."""
+    A = sp.csc_matrix(np.array([[scale, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]]))
+    b = np.array([scale, 0.0, 0.0, 0.0])
+    cones = cone_lib.parse_cone_dict({"l": 1, "q": [3]})
+    x = np.array([1.0 + 1e-5, 0.5, 0.5])
+    return A, b, np.zeros(3), cones, x, np.zeros(4), np.concatenate([[0.0], x])
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e-4])
+def test_kkt_residual_measures_each_row_against_its_own_scale(scale):
+    """A row of 1e-8 beside the unit rows of a cone met a floor of 1 (the program's unit):
+    violated by 1e-5 of its size it passed at 1e-13, and Clarabel's point on a polyhedron
+    G y <= h with G, h ~1e-8 came back 1.5e-5 off, "Solved". Each row's floor is now its own
+    scale, up to the program's unit: the residual is the one of the same program with that row
+    at unit size (row scaling by any positive number leaves the solutions as they are), ~1e-5 / 3."""
+    from convexddn.convex.cone_checks import kkt_residual
+
+    unit = kkt_residual(*_small_row_program(1.0))
+    assert 1e-6 < unit < 1e-5
+    assert kkt_residual(*_small_row_program(scale)) == pytest.approx(unit, rel=1e-6, abs=0.0)

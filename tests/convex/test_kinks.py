@@ -15,6 +15,7 @@ import warnings
 import cvxpy as cp
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from diffcp import cones as cone_lib
 
@@ -216,3 +217,19 @@ def test_second_order_cone_kink_on_the_per_element_path_warns():
     flagged = [m.message for m in rec if issubclass(m.category, GradientWarning)]
     assert sorted(flagged[0].elements) == [(0,)]
     np.testing.assert_allclose(at.grad[1].numpy(), _soc_grad(np.array([0.5, 0.6, 0.8]), w), atol=1e-8, rtol=0)
+
+
+def test_pair_tolerances_scale_with_their_rows():
+    """A row times d: its slack's tolerance times d, its multiplier's over d (the pair's own
+    scale); one absolute tolerance made pairs of rows scaled by 1e-8 kinks at a tenth of their
+    size. The other rows' tolerances do not move."""
+    from convexddn.convex.kinks import pair_tolerances
+
+    rng = np.random.default_rng(3)
+    A = sp.csc_matrix(rng.standard_normal((4, 3)))
+    b, c, x, y, s = rng.standard_normal(4), rng.standard_normal(3), rng.standard_normal(3), rng.random(4), rng.random(4)
+    d = np.array([1e-8, 1.0, 1.0, 1.0])
+    ts, ty = pair_tolerances(A, b, c, x, y, s, 0.0)
+    ts2, ty2 = pair_tolerances(sp.csc_matrix(sp.diags(d) @ A), d * b, c, x, y / d, d * s, 0.0)
+    np.testing.assert_allclose(ts2, d * ts, rtol=1e-12)
+    np.testing.assert_allclose(ty2, ty / d, rtol=1e-12)

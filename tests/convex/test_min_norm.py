@@ -36,7 +36,7 @@ def test_min_norm_solve_finds_the_rank_and_the_minimum_norm_solution(deficiency,
     M = _badly_scaled(n, n - deficiency, spread, seed=deficiency)
     w = np.random.default_rng(7).standard_normal(n)
     want = M.T @ w
-    r, rank = min_norm_solve(M, M @ want, 1e-9)
+    r, rank, _ = min_norm_solve(M, M @ want, 1e-9)
     assert rank == n - deficiency
     sv = np.linalg.svd(M / np.abs(M).max(1, keepdims=True), compute_uv=False)
     bound = 2 * np.finfo(float).eps * sv[0] / sv[rank - 1]
@@ -48,6 +48,24 @@ def test_min_norm_solve_with_a_zero_row_and_column():
     M[2, :] = 0.0
     M[:, 4] = 0.0
     want = M.T @ np.arange(1.0, 7.0)  # (its 5th entry is 0: the zero column is a null direction)
-    r, rank = min_norm_solve(M, M @ want, 1e-9)
+    r, rank, _ = min_norm_solve(M, M @ want, 1e-9)
     assert rank == np.linalg.matrix_rank(M)  # (moderate spread: an SVD's count is reliable here)
     assert np.abs(r - want).max() <= 1e-10 * np.abs(want).max()
+
+
+def test_min_norm_solve_reports_the_condition_of_the_directions_it_keeps():
+    """The third result estimates the kept block's condition (LAPACK's 1-norm estimate of
+    gelsy's triangular factor): what the per-element polish reads to put a result in doubt.
+    Singular values 3 ... 0.1, 4e-13 and 7e-15: cut at 1e-9 the 4e-13 direction is dropped
+    (condition 30), cut at 5e-14 it is kept (condition 3 / 4e-13 = 7.5e12, within the
+    estimate's factor)."""
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    V, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    sv = np.array([3, 2, 1, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 4e-13, 7e-15])
+    M = (U * sv) @ V.T
+    rhs = M @ rng.standard_normal(12)
+    _, rank, condition = min_norm_solve(M, rhs, 1e-9)
+    assert rank == 10 and 30 / 10 <= condition <= 30 * 10
+    _, rank, condition = min_norm_solve(M, rhs, 5e-14)
+    assert rank == 11 and 7.5e12 / 10 <= condition <= 7.5e12 * 10
