@@ -253,7 +253,7 @@ class ResidualMap:
         dproj = self._dprojection(z[n:n + m])
         M = self._operator(z, dproj=dproj)
         pi_z = self._pi(z)
-        tols = pair_tolerances(self.A, self.b, self.c, x, y, s, self.residual)
+        tols = pair_tolerances(self.A, self.b, self.c, x, y, s, self.residual, self.cones)
         sides = kink_sides(self.cones, y, s, _SIDE_STEP * (1.0 + np.abs(z).max()), tols)
 
         def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 from diffcp import cones as cone_lib
 
-from .cone_checks import cone_blocks, row_maxima
+from .cone_checks import block_max, cone_blocks, row_maxima
 from .exp_cone import projection_piece
 
 __all__ = ["kink_sides", "pair_tolerances"]
@@ -44,6 +44,9 @@ _UNDECIDED = 1e-9
 # (its slack 1e-9 exact to rounding) was called a kink, "not unique or not differentiable". (Not
 # lower: a second-order cone projected to its tip keeps a spectral value of 1e-11 at a size of 3.)
 _UNDECIDED_FLOOR = 1e-10
+# A row's (cone block's) own scale of x counts where it is at least this fraction of the
+# solution's (see pair_tolerances).
+_OWN_SCALE = 1e-8
 
 # A direction inside both the exponential cone and its dual (y e^{x/y} = e^{-1} <= z = 1;
 # −u e^{v/u} = e^{-1} <= e w = e): a step along it crosses every border of the pieces.
@@ -74,30 +77,44 @@ def _spectral(kind: str, v: np.ndarray):
 
 
 def pair_tolerances(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray,
-                    residual: float) -> tuple[np.ndarray, np.ndarray]:
+                    residual: float, cones: list) -> tuple[np.ndarray, np.ndarray]:
     """``(for s, for y)``: each row's tolerance for :func:`kink_sides`, the point's relative
     accuracy (``residual``, its KKT residual, within [1e-10, 1e-9]) times the row's own scale:
-    ``‖A_i‖∞ max(‖x‖∞, max_k |b_k| / ‖A_k‖∞) + |b_i|`` for the slack (x's scale implied by the
-    data where x is 0), ``‖|A|ᵀ|y| + |c|‖∞ / ‖A_i‖∞`` for the multiplier (what it weighs in the
-    dual rows). Both scale with the row (a row times d: its slack times
+    ``‖A_i‖∞ ξ_i + |b_i|`` for the slack (``ξ_i`` x's scale in the row's columns and ``|b_i| / ‖A_i‖∞``,
+    or the solution's where that is ~0), ``‖|A|ᵀ|y| + |c|‖∞ / ‖A_i‖∞`` (over the row's columns) for
+    the multiplier (what it weighs in the dual rows). Both scale with the row (a row times d: its slack times
     d, its multiplier over d): with one tolerance for all rows, 1e-9 of the solution's size,
     rows scaled by 1e-8 were kinks wherever their slack was below 0.1 of their size (148 of
     2526 elements warned "not unique", gradients exact). A zero row keeps the solution's size."""
     accuracy = min(_UNDECIDED, max(_UNDECIDED_FLOOR, residual)) if np.isfinite(residual) else _UNDECIDED
     A = A if sp.isspmatrix_csc(A) else sp.csc_matrix(A)
     rows = row_maxima(A)[0]
-    # ‖|A|ᵀ|y| + |c|‖∞ from A's stored entries (CSC: each column's between indptr's bounds)
-    terms = np.bincount(np.repeat(np.arange(A.shape[1]), np.diff(A.indptr)), np.abs(A.data) * np.abs(y[A.indices]),
-                        minlength=A.shape[1])
-    dual = float(np.max(terms + np.abs(c), initial=0.0))
+    cols = np.repeat(np.arange(A.shape[1]), np.diff(A.indptr))  # (each stored entry's column: A is CSC)
+    # |A|ᵀ|y| + |c|: the dual rows' terms, column by column
+    dual = np.bincount(cols, np.abs(A.data) * np.abs(y[A.indices]), minlength=A.shape[1]) + np.abs(c)
     size = 1.0 + max(np.abs(y).max(initial=0.0), np.abs(s).max(initial=0.0))  # (kink_sides' default)
     safe = np.where(rows > 0, rows, 1.0)
-    # x's scale: the solution's, or the one the data imply (b_i / ‖A_i‖∞) where the solution is
-    # at 0 (a projection onto a cone at its tip: every slack term 0, yet a kink)
-    x_scale = max(np.abs(x).max(initial=0.0), float(np.max(np.where(rows > 0, np.abs(b) / safe, 0.0), initial=0.0)))
+    # Scales along each row (block), from its own columns: x's (and b_i / ‖A_i‖∞), the dual rows'
+    # terms; the whole program's where the row's own is below _OWN_SCALE of it (a cone projected
+    # to its tip keeps noise of 1e-11 in its columns, and a kink there), else its own (a ball of
+    # radius 1e-6 beside an objective of unit data: its slack 1e-12 inside, its multiplier 1e-12
+    # outside are 1e-6 of the ball's own scales, not kinks).
+    implied = np.where(rows > 0, np.abs(b) / safe, 0.0)
+    x_scale = _own_scale(A, cols, np.abs(x)[cols], implied, cones)
+    d_scale = _own_scale(A, cols, dual[cols], np.zeros(A.shape[0]), cones)
     tol_s = np.where((rows > 0) & (x_scale > 0), rows * x_scale + np.abs(b), size)
-    tol_y = np.where((rows > 0) & (dual > 0), dual / safe, size)
+    tol_y = np.where((rows > 0) & (d_scale > 0), d_scale / safe, size)
     return accuracy * tol_s, accuracy * tol_y
+
+
+def _own_scale(A, cols: np.ndarray, per_entry: np.ndarray, floor: np.ndarray, cones: list) -> np.ndarray:
+    """Each row's largest ``per_entry`` value over its stored entries (and ``floor``), its cone
+    block's largest; the largest of all where a row's is below ``_OWN_SCALE`` of that."""
+    own = floor.copy()
+    np.maximum.at(own, A.indices, per_entry)
+    own = block_max(own, cones)
+    whole = float(np.max(own, initial=0.0))
+    return np.where(own >= _OWN_SCALE * whole, own, whole)
 
 
 def kink_sides(cones: list, y: np.ndarray, s: np.ndarray, step: float,

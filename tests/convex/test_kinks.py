@@ -229,7 +229,24 @@ def test_pair_tolerances_scale_with_their_rows():
     A = sp.csc_matrix(rng.standard_normal((4, 3)))
     b, c, x, y, s = rng.standard_normal(4), rng.standard_normal(3), rng.standard_normal(3), rng.random(4), rng.random(4)
     d = np.array([1e-8, 1.0, 1.0, 1.0])
-    ts, ty = pair_tolerances(A, b, c, x, y, s, 0.0)
-    ts2, ty2 = pair_tolerances(sp.csc_matrix(sp.diags(d) @ A), d * b, c, x, y / d, d * s, 0.0)
+    cones = cone_lib.parse_cone_dict({"l": 4})
+    ts, ty = pair_tolerances(A, b, c, x, y, s, 0.0, cones)
+    ts2, ty2 = pair_tolerances(sp.csc_matrix(sp.diags(d) @ A), d * b, c, x, y / d, d * s, 0.0, cones)
     np.testing.assert_allclose(ts2, d * ts, rtol=1e-12)
     np.testing.assert_allclose(ty2, ty / d, rtol=1e-12)
+
+
+def test_pair_tolerances_follow_each_blocks_own_columns():
+    """Two second-order cones on separate variables, one at the solution's scale 1, one at
+    1e-6 (a ball of radius 1e-6 beside unit data): each block's slack tolerance follows its
+    own columns' x, so a slack of 1e-12 in the small ball (1e-6 of its size) is no kink; with
+    the whole solution's scale it was, and the backward warned "not unique". A block whose
+    columns are ~0 (below 1e-8 of the solution: a cone at its tip) keeps the solution's."""
+    from convexddn.convex.kinks import pair_tolerances
+
+    A = sp.csc_matrix(-np.eye(9))
+    cones = cone_lib.parse_cone_dict({"q": [3, 3, 3]})
+    x = np.concatenate([[1.0, 0.6, 0.8], [1e-6, 6e-7, 8e-7], [0.0, 1e-17, 0.0]])
+    ts, _ = pair_tolerances(A, np.zeros(9), np.ones(9), x, np.zeros(9), x, 0.0, cones)
+    np.testing.assert_allclose(ts[3:6], 1e-6 * ts[0], rtol=1e-12)
+    np.testing.assert_allclose(ts[6:], ts[0], rtol=1e-12)
