@@ -29,6 +29,9 @@ def _blocks(option: str, value: Any) -> tuple[str, ...]:
     bad = [k for k in names if k not in QP_DATA]
     if bad:
         raise OptionError(f"{option} must name blocks among {list(QP_DATA)}, got {bad}")
+    twice = sorted({k for k in names if names.count(k) > 1}, key=QP_DATA.index)
+    if twice:  # ("LL" for "Lh": a typo would otherwise drop the block meant)
+        raise OptionError(f"{option} must name each block once, got {value!r} (twice or more: {twice})")
     return names
 
 

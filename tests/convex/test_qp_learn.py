@@ -208,6 +208,10 @@ def test_qp_learn_invalid():
         registry.build("qp", n=3, inputs="x")
     with pytest.raises(OptionError, match="learn must be a string such as 'Gh'"):
         registry.build("qp", n=3, learn=5)
+    with pytest.raises(OptionError, match=r"learn must name each block once, got 'LL' \(twice or more: \['L'\]\)"):
+        registry.build("qp", n=3, learn="LL")
+    with pytest.raises(OptionError, match=r"inputs must name each block once, got \('q', 'h', 'q'\)"):
+        registry.build("qp", n=3, n_ineq=2, inputs=("q", "h", "q"))
     with pytest.raises(OptionError, match=r"option G must have shape \(2, 3\), got \(3, 2\)"):
         cddn.layer("qp", n=3, n_ineq=2, learn="Gh", G=np.ones((3, 2)))
 
