@@ -141,8 +141,9 @@ def relax_far_rows(d: Scaled, layout: ConeLayout, point: tuple, solve: Callable)
     if not idx.numel():
         return (d, *point)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
-    part, xr, sr, zr, st, its, cert = solve(_relaxed(d.select(idx), layout, pick(far), pick(sigma)))
-    full = d.select(idx).with_sigma(part.sigma)  # (the same c: P and q are not relaxed)
+    sub = d.select(idx)
+    part, xr, sr, zr, st, its, cert = solve(_relaxed(sub, layout, pick(far), pick(sigma)))
+    full = sub.with_sigma(part.sigma)  # (the same c: P and q are not relaxed)
     # Variables only the relaxed rows touched are free in the relaxed program: their first value.
     free = ~((full.P != 0).any(1) | (full.q != 0) | (part.A != 0).any(1))
     xr = torch.where(free, pick(x) * (pick(d.sigma) / part.sigma)[:, None], xr)

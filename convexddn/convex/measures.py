@@ -92,7 +92,8 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     sigma = torch.stack([q.abs(), bmv(Pa, ax), bmv(Aa.mT, z.abs())]).amax(0)  # (B, n)
     unit = ROUNDING * torch.finfo(x.dtype).eps
     x_inf, z_inf = row_inf(x)[:, None], row_inf(z)[:, None]
-    row_slack = unit * _inf_rows(Aa) * x_inf  # (B, m)
+    a_rows = _inf_rows(Aa)  # (B, m) ‖A_i‖∞
+    row_slack = unit * a_rows * x_inf  # (B, m)
     col_slack = unit * (_inf_rows(Pa) * x_inf + _inf_rows(Aa.mT) * z_inf)  # (B, n)
     pres = _worst(((Ax + s - b).abs() - row_slack).clamp_min(0) / (1 + rho))
     dres = _worst(((Px + ATz + q).abs() - col_slack).clamp_min(0) / (1 + sigma))
@@ -100,7 +101,6 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     s_out = layout.violation(s[:, z0:], scale=rho[:, z0:])
     z_out = _cone_violation(layout, z)
     # (a multiplier's unit: the largest one, or tol of the dual equations' terms through its row)
-    a_rows = _inf_rows(Aa)
     z_unit = torch.maximum(z_inf, tol * _worst(sigma)[:, None] / torch.where(a_rows > 0, a_rows, 1.0))
     comp = _own_complementarity(layout, s, z, rho, row_slack * max(1.0, tol / unit), z_unit)
     residual = torch.stack([pres, dres, gap, s_out, z_out, comp]).amax(0)
