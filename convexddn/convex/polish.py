@@ -144,10 +144,11 @@ def _arrow_rows(layout: ConeLayout, device: torch.device) -> tuple[torch.Tensor,
     return tuple(k + v.to(device) for v in (tail, host.heads[host.soc_id[tail]]))
 
 
-def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, empty, decide=None):
+def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, fixed, decide=None):
     """One full Newton step (dx, ds, dz) on the KKT conditions; (B,) failure mask.
 
-    ``empty``: ``(B, n)`` :func:`_empty_columns` of ``P, A`` (the same at every step).
+    ``fixed``: what is the same at every step: ``(B, n)`` :func:`_empty_columns` of ``P, A``
+    and ``|A|`` of the cone rows.
     ``decide``: ``(s, z) -> (active, inactive)`` masks of the complementary pairs that are
     decided, the nonnegative rows' and the second-order cones' Jordan-frame pairs; a
     nonnegative row's linearisation is then the limit one, :math:`s_i + ds_i = 0` (active)
@@ -200,7 +201,8 @@ def _newton_step(P, q, A, b, layout: ConeLayout, x, s, z, empty, decide=None):
     # O(δ) relative, which the next step's exact residual corrects.
     dual = torch.diagonal(K[:, n:, n:], dim1=-2, dim2=-1)
     dual[:, :z0] -= _DELTA
-    rho = torch.maximum(b.abs(), bmv(A.abs(), x.abs()))[:, z0:] if layout.nonneg else None
+    empty, cone_abs = fixed
+    rho = torch.maximum(b[:, z0:].abs(), bmv(cone_abs, x.abs())) if layout.nonneg else None
     dual[:, z0:] += _DELTA * _pair_scale(layout, sl, zl, rho)
     rhs = torch.cat([-rx, -rz[:, :z0], layout.jordan(zl, rz[:, z0:]) - comp], 1)
     if decide is not None and layout.soc:
@@ -309,9 +311,9 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     res = low = residual_fn(x, s, z)
     polished = torch.zeros_like(res, dtype=torch.bool)
     going = torch.ones_like(polished)  # not yet done: an element done keeps its best, as alone
-    empty = _empty_columns(P, A)
+    fixed = (_empty_columns(P, A), A[:, layout.zero:].abs())  # (|A| of the cone rows: each row's size)
     for _ in range(steps):
-        dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z, empty, decide)
+        dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z, fixed, decide)
         x, s, z = x + dx, s + ds, z + dz
         rn = residual_fn(x, s, z)
         # An element whose step failed or left the finite numbers restarts from its best
