@@ -65,9 +65,8 @@ def in_doubt(info: dict, refine: int) -> tuple[list[int], list[bool]]:
 
 def ill_conditioned(info: dict) -> list[bool]:
     """Which solved elements the polish solved along directions of condition above
-    :data:`~.cone.ILL_CONDITIONED` (``info["conditions"]``; none where it is absent)."""
-    conditions = info.get("conditions") or [0.0] * len(info["solved"])
-    return [ok and c > ILL_CONDITIONED for ok, c in zip(info["solved"], conditions)]
+    :data:`~.cone.ILL_CONDITIONED` (``info["conditions"]``)."""
+    return [ok and c > ILL_CONDITIONED for ok, c in zip(info["solved"], info["conditions"])]
 
 
 def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int],
@@ -84,7 +83,7 @@ def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: lis
 
 
 def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int], residuals: Sequence[float],
-                     batched_failed: bool, conditions: Sequence[float] | None = None) -> None:
+                     batched_failed: bool, conditions: Sequence[float]) -> None:
     """The SolverWarning for per-element results ``idx`` left by the Newton polish above
     rounding that nothing confirmed: ``batched_failed``, the batched path tried them and
     did not certify them (ill-conditioned, or not converged: a least-squares fit with
@@ -92,8 +91,7 @@ def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int
     else no batched form could check them. Those polished to rounding whose polish was
     ill-conditioned (``conditions``, see :func:`ill_conditioned`) are named for that."""
     why = "the batched path did not certify them" if batched_failed else "no batched form could check them"
-    ill = [i for i in idx if conditions is not None and residuals[i] <= POLISH_ABOVE
-           and conditions[i] > ILL_CONDITIONED]
+    ill = [i for i in idx if residuals[i] <= POLISH_ABOVE and conditions[i] > ILL_CONDITIONED]
     if ill:
         warn(
             f"ConvexLayer, {name_elements(where, ill)}: the per-element solver's result is polished to rounding "
@@ -126,4 +124,4 @@ def warn_unchecked(where: tuple[Sequence[int], tuple[int, ...]], doubt: list[int
     unchecked = [i for i in doubt if i not in confirmed and info["solved"][i]]
     warn_unchecked_spread(where, [i for i in unchecked if wide[i]], info["spreads"])
     warn_unconfirmed(where, [i for i in unchecked if not wide[i]], info["residuals"], batched_tried,
-                     info.get("conditions"))
+                     info["conditions"])
