@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["strong_zero", "strong_zero_fn", "zero_passing"]
+__all__ = ["detached_outside", "strong_zero", "strong_zero_fn", "zero_passing"]
 
 Tensor = torch.Tensor
 
@@ -122,7 +122,7 @@ def zero_passing(out: Tensor, inputs: tuple[Tensor, ...]) -> Iterator[None]:
             h.remove()
 
 
-def _cut(t: Tensor, keep: Tensor) -> Tensor:
+def detached_outside(t: Tensor, keep: Tensor) -> Tensor:
     """``t`` (B, ...) with the elements outside ``keep`` (B,) detached."""
     return torch.where(keep.view((-1,) + (1,) * (t.dim() - 1)), t, t.detach())
 
@@ -143,7 +143,8 @@ def strong_zero_fn(fn: Callable[..., Tensor | None] | None,
             return fn(*args)
         out = None
         for keep, dead in groups:
-            inputs = (*(_cut(t, keep) if isinstance(t, torch.Tensor) else t for t in xs), _cut(y, keep))
+            inputs = (*(detached_outside(t, keep) if isinstance(t, torch.Tensor) else t for t in xs),
+                      detached_outside(y, keep))
             part = fn(*inputs)
             if part is None or not isinstance(part, torch.Tensor):
                 return part  # (the caller reports it)

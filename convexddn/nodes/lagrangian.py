@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import DTypeError, ProblemError, ShapeError
+from ._strong_zero import detached_outside as cut
 from .krylov import pseudo_random_directions
 from .multipliers import scaled_norm
 from .optimality import _format_indices
@@ -144,9 +145,6 @@ def _lagrangian_parts(objective, fns, prefix: str, xg, yv: Tensor, f: Tensor, c:
     without an active constraint enter the constraint part detached, and ``broken`` ones
     (non-finite derivatives, :func:`_non_finite_derivatives`) enter both parts detached.
     """
-    def cut(t: Tensor, keep: Tensor) -> Tensor:
-        return torch.where(keep.view((-1,) + (1,) * (t.dim() - 1)), t, t.detach())
-
     if broken is not None:
         f = _objective(f"{prefix}objective", objective, tuple(cut(x, ~broken) for x in xg), cut(yv, ~broken))
     if c is None:
