@@ -45,8 +45,8 @@ from .linear_solvers import shown_indices
 from .multipliers import dependent, nonnegative_multipliers, scaled_norm, unit_rows
 from .step_error import _ROUNDING, _above, _ratio, coordinate_reach, newton_step_error, offset_checked
 
-__all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "coordinate_reach", "default_solution_tol", "kkt_residuals",
-           "newton_step_error", "term_norms", "verify_kkt"]
+__all__ = ["SOLUTION_ERROR_TOL", "KKTResiduals", "default_solution_tol", "kkt_residuals", "newton_step_error",
+           "term_norms", "verify_kkt"]
 
 Tensor = torch.Tensor
 

@@ -57,7 +57,7 @@ from torch import nn
 from .._autograd import may_carry_tangents, refuse_vmap
 from .._checks import check_count, check_finite, check_number, check_tensor, check_tolerance
 from .._warn import warn
-from ..errors import InputError, OptionError, ShapeError, SolverWarning
+from ..errors import InputError, ShapeError, SolverWarning
 from ._sinkhorn import solve
 from ._sinkhorn_function import ACCURACY, Box, SinkhornFn
 from ._overflow import may_overflow, narrowed, widened
