@@ -73,7 +73,7 @@ class _SecondOrderUnsupported(torch.autograd.Function):
             "Hessian-vector products through it): its backward is the implicit "
             "first-order derivative only. (torch.autograd.functional.jvp differentiates the backward too, "
             "even for a first-order Jacobian-vector product: use "
-            f"{ctx.forward_mode} for that product)"
+            f"{getattr(ctx, 'forward_mode', FORWARD_MODE)} for that product)"  # (torch.func's ctx lacks it)
         )
 
 
