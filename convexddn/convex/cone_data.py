@@ -115,7 +115,7 @@ class ConeData:
         """
         names, counts, pos, col, coef = cached(self._cache, ("blocks", p.device, p.dtype), lambda: self._gather_maps(p))
         B = p.shape[0]
-        out = {k: p.new_zeros(B, m.size) for k, m in self.maps.items() if not m.pos.numel()}
+        out = _Blocks(lambda k: p.new_zeros(B, self.maps[k].size))
         if names:
             # gather / scatter_add with the index broadcast over the batch, not
             # index_select / index_add along dim 1 (nor advanced indexing, whose backward
@@ -197,7 +197,7 @@ class ConeData:
         nK, nU, mr = self.n, self.eliminated, self.layout.m
         get = self.blocks(p).__getitem__
         zero = self._zero_maps()
-        P = get("PKK").view(B, nK, nK)
+        P = None if nU and "PKK" in zero else get("PKK").view(B, nK, nK)
         q = get("qK")
         A = get("A").view(B, mr, nK)
         b = get("b")
@@ -213,7 +213,7 @@ class ConeData:
                 PUU = get("PUU").view(B, nU, nU)
                 PM, Pu0 = PUU @ M, None if u0 is None else bmv(PUU, u0)
             MPM = M.mT @ PM
-            P = MPM if "PKK" in zero else P + MPM
+            P = MPM if P is None else P + MPM
             shift = qU if Pu0 is None else (Pu0 if qU is None else qU + Pu0)  # q_U + P_UU u₀
             if shift is not None:
                 q = q - bmv(M.mT, shift)
@@ -285,3 +285,17 @@ def _fortran_flatten(v: torch.Tensor, k: int) -> torch.Tensor:
 def _fortran_unflatten(v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     out = v.reshape((v.shape[0],) + tuple(reversed(shape)))
     return out.permute([0] + list(reversed(range(1, len(shape) + 1))))
+
+
+class _Blocks(dict):
+    """:meth:`ConeData.blocks`' answer: the maps with terms, and a map without terms as
+    zeros made on first reading (most are never read: a QP's ``PKK`` and ``PKU`` when its
+    quadratic term is ``sum_squares(L @ x)``, two (64, 2500) zero fills per call)."""
+
+    def __init__(self, zeros) -> None:
+        super().__init__()
+        self._zeros = zeros
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        self[key] = value = self._zeros(key)
+        return value
