@@ -40,7 +40,9 @@ errors from :mod:`convexddn.errors`.
   a warm start changes SCS's speed, not the answer) and ``raise_on_error`` (a failed
   solve always raises :class:`~convexddn.errors.InfeasibleError`,
   :class:`~convexddn.errors.UnboundedError` or :class:`~convexddn.errors.SolverError`;
-  with ``False`` diffcp returned SCS's unverified iterate instead);
+  with ``False`` diffcp returned SCS's unverified iterate instead). An ignored key's value
+  is checked all the same, as the solver (or diffcp) that takes it would take it: ``eps=-1``
+  or ``mode="fast"`` raises :class:`~convexddn.errors.OptionError`, not a no-op;
 - a key no solver takes raises :class:`~convexddn.errors.OptionError` listing the valid keys.
 """
 from __future__ import annotations
@@ -54,112 +56,16 @@ from torch import nn
 from .._checks import check_flag
 from .._warn import warn
 from ..errors import ConvexDDNWarning, OptionError
+from .compat_args import (ALIASES, APPLIED_SOLVER_ARGS, AUTO_ONLY, BACKENDS, IGNORED_SOLVER_ARGS, REPLACED_BACKENDS,
+                          SOLVER_NAMES, classify, per_element, solver_name)
 from .layer import ConvexLayer
-from .per_element import SOLVERS
-from .solver_args import solver_settings, spelled, validate_solver_args
+from .solver_args import spelled, validate_solver_args
 from .state import picklable_state
 
 __all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
 
-# Our solvers by lower-case name (``solve_method`` and ``solver=`` spellings).
-_SOLVERS = {s.lower(): s for s in SOLVERS}
-
-# cvxpylayers' backends (its ``solver=``) all map to ConvexLayer's default, "auto" (the
-# batched interior point where it applies, per-element Clarabel otherwise), unless
-# ``solve_method`` names a solver. MOREAU and MPAX (other algorithms) are replaced with
-# the one warning; CuClarabel's batched interior point is what "auto" does.
-_BACKENDS = ("diffcp", "cuclarabel", "moreau", "mpax")
-_REPLACED_BACKENDS = ("moreau", "mpax")
-
-#: solver_args that reach our solvers: key -> {solver: that solver's spelling}. With
-#: "auto" they reach the per-element solver (Clarabel), which solves whatever the batched
-#: interior point does not certify.
-APPLIED_SOLVER_ARGS: dict[str, dict[str, str]] = {
-    "max_iters": {"SCS": "max_iters", "ECOS": "max_iters", "Clarabel": "max_iter", "auto": "max_iter"},
-    "max_iter": {"SCS": "max_iters", "ECOS": "max_iters", "Clarabel": "max_iter", "auto": "max_iter"},
-    "verbose": {"SCS": "verbose", "ECOS": "verbose", "Clarabel": "verbose", "auto": "verbose"},
-    # A per-solve time limit (SCS's is diffcp's default solver); ECOS has none (refused there).
-    "time_limit_secs": {"SCS": "time_limit_secs", "Clarabel": "time_limit", "auto": "time_limit"},
-    "time_limit": {"SCS": "time_limit_secs", "Clarabel": "time_limit", "auto": "time_limit"},
-}
-# Keys that name one setting (cvxpylayers' spelling, Clarabel's): at most one per call.
-_ALIASES = (("max_iters", "max_iter"), ("time_limit_secs", "time_limit"))
-
-_AUTO_ONLY = ("reach only the per-element solver under the default solver: it solves the elements the "
-              "batched interior point does not certify; pass solve_method='Clarabel' (or 'SCS', 'ECOS') "
-              "to solve every element with one solver (not for a quad_form(x, P) of a parameter P, "
-              "which only the batched solver takes)")
-_TOLERANCE = "a solver tolerance (solutions are polished and verified to the layer's tol)"
-_SCS_TUNING = "SCS convergence tuning (solutions are polished and verified to the layer's tol)"
-_DERIVATIVE = "diffcp's derivative settings (the adjoint is solved to full accuracy)"
-_WARM_STARTS = "diffcp's warm starts (each problem is solved from scratch; a warm start changes only SCS's speed)"
-_SCS_ONLY = ("SCS's setting: SCS, cvxpylayers' default solver, runs only with solve_method='SCS' here (the "
-             "default is the batched interior point, then Clarabel)")
-_RAISE_ON_ERROR = ("diffcp's raise_on_error (a failed solve always raises InfeasibleError, UnboundedError "
-                   "or SolverError; ConvexLayer(on_failure='mask') returns NaN for failed elements instead)")
-
-#: solver_args accepted and ignored (one warning per layer): key -> why.
-IGNORED_SOLVER_ARGS: dict[str, str] = {
-    **{k: _TOLERANCE for k in (
-        "eps", "eps_abs", "eps_rel", "eps_infeas",                      # SCS
-        "abstol", "reltol", "feastol", "abstol_inacc", "reltol_inacc", "feastol_inacc",  # ECOS
-        "tol_gap_abs", "tol_gap_rel", "tol_feas", "tol_infeas_abs", "tol_infeas_rel",
-        "tol_ktratio")},                                                # Clarabel
-    **{k: _SCS_TUNING for k in (
-        "acceleration_lookback", "acceleration_interval", "normalize", "scale",
-        "adaptive_scale", "rho_x", "alpha")},
-    **{k: _DERIVATIVE for k in ("mode", "n_jobs_forward", "n_jobs_backward", "derivative_kwargs")},
-    "warm_starts": _WARM_STARTS,
-    "raise_on_error": _RAISE_ON_ERROR,
-}
-
-_COMMON_KEYS = frozenset({"solve_method", *APPLIED_SOLVER_ARGS, *IGNORED_SOLVER_ARGS})
 # The buffers of cvxpylayers' CvxpyLayer (its canonical problem data), dropped on load.
 _CVXPYLAYERS_BUFFERS = ("P", "q", "A")
-
-
-def _solver_name(value: Any, what: str) -> str | None:
-    if value is None:  # diffcp's default: the layer's solver here
-        return None
-    if isinstance(value, str) and value.lower() in _SOLVERS:
-        return _SOLVERS[value.lower()]
-    raise OptionError(f"{what} must be None or one of {sorted(_SOLVERS.values())}, got {value!r}")
-
-
-def _per_element(solver: str) -> str:
-    """The solver that ``solver_args`` reach: the per-element one (Clarabel under "auto")."""
-    return "Clarabel" if solver == "auto" else solver
-
-
-def _classify(args: dict[str, Any], solver: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """cvxpylayers' ``solver_args`` (less ``solve_method``) for ``solver`` -> (applied:
-    the keys that reach it, ignored: key -> why); ``OptionError`` for a key that only
-    another solver takes (naming it) or that no solver takes (listing the valid keys)."""
-    own = solver_settings(_per_element(solver))
-    applied, ignored, foreign = {}, {}, []
-    for key, value in args.items():
-        if key in IGNORED_SOLVER_ARGS:
-            ignored[key] = IGNORED_SOLVER_ARGS[key]
-        elif key in APPLIED_SOLVER_ARGS or key in own:
-            applied[key] = value
-        elif solver == "auto" and key in solver_settings("SCS"):
-            ignored[key] = _SCS_ONLY
-        else:
-            foreign.append(key)
-    unknown = sorted(str(k) for k in foreign if not any(k in solver_settings(s) for s in SOLVERS))
-    if unknown:
-        raise OptionError(
-            f"solver_args has unknown key(s) {unknown}; valid keys are {sorted(_COMMON_KEYS)} (see "
-            f"convexddn.convex.compat for what each does here) and {_per_element(solver)}'s own settings "
-            f"{sorted(own - _COMMON_KEYS)}")
-    if foreign:
-        key = sorted(foreign)[0]
-        takes = [s for s in SOLVERS if key in solver_settings(s)]
-        chosen = "the default solver's per-element one, Clarabel" if solver == "auto" else solver
-        raise OptionError(
-            f"solver_args[{key!r}] is a setting of {' and '.join(takes)}, not of {chosen} (cvxpylayers passes it "
-            f"on and the solver raises a TypeError or AttributeError); pass solve_method={takes[0]!r} or drop the key")
-    return applied, ignored
 
 
 class CvxpyLayer(nn.Module):
@@ -247,10 +153,10 @@ class CvxpyLayer(nn.Module):
         if check_flag("verbose", verbose):
             self._args["verbose"] = True
         self._solver = method or backend or "auto"
-        applied, ignored = _classify(self._args, self._solver)
+        applied, ignored = classify(self._args, self._solver)
         if canon_backend is not None:
             ignored["canon_backend"] = "CVXPY's canonicalisation backend (the problem is canonicalised once here)"
-        if isinstance(solver, str) and solver.lower() in _REPLACED_BACKENDS:
+        if isinstance(solver, str) and solver.lower() in REPLACED_BACKENDS:
             ignored[f"solver={solver!r}"] = "another algorithm, replaced by the default solver"
         # One ConvexLayer per solver used; a per-call solve_method adds one on first use.
         option = "solver_args['solve_method']" if method else "solver"
@@ -263,11 +169,11 @@ class CvxpyLayer(nn.Module):
             return None
         if isinstance(solver, str):
             key = solver.lower()
-            if key in _BACKENDS:
+            if key in BACKENDS:
                 return None
-            if key in _SOLVERS:
-                return _SOLVERS[key]
-        valid = ["DIFFCP", "CUCLARABEL", "MOREAU", "MPAX", *sorted(_SOLVERS.values())]
+            if key in SOLVER_NAMES:
+                return SOLVER_NAMES[key]
+        valid = ["DIFFCP", "CUCLARABEL", "MOREAU", "MPAX", *sorted(SOLVER_NAMES.values())]
         raise OptionError(
             f"solver must be None or one of {valid} (a custom SolverInterface cannot be "
             f"used: convexddn solves with its own checked backend), got {solver!r}")
@@ -276,13 +182,13 @@ class CvxpyLayer(nn.Module):
     def _translate(args: Any, what: str) -> tuple[str | None, dict[str, Any]]:
         """cvxpylayers' solver_args -> (the solver its ``solve_method`` names, or None;
         the other keys), refusing a non-dict, an unknown ``solve_method`` and both
-        spellings of one setting (the keys themselves are judged per solver: _classify)."""
+        spellings of one setting (the keys themselves are judged per solver: classify)."""
         if args is None:
             return None, {}
         if not isinstance(args, dict):
             raise OptionError(f"{what} must be a dict or None, got {type(args).__name__}")
-        method = _solver_name(args.get("solve_method"), f"{what}['solve_method']")
-        for key, alias in _ALIASES:
+        method = solver_name(args.get("solve_method"), f"{what}['solve_method']")
+        for key, alias in ALIASES:
             if key in args and alias in args:
                 raise OptionError(f"{what} gives both {key} and {alias}; give one")
         return method, {k: v for k, v in args.items() if k != "solve_method"}
@@ -310,7 +216,7 @@ class CvxpyLayer(nn.Module):
                 ConvexDDNWarning)
             self._warned = True
         if auto_only and not getattr(self, "_warned_auto", False):  # (layers pickled before it)
-            warn(f"CvxpyLayer: {list(auto_only)} {_AUTO_ONLY}. This warning is shown once per layer.",
+            warn(f"CvxpyLayer: {list(auto_only)} {AUTO_ONLY}. This warning is shown once per layer.",
                  ConvexDDNWarning)
             self._warned_auto = True
 
@@ -333,12 +239,12 @@ class CvxpyLayer(nn.Module):
         names = {native: k for k, native in spell.items()}
         native = {spell[k]: v for k, v in applied.items()}
         # "auto" passes them to its per-element solver, Clarabel (as ConvexLayer does).
-        return validate_solver_args(_per_element(solver), native, "solver_args", names)
+        return validate_solver_args(per_element(solver), native, "solver_args", names)
 
     def _make(self, solver: str, option: str) -> ConvexLayer:
         """The ConvexLayer of ``solver`` (with the constructor's solver_args), which the user
         chose by ``option``: its errors about that choice name the option so."""
-        native = self._native(_classify(self._args, solver)[0], solver)
+        native = self._native(classify(self._args, solver)[0], solver)
         remedy = ("drop solve_method: the default solver takes it" if option != "solver"
                   else "use solver=None (the default solver takes it)")
         fallback = "Clarabel" if solver in ("SCS", "ECOS") else "SCS"
@@ -387,7 +293,7 @@ class CvxpyLayer(nn.Module):
         # Checked here, under the user's keys (ConvexLayer would name the translated ones),
         # and before the once-per-layer notices: a call refused for its solver_args does
         # not use them up.
-        applied, ignored = _classify(args, solver)
+        applied, ignored = classify(args, solver)
         native = self._native(applied, solver)
         # A new solver's layer joins the module tree only once its first call succeeds: a
         # failed call (a NaN parameter) left 'layers.SCS' in named_modules() and the repr.

@@ -18,7 +18,8 @@ from .._checks import check_bool, check_int, check_positive, real_number
 from ..errors import OptionError
 from .._context import bound
 
-__all__ = ["check_solver_cones", "solver_choice", "solver_settings", "spelled", "spelling", "validate_solver_args"]
+__all__ = ["check_setting", "check_solver_cones", "solver_choice", "solver_settings", "spelled", "spelling",
+           "validate_solver_args"]
 
 # What the value of each solver keyword argument must be: checked when the layer is
 # built (and per call) so that a wrong value is an OptionError naming the key, not a raw
@@ -32,6 +33,15 @@ _SECONDS = "a number of seconds >= 0 (0 or inf: no limit)"
 _BOOL = "True or False"
 _TEXT = "a string"
 _RELAXATION = "a number in (0, 2)"  # SCS's over-relaxation
+_JOBS = "an integer >= 1, or -1 (one job per CPU)"
+_MODES = ("dense", "lpgd", "lpgd_left", "lpgd_right", "lsmr", "lsqr")
+_MODE = f"one of {list(_MODES)}"
+_DICT = "a dict"
+_WARM_STARTS = "None or a list (one (x, y, s) warm start per batch element)"
+# Kinds judged by one predicate each (with _solver_value's message).
+_SHAPED = {_JOBS: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and (v >= 1 or v == -1),
+           _MODE: lambda v: isinstance(v, str) and v in _MODES, _DICT: lambda v: isinstance(v, dict),
+           _WARM_STARTS: lambda v: v is None or isinstance(v, (list, tuple))}
 
 # SCS's and ECOS's documented settings; Clarabel's are read from its own settings object.
 _SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_infeas": _NONNEG,
@@ -42,6 +52,10 @@ _SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_i
 _ECOS_ARGS = {**dict.fromkeys(("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc",
                                "reltol_inacc"), _POSITIVE),  # ECOS refuses 0
               "max_iters": _COUNT, "nitref": _NATURAL, "verbose": _BOOL}
+# diffcp's own (cvxpylayers' layer between the solvers and the user), with SCS 2's eps, which
+# diffcp passes on to SCS as eps_abs and eps_rel: only CvxpyLayer accepts them (and ignores them).
+_DIFFCP_ARGS = {"eps": _NONNEG, "mode": _MODE, "n_jobs_forward": _JOBS, "n_jobs_backward": _JOBS,
+                "derivative_kwargs": _DICT, "warm_starts": _WARM_STARTS, "raise_on_error": _BOOL}
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +78,18 @@ def _clarabel_args() -> dict[str, str | None]:
 
 
 def _solver_kinds(solver: str) -> dict[str, str | None]:
-    return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS}[solver]()
+    return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS,
+            "diffcp": lambda: _DIFFCP_ARGS}[solver]()
+
+
+def check_setting(key: Any, value: Any, what: str = "solver_args") -> None:
+    """``OptionError`` unless ``value`` is what each of SCS, ECOS, Clarabel and diffcp that
+    has a setting ``key`` takes: for a key a wrapper accepts but does not pass on
+    (:class:`~convexddn.convex.compat.CvxpyLayer`'s ``eps``), whose plainly wrong value (a
+    negative tolerance, a string) is a mistake to report, not a no-op."""
+    for solver in ("SCS", "ECOS", "Clarabel", "diffcp"):
+        if key in _solver_kinds(solver):
+            _solver_value(f"{what}[{key!r}]", _solver_kinds(solver)[key], value)
 
 
 def solver_settings(solver: str) -> frozenset[str]:
@@ -97,7 +122,7 @@ def _solver_value(name: str, kind: str | None, value: Any) -> Any:
         elif math.isnan(number) or number < 0 or (kind == _NONNEG and math.isinf(number)):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
         return number
-    elif kind == _TEXT and not isinstance(value, str):
+    elif (kind == _TEXT and not isinstance(value, str)) or (kind in _SHAPED and not _SHAPED[kind](value)):
         raise OptionError(f"{name} must be {kind}, got {value!r}")
     return value
 

@@ -3,6 +3,7 @@ patterns (its README examples and its torch test file) against closed forms, CVX
 solves and cvxpylayers itself."""
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -491,6 +492,51 @@ def test_cvxpy_layer_solver_args_values_checked():
     At, bt = torch.randn(6, 3, dtype=F64, generator=gen), torch.randn(6, dtype=F64, generator=gen)
     with pytest.raises(OptionError, match=r"solver_args\['max_iters'\] must be an integer"):
         layer(At, bt, solver_args={"solve_method": "ECOS", "max_iters": "100"})
+
+
+_BAD_IGNORED = [  # (key, value, what the message says is expected): one key of each kind ignored here
+    ("eps", -1, "a finite number >= 0"), ("eps", "1e-8", "a finite number >= 0"), ("eps", float("nan"), ">= 0"),
+    ("eps", float("inf"), "a finite number >= 0"), ("eps_abs", -1e-9, ">= 0"), ("abstol", 0.0, "> 0"),
+    ("tol_gap_abs", -1.0, ">= 0"), ("alpha", 2.5, r"in \(0, 2\)"), ("scale", -1, "> 0"),
+    ("acceleration_lookback", 1.5, "an integer"), ("normalize", "yes", "True or False"),
+    ("mode", "fast", r"one of \['dense'"), ("n_jobs_forward", 0, r"an integer >= 1, or -1"),
+    ("n_jobs_backward", -2, r"an integer >= 1, or -1"), ("raise_on_error", "no", "True or False"),
+    ("warm_starts", 3, "None or a list"), ("derivative_kwargs", 1, "a dict"), ("log_csv_filename", 3, "a string")]
+
+
+@pytest.fixture(scope="module")
+def nonneg_projection():
+    """argmin_{y >= 0} ‖y − x‖² as a CvxpyLayer with no solver_args."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    return CvxpyLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0]), [x], [y])
+
+
+@pytest.mark.parametrize("key, value, expected", _BAD_IGNORED)
+def test_cvxpy_layer_ignored_solver_args_values_checked_invalid(key, value, expected, nonneg_projection):
+    """solver_args CvxpyLayer accepts and ignores (SCS's eps, diffcp's mode, ...) took any
+    value: eps=-1 or eps="1e-8" passed with the ignore warning. Each is now checked as the
+    solver (or diffcp) that takes it would, at construction and per call."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    message = rf"solver_args\['{key}'\] must be .*{expected}.*, got {re.escape(repr(value))}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the ignore warning
+        with pytest.raises(OptionError, match=message):
+            CvxpyLayer(prob, [x], [y], solver_args={key: value})
+        with pytest.raises(OptionError, match=message):
+            nonneg_projection(torch.ones(2, dtype=F64), solver_args={key: value})
+
+
+def test_cvxpy_layer_ignored_solver_args_valid_values_taken():
+    """The values cvxpylayers' users pass to those keys are still taken (with the warning)."""
+    x, y = cp.Parameter(2), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 0])
+    args = {"eps": 1e-10, "eps_abs": 0, "acceleration_lookback": -10, "normalize": False, "alpha": 1.5,
+            "mode": "dense", "n_jobs_forward": -1, "n_jobs_backward": 4, "derivative_kwargs": {},
+            "warm_starts": None, "raise_on_error": False}
+    with pytest.warns(ConvexDDNWarning, match="ignores"):
+        (sol,) = CvxpyLayer(prob, [x], [y], solver_args=args)(torch.tensor([1.0, -2.0], dtype=F64))
+    assert torch.allclose(sol, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-9)
 
 
 def test_cvxpylayer_verbose_must_be_a_bool():
