@@ -16,7 +16,9 @@ or scale beyond its bounds such as ``--epochs 10**26``, an
 ``--out`` that is a file or cannot be created, checked before the run), or an
 error from :mod:`convexddn.errors` that is about the input (those deriving from
 ``ValueError`` or ``TypeError``) — reported as one line on stderr, without a traceback.
-Other failures (a solver that fails, a bug) keep their traceback.
+Other failures (a solver that fails, a bug) keep their traceback. Output that cannot be
+written (``convexddn list > /dev/full``) is one line on stderr and exit status 1; a reader
+that stops early (``convexddn list | head -1``) ends the command quietly, with status 0.
 """
 from __future__ import annotations
 
@@ -256,8 +258,54 @@ def _unrecognized(argv: Sequence[str], top: argparse.ArgumentParser, args: argpa
     return f"{progs[level]}: error: unrecognized arguments: {' '.join(tokens)} (see '{progs[level]} --help')"
 
 
+class _Output:
+    """``sys.stdout`` while a command runs: the stream itself, keeping the first error a
+    write or flush raised (``failed``). main() tells by it a failure to write the output (a
+    full disk, a reader that stopped: BrokenPipeError) from a command's own OSError, and
+    sees one that a caller swallowed (argparse ignores an OSError printing --help)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.failed = stream, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    def _guarded(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.stream, method)(*args)
+        except OSError as err:
+            self.failed = self.failed or err
+            raise
+
+    def write(self, text: str) -> int:
+        return self._guarded("write", text)
+
+    def writelines(self, lines: Any) -> None:
+        self._guarded("writelines", lines)
+
+    def flush(self) -> None:
+        self._guarded("flush")
+
+
+def _output_failed(err: OSError) -> int:
+    """The exit status once writing the output failed: 0, quietly, for a reader that stopped
+    early (``convexddn list | head -1``: what it read is all it wanted); else 1, with one
+    line on stderr (``convexddn list > /dev/full``). Either way stdout then points at
+    devnull, so that the interpreter's own flush at exit does not fail again (Python's docs,
+    "Note on SIGPIPE")."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stream without a file descriptor (io.UnsupportedOperation)
+        pass
+    if isinstance(err, BrokenPipeError):
+        return 0
+    print(f"{PROG}: error: cannot write the output: {err.strerror or err}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; return its exit status (0, or 2 for a user mistake).
+    """Run the command; return its exit status (0; 2 for a user mistake; 1 when the output
+    cannot be written).
 
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
@@ -268,6 +316,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")
+    if sys.stdout is None:  # (pythonw: print writes nowhere)
+        return _command(argv)
+    output = sys.stdout = _Output(sys.stdout)
+    try:
+        status = _command(argv)
+        # Flushed here, where a failure is caught, not at the interpreter's exit.
+        sys.stdout.flush()
+    except OSError:
+        if output.failed is None:  # the command's own (a file it writes): its traceback
+            raise
+    finally:
+        sys.stdout = output.stream
+    return status if output.failed is None else _output_failed(output.failed)
+
+
+def _command(argv: Sequence[str] | None) -> int:
+    """main() less the output's guard: parse ``argv``, run the command, report a user mistake."""
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         parser = build_parser()
@@ -278,12 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     try:
         return args.func(args)
-    except BrokenPipeError:
-        # The reader stopped early (``convexddn list | head -1``): what it read is all it
-        # wanted. Point stdout at devnull so that the interpreter's final flush is quiet;
-        # the files a command writes were written before it printed.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except Exception as err:
         if not _is_user_error(err):
             raise

@@ -1,7 +1,10 @@
 """The `convexddn` command: start-up, list, user mistakes, and the smoke runs of bench and the experiment."""
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -514,3 +517,52 @@ def test_cli_on_a_terminal_that_cannot_encode_unicode(argv):
         assert expected.startswith("\\u03b1-entmax") and expected in out.stdout
     else:
         assert "\\xa77" in out.stdout
+
+
+class _FailingStdout(io.StringIO):
+    """A stdout whose every write raises ``error`` (a full disk, a closed pipe)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", [["list"], ["--version"], ["--help"]])
+def test_cli_output_that_cannot_be_written(argv):
+    """`convexddn list > /dev/full` ended with an OSError traceback (ENOSPC) and `--version`
+    or `--help` there exited 0 (argparse swallows the error): one line and status 1 now."""
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "convexddn.cli", *argv], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    _one_line_error(out.stderr, "convexddn: error: cannot write the output", os.strerror(errno.ENOSPC))
+
+
+def test_cli_output_error_in_process_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", _FailingStdout(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert cli.main(["list"]) == 1
+    _one_line_error(capsys.readouterr().err, "cannot write the output", os.strerror(errno.ENOSPC))
+
+
+def test_cli_reader_that_stops_early_in_process(monkeypatch, capsys):
+    """A BrokenPipeError writing stdout: status 0 and nothing on stderr (the old handler's
+    ``sys.stdout.fileno()`` raised for a stream without a descriptor)."""
+    monkeypatch.setattr(sys, "stdout", _FailingStdout(BrokenPipeError(errno.EPIPE, "Broken pipe")))
+    assert cli.main(["list"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_commands_own_oserror_keeps_its_traceback(monkeypatch):
+    """Only a failure to write stdout is reported as one line; an OSError of the command's
+    own (a file it writes) is a failure whose traceback is kept."""
+    def fails(args):
+        print("partial output")
+        raise OSError(errno.EIO, "results/x.json")
+
+    monkeypatch.setattr(cli, "_list", fails)
+    with pytest.raises(OSError, match="results/x.json"):
+        cli.main(["list"])
