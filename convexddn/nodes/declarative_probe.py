@@ -193,12 +193,19 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool
         idle = [n for n, p in first.values() if p.requires_grad and id(p) not in read_ids]
     outside = [t for i, t in reads.outside.items() if i not in names]
     unused = [i for i, (x, g) in enumerate(zip(xs, xg)) if x.requires_grad and id(g) not in leaves]
-    for kind, which, also in (("input(s)", unused, ""), ("parameter(s)", idle, "expected if solve uses "
-                                                        "them only to start its iterations; ")):
+    # Tensor attributes of the node the problem reads: one computed from a parameter in solve (which runs
+    # without gradient tracking) carries no graph back to it (the warning names them).
+    attributes = {id(v): k for k, v in vars(node).items() if isinstance(v, Tensor)}
+    read_attributes = sorted(attributes[id(t)] for t in outside if id(t) in attributes)
+    via = (f" (they read the tensor attribute(s) {read_attributes} of the node: one computed from a parameter in "
+           "solve, which runs without gradient tracking, or with .detach(), carries no graph back to it; compute "
+           "it from the parameter in the objective or constraints)") if read_attributes else ""
+    for kind, which, also, hint in (("input(s)", unused, "", ""), ("parameter(s)", idle, "expected if solve uses "
+                                                                  "them only to start its iterations; ", via)):
         if which:
             warn(
                 f"{name}: {kind} {which} require grad but neither the objective nor the constraints "
                 f"depend on them (through autograd), so this node gives them a zero gradient; {also}if "
                 "solve uses them as problem data, the objective or constraints must use them too (not "
-                ".item(), .detach() or numpy)", GradientWarning)
+                f".item(), .detach() or numpy){hint}", GradientWarning)
     return frozenset(state), rows, outside

@@ -100,40 +100,36 @@ def check_graph(
 
     Raises:
         ProblemError: ``objective`` or a constraint is not connected to ``y`` by autograd.
-        InputError: a leaf that requires grad is neither ``y`` nor in ``allowed``.
+        InputError: a leaf that requires grad is neither ``y`` nor in ``allowed`` (checked
+            first, naming the method: the walk stops at such a leaf, maybe before ``y``).
     """
     prefix = f"{name}." if name else ""
     known = {id(t) for t in allowed} | {id(y)}
-    of_objective = autograd_leaves([objective], stop=known, boundary=allowed, custom=custom)
-    of_constraints = {}
-    for method, c in constraints.items():
-        if c is None:
-            continue
-        leaves_c = autograd_leaves([c], stop=known, boundary=allowed, custom=custom)
-        if id(y) not in leaves_c:
+    graphs = {"objective": objective, **{m: c for m, c in constraints.items() if c is not None}}
+    of: dict[str, dict[int, Tensor]] = {}
+    for method, out in graphs.items():
+        of[method] = autograd_leaves([out], stop=known, boundary=allowed, custom=custom)
+        # First: the walk stops at a foreign leaf, so its leaves may lack y (a constraint that
+        # read self.r = w.exp() was refused as "does not depend on y").
+        foreign = [t for i, t in of[method].items() if i not in known]
+        if foreign:
+            raise InputError(
+                f"{prefix}{method} reads {_describe(foreign[0])} that requires grad but is neither an "
+                "input nor a parameter of the node (directly, or through the autograd graph of a tensor it "
+                "reads, e.g. an attribute self.r = w.exp() computed outside the node), so it would get no "
+                "gradient. Pass it as an input (node(x, w) with objective(self, x, w, y) and solve(self, x, "
+                "w)), or make it a parameter of the node (self.w = nn.Parameter(...)) and compute what "
+                "depends on it in the objective or constraints; detach it if it needs no gradient")
+    for method in (*list(graphs)[1:], "objective"):  # (the constraints first)
+        if id(y) not in of[method]:
             # Its Jacobian in y would be zero: a constraint the gradient cannot see (the
             # unconstrained problem's gradient, silently, or autograd's raw error).
-            raise ProblemError(
-                f"{prefix}{method} does not depend on y through autograd (does it use "
-                "y.detach(), .item() or numpy?): the implicit gradient would ignore the "
-                "constraint. Write it in differentiable torch operations on y")
-        of_constraints.update(leaves_c)
-    leaves = {**of_objective, **of_constraints}
-    foreign = [t for i, t in leaves.items() if i not in known]
-    if foreign:
-        raise InputError(
-            f"{prefix}objective or its constraints use {_describe(foreign[0])} that "
-            "requires grad but is neither an input nor a parameter of the node, so it "
-            "would get no gradient. Pass it as an input (node(x, w) with "
-            "objective(self, x, w, y) and solve(self, x, w)), or make it a parameter of "
-            "the node (self.w = nn.Parameter(...)); detach it if it needs no gradient"
-        )
-    if id(y) not in of_objective:
-        raise ProblemError(
-            f"{prefix}objective does not depend on y through autograd (does it use "
-            "y.detach(), .item() or numpy?): every derivative of the solution would be "
-            "zero. Write the objective in differentiable torch operations on y"
-        )
+            lost = ("every derivative of the solution would be zero. Write the objective" if method == "objective"
+                    else "the implicit gradient would ignore the constraint. Write it")
+            raise ProblemError(f"{prefix}{method} does not depend on y through autograd (does it use y.detach(), "
+                               f".item() or numpy?): {lost} in differentiable torch operations on y")
+    of_objective = of.pop("objective")
+    of_constraints = {i: t for leaves in of.values() for i, t in leaves.items()}
     return of_objective, of_constraints
 
 

@@ -175,3 +175,30 @@ def test_a_submodule_under_two_names_is_one_place_to_swap(via, dtype, recwarn):
     torch.testing.assert_close(x.grad, (ones @ W.detach()).expand(2, 3), **tol)
     torch.testing.assert_close(W.grad, torch.outer(ones, x.detach().sum(0)), **tol)
     torch.testing.assert_close(c.grad, torch.full((3,), 2.0, dtype=dtype), **tol)
+
+
+def test_unread_parameter_warning_names_the_attribute_solve_computed():
+    """solve sets self.r = e^{log_s} + 1 (under no_grad: no graph) and the constraint reads
+    self.r: log_s gets a zero gradient; the warning said only that nothing depends on log_s,
+    and now names the attribute through which the problem meant to."""
+    from convexddn.errors import GradientWarning
+
+    class Ball(DeclarativeNode):
+        def __init__(self):
+            super().__init__()
+            self.log_s = torch.nn.Parameter(torch.zeros((), dtype=DT))
+
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1)
+
+        def inequality_constraints(self, x, y):
+            return (y * y).sum(-1, keepdim=True) - self.r ** 2
+
+        def solve(self, x):
+            self.r = self.log_s.exp() + 1.0
+            return x * torch.clamp(self.r / x.norm(dim=-1, keepdim=True), max=1.0)
+
+    x = torch.tensor([[3.0, -1.0], [0.5, 0.2]], dtype=DT, requires_grad=True)
+    with pytest.warns(GradientWarning, match=r"\['log_s'\] require grad.*tensor attribute\(s\) \['r'\] of the node: "
+                                             r"one computed from a parameter in solve"):
+        Ball()(x)
