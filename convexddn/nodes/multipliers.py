@@ -30,7 +30,7 @@ import math
 import torch
 
 __all__ = ["ACTIVE_EPS", "dependent", "inactive_mask", "multipliers", "near_active", "nonnegative_multipliers",
-           "scaled_norm", "unit_rows"]
+           "relative_slack", "scaled_norm", "unit_rows"]
 
 Tensor = torch.Tensor
 
@@ -43,22 +43,36 @@ def _finite(t: Tensor) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def relative_slack(g: Tensor, A_ineq: Tensor, length: Tensor) -> Tensor:
+    """``(B, q)``: how far inequalities ``g`` ``(B, q)`` are from their bounds relative to their own
+    scale, :math:`-g_j / (\\|\\nabla_y g_j\\|\\,\\ell)` (``length`` ``(B,)``: :math:`\\ell`); ``+inf``
+    where ``∇_y g_j`` is zero and ``g_j < 0`` (slack at any scale), ``-inf`` where it is zero otherwise.
+
+    ``A_ineq`` ``(B, q, m)`` is :math:`D_y g`; its non-finite entries do not count towards the scale
+    (such a constraint is judged by its finite part). Divided in two steps, by norms scaled: finite
+    wherever the ratio is. At |y| ~ 1e154 in float64 ``‖y‖`` (or the product ``‖∇g_j‖ ℓ``) overflowed
+    to Inf, every bound counted as active and the gradient came back as zeros under a false
+    zero-multiplier warning (:func:`inactive_mask`); at ``‖∇g_j‖ ℓ`` beyond 1e308 :func:`near_active`
+    reported a slack of 0 and too small an ``active_tol``.
+    """
+    row = scaled_norm(_finite(A_ineq))
+    has = row > 0
+    return torch.where(has, (-g / torch.where(has, row, 1.0)) / length.unsqueeze(-1),
+                       torch.where(g < 0, torch.inf, -torch.inf))
+
+
 def inactive_mask(g: Tensor, A_ineq: Tensor, length: Tensor, active_tol: float,
                   data_dtype: torch.dtype) -> Tensor:
     """``(B, q)``: inequalities ``g`` ``(B, q)`` below ``-tol`` times their own scale
-    :math:`\\|\\nabla_y g_j\\|\\,\\ell` (``length`` ``(B,)``: :math:`\\ell`, at least ``‖y‖``).
+    :math:`\\|\\nabla_y g_j\\|\\,\\ell` (``length`` ``(B,)``: :math:`\\ell`, at least ``‖y‖``):
+    :func:`relative_slack` above ``tol``, ``active_tol`` but at least a few epsilons of the data's dtype.
 
     ``A_ineq`` ``(B, q, m)`` is :math:`D_y g`; its non-finite entries do not count
     towards the scale (such a constraint is judged by its finite part; if it is then
     active, the caller reports the non-finite Jacobian).
     """
     tol = max(active_tol, ACTIVE_EPS * torch.finfo(data_dtype).eps)
-    # g_j / ‖∇g_j‖ against tol · ℓ, norms scaled: at |y| ~ 1e154 in float64, ‖y‖ (or the
-    # product ‖∇g_j‖ ℓ) overflowed to Inf, every bound counted as active and the gradient
-    # came back as zeros under a false zero-multiplier warning.
-    row = scaled_norm(_finite(A_ineq))
-    return torch.where(row > 0, g / torch.where(row > 0, row, 1.0), g) < -tol * torch.where(
-        row > 0, length.unsqueeze(-1), 0.0)
+    return relative_slack(g, A_ineq, length) > tol
 
 
 def scaled_norm(t: Tensor, dim: int = -1) -> Tensor:
@@ -186,10 +200,12 @@ def multipliers(A: Tensor, g: Tensor, n_eq: int, inactive: Tensor) -> Tensor:
 
 def near_active(g: Tensor, A_all: Tensor, length: Tensor, gf: Tensor, n_eq: int, inactive: Tensor,
                 active_tol: float, rows: Tensor) -> tuple[float, float, float, float, float] | None:
-    """``(tol, least, largest, active_tol, factor)``: the smallest ``active_tol`` (a power of ten up to 1e-2)
+    """``(tol, least, largest, active_tol, left)``: the smallest ``active_tol`` (a power of ten up to 1e-2)
     at which counting the inequalities within it active makes the stationarity residual ``‖∇_y f + Aᵀλ‖`` of
-    every element ``rows`` (B,) at least 10 times smaller (``factor``: the least of those ratios), and the
-    relative slack ``-g_j / (‖∇_y g_j‖ ℓ)`` of those inequalities; ``None`` where no such ``active_tol`` does.
+    every element ``rows`` (B,) at least 10 times smaller (``left``: the largest of the ratios after / before,
+    at most 0.1, 0 where it vanishes: finite, where the ratio before / after was Inf), and the relative slack
+    ``-g_j / (‖∇_y g_j‖ ℓ)`` of those inequalities (:func:`relative_slack`); ``None`` where no such
+    ``active_tol`` does.
 
     A solver that approaches bounds without reaching them (an interior point method's ``y_j =
     1e-6`` for ``y_j = 0``) returns slack bounds, which the default ``active_tol`` counts
@@ -198,8 +214,7 @@ def near_active(g: Tensor, A_all: Tensor, length: Tensor, gf: Tensor, n_eq: int,
     ``g`` (B, q): the inequalities; ``A_all`` (B, r, m): all constraints' Jacobian, inactive rows
     kept; ``length`` (B,): :func:`inactive_mask`'s; ``gf`` (B, m): ``∇_y f``; ``inactive`` (B, r).
     """
-    row = scaled_norm(_finite(A_all[:, n_eq:]))
-    slack = torch.where(row > 0, -g / torch.where(row > 0, row * length.unsqueeze(-1), 1.0), torch.inf)
+    slack = relative_slack(g, A_all[:, n_eq:], length)  # (row * length overflowed: a slack of 0 reported)
     is_ineq = torch.zeros(A_all.shape[1], dtype=torch.bool, device=A_all.device)
     is_ineq[n_eq:] = True
 
@@ -219,6 +234,6 @@ def near_active(g: Tensor, A_all: Tensor, length: Tensor, gf: Tensor, n_eq: int,
         fixed = rows & near.any(-1) & (after <= 0.1 * before)
         if bool((fixed == rows).all()):
             s = slack[near]
-            factor = (before / after.clamp_min(torch.finfo(after.dtype).tiny))[rows].amin()
-            return tol, float(s.amin()), float(s.amax()), active_tol, float(factor)
+            left = (after / before)[rows].amax()  # (before > tol > 0 on the rows reported)
+            return tol, float(s.amin()), float(s.amax()), active_tol, float(left)
     return None
