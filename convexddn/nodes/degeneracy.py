@@ -12,8 +12,8 @@ import torch
 from .._generic import generic_vector
 from .._warn import warn
 from ..errors import GradientWarning
+from .constraint_rows import independent_rows
 from .dense import default_rcond
-from .krylov import independent_rows
 from .multipliers import unit_rows
 from .._context import bound
 
@@ -102,7 +102,7 @@ class DependenceCheck:
 
     The multipliers are unique only up to ν with Aᵀν = 0 (a combination of the active
     constraints whose y-gradients cancel: the null rows of
-    :func:`~.krylov.independent_rows`, a zero row of ``A`` among them). Such a ν reaches
+    :func:`~.constraint_rows.independent_rows`, a zero row of ``A`` among them). Such a ν reaches
     the derivative in two ways:
 
     - through the constraints' values, νᵀ ∂c/∂θ (the adjoint multipliers μ are as free as

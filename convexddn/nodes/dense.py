@@ -7,7 +7,7 @@
     K = \\begin{bmatrix} H & A'^\\top \\\\ A' & D \\end{bmatrix}
 
 from ``m`` batched Hessian-vector products and the active constraints rewritten with
-independent rows (:func:`.krylov.independent_rows`), equilibrates it (symmetric Ruiz
+independent rows (:func:`.constraint_rows.independent_rows`), equilibrates it (symmetric Ruiz
 scaling), LU-factorises it and estimates its condition number; the rare singular
 elements get the minimum-norm least-squares (pseudo-inverse) solution from an
 eigendecomposition. :mod:`.linear_solvers` turns the masks into warnings.
@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 
 from .._linalg import lu_factor_ex
-from .krylov import independent_rows, pseudo_random_directions
+from .constraint_rows import independent_rows
+from .krylov import pseudo_random_directions
 
 __all__ = ["ILL_CONDITIONED", "SINGULAR_EPS", "DenseResult", "checked_solve", "default_rcond", "dense_kkt",
            "ill_threshold", "resolved_rcond"]

@@ -25,15 +25,15 @@ from typing import NamedTuple
 import torch
 
 from .._generic import GOLDEN_ANGLE
+from .constraint_rows import constraint_gram
+from .multipliers import unit_rows
 
 __all__ = [
     "CG_BUDGET_MIN",
     "CG_ITER_WORK",
     "CGResult",
     "cg_budget",
-    "constraint_gram",
     "hvp_of_rows",
-    "independent_rows",
     "projected_cg",
     "pseudo_random_directions",
     "restricted_hvp",
@@ -64,105 +64,6 @@ class CGResult(NamedTuple):
     residual: Tensor  #: final relative residual of the system
     unfinished: Tensor  #: the probe neither converged nor broke down within max_iter
     cond: Tensor  #: condition number of H on the null space, from the probe's Ritz values
-
-
-def _equilibrated_eigh(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(s, evals, V)``: the eigendecomposition of the Gram matrix ``M`` ``(B, r, r)``
-    scaled to a unit diagonal, :math:`S M S = V \\Lambda V^\\top` with ``s = diag(M)^(-1/2)``
-    (1 on zero rows), so that a constraint written in large units is not called dependent."""
-    s = torch.diagonal(M, dim1=-2, dim2=-1)
-    s = torch.where(s > 0, s.rsqrt(), torch.ones_like(s))
-    evals, V = torch.linalg.eigh(s.unsqueeze(-1) * M * s.unsqueeze(-2))
-    return s, evals, V
-
-
-def constraint_gram(
-    A: Tensor, inactive: Tensor | None, rcond: float
-) -> tuple[Tensor, Tensor]:
-    """``(A A^T + D)^+`` ``(B, r, r)`` and its rank deficit ``(B,)``.
-
-    ``D`` has ones on inactive constraints (whose rows of ``A`` are zero). The Gram
-    matrix is equilibrated first, so that a constraint written in large units is not
-    called dependent; singular values of the equilibrated ``[A, D]`` below ``rcond``
-    times the largest are dropped. As in :func:`independent_rows`, the Gram matrix's
-    eigenvalues σ² resolve only σ well above √eps: elements with eigenvalues below
-    :data:`_GRAM_RESOLVED` of the largest take σ from an SVD (the cut at σ² ≤ rcond
-    dropped one of two constraints 1e-7 from parallel: gradients O(1) off, silently).
-    """
-    M = A @ A.transpose(1, 2)
-    if inactive is not None:
-        M = M + torch.diag_embed(inactive.to(A.dtype))
-    s, evals, evecs = _equilibrated_eigh(M)
-    top = evals.abs().amax(-1, keepdim=True)
-    keep = evals.abs() > rcond * top
-    unsure = (evals.abs() <= _GRAM_RESOLVED * top).any(-1).nonzero().squeeze(-1)
-    if unsure.numel():  # (a host sync; rare: nearly parallel constraints)
-        SA = s.index_select(0, unsure).unsqueeze(-1) * A.index_select(0, unsure)
-        if inactive is not None:  # S M S = S A Aᵀ S + D (s = 1 on the inactive rows)
-            SA = torch.cat([SA, torch.diag_embed(inactive.index_select(0, unsure).to(A.dtype))], -1)
-        U, sigma, _ = torch.linalg.svd(SA, full_matrices=SA.shape[-2] > SA.shape[-1])
-        if sigma.shape[-1] < U.shape[-1]:  # rank at most the columns: the rest are null
-            sigma = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], U.shape[-1] - sigma.shape[-1])], -1)
-        k = sigma > rcond * sigma.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
-        evals = evals.index_copy(0, unsure, torch.where(k, sigma * sigma, 0.0))
-        evecs, keep = evecs.index_copy(0, unsure, U), keep.index_copy(0, unsure, k)
-    inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-    Minv = s.unsqueeze(-1) * ((evecs * inv.unsqueeze(-2)) @ evecs.transpose(1, 2)) * s.unsqueeze(-2)
-    return Minv, (~keep).sum(-1)
-
-
-def independent_rows(
-    A: Tensor, inactive: Tensor | None, rcond: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rewrite the active constraints' Jacobian with independent rows: ``(A', pin, T, dependent)``.
-
-    With the singular value decomposition :math:`S A = U \\Sigma W^\\top` (``S`` the
-    diagonal equilibration to unit rows; ``U`` also the eigenvectors of
-    :math:`S A A^\\top S`), :math:`A' = U^\\top S A` has the same row space
-    as ``A``, with orthogonal rows; the rows of (numerically) zero singular values --
-    dependent constraints, and inactive ones, whose rows of ``A`` are zero -- are zeroed
-    and pinned (``pin``: ones on the diagonal of the multiplier block), so the KKT matrix
-    built from ``A'`` is regular whenever the Hessian is regular on the tangent space.
-    Multipliers map back as :math:`\\mu = T \\mu'` with :math:`T = S U` (the
-    minimum-norm ones, in the equilibrated metric, when the constraints are dependent).
-    ``dependent`` flags the elements with more null rows than inactive constraints.
-
-    A row counts as null where :math:`\\sigma \\le` ``rcond`` :math:`\\sigma_{max}`. The
-    eigenvalues :math:`\\sigma^2` of :math:`S A A^\\top S` carry rounding of ``eps`` times
-    the largest, so they resolve only :math:`\\sigma` well above :math:`\\sqrt{eps}`: on
-    them ``rcond`` cut at :math:`\\sigma \\approx \\sqrt{rcond}` (~1e-7), two constraints
-    1e-7 from parallel were called dependent, one direction dropped, and the derivative
-    came out O(1) wrong without a warning. Elements with more eigenvalues below
-    :data:`_GRAM_RESOLVED` of their largest than inactive constraints are decided by the
-    singular values of :math:`SA` itself (an SVD, 2-4x the cost), which resolve
-    :math:`\\sigma` to ~eps.
-    """
-    r, n = A.shape[-2:]
-    s, evals, V = _equilibrated_eigh(A @ A.transpose(1, 2))
-    top = evals.amax(-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
-    keep = evals > rcond * top
-    n_inactive = 0 if inactive is None else inactive.sum(-1)
-    unsure = ((evals <= _GRAM_RESOLVED * top).sum(-1) > n_inactive).nonzero().squeeze(-1)
-    if unsure.numel():  # (a host sync; rare: dependent or nearly parallel constraints)
-        Au, su = A.index_select(0, unsure), s.index_select(0, unsure)
-        # (Full U only where there are more constraints than variables: W is then n x n, small.)
-        U, sigma, _ = torch.linalg.svd(su.unsqueeze(-1) * Au, full_matrices=r > n)
-        if sigma.shape[-1] < r:  # rank at most n < r: the rest are null
-            sigma = torch.cat([sigma, sigma.new_zeros(*sigma.shape[:-1], r - sigma.shape[-1])], -1)
-        V = V.index_copy(0, unsure, U)
-        keep = keep.index_copy(0, unsure, sigma > rcond * sigma.amax(-1, keepdim=True).clamp_min(
-            torch.finfo(A.dtype).tiny))
-    T = s.unsqueeze(-1) * V
-    A2 = (T.transpose(1, 2) @ A) * keep.unsqueeze(-1)
-    pin = torch.diag_embed((~keep).to(A.dtype))
-    n_null = (~keep).sum(-1)
-    return A2, pin, T, n_null > n_inactive
-
-
-# Eigenvalues of the equilibrated Gram matrix above this fraction of the largest (singular
-# values above 1e-3 of the largest) are resolved by eigh to ~1e-10 relative: more below it
-# than inactive constraints send the element to the SVD.
-_GRAM_RESOLVED = 1e-6
 
 
 def restricted_hvp(hvp: Callable[[Tensor], Tensor], idx: Tensor, D: Tensor,
@@ -270,6 +171,9 @@ def projected_cg(
         def project(Z: Tensor) -> Tensor:
             return Z
     else:
+        # Rows at unit length (the same null space; μ = D μ' below): (A Aᵀ)⁺ of a row of 1e200 is
+        # 1e-400, zero in float64, and the projection kept the constrained direction, silently.
+        A, row_inv = unit_rows(A)
         Minv, deficit = constraint_gram(A, inactive, rcond)
         dependent = deficit > 0
 
@@ -351,7 +255,7 @@ def projected_cg(
     if A is not None:
         # A^T mu = v - H w on the range of A^T (the null-space part is what CG zeroed).
         Hw = hvp(w.unsqueeze(0))[0]
-        mu = (Minv @ (A @ (v - Hw).unsqueeze(-1))).squeeze(-1)
+        mu = (Minv @ (A @ (v - Hw).unsqueeze(-1))).squeeze(-1) * row_inv.squeeze(-1)
     return CGResult(
         w=w,
         mu=mu,

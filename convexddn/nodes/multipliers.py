@@ -114,8 +114,10 @@ def _least_squares(A: Tensor, g: Tensor, use: Tensor | None = None) -> Tensor:
 def unit_rows(A: Tensor) -> tuple[Tensor, Tensor]:
     """``(A / ‖a_j‖, 1/‖a_j‖ (…, r, 1))``: each row of ``A`` at unit length (zero rows stay
     zero, with a factor of 0), so that a pseudo-inverse's relative cut-off does not drop a
-    constraint written in small units."""
-    norm = A.norm(dim=-1, keepdim=True)
+    constraint written in small units. Norms scaled (:func:`scaled_norm`): a row of norm beyond
+    ~1e154 (−1e160·y ≤ 0) had its squares overflow to Inf and a factor of 0, below ~1e-162 underflow
+    to 0: its multiplier came out 0, and an exact solution was rejected as no KKT point."""
+    norm = scaled_norm(A).unsqueeze(-1)
     inv = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0)
     return A * inv, inv
 
@@ -222,7 +224,7 @@ def near_active(g: Tensor, A_all: Tensor, length: Tensor, gf: Tensor, n_eq: int,
         A = A_all.masked_fill(off.unsqueeze(-1), 0.0)
         lam = multipliers(A, gf, n_eq, off)
         lam = torch.where(is_ineq, lam.clamp_min(0.0), lam)
-        return (gf + (A.transpose(1, 2) @ lam.unsqueeze(-1)).squeeze(-1)).norm(dim=-1)
+        return scaled_norm(gf + (A.transpose(1, 2) @ lam.unsqueeze(-1)).squeeze(-1))
 
     before = residual(inactive)
     exponent = math.floor(math.log10(active_tol)) + 1
