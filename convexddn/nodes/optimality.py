@@ -325,7 +325,7 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape,
     within a larger ``active_tol`` may be the cause."""
     worst = res.worst
     error_tol = max(SOLUTION_ERROR_TOL, 10 * tol)
-    fatal = worst > error_tol
+    fatal = ~(worst <= error_tol)  # (NaN: a residual that could not be measured is no pass)
     poor = (worst > tol) & ~fatal
     hint = ("solve stopped early or returned a wrong point, the objective or constraints do not describe what solve "
             "computes (e.g. a clamp without its inequality constraints), an inequality multiplier is negative, or the "

@@ -98,7 +98,8 @@ def offset_checked(score: Tensor, residual: Tensor, y: Tensor, own: Tensor, scal
         suspect = suspect | ((above > 0) & ~(_step_error(reach, rn, nu, y_norm, tol) <= tol))
     if not bool(suspect.any()):
         return score
-    dy = step(torch.where(suspect.unsqueeze(-1), residual, 0.0)).norm(dim=-1)
+    # (scaled: a step of 5e154 had its squares overflow, its score inf / inf = NaN, which passed)
+    dy = scaled_norm(step(torch.where(suspect.unsqueeze(-1), residual, 0.0)))
     return torch.where(suspect, torch.maximum(score, _step_error(dy, rn, nu, y_norm, tol)), score)
 
 

@@ -520,3 +520,14 @@ def test_a_rejected_point_is_not_sent_to_check_solution_false():
     assert "differentiate anyway" not in str(info.value)
     assert "check_solution=False skips this check, but the gradient is then that of a point that is not" in str(
         info.value)
+
+
+def test_a_residual_that_could_not_be_measured_is_no_pass():
+    """verify_kkt counted an element failed where its residual exceeded the tolerance: a NaN
+    residual (a measurement that overflowed, inf / inf) passed, and its gradient came back."""
+    from convexddn.nodes.optimality import KKTResiduals, verify_kkt
+
+    res = KKTResiduals(stationarity=torch.tensor([0.0, math.nan], dtype=DT), feasibility=torch.zeros(2, dtype=DT),
+                       weakly_active=torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(SolverError, match=r"for 1 of 2 batch element\(s\), at batch indices \[\(1,\)\]"):
+        verify_kkt("Node.", res, 1e-6, (2,))
