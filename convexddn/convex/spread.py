@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from .._warn import warn
 from ..errors import SolverWarning
 from .cone import ILL_CONDITIONED, POLISH_ABOVE
-from .status import name_elements
+from .status import element_list, name_elements
 
 __all__ = ["SPREAD_DOUBT", "data_spread", "in_doubt", "warn_unchecked", "warn_unchecked_spread",
            "warn_unconfirmed"]
@@ -79,7 +79,7 @@ def warn_unchecked_spread(where: tuple[Sequence[int], tuple[int, ...]], idx: lis
             "(largest over smallest nonzero magnitude of the cone program's data), beyond which the "
             "per-element solvers' residual check does not bound the error (a result off by 100 % passed "
             "it), and no batched form could check it: rescale the problem's data nearer unit size",
-            SolverWarning)
+            SolverWarning, elements=element_list(where, idx))
 
 
 def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int], residuals: Sequence[float],
@@ -98,7 +98,7 @@ def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int
             f"level, but along directions whose condition reaches {max(conditions[i] for i in ill):.0e} (e.g. "
             f"nearly parallel active constraints), where that residual does not bound the error of the solution "
             f"or its gradient, and {why}; rescale or reformulate the constraints, or check the result",
-            SolverWarning)
+            SolverWarning, elements=element_list(where, ill))
     idx = [i for i in idx if i not in ill]
     if idx:
         warn(
@@ -106,7 +106,7 @@ def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int
             f"check (up to {max(residuals[i] for i in idx):.1e}) but the Newton polish left it above rounding "
             f"level and {why}: on an ill-conditioned or badly scaled program that residual does not bound "
             "the error of the solution or its gradient; rescale the data nearer unit size or check the result",
-            SolverWarning)
+            SolverWarning, elements=element_list(where, idx))
 
 
 def warn_unchecked(where: tuple[Sequence[int], tuple[int, ...]], doubt: list[int], checked: list[int],
