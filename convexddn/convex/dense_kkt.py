@@ -83,7 +83,7 @@ def _chunks(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: to
 
 
 def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, with_error: bool):
-    from .certify import limit_scaling_at
+    from .estimate import limit_scaling_at
 
     d = sol.scaled.select(idx)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731

@@ -59,7 +59,7 @@ class LimitScaling:
         s, z: cone parts ``(B, mc)`` of the (polished) solution, which decide the pairs.
         s_in, z_in: the same lifted into the cone's interior where polished (the values
             of the pairs that are not decided).
-        delta: the limit's ``δ`` (:data:`~.certify._POLISHED_SHIFT` of the dtype).
+        delta: the limit's ``δ`` (:data:`~.estimate._POLISHED_SHIFT` of the dtype).
 
     Attributes:
         active: ``(B, nonneg)`` the nonnegative rows decided active (exact H = 0 in the

@@ -1,0 +1,154 @@
+"""The a-posteriori error estimate of a solution: one Newton step at its limit scaling.
+
+The residual does not bound the error of an ill-conditioned element (measured on the
+OptNet QP: residual 1e-11, solution error 1e-5). One more Newton step with the KKT
+matrix at the solution, its complementarity linearised at the limit
+(:class:`~.limit_scaling.LimitScaling`), estimates the error; the same factorisation is
+what the implicit backward needs, so it is kept for it (:func:`~.certify.finish`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .kkt import bmv, row_inf
+from .limit_scaling import LimitScaling
+from .nullspace import NEARLY_DEPENDENT
+from .symmetric_cones import ConeLayout, soc_frame
+
+__all__ = ["error_estimate", "limit_scaling_at", "nearly_dependent_rows"]
+
+# Polished points lie on ∂K (to rounding); the linearisation needs an interior one.
+# Moving s, z in by δ e keeps them aligned and changes H only in directions where it is
+# ~1/δ or ~δ, i.e. already at its limit ∞ or 0 (gradients 1e-10 accurate at 1e-12). In
+# float32 a δ of 1e-12 left S's Cholesky failing at every solution with an active row
+# (no element of the n = 50 QP certified); at 1e-5 they all are, the error estimates
+# are ~4e-5 and the gradients ~2e-3 off float64's (1e-6: 5e-2 off; 1e-4: 1e-2).
+_POLISHED_SHIFT = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def _shift(like: torch.Tensor) -> float:
+    return _POLISHED_SHIFT.get(like.dtype, _POLISHED_SHIFT[torch.float32])
+
+
+def limit_scaling_at(layout: ConeLayout, sc: torch.Tensor, zc: torch.Tensor, lift: torch.Tensor) -> LimitScaling:
+    """The :class:`~.limit_scaling.LimitScaling` of a solution's cone parts ``sc, zc``
+    ``(B, mc)``, lifted into the interior by :data:`_POLISHED_SHIFT` where ``lift``
+    ``(B, 1)`` (polished points lie on ∂K): the error estimate's and the backward's."""
+    from .certify import decided  # (certify decides the pairs; it imports this module)
+
+    delta = _shift(sc)
+    sc_in = torch.where(lift, layout.lift(sc, delta), sc)
+    zc_in = torch.where(lift, layout.lift(zc, delta), zc)
+    k = layout.nonneg
+    if k:
+        # An undecided nonnegative pair is lifted by the larger of the two lifts, on both
+        # members: each vector's lift is δ(1 + its norm), and where the primal and dual
+        # sizes differ, a pair at its kink below both (s = z ~0, _at_kink) takes their
+        # ratio as H, i.e. a side: the box [0, 1] projection of x = 0 (slacks ~8e5 beside
+        # multipliers ~0, equilibrated) got H = 8e5, the one-sided derivative 1 - 1e-6
+        # and no warning.
+        open_ = lift & ~torch.stack(decided(sc[:, :k], zc[:, :k])).any(0)
+        up = torch.maximum(sc_in[:, :k] - sc[:, :k], zc_in[:, :k] - zc[:, :k])
+        sc_in = torch.cat([torch.where(open_, sc[:, :k] + up, sc_in[:, :k]), sc_in[:, k:]], 1)
+        zc_in = torch.cat([torch.where(open_, zc[:, :k] + up, zc_in[:, :k]), zc_in[:, k:]], 1)
+    return LimitScaling(layout, sc, zc, sc_in, zc_in, delta)
+
+
+def _step_size(dv: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
+    """(B,) ‖scale·dv‖∞ / (1 + ‖scale·v‖∞): the step relative to the point, in the units
+    ``scale`` gives."""
+    return row_inf(dv * scale) / (1 + row_inf(v * scale))
+
+
+def nearly_dependent_rows(AE: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(B,) the elements among ``where`` (B,) whose equality rows ``AE`` (B, p, n), each
+    scaled to unit length (a row's own scale says nothing of its direction), have a
+    smallest singular value at most :data:`~.nullspace.NEARLY_DEPENDENT` of their largest
+    (more rows than variables, or a zero row: dependent)."""
+    idx = torch.nonzero(where).squeeze(1)
+    rows = AE.index_select(0, idx)
+    if rows.shape[1] > rows.shape[2]:
+        return where.clone()
+    norms = torch.linalg.vector_norm(rows, dim=2, keepdim=True)
+    sv = torch.linalg.svdvals(rows / torch.where(norms > 0, norms, 1.0))
+    return torch.zeros_like(where).index_copy(0, idx, sv[:, -1] <= NEARLY_DEPENDENT * sv[:, 0])
+
+
+def _soc_linear(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, delta: float, rt: torch.Tensor) -> torch.Tensor:
+    """(B, msoc) ``r`` of Newton on ``s ∘ z = 0`` in the limit's form ``ds + H dz = −r`` on the cones'
+    parts ``s, z``: ``a_k b_k / b_k^lim`` along each frame direction c_k (``b_k / δ`` decided inactive,
+    else ``a_k``), ``(z₀ s_t + s₀ z_t) / z₀ = s_t + rt² z_t`` on the tangent (``rt²`` (B, nsoc): H's there;
+    ``s`` alone missed ``rt² z_t``: a sqrt epigraph's misaligned pairs, estimated 6e-8 off, were 3e-7)."""
+    from .certify import decided  # (as in limit_scaling_at)
+
+    a1, a2, b1, b2, u = soc_frame(layout, s, z)
+    l1, l2 = (torch.where(decided(a, b)[1], b / delta, a) for a, b in ((a1, b1), (a2, b2)))
+    out = s + layout._spread(rt * rt) * z  # its tangent part, s_t + rt² z_t (u's and the heads' replaced)
+    out = out + layout._spread((l1 - l2) / 2 - layout._seg(out * u)) * u
+    out[:, layout.index(s.device).heads] = (l1 + l2) / 2
+    return out
+
+
+def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
+    """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞)) per element:
+    ``inf`` where the factorisation failed or the step does not solve the equality rows,
+    NaN where it cannot be formed because those rows are nearly dependent (see below).
+
+    The system linearises the complementarity at its limit (:class:`~.limit_scaling.LimitScaling`)
+    as the backward does, from any point (polished or not). Only the variables in ``cols``
+    and the multipliers in ``duals`` count: an auxiliary variable that is not unique (an
+    epigraph variable between two inactive bounds) makes the step arbitrary along itself
+    without touching the outputs.
+    """
+    z0 = layout.zero
+    sc, zc = s[:, z0:], z[:, z0:]
+    W = limit_scaling_at(layout, sc, zc, polished[:, None])
+    # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
+    kkt = systems(W, retry=True)
+    kkt.limit = W.rows  # the decided parts' exact limits, for the backward's refinement
+    ops = systems.ops
+    rx = ops.Pv(x) + ops.ATv(z) + d.q
+    rz = ops.Av(x) + s - d.b
+    # Newton on s ∘ z = 0 (affine form) with the Jacobian at the lifted, decided pair:
+    # z_in ds + s_in dz = −s ∘ z, i.e. ds + H dz = −s ∘ z / z_in (cones: _soc_linear). (With −s
+    # alone, a row decided inactive kept its multiplier: z = 8e-8 on a box of half-width 7e-5
+    # held x 2e-6 off its optimum, normwise, with an estimate of 5e-14.)
+    k = layout.nonneg
+    lin = _soc_linear(layout, sc[:, k:], zc[:, k:], _shift(sc), W.rt) if layout.soc else sc[:, k:]
+    lin = torch.cat([sc[:, :k] * zc[:, :k] / W.z_nonneg, lin], 1) if k else lin
+    rhs = torch.cat([-rz[:, :z0], lin - rz[:, z0:]], 1)
+    dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
+    dx, dz = dx.squeeze(-1), dz.squeeze(-1)
+    # The step is the Newton step only if it solves the equality rows, which the KKT form
+    # regularises by δ: along nearly dependent rows refinement cannot remove it, the step
+    # loses the residual's part there, and a point 0.25 off passed as 4.5e-8 (two rows
+    # parallel to 1e-7). What it may lose is that residual's rounding (exactly redundant
+    # rows: a doubly stochastic matrix's sums), ~eps·(|A_E||x| + |b_E|), not more; and
+    # never below the rounding of the estimate's own unit, 1 + ‖x‖∞ (x_0 = 0 gave 1e-40
+    # against a threshold of 0). Only rows that are nearly dependent make the point
+    # unverifiable (NaN); on others the system at the point is what is singular along
+    # them, e.g. every variable of a row decided active (a transport plan's marginal of
+    # 1e-11, its entries ~1e-11 beside multipliers ~0.4 at the interior point's end):
+    # not estimated (inf), another solver's point checkable as any other.
+    lost = dependent = torch.zeros_like(kkt.failed)
+    if z0:  # (only the equality rows: no work for programs without them)
+        AE, bE = d.A[:, :z0], d.b[:, :z0]
+        eE = row_inf(ops.vec(ops.e_mv, dx) + rz[:, :z0])
+        lost = eE > 64 * torch.finfo(dx.dtype).eps * (row_inf(bmv(AE.abs(), x.abs())) + row_inf(bE) + row_inf(AE))
+        lost = lost & ~kkt.failed
+        if bool(lost.any()):  # (a host read; the rows' spectra only where a residual was lost)
+            dependent = nearly_dependent_rows(AE, lost)
+    # The promise is normwise in the caller's units, which the equilibration's column
+    # scales can spread apart from its own: the step is measured in both.
+    sig = d.sigma[:, None]
+    x_scale, z_scale = sig * d.D, sig * d.E / d.c[:, None]
+    if cols is not None:
+        cols = cols.to(dx.device)  # a no-op for the layer's (cached on the device)
+        dx, x, x_scale = dx.index_select(1, cols), x.index_select(1, cols), x_scale.index_select(1, cols)
+    error = torch.maximum(_step_size(dx, x, 1), _step_size(dx, x, x_scale))
+    if duals is not None:
+        duals = duals.to(dz.device)
+        dz, z, z_scale = dz.index_select(1, duals), z.index_select(1, duals), z_scale.index_select(1, duals)
+        error = torch.maximum(error, torch.maximum(_step_size(dz, z, 1), _step_size(dz, z, z_scale)))
+    error = torch.where(kkt.failed | lost | ~torch.isfinite(error), torch.inf, error)
+    return kkt, torch.where(dependent, torch.nan, error)  # NaN: cannot be estimated
