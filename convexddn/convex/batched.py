@@ -256,7 +256,7 @@ class BatchedProgram:
         return [v[lo:hi] if v.dim() > len(shape) else v for v, shape in zip(values, self.parameter_shapes)]
 
     def __call__(self, *values: torch.Tensor, second_opinion: bool = False,
-                 where: tuple[Sequence[int], tuple[int, ...]] | None = None
+                 where: tuple[Sequence[int], tuple[int, ...]] | None = None, decide_pairs: bool = False
                  ) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
         """Solve every element; never raises for a per-element failure.
 
@@ -265,6 +265,8 @@ class BatchedProgram:
         not certify, see :mod:`.second_opinion`), then polished, checked and
         differentiated as usual. ``where`` (the elements' flat positions in a caller's
         batch, and its shape) makes the backward's warnings name those positions.
+        ``decide_pairs``: the iterations go on until each complementary pair is decided in
+        its own units (:mod:`.pairs`; for elements the checks failed).
 
         Shape:
             ``values[i]``: ``(B, *param_i.shape)`` or ``param_i.shape`` (shared) ->
@@ -290,7 +292,8 @@ class BatchedProgram:
             # More than the memory budget holds (a large program at a large batch): in
             # chunks that fit, not per element (a constrained MPC over 30 steps: 13×).
             parts = [self(*self._chunk(values, lo, min(lo + chunk, B)), second_opinion=second_opinion,
-                          where=None if where is None else (where[0][lo:lo + chunk], where[1]))
+                          where=None if where is None else (where[0][lo:lo + chunk], where[1]),
+                          decide_pairs=decide_pairs)
                      for lo in range(0, B, chunk)]
             outs = tuple(torch.cat(o) for o in zip(*(part[0] for part in parts)))
             return outs, BatchedSolveInfo(*(torch.cat([getattr(part[1], f.name) for part in parts])
@@ -300,7 +303,7 @@ class BatchedProgram:
         options = dict(tol=self.tol, tol_accept=self.tol_accept, tol_error=self.tol_error,
                        max_iter=self.max_iter, refine=self.refine,
                        polish=self.polish, structure=data.structure, error_cols=data.on_device("error_cols", p),
-                       error_duals=data.on_device("error_duals", p))
+                       error_duals=data.on_device("error_duals", p), decide_pairs=decide_pairs)
         opinion = torch.full((B,), -1, dtype=torch.long, device=p.device)
         if second_opinion:
             *start, _, opinion = clarabel_points(P, q, A, b, data.layout, opinions=True)

@@ -22,7 +22,7 @@ import torch
 from .estimate import error_estimate, limit_scaling_at, nearly_dependent_rows
 from .kkt import PatchedKKT
 from .polish import polish as newton_polish
-from .polish import polish_nonnegative, rounding_level
+from .polish import better, polish_nonnegative, rounding_level
 from .symmetric_cones import ConeLayout, soc_frame
 
 __all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_scaling_at",
@@ -92,7 +92,8 @@ def _keep(take: torch.Tensor, alt: tuple, out: tuple) -> tuple:
     return tuple(torch.where(take.view((-1,) + (1,) * (o.dim() - 1)), a, o) for a, o in zip(alt, out))
 
 
-def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, steps, decide=False, tight=None):
+def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, steps, decide=False, tight=None,
+                   natural=False):
     """LU Newton steps on the elements ``idx`` only; merged back into the batch. With
     ``decide``, a second run from the same points takes the decided nonnegative pairs at
     their limit (see :func:`.polish.polish`), each element keeping the lower residual, and
@@ -110,7 +111,8 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
         # limit rows alone took a weakly active bound (s, z ~1e-11, 1e-13) as inactive
         # and left it violated by 3e-11 where plain steps reach rounding.
         alt = newton_polish(*args, settled=settled, decide=decided)
-        out = _keep(alt[3] < out[3], alt, out)
+        out = _keep(better(layout, alt[3], *alt[1:3], out[3], *out[1:3], torch.maximum(alt[3], out[3]))
+                    if natural else alt[3] < out[3], alt, out)  # (natural: a tie at rounding by polish.better)
         # Where a pair is still open, a semismooth run: every pair taken at the limit its
         # larger member points to (active where s < z), i.e. Newton on min(s, z) = 0. Plain
         # steps from an interior point with s, z ~1e-5 beside a multiplier of 1e-7 only halve
@@ -143,7 +145,7 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
 
 
 def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish: str,
-           polish_steps: int, refine: int, tol_error: float, error_cols, error_duals):
+           polish_steps: int, refine: int, tol_error: float, error_cols, error_duals, natural: bool = False):
     """Polish and certify the normalised solutions ``(xs, ss, zs)`` of the equilibrated data ``d``.
 
     Args:
@@ -185,7 +187,7 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
         if idx.numel():
             xs, ss, zs, residual, polished, took = _polish_subset(d, layout, xs, ss, zs, residual, polished,
                                                                   idx, residual_fn, 2 * polish_steps, True,
-                                                                  damped.index_select(0, idx))
+                                                                  damped.index_select(0, idx), natural)
             if bool(took.any()):
                 # Estimated again on the elements that moved only: a full-batch factorisation cost
                 # a third of this function at batch 1024 (n = 50 QP), for 16 elements (and one that

@@ -84,7 +84,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
                      structure: KKTStructure = DENSE, error_cols: torch.Tensor | None = None,
                      error_duals: torch.Tensor | None = None, keep_state: bool = False,
                      start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     prepared: tuple | None = None) -> ConeSolution:
+                     prepared: tuple | None = None, decide_pairs: bool = False) -> ConeSolution:
     """Solve a batch of cone programs ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``.
 
     Args:
@@ -118,6 +118,9 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             solution (for the backward).
         start: ``(x, s, z)``, a solution found elsewhere (:mod:`.second_opinion`) to
             polish, check and keep instead of iterating: no interior-point iterations.
+        decide_pairs: iterate past ``tol`` while a complementary pair is undecided in its own
+            units (:mod:`.pairs`; for elements the checks failed: a constraint far below the
+            program's scale, e.g. a ball of radius 1e-7 around a centre of size 10).
         prepared: ``(d, reduced)``, these elements' equilibrated data and
             :func:`~.nullspace.reduce`'s answer, where a caller split a batch by the form
             each element takes (internal: each part reuses its rows of the batch's).
@@ -148,7 +151,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         # the batch (R does not), so only the group in the null-space form factorises again.
         opts = dict(tol=tol, tol_accept=tol_accept, tol_error=tol_error, tol_inf=tol_inf, max_iter=max_iter,
                     refine=refine, equilibrate_passes=equilibrate_passes, polish=polish, polish_steps=polish_steps,
-                    structure=structure, error_cols=error_cols, error_duals=error_duals, keep_state=keep_state)
+                    structure=structure, error_cols=error_cols, error_duals=error_duals, keep_state=keep_state,
+                    decide_pairs=decide_pairs)
         idx, other = (torch.nonzero(m).squeeze(1) for m in (reduced, ~reduced))
         part = d.select(idx)
         return _apart(args, [(idx, (part, reduce(part, layout, structure))), (other, (d.select(other), None))], opts)
@@ -159,11 +163,12 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         red = None
     else:
         d, xs, ss, zs, status, iterations, certified, red = _iterate(d, layout, structure, tol, tol_inf,
-                                                                     max_iter, refine, reduced=reduced)
+                                                                     max_iter, refine, reduced=reduced,
+                                                                     decide=decide_pairs)
         # A huge inactive bound sets σ: solved again without it, in the solution's unit (.far_rows).
         d, xs, ss, zs, status, iterations, certified = relax_far_rows(
             d, layout, (xs, ss, zs, status, iterations, certified),
-            lambda part: _iterate(part, layout, structure, tol, tol_inf, max_iter, refine)[:7])
+            lambda part: _iterate(part, layout, structure, tol, tol_inf, max_iter, refine, decide=decide_pairs)[:7])
         # σ sizes the equilibrated units from the data; an inactive constraint with a huge
         # right-hand side inflates it far above the solution, whose error the measures'
         # "1 +" then hides. Elements whose solution came out that small are solved again
@@ -176,7 +181,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
             part = d.select(idx)
             part = part.with_sigma(part.sigma * size.index_select(0, idx))
             part, *again, its, cert, _ = _iterate(part, layout, structure, tol, tol_inf, max_iter, refine,
-                                                  sigma_from_start=False)
+                                                  sigma_from_start=False, decide=decide_pairs)
             d = d.merge(idx, part)
             xs, ss, zs, status = (v.index_copy(0, idx, w) for v, w in zip((xs, ss, zs, status), again))
             certified = certified.index_copy(0, idx, cert)
@@ -186,7 +191,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
                else ReducedSystems(red, d, ops, structure))
     xs, ss, zs, residual, kkt, error = finish(
         d, systems, layout, xs, ss, zs, ~certified, point_residual(d, layout), polish, polish_steps,
-        refine + 1, tol_error, error_cols, error_duals)
+        refine + 1, tol_error, error_cols, error_duals, natural=decide_pairs)
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
     xo, so, zo = (torch.where(ok[:, None], v, 0.0) for v in (xo, so, zo))
@@ -198,13 +203,13 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # The measures so far are relative to the equilibrated unit (σ from the data; above: a
     # point with a relative gap of 0.02 to 1 passed there). The same measures in the
     # caller's units do not share that blind spot (nor the equilibrated ones theirs): both must pass.
-    caller, points = caller_measures(P, q, A, b, layout, xo, so, zo, tol_accept)
+    caller, points = caller_measures(P, q, A, b, layout, xo, so, zo, tol_accept, own_rows=decide_pairs)
     residual = torch.where(certified, residual, torch.maximum(residual, caller))
     short = ok & ~certified & ~(residual <= tol_accept)
     if bool(short.any()):  # (the limit point's residual: see limit_scaling.limit_point)
         ss, zs, so, zo, residual, points = retry_at_limit(
             d, layout, (P, q, A, b), xs, ss, zs, (xo, so, zo, residual, points), torch.nonzero(short).squeeze(1),
-            point_residual(d, layout), tol_accept)
+            point_residual(d, layout), tol_accept, decide_pairs)
     # Solved means: small residual and small estimated error, whatever the loop concluded.
     ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
@@ -258,7 +263,7 @@ def _iterate(d: Scaled, layout: ConeLayout, structure: KKTStructure, *args, redu
 
 
 def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float,
-                max_iter: int, refine: int, sigma_from_start: bool = True):
+                max_iter: int, refine: int, sigma_from_start: bool = True, decide: bool = False):
     """The interior-point iterations on the equilibrated data ``d``; returns ``(d, xs, ss,
     zs, status, iterations, certified)``: the data (with the solution scale refined from
     the initial point when ``sigma_from_start``), each element's best point divided by
@@ -288,7 +293,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     status = torch.where(kkt.failed, NUMERICAL, torch.full_like(tau, RUNNING, dtype=torch.long))
     iterations = torch.zeros_like(status)
     best_merit = torch.full_like(tau, torch.inf)
-    data = IterationData(d, ops, base, layout, structure, tol, tol_inf)
+    data = IterationData(d, ops, base, layout, structure, tol, tol_inf, decide)
     state, res, counts = update(data, (x, s, z, tau, kappa, status, iterations, x, s, z, tau, best_merit,
                                        best_merit, torch.zeros_like(status)),
                                 kkt.regularisation_effect, max_iter == 0)
@@ -301,7 +306,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     site = "interior point, second-order cones" if layout.soc else "interior point"
     if capture_wanted(x):
         key = (tuple((t.shape, t.dtype) for t in (*consts, *state, *res)), x.device, id(layout), structure, tol,
-               tol_inf, refine)
+               tol_inf, refine, decide)
         graphs = StepGraphs.kept(site, key, holds=layout)
     else:
         graphs = StepGraphs(False, site)
@@ -331,7 +336,7 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
             state, effect = step(data, state, res, it == 0, ref)
             state, res, counts = update(data, state, effect, last)
         else:
-            flat, (counts,) = graphs.run(ref, _graph_body(layout, structure, tol, tol_inf, ref), (*state, *res),
+            flat, (counts,) = graphs.run(ref, _graph_body(layout, structure, tol, tol_inf, ref, decide), (*state, *res),
                                          consts)
             state, res = tuple(flat[:len(STATE)]), tuple(flat[len(STATE):])
     if graphs.replays:  # (the state lies in the graphs' buffers, which the next solve overwrites)
@@ -355,14 +360,15 @@ def _iterations(d: Scaled, layout: ConeLayout, structure: KKTStructure, tol: flo
     return d, xs, ss, zs, status, iterations, certified
 
 
-def _graph_body(layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float, refine: int):
+def _graph_body(layout: ConeLayout, structure: KKTStructure, tol: float, tol_inf: float, refine: int,
+                decide: bool = False):
     """A step and the next update as one function of the data and the flat ``(*state,
     *residuals)`` (what :class:`~convexddn._step_graphs.StepGraphs` captures, and keeps
     across solves): returns the new flat state and the counts. Everything derived from
     the data is derived inside, so that a kept graph reads no tensor of an earlier solve."""
     def body(P, q, A, b, *flat):
         data = IterationData(_Data(P, q, A, b), DataOps(P, A, layout, structure),
-                             constant_part(P, A, layout, structure), layout, structure, tol, tol_inf)
+                             constant_part(P, A, layout, structure), layout, structure, tol, tol_inf, decide)
         state, effect = step(data, flat[:len(STATE)], flat[len(STATE):], False, refine)
         state, res, counts = update(data, state, effect, False)
         return (*state, *res, counts)

@@ -21,6 +21,7 @@ from .cone_solution import DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_IN
 from .equilibration import Scaled
 from .kkt import DataOps, KKTStructure, KKTSystem, row_inf
 from .measures import Measures, max_step
+from .pairs import pairs_open
 from .symmetric_cones import ConeLayout, NTScaling
 
 __all__ = ["STATE", "STATUS", "IterationData", "column_mask", "step", "update"]
@@ -35,6 +36,9 @@ _MIN_STEP = 1e-10
 # off-centre cycle of long and short steps): it stops and the final checks decide (as
 # Clarabel's insufficient progress). 15 stopped QPs at ~1e6 needing 21-22 iterations.
 _STALL_GAIN, _STALL_ITERATIONS = 0.5, 30
+# Iterations without progress (best merit halving) after which an element whose measures
+# are below tol stops with a complementary pair open (both members > 0, degenerate).
+_OPEN_STALL = 3
 # Relative change of a KKT solve by the regularisation below which iterative refinement is
 # skipped during the iterations (the polish and the error estimate always refine).
 _REFINE_ABOVE = 1e-8
@@ -51,6 +55,7 @@ class IterationData:
     structure: KKTStructure
     tol: float
     tol_inf: float
+    decide: bool = False  # go on past tol while a pair is open in its own units (.pairs)
 
     def __post_init__(self) -> None:
         self.norm_b, self.norm_q = row_inf(self.d.b), row_inf(self.d.q)
@@ -64,7 +69,7 @@ class IterationData:
         """The data of the elements ``idx``."""
         d = self.d.select(idx)
         return IterationData(d, DataOps(d.P, d.A, self.layout, self.structure), self.base.index_select(0, idx),
-                             self.layout, self.structure, self.tol, self.tol_inf)
+                             self.layout, self.structure, self.tol, self.tol_inf, self.decide)
 
 
 def update(data: IterationData, state: tuple, effect: torch.Tensor | None, last: bool):
@@ -91,7 +96,13 @@ def update(data: IterationData, state: tuple, effect: torch.Tensor | None, last:
     stall_count = torch.where(progress, 0, stall_count + 1)
     new = torch.where(r.dinf, DUAL_INFEASIBLE, RUNNING)
     new = torch.where(r.pinf, PRIMAL_INFEASIBLE, new)
-    new = torch.where(r.merit <= data.tol, SOLVED, new)
+    # Solved: the measures below tol; with ``decide``, each complementary pair decided in its
+    # own units too (.pairs), or the merit stalled past tol (a degenerate pair stays open).
+    met = r.merit <= data.tol
+    if data.decide:
+        d = data.d
+        met = met & (~pairs_open(data.layout, d.A, d.b, d.q, x, s, z, tau, data.tol) | (stall_count >= _OPEN_STALL))
+    new = torch.where(met, SOLVED, new)
     # Finite precision: iterates near ∂K can degrade; stop once clearly worse.
     new = torch.where(~r.finite | ((best_merit < 1e-5) & (r.merit > 1e4 * best_merit))
                       | (stall_count >= _STALL_ITERATIONS), NUMERICAL, new)

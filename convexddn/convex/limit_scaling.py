@@ -262,7 +262,7 @@ def kink_point(layout: ConeLayout, A: torch.Tensor, b: torch.Tensor, x: torch.Te
     return (torch.cat([s[:, :z0], s_k, s[:, z0 + k:]], 1), torch.cat([z[:, :z0], z_k, z[:, z0 + k:]], 1))
 
 
-def retry_at_limit(d, layout: ConeLayout, data, xs, ss, zs, out, idx, residual_fn, tol: float):
+def retry_at_limit(d, layout: ConeLayout, data, xs, ss, zs, out, idx, residual_fn, tol: float, own_rows: bool = False):
     """Measure the elements ``idx`` again at the :func:`limit_point` of their solution
     ``(xs, ss, zs)`` (equilibrated units, program ``d``); each keeps the point with the
     smaller residual. Then once more with its undecided nonnegative pairs at their kink
@@ -292,7 +292,7 @@ def retry_at_limit(d, layout: ConeLayout, data, xs, ss, zs, out, idx, residual_f
 
     def measure(s, z):
         _, so, zo = part.unscale(x, s, z)
-        caller, points = caller_measures(*caller_data, layout, pick(out[0]), so, zo, tol)
+        caller, points = caller_measures(*caller_data, layout, pick(out[0]), so, zo, tol, own_rows)
         return so, zo, torch.maximum(residual_fn(x, s, z, idx), caller), points
 
     so, zo, residual, points = measure(s, z)

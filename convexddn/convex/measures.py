@@ -14,7 +14,7 @@ from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout, soc_frame
 
 __all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "NOT_COMPLEMENTARY", "ROUNDING", "UNVERIFIABLE", "Measures",
-           "caller_measures", "kkt_measures", "max_step", "point_residual"]
+           "caller_measures", "kkt_measures", "max_step", "own_complementarity", "point_residual"]
 
 
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,7 +49,8 @@ def _gap(q, b, x, z, Px) -> torch.Tensor:
 FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE = 1, 2, 4
 
 
-def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
+                    own_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(residual, points)`` of a point in the caller's units, per element.
 
     The caller's rows are not equilibrated, so each row and each variable is measured
@@ -63,7 +64,7 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     (the magnitudes of the terms, not of their sums, so rounding in a cancelling row
     passes), a slack's distance to K against its rows' :math:`\rho`, a multiplier's
     against :math:`1 + \|z\|_\infty`, the gap of :func:`kkt_measures`, and a pair whose
-    members are both large beside their own scales (:func:`_own_complementarity`). With one norm
+    members are both large beside their own scales (:func:`own_complementarity`). With one norm
     for all rows, an inactive bound of 3e5 beside rows of 1e-2 let a violation of 1.85e-3
     in another row pass as 6e-9 (an infeasible LP certified as solved), and a box row
     violated by 9.4e-4 passed beside a slack of 1e6.
@@ -76,6 +77,10 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     :math:`\|P_j\|_\infty \|x\|_\infty + \|A_{:j}\|_\infty \|z\|_\infty` on a
     column (the solution's norms, not the slack's: an inactive bound's slack of 1e6 does
     not widen it), which is what a float solve of the element leaves there anyway.
+
+    ``own_rows``: each residual against its own terms alone, without the "1 +" (the
+    decided pass of :mod:`.pairs`: a ball of radius 1e-7 around a centre of size 4, its
+    radius row 1e-11 off (1e-4 of its terms, 1e-11 of "1 +"), left dy/dx 5e-3 off).
 
     ``residual``: the largest of these (``inf`` where NaN). ``points``:
     :data:`FEASIBLE_PRIMAL` where ``(x, s)`` is primal feasible to ``tol`` (the primal
@@ -95,14 +100,17 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     a_rows = _inf_rows(Aa)  # (B, m) ‖A_i‖∞
     row_slack = unit * a_rows * x_inf  # (B, m)
     col_slack = unit * (_inf_rows(Pa) * x_inf + _inf_rows(Aa.mT) * z_inf)  # (B, n)
-    pres = _worst(((Ax + s - b).abs() - row_slack).clamp_min(0) / (1 + rho))
-    dres = _worst(((Px + ATz + q).abs() - col_slack).clamp_min(0) / (1 + sigma))
+    one = 0.0 if own_rows else 1.0
+    pres = _worst(((Ax + s - b).abs() - row_slack).clamp_min(0) / torch.where(one + rho > 0, one + rho, 1.0))
+    dres = _worst(((Px + ATz + q).abs() - col_slack).clamp_min(0) / torch.where(one + sigma > 0, one + sigma, 1.0))
     z0 = layout.zero
     s_out = layout.violation(s[:, z0:], scale=rho[:, z0:])
     z_out = _cone_violation(layout, z)
     # (a multiplier's unit: the largest one, or tol of the dual equations' terms through its row)
     z_unit = torch.maximum(z_inf, tol * _worst(sigma)[:, None] / torch.where(a_rows > 0, a_rows, 1.0))
-    comp = _own_complementarity(layout, s, z, rho, row_slack * max(1.0, tol / unit), z_unit)
+    # (a nonnegative row's slack against its rounding only; a cone's also against tol of x, see below)
+    comp = torch.maximum(own_complementarity(layout, s, z, rho, row_slack * max(1.0, tol / unit), z_unit),
+                         own_complementarity(ConeLayout(layout.zero, layout.nonneg), s, z, rho, row_slack, z_unit))
     residual = torch.stack([pres, dres, gap, s_out, z_out, comp]).amax(0)
     residual = torch.where(torch.isnan(residual), torch.inf, residual)
     primal = (pres <= tol) & (s_out <= tol)
@@ -110,7 +118,7 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float) -> tupl
     return residual, primal.long() * FEASIBLE_PRIMAL + dual.long() * FEASIBLE_DUAL
 
 
-def _own_complementarity(layout: ConeLayout, s, z, rho, s_small, z_unit) -> torch.Tensor:
+def own_complementarity(layout: ConeLayout, s, z, rho, s_small, z_unit) -> torch.Tensor:
     r"""``(B,)`` the largest complementary pair whose members are both large beside their
     own scales (0 where every pair has one member below :data:`NOT_COMPLEMENTARY` of it):
 
@@ -122,10 +130,16 @@ def _own_complementarity(layout: ConeLayout, s, z, rho, s_small, z_unit) -> torc
     over the nonnegative rows (:math:`\rho_i` its row's terms) and each second-order
     cone's Jordan-frame pairs (:func:`~.symmetric_cones.soc_frame`: :math:`a_k` against
     the head row's :math:`\rho`, the cone's radius, its other rows' slack being the
-    difference of their terms). A slack counts less ``s_small`` ``(B, m)``, tol of the
-    solution's size along its row (:math:`\|A_i\|_\infty \|x\|_\infty`, as the
-    measures' normwise promise goes; the largest over a cone's rows): a bound y_i >= 0
-    met at y_i = 1.4e-6 beside a solution of 1e8 (1e-14 of it) is no row of its own. A
+    difference of their terms). A slack counts less ``s_small`` ``(B, m)``:
+    :func:`caller_measures` passes tol of the solution's size along its row
+    (:math:`\|A_i\|_\infty \|x\|_\infty`, as the measures' normwise promise goes; the
+    largest over a cone's rows), and for the nonnegative rows also its rounding alone
+    (:data:`ROUNDING` units of it): a bound y_i >= 0 met at y_i = 1.4e-6 beside a solution
+    of 1e8 (1e-14 of it) is no row of its own, but tol of x hid the radius row of a ball
+    r = 1e-7 around a centre of size 8 (slack 0.5 r beside the largest multiplier: the
+    centre returned, a gradient of 0 for I, silently); a row's slack is as exact as the
+    rounding of its terms. (A cone's frame values keep tol: entmax's cones near their
+    tips, in their own units, are its derivative checks' to judge.) A
     multiplier's unit ``z_unit`` ``(B, m)`` is :math:`\zeta_i` (:math:`\sigma`: the dual
     equations' terms), so that one whose term there is below tol of them is small (the
     badly scaled QP's multiplier of 7e-5 on an inactive row, beside terms of 4e8).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convexddn.convex.measures import caller_measures
+from convexddn.convex.measures import ROUNDING, caller_measures
 from convexddn.convex.symmetric_cones import ConeLayout
 
 F64 = torch.float64
@@ -72,8 +72,8 @@ def test_caller_measures_see_a_pair_not_complementary_beside_its_own_row():
         zz = torch.tensor([[z]], dtype=F64)
         residual, _ = caller_measures(torch.eye(2, dtype=F64)[None], q, A, b, ConeLayout(0, 1), x, b - x[:, :1], zz,
                                       TOL)
-        # min(s/ρ, z/max(‖z‖∞, tol)) = min(1/2, 1), s less TOL of the solution's size (‖A₀‖∞‖x‖∞ = 1)
-        expected = (r / 2 - TOL) / r if worse else 0.0
+        # min(s/ρ, z/max(‖z‖∞, tol)) = min(1/2, 1), s less ROUNDING units of the solution size (‖A₀‖∞‖x‖∞ = 1)
+        expected = (r / 2 - ROUNDING * EPS) / r if worse else 0.0
         assert float(residual) == pytest.approx(expected, rel=1e-6, abs=TOL), z
 
 

@@ -131,8 +131,10 @@ def test_at_rounding_level_the_natural_residual_orders_the_points():
     s_i ≈ z_i ≈ 1e-8, a product at rounding: the residual cannot tell that point from the
     exact one (s_i, z_i ~1e-19), and the polish kept the first. Where both residuals are at
     rounding level and within a factor of 2 of the lowest met, max_i |min(s_i, z_i)|
-    decides; otherwise (a badly scaled element's 4e-18 beside 5e-26), or on second-order
-    cones (where s ∘ z at rounding hides a misalignment), the residual alone."""
+    decides; otherwise (a badly scaled element's 4e-18 beside 5e-26) the residual alone. On
+    second-order cones (where s ∘ z at rounding hides a misalignment that min(s_i, z_i)
+    does not see) a tie goes to the newer point, the Newton step's: an interior point of a
+    ball r = 1e-6 kept its dy/dx 1.2e-4 off beside the step's exact one."""
     lp = ConeLayout(zero=1, nonneg=2, soc=())
     s_ip = torch.tensor([[0.0, 1.19e-8, 0.5]], dtype=F64)
     z_ip = torch.tensor([[0.3, 1.13e-8, 0.0]], dtype=F64)
@@ -151,11 +153,12 @@ def test_at_rounding_level_the_natural_residual_orders_the_points():
     above = torch.tensor([100 * rounding_level(r)], dtype=F64)
     assert better(lp, above, s_ex, z_ex, above, s_ip, z_ip, above).tolist() == [False]
     assert better(lp, r, s_ip, z_ip, above, s_ex, z_ex, r).tolist() == [True]
-    # with a second-order cone: the residual alone
+    # with a second-order cone: at a tie the newer point (the Newton step), else the residual
     soc = ConeLayout(zero=1, nonneg=2, soc=(1,))
     pad = torch.ones(1, 1, dtype=F64)
     cat = lambda v: torch.cat([v, pad], 1)  # noqa: E731
-    assert better(soc, r, cat(s_ex), cat(z_ex), r, cat(s_ip), cat(z_ip), r).tolist() == [False]
+    assert better(soc, r, cat(s_ex), cat(z_ex), r, cat(s_ip), cat(z_ip), r).tolist() == [True]
+    assert better(soc, far, cat(s_ex), cat(z_ex), low, cat(s_ip), cat(z_ip), low).tolist() == [False]
 
 
 # Programs with variable entries that appear nowhere: min ‖y − x‖² + t₀ s.t. one atom in y
