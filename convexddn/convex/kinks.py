@@ -44,6 +44,8 @@ _UNDECIDED = 1e-9
 # (its slack 1e-9 exact to rounding) was called a kink, "not unique or not differentiable". (Not
 # lower: a second-order cone projected to its tip keeps a spectral value of 1e-11 at a size of 3.)
 _UNDECIDED_FLOOR = 1e-10
+# ... and the floor of a nonnegative row or a cone block away from its tip (see _accuracy).
+_RESOLVED_FLOOR = 1e-13
 # A row's (cone block's) own scale of x counts where it is at least this fraction of the
 # solution's (see pair_tolerances).
 _OWN_SCALE = 1e-8
@@ -79,7 +81,8 @@ def _spectral(kind: str, v: np.ndarray):
 def pair_tolerances(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray,
                     residual: float, cones: list) -> tuple[np.ndarray, np.ndarray]:
     """``(for s, for y)``: each row's tolerance for :func:`kink_sides`, the point's relative
-    accuracy (``residual``, its KKT residual, within [1e-10, 1e-9]) times the row's own scale:
+    accuracy (``residual``, its KKT residual, within [1e-13, 1e-9]; [1e-10, 1e-9] on a cone at
+    its tip, :func:`_accuracy`) times the row's own scale:
     ``‖A_i‖∞ ξ_i + |b_i|`` for the slack (``ξ_i`` x's scale in the row's columns and ``|b_i| / ‖A_i‖∞``,
     or the solution's where that is ~0), ``‖|A|ᵀ|y| + |c|‖∞ / ‖A_i‖∞`` (over the row's columns) for
     the multiplier (what it weighs in the dual rows). Both scale with the row (a row times d: its slack times
@@ -104,7 +107,29 @@ def pair_tolerances(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarra
     d_scale = _own_scale(A, cols, dual[cols], np.zeros(A.shape[0]), cones)
     tol_s = np.where((rows > 0) & (x_scale > 0), rows * x_scale + np.abs(b), size)
     tol_y = np.where((rows > 0) & (d_scale > 0), d_scale / safe, size)
-    return accuracy * tol_s, accuracy * tol_y
+    return _accuracy(cones, y, s, tol_s, tol_y, residual, accuracy)
+
+
+def _accuracy(cones: list, y: np.ndarray, s: np.ndarray, tol_s: np.ndarray, tol_y: np.ndarray, residual: float,
+              accuracy: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(tol_s, tol_y)`` times each row's accuracy: ``accuracy`` (floored at
+    ``_UNDECIDED_FLOOR``) on a second-order or PSD block whose slack is at its tip (its
+    spectral values all within it) and on exponential blocks; the residual, floored at
+    ``_RESOLVED_FLOOR``, on the others. That floor is for tips, whose spectral values keep
+    the solve's noise (1e-11 at a size of 3); a nonnegative row or a cone away from its tip
+    is as exact as the residual says: a ball ‖y − c‖ <= 1e-6 with x outside by 1e-12 has a
+    multiplier whose spectral value, 2e-12, is exact to rounding, and was a kink at 1e-10
+    ("not unique or not differentiable", its gradient exact)."""
+    fine = min(_UNDECIDED, max(_RESOLVED_FLOOR, residual)) if np.isfinite(residual) else _UNDECIDED
+    acc = np.full(y.size, fine)
+    for kind, at, q in cone_blocks(cones):
+        block = slice(at, at + q)
+        if kind in (cone_lib.SOC, cone_lib.PSD):
+            if np.abs(_spectral(kind, s[block])[0]).max() <= accuracy * tol_s[block].max():
+                acc[block] = accuracy
+        elif kind in (cone_lib.EXP, cone_lib.EXP_DUAL):
+            acc[block] = accuracy
+    return acc * tol_s, acc * tol_y
 
 
 def _own_scale(A, cols: np.ndarray, per_entry: np.ndarray, floor: np.ndarray, cones: list) -> np.ndarray:

@@ -241,12 +241,39 @@ def test_pair_tolerances_follow_each_blocks_own_columns():
     1e-6 (a ball of radius 1e-6 beside unit data): each block's slack tolerance follows its
     own columns' x, so a slack of 1e-12 in the small ball (1e-6 of its size) is no kink; with
     the whole solution's scale it was, and the backward warned "not unique". A block whose
-    columns are ~0 (below 1e-8 of the solution: a cone at its tip) keeps the solution's."""
-    from convexddn.convex.kinks import pair_tolerances
+    columns are ~0 (below 1e-8 of the solution: a cone at its tip) keeps the solution's (and
+    the tip's accuracy floor; the others, away from their tips, the finer one)."""
+    from convexddn.convex.kinks import _RESOLVED_FLOOR, _UNDECIDED_FLOOR, pair_tolerances
 
     A = sp.csc_matrix(-np.eye(9))
     cones = cone_lib.parse_cone_dict({"q": [3, 3, 3]})
     x = np.concatenate([[1.0, 0.6, 0.8], [1e-6, 6e-7, 8e-7], [0.0, 1e-17, 0.0]])
     ts, _ = pair_tolerances(A, np.zeros(9), np.ones(9), x, np.zeros(9), x, 0.0, cones)
     np.testing.assert_allclose(ts[3:6], 1e-6 * ts[0], rtol=1e-12)
-    np.testing.assert_allclose(ts[6:], ts[0], rtol=1e-12)
+    np.testing.assert_allclose(ts[6:] / _UNDECIDED_FLOOR, ts[0] / _RESOLVED_FLOOR, rtol=1e-12)
+
+
+@pytest.mark.parametrize("t", [1 + 1e-6, 1 - 1e-6])
+def test_ball_just_off_its_sphere_is_no_kink_on_the_per_element_path(t):
+    """‖y − c‖₂ <= r = 1e-6, x = c + t r u a millionth of r off the sphere: outside, the
+    multiplier's spectral value is 2e-12 (‖x − y‖, exact to rounding: the slack's block is
+    away from its tip); inside, the slack's is 1e-12 r. The tolerance floor for tips (1e-10
+    of the block's dual scale, 1) made both kinks: "not unique or not differentiable" beside
+    exact gradients. Closed form: dy/dx = I inside, (r/‖d‖)(I − d dᵀ/‖d‖²) outside."""
+    g = np.random.default_rng(1)
+    r = 1e-6
+    x, y = cp.Parameter(3), cp.Variable(3)
+    for _ in range(2):
+        c, u = g.normal(size=3), g.normal(size=3)
+        u /= np.linalg.norm(u)
+        layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(y - x)), [cp.norm(y - c, 2) <= r]),
+                                 [x], [y], solver="Clarabel")
+        X = torch.tensor(c + t * r * u, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", GradientWarning)
+            Y = layer(X)
+            J = torch.stack([torch.autograd.grad(Y[i], X, retain_graph=True)[0] for i in range(3)]).numpy()
+        d = X.detach().numpy() - c
+        n = np.linalg.norm(d)
+        ref = np.eye(3) if n <= r else (r / n) * (np.eye(3) - np.outer(d, d) / n ** 2)
+        assert np.abs(J - ref).max() <= 1e-8
