@@ -278,7 +278,11 @@ def mixed_jvp(xs, theta, moving, tangents, pen):
                 args[i] = t
             return torch.func.grad(lambda th: objective(th, *args, pen).sum())(theta)
 
-        return torch.func.jvp(grad_theta, tuple(xs[i] for i in moving), tuple(tangents[i] for i in moving))[1]
+        # torch.func.jvp makes each primal a dual tensor, which torch refuses for one whose
+        # elements share memory: an input broadcast to the batch (a K of shape (4,), a 0-d
+        # alpha), which torch.func hands in with a zero tangent all the same.
+        return torch.func.jvp(grad_theta, tuple(_own_memory(xs[i]) for i in moving),
+                              tuple(_own_memory(tangents[i]) for i in moving))[1]
     with torch.enable_grad():
         args, gf = objective_gradient(theta, xs, [i in moving for i in range(len(xs))], pen)
         u = torch.zeros_like(gf, requires_grad=True)
@@ -287,3 +291,10 @@ def mixed_jvp(xs, theta, moving, tangents, pen):
         if not inner:
             return None
         return torch.autograd.grad(sum(inner), u, allow_unused=True)[0].detach()
+
+
+def _own_memory(t):
+    """``t``, copied where its elements share memory (a stride 0 over a dimension of more
+    than one element, as ``expand`` leaves it); otherwise itself, uncopied."""
+    shared = any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+    return t.contiguous() if shared else t

@@ -635,6 +635,36 @@ def test_pnp_jvp_matches_finite_differences(penalty):
     torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("form", ["K (4,)", "K (1, 4)", "weights (N,)", "alpha 0-d", "p3d moves, K (4,)",
+                                  "p2d moves, p3d (N, 3)"])
+def test_pnp_jvp_with_inputs_broadcast_over_the_batch(form):
+    # An input shared by the batch (expanded to it, stride 0) made torch.func.jvp's
+    # make_dual raise torch's "more than one element of the written-to tensor refers to a
+    # single memory location" (torch.func hands every input a tangent, zero or not). The
+    # tangent against central differences of the solve.
+    p2d, p3d, _ = scene(95, batch=(2,), noise=0.01)[:3]
+    gen = torch.Generator().manual_seed(96)
+    K = torch.tensor([1.1, 0.9, 0.02, -0.01], dtype=D)
+    kw = {"K (4,)": dict(K=K), "K (1, 4)": dict(K=K[None]), "p3d moves, K (4,)": dict(K=K),
+          "weights (N,)": dict(weights=torch.rand(p2d.shape[1], dtype=D, generator=gen) + 0.5),
+          "alpha 0-d": dict(penalty="huber", alpha=torch.tensor(0.05, dtype=D)),
+          "p2d moves, p3d (N, 3)": dict(K=K[None])}[form]
+    if form == "p2d moves, p3d (N, 3)":
+        p3d = p3d[0]  # (one scene, seen twice with different noise)
+        p2d = p2d[:1] + 0.01 * torch.randn(p2d.shape, dtype=D, generator=gen)
+    moving_3d = form.startswith("p3d")
+    x = p3d if moving_3d else p2d
+    dx = torch.randn(x.shape, dtype=D, generator=gen)
+
+    def f(z, tol=1e-8):
+        return pnp(p2d, z, tol=tol, **kw) if moving_3d else pnp(z, p3d, tol=tol, **kw)
+
+    _, tangent = torch.func.jvp(f, (x,), (dx,))
+    h = 1e-6
+    fd = (f(x + h * dx, 1e-14) - f(x - h * dx, 1e-14)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-8)
+
+
 def test_pnp_forward_ad_dual_tensors():
     import torch.autograd.forward_ad as fwAD
 
