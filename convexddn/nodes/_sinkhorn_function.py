@@ -13,8 +13,8 @@ from ..errors import GradientWarning, InputError
 from ._overflow import warn_gradient_overflow
 from .degeneracy import shown_indices
 from ._sinkhorn import solve
-from ._sinkhorn_schur import (back_substitute, lambda_min_lower, lambda_min_upper, polish, refine, row_sums,
-                             schur_rhs, schur_solve)
+from ._sinkhorn_schur import (back_substitute, held_columns, lambda_min_lower, lambda_min_upper, polish, refine,
+                             relative_error, row_sums, schur_rhs, schur_solve)
 from ._sinkhorn_padding import Padding, fill_dead
 
 __all__ = ["ACCURACY", "SinkhornFn", "Box", "Polish", "dual_solve"]
@@ -22,11 +22,12 @@ __all__ = ["ACCURACY", "SinkhornFn", "Box", "Polish", "dual_solve"]
 # The relative accuracy the docs promise for the gradients, by the caller's dtype (float64:
 # central differences to 1e-8; narrower: the dtype's rounding, float32's 6e-8 up to 1e-7).
 ACCURACY = {torch.float64: 1e-8, torch.float32: 1e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-# The marginals' derivatives are off by up to about a quarter of the forward's column error
-# over the Schur complement's smallest eigenvalue (measured: 4e-2 gave 3e-4, 0.18 gave 1 %,
-# 4.4 gave 13 %; on 30 balanced two-cluster plans up to a quarter): above _WARN times the
-# accuracy the plan is polished, and where the ratio stays above that, it warns.
-_WARN = 4.0
+# The marginals' derivatives are off by up to about the plan's relative marginal error η
+# times ‖S⁻¹D‖∞ = 1/lo (:func:`~._sinkhorn_schur.lambda_min_lower`; measured on 4 × 4
+# balanced two-cluster plans, where it is a quarter of the L1 error over the unscaled
+# λ_min: 0.18 of that gave 1 %, 4.4 gave 13 %): above _WARN times the accuracy the plan
+# is polished, and where the ratio stays above that, it warns.
+_WARN = 1.0
 
 
 class Box:
@@ -76,7 +77,7 @@ class SinkhornFn(torch.autograd.Function):
         the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
         solver sees, so the dropped equation holds.)"""
         refuse_batched("sinkhorn", C_t, a_t, b_t)
-        P, err, a, b = ctx.saved_tensors
+        P, _err, a, b = ctx.saved_tensors
         pad = ctx.pad
         if pad is not None:
             # Along a zero marginal entry only a ≥ 0 is feasible: the derivative there is
@@ -111,7 +112,7 @@ class SinkhornFn(torch.autograd.Function):
         marginals = a_t is not None or b_t is not None
         P0 = P
         dalpha, dbeta, P = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
-                                      "the tangent with respect to the marginals", err if marginals else None,
+                                      "the tangent with respect to the marginals",
                                       _fix(ctx, a, b, rhs) if marginals else None)
         dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
         if Q is None:  # (without a cost tangent nothing is divided by eps)
@@ -126,7 +127,7 @@ class SinkhornFn(torch.autograd.Function):
     @staticmethod
     @first_order("sinkhorn")
     def backward(ctx, V, _grad_err):  # type: ignore[override]
-        P, G, err, a, b = ctx.saved_tensors
+        P, G, _err, a, b = ctx.saved_tensors
         pad = ctx.pad
         if V is None:
             return (None,) * 9
@@ -139,7 +140,7 @@ class SinkhornFn(torch.autograd.Function):
         marginals = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         P0 = P
         lam, mu, P = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
-                                "the gradients with respect to the marginals", err if marginals else None,
+                                "the gradients with respect to the marginals",
                                 _fix(ctx, a, b, lambda Pk, k: _sums(V.expand(P.shape)[k] * Pk)) if marginals else None)
         Q = Q if P is P0 else V * P  # (polished plans: their own Q)
         if pad is not None and G is not None:  # the one-sided limits on dead rows and columns
@@ -184,56 +185,59 @@ class Polish:
 
 
 def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-               fixed: torch.Tensor | None, what: str, err: torch.Tensor | None = None,
+               fixed: torch.Tensor | None, what: str,
                fix: Polish | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(λ, μ, P) with K (λ, μ) = (u, w), K = [[diag(r), P], [Pᵀ, diag(Pᵀ1)]], μ = 0 on the
-    ``fixed`` columns (the last one when None): μ from the Schur complement, then λ row by
-    row. The backward's system and the jvp's (K is symmetric), with their warnings:
-    non-finite results (an incoming gradient or tangent that is not finite, or overflowed
-    float64) and a support split into disconnected blocks, where ``what`` is not unique
-    (least norm returned).
+    ``fixed`` columns (each element's heaviest when None: :func:`~._sinkhorn_schur.held_columns`):
+    μ from the Schur complement, then λ row by row. The backward's system and the jvp's
+    (K is symmetric), with their warnings: non-finite results (an incoming gradient or
+    tangent that is not finite, or overflowed float64) and a support split into
+    disconnected blocks, where ``what`` is not unique (least norm returned).
 
-    ``err`` (the forward's column error, per element) where the marginals' derivatives
-    are asked for: a nearly disconnected support (two clusters far apart against ε) makes
-    them as sensitive to the plan's smallest entries as 1/λ_min of the Schur complement,
-    and the column error moves those entries by about err/λ_min; the derivatives' relative
-    error was up to a quarter of that ratio (13 % off at a cross-cluster mass of 1e-13).
-    Where err over a guaranteed lower bound of λ_min (:func:`~._sinkhorn_schur.lambda_min_lower`)
-    exceeds ``_WARN`` times ``fix.accuracy`` (4e-8 in float64), those elements' plans are
+    ``fix`` where the marginals' derivatives are asked for: a nearly disconnected support
+    (two clusters far apart against ε) makes them as sensitive to the plan's relative
+    marginal errors η (:func:`~._sinkhorn_schur.relative_error`) as ‖S⁻¹D‖∞ = 1/lo
+    (:func:`~._sinkhorn_schur.lambda_min_lower`, D = diag(Pᵀ1): in these units a light
+    column is no small eigenvalue, only a weak link between blocks is); the derivatives
+    were off by up to that ratio (13 % off at a cross-cluster mass of 1e-13). Where η/lo
+    exceeds ``_WARN`` times ``fix.accuracy`` (1e-8 in float64), those elements' plans are
     polished by Newton steps on the marginal equations (:func:`~._sinkhorn_schur.polish`:
     the same cost, exact marginals to rounding) and their system solved again at the
     polished plan (:func:`~._sinkhorn_schur.refine`), which is returned in place of P there
     (else P itself): the derivatives are the exact solution map's at the given cost. Where
     the ratio is still above that (λ_min below about 1e-8 in float64, where the polished
-    error is ~1e-16 × √M) it warns. One host sync tells whether any rare case needs a look."""
+    η is ~1e-16 × √M) it warns. One host sync tells whether any rare case needs a look."""
+    fixed = held_columns(P, fixed)
     rhs = schur_rhs(P, r, u, w)
-    keep: list | None = None if err is None else []
-    mu, bad, y = schur_solve(P, r, rhs, fixed, probe=err is not None, keep=keep)
+    keep: list | None = None if fix is None else []
+    mu, bad, y = schur_solve(P, r, rhs, fixed, probe=fix is not None, keep=keep)
     ok = torch.isfinite(mu.sum()) & ~bad.any()
-    low = None if y is None else lambda_min_lower(y)
-    # (the error is up to about a quarter of err/λ_min: above _WARN times the accuracy, polish)
-    loose = None if low is None else ~(err <= _WARN * fix.accuracy * low) & ~bad
+    low = loose = None
+    if fix is not None:
+        low, eta = lambda_min_lower(y), relative_error(P, fix.a, fix.b)
+        loose = ~(eta <= _WARN * fix.accuracy * low) & ~bad
     if not bool(ok if loose is None else ok & ~loose.any()):
         if loose is not None and bool(loose.any()):
             k = loose.nonzero().squeeze(-1)
-            sub = None if fixed is None else fixed[k]
+            sub = fixed[k]
             pad = None if fix.pad_r is None else fix.pad_r[k]
             Pk, ek = polish(P[k], fix.a[k], fix.b[k], pad, sub, keep[0][k])
             uk, wk = fix.rhs(Pk, k)
             rk = row_sums(Pk, pad)
             rhs_k = schur_rhs(Pk, rk, uk, wk)
             mu_k = refine(Pk, rk, rhs_k, sub, keep[0][k])
-            far = err[k] > 1e-3 * low[k]  # (refinement's contraction, ~2 err/λ_min, too slow there:
+            far = eta[k] > 1e-4 * low[k]  # (refinement's contraction, ~2 η/lo, too slow there:
             if bool(far.any()):           # the polished plan's own factorisation)
                 j = far.nonzero().squeeze(-1)
-                mu_k[j] = schur_solve(Pk[j], rk[j], rhs_k[j], None if sub is None else sub[j])[0]
+                mu_k[j] = schur_solve(Pk[j], rk[j], rhs_k[j], sub[j])[0]
             P, u, r, mu = P.clone(), u.clone(), r.clone(), mu.clone()
             P[k], u[k], r[k], mu[k] = Pk, uk, rk, mu_k
-            # Still above _WARN times the accuracy (the error is up to about a quarter of
-            # the ratio; λ_min moves by about the ratio before polishing, a factor of 2 at most)
-            still = ek > _WARN * fix.accuracy * low[k] * (1 - (err[k] / low[k]).clamp(max=0.5))
+            # Still above _WARN times the accuracy (lo moves by about the ratio before
+            # polishing, a factor of 2 at most)
+            still = ek > _WARN * fix.accuracy * low[k] * (1 - (eta[k] / low[k]).clamp(max=0.5))
             if bool(still.any()):
-                _warn_loose(what, k[still], ek[still], low[k][still], y[k][still], fix.accuracy)
+                _warn_loose(what, k[still], ek[still], low[k][still], y[k][still], Pk[still].sum(-2),
+                            fix.accuracy)
         lost = ~torch.isfinite(mu).all(-1)
         if bool(lost.any()):
             warn(
@@ -256,16 +260,18 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
 
 
 def _warn_loose(what: str, at: torch.Tensor, err: torch.Tensor, low: torch.Tensor, y: torch.Tensor,
-                accuracy: float) -> None:
-    """The ill-conditioning warning for the elements ``at`` (their errors after polishing,
-    λ_min's lower bounds and probes), the worst one named with λ_min's bracket."""
+                c: torch.Tensor, accuracy: float) -> None:
+    """The ill-conditioning warning for the elements ``at`` (their relative marginal errors
+    after polishing, λ_min's lower bounds, probes and column sums), the worst one named
+    with λ_min's bracket."""
     j = int((err / low).argmax())
     warn(
         f"sinkhorn: {what} are ill-conditioned (sensitive to rounding) at batch element(s) "
-        f"{at.tolist()[:10]}: the plan's support is nearly disconnected (the Schur complement's "
-        f"smallest eigenvalue is {float(low[j]):.2e} to {float(lambda_min_upper(y[j])):.2e} of the mass at "
-        f"element {int(at[j])}), and the marginals' error ({float(err[j]):.1e}, after Newton steps on them) "
-        f"can move them by up to about a quarter of their ratio, {float(err[j] / low[j]):.1e}, above "
-        f"{_WARN * accuracy:.0e} (4 times the accuracy promised for the gradients); raise eps",
+        f"{at.tolist()[:10]}: the plan's support is nearly disconnected (the smallest eigenvalue of "
+        f"the Schur complement scaled by the column masses is {float(low[j]):.2e} to "
+        f"{float(lambda_min_upper(y[j], c[j])):.2e} at element {int(at[j])}), and the marginals' relative "
+        f"error ({float(err[j]):.1e}, after Newton steps on them) can move them by up to their ratio, "
+        f"{float(err[j] / low[j]):.1e}, above the accuracy promised for the gradients ({accuracy:.0e}); "
+        "raise eps (the clusters' distance over eps decides the link between them)",
         GradientWarning,
     )

@@ -15,9 +15,10 @@ has a zero):
   :math:`-\infty` + finite stays :math:`-\infty`), their terms of the dual φ are
   dropped, and the sums that are 0 on a dead row or column get 1 added where they
   divide (the row sums r = P1 and the scaling block's products): nothing computes 0/0;
-- the Schur complement's rows and columns of dead columns, and of the last live column
-  (the one held fixed, :math:`\mu_k = 0`, in place of the last column), are those of
-  the identity: Cholesky sees exactly the sliced problem's reduced Laplacian.
+- the Schur complement's rows and columns of dead columns, and of the heaviest live
+  column (the one held fixed, :math:`\mu_k = 0`, as the heaviest column is without
+  padding), are those of the identity: Cholesky sees exactly the sliced problem's
+  reduced Laplacian.
 
 Backward. :math:`\partial L/\partial C` is 0 on dead rows and columns (the plan is 0
 there whatever the costs). The derivative with respect to a dead :math:`a_i` is
@@ -76,11 +77,10 @@ class Padding:
         self.dead_r, self.dead_c = a == 0, b == 0
         # 1 on dead rows (columns), 0 elsewhere: added to sums that are exactly 0 there.
         self.pad_r, self.pad_c = self.dead_r.to(a.dtype), self.dead_c.to(b.dtype)
-        # The columns whose potential is held fixed: the dead ones and the last live one
-        # (every marginal has a live entry: an all-zero one is refused).
-        idx = torch.arange(b.shape[-1], device=b.device)
-        last = torch.where(self.dead_c, -1, idx).amax(-1, keepdim=True)
-        self.fixed = self.dead_c.scatter(-1, last, True)
+        # The columns whose potential is held fixed: the dead ones and the heaviest live
+        # one (every marginal has a live entry: an all-zero one is refused; see
+        # :mod:`._sinkhorn_schur` for why the heaviest).
+        self.fixed = self.dead_c.scatter(-1, b.argmax(-1, keepdim=True), True)
         dr, dc = self.dead_r.unsqueeze(-1), self.dead_c.unsqueeze(-2)
         self.dead, self.both = dr | dc, dr & dc
 

@@ -22,7 +22,8 @@ TPAMI 2021, Prop. 4.5). Their Jacobian in :math:`(\alpha, \beta)` is
 :math:`K = \begin{bmatrix} \operatorname{diag}(P\mathbf 1) & P \\ P^\top &
 \operatorname{diag}(P^\top \mathbf 1)\end{bmatrix}`, singular along
 :math:`(\mathbf 1, -\mathbf 1)` because one marginal constraint is implied by the others;
-the last column constraint is dropped (:math:`\beta_N` held fixed) and the rest solved
+the heaviest column's constraint is dropped (its :math:`\beta_j` held fixed: a light one
+would leave the others' common offset against it to rounding) and the rest solved
 exactly through the Schur complement
 :math:`S = \operatorname{diag}(P^\top \mathbf 1) - P^\top \operatorname{diag}(P\mathbf 1)^{-1} P`
 of the smaller side, by Cholesky. For an incoming gradient :math:`V = \partial L/\partial P`,
@@ -40,7 +41,7 @@ forward's Newton steps and the backward share one solver.
 
 Zero marginal entries mark padding: a row with :math:`a_i = 0` (:math:`\alpha_i = -\infty`)
 or a column with :math:`b_j = 0` of the plan is exactly 0, the rest is the plan without
-them, and the constraint held fixed is the last live column's. On a dead row the
+them, and the constraint held fixed is the heaviest live column's. On a dead row the
 gradient with respect to :math:`a_i` is the one-sided limit
 :math:`\lambda_i = \sum_j \pi_{ij}(V_{ij} - \mu_j)`, :math:`\pi_i` the row's Gibbs
 distribution :math:`\operatorname{softmax}_j(\beta_j - C_{ij}/\varepsilon)`; dead columns
@@ -174,14 +175,15 @@ def sinkhorn(
         GradientWarning: in the backward, where the plan's support is disconnected and
             the marginal gradients are not unique (least-norm ones are returned), or
             nearly so (clusters far apart against ``eps``): the marginals' gradients
-            and tangents then hang on the tiny cross-cluster mass, which the column
-            error moves by about err/λ_min (λ_min: the Schur complement's smallest
-            eigenvalue, bounded from below; the gradients' error is up to a quarter of
-            it). Where it exceeds 4 times the gradients' promised accuracy (1e-8 in
-            float64, 1e-7 in float32) the backward polishes the plan (Newton steps on
-            the marginals, to rounding) and differentiates the exact plan; where even
-            that leaves it above (λ_min below about 1e-8 of the mass in float64, 1e-9
-            in float32) it warns (raise ``eps``). Also a gradient (or forward-mode tangent) entry
+            and tangents then hang on the tiny cross-cluster mass, which the plan's
+            relative marginal error η moves by up to η/λ_min (λ_min: the smallest
+            eigenvalue of the Schur complement scaled by the column masses, bounded
+            from below; a light marginal entry alone does not make it small). Where
+            that exceeds the gradients' promised accuracy (1e-8 in float64, 1e-7 in
+            float32) the backward polishes the plan (Newton steps on the marginals, to
+            rounding) and differentiates the exact plan; where even that leaves it
+            above (λ_min below about 1e-8 in float64, 1e-9 in float32) it warns
+            (raise ``eps``). Also a gradient (or forward-mode tangent) entry
             beyond the range of its input's dtype (±Inf there, the input and batch
             elements named): a float16 cost at ``eps=1e-6``, or float64 at an ``eps``
             below about 1e-302.
