@@ -193,6 +193,11 @@ class PseudoHuber(Penalty):
         reach = torch.where(h < 1, (h.pow(-2.0 / 3.0) - 1).clamp_(min=0).sqrt_() * alpha, 0.0)
         return torch.maximum(reach.mul_(0.25), torch.as_tensor(0.5 * alpha, dtype=h.dtype, device=h.device))
 
+    def weight_scale(self, z, alpha):
+        # A term is kappa (I - nn') + phi'' nn', kappa = phi'/z, phi'' = kappa a^2/(a^2 + z^2):
+        # a shift e of y changes it by e z/(a^2 + z^2) max(1, 3a^2/(a^2 + z^2)) of kappa, within e / max(a, z).
+        return torch.maximum(z, torch.as_tensor(alpha, dtype=z.dtype, device=z.device))
+
     def newton_sums(self, z, alpha, work):
         # s = 1 / sqrt(1 + r^2): phi' = z s, phi'' = s^3. (``pow_(-0.5)``, not
         # ``rsqrt_``: the same values to the bit, float32 and float64, in half the time
@@ -248,6 +253,12 @@ class Huber(Penalty):
         # (A Newton step is another matter: exact only up to the next kink, which may be
         # any distance below alpha away; see Penalty.piecewise_linear.)
         return torch.full_like(h, math.inf)
+
+    def weight_scale(self, z, alpha):
+        # An outlier's weight alpha / z varies on the scale z (phi'' = 0), and from 2 alpha
+        # out the kink at alpha is over z / 2 away; nearer, alpha (a point may sit on it).
+        a = torch.as_tensor(alpha, dtype=z.dtype, device=z.device)
+        return torch.where(z >= 2 * a, z, a)
 
     @staticmethod
     def _clamp(z: Tensor, alpha: float | Tensor, out: Tensor) -> Tensor:

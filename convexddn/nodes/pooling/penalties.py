@@ -197,6 +197,16 @@ class Penalty(abc.ABC):
         (pseudo-Huber's decays as ``|z|^-3``)."""
         return None
 
+    def weight_scale(self, z: Tensor, alpha: Tensor) -> Tensor:
+        """The distance over which the derivatives' weights of a term at residual norm
+        ``z >= 0`` (``phi'(z)/z`` and ``phi''(z)``) vary, a tensor shaped like ``z``:
+        ``alpha`` (the default, right for any penalty whose terms vary on the scale
+        alpha). A pooled point known to a small fraction G of its set's smallest such
+        scale gives the set's derivatives to about G (robust vector pooling's refinement,
+        :mod:`convexddn.nodes._vector_pool_refine`); a penalty whose far terms vary on a
+        longer scale may say so, else far points' rounding counts against alpha."""
+        return torch.as_tensor(alpha, dtype=z.dtype, device=z.device).expand(z.shape)
+
     def newton_sums(self, z: Tensor, alpha: float | Tensor, work: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Row sums for a Newton step on :math:`g(u) = \\sum_i \\phi'(u - x_i)`.
 
