@@ -73,7 +73,7 @@ class SinkhornFn(torch.autograd.Function):
     @first_order_jvp("sinkhorn")
     def jvp(ctx, C_t, a_t, b_t, *_):  # type: ignore[override]
         """Forward mode: dP = P ∘ (dα1ᵀ + 1dβᵀ − dC/ε) with K (dα, dβ) = (da + Q1, db +
-        Qᵀ1), Q = P ∘ dC/ε, dβ_N = 0: the backward's system (K is symmetric), solved by
+        Qᵀ1), Q = P ∘ dC/ε, dβ = 0 on the heaviest column: the backward's system (K is symmetric), solved by
         the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
         solver sees, so the dropped equation holds.)"""
         refuse_batched("sinkhorn", C_t, a_t, b_t)
@@ -97,7 +97,7 @@ class SinkhornFn(torch.autograd.Function):
         if b_t is not None:
             w = w + b_t.to(P.dtype)
         # (Padding: dead rows get r = 1 and u = 0, so dα = 0 there; dead columns are held
-        # fixed with the last live one, as in the backward. P and Q are 0 on both.)
+        # fixed with the heaviest live one, as in the backward. P and Q are 0 on both.)
         r = row_sums(P, None if pad is None else pad.pad_r)
 
         def rhs(Pk, k):  # (u, w) at polished plans of elements k
@@ -135,7 +135,7 @@ class SinkhornFn(torch.autograd.Function):
         Q = V * P
         u, w = Q.sum(-1), Q.sum(-2)
         # (Padding: r = 1 on dead rows, whose P, Q rows are 0; μ = 0 on dead columns and
-        # the last live one, which is held in place of the last.)
+        # the heaviest live one, which is held as the heaviest is without padding.)
         r = row_sums(P, None if pad is None else pad.pad_r)
         marginals = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         P0 = P
