@@ -338,8 +338,8 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape,
         size = f"{found[1]:.1e}" + ("" if f"{found[1]:.1e}" == f"{found[2]:.1e}" else f" to {found[2]:.1e}")
         hint = (f"inequality constraints slack by only {size} of the solution's scale (-g_j / (‖∇g_j‖ ‖y‖)) count "
                 f"as inactive at active_tol={found[3]:g}, and counted active they cut the stationarity residual "
-                f"to {found[4]:.1e} of its value: solve approaches bounds without reaching them (as an interior point method "
-                "does); pass "
+                f"to {found[4]:.1e} of its value: solve approaches bounds without reaching them (as an interior "
+                "point method does); pass "
                 f"active_tol={found[0]:g} or larger (below the slack of the truly inactive ones) to count them active "
                 "(check_solution=False would keep them free: a wrong gradient)")
     skip = ("" if found is not None else ". check_solution=False skips this check, but the gradient is then that of a "
