@@ -42,10 +42,12 @@ from typing import NamedTuple
 import torch
 
 from .._step_graphs import StepGraphs, capture_wanted
+from .active_set import settle_signs
 from .certify import DECIDED, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING, SOLVED,
                             STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
+from .estimate import error_estimate
 from .far_rows import relax_far_rows
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .limit_scaling import retry_at_limit
@@ -192,6 +194,11 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     xs, ss, zs, residual, kkt, error = finish(
         d, systems, layout, xs, ss, zs, ~certified, point_residual(d, layout), polish, polish_steps,
         refine + 1, tol_error, error_cols, error_duals, natural=decide_pairs)
+    # A polished point with a sign wrong beyond rounding: the wrong active set (.active_set).
+    xs, ss, zs, residual, kkt, error, _ = settle_signs(
+        d, systems, layout, (xs, ss, zs, residual, kkt, error), ~certified, point_residual(d, layout),
+        polish_steps if polish != "never" else 0, refine + 1, (tol_accept, tol_error), error_cols, error_duals,
+        error_estimate)
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
     xo, so, zo = (torch.where(ok[:, None], v, 0.0) for v in (xo, so, zo))

@@ -1,0 +1,223 @@
+"""The signs of a polished point, and primal active-set corrections where they are wrong.
+
+The polish (:mod:`.polish`) takes the active set the interior point's last iterate
+suggests and solves the KKT conditions on it to rounding; the error estimate (a Newton
+step on the same limit system) cannot see whether that set was the right one. Where it
+was not, the point solves the KKT equations with an active constraint's multiplier of
+the wrong sign: an LP with a small cost margin, :math:`\\min p^T x + \\|x\\|_1` s.t.
+:math:`\\|x\\|_\\infty \\le 1` at :math:`p = (-1 - 10^{-8}, 0.5)`, stopped at tolerance 1e-8
+in the middle of the nearly flat edge between its two vertices, and the polish landed on
+the wrong one, :math:`x = 0` (the solution is :math:`(1, 0)`), with a multiplier of
+:math:`-10^{-8}` (relative residual 2.5e-9, below the tolerance), an error estimate of
+5e-17 and a gradient of -313 where the derivative is 0.
+
+So a point is accepted only with its signs right to rounding (:func:`sign_violation`):
+every nonnegative row's slack and multiplier at least minus a rounding level of that
+row's scale. Elements that fail get primal active-set steps from their point
+(:func:`correct`: release the rows whose multiplier has the wrong sign, move along the
+equality-constrained problem's step to its minimiser or the first constraint it meets,
+as an active-set method for QPs does; Nocedal & Wright, *Numerical Optimization*,
+§16.5), batched for all of them, then the Newton polish on the set found; an element
+whose signs are still wrong is not solved (its error estimate is infinite), for the
+caller's fallback. Programs with second-order cones are left as they are.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._linalg import lu_factor_ex
+from .kkt import PatchedKKT, bmv, row_inf
+from .polish import polish as newton_polish
+from .polish import rounding_level
+from .symmetric_cones import ConeLayout
+
+__all__ = ["correct", "settle_signs", "sign_tolerance", "sign_violation"]
+
+# A sign is wrong beyond rounding where it is below minus this many rounding levels
+# (polish.rounding_level, 16 ulps) of its row's scale: converged Newton steps leave
+# 0.3-4 ulps; the wrong vertex above had 4e6 of them.
+_SIGN = 64
+# The active-set step's proximal term beside P (equilibrated units, where P's entries are
+# ~1): it bounds the step of a problem that is unbounded on the working set (an LP's
+# edge: the step is the reduced gradient over ρ, which the ratio test cuts at the first
+# constraint met) and is far above LU's backward error (~1e-16), which then cannot turn
+# such a step's direction.
+_RHO = 1e-10
+# Regularisation of the working set's rows (dependent rows at a degenerate vertex make
+# the step's matrix singular); the polish that follows removes its O(δ) effect.
+_DELTA = 1e-12
+# Active-set steps at most (each one LU of the flagged elements' (n + m)-square systems).
+_STEPS = 16
+
+
+def sign_tolerance(like: torch.Tensor) -> float:
+    """A sign is wrong beyond rounding below minus this relative to its terms (``like``'s dtype)."""
+    return _SIGN * rounding_level(like)
+
+
+def _tolerances(P, q, A, b, layout: ConeLayout, x, z):
+    """``(tol_s, tol_z)`` ``(B, k)``: :data:`_SIGN` rounding levels of each nonnegative row's
+    slack, ``1 + max(|b_i|, (|A||x|)_i)``, and of the multipliers, ``1 + max(‖q‖, ‖Px‖, ‖Aᵀz‖)``
+    (the dual residual's scale, through which they are determined)."""
+    z0, k = layout.zero, layout.nonneg
+    unit = sign_tolerance(x)
+    rho = torch.maximum(b[:, z0:z0 + k].abs(), bmv(A[:, z0:z0 + k].abs(), x.abs()))
+    dual = torch.stack([row_inf(q), row_inf(bmv(P, x)), row_inf(bmv(A.mT, z))]).amax(0)
+    return unit * (1 + rho), (unit * (1 + dual))[:, None].expand(-1, k)
+
+
+def sign_violation(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
+    """(B,) the largest violation of a nonnegative row's sign, ``-s_i`` or ``-z_i``, in units
+    of its tolerance (:func:`_tolerances`): above 1, a sign wrong beyond rounding; 0 where
+    none is negative, or without nonnegative rows (equilibrated data ``P, q, A, b``, point
+    ``x, s, z``)."""
+    z0, k = layout.zero, layout.nonneg
+    if not k:
+        return x.new_zeros(x.shape[0])
+    tol_s, tol_z = _tolerances(P, q, A, b, layout, x, z)
+    out = torch.maximum(-s[:, z0:z0 + k] / tol_s, -z[:, z0:z0 + k] / tol_z).amax(1)
+    return torch.where(torch.isnan(out), torch.inf, out.clamp_min(0))
+
+
+def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
+    """Primal active-set steps from ``(x, s, z)`` (equilibrated data, no second-order cones).
+
+    The working set W is the equality rows and the nonnegative rows at their bound (slack
+    within rounding, or below the multiplier). Each step solves, per element,
+
+    .. math::
+
+        \\begin{bmatrix} P + \\rho I & A_W^T \\\\ A_W & -\\delta I \\end{bmatrix}
+        \\begin{bmatrix} p \\\\ z_W \\end{bmatrix} =
+        \\begin{bmatrix} -(Px + q) \\\\ b_W - A_W x \\end{bmatrix}
+
+    (the other multipliers 0): the step to the minimiser on W and its multipliers. The
+    step length is the exact line search's along ``p`` (1 on a set where the problem is
+    strictly convex; unbounded along an LP's edge) cut by the ratio test: a constraint met
+    joins W; a step that reaches the minimiser takes its multipliers, and releases the
+    rows whose multiplier is negative beyond rounding, or ends there if none is. A
+    direction longer than any constraint allows, along which the objective decreases
+    without bound, is a ray (the program is unbounded).
+
+    Shape:
+        ``P (B, n, n), q (B, n), A (B, m, n), b (B, m), x (B, n), s, z (B, m)`` ->
+        ``(x, s, z, done, ray)``: the points (``s`` 0 on W, else ``b - Ax``), where the steps
+        ended at a minimiser with the signs right, and where they found a ray (``x`` is it).
+    """
+    B, m, n = A.shape
+    z0, k = layout.zero, layout.nonneg
+    ineq = torch.zeros(m, dtype=torch.bool, device=A.device)
+    ineq[z0:z0 + k] = True
+    tol_s, tol_z = (torch.cat([v.new_zeros(B, z0), v, v.new_zeros(B, m - z0 - k)], 1)
+                    for v in _tolerances(P, q, A, b, layout, x, z))
+    W = ~ineq | (s <= tol_s) | (s < z)
+    z = torch.where(W, z, 0.0)
+    running = torch.ones(B, dtype=torch.bool, device=A.device)
+    done, ray = torch.zeros_like(running), torch.zeros_like(running)
+    Prho = P + _RHO * torch.eye(n, dtype=P.dtype, device=P.device)
+    for _ in range(steps):
+        g, r = bmv(P, x) + q, b - bmv(A, x)
+        w = W.to(A.dtype)
+        K = A.new_zeros(B, n + m, n + m)
+        K[:, :n, :n] = Prho
+        K[:, :n, n:] = A.mT * w[:, None, :]
+        K[:, n:, :n] = A * w[:, :, None]
+        K[:, n:, n:] = torch.diag_embed(1 - w - _DELTA * w)
+        LU, piv, info = lu_factor_ex(K)
+        sol = torch.linalg.lu_solve(LU, piv, torch.cat([-g, r * w], 1).unsqueeze(-1)).squeeze(-1)
+        failed = (info != 0) | ~torch.isfinite(sol).all(1)
+        sol = torch.where(failed[:, None], 0.0, sol)
+        p, zn = sol[:, :n], sol[:, n:]
+        # The ratio test: the first row outside W whose slack the step uses up.
+        Ap = bmv(A, p)
+        ratio = torch.where(ineq & ~W & (Ap > 0), r.clamp_min(0) / torch.where(Ap > 0, Ap, 1.0), torch.inf)
+        a_max, first = ratio.min(1)
+        # The line search: exact on the quadratic. Beyond a unit step only along the system's own
+        # direction (-gᵀp = pᵀ(P + ρI)p on W), not along rounding noise, whose -gᵀp has any sign.
+        gp, pPp = (g * p).sum(1), (p * bmv(P, p)).sum(1)
+        own = (gp < 0) & (pPp + _RHO * (p * p).sum(1) >= -0.5 * gp)
+        a_star = torch.where(pPp > 0, -gp / torch.where(pPp > 0, pPp, 1.0), torch.inf)
+        alpha = torch.where(own, torch.minimum(a_star, a_max), a_max.clamp(max=1.0))
+        unbounded = running & ~failed & torch.isinf(alpha)
+        blocked = running & ~failed & ~unbounded & (a_max <= alpha)
+        move = running & ~failed & ~unbounded
+        x = torch.where(move[:, None], x + torch.where(move, alpha, 0.0)[:, None] * p, x)
+        x = torch.where(unbounded[:, None], p / row_inf(p).clamp_min(torch.finfo(p.dtype).tiny)[:, None], x)
+        W = W | (blocked[:, None] & torch.nn.functional.one_hot(first, m).bool())
+        full = move & ~blocked
+        neg = ineq & W & (zn < -tol_z)
+        z = torch.where(full[:, None], torch.where(W, zn, 0.0), z)
+        W = torch.where((full & neg.any(1))[:, None], W & ~neg, W)
+        done = done | (full & ~neg.any(1))
+        ray = ray | unbounded
+        running = running & ~done & ~unbounded & ~failed
+        if not bool(running.any()):  # (one host read per step, on the flagged elements only)
+            break
+    z = torch.where(W, z, 0.0)
+    r = b - bmv(A, x)
+    s = torch.where(ineq & ~W, r, 0.0)
+    s = torch.where(ray[:, None], -bmv(A, x), s)
+    z = torch.where(ray[:, None], 0.0, z)
+    return x, s, z, done, ray
+
+
+def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tensor, residual_fn, polish_steps: int,
+                 refine: int, tols: tuple[float, float], error_cols, error_duals, estimate):
+    """The hook after :func:`~.certify.finish`: ``point`` = ``(xs, ss, zs, residual, kkt, error)``.
+
+    The elements among ``live`` whose signs are wrong beyond rounding (:func:`sign_violation`),
+    or whose residual is within ``tol_accept`` but error estimate above ``tol_error`` (``tols``;
+    the polish's active set did not make the point a solution: an edge of the same LP left at
+    x_i = 6e-6 with a cost margin of 1e-9 along it, estimated 2e-5 off), get :func:`correct`'s
+    steps (none with ``polish_steps`` 0: ``polish="never"``), then ``polish_steps`` Newton
+    steps with the pairs decided (as :func:`~.certify.finish`'s second polish), a new KKT
+    system and error estimate (``estimate``: :func:`~.estimate.error_estimate`). The new
+    point replaces the old one where the steps ended with the signs right and its estimate
+    within ``tol_error``; elsewhere the old one stays, with an infinite error (not solved)
+    where its signs are wrong.
+
+    Returns:
+        ``(*point, ray)``: ``ray`` ``(B,)`` where the steps found the program unbounded along
+        a direction, then ``xs`` (``ss = -A xs``, ``zs = 0``): a candidate certificate, for the
+        caller to verify.
+    """
+    from .certify import decided
+
+    xs, ss, zs, residual, kkt, error = point
+    ray = torch.zeros_like(live)
+    if layout.soc or not layout.nonneg:
+        return (*point, ray)
+    tol_accept, tol_error = tols
+    wrong = live & (sign_violation(d.P, d.q, d.A, d.b, layout, xs, ss, zs) > 1)
+    if not polish_steps:
+        return xs, ss, zs, residual, kkt, torch.where(wrong, torch.inf, error), ray
+    rough = live & (residual <= tol_accept) & ~(error <= tol_error)
+    idx = torch.nonzero(wrong | rough).squeeze(1)  # (one host read per solve)
+    if not idx.numel():
+        return (*point, ray)
+    sub = d.select(idx)
+    pick = lambda v: v.index_select(0, idx)  # noqa: E731
+    data = (sub.P, sub.q, sub.A, sub.b)
+    x0, s0, z0, done, found = correct(*data, layout, pick(xs), pick(ss), pick(zs))
+    res_fn = lambda *v: residual_fn(*v, idx)  # noqa: E731
+    x, s, z, res, _ = newton_polish(*data, layout, x0, s0, z0, res_fn, polish_steps, decide=decided)
+    part, part_error, damped = estimate(systems.select(idx, sub), sub, layout, x, s, z, torch.ones_like(done), refine,
+                                        error_cols, error_duals)
+    part_error = torch.where(damped, torch.inf, part_error)  # (no polish follows: no estimate, as finish's)
+    ok = done & (sign_violation(*data, layout, x, s, z) <= 1) & (part_error <= tol_error)
+    keep = lambda new, a, b: torch.where(new.view((-1,) + (1,) * (a.dim() - 1)), a, b)  # noqa: E731
+    x, s, z, res = (keep(found, v0, keep(ok, v, pick(old)))
+                    for v0, v, old in zip((x0, s0, z0, res), (x, s, z, res), (xs, ss, zs, residual)))
+    part_error = torch.where(ok, part_error, torch.where(pick(wrong) | found, torch.inf, pick(error)))
+    if not bool(ok.all()):  # (the system at the new points only: the others keep theirs)
+        took = torch.nonzero(ok).squeeze(1)
+        idx_ok, sub_ok = idx.index_select(0, took), sub.select(took)
+        part = None if not took.numel() else estimate(
+            systems.select(idx_ok, sub_ok), sub_ok, layout, *(v.index_select(0, took) for v in (x, s, z)),
+            torch.ones_like(took, dtype=torch.bool), refine, error_cols, error_duals)[0]
+    else:
+        idx_ok = idx
+    kkt = kkt if part is None else PatchedKKT(kkt, idx_ok, part)
+    out = (xs.index_copy(0, idx, x), ss.index_copy(0, idx, s), zs.index_copy(0, idx, z),
+           residual.index_copy(0, idx, res), kkt, error.index_copy(0, idx, part_error))
+    return (*out, ray.index_copy(0, idx, found))

@@ -1,0 +1,149 @@
+"""Tests of convexddn.convex.active_set: the sign check of polished points and the active-set
+steps that correct them, against closed forms, central finite differences and each
+element's result alone.
+
+The LP throughout: min p @ x + sum(t) s.t. -t <= x <= t, -1 <= x <= 1 (i.e. p @ x + ||x||_1
+on the box), p = (-1 - eps, 0.5). Coordinate 0 costs -eps * x0 for x0 >= 0, so the unique
+solution is x* = (1, 0) for every eps > 0, and it stays so for all nearby p: dx*/dp = 0.
+"""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn.convex.active_set import correct, sign_violation
+from convexddn.convex.symmetric_cones import ConeLayout
+
+F64 = torch.float64
+EPS = [1e-9, 1e-8, 1.8e-8, 3.2e-8, 1e-7, 1e-6]
+
+
+def cone_form(p0: float, p1: float, box: bool = True):
+    """``(P, q, A, b, layout)`` of the LP in the variables (x0, x1, t0, t1), rows
+    x_i - t_i <= 0, -x_i - t_i <= 0, then (with ``box``) x_i <= 1, -x_i <= 1."""
+    rows = [[1, 0, -1, 0], [0, 1, 0, -1], [-1, 0, -1, 0], [0, -1, 0, -1]]
+    rhs = [0, 0, 0, 0]
+    if box:
+        rows += [[1, 0, 0, 0], [0, 1, 0, 0], [-1, 0, 0, 0], [0, -1, 0, 0]]
+        rhs += [1, 1, 1, 1]
+    A = torch.tensor([rows], dtype=F64)
+    return (torch.zeros(1, 4, 4, dtype=F64), torch.tensor([[p0, p1, 1.0, 1.0]], dtype=F64), A,
+            torch.tensor([rhs], dtype=F64), ConeLayout(0, len(rows)))
+
+
+def wrong_vertex(p0: float, p1: float, m: int):
+    """The KKT point at x = t = 0 in closed form: stationarity p_i + z_i - z_{2+i} = 0 (x_i),
+    1 - z_i - z_{2+i} = 0 (t_i) gives z_i = (1 - p_i)/2, z_{2+i} = (1 + p_i)/2: negative
+    (-eps/2) for p0 = -1 - eps. The box rows are inactive (slack 1, multiplier 0)."""
+    x = torch.zeros(1, 4, dtype=F64)
+    z = torch.zeros(1, m, dtype=F64)
+    z[0, :4] = torch.tensor([(1 - p0) / 2, (1 - p1) / 2, (1 + p0) / 2, (1 + p1) / 2], dtype=F64)
+    s = torch.zeros(1, m, dtype=F64)
+    s[0, 4:] = 1.0
+    return x, s, z
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-6])
+def test_sign_violation_flags_a_wrong_multiplier(eps):
+    P, q, A, b, layout = cone_form(-1 - eps, 0.5)
+    x, s, z = wrong_vertex(-1 - eps, 0.5, 8)
+    assert float(sign_violation(P, q, A, b, layout, x, s, z)) > 1e3
+    # the solution (1, 0): multipliers z_0 = 1 (x0 <= t0), z_4 = eps (x0 <= 1), x1's as above
+    xs = torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=F64)
+    zs = torch.tensor([[1.0, 0.25, 0.0, 0.75, eps, 0.0, 0.0, 0.0]], dtype=F64)
+    ss = torch.tensor([[0.0, 0.0, 2.0, 0.0, 0.0, 1.0, 2.0, 1.0]], dtype=F64)
+    assert float(sign_violation(P, q, A, b, layout, xs, ss, zs)) == 0.0
+
+
+def test_sign_violation_leaves_a_tie_at_rounding():
+    """A margin of 1e-16 is below float64's rounding: either vertex is a solution to rounding."""
+    P, q, A, b, layout = cone_form(-1 - 2.2e-16, 0.5)
+    x, s, z = wrong_vertex(-1 - 2.2e-16, 0.5, 8)
+    assert float(sign_violation(P, q, A, b, layout, x, s, z)) <= 1
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-8, 1e-3])
+def test_correct_moves_to_the_right_vertex(eps):
+    P, q, A, b, layout = cone_form(-1 - eps, 0.5)
+    x, s, z, done, ray = correct(P, q, A, b, layout, *wrong_vertex(-1 - eps, 0.5, 8))
+    assert bool(done) and not bool(ray)
+    torch.testing.assert_close(x, torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=F64), atol=1e-12, rtol=0)
+    want_z = torch.tensor([[1.0, 0.25, 0.0, 0.75, eps, 0.0, 0.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(z, want_z, atol=1e-11, rtol=0)
+    assert float(sign_violation(P, q, A, b, layout, x, s, z)) <= 1
+
+
+@pytest.mark.parametrize("eps", [1e-9, 1e-6])
+def test_correct_finds_the_ray_of_an_unbounded_lp(eps):
+    """Without the box, p @ x + ||x||_1 decreases without bound along x = t = (1, 0)."""
+    P, q, A, b, layout = cone_form(-1 - eps, 0.5, box=False)
+    x, s, z, done, ray = correct(P, q, A, b, layout, *wrong_vertex(-1 - eps, 0.5, 4))
+    assert bool(ray) and not bool(done)
+    torch.testing.assert_close(x, torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=F64), atol=1e-9, rtol=0)
+
+
+def near_tie_layer(R: float = 1.0, linf: bool = False):
+    x = cp.Variable(2)
+    p = cp.Parameter(2)
+    if linf:  # CVXPY's own canonicalisation of the norms
+        prob = cp.Problem(cp.Minimize(p @ x + cp.norm1(x)), [cp.norm(x, "inf") <= R])
+    else:
+        t = cp.Variable(2)
+        prob = cp.Problem(cp.Minimize(p @ x + cp.sum(t)), [-t <= x, x <= t, x <= R, x >= -R])
+    return cddn.ConvexLayer(prob, parameters=[p], variables=[x])
+
+
+def solve_quietly(layer, P):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the answer is exact
+        return layer(P)
+
+
+def test_near_tie_lp_solved_at_the_right_vertex_with_zero_gradient():
+    layer = near_tie_layer()
+    P = torch.tensor([[-1 - e, 0.5] for e in EPS], dtype=F64, requires_grad=True)
+    # Central differences of the layer's own map, steps within each margin (h = eps/4), in the
+    # same call: the batch [p, p + h e_0, p - h e_0, p + h e_1, p - h e_1] (each element as alone).
+    h = torch.tensor(EPS, dtype=F64)[:, None] / 4
+    steps = [torch.zeros_like(P)] + [s * h * torch.eye(2, dtype=F64)[j] for j in range(2) for s in (1, -1)]
+    out = solve_quietly(layer, torch.cat([P + step for step in steps]))
+    assert layer.last_solve.statuses == ["solved"] * (5 * len(EPS))
+    want = torch.tensor([[1.0, 0.0]] * (5 * len(EPS)), dtype=F64)
+    torch.testing.assert_close(out.detach(), want, atol=1e-9, rtol=0)
+    for i in range(2):
+        g, = torch.autograd.grad(out[:len(EPS), i].sum(), P, retain_graph=True)
+        torch.testing.assert_close(g, torch.zeros_like(g), atol=1e-9, rtol=0)
+    y = out.detach().reshape(5, len(EPS), 2)
+    for j in range(2):
+        fd = (y[1 + 2 * j] - y[2 + 2 * j]) / (2 * h)
+        torch.testing.assert_close(fd, torch.zeros_like(fd), atol=1e-6, rtol=0)
+
+
+def test_l1_linf_near_tie_at_radius_10():
+    layer = near_tie_layer(10.0, linf=True)
+    P = torch.tensor([-1 - 1e-8, 0.5], dtype=F64, requires_grad=True)
+    out = solve_quietly(layer, P)
+    assert layer.last_solve.statuses == ["solved"]
+    torch.testing.assert_close(out.detach(), torch.tensor([10.0, 0.0], dtype=F64), atol=1e-8, rtol=0)
+    g, = torch.autograd.grad(out[0], P)
+    torch.testing.assert_close(g, torch.zeros_like(g), atol=1e-9, rtol=0)
+
+
+def test_batch_of_near_ties_and_ordinary_elements_each_as_alone():
+    """Near ties on either side and both ways (x0 = +-1, and |p0| = 1 - eps: x0 = 0) beside
+    ordinary elements: each element's answer is its closed form, and the one it gets alone."""
+    layer = near_tie_layer()
+    p = np.array([[-1 - 1e-8, 0.5], [-2.0, 0.5], [1 + 3.2e-8, -0.3], [0.3, -0.2], [-1 + 1e-8, 1 + 1e-7],
+                  [1.5, -1 - 1.8e-8]])
+    exact = np.where(np.abs(p) > 1, -np.sign(p), 0.0)
+    out = solve_quietly(layer, torch.tensor(p))
+    assert layer.last_solve.statuses == ["solved"] * len(p)
+    np.testing.assert_allclose(out.numpy(), exact, atol=1e-9, rtol=0)
+    for i in range(len(p)):
+        alone = solve_quietly(layer, torch.tensor(p[i]))
+        np.testing.assert_allclose(alone.numpy(), out[i].numpy(), atol=1e-12, rtol=0)
