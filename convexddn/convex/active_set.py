@@ -37,15 +37,16 @@ __all__ = ["correct", "settle_signs", "sign_tolerance", "sign_violation"]
 # (polish.rounding_level, 16 ulps) of its row's scale: converged Newton steps leave
 # 0.3-4 ulps; the wrong vertex above had 4e6 of them.
 _SIGN = 64
-# The active-set step's proximal term beside P (equilibrated units, where P's entries are
-# ~1): it bounds the step of a problem that is unbounded on the working set (an LP's
-# edge: the step is the reduced gradient over ρ, which the ratio test cuts at the first
-# constraint met) and is far above LU's backward error (~1e-16), which then cannot turn
-# such a step's direction.
-_RHO = 1e-10
-# Regularisation of the working set's rows (dependent rows at a degenerate vertex make
-# the step's matrix singular); the polish that follows removes its O(δ) effect.
-_DELTA = 1e-12
+# The active-set step's proximal term beside P, in rounding units of the dtype (float64:
+# 2.2e-10; equilibrated units, where P's entries are ~1): it bounds the step of a problem
+# that is unbounded on the working set (an LP's edge: the step is the reduced gradient over
+# ρ, which the ratio test cuts at the first constraint met) and lies far above LU's backward
+# error (~1e-16 of the matrix), which then cannot turn such a step's direction.
+_RHO = 1e6
+# Regularisation of the working set's rows, in the same units (float64: 2.2e-12): dependent
+# rows at a degenerate vertex make the step's matrix singular; the polish that follows
+# removes its O(δ) effect.
+_DELTA = 1e4
 # Active-set steps at most (each one LU of the flagged elements' (n + m)-square systems).
 _STEPS = 16
 
@@ -114,7 +115,9 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
     z = torch.where(W, z, 0.0)
     running = torch.ones(B, dtype=torch.bool, device=A.device)
     done, ray = torch.zeros_like(running), torch.zeros_like(running)
-    Prho = P + _RHO * torch.eye(n, dtype=P.dtype, device=P.device)
+    ulp = torch.finfo(A.dtype).eps
+    rho, delta = _RHO * ulp, _DELTA * ulp
+    Prho = P + rho * torch.eye(n, dtype=P.dtype, device=P.device)
     for _ in range(steps):
         g, r = bmv(P, x) + q, b - bmv(A, x)
         w = W.to(A.dtype)
@@ -122,7 +125,7 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
         K[:, :n, :n] = Prho
         K[:, :n, n:] = A.mT * w[:, None, :]
         K[:, n:, :n] = A * w[:, :, None]
-        K[:, n:, n:] = torch.diag_embed(1 - w - _DELTA * w)
+        K[:, n:, n:] = torch.diag_embed(1 - w - delta * w)
         LU, piv, info = lu_factor_ex(K)
         sol = torch.linalg.lu_solve(LU, piv, torch.cat([-g, r * w], 1).unsqueeze(-1)).squeeze(-1)
         failed = (info != 0) | ~torch.isfinite(sol).all(1)
@@ -135,7 +138,7 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
         # The line search: exact on the quadratic. Beyond a unit step only along the system's own
         # direction (-gᵀp = pᵀ(P + ρI)p on W), not along rounding noise, whose -gᵀp has any sign.
         gp, pPp = (g * p).sum(1), (p * bmv(P, p)).sum(1)
-        own = (gp < 0) & (pPp + _RHO * (p * p).sum(1) >= -0.5 * gp)
+        own = (gp < 0) & (pPp + rho * (p * p).sum(1) >= -0.5 * gp)
         a_star = torch.where(pPp > 0, -gp / torch.where(pPp > 0, pPp, 1.0), torch.inf)
         alpha = torch.where(own, torch.minimum(a_star, a_max), a_max.clamp(max=1.0))
         unbounded = running & ~failed & torch.isinf(alpha)
