@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from .._step_graphs import StepGraphs, capture_wanted
-from .active_set import settle_signs
+from .active_set import settle_signs, sign_tolerance
 from .certify import DECIDED, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING, SOLVED,
                             STATUS_NAMES, ConeSolution)
@@ -55,7 +55,7 @@ from .ipm_step import STATE, STATUS, IterationData, column_mask, step, update
 from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
 from .nullspace import ReducedSystems, SplitKKT, gather, reduce, unverifiable
 from .resolution import unresolved_columns
-from .rays import verified_rays
+from .rays import exact_unbounded_ray, verified_rays
 from .second_opinion import equilibrated_start
 from .symmetric_cones import ConeLayout
 from .uniqueness import undetermined
@@ -195,16 +195,18 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         d, systems, layout, xs, ss, zs, ~certified, point_residual(d, layout), polish, polish_steps,
         refine + 1, tol_error, error_cols, error_duals, natural=decide_pairs)
     # A polished point with a sign wrong beyond rounding: the wrong active set (.active_set).
-    xs, ss, zs, residual, kkt, error, _ = settle_signs(
+    xs, ss, zs, residual, kkt, error, ray = settle_signs(
         d, systems, layout, (xs, ss, zs, residual, kkt, error), ~certified, point_residual(d, layout),
         polish_steps if polish != "never" else 0, refine + 1, (tol_accept, tol_error), error_cols, error_duals,
         error_estimate)
+    status, certified = torch.where(ray, DUAL_INFEASIBLE, status), certified | ray  # (checked below)
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
     xo, so, zo = (torch.where(ok[:, None], v, 0.0) for v in (xo, so, zo))
     if bool(certified.any()):
         # A ray found on the equilibrated data certifies only if it does in the caller's units.
         infeasible, unbounded = verified_rays(P, q, A, b, layout, xo, zo)
+        unbounded = unbounded | (ray & exact_unbounded_ray(P, q, A, layout, xo, sign_tolerance(xo)))
         real = ((status == PRIMAL_INFEASIBLE) & infeasible) | ((status == DUAL_INFEASIBLE) & unbounded)
         status = torch.where(certified & ~real, NUMERICAL, status)
     # The measures so far are relative to the equilibrated unit (σ from the data; above: a

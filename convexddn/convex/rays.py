@@ -11,7 +11,7 @@ import torch
 from .kkt import bmv, row_inf
 from .symmetric_cones import ConeLayout
 
-__all__ = ["verified_rays"]
+__all__ = ["exact_unbounded_ray", "verified_rays"]
 
 
 def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
@@ -62,6 +62,28 @@ def verified_rays(P, q, A, b, layout: ConeLayout, x, z, tol: float = 1e-6):
                  & (row_inf(bmv(P, d)) <= tol * p_max)
                  & ((q * d).sum(1) < -tol * row_inf(q * d)))
     return infeasible, unbounded
+
+
+def exact_unbounded_ray(P, q, A, layout: ConeLayout, x, tol: float) -> torch.Tensor:
+    """(B,) whether ``x`` is a ray of unboundedness exact to ``tol`` (a rounding level), in the
+    units given: :math:`d = x/\\|x\\|_\\infty` with each row of :math:`-Ad` in its cone, each entry of
+    :math:`Pd` zero and :math:`q^T d` negative, all within ``tol`` of their own terms
+    (:math:`|A||d|`, :math:`|P||d|`, :math:`|q|^T|d|`). A ray found by an active-set step
+    (:func:`~.active_set.correct`) along an LP's edge whose cost decreases by 1e-9 per unit
+    passes where :func:`verified_rays`' ``tol`` of 1e-6 refuses it, and it is exact: the
+    float data are unbounded along it."""
+    z0 = layout.zero
+    nx = row_inf(x)
+    d = x / torch.where(nx > 0, nx, 1.0)[:, None]
+    # (each row's terms, and its largest entry: d's unit is 1, and an entry of d at 1e-29, the
+    # rounding of a zero, met a term of 2e-29 alone in its row)
+    term = lambda M: bmv(M.abs(), d.abs()) + (M.abs().amax(2) if M.shape[2] else 0.0)  # noqa: E731
+    Ad = bmv(A, d)
+    cone = torch.cat([-Ad[:, :z0].abs(), -Ad[:, z0:]], 1) if z0 else -Ad
+    in_cone = (cone >= -tol * term(A)).all(1) if not layout.soc else torch.zeros_like(nx, dtype=torch.bool)
+    flat = (bmv(P, d).abs() <= tol * term(P)).all(1)
+    qd = (q * d).sum(1)
+    return (nx > 0) & torch.isfinite(nx) & in_cone & flat & (qd < -tol * ((q * d).abs().sum(1) + row_inf(q)))
 
 
 def _drop_noise(y: torch.Tensor, rows: torch.Tensor, tol: float, layout: ConeLayout) -> torch.Tensor:

@@ -16,7 +16,10 @@ import pytest
 import torch
 
 import convexddn as cddn
-from convexddn.convex.active_set import correct, sign_violation
+from convexddn.errors import UnboundedError
+from convexddn.convex.active_set import correct, sign_tolerance, sign_violation
+from convexddn.convex.batched import BatchedProgram
+from convexddn.convex.rays import exact_unbounded_ray, verified_rays
 from convexddn.convex.symmetric_cones import ConeLayout
 
 F64 = torch.float64
@@ -148,3 +151,31 @@ def test_batch_of_near_ties_and_ordinary_elements_each_as_alone():
     for i in range(len(p)):
         alone = solve_quietly(layer, torch.tensor(p[i]))
         np.testing.assert_allclose(alone.numpy(), out[i].numpy(), atol=1e-12, rtol=0)
+
+
+def test_exact_unbounded_ray_against_rounding():
+    """The ray x = t = (1, 0) of p @ x + ||x||_1 at p0 = -1 - 1e-9 is exact (q^T d = -1e-9, far
+    beyond rounding; -Ad in K exactly); with the box it leaves x0 <= 1, and at p0 = -1 + 1e-9
+    the cost rises along it: refused both times. (verified_rays' tolerance of 1e-6 refuses the first.)"""
+    d = torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=F64)
+    P, q, A, b, layout = cone_form(-1 - 1e-9, 0.5, box=False)
+    assert bool(exact_unbounded_ray(P, q, A, layout, d, sign_tolerance(d)))
+    assert not bool(verified_rays(P, q, A, b, layout, d, torch.zeros_like(b))[1])
+    P, q, A, b, layout = cone_form(-1 - 1e-9, 0.5)
+    assert not bool(exact_unbounded_ray(P, q, A, layout, d, sign_tolerance(d)))
+    P, q, A, b, layout = cone_form(-1 + 1e-9, 0.5, box=False)
+    assert not bool(exact_unbounded_ray(P, q, A, layout, d, sign_tolerance(d)))
+
+
+def test_unbounded_near_tie_is_certified_not_solved():
+    """p @ x + ||x||_1 without constraints, p = (-1 - eps, 0.5): unbounded for every eps > 0
+    along the exact ray above. The batched path certifies it (was 'solved' at x = 0 for eps up
+    to 3e-9); the layer raises UnboundedError at eps = 1e-6 (was SolverError)."""
+    x, p = cp.Variable(2), cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(p @ x + cp.norm1(x)))
+    program = BatchedProgram(prob, [p], [x])
+    _, info = program(torch.tensor([[-1 - e, 0.5] for e in (1e-10, 1e-9, 3e-9, 1e-7, 1e-6)], dtype=F64))
+    assert info.status_names() == ["dual infeasible (unbounded)"] * 5
+    layer = cddn.ConvexLayer(prob, parameters=[p], variables=[x])
+    with pytest.raises(UnboundedError):
+        layer(torch.tensor([-1 - 1e-6, 0.5], dtype=F64))
