@@ -179,3 +179,18 @@ def test_unbounded_near_tie_is_certified_not_solved():
     layer = cddn.ConvexLayer(prob, parameters=[p], variables=[x])
     with pytest.raises(UnboundedError):
         layer(torch.tensor([-1 - 1e-6, 0.5], dtype=F64))
+
+
+def test_near_tie_lp_with_an_equality_row():
+    """The same LP with u = x1 + 0.3 and a cost 0.1 u: the working set keeps the equality row
+    (solution x = (1, 0), u = 0.3; was x = (0, 0) at these eps, dx0/dp0 = -313 and -1000)."""
+    x, t, u, p = cp.Variable(2), cp.Variable(2), cp.Variable(), cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(p @ x + cp.sum(t) + 0.1 * u), [-t <= x, x <= t, x <= 1, x >= -1, u == x[1] + 0.3])
+    layer = cddn.ConvexLayer(prob, parameters=[p], variables=[x, u])
+    P = torch.tensor([[-1 - 1e-8, 0.5], [-1 - 3.2e-8, 0.5]], dtype=F64, requires_grad=True)
+    xo, uo = solve_quietly(layer, P)
+    assert layer.last_solve.statuses == ["solved"] * 2
+    torch.testing.assert_close(xo.detach(), torch.tensor([[1.0, 0.0]] * 2, dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(uo.detach(), torch.full((2,), 0.3, dtype=F64), atol=1e-9, rtol=0)
+    g, = torch.autograd.grad(xo[:, 0].sum(), P)
+    torch.testing.assert_close(g, torch.zeros_like(g), atol=1e-9, rtol=0)
