@@ -8,8 +8,8 @@ the wrong sign: an LP with a small cost margin, :math:`\\min p^T x + \\|x\\|_1` 
 :math:`\\|x\\|_\\infty \\le 1` at :math:`p = (-1 - 10^{-8}, 0.5)`, stopped at tolerance 1e-8
 in the middle of the nearly flat edge between its two vertices, and the polish landed on
 the wrong one, :math:`x = 0` (the solution is :math:`(1, 0)`), with a multiplier of
-:math:`-10^{-8}` (relative residual 2.5e-9, below the tolerance), an error estimate of
-5e-17 and a gradient of -313 where the derivative is 0.
+:math:`-5 \\cdot 10^{-9}` (relative residual 2.5e-9, below the tolerance), an error estimate
+of 5e-17 and a gradient of -313 where the derivative is 0.
 
 So a point is accepted only with its signs right to rounding (:func:`sign_violation`):
 every nonnegative row's slack and multiplier at least minus a rounding level of that
@@ -19,7 +19,10 @@ equality-constrained problem's step to its minimiser or the first constraint it 
 as an active-set method for QPs does; Nocedal & Wright, *Numerical Optimization*,
 §16.5), batched for all of them, then the Newton polish on the set found; an element
 whose signs are still wrong is not solved (its error estimate is infinite), for the
-caller's fallback. Programs with second-order cones are left as they are.
+caller's fallback. The same steps serve elements whose residual passes but whose error
+estimate does not (the polish left them on an edge), and where the problem decreases
+without bound along a working set's edge they end with its ray (:func:`settle_signs`).
+Programs with second-order cones are left as they are.
 """
 from __future__ import annotations
 
