@@ -44,8 +44,8 @@ import torch
 from .._step_graphs import StepGraphs, capture_wanted
 from .active_set import settle_signs, sign_tolerance
 from .certify import DECIDED, finish, undecided
-from .cone_solution import (DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING, SOLVED,
-                            STATUS_NAMES, ConeSolution)
+from .cone_solution import (DUAL_INFEASIBLE, EXACT_RAY, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING,
+                            SOLVED, STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
 from .estimate import error_estimate
 from .far_rows import relax_far_rows
@@ -206,9 +206,9 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     if bool(certified.any()):
         # A ray found on the equilibrated data certifies only if it does in the caller's units.
         infeasible, unbounded = verified_rays(P, q, A, b, layout, xo, zo)
-        unbounded = unbounded | (ray & exact_unbounded_ray(P, q, A, layout, xo, sign_tolerance(xo)))
-        real = ((status == PRIMAL_INFEASIBLE) & infeasible) | ((status == DUAL_INFEASIBLE) & unbounded)
-        status = torch.where(certified & ~real, NUMERICAL, status)
+        exact = ray & exact_unbounded_ray(P, q, A, layout, xo, sign_tolerance(xo))
+        real = ((status == PRIMAL_INFEASIBLE) & infeasible) | ((status == DUAL_INFEASIBLE) & (unbounded | exact))
+        status = torch.where(certified & ~real, NUMERICAL, torch.where(exact, EXACT_RAY, status))
     # The measures so far are relative to the equilibrated unit (σ from the data; above: a
     # point with a relative gap of 0.02 to 1 passed there). The same measures in the
     # caller's units do not share that blind spot (nor the equilibrated ones theirs): both must pass.

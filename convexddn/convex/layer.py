@@ -37,7 +37,7 @@ from .batched import BatchedProgram, UnsupportedProblem
 from .canonical import batched_refusal
 from .finite import finite_problem
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
-from .second_opinion import solve_with_opinion
+from .second_opinion import solve_with_opinion, unsettled
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, unravel)
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
@@ -377,7 +377,7 @@ class ConvexLayer(nn.Module):
                            program is not None and asked is doubt)
             return sols, info
         sols, info = solve_with_opinion(self._batched, self.parameters_, flat, (range(math.prod(batch)), batch))
-        redo = [i for i, ok in enumerate(info["solved"]) if not ok]
+        redo = unsettled(info)
         if redo and not self._qp_only:  # (which the per-element path cannot take)
             # Then per element; autograd flows to each element through the path that solved it.
             verdicts = [(info["kinds"][i], info["statuses"][i]) for i in redo]

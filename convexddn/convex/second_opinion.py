@@ -35,7 +35,7 @@ import torch
 
 from .._autograd import refuse_transforms
 from .._process_settings import solver_warnings_ignored
-from .cone_solution import DUAL_INFEASIBLE, NUMERICAL, PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES
+from .cone_solution import DUAL_INFEASIBLE, EXACT_RAY, NUMERICAL, PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES
 from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # (batched imports this module)
 
     from .batched import BatchedProgram
 
-__all__ = ["clarabel_points", "equilibrated_start", "solve_with_opinion", "weigh_unbounded"]
+__all__ = ["clarabel_points", "equilibrated_start", "solve_with_opinion", "unsettled", "weigh_unbounded"]
 
 # Clarabel's statuses whose point is a ray (an infeasibility certificate), not a
 # candidate solution. Any other finite point is handed on, whatever the status: the
@@ -282,7 +282,7 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
             "residuals": binfo.residual.tolist(), "solved": solved,
             "kinds": ["solved" if ok else status_kind(st) for ok, st in zip(solved, statuses)],
             "points": binfo.points.tolist()}  # (not an INFO_KEYS entry: kept through merges)
-    redo = [i for i, ok in enumerate(info["solved"]) if not ok]
+    redo = unsettled(info)
     if redo:
         # First the iterations again, on until every pair is decided in its own units (.pairs):
         # a constraint far below the program's scale met tol undecided (a ball of radius 1e-7
@@ -312,6 +312,15 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
         doubt_certificates(info, redo, [info["points"][i] for i in redo])
         weigh_unbounded(info, redo, finfo.opinion.tolist())
     return sols, info
+
+
+def unsettled(info: dict) -> list[int]:
+    """The elements of ``info`` (:func:`solve_with_opinion`'s) that another solver may still
+    decide: not solved, and not unbounded along a ray exact to rounding (``EXACT_RAY``:
+    p @ x + ||x||_1 at p0 = -1 - 1e-9, whose cost falls by 1e-9 per unit along (1, 0); SCS
+    from Clarabel's point came back 'solved' at x0 = 1.6e-7, accepted with a warning)."""
+    exact = STATUS_NAMES[EXACT_RAY]
+    return [i for i, (ok, st) in enumerate(zip(info["solved"], info["statuses"])) if not ok and st != exact]
 
 
 def weigh_unbounded(info: dict, idx: Sequence[int], opinions: Sequence[int]) -> None:

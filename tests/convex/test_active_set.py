@@ -19,6 +19,7 @@ import convexddn as cddn
 from convexddn.errors import UnboundedError
 from convexddn.convex.active_set import correct, sign_tolerance, sign_violation
 from convexddn.convex.batched import BatchedProgram
+from convexddn.convex.cone_solution import EXACT_RAY, STATUS_NAMES
 from convexddn.convex.rays import exact_unbounded_ray, verified_rays
 from convexddn.convex.symmetric_cones import ConeLayout
 
@@ -169,16 +170,19 @@ def test_exact_unbounded_ray_against_rounding():
 
 def test_unbounded_near_tie_is_certified_not_solved():
     """p @ x + ||x||_1 without constraints, p = (-1 - eps, 0.5): unbounded for every eps > 0
-    along the exact ray above. The batched path certifies it (was 'solved' at x = 0 for eps up
-    to 3e-9); the layer raises UnboundedError at eps = 1e-6 (was SolverError)."""
+    along the exact ray above. The batched path certifies it with that ray (was 'solved' at
+    x = 0 for eps up to 3e-9), and the layer raises UnboundedError, asking no other solver (at
+    eps <= 1e-7 SCS's point came back 'solved' with a warning; at 1e-6, SolverError)."""
     x, p = cp.Variable(2), cp.Parameter(2)
     prob = cp.Problem(cp.Minimize(p @ x + cp.norm1(x)))
     program = BatchedProgram(prob, [p], [x])
-    _, info = program(torch.tensor([[-1 - e, 0.5] for e in (1e-10, 1e-9, 3e-9, 1e-7, 1e-6)], dtype=F64))
-    assert info.status_names() == ["dual infeasible (unbounded)"] * 5
+    eps = (1e-10, 1e-9, 3e-9, 1e-7, 1e-6)
+    _, info = program(torch.tensor([[-1 - e, 0.5] for e in eps], dtype=F64))
+    assert info.status_names() == [STATUS_NAMES[EXACT_RAY]] * len(eps)
     layer = cddn.ConvexLayer(prob, parameters=[p], variables=[x])
-    with pytest.raises(UnboundedError):
-        layer(torch.tensor([-1 - 1e-6, 0.5], dtype=F64))
+    for e in (1e-9, 1e-7, 1e-6):
+        with pytest.raises(UnboundedError, match="exact to rounding"):
+            layer(torch.tensor([-1 - e, 0.5], dtype=F64))
 
 
 def test_near_tie_lp_with_an_equality_row():
