@@ -26,7 +26,7 @@ is the batched path with this second opinion, as :class:`~.layer.ConvexLayer` ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import clarabel
 import numpy as np
@@ -282,31 +282,30 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
             "residuals": binfo.residual.tolist(), "solved": solved,
             "kinds": ["solved" if ok else status_kind(st) for ok, st in zip(solved, statuses)],
             "points": binfo.points.tolist()}  # (not an INFO_KEYS entry: kept through merges)
+
+    def retry(redo: list[int], solver: str, **options) -> tuple[list[bool], Any]:
+        """The elements ``redo`` through ``program`` again with ``options``, merged where
+        they are solved now; returns which were, and the call's info."""
+        fixed, finfo = program(*element_subset(parameters, flat, redo), where=([where[0][i] for i in redo], where[1]),
+                               **options)
+        for i, bits in zip(redo, finfo.points.tolist()):
+            info["points"][i] |= bits
+        took = finfo.solved.tolist()
+        part = {"backend": ["batched"] * len(redo), "solvers": [solver] * len(redo),
+                "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),
+                "solved": took, "kinds": ["solved"] * len(redo)}
+        merge_resolved(sols, info, redo, fixed, part, take=took)
+        return took, finfo
+
     redo = unsettled(info)
     if redo:
         # First the iterations again, on until every pair is decided in its own units (.pairs):
         # a constraint far below the program's scale met tol undecided (a ball of radius 1e-7
         # around a centre of size 10: the centre came back, and from Clarabel's point too).
-        fixed, finfo = program(*element_subset(parameters, flat, redo), where=([where[0][i] for i in redo], where[1]),
-                               decide_pairs=True)
-        for i, bits in zip(redo, finfo.points.tolist()):
-            info["points"][i] |= bits
-        took = finfo.solved.tolist()
-        part = {"backend": ["batched"] * len(redo), "solvers": ["batched"] * len(redo),
-                "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),
-                "solved": took, "kinds": ["solved"] * len(redo)}
-        merge_resolved(sols, info, redo, fixed, part, take=took)
+        took, _ = retry(redo, "batched", decide_pairs=True)
         redo = [i for i, ok in zip(redo, took) if not ok]
     if redo:
-        fixed, finfo = program(*element_subset(parameters, flat, redo), second_opinion=True,
-                               where=([where[0][i] for i in redo], where[1]))
-        for i, bits in zip(redo, finfo.points.tolist()):
-            info["points"][i] |= bits
-        took = finfo.solved.tolist()
-        part = {"backend": ["batched"] * len(redo), "solvers": ["Clarabel (batched form)"] * len(redo),
-                "statuses": finfo.status_names(), "residuals": finfo.residual.tolist(),
-                "solved": took, "kinds": ["solved"] * len(redo)}
-        merge_resolved(sols, info, redo, fixed, part, take=took)
+        _, finfo = retry(redo, "Clarabel (batched form)", second_opinion=True)
         # A verdict of the iterations is weighed against the second opinion: what the
         # checked point shows, then what Clarabel claims.
         doubt_certificates(info, redo, [info["points"][i] for i in redo])
