@@ -195,12 +195,14 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
                 idx = idx[took]
                 pick = lambda v: v.index_select(0, idx)  # noqa: E731
                 sub = d.select(idx)
-                part, part_error, _ = error_estimate(
+                part, part_error, part_damped = error_estimate(
                     systems.select(idx, sub), sub, layout, pick(xs), pick(ss), pick(zs), pick(polished), refine,
                     error_cols, error_duals)
                 kkt, error = PatchedKKT(kkt, idx, part), error.index_copy(0, idx, part_error)
-    else:  # A damped estimate no polish follows is no estimate (a point 3e-7 off read 8e-8).
-        error = torch.where(damped, torch.inf, error)
+                damped = damped.index_copy(0, idx, part_damped)
+    # A damped estimate is no estimate (a point 3e-7 off read 8e-8; polished and still
+    # damped, points 2e-8 to 3.5e-8 off read 1e-10 to 5e-10 at tol_error = 1e-9).
+    error = torch.where(damped, torch.inf, error)
     return xs, ss, zs, residual, kkt, error
 
 

@@ -273,3 +273,27 @@ def test_two_nearly_parallel_halfspaces_project_exactly_without_a_warning():
                 out = layer(x_in)
             assert layer.last_solve.statuses == ["solved"]
             assert np.abs(out.double().numpy() - ref).max() < tol, (solver, dtype)
+
+
+def test_an_estimate_still_damped_after_the_second_polish_certifies_nothing(monkeypatch):
+    """finish() re-estimates the elements its second polish moved; an estimate still damped
+    there understates Newton's step as the first did, and is no estimate. The re-estimate's
+    flag was dropped: with tol_error = 1e-9, projections onto nearly parallel halfspaces
+    (normals 1e-7 and 3e-7 apart) came back solved 2e-8 to 3.5e-8 off at estimates of
+    1e-10. Here every estimate reports damped: no element may be certified."""
+    from test_estimate import nearly_parallel, projections
+
+    import convexddn.convex.certify as certify
+    from convexddn.convex.interior_point import solve_cone_batch
+    from convexddn.convex.symmetric_cones import ConeLayout
+
+    real = certify.error_estimate
+
+    def always_damped(*args, **kwargs):
+        kkt, error, damped = real(*args, **kwargs)
+        return kkt, error, torch.ones_like(damped)
+
+    monkeypatch.setattr(certify, "error_estimate", always_damped)
+    P, q, A, b, _ = projections([nearly_parallel(1e-6, 3, seed) for seed in range(4)])
+    sol = solve_cone_batch(P, q, A, b, ConeLayout(0, 3))
+    assert torch.isinf(sol.error).all(), sol.error
