@@ -111,7 +111,7 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
         # limit rows alone took a weakly active bound (s, z ~1e-11, 1e-13) as inactive
         # and left it violated by 3e-11 where plain steps reach rounding.
         alt = newton_polish(*args, settled=settled, decide=decided)
-        out = _keep(better(layout, alt[3], *alt[1:3], out[3], *out[1:3], torch.maximum(alt[3], out[3]))
+        out = _keep(better(layout, alt[3], *alt[1:3], out[3], *out[1:3], torch.minimum(alt[3], out[3]))
                     if natural else alt[3] < out[3], alt, out)  # (natural: a tie at rounding by polish.better)
         # Where a pair is still open, a semismooth run: every pair taken at the limit its
         # larger member points to (active where s < z), i.e. Newton on min(s, z) = 0. Plain
