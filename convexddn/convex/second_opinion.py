@@ -302,8 +302,12 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
         # First the iterations again, on until every pair is decided in its own units (.pairs):
         # a constraint far below the program's scale met tol undecided (a ball of radius 1e-7
         # around a centre of size 10: the centre came back, and from Clarabel's point too).
-        took, _ = retry(redo, "batched", decide_pairs=True)
-        redo = [i for i, ok in zip(redo, took) if not ok]
+        # Not for a certificate: its iterations would end in it again (Clarabel weighs it below).
+        failed = [i for i in redo if info["kinds"][i] == "other"]
+        if failed:
+            took, _ = retry(failed, "batched", decide_pairs=True)
+            now = {i for i, ok in zip(failed, took) if ok}
+            redo = [i for i in redo if i not in now]
     if redo:
         _, finfo = retry(redo, "Clarabel (batched form)", second_opinion=True)
         # A verdict of the iterations is weighed against the second opinion: what the

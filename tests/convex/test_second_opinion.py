@@ -299,3 +299,31 @@ def test_exactly_unbounded_lp_with_a_small_cost_stays_unbounded(cost):
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     with pytest.raises(UnboundedError):
         _slab_layer(2)(t([[0, -1.0], [0, 1.0]]), t([0.0, 1.0]), t([cost, 1.0]), torch.zeros(2, 2, dtype=torch.float64))
+
+
+def test_a_certified_element_is_not_iterated_again_for_its_pairs(monkeypatch):
+    """The retry that decides every pair in its own units is for elements the checks failed;
+    a certified infeasible one would end in its certificate again (a full batched solve for
+    nothing, before Clarabel's opinion weighs it)."""
+    import cvxpy as cp
+
+    from convexddn.convex.batched import BatchedProgram
+    from convexddn.convex.layer import ConvexLayer
+    from convexddn.errors import InfeasibleError
+
+    calls = []
+    real = BatchedProgram.__call__
+
+    def spy(self, *values, **kwargs):
+        calls.append((kwargs.get("decide_pairs", False), values[0].shape[0]))
+        return real(self, *values, **kwargs)
+
+    monkeypatch.setattr(BatchedProgram, "__call__", spy)
+    x, h, y = cp.Parameter(2), cp.Parameter(1), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x)), [y >= 1, cp.sum(y) <= h])
+    layer = ConvexLayer(prob, [x, h], [y])
+    X = torch.zeros(3, 2, dtype=torch.float64)
+    H = torch.tensor([[3.0], [-1.0], [4.0]], dtype=torch.float64)  # element 1 infeasible (sum(y) >= 2)
+    with pytest.raises(InfeasibleError):
+        layer(X, H)
+    assert not [c for c in calls if c[0]], calls
