@@ -36,6 +36,8 @@ from .symmetric_cones import ConeLayout
 
 __all__ = ["correct", "settle_signs", "sign_tolerance", "sign_violation"]
 
+# The most memory correct()'s dense systems take at once (settle_signs chunks beyond it).
+_DENSE_BYTES = 1 << 28
 # A sign is wrong beyond rounding where it is below minus this many rounding levels
 # (polish.rounding_level, 16 ulps) of its row's scale: converged Newton steps leave
 # 0.3-4 ulps; the wrong vertex above had 4e6 of them.
@@ -204,7 +206,14 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     sub = d.select(idx)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     data = (sub.P, sub.q, sub.A, sub.b)
-    x0, s0, z0, done, found = correct(*data, layout, pick(xs), pick(ss), pick(zs))
+    # correct() factorises dense (k, n + m, n + m) systems: in chunks of at most _DENSE_BYTES
+    # (a 30-step MPC's elements, n + m = 3000, hold 72 MB each).
+    n_all = data[2].shape[1] + data[2].shape[2]
+    chunk = max(1, _DENSE_BYTES // (n_all * n_all * data[2].element_size()))
+    start = (pick(xs), pick(ss), pick(zs))
+    parts = [correct(*(v[lo:lo + chunk] for v in data), layout, *(v[lo:lo + chunk] for v in start))
+             for lo in range(0, idx.numel(), chunk)]
+    x0, s0, z0, done, found = (torch.cat(v) for v in zip(*parts))
     res_fn = lambda *v: residual_fn(*v, idx)  # noqa: E731
     x, s, z, res, _ = newton_polish(*data, layout, x0, s0, z0, res_fn, polish_steps, decide=decided)
     part, part_error, damped = estimate(systems.select(idx, sub), sub, layout, x, s, z, torch.ones_like(done), refine,

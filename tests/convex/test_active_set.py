@@ -198,3 +198,17 @@ def test_near_tie_lp_with_an_equality_row():
     torch.testing.assert_close(uo.detach(), torch.full((2,), 0.3, dtype=F64), atol=1e-9, rtol=0)
     g, = torch.autograd.grad(xo[:, 0].sum(), P)
     torch.testing.assert_close(g, torch.zeros_like(g), atol=1e-9, rtol=0)
+
+
+def test_corrections_in_chunks_give_the_same_points(monkeypatch):
+    """settle_signs hands correct() its flagged elements in chunks of at most _DENSE_BYTES of
+    dense systems (n + m = 3000 holds 72 MB an element): one element a chunk here, the same
+    vertices as in one call."""
+    import convexddn.convex.active_set as active_set
+
+    P = torch.tensor([[-1 - e, 0.5] for e in EPS], dtype=F64)
+    whole = solve_quietly(near_tie_layer(), P)
+    monkeypatch.setattr(active_set, "_DENSE_BYTES", 1)
+    chunked = solve_quietly(near_tie_layer(), P)
+    torch.testing.assert_close(whole, torch.tensor([[1.0, 0.0]] * len(EPS), dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
