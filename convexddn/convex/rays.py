@@ -70,8 +70,10 @@ def exact_unbounded_ray(P, q, A, layout: ConeLayout, x, tol: float) -> torch.Ten
     :math:`Pd` zero and :math:`q^T d` negative, all within ``tol`` of their own terms
     (:math:`|A||d|`, :math:`|P||d|`, :math:`|q|^T|d|`). A ray found by an active-set step
     (:func:`~.active_set.correct`) along an LP's edge whose cost decreases by 1e-9 per unit
-    passes where :func:`verified_rays`' ``tol`` of 1e-6 refuses it, and it is exact: the
-    float data are unbounded along it."""
+    passes where :func:`verified_rays`' ``tol`` of 1e-6 refuses it. Exact to rounding, not
+    beyond: a program bounded only by rows that close within ``tol`` of their terms along
+    ``d`` reads as unbounded (min -x s.t. x - y <= 1, -(1 - 1e-13) x + y <= 0: d = (1, 1)
+    passes, the solution ~1e13), as the docs say of astronomically large solutions."""
     z0 = layout.zero
     nx = row_inf(x)
     d = x / torch.where(nx > 0, nx, 1.0)[:, None]
