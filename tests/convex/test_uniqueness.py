@@ -122,14 +122,22 @@ def test_entmax_cone_form_on_a_tie_is_warned_undetermined(alpha):
     ref = np.stack([_entmax_closed_form(v, alpha) for v in x])
     np.testing.assert_allclose(ref[0], [1 / 3, 1 / 3, 0, 0, 1 / 3], atol=1e-15)
     layer = cddn.layer("entmax", n=5, alpha=alpha, backend="cvxpy")
+    X = torch.tensor(x, requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = layer(torch.tensor(x)).numpy()
+        Y = layer(X)
+        y = Y.detach().numpy()
     named = {e for w in caught if issubclass(w.category, SolverWarning) for e in getattr(w.message, "elements", [])}
     # (the tied element warned, or solved within the untied one's 2e-7: at α = 20 its pairs
     # p_i >= 0 at 2e-9 are open in their own units, and Clarabel's point, polished, is 1e-8 off)
     assert named == {(0,)} or (not named and np.abs(y[0] - ref[0]).max() <= 2e-7), [str(w.message) for w in caught]
     assert layer.last_solve.solvers[1] == "batched"
+    if not named:  # unwarned, its Jacobian is entmax's: diag(s) − s sᵀ/Σs, s = p^(2−α) on the support
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            J = np.stack([torch.autograd.grad(Y[0, i], X, retain_graph=True)[0][0].numpy() for i in range(5)])
+        sv = np.where(ref[0] > 0, ref[0] ** (2.0 - alpha), 0.0)
+        np.testing.assert_allclose(J, np.diag(sv) - np.outer(sv, sv) / sv.sum(), atol=1e-5 * sv.max())
     # (the cone form rounds α to a fraction exact to 1e-7 of the solution)
     np.testing.assert_allclose(y[1], ref[1], atol=2e-7)
 
