@@ -18,7 +18,9 @@ error from :mod:`convexddn.errors` that is about the input (those deriving from
 ``ValueError`` or ``TypeError``) — reported as one line on stderr, without a traceback.
 Other failures (a solver that fails, a bug) keep their traceback. Output that cannot be
 written (``convexddn list > /dev/full``) is one line on stderr and exit status 1; a reader
-that stops early (``convexddn list | head -1``) ends the command quietly, with status 0.
+that stops early (``convexddn list | head -1``) ends the command quietly, with status 0;
+a command's own non-zero status (2 for a user mistake) is kept, and an error of its own
+after a write failed (a file it cannot open) keeps its traceback.
 """
 from __future__ import annotations
 
@@ -266,6 +268,7 @@ class _Output:
 
     def __init__(self, stream: Any) -> None:
         self.stream, self.failed = stream, None
+        self._raised: list[OSError] = []  # every error a write or flush raised, ``failed`` first
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
@@ -275,7 +278,22 @@ class _Output:
             return getattr(self.stream, method)(*args)
         except OSError as err:
             self.failed = self.failed or err
+            self._raised.append(err)
             raise
+
+    def caused(self, err: BaseException) -> bool:
+        """Whether ``err`` is an error a write or flush raised, or chained from one
+        (``__cause__``, ``__context__``): a failure of the output, not the command's own."""
+        pending, seen = [err], set()
+        while pending:
+            e = pending.pop()
+            if e is None or id(e) in seen:
+                continue
+            if any(e is r for r in self._raised):
+                return True
+            seen.add(id(e))
+            pending += [e.__cause__, e.__context__]
+        return False
 
     def write(self, text: str) -> int:
         return self._guarded("write", text)
@@ -319,16 +337,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # (pythonw: print writes nowhere)
         return _command(argv)
     output = sys.stdout = _Output(sys.stdout)
+    status = None
     try:
         status = _command(argv)
         # Flushed here, where a failure is caught, not at the interpreter's exit.
         sys.stdout.flush()
-    except OSError:
-        if output.failed is None:  # the command's own (a file it writes): its traceback
+    except OSError as err:
+        # The command's own (a file it writes, even after a write to stdout failed and the
+        # command carried on): its traceback.
+        if not output.caused(err):
             raise
     finally:
         sys.stdout = output.stream
-    return status if output.failed is None else _output_failed(output.failed)
+    if output.failed is None:
+        return status
+    failed = _output_failed(output.failed)
+    return status or failed  # (a command's own non-zero status, such as 2, is kept)
 
 
 def _command(argv: Sequence[str] | None) -> int:

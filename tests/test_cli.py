@@ -566,3 +566,51 @@ def test_cli_commands_own_oserror_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "_list", fails)
     with pytest.raises(OSError, match="results/x.json"):
         cli.main(["list"])
+
+
+def _print_then(failure):
+    """A command that prints, swallows the BrokenPipeError or full disk, carries on and
+    then fails with ``failure``."""
+    def command(args):
+        try:
+            print("partial output")
+        except OSError:
+            pass
+        raise failure
+    return command
+
+
+@pytest.mark.parametrize("write_error", [BrokenPipeError(errno.EPIPE, "Broken pipe"),
+                                         OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))])
+def test_cli_commands_own_oserror_after_a_failed_write_keeps_its_traceback(write_error, monkeypatch):
+    """Once a write to stdout had failed, any later OSError (a file the command cannot open)
+    was swallowed, with status 0 or 1 and no traceback."""
+    monkeypatch.setattr(sys, "stdout", _FailingStdout(write_error))
+    monkeypatch.setattr(cli, "_list", _print_then(FileNotFoundError(errno.ENOENT, "no such file", "/nonexistent/x")))
+    with pytest.raises(FileNotFoundError, match="/nonexistent/x"):
+        cli.main(["list"])
+
+
+@pytest.mark.parametrize("write_error", [BrokenPipeError(errno.EPIPE, "Broken pipe"),
+                                         OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))])
+def test_cli_user_error_after_a_failed_write_keeps_status_2(write_error, monkeypatch, capsys):
+    """A user mistake's status 2 became 0 (or 1) once a write to stdout had failed."""
+    from convexddn.errors import OptionError
+
+    monkeypatch.setattr(sys, "stdout", _FailingStdout(write_error))
+    monkeypatch.setattr(cli, "_list", _print_then(OptionError("n must be positive, got 0")))
+    assert cli.main(["list"]) == 2
+    assert "n must be positive, got 0" in capsys.readouterr().err
+
+
+def test_cli_oserror_chained_from_a_failed_write_is_the_outputs():
+    """An error raised while handling the failed write (or ``from`` it) is the output's."""
+    output = cli._Output(_FailingStdout(BrokenPipeError(errno.EPIPE, "Broken pipe")))
+    try:
+        try:
+            output.write("x")
+        except OSError as broken:
+            raise OSError(errno.EIO, "while reporting") from broken
+    except OSError as err:
+        assert output.caused(err)
+    assert not output.caused(OSError(errno.EIO, "unrelated"))
