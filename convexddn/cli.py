@@ -340,8 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = None
     try:
         status = _command(argv)
-        # Flushed here, where a failure is caught, not at the interpreter's exit.
-        sys.stdout.flush()
+        # Flushed here, where a failure is caught, not at the interpreter's exit (a stream
+        # with only write() has nothing to flush).
+        if callable(getattr(output.stream, "flush", None)):
+            output.flush()
     except OSError as err:
         # The command's own (a file it writes, even after a write to stdout failed and the
         # command carried on): its traceback.

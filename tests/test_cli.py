@@ -614,3 +614,35 @@ def test_cli_oserror_chained_from_a_failed_write_is_the_outputs():
     except OSError as err:
         assert output.caused(err)
     assert not output.caused(OSError(errno.EIO, "unrelated"))
+
+
+class _WriteOnlyStdout:
+    """A stdout object with ``write()`` and nothing else."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+
+def test_cli_write_only_stdout(monkeypatch):
+    """main()'s own flush raised AttributeError on a stdout without ``flush()``."""
+    out = _WriteOnlyStdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["list"]) == 0
+    assert sys.stdout is out and "entmax" in out.text
+
+
+def test_cli_restores_stdout_after_a_commands_exception(monkeypatch):
+    from convexddn.errors import SolverError
+
+    def fails(args):
+        raise SolverError("solver failed")
+
+    before = sys.stdout
+    monkeypatch.setattr(cli, "_list", fails)
+    with pytest.raises(SolverError):
+        cli.main(["list"])
+    assert sys.stdout is before
