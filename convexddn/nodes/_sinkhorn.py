@@ -52,7 +52,7 @@ from ._sinkhorn_columns import exact_cols, log_floor as _lo
 from ._sinkhorn_kernel import kernel_rounds as _kernel_sinkhorn
 from ._sinkhorn_padding import Padding, col_shift_, completion, offsets_removed, plain_ranges, row_shifted
 from ._sinkhorn_schur import flush as _flush
-from ._sinkhorn_schur import schur_solve
+from ._sinkhorn_schur import held_columns, schur_solve
 
 # Sinkhorn iterations between two checks of the column error (each check forms P).
 BLOCK = 10
@@ -328,7 +328,7 @@ def _solve_at(
     if beta is None:
         beta = torch.zeros_like(b) if pad is None else torch.zeros_like(b).masked_fill_(pad.dead_c, -math.inf)
     st = _State(beta, ce, a, la, b, lo, pad)
-    it = 0
+    it, held = 0, held_columns(b) if pad is None else pad.fixed  # (the Newton steps' held columns)
     # Each element's error reduction over its last Sinkhorn block (0: none run yet).
     rate = torch.zeros_like(st.err)
     while True:
@@ -361,7 +361,7 @@ def _solve_at(
             # S d = ∇φ; the (a − r) term accounts for rows exact only up to rounding.
             corr = ((a - st.r) / st.r).unsqueeze(-2) @ st.P
             grad = b - st.c - corr.squeeze(-2)
-            d, bad, _ = schur_solve(st.P, st.r, grad, None if pad is None else pad.fixed)
+            d, bad, _ = schur_solve(st.P, st.r, grad, held)
             d = d * (MAX_STEP / d.abs().amax(-1, keepdim=True)).clamp(max=1.0)
             slope = (grad * d).sum(-1)
             pending, t = newton & ~bad & (slope > 0), 1.0

@@ -111,7 +111,7 @@ class SinkhornFn(torch.autograd.Function):
 
         marginals = a_t is not None or b_t is not None
         P0 = P
-        dalpha, dbeta, P = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
+        dalpha, dbeta, P = dual_solve(P, r, u, w, held_columns(b) if pad is None else pad.fixed,
                                       "the tangent with respect to the marginals",
                                       _fix(ctx, a, b, rhs) if marginals else None)
         dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
@@ -139,7 +139,7 @@ class SinkhornFn(torch.autograd.Function):
         r = row_sums(P, None if pad is None else pad.pad_r)
         marginals = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         P0 = P
-        lam, mu, P = dual_solve(P, r, u, w, None if pad is None else pad.fixed,
+        lam, mu, P = dual_solve(P, r, u, w, held_columns(b) if pad is None else pad.fixed,
                                 "the gradients with respect to the marginals",
                                 _fix(ctx, a, b, lambda Pk, k: _sums(V.expand(P.shape)[k] * Pk)) if marginals else None)
         Q = Q if P is P0 else V * P  # (polished plans: their own Q)
@@ -185,10 +185,10 @@ class Polish:
 
 
 def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-               fixed: torch.Tensor | None, what: str,
+               fixed: torch.Tensor, what: str,
                fix: Polish | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(λ, μ, P) with K (λ, μ) = (u, w), K = [[diag(r), P], [Pᵀ, diag(Pᵀ1)]], μ = 0 on the
-    ``fixed`` columns (each element's heaviest when None: :func:`~._sinkhorn_schur.held_columns`):
+    ``fixed`` columns (:func:`~._sinkhorn_schur.held_columns`: each element's heaviest of b):
     μ from the Schur complement, then λ row by row. The backward's system and the jvp's
     (K is symmetric), with their warnings: non-finite results (an incoming gradient or
     tangent that is not finite, or overflowed float64) and a support split into
@@ -207,14 +207,14 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
     (else P itself): the derivatives are the exact solution map's at the given cost. Where
     the ratio is still above that (λ_min below about 1e-8 in float64, where the polished
     η is ~1e-16 × √M) it warns. One host sync tells whether any rare case needs a look."""
-    fixed = held_columns(P, fixed)
     rhs = schur_rhs(P, r, u, w)
     keep: list | None = None if fix is None else []
-    mu, bad, y = schur_solve(P, r, rhs, fixed, probe=fix is not None, keep=keep)
+    c = None if fix is None else P.sum(-2)  # (the probe's and the relative error's)
+    mu, bad, y = schur_solve(P, r, rhs, fixed, probe=c, keep=keep)
     ok = torch.isfinite(mu.sum()) & ~bad.any()
     low = loose = None
     if fix is not None:
-        low, eta = lambda_min_lower(y), relative_error(P, fix.a, fix.b)
+        low, eta = lambda_min_lower(y), relative_error(P, fix.a, fix.b, c)
         loose = ~(eta <= _WARN * fix.accuracy * low) & ~bad
     if not bool(ok if loose is None else ok & ~loose.any()):
         if loose is not None and bool(loose.any()):

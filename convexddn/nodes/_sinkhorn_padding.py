@@ -54,6 +54,7 @@ import torch
 
 from .._checks import check_device, check_finite, check_tensor
 from ..errors import InputError, ShapeError
+from ._sinkhorn_schur import held_columns
 
 #: Smallest accepted share of a marginal's total in one nonzero entry. A row's largest
 #: plan entry is at least its marginal over N, and plan entries below 6e-308 are 0:
@@ -78,9 +79,9 @@ class Padding:
         # 1 on dead rows (columns), 0 elsewhere: added to sums that are exactly 0 there.
         self.pad_r, self.pad_c = self.dead_r.to(a.dtype), self.dead_c.to(b.dtype)
         # The columns whose potential is held fixed: the dead ones and the heaviest live
-        # one (every marginal has a live entry: an all-zero one is refused; see
-        # :mod:`._sinkhorn_schur` for why the heaviest).
-        self.fixed = self.dead_c.scatter(-1, b.argmax(-1, keepdim=True), True)
+        # one (every marginal has a live entry: an all-zero one is refused), as without
+        # padding (:func:`~._sinkhorn_schur.held_columns`).
+        self.fixed = held_columns(b, self.dead_c)
         dr, dc = self.dead_r.unsqueeze(-1), self.dead_c.unsqueeze(-2)
         self.dead, self.both = dr | dc, dr & dc
 

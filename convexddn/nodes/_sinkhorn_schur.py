@@ -1,7 +1,9 @@
 """The Newton system of the entropic-OT solver and its implicit derivatives
 (:mod:`convexddn.nodes._sinkhorn`, :mod:`convexddn.nodes._sinkhorn_function`): the Schur
 complement S = diag(Pᵀ1) − Pᵀ diag(1/r) P of the marginal constraints, solved by Cholesky
-with one column held at 0 (the redundant constraint): the heaviest one (:func:`held_columns`).
+with one column held at 0 (the redundant constraint): the heaviest one of the solver's b
+(:func:`held_columns`, the one rule of the forward's Newton steps, the backward and the jvp,
+with or without padding: the same problem padded or not holds the same column).
 
 Which one is held matters in floating point, though not in exact arithmetic: with a column
 j of mass c_j held, S's solved block has an eigenvalue of about c_j (in units of D =
@@ -40,26 +42,27 @@ def back_substitute(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, mu: torch
     return torch.baddbmm(u.unsqueeze(-2), mu.unsqueeze(-2), P.transpose(-1, -2), alpha=-1).squeeze(-2).div_(r)
 
 
-def held_columns(P: torch.Tensor, fixed: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, N) bool: the columns whose μ is held at 0: ``fixed`` where given (the padding's,
-    :class:`~._sinkhorn_padding.Padding`), else each element's heaviest column of P."""
-    if fixed is not None:
-        return fixed
-    c = P.sum(-2)
-    return torch.zeros_like(c, dtype=torch.bool).scatter_(-1, c.argmax(-1, keepdim=True), True)
+def held_columns(b: torch.Tensor, dead: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) bool: the columns whose μ is held at 0: each element's heaviest column of the
+    solver's column marginal b (the first of equal ones), and the ``dead`` ones (b = 0, the
+    padding's, :class:`~._sinkhorn_padding.Padding`) where given. Dead columns have b = 0
+    and every marginal a live entry, so the heaviest is live. (From b, not from the plan's
+    column sums Pᵀ1 ≈ b: those broke b's ties by rounding, so a padded and an unpadded run
+    of one problem held different columns.)"""
+    held = torch.zeros_like(b, dtype=torch.bool) if dead is None else dead.clone()
+    return held.scatter_(-1, b.argmax(-1, keepdim=True), True)
 
 
 def schur_solve(
-    P: torch.Tensor, r: torch.Tensor, rhs: torch.Tensor, fixed: torch.Tensor | None = None, probe: bool = False,
+    P: torch.Tensor, r: torch.Tensor, rhs: torch.Tensor, fixed: torch.Tensor, probe: torch.Tensor | None = None,
     keep: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x with S x = rhs and x = 0 on the held columns, for S = diag(Pᵀ1) − Pᵀ diag(1/r) P
     and r = P1.
 
-    ``fixed`` (B, N) bool: the held columns (each row of the batch its own: the padding's
-    dead columns and heaviest live one); None: each element's heaviest column
-    (:func:`held_columns`). Their rows and columns of S become the identity's, the rest is
-    the system with those columns dropped.
+    ``fixed`` (B, N) bool: the held columns (:func:`held_columns`: each element's heaviest
+    column of b, and the padding's dead ones). Their rows and columns of S become the
+    identity's, the rest is the system with those columns dropped.
 
     S is the Laplacian of the weights W = Pᵀ diag(1/r) P (S1 = 0), so its leading
     (N−1)×(N−1) block is positive definite whenever the support of P connects every row
@@ -69,13 +72,12 @@ def schur_solve(
     Entries of P below √tiny are left out here (their products would be denormal; their
     relative weight is under 1e-150). Returns x, the mask of batch elements whose
     Cholesky failed, which are solved by pseudo-inverse (least norm) instead, and with
-    ``probe`` y = S⁻¹c (B, N) (0 on the held columns), c = Pᵀ1 on the solved ones:
+    ``probe``, P's column sums c = Pᵀ1 (B, N), y = S⁻¹c (0 on the held columns, c on the solved ones):
     :func:`lambda_min_lower` and :func:`lambda_min_upper` bracket with it the smallest
     eigenvalue λ_min of the solved block of the scaled D^(-1/2) S D^(-1/2), D = diag(c),
     and 1/max y is ‖S⁻¹D‖∞, the amplification of relative marginal errors; else None. ``keep``: a
     list, to which the Cholesky factor is appended (for :func:`polish` and :func:`refine`).
     """
-    fixed = held_columns(P, fixed)
     Pf = flush(P, torch.finfo(P.dtype).tiny ** 0.5)
     W = torch.bmm(Pf.transpose(-1, -2), Pf / r.unsqueeze(-1))
     diag = W.diagonal(dim1=-2, dim2=-1)
@@ -98,10 +100,10 @@ def schur_solve(
         keep.append(L)
     # Two triangular solves: 11 µs against cholesky_solve's 14 µs at (2, 99, 99).
     yp = None
-    if probe:  # (one more column: the triangular solves take both at once)
-        rk = torch.cat([rk, P.sum(-2).masked_fill(fixed, 0.0).unsqueeze(-1)], -1)
+    if probe is not None:  # (one more column: the triangular solves take both at once)
+        rk = torch.cat([rk, probe.masked_fill(fixed, 0.0).unsqueeze(-1)], -1)
     x = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rk, upper=False), upper=True)
-    if probe:
+    if probe is not None:
         x, yp = x[..., :1], x[..., 1]
     if bool(bad.any()):
         x[bad] = torch.linalg.pinv(Sk[bad], hermitian=True) @ rk[bad][..., :1]
@@ -200,11 +202,12 @@ def _error(P: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (P.sum(-1) - a).abs_().sum(-1) + (P.sum(-2) - b).abs_().sum(-1)
 
 
-def relative_error(P: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def relative_error(P: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
     """(B,): max_i |(P1)_i − a_i|/a_i and max_j |(Pᵀ1)_j − b_j|/b_j, the larger, over the
     live entries (zero ones are padding, exact). P is the exact plan of marginals off by
     these relative amounts, which the backward's solution feels through S⁻¹D (a row's
-    error reaches the columns as Pᵀ diag(1/r) of it, no larger relatively)."""
+    error reaches the columns as Pᵀ diag(1/r) of it, no larger relatively). ``c``: Pᵀ1
+    where the caller has it."""
     rows = ((P.sum(-1) - a).abs_() / a).masked_fill_(a == 0, 0.0)
-    cols = ((P.sum(-2) - b).abs_() / b).masked_fill_(b == 0, 0.0)
+    cols = ((P.sum(-2) if c is None else c) - b).abs_().div_(b).masked_fill_(b == 0, 0.0)
     return torch.maximum(rows.amax(-1), cols.amax(-1))

@@ -707,6 +707,38 @@ def test_sinkhorn_padding_matches_sliced_problem(m, n, scale, eps, monkeypatch):
             torch.testing.assert_close(_live(full, ak, bk), ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale,eps", _PATHS)
+def test_sinkhorn_padded_and_unpadded_hold_the_same_column(scale, eps, monkeypatch):
+    # The Newton steps, the backward and the jvp hold one column's potential at 0. Padding
+    # held the largest entry of b, the unpadded solve the largest column sum of P, whose
+    # ties (uniform b) rounding decided: the same problem held column 0 padded and another
+    # unpadded (raw potentials off by a constant). Both now hold b's heaviest (the first).
+    from convexddn.nodes import _sinkhorn, _sinkhorn_function
+
+    m, n = 7, 5
+    C = scale * torch.rand(6, m, n, generator=_gen(52), dtype=F64)
+    held = {}
+    for padded in (False, True):
+        Ck, bk = C, torch.ones(6, n, dtype=F64)
+        if padded:  # (a dead last column)
+            Ck, bk = torch.cat([C, C[..., :1]], -1), torch.cat([bk, torch.zeros(6, 1, dtype=F64)], -1)
+        seen = held[padded] = []
+        for module in (_sinkhorn, _sinkhorn_function):
+            f = module.schur_solve
+            monkeypatch.setattr(module, "schur_solve", lambda *x, f=f, seen=seen, **k: seen.append(x[3]) or f(*x, **k))
+        Ck, bk = Ck.clone().requires_grad_(), bk.clone().requires_grad_()
+        P = sinkhorn(Ck, torch.ones(6, m, dtype=F64), bk, eps=eps)
+        torch.autograd.grad((P * P.detach()).sum(), (Ck, bk))
+        torch.func.jvp(lambda c: sinkhorn(c, torch.ones(6, m, dtype=F64), bk.detach(), eps=eps), (Ck.detach(),),
+                       (torch.ones_like(Ck),))
+        monkeypatch.undo()
+    assert len(held[False]) == len(held[True]) >= 2
+    first = torch.zeros(6, n, dtype=torch.bool)
+    first[:, 0] = True
+    for fixed in held[False] + [f[..., :n] for f in held[True]]:
+        assert fixed is not None and torch.equal(fixed, first)
+
+
 def _one_sided(f, h: float = 1e-5) -> float:
     """f'(0+) by the second-order one-sided difference (−3f(0) + 4f(h) − f(2h)) / 2h."""
     return (-3 * f(0.0) + 4 * f(h) - f(2 * h)) / (2 * h)
@@ -1328,17 +1360,17 @@ def test_lambda_min_bracket_holds_the_smallest_eigenvalue(kind):
         b[0, -1] = b[1, 0] = b[2, 5] = 1e-13 * b.sum(-1).mean()
     P = sinkhorn(C, torch.ones(3, n, dtype=F64), b, eps=1.0 if "clusters" in kind else 0.1)
     P = P / P.sum((-2, -1), keepdim=True)
-    fixed = None
+    fixed = held_columns(b)  # (the heaviest column of b held: uniform b, the first)
     if kind == "held columns":
         fixed = torch.zeros(3, n, dtype=torch.bool)
         fixed[0, -1] = fixed[1, [0, 5]] = fixed[2, [3, 4, 11]] = True
     r, c = P.sum(-1), P.sum(-2)
-    _, bad, y = schur_solve(P, r, torch.zeros(3, n, dtype=F64), fixed, probe=True)
+    _, bad, y = schur_solve(P, r, torch.zeros(3, n, dtype=F64), fixed, probe=c)
     lo, hi = lambda_min_lower(y).numpy(), lambda_min_upper(y, c).numpy()
-    held = held_columns(P, fixed).numpy()
+    held = fixed.numpy()
     assert not bad.any()
-    if fixed is None:  # (the heaviest column held)
-        assert (held.argmax(-1) == c.argmax(-1).numpy()).all() and (held.sum(-1) == 1).all()
+    if kind != "held columns":
+        assert (held.argmax(-1) == b.argmax(-1).numpy()).all() and (held.sum(-1) == 1).all()
     for i in range(3):
         Pi = P[i].numpy()
         S = np.diag(Pi.sum(0)) - Pi.T @ np.diag(1 / Pi.sum(1)) @ Pi
