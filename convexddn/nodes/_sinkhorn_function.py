@@ -25,9 +25,9 @@ ACCURACY = {torch.float64: 1e-8, torch.float32: 1e-7, torch.float16: 1e-3, torch
 # The marginals' derivatives are off by up to about the plan's relative marginal error η
 # times ‖S⁻¹D‖∞ = 1/lo (:func:`~._sinkhorn_schur.lambda_min_lower`; measured on 4 × 4
 # balanced two-cluster plans, where it is a quarter of the L1 error over the unscaled
-# λ_min: 0.18 of that gave 1 %, 4.4 gave 13 %): above _WARN times the accuracy the plan
-# is polished, and where the ratio stays above that, it warns.
-_WARN = 1.0
+# λ_min: 0.18 of that gave 1 %, 4.4 gave 13 %): where η/lo is above the accuracy the plan
+# is polished, and where it stays above that, dual_solve warns (the ratio itself is the
+# test, with no factor).
 
 
 class Box:
@@ -64,8 +64,8 @@ class SinkhornFn(torch.autograd.Function):
         pad, G = inputs[-1].pad, inputs[-1].G
         ctx.mark_non_differentiable(err)
         ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
-        ctx.save_for_backward(output[0], G, err, inputs[1], inputs[2])
-        ctx.save_for_forward(output[0], err, inputs[1], inputs[2])
+        ctx.save_for_backward(output[0], G, inputs[1], inputs[2])  # (err: not needed, not kept)
+        ctx.save_for_forward(output[0], inputs[1], inputs[2])
         ctx.eps, ctx.pad, ctx.flip = inputs[3], pad, inputs[6]  # (flip: a and b are the caller's b and a)
         ctx.check, ctx.accuracy = inputs[-1].check, inputs[-1].accuracy
 
@@ -77,7 +77,7 @@ class SinkhornFn(torch.autograd.Function):
         the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
         solver sees, so the dropped equation holds.)"""
         refuse_batched("sinkhorn", C_t, a_t, b_t)
-        P, _err, a, b = ctx.saved_tensors
+        P, a, b = ctx.saved_tensors
         pad = ctx.pad
         if pad is not None:
             # Along a zero marginal entry only a ≥ 0 is feasible: the derivative there is
@@ -127,7 +127,7 @@ class SinkhornFn(torch.autograd.Function):
     @staticmethod
     @first_order("sinkhorn")
     def backward(ctx, V, _grad_err):  # type: ignore[override]
-        P, G, _err, a, b = ctx.saved_tensors
+        P, G, a, b = ctx.saved_tensors
         pad = ctx.pad
         if V is None:
             return (None,) * 9
@@ -200,7 +200,7 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
     (:func:`~._sinkhorn_schur.lambda_min_lower`, D = diag(Pᵀ1): in these units a light
     column is no small eigenvalue, only a weak link between blocks is); the derivatives
     were off by up to that ratio (13 % off at a cross-cluster mass of 1e-13). Where η/lo
-    exceeds ``_WARN`` times ``fix.accuracy`` (1e-8 in float64), those elements' plans are
+    exceeds ``fix.accuracy`` (1e-8 in float64), those elements' plans are
     polished by Newton steps on the marginal equations (:func:`~._sinkhorn_schur.polish`:
     the same cost, exact marginals to rounding) and their system solved again at the
     polished plan (:func:`~._sinkhorn_schur.refine`), which is returned in place of P there
@@ -215,7 +215,7 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
     low = loose = None
     if fix is not None:
         low, eta = lambda_min_lower(y), relative_error(P, fix.a, fix.b, c)
-        loose = ~(eta <= _WARN * fix.accuracy * low) & ~bad
+        loose = ~(eta <= fix.accuracy * low) & ~bad
     if not bool(ok if loose is None else ok & ~loose.any()):
         if loose is not None and bool(loose.any()):
             k = loose.nonzero().squeeze(-1)
@@ -232,9 +232,9 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
                 mu_k[j] = schur_solve(Pk[j], rk[j], rhs_k[j], sub[j])[0]
             P, u, r, mu = P.clone(), u.clone(), r.clone(), mu.clone()
             P[k], u[k], r[k], mu[k] = Pk, uk, rk, mu_k
-            # Still above _WARN times the accuracy (lo moves by about the ratio before
-            # polishing, a factor of 2 at most)
-            still = ek > _WARN * fix.accuracy * low[k] * (1 - (eta[k] / low[k]).clamp(max=0.5))
+            # Still above the accuracy (lo moves by about the ratio before polishing, a
+            # factor of 2 at most)
+            still = ek > fix.accuracy * low[k] * (1 - (eta[k] / low[k]).clamp(max=0.5))
             if bool(still.any()):
                 _warn_loose(what, k[still], ek[still], low[k][still], y[k][still], Pk[still].sum(-2),
                             fix.accuracy)
