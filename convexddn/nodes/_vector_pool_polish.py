@@ -71,7 +71,17 @@ def _newton(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
     return p, good, good, H
 
 
-def _lowest(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_noise(k1: torch.Tensor, d2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(r,): the rounding noise of the computed gradient g, eps (2.5 √N ‖φ'‖₂ + 4 Σ_i
+    |φ''(z_i)| z_i) (module docstring), from κ_i = φ'(z_i)/z_i ``k1``, φ''(z_i) ``d2`` and
+    the distances ``z`` (r, N). The polish's stopping rule, and the refinement's bound on
+    y's distance to the minimiser (:mod:`._vector_pool_refine`)."""
+    sum_noise = _SUM_NOISE * math.sqrt(z.shape[-1])
+    return (torch.linalg.vector_norm(k1 * z, dim=-1) * sum_noise
+            + _NOISE * torch.linalg.vecdot(d2.abs(), z)) * torch.finfo(z.dtype).eps
+
+
+def lowest(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """H's smallest eigenvalue (r,) and a unit direction (r, C) of that curvature, for the
     few rows that need them (detached). C <= N: eigh of H; C > N: H = sI + U D Uᵀ has the
     eigenvalue s off the span of the n_i and there those of K = sI + G½ D G½ (G = UᵀU,
@@ -151,7 +161,7 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
     need_span, need_grid = torch.stack([(tol * (ar + reach) > half).any(),
                                         (_NOISE * eps * reach > half).any()]).tolist()
     need_grid = tol < _NOISE * eps or (bool(need_grid) and x.dtype == torch.float32)
-    sum_noise, short = _SUM_NOISE * math.sqrt(N), _SHORT * ar
+    short = _SHORT * ar
     # (d, z, f) at u where every row that goes on took the last step's Newton point: those
     # of that point, the same values (and tangents) as formed again from u.
     carry = None
@@ -175,8 +185,7 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
             au = u.abs().amax(-1)
             span = _span(pen, d2.sum(-1), a, z) if need_span else half
             lim = torch.minimum(tol * (ar + au), span)
-            noise = (torch.linalg.vector_norm(k1 * z, dim=-1) * sum_noise
-                     + _NOISE * torch.linalg.vecdot(d2.abs(), z)) * eps
+            noise = gradient_noise(k1, d2, z)
             quiet = torch.linalg.vector_norm(g, dim=-1) <= noise
             # λ_min(H) >= Σ_i min(κ_i, φ''_i) (Weyl: term i's eigenvalues are κ_i and φ''_i).
             weyl = torch.minimum(k1, d2).sum(-1) if pd is None else None
@@ -294,7 +303,7 @@ def _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, 
     idx = rare.nonzero().squeeze(-1)
     with torch.no_grad():
         s_i, n_i, c_i = s1[idx], n[idx], c[idx]
-        lam, v = _lowest(s_i, n_i, c_i)
+        lam, v = lowest(s_i, n_i, c_i)
         pd = lam > forming_noise(s_i, n_i, c_i)  # (positive definite beyond the rounding of forming H)
         q = quiet[idx]
         eps = torch.finfo(lam.dtype).eps

@@ -26,18 +26,17 @@ float64's. Only a set whose y is coarse against its terms' scale is named.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from .._warn import warn
 from ..errors import GradientWarning
-import math
-
-from ._vector_pool_polish import _lowest, polish
+from ._vector_pool_polish import gradient_noise, lowest, polish
 from ._vector_pool_solvers import _polish_irls, geometry, kappa, unit
 from .pooling.penalties import Penalty, TruncatedQuadratic
-from .pooling.rounding import _GRADIENT_GRID, _NOISE, _SUM_NOISE, coarse_mask, grid
+from .pooling.rounding import _GRADIENT_GRID, coarse_mask, grid
 
 # The polish stops on a Newton step within _GRADIENT_GRID alpha (and returns that step's
 # point, about its square over alpha off): the bound the other sets' y meet. (With the
@@ -99,10 +98,9 @@ def _coarse_for_terms(pen: Penalty, xs: torch.Tensor, u: torch.Tensor, a: torch.
         d, z = geometry(x_j, u_j)
         k1, d2 = kappa(pen, z, a_j), pen.d2phi(z, a_j)
         g = torch.linalg.vector_norm((k1.unsqueeze(-2) @ d).squeeze(-2), dim=-1)
+        noise = gradient_noise(k1, d2, z)
+        lam = lowest(k1.sum(-1), unit(d, z), d2 - k1)[0]
         eps = torch.finfo(z.dtype).eps
-        noise = (torch.linalg.vector_norm(k1 * z, dim=-1) * (_SUM_NOISE * math.sqrt(z.shape[-1]))
-                 + _NOISE * torch.linalg.vecdot(d2.abs(), z)) * eps
-        lam = _lowest(k1.sum(-1), unit(d, z), d2 - k1)[0]
         off = torch.where(lam > 0, torch.maximum(noise, g) / lam, math.inf) + grid(u_j.abs().amax(-1), eps)
         coarse = off > _GRADIENT_GRID * pen.weight_scale(z, a_j).amin(-1)
     return rows.index_put((j,), coarse)
