@@ -16,12 +16,17 @@ Tensor = torch.Tensor
 
 
 def _row_prescale(A: Tensor) -> Tensor:
-    """``(B, r)``: ``1 / max_j |A_ij|`` per row (1 on zero rows, and where that reciprocal
-    overflows). The Gram matrix of a row of −1e160 (−1e160·y ≤ 0) was Inf: the row was called
-    null, and the gradient came out as the unconstrained problem's, silently."""
+    """``(B, r)``: ``1 / max_j |A_ij|`` per row; 1 on zero rows, on rows with an Inf or NaN
+    (whose reciprocal 0 made 0·Inf = NaN of an Inf), and where that reciprocal overflows: a row
+    whose largest entry is below 1 / the dtype's max (~5.6e-309 in float64) keeps its size, its
+    Gram entries underflow to 0 and it counts as a null row (its equilibration 1 / max, which
+    the callers apply, is beyond the dtype too). The Gram matrix of a row of −1e160
+    (−1e160·y ≤ 0) was Inf: the row was called null, and the gradient came out as the
+    unconstrained problem's, silently."""
     top = A.abs().amax(-1)
-    inv = 1.0 / torch.where(top > 0, top, 1.0)
-    return torch.where((top > 0) & torch.isfinite(inv), inv, 1.0)
+    ok = (top > 0) & torch.isfinite(top)
+    inv = 1.0 / torch.where(ok, top, 1.0)
+    return torch.where(ok & torch.isfinite(inv), inv, 1.0)
 
 
 def _prescaled_gram(A: Tensor) -> tuple[Tensor, Tensor]:

@@ -49,11 +49,15 @@ def relative_slack(g: Tensor, A_ineq: Tensor, length: Tensor) -> Tensor:
     where ``∇_y g_j`` is zero and ``g_j < 0`` (slack at any scale), ``-inf`` where it is zero otherwise.
 
     ``A_ineq`` ``(B, q, m)`` is :math:`D_y g`; its non-finite entries do not count towards the scale
-    (such a constraint is judged by its finite part). Divided in two steps, by norms scaled: finite
-    wherever the ratio is. At |y| ~ 1e154 in float64 ``‖y‖`` (or the product ``‖∇g_j‖ ℓ``) overflowed
-    to Inf, every bound counted as active and the gradient came back as zeros under a false
-    zero-multiplier warning (:func:`inactive_mask`); at ``‖∇g_j‖ ℓ`` beyond 1e308 :func:`near_active`
-    reported a slack of 0 and too small an ``active_tol``.
+    (such a constraint is judged by its finite part). Divided in two steps, by the norm scaled (the
+    product ``‖∇g_j‖ ℓ`` is never formed): finite where both ``|g_j| / ‖∇g_j‖`` and the ratio are
+    within the dtype's range, not wherever the ratio is. Where only the first overflows it is ±inf
+    with the ratio's sign (``g = -1e300``, ``‖∇g‖ = 1e-10``, ``ℓ = 1e100``: +inf for a ratio of
+    1e210), which counts the same (inactive, or violated) as the ratio would. At |y| ~ 1e154 in
+    float64 ``‖y‖`` (or the product ``‖∇g_j‖ ℓ``) overflowed to Inf, every bound counted as active
+    and the gradient came back as zeros under a false zero-multiplier warning (:func:`inactive_mask`);
+    at ``‖∇g_j‖ ℓ`` beyond 1e308 :func:`near_active` reported a slack of 0 and too small an
+    ``active_tol``.
     """
     row = scaled_norm(_finite(A_ineq))
     has = row > 0

@@ -73,3 +73,14 @@ def test_rows_and_multipliers_at_extreme_scales(scale):
     torch.testing.assert_close(A.transpose(1, 2) @ (T @ mu), A2.transpose(1, 2) @ mu, rtol=1e-12, atol=0)
     Minv, deficit = constraint_gram(A / scale, None, 1e-12)
     assert deficit.tolist() == [0]
+
+
+def test_row_prescale_limits():
+    """The rows' prescale is 1 / max |A_ij|, and 1 on zero rows, rows with an Inf or NaN (an
+    Inf row got 0: its prescaled row 0 * Inf = NaN) and rows below 1 / the dtype's max."""
+    from convexddn.nodes.constraint_rows import _row_prescale
+
+    A = torch.tensor([[[-1e160, 2.0], [0.0, 0.0], [torch.inf, 1.0], [torch.nan, 1.0], [1e-310, 0.0],
+                       [0.5, -4.0]]], dtype=DT)
+    p = _row_prescale(A)
+    assert torch.equal(p, torch.tensor([[1e-160, 1.0, 1.0, 1.0, 1.0, 0.25]], dtype=DT))
