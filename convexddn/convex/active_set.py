@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .._linalg import lu_factor_ex
+from .estimate import error_estimate
 from .kkt import PatchedKKT, bmv, row_inf
 from .polish import polish as newton_polish
 from .polish import rounding_level
@@ -170,7 +171,7 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
 
 
 def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tensor, residual_fn, polish_steps: int,
-                 refine: int, tols: tuple[float, float], error_cols, error_duals, estimate):
+                 refine: int, tols: tuple[float, float], error_cols, error_duals):
     """The hook after :func:`~.certify.finish`: ``point`` = ``(xs, ss, zs, residual, kkt, error)``.
 
     The elements among ``live`` whose signs are wrong beyond rounding (:func:`sign_violation`),
@@ -179,7 +180,7 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     x_i = 6e-6 with a cost margin of 1e-9 along it, estimated 2e-5 off), get :func:`correct`'s
     steps (none with ``polish_steps`` 0: ``polish="never"``), then ``polish_steps`` Newton
     steps with the pairs decided (as :func:`~.certify.finish`'s second polish), a new KKT
-    system and error estimate (``estimate``: :func:`~.estimate.error_estimate`). The new
+    system and error estimate (:func:`~.estimate.error_estimate`). The new
     point replaces the old one where the steps ended with the signs right and its estimate
     within ``tol_error``; elsewhere the old one stays, with an infinite error (not solved)
     where its signs are wrong.
@@ -216,8 +217,8 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     x0, s0, z0, done, found = (torch.cat(v) for v in zip(*parts))
     res_fn = lambda *v: residual_fn(*v, idx)  # noqa: E731
     x, s, z, res, _ = newton_polish(*data, layout, x0, s0, z0, res_fn, polish_steps, decide=decided)
-    part, part_error, damped = estimate(systems.select(idx, sub), sub, layout, x, s, z, torch.ones_like(done), refine,
-                                        error_cols, error_duals)
+    part, part_error, damped = error_estimate(systems.select(idx, sub), sub, layout, x, s, z, torch.ones_like(done),
+                                              refine, error_cols, error_duals)
     part_error = torch.where(damped, torch.inf, part_error)  # (no polish follows: no estimate, as finish's)
     ok = done & (sign_violation(*data, layout, x, s, z) <= 1) & (part_error <= tol_error)
     keep = lambda new, a, b: torch.where(new.view((-1,) + (1,) * (a.dim() - 1)), a, b)  # noqa: E731
@@ -227,7 +228,7 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     if not bool(ok.all()):  # (the system at the new points only: the others keep theirs)
         took = torch.nonzero(ok).squeeze(1)
         idx_ok, sub_ok = idx.index_select(0, took), sub.select(took)
-        part = None if not took.numel() else estimate(
+        part = None if not took.numel() else error_estimate(
             systems.select(idx_ok, sub_ok), sub_ok, layout, *(v.index_select(0, took) for v in (x, s, z)),
             torch.ones_like(took, dtype=torch.bool), refine, error_cols, error_duals)[0]
     else:

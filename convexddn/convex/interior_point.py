@@ -47,7 +47,6 @@ from .certify import DECIDED, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, EXACT_RAY, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING,
                             SOLVED, STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
-from .estimate import error_estimate
 from .far_rows import relax_far_rows
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .limit_scaling import retry_at_limit
@@ -197,8 +196,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # A polished point with a sign wrong beyond rounding: the wrong active set (.active_set).
     xs, ss, zs, residual, kkt, error, ray = settle_signs(
         d, systems, layout, (xs, ss, zs, residual, kkt, error), ~certified, point_residual(d, layout),
-        polish_steps if polish != "never" else 0, refine + 1, (tol_accept, tol_error), error_cols, error_duals,
-        error_estimate)
+        polish_steps if polish != "never" else 0, refine + 1, (tol_accept, tol_error), error_cols, error_duals)
     status, certified = torch.where(ray, DUAL_INFEASIBLE, status), certified | ray  # (checked below)
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)
