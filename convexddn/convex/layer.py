@@ -28,18 +28,17 @@ from cvxpylayers.torch import CvxpyLayer
 from torch import nn
 from torch.autograd import forward_ad
 
-from .._warn import warn
 from .._autograd import refuse_vmap, refusing_export
 from .._first_order import first_order_only, single_backward
 from .._checks import check_choice, check_int, check_tolerance
-from ..errors import OptionError, SolverWarning
+from ..errors import OptionError
 from .batched import BatchedProgram, UnsupportedProblem
 from .canonical import batched_refusal
 from .finite import finite_problem
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .second_opinion import solve_with_opinion, unsettled
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
-                     masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, unravel)
+                     masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, warn_masked)
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
 from .state import picklable_state, restore_state, uncached
 from .upstream import zero_nonfinite
@@ -104,7 +103,8 @@ class ConvexLayer(nn.Module):
         on_failure: ``"raise"`` (default: an error naming the failing batch indices) or
             ``"mask"``: failing elements' outputs are NaN, constants of the graph (no gradient
             flows through them: zero, and in forward mode their tangent is zero),
-            ``last_solve.solved`` marks them and a ``SolverWarning`` names them.
+            ``last_solve.solved`` marks them and a ``SolverWarning`` names them (its ``elements``:
+            every one, as index tuples in the batch shape; ``notes``: their statuses).
         check: the problem's own check of each call's tensors (in ``parameters``
             order, after the checks above), raising an error of
             :mod:`convexddn.errors` for values outside the problem's domain; registry
@@ -337,11 +337,7 @@ class ConvexLayer(nn.Module):
                                 [info["kinds"][i] for i in failed])
         solved = torch.tensor(info["solved"], dtype=torch.bool, device="cpu").reshape(batch)
         if failed:
-            idx = unravel(failed, batch)
-            warn(
-                f"ConvexLayer: {len(failed)} batch element(s) not solved, their outputs set to NaN "
-                f"(on_failure='mask'): indices {idx[:20]}; statuses "
-                f"{[info['statuses'][i] for i in failed[:5]]}", SolverWarning)
+            warn_masked(failed, [info["statuses"][i] for i in failed], batch)
         outs = masked_outputs(sols, out_shapes, solved, device, out_dtype)
         self._local.info = SolveInfo(info["backend"], info["solvers"], info["statuses"],
                                      info["residuals"], solved)

@@ -16,14 +16,14 @@ from torch.autograd import forward_ad
 
 from .._warn import warn
 from .._autograd import refuse_transforms
-from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, UnboundedError
+from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, SolverWarning, UnboundedError
 from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
 from .nullspace import NEARLY_DEPENDENT
 from .widen import narrowed
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "demote", "doubt_certificates", "failure_error",
            "masked_outputs", "refuse_per_element", "merge_resolved", "refuse_unverifiable", "status_kind", "unravel",
-           "name_elements"]
+           "name_elements", "warn_masked"]
 
 
 @dataclasses.dataclass
@@ -132,6 +132,17 @@ def failure_error(flat: list[int], statuses: list[str], batch: tuple[int, ...],
         f"problem {what} at {len(idx)} batch index(es) {idx[:20]}{'…' if len(idx) > 20 else ''} "
         f"of batch shape {batch}; solver status: {shown}{more}",
         indices=idx, statuses=statuses)
+
+
+def warn_masked(flat: list[int], statuses: list[str], batch: tuple[int, ...]) -> None:
+    """The ``SolverWarning`` of ``on_failure="mask"`` for the failed elements ``flat``: their
+    count, the first 20 in the caller's ``batch`` shape and the first 5 statuses in its
+    message; ``elements`` lists every one (index tuples) and ``notes`` their statuses, in the
+    same order, as the layer's other warnings do (the message alone cut a batch's list at 20)."""
+    where = (range(math.prod(batch)), batch)
+    warn(f"ConvexLayer: {len(flat)} batch element(s) not solved, their outputs set to NaN (on_failure='mask'): "
+         f"{name_elements(where, flat)}; statuses {statuses[:5]}{' ...' if len(statuses) > 5 else ''}",
+         SolverWarning, elements=element_list(where, flat), notes=list(statuses))
 
 
 INFO_KEYS = ("backend", "solvers", "statuses", "residuals", "solved", "kinds")

@@ -1395,3 +1395,28 @@ def test_layer_solves_cpu_tensors_under_another_default_device(default_device):
         (grad,) = torch.autograd.grad(out.sum(), X)
     assert torch.allclose(out, X.detach().clamp(-0.5, 0.5), atol=1e-7)
     assert torch.allclose(grad, (X.detach().abs() < 0.5).double(), atol=1e-6)
+
+
+def test_mask_warning_lists_every_failed_element_in_the_batch_shape():
+    """The on_failure="mask" warning had no ``elements`` (nor ``notes``), unlike the layer's
+    other warnings (docs/which-path.md), and its message cut the list at 20 with no sign of
+    more: 25 infeasible elements of a (6, 5) batch came back as 20 flat-looking indices."""
+    x = cp.Parameter(2, name="x")
+    z = cp.Variable(2)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(z)), [z >= x, z <= 1]), [x], [z],
+                             on_failure="mask")
+    X = torch.zeros(30, 2, dtype=torch.float64)
+    X[:25, 0] = 2.0  # z >= 2 and z <= 1: infeasible
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = layer(X.reshape(6, 5, 2))
+    masked = [w.message for w in rec if "set to NaN" in str(w.message)]
+    assert len(masked) == 1 and isinstance(masked[0], SolverWarning)
+    expected = [(i // 5, i % 5) for i in range(25)]
+    assert masked[0].elements == expected
+    assert len(masked[0].notes) == 25 and all(isinstance(n, str) and n for n in masked[0].notes)
+    message = str(masked[0])
+    assert message.startswith("ConvexLayer: 25 batch element(s) not solved")
+    assert "batch indices [(0, 0), (0, 1)" in message and "(3, 4)], ...;" in message  # the first 20, and more
+    assert (~layer.last_solve.solved).reshape(-1).tolist() == [True] * 25 + [False] * 5
+    assert bool(torch.isnan(out.reshape(30, 2)[:25]).all()) and bool(torch.isfinite(out.reshape(30, 2)[25:]).all())
