@@ -103,7 +103,9 @@ class UnboundedError(SolverError):
 
 
 class WorkerError(SolverError):
-    """A worker process of ``ConvexLayer(workers=k)`` died, in the forward or the backward."""
+    """A worker process of ``ConvexLayer(workers=k)`` died, in the forward or the backward; or
+    the layer was called in a spawned process still importing the main module (a script without
+    the ``if __name__ == "__main__":`` guard, re-run by each worker)."""
 
 
 class GradientCheckError(ConvexDDNError, AssertionError):

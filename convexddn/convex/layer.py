@@ -97,7 +97,8 @@ class ConvexLayer(nn.Module):
         tol: largest accepted relative KKT residual of a per-element solution, in (0, 1)
             (default 1e-6); the batched path accepts ``min(tol, 1e-8)``.
         refine: Newton steps polishing each per-element solution (default 5).
-        workers: worker processes for the per-element path (default 1: in this process).
+        workers: worker processes for the per-element path (default 1: in this process). They are
+            spawned and import the main module: a script calling the layer needs ``if __name__ == "__main__":``.
         gp: the problem is a log-log convex program (geometric programming); its
             parameters must be positive. Solved on the per-element path.
         on_failure: ``"raise"`` (default: an error naming the failing batch indices) or

@@ -3,7 +3,11 @@ spawned process pool per layer and process, started on first use, and the chunks
 batch it solves or differentiates.
 
 Processes, not threads: the solvers hold the GIL. Spawned, not forked: a fork would copy
-torch's threads. Once the interpreter shuts down (the main thread has returned: a
+torch's threads. A spawned worker imports the caller's main module, so a script must build
+and call the layer under ``if __name__ == "__main__":``; without the guard each worker re-ran
+the script (its prints and work) up to its own pool start, which failed with multiprocessing's
+"bootstrapping phase" RuntimeError: that start raises a :class:`~convexddn.errors.WorkerError`
+naming the guard instead. Once the interpreter shuts down (the main thread has returned: a
 non-daemon thread or an atexit handler still calling the layer), the calls are solved in
 this process, as with one worker: concurrent.futures has stopped every pool by then."""
 from __future__ import annotations
@@ -45,8 +49,19 @@ class WorkerPool:
     def get(self, batch: int) -> concurrent.futures.ProcessPoolExecutor | None:
         """The pool, or None to solve in this process: one worker, a batch of one, a
         daemonic process (a DataLoader's), which may not have children, or an interpreter
-        shutting down, which may start no pool and has stopped this one."""
-        if self.workers <= 1 or batch < 2 or multiprocessing.current_process().daemon or _exiting():
+        shutting down, which may start no pool and has stopped this one. A
+        :class:`~convexddn.errors.WorkerError` in a spawned process still importing the main
+        module (a script without the ``__main__`` guard, re-run by a worker)."""
+        if self.workers <= 1:
+            return None
+        if _bootstrapping():  # (before the batch test: a script's re-run must not depend on its batch)
+            raise WorkerError(
+                f"ConvexLayer(workers={self.workers}) was called in a spawned process (a worker of the layer, or of "
+                "another multiprocessing pool) while it was still importing your main module: your script calls "
+                "the layer at import time. The layer's workers are spawned, and each imports the main module: put "
+                "the code that builds and calls the layer under `if __name__ == '__main__':` (without it every "
+                "worker re-runs your script, its prints and its work), or pass workers=1")
+        if batch < 2 or multiprocessing.current_process().daemon or _exiting():
             return None
         with self._lock:
             if self._executor is None or self._pid != os.getpid():
@@ -97,6 +112,14 @@ class WorkerPool:
             for job in jobs:
                 job.cancel()
             return [r for fn, *args in calls for r in fn(*args)]
+
+
+def _bootstrapping() -> bool:
+    """Whether this process is a spawned child still importing the parent's main module:
+    multiprocessing's own test (``spawn._check_not_importing_main``) of the flag its
+    ``spawn._main`` sets until the child's process object is unpickled. ``parent_process()``
+    is still None then, and ``current_process().name`` "MainProcess": neither tells."""
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
 
 
 def _exiting() -> bool:

@@ -3,13 +3,17 @@ through ConvexLayer(workers=k) in test_layer.py)."""
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 
+import convexddn
 from convexddn.convex.worker_pool import WorkerPool, chunks
 from convexddn.errors import WorkerError
 
@@ -98,3 +102,40 @@ def test_a_pool_stopped_by_the_interpreter_shutdown_runs_the_calls_in_this_proce
     monkeypatch.setattr(threading, "_SHUTTING_DOWN", True)  # (what threading's shutdown sets first)
     assert pool.get(2) is None
     assert pool.gather(stopped, [(sorted, [2, 1]), (sorted, [4, 3])]) == [1, 2, 3, 4]
+
+
+def test_a_pool_started_while_a_spawned_child_imports_the_main_module_names_the_guard(monkeypatch):
+    """A spawned worker imports the caller's main module; in a script without the
+    ``if __name__ == '__main__':`` guard it reached the layer's pool start, where
+    multiprocessing raised its raw "bootstrapping phase" RuntimeError (its idiom shows
+    ``freeze_support()``). The start now raises a WorkerError naming the guard, whatever
+    the batch (a re-run script must not fail on some batches only)."""
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    for batch in (4, 1):
+        with pytest.raises(WorkerError, match=r"if __name__ == '__main__':.*or pass workers=1"):
+            WorkerPool(2).get(batch)
+    assert WorkerPool(1).get(4) is None  # (no process is started: nothing to guard)
+
+
+def test_an_unguarded_script_gets_the_guard_error_in_each_worker(tmp_path):
+    """The same, for real: each of the two workers re-runs the unguarded script and its pool
+    start raises the WorkerError (caught and printed by the script); the parent's call is solved."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import os\n"
+        "from convexddn.convex.worker_pool import WorkerPool\n"
+        "pool = WorkerPool(2)\n"
+        "try:\n"
+        "    line = f'result {pool.gather(pool.get(2), [(sorted, [2, 1]), (sorted, [4, 3])])}'\n"
+        "except Exception as err:\n"
+        "    line = f'error {type(err).__name__} {err}'\n"
+        "os.write(1, (line + chr(10)).encode())  # (one write: three processes share the pipe)\n")
+    root = os.path.dirname(os.path.dirname(convexddn.__file__))  # (the package under test, in the child too)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    lines = done.stdout.splitlines()
+    assert "bootstrapping phase" not in done.stdout + done.stderr, done.stderr[-2000:]
+    assert lines.count("result [1, 2, 3, 4]") == 1, (done.stdout, done.stderr[-2000:])
+    errors = [line for line in lines if line.startswith("error ")]
+    assert len(errors) == 2 and all(e.startswith("error WorkerError ConvexLayer(workers=2)") and
+                                    "if __name__ == '__main__':" in e for e in errors), lines
