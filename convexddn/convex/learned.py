@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import ProblemError, ShapeError
 from .layer import ConvexLayer
+from .status import SolveInfo
 
 __all__ = ["LearnedLayer"]
 
@@ -31,6 +32,9 @@ class _LearnedDict(nn.ParameterDict):
 
 class LearnedLayer(nn.Module):
     """A :class:`ConvexLayer` whose learned parameters are ``nn.Parameter`` s of this module.
+
+    It wraps the layer (at :attr:`layer`) rather than being one: ``isinstance(m, ConvexLayer)``
+    is False; :attr:`last_solve` reads the wrapped layer's.
 
     .. math::
 
@@ -85,6 +89,13 @@ class LearnedLayer(nn.Module):
     def inputs(self) -> list[str]:
         """Names of the parameters passed at call time, in positional order."""
         return list(self._inputs)
+
+    @property
+    def last_solve(self) -> SolveInfo | None:
+        """The wrapped layer's :attr:`ConvexLayer.last_solve` (read-only): what this thread's
+        last call solved, per element. ``convexddn.layer`` returns this module in place of
+        that ConvexLayer, so its per-element record is read here (the README's ``layer.last_solve``)."""
+        return self.layer.last_solve
 
     def extra_repr(self) -> str:
         return f"inputs={self._inputs}, learned={list(self.learned)}"

@@ -49,6 +49,19 @@ def test_qp_learn_makes_parameters():
     assert torch.allclose(layer.learned["q"].grad, -torch.ones(10), atol=1e-5)
 
 
+
+def test_learned_layer_exposes_the_wrapped_layers_last_solve():
+    """layer("qp", learn=...) returns a LearnedLayer, not the ConvexLayer the README's
+    ``layer.last_solve`` is read from: it raised AttributeError (the record was only at the
+    undocumented ``.layer.last_solve``). Now a read-only view of the wrapped layer's."""
+    qp = cddn.layer("qp", n=3, n_ineq=2, learn="qG", inputs="h")
+    assert qp.last_solve is None  # before the first call, as a ConvexLayer's
+    qp(torch.ones(4, 2))
+    assert qp.last_solve is qp.layer.last_solve
+    assert qp.last_solve.solved.shape == (4,) and bool(qp.last_solve.solved.all())
+    with pytest.raises(AttributeError):
+        qp.last_solve = None
+
 def test_qp_learn_closed_form_values_and_gradients():
     """One learned half-space (g, h), q passed at call time, against the closed form."""
     torch.manual_seed(1)
