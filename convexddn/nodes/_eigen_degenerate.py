@@ -14,6 +14,7 @@ import torch
 
 from .._warn import warn
 from ..errors import GradientWarning
+from .degeneracy import shown_indices
 
 __all__ = ["sign_ties", "warn_degenerate_pairs", "warn_degenerate_tangent", "warn_degenerate_values",
            "warn_sign_ties", "warn_unchecked"]
@@ -23,23 +24,12 @@ __all__ = ["sign_ties", "warn_degenerate_pairs", "warn_degenerate_tangent", "war
 # V Vᵀ, a sum of eigenvalues) has an exactly zero dropped term.
 _NUMERATOR_RTOL = 1e-8
 
-_MAX_INDICES_SHOWN = 8
-
 
 def _rounding_rtol(W: torch.Tensor) -> float:
     """Relative size below which an entry of ``W = Vᵀ G`` (``(…, N, k)``) is rounding:
     8 √N eps of its dtype (a sum of N products rounds like √N eps; 4 N eps hid dropped
     terms of 7e-5 in float32 at N = 300), at least ``_NUMERATOR_RTOL``."""
     return max(_NUMERATOR_RTOL, 8 * math.sqrt(W.shape[-2]) * torch.finfo(W.dtype).eps)
-
-
-def _format_indices(mask: torch.Tensor) -> str:
-    """The first few batch indices (tuples into the batch shape) where ``mask`` holds."""
-    idx = torch.nonzero(mask)
-    shown = [tuple(int(i) for i in row) for row in idx[:_MAX_INDICES_SHOWN].tolist()]
-    more = ", ..." if idx.shape[0] > _MAX_INDICES_SHOWN else ""
-    return f"{idx.shape[0]} of {mask.numel()} batch element(s) (indices {shown}{more})"
-
 
 
 def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice, gap_tol: float,
@@ -70,7 +60,7 @@ def warn_degenerate_pairs(W: torch.Tensor, degenerate: torch.Tensor, sel: slice,
     if bool(bad.any()):
         warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative "
-            f"to max |λ|) make the eigenvector gradient undefined for {_format_indices(bad)}; "
+            f"to max |λ|) make the eigenvector gradient undefined for {shown_indices(bad, bad.shape)}; "
             f"the terms of those eigenvalue pairs are set to zero (the gradient of a loss "
             f"through the eigenvectors alone that depends only on the spanned subspace stays "
             f"exact; one that reads the eigenvalues too, e.g. V f(Λ) Vᵀ, loses its part there)",
@@ -87,7 +77,7 @@ def warn_unchecked(near: torch.Tensor, ties: torch.Tensor | None, gap_tol: float
     bad = near.any(-1) if ties is None else near.any(-1) | ties.any(-1)
     if bool(bad.any()):
         warn(
-            f"eigen_decomposition: for {_format_indices(bad)} eigenvalues closer than "
+            f"eigen_decomposition: for {shown_indices(bad, bad.shape)} eigenvalues closer than "
             f"gap_tol={gap_tol:.3g} (relative to max |λ|), or an eigenvector at a tie of its "
             f"sign convention, leave the {what} undefined along some directions; with batched "
             f"directions (torch.func.jacrev/jacfwd, is_grads_batched) the terms of those pairs "
@@ -118,7 +108,7 @@ def warn_degenerate_tangent(M: torch.Tensor, diag: torch.Tensor, degenerate: tor
     if bool(bad.any()):
         warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative "
-            f"to max |λ|) make the forward-mode tangent undefined for {_format_indices(bad)} "
+            f"to max |λ|) make the forward-mode tangent undefined for {shown_indices(bad, bad.shape)} "
             f"(the direction rotates or splits a repeated eigenvalue); the terms of those "
             f"eigenvalue pairs are set to zero",
             GradientWarning,
@@ -161,7 +151,7 @@ def warn_degenerate_values(near: torch.Tensor, rel_gaps: torch.Tensor, g_lam: to
         warn(
             f"eigen_decomposition: eigenvalues closer than gap_tol={gap_tol:.3g} (relative to "
             f"max |λ|) are weighted unequally by the loss, or split by the k-th one, for "
-            f"{_format_indices(bad)}: the eigenvalue gradient does not exist there (only a "
+            f"{shown_indices(bad, bad.shape)}: the eigenvalue gradient does not exist there (only a "
             f"cluster's sum is differentiable); the one returned depends on the basis eigh chose",
             GradientWarning,
         )
@@ -185,7 +175,7 @@ def warn_sign_ties(ties: torch.Tensor, along: torch.Tensor, what: str) -> None:
     if not bool(reached.any()):
         return
     warn(
-        f"eigen_decomposition: for {_format_indices(reached)} a returned eigenvector has its "
+        f"eigen_decomposition: for {shown_indices(reached, reached.shape)} a returned eigenvector has its "
         f"largest and smallest components equal in magnitude, where the sign convention "
         f"(largest |component| positive) flips: the output jumps there and its {what} is one "
         f"side's",

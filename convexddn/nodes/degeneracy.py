@@ -5,6 +5,7 @@ they name batch elements and the node (:func:`naming`)."""
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -33,12 +34,28 @@ def naming(name: str) -> AbstractContextManager[None]:
     return bound(_NODE, name)
 
 
-def shown_indices(mask: Tensor) -> str:
-    """Format the first few flat batch indices where ``mask`` is true (one host sync)."""
-    idx = torch.nonzero(mask).flatten()
-    shown = idx[:_MAX_INDICES_SHOWN].tolist()
+def shown_indices(mask: Tensor, batch: Sequence[int] | None = None) -> str:
+    """The first few batch elements where ``mask`` is true, for messages (one host sync):
+    as index tuples into ``batch``, the caller's batch shape, where it is given (``mask``,
+    flat or in that shape, covers it in row-major order: a node that works on flattened
+    rows names the elements as its caller indexes them), else as flat indices."""
+    idx = torch.nonzero(mask.reshape(-1)).squeeze(-1)  # (a mask in the batch shape: its row-major order)
+    head = idx[:_MAX_INDICES_SHOWN].tolist()
     more = ", ..." if idx.numel() > _MAX_INDICES_SHOWN else ""
-    return f"{idx.numel()} of {mask.numel()} batch element(s) (flat indices {shown}{more})"
+    count = f"{idx.numel()} of {mask.numel()} batch element(s)"
+    if batch is None:
+        return f"{count} (flat indices {head}{more})"
+    return f"{count} (indices {[_unravel(i, batch) for i in head]}{more})"
+
+
+def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """The index tuple of the row-major ``flat`` position in ``shape`` (``()`` for an empty
+    shape), on the host: the few shown need no device op."""
+    out = []
+    for size in reversed(tuple(shape)):
+        flat, i = divmod(flat, size)
+        out.append(i)
+    return tuple(reversed(out))
 
 
 def warn_degenerate(

@@ -23,12 +23,13 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     ``grad_alpha = -gy * sum_j wa_j / sum_j w_j``, ``w = phi''(y - x)``, ``wa =
     d2phi/dz dalpha``. Each block is read once and its gradient written once into the
     output. Returns ``(grad_x (R, N), grad_alpha (R,), ok (R,), ok.all() as a bool,
-    how many rows' alpha gradient was lost, how many stayed coarse)``; rows whose Hessian
+    the rows whose alpha gradient was lost, those that stayed coarse)``, the last two
+    ``(R,)`` masks or None where there are none (for the warnings that name them); rows whose Hessian
     sum is zero, singular or negative get a zero gradient and ``ok = False``. Rows whose
     y is coarse against alpha (:func:`.rounding.coarse_rows`: data far from 0 in units of
     alpha) take their weights at residuals refined to the minimiser, in their block
     (:func:`.rounding.refine_residuals`; in float64 where the careful path takes them);
-    those where that fails are counted (weights where the steps stopped). A NaN or Inf
+    those where that fails are flagged (weights where the steps stopped). A NaN or Inf
     in ``gy`` (a fault upstream) is no verdict on the Hessian: it propagates to that row's
     gradients (and a shared alpha's), as torch does.
 
@@ -132,13 +133,14 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             if need_x:
                 gx.index_fill_(0, bad, 0.0)
             scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
-    ga, alpha_lost = None, 0
+    ga, alpha_lost = None, None
     if need_alpha:
         # Rows set to zero above stay zero (their swa may be NaN, and NaN * 0 is NaN).
         ga = torch.where(ok, (-(swa * scale)).squeeze(-1), 0.0)
         if alpha_rare[0] or rare:  # (the careful weights above may have overflowed too)
             ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga, coarse)
-    return gx, ga, ok, all_ok, alpha_lost, 0 if lost is None else int(lost.sum())
+    # (one host read where some row was coarse, as the count it replaced took)
+    return gx, ga, ok, all_ok, alpha_lost, lost if lost is not None and bool(lost.any()) else None
 
 
 def _careful_weights64(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, need_alpha: bool,
@@ -152,21 +154,23 @@ def _careful_weights64(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: T
 
 
 def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, ga: Tensor,
-                       coarse: Tensor | None) -> tuple[Tensor, int]:
+                       coarse: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``ga`` with its non-finite entries formed again in float64 by the careful,
     rescaled weights (a penalty's ``d2phi_dalpha`` overflowing in a low precision: a
     user's formula at ``z / alpha ~ 1e15`` in float32); entries still not finite are
     set to zero. Entries whose incoming gradient is not finite are left as they are (a
-    fault upstream, propagated). Returns the gradient and how many were set to zero (rare:
-    its host syncs run only where the caller's one read saw something amiss)."""
+    fault upstream, propagated). Returns the gradient and the rows set to zero, an ``(R,)``
+    mask or None where there are none (rare: its host syncs run only where the caller's
+    one read saw something amiss)."""
     bad = ~torch.isfinite(ga) & torch.isfinite(gcol).squeeze(-1)
     if not bool(bad.any()):
-        return ga, 0
+        return ga, None
     idx = bad.nonzero().squeeze(-1)
     _, sw, wa, _, _ = _careful_weights64(penalty, x, y, a, idx, True, None if coarse is None else coarse[idx])
     again = (-(gcol[idx].to(sw.dtype) * wa / sw)).squeeze(-1).to(ga.dtype)
     lost = ~torch.isfinite(again)
-    return ga.index_copy(0, idx, torch.where(lost, 0.0, again)), int(lost.sum())
+    ga = ga.index_copy(0, idx, torch.where(lost, 0.0, again))
+    return ga, bad.index_copy(0, idx, lost) if bool(lost.any()) else None
 
 
 def _nonsingular(sw: Tensor, size: Tensor, n: int) -> Tensor:

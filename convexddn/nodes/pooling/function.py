@@ -13,6 +13,7 @@ from ...errors import GradientWarning
 from .backward import pool_backward
 from .penalties import Quadratic
 from .rounding import _GRADIENT_GRID, coarse_flag
+from .solvers import named_rows, solving
 
 __all__ = ["RobustPoolFunction"]
 
@@ -21,11 +22,13 @@ __all__ = ["RobustPoolFunction"]
 class RobustPoolFunction(torch.autograd.Function):
     """y = argmin_u sum_i phi(u - x_i; alpha) over the last dim of x (R, N) -> (R,).
 
-    ``alpha`` is a tensor of shape (R,) or 0-d; the options ride along as constants.
+    ``alpha`` is a tensor of shape (R,) or 0-d; the options ride along as constants, and
+    so does ``batch``, the caller's batch shape of the R rows (the pooled output's), in
+    which the warnings name rows.
     """
 
     @staticmethod
-    def forward(x, alpha, penalty, tol, max_iter, use_compile):  # type: ignore[override]
+    def forward(x, alpha, penalty, tol, max_iter, use_compile, batch):  # type: ignore[override]
         if x.shape[0] == 0:
             return x.new_empty((0,))
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
@@ -35,13 +38,13 @@ class RobustPoolFunction(torch.autograd.Function):
         # ops of the iterations, a hundred or more per iteration on (R, 1) tensors
         # (in-process A/B at (4, 256, 1024) float32: 1.17-1.36x faster; nothing
         # measurable at (8, 1024, 2048)). The (R,) result is cloned into a normal tensor.
-        with torch.inference_mode():
+        with torch.inference_mode(), solving(batch):
             y = penalty.solve(x, a, tol, max_iter, use_compile)
         return y.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, alpha, penalty, _tol, _max_iter, use_compile = inputs
+        x, alpha, penalty, _tol, _max_iter, use_compile, batch = inputs
         save_plain(ctx, x, alpha, output)  # (inference-mode inputs as plain copies)
         # Whether some row's y is coarse against alpha, read in the forward's time (a few us of
         # its milliseconds). (Grad mode is off here whatever the caller's: needs_input_grad says it.)
@@ -49,6 +52,7 @@ class RobustPoolFunction(torch.autograd.Function):
         ctx.save_for_forward(x, alpha, output)
         ctx.penalty = penalty
         ctx.use_compile = use_compile
+        ctx.batch = batch
 
     @staticmethod
     @first_order("robust_pool")
@@ -60,20 +64,20 @@ class RobustPoolFunction(torch.autograd.Function):
         rows, n = x.shape
         if rows == 0:
             return (x.new_zeros(x.shape) if need_x else None,
-                    torch.zeros_like(alpha) if need_alpha else None, None, None, None, None)
+                    torch.zeros_like(alpha) if need_alpha else None, None, None, None, None, None)
         if isinstance(ctx.penalty, Quadratic):  # (by type: a user penalty may share the name)
             # dy/dx_i = 1/N exactly: a broadcast view, nothing to compute.
             if need_x:
                 grad_x = (grad_y / n).unsqueeze(-1).expand(rows, n)
             if need_alpha:
                 grad_alpha = torch.zeros_like(alpha)
-            return grad_x, grad_alpha, None, None, None, None
+            return grad_x, grad_alpha, None, None, None, None, None
         gx, ga = _weights(ctx, x, alpha, y, grad_y, bool(need_x), bool(need_alpha))
         if need_x:
             grad_x = gx
         if need_alpha:
             grad_alpha = ga if alpha.dim() > 0 else ga.sum()
-        return grad_x, grad_alpha, None, None, None, None
+        return grad_x, grad_alpha, None, None, None, None, None
 
     @staticmethod
     @first_order_jvp("robust_pool")  # its tangent differentiated again: DoubleBackwardError
@@ -99,33 +103,33 @@ class RobustPoolFunction(torch.autograd.Function):
 
 def _weights(ctx, x, alpha, y, grad_y, need_x: bool, need_alpha: bool):
     """:func:`~.backward.pool_backward`'s ``(grad_x, grad_alpha per row)`` at ``grad_y``,
-    with the warnings for rows whose gradient does not exist (set to zero)."""
-    rows = x.shape[0]
+    with the warnings for rows whose gradient does not exist (set to zero), naming them
+    in the caller's batch shape (the rows are its flattened elements)."""
     a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
     gx, ga, ok, all_ok, alpha_lost, coarse = pool_backward(ctx.penalty, x, y, a, grad_y, need_x, need_alpha,
                                                            ctx.use_compile, ctx.coarse)
-    if coarse:
+    who = f"robust_pool(penalty={ctx.penalty.name!r})"
+    if coarse is not None:
         warn(
-            f"robust_pool(penalty={ctx.penalty.name!r}): y's rounding exceeds {_GRADIENT_GRID:.2g} alpha "
-            f"for {coarse} of {rows} row(s) (|y| / alpha too large for {x.dtype}), and Newton steps "
-            f"from y did not reach the minimiser's residuals (a curvature sum <= 0, or y too far "
-            f"off); their gradient is taken where the steps stopped, and may be off by about that "
-            f"point's distance to the minimiser over alpha",
+            f"{who}: y's rounding exceeds {_GRADIENT_GRID:.2g} alpha for {named_rows(coarse, ctx.batch)}, "
+            f"|y| / alpha being too large for {x.dtype}, and Newton steps from y did not reach the "
+            f"minimiser's residuals (a curvature sum <= 0, or y too far off); their gradient is taken "
+            f"where the steps stopped, and may be off by about that point's distance to the minimiser "
+            f"over alpha",
             GradientWarning,
         )
-    if alpha_lost:
+    if alpha_lost is not None:
         warn(
-            f"robust_pool(penalty={ctx.penalty.name!r}): the sum of d2phi_dalpha(y - x_i) is not "
-            f"finite for {alpha_lost} of {rows} row(s), even in float64 (the penalty's formula "
-            f"overflows); alpha's gradient from those rows is set to zero",
+            f"{who}: the sum of d2phi_dalpha(y - x_i) is not finite for {named_rows(alpha_lost, ctx.batch)}, "
+            f"even in float64 (the penalty's formula overflows); alpha's gradient from those rows is set "
+            f"to zero",
             GradientWarning,
         )
     if not all_ok:
-        bad = ~ok
         warn(
-            f"robust_pool(penalty={ctx.penalty.name!r}): the Hessian sum_i phi''(y - x_i) is "
-            f"zero, singular or negative for {int(bad.sum())} of {rows} row(s) (no inliers, "
-            f"or a non-isolated minimiser); their gradient is set to zero",
+            f"{who}: the Hessian sum_i phi''(y - x_i) is zero, singular or negative for "
+            f"{named_rows(~ok, ctx.batch)}: no inliers, or a non-isolated minimiser; their gradient "
+            f"is set to zero",
             GradientWarning,
         )
     return gx, ga

@@ -151,7 +151,8 @@ def robust_pool(
     Jacobian: one pass over ``x`` writing the gradient. Where ``sum_j w_j`` is zero,
     singular or negative (Huber or truncated quadratic with no inliers, a Welsch point
     that is not a strict minimum) that row's gradient is zero and a
-    :class:`~convexddn.errors.GradientWarning` is issued once per call; a NaN or Inf in
+    :class:`~convexddn.errors.GradientWarning` is issued once per call; it names the rows
+    as indices into the output's batch shape, as all of its warnings about rows do. A NaN or Inf in
     ``grad_y`` (a fault upstream) propagates to that row's gradients, as torch does. At the
     kinks of Huber and truncated quadratic (:math:`|y - x_i| = \\alpha`) the inlier side is taken.
 
@@ -280,6 +281,7 @@ def robust_pool(
             _resolve_tol(tol, work),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             use_compile,
+            tuple(batch),
         ).to(x.dtype)
     except NonFiniteError:
         # The solver checks finiteness only where a row fails (no host sync otherwise), on

@@ -17,15 +17,20 @@ rows that float64 cannot resolve, or that hit ``max_iter``, are reported with a
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import math
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
 
 from ..._checks import check_finite
+from ..._context import bound
 from ..._pow2 import pow2_floor
 from ..._warn import warn
 from ...errors import SolverWarning
+from ..degeneracy import shown_indices
 from .descent import descent_rows, safe_step
 from .iterations import newton_rows
 from .kernels import (
@@ -46,6 +51,11 @@ _REMEDIAN_LEVELS = 4
 # _SAMPLE_STEPS safeguarded Newton steps; refined starts closer than _MERGE * alpha are one.
 _NC_SAMPLE = 128
 _SAMPLE_STEPS, _MERGE = 4, 1e-3
+# The caller's batch shape of the rows being solved: the solvers see flattened rows
+# (R, N) behind Penalty.solve, a user-facing hook whose signature cannot carry it, and
+# their warnings name the rows as the caller indexes them. Per thread and task.
+_BATCH: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("convexddn_pool_batch",
+                                                                                default=None)
 
 
 def mean_solve(x: Tensor) -> Tensor:
@@ -141,10 +151,23 @@ def _sample_starts(xs: Tensor) -> Tensor:
     return torch.cat([xs.mean(-1, keepdim=True), _remedian(xs)], -1)
 
 
-def warn_rows(name: str, message: str, count: int, rows: int) -> None:
-    """The SolverWarning for ``count`` of ``rows`` rows of a pooling with penalty ``name``."""
-    warn(f"robust_pool(penalty={name!r}): {count} of {rows} row(s) {message}",
-         SolverWarning)
+def solving(batch: tuple[int, ...]) -> AbstractContextManager[None]:
+    """Within: the rows being solved are the caller's batch ``batch`` (the pooled output's
+    shape), flattened, and the warnings of :func:`named_rows` name them in it."""
+    return bound(_BATCH, batch)
+
+
+def named_rows(mask: Tensor, batch: tuple[int, ...] | None = None) -> str:
+    """The rows where ``mask (R,)`` holds, for messages: index tuples into the caller's
+    batch shape (``batch``, else the one :func:`solving` set), flat indices where none
+    covers these rows (a user's ``Penalty.solve`` may hand a solver some rows only)."""
+    batch = _BATCH.get() if batch is None else batch
+    return shown_indices(mask, batch if batch is not None and math.prod(batch) == mask.numel() else None)
+
+
+def warn_rows(name: str, message: str, mask: Tensor) -> None:
+    """The SolverWarning for the rows ``mask (R,)`` of a pooling with penalty ``name``."""
+    warn(f"robust_pool(penalty={name!r}): {named_rows(mask)} {message}", SolverWarning)
 
 
 # --------------------------------------------------------------------------- drivers
@@ -209,7 +232,6 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     ``max_iter`` (or with a start stopped by it)."""
     y, *flags = _solve(pen, _rows(x, a), tol, max_iter, use_compile, starts, x)
     unresolved, converged, special, cut = flags
-    rows = x.shape[0]
 
     def counts(*extra: Tensor) -> list[int]:  # (the flags' counts and ``extra``'s in one host read)
         return torch.stack([special.sum(), unresolved.sum(), (~converged & ~special).sum(), (cut & converged).sum(),
@@ -236,18 +258,19 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     if n_spec:
         warn_rows(pen.name, "have sums of the penalty's derivatives that overflow even with scaled "
               "residuals (in float64; its formula exceeds the float range there); returning the "
-              "last finite iterate", n_spec, rows)
+              "last finite iterate", special)
     if n_res:
         warn_rows(pen.name, f"cannot be resolved to tol={tol:g} in float64: the objective is so flat "
               "there that the rounding noise of its gradient exceeds tol times its curvature, or "
               "the span over which that curvature holds (alpha / 2 near a data point); returning "
-              "the point where the gradient is at its noise level", n_res, rows)
+              "the point where the gradient is at its noise level", unresolved)
     if n_unc:
         warn_rows(pen.name, f"did not reach tol={tol:g} within max_iter={max_iter}; returning the last "
-              "iterate", n_unc, rows)
+              "iterate", ~converged & ~special)
     if n_cut:
         warn_rows(pen.name, f"had a start stopped by max_iter={max_iter} on its way down: the other start's "
-              "local minimum is returned, and the stopped one might have reached a lower objective", n_cut, rows)
+              "local minimum is returned, and the stopped one might have reached a lower objective",
+              cut & converged)
     return y
 
 

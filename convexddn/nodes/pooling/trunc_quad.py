@@ -201,7 +201,7 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
     else:
         ranges = block_ranges(rows, n, x, use_compile)
     ends = x.new_empty(rows, 2)
-    unsure = 0
+    unsure = None  # (rows, made where cells ran: their warning names them)
     # Kept buffers on the CPU only: torch.compile traces its own, and CUDA's blocks are
     # large (their temporaries made per block, as before, do not outlive it).
     work = (RunBuffers(min(sub, ranges[0].stop - ranges[0].start), n, x.device)
@@ -241,7 +241,9 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
             # when compiling: a rare path is not worth a compile per shape.
             rr = torch.nonzero(risky).squeeze(1)
             yb[rr], unsure_r, rounding[rr] = trunc_quad_cells(s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr])
-            unsure += int(unsure_r.sum())
+            if unsure is None:
+                unsure = torch.zeros(rows, dtype=torch.bool, device=x.device)
+            unsure[sl.start + rr] = unsure_r
             if f64:
                 loose = _loose(rounding, ab, yb)
                 any_loose = bool(loose.any())
@@ -253,11 +255,11 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         work.release()
     if not bool(torch.isfinite(ends).all()):
         check_finite("x", x)
-    if unsure:
+    if unsure is not None and bool(unsure.any()):  # (one host read, where cells ran: was one per block)
         warn_rows("trunc_quad", "have sums of squares too large (over 2^29 alpha^2 even from "
               "local anchors: rows of some ten million entries within a few alpha of each "
               "other) for float64 to rank the candidate runs to 2^-20 alpha^2; the returned "
-              "mean of a run may not be the global minimiser", unsure, rows)
+              "mean of a run may not be the global minimiser", unsure)
     return y
 
 
