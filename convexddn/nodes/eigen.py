@@ -69,12 +69,23 @@ def default_gap_tol(n: int, dtype: torch.dtype) -> float:
     return 10.0 * n * torch.finfo(dtype).eps
 
 
-def _check_options(k: object, largest: object, gap_tol: object) -> None:
+def _check_options(k: object, largest: object, gap_tol: object, n: int | None = None) -> float | None:
+    """The options, ``gap_tol`` as a float (None stays None): at least float64's resolution
+    at N (:func:`default_gap_tol` of float64, ``10·N·eps``; the decomposition runs in
+    float64), or where N is not known yet (a Module being built) at N = 1, the least of
+    any input. Below it a pair tied in exact arithmetic, whose computed eigenvalues differ
+    by their rounding (4e-16 apart at N = 3), was kept as a gap and its eigenvector
+    gradient came back as that rounding's reciprocal (max |dL/dX| 2.2e15, silently)."""
     if k is not None:
         check_int("k", k, minimum=1)
     check_bool("largest", largest)
-    if gap_tol is not None:  # (NumPy scalars too; 10**400 refused by name, not an OverflowError)
-        check_number("gap_tol", gap_tol, at_least=0, hint=" (or None)")
+    if gap_tol is None:
+        return None
+    where = f"at N={n}" if n is not None else "at N=1, the least of any input; each call checks its own N"
+    # (NumPy scalars too; 10**400 refused by name, not an OverflowError)
+    return check_number("gap_tol", gap_tol, at_least=default_gap_tol(1 if n is None else n, torch.float64),
+                        hint=f" (float64's resolution, 10·N·eps, {where}: a closer pair is within rounding "
+                             f"of a tie; or None for the default)")
 
 
 def eigen_decomposition(
@@ -129,7 +140,8 @@ def eigen_decomposition(
     carry the float32 products' rounding times 1/gap (44 to 350 ulps at relative gaps of
     2e-5, 1.8e-3 relative at 1e-9 with a smaller ``gap_tol``). The default ``gap_tol``
     (``10·N·eps`` of the input dtype) drops pairs closer than the input's own precision
-    can determine (with a warning). (For float16 and bfloat16 that default is large —
+    can determine (with a warning); a smaller one may go down to float64's resolution,
+    ``10·N·eps`` of float64, and no further. (For float16 and bfloat16 that default is large —
     2.5 for bfloat16 at N = 32, i.e. every pair — so pass ``gap_tol`` there.)
 
     Args:
@@ -139,7 +151,9 @@ def eigen_decomposition(
         largest: return the largest (``True``) or smallest (``False``) eigenvalues.
             Default: ``True``.
         gap_tol: relative eigengap below which a pair counts as degenerate; ``None``
-            for ``10 · N · eps(X.dtype)``. Default: ``None``.
+            for ``10 · N · eps(X.dtype)``. At least ``10 · N · eps`` of float64, the
+            decomposition's resolution (so the default for float64 inputs): a closer
+            computed pair may be a tie, whose gradient would be 1/rounding. Default: ``None``.
 
     Shape:
         - Input: ``(*, N, N)``; ``*`` any batch shape (may be empty).
@@ -156,7 +170,8 @@ def eigen_decomposition(
         SolverError: the eigenvalues of a finite ``X`` overflow its dtype (entries of
             extreme magnitude; e.g. float16 matrices with eigenvalues beyond 65504).
         OptionError: ``k`` is not an integer in ``[1, N]``, ``largest`` is not a bool,
-            or ``gap_tol`` is negative or not a number.
+            or ``gap_tol`` is not a number or is below float64's resolution at N,
+            ``10·N·eps`` with float64's eps (2.2e-16): see ``gap_tol``.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI
@@ -171,16 +186,16 @@ def eigen_decomposition(
     """
     X = check_tensor("X", X)
     refuse_vmap("eigen_decomposition", X)
-    _check_options(k, largest, gap_tol)
     if X.ndim < 2 or X.shape[-1] != X.shape[-2]:
         raise ShapeError(f"X must be square matrices of shape (*, N, N), got shape {tuple(X.shape)}")
     n = X.shape[-1]
     if n == 0:
         raise ShapeError(f"X must have N >= 1, got shape {tuple(X.shape)}")
+    given = _check_options(k, largest, gap_tol, n)  # (after N is known: gap_tol's floor depends on it)
     k = n if k is None else int(k)
     if k > n:
         raise OptionError(f"k must be at most N={n}, got k={k}")
-    tol = default_gap_tol(n, X.dtype) if gap_tol is None else float(gap_tol)
+    tol = default_gap_tol(n, X.dtype) if given is None else given
     if (torch.is_grad_enabled() and X.requires_grad) or may_carry_tangents(X):
         # (forward mode too: the Function's jvp, not eigh's own, which divides by the gaps)
         lam_k, Vk, _, _ = _EigenFunction.apply(X, k, largest, tol)
@@ -200,7 +215,8 @@ class EigenDecomposition(nn.Module):
         k: number of eigenpairs, or ``None`` for all. Default: ``None``.
         largest: largest (``True``) or smallest (``False``) eigenvalues. Default: ``True``.
         gap_tol: relative eigengap treated as degenerate in the backward; ``None`` for
-            ``10 · N · eps``. Default: ``None``.
+            ``10 · N · eps``; at least ``10 · N · eps`` of float64, as
+            :func:`eigen_decomposition`. Default: ``None``.
 
     Shape:
         - Input: ``(*, N, N)``.
@@ -208,8 +224,9 @@ class EigenDecomposition(nn.Module):
           ``eigenvectors (*, N, k)``.
 
     Raises:
-        OptionError: invalid options at construction; the call raises as
-            :func:`eigen_decomposition`.
+        OptionError: invalid options at construction (a ``gap_tol`` below float64's
+            resolution at any N, ``10 · eps``; N is known at the call, which refuses one
+            below ``10 · N · eps``); the call raises as :func:`eigen_decomposition`.
 
     Examples::
 
@@ -220,8 +237,10 @@ class EigenDecomposition(nn.Module):
     """
 
     def __init__(self, k: int | None = None, largest: bool = True, gap_tol: float | None = None) -> None:
-        super().__init__()
+        # Checked before Module.__init__, which would reset a Module initialised again
+        # (m.__init__(gap_tol=bad)) before the error: nothing is set unless all pass.
         _check_options(k, largest, gap_tol)
+        super().__init__()
         self.k, self.largest, self.gap_tol = k, largest, gap_tol
 
     def forward(self, X: torch.Tensor) -> EigenResult:

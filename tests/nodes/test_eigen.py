@@ -201,7 +201,37 @@ def test_eigen_decomposition_gap_tol_option():
     X.grad = None
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientWarning)
-        eigen_decomposition(X, 1, gap_tol=0.0).eigenvectors.sum().backward()
+        eigen_decomposition(X, 1, gap_tol=1e-12).eigenvectors.sum().backward()
+
+
+def test_gap_tol_below_float64_resolution_is_refused_naming_the_floor():
+    """gap_tol = 0 or 1e-20 was taken, below float64's resolution, which the docs name as
+    its floor: an exactly tied pair (computed 4e-16 apart) was kept, and its eigenvector
+    gradient came back with max |dL/dX| = 2.19e15, silently. Below 10·N·eps of float64
+    it is an OptionError naming gap_tol, the floor at N and the value; at the floor the
+    pair is dropped with the warning. The Module refuses what no N takes at
+    construction (leaving a Module initialised again as it was), the rest at the call."""
+    Q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(60)))[0]
+    X = Q @ torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)) @ Q.T
+    floor = 10 * 3 * torch.finfo(torch.float64).eps
+    for bad in (0.0, 1e-20, floor / 2):
+        with pytest.raises(OptionError) as err:
+            eigen_decomposition(X, gap_tol=bad)
+        msg = str(err.value)
+        assert msg.startswith(f"gap_tol must be finite and >= {floor:g}, got {bad!r}") and "N=3" in msg, msg
+    Xg = X.clone().requires_grad_()
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    with pytest.warns(GradientWarning, match="eigenvector gradient undefined"):
+        (eigen_decomposition(Xg, gap_tol=floor).eigenvectors[:, 0] * w).sum().backward()
+    assert Xg.grad.abs().max() < 10
+    with pytest.raises(OptionError, match=r"gap_tol must be finite and >= 2\.22045e-15, got 1e-20 .*N=1"):
+        EigenDecomposition(gap_tol=1e-20)
+    m = EigenDecomposition(k=2, gap_tol=1e-3)
+    with pytest.raises(OptionError, match="gap_tol"):
+        m.__init__(k=1, gap_tol=0.0)
+    assert (m.k, m.gap_tol) == (2, 1e-3) and m.training
+    with pytest.raises(OptionError, match=r"gap_tol must be finite and >= 6\.66134e-15, got 3e-15 .*N=3"):
+        EigenDecomposition(gap_tol=3e-15)(X)
 
 
 # --------------------------------------------------------------------------- module and errors
@@ -599,11 +629,11 @@ def test_a_gradient_beyond_float16_warns():
 def test_gap_tol_takes_numpy_scalars_and_refuses_huge_integers_by_name():
     np = pytest.importorskip("numpy")
     X = torch.randn(2, 4, 4, dtype=torch.float64)
-    for tol in (np.float32(1e-3), np.int64(0)):
+    for tol in (np.float32(1e-3), np.int64(1)):
         eigen_decomposition(X, gap_tol=tol)
-    with pytest.raises(OptionError, match="gap_tol must be finite and >= 0"):
+    with pytest.raises(OptionError, match=r"gap_tol must be finite and >= 8\.88178e-15, got 10{400}"):
         eigen_decomposition(X, gap_tol=10**400)
-    with pytest.raises(OptionError, match="gap_tol must be finite and >= 0"):
+    with pytest.raises(OptionError, match=r"gap_tol must be finite and >= 2\.22045e-15, got 10{400}"):
         EigenDecomposition(gap_tol=10**400)
 
 
