@@ -1610,13 +1610,13 @@ def test_trunc_quad_cells_and_centred_sums_agree():
     s = x.sort(-1).values
     a = torch.tensor(0.7, dtype=F64)
     lft = torch.searchsorted(s, s - 2 * a, out_int32=True)
-    y_c, risky, _ = trunc_quad_runs(s, lft, a)
-    y_s, unsure, _ = trunc_quad_cells(s, lft, a)
+    y_c, risky, _, _ = trunc_quad_runs(s, lft, a)
+    y_s, unsure, _, _ = trunc_quad_cells(s, lft, a)
     assert not bool(unsure.any()) and not bool(risky.any())
     torch.testing.assert_close(y_s, y_c, rtol=1e-14, atol=1e-14)
     far = s.clone()
     far[:, -3:] = 1e9
-    _, risky, _ = trunc_quad_runs(far, torch.searchsorted(far, far - 2 * a, out_int32=True), a)
+    _, risky, *_ = trunc_quad_runs(far, torch.searchsorted(far, far - 2 * a, out_int32=True), a)
     assert bool(risky.all())
 
 
@@ -2028,6 +2028,63 @@ def test_gradient_warns_where_y_is_too_coarse_to_refine():
     with pytest.warns(GradientWarning, match=r"y's rounding exceeds .* for 1 of 1 batch element\(s\) "
                                              r"\(indices \[\(0,\)\]\)"):
         robust_pool(x, "pseudo_huber", a).sum().backward()
+
+
+def _trunc_quad_gradient_by_runs(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy/dx (R, N), unique (R,))`` of the truncated quadratic's global minimiser, by brute
+    force in float64: every run of the sorted row, its mean and the objective there (Table
+    1's phi, summed directly); the minimiser is the best mean m, a local quadratic's, so
+    dy/dx_i = 1/|W| on its inliers W = {i : |x_i - m| <= alpha} and 0 elsewhere. ``unique``:
+    no run whose mean has other inliers ties with the best (within 1e-11 alpha^2, far above
+    the sums' rounding and below the gaps of distinct runs' objectives here, ~1e-9 alpha^2 at
+    least; float32 data on a grid of 0.2 alpha do tie exactly). The rows are taken less their
+    median first: exact for the callers' rows (each within a binade), and the runs' means
+    then carry no rounding of |x|. Checks that no point sits within 1e-6 alpha of a kink."""
+    d = x.double() - x.double().median(-1, keepdim=True).values
+    s = d.sort(-1).values
+    n = s.shape[-1]
+    means = torch.stack([s[:, i:j].mean(-1) for i in range(n) for j in range(i + 1, n + 1)], -1)
+    f = objective("trunc_quad", d.unsqueeze(1), means, alpha)
+    best, k = f.min(-1, keepdim=True)
+    inliers = (d.unsqueeze(1) - means.unsqueeze(-1)).abs() <= alpha  # (R, runs, N)
+    chosen = inliers.gather(1, k.unsqueeze(-1).expand(-1, 1, n))
+    m = means.gather(-1, k)
+    assert float(((d - m).abs() - alpha).abs().min()) > 1e-6 * alpha
+    unique = ~((f <= best + 1e-11 * alpha**2) & (inliers != chosen).any(-1)).any(-1)
+    w = chosen.squeeze(1).double()
+    return w / w.sum(-1, keepdim=True), unique
+
+
+@pytest.mark.parametrize("dtype, offset, alpha", [(torch.float32, 3e4, 0.01), (F64, 1e12, 1e-3)])
+def test_trunc_quad_gradient_far_from_zero_is_the_forwards_inlier_mean(dtype, offset, alpha):
+    """Rows of 33 at offset + alpha randn (float32 at 3e4, alpha 0.01: |y| / alpha ~ 3e6;
+    float64 at 1e12, alpha 1e-3: 1e15). The forward returns the global minimiser, rounded,
+    but the backward refined y by Newton steps, which on this nonconvex objective reached the
+    local minimum around the rounded y: another inlier set on 17 of 63 float32 rows (the
+    first, at y = 30000.001953125, took 22 points with mean 30000.00204, objective 8.3411e-4,
+    for the minimiser's 21 with mean 30000.00251, 8.3324e-4: a point 1.032 alpha out got
+    dy/dx 0.0455) and 5 of 63 float64 rows, silently, in the vjp and the jvp alike. Both are
+    now the gradient of the mean of the minimiser's own inliers (brute force over runs; rows
+    where two sets tie exactly, one of 64 each here, have no derivative and are left out)."""
+    g = torch.Generator().manual_seed(20)
+    # (float32: the first row is the one found, drawn as it was; then more of the same kind)
+    first = [o + 0.01 * torch.randn(33, generator=g, dtype=F64) for o in (0.0, 1e3, -1e3, 5.0, 3e4)][-1] - 3e4
+    z = alpha * torch.randn(64, 33, generator=g, dtype=F64)
+    if dtype == torch.float32:
+        z[0] = first
+    x = (offset + z).to(dtype)
+    want, unique = _trunc_quad_gradient_by_runs(x, alpha)
+    assert bool(unique[0]) and int(unique.sum()) >= 60
+    xg = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        (gx,) = torch.autograd.grad(robust_pool(xg, "trunc_quad", alpha).sum(), xg)
+        t = torch.randn(x.shape, generator=g, dtype=F64).to(dtype)
+        _, tangent = torch.func.jvp(lambda v: robust_pool(v, "trunc_quad", alpha), (x,), (t,))
+    tol = 8 * torch.finfo(dtype).eps
+    torch.testing.assert_close(gx.double()[unique], want[unique], rtol=0, atol=tol)
+    jvp_want = (want * t.double()).sum(-1)
+    torch.testing.assert_close(tangent.double()[unique], jvp_want[unique], rtol=0, atol=tol * 64)
 
 
 def test_robust_pool_under_jacfwd_jacrev_or_batched_cotangents_gets_a_problem_error():

@@ -18,7 +18,7 @@ __all__ = ["pool_backward"]
 
 
 def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor, need_x: bool,
-                  need_alpha: bool, use_compile: bool, far: bool | None = None) -> tuple:
+                  need_alpha: bool, use_compile: bool, far: bool | None = None, rem: Tensor | None = None) -> tuple:
     """The vjp of Table 1 by row blocks: ``grad_x_i = gy * w_i / sum_j w_j`` and
     ``grad_alpha = -gy * sum_j wa_j / sum_j w_j``, ``w = phi''(y - x)``, ``wa =
     d2phi/dz dalpha``. Each block is read once and its gradient written once into the
@@ -27,9 +27,11 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     ``(R,)`` masks or None where there are none (for the warnings that name them); rows whose Hessian
     sum is zero, singular or negative get a zero gradient and ``ok = False``. Rows whose
     y is coarse against alpha (:func:`.rounding.coarse_rows`: data far from 0 in units of
-    alpha) take their weights at residuals refined to the minimiser, in their block
-    (:func:`.rounding.refine_residuals`; in float64 where the careful path takes them);
-    those where that fails are flagged (weights where the steps stopped). A NaN or Inf
+    alpha) take their weights at the residuals to the minimiser, in their block (in
+    float64 where the careful path takes them): ``y - x_i + rem`` where the solver gave
+    y's remainder ``rem (R,)`` (:meth:`.Penalty.solve_split`: the minimiser it returned,
+    exactly), else refined from y (:func:`.rounding.refine_residuals`); those where that
+    fails are flagged (weights where the steps stopped). A NaN or Inf
     in ``gy`` (a fault upstream) is no verdict on the Hessian: it propagates to that row's
     gradients (and a shared alpha's), as torch does.
 
@@ -78,7 +80,11 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
             clamp_saturated(penalty, z, al)
         j = None if coarse is None else coarse[sl].nonzero().squeeze(-1)
-        if j is not None and j.numel():
+        if j is not None and j.numel() and rem is not None:
+            # The solver's own minimiser: y - x_i is exact for the points near y (within a
+            # factor 2 of it), and rem (at most y's rounding) moves them by its own size.
+            z[j] = z[j] + rem[sl][j].unsqueeze(-1)
+        elif j is not None and j.numel():
             a_j = al if alpha_f is not None else al[j]
             z_j = z[j]
             clamp_saturated(penalty, z_j, a_j)  # (the fused sums need finite squares)
@@ -115,7 +121,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         if bool(low.any()):
             idx = low.nonzero().squeeze(-1)
             w_r, sw_r, wa_r, size_r, lost_r = _careful_weights64(penalty, x, y, a, idx, need_alpha,
-                                                                 None if coarse is None else coarse[idx])
+                                                                 None if coarse is None else coarse[idx], rem)
             if lost_r is not None:
                 lost[idx] = lost_r
             # (float64 throughout: the gradient is the ratio w_i / sum_j w_j times gy, and
@@ -138,23 +144,24 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         # Rows set to zero above stay zero (their swa may be NaN, and NaN * 0 is NaN).
         ga = torch.where(ok, (-(swa * scale)).squeeze(-1), 0.0)
         if alpha_rare[0] or rare:  # (the careful weights above may have overflowed too)
-            ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga, coarse)
+            ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga, coarse, rem)
     # (one host read where some row was coarse, as the count it replaced took)
     return gx, ga, ok, all_ok, alpha_lost, lost if lost is not None and bool(lost.any()) else None
 
 
 def _careful_weights64(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, need_alpha: bool,
-                       coarse: Tensor | None):
+                       coarse: Tensor | None, rem: Tensor | None):
     """:func:`_careful_weights` of the rows ``idx`` in float64 (rare rows): a user's penalty
     without a saturation overflows on a far outlier in float32 ((z / alpha)^2 at 1e20)
-    whatever the row's scale; ``coarse`` (of those rows) have their residuals refined."""
+    whatever the row's scale; ``coarse`` (of those rows) have their residuals taken to the
+    minimiser (by y's remainder ``rem``, of all rows, where known)."""
     f64 = torch.float64
     return _careful_weights(penalty, x[idx].to(f64), y[idx].to(f64), (a if a.dim() == 0 else a[idx]).to(f64),
-                            need_alpha, coarse)
+                            need_alpha, coarse, None if rem is None else rem[idx].to(f64))
 
 
 def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, ga: Tensor,
-                       coarse: Tensor | None) -> tuple[Tensor, Tensor | None]:
+                       coarse: Tensor | None, rem: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``ga`` with its non-finite entries formed again in float64 by the careful,
     rescaled weights (a penalty's ``d2phi_dalpha`` overflowing in a low precision: a
     user's formula at ``z / alpha ~ 1e15`` in float32); entries still not finite are
@@ -166,7 +173,7 @@ def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, g
     if not bool(bad.any()):
         return ga, None
     idx = bad.nonzero().squeeze(-1)
-    _, sw, wa, _, _ = _careful_weights64(penalty, x, y, a, idx, True, None if coarse is None else coarse[idx])
+    _, sw, wa, _, _ = _careful_weights64(penalty, x, y, a, idx, True, None if coarse is None else coarse[idx], rem)
     again = (-(gcol[idx].to(sw.dtype) * wa / sw)).squeeze(-1).to(ga.dtype)
     lost = ~torch.isfinite(again)
     ga = ga.index_copy(0, idx, torch.where(lost, 0.0, again))
@@ -182,12 +189,13 @@ def _nonsingular(sw: Tensor, size: Tensor, n: int) -> Tensor:
 
 
 def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool,
-                     coarse: Tensor | None):
+                     coarse: Tensor | None, rem: Tensor | None = None):
     """The backward's weights of rows with huge entries or spread: scaled by a power of
     two per row (exact), residuals clamped at the penalty's saturation, rescaled weights.
-    Both ratios of Table 1 are scale-free. The ``coarse`` rows' residuals are refined to
-    the minimiser first (:func:`.rounding.refine_residuals`); returns ``(w, sum w, sum
-    w_alpha, sum |w|, coarse rows where that failed or None)``."""
+    Both ratios of Table 1 are scale-free. The ``coarse`` rows' residuals are taken to
+    the minimiser first (``+ rem``, y's remainder, where given; else refined,
+    :func:`.rounding.refine_residuals`); returns ``(w, sum w, sum w_alpha, sum |w|,
+    coarse rows where that failed or None)``."""
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     s = row_scale(torch.minimum(lo, y.unsqueeze(-1)), torch.maximum(hi, y.unsqueeze(-1)))
     a_s = a * s
@@ -197,7 +205,10 @@ def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alp
     lost = None if coarse is None else torch.zeros_like(coarse)
     if coarse is not None and bool(coarse.any()):
         j = coarse.nonzero().squeeze(-1)
-        z_j, ok_j = refine_residuals(penalty, z[j], a_s[j])  # (a_s: (r, 1), as s)
-        z[j], lost[j] = z_j, ~ok_j
+        if rem is not None:  # (as in pool_backward; scaled as z)
+            z[j] = z[j] + rem[j].unsqueeze(-1) * s[j]
+        else:
+            z_j, ok_j = refine_residuals(penalty, z[j], a_s[j])  # (a_s: (r, 1), as s)
+            z[j], lost[j] = z_j, ~ok_j
     w, sw, swa = penalty.weight_sums(z, a_s, need_alpha)
     return w, sw, swa, w.abs().sum(-1, keepdim=True), lost

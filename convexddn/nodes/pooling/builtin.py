@@ -22,7 +22,6 @@ from .penalties import SPREAD_DIVISOR, Penalty, _flush, _rows, exp_log_base
 
 __all__ = ["Huber", "PseudoHuber", "Quadratic", "TruncatedQuadratic", "Welsch"]
 
-
 # (z/alpha)² ≤ max/SPREAD_DIVISOR² (see SPREAD_DIVISOR), so z² = (z/alpha)²·alpha² stays
 # finite for alpha < SPREAD_DIVISOR.
 _ONE_PASS_BELOW = SPREAD_DIVISOR
@@ -394,6 +393,8 @@ class TruncatedQuadratic(Penalty):
         return w, (torch.zeros_like(w[..., :1]) if need_alpha else None), None
 
     def solve(self, x, alpha, tol, max_iter, use_compile):
-        from .trunc_quad import trunc_quad_solve
+        return self.solve_split(x, alpha, tol, max_iter, use_compile)[0]
 
+    def solve_split(self, x, alpha, tol, max_iter, use_compile):
+        from .trunc_quad import trunc_quad_solve  # (the exact mean of a run: y and its remainder)
         return trunc_quad_solve(x, alpha, use_compile)

@@ -25,40 +25,47 @@ class RobustPoolFunction(torch.autograd.Function):
     ``alpha`` is a tensor of shape (R,) or 0-d; the options ride along as constants, and
     so does ``batch``, the caller's batch shape of the R rows (the pooled output's), in
     which the warnings name rows.
+    Outputs ``(y, rem)``: ``rem`` (non-differentiable) is the remainder of the exact
+    minimiser beyond y's rounding where the solver knows it (:meth:`.Penalty.solve_split`;
+    the backward takes the weights of rows whose y is coarse against alpha there), else
+    empty.
     """
 
     @staticmethod
     def forward(x, alpha, penalty, tol, max_iter, use_compile, batch):  # type: ignore[override]
         if x.shape[0] == 0:
-            return x.new_empty((0,))
+            return x.new_empty((0,)), x.new_empty((0,))
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
         if torch.compiler.is_compiling():
-            return penalty.solve(x, a, tol, max_iter, use_compile)
+            y, rem = penalty.solve_split(x, a, tol, max_iter, use_compile)
+            return y, (y.new_empty((0,)) if rem is None else rem)
         # Inference mode: no version counters or autograd bookkeeping on the per-row
         # ops of the iterations, a hundred or more per iteration on (R, 1) tensors
         # (in-process A/B at (4, 256, 1024) float32: 1.17-1.36x faster; nothing
         # measurable at (8, 1024, 2048)). The (R,) result is cloned into a normal tensor.
         with torch.inference_mode(), solving(batch):
-            y = penalty.solve(x, a, tol, max_iter, use_compile)
-        return y.clone()
+            y, rem = penalty.solve_split(x, a, tol, max_iter, use_compile)
+        return y.clone(), (x.new_empty((0,)) if rem is None else rem.clone())
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, alpha, penalty, _tol, _max_iter, use_compile, batch = inputs
-        save_plain(ctx, x, alpha, output)  # (inference-mode inputs as plain copies)
+        y, rem = output
+        ctx.mark_non_differentiable(rem)
+        save_plain(ctx, x, alpha, y, rem)  # (inference-mode inputs as plain copies)
         # Whether some row's y is coarse against alpha, read in the forward's time (a few us of
         # its milliseconds). (Grad mode is off here whatever the caller's: needs_input_grad says it.)
-        ctx.coarse = coarse_flag(output, alpha, ctx.needs_input_grad)
-        ctx.save_for_forward(x, alpha, output)
+        ctx.coarse = coarse_flag(y, alpha, ctx.needs_input_grad)
+        ctx.save_for_forward(x, alpha, y, rem)
         ctx.penalty = penalty
         ctx.use_compile = use_compile
         ctx.batch = batch
 
     @staticmethod
     @first_order("robust_pool")
-    def backward(ctx, grad_y):  # type: ignore[override]
+    def backward(ctx, grad_y, _grad_rem):  # type: ignore[override]
         refuse_batched("robust_pool", grad_y)
-        x, alpha, y = ctx.saved_tensors
+        x, alpha, y, rem = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_alpha = None
         rows, n = x.shape
@@ -72,7 +79,7 @@ class RobustPoolFunction(torch.autograd.Function):
             if need_alpha:
                 grad_alpha = torch.zeros_like(alpha)
             return grad_x, grad_alpha, None, None, None, None, None
-        gx, ga = _weights(ctx, x, alpha, y, grad_y, bool(need_x), bool(need_alpha))
+        gx, ga = _weights(ctx, x, alpha, y, rem, grad_y, bool(need_x), bool(need_alpha))
         if need_x:
             grad_x = gx
         if need_alpha:
@@ -86,28 +93,30 @@ class RobustPoolFunction(torch.autograd.Function):
         i.e. the backward's row vectors at an incoming gradient of 1, times the tangents
         (rows without a derivative get 0 and the backward's warning)."""
         refuse_batched("robust_pool", x_t, alpha_t)
-        x, alpha, y = ctx.saved_tensors
+        x, alpha, y, rem = ctx.saved_tensors
         rows, n = x.shape
         dy = y.new_zeros(y.shape)
         if rows == 0:
-            return dy
+            return dy, None
         if isinstance(ctx.penalty, Quadratic):  # dy/dx_i = 1/N, no dependence on alpha
-            return dy if x_t is None else x_t.mean(-1)
-        gx, ga = _weights(ctx, x, alpha, y, torch.ones_like(y), x_t is not None, alpha_t is not None)
+            return (dy if x_t is None else x_t.mean(-1)), None
+        gx, ga = _weights(ctx, x, alpha, y, rem, torch.ones_like(y), x_t is not None, alpha_t is not None)
         if x_t is not None:
             dy = (gx * x_t).sum(-1)
         if alpha_t is not None:
             dy = dy + ga * alpha_t
-        return dy
+        return dy, None
 
 
-def _weights(ctx, x, alpha, y, grad_y, need_x: bool, need_alpha: bool):
+def _weights(ctx, x, alpha, y, rem, grad_y, need_x: bool, need_alpha: bool):
     """:func:`~.backward.pool_backward`'s ``(grad_x, grad_alpha per row)`` at ``grad_y``,
     with the warnings for rows whose gradient does not exist (set to zero), naming them
-    in the caller's batch shape (the rows are its flattened elements)."""
+    in the caller's batch shape (the rows are its flattened elements); ``rem``: y's
+    remainder from the forward (empty where the solver gave none)."""
     a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
     gx, ga, ok, all_ok, alpha_lost, coarse = pool_backward(ctx.penalty, x, y, a, grad_y, need_x, need_alpha,
-                                                           ctx.use_compile, ctx.coarse)
+                                                           ctx.use_compile, ctx.coarse,
+                                                           rem if rem.shape == y.shape else None)
     who = f"robust_pool(penalty={ctx.penalty.name!r})"
     if coarse is not None:
         warn(

@@ -282,7 +282,7 @@ def robust_pool(
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             use_compile,
             tuple(batch),
-        ).to(x.dtype)
+        )[0].to(x.dtype)
     except NonFiniteError:
         # The solver checks finiteness only where a row fails (no host sync otherwise), on
         # its rows: x of shape (4,) was reported as (1, 4), (2, 3, 4) as (6, 4). The caller's.

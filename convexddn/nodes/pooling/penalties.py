@@ -275,6 +275,17 @@ class Penalty(abc.ABC):
         solver = convex_solve if self.convex else nonconvex_solve
         return solver(self, x, alpha, tol, max_iter, use_compile)
 
+    def solve_split(self, x: Tensor, alpha: Tensor, tol: float, max_iter: int,
+                    use_compile: bool) -> tuple[Tensor, Tensor | None]:
+        """``(y, rem)``: :meth:`solve`'s minimiser ``y (R,)`` and, where the solver knows the
+        exact minimiser ``m`` beyond y's rounding, ``rem = m - y`` ``(R,)`` in y's dtype;
+        None (the default) where it does not. Rows whose y is coarse against alpha
+        (:func:`.rounding.coarse_rows`) take their backward weights at the residuals
+        ``y - x_i + rem`` where rem is known, else at residuals refined from y by Newton
+        steps (:func:`.rounding.refine_residuals`), which on a nonconvex objective reach
+        the local minimum around y, not necessarily the one the solver returned."""
+        return self.solve(x, alpha, tol, max_iter, use_compile), None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

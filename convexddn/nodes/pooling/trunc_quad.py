@@ -44,7 +44,8 @@ _TQ_RISK = 2.0**29
 _CELLS_RISK = _TQ_RISK
 
 
-def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor,
+                    work: RunBuffers | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Exact global minimiser of sum_i min((u - x_i)^2, alpha^2) / 2 for each sorted row s.
 
     The objective is piecewise quadratic; on each piece between consecutive breakpoints
@@ -66,7 +67,8 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None =
     clusters near ±1e8 and alpha = 1 the centred G's rounding exceeds alpha²/2: the
     cluster's mean was returned.) The winning mean carries the rounding of its prefix
     sums too; the third output estimates it (:func:`_mean_rounding`), and the caller
-    sums the run again (:func:`run_mean`) where it exceeds a few ulps.
+    sums the run again (:func:`run_mean`) where it exceeds a few ulps. The fourth output is
+    the remainder of the mean beyond its rounding to s's dtype (:func:`split_mean`).
 
     Scale-free: the offsets are divided by a power of two near the row's half-range, no
     smaller than float64's smallest normal number (squares of entries beyond 1e154
@@ -128,8 +130,27 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor, work: RunBuffers | None =
     exit_wins = best_x < best_e
     s1 = torch.where(exit_wins, s1_x.gather(-1, i_x), s1_e.gather(-1, i_e))
     size = torch.where(exit_wins, size_x.gather(-1, i_x), n_e.gather(-1, i_e))
-    y = (s1 / size * unit + centre).to(s.dtype).squeeze(-1)
-    return y, (p2[:, -1:] > _TQ_RISK * a2).squeeze(-1), _mean_rounding(p2[:, -1:], n, size, unit)
+    y, rem = split_mean(centre, s1 / size * unit, s.dtype)
+    return y, (p2[:, -1:] > _TQ_RISK * a2).squeeze(-1), _mean_rounding(p2[:, -1:], n, size, unit), rem
+
+
+def split_mean(base: Tensor, off: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(y, rem)`` ``(R,)`` in ``dtype``: the winning run's mean ``m = base + off`` (float64,
+    ``(R, 1)``; ``base`` an entry of the row, ``off`` the mean's offset from it) rounded,
+    ``y = fl(m)``, and its remainder ``rem = m - y``, rounded only relative to itself.
+
+    The backward needs the minimiser beyond y's rounding: where that rounding is coarse
+    against alpha (|y| / alpha ~ 3e6 in float32, 1e15 in float64) the inliers of the exact
+    mean (members within alpha sqrt(1 - 1/|W|) of it, others beyond alpha sqrt(1 + 1/|W|))
+    are no longer those within alpha of y, and Newton steps from y (a nonconvex objective)
+    reach whichever local minimum surrounds y. ``base + off`` is split by Knuth's TwoSum
+    (exact in float64, whatever the two's sizes); its float64 sum less y is exact too
+    (y is that sum's rounding, within a factor 2 of it)."""
+    hi = base + off
+    b = hi - base
+    lo = (base - (hi - b)) + (off - b)
+    y = hi.to(dtype)
+    return y.squeeze(-1), ((hi - y.to(hi.dtype)) + lo).to(dtype).squeeze(-1)
 
 
 def _mean_rounding(p2_last: Tensor, n: int, size: Tensor, unit: Tensor) -> Tensor:
@@ -140,7 +161,7 @@ def _mean_rounding(p2_last: Tensor, n: int, size: Tensor, unit: Tensor) -> Tenso
     return (torch.finfo(torch.float64).eps * unit * (p2_last * n).sqrt() / size.clamp(min=1)).squeeze(-1)
 
 
-def run_mean(s: Tensor, y: Tensor, a: Tensor) -> Tensor:
+def run_mean(s: Tensor, y: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     """The mean of each sorted row's entries within alpha of ``y``, summed as offsets from
     ``y`` in float64: rounding about eps (|y| + alpha), whatever the row's spread.
 
@@ -148,12 +169,13 @@ def run_mean(s: Tensor, y: Tensor, a: Tensor) -> Tensor:
     alpha sqrt(1 - 1/|W|) of the exact mean and every other entry beyond
     alpha sqrt(1 + 1/|W|) (otherwise moving that entry in or out of W would lower the
     objective), so a ``y`` off by much less than alpha / (2 |W|) finds W again.
-    ``s (R, N)``, ``y (R,)``, ``a`` 0-d or ``(R, 1)`` ``-> (R,)`` in float64."""
+    ``s (R, N)``, ``y (R,)``, ``a`` 0-d or ``(R, 1)`` ``-> (y, rem)`` (R,) in y's dtype
+    (:func:`split_mean`)."""
     yd = y.to(torch.float64).unsqueeze(-1)
     z = s.to(torch.float64) - yd
     inside = z.abs() <= a.to(torch.float64)
     total = torch.where(inside, z, 0.0).sum(-1, keepdim=True)
-    return (yd + total / inside.sum(-1, keepdim=True).clamp(min=1)).squeeze(-1)
+    return split_mean(yd, total / inside.sum(-1, keepdim=True).clamp(min=1), y.dtype)
 
 
 class RunBuffers:
@@ -189,10 +211,11 @@ def _loose(rounding: Tensor, a: Tensor, y: Tensor) -> Tensor:
     return rounding > (8 * torch.finfo(torch.float64).eps) * (a.reshape(-1) + y.abs())
 
 
-def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
-    """The exact global minimiser of truncated-quadratic pooling (see :func:`trunc_quad_runs`)."""
+def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> tuple[Tensor, Tensor]:
+    """The exact global minimiser of truncated-quadratic pooling (see :func:`trunc_quad_runs`):
+    ``(y, rem)`` (R,), its rounding to x's dtype and the remainder beyond it (:func:`split_mean`)."""
     rows, n = x.shape
-    y = x.new_empty(rows)
+    y, rem = x.new_empty(rows), x.new_empty(rows)
     sub = rows
     if x.device.type == "cpu" and not use_compile:
         sub = max(1, _TQ_BLOCK_BYTES // (n * x.element_size()))
@@ -228,6 +251,7 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
         yb = torch.cat([p[0] for p in parts])
         risky = torch.cat([p[1] for p in parts])
         rounding = torch.cat([p[2] for p in parts])
+        remb = torch.cat([p[3] for p in parts])
         # Means whose prefix-sum rounding may exceed a few ulps of alpha + |y| (outliers far
         # out around a small run, in float64: 1.5e-11 off for 5 inliers among 876 points
         # spread over 1255 alpha) are summed again from the run's own entries. (Never in
@@ -240,7 +264,8 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
             # Rows spread far beyond alpha: local sums (see trunc_quad_cells); eagerly, also
             # when compiling: a rare path is not worth a compile per shape.
             rr = torch.nonzero(risky).squeeze(1)
-            yb[rr], unsure_r, rounding[rr] = trunc_quad_cells(s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr])
+            yb[rr], unsure_r, rounding[rr], remb[rr] = trunc_quad_cells(
+                s[rr], lft[rr], ab if ab.dim() == 0 else ab[rr])
             if unsure is None:
                 unsure = torch.zeros(rows, dtype=torch.bool, device=x.device)
             unsure[sl.start + rr] = unsure_r
@@ -249,8 +274,9 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
                 any_loose = bool(loose.any())
         if any_loose:
             lr = torch.nonzero(loose).squeeze(1)
-            yb[lr] = run_mean(s[lr], yb[lr], ab if ab.dim() == 0 else ab[lr]).to(yb.dtype)
+            yb[lr], remb[lr] = run_mean(s[lr], yb[lr], ab if ab.dim() == 0 else ab[lr])
         y[sl] = yb if scale is None else yb / scale.squeeze(-1)
+        rem[sl] = remb if scale is None else remb / scale.squeeze(-1)
     if work is not None:
         work.release()
     if not bool(torch.isfinite(ends).all()):
@@ -260,13 +286,14 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> Tensor:
               "local anchors: rows of some ten million entries within a few alpha of each "
               "other) for float64 to rank the candidate runs to 2^-20 alpha^2; the returned "
               "mean of a run may not be the global minimiser", unsure)
-    return y
+    return y, rem
 
 
-def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`trunc_quad_runs` with sums that stay local whatever the row's length
-    or spread, for the rows whose centred sums it flags. Returns ``(y, unsure, rounding)``
-    (R,), the last the estimated rounding of y (see :func:`_mean_rounding`).
+    or spread, for the rows whose centred sums it flags. Returns ``(y, unsure, rounding,
+    rem)`` (R,), the third the estimated rounding of y (see :func:`_mean_rounding`), the
+    last y's remainder (:func:`split_mean`).
 
     Each entry's offset is taken from the first entry of its chunk, in units of a cell
     width C = 4 · 2^ceil(log2 alpha) (4 to 8 alpha, a power of two). A chunk ends where
@@ -310,7 +337,8 @@ def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]
     def best(lo, b, hi, p1_lo, p2_lo, p1_hi, p2_hi, a_lo, a_hi):
         """The least 2G - alpha² N over the runs [lo, hi) (parts [lo, b) and [b, hi)
         summed from the anchors a_lo and a_hi; the p's their ends' prefix sums), the
-        mean of the first run reaching it and that run's size."""
+        mean of the first run reaching it (its anchor and its offset from it) and that
+        run's size."""
         n1, size = (b - lo).to(acc), (hi - lo).to(acc)
         h = (a_lo - a_hi).mul_(inv)
         s1 = p1.gather(-1, b).sub_(p1_lo)
@@ -319,7 +347,7 @@ def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]
         g.addcdiv_(s_all * s_all, size.clamp(min=1), value=-1).sub_(a2 * size)
         g.masked_fill_(size <= 0, math.inf)
         val, i = g.min(-1, keepdim=True)
-        return val, a_hi.gather(-1, i) + s_all.gather(-1, i) / size.gather(-1, i) * cell, size.gather(-1, i)
+        return val, (a_hi.gather(-1, i), s_all.gather(-1, i) / size.gather(-1, i) * cell), size.gather(-1, i)
 
     # Entry runs [l_k, k]: the second part starts at k's chunk start (or at l_k).
     nxt = (pos + 1).expand(rows, n)
@@ -334,9 +362,9 @@ def trunc_quad_cells(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor]
                        anchor.gather(-1, last))
     # Ties go to the entry run, as in trunc_quad_runs.
     exit_wins = best_x < best_e
-    y = torch.where(exit_wins, m_x, m_e).squeeze(-1).to(s.dtype)
+    y, rem = split_mean(*(torch.where(exit_wins, u, v) for u, v in zip(m_x, m_e)), s.dtype)
     unsure = (p2[:, -1:] > _CELLS_RISK * a2).squeeze(-1) | far
-    return y, unsure, _mean_rounding(p2[:, -1:], n, torch.where(exit_wins, size_x, size_e), cell)
+    return y, unsure, _mean_rounding(p2[:, -1:], n, torch.where(exit_wins, size_x, size_e), cell), rem
 
 
 def _run_ends(lft: Tensor, n: int, counts: Tensor | None = None, ones: Tensor | None = None) -> Tensor:
