@@ -63,7 +63,7 @@ from ._repr import format_option
 from ._module_options import store_option
 from ._overflow import narrowed, widened
 from .dense import checked_solve
-from .pooling.penalties import Penalty
+from .pooling.penalties import Penalty, format_penalty
 
 __all__ = ["pnp", "PnP", "axis_angle_to_matrix"]
 
@@ -395,6 +395,6 @@ class PnP(nn.Module):
                    tol=self.tol, max_iter=self.max_iter)
 
     def extra_repr(self) -> str:
-        parts = [f"penalty={self.penalty.name!r}", f"alpha={format_option(self.alpha)}"]
+        parts = [f"penalty={format_penalty(self.penalty)}", f"alpha={format_option(self.alpha)}"]
         parts += [f"{k}={v}" for k, v in (("tol", self.tol), ("max_iter", self.max_iter)) if v is not None]
         return ", ".join(parts)

@@ -58,7 +58,7 @@ from ._vector_pool_refine import per_set
 from ._vector_pool_solvers import hessian_solve_warned as _h_solve, hessian_terms as _terms
 from ._vector_pool_units import in_units as _in_units, rescaled
 from ._vmap_stack import stacked_under_vmap
-from .pooling.penalties import Penalty, Quadratic
+from .pooling.penalties import Penalty, Quadratic, format_penalty
 from .pooling.rounding import coarse_flag
 
 __all__ = ["robust_vector_pool", "RobustVectorPool"]
@@ -393,7 +393,7 @@ class RobustVectorPool(nn.Module):
                                   tol=self.tol, max_iter=self.max_iter, starts=self.starts)
 
     def extra_repr(self) -> str:
-        parts = [f"penalty={self.penalty.name!r}", f"alpha={format_option(self.alpha)}", f"dim={self.dim}",
+        parts = [f"penalty={format_penalty(self.penalty)}", f"alpha={format_option(self.alpha)}", f"dim={self.dim}",
                  f"vector_dim={self.vector_dim}"]
         extra = (("tol", self.tol), ("max_iter", self.max_iter), ("starts", self.starts))
         parts += [f"{k}={v}" for k, v in extra if v is not None]

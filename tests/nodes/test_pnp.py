@@ -158,6 +158,13 @@ def test_pnp_module_repr_tensor_alpha():
     assert repr(PnP("pseudo-huber", alpha=torch.tensor(0.5))) == "PnP(penalty='pseudo_huber', alpha=0.5)"
 
 
+def test_pnp_module_repr_after_penalty_reassigned():
+    """A name assigned to .penalty (what the constructor takes) broke repr: AttributeError."""
+    m = PnP("huber")
+    m.penalty = "welsch"
+    assert repr(m) == "PnP(penalty='welsch', alpha=1.0)"
+
+
 def test_pnp_empty_batch_backward():
     # The output of an empty batch stays in the graph: backward gives an empty gradient.
     q, p, _ = scene(9)

@@ -691,6 +691,21 @@ def test_robust_pool_module_repr_tensor_alpha():
     assert repr(RobustPool("huber", alpha=1.5)) == "RobustPool(penalty='huber', alpha=1.5, dim=-1, keepdim=False)"
 
 
+def test_robust_pool_module_repr_after_penalty_reassigned():
+    """A name (or alias) assigned to .penalty is what the constructor takes and the forward
+    resolves; repr read .name off it and raised AttributeError. A value that does not
+    resolve is shown as given: print(model) must not raise."""
+    pool = RobustPool("huber")
+    pool.penalty = "welsch"
+    assert repr(pool) == "RobustPool(penalty='welsch', alpha=1.0, dim=-1, keepdim=False)"
+    pool.penalty = "trunc-quad"
+    assert "penalty='trunc_quad'" in repr(pool)
+    pool.penalty = "median"
+    assert "penalty='median'" in repr(pool)
+    with pytest.raises(OptionError, match="penalty"):
+        pool(torch.randn(2, 5))
+
+
 # The DDN reference's spellings (ddn/basic/robust_nodes.py) and convexddn's spelled-out
 # "truncated-quadratic" (not a string of the reference: ddn/pytorch takes classes).
 DDN_NAMES = {"pseudo-huber": "pseudo_huber", "trunc-quad": "trunc_quad", "truncated-quadratic": "trunc_quad"}

@@ -276,6 +276,13 @@ def test_robust_vector_pool_ddn_penalty_names(alias):
     assert f"penalty={name!r}" in repr(pool) and alias not in repr(pool)  # canonical name shown
 
 
+def test_robust_vector_pool_module_repr_after_penalty_reassigned():
+    """A name assigned to .penalty (what the constructor takes) broke repr: AttributeError."""
+    pool = RobustVectorPool("huber")
+    pool.penalty = "pseudo-huber"
+    assert repr(pool) == "RobustVectorPool(penalty='pseudo_huber', alpha=1.0, dim=-1, vector_dim=-2)"
+
+
 def test_robust_vector_pool_ddn_penalty_names_invalid():
     x = clustered(22)
     for bad in ("pseudo huber", "trunc-quadratic", "cauchy"):

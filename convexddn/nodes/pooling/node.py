@@ -48,7 +48,7 @@ from .._overflow import option_rows
 from .._vmap_stack import stacked_under_vmap
 from .function import RobustPoolFunction
 from .kernels import compile_available
-from .penalties import Penalty
+from .penalties import Penalty, format_penalty
 
 __all__ = ["RobustPool", "robust_pool"]
 
@@ -372,7 +372,7 @@ class RobustPool(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        parts = [f"penalty={self.penalty.name!r}", f"alpha={format_option(self.alpha)}", f"dim={self.dim}",
+        parts = [f"penalty={format_penalty(self.penalty)}", f"alpha={format_option(self.alpha)}", f"dim={self.dim}",
                  f"keepdim={self.keepdim}"]
         if self.tol is not None:
             parts.append(f"tol={self.tol:g}")

@@ -44,6 +44,7 @@ __all__ = [
     "PENALTIES",
     "PENALTY_ALIASES",
     "canonical_penalty",
+    "format_penalty",
     "Huber",
     "Penalty",
     "PseudoHuber",
@@ -364,3 +365,16 @@ def canonical_penalty(penalty: Any) -> Any:
     """The name in :data:`PENALTIES` for an alias in :data:`PENALTY_ALIASES`; anything
     else (a canonical or unknown name, a :class:`Penalty`) unchanged."""
     return PENALTY_ALIASES.get(penalty, penalty) if isinstance(penalty, str) else penalty
+
+
+def format_penalty(penalty: Any) -> str:
+    """``penalty`` as a node's ``extra_repr`` shows it: the quoted canonical name of what
+    :meth:`Penalty.resolve` makes of it, as the forward resolves it (a node's ``penalty``
+    attribute may be reassigned a name or an alias, which the forward takes; reading
+    ``.name`` off it raised AttributeError in ``print(model)``). A value that does not
+    resolve is shown as given: a repr must not raise, and the forward says what is wrong.
+    """
+    try:
+        return repr(Penalty.resolve(penalty).name)
+    except OptionError:
+        return repr(penalty)
