@@ -217,7 +217,10 @@ def check_number(name: str, value: Any, *, above: float | None = None, at_least:
 
 def check_positive(name: str, value: Any) -> None:
     """Raise ``OptionError`` unless ``value`` (a number or tensor) is finite and > 0 (inside
-    a ``torch.compile`` graph that must not break, an asynchronous assert: :func:`_may_break_graph`)."""
+    a ``torch.compile`` graph that must not break, an asynchronous assert: :func:`_may_break_graph`).
+    A value of another kind is told both accepted kinds and shown with its type: "must be a
+    positive number" alone hid that a tensor is taken, and a 0-d NumPy array holding 0.5
+    read as "not a positive number"."""
     if isinstance(value, torch.Tensor):
         if value.numel() == 0 or unread(value):  # (a meta option of a Module being built)
             return
@@ -232,7 +235,12 @@ def check_positive(name: str, value: Any) -> None:
             raise OptionError(f"{name} must be finite and > 0, got {shown!r}")
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise OptionError(f"{name} must be a positive number, got {value!r}")
+        kind = type(value)
+        kind = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        array_like = isinstance(value, (list, tuple)) or hasattr(value, "__array__")  # (NumPy's, among others)
+        hint = "; torch.as_tensor(...) makes a tensor of it" if array_like else ""
+        raise OptionError(f"{name} must be a positive number or a tensor of positive numbers, got a {kind}: "
+                          f"{value!r}{hint}")
     number = real_number(value)
     if not (math.isfinite(number) and number > 0):
         raise OptionError(f"{name} must be finite and > 0, got {value!r}")

@@ -1,6 +1,7 @@
 """convexddn._checks: the list-option validator and the finiteness screen."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,9 +199,29 @@ def test_check_positive_tensor_message_shows_the_values():
         check_positive("alpha", torch.tensor([[1.0, float("nan"), 3.0], [4.0, 5.0, 6.0]], requires_grad=True))
     with pytest.raises(OptionError, match=r"alpha must be finite and > 0, got 0\.0"):
         check_positive("alpha", 0.0)
-    with pytest.raises(OptionError, match=r"alpha must be a positive number, got True"):
+    with pytest.raises(OptionError, match=r"alpha must be a positive number or a tensor of positive numbers, "
+                                          r"got a bool: True$"):
         check_positive("alpha", True)
     check_positive("alpha", 3)
+
+
+@pytest.mark.parametrize("value, shown", [
+    (np.array(0.5), r"got a numpy\.ndarray: array\(0\.5\); torch\.as_tensor\(\.\.\.\) makes a tensor of it$"),
+    (np.array([0.5, 1.0]), r"got a numpy\.ndarray: array\(\[0\.5, 1\. \]\); torch\.as_tensor"),
+    ([1.0, 2.0], r"got a list: \[1\.0, 2\.0\]; torch\.as_tensor"),
+    ("1", r"got a str: '1'$"),
+    (None, r"got a NoneType: None$"),
+], ids=["0-d array", "array", "list", "str", "None"])
+def test_check_positive_wrong_kind_says_a_tensor_is_accepted(value, shown):
+    """alpha, radius and z take a positive number or a tensor: a value of another kind was
+    told "must be a positive number" (a 0-d array holding 0.5 too), which hid the tensor and
+    did not say what came; now both kinds and the value's type are named."""
+    from convexddn._checks import check_positive, check_scale
+
+    for check in (check_positive, check_scale):
+        with pytest.raises(OptionError, match=r"^r must be a positive number or a tensor of positive numbers, "
+                                              + shown):
+            check("r", value)
 
 
 def test_positive_range_reads_min_and_max_with_the_check():
