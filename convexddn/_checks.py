@@ -321,12 +321,13 @@ def check_dim_option(name: str, dim: Any) -> None:
         raise OptionError(f"{name} must not repeat a dim, got {dim!r}")
 
 
-def check_choice(name: str, value: Any, valid: Iterable[Any]) -> None:
-    """Raise ``OptionError`` listing the valid choices when ``value`` is not one of them."""
+def check_choice(name: str, value: Any, valid: Iterable[Any], *, or_else: str = "") -> None:
+    """Raise ``OptionError`` listing the valid choices when ``value`` is not one of them
+    (``or_else`` names another kind of value accepted, such as ``" or a callable"``)."""
     valid = list(valid)
     # Arrays and tensors make ``in`` elementwise (a raw "truth value is ambiguous" error).
     if hasattr(value, "shape") and getattr(value, "ndim", 0) or not any(_same(value, v) for v in valid):
-        raise OptionError(f"{name} must be one of {valid}, got {value!r}")
+        raise OptionError(f"{name} must be one of {valid}{or_else}, got {value!r}")
 
 
 def _same(value: Any, choice: Any) -> bool:

@@ -109,9 +109,9 @@ class DeclarativeNode(GuardedState):
             lets it move): where ``y`` mixes scales, pass a smaller value if ``solve`` is exact entry by entry;
             a larger one where ``solve`` approaches bounds without reaching them (an interior point method's
             ``1e-6`` for 0: the SolverError names the slack and the value). Default ``1e-6``.
-        cg_tol: relative residual tolerance of CG, in (0, 1). Default ``None``
-            (``1e-10`` in float64, ``1e-5`` in float32).
-        cg_max_iter: CG iteration cap. Default ``None`` (``10 * m``).
+        cg_tol: relative residual tolerance of CG, in (0, 1); with ``"cg"`` or ``"auto"`` only (``"dense"`` and a
+            callable never run CG: OptionError). Default ``None`` (``1e-10`` in float64, ``1e-5`` in float32).
+        cg_max_iter: CG iteration cap, likewise with ``"cg"`` or ``"auto"`` only. Default ``None`` (``10 * m``).
         batch_dims: how many leading dimensions of every input (and of the output)
             are batch dimensions. ``0``: the inputs are one problem. Default ``1``.
         check_solution: verify in backward that ``solve`` returned a KKT point
@@ -167,7 +167,7 @@ class DeclarativeNode(GuardedState):
         NonFiniteError: an input contains NaN or Inf.
         SolverError: ``solve`` returns NaN or Inf, or (in backward) a point far from
             a KKT point; with the failing batch indices.
-        OptionError: invalid options.
+        OptionError: invalid options (``cg_tol`` or ``cg_max_iter`` with a ``linear_solver`` that never runs CG).
 
     The shape, dependency and closed-over-tensor checks run at the first forward with
     grad mode on or with forward-mode tangents (and at every forward with grad mode on

@@ -144,7 +144,8 @@ def declarative_vjp(
             own size; at least 8 epsilons of ``y``'s dtype; ``‖y‖`` at least 1e-3 of how
             far the objective's curvature lets ``y`` move). Larger where ``solve`` approaches
             bounds without reaching them (the SolverError names the value). Default ``1e-6``.
-        cg_options: keyword arguments of :func:`solve_kkt_cg` (``tol``, ``max_iter``).
+        cg_options: keyword arguments of :func:`solve_kkt_cg` (``tol``, ``max_iter``); with
+            ``"cg"`` or ``"auto"`` only (``"dense"`` and a callable never run CG: OptionError).
         check_solution: verify the KKT conditions at ``y``. Default ``True``.
         solution_tol: relative residual that triggers the warning. Default ``None``
             (``max(1e-6, sqrt(eps))`` of ``y``'s dtype).
@@ -173,7 +174,8 @@ def declarative_vjp(
             constraint's Jacobian in ``y`` is NaN or Inf (not differentiable at the
             solution), or the objective or a constraint uses an operation that torch
             cannot differentiate twice (or does not depend on ``y``).
-        OptionError: for an unknown ``linear_solver`` name, or another option out of range.
+        OptionError: for an unknown ``linear_solver`` name, ``cg_options`` with a
+            ``linear_solver`` that never runs CG, or another option out of range.
 
     Warns:
         GradientWarning: see the checks above; also when the gradient would contain

@@ -380,7 +380,7 @@ def resolve_linear_solver(
     """
     if callable(linear_solver):
         return linear_solver
-    check_choice("linear_solver", linear_solver, LINEAR_SOLVERS)
+    check_choice("linear_solver", linear_solver, LINEAR_SOLVERS, or_else=" or a callable")
     if dense_max is not None:
         small = size <= dense_max
     else:

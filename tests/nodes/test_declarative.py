@@ -162,6 +162,33 @@ def test_tolerances_must_be_below_one():
         solve_kkt_cg(lambda d: d, A, None, torch.ones(1, 2, dtype=DT), tol=1.5)
 
 
+def test_linear_solver_error_names_the_callable_and_cg_options_need_cg():
+    """The error listed the three names only, though a callable is accepted; cg_tol and
+    cg_max_iter with "dense" (or a callable), which never run CG, were ignored silently
+    and shown in repr as if in effect."""
+    from convexddn.nodes.implicit import declarative_vjp
+    from convexddn.nodes.linear_solvers import resolve_linear_solver
+
+    one_of = r"linear_solver must be one of \['auto', 'dense', 'cg'\] or a callable, got "
+    with pytest.raises(OptionError, match=one_of + "None"):
+        Sphere(linear_solver=None)
+    with pytest.raises(OptionError, match=one_of + "'qr'"):
+        resolve_linear_solver("qr", 3, None)
+    for solver, shown in (("dense", "'dense'"), (solve_kkt_dense, "solve_kkt_dense")):
+        for kw, names in ((dict(cg_tol=0.5), "cg_tol"), (dict(cg_max_iter=1), "cg_max_iter"),
+                          (dict(cg_tol=0.5, cg_max_iter=1), "cg_tol, cg_max_iter")):
+            with pytest.raises(OptionError, match=rf"CG option\(s\) {names} given, but linear_solver={shown} never"):
+                Sphere(linear_solver=solver, **kw)
+        Sphere(linear_solver=solver)  # the defaults (None) are no CG options
+    x = torch.tensor([[0.5, 3.0]], dtype=DT)
+    obj = lambda x, u: 0.5 * ((u - x) ** 2).sum(-1)  # noqa: E731
+    with pytest.raises(OptionError, match=r"CG option\(s\) cg_options\['check_every'\] given"):
+        declarative_vjp(obj, x, x.clone(), torch.ones_like(x), linear_solver="dense", cg_options={"check_every": 2})
+    for solver in ("cg", "auto"):  # "auto" picks CG for large systems: the options are in effect there
+        node = Sphere(linear_solver=solver, cg_tol=0.5, cg_max_iter=7)
+        assert "cg_tol=0.5, cg_max_iter=7" in repr(node)
+
+
 class _WeightedMean(DeclarativeNode):
     """y = argmin_u Σ_i w_i (u − p_i)², w = exp(log_w): y = Σ w p / Σ w."""
 
