@@ -8,13 +8,11 @@
 for the five penalties of :class:`~convexddn.RobustPool` (Gould et al. Table 1),
 applied to the Euclidean distance between vectors instead of a scalar residual.
 
-Forward: iteratively reweighted least squares (a Weiszfeld-type majorise–minimise
-step :math:`u \\leftarrow \\sum_i \\kappa_i x_i / \\sum_i \\kappa_i`,
-:math:`\\kappa_i = \\phi'(z_i)/z_i`, which never increases the objective because every
-penalty here is concave in :math:`z^2`) safeguarded Newton steps (the Newton point is
-taken when it lowers the objective more than the IRLS point). Nonconvex penalties
-(Welsch, truncated quadratic) first run IRLS from several starts at once and keep the
-one with the lowest objective.
+Forward: iteratively reweighted least squares (a Weiszfeld-type majorise–minimise step
+:math:`u \\leftarrow \\sum_i \\kappa_i x_i / \\sum_i \\kappa_i`, :math:`\\kappa_i = \\phi'(z_i)/z_i`, which never
+increases the objective because every penalty here is concave in :math:`z^2`) safeguarded Newton steps (the
+Newton point is taken when it lowers the objective more than the IRLS point). Nonconvex penalties (Welsch,
+truncated quadratic) first run IRLS from several starts at once and keep the one with the lowest objective.
 
 Backward (Gould et al. Prop. 4.4 and §6.1): with :math:`z_i = \\|y - x_i\\|`,
 :math:`n_i = (y - x_i)/z_i`, :math:`c_i = \\phi''(z_i) - \\kappa_i`, the Hessian is
@@ -49,7 +47,7 @@ from .._autograd import (batched_values, bind_fast, functorch_transforms, may_ca
 from .._first_order import first_order, first_order_jvp
 from .._checks import (building, check_device, check_dim_option, check_int, check_scale, check_stopping, check_tensor,
                        normalize_dims)
-from ..errors import ProblemError, ShapeError
+from ..errors import OptionError, ProblemError, ShapeError
 from ._repr import format_option
 from ._module_options import store_option
 from ._overflow import option_cast
@@ -156,6 +154,9 @@ def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any
         alpha = check_scale("alpha", alpha)
     check_dim_option("dim", dim)
     check_int("vector_dim", vector_dim)
+    # One sign: the same dim at every rank, refused here (as the Module is built); 1 and -2 clash at rank 3 only.
+    if vector_dim in (tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)):
+        raise OptionError(f"vector_dim={vector_dim} must not be one of the pooled dims, dim={dim!r}")
     check_stopping(tol, max_iter)
     if starts is not None:
         check_int("starts", starts, minimum=0)
@@ -232,7 +233,7 @@ def robust_vector_pool(
         alpha: scale > 0: a number, or a tensor broadcastable to the output shape
             without ``vector_dim``; may require grad. Default: 1.
         dim: the set dimension(s) pooled over. Default: -1.
-        vector_dim: the dimension holding each vector's C components. Default: -2.
+        vector_dim: the dimension holding each vector's C components, not one of ``dim``. Default: -2.
         tol: stopping tolerance on the step, in (0, 1), relative to ``alpha + max|y|`` (``y`` from
             the set's midpoint where the set lies far from 0, see above). Default:
             1e-12 (float64), 1e-6 (float32).
@@ -249,10 +250,10 @@ def robust_vector_pool(
     Raises:
         DTypeError: ``x`` is not floating point or ``alpha`` is an integer tensor.
         NonFiniteError: ``x`` holds NaN or Inf.
-        ShapeError: a dimension is out of range, ``vector_dim`` is in ``dim``, a pooled
-            dimension is empty, or ``alpha`` does not broadcast.
-        OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol``, ``max_iter``,
-            ``starts`` or ``dim``.
+        ShapeError: a dimension is out of range, ``vector_dim`` is in ``dim`` at ``x``'s rank only (1 and -2
+            of a 3-d ``x``), a pooled dimension is empty, or ``alpha`` does not broadcast.
+        OptionError: unknown penalty, ``alpha <= 0``, invalid ``tol``, ``max_iter``, ``starts`` or ``dim``,
+            or ``vector_dim`` in ``dim`` at every rank (indices of one sign: ``dim=(1, 2), vector_dim=2``).
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
         SolverError: a pooled set spreads more than 2^500 α (squared distances
             overflow even float64).
@@ -358,17 +359,16 @@ class RobustVectorPool(nn.Module):
         y = \operatorname*{argmin}_{u \in \mathbb{R}^C} \sum_i \phi(\|u - x_i\|_2; \alpha)
 
     Args:
-        penalty, alpha, dim, vector_dim, tol, max_iter, starts: see
-            :func:`robust_vector_pool` (an ``nn.Parameter`` alpha is learned; another
-            tensor is stored as a buffer).
+        penalty, alpha, dim, vector_dim, tol, max_iter, starts: see :func:`robust_vector_pool` (an
+            ``nn.Parameter`` alpha is learned; another tensor is stored as a buffer).
 
     Shape:
         - Input: ``(*)``, e.g. ``(B, C, H, W)`` with ``dim=(-2, -1), vector_dim=1``.
         - Output: the input shape without ``dim``.
 
     Raises:
-        OptionError: invalid options at construction; calls raise as
-            :func:`robust_vector_pool`.
+        OptionError: invalid options at construction (``vector_dim`` in ``dim`` where that holds at every
+            rank); calls raise as :func:`robust_vector_pool`.
         DTypeError: at construction, an ``alpha`` tensor that is not floating point.
 
     Examples::

@@ -307,8 +307,10 @@ def test_robust_vector_pool_invalid():
         robust_vector_pool(x, "cauchy")
     with pytest.raises(OptionError, match="alpha"):
         robust_vector_pool(x, "huber", 0.0)
-    with pytest.raises(ShapeError, match="vector_dim"):
+    with pytest.raises(OptionError, match="vector_dim"):  # -2 twice: the same dim at every rank
         robust_vector_pool(x, "huber", dim=(-2, -1))
+    with pytest.raises(ShapeError, match="vector_dim"):  # 1 and -2: the same dim of a 3-d x only
+        robust_vector_pool(x, "huber", dim=1)
     with pytest.raises(ShapeError, match="out of range"):
         robust_vector_pool(x, "huber", dim=3)
     with pytest.raises(ShapeError, match="at least one entry"):
@@ -329,6 +331,22 @@ def test_robust_vector_pool_invalid():
     xn[0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="1 NaN"):
         robust_vector_pool(xn, "huber")
+
+
+@pytest.mark.parametrize("dim, vector_dim", [(1, 1), ((1, 2), 2), (-1, -1), ((-3, -1), -3)])
+def test_robust_vector_pool_dim_clash_is_an_option_error_at_construction(dim, vector_dim):
+    """vector_dim among the pooled dims with indices of one sign is invalid for every input,
+    but the constructor (which promises OptionError for invalid options) took it and the
+    first call raised a ShapeError; a clash that depends on the rank stays a call's ShapeError."""
+    msg = rf"vector_dim={vector_dim} must not be one of the pooled dims, dim={re.escape(repr(dim))}"
+    with pytest.raises(OptionError, match=msg):
+        RobustVectorPool("huber", dim=dim, vector_dim=vector_dim)
+    with pytest.raises(OptionError, match=msg):
+        robust_vector_pool(torch.randn(2, 3, 4, 5, dtype=D), "huber", dim=dim, vector_dim=vector_dim)
+    pool = RobustVectorPool("huber", dim=1, vector_dim=-2)  # distinct at rank 4, the same dim at rank 3
+    assert pool(torch.randn(2, 3, 4, 5, dtype=D)).shape == (2, 4, 5)
+    with pytest.raises(ShapeError, match="vector_dim=-2 must not be one of the pooled dims"):
+        pool(torch.randn(2, 3, 4, dtype=D))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
