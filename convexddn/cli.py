@@ -32,6 +32,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .cli_parser import LazyCommands, Parser, unrecognized
 
 __all__ = ["add_bench_arguments", "build_parser", "main"]
 
@@ -72,45 +73,6 @@ def float_option(low: float, high: float) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text!r}")
         return value
     return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors on one line (argparse prints the usage first)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-class _LazyCommands(argparse._SubParsersAction):
-    """Subcommands whose options are added when the subcommand is chosen, not before.
-
-    ``add_lazy_parser(name, setup, help=...)`` registers ``name`` with its one-line help
-    (enough for the parent's ``--help``); ``setup(parser)`` runs — and imports what it
-    needs — only when ``name`` appears on the command line.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._setups: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-
-    def add_lazy_parser(self, name: str, setup: Callable[[argparse.ArgumentParser], None],
-                        **kwargs: Any) -> argparse.ArgumentParser:
-        parser = self.add_parser(name, **kwargs)
-        self._setups[name] = setup
-        return parser
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Sequence[str], option_string: str | None = None) -> None:
-        # argparse has checked values[0] against the choices before calling the action.
-        setup = self._setups.pop(values[0], None)
-        if setup is not None:
-            setup(self._name_parser_map[values[0]])
-        super().__call__(parser, namespace, values, option_string)
-        # The commands chosen, outermost first (the inner levels' list was copied into
-        # namespace by the call above): main() needs them to place an unknown option and to
-        # name the command in an error.
-        chain = getattr(namespace, "command_chain", [])
-        namespace.command_chain = [(values[0], self._name_parser_map[values[0]])] + chain
 
 
 # --- list ---------------------------------------------------------------------------------
@@ -170,7 +132,7 @@ def _setup_experiments(parser: argparse.ArgumentParser) -> None:
     from .experiments import EXPERIMENTS
 
     names = parser.add_subparsers(dest="experiment", required=True, metavar="NAME",
-                                  action=_LazyCommands, title="experiments")
+                                  action=LazyCommands, title="experiments")
     for name, (module, help_text) in EXPERIMENTS.items():
         names.add_lazy_parser(name, _experiment_setup(module), help=help_text,
                               description=help_text)
@@ -190,10 +152,10 @@ def _experiment_setup(module: str) -> Callable[[argparse.ArgumentParser], None]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``convexddn`` parser. Commands' own options are added when a command is parsed."""
-    parser = _Parser(prog=PROG, description="Deep declarative networks in PyTorch.")
+    parser = Parser(prog=PROG, description="Deep declarative networks in PyTorch.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     action=_LazyCommands, title="commands")
+                                     action=LazyCommands, title="commands")
     commands.add_lazy_parser("list", _setup_list, help="list the problem registry and its options",
                              description="List the problem registry: name, what it computes, options.")
     commands.add_lazy_parser("bench", _setup_bench, help="time and compare the convex and native paths",
@@ -210,54 +172,6 @@ def _is_user_error(err: BaseException) -> bool:
     from .errors import ConvexDDNError
 
     return isinstance(err, ConvexDDNError) and isinstance(err, (ValueError, TypeError))
-
-
-def _knows(parser: argparse.ArgumentParser, option: str) -> bool:
-    """Whether ``parser`` accepts ``option`` (``--name`` or ``--name=value``, or a prefix
-    of one of its long options, which argparse accepts too)."""
-    name = option.split("=", 1)[0]
-    # (argparse has no public list of a parser's option strings.)
-    known = parser._option_string_actions
-    return name in known or (name.startswith("--") and len(name) > 2 and parser.allow_abbrev
-                             and any(o.startswith(name) for o in known))
-
-
-def _unrecognized(argv: Sequence[str], top: argparse.ArgumentParser, args: argparse.Namespace,
-                  extra: Sequence[str]) -> str:
-    """The error line for the arguments no parser took, from the level that rejected them.
-
-    An option is rejected by the level where it stands: ``convexddn experiment --quick
-    pointcloud`` gives ``--quick`` to ``convexddn experiment``, which has no such option,
-    though ``convexddn experiment pointcloud --help`` lists it. Such an option is told to
-    move after the command that has it; the others are named as unrecognized by their level.
-    """
-    chain = getattr(args, "command_chain", [])
-    progs = [top.prog] + [p.prog for _, p in chain]
-    parsers = [top] + [p for _, p in chain]
-    # argparse hands everything after a command's name to that command: each name's
-    # first occurrence, in order, splits argv into levels.
-    argv = list(argv)
-    names, i = [], 0
-    for name, _ in chain:
-        i = argv.index(name, i)
-        names.append(i)
-        i += 1
-    at, position = [], 0
-    for token in extra:  # (in argv order: each level's own, then its command's)
-        while position < len(argv) and (argv[position] != token or position in names):
-            position += 1
-        at.append(sum(position > n for n in names))
-        position += 1
-    for token, level in zip(extra, at):
-        owner = next((k for k in range(level + 1, len(parsers)) if _knows(parsers[k], token)), None)
-        if owner is not None:
-            misplaced = [t for t, lv in zip(extra, at) if lv == level and _knows(parsers[owner], t)]
-            return (f"{progs[level]}: error: {' '.join(misplaced)} must come after '{chain[owner - 1][0]}': "
-                    f"{'they are options' if len(misplaced) > 1 else 'it is an option'} of '{progs[owner]}' "
-                    f"(see '{progs[owner]} --help')")
-    level = at[0]
-    tokens = [t for t, lv in zip(extra, at) if lv == level]
-    return f"{progs[level]}: error: unrecognized arguments: {' '.join(tokens)} (see '{progs[level]} --help')"
 
 
 class _Output:
@@ -364,7 +278,7 @@ def _command(argv: Sequence[str] | None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if extra:  # (argparse would name the top-level program, whatever level rejected them)
-            parser.exit(2, _unrecognized(argv, parser, args, extra) + "\n")
+            parser.exit(2, unrecognized(argv, parser, args, extra) + "\n")
     except SystemExit as done:  # --help, --version, or a usage error already printed
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     try:

@@ -146,6 +146,20 @@ def test_cli_list_shows_options_as_passed(capsys):
     (["experiment", "--frob", "pointcloud"], ("convexddn experiment: error: unrecognized arguments: --frob",
                                               "(see 'convexddn experiment --help')")),
     (["bench", "bench"], ("convexddn bench: error: unrecognized arguments: bench",)),
+    # An option that takes a value, written apart from it: argparse read the value as the
+    # command's name and blamed it ("argument COMMAND: invalid choice: '/tmp/x'").
+    (["experiment", "--seeds", "2", "pointcloud"], ("convexddn experiment: error: --seeds 2 must come after "
+                                                    "'pointcloud': it is an option of 'convexddn experiment "
+                                                    "pointcloud' (see 'convexddn experiment pointcloud --help')",)),
+    (["--out", "/tmp/x", "bench"], ("convexddn: error: --out /tmp/x must come after 'bench': it is an option of "
+                                    "'convexddn bench' (see 'convexddn bench --help')",)),
+    (["--device", "cpu", "bench"], ("convexddn: error: --device cpu must come after 'bench'",)),
+    (["--seeds", "2", "experiment", "pointcloud"], ("convexddn: error: --seeds 2 must come after 'pointcloud': "
+                                                    "it is an option of 'convexddn experiment pointcloud'",)),
+    (["experiment", "--quick", "--seeds", "2", "pointcloud"], ("convexddn experiment: error: --quick --seeds 2 "
+                                                               "must come after 'pointcloud': they are options",)),
+    # (an option no command has keeps argparse's reading: its value is the command's name)
+    (["--frob", "x", "bench"], ("convexddn: error: argument COMMAND: invalid choice: 'x'",)),
 ])
 def test_cli_usage_errors(argv, expected, capsys):
     assert cli.main(argv) == 2
