@@ -204,6 +204,18 @@ def test_cli_missing_cuda_device(tmp_path, capsys):
         _one_line_error(capsys.readouterr().err, "error:", "cuda", "CUDA device")
 
 
+@pytest.mark.parametrize("name, argv", [("pointcloud", ["--seeds", "0"]), ("projection", ["--bogus"])])
+def test_experiment_module_main_is_the_command(name, argv, capsys):
+    # `python -m convexddn.experiments.NAME` had a plain argparse parser of its own: its
+    # usage errors printed the whole usage block before argparse's line.
+    result = subprocess.run([sys.executable, "-m", f"convexddn.experiments.{name}", *argv],
+                            capture_output=True, text=True)
+    assert cli.main(["experiment", name, *argv]) == 2
+    assert (result.returncode, result.stderr) == (2, capsys.readouterr().err)
+    prog = f"convexddn experiment {name}"
+    _one_line_error(result.stderr, f"{prog}: error:", f"(see '{prog} --help')")
+
+
 def test_cli_library_input_errors_exit_2(monkeypatch, capsys):
     # An error of convexddn.errors about the input (a ValueError/TypeError one) is a user
     # mistake: one line, status 2. Any other error keeps its traceback.

@@ -1,9 +1,10 @@
-"""``python -m convexddn.experiments.projection``: the same as ``convexddn experiment projection``."""
-import argparse
+"""``python -m convexddn.experiments.projection``: the same as ``convexddn experiment projection``.
+
+Run through the ``convexddn`` command itself: a parser of its own printed argparse's usage
+block before an error, where the command's is one line, and could drift from it.
+"""
 import sys
 
-from .command import PROG, add_arguments, main
+from ...cli import main
 
-parser = argparse.ArgumentParser(prog=PROG)
-add_arguments(parser)
-sys.exit(main(parser.parse_args()))
+sys.exit(main(["experiment", "projection", *sys.argv[1:]]))
