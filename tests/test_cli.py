@@ -431,6 +431,25 @@ def test_bench_run_checks_its_options_before_any_work(options, expected, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("dtype, shown", [("int64", "torch.int64"), ("complex64", "torch.complex64"),
+                                          ("float32", "'float32'")])
+def test_bench_run_checks_dtype_before_any_work(dtype, shown, tmp_path, monkeypatch):
+    # Not checked: an integer or complex dtype (or its name as a string) failed inside the
+    # first timed case with torch's own RuntimeError or TypeError, naming no option.
+    import torch
+
+    import convexddn.bench as bench
+    from convexddn.errors import OptionError
+
+    _forbid_work(monkeypatch)
+    out = tmp_path / "never"
+    value = dtype if dtype == "float32" else getattr(torch, dtype)
+    with pytest.raises(OptionError, match=re.escape(f"dtype must be one of [torch.float32, torch.float64], "
+                                                    f"got {shown}")):
+        bench.run(quick=True, dtype=value, out=str(out))
+    assert not out.exists()
+
+
 def test_write_result_refuses_a_file_as_out(tmp_path):
     from convexddn.errors import OptionError
     from convexddn.experiments.running import write_result

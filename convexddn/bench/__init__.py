@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_bool, check_int
+from .._checks import check_bool, check_choice, check_int
 from .._machine import machine
 from ..cli import MAX_COUNT
 from ..experiments.running import output_files, prepare_out_dir, resolve_device, write_json
@@ -62,9 +62,11 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     Args:
         repeats: timed rounds, an int from 1 to 1,000,000 (``--repeats``' bounds);
             ``None``: 5, or 3 with ``quick``.
+        dtype: the dtype of the timed inputs, ``torch.float32`` or ``torch.float64``
+            (the agreement is measured in float64 either way).
 
     Raises:
-        OptionError: for a ``repeats`` or ``quick`` of the wrong kind, a device that is
+        OptionError: for a ``repeats``, ``quick`` or ``dtype`` of the wrong kind, a device that is
             not 'cpu', 'cuda' or 'cuda:N' or is not there, or an ``out`` that is not a
             directory where bench.json and bench.png can be written (all checked before
             any work).
@@ -76,6 +78,9 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     if repeats is not None:
         repeats = check_int("repeats", repeats, minimum=1, maximum=MAX_COUNT)
     check_bool("quick", quick)
+    # An integer, complex or string dtype failed only inside the first timed case, with
+    # torch's own error naming no option ("Sort does not support complex").
+    check_choice("dtype", dtype, (torch.float32, torch.float64))
     dev = resolve_device(device)
     # The results are written only after minutes of timing: a bad out must fail now.
     prepare_out_dir(out, "out", output_files("bench"))
