@@ -417,6 +417,37 @@ def test_memory_peak_is_the_high_water_mark_not_a_sample(monkeypatch):
     assert method == memory_probe.SAMPLED
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], "the following arguments are required: B,C,N, PENALTY"),
+    (["2,8,16"], "the following arguments are required: PENALTY"),
+    (["a,b,c", "huber"], "argument B,C,N: must be comma-separated positive integers such as 24,1024,2048, got 'a,b,c'"),
+    (["2,0,16", "huber"], "got '2,0,16'"),
+    (["2,8,16", "bogus"], "argument PENALTY: invalid choice: 'bogus'"),
+])
+def test_memory_probe_usage_mistakes_are_one_line(argv, expected, capsys):
+    """README tells users to run the probe by hand; without argument handling a missing
+    penalty or a malformed shape ended in an IndexError or ValueError traceback (exit
+    status 1), an unknown penalty in an OptionError one."""
+    from convexddn.bench import memory_probe
+
+    with pytest.raises(SystemExit) as done:
+        memory_probe.main(argv)
+    assert done.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    prog = "python -m convexddn.bench.memory_probe"
+    assert line.startswith(f"{prog}: error: ") and line.endswith(f"(see '{prog} --help')"), line
+    assert expected in line, line
+
+
+def test_memory_probe_help(capsys):
+    from convexddn.bench import memory_probe
+
+    with pytest.raises(SystemExit) as done:
+        memory_probe.main(["--help"])
+    assert done.value.code == 0
+    assert "B,C,N PENALTY" in capsys.readouterr().out
+
+
 def test_report_flags_memory_below_the_floor():
     """A peak below 1× the input was printed as a figure (0.00×, 0.02×) with nothing to
     say it was a missed measurement."""

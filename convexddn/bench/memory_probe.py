@@ -2,8 +2,10 @@
 
 ``python -m convexddn.bench.memory_probe B,C,N PENALTY`` prints the bytes added at the
 peak, the input's size and how the peak was measured (``PENALTY`` may be ``mean`` for
-mean pooling). Run by :func:`convexddn.bench.harness.peak_memory`, one process per
-call, so the process's peak is the call's.
+mean pooling); a usage mistake is one line on stderr and exit status 2, as for the
+``convexddn`` command (``--help`` lists the arguments). Run by
+:func:`convexddn.bench.harness.peak_memory`, one process per call, so the process's peak
+is the call's.
 
 The peak is the kernel's high-water mark of the resident set (``VmHWM`` in
 ``/proc/self/status``), reset to the current resident set just before the call by
@@ -17,16 +19,22 @@ that holds nothing, and a peak measured without the copy was 0.00× the input.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import sys
 import threading
 import time
+from typing import Sequence
 
 import torch
 
 from convexddn.bench.harness import materialised
+from convexddn.cli_parser import Parser
 from convexddn.functional import robust_pool
+from convexddn.nodes.pooling import PENALTIES
+
+PROG = "python -m convexddn.bench.memory_probe"
 
 HWM = "hwm"  # the kernel's high-water mark, reset before the call
 SAMPLED = "sampled"  # the resident set sampled every 0.5 ms (no clear_refs)
@@ -81,8 +89,32 @@ def peak_added(call) -> tuple[int, str]:
     return max(peak[0], _rss()) - base, SAMPLED
 
 
-def main(argv: list[str]) -> None:
-    shape, penalty = tuple(map(int, argv[0].split(","))), argv[1]
+def _shape(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers (the last is the pooled one)."""
+    try:
+        shape = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 24,1024,2048, "
+                                         f"got {text!r}")
+    return shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The probe's arguments (without them it ended in an IndexError or ValueError traceback)."""
+    parser = Parser(prog=PROG, description="Peak resident memory added by one forward + backward of robust "
+                                           "pooling; prints the bytes added, the input's bytes and the method.")
+    parser.add_argument("shape", metavar="B,C,N", type=_shape, help="the input's shape, pooled over the last")
+    parser.add_argument("penalty", metavar="PENALTY", choices=("mean",) + PENALTIES,
+                        help=f"mean (mean pooling) or a penalty: {', '.join(PENALTIES)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure and print; exit status 0, or 2 (from argparse) for a usage mistake."""
+    args = build_parser().parse_args(argv)
+    shape, penalty = args.shape, args.penalty
     op = (lambda t: t.mean(-1)) if penalty == "mean" else (lambda t: robust_pool(t, penalty, 1.0))
     x = torch.randn(shape).requires_grad_(True)
     g = torch.randn(shape[:-1])
@@ -93,7 +125,8 @@ def main(argv: list[str]) -> None:
     call()  # warm-up: compilation and kernel loading are not counted
     added, method = peak_added(call)
     print(added, x.numel() * x.element_size(), method)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())
