@@ -62,15 +62,17 @@ def int_option(minimum: int, maximum: int) -> Callable[[str], int]:
     return parse
 
 
-def float_option(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a number in ``[low, high]`` (NaN and infinities refused)."""
+def float_option(low: float, high: float, exclusive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in ``[low, high]``, or ``(low, high)`` if ``exclusive``
+    (NaN and infinities refused)."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a number from {low:g} to {high:g}, got {text!r}")
+        if not (low < value < high if exclusive else low <= value <= high):
+            bounds = f"in ({low:g}, {high:g})" if exclusive else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}")
         return value
     return parse
 
@@ -115,7 +117,7 @@ def _check_bench_options(args: argparse.Namespace) -> None:
     and by :func:`convexddn.bench.run` for callers from Python.)"""
     from .experiments.running import output_files, prepare_out_dir, resolve_device
 
-    resolve_device(args.device)
+    resolve_device(args.device, "--device")
     prepare_out_dir(args.out, files=output_files("bench"))
 
 

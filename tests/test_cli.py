@@ -167,18 +167,18 @@ def test_cli_usage_errors(argv, expected, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["bench", "--device", "gpu"], ("convexddn bench: error:", "'gpu'", "'cpu', 'cuda' or 'cuda:N'")),
+    (["bench", "--device", "gpu"], ("convexddn bench: error: --device must be", "'gpu'", "'cpu', 'cuda' or 'cuda:N'")),
     (["bench", "--repeats", "0"], ("convexddn bench: error:", "--repeats", "got 0")),
     (["bench", "--repeats", "-3"], ("--repeats", "got -3")),
     (["experiment", "pointcloud", "--device", "gpu", "--quick"], ("error:", "'gpu'")),
     # An empty list was falsy and meant the full default run (minutes), silently.
-    (["experiment", "pointcloud", "--rates", ""], ("error:", "rates must name at least one")),
+    (["experiment", "pointcloud", "--rates", ""], ("error: --rates must name at least one", "got ''")),
     # Percentages in, percentages out: "[0, 1), got 1.5" sent users to --rates 0.5 (0.5 %).
     (["experiment", "pointcloud", "--rates", "0,150"], ("error:", "--rates", "[0, 100)", "got 150")),
     (["experiment", "pointcloud", "--rates", "100"], ("error:", "[0, 100)", "got 100")),
-    (["experiment", "pointcloud", "--rates", "0.01"], ("error:", "(0.01 %)", "1 / n_points", "(0.391 %)")),
-    (["experiment", "pointcloud", "--poolings", ""], ("error:", "poolings must name at least one")),
-    (["experiment", "projection", "--variants", ""], ("error:", "variants must name at least one")),
+    (["experiment", "pointcloud", "--rates", "0.01"], ("error: --rates: 0.01 % of", "100 / n_points = 0.391 %")),
+    (["experiment", "pointcloud", "--poolings", ""], ("error: --poolings must name at least one",)),
+    (["experiment", "projection", "--variants", ""], ("error: --variants must name at least one",)),
     # Bounded: an OverflowError, torch's ValueError (set_num_threads) or a derived radius of
     # inf, with tracebacks (exit status 1) and no option named.
     (["experiment", "projection", "--epochs", "9" * 26], ("error: argument --epochs:", "from 1 to 1000000")),
@@ -192,6 +192,33 @@ def test_cli_bad_option_values(argv, expected, tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path)]) == 2
     _one_line_error(capsys.readouterr().err, *expected)
     assert not any(tmp_path.iterdir())  # rejected before any work
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # The experiments' Config.validate reported these under its field names, in its units:
+    # "rates must not repeat, got (0.1, 0.1)" for --rates 10,10 (percent), "rates must name
+    # at least one outlier rate, got ()", "train_fraction must lie in (0, 1), got 1.0".
+    (["pointcloud", "--rates", "10,10"], "--rates must not repeat a rate, got 10 twice"),
+    (["pointcloud", "--rates", "10,10.0"], "--rates must not repeat a rate, got 10 and 10.0"),
+    (["pointcloud", "--rates", ","], "--rates must name at least one outlier rate in percent, such as 0,10,50, "
+                                     "got ','"),
+    (["pointcloud", "--quick", "--rates", "0.5"], "--rates: 0.5 % of a cloud of n_points=64 is no point at all"),
+    (["pointcloud", "--poolings", "max,max"], "--poolings must not repeat a name, got max twice"),
+    (["pointcloud", "--poolings", "max,median"], "--poolings must be comma-separated names from max,"),
+    (["pointcloud", "--device", "gpu"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    (["projection", "--train-fraction", "1"], "argument --train-fraction: must be a number in (0, 1), got '1'"),
+    (["projection", "--train-fraction", "0"], "argument --train-fraction: must be a number in (0, 1), got '0'"),
+    (["projection", "--variants", "bn,bn"], "--variants must not repeat a name, got bn twice"),
+    (["projection", "--device", "cuda:x"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+])
+def test_cli_option_errors_name_the_option_as_typed(argv, expected, tmp_path, capsys):
+    assert cli.main(["experiment", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, f"convexddn experiment {argv[0]}: error: {expected}")
+    # No field name of the Config (rates, train_fraction, ...) without the option's dashes.
+    rest = re.sub(r"--[\w-]+", "", err)  # (the options, as typed, taken out)
+    assert not re.search(r"\b(rates|train_fraction|poolings|variants|device)\b", rest), err
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_missing_cuda_device(tmp_path, capsys):

@@ -26,6 +26,7 @@ __all__ = [
     "write_json",
     "write_result",
     "resolve_device",
+    "names_option",
     "torch_threads",
     "check_threads",
     "MAX_THREADS",
@@ -37,26 +38,44 @@ __all__ = [
 ]
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, option: str = "device") -> torch.device:
     """Parse ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` and check that it exists.
 
     Raises:
-        OptionError: for another spelling, or a CUDA device that torch does not see.
+        OptionError: naming ``option`` (the CLI's ``--device``), for another spelling, or a
+            CUDA device that torch does not see.
     """
     if not isinstance(device, str) or not (device == "cpu" or device.split(":")[0] == "cuda"):
-        raise OptionError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise OptionError(f"{option} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise OptionError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        raise OptionError(f"{option} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if dev.type == "cuda":
+        asked = f"{option}={device!r}" if option.isidentifier() else f"{option} {device}"
         if not torch.cuda.is_available():
-            raise OptionError(f"device={device!r} was asked for but torch sees no CUDA device")
+            raise OptionError(f"{asked} was asked for but torch sees no CUDA device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(
-                f"device={device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)"
-            )
+            raise OptionError(f"{asked} was asked for but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def names_option(option: str, text: str, choices: Sequence[str]) -> tuple[str, ...]:
+    """The names of a comma-separated option such as ``--poolings``, checked as the user
+    wrote them (a config's own check speaks of its field and a Python list).
+
+    Raises:
+        OptionError: naming ``option``, for no name, one not in ``choices``, or one twice.
+    """
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise OptionError(f"{option} must name at least one of {','.join(choices)}, got {text!r}")
+    for i, name in enumerate(names):
+        if name not in choices:
+            raise OptionError(f"{option} must be comma-separated names from {','.join(choices)}, got {name!r}")
+        if name in names[:i]:
+            raise OptionError(f"{option} must not repeat a name, got {name} twice")
+    return names
 
 
 #: The most threads a run may ask for (``torch.set_num_threads`` takes a C int: 10**22

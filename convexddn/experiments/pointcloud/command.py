@@ -8,7 +8,7 @@ from typing import Any
 from ...cli import MAX_COUNT, MAX_SEED, int_option
 from ...errors import OptionError
 from ..pointnet import POOLINGS
-from ..running import MAX_THREADS, output_files, prepare_out_dir, run_command
+from ..running import MAX_THREADS, names_option, output_files, prepare_out_dir, resolve_device, run_command
 from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, QUICK_RATES, QUICK_TABLE3_RATES, TABLE3_RATES, Config
 
 __all__ = ["add_arguments", "config_from_args", "main"]
@@ -49,41 +49,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 4, quick 1; 0 skips it)")
 
 
+def _rates(text: str, n_points: int) -> tuple[float, ...]:
+    """``--rates``, percentages as typed, checked in that unit and turned into fractions.
+
+    All of Config.validate's checks of ``rates`` are made here first: it speaks of
+    ``rates`` in fractions (its "[0, 1)" sent users to --rates 0.5, which runs at 0.5 %,
+    not 50 %; "got (0.1, 0.1)" answered --rates 10,10).
+    """
+    typed = [r.strip() for r in text.split(",") if r.strip()]
+    # (an empty value was falsy and silently meant the full default run)
+    if not typed:
+        raise OptionError(f"--rates must name at least one outlier rate in percent, such as 0,10,50, got {text!r}")
+    try:
+        percents = [float(r) for r in typed]
+    except ValueError:
+        raise OptionError(f"--rates must be comma-separated percentages such as 0,10,50, got {text!r}") from None
+    for i, (r, shown) in enumerate(zip(percents, typed)):
+        if not 0.0 <= r < 100.0:
+            raise OptionError(f"--rates must be percentages in [0, 100), got {r:g}")
+        if r in percents[:i]:
+            first = typed[percents.index(r)]
+            raise OptionError(f"--rates must not repeat a rate, got {shown} twice" if first == shown
+                              else f"--rates must not repeat a rate, got {first} and {shown}")
+    # + 0.0 turns -0 (accepted, as it equals 0) into 0: it was labelled "-0 %".
+    rates = tuple(r / 100 + 0.0 for r in percents)
+    for rate, shown in zip(rates, typed):
+        if rate > 0 and round(rate * n_points) == 0:  # (check_outlier_count's test, on the same fraction)
+            raise OptionError(f"--rates: {shown} % of a cloud of n_points={n_points} is no point at all "
+                              f"(it would run as a clean cloud); use 0, or a rate of at least "
+                              f"100 / n_points = {100 / n_points:.3g} %")
+    return rates
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build a :class:`Config` from parsed :func:`add_arguments` options.
 
+    The options that Config.validate would report under its field names, in its units
+    (``--rates``, ``--poolings``, ``--device``), are checked here first, as they were typed.
+
     Raises:
-        OptionError: for malformed ``--rates``.
+        OptionError: naming the option, for a malformed ``--rates`` or ``--poolings``, or
+            a ``--device`` that is not there.
     """
-    overrides: dict[str, Any] = {
-        "device": getattr(args, "device", "cpu") or "cpu",
-        "out": getattr(args, "out", "results"),
-    }
+    device = getattr(args, "device", "cpu") or "cpu"
+    resolve_device(device, "--device")
+    overrides: dict[str, Any] = {"device": device, "out": getattr(args, "out", "results")}
     if getattr(args, "train_outliers", False):
         overrides["train_outliers"] = True
     for name in ("seed", "seeds", "epochs", "threads", "timing_batches"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
-    # `is not None`: an empty value ('') is an empty list, refused by validate (it was
-    # falsy and silently meant the full default run).
-    if getattr(args, "rates", None) is not None:
-        try:
-            percents = [float(r) for r in args.rates.split(",") if r.strip()]
-        except ValueError:
-            raise OptionError(
-                f"--rates must be comma-separated percentages such as 0,10,50, got {args.rates!r}"
-            ) from None
-        # Checked here, in the unit the user typed: Config.validate speaks in fractions, and
-        # its "[0, 1)" sent users to --rates 0.5, which runs at 0.5 %, not 50 %.
-        for r in percents:
-            if not 0.0 <= r < 100.0:
-                raise OptionError(f"--rates must be percentages in [0, 100), got {r:g}")
-        # + 0.0 turns -0 (accepted, as it equals 0) into 0: it was labelled "-0 %".
-        overrides["rates"] = tuple(r / 100 + 0.0 for r in percents)
     if getattr(args, "poolings", None) is not None:
-        overrides["poolings"] = tuple(p.strip() for p in args.poolings.split(",") if p.strip())
+        overrides["poolings"] = names_option("--poolings", args.poolings, POOLINGS)
     preset = Config.quick if getattr(args, "quick", False) else Config.default
-    return preset(**overrides)
+    cfg = preset(**overrides)
+    # `is not None`: '' is refused, not the default. (After the preset: whether a rate
+    # replaces a point depends on its n_points.)
+    if getattr(args, "rates", None) is not None:
+        cfg = preset(**overrides, rates=_rates(args.rates, cfg.n_points))
+    return cfg
 
 
 def _prepare(args: argparse.Namespace) -> Config:

@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from ...cli import MAX_COUNT, MAX_SEED, float_option, int_option
-from ..running import MAX_THREADS, output_files, prepare_out_dir, run_command
+from ..running import MAX_THREADS, names_option, output_files, prepare_out_dir, resolve_device, run_command
 from .config import DISPLAY_NAMES, VARIANTS, Config
 from .data import require_sklearn
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training epochs (default 20, quick 3)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated heads (default: all; choices: " + ",".join(VARIANTS) + ")")
-    parser.add_argument("--train-fraction", type=float, default=None,
+    parser.add_argument("--train-fraction", type=float_option(0, 1, exclusive=True), default=None,
                         help="fraction of each class used for training (default 0.1)")
     parser.add_argument("--radius-scale", type=float_option(1e-6, 1e6), default=None,
                         help="projection radius as a multiple of the median feature norm (default 1)")
@@ -40,16 +40,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Build a :class:`Config` from parsed :func:`add_arguments` options."""
-    overrides: dict[str, Any] = {
-        "device": getattr(args, "device", "cpu") or "cpu",
-        "out": getattr(args, "out", "results"),
-    }
+    """Build a :class:`Config` from parsed :func:`add_arguments` options.
+
+    The options that Config.validate would report under its field names (``--variants``,
+    ``--device``) are checked here first, as they were typed; the others by their
+    argparse types.
+
+    Raises:
+        OptionError: naming the option, for a malformed ``--variants`` or a ``--device``
+            that is not there.
+    """
+    device = getattr(args, "device", "cpu") or "cpu"
+    resolve_device(device, "--device")
+    overrides: dict[str, Any] = {"device": device, "out": getattr(args, "out", "results")}
     for name in ("seed", "seeds", "epochs", "train_fraction", "radius_scale", "threads", "timing_batches"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
-    if getattr(args, "variants", None) is not None:  # '' is refused by validate
-        overrides["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if getattr(args, "variants", None) is not None:  # ('' is refused, not the default)
+        overrides["variants"] = names_option("--variants", args.variants, VARIANTS)
     preset = Config.quick if getattr(args, "quick", False) else Config.default
     return preset(**overrides)
 
