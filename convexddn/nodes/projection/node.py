@@ -153,7 +153,8 @@ def project_lp(
     relative to each row's :math:`\max_i |x_i|` (the threshold never cancels against
     :math:`|x|`, so :math:`|x| \gg r/\varepsilon` and tiny radii keep full relative
     accuracy; rows whose prefix sums of about :math:`n r` would overflow are solved on
-    :math:`(2^{-k} x, 2^{-k} r)` and scaled back, exactly); ``p=2`` rescales rows whose norm
+    :math:`(2^{-k} x, 2^{-k} r)` and scaled back, exactly; float32 ``x`` gets its threshold refined
+    and :math:`y` formed in float64, rounded once); ``p=2`` rescales rows whose norm
     would overflow or lose bits to subnormals, and its backward never squares ``r``. Where the true result cannot be
     represented in the dtype (a sphere radius so small that the projection rounds to
     zero; a gradient :math:`r/\|x\|` beyond the largest float for subnormal ``x``)
@@ -245,7 +246,8 @@ def project_simplex(
 
     Solved by one sort: :math:`y = \max(x - \tau, 0)` with :math:`\tau` from the
     sorted prefix sums (Duchi et al. 2008; Martins & Astudillo 2016), computed relative
-    to each row's maximum so that no large value cancels. The gradient is the VJP of
+    to each row's maximum so that no large value cancels; for float32 ``x`` it is refined and
+    :math:`y` formed in float64, rounded once (small entries keep their relative accuracy). The gradient is the VJP of
     :math:`\mathrm{D}y = \operatorname{diag}(m) - m m^\top/|S|`, :math:`m` the support
     indicator (a coordinate at the rounded threshold counts as outside), and
     :math:`\partial y/\partial z = m/|S|` when ``z`` is a tensor that requires grad.

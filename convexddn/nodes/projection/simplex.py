@@ -52,8 +52,9 @@ def _support(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _sorted_threshold(
     u: torch.Tensor, c: torch.Tensor, z: float | torch.Tensor, d: int
-) -> torch.Tensor:
-    """θ with Σᵢ max(vᵢ − θ, 0) = z, from v sorted descending (u) and its cumsum (c).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(θ, ρ)``: θ with Σᵢ max(vᵢ − θ, 0) = z, from v sorted descending (u) and its cumsum
+    (c), and the support's size ρ (in float32 at least).
 
     Duchi et al. 2008, Fig. 1: ρ = max{j : u_j − (c_j − z)/j > 0} and θ = (c_ρ − z)/ρ.
     The test f_j = j·u_j − c_j + z > 0 is monotone in j, so ρ is the count of its true
@@ -82,13 +83,14 @@ def _sorted_threshold(
     f = torch.sub(z, c).addcmul_(u, j)
     f = torch.minimum(f, u + z)
     rho = f.clamp_(min=0.0).sign_().sum(d, keepdim=True).clamp_(min=1.0)
-    return ((c.gather(d, rho.long() - 1) - z) / rho).to(dtype)
+    return ((c.gather(d, rho.long() - 1) - z) / rho).to(dtype), rho
 
 
 def _shifted_simplex(
     t: torch.Tensor, z: float | torch.Tensor, d: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Project ``t`` (each row's max 0) onto {v ≥ 0, Σv = z}: ``(v, θ)``; None on overflow.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Project ``t`` (each row's max 0) onto {v ≥ 0, Σv = z}: ``(t, θ, ρ)`` with v = max(t − θ, 0)
+    (t clamped at −z in place; the callers form v) and ρ the support's size; None on overflow.
 
     Working relative to the row maximum keeps every quantity at the scale of z: the
     answer is max(t − θ, 0) with θ ∈ [−z, 0] (y_max ≤ z gives θ ≥ −z), so entries at
@@ -109,8 +111,46 @@ def _shifted_simplex(
     # in the threshold, with the host read that also catches NaN/Inf in the input.
     if not bool(torch.isfinite(torch.sub(c.narrow(d, c.shape[d] - 1, 1), z, alpha=2)).all()):
         return None
-    theta = _sorted_threshold(u, c, z, d)
-    return (t - theta).clamp_(min=0.0), theta
+    return t, *_sorted_threshold(u, c, z, d)
+
+
+def _float32_answer(a: torch.Tensor, top: torch.Tensor, theta: torch.Tensor, rho: torch.Tensor,
+                    z: float | torch.Tensor, d: int) -> torch.Tensor:
+    """max(a − top − θ, 0) for float32 ``a`` (x, or |x| for L1; ``top`` its row max), formed
+    in float64 and rounded once, θ in float64: one Newton step on
+    g(θ) = Σᵢ max(aᵢ − top − θ, 0) − z from the float32 θ₀ and support size ρ of
+    :func:`_sorted_threshold`, θ = θ₀ + g(θ₀)/ρ, exact where θ₀ and θ have the same
+    support (g is linear there; they differ only at ties with the threshold).
+
+    θ₀ is off by ~ε|θ| (the rounded prefix sums; t = a − top is rounded too), and so was
+    every aᵢ − top − θ₀ in float32: a small entry lost its relative accuracy (73 ulps at
+    1e-3, float32 sparsemax of randn rows), though it was ~1 ulp against the row max.
+    aᵢ − top is exact in float64 (short of exponents 29 apart, then within 2^-53
+    relative): the result is float64's, rounded once (0.5 ulp in the tests).
+    """
+    # (a converted first: torch.sub(a, top64) across dtypes took 40× as long on CPU.)
+    w = a.to(torch.float64).sub_(top.to(torch.float64))
+    theta = theta.to(torch.float64)
+    g = (w - theta).clamp_(min=0.0).sum(d, keepdim=True)
+    theta = theta + (g - (z.to(torch.float64) if isinstance(z, torch.Tensor) else z)) / rho
+    return w.sub_(theta).clamp_(min=0.0)
+
+
+def _answer(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a: torch.Tensor, top: torch.Tensor,
+            z: float | torch.Tensor, d: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, support)`` from :func:`_shifted_simplex`'s ``(t, θ, ρ)``: y = max(a − top − θ, 0)
+    in x's dtype (for float32 x by :func:`_float32_answer`), and the support indicator where
+    y is rounded from a wider result (:func:`_support`; empty when it is y ≠ 0)."""
+    t, theta, rho = out
+    if x.dtype == torch.float32 and x.device.type != "mps":  # (MPS has no float64)
+        v = _float32_answer(a, top, theta, rho, z, d)
+        # A float64 vᵢ > 0 rounds to 0 only below float32's smallest subnormal: at a tie
+        # with the threshold (no derivative; the entry counts as outside), or where z/n
+        # itself is that small, where the support is kept as for 16-bit x.
+        support = _support(v, x) if _may_underflow(z, x.shape[d], x.dtype) else x.new_empty(0)
+        return v.to(x.dtype), support
+    v = (t - theta).clamp_(min=0.0)
+    return v.to(x.dtype), _support(v, x)
 
 
 def _scaled(
@@ -155,8 +195,8 @@ def l1_forward(
         # Rows inside the ball keep x itself: scaled by 2^-k, entries near the subnormal
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
         return (y if sphere else torch.where(active, y, x)), active, support
-    v, theta = out
-    support, t = _support(v, x), v.to(x.dtype)
+    theta = out[1]
+    t, support = _answer(out, ax, top, r, d, x)
     # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
     # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
     # facet of the cross-polytope).
@@ -289,7 +329,7 @@ def simplex_forward(
         # its threshold is (max(t − θ, 0) with max t = 0 and θ ≤ 0), rounded to x's dtype:
         # the cheap (…, 1) test.
         warn_unrepresentable(out[1].to(x.dtype), d, "project_simplex", "z", "simplex")
-    return out[0].to(x.dtype), _support(out[0], x)
+    return _answer(out, x, hi, z, d, x)
 
 
 @bind_fast
