@@ -89,6 +89,19 @@ def _soc_linear(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, delta: flo
     return out
 
 
+def _row_rounding(ops, d, x: torch.Tensor, lo: int, hi: int, z0: int) -> torch.Tensor:
+    """(B, hi − lo) the rounding of the rows lo:hi's terms at ``x``, eps (|A_i||x| + |b_i| + ‖A_i‖∞)
+    (cone rows: ``z0``, the zero rows' count, at most ``lo``)."""
+    if ops.diagonal:  # (each cone row one entry a_i, in variable cols_i)
+        a = ops.a.abs()
+        terms = ops.rows_mv(a, x.abs().unsqueeze(-1)).squeeze(-1)[:, lo - z0:hi - z0]
+        unit = a[:, lo - z0:hi - z0]
+    else:
+        AI = d.A[:, lo:hi].abs()
+        terms, unit = bmv(AI, x.abs()), AI.amax(2)
+    return torch.finfo(x.dtype).eps * (terms + d.b[:, lo:hi].abs() + unit)
+
+
 def _active_rows_damped(ops, d, layout: ConeLayout, x: torch.Tensor, gap: torch.Tensor, dx: torch.Tensor,
                         active: torch.Tensor) -> torch.Tensor:
     """(B,) whether the step ``dx`` leaves a nonnegative row decided ``active`` (B, nonneg) off its
@@ -107,22 +120,65 @@ def _active_rows_damped(ops, d, layout: ConeLayout, x: torch.Tensor, gap: torch.
     beside δ dz_i / z_i ~ 1e-12, its estimate right. The QP benchmarks' steps leave at most 5.)"""
     z0, k = layout.zero, layout.nonneg
     e = (ops.Av(dx)[:, z0:z0 + k] + gap[:, :k]).abs()
-    if ops.diagonal:  # (each cone row one entry a_i, in variable cols_i)
-        a = ops.a.abs()
-        terms, unit = ops.rows_mv(a, x.abs().unsqueeze(-1)).squeeze(-1)[:, :k], a[:, :k]
-    else:
-        AI = d.A[:, z0:z0 + k].abs()
-        terms, unit = bmv(AI, x.abs()), AI.amax(2)
-    rounding = torch.finfo(dx.dtype).eps * (terms + d.b[:, z0:z0 + k].abs() + unit)
+    rounding = _row_rounding(ops, d, x, z0, z0 + k, z0)
     return (active & (e <= 2 * gap[:, :k].abs()) & (e > 4 * rounding)).any(1)
+
+
+# Rounding levels of a cone's terms above which a polished point's active frame direction left
+# off its limit is damped (_soc_damped). A frame coefficient compounds its rows' rounding with
+# u's (formed from s − z): α-entmax's cones at their tips, polished, leave 4.6 to 5.4 levels
+# with their estimates right; the squared-norm constraint at 1e-7 leaves 25 to 270 on points
+# 0.2 to 6 of the solution's size off (5.8 on one 0.1 off, 2.7e-8 normwise: within the promise).
+_SOC_ROUNDING = 16
+
+
+def _soc_damped(ops, d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, gap: torch.Tensor,
+                dx: torch.Tensor) -> torch.Tensor:
+    """(B,) whether the step ``dx`` leaves a second-order cone's Jordan-frame direction c_k decided
+    active (a_k < DECIDED b_k in :func:`~.symmetric_cones.soc_frame` of its parts ``s, z`` (B, msoc))
+    off its limit a_k = 0 by a part of its gap (at most twice it) and more than :data:`_SOC_ROUNDING`
+    rounding levels of its terms: :func:`_active_rows_damped`'s test along c_k, on the slack the rows give,
+    b − A(x + dx), in the point's frame (``gap`` (B, msoc): A x − b on the cones' rows).
+
+    The lift holds such a direction at H = δ/b_k, not at 0, and leaves (δ/b_k) db_k there: beside
+    a cone whose rows are O(1) but whose information is a difference far smaller (CVXPY's form of
+    ``sum_squares(A x − b) <= t``, ‖(1 − t, 2(A x − b))‖ ≤ 1 + t at t ≈ 2e-14, a_2 = 2(t − ‖A x − b‖²)),
+    that is the step's whole move along c_k: Clarabel's points 0.1 to 6 of the solution's size off
+    (1e-7) were estimated 4 times too small, 2e-8 for 8.8e-8, and certified. The rows' terms
+    set the rounding (eps (|A_i||x| + |b_i| + ‖A_i‖∞) of each row, weighed as in a_k: the coefficients
+    are the head's row ± Σ u_i times the tail's), so a cone at rounding level beside its constants
+    is not damped; nor is a cone near its tip, whose other coefficient is below a quarter of its
+    rows' terms (α-entmax's chains at α = 50: coefficients 1e-12 to 1e-5 beside terms ~1, their
+    estimates right at up to 17 levels). Only polished points are tested (the caller masks): an
+    unpolished one's step is rough anyway, and its polish is the same."""
+    from .certify import decided  # (as in limit_scaling_at)
+
+    z0, k = layout.zero, layout.nonneg
+    a1, a2, b1, b2, u = soc_frame(layout, s, z)
+    left = -(ops.Av(dx)[:, z0 + k:] + gap)  # the slack b − A(x + dx) the rows give after the step
+    heads = layout.index(x.device).heads
+    head, along = left[:, heads], layout._seg(left * u)
+    ghead, galong = -gap[:, heads], layout._seg(-gap * u)
+    terms = _row_rounding(ops, d, x, z0 + k, z0 + k + gap.shape[1], z0)
+    rounding = terms[:, heads] + layout._seg(terms * u.abs())  # (u is 0 on the heads)
+    eps = torch.finfo(x.dtype).eps
+    out = torch.zeros_like(a1, dtype=torch.bool)
+    for a, b, other, sign in ((a1, b1, a2, 1.0), (a2, b2, a1, -1.0)):
+        e, g = (head + sign * along).abs(), (ghead + sign * galong).abs()
+        # A cone whose point is itself a difference of its rows' terms (at its tip: its other
+        # coefficient far below them) is not the case: its information is no smaller than it.
+        sized = 4 * eps * other >= rounding
+        out = out | (decided(a, b)[0] & (b > 0) & sized & (e <= 2 * g) & (e > _SOC_ROUNDING * rounding))
+    return out.any(1)
 
 
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞), damped) per element:
     ``inf`` where the factorisation failed or the step does not solve the equality rows,
     NaN where it cannot be formed because those rows are nearly dependent (see below);
-    ``damped`` (B,): the step fell short on the active rows (nearly dependent ones), and its
-    size understates Newton's (:func:`_active_rows_damped`).
+    ``damped`` (B,): the step fell short on the active rows (nearly dependent ones) or on a
+    second-order cone's active direction (its information far below its rows' size), and its
+    size understates Newton's (:func:`_active_rows_damped`, :func:`_soc_damped`).
 
     The system linearises the complementarity at its limit (:class:`~.limit_scaling.LimitScaling`)
     as the backward does, from any point (polished or not). Only the variables in ``cols``
@@ -173,6 +229,9 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     damped = torch.zeros_like(lost)
     if k:
         damped = _active_rows_damped(ops, d, layout, x, rz[:, z0:] - sc, dx, W.active) & ~kkt.failed
+    if layout.soc:
+        gap = (rz[:, z0:] - sc)[:, k:]
+        damped = damped | (_soc_damped(ops, d, layout, x, sc[:, k:], zc[:, k:], gap, dx) & polished & ~kkt.failed)
     # The promise is normwise in the caller's units, which the equilibration's column
     # scales can spread apart from its own: the step is measured in both.
     sig = d.sigma[:, None]
