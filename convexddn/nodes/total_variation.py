@@ -79,26 +79,26 @@ from .degeneracy import shown_indices
 __all__ = ["TotalVariation1d", "tv_denoise"]
 
 
-def _warn_rows(rows: torch.Tensor, what: str) -> None:
-    """Warn ``what`` for the signals where ``rows`` (``(R,)``, one per signal, the batch
-    flattened) holds, saying how many of all there are and the first few (it named the
-    first 10 alone: 130 of 200 rows read as 10)."""
+def _warn_rows(rows: torch.Tensor, what: str, batch: tuple[int, ...]) -> None:
+    """Warn ``what`` for the signals where ``rows`` (``(R,)``, one per signal, ``batch``, x's
+    shape without dim, flattened) holds: how many and the first few, as index tuples into
+    ``batch`` (flat positions in the flattened rows were not indices the caller can use)."""
     if bool(rows.any()):
-        warn(f"tv_denoise: in {shown_indices(rows)}, each a signal along dim, {what}",
+        warn(f"tv_denoise: in {shown_indices(rows, batch)}, each a signal along dim, {what}",
              GradientWarning)  # at the backward's/jvp's caller
 
 
-def _warn_nondifferentiable(tie: torch.Tensor, plateau: torch.Tensor, result: str) -> None:
+def _warn_nondifferentiable(tie: torch.Tensor, plateau: torch.Tensor, result: str, batch: tuple[int, ...]) -> None:
     """The backward's and the jvp's GradientWarnings: rows at a tie, and rows with λ = 0
     and equal neighbours differentiated in x and λ together. ``result``: what is returned
-    there ("gradient" or "tangent")."""
+    there ("gradient" or "tangent"); ``batch``: the rows' shape in x, to name them."""
     if bool((tie | plateau).any()):  # one host read for both warnings
         _warn_rows(tie, "the solution is at a tie (an edge where |z| = lam exactly, or a "
                    "jump of size 0): the derivative does not exist there; the "
-                   f"{result} of the current segmentation (a one-sided one) is returned")
+                   f"{result} of the current segmentation (a one-sided one) is returned", batch)
         _warn_rows(plateau, "lam = 0 with equal neighbours in x: y is not differentiable "
                    "in (x, lam) jointly there; the partial derivatives are returned "
-                   "(identity for x, the one-sided d/dlam at lam = 0+ for lam)")
+                   "(identity for x, the one-sided d/dlam at lam = 0+ for lam)", batch)
 
 
 def _plateau(sigma: torch.Tensor, zero: torch.Tensor | None, both: bool) -> torch.Tensor:
@@ -126,7 +126,7 @@ class _TVFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, lam, scale, zero_lam, max_iter):  # type: ignore[override]
+    def forward(x, lam, scale, zero_lam, max_iter, batch):  # type: ignore[override]
         return _solve(x, lam, max_iter, scale, zero_lam)
 
     @staticmethod
@@ -139,16 +139,16 @@ class _TVFn(torch.autograd.Function):
         # one decides the λ = 0 warning, as needs_input_grad does in the backward.
         ctx.set_materialize_grads(False)
         ctx.anchors = (inputs[0],)  # only for a second differentiation's error (see first_order)
-        ctx.zero_lam = inputs[3]
+        ctx.zero_lam, ctx.batch = inputs[3], inputs[5]  # batch: x's shape without dim, for the warnings
 
     @staticmethod
     @first_order("tv_denoise")
     def backward(ctx, grad_y, _gs, _gt):  # type: ignore[override]
         if grad_y is None:  # (not materialised: y's gradient is undefined)
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         (sigma, tie, lam), (need_x, need_lam) = ctx.saved_tensors, ctx.needs_input_grad[:2]
         zero = lam == 0 if ctx.zero_lam else None
-        _warn_nondifferentiable(tie, _plateau(sigma, zero, need_x and need_lam), "gradient")
+        _warn_nondifferentiable(tie, _plateau(sigma, zero, need_x and need_lam), "gradient", ctx.batch)
         seg = _segment_ids(sigma)
         g = _segment_mean(grad_y, seg, _counts(seg, torch.empty(seg.shape, dtype=grad_y.dtype, device=grad_y.device)))
         # λ = 0: y = x, so ∂y/∂x = I, not the average over the segments of equal entries.
@@ -156,7 +156,7 @@ class _TVFn(torch.autograd.Function):
         # ∂y_i/∂λ = segment mean of t; the segment-mean operator is symmetric. At λ = 0 it
         # is the one-sided derivative at 0+ (segments: the runs of equal entries of x).
         grad_lam = (g * _edge_terms(sigma)).sum(1, keepdim=True) if need_lam else None
-        return grad_x if need_x else None, grad_lam, None, None, None
+        return grad_x if need_x else None, grad_lam, None, None, None, None
 
     @staticmethod
     @first_order_jvp("tv_denoise")  # its tangent differentiated again: DoubleBackwardError
@@ -167,7 +167,7 @@ class _TVFn(torch.autograd.Function):
         zero = lam == 0 if ctx.zero_lam else None
         # None: an input without a tangent (a constant λ, or x held fixed).
         _warn_nondifferentiable(tie, _plateau(sigma, zero, x_t is not None and lam_t is not None),
-                                "tangent")
+                                "tangent", ctx.batch)
         if x_t is None and lam_t is None:
             return None, None, None
         seg = _segment_ids(sigma)
@@ -326,7 +326,7 @@ def tv_denoise(
         # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ; and
         # under forward-mode AD, so that the tangent is the node's (its jvp), not the
         # solver's ops differentiated (one-sided at ties, with no warning).
-        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter)[0]
+        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, tuple(batch))[0]
     else:
         y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
     # Contiguous like a contiguous x (moved back from the last dim, y was strided).

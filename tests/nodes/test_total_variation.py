@@ -195,19 +195,35 @@ def test_tv_tie_warning_counts_the_rows():
     """The tie warning named at most 10 rows, with no count and no "...": 130 tied rows of 200
     read as 10. Pairs (0, d) along dim 0 of a (2, 5, 4) x, λ = 1/2: the two points meet
     exactly where |d| = 2λ = 1 (closed form: they merge for |d| <= 2λ), a tie; d = 3 (a jump)
-    and d = 0.25 (merged, |z| < λ) are not. Ties at 12 of the 20 signals, flattened over the
-    (5, 4) batch in C order: the warning says 12 of 20 and the first 8 positions, then "..."."""
+    and d = 0.25 (merged, |z| < λ) are not. Ties at 12 of the 20 signals of the (5, 4) batch:
+    the warning says 12 of 20 and the first 8 as index tuples into (5, 4), then "..."."""
     d = torch.tensor([1.0, 3.0, -1.0, 0.25, 1.0] * 4, dtype=F64)
-    tied = [i for i in range(20) if abs(float(d[i])) == 1.0]
+    tied = [divmod(i, 4) for i in range(20) if abs(float(d[i])) == 1.0]
     x = torch.stack([torch.zeros(20, dtype=F64), d]).reshape(2, 5, 4).requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tv_denoise(x, 0.5, dim=0).sum().backward()
     said = [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
     assert len(tied) == 12 and said == [
-        f"tv_denoise: in 12 of 20 batch element(s) (flat indices {tied[:8]}, ...), each a signal along dim, the "
+        f"tv_denoise: in 12 of 20 batch element(s) (indices {tied[:8]}, ...), each a signal along dim, the "
         "solution is at a tie (an edge where |z| = lam exactly, or a jump of size 0): the derivative does not exist "
         "there; the gradient of the current segmentation (a one-sided one) is returned"], said
+
+
+
+@pytest.mark.parametrize("mode", ["backward", "forward"])
+def test_tv_tie_warning_names_the_batch_index(mode):
+    """The warnings named the flattened row ("flat indices [5]") of a (2, 3, n) x, which the
+    caller cannot index with; they name (1, 2), its position in x's batch. Pairs (0, d) along
+    dim -1, λ = 1/2: d = 1 at (1, 2) is a tie (|d| = 2λ), d = 3 elsewhere a jump."""
+    d = torch.full((2, 3), 3.0, dtype=F64)
+    d[1, 2] = 1.0
+    x = torch.stack([torch.zeros_like(d), d], -1)
+    with pytest.warns(GradientWarning, match=r"in 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\), each a signal"):
+        if mode == "backward":
+            tv_denoise(x.requires_grad_(), 0.5).sum().backward()
+        else:
+            jacobian(lambda t: tv_denoise(t, 0.5), x, strategy="forward-mode", vectorize=True)
 
 
 # --------------------------------------------------------------------------- module, errors
