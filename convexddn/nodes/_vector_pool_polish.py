@@ -35,6 +35,7 @@ import math
 import torch
 
 from .._warn import warn
+from .degeneracy import shown_indices
 from ..errors import SolverWarning
 from ._vector_pool_solvers import (
     _centre,
@@ -344,9 +345,11 @@ def _escape(pen, x, u, a, ar, j, v, q, stop, new, slack):
     return stop, new
 
 
-def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: int, starts: int) -> torch.Tensor:
+def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: int, starts: int,
+          batch: tuple[int, ...] | None = None) -> torch.Tensor:
     """The pooled points (R, C) of the sets x (R, N, C): the mean (quadratic); a polish
-    from the mean or median (convex) or from the multi-start search (nonconvex)."""
+    from the mean or median (convex) or from the multi-start search (nonconvex). ``batch``:
+    the caller's batch shape of the R sets, to name them in the warning (flat if None)."""
     if isinstance(pen, Quadratic):  # (by type: a user penalty may share the name)
         return x.mean(-2)
     if pen.convex:
@@ -384,11 +387,9 @@ def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: 
         unres = unres.index_copy(0, idx, unres64)
         n_unres = int(unres.sum())
     if n_unres:
-        bad = unres.nonzero().flatten()
         warn(
-            f"robust_vector_pool(penalty={pen.name!r}): {n_unres} of {u.shape[0]} row(s) (flat indices "
-            f"{bad[:8].tolist()}{', ...' if n_unres > 8 else ''}) cannot be resolved to tol={tol:g} in "
-            "float64: the objective is so flat there that the rounding noise of its gradient, over its "
+            f"robust_vector_pool(penalty={pen.name!r}): {shown_indices(unres, batch)} cannot be resolved to "
+            f"tol={tol:g} in float64: the objective is so flat there that the rounding noise of its gradient, over its "
             "curvature, exceeds tol (alpha + |y|) or the span over which that curvature holds (alpha / 2 "
             "near a data point); returning the point where the gradient is at its noise level",
             SolverWarning)

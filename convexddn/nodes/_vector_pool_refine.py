@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from .._warn import warn
+from .degeneracy import shown_indices
 from ..errors import GradientWarning
 from ._vector_pool_polish import gradient_noise, lowest, polish
 from ._vector_pool_solvers import _polish_irls, geometry, kappa, unit
@@ -46,14 +47,15 @@ _MAX_ITER = 100
 
 
 def per_set(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor,
-            fn: Callable[..., tuple], far: bool | None = None) -> tuple:
+            fn: Callable[..., tuple], far: bool | None, batch: tuple[int, ...]) -> tuple:
     """``fn(x, alpha, y, idx)`` (a tuple of per-set tensors, sets first, or None) for every
     set (``idx`` None), its coarse sets' entries formed again at their refined geometry
     (``idx`` their indices, ``x``, ``alpha`` and ``y`` those sets' translated ones); a
     GradientWarning names the sets whose polish did not resolve.
 
     ``x (R, N, C)``, ``alpha (R,)`` or 0-d, ``y (R, C)``, in the solver's units; ``far``:
-    :func:`~convexddn.nodes.pooling.rounding.coarse_flag`, if the forward read it."""
+    :func:`~convexddn.nodes.pooling.rounding.coarse_flag`, if the forward read it; ``batch``:
+    the caller's batch shape of the R sets, in which the warning names them."""
     out = fn(x, alpha, y, None)
     if far is False:
         return out
@@ -74,12 +76,11 @@ def per_set(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor,
             unres = _coarse_for_terms(pen, xs, u, a, unres)
     n_unres = 0 if unres is None else int(unres.sum())
     if n_unres:
-        bad = idx[unres]
+        bad = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device).index_fill(0, idx[unres], True)
         warn(f"robust_vector_pool(penalty={pen.name!r}): y's rounding exceeds {_GRADIENT_GRID:.2g} alpha "
-             f"for {idx.numel()} of {y.shape[0]} set(s), and the polish of {n_unres} of them (flat indices "
-             f"{bad[:8].tolist()}{', ...' if n_unres > 8 else ''}) from y did not resolve their minimiser to "
-             f"{_GRADIENT_GRID:.2g} of the scale on which their terms vary (alpha near a data point); their "
-             "derivatives are taken where it stopped", GradientWarning)
+             f"for {idx.numel()} of {y.shape[0]} set(s), and at {shown_indices(bad, batch)} of them the polish "
+             f"from y did not resolve their minimiser to {_GRADIENT_GRID:.2g} of the scale on which their terms vary "
+             "(alpha near a data point); their derivatives are taken where it stopped", GradientWarning)
     sub = fn(xs, a_i, u.detach(), idx)
     return tuple(o if o is None else o.index_copy(0, idx, s.to(o.dtype)) for o, s in zip(out, sub))
 

@@ -16,6 +16,7 @@ from .._autograd import any_batched
 from .._linalg import solve_ex
 from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
+from .degeneracy import shown_indices
 from .dense import checked_solve, default_rcond
 from .pooling.kernels import block_ranges
 from .pooling.penalties import Penalty, TruncatedQuadratic
@@ -179,16 +180,20 @@ def hessian_terms(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.T
     return a, z, n, k1, pen.d2phi(z, a) - k1
 
 def hessian_solve_warned(pen: Penalty, k1: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor,
-                         what: str) -> torch.Tensor:
-    """H⁻¹ rhs per pooled set, zero with a GradientWarning where H is singular."""
+                         what: str, batch: tuple[int, ...], idx: torch.Tensor | None = None) -> torch.Tensor:
+    """H⁻¹ rhs per pooled set, zero with a GradientWarning where H is singular. ``batch``:
+    the caller's batch shape of all R sets, to name them in it; ``idx``: which of them
+    these are (a refined subset), else all."""
     v, ok, all_ok = hess_solve_checked(k1.sum(-1), n, c, rhs)
     if not all_ok:
-        bad = (~ok).nonzero().flatten()
+        # Named among all R sets, as the caller indexes them: the subset's own positions
+        # (flat, and relative to the coarse sets alone) pointed at other elements.
+        bad = ~ok if idx is None else torch.zeros(math.prod(batch), dtype=torch.bool,
+                                                  device=ok.device).index_fill(0, idx[~ok], True)
         warn(
             f"robust_vector_pool(penalty={pen.name!r}): the Hessian at the solution is "
-            f"singular for {bad.numel()} of {n.shape[0]} pooled set(s) (flat indices "
-            f"{bad[:8].tolist()}{', ...' if bad.numel() > 8 else ''}: no inliers or a "
-            f"non-isolated minimiser); their {what} is set to zero",
+            f"singular for {shown_indices(bad, batch)}: no inliers or a "
+            f"non-isolated minimiser; their {what} is set to zero",
             GradientWarning)
     return v
 

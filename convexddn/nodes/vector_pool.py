@@ -71,7 +71,7 @@ _DEFAULT_STARTS = 32
 
 @bind_fast
 class _VectorPoolFunction(torch.autograd.Function):
-    """y = argmin_u Σ_i φ(‖u − x_i‖; α) for x (R, N, C) -> (R, C); alpha (R,) or 0-d."""
+    """y = argmin_u Σ_i φ(‖u − x_i‖; α), x (R, N, C) -> (R, C); alpha (R,) or 0-d; batch: R's caller shape."""
 
     # torch.func.jacfwd vmaps the jvp over the tangents (the primal stays unbatched); the
     # rule torch generates runs it as written, and the Hessian test reads only the primal.
@@ -79,18 +79,18 @@ class _VectorPoolFunction(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(x, alpha, pen, tol, max_iter, starts):  # type: ignore[override]
+    def forward(x, alpha, pen, tol, max_iter, starts, batch):  # type: ignore[override]
         if x.shape[0] == 0:
             return x.new_empty((0, x.shape[-1]))
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        return solve(pen, x, a, tol, max_iter, starts)
+        return solve(pen, x, a, tol, max_iter, starts, batch)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, alpha, pen = inputs[:3]
         ctx.save_for_backward(x, alpha, output)
         ctx.save_for_forward(x, alpha, output)
-        ctx.pen, ctx.coarse = pen, coarse_flag(output, alpha, ctx.needs_input_grad)
+        ctx.pen, ctx.coarse, ctx.batch = pen, coarse_flag(output, alpha, ctx.needs_input_grad), inputs[6]
 
     @staticmethod
     @first_order("robust_vector_pool")
@@ -102,17 +102,17 @@ class _VectorPoolFunction(torch.autograd.Function):
         R, N, C = x.shape
         if isinstance(ctx.pen, Quadratic) or R == 0:
             gx = (gy / N).unsqueeze(-2).expand(R, N, C) if need_x else None
-            return gx, torch.zeros_like(alpha) if need_a else None, None, None, None, None
+            return gx, torch.zeros_like(alpha) if need_a else None, None, None, None, None, None
         pen = ctx.pen
         def rows(xs, al, ys, idx):  # (per_set: sets whose y is coarse again, refined)
             g = gy if idx is None else gy.index_select(0, idx)
             a, z, n, k1, c = _terms(pen, xs, al, ys)
-            v = _h_solve(pen, k1, n, c, g, "gradient")
+            v = _h_solve(pen, k1, n, c, g, "gradient", ctx.batch, idx)
             nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
             gx = k1.unsqueeze(-1) * v.unsqueeze(-2) + (c * nv).unsqueeze(-1) * n if need_x else None
             return gx, -(pen.d2phi_dalpha(z, a) * nv).sum(-1) if need_a else None
-        gx, ga = per_set(pen, x, alpha, y, rows, ctx.coarse)
-        return gx, ga if ga is None or alpha.dim() > 0 else ga.sum(), None, None, None, None
+        gx, ga = per_set(pen, x, alpha, y, rows, ctx.coarse, ctx.batch)
+        return gx, ga if ga is None or alpha.dim() > 0 else ga.sum(), None, None, None, None, None
 
     @staticmethod
     @first_order_jvp("robust_vector_pool")
@@ -140,8 +140,8 @@ class _VectorPoolFunction(torch.autograd.Function):
                 at = alpha_t.to(ys.dtype)
                 at = (at if idx is None else at.index_select(0, idx)).unsqueeze(-1) if at.dim() > 0 else at
                 rhs = rhs - ((pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
-            return (_h_solve(pen, k1, n, c, rhs, "tangent"),)
-        return per_set(pen, x, alpha, y, rows, ctx.coarse)[0]
+            return (_h_solve(pen, k1, n, c, rhs, "tangent", ctx.batch, idx),)
+        return per_set(pen, x, alpha, y, rows, ctx.coarse, ctx.batch)[0]
 
 
 def _check_options(penalty: Any, alpha: Any, dim: Any, vector_dim: Any, tol: Any, max_iter: Any,
@@ -333,7 +333,7 @@ def robust_vector_pool(
     x3, a, scale, anchor = _in_units(x, x3, a, rescale)
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
-            _DEFAULT_STARTS if starts is None else starts)
+            _DEFAULT_STARTS if starts is None else starts, tuple(batch))
     if (torch.is_grad_enabled() and (x.requires_grad or (isinstance(alpha, torch.Tensor) and alpha.requires_grad))) \
             or may_carry_tangents(x, alpha):
         # Forward mode (torch.func.jvp, jacfwd): the Function's jvp, not the solver's ops (at a

@@ -226,6 +226,27 @@ def test_robust_vector_pool_nearly_singular_hessian_warns():
         assert bool((x.grad == 0).all())
 
 
+
+def test_robust_vector_pool_warnings_name_the_batch_index():
+    """The warnings named the set by its row among the flattened batch ("flat indices [5]"
+    for set (1, 2) of a (2, 3) batch), which the caller cannot index with; they name (1, 2).
+    Backward and forward mode: Huber, two points 10 apart at (1, 2), every point between
+    them a minimiser (H singular), close pairs (inliers, H regular) elsewhere. Forward:
+    pseudo-Huber, alpha = 1e-8, points 0, 0.1, ..., 0.9 at (1, 2), too flat to resolve
+    (test_vector_pool_polish), a single repeated point elsewhere."""
+    x = torch.tensor([[0.0, 0.5], [0.0, 0.3]], dtype=D).expand(2, 3, 2, 2).clone()
+    x[1, 2] = torch.tensor([[-5.0, 5.0], [0.0, 0.0]], dtype=D)
+    named = r"for 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
+    with pytest.warns(GradientWarning, match="singular " + named):
+        robust_vector_pool(x.requires_grad_(), "huber", 1.0).sum().backward()
+    with pytest.warns(GradientWarning, match="singular " + named):
+        torch.func.jacfwd(lambda t: robust_vector_pool(t, "huber", 1.0))(x.detach())
+    flat = torch.zeros(2, 3, 1, 10, dtype=D)
+    flat[1, 2, 0] = torch.linspace(0, 1, 11, dtype=D)[:10]
+    with pytest.warns(SolverWarning, match=r": 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\) cannot be resolved"):
+        robust_vector_pool(flat, "pseudo_huber", 1e-8)
+
+
 # --------------------------------------------------------------------------- module and errors
 
 
@@ -846,7 +867,7 @@ def test_vector_pool_jacfwd_at_a_singular_hessian_is_zero_with_a_warning(copies)
     alpha = torch.tensor([0.5, 0.5], dtype=D)
     f = lambda t: robust_vector_pool(t, "huber", 0.5)  # noqa: E731
     assert kink_margin(regular[None], f(regular[None]), 0.5) > 1e-3
-    match = r"singular for 1 of 2 pooled set\(s\) \(flat indices \[1\].*their tangent is set to zero"
+    match = r"singular for 1 of 2 batch element\(s\) \(indices \[\(1,\)\]\).*their tangent is set to zero"
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         J = torch.func.jacfwd(f)(x)  # (2, 3, 2, 3, N)
