@@ -342,7 +342,7 @@ def check_solution(named: list[tuple[str, torch.Tensor]], x: torch.Tensor, bad_r
                           f"{len(idx)} batch element(s) (indices {idx[:_MAX_INDICES_SHOWN]})",
                           indices=idx, statuses=["overflow"] * len(idx))
     if worst > WARN_ERROR:
-        warn(f"least_squares: x may be inaccurate for {shown_indices((error > WARN_ERROR).reshape(-1))}: "
+        warn(f"least_squares: x may be inaccurate for {shown_indices(error > WARN_ERROR, error.shape)}: "
              f"estimated relative error up to {worst:.1e} in float64, the problem's own sensitivity to "
              "rounding (eps·κ(1 + κ tan θ), κ the column-scaled design's condition number, θ the angle "
              "of b to its range; for rows over 1024× apart in size, at most its row-by-row counterpart); "

@@ -108,6 +108,7 @@ def warn_gradient_overflow(
     grads: Sequence[tuple[str, torch.Tensor | None]],
     dims: Sequence[int],
     tangent: bool = False,
+    in_batch: bool = False,
 ) -> None:
     """Warn (:class:`~convexddn.errors.GradientWarning`) when a returned gradient holds
     NaN or Inf that the incoming gradient does not explain.
@@ -128,6 +129,8 @@ def warn_gradient_overflow(
             fewer dims is reduced over those it has.
         tangent: the derivatives are forward-mode tangents of the outputs named in
             ``grads``, ``incoming`` the inputs' tangents (the message says so).
+        in_batch: the gradients keep the caller's batch dims (not rows the node flattened):
+            the message names index tuples into each input's batch shape, else flat indices.
     """
     present = [(name, g) for name, g in grads if g is not None and g.numel()]
     if not present or torch.compiler.is_compiling() or _finite_sum([g for _, g in present]):
@@ -138,11 +141,18 @@ def warn_gradient_overflow(
         bad = _rows(~torch.isfinite(g.detach()), dims)
         new = bad & ~_caused(upstream, bad.shape)
         if bool(new.any()):
-            parts.append(f"{name} at {shown_indices(new.flatten())}")
+            parts.append(f"{name} at {shown_indices(new, _batch_of(new, dims) if in_batch else None)}")
             dtypes.append(g.dtype)
     if not parts:  # a NaN or Inf came in: torch's propagation, not ours to report
         return
     _warn_overflow(what, tangent, parts, dtypes)
+
+
+def _batch_of(flags: torch.Tensor, dims: Sequence[int]) -> tuple[int, ...]:
+    """The batch shape of ``flags`` (:func:`_rows`' output): without the size-1 dims it reduced,
+    which leaves the row-major order of its entries, and so :func:`shown_indices`', as it is."""
+    reduced = {d + flags.ndim for d in dims if -d <= flags.ndim}
+    return tuple(s for i, s in enumerate(flags.shape) if i not in reduced)
 
 
 def _warn_overflow(what: str, tangent: bool, parts: list[str], dtypes: list[torch.dtype]) -> None:

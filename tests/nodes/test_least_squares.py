@@ -491,8 +491,28 @@ def test_least_squares_grad_overflow_names_batch_elements():
     A.requires_grad_(True)
     b = rand(4, 10, seed=1).float()
     x = least_squares(A, b)
-    with pytest.warns(GradientWarning, match=r"respect to A at 1 of 4 batch element\(s\) \(flat indices \[2\]\)"):
+    with pytest.warns(GradientWarning, match=r"respect to A at 1 of 4 batch element\(s\) \(indices \[\(2,\)\]\)"):
         torch.autograd.grad(x.sum(), A)
+
+
+def test_least_squares_warnings_name_the_batch_index():
+    """The overflow and inaccuracy warnings named the element by its flat position ("flat
+    indices [5]" for (1, 2) of a (2, 3) batch), which the caller cannot index with; they name
+    (1, 2). Overflow: a float32 A ~ 1e-20 at (1, 2) only (dA ~ 1e40), in reverse and forward
+    mode; inaccuracy: two equal columns at (1, 2) with ridge 1e-28 (float64)."""
+    named = r"1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
+    A = rand(6, 10, 3).float().reshape(2, 3, 10, 3)
+    A[1, 2] *= 1e-20
+    b = rand(6, 10, seed=1).float().reshape(2, 3, 10)
+    with pytest.warns(GradientWarning, match="respect to A at " + named):
+        torch.autograd.grad(least_squares(A.requires_grad_(), b).sum(), A)
+    with pytest.warns(GradientWarning, match="forward mode.* at " + named):
+        torch.func.jvp(lambda a: least_squares(a, b), (A.detach(),), (torch.ones_like(A),))
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 3, 8, 4, dtype=D, generator=gen)
+    A[1, 2, :, 3] = A[1, 2, :, 0]
+    with pytest.warns(SolverWarning, match="x may be inaccurate for " + named):
+        least_squares(A, torch.randn(2, 3, 8, dtype=D, generator=gen), ridge=1e-28)
 
 
 def test_least_squares_grad_overflow_skips_elements_with_non_finite_incoming_gradient():
@@ -501,7 +521,7 @@ def test_least_squares_grad_overflow_skips_elements_with_non_finite_incoming_gra
     x = least_squares(A, b)
     g = torch.ones_like(x)
     g[1, 0] = float("nan")
-    with pytest.warns(GradientWarning, match=r"3 of 4 batch element\(s\) \(flat indices \[0, 2, 3\]\)"):
+    with pytest.warns(GradientWarning, match=r"3 of 4 batch element\(s\) \(indices \[\(0,\), \(2,\), \(3,\)\]\)"):
         torch.autograd.grad(x, A, g)
 
 
