@@ -660,6 +660,26 @@ def test_eigen_forward_mode_tangent_overflow_warns():
         fwAD.unpack_dual(eigen_decomposition(fwAD.make_dual(X, T), gap_tol=1e-6)[1])
 
 
+def test_eigen_overflow_warning_names_the_batch_index():
+    # The overflow warnings named (1, 2) of a (2, 3) batch as "flat indices [5]": now (1, 2).
+    # The pair above at (1, 2) only; diag(1, 2) with a zero tangent elsewhere.
+    import torch.autograd.forward_ad as fwAD
+
+    X = torch.diag(torch.tensor([1.0, 2.0])).expand(2, 3, 2, 2).clone()
+    X[1, 2] = torch.tensor([[1.0, 0.0], [0.0, 1.0 + 2.0**-10]])
+    T = torch.zeros_like(X)
+    T[1, 2] = torch.tensor([[0.0, 100.0], [100.0, 0.0]])
+    named = r"at 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
+    with fwAD.dual_level(), pytest.warns(GradientWarning, match=r"\(forward mode\).* " + named):
+        fwAD.unpack_dual(eigen_decomposition(fwAD.make_dual(X.half(), T.half()), gap_tol=1e-6)[1])
+    # Backward: an upstream gradient of 1e3 across the pair: dX ~ 1e3 / 2^-10 > float16's 65504.
+    G = torch.zeros_like(X)
+    G[1, 2] = torch.tensor([[1.0, 2.0], [-3.0, 0.5]]) * 1e3
+    Xg = X.half().requires_grad_()
+    with pytest.warns(GradientWarning, match="respect to X " + named):
+        (eigen_decomposition(Xg, gap_tol=1e-6)[1] * G.half()).sum().backward()
+
+
 def test_sign_tie_tangent_that_keeps_the_eigenvectors_is_quiet():
     # At [[2, 1], [1, 2]] (a sign tie) a tangent commuting with X moves only the
     # eigenvalues (eigenvector tangent exactly 0): it was warned about as "one side's";
