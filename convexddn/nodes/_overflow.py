@@ -189,6 +189,7 @@ def warn_cast_overflow(
     what: str,
     casts: Sequence[tuple[str, torch.Tensor, torch.Tensor, int]],
     tangent: bool = False,
+    in_batch: bool = False,
 ) -> None:
     """Warn (:class:`~convexddn.errors.GradientWarning`) where a derivative, finite in
     float64, became ±Inf when cast to the caller's dtype.
@@ -204,6 +205,7 @@ def warn_cast_overflow(
             are reduced so that the message names batch elements.
         tangent: the derivatives are forward-mode tangents of the outputs named in
             ``casts`` (the message says so).
+        in_batch: as for :func:`warn_gradient_overflow`.
     """
     present = [c for c in casts if c[2].numel()]
     if not present or torch.compiler.is_compiling() or _finite_sum([c[2] for c in present]):
@@ -212,7 +214,7 @@ def warn_cast_overflow(
     for name, wide, out, k in present:
         lost = _rows(torch.isinf(out.detach()) & torch.isfinite(wide.detach()), range(-k, 0))
         if bool(lost.any()):
-            parts.append(f"{name} at {shown_indices(lost.flatten())}")
+            parts.append(f"{name} at {shown_indices(lost, _batch_of(lost, range(-k, 0)) if in_batch else None)}")
             dtypes.append(out.dtype)
     if parts:
         _warn_overflow(what, tangent, parts, dtypes)

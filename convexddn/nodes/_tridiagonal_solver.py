@@ -221,7 +221,7 @@ def _raise(who: str, bad: torch.Tensor, batch: tuple, what: str, status: str) ->
     rows = bad.nonzero().squeeze(1).tolist()
     indices = [tuple(int(v) for v in torch.unravel_index(torch.tensor(r), batch)) for r in rows] if batch \
         else [()] * len(rows)
-    raise SolverError(f"{who}: {what} in {shown_indices(bad)}", indices=indices, statuses=[status] * len(rows))
+    raise SolverError(f"{who}: {what} in {shown_indices(bad, batch)}", indices=indices, statuses=[status] * len(rows))
 
 
 def check_cast(who: str, x: torch.Tensor, out: torch.Tensor, batch: tuple) -> None:
@@ -272,7 +272,7 @@ def _report(who, bad, batch, dtype, ratio, eta, strict, rounded):
         if strict:
             _raise(who, overflow, batch, f"the solution overflows {dtype} (finite inputs of extreme magnitude); "
                    "rescale the system", "overflow")
-        warn(f"{what} overflows {dtype} in {shown_indices(overflow)} (Inf or NaN returned)", GradientWarning)
+        warn(f"{what} overflows {dtype} in {shown_indices(overflow, batch)} (Inf or NaN returned)", GradientWarning)
     if bool(inaccurate.any()):
         found = f"componentwise backward error up to {float(eta[inaccurate].max()):.2g} (> {_ACCEPT_PIVOTED}·eps)"
         if strict:
@@ -282,7 +282,7 @@ def _report(who, bad, batch, dtype, ratio, eta, strict, rounded):
                           "growth (its small entries rounded in the equilibrated solve): rescale those elements")
             _raise(who, inaccurate, batch, f"the pivoted solve did not reach working accuracy ({found}); {cause}",
                    "inaccurate")
-        warn(f"{what} did not reach working accuracy in {shown_indices(inaccurate)} ({found}): the derivatives "
+        warn(f"{what} did not reach working accuracy in {shown_indices(inaccurate, batch)} ({found}): the derivatives "
              "there are inaccurate", GradientWarning)
 
 

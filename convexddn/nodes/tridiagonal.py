@@ -157,14 +157,14 @@ class _TridiagonalFn(torch.autograd.Function):
             grads = {name: _split_grad(pairs[name], w, ctx.batch, shape) for name, shape in needed}
             given = torch.where(torch.isfinite(g).flatten(1).all(1), 0.0, math.nan).reshape(*ctx.batch, 1)
             warn_gradient_overflow(_NAME, given, [(name, t.flatten(-2) if name == "rhs" else t)
-                                                  for name, t in grads.items()], (-1,))
+                                                  for name, t in grads.items()], (-1,), in_batch=True)
         out, casts = [], []
         for name, dtype in zip(_ARGS, ctx.dtypes):
             out.append(grads[name].to(dtype) if name in grads else None)
             if name in grads:
                 casts.append((name, grads[name], out[-1], 2 if name == "rhs" else 1))
         if check and casts and ctx.dtypes[0] != x.dtype:  # (float16, bfloat16: the same rule as the forward's)
-            warn_cast_overflow(_NAME, casts)
+            warn_cast_overflow(_NAME, casts, in_batch=True)  # (each in its input's shape: named in it)
         return (*out, None)
 
     @staticmethod
@@ -191,11 +191,14 @@ class _TridiagonalFn(torch.autograd.Function):
         x_t, _ = solve_checked(b, a, c, r, _NAME, ctx.batch, route=routed, check=check, strict=False)
         if scale is not None:
             x_t = unscale(x_t, scale)
-            warn_gradient_overflow(f"{_NAME} (forward mode)", torch.where(given, 0.0, math.nan).view(-1, 1, 1),
-                                   [("the solution", x_t)], (-2, -1), tangent=True)
+            # (in the caller's batch shape, to name its elements so)
+            given = torch.where(given, 0.0, math.nan).reshape(*ctx.batch, 1, 1)
+            warn_gradient_overflow(f"{_NAME} (forward mode)", given, [("the solution", x_t.reshape(*ctx.batch, n, k))],
+                                   (-2, -1), tangent=True, in_batch=True)
         out = x_t.to(ctx.dtypes[3])
         if check and out.dtype != x_t.dtype:
-            warn_cast_overflow(_NAME, [("the solution", x_t, out, 2)], tangent=True)
+            warn_cast_overflow(_NAME, [("the solution", x_t.reshape(*ctx.batch, n, k), out.reshape(*ctx.batch, n, k),
+                                        2)], tangent=True, in_batch=True)
         return out.reshape(*ctx.batch, n, k), None
 
 

@@ -120,7 +120,7 @@ def test_tridiagonal_solve_singular_names_the_element():
     args = list(system((2, 3), 4, k=2))
     args[0][1, 2, 0] = 0.0
     args[2][1, 2, 0] = 0.0  # a zero first row
-    match = r"singular \(an exactly zero pivot.*1 of 6 batch element\(s\) \(flat indices \[5\]"
+    match = r"singular \(an exactly zero pivot.*1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
     with pytest.raises(SolverError, match=match) as err:
         tridiagonal_solve(*args)
     assert err.value.indices == [(1, 2)] and err.value.statuses == ["singular"]
@@ -556,7 +556,7 @@ def test_tridiagonal_solve_float32_singular_still_refused():
     d, l, u, r = system((3,), 40, dominant=False, dtype=torch.float32, seed=2)
     d[1], l[1], u[1] = 2 * d[0], 2 * l[0], 2 * u[0]  # element 1: A = 2 A_0 with a zero first row
     d[1, 0], u[1, 0] = 0.0, 0.0
-    with pytest.raises(SolverError, match=r"singular \(an exactly zero pivot.*flat indices \[1\]"):
+    with pytest.raises(SolverError, match=r"singular \(an exactly zero pivot.*indices \[\(1,\)\]"):
         tridiagonal_solve(d, l, u, r)
     # A symmetric non-dominant matrix shifted by one of its eigenvalues (float64), rounded to
     # float32 (cond 4e8 .. 7e8): the unpivoted float32 answer fails, the float64 one passes
@@ -668,6 +668,22 @@ def test_tridiagonal_solve_grad_overflow_warns():
     x = tridiagonal_solve(b2, a2, c2, rhs)  # (batch 2, one shared matrix: diag (1, 2), rhs (2, 2))
     x.backward(torch.tensor([[1e200, 1e200], [-1e200, -1e200]], dtype=F64))
     assert torch.equal(b2.grad, torch.zeros(1, 2, dtype=F64)) and torch.equal(a2.grad, torch.zeros(1, 1, dtype=F64))
+
+
+def test_tridiagonal_overflow_warnings_name_the_batch_index():
+    # They named (1, 2) of a (2, 3) batch as "flat indices [5]"; now (1, 2). A = I throughout,
+    # x = 1e200 at (1, 2) only: dL/db = -w x ~ -1e400 there (backward), x_t = -db x (forward).
+    named = r"at 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
+    b, a, c = torch.ones(2, 3, 2, dtype=F64), torch.zeros(2, 3, 1, dtype=F64), torch.zeros(2, 3, 1, dtype=F64)
+    d = torch.ones(2, 3, 2, dtype=F64)
+    d[1, 2] = 1e200
+    bg = b.clone().requires_grad_()
+    with pytest.warns(GradientWarning, match="diag " + named):
+        tridiagonal_solve(bg, a, c, d).backward(d)
+    db = torch.zeros_like(b)
+    db[1, 2, 0] = 1e200
+    with pytest.warns(GradientWarning, match="tangent of the solution " + named):
+        torch.func.jvp(tridiagonal_solve, (b, a, c, d), (db, a, c, torch.zeros_like(d)))
 
 
 def test_tridiagonal_solve_jvp_product_overflow():
