@@ -526,6 +526,18 @@ def test_a_gradient_beyond_the_dtype_range_warns():
     assert torch.allclose(x64.grad, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_the_gradient_overflow_warning_names_the_batch_index(dim):
+    # It named (1, 2) of a (2, 3) batch as "flat indices [5]"; now (1, 2), whichever dim is
+    # reduced. zeros(9) at (1, 2) (the overflow above), a one-hot p (gradient 0) elsewhere.
+    x = torch.zeros(2, 3, 9)
+    x[..., 0] = 100.0
+    x[1, 2] = 0.0
+    x = x.movedim(-1, dim).contiguous().requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(GradientWarning, match=r"x at 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"):
+        torch.autograd.grad(entmax(x, 50.0, dim=dim), x, g)
+
 @pytest.mark.parametrize("alpha, match", [
     (10**400, "alpha must be finite and >= 1"),
     (Fraction(10**400, 3), "alpha must be finite and >= 1"),
