@@ -4,6 +4,8 @@ formulas are in :mod:`convexddn.nodes.transport`'s docstring; padding in
 :mod:`convexddn.nodes._sinkhorn_padding`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._autograd import bind_fast, refuse_batched
@@ -11,7 +13,7 @@ from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning, InputError
 from ._overflow import warn_gradient_overflow
-from .degeneracy import shown_indices
+from .degeneracy import _unravel, shown_indices
 from ._sinkhorn import solve
 from ._sinkhorn_schur import (back_substitute, held_columns, lambda_min_lower, lambda_min_upper, polish, refine,
                              relative_error, row_sums, schur_rhs, schur_solve)
@@ -37,12 +39,15 @@ class Box:
     ``check``, whether the cost gradient and the plan tangent may overflow float64
     (:func:`~convexddn.nodes._overflow.may_overflow` of the gain, see ``backward``);
     ``accuracy``, the relative accuracy promised for the marginals' derivatives
-    (``ACCURACY`` of the caller's narrowest dtype)."""
+    (``ACCURACY`` of the caller's narrowest dtype); ``batch``, the caller's batch shape of
+    the rows (None: flat), in which the warnings name the elements."""
 
-    __slots__ = ("pad", "G", "gibbs", "check", "accuracy")
+    __slots__ = ("pad", "G", "gibbs", "check", "accuracy", "batch")
 
-    def __init__(self, gibbs: bool = True, check: bool = True, accuracy: float = ACCURACY[torch.float64]) -> None:
+    def __init__(self, gibbs: bool = True, check: bool = True, accuracy: float = ACCURACY[torch.float64],
+                 batch: tuple[int, ...] | None = None) -> None:
         self.pad, self.G, self.gibbs, self.check, self.accuracy = None, None, gibbs, check, accuracy
+        self.batch = batch
 
 
 @bind_fast  # (setup_context, as torch.func needs, without apply's binding cost)
@@ -67,7 +72,7 @@ class SinkhornFn(torch.autograd.Function):
         ctx.save_for_backward(output[0], G, inputs[1], inputs[2])  # (err: not needed, not kept)
         ctx.save_for_forward(output[0], inputs[1], inputs[2])
         ctx.eps, ctx.pad, ctx.flip = inputs[3], pad, inputs[6]  # (flip: a and b are the caller's b and a)
-        ctx.check, ctx.accuracy = inputs[-1].check, inputs[-1].accuracy
+        ctx.check, ctx.accuracy, ctx.batch = inputs[-1].check, inputs[-1].accuracy, inputs[-1].batch
 
     @staticmethod
     @first_order_jvp("sinkhorn")
@@ -113,7 +118,7 @@ class SinkhornFn(torch.autograd.Function):
         P0 = P
         dalpha, dbeta, P = dual_solve(P, r, u, w, held_columns(b) if pad is None else pad.fixed,
                                       "the tangent with respect to the marginals",
-                                      _fix(ctx, a, b, rhs) if marginals else None)
+                                      _fix(ctx, a, b, rhs) if marginals else None, ctx.batch)
         dP = (dalpha.unsqueeze(-1) + dbeta.unsqueeze(-2)).mul_(P)
         if Q is None:  # (without a cost tangent nothing is divided by eps)
             return dP, None
@@ -121,7 +126,8 @@ class SinkhornFn(torch.autograd.Function):
         if ctx.check:  # (a NaN or Inf tangent of a or b reaches every entry: not ours)
             given = C_t if a_t is None else C_t + a_t.unsqueeze(-1) * 0
             given = given if b_t is None else given + b_t.unsqueeze(-2) * 0
-            warn_gradient_overflow("sinkhorn (forward mode)", given, [("the plan", dP)], (-2, -1), tangent=True)
+            warn_gradient_overflow("sinkhorn (forward mode)", *_in_batch(ctx, given, "the plan", dP), (-2, -1),
+                                   tangent=True, in_batch=ctx.batch is not None)
         return dP, None
 
     @staticmethod
@@ -141,7 +147,8 @@ class SinkhornFn(torch.autograd.Function):
         P0 = P
         lam, mu, P = dual_solve(P, r, u, w, held_columns(b) if pad is None else pad.fixed,
                                 "the gradients with respect to the marginals",
-                                _fix(ctx, a, b, lambda Pk, k: _sums(V.expand(P.shape)[k] * Pk)) if marginals else None)
+                                _fix(ctx, a, b, lambda Pk, k: _sums(V.expand(P.shape)[k] * Pk)) if marginals else None,
+                                ctx.batch)
         Q = Q if P is P0 else V * P  # (polished plans: their own Q)
         if pad is not None and G is not None:  # the one-sided limits on dead rows and columns
             lam, mu = fill_dead(G, V, lam, mu, pad)
@@ -154,12 +161,22 @@ class SinkhornFn(torch.autograd.Function):
             # V), beyond float64 only where eps is tiny (2e-307: Inf, silently), checked.
             grad_C = (lam.unsqueeze(-1) + mu.unsqueeze(-2)).mul_(P).sub_(Q).div_(ctx.eps)
             if ctx.check:
-                warn_gradient_overflow("sinkhorn", V, [("cost", grad_C)], (-2, -1))
+                warn_gradient_overflow("sinkhorn", *_in_batch(ctx, V, "cost", grad_C), (-2, -1),
+                                       in_batch=ctx.batch is not None)
         if ctx.needs_input_grad[1]:
             grad_a = lam
         if ctx.needs_input_grad[2]:
             grad_b = mu
         return grad_C, grad_a, grad_b, None, None, None, None, None, None
+
+
+def _in_batch(ctx, given: torch.Tensor, name: str, out: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The overflow check's incoming derivative and its (name, derivative), viewed in the
+    caller's batch shape where known: its message then names the elements as it indexes them."""
+    if ctx.batch is None:
+        return given, [(name, out)]
+    shape = (*ctx.batch, *out.shape[-2:])
+    return given.expand(out.shape).reshape(shape), [(name, out.reshape(shape))]
 
 
 def _sums(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,8 +202,8 @@ class Polish:
 
 
 def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-               fixed: torch.Tensor, what: str,
-               fix: Polish | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               fixed: torch.Tensor, what: str, fix: Polish | None = None,
+               batch: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(λ, μ, P) with K (λ, μ) = (u, w), K = [[diag(r), P], [Pᵀ, diag(Pᵀ1)]], μ = 0 on the
     ``fixed`` columns (:func:`~._sinkhorn_schur.held_columns`: each element's heaviest of b):
     μ from the Schur complement, then λ row by row. The backward's system and the jvp's
@@ -206,7 +223,8 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
     polished plan (:func:`~._sinkhorn_schur.refine`), which is returned in place of P there
     (else P itself): the derivatives are the exact solution map's at the given cost. Where
     the ratio is still above that (λ_min below about 1e-8 in float64, where the polished
-    η is ~1e-16 × √M) it warns. One host sync tells whether any rare case needs a look."""
+    η is ~1e-16 × √M) it warns. One host sync tells whether any rare case needs a look.
+    ``batch``: the caller's batch shape of the rows, in which the warnings name them."""
     rhs = schur_rhs(P, r, u, w)
     keep: list | None = None if fix is None else []
     c = None if fix is None else P.sum(-2)  # (the probe's and the relative error's)
@@ -237,11 +255,11 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
             still = ek > fix.accuracy * low[k] * (1 - (eta[k] / low[k]).clamp(max=0.5))
             if bool(still.any()):
                 _warn_loose(what, k[still], ek[still], low[k][still], y[k][still], Pk[still].sum(-2),
-                            fix.accuracy)
+                            fix.accuracy, batch)
         lost = ~torch.isfinite(mu).all(-1)
         if bool(lost.any()):
             warn(
-                f"sinkhorn: the gradient is not finite at {shown_indices(lost)}: the incoming gradient is "
+                f"sinkhorn: the gradient is not finite at {shown_indices(lost, batch)}: the incoming gradient is "
                 "not finite there, or it overflowed float64 when scaled by the mass "
                 "of a (over about 1e308 in all)",
                 GradientWarning,
@@ -251,7 +269,7 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
                 "sinkhorn: the transport plan's support splits into disconnected blocks, or blocks "
                 "joined by mass below float64's rounding of the total (the Schur complement is "
                 "singular to working precision; entries below 1e-154 count as zero), at "
-                f"{shown_indices(bad)}; {what} are not determined there and the "
+                f"{shown_indices(bad, batch)}; {what} are not determined there and the "
                 "least-norm ones are returned (the derivative with respect to the cost is "
                 "unaffected)",
                 GradientWarning,
@@ -260,16 +278,21 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
 
 
 def _warn_loose(what: str, at: torch.Tensor, err: torch.Tensor, low: torch.Tensor, y: torch.Tensor,
-                c: torch.Tensor, accuracy: float) -> None:
+                c: torch.Tensor, accuracy: float, batch: tuple[int, ...] | None) -> None:
     """The ill-conditioning warning for the elements ``at`` (their relative marginal errors
     after polishing, λ_min's lower bounds, probes and column sums), the worst one named
-    with λ_min's bracket."""
+    with λ_min's bracket; as index tuples into ``batch`` where given."""
     j = int((err / low).argmax())
+    if batch is None:  # (a caller that did not say: flat)
+        where, worst = f"batch element(s) {at.tolist()[:10]}", int(at[j])
+    else:
+        rows = torch.zeros(math.prod(batch), dtype=torch.bool, device=at.device).index_fill(0, at, True)
+        where, worst = shown_indices(rows, batch), _unravel(int(at[j]), batch)
     warn(
-        f"sinkhorn: {what} are ill-conditioned (sensitive to rounding) at batch element(s) "
-        f"{at.tolist()[:10]}: the plan's support is nearly disconnected (the smallest eigenvalue of "
-        f"the Schur complement scaled by the column masses is {float(low[j]):.2e} to "
-        f"{float(lambda_min_upper(y[j], c[j])):.2e} at element {int(at[j])}), and the marginals' relative "
+        f"sinkhorn: {what} are ill-conditioned (sensitive to rounding) at {where}: the plan's support is "
+        "nearly disconnected (the smallest eigenvalue of the Schur complement scaled by the column masses is "
+        f"{float(low[j]):.2e} to "
+        f"{float(lambda_min_upper(y[j], c[j])):.2e} at element {worst}), and the marginals' relative "
         f"error ({float(err[j]):.1e}, after Newton steps on them) can move them by up to their ratio, "
         f"{float(err[j] / low[j]):.1e}, above the accuracy promised for the gradients ({accuracy:.0e}); "
         "raise eps (the clusters' distance over eps decides the link between them)",

@@ -278,8 +278,8 @@ def sinkhorn(
         # The Function's cost gradient and plan tangent reach about max(Σa, 1)/eps times
         # the incoming ones in float64 (bound in _sinkhorn_function): checked beyond its range.
         gain = max(1.0 if am is None else am[4][0], 1.0) / float(eps)
-        P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes,
-                                  Box(a.requires_grad or b.requires_grad, may_overflow(gain, work), accuracy))
+        box = Box(a.requires_grad or b.requires_grad, may_overflow(gain, work), accuracy, tuple(batch))
+        P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes, box)
     else:
         pad = None if holes is None else Padding(a, b, *holes)
         P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)

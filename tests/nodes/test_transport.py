@@ -1020,6 +1020,22 @@ def test_sinkhorn_disconnected_support_warns_in_both_modes():
         sinkhorn(C, a_req, eps=1.0).sum().backward()
 
 
+def test_sinkhorn_warnings_name_the_batch_index():
+    # They named (1, 2) of a (2, 3) batch as "flat indices [5]" (the solver's flattened row);
+    # now (1, 2). The split support above at (1, 2) only, costs of 1 (connected) elsewhere.
+    C = torch.ones(2, 3, 4, 4, dtype=F64)
+    C[1, 2] = 400.0
+    C[1, 2, :2, :2] = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    C[1, 2, 2:, 2:] = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    a = torch.full((2, 3, 4), 0.25, dtype=F64)
+    da = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=F64).expand(2, 3, 4)
+    named = r"disconnected blocks.* at 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
+    with pytest.warns(GradientWarning, match=named):
+        torch.func.jvp(lambda a_: sinkhorn(C, a_, eps=1.0), (a,), (da,))
+    with pytest.warns(GradientWarning, match=named):
+        sinkhorn(C, a.clone().requires_grad_(True), eps=1.0).sum().backward()
+
+
 @pytest.mark.parametrize("big", [1e12, 1e16, 1e17, 1e30])
 def test_rows_exact_when_the_potentials_are_huge(big):
     """Costs spread over 1e12 ε and more: the potentials reach that size, and forming the
