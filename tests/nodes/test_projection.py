@@ -1193,7 +1193,7 @@ def test_project_l2_sphere_grad_overflow_names_rows(dim):
     x[1, 1] = 100.0
     x = (x if dim == -1 else x.T.contiguous()).requires_grad_(True)
     y = project_lp(x, 2, "sphere", F32_BIG, dim=dim)
-    with pytest.warns(GradientWarning, match=r"x at 2 of 3 batch element\(s\) \(flat indices \[0, 2\]\)"):
+    with pytest.warns(GradientWarning, match=r"x at 2 of 3 batch element\(s\) \(indices \[\(0,\), \(2,\)\]\)"):
         torch.autograd.grad(y, x, torch.full_like(y, 2.0))
 
 
@@ -1494,6 +1494,24 @@ def test_project_l2_sphere_zero_forward_mode_warns():
     torch.testing.assert_close(t_r, 2.0 * torch.stack([e0, u, e0]))
 
 
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_project_l2_overflow_warnings_name_the_batch_index(dim):
+    """They named (1, 2) of a (2, 3) batch as "flat indices [5]"; now (1, 2), whichever dim is
+    projected. The sphere above (r = 3e38, incoming 2) overflows where ‖x‖ = 1, at (1, 2)
+    only: ‖x‖ = 100 elsewhere."""
+    x = torch.zeros(2, 3, 5)
+    x[..., 0] = 100.0
+    x[1, 2, 0] = 1.0
+    x = x.movedim(-1, dim).contiguous()
+    named = r"at 1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
+    xg = x.clone().requires_grad_(True)
+    y = project_lp(xg, 2, "sphere", F32_BIG, dim=dim)
+    with pytest.warns(GradientWarning, match="x " + named):
+        torch.autograd.grad(y, xg, torch.full_like(y, 2.0))
+    with pytest.warns(GradientWarning, match="forward mode.*" + named):
+        torch.func.jvp(lambda t: project_lp(t, 2, "sphere", F32_BIG, dim=dim), (x,), (torch.full_like(x, 2.0),))
+
+
 def test_project_l2_sphere_steep_gain_forward_mode_warns():
     """The backward's overflow check in forward mode too: r = 3e38, ‖x‖ = 1 gives the
     tangent 3e38·(ẋ − ûûᵀẋ), beyond float32 for ẋ = 2 (rows 0, 2; row 1 has ‖x‖ = 100),
@@ -1502,7 +1520,7 @@ def test_project_l2_sphere_steep_gain_forward_mode_warns():
     x = _one_hot_rows()
     x[1, 0] = 100.0
     r = torch.tensor(F32_BIG)
-    with pytest.warns(GradientWarning, match=r"forward mode.*2 of 3 batch element\(s\) \(flat indices \[0, 2\]\)"):
+    with pytest.warns(GradientWarning, match=r"forward mode.*2 of 3 batch element\(s\) \(indices \[\(0,\), \(2,\)\]\)"):
         t = _fwd_tangent(2, "sphere", x, r, torch.full_like(x, 2.0), None)
     assert torch.isfinite(t).all(-1).tolist() == [False, True, False]
     with warnings.catch_warnings():
