@@ -29,9 +29,19 @@ __all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_
            "nearly_dependent_rows", "undecided", "undecided_reach"]
 
 
-def _by_sign(s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(active, inactive)``: every pair decided by its larger member."""
-    active = s < z
+def _by_sign(s: torch.Tensor, z: torch.Tensor,
+             floor: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(active, inactive)``: every pair decided by its larger member, except one whose
+    members are both within ``floor`` (``(B, 1)``: :func:`_kink_floor`) of 0, taken as active:
+    their signs are rounding. Coupled pairs cycled on that rounding: CVXPY's form of
+    ‖x‖ ≤ t (a bound t' ≤ t and a cone at t', one multiplier) at a point 1e-7 outside the
+    cone; a step taking the bound as inactive left the cone's pair at (4e-16, 2e-16), taken
+    inactive in turn, and the steps swung between the two wrong active sets, the pair
+    undecided: the projection 6.5e-9 off, its gradient 6.5e-2 off and "not differentiable"
+    (at scale 1 rounding's sign happened to end the cycle, at scale 1 + 1e-7 it did not).
+    Taken active, its next step settles the side (a multiplier of the wrong sign beyond
+    rounding then decides it inactive)."""
+    active = (s < z) | (torch.maximum(s.abs(), z.abs()) <= floor)
     return active, ~active
 
 
@@ -121,7 +131,8 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
         # with a warning, where the semismooth steps find the active set in two.
         open_ = ~settled(*out[:3])
         if bool(open_.any()):
-            alt = newton_polish(*args, settled=settled, decide=_by_sign)
+            floor = _kink_floor(layout, args[6], args[7])  # (the start's size: a step moves it little)
+            alt = newton_polish(*args, settled=settled, decide=lambda s, z: _by_sign(s, z, floor))
             fine = alt[3] <= out[3].clamp_min(rounding_level(out[3]))
             there, alt = _at_kink(layout, alt, settled)
             out = _keep(open_ & there & fine, alt, out)

@@ -297,3 +297,43 @@ def test_an_estimate_still_damped_after_the_second_polish_certifies_nothing(monk
     P, q, A, b, _ = projections([nearly_parallel(1e-6, 3, seed) for seed in range(4)])
     sol = solve_cone_batch(P, q, A, b, ConeLayout(0, 3))
     assert torch.isinf(sol.error).all(), sol.error
+
+
+def _soc_projection(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The projection of ``v = (x, t)`` with ‖x‖ > |t| onto {‖x‖ ≤ t} and its Jacobian, closed
+    form: ((‖x‖ + t)/2)·(x/‖x‖, 1)."""
+    x, t = v[:-1], v[-1]
+    nx = np.linalg.norm(x)
+    u, a = x / nx, (nx + t) / 2
+    J = np.zeros((v.size, v.size))
+    J[:-1, :-1] = a / nx * np.eye(x.size) - t / (2 * nx) * np.outer(u, u)
+    J[:-1, -1] = J[-1, :-1] = u / 2
+    J[-1, -1] = 0.5
+    return np.concatenate([a * u, [a]]), J
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.0000001, 1e-6])
+def test_a_soc_projection_just_outside_the_cone_is_smooth_at_every_scale(scale):
+    """A point 1e-7 (relative) outside {‖x‖ ≤ t}, away from its tip: CVXPY's form (a bound
+    t' ≤ t, a cone at t', sharing one multiplier) left the semismooth steps cycling between
+    two wrong active sets on a pair whose members were both rounding (see certify._by_sign):
+    at scales 1 + 1e-7 and 1e-6 the projection came back 6.5e-9 off and its gradient 6.5e-2
+    off with a GradientWarning "not unique or not differentiable"; at scale 1 rounding's sign
+    happened to end the cycle. The derivative exists (closed form) and is found at each."""
+    n = 3
+    p, y = cp.Parameter(n + 1), cp.Variable(n + 1)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(y - p)), [cp.norm(y[:n]) <= y[n]]),
+                        parameters=[p], variables=[y])
+    rng = np.random.default_rng(0)
+    x0, w = rng.standard_normal(n), rng.standard_normal(n + 1)
+    v = np.concatenate([x0, [np.linalg.norm(x0) * (1 - 1e-7)]]) * scale
+    want, J = _soc_projection(v)
+    P = torch.tensor(v, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        out = layer(P)
+        grad, = torch.autograd.grad((torch.tensor(w) * out).sum(), P)
+    assert layer.last_solve.solvers == ["batched"]
+    assert np.abs(out.detach().numpy() - want).max() <= 1e-12 * scale
+    expected = J.T @ w
+    assert np.abs(grad.numpy() - expected).max() <= 1e-6 * np.abs(expected).max()
