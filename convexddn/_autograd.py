@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,13 +27,24 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["any_batched", "batched_values", "bind_fast", "called_as", "eager_with_tangents", "without_autocast",
-           "functorch_transforms", "public_name", "refuse_export", "refuse_transforms", "refuse_trace", "refuse_vmap",
-           "refusing_export", "may_carry_tangents", "outside_compile", "plain", "save_plain"]
+__all__ = ["BatchShape", "any_batched", "batched_values", "bind_fast", "called_as", "eager_with_tangents",
+           "without_autocast", "functorch_transforms", "public_name", "refuse_export", "refuse_transforms",
+           "refuse_trace", "refuse_vmap", "refusing_export", "may_carry_tangents", "outside_compile", "plain",
+           "save_plain"]
 
 # The public function the user called, where it runs another node inside (linear_fit runs
 # least_squares): see called_as.
 _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("convexddn_caller", default=None)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """A caller's batch shape ``dims``, handed to an autograd Function as one opaque
+    constant (for the warnings that name batch elements): a plain tuple is a pytree node,
+    and the vmap rule torch.func generates cannot flatten an empty one
+    (``jacfwd(jacfwd(f))`` of an unbatched signal failed with "flat_bdims must not be None")."""
+
+    dims: tuple[int, ...]
 
 
 def called_as(name: str | None) -> AbstractContextManager[None]:

@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import bind_fast, may_carry_tangents, refuse_vmap, save_plain
+from .._autograd import BatchShape, bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
 from .._checks import (building, check_bool, check_count, check_device, check_finite, check_int, check_tensor,
                        normalize_dims, real_number, unread)
@@ -139,7 +139,7 @@ class _TVFn(torch.autograd.Function):
         # one decides the λ = 0 warning, as needs_input_grad does in the backward.
         ctx.set_materialize_grads(False)
         ctx.anchors = (inputs[0],)  # only for a second differentiation's error (see first_order)
-        ctx.zero_lam, ctx.batch = inputs[3], inputs[5]  # batch: x's shape without dim, for the warnings
+        ctx.zero_lam, ctx.batch = inputs[3], inputs[5].dims  # batch: x's shape without dim, for the warnings
 
     @staticmethod
     @first_order("tv_denoise")
@@ -326,7 +326,7 @@ def tv_denoise(
         # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ; and
         # under forward-mode AD, so that the tangent is the node's (its jvp), not the
         # solver's ops differentiated (one-sided at ties, with no warning).
-        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, tuple(batch))[0]
+        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, BatchShape(tuple(batch)))[0]
     else:
         y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
     # Contiguous like a contiguous x (moved back from the last dim, y was strided).

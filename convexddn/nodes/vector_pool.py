@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import (batched_values, bind_fast, functorch_transforms, may_carry_tangents, refuse_batched,
-                         refuse_trace, without_autocast)
+from .._autograd import (BatchShape, batched_values, bind_fast, functorch_transforms, may_carry_tangents,
+                         refuse_batched, refuse_trace, without_autocast)
 from .._first_order import first_order, first_order_jvp
 from .._checks import (building, check_device, check_dim_option, check_int, check_scale, check_stopping, check_tensor,
                        normalize_dims)
@@ -83,14 +83,14 @@ class _VectorPoolFunction(torch.autograd.Function):
         if x.shape[0] == 0:
             return x.new_empty((0, x.shape[-1]))
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        return solve(pen, x, a, tol, max_iter, starts, batch)
+        return solve(pen, x, a, tol, max_iter, starts, batch.dims)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, alpha, pen = inputs[:3]
         ctx.save_for_backward(x, alpha, output)
         ctx.save_for_forward(x, alpha, output)
-        ctx.pen, ctx.coarse, ctx.batch = pen, coarse_flag(output, alpha, ctx.needs_input_grad), inputs[6]
+        ctx.pen, ctx.coarse, ctx.batch = pen, coarse_flag(output, alpha, ctx.needs_input_grad), inputs[6].dims
 
     @staticmethod
     @first_order("robust_vector_pool")
@@ -333,7 +333,7 @@ def robust_vector_pool(
     x3, a, scale, anchor = _in_units(x, x3, a, rescale)
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
-            _DEFAULT_STARTS if starts is None else starts, tuple(batch))
+            _DEFAULT_STARTS if starts is None else starts, BatchShape(tuple(batch)))
     if (torch.is_grad_enabled() and (x.requires_grad or (isinstance(alpha, torch.Tensor) and alpha.requires_grad))) \
             or may_carry_tangents(x, alpha):
         # Forward mode (torch.func.jvp, jacfwd): the Function's jvp, not the solver's ops (at a

@@ -16,8 +16,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from convexddn.errors import (DTypeError, GradientWarning, NonFiniteError, OptionError, ProblemError, ShapeError,
-                              SolverError, SolverWarning)
+from convexddn.errors import (DoubleBackwardError, DTypeError, GradientWarning, NonFiniteError, OptionError,
+                              ProblemError, ShapeError, SolverError, SolverWarning)
 from convexddn.nodes.pooling import robust_pool
 from convexddn.nodes.vector_pool import RobustVectorPool, robust_vector_pool
 
@@ -1236,3 +1236,14 @@ def test_vector_pool_gradients_with_an_outlier_near_zero_far_from_the_cluster(pe
         assert float(((gx.double() * v).sum((-2, -1)) - fd).abs().max()) < 1e-5 * float(fd.abs().max() + 1)
     fd_a = ((f(xr, 0.003 + h) - f(xr, 0.003 - h)) / (2 * h) * gy).sum(-1)
     assert float((ga.double() - fd_a).abs().max()) < 1e-5 * float(fd_a.abs().max() + 1)
+
+
+def test_nested_jacfwd_of_an_unbatched_set_refuses_with_double_backward_error():
+    """x (C, N), no batch dims: the batch shape handed to the Function was an empty tuple,
+    a pytree node the vmap rule torch.func generates could not flatten (torch's
+    "flat_bdims must not be None" under jacfwd∘jacfwd); now the node's own refusal."""
+    x = torch.randn(3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = lambda v: robust_vector_pool(v, "huber", 1.0).sum()  # noqa: E731
+    assert torch.func.jacfwd(lambda v: robust_vector_pool(v, "huber", 1.0))(x).shape == (3, 3, 7)
+    with pytest.raises(DoubleBackwardError):
+        torch.func.jacfwd(torch.func.jacfwd(f))(x)
