@@ -56,7 +56,7 @@ import math
 import torch
 from torch import nn
 
-from .._autograd import any_batched, bind_fast, may_carry_tangents, refuse_vmap, save_plain
+from .._autograd import BatchShape, any_batched, bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._checks import check_device, check_finite, check_tensor
 from .._first_order import first_order, first_order_jvp
 from ..errors import DTypeError, ShapeError
@@ -108,8 +108,8 @@ class _TridiagonalFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(diag, lower, upper, rhs, batch):  # type: ignore[override]
-        n, k = rhs.shape[-2:]
+    def forward(diag, lower, upper, rhs, shape):  # type: ignore[override]
+        n, k, batch = *rhs.shape[-2:], shape.dims
         work = _work_dtype(diag.dtype)
         b, a, c = (_flat(t, batch, (t.shape[-1],), work) for t in (diag, lower, upper))
         x, route = solve_checked(b, a, c, _flat(rhs, batch, (n, k), work), _NAME, batch)
@@ -120,8 +120,8 @@ class _TridiagonalFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        diag, lower, upper, rhs, batch = inputs
-        x, routed = output
+        diag, lower, upper, rhs, shape = inputs
+        x, routed, batch = *output, shape.dims
         ctx.mark_non_differentiable(routed)
         work = _work_dtype(diag.dtype)
         flat = [_flat(t, batch, (t.shape[-1],), work) for t in (diag, lower, upper)]
@@ -308,9 +308,9 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
     diag, lower, upper, rhs = tensors
     rm, vector, batch = _check_inputs(diag, lower, upper, rhs)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or may_carry_tangents(*tensors):
-        x = _TridiagonalFn.apply(diag, lower, upper, rm, batch)[0]
+        x = _TridiagonalFn.apply(diag, lower, upper, rm, BatchShape(tuple(batch)))[0]  # (see BatchShape)
     else:
-        x = _TridiagonalFn.forward(diag, lower, upper, rm, batch)[0]
+        x = _TridiagonalFn.forward(diag, lower, upper, rm, BatchShape(tuple(batch)))[0]
     return x.squeeze(-1) if vector else x
 
 

@@ -698,3 +698,19 @@ def test_tridiagonal_solve_jvp_product_overflow():
     with pytest.warns(GradientWarning, match="tangent"):
         _, x_t = torch.func.jvp(tridiagonal_solve, primals, (one(1e200, 0.0), one(0.0), one(0.0), one(0.0, 0.0)))
     assert x_t[0] == -np.inf and x_t[1] == 0
+
+
+def test_nested_jacfwd_of_one_system_refuses_with_double_backward_error():
+    """One system (no batch dims): its batch shape, an empty tuple handed to the Function,
+    was a pytree node the vmap rule torch.func generates could not flatten (torch's
+    "flat_bdims must not be None" under jacfwd∘jacfwd); now the node's own refusal."""
+    g = torch.Generator().manual_seed(0)
+    d = 3 + torch.rand(6, dtype=torch.float64, generator=g)
+    lo, up = (torch.rand(5, dtype=torch.float64, generator=g) for _ in range(2))
+    r = torch.randn(6, dtype=torch.float64, generator=g)
+    f = lambda r: tridiagonal_solve(d, lo, up, r)  # noqa: E731
+    J = torch.func.jacfwd(f)(r)
+    A = torch.diag(d) + torch.diag(lo, -1) + torch.diag(up, 1)
+    torch.testing.assert_close(J, torch.linalg.inv(A), atol=1e-12, rtol=0)  # (x = A⁻¹ r)
+    with pytest.raises(DoubleBackwardError):
+        torch.func.jacfwd(torch.func.jacfwd(lambda r: f(r).pow(2).sum()))(r)
