@@ -93,10 +93,12 @@ def _check_dim(dim: Any, x: torch.Tensor) -> int:
     return d
 
 
-def _check_values(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Reject NaN, +inf and rows that are all -inf; return the row maxima."""
+def _check_values(x: torch.Tensor, d: int) -> tuple[torch.Tensor, bool]:
+    """Reject NaN, +inf and rows that are all -inf; return the row maxima and whether each
+    is above x's lowest finite value (in the same host read)."""
     top = x.amax(d, keepdim=True)  # NaN and +inf propagate to the maxima
-    if not bool(torch.isfinite(top).all()):
+    finite, above_lowest = torch.stack([torch.isfinite(top).all(), (top > torch.finfo(x.dtype).min).all()]).tolist()
+    if not finite:
         n_nan = int(torch.isnan(x).sum())
         n_pinf = int((x == math.inf).sum())
         if n_nan or n_pinf:
@@ -109,7 +111,7 @@ def _check_values(x: torch.Tensor, d: int) -> torch.Tensor:
             f"x has {rows} row(s) along dim={d} whose entries are all -inf; "
             "at least one entry per row must be finite"
         )
-    return top
+    return top, above_lowest
 
 
 @bind_fast
@@ -211,7 +213,7 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
     d = _check_dim(dim, x)
     if x.numel() == 0:
         return x.clone()
-    top = _check_values(x, d)
+    top, above_lowest = _check_values(x, d)
     if alpha - 1.0 < SOFTMAX_BELOW:
         return torch.softmax(x, d)
     top = top.detach()
@@ -224,15 +226,14 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         # solved in float32 and rounded once (in bfloat16 the threshold rounded to 8 bits
         # and rows of 4096 summed to 1 ± 1.2e-2).
         work = torch.promote_types(x.dtype, torch.float32)
-        lowest = torch.finfo(x.dtype).min
-        if x.dtype == torch.float32 and bool((top > lowest).all()):
+        if x.dtype == torch.float32 and above_lowest:
             # float32: x itself, its −inf entries at the lowest float (below every row max:
             # never in the support; a row whose max is that float takes the path below).
             # float32 x − max rounds (by up to ε|x − max|: 5 ulps on a small entry of randn
             # rows), while project_simplex forms its answer from x's own values in float64,
             # rounded once.
             with called_as("entmax"):
-                return project_simplex(torch.nan_to_num(x, neginf=lowest), d)
+                return project_simplex(torch.nan_to_num(x, neginf=torch.finfo(x.dtype).min), d)
         with called_as("entmax"):  # (its refusals, now or in the backward, name entmax)
             return project_simplex((x.to(work) - top.to(work)).clamp(min=-1.0), d).to(x.dtype)
     if (torch.is_grad_enabled() and x.requires_grad) or may_carry_tangents(x):
