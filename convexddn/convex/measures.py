@@ -109,8 +109,10 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
     # (a multiplier's unit: the largest one, or tol of the dual equations' terms through its row)
     z_unit = torch.maximum(z_inf, tol * _worst(sigma)[:, None] / torch.where(a_rows > 0, a_rows, 1.0))
     # (a nonnegative row's slack against its rounding only; a cone's also against tol of x, see below)
-    comp = torch.maximum(own_complementarity(layout, s, z, rho, row_slack * max(1.0, tol / unit), z_unit),
-                         own_complementarity(ConeLayout(layout.zero, layout.nonneg), s, z, rho, row_slack, z_unit))
+    # (one pass: on the nonnegative rows the smaller s_small gives the larger value)
+    cones = layout.zero + layout.nonneg
+    s_small = torch.cat([row_slack[:, :cones], row_slack[:, cones:] * max(1.0, tol / unit)], 1)
+    comp = own_complementarity(layout, s, z, rho, s_small, z_unit)
     residual = torch.stack([pres, dres, gap, s_out, z_out, comp]).amax(0)
     residual = torch.where(torch.isnan(residual), torch.inf, residual)
     primal = (pres <= tol) & (s_out <= tol)
