@@ -13,7 +13,7 @@ from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning, InputError
 from ._overflow import warn_gradient_overflow
-from .degeneracy import _unravel, shown_indices
+from .degeneracy import shown_indices, unravel
 from ._sinkhorn import solve
 from ._sinkhorn_schur import (back_substitute, held_columns, lambda_min_lower, lambda_min_upper, polish, refine,
                              relative_error, row_sums, schur_rhs, schur_solve)
@@ -40,12 +40,11 @@ class Box:
     (:func:`~convexddn.nodes._overflow.may_overflow` of the gain, see ``backward``);
     ``accuracy``, the relative accuracy promised for the marginals' derivatives
     (``ACCURACY`` of the caller's narrowest dtype); ``batch``, the caller's batch shape of
-    the rows (None: flat), in which the warnings name the elements."""
+    the rows, in which the warnings name the elements."""
 
     __slots__ = ("pad", "G", "gibbs", "check", "accuracy", "batch")
 
-    def __init__(self, gibbs: bool = True, check: bool = True, accuracy: float = ACCURACY[torch.float64],
-                 batch: tuple[int, ...] | None = None) -> None:
+    def __init__(self, gibbs: bool, check: bool, accuracy: float, batch: tuple[int, ...]) -> None:
         self.pad, self.G, self.gibbs, self.check, self.accuracy = None, None, gibbs, check, accuracy
         self.batch = batch
 
@@ -127,7 +126,7 @@ class SinkhornFn(torch.autograd.Function):
             given = C_t if a_t is None else C_t + a_t.unsqueeze(-1) * 0
             given = given if b_t is None else given + b_t.unsqueeze(-2) * 0
             warn_gradient_overflow("sinkhorn (forward mode)", *_in_batch(ctx, given, "the plan", dP), (-2, -1),
-                                   tangent=True, in_batch=ctx.batch is not None)
+                                   tangent=True, in_batch=True)
         return dP, None
 
     @staticmethod
@@ -162,7 +161,7 @@ class SinkhornFn(torch.autograd.Function):
             grad_C = (lam.unsqueeze(-1) + mu.unsqueeze(-2)).mul_(P).sub_(Q).div_(ctx.eps)
             if ctx.check:
                 warn_gradient_overflow("sinkhorn", *_in_batch(ctx, V, "cost", grad_C), (-2, -1),
-                                       in_batch=ctx.batch is not None)
+                                       in_batch=True)
         if ctx.needs_input_grad[1]:
             grad_a = lam
         if ctx.needs_input_grad[2]:
@@ -172,9 +171,7 @@ class SinkhornFn(torch.autograd.Function):
 
 def _in_batch(ctx, given: torch.Tensor, name: str, out: torch.Tensor) -> tuple[torch.Tensor, list]:
     """The overflow check's incoming derivative and its (name, derivative), viewed in the
-    caller's batch shape where known: its message then names the elements as it indexes them."""
-    if ctx.batch is None:
-        return given, [(name, out)]
+    caller's batch shape: its message then names the elements as it indexes them."""
     shape = (*ctx.batch, *out.shape[-2:])
     return given.expand(out.shape).reshape(shape), [(name, out.reshape(shape))]
 
@@ -202,8 +199,8 @@ class Polish:
 
 
 def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-               fixed: torch.Tensor, what: str, fix: Polish | None = None,
-               batch: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               fixed: torch.Tensor, what: str, fix: Polish | None,
+               batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(λ, μ, P) with K (λ, μ) = (u, w), K = [[diag(r), P], [Pᵀ, diag(Pᵀ1)]], μ = 0 on the
     ``fixed`` columns (:func:`~._sinkhorn_schur.held_columns`: each element's heaviest of b):
     μ from the Schur complement, then λ row by row. The backward's system and the jvp's
@@ -278,16 +275,13 @@ def dual_solve(P: torch.Tensor, r: torch.Tensor, u: torch.Tensor, w: torch.Tenso
 
 
 def _warn_loose(what: str, at: torch.Tensor, err: torch.Tensor, low: torch.Tensor, y: torch.Tensor,
-                c: torch.Tensor, accuracy: float, batch: tuple[int, ...] | None) -> None:
+                c: torch.Tensor, accuracy: float, batch: tuple[int, ...]) -> None:
     """The ill-conditioning warning for the elements ``at`` (their relative marginal errors
     after polishing, λ_min's lower bounds, probes and column sums), the worst one named
-    with λ_min's bracket; as index tuples into ``batch`` where given."""
+    with λ_min's bracket; as index tuples into ``batch``."""
     j = int((err / low).argmax())
-    if batch is None:  # (a caller that did not say: flat)
-        where, worst = f"batch element(s) {at.tolist()[:10]}", int(at[j])
-    else:
-        rows = torch.zeros(math.prod(batch), dtype=torch.bool, device=at.device).index_fill(0, at, True)
-        where, worst = shown_indices(rows, batch), _unravel(int(at[j]), batch)
+    rows = torch.zeros(math.prod(batch), dtype=torch.bool, device=at.device).index_fill(0, at, True)
+    where, worst = shown_indices(rows, batch), unravel(int(at[j]), batch)
     warn(
         f"sinkhorn: {what} are ill-conditioned (sensitive to rounding) at {where}: the plan's support is "
         "nearly disconnected (the smallest eigenvalue of the Schur complement scaled by the column masses is "

@@ -73,7 +73,7 @@ from .._warn import warn
 from ..errors import GradientWarning, SolverError
 from ._tridiagonal_scaled import (condition, equilibrate, growth, multiply, omega, refine_pivoted, solve_pivoted,
                                   solve_scaled, unscale)
-from .degeneracy import shown_indices
+from .degeneracy import shown_indices, unravel
 
 __all__ = ["FAST", "LOSSLESS", "PIVOTED", "PIVOTED_REFINED", "REFINED", "WIDE", "check_cast", "multiply",
            "solve_checked"]
@@ -219,8 +219,7 @@ def _solve_wide(b, a, c, d, check: bool = True, strict: bool = True) -> tuple[to
 def _raise(who: str, bad: torch.Tensor, batch: tuple, what: str, status: str) -> None:
     """A SolverError for the elements where ``bad`` (``(M,)``) holds, with their indices into ``batch``."""
     rows = bad.nonzero().squeeze(1).tolist()
-    indices = [tuple(int(v) for v in torch.unravel_index(torch.tensor(r), batch)) for r in rows] if batch \
-        else [()] * len(rows)
+    indices = [unravel(r, batch) for r in rows]
     raise SolverError(f"{who}: {what} in {shown_indices(bad, batch)}", indices=indices, statuses=[status] * len(rows))
 
 

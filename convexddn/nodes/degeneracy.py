@@ -18,7 +18,8 @@ from .dense import default_rcond
 from .multipliers import unit_rows
 from .._context import bound
 
-__all__ = ["DependenceCheck", "dependent_to_warn", "naming", "shown_indices", "warn_curved", "warn_degenerate"]
+__all__ = ["DependenceCheck", "dependent_to_warn", "naming", "shown_indices", "unravel", "warn_curved",
+           "warn_degenerate"]
 
 Tensor = torch.Tensor
 _MAX_INDICES_SHOWN = 8
@@ -45,10 +46,10 @@ def shown_indices(mask: Tensor, batch: Sequence[int] | None = None) -> str:
     count = f"{idx.numel()} of {mask.numel()} batch element(s)"
     if batch is None:
         return f"{count} (flat indices {head}{more})"
-    return f"{count} (indices {[_unravel(i, batch) for i in head]}{more})"
+    return f"{count} (indices {[unravel(i, batch) for i in head]}{more})"
 
 
-def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
     """The index tuple of the row-major ``flat`` position in ``shape`` (``()`` for an empty
     shape), on the host: the few shown need no device op."""
     out = []
