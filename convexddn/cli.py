@@ -183,8 +183,13 @@ class _Output:
     sees one that a caller swallowed (argparse ignores an OSError printing --help)."""
 
     def __init__(self, stream: Any) -> None:
-        self.stream, self.failed = stream, None
-        self._raised: list[OSError] = []  # every error a write or flush raised, ``failed`` first
+        self.stream = stream
+        self._raised: list[OSError] = []  # every error a write or flush raised, in order
+
+    @property
+    def failed(self) -> OSError | None:
+        """The first error a write or flush raised, or None."""
+        return self._raised[0] if self._raised else None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
@@ -193,7 +198,6 @@ class _Output:
         try:
             return getattr(self.stream, method)(*args)
         except OSError as err:
-            self.failed = self.failed or err
             self._raised.append(err)
             raise
 
