@@ -213,8 +213,8 @@ class _EigenFunction(torch.autograd.Function):
         # A tangent beyond the dtype's range warns, as the backward's gradient does (a
         # float16 gap of 2^-10 against a tangent of 100: ±inf, silently).
         if may_overflow(_gain(ctx.gap_tol, lo), ctx.dtype) and not batched:
-            warn_gradient_overflow("eigen_decomposition (forward mode)", X_t, [("eigenvectors", dV)], (-2, -1),
-                                   in_batch=True)  # (X keeps the caller's batch dims: named in them)
+            # (X keeps the caller's batch dims: named in them)
+            warn_gradient_overflow("eigen_decomposition (forward mode)", X_t, [("eigenvectors", dV)], (-2, -1))
         return dlam, dV, None, None
 
     @staticmethod
@@ -286,5 +286,5 @@ class _EigenFunction(torch.autograd.Function):
         grad = (V @ C) @ Vk.mT
         grad = (grad + grad.mT).to(ctx.dtype)
         if overflow and not batched:
-            warn_gradient_overflow("eigen_decomposition", g_vec, [("X", grad)], (-2, -1), in_batch=True)
+            warn_gradient_overflow("eigen_decomposition", g_vec, [("X", grad)], (-2, -1))
         return grad, None, None, None

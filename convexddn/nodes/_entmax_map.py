@@ -237,7 +237,7 @@ def jacobian_product(p: torch.Tensor, grad_p: torch.Tensor, alpha: float, d: int
     # float32: 9^48 g). Said, not returned as a silent Inf (a host read, α > 2 only; not
     # on the cotangents a vmap batches, where no host read can be made).
     if not any_batched(grad_p):
-        warn_gradient_overflow("entmax", grad_p, [("x", out)], (d - out.ndim,), in_batch=True)  # (x's own layout)
+        warn_gradient_overflow("entmax", grad_p, [("x", out)], (d - out.ndim,))  # (x's own layout)
     return out
 
 

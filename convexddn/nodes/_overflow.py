@@ -108,7 +108,6 @@ def warn_gradient_overflow(
     grads: Sequence[tuple[str, torch.Tensor | None]],
     dims: Sequence[int],
     tangent: bool = False,
-    in_batch: bool = False,
 ) -> None:
     """Warn (:class:`~convexddn.errors.GradientWarning`) when a returned gradient holds
     NaN or Inf that the incoming gradient does not explain.
@@ -129,8 +128,6 @@ def warn_gradient_overflow(
             fewer dims is reduced over those it has.
         tangent: the derivatives are forward-mode tangents of the outputs named in
             ``grads``, ``incoming`` the inputs' tangents (the message says so).
-        in_batch: the gradients keep the caller's batch dims (not rows the node flattened):
-            the message names index tuples into each input's batch shape, else flat indices.
     """
     present = [(name, g) for name, g in grads if g is not None and g.numel()]
     if not present or torch.compiler.is_compiling() or _finite_sum([g for _, g in present]):
@@ -141,7 +138,7 @@ def warn_gradient_overflow(
         bad = _rows(~torch.isfinite(g.detach()), dims)
         new = bad & ~_caused(upstream, bad.shape)
         if bool(new.any()):
-            parts.append(f"{name} at {shown_indices(new, _batch_of(new, dims) if in_batch else None)}")
+            parts.append(f"{name} at {shown_indices(new, _batch_of(new, dims))}")
             dtypes.append(g.dtype)
     if not parts:  # a NaN or Inf came in: torch's propagation, not ours to report
         return
@@ -189,7 +186,6 @@ def warn_cast_overflow(
     what: str,
     casts: Sequence[tuple[str, torch.Tensor, torch.Tensor, int]],
     tangent: bool = False,
-    in_batch: bool = False,
 ) -> None:
     """Warn (:class:`~convexddn.errors.GradientWarning`) where a derivative, finite in
     float64, became ±Inf when cast to the caller's dtype.
@@ -205,7 +201,6 @@ def warn_cast_overflow(
             are reduced so that the message names batch elements.
         tangent: the derivatives are forward-mode tangents of the outputs named in
             ``casts`` (the message says so).
-        in_batch: as for :func:`warn_gradient_overflow`.
     """
     present = [c for c in casts if c[2].numel()]
     if not present or torch.compiler.is_compiling() or _finite_sum([c[2] for c in present]):
@@ -214,7 +209,7 @@ def warn_cast_overflow(
     for name, wide, out, k in present:
         lost = _rows(torch.isinf(out.detach()) & torch.isfinite(wide.detach()), range(-k, 0))
         if bool(lost.any()):
-            parts.append(f"{name} at {shown_indices(lost, _batch_of(lost, range(-k, 0)) if in_batch else None)}")
+            parts.append(f"{name} at {shown_indices(lost, _batch_of(lost, range(-k, 0)))}")
             dtypes.append(out.dtype)
     if parts:
         _warn_overflow(what, tangent, parts, dtypes)

@@ -126,7 +126,7 @@ class SinkhornFn(torch.autograd.Function):
             given = C_t if a_t is None else C_t + a_t.unsqueeze(-1) * 0
             given = given if b_t is None else given + b_t.unsqueeze(-2) * 0
             warn_gradient_overflow("sinkhorn (forward mode)", *_in_batch(ctx, given, "the plan", dP), (-2, -1),
-                                   tangent=True, in_batch=True)
+                                   tangent=True)
         return dP, None
 
     @staticmethod
@@ -160,8 +160,7 @@ class SinkhornFn(torch.autograd.Function):
             # V), beyond float64 only where eps is tiny (2e-307: Inf, silently), checked.
             grad_C = (lam.unsqueeze(-1) + mu.unsqueeze(-2)).mul_(P).sub_(Q).div_(ctx.eps)
             if ctx.check:
-                warn_gradient_overflow("sinkhorn", *_in_batch(ctx, V, "cost", grad_C), (-2, -1),
-                                       in_batch=True)
+                warn_gradient_overflow("sinkhorn", *_in_batch(ctx, V, "cost", grad_C), (-2, -1))
         if ctx.needs_input_grad[1]:
             grad_a = lam
         if ctx.needs_input_grad[2]:

@@ -170,7 +170,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         # that the batch elements line up with g's.
         if ctx.gate.check:
             vec = [None if t is None else t.unsqueeze(-1) for t in grads[2:4]]
-            warn_gradient_overflow("least_squares", g, list(zip(_NAMES, grads[:2] + vec)), (-2, -1), in_batch=True)
+            warn_gradient_overflow("least_squares", g, list(zip(_NAMES, grads[:2] + vec)), (-2, -1))
         return tuple(grads)
 
     @staticmethod
@@ -222,8 +222,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         # inside the Function, before the forward's gain is read.
         given = [t for t in (A_t, b_t, w_t, ridge_t) if isinstance(t, torch.Tensor)]
         if bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in given])).all()):
-            warn_gradient_overflow("least_squares (forward mode)", torch.zeros_like(dx), [("x", dx)], (-2, -1),
-                                       in_batch=True)
+            warn_gradient_overflow("least_squares (forward mode)", torch.zeros_like(dx), [("x", dx)], (-2, -1))
         return (dx,) + (None,) * (5 + len(q))
 
 

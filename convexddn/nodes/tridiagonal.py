@@ -157,14 +157,14 @@ class _TridiagonalFn(torch.autograd.Function):
             grads = {name: _split_grad(pairs[name], w, ctx.batch, shape) for name, shape in needed}
             given = torch.where(torch.isfinite(g).flatten(1).all(1), 0.0, math.nan).reshape(*ctx.batch, 1)
             warn_gradient_overflow(_NAME, given, [(name, t.flatten(-2) if name == "rhs" else t)
-                                                  for name, t in grads.items()], (-1,), in_batch=True)
+                                                  for name, t in grads.items()], (-1,))
         out, casts = [], []
         for name, dtype in zip(_ARGS, ctx.dtypes):
             out.append(grads[name].to(dtype) if name in grads else None)
             if name in grads:
                 casts.append((name, grads[name], out[-1], 2 if name == "rhs" else 1))
         if check and casts and ctx.dtypes[0] != x.dtype:  # (float16, bfloat16: the same rule as the forward's)
-            warn_cast_overflow(_NAME, casts, in_batch=True)  # (each in its input's shape: named in it)
+            warn_cast_overflow(_NAME, casts)  # (each in its input's shape: named in it)
         return (*out, None)
 
     @staticmethod
@@ -194,11 +194,11 @@ class _TridiagonalFn(torch.autograd.Function):
             # (in the caller's batch shape, to name its elements so)
             given = torch.where(given, 0.0, math.nan).reshape(*ctx.batch, 1, 1)
             warn_gradient_overflow(f"{_NAME} (forward mode)", given, [("the solution", x_t.reshape(*ctx.batch, n, k))],
-                                   (-2, -1), tangent=True, in_batch=True)
+                                   (-2, -1), tangent=True)
         out = x_t.to(ctx.dtypes[3])
         if check and out.dtype != x_t.dtype:
             warn_cast_overflow(_NAME, [("the solution", x_t.reshape(*ctx.batch, n, k), out.reshape(*ctx.batch, n, k),
-                                        2)], tangent=True, in_batch=True)
+                                        2)], tangent=True)
         return out.reshape(*ctx.batch, n, k), None
 
 

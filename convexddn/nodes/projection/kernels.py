@@ -213,7 +213,7 @@ class L2ReverseFn(torch.autograd.Function):
             # backward reads nothing (Inf from an incoming gradient near the largest
             # float is torch's ordinary overflow).
             warn_gradient_overflow("project_lp(p=2)", grad_y, [("x", grad_x), ("radius", grad_r)],
-                                   (ctx.d - y.ndim,), in_batch=True)  # (x's own layout: named in it)
+                                   (ctx.d - y.ndim,))  # (x's own layout: named in it)
         return grad_x, grad_r, None, None
 
 
@@ -246,7 +246,7 @@ def _l2_jvp(ctx, x_t: torch.Tensor | None, r_t: torch.Tensor | None,
         # A non-finite input tangent explains a non-finite output one: pass their sum.
         incoming = sum((t for t in (x_t, r_t) if t is not None), torch.zeros_like(out))
         warn_gradient_overflow("project_lp(p=2), forward mode", incoming,
-                               [("x (the Jacobian-vector product)", out)], (ctx.d - y.ndim,), in_batch=True)
+                               [("x (the Jacobian-vector product)", out)], (ctx.d - y.ndim,))
     return out, None, None, None, None, None
 
 
