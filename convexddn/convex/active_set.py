@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .._linalg import lu_factor_ex
+from .dense_kkt import MAX_SIZE, MEMORY_BUDGET
 from .estimate import error_estimate
 from .kkt import PatchedKKT, bmv, row_inf
 from .polish import polish as newton_polish
@@ -37,8 +38,9 @@ from .symmetric_cones import ConeLayout
 
 __all__ = ["correct", "settle_signs", "sign_tolerance", "sign_violation"]
 
-# The most memory correct()'s dense systems take at once (settle_signs chunks beyond it).
-_DENSE_BYTES = 1 << 28
+# correct()'s dense systems take at most this share of the dense solves' MEMORY_BUDGET at
+# once (settle_signs chunks beyond it: 256 MiB), and none above their MAX_SIZE.
+_BUDGET_SHARE = 4
 # A sign is wrong beyond rounding where it is below minus this many rounding levels
 # (polish.rounding_level, 16 ulps) of its row's scale: converged Newton steps leave
 # 0.3-4 ulps; the wrong vertex above had 4e6 of them.
@@ -200,6 +202,8 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     wrong = live & (sign_violation(d.P, d.q, d.A, d.b, layout, xs, ss, zs) > 1)
     if not polish_steps:
         return xs, ss, zs, residual, kkt, torch.where(wrong, torch.inf, error), ray
+    if d.A.shape[1] + d.A.shape[2] > MAX_SIZE:  # (no dense system that large: as without steps)
+        return xs, ss, zs, residual, kkt, torch.where(wrong, torch.inf, error), ray
     rough = live & (residual <= tol_accept) & ~(error <= tol_error)
     idx = torch.nonzero(wrong | rough).squeeze(1)  # (one host read per solve)
     if not idx.numel():
@@ -207,10 +211,10 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     sub = d.select(idx)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     data = (sub.P, sub.q, sub.A, sub.b)
-    # correct() factorises dense (k, n + m, n + m) systems: in chunks of at most _DENSE_BYTES
-    # (a 30-step MPC's elements, n + m = 3000, hold 72 MB each).
+    # correct() factorises dense (k, n + m, n + m) systems: in chunks (a 30-step MPC's
+    # elements, n + m = 3000, hold 72 MB each).
     n_all = data[2].shape[1] + data[2].shape[2]
-    chunk = max(1, _DENSE_BYTES // (n_all * n_all * data[2].element_size()))
+    chunk = max(1, MEMORY_BUDGET // (_BUDGET_SHARE * n_all * n_all * data[2].element_size()))
     start = (pick(xs), pick(ss), pick(zs))
     parts = [correct(*(v[lo:lo + chunk] for v in data), layout, *(v[lo:lo + chunk] for v in start))
              for lo in range(0, idx.numel(), chunk)]

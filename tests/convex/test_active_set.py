@@ -201,14 +201,14 @@ def test_near_tie_lp_with_an_equality_row():
 
 
 def test_corrections_in_chunks_give_the_same_points(monkeypatch):
-    """settle_signs hands correct() its flagged elements in chunks of at most _DENSE_BYTES of
-    dense systems (n + m = 3000 holds 72 MB an element): one element a chunk here, the same
+    """settle_signs hands correct() its flagged elements in chunks of at most a share of
+    MEMORY_BUDGET of dense systems (n + m = 3000 holds 72 MB an element): one element a chunk here, the same
     vertices as in one call."""
     import convexddn.convex.active_set as active_set
 
     P = torch.tensor([[-1 - e, 0.5] for e in EPS], dtype=F64)
     whole = solve_quietly(near_tie_layer(), P)
-    monkeypatch.setattr(active_set, "_DENSE_BYTES", 1)
+    monkeypatch.setattr(active_set, "MEMORY_BUDGET", 1)
     chunked = solve_quietly(near_tie_layer(), P)
     torch.testing.assert_close(whole, torch.tensor([[1.0, 0.0]] * len(EPS), dtype=F64), atol=1e-9, rtol=0)
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
