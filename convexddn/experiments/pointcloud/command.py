@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -9,7 +10,8 @@ from ...cli import MAX_COUNT, MAX_SEED, int_option
 from ...errors import OptionError
 from ..pointnet import POOLINGS
 from ..running import MAX_THREADS, names_option, output_files, prepare_out_dir, resolve_device, run_command
-from .config import DEFAULT_POOLINGS, DISPLAY_NAMES, QUICK_RATES, QUICK_TABLE3_RATES, TABLE3_RATES, Config
+from .config import (DEFAULT_POOLINGS, DISPLAY_NAMES, QUICK_RATES, QUICK_TABLE3_RATES, TABLE3_RATES, Config,
+                     check_outlier_count)
 
 __all__ = ["add_arguments", "config_from_args", "main"]
 
@@ -74,10 +76,12 @@ def _rates(text: str, n_points: int) -> tuple[float, ...]:
     # + 0.0 turns -0 (accepted, as it equals 0) into 0: it was labelled "-0 %".
     rates = tuple(r / 100 + 0.0 for r in percents)
     for rate, shown in zip(rates, typed):
-        if rate > 0 and round(rate * n_points) == 0:  # (check_outlier_count's test, on the same fraction)
+        try:
+            check_outlier_count(rate, n_points)
+        except OptionError:  # (its message speaks the fraction; the option's, percent as typed)
             raise OptionError(f"--rates: {shown} % of a cloud of n_points={n_points} is no point at all "
                               f"(it would run as a clean cloud); use 0, or a rate of at least "
-                              f"100 / n_points = {100 / n_points:.3g} %")
+                              f"100 / n_points = {100 / n_points:.3g} %") from None
     return rates
 
 
@@ -101,12 +105,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
             overrides[name] = getattr(args, name)
     if getattr(args, "poolings", None) is not None:
         overrides["poolings"] = names_option("--poolings", args.poolings, POOLINGS)
-    preset = Config.quick if getattr(args, "quick", False) else Config.default
-    cfg = preset(**overrides)
+    cfg = (Config.quick if getattr(args, "quick", False) else Config.default)(**overrides)
     # `is not None`: '' is refused, not the default. (After the preset: whether a rate
     # replaces a point depends on its n_points.)
     if getattr(args, "rates", None) is not None:
-        cfg = preset(**overrides, rates=_rates(args.rates, cfg.n_points))
+        cfg = dataclasses.replace(cfg, rates=_rates(args.rates, cfg.n_points))
     return cfg
 
 
