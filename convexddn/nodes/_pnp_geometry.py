@@ -10,11 +10,12 @@ import math
 
 import torch
 
+from .._checks import check_device, check_finite, check_tensor
 from .._warn import warn
 from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
 from .lagrangian import _batched_vjp
-from .linear_solvers import shown_indices
+from .degeneracy import named_batch, shown_indices, unravel
 from .pooling.penalties import Penalty
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "check_intrinsics",
     "check_pose",
     "check_start",
+    "checked_inputs",
     "depths",
     "grad_hess",
     "matrix_to_axis_angle",
@@ -145,7 +147,8 @@ def warn_holes(theta, p3d, w) -> None:
     X = p3d @ axis_angle_to_matrix(theta[:, :3]).mT + theta[:, None, 3:]
     hole = _holes(X, w)
     if bool(hole.any()):
-        pairs = hole.nonzero()[:8].tolist()
+        shape = named_batch(hole.shape[0])  # (the caller's batch element, as its other warnings name it)
+        pairs = [[b if shape is None else unravel(b, shape), i] for b, i in hole.nonzero()[:8].tolist()]
         warn(f"pnp: the gradient w.r.t. weights of {int(hole.sum())} point(s) of weight 0 at depth 0 under the "
              f"pose (within {_DEPTH_FLOOR:g} of their largest camera-frame coordinate), [batch element, point] "
              f"{pairs}{' ...' if hole.sum() > 8 else ''}, is set to 0: the pose's derivative w.r.t. the weight of a "
@@ -186,6 +189,53 @@ def check_intrinsics(q, K) -> None:
         raise InputError(f"K must have nonzero focal lengths fx = K[..., 0] and fy = K[..., 1] with "
                          f"p2d / f finite, got {float(K[:, :2].abs().min()):g} as the smallest |f| "
                          f"({shown_indices(bad)})")
+
+
+def checked_inputs(p2d, p3d, weights, K, init, alpha) -> tuple[dict, torch.Size]:
+    """:func:`~.pnp.pnp`'s tensors checked (dtype, shape, device, finite values, weights
+    >= 0 and not all zero): ``({name: (tensor, its number of core dims)}, batch shape)``,
+    the tensors as :func:`~convexddn._checks.check_tensor` returns them (a tensor ``alpha``
+    as given, checked to broadcast to the batch shape)."""
+    p2d, p3d = check_tensor("p2d", p2d), check_tensor("p3d", p3d)
+    if p2d.ndim < 2 or p2d.shape[-1] != 2 or p3d.ndim < 2 or p3d.shape[-1] != 3 or p2d.shape[-2] != p3d.shape[-2]:
+        raise ShapeError(f"p2d must be (*, N, 2) and p3d (*, N, 3) with the same N, got shapes "
+                         f"{tuple(p2d.shape)} and {tuple(p3d.shape)}")
+    n = p2d.shape[-2]
+    if n == 0:
+        raise ShapeError(f"pnp needs at least one correspondence (N >= 1), got shapes {tuple(p2d.shape)} "
+                         f"and {tuple(p3d.shape)}")
+    if init is None and n < 6:
+        raise ShapeError(f"pnp needs N >= 6 correspondences for its DLT start, got N={n}; pass init")
+    named = {"p2d": (p2d, 2), "p3d": (p3d, 2)}
+    if weights is not None:
+        named["weights"] = (check_tensor("weights", weights), 1)
+        if weights.ndim < 1 or weights.shape[-1] != n:
+            raise ShapeError(f"weights must be (*, N) with N={n}, got shape {tuple(weights.shape)}")
+    if K is not None:
+        named["K"] = (check_tensor("K", K), 1)
+        if K.ndim < 1 or K.shape[-1] != 4:
+            raise ShapeError(f"K must be (*, 4) as (fx, fy, cx, cy), got shape {tuple(K.shape)}")
+    if init is not None:
+        named["init"] = (check_tensor("init", init), 1)
+        if init.ndim < 1 or init.shape[-1] != 6:
+            raise ShapeError(f"init must be (*, 6), got shape {tuple(init.shape)}")
+    try:
+        batch = torch.broadcast_shapes(*[t.shape[: t.ndim - k] for t, k in named.values()])
+    except RuntimeError:
+        shapes = ", ".join(f"{k} {tuple(t.shape[: t.ndim - c])}" for k, (t, c) in named.items())
+        raise ShapeError(f"the batch shapes of {shapes} do not broadcast") from None
+    if isinstance(alpha, torch.Tensor):
+        check_alpha_shape(alpha, batch)
+        named["alpha"] = (alpha, 0)
+    for name, (t, _) in named.items():
+        check_device(name, t, p2d, "p2d")
+        check_finite(name, t)
+    if weights is not None and weights.numel():
+        if bool((weights < 0).any()):
+            raise InputError(f"weights must be >= 0, got a minimum of {float(weights.min()):g}")
+        if bool((weights.sum(-1) == 0).any()):
+            raise InputError("weights must not be all zero for a problem (the pose is then undetermined)")
+    return named, batch
 
 
 def check_start(bad, from_init: bool) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from .._warn import warn
 from ..errors import SolverWarning
+from .degeneracy import shown_indices
 from .pooling.penalties import Penalty
 from ._pnp_geometry import check_start, depths, grad_hess, normalised, objective
 from ._pnp_starts import COPLANAR, dlt, image_spread, off_plane_spread, planar_start
@@ -113,9 +114,9 @@ def _newton_length(ev, Q, gq, flat):
 
 
 def warn_unfinished(unfinished, tol, max_iter) -> None:
-    n_todo = int(unfinished.sum())
-    if n_todo:
-        warn(f"pnp: {n_todo} of {unfinished.shape[0]} problem(s) did not reach tol={tol:g} within "
+    """The SolverWarning for the problems ``unfinished (B,)`` that reached ``max_iter`` first."""
+    if bool(unfinished.any()):
+        warn(f"pnp: {shown_indices(unfinished)} did not reach tol={tol:g} within "
              f"max_iter={max_iter}; returning the last iterate", SolverWarning)
 
 

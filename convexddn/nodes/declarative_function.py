@@ -24,6 +24,7 @@ from .._first_order import FORWARD_AD_ONLY, first_order_jvp, guard_gradients
 from ..errors import InputError
 from ._held_estimates import held_per_call
 from ._read_guard import ForwardVersions, check_solve_kept, versions_of
+from .degeneracy import naming_batch
 from .inputs import input_names
 
 __all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",
@@ -44,7 +45,8 @@ class DeclarativeFunction(torch.autograd.Function):
         # solve runs under no_grad, where torch lets a leaf that requires grad change in place:
         # x.sub_(1) there changed the caller's x and the backward's, silently.
         before = versions_of(tensors)
-        y = node._checked_solve(tensors[:n_inputs])
+        with naming_batch(context[0]):  # (messages name the rows in the caller's batch shape)
+            y = node._checked_solve(tensors[:n_inputs])
         check_solve_kept(type(node).__name__, tensors, before, n_inputs, context[2])
         return y
 

@@ -1,11 +1,14 @@
 """The warnings of a degenerate implicit derivative, one text per degeneracy, on every
 path (:mod:`.linear_solvers`' dense and CG solves, the native nodes' own backward passes):
 a singular KKT system, dependent active constraints, an ill-conditioned system; and how
-they name batch elements and the node (:func:`naming`)."""
+they name batch elements (:func:`shown_indices`, in the caller's batch shape within
+:func:`naming_batch`) and the node (:func:`naming`)."""
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -18,8 +21,8 @@ from .dense import default_rcond
 from .multipliers import unit_rows
 from .._context import bound
 
-__all__ = ["DependenceCheck", "dependent_to_warn", "naming", "shown_indices", "unravel", "warn_curved",
-           "warn_degenerate"]
+__all__ = ["DependenceCheck", "dependent_to_warn", "in_saved_batch", "named_batch", "naming", "naming_batch",
+           "shown_indices", "unravel", "warn_curved", "warn_degenerate"]
 
 Tensor = torch.Tensor
 _MAX_INDICES_SHOWN = 8
@@ -28,6 +31,12 @@ _MAX_INDICES_SHOWN = 8
 # with several nodes left "the KKT system ... is ill-conditioned" unattributed, beside
 # the node's other warnings ("Mean: ...", "Nonneg.solve ..."). Per thread and task.
 _NODE: contextvars.ContextVar[str] = contextvars.ContextVar("convexddn_node_name", default="")
+# The caller's batch shape of the rows a node works on: nodes flatten the leading batch
+# dims into rows (B, ...), and their helpers (and user-facing hooks such as
+# Penalty.solve and the linear solvers, whose signatures cannot carry it) warn about
+# rows; within naming_batch they name them as the caller indexes them. Per thread and task.
+_BATCH: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("convexddn_batch_shape",
+                                                                                default=None)
 
 
 def naming(name: str) -> AbstractContextManager[None]:
@@ -35,11 +44,39 @@ def naming(name: str) -> AbstractContextManager[None]:
     return bound(_NODE, name)
 
 
+def naming_batch(batch: Sequence[int] | None) -> AbstractContextManager[None]:
+    """Within: the rows being worked on are the caller's batch ``batch`` flattened (row-major),
+    and :func:`shown_indices` names them as index tuples into it (``None``: as flat indices)."""
+    return bound(_BATCH, None if batch is None else tuple(batch))
+
+
+def named_batch(n: int, batch: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """The batch shape that names ``n`` flattened rows: ``batch``, else the one
+    :func:`naming_batch` bound; ``None`` (flat indices) where that has not ``n`` elements
+    (a hook may be handed some rows only)."""
+    batch = _BATCH.get() if batch is None else tuple(batch)
+    return batch if batch is not None and math.prod(batch) == n else None
+
+
+def in_saved_batch(fn: Callable) -> Callable:
+    """``fn(ctx, ...)``, an autograd Function's ``backward`` or ``jvp``, run within
+    :func:`naming_batch` of ``ctx.named_batch`` (saved by its ``setup_context``, e.g. as
+    :func:`named_batch` of its rows; none: flat indices): torch runs the backward after the
+    call, outside the forward's context."""
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        with naming_batch(getattr(ctx, "named_batch", None)):
+            return fn(ctx, *args)
+    return wrapper
+
+
 def shown_indices(mask: Tensor, batch: Sequence[int] | None = None) -> str:
     """The first few batch elements where ``mask`` is true, for messages (one host sync):
-    as index tuples into ``batch``, the caller's batch shape, where it is given (``mask``,
-    flat or in that shape, covers it in row-major order: a node that works on flattened
-    rows names the elements as its caller indexes them), else as flat indices."""
+    as index tuples into ``batch``, the caller's batch shape, where it is given, else into
+    the one :func:`naming_batch` bound (``mask``, flat or in that shape, covers it in
+    row-major order: a node that works on flattened rows names the elements as its caller
+    indexes them), else (or where that shape does not cover ``mask``) as flat indices."""
+    batch = named_batch(mask.numel(), batch)
     idx = torch.nonzero(mask.reshape(-1)).squeeze(-1)  # (a mask in the batch shape: its row-major order)
     head = idx[:_MAX_INDICES_SHOWN].tolist()
     more = ", ..." if idx.numel() > _MAX_INDICES_SHOWN else ""

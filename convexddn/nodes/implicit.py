@@ -28,7 +28,7 @@ import torch
 from .._autograd import outside_compile
 from .._warn import warn
 from ..errors import GradientWarning
-from .degeneracy import shown_indices, warn_curved
+from .degeneracy import naming_batch, shown_indices, warn_curved
 from .graph import second_derivatives
 from .implicit_options import check_implicit_options
 from .implicit_system import implicit_system
@@ -202,7 +202,8 @@ def declarative_vjp(
     if batch == 0 or m == 0:
         zeros = tuple(torch.zeros_like(x) for x in xs)
         return (zeros[0] if single else zeros), tuple(torch.zeros_like(p) for p in params)
-    with torch.enable_grad(), second_derivatives(prefix):
+    # (its messages name the rows in the caller's batch_shape; after the block, passed explicitly)
+    with naming_batch(batch_shape), torch.enable_grad(), second_derivatives(prefix):
         k = implicit_system(objective, xs, y, equality_constraints, inequality_constraints, params, known,
                             linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
                             work_dtype, name, batch_shape, check_minimum)
@@ -249,7 +250,7 @@ def declarative_vjp(
     if flags[-1]:
         warn(
             f"{who}the incoming gradient (of the loss with respect to the solution) holds "
-            f"NaN or Inf for {shown_indices(upstream)}: their input gradients are NaN, and "
+            f"NaN or Inf for {shown_indices(upstream, batch_shape)}: their input gradients are NaN, and "
             "the parameters' (summed over the batch) too, as torch propagates it",
             GradientWarning)
         cast = tuple(torch.where(upstream.view((-1,) + (1,) * (g.dim() - 1)), math.nan, g)

@@ -31,7 +31,7 @@ import torch
 from .._autograd import outside_compile
 from .._warn import warn
 from ..errors import GradientWarning
-from .degeneracy import warn_curved
+from .degeneracy import naming_batch, warn_curved
 from .graph import second_derivatives
 from .implicit_options import check_implicit_options
 from .implicit_system import implicit_system
@@ -93,7 +93,8 @@ def declarative_jvp(
     if batch == 0 or m == 0 or not pairs:
         return torch.zeros_like(y)
     prefix, who = (f"{name}.", f"{name}: ") if name else ("", "")
-    with torch.enable_grad(), second_derivatives(prefix):
+    # (its messages name the rows in the caller's batch_shape; after the block, passed explicitly)
+    with naming_batch(batch_shape), torch.enable_grad(), second_derivatives(prefix):
         k = implicit_system(objective, xs, y, equality_constraints, inequality_constraints, params, known,
                             linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
                             work_dtype, name, batch_shape, check_minimum)
@@ -136,7 +137,7 @@ def declarative_jvp(
                                                 mixed.sum()]).tolist()
     if n_mixed:
         warn(f"{who}the mixed second derivatives of the Lagrangian (in y and the inputs or "
-             f"parameters) or the constraints' derivatives are NaN or Inf for {shown_indices(mixed)} "
+             f"parameters) or the constraints' derivatives are NaN or Inf for {shown_indices(mixed, batch_shape)} "
              "(not differentiable there as written, e.g. sqrt or a norm at 0); their tangents "
              "are set to zero", GradientWarning)
     if n_bad:
@@ -150,7 +151,7 @@ def declarative_jvp(
              GradientWarning)
     if n_up:
         warn(f"{who}the tangent of the inputs or parameters holds NaN or Inf for "
-             f"{shown_indices(upstream)}: their output tangents are NaN, as torch propagates it",
+             f"{shown_indices(upstream, batch_shape)}: their output tangents are NaN, as torch propagates it",
              GradientWarning)
         out = torch.where(upstream.unsqueeze(-1), math.nan, out)
     return out.reshape(y.shape)

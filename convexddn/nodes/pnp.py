@@ -41,16 +41,15 @@ from torch import nn
 
 from .._autograd import bind_fast, may_carry_tangents, outside_compile, plain, refuse_batched, refuse_transforms
 from .._first_order import first_order, first_order_jvp
-from .._checks import building, check_device, check_finite, check_scale, check_stopping, check_tensor
+from .._checks import building, check_scale, check_stopping
 from .._pow2 import pow2_round
-from ..errors import InputError, ShapeError
 from ._pnp_geometry import (
     axis_angle_to_matrix,
     canonical_pose,
-    check_alpha_shape,
     check_intrinsics,
     check_pose,
     check_start,
+    checked_inputs,
     grad_hess,
     mixed_jvp,
     objective,
@@ -62,6 +61,7 @@ from ._pnp_starts import check_dlt_points
 from ._repr import format_option
 from ._module_options import store_option
 from ._overflow import narrowed, widened
+from .degeneracy import in_saved_batch, named_batch, naming_batch
 from .dense import checked_solve
 from .pooling.penalties import Penalty, format_penalty
 
@@ -111,9 +111,11 @@ class _PnPFunction(torch.autograd.Function):
         ctx.save_for_backward(p2d, p3d, w, K, alpha, theta, H)
         ctx.save_for_forward(p2d, p3d, w, K, alpha, theta, H)
         ctx.pen = inputs[6]
+        ctx.named_batch = named_batch(theta.shape[0])  # (pnp's batch shape: the backward's warnings name it)
 
     @staticmethod
     @first_order_jvp("pnp")
+    @in_saved_batch
     def jvp(ctx, *tangents):  # type: ignore[override]
         """Forward mode: dθ = −H⁻¹ (∂∇_θf/∂x · dx), the optimality condition ∇_θf = 0
         differentiated along the tangents dx of the inputs (the backward's system, H
@@ -134,6 +136,7 @@ class _PnPFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order("pnp")
+    @in_saved_batch
     def backward(ctx, g_theta, _g_hessian):  # type: ignore[override]
         refuse_batched("pnp", g_theta)  # (its Hessian checks read on the host)
         p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
@@ -268,46 +271,9 @@ def pnp(
             pose = pnp(*c[:4], penalty=penalty, alpha=c[4], init=c[5], tol=tol, max_iter=max_iter)
         return pose.clone()
     pen, alpha = _check_options(penalty, alpha, tol, max_iter)
-    p2d, p3d = check_tensor("p2d", p2d), check_tensor("p3d", p3d)
-    if p2d.ndim < 2 or p2d.shape[-1] != 2 or p3d.ndim < 2 or p3d.shape[-1] != 3 or p2d.shape[-2] != p3d.shape[-2]:
-        raise ShapeError(f"p2d must be (*, N, 2) and p3d (*, N, 3) with the same N, got shapes "
-                         f"{tuple(p2d.shape)} and {tuple(p3d.shape)}")
-    n = p2d.shape[-2]
-    if n == 0:
-        raise ShapeError(f"pnp needs at least one correspondence (N >= 1), got shapes {tuple(p2d.shape)} "
-                         f"and {tuple(p3d.shape)}")
-    if init is None and n < 6:
-        raise ShapeError(f"pnp needs N >= 6 correspondences for its DLT start, got N={n}; pass init")
+    named, batch = checked_inputs(p2d, p3d, weights, K, init, alpha)
+    (p2d, _), (p3d, _) = named["p2d"], named["p3d"]
     dtype = _WORK
-    named = {"p2d": (p2d, 2), "p3d": (p3d, 2)}
-    if weights is not None:
-        named["weights"] = (check_tensor("weights", weights), 1)
-        if weights.ndim < 1 or weights.shape[-1] != n:
-            raise ShapeError(f"weights must be (*, N) with N={n}, got shape {tuple(weights.shape)}")
-    if K is not None:
-        named["K"] = (check_tensor("K", K), 1)
-        if K.ndim < 1 or K.shape[-1] != 4:
-            raise ShapeError(f"K must be (*, 4) as (fx, fy, cx, cy), got shape {tuple(K.shape)}")
-    if init is not None:
-        named["init"] = (check_tensor("init", init), 1)
-        if init.ndim < 1 or init.shape[-1] != 6:
-            raise ShapeError(f"init must be (*, 6), got shape {tuple(init.shape)}")
-    try:
-        batch = torch.broadcast_shapes(*[t.shape[: t.ndim - k] for t, k in named.values()])
-    except RuntimeError:
-        shapes = ", ".join(f"{k} {tuple(t.shape[: t.ndim - c])}" for k, (t, c) in named.items())
-        raise ShapeError(f"the batch shapes of {shapes} do not broadcast") from None
-    if isinstance(alpha, torch.Tensor):
-        check_alpha_shape(alpha, batch)
-        named["alpha"] = (alpha, 0)
-    for name, (t, _) in named.items():
-        check_device(name, t, p2d, "p2d")
-        check_finite(name, t)
-    if weights is not None and weights.numel():
-        if bool((weights < 0).any()):
-            raise InputError(f"weights must be >= 0, got a minimum of {float(weights.min()):g}")
-        if bool((weights.sum(-1) == 0).any()):
-            raise InputError("weights must not be all zero for a problem (the pose is then undetermined)")
 
     # float64 copies (an inference tensor copied first: the solve differentiates the
     # objective it enters), whose gradients go back to the inputs' dtypes through one
@@ -327,10 +293,11 @@ def pnp(
     else:
         a = torch.tensor(float(alpha), dtype=dtype, device=q.device)
     th0 = flat(plain(init).to(dtype), 1) if init is not None else None
-    if Kf is not None:
-        check_intrinsics(q, Kf)
-    if th0 is None:
-        check_dlt_points(p, w)
+    with naming_batch(batch):  # (the checks, as the solver, name the flattened problems in the caller's batch shape)
+        if Kf is not None:
+            check_intrinsics(q, Kf)
+        if th0 is None:
+            check_dlt_points(p, w)
     # θ(q, s p) = (r, s t): the projection x/z does not see the scene's scale. Solving in units of
     # a power of two near each scene's extent (exact) keeps rotation and translation steps comparable
     # in the stopping test and the damping (at 1e7 or 1e-7 scene units the rotation froze 4e-3 to
@@ -347,7 +314,8 @@ def pnp(
     # (forward mode too: through the solver's own ops its tangents were wrong, -0.41
     # against a central difference of -0.08; the Function's jvp is the implicit one)
     grad = (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or may_carry_tangents(*tensors)
-    theta = _solve(args, grad)
+    with naming_batch(batch):
+        theta = _solve(args, grad)
     theta = torch.cat([theta[:, :3], theta[:, 3:] * unit.view(-1, 1)], 1)
     return narrowed(theta.reshape(*batch, 6), torch.promote_types(p2d.dtype, p3d.dtype), "pnp", "the pose", 1,
                     advice="pass p2d and p3d in a wider dtype, or the scene in other units")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from convexddn.errors import GradientWarning
+from convexddn.errors import GradientWarning, SolverError
 from convexddn.nodes.declarative import DeclarativeNode
 
 DT = torch.float64
@@ -60,7 +60,7 @@ def test_a_redundant_bound_touching_a_ball_warns(solver):
     v = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], dtype=DT)
     _, msgs = _caught(lambda: _Ball(linear_solver=solver)(x).backward(v))
     named = [m for m in msgs if LICQ in m]
-    assert len(named) == 1 and "flat indices [0]" in named[0], msgs
+    assert len(named) == 1 and "indices [(0,)]" in named[0], msgs
     exact = (v.unsqueeze(-2) @ _sphere_jacobian(x.detach())).squeeze(-2)
     torch.testing.assert_close(x.grad[1], exact[1])
 
@@ -71,6 +71,37 @@ def test_a_redundant_bound_touching_a_ball_warns_in_forward_mode():
         _, msgs = _caught(lambda: _Ball()(fwAD.make_dual(x, torch.tensor([[0.0, 1.0, 0.0]], dtype=DT))))
     assert any(LICQ in m and "tangent" in m for m in msgs), msgs
 
+
+class _Broken(_Ball):
+    """:class:`_Ball` whose solve returns NaN for element (1, 2) of a (2, 3) batch (row 5)."""
+
+    def solve(self, x):
+        y = super().solve(x)
+        y[5] = float("nan")
+        return y
+
+
+def test_a_declarative_node_names_elements_in_the_callers_batch_shape():
+    """A DeclarativeNode solves a (2, 3) batch as 6 flattened rows, and its backward's and
+    jvp's warnings named (1, 2) as "flat indices [5]", which the caller cannot index with:
+    now (1, 2), as the forward's SolverError names it (and its ``indices``)."""
+    x = torch.tensor([3.0, 0.5, 0.0], dtype=DT).repeat(2, 3, 1)
+    x[1, 2, 1] = 0.0  # only (1, 2) touches the face y0 <= 1
+    named = "1 of 6 batch element(s) (indices [(1, 2)])"
+    v = torch.zeros(2, 3, 3, dtype=DT)
+    v[..., 1] = 1.0
+    xr = x.clone().requires_grad_()
+    _, msgs = _caught(lambda: _Ball(batch_dims=2)(xr).backward(v))
+    assert [m for m in msgs if LICQ in m and named in m], msgs
+    with fwAD.dual_level():
+        _, msgs = _caught(lambda: _Ball(batch_dims=2)(fwAD.make_dual(x, v)))
+    assert [m for m in msgs if LICQ in m and "tangent" in m and named in m], msgs
+    v[1, 2, 0] = float("nan")  # (reported after the solve: outside its naming)
+    _, msgs = _caught(lambda: _Ball(batch_dims=2)(x.clone().requires_grad_()).backward(v))
+    assert [m for m in msgs if "incoming gradient" in m and named in m], msgs
+    with pytest.raises(SolverError, match=r"returned NaN or Inf for 1 of 6 .*\[\(1, 2\)\]") as err:
+        _Broken(batch_dims=2)(x)
+    assert err.value.indices == [(1, 2)]
 
 def test_the_ball_alone_is_exact_and_quiet():
     x = torch.tensor([[3.0, 0.0, 0.0]], dtype=DT, requires_grad=True)

@@ -206,7 +206,7 @@ def test_pnp_invalid():
         pnp(q * 500 + 300, p, K=torch.tensor([0.0, 500.0, 300.0, 300.0], dtype=D))
     w = torch.ones(3, 12, dtype=D)
     w[1, 5:] = 0
-    with pytest.raises(InputError, match=r"weights: .*>= 6 distinct points of nonzero weight.*flat indices \[1\]"):
+    with pytest.raises(InputError, match=r"weights: .*>= 6 distinct points of nonzero weight.*indices \[\(1,\)\]"):
         pnp(q, p, w)
     qn = q.clone()
     qn[0, 0, 0] = float("nan")
@@ -248,7 +248,7 @@ def test_pnp_coplanar_points_are_solved_from_the_plane():
     with pytest.raises(InputError, match=r"p3d: .*>= 6 distinct points per problem, got 1 "):
         pnp(torch.zeros(1, 8, 2, dtype=D), ident)
     line = torch.linspace(-1, 1, 8, dtype=D)[:, None] * torch.tensor([1.0, 2.0, 0.5], dtype=D)
-    with pytest.raises(InputError, match=r"p3d: .*not all on one line.*flat indices \[0\]"):
+    with pytest.raises(InputError, match=r"p3d: .*not all on one line.*indices \[\(0,\)\]"):
         pnp(torch.zeros(1, 8, 2, dtype=D), (line + torch.tensor([0.0, 0.0, 4.0], dtype=D)).unsqueeze(0))
 
 
@@ -306,7 +306,7 @@ def test_pnp_init_at_depth_zero():
     init = theta.clone()
     init[1] = 0  # R = I exactly: depth of point i is p_i,z + t_z
     init[1, 5] = -p[1, 0, 2]  # point 0 of problem 1 exactly on the camera plane
-    with pytest.raises(InputError, match=r"init must put every point at a nonzero depth.*flat indices \[1\]"):
+    with pytest.raises(InputError, match=r"init must put every point at a nonzero depth.*indices \[\(1,\)\]"):
         pnp(q, p, init=init)
 
 
@@ -415,7 +415,7 @@ def test_pnp_weight_gradient_of_padding_at_depth_zero_warns():
             torch.func.jvp(lambda w: pnp(qp.detach(), pp.detach(), w), (w.detach(),), (torch.ones_like(w),))
         said = [str(m.message) for m in got if issubclass(m.category, GradientWarning)]
         assert len(said) == (2 if warns else 0), said  # (the backward's and the jvp's)
-        assert all("weight 0 at depth 0" in m and "[[0, 10]]" in m for m in said)
+        assert all("weight 0 at depth 0" in m and "[[(0,), 10]]" in m for m in said)
         assert torch.equal(gp[0, 10], torch.zeros(3, dtype=D))
         assert (gw[0, 10] == 0) == warns
         pp.requires_grad_(False)
@@ -471,10 +471,36 @@ def test_pnp_singular_hessian(case):
     qr = q.clone().requires_grad_()
     with pytest.warns(SolverWarning, match="not unique"):
         est = pnp(qr, p, w, **kw)
-    with pytest.warns(GradientWarning, match=r"singular for 1 of 1 .*flat indices \[0\].*set to zero"):
+    with pytest.warns(GradientWarning, match=r"singular for 1 of 1 .*indices \[\(0,\)\].*set to zero"):
         (grad,) = torch.autograd.grad(est.sum(), qr)
     assert torch.equal(grad, torch.zeros_like(grad))
 
+
+def test_pnp_names_elements_in_the_callers_batch_shape():
+    """pnp solves the (2, 3) problems as 6 flattened rows, and its messages named (1, 2)
+    as "flat indices [5]", which the caller cannot index with: now (1, 2), in the forward's
+    checks and solver, and in the backward and the jvp (run after the call)."""
+    q, p, theta = scene(17, batch=(2, 3), n=8)
+    w = torch.ones(2, 3, 8, dtype=D)
+    w[1, 2, 2:] = 0  # two points: the pose of (1, 2) is not unique
+    named = r"1 of 6 batch element\(s\) \(indices \[\(1, 2\)\]\)"
+    with pytest.raises(InputError, match=r"distinct points of nonzero weight .*" + named):
+        pnp(q, p, w)
+    qr = q.clone().requires_grad_()
+    with pytest.warns(SolverWarning, match="not unique for " + named):
+        est = pnp(qr, p, w, init=theta + 1e-3)
+    with pytest.warns(GradientWarning, match="Hessian at the solution is singular for " + named):
+        torch.autograd.grad(est.sum(), qr)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        torch.func.jvp(lambda q: pnp(q, p, w, init=theta + 1e-3), (q,), (torch.ones_like(q),))
+    said = [str(m.message) for m in got if issubclass(m.category, GradientWarning)]
+    assert any("Hessian at the solution is singular for 1 of 6 batch element(s) (indices [(1, 2)])" in m
+               for m in said), said
+    init = theta.clone()
+    init[1, 2] += 0.2  # (the others start at their solution)
+    with pytest.warns(SolverWarning, match=r"batch element\(s\) \(indices \[.*\(1, 2\)\]\) did not reach tol"):
+        pnp(q, p, init=init, max_iter=2)
 
 def test_pnp_regular_hessian_no_warning():
     # Control for the test above: 3 points / 3 inliers generically fix the pose.

@@ -10,10 +10,10 @@ from ..._autograd import bind_fast, refuse_batched, save_plain
 from ..._first_order import first_order, first_order_jvp
 from ..._warn import warn
 from ...errors import GradientWarning
+from ..degeneracy import in_saved_batch, naming_batch, shown_indices
 from .backward import pool_backward
 from .penalties import Quadratic
 from .rounding import _GRADIENT_GRID, coarse_flag
-from .solvers import named_rows, solving
 
 __all__ = ["RobustPoolFunction"]
 
@@ -43,7 +43,7 @@ class RobustPoolFunction(torch.autograd.Function):
         # ops of the iterations, a hundred or more per iteration on (R, 1) tensors
         # (in-process A/B at (4, 256, 1024) float32: 1.17-1.36x faster; nothing
         # measurable at (8, 1024, 2048)). The (R,) result is cloned into a normal tensor.
-        with torch.inference_mode(), solving(batch):
+        with torch.inference_mode(), naming_batch(batch):
             y, rem = penalty.solve_split(x, a, tol, max_iter, use_compile)
         return y.clone(), (x.new_empty((0,)) if rem is None else rem.clone())
 
@@ -59,10 +59,11 @@ class RobustPoolFunction(torch.autograd.Function):
         ctx.save_for_forward(x, alpha, y, rem)
         ctx.penalty = penalty
         ctx.use_compile = use_compile
-        ctx.batch = batch
+        ctx.named_batch = batch  # (the backward's and the jvp's warnings name rows in it)
 
     @staticmethod
     @first_order("robust_pool")
+    @in_saved_batch
     def backward(ctx, grad_y, _grad_rem):  # type: ignore[override]
         refuse_batched("robust_pool", grad_y)
         x, alpha, y, rem = ctx.saved_tensors
@@ -88,6 +89,7 @@ class RobustPoolFunction(torch.autograd.Function):
 
     @staticmethod
     @first_order_jvp("robust_pool")  # its tangent differentiated again: DoubleBackwardError
+    @in_saved_batch
     def jvp(ctx, x_t, alpha_t, *_):  # type: ignore[override]
         """Forward mode: dy = Σ_i w_i dx_i / Σ_j w_j − (Σ_i wa_i / Σ_j w_j) dα (Table 1),
         i.e. the backward's row vectors at an incoming gradient of 1, times the tangents
@@ -111,7 +113,8 @@ class RobustPoolFunction(torch.autograd.Function):
 def _weights(ctx, x, alpha, y, rem, grad_y, need_x: bool, need_alpha: bool):
     """:func:`~.backward.pool_backward`'s ``(grad_x, grad_alpha per row)`` at ``grad_y``,
     with the warnings for rows whose gradient does not exist (set to zero), naming them
-    in the caller's batch shape (the rows are its flattened elements); ``rem``: y's
+    in the caller's batch shape (the rows are its flattened elements: within the backward's
+    :func:`~..degeneracy.naming_batch`); ``rem``: y's
     remainder from the forward (empty where the solver gave none)."""
     a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
     gx, ga, ok, all_ok, alpha_lost, coarse = pool_backward(ctx.penalty, x, y, a, grad_y, need_x, need_alpha,
@@ -120,7 +123,7 @@ def _weights(ctx, x, alpha, y, rem, grad_y, need_x: bool, need_alpha: bool):
     who = f"robust_pool(penalty={ctx.penalty.name!r})"
     if coarse is not None:
         warn(
-            f"{who}: y's rounding exceeds {_GRADIENT_GRID:.2g} alpha for {named_rows(coarse, ctx.batch)}, "
+            f"{who}: y's rounding exceeds {_GRADIENT_GRID:.2g} alpha for {shown_indices(coarse)}, "
             f"|y| / alpha being too large for {x.dtype}, and Newton steps from y did not reach the "
             f"minimiser's residuals (a curvature sum <= 0, or y too far off); their gradient is taken "
             f"where the steps stopped, and may be off by about that point's distance to the minimiser "
@@ -129,7 +132,7 @@ def _weights(ctx, x, alpha, y, rem, grad_y, need_x: bool, need_alpha: bool):
         )
     if alpha_lost is not None:
         warn(
-            f"{who}: the sum of d2phi_dalpha(y - x_i) is not finite for {named_rows(alpha_lost, ctx.batch)}, "
+            f"{who}: the sum of d2phi_dalpha(y - x_i) is not finite for {shown_indices(alpha_lost)}, "
             f"even in float64 (the penalty's formula overflows); alpha's gradient from those rows is set "
             f"to zero",
             GradientWarning,
@@ -137,7 +140,7 @@ def _weights(ctx, x, alpha, y, rem, grad_y, need_x: bool, need_alpha: bool):
     if not all_ok:
         warn(
             f"{who}: the Hessian sum_i phi''(y - x_i) is zero, singular or negative for "
-            f"{named_rows(~ok, ctx.batch)}: no inliers, or a non-isolated minimiser; their gradient "
+            f"{shown_indices(~ok)}: no inliers, or a non-isolated minimiser; their gradient "
             f"is set to zero",
             GradientWarning,
         )

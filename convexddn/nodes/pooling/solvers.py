@@ -17,16 +17,12 @@ rows that float64 cannot resolve, or that hit ``max_iter``, are reported with a
 """
 from __future__ import annotations
 
-import contextvars
 import functools
-import math
-from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
 
 from ..._checks import check_finite
-from ..._context import bound
 from ..._pow2 import pow2_floor
 from ..._warn import warn
 from ...errors import SolverWarning
@@ -51,11 +47,6 @@ _REMEDIAN_LEVELS = 4
 # _SAMPLE_STEPS safeguarded Newton steps; refined starts closer than _MERGE * alpha are one.
 _NC_SAMPLE = 128
 _SAMPLE_STEPS, _MERGE = 4, 1e-3
-# The caller's batch shape of the rows being solved: the solvers see flattened rows
-# (R, N) behind Penalty.solve, a user-facing hook whose signature cannot carry it, and
-# their warnings name the rows as the caller indexes them. Per thread and task.
-_BATCH: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("convexddn_pool_batch",
-                                                                                default=None)
 
 
 def mean_solve(x: Tensor) -> Tensor:
@@ -151,23 +142,10 @@ def _sample_starts(xs: Tensor) -> Tensor:
     return torch.cat([xs.mean(-1, keepdim=True), _remedian(xs)], -1)
 
 
-def solving(batch: tuple[int, ...]) -> AbstractContextManager[None]:
-    """Within: the rows being solved are the caller's batch ``batch`` (the pooled output's
-    shape), flattened, and the warnings of :func:`named_rows` name them in it."""
-    return bound(_BATCH, batch)
-
-
-def named_rows(mask: Tensor, batch: tuple[int, ...] | None = None) -> str:
-    """The rows where ``mask (R,)`` holds, for messages: index tuples into the caller's
-    batch shape (``batch``, else the one :func:`solving` set), flat indices where none
-    covers these rows (a user's ``Penalty.solve`` may hand a solver some rows only)."""
-    batch = _BATCH.get() if batch is None else batch
-    return shown_indices(mask, batch if batch is not None and math.prod(batch) == mask.numel() else None)
-
-
 def warn_rows(name: str, message: str, mask: Tensor) -> None:
-    """The SolverWarning for the rows ``mask (R,)`` of a pooling with penalty ``name``."""
-    warn(f"robust_pool(penalty={name!r}): {named_rows(mask)} {message}", SolverWarning)
+    """The SolverWarning for the rows ``mask (R,)`` of a pooling with penalty ``name`` (named in the
+    caller's batch shape within the forward's :func:`~..degeneracy.naming_batch`)."""
+    warn(f"robust_pool(penalty={name!r}): {shown_indices(mask)} {message}", SolverWarning)
 
 
 # --------------------------------------------------------------------------- drivers
