@@ -163,7 +163,7 @@ class ResidualMap:
             # R is positively homogeneous, so M is singular along z: rank N - 1 at a
             # differentiable solution. A lower rank means the solution is not unique (or
             # not differentiable there): the minimum-norm answer is then one choice among many.
-            self.degenerate = rank < rhs.size - 1
+            self.degenerate, self.rank = rank < rhs.size - 1, rank  # (rank: for unique_anyway)
             return sol
         size = rhs.size
         op = M.transpose() if transpose else M
@@ -278,7 +278,7 @@ class ResidualMap:
                 else:
                     self.inaccurate = self.relative_residual
             degenerate = self.degenerate and (parametric is None
-                                              or not unique_anyway(Mz, dz, pi_z, n, parametric))
+                                              or not unique_anyway(Mz, dz, pi_z, n, parametric, self.rank))
             grads = data_grads(r, pi_z, n, rows, cols)
             self.degenerate = degenerate or (sides is not None and not (
                 isinstance(Mz, np.ndarray) and self._either_side(z, sides, (dx, dy, dw), r, pi_z, parametric)))

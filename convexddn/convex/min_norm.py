@@ -23,13 +23,13 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg.lapack import dtrcon, get_lapack_funcs
 
-__all__ = ["min_norm_solve"]
+__all__ = ["equilibrate", "min_norm_solve"]
 
 _PASSES = 4  # Ruiz passes on |M| (a scale spread of 1e8 is balanced to ~2 in four)
 _GELSY, _GELSY_LWORK = get_lapack_funcs(("gelsy", "gelsy_lwork"), (np.zeros((1, 1)),))  # (float64)
 
 
-def _scales(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def equilibrate(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row and column scales (powers of two, exact) that bring ``|mat|``'s row and column maxima near 1."""
     rows, cols = np.ones(mat.shape[0]), np.ones(mat.shape[1])
     a = np.abs(mat)
@@ -62,7 +62,7 @@ def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0)
     equilibrated matrix that LAPACK's rank-revealing QR (``gelsy``, condition estimate
     ``1 / rtol``) finds negligible; ``rank`` counts the others, ``condition`` estimates the
     equilibrated matrix's condition along them (how far rounding in ``rhs`` is amplified)."""
-    rows, cols = _scales(mat)
+    rows, cols = equilibrate(mat)
     S = mat * rows[:, None] * cols[None, :]
     W = np.random.default_rng(seed).standard_normal((S.shape[1], 1))
     sol, rank, condition = _gelsy(S, np.column_stack([rows * rhs, S @ W]), rtol)

@@ -15,6 +15,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
+from .min_norm import equilibrate
+
 __all__ = ["Parametric", "data_grads", "parametric_entries", "theta_grads", "unique_anyway"]
 
 
@@ -34,10 +36,6 @@ class Parametric:
     c_map: sp.csr_matrix
 
 
-# Singular values of M below this, relative to the largest, span its null spaces (over
-# the per-element path's rank-deficient solutions in scripts/fuzz_convex.py: at most
-# 3e-11 against at least 4e-7 for the next one).
-_NULL_RTOL = 1e-9
 # A null direction counts as reached when the cotangent's component along it, or a
 # parameter's perturbation of R, is above this relative size (measured over the fuzz's
 # rank-deficient elements, seeds 1-5: parameters' reach ≤ 5.4e-10 or ≥ 3.6e-6, the
@@ -45,8 +43,9 @@ _NULL_RTOL = 1e-9
 _UNIQUE_RTOL = 3e-8
 
 
-def unique_anyway(M: np.ndarray, dz: np.ndarray, pi_z: np.ndarray, n: int, par: Parametric) -> bool:
-    r"""Whether the gradient is unique although ``M`` has more than one null direction.
+def unique_anyway(M: np.ndarray, dz: np.ndarray, pi_z: np.ndarray, n: int, par: Parametric, rank: int) -> bool:
+    r"""Whether the gradient is unique although ``M`` has more than one null direction
+    (``rank``: the adjoint solve's, :func:`~.min_norm.min_norm_solve`).
 
     With :math:`N_r, N_l` bases of the right and left null spaces of :math:`M`, the
     derivative :math:`\mathrm{d}z` solves :math:`M\,\mathrm{d}z = -\partial_\theta R`
@@ -59,14 +58,26 @@ def unique_anyway(M: np.ndarray, dz: np.ndarray, pi_z: np.ndarray, n: int, par: 
     others). The second is the adjoint's own formula with :math:`r` a left null vector,
     mapped to θ by the data's derivative. Otherwise the solution is not differentiable.
     """
-    U, S, Vt = scipy.linalg.svd(M)
-    null = S <= _NULL_RTOL * S[0]
-    right, left = Vt[null], U[:, null]
+    # The null directions are those the solve dropped: the last N − rank of the matrix it
+    # decided the rank on, S = D_r M D_c (its units; M's null spaces are D_c N(S), D_r N(Sᵀ)).
+    # A cut of its own, 1e-9 of M's largest singular value, in M's units, disagreed: with the
+    # data b, c, t of an SOCP scaled by 1e3 (its objective's ½‖x‖² by 1e6), a direction the
+    # solve kept (1.2e-10 of the largest here, 1.4e-6 in S) was called null, the cotangent
+    # reached it (1e-7), and 10 of 16 elements warned "not unique", their gradients exact.
+    rows, cols = equilibrate(M)
+    U, _, Vt = scipy.linalg.svd(M * rows[:, None] * cols[None, :])
+    right = _orthonormal(cols[:, None] * Vt[rank:].T).T
+    left = _orthonormal(rows[:, None] * U[:, rank:])
     if np.abs(right @ dz).max() > _UNIQUE_RTOL * np.abs(dz).max():
         return False
     reach = theta_grads(par, *data_grads(left, pi_z, n, par.rows, par.cols))  # (k, null directions)
     size = max(1.0, np.abs(pi_z).max()) * max([abs(m).max() for m in (par.ab_map, par.c_map) if m.nnz] + [0.0])
     return np.abs(reach).max(initial=0.0) <= _UNIQUE_RTOL * size
+
+
+def _orthonormal(basis: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (columns) of ``basis``' span (its columns independent)."""
+    return np.linalg.qr(basis)[0] if basis.shape[1] else basis
 
 
 def data_grads(r: np.ndarray, pi_z: np.ndarray, n: int, rows: np.ndarray, cols: np.ndarray):
