@@ -22,15 +22,18 @@ errors from :mod:`convexddn.errors`.
   default solver, 0 meaning none; or Clarabel's ``time_limit``) and ``verbose``
   (:data:`APPLIED_SOLVER_ARGS`) reach that solver under its own spelling, and any other
   setting that solver takes (Clarabel's ``direct_solve_method``, ``equilibrate_enable``,
-  ...; ECOS's ``nitref``; SCS's ``log_csv_filename``) reaches it as written, checked as
-  :class:`ConvexLayer` checks it (:mod:`.solver_args`). With the default solver they reach
+  ...; ECOS's ``nitref``; SCS's ``log_csv_filename`` and ``linear_solver``) reaches it as
+  written, checked as :class:`ConvexLayer` checks it (:mod:`.solver_args`; SCS also judges
+  its settings itself, so one its build lacks is refused when the layer takes it). With the
+  default solver they reach
   only the per-element one, Clarabel, which solves just the elements the batched interior
   point does not certify (the one warning says so). A setting of another solver raises
   :class:`~convexddn.errors.OptionError` naming its solver (cvxpylayers 1.2 passes it on:
   ECOS and SCS raise a ``TypeError``, Clarabel an ``AttributeError``): a time limit with
   ``solve_method="ECOS"``, ECOS's ``nitref`` with Clarabel; SCS's own settings with the default solver are ignored with
   the one warning (cvxpylayers' default solver is SCS, which does not run here);
-- **ignored, with one warning per layer** (:data:`IGNORED_SOLVER_ARGS`): solver
+- **ignored, with a warning naming each key once per layer** (a later call's keys not named
+  yet get a warning of their own) (:data:`IGNORED_SOLVER_ARGS`): solver
   tolerances (SCS's ``eps``, ECOS's ``abstol``, Clarabel's ``tol_*``, ...), SCS's
   convergence tuning (``acceleration_lookback``, ``normalize``, ...), diffcp's
   derivative settings (``mode``, ``n_jobs_forward``, ``n_jobs_backward``): each solution
@@ -43,7 +46,18 @@ errors from :mod:`convexddn.errors`.
   with ``False`` diffcp returned SCS's unverified iterate instead). An ignored key's value
   is checked all the same, as the solver (or diffcp) that takes it would take it: ``eps=-1``
   or ``mode="fast"`` raises :class:`~convexddn.errors.OptionError`, not a no-op;
-- a key no solver takes raises :class:`~convexddn.errors.OptionError` listing the valid keys.
+- **a replaced solver's settings**: with ``solver="MOREAU"`` or ``"MPAX"`` (replaced by the
+  default solver, said in the warning) a key no solver here takes is that solver's setting
+  (Moreau's ``tol``, MPAX's ``algorithm``) and is ignored with it, named in the same warning
+  (Moreau itself skips a key it has no setting for); ``max_iters``, ``verbose`` and the
+  others above keep their meaning;
+- otherwise a key no solver takes raises :class:`~convexddn.errors.OptionError` listing the
+  valid keys.
+
+``canon_backend`` (CVXPY's canonicalisation backend) is checked, case-insensitively, against
+CVXPY's backends (``"CPP"``, ``"SCIPY"``, ...; an :class:`~convexddn.errors.OptionError` naming
+them otherwise, where cvxpylayers raises CVXPY's ``ValueError: Unknown backend``) and then
+ignored with the warning: the problem is canonicalised once here.
 """
 from __future__ import annotations
 
@@ -57,7 +71,7 @@ from .._checks import check_flag
 from .._warn import warn
 from ..errors import ConvexDDNWarning, OptionError
 from .compat_args import (ALIASES, APPLIED_SOLVER_ARGS, AUTO_ONLY, BACKENDS, IGNORED_SOLVER_ARGS, REPLACED_BACKENDS,
-                          SOLVER_NAMES, classify, per_element, solver_name)
+                          SOLVER_NAMES, canon_backend as check_canon_backend, classify, per_element, solver_name)
 from .layer import ConvexLayer
 from .solver_args import spelled, validate_solver_args
 from .state import picklable_state
@@ -86,11 +100,13 @@ class CvxpyLayer(nn.Module):
             ``"auto"``: a batched interior point for LPs, QPs and SOCPs, per-element
             Clarabel otherwise); ``"CLARABEL"``, ``"SCS"``, ``"ECOS"`` pick that
             per-element solver; ``"MOREAU"`` and ``"MPAX"`` are replaced by the default
-            with the one warning. Case-insensitive.
+            with the one warning, as are their own settings in ``solver_args`` (keys no
+            solver here takes). Case-insensitive.
         gp: the problem is log-log convex (geometric program): parameters and
             variables are positive and the problem is solved in log space.
         verbose: print the solver's log (``verbose=True`` for the solver).
-        canon_backend: accepted for compatibility and ignored (with the one warning).
+        canon_backend: None or one of CVXPY's backends (``"CPP"``, ``"SCIPY"``, ...),
+            checked and then ignored (with the one warning).
         solver_args: defaults for every call; see the module docstring.
 
     A per-element solver falls back to Clarabel where SCS or ECOS fails and to SCS where
@@ -109,7 +125,9 @@ class CvxpyLayer(nn.Module):
     Raises:
         OptionError: an unknown solver, a custom ``SolverInterface``, ``solver_args``
             that is not a dict or has a key no solver takes (the message lists the
-            valid ones), a setting of another solver than the chosen one (a time limit
+            valid ones; with ``solver="MOREAU"`` or ``"MPAX"`` such a key is that solver's,
+            ignored), a ``canon_backend`` CVXPY does not have, a setting of another solver
+            than the chosen one (a time limit
             with ``solve_method="ECOS"``: ECOS has none), a solver that cannot take the
             problem (a per-element one for ``quad_form(x, P)`` of a parameter ``P``;
             ECOS for PSD cones: named as chosen, ``solver`` or
@@ -141,7 +159,9 @@ class CvxpyLayer(nn.Module):
         solver_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self._warned = self._warned_auto = False
+        # The keys each notice has named (each key once per layer; not a flag: a later call's new keys are named).
+        self._warned_keys: set[str] = set()
+        self._warned_auto_keys: set[str] = set()
         self._gp = gp
         # (nn.Module owns the names _parameters and parameters: keep the CVXPY objects apart)
         self._declared = (problem, list(parameters), list(variables))
@@ -153,10 +173,15 @@ class CvxpyLayer(nn.Module):
         if check_flag("verbose", verbose):
             self._args["verbose"] = True
         self._solver = method or backend or "auto"
-        applied, ignored = classify(self._args, self._solver)
-        if canon_backend is not None:
+        # cvxpylayers' MOREAU or MPAX (as written), which this layer's solver replaces: the keys of
+        # solver_args (the constructor's and each call's) that no solver here takes are its settings,
+        # ignored as it is, with the one warning (classify); Moreau itself skips a key it lacks.
+        replaced = isinstance(solver, str) and solver.lower() in REPLACED_BACKENDS
+        self._replaced = solver if replaced else None
+        applied, ignored = classify(self._args, self._solver, self._replaced)
+        if check_canon_backend(canon_backend) is not None:
             ignored["canon_backend"] = "CVXPY's canonicalisation backend (the problem is canonicalised once here)"
-        if isinstance(solver, str) and solver.lower() in REPLACED_BACKENDS:
+        if replaced:
             ignored[f"solver={solver!r}"] = "another algorithm, replaced by the default solver"
         # One ConvexLayer per solver used; a per-call solve_method adds one on first use.
         option = "solver_args['solve_method']" if method else "solver"
@@ -201,24 +226,28 @@ class CvxpyLayer(nn.Module):
         return list(applied) if solver == "auto" else []
 
     def _warn(self, ignored: dict[str, str], auto_only: Sequence[str] = ()) -> None:
-        """The two notices, each once per layer: keys ignored (key -> why), and keys that
-        reach only the per-element solver under the default solver (attributed to the
-        caller's line). Each flag is set once its warning has returned: under
-        ``simplefilter("error")`` the warning raises, the call fails, and a failed call
-        changes nothing (set first, the identical next call ran silently)."""
-        if ignored and not self._warned:
-            why = "; ".join(sorted({f"{k}: {reason}" for k, reason in ignored.items()}))
+        """The two notices, each naming a key once per layer: keys ignored (key -> why), and
+        keys that reach only the per-element solver under the default solver (attributed to
+        the caller's line). A later call's keys not named yet get a notice of their own (a
+        flag per layer left a later call's new keys, mode='dense' after eps, unsaid). The
+        keys count as named once the warning has returned: under ``simplefilter("error")``
+        the warning raises, the call fails, and a failed call changes nothing."""
+        said = self.__dict__.get("_warned_keys", set())  # (layers pickled before it: a flag, no keys)
+        new = {k: reason for k, reason in ignored.items() if k not in said}
+        if new:
+            why = "; ".join(sorted({f"{k}: {reason}" for k, reason in new.items()}))
             warn(
-                f"CvxpyLayer ignores {list(ignored)} ({why}). convexddn accepts a solution only "
+                f"CvxpyLayer ignores {list(new)} ({why}). convexddn accepts a solution only "
                 f"with a KKT residual <= {self.convex_layer.batched_tol:g} (its batched solver; "
                 f"{self.convex_layer.tol:g} for a per-element one) and differentiates it "
-                "exactly. This warning is shown once per layer.",
+                "exactly. Each key is named once per layer.",
                 ConvexDDNWarning)
-            self._warned = True
-        if auto_only and not getattr(self, "_warned_auto", False):  # (layers pickled before it)
-            warn(f"CvxpyLayer: {list(auto_only)} {AUTO_ONLY}. This warning is shown once per layer.",
-                 ConvexDDNWarning)
-            self._warned_auto = True
+            self._warned_keys = said | set(new)
+        said = self.__dict__.get("_warned_auto_keys", set())
+        new_auto = [k for k in auto_only if k not in said]
+        if new_auto:
+            warn(f"CvxpyLayer: {new_auto} {AUTO_ONLY}. Each key is named once per layer.", ConvexDDNWarning)
+            self._warned_auto_keys = said | set(new_auto)
 
     @staticmethod
     def _native(applied: dict[str, Any], solver: str) -> dict[str, Any]:
@@ -244,7 +273,7 @@ class CvxpyLayer(nn.Module):
     def _make(self, solver: str, option: str) -> ConvexLayer:
         """The ConvexLayer of ``solver`` (with the constructor's solver_args), which the user
         chose by ``option``: its errors about that choice name the option so."""
-        native = self._native(classify(self._args, solver)[0], solver)
+        native = self._native(classify(self._args, solver, getattr(self, "_replaced", None))[0], solver)
         remedy = ("drop solve_method: the default solver takes it" if option != "solver"
                   else "use solver=None (the default solver takes it)")
         fallback = "Clarabel" if solver in ("SCS", "ECOS") else "SCS"
@@ -293,7 +322,7 @@ class CvxpyLayer(nn.Module):
         # Checked here, under the user's keys (ConvexLayer would name the translated ones),
         # and before the once-per-layer notices: a call refused for its solver_args does
         # not use them up.
-        applied, ignored = classify(args, solver)
+        applied, ignored = classify(args, solver, getattr(self, "_replaced", None))  # (layers pickled before it)
         native = self._native(applied, solver)
         # A new solver's layer joins the module tree only once its first call succeeds: a
         # failed call (a NaN parameter) left 'layers.SCS' in named_modules() and the repr.

@@ -10,10 +10,11 @@ from typing import Any
 
 from ..errors import OptionError
 from .per_element import SOLVERS
-from .solver_args import check_setting, solver_settings
+from .solver_args import check_setting, solver_choice, solver_settings
 
 __all__ = ["ALIASES", "APPLIED_SOLVER_ARGS", "AUTO_ONLY", "BACKENDS", "IGNORED_SOLVER_ARGS", "REPLACED_BACKENDS",
-           "SOLVER_NAMES", "classify", "per_element", "solver_name"]
+           "SOLVER_NAMES", "canon_backend", "canon_backends", "classify", "per_element", "replaced_reason",
+           "solver_name"]
 
 # Our solvers by lower-case name (``solve_method`` and ``solver=`` spellings).
 SOLVER_NAMES = {s.lower(): s for s in SOLVERS}
@@ -60,8 +61,8 @@ IGNORED_SOLVER_ARGS: dict[str, str] = {
         "tol_gap_abs", "tol_gap_rel", "tol_feas", "tol_infeas_abs", "tol_infeas_rel",
         "tol_ktratio")},                                                # Clarabel
     **{k: _SCS_TUNING for k in (
-        "acceleration_lookback", "acceleration_interval", "normalize", "scale",
-        "adaptive_scale", "rho_x", "alpha")},
+        "acceleration_lookback", "acceleration_interval", "acceleration_type_1", "acceleration_regularization",
+        "acceleration_relaxation", "normalize", "scale", "adaptive_scale", "adaptive_diag_scale", "rho_x", "alpha")},
     **{k: _DERIVATIVE for k in ("mode", "n_jobs_forward", "n_jobs_backward", "derivative_kwargs")},
     "warm_starts": _WARM_STARTS,
     "raise_on_error": _RAISE_ON_ERROR,
@@ -83,10 +84,21 @@ def per_element(solver: str) -> str:
     return "Clarabel" if solver == "auto" else solver
 
 
-def classify(args: dict[str, Any], solver: str) -> tuple[dict[str, Any], dict[str, str]]:
+def replaced_reason(backend: str) -> str:
+    """Why a setting of ``backend`` (cvxpylayers' ``solver=``, one of :data:`REPLACED_BACKENDS`)
+    that no solver here takes is ignored (the warning's text)."""
+    return (f"settings of solver={backend!r}, which convexddn replaces by its default solver: they reach "
+            "no solver here")
+
+
+def classify(args: dict[str, Any], solver: str, replaced: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """cvxpylayers' ``solver_args`` (less ``solve_method``) for ``solver`` -> (applied:
     the keys that reach it, ignored: key -> why); ``OptionError`` for a key that only
-    another solver takes (naming it) or that no solver takes (listing the valid keys)."""
+    another solver takes (naming it) or that no solver takes (listing the valid keys).
+
+    ``replaced``: the cvxpylayers backend (``solver="MOREAU"``, as written) the default solver
+    stands in for: a key no solver here takes is taken as that backend's setting (Moreau's
+    ``tol``, MPAX's ``algorithm``) and ignored with the warning, as the backend itself is."""
     own = solver_settings(per_element(solver))
     applied, ignored, foreign = {}, {}, []
     for key, value in args.items():
@@ -99,6 +111,9 @@ def classify(args: dict[str, Any], solver: str) -> tuple[dict[str, Any], dict[st
         else:
             foreign.append(key)
     unknown = sorted(str(k) for k in foreign if not any(k in solver_settings(s) for s in SOLVERS))
+    if unknown and replaced is not None:
+        ignored.update(dict.fromkeys(unknown, replaced_reason(replaced)))
+        foreign, unknown = [k for k in foreign if str(k) not in unknown], []
     if unknown:
         raise OptionError(
             f"solver_args has unknown key(s) {unknown}; valid keys are {sorted(_COMMON_KEYS)} (see "
@@ -114,3 +129,18 @@ def classify(args: dict[str, Any], solver: str) -> tuple[dict[str, Any], dict[st
     for key in ignored:  # ignored, yet a value no solver takes (eps=-1, eps="a") is a mistake to report
         check_setting(key, args[key])
     return applied, ignored
+
+
+def canon_backends() -> tuple[str, ...]:
+    """CVXPY's canonicalisation backends (``cvxpy.settings.*_CANON_BACKEND``), as CVXPY spells them."""
+    from cvxpy import settings
+
+    return tuple(sorted({getattr(settings, n) for n in dir(settings)
+                         if n.endswith("_CANON_BACKEND") and n != "DEFAULT_CANON_BACKEND"}))
+
+
+def canon_backend(value: Any) -> str | None:
+    """cvxpylayers' ``canon_backend``: None or one of CVXPY's backends (case-insensitive; it is
+    ignored here, the problem being canonicalised once by convexddn), else ``OptionError`` naming
+    the accepted values (cvxpylayers, through CVXPY, raises ``ValueError: Unknown backend``)."""
+    return None if value is None else solver_choice("canon_backend", value, canon_backends(), optional=True)

@@ -172,7 +172,7 @@ class ConvexLayer(nn.Module):
         super().__init__()
         solver = solver_choice("solver", solver, SOLVER_CHOICES)
         if fallback is not None:
-            fallback = solver_choice("fallback", fallback, SOLVERS)
+            fallback = solver_choice("fallback", fallback, SOLVERS, optional=True)
         check_choice("adjoint", adjoint, MODES)
         tol = check_tolerance("tol", tol)
         check_int("refine", refine, minimum=0)

@@ -43,12 +43,53 @@ _SHAPED = {_JOBS: lambda v: isinstance(v, numbers.Integral) and not isinstance(v
            _MODE: lambda v: isinstance(v, str) and v in _MODES, _DICT: lambda v: isinstance(v, dict),
            _WARM_STARTS: lambda v: v is None or isinstance(v, (list, tuple))}
 
-# SCS's and ECOS's documented settings; Clarabel's are read from its own settings object.
-_SCS_ARGS = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_infeas": _NONNEG,
-             "alpha": _RELAXATION, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
-             "normalize": _BOOL, "acceleration_lookback": _INTEGER,  # < 0: type-I Anderson
-             "acceleration_interval": _COUNT, "time_limit_secs": _SECONDS, "verbose": _BOOL,
-             "write_data_filename": _TEXT, "log_csv_filename": _TEXT}
+
+class _Choice(str):
+    """A kind whose values are a solver's own list (SCS's ``scs.LinearSolver``): the
+    value, or that enum's member, must be one of ``values``."""
+
+    values: tuple[str, ...]
+    enum: Any
+
+    def __new__(cls, values: tuple[str, ...], enum: Any = None) -> "_Choice":
+        kind = super().__new__(cls, f"one of {list(values)}" + (f" (or a {enum.__module__}.{enum.__name__})"
+                                                               if enum is not None else ""))
+        kind.values, kind.enum = values, enum
+        return kind
+
+    def accepts(self, value: Any) -> bool:
+        return (isinstance(value, str) and value in self.values) or (
+            self.enum is not None and isinstance(value, self.enum))
+
+
+# SCS's and ECOS's settings as their documentation lists them (their Python APIs pass keyword
+# arguments straight to C, with no settings object to read them from): SCS 3.3's
+# (https://www.cvxgrp.org/scs/api/settings.html), and its Python wrapper's linear_solver, whose
+# values are read from SCS's own scs.LinearSolver. SCS judges the settings itself when a layer
+# takes them (_scs_accepts), so a key the installed SCS lacks is refused then, naming SCS.
+# Clarabel's are read from its own settings object.
+_SCS_DOCUMENTED = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_infeas": _NONNEG,
+                   "alpha": _RELAXATION, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
+                   "adaptive_diag_scale": _BOOL, "normalize": _BOOL,
+                   "acceleration_lookback": _INTEGER,  # < 0: type-I Anderson
+                   "acceleration_interval": _COUNT, "acceleration_type_1": _BOOL,
+                   "acceleration_regularization": _NONNEG, "acceleration_relaxation": _NONNEG,
+                   "time_limit_secs": _SECONDS, "verbose": _BOOL,
+                   "write_data_filename": _TEXT, "log_csv_filename": _TEXT}
+# Settings that write files: left out of SCS's trial solve (_scs_accepts).
+_SCS_FILES = ("write_data_filename", "log_csv_filename")
+
+
+@functools.lru_cache(maxsize=None)
+def _scs_args() -> dict[str, str | None]:
+    import scs
+
+    linear = getattr(scs, "LinearSolver", None)  # (SCS >= 3.3)
+    if linear is None:
+        return dict(_SCS_DOCUMENTED)
+    return {**_SCS_DOCUMENTED, "linear_solver": _Choice(tuple(s.value for s in linear), linear)}
+
+
 _ECOS_ARGS = {**dict.fromkeys(("feastol", "abstol", "reltol", "feastol_inacc", "abstol_inacc",
                                "reltol_inacc"), _POSITIVE),  # ECOS refuses 0
               "max_iters": _COUNT, "nitref": _NATURAL, "verbose": _BOOL}
@@ -78,7 +119,7 @@ def _clarabel_args() -> dict[str, str | None]:
 
 
 def _solver_kinds(solver: str) -> dict[str, str | None]:
-    return {"Clarabel": _clarabel_args, "SCS": lambda: _SCS_ARGS, "ECOS": lambda: _ECOS_ARGS,
+    return {"Clarabel": _clarabel_args, "SCS": _scs_args, "ECOS": lambda: _ECOS_ARGS,
             "diffcp": lambda: _DIFFCP_ARGS}[solver]()
 
 
@@ -122,7 +163,8 @@ def _solver_value(name: str, kind: str | None, value: Any) -> Any:
         elif math.isnan(number) or number < 0 or (kind == _NONNEG and math.isinf(number)):
             raise OptionError(f"{name} must be {kind}, got {value!r}")
         return number
-    elif (kind == _TEXT and not isinstance(value, str)) or (kind in _SHAPED and not _SHAPED[kind](value)):
+    elif ((kind == _TEXT and not isinstance(value, str)) or (kind in _SHAPED and not _SHAPED[kind](value))
+          or (isinstance(kind, _Choice) and not kind.accepts(value))):
         raise OptionError(f"{name} must be {kind}, got {value!r}")
     return value
 
@@ -152,7 +194,26 @@ def validate_solver_args(solver: str, args: Any, what: str = "solver_args",
             checked[k] = _NO_LIMIT[solver]
     if solver == "Clarabel" and checked:
         _clarabel_accepts(checked, what, names)
+    if solver == "SCS" and checked:
+        _scs_accepts(checked, what, names)
     return checked
+
+
+def _scs_accepts(args: dict[str, Any], what: str, names: Mapping[str, str]) -> None:
+    """SCS's own judgement of the settings (a key the installed SCS does not take, a
+    ``linear_solver`` whose library it lacks), on a one-variable program, silent and
+    writing no file: an OptionError now, not a failure of every element of a batch."""
+    import numpy as np
+    import scipy.sparse as sp
+    import scs
+
+    trial = {k: v for k, v in args.items() if k not in _SCS_FILES}
+    try:
+        scs.solve({"A": sp.csc_matrix(np.ones((1, 1))), "b": np.ones(1), "c": -np.ones(1)}, {"l": 1},
+                  **{**trial, "verbose": False})
+    except Exception as err:  # noqa: BLE001 - TypeError, ValueError, ImportError (a linear solver not built)
+        given = {names.get(k, k): v for k, v in trial.items()}
+        raise OptionError(f"{what} {given!r} are not accepted by SCS {scs.__version__}: {err}") from None
 
 
 def _clarabel_accepts(args: dict[str, Any], what: str, names: Mapping[str, str]) -> None:
@@ -175,13 +236,14 @@ def _clarabel_accepts(args: dict[str, Any], what: str, names: Mapping[str, str])
         raise OptionError(f"{what} {given!r} are not accepted by Clarabel: {err}") from None
 
 
-def solver_choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
-    """The case-insensitive choice among ``valid``, in its canonical spelling."""
+def solver_choice(name: str, value: Any, valid: tuple[str, ...], optional: bool = False) -> str:
+    """The case-insensitive choice among ``valid``, in its canonical spelling (``optional``:
+    the caller also takes None, which the message says)."""
     if isinstance(value, str):
         for v in valid:
             if v.lower() == value.lower():
                 return v
-    extra = " or None" if name == "fallback" else ""
+    extra = " or None" if optional else ""
     raise OptionError(f"{name} must be one of {list(valid)}{extra}, got {value!r}")
 
 
