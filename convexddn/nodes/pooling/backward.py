@@ -12,9 +12,18 @@ from torch import Tensor
 
 from .kernels import Scratch, block_ranges, clamp_saturated, row_scale, sub_into
 from .penalties import SPREAD_DIVISOR, Penalty
-from .rounding import any_coarse, coarse_rows, refine_residuals
+from .rounding import _NOISE, _SUM_NOISE, any_coarse, coarse_rows, refine_residuals
 
 __all__ = ["pool_backward"]
+
+# Rows whose Hessian sum is below this share of its terms' absolute sum (weights of both
+# signs that cancel) are checked against y's own uncertainty (:func:`_unresolved`). With
+# more of it left, h cannot move by half over that uncertainty: each weight varies on the
+# scale alpha (by about its size over alpha per unit of y), and y is known to float64's
+# noise, or to its grid, at most 2^-13 alpha (:data:`.rounding._GRADIENT_GRID`; coarser
+# rows are refined). Welsch's degenerate minima sit at 4e-11 of it (its size bounds
+# sum (1 + r^2) e), at 4e-6 for a user's Welsch whose size is sum |w|.
+_CANCELLED = 2.0 ** -8
 
 
 def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor, need_x: bool,
@@ -25,7 +34,8 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     output. Returns ``(grad_x (R, N), grad_alpha (R,), ok (R,), ok.all() as a bool,
     the rows whose alpha gradient was lost, those that stayed coarse)``, the last two
     ``(R,)`` masks or None where there are none (for the warnings that name them); rows whose Hessian
-    sum is zero, singular or negative get a zero gradient and ``ok = False``. Rows whose
+    sum is zero, singular or negative, or a cancellation that y's own uncertainty moves by half
+    (:func:`_unresolved`: a degenerate minimum), get a zero gradient and ``ok = False``. Rows whose
     y is coarse against alpha (:func:`.rounding.coarse_rows`: data far from 0 in units of
     alpha) take their weights at the residuals to the minimiser, in their block (in
     float64 where the careful path takes them): ``y - x_i + rem`` where the solver gave
@@ -114,10 +124,10 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | (~torch.isfinite(scale) & torch.isfinite(gcol))
     low = (low if zsum is None else low | ~torch.isfinite(zsum)).squeeze(-1)
     ok = _nonsingular(sw, size, n)
-    flags = [(low | ~ok).any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
-    rare, *alpha_rare = torch.stack(flags).tolist()
-    all_ok = not rare
-    if not all_ok:
+    flat = _cancelled(sw, size, ok)
+    flags = [(low | ~ok).any(), flat.any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
+    rare, some_flat, *alpha_rare = torch.stack(flags).tolist()
+    if rare:
         if bool(low.any()):
             idx = low.nonzero().squeeze(-1)
             w_r, sw_r, wa_r, size_r, lost_r = _careful_weights64(penalty, x, y, a, idx, need_alpha,
@@ -133,12 +143,19 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             if need_x:
                 gx[idx] = (w_r * g_r).to(x.dtype)
             ok = ok.index_copy(0, idx, _nonsingular(sw_r, size_r, n))
-        all_ok = bool(ok.all())
-        if not all_ok:
-            bad = (~ok).nonzero().squeeze(-1)
-            if need_x:
-                gx.index_fill_(0, bad, 0.0)
-            scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
+            flat = _cancelled(sw, size, ok)
+            some_flat = bool(flat.any())
+    if some_flat:
+        # Rows whose curvature sum is a cancellation of weights of both signs: it must stay
+        # resolved over y's own uncertainty, else the row takes the singular path below.
+        idx = flat.nonzero().squeeze(-1)
+        ok = ok.index_copy(0, idx, ~_unresolved(penalty, x, y, a, idx, None if coarse is None else coarse[idx], rem))
+    all_ok = not (rare or some_flat) or bool(ok.all())
+    if not all_ok:
+        bad = (~ok).nonzero().squeeze(-1)
+        if need_x:
+            gx.index_fill_(0, bad, 0.0)
+        scale = torch.where(ok.unsqueeze(-1), scale, torch.zeros_like(scale))
     ga, alpha_lost = None, None
     if need_alpha:
         # Rows set to zero above stay zero (their swa may be NaN, and NaN * 0 is NaN).
@@ -188,14 +205,62 @@ def _nonsingular(sw: Tensor, size: Tensor, n: int) -> Tensor:
     return (sw > (n * eps) * size).squeeze(-1)
 
 
-def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool,
-                     coarse: Tensor | None, rem: Tensor | None = None):
-    """The backward's weights of rows with huge entries or spread: scaled by a power of
-    two per row (exact), residuals clamped at the penalty's saturation, rescaled weights.
-    Both ratios of Table 1 are scale-free. The ``coarse`` rows' residuals are taken to
-    the minimiser first (``+ rem``, y's remainder, where given; else refined,
-    :func:`.rounding.refine_residuals`); returns ``(w, sum w, sum w_alpha, sum |w|,
-    coarse rows where that failed or None)``."""
+def _cancelled(sw: Tensor, size: Tensor, ok: Tensor) -> Tensor:
+    """(R,) rows still ``ok`` whose Hessian sum ``sw`` is below :data:`_CANCELLED` of the
+    absolute sum ``size`` of its terms: weights of both signs that cancel (never where
+    all are >= 0, whose ``size`` is ``sw`` itself), to be checked by :func:`_unresolved`."""
+    return ok & (sw <= _CANCELLED * size).squeeze(-1)
+
+
+def _unresolved(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, coarse: Tensor | None,
+                rem: Tensor | None) -> Tensor:
+    """``(r,)``: which of the rows ``idx`` have a curvature sum ``h = sum_i phi''(y - x_i)``
+    that is not resolved above y's own uncertainty, in float64 on the careful residuals
+    (:func:`_careful_residuals`): where ``h <= 0``, or where ``h`` at ``y -+ delta`` differs
+    from ``h`` at y by more than half of it. ``delta`` is twice the solvers' noise model
+    of y over ``h`` (:func:`.iterations.gradient_noise`: the rounding of the gradient sum,
+    here in float64, where a float32 row the solver could not resolve is solved again, and
+    the grid of y in its own dtype, none for coarse rows, whose residuals are the
+    minimiser's), the distance within which the minimiser is known. A resolved curvature
+    barely moves over it; at a degenerate minimiser (``h = 0`` there: two clusters of
+    Welsch points 2 alpha apart) the solver stops anywhere within its noise, where ``h``
+    is as small as that distance allows and no better known: its ratio w_i / h is no
+    derivative (it was +-5.65e4 for x = (0, 0, 1, 1), alpha 0.5 in float64, where y
+    landed 4.4e-6 off the minimiser 0.5, and exactly 0 for x = (0, 1), y = 0.5)."""
+    f64 = torch.float64
+    x_r, y_r = x[idx].to(f64), y[idx].to(f64)
+    z, a_s, s, _ = _careful_residuals(penalty, x_r, y_r, (a if a.dim() == 0 else a[idx]).to(f64), coarse,
+                                      None if rem is None else rem[idx].to(f64))
+
+    def curvature(t: Tensor) -> tuple[Tensor, Tensor]:  # the solvers' h and phi' terms at residuals t
+        work = [torch.empty_like(t) for _ in range(3)]
+        if penalty.convex:
+            _, h, d1 = penalty.newton_sums(t, a_s, work)
+        else:
+            _, _, h, _, d1 = penalty.descent_sums(t, a_s, work)
+        return h, d1
+
+    h, d1 = curvature(z.clone())
+    n = z.shape[-1]
+    grid = (_NOISE * torch.finfo(y.dtype).eps) * (y_r.unsqueeze(-1) * s).abs()
+    if coarse is not None:
+        grid = torch.where(coarse.unsqueeze(-1), 0.0, grid)
+    eps = torch.finfo(f64).eps
+    delta = 2 * ((_SUM_NOISE * math.sqrt(n) * eps) * torch.linalg.vector_norm(d1, dim=-1, keepdim=True) / h + grid)
+    resolved = h > 0
+    for side in (-delta, delta):
+        h_side, _ = curvature(z + torch.where(resolved, side, 0.0))
+        resolved &= (h_side - h).abs() <= 0.5 * h
+    return ~resolved.squeeze(-1)
+
+
+def _careful_residuals(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, coarse: Tensor | None,
+                       rem: Tensor | None = None):
+    """The residuals ``y - x`` of rows with huge entries or spread, scaled by a power of
+    two per row (exact) and clamped at the penalty's saturation; the ``coarse`` rows'
+    taken to the minimiser (``+ rem``, y's remainder, where given; else refined,
+    :func:`.rounding.refine_residuals`). Returns ``(z, alpha scaled, the scale (r, 1),
+    coarse rows where the refinement failed or None)``."""
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     s = row_scale(torch.minimum(lo, y.unsqueeze(-1)), torch.maximum(hi, y.unsqueeze(-1)))
     a_s = a * s
@@ -210,5 +275,15 @@ def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alp
         else:
             z_j, ok_j = refine_residuals(penalty, z[j], a_s[j])  # (a_s: (r, 1), as s)
             z[j], lost[j] = z_j, ~ok_j
+    return z, a_s, s, lost
+
+
+def _careful_weights(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, need_alpha: bool,
+                     coarse: Tensor | None, rem: Tensor | None = None):
+    """The backward's weights of rows with huge entries or spread, at their careful
+    residuals (:func:`_careful_residuals`), rescaled: both ratios of Table 1 are
+    scale-free. Returns ``(w, sum w, sum w_alpha, sum |w|, coarse rows where the
+    refinement failed or None)``."""
+    z, a_s, _, lost = _careful_residuals(penalty, x, y, a, coarse, rem)
     w, sw, swa = penalty.weight_sums(z, a_s, need_alpha)
     return w, sw, swa, w.abs().sum(-1, keepdim=True), lost

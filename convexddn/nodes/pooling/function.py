@@ -140,8 +140,8 @@ def _weights(ctx, x, alpha, y, rem, grad_y, need_x: bool, need_alpha: bool):
     if not all_ok:
         warn(
             f"{who}: the Hessian sum_i phi''(y - x_i) is zero, singular or negative for "
-            f"{shown_indices(~ok)}: no inliers, or a non-isolated minimiser; their gradient "
-            f"is set to zero",
+            f"{shown_indices(~ok)}: no inliers, a non-isolated minimiser, or a curvature that "
+            f"vanishes within y's own uncertainty (a degenerate minimum); their gradient is set to zero",
             GradientWarning,
         )
     return gx, ga

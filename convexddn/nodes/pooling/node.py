@@ -150,7 +150,8 @@ def robust_pool(
     ``grad_alpha = -grad_y * sum_j d2phi/dz dalpha / sum_j w_j``, without forming a
     Jacobian: one pass over ``x`` writing the gradient. Where ``sum_j w_j`` is zero,
     singular or negative (Huber or truncated quadratic with no inliers, a Welsch point
-    that is not a strict minimum) that row's gradient is zero and a
+    that is not a strict minimum), or a cancellation of weights of both signs that y's own
+    uncertainty moves by half (a degenerate minimum), that row's gradient is zero and a
     :class:`~convexddn.errors.GradientWarning` is issued once per call; it names the rows
     as indices into the output's batch shape, as all of its warnings about rows do. A NaN or Inf in
     ``grad_y`` (a fault upstream) propagates to that row's gradients, as torch does. At the
