@@ -27,10 +27,10 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
     def _unwrap_dead(args):
         return args
 
-__all__ = ["BatchShape", "any_batched", "batched_values", "bind_fast", "called_as", "eager_with_tangents",
-           "without_autocast", "functorch_transforms", "public_name", "refuse_export", "refuse_transforms",
-           "refuse_trace", "refuse_vmap", "refusing_export", "may_carry_tangents", "outside_compile", "plain",
-           "save_plain"]
+__all__ = ["BatchShape", "any_batched", "batched_directions", "batched_refusal", "batched_values", "bind_fast",
+           "called_as", "eager_with_tangents", "without_autocast", "functorch_transforms", "public_name",
+           "refuse_export", "refuse_transforms", "refuse_trace", "refuse_vmap", "refusing_export",
+           "may_carry_tangents", "outside_compile", "plain", "save_plain"]
 
 # The public function the user called, where it runs another node inside (linear_fit runs
 # least_squares): see called_as.
@@ -123,35 +123,59 @@ def any_batched(*tensors: torch.Tensor | None) -> bool:
     return any(batched_values(t) or batched_by_autograd(t) for t in tensors if t is not None)
 
 
-def refuse_batched(name: str, *cotangents: torch.Tensor | None, jacfwd: bool = False,
-                   functorch: bool = True, tangents: bool = False) -> None:
-    """Raise a ProblemError where autograd batches the cotangents or tangents
-    (``is_grads_batched=True``, ``torch.autograd.functional.jacobian(..., vectorize=True)``,
-    in either strategy): the implicit derivatives check and solve on the host, which
-    autograd's vmap refuses (it failed inside torch with "Batching rule not implemented");
-    also torch.func.jacrev's (``jacfwd``: the node supports torch.func.jacfwd, which the
-    message then names; ``functorch=False``: torch.func's batching is the node's to handle),
-    or, with ``tangents=True`` (forward-mode tangents given), torch.func.jacfwd's. The
-    message names :func:`public_name` of ``name``."""
+def batched_directions(*tensors: torch.Tensor | None) -> bool:
+    """:func:`any_batched`, for a Function's backward or jvp: whether its cotangents or
+    tangents arrive batched by a vmap (``torch.func.jacrev``, ``jacfwd``;
+    ``is_grads_batched=True``, ``jacobian(..., vectorize=True)``), so that it takes them
+    without host reads; False while torch.compile traces (nothing dynamo can trace)."""
+    return not torch.compiler.is_compiling() and any_batched(*tensors)
+
+
+# How the directions came batched, by (forward-mode tangents?, by torch.func?): the
+# transforms of torch.func, or autograd's own vmap (torch._vmap_internals).
+_BATCHED_BY = {
+    (True, True): "torch.func.jacfwd",
+    (True, False): "torch.autograd.functional.jacobian(..., vectorize=True, strategy='forward-mode'), "
+                   "gradcheck(..., check_batched_forward_grad=True)",
+    (False, True): "torch.func.jacrev",
+    (False, False): "is_grads_batched=True, torch.autograd.functional.jacobian(..., vectorize=True), "
+                    "gradcheck(..., check_batched_grad=True)",
+}
+
+
+def batched_refusal(name: str, tangents: bool, functorch: bool, works: str = "") -> ProblemError:
+    """The one error of a node that cannot take batched directions: it names the node
+    (:func:`public_name` of ``name``), what it refuses (batched forward-mode tangents,
+    ``tangents``, or batched cotangents), the calls that batch them (torch.func's,
+    ``functorch``, or autograd's own vmap) and what works instead: ``works`` (the node's
+    transforms that do, e.g. ``"torch.func.jacrev"``), the unvectorized jacobian, one
+    direction at a time. (Each node had its own wording: eigen_decomposition and
+    least_squares refused the forward-mode vectorized jacobian as "batched cotangents or
+    tangents (is_grads_batched=True, ...)", which named the reverse mode they support.)"""
+    what = "batched forward-mode tangents" if tangents else "batched cotangents"
+    # (torch.autograd's, which every node takes one at a time: DeclarativeNode refuses torch.func)
+    one = ("one tangent at a time (torch.autograd.forward_ad)" if tangents
+           else "one cotangent at a time (backward(), torch.autograd.grad)")
+    return ProblemError(f"{public_name(name)} does not support {what} ({_BATCHED_BY[tangents, functorch]}): use "
+                        f"{works + ', ' if works else ''}torch.autograd.functional.jacobian without vectorize, "
+                        f"or {one}")
+
+
+def refuse_batched(name: str, *directions: torch.Tensor | None, tangents: bool = False,
+                   functorch: bool = True) -> None:
+    """Raise :func:`batched_refusal` where a vmap batches ``directions``, the cotangents
+    of a Function's backward or, with ``tangents=True``, the tangents of its jvp (or the
+    tangents of dual inputs): autograd's own (``is_grads_batched=True``,
+    ``jacobian(..., vectorize=True)`` in either strategy, gradcheck's batched checks;
+    inside torch it failed with "Batching rule not implemented") and, unless
+    ``functorch=False`` (torch.func's batching is the node's to handle), torch.func's
+    (jacrev, jacfwd)."""
     if torch.compiler.is_compiling():  # (a compiled backward: no transform to see, nothing dynamo can trace)
         return
-    name = public_name(name)
-    if functorch and any(batched_values(t) for t in cotangents):
-        if tangents:  # (torch.func.jacfwd: a vmap over the jvp; pnp's message named jacrev)
-            raise ProblemError(
-                f"{name} does not support torch.func.jacfwd (a vmap over its forward mode: batched tangents): "
-                "use torch.autograd.functional.jacobian without vectorize, or one tangent at a time "
-                "(torch.func.jvp, torch.autograd.forward_ad)")
-        raise ProblemError(  # (torch.func.jacrev: a vmap over the vjp)
-            f"{name} does not support torch.func.jacrev (a vmap over its vjp: batched cotangents): use "
-            f"{'torch.func.jacfwd, ' if jacfwd else ''}torch.autograd.functional.jacobian without vectorize, "
-            "or one cotangent at a time")
-    if batched_by_autograd(*cotangents):
-        raise ProblemError(
-            f"{name} does not support batched cotangents or tangents (is_grads_batched=True, "
-            "torch.autograd.functional.jacobian(..., vectorize=True)): pass one at a time "
-            "(vectorize=False, the default), or stack the directions along the node's batch "
-            "dimension")
+    if functorch and any(batched_values(t) for t in directions):
+        raise batched_refusal(name, tangents, True)
+    if batched_by_autograd(*directions):
+        raise batched_refusal(name, tangents, False)
 
 
 def functorch_transforms() -> list[str]:
@@ -249,7 +273,8 @@ def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = T
     values: torch failed inside with "data-dependent control flow" or "Cannot access
     data pointer"), or, with ``tangents=False`` (a node
     whose Function has no vmap rule), under torch.func.jacfwd, which batches the tangents
-    ("does not have vmap support"; a plain vmap over a call on constants works); with
+    ("does not have vmap support"; a plain vmap over a call on constants works:
+    :func:`batched_refusal`'s error); with
     ``constants=False`` under any vmap (a Function that has no vmap rule even on
     constants). ``jacrev``: whether to point to torch.func.jacrev instead (the node's
     backward takes batched cotangents); ``exportable``: whether to let ``torch.export``
@@ -273,10 +298,7 @@ def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = T
         raise ProblemError(f"{name} does not run under torch.func.vmap (its solver has no batching rule): it takes "
                            "any leading batch shape, so stack the inputs along a leading dimension and call it once")
     if forward_mode and not (tangents and constants):
-        raise ProblemError(
-            f"{name} does not run under torch.func.jacfwd (a vmap over its forward mode): use "
-            f"{'torch.func.jacrev, ' if jacrev else ''}torch.autograd.functional.jacobian without vectorize, "
-            "or one direction at a time (torch.func.jvp, torch.autograd.forward_ad)")
+        raise batched_refusal(name, True, True, "torch.func.jacrev" if jacrev else "")
 
 
 def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

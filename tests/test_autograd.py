@@ -186,11 +186,15 @@ def test_pnp_refuses_torch_func_transforms(transform):
 
 
 # torch.func.jacrev (a vmap over the vjp) failed for every node: the second-order guard
-# had no vmap rule. Where the backward is plain torch ops it now works.
+# had no vmap rule. Where the backward is plain torch ops it now works, and where a jvp
+# exists so does jacfwd (entmax, project_simplex, least_squares and robust_pool refused it
+# until 2026-12-06, robust_pool and robust_vector_pool jacrev: tests/test_autograd_batched.py).
 JACREV_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "project_simplex", "entmax",
-                "tv_denoise", "least_squares", "eigen_decomposition", "tridiagonal_solve"}
-JACFWD_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "tv_denoise",
-                "robust_vector_pool", "eigen_decomposition", "tridiagonal_solve"}
+                "tv_denoise", "least_squares", "eigen_decomposition", "tridiagonal_solve", "robust_pool",
+                "robust_vector_pool"}
+JACFWD_WORKS = {"project_lp L2 sphere", "project_lp L1 ball", "project_lp Linf ball", "project_simplex", "entmax",
+                "tv_denoise", "least_squares", "robust_pool", "robust_vector_pool", "eigen_decomposition",
+                "tridiagonal_solve"}
 VMAP_WORKS = {"robust_vector_pool", "robust_pool"}
 
 
@@ -251,12 +255,17 @@ CONSTANT_UNDER_VMAP = [
 @pytest.mark.parametrize("name,node", CONSTANT_UNDER_VMAP, ids=[c[0] for c in CONSTANT_UNDER_VMAP])
 def test_a_plain_vmap_over_a_call_on_constants_works(name, node):
     """A node called on constants inside torch.func.vmap (its inputs not batched, no
-    tangents) works as before the jacfwd refusal; under jacfwd it is refused clearly."""
+    tangents) works as before the jacfwd refusal; under jacfwd too where the node's
+    Function has a vmap rule, and sinkhorn's, which has none, refuses it clearly."""
     x = next(c[1] for c in CASES if c[0] == name)
     scale = torch.tensor([1.0, 2.0], dtype=F64)
     got = torch.func.vmap(lambda t: t * node(x).sum())(scale)
     torch.testing.assert_close(got, scale * node(x).sum())
-    with pytest.raises(ProblemError, match="does not run under torch.func.jacfwd"):
+    if name != "sinkhorn":
+        got = torch.func.jacfwd(lambda t: t * node(x).sum())(scale)
+        torch.testing.assert_close(got, torch.diag(node(x).sum().expand(2)))
+        return
+    with pytest.raises(ProblemError, match=r"^sinkhorn does not support batched forward-mode tangents \(torch.func"):
         torch.func.jacfwd(lambda t: t * node(x).sum())(scale)
 
 
@@ -456,7 +465,7 @@ def test_refusals_name_the_function_called():
     """linear_fit runs least_squares, entmax(alpha=2) project_simplex, a ConvexLayer its
     batched program: their refusals named those (least_squares, project_simplex,
     BatchedProgram), which the user never called; pnp under torch.func.jacfwd said it
-    does not support torch.func.jacrev."""
+    does not support torch.func.jacrev. (linear_fit under jacfwd, refused then, works.)"""
     x = torch.randn(2, 3, 7, dtype=F64, generator=torch.Generator().manual_seed(5))
     fit = lambda z: linear_fit(z, torch.arange(7.0, dtype=F64)).coef  # noqa: E731
 
@@ -465,8 +474,7 @@ def test_refusals_name_the_function_called():
         (g,) = torch.autograd.grad(node(z).pow(2).sum(), z, create_graph=True)
         torch.autograd.grad(g.sum(), z)
 
-    calls = [("linear_fit", ProblemError, lambda: torch.func.jacfwd(fit)(x)),
-             ("linear_fit", ProblemError, lambda: torch.func.vmap(fit)(torch.stack([x, x]))),
+    calls = [("linear_fit", ProblemError, lambda: torch.func.vmap(fit)(torch.stack([x, x]))),
              ("linear_fit", DoubleBackwardError, lambda: double_backward(fit, x)),
              ("entmax", DoubleBackwardError, lambda: double_backward(lambda z: entmax(z, 2.0), x[0])),
              ("ConvexLayer", DoubleBackwardError, lambda: double_backward(_convex_layer(), x[:, 0, :4]))]
@@ -475,7 +483,8 @@ def test_refusals_name_the_function_called():
             call()
         assert not any(inner in str(info.value) for inner in ("least_squares", "project_simplex", "BatchedProgram"))
     xy, p3d = _pnp_points()
-    with pytest.raises(ProblemError, match="pnp does not support torch.func.jacfwd") as info:
+    message = r"pnp does not support batched forward-mode tangents \(torch.func.jacfwd\)"
+    with pytest.raises(ProblemError, match=message) as info:
         torch.func.jacfwd(lambda p: pnp(xy, p))(p3d)
     assert "jacrev" not in str(info.value)
 
@@ -541,15 +550,18 @@ def test_make_fx_tracing_is_refused(name, x, node):
         torch.func.linearize(node, x.clone())
 
 
-@pytest.mark.parametrize("name", ["least_squares", "sinkhorn", "eigen_decomposition", "pnp"])
+@pytest.mark.parametrize("name", ["sinkhorn", "pnp"])
 def test_autograd_batched_forward_mode_is_refused(name):
     """torch.autograd.functional.jacobian(vectorize=True, strategy='forward-mode') batches
     the tangents with autograd's own vmap: these nodes failed inside torch ("Batching rule
-    not implemented for aten::detach", "aten::is_nonzero", "aten::alias")."""
+    not implemented for aten::detach", "aten::is_nonzero"). The error names the batched
+    forward-mode tangents, not the cotangents (least_squares and eigen_decomposition,
+    refused until 2026-12-06 as "batched cotangents or tangents", take them)."""
     _, x, node = next(c for c in CASES if c[0] == name)
     if name == "pnp":  # (its image points made outside: no random ops under the vmap)
         node = lambda p, q=_pnp_points()[0]: pnp(q, p)  # noqa: E731
-    with pytest.raises(ProblemError, match=f"{name} does not support batched cotangents or tangents"):
+    with pytest.raises(ProblemError, match=f"^{name} does not support batched forward-mode tangents "
+                                           r"\(torch.autograd.functional.jacobian\(..., vectorize=True, "):
         torch.autograd.functional.jacobian(node, x.clone(), vectorize=True, strategy="forward-mode")
 
 

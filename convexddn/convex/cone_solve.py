@@ -51,7 +51,7 @@ class ConeSolve(torch.autograd.Function):
         """Forward mode: :func:`cone_jvp` along the data's tangents, with the backward's warning."""
         # (jacobian(..., vectorize=True, strategy="forward-mode"): a raw "Batching rule not
         # implemented" from inside the derivative before)
-        refuse_batched("ConvexLayer", dP, dq, dA, db, functorch=False)
+        refuse_batched("ConvexLayer", dP, dq, dA, db, tangents=True, functorch=False)
         sol, layout, refine, _, where, cols, _ = ctx.state
         dx, dz, flagged, zeroed, unsolved, zero = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved, zero)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._autograd import any_batched, bind_fast, refuse_batched, without_autocast
+from .._autograd import any_batched, bind_fast, without_autocast
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_finite
 from .._pow2 import pow2_floor
@@ -168,7 +168,6 @@ class _EigenFunction(torch.autograd.Function):
         :math:`\dot\lambda_i = M_{ii}` and :math:`\dot v_i = \sum_{j \ne i} v_j
         M_{ji} / (\lambda_i - \lambda_j)` (Magnus 1985), the degenerate pairs' terms
         dropped as in the backward, with a warning where the tangent has a part there."""
-        refuse_batched("eigen_decomposition", X_t, functorch=False)  # (torch.func.jacfwd works)
         mu, V = ctx.saved_tensors
         k, sign = ctx.k, ctx.sign
         sel = slice(0, k)
@@ -177,7 +176,9 @@ class _EigenFunction(torch.autograd.Function):
         D = X_t.to(V.dtype)
         D = (D + D.mT).mul_(0.5)
         M = V.mT @ (D @ V[..., sel])  # M_ji = v_jᵀ sym(Ẋ) v_i
-        dlam = torch.diagonal(M[..., sel, :], dim1=-2, dim2=-1).to(ctx.dtype, copy=True)  # (M is divided in place)
+        # (M's own diagonal, its first k rows': M[..., :k, :] is an alias at k = N, which
+        # autograd's vmap of the tangents, jacobian(vectorize=True), cannot batch)
+        dlam = torch.diagonal(M, dim1=-2, dim2=-1).to(ctx.dtype, copy=True)  # (M is divided in place)
         if M.numel() == 0:  # an empty batch: no pairs, and top.amin() below has no identity
             return dlam, (V @ M).to(ctx.dtype), None, None  # (from M: batched as it is under jacfwd)
         top = mu.abs().amax(-1, keepdim=True)

@@ -14,7 +14,7 @@ from ..errors import InputError, SolverError, SolverWarning
 from .degeneracy import shown_indices
 from .multipliers import scaled_norm
 
-__all__ = ["factor", "power_of_two_scale", "apply_q", "apply_qt", "weighted_terms",
+__all__ = ["factor", "power_of_two_scale", "h_solve", "apply_q", "apply_qt", "weighted_terms",
            "conditioning", "backward_gain", "raise_rank", "check_solution", "WARN_ERROR"]
 
 _MAX_INDICES_SHOWN = 8
@@ -90,6 +90,11 @@ def power_of_two_scale(R: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(top), torch.frexp(top).exponent)
 
 
+def h_solve(R: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """H⁻¹ rhs with H = RᵀR, the forward's factor: two triangular solves (the jvp's)."""
+    return torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(R.mT, rhs, upper=False), upper=True)
+
+
 def _broadcast(a: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor, order: torch.Tensor | None):
     """The factor's reflectors (and row order) expanded to the batch shared with rhs
     (torch.ormqr does not broadcast)."""
@@ -134,7 +139,9 @@ def weighted_terms(q: list[torch.Tensor], yc: torch.Tensor | None, n: int, m: in
         batch = torch.broadcast_shapes(yc.shape[:-2], qtb.shape[:-2])
         top = torch.cat([yc.expand(*batch, n, k), yc.new_zeros(*batch, rows - n, k)], -2)
         below = torch.cat([top, below.expand(*batch, rows, k)], -1)
-    out = apply_q(a, tau, below, order[0] if order else None)[..., :m, :]
+    # (narrow, not [..., :m, :]: that full slice is an alias, which autograd's own vmap of
+    # the cotangents, is_grads_batched, cannot batch)
+    out = apply_q(a, tau, below, order[0] if order else None).narrow(-2, 0, m)
     return (None, out) if yc is None else (out[..., :k], out[..., k:])
 
 

@@ -80,7 +80,7 @@ class SinkhornFn(torch.autograd.Function):
         Qᵀ1), Q = P ∘ dC/ε, dβ = 0 on the heaviest column: the backward's system (K is symmetric), solved by
         the same Schur complement. (1ᵀda = 1ᵀdb = 0 for the unit-mass marginals the
         solver sees, so the dropped equation holds.)"""
-        refuse_batched("sinkhorn", C_t, a_t, b_t)
+        refuse_batched("sinkhorn", C_t, a_t, b_t, tangents=True)
         P, a, b = ctx.saved_tensors
         pad = ctx.pad
         if pad is not None:

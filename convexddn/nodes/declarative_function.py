@@ -93,7 +93,7 @@ class DeclarativeFunction(torch.autograd.Function):
         ts = tangents[3:]
         if all(t is None for t in ts):
             return torch.zeros_like(y)
-        refuse_batched(type(ctx.node).__name__, *ts)
+        refuse_batched(type(ctx.node).__name__, *ts, tangents=True)
         with torch.no_grad():
             return ctx.node._jvp(tensors[:n], y, ts[:n], tensors[n:], ts[n:], ctx.batch_shape, ctx.state, ctx.names,
                                  ctx.versions)

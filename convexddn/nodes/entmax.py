@@ -120,6 +120,8 @@ class _EntmaxFn(torch.autograd.Function):
     support and s are read from the unrounded p); backward diag(s) − s sᵀ/1ᵀs with
     s = p^{2−α} on the support."""
 
+    generate_vmap_rule = True  # (torch.func.jacfwd: a vmap over the jvp, the primals unbatched)
+
     @staticmethod
     def forward(x, top, alpha, d):  # type: ignore[override]
         return entmax_map(x, top, alpha, d)
@@ -208,7 +210,7 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1) -> torch.Tensor:
         0.0
     """
     x = check_tensor("x", x)
-    refuse_vmap("entmax", x, tangents=False)
+    refuse_vmap("entmax", x)
     alpha = _check_alpha(alpha)
     d = _check_dim(dim, x)
     if x.numel() == 0:

@@ -42,12 +42,12 @@ from typing import Any
 
 import torch
 
-from .._autograd import bind_fast, functorch_transforms, may_carry_tangents, refuse_batched, refuse_vmap, save_plain
+from .._autograd import any_batched, bind_fast, functorch_transforms, may_carry_tangents, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_number, check_tensor
 from ..errors import DTypeError, ShapeError
-from ._least_squares_factor import (apply_qt, backward_gain, check_solution, conditioning, factor, power_of_two_scale,
-                                    weighted_terms)
+from ._least_squares_factor import (apply_qt, backward_gain, check_solution, conditioning, factor, h_solve,
+                                    power_of_two_scale, weighted_terms)
 from ._overflow import may_overflow, option_cast, warn_gradient_overflow
 
 __all__ = ["least_squares"]
@@ -69,15 +69,11 @@ class _Gate:
 # --------------------------------------------------------------------------- node
 
 
-def _h_solve(R: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """H⁻¹ rhs with H = RᵀR, the forward's factor: two triangular solves (the backward's
-    and the jvp's)."""
-    return torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(R.mT, rhs, upper=False), upper=True)
-
-
 @bind_fast
 class _LeastSquaresFunction(torch.autograd.Function):
     """x = argmin ½‖W^{1/2}(Au − b)‖² + ½ Σ ρ_n u_n² for A (…, M, N), b (…, M, K)."""
+
+    generate_vmap_rule = True  # (torch.func.jacfwd: a vmap over the jvp, the primals unbatched)
 
     @staticmethod
     def forward(A, b, w, ridge, out_dtype, gate):  # type: ignore[override]
@@ -181,7 +177,6 @@ class _LeastSquaresFunction(torch.autograd.Function):
         the forward's factor (H = RᵀR), scaled as in the backward: H = c² H', c a power of
         two near R's largest entry, so dx = H'⁻¹(rhs/c)/c (rhs ~ ‖A‖‖dA‖ left float64's
         range for A and dA ~ 1e200 where dx does not)."""
-        refuse_batched("least_squares", A_t, b_t, w_t, ridge_t)
         A, b, w, ridge, R, x, *q = ctx.saved_tensors
         A, b = A.to(_WORK), b.to(_WORK)
         wcol = None if w is None else w.to(_WORK).unsqueeze(-1)
@@ -210,18 +205,21 @@ class _LeastSquaresFunction(torch.autograd.Function):
         if data is not None and q:
             # H⁻¹ AᵀW d = R⁻¹ (Qᵀ W^{1/2} d) above n, as the forward solves (through H, a
             # heavy row's terms had errors of eps times its weight: dx/db 1e14 off at w = 1e30).
+            # (narrow: a full slice [..., :n, :] is an alias, which autograd's vmap cannot batch)
             a, tau, _, *order = q
-            z = apply_qt(a, tau, wcol.sqrt() * data, order[0] if order else None)[..., :R.shape[-1], :]
+            z = apply_qt(a, tau, wcol.sqrt() * data, order[0] if order else None).narrow(-2, 0, R.shape[-1])
             dx = dx + torch.linalg.solve_triangular(R / c, z, upper=True) / c
         elif data is not None:
             add(A.mT @ weigh(data / c))
         if rhs is not None:
-            dx = dx + _h_solve(R / c, rhs.expand_as(x)) / c
+            dx = dx + h_solve(R / c, rhs.expand_as(x)) / c
         dx = dx.to(ctx.dtypes[0])
         # As the backward checks its gradients, but always (one host read): the jvp runs
-        # inside the Function, before the forward's gain is read.
+        # inside the Function, before the forward's gain is read. Not where a vmap batches
+        # the tangents (jacfwd, jacobian(vectorize=True)): no host read of them there.
         given = [t for t in (A_t, b_t, w_t, ridge_t) if isinstance(t, torch.Tensor)]
-        if bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in given])).all()):
+        sums = None if any_batched(*given) else torch.stack([t.detach().sum(dtype=torch.float64) for t in given])
+        if sums is not None and bool(torch.isfinite(sums).all()):
             warn_gradient_overflow("least_squares (forward mode)", torch.zeros_like(dx), [("x", dx)], (-2, -1))
         return (dx,) + (None,) * (5 + len(q))
 
@@ -338,7 +336,7 @@ def least_squares(
     """
     A = check_tensor("A", A)
     b = check_tensor("b", b)
-    refuse_vmap("least_squares", A, b, weights, ridge, tangents=False)
+    refuse_vmap("least_squares", A, b, weights, ridge)
     if A.ndim < 2:
         raise ShapeError(f"A must be matrices of shape (*, M, N), got shape {tuple(A.shape)}")
     if b.dtype != A.dtype:

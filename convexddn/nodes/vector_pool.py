@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .._autograd import (BatchShape, batched_values, bind_fast, functorch_transforms, may_carry_tangents,
-                         refuse_batched, refuse_trace, without_autocast)
+                         refuse_trace, without_autocast)
 from .._first_order import first_order, first_order_jvp
 from .._checks import (building, check_device, check_dim_option, check_int, check_scale, check_stopping, check_tensor,
                        normalize_dims)
@@ -96,7 +96,8 @@ class _VectorPoolFunction(torch.autograd.Function):
     @first_order("robust_vector_pool")
     @without_autocast
     def backward(ctx, gy):  # type: ignore[override]
-        refuse_batched("robust_vector_pool", gy, jacfwd=True)
+        # (Cotangents batched by jacrev or autograd's vmap: the Hessian solve decides its
+        # rows on the primal alone, as for jacfwd's tangents: _vector_pool_solvers.)
         x, alpha, y = ctx.saved_tensors
         need_x, need_a = ctx.needs_input_grad[:2]
         R, N, C = x.shape
@@ -122,7 +123,6 @@ class _VectorPoolFunction(torch.autograd.Function):
         :math:`\dot y = H^{-1}\big(\sum_i [\kappa_i \dot x_i + c_i (n_i^\top \dot x_i)
         n_i] - \dot\alpha \sum_i \partial^2_{z\alpha}\phi(z_i)\, n_i\big)`, zero (with
         the backward's warning) where H is singular."""
-        refuse_batched("robust_vector_pool", x_t, alpha_t, functorch=False)  # (torch.func.jacfwd works)
         x, alpha, y = ctx.saved_tensors
         if x.shape[0] == 0 or x_t is None and alpha_t is None:
             return y.new_zeros(y.shape)
@@ -257,11 +257,11 @@ def robust_vector_pool(
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
         SolverError: a pooled set spreads more than 2^500 α (squared distances
             overflow even float64).
-        ProblemError: ``torch.func.jacrev``, batched cotangents or tangents
-            (``is_grads_batched=True``, ``jacobian(..., vectorize=True)``), or a
-            ``torch.func.vmap`` around another transform (``vmap(grad(f))``). A plain
-            ``torch.func.vmap`` solves the stacked sets (the same as the batched call);
-            ``torch.func.jacfwd`` works (zero with the warning where H is singular).
+        ProblemError: a ``torch.func.vmap`` around another transform (``vmap(grad(f))``).
+            A plain ``torch.func.vmap`` solves the stacked sets (the same as the batched
+            call); ``torch.func.jacfwd`` and ``jacrev``, and autograd's batched directions
+            (``is_grads_batched=True``, ``jacobian(..., vectorize=True)`` in either
+            strategy) work (zero with the warning where H is singular).
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.

@@ -2105,25 +2105,29 @@ def test_trunc_quad_gradient_far_from_zero_is_the_forwards_inlier_mean(dtype, of
     torch.testing.assert_close(tangent.double()[unique], jvp_want[unique], rtol=0, atol=tol * 64)
 
 
-def test_robust_pool_under_jacfwd_jacrev_or_batched_cotangents_gets_a_problem_error():
+@pytest.mark.parametrize("penalty", ["huber", "welsch", "quadratic"])
+def test_robust_pool_under_jacfwd_jacrev_and_batched_directions(penalty):
     """jacfwd and jacrev failed with torch's "does not have vmap support" and
     is_grads_batched / vectorize=True with "Batching rule not implemented for
-    aten::div.out"; one direction at a time works."""
+    aten::div.out"; then a ProblemError refused them (until 2026-12-06). The rows'
+    derivative vectors (the backward at an incoming gradient of 1, unbatched) times the
+    batched directions: the row-by-row Jacobian, in x and a tensor alpha. A vmap around
+    grad is still refused (its wrappers hide the rows to stack)."""
     from convexddn.errors import ProblemError
     x = torch.randn(3, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
-    f = lambda r: robust_pool(r, "huber", 1.0)  # noqa: E731
-    for transform in (torch.func.jacfwd, torch.func.jacrev):
-        with pytest.raises(ProblemError, match="jacfwd or jacrev|batched cotangents"):  # (jacrev: its vjp)
-            transform(f)(x)
-    with pytest.raises(ProblemError, match="inside torch.func.vmap"):
-        torch.func.vmap(torch.func.grad(lambda r: f(r).sum()))(x.unsqueeze(1))
+    alpha = torch.tensor([1.0, 0.5, 2.0], dtype=F64)
+    f = lambda r, a: robust_pool(r, penalty, a)  # noqa: E731
+    want = torch.autograd.functional.jacobian(f, (x, alpha))
+    torch.testing.assert_close(want[0].sum(-1), torch.eye(3, dtype=F64))  # dy_i/dx_i sums to 1 per row
+    for got in (torch.func.jacfwd(f, argnums=(0, 1))(x, alpha), torch.func.jacrev(f, argnums=(0, 1))(x, alpha),
+                torch.autograd.functional.jacobian(f, (x, alpha), vectorize=True, strategy="forward-mode"),
+                torch.autograd.functional.jacobian(f, (x, alpha), vectorize=True)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     xg = x.clone().requires_grad_(True)
-    with pytest.raises(ProblemError, match="batched cotangents"):
-        torch.autograd.grad(f(xg), xg, torch.eye(3, dtype=F64), is_grads_batched=True)
-    with pytest.raises(ProblemError, match="batched cotangents"):
-        torch.autograd.functional.jacobian(f, x, vectorize=True, strategy="forward-mode")
-    J = torch.autograd.functional.jacobian(f, x)
-    torch.testing.assert_close(J.sum(-1), torch.eye(3, dtype=F64))  # dy_i/dx_i sums to 1 per row
+    (rows,) = torch.autograd.grad(f(xg, alpha), xg, torch.eye(3, dtype=F64), is_grads_batched=True)
+    torch.testing.assert_close(rows, want[0], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ProblemError, match="inside torch.func.vmap"):
+        torch.func.vmap(torch.func.grad(lambda r: f(r, 1.0).sum()))(x.unsqueeze(1))
 
 
 @pytest.mark.parametrize("penalty", PENALTIES)

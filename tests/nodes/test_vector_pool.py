@@ -950,31 +950,39 @@ def _vmap_of(transform):
     return lambda x: torch.func.vmap(inner)(torch.stack([x, x + 1.0]))
 
 
-@pytest.mark.parametrize("call, match", [
-    (_jacrev, "does not support torch.func.jacrev .*: use torch.func.jacfwd"),
-    (_jacrev_of_the_mean, "does not support torch.func.jacrev .*: use torch.func.jacfwd"),
-    (_grads_batched, "robust_vector_pool does not support batched cotangents or tangents"),
-    (_vectorized("reverse-mode"), "robust_vector_pool does not support batched cotangents or tangents"),
-    (_vectorized("forward-mode"), "robust_vector_pool does not support batched cotangents or tangents"),
-    (_vmap_of("grad"), "robust_vector_pool does not run under a torch.func transform inside torch.func.vmap"),
-    (_vmap_of("jacfwd"), "robust_vector_pool does not run under a torch.func transform inside torch.func.vmap"),
-], ids=["jacrev", "jacrev_quadratic", "is_grads_batched", "vectorize_reverse", "vectorize_forward", "vmap_grad",
-        "vmap_jacfwd"])
-def test_vector_pool_jacrev_and_batched_directions_get_a_problem_error(call, match):
+@pytest.mark.parametrize("call", [_jacrev, _jacrev_of_the_mean, _grads_batched, _vectorized("reverse-mode"),
+                                  _vectorized("forward-mode")],
+                         ids=["jacrev", "jacrev_quadratic", "is_grads_batched", "vectorize_reverse",
+                              "vectorize_forward"])
+def test_vector_pool_jacrev_and_batched_directions_give_the_jacobian(call):
     """torch.func.jacrev (a vmap over the vjp) failed inside torch ("Attempted to vmap
-    over aten::nonzero", "data-dependent control flow"; the mean: "must override the
-    setup_context staticmethod"), autograd's batched cotangents and tangents
-    (is_grads_batched=True, jacobian(..., vectorize=True), either strategy) with
-    "Batching rule not implemented for aten::is_nonzero", and a vmap around another
-    transform with "Cannot access data pointer": the Hessian solve and the solver read
-    them on the host. Now a ProblemError names what to use, as robust_pool's."""
+    over aten::nonzero"; the mean: "must override the setup_context staticmethod"), and
+    autograd's batched cotangents and tangents (is_grads_batched=True,
+    jacobian(..., vectorize=True), either strategy) with "Batching rule not implemented
+    for aten::is_nonzero"; then a ProblemError refused them (until 2026-12-06). The
+    Hessian solve decides its rows on the primal alone (as for jacfwd's tangents): the
+    row-by-row Jacobian."""
     x = torch.randn(3, 8, dtype=D, generator=torch.Generator().manual_seed(28))
-    with pytest.raises(ProblemError, match=match):
+    mean = call is _jacrev_of_the_mean
+    f = (lambda v: robust_vector_pool(v)) if mean else (lambda v: robust_vector_pool(v, "welsch"))  # noqa: E731
+    want = torch.autograd.functional.jacobian(f, x)
+    got = call(x)
+    got = got[0].reshape(want.shape) if call is _grads_batched else got  # (the cotangents: y's 3 entries)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("call", [_vmap_of("grad"), _vmap_of("jacfwd")], ids=["vmap_grad", "vmap_jacfwd"])
+def test_vector_pool_under_a_transform_inside_vmap_gets_a_problem_error(call):
+    """A vmap around another transform failed with "Cannot access data pointer": the
+    solver reads the batched values on the host. A ProblemError names what to use."""
+    x = torch.randn(3, 8, dtype=D, generator=torch.Generator().manual_seed(28))
+    with pytest.raises(ProblemError, match="robust_vector_pool does not run under a torch.func transform inside "
+                                           "torch.func.vmap"):
         call(x)
 
 
 def test_vector_pool_jacobian_one_direction_at_a_time_still_works():
-    """What the errors above point to: jacfwd and the unvectorized jacobian agree, and
+    """What the errors pointed to: jacfwd and the unvectorized jacobian agree, and
     translation equivariance gives Σ_i ∂y_c/∂x_c'i = δ_cc'."""
     x = torch.randn(3, 8, dtype=D, generator=torch.Generator().manual_seed(28))
     f = lambda v: robust_vector_pool(v, "welsch")  # noqa: E731

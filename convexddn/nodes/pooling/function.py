@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._autograd import bind_fast, refuse_batched, save_plain
+from ..._autograd import batched_directions, bind_fast, save_plain
 from ..._first_order import first_order, first_order_jvp
 from ..._warn import warn
 from ...errors import GradientWarning
@@ -23,13 +23,17 @@ class RobustPoolFunction(torch.autograd.Function):
     """y = argmin_u sum_i phi(u - x_i; alpha) over the last dim of x (R, N) -> (R,).
 
     ``alpha`` is a tensor of shape (R,) or 0-d; the options ride along as constants, and
-    so does ``batch``, the caller's batch shape of the R rows (the pooled output's), in
-    which the warnings name rows.
+    so does ``batch``, the caller's batch shape of the R rows (the pooled output's, as a
+    :class:`~convexddn._autograd.BatchShape`), in which the warnings name rows.
     Outputs ``(y, rem)``: ``rem`` (non-differentiable) is the remainder of the exact
     minimiser beyond y's rounding where the solver knows it (:meth:`.Penalty.solve_split`;
     the backward takes the weights of rows whose y is coarse against alpha there), else
     empty.
     """
+
+    # torch.func.jacfwd vmaps the jvp over the tangents (the primals stay unbatched; a
+    # vmap over x or alpha is the node's call on the stacked rows: _vmap_stack).
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, alpha, penalty, tol, max_iter, use_compile, batch):  # type: ignore[override]
@@ -43,7 +47,7 @@ class RobustPoolFunction(torch.autograd.Function):
         # ops of the iterations, a hundred or more per iteration on (R, 1) tensors
         # (in-process A/B at (4, 256, 1024) float32: 1.17-1.36x faster; nothing
         # measurable at (8, 1024, 2048)). The (R,) result is cloned into a normal tensor.
-        with torch.inference_mode(), naming_batch(batch):
+        with torch.inference_mode(), naming_batch(batch.dims):
             y, rem = penalty.solve_split(x, a, tol, max_iter, use_compile)
         return y.clone(), (x.new_empty((0,)) if rem is None else rem.clone())
 
@@ -59,15 +63,19 @@ class RobustPoolFunction(torch.autograd.Function):
         ctx.save_for_forward(x, alpha, y, rem)
         ctx.penalty = penalty
         ctx.use_compile = use_compile
-        ctx.named_batch = batch  # (the backward's and the jvp's warnings name rows in it)
+        ctx.named_batch = batch.dims  # (the backward's and the jvp's warnings name rows in it)
 
     @staticmethod
     @first_order("robust_pool")
     @in_saved_batch
     def backward(ctx, grad_y, _grad_rem):  # type: ignore[override]
-        refuse_batched("robust_pool", grad_y)
         x, alpha, y, rem = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if batched_directions(grad_y):
+            # Cotangents batched by a vmap (torch.func.jacrev, is_grads_batched): the row
+            # vectors dy/dx and dy/dα (the backward at an incoming gradient of 1, unbatched:
+            # the solver's block loop writes in place and reads on the host) times them.
+            return _scaled(_jvp_weights(ctx, x, alpha, y, rem, bool(need_x), bool(need_alpha)), grad_y, alpha)
         grad_x = grad_alpha = None
         rows, n = x.shape
         if rows == 0:
@@ -94,7 +102,6 @@ class RobustPoolFunction(torch.autograd.Function):
         """Forward mode: dy = Σ_i w_i dx_i / Σ_j w_j − (Σ_i wa_i / Σ_j w_j) dα (Table 1),
         i.e. the backward's row vectors at an incoming gradient of 1, times the tangents
         (rows without a derivative get 0 and the backward's warning)."""
-        refuse_batched("robust_pool", x_t, alpha_t)
         x, alpha, y, rem = ctx.saved_tensors
         rows, n = x.shape
         dy = y.new_zeros(y.shape)
@@ -102,12 +109,34 @@ class RobustPoolFunction(torch.autograd.Function):
             return dy, None
         if isinstance(ctx.penalty, Quadratic):  # dy/dx_i = 1/N, no dependence on alpha
             return (dy if x_t is None else x_t.mean(-1)), None
-        gx, ga = _weights(ctx, x, alpha, y, rem, torch.ones_like(y), x_t is not None, alpha_t is not None)
+        # (Tangents batched by torch.func.jacfwd or jacobian(vectorize=True): the same
+        # unbatched row vectors, times them.)
+        gx, ga = _jvp_weights(ctx, x, alpha, y, rem, x_t is not None, alpha_t is not None)
         if x_t is not None:
             dy = (gx * x_t).sum(-1)
         if alpha_t is not None:
             dy = dy + ga * alpha_t
         return dy, None
+
+
+def _jvp_weights(ctx, x, alpha, y, rem, need_x: bool, need_alpha: bool):
+    """The rows' vectors dy/dx ``(R, N)`` and dy/dα ``(R,)`` (``None`` where not needed):
+    :func:`_weights` at an incoming gradient of 1 (the quadratic's: 1/N and 0)."""
+    if isinstance(ctx.penalty, Quadratic) or x.shape[0] == 0:
+        return (x.new_full(x.shape, 1.0 / x.shape[1]) if need_x else None,
+                torch.zeros_like(y) if need_alpha else None)
+    return _weights(ctx, x, alpha, y, rem, torch.ones_like(y), need_x, need_alpha)
+
+
+def _scaled(weights, grad_y: torch.Tensor, alpha: torch.Tensor) -> tuple:
+    """The backward's outputs from the row vectors ``weights`` (:func:`_jvp_weights`) and
+    cotangents ``grad_y`` (R,), batched by a vmap: a product, no host read."""
+    gx, ga = weights
+    grad_x = None if gx is None else gx * grad_y.unsqueeze(-1)
+    grad_alpha = None if ga is None else ga * grad_y
+    if grad_alpha is not None and alpha.dim() == 0:
+        grad_alpha = grad_alpha.sum()
+    return grad_x, grad_alpha, None, None, None, None, None
 
 
 def _weights(ctx, x, alpha, y, rem, grad_y, need_x: bool, need_alpha: bool):

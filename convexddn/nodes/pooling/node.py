@@ -40,8 +40,8 @@ from ..._checks import (
     normalize_dims,
     positive_range,
 )
-from ..._autograd import batched_values, functorch_transforms, refuse_trace
-from ...errors import NonFiniteError, ProblemError, ShapeError
+from ..._autograd import BatchShape, batched_values, functorch_transforms, refuse_trace
+from ...errors import NonFiniteError, ShapeError
 from .._repr import format_option
 from .._module_options import store_option
 from .._overflow import option_rows
@@ -195,11 +195,12 @@ def robust_pool(
             ``alpha <= 0``, invalid ``dim``, ``keepdim``, ``tol``, ``max_iter`` or
             ``compile``.
         InputError: a tensor ``alpha`` on another device than ``x`` (refused, not moved).
-        ProblemError: a call under ``torch.func.jacfwd`` or ``jacrev``, or under another
-            transform inside ``torch.func.vmap`` (``vmap(grad(f))``), and a backward with
-            batched cotangents (``is_grads_batched=True``,
-            ``jacobian(..., vectorize=True)``): use one direction at a time. (A plain
-            ``torch.func.vmap`` pools the stacked rows: the same as the batched call.)
+        ProblemError: a call under another transform inside ``torch.func.vmap``
+            (``vmap(grad(f))``): differentiate the batched call instead. (A plain
+            ``torch.func.vmap`` pools the stacked rows: the same as the batched call;
+            ``torch.func.jacfwd`` and ``jacrev`` and autograd's batched directions,
+            ``is_grads_batched=True`` and ``jacobian(..., vectorize=True)``, take the
+            rows' derivative vectors times the directions.)
 
     .. note::
         The iterative solvers decide when to stop on the host: a few device-to-host
@@ -247,10 +248,7 @@ def robust_pool(
             lambda: robust_pool(x, pen, alpha, dim, keepdim, tol=tol, max_iter=max_iter, compile=compile))
         if y is not None:
             return y
-        raise ProblemError("robust_pool does not run under torch.func.jacfwd or jacrev (a vmap over tangents or "
-                           "cotangents; the solver and its derivative read the host): use torch.autograd "
-                           "(backward(), torch.autograd.grad, forward_ad for forward mode, "
-                           "torch.autograd.functional.jacobian without vectorize)")
+        # (None: a vmap over the tangents, torch.func.jacfwd: the Function's jvp, vmapped.)
     n = math.prod(x.shape[d] for d in dims)
     x2 = x.permute(*keep, *dims).reshape(-1, n)
 
@@ -282,7 +280,7 @@ def robust_pool(
             _resolve_tol(tol, work),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             use_compile,
-            tuple(batch),
+            BatchShape(tuple(batch)),
         )[0].to(x.dtype)
     except NonFiniteError:
         # The solver checks finiteness only where a row fails (no host sync otherwise), on

@@ -292,7 +292,7 @@ def project_simplex(
         [1.25, 0.75, 0.0]
     """
     x = check_tensor("x", x)
-    refuse_vmap("project_simplex", x, z, tangents=False)
+    refuse_vmap("project_simplex", x, z)
     d = _check_dim(dim, x)
     z, wide = wide_dtype(z, x, "z")  # validates z too: its device, then its values
     if wide is not None:  # solved there, rounded once to x's dtype

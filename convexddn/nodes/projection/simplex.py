@@ -336,6 +336,8 @@ def simplex_forward(
 class SimplexProjectionFn(torch.autograd.Function):
     """Sparsemax (radius z) forward and VJP (Martins & Astudillo 2016)."""
 
+    generate_vmap_rule = True  # (torch.func.jacfwd: a vmap over the jvp, the primals unbatched)
+
     @staticmethod
     def forward(x, z, d):  # type: ignore[override]
         return simplex_forward(x, z, d)
