@@ -270,10 +270,11 @@ class ConvexLayer(nn.Module):
         with self._build_lock:
             layer = self._per_element_layer()
         self._backend._local.where = where  # for its messages (this thread's call)
+        self._backend._local.needs = [v.requires_grad for v in cpu]  # for its backward's uniqueness test
         try:
             sols = layer(*cpu, solver_args=solver_args)
         finally:
-            self._backend._local.where = None
+            self._backend._local.where = self._backend._local.needs = None
         info = self._backend.last_info
         # (NaN or Inf incoming gradients: zeroed and named, as the batched path's backward does)
         sols = single_backward(sols, lambda grads: zero_nonfinite("backward (per element)", where, grads))

@@ -4,7 +4,8 @@ uniqueness of a per-element gradient (:class:`Parametric`, :func:`parametric_ent
 The adjoint of :class:`~convexddn.convex.cone.ResidualMap` gives the gradient with
 respect to the data ``(A, b, c)`` (:func:`data_grads`); cvxpylayers' affine maps take it
 to the parameters θ (:func:`theta_grads`). Where the derivative system is
-rank-deficient, :func:`unique_anyway` decides whether the gradient is unique all the same.
+rank-deficient, :func:`unique_anyway` decides whether the gradient is unique all the same,
+in the parameters that require grad (:func:`requiring_grad`: the others get no gradient).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import scipy.sparse as sp
 
 from .min_norm import equilibrate
 
-__all__ = ["Parametric", "data_grads", "parametric_entries", "theta_grads", "unique_anyway"]
+__all__ = ["Parametric", "data_grads", "parameter_columns", "parametric_entries", "requiring_grad", "theta_grads",
+           "unique_anyway"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,3 +112,38 @@ def parametric_entries(ctx: Any, indices: np.ndarray, cols: np.ndarray, n_a: int
     sign = np.where(np.arange(indices.size) < n_a, -1.0, 1.0)  # A = −aug[:, :-1], b = aug[:, -1]
     ab_map = sp.csr_matrix(sp.diags(sign) @ mat[:, :-1])
     return Parametric(indices[:n_a], cols[:n_a], indices[n_a:], ab_map, sp.csr_matrix(q[:-1, :-1]))
+
+
+def parameter_columns(ctx: Any, k: int) -> list[np.ndarray] | None:
+    """The columns of θ (``k`` of them) that each of the layer's parameters fills, in the
+    layer's order: cvxpylayers' ``p_stack`` concatenates the parameters in its column order,
+    a symmetric one by its upper triangle; None where the context does not say or the sizes
+    do not add up to ``k``."""
+    params, order = getattr(ctx, "parameters", None), getattr(ctx, "user_order_to_col_order", None)
+    if params is None or order is None or len(order) != len(params):
+        return None
+    triu = getattr(ctx, "param_triu_indices", None) or (None,) * len(params)
+    sizes = [len(t[0]) if t is not None else int(np.prod(p.shape, dtype=int)) for p, t in zip(params, triu)]
+    by_col = sorted(range(len(params)), key=lambda i: order[i])
+    starts = np.cumsum([0] + [sizes[i] for i in by_col])
+    if starts[-1] != k:
+        return None
+    cols: list[np.ndarray] = [np.zeros(0, dtype=int)] * len(params)
+    for j, i in enumerate(by_col):
+        cols[i] = np.arange(starts[j], starts[j + 1])
+    return cols
+
+
+def requiring_grad(par: Parametric | None, columns: list[np.ndarray] | None, needs) -> Parametric | None:
+    """``par`` restricted to the parameters whose ``needs`` (one flag per parameter, the
+    layer's order; ``columns``: :func:`parameter_columns`) is true: the gradient reaches
+    those only, so only they decide whether it is unique (:func:`unique_anyway`, the kinks'
+    sides and the zero rows of :meth:`~.cone.ResidualMap.adjoint`; the batched path's probes
+    move them alone too). A parameter that does not require grad and would move the solution off
+    its solution set (the marginals of a transport plan at a degenerate vertex, beside its
+    cost C) gets no gradient: its non-differentiability is not the gradient's. ``par``
+    itself where any of the three is missing or they do not match."""
+    if par is None or columns is None or needs is None or len(needs) != len(columns) or all(needs):
+        return par
+    keep = np.concatenate([c for c, w in zip(columns, needs) if w] + [np.zeros(0, dtype=int)])
+    return dataclasses.replace(par, ab_map=sp.csr_matrix(par.ab_map[:, keep]), c_map=sp.csr_matrix(par.c_map[:, keep]))

@@ -39,7 +39,7 @@ from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
 from .dissent import Run, claims_solved, exact_ray, judge
 from .element_result import SavedStates, Solved
-from .parametric import parametric_entries
+from .parametric import parameter_columns, parametric_entries, requiring_grad
 from .rescues import failure_cause, warn_rescued
 from .solver_args import check_solver_cones
 from .spread import data_spread
@@ -150,6 +150,9 @@ class CheckedDiffcp(SolverInterface):
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
         self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
         self._parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
+        # (each parameter's columns of θ: the backward judges uniqueness in those requiring grad)
+        self._theta_cols = None if self._parametric is None else parameter_columns(
+            ctx, self._parametric.c_map.shape[1])
         self._mode = self.mode if self.mode != "auto" else auto_mode(self._cones, self._indices.size, m + np1)
         self._colours = probes(self._cones) if self._mode == "sparse" else None
 
@@ -312,11 +315,14 @@ class CheckedDiffcp(SolverInterface):
             state = SavedStates(None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s)
                            for i, r in enumerate(results))
         state.where = where
+        state.needs = getattr(self._local, "needs", None)  # (which parameters require grad, set by the layer)
         return primal, dual, state
 
-    def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray) -> tuple:
+    def vjp_one(self, item, dx: np.ndarray, dy: np.ndarray, parametric) -> tuple:
         """Gradient of one element's (q, A-values) given the solution's cotangent, whether it is
-        degenerate (1; 2: a zero row moved, :meth:`~.cone.ResidualMap.adjoint`) and inaccurate."""
+        degenerate (1; 2: a zero row moved, :meth:`~.cone.ResidualMap.adjoint`) and inaccurate;
+        ``parametric``: how the parameters that require grad move the data, which decide the
+        first (:func:`~.parametric.requiring_grad`)."""
         if item is None:  # an element that was not solved: no gradient flows to it
             return np.zeros(self._shape[1]), np.zeros(self._indices.size), False, 0.0
         if item[0] == "local":
@@ -325,7 +331,7 @@ class CheckedDiffcp(SolverInterface):
             _, q, a, x, y, s = item
             A, b, c = self._problem(q, a)
             program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode, self._colours)
-        dA, db, dc = program.adjoint(x, y, s, self._parametric)(
+        dA, db, dc = program.adjoint(x, y, s, parametric)(
             dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
         return (np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]]),
@@ -337,11 +343,13 @@ class CheckedDiffcp(SolverInterface):
         batch = dx_all.shape[0]
         remote = any(item is not None and item[0] == "remote" for item in saved_state)
         pool = self._workers.get(batch) if remote else None
+        # Only the parameters that require grad decide whether the gradient is unique (.parametric.requiring_grad)
+        par = requiring_grad(self._parametric, getattr(self, "_theta_cols", None), getattr(saved_state, "needs", None))
         if pool is None:
-            grads = _vjp_chunk(self, saved_state, dx_all, dy_all)
+            grads = _vjp_chunk(self, saved_state, dx_all, dy_all, par)
         else:
             grads = self._workers.gather(pool, [(_vjp_chunk, self, [saved_state[i] for i in ix], dx_all[ix],
-                                                 dy_all[ix]) for ix in chunks(batch, self.workers)])
+                                                 dy_all[ix], par) for ix in chunks(batch, self.workers)])
         where = getattr(saved_state, "where", None)
         warn_zero_rows("backward", where, [i for i, g in enumerate(grads) if g[2] == 2],  # (2: vjp_one's zero row)
                        "their gradient is the minimum-norm one of many")
@@ -368,6 +376,6 @@ def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict
         return [solver.solve_one(q[i], a[i], args) for i in range(q.shape[0])]
 
 
-def _vjp_chunk(solver: CheckedDiffcp, items: list, dx: np.ndarray, dy: np.ndarray) -> list:
+def _vjp_chunk(solver: CheckedDiffcp, items: list, dx: np.ndarray, dy: np.ndarray, parametric) -> list:
     with single_threaded_blas():
-        return [solver.vjp_one(item, dx[i], dy[i]) for i, item in enumerate(items)]
+        return [solver.vjp_one(item, dx[i], dy[i], parametric) for i, item in enumerate(items)]
