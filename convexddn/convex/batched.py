@@ -22,6 +22,8 @@ from .._autograd import may_carry_tangents
 from .._checks import check_tolerance
 from ..errors import DTypeError, InputError, OptionError, ShapeError
 from .canonical import UnsupportedProblem, canonicalise
+from .cone_solution import INCONSISTENT
+from .consistent_rows import allowed, disagreement
 from .interior_point import SOLVED, STATUS_NAMES
 from .resolution import moved_columns
 from .second_opinion import clarabel_points
@@ -58,7 +60,8 @@ class BatchedSolveInfo:
     caller's units (bits :data:`~.measures.FEASIBLE_PRIMAL`, :data:`~.measures.FEASIBLE_DUAL`);
     ``opinion``, with ``second_opinion``, what Clarabel said of the element
     (:func:`~.second_opinion.clarabel_points`' codes: solved, a claim whose ray verifies,
-    an unboundedness it did not confirm at its ray's reach, or none), ``-1`` without.
+    an unboundedness it did not confirm at its ray's reach, or none), ``-1`` without;
+    ``gap`` how far dependent equality rows disagree (:mod:`.consistent_rows`; 0 if not).
     """
 
     status: torch.Tensor
@@ -68,11 +71,13 @@ class BatchedSolveInfo:
     error: torch.Tensor | None = None
     points: torch.Tensor | None = None
     opinion: torch.Tensor | None = None
+    gap: torch.Tensor | None = None
     names: ClassVar[dict[int, str]] = STATUS_NAMES
 
     def status_names(self) -> list[str]:
         """The status of each element as a string (a host transfer)."""
-        return [self.names[int(s)] for s in self.status.tolist()]
+        gaps = [0.0] * len(self.status) if self.gap is None else self.gap.tolist()
+        return [disagreement(g) if s == INCONSISTENT else self.names[s] for s, g in zip(self.status.tolist(), gaps)]
 
 
 def _step(data, p: torch.Tensor, requires: list[bool], idx: torch.Tensor):
@@ -286,7 +291,7 @@ class BatchedProgram:
             z = sum(v.sum() for v in values) * 0
             outs = tuple(values[0].new_zeros((0,) + v.shape) + z for v in data.variables)
             e = values[0].new_zeros(0)
-            return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e, e.long(), e.long())
+            return outs, BatchedSolveInfo(e.long(), e, e.bool(), e.long(), e, e.long(), e.long(), e)
         chunk = max(1, self.max_batch(values[0].device))
         if B > chunk:
             # More than the memory budget holds (a large program at a large batch): in
@@ -324,10 +329,17 @@ class BatchedProgram:
         x, z, status, residual, iterations, error, points, _ = ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where, moved)
         xf, zf = data.recover(x, z, extra)
+        gap = torch.zeros_like(residual)
+        rows = data.inconsistency(p.detach())
+        if rows is not None:
+            # Dependent equality rows: solved with b_E projected; beyond tolerance, infeasible.
+            far = rows[0] > allowed(self.tol_accept) * rows[1]
+            status, gap = torch.where(far, INCONSISTENT, status), torch.where(far, rows[0].to(gap.dtype), gap)
+            points = torch.where(far, 0, points)  # (its point is feasible for the projected b_E only)
         solved = status == SOLVED
         outs = []
         for out in data.outputs(xf, zf):
             # Failed elements: keep their (finite) values but cut them off the graph.
             mask = solved.view((-1,) + (1,) * (out.dim() - 1))
             outs.append(torch.where(mask, out, out.detach()) if needs_grad else out)
-        return tuple(outs), BatchedSolveInfo(status, residual, solved, iterations, error, points, opinion)
+        return tuple(outs), BatchedSolveInfo(status, residual, solved, iterations, error, points, opinion, gap)

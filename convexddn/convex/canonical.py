@@ -38,6 +38,7 @@ import torch
 from cvxpylayers.interfaces.base import SolverInterface
 
 from .cone_data import ConeData, _Map, _Var
+from .consistent_rows import reduce_maps, reduced_dual_rows
 from .kkt import KKTStructure
 from .symmetric_cones import ConeLayout
 from ..errors import NotDPPError, OptionError, ProblemError
@@ -217,10 +218,18 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     scale = np.where(re_ >= 0, 1.0 / np.where(ecoef[a_row] != 0, ecoef[a_row], 1.0), 0.0)
     maps["M"] = mk(~is_b & (re_ >= 0) & (colk >= 0), re_ * nK + colk, c, coef * scale, nU * nK)
     maps["u0"] = mk(is_b & (re_ >= 0), re_, c, coef * scale, nU)
-    reduced = ConeLayout(layout.zero - nU, layout.nonneg, layout.soc)
+    # Dependent equality rows with constant coefficients: removed once (.consistent_rows).
+    zr = layout.zero - nU
+    rows_extra = reduce_maps(maps, zr, nK, mr, int(ctx.reduced_A.reduced_mat.shape[1]) - 1) if m else None
+    if rows_extra is not None:
+        maps, rows_extra = rows_extra
+        mr += rows_extra["rows_r"] - zr
+    reduced = ConeLayout(mr - layout.nonneg - sum(layout.soc), layout.nonneg, layout.soc)
     data = ConeData(maps, reduced, nK, nU, keep_a, elim_a, rows_keep, rows_elim, np.array(elim_coef),
                     puu_diag, pku_zero, n, m, param_cols, triu, variables_out)
     data.structure, data.separable = _structure(maps, reduced, nK, nU, mr, puu_diag)
+    for key, value in (rows_extra or {}).items():
+        setattr(data, key, value)
     # The reduced variables the requested outputs depend on (for the error estimate).
     wanted = np.zeros(n, dtype=bool)
     rows = np.zeros(m, dtype=bool)
@@ -234,6 +243,8 @@ def canonicalise(problem: cp.Problem, parameters: Sequence[cp.Parameter],
     every = wanted[elim_a].any() or rows[rows_elim].any()
     data.error_cols = None if every else torch.as_tensor(kpos[wanted], dtype=torch.long, device="cpu")
     duals = rpos[rows & (rpos >= 0)]
+    if rows_extra is not None:
+        duals = reduced_dual_rows(duals, zr, rows_extra["rows_r"])
     data.error_duals = torch.as_tensor(duals, dtype=torch.long, device="cpu") if rows.any() else None
     return data
 

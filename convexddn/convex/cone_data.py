@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .._generic import generic_vector
+from .consistent_rows import expand_duals, inconsistency
 from .kkt import DENSE, KKTStructure, bmv
 from .symmetric_cones import ConeLayout
 from .tensor_cache import cached
@@ -49,6 +50,13 @@ class ConeData:
         n, layout: variables and cone of the *reduced* program the solver sees.
         n_full, m_full: sizes before presolve. eliminated: variables removed.
     """
+
+    # Dependent equality rows removed (.consistent_rows.reduce_maps): the parameter columns
+    # b_E reads, b_E's and (I - Π)'s maps from them, T (multipliers of every row), p and r
+    # (class defaults: none removed, also in a pickle from before).
+    rows_cols: torch.Tensor | None = None
+    rows_bE = rows_null = rows_T = None
+    rows_zr = rows_r = 0
 
     def __init__(self, maps: dict[str, _Map], layout: ConeLayout, n_keep: int, n_elim: int,
                  keep: np.ndarray, elim: np.ndarray, rows_keep: np.ndarray, rows_elim: np.ndarray,
@@ -246,7 +254,10 @@ class ConeData:
         """Full (x, z) of the canonical program from the reduced solution, for :meth:`outputs`:
         the eliminated variables and the removed rows' multipliers only where a requested
         output reads them (0 elsewhere; each costs a batched product, and its backward
-        another, even where its gradient is zero)."""
+        another, even where its gradient is zero). Dependent equality rows removed: theirs
+        are the minimum-norm ones (:func:`~.consistent_rows.expand_duals`)."""
+        if self.rows_T is not None:
+            z = expand_duals(z, self.on_device("rows_T", z))
         if extra is None:
             return x, z
         M, u0, shift, PM, PKU = extra
@@ -265,6 +276,14 @@ class ConeData:
             zR = -PUx / self.on_device("elim_coef", x)
             zf = zf.index_copy(1, self.on_device("rows_elim", z), zR)
         return xf, zf
+
+    def inconsistency(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(‖(I - Π) b_E‖, ‖b_E‖)`` ``(B,)`` of each element where dependent equality rows
+        were removed (:mod:`.consistent_rows`), else None."""
+        if self.rows_T is None:
+            return None
+        return inconsistency(p, self.on_device("rows_cols", p), self.on_device("rows_bE", p),
+                             self.on_device("rows_null", p))
 
     def outputs(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The requested variables, (B, *shape) each, from the full (x, z)."""

@@ -9,12 +9,14 @@ import torch
 from .equilibration import Scaled
 from .kkt import KKTSystem
 
-__all__ = ["DUAL_INFEASIBLE", "EXACT_RAY", "MAX_ITERATIONS", "NUMERICAL", "PRIMAL_INFEASIBLE", "RUNNING", "SOLVED",
-           "STATUS_NAMES", "ConeSolution"]
+__all__ = ["DUAL_INFEASIBLE", "EXACT_RAY", "INCONSISTENT", "MAX_ITERATIONS", "NUMERICAL", "PRIMAL_INFEASIBLE",
+           "RUNNING", "SOLVED", "STATUS_NAMES", "ConeSolution"]
 
 RUNNING, SOLVED, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, MAX_ITERATIONS, NUMERICAL = -1, 0, 1, 2, 3, 4
 # Unbounded along a ray exact to rounding (rays.exact_unbounded_ray): no other solver is asked.
 EXACT_RAY = 5
+# Dependent equality rows whose right-hand sides disagree beyond tolerance (.consistent_rows).
+INCONSISTENT = 6
 STATUS_NAMES = {
     SOLVED: "solved",
     PRIMAL_INFEASIBLE: "primal infeasible",
@@ -22,6 +24,7 @@ STATUS_NAMES = {
     MAX_ITERATIONS: "max iterations",
     NUMERICAL: "numerical trouble",
     EXACT_RAY: "dual infeasible (unbounded along a ray exact to rounding)",
+    INCONSISTENT: "infeasible: the equality constraints are linearly dependent and their right-hand sides disagree",
 }
 
 

@@ -34,6 +34,7 @@ from .._checks import check_choice, check_int, check_tolerance
 from ..errors import OptionError
 from .batched import BatchedProgram, UnsupportedProblem
 from .canonical import batched_refusal
+from .consistent_rows import input_precision
 from .finite import finite_problem
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .second_opinion import solve_with_opinion, unsettled
@@ -332,7 +333,8 @@ class ConvexLayer(nn.Module):
             return outs[0] if len(outs) == 1 else outs
 
         flat = flat_values(values, self.parameters_, batch, labels)  # (float64, gradients checked)
-        sols, info = self._solve(flat, device, call_args, batch)
+        with input_precision(values, self.tol):  # (what dependent equality rows may disagree by: .consistent_rows)
+            sols, info = self._solve(flat, device, call_args, batch)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
         if failed and self.on_failure == "raise":
             raise failure_error(failed, [info["statuses"][i] for i in failed], batch,

@@ -39,6 +39,7 @@ from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
 from .dissent import Run, claims_solved, exact_ray, judge
 from .element_result import SavedStates, Solved
+from .consistent_rows import ElementRows, allowed, disagreement
 from .parametric import parameter_columns, parametric_entries, requiring_grad
 from .rescues import failure_cause, warn_rescued
 from .solver_args import check_solver_cones
@@ -146,13 +147,15 @@ class CheckedDiffcp(SolverInterface):
                                "does not take either; write those atoms with approx=True (their second-order-cone "
                                "form, CVXPY's default)")
         check_solver_cones(dims, solver=self.solver, fallback=self.fallback)
-        self._cone_dict = dims_to_solver_dict(dims)
+        self._parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
+        # Dependent equality rows with constant coefficients: removed (.consistent_rows).
+        self._rows = rows = ElementRows.build(ctx, self._indices, self._cols, n_a, int(dims.zero), m, self._parametric)
+        self._cone_dict = dims_to_solver_dict(dims) if rows is None else rows.cone_dict(dims_to_solver_dict(dims))
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
         self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
-        self._parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
+        self._parametric = self._parametric if rows is None else rows.par
         # (each parameter's columns of θ: the backward judges uniqueness in those requiring grad)
-        self._theta_cols = None if self._parametric is None else parameter_columns(
-            ctx, self._parametric.c_map.shape[1])
+        self._theta_cols = None if self._parametric is None else parameter_columns(ctx, self._parametric.c_map.shape[1])
         self._mode = self.mode if self.mode != "auto" else auto_mode(self._cones, self._indices.size, m + np1)
         self._colours = probes(self._cones) if self._mode == "sparse" else None
 
@@ -164,7 +167,7 @@ class CheckedDiffcp(SolverInterface):
         return state  # (the worker pool pickles without its processes)
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"_colours": None, **state})  # (a pickle from before the sparse mode)
+        self.__dict__.update({"_colours": None, "_rows": None, **state})  # (a pickle from before the sparse mode)
         if "_workers" not in state:  # (a pickle from before the worker pool had its class)
             self._workers = WorkerPool(self.workers)
         self._init_unpicklable()
@@ -175,6 +178,8 @@ class CheckedDiffcp(SolverInterface):
         aug = sp.csc_matrix((a, self._indices, self._indptr), shape=self._shape)
         A = sp.csc_matrix(-aug[:, :-1])
         b = np.asarray(aug[:, -1].todense()).ravel()
+        if self._rows is not None:
+            A, b = self._rows.reduce(A, b)
         return A, b, np.array(q[:-1], dtype=np.float64)
 
     def _solve_with(self, method: str, args: dict[str, Any], A, b, c, warm_start=None):
@@ -290,13 +295,22 @@ class CheckedDiffcp(SolverInterface):
         q_np, a_np = (v.detach().cpu().double().numpy() for v in (q, A))
         args = {**self.solver_args, **(solver_args or {})}
         batch = q_np.shape[0]
-        pool = self._workers.get(batch)
+        far = {}  # dependent equality rows disagreeing beyond tolerance: infeasible (.consistent_rows)
+        if self._rows is not None:
+            gap, scale = self._rows.gaps(a_np)
+            far = {int(i): float(gap[i]) for i in np.flatnonzero(gap > allowed(self.tol) * scale)}
+        good = np.array([i for i in range(batch) if i not in far], dtype=np.int64)
+        pool = self._workers.get(good.size)
         if pool is None:
             # Small dense factorisations: BLAS threads only fight torch's pool (a 326² solve: 150 ms, not 1).
-            results = _solve_chunk(self, q_np, a_np, args)
+            solved = _solve_chunk(self, q_np[good], a_np[good], args)
         else:
-            results = self._workers.gather(pool, [(_solve_chunk, self, q_np[ix], a_np[ix], args)
-                                                  for ix in chunks(batch, self.workers)])
+            solved = self._workers.gather(pool, [(_solve_chunk, self, q_np[good[ix]], a_np[good[ix]], args)
+                                                 for ix in chunks(good.size, self.workers)])
+        results = [Solved(None, None, None, None, self.solver, disagreement(far[i]), float("inf"), None, "infeasible")
+                   if i in far else None for i in range(batch)]
+        for i, r in zip(good.tolist(), solved):
+            results[i] = r
         # Failed elements are reported, not raised: the layer decides; outputs 0, gradients exactly 0.
         n, m = self._shape[1] - 1, self._shape[0]
         self._local.info = ElementInfo([r.solver for r in results], [r.status for r in results],
@@ -306,7 +320,8 @@ class CheckedDiffcp(SolverInterface):
         where = getattr(self._local, "where", None)
         warn_rescued(where, [r.note for r in results], [r.cause for r in results])  # (a failed one has no note)
         primal = torch.from_numpy(np.stack([np.zeros(n) if r.x is None else r.x for r in results])).to(q.dtype)
-        dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else r.y for r in results])).to(q.dtype)
+        full = (lambda y: y) if self._rows is None else self._rows.full_dual
+        dual = torch.from_numpy(np.stack([np.zeros(m) if r.y is None else full(r.y) for r in results])).to(q.dtype)
         if not needs_grad:
             return primal, dual, None
         if pool is None:
@@ -331,8 +346,12 @@ class CheckedDiffcp(SolverInterface):
             _, q, a, x, y, s = item
             A, b, c = self._problem(q, a)
             program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode, self._colours)
-        dA, db, dc = program.adjoint(x, y, s, parametric)(
-            dx, dy, self._indices[: self._n_a], self._cols[: self._n_a])
+        rows = self._rows  # (not None: the program without the dependent rows; cotangent in, gradients out, mapped)
+        args = (dy, self._indices[: self._n_a], self._cols[: self._n_a]) if rows is None else (
+            rows.reduced_cotangent(dy), rows.a_rows, rows.a_cols)
+        dA, db, dc = program.adjoint(x, y, s, parametric)(dx, *args)
+        if rows is not None:
+            dA, db = rows.full_grads(dA, db)
         # cvxpylayers' data are [A | b] with A = -aug[:, :-1], b = aug[:, -1].
         return (np.concatenate([dc, [0.0]]), np.concatenate([-dA, db[self._b_rows]]),
                 int(getattr(program, "degenerate", False)) + getattr(program, "zero_row", False), program.inaccurate)

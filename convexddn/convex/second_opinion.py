@@ -35,7 +35,7 @@ import torch
 
 from .._autograd import refuse_transforms
 from .._process_settings import solver_warnings_ignored
-from .cone_solution import DUAL_INFEASIBLE, EXACT_RAY, NUMERICAL, PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES
+from .cone_solution import DUAL_INFEASIBLE, EXACT_RAY, INCONSISTENT, NUMERICAL, PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES
 from .equilibration import Scaled
 from .kkt import row_inf
 from .per_element import SOLVER_DEFAULTS
@@ -322,8 +322,9 @@ def unsettled(info: dict) -> list[int]:
     decide: not solved, and not unbounded along a ray exact to rounding (``EXACT_RAY``:
     p @ x + ||x||_1 at p0 = -1 - 1e-9, whose cost falls by 1e-9 per unit along (1, 0); SCS
     from Clarabel's point came back 'solved' at x0 = 1.6e-7, accepted with a warning)."""
-    exact = STATUS_NAMES[EXACT_RAY]
-    return [i for i, (ok, st) in enumerate(zip(info["solved"], info["statuses"])) if not ok and st != exact]
+    exact, decided = STATUS_NAMES[EXACT_RAY], STATUS_NAMES[INCONSISTENT]  # (the latter: an exact certificate)
+    return [i for i, (ok, st) in enumerate(zip(info["solved"], info["statuses"]))
+            if not ok and st != exact and not st.startswith(decided)]
 
 
 def weigh_unbounded(info: dict, idx: Sequence[int], opinions: Sequence[int]) -> None:
