@@ -15,9 +15,9 @@ import torch
 from .._autograd import any_batched
 from .._linalg import solve_ex
 from .._warn import warn
-from ..errors import GradientWarning, SolverWarning
-from .degeneracy import shown_indices
+from ..errors import SolverWarning
 from .dense import checked_solve, default_rcond
+from .pooling.backward import _CANCELLED
 from .pooling.kernels import block_ranges
 from .pooling.penalties import Penalty, TruncatedQuadratic
 
@@ -110,12 +110,17 @@ def forming_noise(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> torch.Te
     return (s.abs() + c.abs().sum(-1)) * (C * math.sqrt(N + 1) * torch.finfo(s.dtype).eps)
 
 
-def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor):
-    r""":func:`hess_solve` for the derivatives: ``(v, ok, all ok)``, one host read where
-    every row is clear-cut. Rows whose matrix is singular to working precision count as
-    bad: a minimiser that is not isolated (Huber with two points 3.2 α apart: a segment
-    of minimisers) is only *nearly* singular after rounding, and a solve returns an
-    arbitrary finite step there (±1 where the derivative of the solver's own choice is 0.5).
+def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor,
+                       mixed: torch.Tensor | None = None):
+    r""":func:`hess_solve` for the derivatives: ``(v, ok, all ok, flat)``, one host read where
+    every row is clear-cut. ``flat``: of the rows ``mixed`` (R,) (given: those with a term
+    of negative curvature), the ``ok`` ones whose smallest eigenvalue may be below
+    :data:`~.pooling.backward._CANCELLED` of the absolute sum of H's terms (a cancellation,
+    for :mod:`._vector_pool_hessian` to check), or None where there are none.
+    Rows whose matrix is singular to working precision count as bad: a minimiser that is
+    not isolated (Huber with two points 3.2 α apart: a segment of minimisers) is only
+    *nearly* singular after rounding, and a solve returns an arbitrary finite step there
+    (±1 where the derivative of the solver's own choice is 0.5).
 
     Singular to working precision means below the rounding of forming H: its entries
     sum N + 1 terms of sizes up to :math:`|s|` and :math:`|c_i|` (unit :math:`n_i`), so
@@ -140,10 +145,11 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
     in a tangent propagates there too).
     """
     if any_batched(rhs):
-        _, ok, all_ok = hess_solve_checked(s, n, c, torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device))
+        zero = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
+        _, ok, all_ok, flat = hess_solve_checked(s, n, c, zero, mixed)
         H = _hessian(s, n, c)
         v = _plain(H, rhs)[0] if H is not None else _woodbury(_plain, s, n, c, rhs)[0]
-        return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok, all_ok
+        return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok, all_ok, flat
     N, C = n.shape[-2:]
     noise = forming_noise(s, n, c)
     H = _hessian(s, n, c)
@@ -155,8 +161,10 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
         clear = (info == 0) & (torch.linalg.matrix_norm(H) * inv2 * (C * default_rcond(C, H.dtype)) < 1) \
             & (noise * inv2 < 1)
         v, ok = _masked(torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1), clear, s, rhs)
-        if bool(ok.all()):
-            return v, ok, True
+        flat = _cancelled(s, n, c, H, ok, mixed)
+        bad, some_flat = torch.stack([~ok.all(), flat.any()]).tolist()
+        if not bad:
+            return v, ok, True, flat if some_flat else None
         # Only the rows the bounds did not clear get the careful solve.
         idx = (~ok).nonzero().squeeze(-1)
         v_idx, good_idx = _checked(H.index_select(0, idx), rhs.index_select(0, idx), noise.index_select(0, idx),
@@ -166,36 +174,32 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
         # M = sI + D UᵀU has H's eigenvalues (and s): the same test applies to it.
         v, good = _woodbury(lambda M, r: _checked(M, r, noise, symmetric=False), s, n, c, rhs)
     v, ok = _masked(v, good, s, rhs)
-    return v, ok, bool(ok.all())
+    flat = _cancelled(s, n, c, H, ok, mixed)
+    bad, some_flat = torch.stack([~ok.all(), flat.any()]).tolist()
+    return v, ok, not bad, flat if some_flat else None
 
 
-def hessian_terms(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor):
-    """The derivatives' pieces at the solution: ``(a, z, n, κ, c)`` with z_i = ‖y − x_i‖,
-    n_i the unit vectors, κ_i = φ'(z_i)/z_i and c_i = φ''(z_i) − κ_i, so that
-    H = (Σ κ_i) I + Σ c_i n_i n_iᵀ."""
-    a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-    d, z = geometry(x, y)
-    n = unit(d, z)
-    k1 = kappa(pen, z, a)
-    return a, z, n, k1, pen.d2phi(z, a) - k1
+def _cancelled(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, H: torch.Tensor | None, ok: torch.Tensor,
+               mixed: torch.Tensor | None) -> torch.Tensor:
+    """(R,) the ``ok`` and ``mixed`` rows of H = s I + Σ_i c_i n_i n_iᵀ whose smallest
+    eigenvalue λ is not shown to exceed t = :data:`~.pooling.backward._CANCELLED` of its
+    terms' absolute sum |s| + Σ_i |c_i| (the scalar pooling's test of its curvature sum,
+    which never applies where every term's curvature is >= 0) by a Cholesky factorisation
+    of H − t I (C <= N), or, C > N, of K − t I with K = s I − |c|^½ G |c|^½ (G = n nᵀ; with
+    every c_i <= 0, as φ'(z)/z non-increasing gives, λ = min(s, λ_min(K))); rows with a c_i > 0
+    there, or s <= t, are kept."""
+    if mixed is None:
+        return torch.zeros_like(ok)
+    t = _CANCELLED * (s.abs() + c.abs().sum(-1))
+    if H is None:
+        root = c.clamp(max=0).neg().sqrt()
+        A = -(root.unsqueeze(-1) * (n @ n.mT) * root.unsqueeze(-2))
+        A.diagonal(dim1=-2, dim2=-1).add_((s - t).unsqueeze(-1))
+        clear = (c <= 0).all(-1) & (s > t)
+    else:
+        A, clear = H - t.view(-1, 1, 1) * torch.eye(H.shape[-1], dtype=H.dtype, device=H.device), True
+    return ok & mixed & ~(clear & (torch.linalg.cholesky_ex(A)[1] == 0))
 
-def hessian_solve_warned(pen: Penalty, k1: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor,
-                         what: str, batch: tuple[int, ...], idx: torch.Tensor | None = None) -> torch.Tensor:
-    """H⁻¹ rhs per pooled set, zero with a GradientWarning where H is singular. ``batch``:
-    the caller's batch shape of all R sets, to name them in it; ``idx``: which of them
-    these are (a refined subset), else all."""
-    v, ok, all_ok = hess_solve_checked(k1.sum(-1), n, c, rhs)
-    if not all_ok:
-        # Named among all R sets, as the caller indexes them: the subset's own positions
-        # (flat, and relative to the coarse sets alone) pointed at other elements.
-        bad = ~ok if idx is None else torch.zeros(math.prod(batch), dtype=torch.bool,
-                                                  device=ok.device).index_fill(0, idx[~ok], True)
-        warn(
-            f"robust_vector_pool(penalty={pen.name!r}): the Hessian at the solution is "
-            f"singular for {shown_indices(bad, batch)}: no inliers or a "
-            f"non-isolated minimiser; their {what} is set to zero",
-            GradientWarning)
-    return v
 
 def _plain(H: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v, info = solve_ex(H, rhs)  # (torch's batched solve_ex can hang beyond 128 × 128: see _linalg)

@@ -53,7 +53,7 @@ from ._module_options import store_option
 from ._overflow import option_cast
 from ._vector_pool_polish import solve
 from ._vector_pool_refine import per_set
-from ._vector_pool_solvers import hessian_solve_warned as _h_solve, hessian_terms as _terms
+from ._vector_pool_hessian import hessian_solve_warned as _h_solve, hessian_terms as _terms
 from ._vector_pool_units import in_units as _in_units, rescaled
 from ._vmap_stack import stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic, format_penalty
@@ -108,7 +108,7 @@ class _VectorPoolFunction(torch.autograd.Function):
         def rows(xs, al, ys, idx):  # (per_set: sets whose y is coarse again, refined)
             g = gy if idx is None else gy.index_select(0, idx)
             a, z, n, k1, c = _terms(pen, xs, al, ys)
-            v = _h_solve(pen, k1, n, c, g, "gradient", ctx.batch, idx)
+            v = _h_solve(pen, (xs, a, ys), k1, n, c, g, "gradient", ctx.batch, idx)
             nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
             gx = k1.unsqueeze(-1) * v.unsqueeze(-2) + (c * nv).unsqueeze(-1) * n if need_x else None
             return gx, -(pen.d2phi_dalpha(z, a) * nv).sum(-1) if need_a else None
@@ -140,7 +140,7 @@ class _VectorPoolFunction(torch.autograd.Function):
                 at = alpha_t.to(ys.dtype)
                 at = (at if idx is None else at.index_select(0, idx)).unsqueeze(-1) if at.dim() > 0 else at
                 rhs = rhs - ((pen.d2phi_dalpha(z, a) * at).unsqueeze(-1) * n).sum(-2)
-            return (_h_solve(pen, k1, n, c, rhs, "tangent", ctx.batch, idx),)
+            return (_h_solve(pen, (xs, a, ys), k1, n, c, rhs, "tangent", ctx.batch, idx),)
         return per_set(pen, x, alpha, y, rows, ctx.coarse, ctx.batch)[0]
 
 
@@ -204,10 +204,10 @@ def robust_vector_pool(
     Backward: :math:`\bar x_i = H_i v`, :math:`v = H^{-1}\bar y`,
     :math:`H_i = \kappa_i I + (\phi''_i - \kappa_i) n_i n_i^\top` (see the module
     docstring); ``alpha`` gets :math:`-\sum_i \partial_\alpha\phi'(z_i)\, n_i^\top v`. Where
-    :math:`H` is singular the row's gradient is zero and a
-    :class:`~convexddn.errors.GradientWarning` names it (a test of :math:`H` alone: a NaN
-    or Inf in :math:`\bar y` or a tangent, a fault upstream, propagates as torch does). At
-    the kinks of Huber and the truncated quadratic (:math:`z_i = \alpha`) the inlier side is taken.
+    :math:`H` is singular, or its smallest eigenvalue vanishes within y's own uncertainty (a degenerate
+    minimum: :mod:`._vector_pool_hessian`), the row's gradient is zero and a :class:`~convexddn.errors.GradientWarning`
+    names it (a test of :math:`H` alone: a NaN or Inf in :math:`\bar y` or a tangent, a fault upstream, propagates
+    as torch does). At the kinks of Huber and the truncated quadratic (:math:`z_i = \alpha`) the inlier side is taken.
 
     Scale-equivariant: :math:`y(s x, s\alpha) = s\, y(x, \alpha)`; the solve runs in units
     of a power of two near α, so data and α far from 1 (1e-20 or 1e25 in float32) are

@@ -617,7 +617,7 @@ def test_hessian_solve_fast_path_agrees_with_the_careful_one(host_reads):
     rhs = torch.randn(6, 5, dtype=D, generator=gen)
     H = (n * c.unsqueeze(-1)).mT @ n + 0.5 * torch.eye(5, dtype=D)
     with host_reads.counting():
-        v, ok, all_ok = hess_solve_checked(s, n, c, rhs)
+        v, ok, all_ok, _ = hess_solve_checked(s, n, c, rhs)
     assert host_reads.count == 1
     v_ref, singular, _, _ = checked_solve(H, rhs)
     assert all_ok and ok.all() and not singular.any()
@@ -626,7 +626,7 @@ def test_hessian_solve_fast_path_agrees_with_the_careful_one(host_reads):
     n[2] = torch.randn(1, 5, dtype=D, generator=gen)  # every term along one direction
     s[2] = 1e-15  # rank one, nearly singular
     H = (n * c.unsqueeze(-1)).mT @ n + s.view(-1, 1, 1) * torch.eye(5, dtype=D)
-    v, ok, all_ok = hess_solve_checked(s, n, c, rhs)
+    v, ok, all_ok, _ = hess_solve_checked(s, n, c, rhs)
     _, singular, _, _ = checked_solve(H, rhs)
     assert not all_ok and torch.equal(ok, ~singular) and not ok[2] and ok[[0, 1, 3, 4, 5]].all()
 

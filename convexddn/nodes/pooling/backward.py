@@ -6,6 +6,7 @@ rows whose y is coarse against alpha (:mod:`.rounding`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -245,13 +246,23 @@ def _unresolved(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, 
     grid = (_NOISE * torch.finfo(y.dtype).eps) * (y_r.unsqueeze(-1) * s).abs()
     if coarse is not None:
         grid = torch.where(coarse.unsqueeze(-1), 0.0, grid)
-    eps = torch.finfo(f64).eps
-    delta = 2 * ((_SUM_NOISE * math.sqrt(n) * eps) * torch.linalg.vector_norm(d1, dim=-1, keepdim=True) / h + grid)
+    noise = (_SUM_NOISE * math.sqrt(n) * torch.finfo(f64).eps) * torch.linalg.vector_norm(d1, dim=-1, keepdim=True)
+    return unresolved_over(lambda shift: curvature(z + shift)[0], h, noise, grid).squeeze(-1)
+
+
+def unresolved_over(curvature: Callable[[Tensor], Tensor], h: Tensor, noise: Tensor, grid: Tensor) -> Tensor:
+    """Where a curvature ``h`` at y is not resolved above y's own uncertainty: ``h <= 0``,
+    or ``curvature(shift)``, the curvature at ``y + shift`` (``shift`` shaped like ``h``),
+    differs from ``h`` by more than half of it at ``shift = -+ delta``, ``delta = 2 (noise
+    / h + grid)``: twice the solvers' noise of the gradient over ``h`` plus y's grid, the
+    distance within which the minimiser is known. The verdict of :func:`_unresolved` and of
+    robust vector pooling's backward on its Hessian's smallest eigenvalue
+    (:mod:`convexddn.nodes._vector_pool_hessian`)."""
+    delta = 2 * (noise / h + grid)
     resolved = h > 0
     for side in (-delta, delta):
-        h_side, _ = curvature(z + torch.where(resolved, side, 0.0))
-        resolved &= (h_side - h).abs() <= 0.5 * h
-    return ~resolved.squeeze(-1)
+        resolved &= (curvature(torch.where(resolved, side, 0.0)) - h).abs() <= 0.5 * h
+    return ~resolved
 
 
 def _careful_residuals(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, coarse: Tensor | None,
