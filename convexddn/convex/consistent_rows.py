@@ -33,15 +33,16 @@ parameters are left as they are (rank varies per element). Rows with more than
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
-from typing import Iterator
+from contextlib import AbstractContextManager
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 import torch
+
+from .._context import bound
 
 __all__ = ["DependentRows", "ElementRows", "allowed", "dependent_rows", "disagreement", "input_precision",
            "reduce_maps"]
@@ -117,16 +118,11 @@ def allowed(tol: float) -> float:
     return max(float(tol), layer_tol, _ROUNDING_UNITS * eps)
 
 
-@contextlib.contextmanager
-def input_precision(values, tol: float = 0.0) -> Iterator[None]:
+def input_precision(values, tol: float = 0.0) -> AbstractContextManager[None]:
     """Within it, :func:`allowed` knows the rounding of the floating tensors ``values``
     (the layer's inputs, before they are widened to float64) and the layer's ``tol``."""
     eps = [torch.finfo(v.dtype).eps for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    token = _INPUT_EPS.set((max(eps + [float(torch.finfo(torch.float64).eps)]), float(tol)))
-    try:
-        yield
-    finally:
-        _INPUT_EPS.reset(token)
+    return bound(_INPUT_EPS, (max(eps + [float(torch.finfo(torch.float64).eps)]), float(tol)))
 
 
 def disagreement(gap: float) -> str:
