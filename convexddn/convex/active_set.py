@@ -36,7 +36,7 @@ from .polish import polish as newton_polish
 from .polish import rounding_level
 from .symmetric_cones import ConeLayout
 
-__all__ = ["correct", "settle_signs", "sign_tolerance", "sign_violation"]
+__all__ = ["correct", "settle_signs", "sign_tolerance", "sign_tolerances", "sign_violation"]
 
 # correct()'s dense systems take at most this share of the dense solves' MEMORY_BUDGET at
 # once (settle_signs chunks beyond it: 256 MiB), and none above their MAX_SIZE.
@@ -64,7 +64,7 @@ def sign_tolerance(like: torch.Tensor) -> float:
     return _SIGN * rounding_level(like)
 
 
-def _tolerances(P, q, A, b, layout: ConeLayout, x, z):
+def sign_tolerances(P, q, A, b, layout: ConeLayout, x, z):
     """``(tol_s, tol_z)`` ``(B, k)``: :data:`_SIGN` rounding levels of each nonnegative row's
     slack, ``1 + max(|b_i|, (|A||x|)_i)``, and of the multipliers, ``1 + max(‖q‖, ‖Px‖, ‖Aᵀz‖)``
     (the dual residual's scale, through which they are determined)."""
@@ -77,13 +77,13 @@ def _tolerances(P, q, A, b, layout: ConeLayout, x, z):
 
 def sign_violation(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
     """(B,) the largest violation of a nonnegative row's sign, ``-s_i`` or ``-z_i``, in units
-    of its tolerance (:func:`_tolerances`): above 1, a sign wrong beyond rounding; 0 where
+    of its tolerance (:func:`sign_tolerances`): above 1, a sign wrong beyond rounding; 0 where
     none is negative, or without nonnegative rows (equilibrated data ``P, q, A, b``, point
     ``x, s, z``)."""
     z0, k = layout.zero, layout.nonneg
     if not k:
         return x.new_zeros(x.shape[0])
-    tol_s, tol_z = _tolerances(P, q, A, b, layout, x, z)
+    tol_s, tol_z = sign_tolerances(P, q, A, b, layout, x, z)
     out = torch.maximum(-s[:, z0:z0 + k] / tol_s, -z[:, z0:z0 + k] / tol_z).amax(1)
     return torch.where(torch.isnan(out), torch.inf, out.clamp_min(0))
 
@@ -118,7 +118,7 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
     ineq = torch.zeros(m, dtype=torch.bool, device=A.device)
     ineq[z0:z0 + k] = True
     tol_s, tol_z = (torch.cat([v.new_zeros(B, z0), v, v.new_zeros(B, m - z0 - k)], 1)
-                    for v in _tolerances(P, q, A, b, layout, x, z))
+                    for v in sign_tolerances(P, q, A, b, layout, x, z))
     W = ~ineq | (s <= tol_s) | (s < z)
     z = torch.where(W, z, 0.0)
     running = torch.ones(B, dtype=torch.bool, device=A.device)

@@ -25,7 +25,7 @@ from .polish import polish as newton_polish
 from .polish import better, polish_nonnegative, rounding_level
 from .symmetric_cones import ConeLayout, soc_frame
 
-__all__ = ["DECIDED", "RESOLVED", "decided", "error_estimate", "finish", "limit_scaling_at",
+__all__ = ["DECIDED", "RESOLVED", "at_kink", "decided", "error_estimate", "finish", "limit_scaling_at",
            "nearly_dependent_rows", "undecided", "undecided_reach"]
 
 
@@ -53,6 +53,26 @@ def _kink_floor(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.T
     where none exists."""
     cone_s, cone_z = s[:, layout.zero:], z[:, layout.zero:]
     return (64 * rounding_level(s) * (1 + cone_s.abs().amax(1) + cone_z.abs().amax(1)))[:, None]
+
+
+def at_kink(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``(B, nonneg)`` the nonnegative rows of a solution ``(x, s, z)`` of the equilibrated data
+    ``d`` whose slack and multiplier are both 0 to rounding in their row's own scales (the sign
+    tolerances, :func:`~.active_set.sign_tolerances`): a bound met with a zero multiplier,
+    whichever side the ratio of the two roundings points to (:func:`decided` reads ``(6e-17,
+    0)`` as inactive, :func:`undecided` ``(0, 0)`` as decided). The derivative's checks take
+    such a row as undecided and holding. The active-set steps (:func:`~.active_set.settle_signs`,
+    which take over where a degenerate vertex's singular limit system leaves the estimate rough)
+    release a dependent row there, at ``z = 0`` with ``s`` its residual's rounding (a transport
+    plan whose marginals' partial sums coincide) or 0 (``min c·y`` s.t. ``-y₂ = b₀``, ``y₀ - y₁ +
+    y₂ = b₁``, ``0 <= y <= 3`` at ``(3, 3, 2)``, four rows in R³); read as decided, the one-sided
+    derivative came back without a warning. (Not the element's size: beside an inactive bound
+    of 1e12, a multiplier of 5e-3 was within 64 rounding levels of it.)"""
+    from .active_set import sign_tolerances  # (active_set imports certify's decisions)
+
+    z0, k = layout.zero, layout.nonneg
+    tol_s, tol_z = sign_tolerances(d.P, d.q, d.A, d.b, layout, x, z)
+    return (s[:, z0:z0 + k] <= tol_s) & (z[:, z0:z0 + k] <= tol_z)
 
 
 def _at_kink(layout: ConeLayout, point: tuple, settled) -> tuple[torch.Tensor, tuple]:
@@ -270,7 +290,8 @@ def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, rounding: bo
     return out
 
 
-def undecided_reach(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def undecided_reach(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
+                    kinks: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) largest component of ``w`` along a direction whose limit scaling an undecided
     pair leaves open (0 where there is none): ``s, z`` the cone rows of a solution,
     ``w`` ``(B, mc)`` those of the dual part of a derivative system's solution.
@@ -283,10 +304,11 @@ def undecided_reach(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, w: tor
     leaves a pair undecided that the outputs do not see.) The directions: a nonnegative
     row; on a second-order cone with one undecided Jordan-frame pair and the other
     decided active, that pair's c_k (H's part on the tangent space tends to 0 on both
-    sides); on any other cone with an undecided pair, the whole cone.
+    sides); on any other cone with an undecided pair, the whole cone. ``kinks`` ``(B, nonneg)``:
+    nonnegative rows open whatever their ratio (:func:`at_kink`).
     """
     k = layout.nonneg
-    open_ = (_ratio(s[:, :k], z[:, :k]) > DECIDED)
+    open_ = (_ratio(s[:, :k], z[:, :k]) > DECIDED) | (False if kinks is None else kinks)
     out = torch.where(open_, w[:, :k].abs(), 0.0).amax(1) if k else w.new_zeros(w.shape[0])
     if layout.soc:
         a1, a2, b1, b2, u = soc_frame(layout, s[:, k:], z[:, k:])

@@ -43,7 +43,7 @@ import torch
 
 from .._step_graphs import StepGraphs, capture_wanted
 from .active_set import settle_signs, sign_tolerance
-from .certify import DECIDED, finish, undecided
+from .certify import DECIDED, at_kink, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, EXACT_RAY, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING,
                             SOLVED, STATUS_NAMES, ConeSolution)
 from .equilibration import Scaled, equilibrate
@@ -221,7 +221,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
     # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
-    undecided_ = ok_res & (undecided(layout, ss, zs) > DECIDED)
+    # (and a bound met with a zero multiplier to rounding, whichever side its ratio reads: at_kink)
+    undecided_ = ok_res & ((undecided(layout, ss, zs) > DECIDED) | at_kink(d, layout, xs, ss, zs).any(1))
     points = torch.where(certified | ~ok, 0, points + unverifiable(error, red).long() * UNVERIFIABLE)
     # Columns whose equation the solve left unresolved (a weight far below the program's
     # scale), for the derivatives' warning; where the outputs are free along the limit

@@ -40,7 +40,7 @@ import math
 import torch
 
 from .._generic import generic_vector
-from .certify import decided
+from .certify import at_kink, decided
 from .symmetric_cones import soc_frame
 from .zero_rows import zero_rows
 
@@ -262,8 +262,8 @@ def limit_inconsistency(d, layout, x: torch.Tensor, s: torch.Tensor, z: torch.Te
         return torch.zeros(B, dtype=rz.dtype, device=rz.device)
     A, r = d.A[:, :z0 + k], rz[:, :z0 + k]
     present = torch.ones_like(r, dtype=torch.bool)
-    if k:
-        present[:, z0:] = _present(s[:, z0:z0 + k], z[:, z0:z0 + k])
+    if k:  # (a row at its kink holds: at_kink)
+        present[:, z0:] = _present(s[:, z0:z0 + k], z[:, z0:z0 + k]) | at_kink(d, layout, x, s, z)
     zero, holds = zero_rows(d, layout, x)
     present = torch.where(zero, holds, present)
     norms = d.A.norm(dim=-1)

@@ -33,7 +33,7 @@ or requested output reaching a null direction of the limit system, :mod:`.unique
 an amplification beyond :data:`AMPLIFICATION` where that test finds the solution unique is
 an ill-conditioned derivative, returned where a dense solve certifies it, :func:`_certify`),
 or a derivative along a fixed direction of the parameters requiring grad (one unrefined
-probe solve) that blows up: where it does, the rows holding at the solution are tested
+probe solve) that blows up, or damped by an undecided pair's lift: there the rows holding are tested
 for being dependent and moved apart (:func:`~.uniqueness.limit_inconsistency`: a
 degenerate vertex, an equality combining others with its b moved alone, or a zero
 row with b = 0, :func:`~.zero_rows.zero_rows`, moved at all; constant
@@ -49,7 +49,7 @@ import math
 import torch
 
 from .._generic import generic_vector
-from .certify import undecided_reach
+from .certify import at_kink, undecided_reach
 from .dense_kkt import dense_limit_solve, dense_limit_solve_error
 from .interior_point import SOLVED, ConeSolution
 from .kkt import bmv, row_inf
@@ -160,8 +160,10 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         zero = ok[:, 0] & moved_zero_rows(sol, layout, pz.squeeze(-1))
         # (the probe's du solves the rows that hold for pz up to the lifted slacks: where that
         # shows them consistent, no factorisation of the rows is needed, see limit_inconsistency)
-        apart = limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck | zero), px, cols,
-                               pz.squeeze(-1), du.squeeze(-1))[0]
+        # Also where a pair is undecided: its lift (H ~ 1) keeps the probe from blowing up at a
+        # degenerate vertex (a bound released there at its kink, see certify.at_kink).
+        apart = limit_tests_at(sol, layout, ok[:, 0] & ((raw > PROBE_GATE) | stuck | zero | sol.undecided), px,
+                               cols, pz.squeeze(-1), du.squeeze(-1))[0]
         # (between INCONSISTENT_AMPLIFICATION and INCONSISTENT_SURE: rows nearly dependent,
         # whose derivative is as large; it exists, and counts where the cotangent's is certified)
         vertex = vertex | ~(apart <= INCONSISTENT_SURE)
@@ -261,7 +263,9 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
     # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
     kinks = _kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1))
-    steep = (amplification > PROBE_GAIN) & ~certified
+    # (where a pair is undecided, dependent rows that hold moved apart: the backward's vertex test)
+    apart = limit_tests_at(sol, layout, ok & sol.undecided, ex.squeeze(-1), cols, ez.squeeze(-1), ux.squeeze(-1))[0]
+    steep = ((amplification > PROBE_GAIN) & ~certified) | ~(apart <= INCONSISTENT_SURE)
     unsolved = zeroed & (unsolved | uncertain) & ~(outputs | reached | kinks | (steep & ~uncertain))
     flagged = zeroed | (ok & (kinks | steep))
     return dx, dz, flagged, zeroed, unsolved, flagged & moved_zero_rows(sol, layout, rz)
@@ -285,10 +289,11 @@ def _kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor
         return flagged
     idx = torch.nonzero(flagged).squeeze(1)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
-    _, s, z = sol.scaled.select(idx).scale(pick(sol.x), pick(sol.s), pick(sol.z))
+    part = sol.scaled.select(idx)
+    x, s, z = part.scale(pick(sol.x), pick(sol.s), pick(sol.z))
     z0 = layout.zero
     u_x, u_z = pick(ux), pick(uz)
-    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:])
+    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], at_kink(part, layout, x, s, z))
     return flagged.index_copy(0, idx, reach > SIDE_RTOL * torch.maximum(row_inf(u_x), row_inf(u_z)))
 
 

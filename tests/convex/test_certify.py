@@ -340,3 +340,27 @@ def test_a_soc_projection_just_outside_the_cone_is_smooth_at_every_scale(scale):
     assert np.abs(out.detach().numpy() - want).max() <= 1e-12 * scale
     expected = J.T @ w
     assert np.abs(grad.numpy() - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+
+def test_a_pair_at_its_kink_is_one_whichever_side_its_rounding_points_to():
+    """Nonnegative pairs (0, 0) and (6e-17, 0) of rows of size ~1: a bound met with a zero
+    multiplier, as the active-set steps release a row at a degenerate vertex. The ratio reads
+    0/0 as decided and (6e-17, 0) as inactive; :func:`at_kink` takes both as kinks, in each
+    row's own scale: (1e-6, 0) is decided, and so is (0, 5e-3) beside another row's slack of 1e12
+    (64 rounding levels of that element's size are 0.1)."""
+    from types import SimpleNamespace
+
+    from convexddn.convex.certify import at_kink, decided, undecided
+    from convexddn.convex.symmetric_cones import ConeLayout
+
+    layout = ConeLayout(1, 3, ())
+    A = torch.tensor([[[1.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [1.0, 0.0]]] * 2, dtype=F64)
+    d = SimpleNamespace(P=torch.zeros(2, 2, 2, dtype=F64), q=torch.ones(2, 2, dtype=F64), A=A,
+                        b=torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1e12]], dtype=F64))
+    x = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    s = torch.tensor([[0.0, 0.0, 6e-17, 1e-6], [0.0, 1.0, 0.0, 1e12]], dtype=F64)
+    z = torch.tensor([[0.7, 0.0, 0.0, 0.0], [0.7, 0.0, 5e-3, 0.0]], dtype=F64)
+    assert at_kink(d, layout, x, s, z).tolist() == [[True, True, False], [False, False, False]]
+    assert decided(s[:1, 2:3], z[:1, 2:3])[1].item()  # (the ratio's reading)
+    assert undecided(layout, s, z).tolist() == [0.0, 0.0]

@@ -16,6 +16,8 @@ import torch
 import convexddn as cddn
 from convexddn.errors import GradientWarning
 
+F64 = torch.float64
+
 
 def _redundant(kind: str, seed: int):
     n, p = 3, 4
@@ -279,3 +281,89 @@ def test_inconsistency_bounds_are_upper_bounds_of_the_svd_amplification():
         if want is not None:
             assert (g <= INCONSISTENT_AMPLIFICATION) == want, (g, ref)
     assert got[-1] == float("inf")
+
+
+def _box_lp(fixed: bool):
+    """min cᵀy s.t. (-y₂ = b₀ | y₂ = 2), y₀ - y₁ + y₂ = b₁, 0 <= y <= 3 (A, b parameters; y₂'s
+    row a constant in the ``fixed`` form)."""
+    y, c, b = cp.Variable(3), cp.Parameter(3), cp.Parameter(2 - fixed)
+    A = cp.Parameter((2 - fixed, 3))
+    rows = [y[2] == 2, A @ y == b] if fixed else [A @ y == b]
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ y), rows + [y >= 0, y <= 3]), [c, A, b], [y])
+    A_t = [[1.0, -1.0, 1.0]] if fixed else [[0.0, 0.0, -1.0], [1.0, -1.0, 1.0]]
+    return layer, torch.tensor([[-2.0, 1.0, 0.0]], dtype=F64), torch.tensor([A_t], dtype=F64)
+
+
+def _named(caught) -> set:
+    return {e[0] for w in caught if issubclass(w.category, GradientWarning) for e in (w.message.elements or [])}
+
+
+def _grad_and_sides(f, b: torch.Tensor, h: float = 1e-6):
+    """The backward's gradient of the scalar ``f(b)`` (``b`` ``(1, p)``), the names its warnings
+    give, and one-sided finite differences ``(right, left)`` ``(p,)``."""
+    bb = b.clone().requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (g,) = torch.autograd.grad(f(bb), bb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f0, eye = f(b).item(), torch.eye(b.shape[1], dtype=b.dtype)
+        right = torch.tensor([(f(b + h * e).item() - f0) / h for e in eye], dtype=b.dtype)
+        left = torch.tensor([(f0 - f(b - h * e).item()) / h for e in eye], dtype=b.dtype)
+    return g[0], _named(caught), right, left
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_degenerate_vertex_with_a_row_at_its_kink_is_warned(fixed):
+    """At y = (3, 3, 2) four rows hold in R³ (y₀ <= 3, y₁ <= 3 and both equalities) and b moves
+    them apart: one-sided derivatives differ by 0.3. The error estimate at the interior point
+    (a singular limit system) sent the element to the active-set steps, which ended with y₁ <= 3
+    at (s, z) = (0, 0); read as decided (ratio 0/0), neither the kink test nor the vertex test
+    ran (the pair's lift kept the probe from blowing up), and the right-hand derivative came
+    back without a warning, in both modes. (The same LP without y₂'s bounds, or with y₂
+    substituted, was warned about.)"""
+    layer, c, A = _box_lp(fixed)
+    b = torch.tensor([[2.0]] if fixed else [[-2.0, 2.0]], dtype=F64)
+    w = torch.tensor([1.0, -0.7, 1.2], dtype=F64)
+    g, named, right, left = _grad_and_sides(lambda bb: (layer(c, A, bb) * w).sum(), b)
+    assert layer.last_solve.solvers == ["batched"]
+    assert ((right - left).abs() > 0.1).all()  # (no derivative in any entry of b)
+    assert named == {0}
+    with warnings.catch_warnings(record=True) as caught:  # forward mode
+        warnings.simplefilter("always")
+        torch.func.jvp(lambda bb: layer(c, A, bb), (b,), (torch.ones_like(b),))
+    assert _named(caught) == {0}
+
+
+def test_nondegenerate_vertex_beside_it_is_not_warned():
+    """b₁ = 2.5: y = (3, 2.5, 2), three rows hold, the derivative exists (central differences)."""
+    layer, c, A = _box_lp(False)
+    w = torch.tensor([1.0, -0.7, 1.2], dtype=F64)
+    g, named, right, left = _grad_and_sides(lambda bb: (layer(c, A, bb) * w).sum(),
+                                            torch.tensor([[-2.0, 2.5]], dtype=F64))
+    assert layer.last_solve.solvers == ["batched"]
+    assert not named
+    torch.testing.assert_close(g, (right + left) / 2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g, torch.tensor([-0.5, 0.7], dtype=F64), rtol=1e-9, atol=1e-9)
+
+
+def test_transport_plan_with_coinciding_marginal_sums_is_warned():
+    """ot_lp with a = (0.2, 0.3, 0.5), b = (0.5, 0.2, 0.3): a₀ = b₁, a₀ + a₁ = b₀, a degenerate
+    vertex for every cost. The active-set steps released x₀₀ >= 0 at z = 0 with s = 6e-17 (its
+    residual's rounding), decided inactive by the ratio: elements 3 to 5 of this batch got a
+    one-sided gradient without a warning (element 3: 4.6334 returned, right 4.6334, left 2.5117
+    along a₀ + b₂)."""
+    layer = cddn.layer("ot_lp", m=3, n=3)
+    torch.manual_seed(1)
+    C, W = torch.rand(6, 3, 3, dtype=F64), torch.randn(6, 3, 3, dtype=F64)
+    a = torch.tensor([[0.2, 0.3, 0.5]] * 6, dtype=F64, requires_grad=True)
+    b = torch.tensor([[0.5, 0.2, 0.3]] * 6, dtype=F64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (layer(C, a, b) * W).sum().backward()
+    assert {3, 4, 5} <= _named(caught)
+    move = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 1.0]], dtype=F64)  # (a₀ and b₂ together: the mass kept)
+    ab = torch.cat([a.detach()[3:4], b.detach()[3:4]], 1)
+    _, _, right, left = _grad_and_sides(lambda t: (layer(C[3:4], *(ab + t * move).split(3, 1)) * W[3]).sum(),
+                                        torch.zeros(1, 1, dtype=F64))
+    assert (right - left).abs().item() > 1.0
