@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .consistent_rows import DISAGREEMENT
 from .equilibration import Scaled
 from .kkt import KKTSystem
 
@@ -24,7 +25,7 @@ STATUS_NAMES = {
     MAX_ITERATIONS: "max iterations",
     NUMERICAL: "numerical trouble",
     EXACT_RAY: "dual infeasible (unbounded along a ray exact to rounding)",
-    INCONSISTENT: "infeasible: the equality constraints are linearly dependent and their right-hand sides disagree",
+    INCONSISTENT: DISAGREEMENT,
 }
 
 

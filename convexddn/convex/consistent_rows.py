@@ -44,8 +44,8 @@ import torch
 
 from .._context import bound
 
-__all__ = ["DependentRows", "ElementRows", "allowed", "dependent_rows", "disagreement", "input_precision",
-           "reduce_maps"]
+__all__ = ["DISAGREEMENT", "DependentRows", "ElementRows", "allowed", "dependent_rows", "disagreement",
+           "input_precision", "reduce_maps"]
 
 # The dense A_E (rows × the columns it touches) one SVD takes at most.
 _MAX_ENTRIES = 4_000_000
@@ -136,11 +136,14 @@ def input_precision(values, tol: float = 0.0) -> AbstractContextManager[None]:
     return bound(_INPUT_EPS, (max(eps + [float(torch.finfo(torch.float64).eps)]), float(tol)))
 
 
+#: The status of such an element, without its figure (:func:`disagreement` adds it).
+DISAGREEMENT = "infeasible: the equality constraints are linearly dependent and their right-hand sides disagree"
+
+
 def disagreement(gap: float) -> str:
     """The status of an element whose dependent equality rows disagree by ``gap``."""
-    return (f"infeasible: the equality constraints are linearly dependent and their right-hand sides disagree by "
-            f"{gap:.3g} (‖(I − Π) b_E‖, Π the projector onto the range of their constant coefficients: an exact "
-            "Farkas certificate)")
+    return (f"{DISAGREEMENT} by {gap:.3g} (‖(I − Π) b_E‖, Π the projector onto the range of their constant "
+            "coefficients: an exact Farkas certificate)")
 
 
 # ---------------------------------------------------------------- the batched path's maps
