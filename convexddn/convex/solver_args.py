@@ -203,17 +203,34 @@ def _scs_accepts(args: dict[str, Any], what: str, names: Mapping[str, str]) -> N
     """SCS's own judgement of the settings (a key the installed SCS does not take, a
     ``linear_solver`` whose library it lacks), on a one-variable program, silent and
     writing no file: an OptionError now, not a failure of every element of a batch."""
+    import scs
+
+    trial = {k: v for k, v in args.items() if k not in _SCS_FILES}
+    try:  # (per-call solver_args reach here on every call: the same settings are judged once)
+        key = tuple(sorted((k, type(v), v) for k, v in trial.items()))
+        hash(key)
+    except TypeError:
+        error = _scs_error.__wrapped__(tuple(trial.items()))
+    else:
+        error = _scs_error(key)
+    if error is not None:
+        given = {names.get(k, k): v for k, v in trial.items()}
+        raise OptionError(f"{what} {given!r} are not accepted by SCS {scs.__version__}: {error}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _scs_error(settings: tuple) -> str | None:
+    """SCS's error on a one-variable program with ``settings`` (``(key, [type,] value)``), or None."""
     import numpy as np
     import scipy.sparse as sp
     import scs
 
-    trial = {k: v for k, v in args.items() if k not in _SCS_FILES}
     try:
         scs.solve({"A": sp.csc_matrix(np.ones((1, 1))), "b": np.ones(1), "c": -np.ones(1)}, {"l": 1},
-                  **{**trial, "verbose": False})
+                  **{**{k: item[-1] for k, *item in settings}, "verbose": False})
     except Exception as err:  # noqa: BLE001 - TypeError, ValueError, ImportError (a linear solver not built)
-        given = {names.get(k, k): v for k, v in trial.items()}
-        raise OptionError(f"{what} {given!r} are not accepted by SCS {scs.__version__}: {err}") from None
+        return str(err)
+    return None
 
 
 def _clarabel_accepts(args: dict[str, Any], what: str, names: Mapping[str, str]) -> None:
