@@ -147,13 +147,13 @@ class CheckedDiffcp(SolverInterface):
                                "does not take either; write those atoms with approx=True (their second-order-cone "
                                "form, CVXPY's default)")
         check_solver_cones(dims, solver=self.solver, fallback=self.fallback)
-        self._parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
+        parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
         # Dependent equality rows with constant coefficients: removed (.consistent_rows).
-        self._rows = rows = ElementRows.build(ctx, self._indices, self._cols, n_a, int(dims.zero), m, self._parametric)
+        self._rows = rows = ElementRows.build(ctx, self._indices, self._cols, n_a, int(dims.zero), m, parametric)
         self._cone_dict = dims_to_solver_dict(dims) if rows is None else rows.cone_dict(dims_to_solver_dict(dims))
         self._cones = cone_lib.parse_cone_dict(self._cone_dict)
         self._cones_cpp = cone_lib.parse_cone_dict_cpp(self._cones)
-        self._parametric = self._parametric if rows is None else rows.par
+        self._parametric = parametric if rows is None else rows.par
         # (each parameter's columns of θ: the backward judges uniqueness in those requiring grad)
         self._theta_cols = None if self._parametric is None else parameter_columns(ctx, self._parametric.c_map.shape[1])
         self._mode = self.mode if self.mode != "auto" else auto_mode(self._cones, self._indices.size, m + np1)
