@@ -66,7 +66,7 @@ class _Choice(str):
 # arguments straight to C, with no settings object to read them from): SCS 3.3's
 # (https://www.cvxgrp.org/scs/api/settings.html), and its Python wrapper's linear_solver, whose
 # values are read from SCS's own scs.LinearSolver. SCS judges the settings itself when a layer
-# takes them (_scs_accepts), so a key the installed SCS lacks is refused then, naming SCS.
+# takes them (_accepted), so a key the installed SCS lacks is refused then, naming SCS.
 # Clarabel's are read from its own settings object.
 _SCS_DOCUMENTED = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, "eps_infeas": _NONNEG,
                    "alpha": _RELAXATION, "rho_x": _POSITIVE, "scale": _POSITIVE, "adaptive_scale": _BOOL,
@@ -76,7 +76,7 @@ _SCS_DOCUMENTED = {"max_iters": _COUNT, "eps_abs": _NONNEG, "eps_rel": _NONNEG, 
                    "acceleration_regularization": _NONNEG, "acceleration_relaxation": _NONNEG,
                    "time_limit_secs": _SECONDS, "verbose": _BOOL,
                    "write_data_filename": _TEXT, "log_csv_filename": _TEXT}
-# Settings that write files: left out of SCS's trial solve (_scs_accepts).
+# Settings that write files: left out of SCS's trial solve (_scs_trial).
 _SCS_FILES = ("write_data_filename", "log_csv_filename")
 
 
@@ -192,52 +192,46 @@ def validate_solver_args(solver: str, args: Any, what: str = "solver_args",
     for k, v in checked.items():
         if kinds[k] == _SECONDS and v in (0, math.inf):
             checked[k] = _NO_LIMIT[solver]
-    if solver == "Clarabel" and checked:
-        _clarabel_accepts(checked, what, names)
-    if solver == "SCS" and checked:
-        _scs_accepts(checked, what, names)
+    if solver in _TRIALS and checked:
+        _accepted(solver, checked, what, names)
     return checked
 
 
-def _scs_accepts(args: dict[str, Any], what: str, names: Mapping[str, str]) -> None:
-    """SCS's own judgement of the settings (a key the installed SCS does not take, a
-    ``linear_solver`` whose library it lacks), on a one-variable program, silent and
-    writing no file: an OptionError now, not a failure of every element of a batch."""
-    import scs
-
-    trial = {k: v for k, v in args.items() if k not in _SCS_FILES}
-    try:  # (per-call solver_args reach here on every call: the same settings are judged once)
-        key = tuple(sorted((k, type(v), v) for k, v in trial.items()))
+def _accepted(solver: str, args: dict[str, Any], what: str, names: Mapping[str, str]) -> None:
+    """The solver's own judgement of the settings, on a one-variable program (Clarabel: an
+    unknown ``direct_solve_method``, an iteration limit beyond its integer type; SCS: a key
+    the installed SCS does not take, a ``linear_solver`` whose library it lacks): an
+    OptionError now, not a bare ``Exception`` from every element of a batch (naming the
+    settings as ``names`` spells them, see :func:`validate_solver_args`). Per-call
+    solver_args come here on every call: the same settings are judged once."""
+    try:
+        key = tuple(sorted((k, type(v), v) for k, v in args.items()))  # (type: True and 1 apart)
         hash(key)
-    except TypeError:
-        error = _scs_error.__wrapped__(tuple(trial.items()))
+    except TypeError:  # (an unhashable value: judged each time)
+        error = _TRIALS[solver](args)
     else:
-        error = _scs_error(key)
+        error = _trial_error(solver, key)
     if error is not None:
-        given = {names.get(k, k): v for k, v in trial.items()}
-        raise OptionError(f"{what} {given!r} are not accepted by SCS {scs.__version__}: {error}") from None
+        given = {names.get(k, k): v for k, v in args.items()}
+        raise OptionError(f"{what} {given!r} are not accepted by {_judge_name(solver)}: {error}") from None
 
 
 @functools.lru_cache(maxsize=64)
-def _scs_error(settings: tuple) -> str | None:
-    """SCS's error on a one-variable program with ``settings`` (``(key, [type,] value)``), or None."""
-    import numpy as np
-    import scipy.sparse as sp
-    import scs
-
-    try:
-        scs.solve({"A": sp.csc_matrix(np.ones((1, 1))), "b": np.ones(1), "c": -np.ones(1)}, {"l": 1},
-                  **{**{k: item[-1] for k, *item in settings}, "verbose": False})
-    except Exception as err:  # noqa: BLE001 - TypeError, ValueError, ImportError (a linear solver not built)
-        return str(err)
-    return None
+def _trial_error(solver: str, key: tuple) -> str | None:
+    return _TRIALS[solver]({k: v for k, _, v in key})
 
 
-def _clarabel_accepts(args: dict[str, Any], what: str, names: Mapping[str, str]) -> None:
-    """Clarabel's own judgement of the settings (an unknown ``direct_solve_method``, an
-    iteration limit beyond its integer type), on a one-variable program: raised as an
-    OptionError now, not as a bare ``Exception`` from every element of a batch (naming
-    the settings as ``names`` spells them, see :func:`validate_solver_args`)."""
+def _judge_name(solver: str) -> str:
+    if solver == "SCS":
+        import scs
+
+        return f"SCS {scs.__version__}"
+    return solver
+
+
+def _clarabel_trial(args: dict[str, Any]) -> str | None:
+    """Clarabel's error with ``args`` on a one-variable program, or None (it raises a bare
+    ``Exception``, "Bad settings")."""
     import clarabel
     import numpy as np
     import scipy.sparse as sp
@@ -248,9 +242,28 @@ def _clarabel_accepts(args: dict[str, Any], what: str, names: Mapping[str, str])
             setattr(settings, k, v)
         clarabel.DefaultSolver(sp.csc_matrix((1, 1)), np.zeros(1), sp.csc_matrix(np.ones((1, 1))), np.ones(1),
                                [clarabel.NonnegativeConeT(1)], settings)
-    except Exception as err:  # noqa: BLE001 - Clarabel raises a bare Exception ("Bad settings")
-        given = {names.get(k, k): v for k, v in args.items()}
-        raise OptionError(f"{what} {given!r} are not accepted by Clarabel: {err}") from None
+    except Exception as err:  # noqa: BLE001
+        return str(err)
+    return None
+
+
+def _scs_trial(args: dict[str, Any]) -> str | None:
+    """SCS's error with ``args`` (but the settings that write files) on a one-variable
+    program, silent, or None."""
+    import numpy as np
+    import scipy.sparse as sp
+    import scs
+
+    trial = {k: v for k, v in args.items() if k not in _SCS_FILES}
+    try:
+        scs.solve({"A": sp.csc_matrix(np.ones((1, 1))), "b": np.ones(1), "c": -np.ones(1)}, {"l": 1},
+                  **{**trial, "verbose": False})
+    except Exception as err:  # noqa: BLE001 - TypeError, ValueError, ImportError (a linear solver not built)
+        return str(err)
+    return None
+
+
+_TRIALS = {"Clarabel": _clarabel_trial, "SCS": _scs_trial}
 
 
 def solver_choice(name: str, value: Any, valid: tuple[str, ...], optional: bool = False) -> str:
