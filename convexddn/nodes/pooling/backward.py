@@ -173,9 +173,16 @@ def _careful_weights64(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: T
     without a saturation overflows on a far outlier in float32 ((z / alpha)^2 at 1e20)
     whatever the row's scale; ``coarse`` (of those rows) have their residuals taken to the
     minimiser (by y's remainder ``rem``, of all rows, where known)."""
+    x_r, y_r, a_r, rem_r = _rows64(x, y, a, idx, rem)
+    return _careful_weights(penalty, x_r, y_r, a_r, need_alpha, coarse, rem_r)
+
+
+def _rows64(x: Tensor, y: Tensor, a: Tensor, idx: Tensor, rem: Tensor | None) -> tuple:
+    """The rows ``idx`` of ``x``, ``y``, ``a`` (per row, or 0-d) and y's remainder ``rem``
+    (or None) in float64."""
     f64 = torch.float64
-    return _careful_weights(penalty, x[idx].to(f64), y[idx].to(f64), (a if a.dim() == 0 else a[idx]).to(f64),
-                            need_alpha, coarse, None if rem is None else rem[idx].to(f64))
+    return (x[idx].to(f64), y[idx].to(f64), (a if a.dim() == 0 else a[idx]).to(f64),
+            None if rem is None else rem[idx].to(f64))
 
 
 def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, ga: Tensor,
@@ -228,10 +235,8 @@ def _unresolved(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, 
     is as small as that distance allows and no better known: its ratio w_i / h is no
     derivative (it was +-5.65e4 for x = (0, 0, 1, 1), alpha 0.5 in float64, where y
     landed 4.4e-6 off the minimiser 0.5, and exactly 0 for x = (0, 1), y = 0.5)."""
-    f64 = torch.float64
-    x_r, y_r = x[idx].to(f64), y[idx].to(f64)
-    z, a_s, s, _ = _careful_residuals(penalty, x_r, y_r, (a if a.dim() == 0 else a[idx]).to(f64), coarse,
-                                      None if rem is None else rem[idx].to(f64))
+    x_r, y_r, a_r, rem_r = _rows64(x, y, a, idx, rem)
+    z, a_s, s, _ = _careful_residuals(penalty, x_r, y_r, a_r, coarse, rem_r)
 
     def curvature(t: Tensor) -> tuple[Tensor, Tensor]:  # the solvers' h and phi' terms at residuals t
         work = [torch.empty_like(t) for _ in range(3)]
@@ -246,7 +251,7 @@ def _unresolved(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, 
     grid = (_NOISE * torch.finfo(y.dtype).eps) * (y_r.unsqueeze(-1) * s).abs()
     if coarse is not None:
         grid = torch.where(coarse.unsqueeze(-1), 0.0, grid)
-    noise = (_SUM_NOISE * math.sqrt(n) * torch.finfo(f64).eps) * torch.linalg.vector_norm(d1, dim=-1, keepdim=True)
+    noise = (_SUM_NOISE * math.sqrt(n) * torch.finfo(z.dtype).eps) * torch.linalg.vector_norm(d1, dim=-1, keepdim=True)
     return unresolved_over(lambda shift: curvature(z + shift)[0], h, noise, grid).squeeze(-1)
 
 
