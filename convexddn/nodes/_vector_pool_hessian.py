@@ -37,10 +37,14 @@ def hessian_terms(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.T
     n_i the unit vectors, κ_i = φ'(z_i)/z_i and c_i = φ''(z_i) − κ_i, so that
     H = (Σ κ_i) I + Σ c_i n_i n_iᵀ."""
     a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-    d, z = geometry(x, y)
-    n = unit(d, z)
-    k1 = kappa(pen, z, a)
-    return a, z, n, k1, pen.d2phi(z, a) - k1
+    k1, d2, z, n = _terms(pen, x, a, y)
+    return a, z, n, k1, d2 - k1
+
+
+def _terms(pen: Penalty, x: torch.Tensor, a: torch.Tensor, u: torch.Tensor):
+    """κ_i, φ''(z_i), z_i and n_i at ``u (r, C)``, ``a`` (r, 1) or 0-d."""
+    d, z = geometry(x, u)
+    return kappa(pen, z, a), pen.d2phi(z, a), z, unit(d, z)
 
 
 def hessian_solve_warned(pen: Penalty, at: tuple, k1: torch.Tensor, n: torch.Tensor, c: torch.Tensor,
@@ -88,11 +92,7 @@ def _unresolved(pen: Penalty, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor,
     x_j, y_j = x.index_select(0, j).to(f64), y.index_select(0, j).to(f64)
     a_j = (a.index_select(0, j) if a.dim() else a).to(f64)
 
-    def terms(x_r: torch.Tensor, a_r: torch.Tensor, u: torch.Tensor):  # κ, φ'', z, n at u (r, C)
-        d, z = geometry(x_r, u)
-        return kappa(pen, z, a_r), pen.d2phi(z, a_r), z, unit(d, z)
-
-    k1, d2, z, n = terms(x_j, a_j, y_j)
+    k1, d2, z, n = _terms(pen, x_j, a_j, y_j)
     lam = _smallest(k1.sum(-1), n, d2 - k1)
     cancelled = lam <= _CANCELLED * (k1.sum(-1).abs() + (d2 - k1).abs().sum(-1))
     if not bool(cancelled.any()):  # (eigenvalues only: the eigenvectors cost 15 times more)
@@ -103,7 +103,7 @@ def _unresolved(pen: Penalty, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor,
     lam, v = lowest(k1.sum(-1), n, d2 - k1)
 
     def curvature(shift: torch.Tensor) -> torch.Tensor:  # λ at y + shift v
-        k, e, _, m = terms(x_i, a_i, y_i + shift.unsqueeze(-1) * v)
+        k, e, _, m = _terms(pen, x_i, a_i, y_i + shift.unsqueeze(-1) * v)
         return _smallest(k.sum(-1), m, e - k)
 
     own = grid(y.index_select(0, j).index_select(0, i).abs().amax(-1).to(f64), torch.finfo(y.dtype).eps)
