@@ -1,9 +1,9 @@
 """Checks that ConvexLayer runs before it solves: the problem, the solver options, the tensors.
 
 - :func:`validate_problem`: a DCP (or, with ``gp=True``, DGP) and DPP problem, with
-  real parameters (not ``complex=True`` or ``hermitian=True``) that have entries, no
-  integer variables, and parameter/variable lists that match it (a wrong entry named by
-  its index);
+  real parameters (not ``complex=True``, ``hermitian=True``, ``diag=True`` or ``sparsity=``)
+  that have entries, real variables, no integer variables, and parameter/variable lists
+  that match it (a wrong entry named by its index);
 - solver options: :mod:`.solver_args` (re-exported here);
 - tensors that honour what each ``cp.Parameter`` declares (``nonneg``, ``boolean``,
   ``PSD`` …; :func:`.declarations.check_parameter_attributes`);
@@ -163,6 +163,33 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
                 f"into real parameters, e.g. {p.name()}_re = cp.Parameter({tuple(p.shape)}, symmetric=True) "
                 f"and {p.name()}_im = cp.Parameter({tuple(p.shape)}), and write "
                 f"{p.name()}_re + 1j * ({p.name()}_im - {p.name()}_im.T) / 2 in the problem")
+        # CVXPY stores a diag=True or sparsity= parameter by its stored entries only, which cvxpylayers
+        # (both paths canonicalise through it) refused with its own "dimension-reducing attribute"
+        # error, naming a library the user never called and no rewrite (and CVXPY warned of sparse .value).
+        if p.attributes.get("diag"):
+            raise ProblemError(
+                f"{what} is declared diag=True, which ConvexLayer does not take (CVXPY stores only its diagonal); "
+                f"pass the diagonal as a vector parameter instead, e.g. {p.name()}_d = cp.Parameter({p.shape[0]}), "
+                f"and write cp.diag({p.name()}_d) in the problem")
+        if getattr(p, "sparse_idx", None) is not None or p.attributes.get("sparsity"):
+            raise ProblemError(
+                f"{what} is declared with a sparsity pattern (sparsity=...), which ConvexLayer does not take (CVXPY "
+                f"stores only the pattern's entries); declare it dense, {p.name()} = cp.Parameter({tuple(p.shape)}), "
+                "and pass zeros off the pattern, or pass the k nonzeros as a vector parameter v = cp.Parameter(k) "
+                "placed by a constant 0/1 matrix E: cp.reshape(E @ v, shape, order='F')")
+    # cvxpylayers refused a complex (or Hermitian) variable anywhere in the problem with its
+    # own "Complex variables are not yet supported": named here, with the rewrite.
+    for v in problem.variables():
+        kind = "complex" if v.attributes.get("complex") else "hermitian" if v.attributes.get("hermitian") else ""
+        if kind:
+            name, shape = v.name(), tuple(v.shape)
+            extra = (f", with constraints {name}_re == {name}_re.T and {name}_im == -{name}_im.T"
+                     if kind == "hermitian" else "")
+            raise ProblemError(
+                f"variable {name} (shape {shape}) is declared {kind}=True: ConvexLayer takes real variables only "
+                "(imag=True ones work); split it into its real and imaginary parts, e.g. "
+                f"{name}_re = cp.Variable({shape}) and {name}_im = cp.Variable({shape}){extra}, write "
+                f"{name}_re + 1j * {name}_im in the problem, and return the two parts")
     # Constraint duals may be returned too (cvxpylayers' "dual variables" pattern).
     known = {v.id for v in problem.variables()}
     known |= {d.id for c in problem.constraints for d in c.dual_variables}
