@@ -36,6 +36,7 @@ from .batched import BatchedProgram, UnsupportedProblem
 from .canonical import batched_refusal
 from .consistent_rows import input_precision
 from .finite import finite_problem
+from .nonconvex import explain_nonconvex
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .second_opinion import solve_with_opinion, unsettled
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
@@ -107,11 +108,10 @@ class ConvexLayer(nn.Module):
             flows through them: zero, and in forward mode their tangent is zero),
             ``last_solve.solved`` marks them and a ``SolverWarning`` names them (its ``elements``:
             every one, as index tuples in the batch shape; ``notes``: their statuses).
-        check: the problem's own check of each call's tensors (in ``parameters``
-            order, after the checks above), raising an error of
-            :mod:`convexddn.errors` for values outside the problem's domain; registry
-            problems supply theirs (:attr:`~convexddn.ProblemSpec.check`). Default:
-            ``None``.
+        check: the problem's own check of each call's tensors (in ``parameters`` order, after the
+            checks above), raising an error of :mod:`convexddn.errors` for values outside the
+            problem's domain; registry problems supply theirs (:attr:`~convexddn.ProblemSpec.check`).
+            Default: ``None``.
 
     Shape:
         - Input: one tensor per parameter, positionally or by CVXPY name
@@ -134,7 +134,8 @@ class ConvexLayer(nn.Module):
         ShapeError: wrong number of tensors or names, wrong trailing shape, batch
             shapes that do not broadcast.
         InputError: tensors on several devices; a value that breaks its parameter's
-            declared attribute (``nonneg``, ``pos``, ``PSD``, ``bounds`` …) or that ``check`` refuses.
+            declared attribute (``nonneg``, ``pos``, ``PSD``, ``bounds`` …) or that ``check`` refuses;
+            failed elements whose objective's quadratic part is not PSD (``psd_wrap`` of an indefinite value).
         NonFiniteError: NaN or Inf in a parameter (names it and counts them).
         InfeasibleError, UnboundedError, SolverError: a solve failed (with
             ``on_failure="raise"``); the error names the failing batch indices and the
@@ -209,9 +210,8 @@ class ConvexLayer(nn.Module):
             raise OptionError("solver='batched' does not take gp=True problems; use solver='auto'")
         if self._batched is None:
             self._per_element_layer()  # canonicalise now: errors belong to construction
-        # The program that gives second opinions on per-element results in doubt: the
-        # batched one; for the per-element solvers built on first need (None: not yet,
-        # False: the problem has no batched form).
+        # The program that gives second opinions on per-element results in doubt: the batched one; for
+        # the per-element solvers built on first need (None: not yet, False: the problem has no batched form).
         self._opinion = (self._batched or False) if gp or solver in ("auto", "batched") else None
         self._local = threading.local()
         self._build_lock = threading.Lock()
@@ -307,11 +307,8 @@ class ConvexLayer(nn.Module):
     @torch.compiler.disable  # a clean graph break: the solve is not traceable
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
                 **named: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Solve the problem for the given parameter values; see the class docstring.
-
-        ``solver_args`` (per call) are merged over the constructor's for the
-        per-element solver.
-        """
+        """Solve the problem for the given parameter values (see the class docstring); ``solver_args``
+        (per call) are merged over the constructor's for the per-element solver."""
         call_args = validate_solver_args(self._backend.solver, solver_args, "solver_args (per call)")
         labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
         refuse_vmap("ConvexLayer", *values, *named.values(), jacrev=False, constants=False)
@@ -336,6 +333,9 @@ class ConvexLayer(nn.Module):
         with input_precision(values, self.tol):  # (what dependent equality rows may disagree by: .consistent_rows)
             sols, info = self._solve(flat, device, call_args, batch)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
+        # (failed elements whose objective is nonconvex at their values: said so, or an InputError; failures only)
+        explain_nonconvex(self._batched or self._opinion, self.problem, self.parameters_, flat, failed, info, batch,
+                          self.on_failure == "raise")
         if failed and self.on_failure == "raise":
             raise failure_error(failed, [info["statuses"][i] for i in failed], batch,
                                 [info["kinds"][i] for i in failed])

@@ -1,0 +1,98 @@
+"""The diagnosis of failed elements whose objective is nonconvex at their values (convexddn.convex.nonconvex)."""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn.errors import InfeasibleError, InputError, SolverWarning
+
+torch.set_num_threads(1)
+F64 = dict(dtype=torch.float64)
+
+
+def _qp(psd: bool = False):
+    P = cp.Parameter((3, 3), PSD=psd, name="P")
+    q, x = cp.Parameter(3, name="q"), cp.Variable(3, name="x")
+    quad = cp.quad_form(x, P if psd else cp.psd_wrap(P))
+    return cp.Problem(cp.Minimize(0.5 * quad + q @ x), [x >= -1, x <= 1]), P, q, x
+
+
+INDEFINITE = torch.diag(torch.tensor([1.0, -1.0, 1.0], **F64))
+Q = torch.tensor([0.1, 0.0, 0.1], **F64)
+
+
+@pytest.mark.parametrize("solver", ["auto", "batched"])
+def test_psd_wrap_of_indefinite_value_named(solver):
+    """It was a SolverError "solver status: (): numerical trouble", naming neither P nor the term."""
+    prob, P, q, x = _qp()
+    layer = cddn.ConvexLayer(prob, [P, q], [x], solver=solver)
+    with pytest.raises(InputError, match=r"quadratic part is not positive semidefinite at 1 batch index\(es\) "
+                                         r"\[\(\)\].*smallest eigenvalue is -1, -1 times its largest.*"
+                                         r"psd_wrap of P"):
+        layer(INDEFINITE, Q)
+    batch = torch.stack([torch.eye(3, **F64), INDEFINITE, 2 * torch.eye(3, **F64)])
+    with pytest.raises(InputError, match=r"positive semidefinite at 1 batch index\(es\) \[\(1,\)\] of batch shape "
+                                         r"\(3,\).*at batch index \(1,\)"):
+        layer(batch, Q)
+    masked = cddn.ConvexLayer(prob, [P, q], [x], solver=solver, on_failure="mask")
+    with pytest.warns(SolverWarning, match="not positive semidefinite"):
+        out = masked(batch, Q)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    assert "not positive semidefinite" in masked.last_solve.statuses[1]
+    assert "positive semidefinite" not in masked.last_solve.statuses[0]
+
+
+def test_per_element_solvers_refuse_parametric_quad_form_and_psd_parameters_are_checked():
+    """solver='Clarabel' never reaches a solve with psd_wrap(P) of a parameter (OptionError at construction:
+    only the batched path keeps a parametric quadratic objective); a PSD=True parameter's value is checked
+    before any solve."""
+    prob, P, q, x = _qp()
+    with pytest.raises(cddn.errors.OptionError, match="quad_form"):
+        cddn.ConvexLayer(prob, [P, q], [x], solver="Clarabel")
+    prob, P, q, x = _qp(psd=True)
+    with pytest.raises(InputError, match=r"declared PSD=True.*smallest eigenvalue -1"):
+        cddn.ConvexLayer(prob, [P, q], [x])(INDEFINITE, Q)
+
+
+def test_psd_values_and_other_failures_untouched():
+    """A PSD value solves (rounding-level negative eigenvalues included); an infeasible element with a PSD
+    P stays InfeasibleError; beside a nonconvex one, it is counted in the InputError. (With an indefinite
+    P an infeasible element is not certified: "numerical trouble", then named nonconvex, which it is.)"""
+    prob, P, q, x = _qp()
+    layer = cddn.ConvexLayer(prob, [P, q], [x])
+    L = torch.tensor([[1.0, 0.0, 0.0], [0.5, 1e-9, 0.0], [0.3, 0.2, 1e-9]], **F64)
+    torch.testing.assert_close(layer(torch.eye(3, **F64), Q), -Q, atol=1e-7, rtol=0)
+    masked = cddn.ConvexLayer(prob, [P, q], [x], on_failure="mask")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masked(L @ L.T, Q)  # nearly singular PSD: solved or not, never called nonconvex
+    assert "semidefinite" not in masked.last_solve.statuses[0]
+    lo = cp.Parameter(3, name="lo")
+    bad = cp.Problem(cp.Minimize(0.5 * cp.quad_form(x, cp.psd_wrap(P)) + q @ x), [x >= lo, x <= 1])
+    layer = cddn.ConvexLayer(bad, [P, q, lo], [x])
+    lows = torch.tensor([[2.0, 0.0, 0.0], [-1.0, -1.0, -1.0]], **F64)
+    with pytest.raises(InfeasibleError):
+        layer(torch.eye(3, **F64), Q, lows)
+    with pytest.raises(InputError, match=r"batch index\(es\) \[\(1,\)\].*1 other element\(s\) failed too, the "
+                                         r"first with status 'primal infeasible"):
+        layer(torch.stack([torch.eye(3, **F64), INDEFINITE]), Q, lows)
+
+
+def test_threshold_is_scale_invariant_and_passes_rounding():
+    """The test on a failed element directly: a rank-one v vᵀ (eigenvalues ~-1e-16 of the largest from
+    rounding) is not flagged at any scale; -1e-6 of the largest is, at any scale."""
+    from convexddn.convex.nonconvex import explain_nonconvex
+
+    prob, P, q, x = _qp()
+    program = cddn.ConvexLayer(prob, [P, q], [x])._batched
+    v = torch.tensor([0.3, -1.7, 2.9], **F64)
+    for scale in (1e-8, 1.0, 1e8):
+        for value, flagged in ((torch.outer(v, v), False), (torch.diag(torch.tensor([1.0, -1e-6, 0.5], **F64)), True)):
+            info = {"kinds": ["other"], "statuses": ["numerical trouble"]}
+            explain_nonconvex(program, prob, [P, q], [scale * value[None], Q[None]], [0], info, (), False)
+            assert ("not positive semidefinite" in info["statuses"][0]) == flagged, (scale, flagged)
+    assert explain_nonconvex(None, prob, [P, q], [INDEFINITE[None], Q[None]], [0], info, (), True) is None
