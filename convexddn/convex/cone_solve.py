@@ -15,7 +15,7 @@ from ..errors import GradientWarning, SolverWarning
 from .interior_point import SOLVED, solve_cone_batch
 from .resolution import moved_columns, warn_unresolved, warn_weak, weak_tangent, weakly_determined
 from .status import element_list, name_elements
-from .upstream import zero_nonfinite
+from .upstream import poison, split_nonfinite
 from .vjp import cone_jvp, cone_vjp
 from .zero_rows import warn_zero_rows
 
@@ -53,12 +53,17 @@ class ConeSolve(torch.autograd.Function):
         # implemented" from inside the derivative before)
         refuse_batched("ConvexLayer", dP, dq, dA, db, tangents=True, functorch=False)
         sol, layout, refine, _, where, cols, _ = ctx.state
+        # A NaN or Inf in an element's data tangent (a fault upstream): solved with zero, its
+        # output tangents NaN after, as torch propagates it (upstream.py; the NaN reached the
+        # derivative system before: zero tangents, with a false "not unique" warning).
+        (dP, dq, dA, db), bad = split_nonfinite((dP, dq, dA, db))
         dx, dz, flagged, zeroed, unsolved, zero = cone_jvp(sol, layout, dP, dq, dA, db, refine + 2, cols)
         _warn_not_differentiable("forward mode", where, flagged, zeroed, "tangent", unsolved, zero)
         warn_unresolved("forward mode", sol, layout, where, sol.status == SOLVED,
                         moved_columns(dP, dq, dA, db, sol.scaled.A))
         # (the zeroed elements' tangents are warned about already: nothing of theirs to bound)
         warn_weak("forward mode", where, weak_tangent(sol, dP, dA, dx, (sol.status == SOLVED) & ~zeroed, cols))
+        dx, dz = poison(bad, (dx, dz))
         return dx, dz, None, None, None, None, None, None
 
     @staticmethod
@@ -70,7 +75,9 @@ class ConeSolve(torch.autograd.Function):
         sol, layout, refine, tangent, where, cols, moved = ctx.state
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
-        gx, gz = zero_nonfinite("backward (batched)", where, (gx, gz))  # before any solve sees them
+        # A NaN or Inf in an element's cotangent (a fault upstream, e.g. an fp16 overflow under
+        # GradScaler): zero before any solve sees it, its data gradients NaN after (upstream.py).
+        (gx, gz), bad = split_nonfinite((gx, gz))
         gP, gq, gA, gb, flagged, zeroed, unsolved, zero = cone_vjp(sol, layout, gx, gz, refine + 2, tangent, cols)
         _warn_not_differentiable("backward", where, flagged, zeroed, "cotangent", unsolved, zero)
         if moved is not None:
@@ -78,6 +85,9 @@ class ConeSolve(torch.autograd.Function):
             warn_unresolved("backward", sol, layout, where, live, moved)
             warn_weak("backward", where, weakly_determined(sol, gx, gz, (gP, gq, gA, gb), tangent, live,
                                                             moved.each))
+        # Per element (B, ...): autograd then reduces them, through the data's fill, to the
+        # parameters (a shared one summed over the batch: NaN there, as torch gives).
+        gP, gq, gA, gb = poison(bad, (gP, gq, gA, gb))
         return gP, gq, gA, gb, None, None, None, None, None, None
 
 

@@ -43,7 +43,6 @@ from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, warn_masked)
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
 from .state import picklable_state, restore_state, uncached
-from .upstream import zero_nonfinite
 from .validation import check_values, element_subset, flat_values, solver_choice, validate_problem, validate_solver_args
 
 __all__ = ["ConvexLayer"]
@@ -277,8 +276,9 @@ class ConvexLayer(nn.Module):
         finally:
             self._backend._local.where = self._backend._local.needs = None
         info = self._backend.last_info
-        # (NaN or Inf incoming gradients: zeroed and named, as the batched path's backward does)
-        sols = single_backward(sols, lambda grads: zero_nonfinite("backward (per element)", where, grads))
+        # (NaN or Inf incoming gradients: NaN gradients for those elements, by the backend's
+        # backward, CheckedDiffcp.derivative_torch_batch, as the batched path's: upstream.py)
+        sols = single_backward(sols)
         return sols, {"backend": ["per_element"] * len(info.solved), "solvers": info.solvers,
                             "statuses": info.statuses, "residuals": [float(r) for r in info.residuals],
                             "solved": info.solved, "kinds": info.kinds, "spreads": info.spreads,

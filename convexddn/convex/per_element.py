@@ -45,6 +45,7 @@ from .rescues import failure_cause, warn_rescued
 from .solver_args import check_solver_cones
 from .spread import data_spread
 from .status import element_list, name_elements, status_kind
+from .upstream import poison, split_nonfinite
 from .validation import describe_failure
 from .worker_pool import WorkerPool, chunks
 from .zero_rows import warn_zero_rows
@@ -358,6 +359,10 @@ class CheckedDiffcp(SolverInterface):
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
         refuse_batched("ConvexLayer", dprimal, ddual)  # (torch.func.jacrev: solved in numpy)
+        # A NaN or Inf in an element's cotangent (a fault upstream, e.g. an fp16 overflow under
+        # GradScaler): the adjoint solves zero for it (NaN gave NaN silently; Inf, numpy's
+        # overflow warning), and its data gradients are NaN below (upstream.py).
+        (dprimal, ddual), bad = split_nonfinite((dprimal, ddual))
         dx_all, dy_all = (v.detach().cpu().double().numpy() for v in (dprimal, ddual))
         batch = dx_all.shape[0]
         remote = any(item is not None and item[0] == "remote" for item in saved_state)
@@ -387,6 +392,9 @@ class CheckedDiffcp(SolverInterface):
                  GradientWarning, elements=element_list(where, inaccurate))
         dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
         dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
+        # Per element (B, ...): cvxpylayers' data map and the expansion of shared parameters
+        # then reduce them, so a shared parameter's sum is NaN, as torch gives.
+        dq, dA_t = poison(bad, (dq, dA_t))
         return None, dq, dA_t
 
 
