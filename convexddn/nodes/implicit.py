@@ -28,7 +28,7 @@ import torch
 from .._autograd import outside_compile
 from .._warn import warn
 from ..errors import GradientWarning
-from .degeneracy import naming_batch, shown_indices, warn_curved
+from .degeneracy import naming_batch, warn_curved
 from .graph import second_derivatives
 from .implicit_options import check_implicit_options
 from .implicit_system import implicit_system
@@ -179,7 +179,8 @@ def declarative_vjp(
 
     Warns:
         GradientWarning: see the checks above; also when the gradient would contain
-        NaN or Inf (those entries are set to zero).
+        NaN or Inf (those entries are set to zero). A NaN or Inf in ``grad_y`` (upstream's)
+        makes those elements' gradients NaN, silently, as torch propagates it.
 
     .. note::
         Each call synchronises with the device a few times (the checks, and CG
@@ -248,11 +249,10 @@ def declarative_vjp(
                 GradientWarning,
             )
     if flags[-1]:
-        warn(
-            f"{who}the incoming gradient (of the loss with respect to the solution) holds "
-            f"NaN or Inf for {shown_indices(upstream, batch_shape)}: their input gradients are NaN, and "
-            "the parameters' (summed over the batch) too, as torch propagates it",
-            GradientWarning)
+        # A NaN or Inf incoming gradient (a fault upstream, or a GradScaler's fp16 overflow) makes those
+        # elements' input gradients NaN, and the parameters' (summed over the batch) too, silently, as
+        # torch, the native nodes and ConvexLayer propagate it: GradScaler detects the overflow by it, and
+        # a warning would fire at each of its skipped steps (the NaN is not this node's).
         cast = tuple(torch.where(upstream.view((-1,) + (1,) * (g.dim() - 1)), math.nan, g)
                      if i < len(xs) and g.dim() and g.shape[0] == batch else torch.full_like(g, math.nan)
                      for i, g in enumerate(cast))

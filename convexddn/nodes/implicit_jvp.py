@@ -80,8 +80,8 @@ def declarative_jvp(
         ``xs`` each ``(B, ...)``, ``y`` ``(B, ...)`` -> ``ẏ`` shaped like ``y``, in its dtype.
 
     Warns:
-        GradientWarning: as the vjp's; a tangent that is not finite makes the rows it
-        reaches NaN (a parameter's: every row), as torch propagates it.
+        GradientWarning: as the vjp's. A tangent that is not finite makes the rows it
+        reaches NaN (a parameter's: every row), silently, as torch propagates it.
     """
     check_implicit_options(linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
                            work_dtype, check_minimum)
@@ -149,10 +149,7 @@ def declarative_jvp(
         warn(f"{who}{n_lost} tangent entries are finite in {work_dtype} but overflow the solution's "
              f"dtype ({y.dtype}): they are Inf (the true tangent is that large; use a wider dtype)",
              GradientWarning)
-    if n_up:
-        warn(f"{who}the tangent of the inputs or parameters holds NaN or Inf for "
-             f"{shown_indices(upstream, batch_shape)}: their output tangents are NaN, as torch propagates it",
-             GradientWarning)
+    if n_up:  # (a NaN or Inf tangent: those output tangents are NaN, silently, as in reverse mode)
         out = torch.where(upstream.unsqueeze(-1), math.nan, out)
     return out.reshape(y.shape)
 

@@ -126,11 +126,14 @@ def test_wrong_points_at_the_origin_are_still_rejected():
 def test_non_finite_incoming_gradient_propagates_as_nan(solver, bad):
     """A NaN or Inf in grad_y (a fault upstream): the dense path zeroed that row with a
     false "singular KKT system" warning, CG raised a raw LinAlgError. Now that row's
-    gradient is NaN (as torch propagates it), the others exact, and a warning names it."""
+    gradient is NaN (as torch propagates it), the others exact, and silently (since
+    2026-12-06, as ConvexLayer and the native nodes: a GradScaler's overflow is no fault of
+    the node's, and its every skipped step warned)."""
     x = torch.randn(3, 4, dtype=DT, generator=_gen(2)).requires_grad_()
     v = torch.ones(3, 4, dtype=DT)
     v[1, 2] = bad
-    with pytest.warns(GradientWarning, match=r"incoming gradient .* NaN or Inf for 1 of 3 .*\[\(1,\)\]"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
         (g,) = torch.autograd.grad(Sphere(linear_solver=solver)(x), x, v)
     assert torch.isnan(g[1]).all()
     keep = [0, 2]
