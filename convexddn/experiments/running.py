@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -253,14 +254,38 @@ def write_result(result: dict[str, Any], out: str, name: str,
     return files
 
 
+def _read_umask() -> int:
+    """The process's umask. os.umask can only read it by setting it, process-wide and not
+    thread-safe: read once, at import (before any thread of ours), and put back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _plain_open_mode(path: str) -> int:
+    """The mode ``open(path, "w")`` would leave: an existing file's own, else 0666 less
+    the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` whole or not at all: into a temporary file beside
     it, then renamed over it. Written in place, an interrupted or failed write (Ctrl-C during
     ``json.dump``, a value JSON cannot encode) left a truncated file where the previous run's
-    result had been."""
+    result had been. The file gets the mode a plain ``open(path, "w")`` gives it (mkstemp
+    creates 0600, which the rename kept: result files came out unreadable to the group and
+    others whatever the umask, and an existing 0644 file turned 0600)."""
     folder, base = os.path.split(os.path.abspath(path))
+    mode = _plain_open_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)

@@ -43,3 +43,37 @@ def test_write_result_writes_the_json_then_the_plot(tmp_path):
     files = write_result({"x": 1}, str(tmp_path), "demo", lambda result, png: seen.append((result, png)))
     assert json.loads(open(files["json"]).read()) == {"x": 1, "files": files}
     assert seen == [({"x": 1}, files["png"])]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_json_gets_the_mode_a_plain_open_gives(tmp_path):
+    """mkstemp creates its file 0600 and the rename kept it: every result JSON came out
+    unreadable to group and others whatever the umask (the PNG beside it 0644), and an
+    existing 0644 file turned 0600. A new file now gets 0666 less the umask, an existing
+    one keeps its mode, as with open(path, "w")."""
+    import stat
+
+    new = tmp_path / "new.json"
+    write_json(str(new), {"a": 1})
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~_umask()
+    existing = tmp_path / "existing.json"
+    existing.write_text("{}")
+    existing.chmod(0o640)
+    write_json(str(existing), {"a": 2})
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640 and json.loads(existing.read_text()) == {"a": 2}
+
+
+def test_json_mode_follows_the_umask_read_at_import(tmp_path, monkeypatch):
+    import stat
+
+    from convexddn.experiments import running
+
+    monkeypatch.setattr(running, "_UMASK", 0o027)
+    path = tmp_path / "run.json"
+    write_json(str(path), {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
