@@ -100,9 +100,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     loads torch: ``bench --help`` took 5 s)."""
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    # 3, 15 and 2: bench's CONVEX_ROUNDS, CONVEX_MAX_ROUNDS and DDN_PAPER_ROUNDS, written out
+    # (importing them loads torch); tests/test_cli.py checks that they agree.
     parser.add_argument("--repeats", type=int_option(1, MAX_COUNT), default=None,
-                        help="timed rounds (default 5, quick 3; by default the convex rows get 3, "
-                             "the cheap ones more, up to 15)")
+                        help="timed rounds of every case (default 5, quick 3), except two capped "
+                             "where a round is slow: the convex rows get at most 3 (by "
+                             "default the cheap ones more, up to 15) and the DDN reference at "
+                             "the paper's shape at most 2")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
 
 

@@ -148,10 +148,11 @@ for name, B in CASES:
 def pooling():
     from convexddn.bench.cases.pooling import _inputs
     from convexddn.bench.harness import fwd_bwd
-    from convexddn.bench.reference import load_reference_file, reference_pool
+    from convexddn.bench.reference import load_reference, reference_pool
     from convexddn.nodes.pooling import robust_pool
 
-    ref, why = load_reference_file("robustpool.py")
+    # load_reference, not load_reference_file: it also checks the names reference_pool calls.
+    ref, why = load_reference()
     print("DDN reference:", "loaded" if ref is not None else why, flush=True)
     out = []
     for shape in ([(4, 256, 1024)] if QUICK else [(4, 256, 1024), (24, 1024, 2048)]):

@@ -72,7 +72,7 @@ def test_given_repeats_are_not_extended_for_cheap_convex_rows(monkeypatch):
     monkeypatch.setattr(bench, "convex_cases", lambda problems, repeats, progress, device, budget_s:
                         seen.append((repeats, budget_s)) or [])
     monkeypatch.setattr(bench, "peak_memory", lambda *a: [])
-    monkeypatch.setattr(bench, "workers_speedup", lambda: [])
+    monkeypatch.setattr(bench, "workers_speedup", lambda **k: [])
     bench.run(repeats=1, out=None)
     bench.run(out=None)
     bench.run(quick=True, out=None)
@@ -493,3 +493,219 @@ def test_report_notes_use_units_and_precision_that_show_the_figure():
     assert "(1 thread)" in table and "threads)" not in table
     estimate_skipped(rows)
     assert rows[1]["note"] == "skipped: 256 cone programs of size 512; about 2.5 s at the small shape's rate"
+
+
+# ------------------------------------------------ the DDN reference: unusable or failing
+
+
+class _Bar:
+    def update(self, k=1):
+        pass
+
+
+def _write_reference(tmp_path, monkeypatch, files: dict[str, str]):
+    from convexddn.bench import reference
+
+    folder = tmp_path / "ddn-checkout"
+    (folder / "ddn" / "pytorch").mkdir(parents=True)
+    for name, text in files.items():
+        (folder / "ddn" / "pytorch" / name).write_text(text)
+    monkeypatch.setenv(reference.ENV_VAR, str(folder))
+    monkeypatch.setattr(reference, "_CACHE", {})
+
+
+def test_a_reference_without_the_pooling_names_is_a_note(tmp_path, monkeypatch):
+    """A robustpool.py that imported but lacked the names the bench calls (a Huber class
+    only) crashed `convexddn bench` with an AttributeError; the node rows' check of the
+    names (load_reference_names) now covers the pooling comparison too."""
+    from convexddn.bench.cases import pooling
+    from convexddn.bench.report import _ddn_table
+
+    _write_reference(tmp_path, monkeypatch, {"robustpool.py": "import torch\nclass Huber:\n    pass\n"})
+    expected = ("the DDN reference's ddn/pytorch/robustpool.py has no RobustGlobalPool2dFn, Quadratic, "
+                "PseudoHuber, Welsch, TruncatedQuadratic")
+    x, g = pooling._inputs((2, 4, 16), torch.device("cpu"), torch.float32)
+    assert pooling.ddn_comparison(x, g, torch.device("cpu"), 1, _Bar()) == ({}, expected)
+    rows = pooling.pool_cases((2, 4, 16), torch.device("cpu"), torch.float32, False, 1, _Bar())
+    native = [r for r in rows if r["path"] == "native"]
+    assert native and all(r["ddn_reference"] == expected for r in native)
+    assert f"Not measured: {expected}." in _ddn_table(rows)
+
+
+# Every name the bench calls; the pooling function raises for Welsch alone (a bug of this
+# reference), else pools by the mean over the last two dims (differentiable).
+_RAISING_POOL = """
+import torch
+class Quadratic: pass
+class PseudoHuber: pass
+class Huber: pass
+class Welsch: pass
+class TruncatedQuadratic: pass
+class RobustGlobalPool2dFn:
+    @staticmethod
+    def apply(x, method, alpha):
+        if method is Welsch:
+            raise ValueError("no welsch here")
+        return x.mean(dim=(-2, -1))
+"""
+
+
+def test_a_reference_call_that_raises_is_a_note_for_its_row(tmp_path, monkeypatch):
+    """An exception the reference's own call raised during the comparison ended the whole
+    bench; now that penalty's row says what was raised and the others are measured."""
+    from convexddn.bench.cases import pooling
+    from convexddn.bench.report import _ddn_table
+
+    _write_reference(tmp_path, monkeypatch, {"robustpool.py": _RAISING_POOL})
+    why = "the DDN reference raised ValueError: no welsch here"
+    x, g = pooling._inputs((2, 4, 16), torch.device("cpu"), torch.float32)
+    figures, _ = pooling.ddn_comparison(x, g, torch.device("cpu"), 2, _Bar())
+    assert figures["welsch"] == {"ddn_error": why}
+    assert all(figures[p]["ddn_rounds"] == 2 for p in pooling.POOL_PENALTIES if p != "welsch")
+    rows = pooling.pool_cases((2, 4, 16), torch.device("cpu"), torch.float32, False, 1, _Bar())
+    native = {r["node"]: r for r in rows if r["path"] == "native"}
+    assert native["welsch"]["ddn_error"] == why and "speedup_vs_ddn_reference" not in native["welsch"]
+    assert native["welsch"]["ddn_float64"] == {"ddn_error": why}
+    assert "fwd_speedup_vs_ddn" in native["huber"] and "fwd_speedup_vs_ddn" in native["huber"]["ddn_float64"]
+    table = _ddn_table(rows)
+    assert f"Not measured for welsch at (2, 4, 16), float32: {why}." in table
+    assert f"Not measured for welsch at (2, 4, 16), float64: {why}." in table
+    assert not [ln for ln in table if ln.startswith("| welsch")]
+    assert [ln for ln in table if ln.startswith("| huber | (2, 4, 16) |")]
+
+
+def test_a_node_reference_call_that_raises_is_a_note(tmp_path, monkeypatch):
+    """Likewise in the node library: the reference's call raising is that row's note."""
+    from convexddn.bench.cases import nodes
+
+    _write_reference(tmp_path, monkeypatch, {"tridiagsolve.py": (
+        "class TriDiagSolveFcn:\n    @staticmethod\n    def apply(*args):\n"
+        "        raise RuntimeError('cyclic reduction went astray')\n")})
+    ref = nodes._Ref("tridiagsolve.py", ("TriDiagSolveFcn",), lambda m: (lambda x: m.TriDiagSolveFcn.apply(x)))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    monkeypatch.setattr(nodes, "_cases", lambda gen: [("doubling", "(4, 8)", lambda t: 2 * t, [x], ref)])
+    (row,) = nodes.node_cases(3, _Bar())
+    assert row["note"] == "the DDN reference raised RuntimeError: cyclic reduction went astray"
+    assert row["fwd_ms"] > 0 and row["rounds"] == 3 and "speedup_fwd" not in row
+
+
+# ------------------------------------------------------------ rounds and the report
+
+
+def test_repeats_reach_the_worker_rows(monkeypatch):
+    """run() called workers_speedup() without --repeats: the worker rows ran their own 3
+    rounds whatever was asked, under a footnote giving the run's count."""
+    import convexddn.bench as bench
+
+    seen = []
+    for name in ("pool_cases", "projection_cases", "node_cases", "convex_cases"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: [])
+    monkeypatch.setattr(bench, "peak_memory", lambda *a: [])
+    monkeypatch.setattr(bench, "workers_speedup", lambda **k: seen.append(k.get("repeats")) or [])
+    bench.run(repeats=7, out=None)
+    bench.run(out=None)
+    assert seen == [7, 5]
+
+
+def test_worker_rows_warm_up_the_backward_and_record_their_rounds(monkeypatch):
+    """The warm-up ran each path's forward only: its first backward fell into timed round
+    0. And the rows did not say how many rounds their medians are of."""
+    from convexddn.bench.cases import workers
+
+    log = []
+
+    class Hook(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, tag):
+            ctx.tag = tag
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            log.append((ctx.tag, "bwd"))
+            return g, None
+
+    paths = iter(range(100))
+
+    def fake(*_a, **_k):  # a path (layer, NNLS layer, cvxpylayers' pool) with its own tag
+        tag = next(paths)
+
+        def call(*args):
+            log.append((tag, "fwd"))
+            return Hook.apply(args[0], tag)
+        return call
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            log.append((None, "clock"))
+            return float(len(log))
+
+    monkeypatch.setattr(workers, "layer", fake)
+    monkeypatch.setattr(workers, "_nnls_layer", fake)
+    monkeypatch.setattr(workers, "_cvxpylayers_jobs", fake)
+    monkeypatch.setattr(workers, "time", Clock)
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
+    rows = workers.workers_speedup(batch=2, repeats=2)
+    assert rows and all(r["rounds"] == 2 for r in rows)
+    tags = {t for t, _ in log if t is not None}
+    assert len(tags) == 8  # 2 problems x 2 paths x {1, 2 cores} workers
+    for t in tags:
+        # Each path's first backward comes before the clock first starts after its first
+        # forward: in the warm-up, not in a timed round.
+        first_fwd = log.index((t, "fwd"))
+        first_clock = next(i for i in range(first_fwd, len(log)) if log[i] == (None, "clock"))
+        assert log.index((t, "bwd")) < first_clock, t
+
+
+def test_ddn_table_labels_its_columns_with_the_rows_dtype():
+    """The header said `fwd float32 | bwd float32 | fwd float64 | bwd float64` whatever the
+    dtypes: a float64 run's ratios appeared under "float32"."""
+    from convexddn.bench.report import _ddn_table
+
+    fig = {"fwd_speedup_vs_ddn": 12.0, "bwd_speedup_vs_ddn": 2.0, "ddn_goal_met": True}
+    row = {"family": "pooling", "node": "huber", "path": "native", "shape": [2, 4, 16], "dtype": "float64", **fig}
+    table = _ddn_table([row])
+    assert "| penalty | shape | fwd float64 | bwd float64 | goal fwd ≥ 10×, bwd ≥ 1.5× |" in table
+    assert "| huber | (2, 4, 16) | 12× | 2× | ✓ |" in table
+    both = _ddn_table([{**row, "dtype": "float32", "ddn_float64": {**fig, "fwd_speedup_vs_ddn": 9.0,
+                                                                   "ddn_goal_met": False}}])
+    assert "| penalty | shape | fwd float32 | bwd float32 | fwd float64 | bwd float64 |" in both[2]
+    assert "| huber | (2, 4, 16) | 12× | 2× | 9× | 2× | ✗ |" in both
+
+
+def _footnote(**result) -> str:
+    from convexddn.bench.report import format_table
+
+    machine = {"processor": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2, "device": "cpu"}
+    table = format_table({"machine": machine, "rows": [], **result})
+    return next(ln for ln in table.splitlines() if ln.startswith("Machine:"))
+
+
+def test_footnote_claims_only_the_rounds_that_ran():
+    """The footnote gave "the DDN reference at the paper's shape: 1, its own interleaved
+    rounds" with no DDN row at that shape (--quick, or no reference), said "1 rounds",
+    and named no cap for the convex rows nor the worker rows' own 3 rounds."""
+    quick = _footnote(repeats=1, rounds={"convex": 1, "ddn_paper": 1})
+    assert "medians of 1 round (the convex path: at most 1; cone-program rows" in quick
+    assert "DDN reference" not in quick
+
+    def paper(node, ddn_rounds):
+        from convexddn.bench.cases.common import row_record
+
+        row = row_record("pooling", node, "native", (24, 1024, 2048), torch.float32, "cpu", 1.0, 1.0, 1.0, 1.0, 5)
+        return {**row, "ddn_rounds": ddn_rounds}
+
+    convex = [{"family": "convex", "problem": "qp50", "path": "p", "rounds": 3}]
+    workers = [{"problem": "qp", "path": "p", "batch": 4, "cores": 2, "seconds_1_process": 1.0,
+                "seconds_workers": 1.0, "speedup": 1.0}]  # written before rows had rounds: 3
+    full = _footnote(repeats=10, rounds={"convex": 3, "ddn_paper": 2}, convex=convex, workers=workers,
+                     rows=[paper("huber", 2), paper("welsch", 2)])
+    assert ("medians of 10 rounds (the convex path: 3, of --repeats at most 3: a round of its slow rows "
+            "takes minutes; the DDN reference at the paper's shape: 2 (of --repeats at most 2: its forward "
+            "takes seconds there), its own interleaved rounds; the worker-process rows: 3; cone-program rows"
+            ) in full
+    same = _footnote(repeats=2, rounds={"convex": 2, "ddn_paper": 2}, rows=[paper("huber", 2)],
+                     workers=[{**workers[0], "rounds": 2}])
+    assert "the DDN reference at the paper's shape: 2, its own interleaved rounds;" in same
+    assert "worker-process" not in same and "of --repeats" not in same

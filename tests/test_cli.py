@@ -103,6 +103,20 @@ def test_cli_console_script_entry_point():
     assert "robust_pool" in out and "lp_ball" in out
 
 
+def test_bench_help_names_the_capped_rounds(capsys):
+    """--help said "--repeats: timed rounds" while the convex rows took at most 3 of them
+    and the DDN reference at the paper's shape at most 2; it names both caps now, with
+    the figures the bench uses."""
+    from convexddn.bench.cases.convex import CONVEX_MAX_ROUNDS, CONVEX_ROUNDS
+    from convexddn.bench.cases.pooling import DDN_PAPER_ROUNDS
+
+    assert cli.main(["bench", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (f"the convex rows get at most {CONVEX_ROUNDS} (by default the cheap ones more, up to "
+            f"{CONVEX_MAX_ROUNDS}) and the DDN reference at the paper's shape at most {DDN_PAPER_ROUNDS}"
+            ) in help_text
+
+
 # --- list -----------------------------------------------------------------------------
 
 def test_cli_list_prints_one_line_per_problem(capsys):
@@ -329,8 +343,10 @@ def test_bench_workers_rows_time_both_pools_and_render():
     text = format_table({"rows": [], "workers": rows, "machine": machine, "repeats": 1,
                          "rounds": {"convex": 1, "ddn_paper": 1}})
     assert "| user NNLS (30×20) | cvxpylayers thread pool | 4 |" in text
-    # The footer gives the rounds the run used (it said "at most 3" and "2" whatever they were).
-    assert "the convex path: at most 1; the DDN reference at the paper's shape: 1," in text
+    # The footer gives the rounds the run used (it said "at most 3" and "2" whatever they were),
+    # and no DDN rounds at the paper's shape where no row was timed there.
+    assert "medians of 1 round (the convex path: at most 1; cone-program rows" in text
+    assert all(r["rounds"] == 1 for r in rows)
 
 
 def test_cli_experiment_runs_through_the_table(monkeypatch, capsys):

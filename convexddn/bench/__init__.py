@@ -61,7 +61,10 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
 
     Args:
         repeats: timed rounds, an int from 1 to 1,000,000 (``--repeats``' bounds);
-            ``None``: 5, or 3 with ``quick``.
+            ``None``: 5, or 3 with ``quick``. The convex rows get at most
+            :data:`~.cases.convex.CONVEX_ROUNDS` of them and the DDN reference at the
+            paper's shape at most :data:`~.cases.pooling.DDN_PAPER_ROUNDS` (a round
+            takes minutes there); ``result["rounds"]`` and every row record the rounds.
         dtype: the dtype of the timed inputs, ``torch.float32`` or ``torch.float64``
             (the agreement is measured in float64 either way).
 
@@ -92,7 +95,10 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
     total = sum((repeats + 1) * ((2 + len(POOL_PENALTIES)) + (4 + len(PROJECTIONS) if SHAPES[n][1] else 0))
                 + (2 * (len(CONVEX_PENALTIES) + len(PROJECTIONS)) if n == "small" else 0)
                 for n in names)
-    # The convex rows take minutes per round; the DDN reference at the paper's shape too.
+    # The convex rows take minutes per round; the DDN reference at the paper's shape too:
+    # both are capped (CONVEX_ROUNDS, DDN_PAPER_ROUNDS), and the footnote and --help say so.
+    # Every other case, the worker-process rows included (a few seconds a round), gets
+    # --repeats as given; each row records its rounds.
     rounds = {"convex": min(repeats, CONVEX_ROUNDS), "ddn_paper": min(repeats, DDN_PAPER_ROUNDS)}
     convex_list = CONVEX_QUICK if quick else CONVEX_FULL
     total += ((rounds["convex"] + 1) * sum(5 + (p in LSMR_ROWS) for p, _ in convex_list)
@@ -110,7 +116,9 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
         nodes = node_cases(repeats, progress, dev)
     estimate_skipped(rows)
     memory = peak_memory(SHAPES[names[-1]][0], ("mean",) + POOL_PENALTIES) if dev.type == "cpu" else []
-    workers = [] if quick else workers_speedup()
+    # (Called without it, the worker rows ran their own default of 3 rounds whatever
+    # --repeats said, and the footnote claimed the run's count for them too.)
+    workers = [] if quick else workers_speedup(repeats=repeats)
     result = {"machine": machine(dev), "repeats": repeats, "rounds": rounds, "quick": quick, "rows": rows,
               "convex": convex, "nodes": nodes, "memory": memory, "workers": workers}
     if out is not None:

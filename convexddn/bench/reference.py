@@ -5,7 +5,10 @@ The reference is ``ddn/pytorch/*.py`` of https://github.com/anucvml/ddn (Gould, 
 against it only when the environment variable ``CONVEXDDN_DDN_REFERENCE`` names a
 folder holding ``ddn/pytorch/<file>`` (a clone of that repository, say), or when a
 package ``ddn`` is importable. A file that is absent or fails to import is reported
-(``(None, why)``), never raised: the bench goes on without that comparison.
+(``(None, why)``), never raised: the bench goes on without that comparison. So is a
+file that imports but lacks a name the bench calls (:func:`load_reference_names`), and
+an exception the reference raises when called (:func:`reference_raised` words the note
+for the row the call was timing).
 
 Robust pooling (``robustpool.py``) pools over the last *two* dimensions of a
 ``(b, ..., H, W)`` tensor; the benchmark feeds it ``x.unsqueeze(-2)`` so that both
@@ -22,7 +25,8 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ENV_VAR", "load_reference", "load_reference_file", "reference_pool"]
+__all__ = ["ENV_VAR", "load_reference", "load_reference_file", "load_reference_names", "reference_pool",
+           "reference_raised"]
 
 ENV_VAR = "CONVEXDDN_DDN_REFERENCE"
 
@@ -89,10 +93,37 @@ def load_reference_file(filename: str, folder: str | None = None) -> tuple[Modul
     return result
 
 
+def load_reference_names(filename: str, names: tuple[str, ...],
+                         folder: str | None = None) -> tuple[ModuleType | None, str]:
+    """As :func:`load_reference_file`, and ``None`` with a note naming what is missing
+    where the file imports but lacks one of ``names`` (another version of the reference,
+    a file cut short): the bench's calls would end in an AttributeError otherwise. The one
+    check of both the node-library rows and the robust-pooling comparison."""
+    module, note = load_reference_file(filename, folder)
+    if module is None:
+        return None, note
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        return None, f"the DDN reference's ddn/pytorch/{filename} has no {', '.join(missing)}"
+    return module, note
+
+
+# What reference_pool takes from robustpool.py: its autograd function and every class
+# of _CLASSES.
+POOL_NAMES = ("RobustGlobalPool2dFn",) + tuple(_CLASSES.values())
+
+
 def load_reference(folder: str | None = None) -> tuple[ModuleType | None, str]:
-    """Return ``(module, note)``: the reference's ``robustpool`` module, or ``None`` and
-    a sentence saying why it is not available (see :func:`load_reference_file`)."""
-    return load_reference_file("robustpool.py", folder)
+    """Return ``(module, note)``: the reference's ``robustpool`` module holding every name
+    :func:`reference_pool` uses, or ``None`` and a sentence saying why it is not available
+    (see :func:`load_reference_names`)."""
+    return load_reference_names("robustpool.py", POOL_NAMES, folder)
+
+
+def reference_raised(err: Exception) -> str:
+    """The note of a row whose reference call raised ``err`` at run time (a bug of the
+    reference, or an input it does not take): the bench goes on without its figures."""
+    return f"the DDN reference raised {type(err).__name__}: {str(err)[:200]}"
 
 
 def reference_pool(module: ModuleType, penalty: str, alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:

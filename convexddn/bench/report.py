@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .cases.common import SHAPES
+
 __all__ = ["estimate_skipped", "format_table", "plot"]
 
 
@@ -68,19 +70,37 @@ def _fmt(v: Any, kind: str) -> str:
     return f"{v:.1e}"
 
 
+def _ddn_figures(r: dict) -> dict[str, dict]:
+    """A pooling row's figures against the reference by the dtype they were measured in:
+    the row's own dtype, and float64 where a float32 run also compared in float64."""
+    out = {r.get("dtype", "float32"): r}
+    if r.get("ddn_float64"):
+        out.setdefault("float64", r["ddn_float64"])
+    return out
+
+
 def _ddn_table(rows: list[dict]) -> list[str]:
     """Robust pooling against the DDN reference, measured in the same run (reference
     time ÷ ours; the range over rounds in brackets), with the goals of ≥ 10× forward
-    and ≥ 1.5× backward."""
+    and ≥ 1.5× backward. Each column is labelled with the dtype its figures were measured
+    in (the header said float32 | float64 whatever they were: a float64 run's figures sat
+    under "float32"); a penalty whose reference call raised is named below the table."""
     pooling = [r for r in rows if r["family"] == "pooling"]
-    rows = [r for r in pooling if "fwd_speedup_vs_ddn" in r]
+    rows = [r for r in pooling if any("fwd_speedup_vs_ddn" in f for f in _ddn_figures(r).values())]
+    raised = [f"{r['node']} at {tuple(r['shape'])}, {dtype}: {fig['ddn_error']}" for r in pooling
+              for dtype, fig in _ddn_figures(r).items() if fig.get("ddn_error")]
+    raised_lines = [f"Not measured for {text}." for text in raised]
     if not rows:
-        # Not measured: say why (the reference not importable), not nothing.
+        # Not measured: say why (the reference not importable, or its calls raised), not nothing.
         why = next((r["ddn_reference"] for r in pooling if r.get("ddn_reference")), None)
+        if raised:
+            return ["### robust pooling against the DDN reference", ""] + raised_lines + [""]
         return ["### robust pooling against the DDN reference", "", f"Not measured: {why}.", ""] if why else []
+    dtypes = sorted({d for r in rows for d in _ddn_figures(r)}, key=lambda d: (d != "float32", d))
     out = ["### robust pooling against the DDN reference (reference time ÷ ours, same run, same inputs)", "",
-           "| penalty | shape | fwd float32 | bwd float32 | fwd float64 | bwd float64 | goal fwd ≥ 10×, bwd ≥ 1.5× |",
-           "|---|---|---:|---:|---:|---:|---|"]
+           "| penalty | shape | " + " | ".join(f"fwd {d} | bwd {d}" for d in dtypes)
+           + " | goal fwd ≥ 10×, bwd ≥ 1.5× |",
+           "|---|---|" + "---:|---:|" * len(dtypes) + "---|"]
 
     def ratio(fig: dict | None, key: str) -> str:
         if not fig or key not in fig:
@@ -89,12 +109,12 @@ def _ddn_table(rows: list[dict]) -> list[str]:
         return f"{fig[key]:.3g}×" + (f" [{lo:.3g}–{hi:.3g}]" if lo is not None else "")
 
     for r in rows:
-        f64 = r.get("ddn_float64")
-        met = [fig.get("ddn_goal_met") for fig in (r, f64) if fig]
-        out.append(f"| {r['node']} | {tuple(r['shape'])} | {ratio(r, 'fwd_speedup_vs_ddn')} "
-                   f"| {ratio(r, 'bwd_speedup_vs_ddn')} | {ratio(f64, 'fwd_speedup_vs_ddn')} "
-                   f"| {ratio(f64, 'bwd_speedup_vs_ddn')} | {'✓' if all(met) else '✗'} |")
-    return out + [""]
+        figs = _ddn_figures(r)
+        met = [fig["ddn_goal_met"] for fig in figs.values() if "ddn_goal_met" in fig]
+        cells = " | ".join(f"{ratio(figs.get(d), 'fwd_speedup_vs_ddn')} | {ratio(figs.get(d), 'bwd_speedup_vs_ddn')}"
+                           for d in dtypes)
+        out.append(f"| {r['node']} | {tuple(r['shape'])} | {cells} | {'✓' if met and all(met) else '✗'} |")
+    return out + [""] + (raised_lines + [""] if raised else [])
 
 
 # How memory_probe measured the peak (rows written before "peak_method" were sampled).
@@ -226,7 +246,21 @@ def format_table(result: dict[str, Any]) -> str:
                          f"| {r['seconds_1_process']:.2f} | {r['seconds_workers']:.2f} | {r['speedup']:.2f}× "
                          f"| {r['cores']} |")
         lines.append("")
+    lines += _footnote(result)
+    return "\n".join(lines)
+
+
+def _rounds_text(n: int) -> str:
+    return f"{n} round{'s' if n != 1 else ''}"  # not "1 rounds"
+
+
+def _footnote(result: dict[str, Any]) -> list[str]:
+    """The machine and the rounds each kind of row was timed in, from the rows themselves
+    where they record it: a capped kind says so, and a kind not in the run (the DDN
+    reference at the paper's shape with --quick or without the reference) is not
+    claimed."""
     m = result["machine"]
+    repeats = result["repeats"]
     # Results written before the key record no rounds: these were the rounds then (kept as
     # literals on purpose: CONVEX_ROUNDS / DDN_PAPER_ROUNDS may change after them).
     rounds = result.get("rounds", {"convex": 3, "ddn_paper": 2})
@@ -234,16 +268,28 @@ def format_table(result: dict[str, Any]) -> str:
     convex_span = (f"{convex_rounds[0]}–{convex_rounds[-1]} interleaved rounds by cost, each row's in "
                    "bench.json" if len(convex_rounds) > 1 else f"{convex_rounds[0]}" if convex_rounds
                    else f"at most {rounds['convex']}")
-    lines.append("The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "
-                 "see the README's Benchmarks.")
+    if convex_rounds and repeats > rounds["convex"]:  # capped by CONVEX_ROUNDS
+        convex_span += f", of --repeats at most {rounds['convex']}: a round of its slow rows takes minutes"
+    parts = [f"the convex path: {convex_span}"]
+    paper = tuple(SHAPES["paper"][0])
+    ddn_paper = sorted({r["ddn_rounds"] for r in result["rows"]
+                        if r["family"] == "pooling" and tuple(r["shape"]) == paper and "ddn_rounds" in r})
+    if ddn_paper:  # (none with --quick, or without the reference: nothing to claim)
+        text = f"{ddn_paper[0]}" if len(ddn_paper) == 1 else f"{ddn_paper[0]}–{ddn_paper[-1]}"
+        if ddn_paper[-1] < repeats:  # capped by DDN_PAPER_ROUNDS
+            text += f" (of --repeats at most {ddn_paper[-1]}: its forward takes seconds there)"
+        parts.append(f"the DDN reference at the paper's shape: {text}, its own interleaved rounds")
+    # Worker rows written before they recorded their rounds ran workers_speedup's default, 3.
+    worker_rounds = sorted({r.get("rounds", 3) for r in result.get("workers", [])})
+    if worker_rounds and worker_rounds != [repeats]:
+        parts.append(f"the worker-process rows: {', '.join(map(str, worker_rounds))}")
+    parts.append("cone-program rows: see their note")
     threads = f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}"
-    lines.append(f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
-                 f"({threads}), device {m['device']}; medians of "
-                 f"{result['repeats']} rounds (the convex path: {convex_span}; the DDN "
-                 f"reference at the paper's shape: {rounds['ddn_paper']}, its own interleaved rounds; "
-                 "cone-program rows: see their note); "
-                 "mean = `x.mean(-1)` of the same tensor.")
-    return "\n".join(lines)
+    return ["The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "
+            "see the README's Benchmarks.",
+            f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
+            f"({threads}), device {m['device']}; medians of {_rounds_text(repeats)} "
+            f"({'; '.join(parts)}); mean = `x.mean(-1)` of the same tensor."]
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -54,7 +54,7 @@ def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable
     fs, bs = f * per_sample, b * per_sample
     how = ("one solve per row, scaled to one sample" if not batched else "one batched solve" if whole_sample
            else "one batched solve, scaled to one sample (--quick)")
-    row.update(fwd_ms_per_sample=1e3 * fs, bwd_ms_per_sample=1e3 * bs,
+    row.update(fwd_ms_per_sample=1e3 * fs, bwd_ms_per_sample=1e3 * bs, rounds=rounds,
                fwd_rel_mean=fs * B / mean_f, bwd_rel_mean=bs * B / mean_b,
                note=f"timed on {x.shape[0]} rows ({how}); median of {rounds} calls after a first one; "
                     f"Δ columns on the first {min(8, x.shape[0])} rows")
@@ -64,12 +64,14 @@ def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable
         r.update(max_solution_diff=ds, max_grad_diff=dg)
 
 
-def row_record(family, node, path, shape, dtype, device, f, b, fr, br) -> dict[str, Any]:
+def row_record(family, node, path, shape, dtype, device, f, b, fr, br, rounds=None) -> dict[str, Any]:
+    """One row of the pooling or projection table; ``rounds``: the timed rounds its
+    figures are the medians of (None: not timed)."""
     return {
         "family": family, "node": node, "path": path, "shape": list(shape),
         "dtype": str(dtype).replace("torch.", ""), "device": str(device),
         "fwd_ms_per_sample": None if f is None else 1e3 * f,
         "bwd_ms_per_sample": None if b is None else 1e3 * b,
         "fwd_rel_mean": fr, "bwd_rel_mean": br,
-        "max_solution_diff": None, "max_grad_diff": None, "note": "",
+        "max_solution_diff": None, "max_grad_diff": None, "note": "", "rounds": rounds,
     }

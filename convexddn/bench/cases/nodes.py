@@ -28,7 +28,7 @@ from ...nodes.transport import sinkhorn
 from ...nodes.tridiagonal import tridiagonal_solve
 from ...nodes.vector_pool import robust_vector_pool
 from ..harness import materialised, round_order, sync
-from ..reference import load_reference_file
+from ..reference import load_reference_names, reference_raised
 
 __all__ = ["node_cases"]
 
@@ -52,12 +52,9 @@ def _reference(ref: _Ref | None) -> tuple[Callable | None, str]:
     """The reference's function for a node, or None and why (the row's note)."""
     if ref is None:
         return None, NO_REFERENCE_NODE
-    module, note = load_reference_file(ref.file)
+    module, note = load_reference_names(ref.file, ref.names)
     if module is None:
         return None, note
-    missing = [n for n in ref.names if not hasattr(module, n)]
-    if missing:
-        return None, f"the DDN reference's ddn/pytorch/{ref.file} has no {', '.join(missing)}"
     return ref.make(module), note
 
 
@@ -154,8 +151,10 @@ def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> li
 
     Inputs are made on the CPU from a seeded generator and moved to ``device``; on CUDA
     each phase is timed between synchronisations. A row without reference figures has
-    a note saying why: the reference has no such node, or its file was not found or
-    did not import (the reason :func:`..reference.load_reference_file` gives).
+    a note saying why: the reference has no such node, its file was not found, did not
+    import or lacks a name (the reason :func:`..reference.load_reference_names` gives),
+    or its call raised (:func:`..reference.reference_raised`). Each row records its
+    ``rounds``.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -164,16 +163,33 @@ def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> li
         ref, why = _reference(spec)
         fns = {"convexddn": ours} | ({"DDN reference": ref} if ref is not None else {})
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
-        for fn in fns.values():  # warm-up
-            _time(fn, inputs, gen, device)
+
+        def timed(k: str) -> tuple[float, float] | None:
+            """One call of ``fns[k]``; where the reference's own call raises, None, and
+            the row's note says what (only its call is guarded: ours raising is a bug
+            of this library and stops the bench)."""
+            nonlocal ref, why
+            if k != "DDN reference":
+                return _time(fns[k], inputs, gen, device)
+            try:
+                return _time(fns[k], inputs, gen, device)
+            except Exception as err:  # noqa: BLE001 - the reference's bug is a note, not a crash
+                ref, why = None, reference_raised(err)
+                del fns[k], times[k]
+                return None
+
+        for k in list(fns):  # warm-up
+            timed(k)
         for i in range(repeats):
             for k in round_order(fns, i):
-                times[k].append(_time(fns[k], inputs, gen, device))
+                t = timed(k)
+                if t is not None:
+                    times[k].append(t)
             progress.update(1)
         f = statistics.median(t[0] for t in times["convexddn"])
         b = statistics.median(t[1] for t in times["convexddn"])
         row = {"family": "nodes", "node": node, "shape": shape, "device": str(device),
-               "fwd_ms": 1e3 * f, "bwd_ms": 1e3 * b}
+               "fwd_ms": 1e3 * f, "bwd_ms": 1e3 * b, "rounds": repeats}
         if ref is not None:
             rf = statistics.median(t[0] for t in times["DDN reference"])
             rb = statistics.median(t[1] for t in times["DDN reference"])

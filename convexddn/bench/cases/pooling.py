@@ -12,7 +12,7 @@ from ...functional import robust_pool
 from ...nodes.pooling import CONVEX_PENALTIES
 from ...nodes.pooling import PENALTIES as POOL_PENALTIES
 from ..harness import fwd_bwd, median_times, round_order, timed_sort
-from ..reference import load_reference, reference_pool
+from ..reference import load_reference, reference_pool, reference_raised
 from .common import SHAPES, measure_cvxpy, row_record
 
 __all__ = ["CONVEX_PENALTIES", "POOL_PENALTIES", "ddn_comparison", "pool_cases"]
@@ -52,7 +52,10 @@ def ddn_comparison(x: torch.Tensor, g: torch.Tensor, device: torch.device, round
     Returns ``({penalty: figures}, note)``; figures hold the medians
     (``ddn_fwd_ms_per_sample``, ``ddn_bwd_ms_per_sample``), the median of the per-round
     ratios reference ÷ ours (``fwd_speedup_vs_ddn``, ``bwd_speedup_vs_ddn``) and their
-    range over the rounds; ``{}`` and the reason when the reference is not importable.
+    range over the rounds; ``{}`` and the reason when the reference is not importable
+    or lacks a name it is called by. A penalty whose reference call raised (the
+    reference's own bug) is left out of the rounds from then on; its figures are only
+    ``{"ddn_error": why}``.
     """
     module, note = load_reference()
     if module is None:
@@ -62,16 +65,34 @@ def ddn_comparison(x: torch.Tensor, g: torch.Tensor, device: torch.device, round
     for p in POOL_PENALTIES:
         ops[(p, "ours")] = lambda p=p: fwd_bwd(lambda t, p=p: robust_pool(t, p, 1.0), x, g, device)
         ops[(p, "ddn")] = lambda p=p: fwd_bwd(reference_pool(module, p, 1.0), x, g, device)
-    for op in ops.values():  # warm-up
-        op()
+    failed: dict[str, str] = {}  # penalty -> why its reference call is not timed
+
+    def timed(k: tuple[str, str]) -> tuple[float, float] | None:
+        # Only the reference's call is guarded: ours raising is this library's bug.
+        if k[1] != "ddn":
+            return ops[k]()
+        try:
+            return ops[k]()
+        except Exception as err:  # noqa: BLE001 - the reference's bug is a note, not a crash
+            failed[k[0]] = reference_raised(err)
+            return None
+
+    for k in ops:  # warm-up
+        timed(k)
         progress.update(1)
     times: dict[tuple[str, str], list[tuple[float, float]]] = {k: [] for k in ops}
     for i in range(rounds):
         for k in round_order(ops, i):
-            times[k].append(ops[k]())
+            if k[0] not in failed:
+                t = timed(k)
+                if t is not None:
+                    times[k].append(t)
         progress.update(len(ops))
-    out = {}
+    out: dict[str, dict] = {}
     for p in POOL_PENALTIES:
+        if p in failed:
+            out[p] = {"ddn_error": failed[p]}
+            continue
         ours, ref = times[(p, "ours")], times[(p, "ddn")]
         fr = [r[0] / o[0] for r, o in zip(ref, ours)]
         br = [r[1] / o[1] for r, o in zip(ref, ours)]
@@ -125,7 +146,7 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress,
     for name in ("mean", "sort") + POOL_PENALTIES:
         f, b = native[name]
         rows.append(row_record("pooling", name, "torch" if name in ("mean", "sort") else "native",
-                               shape, dtype, device, f / B, b / B, f / mean_f, b / mean_b))
+                               shape, dtype, device, f / B, b / B, f / mean_f, b / mean_b, repeats))
         if faults.get(name) is not None:
             rows[-1]["bwd_page_faults"] = faults[name]  # (median per backward call)
         if name in POOL_PENALTIES:
@@ -163,10 +184,11 @@ def _attach_ddn(rows: list[dict], shape, device, dtype, x, g, rounds: int, progr
             row["ddn_reference"] = note
         return
     for name, fig in figures.items():
-        native[name].update(fig)
+        native[name].update(fig)  # (only "ddn_error" where the reference's call raised)
         native[name]["ddn_reference"] = note
-        # What the report prints as "× faster than the DDN reference": measured here.
-        native[name]["speedup_vs_ddn_reference"] = fig["fwd_speedup_vs_ddn"]
+        if "fwd_speedup_vs_ddn" in fig:
+            # What the report prints as "× faster than the DDN reference": measured here.
+            native[name]["speedup_vs_ddn_reference"] = fig["fwd_speedup_vs_ddn"]
     if also_float64:
         x64, g64 = x.double(), g.double()
         figures64, _ = ddn_comparison(x64, g64, device, rounds, progress)

@@ -44,7 +44,7 @@ def projection_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progr
         path = "native" if name.startswith(("lp_ball", "simplex")) else "torch"
         b = None if name == "sort" else b
         rows.append(row_record("projection", name, path, shape, dtype, device, f / B, None if b is None else b / B,
-                         f / mean_f, None if b is None else b / mean_b))
+                         f / mean_f, None if b is None else b / mean_b, repeats))
         if name in PROJECTION_GOALS and tuple(shape) == SHAPES["paper"][1]:
             base, limit = PROJECTION_GOALS[name]
             ratio = f / native[base][0]

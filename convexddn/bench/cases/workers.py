@@ -43,7 +43,8 @@ def workers_speedup(batch: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
     """Forward + backward time with 1 and with ``cpu_count`` workers, on the registry QP
     and a user problem: ConvexLayer's worker processes (pools started before timing)
     and, on the same inputs in the same interleaved rounds, cvxpylayers' thread pool
-    (diffcp's ``n_jobs``)."""
+    (diffcp's ``n_jobs``), after one untimed forward + backward each; medians of
+    ``repeats`` rounds, recorded in each row's ``rounds``."""
     cores = os.cpu_count() or 1
     gen = torch.Generator().manual_seed(0)
     n, m, p = 50, 40, 10
@@ -66,8 +67,11 @@ def workers_speedup(batch: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
         fns = {(path, w): build(make, w) for path, build in paths for w in sorted({1, cores})}
         for fn in fns.values():
             # Starts pools, canonicalises; inputs that need gradients, as timed (diffcp's
-            # solve-only entry point takes no backward job count).
-            fn(*[d.clone().requires_grad_(True) for d in data])
+            # solve-only entry point takes no backward job count). The backward too: warmed
+            # up by the forward only, each path's first backward (its derivative's set-up,
+            # the workers' first adjoint) fell into timed round 0.
+            args = [d.clone().requires_grad_(True) for d in data]
+            torch.autograd.grad(fn(*args).sum(), args, allow_unused=True)
         runs: dict[tuple, list[float]] = {key: [] for key in fns}
         for i in range(repeats):
             for key in round_order(fns, i):
@@ -80,5 +84,6 @@ def workers_speedup(batch: int = 64, repeats: int = 3) -> list[dict[str, Any]]:
         for path, _ in paths:
             one, many = statistics.median(runs[(path, 1)]), statistics.median(runs[(path, cores)])
             rows.append({"problem": name, "path": path, "batch": batch, "cores": cores,
-                         "seconds_1_process": one, "seconds_workers": many, "speedup": one / many})
+                         "seconds_1_process": one, "seconds_workers": many, "speedup": one / many,
+                         "rounds": repeats})
     return rows
