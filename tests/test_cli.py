@@ -103,6 +103,21 @@ def test_cli_console_script_entry_point():
     assert "robust_pool" in out and "lp_ball" in out
 
 
+def test_python_m_convexddn_is_the_command():
+    """`python -m convexddn` failed ("is a package and cannot be directly executed"): it now
+    runs the console script's entry point, convexddn.cli:main, with its exit status."""
+    import tomllib
+    from pathlib import Path
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert config["project"]["scripts"]["convexddn"] == "convexddn.cli:main"
+    done = subprocess.run([sys.executable, "-m", "convexddn", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: convexddn ") and "bench" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "convexddn", "bench", "--repeats", "0"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "argument --repeats: must be an integer from 1" in done.stderr
+
+
 def test_bench_help_names_the_capped_rounds(capsys):
     """--help said "--repeats: timed rounds" while the convex rows took at most 3 of them
     and the DDN reference at the paper's shape at most 2; it names both caps now, with
