@@ -61,11 +61,11 @@ from collections.abc import Callable
 import diffcp
 import numpy as np
 import scipy.sparse as sp
-from diffcp import cones as cone_lib
 
 from .cone import ResidualMap
-from .cone_checks import _drop_noise, cone_blocks, project, verify_certificate
+from .cone_checks import _drop_noise, project, verify_certificate
 from .edge_boost import boost_frame
+from .ray_fit import fitted, polyhedral
 from .status import status_kind
 
 __all__ = ["Run", "believed", "claims_solved", "exact_ray", "judge", "reach_point", "reach_scaling",
@@ -227,11 +227,14 @@ def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> 
     The parts tried: the ray as it came (verified by the caller); and, each kept only where it
     verifies (:func:`~.cone_checks.verify_certificate`), the ray without the noise of the rows it
     does not use (``_drop_noise``, at that check's tolerance) and that without its curved cone
-    blocks (second-order, exponential, PSD), made exact on the rows it keeps (:func:`_polyhedral`).
-    A solver's ray may lean on a cone it does not need: Clarabel's for ``G₀x <= h₀``,
-    ``G₀x >= h₀ + 1e-3`` in a QP put 2e-3 on the objective's second-order cone, at its edge, whose
-    epigraph column it missed by 4e-16 ("reach" 1.4e12), while the two rows alone are an exact
-    certificate."""
+    blocks (second-order, exponential, PSD), made exact on the rows it keeps
+    (:func:`.ray_fit.polyhedral`), and the cleaned ray made exact on all its rows, less the blocks
+    at the edge of K* that this pushes out (:func:`.ray_fit.fitted`). A solver's ray may lean on a
+    cone it does not need: Clarabel's for ``G₀x <= h₀``, ``G₀x >= h₀ + 1e-3`` in a QP put 2e-3 on
+    the objective's second-order cone, at its edge, whose epigraph column it missed by 4e-16
+    ("reach" 1.4e12), while the two rows alone are an exact certificate; for an infeasible SDP or
+    exponential cone program with a curved objective it leaned on the objective's epigraph cone
+    too, and its curved constraint blocks, inside K*, are needed and fitted with the rest."""
     zero = np.zeros(A.shape[1])
 
     def parts():
@@ -241,39 +244,16 @@ def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> 
         rows = np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
         clean = _drop_noise(yb, rows, cones, 1e-6)
         yield clean
-        yield _polyhedral(A, cones, clean)
+        yield polyhedral(A, cones, clean)
+        # All its rows made exact, the blocks at the edge of K* that the fit pushes out dropped
+        # (.ray_fit): the objective's epigraph cones, which a ray may lean on though any x meets
+        # them at a large t, set the reach of an SDP's and an exponential cone program's rays
+        # (3e11-5e12), and the element's verdict then hung on the objective.
+        yield fitted(A, cones, clean)
 
     # (the cheap test first: most rays that are not exact fail it)
     return any(r is not None and np.any(r != 0) and reach_point(A, b, cones, r) is None
                and verify_certificate(A, b, zero, cones, zero, r, "infeasible") for r in parts())
-
-
-# The most entries (rows × columns) of the dense least squares that makes a polyhedral ray exact.
-_DENSE_RAY = 4_000_000
-
-
-def _polyhedral(A: sp.csc_matrix, cones: list, y: np.ndarray) -> np.ndarray | None:
-    """The part of the dual ray ``y`` on the zero and nonnegative rows, made exact on its support
-    ``S``: projected onto the null space of ``A_Sᵀ`` (a least squares; a solver's ray carries
-    its tolerance there, 1 − 1e-9 for the 1 a conflicting pair of rows needs), or ``None`` where
-    that leaves the nonnegative cone or ``A_S`` is too large to take densely."""
-    keep = np.zeros(y.size, dtype=bool)
-    nonneg = np.zeros(y.size, dtype=bool)
-    for kind, at, q in cone_blocks(cones):
-        if kind in (cone_lib.ZERO, cone_lib.POS):
-            keep[at:at + q] = True
-            nonneg[at:at + q] = kind == cone_lib.POS
-    support = np.flatnonzero(keep & (y != 0))
-    if not support.size or support.size * A.shape[1] > _DENSE_RAY:
-        return None
-    AS = A.tocsr()[support].toarray()
-    step, *_ = np.linalg.lstsq(AS.T, AS.T @ y[support], rcond=None)
-    ys = y[support] - step
-    if np.any(ys[nonneg[support]] < 0):
-        return None
-    out = np.zeros_like(y)
-    out[support] = ys
-    return out
 
 
 def _near_feasible(A, b, x: np.ndarray, s: np.ndarray, tol: float) -> bool:
