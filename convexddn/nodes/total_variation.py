@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import BatchShape, bind_fast, may_carry_tangents, refuse_vmap, save_plain
+from .._autograd import BatchShape, bind_fast, may_carry_tangents, outside_compile, refuse_vmap, save_plain
 from .._first_order import first_order, first_order_jvp
 from .._checks import (building, check_bool, check_count, check_device, check_finite, check_int, check_tensor,
                        normalize_dims, real_number, unread)
@@ -214,6 +214,55 @@ def _default_steps(n: int) -> int:
     return max(1000, 2 * n)
 
 
+@outside_compile
+def _denoise_rows(x: torch.Tensor, lam: Any, rows: torch.Tensor, lam_rows: torch.Tensor, max_iter: int,
+                  batch: tuple[int, ...]) -> torch.Tensor:
+    """y for the (R, n) float64 ``rows`` and their λ (R, 1) (``x`` and ``lam``: the caller's,
+    for the finiteness check and the forward-mode test): the host read, the scaling and the
+    solve (:func:`_solve`, through :class:`_TVFn` where a gradient or tangent is wanted).
+
+    Never traced by torch.compile (a clean graph break around it, as ``ConvexLayer.forward``
+    has): traced, every host read broke the graph inside the solver's loop, and each resume
+    function guarded on the values read, which change from call to call: the number of rows
+    still running, whether the working set had been compacted (``idx is None``), the step
+    count, and min λ (a learnable λ: a new value each training step, a float guard). So
+    nearly every call recompiled; batch sizes alternating 16 and 9 hit dynamo's recompile
+    limit (8) in ``_put``: 6 training steps of a TotalVariation1d alone compiled 28 graphs in
+    15 s on a small CPU (now 7 graphs, 4.6 s, all in the first two steps, one per batch
+    size). The solver's steps are small ops decided on the host; compiling them gains
+    nothing. Run eagerly, the graph around the node is compiled once per input shape.
+    """
+    n = rows.shape[1]
+    amax = rows.detach().abs().amax(1, keepdim=True)
+    m, scale = torch.maximum(amax, lam_rows.detach()), None
+    # One host read (the one a finite check costs) says whether x is finite, whether
+    # the iterates, up to 4(n+1)·max(|x|, λ), could overflow, and whether some λ is 0.
+    top, low, bottom = 0.0, 1.0, 1.0
+    if rows.shape[0]:
+        # (bottom over the rows that are not all 0: an all-zero row with λ = 0 beside a row
+        # of 1e-313 turned the scale-up off for every row, and that one cycled: SolverError)
+        top, low, bottom = torch.stack([m.max(), lam_rows.detach().min(),
+                                        m.masked_fill(m == 0, math.inf).min()]).tolist()
+    if not math.isfinite(top):
+        check_finite("x", x)  # raises, counting the NaN and Inf
+    if top * 4.0 * (n + 1) > _SAFE or 0.0 < bottom < _TINY:
+        # Per row 2^-k: the least k ≥ 0 bringing it under _SAFE, or, for a row below
+        # _TINY (not 0), k < 0 bringing it to about 1 (at most 2^1000): its rounding bounds,
+        # eps times its magnitudes, underflowed to 0 and the active set cycled (x ~ 1e-310).
+        e = torch.frexp(m)[1]
+        k = (e + math.ceil(math.log2(4 * (n + 1))) - round(math.log2(_SAFE))).clamp(min=0)
+        k = torch.where((m > 0) & (m < _TINY), e.clamp(min=-1000), k)
+        scale = torch.ldexp(torch.ones_like(m), -k)  # from exponents: no overflow
+    if (torch.is_grad_enabled() and (x.requires_grad or lam_rows.requires_grad)) or may_carry_tangents(x, lam):
+        # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ; and
+        # under forward-mode AD, so that the tangent is the node's (its jvp), not the
+        # solver's ops differentiated (one-sided at ties, with no warning).
+        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, BatchShape(tuple(batch)))[0]
+    else:
+        y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
+    return y
+
+
 def tv_denoise(
     x: torch.Tensor, lam: float | torch.Tensor = 1.0, dim: int = -1, *, max_iter: int | None = None
 ) -> torch.Tensor:
@@ -302,33 +351,7 @@ def tv_denoise(
         lam_rows = option_cast("tv_denoise", "lam", lam, work).expand(batch).reshape(rows.shape[0], 1)
     else:
         lam_rows = torch.full((rows.shape[0], 1), float(lam), dtype=work, device=x.device)
-    amax = rows.detach().abs().amax(1, keepdim=True)
-    m, scale = torch.maximum(amax, lam_rows.detach()), None
-    # One host read (the one a finite check costs) says whether x is finite, whether
-    # the iterates, up to 4(n+1)·max(|x|, λ), could overflow, and whether some λ is 0.
-    top, low, bottom = 0.0, 1.0, 1.0
-    if rows.shape[0]:
-        # (bottom over the rows that are not all 0: an all-zero row with λ = 0 beside a row
-        # of 1e-313 turned the scale-up off for every row, and that one cycled: SolverError)
-        top, low, bottom = torch.stack([m.max(), lam_rows.detach().min(),
-                                        m.masked_fill(m == 0, math.inf).min()]).tolist()
-    if not math.isfinite(top):
-        check_finite("x", x)  # raises, counting the NaN and Inf
-    if top * 4.0 * (n + 1) > _SAFE or 0.0 < bottom < _TINY:
-        # Per row 2^-k: the least k ≥ 0 bringing it under _SAFE, or, for a row below
-        # _TINY (not 0), k < 0 bringing it to about 1 (at most 2^1000): its rounding bounds,
-        # eps times its magnitudes, underflowed to 0 and the active set cycled (x ~ 1e-310).
-        e = torch.frexp(m)[1]
-        k = (e + math.ceil(math.log2(4 * (n + 1))) - round(math.log2(_SAFE))).clamp(min=0)
-        k = torch.where((m > 0) & (m < _TINY), e.clamp(min=-1000), k)
-        scale = torch.ldexp(torch.ones_like(m), -k)  # from exponents: no overflow
-    if (torch.is_grad_enabled() and (x.requires_grad or lam_rows.requires_grad)) or may_carry_tangents(x, lam):
-        # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ; and
-        # under forward-mode AD, so that the tangent is the node's (its jvp), not the
-        # solver's ops differentiated (one-sided at ties, with no warning).
-        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, BatchShape(tuple(batch)))[0]
-    else:
-        y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
+    y = _denoise_rows(x, lam, rows, lam_rows, max_iter, tuple(batch))
     # Contiguous like a contiguous x (moved back from the last dim, y was strided).
     return y.reshape(xs.shape).movedim(-1, d).to(x.dtype).contiguous()
 

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import may_carry_tangents, refuse_vmap
+from .._autograd import may_carry_tangents, outside_compile, refuse_vmap
 from .._checks import check_count, check_finite, check_number, check_tensor, check_tolerance
 from .._warn import warn
 from ..errors import InputError, ShapeError, SolverWarning
@@ -273,6 +273,37 @@ def sinkhorn(
     if flip:
         C, a, b, holes = C.transpose(-1, -2), b, a, holes[::-1]
     holes = holes if any(holes) else None
+    P = _solve_plan(cost, C, a, b, am, float(eps), int(max_iter), tol, flip, holes, work, accuracy, tuple(batch))
+    if flip:
+        P = P.transpose(-1, -2)
+    if P.shape != out_shape:
+        P = P.reshape(out_shape)
+    if mass is not None:
+        # Σa in two factors (its product may overflow where the plan's entries do not).
+        P = (P * mass[0].unsqueeze(-1)).mul_(mass[1].unsqueeze(-1))
+    # Rows sum to a and columns to b·Σa/Σb: in a narrower dtype an entry may exceed its
+    # range (a of mass 1e40 in float32) or a row round to zeros (a = 1e-50), both warned.
+    return narrowed(P, cost.dtype, "sinkhorn", "the plan", 2, ((-1, "row"), (-2, "column")),
+                    "pass a wider cost dtype, or marginals of another mass", _may_not_fit(am, bm, m, n, cost.dtype))
+
+
+@outside_compile
+def _solve_plan(cost: torch.Tensor, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, am: tuple | None,
+                eps: float, max_iter: int, tol: float, flip: bool, holes: tuple[bool, bool] | None,
+                work: torch.dtype, accuracy: float, batch: tuple[int, ...]) -> torch.Tensor:
+    """The plan (B, M, N) (transposed where ``flip``) for the unit-mass marginals ``a``, ``b``
+    and the float64 costs ``C`` of :func:`sinkhorn` (``cost``: the caller's, for the error
+    messages), with the checks of its error: the solve and its host reads.
+
+    Never traced by torch.compile (a clean graph break around it, as ``ConvexLayer.forward``
+    has): traced, the solver broke the graph at each host read of its loops, and the
+    resume functions guarded on values that change from call to call (the rows' cost
+    spreads against the log-domain cut, the working sets' sizes and strides): each new
+    batch recompiled some of its frames (69 graphs over 10 calls at batch sizes 16 and 9,
+    still recompiling at the last). The solver's steps are small ops decided on the host;
+    compiling them gains nothing. Run eagerly, the graph around the node is compiled
+    once per input shape.
+    """
     # (Forward mode too: the Function's jvp, not the solver's iterations differentiated.)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b))) or may_carry_tangents(C, a, b):
         # The Function's cost gradient and plan tangent reach about max(Σa, 1)/eps times
@@ -312,17 +343,7 @@ def sinkhorn(
             "exact; its gradient assumes an optimum that was not reached",
             SolverWarning,
         )
-    if flip:
-        P = P.transpose(-1, -2)
-    if P.shape != out_shape:
-        P = P.reshape(out_shape)
-    if mass is not None:
-        # Σa in two factors (its product may overflow where the plan's entries do not).
-        P = (P * mass[0].unsqueeze(-1)).mul_(mass[1].unsqueeze(-1))
-    # Rows sum to a and columns to b·Σa/Σb: in a narrower dtype an entry may exceed its
-    # range (a of mass 1e40 in float32) or a row round to zeros (a = 1e-50), both warned.
-    return narrowed(P, cost.dtype, "sinkhorn", "the plan", 2, ((-1, "row"), (-2, "column")),
-                    "pass a wider cost dtype, or marginals of another mass", _may_not_fit(am, bm, m, n, cost.dtype))
+    return P
 
 
 def _may_not_fit(am: tuple | None, bm: tuple | None, m: int, n: int, dtype: torch.dtype) -> bool:

@@ -40,7 +40,7 @@ class RobustPoolFunction(torch.autograd.Function):
         if x.shape[0] == 0:
             return x.new_empty((0,)), x.new_empty((0,))
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # (robust_pool calls it outside the graph: _pool_rows)
             y, rem = penalty.solve_split(x, a, tol, max_iter, use_compile)
             return y, (y.new_empty((0,)) if rem is None else rem)
         # Inference mode: no version counters or autograd bookkeeping on the per-row

@@ -40,7 +40,7 @@ from ..._checks import (
     normalize_dims,
     positive_range,
 )
-from ..._autograd import BatchShape, batched_values, functorch_transforms, refuse_trace
+from ..._autograd import BatchShape, batched_values, functorch_transforms, outside_compile, refuse_trace
 from ...errors import NonFiniteError, ShapeError
 from .._repr import format_option
 from .._module_options import store_option
@@ -83,6 +83,33 @@ def _check_options(penalty: Any, keepdim: Any, tol: Any, max_iter: Any, compile:
     check_stopping(tol, max_iter)
     check_bool("compile", compile, allow_none=True)
     return pen
+
+
+@outside_compile
+def _pool_rows(x: torch.Tensor, xw: torch.Tensor, aw: torch.Tensor, pen: Penalty, tol: float, max_iter: int,
+               use_compile: bool, batch: tuple[int, ...]) -> torch.Tensor:
+    """The pooled rows (R,) of ``xw`` (R, N) in the working dtype: the solve
+    (:class:`RobustPoolFunction`); ``x``, the caller's input, names the non-finite entries.
+
+    Never traced by torch.compile (a clean graph break around it, as ``ConvexLayer.forward``
+    has): traced, the iterative solvers broke the graph at each host read of their loop,
+    and each resume function guarded on values that change from call to call (the size
+    of the working set after each compaction, ``idx is None``, ``h_prev is None``, the row
+    count): a model's training steps recompiled the solver's frames at every step, up to
+    dynamo's recompile limit (6 steps of one pooling layer at batch sizes 16 and 9: 53
+    graphs, 13 s on a small CPU; now 8 graphs, 3.8 s, all in the first two steps, one per
+    batch size). The solver's steps are small ops decided on the host;
+    compiling them gains nothing. Run eagerly, the graph around the node is compiled once
+    per input shape. (``compile=True``'s fused kernels are compiled functions of their
+    own, called from here.)
+    """
+    try:
+        return RobustPoolFunction.apply(xw, aw, pen, tol, max_iter, use_compile, BatchShape(batch))[0]
+    except NonFiniteError:
+        # The solver checks finiteness only where a row fails (no host sync otherwise), on
+        # its rows: x of shape (4,) was reported as (1, 4), (2, 3, 4) as (6, 4). The caller's.
+        check_finite("x", x)
+        raise
 
 
 def robust_pool(
@@ -272,23 +299,9 @@ def robust_pool(
     xw = x2.to(work)
     aw = a.to(work)
     use_compile = bool(compile) and compile_available()
-    try:
-        y2 = RobustPoolFunction.apply(
-            xw,
-            aw,
-            pen,
-            _resolve_tol(tol, work),
-            _DEFAULT_MAX_ITER if max_iter is None else max_iter,
-            use_compile,
-            BatchShape(tuple(batch)),
-        )[0].to(x.dtype)
-    except NonFiniteError:
-        # The solver checks finiteness only where a row fails (no host sync otherwise), on
-        # its rows: x of shape (4,) was reported as (1, 4), (2, 3, 4) as (6, 4). The caller's.
-        check_finite("x", x)
-        raise
-
-    y = y2.reshape(batch)
+    y2 = _pool_rows(x, xw, aw, pen, _resolve_tol(tol, work), _DEFAULT_MAX_ITER if max_iter is None else max_iter,
+                    use_compile, tuple(batch))
+    y = y2.to(x.dtype).reshape(batch)
     if keepdim:
         for d in dims:
             y = y.unsqueeze(d)
