@@ -23,14 +23,19 @@ from convexddn.nodes.transport import OptimalTransport, sinkhorn
 DT = torch.float64
 
 
-class _Fit(DeclarativeNode):
-    """½‖y − x‖² (y = x)."""
+class _Ball(DeclarativeNode):
+    """Projection onto ‖y‖² ≤ 1 with a redundant box y ≤ 1: at x = (3, 0, 0) the face y₀ ≤ 1
+    touches the ball at the solution, both active with parallel gradients (LICQ fails), so the
+    backward warns."""
 
     def objective(self, x, y):
         return 0.5 * ((y - x) ** 2).sum(-1)
 
+    def inequality_constraints(self, x, y):
+        return torch.cat([(y * y).sum(-1, keepdim=True) - 1, y - 1], -1)
+
     def solve(self, x):
-        return x.clone()
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1.0)
 
 
 def _outliers() -> torch.Tensor:
@@ -49,11 +54,9 @@ def _degenerate_backward(eig) -> None:
     (V * torch.linspace(-1, 1, V.numel(), dtype=DT).view_as(V)).sum().backward()
 
 
-def _nan_upstream_backward() -> None:
-    x = torch.randn(3, 4, dtype=DT).requires_grad_()
-    v = torch.ones(3, 4, dtype=DT)
-    v[1, 2] = float("nan")
-    _Fit()(x).backward(v)
+def _dependent_backward() -> None:
+    x = torch.tensor([[3.0, 0.0, 0.0]], dtype=DT, requires_grad=True)
+    _Ball()(x).backward(torch.tensor([[0.0, 1.0, 0.0]], dtype=DT))
 
 
 CASES = {
@@ -62,10 +65,10 @@ CASES = {
     "RobustPool": lambda: RobustPool("welsch", 1.0, max_iter=1)(_outliers()),
     "sinkhorn": lambda: sinkhorn(_costs(), eps=0.01, max_iter=2),
     "OptimalTransport": lambda: OptimalTransport(eps=0.01, max_iter=2)(_costs()),
-    # backward: a GradientWarning (repeated eigenvalues; NaN in the incoming gradient)
+    # backward: a GradientWarning (repeated eigenvalues; dependent constraints)
     "eigen_decomposition backward": lambda: _degenerate_backward(lambda X: eigen_decomposition(X)[1]),
     "EigenDecomposition backward": lambda: _degenerate_backward(lambda X: EigenDecomposition()(X)[1]),
-    "DeclarativeNode backward": _nan_upstream_backward,
+    "DeclarativeNode backward": _dependent_backward,
 }
 
 
