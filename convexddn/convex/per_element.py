@@ -6,14 +6,13 @@ cvxpylayers canonicalises a DPP problem into a parametrized cone program
 
     \\min_x c^T x \\quad \\text{s.t.}\\quad A x + s = b,\\; s \\in K
 
-and hands us, per batch element, the nonzero values of ``[A | b]`` and ``[c | c0]``.
-For each element we solve with a solver reached through diffcp (Clarabel by default),
-polish the solution with Newton steps on the residual map of the cone program,
-**verify** the result against the KKT conditions ourselves (diffcp does not check
-Clarabel's status), try a fallback solver where the first one fails, and differentiate
-by the adjoint of that residual map (Agrawal et al., "Differentiating through a cone
-program", 2019) with diffcp's operators: densely for small programs, by a sparse LU or
-LSMR for large ones (cvxpylayers' SCS at 1e-4 and LSQR: gradients off by O(1) on an L1 ball).
+and hands us, per batch element, the nonzero values of ``[A | b]`` and ``[c | c0]``. For each element we
+solve with a solver reached through diffcp (Clarabel by default), polish the solution with Newton steps on
+the residual map of the cone program, **verify** the result against the KKT conditions ourselves (diffcp
+does not check Clarabel's status), try a fallback solver where the first one fails, and differentiate by
+the adjoint of that residual map (Agrawal et al., "Differentiating through a cone program", 2019) with
+diffcp's operators: densely for small programs, by a sparse LU or LSMR for large ones (cvxpylayers' SCS
+at 1e-4 and LSQR: gradients off by O(1) on an L1 ball).
 """
 from __future__ import annotations
 
@@ -191,10 +190,9 @@ class CheckedDiffcp(SolverInterface):
     def _polish(self, program: ResidualMap, x, y, s):
         """``program.refine`` of a solver's point; residual inf, unpolished, where it is not finite.
 
-        SCS returns NaN for the half of its point that an infeasibility (x) or unboundedness
-        (y) certificate leaves undefined, also warm-started from Clarabel's point; polished,
-        the NaN reached the projection onto a PSD cone, whose eigh raised numpy's "Eigenvalues
-        did not converge", and that replaced the solver's status and its verified certificate.
+        SCS returns NaN for the half of its point that an infeasibility (x) or unboundedness (y) certificate leaves
+        undefined, also warm-started from Clarabel's point; polished, the NaN reached the projection onto a PSD cone,
+        whose eigh raised numpy's "Eigenvalues did not converge", replacing the status and verified certificate.
         """
         if not all(np.all(np.isfinite(v)) for v in (x, y, s)):
             return x, y, s, float("inf")
@@ -243,9 +241,8 @@ class CheckedDiffcp(SolverInterface):
             return None, (f"{method}: {status}; its {claim} certificate verifies, yet a point polished from "
                           f"it (‖x‖∞ {np.abs(x).max():.1e}) passes relative to its size", "other", claim, run)
         if r <= self.tol and claim != "other":
-            # Claimed, not verified (badly scaled data provoke such claims on well-posed
-            # problems, where the polished point is the solution): the point must also
-            # pass in the data's own scale, not only against its own terms.
+            # Claimed, not verified (badly scaled data provoke such claims on well-posed problems, where the
+            # polished point is the solution): the point must also pass in the data's own scale, not only its terms'.
             rd = data_scale_residual(A, b, c, x, y, s)
             if not rd <= self.tol:
                 return None, (f"{method}: {status}; its {claim} certificate does not verify, and the point "
@@ -359,9 +356,8 @@ class CheckedDiffcp(SolverInterface):
 
     def derivative_torch_batch(self, dprimal, ddual, saved_state):
         refuse_batched("ConvexLayer", dprimal, ddual)  # (torch.func.jacrev: solved in numpy)
-        # A NaN or Inf in an element's cotangent (a fault upstream, e.g. an fp16 overflow under
-        # GradScaler): the adjoint solves zero for it (NaN gave NaN silently; Inf, numpy's
-        # overflow warning), and its data gradients are NaN below (upstream.py).
+        # A NaN or Inf cotangent (upstream's, e.g. an fp16 overflow): the adjoint solves zero there (NaN
+        # gave NaN silently, Inf numpy's overflow warning), that element's gradients are NaN (upstream.py).
         (dprimal, ddual), bad = split_nonfinite((dprimal, ddual))
         dx_all, dy_all = (v.detach().cpu().double().numpy() for v in (dprimal, ddual))
         batch = dx_all.shape[0]
@@ -390,12 +386,8 @@ class CheckedDiffcp(SolverInterface):
                  f"{max(grads[i][3] for i in inaccurate):.1e}: their gradient may be inaccurate (the problem is too "
                  "large for the dense fallback; solver='auto' solves it batched where it fits)",
                  GradientWarning, elements=element_list(where, inaccurate))
-        dq = torch.from_numpy(np.stack([g[0] for g in grads])).to(dprimal.dtype)
-        dA_t = torch.from_numpy(np.stack([g[1] for g in grads])).to(dprimal.dtype)
-        # Per element (B, ...): cvxpylayers' data map and the expansion of shared parameters
-        # then reduce them, so a shared parameter's sum is NaN, as torch gives.
-        dq, dA_t = poison(bad, (dq, dA_t))
-        return None, dq, dA_t
+        # (dq, dA) per element (B, ...), NaN where bad: cvxpylayers then sums a shared parameter's, NaN as in torch
+        return None, *poison(bad, [torch.from_numpy(np.stack([g[k] for g in grads])).to(dprimal.dtype) for k in (0, 1)])
 
 
 def _solve_chunk(solver: CheckedDiffcp, q: np.ndarray, a: np.ndarray, args: dict) -> list[Solved]:
