@@ -170,36 +170,31 @@ class _SingleBackward(torch.autograd.Function):
     second backward through it without ``retain_graph`` raises torch's own error."""
 
     @staticmethod
-    def forward(check, *tensors: torch.Tensor):  # type: ignore[override]
+    def forward(*tensors: torch.Tensor):  # type: ignore[override]
         # Copies, not views: a view made in a custom Function cannot be changed in place
         # (y /= 2 after the layer raised), which plain outputs allow.
         return (*(t.clone() for t in tensors), tensors[0].new_empty(0))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        ctx.check = inputs[0]
         ctx.mark_non_differentiable(output[-1])
         ctx.save_for_backward(output[-1])
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         ctx.saved_tensors  # (freed by a backward without retain_graph: torch raises here)
-        grads = grads[:-1]
-        return (None, *(grads if ctx.check is None else ctx.check(grads)))
+        return grads[:-1]
 
 
-def single_backward(tensors: Sequence[torch.Tensor],
-                    check: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]] | None = None
-                    ) -> list[torch.Tensor]:
+def single_backward(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Outputs of a solver whose own backward saves no tensor (the per-element path's, in
     numpy): a second backward without ``retain_graph`` ran it again and doubled the
     gradient silently; through this it raises torch's "backward through the graph a
-    second time", as every other op. ``check``, if given, maps the incoming gradients
-    (one per tensor) to those the solver's backward receives. No-op where none requires grad."""
+    second time", as every other op. No-op where none requires grad."""
     tensors = list(tensors)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return tensors
-    return list(_SingleBackward.apply(check, *tensors)[:-1])
+    return list(_SingleBackward.apply(*tensors)[:-1])
 
 def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The inputs of a solver whose backward is first-order only (it may run outside
