@@ -11,7 +11,7 @@ nothing: one fill of their canonical data and one symmetric eigenvalue problem e
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import cvxpy as cp
 import torch
@@ -19,6 +19,9 @@ import torch
 from ..errors import InputError
 from .status import unravel
 from .validation import element_subset
+
+if TYPE_CHECKING:
+    from .batched import BatchedProgram
 
 __all__ = ["explain_nonconvex", "NONCONVEX_TOL"]
 
@@ -46,8 +49,9 @@ def _wrapped(problem: cp.Problem) -> list[str]:
     return names
 
 
-def explain_nonconvex(program, problem: cp.Problem, parameters: Sequence[cp.Parameter], flat: list[torch.Tensor],
-                      failed: list[int], info: dict, batch: tuple[int, ...], raising: bool) -> None:
+def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem, parameters: Sequence[cp.Parameter],
+                      flat: list[torch.Tensor], failed: list[int], info: dict, batch: tuple[int, ...],
+                      raising: bool) -> None:
     """Name the ``failed`` elements whose objective's quadratic part is not PSD at their values.
 
     ``program`` is the layer's :class:`~.batched.BatchedProgram` (None or False: the problem
