@@ -709,3 +709,9 @@ def test_footnote_claims_only_the_rounds_that_ran():
                      workers=[{**workers[0], "rounds": 2}])
     assert "the DDN reference at the paper's shape: 2, its own interleaved rounds;" in same
     assert "worker-process" not in same and "of --repeats" not in same
+    # A default run: the cheap convex rows got more than --repeats, the slow ones the cap (it said "3–15 …,
+    # of --repeats at most 3", both at once).
+    spread = _footnote(repeats=5, rounds={"convex": 3, "ddn_paper": 2}, convex=[{**convex[0], "rounds": 15}, *convex])
+    assert ("the convex path: 3–15 interleaved rounds by cost, each row's in bench.json, its slow rows at most 3 "
+            "of the 5: a round of them takes minutes;") in spread
+    assert "at most 3:" not in spread

@@ -269,7 +269,10 @@ def _footnote(result: dict[str, Any]) -> list[str]:
                    "bench.json" if len(convex_rounds) > 1 else f"{convex_rounds[0]}" if convex_rounds
                    else f"at most {rounds['convex']}")
     if convex_rounds and repeats > rounds["convex"]:  # capped by CONVEX_ROUNDS
-        convex_span += f", of --repeats at most {rounds['convex']}: a round of its slow rows takes minutes"
+        # (a default run gives its cheap rows more, up to CONVEX_MAX_ROUNDS: "at most 3" beside "3–15" said both)
+        convex_span += (f", of --repeats at most {rounds['convex']}: a round of its slow rows takes minutes"
+                        if convex_rounds[-1] <= rounds["convex"] else
+                        f", its slow rows at most {rounds['convex']} of the {repeats}: a round of them takes minutes")
     parts = [f"the convex path: {convex_span}"]
     paper = tuple(SHAPES["paper"][0])
     ddn_paper = sorted({r["ddn_rounds"] for r in result["rows"]
