@@ -65,7 +65,7 @@ import scipy.sparse as sp
 from .cone import ResidualMap
 from .cone_checks import _drop_noise, project, verify_certificate
 from .edge_boost import boost_frame
-from .ray_fit import fitted, polyhedral
+from .ray_fit import column_misses, fitted, polyhedral
 from .status import status_kind
 
 __all__ = ["Run", "believed", "claims_solved", "exact_ray", "judge", "reach_point", "reach_scaling",
@@ -190,8 +190,7 @@ def reach_point(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -
     # its 25 columns within 10x of the least reach (1.8e12) by rounding alone; Clarabel failed
     # there and SCS ran to its iteration limit, while with the one column that sets the reach
     # scaled Clarabel confirmed the ray.
-    g = A.T @ yb
-    g = np.where(np.abs(g) <= 64 * _EPS * (abs(A).T @ np.abs(yb)), 0.0, g)
+    g = column_misses(A, yb)
     if not np.any(g != 0):
         return None
     reach = np.full(g.shape, np.inf)

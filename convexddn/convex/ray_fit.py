@@ -29,12 +29,23 @@ from diffcp import cones as cone_lib
 
 from .cone_checks import cone_blocks, project
 
-__all__ = ["fitted", "polyhedral"]
+__all__ = ["column_misses", "fitted", "polyhedral"]
 
 _EPS = np.finfo(np.float64).eps
 
 # The most entries (rows × columns) of the dense least squares that makes a ray exact.
 _DENSE_RAY = 4_000_000
+# The most rounds of dropping edge blocks and fitting again (past it: no exact ray, as before).
+_MAX_DROPS = 8
+
+
+def column_misses(A: sp.csc_matrix, y: np.ndarray, absA: sp.csc_matrix | None = None) -> np.ndarray:
+    """``Aᵀy`` with the columns that are 0 to the rounding of their terms (within 64 eps
+    ``|A|ᵀ|y|``) set to 0: where a ray is exact (:func:`fitted`'s test) and where it stops
+    reaching (:func:`.dissent.reach_point`) are decided by this one test, so a ray ``fitted``
+    returns as exact is one ``reach_point`` finds exact. ``absA``: ``|A|`` if formed already."""
+    g = A.T @ y
+    return np.where(np.abs(g) <= 64 * _EPS * ((abs(A) if absA is None else absA).T @ np.abs(y)), 0.0, g)
 
 
 def _null_step(A: sp.csc_matrix, y: np.ndarray, keep: np.ndarray) -> np.ndarray | None:
@@ -90,13 +101,14 @@ def fitted(A: sp.csc_matrix, cones: list, y: np.ndarray) -> np.ndarray | None:
         elif kind != cone_lib.ZERO:
             blocks.append(slice(at, at + q))
     proj = None
-    for _ in range(len(blocks) + 1):
+    # (each pass drops at least one block; a few suffice for the objective's epigraph blocks, and a
+    # dense least squares per pass on a large LP's every nonnegative row could take minutes)
+    for _ in range(min(len(blocks), _MAX_DROPS) + 1):
         out = _null_step(A, y, keep)
         if out is None:
             return None
         proj = project(out, cones, dual=True)
-        g = A.T @ proj
-        missing = np.abs(g) > 64 * _EPS * (absA.T @ np.abs(proj))
+        missing = column_misses(A, proj, absA) != 0
         if not missing.any():
             return proj
         meets = np.asarray(abs(Ar[:, np.flatnonzero(missing)]).sum(axis=1)).ravel() > 0  # rows in those columns

@@ -146,3 +146,24 @@ def test_fitted_drops_the_objective_cone_a_ray_leans_on_and_keeps_the_constraint
     assert exact_ray(A, b, cones, ray)
     # x0 >= 0.5 instead: feasible (x = (0.5, 1)), and no part of the ray is a certificate.
     assert not exact_ray(A, np.array([1.0, -0.5, 0, 0, 0, 1.0, 0]), cones, ray)
+
+
+def test_fitted_stops_after_its_cap_of_drops(monkeypatch):
+    # Each round of dropping edge blocks is a dense least squares: at most _MAX_DROPS rounds, past which
+    # the ray is returned as it stands (not exact: the caller keeps its doubt). The case above needs one.
+    import scipy.sparse as sp
+
+    from convexddn.convex import ray_fit
+    from convexddn.convex.dissent import exact_ray
+
+    A = sp.csc_matrix(np.array([[0, 1.0, 0], [-1.0, 0, 0], [0, -1.0, 0], [-1.0, 0, 0],
+                                [-1.0, 0, 0], [0, 0, 0], [0, 0, -1.0]]))
+    b = np.array([1.0, -2.0, 0, 0, 0, 1.0, 0])
+    cones = [("l", 2), ("q", [2]), ("ep", 1)]
+    ray = np.array([1 + 1e-12, 0.75, 1.0, -0.746, -0.004, 0.17, 0.0])
+    monkeypatch.setattr(ray_fit, "_MAX_DROPS", 0)
+    y = ray_fit.fitted(A, cones, ray)
+    assert y is not None and np.any(ray_fit.column_misses(A, y) != 0)
+    assert not exact_ray(A, b, cones, ray)
+    monkeypatch.setattr(ray_fit, "_MAX_DROPS", 1)
+    assert exact_ray(A, b, cones, ray)
