@@ -574,6 +574,21 @@ def test_a_reference_call_that_raises_is_a_note_for_its_row(tmp_path, monkeypatc
     assert [ln for ln in table if ln.startswith("| huber | (2, 4, 16) |")]
 
 
+def test_a_goal_is_not_met_by_one_dtype_where_the_other_raised():
+    """A row whose float32 reference call raised and whose float64 figures meet the goal
+    showed ✓, from the figures present alone; it is not measured in float32: "—"."""
+    from convexddn.bench.report import _ddn_table
+
+    good = {"fwd_speedup_vs_ddn": 12.0, "bwd_speedup_vs_ddn": 2.0, "ddn_goal_met": True}
+    row = {"family": "pooling", "node": "welsch", "shape": [2, 4, 16], "dtype": "float32",
+           "ddn_error": "the DDN reference raised ValueError: x", "ddn_float64": good}
+    both = {"family": "pooling", "node": "huber", "shape": [2, 4, 16], "dtype": "float32", **good,
+            "ddn_float64": good}
+    table = _ddn_table([row, both])
+    assert [ln for ln in table if ln.startswith("| welsch |") and ln.endswith("| — |")], table
+    assert [ln for ln in table if ln.startswith("| huber |") and ln.endswith("| ✓ |")], table
+
+
 def test_a_node_reference_call_that_raises_is_a_note(tmp_path, monkeypatch):
     """Likewise in the node library: the reference's call raising is that row's note."""
     from convexddn.bench.cases import nodes
