@@ -255,8 +255,8 @@ def write_result(result: dict[str, Any], out: str, name: str,
 
 
 def _read_umask() -> int:
-    """The process's umask. os.umask can only read it by setting it, process-wide and not
-    thread-safe: read once, at import (before any thread of ours), and put back at once."""
+    """The process's umask by setting it and putting it back: process-wide and not
+    thread-safe, so done once, at import (before any thread of ours), as the fallback."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -265,13 +265,26 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _umask() -> int:
+    """The umask now: Linux reports it in /proc/self/status without changing it (a umask set
+    after import counts); elsewhere the one read at import."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK
+
+
 def _plain_open_mode(path: str) -> int:
     """The mode ``open(path, "w")`` would leave: an existing file's own, else 0666 less
     the umask."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
-        return 0o666 & ~_UMASK
+        return 0o666 & ~_umask()
 
 
 def write_json(path: str, obj: Any) -> None:
