@@ -65,6 +65,7 @@ import scipy.sparse as sp
 from .cone import ResidualMap
 from .cone_checks import _drop_noise, project, verify_certificate
 from .edge_boost import boost_frame
+from .feasibility import infeasible_without_objective
 from .ray_fit import column_misses, fitted, polyhedral
 from .status import status_kind
 
@@ -368,4 +369,9 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
         return (programs[0], x, y, s, f"{status} (re-solved at the reach)", r, method, None), None, message + why
     claims = [f[2] for f in (mine, theirs) if f is not None]
     kind = "disputed" if kind == "unbounded" and "infeasible" in claims else kind
+    if kind == "other" and infeasible_without_objective(backend, A, b):
+        # No certificate stands, yet infeasibility does not depend on the objective (a curved one kept
+        # the solvers from a ray): the constraints alone give one exact to rounding (.feasibility).
+        kind, why = "infeasible", why + ("; infeasible: Clarabel on its constraints alone (objective dropped) "
+                                         "claims it, certificate verified (exact to rounding)")
     return None, (message + why, kind), None

@@ -167,3 +167,68 @@ def test_fitted_stops_after_its_cap_of_drops(monkeypatch):
     assert not exact_ray(A, b, cones, ray)
     monkeypatch.setattr(ray_fit, "_MAX_DROPS", 1)
     assert exact_ray(A, b, cones, ray)
+
+
+# Where no certificate stands at all (Clarabel "Failure", SCS at its iteration limit) because a curved
+# objective kept the solvers from a ray, the element's constraints alone (objective dropped) decide:
+# an exact ray of that feasibility problem proves infeasibility (convexddn/convex/feasibility.py).
+# Each family: element 0 infeasible (a SolverError until then), element 1 feasible near the boundary.
+_A3 = np.array([1.0, 2.0, 2.0]) / 3
+_LSE_B = np.log(1e4)
+
+
+def _ball():
+    """||x|| <= r, a@x >= h, min sum(exp(w x)): infeasible for h > r (scale 1e-4, w = 1e4)."""
+    x, rh, w = cp.Variable(3), cp.Parameter(2), cp.Parameter()
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.exp(w * x))), [cp.norm(x) <= rh[0], _A3 @ x >= rh[1]])
+    r = 0.00012697867137638705
+    return prob, [rh, w], [x], [np.array([[r, 2 * r], [r, 0.5 * r]]), np.array([1e4, 1e4])]
+
+
+def _psd():
+    """X PSD, trace(X) <= p0, X01 >= p1, min sum(exp(w diag X)): infeasible for p1 > p0 / 2."""
+    X, p, w = cp.Variable((2, 2), symmetric=True), cp.Parameter(2), cp.Parameter()
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.exp(w * cp.diag(X)))), [X >> 0, cp.trace(X) <= p[0], X[0, 1] >= p[1]])
+    p0 = 0.0003669963261004018
+    return prob, [p, w], [X], [np.array([[p0, 1.1 * p0 / 2], [p0, 0.99 * p0 / 2]]), np.array([1e4, 1e4])]
+
+
+def _lse():
+    """z >= c, log_sum_exp(z) <= log(1e4), min sum(exp(z - q)): infeasible for c + log 3 > log(1e4)."""
+    z, pz, q = cp.Variable(3), cp.Parameter(3), cp.Parameter(3)
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.exp(z - q))), [z >= pz, cp.log_sum_exp(z) <= _LSE_B])
+    c = _LSE_B - np.log(3) + np.log(np.array([1.001, 0.99]))
+    qq = [0.6257293982571508, 2.164325358952666, 0.9555405586957074]
+    return prob, [pz, q], [z], [np.repeat(c[:, None], 3, 1), np.array([qq, qq])]
+
+
+def _negent():
+    """exp(x) <= t <= p1, x >= p0, min -entr(t) + t: infeasible for p0 > log(p1) (p1 = 1e4)."""
+    x, t, p = cp.Variable(), cp.Variable(), cp.Parameter(2)
+    prob = cp.Problem(cp.Minimize(-cp.entr(t) + 0.3 * t), [cp.exp(x) <= t, t <= p[1], x >= p[0]])
+    return prob, [p], [x, t], [np.array([[np.log(1.1e4), 1e4], [np.log(0.99e4), 1e4]])]
+
+
+@pytest.mark.parametrize("family", [_ball, _psd, _lse, _negent])
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_infeasible_with_no_certificate_is_decided_by_its_constraints_alone(family, solver):
+    prob, params, variables, values = family()
+    layer = cddn.ConvexLayer(prob, params, variables, solver=solver)
+    with pytest.raises(InfeasibleError) as err:
+        _quiet(layer, *(torch.tensor(v, dtype=F64) for v in values))
+    assert type(err.value) is InfeasibleError, str(err.value)
+    assert err.value.indices == [(0,)], str(err.value)
+    # The feasible element alone: solved, feasible and optimal as CVXPY/Clarabel solves it (their points
+    # differ by 5e-4 relative at scale 1e-4: compare objectives).
+    out = _quiet(layer, *(torch.tensor(v[1:], dtype=F64) for v in values))
+    out = out if isinstance(out, tuple) else (out,)
+    for par, v in zip(params, values):
+        par.value = v[1]
+    prob.solve(solver=cp.CLARABEL)
+    assert prob.status == "optimal"
+    best = prob.value
+    for o, var in zip(out, variables):
+        var.value = o[0].numpy()
+    scale = max(np.abs(v[1]).max() for v in values[:1])
+    assert max(float(np.max(c.violation())) for c in prob.constraints) <= 1e-7 * scale
+    assert abs(prob.objective.value - best) <= 1e-6 * (1 + abs(best)), (prob.objective.value, best)
