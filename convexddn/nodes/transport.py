@@ -55,14 +55,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autograd import may_carry_tangents, outside_compile, refuse_vmap
-from .._checks import check_count, check_finite, check_number, check_tensor, check_tolerance
-from .._warn import warn
-from ..errors import InputError, ShapeError, SolverWarning
-from ._sinkhorn import solve
-from ._sinkhorn_function import ACCURACY, Box, SinkhornFn
-from ._overflow import may_overflow, narrowed, widened
-from ._sinkhorn_padding import Padding, check_marginal, marginal_parts
+from .._autograd import refuse_vmap
+from .._checks import check_count, check_number, check_tensor, check_tolerance
+from ..errors import ShapeError
+from ._overflow import narrowed, widened
+from ._sinkhorn_function import ACCURACY
+from ._sinkhorn_plan import _solve_plan
+from ._sinkhorn_padding import check_marginal, marginal_parts
 
 __all__ = ["OptimalTransport", "sinkhorn"]
 
@@ -285,65 +284,6 @@ def sinkhorn(
     # range (a of mass 1e40 in float32) or a row round to zeros (a = 1e-50), both warned.
     return narrowed(P, cost.dtype, "sinkhorn", "the plan", 2, ((-1, "row"), (-2, "column")),
                     "pass a wider cost dtype, or marginals of another mass", _may_not_fit(am, bm, m, n, cost.dtype))
-
-
-@outside_compile
-def _solve_plan(cost: torch.Tensor, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, am: tuple | None,
-                eps: float, max_iter: int, tol: float, flip: bool, holes: tuple[bool, bool] | None,
-                work: torch.dtype, accuracy: float, batch: tuple[int, ...]) -> torch.Tensor:
-    """The plan (B, M, N) (transposed where ``flip``) for the unit-mass marginals ``a``, ``b``
-    and the float64 costs ``C`` of :func:`sinkhorn` (``cost``: the caller's, for the error
-    messages), with the checks of its error: the solve and its host reads.
-
-    Never traced by torch.compile (a clean graph break around it, as ``ConvexLayer.forward``
-    has): traced, the solver broke the graph at each host read of its loops, and the
-    resume functions guarded on values that change from call to call (the rows' cost
-    spreads against the log-domain cut, the working sets' sizes and strides): each new
-    batch recompiled some of its frames (69 graphs over 10 calls at batch sizes 16 and 9,
-    still recompiling at the last). The solver's steps are small ops decided on the host;
-    compiling them gains nothing. Run eagerly, the graph around the node is compiled
-    once per input shape.
-    """
-    # (Forward mode too: the Function's jvp, not the solver's iterations differentiated.)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b))) or may_carry_tangents(C, a, b):
-        # The Function's cost gradient and plan tangent reach about max(Σa, 1)/eps times
-        # the incoming ones in float64 (bound in _sinkhorn_function): checked beyond its range.
-        gain = max(1.0 if am is None else am[4][0], 1.0) / float(eps)
-        box = Box(a.requires_grad or b.requires_grad, may_overflow(gain, work), accuracy, tuple(batch))
-        P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes, box)
-    else:
-        pad = None if holes is None else Padding(a, b, *holes)
-        P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)
-    worst = float(err.max())
-    if not math.isfinite(worst):
-        check_finite("cost", cost)
-        # Finite costs give a non-finite error only where a row's range overflows (the
-        # solver subtracts each row's minimum).
-        span = C.amax(-1) - C.amin(-1)
-        wide = ~torch.isfinite(span)
-        if not bool(wide.any()) and not math.isfinite(float(span.amax()) / float(eps)):
-            # (the solver divides the shifted costs by eps: 1e100 spreads at eps 1e-211)
-            raise InputError(
-                f"cost's spread within a row over eps must stay below {torch.finfo(work).max:.3g} "
-                f"(float64's largest number), got {float(span.amax()):.3g} / {float(eps):.3g}; raise eps")
-        if bool(wide.any()):
-            i = int(wide.flatten().nonzero()[0])
-            raise InputError(
-                f"cost's entries within a row must differ by at most {torch.finfo(work).max:.3g} "
-                f"(float64's largest number), got a row from {float(C.amin(-1).flatten()[i]):.3g} "
-                f"to {float(C.amax(-1).flatten()[i]):.3g}"
-            )
-    if not worst <= tol:
-        failed = ~(err <= tol)
-        idx = [tuple(i) for i in torch.nonzero(failed.reshape(batch)).tolist()]
-        warn(
-            f"sinkhorn did not reach tol={tol:.3g} within max_iter={max_iter} at batch "
-            f"index(es) {idx[:10]}{' …' if len(idx) > 10 else ''} (relative column error "
-            f"up to {worst:.3g}); raise max_iter or eps. The plan's rows are "
-            "exact; its gradient assumes an optimum that was not reached",
-            SolverWarning,
-        )
-    return P
 
 
 def _may_not_fit(am: tuple | None, bm: tuple | None, m: int, n: int, dtype: torch.dtype) -> bool:

@@ -880,11 +880,11 @@ def test_sinkhorn_padding_defaults_broadcast_and_float32():
 def test_sinkhorn_padding_masks_only_when_zeros(monkeypatch):
     # All-positive marginals take the unmasked path (no Padding formed), forward and
     # backward; zeros form one per call.
-    from convexddn.nodes import _sinkhorn_function, transport
+    from convexddn.nodes import _sinkhorn_function, _sinkhorn_plan
 
     made = []
-    real = transport.Padding
-    for module in (transport, _sinkhorn_function):  # (the no-grad path, the Function)
+    real = _sinkhorn_plan.Padding
+    for module in (_sinkhorn_plan, _sinkhorn_function):  # (the no-grad path, the Function)
         monkeypatch.setattr(module, "Padding", lambda *x: made.append(1) or real(*x))
     C = _cost(2, 4, 3, seed=55).requires_grad_()
     a, b = _marginal(4, 56), _marginal(3, 57)
