@@ -62,7 +62,7 @@ import diffcp
 import numpy as np
 import scipy.sparse as sp
 
-from .cone import ResidualMap
+from .cone import POLISH_ABOVE, ResidualMap
 from .cone_checks import _drop_noise, project, verify_certificate
 from .edge_boost import boost_frame
 from .feasibility import infeasible_without_objective
@@ -70,7 +70,7 @@ from .ray_fit import column_misses, fitted, polyhedral
 from .status import status_kind
 
 __all__ = ["Run", "believed", "claims_solved", "exact_ray", "judge", "reach_point", "reach_scaling",
-           "reaches"]
+           "reaches", "within_reach"]
 
 _EPS = np.finfo(np.float64).eps
 
@@ -147,6 +147,16 @@ def reaches(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, claim: 
     r = A.T @ yt + c
     noise = 64 * _EPS * float((absA.T @ np.abs(yt) + np.abs(c)) @ np.abs(d))
     return float(r @ d) - noise <= 0.5 * float(c @ d)
+
+
+def within_reach(A, b, c, cones: list, run: Run | None, x: np.ndarray, y: np.ndarray, r: float) -> bool:
+    """Whether the verified certificate of ``run`` accounts for a point ``(x, y)`` that passed the
+    tolerance above rounding (KKT residual ``r`` > ``POLISH_ABOVE``): exact, or reaching it (:func:`reaches`),
+    the point's violation is the infeasibility (unboundedness) it proves, and the point refutes nothing.
+    (QPs with data ~1e-4 infeasible by 2e-7, or unbounded along an exact ray: SCS's points passed at
+    1e-7 in the residual's absolute floor, tol (1 + |b|), and were returned as solutions.)"""
+    return (run is not None and run.verified and run.claim != "other" and r > POLISH_ABOVE
+            and (run.exact or reaches(A, b, c, cones, run.claim, run.ray, x, y)))
 
 
 def _refuted(A, b, c, cones: list, mine: Run, other: Run | None) -> str | None:

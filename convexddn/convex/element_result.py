@@ -1,5 +1,6 @@
 """What the per-element path keeps of each batch element: its solve's result
-(:class:`Solved`) and, for the backward, the saved states (:class:`SavedStates`)."""
+(:class:`Solved`), what a call did (:class:`ElementInfo`) and, for the backward, the saved
+states (:class:`SavedStates`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SavedStates", "Solved"]
+__all__ = ["ElementInfo", "SavedStates", "Solved"]
 
 
 @dataclasses.dataclass
@@ -39,3 +40,16 @@ class SavedStates(list):
     caller's batch and its shape, set by :class:`~.layer.ConvexLayer`) for messages."""
 
     where: tuple[Sequence[int], tuple[int, ...]] | None = None
+
+
+@dataclasses.dataclass
+class ElementInfo:
+    """What one call of the backend did, per flat batch element (this thread's last call)."""
+
+    solvers: list[str]
+    statuses: list[str]
+    residuals: list[float]
+    solved: list[bool]
+    kinds: list[str]
+    spreads: list[float]  # each element's data spread, see data_spread
+    conditions: list[float]  # each solved element's polish condition (ResidualMap.condition; 0: none)

@@ -16,7 +16,6 @@ at 1e-4 and LSQR: gradients off by O(1) on an L1 ball).
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Any
 
@@ -36,8 +35,8 @@ from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
-from .dissent import Run, claims_solved, exact_ray, judge
-from .element_result import SavedStates, Solved
+from .dissent import Run, claims_solved, exact_ray, judge, within_reach
+from .element_result import ElementInfo, SavedStates, Solved
 from .consistent_rows import ElementRows, allowed, disagreement
 from .parametric import parameter_columns, parametric_entries, requiring_grad
 from .rescues import failure_cause, warn_rescued
@@ -80,19 +79,6 @@ def per_element_layer(problem, parameters: list, variables: list, backend: "Chec
         layer._buffers.pop(name, None)
         object.__setattr__(layer, name, None)
     return layer
-
-
-@dataclasses.dataclass
-class ElementInfo:
-    """What one call of the backend did, per flat batch element (this thread's last call)."""
-
-    solvers: list[str]
-    statuses: list[str]
-    residuals: list[float]
-    solved: list[bool]
-    kinds: list[str]
-    spreads: list[float]  # each element's data spread, see data_spread
-    conditions: list[float]  # each solved element's polish condition (ResidualMap.condition; 0: none)
 
 
 class CheckedDiffcp(SolverInterface):
@@ -237,9 +223,12 @@ class CheckedDiffcp(SolverInterface):
                 x, y, s, r = x2, y2, s2, r2
                 rescued = None if claims_solved(status) else f"{method}: {status}; solved by SCS from its point"
                 method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
-        if r <= self.tol and verified:
-            return None, (f"{method}: {status}; its {claim} certificate verifies, yet a point polished from "
-                          f"it (‖x‖∞ {np.abs(x).max():.1e}) passes relative to its size", "other", claim, run)
+        if r <= self.tol and verified:  # (the certificate stands where it accounts for the point: .dissent)
+            stands = within_reach(A, b, c, self._cones, run, x, y, r)
+            return None, (f"{method}: {status}; its {claim} certificate verifies, and a point polished from it "
+                          f"(‖x‖∞ {np.abs(x).max():.1e}) passes " + ("only by the violation it proves (within its "
+                          f"reach; residual {r:.1e})" if stands else "relative to its size"),
+                          claim if stands else "other", claim, run)
         if r <= self.tol and claim != "other":
             # Claimed, not verified (badly scaled data provoke such claims on well-posed problems, where the
             # polished point is the solution): the point must also pass in the data's own scale, not only its terms'.
@@ -269,7 +258,10 @@ class CheckedDiffcp(SolverInterface):
         if out is None and self.fallback is not None and self.fallback != self.solver and not decided:
             out, fail2 = self._try(self.fallback, {}, A, b, c)
             used = self.fallback
-            if out is not None:
+            if out is not None and within_reach(A, b, c, self._cones, fail[3], out[1], out[2], out[5]):
+                out, fail = None, (f"{fail[0]}; fallback {self.fallback}: {out[4]} at residual {out[5]:.1e}, "
+                                   "within the certificate's reach", fail[3].claim, fail[3].claim, fail[3])
+            elif out is not None:
                 note = f"{fail[0]}; solved by the fallback {self.fallback}"
                 cause = f"{failure_cause(fail)}; solved by the fallback {self.fallback}"
             else:

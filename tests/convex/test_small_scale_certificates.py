@@ -1,0 +1,71 @@
+"""A verified certificate against a point that passes only by the residual's absolute floor
+(:func:`convexddn.convex.dissent.within_reach`): QPs whose data are ~1e-4, infeasible by 2e-7 or
+unbounded along an exact ray, raise InfeasibleError / UnboundedError, as the same programs scaled
+by 1e4 do. SCS's points violated the program by the margin the certificate proves, yet passed
+the check at 1e-7 against its floor tol (1 + |b|), and were returned as solutions. Feasible,
+bounded programs of the same scale and margin still solve, to the closed form."""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn.errors import InfeasibleError, SolverWarning, UnboundedError
+
+F64 = torch.float64
+
+
+def _layer(solver):
+    # min (x0 - c0)^2 + c1 x1  s.t.  x1 >= -c3,  c2 <= x0 <= c3
+    x = cp.Variable(2)
+    c = cp.Parameter(4)
+    prob = cp.Problem(cp.Minimize(cp.square(x[0] - c[0]) + c[1] * x[1]),
+                      [x[1] >= -c[3], x[0] >= c[2], x[0] <= c[3]])
+    return cddn.ConvexLayer(prob, [c], [x], solver=solver)
+
+
+# c1 < 0 of 1.8e-3 relative: unbounded along the exact ray (0, 1) (no curvature in x1).
+UNBOUNDED = [[3.6159505490948474e-05, -1.8132702392002725e-07, 0.0, 1e-4],
+             [9.470809631292422e-05, -1.60663577576718e-07, 0.0, 1e-4]]
+# c2 > c3 by 1e-3 relative (1.8e-7 absolute): infeasible.
+INFEASIBLE = [4.13259793472436e-06, 1e-4, 0.00018176694076756534, 0.00018158535541215322]
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+@pytest.mark.parametrize("row", range(2))
+def test_small_scale_unbounded_qp_raises(solver, row):
+    layer = _layer(solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(UnboundedError) as err:
+            layer(torch.tensor([UNBOUNDED[row]], dtype=F64))
+    assert err.value.indices == [(0,)]
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_small_scale_infeasible_qp_raises_in_a_batch(solver):
+    layer = _layer(solver)
+    feasible = [5e-5, 1e-4, 0.0, 1e-4]  # x = (5e-5, -1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        with pytest.raises(InfeasibleError) as err:
+            layer(torch.tensor([feasible, INFEASIBLE], dtype=F64))
+    assert err.value.indices == [(1,)]
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_small_scale_feasible_programs_at_the_same_margins_solve(solver):
+    # The controls: the interval 1e-3 wide (relative) instead of inverted, c1 > 0 by the same
+    # 1.8e-7, and a target outside the interval: each solves to its closed form,
+    # x0 = clip(c0, c2, c3), x1 = -c3.
+    rows = torch.tensor([[4.13259793472436e-06, 1e-4, 0.00018158535541215322, 0.00018176694076756534],
+                         [3.6159505490948474e-05, 1.8132702392002725e-07, 0.0, 1e-4],
+                         [2.5e-4, 1.6e-7, 0.0, 1e-4]], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)
+        x = _layer(solver)(rows)
+    expected = torch.stack([torch.minimum(torch.maximum(rows[:, 0], rows[:, 2]), rows[:, 3]), -rows[:, 3]], -1)
+    torch.testing.assert_close(x, expected, atol=1e-14, rtol=1e-9)
