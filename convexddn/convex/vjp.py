@@ -49,9 +49,9 @@ import math
 import torch
 
 from .._generic import generic_vector
-from .certify import at_kink, undecided_reach
 from .dense_kkt import dense_limit_solve, dense_limit_solve_error
 from .interior_point import SOLVED, ConeSolution
+from .kink_reach import SIDE_RTOL, kinks_reached
 from .kkt import bmv, row_inf
 from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
@@ -178,7 +178,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # rows 1e-7 apart in a QP, multipliers ~1/d², 5e-2 off; zeroed and warned as such)
     big, steep = big & ~certified, steep & ~certified
     uncertain = (big & ~reached & ~unsolved & (rx.dtype == torch.float64)) | steep
-    kinks = _kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1))
+    kinks = kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1), tangent,
+                          torch.maximum(row_inf(rx), row_inf(rz)))
     ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
     uz = d.E * uz.squeeze(-1) / rc
     # (A solved element's KKT matrix was factorised: its failure would have made the
@@ -262,39 +263,13 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     dz = torch.where(keep, d.E * uz.squeeze(-1) / rc, 0.0)
     # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
     # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
-    kinks = _kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1))
+    kinks = kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1))
     # (where a pair is undecided, dependent rows that hold moved apart: the backward's vertex test)
     apart = limit_tests_at(sol, layout, ok & sol.undecided, ex.squeeze(-1), cols, ez.squeeze(-1), ux.squeeze(-1))[0]
     steep = ((amplification > PROBE_GAIN) & ~certified) | ~(apart <= INCONSISTENT_SURE)
     unsolved = zeroed & (unsolved | uncertain) & ~(outputs | reached | kinks | (steep & ~uncertain))
     flagged = zeroed | (ok & (kinks | steep))
     return dx, dz, flagged, zeroed, unsolved, flagged & moved_zero_rows(sol, layout, rz)
-
-
-# Largest component of a derivative's dual part along the directions an undecided pair
-# leaves open, relative to the derivative, below which the two sides agree (the
-# gradients' promised accuracy is 1e-4). Measured, relative: 1e-8 to 4e-5 on entmax through
-# CVXPY's cone forms (α = 1.1 to 2.5, gradients 7e-8 from the exact ones); 0.15 and 0.5
-# at real kinks (a bound active with a zero multiplier; a group soft-threshold at ‖v‖ = λ).
-SIDE_RTOL = 1e-4
-
-
-def _kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor) -> torch.Tensor:
-    """(B,) the elements ``ok`` with an undecided complementary pair whose open directions
-    the derivative ``(ux, uz)`` (equilibrated units, ``(B, n), (B, m)``) reaches
-    (:func:`~.certify.undecided_reach` above :data:`SIDE_RTOL` of its size): only there
-    do the two one-sided derivatives differ."""
-    flagged = ok & sol.undecided
-    if not bool(flagged.any()):  # (a host sync; the warning takes one anyway)
-        return flagged
-    idx = torch.nonzero(flagged).squeeze(1)
-    pick = lambda v: v.index_select(0, idx)  # noqa: E731
-    part = sol.scaled.select(idx)
-    x, s, z = part.scale(pick(sol.x), pick(sol.s), pick(sol.z))
-    z0 = layout.zero
-    u_x, u_z = pick(ux), pick(uz)
-    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], at_kink(part, layout, x, s, z))
-    return flagged.index_copy(0, idx, reach > SIDE_RTOL * torch.maximum(row_inf(u_x), row_inf(u_z)))
 
 
 # Relative residual the backward's KKT solve is refined to beyond its fixed steps

@@ -1,0 +1,80 @@
+"""Whether a derivative reaches an undecided complementary pair: there its two one-sided
+derivatives differ, and the backward warns that none exists.
+
+The test (:func:`kinks_reached`) weighs the derivative system's solution ``u`` along the
+directions an undecided pair leaves open (:func:`~.certify.undecided_reach`) against the
+part of ``u`` that the gradient reads (:func:`read_by`): with ``u = (u_x, u_z)``, the
+data's gradients are ``g_q = −u_x``, ``g_b = u_z``, ``g_A = −(z u_xᵀ + u_z xᵀ)`` and
+``g_P = −½(u_x xᵀ + x u_xᵀ)``, so only the columns and rows whose data the parameters
+move enter them. An auxiliary variable that no parameter touches may carry a component
+orders of magnitude larger, without effect on the gradient, and hid the kink beside it:
+``sqrt(y) >= p``, ``min ‖y − q‖²`` at ``p₀ = 1e-4``, ``q₀ = 0`` (CVXPY's hypograph
+variable ``t ≥ p``, ``t² ≤ y``: ``y₀ = p₀²``, ``t₀`` known to √rounding only, 18 % off)
+gave ``u_t = 2.4e3`` beside ``u_y = 0.66``, a reach of 0.16 below the threshold 0.24, and
+``dL/dq₀ = 0.63`` where it is 0, silently.
+"""
+from __future__ import annotations
+
+import torch
+
+from .certify import at_kink, undecided_reach
+from .interior_point import ConeSolution
+from .kkt import row_inf
+
+__all__ = ["SIDE_RTOL", "kinks_reached", "read_by"]
+
+# Largest component of a derivative's dual part along the directions an undecided pair
+# leaves open, relative to the part of the derivative the gradient reads, below which
+# the two sides agree (the gradients' promised accuracy is 1e-4). Measured, relative to
+# the whole derivative: 1e-8 to 4e-5 on entmax through CVXPY's cone forms (α = 1.1 to 2.5,
+# gradients 7e-8 from the exact ones); 0.15 and 0.5 at real kinks (a bound active with a
+# zero multiplier; a group soft-threshold at ‖v‖ = λ).
+SIDE_RTOL = 1e-4
+
+
+def read_by(tangent: tuple | None, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(cols (k|1, n), rows (k|1, m))`` masks of the entries of ``u_x`` and ``u_z`` that the
+    gradient reads in the elements ``idx`` ``(k,)``: the columns whose cost (``dq``, ``dP``) or
+    constraint column (``dA``) the parameters requiring grad move, the rows whose ``b`` or
+    ``A`` row they move. ``tangent``: ``(dP, dq, dA, db, secant)`` along a generic direction of
+    those parameters (``dP``, ``dq`` None where eliminated variables make them nonlinear:
+    ``secant(idx)`` gives them); None: every entry."""
+    if tangent is None:
+        return None
+    dP, dq, dA, db, secant = tangent
+    if dq is None:
+        dP, dq = secant(idx)
+    cols = (dA != 0).any(-2) | (dq != 0) | (dP != 0).any(-1)
+    return cols, (dA != 0).any(-1) | (db != 0)
+
+
+def _read_size(u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return row_inf(u if mask is None else torch.where(mask, u, 0.0))
+
+
+def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor,
+                  tangent: tuple | None = None, rhs: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) the elements ``ok`` with an undecided complementary pair whose open directions
+    the derivative ``(ux, uz)`` (equilibrated units, ``(B, n), (B, m)``) reaches
+    (:func:`~.certify.undecided_reach` above :data:`SIDE_RTOL` of a size): only there do the
+    two one-sided derivatives differ. The size is that of the entries the gradient reads
+    (:func:`read_by` of ``tangent``), at least ``rhs`` ``(B,)`` (the cotangent's, equilibrated)
+    and at most the whole derivative's, which is the size without ``tangent``."""
+    flagged = ok & sol.undecided
+    if not bool(flagged.any()):  # (a host sync; the warning takes one anyway)
+        return flagged
+    idx = torch.nonzero(flagged).squeeze(1)
+    pick = lambda v: v.index_select(0, idx)  # noqa: E731
+    part = sol.scaled.select(idx)
+    x, s, z = part.scale(pick(sol.x), pick(sol.s), pick(sol.z))
+    z0 = layout.zero
+    u_x, u_z = pick(ux), pick(uz)
+    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], at_kink(part, layout, x, s, z))
+    size = torch.maximum(row_inf(u_x), row_inf(u_z))
+    read = read_by(tangent, idx)
+    if read is not None:
+        # (not below the cotangent's own size: where the gradient reads only rounding, a
+        # difference of 1e-11 between the sides is no kink; entmax at p_i = 0, α = 2.5)
+        seen = torch.maximum(_read_size(u_x, read[0]), _read_size(u_z, read[1]))
+        size = torch.minimum(size, seen if rhs is None else torch.maximum(seen, pick(rhs)))
+    return flagged.index_copy(0, idx, reach > SIDE_RTOL * size)
