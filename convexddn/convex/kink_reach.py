@@ -15,13 +15,15 @@ gave ``u_t = 2.4e3`` beside ``u_y = 0.66``, a reach of 0.16 below the threshold 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .certify import at_kink, undecided_reach
 from .interior_point import ConeSolution
 from .kkt import row_inf
 
-__all__ = ["SIDE_RTOL", "kinks_reached", "read_by"]
+__all__ = ["SIDE_RTOL", "kinks_reached", "read_by", "read_cols"]
 
 # Largest component of a derivative's dual part along the directions an undecided pair
 # leaves open, relative to the part of the derivative the gradient reads, below which
@@ -48,18 +50,31 @@ def read_by(tangent: tuple | None, idx: torch.Tensor) -> tuple[torch.Tensor, tor
     return cols, (dA != 0).any(-1) | (db != 0)
 
 
+def read_cols(cols: torch.Tensor | None, n: int, m: int) -> Callable | None:
+    """The forward mode's :func:`read_by`: ``idx ->`` masks of the requested outputs' columns
+    ``cols`` of ``x`` (indices; None: every entry) and no row of ``z``."""
+    if cols is None:
+        return None
+
+    def read(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.zeros(1, n, dtype=torch.bool, device=idx.device)
+        return mask.index_fill(1, cols.to(idx.device), True), torch.zeros(1, m, dtype=torch.bool, device=idx.device)
+    return read
+
+
 def _read_size(u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return row_inf(u if mask is None else torch.where(mask, u, 0.0))
 
 
 def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor,
-                  tangent: tuple | None = None, rhs: torch.Tensor | None = None) -> torch.Tensor:
+                  read: Callable | None = None, rhs: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) the elements ``ok`` with an undecided complementary pair whose open directions
     the derivative ``(ux, uz)`` (equilibrated units, ``(B, n), (B, m)``) reaches
     (:func:`~.certify.undecided_reach` above :data:`SIDE_RTOL` of a size): only there do the
-    two one-sided derivatives differ. The size is that of the entries the gradient reads
-    (:func:`read_by` of ``tangent``), at least ``rhs`` ``(B,)`` (the cotangent's, equilibrated)
-    and at most the whole derivative's, which is the size without ``tangent``."""
+    two one-sided derivatives differ. The size is that of the entries the result reads,
+    ``read(idx)`` (masks, :func:`read_by`, :func:`read_cols`), at least ``rhs`` ``(B,)`` (the
+    cotangent's or tangent's, equilibrated) and at most the whole derivative's, which is
+    the size where ``read`` is None."""
     flagged = ok & sol.undecided
     if not bool(flagged.any()):  # (a host sync; the warning takes one anyway)
         return flagged
@@ -71,10 +86,10 @@ def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor,
     u_x, u_z = pick(ux), pick(uz)
     reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], at_kink(part, layout, x, s, z))
     size = torch.maximum(row_inf(u_x), row_inf(u_z))
-    read = read_by(tangent, idx)
-    if read is not None:
+    masks = None if read is None else read(idx)
+    if masks is not None:
         # (not below the cotangent's own size: where the gradient reads only rounding, a
         # difference of 1e-11 between the sides is no kink; entmax at p_i = 0, α = 2.5)
-        seen = torch.maximum(_read_size(u_x, read[0]), _read_size(u_z, read[1]))
+        seen = torch.maximum(_read_size(u_x, masks[0]), _read_size(u_z, masks[1]))
         size = torch.minimum(size, seen if rhs is None else torch.maximum(seen, pick(rhs)))
     return flagged.index_copy(0, idx, reach > SIDE_RTOL * size)

@@ -51,7 +51,7 @@ import torch
 from .._generic import generic_vector
 from .dense_kkt import dense_limit_solve, dense_limit_solve_error
 from .interior_point import SOLVED, ConeSolution
-from .kink_reach import SIDE_RTOL, kinks_reached
+from .kink_reach import SIDE_RTOL, kinks_reached, read_by, read_cols
 from .kkt import bmv, row_inf
 from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
@@ -178,7 +178,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # rows 1e-7 apart in a QP, multipliers ~1/d², 5e-2 off; zeroed and warned as such)
     big, steep = big & ~certified, steep & ~certified
     uncertain = (big & ~reached & ~unsolved & (rx.dtype == torch.float64)) | steep
-    kinks = kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1), tangent,
+    kinks = kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1),
+                          None if tangent is None else lambda idx: read_by(tangent, idx),
                           torch.maximum(row_inf(rx), row_inf(rz)))
     ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
     uz = d.E * uz.squeeze(-1) / rc
@@ -263,7 +264,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     dz = torch.where(keep, d.E * uz.squeeze(-1) / rc, 0.0)
     # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
     # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
-    kinks = kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1))
+    kinks = kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1), read_cols(cols, x.shape[1], z.shape[1]),
+                          torch.maximum(row_inf(ex), row_inf(ez)))
     # (where a pair is undecided, dependent rows that hold moved apart: the backward's vertex test)
     apart = limit_tests_at(sol, layout, ok & sol.undecided, ex.squeeze(-1), cols, ez.squeeze(-1), ux.squeeze(-1))[0]
     steep = ((amplification > PROBE_GAIN) & ~certified) | ~(apart <= INCONSISTENT_SURE)

@@ -61,3 +61,23 @@ def test_at_the_tip_the_kink_is_warned_and_smooth_elements_are_exact():
     assert {(0,), (2,)} <= warned
     assert (1,) not in warned
     torch.testing.assert_close(gq[1], torch.tensor([0.0, 0.0, 1.0], dtype=F64), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("p0", [1e-3, 1e-4, 1e-5])
+def test_forward_mode_near_the_tip_is_right_or_warned(p0):
+    # The tangent of y along q0 is 0 (y0 = p0² > q0 = 0); a tangent of 0.63 came back silently.
+    import torch.autograd.forward_ad as fwAD
+
+    P = torch.tensor([[p0, -1.0]], dtype=F64)
+    Q = torch.tensor([[0.0, 1.0]], dtype=F64)
+    layer = _layer(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fwAD.dual_level():
+            out = layer(P, fwAD.make_dual(Q, torch.tensor([[1.0, 0.0]], dtype=F64)))
+            tangent = fwAD.unpack_dual(out).tangent
+    warned = any(issubclass(w.category, GradientWarning) for w in caught)
+    right = bool(tangent.abs().max() < 1e-6)
+    assert right or warned, (p0, tangent)
+    if p0 >= 1e-3:
+        assert right and not warned, (p0, tangent)
