@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - an older torch: nothing to unwrap
 
 __all__ = ["BatchShape", "any_batched", "batched_directions", "batched_refusal", "batched_values", "bind_fast",
            "called_as", "eager_with_tangents", "without_autocast", "functorch_transforms", "public_name",
-           "refuse_export", "refuse_transforms", "refuse_trace", "refuse_vmap", "refusing_export",
+           "refuse_export", "refuse_transforms", "refuse_trace", "refuse_vmap", "refusing_export", "wrapper_forward",
            "may_carry_tangents", "outside_compile", "plain", "save_plain"]
 
 # The public function the user called, where it runs another node inside (linear_fit runs
@@ -299,6 +299,24 @@ def refuse_vmap(name: str, *values: Any, tangents: bool = True, jacrev: bool = T
                            "any leading batch shape, so stack the inputs along a leading dimension and call it once")
     if forward_mode and not (tangents and constants):
         raise batched_refusal(name, True, True, "torch.func.jacrev" if jacrev else "")
+
+
+def wrapper_forward(label: Callable[[Any], str], **refusal: bool) -> Callable[[Callable], Callable]:
+    """Decorator of the forward of a module that runs another node inside (``convexddn.layer``'s
+    registry wrappers): with ``refusal``, :func:`refuse_vmap` with those flags first, before the
+    wrapper's own checks read the inputs' values (under vmap they failed with torch's
+    "data-dependent control flow"); then the forward :func:`called_as` ``label(self)``, so that
+    what the inner node refuses names the layer the caller built."""
+    def decorate(forward: Callable) -> Callable:
+        @functools.wraps(forward)
+        def run(self: Any, *values: Any, **named: Any) -> Any:
+            name = label(self)
+            if refusal:
+                refuse_vmap(name, *values, *named.values(), **refusal)
+            with called_as(name):
+                return forward(self, *values, **named)
+        return run
+    return decorate
 
 
 def bind_fast(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

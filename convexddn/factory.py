@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
+from ._autograd import wrapper_forward
 from ._checks import check_choice, check_finite, check_tensor
 from .convex import registry
 from .convex.layer import ConvexLayer
@@ -35,7 +34,7 @@ from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
 from .nodes._overflow import narrowed as checked_cast, option_cast
-from .nodes._repr import format_option
+from .nodes._repr import registry_origin
 from .nodes.projection import LpProjection, SimplexProjection
 from .nodes.total_variation import TotalVariation1d
 from .nodes.transport import OptimalTransport
@@ -109,6 +108,7 @@ class RegistryNode(nn.Module):
         super().__init__()
         self.name, self.n, self.node, self.parameter, self.finite = name, n, node, parameter, finite
 
+    @wrapper_forward(lambda self: f"layer({self.name!r})")
     def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         """Solve the problem for every row of ``x``: ``(*batch, n) -> (*batch, ...)``.
 
@@ -166,6 +166,7 @@ class TransportNode(nn.Module):
         super().__init__()
         self.name, self.node, self.parameters_, self.check = name, node, tuple(parameters), check
 
+    @wrapper_forward(lambda self: f"layer({self.name!r})", tangents=False, jacrev=False)  # (as sinkhorn's)
     def forward(self, *values: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         """The plan for every batch element: see the class docstring."""
         (C, a, b), _ = check_values(values, named, self.parameters_, self.check)
@@ -205,6 +206,7 @@ class MaskedScoresLayer(ConvexLayer):
         super().__init__(*args, **kwargs)
         self.alpha = float(alpha)
 
+    @wrapper_forward(lambda self: "ConvexLayer", jacrev=False, constants=False)  # (ConvexLayer's)
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
                 **named: torch.Tensor) -> torch.Tensor:
         (x,) = bind_names(values, named, [p.name() for p in self.parameters_])
@@ -262,6 +264,7 @@ class ScaledBallLayer(ConvexLayer):
         super().__init__(*args, **kwargs)
         self.scale, self.radius, self.p = float(scale), float(radius), p
 
+    @wrapper_forward(lambda self: "ConvexLayer", jacrev=False, constants=False)  # (ConvexLayer's)
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
                 **named: torch.Tensor) -> torch.Tensor:
         (x,) = bind_names(values, named, [p.name() for p in self.parameters_])
@@ -287,21 +290,6 @@ class ScaledBallLayer(ConvexLayer):
 
     def extra_repr(self) -> str:  # (the radius asked for: in the origin where layer() built it)
         return f"{super().extra_repr()}{'' if self.origin else f', radius={self.radius:g}'}, scale={self.scale:g}"
-
-
-def _origin(name: str, options: dict[str, Any]) -> str:
-    """The registry problem and its options as its cone program's ``repr`` shows them
-    (:attr:`ConvexLayer.origin`): ``name='entmax', n=4, alpha=1.2``; options left at ``None`` are
-    omitted, a number is shown as a Python number, names as given, an array or tensor by its shape."""
-    def shown(v: Any) -> str:
-        if isinstance(v, numbers.Real) and not isinstance(v, bool):  # (np.float32(1.2) as 1.2, not 1.2000000476837158)
-            return repr(int(v) if isinstance(v, numbers.Integral) else float(str(v) if isinstance(v, np.floating)
-                                                                              else v))
-        if isinstance(v, torch.Tensor):
-            return format_option(v)
-        names = isinstance(v, (list, tuple)) and all(isinstance(e, str) for e in v)  # qp's learn=('G', 'h')
-        return f"array of shape {np.shape(v)}" if isinstance(v, (list, tuple, np.ndarray)) and not names else repr(v)
-    return ", ".join([f"name={name!r}"] + [f"{k}={shown(v)}" for k, v in options.items() if v is not None])
 
 
 def _valid_options(name: str, backend: str, declared: tuple[str, ...]) -> str:
@@ -383,7 +371,7 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         own = getattr(spec.check, "__name__", spec.check)
         raise OptionError(f"check is set by the registry (ProblemSpec.check, here {own!r} for "
                           f"problem {name!r}); it cannot be passed to layer()")
-    cls, origin = ConvexLayer, _origin(name, spec.options)  # (the options asked for: lp_ball's radius is rescaled)
+    cls, origin = ConvexLayer, registry_origin(name, spec.options)  # (the options asked for: lp_ball's radius is rescaled)
     if name in _MASKING:  # the native node's -inf masking, for the cone program too
         layer_opts["alpha"] = _MASKING[name](spec.options)
         cls = MaskedScoresLayer

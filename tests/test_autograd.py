@@ -637,3 +637,30 @@ def test_closed_form_projections_export(p, mode):
             top = torch.where(new.gather(-1, k) >= 0, 1.5, -1.5).to(F64)
             expected = torch.where(inside, expected.scatter(-1, k, top), expected)
     torch.testing.assert_close(program.module()(new), expected, rtol=1e-14, atol=1e-14)
+
+
+def test_registry_wrappers_refuse_vmap_and_name_the_layer():
+    """convexddn.layer's wrappers around a node or a ConvexLayer: under torch.func.vmap their
+    own input checks read values first and failed with torch's "data-dependent control flow"
+    (entmax and sparsemax with backend='cvxpy', lp_ball with backend='cvxpy', ot_entropic); the
+    nodes they run named themselves (sinkhorn, tv_denoise) where the caller built layer(...)."""
+    import convexddn
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, dtype=F64, generator=gen)
+    cost, a = torch.rand(3, 3, dtype=F64, generator=gen), torch.full((3,), 1 / 3, dtype=F64)
+    wrapped = [convexddn.layer("sparsemax", n=4, backend="cvxpy"), convexddn.layer("entmax", n=4, alpha=1.5,
+                                                                                    backend="cvxpy"),
+               convexddn.layer("lp_ball", n=4, p=2, backend="cvxpy")]
+    for layer in wrapped:
+        with pytest.raises(ProblemError, match="^ConvexLayer does not run under torch.func.vmap"):
+            torch.func.vmap(layer)(x)
+    ot = convexddn.layer("ot_entropic", m=3, n=3)
+    with pytest.raises(ProblemError, match=r"^layer\('ot_entropic'\) does not run under torch.func.vmap"):
+        torch.func.vmap(ot)(cost.expand(2, 3, 3), a.expand(2, 3), a.expand(2, 3))
+    with pytest.raises(ProblemError, match=r"^layer\('ot_entropic'\) "):
+        torch.func.jacrev(lambda c: ot(c, a, a))(cost)
+    with pytest.raises(ProblemError, match=r"^layer\('tv1d'\) does not run under torch.func.vmap"):
+        torch.func.vmap(convexddn.layer("tv1d", n=5))(torch.randn(2, 5, dtype=F64, generator=gen))
+    # (called plainly, each still solves)
+    assert ot(cost, a, a).shape == (3, 3) and wrapped[0](x).shape == (2, 4)
