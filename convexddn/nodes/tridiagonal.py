@@ -116,7 +116,9 @@ class _TridiagonalFn(torch.autograd.Function):
         out = x.to(rhs.dtype)
         if out.dtype != x.dtype:  # (float16, bfloat16: the rounding to the caller's dtype may overflow)
             check_cast(_NAME, x, out, batch)
-        return out.reshape(*batch, n, k), route
+        # (Not a view where the batch is one dimension, else cloned by the caller: an output that is a
+        # view made inside a custom Function refuses in-place edits.)
+        return (out if out.shape == (*batch, n, k) else out.reshape(*batch, n, k)), route
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -309,6 +311,7 @@ def tridiagonal_solve(diag: torch.Tensor, lower: torch.Tensor, upper: torch.Tens
     rm, vector, batch = _check_inputs(diag, lower, upper, rhs)
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or may_carry_tangents(*tensors):
         x = _TridiagonalFn.apply(diag, lower, upper, rm, BatchShape(tuple(batch)))[0]  # (see BatchShape)
+        x = x.clone() if x._is_view() else x  # (y += 1 on the result, as on any other node's)
     else:
         x = _TridiagonalFn.forward(diag, lower, upper, rm, BatchShape(tuple(batch)))[0]
     return x.squeeze(-1) if vector else x
