@@ -371,7 +371,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
         own = getattr(spec.check, "__name__", spec.check)
         raise OptionError(f"check is set by the registry (ProblemSpec.check, here {own!r} for "
                           f"problem {name!r}); it cannot be passed to layer()")
-    cls, origin = ConvexLayer, registry_origin(name, spec.options)  # (the options asked for: lp_ball's radius is rescaled)
+    # (origin: the options asked for, lp_ball's radius before it is rescaled)
+    cls, origin = ConvexLayer, registry_origin(name, spec.options)
     if name in _MASKING:  # the native node's -inf masking, for the cone program too
         layer_opts["alpha"] = _MASKING[name](spec.options)
         cls = MaskedScoresLayer

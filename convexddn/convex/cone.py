@@ -231,6 +231,11 @@ class ResidualMap:
         self.residual = best_r
         return (*best, best_r)
 
+    def own_scale_residual(self, x: np.ndarray, y: np.ndarray, s: np.ndarray) -> float:
+        """:func:`~.cone_checks.kkt_residual` of a point with its rows' own-scale floors (the
+        per-element acceptance test, ``own_scale``), reusing this map's projections."""
+        return kkt_residual(self.A, self.b, self.c, self.cones, x, y, s, self._memo, own_scale=True)
+
     def adjoint(self, x, y, s, parametric: Parametric | None = None):
         """The map (dx, dy) -> (dA at any (row, col), db, dc) of the solution's derivative.
 

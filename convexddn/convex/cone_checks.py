@@ -102,6 +102,14 @@ def residual_parts(A: sp.csc_matrix) -> tuple:
     return (A.T, absA, absA.T, *row_maxima(A))
 
 
+_ROOT_EPS = float(np.sqrt(np.finfo(np.float64).eps))
+
+
+def _scalar_rows(cones: list) -> int:
+    """How many leading rows are zero-cone and nonnegative rows (one row a block)."""
+    return sum(q for kind, at, q in cone_blocks(cones) if kind in (cone_lib.ZERO, cone_lib.POS))
+
+
 def _floors(scale: np.ndarray, unit: float) -> np.ndarray:
     """Each row's (column's) floor for :func:`kkt_residual`: its own data scale ``scale``
     (``max(‖A_i‖∞, |b_i|)``, its cone block's largest), capped at the program's ``unit``;
@@ -110,7 +118,8 @@ def _floors(scale: np.ndarray, unit: float) -> np.ndarray:
 
 
 def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
-                 x: np.ndarray, y: np.ndarray, s: np.ndarray, memo=None, parts: tuple | None = None) -> float:
+                 x: np.ndarray, y: np.ndarray, s: np.ndarray, memo=None, parts: tuple | None = None,
+                 own_scale: bool = False) -> float:
     """Largest relative violation of primal/dual feasibility, cone membership and gap.
 
     Feasibility is measured row by row (column by column) against the magnitudes of the
@@ -126,6 +135,8 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     The gap is relative to the smaller of the two objective values, as Clarabel
     measures it. ``memo``: an :class:`.exp_cone.Memo` for the exponential cones' projections;
     ``parts``: :func:`residual_parts` of ``A``, for a caller that measures one program many times.
+    ``own_scale``: the zero and nonnegative rows' floors at most their own ``b``'s and the point's
+    scale (the acceptance test; the polish's merit keeps the floors above, which its steps are tuned to).
     """
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(s))):
         return float("inf")
@@ -154,6 +165,15 @@ def kkt_residual(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list,
     # (each row violated by 1e-5 of its own size) passed at 5.8e-12, "Solved".
     floor_p = _floors(block_max(np.maximum(row_max, np.abs(b)), cones), unit_p)
     floor_d = _floors(np.maximum(col_max, np.abs(c)), unit_d)
+    # ... and, for the zero and nonnegative rows, at most max(|b_i|, ‖A_i‖∞ ‖x‖∞) (the coefficient
+    # times the point's scale, not times 1), down to sqrt(eps) of the unit: CVXPY's epigraph of a
+    # squared objective puts constants 1 in b whatever the data's scale, and a coefficient of 1 is
+    # no scale for a row whose b and x are 1e-6. Box rows there met a floor of 1: with data ~1e-6
+    # an infeasible QP's point violating them by 5e-6 of their size passed at 5e-12, silently.
+    k = _scalar_rows(cones) if own_scale else 0
+    if k:
+        own = np.maximum(np.abs(b[:k]), row_max[:k] * worst(np.abs(x)))
+        floor_p[:k] = np.minimum(floor_p[:k], np.maximum(own, _ROOT_EPS * unit_p))
     primal = worst(np.maximum(np.abs(Ax + s - b) - 64 * eps * terms_p, 0.0) / (floor_p + terms_p))
     dual = worst(np.maximum(np.abs(ATy + c) - 64 * eps * terms_d, 0.0) / (floor_d + terms_d))
     gap = max(abs(cx + by) - 64 * eps * (abs(cx) + abs(by)), 0.0) / (1.0 + min(abs(cx), abs(by)))

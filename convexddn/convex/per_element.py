@@ -223,11 +223,16 @@ class CheckedDiffcp(SolverInterface):
                 x, y, s, r = x2, y2, s2, r2
                 rescued = None if claims_solved(status) else f"{method}: {status}; solved by SCS from its point"
                 method, status = f"{method}→SCS", f"{status}; SCS from its point: {status2}"
+        if r <= self.tol:
+            # Judged (and reported) in its rows' own scale too (.cone_checks.kkt_residual's own_scale): the
+            # polish's merit measures a box of 1e-6 beside CVXPY's epigraph constants against 1, and an
+            # infeasible QP's point 5e-6 off its bounds passed at 5e-12, silently.
+            r = max(r, program.own_scale_residual(x, y, s))
         if r <= self.tol and verified:  # (the certificate stands where it accounts for the point: .dissent)
             stands = within_reach(A, b, c, self._cones, run, x, y, r)
             return None, (f"{method}: {status}; its {claim} certificate verifies, and a point polished from it "
-                          f"(‖x‖∞ {np.abs(x).max():.1e}) passes " + ("only by the violation it proves (within its "
-                          f"reach; residual {r:.1e})" if stands else "relative to its size"),
+                          f"(‖x‖∞ {np.abs(x).max():.1e}) passes " + ("only by the violation it proves (within "
+                          f"its reach; residual {r:.1e})" if stands else "relative to its size"),
                           claim if stands else "other", claim, run)
         if r <= self.tol and claim != "other":
             # Claimed, not verified (badly scaled data provoke such claims on well-posed problems, where the

@@ -66,6 +66,9 @@ def test_small_scale_feasible_programs_at_the_same_margins_solve(solver):
                          [2.5e-4, 1.6e-7, 0.0, 1e-4]], dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SolverWarning)
+        # (Clarabel's polished point for the last misses a bound by 7e-5 of the row's own scale, which
+        # the acceptance test reads since the box-QP fix: SCS's, the fallback, is taken, and said so)
+        warnings.filterwarnings("ignore", ".*needed a fallback", SolverWarning)
         x = _layer(solver)(rows)
     expected = torch.stack([torch.minimum(torch.maximum(rows[:, 0], rows[:, 2]), rows[:, 3]), -rows[:, 3]], -1)
     torch.testing.assert_close(x, expected, atol=1e-14, rtol=1e-9)
