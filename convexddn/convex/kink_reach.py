@@ -22,6 +22,7 @@ import torch
 from .certify import at_kink, undecided_reach
 from .interior_point import ConeSolution
 from .kkt import row_inf
+from .resolution import moved_data
 
 __all__ = ["SIDE_RTOL", "kinks_reached", "read_by", "read_cols"]
 
@@ -34,20 +35,18 @@ __all__ = ["SIDE_RTOL", "kinks_reached", "read_by", "read_cols"]
 SIDE_RTOL = 1e-4
 
 
-def read_by(tangent: tuple | None, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(cols (k|1, n), rows (k|1, m))`` masks of the entries of ``u_x`` and ``u_z`` that the
-    gradient reads in the elements ``idx`` ``(k,)``: the columns whose cost (``dq``, ``dP``) or
-    constraint column (``dA``) the parameters requiring grad move, the rows whose ``b`` or
-    ``A`` row they move. ``tangent``: ``(dP, dq, dA, db, secant)`` along a generic direction of
-    those parameters (``dP``, ``dq`` None where eliminated variables make them nonlinear:
-    ``secant(idx)`` gives them); None: every entry."""
-    if tangent is None:
-        return None
+def read_by(tangent: tuple, n: int, m: int) -> Callable:
+    """``idx ->`` ``(cols, rows)`` masks of the entries of ``u_x`` ``(·, n)`` and ``u_z`` ``(·, m)``
+    that the gradient reads in the elements ``idx``: what the parameters requiring grad move
+    (:func:`~.resolution.moved_data`). ``tangent``: ``(dP, dq, dA, db, secant)`` along a generic
+    direction of those parameters (``dP``, ``dq`` None where eliminated variables make them
+    nonlinear: ``secant(idx)`` gives them)."""
     dP, dq, dA, db, secant = tangent
-    if dq is None:
-        dP, dq = secant(idx)
-    cols = (dA != 0).any(-2) | (dq != 0) | (dP != 0).any(-1)
-    return cols, (dA != 0).any(-1) | (db != 0)
+
+    def read(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        P_moves, q_moves = (dP, dq) if dq is not None else secant(idx)
+        return moved_data(P_moves, q_moves, dA, db, n, m, idx.device)
+    return read
 
 
 def read_cols(cols: torch.Tensor | None, n: int, m: int) -> Callable | None:
@@ -67,13 +66,13 @@ def _read_size(u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor,
-                  read: Callable | None = None, rhs: torch.Tensor | None = None) -> torch.Tensor:
+                  read: Callable | None, rhs: torch.Tensor) -> torch.Tensor:
     """(B,) the elements ``ok`` with an undecided complementary pair whose open directions
     the derivative ``(ux, uz)`` (equilibrated units, ``(B, n), (B, m)``) reaches
     (:func:`~.certify.undecided_reach` above :data:`SIDE_RTOL` of a size): only there do the
     two one-sided derivatives differ. The size is that of the entries the result reads,
     ``read(idx)`` (masks, :func:`read_by`, :func:`read_cols`), at least ``rhs`` ``(B,)`` (the
-    cotangent's or tangent's, equilibrated) and at most the whole derivative's, which is
+    cotangent's or tangent's size, equilibrated) and at most the whole derivative's, which is
     the size where ``read`` is None."""
     flagged = ok & sol.undecided
     if not bool(flagged.any()):  # (a host sync; the warning takes one anyway)
@@ -91,5 +90,5 @@ def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor,
         # (not below the cotangent's own size: where the gradient reads only rounding, a
         # difference of 1e-11 between the sides is no kink; entmax at p_i = 0, α = 2.5)
         seen = torch.maximum(_read_size(u_x, masks[0]), _read_size(u_z, masks[1]))
-        size = torch.minimum(size, seen if rhs is None else torch.maximum(seen, pick(rhs)))
+        size = torch.minimum(size, torch.maximum(seen, pick(rhs)))
     return flagged.index_copy(0, idx, reach > SIDE_RTOL * size)

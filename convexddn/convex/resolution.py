@@ -38,7 +38,7 @@ from .kkt import bmv, row_inf
 from .status import element_list, name_elements
 from .symmetric_cones import ConeLayout, soc_frame
 
-__all__ = ["DATA", "FLOOR", "ROUNDING", "ROW_RTOL", "WEAK_GATE", "moved_columns", "unresolved_columns",
+__all__ = ["DATA", "FLOOR", "ROUNDING", "ROW_RTOL", "WEAK_GATE", "moved_columns", "moved_data", "unresolved_columns",
            "warn_unresolved", "warn_weak", "weak_tangent", "weakly_determined"]
 
 # A column's residual relative to its own largest term above which it is unresolved (a
@@ -95,25 +95,32 @@ def unresolved_columns(P, q, A, layout: ConeLayout, x, s, z) -> torch.Tensor:
     return paired & (((terms > DATA * unit) & (r > max(ROW_RTOL, 1e4 * eps) * terms) & (r > ROUNDING * unit)) | weak)
 
 
+def moved_data(dP, dq, dA, db, n: int, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cols (B|1, n), rows (B|1, m))`` masks of what a change ``(dP, dq, dA, db)`` of the program
+    moves: the columns whose cost (``dq``, ``dP``'s row) or constraint column (``dA``) it moves, and
+    the rows whose ``b`` or ``A`` row it moves. Each change may be None (not moved)."""
+    cols = torch.zeros(1, n, dtype=torch.bool, device=device)
+    rows = torch.zeros(1, m, dtype=torch.bool, device=device)
+    if dq is not None:
+        cols = cols | (dq != 0)
+    if dP is not None:
+        cols = cols | (dP != 0).any(-1)
+    if dA is not None:
+        cols = cols | (dA != 0).any(-2)
+        rows = rows | (dA != 0).any(-1)
+    if db is not None:
+        rows = rows | (db != 0)
+    return cols, rows
+
+
 def moved_columns(dP, dq, dA, db, A) -> torch.Tensor:
     """``(B, n)`` mask of the columns whose data a change ``(dP, dq, dA, db)`` of the
     program moves: their cost (``dq``, ``dP``'s row), their constraint column (``dA``), or
     a constraint row through them (``db``, ``dA``'s row) -- where a derivative with respect
     to that change reads the column's solution or multipliers. Each change may be None
     (not moved); every tensor is ``(B, ...)`` or broadcasts to it."""
-    B, m, n = A.shape
-    moved = torch.zeros(B, n, dtype=torch.bool, device=A.device)
-    rows = torch.zeros(B, m, dtype=torch.bool, device=A.device)  # constraint rows that move
-    if dq is not None:
-        moved = moved | (dq != 0)
-    if dP is not None:
-        moved = moved | (dP != 0).any(-1)
-    if dA is not None:
-        moved = moved | (dA != 0).any(-2)
-        rows = rows | (dA != 0).any(-1)
-    if db is not None:
-        rows = rows | (db != 0)
-    return moved | ((A != 0) & rows.unsqueeze(-1)).any(-2)
+    cols, rows = moved_data(dP, dq, dA, db, A.shape[-1], A.shape[-2], A.device)
+    return cols | ((A != 0) & rows.unsqueeze(-1)).any(-2)
 
 
 def warn_unresolved(mode: str, sol, layout: ConeLayout, where, live: torch.Tensor, moved) -> None:

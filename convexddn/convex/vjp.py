@@ -179,7 +179,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     big, steep = big & ~certified, steep & ~certified
     uncertain = (big & ~reached & ~unsolved & (rx.dtype == torch.float64)) | steep
     kinks = kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1),
-                          None if tangent is None else lambda idx: read_by(tangent, idx),
+                          None if tangent is None else read_by(tangent, sol.x.shape[1], sol.z.shape[1]),
                           torch.maximum(row_inf(rx), row_inf(rz)))
     ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
     uz = d.E * uz.squeeze(-1) / rc
