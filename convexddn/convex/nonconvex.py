@@ -77,7 +77,7 @@ def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem
         return
     lowest, size = eig[:, 0], eig.abs().amax(-1)
     tol = max(NONCONVEX_TOL, 100 * n * torch.finfo(torch.float64).eps)
-    bad = [j for j in range(len(failed)) if float(lowest[j]) < -tol * float(size[j])]
+    bad = torch.nonzero(lowest < -tol * size).flatten().tolist()  # (one host read)
     if not bad:
         return
     for j in bad:
@@ -90,7 +90,8 @@ def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem
     first = bad[0]
     names = _wrapped(problem)
     cause = (f"cp.psd_wrap of {', '.join(names)}" if names else "cp.psd_wrap of a parameter expression")
-    others = [i for i in every if i not in {failed[j] for j in bad}]
+    named = {failed[j] for j in bad}
+    others = [i for i in every if i not in named]
     raise InputError(
         f"ConvexLayer: the objective's quadratic part is not positive semidefinite at {len(bad)} batch "
         f"index(es) {where[:20]}{'…' if len(where) > 20 else ''} of batch shape {batch}, so the problem is "

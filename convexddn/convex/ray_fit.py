@@ -48,14 +48,14 @@ def column_misses(A: sp.csc_matrix, y: np.ndarray, absA: sp.csc_matrix | None = 
     return np.where(np.abs(g) <= 64 * _EPS * ((abs(A) if absA is None else absA).T @ np.abs(y)), 0.0, g)
 
 
-def _null_step(A: sp.csc_matrix, y: np.ndarray, keep: np.ndarray) -> np.ndarray | None:
+def _null_step(Ar: sp.csr_matrix, y: np.ndarray, keep: np.ndarray) -> np.ndarray | None:
     """``y`` on its support ``S = keep ∩ {y ≠ 0}`` projected onto the null space of ``A_Sᵀ``,
     ``y_S − A_S (A_Sᵀ A_S)⁺ A_Sᵀ y_S`` (a least squares), 0 off ``S``; ``None`` where ``S`` is
-    empty or ``A_S`` too large to take densely."""
+    empty or ``A_S`` too large to take densely. ``Ar``: ``A`` in CSR (rows taken)."""
     support = np.flatnonzero(keep & (y != 0))
-    if not support.size or support.size * A.shape[1] > _DENSE_RAY:
+    if not support.size or support.size * Ar.shape[1] > _DENSE_RAY:
         return None
-    AS = A.tocsr()[support].toarray()
+    AS = Ar[support].toarray()
     step, *_ = np.linalg.lstsq(AS.T, AS.T @ y[support], rcond=None)
     out = np.zeros_like(y)
     out[support] = y[support] - step
@@ -73,7 +73,7 @@ def polyhedral(A: sp.csc_matrix, cones: list, y: np.ndarray) -> np.ndarray | Non
         if kind in (cone_lib.ZERO, cone_lib.POS):
             keep[at:at + q] = True
             nonneg[at:at + q] = kind == cone_lib.POS
-    out = _null_step(A, y, keep)
+    out = _null_step(A.tocsr(), y, keep)
     if out is None or np.any(out[nonneg] < 0):
         return None
     return out
@@ -100,11 +100,10 @@ def fitted(A: sp.csc_matrix, cones: list, y: np.ndarray) -> np.ndarray | None:
             blocks += [slice(i, i + 1) for i in range(at, at + q)]
         elif kind != cone_lib.ZERO:
             blocks.append(slice(at, at + q))
-    proj = None
     # (each pass drops at least one block; a few suffice for the objective's epigraph blocks, and a
     # dense least squares per pass on a large LP's every nonnegative row could take minutes)
     for _ in range(min(len(blocks), _MAX_DROPS) + 1):
-        out = _null_step(A, y, keep)
+        out = _null_step(Ar, y, keep)
         if out is None:
             return None
         proj = project(out, cones, dual=True)
