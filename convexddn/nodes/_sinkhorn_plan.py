@@ -39,12 +39,12 @@ def _solve_plan(cost: torch.Tensor, C: torch.Tensor, a: torch.Tensor, b: torch.T
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (C, a, b))) or may_carry_tangents(C, a, b):
         # The Function's cost gradient and plan tangent reach about max(Σa, 1)/eps times
         # the incoming ones in float64 (bound in _sinkhorn_function): checked beyond its range.
-        gain = max(1.0 if am is None else am[4][0], 1.0) / float(eps)
-        box = Box(a.requires_grad or b.requires_grad, may_overflow(gain, work), accuracy, tuple(batch))
-        P, err = SinkhornFn.apply(C, a, b, float(eps), int(max_iter), tol, flip, holes, box)
+        gain = max(1.0 if am is None else am[4][0], 1.0) / eps
+        box = Box(a.requires_grad or b.requires_grad, may_overflow(gain, work), accuracy, batch)
+        P, err = SinkhornFn.apply(C, a, b, eps, max_iter, tol, flip, holes, box)
     else:
         pad = None if holes is None else Padding(a, b, *holes)
-        P, err, _ = solve(C, a, b, float(eps), int(max_iter), tol, flip, pad)
+        P, err, _ = solve(C, a, b, eps, max_iter, tol, flip, pad)
     worst = float(err.max())
     if not math.isfinite(worst):
         check_finite("cost", cost)

@@ -151,7 +151,7 @@ def _denoise_rows(x: torch.Tensor, lam: Any, rows: torch.Tensor, lam_rows: torch
         # Also for n = 1 or an empty batch, so that y stays in the graph of x and λ; and
         # under forward-mode AD, so that the tangent is the node's (its jvp), not the
         # solver's ops differentiated (one-sided at ties, with no warning).
-        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, BatchShape(tuple(batch)))[0]
+        y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, BatchShape(batch))[0]
     else:
         y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
     return y

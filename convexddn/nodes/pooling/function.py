@@ -40,13 +40,11 @@ class RobustPoolFunction(torch.autograd.Function):
         if x.shape[0] == 0:
             return x.new_empty((0,)), x.new_empty((0,))
         a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
-        if torch.compiler.is_compiling():  # (robust_pool calls it outside the graph: _pool_rows)
-            y, rem = penalty.solve_split(x, a, tol, max_iter, use_compile)
-            return y, (y.new_empty((0,)) if rem is None else rem)
-        # Inference mode: no version counters or autograd bookkeeping on the per-row
-        # ops of the iterations, a hundred or more per iteration on (R, 1) tensors
-        # (in-process A/B at (4, 256, 1024) float32: 1.17-1.36x faster; nothing
-        # measurable at (8, 1024, 2048)). The (R,) result is cloned into a normal tensor.
+        # Never traced (robust_pool calls it outside the graph: _pool_rows). Inference mode: no
+        # version counters or autograd bookkeeping on the per-row ops of the iterations, a hundred
+        # or more per iteration on (R, 1) tensors (in-process A/B at (4, 256, 1024) float32:
+        # 1.17-1.36x faster; nothing measurable at (8, 1024, 2048)). The (R,) result is cloned
+        # into a normal tensor.
         with torch.inference_mode(), naming_batch(batch.dims):
             y, rem = penalty.solve_split(x, a, tol, max_iter, use_compile)
         return y.clone(), (x.new_empty((0,)) if rem is None else rem.clone())
