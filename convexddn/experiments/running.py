@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -254,51 +253,29 @@ def write_result(result: dict[str, Any], out: str, name: str,
     return files
 
 
-def _read_umask() -> int:
-    """The process's umask by setting it and putting it back: process-wide and not
-    thread-safe, so done once, at import (before any thread of ours), as the fallback."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _umask() -> int:
-    """The umask now: Linux reports it in /proc/self/status without changing it (a umask set
-    after import counts); elsewhere the one read at import."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return _UMASK
-
-
-def _plain_open_mode(path: str) -> int:
-    """The mode ``open(path, "w")`` would leave: an existing file's own, else 0666 less
-    the umask."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return 0o666 & ~_umask()
+def _new_beside(folder: str, base: str) -> tuple[int, str]:
+    """``(fd, path)`` of a new file beside ``base`` in ``folder``, created as ``open(path, "w")``
+    creates one: mode 0666, less the umask, which the kernel applies (no umask read here)."""
+    while True:
+        tmp = os.path.join(folder, f".{base}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # (48 random bits taken: another name)
+            continue
 
 
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` whole or not at all: into a temporary file beside
     it, then renamed over it. Written in place, an interrupted or failed write (Ctrl-C during
     ``json.dump``, a value JSON cannot encode) left a truncated file where the previous run's
-    result had been. The file gets the mode a plain ``open(path, "w")`` gives it (mkstemp
-    creates 0600, which the rename kept: result files came out unreadable to the group and
-    others whatever the umask, and an existing 0644 file turned 0600)."""
+    result had been. The file gets the mode a plain ``open(path, "w")`` gives it (:func:`_new_beside`;
+    mkstemp creates 0600, which the rename kept: result files came out unreadable to the group
+    and others whatever the umask, and an existing 0644 file turned 0600)."""
     folder, base = os.path.split(os.path.abspath(path))
-    mode = _plain_open_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    fd, tmp = _new_beside(folder, base)
     try:
-        os.chmod(tmp, mode)
+        with contextlib.suppress(FileNotFoundError):  # (an existing file keeps its mode, as open() leaves it)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)
