@@ -22,11 +22,12 @@ import importlib.util
 import os
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import torch
 
-__all__ = ["ENV_VAR", "load_reference", "load_reference_file", "load_reference_names", "reference_pool",
-           "reference_raised"]
+__all__ = ["ENV_VAR", "call_guarded", "load_reference", "load_reference_file", "load_reference_names",
+           "reference_pool", "reference_raised"]
 
 ENV_VAR = "CONVEXDDN_DDN_REFERENCE"
 
@@ -124,6 +125,18 @@ def reference_raised(err: Exception) -> str:
     """The note of a row whose reference call raised ``err`` at run time (a bug of the
     reference, or an input it does not take): the bench goes on without its figures."""
     return f"the DDN reference raised {type(err).__name__}: {str(err)[:200]}"
+
+
+def call_guarded(call: Callable[[], Any], reference: bool) -> tuple[Any, str | None]:
+    """``(call(), None)``; where the reference's call raises, ``(None, note)``
+    (:func:`reference_raised`): its bug is a note, not a crash. Ours raising is this library's
+    bug and stops the bench (``reference`` False: re-raised)."""
+    try:
+        return call(), None
+    except Exception as err:  # noqa: BLE001 - the reference's bug is a note, not a crash
+        if not reference:
+            raise
+        return None, reference_raised(err)
 
 
 def reference_pool(module: ModuleType, penalty: str, alpha: float) -> Callable[[torch.Tensor], torch.Tensor]:

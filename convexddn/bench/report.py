@@ -252,8 +252,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rounds_text(n: int) -> str:
-    return f"{n} round{'s' if n != 1 else ''}"  # not "1 rounds"
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"  # not "1 rounds"
 
 
 def _footnote(result: dict[str, Any]) -> list[str]:
@@ -265,7 +265,7 @@ def _footnote(result: dict[str, Any]) -> list[str]:
     repeats = result["repeats"]
     # Results written before the key record no rounds: these were the rounds then (kept as
     # literals on purpose: CONVEX_ROUNDS / DDN_PAPER_ROUNDS may change after them).
-    rounds = result.get("rounds", {"convex": 3, "ddn_paper": 2})
+    rounds = result.get("rounds", {"convex": 3})  # (the DDN rounds: from the rows, below)
     convex_rounds = sorted({r["rounds"] for r in result.get("convex", []) if "rounds" in r})
     convex_span = (f"{convex_rounds[0]}–{convex_rounds[-1]} interleaved rounds by cost, each row's in "
                    "bench.json" if len(convex_rounds) > 1 else f"{convex_rounds[0]}" if convex_rounds
@@ -289,11 +289,11 @@ def _footnote(result: dict[str, Any]) -> list[str]:
     if worker_rounds and worker_rounds != [repeats]:
         parts.append(f"the worker-process rows: {', '.join(map(str, worker_rounds))}")
     parts.append("cone-program rows: see their note")
-    threads = f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}"
-    return ["The pooling goals (× mean, × sort) apply at the paper's shape (24, 1024, 2048); "
+    threads = _count(m["torch_threads"], "thread")
+    return [f"The pooling goals (× mean, × sort) apply at the paper's shape {paper}; "
             "see the README's Benchmarks.",
             f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']} "
-            f"({threads}), device {m['device']}; medians of {_rounds_text(repeats)} "
+            f"({threads}), device {m['device']}; medians of {_count(repeats, 'round')} "
             f"({'; '.join(parts)}); mean = `x.mean(-1)` of the same tensor."]
 
 

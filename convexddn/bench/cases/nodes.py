@@ -28,7 +28,7 @@ from ...nodes.transport import sinkhorn
 from ...nodes.tridiagonal import tridiagonal_solve
 from ...nodes.vector_pool import robust_vector_pool
 from ..harness import materialised, round_order, sync
-from ..reference import load_reference_names, reference_raised
+from ..reference import call_guarded, load_reference_names
 
 __all__ = ["node_cases"]
 
@@ -169,14 +169,11 @@ def node_cases(repeats: int, progress, device: torch.device | str = "cpu") -> li
             the row's note says what (only its call is guarded: ours raising is a bug
             of this library and stops the bench)."""
             nonlocal ref, why
-            if k != "DDN reference":
-                return _time(fns[k], inputs, gen, device)
-            try:
-                return _time(fns[k], inputs, gen, device)
-            except Exception as err:  # noqa: BLE001 - the reference's bug is a note, not a crash
-                ref, why = None, reference_raised(err)
+            t, failed = call_guarded(lambda: _time(fns[k], inputs, gen, device), k == "DDN reference")
+            if failed is not None:
+                ref, why = None, failed
                 del fns[k], times[k]
-                return None
+            return t
 
         for k in list(fns):  # warm-up
             timed(k)

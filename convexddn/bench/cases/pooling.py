@@ -12,7 +12,7 @@ from ...functional import robust_pool
 from ...nodes.pooling import CONVEX_PENALTIES
 from ...nodes.pooling import PENALTIES as POOL_PENALTIES
 from ..harness import fwd_bwd, median_times, round_order, timed_sort
-from ..reference import load_reference, reference_pool, reference_raised
+from ..reference import call_guarded, load_reference, reference_pool
 from .common import SHAPES, measure_cvxpy, row_record
 
 __all__ = ["CONVEX_PENALTIES", "POOL_PENALTIES", "ddn_comparison", "pool_cases"]
@@ -69,13 +69,10 @@ def ddn_comparison(x: torch.Tensor, g: torch.Tensor, device: torch.device, round
 
     def timed(k: tuple[str, str]) -> tuple[float, float] | None:
         # Only the reference's call is guarded: ours raising is this library's bug.
-        if k[1] != "ddn":
-            return ops[k]()
-        try:
-            return ops[k]()
-        except Exception as err:  # noqa: BLE001 - the reference's bug is a note, not a crash
-            failed[k[0]] = reference_raised(err)
-            return None
+        t, why = call_guarded(ops[k], k[1] == "ddn")
+        if why is not None:
+            failed[k[0]] = why
+        return t
 
     for k in ops:  # warm-up
         timed(k)
