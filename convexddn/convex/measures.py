@@ -88,7 +88,11 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
     is dual feasible to ``tol`` (``z`` in :math:`K^*`, zero-cone rows free). A solver's
     infeasibility (unboundedness) certificate that meets a primal (dual) feasible point
     is not believed: a ray that passes the relative tests on data mixing scales (a bound
-    of 1e6 beside ones) was.
+    of 1e6 beside ones) was. These two tests take the program's own unit for the "1 +"
+    where it is below 1 (:func:`_own_units`), as the per-element check does
+    (:func:`.cone_checks.kkt_residual`): against an absolute 1, every point of an LP whose
+    data are ~1e-7 was "feasible", and its verified certificate (infeasible by 10 % of
+    every datum) was demoted to a ``SolverError``.
     """
     Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
     gap = _gap(q, b, x, z, Px)
@@ -101,11 +105,19 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
     row_slack = unit * a_rows * x_inf  # (B, m)
     col_slack = unit * (_inf_rows(Pa) * x_inf + _inf_rows(Aa.mT) * z_inf)  # (B, n)
     one = 0.0 if own_rows else 1.0
-    pres = _worst(((Ax + s - b).abs() - row_slack).clamp_min(0) / torch.where(one + rho > 0, one + rho, 1.0))
-    dres = _worst(((Px + ATz + q).abs() - col_slack).clamp_min(0) / torch.where(one + sigma > 0, one + sigma, 1.0))
+    r_p = ((Ax + s - b).abs() - row_slack).clamp_min(0)
+    r_d = ((Px + ATz + q).abs() - col_slack).clamp_min(0)
+    pres = _worst(r_p / torch.where(one + rho > 0, one + rho, 1.0))
+    dres = _worst(r_d / torch.where(one + sigma > 0, one + sigma, 1.0))
     z0 = layout.zero
     s_out = layout.violation(s[:, z0:], scale=rho[:, z0:])
     z_out = _cone_violation(layout, z)
+    # The feasibility bits: these measures, and the same in the program's own units.
+    u_p, u_d, u_z = _own_units(b, q, rho, sigma, a_rows)
+    primal = ((pres <= tol) & (s_out <= tol) & (_worst(r_p / (u_p + rho)) <= tol)
+              & (layout.violation(s[:, z0:], scale=(u_p + rho)[:, z0:], unit=0.0) <= tol))
+    dual = ((dres <= tol) & (z_out <= tol) & (_worst(r_d / (u_d + sigma)) <= tol)
+            & (layout.violation(z[:, z0:]) / (u_z[:, 0] + z_inf[:, 0]) <= tol))
     # (a multiplier's unit: the largest one, or tol of the dual equations' terms through its row)
     z_unit = torch.maximum(z_inf, tol * _worst(sigma)[:, None] / torch.where(a_rows > 0, a_rows, 1.0))
     # (a nonnegative row's slack against its rounding only; a cone's also against tol of x, see below)
@@ -115,9 +127,20 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
     comp = own_complementarity(layout, s, z, rho, s_small, z_unit)
     residual = torch.stack([pres, dres, gap, s_out, z_out, comp]).amax(0)
     residual = torch.where(torch.isnan(residual), torch.inf, residual)
-    primal = (pres <= tol) & (s_out <= tol)
-    dual = (dres <= tol) & (z_out <= tol)
     return residual, primal.long() * FEASIBLE_PRIMAL + dual.long() * FEASIBLE_DUAL
+
+
+def _own_units(b, q, rho, sigma, a_rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, 1)`` each: the floors of :func:`caller_measures`' feasibility bits, the
+    program's own primal, dual and multiplier units where below 1: ``min(1, max ρ)``
+    where ``b ≠ 0`` (else 1: the point's own terms may be noise there), ``min(1, max σ)``
+    where ``q ≠ 0``, and the latter over ``max ‖A_i‖∞`` for ``z`` (at most 1), as
+    :func:`.cone_checks.kkt_residual` floors the per-element check."""
+    u_p = torch.where(row_inf(b) > 0, _worst(rho).clamp(max=1.0), 1.0)[:, None]
+    u_d = torch.where(row_inf(q) > 0, _worst(sigma).clamp(max=1.0), 1.0)[:, None]
+    a_max = _worst(a_rows)[:, None]
+    u_z = torch.where(a_max > 0, u_d / a_max, 1.0).clamp(max=1.0)
+    return u_p, u_d, u_z
 
 
 def own_complementarity(layout: ConeLayout, s, z, rho, s_small, z_unit) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convexddn.convex.measures import ROUNDING, caller_measures
+from convexddn.convex.measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, ROUNDING, caller_measures
 from convexddn.convex.symmetric_cones import ConeLayout
 
 F64 = torch.float64
@@ -91,3 +91,34 @@ def test_caller_measures_weigh_a_second_order_cone_by_its_head_row():
     q = -(x + torch.einsum("bij,bi->bj", A, z))  # the dual residual exact
     residual, _ = caller_measures(torch.eye(2, dtype=F64)[None], q, A, b, ConeLayout(0, 0, (3,)), x, s, z, TOL)
     assert float(residual) == pytest.approx((r - TOL * 1.2) / r, rel=1e-6)  # (a_k less TOL‖A_i‖∞‖x‖∞)
+
+
+def _bits(P, q, A, b, layout, x, s, z) -> int:
+    return int(caller_measures(P, q, A, b, layout, x, s, z, TOL)[1])
+
+
+def test_feasibility_bits_are_judged_in_the_programs_own_unit():
+    """The bits that refute a certificate (FEASIBLE_PRIMAL, FEASIBLE_DUAL) at every data scale S.
+    Primal: x₀ ∈ [1.1 S, S] (empty) met halfway misses both rows by 5 % of their data; x₀ ∈
+    [0.9 S, S] met halfway is feasible. Dual: min S(1, ∓1)ᵀx s.t. x ≥ 0 with z = (S, 0)
+    misses the second column by all of its cost (the program is unbounded) or meets it exactly
+    (z = (S, S), bounded). Against an absolute 1 the infeasible and unbounded ones were
+    "feasible" from S ~ 1e-8 on."""
+    layout = ConeLayout(0, 2)
+    A = torch.tensor([[[-1.0], [1.0]]], dtype=F64)
+    P = torch.zeros(1, 1, 1, dtype=F64)
+    for S in (1.0, 1e-4, 1e-7, 1e-10):
+        q = torch.tensor([[S]], dtype=F64)
+        for lo, feasible in ((1.1, False), (0.9, True)):
+            b = torch.tensor([[-lo * S, S]], dtype=F64)
+            x = torch.tensor([[(lo + 1.0) / 2 * S]], dtype=F64)
+            s = (b - x * A[..., 0]).clamp_min(0.0)  # the slacks in K, the residual in the rows
+            bits = _bits(P, q, A, b, layout, x, s, torch.zeros_like(s))
+            assert bool(bits & FEASIBLE_PRIMAL) == feasible, (S, lo)
+        A2 = -torch.eye(2, dtype=F64)[None]
+        x2, b2 = torch.zeros(1, 2, dtype=F64), torch.zeros(1, 2, dtype=F64)
+        for sign, z1, bounded in ((-1.0, 0.0, False), (1.0, S, True)):
+            q2 = torch.tensor([[S, sign * S]], dtype=F64)
+            z = torch.tensor([[S, z1]], dtype=F64)
+            bits = _bits(torch.zeros(1, 2, 2, dtype=F64), q2, A2, b2, layout, x2, torch.zeros_like(z), z)
+            assert bool(bits & FEASIBLE_DUAL) == bounded, (S, sign)
