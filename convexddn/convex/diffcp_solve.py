@@ -68,11 +68,26 @@ def solve_cone_program(method: str, cone_dict: dict, A: sp.csc_matrix, b: np.nda
                        kwargs: dict[str, Any], warm_start=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """``(x, y, s, status)`` of ``min cᵀx s.t. Ax + s = b, s ∈ K`` (K: ``cone_dict``, SCS's
     order) by ``method`` through diffcp, never raising on a failed solve (the status says).
-    ``x`` has ``A``'s columns, ``y`` and ``s`` its rows, in SCS's row order."""
-    res = solve_internal(A.copy(), b, c, cone_dict, solve_method=method, warm_start=warm_start,
+    ``x`` has ``A``'s columns, ``y`` and ``s`` its rows, in SCS's row order.
+
+    The solver sees ``b / β`` and ``c / γ``, β and γ powers of two near ``‖b‖∞`` and ``‖c‖∞``
+    where those are below 1/16 (:func:`_unit`), and its point is scaled back, ``(βx, γy,
+    βs)``: exact in floating point, and the same program for every cone (each is closed
+    under positive scaling; certificates are rays). The solvers' tolerances hold a "1 +"
+    (Clarabel's ``max(1, ‖b‖ + ‖x‖ + ‖s‖)``): on data of 1e-7 that is an absolute
+    tolerance, and a box LP's point came back 0.3 off in its own units (then re-solved by
+    SCS, with a warning); an entropy-regularised simplex with its objective × 1e-8 failed.
+    Above 1 those tests are relative already, and large data are left as they are: scaled
+    down, the unit constants of CVXPY's epigraphs beside them (a squared norm's cone rows)
+    went to 1e-6, and an exponential-cone projection of a point of 1e6 failed there."""
+    beta, gamma = _unit(b), _unit(c)
+    if warm_start is not None and (beta != 1.0 or gamma != 1.0):
+        xw, yw, sw = warm_start
+        warm_start = (xw / beta, yw / gamma, sw / beta)
+    res = solve_internal(A.copy(), b / beta, c / gamma, cone_dict, solve_method=method, warm_start=warm_start,
                          raise_on_error=False, **kwargs)
     status = str(res.get("info", {}).get("status", "unknown"))
-    x, y, s = (np.asarray(res[k], dtype=np.float64) for k in ("x", "y", "s"))
+    x, y, s = (np.asarray(res[k], dtype=np.float64) * f for k, f in (("x", beta), ("y", gamma), ("s", beta)))
     sizes = tuple(int(k) for k in cone_dict.get("s", ()))
     if method == "Clarabel" and sizes:
         offset = (int(cone_dict.get("z", 0)) + int(cone_dict.get("f", 0)) + int(cone_dict.get("l", 0))
@@ -82,3 +97,11 @@ def solve_cone_program(method: str, cone_dict: dict, A: sp.csc_matrix, b: np.nda
             y = np.concatenate([y[idx], y[idx.size:]])
             s = np.concatenate([s[idx], s[idx.size:]])
     return x, y, s, status
+
+
+def _unit(v: np.ndarray) -> float:
+    """A power of two near ``‖v‖∞`` where that is below 1/16 (and nonzero), else 1."""
+    top = float(np.max(np.abs(v), initial=0.0))
+    if not 0 < top < 0.0625:
+        return 1.0
+    return float(np.ldexp(1.0, int(np.frexp(top)[1])))

@@ -50,3 +50,23 @@ def test_clarabel_duals_and_slacks_of_semidefinite_blocks_are_in_scs_order(sizes
     np.testing.assert_allclose(y, np.concatenate([y0_want, *y_want]), atol=1e-6)
     # The KKT conditions themselves: A x + s = b, Aᵀ y + c = 0.
     assert np.abs(A @ x + s - b).max() < 1e-8 and np.abs(A.T @ y + np.concatenate(c)).max() < 1e-8
+
+
+@pytest.mark.parametrize("method", ["Clarabel", "SCS"])
+def test_tiny_data_are_solved_in_their_own_unit(method):
+    """min cᵀx s.t. lo <= x <= hi (SCS's form: x + s = hi, -x + s = -lo, s >= 0) with b and c
+    ~1e-7 and 1e-9: the solvers' "1 +" floors made them absolute tolerances there, and
+    Clarabel's box LP point came back 0.3 off in its own units. Solved with b and c scaled to
+    their unit and scaled back: the vertex x = lo where c > 0, hi where c < 0, and the
+    multipliers y = |c| on the active rows, each to a few ulps of its own size."""
+    c0 = np.array([0.3, -0.2, 0.5, 0.1])
+    lo0, hi0 = np.array([-1.0, 0.9, -1.0, -1.0]), np.ones(4)
+    A = sp.csc_matrix(np.vstack([np.eye(4), -np.eye(4)]))
+    for sb, sc in ((1e-7, 1e-9), (1e-9, 1e-7), (1.0, 1e-8)):
+        x, y, s, status = solve_cone_program(method, {"l": 8}, A, np.concatenate([hi0, -lo0]) * sb, c0 * sc,
+                                             dict(SOLVER_DEFAULTS[method]))
+        assert status.lower().startswith("solved"), status
+        np.testing.assert_allclose(x, np.where(c0 > 0, lo0, hi0) * sb, rtol=1e-6, atol=0)
+        y_want = np.concatenate([np.maximum(-c0, 0), np.maximum(c0, 0)]) * sc
+        np.testing.assert_allclose(y, y_want, rtol=0, atol=1e-6 * sc)
+        np.testing.assert_allclose(A @ x + s, np.concatenate([hi0, -lo0]) * sb, rtol=0, atol=1e-6 * sb)
