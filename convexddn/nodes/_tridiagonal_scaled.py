@@ -19,10 +19,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["condition", "equilibrate", "growth", "multiply", "omega", "product_sum", "refine_pivoted", "row_max",
-           "scaled_residual", "solve_pivoted", "solve_scaled", "split_form", "split_sum_to", "unscale"]
+__all__ = ["ACCEPT_PIVOTED", "condition", "equilibrate", "growth", "multiply", "omega", "product_sum",
+           "refine_pivoted", "row_max", "scaled_residual", "snap_zeros", "solve_pivoted", "solve_scaled", "split_form",
+           "split_sum_to", "unscale"]
 
 _LOW = -(1 << 20)  # the exponent given to a zero: below the sum of any two real exponents
+ACCEPT_PIVOTED = 64.0  # a pivoted answer's ω is accepted up to this many ulps (and snap_zeros' threshold)
 
 
 def multiply(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -346,8 +348,23 @@ def refine_pivoted(system: tuple[torch.Tensor, ...], factors: tuple[torch.Tensor
     return torch.where(where.view(-1, 1, 1), y_new, y)
 
 
-def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0, lossless: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def snap_zeros(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(M, N, K)`` with the entries at most :data:`ACCEPT_PIVOTED` ε of their column's largest set to 0.
+
+    Partial pivoting is backward stable normwise, not componentwise: where the structure forces
+    a 0 in the exact answer (a decoupled row ``4 x₀ = 0`` interchanged with a larger sub-diagonal
+    entry; a zero diagonal, ``c₀ x₁ = 0``), the pivoted answer carries rounding there (1.8e-15;
+    2e-31 refined), that row's componentwise backward error is 1 whatever the rest, and a system
+    of condition number 71 raised "too ill-conditioned" (its transpose's derivative warned
+    "inaccurate"). The checked route keeps the snapped answer only where it passes the same
+    componentwise check (:mod:`._tridiagonal_solver`), so nothing it lets through misses it: a
+    graded answer's small entries that are not 0 fail their own rows there."""
+    top = x.abs().amax(1, keepdim=True)
+    return x.masked_fill(x.abs() <= ACCEPT_PIVOTED * torch.finfo(x.dtype).eps * top, 0.0)
+
+
+def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0, lossless: torch.Tensor | None = None,
+                 snapped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The slow path (:mod:`._tridiagonal_solver`, step 3): ``(x, ratio)``. The system is
     equilibrated by powers of two (:func:`equilibrate`), :math:`\tilde A = R A C` (``R``: each
     row by its largest entry's; ``C``: then each column by its largest scaled entry's, so that
@@ -359,7 +376,8 @@ def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0, lossless: torch.Tens
     :math:`\tilde A \tilde y = \tilde d` solved by :func:`solve_pivoted` (``ratio`` its),
     then ``steps`` (``(M,)`` or an int) steps of refinement with the same pivoting
     (:func:`refine_pivoted`). ``lossless`` (``(M,)`` bool): those elements solved again with
-    :func:`equilibrate`'s lossless shift, its headroom the :func:`growth` of the first solve.
+    :func:`equilibrate`'s lossless shift, its headroom the :func:`growth` of the first solve;
+    ``snapped`` (``(M,)`` bool): those elements' answers through :func:`snap_zeros`.
     Rows alone left a column graded by 2^±500 in :math:`\tilde y`: its small entries underflowed."""
     system, shift, _ = equilibrate(b, a, c, d)
     if lossless is not None and bool(lossless.any()):  # (a plain tensor: the route)
@@ -372,4 +390,7 @@ def solve_scaled(b, a, c, d, steps: torch.Tensor | int = 0, lossless: torch.Tens
         steps = torch.full((b.shape[0],), steps, device=b.device)
     for k in range(int(steps.max()) if steps.numel() else 0):  # (a plain tensor: the route)
         y = refine_pivoted(system, factors, y, steps > k)
-    return unscale(y, shift), ratio
+    x = unscale(y, shift)
+    if snapped is not None:
+        x = torch.where(snapped.view(-1, 1, 1), snap_zeros(x), x)
+    return x, ratio

@@ -50,10 +50,11 @@ Systems :math:`A x = d` with :math:`A` tridiagonal (main diagonal ``b`` ``(M, N)
    componentwise ω, split form (at most :data:`_ACCEPT_PIVOTED` ε, else up to two refinements
    with the same pivoting, which make it componentwise stable unless ``A`` is near singular:
    graded systems with a cond-300 core needing pivots came to 1e3 ulps after one, 1 ulp after
-   two; a normwise check passed graded answers 1e9 off); one that still fails raises (a
-   derivative: warns).
+   two; a normwise check passed graded answers 1e9 off; then its entries within rounding of 0
+   set to 0 where that passes, route + :data:`SNAPPED`: exact zeros the structure forces,
+   :func:`._tridiagonal_scaled.snap_zeros`); one that still fails raises (a derivative: warns).
    **Singularity** is decided there, locally and scale-free: a pivot that is 0, or at most
-   :data:`_SINGULAR` ε times the larger of the two terms whose difference formed it (it is
+   :data:`._tridiagonal_report._SINGULAR` ε times the larger of the two terms whose difference formed it (it is
    rounding error: :math:`A` is within that relative distance of a singular matrix), raises a
    :class:`~convexddn.errors.SolverError` naming the batch elements and the ratio found; so
    does an overflowing solution. (A threshold :math:`N\varepsilon\|A\|_\infty` refused a
@@ -69,23 +70,20 @@ import math
 
 import torch
 
-from .._warn import warn
-from ..errors import GradientWarning, SolverError
-from ._tridiagonal_scaled import (condition, equilibrate, growth, multiply, omega, refine_pivoted, solve_pivoted,
-                                  solve_scaled, unscale)
-from .degeneracy import shown_indices, unravel
+from ._tridiagonal_report import check_cast, problems, report
+from ._tridiagonal_scaled import (ACCEPT_PIVOTED as _ACCEPT_PIVOTED, condition, equilibrate, growth, multiply, omega,
+                                  refine_pivoted, snap_zeros, solve_pivoted, solve_scaled, unscale)
 
-__all__ = ["FAST", "LOSSLESS", "PIVOTED", "PIVOTED_REFINED", "REFINED", "WIDE", "check_cast", "multiply",
-           "solve_checked"]
+__all__ = ["FAST", "LOSSLESS", "PIVOTED", "PIVOTED_REFINED", "REFINED", "SNAPPED", "WIDE", "check_cast",
+           "multiply", "solve_checked"]
 
 _THOMAS_RATIO, _THOMAS_WORK = 16, 1 << 16  # where Thomas's loop over the rows pays (solve_fast)
 _ACCEPT = 16.0  # ω accepted up to this many ulps (dominant systems: ≤ 7 measured, N up to 10⁵)
-_ACCEPT_PIVOTED = 64.0  # the pivoted answer's ω, in ulps
-_SINGULAR = 4.0  # a pivot at most this many ulps of the terms that formed it is rounding error
 FAST, REFINED, WIDE, PIVOTED, PIVOTED_REFINED = 0, 1, 2, 3, 4  # an element's route (solve_checked)
 _WIDE_COND = 1.0  # the wide route's answer accepted where the estimated κ(Ã)·ε is below this (LAPACK gtsvx's rule)
 _PIVOTED_STEPS = 2  # refinements of a pivoted answer at most (route PIVOTED + their number)
 LOSSLESS = 8  # added to a pivoted route: the rhs shifted without flushing entries (equilibrate's lossless)
+SNAPPED = 16  # added to a pivoted route: entries within rounding of 0 set to 0 (snap_zeros)
 
 
 def reduce_cyclic(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Tensor
@@ -216,75 +214,6 @@ def _solve_wide(b, a, c, d, check: bool = True, strict: bool = True) -> tuple[to
     return x, ok
 
 
-def _raise(who: str, bad: torch.Tensor, batch: tuple, what: str, status: str) -> None:
-    """A SolverError for the elements where ``bad`` (``(M,)``) holds, with their indices into ``batch``."""
-    rows = bad.nonzero().squeeze(1).tolist()
-    indices = [unravel(r, batch) for r in rows]
-    raise SolverError(f"{who}: {what} in {shown_indices(bad, batch)}", indices=indices, statuses=[status] * len(rows))
-
-
-def check_cast(who: str, x: torch.Tensor, out: torch.Tensor, batch: tuple) -> None:
-    """The solution ``x`` (``(M, N, K)``, the work dtype) cast to the caller's ``out``: a
-    SolverError where a finite entry became ±Inf (float16 and bfloat16, solved in float32), as
-    for an overflow in the work dtype."""
-    lost = (torch.isinf(out) & torch.isfinite(x)).flatten(1).any(1)
-    if bool(lost.any()):
-        _raise(who, lost, batch, f"the solution overflows {out.dtype} (largest {torch.finfo(out.dtype).max:.4g}; "
-               f"up to {float(x.abs().amax()):.3g} in {x.dtype}); rescale the system or pass {x.dtype} inputs",
-               "overflow")
-
-
-def _problems(x: torch.Tensor, ratio: torch.Tensor, eta: torch.Tensor, strict: bool):
-    """The slow path's verdicts per element ``(M,)``: (exactly singular, singular at rounding
-    level, overflow, inaccurate). ``strict=False`` (the derivative's solves, whose matrix the
-    forward accepted): no singularity verdict, only the answer's finiteness and backward error."""
-    eps = torch.finfo(x.dtype).eps
-    finite = torch.isfinite(x).flatten(1).all(1)
-    exact = (ratio == 0) & strict
-    rounding = (ratio <= _SINGULAR * eps) & ~exact & strict
-    overflow = ~finite & ~exact & ~rounding
-    inaccurate = ~(eta <= _ACCEPT_PIVOTED * eps) & finite & ~exact & ~rounding
-    return exact, rounding, overflow, inaccurate
-
-
-def _report(who, bad, batch, dtype, ratio, eta, strict, rounded):
-    """Raise (``strict``: the forward) or warn (GradientWarning: a derivative) for the elements of
-    :func:`_problems`; ``rounded`` ``(M,)``: those whose answer comes from an equilibrated rhs that
-    lost bits (the lossless retry did not pass: the range of the rhs, not only the matrix, may be
-    the cause; where the solution is representable a lossless shift with its growth's headroom exists
-    up to a bit or two, so this is rare)."""
-    exact, rounding, overflow, inaccurate = bad
-    eps = torch.finfo(dtype).eps
-    if strict and bool(exact.any()):
-        _raise(who, exact, batch, "the matrix is singular (an exactly zero pivot of its LU factorisation with "
-               "partial pivoting), so the system has no unique solution; check those elements' diagonals (or add "
-               "a small multiple of the identity)", "singular")
-    if strict and bool(rounding.any()):
-        worst = float(ratio[rounding].min())
-        _raise(who, rounding, batch, f"the matrix is singular to working precision ({dtype}): a pivot of its LU "
-               f"factorisation with partial pivoting is {worst:.2g} times the terms it was formed from (at most "
-               f"{_SINGULAR}·eps = {_SINGULAR * eps:.2g}: rounding error), so A is within that relative distance "
-               f"of a singular matrix (condition number ≳ {1 / max(worst, 1e-300):.2g}); rescale or regularise "
-               "those elements (a small multiple of the identity)", "singular")
-    what = f"{who}: the derivative's solve"
-    if bool(overflow.any()):
-        if strict:
-            _raise(who, overflow, batch, f"the solution overflows {dtype} (finite inputs of extreme magnitude); "
-                   "rescale the system", "overflow")
-        warn(f"{what} overflows {dtype} in {shown_indices(overflow, batch)} (Inf or NaN returned)", GradientWarning)
-    if bool(inaccurate.any()):
-        found = f"componentwise backward error up to {float(eta[inaccurate].max()):.2g} (> {_ACCEPT_PIVOTED}·eps)"
-        if strict:
-            cause = f"the matrix is too ill-conditioned for {dtype}"
-            if bool((rounded & inaccurate).any()):
-                cause += (", or the right-hand side spans more magnitudes than it can hold beside the solution's "
-                          "growth (its small entries rounded in the equilibrated solve): rescale those elements")
-            _raise(who, inaccurate, batch, f"the pivoted solve did not reach working accuracy ({found}); {cause}",
-                   "inaccurate")
-        warn(f"{what} did not reach working accuracy in {shown_indices(inaccurate, batch)} ({found}): the derivatives "
-             "there are inaccurate", GradientWarning)
-
-
 def _pivoted(sub: tuple[torch.Tensor, ...], headroom: torch.Tensor | None = None):
     """Step 3 on the elements ``sub = (b, a, c, d)``: :func:`._tridiagonal_scaled.solve_scaled`'s
     steps one at a time, each checked (the same operations: ``check=False`` reproduces them):
@@ -342,8 +271,9 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
             idx = wide.nonzero().squeeze(1)
             x = x.index_copy(0, idx, _solve_wide(b[idx], a[idx], c[idx], d[idx], check=False)[0])
         if bool(slow.any()):
-            idx, steps = slow.nonzero().squeeze(1), route[slow] % LOSSLESS - PIVOTED
-            x = x.index_copy(0, idx, solve_scaled(b[idx], a[idx], c[idx], d[idx], steps, route[slow] >= LOSSLESS)[0])
+            idx, flags = slow.nonzero().squeeze(1), route[slow]
+            x = x.index_copy(0, idx, solve_scaled(b[idx], a[idx], c[idx], d[idx], flags % LOSSLESS - PIVOTED,
+                                                  flags % SNAPPED >= LOSSLESS, flags >= SNAPPED)[0])
         return x, route
     ok, trusted = accepted(b, a, c, d, x)
     routed = route >= WIDE  # (the forward's wide and pivoted elements start there)
@@ -386,11 +316,18 @@ def solve_checked(b: torch.Tensor, a: torch.Tensor, c: torch.Tensor, d: torch.Te
         x_p = torch.where(take.view(-1, 1, 1), x_p.index_copy(0, at, x_l), x_p)
         eta = torch.where(take, eta.index_copy(0, at, eta_l), eta)
         steps = torch.where(take, steps.index_copy(0, at, steps_l) + LOSSLESS, steps)
+    near = ~(eta <= _ACCEPT_PIVOTED * eps) & torch.isfinite(eta)
+    if bool(near.any()):  # entries within rounding of 0 set to 0 (snap_zeros), kept where that passes
+        x_z = snap_zeros(x_p)
+        eta_z = omega(*sub, x_z)
+        take = near & (eta_z <= _ACCEPT_PIVOTED * eps)
+        x_p, eta = torch.where(take.view(-1, 1, 1), x_z, x_p), torch.where(take, eta_z, eta)
+        steps = torch.where(take, steps + SNAPPED, steps)
     route = route.index_copy(0, idx, (PIVOTED + steps).to(torch.int8))
-    bad = [torch.zeros_like(fail).index_copy(0, idx, v) for v in _problems(x_p, ratio, eta, strict)]
+    bad = [torch.zeros_like(fail).index_copy(0, idx, v) for v in problems(x_p, ratio, eta, strict)]
     if bool(torch.stack(bad).any()):
         full = (torch.ones(m, dtype=ratio.dtype, device=b.device).index_copy(0, idx, ratio),
                 torch.zeros(m, dtype=eta.dtype, device=b.device).index_copy(0, idx, eta))
-        rounded = torch.zeros_like(fail).index_copy(0, idx, lost & (steps < LOSSLESS))
-        _report(who, bad, batch, b.dtype, *full, strict, rounded)
+        rounded = torch.zeros_like(fail).index_copy(0, idx, lost & (steps % SNAPPED < LOSSLESS))
+        report(who, bad, batch, b.dtype, *full, strict, rounded)
     return x.index_copy(0, idx, x_p), route
