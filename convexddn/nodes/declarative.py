@@ -30,11 +30,12 @@ from .._autograd import may_carry_tangents, outside_compile, refuse_export
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._guarded_state import GuardedState
+from ._kept_grads import kept_grads
 from ._read_guard import watch
 from ._reference_hooks import warn_reference_hooks
 from ._swap_guard import guarded, named_state, read_as
 from .declarative_probe import probe
-from .declarative_function import (DeclarativeFunction, arity_error, differentiated_parameters, parameter_leaves,
+from .declarative_function import (DeclarativeFunction, check_structure, differentiated_parameters, parameter_leaves,
                                    refuse_functorch, solve_input_names, y_by_keyword)
 from .implicit import declarative_vjp
 from .implicit_options import check_implicit_options
@@ -290,23 +291,19 @@ class DeclarativeNode(GuardedState):
         call = (lambda *args: fn(*args[:-1], y=args[-1])) if y_by_keyword(type(self), method) else fn
         return call if versions is None else versions.checked(self, call)
 
-    def _check_structure(self, n: int) -> None:
-        name = type(self).__name__
-        if not self.__dict__.get("_ddn_initialised", False):
-            raise ProblemError(f"{name}.__init__ must call super().__init__()")
-        missing = [m for m in ("objective", "solve")
-                   if getattr(type(self), m) is getattr(DeclarativeNode, m)]
-        if missing:
-            raise ProblemError(
-                f"{name} must define {' and '.join(missing)}: objective(self, *xs, y) "
-                "returning (B,), and solve(self, *xs) returning y of shape (B, ...)"
-            )
-        error = arity_error(type(self), n)
-        if error:
-            raise InputError(error)
+    def _check_options(self) -> None:
+        """The options as the constructor checks them, at each call: they may be reassigned
+        (``node.batch_dims = -1`` was taken, ``1.5`` raised a raw TypeError)."""
+        check_implicit_options(self.linear_solver, self.dense_max, self.active_tol,
+                               {"tol": self.cg_tol, "max_iter": self.cg_max_iter}, self.check_solution,
+                               self.solution_tol, self.implicit_dtype, self.check_minimum, "implicit_dtype")
+        check_int("batch_dims", self.batch_dims, minimum=0)
 
     def _checked_solve(self, xs: tuple[Tensor, ...]) -> Tensor:
-        with torch.no_grad():
+        # solve may minimise with autograd (torch.optim): its gradients reach neither the inputs
+        # (detached: their versions shared, an in-place change is still refused) nor the parameters' .grad.
+        xs = tuple(x.detach() for x in xs)
+        with torch.no_grad(), kept_grads(self):
             y = self.solve(*xs)
         return checked_solution(f"{type(self).__name__}.solve", y, xs)
 
@@ -361,7 +358,8 @@ class DeclarativeNode(GuardedState):
                 f"got keyword input(s) {sorted(named)}"
             )
         refuse_export(type(self).__name__)  # (first: strict torch.export cannot trace the checks)
-        self._check_structure(len(xs))
+        check_structure(self, len(xs), DeclarativeNode)
+        self._check_options()
         refuse_functorch(type(self).__name__)
         if not xs:
             raise InputError(f"{type(self).__name__} needs at least one input tensor")

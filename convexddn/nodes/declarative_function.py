@@ -21,14 +21,14 @@ from torch.autograd import forward_ad
 from .._autograd import (eager_with_tangents, may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain,
                          without_autocast)
 from .._first_order import FORWARD_AD_ONLY, first_order_jvp, guard_gradients
-from ..errors import InputError
+from ..errors import InputError, ProblemError
 from ._held_estimates import held_per_call
 from ._read_guard import ForwardVersions, check_solve_kept, versions_of
 from .degeneracy import naming_batch
 from .inputs import input_names
 
-__all__ = ["DeclarativeFunction", "arity_error", "differentiated_parameters", "parameter_leaves", "refuse_batched",
-           "refuse_functorch", "solve_input_names", "y_by_keyword"]
+__all__ = ["DeclarativeFunction", "arity_error", "check_structure", "differentiated_parameters", "parameter_leaves",
+           "refuse_batched", "refuse_functorch", "solve_input_names", "y_by_keyword"]
 
 Tensor = torch.Tensor
 
@@ -213,6 +213,23 @@ def _solve_input_names(cls: type, n: int) -> list[str]:
     if not isinstance(inspect.getattr_static(cls, "solve", None), (staticmethod, classmethod)):
         given = given[1:]  # (self)
     return given[:n] + input_names(n)[len(given):]
+
+
+def check_structure(node: Any, n: int, base: type) -> None:
+    """The user's subclass of ``base`` (:class:`~convexddn.DeclarativeNode`) as a call with ``n`` inputs
+    needs it: ``super().__init__()`` called, ``objective`` and ``solve`` defined, ``solve`` taking ``n``."""
+    name = type(node).__name__
+    if not node.__dict__.get("_ddn_initialised", False):
+        raise ProblemError(f"{name}.__init__ must call super().__init__()")
+    missing = [m for m in ("objective", "solve") if getattr(type(node), m) is getattr(base, m)]
+    if missing:
+        raise ProblemError(
+            f"{name} must define {' and '.join(missing)}: objective(self, *xs, y) "
+            "returning (B,), and solve(self, *xs) returning y of shape (B, ...)"
+        )
+    error = arity_error(type(node), n)
+    if error:
+        raise InputError(error)
 
 
 def arity_error(cls: type, n: int) -> str | None:
