@@ -88,10 +88,12 @@ def _check_rows(name: str, outputs: dict, xg: tuple[Tensor, ...], yg: Tensor) ->
             continue
         k = _cross_rows(out, leaves, on_rows)
         if k is None and method == "objective":
-            (gy,) = torch.autograd.grad(out, yg, torch.ones_like(out), create_graph=True)
-            u = pseudo_random_directions(gy[0].numel(), gy.shape[0], gy.dtype, gy.device).view(gy.shape)
+            # (unused: an objective that reads the inputs but not y, a problem its constraints define)
+            (gy,) = torch.autograd.grad(out, yg, torch.ones_like(out), create_graph=True, allow_unused=True)
             try:
-                k = _cross_rows(gy, leaves, lambda t, rows: on_rows(t, rows, u)) if gy.requires_grad else None
+                if gy is not None and gy.requires_grad:
+                    u = pseudo_random_directions(gy[0].numel(), gy.shape[0], gy.dtype, gy.device).view(gy.shape)
+                    k = _cross_rows(gy, leaves, lambda t, rows: on_rows(t, rows, u))
             except (RuntimeError, NotImplementedError):
                 k = None
         if k is not None:

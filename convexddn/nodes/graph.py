@@ -5,7 +5,9 @@ The implicit backward differentiates ``f(x, y)`` and the constraints with respec
 wrong, and both are visible in the graph of ``f`` before anything is solved:
 
 - ``f`` does not depend on ``y`` (``y.detach()``, ``.item()``, numpy): every
-  derivative would be zero (a constraint that does not: it would be ignored);
+  derivative would be zero, unless the constraints define ``y`` (``min 0`` s.t. an
+  implicit function ``h(x, y) = 0``: :func:`_defined_by_constraints`); a constraint that
+  does not: it would be ignored;
 - ``f`` uses a tensor that requires grad but is none of those (a closed-over tensor,
   e.g. ``self.w = w`` set from outside): it would get no gradient, without a word.
 
@@ -122,15 +124,41 @@ def check_graph(
                 "depends on it in the objective or constraints; detach it if it needs no gradient")
     for method in (*list(graphs)[1:], "objective"):  # (the constraints first)
         if id(y) not in of[method]:
+            if method == "objective" and _defined_by_constraints(constraints, of, y):
+                continue
             # Its Jacobian in y would be zero: a constraint the gradient cannot see (the
             # unconstrained problem's gradient, silently, or autograd's raw error).
-            lost = ("every derivative of the solution would be zero. Write the objective" if method == "objective"
-                    else "the implicit gradient would ignore the constraint. Write it")
+            lost = ("every derivative of the solution would be zero or undefined. Write the objective"
+                    if method == "objective" else "the implicit gradient would ignore the constraint. Write it")
+            also = (" (a problem defined by its constraints alone, min 0 s.t. h(x, y) = 0, is differentiated "
+                    "where its constraints have at least as many rows as y has entries and read the inputs "
+                    "or parameters)") if method == "objective" and len(graphs) > 1 else ""
             raise ProblemError(f"{prefix}{method} does not depend on y through autograd (does it use y.detach(), "
-                               f".item() or numpy?): {lost} in differentiable torch operations on y")
+                               f".item() or numpy?): {lost} in differentiable torch operations on y{also}")
     of_objective = of.pop("objective")
     of_constraints = {i: t for leaves in of.values() for i, t in leaves.items()}
     return of_objective, of_constraints
+
+
+def _defined_by_constraints(constraints: dict[str, Tensor | None], of: dict[str, dict[int, Tensor]],
+                            y: Tensor) -> bool:
+    r"""Whether an objective without ``y`` in its graph still leaves a derivative: the
+    constraints read ``y`` (checked before) and data, and have at least as many rows as
+    ``y`` has entries per element.
+
+    With ``f`` constant in ``y`` the Lagrangian's Hessian is that of ``λᵀc`` alone, and at a
+    typical solution (λ = 0 where ``∇_y f = 0``) the KKT matrix is
+    :math:`\begin{bmatrix} 0 & A^\top \\ A & 0 \end{bmatrix}`, of rank at most ``2r``:
+    nonsingular only where ``A`` is square and invertible (``r >= m`` rows, an implicit function
+    :math:`h(x, y) = 0`, whose derivative is :math:`-A^{-1} D_x h`: ``y³ + y = x`` gives
+    ``1/(3y² + 1)``). Fewer rows leave it singular (the derivative is undefined: a ``y.detach()``
+    objective beside one constraint is still refused), and constraints that read no input nor
+    parameter make every derivative zero (``y`` is a constant): both refused as before.
+    """
+    m = y[0].numel() if y.shape[0] else 0
+    rows = sum(c[0].numel() for c in constraints.values() if c is not None and c.shape[0])
+    reads_data = any(i != id(y) for method, leaves in of.items() if method != "objective" for i in leaves)
+    return m > 0 and rows >= m and reads_data
 
 
 @contextlib.contextmanager
