@@ -25,6 +25,7 @@ from .._autograd import plain
 from .._checks import cast_checked
 from .._warn import suppressed, warn
 from ..errors import GradientWarning
+from ._custom_solver_check import checked_custom_solve
 from ._strong_zero import strong_zero_fn, zero_passing
 from .degeneracy import DependenceCheck, naming, shown_indices
 from .graph import check_curvature, check_graph, check_second_order, ill_determined, lagrangian_gradient
@@ -61,6 +62,7 @@ class ImplicitSystem(NamedTuple):
     checked: bool  # the solver is a user's: its result is checked
     dependence: DependenceCheck | None = None  # where dependent constraints' multipliers reach
     name: str = ""  # the node's, for the solvers' degeneracy warnings
+    fallback: LinearSolver | None = None  # the built-in solver, for a user's answer that misses its system
 
     def zero_rhs(self, rows: Tensor) -> Tensor:
         """Rows solved with a zero right-hand side: ``rows`` and the broken elements."""
@@ -70,9 +72,13 @@ class ImplicitSystem(NamedTuple):
         """(w, μ) of the KKT system with right-hand side [v; 0], ``v`` (B, m)."""
         with naming(self.name):
             result = self.solver(self.hvp, self.A, self.inactive, v)
-        # A user's solver's result is checked (ours are by construction).
-        return (checked_solver_result(result, v.shape[0], v.shape[1], None if self.c is None else self.c.shape[1])
-                if self.checked else result)
+        if not self.checked:  # (ours are checked by construction)
+            return result
+        # A user's: its structure, then whether it solves the system (else the built-in's answer)
+        w, mu = checked_solver_result(result, v.shape[0], v.shape[1], None if self.c is None else self.c.shape[1])
+        with naming(self.name):
+            return checked_custom_solve(self.hvp, self.A, self.inactive, v, w, mu, self.fallback,
+                                        f"{self.name}: " if self.name else "")
 
     def quiet_step(self, r: Tensor, release: Tensor | None = None) -> Tensor:
         """The ``y`` part of the solution for ``[r; 0]`` (the Newton step of a residual
@@ -288,13 +294,20 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
 
     solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
                                    dense_max, cg_options, batch)
+    fallback = None
     if isinstance(linear_solver, str):
         dependence = None if c is None else DependenceCheck(c, A, inactive, yg, xg, params,
                                                              first_order=data_in_constraints)
         solver = functools.partial(solver, warn_dependent=dependence or False, check_minimum=check_minimum)
     else:
         dependence = None
-    system = ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver), dependence, name)
+        # (where a user's answer misses its system: _custom_solver_check; dependent constraints are
+        # not judged on this path, as with the user's own solver)
+        fallback = functools.partial(resolve_linear_solver("auto", m + (0 if c is None else c.shape[1]), dense_max,
+                                                           None, batch),
+                                     warn_dependent=False, check_minimum=check_minimum)
+    system = ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver), dependence, name,
+                            fallback)
     if check_solution:
         tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
         # (the probes of the pass above, unless the Lagrangian was rebuilt after it; the
