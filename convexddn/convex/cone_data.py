@@ -277,6 +277,20 @@ class ConeData:
             zf = zf.index_copy(1, self.on_device("rows_elim", z), zR)
         return xf, zf
 
+    def equality_parameters(self) -> list[int] | None:
+        """The parameters (indices in the order passed) whose columns ``b_E`` of the removed
+        dependent equality rows reads (:mod:`.consistent_rows`), or None where none were removed:
+        the inputs whose rounding those rows' disagreement may come from."""
+        if self.rows_cols is None:
+            return None
+        sizes = [0] * len(self.param_cols)
+        for order, size, _ in self.param_cols:
+            sizes[order] = size
+        used = set(self.rows_cols.tolist())
+        starts = [sum(sizes[:order]) for order, _, _ in self.param_cols]
+        return [i for i, (start, (_, size, _)) in enumerate(zip(starts, self.param_cols))
+                if any(c in used for c in range(start, start + size))]
+
     def inconsistency(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(‖(I - Π) b_E‖, ‖b_E‖)`` ``(B,)`` of each element where dependent equality rows
         were removed (:mod:`.consistent_rows`), else None."""

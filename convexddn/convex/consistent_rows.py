@@ -13,7 +13,7 @@ an orthonormal basis :math:`Q` of :math:`\\operatorname{range}(A_E)`, the projec
 inconsistency is :math:`y = (I - \\Pi) b_E` (:math:`\\|y\\| = \\|N^T b_E\\|`):
 
 * :math:`\\|y\\| \\le \\text{tol} \\cdot \\|b_E\\|` (:func:`allowed`: the layer's ``tol`` on either
-  path, and at least 16 rounding units of the least precise input's dtype): the
+  path, and at least 16 rounding units of the least precise input ``b_E`` reads): the
   element is solved with :math:`A_E x = b_E` replaced by :math:`S A_E x = S \\Pi b_E`, ``S``
   selecting :math:`r` independent rows of :math:`A_E` (a pivoted QR): full row rank,
   unique multipliers, the rows' sparsity kept. The multipliers of all :math:`p` rows are
@@ -45,15 +45,16 @@ import torch
 from .._context import bound
 
 __all__ = ["DISAGREEMENT", "DependentRows", "ElementRows", "allowed", "dependent_rows", "disagreement",
-           "input_precision", "reduce_maps"]
+           "input_precision", "read_by_rows", "reduce_maps"]
 
 # The dense A_E (rows × the columns it touches) one SVD takes at most.
 _MAX_ENTRIES = 4_000_000
 # Rounding units of the inputs' dtype that an inconsistency may be (softmax marginals in
 # float32: sums 1 ± a few 1e-7).
 _ROUNDING_UNITS = 16
-# The least precise floating input of this call, and the layer's tol (ConvexLayer.forward sets them).
-_INPUT_EPS: contextvars.ContextVar[tuple[float, float]] = contextvars.ContextVar(
+# The least precise floating input of this call that b_E reads, and the layer's tol (ConvexLayer.forward
+# sets them: a float16 cost beside float32 marginals let 1 % of mass disagree, silently).
+_INPUT_EPS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
     "convexddn_input_eps", default=(float(torch.finfo(torch.float64).eps), 0.0))
 
 
@@ -124,16 +125,35 @@ def allowed(tol: float) -> float:
     tolerance ``tol`` accepts: ``tol`` or, within a layer's call, the layer's ``tol`` (the
     batched path certifies to less, 1e-8, but the layer accepts residuals up to its ``tol``
     on either path), and at least :data:`_ROUNDING_UNITS` rounding units of the least precise
-    floating input of the call (:func:`input_precision`)."""
+    floating input of the call that ``b_E`` reads (:func:`input_precision`)."""
     eps, layer_tol = _INPUT_EPS.get()
-    return max(float(tol), layer_tol, _ROUNDING_UNITS * eps)
+    return max(float(tol), layer_tol, _ROUNDING_UNITS * (eps() if callable(eps) else eps))
+
+
+def _least_precise(values) -> float:
+    eps = [torch.finfo(v.dtype).eps for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return max(eps + [float(torch.finfo(torch.float64).eps)])
+
+
+def read_by_rows(program, values: list) -> list:
+    """The inputs ``values`` that ``b_E`` of ``program``'s dependent equality rows reads (a
+    :class:`~.batched.BatchedProgram`; :meth:`~.cone_data.ConeData.equality_parameters`), all of
+    them where that is not known (no batched form): their rounding is what those rows may
+    disagree by (the least precise of all, a float16 cost beside float32 marginals, let masses 1 %
+    apart solve, silently)."""
+    rows = None if program is None else program.data.equality_parameters()
+    return values if rows is None else [values[i] for i in rows]
 
 
 def input_precision(values, tol: float = 0.0) -> AbstractContextManager[None]:
     """Within it, :func:`allowed` knows the rounding of the floating tensors ``values``
-    (the layer's inputs, before they are widened to float64) and the layer's ``tol``."""
-    eps = [torch.finfo(v.dtype).eps for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    return bound(_INPUT_EPS, (max(eps + [float(torch.finfo(torch.float64).eps)]), float(tol)))
+    (the layer's inputs that ``b_E`` reads, :meth:`~.cone_data.ConeData.equality_parameters`,
+    or all of them where that is not known; before they are widened to float64) and the
+    layer's ``tol``. ``values`` may be a function returning them, called only where
+    :func:`allowed` is (where dependent rows exist: finding which inputs they read may cost a
+    canonicalisation)."""
+    eps = (lambda: _least_precise(values())) if callable(values) else _least_precise(values)
+    return bound(_INPUT_EPS, (eps, float(tol)))
 
 
 #: The status of such an element, without its figure (:func:`disagreement` adds it).

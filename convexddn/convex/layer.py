@@ -34,7 +34,7 @@ from .._checks import check_choice, check_int, check_tolerance
 from ..errors import OptionError
 from .batched import BatchedProgram, UnsupportedProblem
 from .canonical import batched_refusal
-from .consistent_rows import input_precision
+from .consistent_rows import input_precision, read_by_rows
 from .finite import finite_problem
 from .nonconvex import explain_nonconvex
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
@@ -313,8 +313,7 @@ class ConvexLayer(nn.Module):
         labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
         refuse_vmap("ConvexLayer", *values, *named.values(), jacrev=False, constants=False)
         values, batch = check_values(values, named, self.parameters_, self.check, labels)
-        # Both backends differentiate once (the per-element one in numpy): a second
-        # differentiation raises DoubleBackwardError (the batched one gave zeros).
+        # Both backends differentiate once: a second differentiation raises DoubleBackwardError (batched: zeros).
         values = first_order_only("ConvexLayer", values)
 
         out_dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
@@ -330,7 +329,8 @@ class ConvexLayer(nn.Module):
             return outs[0] if len(outs) == 1 else outs
 
         flat = flat_values(values, self.parameters_, batch, labels)  # (float64, gradients checked)
-        with input_precision(values, self.tol):  # (what dependent equality rows may disagree by: .consistent_rows)
+        with input_precision(lambda: read_by_rows(self._batched or self._opinion_program(device, False), values),
+                             self.tol):  # (the inputs dependent equality rows' b_E reads: .consistent_rows)
             sols, info = self._solve(flat, device, call_args, batch)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
         # (failed elements whose objective is nonconvex at their values: said so, or an InputError; failures only)

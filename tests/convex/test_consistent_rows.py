@@ -223,3 +223,25 @@ def test_independent_or_parametric_rows_untouched():
     full = ConvexLayer(*_transport(), solver="Clarabel")
     full(*_data(0.0))
     assert full._backend._rows is not None and full._backend._rows.r == N + M - 1
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_the_rounding_allowed_is_that_of_the_marginals_not_of_the_cost(solver):
+    """Masses 1 and 1.01 (float32 marginals) are infeasible whatever the cost's dtype: a float16 cost
+    (an autocast network's) set the allowed disagreement to 16 float16 units (1.6e-2), and the plan came
+    back solved with column sums 0.408 for 0.41, silently. The cost is in no equality row; the marginals'
+    own float32 rounding (16 units: 1.9e-6) is what the rows may disagree by."""
+    prob, params, variables = _transport()
+    layer = ConvexLayer(prob, params, variables, solver=solver)
+    C, a, _ = _data(0.0, torch.float32)
+    b = torch.softmax(torch.randn(B, M, generator=torch.Generator().manual_seed(1)), -1)
+    b[:, 0] += 0.01
+    # (b_E reads a and b, parameters 1 and 2; the cost C, parameter 0, is in no equality row)
+    assert (layer._batched or layer._opinion_program(C.device, False)).data.equality_parameters() == [1, 2]
+    for cost in (C, C.half()):
+        with pytest.raises(InfeasibleError):
+            layer(cost, a, b)
+    # Within the marginals' rounding (1e-7 of mass), solved whatever the cost's dtype.
+    b[:, 0] += 1e-7 - 0.01
+    b = b / b.sum(-1, keepdim=True) + torch.tensor([1e-7, 0.0, 0.0])
+    torch.testing.assert_close(layer(C.half(), a, b).double(), layer(C.half().float(), a, b).double())
