@@ -33,17 +33,18 @@ def equal_mass(values: Sequence[torch.Tensor]) -> None:
 
     ``values`` are ``(C, a, b)`` with ``a (*batch, m)`` and ``b (*batch, n)``. The masses
     (summed in float64) may differ by the inputs' rounding: ``max(1e-6, 4 eps)``
-    relative to the larger (``eps`` of the inputs' dtype; marginals normalised in
-    float32 sum to within ~2 eps of 1). The whole difference would land in the last
-    column of the plan.
+    relative to the larger (``eps`` of the less precise marginal's dtype; marginals
+    normalised in float32 sum to within ~2 eps of 1; a float16 ``a`` beside a float64 ``b``
+    rounded in float16, which the wider dtype's eps refused). The whole difference would
+    land in the last column of the plan.
     """
     import torch  # imported already: the values are tensors (the catalog itself does not need it)
 
     C, a, b = values
-    dtype = torch.promote_types(a.dtype, b.dtype)
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
     # (Detached: the check reads values; float() of a tensor that requires grad warned.)
     sa, sb = a.detach().to(torch.float64).sum(-1), b.detach().to(torch.float64).sum(-1)
-    rtol = max(_MASS_RTOL, 4 * torch.finfo(dtype).eps)
+    rtol = max(_MASS_RTOL, 4 * eps)
     bad = (sa - sb).abs() > rtol * torch.maximum(sa.abs(), sb.abs())
     if bool(bad.any()):
         # Counted over the call's batch shape (the costs' too), not the marginals' alone.

@@ -234,3 +234,17 @@ def test_entmax_cone_form_refuses_alpha_too_close_to_one_or_too_large():
     for alpha in (1 + 5e-8, 1e10):
         with pytest.raises(OptionError, match=r"no cone form close enough.*alpha - 1 must be >= 1e-07"):
             registry.build("entmax", n=3, alpha=alpha).problem
+
+
+def test_ot_mass_check_allows_the_less_precise_marginals_rounding():
+    """A float16 a (1/3 each: Σ = 0.99976) beside an exactly normalised float64 b is within a's
+    own rounding (4 eps16 = 3.9e-3); the wider dtype's eps (float64's, from promote_types)
+    refused it, while the same a beside a float16 b passed. A difference beyond float16's
+    rounding still fails."""
+    check = registry.build("ot_lp", m=3, n=4).check
+    a = (torch.ones(3, dtype=torch.float64) / 3).half()
+    b = torch.full((4,), 0.25, dtype=torch.float64)
+    check([None, a, b])
+    check([None, a, b.half()])
+    with pytest.raises(InputError, match="equal mass"):
+        check([None, a, b * 1.01])
