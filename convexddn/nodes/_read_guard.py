@@ -31,12 +31,14 @@ import weakref
 from typing import Any, Callable
 
 import torch
+from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError, ProblemError
 from ._swap_guard import mid_swap_error, named_state
 
-__all__ = ["ForwardVersions", "Reads", "check_solve_kept", "versions_of", "watch"]
+__all__ = ["ForwardVersions", "Reads", "check_outside_tangents", "check_solve_kept", "refuse_outside_tangents",
+           "versions_of", "watch"]
 
 Tensor = torch.Tensor
 
@@ -244,6 +246,40 @@ class ForwardVersions:
             return out
 
         return call
+
+
+def refuse_outside_tangents(node: str, tensors) -> None:
+    """An ``InputError`` where one of ``tensors``, read by the problem from outside the node (closed
+    over, in a dict, a plain attribute), carries a forward-mode tangent (``torch.autograd.forward_ad``):
+    the node differentiates its inputs and parameters only, and the tangent was dropped, silently
+    (``y = (x + c) / 2`` with ``c`` dual gave ``ẋ/2`` for ``(ẋ + ċ)/2``). Reverse mode refuses such a
+    tensor that requires grad in the same way. Nothing is read outside a dual level."""
+    if forward_ad._current_level < 0:
+        return
+    for t in tensors:
+        if forward_ad.unpack_dual(t).tangent is not None:
+            raise InputError(
+                f"{node}: the objective or constraints read a tensor of shape {tuple(t.shape)} from outside the "
+                "node (closed over, in a container, or a plain attribute) that carries a forward-mode tangent, "
+                "which the node would drop: only its inputs and parameters are differentiated. Pass it as an "
+                "input (node(x, c) with objective(self, x, c, y) and solve(self, x, c)), or make it a parameter "
+                "of the node and give its tangent through torch.func.functional_call")
+
+
+def check_outside_tangents(node: torch.nn.Module, calls, xs, y: Tensor) -> None:
+    """Where a dual level is open: the problem evaluated once (``calls``: the user's methods as
+    ``fn(*xs, y)``) and what it read from outside the node (not its parameters and buffers)
+    refused where it carries a tangent (:func:`refuse_outside_tangents`). At the forward: within
+    the node's ``jvp`` torch shows no tensor's tangent, and where the inputs carry none no ``jvp``
+    runs (``c`` alone dual gave a tangent of None)."""
+    if forward_ad._current_level < 0:
+        return
+    own = {id(t) for _, t in named_state(node)}
+    reads = Reads((*xs, y))
+    with reads, torch.no_grad():
+        for call in calls:
+            call(*xs, y)
+    refuse_outside_tangents(type(node).__name__, (t for i, t in reads.outside.items() if i not in own))
 
 
 def versions_of(tensors) -> list[int | None]:

@@ -31,7 +31,7 @@ from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._guarded_state import GuardedState
 from ._kept_grads import kept_grads
-from ._read_guard import watch
+from ._read_guard import check_outside_tangents, watch
 from ._reference_hooks import warn_reference_hooks
 from ._swap_guard import guarded, named_state, read_as
 from .declarative_probe import probe
@@ -45,6 +45,8 @@ from .inputs import checked_solution, flatten_inputs
 from .linear_solvers import LinearSolver
 
 __all__ = ["DeclarativeNode"]
+
+_METHODS = ("objective", "equality_constraints", "inequality_constraints")  # (the problem, as the user states it)
 
 Tensor = torch.Tensor
 
@@ -373,17 +375,15 @@ class DeclarativeNode(GuardedState):
         bad = ~torch.isfinite(y).reshape(y.shape[0], math.prod(y.shape[1:])).all(dim=-1)
         if y.numel() and bool(bad.any()):
             indices = _format_indices(bad, batch_shape)
-            raise SolverError(
-                f"{type(self).__name__}.solve returned NaN or Inf for {len(indices)} of "
-                f"{bad.numel()} batch element(s), at batch indices {indices[:8]}",
-                indices=indices,
-                statuses=["non-finite solution"] * len(indices),
-            )
+            raise SolverError(f"{type(self).__name__}.solve returned NaN or Inf for {len(indices)} of "
+                              f"{bad.numel()} batch element(s), at batch indices {indices[:8]}",
+                              indices=indices, statuses=["non-finite solution"] * len(indices))
         # Probed wherever the call is differentiated: with grad mode on, and in forward mode under no_grad too (the
         # jvp, as the backward, solves each row's problem on its own: a coupled objective's tangent was 0.87 off,
         # silently; the jvp probes first where due). Also at every reverse-mode call where nothing requires grad.
         grad = torch.is_grad_enabled()
         tangent = may_carry_tangents() and forward_ad.unpack_dual(y).tangent is not None
+        check_outside_tangents(self, [self._call(m) for m in _METHODS], flat, y)  # (forward mode: else dropped)
         if (grad or tangent) and (self._probe_due(y.shape[0], state)
                                   or (grad and not tangent and not y.requires_grad)):
             self._probe(flat, y, record)
