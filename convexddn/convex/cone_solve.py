@@ -118,8 +118,9 @@ def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: to
         return
     idx = torch.nonzero(zero).squeeze(1).tolist()
     n_zero = int((zero & zeroed).sum()) if idx else 0
-    warn_zero_rows(f"{mode} (batched)", where, idx, f"their {what} is a one-sided limit's blend"
-                   + (f" ({n_zero} of them: set to zero)" if n_zero else ""))
+    kept = ("the part of their tangent that moves that row is dropped and the rest kept, as the gradient keeps "
+            "the derivatives that exist" if along == "tangent" else f"their {what} is a one-sided limit's blend")
+    warn_zero_rows(f"{mode} (batched)", where, idx, kept + (f" ({n_zero} of them: set to zero)" if n_zero else ""))
     flagged = flagged & ~zero
     if idx and not torch.nonzero(flagged).numel():
         return

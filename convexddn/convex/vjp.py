@@ -55,7 +55,7 @@ from .kink_reach import SIDE_RTOL, kinks_reached, read_by, read_cols
 from .kkt import bmv, row_inf
 from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
-from .zero_rows import moved_zero_rows
+from .zero_rows import held_zero_rows, moved_zero_rows
 
 __all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "LIMIT_GATE", "PROBE_GAIN",
            "PROBE_GATE", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
@@ -229,19 +229,29 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
         (:data:`BACKWARD_ACCEPT`); ``flagged`` also marks solved elements with an
         undecided complementary pair that the tangent reaches or a gain above :data:`PROBE_GAIN` (a degenerate
         vertex moved apart: a one-sided derivative); ``unsolved`` those ``zeroed`` whose
-        system could not be solved and that nothing else flags; ``zero_rows`` those ``flagged``
-        with a zero row that holds, which the tangent moves (:func:`~.zero_rows.moved_zero_rows`).
+        system could not be solved and that nothing else flags; ``zero_rows`` the solved elements
+        with a zero row that holds, which the tangent moves (:func:`~.zero_rows.held_zero_rows`):
+        that part of the tangent is dropped (no derivative in the row's data exists), the rest kept.
     """
     d, kkt, x, z = sol.scaled, sol.kkt, sol.x, sol.z
     rx, rz = torch.zeros_like(x), torch.zeros_like(z)
+    # A zero row that holds, moved: no derivative in its data exists; that part of the tangent is
+    # dropped and the rest kept, as the backward keeps the gradient of what has one (it zeroed the
+    # element's whole tangent: x's and the other rows' parts, which exist, included).
+    held = held_zero_rows(sol, layout)
+    moving = torch.zeros_like(z)  # (how the tangent moves b - Ax, the held zero rows included)
     if dP is not None:
         rx = rx - bmv(dP, x)
     if dq is not None:
         rx = rx - dq
     if dA is not None:
+        moving = moving - bmv(dA, x)
+        dA = torch.where(held.unsqueeze(-1), 0.0, dA)
         rx, rz = rx - bmv(dA.mT, z), rz - bmv(dA, x)
     if db is not None:
-        rz = rz + db
+        moving = moving + db
+        rz = rz + torch.where(held, 0.0, db)
+    moved = (held & (moving != 0)).any(1)
     rc = d.c.sqrt()[:, None]
     ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
     ez = inactive_zero(kkt, layout, ez)  # (an inactive row's data moves nothing)
@@ -270,8 +280,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     apart = limit_tests_at(sol, layout, ok & sol.undecided, ex.squeeze(-1), cols, ez.squeeze(-1), ux.squeeze(-1))[0]
     steep = ((amplification > PROBE_GAIN) & ~certified) | ~(apart <= INCONSISTENT_SURE)
     unsolved = zeroed & (unsolved | uncertain) & ~(outputs | reached | kinks | (steep & ~uncertain))
-    flagged = zeroed | (ok & (kinks | steep))
-    return dx, dz, flagged, zeroed, unsolved, flagged & moved_zero_rows(sol, layout, rz)
+    flagged = zeroed | (ok & (kinks | steep | moved))
+    return dx, dz, flagged, zeroed, unsolved, flagged & moved
 
 
 # Relative residual the backward's KKT solve is refined to beyond its fixed steps

@@ -39,7 +39,7 @@ from .cone_checks import cone_blocks
 from .kkt import row_inf
 from .status import element_list, name_elements
 
-__all__ = ["ZERO_ROW", "moved_zero_rows", "moves_zero_row", "warn_zero_rows", "zero_rows"]
+__all__ = ["ZERO_ROW", "held_zero_rows", "moved_zero_rows", "moves_zero_row", "warn_zero_rows", "zero_rows"]
 
 # A row whose data, its equilibration undone, is at most this fraction of the element's
 # largest is zero: data computed from the parameters carry a few ulps of the terms they
@@ -62,18 +62,23 @@ def zero_rows(d, layout, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return zero, zero & (d.b[:, :z0 + k].abs() / d.E[:, :z0 + k] <= ZERO_ROW * terms)
 
 
+def held_zero_rows(sol, layout) -> torch.Tensor:
+    """``(B, m)`` the rows of a batched solution ``sol`` (:class:`~.interior_point.ConeSolution`)
+    that are zero and hold (:func:`zero_rows`); False on the other rows."""
+    d, z0k = sol.scaled, layout.zero + layout.nonneg
+    held = torch.zeros(d.A.shape[:2], dtype=torch.bool, device=d.A.device)
+    if z0k and d.A.shape[0]:
+        held[:, :z0k] = zero_rows(d, layout, sol.x / (d.sigma[:, None] * d.D))[1]
+    return held
+
+
 def moved_zero_rows(sol, layout, rz: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` the elements of a batched solution ``sol`` (:class:`~.interior_point.ConeSolution`)
-    with a zero row that holds (:func:`zero_rows`) which ``rz`` ``(B, m)`` moves (how a
-    direction of the parameters moves :math:`b - Ax`, in any positive scaling of the rows):
-    there no derivative exists, unless that move is at rounding
-    (:func:`~.uniqueness.limit_inconsistency` decides). A constant zero row does not move."""
-    z0k = layout.zero + layout.nonneg
-    if not z0k or not rz.shape[0]:
-        return torch.zeros(rz.shape[0], dtype=torch.bool, device=rz.device)
-    d = sol.scaled
-    holds = zero_rows(d, layout, sol.x / (d.sigma[:, None] * d.D))[1]
-    return (holds & (rz[:, :z0k] != 0)).any(1)
+    """``(B,)`` the elements of a batched solution ``sol`` with a zero row that holds
+    (:func:`held_zero_rows`) which ``rz`` ``(B, m)`` moves (how a direction of the parameters
+    moves :math:`b - Ax`, in any positive scaling of the rows): there no derivative exists,
+    unless that move is at rounding (:func:`~.uniqueness.limit_inconsistency` decides). A
+    constant zero row does not move."""
+    return (held_zero_rows(sol, layout) & (rz != 0)).any(1)
 
 
 def moves_zero_row(A: sp.spmatrix, b: np.ndarray, cones: list, x: np.ndarray, par) -> bool:

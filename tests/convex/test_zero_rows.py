@@ -124,6 +124,36 @@ def test_forward_mode_names_a_moved_zero_row():
         assert len(got) == (1 if expected else 0)
 
 
+def test_forward_mode_keeps_the_derivatives_that_exist_beside_a_moved_zero_row():
+    """A tangent moving every entry of E (element 1's zero row included) and x: the part moving
+    the zero row has no derivative and is dropped, the rest kept, as the backward keeps the
+    gradient in x and E_0 (its gradient in E_1 is 0): ⟨J v, u⟩ = ⟨v, Jᵀ u⟩. The element's whole
+    tangent was set to zero, x's part (the closed form's) included (tester S)."""
+    layer = ConvexLayer(*_problem("qp", "eq"))
+    values = [torch.tensor(X, dtype=F64), torch.tensor(E, dtype=F64), torch.tensor([[1.0, 0], [1.0, 0]], dtype=F64)]
+    g = torch.Generator().manual_seed(0)
+    vx, vE, u = (torch.randn(v.shape, dtype=F64, generator=g) for v in (values[0], values[1], values[0]))
+    with warnings.catch_warnings(record=True) as caught, fwAD.dual_level():
+        warnings.simplefilter("always")
+        out = layer(fwAD.make_dual(values[0], vx), fwAD.make_dual(values[1], vE), values[2])
+        t = fwAD.unpack_dual(out).tangent
+    zero = [w.message for w in caught if ZERO_MESSAGE in str(w.message)]
+    assert len(zero) == 1 and zero[0].elements == [(1,)] and "rest kept" in str(zero[0])
+    tx, tE = (v.clone().requires_grad_() for v in values[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientWarning)
+        gx, gE = torch.autograd.grad(layer(tx, tE, values[2]), [tx, tE], u)
+    assert gE[1, 1].abs().max() == 0
+    torch.testing.assert_close((t * u).sum(-1), (gx * vx).sum(-1) + (gE * vE).sum((-2, -1)), rtol=1e-8, atol=1e-10)
+    # element 1 without E_1's tangent: the same tangent (the derivatives that exist)
+    vE0 = vE.clone()
+    vE0[1, 1] = 0
+    with warnings.catch_warnings(), fwAD.dual_level():
+        warnings.simplefilter("ignore", GradientWarning)
+        t0 = fwAD.unpack_dual(layer(fwAD.make_dual(values[0], vx), fwAD.make_dual(values[1], vE0), values[2])).tangent
+    torch.testing.assert_close(t[1], t0[1], rtol=1e-10, atol=1e-12)
+
+
 def test_zero_rows_is_relative_to_the_element_and_undoes_the_equilibration():
     """Rows of 1e-17 and 1e-10 of the others (Ruiz scales both up): the first is zero, the
     second a constraint; a zero row holds where its b is zero relative to the constraints' terms."""
