@@ -310,14 +310,14 @@ class DeclarativeNode(GuardedState):
         return checked_solution(f"{type(self).__name__}.solve", y, xs)
 
     @outside_compile  # (the swaps too: under compile, guarded() would hold no lock)
-    def _vjp(self, xs, y, grad_y, params, batch_shape, state, versions):
+    def _vjp(self, xs, y, grad_y, params, batch_shape, state, versions, asked=None):
         # The parameters and buffers the forward solved with (``state``): under
         # torch.func.functional_call they were swapped in for the forward only, and the
         # backward differentiated the module's own ones (gradient 0 for the swapped-in).
         # Each method raises where what it reads changed in place since (``versions``).
         with guarded(self, swap=True), _reparametrize_module(self, state), read_as(self, self.implicit_dtype):
             return declarative_vjp(self._call("objective", versions), tuple(xs), y, grad_y, params=tuple(params),
-                                   **self._implicit_options(batch_shape, versions))
+                                   inputs_asked=asked, **self._implicit_options(batch_shape, versions))
 
     @outside_compile
     def _jvp(self, xs, y, tangents, params, param_tangents, batch_shape, state, names, versions):

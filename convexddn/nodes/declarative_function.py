@@ -113,7 +113,7 @@ class DeclarativeFunction(torch.autograd.Function):
         want = [i for i, need in enumerate(needs[ctx.n_inputs:]) if need]
         with torch.no_grad():
             grad_xs, grad_want = node._vjp(xs, y, grad_y, [params[i] for i in want], ctx.batch_shape, ctx.state,
-                                           ctx.versions)
+                                           ctx.versions, needs[:ctx.n_inputs])
         grad_params: list[Tensor | None] = [None] * len(params)
         for i, g in zip(want, grad_want):
             grad_params[i] = g

@@ -229,7 +229,8 @@ class DependenceCheck:
                             len(self.inputs)) for j in range(N.shape[-1])]
         return dependent & self._significant(null, norms)
 
-    def curvature_reaches(self, a: Tensor, dirs: list[tuple[Tensor, Tensor]] | None = None) -> Tensor | None:
+    def curvature_reaches(self, a: Tensor, dirs: list[tuple[Tensor, Tensor]] | None = None,
+                          asked: Sequence[bool] | None = None) -> Tensor | None:
         """``(B,)`` dependent elements whose derivative the split of λ reaches through the
         constraints' curvature (``None`` where none was dependent or none is reached).
 
@@ -240,7 +241,9 @@ class DependenceCheck:
         onto the tangent space) and B_νᵀ w = 0. Forward mode: ``a`` is the tangent ẏ and
         ``dirs`` the (leaf, tangent ẋ) pairs; ẏ solves the changed system exactly where
         P (H_ν ẏ + B_ν ẋ) = 0. Both from one double backward per constraint row:
-        ∇(∇_y(νᵀc)·ẏ + ∇_x(νᵀc)·ẋ) (mixed partials commute).
+        ∇(∇_y(νᵀc)·ẏ + ∇_x(νᵀc)·ẋ) (mixed partials commute). ``asked`` (reverse mode): the
+        inputs whose gradient is wanted (all where None): B_ν's part in the others reaches
+        nothing asked (a zero row ``E[1] y = 0`` warned with only ``x`` requiring grad).
         """
         if self.found is None or not bool(self.found.any()) or not self.c.requires_grad:
             return None
@@ -250,7 +253,8 @@ class DependenceCheck:
         dirs = None if dirs is None else [(leaf, torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0))
                                           for leaf, t in dirs]
         leaves = [] if dirs is None else [leaf for leaf, _ in dirs]
-        wrt = (y,) if dirs is not None else (y,) + self.inputs + self.params
+        inputs = self.inputs if asked is None else tuple(x for x, a in zip(self.inputs, asked) if a)
+        wrt = (y,) if dirs is not None else (y,) + inputs + self.params
         norms = []
         for j in range(N.shape[-1]):
             first = torch.autograd.grad(self.c, [y] + leaves, N[..., j], retain_graph=True, create_graph=True,
@@ -263,7 +267,7 @@ class DependenceCheck:
             hy, *hx = torch.autograd.grad(sum(terms), wrt, retain_graph=True, allow_unused=True)
             if hy is not None:  # only its tangent part moves the solution
                 hy = hy - (rows.transpose(1, 2) @ (rows @ hy.unsqueeze(-1))).squeeze(-1)
-            norms.append(self._size([hy] + hx, 1 + len(self.inputs)))
+            norms.append(self._size([hy] + hx, 1 + len(inputs)))
         reached = self.found & self._significant(null, norms)
         return reached if bool(reached.any()) else None
 

@@ -61,6 +61,7 @@ def declarative_vjp(
     name: str = "",
     batch_shape: Sequence[int] | None = None,
     check_minimum: bool = True,
+    inputs_asked: Sequence[bool] | None = None,
 ) -> tuple[Tensor | tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Vector–Jacobian product of a declarative node's solution, by implicit differentiation.
 
@@ -155,6 +156,10 @@ def declarative_vjp(
         check_minimum: warn where ``y`` is a saddle point or a maximiser (see above);
             ``False`` for nodes that declare stationary points (e.g. all eigenvectors of
             a symmetric matrix). Default ``True``.
+        inputs_asked: one flag per input, whether its gradient is wanted (the others' are
+            computed all the same, and returned); the degeneracy warnings judge only what
+            is wanted (dependent curved constraints reach an unwanted input's derivative
+            alone: no warning). Default ``None``: all.
 
     Returns:
         ``(grad_xs, grad_params)``: one gradient per input, in the input's dtype
@@ -216,7 +221,7 @@ def declarative_vjp(
         upstream = ~torch.isfinite(gy).all(-1)
         w, mu = k.solve(torch.where(k.zero_rhs(upstream).unsqueeze(-1), 0.0, gy))
         if k.dependence is not None:
-            warn_curved(who, k.dependence.curvature_reaches(w))
+            warn_curved(who, k.dependence.curvature_reaches(w, asked=inputs_asked))
         # -(w^T D_x (grad_y L) + mu^T D_x c): the product with B = D^2_xy L as one vjp.
         target = -(gL * w.detach()).sum()
         if c is not None:
