@@ -162,8 +162,10 @@ def _defined_by_constraints(constraints: dict[str, Tensor | None], of: dict[str,
 
 
 @contextlib.contextmanager
-def second_derivatives(prefix: str) -> Iterator[None]:
-    """Turn torch's "cannot differentiate twice" errors into a ``ProblemError``.
+def second_derivatives(prefix: str, forward: bool = False) -> Iterator[None]:
+    """Turn torch's "cannot differentiate twice" errors into a ``ProblemError``; ``forward``:
+    in forward mode, whose ``B ẋ`` differentiates the backward in the inputs again (an
+    operation on the inputs alone, a native node's ``robust_pool(x)``, needs that there only).
 
     The implicit backward differentiates ``∇_y L`` again (Hessian-vector products), so
     every operation of the objective and constraints needs a double backward; a few
@@ -186,7 +188,12 @@ def second_derivatives(prefix: str) -> Iterator[None]:
             f"{prefix}objective or constraints use an operation that torch cannot differentiate "
             f"twice ({text.strip()}); the implicit backward needs their second derivatives "
             "(Hessian-vector products). Write it with elementary operations (e.g. "
-            "((y - p) ** 2).sum(-1).sqrt() for torch.cdist)") from err
+            "((y - p) ** 2).sum(-1).sqrt() for torch.cdist)"
+            + (". In forward mode that includes operations on the inputs alone (the mixed derivative B·ẋ is "
+               "formed by differentiating the backward in the inputs again: a native node such as "
+               "robust_pool(x), once differentiable, is refused here); reverse mode differentiates those once, "
+               "and computing such a term outside the node and passing it as an input works in both modes"
+               if forward else "")) from err
 
 
 def lagrangian_gradient(prefix: str, lagrangian: Tensor, yg: Tensor) -> tuple[Tensor, Tensor]:

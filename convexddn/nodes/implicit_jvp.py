@@ -94,7 +94,7 @@ def declarative_jvp(
         return torch.zeros_like(y)
     prefix, who = (f"{name}.", f"{name}: ") if name else ("", "")
     # (its messages name the rows in the caller's batch_shape; after the block, passed explicitly)
-    with naming_batch(batch_shape), torch.enable_grad(), second_derivatives(prefix):
+    with naming_batch(batch_shape), torch.enable_grad(), second_derivatives(prefix, forward=True):
         k = implicit_system(objective, xs, y, equality_constraints, inequality_constraints, params, known,
                             linear_solver, dense_max, active_tol, cg_options, check_solution, solution_tol,
                             work_dtype, name, batch_shape, check_minimum)
