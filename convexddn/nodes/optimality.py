@@ -331,7 +331,8 @@ def verify_kkt(prefix: str, res: KKTResiduals, tol: float, batch_shape,
             "computes (e.g. a clamp without its inequality constraints), an inequality multiplier is negative, or the "
             "objective is non-smooth at the solution (e.g. |u| at u = 0), where the derivative does not exist, or "
             "what the problem reads changed between the forward and the backward, which evaluates it again (a "
-            "Python number or a dict entry rebound; a tensor changed in place or a tensor attribute rebound raises)")
+            "Python number or a dict entry rebound; a tensor changed in place or a tensor attribute rebound raises), "
+            "or the objective is random (dropout in training mode: each evaluation is another problem)")
     stat, feas = float(res.stationarity.amax()), float(res.feasibility.amax())
     found = None if near_active is None or not bool((fatal | poor).any()) else near_active(fatal | poor)
     if found is not None:
