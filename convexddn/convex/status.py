@@ -40,8 +40,11 @@ class SolveInfo:
             program, checked and differentiated by the batched path), else the
             per-element solver (``"Clarabel→SCS"`` where its point was improved by
             SCS warm-started there, whose point was returned).
-        statuses: per element, the status that solver reported (for ``"Clarabel→SCS"``
-            both: ``"<Clarabel's>; SCS from its point: <SCS's>"``).
+        statuses: per element, the status that solver reported, in SCS's words as diffcp
+            reports it (Clarabel's ``MaxIterations``, ``MaxTime``, ``NumericalError`` and
+            ``InsufficientProgress`` all read ``"Failure"``, ``AlmostSolved`` ``"Optimal
+            Inaccurate"``; for ``"Clarabel→SCS"`` both: ``"<Clarabel's>; SCS from its point:
+            <SCS's>"``).
         residuals: per element, the relative KKT residual of the returned solution.
         solved: a bool tensor of the caller's batch shape: True where the element was
             solved (False only with ``on_failure="mask"``, where its output is NaN).
