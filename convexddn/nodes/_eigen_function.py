@@ -108,8 +108,11 @@ def _eigen_forward(
     if not finite:
         check_finite("X", X)
     if not (finite and fits):
-        raise SolverError(f"eigen_decomposition: the eigenvalues of a finite X overflow {X.dtype} "
-                          "(entries of extreme magnitude); scale X down")
+        bad = ~(torch.isfinite(mu).all(-1) & torch.isfinite(lam_out).all(-1))  # (X's batch shape)
+        indices = [tuple(i) for i in torch.nonzero(bad).tolist()]
+        raise SolverError(f"eigen_decomposition: the eigenvalues of a finite X overflow {X.dtype} for "
+                          f"{len(indices)} of {bad.numel()} matrices (batch indices {indices[:8]}; entries of "
+                          "extreme magnitude); scale X down", indices=indices, statuses=["overflow"] * len(indices))
     if tie:
         first = Vk.abs().argmax(-2, keepdim=True)  # the first of the largest |entries|
         s = torch.where(s == 0, Vk.gather(-2, first), s)

@@ -11,7 +11,7 @@ from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning
 from ._tv_solver import _counts, _edge_terms, _segment_ids, _segment_mean, _solve
-from .degeneracy import shown_indices
+from .degeneracy import naming_batch, shown_indices
 
 __all__ = ["_TVFn"]
 
@@ -64,7 +64,8 @@ class _TVFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x, lam, scale, zero_lam, max_iter, batch):  # type: ignore[override]
-        return _solve(x, lam, max_iter, scale, zero_lam)
+        with naming_batch(batch.dims):  # (a failure names the signals in x's shape without dim)
+            return _solve(x, lam, max_iter, scale, zero_lam)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]

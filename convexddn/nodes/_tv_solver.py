@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SolverError
+from .degeneracy import named_batch, unravel
 
 __all__ = ["_SAFE", "_TINY", "_counts", "_edge_terms", "_segment_ids", "_segment_mean", "_solve"]
 
@@ -147,10 +148,12 @@ def _solve(
             yw, sw, tw = torch.empty_like(x), torch.empty_like(sigma), torch.zeros_like(todo)
     rows = todo.nonzero().flatten()
     rows = (rows if idx is None else idx.index_select(0, rows)).tolist()
+    # (as index tuples into the caller's batch shape where the caller bound it: naming_batch)
+    shape = named_batch(x0.shape[0])
+    indices = [(i,) if shape is None else unravel(i, shape) for i in rows]
     raise SolverError(
         f"tv_denoise: the active-set method did not converge in max_iter={max_iter} "
-        f"steps for {len(rows)} row(s) (flattened batch indices {rows[:10]}); raise "
-        "max_iter",
-        indices=[(i,) for i in rows],
+        f"steps for {len(rows)} signal(s) (batch indices {indices[:10]}); raise max_iter",
+        indices=indices,
         statuses=["max_iter"] * len(rows),
     )

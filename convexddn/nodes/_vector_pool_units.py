@@ -22,6 +22,7 @@ from .._autograd import eager_with_tangents
 from .._checks import check_finite
 from .._pow2 import pow2_round
 from ..errors import SolverError
+from .degeneracy import failed_indices
 
 __all__ = ["in_units", "rescaled"]
 
@@ -82,8 +83,8 @@ def rescaled(t: torch.Tensor, factor: torch.Tensor, divide: bool = False) -> tor
     return _Rescaled.apply(t, factor, divide)
 
 
-def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bool, batch: tuple[int, ...] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(x3, a, scale, anchor)``: the sets less ``anchor`` (R, C) (``None``: none
     moved), and alpha, in units of ``scale``, a power of two near alpha (``None``: not
     rescaled); in float64 where a float32 set spreads beyond 2^60 alpha or the scale is no
@@ -117,9 +118,11 @@ def in_units(x: torch.Tensor, x3: torch.Tensor, alpha: torch.Tensor, rescale: bo
         if dtype == torch.float32 and not (spread <= spread_limit(dtype, C) and normal):
             dtype = torch.float64
         if spread > spread_limit(torch.float64, C):
-            raise SolverError(f"robust_vector_pool: a pooled set spreads {spread:.1e} times alpha, beyond "
-                              f"{spread_limit(torch.float64, C):.0e}: its squared distances overflow float64; "
-                              "scale the outlying entries down or raise alpha")
+            indices = failed_indices(ext[0] > spread_limit(torch.float64, C), batch)  # (batch: the caller's)
+            raise SolverError(f"robust_vector_pool: {len(indices)} pooled set(s) (batch indices {indices[:8]}) "
+                              f"spread up to {spread:.1e} times alpha, beyond {spread_limit(torch.float64, C):.0e}: "
+                              "their squared distances overflow float64; scale the outlying entries down or raise "
+                              "alpha", indices=indices, statuses=["overflow"] * len(indices))
         if excess > _FAR:
             # (Halves first: hi + lo overflows float64 for entries above 9e307.)
             anchor = torch.where((ext[1] > _FAR).unsqueeze(-1), hi.mul_(0.5).add_(lo, alpha=0.5), 0.0).to(dtype)

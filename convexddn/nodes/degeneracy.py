@@ -21,8 +21,8 @@ from .dense import default_rcond
 from .multipliers import unit_rows
 from .._context import bound
 
-__all__ = ["DependenceCheck", "dependent_to_warn", "in_saved_batch", "named_batch", "naming", "naming_batch",
-           "shown_indices", "unravel", "warn_curved", "warn_degenerate"]
+__all__ = ["DependenceCheck", "dependent_to_warn", "failed_indices", "in_saved_batch", "named_batch", "naming",
+           "naming_batch", "shown_indices", "unravel", "warn_curved", "warn_degenerate"]
 
 Tensor = torch.Tensor
 _MAX_INDICES_SHOWN = 8
@@ -84,6 +84,15 @@ def shown_indices(mask: Tensor, batch: Sequence[int] | None = None) -> str:
     if batch is None:
         return f"{count} (flat indices {head}{more})"
     return f"{count} (indices {[unravel(i, batch) for i in head]}{more})"
+
+
+def failed_indices(mask: Tensor, batch: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """Every element where ``mask`` holds, as index tuples into ``batch`` or the batch
+    :func:`naming_batch` bound (flat ``(i,)`` where neither covers ``mask``): a
+    :class:`~convexddn.errors.SolverError`'s ``indices``, as :func:`shown_indices` names them."""
+    shape = named_batch(mask.numel(), batch)
+    rows = torch.nonzero(mask.reshape(-1)).squeeze(-1).tolist()
+    return [(i,) if shape is None else unravel(i, shape) for i in rows]
 
 
 def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:

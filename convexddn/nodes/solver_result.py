@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DTypeError, ShapeError, SolverError
-from .degeneracy import shown_indices
+from .degeneracy import failed_indices, shown_indices
 
 __all__ = ["checked_solver_result"]
 
@@ -38,5 +38,7 @@ def checked_solver_result(result: object, batch: int, m: int, r: int | None) -> 
     if mu is not None:
         bad = bad | ~torch.isfinite(mu).all(-1)
     if bool(bad.any()):
-        raise SolverError(f"linear_solver returned NaN or Inf for {shown_indices(bad)}")
+        indices = failed_indices(bad)
+        raise SolverError(f"linear_solver returned NaN or Inf for {shown_indices(bad)}", indices=indices,
+                          statuses=["non-finite"] * len(indices))
     return w, mu

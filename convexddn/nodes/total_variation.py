@@ -73,6 +73,7 @@ from ._module_options import store_option
 from ._overflow import option_cast
 from ._tv_function import _TVFn
 from ._tv_solver import _SAFE, _TINY, _solve
+from .degeneracy import naming_batch
 
 __all__ = ["TotalVariation1d", "tv_denoise"]
 
@@ -153,7 +154,8 @@ def _denoise_rows(x: torch.Tensor, lam: Any, rows: torch.Tensor, lam_rows: torch
         # solver's ops differentiated (one-sided at ties, with no warning).
         y = _TVFn.apply(rows, lam_rows, scale, low == 0, max_iter, BatchShape(batch))[0]
     else:
-        y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
+        with naming_batch(batch):  # (a failure names the signals in x's shape without dim)
+            y = _solve(rows, lam_rows, max_iter, scale, low == 0)[0]
     return y
 
 

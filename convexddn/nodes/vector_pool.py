@@ -330,7 +330,7 @@ def robust_vector_pool(
     # NaN; at 1e25 Huber returned the plain mean). A float α in [2^-16, 2^16] needs none.
     # y(x + t) = y(x) + t: sets far from 0 in units of α are moved to their midpoint.
     rescale = isinstance(alpha, torch.Tensor) or not 2.0**-16 <= float(alpha) <= 2.0**16
-    x3, a, scale, anchor = _in_units(x, x3, a, rescale)
+    x3, a, scale, anchor = _in_units(x, x3, a, rescale, tuple(batch))
     args = (x3, a, pen, _DEFAULT_TOL.get(work, 1e-6) if tol is None else float(tol),
             _DEFAULT_MAX_ITER if max_iter is None else max_iter,
             _DEFAULT_STARTS if starts is None else starts, BatchShape(tuple(batch)))

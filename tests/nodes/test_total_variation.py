@@ -443,7 +443,7 @@ def test_tv_finished_rows_leave_the_working_set(monkeypatch):
     # Rows still running at max_iter are named by their index in the batch, not in the
     # working set (here two compactions before the error).
     x[5] = ramp.flip(0)
-    with pytest.raises(SolverError, match=r"2 row\(s\) \(flattened batch indices \[5, 37\]\)") as err:
+    with pytest.raises(SolverError, match=r"2 signal\(s\) \(batch indices \[\(5,\), \(37,\)\]\)") as err:
         tv_denoise(x, 10.0, max_iter=20)
     assert err.value.indices == [(5,), (37,)]
 

@@ -95,10 +95,12 @@ def narrowed(y: torch.Tensor, dtype: torch.dtype, d: int, what: str, name: str,
     out = y.to(dtype)
     bad = ~torch.isfinite(out).all(d)
     if bool(bad.any()):
+        indices = [tuple(i) for i in torch.nonzero(bad).tolist()]  # (bad has the batch shape: y's without dim)
         raise SolverError(
-            f"{what}: the projection does not fit {dtype} for {int(bad.sum())} of {bad.numel()} "
-            f"vector(s) (an entry beyond {torch.finfo(dtype).max:g}, with {name}={format_option(radius)}); "
-            f"pass x in a wider dtype or a smaller {name}")
+            f"{what}: the projection does not fit {dtype} for {len(indices)} of {bad.numel()} "
+            f"vector(s) (batch indices {indices[:8]}; an entry beyond {torch.finfo(dtype).max:g}, with "
+            f"{name}={format_option(radius)}); pass x in a wider dtype or a smaller {name}",
+            indices=indices, statuses=["overflow"] * len(indices))
     if on is not None:
         warn_unrepresentable(out, d, what, name, on)
     return out
