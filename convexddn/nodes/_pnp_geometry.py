@@ -233,8 +233,11 @@ def checked_inputs(p2d, p3d, weights, K, init, alpha) -> tuple[dict, torch.Size]
     if weights is not None and weights.numel():
         if bool((weights < 0).any()):
             raise InputError(f"weights must be >= 0, got a minimum of {float(weights.min()):g}")
-        if bool((weights.sum(-1) == 0).any()):
-            raise InputError("weights must not be all zero for a problem (the pose is then undetermined)")
+        zero = weights.sum(-1) == 0
+        if bool(zero.any()):
+            where = [tuple(i) for i in torch.nonzero(zero).tolist()]
+            raise InputError(f"weights must not be all zero for a problem (the pose is then undetermined): "
+                             f"{len(where)} of weights' {zero.numel()} problem(s) are, at indices {where[:8]}")
     return named, batch
 
 

@@ -106,10 +106,10 @@ def _check_values(x: torch.Tensor, d: int) -> tuple[torch.Tensor, bool]:
                 f"x must not contain NaN or +inf (-inf masks an entry), got {n_nan} NaN "
                 f"and {n_pinf} +inf value(s) among {x.numel()} (shape {tuple(x.shape)})"
             )
-        rows = int((top == -math.inf).sum())
+        where = [tuple(i) for i in torch.nonzero((top == -math.inf).squeeze(d)).tolist()]
         raise InputError(
-            f"x has {rows} row(s) along dim={d} whose entries are all -inf; "
-            "at least one entry per row must be finite"
+            f"x has {len(where)} row(s) along dim={d} whose entries are all -inf (at indices {where[:8]} of x's "
+            "other dims); at least one entry per row must be finite"
         )
     return top, above_lowest
 

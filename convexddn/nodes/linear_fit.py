@@ -170,8 +170,8 @@ def linear_fit(
         else:
             raise
         raise SolverError(
-            f"linear_fit: {what} for {len(err.indices)} batch element(s) (indices "
-            f"{err.indices[:8]}), which leaves the intercept undetermined (it is not regularised, so "
+            f"linear_fit: {what} for {len(err.indices)} batch element(s) (indices into the batch of x, "
+            f"weights and ridge {err.indices[:8]}), which leaves the intercept undetermined (it is not regularised, so "
             "no ridge helps; bias=False fits without it)",
             indices=err.indices, statuses=err.statuses) from None
     if bias:

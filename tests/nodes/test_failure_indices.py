@@ -72,3 +72,19 @@ def test_sinkhorn_refuses_a_cost_spanning_beyond_float64():
     C[1, 0, 0, 0], C[1, 0, 0, 1] = 1e308, -1e308
     with pytest.raises(InputError, match="must differ by at most"):
         cddn.OptimalTransport(eps=1.0)(C)
+
+
+def test_input_errors_for_one_element_name_it():
+    """Entmax's row of -inf and PnP's problem with all-zero weights name where they are (the
+    messages counted them only)."""
+    x = torch.zeros(2, 3, 4, dtype=F64)
+    x[1, 2] = -float("inf")
+    with pytest.raises(InputError, match=r"1 row\(s\) along dim=2 .*at indices \[\(1, 2\)\]"):
+        F.entmax(x, 1.5)
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 12, 3, dtype=F64, generator=g) + torch.tensor([0.0, 0.0, 6.0], dtype=F64)
+    q = p[..., :2] / p[..., 2:]
+    w = torch.ones(3, 12, dtype=F64)
+    w[1] = 0.0
+    with pytest.raises(InputError, match=r"1 of weights' 3 problem\(s\) are, at indices \[\(1,\)\]"):
+        F.pnp(q, p, w)

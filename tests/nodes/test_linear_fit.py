@@ -105,5 +105,5 @@ def test_linear_fit_all_zero_weights_with_a_tiny_ridge_say_so():
     x = torch.randn(2, 2, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     w = torch.ones(2, 9, dtype=torch.float64)
     w[1] = 0
-    with pytest.raises(SolverError, match=r"the weights are all zero for 1 batch element\(s\) \(indices \[\(1,\)\]\)"):
+    with pytest.raises(SolverError, match=r"the weights are all zero for 1 batch element\(s\) \(indices into the batch of x, weights and ridge \[\(1,\)\]\)"):
         linear_fit(x, torch.arange(9.0, dtype=torch.float64), w, ridge=1e-300)
