@@ -283,13 +283,13 @@ class ConeData:
         the inputs whose rounding those rows' disagreement may come from."""
         if self.rows_cols is None:
             return None
-        sizes = [0] * len(self.param_cols)
-        for order, size, _ in self.param_cols:
-            sizes[order] = size
-        used = set(self.rows_cols.tolist())
-        starts = [sum(sizes[:order]) for order, _, _ in self.param_cols]
-        return [i for i, (start, (_, size, _)) in enumerate(zip(starts, self.param_cols))
-                if any(c in used for c in range(start, start + size))]
+
+        def build():  # (each parameter's columns as columns_of lays them out: one source)
+            read = torch.zeros(self.n_cols, dtype=torch.float64)
+            read[self.rows_cols.cpu()] = 1.0
+            k = len(self.param_cols)
+            return [i for i in range(k) if bool((self.columns_of([j == i for j in range(k)], read)[0] * read).any())]
+        return cached(self._cache, "equality_parameters", build)  # (per call otherwise: a loop over columns)
 
     def inconsistency(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(‖(I - Π) b_E‖, ‖b_E‖)`` ``(B,)`` of each element where dependent equality rows
