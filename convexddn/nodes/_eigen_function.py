@@ -14,6 +14,7 @@ from .._checks import check_finite
 from .._pow2 import pow2_floor
 from ..errors import SolverError
 from ._overflow import may_overflow, warn_gradient_overflow
+from .degeneracy import failed_indices
 from ._eigen_degenerate import (
     sign_ties,
     warn_degenerate_pairs,
@@ -109,7 +110,7 @@ def _eigen_forward(
         check_finite("X", X)
     if not (finite and fits):
         bad = ~(torch.isfinite(mu).all(-1) & torch.isfinite(lam_out).all(-1))  # (X's batch shape)
-        indices = [tuple(i) for i in torch.nonzero(bad).tolist()]
+        indices = failed_indices(bad, bad.shape)
         raise SolverError(f"eigen_decomposition: the eigenvalues of a finite X overflow {X.dtype} for "
                           f"{len(indices)} of {bad.numel()} matrices (batch indices {indices[:8]}; entries of "
                           "extreme magnitude); scale X down", indices=indices, statuses=["overflow"] * len(indices))

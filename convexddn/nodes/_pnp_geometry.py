@@ -15,7 +15,7 @@ from .._warn import warn
 from ..errors import GradientWarning, InputError, ShapeError, SolverWarning
 from .dense import checked_solve
 from .lagrangian import _batched_vjp
-from .degeneracy import named_batch, shown_indices, unravel
+from .degeneracy import failed_indices, named_batch, shown_indices, unravel
 from .pooling.penalties import Penalty
 
 __all__ = [
@@ -235,7 +235,7 @@ def checked_inputs(p2d, p3d, weights, K, init, alpha) -> tuple[dict, torch.Size]
             raise InputError(f"weights must be >= 0, got a minimum of {float(weights.min()):g}")
         zero = weights.sum(-1) == 0
         if bool(zero.any()):
-            where = [tuple(i) for i in torch.nonzero(zero).tolist()]
+            where = failed_indices(zero, zero.shape)
             raise InputError(f"weights must not be all zero for a problem (the pose is then undetermined): "
                              f"{len(where)} of weights' {zero.numel()} problem(s) are, at indices {where[:8]}")
     return named, batch

@@ -7,7 +7,7 @@ import torch
 from .._warn import warn
 from ..errors import GradientWarning, SolverError
 from ._tridiagonal_scaled import ACCEPT_PIVOTED
-from .degeneracy import shown_indices, unravel
+from .degeneracy import failed_indices, shown_indices
 
 __all__ = ["check_cast", "problems", "report"]
 
@@ -16,9 +16,9 @@ _SINGULAR = 4.0  # a pivot at most this many ulps of the terms that formed it is
 
 def _raise(who: str, bad: torch.Tensor, batch: tuple, what: str, status: str) -> None:
     """A SolverError for the elements where ``bad`` (``(M,)``) holds, with their indices into ``batch``."""
-    rows = bad.nonzero().squeeze(1).tolist()
-    indices = [unravel(r, batch) for r in rows]
-    raise SolverError(f"{who}: {what} in {shown_indices(bad, batch)}", indices=indices, statuses=[status] * len(rows))
+    indices = failed_indices(bad, batch)
+    raise SolverError(f"{who}: {what} in {shown_indices(bad, batch)}", indices=indices,
+                      statuses=[status] * len(indices))
 
 
 def check_cast(who: str, x: torch.Tensor, out: torch.Tensor, batch: tuple) -> None:

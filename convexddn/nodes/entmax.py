@@ -72,6 +72,7 @@ from .._first_order import first_order, first_order_jvp
 from .._checks import check_int, check_number, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, ShapeError
 from ._entmax_map import SOFTMAX_BELOW, entmax_map, jacobian_product
+from .degeneracy import failed_indices
 from .projection import project_simplex
 
 __all__ = ["Entmax", "entmax"]
@@ -106,7 +107,8 @@ def _check_values(x: torch.Tensor, d: int) -> tuple[torch.Tensor, bool]:
                 f"x must not contain NaN or +inf (-inf masks an entry), got {n_nan} NaN "
                 f"and {n_pinf} +inf value(s) among {x.numel()} (shape {tuple(x.shape)})"
             )
-        where = [tuple(i) for i in torch.nonzero((top == -math.inf).squeeze(d)).tolist()]
+        empty = (top == -math.inf).squeeze(d)
+        where = failed_indices(empty, empty.shape)
         raise InputError(
             f"x has {len(where)} row(s) along dim={d} whose entries are all -inf (at indices {where[:8]} of x's "
             "other dims); at least one entry per row must be finite"

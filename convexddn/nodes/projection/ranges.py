@@ -12,6 +12,7 @@ from ..._pow2 import pow2_floor
 from ..._warn import warn
 from ...errors import ConvexDDNWarning, SolverError
 from .._repr import format_option
+from ..degeneracy import failed_indices
 
 
 def _along(values: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
@@ -95,7 +96,7 @@ def narrowed(y: torch.Tensor, dtype: torch.dtype, d: int, what: str, name: str,
     out = y.to(dtype)
     bad = ~torch.isfinite(out).all(d)
     if bool(bad.any()):
-        indices = [tuple(i) for i in torch.nonzero(bad).tolist()]  # (bad has the batch shape: y's without dim)
+        indices = failed_indices(bad, bad.shape)  # (bad has the batch shape: y's without dim)
         raise SolverError(
             f"{what}: the projection does not fit {dtype} for {len(indices)} of {bad.numel()} "
             f"vector(s) (batch indices {indices[:8]}; an entry beyond {torch.finfo(dtype).max:g}, with "
