@@ -276,7 +276,10 @@ def check_outside_tangents(node: torch.nn.Module, calls, xs, y: Tensor) -> None:
         return
     own = {id(t) for _, t in named_state(node)}
     reads = Reads((*xs, y))
-    with reads, torch.no_grad():
+    # (no tangents propagated: only what is read matters, and an operation without a forward
+    # derivative, a custom Function with no jvp applied to the inputs, raised here, where the
+    # node's forward mode differentiates it by reverse products)
+    with reads, torch.no_grad(), forward_ad._set_fwd_grad_enabled(False):
         for call in calls:
             call(*xs, y)
     refuse_outside_tangents(type(node).__name__, (t for i, t in reads.outside.items() if i not in own))

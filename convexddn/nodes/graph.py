@@ -29,7 +29,7 @@ from .lagrangian import ROUNDING_MARGIN, _grads, end_rounding
 from .optimality import _format_indices
 
 __all__ = ["autograd_leaves", "check_curvature", "check_graph", "check_second_order", "ill_determined",
-           "lagrangian_gradient", "second_derivatives"]
+           "lagrangian_gradient", "second_derivatives", "twice_refused"]
 
 Tensor = torch.Tensor
 
@@ -161,11 +161,24 @@ def _defined_by_constraints(constraints: dict[str, Tensor | None], of: dict[str,
     return m > 0 and rows >= m and reads_data
 
 
+def twice_refused(err: BaseException) -> bool:
+    """Whether ``err`` is torch's refusal to differentiate an operation a second time: a
+    backward's own derivative missing ("derivative for '_cdist_backward'"), a
+    once-differentiable Function, or a torch.compile'd one ("aot_autograd does not
+    currently support double backward"); a missing first derivative ("derivative for
+    'igamma: input'") is a different fault."""
+    text = str(err)
+    return isinstance(err, (NotImplementedError, RuntimeError)) and bool(
+        re.search(r"derivative for '[^']*_backward", text) or "differentiate twice" in text
+        or "double backward" in text)
+
+
 @contextlib.contextmanager
 def second_derivatives(prefix: str, forward: bool = False) -> Iterator[None]:
     """Turn torch's "cannot differentiate twice" errors into a ``ProblemError``; ``forward``:
-    in forward mode, whose ``B ẋ`` differentiates the backward in the inputs again (an
-    operation on the inputs alone, a native node's ``robust_pool(x)``, needs that there only).
+    in forward mode, whose ``B ẋ`` is formed by a second reverse product in the inputs or,
+    where that is refused, by forward mode over one reverse product (an operation on the
+    inputs alone then needs its forward derivative: both failed).
 
     The implicit backward differentiates ``∇_y L`` again (Hessian-vector products), so
     every operation of the objective and constraints needs a double backward; a few
@@ -175,24 +188,20 @@ def second_derivatives(prefix: str, forward: bool = False) -> Iterator[None]:
     try:
         yield
     except (NotImplementedError, RuntimeError) as err:
-        text = str(err)
-        # Only second-derivative gaps: a backward's own derivative ("derivative for
-        # '_cdist_backward'"), a once-differentiable Function, or a torch.compile'd one
-        # ("aot_autograd does not currently support double backward": whether it fails in
-        # lagrangian_gradient or only here depends on what was compiled before); a missing
-        # first derivative ("derivative for 'igamma: input'") is a different fault.
-        if not (re.search(r"derivative for '[^']*_backward", text) or "differentiate twice" in text
-                or "double backward" in text):
+        # (whether it fails in lagrangian_gradient or only in a later product depends on
+        # what was compiled before)
+        if not twice_refused(err):
             raise
+        text = str(err)
         raise ProblemError(
             f"{prefix}objective or constraints use an operation that torch cannot differentiate "
             f"twice ({text.strip()}); the implicit backward needs their second derivatives "
             "(Hessian-vector products). Write it with elementary operations (e.g. "
             "((y - p) ** 2).sum(-1).sqrt() for torch.cdist)"
-            + (". In forward mode that includes operations on the inputs alone (the mixed derivative B·ẋ is "
-               "formed by differentiating the backward in the inputs again: a native node such as "
-               "robust_pool(x), once differentiable, is refused here); reverse mode differentiates those once, "
-               "and computing such a term outside the node and passing it as an input works in both modes"
+            + (". In forward mode an operation on the inputs alone needs either its double backward or its "
+               "forward derivative (the mixed derivative B·ẋ is formed by one of the two; a parameter's tangent "
+               "needs the double backward); computing such a term outside the node and passing it as an input "
+               "works in both modes"
                if forward else "")) from err
 
 

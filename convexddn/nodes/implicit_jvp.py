@@ -30,9 +30,9 @@ import torch
 
 from .._autograd import outside_compile
 from .._warn import warn
-from ..errors import GradientWarning
+from ..errors import GradientWarning, ProblemError
 from .degeneracy import naming_batch, warn_curved
-from .graph import second_derivatives
+from .graph import second_derivatives, twice_refused
 from .implicit_options import check_implicit_options
 from .implicit_system import implicit_system
 from .lagrangian import ConstraintFn
@@ -107,7 +107,7 @@ def declarative_jvp(
         for i, t in pairs:
             ok = torch.isfinite(t)
             upstream |= (~ok.reshape(batch, -1).all(-1) if i < len(xs) else ~ok.all().expand(batch))
-        Bx, Cx = _forward_products(k.gL, k.c, dirs)
+        Bx, Cx = _mixed(k, dirs, pairs, len(xs), prefix)
         # Finite tangents with non-finite products: the mixed second derivatives (or the
         # constraints' derivatives in x) are NaN or Inf there, as the vjp finds them.
         mixed = ~torch.isfinite(Bx).all(-1)
@@ -154,18 +154,65 @@ def declarative_jvp(
     return out.reshape(y.shape)
 
 
+def _mixed(k, dirs: list[tuple[Tensor, Tensor]], pairs: list[tuple[int, Tensor]], n_inputs: int,
+           prefix: str) -> tuple[Tensor, Tensor | None]:
+    """``(B ẋ, C ẋ)`` by a second reverse product (:func:`_forward_products`) or, where that
+    is refused or its graph lost (a once-differentiable operation on the inputs alone, such
+    as a native node's ``robust_pool(x)``, whose forward derivative exists), by forward mode
+    over one reverse product (:func:`~.implicit_system._mixed_products`); a parameter's
+    tangent has only the first (the objective reads the parameters itself)."""
+    refused = None
+    try:
+        products = _forward_products(k.gL, k.c, dirs)
+    except (NotImplementedError, RuntimeError) as err:
+        if not twice_refused(err):
+            raise
+        products, refused = None, err
+    if products is not None:
+        return products
+    tangents = [None] * n_inputs
+    try:
+        if any(i >= n_inputs for i, _ in pairs):
+            raise NotImplementedError("a parameter's tangent")
+        for (_, t), (i, _) in zip(dirs, pairs):
+            tangents[i] = t
+        return k.mixed(tangents)
+    except (NotImplementedError, RuntimeError):
+        if refused is not None:
+            raise refused from None  # (second_derivatives names both ways)
+        raise ProblemError(
+            f"{prefix}objective or constraints apply to the inputs or parameters an operation whose backward "
+            "is not itself differentiable (its gradient carries no autograd graph: a custom "
+            "torch.autograd.Function marked once_differentiable, or whose backward runs under no_grad) and "
+            "that has no forward derivative (jvp) where forward mode needs it (an input's tangent; a "
+            "parameter's needs the double backward): forward mode forms the mixed derivative B·ẋ from one "
+            "of the two. Give the Function a jvp or a differentiable backward, or compute the term outside "
+            "the node and pass it as an input") from None
+
+
+def _lost(g: Tensor | None) -> bool:
+    """Whether a reverse product's result ``g`` lost its graph to the cotangent: it carries
+    none (a backward run under no_grad), or torch's once-differentiable marker, whose second
+    backward returns nothing where it should raise (torch 2.13: the gradient to the cotangent
+    came back None, and the tangent as 0, silently)."""
+    return g is not None and (not g.requires_grad or type(g.grad_fn).__name__ == "Error")
+
+
 def _forward_products(gL: Tensor, c: Tensor | None, dirs: list[tuple[Tensor, Tensor]]
-                      ) -> tuple[Tensor, Tensor | None]:
+                      ) -> tuple[Tensor, Tensor | None] | None:
     """``(B ẋ, C ẋ)``: the derivatives of ``gL`` ``(B, m)`` and ``c`` ``(B, r)`` along the
     tangents ``dirs`` (leaf, tangent pairs), as the gradient of ⟨Bᵀu + Cᵀv, ẋ⟩ with
-    respect to the cotangents ``(u, v)`` at 0 (the reverse product is linear in them)."""
+    respect to the cotangents ``(u, v)`` at 0 (the reverse product is linear in them);
+    ``None`` where a first product lost its graph (:func:`_lost`)."""
     us = [torch.zeros_like(gL, requires_grad=True)] + ([] if c is None else [torch.zeros_like(c, requires_grad=True)])
     outs = [gL] + ([] if c is None else [c])
     total = sum((o * u).sum() for o, u in zip(outs, us) if o.requires_grad)
     leaves = [leaf for leaf, _ in dirs]
     back = (torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
             if isinstance(total, Tensor) and total.requires_grad else [None] * len(leaves))
-    inner = [(g * t).sum() for g, (_, t) in zip(back, dirs) if g is not None and g.requires_grad]
+    if any(_lost(g) for g in back):
+        return None
+    inner = [(g * t).sum() for g, (_, t) in zip(back, dirs) if g is not None]
     if not inner:
         return torch.zeros_like(gL), (None if c is None else torch.zeros_like(c))
     grads = torch.autograd.grad(sum(inner), us, allow_unused=True)

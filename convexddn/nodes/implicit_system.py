@@ -14,12 +14,14 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from .._autograd import plain
 from .._checks import cast_checked
@@ -63,6 +65,7 @@ class ImplicitSystem(NamedTuple):
     dependence: DependenceCheck | None = None  # where dependent constraints' multipliers reach
     name: str = ""  # the node's, for the solvers' degeneracy warnings
     fallback: LinearSolver | None = None  # the built-in solver, for a user's answer that misses its system
+    mixed: Callable[..., tuple[Tensor, Tensor | None]] | None = None  # (B ẋ, C ẋ) in forward mode: _mixed_products
 
     def zero_rhs(self, rows: Tensor) -> Tensor:
         """Rows solved with a zero right-hand side: ``rows`` and the broken elements."""
@@ -136,6 +139,38 @@ def _rows_hvp(objective, fns, prefix: str, xg, yg: Tensor, event, lam: Tensor | 
     f_L, c_L = _lagrangian_parts(objective, fns, prefix, xs, yv, f, c, pick(inactive), pick(broken))
     lagrangian = f_L + (0.0 if c_L is None else (pick(lam) * c_L).sum(-1))
     return _element_hvp(lagrangian_gradient(prefix, lagrangian, ys)[0], ys, pick(broken))
+
+
+def _mixed_products(objective, fns, prefix: str, xg, yg: Tensor, event, lam: Tensor | None,
+                    inactive: Tensor | None, broken: Tensor | None, tangents) -> tuple[Tensor, Tensor | None]:
+    """``(B ẋ, C ẋ)`` ``(B, m)``, ``(B, r)``: the derivatives of ``∇_y L`` and of the constraints
+    along the inputs' ``tangents`` (one per entry of ``xg``, or None), by forward mode over one
+    reverse product: the Lagrangian built again from dual inputs, its gradient in y taken once.
+    Needs forward derivatives of what the objective and constraints do to the inputs, where
+    the reverse-over-reverse products of :mod:`.implicit_jvp` need their double backward (which
+    a once-differentiable operation on the inputs alone, e.g. a native node, lacks).
+
+    Called from the node's ``jvp``, that is inside the caller's forward-mode level, where
+    torch neither nests another level (``torch.func.jvp`` too) nor propagates tangents: the
+    duals are made at the caller's level with forward gradients enabled for this evaluation
+    (of detached copies, so nothing of the caller's graph gets a tangent); outside any level
+    (a direct call), in a level of its own."""
+    ys = yg.detach()
+    level = contextlib.nullcontext() if fwAD._current_level >= 0 else fwAD.dual_level()
+    with level, fwAD._set_fwd_grad_enabled(True), torch.enable_grad():
+        xs = tuple(x.detach() if t is None else fwAD.make_dual(x.detach(), t) for x, t in zip(xg, tangents))
+        point = ys.clone().requires_grad_(True)
+        yv = point.view((ys.shape[0],) + tuple(event))
+        f = _objective(f"{prefix}objective", objective, xs, yv)
+        c = _constraints(prefix, fns, xs, yv)
+        f_L, c_L = _lagrangian_parts(objective, fns, prefix, xs, yv, f, c, inactive, broken)
+        lagrangian = f_L + (0.0 if c_L is None else (lam * c_L).sum(-1))
+        (g,) = torch.autograd.grad(lagrangian.sum(), point, allow_unused=True)
+        # (no tangent where nothing read a dual input)
+        Bx = None if g is None else fwAD.unpack_dual(g).tangent
+        Cx = None if c is None else fwAD.unpack_dual(c).tangent
+    return (torch.zeros_like(ys) if Bx is None else Bx.detach(),
+            None if c is None else (torch.zeros_like(c.detach()) if Cx is None else Cx.detach()))
 
 
 def _isolate(fns: tuple, inactive: Tensor, broken: Tensor, n_eq: int) -> tuple:
@@ -291,6 +326,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
     # (the Lagrangian of the elements idx alone, built again: a graph over the whole batch
     # costs the whole batch per product, also where only one element's solve is left)
     hvp.rows = functools.partial(_rows_hvp, objective, fns, prefix, xg, yg, y.shape[1:], lam, inactive, broken)
+    mixed = functools.partial(_mixed_products, objective, fns, prefix, xg, yg, y.shape[1:], lam, inactive, broken)
 
     solver = resolve_linear_solver(linear_solver, m + (0 if c is None else c.shape[1]),
                                    dense_max, cg_options, batch)
@@ -307,7 +343,7 @@ def implicit_system(objective, xs: tuple[Tensor, ...], y: Tensor, equality_const
                                                            None, batch),
                                      warn_dependent=False, check_minimum=check_minimum)
     system = ImplicitSystem(xg, gL, c, A, inactive, broken, hvp, solver, callable(linear_solver), dependence, name,
-                            fallback)
+                            fallback, mixed)
     if check_solution:
         tol = default_solution_tol(y.dtype) if solution_tol is None else solution_tol
         # (the probes of the pass above, unless the Lagrangian was rebuilt after it; the
