@@ -333,9 +333,9 @@ class ConvexLayer(nn.Module):
                              self.tol):  # (the inputs dependent equality rows' b_E reads: .consistent_rows)
             sols, info = self._solve(flat, device, call_args, batch)
         failed = [i for i, ok in enumerate(info["solved"]) if not ok]
-        # (failed elements whose objective is nonconvex at their values: said so, or an InputError; failures only)
-        explain_nonconvex(self._batched or self._opinion, self.problem, self.parameters_, flat, failed, info, batch,
-                          self.on_failure == "raise")
+        # (elements whose objective is nonconvex at their values, failed or, under a psd_wrap, any: unsolved or raised)
+        failed = explain_nonconvex(self._batched or self._opinion, self.problem, self.parameters_, flat, failed, info,
+                                   batch, self.on_failure == "raise")
         if failed and self.on_failure == "raise":
             raise failure_error(failed, [info["statuses"][i] for i in failed], batch,
                                 [info["kinds"][i] for i in failed])

@@ -6,8 +6,12 @@ indefinite value makes the program nonconvex, and the batched interior point (th
 path that keeps a parametric quadratic objective) then ended in a bare "numerical
 trouble" that named neither ``P`` nor the quadratic term. A ``PSD=True`` parameter is
 refused before any solve (:func:`.declarations.check_parameter_attributes`); this is the
-diagnosis for the rest, run on the failed elements only, so a call that solves pays
-nothing: one fill of their canonical data and one symmetric eigenvalue problem each.
+diagnosis for the rest. Where the quadratic part reads a parameter it runs on every
+element of every call (a program that is nonconvex at its values may also "converge", to
+a local minimiser: returned as solved, silently), at the cost of one fill of the
+canonical data and one batched Cholesky factorisation, with eigenvalues only for the
+elements that fail it; otherwise on the failed elements only, so a call that solves pays
+nothing.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from ..errors import InputError
 from .status import unravel
+from .tensor_cache import cached
 from .validation import element_subset
 
 if TYPE_CHECKING:
@@ -49,43 +54,83 @@ def _wrapped(problem: cp.Problem) -> list[str]:
     return names
 
 
+def unsolved(info: dict) -> list[int]:
+    """The elements ``info`` marks unsolved."""
+    return [i for i, ok in enumerate(info["solved"]) if not ok]
+
+
+def _quadratic_is_parametric(data) -> bool:
+    """Whether the objective's quadratic blocks read a parameter (``psd_wrap`` of one): only then
+    can a value make the program nonconvex (a constant quadratic part is checked by CVXPY)."""
+    def build():
+        last = data.n_cols - 1  # (the constant column)
+        return any(bool((m.col < last).any()) for k, m in data.maps.items() if k in ("PKK", "PUU", "PKU"))
+    return cached(data._cache, "quadratic is parametric", build)
+
+
+def _screened(P: torch.Tensor, tol: float) -> torch.Tensor:
+    """``(B,)`` the elements whose symmetric ``P`` ``(B, n, n)`` may not be PSD to ``tol``: a
+    Cholesky factorisation of ``P + tol·‖P‖_F·I`` fails (``‖P‖_F`` >= its largest |eigenvalue|,
+    so one that passes has its smallest eigenvalue above ``-tol`` times that bound; a batched
+    factorisation, where the eigenvalues of every element would cost several)."""
+    scale = P.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(P.dtype).tiny)
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    return torch.linalg.cholesky_ex(P + (tol * scale)[:, None, None] * eye).info != 0
+
+
 def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem, parameters: Sequence[cp.Parameter],
                       flat: list[torch.Tensor], failed: list[int], info: dict, batch: tuple[int, ...],
-                      raising: bool) -> None:
-    """Name the ``failed`` elements whose objective's quadratic part is not PSD at their values.
+                      raising: bool) -> list[int]:
+    """Name the elements whose objective's quadratic part is not PSD at their values: the
+    ``failed`` ones, and where the quadratic part reads a parameter (``psd_wrap``), every
+    element, solved or not (an interior point converged on such a nonconvex program to a
+    local minimiser that is not the global one, returned as solved: 8 of 26 box QPs with
+    ``P = diag(1, -λ)``); those are made unsolved, in place.
 
     ``program`` is the layer's :class:`~.batched.BatchedProgram` (None or False: the problem
     has no quadratic objective kept, nothing to test); ``flat`` the call's flat parameter
     values. Each such element's status in ``info`` says so (what ``on_failure="mask"``
     warns and ``last_solve`` reports); with ``raising``, an ``InputError`` names the batch
     indices, the smallest eigenvalue relative to the largest, and the likely cause.
+    Returns the elements left unsolved (``failed`` and those made so).
     """
-    # (an element certified infeasible stays so: its feasible set does not depend on the objective)
-    every, failed = failed, [i for i in failed if info["kinds"][i] != "infeasible"]
-    if not failed or not program:
-        return
+    if not program:
+        return failed
     data = program.data
-    try:  # (a diagnosis only: where it cannot be made, the solve's own error stands)
+    every = failed
+    if _quadratic_is_parametric(data):
+        failed = list(range(len(info["solved"])))
+    # (an element certified infeasible stays so: its feasible set does not depend on the objective)
+    failed = [i for i in failed if info["kinds"][i] != "infeasible"]
+    if not failed:
+        return unsolved(info)
+    tol = max(NONCONVEX_TOL, 100 * data.n * torch.finfo(torch.float64).eps)
+    try:  # (a diagnosis only: where it cannot be made, the solve's own result stands)
         with torch.no_grad():
-            sub = [v.detach().to(device="cpu", dtype=torch.float64) for v in element_subset(parameters, flat, failed)]
+            sub = [v.detach().to(dtype=torch.float64) for v in element_subset(parameters, flat, failed)]
             P = data.fill(data.parameter_vector(sub, len(failed)))[0]
             n = P.shape[-1]
             if n == 0 or not bool(P.any()):  # (no quadratic objective: an LP, an SOCP)
-                return
-            eig = torch.linalg.eigvalsh(0.5 * (P + P.mT))
+                return unsolved(info)
+            P = 0.5 * (P + P.mT)
+            maybe = torch.nonzero(_screened(P, tol)).flatten().tolist()  # (one host read)
+            if not maybe:
+                return unsolved(info)
+            failed = [failed[j] for j in maybe]
+            eig = torch.linalg.eigvalsh(P[maybe])
     except (RuntimeError, ValueError):  # (torch.linalg.LinAlgError is a RuntimeError)
-        return
+        return unsolved(info)
     lowest, size = eig[:, 0], eig.abs().amax(-1)
-    tol = max(NONCONVEX_TOL, 100 * n * torch.finfo(torch.float64).eps)
     bad = torch.nonzero(lowest < -tol * size).flatten().tolist()  # (one host read)
     if not bad:
-        return
+        return unsolved(info)
     for j in bad:
+        info["solved"][failed[j]], info["kinds"][failed[j]] = False, "other"
         info["statuses"][failed[j]] += (
             f"; the objective's quadratic part is not positive semidefinite here (smallest eigenvalue "
             f"{float(lowest[j]):.3g}, largest |eigenvalue| {float(size[j]):.3g}): nonconvex at these values")
     if not raising:
-        return
+        return unsolved(info)
     where = unravel([failed[j] for j in bad], batch)
     first = bad[0]
     names = _wrapped(problem)

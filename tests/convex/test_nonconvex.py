@@ -92,7 +92,55 @@ def test_threshold_is_scale_invariant_and_passes_rounding():
     v = torch.tensor([0.3, -1.7, 2.9], **F64)
     for scale in (1e-8, 1.0, 1e8):
         for value, flagged in ((torch.outer(v, v), False), (torch.diag(torch.tensor([1.0, -1e-6, 0.5], **F64)), True)):
-            info = {"kinds": ["other"], "statuses": ["numerical trouble"]}
-            explain_nonconvex(program, prob, [P, q], [scale * value[None], Q[None]], [0], info, (), False)
+            info = {"kinds": ["other"], "statuses": ["numerical trouble"], "solved": [False]}
+            left = explain_nonconvex(program, prob, [P, q], [scale * value[None], Q[None]], [0], info, (), False)
             assert ("not positive semidefinite" in info["statuses"][0]) == flagged, (scale, flagged)
-    assert explain_nonconvex(None, prob, [P, q], [INDEFINITE[None], Q[None]], [0], info, (), True) is None
+            assert left == [0]
+            # solved, where the quadratic part reads a parameter: tested too, made unsolved if flagged
+            info = {"kinds": ["solved"], "statuses": ["solved"], "solved": [True]}
+            left = explain_nonconvex(program, prob, [P, q], [scale * value[None], Q[None]], [], info, (), False)
+            assert (left == [0]) == flagged and info["solved"] == [not flagged], (scale, flagged)
+    assert explain_nonconvex(None, prob, [P, q], [INDEFINITE[None], Q[None]], [0], info, (), True) == [0]
+
+
+def _box_qp():
+    """min yᵀ psd_wrap(P) y + qᵀy over the box [-1, 1]²."""
+    P, q, y = cp.Parameter((2, 2), name="P"), cp.Parameter(2, name="q"), cp.Variable(2, name="y")
+    return cp.Problem(cp.Minimize(cp.quad_form(y, cp.psd_wrap(P)) + q @ y), [y >= -1, y <= 1]), P, q, y
+
+
+@pytest.mark.parametrize("q2", [-0.5, -0.2, 0.2, 0.5])
+def test_a_nonconvex_value_that_converges_is_not_returned_as_solved(q2):
+    """P = diag(1, -3): y₂ ↦ -3y₂² + q₂y₂ on [-1, 1] has local minimisers at both ends, the
+    global one at y₂ = -sign(q₂). The interior point converged to the other end, returned as
+    solved with no warning (y₂ = -1 for q₂ = -0.5, where y₂ = 1 gives -3.5 against -2.5)."""
+    prob, P, q, y = _box_qp()
+    Pm = torch.tensor([[1.0, 0.0], [0.0, -3.0]], **F64)
+    qv = torch.tensor([0.3, q2], **F64)
+    layer = cddn.ConvexLayer(prob, [P, q], [y])
+    with pytest.raises(InputError, match=r"not positive semidefinite at 1 batch index\(es\) \[\(\)\].*psd_wrap of P"):
+        layer(Pm, qv)
+    # Masked: only that element; a PSD element beside it is solved (its closed form: y = -q/2 clipped).
+    masked = cddn.ConvexLayer(prob, [P, q], [y], on_failure="mask")
+    batch = torch.stack([torch.eye(2, **F64), Pm])
+    with pytest.warns(SolverWarning, match="not positive semidefinite"):
+        out = masked(batch, torch.stack([qv, qv]))
+    assert torch.isnan(out[1]).all()
+    torch.testing.assert_close(out[0], (-qv / 2).clamp(-1, 1), atol=1e-8, rtol=0)
+    assert masked.last_solve.solved.tolist() == [True, False]
+    assert "not positive semidefinite" in masked.last_solve.statuses[1]
+
+
+def test_psd_values_of_a_wrapped_parameter_stay_solved_without_a_warning():
+    """The check on every call passes PSD values, singular ones included (P = diag(1, 0): a
+    Cholesky factorisation of P itself fails, of P plus the tolerance's shift does not)."""
+    prob, P, q, y = _box_qp()
+    layer = cddn.ConvexLayer(prob, [P, q], [y])
+    Ps = torch.stack([torch.diag(torch.tensor([1.0, 0.0], **F64)), torch.tensor([[2.0, 1.0], [1.0, 0.5]], **F64)])
+    qv = torch.tensor([[0.4, 0.5], [0.3, -0.2]], **F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = layer(Ps, qv)
+    # element 0: y₁ = -q₁/2 = -0.2, y₂ minimises 0.5·y₂ on the box: -1
+    torch.testing.assert_close(out[0], torch.tensor([-0.2, -1.0], **F64), atol=1e-7, rtol=0)
+    assert layer.last_solve.solved.all()
