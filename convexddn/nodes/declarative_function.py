@@ -109,8 +109,12 @@ class DeclarativeFunction(torch.autograd.Function):
             return (None,) * (3 + len(needs))
         node = ctx.node
         # Only the parameters that need a gradient (one that only carries a forward-mode
-        # tangent need not require grad, and autograd refuses to differentiate it).
-        want = [i for i, need in enumerate(needs[ctx.n_inputs:]) if need]
+        # tangent need not require grad, and autograd refuses to differentiate it), and
+        # still require grad: one frozen since the forward (requires_grad_(False) between
+        # the loss and backward(), as a GAN's or a fine-tuning loop's toggle) gets none,
+        # as torch's layers give it none, and is read as a constant (autograd's raw "One of
+        # the differentiated Tensors does not require grad" failed the inputs' gradient too).
+        want = [i for i, need in enumerate(needs[ctx.n_inputs:]) if need and params[i].requires_grad]
         with torch.no_grad():
             grad_xs, grad_want = node._vjp(xs, y, grad_y, [params[i] for i in want], ctx.batch_shape, ctx.state,
                                            ctx.versions, needs[:ctx.n_inputs])

@@ -27,7 +27,7 @@ import torch
 
 from .._autograd import outside_compile
 from .._warn import warn
-from ..errors import GradientWarning
+from ..errors import GradientWarning, InputError
 from .degeneracy import naming_batch, warn_curved
 from .graph import second_derivatives
 from .implicit_options import check_implicit_options
@@ -131,7 +131,7 @@ def declarative_vjp(
         inequality_constraints: ``g(*xs, y) -> (B, ...)``, feasible where ``<= 0``, or
             ``None``.
         params: further tensors to differentiate with respect to (e.g. a module's
-            parameters). Default ``()``.
+            parameters), each requiring grad. Default ``()``.
         known: tensors that may require grad in the graph without being differentiated
             (e.g. parameters not asked for). ``params`` are always known.
         linear_solver: ``"auto"`` (default: ``"dense"`` for small systems, ``"cg"``
@@ -171,6 +171,7 @@ def declarative_vjp(
             does not return ``(B, ...)``.
         DTypeError: if one of them returns something other than a tensor.
         ProblemError: if ``objective`` does not depend on ``y``.
+        InputError: if one of ``params`` does not require grad.
         InputError: if a tensor outside ``xs``, ``y``, ``params`` and ``known`` requires
             grad in their graph.
         SolverError: if ``y`` is far from a KKT point (relative residual above 0.1).
@@ -201,6 +202,12 @@ def declarative_vjp(
     single = isinstance(xs, torch.Tensor)
     xs = (xs,) if single else tuple(xs)
     params = tuple(params)
+    # (autograd cannot differentiate them: torch's raw "One of the differentiated Tensors does not require grad")
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    if frozen:
+        raise InputError(f"{name + ': ' if name else ''}params {frozen} do not require grad: declarative_vjp "
+                         "differentiates with respect to params by autograd; pass only tensors that require grad "
+                         "(a frozen parameter is a constant of the problem: leave it out)")
     batch = y.shape[0]
     m = math.prod(y.shape[1:])
     prefix = f"{name}." if name else ""
