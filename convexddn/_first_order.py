@@ -13,11 +13,35 @@ from types import SimpleNamespace
 import torch
 from torch.autograd import forward_ad
 
-from ._autograd import bind_fast, called_as, functorch_transforms, public_name
+from ._autograd import bind_fast, called_as, functorch_transforms, plain, public_name
 from .errors import DoubleBackwardError
 
 __all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only", "guard_gradients",
-           "refuse_forward_over_reverse", "single_backward", "with_forward_mode"]
+           "outside_inference_mode", "refuse_forward_over_reverse", "single_backward", "with_forward_mode"]
+
+
+def outside_inference_mode(fn: Callable) -> Callable:
+    """Run ``fn`` (a Function's ``backward`` or ``jvp``, ``fn(ctx, *directions)``) with
+    inference mode off where it is on, grad mode as it was (off there), and its incoming
+    inference tensors replaced by :func:`~convexddn._autograd.plain` copies.
+
+    ``loss.backward()`` called inside ``torch.inference_mode()`` (an evaluation wrapper
+    around the step) on a graph built outside it runs each backward in inference mode,
+    where torch's own ops still give their gradients; the library's backwards re-evaluate
+    the problem with autograd (the Lagrangian's derivatives, pnp's objective), which
+    inference mode forbids: DeclarativeNode blamed a correct constraint ("does not depend
+    on y through autograd"), pnp failed with torch's raw "element 0 of tensors does not
+    require grad". The incoming gradients the engine made there are inference tensors,
+    which autograd cannot save (they multiply the re-evaluated graph), hence the copies.
+    """
+    @functools.wraps(fn)
+    def wrapper(ctx, *directions):
+        # (dynamo traces neither test, and a compiled graph's tensors are its own)
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+            return fn(ctx, *directions)
+        with torch.inference_mode(False), torch.set_grad_enabled(False):
+            return fn(ctx, *(plain(t) if isinstance(t, torch.Tensor) else t for t in directions))
+    return wrapper
 
 
 def first_order_jvp(what: str) -> Callable[[Callable], Callable]:
@@ -228,6 +252,7 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
     ran the node (``ctx.caller``, kept by :func:`~convexddn._autograd.bind_fast`)."""
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
+        @outside_inference_mode  # (its kernels may differentiate with autograd: pnp's objective)
         def wrapper(ctx, *grads):
             caller = getattr(ctx, "caller", None)
             if caller is None:

@@ -20,7 +20,7 @@ from torch.autograd import forward_ad
 
 from .._autograd import (eager_with_tangents, may_carry_tangents, plain, refuse_batched, refuse_transforms, save_plain,
                          without_autocast)
-from .._first_order import FORWARD_AD_ONLY, first_order_jvp, guard_gradients
+from .._first_order import FORWARD_AD_ONLY, first_order_jvp, guard_gradients, outside_inference_mode
 from ..errors import InputError, ProblemError
 from ._held_estimates import held_per_call
 from ._read_guard import ForwardVersions, check_solve_kept, versions_of
@@ -99,6 +99,7 @@ class DeclarativeFunction(torch.autograd.Function):
                                  ctx.versions)
 
     @staticmethod
+    @outside_inference_mode  # (backward() inside torch.inference_mode(): the problem is differentiated by autograd)
     @without_autocast
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         refuse_batched(type(ctx.node).__name__, grad_y)
