@@ -16,8 +16,9 @@ from torch.autograd import forward_ad
 from ._autograd import bind_fast, called_as, functorch_transforms, plain, public_name
 from .errors import DoubleBackwardError
 
-__all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only", "guard_gradients",
-           "outside_inference_mode", "refuse_forward_over_reverse", "single_backward", "with_forward_mode"]
+__all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only",
+           "first_order_region", "guard_gradients", "outside_inference_mode", "refuse_forward_over_reverse",
+           "single_backward", "with_forward_mode"]
 
 
 def outside_inference_mode(fn: Callable) -> Callable:
@@ -160,7 +161,11 @@ def guard_gradients(what: str, grads: Sequence[torch.Tensor | None], anchors: Se
 
 
 class _FirstOrderInput(torch.autograd.Function):
-    """Identity on its inputs; their gradients come back through :func:`guard_gradients`."""
+    """Identity on its inputs, plus an empty token (the last output) that a
+    :class:`_FirstOrderOutput` at the region's end feeds back; the inputs' gradients come
+    back through :func:`guard_gradients`, tied to the token (whose graph reaches the
+    inputs) and to the token's gradient (whose graph reaches the region's incoming
+    gradients)."""
 
     @staticmethod
     def forward(what: str, *tensors: torch.Tensor):  # type: ignore[override]
@@ -170,23 +175,63 @@ class _FirstOrderInput(torch.autograd.Function):
         # the backward, saved as a view downstream (log of a DGP parameter, gp=True),
         # raised "Output 0 of View ... returns multiple views" in place of the version error;
         # a copy is what the solver reads, so the backward is that of the forward's point.
+        return (*(t.clone() for t in tensors), tensors[0].new_zeros(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        # The token, an output, is the anchor, not the inputs: its grad_fn is this node, so a
+        # second differentiation reaches the inputs through it, and it is a saved tensor
+        # (empty): checkpoint and saved_tensors_hooks free or move what they should (the
+        # inputs kept as ctx attributes outlived a checkpointed forward), and an input
+        # changed in place after the forward does not fail the backward (no version check).
+        ctx.what = inputs[0]
+        ctx.save_for_backward(output[-1])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        *grads, g_token = grads
+        if not torch.is_grad_enabled() and forward_ad._current_level < 0:
+            return (None, *grads)  # (nothing to tie: the saved token is not unpacked)
+        return (None, *guard_gradients(ctx.what, grads, (*ctx.saved_tensors, g_token)))
+
+    @staticmethod
+    def jvp(ctx, _what, *tangents):  # type: ignore[override]
+        # (The identity: the solver's own Function decides whether it has a forward mode.) The
+        # token carries a (zero) tangent where an input does: a backward in that dual level
+        # then differentiates the gradient, refused by refuse_forward_over_reverse.
+        token = None
+        if any(t is not None for t in tangents):
+            token = next(t for t in tangents if t is not None).new_zeros(0)
+        return (*(None if t is None else t.view_as(t) for t in tangents), token)
+
+
+class _FirstOrderOutput(torch.autograd.Function):
+    """Identity on the outputs of a first-order region (after the token of its
+    :class:`_FirstOrderInput`); its backward passes their gradients on unchanged and
+    gives the token a gradient that is an empty slice of those requiring grad (or
+    carrying a tangent): the edge from the incoming gradients to the guard, which the
+    region's own backward (numpy, ``once_differentiable``) cuts."""
+
+    @staticmethod
+    def forward(token: torch.Tensor, *tensors: torch.Tensor):  # type: ignore[override]
         return tuple(t.clone() for t in tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        # Kept as attributes, not saved tensors: they only anchor the error's graph, so
-        # changing them in place after the forward must not fail the backward.
-        ctx.what, ctx.anchors = inputs[0], inputs[1:]
+        ctx.token = (inputs[0].dtype, inputs[0].device)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        return (None, *guard_gradients(ctx.what, grads, ctx.anchors))
+        live = [g for g in grads if g is not None and (g.requires_grad or (
+            forward_ad._current_level >= 0 and forward_ad.unpack_dual(g).tangent is not None))]
+        if not live or not (torch.is_grad_enabled() or forward_ad._current_level >= 0):
+            return (None, *grads)
+        dtype, device = ctx.token
+        return (torch.cat([g.reshape(-1)[:0].to(dtype=dtype, device=device) for g in live]), *grads)
 
     @staticmethod
-    def jvp(ctx, _what, *tangents):  # type: ignore[override]
-        # (The identity: the solver's own Function decides whether it has a forward mode.)
+    def jvp(ctx, _token, *tangents):  # type: ignore[override]
         return tuple(None if t is None else t.view_as(t) for t in tangents)
-
 
 
 class _SingleBackward(torch.autograd.Function):
@@ -223,19 +268,43 @@ def single_backward(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The inputs of a solver whose backward is first-order only (it may run outside
     autograd, e.g. on the CPU in numpy, or without a graph): passed through unchanged,
-    but a second differentiation of their gradients raises
+    but a second differentiation of their gradients with respect to the inputs raises
     :class:`~convexddn.errors.DoubleBackwardError` (without this guard it silently gave
     zeros, or None). Only the tensors that require grad pass through the guard: the
     others stay as they are, not requiring grad (a solver reads which do: the convex
-    path's backward checks what the parameters requiring grad move)."""
+    path's backward checks what the parameters requiring grad move). With respect to the
+    incoming gradients too: :func:`first_order_region`."""
+    return first_order_region(what, tensors)[0]
+
+
+def first_order_region(what: str, tensors: Sequence[torch.Tensor]
+                       ) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]]:
+    """:func:`first_order_only` for a region whose outputs are known: returns the guarded
+    ``tensors`` and ``close``, to be called on the region's outputs (it returns them, to
+    be used in their place). A second differentiation of the inputs' gradients then
+    raises :class:`~convexddn.errors.DoubleBackwardError` also where it is taken with
+    respect to the outputs' incoming gradients (``create_graph=True`` with grad_outputs
+    requiring grad: the double-vjp trick of ``torch.autograd.functional.jvp``), as
+    :func:`first_order` does for one Function: a region whose backward cuts the graph
+    (numpy, ``once_differentiable``) gave None there, and torch.autograd.functional.jvp
+    zeros. ``close`` is a no-op where nothing was guarded."""
     tensors = tuple(tensors)
     idx = [i for i, t in enumerate(tensors) if t.requires_grad]
     if not torch.is_grad_enabled() or not idx:
-        return tensors
+        return tensors, list
     out = list(tensors)
-    for i, t in zip(idx, _FirstOrderInput.apply(what, *(tensors[i] for i in idx))):
+    *guarded, token = _FirstOrderInput.apply(what, *(tensors[i] for i in idx))
+    for i, t in zip(idx, guarded):
         out[i] = t
-    return tuple(out)
+
+    def close(outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        outputs = list(outputs)
+        live = [i for i, t in enumerate(outputs) if t.requires_grad]  # (the others stay constants)
+        if live:
+            for i, t in zip(live, _FirstOrderOutput.apply(token, *(outputs[i] for i in live))):
+                outputs[i] = t
+        return outputs
+    return tuple(out), close
 
 
 def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callable]:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from .._autograd import refuse_vmap, refusing_export
-from .._first_order import first_order_only, single_backward
+from .._first_order import first_order_region, single_backward
 from .._checks import check_choice, check_int, check_tolerance
 from ..errors import OptionError
 from .batched import BatchedProgram, UnsupportedProblem
@@ -313,8 +313,10 @@ class ConvexLayer(nn.Module):
         labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
         refuse_vmap("ConvexLayer", *values, *named.values(), jacrev=False, constants=False)
         values, batch = check_values(values, named, self.parameters_, self.check, labels)
-        # Both backends differentiate once: a second differentiation raises DoubleBackwardError (batched: zeros).
-        values = first_order_only("ConvexLayer", values)
+        # Both backends differentiate once: a second differentiation raises DoubleBackwardError (batched: zeros),
+        # also one with respect to the incoming gradients (the per-element path's numpy backward cut that edge:
+        # torch.autograd.functional.jvp gave zeros), through the region closed on the outputs below.
+        values, close = first_order_region("ConvexLayer", values)
 
         out_dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
         device = values[0].device
@@ -342,7 +344,7 @@ class ConvexLayer(nn.Module):
         solved = torch.tensor(info["solved"], dtype=torch.bool, device="cpu").reshape(batch)
         if failed:
             warn_masked(failed, [info["statuses"][i] for i in failed], batch)
-        outs = masked_outputs(sols, out_shapes, solved, device, out_dtype)
+        outs = close(masked_outputs(sols, out_shapes, solved, device, out_dtype))
         self._local.info = SolveInfo(info["backend"], info["solvers"], info["statuses"],
                                      info["residuals"], solved)
         return outs[0] if len(outs) == 1 else tuple(outs)
