@@ -313,9 +313,7 @@ class ConvexLayer(nn.Module):
         labels = getattr(self._local, "labels", None)  # this call's names (LearnedLayer's inputs)
         refuse_vmap("ConvexLayer", *values, *named.values(), jacrev=False, constants=False)
         values, batch = check_values(values, named, self.parameters_, self.check, labels)
-        # Both backends differentiate once: a second differentiation raises DoubleBackwardError (batched: zeros),
-        # also one with respect to the incoming gradients (the per-element path's numpy backward cut that edge:
-        # torch.autograd.functional.jvp gave zeros), through the region closed on the outputs below.
+        # Both backends differentiate once: differentiating again (w.r.t. grad_outputs too) raises DoubleBackwardError.
         values, close = first_order_region("ConvexLayer", values)
 
         out_dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
