@@ -1,4 +1,5 @@
-"""The ``.grad`` of a module's parameters as it was before a call that may run autograd.
+"""What a node's ``solve`` sees of the module: its parameters' values detached from the caller's
+graph, and their ``.grad`` as it was before the call.
 
 A node's ``solve`` may minimise its objective with autograd (``torch.optim.LBFGS`` with
 ``f.backward()``, as the DDN reference's pooling nodes do). Every parameter of the node
@@ -9,6 +10,14 @@ its gradients to the parameter's ``.grad``; the implicit gradient came on top of
 ``None``, an existing one keeps its tensor and its values. The values are copied only
 where a gradient reaches the parameter (a hook before its accumulation), so a call that
 runs no backward copies nothing.
+
+Under ``torch.func.functional_call`` a parameter's value may be no leaf (fast weights
+``{"k": 2 * theta}``, as in MAML): the inner ``backward`` ran on through the caller's graph,
+into ``theta.grad`` (6.03 for -0.27, silently), and freed that graph (torch's raw "Trying to
+backward through the graph a second time"). :func:`solve_view` swaps such a value for its
+detached self while ``solve`` runs (sharing its version counter: an in-place change is still
+seen), and keeps the ``.grad`` of the leaves; only a leaf has a ``.grad`` to keep (reading a
+non-leaf's warned, torch's "The .grad attribute of a Tensor that is not a leaf Tensor").
 """
 from __future__ import annotations
 
@@ -16,14 +25,19 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["kept_grads"]
+from ._parametrize_cache import fresh_parametrizations
+from ._swap_guard import guarded, named_state
+
+__all__ = ["kept_grads", "solve_view"]
 
 
 @contextlib.contextmanager
 def kept_grads(module: torch.nn.Module) -> Iterator[None]:
-    """Within: gradients that reach ``module``'s parameters are undone on exit (module docstring)."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    """Within: gradients that reach ``module``'s parameters (those that are leaves) are undone on exit
+    (module docstring)."""
+    params = [p for p in module.parameters() if p.requires_grad and p.is_leaf]
     if not params or torch.compiler.is_compiling():  # (a compiled solve runs no backward of its own)
         yield
         return
@@ -49,3 +63,31 @@ def kept_grads(module: torch.nn.Module) -> Iterator[None]:
                     if before[i] is not None and i in saved:
                         before[i].copy_(saved[i])
                     p.grad = before[i]
+
+
+@contextlib.contextmanager
+def _detached_values(module: torch.nn.Module) -> Iterator[None]:
+    """Within: ``module``'s parameters and buffers that require grad and are no leaves (put there by
+    ``functional_call``) swapped for their detached selves (one per tensor: a tied one stays tied)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    by_id: dict[int, torch.Tensor] = {}
+    swaps = {name: by_id.setdefault(id(t), t.detach()) for name, t in named_state(module)
+             if t.requires_grad and not t.is_leaf}
+    if not swaps:
+        yield
+        return
+    # (a swap, held as the backward's: no other thread's forward reads the detached values meanwhile)
+    with guarded(module, swap=True), _reparametrize_module(module, swaps):
+        yield
+
+
+@contextlib.contextmanager
+def solve_view(module: torch.nn.Module) -> Iterator[None]:
+    """Within (``solve``): ``module``'s parameter values detached from the caller's graph, the ``.grad``
+    of its leaves kept (module docstring), and its parametrizations computed apart from an enclosing
+    ``parametrize.cached()`` (:mod:`._parametrize_cache`: a value ``solve`` computed without a graph
+    stayed in the caller's cache)."""
+    with _detached_values(module), kept_grads(module), fresh_parametrizations(module):
+        yield

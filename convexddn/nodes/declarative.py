@@ -30,7 +30,8 @@ from .._autograd import may_carry_tangents, outside_compile, refuse_export
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._guarded_state import GuardedState
-from ._kept_grads import kept_grads
+from ._kept_grads import solve_view
+from ._parametrize_cache import uncached
 from ._read_guard import check_outside_tangents, watch
 from ._reference_hooks import warn_reference_hooks
 from ._swap_guard import guarded, named_state, read_as
@@ -291,7 +292,7 @@ class DeclarativeNode(GuardedState):
         against in-place changes since the forward of ``versions`` (a ``ForwardVersions``)."""
         fn = getattr(self, method)
         call = (lambda *args: fn(*args[:-1], y=args[-1])) if y_by_keyword(type(self), method) else fn
-        return call if versions is None else versions.checked(self, call)
+        return uncached(self, call if versions is None else versions.checked(self, call))
 
     def _check_options(self) -> None:
         """The options as the constructor checks them, at each call: they may be reassigned
@@ -302,10 +303,10 @@ class DeclarativeNode(GuardedState):
         check_int("batch_dims", self.batch_dims, minimum=0)
 
     def _checked_solve(self, xs: tuple[Tensor, ...]) -> Tensor:
-        # solve may minimise with autograd (torch.optim): its gradients reach neither the inputs
-        # (detached: their versions shared, an in-place change is still refused) nor the parameters' .grad.
+        # solve may minimise with autograd (torch.optim): its gradients reach neither the inputs nor the
+        # parameters (detached: versions shared, an in-place change is still refused) nor their .grad.
         xs = tuple(x.detach() for x in xs)
-        with torch.no_grad(), kept_grads(self):
+        with torch.no_grad(), solve_view(self):
             y = self.solve(*xs)
         return checked_solution(f"{type(self).__name__}.solve", y, xs)
 
