@@ -5,6 +5,8 @@ parameters and buffers they read, and which tensors from outside the node (the i
 guard, :mod:`._read_guard`, watches those from this call on)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
@@ -24,6 +26,18 @@ Tensor = torch.Tensor
 
 def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
     return t
+
+
+def _own_saved_tensors() -> contextlib.AbstractContextManager:
+    """The probe's own graph is thrown away: its saved tensors bypass any hooks around the call (a
+    non-reentrant torch.utils.checkpoint counted them in the first forward only, not in its
+    recomputation: CheckpointError on a node's first call). Under
+    ``torch.autograd.graph.disable_saved_tensors_hooks`` none can be around it (torch refuses to
+    disable them while any are registered), and registering one raises the caller's message (a
+    node's first call there failed): nothing to do."""
+    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def _groups(batch: int, device: torch.device) -> list[Tensor]:
@@ -146,10 +160,7 @@ def probe(node, xs: tuple[Tensor, ...], y: Tensor) -> tuple[frozenset[str], bool
     reads (closed over, plain attributes: the in-place guard watches them)."""
     name = type(node).__name__
     dtype = node.implicit_dtype
-    # The probe's own graph is thrown away: its saved tensors bypass any hooks around
-    # the call (a non-reentrant torch.utils.checkpoint counted them in the first
-    # forward only, not in its recomputation: CheckpointError on a node's first call).
-    with guarded(node, swap=True), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+    with guarded(node, swap=True), _own_saved_tensors():
         known = tuple(node.parameters())
         # Every floating parameter stands in as a leaf that requires grad, so the graph
         # tells which of them the problem reads (one that requires grad, unread: warned below).
