@@ -173,8 +173,11 @@ class ForwardVersions:
 
     def __init__(self, node: torch.nn.Module, state: dict, saved) -> None:
         self.node = type(node).__name__
-        # (Each id-keyed record here holds its tensor, as in Reads: an id compared is never reused.)
-        self.saved: dict[int, Tensor] = {id(t): t for t in saved}
+        # (Each id-keyed record here holds its tensor, as in Reads: an id compared is never reused.) Those
+        # autograd saves are held weakly (an entry leaves with its tensor, its id with it): held here, an input
+        # outlived a non-reentrant torch.utils.checkpoint's forward, or a saved-tensor hook that moved it away.
+        self.saved: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary(
+            (id(t), t) for t in saved)
         self.entries: dict[int, tuple[str, Tensor, int]] = {}  # id: (what, the tensor, its version)
         self.consts: dict[int, Tensor] = {}  # id of an inference tensor: a plain copy of its value now
         self._held: list[Tensor] = []  # (those inference tensors, held: their ids stay theirs)

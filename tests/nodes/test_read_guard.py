@@ -10,9 +10,12 @@ the exact minimiser for c + d: no KKT check can see it, only the guard.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from convexddn.errors import InputError, ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
@@ -381,3 +384,62 @@ def test_a_deep_copy_of_a_submodule_in_the_objective_after_the_first_call(dtype)
             node(x).sum().backward()
         with forward_ad.dual_level(), pytest.raises(ProblemError, match=match):
             node(forward_ad.make_dual(x.detach(), torch.ones_like(x)))
+
+
+class _Sphere(DeclarativeNode):
+    """y = argmin_u ½‖u − x‖² s.t. ‖u‖² = 1  =>  y = x / ‖x‖, dy/dx = (I − y yᵀ) / ‖x‖."""
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1)
+
+    def equality_constraints(self, x, y):
+        return (y * y).sum(-1, keepdim=True) - 1.0
+
+    def solve(self, x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+
+def _sphere_vjp(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    n = x.norm(dim=-1, keepdim=True)
+    y = x / n
+    return (g - y * (y * g).sum(-1, keepdim=True)) / n
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_the_record_does_not_keep_the_inputs_alive_under_checkpoint(first):
+    # ForwardVersions held the inputs (by id, to skip those autograd saves): a non-reentrant
+    # checkpoint's block kept its activation x alive after the forward, as did a saved-tensor hook
+    # that moves saved tensors away. torch's own ops free it; the gradients are as without checkpoint.
+    node = _Sphere()
+    if not first:
+        node(torch.randn(2, 4, dtype=DT, requires_grad=True))
+    leaf = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    seen = []
+
+    def block(t):
+        x = 2 * t
+        seen.append(weakref.ref(x))
+        return node(x)
+
+    y = checkpoint(block, leaf, use_reentrant=False)
+    gc.collect()
+    assert seen[0]() is None
+    g = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(1))
+    (y * g).sum().backward()
+    torch.testing.assert_close(leaf.grad, 2 * _sphere_vjp(2 * leaf.detach(), g), rtol=1e-10, atol=1e-12)
+
+
+def test_the_record_does_not_keep_inputs_past_moving_saved_tensor_hooks():
+    # A hook that moves saved tensors away (here a copy, as save_on_cpu's) frees the activation.
+    node = _Sphere()
+    node(torch.randn(2, 4, dtype=DT, requires_grad=True))
+    x = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        mid = x * 1.0
+        seen = weakref.ref(mid)
+        y = node(mid)
+        del mid
+    gc.collect()
+    assert seen() is None
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, _sphere_vjp(x.detach(), torch.ones(3, 4, dtype=DT)), rtol=1e-10, atol=1e-12)
