@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .._anchor import graph_anchor
 from .._autograd import any_batched, bind_fast, without_autocast
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_finite
@@ -158,7 +159,9 @@ class _EigenFunction(torch.autograd.Function):
         V = Vk if V is None else V
         ctx.save_for_backward(mu, V)
         ctx.save_for_forward(mu, V)
-        ctx.anchors = (X,)  # only for a second differentiation's error (see first_order)
+        # X's graph, not X (which the derivatives do not read): a second differentiation's error
+        # (see first_order) without holding X past a checkpointed forward (convexddn._anchor)
+        ctx.anchors = graph_anchor(X)
         ctx.k, ctx.sign, ctx.gap_tol, ctx.dtype = k, -1.0 if largest else 1.0, gap_tol, X.dtype
         # Unused outputs arrive as None: an eigenvalue-only loss skips the eigenvector
         # term (and its degeneracy warning) entirely.
