@@ -56,6 +56,7 @@ import math
 import torch
 from torch import nn
 
+from .._anchor import graph_anchor
 from .._autograd import BatchShape, any_batched, bind_fast, may_carry_tangents, refuse_vmap, save_plain
 from .._checks import check_device, check_finite, check_tensor
 from .._first_order import first_order, first_order_jvp
@@ -100,6 +101,15 @@ def _split_grad(pair, w: torch.Tensor, batch: tuple, shape: torch.Size) -> torch
     return split_sum_to(mant.reshape(*batch, *tail), exp.reshape(*batch, *tail), tuple(shape))
 
 
+def _saved(ctx) -> tuple[torch.Tensor, ...]:
+    """The saved ``(b, a, c, x, route)`` as the forward solved them: ``(M, N)``, ``(M, N-1)``,
+    ``(M, N-1)`` and ``(M, N, K)`` in the work dtype (views where the inputs need no broadcast or
+    cast)."""
+    diag, lower, upper, x, routed = ctx.saved_tensors
+    flat = (_flat(t, ctx.batch, (t.shape[-1],), x.dtype) for t in (diag, lower, upper))
+    return *flat, x.reshape(math.prod(ctx.batch), *x.shape[-2:]), routed
+
+
 @bind_fast
 class _TridiagonalFn(torch.autograd.Function):
     """Checked solve forward; the implicit derivatives of the module docstring."""
@@ -126,21 +136,26 @@ class _TridiagonalFn(torch.autograd.Function):
         x, routed, batch = *output, shape.dims
         ctx.mark_non_differentiable(routed)
         work = _work_dtype(diag.dtype)
-        flat = [_flat(t, batch, (t.shape[-1],), work) for t in (diag, lower, upper)]
-        x = _flat(x.detach(), batch, x.shape[-2:], work)  # (a float16 x: its rounded value, in float32)
-        save_plain(ctx, *flat, x, routed)
-        ctx.save_for_forward(*flat, x, routed)
+        # The inputs and the solution themselves, flattened where read (_saved): views of them made
+        # here (under no_grad) turned an input changed in place before the backward into torch's
+        # "view created in no_grad mode" error, not its version error, and a broadcast or float16
+        # input's flattened copy held more memory to the backward than the input.
+        x = x if x.dtype == work else x.detach().to(work)  # (a float16 x: its rounded value, in float32)
+        save_plain(ctx, diag, lower, upper, x, routed)
+        ctx.save_for_forward(diag, lower, upper, x, routed)
         ctx.set_materialize_grads(False)
         ctx.batch, ctx.shapes = batch, [t.shape for t in inputs[:4]]
         ctx.dtypes = [t.dtype for t in inputs[:4]]
-        ctx.anchors = inputs[:4]  # only for a second differentiation's error (see first_order)
+        # rhs (not read by the derivatives): its graph, not rhs itself, for a second differentiation's
+        # error (see first_order); held, it outlived a checkpointed forward (convexddn._anchor)
+        ctx.anchors = graph_anchor(rhs)
 
     @staticmethod
     @first_order(_NAME)
     def backward(ctx, grad_x, _gr):  # type: ignore[override]
         if grad_x is None:
             return None, None, None, None, None
-        b, a, c, x, routed = ctx.saved_tensors
+        b, a, c, x, routed = _saved(ctx)
         m, n, k = x.shape
         g = grad_x.to(x.dtype).reshape(m, n, k)
         # Aᵀ: lower and upper swapped; the forward's route per element (refined, pivoted) taken,
@@ -173,7 +188,7 @@ class _TridiagonalFn(torch.autograd.Function):
     @first_order_jvp(_NAME)
     def jvp(ctx, diag_t, lower_t, upper_t, rhs_t, _batch):  # type: ignore[override]
         r""":math:`\dot x = A^{-1}(\dot d - \dot A x)`, the forward's pivoted elements pivoted."""
-        b, a, c, x, routed = ctx.saved_tensors
+        b, a, c, x, routed = _saved(ctx)
         m, n, k = x.shape
         r = x.new_zeros(x.shape) if rhs_t is None else _flat(rhs_t, ctx.batch, (n, k), x.dtype)
         # Under torch.func.jacfwd the tangents are batched: no host decision on their values,

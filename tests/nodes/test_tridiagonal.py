@@ -738,3 +738,43 @@ def test_result_edited_in_place_differentiates_or_raises_the_version_error(batch
     else:
         (got,) = torch.autograd.grad(y.sum(), d)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["diag", "lower", "upper"])
+@pytest.mark.parametrize("dtype,batch", [(F64, (2,)), (F64, (1,)), (torch.float16, (2,))],
+                         ids=["float64", "broadcast", "float16"])
+def test_matrix_input_edited_in_place_raises_the_version_error(name, dtype, batch):
+    # The backward saved views of the inputs made in setup_context (under no_grad): an edit
+    # between the forward and the backward raised torch's "A view was created in no_grad mode
+    # ... modified inplace", with advice about no_grad blocks the caller never wrote (a
+    # broadcast or float16 input, saved as a copy, passed). Now torch's version error, as
+    # torch.sin's for the same composition.
+    gen = torch.Generator().manual_seed(2)
+    args = {"diag": 4 + torch.rand(*batch, 6, dtype=F64, generator=gen),
+            "lower": torch.randn(*batch, 5, dtype=F64, generator=gen),
+            "upper": torch.randn(*batch, 5, dtype=F64, generator=gen),
+            "rhs": torch.randn(2, 6, dtype=F64, generator=gen)}
+    leaves = {k: v.to(dtype).requires_grad_() for k, v in args.items()}
+    mids = {k: v * 1 for k, v in leaves.items()}
+    y = tridiagonal_solve(**mids)
+    mids[name].add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+        y.sum().backward()
+    assert "no_grad" not in str(info.value)
+
+
+def test_rhs_edited_in_place_differentiates_at_the_forward_point():
+    # rhs is not read by the derivatives (x and Aᵀ are): an edit of it after the forward leaves
+    # the gradient that of the forward's point, as torch.linalg.solve's (the reference here).
+    gen = torch.Generator().manual_seed(3)
+    d = 4 + torch.rand(2, 6, dtype=F64, generator=gen)
+    lo, up = torch.randn(2, 5, dtype=F64, generator=gen), torch.randn(2, 5, dtype=F64, generator=gen)
+    w = torch.randn(2, 6, dtype=F64, generator=gen)
+    rhs = torch.randn(2, 6, dtype=F64, generator=gen).requires_grad_()
+    r = rhs * 1
+    y = tridiagonal_solve(d, lo, up, r)
+    r.add_(1.0)
+    (got,) = torch.autograd.grad((y * w).sum(), rhs)
+    r2 = rhs.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad((torch.linalg.solve(dense(d, lo, up), r2.unsqueeze(-1)).squeeze(-1) * w).sum(), r2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
