@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 import torch
 
-__all__ = ["MAX_BYTES", "give", "take"]
+__all__ = ["MAX_BYTES", "give", "is_scratch", "take"]
 
 #: Bytes kept between calls, over all buffers (a buffer larger than half of it is not kept).
 MAX_BYTES = 32 << 20
 
 _LOCK = threading.Lock()
 _FREE: list[torch.Tensor] = []  # flat uint8 CPU tensors, not in use
+# Address -> the flat tensor last handed out there (weakly: an entry whose tensor is gone
+# says nothing, its address may serve another tensor by then), for is_scratch.
+_HANDED: dict[int, weakref.ref] = {}
 
 
 def _after_fork_in_child() -> None:
@@ -55,20 +59,50 @@ def take(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         # (under vmap, grad or jvp, buffers must be the transform's own wrapped tensors)
         return torch.empty(numel, dtype=dtype, device=device)
     nbytes = numel * dtype.itemsize
-    with _LOCK:
-        fits = [i for i, b in enumerate(_FREE) if b.numel() >= nbytes]
-        raw = _FREE.pop(min(fits, key=lambda i: _FREE[i].numel())) if fits else None
-    if raw is None:
-        with torch.inference_mode(False):  # a kept buffer serves later calls in any mode
-            raw = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cpu")
-    # A fresh allocation and a kept buffer both start 64-byte aligned: any dtype views them.
-    return raw[:nbytes].view(dtype)
+    # (bookkeeping out of sight of torch-function modes: a DeclarativeNode's read guard, whose
+    # objective calls a native node, took the kept buffers for the problem's own state)
+    with torch._C.DisableTorchFunction():
+        with _LOCK:
+            fits = [i for i, b in enumerate(_FREE) if b.numel() >= nbytes]
+            raw = _FREE.pop(min(fits, key=lambda i: _FREE[i].numel())) if fits else None
+        if raw is None:
+            with torch.inference_mode(False):  # a kept buffer serves later calls in any mode
+                raw = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cpu")
+        # A fresh allocation and a kept buffer both start 64-byte aligned: any dtype views them.
+        out = raw[:nbytes].view(dtype)
+        with _LOCK:
+            if len(_HANDED) > 256:  # (the dead entries go now and then)
+                for key in [k for k, ref in _HANDED.items() if ref() is None]:
+                    del _HANDED[key]
+            # (the tensor handed out, which its user holds while it works in it; raw's Python
+            # object dies here, its memory held by the view)
+            _HANDED[raw.data_ptr()] = weakref.ref(out)
+        return out
+
+
+def is_scratch(t: torch.Tensor) -> bool:
+    """Whether ``t`` lies in a buffer :func:`take` handed out: the library's scratch memory,
+    rewritten by later calls, which a DeclarativeNode's read guard must not take for state
+    of the problem (an objective calling ``robust_pool`` raised a false in-place error when
+    another call reused its buffer before the backward)."""
+    if t.device.type != "cpu" or t.layout != torch.strided or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False  # (a sparse tensor has no storage to ask for)
+    with torch._C.DisableTorchFunction():
+        ptr = t.untyped_storage().data_ptr()
+        ref = _HANDED.get(ptr)
+        raw = None if ref is None else ref()
+        return raw is not None and raw.untyped_storage().data_ptr() == ptr
 
 
 def give(*buffers: torch.Tensor) -> None:
     """Hand back buffers from :func:`take` that the caller no longer uses (nothing else
     may: their memory goes to the next :func:`take`); kept while the kept bytes stay
     within :data:`MAX_BYTES`, the largest first."""
+    with torch._C.DisableTorchFunction():  # (out of sight of torch-function modes, as in take)
+        _give(buffers)
+
+
+def _give(buffers) -> None:
     for buf in buffers:
         if buf.device.type != "cpu" or torch._C._functorch.is_functorch_wrapped_tensor(buf):
             continue

@@ -34,6 +34,7 @@ import torch
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
+from .._workspace import is_scratch
 from ..errors import InputError, ProblemError
 from ._swap_guard import mid_swap_error, named_state
 
@@ -141,7 +142,9 @@ class Reads(TorchFunctionMode):
                 if isinstance(t, Tensor):
                     i = id(t)
                     seen[i] = t
-                    if i not in made and i not in outside:
+                    if i not in made and i not in outside and not is_scratch(t):
+                        # (a native node's scratch buffer, rewritten by its next call, is not state:
+                        # it was taken for a tensor modified in place before the backward)
                         outside[i] = t
                         if i not in consts and t.is_inference() and not torch.is_inference_mode_enabled():
                             consts[i] = t.clone()  # (outside inference mode: a plain copy)

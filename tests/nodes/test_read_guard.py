@@ -443,3 +443,24 @@ def test_the_record_does_not_keep_inputs_past_moving_saved_tensor_hooks():
     assert seen() is None
     (grad,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(grad, _sphere_vjp(x.detach(), torch.ones(3, 4, dtype=DT)), rtol=1e-10, atol=1e-12)
+
+
+def test_a_native_nodes_scratch_buffers_are_not_read_as_state_of_the_problem():
+    """robust_pool on a CPU works in buffers kept between calls (convexddn._workspace), which
+    its next call rewrites. Called in an objective, the guard's record took them for tensors
+    the problem reads from outside (the kept buffer popped, viewed and handed back under its
+    torch-function mode), and a forward-mode call of a node whose constraint pools its input
+    raised a false 'a tensor of shape (128,) from outside the node … modified in place'
+    (after other tests had left buffers of that size)."""
+    import convexddn.functional as F
+    from convexddn import _workspace
+    from convexddn.nodes._read_guard import Reads
+
+    x = torch.randn(64, 40, dtype=DT, generator=torch.Generator().manual_seed(0))
+    F.robust_pool(x, "pseudo-huber")  # leaves buffers in the workspace
+    reads = Reads((x,))
+    with reads:
+        F.robust_pool(x, "pseudo-huber")
+    kept = {b.untyped_storage().data_ptr() for b in _workspace._FREE}
+    assert kept, "robust_pool on a CPU keeps its buffers"
+    assert not [t for t in reads.outside.values() if t.untyped_storage().data_ptr() in kept]
