@@ -58,8 +58,10 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     rejected on the next call, which shrinks rho and takes the accepted point's safe
     step instead; an accepted one doubles rho. So the accepted objective never
     increases, the iteration cannot climb to a maximum, and near a minimum it is plain
-    Newton. A start stops at an accepted point where h > 0 and |g| / h <= tol * (alpha
-    + |u|) (|g| above its noise), where |g| is at its noise level and h is not
+    Newton. A start stops at an accepted point where h > 0 and the error left after the
+    Newton step, bounded by the local model (Kantorovich, ``_predicted_error``; a smooth
+    penalty: from the second accepted point on; else |g| / h), is within
+    :func:`.iterations.stop_tolerance` (|g| above its noise), where |g| is at its noise level and h is not
     negative (from a maximum it steps downhill by rho, either way where g = 0), or on
     the float grid's floor: an accepted step of a few ulps that did not lower f (see
     ``_GRID``; unresolved where that step exceeds the tolerance).
@@ -118,15 +120,23 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
         tol_s = stop_tolerance(a3 * tol, tol, au, spread, eps, offset)
         ag = g.abs()
         quiet = ag <= noise
-        conv = hpos & (ag <= tol_s * h)
-        if pen.smooth and h_prev is not None:
-            # Quadratic convergence near a minimum: the error after the Newton step is
-            # about (|g''| / 2h) step^2 (see _predicted_error).
+        if not pen.smooth:
+            conv = hpos & (ag <= tol_s * h)
+        elif h_prev is None:
+            conv = torch.zeros_like(hpos)
+        else:
+            # A smooth penalty's start stops only where the local model bounds the error
+            # after the Newton step (Kantorovich, see _predicted_error), not on a short
+            # step alone: |g| / h is the distance to the root only while h holds, and a
+            # nonconvex h may vanish within the step. Welsch rows at tol 1e-2 (tolerance
+            # 0.16 alpha on one side of 0) stopped on a step of 0.12 alpha where h fell
+            # from 0.45 to -0.5 within 0.4 alpha: 0.58 from the local minimum, not
+            # stationary, and another point for the same row shifted to straddle 0.
             astep, du = nstep.abs(), u - u_prev
             adu = du.abs()
             pred = _predicted_error(g, h, g_prev, h_prev, du, adu, astep)
             near = adu <= _MODEL_SPAN * a3
-            conv |= hpos & ~quiet & near & (astep <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
+            conv = hpos & ~quiet & near & (astep <= rho) & (pred.addcdiv_(noise, h) <= tol_s)
         # A quiet gradient where the curvature is negative is a maximum, not a stop: both
         # starts of x = (1, 1, -1, -1, 0), α = 0.43 sat at 0, the mean and the median.
         stop = ~reject & ((quiet & ~((h < 0) & (w > 0))) | conv)

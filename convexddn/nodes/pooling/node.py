@@ -157,10 +157,13 @@ def robust_pool(
     ``tol * (alpha + |y|)`` (where the row lies on one side of 0, ``|y|`` counts only up to
     the row's spread, and beyond it by ``min(tol, 64 eps) |y|``: a common offset moves y by
     exactly itself, and costs only its rounding) -- by the Newton step ``|g| / h`` (``h``
-    the curvature) while ``|g|`` is above its rounding noise, by the bracket width, or by the error
-    predicted after a Newton step (``|g''| step^2 / 2h``, ``g''`` estimated from the last
-    two points, trusted only after a step of at most ``alpha / 4``) -- or when ``|g|``
-    has sunk into its rounding noise.
+    the curvature) while ``|g|`` is above its rounding noise (convex penalties), by the
+    bracket width, or by the error predicted after a Newton step (Kantorovich's bound,
+    about ``|g''| step^2 / 2h``, with ``g''`` estimated from the last two points, trusted
+    only after a step of at most ``alpha / 4``, and none where ``|g''| step / h > 1/2``:
+    the curvature may vanish before the root; the only step test of ``welsch``, whose
+    curvature can change sign within a short step) -- or when ``|g|`` has sunk into its
+    rounding noise.
     Where that noise divided by the curvature exceeds the tolerance (a nearly flat
     objective, e.g. two clusters hundreds of alphas apart), or the span over which the
     curvature is known to hold (alpha / 2 near a data point; e.g. alpha below the float
