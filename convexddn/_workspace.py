@@ -85,8 +85,8 @@ def is_scratch(t: torch.Tensor) -> bool:
     rewritten by later calls, which a DeclarativeNode's read guard must not take for state
     of the problem (an objective calling ``robust_pool`` raised a false in-place error when
     another call reused its buffer before the backward)."""
-    if t.device.type != "cpu" or t.layout != torch.strided or torch._C._functorch.is_functorch_wrapped_tensor(t):
-        return False  # (a sparse tensor has no storage to ask for)
+    if type(t) is not torch.Tensor or t.device.type != "cpu" or t.layout != torch.strided:
+        return False  # (the buffers are plain tensors; a subclass's or a sparse tensor's storage may not answer)
     with torch._C.DisableTorchFunction():
         ptr = t.untyped_storage().data_ptr()
         ref = _HANDED.get(ptr)

@@ -134,7 +134,7 @@ class ConvexLayer(nn.Module):
             shapes that do not broadcast.
         InputError: tensors on several devices; a value that breaks its parameter's
             declared attribute (``nonneg``, ``pos``, ``PSD``, ``bounds`` …) or that ``check`` refuses;
-            failed elements whose objective's quadratic part is not PSD (``psd_wrap`` of an indefinite value).
+            elements whose objective is not convex (``psd_wrap`` of a value not PSD on the equalities' null space).
         NonFiniteError: NaN or Inf in a parameter (names it and counts them).
         InfeasibleError, UnboundedError, SolverError: a solve failed (with
             ``on_failure="raise"``); the error names the failing batch indices and the

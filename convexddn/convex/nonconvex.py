@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = ["explain_nonconvex", "NONCONVEX_TOL"]
 
-#: A failed element's quadratic objective matrix P counts as not PSD where its smallest
-#: eigenvalue is below ``-max(NONCONVEX_TOL, 100·n·eps)`` times its largest |eigenvalue|
-#: (scale-invariant). Forming P (products of the presolve's elimination maps) and
+#: An element's quadratic objective matrix P counts as not PSD where the smallest eigenvalue of
+#: ``Zᵀ P Z`` (Z the null space of its equality rows: the directions the feasible set spans) is
+#: below ``-max(NONCONVEX_TOL, 100·n·eps)`` times its largest |eigenvalue| (scale-invariant).
+#: Forming P (products of the presolve's elimination maps) and
 #: ``eigvalsh`` each move an eigenvalue of a PSD P by at most ~n·eps·‖P‖ (Weyl's bound on
 #: rounding); 100·n·eps leaves a margin for that, and the floor, the order of the layer's
 #: own float64 PSD check (declarations: 64e-12), one for cancellation in those products.
@@ -70,12 +71,29 @@ def _quadratic_is_parametric(data) -> bool:
 
 def _screened(P: torch.Tensor, tol: float) -> torch.Tensor:
     """``(B,)`` the elements whose symmetric ``P`` ``(B, n, n)`` may not be PSD to ``tol``: a
-    Cholesky factorisation of ``P + tol·‖P‖_F·I`` fails (``‖P‖_F`` >= its largest |eigenvalue|,
-    so one that passes has its smallest eigenvalue above ``-tol`` times that bound; a batched
-    factorisation, where the eigenvalues of every element would cost several)."""
-    scale = P.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(P.dtype).tiny)
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-    return torch.linalg.cholesky_ex(P + (tol * scale)[:, None, None] * eye).info != 0
+    Cholesky factorisation of ``P + tol·‖P‖_F/√n·I`` fails (``‖P‖_F/√n`` is at most its largest
+    |eigenvalue|, so one that passes has its smallest eigenvalue above ``-tol`` times that
+    largest, the test below; a batched factorisation, where the eigenvalues of every
+    element would cost several)."""
+    n = P.shape[-1]
+    shift = tol * P.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(P.dtype).tiny) / n ** 0.5
+    eye = torch.eye(n, dtype=P.dtype, device=P.device)
+    return torch.linalg.cholesky_ex(P + shift[:, None, None] * eye).info != 0
+
+
+def _on_equalities(P: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """``Zᵀ P Z`` ``(B, k, k)``: ``P`` ``(B, n, n)`` on the null space of the equality rows ``E``
+    ``(B, p, n)`` (Z orthonormal, k = n − rank E, the rank from E's singular values above
+    ``n·eps`` of the largest; a batch's k is that of its largest rank, the other elements'
+    extra directions lying in their null space too, so it can only pass more). The program
+    is convex where this is PSD, whatever P is off the feasible set's directions."""
+    if E.shape[-2] == 0:
+        return P
+    _, sv, Vh = torch.linalg.svd(E, full_matrices=True)
+    cut = sv[:, :1] * (E.shape[-1] * torch.finfo(E.dtype).eps)
+    rank = int((sv > cut).sum(-1).max())  # (one host read)
+    Z = Vh[:, rank:, :].mT
+    return Z.mT @ P @ Z
 
 
 def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem, parameters: Sequence[cp.Parameter],
@@ -108,7 +126,7 @@ def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem
     try:  # (a diagnosis only: where it cannot be made, the solve's own result stands)
         with torch.no_grad():
             sub = [v.detach().to(dtype=torch.float64) for v in element_subset(parameters, flat, failed)]
-            P = data.fill(data.parameter_vector(sub, len(failed)))[0]
+            P, _, A, _ = data.fill(data.parameter_vector(sub, len(failed)))[:4]
             n = P.shape[-1]
             if n == 0 or not bool(P.any()):  # (no quadratic objective: an LP, an SOCP)
                 return unsolved(info)
@@ -117,7 +135,10 @@ def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem
             if not maybe:
                 return unsolved(info)
             failed = [failed[j] for j in maybe]
-            eig = torch.linalg.eigvalsh(P[maybe])
+            # (on the equality rows' null space: P = diag(1, -0.5) with y₁ + y₂ = b is convex)
+            eig = torch.linalg.eigvalsh(_on_equalities(P[maybe], A[maybe][:, :data.layout.zero]))
+            if eig.shape[-1] == 0:  # (the equalities fix every variable)
+                return unsolved(info)
     except (RuntimeError, ValueError):  # (torch.linalg.LinAlgError is a RuntimeError)
         return unsolved(info)
     lowest, size = eig[:, 0], eig.abs().amax(-1)
@@ -127,7 +148,8 @@ def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem
     for j in bad:
         info["solved"][failed[j]], info["kinds"][failed[j]] = False, "other"
         info["statuses"][failed[j]] += (
-            f"; the objective's quadratic part is not positive semidefinite here (smallest eigenvalue "
+            f"; the objective's quadratic part is not positive semidefinite here (on the directions the "
+            f"equality constraints leave free: smallest eigenvalue "
             f"{float(lowest[j]):.3g}, largest |eigenvalue| {float(size[j]):.3g}): nonconvex at these values")
     if not raising:
         return unsolved(info)

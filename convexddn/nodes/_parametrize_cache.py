@@ -26,6 +26,12 @@ from torch.nn.utils import parametrize
 __all__ = ["fresh_parametrizations", "uncached"]
 
 
+def _caching() -> bool:
+    """Whether a ``parametrize.cached()`` scope is open (torch's private counter; where a later torch
+    renames it, as if none were: the evaluations then read what torch's cache gives)."""
+    return bool(getattr(parametrize, "_cache_enabled", 0))
+
+
 def _parametrized(module: torch.nn.Module) -> set[int]:
     """The ids of ``module`` and its submodules that hold parametrizations (the cache's keys)."""
     return {id(m) for m in module.modules() if parametrize.is_parametrized(m)}
@@ -36,11 +42,15 @@ def fresh_parametrizations(module: torch.nn.Module) -> Iterator[None]:
     """Within: the parametrized tensors of ``module`` (and of its submodules) are computed anew, not read
     from the cache of an enclosing ``parametrize.cached()``; its entries for them are restored on exit,
     and those made within dropped. Nothing is done outside ``cached()``."""
-    ids = _parametrized(module) if parametrize._cache_enabled else set()
+    ids = _parametrized(module) if _caching() else set()
     if not ids:
         yield
         return
-    cache = parametrize._cache  # (the dict of this cached() scope: its outermost exit binds a new one)
+    # (the dict of this cached() scope: its outermost exit binds a new one)
+    cache = getattr(parametrize, "_cache", None)
+    if not isinstance(cache, dict):
+        yield
+        return
     held = {k: cache.pop(k) for k in [k for k in list(cache) if k[0] in ids]}
     try:
         yield
@@ -58,6 +68,8 @@ def uncached(module: torch.nn.Module, fn: Callable[..., Any]) -> Callable[..., A
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
+        if not _caching():  # (outside cached(): no walk over the submodules, fn as it is)
+            return fn(*args, **kwargs)
         with fresh_parametrizations(module):
             return fn(*args, **kwargs)
 

@@ -35,7 +35,8 @@ def _own_saved_tensors() -> contextlib.AbstractContextManager:
     ``torch.autograd.graph.disable_saved_tensors_hooks`` none can be around it (torch refuses to
     disable them while any are registered), and registering one raises the caller's message (a
     node's first call there failed): nothing to do."""
-    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)  # (private)
+    if not enabled():
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 

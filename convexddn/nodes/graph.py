@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..errors import InputError, ProblemError
+from ..errors import DoubleBackwardError, InputError, ProblemError
 from .lagrangian import ROUNDING_MARGIN, _grads, end_rounding
 from .optimality import _format_indices
 
@@ -168,7 +168,7 @@ def twice_refused(err: BaseException) -> bool:
     currently support double backward"); a missing first derivative ("derivative for
     'igamma: input'") is a different fault."""
     text = str(err)
-    return isinstance(err, (NotImplementedError, RuntimeError)) and bool(
+    return isinstance(err, DoubleBackwardError) or isinstance(err, (NotImplementedError, RuntimeError)) and bool(
         re.search(r"derivative for '[^']*_backward", text) or "differentiate twice" in text
         or "double backward" in text)
 

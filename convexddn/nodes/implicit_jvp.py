@@ -160,10 +160,13 @@ def _mixed(k, dirs: list[tuple[Tensor, Tensor]], pairs: list[tuple[int, Tensor]]
     is refused or its graph lost (a once-differentiable operation on the inputs alone, such
     as a native node's ``robust_pool(x)``, whose forward derivative exists), by forward mode
     over one reverse product (:func:`~.implicit_system._mixed_products`); a parameter's
-    tangent has only the first (the objective reads the parameters itself)."""
+    tangent has only the first (the objective reads the parameters itself), where a product
+    without a graph counts as zero (``sign``, ``round``: the old reading) and only torch's
+    once-differentiable marker as lost."""
+    params = any(i >= n_inputs for i, _ in pairs)
     refused = None
     try:
-        products = _forward_products(k.gL, k.c, dirs)
+        products = _forward_products(k.gL, k.c, dirs, graphless_lost=not params)
     except (NotImplementedError, RuntimeError) as err:
         if not twice_refused(err):
             raise
@@ -172,12 +175,12 @@ def _mixed(k, dirs: list[tuple[Tensor, Tensor]], pairs: list[tuple[int, Tensor]]
         return products
     tangents = [None] * n_inputs
     try:
-        if any(i >= n_inputs for i, _ in pairs):
+        if params:
             raise NotImplementedError("a parameter's tangent")
         for (_, t), (i, _) in zip(dirs, pairs):
             tangents[i] = t
         return k.mixed(tangents)
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError, AttributeError):  # (AttributeError: a private torch API gone)
         if refused is not None:
             raise refused from None  # (second_derivatives names both ways)
         raise ProblemError(
@@ -190,29 +193,31 @@ def _mixed(k, dirs: list[tuple[Tensor, Tensor]], pairs: list[tuple[int, Tensor]]
             "the node and pass it as an input") from None
 
 
-def _lost(g: Tensor | None) -> bool:
-    """Whether a reverse product's result ``g`` lost its graph to the cotangent: it carries
-    none (a backward run under no_grad), or torch's once-differentiable marker, whose second
-    backward returns nothing where it should raise (torch 2.13: the gradient to the cotangent
-    came back None, and the tangent as 0, silently)."""
-    return g is not None and (not g.requires_grad or type(g.grad_fn).__name__ == "Error")
+def _marked(g: Tensor) -> bool:
+    """Whether ``g`` carries torch's once-differentiable marker (its grad_fn, named ``Error``
+    in torch 2.13), whose second backward returns nothing where it should raise: the gradient
+    to the cotangent came back None, and the tangent as 0, silently."""
+    return type(g.grad_fn).__name__ == "Error"
 
 
-def _forward_products(gL: Tensor, c: Tensor | None, dirs: list[tuple[Tensor, Tensor]]
+def _forward_products(gL: Tensor, c: Tensor | None, dirs: list[tuple[Tensor, Tensor]], graphless_lost: bool = True
                       ) -> tuple[Tensor, Tensor | None] | None:
     """``(B ẋ, C ẋ)``: the derivatives of ``gL`` ``(B, m)`` and ``c`` ``(B, r)`` along the
     tangents ``dirs`` (leaf, tangent pairs), as the gradient of ⟨Bᵀu + Cᵀv, ẋ⟩ with
     respect to the cotangents ``(u, v)`` at 0 (the reverse product is linear in them);
-    ``None`` where a first product lost its graph (:func:`_lost`)."""
+    ``None`` where a first product lost its graph: the once-differentiable marker
+    (:func:`_marked`), or, with ``graphless_lost``, no graph at all (a backward run under
+    no_grad; also a true zero, ``sign``'s, which the caller's other way then gives).
+    Without it, a product with no graph counts as zero."""
     us = [torch.zeros_like(gL, requires_grad=True)] + ([] if c is None else [torch.zeros_like(c, requires_grad=True)])
     outs = [gL] + ([] if c is None else [c])
     total = sum((o * u).sum() for o, u in zip(outs, us) if o.requires_grad)
     leaves = [leaf for leaf, _ in dirs]
     back = (torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
             if isinstance(total, Tensor) and total.requires_grad else [None] * len(leaves))
-    if any(_lost(g) for g in back):
+    if any(g is not None and (_marked(g) or graphless_lost and not g.requires_grad) for g in back):
         return None
-    inner = [(g * t).sum() for g, (_, t) in zip(back, dirs) if g is not None]
+    inner = [(g * t).sum() for g, (_, t) in zip(back, dirs) if g is not None and g.requires_grad]
     if not inner:
         return torch.zeros_like(gL), (None if c is None else torch.zeros_like(c))
     grads = torch.autograd.grad(sum(inner), us, allow_unused=True)

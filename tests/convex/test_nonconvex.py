@@ -144,3 +144,19 @@ def test_psd_values_of_a_wrapped_parameter_stay_solved_without_a_warning():
     # element 0: y₁ = -q₁/2 = -0.2, y₂ minimises 0.5·y₂ on the box: -1
     torch.testing.assert_close(out[0], torch.tensor([-0.2, -1.0], **F64), atol=1e-7, rtol=0)
     assert layer.last_solve.solved.all()
+
+
+def test_indefinite_but_convex_on_the_equality_constraints_is_solved():
+    """P = diag(1, -0.5) with y₁ + y₂ = b: on the feasible line y = (t, b − t) the objective is
+    t² − ½(b − t)² + q₁t + q₂(b − t), convex (½t² + …); the check on every call refused it as
+    nonconvex. Its minimiser in closed form: t = q₂ − q₁ − b."""
+    P, q, b, y = cp.Parameter((2, 2), name="P"), cp.Parameter(2, name="q"), cp.Parameter(name="b"), cp.Variable(2)
+    prob = cp.Problem(cp.Minimize(cp.quad_form(y, cp.psd_wrap(P)) + q @ y), [y[0] + y[1] == b, y >= -5, y <= 5])
+    layer = cddn.ConvexLayer(prob, [P, q, b], [y])
+    Pv, qv, bv = torch.diag(torch.tensor([1.0, -0.5], **F64)), torch.tensor([0.3, 0.1], **F64), torch.tensor(1.0, **F64)
+    # d/dt [t² − ½(b − t)² + q₁t + q₂(b − t)] = 2t + (b − t) + q₁ − q₂ = t + b + q₁ − q₂ = 0
+    t = float(qv[1] - qv[0] - bv)
+    torch.testing.assert_close(layer(Pv, qv, bv), torch.tensor([t, float(bv) - t], **F64), atol=1e-7, rtol=0)
+    # Indefinite on that line too (P = diag(-1, 0.5): -½t² + …) stays refused.
+    with pytest.raises(InputError, match="not positive semidefinite"):
+        layer(torch.diag(torch.tensor([-1.0, 0.5], **F64)), qv, bv)

@@ -165,3 +165,33 @@ def test_an_operation_without_a_forward_derivative_is_differentiated_by_reverse_
     x = torch.randn(2, 3, dtype=torch.float64)
     v = torch.randn(2, 3, dtype=torch.float64)
     torch.testing.assert_close(_forward(_ReverseOnly(), x, v), 2 * v)
+
+
+class _Signed(cd.DeclarativeNode):
+    """argmin ½‖y − x‖² + yᵀ(w + sign(v)): y = x − w − sign(v), whose derivative in v is 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 4.0], dtype=torch.float64))
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -0.3, 0.2, 0.1], dtype=torch.float64))
+
+    def objective(self, x, y):
+        return 0.5 * ((y - x) ** 2).sum(-1) + (y * (self.w + torch.sign(self.v))).sum(-1)
+
+    def solve(self, x):
+        return x - (self.w + torch.sign(self.v))
+
+
+def test_a_parameter_read_through_a_zero_derivative_gets_a_zero_tangent():
+    """sign(v)'s reverse product carries no graph, as a true zero: a parameter's tangent there
+    was refused with a ProblemError blaming a once-differentiable operation; it is 0 (and w's
+    tangent −ẇ, by the closed form)."""
+    node, x = _Signed(), torch.randn(3, 4, dtype=torch.float64)
+    node(x.clone().requires_grad_())  # (the first call's probe)
+    with fwAD.dual_level():
+        v = fwAD.make_dual(node.v.detach(), torch.ones(4, dtype=torch.float64))
+        w = fwAD.make_dual(node.w.detach(), torch.full((4,), 2.0, dtype=torch.float64))
+        tv = fwAD.unpack_dual(torch.func.functional_call(node, {"v": v}, (x,))).tangent
+        tw = fwAD.unpack_dual(torch.func.functional_call(node, {"w": w}, (x,))).tangent
+    torch.testing.assert_close(tv, torch.zeros_like(x))
+    torch.testing.assert_close(tw, torch.full_like(x, -2.0))

@@ -464,3 +464,23 @@ def test_a_native_nodes_scratch_buffers_are_not_read_as_state_of_the_problem():
     kept = {b.untyped_storage().data_ptr() for b in _workspace._FREE}
     assert kept, "robust_pool on a CPU keeps its buffers"
     assert not [t for t in reads.outside.values() if t.untyped_storage().data_ptr() in kept]
+
+
+def test_a_tensor_subclass_read_from_outside_is_not_asked_for_its_storage():
+    """A wrapper subclass (torch's TwoTensor, as a quantised or distributed tensor would be) read
+    by the objective: the scratch test asked it for its storage's address, and torch raised
+    'Attempted to access the data pointer on an invalid python storage'. The gradient of
+    ½‖y − x‖² (+ 0·c) is that of the identity."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    c = two_tensor.TwoTensor(torch.ones(4, dtype=DT), torch.ones(4, dtype=DT))
+
+    class Node(DeclarativeNode):
+        def objective(self, x, y):
+            return 0.5 * ((y - x) ** 2).sum(-1) + 0 * (c * 1.0).sum().a
+
+        def solve(self, x):
+            return x.clone()
+
+    x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    Node()(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
