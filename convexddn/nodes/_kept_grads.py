@@ -78,7 +78,8 @@ def _detached_values(module: torch.nn.Module) -> Iterator[None]:
     if not swaps:
         yield
         return
-    # (a swap, held as the backward's: no other thread's forward reads the detached values meanwhile)
+    # (a swap, held as the backward's: a forward another thread starts meanwhile waits for it; one already
+    # running there may read the detached values, as it may functional_call's own, unguarded, values)
     with guarded(module, swap=True), _reparametrize_module(module, swaps):
         yield
 
