@@ -11,7 +11,10 @@ device under hooks that offload or copy (``torch.autograd.graph.save_on_cpu``), 
 saved nothing for them. :func:`graph_anchor` gives one tensor of zero elements whose grad_fn
 has an edge to each input instead: the graph to the inputs without their storage, and no
 version counter of theirs (an input changed in place after the forward still does not fail
-the backward, as before).
+the backward, as before). Every node whose backward is decorated by ``first_order`` sets
+``ctx.anchors = graph_anchor(<its tensor inputs>)``: the guard does not read the saved tensors
+for this (the backward has unpacked them, and a second unpack in one backward raises torch's
+CheckpointError under a non-reentrant checkpoint, whose recomputed saved tensors carry no graph).
 """
 from __future__ import annotations
 
@@ -60,6 +63,10 @@ def graph_anchor(*tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     a mixed second derivative, which the guard refuses). Holds none of their storage: under
     checkpointing or offloading hooks the inputs are freed or moved as torch's own ops' are.
     ~7 µs for any number of inputs."""
+    # (Nothing under torch.compile: dynamo refuses a Function with a jvp, which would break the
+    # fullgraph of the reverse-only nodes, and AOTAutograd's backward refuses a second one itself.)
+    if torch.compiler.is_compiling():
+        return ()
     tied = [t for t in tensors if isinstance(t, torch.Tensor)]
     if not any(t.requires_grad for t in tied) and not may_carry_tangents(*tied):
         return ()

@@ -13,12 +13,13 @@ from types import SimpleNamespace
 import torch
 from torch.autograd import forward_ad
 
+from ._anchor import graph_anchor
 from ._autograd import bind_fast, called_as, functorch_transforms, plain, public_name
 from .errors import DoubleBackwardError
 
 __all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only",
-           "first_order_region", "guard_gradients", "outside_inference_mode", "refuse_forward_over_reverse",
-           "single_backward", "with_forward_mode"]
+           "first_order_region", "graph_anchor", "guard_gradients", "outside_inference_mode",
+           "refuse_forward_over_reverse", "single_backward", "with_forward_mode"]
 
 
 def outside_inference_mode(fn: Callable) -> Callable:
@@ -115,7 +116,8 @@ FORWARD_AD_ONLY = "torch.autograd.forward_ad (not torch.func.jvp: this node does
 def refuse_forward_over_reverse(what: str, tensors: Sequence[Any], forward_mode: str = FORWARD_MODE) -> None:
     """Raise :class:`~convexddn.errors.DoubleBackwardError` where a backward runs inside
     a ``torch.autograd.forward_ad`` dual level and one of ``tensors`` (its incoming
-    gradients, saved tensors and inputs) carries a tangent there: the gradient itself is
+    gradients and anchors: :func:`~convexddn._anchor.graph_anchor` of its inputs) carries a
+    tangent there: the gradient itself is
     then differentiated in forward mode (forward over reverse: a Hessian-vector product
     where the input carries the tangent, a mixed second derivative where a parameter
     does, J(x)ᵀ dv where the incoming gradient does). The backward is first order,
@@ -311,12 +313,17 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
     """``torch.autograd.function.once_differentiable`` with the library's error, for the
     backward of the node ``what`` (its public name, for the message): the backward runs
     without a graph, and with ``create_graph=True`` its gradients are tied
-    (:func:`guard_gradients`) to the incoming gradients, the saved tensors and
-    ``ctx.anchors`` (inputs kept for this) that require grad, so that a second
-    differentiation raises :class:`~convexddn.errors.DoubleBackwardError` (torch's
-    decorator raised a generic RuntimeError, and nothing at all where the incoming
-    gradient was a constant). Inside a ``torch.autograd.forward_ad`` dual level where
-    those carry tangents the same error, before the backward runs
+    (:func:`guard_gradients`) to the incoming gradients and ``ctx.anchors`` that require
+    grad, so that a second differentiation raises
+    :class:`~convexddn.errors.DoubleBackwardError` (torch's decorator raised a generic
+    RuntimeError, and nothing at all where the incoming gradient was a constant). The
+    node's ``setup_context`` sets ``ctx.anchors = graph_anchor(<its tensor inputs>)``
+    (:func:`~convexddn._anchor.graph_anchor`: the inputs' graph without their storage);
+    a node without it gets no error for a second differentiation with respect to its
+    inputs. The saved tensors are not read for this: the backward unpacks them once, as
+    ``torch.utils.checkpoint`` requires (a second unpack raised its CheckpointError at
+    the first ``create_graph=True`` gradient). Inside a ``torch.autograd.forward_ad``
+    dual level where those carry tangents the same error, before the backward runs
     (:func:`refuse_forward_over_reverse`). Its refusals name the public function that
     ran the node (``ctx.caller``, kept by :func:`~convexddn._autograd.bind_fast`)."""
     def decorate(backward: Callable) -> Callable:
@@ -330,8 +337,14 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
                 return run(ctx, grads)
 
         def run(ctx, grads):
-            def anchors():  # (read only where needed: unpacking the saved tensors costs)
-                return (*grads, *ctx.saved_tensors, *getattr(ctx, "anchors", ()))
+            # A backward's anchors: the incoming gradients and ctx.anchors, never ctx.saved_tensors:
+            # the backward unpacks those itself, and a second unpack in one backward raised torch's
+            # CheckpointError under a non-reentrant checkpoint (at the first create_graph=True
+            # gradient), whose recomputed saved tensors are detached besides (no graph left to
+            # the inputs: the second differentiation would not reach this guard). A jvp's saved
+            # tensors are save_for_forward's, the forward's own tensors read without hooks.
+            saved = () if reverse else ctx.saved_tensors
+            anchors = (*grads, *saved, *getattr(ctx, "anchors", ()))
 
             dual = False
             if reverse and not torch.compiler.is_compiling():  # (dynamo traces neither test)
@@ -343,7 +356,7 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
                     _SecondOrderUnsupported.backward(SimpleNamespace(what=public_name(what)))
                 dual = forward_ad._current_level >= 0
                 if dual:  # (the same, by torch.autograd.forward_ad)
-                    refuse_forward_over_reverse(what, anchors())
+                    refuse_forward_over_reverse(what, anchors)
             # A dual level open, no tangent on this node's path (checked above): its kernels
             # run with forward AD off all the same (out= ops refuse dual tensors outright).
             with torch.no_grad(), (forward_ad._set_fwd_grad_enabled(False) if dual else contextlib.nullcontext()):
@@ -352,7 +365,7 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
                 return out
             single = not isinstance(out, tuple)
             outs = (out,) if single else out
-            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs], anchors(),
+            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs], anchors,
                                       check_tangents=False)  # (checked above)
             merged = tuple(g if isinstance(o, torch.Tensor) else o for g, o in zip(guarded, outs))
             return merged[0] if single else merged

@@ -151,3 +151,103 @@ def test_convex_layer_keeps_no_input_alive_outside_saved_tensors(name, make, how
         fd = torch.stack([(_first(layer(x + 1e-6 * d)).pow(2).sum() - _first(layer(x - 1e-6 * d)).pow(2).sum()) / 2e-6
                           for d in e]).view_as(x)
     torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- under torch.utils.checkpoint
+
+def _autograd_cases():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_autograd import CASES  # noqa: E402  (every native node, seeded float64 inputs)
+
+    return CASES
+
+
+NODE_CASES = _autograd_cases()
+
+
+def _weighted(out, loss):
+    w = torch.linspace(1, 2, out.shape[-1], dtype=F64)
+    return (out * w).sum() if loss == "linear" else (out * out * w).sum()
+
+
+@pytest.mark.parametrize("loss", ["linear", "square"])
+@pytest.mark.parametrize("name,x,node", NODE_CASES, ids=[c[0] for c in NODE_CASES])
+def test_checkpointed_node_create_graph_gradient_then_double_backward_error(name, x, node, loss):
+    """A native node inside a non-reentrant checkpoint: the first create_graph=True gradient
+    (a user may need it for other parts of a model) is the un-checkpointed one, and
+    differentiating it again raises DoubleBackwardError, as without checkpoint. first_order
+    read ctx.saved_tensors a second time for its anchors: torch's CheckpointError ("Unpack
+    is being triggered for a tensor that was already unpacked once") at the first gradient."""
+    X = x.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(_weighted(node(X), loss), X)  # torch's rule: the same value
+    (g,) = torch.autograd.grad(_weighted(checkpoint(node, X, use_reentrant=False), loss), X, create_graph=True)
+    torch.testing.assert_close(g.detach(), plain, rtol=1e-10, atol=1e-12)
+    with pytest.raises(DoubleBackwardError, match="does not support double backward"):
+        torch.autograd.grad((g * g).sum(), X, allow_unused=True)
+
+
+def _multi_input_cases():
+    from convexddn.functional import (least_squares, pnp, project_lp, project_simplex, robust_pool, sinkhorn,
+                                      tridiagonal_solve, tv_denoise)
+
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, dtype=F64, generator=g)
+
+    xy = 2 * torch.rand(1, 8, 2, generator=g, dtype=F64) - 1
+    z = 2 * torch.rand(1, 8, 1, generator=g, dtype=F64) + 2
+    p3d = torch.cat([z * xy, z], -1) + 0.01 * r(1, 8, 3)
+    return [  # (name, inputs, node): every input differentiable; its radius, weight or marginal too
+        ("robust_pool", (r(2, 8), torch.tensor([0.7, 1.3], dtype=F64)), lambda x, a: robust_pool(x, "huber", a)),
+        ("project_lp", (r(2, 5), torch.tensor(0.8, dtype=F64)), lambda x, t: project_lp(x, 2, "sphere", t)),
+        ("project_lp L1", (3 * r(2, 5), torch.tensor(1.5, dtype=F64)), lambda x, t: project_lp(x, 1, "ball", t)),
+        ("project_simplex", (r(2, 5), torch.tensor(2.0, dtype=F64)), lambda x, t: project_simplex(x, -1, t)),
+        ("tv_denoise", (r(2, 9), torch.tensor(0.5, dtype=F64)), tv_denoise),
+        ("least_squares", (r(2, 6, 3), r(2, 6)), least_squares),
+        ("sinkhorn", (torch.rand(2, 4, 5, dtype=F64, generator=g), torch.softmax(r(2, 4), -1),
+                      torch.softmax(r(2, 5), -1)), lambda C, a, b: sinkhorn(C, a, b, eps=0.5)),
+        ("tridiagonal_solve", (4 + torch.rand(2, 6, dtype=F64, generator=g), r(2, 5), r(2, 5), r(2, 6)),
+         tridiagonal_solve),
+        ("pnp", (xy, p3d), pnp),
+    ]
+
+
+MULTI_INPUT = _multi_input_cases()
+
+
+@pytest.mark.parametrize("name,inputs,node", MULTI_INPUT, ids=[c[0] for c in MULTI_INPUT])
+def test_checkpointed_node_refuses_second_derivatives_in_every_input(name, inputs, node):
+    """With respect to each input on its own, the incoming gradient a constant (a loss linear
+    in the output): the guard reaches every input through ctx.anchors (graph_anchor), not
+    through the saved tensors, which a checkpoint recomputes detached."""
+    for i in range(len(inputs)):
+        xs = [t.clone().requires_grad_() for t in inputs]
+        plain = torch.autograd.grad(_weighted(node(*xs), "linear"), xs)
+        out = checkpoint(node, *xs, use_reentrant=False)
+        grads = torch.autograd.grad(_weighted(out, "linear"), xs, create_graph=True)
+        for got, want in zip(grads, plain):
+            torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+        with pytest.raises(DoubleBackwardError, match="does not support double backward"):
+            torch.autograd.grad(sum((q * q).sum() for q in grads), xs[i], allow_unused=True)
+
+
+# (pnp apart: its forward inside a dual level is recomputed by the checkpoint with other saved
+# tensors, torch's CheckpointError "different metadata", before any backward of the node runs)
+FORWARD_CASES = [c for c in NODE_CASES if c[0] != "pnp"]
+
+
+@pytest.mark.parametrize("name,x,node", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_checkpointed_node_forward_over_reverse_is_refused(name, x, node):
+    """A backward inside a forward-AD dual level whose input carries a tangent, the incoming
+    gradient a constant: refused from the anchor's tangent (the saved tensors are not read)."""
+    import torch.autograd.forward_ad as fw
+
+    with fw.dual_level():
+        X = fw.make_dual(x.clone().requires_grad_(), torch.ones_like(x))
+        out = checkpoint(node, X, use_reentrant=False)
+        with pytest.raises(DoubleBackwardError, match="does not support double backward in forward mode"):
+            torch.autograd.grad(_weighted(out, "linear"), X)

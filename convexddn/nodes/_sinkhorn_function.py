@@ -9,6 +9,7 @@ import math
 import torch
 
 from .._autograd import bind_fast, refuse_batched
+from .._anchor import graph_anchor
 from .._first_order import first_order, first_order_jvp
 from .._warn import warn
 from ..errors import GradientWarning, InputError
@@ -70,6 +71,7 @@ class SinkhornFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zeros for err's (absent) gradient
         ctx.save_for_backward(output[0], G, inputs[1], inputs[2])  # (err: not needed, not kept)
         ctx.save_for_forward(output[0], inputs[1], inputs[2])
+        ctx.anchors = graph_anchor(*inputs[:3])  # (their graph, not them: see first_order)
         ctx.eps, ctx.pad, ctx.flip = inputs[3], pad, inputs[6]  # (flip: a and b are the caller's b and a)
         ctx.check, ctx.accuracy, ctx.batch = inputs[-1].check, inputs[-1].accuracy, inputs[-1].batch
 

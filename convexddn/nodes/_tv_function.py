@@ -77,9 +77,9 @@ class _TVFn(torch.autograd.Function):
         # Tangents of inputs without one stay None (not zeros): whether x and λ both carry
         # one decides the λ = 0 warning, as needs_input_grad does in the backward.
         ctx.set_materialize_grads(False)
-        # x's graph, not x (which the derivatives do not read): a second differentiation's error
-        # (see first_order) without holding x past a checkpointed forward (convexddn._anchor)
-        ctx.anchors = graph_anchor(inputs[0])
+        # x's and λ's graph, not x (which the derivatives do not read): a second differentiation's
+        # error (see first_order) without holding x past a checkpointed forward (convexddn._anchor)
+        ctx.anchors = graph_anchor(*inputs[:2])
         ctx.zero_lam, ctx.batch = inputs[3], inputs[5].dims  # batch: x's shape without dim, for the warnings
 
     @staticmethod

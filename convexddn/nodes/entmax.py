@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from .._autograd import bind_fast, called_as, may_carry_tangents, refuse_vmap
+from .._anchor import graph_anchor
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_int, check_number, check_tensor, normalize_dims
 from ..errors import InputError, NonFiniteError, ShapeError
@@ -132,6 +133,7 @@ class _EntmaxFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)
+        ctx.anchors = graph_anchor(inputs[0])  # (their graph, not them: see first_order)
         ctx.alpha, ctx.d, ctx.dtype = inputs[2], inputs[3], inputs[0].dtype
 
     @staticmethod

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from .._autograd import any_batched, bind_fast, functorch_transforms, may_carry_tangents, refuse_vmap, save_plain
+from .._anchor import graph_anchor
 from .._first_order import first_order, first_order_jvp
 from .._checks import check_device, check_number, check_tensor
 from ..errors import DTypeError, ShapeError
@@ -107,6 +108,7 @@ class _LeastSquaresFunction(torch.autograd.Function):
         ctx.save_for_forward(A, b, w, ridge, R, x, *weighted)
         ctx.dtypes = [None if t is None else t.dtype for t in (A, b, w, ridge)]
         ctx.gate = gate  # set by the caller from the forward's host read
+        ctx.anchors = graph_anchor(A, b, w, ridge)  # (their graph, not them: see first_order)
         # R, x, the rank mask and the gain are not differentiable: no zero gradients made for them.
         ctx.set_materialize_grads(False)
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .._autograd import bind_fast, may_carry_tangents, outside_compile, plain, refuse_batched, refuse_transforms
+from .._anchor import graph_anchor
 from .._first_order import first_order, first_order_jvp
 from .._checks import building, check_scale, check_stopping
 from .._pow2 import pow2_round
@@ -111,6 +112,7 @@ class _PnPFunction(torch.autograd.Function):
         ctx.save_for_backward(p2d, p3d, w, K, alpha, theta, H)
         ctx.save_for_forward(p2d, p3d, w, K, alpha, theta, H)
         ctx.pen = inputs[6]
+        ctx.anchors = graph_anchor(p2d, p3d, w, K, alpha)  # (their graph, not them: see first_order)
         ctx.named_batch = named_batch(theta.shape[0])  # (pnp's batch shape: the backward's warnings name it)
 
     @staticmethod

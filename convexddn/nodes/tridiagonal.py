@@ -146,9 +146,9 @@ class _TridiagonalFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.batch, ctx.shapes = batch, [t.shape for t in inputs[:4]]
         ctx.dtypes = [t.dtype for t in inputs[:4]]
-        # rhs (not read by the derivatives): its graph, not rhs itself, for a second differentiation's
-        # error (see first_order); held, it outlived a checkpointed forward (convexddn._anchor)
-        ctx.anchors = graph_anchor(rhs)
+        # The inputs' graph, not rhs itself (not read by the derivatives), for a second differentiation's
+        # error (see first_order); held, rhs outlived a checkpointed forward (convexddn._anchor)
+        ctx.anchors = graph_anchor(diag, lower, upper, rhs)
 
     @staticmethod
     @first_order(_NAME)

@@ -44,7 +44,7 @@ from torch import nn
 
 from .._autograd import (BatchShape, batched_values, bind_fast, functorch_transforms, may_carry_tangents,
                          refuse_trace, without_autocast)
-from .._first_order import first_order, first_order_jvp
+from .._first_order import first_order, first_order_jvp, graph_anchor
 from .._checks import (building, check_device, check_dim_option, check_int, check_scale, check_stopping, check_tensor,
                        normalize_dims)
 from ..errors import OptionError, ProblemError, ShapeError
@@ -73,9 +73,7 @@ _DEFAULT_STARTS = 32
 class _VectorPoolFunction(torch.autograd.Function):
     """y = argmin_u Σ_i φ(‖u − x_i‖; α), x (R, N, C) -> (R, C); alpha (R,) or 0-d; batch: R's caller shape."""
 
-    # torch.func.jacfwd vmaps the jvp over the tangents (the primal stays unbatched); the
-    # rule torch generates runs it as written, and the Hessian test reads only the primal.
-    generate_vmap_rule = True
+    generate_vmap_rule = True  # (torch.func.jacfwd: a vmap over the jvp, the primal unbatched, run as written)
 
     @staticmethod
     @without_autocast
@@ -90,6 +88,7 @@ class _VectorPoolFunction(torch.autograd.Function):
         x, alpha, pen = inputs[:3]
         ctx.save_for_backward(x, alpha, output)
         ctx.save_for_forward(x, alpha, output)
+        ctx.anchors = graph_anchor(x, alpha)  # (their graph, not them: see first_order)
         ctx.pen, ctx.coarse, ctx.batch = pen, coarse_flag(output, alpha, ctx.needs_input_grad), inputs[6].dims
 
     @staticmethod

@@ -222,13 +222,15 @@ def test_sinkhorn_easy_batch_setup_reads_host_once():
     # 10ε, which plain kernel Sinkhorn solves in 13 iterations. Its set-up (offset lines,
     # row shifts, spreads, the path split) read the host three times and took as long as
     # those iterations: 7 host reads and 153 torch calls in the whole forward, now 5 (the
-    # set-up's one, three error checks of the kernel, the caller's warning test) and 134.
+    # set-up's one, three error checks of the kernel, the caller's warning test) and 134;
+    # 138 with the inputs' graph anchor for the double-backward guard (convexddn._anchor: a
+    # checkpointed sinkhorn's create_graph=True gradient needs it), no host read.
     C = _cost(2, 100, 100, seed=0).requires_grad_()
     sinkhorn(C, eps=0.1)  # (first-call set-up out of the count)
     with _Calls() as count:
         P = sinkhorn(C, eps=0.1)
     assert count.reads == 5
-    assert count.calls <= 134
+    assert count.calls <= 138
     # The plan is the exact one all the same (rows exact, columns within tol).
     assert (P.sum(-1) - 0.01).abs().max() <= 1e-17
     assert (P.sum(-2) - 0.01).abs().sum(-1).max() <= 1e-12

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..._autograd import batched_directions, bind_fast, save_plain
+from ..._anchor import graph_anchor
 from ..._first_order import first_order, first_order_jvp
 from ..._warn import warn
 from ...errors import GradientWarning
@@ -62,6 +63,7 @@ class RobustPoolFunction(torch.autograd.Function):
         ctx.penalty = penalty
         ctx.use_compile = use_compile
         ctx.named_batch = batch.dims  # (the backward's and the jvp's warnings name rows in it)
+        ctx.anchors = graph_anchor(x, alpha)  # (their graph, not them: see first_order)
 
     @staticmethod
     @first_order("robust_pool")

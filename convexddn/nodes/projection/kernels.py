@@ -15,6 +15,7 @@ import torch
 
 from ..._autograd import bind_fast, may_carry_tangents, save_plain
 from ..._compile import may_break_graph
+from ..._anchor import graph_anchor
 from ..._first_order import first_order, with_forward_mode
 from ..._checks import check_finite
 from ..._warn import warn
@@ -183,6 +184,7 @@ class L2ReverseFn(torch.autograd.Function):
         save_plain(ctx, y, scale, *_l2_saved(inputs, output))
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
         ctx.d, ctx.sphere, ctx.overflow, ctx.steep, ctx.zeros = d, sphere, overflow, steep, zeros
+        ctx.anchors = graph_anchor(*inputs[:2])  # (their graph, not them: see first_order)
 
     @staticmethod
     @first_order("project_lp")
@@ -300,6 +302,7 @@ class LinfReverseFn(torch.autograd.Function):
         save_plain(ctx, output, r if isinstance(r, torch.Tensor) else None)
         ctx.r_float = None if isinstance(r, torch.Tensor) else r
         ctx.d = d
+        ctx.anchors = graph_anchor(*inputs[:2])  # (their graph, not them: see first_order)
 
     @staticmethod
     @first_order("project_lp")

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..._autograd import bind_fast, save_plain
+from ..._anchor import graph_anchor
 from ..._first_order import first_order, first_order_jvp, with_forward_mode
 from ..._checks import check_finite
 from ...errors import SolverError
@@ -229,6 +230,7 @@ class L1ReverseFn(torch.autograd.Function):
         ctx.mark_non_differentiable(active, support)
         save_plain(ctx, y, active, support, r if isinstance(r, torch.Tensor) else None)
         ctx.d = d
+        ctx.anchors = graph_anchor(*inputs[:2])  # (their graph, not them: see first_order)
 
     @staticmethod
     @first_order("project_lp")
@@ -350,6 +352,7 @@ class SimplexProjectionFn(torch.autograd.Function):
         save_plain(ctx, y, support, z if isinstance(z, torch.Tensor) else None)
         ctx.save_for_forward(y, support)
         ctx.d = d
+        ctx.anchors = graph_anchor(*inputs[:2])  # (their graph, not them: see first_order)
 
     @staticmethod
     @first_order_jvp("project_simplex")  # its tangent differentiated again: DoubleBackwardError
