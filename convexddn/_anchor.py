@@ -62,7 +62,7 @@ def graph_anchor(*tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     under ``torch.func.jvp``: an input with a tangent but no grad makes a gradient of another one
     a mixed second derivative, which the guard refuses). Holds none of their storage: under
     checkpointing or offloading hooks the inputs are freed or moved as torch's own ops' are.
-    ~7 µs for any number of inputs."""
+    ~10-25 µs for any number of inputs (CPU, measured on the shared 2-core machine)."""
     # (Nothing under torch.compile: dynamo refuses a Function with a jvp, which would break the
     # fullgraph of the reverse-only nodes, and AOTAutograd's backward refuses a second one itself.)
     if torch.compiler.is_compiling():

@@ -17,9 +17,9 @@ from ._anchor import graph_anchor
 from ._autograd import bind_fast, called_as, functorch_transforms, plain, public_name
 from .errors import DoubleBackwardError
 
-__all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_only",
-           "first_order_region", "graph_anchor", "guard_gradients", "outside_inference_mode",
-           "refuse_forward_over_reverse", "single_backward", "with_forward_mode"]
+__all__ = ["FORWARD_AD_ONLY", "FORWARD_MODE", "first_order", "first_order_jvp", "first_order_region", "graph_anchor",
+           "guard_gradients", "outside_inference_mode", "refuse_forward_over_reverse", "single_backward",
+           "with_forward_mode"]
 
 
 def outside_inference_mode(fn: Callable) -> Callable:
@@ -267,25 +267,18 @@ def single_backward(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return tensors
     return list(_SingleBackward.apply(*tensors)[:-1])
 
-def first_order_only(what: str, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The inputs of a solver whose backward is first-order only (it may run outside
-    autograd, e.g. on the CPU in numpy, or without a graph): passed through unchanged,
-    but a second differentiation of their gradients with respect to the inputs raises
-    :class:`~convexddn.errors.DoubleBackwardError` (without this guard it silently gave
-    zeros, or None). Only the tensors that require grad pass through the guard: the
-    others stay as they are, not requiring grad (a solver reads which do: the convex
-    path's backward checks what the parameters requiring grad move). With respect to the
-    incoming gradients too: :func:`first_order_region`."""
-    return first_order_region(what, tensors)[0]
-
-
 def first_order_region(what: str, tensors: Sequence[torch.Tensor]
                        ) -> tuple[tuple[torch.Tensor, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]]:
-    """:func:`first_order_only` for a region whose outputs are known: returns the guarded
+    """The inputs of a region whose backward is first-order only (it may run outside
+    autograd, e.g. on the CPU in numpy, or without a graph): returns the guarded
     ``tensors`` and ``close``, to be called on the region's outputs (it returns them, to
-    be used in their place). A second differentiation of the inputs' gradients then
-    raises :class:`~convexddn.errors.DoubleBackwardError` also where it is taken with
-    respect to the outputs' incoming gradients (``create_graph=True`` with grad_outputs
+    be used in their place). The tensors pass through unchanged, but a second
+    differentiation of their gradients with respect to the inputs raises
+    :class:`~convexddn.errors.DoubleBackwardError` (without this guard it silently gave
+    zeros, or None); only those that require grad pass through the guard, the others stay
+    as they are (a solver reads which do: the convex path's backward checks what the
+    parameters requiring grad move). So does one taken with respect to the outputs'
+    incoming gradients (``create_graph=True`` with grad_outputs
     requiring grad: the double-vjp trick of ``torch.autograd.functional.jvp``), as
     :func:`first_order` does for one Function: a region whose backward cuts the graph
     (numpy, ``once_differentiable``) gave None there, and torch.autograd.functional.jvp

@@ -46,9 +46,9 @@ def test_first_order_region_refuses_the_double_vjp():
     x, v = torch.randn(4, dtype=F64), torch.randn(4, dtype=F64)
     with pytest.raises(DoubleBackwardError, match="toy does not support double backward"):
         torch.autograd.functional.jvp(_guarded, x, v)
-    # first_order_only (no region end) still refuses with respect to the inputs
+    # a region not closed still refuses with respect to the inputs
     X = x.clone().requires_grad_()
-    (Xg,) = _first_order.first_order_only("toy", [X])
+    (Xg,) = _first_order.first_order_region("toy", [X])[0]
     (g,) = torch.autograd.grad(_Numpy.apply(Xg).pow(2).sum(), X, create_graph=True)
     torch.testing.assert_close(g.detach(), 8 * x)
     with pytest.raises(DoubleBackwardError):

@@ -15,7 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import convexddn as cddn
-from convexddn._first_order import first_order_only
+from convexddn._first_order import first_order_region
 from convexddn.convex.kkt import bmv
 from convexddn.convex.resolution import moved_columns
 from convexddn.errors import GradientWarning
@@ -97,10 +97,10 @@ def test_moved_columns_reads_costs_constraint_columns_and_rows_through_a_column(
     assert moved_columns(None, None, dA, None, A).tolist() == [[False, False, True]]
 
 
-def test_first_order_only_leaves_tensors_without_grad_as_they_are():
+def test_first_order_region_leaves_tensors_without_grad_as_they_are():
     a = torch.ones(2, requires_grad=True)
     b = torch.ones(2)
-    out = first_order_only("node", [a, b])
+    out = first_order_region("node", [a, b])[0]
     assert out[0].requires_grad and not out[1].requires_grad
     assert out[1] is b
 
