@@ -53,7 +53,8 @@ def _solve_plan(cost: torch.Tensor, C: torch.Tensor, a: torch.Tensor, b: torch.T
         # 1e308: column sums 0.16-0.20 for 1/6, only warned), where a row's range overflows
         # (the solver subtracts each row's minimum, and each column's in the other half-step): checked
         # on this failing path only, along both (C may be transposed here: flip).
-        span = torch.maximum(C.amax(-1) - C.amin(-1), (C.amax(-2) - C.amin(-2)).amax(-1, keepdim=True))
+        Cd = C.detach()  # (read on the host below: a C that requires grad made torch warn about the float())
+        span = torch.maximum(Cd.amax(-1) - Cd.amin(-1), (Cd.amax(-2) - Cd.amin(-2)).amax(-1, keepdim=True))
         wide = ~torch.isfinite(span)
         if not bool(wide.any()) and not math.isfinite(float(span.amax()) / float(eps)):
             # (the solver divides the shifted costs by eps: 1e100 spreads at eps 1e-211)

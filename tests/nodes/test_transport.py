@@ -1682,3 +1682,21 @@ def test_sinkhorn_tensor_eps_is_refused_through_the_shared_option_check():
         with pytest.raises(OptionError, match=match):
             sinkhorn(_cost(3, 4, seed=1), eps=bad)
     assert OptimalTransport(eps=np.float32(0.5)).eps == 0.5
+
+
+def test_a_cost_that_requires_grad_and_does_not_converge_warns_only_the_solver_warning():
+    """The failing path's overflow check read a float of the cost's spread, built from a cost in
+    the graph: torch's 'Converting a tensor with requires_grad=True to a scalar' UserWarning came
+    beside the SolverWarning (torch warns once a process; set_warn_always shows every one)."""
+    C = (5 * torch.randn(4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sinkhorn(C, eps=0.05, max_iter=3)
+    finally:
+        torch.set_warn_always(before)
+    kinds = {type(w.message).__name__ for w in caught}
+    assert "SolverWarning" in kinds
+    assert not [w for w in caught if "requires_grad=True to a scalar" in str(w.message)]
