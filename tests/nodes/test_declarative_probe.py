@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,9 @@ import torch
 import convexddn.nodes.declarative_probe as dp
 from convexddn.errors import ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_declarative import Sphere  # noqa: E402  (y = x / ‖x‖, dy/dx = (I − y yᵀ) / ‖x‖)
 
 DT = torch.float64
 
@@ -204,26 +209,13 @@ def test_unread_parameter_warning_names_the_attribute_solve_computed():
         Ball()(x)
 
 
-class _Sphere(DeclarativeNode):
-    """y = argmin_u ½‖u − x‖² s.t. ‖u‖² = 1  =>  y = x / ‖x‖, dy/dx = (I − y yᵀ) / ‖x‖."""
-
-    def objective(self, x, y):
-        return 0.5 * ((y - x) ** 2).sum(-1)
-
-    def equality_constraints(self, x, y):
-        return (y * y).sum(-1, keepdim=True) - 1.0
-
-    def solve(self, x):
-        return x / x.norm(dim=-1, keepdim=True)
-
-
 def test_first_call_under_disable_saved_tensors_hooks():
     # The probe registered saved-tensor hooks of its own, which torch refuses there: the node's
     # first call raised the caller's RuntimeError (later calls, other ops ran). None can be
     # registered around it there, so the probe's graph needs none.
     x = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with torch.autograd.graph.disable_saved_tensors_hooks("disabled by the caller"):
-        y = _Sphere()(x)
+        y = Sphere()(x)
     (grad,) = torch.autograd.grad(y.sum(), x)
     n = x.detach().norm(dim=-1, keepdim=True)
     u = x.detach() / n

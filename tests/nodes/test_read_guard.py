@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from convexddn.errors import InputError, ProblemError
 from convexddn.nodes.declarative import DeclarativeNode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_declarative import Sphere  # noqa: E402  (y = x / ‖x‖, dy/dx = (I − y yᵀ) / ‖x‖)
 
 DT = torch.float64
 X0 = torch.tensor([[0.0, 1.0, 2.0, 4.0]], dtype=DT)
@@ -386,19 +391,6 @@ def test_a_deep_copy_of_a_submodule_in_the_objective_after_the_first_call(dtype)
             node(forward_ad.make_dual(x.detach(), torch.ones_like(x)))
 
 
-class _Sphere(DeclarativeNode):
-    """y = argmin_u ½‖u − x‖² s.t. ‖u‖² = 1  =>  y = x / ‖x‖, dy/dx = (I − y yᵀ) / ‖x‖."""
-
-    def objective(self, x, y):
-        return 0.5 * ((y - x) ** 2).sum(-1)
-
-    def equality_constraints(self, x, y):
-        return (y * y).sum(-1, keepdim=True) - 1.0
-
-    def solve(self, x):
-        return x / x.norm(dim=-1, keepdim=True)
-
-
 def _sphere_vjp(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n = x.norm(dim=-1, keepdim=True)
     y = x / n
@@ -410,7 +402,7 @@ def test_the_record_does_not_keep_the_inputs_alive_under_checkpoint(first):
     # ForwardVersions held the inputs (by id, to skip those autograd saves): a non-reentrant
     # checkpoint's block kept its activation x alive after the forward, as did a saved-tensor hook
     # that moves saved tensors away. torch's own ops free it; the gradients are as without checkpoint.
-    node = _Sphere()
+    node = Sphere()
     if not first:
         node(torch.randn(2, 4, dtype=DT, requires_grad=True))
     leaf = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -431,7 +423,7 @@ def test_the_record_does_not_keep_the_inputs_alive_under_checkpoint(first):
 
 def test_the_record_does_not_keep_inputs_past_moving_saved_tensor_hooks():
     # A hook that moves saved tensors away (here a copy, as save_on_cpu's) frees the activation.
-    node = _Sphere()
+    node = Sphere()
     node(torch.randn(2, 4, dtype=DT, requires_grad=True))
     x = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
