@@ -61,7 +61,12 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # (z and two work buffers; alpha's weights take four more: see builtin._signed_cube_sums)
     scratch = Scratch.make(6 if need_alpha else 3, (ranges[0].stop - ranges[0].start) * n, x)
     # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
-    sw, size, scale = x.new_empty(rows, 1), x.new_empty(rows, 1), x.new_empty(rows, 1)
+    # The two sums accumulate in float64 whatever x's dtype (read in x's dtype, no float64
+    # copy of a block): their rounding, n eps64 of the absolute sum, then stays far below
+    # the terms' own (eps of x's dtype), where a float32 sum's worst case n eps32 reached 1
+    # at n = 2^23 and made every long row look singular (:func:`_nonsingular`).
+    sw, size = x.new_empty(rows, 1, dtype=torch.float64), x.new_empty(rows, 1, dtype=torch.float64)
+    scale = x.new_empty(rows, 1)
     # Rows with a residual y - x_i beyond the float range (data spread over more than it):
     # their weights there came out 0 from an infinite residual, for points a few alphas
     # away (Welsch at alpha = max/2: a gradient of 0 for the true -0.196, silently). Only
@@ -102,10 +107,10 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             z_j, ok_j = refine_residuals(penalty, z_j, a_j)
             z[j], lost[sl.start + j] = z_j, ~ok_j
         w, wa, wsize = penalty.hessian_weights(z, al, work, need_alpha)
-        torch.sum(w, -1, keepdim=True, out=sw[sl])
+        torch.sum(w, -1, keepdim=True, dtype=torch.float64, out=sw[sl])
         signed = wsize is not None
         if signed:
-            size[sl] = wsize
+            size[sl] = wsize  # (an upper bound, as accurate as the penalty forms it: a scale)
         if need_alpha:
             swa[sl] = wa
         torch.div(gcol[sl], sw[sl], out=scale[sl])
@@ -124,7 +129,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # rare, as is a non-finite alpha weight sum: one host sync tells that none occurs.
     low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | (~torch.isfinite(scale) & torch.isfinite(gcol))
     low = (low if zsum is None else low | ~torch.isfinite(zsum)).squeeze(-1)
-    ok = _nonsingular(sw, size, n)
+    ok = _nonsingular(sw, size, n, finfo.eps)
     flat = _cancelled(sw, size, ok)
     flags = [(low | ~ok).any(), flat.any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
     rare, some_flat, *alpha_rare = torch.stack(flags).tolist()
@@ -138,12 +143,12 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             # (float64 throughout: the gradient is the ratio w_i / sum_j w_j times gy, and
             # the test is taken before a cast that could flush a tiny sum to zero)
             g_r = gcol[idx].to(sw_r.dtype) / sw_r
-            sw[idx], size[idx], scale[idx] = sw_r.to(x.dtype), size_r.to(x.dtype), g_r.to(x.dtype)
+            sw[idx], size[idx], scale[idx] = sw_r, size_r, g_r.to(x.dtype)
             if need_alpha:
                 swa[idx] = wa_r.to(x.dtype)
             if need_x:
                 gx[idx] = (w_r * g_r).to(x.dtype)
-            ok = ok.index_copy(0, idx, _nonsingular(sw_r, size_r, n))
+            ok = ok.index_copy(0, idx, _nonsingular(sw_r, size_r, n, torch.finfo(sw_r.dtype).eps))
             flat = _cancelled(sw, size, ok)
             some_flat = bool(flat.any())
     if some_flat:
@@ -205,12 +210,15 @@ def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, g
     return ga, bad.index_copy(0, idx, lost) if bool(lost.any()) else None
 
 
-def _nonsingular(sw: Tensor, size: Tensor, n: int) -> Tensor:
-    """(R,) rows whose Hessian sum ``sw`` is above the rounding noise of its terms
+def _nonsingular(sw: Tensor, size: Tensor, n: int, term_eps: float) -> Tensor:
+    """(R,) rows whose Hessian sum ``sw`` is above the rounding noise of its ``n`` terms
     (``size`` bounds their absolute sum): a property of the Hessian alone, whatever the
-    incoming gradient."""
+    incoming gradient. The noise is the terms' own rounding, ``term_eps`` (the eps of the
+    dtype they were formed in) of ``size``, plus the sum's, at most ``n eps`` of ``size``
+    in ``sw``'s dtype (float64: 2e-9 at n = 2^23, where float32's bound reached 1 and
+    rejected every row of weights >= 0, whose ``sw`` is ``size`` itself)."""
     eps = torch.finfo(sw.dtype).eps
-    return (sw > (n * eps) * size).squeeze(-1)
+    return (sw > (term_eps + n * eps) * size).squeeze(-1)
 
 
 def _cancelled(sw: Tensor, size: Tensor, ok: Tensor) -> Tensor:
