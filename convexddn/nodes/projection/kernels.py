@@ -48,10 +48,17 @@ def _norm2(x: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
     """‖x‖₂ along ``d`` (kept), in ``dtype``: ``(*, n, *) -> (*, 1, *)``. Long float64 rows (n > 1024)
     sum their squares with torch.sum's cascade summation: vector_norm accumulates float64 in a few
     sequential lanes, 301 eps off at n = 1e5 (entries 1 + 1e-6·randn), the sum 0.3 eps, at twice the
-    time and a temporary of x's size. (Narrower x: vector_norm accumulates wider, ≤ 1 eps of x's dtype.
-    Squares that overflow or underflow give a norm the callers' range test sends to the rescaled path.)"""
-    if dtype == torch.float64 and x.shape[d] > 1024:
+    time and a temporary of x's size. Narrower rows accumulate in float64 once n > 1024 (read in their
+    own dtype, no float64 copy; rounded to ``dtype`` once): vector_norm's float32 accumulation grows
+    with n, 2 eps at n = 4096 but 3000 eps at n = 1e7, which put projections 3000 ulp outside the ball
+    and judged a row with ‖x‖ = 1.0002 inside. Up to 1024 it stays ≤ 1.5 eps (the callers decide rows
+    within 16 ulp of the boundary in float64). Squares that overflow or underflow give a norm the
+    callers' range test sends to the rescaled path."""
+    n = x.shape[d]
+    if dtype == torch.float64 and n > 1024:
         return x.to(dtype).square().sum(d, keepdim=True).sqrt()
+    if n > 1024 and dtype != torch.float64:
+        return torch.linalg.vector_norm(x, dim=d, keepdim=True, dtype=torch.float64).to(dtype)
     return torch.linalg.vector_norm(x, dim=d, keepdim=True, dtype=dtype)
 
 
