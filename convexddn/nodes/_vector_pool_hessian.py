@@ -58,7 +58,8 @@ def hessian_solve_warned(pen: Penalty, at: tuple, k1: torch.Tensor, n: torch.Ten
     # Sets with a term of negative curvature (κ_i or φ''_i < 0): never with a convex penalty's
     # or the truncated quadratic's (φ'' is 0 or 1), where no check runs.
     mixed = None if pen.convex or isinstance(pen, TruncatedQuadratic) else ((k1 + c < 0) | (k1 < 0)).any(-1)
-    v, ok, all_ok, flat = hess_solve_checked(k1.sum(-1), n, c, rhs, mixed)
+    # (s = Σ κ_i accumulated in float64, as _hessian's sum: float32's grew with N)
+    v, ok, all_ok, flat = hess_solve_checked(k1.sum(-1, dtype=torch.float64).to(k1.dtype), n, c, rhs, mixed)
     if flat is not None:
         j = flat.nonzero().squeeze(-1)
         gone = _unresolved(pen, *at, j)
