@@ -45,3 +45,15 @@ def test_nonsingular_bound_uses_accumulator_rounding() -> None:
     size = torch.tensor([[float(n)], [float(n)], [float(n)]], dtype=torch.float64)
     sw = torch.tensor([[float(n)], [0.5 * eps32 * n], [4 * eps32 * n]], dtype=torch.float64)
     assert _nonsingular(sw, size, n, eps32).tolist() == [True, False, True]
+
+
+def test_row_sum_float32_accumulates_wide() -> None:
+    # Partial sums of float32 terms added in float64, a row length not a multiple of the part.
+    from convexddn.nodes.pooling.backward import _row_sum
+
+    torch.manual_seed(0)
+    w = torch.rand(2, 2 ** 23 + 3, dtype=torch.float32)
+    got = _row_sum(w)
+    exact = w.double().sum(-1, keepdim=True)
+    assert got.dtype == torch.float64
+    assert ((got - exact).abs() / exact).max().item() < 4 * torch.finfo(torch.float32).eps
