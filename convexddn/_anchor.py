@@ -23,7 +23,13 @@ from torch.autograd import forward_ad
 
 from ._autograd import bind_fast, may_carry_tangents
 
-__all__ = ["graph_anchor"]
+__all__ = ["empty_of", "graph_anchor"]
+
+
+def empty_of(t: torch.Tensor) -> torch.Tensor:
+    """``(0,)``: a zero-element view of ``t``, differentiable and carrying ``t``'s graph or
+    tangent, never a copy (``t.reshape(-1)[:0]`` copied a strided or expanded ``t`` first)."""
+    return t.unsqueeze(0).narrow(0, 0, 0).reshape(0)
 
 
 @bind_fast
@@ -51,7 +57,7 @@ class _Anchor(torch.autograd.Function):
         # anchor as forward over reverse (convexddn._first_order.refuse_forward_over_reverse).
         for t in tangents:
             if t is not None:
-                return t.unsqueeze(0).narrow(0, 0, 0).reshape(0)
+                return empty_of(t)
         return None
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 from torch.autograd import forward_ad
 
-from ._anchor import graph_anchor
+from ._anchor import empty_of, graph_anchor
 from ._autograd import bind_fast, called_as, functorch_transforms, plain, public_name
 from .errors import DoubleBackwardError
 
@@ -229,7 +229,7 @@ class _FirstOrderOutput(torch.autograd.Function):
         if not live or not (torch.is_grad_enabled() or forward_ad._current_level >= 0):
             return (None, *grads)
         dtype, device = ctx.token
-        return (torch.cat([g.reshape(-1)[:0].to(dtype=dtype, device=device) for g in live]), *grads)
+        return (torch.cat([empty_of(g).to(dtype=dtype, device=device) for g in live]), *grads)
 
     @staticmethod
     def jvp(ctx, _token, *tangents):  # type: ignore[override]
@@ -336,8 +336,8 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
             # gradient), whose recomputed saved tensors are detached besides (no graph left to
             # the inputs: the second differentiation would not reach this guard). A jvp's saved
             # tensors are save_for_forward's, the forward's own tensors read without hooks.
-            saved = () if reverse else ctx.saved_tensors
-            anchors = (*grads, *saved, *getattr(ctx, "anchors", ()))
+            def anchors():  # (read only where needed: unpacking a jvp's saved tensors costs)
+                return (*grads, *(() if reverse else ctx.saved_tensors), *getattr(ctx, "anchors", ()))
 
             dual = False
             if reverse and not torch.compiler.is_compiling():  # (dynamo traces neither test)
@@ -349,7 +349,7 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
                     _SecondOrderUnsupported.backward(SimpleNamespace(what=public_name(what)))
                 dual = forward_ad._current_level >= 0
                 if dual:  # (the same, by torch.autograd.forward_ad)
-                    refuse_forward_over_reverse(what, anchors)
+                    refuse_forward_over_reverse(what, anchors())
             # A dual level open, no tangent on this node's path (checked above): its kernels
             # run with forward AD off all the same (out= ops refuse dual tensors outright).
             with torch.no_grad(), (forward_ad._set_fwd_grad_enabled(False) if dual else contextlib.nullcontext()):
@@ -358,7 +358,7 @@ def first_order(what: str, reverse: bool = True) -> Callable[[Callable], Callabl
                 return out
             single = not isinstance(out, tuple)
             outs = (out,) if single else out
-            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs], anchors,
+            guarded = guard_gradients(what, [o if isinstance(o, torch.Tensor) else None for o in outs], anchors(),
                                       check_tangents=False)  # (checked above)
             merged = tuple(g if isinstance(o, torch.Tensor) else o for g, o in zip(guarded, outs))
             return merged[0] if single else merged
