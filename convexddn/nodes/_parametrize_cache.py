@@ -62,13 +62,12 @@ def fresh_parametrizations(module: torch.nn.Module) -> Iterator[None]:
 
 def uncached(module: torch.nn.Module, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (one of the user's methods, as the node calls it), each call of it under
-    :func:`fresh_parametrizations` of ``module``; ``fn`` itself where ``module`` has no parametrization."""
-    if not _parametrized(module):
-        return fn
-
+    :func:`fresh_parametrizations` of ``module`` where a ``parametrize.cached()`` scope is open.
+    (Nothing is read of the module here: a walk over its submodules at each wrap cost every
+    call of every node, also outside ``cached()``.)"""
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        if not _caching():  # (outside cached(): no walk over the submodules, fn as it is)
+        if not _caching():  # (outside cached(): fn as it is)
             return fn(*args, **kwargs)
         with fresh_parametrizations(module):
             return fn(*args, **kwargs)

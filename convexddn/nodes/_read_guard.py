@@ -272,9 +272,9 @@ def refuse_outside_tangents(node: str, tensors) -> None:
                 "of the node and give its tangent through torch.func.functional_call")
 
 
-def check_outside_tangents(node: torch.nn.Module, calls, xs, y: Tensor) -> None:
-    """Where a dual level is open: the problem evaluated once (``calls``: the user's methods as
-    ``fn(*xs, y)``) and what it read from outside the node (not its parameters and buffers)
+def check_outside_tangents(node: torch.nn.Module, calls: Callable[[], list], xs, y: Tensor) -> None:
+    """Where a dual level is open: the problem evaluated once (``calls()``: the user's methods as
+    ``fn(*xs, y)``, made only there) and what it read from outside the node (not its parameters and buffers)
     refused where it carries a tangent (:func:`refuse_outside_tangents`). At the forward: within
     the node's ``jvp`` torch shows no tensor's tangent, and where the inputs carry none no ``jvp``
     runs (``c`` alone dual gave a tangent of None)."""
@@ -286,7 +286,7 @@ def check_outside_tangents(node: torch.nn.Module, calls, xs, y: Tensor) -> None:
     # derivative, a custom Function with no jvp applied to the inputs, raised here, where the
     # node's forward mode differentiates it by reverse products)
     with reads, torch.no_grad(), forward_ad._set_fwd_grad_enabled(False):
-        for call in calls:
+        for call in calls():
             call(*xs, y)
     refuse_outside_tangents(type(node).__name__, (t for i, t in reads.outside.items() if i not in own))
 

@@ -384,7 +384,7 @@ class DeclarativeNode(GuardedState):
         # silently; the jvp probes first where due). Also at every reverse-mode call where nothing requires grad.
         grad = torch.is_grad_enabled()
         tangent = may_carry_tangents() and forward_ad.unpack_dual(y).tangent is not None
-        check_outside_tangents(self, [self._call(m) for m in _METHODS], flat, y)  # (forward mode: else dropped)
+        check_outside_tangents(self, lambda: [self._call(m) for m in _METHODS], flat, y)  # (forward mode: else dropped)
         if (grad or tangent) and (self._probe_due(y.shape[0], state)
                                   or (grad and not tangent and not y.requires_grad)):
             self._probe(flat, y, record)
