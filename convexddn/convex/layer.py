@@ -36,7 +36,7 @@ from .batched import BatchedProgram, UnsupportedProblem
 from .canonical import batched_refusal
 from .consistent_rows import input_precision, read_by_rows
 from .finite import finite_problem
-from .nonconvex import explain_nonconvex
+from .nonconvex import explain_nonconvex, unsolved
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .second_opinion import solve_with_opinion, unsettled
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
@@ -332,7 +332,7 @@ class ConvexLayer(nn.Module):
         with input_precision(lambda: read_by_rows(self._batched or self._opinion_program(device, False), values),
                              self.tol):  # (the inputs dependent equality rows' b_E reads: .consistent_rows)
             sols, info = self._solve(flat, device, call_args, batch)
-        failed = [i for i, ok in enumerate(info["solved"]) if not ok]
+        failed = unsolved(info)
         # (elements whose objective is nonconvex at their values, failed or, under a psd_wrap, any: unsolved or raised)
         failed = explain_nonconvex(self._batched or self._opinion, self.problem, self.parameters_, flat, failed, info,
                                    batch, self.on_failure == "raise")
