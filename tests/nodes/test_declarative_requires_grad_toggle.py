@@ -37,18 +37,6 @@ def _data():
             torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=F64))
 
 
-def test_torch_layers_run_the_backward_of_a_parameter_frozen_since_the_forward():
-    """The behaviour matched: nn.Linear's weight frozen after the forward gets no gradient, the input its own."""
-    x0, _, _ = _data()
-    lin = nn.Linear(4, 4).double()
-    x = x0.clone().requires_grad_()
-    y = lin(x)
-    lin.weight.requires_grad_(False)
-    y.sum().backward()
-    assert lin.weight.grad is None and lin.bias.grad is not None
-    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand_as(x))
-
-
 @pytest.mark.parametrize("first_call", [False, True])
 def test_a_parameter_frozen_between_forward_and_backward(first_call):
     """w frozen after the forward: w.grad None, x.grad = w ⊙ g (closed form), as torch's layers.
