@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from diffcp import _diffcp
-from scipy.sparse import linalg as sla
 
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import kkt_residual, residual_parts
 from .exp_cone import Memo, derivative_correction, has_exp, project_cones
+from .iterative import Plus, iterative_solve, null_reach
 from .kinks import kink_sides, pair_tolerances
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
@@ -111,7 +111,7 @@ class ResidualMap:
         :meth:`_dual_projection`; diffcp's are its own projection's)."""
         dproj = _diffcp.dprojection(v, self.cones_cpp, True)
         delta = derivative_correction(v, self.cones, dproj, self._memo)
-        return dproj if delta is None else _Plus(dproj, delta)
+        return dproj if delta is None else Plus(dproj, delta)
 
     def _operator(self, z: np.ndarray, dense: bool | None = None, dproj=None):
         """M at z: an (N, N) array (``dense``, by default in mode "dense"), in mode
@@ -133,16 +133,16 @@ class ResidualMap:
             if self._Q_dense is None:
                 self._Q_dense = self.Q.toarray()
             M = _diffcp.M_dense(self._Q_dense, self.cones_cpp, u, v, w)
-            if isinstance(dproj, _Plus):  # (dense: sparse products cost more than they save here)
+            if isinstance(dproj, Plus):  # (dense: sparse products cost more than they save here)
                 delta = dproj.delta.toarray()
                 M[:, n:n + m] += self._Q_dense[:, n:n + m] @ delta
                 M[n:n + m, n:n + m] -= delta
             return M
         op = _diffcp.M_operator(self.Q, self.cones_cpp, u, v, w)
-        if not isinstance(dproj, _Plus):
+        if not isinstance(dproj, Plus):
             return op
         delta = sp.block_diag([sp.csr_matrix((n, n)), dproj.delta, sp.csr_matrix((1, 1))], format="csr")
-        return _Plus(op, self.Q @ delta - delta)
+        return Plus(op, self.Q @ delta - delta)
 
     def _solve(self, M, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
         """Minimum-norm solution of M d = rhs (or Mᵀ d = rhs).
@@ -154,7 +154,7 @@ class ResidualMap:
         least-squares solution is the one the derivative is defined by.
         """
         if isinstance(M, Bordered):
-            self.degenerate = False  # (a rank below N - 1 gave diffcp's operator instead)
+            self.degenerate, self.outcome = False, "solved"  # (a rank below N - 1 gave diffcp's operator instead)
             sol, self.relative_residual = M.solve(rhs, transpose)
             return sol
         if isinstance(M, np.ndarray):
@@ -165,18 +165,9 @@ class ResidualMap:
             # not differentiable there): the minimum-norm answer is then one choice among many.
             self.degenerate, self.rank = rank < rhs.size - 1, rank  # (rank: for unique_anyway)
             return sol
-        size = rhs.size
-        op = M.transpose() if transpose else M
-        lin = sla.LinearOperator((size, size), matvec=op.matvec, rmatvec=op.rmatvec)
-        solver = sla.lsqr if self.mode == "lsqr" else sla.lsmr
-        # The iterative solvers give no reliable rank (M is always singular along z), so
-        # degeneracy is detected on the dense path only (<= 400 rows + columns by default).
+        # The iterative solvers give no rank: M's null spaces are tested by the adjoint (_doubt).
         self.degenerate = False
-        # (scipy's lsqr calls the iteration limit iter_lim, lsmr maxiter; lsqr's 4th
-        # result is its residual norm r1norm, lsmr's normr.)
-        limit = {"iter_lim" if solver is sla.lsqr else "maxiter": 10 * size}
-        sol, _, _, normr = solver(lin, rhs, atol=1e-12, btol=1e-12, **limit)[:4]
-        self.relative_residual = normr / max(float(np.linalg.norm(rhs)), np.finfo(float).tiny)
+        sol, self.relative_residual, self.outcome = iterative_solve(M, rhs, transpose, self.mode == "lsqr")
         return sol
 
     def _triple(self, z: np.ndarray):
@@ -245,7 +236,8 @@ class ResidualMap:
         a zero spectral value, an exponential cone's pair on the border of two pieces) and
         the side taken there matters, or the derivative system is rank-deficient beyond
         the homogeneity direction and the parameters or the cotangent reach the extra
-        null directions (:func:`_unique_anyway`; ``parametric``
+        null directions (:func:`.parametric.unique_anyway` on a dense M; on an iterative or
+        sparse one, whatever its size, the systems' consistency, :meth:`_doubt`; ``parametric``
         says how the parameters move the data, :class:`Parametric`; with ``None`` every
         rank deficiency counts). Sets ``zero_row`` where, degenerate, the program has a zero
         row that holds and that the parameters move (:func:`~.zero_rows.moves_zero_row`).
@@ -260,6 +252,7 @@ class ResidualMap:
         pi_z = self._pi(z)
         tols = pair_tolerances(self.A, self.b, self.c, x, y, s, self.residual, self.cones)
         sides = kink_sides(self.cones, y, s, _SIDE_STEP * (1.0 + np.abs(z).max()), tols)
+        reach: list = []  # (null_reach's test of M, on first need: it does not depend on the cotangent)
 
         def vjp(dx: np.ndarray, dy: np.ndarray, rows: np.ndarray, cols: np.ndarray):
             # This call's flags only (a zero cotangent returns before any solve; the
@@ -272,17 +265,17 @@ class ResidualMap:
                 return np.zeros(rows.size), np.zeros(m), np.zeros(n)
             Mz = M
             r = self._solve(Mz, dz, transpose=True)
-            if not isinstance(Mz, np.ndarray) and self.relative_residual > _ITERATIVE_RTOL:
-                # The adjoint system is consistent (z̄ ⟂ z), so LSMR should drive its residual
-                # to rounding; on an ill-conditioned one it stops at its iteration limit
-                # (a constrained MPC with 1291 rows and columns: relative residual 1e-5,
-                # gradient 19 % off). Solved densely where that is affordable, else reported.
+            doubt = None if isinstance(Mz, np.ndarray) else self._doubt(Mz, z, pi_z, parametric, reach)
+            if doubt is not None:
+                # Solved densely where that is affordable (its rank and unique_anyway decide), else reported.
                 if dz.size <= _DENSE_FALLBACK_MAX:
                     Mz = self._operator(z, dense=True)
                     r = self._solve(Mz, dz, transpose=True)
+                elif doubt[0]:
+                    self.degenerate = True
                 else:
-                    self.inaccurate = self.relative_residual
-            degenerate = self.degenerate and (parametric is None
+                    self.inaccurate = doubt[1]
+            degenerate = self.degenerate and (parametric is None or not isinstance(Mz, np.ndarray)
                                               or not unique_anyway(Mz, dz, pi_z, n, parametric, self.rank))
             grads = data_grads(r, pi_z, n, rows, cols)
             self.degenerate = degenerate or (sides is not None and not (
@@ -293,6 +286,26 @@ class ResidualMap:
             return grads
 
         return vjp
+
+    def _doubt(self, M, z, pi_z, parametric: Parametric | None, reach: list) -> tuple[bool, float] | None:
+        """Why the last iterative or bordered solve's ``r`` may not be the gradient, ``(degenerate,
+        relative residual)``: the adjoint system, consistent at a differentiable solution (z̄ ⟂ z), is not
+        (``degenerate`` where the solver found its least-squares solution: the cotangent reaches a second
+        null direction; else it stopped short: an ill-conditioned constrained MPC with 1291 rows and
+        columns, relative residual 1e-5, gradient 19 % off); or M has a null direction beyond z that the
+        parameters reach (:func:`.iterative.null_reach`, cached in ``reach``; not where the bordered LU
+        certified rank N − 1): a 15 × 15 assignment LP with two optimal permutations and a loss
+        constant on their face got a gradient from LSMR silently. None where neither."""
+        if self.relative_residual > _ITERATIVE_RTOL:
+            return self.outcome == "least squares", self.relative_residual
+        if isinstance(M, Bordered):
+            return None
+        if not reach:
+            reach.append(null_reach(M, z, pi_z, self.n, parametric, self.mode == "lsqr"))
+        relative, outcome = reach[0]
+        # (a residual above rounding where LSMR says it solved the system: its atol term, ‖M‖‖d‖ large)
+        doubtful = outcome != "solved" and relative > max(_ITERATIVE_RTOL, self.residual)
+        return (outcome == "least squares", relative) if doubtful else None
 
     def _either_side(self, z, sides, dz_parts, r, pi_z, parametric: Parametric | None) -> bool:
         """Whether the gradient is the same whichever side of its kink each cone block
@@ -367,33 +380,7 @@ _SIDE_STEP = 1e-12
 _SIDE_RTOL = 1e-8
 
 # The largest relative residual accepted from LSMR on the (consistent) adjoint system
-# (converged solves reach ~1e-12); above it, the dense solve below this size.
+# (converged solves reach ~1e-12), and on null_reach's test (at least the point's KKT
+# residual: M is singular along z to that accuracy only); above it, the dense solve below this size.
 _ITERATIVE_RTOL = 1e-9
 _DENSE_FALLBACK_MAX = 3000
-
-
-class _Plus:
-    """An operator (diffcp's: ``matvec``, ``rmatvec``, ``transpose``) plus a sparse matrix."""
-
-    def __init__(self, op, delta: sp.spmatrix) -> None:
-        self.op, self.delta = op, delta
-
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        return self.op.matvec(x) + self.delta @ x
-
-    def rmatvec(self, y: np.ndarray) -> np.ndarray:
-        return self.op.rmatvec(y) + self.delta.T @ y
-
-    def transpose(self) -> _Transposed:
-        return _Transposed(self)
-
-
-class _Transposed:
-    def __init__(self, plus: _Plus) -> None:
-        self.plus = plus
-
-    def matvec(self, y: np.ndarray) -> np.ndarray:
-        return self.plus.rmatvec(y)
-
-    def rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self.plus.matvec(x)

@@ -18,8 +18,8 @@ import scipy.sparse as sp
 
 from .min_norm import equilibrate
 
-__all__ = ["Parametric", "data_grads", "parameter_columns", "parametric_entries", "requiring_grad", "theta_grads",
-           "unique_anyway"]
+__all__ = ["Parametric", "data_grads", "data_tangent", "parameter_columns", "parametric_entries", "requiring_grad",
+           "theta_grads", "unique_anyway"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,22 @@ def data_grads(r: np.ndarray, pi_z: np.ndarray, n: int, rows: np.ndarray, cols: 
     db = pi[n:n + m] * r[-1] - pi[-1] * r[n:n + m]
     dc = pi[:n] * r[-1] - pi[-1] * r[:n]
     return dA, db, dc
+
+
+def data_tangent(par: Parametric, pi_z: np.ndarray, n: int, omega: np.ndarray) -> np.ndarray:
+    r"""The derivative of the residual map :math:`R(z) = Q \Pi(z) + z - \Pi(z)` along the parameters'
+    direction ``omega`` ``(k,)``, at ``pi_z`` = :math:`\Pi(z)` ``(N,)`` (``n`` columns): the data move
+    only :math:`Q`, so it is :math:`Q(\mathrm{d}A, \mathrm{d}b, \mathrm{d}c)\, \Pi(z)`,
+    :math:`(\mathrm{d}A\, ^T\pi_y + \mathrm{d}c\, \pi_w,\; -\mathrm{d}A\, \pi_x + \mathrm{d}b\, \pi_w,\;
+    -\mathrm{d}c^T \pi_x - \mathrm{d}b^T \pi_y)`. The transpose of :func:`data_grads` then
+    :func:`theta_grads`: :math:`r^T` of it is minus their gradient's product with ``omega``."""
+    m = pi_z.size - n - 1
+    px, py, pw = pi_z[:n], pi_z[n:n + m], pi_z[-1]
+    d, dc = par.ab_map @ omega, par.c_map @ omega
+    dA, db = d[:par.rows.size], np.bincount(par.b_rows, d[par.rows.size:], minlength=m)
+    gx = np.bincount(par.cols, dA * py[par.rows], minlength=n) + dc * pw
+    gy = db * pw - np.bincount(par.rows, dA * px[par.cols], minlength=m)
+    return np.concatenate([gx, gy, [-(dc @ px) - db @ py]])
 
 
 def theta_grads(par: Parametric, dA, db, dc) -> np.ndarray:

@@ -90,3 +90,27 @@ def test_a_degenerate_lp_still_warns_per_element_at_any_scale(scale):
     _, _, warned = _grads(layer, [costs], torch.tensor([[1.0, 0.0, 0.0]] * 2, dtype=F64))
     assert len(warned) == 1 and "not unique or not differentiable" in warned[0], warned
     assert "batch indices [(1,)]" in warned[0]
+
+
+def test_data_tangent_is_the_residual_maps_derivative_along_the_parameters():
+    """data_tangent(ω) = Q(dA, db, dc) Π(z), the skew data matrix of the data's derivative
+    along ω (built here from its blocks, as the residual map's Q is), with A's entries at
+    repeated positions and b's at a row twice summed."""
+    import scipy.sparse as sp
+
+    from convexddn.convex.parametric import Parametric, data_tangent
+
+    rng = np.random.default_rng(0)
+    m, n, k = 4, 3, 5
+    rows, cols, b_rows = np.array([0, 1, 1, 3, 0]), np.array([2, 0, 0, 1, 1]), np.array([1, 2, 2])
+    ab_map = sp.csr_matrix(rng.standard_normal((rows.size + b_rows.size, k)))
+    c_map = sp.csr_matrix(rng.standard_normal((n, k)))
+    par = Parametric(rows, cols, b_rows, ab_map, c_map)
+    pi_z, omega = rng.standard_normal(n + m + 1), rng.standard_normal(k)
+    d = ab_map @ omega
+    dA = sp.coo_matrix((d[:rows.size], (rows, cols)), shape=(m, n)).toarray()
+    db = sp.coo_matrix((d[rows.size:], (b_rows, np.zeros(b_rows.size, dtype=int))), shape=(m, 1)).toarray().ravel()
+    dc = c_map @ omega
+    Q = np.block([[np.zeros((n, n)), dA.T, dc[:, None]], [-dA, np.zeros((m, m)), db[:, None]],
+                  [-dc[None, :], -db[None, :], np.zeros((1, 1))]])
+    np.testing.assert_allclose(data_tangent(par, pi_z, n, omega), Q @ pi_z, rtol=0, atol=1e-13)
