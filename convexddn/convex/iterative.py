@@ -19,7 +19,7 @@ is a pair of consistency conditions, and an iterative solver sees consistency in
   :math:`M^T r = h` tests the rank itself (range :math:`M^T = z^\\perp` exactly at rank ``N - 1``).
 
 A consistent system's relative residual goes to ~1e-11 and LSMR stops "solved"; an inconsistent
-one's stays at :math:`\|P_{N_l} g\| / \|g\|` and LSMR stops on its least-squares test (a 15 × 15
+one's stays at :math:`\\|P_{N_l} g\\| / \\|g\\|` and LSMR stops on its least-squares test (a 15 × 15
 assignment LP with two optimal permutations and a loss constant on their face: 1.5e-2; the same
 LP with one optimum, degenerate but unique in its cost C: 1.6e-11, solved). Where the test doubts,
 the adjoint is solved densely up to 3000 rows + columns (its rank and ``unique_anyway`` decide, as
