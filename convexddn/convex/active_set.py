@@ -36,7 +36,7 @@ from .polish import polish as newton_polish
 from .polish import rounding_level
 from .symmetric_cones import ConeLayout
 
-__all__ = ["correct", "settle_signs", "sign_tolerance", "sign_tolerances", "sign_violation"]
+__all__ = ["correct", "degenerate_vertex", "settle_signs", "sign_tolerance", "sign_tolerances", "sign_violation"]
 
 # correct()'s dense systems take at most this share of the dense solves' MEMORY_BUDGET at
 # once (settle_signs chunks beyond it: 256 MiB), and none above their MAX_SIZE.
@@ -86,6 +86,31 @@ def sign_violation(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
     tol_s, tol_z = sign_tolerances(P, q, A, b, layout, x, z)
     out = torch.maximum(-s[:, z0:z0 + k] / tol_s, -z[:, z0:z0 + k] / tol_z).amax(1)
     return torch.where(torch.isnan(out), torch.inf, out.clamp_min(0))
+
+
+def degenerate_vertex(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
+    """``(B,)`` points with their signs right (:func:`sign_violation` at most 1) whose working
+    set, as :func:`correct` takes it (the equality rows and the nonnegative rows at their bound),
+    has more rows than there are variables: a primal degenerate vertex, whose active rows are
+    linearly dependent, so that the limit KKT system there,
+
+    .. math::
+
+        \\begin{bmatrix} P & A_W^T \\\\ A_W & 0 \\end{bmatrix}, \\qquad |W| > n,
+
+    is singular. Where the error estimate could not be formed at such a point (an LP: P = 0),
+    no other solver's point of the same vertex gives one (an assignment LP's vertex: 2k - 1
+    independent equalities and k² - k bounds at 0 in R^{k²}; the active-set steps release
+    rows but end at the same vertex, k = 15: 4 to 8 rows over).
+    No second-order cones (``layout.soc``: all ``False``). Shapes as :func:`correct`'s."""
+    B, m, n = A.shape
+    z0, k = layout.zero, layout.nonneg
+    if layout.soc or not k:
+        return torch.zeros(B, dtype=torch.bool, device=A.device)
+    tol_s = sign_tolerances(P, q, A, b, layout, x, z)[0]
+    sc, zc = s[:, z0:z0 + k], z[:, z0:z0 + k]
+    rows = z0 + ((sc <= tol_s) | (sc < zc)).sum(1)
+    return (rows > n) & (sign_violation(P, q, A, b, layout, x, s, z) <= 1)
 
 
 def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from .._step_graphs import StepGraphs, capture_wanted
-from .active_set import settle_signs, sign_tolerance
+from .active_set import degenerate_vertex, settle_signs, sign_tolerance
 from .certify import DECIDED, at_kink, finish, undecided
 from .cone_solution import (DUAL_INFEASIBLE, EXACT_RAY, MAX_ITERATIONS, NUMERICAL, PRIMAL_INFEASIBLE, RUNNING,
                             SOLVED, STATUS_NAMES, ConeSolution)
@@ -51,7 +51,7 @@ from .far_rows import relax_far_rows
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .limit_scaling import retry_at_limit
 from .ipm_step import STATE, STATUS, IterationData, column_mask, step, update
-from .measures import UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
+from .measures import DEGENERATE, UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
 from .nullspace import ReducedSystems, SplitKKT, gather, reduce, unverifiable
 from .resolution import unresolved_columns
 from .rays import exact_unbounded_ray, verified_rays
@@ -223,7 +223,12 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
     # (and a bound met with a zero multiplier to the point's accuracy, whichever side its ratio reads: at_kink)
     undecided_ = ok_res & ((undecided(layout, ss, zs) > DECIDED) | at_kink(d, layout, xs, ss, zs, error).any(1))
-    points = torch.where(certified | ~ok, 0, points + unverifiable(error, red).long() * UNVERIFIABLE)
+    # Not certified only for want of an estimate at a degenerate vertex: no retry of the batched path helps.
+    stuck = ok & ~ok_res & ~certified & (residual <= tol_accept)
+    if bool(stuck.any()):  # (a host read; the common case, all solved, computes nothing more)
+        stuck = stuck & degenerate_vertex(d.P, d.q, d.A, d.b, layout, xs, ss, zs)
+    points = points + unverifiable(error, red).long() * UNVERIFIABLE + stuck.long() * DEGENERATE
+    points = torch.where(certified | ~ok, 0, points)
     # Columns whose equation the solve left unresolved (a weight far below the program's
     # scale), for the derivatives' warning; where the outputs are free along the limit
     # system's null direction there, the solution itself is not determined (.uniqueness).

@@ -13,8 +13,8 @@ from .equilibration import Scaled
 from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout, soc_frame
 
-__all__ = ["FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "NOT_COMPLEMENTARY", "ROUNDING", "UNVERIFIABLE", "Measures",
-           "caller_measures", "kkt_measures", "max_step", "own_complementarity", "point_residual"]
+__all__ = ["DEGENERATE", "FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "NOT_COMPLEMENTARY", "ROUNDING", "UNVERIFIABLE",
+           "Measures", "caller_measures", "kkt_measures", "max_step", "own_complementarity", "point_residual"]
 
 
 def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,8 +45,10 @@ def _gap(q, b, x, z, Px) -> torch.Tensor:
 # Bits of caller_measures' second output, and of the batched solve's ``points``: the
 # point is primal / dual feasible, or (UNVERIFIABLE) no residual check can vouch for a
 # point of the element's program (nearly dependent equality rows, see
-# nullspace.unverifiable).
-FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE = 1, 2, 4
+# nullspace.unverifiable), or (DEGENERATE) the point was not certified only because it is a
+# degenerate vertex whose error no estimate reaches (active_set.degenerate_vertex): the
+# batched path's other attempts end at the same vertex.
+FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE, DEGENERATE = 1, 2, 4, 8
 
 
 def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
