@@ -142,25 +142,24 @@ def test_second_opinion_on_cuda(monkeypatch):
 
 def test_per_element_failures_get_second_opinion_on_registry_problem():
     """Birkhoff n = 4 with data ×1e3 (seed 3): Clarabel on cvxpylayers' form ends
-    "Optimal Inaccurate" with KKT residuals ~0.5 on these five elements (and the SCS
-    fallback, by default, at its iteration limit with 0.16-0.45), so the per-element path
-    alone fails them (all five on one machine, four on another: the failures depend on
-    the floating-point details; the elements changed when the form's dependent row-sum
-    and column-sum rows were reduced to independent ones, .consistent_rows); the batched
-    form solves them, and agrees with the default layer."""
+    "Optimal Inaccurate" with KKT residuals ~0.5 on some elements (and the SCS fallback,
+    by default, at its iteration limit with 0.16-0.45), so the per-element path alone fails
+    them; the batched form solves them, and agrees with the default layer. Which elements
+    fail depends on the floating-point details of the machine (five of five chosen ones on
+    one, four on another, one on a third): all 64 are solved and the test takes those that
+    fail here (7 of 64 on the third machine)."""
     import convexddn as cddn
 
     gen = torch.Generator().manual_seed(3)
     layer = cddn.layer("birkhoff", n=4, backend="cvxpy", solver="Clarabel", fallback=None)
-    params = [1e3 * torch.randn(64, *p.shape, dtype=torch.float64, generator=gen)[[4, 9, 16, 27, 42]]
-              for p in layer.parameters_]
+    params = [1e3 * torch.randn(64, *p.shape, dtype=torch.float64, generator=gen) for p in layer.parameters_]
     alone = cddn.layer("birkhoff", n=4, backend="cvxpy", solver="Clarabel", fallback=None, on_failure="mask")
     alone._opinion = False  # the per-element path without second opinions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SolverWarning)
         alone(*params)
     failed = (~alone.last_solve.solved).tolist()
-    assert sum(failed) >= 3, failed
+    assert any(failed), "no element failed alone here: the test exercises nothing"
     y = layer(*params)
     assert all(b == "batched" for b, f in zip(layer.last_solve.backend, failed) if f), layer.last_solve.backend
     want = cddn.layer("birkhoff", n=4, backend="cvxpy")(*params)
