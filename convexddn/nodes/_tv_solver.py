@@ -21,13 +21,19 @@ _TINY = 2.0**-900
 
 
 
-def _segment_ids(sigma: torch.Tensor) -> torch.Tensor:
-    """Segment index of each of the n entries, from the n−1 jump signs (B, n−1)."""
+def _segment_ids(sigma: torch.Tensor, work: _Work | None = None) -> torch.Tensor:
+    """Segment index of each of the n entries, from the n−1 jump signs (B, n−1); in
+    ``work``'s buffers (``work.seg``) where given."""
     # Counted in floating point (exact below 2**53): an int64 cumsum is several times
     # slower on CPU.
-    jump = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1)
-    jump[:, 1:] = sigma.abs()
-    return jump.cumsum_(1).long()
+    if work is None:
+        jump = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1)
+        jump[:, 1:] = sigma.abs()
+        return jump.cumsum_(1).long()
+    jump = work.a
+    jump[:, :1] = 0.0
+    torch.abs(sigma, out=jump[:, 1:])
+    return work.seg.copy_(jump.cumsum_(1))
 
 
 def _segment_mean(v: torch.Tensor, seg: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -41,17 +47,110 @@ def _counts(seg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like).scatter_add_(1, seg, torch.ones_like(like)).clamp_(min=1.0)
 
 
-def _edge_terms(sigma: torch.Tensor) -> torch.Tensor:
-    """t with t_i = σ_i − σ_{i−1} (σ_0 = σ_n = 0): y is the segment mean of x + λ t."""
-    t = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1)
+def _edge_terms(sigma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """t (B, n) with t_i = σ_i − σ_{i−1} (σ_0 = σ_n = 0): y is the segment mean of x + λ t;
+    written into ``out`` where given."""
+    t = sigma.new_zeros(sigma.shape[0], sigma.shape[1] + 1) if out is None else out
+    t[:, -1:] = 0.0  # (out's last entry; the rest is written below)
     t[:, :-1] = sigma
     t[:, 1:] -= sigma
     return t
 
 
+class _Work:
+    """The active-set loop's work buffers for a working set of B rows of n entries: made once
+    per working set and rewritten in place by every step (:func:`_step`).
+
+    Made anew by every op, the step's dozen row-sized temporaries were, above glibc's mmap
+    threshold, mapped, faulted in a page at a time and unmapped again on every step: at
+    n = 4·10⁶ (float64, one row) an allocating add took 58 ms where the same add in place
+    took 3.5 ms, the solve 13.6 s for 9 steps (1.9 s with glibc told to keep its memory),
+    and the peak was 47 times the input. Here: eight float64 rows, one int64 row of segment
+    ids and two boolean rows (the caller's x, the centred x and σ besides)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        b, n = x.shape
+        new = (lambda m: torch.empty(b, m, dtype=x.dtype, device=x.device))
+        self.seg = torch.empty(b, n, dtype=torch.long, device=x.device)
+        self.count, self.sums, self.yk, self.a, self.b = (new(n) for _ in range(5))
+        self.mu, self.h = new(n - 1), new(n - 1)
+        self.p, self.q = self.sums[:, :-1], self.b[:, :-1]  # (scratch edge rows, free at those times)
+        self.ok = torch.empty(b, n - 1, dtype=torch.bool, device=x.device)
+        self.ok2 = torch.empty_like(self.ok)
+
+
+def _step(x: torch.Tensor, lam: torch.Tensor, sigma: torch.Tensor, eps: float, w: _Work) -> torch.Tensor:
+    """One active-set step for the jump signs σ (B, n−1) of x (B, n, centred), in ``w``: the
+    segment solution ``w.yk``, μ = Δy in ``w.mu``, the dual z (returned, a view of ``w.a``),
+    each edge's rounding bound in ``w.h`` and its optimality in ``w.ok`` (both tests passed).
+
+    Every product and sum is the one the allocating form computed, on the same operands
+    (IEEE + and × commute exactly): the iterates, hence y, σ and the step count, are bit
+    for bit the same."""
+    seg = _segment_ids(sigma, w)
+    count = w.count.zero_()
+    count.scatter_add_(1, seg, w.a.fill_(1.0)).clamp_(min=1.0)
+    # y: the segment means of x + λt (module docstring)
+    v = _edge_terms(sigma, w.a).mul_(lam).add_(x)
+    yk = torch.gather(w.sums.zero_().scatter_add_(1, seg, v).div_(count), 1, seg, out=w.yk)
+    mu = torch.sub(yk[:, 1:], yk[:, :-1], out=w.mu)
+    held = torch.abs(sigma, out=w.h)  # 1 on the jumps (the active edges), 0 on free edges
+    # Per segment: base = C_{s−1} − λσ_{s−1} at its first entry s (C the cumsum of
+    # y − x; 0 for the first segment), so that z_i = C_i − base on its free edges.
+    # (Products with σ and |σ| select, at a fifth of torch.where's cost here.)
+    csum = torch.sub(yk, x, out=w.a).cumsum_(1)
+    first = w.sums
+    first[:, :1] = 0.0
+    torch.sub(csum[:, :-1], torch.mul(sigma, lam, out=first[:, 1:]), out=first[:, 1:]).mul_(held)
+    base = torch.gather(w.b.zero_().scatter_add_(1, seg, first), 1, seg, out=w.sums)
+    z = csum.sub_(base)[:, :-1].mul_(held.neg_().add_(1.0)).add_(torch.mul(sigma, lam, out=w.p))
+    # Each edge's bound: its one or two segments' 4·eps·(Σ|x| + len·λ).
+    sums = w.sums.zero_().scatter_add_(1, seg, torch.abs(x, out=w.b))
+    sums.add_(torch.mul(count, lam, out=w.b)).mul_(4 * eps)
+    bound = torch.gather(sums, 1, seg, out=w.b)
+    tol = torch.maximum(bound[:, :-1], bound[:, 1:], out=w.h)
+    # Optimality: free edges inside the box, jumps in the direction of their sign (each
+    # test holds trivially on the other kind: σμ = 0 on free edges, |z| = λ on jumps).
+    torch.ge(torch.mul(sigma, mu, out=w.p), torch.neg(tol, out=w.q), out=w.ok)
+    w.ok &= torch.le(torch.abs(z, out=w.p), torch.add(tol, lam, out=w.q), out=w.ok2)
+    return z
+
+
+def _near(lam: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, w: _Work) -> torch.Tensor:
+    """Rows at a tie (B,): a jump of size 0 or a free edge with |z| = λ, to the bound ``w.h``
+    of :func:`_step` (whose results it reads, before the next step)."""
+    tol = w.h
+    jump_tie = torch.le(torch.abs(w.mu, out=w.p), tol, out=w.ok)
+    free_tie = torch.ge(torch.abs(z, out=w.p), torch.sub(lam, tol, out=w.q), out=w.ok2)
+    return torch.where(sigma != 0, jump_tie, free_tie).logical_and_(lam > 0).any(1)
+
+
+def _next_signs(lam: torch.Tensor, z: torch.Tensor, w: _Work) -> torch.Tensor:
+    """The next active set's signs (B, n−1), into ``w.h``: sign(v) where |v| > λ, v = z + cμ."""
+    v = w.mu.mul_(_C).add_(z)
+    new = w.h.copy_(torch.gt(v, lam, out=w.ok))
+    return new.sub_(w.q.copy_(torch.lt(v, -lam, out=w.ok2)))
+
+
 def _put(out: torch.Tensor, idx: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     """``out`` with the working set's ``rows`` written at ``idx`` (all of it when None)."""
     return rows if idx is None else out.index_copy(0, idx, rows)
+
+
+def _start(
+    x: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x centred, λ, the centre (B, 1), the first σ (B, n−1)) for x (B, n), λ (B, 1), scaled
+    by ``scale`` where given (its temporaries, row-sized, go before the loop's buffers come)."""
+    if scale is not None:
+        x, lam = x * scale, lam * scale
+    # (dx from x itself, before centring: distinct neighbours that the centring rounds
+    # to one value made one segment at λ = 0, and dy/dλ one-sided there, silently)
+    dx = x[:, 1:] - x[:, :-1]
+    center = x.median(1, keepdim=True).values
+    # dx against 4λ, not dx/4 against λ: dx/4 can underflow to 0 and hide a jump at λ = 0.
+    sigma = (dx > lam / _C).to(x.dtype) - (dx < -lam / _C).to(x.dtype)
+    return x - center, lam, center, sigma
 
 
 def _solve(
@@ -71,69 +170,47 @@ def _solve(
     segment's first entry (λσ at the jump before it, plus the sum of y − x since: the
     rounding of earlier segments cancels), and each edge's bound is its segments' own,
     4·eps·(Σ|x| + len·λ) over the segment."""
-    n = x.shape[1]
     x0, lam0 = x, lam
-    if scale is not None:
-        x, lam = x * scale, lam * scale
-    sigma = x.new_zeros(x.shape[0], max(n - 1, 0))
+    sigma = x.new_zeros(x.shape[0], max(x.shape[1] - 1, 0))
     tie = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    if x.shape[0] == 0 or n == 1:  # nothing to solve (and no step would ever report done)
+    if x.shape[0] == 0 or x.shape[1] == 1:  # nothing to solve (and no step would ever report done)
         return x0.clone(), sigma, tie
-    # (dx from x itself, before centring: distinct neighbours that the centring rounds
-    # to one value made one segment at λ = 0, and dy/dλ one-sided there, silently)
-    dx = x[:, 1:] - x[:, :-1]
-    center = x.median(1, keepdim=True).values
-    x = x - center
-    size = x.abs()
+    x, lam, center, sigma = _start(x, lam, scale)
     eps = torch.finfo(x.dtype).eps
-    # dx against 4λ, not dx/4 against λ: dx/4 can underflow to 0 and hide a jump at λ = 0.
-    sigma = (dx > lam / _C).to(x.dtype) - (dx < -lam / _C).to(x.dtype)
-    # The outputs, all B rows; the loop runs on the working set: the rows still running
-    # (``idx`` their indices among the B, None while it is all of them), with its own stores
-    # yw, sw, tw of the rows that finished since the last compaction.
-    y, sig_out = torch.empty_like(x), torch.empty_like(sigma)
-    yw, sw, tw = y, sig_out, tie
-    idx = None
+    work = _Work(x)
+    # The outputs, all B rows (None until the first compaction stores them); the loop runs
+    # on the working set: the rows still running (``idx`` their indices among the B, None
+    # while it is all of them), with its own stores yw, sw, tw of the rows that finished
+    # since the last compaction (yw, sw None while none has).
+    y = sig_out = idx = yw = sw = None
+    tw = tie
     todo = torch.ones_like(tie)
     for _ in range(max_iter):
-        seg = _segment_ids(sigma)
-        count = _counts(seg, x)
-        yk = _segment_mean(x + lam * _edge_terms(sigma), seg, count)
-        mu = yk[:, 1:] - yk[:, :-1]
-        held = sigma.abs()  # 1 on the jumps (the active edges), 0 on free edges
-        # Per segment: base = C_{s−1} − λσ_{s−1} at its first entry s (C the cumsum of
-        # y − x; 0 for the first segment), so that z_i = C_i − base on its free edges.
-        # (Products with σ and |σ| select, at a fifth of torch.where's cost here.)
-        csum = torch.cumsum(yk - x, 1)
-        first = torch.zeros_like(x)
-        first[:, 1:] = (csum[:, :-1] - lam * sigma).mul_(held)
-        base = torch.zeros_like(x).scatter_add_(1, seg, first).gather(1, seg)
-        z = (csum - base)[:, :-1].mul_(1.0 - held).add_(lam * sigma)
-        bound = (torch.zeros_like(x).scatter_add_(1, seg, size) + lam * count).mul_(4 * eps).gather(1, seg)
-        tol = torch.maximum(bound[:, :-1], bound[:, 1:])  # an edge: its one or two segments'
-        # Optimality: free edges inside the box, jumps in the direction of their sign (each
-        # test holds trivially on the other kind: σμ = 0 on free edges, |z| = λ on jumps).
-        ok = ((sigma * mu >= -tol) & (z.abs() <= lam + tol)).all(1)
+        z = _step(x, lam, sigma, eps, work)
+        ok = work.ok.all(1)
         done = todo & ok
         todo = todo & ~ok
         # One host read per step (a boolean-mask index would be another sync on CUDA):
         # how many rows finish now, how many are left?
         n_done, n_left = torch.stack([done.sum(), todo.sum()]).tolist()
         if n_done:
-            near = torch.where(held > 0, mu.abs() <= tol, z.abs() >= lam - tol) & (lam > 0)
-            yw = torch.where(done.unsqueeze(1), yk, yw)
-            sw = torch.where(done.unsqueeze(1), sigma, sw)
-            tw = torch.where(done, near.any(1), tw)
+            tw = torch.where(done, _near(lam, sigma, z, work), tw)
+            if yw is None and not n_left:  # every row of the working set finishes now
+                yw, sw = work.yk, sigma
+            else:
+                if yw is None:
+                    yw, sw = torch.empty_like(x), torch.empty_like(sigma)
+                torch.where(done.unsqueeze(1), work.yk, yw, out=yw)
+                torch.where(done.unsqueeze(1), sigma, sw, out=sw)
         if not n_left:
             y, sig_out, tie = (_put(o, idx, w) for o, w in ((y, yw), (sig_out, sw), (tie, tw)))
-            y = y + center
+            del work  # (its buffers go before y's last passes)
+            y.add_(center)  # (y is the loop's own: a work buffer, a store or index_copy's result)
             if scale is not None:
-                y = y / scale
+                y.div_(scale)
             # λ = 0 gives y = x exactly; the segment means of equal neighbours can round.
             return (torch.where(lam0 == 0, x0, y) if zero_lam else y), sig_out, tie
-        v = z + _C * mu
-        new = (v > lam).to(x.dtype) - (v < -lam).to(x.dtype)
-        sigma = torch.where(todo.unsqueeze(1), new, sigma)
+        torch.where(todo.unsqueeze(1), _next_signs(lam, z, work), sigma, out=sigma)
         if 2 * n_left <= todo.shape[0]:
             # Half the working set or more has finished: store it and go on with the rest
             # alone (rows are independent, so each row's steps are the same ops on the same
@@ -144,8 +221,9 @@ def _solve(
             y, sig_out, tie = (_put(o, idx, w) for o, w in ((y, yw), (sig_out, sw), (tie, tw)))
             keep = todo.nonzero_static(size=n_left).squeeze(1)
             idx = keep if idx is None else idx.index_select(0, keep)
-            x, lam, size, sigma, todo = (t.index_select(0, keep) for t in (x, lam, size, sigma, todo))
-            yw, sw, tw = torch.empty_like(x), torch.empty_like(sigma), torch.zeros_like(todo)
+            x, lam, sigma, todo = (t.index_select(0, keep) for t in (x, lam, sigma, todo))
+            del work  # (before the smaller set's buffers are made)
+            work, yw, sw, tw = _Work(x), None, None, torch.zeros_like(todo)
     rows = todo.nonzero().flatten()
     rows = (rows if idx is None else idx.index_select(0, rows)).tolist()
     # (as index tuples into the caller's batch shape where the caller bound it: naming_batch)

@@ -431,7 +431,7 @@ def test_tv_finished_rows_leave_the_working_set(monkeypatch):
 
     rows = []
     segments = tv._segment_ids
-    monkeypatch.setattr(tv, "_segment_ids", lambda sigma: rows.append(sigma.shape[0]) or segments(sigma))
+    monkeypatch.setattr(tv, "_segment_ids", lambda sigma, *a: rows.append(sigma.shape[0]) or segments(sigma, *a))
     x = torch.randn(64, 200, generator=torch.Generator().manual_seed(0), dtype=F64)
     ramp = 10 * torch.linspace(0, 1, 200, dtype=F64) ** 2  # moves its active set slowly
     x[37] = ramp
