@@ -61,7 +61,7 @@ class _Work:
     """The active-set loop's work buffers for a working set of B rows of n entries: made once
     per working set and rewritten in place by every step (:func:`_step`).
 
-    Made anew by every op, the step's dozen row-sized temporaries were, above glibc's mmap
+    Made anew by every op, the step's row-sized temporaries (about 38 a step) were, above glibc's mmap
     threshold, mapped, faulted in a page at a time and unmapped again on every step: at
     n = 4·10⁶ (float64, one row) an allocating add took 58 ms where the same add in place
     took 3.5 ms, the solve 13.6 s for 9 steps (1.9 s with glibc told to keep its memory),
