@@ -13,6 +13,7 @@ this process, as with one worker: concurrent.futures has stopped every pool by t
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -27,6 +28,23 @@ import numpy as np
 from ..errors import WorkerError
 
 __all__ = ["WorkerPool", "chunks"]
+
+
+@contextlib.contextmanager
+def _start_method_kept():
+    """Leave multiprocessing's process-wide default start method unset if it was: starting a
+    spawn-context process records the parent's start method (CPython's
+    ``spawn.get_preparation_data`` calls ``get_start_method()``), which fixes the default as a
+    side effect, and the caller's later ``multiprocessing.set_start_method("spawn")`` (its own
+    pools, a DataLoader's) raised "context has already been set" after one call of a layer
+    with ``workers=k``. The pool itself uses its own spawn context, never the default."""
+    default = getattr(getattr(multiprocessing, "context", None), "_default_context", None)
+    unset = default is not None and getattr(default, "_actual_context", False) is None
+    try:
+        yield
+    finally:
+        if unset:
+            default._actual_context = None
 
 
 class WorkerPool:
@@ -82,8 +100,9 @@ class WorkerPool:
         between :meth:`get` and here: the calls run in this process."""
         jobs: list[concurrent.futures.Future] = []
         try:
-            for call in calls:
-                jobs.append(pool.submit(*call))
+            with _start_method_kept():  # (the pool's processes start at the first submits)
+                for call in calls:
+                    jobs.append(pool.submit(*call))
             return [r for job in jobs for r in job.result()]
         except concurrent.futures.process.BrokenProcessPool as err:
             exits = _exits(pool)  # (before the shutdown below forgets the processes)

@@ -139,3 +139,24 @@ def test_an_unguarded_script_gets_the_guard_error_in_each_worker(tmp_path):
     errors = [line for line in lines if line.startswith("error ")]
     assert len(errors) == 2 and all(e.startswith("error WorkerError ConvexLayer(workers=2)") and
                                     "if __name__ == '__main__':" in e for e in errors), lines
+
+
+def test_the_pool_leaves_the_process_wide_start_method_unset(tmp_path):
+    """A fresh process whose start method is unset: after the pool has run calls it is still
+    unset, and the script can still choose one (starting the spawned workers fixed it to
+    'fork', and the caller's set_start_method('spawn') raised "context has already been set")."""
+    script = tmp_path / "start_method.py"
+    script.write_text(
+        "import multiprocessing as mp\n"
+        "from convexddn.convex.worker_pool import WorkerPool\n"
+        "if __name__ == '__main__':\n"
+        "    assert mp.get_start_method(allow_none=True) is None\n"
+        "    pool = WorkerPool(2)\n"
+        "    result = pool.gather(pool.get(2), [(sorted, [2, 1]), (sorted, [4, 3])])\n"
+        "    after = mp.get_start_method(allow_none=True)\n"
+        "    mp.set_start_method('forkserver')\n"
+        "    print('result', result, 'after', after, 'now', mp.get_start_method())\n")
+    root = os.path.dirname(os.path.dirname(convexddn.__file__))  # (the package under test, in the child too)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    assert done.stdout.strip() == "result [1, 2, 3, 4] after None now forkserver", (done.stdout, done.stderr[-2000:])
