@@ -25,7 +25,7 @@ from .polish import polish as newton_polish
 from .polish import better, polish_nonnegative, rounding_level
 from .symmetric_cones import ConeLayout, soc_frame
 
-__all__ = ["DECIDED", "KINK_ERRORS", "RESOLVED", "at_kink", "decided", "error_estimate", "finish", "limit_scaling_at",
+__all__ = ["DECIDED", "RESOLVED", "at_kink", "decided", "error_estimate", "finish", "limit_scaling_at",
            "nearly_dependent_rows", "undecided", "undecided_reach"]
 
 
@@ -55,45 +55,23 @@ def _kink_floor(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.T
     return (64 * rounding_level(s) * (1 + cone_s.abs().amax(1) + cone_z.abs().amax(1)))[:, None]
 
 
-# How many times a solution's estimated forward error (:func:`~.estimate.error_estimate`, relative to
-# 1 + ‖x‖∞) a slack or multiplier may be and still read as 0 (:func:`at_kink`): the estimate is one
-# Newton step, and on QPs of n = 100 with 200 rows it fell 3 to 10 times short of the error measured
-# against an exact solution (4e-13 for an estimate of 1.6e-13, in units of x).
-KINK_ERRORS = 16
-
-
-def at_kink(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-            error: torch.Tensor | None = None) -> torch.Tensor:
+def at_kink(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``(B, nonneg)`` the nonnegative rows of a solution ``(x, s, z)`` of the equilibrated data
-    ``d`` whose slack and multiplier are both 0 to the point's accuracy in their row's own scales:
-    a bound met with a zero multiplier, whichever side the ratio of the two roundings points to
-    (:func:`decided` reads ``(6e-17, 0)`` as inactive, :func:`undecided` ``(0, 0)`` as decided).
-
-    The accuracy is the larger of rounding (the sign tolerances, :func:`~.active_set.sign_tolerances`,
-    64 rounding levels of the row's scale) and the point's forward error where ``error`` ``(B,)``
-    (the solve's estimate, relative to ``1 + ‖x‖∞``) is given: a slack within :data:`KINK_ERRORS`
-    times what that error moves it by, ``‖A_i‖₁ · error · (1 + ‖x‖∞)``, and a multiplier within as
-    many times ``error · (1 + ‖z‖∞)``. Both scale with the row (and with x, z), so the rule is the
-    same in any units. (Rounding alone missed kinks at n = 100 with 200 rows, where a point's error
-    in a row exceeded 64 rounding levels of the row's terms: its slack read 1e-11, "inactive".)
-
-    The derivative's checks take such a row as undecided and holding. The active-set steps
-    (:func:`~.active_set.settle_signs`, which take over where a degenerate vertex's singular limit
-    system leaves the estimate rough) release a dependent row there, at ``z = 0`` with ``s`` its
-    residual's rounding (a transport plan whose marginals' partial sums coincide) or 0 (``min c·y``
-    s.t. ``-y₂ = b₀``, ``y₀ - y₁ + y₂ = b₁``, ``0 <= y <= 3`` at ``(3, 3, 2)``, four rows in R³);
-    read as decided, the one-sided derivative came back without a warning. (Not the element's size:
-    beside an inactive bound of 1e12, a multiplier of 5e-3 was within 64 rounding levels of it.)"""
+    ``d`` whose slack and multiplier are both 0 to rounding in their row's own scales (the sign
+    tolerances, :func:`~.active_set.sign_tolerances`): a bound met with a zero multiplier,
+    whichever side the ratio of the two roundings points to (:func:`decided` reads ``(6e-17,
+    0)`` as inactive, :func:`undecided` ``(0, 0)`` as decided). The derivative's checks take
+    such a row as undecided and holding. The active-set steps (:func:`~.active_set.settle_signs`,
+    which take over where a degenerate vertex's singular limit system leaves the estimate rough)
+    release a dependent row there, at ``z = 0`` with ``s`` its residual's rounding (a transport
+    plan whose marginals' partial sums coincide) or 0 (``min c·y`` s.t. ``-y₂ = b₀``, ``y₀ - y₁ +
+    y₂ = b₁``, ``0 <= y <= 3`` at ``(3, 3, 2)``, four rows in R³); read as decided, the one-sided
+    derivative came back without a warning. (Not the element's size: beside an inactive bound
+    of 1e12, a multiplier of 5e-3 was within 64 rounding levels of it.)"""
     from .active_set import sign_tolerances  # (active_set imports certify's decisions)
 
     z0, k = layout.zero, layout.nonneg
     tol_s, tol_z = sign_tolerances(d.P, d.q, d.A, d.b, layout, x, z)
-    if error is not None:
-        # (an element without a finite estimate is not solved: its rounding tolerances stand)
-        err = torch.where(torch.isfinite(error), error, 0.0)[:, None] * KINK_ERRORS
-        rows = d.A[:, z0:z0 + k].abs().sum(-1)
-        tol_s = torch.maximum(tol_s, err * rows * (1 + x.abs().amax(1, keepdim=True)))
-        tol_z = torch.maximum(tol_z, err * (1 + z.abs().amax(1, keepdim=True)))
     return (s[:, z0:z0 + k] <= tol_s) & (z[:, z0:z0 + k] <= tol_z)
 
 
@@ -313,7 +291,7 @@ def undecided(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, rounding: bo
 
 
 def undecided_reach(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
-                    kinks: torch.Tensor | None = None, gap: torch.Tensor | None = None) -> torch.Tensor:
+                    kinks: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) largest component of ``w`` along a direction whose limit scaling an undecided
     pair leaves open (0 where there is none): ``s, z`` the cone rows of a solution,
     ``w`` ``(B, mc)`` those of the dual part of a derivative system's solution.
@@ -327,18 +305,11 @@ def undecided_reach(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, w: tor
     row; on a second-order cone with one undecided Jordan-frame pair and the other
     decided active, that pair's c_k (H's part on the tangent space tends to 0 on both
     sides); on any other cone with an undecided pair, the whole cone. ``kinks`` ``(B, nonneg)``:
-    nonnegative rows open whatever their ratio (:func:`at_kink`). ``gap`` ``(B, nonneg)``: on those rows,
-    ``|A_i u_x − r_i|``, what the derivative leaves of the row's equation at the active limit (H = 0):
-    where the factorised system took a kink's row at its inactive limit (H = ∞, its ``w_i`` 0 by
-    construction), the active side's derivative is the same exactly where that is 0 (a weakly active
-    bound of a QP at n = 100 read ``(s, z) = (1.9e-15, 6e-27)``, a kink, but ``w_i = 0``: the one-sided
-    gradient 0 came back without a warning). On a row held at H ~ 1 or 0 it is ``H w_i``, no more.
+    nonnegative rows open whatever their ratio (:func:`at_kink`).
     """
     k = layout.nonneg
     open_ = (_ratio(s[:, :k], z[:, :k]) > DECIDED) | (False if kinks is None else kinks)
-    along = w[:, :k].abs() if gap is None or kinks is None else torch.maximum(
-        w[:, :k].abs(), torch.where(kinks, gap, 0.0))
-    out = torch.where(open_, along, 0.0).amax(1) if k else w.new_zeros(w.shape[0])
+    out = torch.where(open_, w[:, :k].abs(), 0.0).amax(1) if k else w.new_zeros(w.shape[0])
     if layout.soc:
         a1, a2, b1, b2, u = soc_frame(layout, s[:, k:], z[:, k:])
         open1, open2 = _ratio(a1, b1) > DECIDED, _ratio(a2, b2) > DECIDED

@@ -221,8 +221,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     ok_res = ~certified & (residual <= tol_accept) & (error <= tol_error)
     status = torch.where(ok_res, SOLVED, torch.where(status == SOLVED, NUMERICAL, status))
     # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
-    # (and a bound met with a zero multiplier to the point's accuracy, whichever side its ratio reads: at_kink)
-    undecided_ = ok_res & ((undecided(layout, ss, zs) > DECIDED) | at_kink(d, layout, xs, ss, zs, error).any(1))
+    # (and a bound met with a zero multiplier to rounding, whichever side its ratio reads: at_kink)
+    undecided_ = ok_res & ((undecided(layout, ss, zs) > DECIDED) | at_kink(d, layout, xs, ss, zs).any(1))
     # Not certified only for want of an estimate at a degenerate vertex: no retry of the batched path helps.
     stuck = ok & ~ok_res & ~certified & (residual <= tol_accept)
     if bool(stuck.any()):  # (a host read; the common case, all solved, computes nothing more)

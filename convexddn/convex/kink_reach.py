@@ -21,7 +21,7 @@ import torch
 
 from .certify import at_kink, undecided_reach
 from .interior_point import ConeSolution
-from .kkt import bmv, row_inf
+from .kkt import row_inf
 from .resolution import moved_data
 
 __all__ = ["SIDE_RTOL", "kinks_reached", "read_by", "read_cols"]
@@ -66,17 +66,14 @@ def _read_size(u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor,
-                  read: Callable | None, rhs: torch.Tensor, rz: torch.Tensor | None = None) -> torch.Tensor:
+                  read: Callable | None, rhs: torch.Tensor) -> torch.Tensor:
     """(B,) the elements ``ok`` with an undecided complementary pair whose open directions
     the derivative ``(ux, uz)`` (equilibrated units, ``(B, n), (B, m)``) reaches
     (:func:`~.certify.undecided_reach` above :data:`SIDE_RTOL` of a size): only there do the
     two one-sided derivatives differ. The size is that of the entries the result reads,
     ``read(idx)`` (masks, :func:`read_by`, :func:`read_cols`), at least ``rhs`` ``(B,)`` (the
     cotangent's or tangent's size, equilibrated) and at most the whole derivative's, which is
-    the size where ``read`` is None. ``rz`` ``(B, m)``: the system's right-hand side in the rows
-    (before an inactive row's part is dropped), for a kink's row taken inactive
-    (:func:`~.certify.undecided_reach`'s ``gap``). A kink is a row :func:`~.certify.at_kink` finds
-    at the solution's estimated forward error (``sol.error``)."""
+    the size where ``read`` is None."""
     flagged = ok & sol.undecided
     if not bool(flagged.any()):  # (a host sync; the warning takes one anyway)
         return flagged
@@ -86,12 +83,7 @@ def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor,
     x, s, z = part.scale(pick(sol.x), pick(sol.s), pick(sol.z))
     z0 = layout.zero
     u_x, u_z = pick(ux), pick(uz)
-    kinks = at_kink(part, layout, x, s, z, pick(sol.error))
-    gap = None
-    if rz is not None and layout.nonneg:
-        k = layout.nonneg
-        gap = (bmv(part.A[:, z0:z0 + k], u_x) - pick(rz)[:, z0:z0 + k]).abs()
-    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], kinks, gap)
+    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], at_kink(part, layout, x, s, z))
     size = torch.maximum(row_inf(u_x), row_inf(u_z))
     masks = None if read is None else read(idx)
     if masks is not None:
