@@ -19,8 +19,9 @@ where each cone block's pair :math:`(s, y)` is strictly complementary, and has a
   :math:`s, y` on faces whose dimensions add up to less than 3.
 
 Each test has a tolerance per row (:func:`pair_tolerances`: the point's accuracy in the
-row's own scale, the slack's or the multiplier's): a spectral value within it of 0 is a
-kink; an exponential block's pieces that differ a step of ``_UNDECIDED`` of the
+row's own scale, the slack's or the multiplier's, at least its estimated forward error there,
+:mod:`.point_error`, where some pair is near enough a kink for that to matter: :func:`may_widen`):
+a spectral value within it of 0 is a kink; an exponential block's pieces that differ a step of ``_UNDECIDED`` of the
 solution's size along :math:`\\pm e` (a direction inside :math:`K` and :math:`K^*`, which
 crosses every border of the pieces) are. :func:`kink_sides` moves :math:`v` to either side
 of every kink at once; the adjoint tells from the two whether the side matters.
@@ -34,7 +35,7 @@ from diffcp import cones as cone_lib
 from .cone_checks import block_max, cone_blocks, row_maxima
 from .exp_cone import projection_piece
 
-__all__ = ["kink_sides", "pair_tolerances"]
+__all__ = ["KINK_ERRORS", "kink_sides", "may_widen", "pair_scales", "pair_tolerances"]
 
 # A spectral value of v (a nonnegative row's v_i = y_i − s_i included) below this, relative
 # to the solution's size, has both y's and s's at 0: strict complementarity fails there.
@@ -46,6 +47,11 @@ _UNDECIDED = 1e-9
 _UNDECIDED_FLOOR = 1e-10
 # ... and the floor of a nonnegative row or a cone block away from its tip (see _accuracy).
 _RESOLVED_FLOOR = 1e-13
+# How many times a row's estimated forward error (.point_error) its slack or multiplier may be and still
+# read as 0 (pair_tolerances), up to _WIDEST of the row's scale: the estimate is one Newton step and a
+# rounding sample, and either may fall short in one row (the batched path's rule, .certify.KINK_ERRORS).
+KINK_ERRORS = 16
+_WIDEST = 1e-6
 # A row's (cone block's) own scale of x counts where it is at least this fraction of the
 # solution's (see pair_tolerances).
 _OWN_SCALE = 1e-8
@@ -79,17 +85,40 @@ def _spectral(kind: str, v: np.ndarray):
 
 
 def pair_tolerances(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray,
-                    residual: float, cones: list) -> tuple[np.ndarray, np.ndarray]:
+                    residual: float, cones: list, error: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(for s, for y)``: each row's tolerance for :func:`kink_sides`, the point's relative
     accuracy (``residual``, its KKT residual, within [1e-13, 1e-9]; [1e-10, 1e-9] on a cone at
-    its tip, :func:`_accuracy`) times the row's own scale:
+    its tip, :func:`_accuracy`) times the row's own scale (:func:`pair_scales`), and at least
+    :data:`KINK_ERRORS` times ``error`` ``(m,)``, the point's estimated forward error in each row of
+    ``v = y − s`` (:func:`~.point_error.point_error`), where given, up to :data:`_WIDEST` of the row's scale.
+    (The residual hides the conditioning: at rounding, a weakly active row of a QP at n = 100 had its slack
+    at 9.1e-12, 8 times the residual's tolerance, its estimated error 9.1e-12.)"""
+    scale_s, scale_y = pair_scales(A, b, c, x, y, s, cones)
+    accuracy = min(_UNDECIDED, max(_UNDECIDED_FLOOR, residual)) if np.isfinite(residual) else _UNDECIDED
+    tol_s, tol_y = _accuracy(cones, y, s, scale_s, scale_y, residual, accuracy)
+    if error is not None:
+        tol_s = np.maximum(tol_s, np.minimum(KINK_ERRORS * error, _WIDEST * scale_s))
+        tol_y = np.maximum(tol_y, np.minimum(KINK_ERRORS * error, _WIDEST * scale_y))
+    return tol_s, tol_y
+
+
+def may_widen(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray, cones: list) -> bool:
+    """Whether a forward error could make a kink of any row (:func:`pair_tolerances`' ``error``): some
+    pair is within :data:`_WIDEST` of its scales of one (:func:`kink_sides`). Elsewhere the estimate
+    is not needed, nor its solves."""
+    scale_s, scale_y = pair_scales(A, b, c, x, y, s, cones)
+    return kink_sides(cones, y, s, 1.0, (_WIDEST * scale_s, _WIDEST * scale_y)) is not None
+
+
+def pair_scales(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray,
+                cones: list) -> tuple[np.ndarray, np.ndarray]:
+    """``(for s, for y)`` ``(m,)``: each row's own scale,
     ``‖A_i‖∞ ξ_i + |b_i|`` for the slack (``ξ_i`` x's scale in the row's columns and ``|b_i| / ‖A_i‖∞``,
     or the solution's where that is ~0), ``‖|A|ᵀ|y| + |c|‖∞ / ‖A_i‖∞`` (over the row's columns) for
     the multiplier (what it weighs in the dual rows). Both scale with the row (a row times d: its slack times
     d, its multiplier over d): with one tolerance for all rows, 1e-9 of the solution's size,
     rows scaled by 1e-8 were kinks wherever their slack was below 0.1 of their size (148 of
     2526 elements warned "not unique", gradients exact). A zero row keeps the solution's size."""
-    accuracy = min(_UNDECIDED, max(_UNDECIDED_FLOOR, residual)) if np.isfinite(residual) else _UNDECIDED
     A = A if sp.isspmatrix_csc(A) else sp.csc_matrix(A)
     rows = row_maxima(A)[0]
     cols = np.repeat(np.arange(A.shape[1]), np.diff(A.indptr))  # (each stored entry's column: A is CSC)
@@ -105,9 +134,8 @@ def pair_tolerances(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarra
     implied = np.where(rows > 0, np.abs(b) / safe, 0.0)
     x_scale = _own_scale(A, cols, np.abs(x)[cols], implied, cones)
     d_scale = _own_scale(A, cols, dual[cols], np.zeros(A.shape[0]), cones)
-    tol_s = np.where((rows > 0) & (x_scale > 0), rows * x_scale + np.abs(b), size)
-    tol_y = np.where((rows > 0) & (d_scale > 0), d_scale / safe, size)
-    return _accuracy(cones, y, s, tol_s, tol_y, residual, accuracy)
+    return (np.where((rows > 0) & (x_scale > 0), rows * x_scale + np.abs(b), size),
+            np.where((rows > 0) & (d_scale > 0), d_scale / safe, size))
 
 
 def _accuracy(cones: list, y: np.ndarray, s: np.ndarray, tol_s: np.ndarray, tol_y: np.ndarray, residual: float,

@@ -57,7 +57,8 @@ def _gelsy(S: np.ndarray, B: np.ndarray, rtol: float) -> tuple[np.ndarray, int, 
 
 
 def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0) -> tuple[np.ndarray, int, float]:
-    """``(r, rank, condition)``: the minimum-norm solution of ``mat r = rhs`` (``(N, N)``, ``(N,)``;
+    """``(r, rank, condition)``: the minimum-norm solution of ``mat r = rhs`` (``(N, N)``, ``(N,)``, or
+    ``(N, k)`` for ``k`` right-hand sides at one factorisation's cost;
     least squares in the equilibrated rows' norm where inconsistent) after dropping the directions of the
     equilibrated matrix that LAPACK's rank-revealing QR (``gelsy``, condition estimate
     ``1 / rtol``) finds negligible; ``rank`` counts the others, ``condition`` estimates the
@@ -65,15 +66,17 @@ def min_norm_solve(mat: np.ndarray, rhs: np.ndarray, rtol: float, seed: int = 0)
     rows, cols = equilibrate(mat)
     S = mat * rows[:, None] * cols[None, :]
     W = np.random.default_rng(seed).standard_normal((S.shape[1], 1))
-    sol, rank, condition = _gelsy(S, np.column_stack([rows * rhs, S @ W]), rtol)
+    B = rhs.reshape(rhs.shape[0], -1)
+    k = B.shape[1]
+    sol, rank, condition = _gelsy(S, np.column_stack([rows[:, None] * B, S @ W]), rtol)
     null = S.shape[1] - rank
     if null > 1:  # (one random column spans a null space of dimension 1 only)
         W = np.random.default_rng(seed).standard_normal((S.shape[1], null))
         basis = W - scipy.linalg.lstsq(S, S @ W, cond=rtol, lapack_driver="gelsy", check_finite=False)[0]
     else:
-        basis = W - sol[:, 1:]
-    r = cols * sol[:, 0]
+        basis = W - sol[:, k:]
+    r = cols[:, None] * sol[:, :k]
     if null:
         Q = np.linalg.qr(cols[:, None] * basis)[0]
         r = r - Q @ (Q.T @ r)
-    return r, rank, condition
+    return r.reshape(rhs.shape), rank, condition
