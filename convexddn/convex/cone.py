@@ -17,7 +17,7 @@ from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import kkt_residual, residual_parts
 from .exp_cone import Memo, derivative_correction, has_exp, project_cones
 from .iterative import Plus, iterative_solve, null_reach
-from .kinks import kink_sides, may_widen, pair_tolerances
+from .kinks import kink_sides, pair_tolerances
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
 from .point_error import point_error
@@ -251,10 +251,11 @@ class ResidualMap:
         dproj = self._dprojection(z[n:n + m])
         M = self._operator(z, dproj=dproj)
         pi_z = self._pi(z)
-        error = None  # (the point's forward error in v's rows, where a row is near enough a kink to need it)
-        if may_widen(self.A, self.b, self.c, x, y, s, self.cones):
-            error = point_error(M, self.Q, z, pi_z, self._residual(z), self._rtol, self.mode == "lsqr")
-            error = None if error is None else error[n:n + m]
+
+        def error():  # the point's forward error in v's rows (.point_error), where a row is near a kink
+            err = point_error(M, self.Q, z, pi_z, self._residual(z), self._rtol, self.mode == "lsqr")
+            return None if err is None else err[n:n + m]
+
         tols = pair_tolerances(self.A, self.b, self.c, x, y, s, self.residual, self.cones, error)
         sides = kink_sides(self.cones, y, s, _SIDE_STEP * (1.0 + np.abs(z).max()), tols)
         reach: list = []  # (null_reach's test of M, on first need: it does not depend on the cotangent)

@@ -20,13 +20,15 @@ where each cone block's pair :math:`(s, y)` is strictly complementary, and has a
 
 Each test has a tolerance per row (:func:`pair_tolerances`: the point's accuracy in the
 row's own scale, the slack's or the multiplier's, at least its estimated forward error there,
-:mod:`.point_error`, where some pair is near enough a kink for that to matter: :func:`may_widen`):
+:mod:`.point_error`, where some pair is near enough a kink for that to matter):
 a spectral value within it of 0 is a kink; an exponential block's pieces that differ a step of ``_UNDECIDED`` of the
 solution's size along :math:`\\pm e` (a direction inside :math:`K` and :math:`K^*`, which
 crosses every border of the pieces) are. :func:`kink_sides` moves :math:`v` to either side
 of every kink at once; the adjoint tells from the two whether the side matters.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,7 +37,7 @@ from diffcp import cones as cone_lib
 from .cone_checks import block_max, cone_blocks, row_maxima
 from .exp_cone import projection_piece
 
-__all__ = ["KINK_ERRORS", "kink_sides", "may_widen", "pair_scales", "pair_tolerances"]
+__all__ = ["KINK_ERRORS", "kink_sides", "pair_scales", "pair_tolerances"]
 
 # A spectral value of v (a nonnegative row's v_i = y_i − s_i included) below this, relative
 # to the solution's size, has both y's and s's at 0: strict complementarity fails there.
@@ -85,29 +87,26 @@ def _spectral(kind: str, v: np.ndarray):
 
 
 def pair_tolerances(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray,
-                    residual: float, cones: list, error: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    residual: float, cones: list, error: Callable[[], np.ndarray | None] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """``(for s, for y)``: each row's tolerance for :func:`kink_sides`, the point's relative
     accuracy (``residual``, its KKT residual, within [1e-13, 1e-9]; [1e-10, 1e-9] on a cone at
     its tip, :func:`_accuracy`) times the row's own scale (:func:`pair_scales`), and at least
-    :data:`KINK_ERRORS` times ``error`` ``(m,)``, the point's estimated forward error in each row of
-    ``v = y − s`` (:func:`~.point_error.point_error`), where given, up to :data:`_WIDEST` of the row's scale.
-    (The residual hides the conditioning: at rounding, a weakly active row of a QP at n = 100 had its slack
-    at 9.1e-12, 8 times the residual's tolerance, its estimated error 9.1e-12.)"""
+    :data:`KINK_ERRORS` times the point's estimated forward error in each row of ``v = y − s``, up to
+    :data:`_WIDEST` of the row's scale. ``error`` gives that estimate ``(m,)`` (or None: none;
+    :func:`~.point_error.point_error`), and is called only where some pair lies within :data:`_WIDEST`
+    of its scales of a kink: elsewhere no error can make one, and its solves are saved. (The residual
+    hides the conditioning: at rounding, a weakly active row of a QP at n = 100 had its slack at
+    9.1e-12, 8 times the residual's tolerance, its estimated error 9.1e-12.)"""
     scale_s, scale_y = pair_scales(A, b, c, x, y, s, cones)
     accuracy = min(_UNDECIDED, max(_UNDECIDED_FLOOR, residual)) if np.isfinite(residual) else _UNDECIDED
     tol_s, tol_y = _accuracy(cones, y, s, scale_s, scale_y, residual, accuracy)
-    if error is not None:
-        tol_s = np.maximum(tol_s, np.minimum(KINK_ERRORS * error, _WIDEST * scale_s))
-        tol_y = np.maximum(tol_y, np.minimum(KINK_ERRORS * error, _WIDEST * scale_y))
+    near = error is not None and kink_sides(cones, y, s, 1.0, (_WIDEST * scale_s, _WIDEST * scale_y)) is not None
+    err = error() if near else None
+    if err is not None:
+        tol_s = np.maximum(tol_s, np.minimum(KINK_ERRORS * err, _WIDEST * scale_s))
+        tol_y = np.maximum(tol_y, np.minimum(KINK_ERRORS * err, _WIDEST * scale_y))
     return tol_s, tol_y
-
-
-def may_widen(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray, cones: list) -> bool:
-    """Whether a forward error could make a kink of any row (:func:`pair_tolerances`' ``error``): some
-    pair is within :data:`_WIDEST` of its scales of one (:func:`kink_sides`). Elsewhere the estimate
-    is not needed, nor its solves."""
-    scale_s, scale_y = pair_scales(A, b, c, x, y, s, cones)
-    return kink_sides(cones, y, s, 1.0, (_WIDEST * scale_s, _WIDEST * scale_y)) is not None
 
 
 def pair_scales(A, b: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray, s: np.ndarray,
