@@ -51,7 +51,7 @@ _UNDECIDED_FLOOR = 1e-10
 _RESOLVED_FLOOR = 1e-13
 # How many times a row's estimated forward error (.point_error) its slack or multiplier may be and still
 # read as 0 (pair_tolerances), up to _WIDEST of the row's scale: the estimate is one Newton step and a
-# rounding sample, and either may fall short in one row (the batched path's rule, .certify.KINK_ERRORS).
+# rounding sample, and either may fall short in one row.
 KINK_ERRORS = 16
 _WIDEST = 1e-6
 # A row's (cone block's) own scale of x counts where it is at least this fraction of the
