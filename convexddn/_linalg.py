@@ -25,9 +25,12 @@ def lu_factor_ex(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     if A.device.type != "cpu" or A.dim() != 3 or A.shape[0] < 2 or A.shape[-1] <= _SAFE_BATCHED_CPU:
         return torch.linalg.lu_factor_ex(A)
     # Each factor written into its place in the batch's (a list of them, concatenated,
-    # held the batch's factors twice: the Newton polish's peak).
+    # held the batch's factors twice: the Newton polish's peak), laid out as LAPACK's
+    # (column-major LU: row-major, every lu_solve copied the batch's factors first, 5 ms
+    # for 8 of 479 × 479 against 0.5 ms, the same solution).
     first = torch.linalg.lu_factor_ex(A[:1])
-    out = tuple(v.new_empty((A.shape[0],) + tuple(v.shape[1:])) for v in first)
+    out = tuple(v.new_empty_strided((A.shape[0],) + tuple(v.shape[1:]), (v[0].numel(),) + v.stride()[1:])
+                for v in first)
     for i in range(A.shape[0]):
         for o, v in zip(out, first if i == 0 else torch.linalg.lu_factor_ex(A[i:i + 1])):
             o[i:i + 1] = v
