@@ -48,18 +48,21 @@ MAX_SIZE = 6000
 _DELTA = 1e-12
 
 
-def dense_limit_solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor):
+def dense_limit_solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor,
+                      hold: torch.Tensor | None = None):
     """Solve the limit KKT system of the elements ``idx`` of ``sol`` (a solution kept for the
     backward) for right-hand sides in its equilibrated units, returned as
     :meth:`.kkt.KKTSystem.solve` returns its ``(x, z)``, with the relative residual of
     the exact limit system (``inf`` where not solved: a failed factorisation, or n + m
-    above :data:`MAX_SIZE`).
+    above :data:`MAX_SIZE`). ``hold`` ``(k, nonneg)``: nonnegative rows taken at their
+    active limit (H = 0) whatever their pair's values (a kink's other side,
+    :func:`~.kink_reach.kinks_reached`).
 
     Shape:
         ``rx (k, n, 1), rz (k, m, 1)`` (the elements ``idx``) ->
         ``x (k, n, 1), z (k, m, 1)``, residual ``(k,)``.
     """
-    return _chunks(sol, layout, idx, rx, rz, False)[:3]
+    return _chunks(sol, layout, idx, rx, rz, False, hold)[:3]
 
 
 def dense_limit_solve_error(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor):
@@ -69,7 +72,8 @@ def dense_limit_solve_error(sol, layout: ConeLayout, idx: torch.Tensor, rx: torc
     return _chunks(sol, layout, idx, rx, rz, True)
 
 
-def _chunks(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, with_error: bool):
+def _chunks(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, with_error: bool,
+            hold: torch.Tensor | None = None):
     """:func:`_solve` in chunks within :data:`MEMORY_BUDGET`; the error estimate (three more
     solves) only ``with_error`` (None in its place otherwise)."""
     size = sol.scaled.P.shape[-1] + sol.scaled.A.shape[1]
@@ -77,18 +81,28 @@ def _chunks(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: to
         inf = rx.new_full((rx.shape[0],), torch.inf)
         return rx.new_zeros(rx.shape), rz.new_zeros(rz.shape), inf, inf
     step = max(1, MEMORY_BUDGET // (3 * size * size * rx.element_size()))
-    parts = [_solve(sol, layout, idx[lo:lo + step], rx[lo:lo + step], rz[lo:lo + step], with_error)
+    parts = [_solve(sol, layout, idx[lo:lo + step], rx[lo:lo + step], rz[lo:lo + step], with_error,
+                    None if hold is None else hold[lo:lo + step])
              for lo in range(0, idx.numel(), step)]
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 
-def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, with_error: bool):
+def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, with_error: bool,
+           hold: torch.Tensor | None = None):
     from .estimate import limit_scaling_at
 
     d = sol.scaled.select(idx)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     _, s, z = d.scale(pick(sol.x), pick(sol.s), pick(sol.z))
     z0, n, m = layout.zero, d.P.shape[-1], d.A.shape[1]
+    if hold is not None:
+        # A held row decided active: slack 0 beside a unit multiplier (the equilibrated data's
+        # scale), so that its factorised H is the absolute δ of the other active rows (its own
+        # multiplier, ~0 at a kink, made H ~ 1 there and the refinement slow); the refinement's
+        # exact limit has H = 0 whatever the multiplier (LimitRows.kept).
+        k = layout.nonneg
+        s = torch.cat([s[:, :z0], torch.where(hold, 0.0, s[:, z0:z0 + k]), s[:, z0 + k:]], 1)
+        z = torch.cat([z[:, :z0], torch.where(hold, 1.0, z[:, z0:z0 + k]), z[:, z0 + k:]], 1)
     # (lifted as a polished point: the pairs this decides are set at their limits anyway)
     W = limit_scaling_at(layout, s[:, z0:], z[:, z0:], s.new_ones(s.shape[0], 1, dtype=torch.bool))
     WA = W.apply_inv(d.A[:, z0:])

@@ -12,6 +12,10 @@ orders of magnitude larger, without effect on the gradient, and hid the kink bes
 variable ``t ≥ p``, ``t² ≤ y``: ``y₀ = p₀²``, ``t₀`` known to √rounding only, 18 % off)
 gave ``u_t = 2.4e3`` beside ``u_y = 0.66``, a reach of 0.16 below the threshold 0.24, and
 ``dL/dq₀ = 0.63`` where it is 0, silently.
+
+A row at its kink that the system took at its inactive limit has no multiplier part to
+weigh (0 by construction): there the other side, the row held active, is solved for and
+compared with ``u`` on what is read (:func:`_other_side`; one dense solve of those elements).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from .certify import at_kink, undecided_reach
+from .certify import at_kink, decided, undecided_reach
+from .dense_kkt import dense_limit_solve
 from .interior_point import ConeSolution
 from .kkt import row_inf
 from .resolution import moved_data
@@ -66,14 +71,17 @@ def _read_size(u: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor,
-                  read: Callable | None, rhs: torch.Tensor) -> torch.Tensor:
+                  read: Callable | None, rhs: torch.Tensor, r: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """(B,) the elements ``ok`` with an undecided complementary pair whose open directions
     the derivative ``(ux, uz)`` (equilibrated units, ``(B, n), (B, m)``) reaches
-    (:func:`~.certify.undecided_reach` above :data:`SIDE_RTOL` of a size): only there do the
-    two one-sided derivatives differ. The size is that of the entries the result reads,
+    (:func:`~.certify.undecided_reach` above :data:`SIDE_RTOL` of a size), or with a row at
+    its kink (:func:`~.certify.at_kink`) that the system took at its inactive limit and whose
+    other side's derivative differs from it on what is read (:func:`_other_side`): only there do
+    the two one-sided derivatives differ. The size is that of the entries the result reads,
     ``read(idx)`` (masks, :func:`read_by`, :func:`read_cols`), at least ``rhs`` ``(B,)`` (the
     cotangent's or tangent's size, equilibrated) and at most the whole derivative's, which is
-    the size where ``read`` is None."""
+    the size where ``read`` is None. ``r``: the system's right-hand side ``(B, n), (B, m)``,
+    its inactive rows' part not dropped."""
     flagged = ok & sol.undecided
     if not bool(flagged.any()):  # (a host sync; the warning takes one anyway)
         return flagged
@@ -81,9 +89,10 @@ def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor,
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     part = sol.scaled.select(idx)
     x, s, z = part.scale(pick(sol.x), pick(sol.s), pick(sol.z))
-    z0 = layout.zero
+    z0, k = layout.zero, layout.nonneg
     u_x, u_z = pick(ux), pick(uz)
-    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], at_kink(part, layout, x, s, z))
+    kinks = at_kink(part, layout, x, s, z)
+    reach = undecided_reach(layout, s[:, z0:], z[:, z0:], u_z[:, z0:], kinks)
     size = torch.maximum(row_inf(u_x), row_inf(u_z))
     masks = None if read is None else read(idx)
     if masks is not None:
@@ -91,4 +100,49 @@ def kinks_reached(sol: ConeSolution, layout, ok: torch.Tensor, ux: torch.Tensor,
         # difference of 1e-11 between the sides is no kink; entmax at p_i = 0, α = 2.5)
         seen = torch.maximum(_read_size(u_x, masks[0]), _read_size(u_z, masks[1]))
         size = torch.minimum(size, torch.maximum(seen, pick(rhs)))
-    return flagged.index_copy(0, idx, reach > SIDE_RTOL * size)
+    reached = reach > SIDE_RTOL * size
+    # A kink's row taken at its inactive limit (H = ∞) has w_i = 0 by construction, so the
+    # reach reads 0 there whatever the other side does: that side is solved (rare: only these
+    # elements pay for it). (s, z) = (1.9e-15, 6e-27) of a weakly active bound of a QP at n = 100.
+    inactive = decided(s[:, z0:z0 + k], z[:, z0:z0 + k])[1]
+    other = kinks & inactive & ~reached[:, None]
+    if k and bool(other.any()):
+        apart = _other_side(sol, layout, idx, other, inactive, (u_x, u_z), tuple(map(pick, r)), masks)
+        reached = reached | ~(apart <= SIDE_RTOL * size)  # (NaN, ∞: not solved, not shown to agree)
+    return flagged.index_copy(0, idx, reached)
+
+
+def _other_side(sol: ConeSolution, layout, idx: torch.Tensor, hold: torch.Tensor, inactive: torch.Tensor, u: tuple,
+                r: tuple, masks: tuple | None) -> torch.Tensor:
+    """``(k,)`` how far the derivative with the rows ``hold`` ``(k, nonneg)`` at their active
+    limit (H = 0; :func:`~.dense_kkt.dense_limit_solve`, on the elements with such a row) is
+    from ``u = (u_x, u_z)`` ``(k, n), (k, m)``, the one at their inactive limit (H = ∞), on the
+    entries ``masks`` reads (all where None): the largest difference, ∞ where that side's
+    system is not solved (0 on the other elements). ``inactive`` ``(k, nonneg)``: the rows
+    decided inactive (:func:`~.certify.decided`), ``hold`` among them. ``r``: the right-hand
+    side ``(k, n), (k, m)`` of the elements ``idx`` (equilibrated), with the held rows' part,
+    which the active side reads.
+
+    Only what is read is compared: both sides' systems may be singular along a variable nobody
+    reads, and differ there alone (an ∞-norm ball's epigraph row ``y_i − c_i ≤ t`` at its kink
+    below the radius: held active it fixes ``u_t``, which no output reads; the row equation's gap
+    there was 1 with the sides equal on ``y``). On the row itself the inactive side's
+    multiplier is 0, the active side's what the data's ``b_i`` would read (its one-sided gradient)."""
+    from .vjp import _backward_accept  # (vjp imports this module)
+
+    z0, k = layout.zero, layout.nonneg
+    u_x, u_z = u
+    sub = torch.nonzero(hold.any(1)).squeeze(1)
+    held = hold.index_select(0, sub)
+    rx, rz = (v.index_select(0, sub) for v in r)
+    ox, oz, res = dense_limit_solve(sol, layout, idx.index_select(0, sub), rx.unsqueeze(-1), rz.unsqueeze(-1), held)
+    # (the rows decided inactive and not held: multiplier 0 in the exact limit, as inactive_zero)
+    drop = inactive.index_select(0, sub) & ~held
+    oz = oz.squeeze(-1)
+    oz = torch.cat([oz[:, :z0], torch.where(drop, 0.0, oz[:, z0:z0 + k]), oz[:, z0 + k:]], 1)
+    dx = u_x.index_copy(0, sub, ox.squeeze(-1)) - u_x
+    dz = u_z.index_copy(0, sub, oz) - u_z
+    apart = torch.maximum(_read_size(dx, None if masks is None else masks[0]),
+                          _read_size(dz, None if masks is None else masks[1]))
+    solved = torch.ones_like(apart, dtype=torch.bool).index_copy(0, sub, res <= _backward_accept(rx))
+    return torch.where(solved, apart, torch.inf)

@@ -27,7 +27,8 @@ derivative (Agrawal et al., 2019) because it keeps the quadratic term, stays sym
 the same factorisation. Where no derivative exists the backward warns (``GradientWarning``) and names the
 elements: a complementary pair undecided (a nonnegative row, or a second-order cone's
 Jordan-frame pair, :func:`~.certify.undecided`) along whose open direction the derivative
-has a component (:func:`~.certify.undecided_reach`; elsewhere both sides agree), a non-unique solution (a derivative
+has a component (:func:`~.certify.undecided_reach`; elsewhere both sides agree; a kink's row taken
+inactive: its other side solved, :func:`~.kink_reach.kinks_reached`), a non-unique solution (a derivative
 system that amplifies the cotangent like 1/δ, or, where rounding caps that, a cotangent
 or requested output reaching a null direction of the limit system, :mod:`.uniqueness`;
 an amplification beyond :data:`AMPLIFICATION` where that test finds the solution unique is
@@ -100,8 +101,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     def equilibrated(vx, vz):  # right-hand sides in the factorised system's units
         return (rc * d.D * vx).unsqueeze(-1), (d.E * vz / rc).unsqueeze(-1)
 
-    rx, rz = equilibrated(gx, gz)
-    rz = inactive_zero(kkt, layout, rz)  # (the cotangent of a multiplier that stays 0)
+    rx, rz_all = equilibrated(gx, gz)
+    rz = inactive_zero(kkt, layout, rz_all)  # (the cotangent of a multiplier that stays 0)
     ux, uz, unsolved = _solve_derivative(sol, layout, kkt, rx, rz, refine)
     vertex = zero = torch.zeros_like(sol.status, dtype=torch.bool)
     gain = px = secant = None
@@ -180,7 +181,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     uncertain = (big & ~reached & ~unsolved & (rx.dtype == torch.float64)) | steep
     kinks = kinks_reached(sol, layout, ok[:, 0], ux.squeeze(-1), uz.squeeze(-1),
                           None if tangent is None else read_by(tangent, sol.x.shape[1], sol.z.shape[1]),
-                          torch.maximum(row_inf(rx), row_inf(rz)))
+                          torch.maximum(row_inf(rx), row_inf(rz)), (rx.squeeze(-1), rz_all.squeeze(-1)))
     ux = rc * d.D * ux.squeeze(-1)  # K⁻¹ = V⁻¹ K̃⁻¹ V⁻¹ with V⁻¹ = diag(√c D, E/√c)
     uz = d.E * uz.squeeze(-1) / rc
     # (A solved element's KKT matrix was factorised: its failure would have made the
@@ -254,7 +255,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     moved = (held & (moving != 0)).any(1)
     rc = d.c.sqrt()[:, None]
     ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
-    ez = inactive_zero(kkt, layout, ez)  # (an inactive row's data moves nothing)
+    ez_all, ez = ez, inactive_zero(kkt, layout, ez)  # (an inactive row's data moves nothing)
     ux, uz, unsolved = _solve_derivative(sol, layout, kkt, ex, ez, refine)
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
@@ -275,7 +276,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     # The tangent is its own probe: a gain beyond the backward's vertex probe's bound is a
     # degenerate vertex moved apart (a one-sided derivative), warned about but kept.
     kinks = kinks_reached(sol, layout, ok, ux.squeeze(-1), uz.squeeze(-1), read_cols(cols, x.shape[1], z.shape[1]),
-                          torch.maximum(row_inf(ex), row_inf(ez)))
+                          torch.maximum(row_inf(ex), row_inf(ez)), (ex.squeeze(-1), ez_all.squeeze(-1)))
     # (where a pair is undecided, dependent rows that hold moved apart: the backward's vertex test)
     apart = limit_tests_at(sol, layout, ok & sol.undecided, ex.squeeze(-1), cols, ez.squeeze(-1), ux.squeeze(-1))[0]
     steep = ((amplification > PROBE_GAIN) & ~certified) | ~(apart <= INCONSISTENT_SURE)

@@ -1,7 +1,6 @@
 """A weakly active inequality of a QP at n = 100 with 200 rows (slack 0 and multiplier 0 at the
 solution): the derivative in its h_i does not exist (one-sided: 0 as h_i grows, the active set's
-as it shrinks), and the batched backward must say so with a ``GradientWarning`` (a known
-limit of the batched path: the test is expected to fail until it does).
+as it shrinks), and the batched backward must say so with a ``GradientWarning``.
 
 The QPs are built from an exact KKT point x*: rows 1..30 active with multipliers in [0.5, 1.5],
 the rest inactive, row 0 at ``h_0 = G_0 x*`` with multiplier 0. The one-sided derivatives are
@@ -9,7 +8,8 @@ the closed forms (0; the equality-constrained QP's with row 0 added) and, indepe
 differences of cvxpy + Clarabel solves on either side. Before: the forward found the row at its
 kink, but the derivative system took it at its inactive limit (its multiplier's part 0 by
 construction), so the test of whether the derivative reaches the kink read 0, and the one-sided
-gradient 0 came back silently (seed 0, element 1). Controls: the same row clearly inactive
+gradient 0 came back silently (seed 0, element 1). Now the other side (the row held active) is solved
+for and compared on what the gradient reads (kink_reach._other_side). Controls: the same row clearly inactive
 (slack 1e-3 of its terms) or clearly active (multiplier 1) is not warned about, and its gradient
 matches central finite differences.
 """
@@ -80,11 +80,6 @@ def _layer_grads(seed: int, batch: int, row0: str, n: int = N, solver: str = "au
     return data, w.numpy(), ts, named
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limit (docs/which-path.md): the batched derivative system takes the weakly active row at its inactive "
-    "limit and the reach test reads 0; measuring the row's equation gap instead warned falsely where a free "
-    "epigraph variable absorbs it (an inf-norm ball, test_reliability), so the other side's derivative must be "
-    "solved for instead"))
 def test_weakly_active_row_at_n100_is_warned():
     data, w, ts, named = _layer_grads(0, 3, "weak")
     # (the solution is affine in h_0 on each side, the active sets kept for steps below 0.1:
@@ -104,6 +99,36 @@ def test_weakly_active_row_at_n100_is_warned():
         # the kink is real: 0 as h_0 grows, the active set's derivative (|.| >= 6e-3 here) as it shrinks
         assert abs(up) < 1e-4 and abs(down) > 5e-3, (b, up, down)
         assert abs(ts[3].grad[b, 0].item()) <= max(abs(up), abs(down)) + 1e-3  # (a blend, warned about)
+    assert named == {0, 1, 2}
+
+
+def test_weakly_active_row_at_n100_is_warned_in_forward_mode():
+    """Forward mode along h_0 alone: the tangent of x is 0 as h_0 grows and, as it shrinks, the
+    equality-constrained QP's with row 0 added (closed form); the tangent the system returns is
+    one of them, or a blend, and must be warned about (element 1 was not: its system took the row
+    at its inactive limit, as in the backward)."""
+    import torch.autograd.forward_ad as fwAD
+
+    prob, params, x = _problem()
+    layer = cddn.ConvexLayer(prob, params, [x])
+    data = _data(0, 3, "weak")
+    values = [torch.tensor(v) for v in data]
+    tangents = [torch.zeros_like(v) for v in values]
+    tangents[3][:, 0] = 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with fwAD.dual_level():
+            out = layer(*(fwAD.make_dual(v, t) for v, t in zip(values, tangents)))
+            got = fwAD.unpack_dual(out).tangent.numpy()
+    assert layer.last_solve.solvers == ["batched"] * 3
+    named = {e[0] for c in caught if issubclass(c.category, GradientWarning) for e in c.message.elements}
+    for b in range(3):
+        L, _, G, _ = (v[b] for v in data)
+        rows = G[:1 + ACTIVE]
+        K = np.block([[L.T @ L, rows.T], [rows, np.zeros((1 + ACTIVE, 1 + ACTIVE))]])
+        down = np.linalg.solve(K, np.eye(N + 1 + ACTIVE)[N])[:N]  # (x's tangent with row 0 held: G_0 dx = 1)
+        assert np.abs(down).max() > 1e-2, b  # the kink is real: the up side's tangent is 0
+        assert np.abs(got[b]).max() <= np.abs(down).max() + 1e-3, b  # (a blend at most, warned about)
     assert named == {0, 1, 2}
 
 
