@@ -117,6 +117,13 @@ def test_a_pool_started_while_a_spawned_child_imports_the_main_module_names_the_
     assert WorkerPool(1).get(4) is None  # (no process is started: nothing to guard)
 
 
+def _run(script) -> subprocess.CompletedProcess:
+    """``script`` run by a fresh interpreter that imports the package under test."""
+    root = os.path.dirname(os.path.dirname(convexddn.__file__))  # (the package under test, in the child too)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+
+
 def test_an_unguarded_script_gets_the_guard_error_in_each_worker(tmp_path):
     """The same, for real: each of the two workers re-runs the unguarded script and its pool
     start raises the WorkerError (caught and printed by the script); the parent's call is solved."""
@@ -130,9 +137,7 @@ def test_an_unguarded_script_gets_the_guard_error_in_each_worker(tmp_path):
         "except Exception as err:\n"
         "    line = f'error {type(err).__name__} {err}'\n"
         "os.write(1, (line + chr(10)).encode())  # (one write: three processes share the pipe)\n")
-    root = os.path.dirname(os.path.dirname(convexddn.__file__))  # (the package under test, in the child too)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    done = _run(script)
     lines = done.stdout.splitlines()
     assert "bootstrapping phase" not in done.stdout + done.stderr, done.stderr[-2000:]
     assert lines.count("result [1, 2, 3, 4]") == 1, (done.stdout, done.stderr[-2000:])
@@ -156,7 +161,5 @@ def test_the_pool_leaves_the_process_wide_start_method_unset(tmp_path):
         "    after = mp.get_start_method(allow_none=True)\n"
         "    mp.set_start_method('forkserver')\n"
         "    print('result', result, 'after', after, 'now', mp.get_start_method())\n")
-    root = os.path.dirname(os.path.dirname(convexddn.__file__))  # (the package under test, in the child too)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    done = _run(script)
     assert done.stdout.strip() == "result [1, 2, 3, 4] after None now forkserver", (done.stdout, done.stderr[-2000:])
