@@ -177,7 +177,6 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
     return x, s, z, done, ray
 
 
-
 def _step(P, q, A, b, Prho, tol_z, ineq, x, W, z, ulp: float):
     """One of :func:`correct`'s steps for every element given (all still moving; ``Prho`` = P + ρI,
     ``tol_z`` ``(B, m)``, ``ineq`` ``(m,)`` the nonnegative rows, ``W`` ``(B, m)`` the working sets):
@@ -219,6 +218,7 @@ def _step(P, q, A, b, Prho, tol_z, ineq, x, W, z, ulp: float):
     z = torch.where(full[:, None], torch.where(W, zn, 0.0), z)
     W = torch.where((full & neg.any(1))[:, None], W & ~neg, W)
     return (x, W, z), full & ~neg.any(1), unbounded, failed
+
 
 def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tensor, residual_fn, polish_steps: int,
                  refine: int, tols: tuple[float, float], error_cols, error_duals):

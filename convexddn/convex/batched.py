@@ -54,10 +54,12 @@ class BatchedSolveInfo:
     the returned point (see :func:`~.interior_point.kkt_measures`, cone violations
     included); ``solved`` is ``status == 0`` (residual <= ``tol_accept`` and estimated
     error <= ``tol_error``); ``iterations`` counts interior-point iterations; ``error``
-    is the estimated relative error of the solution (one Newton step's size; NaN where
-    no estimate can be formed: equality rows too nearly dependent);
+    is the estimated relative error of the solution (one Newton step's size; not finite where
+    no estimate can be formed: equality rows too nearly dependent, a singular limit system);
     ``points`` whether the returned point is primal and/or dual feasible in the
-    caller's units (bits :data:`~.measures.FEASIBLE_PRIMAL`, :data:`~.measures.FEASIBLE_DUAL`);
+    caller's units (bits :data:`~.measures.FEASIBLE_PRIMAL`, :data:`~.measures.FEASIBLE_DUAL`),
+    whether no residual check can vouch for it (:data:`~.measures.UNVERIFIABLE`), and whether it
+    failed only for want of an estimate at a degenerate vertex (:data:`~.measures.DEGENERATE`);
     ``opinion``, with ``second_opinion``, what Clarabel said of the element
     (:func:`~.second_opinion.clarabel_points`' codes: solved, a claim whose ray verifies,
     an unboundedness it did not confirm at its ray's reach, or none), ``-1`` without;

@@ -223,7 +223,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # A complementary pair undecided after polishing (s_i ≈ z_i ≈ 0): no derivative exists.
     # (and a bound met with a zero multiplier to rounding, whichever side its ratio reads: at_kink)
     undecided_ = ok_res & ((undecided(layout, ss, zs) > DECIDED) | at_kink(d, layout, xs, ss, zs).any(1))
-    # Not certified only for want of an estimate at a degenerate vertex: no retry of the batched path helps.
+    # Not certified only for want of an estimate at a degenerate vertex: the retries rarely help (second_opinion).
     stuck = ok & ~ok_res & ~certified & (residual <= tol_accept)
     if bool(stuck.any()):  # (a host read; the common case, all solved, computes nothing more)
         stuck = stuck & degenerate_vertex(d.P, d.q, d.A, d.b, layout, xs, ss, zs)

@@ -376,16 +376,16 @@ class ConvexLayer(nn.Module):
             warn_unchecked((range(math.prod(batch)), batch), doubt, checked, wide, info,
                            program is not None and asked is doubt)
             return sols, info
-        sols, info = solve_with_opinion(self._batched, self.parameters_, flat, (range(math.prod(batch)), batch))
+        dual = any(forward_ad.unpack_dual(v).tangent is not None for v in flat)  # (forward mode: batched only)
+        sols, info = solve_with_opinion(self._batched, self.parameters_, flat, (range(math.prod(batch)), batch),
+                                        not (dual or self._qp_only))
         redo = unsettled(info)
         if redo and not self._qp_only:  # (which the per-element path cannot take)
             # Then per element; autograd flows to each element through the path that solved it.
             verdicts = [(info["kinds"][i], info["statuses"][i]) for i in redo]
-            sub = element_subset(self.parameters_, flat, redo)
-            # Forward mode: solved without tangents (failures need none: masked or raised as
+            # Forward mode (dual): solved without tangents (failures need none: masked or raised as
             # in reverse mode); an element it solves needs a tangent it cannot give: refused.
-            dual = any(forward_ad.unpack_dual(v).tangent is not None for v in sub)
-            sub = [forward_ad.unpack_dual(v).primal for v in sub]
+            sub = [forward_ad.unpack_dual(v).primal for v in element_subset(self.parameters_, flat, redo)]
             fixed, part = self._solve_per_element(sub, call_args, (redo, batch))
             if dual and any(part["solved"]):
                 took = [i for i, ok in zip(redo, part["solved"]) if ok]

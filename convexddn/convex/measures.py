@@ -47,7 +47,7 @@ def _gap(q, b, x, z, Px) -> torch.Tensor:
 # point of the element's program (nearly dependent equality rows, see
 # nullspace.unverifiable), or (DEGENERATE) the point was not certified only because it is a
 # degenerate vertex whose error no estimate reaches (active_set.degenerate_vertex): the
-# batched path's other attempts end at the same vertex.
+# batched path's other attempts nearly always end at the same vertex (second_opinion).
 FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE, DEGENERATE = 1, 2, 4, 8
 
 

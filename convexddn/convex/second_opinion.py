@@ -269,11 +269,16 @@ def equilibrated_start(d: Scaled, layout: ConeLayout, x: torch.Tensor, s: torch.
 
 
 def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], flat: list[torch.Tensor],
-                       where: tuple[Sequence[int], tuple[int, ...]]) -> tuple[list[torch.Tensor], dict]:
+                       where: tuple[Sequence[int], tuple[int, ...]], per_element_next: bool = False
+                       ) -> tuple[list[torch.Tensor], dict]:
     """The batched iterations on ``flat`` (one tensor per parameter, batched along dim 0;
     ``where``: the elements' flat positions in the caller's batch and its shape), then a
     second opinion on what they do not certify: Clarabel on the same program, P kept, its
     points polished, checked and differentiated by the batched path.
+
+    ``per_element_next``: the caller solves what stays unsettled per element next (not in forward
+    mode, nor for a program the per-element path cannot take); then an element flagged
+    :data:`~.measures.DEGENERATE` skips the retries below and goes there at once.
 
     Returns:
         ``(solutions, info)``: the variables' tensors, and per element lists ``backend``,
@@ -304,10 +309,12 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
 
     redo = unsettled(info)
     # A degenerate vertex whose error no estimate reached (DEGENERATE): the iterations again and
-    # Clarabel's point end at the same vertex, each after the same failed polishes and active-set
-    # steps (a 15 × 15 assignment LP at batch 8: three attempts, 42 LU factorisations, 20× the
-    # per-element path that takes them next).
-    stuck = [i for i in redo if info["points"][i] & DEGENERATE]
+    # Clarabel's point nearly always end at the same vertex, each after the same failed polishes
+    # and active-set steps (a 15 × 15 assignment LP at batch 8: three attempts, 42 LU
+    # factorisations, 20× the per-element path), so where that path comes next they go there at
+    # once. Only there: the retries did certify 3 of 159 such elements of small assignment LPs,
+    # which forward mode (batched only) then differentiates.
+    stuck = [i for i in redo if info["points"][i] & DEGENERATE] if per_element_next else []
     for i in stuck:
         info["statuses"][i] += f" ({DEGENERATE_WHY})"
     redo = [i for i in redo if i not in stuck]

@@ -65,7 +65,7 @@ class _Work:
     threshold, mapped, faulted in a page at a time and unmapped again on every step: at
     n = 4·10⁶ (float64, one row) an allocating add took 58 ms where the same add in place
     took 3.5 ms, the solve 13.6 s for 9 steps (1.9 s with glibc told to keep its memory),
-    and the peak was 47 times the input. Here: eight float64 rows, one int64 row of segment
+    and the peak was 47 times the input. Here: seven float64 rows, one int64 row of segment
     ids and two boolean rows (the caller's x, the centred x and σ besides)."""
 
     def __init__(self, x: torch.Tensor) -> None:

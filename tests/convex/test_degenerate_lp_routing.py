@@ -87,3 +87,28 @@ def test_the_batched_path_flags_the_vertex_it_cannot_certify():
     (y,), info = box(torch.tensor([[1.0, -2.0, 3.0, -0.5]], dtype=F64))
     assert info.solved.all() and not any(bits & DEGENERATE for bits in info.points.tolist())
     torch.testing.assert_close(y, torch.tensor([[-1.0, 1.0, -1.0, 1.0]], dtype=F64), rtol=0, atol=1e-9)
+
+
+def test_forward_mode_keeps_the_batched_retries_of_a_degenerate_vertex():
+    """Forward mode is differentiated on the batched path only, so there the retries stay: of the
+    assignment LP k = 3 (costs seed 3, elements 0, 1, 19 of 48), element 19 is flagged degenerate
+    after the first attempt and certified by the second opinion's retry. With the shortcut taken
+    in forward mode too it went per element, and forward mode was refused (ProblemError). Its
+    optimum is unique (a permutation, linear_sum_assignment), so X is locally constant in C: the
+    tangent is 0."""
+    import torch.autograd.forward_ad as fwAD
+
+    k = 3
+    prob, C, X = _assignment(k)
+    costs = torch.rand(48, k, k, dtype=F64, generator=torch.Generator().manual_seed(k))[[0, 1, 19]]
+    layer = ConvexLayer(prob, [C], [X])
+    with warnings.catch_warnings(), fwAD.dual_level():
+        warnings.simplefilter("ignore")
+        out = layer(fwAD.make_dual(costs, torch.ones_like(costs)))
+        primal, tangent = fwAD.unpack_dual(out)
+    for b in range(3):
+        rows, cols = linear_sum_assignment(costs[b].numpy())
+        want = np.zeros((k, k))
+        want[rows, cols] = 1.0
+        assert np.abs(primal[b].numpy() - want).max() <= 1e-8
+    assert float(tangent.abs().max()) <= 1e-12
