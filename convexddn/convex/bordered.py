@@ -26,8 +26,15 @@ is nonsingular exactly when :math:`M` has rank :math:`N - 1` with :math:`\\hat z
 
 Against LSMR on a ridge logistic regression (3304 rows + columns): forward 1.7 s against
 6.9 s, backward 0.24 s against 3.3 s, gradient within 6e-15 of the dense solve's against
-7e-9. A bordered matrix whose smallest singular value (two steps of inverse iteration) is
-below ``rank_rtol`` of its largest entry means a rank below :math:`N - 1` (a constrained
+7e-9. The LU is of the equilibrated :math:`S = D_r M_b D_c` (row and column scales, powers of
+two: exact), as the dense solves' (:mod:`.min_norm`): the rank is a property of the program,
+not of its data's units. Unequilibrated, a QP whose data were scaled by 10²–10³ had its
+bordered matrix's condition at 4e10 and 1.2e13 (the equilibrated: 2e6 and 1.4e8), was
+refused, and LSMR's inexact Newton steps (relative residuals 2e-7) left the polish at
+residual 1e-12 but 8e-6 and 2.7e-4 off the solution (dense: 3e-10, 2e-8), with no condition
+to doubt it by. An equilibrated bordered matrix whose smallest singular value (two steps of
+inverse iteration) is below ``rank_rtol`` of its largest entry means a rank below
+:math:`N - 1` (a constrained
 MPC's non-unique epigraph variables: at least six null directions), where the
 minimum-norm solution needs the least-squares solver: :func:`bordered` returns ``None``.
 So does a bordered matrix whose nonzero pattern alone forces it singular (structural rank
@@ -49,7 +56,8 @@ from scipy.sparse.csgraph import structural_rank
 from .._generic import GOLDEN_ANGLE
 from .cone_checks import cone_blocks
 
-__all__ = ["Bordered", "bordered", "probes", "sparse_derivative", "sparse_pays", "structurally_singular"]
+__all__ = ["Bordered", "bordered", "equilibrate_sparse", "probes",
+           "sparse_derivative", "sparse_pays", "structurally_singular"]
 
 def sparse_pays(cones: list, data_nonzeros: int, size: int) -> bool:
     """Whether :math:`M` stays about as sparse as the data: the dense derivative blocks of
@@ -123,18 +131,28 @@ class Bordered:
     """Minimum-norm solves with :math:`M` (singular along ``z``) through a sparse LU of
     the bordered matrix (module docstring). Build with :func:`bordered`."""
 
-    def __init__(self, M: sp.csc_matrix, zhat: np.ndarray, lu) -> None:
+    def __init__(self, M: sp.csc_matrix, zhat: np.ndarray, lu, scales: tuple[np.ndarray, np.ndarray],
+                 condition: float) -> None:
         self.M, self.zhat, self._lu = M, zhat, lu
+        self._rows, self._cols = scales  # (the LU is of D_r M_b D_c: :func:`bordered`)
+        self.condition = condition  # the equilibrated bordered matrix's, estimated (see .cone.ILL_CONDITIONED)
         self._y: np.ndarray | None = None
 
+    def _bordered_solve(self, rhs: np.ndarray, transpose: bool) -> np.ndarray:
+        """``M_b⁻¹ rhs`` (``M_b⁻ᵀ rhs``) through the LU of ``S = D_r M_b D_c``:
+        ``M_b⁻¹ = D_c S⁻¹ D_r``, ``M_b⁻ᵀ = D_r S⁻ᵀ D_c``."""
+        if transpose:
+            return self._rows * self._lu.solve(self._cols * rhs, trans="T")
+        return self._cols * self._lu.solve(self._rows * rhs)
+
     def _raw(self, rhs: np.ndarray, transpose: bool) -> np.ndarray:
-        return self._lu.solve(np.append(rhs, 0.0), trans="T" if transpose else "N")[:-1]
+        return self._bordered_solve(np.append(rhs, 0.0), transpose)[:-1]
 
     def _left_null(self) -> np.ndarray:
         if self._y is None:
             e = np.zeros(self.zhat.size + 1)
             e[-1] = 1.0
-            self._y = self._lu.solve(e, trans="T")[:-1]
+            self._y = self._bordered_solve(e, True)[:-1]
         return self._y
 
     def solve(self, rhs: np.ndarray, transpose: bool = False) -> tuple[np.ndarray, float]:
@@ -151,24 +169,55 @@ class Bordered:
 def bordered(M: sp.csc_matrix, z: np.ndarray, rank_rtol: float) -> Bordered | None:
     """:class:`Bordered` for ``M`` at ``z``, or ``None`` where the bordered matrix is
     structurally singular (:func:`structurally_singular`, never factorised),
-    singular or nearly so (singular values below ``rank_rtol`` of its largest entry: ``M``
-    of rank below N − 1, a degenerate or non-unique solution, which the least-squares
-    solvers answer with their minimum-norm point)."""
+    singular or nearly so (singular values of the equilibrated bordered matrix below
+    ``rank_rtol`` of its largest entry: ``M`` of rank below N − 1, a degenerate or
+    non-unique solution, which the least-squares solvers answer with their minimum-norm point)."""
     zhat = z / np.linalg.norm(z)
     Mb = sp.bmat([[M, zhat[:, None]], [zhat[None, :], None]], format="csc")
     if structurally_singular(Mb):  # (never handed to SuperLU: module docstring)
         return None
+    rows, cols = equilibrate_sparse(Mb)
+    S = sp.csc_matrix((Mb.data * rows[Mb.indices] * np.repeat(cols, np.diff(Mb.indptr)), Mb.indices, Mb.indptr),
+                      shape=Mb.shape)  # D_r M_b D_c, on the stored entries
     try:
-        lu = sla.splu(Mb)
+        lu = sla.splu(S)
     except RuntimeError:  # exactly singular
         return None
     # Its smallest singular value by inverse iteration from a fixed generic vector (two
     # steps: the first leaves what the start held of the other directions).
-    v = np.sin(np.arange(1, Mb.shape[0] + 1) * GOLDEN_ANGLE)
+    v = np.sin(np.arange(1, S.shape[0] + 1) * GOLDEN_ANGLE)
     for _ in range(2):
         v = v / np.linalg.norm(v)
         v = lu.solve(v)
-    scale = abs(Mb).max()
-    if not np.all(np.isfinite(v)) or np.linalg.norm(v) * rank_rtol * scale > 1.0:
+    condition = float(np.linalg.norm(v) * abs(S).max())
+    if not np.isfinite(condition) or condition * rank_rtol > 1.0:
         return None
-    return Bordered(M, zhat, lu)
+    return Bordered(M, zhat, lu, (rows, cols), condition)
+
+
+def equilibrate_sparse(mat: sp.spmatrix, passes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column scales (powers of two, exact) that bring the sparse ``|mat|``'s row and
+    column maxima near 1: :func:`.min_norm.equilibrate`'s Ruiz passes (four balance a spread
+    of 1e8 to ~2), on the stored entries (O(nnz) a pass: segment maxima over the columns and,
+    in a row-sorted order found once, over the rows)."""
+    a = sp.csc_matrix(mat)
+    vals, row_of = np.abs(a.data), a.indices
+    col_of = np.repeat(np.arange(a.shape[1]), np.diff(a.indptr))
+    by_row = np.argsort(row_of, kind="stable")
+    row_counts = np.bincount(row_of, minlength=a.shape[0])
+    col_counts = np.diff(a.indptr)
+    rows, cols = np.ones(a.shape[0]), np.ones(a.shape[1])
+    if not vals.size:
+        return rows, cols
+
+    def segment_max(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        out = np.maximum.reduceat(v, np.minimum(starts, v.size - 1))
+        return np.where(counts > 0, out, 0.0)  # (reduceat reads an empty segment's next entry)
+
+    for _ in range(passes):
+        scaled = vals * rows[row_of] * cols[col_of]
+        r, c = segment_max(scaled[by_row], row_counts), segment_max(scaled, col_counts)
+        rows = rows * np.exp2(np.round(-0.5 * np.log2(np.where(r > 0, r, 1.0))))
+        cols = cols * np.exp2(np.round(-0.5 * np.log2(np.where(c > 0, c, 1.0))))
+    return rows, cols

@@ -86,7 +86,7 @@ class ResidualMap:
         self.Q = _skew(A, b, c)
         self.residual: float | None = None  # the polished point's KKT residual (refine's)
         self._rtol = _RANK_RTOL  # the dense solves' rank cut, for the point M is formed at (_rank_rtol)
-        self.condition = 0.0  # the last dense solve's, along the directions it kept (0: none solved)
+        self.condition = 0.0  # the last dense or bordered solve's (equilibrated; 0: none solved)
 
     def _pi(self, z: np.ndarray) -> np.ndarray:
         n, m = self.n, self.m
@@ -157,6 +157,7 @@ class ResidualMap:
         if isinstance(M, Bordered):
             self.degenerate, self.outcome = False, "solved"  # (a rank below N - 1 gave diffcp's operator instead)
             sol, self.relative_residual = M.solve(rhs, transpose)
+            self.condition = M.condition  # (equilibrated, as the dense solve's: .spread.in_doubt reads it)
             return sol
         if isinstance(M, np.ndarray):
             # (rank decided in equilibrated units, minimum norm in the caller's: .min_norm)
@@ -367,7 +368,7 @@ _RANK_RTOL = 1e-9
 _RANK_FLOOR = 64 * np.finfo(np.float64).eps
 
 
-# A polish whose last dense solve had a condition above this (the equilibrated M's, along the
+# A polish whose last dense or bordered solve had a condition above this (the equilibrated M's, along the
 # directions it kept; LAPACK's 1-norm estimate) leaves a point and a gradient whose errors its
 # residual does not bound: rounding alone costs ~10 eps of it (rows scaled by 1e8: condition
 # 7.7e8, gradients 2e-6 off at residual 1e-16; the parallel rows above, kept at 1.4e-13: 1.8e13,

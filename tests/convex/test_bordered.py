@@ -192,3 +192,32 @@ def test_a_backend_pickled_before_the_sparse_mode_still_solves():
     layer._backend.__setstate__(state)
     assert layer._backend._colours is None
     torch.testing.assert_close(layer(theta), torch.softmax(theta, -1), atol=1e-13, rtol=0)
+
+
+def test_badly_scaled_rank_is_decided_in_equilibrated_units():
+    """M of rank N − 1 with rows and columns scaled by 1e-3 to 1e3 (as a QP whose data were scaled
+    so: its bordered matrix read as singular in its own units, and LSMR's inexact Newton steps
+    left the polish 2.7e-4 off): the LU of the equilibrated bordered matrix solves it, to the
+    minimum-norm solutions computed from its null vectors in closed form, and reports the
+    equilibrated condition."""
+    N = 60
+    M0, z0 = _singular(N, 1)  # M0 = K P, K nonsingular, P = I − ẑ0 ẑ0ᵀ
+    K = sp.random(N, N, density=0.05, random_state=0, format="csc") + sp.identity(N) * 3.0
+    np.testing.assert_allclose(M0.toarray(), K.toarray() @ (np.eye(N) - np.outer(z0, z0) / (z0 @ z0)), atol=1e-12)
+    rng = np.random.default_rng(3)
+    d_row, d_col = 10.0 ** rng.uniform(-3, 3, N), 10.0 ** rng.uniform(-3, 3, N)
+    M = sp.csc_matrix(sp.diags(d_row) @ M0 @ sp.diags(d_col))
+    z = z0 / d_col  # M z = D_r M0 z0 = 0
+    y = np.linalg.solve(K.toarray().T, z0) / d_row  # Mᵀ y = D_c P Kᵀ D_r y = D_c P z0 = 0
+    dense = M.toarray()
+    zhat = z / np.linalg.norm(z)
+    assert np.linalg.cond(np.block([[dense, zhat[:, None]], [zhat[None, :], np.zeros((1, 1))]])) > 1e10
+    lu = bordered(M, z, 1e-9)
+    assert lu is not None and lu.condition < 1e6
+    t = np.cos(np.arange(N) * 0.7)
+    for transpose, null in ((False, z), (True, y)):
+        rhs = (dense.T if transpose else dense) @ t
+        want = t - (null @ t) / (null @ null) * null  # the solution orthogonal to the null space
+        got, residual = lu.solve(rhs, transpose)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * np.abs(want).max())
+        assert residual < 1e-12
