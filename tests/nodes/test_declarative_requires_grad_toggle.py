@@ -37,6 +37,17 @@ def _data():
             torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=F64))
 
 
+def _toggled_after_forward(node, x0, g, w0, requires: bool) -> None:
+    """Forward, then ``node.w.requires_grad_(requires)``, then backward: w gets no gradient
+    either way, x its closed-form one, ``w ⊙ g``."""
+    x = x0.clone().requires_grad_()
+    y = node(x)
+    node.w.requires_grad_(requires)
+    y.backward(g)
+    assert node.w.grad is None
+    torch.testing.assert_close(x.grad, w0 * g, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("first_call", [False, True])
 def test_a_parameter_frozen_between_forward_and_backward(first_call):
     """w frozen after the forward: w.grad None, x.grad = w ⊙ g (closed form), as torch's layers.
@@ -45,12 +56,7 @@ def test_a_parameter_frozen_between_forward_and_backward(first_call):
     node = Scaled(w0.clone())
     if first_call:
         node(x0.clone().requires_grad_())
-    x = x0.clone().requires_grad_()
-    y = node(x)
-    node.w.requires_grad_(False)
-    y.backward(g)
-    assert node.w.grad is None
-    torch.testing.assert_close(x.grad, w0 * g, rtol=1e-12, atol=1e-14)
+    _toggled_after_forward(node, x0, g, w0, False)
 
 
 def test_a_frozen_parameter_beside_one_that_still_learns():
@@ -90,12 +96,7 @@ def test_a_parameter_that_requires_grad_only_at_the_backward_gets_none():
     assert lin.weight.grad is None  # (torch's behaviour, matched below)
     node = Scaled(w0.clone())
     node.w.requires_grad_(False)
-    x = x0.clone().requires_grad_()
-    y = node(x)
-    node.w.requires_grad_(True)
-    y.backward(g)
-    assert node.w.grad is None
-    torch.testing.assert_close(x.grad, w0 * g, rtol=1e-12, atol=1e-14)
+    _toggled_after_forward(node, x0, g, w0, True)
 
 
 def test_declarative_vjp_refuses_params_that_do_not_require_grad():
