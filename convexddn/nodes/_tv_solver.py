@@ -36,15 +36,22 @@ def _segment_ids(sigma: torch.Tensor, work: _Work | None = None) -> torch.Tensor
     return work.seg.copy_(jump.cumsum_(1))
 
 
-def _segment_mean(v: torch.Tensor, seg: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Replace every entry of v (B, n) by the mean of its segment."""
-    sums = torch.zeros_like(v).scatter_add_(1, seg, v)
-    return (sums / count).gather(1, seg)
+def _segment_mean(v: torch.Tensor, seg: torch.Tensor, count: torch.Tensor,
+                  bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Replace every entry of v (B, n) by the mean of its segment; with ``bufs`` = (sums, out),
+    two (B, n) buffers, written there (out returned)."""
+    if bufs is None:
+        return (torch.zeros_like(v).scatter_add_(1, seg, v) / count).gather(1, seg)
+    sums, out = bufs
+    return torch.gather(sums.zero_().scatter_add_(1, seg, v).div_(count), 1, seg, out=out)
 
 
-def _counts(seg: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    # Segment lengths (1 where a segment id is unused, to keep the division finite).
-    return torch.zeros_like(like).scatter_add_(1, seg, torch.ones_like(like)).clamp_(min=1.0)
+def _counts(seg: torch.Tensor, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Segment lengths (1 where a segment id is unused, to keep the division finite); ``like``
+    (B, n) is overwritten with ones where ``out`` (a buffer for the result) is given."""
+    if out is None:
+        return torch.zeros_like(like).scatter_add_(1, seg, torch.ones_like(like)).clamp_(min=1.0)
+    return out.zero_().scatter_add_(1, seg, like.fill_(1.0)).clamp_(min=1.0)
 
 
 def _edge_terms(sigma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,11 +95,10 @@ def _step(x: torch.Tensor, lam: torch.Tensor, sigma: torch.Tensor, eps: float, w
     (IEEE + and × commute exactly): the iterates, hence y, σ and the step count, are bit
     for bit the same."""
     seg = _segment_ids(sigma, w)
-    count = w.count.zero_()
-    count.scatter_add_(1, seg, w.a.fill_(1.0)).clamp_(min=1.0)
+    count = _counts(seg, w.a, w.count)
     # y: the segment means of x + λt (module docstring)
     v = _edge_terms(sigma, w.a).mul_(lam).add_(x)
-    yk = torch.gather(w.sums.zero_().scatter_add_(1, seg, v).div_(count), 1, seg, out=w.yk)
+    yk = _segment_mean(v, seg, count, (w.sums, w.yk))
     mu = torch.sub(yk[:, 1:], yk[:, :-1], out=w.mu)
     held = torch.abs(sigma, out=w.h)  # 1 on the jumps (the active edges), 0 on free edges
     # Per segment: base = C_{s−1} − λσ_{s−1} at its first entry s (C the cumsum of
