@@ -14,6 +14,7 @@ from .._warn import warn
 from ..errors import GradientWarning, SolverWarning
 from .interior_point import SOLVED, solve_cone_batch
 from .resolution import moved_columns, warn_unresolved, warn_weak, weak_tangent, weakly_determined
+from .saved_state import hooks_active, join, split
 from .status import element_list, name_elements
 from .upstream import poison, split_nonfinite
 from .vjp import cone_jvp, cone_vjp
@@ -31,7 +32,9 @@ class ConeSolve(torch.autograd.Function):
         # ops of an iteration (measured: forward 8-10 % faster on the n = 50 QP at batch
         # 64). The outputs are cloned into normal tensors; the kept state is only read,
         # by the backward, with autograd off.
-        with torch.inference_mode():
+        # Under saved-tensor hooks the state is saved as tensors (setup_context), which
+        # inference tensors cannot be: no_grad there.
+        with torch.no_grad() if needs_grad and hooks_active() else torch.inference_mode():
             sol = solve_cone_batch(P.detach(), q.detach(), A.detach(), b.detach(), layout,
                                    keep_state=needs_grad, **options)
         _warn_undetermined(where, sol.undetermined)
@@ -42,7 +45,17 @@ class ConeSolve(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.state = output[7]
+        state = output[7]
+        ctx.skeleton = None
+        if state is not None and hooks_active():
+            # Checkpoint, save_on_cpu: the solution's state goes through the hooks as torch's
+            # own ops' saved tensors do (.saved_state); it stayed alive past a checkpointed
+            # forward before.
+            ctx.skeleton, tensors = split(state[0])
+            ctx.save_for_backward(*tensors)
+            ctx.save_for_forward(*tensors)
+            state = (None, *state[1:])
+        ctx.state = state
         ctx.mark_non_differentiable(*output[2:7])
 
     @staticmethod
@@ -52,7 +65,7 @@ class ConeSolve(torch.autograd.Function):
         # (jacobian(..., vectorize=True, strategy="forward-mode"): a raw "Batching rule not
         # implemented" from inside the derivative before)
         refuse_batched("ConvexLayer", dP, dq, dA, db, tangents=True, functorch=False)
-        sol, layout, refine, _, where, cols, _ = ctx.state
+        sol, layout, refine, _, where, cols, _ = _state(ctx)
         # A NaN or Inf in an element's data tangent (a fault upstream): solved with zero, its
         # output tangents NaN after, as torch propagates it (upstream.py; the NaN reached the
         # derivative system before: zero tangents, with a false "not unique" warning).
@@ -72,7 +85,7 @@ class ConeSolve(torch.autograd.Function):
         if ctx.state is None:
             return (None,) * 10
         refuse_batched("ConvexLayer", gx, gz)  # (torch.func.jacrev: the checks read on the host)
-        sol, layout, refine, tangent, where, cols, moved = ctx.state
+        sol, layout, refine, tangent, where, cols, moved = _state(ctx)
         gx = torch.zeros_like(sol.x) if gx is None else gx
         gz = torch.zeros_like(sol.z) if gz is None else gz
         # A NaN or Inf in an element's cotangent (a fault upstream, e.g. an fp16 overflow under
@@ -89,6 +102,13 @@ class ConeSolve(torch.autograd.Function):
         # parameters (a shared one summed over the batch: NaN there, as torch gives).
         gP, gq, gA, gb = poison(bad, (gP, gq, gA, gb))
         return gP, gq, gA, gb, None, None, None, None, None, None
+
+
+def _state(ctx) -> tuple:
+    """The state the forward kept: as it is, or joined from the saved tensors."""
+    if ctx.skeleton is None:
+        return ctx.state
+    return (join(ctx.skeleton, ctx.saved_tensors), *ctx.state[1:])
 
 
 def _warn_undetermined(where, flagged: torch.Tensor | None) -> None:
