@@ -285,8 +285,8 @@ class ResidualMap:
             degenerate = self.degenerate and (parametric is None or not isinstance(Mz, np.ndarray)
                                               or not unique_anyway(Mz, dz, pi_z, n, parametric, self.rank))
             grads = data_grads(r, pi_z, n, rows, cols)
-            self.degenerate = degenerate or (sides is not None and not (
-                isinstance(Mz, np.ndarray) and self._either_side(z, sides, (dx, dy, dw), r, pi_z, parametric)))
+            self.degenerate = degenerate or (sides is not None and not self._either_side(
+                z, sides, (dx, dy, dw), r, pi_z, parametric, isinstance(Mz, np.ndarray)))
             # (why, for the warning: a zero row that holds, moved by the parameters)
             self.zero_row = self.degenerate and parametric is not None and moves_zero_row(
                 self.A, self.b, self.cones, x, parametric)
@@ -315,15 +315,17 @@ class ResidualMap:
         doubtful = outcome == "least squares" and relative > max(_ITERATIVE_RTOL, self.residual)
         return (True, relative) if doubtful else None
 
-    def _either_side(self, z, sides, dz_parts, r, pi_z, parametric: Parametric | None) -> bool:
+    def _either_side(self, z, sides, dz_parts, r, pi_z, parametric: Parametric | None, dense: bool) -> bool:
         """Whether the gradient is the same whichever side of its kink each cone block
         that is not strictly complementary is taken on (``sides``: :func:`.kinks.kink_sides`'
         two points v; on a nonnegative row the projection's derivative is 0 or 1): the
-        adjoint solved densely with each must give the same gradient as ``r`` (a free
-        epigraph variable's bound, e.g. ‖x_i‖ <= t_i with row i inside, is such a row; a
-        weakly active constraint is not). Compared in the parameters θ where
-        ``parametric`` says how they move the data (a constant objective's entries may
-        differ: no parameter reads them). ``dz_parts``: the cotangent's ``(dx, dy, dw)``."""
+        adjoint solved with each (densely where ``r`` was, else by the bordered LU or LSMR:
+        the non-dense modes warned about a weak row in a block the loss does not read) must
+        give the same gradient as ``r`` (a free epigraph variable's bound, e.g. ‖x_i‖ <= t_i
+        with row i inside, is such a row; a weakly active constraint is not). Compared in
+        the parameters θ where ``parametric`` says how they move the data (a constant
+        objective's entries may differ: no parameter reads them). A side's LSMR solve that
+        does not converge counts as different. ``dz_parts``: the cotangent's ``(dx, dy, dw)``."""
         n, m = self.n, self.m
         dx, dy, dw = dz_parts
 
@@ -335,19 +337,21 @@ class ResidualMap:
 
         base = gradient(r)
         size = max(max(np.abs(g).max(initial=0.0) for g in base), 1e-300)
-        kept = self.degenerate
+        kept = {k: getattr(self, k) for k in _SOLVE_DIAGNOSTICS if hasattr(self, k)}
         try:
             for side in sides:
                 zs = z.copy()
                 zs[n:n + m] = side
                 dproj = self._dprojection(zs[n:n + m])
-                other = gradient(self._solve(self._operator(zs, dense=True),
-                                             np.concatenate([dx, dproj.rmatvec(dy), [dw]]), transpose=True))
-                if any(np.abs(a - b).max(initial=0.0) > _SIDE_RTOL * size for a, b in zip(other, base)):
+                other = self._solve(self._operator(zs, dense=dense, dproj=dproj),
+                                    np.concatenate([dx, dproj.rmatvec(dy), [dw]]), transpose=True)
+                if not dense and self.relative_residual > _ITERATIVE_RTOL:
+                    return False
+                if any(np.abs(a - b).max(initial=0.0) > _SIDE_RTOL * size for a, b in zip(gradient(other), base)):
                     return False
             return True
         finally:
-            self.degenerate = kept
+            self.__dict__.update(kept)
 
 
 # Singular values of M below this fraction of its largest are taken as 0 by the dense
@@ -367,7 +371,6 @@ _RANK_RTOL = 1e-9
 # solution not unique, its gradient 0.55 off.
 _RANK_FLOOR = 64 * np.finfo(np.float64).eps
 
-
 # A polish whose last dense or bordered solve had a condition above this (the equilibrated M's, along the
 # directions it kept; LAPACK's 1-norm estimate) leaves a point and a gradient whose errors its
 # residual does not bound: rounding alone costs ~10 eps of it (rows scaled by 1e8: condition
@@ -382,6 +385,9 @@ def _rank_rtol(residual: float) -> float:
 
 # Where kink_sides puts a zero spectral value of v on either side, relative to z's size.
 _SIDE_STEP = 1e-12
+
+# What _solve leaves on the map about its solve, which the kinks' side solves keep.
+_SOLVE_DIAGNOSTICS = ("degenerate", "rank", "condition", "outcome", "relative_residual")
 
 # Relative difference between the gradients on the two sides of the kinks below
 # which it is taken as one (dense solves of one system: ~1e-14 apart when it is).
