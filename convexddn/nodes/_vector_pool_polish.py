@@ -38,18 +38,17 @@ from .._warn import warn
 from .degeneracy import shown_indices
 from ..errors import SolverWarning
 from ._vector_pool_solvers import (
-    _centre,
     _hessian,
     _masked,
     forming_noise,
     _polish_irls,
-    _start,
     geometry,
     hess_solve,
     irls_point,
     kappa,
     unit,
 )
+from ._vector_pool_starts import _centre, _start
 from .pooling.rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE, grid
 from .pooling.penalties import Penalty, Quadratic, TruncatedQuadratic
 

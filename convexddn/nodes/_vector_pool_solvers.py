@@ -1,6 +1,7 @@
-"""Solvers of robust vector pooling: the maths (IRLS weights, Hessian solves), the
-multi-start search and the truncated quadratic's IRLS polish; the other penalties'
-Newton polish and its stopping rule are :mod:`._vector_pool_polish`.
+"""Solvers of robust vector pooling: the maths (IRLS weights, Hessian solves) and the
+truncated quadratic's IRLS polish; the nonconvex penalties' start search is
+:mod:`._vector_pool_starts`, the other penalties' Newton polish and its stopping rule
+:mod:`._vector_pool_polish`.
 
 Rows are pooled sets ``x (R, N, C)`` of N vectors in C dimensions; ``alpha`` is ``(R, 1)``
 or 0-d; every function is batched torch code (CPU or CUDA) with one host sync per
@@ -18,27 +19,7 @@ from .._warn import warn
 from ..errors import SolverWarning
 from .dense import checked_solve, default_rcond
 from .pooling.backward import _CANCELLED
-from .pooling.kernels import block_ranges
-from .pooling.penalties import Penalty, TruncatedQuadratic
-
-# The multi-start phase only has to rank the basins, so it stops at a loose tolerance
-# or after a few dozen IRLS steps (IRLS converges linearly, at a rate of ~0.8 per step
-# for Welsch with a handful of inliers); the winner is then polished to ``tol``.
-_START_TOL = 1e-3
-_START_MAX_ITER = 30
-# Each data-point start is the mean of the points within r·alpha of it, for these r:
-# the inlier set of a minimiser spans up to 2·alpha, so no single radius finds it
-# reliably (on 60 random 9-point sets in 2-D, radius alpha alone missed the global
-# truncated-quadratic minimum 10 times; these four radii, never).
-_BALL_RADII = (0.5, 1.0, 1.5, 2.0)
-# Swap rounds of the multi-start search (each stops early when nothing improves).
-_SWAP_ROUNDS = 8
-# The start phase's Gram-form squared distances err by about eps·M² (M: a set's largest
-# distance from its mean); it ranks the basins right while that stays below this
-# fraction of alpha². Sets spreading further run that phase in float64, and sets beyond
-# float64's reach with direct differences (float32, 6 points near +1e4 and 4 near -1e4,
-# alpha 1: the 4-point cluster was returned, objective 6.48 against 4.29).
-_GRAM_ROUNDING = 1e-3
+from .pooling.penalties import Penalty
 
 
 # --------------------------------------------------------------------------- maths
@@ -233,133 +214,6 @@ def _checked(H: torch.Tensor, rhs: torch.Tensor, noise: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- solvers
-
-
-def _start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, max_iter: int) -> torch.Tensor:
-    """:func:`_multi_start` with distances accurate to ~``_GRAM_ROUNDING``·alpha in every row:
-    in x's dtype by Gram products where they are, else in float64 by Gram products, else
-    in float64 by direct differences ((R, S, N, C) memory for those rows only). One host read."""
-    aa = (a.reshape(-1) if a.dim() > 0 else a).double()
-    xc = (x - _centre(x)).double()
-    reach = (xc * xc).sum(-1).amax(-1) / (aa * aa)  # M² / alpha², (R,)
-    own = torch.finfo(x.dtype).eps * reach <= _GRAM_ROUNDING
-    wide = torch.finfo(torch.float64).eps * reach <= _GRAM_ROUNDING
-    tier = torch.where(own, 0, torch.where(wide & (x.dtype != torch.float64), 1, 2))
-    counts = torch.bincount(tier, minlength=3).tolist()
-    if counts[0] == x.shape[0]:
-        return _multi_start(pen, x, a, starts, max_iter)
-    u = torch.empty_like(x[:, 0])
-    for t, n_t in enumerate(counts):
-        if not n_t:
-            continue
-        idx = torch.nonzero(tier == t).squeeze(1)
-        xs, at = x.index_select(0, idx), (a.index_select(0, idx) if a.dim() > 0 else a)
-        if t:
-            xs, at = xs.double(), at.double()
-        u[idx] = _multi_start(pen, xs, at, starts, max_iter, direct=t == 2).to(x.dtype)
-    return u
-
-
-def _centre(x: torch.Tensor) -> torch.Tensor:
-    """The coordinate-wise lower median of each set ``(R, 1, C)``, the origin of the start
-    search: centred on the mean, a cluster beside one far outlier rounded to a point (the
-    mean's ulp at an outlier of 1e17 exceeds alpha), and the truncated quadratic returned
-    a point with no inliers, Welsch one 40 alphas off the cluster, silently. The median
-    lies among the bulk of the points."""
-    return x.median(-2, keepdim=True).values
-
-
-def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, max_iter: int,
-                 direct: bool = False) -> torch.Tensor:
-    """Global search for a nonconvex penalty; returns a start for :func:`_polish` (R, C).
-
-    1. IRLS from the mean, the coordinate median and, around each of ``starts`` data
-       points, the means of its neighbours within r·alpha (r in _BALL_RADII), all at
-       once; keep the end point with the lowest objective.
-    2. Swap rounds (truncated quadratic): toggle one of the ``starts`` points nearest the inlier boundary
-       (distance closest to alpha) in or out of the inlier set of the best point, run
-       IRLS from the mean of each toggled set, and move while the objective drops.
-
-    Distances come from Gram products, ||u||² − 2uᵀx + ||x||² on data centred per row,
-    so S = 2 + 4 ``starts`` starts cost (r, S, N) memory, not (r, S, N, C) (``direct``:
-    from differences, for sets too wide for the Gram form; see :func:`_start`); the result
-    is polished exactly. The rows are taken r at a time, in the pooling kernels' blocks
-    (:func:`~.pooling.kernels.block_ranges`: 2 MiB of such temporaries on a CPU), each
-    step of every block before the one host read that decides whether to go on: the same
-    iterations and results as all rows at once, but the memory of one block. All at once,
-    (64, 3, 2048) float64 sets (3 MB) took 730 MB and 15.7 s with Welsch.
-    """
-    R, N, C = x.shape
-    centre = _centre(x)
-    xc = x - centre
-    x2 = (xc * xc).sum(-1).unsqueeze(-2)  # (R, 1, N)
-    aa = a.unsqueeze(-1) if a.dim() > 0 else a  # (R, 1, 1) against (R, S, N)
-    # (a itself, (R, 1) or 0-d: aa.squeeze(-1) of a 0-d alpha under vmap, torch.func.jacfwd
-    # w.r.t. an unbatched set's alpha, raised "Dimension is out of range".)
-    limit = _START_TOL * (a + xc.abs().amax((-2, -1)).unsqueeze(-1))  # (R, 1)
-    rows = torch.arange(R, device=x.device)
-    k = min(starts, N)
-    blocks = block_ranges(R, (2 + 4 * k) * N * (C if direct else 1), x, False)
-
-    def a_at(sl):  # alpha of the rows sl, against (r, S, N)
-        return aa if aa.dim() == 0 else aa[sl]
-
-    def dist(U, sl):  # (r, S, C) of the rows sl -> (r, S, N)
-        xs = xc[sl]
-        if direct:
-            return torch.linalg.vector_norm(U.unsqueeze(-2) - xs.unsqueeze(-3), dim=-1)
-        z2 = (U * U).sum(-1, keepdim=True) - 2 * (U @ xs.mT) + x2[sl]
-        return z2.clamp_(min=0).sqrt_()
-
-    def irls(U):  # (R, S, C) -> end points and their objectives (R, S)
-        for _ in range(min(max_iter, _START_MAX_ITER)):
-            new = torch.empty_like(U)
-            for sl in blocks:
-                w = kappa(pen, dist(U[sl], sl), a_at(sl))
-                sw = w.sum(-1, keepdim=True)
-                new[sl] = torch.where(sw > 0, (w @ xc[sl]) / torch.where(sw > 0, sw, torch.ones_like(sw)), U[sl])
-            step = (new - U).abs().amax(-1)
-            U = new
-            if not bool((step > limit).any()):  # one host sync per IRLS step
-                break
-        return U, torch.cat([pen.phi(dist(U[sl], sl), a_at(sl)).sum(-1) for sl in blocks])
-
-    def mean_of(mask, sl):  # (r, S, N) 0/1 of the rows sl -> (r, S, C)
-        return (mask @ xc[sl]) / mask.sum(-1, keepdim=True).clamp_(min=1)
-
-    found = [xc.mean(-2, keepdim=True), torch.zeros_like(xc[:, :1])]
-    if k > 0:
-        idx = torch.linspace(0, N - 1, k, device=x.device).round().long().unique()
-        balls = xc.new_empty(R, len(_BALL_RADII) * idx.numel(), C)
-        for sl in blocks:
-            near = dist(xc[sl][:, idx], sl)  # (r, S, N): chosen points to all points
-            balls[sl] = torch.cat([mean_of((near <= r * a_at(sl)).to(x.dtype), sl) for r in _BALL_RADII], -2)
-        found.append(balls)
-    U, f = irls(torch.cat(found, -2))
-    f, best = f.min(-1)
-    u = U[rows, best]
-    eps = torch.finfo(x.dtype).eps
-    # Swaps act on hard inlier sets: exact for the truncated quadratic, whose minimiser
-    # is the mean of its inliers; Welsch has no hard inlier set and skips them.
-    for _ in range(_SWAP_ROUNDS if k > 0 and isinstance(pen, TruncatedQuadratic) else 0):
-        z = dist(u.unsqueeze(-2), slice(None))  # (R, 1, N)
-        inlier = (z <= aa).to(x.dtype)
-        edge = (z - aa).abs().squeeze(-2).topk(k, -1, largest=False).indices  # (R, k)
-        starts_t, filled = xc.new_empty(R, k, C), torch.empty(R, k, dtype=torch.bool, device=x.device)
-        for sl in blocks:
-            toggled = inlier[sl].expand(-1, k, N).clone()
-            flip = toggled.gather(-1, edge[sl].unsqueeze(-1))
-            toggled.scatter_(-1, edge[sl].unsqueeze(-1), 1.0 - flip)
-            starts_t[sl], filled[sl] = mean_of(toggled, sl), toggled.sum(-1) > 0
-        V, g = irls(starts_t)
-        g = torch.where(filled, g, torch.full_like(g, math.inf))
-        g, pick = g.min(-1)
-        better = g < f - 8 * N * eps * f.abs()
-        if not bool(better.any()):  # one host sync per toggling round
-            break
-        u = torch.where(better.unsqueeze(-1), V[rows, pick], u)
-        f = torch.where(better, g, f)
-    return u + centre.squeeze(-2)
 
 
 def irls_point(k1: torch.Tensor, s1: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -1130,7 +1130,7 @@ def test_robust_vector_pool_start_search_memory_is_bounded(name, monkeypatch):
     at a time, within the pooling kernels' block budget: all rows at once, (64, 3, 2048)
     float64 sets (3 MB) took 730 MB. Here (8, 3, 512): 4.3 MB per temporary all at once,
     at most 2 MiB (the CPU block) in blocks; the result is still a stationary point."""
-    from convexddn.nodes import _vector_pool_solvers as vps
+    from convexddn.nodes import _vector_pool_starts as vps
     from convexddn.nodes.pooling import kernels
     seen = []
     real = vps.kappa
