@@ -23,6 +23,7 @@ from .estimate import error_estimate, limit_scaling_at, nearly_dependent_rows
 from .kkt import PatchedKKT
 from .polish import polish as newton_polish
 from .polish import better, polish_nonnegative, rounding_level
+from .refine_point import refined_estimate
 from .symmetric_cones import ConeLayout, soc_frame
 
 __all__ = ["DECIDED", "RESOLVED", "at_kink", "decided", "error_estimate", "finish", "limit_scaling_at",
@@ -204,7 +205,10 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
         if idx.numel():
             xs, ss, zs, residual, polished, _ = _polish_subset(d, layout, xs, ss, zs, residual, polished,
                                                                idx, residual_fn, polish_steps)
-    kkt, error, damped = error_estimate(systems, d, layout, xs, ss, zs, polished, refine, error_cols, error_duals)
+    # (the elements the LU polish below leaves as they are: refined along the estimate's step)
+    cap = min(POLISH_ERROR, tol_error)
+    xs, ss, zs, residual, kkt, error, damped = refined_estimate(
+        systems, d, layout, (xs, ss, zs, residual), polished, live, residual_fn, refine, error_cols, error_duals, cap)
     if polish_steps and polish != "never":
         # Elements still above POLISH_ERROR, with a complementary pair not yet decided, or
         # whose estimate understates Newton's step (damped: those steps end tight on the
@@ -226,9 +230,11 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
                 idx = idx[took]
                 pick = lambda v: v.index_select(0, idx)  # noqa: E731
                 sub = d.select(idx)
-                part, part_error, part_damped = error_estimate(
-                    systems.select(idx, sub), sub, layout, pick(xs), pick(ss), pick(zs), pick(polished), refine,
-                    error_cols, error_duals)
+                *moved, part, part_error, part_damped = refined_estimate(
+                    systems.select(idx, sub), sub, layout, tuple(pick(v) for v in (xs, ss, zs, residual)),
+                    pick(polished), torch.ones_like(idx, dtype=torch.bool), lambda *v: residual_fn(*v, idx), refine,
+                    error_cols, error_duals, cap)
+                xs, ss, zs, residual = (v.index_copy(0, idx, w) for v, w in zip((xs, ss, zs, residual), moved))
                 kkt, error = PatchedKKT(kkt, idx, part), error.index_copy(0, idx, part_error)
                 damped = damped.index_copy(0, idx, part_damped)
     # A damped estimate is no estimate (a point 3e-7 off read 8e-8; polished and still

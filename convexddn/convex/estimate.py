@@ -15,7 +15,7 @@ from .limit_scaling import LimitScaling
 from .nullspace import NEARLY_DEPENDENT
 from .symmetric_cones import ConeLayout, soc_frame
 
-__all__ = ["error_estimate", "limit_scaling_at", "nearly_dependent_rows"]
+__all__ = ["error_estimate", "limit_scaling_at", "limit_step", "limit_system", "nearly_dependent_rows"]
 
 # Polished points lie on ∂K (to rounding); the linearisation needs an interior one.
 # Moving s, z in by δ e keeps them aligned and changes H only in directions where it is
@@ -173,7 +173,29 @@ def _soc_damped(ops, d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z:
 
 
 def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
-    """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞), damped) per element:
+    """(KKT system at the solution, Newton-step size ‖dx‖∞ / (1 + ‖x‖∞), damped) per element
+    (:func:`limit_system`, then :func:`limit_step`'s size)."""
+    kkt, W = limit_system(systems, layout, s, z, polished)
+    error, damped, _ = limit_step(systems.ops, kkt, W, d, layout, x, s, z, polished, refine, cols, duals)
+    return kkt, error, damped
+
+
+def limit_system(systems, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, polished: torch.Tensor):
+    """``(kkt, W)``: the KKT system of ``systems`` factorised at the limit scaling ``W``
+    (:func:`limit_scaling_at`) of the point's cone parts ``s, z`` (B, m), lifted where
+    ``polished`` (B,); its decided parts' exact limits set for the backward's refinement."""
+    z0 = layout.zero
+    W = limit_scaling_at(layout, s[:, z0:], z[:, z0:], polished[:, None])
+    # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
+    kkt = systems(W, retry=True)
+    kkt.limit = W.rows  # the decided parts' exact limits, for the backward's refinement
+    return kkt, W
+
+
+def limit_step(ops, kkt, W, d, layout, x, s, z, polished, refine, cols, duals):
+    """``(error, damped, (dx, ds, dz))`` per element: the Newton step at ``(x, s, z)`` with the
+    system ``kkt`` factorised at the limit scaling ``W`` (:func:`limit_system`, at this point
+    or a nearby one: then a chord step), and its size ‖dx‖∞ / (1 + ‖x‖∞):
     ``inf`` where the factorisation failed or the step does not solve the equality rows,
     NaN where it cannot be formed because those rows are nearly dependent (see below);
     ``damped`` (B,): the step fell short on the active rows (nearly dependent ones) or on a
@@ -188,11 +210,6 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     """
     z0 = layout.zero
     sc, zc = s[:, z0:], z[:, z0:]
-    W = limit_scaling_at(layout, sc, zc, polished[:, None])
-    # (retry: a pivot that rounding alone made negative gets a proportional regularisation)
-    kkt = systems(W, retry=True)
-    kkt.limit = W.rows  # the decided parts' exact limits, for the backward's refinement
-    ops = systems.ops
     rx = ops.Pv(x) + ops.ATv(z) + d.q
     rz = ops.Av(x) + s - d.b
     # Newton on s ∘ z = 0 (affine form) with the Jacobian at the lifted, decided pair:
@@ -205,6 +222,8 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
     rhs = torch.cat([-rz[:, :z0], lin - rz[:, z0:]], 1)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)
+    ds = torch.cat([torch.zeros_like(rz[:, :z0]), -rz[:, z0:] - ops.Av(dx)[:, z0:]], 1)
+    step = (dx, ds, dz)
     # The step is the Newton step only if it solves the equality rows, which the KKT form
     # regularises by δ: along nearly dependent rows refinement cannot remove it, the step
     # loses the residual's part there, and a point 0.25 off passed as 4.5e-8 (two rows
@@ -245,4 +264,4 @@ def error_estimate(systems, d, layout, x, s, z, polished, refine, cols, duals):
         dz, z, z_scale = dz.index_select(1, duals), z.index_select(1, duals), z_scale.index_select(1, duals)
         error = torch.maximum(error, torch.maximum(_step_size(dz, z, 1), _step_size(dz, z, z_scale)))
     error = torch.where(kkt.failed | lost | ~torch.isfinite(error), torch.inf, error)
-    return kkt, torch.where(dependent, torch.nan, error), damped  # NaN: cannot be estimated
+    return torch.where(dependent, torch.nan, error), damped, step  # NaN: cannot be estimated

@@ -314,8 +314,6 @@ def _capped_simplex(X: np.ndarray, T: np.ndarray) -> np.ndarray:
     return np.maximum(X - tau[:, None], 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="open: own_complementarity reads a bound's slack of 95 rounding units as "
-                   "not complementary at every scale; the limit point's '1 +' hides it below ~2e6 only")
 def test_batched_certifies_a_bound_met_within_the_points_accuracy_at_any_scale():
     """The capped simplex of test_batched_not_fooled_by_scale at the draw (seed 123) whose
     element 0 ends its single polishing step with y_5 = 2.1e-14 of ‖y‖ on an active bound

@@ -283,20 +283,20 @@ def test_an_estimate_still_damped_after_the_second_polish_certifies_nothing(monk
     1e-10. Here every estimate reports damped: no element may be certified."""
     from test_estimate import nearly_parallel, projections
 
-    import convexddn.convex.active_set as active_set
-    import convexddn.convex.certify as certify
+    import convexddn.convex.estimate as estimate
+    import convexddn.convex.refine_point as refine_point
     from convexddn.convex.interior_point import solve_cone_batch
     from convexddn.convex.symmetric_cones import ConeLayout
 
-    real = certify.error_estimate
+    real = estimate.limit_step
 
     def always_damped(*args, **kwargs):
-        kkt, error, damped = real(*args, **kwargs)
-        return kkt, error, torch.ones_like(damped)
+        error, damped, step = real(*args, **kwargs)
+        return error, torch.ones_like(damped), step
 
-    monkeypatch.setattr(certify, "error_estimate", always_damped)
-    # (settle_signs binds its own error_estimate: every estimate of the solve reports damped)
-    monkeypatch.setattr(active_set, "error_estimate", always_damped)
+    # (every estimate's step: error_estimate's, settle_signs' through it, and finish's refined_estimate's)
+    monkeypatch.setattr(estimate, "limit_step", always_damped)
+    monkeypatch.setattr(refine_point, "limit_step", always_damped)
     P, q, A, b, _ = projections([nearly_parallel(1e-6, 3, seed) for seed in range(4)])
     sol = solve_cone_batch(P, q, A, b, ConeLayout(0, 3))
     assert torch.isinf(sol.error).all(), sol.error
