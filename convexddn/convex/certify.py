@@ -230,10 +230,10 @@ def finish(d, systems, layout: ConeLayout, xs, ss, zs, live, residual_fn, polish
                 idx = idx[took]
                 pick = lambda v: v.index_select(0, idx)  # noqa: E731
                 sub = d.select(idx)
-                res_fn = lambda x, s, z, at: residual_fn(x, s, z, idx.index_select(0, at))  # noqa: E731
                 *moved, part, part_error, part_damped = refined_estimate(
                     systems.select(idx, sub), sub, layout, tuple(pick(v) for v in (xs, ss, zs, residual)),
-                    pick(polished), torch.ones_like(took[took]), res_fn, refine, error_cols, error_duals, cap)
+                    pick(polished), torch.ones_like(took[took]), lambda *v: residual_fn(*v, idx), refine, error_cols,
+                    error_duals, cap)
                 xs, ss, zs, residual = (v.index_copy(0, idx, w) for v, w in zip((xs, ss, zs, residual), moved))
                 kkt, error = PatchedKKT(kkt, idx, part), error.index_copy(0, idx, part_error)
                 damped = damped.index_copy(0, idx, part_damped)

@@ -1,18 +1,18 @@
-"""Refining a certified point along its error estimate's Newton step.
+"""Refining a certified point by its error estimate's Newton step.
 
 The error estimate (:mod:`.estimate`) is the size of one Newton step at the point, with the
-KKT system factorised at its limit scaling :math:`W`. Where that step is above rounding level
-the point is not yet where float64 can put it, and the step itself is the correction,
+KKT system factorised at its limit scaling :math:`W` (the backward's system). Where that
+step is above rounding level the point is not yet where float64 can put it, and the step
+itself is the correction: Newton's step on the limit system, on the same working set,
 
 .. math::
 
-    v_{k+1} = v_k + K(v_k)^{-1} r(v_k), \\qquad v = (x, s, z),
+    v' = v + K^{-1} r(v), \\qquad v = (x, s, z),
 
-whose next step, with the system factorised again at :math:`v_{k+1}` (the error estimate
-there, and the backward's system), says whether it went nearer: Newton's iteration on the
-limit system, quadratic where every complementary pair keeps its side. Only the elements
-whose estimate lies above rounding move, and only they are factorised again (most
-elements of a batch end the polish at rounding: they cost one comparison).
+which lands at rounding level from an estimate below ``POLISH_ERROR`` (quadratic
+convergence: qp50's 16 elements of 64 above rounding after the polish, up to 5e4 units, were
+all within 3.4 units by the next step's size). It is computed anyway; taking it costs a
+residual.
 
 The structured polish of LPs and QPs (:func:`~.polish.polish_nonnegative`) takes one Newton
 step, which leaves a bound's slack at the step's own rounding times the data's
@@ -20,45 +20,59 @@ conditioning: a capped simplex projection at data scale 1e8 ended with ``y_5 = 2
 of ‖y‖ on an active bound (95 rounding units, estimated 2.1e-14 off), which the caller's
 measures read as a pair not complementary (:func:`~.measures.own_complementarity`: more
 than its 64 units of rounding), and the element went uncertified, its point right to
-1e-14. One more step took the slack to rounding (and a simplex projection the polish left
-1e-10 off, certified, to 2e-16).
+1e-14. The step took the slack to rounding (and a simplex projection the polish left 1e-10
+off, certified, to 2e-16).
+
+Not checked by a second estimate at the new point: factorising again there (the elements
+that moved only) cost 0.75 to 1.5 ms a batch of 64 (sparsemax16, qp50; the estimate stage
+took 0.5 and 2.2), for an answer the step's size already bounds (below).
 """
 from __future__ import annotations
 
 import torch
 
 from .estimate import limit_step, limit_system
-from .kkt import PatchedKKT
 from .polish import rounding_level
-from .symmetric_cones import ConeLayout
+from .symmetric_cones import ConeLayout, soc_frame
 
 __all__ = ["refined_estimate"]
 
-# Newton steps at most: the first lands at rounding level from an estimate below
-# POLISH_ERROR (measured: qp50's 16 elements of 64 above rounding, up to 5e4 units, to at
-# most 3.4); a second is for one that only gained a few digits.
-_ROUNDS = 2
+
+def _sides(layout: ConeLayout, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``(B, ·)`` the side each complementary pair of the cone parts ``s, z`` ``(B, mc)`` is
+    decided on (:func:`~.certify.decided`: active, inactive; neither: open), the nonnegative
+    rows' and the second-order cones' Jordan-frame pairs, side by side: the pattern of the
+    limit scaling, which the factorised system (kept for the backward) linearises."""
+    from .certify import decided  # (certify decides the pairs; it imports this module)
+
+    k = layout.nonneg
+    parts = list(decided(s[:, :k], z[:, :k])) if k else []
+    if layout.soc:
+        a1, a2, b1, b2, _ = soc_frame(layout, s[:, k:], z[:, k:])
+        parts += [*decided(a1, b1), *decided(a2, b2)]
+    return torch.cat(parts, 1) if parts else s.new_zeros(s.shape[0], 0, dtype=torch.bool)
 
 
 def refined_estimate(systems, d, layout: ConeLayout, point: tuple, polished: torch.Tensor, live: torch.Tensor,
                      residual_fn, refine: int, cols, duals, cap: float) -> tuple:
     """The error estimate of ``point`` = ``(x, s, z, residual)`` (equilibrated data ``d``),
-    with each element whose estimate lies between rounding level and ``cap`` moved by its
-    Newton step while that shrinks the next one (module docstring).
+    each element whose estimate lies between rounding level and ``cap`` moved by the
+    estimate's Newton step (module docstring).
 
-    A step is kept where the next step, on the system factorised at the new point, is
-    smaller (the point is nearer the solution, as the estimate measures it), not damped, and
-    the residual stays within its old value or rounding level (which cannot tell points at
-    rounding apart: the bound's slack above left it at 1.2e-16). The estimate is then that
-    next step's size, and the system the new one (patched in, for the backward). Elements
-    above ``cap`` are the caller's LU polish's.
+    The step is kept where the residual stays within its old value or rounding level (which
+    cannot tell points at rounding apart: the bound's slack above left it at 1.2e-16) and no
+    pair changes side (the system, kept for the backward, linearises those sides). The
+    estimate stays the old point's, the step's own size: the new point lies that far from
+    the old one, which lies about that far from the solution (an overstatement of its error
+    where the step converged, never an understatement of what the old point promised).
+    Elements above ``cap`` are the caller's LU polish's; those at rounding (most) cost one
+    comparison.
 
     Args:
-        systems: ``scaling -> KKT system`` of ``d``, with ``.ops`` and ``.select`` (as
-            :func:`~.estimate.error_estimate`'s).
+        systems: ``scaling -> KKT system`` of ``d``, with ``.ops`` (as :func:`~.estimate.error_estimate`'s).
         polished: ``(B,)`` where the point was polished (the limit scaling lifts those).
         live: ``(B,)`` the elements that may move (not infeasibility certificates).
-        residual_fn: ``(x, s, z, idx) -> (k,)`` relative KKT residual of the elements ``idx``.
+        residual_fn: ``(x, s, z) -> (B,)`` relative KKT residual.
         refine, cols, duals: as :func:`~.estimate.error_estimate`'s.
 
     Returns:
@@ -69,36 +83,13 @@ def refined_estimate(systems, d, layout: ConeLayout, point: tuple, polished: tor
     error, damped, step = limit_step(systems.ops, kkt, W, d, layout, x, s, z, polished, refine, cols, duals)
     unit = rounding_level(error)
     todo = live & ~damped & ~kkt.failed & (error > unit) & (error <= cap)  # (NaN, inf: not <= cap)
-    for _ in range(_ROUNDS):
-        idx = torch.nonzero(todo).squeeze(1)  # (one host read: the common case, none, stops here)
-        if not idx.numel():
-            break
-        pick = lambda v: v.index_select(0, idx)  # noqa: E731
-        new = tuple(pick(v) + pick(dv) for v, dv in zip((x, s, z), step))
-        rn = residual_fn(*new, idx)
-        part, en, damped_n, step_n = _estimate(systems, d, layout, idx, new, pick(polished), refine, cols, duals)
-        take = (en < pick(error)) & ~damped_n & ~part.failed & (rn <= pick(residual).clamp_min(unit))
-        if not bool(take.all()):  # (then the system at the points taken only: the others keep theirs)
-            keep = torch.nonzero(take).squeeze(1)
-            idx, rn, new = idx.index_select(0, keep), rn.index_select(0, keep), tuple(v.index_select(0, keep)
-                                                                                        for v in new)
-            if not idx.numel():
-                break
-            part, en, _, step_n = _estimate(systems, d, layout, idx, new, polished.index_select(0, idx), refine,
-                                            cols, duals)
-        x, s, z, residual, error = (v.index_copy(0, idx, w) for v, w in zip((x, s, z, residual, error),
-                                                                              (*new, rn, en)))
-        step = tuple(v.index_copy(0, idx, w) for v, w in zip(step, step_n))
-        kkt = PatchedKKT(kkt, idx, part)
-        todo = torch.zeros_like(todo).index_fill(0, idx[en > unit], True)
+    if not bool(todo.any()):  # (one host read: the common case stops here)
+        return x, s, z, residual, kkt, error, damped
+    z0 = layout.zero
+    new = tuple(v + dv for v, dv in zip((x, s, z), step))
+    rn = residual_fn(*new)
+    same = (_sides(layout, new[1][:, z0:], new[2][:, z0:]) == _sides(layout, s[:, z0:], z[:, z0:])).all(1)
+    take = todo & same & (rn <= residual.clamp_min(unit))
+    pick = lambda a, b: torch.where(take.view((-1,) + (1,) * (b.dim() - 1)), a, b)  # noqa: E731
+    x, s, z, residual = (pick(a, b) for a, b in zip((*new, rn), (x, s, z, residual)))
     return x, s, z, residual, kkt, error, damped
-
-
-def _estimate(systems, d, layout: ConeLayout, idx: torch.Tensor, point: tuple, polished: torch.Tensor, refine: int,
-              cols, duals) -> tuple:
-    """``(kkt, error, damped, step)`` of the elements ``idx`` at their ``point`` = ``(x, s, z)``:
-    their system factorised at its limit scaling there and its Newton step (:mod:`.estimate`)."""
-    sub = d.select(idx)
-    systems = systems.select(idx, sub)
-    kkt, W = limit_system(systems, layout, point[1], point[2], polished)
-    return (kkt, *limit_step(systems.ops, kkt, W, sub, layout, *point, polished, refine, cols, duals))
