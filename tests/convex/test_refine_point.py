@@ -1,4 +1,4 @@
-"""The chord refinement of a certified point along its error estimate's step (convexddn.convex.refine_point)."""
+"""Refining a certified point by its error estimate's Newton step (convexddn.convex.refine_point)."""
 from __future__ import annotations
 
 import numpy as np
