@@ -16,7 +16,7 @@ from diffcp import _diffcp
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import kkt_residual, residual_parts
 from .exp_cone import Memo, derivative_correction, has_exp, project_cones
-from .iterative import Plus, iterative_solve, null_reach
+from .iterative import Plus, iterative_solve, null_reach, solver_condition
 from .kinks import kink_sides, pair_tolerances
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
@@ -195,13 +195,13 @@ class ResidualMap:
         z, best = self._triple(np.concatenate([x, y - s, [1.0]]))
         parts = residual_parts(self.A)  # (A is the same at every step: its transposes once)
         best_r = kkt_residual(self.A, self.b, self.c, self.cones, *best, self._memo, parts)
-        r = best_r
+        r, stepped = best_r, False
         for _ in range(steps):
             if not np.isfinite(best_r) or best_r <= _POLISHED:
                 break
             self._rtol = _rank_rtol(r)  # (M at z, as accurate as z is)
             try:
-                z = z - self._solve(self._operator(z), self._residual(z))
+                z, stepped = z - self._solve(self._operator(z), self._residual(z)), True
             except (ValueError, RuntimeError, ArithmeticError):
                 break
             # M is singular along z itself (R is positively homogeneous), so the step
@@ -221,6 +221,11 @@ class ResidualMap:
             # jump far above, at any residual, lets the steps go on.
             if stalled and best_r <= POLISH_ABOVE:
                 break
+        if stepped and self.mode in ("lsmr", "lsqr"):
+            # No factorisation estimated the condition the residual's bound needs (.spread.in_doubt):
+            # the solver's own forward error at the point kept does (.iterative.solver_condition).
+            zb = np.concatenate([best[0], best[1] - best[2], [1.0]])
+            self.condition = solver_condition(self._operator(zb), zb, self.mode == "lsqr")
         self.residual = best_r
         return (*best, best_r)
 

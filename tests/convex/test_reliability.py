@@ -683,9 +683,13 @@ def test_per_element_adjoint_that_lsmr_does_not_solve_is_solved_densely(monkeypa
     the gradient was 19 % off, silently. It is now solved densely and agrees to 1e-8 with
     the batched path's gradient (an independent solver and derivative: the KKT system of
     the program with its quadratic objective), and where the system is too large for that,
-    a GradientWarning says so."""
+    a GradientWarning says so. (Its polish is ill-conditioned, 3.5e6 densely, 1.4e11 as LSMR sees it:
+    the per-element result is in doubt and the batched path's stands; kept here, to test the adjoint.)"""
     import convexddn.convex.cone as cone_module
+    import convexddn.convex.spread as spread_module
     from convexddn.bench.cases.convex import CONVEX_PROBLEMS
+
+    monkeypatch.setattr(spread_module, "ILL_CONDITIONED", float("inf"))
 
     gen = torch.Generator().manual_seed(0)
     prob, params, variables, data = CONVEX_PROBLEMS["mpc30"][1](8, gen)
