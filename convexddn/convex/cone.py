@@ -182,18 +182,16 @@ class ResidualMap:
     def refine(self, x, y, s, steps: int):
         """Newton steps on R(z) from the solver's point; returns (x, y, s, residual).
 
-        The solver's own (x, y, s) is first replaced by the triple of z = (x, y − s, 1),
-        whose complementarity is exact by construction, so the KKT residual also
-        measures what an interior point leaves in y ∘ s. R is only piecewise smooth: a
-        full step may first land on another piece and converge from there (seen on box
-        constraints: residual 1e-6 → 1 → 1e-16), so steps are taken in full and the best
-        point seen is kept. At most ``steps`` steps; none from a point at rounding level
-        (1e-14), and none after one that fails to cut a residual already at
-        :data:`POLISH_ABOVE` tenfold without jumping a thousandfold above it (another
-        piece of R).
+        The solver's own (x, y, s) is first replaced by the triple of z = (x, y − s, 1), whose complementarity is exact
+        by construction, so the KKT residual also measures what an interior point leaves in y ∘ s. R is only piecewise
+        smooth: a full step may first land on another piece and converge from there (seen on box constraints: residual
+        1e-6 → 1 → 1e-16), so steps are taken in full and the best point seen is kept. At most ``steps`` steps; none
+        from a point at rounding level (1e-14), and none after one that fails to cut a residual already at
+        :data:`POLISH_ABOVE` tenfold without jumping a thousandfold above it (another piece of R). ``condition``: the
+        last solve's; in the modes "lsmr" and "lsqr" the solver's own at the point kept (.iterative).
         """
         z, best = self._triple(np.concatenate([x, y - s, [1.0]]))
-        parts = residual_parts(self.A)  # (A is the same at every step: its transposes once)
+        zb, parts = z, residual_parts(self.A)  # (zb: best's z. A is the same at every step: its transposes once)
         best_r = kkt_residual(self.A, self.b, self.c, self.cones, *best, self._memo, parts)
         r, stepped = best_r, False
         for _ in range(steps):
@@ -212,7 +210,7 @@ class ResidualMap:
             r = kkt_residual(self.A, self.b, self.c, self.cones, *cand, self._memo, parts)
             stalled = _STEP_GAIN * best_r <= r <= _FLOOR_SPREAD * best_r
             if r < best_r:
-                best, best_r = cand, r
+                best, best_r, zb = cand, r, z
             # Newton converges quadratically; once the residual is down at POLISH_ABOVE, a
             # step that neither cuts it tenfold nor leaves the rounding floor's spread has
             # met that floor, and the next ones repeat it (a constrained MPC: 4e-4, 2e-9,
@@ -222,9 +220,6 @@ class ResidualMap:
             if stalled and best_r <= POLISH_ABOVE:
                 break
         if stepped and self.mode in ("lsmr", "lsqr"):
-            # No factorisation estimated the condition the residual's bound needs (.spread.in_doubt):
-            # the solver's own forward error at the point kept does (.iterative.solver_condition).
-            zb = np.concatenate([best[0], best[1] - best[2], [1.0]])
             self.condition = solver_condition(self._operator(zb), zb, self.mode == "lsqr")
         self.residual = best_r
         return (*best, best_r)
@@ -377,9 +372,9 @@ _RANK_RTOL = 1e-9
 _RANK_FLOOR = 64 * np.finfo(np.float64).eps
 
 # A polish whose last dense or bordered solve had a condition above this (the equilibrated M's, along the
-# directions it kept; LAPACK's 1-norm estimate) leaves a point and a gradient whose errors its
-# residual does not bound: rounding alone costs ~10 eps of it (rows scaled by 1e8: condition
-# 7.7e8, gradients 2e-6 off at residual 1e-16; the parallel rows above, kept at 1.4e-13: 1.8e13,
+# directions it kept; LAPACK's 1-norm estimate; LSMR's and LSQR's: .iterative.solver_condition) leaves a point
+# and a gradient whose errors its residual does not bound: rounding alone costs ~10 eps of it (rows scaled by
+# 1e8: condition 7.7e8, gradients 2e-6 off at residual 1e-16; the parallel rows above, kept at 1.4e-13: 1.8e13,
 # 5e-4 off), so such a result is in doubt (.spread.in_doubt) and the batched path re-solves it.
 ILL_CONDITIONED = 1e6
 

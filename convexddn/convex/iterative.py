@@ -30,6 +30,10 @@ by its author; a review measured the backward in mode ``"lsmr"`` at batch 4 at 1
 the n = 400 capped simplex and 4.2 -> 7.9 s for a QP with n = 200, 400 rows: the test system takes
 about as many iterations as the adjoint; the modes ``"auto"`` and ``"sparse"`` were unchanged there,
 their bordered LU certifying the rank).
+
+The Newton polish in the modes ``"lsmr"`` and ``"lsqr"`` has no factorisation to estimate the
+condition its residual's bound needs (:data:`~.cone.ILL_CONDITIONED`): :func:`solver_condition`
+measures the solver's own, at the point kept.
 """
 from __future__ import annotations
 
