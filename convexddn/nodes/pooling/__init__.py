@@ -3,6 +3,8 @@
 - :mod:`.penalties`: :class:`Penalty` and the five built-in penalties, each owning its
   maths, its CVXPY form (convex ones) and its solver hook;
 - :mod:`.kernels`: row blocks, scratch buffers and the solvers' fused row sums;
+- :mod:`.chunks`: rows longer than a block, in column chunks (the row sums and the
+  backward's weights of a block, scratch bounded by a chunk);
 - :mod:`.backward`: the closed-form backward (Table 1) over the same blocks;
 - :mod:`.rounding`: the rounding model (u's grid, the sums' noise) and the backward's
   refinement of rows whose y is coarse against alpha;

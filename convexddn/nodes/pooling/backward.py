@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .kernels import Scratch, block_ranges, clamp_saturated, row_scale, sub_into
+from .chunks import chunked_weights
+from .kernels import PART, Scratch, block_ranges, clamp_saturated, col_ranges, row_scale, sub_into
 from .penalties import SPREAD_DIVISOR, Penalty
 from .rounding import _NOISE, _SUM_NOISE, any_coarse, coarse_rows, refine_residuals
 
@@ -26,7 +27,7 @@ __all__ = ["pool_backward"]
 # sum (1 + r^2) e), at 4e-6 for a user's Welsch whose size is sum |w|.
 _CANCELLED = 2.0 ** -8
 # The backward sums a narrow row's weights in partial sums of this many terms, added in float64.
-_PART = 256
+_PART = PART
 
 
 def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor, need_x: bool,
@@ -61,7 +62,8 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     wide = math.sqrt(finfo.max) / SPREAD_DIVISOR * (alpha_f if alpha_f else a_lo)
     ranges = block_ranges(rows, n, x, use_compile)
     # (z and two work buffers; alpha's weights take four more: see builtin._signed_cube_sums)
-    scratch = Scratch.make(6 if need_alpha else 3, (ranges[0].stop - ranges[0].start) * n, x)
+    cols = col_ranges(n, x, use_compile)  # (one chunk, all of a row, unless the row is longer than a block)
+    scratch = Scratch.make(6 if need_alpha else 3, (ranges[0].stop - ranges[0].start) * cols[0].stop, x)
     # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
     # The two are kept in float64: the weights' sum adds partial sums of _PART terms in
     # float64 (:func:`_row_sum`), so its rounding is at most _PART eps of x's dtype plus
@@ -88,6 +90,24 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         r = sl.stop - sl.start
         if r == 0:
             continue
+        j = None if coarse is None else coarse[sl].nonzero().squeeze(-1)
+        if len(cols) > 1 and (j is None or not j.numel() or rem is not None):
+            # A long row, in column chunks (.chunks): its weights go into the gradient's
+            # buffer, scaled once their sum is known. (Rows refined from y take the whole row.)
+            al = alpha_f if alpha_f is not None else a[sl]
+            sw[sl], wa, wsize = chunked_weights(
+                penalty, x[sl], y[sl].unsqueeze(-1), al, scratch, cols, need_alpha, gx[sl] if need_x else None,
+                None if zsum is None else zsum[sl].zero_(),
+                lambda z: _adjust(penalty, z, al, need_alpha, wide, j, None if rem is None else rem[sl]))
+            signed = wsize is not None
+            if signed:
+                size[sl] = wsize
+            if need_alpha:
+                swa[sl] = wa
+            torch.div(gcol[sl], sw[sl], out=scale[sl])
+            if need_x:
+                gx[sl].mul_(scale[sl])
+            continue
         z, *work = scratch.get(r, n)
         sub_into(z, y[sl].unsqueeze(-1), x[sl])
         if zsum is not None:
@@ -97,7 +117,6 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
         al = alpha_f if alpha_f is not None else a[sl]
         if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
             clamp_saturated(penalty, z, al)
-        j = None if coarse is None else coarse[sl].nonzero().squeeze(-1)
         if j is not None and j.numel() and rem is not None:
             # The solver's own minimiser: y - x_i is exact for the points near y (within a
             # factor 2 of it), and rem (at most y's rounding) moves them by its own size.
@@ -172,6 +191,16 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             ga, alpha_lost = _finite_alpha_grad(penalty, x, y, a, gcol, ga, coarse, rem)
     # (one host read where some row was coarse, as the count it replaced took)
     return gx, ga, ok, all_ok, alpha_lost, lost if lost is not None and bool(lost.any()) else None
+
+
+def _adjust(penalty: Penalty, z: Tensor, al, need_alpha: bool, wide: float, j: Tensor | None,
+            rem: Tensor | None) -> None:
+    """A chunk's residuals ``z`` as :func:`pool_backward` takes a block's: clamped where alpha's
+    gradient needs finite squares, and the coarse rows ``j`` moved by y's remainder ``rem``."""
+    if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
+        clamp_saturated(penalty, z, al)
+    if j is not None and j.numel():
+        z[j] = z[j] + rem[j].unsqueeze(-1)
 
 
 def _careful_weights64(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, idx: Tensor, need_alpha: bool,

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import iterations
 from .iterations import (_MODEL_SPAN, _compact, _first, _live, _predicted_error, _store, _sweep, gradient_noise,
                          offset_rows, step_graphs, stop_tolerance)
-from .kernels import Scratch, block_ranges
+from .kernels import Scratch, block_ranges, col_ranges
 from .penalties import Penalty
 from .rows import Result, Rows
 
@@ -69,12 +69,12 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     Returns per row and start (``(R, k)``) the point, the objective at the last accepted
     point and the flags; None when some entry of x is NaN or Inf.
     """
-    x = rows.x
+    x = rows.like  # (the solve's dtype: x's, or float64 for float32 rows solved again)
     R, n = rows.count, x.shape[1]
     eps = torch.finfo(x.dtype).eps
-    k = u.shape[-1] if u is not None else start(x[:1]).shape[-1]
+    k = u.shape[-1] if u is not None else start(rows.block(slice(0, 1))).shape[-1]
     ranges = block_ranges(R, n, x, use_compile)
-    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * k * n, x)
+    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * k * col_ranges(n, x, use_compile, k)[0].stop, x)
     u2 = x.new_empty(R, k) if u is None else u.reshape(R, k).clone()
     fill = u2 if start is not None else None
     u = u2.unsqueeze(-1)

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from ..._step_graphs import StepGraphs, capture_wanted
-from .kernels import Scratch, block_ranges, row_sums
+from .chunks import block_sums
+from .kernels import Scratch, block_ranges, col_ranges
 from .penalties import SPREAD_DIVISOR, Penalty
 from .rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE
 from .rows import Result, Rows
@@ -128,18 +129,12 @@ def _sweep(pen: Penalty, rows: Rows, method: str, u: Tensor, live: list[bool], r
     """
     k = u.shape[1] if u.dim() == 3 else None
     norm = None
+    cols = col_ranges(rows.x.shape[1], rows.like, use_compile, k or 1)  # (long rows: in chunks, see .chunks)
     for b, sl in enumerate(ranges):
         if not live[b]:
             continue
         al = rows.alpha_arg(sl, 2 if k is None else 3)
-        xb = rows.block(sl)
-        if first is not None:
-            ends, fill, start = first
-            ends.append((xb.amin(-1, keepdim=True), xb.amax(-1, keepdim=True)))
-            if start is not None:
-                fill[sl] = start(xb)
-        *res, nb = row_sums(pen, method, u[sl], xb if k is None else xb.unsqueeze(1), al, scratch, clamp[b],
-                            use_compile)
+        res, nb = block_sums(pen, method, rows, sl, u[sl], al, scratch, clamp[b], use_compile, cols, first)
         for o, t in zip(out, res):
             o[sl] = t
         if nb is not None:
@@ -191,7 +186,7 @@ def _first(pen: Penalty, rows: Rows, method: str, u: Tensor, ranges: list[slice]
     vals = torch.cat([finite.double().reshape(1)] + [spread[sl].amax().reshape(1) for sl in ranges]).tolist()
     if not vals[0]:
         return None
-    lim = math.sqrt(torch.finfo(rows.x.dtype).max) / SPREAD_DIVISOR
+    lim = math.sqrt(torch.finfo(rows.like.dtype).max) / SPREAD_DIVISOR
     for b, sl in enumerate(ranges):
         al = rows.alpha_arg(sl, 2)
         a_min = al if isinstance(al, float) else float(al.min())
@@ -212,7 +207,7 @@ def _compact(rows: Rows, keep: Tensor, idx: Tensor | None, clamp: list[bool], ra
     the penalty's alpha argument, the per-row state tensors)``, alpha and the state
     (rows first) taken at ``keep``. A kept row whose block clamped its residuals keeps
     clamping them."""
-    x = rows.x
+    x = rows.like
     blk_clamp = torch.tensor(clamp, device=x.device).repeat_interleave(_sizes(ranges, x.device))
     idx = keep if idx is None else idx.index_select(0, keep)
     rows = rows.select(keep)
@@ -248,11 +243,11 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     ``u`` (R,) are the starts, or None: ``start(x_block)`` ``(r, 1)`` in the first pass.
     Returns None when some entry of x is NaN or Inf.
     """
-    x = rows.x
+    x = rows.like  # (the solve's dtype: x's, or float64 for float32 rows solved again)
     R, n = rows.count, x.shape[1]
     eps = torch.finfo(x.dtype).eps
     ranges = block_ranges(R, n, x, use_compile)
-    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * n, x)
+    scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * col_ranges(n, x, use_compile)[0].stop, x)
     u = x.new_empty(R, 1) if u is None else u.reshape(R, 1).clone()
     fill = u if start is not None else None
     G, H = x.new_empty(R, 1), x.new_empty(R, 1)

@@ -34,6 +34,9 @@ from .penalties import Penalty
 _CPU_BLOCK_BYTES = 1 << 21
 # Elements per block elsewhere (CUDA, or compiled kernels): bounds the scratch memory.
 _BIG_BLOCK_NUMEL = 1 << 24
+# Column chunks of long rows (col_ranges) are multiples of this: the backward's float32
+# weight sums add partial sums of PART terms (backward._row_sum), the same ones chunked.
+PART = 256
 
 # Compiled kernels: key -> [the function, its torch.compile wrapper or None], least
 # recently used first. Bounded: a fused kernel's key names a penalty instance, which its
@@ -181,6 +184,22 @@ def block_rows(n: int, x: Tensor, use_compile: bool) -> int:
     if x.device.type == "cpu" and not use_compile:
         return max(1, _CPU_BLOCK_BYTES // (n * x.element_size()))
     return max(1, _BIG_BLOCK_NUMEL // n)
+
+
+def col_ranges(n: int, x: Tensor, use_compile: bool, k: int = 1) -> list[slice]:
+    """The column chunks of rows of length ``n`` (``k`` residuals per entry: a descent
+    solve's starts): all of a row where ``k`` copies of it fit one block, else chunks of a
+    block's budget (:func:`block_rows`) each, a multiple of :data:`PART` columns.
+
+    A row longer than a block was one block of its own: every scratch buffer as long as
+    the row (a float32 row of 1e7 took 3-8x the input). The solvers' row sums and the
+    backward's weight sums are sums of elementwise terms, so they are taken chunk by
+    chunk and added; whole rows are unchanged (one chunk: the same ops as before)."""
+    budget = _CPU_BLOCK_BYTES // x.element_size() if x.device.type == "cpu" and not use_compile else _BIG_BLOCK_NUMEL
+    step = max(PART, budget // k // PART * PART)
+    if n <= step:
+        return [slice(0, n)]
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def block_ranges(rows: int, n: int, x: Tensor, use_compile: bool) -> list[slice]:

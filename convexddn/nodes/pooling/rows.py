@@ -24,7 +24,12 @@ class Rows:
     usually remain. A smaller one is copied at once (its memory comes back from the
     allocator's free lists, and later sweeps read it contiguously). The first ``prefix``
     rows of an ``index`` are ``x``'s own first rows (see :meth:`extended`): a block of
-    them alone is a view."""
+    them alone is a view.
+
+    ``dtype``: the solve's dtype where it differs from x's (a float32 row solved again in
+    float64): each block (or column chunk, :func:`.kernels.col_ranges`) is converted when
+    a pass reads it, so that no float64 copy of a long row is ever made (it was twice the
+    input, and a float32 Huber row of 1e7 always takes that second solve)."""
 
     x: Tensor
     alpha: Tensor
@@ -33,17 +38,40 @@ class Rows:
     index: Tensor | None = None
     buf: Tensor | None = None
     prefix: int = 0
+    dtype: torch.dtype | None = None
 
     @property
     def count(self) -> int:
         return self.x.shape[0] if self.index is None else self.index.numel()
 
-    def select(self, idx: Tensor) -> Rows:
+    @property
+    def like(self) -> Tensor:
+        """A tensor of the solve's dtype and device, ``(*, N)``: x itself, or an empty one
+        ``(0, N)`` where the solve converts x's blocks (its dtype, device and N are all
+        the solvers take from it)."""
+        if self.dtype is None or self.dtype == self.x.dtype:
+            return self.x
+        return self.x.new_empty((0, self.x.shape[1]), dtype=self.dtype)
+
+    def select(self, idx: Tensor, dtype: torch.dtype | None = None) -> Rows:
+        """The rows ``idx`` of these, solved in ``dtype`` (default: these rows' own). A
+        conversion to another dtype is lazy on a CPU only where the selection is large
+        (elsewhere a copy: CUDA's captured iterations need one tensor, see
+        :func:`.iterations.step_graphs`); alpha is converted at once."""
+        dtype = dtype or self.like.dtype
         a = self.alpha if self.alpha.dim() == 0 else self.alpha.index_select(0, idx)
+        a = a.to(dtype)
         index = idx if self.index is None else self.index.index_select(0, idx)
-        if index.numel() * self.x.shape[1] * self.x.element_size() < _LAZY_BYTES:
-            return Rows(self.x.index_select(0, index), a, self.alpha_f, self.clamp)
-        return Rows(self.x, a, self.alpha_f, self.clamp, index, self.buf)
+        cast = dtype != self.x.dtype
+        size = index.numel() * self.x.shape[1] * max(self.x.element_size(), dtype.itemsize)
+        if size < _LAZY_BYTES or (cast and self.x.device.type != "cpu"):
+            return Rows(self.x.index_select(0, index).to(dtype), a, self.alpha_f, self.clamp)
+        return Rows(self.x, a, self.alpha_f, self.clamp, index, None if cast else self.buf, dtype=dtype)
+
+    def take(self, idx: Tensor) -> Tensor:
+        """The rows ``idx`` of these as one tensor in the solve's dtype (a rare path's copy)."""
+        index = idx if self.index is None else self.index.index_select(0, idx)
+        return self.x.index_select(0, index).to(self.like.dtype)
 
     def extended(self, idx: Tensor) -> Rows:
         """These rows followed by the rows ``idx`` of them again (a second start of some
@@ -51,23 +79,32 @@ class Rows:
         first rows stay views of ``x`` and only one holding repeated rows is gathered;
         elsewhere the rows are copied into one tensor (cheap there, and the iteration's
         captured graphs need one: see :func:`.iterations.step_graphs`)."""
-        if self.index is not None:
-            raise ValueError("Rows.extended: rows that are already a selection")  # (no caller makes one)
         a = self.alpha if self.alpha.dim() == 0 else torch.cat([self.alpha, self.alpha.index_select(0, idx)])
+        if self.index is not None:  # (a selection solved in another dtype: every block gathered)
+            return Rows(self.x, a, self.alpha_f, self.clamp, torch.cat([self.index, self.index.index_select(0, idx)]),
+                        None, 0, self.dtype)
         if self.x.device.type != "cpu":
             return Rows(torch.cat([self.x, self.x.index_select(0, idx)]), a, self.alpha_f, self.clamp)
         own = torch.arange(self.x.shape[0], device=idx.device)
         return Rows(self.x, a, self.alpha_f, self.clamp, torch.cat([own, idx]), None, self.x.shape[0])
 
-    def block(self, sl: slice) -> Tensor:
-        """Rows ``sl`` of the solve, ``(r, N)``: a view of x, or gathered from it."""
-        if self.index is None or sl.stop <= self.prefix:
-            return self.x[sl]
-        idx = self.index[sl]
-        numel = idx.numel() * self.x.shape[1]
+    def block(self, sl: slice, cols: slice = slice(None)) -> Tensor:
+        """Rows ``sl`` of the solve, columns ``cols``, ``(r, c)``: a view of x, or gathered
+        from it (and converted to the solve's dtype) into a reused buffer."""
+        cast = self.dtype is not None and self.dtype != self.x.dtype
+        if not cast and (self.index is None or sl.stop <= self.prefix):
+            return self.x[sl, cols]
+        part = self.x[:, cols]
+        r = (sl.stop - sl.start) if self.index is None else self.index[sl].numel()
+        numel = r * part.shape[1]
         if self.buf is None or self.buf.numel() < numel:
-            self.buf = self.x.new_empty(numel)
-        return torch.index_select(self.x, 0, idx, out=self.buf[:numel].view(idx.numel(), self.x.shape[1]))
+            self.buf = self.x.new_empty(numel, dtype=self.dtype or self.x.dtype)
+        out = self.buf[:numel].view(r, part.shape[1])
+        if self.index is None:
+            return out.copy_(part[sl])
+        if not cast:
+            return torch.index_select(part, 0, self.index[sl], out=out)
+        return out.copy_(part.index_select(0, self.index[sl]))
 
     def alpha_arg(self, sl: slice, ndim: int):
         if self.alpha_f is not None:

@@ -109,9 +109,8 @@ def _median_start(x: Tensor) -> Tensor:
 def _remedian(x: Tensor) -> Tensor:
     """The repeated median of three of ``3**_REMEDIAN_LEVELS`` evenly strided entries
     per row ``(R, 1)`` (rows at least that long)."""
-    n = x.shape[-1]
     k = 3 ** _REMEDIAN_LEVELS
-    v = x[:, : k * (n // k) : n // k]
+    v = x[:, _remedian_columns(x.shape[-1])]
     while k > 1:
         k //= 3
         a, b, c = v[:, :k], v[:, k:2 * k], v[:, 2 * k:]
@@ -119,6 +118,15 @@ def _remedian(x: Tensor) -> Tensor:
     return v
 
 
+def _remedian_columns(n: int) -> slice:
+    """The columns :func:`_remedian` reads of rows of ``n`` (those columns alone read as all)."""
+    k = 3 ** _REMEDIAN_LEVELS
+    return slice(0, k * (n // k), n // k)
+
+
+# (the columns a long row's start reads, and the start of those alone: see .chunks.block_sums)
+_median_start.on_columns = lambda n: ((_remedian_columns(n), _remedian) if n > _SAMPLE_MIN_N
+                                      else (slice(None), _median_start))
 _start = _median_start
 
 
@@ -226,9 +234,9 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
             # start "stopped by max_iter" in float32 may be stuck, not descending: where alpha
             # is about an ulp of the data every step rounds back to u.)
             idx = again.nonzero().squeeze(-1)
-            a64 = (a if a.dim() == 0 else a[idx]).double()
             s64 = None if starts is None else starts[idx].double()
-            y64, *flags64 = _solve(pen, _rows(x[idx].double(), a64), tol, max_iter, use_compile, s64, x)
+            # (converted block by block: no float64 copy of a long row, see Rows)
+            y64, *flags64 = _solve(pen, _rows(x, a).select(idx, torch.float64), tol, max_iter, use_compile, s64, x)
             y[idx] = y64.to(y.dtype)
             for f, f64 in zip(flags, flags64):
                 f[idx] = f64
@@ -320,7 +328,7 @@ def _solve(pen: Penalty, rows: Rows, tol: float, max_iter: int, use_compile: boo
     special = flags[2]
     if bool(special.any()) and not rows.clamp:
         idx = special.nonzero().squeeze(-1)
-        xs = rows.x.index_select(0, idx)
+        xs = rows.take(idx)
         s = row_scale(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True))
         a_s = (rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1)[idx]) * s
         st = None if starts is None else starts[idx] * (s if starts.dim() == 2 else s.squeeze(-1))

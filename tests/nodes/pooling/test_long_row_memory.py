@@ -1,0 +1,133 @@
+"""Robust pooling of rows longer than a block: their temporaries are bounded by column chunks.
+
+A single long row was one block, every scratch buffer as long as the row: float32 rows of
+1e7 took 3x the input (pseudo-Huber, Welsch) and 8x (Huber, whose float32 sums cannot
+resolve such a row and which solved it again from a float64 copy). The row sums are now
+taken chunk by chunk (:mod:`convexddn.nodes.pooling.chunks`) and a float64 solve converts
+a chunk at a time (:class:`~convexddn.nodes.pooling.rows.Rows`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import profile
+
+from convexddn import _workspace
+from convexddn.nodes.pooling import kernels, robust_pool
+from convexddn.nodes.pooling import rows as rows_module
+from convexddn.nodes.pooling.backward import pool_backward
+from convexddn.nodes.pooling.penalties import Penalty
+from convexddn.nodes.pooling.solvers import _rows, _solve
+
+MiB = 1 << 20
+
+
+def _peak_bytes(call) -> int:
+    """Peak bytes torch held during ``call()`` above what it held before: its allocation
+    events from the profiler, in time order (not the resident set: robust on a shared
+    machine). The kept work buffers are emptied first, so that every scratch buffer the
+    call needs is allocated within it and counts."""
+    _workspace._FREE.clear()
+    with profile(profile_memory=True) as prof:
+        out = call()
+    del out
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("pen,shape,alpha_grad", [("pseudo_huber", (1, 1 << 22), False), ("huber", (1, 1 << 22), False),
+                                                  ("welsch", (1, 1 << 22), False), ("huber", (2, 1 << 21), True),
+                                                  ("welsch", (1, 1 << 22), True)])
+def test_long_row_forward_backward_allocates_about_the_gradient(pen, shape, alpha_grad):
+    # The gradient (1x the input) plus chunk-sized scratch: at most six buffers of a block
+    # (2 MiB) each, 12 MiB. (Before: 4x for pseudo-Huber and Welsch, 8x for Huber.)
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float32).requires_grad_(True)
+    a = torch.full(shape[:1], 1.0, requires_grad=alpha_grad)
+    gy = torch.rand(shape[0]) + 0.5
+
+    def call():
+        y = robust_pool(x, pen, a if alpha_grad else 1.0)
+        return torch.autograd.grad(y, [x, a] if alpha_grad else [x], gy)
+
+    call()  # (warm-up: lazily built caches are not the call's)
+    peak = _peak_bytes(call)
+    nbytes = x.numel() * x.element_size()
+    assert peak <= 1.1 * nbytes + 16 * MiB, peak / nbytes
+
+
+def _closed_form(pen: str, x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """Table 1 in float64 from the formulas: ``(sum_i phi'(y - x_i), dy/dx, sum_i phi'')``."""
+    z = y.double().unsqueeze(-1) - x.double()
+    p, a = Penalty.resolve(pen), torch.tensor(alpha, dtype=torch.float64)
+    w = p.d2phi(z, a)
+    return p.dphi(z, a).sum(-1), w / w.sum(-1, keepdim=True), w.sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pen", ["pseudo_huber", "huber", "welsch"])
+def test_chunked_rows_match_whole_rows_and_the_closed_form(monkeypatch, pen, dtype):
+    # Rows of 100003 entries (a tail that is no multiple of the chunks' 256) in chunks of
+    # 16 KiB against the same rows whole (one block of 1 GiB): y to a few ulps (the sums
+    # are added in another order), and both the closed form's stationary point and gradient.
+    torch.manual_seed(1)
+    x = (torch.randn(3, 100_003, dtype=torch.float64) * 2).to(dtype)
+    x[:, ::9] += 7.0
+    alpha, gy = 0.7, torch.tensor([1.0, -0.5, 2.0], dtype=dtype)
+    got = {}
+    for block in (1 << 30, 1 << 14):
+        monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", block)
+        assert (len(kernels.col_ranges(x.shape[1], x, False)) > 1) == (block < x.shape[1])
+        xr = x.clone().requires_grad_(True)
+        a = torch.tensor(alpha, dtype=dtype, requires_grad=True)
+        y = robust_pool(xr, pen, a)
+        got[block] = (y.detach(), *torch.autograd.grad(y, (xr, a), gy))
+    (y0, gx0, ga0), (y1, gx1, ga1) = got[1 << 30], got[1 << 14]
+    eps = torch.finfo(dtype).eps
+    assert ((y1 - y0).abs() <= 8 * eps * (y0.abs() + alpha)).all()
+    assert (gx1 - gx0).abs().max() <= 64 * eps * gx0.abs().max()
+    # y is stationary (to the stop's tolerance, 1e-6 (alpha + |y|), times the curvature)
+    g, dydx, h = _closed_form(pen, x, y1, alpha)
+    assert (g.abs() <= 2e-5 * h * (alpha + y1.double().abs())).all(), (g, h)
+    assert (gx1.double() - dydx * gy.double().unsqueeze(-1)).abs().max() <= 1e-4 * dydx.abs().max()
+    # alpha's gradient: a sum of cancelling terms, to its rounding
+    assert abs(ga1.item() - ga0.item()) <= 1e-5 * abs(ga0.item()) + 1e3 * eps
+
+
+def test_chunked_backward_is_bit_identical_in_float32(monkeypatch):
+    # The float32 weight sums are partial sums of 256 terms added in float64 over the whole
+    # row, whichever the chunks: given the same y, the gradient is the same to the bit.
+    torch.manual_seed(2)
+    x = torch.randn(2, 50_001) * 3
+    y = x.median(-1).values
+    a = torch.tensor(1.3)
+    gy = torch.tensor([1.0, -2.0])
+    out = {}
+    for block in (1 << 30, 1 << 13):
+        monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", block)
+        for pen in ("pseudo_huber", "huber", "welsch", "trunc_quad"):
+            out[block, pen] = pool_backward(Penalty.resolve(pen), x, y, a, gy, True, False, False)[0]
+    for pen in ("pseudo_huber", "huber", "welsch", "trunc_quad"):
+        assert torch.equal(out[1 << 30, pen], out[1 << 13, pen]), pen
+
+
+@pytest.mark.parametrize("pen", ["huber", "welsch"])
+def test_lazily_converted_rows_solve_as_a_float64_copy(monkeypatch, pen):
+    # Float32 rows solved again in float64 are converted a block (or chunk) at a time; the
+    # solve is the same, to the bit, as that of their float64 copy.
+    monkeypatch.setattr(rows_module, "_LAZY_BYTES", 0)
+    monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", 1 << 14)
+    torch.manual_seed(3)
+    x = torch.randn(5, 20_000) * 2
+    a = torch.tensor([0.5, 1.0, 2.0, 0.5, 1.0]).reshape(-1, 1)
+    idx = torch.tensor([1, 3, 4])
+    lazy = _rows(x, a).select(idx, torch.float64)
+    assert lazy.index is not None and lazy.x.dtype == torch.float32  # (no copy made)
+    copy = _rows(x[idx].double(), a[idx].double())
+    got, want = (_solve(Penalty.resolve(pen), r, 1e-6, 100, False, None, x) for r in (lazy, copy))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
