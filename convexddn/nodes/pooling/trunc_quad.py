@@ -82,13 +82,7 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor,
     """
     rows, n = s.shape
     acc = torch.float64
-    centre = s[:, n // 2 : n // 2 + 1].to(acc)
-    half = torch.maximum(s[:, -1:].to(acc) - centre, centre - s[:, :1].to(acc))
-    # At least the smallest normal number: a subnormal unit's inverse is Inf (rows of
-    # subnormal entries, 1e-310, returned NaN).
-    unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half))))
-                      .clamp_(min=-1022))
-    inv = 1.0 / unit
+    centre, unit, inv, a2 = frame(s, a)
     f64, i64 = (work if work is not None else RunBuffers(rows, n, s.device, kept=False)).views(rows)
     # Entry runs [l_k, k] hold at least point k, even where s_k - 2 alpha rounds to s_k
     # (this also widens int32 positions to int64, for gather).
@@ -102,9 +96,8 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor,
     p2[:, 0] = 0.0
     torch.cumsum(d, -1, out=p1[:, 1:])
     torch.cumsum(d.mul_(d), -1, out=p2[:, 1:])
-    # a2 = alpha^2 in these units. Every candidate's G = (SSE_W + alpha^2 (N - |W|)) / 2
-    # is compared as 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
-    a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
+    # Every candidate's G = (SSE_W + alpha^2 (N - |W|)) / 2 is compared as
+    # 2G - alpha^2 N = SSE_W - alpha^2 |W| (the same order).
     # Run sizes straight into float64 (int64 minus float64: one pass, exact).
     idx = torch.arange(1, n + 1, dtype=acc, device=s.device)
     n_e = torch.sub(idx, lft, out=f64(3))
@@ -132,6 +125,21 @@ def trunc_quad_runs(s: Tensor, lft: Tensor, a: Tensor,
     size = torch.where(exit_wins, size_x.gather(-1, i_x), n_e.gather(-1, i_e))
     y, rem = split_mean(centre, s1 / size * unit, s.dtype)
     return y, (p2[:, -1:] > _TQ_RISK * a2).squeeze(-1), _mean_rounding(p2[:, -1:], n, size, unit), rem
+
+
+def frame(s: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(centre, unit, inv, a2)`` ``(R, 1)`` float64 of sorted rows ``s`` ``(R, N)``: the middle
+    order statistic, a power of two near the half-range (see :func:`trunc_quad_runs`), its
+    inverse, and alpha^2 in those units, clamped."""
+    acc, n = torch.float64, s.shape[1]
+    centre = s[:, n // 2 : n // 2 + 1].to(acc)
+    half = torch.maximum(s[:, -1:].to(acc) - centre, centre - s[:, :1].to(acc))
+    # At least the smallest normal number: a subnormal unit's inverse is Inf (rows of
+    # subnormal entries, 1e-310, returned NaN).
+    unit = torch.exp2(torch.ceil(torch.log2(torch.where(half > 0, half, torch.ones_like(half))))
+                      .clamp_(min=-1022))
+    a2 = ((a.to(acc) / unit) ** 2).clamp(min=2 * torch.finfo(acc).tiny, max=2e150)
+    return centre, unit, 1.0 / unit, a2
 
 
 def split_mean(base: Tensor, off: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -217,9 +225,13 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> tuple[Tensor, T
     rows, n = x.shape
     y, rem = x.new_empty(rows), x.new_empty(rows)
     sub = rows
+    # Long rows on a CPU: one at a time, ranked in column chunks (trunc_quad_long), sorted
+    # alone (a row's flat sort needs no row tag: see convexddn._sort).
+    from .trunc_quad_long import TQ_LONG, long_starts, trunc_quad_long
+    long = x.device.type == "cpu" and not use_compile and n >= TQ_LONG
     if x.device.type == "cpu" and not use_compile:
         sub = max(1, _TQ_BLOCK_BYTES // (n * x.element_size()))
-        step = sub * _TQ_SORT_BLOCKS
+        step = 1 if long else sub * _TQ_SORT_BLOCKS
         ranges = [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
     else:
         ranges = block_ranges(rows, n, x, use_compile)
@@ -228,7 +240,7 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> tuple[Tensor, T
     # Kept buffers on the CPU only: torch.compile traces its own, and CUDA's blocks are
     # large (their temporaries made per block, as before, do not outlive it).
     work = (RunBuffers(min(sub, ranges[0].stop - ranges[0].start), n, x.device)
-            if x.device.type == "cpu" and not use_compile and ranges else None)
+            if x.device.type == "cpu" and not use_compile and ranges and not long else None)
     extra = () if work is None else (work,)
     for sl in ranges:
         xb = x[sl]
@@ -245,9 +257,13 @@ def trunc_quad_solve(x: Tensor, a: Tensor, use_compile: bool) -> tuple[Tensor, T
         # windows [s_i - 2 alpha, s_i] (extra runs are valid candidates too); where 2 alpha
         # is below half an ulp of s_i, s_i - 2 alpha rounds to s_i itself, and the right
         # side missed the run of s_i's duplicates ([1e8, 1e8, 0] gave 0).
-        lft = torch.searchsorted(s, s - 2 * ab, out_int32=True)
-        parts = [run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub], ab if ab.dim() == 0 else ab[i:i + sub],
-                     *extra) for i in range(0, s.shape[0], sub)]
+        if long:
+            lft = long_starts(s, ab)
+            parts = [trunc_quad_long(s, lft, ab)]
+        else:
+            lft = torch.searchsorted(s, s - 2 * ab, out_int32=True)
+            parts = [run(trunc_quad_runs, use_compile, s[i:i + sub], lft[i:i + sub],
+                         ab if ab.dim() == 0 else ab[i:i + sub], *extra) for i in range(0, s.shape[0], sub)]
         yb = torch.cat([p[0] for p in parts])
         risky = torch.cat([p[1] for p in parts])
         rounding = torch.cat([p[2] for p in parts])

@@ -131,3 +131,82 @@ def test_lazily_converted_rows_solve_as_a_float64_copy(monkeypatch, pen):
     got, want = (_solve(Penalty.resolve(pen), r, 1e-6, 100, False, None, x) for r in (lazy, copy))
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_trunc_quad_long_row_forward_backward_peak():
+    # The exact solver's forward on one long row: its sorted copy, int32 run starts and the
+    # sort's own buffers (torch's int64 indices and its radix sort's second keys and
+    # indices: 5x at the sort), the prefix sums in column chunks. (Before: 28x, a flat int64
+    # sort of row-tagged keys and a dozen row-sized float64/int64 temporaries.)
+    torch.manual_seed(4)
+    x = torch.randn(1, 1 << 22).requires_grad_(True)
+    gy = torch.tensor([0.7])
+
+    def call():
+        return torch.autograd.grad(robust_pool(x, "trunc_quad", 1.0), [x], gy)
+
+    call()
+    nbytes = x.numel() * x.element_size()
+    assert _peak_bytes(call) <= 5.2 * nbytes + 16 * MiB
+
+
+def _brute_force(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The truncated quadratic's global minimiser of each row by brute force in float64: over
+    every contiguous run W of the sorted row, the least SSE_W - alpha^2 |W| (the objective at
+    W's mean, less a constant), its mean."""
+    s = x.double().sort(-1).values
+    p1 = torch.nn.functional.pad(s.cumsum(-1), (1, 0))
+    p2 = torch.nn.functional.pad((s * s).cumsum(-1), (1, 0))
+    n = s.shape[-1]
+    i, j = torch.triu_indices(n + 1, n + 1, offset=1)  # runs [i, j)
+    size = (j - i).double()
+    s1 = p1[:, j] - p1[:, i]
+    g = (p2[:, j] - p2[:, i]) - s1 * s1 / size - alpha**2 * size
+    k = g.argmin(-1)
+    return s1.gather(-1, k[:, None])[:, 0] / size[k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trunc_quad_column_chunks_match_whole_rows_to_the_bit(monkeypatch, dtype):
+    # trunc_quad_long ranks the candidates from prefix sums taken in column chunks with
+    # carried totals; chunks of 97 entries (many windows, lagging and leading windows
+    # spanning several chunks) give trunc_quad_runs' outputs to the bit, and the brute
+    # force's minimiser.
+    from convexddn.nodes.pooling import trunc_quad_long as long_module
+    from convexddn.nodes.pooling.trunc_quad import trunc_quad_runs
+    monkeypatch.setattr(long_module, "_COLS", 97)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randn(1200, generator=g, dtype=torch.float64) * 3,  # dense: every l_k far behind k
+            torch.cat([torch.randn(700, generator=g, dtype=torch.float64), 40 + torch.rand(300, generator=g) * 80]),
+            (torch.randn(1001, generator=g, dtype=torch.float64) * 4).round()]  # duplicates
+    for alpha in (0.3, 1.0, 5.0):
+        for row in rows:
+            s = row.to(dtype).sort().values.unsqueeze(0)
+            a = torch.tensor(alpha, dtype=dtype)
+            lft = long_module.long_starts(s, a)
+            assert torch.equal(lft, torch.searchsorted(s, s - 2 * a, out_int32=True).clamp(max=torch.arange(s.shape[1],
+                               dtype=torch.int32)))
+            got = long_module.trunc_quad_long(s, lft, a)
+            want = trunc_quad_runs(s, torch.searchsorted(s, s - 2 * a, out_int32=True), a)
+            for u, v in zip(got, want):
+                assert torch.equal(u, v), (alpha, u, v)
+            y = got[0].double() + got[3].double()
+            ref = _brute_force(s, alpha)
+            assert (y - ref).abs().max() <= 1e-10 * (alpha + ref.abs().max()), (alpha, y, ref)
+
+
+def test_long_rows_take_the_chunked_solver_and_agree_with_the_brute_force(monkeypatch):
+    # Through robust_pool: rows from TQ_LONG entries on take trunc_quad_long (lowered here to
+    # 1000, chunks of 128), one row at a time; y is the brute force's minimiser.
+    from convexddn.nodes.pooling import trunc_quad_long as long_module
+    monkeypatch.setattr(long_module, "TQ_LONG", 1000)
+    monkeypatch.setattr(long_module, "_COLS", 128)
+    calls = []
+    real = long_module.trunc_quad_long
+    monkeypatch.setattr(long_module, "trunc_quad_long", lambda *args: calls.append(1) or real(*args))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 1500, generator=g) * 2
+    x[:, ::5] += 9.0
+    y = robust_pool(x, "trunc_quad", 0.8)
+    assert len(calls) == 3
+    assert (y.double() - _brute_force(x, 0.8)).abs().max() <= 4 * torch.finfo(torch.float32).eps * 10
