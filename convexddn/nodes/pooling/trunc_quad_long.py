@@ -3,7 +3,7 @@
 :func:`.trunc_quad.trunc_quad_runs` holds a dozen row-sized float64 and int64
 temporaries (its prefix sums, run sizes and sums): for a single float32 row of 1e7
 entries, 24 times the input. Here every candidate is ranked from the same prefix sums,
-computed in chunks of :data:`_COLS` entries, so that a row costs its sorted copy and its
+computed in column chunks (:func:`_cols`), so that a row costs its sorted copy and its
 int32 run starts (1x the input each, float32) plus chunk-sized buffers.
 
 The prefix sums ``p[m] = sum_{j < m} d_j`` (and of ``d_j^2``) are needed at three
@@ -25,10 +25,17 @@ from .trunc_quad import _TQ_RISK, _mean_rounding, frame, split_mean
 
 __all__ = ["long_starts", "trunc_quad_long"]
 
-# Entries per column chunk (a float64 chunk: 512 KiB), and the row length from which a
-# row takes this path (shorter rows' dozen row-sized temporaries are a block's).
-_COLS = 1 << 16
+# Entries per column chunk: at least _COLS (a float64 chunk: 512 KiB), and at most _PARTS
+# chunks a row (each chunk is a few dozen small ops: 153 chunks of 2^16 on a 1e7 row ran
+# 2-3x slower than one pass with 2 threads on a loaded machine, 32 within 1.3x); and the row
+# length from which a row takes this path (shorter rows' dozen row-sized temporaries are a block's).
+_COLS, _PARTS = 1 << 16, 32
 TQ_LONG = 1 << 18
+
+
+def _cols(n: int) -> int:
+    """Column chunk of a row of ``n`` entries (a multiple of 256)."""
+    return max(_COLS, -(-n // (_PARTS * 256)) * 256)
 
 
 def long_starts(s: Tensor, a: Tensor) -> Tensor:
@@ -36,9 +43,10 @@ def long_starts(s: Tensor, a: Tensor) -> Tensor:
     ``(R, N)``, column chunk by chunk: ``torch.searchsorted(s, s - 2 a)`` without its
     row-sized ``s - 2 a``, and clamped as :func:`.trunc_quad.trunc_quad_runs` clamps it."""
     rows, n = s.shape
+    cols = _cols(n)
     lft = torch.empty(rows, n, dtype=torch.int32, device=s.device)
-    for c in range(0, n, _COLS):
-        e = min(c + _COLS, n)
+    for c in range(0, n, cols):
+        e = min(c + cols, n)
         part = torch.searchsorted(s, s[:, c:e] - 2 * a, out_int32=True)
         torch.minimum(part, torch.arange(c, e, dtype=torch.int32, device=s.device), out=part)
         lft[:, c:e] = part
@@ -51,8 +59,8 @@ class _Prefix:
     sorted row ``s`` ``(1, N)``, requested with ``a`` nondecreasing: bit-identical to
     ``cumsum`` over the whole row (see the module docstring)."""
 
-    def __init__(self, s: Tensor, shift: Tensor, inv: Tensor) -> None:
-        self.s, self.shift, self.inv = s, shift, inv
+    def __init__(self, s: Tensor, shift: Tensor, inv: Tensor, cols: int) -> None:
+        self.s, self.shift, self.inv, self.cols = s, shift, inv, cols
         zero = torch.zeros(1, 1, dtype=torch.float64, device=s.device)
         self.w0, self.p1, self.p2 = 0, zero, zero  # the last window: positions [w0, w0 + len)
 
@@ -79,22 +87,22 @@ class _Prefix:
             c1, c2 = self.p1[:, a - self.w0:a - self.w0 + 1], self.p2[:, a - self.w0:a - self.w0 + 1]
         else:  # sum the chunks between the last window and this one, keeping their totals only
             c1, c2 = self.p1[:, -1:], self.p2[:, -1:]
-            for m in range(end, a, _COLS):
-                q1, q2 = self._sums(m, min(m + _COLS, a), c1, c2)
+            for m in range(end, a, self.cols):
+                q1, q2 = self._sums(m, min(m + self.cols, a), c1, c2)
                 c1, c2 = q1[:, -1:], q2[:, -1:]
         self.w0 = a
         self.p1, self.p2 = self._sums(a, b, c1, c2)
         return self.p1, self.p2
 
 
-def _pieces(ends: Tensor) -> list[tuple[int, int, int, int]]:
+def _pieces(ends: Tensor, cols: int) -> list[tuple[int, int, int, int]]:
     """Split the positions of a nondecreasing ``ends`` ``(C,)`` (int64, the run ends of a
-    chunk's candidates) into pieces whose ends span at most :data:`_COLS`: ``(i, j, lo, hi)``,
+    chunk's candidates) into pieces whose ends span at most ``cols``: ``(i, j, lo, hi)``,
     candidates ``[i, j)`` of the chunk with ends in ``[lo, hi]``."""
     out, i, c = [], 0, ends.shape[0]
     while i < c:
         lo = int(ends[i])
-        j = i + int(torch.searchsorted(ends[i:], torch.tensor(lo + _COLS, device=ends.device)))
+        j = i + int(torch.searchsorted(ends[i:], torch.tensor(lo + cols, device=ends.device)))
         out.append((i, j, lo, int(ends[j - 1])))
         i = j
     return out
@@ -122,16 +130,17 @@ def trunc_quad_long(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor, 
     n = s.shape[1]
     centre, unit, inv, a2 = frame(s, a)
     shift = -centre * inv
-    main, lag, lead = (_Prefix(s, shift, inv) for _ in range(3))
+    cols = _cols(n)
+    main, lag, lead = (_Prefix(s, shift, inv, cols) for _ in range(3))
     inf = torch.full((1, 1), float("inf"), dtype=torch.float64, device=s.device)
     best_e, best_x = [inf, inf, inf], [inf, inf, inf]
-    for c in range(0, n, _COLS):
-        e = min(c + _COLS, n)
+    for c in range(0, n, cols):
+        e = min(c + cols, n)
         p1, p2 = main.window(c, e)
         idx = torch.arange(c + 1, e + 1, dtype=torch.float64, device=s.device).unsqueeze(0)
         # Entry runs [l_k, k], k in [c, e).
         lc = lft[0, c:e].to(torch.int64)
-        for i, j, lo, hi in _pieces(lc):
+        for i, j, lo, hi in _pieces(lc, cols):
             q1, q2 = lag.window(lo, hi)
             at = (lc[i:j] - lo).unsqueeze(0)
             n_e = torch.sub(idx[:, i:j], lc[i:j].unsqueeze(0))
@@ -142,7 +151,7 @@ def trunc_quad_long(s: Tensor, lft: Tensor, a: Tensor) -> tuple[Tensor, Tensor, 
         # Exit runs [i + 1, r_i), possibly empty (they never win: see trunc_quad_runs).
         rc = torch.searchsorted(lft, torch.arange(c, e, dtype=torch.int32, device=s.device).unsqueeze(0),
                                 right=True)[0]
-        for i, j, lo, hi in _pieces(rc):
+        for i, j, lo, hi in _pieces(rc, cols):
             q1, q2 = lead.window(lo, hi)
             at = (rc[i:j] - lo).unsqueeze(0)
             n_x = torch.sub(rc[i:j].unsqueeze(0), idx[:, i:j])

@@ -174,7 +174,7 @@ def test_trunc_quad_column_chunks_match_whole_rows_to_the_bit(monkeypatch, dtype
     # force's minimiser.
     from convexddn.nodes.pooling import trunc_quad_long as long_module
     from convexddn.nodes.pooling.trunc_quad import trunc_quad_runs
-    monkeypatch.setattr(long_module, "_COLS", 97)
+    monkeypatch.setattr(long_module, "_cols", lambda n: 97)
     g = torch.Generator().manual_seed(5)
     rows = [torch.randn(1200, generator=g, dtype=torch.float64) * 3,  # dense: every l_k far behind k
             torch.cat([torch.randn(700, generator=g, dtype=torch.float64), 40 + torch.rand(300, generator=g) * 80]),
@@ -200,7 +200,7 @@ def test_long_rows_take_the_chunked_solver_and_agree_with_the_brute_force(monkey
     # 1000, chunks of 128), one row at a time; y is the brute force's minimiser.
     from convexddn.nodes.pooling import trunc_quad_long as long_module
     monkeypatch.setattr(long_module, "TQ_LONG", 1000)
-    monkeypatch.setattr(long_module, "_COLS", 128)
+    monkeypatch.setattr(long_module, "_cols", lambda n: 128)
     calls = []
     real = long_module.trunc_quad_long
     monkeypatch.setattr(long_module, "trunc_quad_long", lambda *args: calls.append(1) or real(*args))
