@@ -93,16 +93,11 @@ def _step(data, p: torch.Tensor, requires: list[bool], idx: torch.Tensor):
     return P[:k] - P[k:], q[:k] - q[k:], A[:k] - A[k:], b[:k] - b[k:], A[k:]
 
 
-def _secant(data, p: torch.Tensor, requires: list[bool]):
-    """``idx -> (dP, dq)``: how the elements ``idx``'s P and q move along the parameters'
-    direction (:func:`_step`)."""
-    return lambda idx: _step(data, p, requires, idx)[:2]
-
-
 class _Moves:
     """How the parameters requiring grad move the data of the elements ``idx``, for the
     backward's checks: called, the columns they move (:func:`~.resolution.moved_columns`
-    of :func:`_step`); :meth:`each`, one data step per such parameter."""
+    of :func:`_step`); :meth:`each`, one data step per such parameter. (An object, not a
+    closure, so that saved-tensor hooks reach its ``p``: .saved_state.)"""
 
     def __init__(self, data, p: torch.Tensor, requires: list[bool]) -> None:
         self.data, self.p, self.requires = data, p, requires
@@ -114,6 +109,14 @@ class _Moves:
         flags = self.requires
         return [_step(self.data, self.p, [j == i for j in range(len(flags))], idx)[:4]
                 for i, on in enumerate(flags) if on]
+
+
+class _Secant(_Moves):
+    """Called, ``idx -> (dP, dq)``: how the elements ``idx``'s P and q move along the
+    parameters' direction (:func:`_step`)."""
+
+    def __call__(self, idx: torch.Tensor) -> tuple:
+        return _step(self.data, self.p, self.requires, idx)[:2]
 
 
 class BatchedProgram:
@@ -324,7 +327,7 @@ class BatchedProgram:
             # Eliminated variables: P and q are products of maps of p; their secant along
             # the direction is a direction they move in all the same (formed in the
             # backward, for the elements that need it).
-            tangent = (*tangent, None if tangent[0] is not None else _secant(data, p.detach(), requires))
+            tangent = (*tangent, None if tangent[0] is not None else _Secant(data, p.detach(), requires))
         # Which columns the parameters requiring grad move: where the solve leaves one
         # unresolved (a weight far below the program's scale), the backward warns.
         moved = _Moves(data, p.detach(), requires) if reverse else None

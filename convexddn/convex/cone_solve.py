@@ -51,10 +51,11 @@ class ConeSolve(torch.autograd.Function):
             # Checkpoint, save_on_cpu: the solution's state goes through the hooks as torch's
             # own ops' saved tensors do (.saved_state); it stayed alive past a checkpointed
             # forward before.
-            ctx.skeleton, tensors = split(state[0])
+            # (the solution's state, and the parameters' copy the checks of the tangent and moves keep)
+            ctx.skeleton, tensors = split(state)
             ctx.save_for_backward(*tensors)
             ctx.save_for_forward(*tensors)
-            state = (None, *state[1:])
+            state = None
         ctx.state = state
         ctx.mark_non_differentiable(*output[2:7])
 
@@ -82,7 +83,7 @@ class ConeSolve(torch.autograd.Function):
     @staticmethod
     @first_order("ConvexLayer")
     def backward(ctx, gx, gz, *_):
-        if ctx.state is None:
+        if ctx.state is None and ctx.skeleton is None:
             return (None,) * 10
         refuse_batched("ConvexLayer", gx, gz)  # (torch.func.jacrev: the checks read on the host)
         sol, layout, refine, tangent, where, cols, moved = _state(ctx)
@@ -106,9 +107,7 @@ class ConeSolve(torch.autograd.Function):
 
 def _state(ctx) -> tuple:
     """The state the forward kept: as it is, or joined from the saved tensors."""
-    if ctx.skeleton is None:
-        return ctx.state
-    return (join(ctx.skeleton, ctx.saved_tensors), *ctx.state[1:])
+    return ctx.state if ctx.skeleton is None else join(ctx.skeleton, ctx.saved_tensors)
 
 
 def _warn_undetermined(where, flagged: torch.Tensor | None) -> None:

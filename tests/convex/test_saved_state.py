@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import convexddn.convex.batched as batched
 import convexddn.convex.cone_solve as cone_solve
 from convexddn.convex.layer import ConvexLayer
 from convexddn.convex.saved_state import hooks_active, join, split
@@ -36,9 +37,10 @@ def _layer_and_data(B=5, n=6, m=8):
 
 @pytest.fixture
 def kept(monkeypatch):
-    """Weak references to each batched solve's kept equilibrated P and KKT system."""
+    """Weak references to each batched solve's kept equilibrated P and KKT system, and to
+    the parameters' copy its backward checks keep (batched._Moves: B x parameters)."""
     refs = []
-    original = cone_solve.solve_cone_batch
+    original, moves = cone_solve.solve_cone_batch, batched._Moves.__init__
 
     def solve(*args, **kwargs):
         sol = original(*args, **kwargs)
@@ -46,7 +48,12 @@ def kept(monkeypatch):
             refs.append((weakref.ref(sol.scaled.P), weakref.ref(sol.kkt)))
         return sol
 
+    def init(self, data, p, requires):
+        moves(self, data, p, requires)
+        refs.append((weakref.ref(p),))
+
     monkeypatch.setattr(cone_solve, "solve_cone_batch", solve)
+    monkeypatch.setattr(batched._Moves, "__init__", init)
     return refs
 
 
@@ -59,7 +66,8 @@ def _grads(layer, data, wrap, weights):
 
 def test_checkpointed_layer_frees_the_solver_state_with_the_same_gradients(kept):
     # The state was a ctx attribute: alive after a checkpoint(use_reentrant=False) forward
-    # (a few times the inputs' memory), so checkpointing saved nothing for a ConvexLayer.
+    # (a few times the inputs' memory), so checkpointing saved nothing for a ConvexLayer; then
+    # the parameters' copy of the backward's checks stayed (found by a review).
     layer, data = _layer_and_data()
     weights = torch.linspace(-1, 2, 30, dtype=F64).view(5, 6)
     x0, leaves0 = _grads(layer, data, None, weights)
