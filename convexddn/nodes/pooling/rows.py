@@ -28,8 +28,11 @@ class Rows:
 
     ``dtype``: the solve's dtype where it differs from x's (a float32 row solved again in
     float64): each block (or column chunk, :func:`.kernels.col_ranges`) is converted when
-    a pass reads it, so that no float64 copy of a long row is ever made (it was twice the
-    input, and a float32 Huber row of 1e7 always takes that second solve)."""
+    a pass reads it, so that the iterations make no float64 copy of a long row (it was twice
+    the input, and a float32 Huber row of 1e7 always takes that second solve); a start without
+    ``on_columns`` (the mean and median of Welsch's and the truncated quadratic's descent,
+    :func:`.solvers._two_starts`) still reads, and
+    converts, the whole row into the buffer."""
 
     x: Tensor
     alpha: Tensor
