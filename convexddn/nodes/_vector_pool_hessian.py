@@ -25,11 +25,12 @@ from ..errors import GradientWarning
 from .degeneracy import shown_indices
 from ._vector_pool_polish import gradient_noise, lowest
 from ._vector_pool_solvers import _hessian, geometry, hess_solve_checked, kappa, unit
+from ._vector_pool_sums import gradient_parts, hessian_sums, point_chunks
 from .pooling.backward import _CANCELLED, unresolved_over
 from .pooling.penalties import Penalty, TruncatedQuadratic
 from .pooling.rounding import grid
 
-__all__ = ["hessian_solve_warned", "hessian_terms"]
+__all__ = ["gradient_rows", "hessian_solve_warned", "hessian_terms"]
 
 
 def hessian_terms(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor):
@@ -47,19 +48,46 @@ def _terms(pen: Penalty, x: torch.Tensor, a: torch.Tensor, u: torch.Tensor):
     return kappa(pen, z, a), pen.d2phi(z, a), z, unit(d, z)
 
 
-def hessian_solve_warned(pen: Penalty, at: tuple, k1: torch.Tensor, n: torch.Tensor, c: torch.Tensor,
-                         rhs: torch.Tensor, what: str, batch: tuple[int, ...],
-                         idx: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_rows(pen: Penalty, x: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, gy: torch.Tensor,
+                  need_x: bool, need_a: bool, batch: tuple[int, ...], idx: torch.Tensor | None = None):
+    """The backward's ``(x̄ (R, N, C) or None, ᾱ (R,) or None)`` of the sets ``x`` at their solution
+    ``y`` for the cotangent ``gy`` (R, C): x̄_i = κ_i v + c_i (n_iᵀ v) n_i, ᾱ = −Σ_i ∂_α φ'(z_i) n_iᵀ v,
+    v = H⁻¹ ȳ (:func:`hessian_solve_warned`; ``batch``, ``idx`` as there). A set too large for the
+    block budget forms its terms a chunk of the points at a time (:mod:`._vector_pool_sums`): the
+    one-pass terms (n, κ, c and their products) are each the size of the input."""
+    chunks = point_chunks(x)
+    if chunks is None:
+        a, z, n, k1, c = hessian_terms(pen, x, alpha, y)
+        v = hessian_solve_warned(pen, (x, a, y), k1, n, c, gy, "gradient", batch, idx)
+        nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
+        gx = k1.unsqueeze(-1) * v.unsqueeze(-2) + (c * nv).unsqueeze(-1) * n if need_x else None
+        return gx, -(pen.d2phi_dalpha(z, a) * nv).sum(-1) if need_a else None
+    a = alpha.unsqueeze(-1) if alpha.dim() > 0 else alpha
+    v = hessian_solve_warned(pen, (x, a, y), None, None, None, gy, "gradient", batch, idx,
+                             formed=hessian_sums(pen, x, a, y, chunks))
+    return gradient_parts(pen, x, a, y, v, chunks, need_x, need_a)
+
+
+def hessian_solve_warned(pen: Penalty, at: tuple, k1: torch.Tensor | None, n: torch.Tensor | None,
+                         c: torch.Tensor | None, rhs: torch.Tensor, what: str, batch: tuple[int, ...],
+                         idx: torch.Tensor | None = None, formed: tuple | None = None) -> torch.Tensor:
     """H⁻¹ rhs per pooled set, zero with a GradientWarning where H is singular or its
     curvature unresolved (module docstring). ``at``: ``(x (R, N, C), alpha (R, 1) or 0-d,
     y (R, C))``, the sets the terms ``k1, n, c`` were formed at; ``batch``: the caller's
     batch shape of all R sets, to name them in it; ``idx``: which of them these are (a
-    refined subset), else all."""
+    refined subset), else all. ``formed``: ``(Σκ_i, H, Σ|c_i|, whether a term has negative
+    curvature)`` summed by the caller (:func:`~._vector_pool_sums.hessian_sums`), ``k1, n, c`` None."""
     # Sets with a term of negative curvature (κ_i or φ''_i < 0): never with a convex penalty's
     # or the truncated quadratic's (φ'' is 0 or 1), where no check runs.
-    mixed = None if pen.convex or isinstance(pen, TruncatedQuadratic) else ((k1 + c < 0) | (k1 < 0)).any(-1)
-    # (s = Σ κ_i accumulated in float64, as _hessian's sum: float32's grew with N)
-    v, ok, all_ok, flat = hess_solve_checked(k1.sum(-1, dtype=torch.float64).to(k1.dtype), n, c, rhs, mixed)
+    plain = pen.convex or isinstance(pen, TruncatedQuadratic)
+    if formed is None:
+        mixed = None if plain else ((k1 + c < 0) | (k1 < 0)).any(-1)
+        # (s = Σ κ_i accumulated in float64, as _hessian's sum: float32's grew with N)
+        v, ok, all_ok, flat = hess_solve_checked(k1.sum(-1, dtype=torch.float64).to(k1.dtype), n, c, rhs, mixed)
+    else:
+        s, H, cabs, mixed = formed
+        v, ok, all_ok, flat = hess_solve_checked(s, None, None, rhs, None if plain else mixed,
+                                                 formed=(H, cabs, at[0].shape[-2]))
     if flat is not None:
         j = flat.nonzero().squeeze(-1)
         gone = _unresolved(pen, *at, j)

@@ -37,96 +37,44 @@ import torch
 from .._warn import warn
 from .degeneracy import shown_indices
 from ..errors import SolverWarning
-from ._vector_pool_solvers import (
-    _hessian,
-    _masked,
-    forming_noise,
-    _polish_irls,
-    geometry,
-    hess_solve,
-    irls_point,
-    kappa,
-    unit,
-)
+from ._vector_pool_rare import full_rule, gradient_noise, lowest  # noqa: F401  (lowest: re-exported)
+from ._vector_pool_solvers import _hessian, _masked, geometry, hess_solve, irls_point, kappa, unit
 from ._vector_pool_starts import _centre, _start
-from .pooling.rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE, grid
+from ._vector_pool_sums import irls_sums, phi_sums, point_chunks, step_sums
+from .pooling.rounding import _LOCAL_SPAN, _NOISE
 from .pooling.penalties import Penalty, Quadratic, TruncatedQuadratic
 
 # Newton steps shorter than _SHORT alpha may raise the objective by its rounding (polish).
 _SHORT = 1e-3
-# Trial steps along a direction of negative curvature, in alpha (both signs).
-_ESCAPE = (2.0, 1.0, 0.5, 0.25, 0.125, 1.0 / 16)
 
 
-def _newton(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, g: torch.Tensor):
-    """``(p, good, pd, H)``: the Newton step H⁻¹g, where it is good, and (C <= N: by
-    Cholesky, which also solves) whether H is positive definite (None for C > N, whose
-    Woodbury form does not tell; H None too)."""
-    H = _hessian(s, n, c)
+def _newton(s: torch.Tensor, g: torch.Tensor, H: torch.Tensor | None, n: torch.Tensor | None,
+            c: torch.Tensor | None):
+    """``(p, good, pd)``: the Newton step H⁻¹g, where it is good, and (C <= N: by Cholesky
+    of the formed ``H``, which also solves) whether H is positive definite (None for C > N,
+    ``H`` None, whose Woodbury form from ``n``, ``c`` does not tell)."""
     if H is None:
         p, good = hess_solve(s, n, c, g)
-        return p, good, None, None
+        return p, good, None
     L, info = torch.linalg.cholesky_ex(H)
     p, good = _masked(torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1), info == 0, s)
-    return p, good, good, H
+    return p, good, good
 
 
-def gradient_noise(k1: torch.Tensor, d2: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(r,): the rounding noise of the computed gradient g, eps (2.5 √N ‖φ'‖₂ + 4 Σ_i
-    |φ''(z_i)| z_i) (module docstring), from κ_i = φ'(z_i)/z_i ``k1``, φ''(z_i) ``d2`` and
-    the distances ``z`` (r, N). The polish's stopping rule, and the refinement's bound on
-    y's distance to the minimiser (:mod:`._vector_pool_refine`)."""
-    sum_noise = _SUM_NOISE * math.sqrt(z.shape[-1])
-    return (torch.linalg.vector_norm(k1 * z, dim=-1) * sum_noise
-            + _NOISE * torch.linalg.vecdot(d2.abs(), z)) * torch.finfo(z.dtype).eps
-
-
-def lowest(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """H's smallest eigenvalue (r,) and a unit direction (r, C) of that curvature, for the
-    few rows that need them (detached). C <= N: eigh of H; C > N: H = sI + U D Uᵀ has the
-    eigenvalue s off the span of the n_i and there those of K = sI + G½ D G½ (G = UᵀU,
-    N × N), whose eigenvector w gives the direction U G^{-½} w."""
-    N, C = n.shape[-2:]
-    if C <= N:
-        lam, V = torch.linalg.eigh(_hessian(s, n, c))
-        return lam[:, 0], V[:, :, 0]
-    ev, Q = torch.linalg.eigh(n @ n.mT)
-    big = ev > ev.amax(-1, keepdim=True) * (N * torch.finfo(ev.dtype).eps)
-    root = (Q * ev.clamp(min=0).sqrt().unsqueeze(-2)) @ Q.mT
-    K = root @ (c.unsqueeze(-1) * root)
-    K.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
-    mu, W = torch.linalg.eigh(K)
-    inv = (Q * torch.where(big, ev.clamp(min=1e-300).rsqrt(), 0.0).unsqueeze(-2)) @ Q.mT
-    v = (n.mT @ (inv @ W[:, :, :1])).squeeze(-1)
-    v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
-    return torch.minimum(mu[:, 0], s), v
-
-
-def _span(pen: Penalty, h: torch.Tensor, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _span(pen: Penalty, h: torch.Tensor, a: torch.Tensor, zmin: torch.Tensor) -> torch.Tensor:
     """How far a Newton step or a noise bound is trusted (R,): alpha / 2, or further where
     the penalty knows its curvature ``h = Σ φ''`` holds further (pseudo-Huber far from every
     point). Huber's unlimited span rests on its scalar g being piecewise linear, which the
     vector one is not: its outliers' terms (α/z_i)(I − n_i n_iᵀ) vary on the scale z_i,
-    so it is a quarter of the nearest distance (alpha / 2 at least). (With alpha / 2, the
+    so it is a quarter of the nearest distance ``zmin`` (alpha / 2 at least). (With alpha / 2, the
     geometric-median regime, alpha 1e-40 of a spread of 3, was called unresolved.)"""
     half = _LOCAL_SPAN * a.reshape(-1) if a.dim() else _LOCAL_SPAN * a
     own = pen.newton_span(h.unsqueeze(-1), a)
     if own is None:
         return half.expand(h.shape)
     own = own.reshape(-1)
-    own = torch.where(torch.isfinite(own), own, 0.25 * z.amin(-1))
+    own = torch.where(torch.isfinite(own), own, 0.25 * zmin)
     return torch.maximum(own, half)
-
-
-def _on_grid(au: torch.Tensor, a: torch.Tensor, tol: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Whether u's own rounding, ``4 eps ‖u‖∞``, is within the tolerance (rows stopped on a
-    quiet gradient are unresolved where it is not) and, in float32, within the span
-    alpha / 2: beyond it the grid of u is coarser than the curvature near a data point,
-    whose quiet gradient then says nothing of the points between, and such rows are
-    solved again in float64."""
-    g = grid(au, eps)
-    ok = g <= tol * (a + au)
-    return ok & (g <= _LOCAL_SPAN * a) if dtype == torch.float32 else ok
 
 
 def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,
@@ -144,7 +92,11 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
     Each step first applies the rule as it reads where no active row has a quiet gradient
     or an H not shown positive definite (the common case: no λ_min bound, no saddle
     test); where one has, the step's decision is made again by the full rule
-    (:func:`_full_rule`), the same for every row.
+    (:func:`~._vector_pool_rare.full_rule`), the same for every row.
+
+    A set too large for the block budget forms its terms a chunk of the points at a time
+    (:mod:`._vector_pool_sums`): each step sums them at u and at the Newton point (the next
+    step's sums where every row that goes on takes it).
     """
     R, N = x.shape[:2]
     eps = torch.finfo(x.dtype).eps
@@ -157,37 +109,55 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
     # least; likewise u's grid where it is within the tolerance and (float32) alpha / 2.
     # (One host read; they cost a tenth of a Huber solve at (16, 8, 36).)
     half = _LOCAL_SPAN * ar
-    reach = 2 * x.detach().abs().amax((-2, -1))
+    xd = x.detach()  # (max |x| without an |x| the size of the input)
+    reach = 2 * torch.maximum(xd.amax((-2, -1)), xd.amin((-2, -1)).neg())
     need_span, need_grid = torch.stack([(tol * (ar + reach) > half).any(),
                                         (_NOISE * eps * reach > half).any()]).tolist()
     need_grid = tol < _NOISE * eps or (bool(need_grid) and x.dtype == torch.float32)
     short = _SHORT * ar
+    chunks = point_chunks(x)
     # (d, z, f) at u where every row that goes on took the last step's Newton point: those
-    # of that point, the same values (and tangents) as formed again from u.
+    # of that point, the same values (and tangents) as formed again from u (chunked: its sums).
     carry = None
     for _ in range(max_iter):
         every = n_todo == R  # every row active: no mask by `active` needed
-        d, z, f = (*geometry(x, u), None) if carry is None else carry
-        k1 = kappa(pen, z, a)
-        s1 = k1.sum(-1)
-        d2 = pen.d2phi(z, a)
-        n, c = unit(d, z), d2 - k1
-        g = (k1.unsqueeze(-2) @ d).squeeze(-2)
-        step, good, pd, H = _newton(s1, n, c, g)
-        u_nt = u - step
-        d_nt, z_nt = geometry(x, u_nt)
-        if f is None:  # f at u and at the Newton point in one pass of phi (rows of the same sums)
-            f, f_nt = pen.phi(torch.cat((z, z_nt), -1), a).unflatten(-1, (2, N)).sum(-1).unbind(-1)
+        if chunks is None:
+            d, z, f = (*geometry(x, u), None) if carry is None else carry
+            k1 = kappa(pen, z, a)
+            s1 = k1.sum(-1)
+            d2 = pen.d2phi(z, a)
+            n, c = unit(d, z), d2 - k1
+            g = (k1.unsqueeze(-2) @ d).squeeze(-2)
+            H = _hessian(s1, n, c)
+            step, good, pd = _newton(s1, g, H, n, c)
+            u_nt = u - step
+            d_nt, z_nt = geometry(x, u_nt)
+            if f is None:  # f at u and at the Newton point in one pass of phi (rows of the same sums)
+                f, f_nt = pen.phi(torch.cat((z, z_nt), -1), a).unflatten(-1, (2, N)).sum(-1).unbind(-1)
+            else:
+                f_nt = pen.phi(z_nt, a).sum(-1)
+            terms, nxt = (k1, d2, n, c), (d_nt, z_nt, f_nt)
         else:
-            f_nt = pen.phi(z_nt, a).sum(-1)
+            terms = step_sums(pen, x, u, a, chunks) if carry is None else carry
+            s1, g, H, f = terms.s1, terms.g, terms.H, terms.f
+            step, good, pd = _newton(s1, g, H, None, None)
+            u_nt = u - step
+            nxt = step_sums(pen, x, u_nt, a, chunks)  # (f at the Newton point needs the step: a second pass)
+            f_nt = nxt.f
         astep = step.abs().amax(-1)
         with torch.no_grad():  # the stopping rule (module docstring), on detached values
             au = u.abs().amax(-1)
-            span = _span(pen, d2.sum(-1), a, z) if need_span else half
+            if not need_span:
+                span = half
+            elif chunks is None:
+                span = _span(pen, d2.sum(-1), a, z.amin(-1))
+            else:
+                span = _span(pen, terms.h, a, terms.zmin)
             lim = torch.minimum(tol * (ar + au), span)
-            noise = gradient_noise(k1, d2, z)
+            noise = gradient_noise(k1, d2, z) if chunks is None else terms.noise
             quiet = torch.linalg.vector_norm(g, dim=-1) <= noise
             # λ_min(H) >= Σ_i min(κ_i, φ''_i) (Weyl: term i's eigenvalues are κ_i and φ''_i).
+            # (pd is None for C > N alone, never chunked.)
             weyl = torch.minimum(k1, d2).sum(-1) if pd is None else None
             pd_c = good if pd is not None else weyl > 0
             # Slack of the sums' rounding: near a minimum the Newton step's decrease (gᵀp / 2)
@@ -217,18 +187,19 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
         stuck = ~stop & same if every else active & ~stop & same
         counts = torch.stack([special, notake, irls, stop, stuck]).sum(-1).tolist()  # one host sync
         n_special, n_notake, n_irls, n_stop, n_stuck = counts
-        carry = None if n_irls or n_special else (d_nt, z_nt, f_nt)
+        carry = None if n_irls or n_special else nxt
         if n_irls or (n_special and n_notake):
-            new = torch.where(take.unsqueeze(-1), u_nt, irls_point(k1, s1, x, u))
+            new = torch.where(take.unsqueeze(-1), u_nt, irls_point(k1, s1, x, u) if chunks is None
+                              else irls_point(None, s1, None, u, terms.kx))
             same = (new == u).all(-1)
             if not n_special:
                 stuck = ~stop & same if every else active & ~stop & same
                 n_stuck = int(stuck.sum())  # a second read, in IRLS steps only
         n_go = n_todo - n_stop - n_stuck  # (stop and stuck: disjoint sets of active rows)
         if n_special:
-            u, active, unres, n_go = _full_rule(pen, x, u, a, ar, tol, need_grid, eps, active, n_todo, unres, k1, d2,
-                                                s1, n, c, H, weyl, pd, good, step, u_nt, new, same, astep, au, lim,
-                                                noise, quiet, slack)
+            u, active, unres, n_go = full_rule(pen, x, u, a, ar, tol, need_grid, eps, active, n_todo, unres, terms,
+                                               s1, H, weyl, pd, good, step, u_nt, new, same, astep, au, lim, noise,
+                                               quiet, slack, chunks)
         else:
             at_stop = u_nt
             if n_stuck:
@@ -251,97 +222,32 @@ def polish(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol:
     return u, unres
 
 
-def _full_rule(pen, x, u, a, ar, tol, need_grid, eps, active, n_todo, unres, k1, d2, s1, n, c, H, weyl, pd, good,
-               step, u_nt, new, same, astep, au, lim, noise, quiet, slack):
-    """One step's decision by the module docstring's full rule, for a step where some
-    active row has a quiet gradient or an H not shown positive definite: ``(u, active,
-    unres, rows still to go)``. (The step's point ``new`` is the rule's already; n_todo
-    rows are active.)"""
-    every = n_todo == active.shape[0]  # (no mask by `active` needed)
-    with torch.no_grad():
-        lam = torch.minimum(k1, d2).sum(-1) if weyl is None else weyl
-        if H is not None:  # and >= s − ‖H − sI‖_F (Huber's outliers: Weyl's bound is 0)
-            B = H.clone()
-            B.diagonal(dim1=-2, dim2=-1).sub_(s1.unsqueeze(-1))
-            lam = torch.maximum(lam, s1 - torch.linalg.matrix_norm(B))
-        pd_c = (lam > 0) if pd is None else pd
-        near = good & ~quiet & (astep <= lim)
-        resolved = (lam > 0) & (noise / lam <= lim)
-        if need_grid:
-            resolved &= _on_grid(au, ar, tol, eps, x.dtype)
-        firm = pd_c & resolved
-        stop = (near if pd is not None else near & pd_c) | (quiet & firm)  # (near: good, pd_c where pd)
-        rare = (quiet & ~firm) | ~pd_c
-        if not every:
-            stop, rare = stop & active, rare & active
-    stuck = ~(stop | rare) & same if every else active & ~(stop | rare) & same
-    stop = stop | stuck
-    # (stop and rare: disjoint sets of active rows, by pd_c, quiet and firm)
-    n_rare, n_stop = torch.stack([rare, stop]).sum(-1).tolist()  # one host sync
-    n_go = n_todo - n_rare - n_stop
-    if n_rare:
-        stop, new, unres = _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, noise,
-                                 au, lim, slack)
-        stuck_r = rare & ~stop & (new == u).all(-1)
-        stuck, stop = stuck | stuck_r, stop | stuck_r
-        n_go = int((active & ~stop).sum())
-    unres = unres | stuck
-    # A stop on a quiet gradient keeps u, with the Newton point's tangent (value u exactly).
-    at_stop = torch.where((quiet | stuck).unsqueeze(-1), u - (step - step.detach()), u_nt)
-    u = torch.where(stop.unsqueeze(-1), at_stop, new if every else torch.where(active.unsqueeze(-1), new, u))
-    return u, ~stop if every else active & ~stop, unres, n_go
-
-
-def _rare(pen, x, u, a, ar, tol, rare, stop, new, unres, s1, n, c, near, quiet, noise, au, lim, slack):
-    """The rows whose step or stop needs H's smallest eigenvalue: a quiet gradient where
-    the bound on it does not show H positive definite or the row resolved, or H not shown
-    positive definite (C > N, or a nonconvex penalty's curvature). Decides their stops;
-    where H is not positive definite the row moves to the lowest of its step and trial
-    points along H's direction of lowest curvature (a saddle or a maximum with a quiet
-    gradient is left that way; elsewhere IRLS crawled through the concave region: Welsch
-    at 0.013 alpha per step)."""
-    idx = rare.nonzero().squeeze(-1)
-    with torch.no_grad():
-        s_i, n_i, c_i = s1[idx], n[idx], c[idx]
-        lam, v = lowest(s_i, n_i, c_i)
-        pd = lam > forming_noise(s_i, n_i, c_i)  # (positive definite beyond the rounding of forming H)
-        q = quiet[idx]
-        eps = torch.finfo(lam.dtype).eps
-        flat = q & pd & ((noise[idx] / lam > lim[idx]) | ~_on_grid(au[idx], ar[idx] if ar.dim() else ar, tol, eps,
-                                                                    lam.dtype))
-        # Where H is positive definite the row halts on a near step or a quiet gradient and
-        # keeps its step: no trial points.
-        halt = (near[idx] | q) & pd
-    stop = stop.index_put((idx,), halt)
-    unres = unres.index_put((idx,), unres[idx] | flat)
-    sub = (~pd).nonzero().squeeze(-1)
-    if sub.numel():
-        stop, new = _escape(pen, x, u, a, ar, idx.index_select(0, sub), v.index_select(0, sub),
-                            q.index_select(0, sub), stop, new, slack)
-    return stop, new, unres
-
-
-def _escape(pen, x, u, a, ar, j, v, q, stop, new, slack):
-    """The rows j whose H is not positive definite: to the lowest of the trial points u ±
-    t alpha v (v: the direction of lowest curvature), the step's point and u; a row halts
-    where its gradient is quiet and none is lower than u (by the slack)."""
-    with torch.no_grad():
-        a_j = (ar[j] if ar.dim() else ar.expand(j.shape)).unsqueeze(-1)
-        t = torch.tensor([s * r for r in _ESCAPE for s in (1.0, -1.0)], dtype=u.dtype, device=u.device)
-        u_j = u[j].detach()
-        trial = torch.cat([u_j.unsqueeze(-2) + (a_j * t).unsqueeze(-1) * v.unsqueeze(-2),
-                           new[j].detach().unsqueeze(-2), u_j.unsqueeze(-2)], -2)  # (r, T + 2, C)
-        aa = a[j].unsqueeze(-1) if a.dim() else a
-        ft = pen.phi(torch.linalg.vector_norm(trial.unsqueeze(-2) - x[j].detach().unsqueeze(-3), dim=-1),
-                     aa).sum(-1)
-        f_u = ft[:, -1]
-        fbest, best = ft[:, :-1].min(-1)
-        lower = fbest < f_u - slack[j]
-        escape = lower & (best < t.numel())
-    stop = stop.index_put((j,), q & ~lower)
-    moved = trial[torch.arange(j.numel(), device=u.device), best]
-    new = new.index_put((j,), torch.where(escape.unsqueeze(-1), moved + (u[j] - u[j].detach()), new[j]))
-    return stop, new
+def _polish_irls(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,
+                 max_iter: int) -> torch.Tensor:
+    """IRLS from u with exact distances until the step is at most ``tol·(alpha + ‖u‖∞)``
+    in every row: the truncated quadratic's, whose IRLS step is its Newton step (the
+    mean of the inliers), exact once the inlier set settles."""
+    ar = a.reshape(-1) if a.dim() > 0 else a
+    n_todo = 0
+    chunks = point_chunks(x)  # (a set too large for the block budget: its sums a chunk of the points at a time)
+    for _ in range(max_iter):
+        if chunks is None:
+            z = geometry(x, u)[1]
+            k1 = kappa(pen, z, a)
+            new = irls_point(k1, k1.sum(-1), x, u)
+        else:
+            s1, kx = irls_sums(pen, x, u, a, chunks)
+            new = irls_point(None, s1, None, u, kx)
+        moved = (new - u).abs().amax(-1)
+        u = new
+        n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())  # one host sync per step
+        if n_todo == 0:
+            return u
+    warn(
+        f"robust_vector_pool(penalty={pen.name!r}): {n_todo} of {u.shape[0]} row(s) did not "
+        f"reach tol={tol:g} within max_iter={max_iter}; returning the last iterate",
+        SolverWarning)
+    return u
 
 
 def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: int, starts: int,
@@ -358,9 +264,13 @@ def solve(pen: Penalty, x: torch.Tensor, a: torch.Tensor, tol: float, max_iter: 
         # off at 1e100 (with a SolverWarning).
         xd = x.detach()
         mean, med = xd.mean(-2), _centre(xd).squeeze(-2)
-        N = x.shape[-2]  # (both objectives in one pass of phi)
-        f_mean, f_med = pen.phi(torch.cat((geometry(xd, mean)[1], geometry(xd, med)[1]), -1), a).unflatten(
-            -1, (2, N)).sum(-1).unbind(-1)
+        N, chunks = x.shape[-2], point_chunks(x)  # (both objectives in one pass of phi)
+        if chunks is None:
+            f_mean, f_med = pen.phi(torch.cat((geometry(xd, mean)[1], geometry(xd, med)[1]), -1), a).unflatten(
+                -1, (2, N)).sum(-1).unbind(-1)
+        else:
+            f_mean, f_med = phi_sums(pen, xd, torch.stack((mean, med), -2), a.unsqueeze(-1) if a.dim() else a,
+                                     chunks).unbind(-1)
         u = torch.where((f_med < f_mean).unsqueeze(-1), med, mean)
     else:
         # The start only picks the basin; the polish's steps (Newton; the truncated

@@ -1,7 +1,6 @@
-"""Solvers of robust vector pooling: the maths (IRLS weights, Hessian solves) and the
-truncated quadratic's IRLS polish; the nonconvex penalties' start search is
-:mod:`._vector_pool_starts`, the other penalties' Newton polish and its stopping rule
-:mod:`._vector_pool_polish`.
+"""Solvers of robust vector pooling: the maths (IRLS weights, Hessian solves); the nonconvex
+penalties' start search is :mod:`._vector_pool_starts`, the polish (Newton/IRLS and its stopping
+rule; the truncated quadratic's IRLS) :mod:`._vector_pool_polish`.
 
 Rows are pooled sets ``x (R, N, C)`` of N vectors in C dimensions; ``alpha`` is ``(R, 1)``
 or 0-d; every function is batched torch code (CPU or CUDA) with one host sync per
@@ -15,8 +14,6 @@ import torch
 
 from .._autograd import any_batched
 from .._linalg import solve_ex
-from .._warn import warn
-from ..errors import SolverWarning
 from .dense import checked_solve, default_rcond
 from .pooling.backward import _CANCELLED
 from .pooling.penalties import Penalty
@@ -96,16 +93,23 @@ def forming_noise(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> torch.Te
     """(R,) the rounding of forming H = s I + Σ_i c_i n_i n_iᵀ (unit n_i), 2-norm: about
     C √(N + 1) eps (|s| + Σ_i |c_i|) (see :func:`hess_solve_checked`)."""
     N, C = n.shape[-2:]
-    return (s.abs() + c.abs().sum(-1)) * (C * math.sqrt(N + 1) * torch.finfo(s.dtype).eps)
+    return _forming_noise(s, c.abs().sum(-1), N, C)
 
 
-def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: torch.Tensor,
-                       mixed: torch.Tensor | None = None):
+def _forming_noise(s: torch.Tensor, cabs: torch.Tensor, N: int, C: int) -> torch.Tensor:
+    """:func:`forming_noise` from ``cabs`` = Σ_i |c_i| (R,)."""
+    return (s.abs() + cabs) * (C * math.sqrt(N + 1) * torch.finfo(s.dtype).eps)
+
+
+def hess_solve_checked(s: torch.Tensor, n: torch.Tensor | None, c: torch.Tensor | None, rhs: torch.Tensor,
+                       mixed: torch.Tensor | None = None, formed: tuple | None = None):
     r""":func:`hess_solve` for the derivatives: ``(v, ok, all ok, flat)``, one host read where
     every row is clear-cut. ``flat``: of the rows ``mixed`` (R,) (given: those with a term
     of negative curvature), the ``ok`` ones whose smallest eigenvalue may be below
     :data:`~.pooling.backward._CANCELLED` of the absolute sum of H's terms (a cancellation,
-    for :mod:`._vector_pool_hessian` to check), or None where there are none.
+    for :mod:`._vector_pool_hessian` to check), or None where there are none. ``formed``: ``(H,
+    Σ_i |c_i|, N)`` where the caller summed them (a set's points in chunks, C <= N), and ``n``, ``c``
+    None.
     Rows whose matrix is singular to working precision count as bad: a minimiser that is
     not isolated (Huber with two points 3.2 α apart: a segment of minimisers) is only
     *nearly* singular after rounding, and a solve returns an arbitrary finite step there
@@ -135,13 +139,16 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
     """
     if any_batched(rhs):
         zero = torch.zeros(rhs.shape, dtype=rhs.dtype, device=rhs.device)
-        _, ok, all_ok, flat = hess_solve_checked(s, n, c, zero, mixed)
-        H = _hessian(s, n, c)
+        _, ok, all_ok, flat = hess_solve_checked(s, n, c, zero, mixed, formed)
+        H = _hessian(s, n, c) if formed is None else formed[0]
         v = _plain(H, rhs)[0] if H is not None else _woodbury(_plain, s, n, c, rhs)[0]
         return torch.where(ok.unsqueeze(-1), v, torch.zeros_like(v)), ok, all_ok, flat
-    N, C = n.shape[-2:]
-    noise = forming_noise(s, n, c)
-    H = _hessian(s, n, c)
+    if formed is None:
+        N, C = n.shape[-2:]
+        H, cabs = _hessian(s, n, c), c.abs().sum(-1)
+    else:
+        (H, cabs, N), C = formed, formed[0].shape[-1]
+    noise = _forming_noise(s, cabs, N, C)
     if H is not None:
         L, info = torch.linalg.cholesky_ex(H)
         inv = torch.linalg.solve_triangular(L, torch.eye(C, dtype=H.dtype, device=H.device).expand_as(L),
@@ -150,7 +157,7 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
         clear = (info == 0) & (torch.linalg.matrix_norm(H) * inv2 * (C * default_rcond(C, H.dtype)) < 1) \
             & (noise * inv2 < 1)
         v, ok = _masked(torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1), clear, s, rhs)
-        flat = _cancelled(s, n, c, H, ok, mixed)
+        flat = _cancelled(s, n, c, H, ok, mixed, cabs)
         bad, some_flat = torch.stack([~ok.all(), flat.any()]).tolist()
         if not bad:
             return v, ok, True, flat if some_flat else None
@@ -163,23 +170,23 @@ def hess_solve_checked(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, rhs: t
         # M = sI + D UᵀU has H's eigenvalues (and s): the same test applies to it.
         v, good = _woodbury(lambda M, r: _checked(M, r, noise, symmetric=False), s, n, c, rhs)
     v, ok = _masked(v, good, s, rhs)
-    flat = _cancelled(s, n, c, H, ok, mixed)
+    flat = _cancelled(s, n, c, H, ok, mixed, cabs)
     bad, some_flat = torch.stack([~ok.all(), flat.any()]).tolist()
     return v, ok, not bad, flat if some_flat else None
 
 
-def _cancelled(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor, H: torch.Tensor | None, ok: torch.Tensor,
-               mixed: torch.Tensor | None) -> torch.Tensor:
+def _cancelled(s: torch.Tensor, n: torch.Tensor | None, c: torch.Tensor | None, H: torch.Tensor | None,
+               ok: torch.Tensor, mixed: torch.Tensor | None, cabs: torch.Tensor) -> torch.Tensor:
     """(R,) the ``ok`` and ``mixed`` rows of H = s I + Σ_i c_i n_i n_iᵀ whose smallest
     eigenvalue λ is not shown to exceed t = :data:`~.pooling.backward._CANCELLED` of its
     terms' absolute sum |s| + Σ_i |c_i| (the scalar pooling's test of its curvature sum,
     which never applies where every term's curvature is >= 0) by a Cholesky factorisation
     of H − t I (C <= N), or, C > N, of K − t I with K = s I − |c|^½ G |c|^½ (G = n nᵀ; with
     every c_i <= 0, as φ'(z)/z non-increasing gives, λ = min(s, λ_min(K))); rows with a c_i > 0
-    there, or s <= t, are kept."""
+    there, or s <= t, are kept. ``cabs``: Σ_i |c_i|."""
     if mixed is None:
         return torch.zeros_like(ok)
-    t = _CANCELLED * (s.abs() + c.abs().sum(-1))
+    t = _CANCELLED * (s.abs() + cabs)
     if H is None:
         root = c.clamp(max=0).neg().sqrt()
         A = -(root.unsqueeze(-1) * (n @ n.mT) * root.unsqueeze(-2))
@@ -216,31 +223,11 @@ def _checked(H: torch.Tensor, rhs: torch.Tensor, noise: torch.Tensor,
 # --------------------------------------------------------------------------- solvers
 
 
-def irls_point(k1: torch.Tensor, s1: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def irls_point(k1: torch.Tensor | None, s1: torch.Tensor, x: torch.Tensor | None, u: torch.Tensor,
+               kx: torch.Tensor | None = None) -> torch.Tensor:
     """The IRLS (majorise–minimise) point Σ_i κ_i x_i / Σ_i κ_i (R, C) of the weights
-    ``k1`` (R, N), ``s1`` their sums (R,), and u where s1 = 0 (no inliers)."""
+    ``k1`` (R, N), ``s1`` their sums (R,), and u where s1 = 0 (no inliers); ``kx``: Σ_i κ_i x_i
+    (R, C) if summed already (a set's points in chunks), else formed from ``k1`` and ``x``."""
     ok = (s1 > 0).unsqueeze(-1)
-    return torch.where(ok, (k1.unsqueeze(-2) @ x).squeeze(-2) / torch.where(ok, s1.unsqueeze(-1), 1.0), u)
-
-
-def _polish_irls(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, tol: float,
-                 max_iter: int) -> torch.Tensor:
-    """IRLS from u with exact distances until the step is at most ``tol·(alpha + ‖u‖∞)``
-    in every row: the truncated quadratic's, whose IRLS step is its Newton step (the
-    mean of the inliers), exact once the inlier set settles."""
-    ar = a.reshape(-1) if a.dim() > 0 else a
-    n_todo = 0
-    for _ in range(max_iter):
-        z = geometry(x, u)[1]
-        k1 = kappa(pen, z, a)
-        new = irls_point(k1, k1.sum(-1), x, u)
-        moved = (new - u).abs().amax(-1)
-        u = new
-        n_todo = int((moved > tol * (ar + u.abs().amax(-1))).sum())  # one host sync per step
-        if n_todo == 0:
-            return u
-    warn(
-        f"robust_vector_pool(penalty={pen.name!r}): {n_todo} of {u.shape[0]} row(s) did not "
-        f"reach tol={tol:g} within max_iter={max_iter}; returning the last iterate",
-        SolverWarning)
-    return u
+    kx = (k1.unsqueeze(-2) @ x).squeeze(-2) if kx is None else kx
+    return torch.where(ok, kx / torch.where(ok, s1.unsqueeze(-1), 1.0), u)

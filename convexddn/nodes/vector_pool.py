@@ -53,7 +53,7 @@ from ._module_options import store_option
 from ._overflow import option_cast
 from ._vector_pool_polish import solve
 from ._vector_pool_refine import per_set
-from ._vector_pool_hessian import hessian_solve_warned as _h_solve, hessian_terms as _terms
+from ._vector_pool_hessian import gradient_rows as _gradient, hessian_solve_warned as _h_solve, hessian_terms as _terms
 from ._vector_pool_units import in_units as _in_units, rescaled
 from ._vmap_stack import stacked_under_vmap
 from .pooling.penalties import Penalty, Quadratic, format_penalty
@@ -103,15 +103,10 @@ class _VectorPoolFunction(torch.autograd.Function):
         if isinstance(ctx.pen, Quadratic) or R == 0:
             gx = (gy / N).unsqueeze(-2).expand(R, N, C) if need_x else None
             return gx, torch.zeros_like(alpha) if need_a else None, None, None, None, None, None
-        pen = ctx.pen
         def rows(xs, al, ys, idx):  # (per_set: sets whose y is coarse again, refined)
             g = gy if idx is None else gy.index_select(0, idx)
-            a, z, n, k1, c = _terms(pen, xs, al, ys)
-            v = _h_solve(pen, (xs, a, ys), k1, n, c, g, "gradient", ctx.batch, idx)
-            nv = (n @ v.unsqueeze(-1)).squeeze(-1)  # n_iᵀ v, (R, N)
-            gx = k1.unsqueeze(-1) * v.unsqueeze(-2) + (c * nv).unsqueeze(-1) * n if need_x else None
-            return gx, -(pen.d2phi_dalpha(z, a) * nv).sum(-1) if need_a else None
-        gx, ga = per_set(pen, x, alpha, y, rows, ctx.coarse, ctx.batch)
+            return _gradient(ctx.pen, xs, al, ys, g, need_x, need_a, ctx.batch, idx)
+        gx, ga = per_set(ctx.pen, x, alpha, y, rows, ctx.coarse, ctx.batch)
         return gx, ga if ga is None or alpha.dim() > 0 else ga.sum(), None, None, None, None, None
 
     @staticmethod

@@ -1158,12 +1158,14 @@ def test_robust_vector_pool_start_search_memory_is_bounded(name, monkeypatch):
 @pytest.mark.parametrize("name", ["welsch", "trunc_quad"])
 @pytest.mark.parametrize("spread", [1.0, 1e7])  # 1e7: the start search by direct differences, in float64
 def test_robust_vector_pool_start_blocks_do_not_change_the_result(name, spread, monkeypatch):
-    """One row per block or every row in one: the same iterations, bit for bit."""
+    """One row per block or every row in one: the same iterations, bit for bit. (A budget of one
+    row's start-search terms, 130 × 40 float32: the polish's 40 points fit it whole; a budget below
+    them takes its sums a chunk of the points at a time, equal to rounding: test_vector_pool_large_set.)"""
     from convexddn.nodes.pooling import kernels
     x = torch.randn(6, 3, 40, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
     x[..., :10] *= spread
     outs = []
-    for budget in (1, 1 << 40):
+    for budget in (130 * 40 * 4, 1 << 40):
         monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", budget)
         outs.append(robust_vector_pool(x, name, 1.0))
     assert torch.equal(outs[0], outs[1])
