@@ -11,6 +11,8 @@ of the points, each chunk's sums added to the row's. Until 2026-12-08 one set wi
 block alone and its temporaries grew with :math:`S \cdot N`: about 250 times the input (Welsch on one
 float32 set of 1e6 3-vectors: 2.7 GB; 9e6 ran out of memory). A row that fits is one chunk, taken with the
 same ops as before (bit for bit); a chunked row's sums differ from the one-pass ones by their rounding.
+Chunked rows have no centred copy of the set (as large as the input): each chunk's is formed where it is
+used, and the truncated quadratic's swap rounds keep each chunk's points nearest the inlier boundary.
 """
 from __future__ import annotations
 
@@ -127,29 +129,42 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
     is polished exactly. They are taken a tile at a time (:func:`tiles`), each step of every
     tile before the one host read that decides whether to go on: the same iterations as all
     rows at once, but the memory of one tile. All at once, (64, 3, 2048) float64 sets (3 MB)
-    took 730 MB and 15.7 s with Welsch. ``centre``: :func:`_centre` of x, if known.
+    took 730 MB and 15.7 s with Welsch. ``centre``: :func:`_centre` of x, if known. Sets in
+    chunks of their points have no centred copy (the size of the input): each chunk's is formed
+    where it is used.
     """
     R, N, C = x.shape
     centre = _centre(x) if centre is None else centre
-    xc = x - centre
-    x2 = (xc * xc).sum(-1).unsqueeze(-2)  # (R, 1, N)
+    k = min(starts, N)
+    grid = tiles(R, N, (2 + 4 * k) * (C if direct else 1), x)
+    whole = all(chunks == [slice(None)] for _, chunks in grid)  # (else: single rows in chunks)
+    if whole:
+        xc = x - centre
+        x2 = (xc * xc).sum(-1).unsqueeze(-2)  # (R, 1, N)
+        big = torch.maximum(xc.amax((-2, -1)), xc.amin((-2, -1)).neg())  # max |xc|, without an |xc| copy
+        mean = xc.mean(-2, keepdim=True)
+    else:  # (max_i (x_i − c) = max_i x_i − c: rounding is monotonic)
+        big = torch.maximum((x.amax(-2, keepdim=True) - centre).amax((-2, -1)),
+                            (centre - x.amin(-2, keepdim=True)).amax((-2, -1)))
+        mean = x.mean(-2, keepdim=True) - centre
     aa = a.unsqueeze(-1) if a.dim() > 0 else a  # (R, 1, 1) against (r, S, n)
     # (a itself, (R, 1) or 0-d: aa.squeeze(-1) of a 0-d alpha under vmap, torch.func.jacfwd
     # w.r.t. an unbatched set's alpha, raised "Dimension is out of range".)
-    big = torch.maximum(xc.amax((-2, -1)), xc.amin((-2, -1)).neg())  # max |xc|, without an |xc| copy
     limit = _START_TOL * (a + big.unsqueeze(-1))  # (R, 1)
     rows = torch.arange(R, device=x.device)
-    k = min(starts, N)
-    grid = tiles(R, N, (2 + 4 * k) * (C if direct else 1), x)
+
+    def xc_at(sl, ch):  # the centred points ch (a slice or indices) of the rows sl, (r, n, C)
+        return xc[sl][:, ch] if whole else x[sl][:, ch] - centre[sl]
 
     def a_at(sl):  # alpha of the rows sl, against (r, S, n)
         return aa if aa.dim() == 0 else aa[sl]
 
     def dist(U, sl, ch):  # (r, S, C) of the rows sl -> (r, S, n) to their points ch
-        xs = xc[sl][:, ch]
+        xs = xc_at(sl, ch)
         if direct:
             return torch.linalg.vector_norm(U.unsqueeze(-2) - xs.unsqueeze(-3), dim=-1)
-        z2 = (U * U).sum(-1, keepdim=True) - 2 * (U @ xs.mT) + x2[sl][..., ch]
+        z2 = (U * U).sum(-1, keepdim=True) - 2 * (U @ xs.mT) + (x2[sl][..., ch] if whole
+                                                                 else (xs * xs).sum(-1).unsqueeze(-2))
         return z2.clamp_(min=0).sqrt_()
 
     def irls(U):  # (R, S, C) -> end points and their objectives (R, S)
@@ -158,7 +173,7 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
             for sl, chunks in grid:
                 def weights(ch, sl=sl):  # Σ_i w_si and Σ_i w_si x_i over the points ch
                     w = kappa(pen, dist(U[sl], sl, ch), a_at(sl))
-                    return w.sum(-1, keepdim=True), w @ xc[sl][:, ch]
+                    return w.sum(-1, keepdim=True), w @ xc_at(sl, ch)
                 sw, wx = summed(weights, chunks)
                 new[sl] = torch.where(sw > 0, wx / torch.where(sw > 0, sw, torch.ones_like(sw)), U[sl])
             step = (new - U).abs().amax(-1)
@@ -173,17 +188,18 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
     def means(masks, sl, chunks):  # 0/1 (r, S, n) masks of the rows sl, per chunk -> their means (r, S, C), counts
         def sums(ch):
             got = masks(ch)
-            return tuple(m @ xc[sl][:, ch] for m in got) + tuple(m.sum(-1, keepdim=True) for m in got)
+            xs = xc_at(sl, ch)
+            return tuple(m @ xs for m in got) + tuple(m.sum(-1, keepdim=True) for m in got)
         out = summed(sums, chunks)
         half = len(out) // 2
         return [t / c.clamp(min=1) for t, c in zip(out[:half], out[half:])], out[half:]
 
-    found = [xc.mean(-2, keepdim=True), torch.zeros_like(xc[:, :1])]
+    found = [mean, torch.zeros_like(mean)]
     if k > 0:
         idx = torch.linspace(0, N - 1, k, device=x.device).round().long().unique()
-        balls = xc.new_empty(R, len(_BALL_RADII) * idx.numel(), C)
+        balls = x.new_empty(R, len(_BALL_RADII) * idx.numel(), C)
         for sl, chunks in grid:
-            pts = xc[sl][:, idx]
+            pts = xc_at(sl, idx)
             def balls_in(ch, sl=sl, pts=pts):  # the chosen points' balls, (r, k, n) per radius
                 near = dist(pts, sl, ch)
                 return [(near <= r * a_at(sl)).to(x.dtype) for r in _BALL_RADII]
@@ -196,13 +212,26 @@ def _multi_start(pen: Penalty, x: torch.Tensor, a: torch.Tensor, starts: int, ma
     # Swaps act on hard inlier sets: exact for the truncated quadratic, whose minimiser
     # is the mean of its inliers; Welsch has no hard inlier set and skips them.
     for _ in range(_SWAP_ROUNDS if k > 0 and isinstance(pen, TruncatedQuadratic) else 0):
-        z = dist(u.unsqueeze(-2), slice(None), slice(None))  # (R, 1, N)
-        inlier = (z <= aa).to(x.dtype)
-        edge = (z - aa).abs().squeeze(-2).topk(k, -1, largest=False).indices  # (R, k)
-        starts_t, filled = xc.new_empty(R, k, C), torch.empty(R, k, dtype=torch.bool, device=x.device)
+        if whole:
+            z = dist(u.unsqueeze(-2), slice(None), slice(None))  # (R, 1, N)
+            inlier = z <= aa  # (bool: a quarter of x's dtype, taken as 0/1 a chunk at a time)
+            edge = z.sub_(aa).abs_().squeeze(-2).topk(k, -1, largest=False).indices  # (R, k); (z in place: done)
+        else:  # (single rows a chunk at a time: the k nearest the boundary among each chunk's k nearest)
+            inlier = torch.empty(R, 1, N, dtype=torch.bool, device=x.device)
+            edge = torch.empty(R, k, dtype=torch.long, device=x.device)
+            for sl, chunks in grid:
+                best = []
+                for ch in chunks:
+                    z = dist(u[sl].unsqueeze(-2), sl, ch)
+                    inlier[sl, :, ch] = z <= a_at(sl)
+                    got = z.sub_(a_at(sl)).abs_().squeeze(-2).topk(min(k, z.shape[-1]), -1, largest=False)
+                    best.append((got.values, got.indices + ch.start))
+                vals, at = torch.cat([b[0] for b in best], -1), torch.cat([b[1] for b in best], -1)
+                edge[sl] = at.gather(-1, vals.topk(k, -1, largest=False).indices)
+        starts_t, filled = x.new_empty(R, k, C), torch.empty(R, k, dtype=torch.bool, device=x.device)
         for sl, chunks in grid:
             def toggled(ch, sl=sl):  # (r, k, n): the inlier set with edge point j toggled, in row j
-                t = inlier[sl][..., ch].expand(-1, k, -1).clone()
+                t = inlier[sl][..., ch].to(x.dtype).expand(-1, k, -1).clone()
                 at = edge[sl].unsqueeze(-1) - (ch.start or 0)  # (r, k, 1), in the chunk where 0 <= at < n
                 inside = (at >= 0) & (at < t.shape[-1])
                 at = at.clamp(0, t.shape[-1] - 1)
