@@ -27,9 +27,10 @@ from .pooling.kernels import block_rows
 from .pooling.penalties import Penalty
 from .pooling.rounding import _NOISE, _SUM_NOISE
 
-# Elements of x's dtype per point and vector component that one chunk's step holds (d, n, n·c and
-# their float64 copies), and per point besides (z, κ, φ'', c, φ and their products).
-_PER_COMPONENT, _PER_POINT = 4, 8
+# Elements of x's dtype per point and vector component that one chunk's step holds at once (d, n, n·c,
+# the gradient's products, and n, n·c in float64: two elements of a float32 x each), and per point
+# besides (z, κ, φ'', c, φ and their products).
+_PER_COMPONENT, _PER_POINT = 8, 8
 # Points per chunk at least, whatever the number of rows (Python's cost per chunk).
 _MIN_CHUNK = 1024
 

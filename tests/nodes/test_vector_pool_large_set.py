@@ -115,10 +115,10 @@ def test_one_large_set_forward_backward_peak_memory_is_a_small_multiple_of_the_i
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
-@pytest.mark.parametrize("name, bound", [("welsch", 4.25), ("trunc_quad", 4.25), ("huber", 4.25)])
+@pytest.mark.parametrize("name, bound", [("welsch", 4.5), ("trunc_quad", 4.5), ("huber", 4.5)])
 def test_a_set_many_times_the_block_budget_peaks_at_a_few_times_its_input(name, bound):
     """As above with a block budget of 256 KiB, a fifth of the set (the budget against a set of
-    1e6 points: a run of that size takes minutes): 3.4 to 3.8 times the input (the input, the
+    1e6 points: a run of that size takes minutes): 3.4 to 3.9 times the input (the input, the
     solver's copy of it, the gradient, a few budgets), not terms the size of the input per step
     (before: 9 to 11 times, the polish's and backward's; the start search's centred copy)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -178,7 +178,7 @@ def test_chunked_polish_and_backward_give_the_one_pass_result(name, monkeypatch)
     x = torch.cat([_one_set(3000, D), -_one_set(3000, D)])
     gy = torch.randn(2, 3, dtype=D, generator=torch.Generator().manual_seed(1))
     out = []
-    for budget in (1 << 40, 64 * (4 * 3 + 8) * 8):
+    for budget in (1 << 40, 64 * (8 * 3 + 8) * 8):
         monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", budget)
         seen = _record_point_terms(monkeypatch, pen)
         xx = x.clone().requires_grad_()
@@ -198,7 +198,7 @@ def test_chunked_polish_and_backward_give_the_one_pass_result(name, monkeypatch)
 def test_chunked_gradient_matches_finite_differences(name, monkeypatch):
     """One float64 set of 3000 points, chunked (a block budget of 256 points' terms): x̄ of a few
     points against central differences of the chunked solution."""
-    monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", 256 * (4 * 3 + 8) * 8)
+    monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", 256 * (8 * 3 + 8) * 8)
     x = _one_set(3000, D)
     gy = torch.tensor([[0.3, -1.0, 0.5]], dtype=D)
     xx = x.clone().requires_grad_()
