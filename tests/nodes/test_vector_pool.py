@@ -1125,22 +1125,13 @@ def test_robust_vector_pool_convex_start_beside_an_outlier_1e100_away(name):
 
 
 @pytest.mark.parametrize("name", ["welsch", "trunc_quad"])
-def test_robust_vector_pool_start_search_memory_is_bounded(name, monkeypatch):
+def test_robust_vector_pool_start_search_memory_is_bounded(name, start_distances):
     """The start search's (r, S, N) temporaries (S = 130 starts) are taken a block of rows
     at a time, within the pooling kernels' block budget: all rows at once, (64, 3, 2048)
     float64 sets (3 MB) took 730 MB. Here (8, 3, 512): 4.3 MB per temporary all at once,
     at most 2 MiB (the CPU block) in blocks; the result is still a stationary point."""
-    from convexddn.nodes import _vector_pool_starts as vps
     from convexddn.nodes.pooling import kernels
-    seen = []
-    real = vps.kappa
-
-    def recording(pen, z, a):
-        if z.dim() == 3:  # the start search's (r, S, N) distances
-            seen.append(z.numel() * z.element_size())
-        return real(pen, z, a)
-
-    monkeypatch.setattr(vps, "kappa", recording)
+    seen = start_distances
     x = torch.randn(8, 3, 512, dtype=D, generator=torch.Generator().manual_seed(0))
     x[..., :200] = 0.3 * x[..., :200] + 2.0  # an inlier cluster
     y = robust_vector_pool(x, name, 1.0)

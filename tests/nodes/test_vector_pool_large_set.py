@@ -30,18 +30,10 @@ def _one_set(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["welsch", "trunc_quad"])
-def test_start_search_temporaries_stay_within_the_block_budget_for_one_large_set(name, monkeypatch):
+def test_start_search_temporaries_stay_within_the_block_budget_for_one_large_set(name, start_distances):
     """One float32 set of 20000 points: S·N is 10 MB per temporary in one pass, over the 2 MiB
     CPU block; every (r, S, n) distance the search forms is within the block."""
-    seen = []
-    real = starts.kappa
-
-    def recording(pen, z, a):
-        if z.dim() == 3:  # the start search's (r, S, n) distances
-            seen.append(z.numel() * z.element_size())
-        return real(pen, z, a)
-
-    monkeypatch.setattr(starts, "kappa", recording)
+    seen = start_distances
     robust_vector_pool(_one_set(20000, torch.float32), name, 1.0)
     assert seen and max(seen) <= kernels._CPU_BLOCK_BYTES, (max(seen), kernels._CPU_BLOCK_BYTES)
 
