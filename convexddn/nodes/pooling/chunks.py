@@ -29,15 +29,15 @@ def block_sums(pen: Penalty, method: str, rows: Rows, sl: slice, u: Tensor, al, 
 
     ``first = (ends, fill, start)``: also append the rows' ``(min, max)`` ``(r, 1)`` to
     ``ends`` and, unless ``start`` is None, set ``fill[sl] = start(x rows)``. A start
-    reads a whole row; where the row is chunked it reads only the columns its
-    ``on_columns(n)`` names, ``(columns, the start of those columns alone)``, so that a
-    gathered or converted long row is never made whole."""
+    reads a whole row; where the row is chunked it is ``start.on_chunks(read, n, cols)``,
+    which reads the rows only as ``read(columns)`` (each read into the buffer the next
+    one reuses), so that a gathered or converted long row is never made whole."""
     k3 = u.dim() == 3
     total, sq = None, None
     lo = hi = None
     if first is not None and first[2] is not None and len(cols) > 1:
         # (before the chunks: a gathered row's columns go through the buffer they take too)
-        first[1][sl] = _start_of(first[2], rows, sl)
+        first[1][sl] = _start_of(first[2], rows, sl, cols)
     for c in cols:
         xb = rows.block(sl) if len(cols) == 1 else rows.block(sl, c)  # (whole rows: as before)
         if first is not None:
@@ -57,10 +57,13 @@ def block_sums(pen: Penalty, method: str, rows: Rows, sl: slice, u: Tensor, al, 
     return total, (sq if len(cols) == 1 or sq is None else sq.sqrt_())
 
 
-def _start_of(start: Callable, rows: Rows, sl: slice) -> Tensor:
-    """``start`` of the rows ``sl``, reading only the columns it names (see :func:`block_sums`)."""
-    cols, fn = getattr(start, "on_columns", lambda n: (slice(None), start))(rows.x.shape[1])
-    return fn(rows.block(sl, cols))
+def _start_of(start: Callable, rows: Rows, sl: slice, cols: list[slice]) -> Tensor:
+    """``start`` of the rows ``sl`` of long rows chunked as ``cols``, read chunk by chunk
+    where it has an ``on_chunks`` form (see :func:`block_sums`), else whole."""
+    def read(c: slice) -> Tensor:
+        return rows.block(sl, c)
+    on_chunks = getattr(start, "on_chunks", None)
+    return start(read(slice(None))) if on_chunks is None else on_chunks(read, rows.x.shape[1], cols)
 
 
 def chunked_weights(penalty: Penalty, x: Tensor, yb: Tensor, al, scratch: Scratch, cols: list[slice],

@@ -47,7 +47,8 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
                  max_iter: int, use_compile: bool) -> Result | None:
     """A descent-safeguarded trust-region Newton iteration for a nonconvex penalty, from
     ``k`` starts per row at once (``u`` is ``(R, k)``, or None: ``start(x_block)`` gives
-    ``(r, k)`` in the first pass).
+    ``(r, k)`` in the first pass, ``k = start.count``; long rows take its ``on_chunks``
+    form, see :func:`.chunks.block_sums`).
 
     At the current point it evaluates the objective f, g, h and the IRLS (majoriser)
     curvature W >= h. The safe step -g / max(h, kappa W), kappa > 1/2, is t times the
@@ -72,7 +73,8 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     x = rows.like  # (the solve's dtype: x's, or float64 for float32 rows solved again)
     R, n = rows.count, x.shape[1]
     eps = torch.finfo(x.dtype).eps
-    k = u.shape[-1] if u is not None else start(rows.block(slice(0, 1))).shape[-1]
+    # (a start names its count: calling it on a row to learn k read, and converted, the whole row)
+    k = u.shape[-1] if u is not None else start.count
     ranges = block_ranges(R, n, x, use_compile)
     scratch = Scratch.make(3, (ranges[0].stop - ranges[0].start) * k * col_ranges(n, x, use_compile, k)[0].stop, x)
     u2 = x.new_empty(R, k) if u is None else u.reshape(R, k).clone()

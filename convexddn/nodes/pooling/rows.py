@@ -29,10 +29,9 @@ class Rows:
     ``dtype``: the solve's dtype where it differs from x's (a float32 row solved again in
     float64): each block (or column chunk, :func:`.kernels.col_ranges`) is converted when
     a pass reads it, so that the iterations make no float64 copy of a long row (it was twice
-    the input, and a float32 Huber row of 1e7 always takes that second solve); a start without
-    ``on_columns`` (the mean and median of Welsch's and the truncated quadratic's descent,
-    :func:`.solvers._two_starts`) still reads, and
-    converts, the whole row into the buffer."""
+    the input, and a float32 Huber row of 1e7 always takes that second solve); the starts read
+    such a row chunk by chunk too (their ``on_chunks`` form, see :func:`.chunks.block_sums`), so
+    the buffer never holds more than a block or chunk."""
 
     x: Tensor
     alpha: Tensor

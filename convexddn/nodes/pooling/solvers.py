@@ -18,6 +18,7 @@ rows that float64 cannot resolve, or that hit ``max_iter``, are reported with a
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -124,9 +125,15 @@ def _remedian_columns(n: int) -> slice:
     return slice(0, k * (n // k), n // k)
 
 
-# (the columns a long row's start reads, and the start of those alone: see .chunks.block_sums)
-_median_start.on_columns = lambda n: ((_remedian_columns(n), _remedian) if n > _SAMPLE_MIN_N
-                                      else (slice(None), _median_start))
+def _median_on_chunks(read: Callable[[slice], Tensor], n: int, cols: list[slice]) -> Tensor:
+    """:func:`_median_start` of rows of ``n`` read only as ``read(columns) (r, c)`` (see
+    :func:`.chunks.block_sums`): beyond 512 entries the 81 columns :func:`_remedian` takes."""
+    if n > _SAMPLE_MIN_N:
+        return _remedian(read(_remedian_columns(n)))
+    return _median_start(read(slice(None)))
+
+
+_median_start.count, _median_start.on_chunks = 1, _median_on_chunks
 _start = _median_start
 
 
@@ -137,6 +144,23 @@ def _two_starts(x: Tensor) -> Tensor:
     mean a few ulp off ended up to 148 ulp apart in float32 for the same values."""
     x = x.contiguous()
     return torch.cat([x.mean(-1, keepdim=True), _median_start(x)], -1)
+
+
+def _two_on_chunks(read: Callable[[slice], Tensor], n: int, cols: list[slice]) -> Tensor:
+    """:func:`_two_starts` of rows of ``n`` read chunk by chunk (``read(c) (r, c)``, ``c`` in
+    ``cols``, each read into the buffer the next reuses): a float32 row solved again in float64
+    was converted whole for it, a float64 copy of 2x its input. The mean is ``sum_c s_c / n``,
+    the chunks' sums (each as torch sums a contiguous row: any layout, the same start) added in
+    float64, rounded once: the whole row's mean to that rounding."""
+    total = None
+    for c in cols:
+        s = read(c).contiguous().sum(-1, keepdim=True, dtype=torch.float64)  # (float32: no overflow)
+        total = s if total is None else total.add_(s)
+    med = _median_on_chunks(read, n, cols)
+    return torch.cat([total.div_(n).to(med.dtype), med], -1)
+
+
+_two_starts.count, _two_starts.on_chunks = 2, _two_on_chunks
 
 
 def _sample_starts(xs: Tensor) -> Tensor:

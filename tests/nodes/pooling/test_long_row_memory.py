@@ -210,3 +210,63 @@ def test_long_rows_take_the_chunked_solver_and_agree_with_the_brute_force(monkey
     y = robust_pool(x, "trunc_quad", 0.8)
     assert len(calls) == 3
     assert (y.double() - _brute_force(x, 0.8)).abs().max() <= 4 * torch.finfo(torch.float32).eps * 10
+
+
+def _welsch_objective(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Welsch's objective ``sum_i 1 - exp(-(y - x_i)^2 / (2 alpha^2))`` per row, in float64."""
+    r = (y.double().unsqueeze(-1) - x.double()) / alpha.double()
+    return (1 - torch.exp(-0.5 * r * r)).sum(-1)
+
+
+@pytest.mark.parametrize("pen", ["welsch", "trunc_quad"])
+def test_a_lazily_converted_long_row_takes_its_starts_within_a_chunk(monkeypatch, pen):
+    # The descent's two starts (mean, median) of a float32 row solved again in float64 are read
+    # chunk by chunk: the Rows buffer stays one chunk (before: the whole row converted, a float64
+    # copy of 2x the input kept for the solve). The solve matches the whole rows' (one block each)
+    # to the mean's rounding, and Welsch's objective there is not higher.
+    monkeypatch.setattr(rows_module, "_LAZY_BYTES", 0)
+    torch.manual_seed(7)
+    x = torch.randn(4, 30_000) * 2
+    x[:, ::7] += 25.0  # (outliers: a second local minimum)
+    a = torch.tensor([0.5, 1.0, 2.0, 0.7]).reshape(-1, 1)
+    idx = torch.tensor([0, 1, 3])
+    monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", 1 << 30)
+    whole = _solve(Penalty.resolve(pen), _rows(x[idx].double(), a[idx].double()), 1e-6, 100, False, None, x)[0]
+    monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", 1 << 14)
+    lazy = _rows(x, a).select(idx, torch.float64)
+    assert lazy.index is not None and len(kernels.col_ranges(x.shape[1], lazy.like, False, 2)) > 1
+    y = _solve(Penalty.resolve(pen), lazy, 1e-6, 100, False, None, x)[0]
+    assert lazy.buf.numel() * lazy.buf.element_size() <= kernels._CPU_BLOCK_BYTES
+    eps = torch.finfo(torch.float64).eps
+    assert ((y - whole).abs() <= 1e6 * eps * (whole.abs() + a[idx, 0])).all(), (y, whole)
+    if pen == "welsch":
+        f, f_whole = (_welsch_objective(x[idx], v, a[idx]) for v in (y, whole))
+        assert (f <= f_whole * (1 + 1e3 * eps)).all(), (f, f_whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_chunked_two_starts_are_the_mean_and_the_median_start(dtype):
+    # Read chunk by chunk, the mean is the exact mean (math.fsum) to its rounding, and the
+    # median part is the whole row's, to the bit, in any layout of the row.
+    import math
+
+    from convexddn.nodes.pooling.solvers import _median_start, _two_starts
+    torch.manual_seed(8)
+    x = (torch.randn(1, 10_007, dtype=torch.float64) * 3 + 1e3).to(dtype)
+    x[:, ::11] -= 400.0
+    cols = [slice(i, min(i + 512, x.shape[1])) for i in range(0, x.shape[1], 512)]
+    reads = []
+
+    def read(c):
+        reads.append(c)
+        return xt[:, c]
+
+    exact = math.fsum(x.double().flatten().tolist()) / x.shape[1]
+    for xt in (x, x.t().contiguous().t()):  # (a strided view of the same values)
+        s = _two_starts.on_chunks(read, x.shape[1], cols)
+        assert s.shape == (1, _two_starts.count) and s.dtype == dtype
+        # (float64 sums of the chunks, added: a few float64 ulps; then rounded once to dtype)
+        tol = torch.finfo(dtype).eps / 2 + 8 * torch.finfo(torch.float64).eps
+        assert abs(s[0, 0].item() - exact) <= tol * abs(exact)
+        assert torch.equal(s[:, 1:], _median_start(x))
+        assert all(c.stop - c.start <= 512 or c.step for c in reads)  # (no whole row read)
