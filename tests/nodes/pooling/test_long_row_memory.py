@@ -100,7 +100,10 @@ def test_chunked_rows_match_whole_rows_and_the_closed_form(monkeypatch, pen, dty
 
 def test_chunked_backward_is_bit_identical_in_float32(monkeypatch):
     # The float32 weight sums are partial sums of 256 terms added in float64 over the whole
-    # row, whichever the chunks: given the same y, the gradient is the same to the bit.
+    # row, whichever the chunks: given the same y, the gradient is the same to the bit --
+    # but for Welsch's exp, which torch's CPU loops take vectorised, and scalar in a range's
+    # last few entries, so that an entry's ulp depends on where the chunks (and the threads'
+    # ranges) end: within 1 ulp there (3 entries of 1e5 with one thread, none with two).
     torch.manual_seed(2)
     x = torch.randn(2, 50_001) * 3
     y = x.median(-1).values
@@ -111,8 +114,10 @@ def test_chunked_backward_is_bit_identical_in_float32(monkeypatch):
         monkeypatch.setattr(kernels, "_CPU_BLOCK_BYTES", block)
         for pen in ("pseudo_huber", "huber", "welsch", "trunc_quad"):
             out[block, pen] = pool_backward(Penalty.resolve(pen), x, y, a, gy, True, False, False)[0]
-    for pen in ("pseudo_huber", "huber", "welsch", "trunc_quad"):
+    for pen in ("pseudo_huber", "huber", "trunc_quad"):
         assert torch.equal(out[1 << 30, pen], out[1 << 13, pen]), pen
+    whole, chunked = out[1 << 30, "welsch"], out[1 << 13, "welsch"]
+    assert ((chunked - whole).abs() <= torch.finfo(torch.float32).eps * whole.abs()).all()
 
 
 @pytest.mark.parametrize("pen", ["huber", "welsch"])
