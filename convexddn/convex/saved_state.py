@@ -71,9 +71,9 @@ def _walk(o: Any, leaf: Callable[[Any], Any], memo: dict[int, Any]) -> Any:
     elif isinstance(o, dict):
         out = {k: _walk(v, leaf, memo) for k, v in o.items()}
     elif _per_call(o):
-        out = object.__new__(type(o))
-        memo[key] = out  # (before its members: an object that reaches itself)
+        out = memo[key] = object.__new__(type(o))  # (before its members: an object that reaches itself)
         out.__dict__.update({k: _walk(v, leaf, memo) for k, v in vars(o).items()})
+        return out
     else:
         out = o
     memo[key] = out
@@ -84,17 +84,12 @@ def split(state: Any) -> tuple[Any, list[torch.Tensor]]:
     """``(skeleton, tensors)``: ``state`` with each distinct tensor replaced by its
     position in ``tensors``."""
     tensors: list[torch.Tensor] = []
-    slots: dict[int, _Slot] = {}
 
-    def leaf(t: torch.Tensor) -> _Slot:
-        if id(t) not in slots:
-            slots[id(t)] = _Slot(len(tensors))
-            tensors.append(t)
-        return slots[id(t)]
+    def leaf(t: torch.Tensor) -> _Slot:  # (once per tensor: _walk's memo gives a tensor seen before its slot)
+        tensors.append(t)
+        return _Slot(len(tensors) - 1)
 
-    memo: dict[int, Any] = {}
-    skeleton = _walk(state, leaf, memo)
-    return skeleton, tensors
+    return _walk(state, leaf, {}), tensors
 
 
 def join(skeleton: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
