@@ -23,7 +23,7 @@ import torch
 from .._warn import warn
 from ..errors import GradientWarning
 from .degeneracy import shown_indices
-from ._vector_pool_polish import gradient_noise, lowest
+from ._vector_pool_rare import gradient_noise, lowest
 from ._vector_pool_solvers import _hessian, geometry, hess_solve_checked, kappa, unit
 from ._vector_pool_sums import gradient_parts, hessian_sums, point_chunks
 from .pooling.backward import _CANCELLED, unresolved_over

@@ -37,7 +37,7 @@ import torch
 from .._warn import warn
 from .degeneracy import shown_indices
 from ..errors import SolverWarning
-from ._vector_pool_rare import full_rule, gradient_noise, lowest  # noqa: F401  (lowest: re-exported)
+from ._vector_pool_rare import full_rule, gradient_noise
 from ._vector_pool_solvers import _hessian, _masked, geometry, hess_solve, irls_point, kappa, unit
 from ._vector_pool_starts import _centre, _start
 from ._vector_pool_sums import irls_sums, phi_sums, point_chunks, step_sums

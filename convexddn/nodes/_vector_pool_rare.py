@@ -14,7 +14,7 @@ import math
 import torch
 
 from ._vector_pool_solvers import _forming_noise, _hessian, forming_noise
-from ._vector_pool_sums import Sums, phi_sums
+from ._vector_pool_sums import Sums, gradient_noise_of, phi_sums
 from .pooling.rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE, grid
 
 # Trial steps along a direction of negative curvature, in alpha (both signs).
@@ -26,9 +26,8 @@ def gradient_noise(k1: torch.Tensor, d2: torch.Tensor, z: torch.Tensor) -> torch
     |φ''(z_i)| z_i) (:mod:`._vector_pool_polish`), from κ_i = φ'(z_i)/z_i ``k1``, φ''(z_i) ``d2`` and
     the distances ``z`` (r, N). The polish's stopping rule, and the refinement's bound on
     y's distance to the minimiser (:mod:`._vector_pool_refine`)."""
-    sum_noise = _SUM_NOISE * math.sqrt(z.shape[-1])
-    return (torch.linalg.vector_norm(k1 * z, dim=-1) * sum_noise
-            + _NOISE * torch.linalg.vecdot(d2.abs(), z)) * torch.finfo(z.dtype).eps
+    return gradient_noise_of(torch.linalg.vector_norm(k1 * z, dim=-1), torch.linalg.vecdot(d2.abs(), z), z.shape[-1],
+                             z.dtype)
 
 
 def lowest(s: torch.Tensor, n: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

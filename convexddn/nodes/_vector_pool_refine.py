@@ -34,7 +34,8 @@ import torch
 from .._warn import warn
 from .degeneracy import shown_indices
 from ..errors import GradientWarning
-from ._vector_pool_polish import _polish_irls, gradient_noise, lowest, polish
+from ._vector_pool_polish import _polish_irls, polish
+from ._vector_pool_rare import gradient_noise, lowest
 from ._vector_pool_solvers import geometry, kappa, unit
 from .pooling.penalties import Penalty, TruncatedQuadratic
 from .pooling.rounding import _GRADIENT_GRID, coarse_mask, grid

@@ -54,9 +54,14 @@ def tiles(rows: int, n: int, per_point: int, x: torch.Tensor) -> Tiles:
     fit = block_rows(per_point, x, False)  # points per budget
     if n <= fit:
         return [(sl, [slice(None)]) for sl in block_ranges(rows, per_point * n, x, False)]
-    size = -(-n // -(-n // fit))  # (chunks of equal size, not a full budget and a remainder)
-    chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    chunks = equal_chunks(n, fit)
     return [(slice(r, r + 1), chunks) for r in range(rows)]
+
+
+def equal_chunks(n: int, size: int) -> list[slice]:
+    """Slices covering ``range(n)`` in chunks of equal size, at most ``size`` (not full ones and a remainder)."""
+    size = -(-n // -(-n // size))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def summed(part: Callable[[slice], tuple[torch.Tensor, ...]], chunks: list[slice]) -> tuple[torch.Tensor, ...]:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ._vector_pool_solvers import geometry, kappa, unit
+from ._vector_pool_starts import equal_chunks, summed
 from .pooling.kernels import block_rows
 from .pooling.penalties import Penalty
 from .pooling.rounding import _NOISE, _SUM_NOISE
@@ -44,9 +45,7 @@ def point_chunks(x: torch.Tensor) -> list[slice] | None:
     fit = block_rows(_PER_COMPONENT * C + _PER_POINT, x, False)  # points per budget
     if N <= fit or C > N:
         return None
-    size = max(fit // max(R, 1), min(fit, _MIN_CHUNK))
-    size = -(-N // -(-N // size))  # (chunks of equal size, not full ones and a remainder)
-    return [slice(i, min(i + size, N)) for i in range(0, N, size)]
+    return equal_chunks(N, max(fit // max(R, 1), min(fit, _MIN_CHUNK)))
 
 
 class Sums(NamedTuple):
@@ -62,6 +61,12 @@ class Sums(NamedTuple):
     lo: torch.Tensor  # Σ min(κ_i, φ''(z_i)) (R,): a lower bound on λ_min(H) (Weyl)
     cabs: torch.Tensor  # Σ |c_i| (R,)
     kx: torch.Tensor  # Σ κ_i x_i (R, C)
+
+
+def gradient_noise_of(norm: torch.Tensor, dz: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient's rounding noise eps (2.5 √N ‖φ'‖₂ + 4 Σ_i |φ''(z_i)| z_i) from ``norm`` = ‖φ'‖₂ and
+    ``dz`` = Σ_i |φ''(z_i)| z_i of N = ``n`` points (:func:`~._vector_pool_rare.gradient_noise`'s formula)."""
+    return (norm * (_SUM_NOISE * math.sqrt(n)) + _NOISE * dz) * torch.finfo(dtype).eps
 
 
 def step_sums(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, chunks: list[slice]) -> Sums:
@@ -86,7 +91,7 @@ def step_sums(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, c
     assert acc is not None and zmin is not None
     s1, g, H, f, k2, dz, h, lo, cabs, kx = acc
     H.diagonal(dim1=-2, dim2=-1).add_(s1.unsqueeze(-1))
-    noise = (k2.sqrt() * (_SUM_NOISE * math.sqrt(x.shape[-2])) + _NOISE * dz) * torch.finfo(dt).eps
+    noise = gradient_noise_of(k2.sqrt(), dz, x.shape[-2], dt)
     return Sums(s1.to(dt), g.to(dt), H.to(dt), f.to(dt), noise.to(dt), h.to(dt), zmin, lo.to(dt), cabs.to(dt),
                 kx.to(dt))
 
@@ -94,12 +99,8 @@ def step_sums(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, c
 def phi_sums(pen: Penalty, x: torch.Tensor, U: torch.Tensor, a: torch.Tensor, chunks: list[slice]) -> torch.Tensor:
     """(R, T): Σ_i φ(‖U_t − x_i‖) of the points ``U (R, T, C)``, ``a`` (R, 1, 1) or 0-d, a chunk at
     a time (trial points of the polish's escape, the convex start's mean and median)."""
-    out = None
-    for ch in chunks:
-        part = pen.phi(torch.linalg.vector_norm(U.unsqueeze(-2) - x[:, ch].unsqueeze(-3), dim=-1), a).sum(-1)
-        out = part if out is None else out + part
-    assert out is not None
-    return out
+    return summed(lambda ch: (pen.phi(torch.linalg.vector_norm(U.unsqueeze(-2) - x[:, ch].unsqueeze(-3), dim=-1),
+                                      a).sum(-1),), chunks)[0]
 
 
 def hessian_sums(pen: Penalty, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor, chunks: list[slice]):
@@ -149,11 +150,10 @@ def gradient_parts(pen: Penalty, x: torch.Tensor, a: torch.Tensor, y: torch.Tens
 def irls_sums(pen: Penalty, x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, chunks: list[slice]):
     """``(Σ_i κ_i (R,), Σ_i κ_i x_i (R, C))`` at ``u (R, C)``, summed in float64 a chunk of the points at
     a time: the IRLS point's (the truncated quadratic's polish)."""
-    s1 = kx = None
-    for ch in chunks:
+    def part(ch: slice) -> tuple[torch.Tensor, torch.Tensor]:
         xs = x[:, ch]
         k1 = kappa(pen, geometry(xs, u)[1], a)
-        part = (k1.sum(-1, dtype=torch.float64), (k1.unsqueeze(-2) @ xs).squeeze(-2).to(torch.float64))
-        s1, kx = part if s1 is None else (s1 + part[0], kx + part[1])
-    assert s1 is not None and kx is not None
+        return k1.sum(-1, dtype=torch.float64), (k1.unsqueeze(-2) @ xs).squeeze(-2).to(torch.float64)
+
+    s1, kx = summed(part, chunks)
     return s1.to(x.dtype), kx.to(x.dtype)
