@@ -83,8 +83,12 @@ def sign_violation(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
     z0, k = layout.zero, layout.nonneg
     if not k:
         return x.new_zeros(x.shape[0])
-    tol_s, tol_z = sign_tolerances(P, q, A, b, layout, x, z)
-    out = torch.maximum(-s[:, z0:z0 + k] / tol_s, -z[:, z0:z0 + k] / tol_z).amax(1)
+    return _violation(s[:, z0:z0 + k], z[:, z0:z0 + k], *sign_tolerances(P, q, A, b, layout, x, z))
+
+
+def _violation(sc, zc, tol_s, tol_z) -> torch.Tensor:
+    """:func:`sign_violation` of the nonnegative rows' ``sc, zc`` ``(B, k)`` with their tolerances."""
+    out = torch.maximum(-sc / tol_s, -zc / tol_z).amax(1)
     return torch.where(torch.isnan(out), torch.inf, out.clamp_min(0))
 
 
@@ -107,10 +111,10 @@ def degenerate_vertex(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
     z0, k = layout.zero, layout.nonneg
     if layout.soc or not k:
         return torch.zeros(B, dtype=torch.bool, device=A.device)
-    tol_s = sign_tolerances(P, q, A, b, layout, x, z)[0]
+    tol_s, tol_z = sign_tolerances(P, q, A, b, layout, x, z)
     sc, zc = s[:, z0:z0 + k], z[:, z0:z0 + k]
     rows = z0 + ((sc <= tol_s) | (sc < zc)).sum(1)
-    return (rows > n) & (sign_violation(P, q, A, b, layout, x, s, z) <= 1)
+    return (rows > n) & (_violation(sc, zc, tol_s, tol_z) <= 1)
 
 
 def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):

@@ -54,7 +54,8 @@ from scipy.sparse import linalg as sla
 from scipy.sparse.csgraph import structural_rank
 
 from .._generic import GOLDEN_ANGLE
-from .cone_checks import cone_blocks
+from .cone_checks import cone_blocks, row_maxima
+from .min_norm import PASSES, pow2_scale
 
 __all__ = ["Bordered", "bordered", "equilibrate_sparse", "probes",
            "sparse_derivative", "sparse_pays", "structurally_singular"]
@@ -177,8 +178,7 @@ def bordered(M: sp.csc_matrix, z: np.ndarray, rank_rtol: float) -> Bordered | No
     if structurally_singular(Mb):  # (never handed to SuperLU: module docstring)
         return None
     rows, cols = equilibrate_sparse(Mb)
-    S = sp.csc_matrix((Mb.data * rows[Mb.indices] * np.repeat(cols, np.diff(Mb.indptr)), Mb.indices, Mb.indptr),
-                      shape=Mb.shape)  # D_r M_b D_c, on the stored entries
+    S = _scaled(Mb, rows, cols)
     try:
         lu = sla.splu(S)
     except RuntimeError:  # exactly singular
@@ -195,29 +195,19 @@ def bordered(M: sp.csc_matrix, z: np.ndarray, rank_rtol: float) -> Bordered | No
     return Bordered(M, zhat, lu, (rows, cols), condition)
 
 
-def equilibrate_sparse(mat: sp.spmatrix, passes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def equilibrate_sparse(mat: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
     """Row and column scales (powers of two, exact) that bring the sparse ``|mat|``'s row and
     column maxima near 1: :func:`.min_norm.equilibrate`'s Ruiz passes (four balance a spread
-    of 1e8 to ~2), on the stored entries (O(nnz) a pass: segment maxima over the columns and,
-    in a row-sorted order found once, over the rows)."""
+    of 1e8 to ~2), on the stored entries (O(nnz) a pass: :func:`.cone_checks.row_maxima`)."""
     a = sp.csc_matrix(mat)
-    vals, row_of = np.abs(a.data), a.indices
-    col_of = np.repeat(np.arange(a.shape[1]), np.diff(a.indptr))
-    by_row = np.argsort(row_of, kind="stable")
-    row_counts = np.bincount(row_of, minlength=a.shape[0])
-    col_counts = np.diff(a.indptr)
     rows, cols = np.ones(a.shape[0]), np.ones(a.shape[1])
-    if not vals.size:
-        return rows, cols
-
-    def segment_max(v: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        out = np.maximum.reduceat(v, np.minimum(starts, v.size - 1))
-        return np.where(counts > 0, out, 0.0)  # (reduceat reads an empty segment's next entry)
-
-    for _ in range(passes):
-        scaled = vals * rows[row_of] * cols[col_of]
-        r, c = segment_max(scaled[by_row], row_counts), segment_max(scaled, col_counts)
-        rows = rows * np.exp2(np.round(-0.5 * np.log2(np.where(r > 0, r, 1.0))))
-        cols = cols * np.exp2(np.round(-0.5 * np.log2(np.where(c > 0, c, 1.0))))
+    for _ in range(PASSES):
+        r, c = row_maxima(_scaled(a, rows, cols))
+        rows, cols = rows * pow2_scale(r), cols * pow2_scale(c)
     return rows, cols
+
+
+def _scaled(a: sp.csc_matrix, rows: np.ndarray, cols: np.ndarray) -> sp.csc_matrix:
+    """``D_r a D_c`` on the stored entries of the CSC ``a``."""
+    return sp.csc_matrix((a.data * rows[a.indices] * np.repeat(cols, np.diff(a.indptr)), a.indices, a.indptr),
+                         shape=a.shape)

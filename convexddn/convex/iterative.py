@@ -87,8 +87,7 @@ def null_reach(op, z: np.ndarray, pi_z: np.ndarray, n: int, par: Parametric | No
         omega = np.random.default_rng(0).standard_normal(k) / np.where(size > 0, size, 1.0)
         rhs, transpose = data_tangent(par, pi_z, n, omega), False
     else:
-        rhs = np.random.default_rng(0).standard_normal(z.size)
-        rhs, transpose = rhs - (rhs @ z) / (z @ z) * z, True
+        rhs, transpose = _off(np.random.default_rng(0).standard_normal(z.size), z), True
     if not np.any(rhs):  # (no parameter moves R: nothing to reach)
         return 0.0, "solved"
     return iterative_solve(op, rhs, transpose, lsqr)[1:]
@@ -113,15 +112,18 @@ def solver_condition(op, z: np.ndarray, lsqr: bool = False) -> float:
     of 1.1e-9 and 2.3e-9 (bounds 4e7 and 2e7): its polish left residuals of 1e-12 with points 8e-6
     and 2.7e-4 off; the same QP unscaled, 5e-8 at 6e-10 (86), its point 3e-15 off; a capped simplex,
     n = 200 and 400, 5e-11 to 1.4e-8 (1 to 100). One more solve, as costly as a Newton step's."""
-    g = np.random.default_rng(0).standard_normal(z.size)  # (fixed seed: the same verdict on every call)
-    g -= (g @ z) / (z @ z) * z
+    g = _off(np.random.default_rng(0).standard_normal(z.size), z)  # (fixed seed: the same verdict on every call)
     rhs = op.matvec(g)
     d, relative, outcome = iterative_solve(op, rhs, False, lsqr)
-    e = d - g
-    e -= (e @ z) / (z @ z) * z
+    e = _off(d - g, z)
     forward = float(np.linalg.norm(e) / np.linalg.norm(g))
     backward = relative if outcome == "solved" else 0.0  # (stopped short of its tolerance: worth no more)
     return forward / max(backward, _SOLVER_TOL) if np.isfinite(forward) else float("inf")
+
+
+def _off(v: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """``v`` with its part along ``z`` removed (M's null direction)."""
+    return v - (v @ z) / (z @ z) * z
 
 
 class Plus:

@@ -23,9 +23,9 @@ import numpy as np
 import scipy.linalg
 from scipy.linalg.lapack import dtrcon, get_lapack_funcs
 
-__all__ = ["equilibrate", "min_norm_solve"]
+__all__ = ["PASSES", "equilibrate", "min_norm_solve", "pow2_scale"]
 
-_PASSES = 4  # Ruiz passes on |M| (a scale spread of 1e8 is balanced to ~2 in four)
+PASSES = 4  # Ruiz passes on |M| (a scale spread of 1e8 is balanced to ~2 in four)
 _GELSY, _GELSY_LWORK = get_lapack_funcs(("gelsy", "gelsy_lwork"), (np.zeros((1, 1)),))  # (float64)
 
 
@@ -33,12 +33,16 @@ def equilibrate(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row and column scales (powers of two, exact) that bring ``|mat|``'s row and column maxima near 1."""
     rows, cols = np.ones(mat.shape[0]), np.ones(mat.shape[1])
     a = np.abs(mat)
-    for _ in range(_PASSES):
+    for _ in range(PASSES):
         scaled = a * rows[:, None] * cols[None, :]
-        r, c = scaled.max(1), scaled.max(0)
-        rows = rows * np.exp2(np.round(-0.5 * np.log2(np.where(r > 0, r, 1.0))))
-        cols = cols * np.exp2(np.round(-0.5 * np.log2(np.where(c > 0, c, 1.0))))
+        rows, cols = rows * pow2_scale(scaled.max(1)), cols * pow2_scale(scaled.max(0))
     return rows, cols
+
+
+def pow2_scale(maxima: np.ndarray) -> np.ndarray:
+    """A Ruiz pass's factors for rows (or columns) of largest entries ``maxima``: the power of
+    two nearest 1/√maximum (exact), 1 where a row is empty."""
+    return np.exp2(np.round(-0.5 * np.log2(np.where(maxima > 0, maxima, 1.0))))
 
 
 def _gelsy(S: np.ndarray, B: np.ndarray, rtol: float) -> tuple[np.ndarray, int, float]:
