@@ -26,8 +26,6 @@ __all__ = ["pool_backward"]
 # rows are refined). Welsch's degenerate minima sit at 4e-11 of it (its size bounds
 # sum (1 + r^2) e), at 4e-6 for a user's Welsch whose size is sum |w|.
 _CANCELLED = 2.0 ** -8
-# The backward sums a narrow row's weights in partial sums of this many terms, added in float64.
-_PART = PART
 
 
 def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor, need_x: bool,
@@ -65,8 +63,8 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     cols = col_ranges(n, x, use_compile)  # (one chunk, all of a row, unless the row is longer than a block)
     scratch = Scratch.make(6 if need_alpha else 3, (ranges[0].stop - ranges[0].start) * cols[0].stop, x)
     # Per row: the weights' sum and absolute sum, the scale gy / sum, alpha's weights' sum.
-    # The two are kept in float64: the weights' sum adds partial sums of _PART terms in
-    # float64 (:func:`_row_sum`), so its rounding is at most _PART eps of x's dtype plus
+    # The two are kept in float64: the weights' sum adds partial sums of PART terms in
+    # float64 (:func:`_row_sum`), so its rounding is at most PART eps of x's dtype plus
     # n eps64 of the absolute sum, where a float32 sum's worst case n eps32 reached 1 at
     # n = 2^23 and made every long row look singular (:func:`_nonsingular`).
     sw, size = x.new_empty(rows, 1, dtype=torch.float64), x.new_empty(rows, 1, dtype=torch.float64)
@@ -150,7 +148,7 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
     # rare, as is a non-finite alpha weight sum: one host sync tells that none occurs.
     low = (size < finfo.tiny / finfo.eps) | ~torch.isfinite(size) | (~torch.isfinite(scale) & torch.isfinite(gcol))
     low = (low if zsum is None else low | ~torch.isfinite(zsum)).squeeze(-1)
-    ok = _nonsingular(sw, size, n, min(n, _PART) * finfo.eps if x.dtype != torch.float64 else finfo.eps)
+    ok = _nonsingular(sw, size, n, min(n, PART) * finfo.eps if x.dtype != torch.float64 else finfo.eps)
     flat = _cancelled(sw, size, ok)
     flags = [(low | ~ok).any(), flat.any()] + ([~torch.isfinite(swa).all()] if need_alpha else [])
     rare, some_flat, *alpha_rare = torch.stack(flags).tolist()
@@ -242,14 +240,14 @@ def _finite_alpha_grad(penalty, x: Tensor, y: Tensor, a: Tensor, gcol: Tensor, g
 
 
 def _row_sum(w: Tensor) -> Tensor:
-    """``(R, 1)`` float64 row sums of ``w (R, n)``: partial sums of :data:`_PART` terms in
+    """``(R, 1)`` float64 row sums of ``w (R, n)``: partial sums of :data:`PART` terms in
     w's dtype, added in float64. (As fast as a float32 sum; ``sum(dtype=float64)`` on
     float32 took 14x its time on CPU, +50 % on the backward.)"""
     if w.dtype == torch.float64:
         return w.sum(-1, keepdim=True)
     rows, n = w.shape
-    m = n - n % _PART
-    total = w[:, :m].view(rows, m // _PART, _PART).sum(-1).sum(-1, keepdim=True, dtype=torch.float64)
+    m = n - n % PART
+    total = w[:, :m].view(rows, m // PART, PART).sum(-1).sum(-1, keepdim=True, dtype=torch.float64)
     return total + w[:, m:].sum(-1, keepdim=True, dtype=torch.float64) if m < n else total
 
 
@@ -257,7 +255,7 @@ def _nonsingular(sw: Tensor, size: Tensor, n: int, term_eps: float) -> Tensor:
     """(R,) rows whose Hessian sum ``sw`` is above the rounding noise of its ``n`` terms
     (``size`` bounds their absolute sum): a property of the Hessian alone, whatever the
     incoming gradient. The noise is the terms' own rounding and their partial sums',
-    ``term_eps`` of ``size`` (:func:`_row_sum`: ``min(n, _PART)`` eps of their dtype), plus
+    ``term_eps`` of ``size`` (:func:`_row_sum`: ``min(n, PART)`` eps of their dtype), plus
     the float64 sum's, at most ``n eps64`` of ``size`` (2e-9 at n = 2^23, where float32's
     ``n eps32`` reached 1 and rejected every row of weights >= 0, whose ``sw`` is ``size``)."""
     eps = torch.finfo(sw.dtype).eps

@@ -59,11 +59,8 @@ def block_sums(pen: Penalty, method: str, rows: Rows, sl: slice, u: Tensor, al, 
 
 def _start_of(start: Callable, rows: Rows, sl: slice, cols: list[slice]) -> Tensor:
     """``start`` of the rows ``sl`` of long rows chunked as ``cols``, read chunk by chunk
-    where it has an ``on_chunks`` form (see :func:`block_sums`), else whole."""
-    def read(c: slice) -> Tensor:
-        return rows.block(sl, c)
-    on_chunks = getattr(start, "on_chunks", None)
-    return start(read(slice(None))) if on_chunks is None else on_chunks(read, rows.x.shape[1], cols)
+    through its ``on_chunks`` form (see :func:`block_sums`; every start has one)."""
+    return start.on_chunks(lambda c: rows.block(sl, c), rows.x.shape[1], cols)
 
 
 def chunked_weights(penalty: Penalty, x: Tensor, yb: Tensor, al, scratch: Scratch, cols: list[slice],

@@ -195,7 +195,7 @@ def col_ranges(n: int, x: Tensor, use_compile: bool, k: int = 1) -> list[slice]:
     the row (a float32 row of 1e7 took 3-8x the input). The solvers' row sums and the
     backward's weight sums are sums of elementwise terms, so they are taken chunk by
     chunk and added; whole rows are unchanged (one chunk: the same ops as before)."""
-    budget = _CPU_BLOCK_BYTES // x.element_size() if x.device.type == "cpu" and not use_compile else _BIG_BLOCK_NUMEL
+    budget = block_rows(1, x, use_compile)  # (entries per block)
     step = max(PART, budget // k // PART * PART)
     if n <= step:
         return [slice(0, n)]

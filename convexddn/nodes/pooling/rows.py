@@ -60,7 +60,7 @@ class Rows:
         conversion to another dtype is lazy on a CPU only where the selection is large
         (elsewhere a copy: CUDA's captured iterations need one tensor, see
         :func:`.iterations.step_graphs`); alpha is converted at once."""
-        dtype = dtype or self.like.dtype
+        dtype = dtype or self.dtype or self.x.dtype
         a = self.alpha if self.alpha.dim() == 0 else self.alpha.index_select(0, idx)
         a = a.to(dtype)
         index = idx if self.index is None else self.index.index_select(0, idx)
@@ -73,7 +73,7 @@ class Rows:
     def take(self, idx: Tensor) -> Tensor:
         """The rows ``idx`` of these as one tensor in the solve's dtype (a rare path's copy)."""
         index = idx if self.index is None else self.index.index_select(0, idx)
-        return self.x.index_select(0, index).to(self.like.dtype)
+        return self.x.index_select(0, index).to(self.dtype or self.x.dtype)
 
     def extended(self, idx: Tensor) -> Rows:
         """These rows followed by the rows ``idx`` of them again (a second start of some
