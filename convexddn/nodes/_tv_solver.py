@@ -23,7 +23,9 @@ _TINY = 2.0**-900
 
 def _segment_ids(sigma: torch.Tensor, work: _Work | None = None) -> torch.Tensor:
     """Segment index of each of the n entries, from the n−1 jump signs (B, n−1); in
-    ``work``'s buffers (``work.seg``) where given."""
+    ``work``'s buffers (``work.seg``) where given. (Without buffers, and in these helpers
+    below: out-of-place ops only, which torch.func's vmap batches in the derivatives; its
+    batching rules refuse ``out=`` forms.)"""
     # Counted in floating point (exact below 2**53): an int64 cumsum is several times
     # slower on CPU.
     if work is None:

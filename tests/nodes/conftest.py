@@ -20,3 +20,15 @@ def start_distances(monkeypatch):
 
     monkeypatch.setattr(starts, "kappa", recording)
     return seen
+
+
+@pytest.fixture
+def tv_steps(monkeypatch):
+    """The working set's row count at each active-set step of ``tv_denoise`` (a spy on
+    ``_tv_solver._segment_ids``, called once per step), appended as the test runs."""
+    import convexddn.nodes._tv_solver as tv  # where the active-set loop lives
+
+    rows = []
+    segments = tv._segment_ids
+    monkeypatch.setattr(tv, "_segment_ids", lambda sigma, *a: rows.append(sigma.shape[0]) or segments(sigma, *a))
+    return rows

@@ -403,15 +403,11 @@ def test_tv_single_entry_and_empty_batch_stay_in_the_graph():
     assert torch.equal(g, torch.zeros(2, dtype=F64))
 
 
-def test_tv_reads_the_host_once_per_step(host_reads, monkeypatch):
+def test_tv_reads_the_host_once_per_step(host_reads, tv_steps):
     # Each host read is a sync on CUDA: the active-set loop reads one pair of flags per
     # step (does a row finish, is one left). Before: two bool() reads per step plus three
     # boolean-mask stores per step in which rows finished (30 reads for 8 steps here).
-    import convexddn.nodes._tv_solver as tv  # where the active-set loop lives
-
-    steps = []
-    segments = tv._segment_ids  # (once per step)
-    monkeypatch.setattr(tv, "_segment_ids", lambda *a: steps.append(1) or segments(*a))
+    steps = tv_steps  # (rows per step)
     x = torch.randn(16, 300, generator=torch.Generator().manual_seed(0), dtype=F64).cumsum(1)
     with host_reads.counting():
         y = tv_denoise(x, 0.5)
@@ -421,17 +417,13 @@ def test_tv_reads_the_host_once_per_step(host_reads, monkeypatch):
     assert torch.equal(y, torch.stack([tv_denoise(row, 0.5) for row in x]))
 
 
-def test_tv_finished_rows_leave_the_working_set(monkeypatch):
+def test_tv_finished_rows_leave_the_working_set(tv_steps):
     """Finished rows were only frozen: every step still ran on all B rows, so one smooth
     row (218 steps) beside 255 noisy ones (1 step) made tv_denoise 40x slower than solving
     them apart. Now the rows still running are gathered out once half have finished: the
     rows per step fall (counted at the once-per-step segment ids), and each row's result
     is still bit for bit its result alone. Reference for the ramp: cvxpy + Clarabel."""
-    import convexddn.nodes._tv_solver as tv  # where the active-set loop lives
-
-    rows = []
-    segments = tv._segment_ids
-    monkeypatch.setattr(tv, "_segment_ids", lambda sigma, *a: rows.append(sigma.shape[0]) or segments(sigma, *a))
+    rows = tv_steps
     x = torch.randn(64, 200, generator=torch.Generator().manual_seed(0), dtype=F64)
     ramp = 10 * torch.linspace(0, 1, 200, dtype=F64) ** 2  # moves its active set slowly
     x[37] = ramp

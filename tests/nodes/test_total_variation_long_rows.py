@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.profiler import profile
 
-import convexddn.nodes._tv_solver as tv  # where the active-set loop lives
 from convexddn.nodes.total_variation import tv_denoise
 
 F64 = torch.float64
@@ -77,18 +76,12 @@ def test_condat_reference_on_closed_forms():
     assert np.allclose(_condat(x, 0.0), x)
 
 
-def _allocations(x: torch.Tensor, lam: float) -> tuple[int, int, float]:
+def _allocations(x: torch.Tensor, lam: float, steps: list) -> tuple[int, int, float]:
     """(steps, allocations of at least one float64 row per row of x, peak bytes held by torch
     during the call over the bytes of x), from torch's profiler: each op's own allocations
-    and the frees between ops, in time order."""
-    steps = []
-    segments = tv._segment_ids  # (once per step)
-    tv._segment_ids = lambda *a: steps.append(1) or segments(*a)
-    try:
-        with profile(profile_memory=True) as prof:
-            tv_denoise(x, lam)
-    finally:
-        tv._segment_ids = segments
+    and the frees between ops, in time order; ``steps``: the ``tv_steps`` fixture's list."""
+    with profile(profile_memory=True) as prof:
+        tv_denoise(x, lam)
     events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     row = 8 * (x.shape[-1] - 1) * x.shape[0]  # (an edge row, n − 1 entries, counts too)
     live = peak = 0
@@ -100,7 +93,7 @@ def _allocations(x: torch.Tensor, lam: float) -> tuple[int, int, float]:
 
 
 @pytest.mark.parametrize("case", ["ramp", "piecewise", "piecewise rows"])
-def test_tv_steps_allocate_no_row_sized_temporaries(case):
+def test_tv_steps_allocate_no_row_sized_temporaries(case, tv_steps):
     """Every op of every active-set step made its output anew: about 38 row-sized tensors a
     step (10954 for the ramp's 288 steps), held up to 23 rows at once, and above glibc's mmap
     threshold each was faulted in a page at a time and unmapped again: one row of 4·10⁶
@@ -112,7 +105,7 @@ def test_tv_steps_allocate_no_row_sized_temporaries(case):
         x, lam = (10 * torch.linspace(0, 1, 1000, dtype=F64) ** 2)[None], 10.0
     else:
         x, lam = _piecewise(1 if case == "piecewise" else 4, 4000, seed=3), 0.5
-    steps, big, peak = _allocations(x, lam)
+    steps, big, peak = _allocations(x, lam, tv_steps)
     assert steps >= (50 if case == "ramp" else 5)
     assert big <= 24  # (old: 38 a step)
     # (rows that finish at different steps add their stores and a smaller working set's buffers)
