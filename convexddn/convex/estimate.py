@@ -193,7 +193,8 @@ def limit_system(systems, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, 
 
 
 def limit_step(ops, kkt, W, d, layout, x, s, z, polished, refine, cols, duals):
-    """``(error, damped, (dx, ds, dz))`` per element: the Newton step at ``(x, s, z)`` with the
+    """``(error, damped, step)`` per element, ``step()`` the step ``(dx, ds, dz)`` (its ``ds``
+    formed on that call only: most callers read the size alone): the Newton step at ``(x, s, z)`` with the
     system ``kkt`` factorised at the limit scaling ``W`` (:func:`limit_system`, at this point
     or a nearby one: then a chord step), and its size ‖dx‖∞ / (1 + ‖x‖∞):
     ``inf`` where the factorisation failed or the step does not solve the equality rows,
@@ -222,8 +223,10 @@ def limit_step(ops, kkt, W, d, layout, x, s, z, polished, refine, cols, duals):
     rhs = torch.cat([-rz[:, :z0], lin - rz[:, z0:]], 1)
     dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs.unsqueeze(-1), refine)
     dx, dz = dx.squeeze(-1), dz.squeeze(-1)
-    ds = torch.cat([torch.zeros_like(rz[:, :z0]), -rz[:, z0:] - ops.Av(dx)[:, z0:]], 1)
-    step = (dx, ds, dz)
+
+    def step(dx=dx, dz=dz):  # (bound now: dx and dz are narrowed to the columns that count below)
+        return dx, torch.cat([torch.zeros_like(rz[:, :z0]), -rz[:, z0:] - ops.Av(dx)[:, z0:]], 1), dz
+
     # The step is the Newton step only if it solves the equality rows, which the KKT form
     # regularises by δ: along nearly dependent rows refinement cannot remove it, the step
     # loses the residual's part there, and a point 0.25 off passed as 4.5e-8 (two rows

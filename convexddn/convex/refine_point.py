@@ -86,7 +86,7 @@ def refined_estimate(systems, d, layout: ConeLayout, point: tuple, polished: tor
     if not bool(todo.any()):  # (one host read: the common case stops here)
         return x, s, z, residual, kkt, error, damped
     z0 = layout.zero
-    new = tuple(v + dv for v, dv in zip((x, s, z), step))
+    new = tuple(v + dv for v, dv in zip((x, s, z), step()))
     rn = residual_fn(*new)
     same = (_sides(layout, new[1][:, z0:], new[2][:, z0:]) == _sides(layout, s[:, z0:], z[:, z0:])).all(1)
     take = todo & same & (rn <= residual.clamp_min(unit))
