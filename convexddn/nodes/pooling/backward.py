@@ -97,36 +97,26 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
                 penalty, x[sl], y[sl].unsqueeze(-1), al, scratch, cols, need_alpha, gx[sl] if need_x else None,
                 None if zsum is None else zsum[sl].zero_(),
                 lambda z: _adjust(penalty, z, al, need_alpha, wide, j, None if rem is None else rem[sl]))
-            signed = wsize is not None
-            if signed:
-                size[sl] = wsize
-            if need_alpha:
-                swa[sl] = wa
-            torch.div(gcol[sl], sw[sl], out=scale[sl])
-            if need_x:
-                gx[sl].mul_(scale[sl])
-            continue
-        z, *work = scratch.get(r, n)
-        sub_into(z, y[sl].unsqueeze(-1), x[sl])
-        if zsum is not None:
-            # (a row sum, not isinf(z).any(): no block-sized temporary, whose fresh pages
-            # cost 6x the backward; a finite row whose sum overflows goes the careful way too)
-            torch.sum(z, -1, keepdim=True, out=zsum[sl])
-        al = alpha_f if alpha_f is not None else a[sl]
-        if need_alpha and penalty.saturation is not None and max(float(z.amax()), -float(z.amin())) > wide:
-            clamp_saturated(penalty, z, al)
-        if j is not None and j.numel() and rem is not None:
-            # The solver's own minimiser: y - x_i is exact for the points near y (within a
-            # factor 2 of it), and rem (at most y's rounding) moves them by its own size.
-            z[j] = z[j] + rem[sl][j].unsqueeze(-1)
-        elif j is not None and j.numel():
-            a_j = al if alpha_f is not None else al[j]
-            z_j = z[j]
-            clamp_saturated(penalty, z_j, a_j)  # (the fused sums need finite squares)
-            z_j, ok_j = refine_residuals(penalty, z_j, a_j)
-            z[j], lost[sl.start + j] = z_j, ~ok_j
-        w, wa, wsize = penalty.hessian_weights(z, al, work, need_alpha)
-        sw[sl] = _row_sum(w)
+            w = None  # (the weights are in gx already)
+        else:
+            z, *work = scratch.get(r, n)
+            sub_into(z, y[sl].unsqueeze(-1), x[sl])
+            if zsum is not None:
+                # (a row sum, not isinf(z).any(): no block-sized temporary, whose fresh pages
+                # cost 6x the backward; a finite row whose sum overflows goes the careful way too)
+                torch.sum(z, -1, keepdim=True, out=zsum[sl])
+            al = alpha_f if alpha_f is not None else a[sl]
+            # (with rem: the solver's own minimiser; y - x_i is exact for the points near y, within
+            # a factor 2 of it, and rem, at most y's rounding, moves them by its own size)
+            _adjust(penalty, z, al, need_alpha, wide, None if rem is None else j, None if rem is None else rem[sl])
+            if j is not None and j.numel() and rem is None:
+                a_j = al if alpha_f is not None else al[j]
+                z_j = z[j]
+                clamp_saturated(penalty, z_j, a_j)  # (the fused sums need finite squares)
+                z_j, ok_j = refine_residuals(penalty, z_j, a_j)
+                z[j], lost[sl.start + j] = z_j, ~ok_j
+            w, wa, wsize = penalty.hessian_weights(z, al, work, need_alpha)
+            sw[sl] = _row_sum(w)
         signed = wsize is not None
         if signed:
             size[sl] = wsize  # (an upper bound, as accurate as the penalty forms it: a scale)
@@ -134,7 +124,10 @@ def pool_backward(penalty: Penalty, x: Tensor, y: Tensor, a: Tensor, gy: Tensor,
             swa[sl] = wa
         torch.div(gcol[sl], sw[sl], out=scale[sl])
         if need_x:
-            torch.mul(w, scale[sl], out=gx[sl])
+            if w is None:
+                gx[sl].mul_(scale[sl])
+            else:
+                torch.mul(w, scale[sl], out=gx[sl])
     scratch.release()
     if not signed:
         size = sw
