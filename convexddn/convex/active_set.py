@@ -117,7 +117,7 @@ def degenerate_vertex(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
     return (rows > n) & (_violation(sc, zc, tol_s, tol_z) <= 1)
 
 
-def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
+def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall: torch.Tensor | None = None):
     """Primal active-set steps from ``(x, s, z)`` (equilibrated data, no second-order cones).
 
     The working set W is the equality rows and the nonnegative rows at their bound (slack
@@ -136,6 +136,15 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
     rows whose multiplier is negative beyond rounding, or ends there if none is. A
     direction longer than any constraint allows, along which the objective decreases
     without bound, is a ray (the program is unbounded).
+
+    ``stall`` ``(B,)``: elements that stop, not done, once a step leaves their working set over
+    n rows at a size it has had before. At an optimal degenerate vertex (:func:`degenerate_vertex`)
+    x cannot move: releasing the negative multipliers shrinks the set, or a released row at zero
+    slack rejoins at once (a zero-length step), and the steps cycle (assignment LPs, 15 × 15:
+    |W| 239 -> 232 -> 233 -> 234 -> 232 ... in R^225, ending 4 to 8 rows over after 11 steps,
+    which no estimate certified). A size met once more is that cycle; a set that shrinks, or grows
+    by a row once (4 × 4: 19 -> 16 -> 17 -> 16, 5 × 5: 29 -> 25 -> 26), may still end where the
+    estimate certifies it.
 
     Shape:
         ``P (B, n, n), q (B, n), A (B, m, n), b (B, m), x (B, n), s, z (B, m)`` ->
@@ -158,11 +167,17 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS):
     # at batch 8: 4 to 11 steps each, 46 factorisations of 479 × 479 where the whole batch
     # took 88). An element's steps are its own, the same alone as in any batch.
     idx = torch.arange(B, device=A.device)
-    data, point = (P, q, A, b, Prho, tol_z), (x, W, z)
+    stall = torch.zeros(B, dtype=torch.bool, device=A.device) if stall is None else stall
+    # (the working-set sizes each element has had: a stalled one stops where one comes again above n)
+    seen = torch.nn.functional.one_hot(W.sum(1), m + 1).bool()
+    data, point = (P, q, A, b, Prho, tol_z, stall, seen), (x, W, z)
     for _ in range(steps):
-        point, ended, found, failed = _step(*data, ineq, *point, ulp)
+        point, ended, found, failed = _step(*data[:-2], ineq, *point, ulp)
         done, ray = done.index_copy(0, idx, ended), ray.index_copy(0, idx, found)
-        stop = ended | found | failed
+        rows = point[1].sum(1, keepdim=True)
+        again = data[-1].gather(1, rows).squeeze(1)
+        data = (*data[:-1], data[-1].scatter(1, rows, True))
+        stop = ended | found | failed | (data[-2] & (rows.squeeze(1) > n) & again)
         keep = torch.nonzero(~stop).squeeze(1)  # (one host read per step, on the flagged elements only)
         if keep.numel() == idx.numel():
             continue
@@ -225,7 +240,7 @@ def _step(P, q, A, b, Prho, tol_z, ineq, x, W, z, ulp: float):
 
 
 def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tensor, residual_fn, polish_steps: int,
-                 refine: int, tols: tuple[float, float], error_cols, error_duals):
+                 refine: int, tols: tuple[float, float], error_cols, error_duals, per_element_next: bool = False):
     """The hook after :func:`~.certify.finish`: ``point`` = ``(xs, ss, zs, residual, kkt, error)``.
 
     The elements among ``live`` whose signs are wrong beyond rounding (:func:`sign_violation`),
@@ -237,7 +252,12 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     system and error estimate (:func:`~.estimate.error_estimate`). The new
     point replaces the old one where the steps ended with the signs right and its estimate
     within ``tol_error``; elsewhere the old one stays, with an infinite error (not solved)
-    where its signs are wrong.
+    where its signs are wrong. Only the elements whose steps ended at a minimiser or found a ray
+    are polished and estimated again (the others keep their point in any case).
+
+    ``per_element_next``: the caller solves per element what this leaves unsolved; then the
+    elements at a degenerate vertex with their signs right (:func:`degenerate_vertex`) stop their
+    steps once these cycle there (:func:`correct`'s ``stall``), their point and bits as before.
 
     Returns:
         ``(*point, ray)``: ``ray`` ``(B,)`` where the steps found the program unbounded along
@@ -268,9 +288,20 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     n_all = data[2].shape[1] + data[2].shape[2]
     chunk = max(1, MEMORY_BUDGET // (_BUDGET_SHARE * n_all * n_all * data[2].element_size()))
     start = (pick(xs), pick(ss), pick(zs))
-    parts = [correct(*(v[lo:lo + chunk] for v in data), layout, *(v[lo:lo + chunk] for v in start))
+    stall = degenerate_vertex(*data, layout, *start) if per_element_next else torch.zeros_like(idx, dtype=torch.bool)
+    parts = [correct(*(v[lo:lo + chunk] for v in data), layout, *(v[lo:lo + chunk] for v in start),
+                     stall=stall[lo:lo + chunk])
              for lo in range(0, idx.numel(), chunk)]
     x0, s0, z0, done, found = (torch.cat(v) for v in zip(*parts))
+    # (ok needs done: the others keep their point, an infinite error where their signs are wrong)
+    error = torch.where(wrong, torch.inf, error)
+    moved = torch.nonzero(done | found).squeeze(1)  # (one host read, on the flagged elements only)
+    if not moved.numel():
+        return xs, ss, zs, residual, kkt, error, ray
+    if moved.numel() < idx.numel():
+        idx, sub = idx.index_select(0, moved), sub.select(moved)
+        x0, s0, z0, done, found = (v.index_select(0, moved) for v in (x0, s0, z0, done, found))
+        data = (sub.P, sub.q, sub.A, sub.b)
     res_fn = lambda *v: residual_fn(*v, idx)  # noqa: E731
     x, s, z, res, _ = newton_polish(*data, layout, x0, s0, z0, res_fn, polish_steps, decide=decided)
     part, part_error, damped = error_estimate(systems.select(idx, sub), sub, layout, x, s, z, torch.ones_like(done),

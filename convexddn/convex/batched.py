@@ -266,8 +266,8 @@ class BatchedProgram:
         return [v[lo:hi] if v.dim() > len(shape) else v for v, shape in zip(values, self.parameter_shapes)]
 
     def __call__(self, *values: torch.Tensor, second_opinion: bool = False,
-                 where: tuple[Sequence[int], tuple[int, ...]] | None = None, decide_pairs: bool = False
-                 ) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
+                 where: tuple[Sequence[int], tuple[int, ...]] | None = None, decide_pairs: bool = False,
+                 per_element_next: bool = False) -> tuple[tuple[torch.Tensor, ...], BatchedSolveInfo]:
         """Solve every element; never raises for a per-element failure.
 
         With ``second_opinion``, each element is solved by Clarabel on the same program
@@ -276,7 +276,9 @@ class BatchedProgram:
         differentiated as usual. ``where`` (the elements' flat positions in a caller's
         batch, and its shape) makes the backward's warnings name those positions.
         ``decide_pairs``: the iterations go on until each complementary pair is decided in
-        its own units (:mod:`.pairs`; for elements the checks failed).
+        its own units (:mod:`.pairs`; for elements the checks failed). ``per_element_next``: the
+        caller solves per element what stays unsolved (no active-set steps cycling at a degenerate
+        vertex first, :func:`~.active_set.settle_signs`).
 
         Shape:
             ``values[i]``: ``(B, *param_i.shape)`` or ``param_i.shape`` (shared) ->
@@ -303,7 +305,7 @@ class BatchedProgram:
             # chunks that fit, not per element (a constrained MPC over 30 steps: 13×).
             parts = [self(*self._chunk(values, lo, min(lo + chunk, B)), second_opinion=second_opinion,
                           where=None if where is None else (where[0][lo:lo + chunk], where[1]),
-                          decide_pairs=decide_pairs)
+                          decide_pairs=decide_pairs, per_element_next=per_element_next)
                      for lo in range(0, B, chunk)]
             outs = tuple(torch.cat(o) for o in zip(*(part[0] for part in parts)))
             return outs, BatchedSolveInfo(*(torch.cat([getattr(part[1], f.name) for part in parts])
@@ -313,7 +315,8 @@ class BatchedProgram:
         options = dict(tol=self.tol, tol_accept=self.tol_accept, tol_error=self.tol_error,
                        max_iter=self.max_iter, refine=self.refine,
                        polish=self.polish, structure=data.structure, error_cols=data.on_device("error_cols", p),
-                       error_duals=data.on_device("error_duals", p), decide_pairs=decide_pairs)
+                       error_duals=data.on_device("error_duals", p), decide_pairs=decide_pairs,
+                       per_element_next=per_element_next)
         opinion = torch.full((B,), -1, dtype=torch.long, device=p.device)
         if second_opinion:
             *start, _, opinion = clarabel_points(P, q, A, b, data.layout, opinions=True)

@@ -85,7 +85,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
                      structure: KKTStructure = DENSE, error_cols: torch.Tensor | None = None,
                      error_duals: torch.Tensor | None = None, keep_state: bool = False,
                      start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     prepared: tuple | None = None, decide_pairs: bool = False) -> ConeSolution:
+                     prepared: tuple | None = None, decide_pairs: bool = False,
+                     per_element_next: bool = False) -> ConeSolution:
     """Solve a batch of cone programs ``min ½xᵀPx + qᵀx s.t. Ax + s = b, s ∈ K``.
 
     Args:
@@ -122,6 +123,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         decide_pairs: iterate past ``tol`` while a complementary pair is undecided in its own
             units (:mod:`.pairs`; for elements the checks failed: a constraint far below the
             program's scale, e.g. a ball of radius 1e-7 around a centre of size 10).
+        per_element_next: the caller solves per element what stays unsolved (:func:`~.active_set.settle_signs`).
         prepared: ``(d, reduced)``, these elements' equilibrated data and
             :func:`~.nullspace.reduce`'s answer, where a caller split a batch by the form
             each element takes (internal: each part reuses its rows of the batch's).
@@ -153,7 +155,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         opts = dict(tol=tol, tol_accept=tol_accept, tol_error=tol_error, tol_inf=tol_inf, max_iter=max_iter,
                     refine=refine, equilibrate_passes=equilibrate_passes, polish=polish, polish_steps=polish_steps,
                     structure=structure, error_cols=error_cols, error_duals=error_duals, keep_state=keep_state,
-                    decide_pairs=decide_pairs)
+                    decide_pairs=decide_pairs, per_element_next=per_element_next)
         idx, other = (torch.nonzero(m).squeeze(1) for m in (reduced, ~reduced))
         part = d.select(idx)
         return _apart(args, [(idx, (part, reduce(part, layout, structure))), (other, (d.select(other), None))], opts)
@@ -196,7 +198,8 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     # A polished point with a sign wrong beyond rounding: the wrong active set (.active_set).
     xs, ss, zs, residual, kkt, error, ray = settle_signs(
         d, systems, layout, (xs, ss, zs, residual, kkt, error), ~certified, point_residual(d, layout),
-        polish_steps if polish != "never" else 0, refine + 1, (tol_accept, tol_error), error_cols, error_duals)
+        polish_steps if polish != "never" else 0, refine + 1, (tol_accept, tol_error), error_cols, error_duals,
+        per_element_next)
     status, certified = torch.where(ray, DUAL_INFEASIBLE, status), certified | ray  # (checked below)
     xo, so, zo = d.unscale(xs, ss, zs)
     ok = torch.isfinite(xo).all(1) & torch.isfinite(so).all(1) & torch.isfinite(zo).all(1)

@@ -278,14 +278,15 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
 
     ``per_element_next``: the caller solves what stays unsettled per element next (not in forward
     mode, nor for a program the per-element path cannot take); then an element flagged
-    :data:`~.measures.DEGENERATE` skips the retries below and goes there at once.
+    :data:`~.measures.DEGENERATE` skips the retries below and goes there at once, and the batched
+    attempts stop their active-set steps where these cycle at such a vertex (no certificate there).
 
     Returns:
         ``(solutions, info)``: the variables' tensors, and per element lists ``backend``,
         ``solvers``, ``statuses``, ``residuals``, ``solved``, ``kinds`` and ``points``
         (the batched checks' bits, kept through merges).
     """
-    sols, binfo = program(*flat, where=where)
+    sols, binfo = program(*flat, where=where, per_element_next=per_element_next)
     sols, n = list(sols), len(binfo.status)
     statuses, solved = binfo.status_names(), binfo.solved.tolist()
     info = {"backend": ["batched"] * n, "solvers": ["batched"] * n, "statuses": statuses,
@@ -297,7 +298,7 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
         """The elements ``redo`` through ``program`` again with ``options``, merged where
         they are solved now; returns which were, and the call's info."""
         fixed, finfo = program(*element_subset(parameters, flat, redo), where=([where[0][i] for i in redo], where[1]),
-                               **options)
+                               per_element_next=per_element_next, **options)
         for i, bits in zip(redo, finfo.points.tolist()):
             info["points"][i] |= bits
         took = finfo.solved.tolist()

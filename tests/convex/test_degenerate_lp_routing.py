@@ -60,7 +60,7 @@ def test_degenerate_assignment_lp_takes_one_batched_attempt_then_per_element(mon
         out = layer(costs)
     # One batched attempt: neither the iterations again (decide_pairs) nor Clarabel's point
     # (second_opinion) for elements flagged as a degenerate vertex.
-    assert len(calls) == 1 and calls[0] == ["where"], calls
+    assert len(calls) == 1 and calls[0] == ["per_element_next", "where"], calls
     info = layer.last_solve
     assert info.solved.all()
     assert info.backend == ["per_element"] * batch
@@ -112,3 +112,63 @@ def test_forward_mode_keeps_the_batched_retries_of_a_degenerate_vertex():
         want[rows, cols] = 1.0
         assert np.abs(primal[b].numpy() - want).max() <= 1e-8
     assert float(tangent.abs().max()) <= 1e-12
+
+
+def _working_set_sizes(monkeypatch) -> list:
+    """The working-set sizes of each active-set step's elements, ``(before, after)``, recorded
+    (one element per solve below: its own sequence)."""
+    import convexddn.convex.active_set as active_set
+
+    sizes, original = [], active_set._step
+
+    def counted(*args):
+        out = original(*args)
+        sizes.append((args[8].sum(1).tolist(), out[0][1].sum(1).tolist()))
+        return out
+
+    monkeypatch.setattr(active_set, "_step", counted)
+    return sizes
+
+
+def _repeats_above(sizes: list, n: int) -> bool:
+    """Whether a single element's steps came back to a working-set size above ``n`` they had had
+    and stepped on from there."""
+    seen = {sizes[0][0][0]} if sizes else set()
+    for before, after in sizes[:-1]:
+        if after[0] > n and after[0] in seen:
+            return True
+        seen.add(after[0])
+    return False
+
+
+@pytest.mark.parametrize("element", [0, 2])
+def test_active_set_steps_stop_cycling_at_the_vertex_where_the_per_element_path_comes_next(monkeypatch, element):
+    """15 × 15 at batch 1: the active-set steps at the degenerate vertex (239 rows in R^225) release
+    rows that rejoin at once and cycle through the same working-set sizes (element 2: 239 -> 232 ->
+    233 -> 232 -> ...), 11 steps that end 4 to 8 rows over, which no estimate certifies. Where the
+    per-element path comes next they stop once a size comes again; the answer is the same (the
+    per-element path's, against linear_sum_assignment)."""
+    k = 15
+    prob, C, X = _assignment(k)
+    costs = _costs(8, k)[element:element + 1]
+    sizes = _working_set_sizes(monkeypatch)
+    layer = ConvexLayer(prob, [C], [X])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = layer(costs)
+    assert sizes and sizes[0][0][0] > k * k  # (the steps ran from the degenerate vertex)
+    assert not _repeats_above(sizes, k * k), sizes
+    assert layer.last_solve.backend == ["per_element"]
+    rows, cols = linear_sum_assignment(costs[0].numpy())
+    assert abs(float((costs[0] * out[0]).sum()) - costs[0].numpy()[rows, cols].sum()) < 1e-8
+
+
+def test_batched_only_use_keeps_every_active_set_step():
+    """Without the per-element path next (BatchedProgram alone, as forward mode's), the steps run as
+    before: element 2 of the same costs comes back to a size it had and steps on."""
+    k = 15
+    prob, C, X = _assignment(k)
+    with pytest.MonkeyPatch.context() as mp:
+        sizes = _working_set_sizes(mp)
+        BatchedProgram(prob, [C], [X])(_costs(8, k)[2:3])
+    assert _repeats_above(sizes, k * k), sizes
