@@ -7,7 +7,9 @@ exact batched solver), :func:`layer` returns that node; otherwise it returns the
 program, ``backend="native"`` insists on the node. Both take the same input and give the
 same output (tests check that they agree), ``-inf`` scores of ``entmax`` / ``sparsemax``
 included (masked entries: ``MaskedScoresLayer`` gives the cone program a finite
-stand-in with the same solution).
+stand-in with the same solution). A problem whose solution moves with (``tv1d``,
+``robust_pool``) or ignores (``simplex``, ``sparsemax``, ``entmax``) a constant added to ``x``
+gets the cone program of ``x`` centred per row (``CentredLayer``, :mod:`convexddn._registry_layers`).
 
 This module sits above both paths: it imports the registry and the nodes, and neither of them imports it.
 """
@@ -22,24 +24,25 @@ from torch import nn
 
 from ._autograd import wrapper_forward
 from ._checks import check_choice, check_finite, check_tensor
+from ._registry_layers import SHIFT_SYMMETRY, CentredLayer, MaskedScoresLayer, ScaledBallLayer
 from .convex import registry
 from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
-from .convex.declarations import parameter_label
 from .convex.validation import bind_names, check_values
-from .convex.widen import narrowed, widened
-from ._warn import warn
-from .errors import InputError, NonFiniteError, OptionError, ShapeError, SolverWarning
+from .errors import NonFiniteError, OptionError, ShapeError
 from .nodes.entmax import Entmax
 from .nodes.pooling import CONVEX_PENALTIES, RobustPool
 from .nodes.pooling.penalties import canonical_penalty
-from .nodes._overflow import narrowed as checked_cast, option_cast
+from .nodes._overflow import option_cast
 from .nodes._repr import registry_origin
 from .nodes.projection import LpProjection, SimplexProjection
 from .nodes.total_variation import TotalVariation1d
 from .nodes.transport import OptimalTransport
 
 __all__ = ["layer", "BACKENDS", "NATIVE"]
+
+# (MaskedScoresLayer and ScaledBallLayer lived here: layers pickled then load from this name.)
+_MOVED = (MaskedScoresLayer, ScaledBallLayer)
 
 BACKENDS = ("auto", "native", "cvxpy")
 
@@ -185,113 +188,6 @@ class TransportNode(nn.Module):
 _MASKING = {"sparsemax": lambda options: 2.0, "entmax": lambda options: options["alpha"]}
 
 
-class MaskedScoresLayer(ConvexLayer):
-    """The :class:`~convexddn.ConvexLayer` of ``entmax`` / ``sparsemax``, taking ``-inf``
-    scores as the native :class:`~convexddn.nodes.entmax.Entmax` does (masked: p_i = 0).
-
-    A CVXPY parameter must be finite, so each ``-inf`` becomes a finite stand-in with the
-    same solution: :math:`p_i = [(\\alpha-1)x_i - \\tau]_+^{1/(\\alpha-1)}` with
-    :math:`p_i \\le 1`, so :math:`\\tau \\ge (\\alpha-1)\\max_j x_j - 1` and every
-    :math:`x_i < \\max_j x_j - 1/(\\alpha-1)` has :math:`p_i = 0`; the stand-in
-    :math:`\\max_j x_j - 2/(\\alpha-1)` (over the finite entries) has margin 1 in units of
-    :math:`(\\alpha-1)x`. It gets no gradient: a masked probability is 0 under any change,
-    as in Entmax. The cone program gets the scores in float64, less each row's largest
-    finite score (the map is shift invariant), so the stand-in is :math:`-2/(\\alpha-1)`
-    for scores of any size and dtype, and finite scores further below it take its value
-    (their probability is 0 too). A row entirely ``-inf`` is an ``InputError``; NaN and
-    +inf stay errors.
-    """
-
-    def __init__(self, *args: Any, alpha: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.alpha = float(alpha)
-
-    @wrapper_forward(lambda self: "ConvexLayer", jacrev=False, constants=False)  # (ConvexLayer's)
-    def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
-                **named: torch.Tensor) -> torch.Tensor:
-        (x,) = bind_names(values, named, [p.name() for p in self.parameters_])
-        # The layer's tensor check first: the masking reads x (a meta tensor raised torch's
-        # own error there, a sparse one too). NaN, +inf and wrong shapes are left to the
-        # layer's own checks (and errors).
-        label = parameter_label(0, self.parameters_[0])
-        check_tensor(label, x)
-        if x.dim() >= 1 and x.numel():
-            masked = torch.isneginf(x)
-            if bool(masked.any()) and not bool((torch.isnan(x) | torch.isposinf(x)).any()):
-                w = widened(x, label)
-                top = w.amax(dim=-1, keepdim=True)  # the largest finite score (-inf: none)
-                empty = int(torch.isneginf(top).sum())
-                if empty:
-                    raise InputError(f"{label} has {empty} row(s) whose "
-                                     "entries are all -inf (masked); at least one entry per row must be finite")
-                # In float64, shifted by the row's largest score (p(x - c) = p(x); detached, as
-                # its derivative J 1 is 0), the stand-in is -2/(alpha - 1) whatever the scores'
-                # size: computed as top - margin in x's dtype it overflowed (float16 scores of
-                # -65504 became -inf, refused as the caller's error). Entries further below
-                # (x - top overflowing too) have p = 0 and no gradient: floored there as well.
-                w = (w - top.detach()).clamp(min=-2.0 / (self.alpha - 1.0))
-                p = narrowed(super().forward(w, solver_args=solver_args), x.dtype)
-                return p.masked_fill(masked, 0.0)  # exactly 0, not the solver's 1e-21
-        return super().forward(x, solver_args=solver_args)
-
-
-class ScaledBallLayer(ConvexLayer):
-    """The :class:`~convexddn.ConvexLayer` of ``lp_ball``, solved at radius :math:`r / s \\in [1, 2)`,
-    :math:`s = 2^{\\lfloor \\log_2 r \\rfloor}` (a power of two: never 2^1024, which overflows):
-    :math:`\\Pi_{\\|\\cdot\\| \\le r}(x) = s\\, \\Pi_{\\|\\cdot\\| \\le r/s}(x / s)` (any norm),
-    so the value and the Jacobian (:math:`J_{r/s}(x/s)`) are exact (dividing by 2^k rounds nothing).
-
-    The solvers work at the data's scale: at radius 1e-10 |x| the solution (of norm r) lost
-    all relative accuracy (errors of 0.2 to 0.9 r, a p = 2 gradient of 0 for 4.1e-11), and
-    from radius 1e160 the cone program's r² overflows (Clarabel: KKT residual 1.0 for x
-    inside the ball). Scaled, the radius is O(1) at every r. The solvers' error is absolute
-    (about 1e-48 at radius O(1), so s 1e-48 scaled back: x = 0 gave -1.18e-48 r, -inf in float32),
-    so a row with :math:`\\|x\\|_p < r` is decided exactly and returned as x (Jacobian I), its cone
-    program fed 0 instead (on the sphere: the cone program's one-sided derivative and its warning);
-    a row outside has :math:`r \\le n \\|x\\|_\\infty`, so that error is relative to |x| too.
-    What scaling cannot remove is the ratio :math:`\\|x\\|_\\infty / r` itself: the p = 1 solution
-    :math:`x_i - \\tau` cancels, so float64 fixes it to about :math:`\\epsilon \\|x\\|_\\infty / r` of r
-    only, and the cone program's gradients go astray there (2.4 times the p = 2 Jacobian at a
-    ratio of 2e12). Where that bound exceeds ``tol`` a ``SolverWarning`` says so; where
-    :math:`x / s` overflows, an ``InputError``. The input is scaled in float64 (a float32 x / r
-    may overflow where x does not) and the output returned in its dtype by the checked cast
-    (a ``SolverWarning`` where an entry overflows it).
-
-    Shape: as the ConvexLayer's: ``(*batch, n) -> (*batch, n)``.
-    """
-
-    def __init__(self, *args: Any, scale: float, radius: float, p: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.scale, self.radius, self.p = float(scale), float(radius), p
-
-    @wrapper_forward(lambda self: "ConvexLayer", jacrev=False, constants=False)  # (ConvexLayer's)
-    def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
-                **named: torch.Tensor) -> torch.Tensor:
-        (x,) = bind_names(values, named, [p.name() for p in self.parameters_])
-        label = parameter_label(0, self.parameters_[0])
-        check_tensor(label, x)
-        check_finite(label, x)  # the caller's values named, not the scaled ones
-        w = widened(x, label)
-        top = float(w.detach().abs().amax()) if w.numel() else 0.0  # (one host read)
-        ratio, scaled = top / self.radius, top / self.scale
-        if not math.isfinite(scaled):
-            raise InputError(f"{label} / radius overflows float64 (radius {self.radius:g}, largest |x| "
-                             f"{top:.3g}); scale x and radius down together")
-        eps = torch.finfo(torch.float64).eps
-        if eps * ratio > self.tol:
-            warn(f"lp_ball (backend='cvxpy'): |x| reaches {ratio:.3g} times the radius, so float64 fixes the "
-                 f"projection to about {eps * ratio:.1e} of the radius only (> tol = {self.tol:g}), and the cone "
-                 "program's solution and gradient are not accurate to tol there; the native node "
-                 "(backend='auto') is exact to rounding", SolverWarning)
-        v = w / self.scale  # (a norm that under/overflows here is inside/outside: the decision holds)
-        inside = torch.linalg.vector_norm(v.detach(), ord=self.p, dim=-1, keepdim=True) < self.radius / self.scale
-        y = super().forward(v.masked_fill(inside, 0.0), solver_args=solver_args) * self.scale
-        return checked_cast(torch.where(inside, w, y), x.dtype, "lp_ball (backend='cvxpy')", "the projection", 1)
-
-    def extra_repr(self) -> str:  # (the radius asked for: in the origin where layer() built it)
-        return f"{super().extra_repr()}{'' if self.origin else f', radius={self.radius:g}'}, scale={self.scale:g}"
-
-
 def _valid_options(name: str, backend: str, declared: tuple[str, ...]) -> str:
     """The options layer(name, backend=backend) takes, in words, for its messages."""
     # check is the registry's own (ProblemSpec.check); a declared name is the problem's.
@@ -373,6 +269,9 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
                           f"problem {name!r}); it cannot be passed to layer()")
     # (origin: the options asked for, lp_ball's radius before it is rescaled)
     cls, origin = ConvexLayer, registry_origin(name, spec.options)
+    if name in SHIFT_SYMMETRY:  # solved on x less a per-row constant (CentredLayer)
+        layer_opts["symmetry"] = SHIFT_SYMMETRY[name]
+        cls = CentredLayer
     if name in _MASKING:  # the native node's -inf masking, for the cone program too
         layer_opts["alpha"] = _MASKING[name](spec.options)
         cls = MaskedScoresLayer
