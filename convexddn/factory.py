@@ -24,7 +24,8 @@ from torch import nn
 
 from ._autograd import wrapper_forward
 from ._checks import check_choice, check_finite, check_tensor
-from ._registry_layers import SHIFT_SYMMETRY, CentredLayer, MaskedScoresLayer, ScaledBallLayer
+# (MaskedScoresLayer and ScaledBallLayer lived here: layers pickled then load by this module's names)
+from ._registry_layers import SHIFT_SYMMETRY, CentredLayer, MaskedScoresLayer, ScaledBallLayer  # noqa: F401
 from .convex import registry
 from .convex.layer import ConvexLayer
 from .convex.learned import LearnedLayer
@@ -40,9 +41,6 @@ from .nodes.total_variation import TotalVariation1d
 from .nodes.transport import OptimalTransport
 
 __all__ = ["layer", "BACKENDS", "NATIVE"]
-
-# (MaskedScoresLayer and ScaledBallLayer lived here: layers pickled then load from this name.)
-_MOVED = (MaskedScoresLayer, ScaledBallLayer)
 
 BACKENDS = ("auto", "native", "cvxpy")
 
