@@ -84,10 +84,13 @@ class CentredLayer(ConvexLayer):
         super().__init__(*args, **kwargs)
         self.symmetry = symmetry
 
+    def _fits(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a non-empty ``(*batch, n)`` (read from its shape only)."""
+        return x.dim() >= 1 and x.numel() > 0 and tuple(x.shape[-1:]) == tuple(self.parameters_[0].shape)
+
     def _admits(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is centred (one host read): a non-empty ``(*batch, n)`` of finite values."""
-        return (x.dim() >= 1 and x.numel() > 0 and tuple(x.shape[-1:]) == tuple(self.parameters_[0].shape)
-                and bool(torch.isfinite(x).all()))
+        return self._fits(x) and bool(torch.isfinite(x).all())
 
     def _stand_in(self, w: torch.Tensor, label: str) -> torch.Tensor:
         """The values the cone program gets for the float64 ``w`` (before centring): ``w`` (an
@@ -140,8 +143,7 @@ class MaskedScoresLayer(CentredLayer):
 
     def _admits(self, x: torch.Tensor) -> bool:
         """As the CentredLayer's, ``-inf`` allowed (masked)."""
-        return (x.dim() >= 1 and x.numel() > 0 and tuple(x.shape[-1:]) == tuple(self.parameters_[0].shape)
-                and not bool((torch.isnan(x) | torch.isposinf(x)).any()))
+        return self._fits(x) and not bool((torch.isnan(x) | torch.isposinf(x)).any())
 
     def _stand_in(self, w: torch.Tensor, label: str) -> torch.Tensor:
         """``w`` less each row's largest finite score (detached), floored at ``-2/(alpha - 1)``.
