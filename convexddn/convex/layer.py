@@ -38,6 +38,7 @@ from .consistent_rows import input_precision, read_by_rows
 from .finite import finite_problem
 from .nonconvex import explain_nonconvex, unsolved
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
+from .power_cones import power_cone_free
 from .second_opinion import solve_with_opinion, unsettled
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, warn_masked)
@@ -187,9 +188,10 @@ class ConvexLayer(nn.Module):
         solver_args = validate_solver_args(first, solver_args)
         # True for quad_form(x, P) of a parameter P: the batched solver only (see validate_problem).
         self._qp_only = validate_problem(problem, parameters, variables, gp, solver in ("auto", "batched"), solver)
-        # What both backends compile: infinite bounds' rows dropped (y <= [0.1, inf]), other non-finite refused.
-        self._program = finite_problem(problem, variables)
-
+        # What both backends compile: infinite bounds' rows dropped (y <= [0.1, inf]), other non-finite refused;
+        # power cones of exact rational exponents in second-order cones (no DGP problem has power cones).
+        program = finite_problem(problem, variables)
+        self._program = program if gp else power_cone_free(program, variables)
         self.problem = problem
         self.parameters_ = list(parameters)
         self.variables_ = list(variables)
@@ -212,8 +214,7 @@ class ConvexLayer(nn.Module):
         # The program that gives second opinions on per-element results in doubt: the batched one; for
         # the per-element solvers built on first need (None: not yet, False: the problem has no batched form).
         self._opinion = (self._batched or False) if gp or solver in ("auto", "batched") else None
-        self._local = threading.local()
-        self._build_lock = threading.Lock()
+        self._local, self._build_lock = threading.local(), threading.Lock()
 
     fallback = property(lambda self: self._backend.fallback, doc="The per-element fallback solver, or None.")
     adjoint = property(lambda self: self._backend.mode, doc="How per-element adjoint systems are solved.")
@@ -238,8 +239,7 @@ class ConvexLayer(nn.Module):
         # problems, infinite bounds dropped (the problem itself); with cvxpylayers' layer as a submodule:
         restore_state(self, state, {"_opinion": None, "check": None, "_qp_only": False,
                                     "_program": state.get("problem")}, hidden=("_layer",))
-        self._local = threading.local()
-        self._build_lock = threading.Lock()
+        self._local, self._build_lock = threading.local(), threading.Lock()
 
     def extra_repr(self) -> str:
         params = ", ".join(f"{p.name()}{tuple(p.shape)}" for p in self.parameters_)

@@ -126,12 +126,12 @@ class CheckedDiffcp(SolverInterface):
         self._b_rows = self._indices[n_a:]
         dims = ctx.cone_dims
         if getattr(dims, "p3d", None) or getattr(dims, "pnd", None):
-            # diffcp's cone dictionary has no power cones: it dropped them, and every call
-            # failed (Clarabel's bare Exception, "constraint dimensions inconsistent").
-            raise ProblemError("the problem needs power cones (cp.PowCone3D, or power/pnorm/geo_mean with approx="
-                               "False), which the per-element solvers cannot take through diffcp and the batched path "
-                               "does not take either; write those atoms with approx=True (their second-order-cone "
-                               "form, CVXPY's default)")
+            # diffcp's cone dictionary has no power cones: it dropped them, and every call failed (Clarabel's bare
+            # Exception). ConvexLayer states exact ones in SOCs first (.power_cones): these came from elsewhere.
+            raise ProblemError("the problem needs power cones that the layer does not state in second-order cones "
+                               "(.power_cones rewrites cp.PowCone3D/PowConeND and power/pnorm/geo_mean with approx="
+                               "False of exact rational exponents), which neither path takes; write those atoms "
+                               "with approx=True (their second-order-cone form, CVXPY's default)")
         check_solver_cones(dims, solver=self.solver, fallback=self.fallback)
         parametric = parametric_entries(ctx, self._indices, self._cols, n_a)
         # Dependent equality rows with constant coefficients: removed (.consistent_rows).

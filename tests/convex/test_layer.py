@@ -886,18 +886,21 @@ def test_duals_of_a_constraint_of_several_cones_are_refused_and_per_cone_duals_a
                                    .reshape(duals[2 * i].shape), atol=1e-6, rtol=0)
 
 
-def test_power_cones_are_refused_at_construction():
+def test_power_cones_of_inexact_exponents_are_refused_at_construction():
     """diffcp has no power cones: they were dropped, and every call failed (a bare
-    Exception from Clarabel, or SCS's "solved" point with a residual of 1.4)."""
+    Exception from Clarabel, or SCS's "solved" point with a residual of 1.4). An exponent
+    that is an exact rational is stated in second-order cones (.power_cones); another is
+    refused, named."""
     q, x = cp.Parameter(3), cp.Variable(3)
-    prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, 1.5, approx=False)) - q @ x), [x >= 0])
+    prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, 1.123456789, approx=False)) - q @ x), [x >= 0])
     for solver in ("auto", "Clarabel", "SCS"):
-        with pytest.raises(ProblemError, match="power cones.*approx=True"):
+        with pytest.raises(ProblemError, match="power cone.*exponent 1.123456789.*not exact.*approx=True"):
             cddn.ConvexLayer(prob, [q], [x], solver=solver)
-    # Its second-order-cone form (CVXPY's default) works: x = (q / 1.5)².
-    prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, 1.5)) - q @ x), [x >= 0])
+    # 1.5 = 3/2 is exact, with approx=False as with CVXPY's default: x = (q / 1.5)².
     qv = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
-    torch.testing.assert_close(cddn.ConvexLayer(prob, [q], [x])(qv), (qv / 1.5) ** 2, atol=1e-6, rtol=0)
+    for approx in (False, True):
+        prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, 1.5, approx=approx)) - q @ x), [x >= 0])
+        torch.testing.assert_close(cddn.ConvexLayer(prob, [q], [x])(qv), (qv / 1.5) ** 2, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("solver", ["auto", "Clarabel"])
