@@ -167,17 +167,18 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
     # at batch 8: 4 to 11 steps each, 46 factorisations of 479 × 479 where the whole batch
     # took 88). An element's steps are its own, the same alone as in any batch.
     idx = torch.arange(B, device=A.device)
-    stall = torch.zeros(B, dtype=torch.bool, device=A.device) if stall is None else stall
-    # (the working-set sizes each element has had: a stalled one stops where one comes again above n)
-    seen = torch.nn.functional.one_hot(W.sum(1), m + 1).bool()
-    data, point = (P, q, A, b, Prho, tol_z, stall, seen), (x, W, z)
+    # (with ``stall``: the working-set sizes each element has had, gathered with the rest)
+    tracked = () if stall is None else (stall, torch.nn.functional.one_hot(W.sum(1), m + 1).bool())
+    data, point = (P, q, A, b, Prho, tol_z, *tracked), (x, W, z)
     for _ in range(steps):
-        point, ended, found, failed = _step(*data[:-2], ineq, *point, ulp)
+        point, ended, found, failed = _step(*data[:6], ineq, *point, ulp)
         done, ray = done.index_copy(0, idx, ended), ray.index_copy(0, idx, found)
-        rows = point[1].sum(1, keepdim=True)
-        again = data[-1].gather(1, rows).squeeze(1)
-        data = (*data[:-1], data[-1].scatter(1, rows, True))
-        stop = ended | found | failed | (data[-2] & (rows.squeeze(1) > n) & again)
+        stop = ended | found | failed
+        if tracked:  # a stalled element stops where a size above n comes again
+            rows = point[1].sum(1, keepdim=True)
+            again = data[7].gather(1, rows).squeeze(1)
+            data = (*data[:7], data[7].scatter(1, rows, True))
+            stop = stop | (data[6] & (rows.squeeze(1) > n) & again)
         keep = torch.nonzero(~stop).squeeze(1)  # (one host read per step, on the flagged elements only)
         if keep.numel() == idx.numel():
             continue
@@ -272,10 +273,12 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
         return (*point, ray)
     tol_accept, tol_error = tols
     wrong = live & (sign_violation(d.P, d.q, d.A, d.b, layout, xs, ss, zs) > 1)
+    # (what stays of a wrong point: an infinite error, whatever the steps do)
+    stays = torch.where(wrong, torch.inf, error)
     if not polish_steps:
-        return xs, ss, zs, residual, kkt, torch.where(wrong, torch.inf, error), ray
+        return xs, ss, zs, residual, kkt, stays, ray
     if d.A.shape[1] + d.A.shape[2] > MAX_SIZE:  # (no dense system that large: as without steps)
-        return xs, ss, zs, residual, kkt, torch.where(wrong, torch.inf, error), ray
+        return xs, ss, zs, residual, kkt, stays, ray
     rough = live & (residual <= tol_accept) & ~(error <= tol_error)
     idx = torch.nonzero(wrong | rough).squeeze(1)  # (one host read per solve)
     if not idx.numel():
@@ -288,13 +291,13 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     n_all = data[2].shape[1] + data[2].shape[2]
     chunk = max(1, MEMORY_BUDGET // (_BUDGET_SHARE * n_all * n_all * data[2].element_size()))
     start = (pick(xs), pick(ss), pick(zs))
-    stall = degenerate_vertex(*data, layout, *start) if per_element_next else torch.zeros_like(idx, dtype=torch.bool)
+    stall = degenerate_vertex(*data, layout, *start) if per_element_next else None
     parts = [correct(*(v[lo:lo + chunk] for v in data), layout, *(v[lo:lo + chunk] for v in start),
-                     stall=stall[lo:lo + chunk])
+                     stall=None if stall is None else stall[lo:lo + chunk])
              for lo in range(0, idx.numel(), chunk)]
     x0, s0, z0, done, found = (torch.cat(v) for v in zip(*parts))
     # (ok needs done: the others keep their point, an infinite error where their signs are wrong)
-    error = torch.where(wrong, torch.inf, error)
+    error = stays
     moved = torch.nonzero(done | found).squeeze(1)  # (one host read, on the flagged elements only)
     if not moved.numel():
         return xs, ss, zs, residual, kkt, error, ray
@@ -311,7 +314,7 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     keep = lambda new, a, b: torch.where(new.view((-1,) + (1,) * (a.dim() - 1)), a, b)  # noqa: E731
     x, s, z, res = (keep(found, v0, keep(ok, v, pick(old)))
                     for v0, v, old in zip((x0, s0, z0, res), (x, s, z, res), (xs, ss, zs, residual)))
-    part_error = torch.where(ok, part_error, torch.where(pick(wrong) | found, torch.inf, pick(error)))
+    part_error = torch.where(ok, part_error, torch.where(found, torch.inf, pick(error)))
     if not bool(ok.all()):  # (the system at the new points only: the others keep theirs)
         took = torch.nonzero(ok).squeeze(1)
         idx_ok, sub_ok = idx.index_select(0, took), sub.select(took)

@@ -139,13 +139,13 @@ def _soc_atom(expr: Any, args: list) -> Any:
             raise ProblemError(f"`{expr}` has a parametric exponent, which needs power cones with a parametric "
                                "exponent: neither solver path takes them; give the exponent as a constant")
         p = exact_rational(expr.p_used)
-        new = None if p is None else PowerApprox(args[0], p, MAX_DENOMINATOR)
+        new = None if p is None else PowerApprox(args[0], p, _denominator_bound(p))
         if new is None or new.p_used != p:
             raise _refuse(f"`{expr}` (power with approx=False)", expr.p_used)
         return new
     if isinstance(expr, Pnorm):
         p = exact_rational(expr.original_p)
-        new = None if p is None else PnormApprox(args[0], p, expr.axis, expr.keepdims, MAX_DENOMINATOR)
+        new = None if p is None else PnormApprox(args[0], p, expr.axis, expr.keepdims, _denominator_bound(p))
         if new is None or new.p != p:
             raise _refuse(f"`{expr}` (pnorm with approx=False)", expr.original_p)
         return new
@@ -156,6 +156,13 @@ def _soc_atom(expr: Any, args: list) -> Any:
     if tuple(new.w) != w:  # (fracify keeps exact rational weights: a guard, not an expected path)
         raise _refuse(f"`{expr}` (geo_mean with approx=False)", list(expr.w))
     return new
+
+
+def _denominator_bound(p: Fraction) -> int:
+    """The ``max_denom`` that keeps ``p`` exact in CVXPY's ``power``/``pnorm`` forms: beyond
+    p itself they write 1/p (p > 1) or p/(p − 1) (p < 0), whose denominators reach
+    |numerator| + denominator (1025/1024 -> 1024/1025 was rounded, and refused)."""
+    return max(MAX_DENOMINATOR, abs(p.numerator) + p.denominator)
 
 
 def _exact_atom(expr: Any) -> bool:

@@ -227,3 +227,20 @@ def test_gp_problems_are_left_alone():
     closed = (cv * p) ** (1 / (1 + p))  # d/dx (c x^-p + x) = 0
     torch.testing.assert_close(layer(torch.tensor(cv, dtype=torch.float64)),
                                torch.tensor(closed, dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ["auto", "Clarabel"])
+def test_exponents_whose_reciprocal_needs_a_larger_denominator_are_rewritten(solver):
+    """p = 1025/1024 and -1/1024 are exact rationals within the bound, but CVXPY's forms write
+    1/p = 1024/1025 and p/(p - 1) = 1/1025: rounded at max_denom 1024, refused before.
+    Closed forms: min sum x^p - a x (p > 1) has p x^(p-1) = a; min sum x^p + a x (p < 0) has p x^(p-1) = -a."""
+    a, x = cp.Parameter(2), cp.Variable(2)
+    target = np.array([2.0, 3.0])
+    for p, sign, box in ((1025 / 1024, -1.0, [x >= 0, x <= 5]), (-1 / 1024, 1.0, [x >= 0.5, x <= 5])):
+        prob = cp.Problem(cp.Minimize(cp.sum(cp.power(x, p, approx=False)) + sign * (a @ x)), box)
+        value = -sign * p * target ** (p - 1)  # a with the stationary point at target (inside the box)
+        layer = cddn.ConvexLayer(prob, [a], [x], solver=solver)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = layer(torch.tensor(value, dtype=torch.float64))
+        np.testing.assert_allclose(out.detach().numpy(), target, rtol=1e-6)
