@@ -58,12 +58,14 @@ from ._pnp_geometry import (
     warn_hessian,
 )
 from ._pnp_solvers import from_starts, solve, warn_unfinished
+from ._pnp_stationarity import warn_stationarity
 from ._pnp_starts import check_dlt_points
 from ._repr import format_option
 from ._module_options import store_option
 from ._overflow import narrowed, widened
 from .degeneracy import in_saved_batch, named_batch, naming_batch
 from .dense import checked_solve
+from .optimality import default_solution_tol
 from .pooling.penalties import Penalty, format_penalty
 
 __all__ = ["pnp", "PnP", "axis_angle_to_matrix"]
@@ -86,10 +88,11 @@ class _PnPFunction(torch.autograd.Function):
     """θ = argmin_θ Σ w_i φ(‖π(R p_i + t) − q_i‖) for (B, N, ·) inputs -> (B, 6)."""
 
     @staticmethod
-    def forward(p2d, p3d, w, K, alpha, init, pen, tol, max_iter):  # type: ignore[override]
-        """``(θ (B, 6), H (B, 6, 6))``: the pose and the Hessian there (kept for the backward)."""
+    def forward(p2d, p3d, w, K, alpha, init, pen, tol, max_iter, level):  # type: ignore[override]
+        """``(θ (B, 6), H (B, 6, 6), ∇_θf (B, 6))``: the pose, the Hessian and the objective's gradient
+        there (kept for the backward; ``level``: the stationarity it needs, :mod:`._pnp_stationarity`)."""
         if p2d.shape[0] == 0:  # through apply all the same: the output stays in the graph
-            return p2d.new_zeros(0, 6), p2d.new_zeros(0, 6, 6)
+            return p2d.new_zeros(0, 6), p2d.new_zeros(0, 6, 6), p2d.new_zeros(0, 6)
         xs = (p2d, p3d, w, K, alpha)
         if init is None:
             theta = from_starts(xs, pen, tol, max_iter)
@@ -100,18 +103,18 @@ class _PnPFunction(torch.autograd.Function):
         theta = canonical_pose(theta)
         # The Hessian at the pose itself: at the last iterate but one, a rank-deficient
         # one still has eigenvalues of the order of that iterate's distance.
-        H = grad_hess(theta, xs, pen)[2]
+        _, g, H, _ = grad_hess(theta, xs, pen)
         check_pose(theta, H, p3d, w)
-        return theta, H
+        return theta, H, g
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         p2d, p3d, w, K, alpha = inputs[:5]
-        theta, H = output
-        ctx.mark_non_differentiable(H)
-        ctx.save_for_backward(p2d, p3d, w, K, alpha, theta, H)
-        ctx.save_for_forward(p2d, p3d, w, K, alpha, theta, H)
-        ctx.pen = inputs[6]
+        theta, H, g = output
+        ctx.mark_non_differentiable(H, g)
+        ctx.save_for_backward(p2d, p3d, w, K, alpha, theta, H, g)
+        ctx.save_for_forward(p2d, p3d, w, K, alpha, theta, H, g)
+        ctx.pen, ctx.tol, ctx.level = inputs[6], inputs[7], inputs[9]
         ctx.anchors = graph_anchor(p2d, p3d, w, K, alpha)  # (their graph, not them: see first_order)
         ctx.named_batch = named_batch(theta.shape[0])  # (pnp's batch shape: the backward's warnings name it)
 
@@ -122,35 +125,38 @@ class _PnPFunction(torch.autograd.Function):
         """Forward mode: dθ = −H⁻¹ (∂∇_θf/∂x · dx), the optimality condition ∇_θf = 0
         differentiated along the tangents dx of the inputs (the backward's system, H
         symmetric; singular elements get 0 and the backward's warning)."""
-        p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
+        p2d, p3d, w, K, alpha, theta, H, g = ctx.saved_tensors
         if theta.shape[0] == 0:
-            return theta.new_zeros(theta.shape), None
+            return theta.new_zeros(theta.shape), None, None
         xs = (p2d, p3d, w, K, alpha)
         moving = [i for i, t in enumerate(tangents[:5]) if t is not None and xs[i] is not None]
         if not moving:
-            return torch.zeros_like(theta), None
+            return torch.zeros_like(theta), None, None
         Bdx = mixed_jvp(xs, theta, moving, tangents, ctx.pen)
         if Bdx is None:  # the moving inputs do not enter the optimality condition
-            return torch.zeros_like(theta), None
+            return torch.zeros_like(theta), None, None
         v, singular, ill, cond = checked_solve(H, Bdx)
         warn_hessian(singular, ill, cond)
-        return -v, None
+        warn_stationarity(theta, g, H, singular, ctx.level, ctx.tol)
+        return -v, None, None
 
     @staticmethod
     @first_order("pnp")
     @in_saved_batch
-    def backward(ctx, g_theta, _g_hessian):  # type: ignore[override]
+    def backward(ctx, g_theta, _g_hessian, _g_gradient):  # type: ignore[override]
         refuse_batched("pnp", g_theta)  # (its Hessian checks read on the host)
-        p2d, p3d, w, K, alpha, theta, H = ctx.saved_tensors
+        p2d, p3d, w, K, alpha, theta, H, g = ctx.saved_tensors
         need = ctx.needs_input_grad[:5]
         if theta.shape[0] == 0:
             return (*[torch.zeros_like(t) if n else None for t, n in zip((p2d, p3d, w, K, alpha), need)],
-                    None, None, None, None)
+                    None, None, None, None, None)
         # Scale-aware singularity test: rounding keeps a singular H (too few points or
         # inliers, collinear points) from being exactly singular, where solve_ex reports
         # nothing and returns an arbitrary finite v. Singular elements get v = 0.
         v, singular, ill, cond = checked_solve(H, g_theta)
         warn_hessian(singular, ill, cond)
+        # The derivative of ∇_θf = 0 is that of the returned pose only where it holds (a loose tol).
+        warn_stationarity(theta, g, H, singular, ctx.level, ctx.tol)
         with torch.enable_grad():
             xs, gf = objective_gradient(theta, (p2d, p3d, w, K, alpha), need, ctx.pen)
             wanted = [t for t, n in zip(xs, need) if n]
@@ -159,7 +165,7 @@ class _PnPFunction(torch.autograd.Function):
         for t, n in zip(xs, need):
             gr = next(got) if n else None
             out.append(None if not n else (torch.zeros_like(t) if gr is None else -gr))
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def _check_options(penalty: Any, alpha: Any, tol: Any, max_iter: Any) -> tuple[Penalty, Any]:
@@ -252,7 +258,9 @@ def pnp(
         GradientWarning: singular or ill-conditioned Hessian in the backward; a gradient
             (or forward-mode tangent) entry beyond its dtype's range, computed in float64
             and ±Inf when cast back (names the input and the batch elements); the weight
-            of a zero-weight point at depth 0 (its unbounded gradient is set to 0).
+            of a zero-weight point at depth 0 (its unbounded gradient is set to 0); a pose
+            not stationary (a loose ``tol``, ``max_iter`` reached: one Newton step from it
+            beyond the gradient dtype's solution tolerance), whose gradient is not its derivative.
 
     References:
         S. Gould, R. Hartley and D. Campbell, "Deep Declarative Networks", IEEE TPAMI 2021.
@@ -310,7 +318,8 @@ def pnp(
     p = p / unit.view(-1, 1, 1)
     th0 = None if th0 is None else torch.cat([th0[:, :3], th0[:, 3:] / unit.view(-1, 1)], 1)
     args = (q, p, w, Kf, a, None if th0 is None else th0.detach(), pen,
-            _DEFAULT_TOL if tol is None else float(tol), _DEFAULT_MAX_ITER if max_iter is None else max_iter)
+            _DEFAULT_TOL if tol is None else float(tol), _DEFAULT_MAX_ITER if max_iter is None else max_iter,
+            default_solution_tol(torch.promote_types(p2d.dtype, p3d.dtype)))  # (the gradient's dtype)
     # An empty batch goes through apply too, so that its output stays in the graph.
     tensors = (q, p, w, a) + (() if Kf is None else (Kf,))
     # (forward mode too: through the solver's own ops its tangents were wrong, -0.41
