@@ -44,7 +44,7 @@ def stationarity_error(theta: Tensor, g: Tensor, H: Tensor, singular: Tensor, le
     # their step is discarded, and LU of a singular matrix fails)
     eye = torch.eye(6, dtype=H.dtype, device=H.device)
     step = torch.linalg.solve_ex(torch.where(singular[:, None, None], eye, H), g)[0]
-    dy, rn, y_norm = scaled_norm(step), scaled_norm(g), scaled_norm(theta)
+    dy, rn, y_norm = scaled_norm(torch.stack([step, g, theta], 0)).unbind(0)  # (one reduction for the three)
     nu = _ROUNDING * eps * (scaled_norm(H.flatten(1)) * y_norm + rn)
     err = _step_error(dy, rn, nu, y_norm, level)
     # (not finite: a non-finite Hessian or gradient is no evidence of stationarity)
