@@ -22,7 +22,8 @@ import torch
 from .estimate import error_estimate, limit_scaling_at, nearly_dependent_rows
 from .kkt import PatchedKKT
 from .polish import polish as newton_polish
-from .polish import better, polish_nonnegative, rounding_level
+from .polish import EXTEND, better, rounding_level
+from .polish_structured import polish_nonnegative
 from .refine_point import refined_estimate
 from .symmetric_cones import ConeLayout, soc_frame
 
@@ -135,7 +136,7 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
     args = (pick(d.P), pick(d.q), pick(d.A), pick(d.b), layout, pick(xs), pick(ss), pick(zs),
             lambda *v: residual_fn(*v, idx), steps)
     settled = lambda x, s, z: undecided(layout, s, z, rounding=True) <= RESOLVED  # noqa: E731
-    out = newton_polish(*args, settled=settled)
+    out = newton_polish(*args, settled=settled, extend=EXTEND)
     if decide and (layout.nonneg or layout.soc):
         # Plain steps oscillated where both members of a pair are small beside x's move
         # (a box of half-width 7e-5 in an ill-conditioned QP: 2e-6 off, normwise); the
@@ -154,7 +155,11 @@ def _polish_subset(d, layout, xs, ss, zs, residual, polished, idx, residual_fn, 
         if bool(open_.any()):
             floor = _kink_floor(layout, args[6], args[7])  # (the start's size: a step moves it little)
             alt = newton_polish(*args, settled=settled, decide=lambda s, z: _by_sign(s, z, floor))
-            fine = alt[3] <= out[3].clamp_min(rounding_level(out[3]))
+            # (within _SEMISMOOTH_SLACK of the plain run's residual or rounding: plain steps that
+            # halve a pair's members end a few ulps lower with the pair open, on its wrong side
+            # where its multiplier is below √μ: 2.6e-15 beside the semismooth 1.0e-14 at 3λx² of a
+            # 3-norm ball at x = 3e-7, whose dx/da read 1.0 for 0.99999937)
+            fine = alt[3] <= _SEMISMOOTH_SLACK * out[3].clamp_min(rounding_level(out[3]))
             there, alt = _at_kink(layout, alt, settled)
             out = _keep(open_ & there & fine, alt, out)
         # Where the estimate's step fell short on the active rows (``tight``) and these steps
@@ -258,6 +263,9 @@ DECIDED = 1e-2
 # multiplier of 3e3 beside a solution of 1) kept 4 of 16 at 1.2e-7, estimated 7e-8; at
 # 1e-10 the MPC's element estimated 9e-9 was polished too, for +38 % of its time.
 POLISH_ERROR = 1e-8
+# How much above the plain steps' residual (or rounding) a semismooth run may end and still be
+# kept where the plain steps left a pair open (_polish_subset).
+_SEMISMOOTH_SLACK = 4.0
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor, floor: torch.Tensor | float = 0.0) -> torch.Tensor:

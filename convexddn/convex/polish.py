@@ -28,7 +28,7 @@ from .kkt import bmv
 from .symmetric_cones import ConeLayout, soc_frame
 from .tensor_cache import cached
 
-__all__ = ["better", "natural_residual", "polish", "rounding_level"]
+__all__ = ["EXTEND", "better", "natural_residual", "polish", "rounding_level"]
 
 # Residuals at most this many ulps are at rounding level (measured after converged
 # Newton steps: 0.3-4 ulps).
@@ -40,6 +40,9 @@ _DELTA = 1e-10
 # Residuals within this factor of each other (at rounding level) are a tie: a Newton
 # step from a point at its rounding floor lands at that floor again, within a few units.
 _TIE = 2.0
+# Past its ``steps``, a run given ``extend`` goes on while its iterate's residual falls by at least
+# _CONTRACT a step (see :func:`polish`); EXTEND is the plain runs' (:func:`~.certify._polish_subset`).
+_CONTRACT, EXTEND = 0.75, 4
 
 
 def rounding_level(like: torch.Tensor) -> float:
@@ -297,7 +300,7 @@ def _empty_columns(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3, settled=None, decide=None,
-           tight=False):
+           tight=False, extend: int = 1):
     """Newton-polish (x, s, z); return each element's best point.
 
     Full steps are taken (the first one may raise the residual slightly while it
@@ -321,6 +324,16 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
             dependent rows (a degenerate vertex) make the matrix singular to rounding then,
             their multipliers' split arbitrary: the caller keeps such a run only where it
             lowers the residual.
+        extend: at most this many times ``steps`` in all, for an element whose iterate's residual
+            still falls by :data:`_CONTRACT` a step once ``steps`` are spent. Near a double root
+            (a bound whose multiplier lies below the interior point's √μ: 3λx² of |x|³ in a 3-norm
+            ball's cone tree at x ~ 1e-6) the steps first raise the residual 100-fold, then halve
+            it: cut at 3 or 6 they kept the interior point's, that bound on its wrong side (r = 6e-6
+            for |x| = 1e-6 at a residual of 1.4e-11), and the derivative linearised there dropped the
+            curvature of |x|³ (dx/da 1.0 for 0.9999979, silently); 12 reach rounding. Where the steps
+            past ``steps`` end at rounding with a pair still open (``settled``), the run as cut is
+            returned: both members halved to rounding at a cone's tip read as a kink there, which the
+            semismooth steps from the cut point decide.
 
     Returns:
         ``(x, s, z, residual, polished)``: the best points, their residual and where a
@@ -331,7 +344,8 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
     polished = torch.zeros_like(res, dtype=torch.bool)
     going = torch.ones_like(polished)  # not yet done: an element done keeps its best, as alone
     fixed = (_empty_columns(P, A), A[:, layout.zero:].abs())  # (|A| of the cone rows: each row's size)
-    for _ in range(steps):
+    last = res  # (the iterate's own residual, which a first step may raise while it removes √μ's error)
+    for step in range(steps * extend):
         dx, ds, dz, failed = _newton_step(P, q, A, b, layout, x, s, z, fixed, decide, tight)
         x, s, z = x + dx, s + ds, z + dz
         rn = residual_fn(x, s, z)
@@ -348,49 +362,15 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         done = res <= rounding_level(res)
         if settled is not None:
             done = done & settled(*best)
-        going = going & ~done
+        falls = ~lost & (rn <= _CONTRACT * last)
+        last = torch.where(lost, last, rn)
+        going = going & ~done & (falls | (step + 1 < steps))
+        if step + 1 == steps:
+            cut = (*best, res, polished)  # (the run cut at ``steps``)
         if not bool(going.any()):
             break
+    if steps and step >= steps and settled is not None:  # (the run as cut where its extension ended open)
+        back = (res <= rounding_level(res)) & ~settled(*best)
+        return tuple(torch.where(back.view(-1, *(1,) * (v.dim() - 1)), c, v)
+                     for c, v in zip(cut, (*best, res, polished)))
     return (*best, res, polished)
-
-
-def polish_nonnegative(systems, q, b, layout: ConeLayout, x, s, z, residual_fn, live: torch.Tensor,
-                       residual: torch.Tensor, refine: int = 2):
-    """One Newton step for programs without second-order cones, through the reduced KKT.
-
-    On :math:`\\mathbb{R}_+` the Nesterov–Todd linearisation *is* the Jordan one
-    (:math:`H = S Z^{-1}`), so the interior-point method's affine direction with a full
-    step is a Newton step on :math:`s \\circ z = 0`, and the cheap structured
-    factorisation serves (one step: after it :math:`s_i z_i \\approx 0` and :math:`z/s`
-    would overflow the next factorisation).
-
-    Args:
-        systems: ``scaling -> KKTSystem`` on the same data, with its
-            :class:`~.kkt.DataOps` as ``.ops`` (:class:`~.kkt.KKTFactory`).
-        live: ``(B,)`` the elements that may take the step; the others, infeasibility
-            certificates, keep their rays.
-        residual: ``residual_fn(x, s, z)``, which the caller has measured.
-
-    Returns:
-        ``(x, s, z, residual, improved)``.
-    """
-    from .symmetric_cones import NTScaling
-
-    z0 = layout.zero
-    res = residual
-    ok = (s[:, z0:] > 0).all(1) & (z[:, z0:] > 0).all(1)
-    sc = torch.where(ok[:, None], s[:, z0:], 1.0)
-    zc = torch.where(ok[:, None], z[:, z0:], 1.0)
-    kkt, ops = systems(NTScaling(layout, sc, zc)), systems.ops
-    rx = ops.Pv(x) + ops.ATv(z) + q
-    rz = ops.Av(x) + s - b
-    rhs_z = torch.cat([-rz[:, :z0], s[:, z0:] - rz[:, z0:]], 1)
-    dx, dz, _ = kkt.solve(-rx.unsqueeze(-1), rhs_z.unsqueeze(-1), refine)
-    dx, dz = dx.squeeze(-1), dz.squeeze(-1)
-    ds = -rz - ops.Av(dx)
-    ds = torch.cat([torch.zeros_like(ds[:, :z0]), ds[:, z0:]], 1)
-    xn, sn, zn = x + dx, s + ds, z + dz
-    rn = residual_fn(xn, sn, zn)
-    take = live & ok & ~kkt.failed & (rn < res)
-    pick = lambda new, old: torch.where(take[:, None], new, old)  # noqa: E731
-    return pick(xn, x), pick(sn, s), pick(zn, z), torch.where(take, rn, res), take

@@ -14,7 +14,7 @@ convergence: qp50's 16 elements of 64 above rounding after the polish, up to 5e4
 all within 3.4 units by the next step's size). It is computed anyway; taking it costs a
 residual.
 
-The structured polish of LPs and QPs (:func:`~.polish.polish_nonnegative`) takes one Newton
+The structured polish of LPs and QPs (:func:`~.polish_structured.polish_nonnegative`) takes one Newton
 step, which leaves a bound's slack at the step's own rounding times the data's
 conditioning: a capped simplex projection at data scale 1e8 ended with ``y_5 = 2.1e-14``
 of ‖y‖ on an active bound (95 rounding units, estimated 2.1e-14 off), which the caller's
