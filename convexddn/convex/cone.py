@@ -30,7 +30,8 @@ __all__ = ["ILL_CONDITIONED", "POLISH_ABOVE", "ResidualMap", "auto_mode"]
 # became a second-order cone: a polished result above this residual is in doubt (see
 # ConvexLayer), and polishing ends once below it and a step stops helping.
 POLISH_ABOVE = 1e-11
-_POLISHED = 1e-14  # no step is taken from a point at this residual (rounding level)
+# No step is taken from a point at this residual (rounding level).
+_POLISHED = 1e-14
 # A Newton step that cuts the residual less than this (and leaves it within _FLOOR_SPREAD
 # of the best) has stalled (see ResidualMap.refine).
 _STEP_GAIN, _FLOOR_SPREAD = 0.1, 1e3
@@ -153,7 +154,6 @@ class ResidualMap:
         gradients off by 8 on a projection with no active constraint). The minimum-norm
         least-squares solution is the one the derivative is defined by.
         """
-        self._iterative = not isinstance(M, (Bordered, np.ndarray))  # (refine: an iterative step's condition)
         if isinstance(M, Bordered):
             self.degenerate, self.outcome = False, "solved"  # (a rank below N - 1 gave diffcp's operator instead)
             sol, self.relative_residual = M.solve(rhs, transpose)
@@ -188,7 +188,7 @@ class ResidualMap:
         1e-6 → 1 → 1e-16), so steps are taken in full and the best point seen is kept. At most ``steps`` steps; none
         from a point at rounding level (1e-14), and none after one that fails to cut a residual already at
         :data:`POLISH_ABOVE` tenfold without jumping a thousandfold above it (another piece of R). ``condition``: the
-        last solve's; an iterative one's (lsmr, lsqr; sparse on diffcp's operator) the solver's own (.iterative).
+        last solve's; in the modes "lsmr" and "lsqr" the solver's own at the point kept (.iterative).
         """
         z, best = self._triple(np.concatenate([x, y - s, [1.0]]))
         zb, parts = z, residual_parts(self.A)  # (zb: best's z. A is the same at every step: its transposes once)
@@ -219,7 +219,7 @@ class ResidualMap:
             # jump far above, at any residual, lets the steps go on.
             if stalled and best_r <= POLISH_ABOVE:
                 break
-        if stepped and self._iterative:  # (lsmr, lsqr; sparse where the bordered LU was singular)
+        if stepped and self.mode in ("lsmr", "lsqr"):
             self.condition = solver_condition(self._operator(zb), zb, self.mode == "lsqr")
         self.residual = best_r
         return (*best, best_r)
