@@ -169,16 +169,16 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
     idx = torch.arange(B, device=A.device)
     # (with ``stall``: the working-set sizes each element has had, gathered with the rest)
     tracked = () if stall is None else (stall, torch.nn.functional.one_hot(W.sum(1), m + 1).bool())
-    data, point = (P, q, A, b, Prho, tol_z, *tracked), (x, W, z)
+    data, point = (P, q, A, b, Prho, tol_z), (x, W, z)
     for _ in range(steps):
-        point, ended, found, failed = _step(*data[:6], ineq, *point, ulp)
+        point, ended, found, failed = _step(*data, ineq, *point, ulp)
         done, ray = done.index_copy(0, idx, ended), ray.index_copy(0, idx, found)
         stop = ended | found | failed
         if tracked:  # a stalled element stops where a size above n comes again
             rows = point[1].sum(1, keepdim=True)
-            again = data[7].gather(1, rows).squeeze(1)
-            data = (*data[:7], data[7].scatter(1, rows, True))
-            stop = stop | (data[6] & (rows.squeeze(1) > n) & again)
+            stalled, seen = tracked
+            stop = stop | (stalled & (rows.squeeze(1) > n) & seen.gather(1, rows).squeeze(1))
+            tracked = (stalled, seen.scatter(1, rows, True))
         keep = torch.nonzero(~stop).squeeze(1)  # (one host read per step, on the flagged elements only)
         if keep.numel() == idx.numel():
             continue
@@ -186,7 +186,7 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
         if not keep.numel():
             break
         idx = idx.index_select(0, keep)
-        data, point = (tuple(v.index_select(0, keep) for v in group) for group in (data, point))
+        data, point, tracked = (tuple(v.index_select(0, keep) for v in group) for group in (data, point, tracked))
     else:
         x, W, z = (full.index_copy(0, idx, v) for full, v in zip((x, W, z), point))
     z = torch.where(W, z, 0.0)
@@ -296,11 +296,10 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
                      stall=None if stall is None else stall[lo:lo + chunk])
              for lo in range(0, idx.numel(), chunk)]
     x0, s0, z0, done, found = (torch.cat(v) for v in zip(*parts))
-    # (ok needs done: the others keep their point, an infinite error where their signs are wrong)
-    error = stays
+    # (ok needs done: the others keep their point, ``stays``: an infinite error where their signs are wrong)
     moved = torch.nonzero(done | found).squeeze(1)  # (one host read, on the flagged elements only)
     if not moved.numel():
-        return xs, ss, zs, residual, kkt, error, ray
+        return xs, ss, zs, residual, kkt, stays, ray
     if moved.numel() < idx.numel():
         idx, sub = idx.index_select(0, moved), sub.select(moved)
         x0, s0, z0, done, found = (v.index_select(0, moved) for v in (x0, s0, z0, done, found))
@@ -314,7 +313,7 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     keep = lambda new, a, b: torch.where(new.view((-1,) + (1,) * (a.dim() - 1)), a, b)  # noqa: E731
     x, s, z, res = (keep(found, v0, keep(ok, v, pick(old)))
                     for v0, v, old in zip((x0, s0, z0, res), (x, s, z, res), (xs, ss, zs, residual)))
-    part_error = torch.where(ok, part_error, torch.where(found, torch.inf, pick(error)))
+    part_error = torch.where(ok, part_error, torch.where(found, torch.inf, pick(stays)))
     if not bool(ok.all()):  # (the system at the new points only: the others keep theirs)
         took = torch.nonzero(ok).squeeze(1)
         idx_ok, sub_ok = idx.index_select(0, took), sub.select(took)
@@ -325,5 +324,5 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
         idx_ok = idx
     kkt = kkt if part is None else PatchedKKT(kkt, idx_ok, part)
     out = (xs.index_copy(0, idx, x), ss.index_copy(0, idx, s), zs.index_copy(0, idx, z),
-           residual.index_copy(0, idx, res), kkt, error.index_copy(0, idx, part_error))
+           residual.index_copy(0, idx, res), kkt, stays.index_copy(0, idx, part_error))
     return (*out, ray.index_copy(0, idx, found))

@@ -326,19 +326,20 @@ class BatchedProgram:
         # parameters reach and for dependent rows they move apart.
         requires = [v.requires_grad for v in values]
         tangent = data.parameter_tangent(p, requires) if reverse else None  # (forward mode: its own tangents)
+        pd = p.detach()  # (one tensor for all who keep it: saved-tensor hooks save it once)
         if tangent is not None:
             # Eliminated variables: P and q are products of maps of p; their secant along
             # the direction is a direction they move in all the same (formed in the
             # backward, for the elements that need it).
-            tangent = (*tangent, None if tangent[0] is not None else _Secant(data, p.detach(), requires))
+            tangent = (*tangent, None if tangent[0] is not None else _Secant(data, pd, requires))
         # Which columns the parameters requiring grad move: where the solve leaves one
         # unresolved (a weight far below the program's scale), the backward warns.
-        moved = _Moves(data, p.detach(), requires) if reverse else None
+        moved = _Moves(data, pd, requires) if reverse else None
         x, z, status, residual, iterations, error, points, _ = ConeSolve.apply(
             P, q, A, b, data.layout, options, needs_grad, tangent, where, moved)
         xf, zf = data.recover(x, z, extra)
         gap = torch.zeros_like(residual)
-        rows = data.inconsistency(p.detach())
+        rows = data.inconsistency(pd)
         if rows is not None:
             # Dependent equality rows: solved with b_E projected; beyond tolerance, infeasible.
             far = rows[0] > allowed(self.tol_accept) * rows[1]

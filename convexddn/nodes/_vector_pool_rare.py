@@ -15,7 +15,7 @@ import torch
 
 from ._vector_pool_solvers import _forming_noise, _hessian, forming_noise
 from ._vector_pool_sums import Sums, gradient_noise_of, phi_sums
-from .pooling.rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE, grid
+from .pooling.rounding import _LOCAL_SPAN, grid
 
 # Trial steps along a direction of negative curvature, in alpha (both signs).
 _ESCAPE = (2.0, 1.0, 0.5, 0.25, 0.125, 1.0 / 16)

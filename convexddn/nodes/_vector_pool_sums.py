@@ -109,18 +109,15 @@ def hessian_sums(pen: Penalty, x: torch.Tensor, a: torch.Tensor, y: torch.Tensor
     :func:`~._vector_pool_solvers._hessian`) and ``mixed`` (R,) whether a term has negative curvature
     (κ_i < 0 or φ''_i < 0), a chunk of the points at a time."""
     f64 = torch.float64
-    s = H = cabs = mixed = None
-    for ch in chunks:
+
+    def part(ch: slice):
         d, z = geometry(x[:, ch], y)
         k1, d2 = kappa(pen, z, a), pen.d2phi(z, a)
         n, c = unit(d, z), d2 - k1
-        part = (k1.sum(-1, dtype=f64), (n * c.unsqueeze(-1)).to(f64).mT @ n.to(f64), c.abs().sum(-1, dtype=f64),
+        # (``mixed`` summed as a bool tensor: torch's bool + is a logical or)
+        return (k1.sum(-1, dtype=f64), (n * c.unsqueeze(-1)).to(f64).mT @ n.to(f64), c.abs().sum(-1, dtype=f64),
                 ((d2 < 0) | (k1 < 0)).any(-1))
-        if s is None:
-            s, H, cabs, mixed = part
-        else:
-            s, H, cabs, mixed = s + part[0], H + part[1], cabs + part[2], mixed | part[3]
-    assert s is not None and H is not None and cabs is not None
+    s, H, cabs, mixed = summed(part, chunks)
     H.diagonal(dim1=-2, dim2=-1).add_(s.unsqueeze(-1))
     dt = x.dtype
     return s.to(dt), H.to(dt), cabs.to(dt), mixed

@@ -154,7 +154,7 @@ def test_power_cone_problem_matches_clarabel_and_finite_differences(case, solver
 
 
 def test_cvxpylayer_takes_power_cones():
-    """The migration case: cvxpylayers 1.2 solves it, CvxpyLayer must too (against Clarabel)."""
+    """The migration case: the compatibility class takes a power cone too (against Clarabel)."""
     prob, params, var, values, _, _ = CASES["PowCone3D(0.4)"]()
     out, = cddn.CvxpyLayer(prob, params, [var])(*[torch.tensor(v[0]) for v in values])
     np.testing.assert_allclose(out.numpy(), _reference("PowCone3D(0.4)", [v[0] for v in values]), atol=1e-8, rtol=0)

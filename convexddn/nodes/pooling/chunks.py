@@ -37,7 +37,7 @@ def block_sums(pen: Penalty, method: str, rows: Rows, sl: slice, u: Tensor, al, 
     lo = hi = None
     if first is not None and first[2] is not None and len(cols) > 1:
         # (before the chunks: a gathered row's columns go through the buffer they take too)
-        first[1][sl] = _start_of(first[2], rows, sl, cols)
+        first[1][sl] = first[2].on_chunks(lambda c: rows.block(sl, c), rows.x.shape[1], cols)
     for c in cols:
         xb = rows.block(sl) if len(cols) == 1 else rows.block(sl, c)  # (whole rows: as before)
         if first is not None:
@@ -55,12 +55,6 @@ def block_sums(pen: Penalty, method: str, rows: Rows, sl: slice, u: Tensor, al, 
     if first is not None:
         first[0].append((lo, hi))
     return total, (sq if len(cols) == 1 or sq is None else sq.sqrt_())
-
-
-def _start_of(start: Callable, rows: Rows, sl: slice, cols: list[slice]) -> Tensor:
-    """``start`` of the rows ``sl`` of long rows chunked as ``cols``, read chunk by chunk
-    through its ``on_chunks`` form (see :func:`block_sums`; every start has one)."""
-    return start.on_chunks(lambda c: rows.block(sl, c), rows.x.shape[1], cols)
 
 
 def chunked_weights(penalty: Penalty, x: Tensor, yb: Tensor, al, scratch: Scratch, cols: list[slice],
