@@ -39,7 +39,6 @@ from .finite import finite_problem
 from .nonconvex import explain_nonconvex, unsolved
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .power_cones import power_cone_free
-from .route_memory import remember, straight_per_element
 from .second_opinion import solve_with_opinion, unsettled
 from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
                      masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, warn_masked)
@@ -223,7 +222,8 @@ class ConvexLayer(nn.Module):
     batched_tol = property(lambda self: min(self.tol, 1e-8), doc="... and the batched path's.")
     refine = property(lambda self: self._backend.refine, doc="Newton polishing steps (per element).")
     workers = property(lambda self: self._backend.workers, doc="Per-element worker processes.")
-    solver_args = property(lambda self: dict(self._backend.solver_args), doc="Per-element solver kwargs (a copy).")
+    solver_args = property(lambda self: dict(self._backend.solver_args),
+                           doc="Per-element solver keyword arguments (a copy).")
 
     @property
     def last_solve(self) -> SolveInfo | None:
@@ -235,7 +235,8 @@ class ConvexLayer(nn.Module):
         return picklable_state(self, transient=("_local", "_build_lock"))
 
     def __setstate__(self, state: dict) -> None:
-        # Older pickles (no second opinions, check, QP-only flag, finite program; cvxpylayers' layer a submodule):
+        # Layers pickled before second opinions (built on need), the check option, QP-only
+        # problems, infinite bounds dropped (the problem itself); with cvxpylayers' layer as a submodule:
         restore_state(self, state, {"_opinion": None, "check": None, "_qp_only": False,
                                     "_program": state.get("problem")}, hidden=("_layer",))
         self._local, self._build_lock = threading.local(), threading.Lock()
@@ -245,7 +246,8 @@ class ConvexLayer(nn.Module):
         vars_ = ", ".join(f"{v.name()}{tuple(v.shape)}" for v in self.variables_)
         return ((f"{self.origin}, " if self.origin else "") + f"parameters=[{params}], variables=[{vars_}], "
                 f"solver={self.solver!r}, fallback={self.fallback!r}, adjoint={self.adjoint!r}, tol={self.tol:g}, "
-                f"refine={self.refine}, workers={self.workers}" + (", gp=True" if self.gp else "")
+                f"refine={self.refine}, workers={self.workers}"
+                + (", gp=True" if self.gp else "")
                 + (f", on_failure={self.on_failure!r}" if self.on_failure != "raise" else "")
                 + (f", check={getattr(self.check, '__qualname__', self.check)}" if self.check else ""))
 
@@ -347,10 +349,8 @@ class ConvexLayer(nn.Module):
 
     def _solve(self, flat: list[torch.Tensor], device: torch.device,
                call_args: dict, batch: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
-        """Both backends: batched first where it applies (:mod:`.route_memory`), then per element for the rest."""
-        dual = any(forward_ad.unpack_dual(v).tangent is not None for v in flat)  # (forward mode: batched only)
-        after = self.solver == "auto" and not (dual or self._qp_only)  # (the per-element path comes after)
-        if not self._use_batched(device) or straight_per_element(self._local, after):
+        """Both backends: batched first where it applies, then per element for the rest."""
+        if not self._use_batched(device):
             sols, info = self._solve_per_element(flat, call_args, (range(math.prod(batch)), batch))
             info = {k: list(v) for k, v in info.items()}
             # Results in doubt (spread.in_doubt): the batched form's second opinion replaces them.
@@ -376,9 +376,9 @@ class ConvexLayer(nn.Module):
             warn_unchecked((range(math.prod(batch)), batch), doubt, checked, wide, info,
                            program is not None and asked is doubt)
             return sols, info
+        dual = any(forward_ad.unpack_dual(v).tangent is not None for v in flat)  # (forward mode: batched only)
         sols, info = solve_with_opinion(self._batched, self.parameters_, flat, (range(math.prod(batch)), batch),
                                         not (dual or self._qp_only))
-        remember(self._local, info["points"], after)
         redo = unsettled(info)
         if redo and not self._qp_only:  # (which the per-element path cannot take)
             # Then per element; autograd flows to each element through the path that solved it.
