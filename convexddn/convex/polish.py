@@ -359,9 +359,9 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         res = torch.where(take, rn, res)
         polished = polished | take
         # Rounding level: no further step can lower the residual (one host sync per step).
-        done = res <= rounding_level(res)
-        if settled is not None:
-            done = done & settled(*best)
+        floor = res <= rounding_level(res)
+        ok = settled(*best) if settled is not None else True
+        done = floor & ok
         falls = ~lost & (rn <= _CONTRACT * last)
         last = torch.where(lost, last, rn)
         going = going & ~done & (falls | (step + 1 < steps))
@@ -370,7 +370,7 @@ def polish(P, q, A, b, layout: ConeLayout, x, s, z, residual_fn, steps: int = 3,
         if not bool(going.any()):
             break
     if steps and step >= steps and settled is not None:  # (the run as cut where its extension ended open)
-        back = (res <= rounding_level(res)) & ~settled(*best)
+        back = floor & ~ok  # (the last pass's: the same best)
         return tuple(torch.where(back.view(-1, *(1,) * (v.dim() - 1)), c, v)
                      for c, v in zip(cut, (*best, res, polished)))
     return (*best, res, polished)
