@@ -335,6 +335,27 @@ def test_convex_layer_second_look_under_torch_func_is_refused():
         torch.func.grad(lambda a: torch.nan_to_num(layer(a, H)).pow(2).sum())(Q)
 
 
+@pytest.mark.parametrize("transform", ["grad", "jvp"])
+def test_convex_layer_second_look_refusal_names_the_elements(transform):
+    """The refusal names the elements that wanted the second look, in the caller's batch shape,
+    and what the iterations said of them (it named neither: a user could not tell which element
+    of a mixed batch was infeasible, under torch.func.jvp or grad)."""
+    import cvxpy as cp
+
+    from convexddn import ConvexLayer
+
+    q, h, x = cp.Parameter(2), cp.Parameter(), cp.Variable(2)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.sum_squares(x - q)), [x >= 0, cp.sum(x) <= h]), [q, h], [x])
+    H = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=F64)  # batch (2, 2): element (1, 1) infeasible (sum(x) <= -1)
+    Q = torch.ones(2, 2, 2, dtype=F64)
+    f = lambda a: layer(a, H).sum()  # noqa: E731
+    with pytest.raises(ProblemError, match=r"batch indices \[\(1, 1\)\], .*\(\(1, 1\): primal infeasible\)"):
+        if transform == "grad":
+            torch.func.grad(f)(Q)
+        else:
+            torch.func.jvp(f, (Q,), (torch.ones_like(Q),))
+
+
 # A node's second tensor argument made under torch.inference_mode (a radius, a budget, a
 # TV weight computed there), with x requiring grad: (name, x, value of the argument, node).
 INFERENCE_ARGS = [

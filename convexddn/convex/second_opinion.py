@@ -41,7 +41,7 @@ from .kkt import row_inf
 from .measures import DEGENERATE
 from .per_element import SOLVER_DEFAULTS
 from .rays import verified_rays
-from .status import demote, doubt_certificates, merge_resolved, status_kind
+from .status import demote, doubt_certificates, element_list, merge_resolved, name_elements, status_kind
 from .symmetric_cones import ConeLayout
 from .validation import element_subset
 
@@ -330,6 +330,12 @@ def solve_with_opinion(program: BatchedProgram, parameters: list[cp.Parameter], 
             now = {i for i, ok in zip(failed, took) if ok}
             redo = [i for i in redo if i not in now]
     if redo:
+        # (Refused under torch.func, which cannot run its numpy: the refusal names the elements and
+        # what the iterations said of them, e.g. an infeasible one in a mixed batch.)
+        said = "; ".join(f"{e}: {info['statuses'][i]}" for e, i in zip(element_list(where, redo[:4]), redo[:4]))
+        refuse_transforms(f"ConvexLayer: Clarabel's second look at {name_elements(where, redo)}, which the batched "
+                          f"iterations did not certify ({said}{'; ...' if len(redo) > 4 else ''})",
+                          "it solves in numpy")
         _, finfo = retry(redo, "Clarabel (batched form)", second_opinion=True)
         # A verdict of the iterations is weighed against the second opinion: what the
         # checked point shows, then what Clarabel claims.
