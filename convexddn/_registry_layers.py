@@ -3,16 +3,17 @@
 :func:`convexddn.layer` (``backend="cvxpy"``, or a problem without a native node) builds them:
 
 - :class:`CentredLayer`: a problem whose solution is equivariant or invariant to a constant
-  shift of ``x`` along its last dimension (:data:`SHIFT_SYMMETRY`) is solved on ``x`` less a
-  per-row constant, so the cone program's accuracy (relative to the solution's size) is that
-  of the offset-free problem;
+  shift of a parameter along its last dimension (per row of a matrix: :data:`SHIFT_SYMMETRY`)
+  is solved on that parameter less a per-row constant, so the cone program's accuracy
+  (relative to the solution's size) is that of the offset-free problem;
 - :class:`MaskedScoresLayer`: ``entmax`` / ``sparsemax``, centred too, taking ``-inf`` scores;
 - :class:`ScaledBallLayer`: ``lp_ball``, solved at a radius in [1, 2).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,21 +28,37 @@ from .convex.widen import narrowed, widened
 from .errors import InputError, SolverWarning
 from .nodes._overflow import narrowed as checked_cast
 
-__all__ = ["SHIFT_SYMMETRY", "EQUIVARIANT", "INVARIANT", "row_centre", "CentredLayer", "MaskedScoresLayer",
+__all__ = ["SHIFT_SYMMETRY", "EQUIVARIANT", "INVARIANT", "Shift", "row_centre", "CentredLayer", "MaskedScoresLayer",
            "ScaledBallLayer"]
 
 EQUIVARIANT = "equivariant"  # y(x + c1) = y(x) + c (c1 for a vector y, c for a scalar one)
 INVARIANT = "invariant"  # y(x + c1) = y(x)
 
-#: The registry problems whose solution has a symmetry under x -> x + c1 (x's last dimension):
-#: name -> EQUIVARIANT or INVARIANT. tv1d and robust_pool (convex penalties of u − x_i) move with
-#: x; the simplex projection, sparsemax and entmax (pᵀx with 1ᵀp = 1) do not see the shift.
-SHIFT_SYMMETRY: dict[str, str] = {
-    "tv1d": EQUIVARIANT,
-    "robust_pool": EQUIVARIANT,
-    "simplex": INVARIANT,
-    "sparsemax": INVARIANT,
-    "entmax": INVARIANT,
+
+class Shift(NamedTuple):
+    """A registry problem's shift symmetry: its solution is ``symmetry`` (:data:`EQUIVARIANT` or
+    :data:`INVARIANT`) under adding a constant to each row (along the last dimension) of its
+    parameter number ``parameter`` (a vector ``(n,)``: one row; a matrix ``(m, n)``: m rows, a
+    constant each), the other parameters fixed."""
+
+    symmetry: str
+    parameter: int = 0
+
+
+#: The registry problems whose solution has a symmetry under a row shift of one parameter
+#: (:class:`Shift`), x -> x + c1 or X -> X + u1ᵀ. tv1d and robust_pool (convex penalties of u − x_i)
+#: move with x; the simplex projection, sparsemax and entmax (pᵀx with 1ᵀp = 1) do not see the
+#: shift; nor do the Birkhoff projection (⟨P, u1ᵀ⟩ = uᵀP1 = Σu_i on the feasible set P1 = 1) and
+#: optimal transport (⟨P, u1ᵀ⟩ = uᵀa with P1 = a fixed; the entropy does not involve C).
+SHIFT_SYMMETRY: dict[str, Shift] = {
+    "tv1d": Shift(EQUIVARIANT),
+    "robust_pool": Shift(EQUIVARIANT),
+    "simplex": Shift(INVARIANT),
+    "sparsemax": Shift(INVARIANT),
+    "entmax": Shift(INVARIANT),
+    "birkhoff": Shift(INVARIANT),
+    "ot_lp": Shift(INVARIANT),
+    "ot_entropic": Shift(INVARIANT),
 }
 
 
@@ -50,7 +67,7 @@ def row_centre(w: torch.Tensor) -> torch.Tensor:
     constant that minimises :math:`\\max_i |w_i - c|`. Halved before the sum, so rows near
     float64's largest values do not overflow (halving a normal float is exact).
 
-    Shape: ``(*batch, n) -> (*batch, 1)``.
+    Shape: ``(..., n) -> (..., 1)`` (a row: a vector's batch element, or one row of a matrix).
     """
     d = w.detach()
     return d.amax(dim=-1, keepdim=True) / 2 + d.amin(dim=-1, keepdim=True) / 2
@@ -58,38 +75,50 @@ def row_centre(w: torch.Tensor) -> torch.Tensor:
 
 class CentredLayer(ConvexLayer):
     """The :class:`~convexddn.ConvexLayer` of a shift-symmetric registry problem
-    (:data:`SHIFT_SYMMETRY`), solved on each row of ``x`` less its midrange ``c`` (:func:`row_centre`).
+    (:data:`SHIFT_SYMMETRY`), solved on each row of its parameter ``x`` number ``centred`` (a
+    vector ``(n,)`` or a matrix ``(m, n)``) less the row's midrange ``c`` (:func:`row_centre`);
+    the other parameters go to the cone program as given.
 
     The cone program's accuracy is relative to the size of its solution: for ``tv1d`` at
     x = [0.6, 0.25, 1.3, 0] + 3e7 (λ = 0.3), 2e-8 relative was within its tolerance and
-    the denoising (0.6 = 2λ) was lost, reported solved. Here the problem is solved in
-    float64 at :math:`w = x - c` and the output is :math:`y(w) + c` (equivariant) or
-    :math:`y(w)` (invariant): the same solution, at the accuracy of the offset-free problem.
+    the denoising (0.6 = 2λ) was lost, reported solved; ``birkhoff`` at X = randn + 1e9 was
+    off by 7e-8, ``ot_entropic`` (3 × 3) at C = rand + 1e8 by 5e-10 (1e-16 offset-free).
+    Here the problem is solved in float64 at :math:`W = X - c\\mathbf 1^T` and the output is
+    :math:`Y(W) + c` (equivariant) or :math:`Y(W)` (invariant): the same solution, at the
+    accuracy of the offset-free problem.
 
-    ``c`` is detached, which is exact for the derivative: with
-    :math:`y(x) = f(x - c(x)) + c(x)`, :math:`\\partial y/\\partial x = J + (1 - J\\mathbf 1)\\nabla c^T = J`,
-    as equivariance gives :math:`J\\mathbf 1 = \\mathbf 1`; invariant,
-    :math:`\\partial y/\\partial x = J - J\\mathbf 1 \\nabla c^T = J` as :math:`J\\mathbf 1 = 0`.
-    The output is in ``x``'s dtype (the checked cast of :func:`~convexddn.convex.widen.narrowed`).
-    Input the layer refuses (non-finite, a wrong shape) goes to it as given, so that its errors
-    name the caller's values; an empty batch too.
+    ``c`` is detached, which is exact for the derivative. With :math:`Y(X) = F(X - c(X)\\mathbf 1^T)`
+    (+ :math:`c(X)` broadcast over the variable's last dimension, equivariant), :math:`J = DF` and
+    any tangent :math:`\\dot X`, :math:`\\dot Y = J[\\dot X] - J[\\dot c\\,\\mathbf 1^T]` (:math:`+ \\dot c`);
+    invariance, :math:`F(X + u\\mathbf 1^T) = F(X)` for every :math:`u`, gives
+    :math:`J[u\\mathbf 1^T] = 0`, equivariance :math:`J[u\\mathbf 1^T] = u`, so in either case
+    :math:`\\dot Y = J[\\dot X]` (a vector x is one row, :math:`u` a scalar). The other parameters'
+    derivatives are those of the cone program at ``W``, which has the same solution for all of them.
+    The output is in the parameters' promoted dtype (the checked cast of
+    :func:`~convexddn.convex.widen.narrowed`).
+    Input the layer refuses (a non-finite ``x``, a wrong shape) goes to it as given, so that its
+    errors name the caller's values; an empty ``x`` too.
 
-    Shape: as the ConvexLayer's: ``(*batch, n) -> (*batch, *variable.shape)`` (``(*batch,)``
-    for ``robust_pool``'s scalar).
+    Shape: as the ConvexLayer's: ``(*batch, *x.shape)`` and the other parameters
+    (batch shapes broadcast) ``-> (*batch, *variable.shape)`` (``(*batch,)`` for ``robust_pool``'s scalar).
     """
 
-    symmetry = INVARIANT  # (the class default: MaskedScoresLayers pickled before it was an attribute)
+    # (class defaults: layers pickled before these were attributes)
+    symmetry = INVARIANT
+    centred = 0
 
-    def __init__(self, *args: Any, symmetry: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, symmetry: str, centred: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.symmetry = symmetry
+        self.symmetry, self.centred = symmetry, int(centred)
 
     def _fits(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is a non-empty ``(*batch, n)`` (read from its shape only)."""
-        return x.dim() >= 1 and x.numel() > 0 and tuple(x.shape[-1:]) == tuple(self.parameters_[0].shape)
+        """Whether ``x`` is a non-empty ``(*batch, *shape)`` of the centred parameter's
+        ``shape`` (read from its shape only)."""
+        shape = tuple(self.parameters_[self.centred].shape)
+        return x.dim() >= len(shape) and x.numel() > 0 and tuple(x.shape[x.dim() - len(shape):]) == shape
 
     def _admits(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is centred (one host read): a non-empty ``(*batch, n)`` of finite values."""
+        """Whether ``x`` is centred (one host read): a non-empty ``(*batch, *shape)`` of finite values."""
         return self._fits(x) and bool(torch.isfinite(x).all())
 
     def _stand_in(self, w: torch.Tensor, label: str) -> torch.Tensor:
@@ -100,19 +129,25 @@ class CentredLayer(ConvexLayer):
     @wrapper_forward(lambda self: "ConvexLayer", jacrev=False, constants=False)  # (ConvexLayer's)
     def forward(self, *values: torch.Tensor, solver_args: dict[str, Any] | None = None,
                 **named: torch.Tensor) -> torch.Tensor:
-        """Solve every row of ``x`` centred: see the class docstring."""
-        (x,) = bind_names(values, named, [p.name() for p in self.parameters_])
+        """Solve every element with ``x``'s rows centred: see the class docstring."""
+        values = bind_names(values, named, [p.name() for p in self.parameters_])
+        k = self.centred
+        x = values[k]
         # The layer's tensor check first: centring reads x (a meta or sparse tensor raised torch's own errors).
-        label = parameter_label(0, self.parameters_[0])
+        label = parameter_label(k, self.parameters_[k])
         check_tensor(label, x)
         if not self._admits(x):
-            return super().forward(x, solver_args=solver_args)
+            return super().forward(*values, solver_args=solver_args)
         w = self._stand_in(widened(x, label), label)
         c = row_centre(w)
-        y = super().forward(w - c, solver_args=solver_args)
-        if self.symmetry == EQUIVARIANT:  # c per row, against the variable's own trailing shape
-            y = y + c.reshape(c.shape[:-1] + (1,) * len(self.variables_[0].shape))
-        return self._finish(narrowed(y, x.dtype), x)
+        y = super().forward(*values[:k], w - c, *values[k + 1:], solver_args=solver_args)
+        if self.symmetry == EQUIVARIANT:  # c per row of x, against the variable's trailing shape
+            # (the variable's shape is x's leading ones (m,), then its own: robust_pool's (), tv1d's (n,))
+            tail = len(self.variables_[0].shape) - (len(self.parameters_[k].shape) - 1)
+            y = y + c.reshape(c.shape[:-1] + (1,) * tail)
+        # (the cone program's dtype for the caller's values; all tensors: the cone program checked them)
+        dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
+        return self._finish(narrowed(y, dtype), x)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The output for the caller's ``x`` from the solution ``y`` in its dtype: ``y``."""

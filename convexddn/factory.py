@@ -8,8 +8,9 @@ program, ``backend="native"`` insists on the node. Both take the same input and 
 same output (tests check that they agree), ``-inf`` scores of ``entmax`` / ``sparsemax``
 included (masked entries: ``MaskedScoresLayer`` gives the cone program a finite
 stand-in with the same solution). A problem whose solution moves with (``tv1d``,
-``robust_pool``) or ignores (``simplex``, ``sparsemax``, ``entmax``) a constant added to ``x``
-gets the cone program of ``x`` centred per row (``CentredLayer``, :mod:`convexddn._registry_layers`).
+``robust_pool``) or ignores (``simplex``, ``sparsemax``, ``entmax``; ``birkhoff``'s ``X``, ``ot_lp``'s
+and ``ot_entropic``'s ``C``) a constant added to each row of a parameter gets the cone program of
+that parameter centred per row (``CentredLayer``, :mod:`convexddn._registry_layers`).
 
 This module sits above both paths: it imports the registry and the nodes, and neither of them imports it.
 """
@@ -267,8 +268,8 @@ def layer(name: str, *, backend: str = "auto", **options: Any) -> nn.Module:
                           f"problem {name!r}); it cannot be passed to layer()")
     # (origin: the options asked for, lp_ball's radius before it is rescaled)
     cls, origin = ConvexLayer, registry_origin(name, spec.options)
-    if name in SHIFT_SYMMETRY:  # solved on x less a per-row constant (CentredLayer)
-        layer_opts["symmetry"] = SHIFT_SYMMETRY[name]
+    if name in SHIFT_SYMMETRY:  # solved on one parameter less a per-row constant (CentredLayer)
+        layer_opts.update(symmetry=SHIFT_SYMMETRY[name].symmetry, centred=SHIFT_SYMMETRY[name].parameter)
         cls = CentredLayer
     if name in _MASKING:  # the native node's -inf masking, for the cone program too
         layer_opts["alpha"] = _MASKING[name](spec.options)

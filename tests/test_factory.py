@@ -307,7 +307,7 @@ def test_native_registry_layer_names_nonfinite_input_as_the_cone_layer(name, opt
     ("tv1d", {"n": 4, "lam": 0.3}, "CentredLayer(name='tv1d', n=4, lam=0.3, parameters=[x(4,)]"),
     ("robust_pool", {"n": 4, "penalty": "huber", "alpha": 0.3},
      "CentredLayer(name='robust_pool', n=4, penalty='huber', alpha=0.3, parameters=[x(4,)]"),
-    ("ot_entropic", {"m": 2, "n": 3, "eps": 0.2}, "ConvexLayer(name='ot_entropic', m=2, n=3, eps=0.2, parameters="),
+    ("ot_entropic", {"m": 2, "n": 3, "eps": 0.2}, "CentredLayer(name='ot_entropic', m=2, n=3, eps=0.2, parameters="),
     # The radius asked for (solved at 0.7 / 0.5, shown as scale), an array option by its shape.
     ("lp_ball", {"n": 3, "p": 1, "radius": 0.7}, "ScaledBallLayer(name='lp_ball', n=3, p=1, radius=0.7, parameters="),
     ("qp", {"n": 2, "n_ineq": 1, "G": [[1.0, 2.0]]},
