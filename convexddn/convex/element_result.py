@@ -28,6 +28,7 @@ class Solved:
     spread: float = 1.0  # data_spread of a solved element's cone program
     cause: str | None = None  # the note without the element's own numbers (see .rescues)
     condition: float = 0.0  # the polish's last dense solve's (see .cone.ILL_CONDITIONED)
+    unit: tuple[float, float] | None = None  # (β, γ) where it was solved in its own unit (.own_unit)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -39,6 +39,7 @@ from .dissent import Run, claims_solved, exact_ray, judge, within_reach
 from .element_result import ElementInfo, SavedStates, Solved
 from .consistent_rows import ElementRows, allowed, disagreement
 from .parametric import parameter_columns, parametric_entries, requiring_grad
+from .own_unit import in_unit, retry_in_unit, within_unit
 from .rescues import failure_cause, warn_rescued
 from .solver_args import check_solver_cones
 from .spread import data_spread
@@ -259,6 +260,9 @@ class CheckedDiffcp(SolverInterface):
         A, b, c = self._problem(q, a)
         out, fail = self._try(self.solver, args, A, b, c)
         used, note, cause = self.solver, None, None  # cause: the note without this element's numbers (.rescues)
+        if out is None and fail[1] == "other" or out is not None and not within_unit(self._cones, *out[1:4]):
+            # (failed without a verified certificate, or y and s far apart: the same solver in its own unit)
+            out = retry_in_unit(self, used, args, A, b, c, out[1:3] if out else fail[3] and fail[3].points[0]) or out
         decided = out is None and fail[1] == "infeasible" and fail[3] is not None and fail[3].exact
         if out is None and self.fallback is not None and self.fallback != self.solver and not decided:
             out, fail2 = self._try(self.fallback, {}, A, b, c)
@@ -282,7 +286,7 @@ class CheckedDiffcp(SolverInterface):
             return Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
         program, x, y, s, status, r, used, rescued = out  # (rescued: "<solver>: <status>; ..." has no numbers)
         return Solved(program, x, y, s, used, status, r, note or rescued, "solved", data_spread(A, b, c),
-                      cause if note else rescued, program.condition)
+                      cause if note else rescued, program.condition, getattr(program, "unit", None))
 
     def solve_torch_batch(self, P, q, A, dims, solver_args, needs_grad):
         if P is not None:  # DIFFCP canonicalisation never keeps a quadratic term
@@ -322,8 +326,8 @@ class CheckedDiffcp(SolverInterface):
         if pool is None:
             state = SavedStates(None if r.x is None else ("local", r.program, r.x, r.y, r.s) for r in results)
         else:
-            state = SavedStates(None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s)
-                           for i, r in enumerate(results))
+            state = SavedStates(None if r.x is None else ("remote", q_np[i], a_np[i], r.x, r.y, r.s, r.unit)
+                                for i, r in enumerate(results))
         state.where = where
         state.needs = getattr(self._local, "needs", None)  # (which parameters require grad, set by the layer)
         return primal, dual, state
@@ -337,10 +341,9 @@ class CheckedDiffcp(SolverInterface):
             return np.zeros(self._shape[1]), np.zeros(self._indices.size), False, 0.0
         if item[0] == "local":
             _, program, x, y, s = item
-        else:
-            _, q, a, x, y, s = item
-            A, b, c = self._problem(q, a)
-            program = ResidualMap(A, b, c, self._cones, self._cones_cpp, self._mode, self._colours)
+        else:  # (a pickle's unit: the program solved in its own unit, .own_unit)
+            _, q, a, x, y, s, *unit = item
+            program = in_unit(self, *self._problem(q, a), unit[0] if unit else None)
         rows = self._rows  # (not None: the program without the dependent rows; cotangent in, gradients out, mapped)
         args = (dy, self._indices[: self._n_a], self._cols[: self._n_a]) if rows is None else (
             rows.reduced_cotangent(dy), rows.a_rows, rows.a_cols)
