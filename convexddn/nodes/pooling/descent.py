@@ -15,7 +15,7 @@ from torch import Tensor
 from . import iterations
 from .iterations import (_MODEL_SPAN, _compact, _first, _live, _predicted_error, _store, _sweep, gradient_noise,
                          offset_rows, step_graphs, stop_tolerance)
-from .kernels import Scratch, block_ranges, col_ranges
+from .kernels import Scratch, block_ranges, col_ranges, far_rows
 from .penalties import Penalty
 from .rows import Result, Rows
 
@@ -94,13 +94,17 @@ def descent_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | N
     safe_prev = u
     rho = a3 * torch.ones_like(u)
     g_prev = h_prev = u_prev = None
-    active = torch.ones(R, k, 1, dtype=torch.bool, device=x.device)
+    # Rows with entries near the end of the float range stop at once as special: solved again
+    # scaled (see .kernels.far_rows and .solvers._solve).
+    far = far_rows(lo, hi).unsqueeze(-1).repeat(1, k, 1)
+    active = ~far
     out_u, out_f = u.clone(), torch.full_like(u, math.inf)
     out_flags = [torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(3)]
     # The (compacted) problem's flags (unresolved, converged, special), written into the
     # outputs with its points and objectives -- which stay put once a start stops --
     # only when the problem is compacted or ends (no indexed updates every iteration).
-    unres, conv_f, spec = (torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(3))
+    unres, conv_f = (torch.zeros(R, k, 1, dtype=torch.bool, device=x.device) for _ in range(2))
+    spec = far.clone()
     idx = None  # rows of the (compacted) problem, as indices of the original rows
     def update(u, f_prev, safe_prev, rho, g_prev, h_prev, u_prev, active, unres, conv_f, spec, sums, norm):
         """One iteration's bookkeeping from the sums at ``u``: the next state."""

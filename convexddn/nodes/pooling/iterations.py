@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..._step_graphs import StepGraphs, capture_wanted
 from .chunks import block_sums
-from .kernels import Scratch, block_ranges, col_ranges
+from .kernels import Scratch, block_ranges, col_ranges, far_rows
 from .penalties import SPREAD_DIVISOR, Penalty
 from .rounding import _LOCAL_SPAN, _NOISE, _SUM_NOISE
 from .rows import Result, Rows
@@ -70,7 +70,8 @@ def gradient_noise(norm: Tensor, h: Tensor, au: Tensor, n: int, eps: float) -> T
     """The rounding noise of a row's gradient sum (R, 1): ``eps (2.5 sqrt(n) norm + 4 h |u|)``
     from a bound ``norm`` on the L2 norm of its ``n`` terms (a fresh tensor; see the module
     docstring and ``_SUM_NOISE``)."""
-    return torch.addcmul(norm * (_SUM_NOISE * math.sqrt(n)), h, au, value=_NOISE).mul_(eps)
+    # (eps taken into each factor first: h |u| alone may exceed the range, h up to n, |u| up to max / 16)
+    return torch.addcmul(norm * (_SUM_NOISE * math.sqrt(n) * eps), h * (_NOISE * eps), au)
 
 
 def stop_tolerance(tol_a: Tensor, tol: float, au: Tensor, spread: Tensor, eps: float, offset: bool) -> Tensor:
@@ -255,6 +256,7 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     if first is None:
         return None
     norm, clamp, lo, hi = first
+    far = far_rows(lo, hi)  # (stopped at once as special: solved again scaled, see .solvers._solve)
     live = [True] * len(ranges)
     out = Result(u.squeeze(-1).clone(), None, torch.zeros(R, dtype=torch.bool, device=x.device),
                  torch.zeros(R, dtype=torch.bool, device=x.device), torch.zeros(R, dtype=torch.bool, device=x.device))
@@ -270,10 +272,11 @@ def newton_rows(pen: Penalty, rows: Rows, u: Tensor | None, start: Callable | No
     offset = offset_rows(lo, hi)
     dx1 = dx2 = spread
     g_prev = h_prev = u_prev = None
-    active = torch.ones(R, 1, dtype=torch.bool, device=x.device)
+    active = ~far
     # The flags of the (compacted) problem's rows, written into ``out`` with the points
     # (which stay put once a row stops) only when the problem is compacted or ends.
-    unres, conv_f, spec = (torch.zeros(R, 1, dtype=torch.bool, device=x.device) for _ in range(3))
+    unres, conv_f = (torch.zeros(R, 1, dtype=torch.bool, device=x.device) for _ in range(2))
+    spec = far.clone()
     graphs = step_graphs(rows, use_compile, "robust pooling, Newton")
     whole = graphs.capture or _WHOLE_ROWS
     def update(u, lo, hi, dx1, dx2, g_prev, h_prev, u_prev, active, unres, conv_f, spec, g, h, norm):

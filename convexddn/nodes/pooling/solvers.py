@@ -28,6 +28,7 @@ from ..._pow2 import pow2_floor
 from ..._warn import warn
 from ...errors import SolverWarning
 from ..degeneracy import shown_indices
+from .bisection import bisect_rows
 from .descent import descent_rows, safe_step
 from .iterations import newton_rows
 from .kernels import (
@@ -171,7 +172,15 @@ def _sample_starts(xs: Tensor) -> Tensor:
     multimodal rows (α 0.3 and 1; two, three clusters, uniform) the two starts end in
     different local minima on 3-55 % of the rows, the repeated median's lower in 405
     of them, higher in 288."""
-    return torch.cat([xs.mean(-1, keepdim=True), _remedian(xs)], -1)
+    return torch.cat([_finite_mean(xs), _remedian(xs)], -1)
+
+
+def _finite_mean(x: Tensor) -> Tensor:
+    """The mean of each row ``(R, 1)``, also where its sum overflows (``sum_i x_i / n``
+    there: every term finite, the sum at most the largest). Both are formed: for samples
+    and rare rows, not for a pass over the whole input."""
+    m = x.mean(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, (x / x.shape[-1]).sum(-1, keepdim=True))
 
 
 def warn_rows(name: str, message: str, mask: Tensor) -> None:
@@ -195,11 +204,17 @@ def nonconvex_solve(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: in
     starts = None
     if x.shape[-1] > _SAMPLE_MIN_N:
         xs = _strided_sample(x, _NC_SAMPLE).contiguous()
+        # In the units where the sample's entries lie within 1/16 of the float range (the
+        # scale is exact, and 1 for all but rows near its end): there its mean and the
+        # refinement's residuals are finite (a row of 1000 entries at the float max started
+        # the scaled solve of its row from an infinite mean, and stopped at max_iter).
+        sc = row_scale(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True))
+        xs, a_s = xs * sc, a * sc  # (alpha (R, 1) from here: one scale per row)
         s0 = _sample_starts(xs)
-        u = _refine_on_sample(pen, xs, a, s0, use_compile)
+        u = _refine_on_sample(pen, xs, a_s, s0, use_compile)
         # Rows whose sample overflowed (or holds NaN/Inf: the solve below raises) keep
         # the raw starts.
-        starts = torch.where(torch.isfinite(u), u, s0)
+        starts = torch.where(torch.isfinite(u), u, s0) / sc
     return _finish(pen, x, a, tol, max_iter, use_compile, starts)
 
 
@@ -293,45 +308,6 @@ def _finish(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: int, use_c
     return y
 
 
-def _keys(v: Tensor) -> Tensor:
-    """float64 ``v`` as int64 keys in the same order (-0.0 and 0.0 both 0): each step of a
-    bisection on them halves the floats left between its ends, one ulp within 64 steps."""
-    k = v.view(torch.int64)
-    return torch.where(k < 0, -(k & 0x7FFFFFFFFFFFFFFF), k)
-
-
-def _values(k: Tensor) -> Tensor:
-    return torch.where(k < 0, (-k) | -0x8000000000000000, k).view(torch.float64)
-
-
-def bisect_rows(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """``(y, noisy)`` ``(R,)``: the minimiser of a convex penalty's objective on each row of
-    ``x`` ``(R, N)`` (float64) as the float where the gradient :math:`g(u) = \\sum_i \\phi'(u - x_i)`,
-    non-decreasing, changes sign, to one ulp; ``noisy`` where :math:`|g|` at that point is within
-    its rounding (:math:`N \\varepsilon \\sum_i |\\phi'|`) of 0 on both sides, the flat stretch
-    Newton's test stops in. 64 steps on :func:`_keys`, each one pass over the rows, without a host read."""
-    al = a.reshape(-1, 1) if a.dim() else a
-    lo, hi = _keys(x.amin(-1, keepdim=True)), _keys(x.amax(-1, keepdim=True))  # g(lo) <= 0 <= g(hi)
-    grad = lambda k: pen.dphi(_values(k) - x, al).sum(-1, keepdim=True)  # noqa: E731
-    for _ in range(64):
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # (no overflow: the keys span up to 2^64)
-        below = grad(mid) < 0
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    g_lo, g_hi = grad(lo), grad(hi)
-    # The zero lies in (lo, hi], adjacent floats: the nearer one from a Newton step off an end with
-    # curvature (g jumps within alpha of a data point: a median's entry at hi, g(lo) = -alpha, g(hi) =
-    # 256 alpha, is the minimiser), else the end with the smaller |g|.
-    v_lo, v_hi = _values(lo), _values(hi)
-    h_lo, h_hi = (pen.d2phi(v - x, al).sum(-1, keepdim=True) for v in (v_lo, v_hi))
-    near = torch.where(g_hi <= -g_lo, v_hi, v_lo)
-    step = torch.where(h_hi > 0, v_hi - g_hi / h_hi, torch.where(h_lo > 0, v_lo - g_lo / h_lo, near))
-    y = torch.minimum(torch.maximum(torch.nan_to_num(step, nan=0.0), v_lo), v_hi)
-    y = torch.where(torch.isfinite(step), y, near).squeeze(-1)
-    # (a sum's rounding: at most N eps times the sum of its terms' magnitudes)
-    noise = x.shape[-1] * torch.finfo(torch.float64).eps * pen.dphi(_values(hi) - x, al).abs().sum(-1, keepdim=True)
-    return y, ((g_hi <= noise) & (-g_lo <= noise)).squeeze(-1)
-
-
 def _solve(pen: Penalty, rows: Rows, tol: float, max_iter: int, use_compile: bool,
            starts: Tensor | None, full: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, unresolved, converged, special, cut)`` for every row; rows whose sums overflowed
@@ -355,8 +331,14 @@ def _solve(pen: Penalty, rows: Rows, tol: float, max_iter: int, use_compile: boo
         xs = rows.take(idx)
         s = row_scale(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True))
         a_s = (rows.alpha if rows.alpha.dim() == 0 else rows.alpha.reshape(-1, 1)[idx]) * s
-        st = None if starts is None else starts[idx] * (s if starts.dim() == 2 else s.squeeze(-1))
-        ys, *flags_s = _solve(pen, Rows(xs * s, a_s, None, True), tol, max_iter, use_compile, st, full)
+        xs = xs * s
+        if starts is not None:
+            st = starts[idx] * (s if starts.dim() == 2 else s.squeeze(-1))
+        else:
+            # (the starts in the scaled units, from whole rows: a mean start of many entries near
+            # the range's end overflowed, inf, and its descent ended at max_iter)
+            st = None if pen.convex else torch.cat([_finite_mean(xs), _median_start(xs)], -1)
+        ys, *flags_s = _solve(pen, Rows(xs, a_s, None, True), tol, max_iter, use_compile, st, full)
         y[idx] = ys / s.squeeze(-1)
         for f, fs in zip(flags, flags_s):
             f[idx] = fs

@@ -1,4 +1,4 @@
-"""Convex penalties with alpha far below the data's spacing (:func:`convexddn.nodes.pooling.solvers.bisect_rows`):
+"""Convex penalties with alpha far below the data's spacing (:func:`convexddn.nodes.pooling.bisection.bisect_rows`):
 the minimiser is the median, whose gradient sum alpha·(#below − #above) is exact, but Newton's test cannot tell
 the flat pieces from the minimum and stopped at its start: alpha = 1e-20 on 1001 N(0, 1) values gave a point 0.058
 from the median, 27 ranks off, with a SolverWarning calling that gradient noise (tester I)."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import convexddn.functional as F
-from convexddn.nodes.pooling.solvers import _keys, _values
+from convexddn.nodes.pooling.bisection import _keys, _values
 
 
 @pytest.mark.parametrize("penalty", ["huber", "pseudo_huber"])
