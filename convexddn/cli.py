@@ -104,8 +104,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     # (importing them loads torch); tests/test_cli.py checks that they agree.
     parser.add_argument("--repeats", type=int_option(1, MAX_COUNT), default=None,
                         help="timed rounds of every case (default 5, quick 3), except two capped "
-                             "where a round is slow: the convex rows get at most 3 (by "
-                             "default the cheap ones more, up to 15) and the DDN reference at "
+                             "where a round is slow: the convex rows (and the pooling and "
+                             "projection tables' cone-program rows) get at most 3 (by "
+                             "default the cheap convex ones more, up to 15) and the DDN reference at "
                              "the paper's shape at most 2")
     parser.add_argument("--out", default="results", help="output folder (default results/)")
 

@@ -122,14 +122,31 @@ def test_bench_help_names_the_capped_rounds(capsys):
     """--help said "--repeats: timed rounds" while the convex rows took at most 3 of them
     and the DDN reference at the paper's shape at most 2; it names both caps now, with
     the figures the bench uses."""
+    from convexddn.bench.cases.common import CVXPY_ROUNDS
     from convexddn.bench.cases.convex import CONVEX_MAX_ROUNDS, CONVEX_ROUNDS
     from convexddn.bench.cases.pooling import DDN_PAPER_ROUNDS
 
+    assert CVXPY_ROUNDS == CONVEX_ROUNDS  # (the help names one cap for both kinds of rows)
     assert cli.main(["bench", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert (f"the convex rows get at most {CONVEX_ROUNDS} (by default the cheap ones more, up to "
-            f"{CONVEX_MAX_ROUNDS}) and the DDN reference at the paper's shape at most {DDN_PAPER_ROUNDS}"
-            ) in help_text
+    assert (f"the convex rows (and the pooling and projection tables' cone-program rows) get at most "
+            f"{CONVEX_ROUNDS} (by default the cheap convex ones more, up to {CONVEX_MAX_ROUNDS}) and the DDN "
+            f"reference at the paper's shape at most {DDN_PAPER_ROUNDS}") in help_text
+
+
+@pytest.mark.parametrize("repeats", [1, 2, 7])
+def test_cone_program_rows_take_repeats_up_to_their_cap(monkeypatch, repeats):
+    """The pooling and projection tables' cone-program rows took 3 rounds whatever --repeats said."""
+    import torch
+
+    from convexddn.bench.cases import projection
+    from convexddn.bench.cases.common import CVXPY_ROUNDS
+
+    seen = []
+    monkeypatch.setattr(projection, "measure_cvxpy", lambda *args, rounds=CVXPY_ROUNDS, **kw: seen.append(rounds))
+    progress = type("Progress", (), {"update": lambda self, *a: None, "set_postfix_str": lambda self, *a: None})()
+    projection.projection_cases((4, 8), torch.device("cpu"), torch.float64, True, repeats, progress)
+    assert seen and set(seen) == {min(repeats, CVXPY_ROUNDS)}
 
 
 # --- list -----------------------------------------------------------------------------
@@ -420,6 +437,33 @@ def test_cli_unusable_out_fails_up_front(command, where, tmp_path, monkeypatch, 
     assert cli.main([*command, "--out", str(out)]) == 2
     _one_line_error(capsys.readouterr().err, "error:", "--out", repr(str(out)))
     assert afile.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("command", [
+    ["bench", "--quick"],
+    ["experiment", "pointcloud", "--quick"],
+    ["experiment", "projection", "--quick"],
+])
+def test_cli_out_where_no_file_can_be_made_fails_up_front(command, tmp_path, monkeypatch, capsys):
+    """os.access says yes for root on a folder where no file can be made (/sys, a read-only
+    mount): the run completed, then its write failed with a PermissionError traceback. Made
+    here by refusing every file creation in that folder (the folder itself passes os.access)."""
+    _forbid_work(monkeypatch)
+    out = tmp_path / "ro"
+    out.mkdir()
+    monkeypatch.setattr(os, "open", _refusing_open(os.open, out))
+    assert cli.main([*command, "--out", str(out)]) == 2
+    _one_line_error(capsys.readouterr().err, "error:", "--out", repr(str(out)))
+    assert list(out.iterdir()) == []
+
+
+def _refusing_open(real, folder):
+    """os.open that refuses to create a file in ``folder`` (as /sys does for root)."""
+    def opener(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and os.path.dirname(os.path.abspath(path)) == str(folder):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, flags, *args, **kwargs)
+    return opener
 
 
 @pytest.mark.parametrize("command, name", [

@@ -61,7 +61,8 @@ def run(quick: bool = False, device: str = "cpu", repeats: int | None = None,
 
     Args:
         repeats: timed rounds, an int from 1 to 1,000,000 (``--repeats``' bounds);
-            ``None``: 5, or 3 with ``quick``. The convex rows get at most
+            ``None``: 5, or 3 with ``quick``. The convex rows (and the pooling and
+            projection tables' cone-program rows) get at most
             :data:`~.cases.convex.CONVEX_ROUNDS` of them and the DDN reference at the
             paper's shape at most :data:`~.cases.pooling.DDN_PAPER_ROUNDS` (a round
             takes minutes there); ``result["rounds"]`` and every row record the rounds.

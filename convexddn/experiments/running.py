@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -222,6 +223,16 @@ def prepare_out_dir(out: Any, option: str = "--out", files: Sequence[str] = ()) 
         ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise OptionError(f"{option} must be a writable directory, got {path!r} (not writable)")
+    # os.access answers yes for root on a folder no file can be made in (/sys, a read-only
+    # mount): the run completed, then its write failed with a PermissionError traceback.
+    # A file made and removed there is the test.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".convexddn-probe-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise OptionError(f"{option} must be a directory where files can be written, got {path!r} "
+                          f"({type(err).__name__}: {err.strerror or err})") from None
     # The folder alone passed a directory named pointcloud.png: the run completed, then
     # the write failed with an IsADirectoryError traceback and the results were lost.
     for name in files:
