@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from diffcp import cone_program
 from diffcp.cone_program import solve_internal
 
-__all__ = ["psd_reorder", "solve_cone_program"]
+__all__ = ["inf_norm", "pow2_above", "psd_reorder", "solve_cone_program"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -77,9 +77,11 @@ def solve_cone_program(method: str, cone_dict: dict, A: sp.csc_matrix, b: np.nda
     (Clarabel's ``max(1, ‖b‖ + ‖x‖ + ‖s‖)``): on data of 1e-7 that is an absolute
     tolerance, and a box LP's point came back 0.3 off in its own units (then re-solved by
     SCS, with a warning); an entropy-regularised simplex with its objective × 1e-8 failed.
-    Above 1 those tests are relative already, and large data are left as they are: scaled
+    Above 1 those tests are relative already, and large data are left as they are here: scaled
     down, the unit constants of CVXPY's epigraphs beside them (a squared norm's cone rows)
-    went to 1e-6, and an exponential-cone projection of a point of 1e6 failed there."""
+    went to 1e-6, and an exponential-cone projection of a point of 1e6 failed there. Only an
+    element whose first solve failed, or left its curved cones' multipliers and slacks far
+    apart, is solved again in a unit of its own data (:mod:`.own_unit`), large ones included."""
     beta, gamma = _unit(b), _unit(c)
     if warm_start is not None and (beta != 1.0 or gamma != 1.0):
         xw, yw, sw = warm_start
@@ -99,9 +101,17 @@ def solve_cone_program(method: str, cone_dict: dict, A: sp.csc_matrix, b: np.nda
     return x, y, s, status
 
 
+def inf_norm(v: np.ndarray) -> float:
+    """``‖v‖∞`` (0 for an empty ``v``)."""
+    return float(np.max(np.abs(v), initial=0.0))
+
+
+def pow2_above(top: float) -> float:
+    """The power of two just above ``top`` (> 0, finite): an exact scale factor."""
+    return float(np.ldexp(1.0, int(np.frexp(top)[1])))
+
+
 def _unit(v: np.ndarray) -> float:
     """A power of two near ``‖v‖∞`` where that is below 1/16 (and nonzero), else 1."""
-    top = float(np.max(np.abs(v), initial=0.0))
-    if not 0 < top < 0.0625:
-        return 1.0
-    return float(np.ldexp(1.0, int(np.frexp(top)[1])))
+    top = inf_norm(v)
+    return pow2_above(top) if 0 < top < 0.0625 else 1.0

@@ -33,18 +33,10 @@ from diffcp import cones as cone_lib
 
 from .cone import ResidualMap
 from .cone_checks import cone_blocks, kkt_residual
+from .diffcp_solve import inf_norm, pow2_above
 from .parametric import Parametric
 
 __all__ = ["IMBALANCE", "UnitProgram", "imbalance", "in_unit", "retry_in_unit", "units", "within_unit"]
-
-
-def _pow2(v: float) -> float:
-    """The power of two nearest above ``v`` (> 0, finite), as an exact scale factor."""
-    return float(np.ldexp(1.0, int(np.frexp(v)[1])))
-
-
-def _top(v: np.ndarray) -> float:
-    return float(np.max(np.abs(v), initial=0.0))
 
 
 #: ``‖y‖∞ / ‖s‖∞`` over the curved cones' rows beyond which a solved element is solved again in its own
@@ -66,7 +58,7 @@ def imbalance(cones: list, y: np.ndarray, s: np.ndarray) -> float:
     if not rows:
         return 1.0
     idx = np.concatenate(rows)
-    ny, ns = _top(y[idx]), _top(s[idx])
+    ny, ns = inf_norm(y[idx]), inf_norm(s[idx])
     return ny / ns if ny > 0 and ns > 0 and np.isfinite(ny / ns) else 1.0
 
 
@@ -93,17 +85,17 @@ def units(A: sp.csc_matrix, b: np.ndarray, x: np.ndarray | None, y: np.ndarray |
 
     def add(beta: float, gamma: float) -> None:
         if all(np.isfinite(v) and v > 0 for v in (beta, gamma)):
-            unit = (_pow2(beta), _pow2(gamma))
+            unit = (pow2_above(beta), pow2_above(gamma))
             if max(abs(np.log2(unit[0])), abs(np.log2(unit[1]))) >= _MIN_SHIFT and unit not in out:
                 out.append(unit)
 
-    nb = _top(b)
+    nb = inf_norm(b)
     usable = x is not None and y is not None and np.all(np.isfinite(x)) and np.all(np.isfinite(y))
     s = b - A @ x if usable else None
     if nb > 0:
         add(nb, nb * (imbalance(cones, y, s) if usable else 1.0))
     if usable:
-        add(max(_top(x), _top(s)), _top(y))
+        add(max(inf_norm(x), inf_norm(s)), inf_norm(y))
     return out
 
 
