@@ -447,7 +447,7 @@ def test_convex_layer_invalid_trailing_shape():
 
 def test_convex_layer_invalid_inconsistent_batch():
     layer = affine_projection()
-    with pytest.raises(ShapeError, match=r"do not broadcast: x: \(2,\), a: \(3,\)"):
+    with pytest.raises(ShapeError, match=r"do not broadcast: parameter 0 \(x\): \(2,\), parameter 1 \(a\): \(3,\)"):
         layer(torch.zeros(2, 4), torch.ones(3, 4), torch.zeros(()))
 
 

@@ -420,3 +420,12 @@ def test_qp_learn_builds_under_a_meta_default_device(how, default_device):
     layer.load_state_dict({"learned.G": g.reshape(1, 3), "learned.h": h.reshape(1)}, assign=True)
     q = torch.tensor([[0.4, -1.0, -0.8], [-1.0, 0.2, 0.1]], dtype=F64)
     assert torch.allclose(layer(q), halfspace_projection(q, g, h), atol=1e-7)
+
+
+def test_learned_layer_names_its_tensors_in_the_broadcast_error():
+    """The batch-broadcast ShapeError named bare CVXPY names ("q: (2,), G: (), h: (), b: (4,)")
+    where the layer's other errors name each tensor as passed (a tester's finding)."""
+    lay = cddn.layer("qp", n=3, n_ineq=2, n_eq=1, learn="Gh", inputs="qb", A=np.ones((1, 3))).double()
+    with pytest.raises(ShapeError, match=r"do not broadcast: input 0 \(q\): \(2,\), learned parameter G: \(\), "
+                                         r"learned parameter h: \(\), input 1 \(b\): \(4,\)"):
+        lay(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
