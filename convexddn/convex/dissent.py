@@ -63,13 +63,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from .cone import POLISH_ABOVE, ResidualMap
-from .cone_checks import _drop_noise, project, verify_certificate
+from .cone_checks import project, verify_certificate
 from .edge_boost import boost_frame
 from .feasibility import infeasible_without_objective
-from .ray_fit import column_misses, fitted, polyhedral
+from .reach import exact_claim, exact_ray, reach_point, reach_scaling
 from .status import status_kind
 
-__all__ = ["Run", "believed", "claims_solved", "exact_ray", "judge", "reach_point", "reach_scaling",
+__all__ = ["Run", "believed", "claims_solved", "exact_claim", "exact_ray", "judge", "reach_point", "reach_scaling",
            "reaches", "within_reach"]
 
 _EPS = np.finfo(np.float64).eps
@@ -87,7 +87,7 @@ class Run:
         ray: its certificate as returned (``y`` for a claimed infeasibility, ``x`` for
             unboundedness), where it claims one.
         verified: whether that certificate verifies (:func:`~.cone_checks.verify_certificate`).
-        exact: whether it is a verified dual ray exact to rounding (:func:`exact_ray`).
+        exact: whether its certificate verifies and is exact to rounding (:func:`.reach.exact_claim`).
         points: ``(status, x, y)`` of the points it reached (its point, polished, and SCS's
             from it), each with the status of the solve that gave it.
     """
@@ -159,12 +159,11 @@ def within_reach(A, b, c, cones: list, run: Run | None, x: np.ndarray, y: np.nda
             and (run.exact or reaches(A, b, c, cones, run.claim, run.ray, x, y)))
 
 
-def _refuted(A, b, c, cones: list, mine: Run, other: Run | None) -> str | None:
+def _refuted(A, b, c, cones: list, mine: Run, others: list[Run]) -> str | None:
     """A point of the runs that the certificate of ``mine`` does not reach (:func:`reaches`),
     named, or ``None``. Only points of solves that claimed neither infeasibility nor
     unboundedness count: a claimant's point is its ray, not a point."""
-    runs = [mine] + ([other] if other is not None else [])
-    for run in runs:
+    for run in [mine, *others]:
         for status, x, y in run.points:
             if status_kind(status) == "other" and not reaches(A, b, c, cones, mine.claim, mine.ray, x, y):
                 which = "x" if mine.claim == "infeasible" else "y"
@@ -174,96 +173,19 @@ def _refuted(A, b, c, cones: list, mine: Run, other: Run | None) -> str | None:
     return None
 
 
-def _doubt(mine: Run, other: Run | None) -> str | None:
-    """Why the claim of ``mine`` is in doubt by the runs' statuses, or ``None``: a run
-    reports the problem solved, or the claim is inaccurate by its own solver's measure."""
+def _doubt(mine: Run, other: Run | list[Run] | None) -> str | None:
+    """Why the claim of ``mine`` is in doubt by the runs' statuses (``other``: the other runs,
+    one, a list or ``None``), or ``None``: a run reports the problem solved, or the claim is
+    inaccurate by its own solver's measure."""
     runs = [(mine.method + "→SCS", s) for s in mine.also]
-    if other is not None:
-        runs += [(other.method, other.status)] + [(other.method + "→SCS", s) for s in other.also]
+    for run in [other] if isinstance(other, Run) else other or []:
+        runs += [(run.method, run.status)] + [(run.method + "→SCS", s) for s in run.also]
     for name, status in runs:
         if claims_solved(status):
             return f"{name} reports it {status}"
     if _inaccurate(mine.status):
         return f"the certificate is inaccurate by {mine.method}'s own measure"
     return None
-
-
-def reach_point(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> np.ndarray | None:
-    """Where the dual ray ``ray`` stops reaching: ``x_j = −sign((Aᵀȳ)_j) R_j`` on the columns
-    that set its reach (``R_j = |bᵀȳ| / |(Aᵀȳ)_j|`` within a factor 10 of the least; ``ȳ`` the
-    ray in K*, normalised), 0 on the others; ``None`` where no column limits it (``Aᵀȳ = 0`` to
-    rounding: the ray is exact, :func:`exact_ray`). All 0 where ``bᵀȳ = 0``."""
-    yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
-    # A column whose (Aᵀȳ)_j is within the rounding of its terms (64 eps |A|ᵀ|ȳ|) limits nothing
-    # a float64 point can show: beyond its "reach" |x_j (Aᵀȳ)_j| passes |bᵀȳ| only where the
-    # rounding of those rows does too, which :func:`reaches` discounts. Scaled, such columns made
-    # the re-solve a program of rounding: an O(1) QP with G₀x <= h₀, G₀x >= h₀ + 1e-2 had 24 of
-    # its 25 columns within 10x of the least reach (1.8e12) by rounding alone; Clarabel failed
-    # there and SCS ran to its iteration limit, while with the one column that sets the reach
-    # scaled Clarabel confirmed the ray.
-    g = column_misses(A, yb)
-    if not np.any(g != 0):
-        return None
-    reach = np.full(g.shape, np.inf)
-    reach[g != 0] = abs(float(b @ yb)) / np.abs(g[g != 0])
-    x = np.zeros_like(g)
-    if reach.min() > 0:
-        near = reach <= 10 * reach.min()
-        x[near] = -np.sign(g[near]) * reach[near]
-    return x
-
-
-def reach_scaling(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> np.ndarray | None:
-    """The column scaling ``D`` at which to re-solve a program whose dual ray ``ray``
-    reaches only so far: each column's reach ``|x_j|`` at :func:`reach_point` on the columns
-    that set the reach, 1 on the others; ``None`` where no column limits it (the ray is exact,
-    :func:`exact_ray`).
-
-    With ``x = D x'`` the points at the edge of the reach are of unit size, where the
-    solvers' tolerances see them: on ``x <= 1e6, log x >= log(1e6) + 1`` (infeasible)
-    Clarabel claimed infeasibility again there, with a ray that verifies. (A column that stretches
-    a second-order cone along its edge leaves it unbalanced at any scale: :mod:`.edge_boost`.)
-    """
-    x = reach_point(A, b, cones, ray)
-    return None if x is None else np.where(x != 0, np.abs(x), 1.0)
-
-
-def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> bool:
-    """Whether the dual ray ``ray``, or a part of it that is itself a certificate, is exact in
-    float64: each column of ``Aᵀȳ`` is 0 to the rounding of its terms (:func:`reach_point`
-    is ``None``). A verified claim of infeasibility with such a ray stands whatever another run
-    shows (:func:`believed`): every point is within its reach, and there is none to re-solve at.
-
-    The parts tried: the ray as it came (verified by the caller); and, each kept only where it
-    verifies (:func:`~.cone_checks.verify_certificate`), the ray without the noise of the rows it
-    does not use (``_drop_noise``, at that check's tolerance) and that without its curved cone
-    blocks (second-order, exponential, PSD), made exact on the rows it keeps
-    (:func:`.ray_fit.polyhedral`), and the cleaned ray made exact on all its rows, less the blocks
-    at the edge of K* that this pushes out (:func:`.ray_fit.fitted`). A solver's ray may lean on a
-    cone it does not need: Clarabel's for ``G₀x <= h₀``, ``G₀x >= h₀ + 1e-3`` in a QP put 2e-3 on
-    the objective's second-order cone, at its edge, whose epigraph column it missed by 4e-16
-    ("reach" 1.4e12), while the two rows alone are an exact certificate; for an infeasible SDP or
-    exponential cone program with a curved objective it leaned on the objective's epigraph cone
-    too, and its curved constraint blocks, inside K*, are needed and fitted with the rest."""
-    zero = np.zeros(A.shape[1])
-
-    def parts():
-        # (lazily: the later parts cost a least squares)
-        yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
-        yield yb  # (projected onto K*: verified again below, as the parts are)
-        rows = np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
-        clean = _drop_noise(yb, rows, cones, 1e-6)
-        yield clean
-        yield polyhedral(A, cones, clean)
-        # All its rows made exact, the blocks at the edge of K* that the fit pushes out dropped
-        # (.ray_fit): the objective's epigraph cones, which a ray may lean on though any x meets
-        # them at a large t, set the reach of an SDP's and an exponential cone program's rays
-        # (3e11-5e12), and the element's verdict then hung on the objective.
-        yield fitted(A, cones, clean)
-
-    # (the cheap test first: most rays that are not exact fail it)
-    return any(r is not None and np.any(r != 0) and reach_point(A, b, cones, r) is None
-               and verify_certificate(A, b, zero, cones, zero, r, "infeasible") for r in parts())
 
 
 def _near_feasible(A, b, x: np.ndarray, s: np.ndarray, tol: float) -> bool:
@@ -277,18 +199,18 @@ def _near_feasible(A, b, x: np.ndarray, s: np.ndarray, tol: float) -> bool:
     return bool(np.all(excess <= tol * (1.0 + np.abs(b))))
 
 
-def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: tuple, theirs: tuple | None,
+def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: tuple, theirs: list[tuple],
              resolve: Callable, polish: Callable, tol: float) -> tuple[str, str, tuple | None]:
     """The kind of failure ``mine`` stands for, what to add to its message, and a solution
     where one was found on the way (else ``None``).
 
     ``mine``, ``theirs``: failures of the per-element solve, ``(message, kind, claim, run)``
     with ``kind`` the verified claim (or ``"other"``) and ``run`` a :class:`Run` (or
-    ``None``); ``theirs`` the other solver's (``None``: there is none). First, where either run's
+    ``None``); ``theirs`` the other solvers' (empty: there was none). First, where any run's
     claim of infeasibility (verified or not, not exact) stretches a second-order cone along an edge
     at its reach, a solution is looked for in the frame that balances it (:func:`.edge_boost.boost_frame`):
     ``resolve(D, boost)`` yields each solver's ``(method, status, x, y, s)`` on ``(B A D, B b, D c)``,
-    back in the caller's frame. Then the verified claim stands where the other solver makes it too,
+    back in the caller's frame. Then the verified claim stands where another solver makes it too,
     verified; it falls where a point of the runs lies beyond its reach. In doubt (a run reports the
     problem solved, or the claim is inaccurate: see the module's docstring) an infeasibility is
     re-solved at its reach, ``resolve(D)``: a ray of the same claim that verifies confirms it. A point
@@ -297,8 +219,8 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
     unboundedness in doubt falls.
     """
     kind, run = mine[1], mine[3]
-    other = None if theirs is None else theirs[3]
-    for claimant in (run, other):  # (a solution ends every doubt)
+    others = [f[3] for f in theirs if f[3] is not None]
+    for claimant in (run, *others):  # (a solution ends every doubt)
         ray = None if claimant is None or claimant.claim != "infeasible" or claimant.exact else claimant.ray
         usable = ray is not None and np.all(np.isfinite(ray)) and np.any(ray)
         frame = boost_frame(A, b, cones, reach_point(A, b, cones, ray)) if usable else None
@@ -313,12 +235,12 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
         return kind, "", None
     if run.exact:  # (a ray exact to rounding: every point within its reach, see exact_ray)
         return kind, "", None
-    if other is not None and other.claim == run.claim and other.verified:
+    if any(other.claim == run.claim and other.verified for other in others):
         return kind, "", None  # (a claim that does not verify is no opinion: both solvers claimed a feasible
         #                        program with t ~ 3e18 infeasible)
-    why = _refuted(A, b, c, cones, run, other)
+    why = _refuted(A, b, c, cones, run, others)
     if why is None:
-        why = _doubt(run, other)
+        why = _doubt(run, others)
         if why is None:
             return kind, "", None
         D = reach_scaling(A, b, cones, run.ray) if kind == "infeasible" else None
@@ -337,14 +259,15 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
                      "or the solution very large)"), None
 
 
-def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, mine: tuple, theirs: tuple | None,
-          message: str) -> tuple[tuple | None, tuple | None, str | None]:
+def judge(backend, methods: list[tuple[str, dict]], A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, mine: tuple,
+          theirs: list[tuple], message: str) -> tuple[tuple | None, tuple | None, str | None]:
     """The per-element backend's verdict on a program its solvers did not solve (``mine``,
-    ``theirs``: their failures, ``theirs`` ``None`` where there was one solver; ``message``
-    what they said), by :func:`believed`: ``(solution, None, note)`` where one was found at
-    the certificate's reach (``solution`` as :meth:`~.per_element.CheckedDiffcp._try`
-    returns it), else ``(None, (message, kind), None)``. A ray alone ("disputed") does not
-    decide where a solver claimed infeasibility: it proves no point."""
+    ``theirs``: their failures, ``theirs`` empty where there was one solver; ``methods``: the
+    ``(solver, solver_args)`` that ran, which re-solve at a reach; ``message`` what they said),
+    by :func:`believed`: ``(solution, None, note)`` where one was found at the certificate's reach
+    (``solution`` as :meth:`~.per_element.CheckedDiffcp._try` returns it), else
+    ``(None, (message, kind), None)``. A ray alone ("disputed") does not decide where a solver
+    claimed infeasibility: it proves no point."""
     programs: list = []  # (built at the first polish: most failures never get there)
 
     def polish(x, y, s):
@@ -357,8 +280,6 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
             return backend._polish(programs[0], x, y, s)
         except (ValueError, RuntimeError, ArithmeticError):
             return x, y, s, float("inf")
-
-    methods = [(backend.solver, args)] + ([(backend.fallback, {})] if theirs is not None else [])
 
     def resolve(D: np.ndarray, boost=None):
         As, bs, cs = sp.csc_matrix(A @ sp.diags(D)), b, c * D
@@ -377,7 +298,7 @@ def judge(backend, args: dict, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, m
     if found is not None:
         x, y, s, r, method, status = found
         return (programs[0], x, y, s, f"{status} (re-solved at the reach)", r, method, None), None, message + why
-    claims = [f[2] for f in (mine, theirs) if f is not None]
+    claims = [f[2] for f in (mine, *theirs)]
     kind = "disputed" if kind == "unbounded" and "infeasible" in claims else kind
     if kind == "other" and infeasible_without_objective(backend, A, b):
         # No certificate stands, yet infeasibility does not depend on the objective (a curved one kept

@@ -36,7 +36,7 @@ from .cone_checks import cone_blocks, kkt_residual
 from .diffcp_solve import inf_norm, pow2_above
 from .parametric import Parametric
 
-__all__ = ["IMBALANCE", "UnitProgram", "imbalance", "in_unit", "retry_in_unit", "units", "within_unit"]
+__all__ = ["IMBALANCE", "UnitProgram", "imbalance", "in_unit", "retry_in_unit", "try_in_unit", "units", "within_unit"]
 
 
 #: ``‖y‖∞ / ‖s‖∞`` over the curved cones' rows beyond which a solved element is solved again in its own
@@ -167,3 +167,16 @@ def retry_in_unit(backend: Any, method: str, args: dict[str, Any], A: sp.csc_mat
         status = f"{status} (solved again in its own unit: b/{beta:.0e}, c/{gamma:.0e})"
         return UnitProgram(program, beta, gamma), x, y, s, status, max(r, mine), used, rescued
     return None
+
+
+def try_in_unit(backend: Any, method: str, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray,
+                c: np.ndarray) -> tuple[tuple | None, tuple | None]:
+    """``backend._try(method, ...)``, and where it failed without a verified certificate, or solved
+    with multipliers and slacks far apart (:func:`within_unit`), the same solver in its own unit
+    (:func:`retry_in_unit`, from its point): ``(out, fail)`` as ``_try`` returns them (``fail`` the
+    first run's where the retry solved it)."""
+    out, fail = backend._try(method, args, A, b, c)
+    if out is None and fail[1] == "other" or out is not None and not within_unit(backend._cones, *out[1:4]):
+        point = out[1:3] if out else fail[3] and fail[3].points[0]
+        out = retry_in_unit(backend, method, args, A, b, c, point) or out
+    return out, fail

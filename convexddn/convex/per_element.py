@@ -35,12 +35,14 @@ from .bordered import probes
 from .cone import POLISH_ABOVE, ResidualMap, auto_mode
 from .cone_checks import data_scale_residual, verify_certificate
 from .diffcp_solve import solve_cone_program
-from .dissent import Run, claims_solved, exact_ray, judge, within_reach
+from .dissent import Run, claims_solved, within_reach
 from .element_result import ElementInfo, SavedStates, Solved
 from .consistent_rows import ElementRows, allowed, disagreement
 from .parametric import parameter_columns, parametric_entries, requiring_grad
-from .own_unit import in_unit, retry_in_unit, within_unit
-from .rescues import failure_cause, warn_rescued
+from .own_unit import in_unit, try_in_unit
+from .reach import exact_claim
+from .rescues import warn_rescued
+from .solve_chain import after_failure
 from .solver_args import check_solver_cones
 from .spread import data_spread
 from .status import element_list, name_elements, status_kind
@@ -205,9 +207,9 @@ class CheckedDiffcp(SolverInterface):
         # infeasible LP: ‖x‖ 5.8e15, rows off by 1.8, passed relative to its own size).
         verified = claim != "other" and verify_certificate(A, b, c, self._cones, x0, y0, claim)
         run.ray, run.verified = (y0 if claim == "infeasible" else x0), verified
-        # A verified dual ray exact to rounding decides the element whatever another run shows
-        # (.dissent.exact_ray): no SCS run for it, here or as the fallback.
-        run.exact = verified and claim == "infeasible" and exact_ray(A, b, self._cones, y0)
+        # A verified ray exact to rounding decides the element whatever another run shows (.reach.exact_claim):
+        # no SCS run from its point; a dual one no fallback either, an inexact one another solver's opinion.
+        run.exact = verified and exact_claim(A, b, self._cones, claim, x0, y0)
         rescued = None  # where the first solver failed outright and SCS from its point solved: a fallback
         if (r > POLISH_ABOVE and np.isfinite(r) and method != "SCS" and self.refine > 0
                 and self.fallback is not None and not run.exact):
@@ -246,7 +248,7 @@ class CheckedDiffcp(SolverInterface):
         if not r <= self.tol:
             why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
             if verified:
-                exact = " (exact to rounding: no other solver run)" if run.exact else ""
+                exact = " (exact to rounding: no other solver run)" if run.exact and claim == "infeasible" else ""
                 return None, (why + "; certificate verified" + exact, claim, claim, run)
             if claim != "other":
                 why += (f"; its {claim} certificate does not verify: the data may be badly scaled "
@@ -258,30 +260,11 @@ class CheckedDiffcp(SolverInterface):
     def solve_one(self, q: np.ndarray, a: np.ndarray, args: dict[str, Any]) -> Solved:
         """Solve one batch element with the solver, then the fallback; never raises."""
         A, b, c = self._problem(q, a)
-        out, fail = self._try(self.solver, args, A, b, c)
+        # (failed without a verified certificate, or y and s far apart: the same solver in its own unit)
+        out, fail = try_in_unit(self, self.solver, args, A, b, c)
         used, note, cause = self.solver, None, None  # cause: the note without this element's numbers (.rescues)
-        if out is None and fail[1] == "other" or out is not None and not within_unit(self._cones, *out[1:4]):
-            # (failed without a verified certificate, or y and s far apart: the same solver in its own unit)
-            out = retry_in_unit(self, used, args, A, b, c, out[1:3] if out else fail[3] and fail[3].points[0]) or out
-        decided = out is None and fail[1] == "infeasible" and fail[3] is not None and fail[3].exact
-        if out is None and self.fallback is not None and self.fallback != self.solver and not decided:
-            out, fail2 = self._try(self.fallback, {}, A, b, c)
-            used = self.fallback
-            if out is not None and within_reach(A, b, c, self._cones, fail[3], out[1], out[2], out[5]):
-                out, fail = None, (f"{fail[0]}; fallback {self.fallback}: {out[4]} at residual {out[5]:.1e}, "
-                                   "within the certificate's reach", fail[3].claim, fail[3].claim, fail[3])
-            elif out is not None:
-                note = f"{fail[0]}; solved by the fallback {self.fallback}"
-                cause = f"{failure_cause(fail)}; solved by the fallback {self.fallback}"
-            else:
-                # A verified certificate from either solver decides the kind of failure unless the
-                # other's run contradicts it (see .dissent: a certificate has a reach).
-                mine, theirs = (fail, fail2) if fail[1] != "other" else (fail2, fail)
-                cause = f"{failure_cause(fail)}; fallback {failure_cause(fail2)}; solved at the certificate's reach"
-                out, fail, note = judge(self, args, A, b, c, mine, theirs, f"{fail[0]}; fallback {fail2[0]}")
-        elif out is None:
-            cause = f"{failure_cause(fail)}; solved at the certificate's reach"  # (if judge finds a solution)
-            out, fail, note = judge(self, args, A, b, c, fail, None, fail[0])
+        if out is None:  # (the fallback, another solver's opinion on an inexact certificate, the verdict)
+            out, fail, used, note, cause = after_failure(self, args, A, b, c, fail)
         if out is None:
             return Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
         program, x, y, s, status, r, used, rescued = out  # (rescued: "<solver>: <status>; ..." has no numbers)
