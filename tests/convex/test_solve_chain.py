@@ -55,6 +55,18 @@ def test_negative_entropy_minus_a_large_linear_term_is_solved_not_unbounded(solv
     assert any(issubclass(w.category, SolverWarning) and "Clarabel" in str(w.message) for w in caught)
 
 
+def test_with_no_fallback_a_certificate_not_exact_is_not_certain():
+    # fallback=None: no other solver's solution is returned, yet Clarabel's opinion still weighs the claim.
+    # The problem is bounded (minimiser exp(a - 1)): a SolverError saying so, not UnboundedError.
+    a, y = cp.Parameter(3), cp.Variable(3)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(-cp.sum(cp.entr(y)) - a @ y)), [a], [y], solver="SCS",
+                             fallback=None)
+    av = torch.tensor(np.random.default_rng(1).normal(size=3) * 0.5, dtype=F64) + 1 + math.log(1e8)
+    with pytest.raises(SolverError, match="unbounded not certain") as err:
+        layer(av)
+    assert type(err.value) is SolverError
+
+
 @pytest.mark.parametrize("solver", ["Clarabel", "SCS", "ECOS"])
 @pytest.mark.parametrize("bound", [1e2, 1e6])
 def test_exponential_cone_program_unbounded_along_a_known_ray_still_raises(solver, bound):
