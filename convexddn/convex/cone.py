@@ -16,7 +16,7 @@ from diffcp import _diffcp
 from .bordered import Bordered, bordered, probes, sparse_derivative, sparse_pays
 from .cone_checks import kkt_residual, residual_parts
 from .exp_cone import Memo, derivative_correction, has_exp, project_cones
-from .iterative import Plus, iterative_solve, null_reach, solver_condition
+from .iterative import ADJOINT_REFINE, ADJOINT_RTOL, Plus, iterative_solve, null_reach, solver_condition
 from .kinks import kink_sides, pair_tolerances
 from .min_norm import min_norm_solve
 from .parametric import Parametric, data_grads, theta_grads, unique_anyway
@@ -167,9 +167,9 @@ class ResidualMap:
             # not differentiable there): the minimum-norm answer is then one choice among many.
             self.degenerate, self.rank = rank < rhs.size - 1, rank  # (rank: for unique_anyway)
             return sol
-        # The iterative solvers give no rank: M's null spaces are tested by the adjoint (_doubt).
-        self.degenerate = False
-        sol, self.relative_residual, self.outcome = iterative_solve(M, rhs, transpose, self.mode == "lsqr")
+        self.degenerate = False  # (the iterative solvers give no rank: the adjoint tests M's null spaces, _doubt)
+        sol, self.relative_residual, self.outcome = iterative_solve(M, rhs, transpose, self.mode == "lsqr",
+                                                                    ADJOINT_REFINE if transpose else 0)
         return sol
 
     def _triple(self, z: np.ndarray):
@@ -295,15 +295,15 @@ class ResidualMap:
         return vjp
 
     def _doubt(self, M, z, pi_z, parametric: Parametric | None, reach: list) -> tuple[bool, float] | None:
-        """Why the last iterative or bordered solve's ``r`` may not be the gradient, ``(degenerate,
-        relative residual)``: the adjoint system, consistent at a differentiable solution (z̄ ⟂ z), is not
-        (``degenerate`` where the solver found its least-squares solution: the cotangent reaches a second
-        null direction; else it stopped short: an ill-conditioned constrained MPC with 1291 rows and
-        columns, relative residual 1e-5, gradient 19 % off); or M has a null direction beyond z that the
-        parameters reach (:func:`.iterative.null_reach`, cached in ``reach``; not where the bordered LU
-        certified rank N − 1): a 15 × 15 assignment LP with two optimal permutations and a loss
+        """Why the last iterative or bordered solve's ``r`` may not be the gradient, ``(degenerate, relative
+        residual)``: the adjoint system, consistent at a differentiable solution (z̄ ⟂ z), is not (``degenerate``
+        where the solver found its least-squares solution: the cotangent reaches a second null direction; else
+        it stopped short: a constrained MPC, 1291 rows and columns, at 1e-5, 19 % off; an iterative solve, refined,
+        above :data:`.iterative.ADJOINT_RTOL`: an entropy problem at 5e-10, 2e-5 off); or M has a null direction
+        beyond z that the parameters reach (:func:`.iterative.null_reach`, cached in ``reach``; not where the
+        bordered LU certified rank N − 1): a 15 × 15 assignment LP with two optimal permutations and a loss
         constant on their face got a gradient from LSMR silently. None where neither."""
-        if self.relative_residual > _ITERATIVE_RTOL:
+        if self.relative_residual > (_ITERATIVE_RTOL if isinstance(M, Bordered) else ADJOINT_RTOL):
             return self.outcome == "least squares", self.relative_residual
         if isinstance(M, Bordered):
             return None
