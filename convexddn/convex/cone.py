@@ -145,14 +145,14 @@ class ResidualMap:
         delta = sp.block_diag([sp.csr_matrix((n, n)), dproj.delta, sp.csr_matrix((1, 1))], format="csr")
         return Plus(op, self.Q @ delta - delta)
 
-    def _solve(self, M, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
+    def _solve(self, M, rhs: np.ndarray, transpose: bool = False, refine: int = 0) -> np.ndarray:
         """Minimum-norm solution of M d = rhs (or Mᵀ d = rhs).
 
         M is singular at every solution (R is positively homogeneous), so a plain LU
         solve returns a finite vector with an arbitrary, often huge, component along
         the null space of Mᵀ, which the adjoint's formula does not cancel (seen:
         gradients off by 8 on a projection with no active constraint). The minimum-norm
-        least-squares solution is the one the derivative is defined by.
+        least-squares solution is the one the derivative is defined by (``refine``: iterative_solve's).
         """
         if isinstance(M, Bordered):
             self.degenerate, self.outcome = False, "solved"  # (a rank below N - 1 gave diffcp's operator instead)
@@ -168,8 +168,7 @@ class ResidualMap:
             self.degenerate, self.rank = rank < rhs.size - 1, rank  # (rank: for unique_anyway)
             return sol
         self.degenerate = False  # (the iterative solvers give no rank: the adjoint tests M's null spaces, _doubt)
-        sol, self.relative_residual, self.outcome = iterative_solve(M, rhs, transpose, self.mode == "lsqr",
-                                                                    ADJOINT_REFINE if transpose else 0)
+        sol, self.relative_residual, self.outcome = iterative_solve(M, rhs, transpose, self.mode == "lsqr", refine)
         return sol
 
     def _triple(self, z: np.ndarray):
@@ -270,8 +269,10 @@ class ResidualMap:
             dz = np.concatenate([dx, dproj.rmatvec(dy), [dw]])
             if not np.any(dz):
                 return np.zeros(rows.size), np.zeros(m), np.zeros(n)
+            # Refined above the dense fallback's size only: below, a residual over ADJOINT_RTOL goes to it (_doubt),
+            # cheaper than a step (a QP with 451 rows + columns: 3800 LSMR iterations, 0.39 s, per solve or step).
             Mz = M
-            r = self._solve(Mz, dz, transpose=True)
+            r = self._solve(Mz, dz, True, ADJOINT_REFINE if dz.size > _DENSE_FALLBACK_MAX else 0)
             doubt = None if isinstance(Mz, np.ndarray) else self._doubt(Mz, z, pi_z, parametric, reach)
             if doubt is not None:
                 # Solved densely where that is affordable (its rank and unique_anyway decide), else reported.
@@ -393,8 +394,7 @@ _SOLVE_DIAGNOSTICS = ("degenerate", "rank", "condition", "outcome", "relative_re
 # which it is taken as one (dense solves of one system: ~1e-14 apart when it is).
 _SIDE_RTOL = 1e-8
 
-# The largest relative residual accepted from LSMR on the (consistent) adjoint system
-# (converged solves reach ~1e-12), and on null_reach's test (at least the point's KKT
-# residual: M is singular along z to that accuracy only); above it, the dense solve below this size.
+# The largest relative residual accepted from the bordered LU's adjoint, a kink's side solve, and null_reach's test
+# (at least the point's KKT residual: M is singular along z to that accuracy); above, the dense solve below this size.
 _ITERATIVE_RTOL = 1e-9
 _DENSE_FALLBACK_MAX = 3000
