@@ -248,7 +248,7 @@ class CheckedDiffcp(SolverInterface):
         if not r <= self.tol:
             why = f"{method}: {status} (KKT residual {r:.1e} > tol {self.tol:.0e})"
             if verified:
-                exact = " (exact to rounding: no other solver run)" if run.exact and claim == "infeasible" else ""
+                exact = " (exact to rounding: no other solver run)" if run.exact else ""
                 return None, (why + "; certificate verified" + exact, claim, claim, run)
             if claim != "other":
                 why += (f"; its {claim} certificate does not verify: the data may be badly scaled "

@@ -31,12 +31,23 @@ __all__ = ["OPINION", "after_failure"]
 OPINION = "Clarabel"  # the solver consulted on a certificate that is not exact, where it has not run
 
 
-def _needs_opinion(fail: tuple, ran: list[str]) -> bool:
+def _needs_opinion(fail: tuple, ran: list[str], failures: list[tuple]) -> bool:
     """Whether the failure ``fail`` (``(message, kind, claim, run)``, see :meth:`~.per_element.CheckedDiffcp._try`)
-    stands on a verified certificate that is not exact to rounding, and :data:`OPINION` is not among
-    the solvers that ran (``ran``)."""
+    stands on a verified certificate that is not exact to rounding, :data:`OPINION` is not among the
+    solvers that ran (``ran``), and no other run of ``failures`` settles the claim already: an exact
+    ray, or a second verified certificate of the same claim (:func:`.dissent.judge` lets it stand)."""
     run = fail[3]
-    return fail[1] in ("infeasible", "unbounded") and run is not None and not run.exact and OPINION not in ran
+    if not (fail[1] in ("infeasible", "unbounded") and run is not None and not run.exact and OPINION not in ran):
+        return False
+    others = [f[3] for f in failures if f is not fail and f[3] is not None and f[3].verified]
+    return not any(o.exact or o.claim == run.claim for o in others)
+
+
+def _within_any(A, b, c, cones: list, failures: list[tuple], out: tuple) -> tuple | None:
+    """The first failure of ``failures`` whose verified certificate accounts for the solution ``out``
+    (:func:`.dissent.within_reach`), or None."""
+    x, y, r = out[1], out[2], out[5]
+    return next((f for f in failures if f[3] is not None and within_reach(A, b, c, cones, f[3], x, y, r)), None)
 
 
 def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray, c: np.ndarray,
@@ -47,15 +58,16 @@ def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray
     solver tried, ``note`` and ``cause`` what the rescue's ``SolverWarning`` says (:mod:`.rescues`).
 
     The fallback runs unless there is none (``None`` or the first solver) or the first failure
-    stands on an exact dual ray; then :data:`OPINION` where :func:`_needs_opinion` (with
+    stands on an exact ray; then :data:`OPINION` where :func:`_needs_opinion` (with
     ``fallback=None`` its solution is not returned: it only makes the claim uncertain); then
     :func:`.dissent.judge` weighs the claim that stands against every run.
     """
     first, fallback, cones = backend.solver, backend.fallback, backend._cones
     ran, failures, message, cause = [first], [fail], fail[0], failure_cause(fail)
-    decided = fail[1] == "infeasible" and fail[3] is not None and fail[3].exact
+    # An exact ray (an LP's, typically) decides: no other solver's run can change the verdict.
+    decided = fail[1] in ("infeasible", "unbounded") and fail[3] is not None and fail[3].exact
     method = fallback if fallback not in (None, first) and not decided else (
-        OPINION if _needs_opinion(fail, ran) else None)
+        OPINION if _needs_opinion(fail, ran, [fail]) else None)
     while method is not None:
         # (the opinion as the first solver is tried: in its own unit too where it fails without a certificate)
         solve = backend._try if method == fallback else lambda *a: try_in_unit(backend, *a)
@@ -63,11 +75,12 @@ def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray
         ran.append(method)
         name = f"fallback {method}" if method == fallback else (
             f"{method} (consulted on a certificate not exact to rounding)")
-        # The claim that stands so far: the first verified one (as the fallback's verdict always took).
-        mine = next((f for f in failures if f[1] != "other"), failures[0])
-        if out is not None and within_reach(A, b, c, cones, mine[3], out[1], out[2], out[5]):
+        # A point any verified certificate so far accounts for leaves that certificate standing.
+        held = None if out is None else _within_any(A, b, c, cones, failures, out)
+        if held is not None:
             return None, (f"{message}; {name}: {out[4]} at residual {out[5]:.1e}, within the certificate's reach",
-                          mine[3].claim, mine[3].claim, mine[3]), method, None, None
+                          held[3].claim, held[3].claim, held[3]), method, None, None
+        mine = next((f for f in failures if f[1] != "other"), failures[0])
         if out is not None and fallback is None:  # (no other solver's point returned: the option says so)
             return None, (f"{message}; {mine[1]} not certain: {name} solves it at residual {out[5]:.1e} "
                           "(fallback=None: its solution not returned)", "other"), method, None, None
@@ -78,10 +91,11 @@ def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray
         said = "fallback" if method == fallback else "consulted on a certificate not exact to rounding:"
         message, cause = f"{message}; {said} {fail2[0]}", f"{cause}; {said} {failure_cause(fail2)}"
         mine = next((f for f in failures if f[1] != "other"), failures[0])
-        method = OPINION if _needs_opinion(mine, ran) else None
+        method = OPINION if _needs_opinion(mine, ran, failures) else None
     # A verified certificate from any solver decides the kind of failure unless another run
     # contradicts it (.dissent: a certificate has a reach).
     mine = next((f for f in failures if f[1] != "other"), failures[0])
-    out, fail, note = judge(backend, [(m, args if m == first else {}) for m in ran], A, b, c, mine,
-                            [f for f in failures if f is not mine], message)
+    # (the consulted solver re-solves at the reach too, but not where fallback=None forbids its solution)
+    methods = [(m, args if m == first else {}) for m in ran if fallback is not None or m == first]
+    out, fail, note = judge(backend, methods, A, b, c, mine, [f for f in failures if f is not mine], message)
     return out, fail, ran[-1], note, f"{cause}; solved at the certificate's reach"

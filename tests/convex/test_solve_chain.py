@@ -92,6 +92,78 @@ def test_lp_unbounded_along_an_exact_ray_raises_with_no_other_solver(solver, mon
     assert "Clarabel" not in calls, calls  # (SCS alone, or ECOS and its fallback SCS)
 
 
+def test_lp_unbounded_along_an_exact_ray_runs_no_fallback(monkeypatch):
+    """An exact unboundedness ray decides as an exact infeasibility ray does: Clarabel's claim on the LP
+    above is raised with no fallback run (SCS ran after it, and could not change the verdict; a
+    reviewer's finding)."""
+    a, x = cp.Parameter(2), cp.Variable(2)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(-cp.sum(x)), [x[0] - x[1] <= a[0], x >= a[1]]), [a], [x],
+                             solver="Clarabel")
+    calls = _counted(monkeypatch)
+    with pytest.raises(UnboundedError):
+        layer(torch.tensor([1.0, 0.0], dtype=F64))
+    assert calls == ["Clarabel"], calls
+
+
+class _Scripted:
+    """A stand-in for the per-element backend: ``_try`` answers each solver from ``table``."""
+
+    _cones = [("l", 2)]
+
+    def __init__(self, solver, fallback, table):
+        self.solver, self.fallback, self.table, self.calls = solver, fallback, table, []
+
+    def _try(self, method, args, A, b, c):
+        self.calls.append(method)
+        return self.table[method]()
+
+
+def _claim(method: str, exact: bool):
+    """A verified infeasibility claim of ``method``, exact to rounding or not."""
+    from convexddn.convex.dissent import Run
+
+    run = Run(method, "infeasible", "infeasible", ray=np.ones(2), verified=True, exact=exact,
+              points=[("infeasible", np.zeros(2), np.ones(2))])
+    return None, (f"{method}: infeasible; certificate verified", "infeasible", "infeasible", run)
+
+
+def test_chain_weighs_every_certificate_and_keeps_fallback_none(monkeypatch):
+    """(1) With fallback=None the consulted Clarabel does not re-solve at the certificate's reach
+    either (its solution would be returned); (2) an inexact claim beside another run's exact one is
+    not sent to Clarabel, and a consulted point is weighed against every certificate (it was weighed
+    against the first, inexact one only, and returned over the exact one). A reviewer's findings."""
+    from convexddn.convex import solve_chain
+    from convexddn.convex.dissent import Run
+
+    A, b, c = sp.csc_matrix(np.eye(2)), np.ones(2), np.ones(2)
+    monkeypatch.setattr(solve_chain, "try_in_unit", lambda be, m, a, A, b, c: be._try(m, a, A, b, c))
+    seen = {}
+    monkeypatch.setattr(solve_chain, "judge", lambda be, methods, *a: (
+        seen.setdefault("methods", [m for m, _ in methods]), (None, ("judged", "other"), None))[1])
+    failed = lambda: (None, ("Clarabel: inaccurate", "other", "other",  # noqa: E731
+                             Run("Clarabel", "other", "inaccurate", points=[("inaccurate", np.zeros(2), np.ones(2))])))
+    be = _Scripted("SCS", None, {"SCS": lambda: _claim("SCS", False), "Clarabel": failed})
+    solve_chain.after_failure(be, {}, A, b, c, _claim("SCS", False)[1])
+    assert be.calls == ["Clarabel"] and seen["methods"] == ["SCS"]
+
+    weighed = []
+    monkeypatch.setattr(solve_chain, "within_reach", lambda A, b, c, cones, run, x, y, r: (
+        weighed.append(run.method), run.exact)[1])
+    solved = lambda: ((None, np.full(2, 1e9), np.ones(2), np.zeros(2), "Solved", 1e-8, "Clarabel", None), None)  # noqa
+    be = _Scripted("ECOS", "SCS", {"SCS": lambda: _claim("SCS", True), "Clarabel": solved})
+    out, *_ = solve_chain.after_failure(be, {}, A, b, c, _claim("ECOS", False)[1])
+    assert be.calls == ["SCS"] and out is None  # (no opinion asked: judge weighs the exact claim)
+
+    def unbounded():  # a verified, inexact claim of the other kind
+        run = Run("SCS", "unbounded", "unbounded", ray=np.ones(2), verified=True, exact=False,
+                  points=[("unbounded", np.ones(2), np.zeros(2))])
+        return None, ("SCS: unbounded; certificate verified", "unbounded", "unbounded", run)
+
+    be = _Scripted("ECOS", "SCS", {"SCS": unbounded, "Clarabel": solved})
+    out, *_ = solve_chain.after_failure(be, {}, A, b, c, _claim("ECOS", False)[1])
+    assert be.calls == ["SCS", "Clarabel"] and weighed == ["ECOS", "SCS"] and out is not None
+
+
 def test_exact_unbounded_tells_rounding_from_a_miss():
     # x0 - x1 <= 1, -x0 <= 0, -x1 <= 0: d = (1, 1) gives -A d = (0, 1, 1), in K exactly; an entry of d at
     # 4e-18 (a zero's rounding) that leaves a row by its own size is rounding too, while d = (1, 1 - 1e-9)
