@@ -44,7 +44,7 @@ from .reach import exact_claim
 from .rescues import warn_rescued
 from .solve_chain import after_failure
 from .solver_args import check_solver_cones
-from .spread import data_spread
+from .spread import data_spread, scale_hint
 from .status import element_list, name_elements, status_kind
 from .upstream import poison, split_nonfinite
 from .validation import describe_failure
@@ -266,7 +266,8 @@ class CheckedDiffcp(SolverInterface):
         if out is None:  # (the fallback, another solver's opinion on an inexact certificate, the verdict)
             out, fail, used, note, cause = after_failure(self, args, A, b, c, fail)
         if out is None:
-            return Solved(None, None, None, None, used, fail[0], float("inf"), None, fail[1])
+            return Solved(None, None, None, None, used, scale_hint(fail[0], fail[1], A, b, c), float("inf"), None,
+                          fail[1])
         program, x, y, s, status, r, used, rescued = out  # (rescued: "<solver>: <status>; ..." has no numbers)
         return Solved(program, x, y, s, used, status, r, note or rescued, "solved", data_spread(A, b, c),
                       cause if note else rescued, program.condition, getattr(program, "unit", None))

@@ -17,12 +17,29 @@ from ..errors import SolverWarning
 from .cone import ILL_CONDITIONED, POLISH_ABOVE
 from .status import element_list, name_elements
 
-__all__ = ["SPREAD_DOUBT", "data_spread", "in_doubt", "warn_unchecked", "warn_unchecked_spread",
-           "warn_unconfirmed"]
+__all__ = ["HINT_SPREAD", "SPREAD_DOUBT", "data_spread", "in_doubt", "scale_hint", "warn_unchecked",
+           "warn_unchecked_spread", "warn_unconfirmed"]
 
 #: Data spread (see :func:`data_spread`) above which a per-element result is in doubt:
 #: the solvers were exact at 1e10 and wrong at 1e12 on min (a x - 1)^2.
 SPREAD_DOUBT = 1e10
+
+
+#: A failed element whose data's nonzero magnitudes span more than this is named badly scaled in its
+#: status (and so in the SolverError): a log barrier with a constraint row of 1e8 beside b = 1 failed
+#: with Clarabel and SCS, and the error did not say so.
+HINT_SPREAD = 1e6
+
+
+def scale_hint(status: str, kind: str, A: sp.csc_matrix, b: np.ndarray, c: np.ndarray) -> str:
+    """``status`` of a failed element, with "the data may be badly scaled" and its spread
+    (:func:`data_spread`) appended where it failed without a certificate (``kind`` "other") and
+    that spread exceeds :data:`HINT_SPREAD`, unless it says so already."""
+    if kind != "other" or "badly scaled" in status:
+        return status
+    spread = data_spread(A, b, c)
+    return status if not spread > HINT_SPREAD else (
+        f"{status}; the data may be badly scaled (nonzero magnitudes spanning {spread:.0e})")
 
 
 def data_spread(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray) -> float:

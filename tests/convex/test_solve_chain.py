@@ -175,3 +175,23 @@ def test_exact_unbounded_tells_rounding_from_a_miss():
     assert exact_unbounded(A, cones, np.array([1.0, 1.0]))
     assert exact_unbounded(sp.csc_matrix(np.array([[1.0, 0.0], [0.0, -1.0]])), [("l", 2)], np.array([4e-18, 1.0]))
     assert not exact_unbounded(A, cones, np.array([1.0, 1.0 - 1e-9]))
+
+
+def test_failure_of_badly_scaled_data_says_so():
+    """max Σ log y s.t. aᵀy = 1 with a ~ 1e8 (y* = 1/(4a)): Clarabel ends at a residual of 1.6e-6 and
+    SCS at its iteration limit; the SolverError did not say the data may be badly scaled (their nonzero
+    magnitudes span 1e8), as the README promises (a tester's finding)."""
+    a0 = torch.tensor(np.random.default_rng(10).uniform(0.5, 2.0, size=4)) * 1e8
+    ap, y = cp.Parameter(4, pos=True), cp.Variable(4)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Maximize(cp.sum(cp.log(y))), [ap @ y == 1]), [ap], [y],
+                             solver="Clarabel")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SolverWarning)
+            out = layer(a0.unsqueeze(0))
+    except SolverError as err:
+        # (its largest entry, max a, over its smallest, the unit constants of the exponential cones' rows)
+        spans = f"spanning {a0.max().item():.0e}"
+        assert type(err) is SolverError and "badly scaled" in str(err) and spans in str(err), err
+        return
+    np.testing.assert_allclose(out[0].numpy(), (1 / (4 * a0)).numpy(), rtol=1e-6)  # (solved: exactly)
