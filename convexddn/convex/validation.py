@@ -396,8 +396,5 @@ def batch_shape(values: Sequence[torch.Tensor], parameters: Sequence[cp.Paramete
     try:
         return tuple(torch.broadcast_shapes(*batch_shapes))
     except RuntimeError:
-        # (each named as the layer's other errors name it: a LearnedLayer's inputs and learned
-        # parameters by their labels)
-        desc = ", ".join(f"{parameter_label(i, p, labels)}: {s}"
-                         for i, (p, s) in enumerate(zip(parameters, batch_shapes)))
-        raise ShapeError(f"batch shapes of the parameters do not broadcast: {desc}") from None
+        named = (f"{parameter_label(i, p, labels)}: {s}" for i, (p, s) in enumerate(zip(parameters, batch_shapes)))
+        raise ShapeError(f"batch shapes of the parameters do not broadcast: {', '.join(named)}") from None
