@@ -204,17 +204,13 @@ def nonconvex_solve(pen: Penalty, x: Tensor, a: Tensor, tol: float, max_iter: in
     starts = None
     if x.shape[-1] > _SAMPLE_MIN_N:
         xs = _strided_sample(x, _NC_SAMPLE).contiguous()
-        # In the units where the sample's entries lie within 1/16 of the float range (the
-        # scale is exact, and 1 for all but rows near its end): there its mean and the
-        # refinement's residuals are finite (a row of 1000 entries at the float max started
-        # the scaled solve of its row from an infinite mean, and stopped at max_iter).
-        sc = row_scale(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True))
-        xs, a_s = xs * sc, a * sc  # (alpha (R, 1) from here: one scale per row)
+        # (_finite_mean: a row of 1000 entries at the float max started from an infinite mean
+        # and stopped at max_iter; such rows are solved again scaled, from these starts scaled)
         s0 = _sample_starts(xs)
-        u = _refine_on_sample(pen, xs, a_s, s0, use_compile)
+        u = _refine_on_sample(pen, xs, a, s0, use_compile)
         # Rows whose sample overflowed (or holds NaN/Inf: the solve below raises) keep
         # the raw starts.
-        starts = torch.where(torch.isfinite(u), u, s0) / sc
+        starts = torch.where(torch.isfinite(u), u, s0)
     return _finish(pen, x, a, tol, max_iter, use_compile, starts)
 
 
