@@ -7,18 +7,6 @@ import re
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_tour_runs():
-    text = README.read_text()
-    code = re.search(r"## A short tour\n\n```python\n(.*?)```", text, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README tour", "exec"), namespace)
-    assert namespace["Y"].shape == (8, 5, 3)
-    assert namespace["node"](namespace["p"], namespace["q"]).shape == (4, 1)
-    assert namespace["node"].log_w.grad is not None
-    assert namespace["feat"].shape == (4, 64)
-    assert namespace["ball"].abs().sum(-1).max() <= 2.0 + 1e-5
-
-
 def test_readme_names_the_two_commands():
     text = README.read_text()
     assert "make test" in text and "make bench" in text
@@ -32,4 +20,11 @@ def test_every_readme_python_block_runs():
     namespace: dict = {}
     for i, code in enumerate(blocks):
         exec(compile(code, f"README python block {i}", "exec"), namespace)
+    # the tour
+    assert namespace["Y"].shape == (8, 5, 3)
+    assert namespace["node"](namespace["p"], namespace["q"]).shape == (4, 1)
+    assert namespace["node"].log_w.grad is not None
+    assert namespace["feat"].shape == (4, 64)
+    assert namespace["ball"].abs().sum(-1).max() <= 2.0 + 1e-5
+    # the cvxpylayers migration block
     assert namespace["x_star"].shape == (4, 2) and namespace["A_t"].grad is not None

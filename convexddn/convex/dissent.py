@@ -42,7 +42,7 @@ lies within ``0.054 e^{−18.3} = 6e-10`` of K_exp, radius 6e8, while the dual s
   or solved there, or it falls; an unboundedness in doubt falls (``min ‖x‖² − bᵀx − Σ log x``,
   ``b ~ 1e6``: SCS's "unbounded (inaccurate - reached max_iters)" beside Clarabel's failure);
 - otherwise it stands. A ray with no reach limit (``Aᵀy = 0`` to the rounding of its terms,
-  or a part of it that certifies alone so, :func:`exact_ray`) stands in doubt too, and the
+  or a part of it that certifies alone so, :func:`.reach.exact_ray`) stands in doubt too, and the
   per-element path runs no other solver for it: on an O(1) QP infeasible by two rows,
   Clarabel's ray leaned on the objective's cone at its edge (a "reach" of 1.4e12), SCS ran
   to its iteration limit ("solved (inaccurate)", 2.5 s a run) three times, and the re-solve at
@@ -66,11 +66,10 @@ from .cone import POLISH_ABOVE, ResidualMap
 from .cone_checks import project, verify_certificate
 from .edge_boost import boost_frame
 from .feasibility import infeasible_without_objective
-from .reach import exact_claim, exact_ray, reach_point, reach_scaling
+from .reach import reach_point, reach_scaling
 from .status import status_kind
 
-__all__ = ["Run", "believed", "claims_solved", "exact_claim", "exact_ray", "judge", "reach_point", "reach_scaling",
-           "reaches", "within_reach"]
+__all__ = ["Run", "believed", "claims_solved", "judge", "reaches", "within_reach"]
 
 _EPS = np.finfo(np.float64).eps
 
@@ -173,12 +172,12 @@ def _refuted(A, b, c, cones: list, mine: Run, others: list[Run]) -> str | None:
     return None
 
 
-def _doubt(mine: Run, other: Run | list[Run] | None) -> str | None:
-    """Why the claim of ``mine`` is in doubt by the runs' statuses (``other``: the other runs,
-    one, a list or ``None``), or ``None``: a run reports the problem solved, or the claim is
-    inaccurate by its own solver's measure."""
+def _doubt(mine: Run, others: list[Run]) -> str | None:
+    """Why the claim of ``mine`` is in doubt by the runs' statuses (``others``: the other runs),
+    or ``None``: a run reports the problem solved, or the claim is inaccurate by its own solver's
+    measure."""
     runs = [(mine.method + "→SCS", s) for s in mine.also]
-    for run in [other] if isinstance(other, Run) else other or []:
+    for run in others:
         runs += [(run.method, run.status)] + [(run.method + "→SCS", s) for s in run.also]
     for name, status in runs:
         if claims_solved(status):
@@ -233,7 +232,7 @@ def believed(A: sp.csc_matrix, b: np.ndarray, c: np.ndarray, cones: list, mine: 
                 return "solved", f"; infeasible not certain: solved by {where}", (x, y, s, r, method, status)
     if kind not in ("infeasible", "unbounded") or run is None:
         return kind, "", None
-    if run.exact:  # (a ray exact to rounding: every point within its reach, see exact_ray)
+    if run.exact:  # (a ray exact to rounding: every point within its reach, see .reach.exact_ray)
         return kind, "", None
     if any(other.claim == run.claim and other.verified for other in others):
         return kind, "", None  # (a claim that does not verify is no opinion: both solvers claimed a feasible

@@ -19,7 +19,7 @@ along the edge ``(1, −1, 0)``: ``m = 2t`` grows with the solution while ``p = 
 projection of ``a ~ 1e6`` onto the exponential cone has ``t = 6.03e11``: the block's light-cone
 coordinates are ``2`` and ``1.2e12`` at the solution, its dual's ``6e11`` and ``1`` (the multiplier
 ``((1 + t)/2, (t − 1)/2, a − y)``), a program within ``2e-12`` of an infeasible one that Clarabel
-called infeasible. Scaling the column ``t`` by its reach (:func:`.dissent.reach_scaling`) left the
+called infeasible. Scaling the column ``t`` by its reach (:func:`.reach.reach_scaling`) left the
 block as unbalanced; Clarabel stopped there after 3 iterations ("InsufficientProgress") and where
 its last iterate fell depended on the last bit of the scaling (OpenBLAS's dot kernel, per CPU).
 Boosted by ``k = √(m/p) = 7.7e5`` both coordinates are ``1.5e6``, the size of ``2u``, and Clarabel
@@ -91,7 +91,7 @@ def edge_boost(A: sp.csc_matrix, b: np.ndarray, cones: list, x: np.ndarray) -> B
     """The boosts that balance the second-order-cone blocks the point ``x`` stretches along an edge,
     or ``None`` where it stretches none.
 
-    ``x`` is where a certificate's reach lies (:func:`.dissent.reach_point`). In a block ``(b₀, b̄)``
+    ``x`` is where a certificate's reach lies (:func:`.reach.reach_point`). In a block ``(b₀, b̄)``
     of ``b − Ax``, each column ``j`` moves the slack by ``v = −A_{qj} x_j``; where ``v`` is within
     ``1e-6`` of a light ray (``v₀ − ‖v̄‖ <= 1e-6 v₀``), ``e = −v̄/‖v̄‖``: ``v`` has ``p = 0``, the block's
     ``p`` is ``b``'s (``p_b``), and ``m = m_b + v₀ − eᵀv̄``. Boosted along the column that stretches it
@@ -128,7 +128,7 @@ def edge_boost(A: sp.csc_matrix, b: np.ndarray, cones: list, x: np.ndarray) -> B
 
 def boost_frame(A: sp.csc_matrix, b: np.ndarray, cones: list, x: np.ndarray | None) -> tuple | None:
     """``(D, boost, label)``: the frame in which to look for a solution beyond a dual ray's reach
-    ``x`` (:func:`.dissent.reach_point`), the second-order cone blocks ``x`` stretches along an edge
+    ``x`` (:func:`.reach.reach_point`), the second-order cone blocks ``x`` stretches along an edge
     boosted (:func:`edge_boost`) and ``D`` scaling the reach's columns that touch none of them
     (``x = D x'``); ``None`` where ``x`` stretches none."""
     boost = None if x is None else edge_boost(A, b, cones, x)

@@ -12,7 +12,7 @@ constraints under a linear or quadratic objective gave a verified ray.
 So where an element failed on every solver with no certificate that stands (:func:`~.dissent.judge`'s
 verdict ``"other"``), :func:`infeasible_without_objective` solves its feasibility problem (the same
 ``A``, ``b`` and cones, ``c = 0``) with Clarabel, as the per-element path calls it, and believes an
-infeasibility only with a ray exact to rounding (:func:`~.dissent.exact_ray`, which verifies it):
+infeasibility only with a ray exact to rounding (:func:`~.reach.exact_ray`, which verifies it):
 such a ray has no reach, so no feasible program is called infeasible this way. A feasible point,
 any other status, or a ray that is not exact leaves the element's failure as it was. Only this
 failure path pays for it. (Unboundedness is not tried so: its certificate depends on the objective.)
@@ -30,8 +30,8 @@ __all__ = ["infeasible_without_objective"]
 
 def infeasible_without_objective(backend, A: sp.csc_matrix, b: np.ndarray) -> bool:
     """Whether Clarabel, on the element's constraints alone (``c = 0``, the per-element backend's
-    ``_solve_with``), claims infeasibility with a dual ray exact to rounding (:func:`~.dissent.exact_ray`)."""
-    from .dissent import exact_ray  # (here: dissent imports this module)
+    ``_solve_with``), claims infeasibility with a dual ray exact to rounding (:func:`~.reach.exact_ray`)."""
+    from .reach import exact_ray  # (here: dissent, which imports .reach, imports this module)
 
     try:
         _, y, _, status = backend._solve_with("Clarabel", {}, A, b, np.zeros(A.shape[1]))

@@ -1,4 +1,4 @@
-"""A solver's dual ray made exact on the rows it needs, for :func:`.dissent.exact_ray`.
+"""A solver's dual ray made exact on the rows it needs, for :func:`.reach.exact_ray`.
 
 A dual ray ``y ∈ K*`` with ``Aᵀy = 0`` and ``bᵀy < 0`` proves that ``Ax + s = b, s ∈ K`` has no
 solution, whatever ``c``: at any ``x``, ``bᵀy = ŝᵀy − rᵀy ≥ −rᵀy`` leaves a residual. A solver's
@@ -42,7 +42,7 @@ _MAX_DROPS = 8
 def column_misses(A: sp.csc_matrix, y: np.ndarray, absA: sp.csc_matrix | None = None) -> np.ndarray:
     """``Aᵀy`` with the columns that are 0 to the rounding of their terms (within 64 eps
     ``|A|ᵀ|y|``) set to 0: where a ray is exact (:func:`fitted`'s test) and where it stops
-    reaching (:func:`.dissent.reach_point`) are decided by this one test, so a ray ``fitted``
+    reaching (:func:`.reach.reach_point`) are decided by this one test, so a ray ``fitted``
     returns as exact is one ``reach_point`` finds exact. ``absA``: ``|A|`` if formed already."""
     g = A.T @ y
     return np.where(np.abs(g) <= 64 * _EPS * ((abs(A) if absA is None else absA).T @ np.abs(y)), 0.0, g)
@@ -85,7 +85,7 @@ def fitted(A: sp.csc_matrix, cones: list, y: np.ndarray) -> np.ndarray | None:
 
     Repeatedly: ``ỹ`` = :func:`_null_step` on the rows kept (at first all), ``ȳ = Π_{K*}(ỹ)``; where
     a column of ``Aᵀȳ`` still misses 0 by more than the rounding of its terms (64 eps ``|A|ᵀ|ȳ|``,
-    as :func:`.dissent.reach_point` tests), the projection moved a block at the edge of K* that
+    as :func:`.reach.reach_point` tests), the projection moved a block at the edge of K* that
     meets it (the step pushed it out, or it sat at the edge: ``(u, v, 0)``, ``u < 0``, is not in
     K*_exp, whose nearest point ``w = −u e^{v/u − 1}`` leaves that in ``t_i``'s column, 6e-22
     against terms of 6e-22): each such block (a nonnegative row: its own block) is dropped; with

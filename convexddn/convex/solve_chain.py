@@ -50,6 +50,12 @@ def _within_any(A, b, c, cones: list, failures: list[tuple], out: tuple) -> tupl
     return next((f for f in failures if f[3] is not None and within_reach(A, b, c, cones, f[3], x, y, r)), None)
 
 
+def _standing(failures: list[tuple]) -> tuple:
+    """The claim that stands among ``failures``: the first verified one (as the fallback's verdict
+    always took), else the first failure."""
+    return next((f for f in failures if f[1] != "other"), failures[0])
+
+
 def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray, c: np.ndarray,
                   fail: tuple) -> tuple[tuple | None, tuple, str, str | None, str | None]:
     """What becomes of an element whose first solver (``backend.solver``, with ``args``) failed
@@ -80,7 +86,7 @@ def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray
         if held is not None:
             return None, (f"{message}; {name}: {out[4]} at residual {out[5]:.1e}, within the certificate's reach",
                           held[3].claim, held[3].claim, held[3]), method, None, None
-        mine = next((f for f in failures if f[1] != "other"), failures[0])
+        mine = _standing(failures)
         if out is not None and fallback is None:  # (no other solver's point returned: the option says so)
             return None, (f"{message}; {mine[1]} not certain: {name} solves it at residual {out[5]:.1e} "
                           "(fallback=None: its solution not returned)", "other"), method, None, None
@@ -90,11 +96,11 @@ def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray
         failures.append(fail2)
         said = "fallback" if method == fallback else "consulted on a certificate not exact to rounding:"
         message, cause = f"{message}; {said} {fail2[0]}", f"{cause}; {said} {failure_cause(fail2)}"
-        mine = next((f for f in failures if f[1] != "other"), failures[0])
+        mine = _standing(failures)
         method = OPINION if _needs_opinion(mine, ran, failures) else None
     # A verified certificate from any solver decides the kind of failure unless another run
     # contradicts it (.dissent: a certificate has a reach).
-    mine = next((f for f in failures if f[1] != "other"), failures[0])
+    mine = _standing(failures)
     # (the consulted solver re-solves at the reach too, but not where fallback=None forbids its solution)
     methods = [(m, args if m == first else {}) for m in ran if fallback is not None or m == first]
     out, fail, note = judge(backend, methods, A, b, c, mine, [f for f in failures if f is not mine], message)

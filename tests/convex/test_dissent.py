@@ -14,7 +14,8 @@ import scipy.sparse as sp
 import torch
 
 import convexddn as cddn
-from convexddn.convex.dissent import Run, _doubt, reach_scaling, reaches
+from convexddn.convex.dissent import Run, _doubt, reaches
+from convexddn.convex.reach import reach_scaling
 from convexddn.errors import InfeasibleError, SolverError, SolverWarning, UnboundedError
 
 F64 = torch.float64
@@ -243,11 +244,11 @@ def test_an_approximate_ray_reaches_only_so_far():
 
 def test_statuses_that_put_a_claim_in_doubt():
     mine = Run("Clarabel", "infeasible", "Infeasible")
-    assert _doubt(mine, Run("SCS", "other", "solved (inaccurate - reached max_iters)")) is not None
-    assert _doubt(mine, Run("SCS", "other", "unsolved")) is None  # (not "solved")
-    assert _doubt(mine, Run("SCS", "other", "Failure")) is None
-    assert _doubt(Run("Clarabel", "infeasible", "Infeasible Inaccurate"), None) is not None
-    assert _doubt(Run("Clarabel", "infeasible", "Infeasible", also=["Optimal Inaccurate"]), None) is not None
+    assert _doubt(mine, [Run("SCS", "other", "solved (inaccurate - reached max_iters)")]) is not None
+    assert _doubt(mine, [Run("SCS", "other", "unsolved")]) is None  # (not "solved")
+    assert _doubt(mine, [Run("SCS", "other", "Failure")]) is None
+    assert _doubt(Run("Clarabel", "infeasible", "Infeasible Inaccurate"), []) is not None
+    assert _doubt(Run("Clarabel", "infeasible", "Infeasible", also=["Optimal Inaccurate"]), []) is not None
 
 
 def test_judge_polishes_no_point_that_is_not_finite(monkeypatch):
@@ -294,7 +295,7 @@ def test_a_ray_exact_on_the_rows_it_needs_has_no_reach_to_doubt():
     assert (A3.T @ ones)[0] != 0
     assert reach_scaling(A3, b3, [("l", 3)], ones) is None
     from convexddn.convex.cone_checks import verify_certificate
-    from convexddn.convex.dissent import exact_ray
+    from convexddn.convex.reach import exact_ray
 
     assert exact_ray(A3, b3, [("l", 3)], ones)
     A, b, cones, ray = _conflicting_rows(1 - 1e-9, 1e-4)
@@ -368,7 +369,7 @@ def test_exact_ray_verifies_its_projection_too():
     is still a certificate: x <= 0, -x <= 0, x <= 1000 is feasible (x = 0), and the ray
     (1, 1, -0.9e-6), which the tolerant check accepts (a K* violation of 1e-6 times b =
     1000), projects to (1, 1, 0), an exact null vector with b^T y = 0 -- called exact."""
-    from convexddn.convex.dissent import exact_ray
+    from convexddn.convex.reach import exact_ray
 
     A = sp.csc_matrix(np.array([[1.0], [-1.0], [1.0]]))
     b = np.array([0.0, 0.0, 1000.0])

@@ -131,7 +131,7 @@ def test_fitted_drops_the_objective_cone_a_ray_leans_on_and_keeps_the_constraint
     # dropped and the rows and the second-order cone, made exact, certify.
     import scipy.sparse as sp
 
-    from convexddn.convex.dissent import exact_ray, reach_point
+    from convexddn.convex.reach import exact_ray, reach_point
     from convexddn.convex.ray_fit import fitted
 
     A = sp.csc_matrix(np.array([[0, 1.0, 0], [-1.0, 0, 0], [0, -1.0, 0], [-1.0, 0, 0],
@@ -154,7 +154,7 @@ def test_fitted_stops_after_its_cap_of_drops(monkeypatch):
     import scipy.sparse as sp
 
     from convexddn.convex import ray_fit
-    from convexddn.convex.dissent import exact_ray
+    from convexddn.convex.reach import exact_ray
 
     A = sp.csc_matrix(np.array([[0, 1.0, 0], [-1.0, 0, 0], [0, -1.0, 0], [-1.0, 0, 0],
                                 [-1.0, 0, 0], [0, 0, 0], [0, 0, -1.0]]))

@@ -86,15 +86,6 @@ def test_refined_above_dense_fallback_is_accurate_or_warned(make, adjoint, monke
     assert err <= 1e-6 or named, f"gradient {err:.1e} off the closed form without a GradientWarning"
 
 
-def test_unconverged_adjoint_without_dense_fallback_warns(monkeypatch):
-    # LSQR stops on its condition limit on the entropy problem's system; with no dense fallback the
-    # gradient can only be warned about.
-    monkeypatch.setattr(cone, "_DENSE_FALLBACK_MAX", 0)
-    err, caught = _run(_entropy, "lsqr")
-    named = [m for m in caught if isinstance(m, GradientWarning) and (0,) in getattr(m, "elements", [])]
-    assert err <= 1e-6 or named
-
-
 @pytest.mark.parametrize("lsqr", [False, True])
 def test_refined_solve_matches_minimum_norm(lsqr):
     # A consistent system, singular along one direction, condition 1e6 on the rest (LSMR unrefined: 1.2e-6 off at

@@ -195,3 +195,18 @@ def test_failure_of_badly_scaled_data_says_so():
         assert type(err) is SolverError and "badly scaled" in str(err) and spans in str(err), err
         return
     np.testing.assert_allclose(out[0].numpy(), (1 / (4 * a0)).numpy(), rtol=1e-6)  # (solved: exactly)
+
+
+def test_scale_hint_only_for_failures_without_a_certificate_on_spread_data():
+    """spread.scale_hint: the hint and the data's span (largest over smallest nonzero magnitude, here
+    2e8 / 1) for a failure without a certificate; nothing for a certificate's kind, for data spanning
+    less than 1e6, or where the status says so already."""
+    from convexddn.convex.spread import scale_hint
+
+    A, b, c = sp.csc_matrix(np.array([[2e8, 1.0]])), np.array([1.0]), np.array([0.0, -1.0])
+    assert scale_hint("Clarabel: failed", "other", A, b, c) == (
+        "Clarabel: failed; the data may be badly scaled (nonzero magnitudes spanning 2e+08)")
+    assert scale_hint("Clarabel: infeasible", "infeasible", A, b, c) == "Clarabel: infeasible"
+    assert scale_hint("x (the data may be badly scaled)", "other", A, b, c) == "x (the data may be badly scaled)"
+    small = sp.csc_matrix(np.array([[9e5, 1.0]]))
+    assert scale_hint("Clarabel: failed", "other", small, b, c) == "Clarabel: failed"
