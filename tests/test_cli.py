@@ -136,17 +136,43 @@ def test_bench_help_names_the_capped_rounds(capsys):
 
 @pytest.mark.parametrize("repeats", [1, 2, 7])
 def test_cone_program_rows_take_repeats_up_to_their_cap(monkeypatch, repeats):
-    """The pooling and projection tables' cone-program rows took 3 rounds whatever --repeats said."""
+    """The pooling and projection tables' cone-program rows took 3 rounds whatever --repeats said;
+    the cap is applied in one place, measure_cvxpy, which times min(repeats, CVXPY_ROUNDS) calls
+    after its untimed first one (counted here through its fwd_bwd) and records that count."""
     import torch
 
-    from convexddn.bench.cases import projection
-    from convexddn.bench.cases.common import CVXPY_ROUNDS
+    from convexddn.bench.cases import common
+    from convexddn.bench.harness import Timing
+
+    calls = []
+    monkeypatch.setattr(common, "fwd_bwd", lambda fn, x, g, device: calls.append(x.shape[0]) or Timing(1.0, 2.0, None))
+    monkeypatch.setattr(common, "agreement", lambda native, cvxpy, x: (0.0, 0.0))
+    progress = type("Progress", (), {"update": lambda self, *a: None})()
+    row, X = {}, torch.zeros(40, 3)
+    common.measure_cvxpy(row, [], None, lambda t: t, (X, X, 1.0), 1, 1.0, 1.0, progress, repeats=repeats)
+    expected = min(repeats, common.CVXPY_ROUNDS)
+    assert len(calls) == 1 + expected and row["rounds"] == expected
+    assert f"median of {expected} calls" in row["note"]
+
+
+@pytest.mark.parametrize("table", ["projection", "pooling"])
+def test_cone_program_tables_pass_repeats_on(monkeypatch, table):
+    """Both tables hand --repeats to measure_cvxpy, which caps it (test above): neither caps it
+    on its own nor drops it."""
+    import torch
+
+    from convexddn.bench.cases import pooling, projection
 
     seen = []
-    monkeypatch.setattr(projection, "measure_cvxpy", lambda *args, rounds=CVXPY_ROUNDS, **kw: seen.append(rounds))
+    module = projection if table == "projection" else pooling
+    monkeypatch.setattr(module, "measure_cvxpy", lambda *args, repeats, **kw: seen.append(repeats))
     progress = type("Progress", (), {"update": lambda self, *a: None, "set_postfix_str": lambda self, *a: None})()
-    projection.projection_cases((4, 8), torch.device("cpu"), torch.float64, True, repeats, progress)
-    assert seen and set(seen) == {min(repeats, CVXPY_ROUNDS)}
+    if table == "projection":
+        projection.projection_cases((4, 8), torch.device("cpu"), torch.float64, True, 7, progress)
+    else:
+        monkeypatch.setattr(pooling, "layer", lambda *args, **kw: None)  # (no cone program is built)
+        pooling.pool_cases((1, 2, 8), torch.device("cpu"), torch.float64, True, 7, progress, quick=True)
+    assert seen and set(seen) == {7}
 
 
 # --- list -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ...nodes.pooling import CONVEX_PENALTIES
 from ...nodes.pooling import PENALTIES as POOL_PENALTIES
 from ..harness import fwd_bwd, median_times, round_order, timed_sort
 from ..reference import call_guarded, load_reference, reference_pool
-from .common import CVXPY_ROUNDS, SHAPES, measure_cvxpy, row_record
+from .common import SHAPES, measure_cvxpy, row_record
 
 __all__ = ["CONVEX_PENALTIES", "POOL_PENALTIES", "ddn_comparison", "pool_cases"]
 
@@ -163,7 +163,7 @@ def pool_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progress,
             cone = layer("robust_pool", n=N, penalty=p, alpha=1.0, backend="cvxpy")
             xr, gr = x.reshape(-1, N), g.reshape(-1)
             measure_cvxpy(row, rows, lambda t, p=p: robust_pool(t, p, 1.0), cone, (xr[:C], gr[:C], 1.0),
-                          B, mean_f, mean_b, progress, rounds=min(repeats, CVXPY_ROUNDS), whole_sample=not quick)
+                          B, mean_f, mean_b, progress, repeats=repeats, whole_sample=not quick)
         else:
             row["note"] = skipped
         rows.append(row)

@@ -8,7 +8,7 @@ import torch
 from ...factory import layer
 from ...functional import project_lp, project_simplex
 from ..harness import fwd_bwd, median_times, timed_sort
-from .common import CVXPY_ROUNDS, SHAPES, measure_cvxpy, row_record
+from .common import SHAPES, measure_cvxpy, row_record
 
 __all__ = ["projection_cases", "PROJECTIONS"]
 
@@ -57,7 +57,7 @@ def projection_cases(shape, device, dtype, with_cvxpy: bool, repeats: int, progr
         row = row_record("projection", name, "cvxpy", shape, dtype, device, None, None, None, None)
         if with_cvxpy:
             measure_cvxpy(row, rows, native_fn(p), cvxpy_fn(p), (x, g, 1 / B), B, mean_f, mean_b, progress,
-                          rounds=min(repeats, CVXPY_ROUNDS))
+                          repeats=repeats)
         else:
             row["note"] = "skipped: one cone program per row is too slow at this size"
         rows.append(row)
