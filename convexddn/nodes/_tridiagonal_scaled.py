@@ -284,7 +284,8 @@ def equilibrate(b, a, c, d, headroom: torch.Tensor | None = None
         s = (lo - emin).minimum(s).maximum(f - emax + headroom.clamp(0, emax // 2))  # (lo - s >= emin if it can)
     s = s.masked_fill(empty, 0)
     ds = _pow2(d, -e.unsqueeze(-1) - s)
-    lost = (_pow2(ds, e.unsqueeze(-1) + s) != d).flatten(1).any(1)
+    # (any twice, not flatten(1): autograd's vmap of batched cotangents has no rule for flatten)
+    lost = (_pow2(ds, e.unsqueeze(-1) + s) != d).any(-1).any(-1)
     return (bs, as_, cs, ds), s - g.unsqueeze(-1), lost
 
 

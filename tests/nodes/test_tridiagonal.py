@@ -340,6 +340,42 @@ def test_tridiagonal_solve_torch_func_reproduces_refinement():
         np.testing.assert_allclose(value.numpy(), expected, **tol, err_msg=name)
 
 
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_tridiagonal_solve_batched_directions_on_the_pivoted_path(batch):
+    # A = [[1, 1, 0], [1, 1, 1], [0, 1, 1]] (det -1) meets a zero pivot without interchanges: its
+    # backward takes the equilibrated, pivoted route. Batched cotangents and tangents (jacobian's
+    # vectorize=True in both strategies, is_grads_batched) raised torch's raw "Batching rule not
+    # implemented for aten::flatten" there. Expected: NumPy's dense inverse (rhs) and -A^-1 diag(x)
+    # (diag); in a batch, that element beside diagonally dominant ones.
+    D, O = torch.ones(3, dtype=F64), torch.ones(2, dtype=F64)
+    r = torch.tensor([1.0, 2.0, 1.0], dtype=F64)
+    if batch:
+        D = torch.full(batch + (3,), 4.0, dtype=F64)
+        D[1, 2] = 1.0  # (the zero-pivot system at batch index (1, 2))
+        O = O.expand(batch + (2,))
+        r = r.expand(batch + (3,))
+    inv = np.linalg.inv(np.stack([_np_dense(d, lo, up) for d, lo, up in
+                                  zip(D.reshape(-1, 3), O.reshape(-1, 2), O.reshape(-1, 2))]))
+    x = np.einsum("bij,bj->bi", inv, r.reshape(-1, 3).numpy())
+    want_r = inv.reshape(batch + (3, 3))
+    want_d = (-inv * x[:, None, :]).reshape(batch + (3, 3))
+    k = int(np.prod(batch, dtype=int))
+    solve_r = lambda rr: tridiagonal_solve(D, O, O, rr)  # noqa: E731
+    solve_d = lambda dd: tridiagonal_solve(dd, O, O, r)  # noqa: E731
+
+    def per_element(jac):  # (…, 3, …, 3) -> the (…, 3, 3) blocks of each element
+        return jac.reshape(k, 3, k, 3)[torch.arange(k), :, torch.arange(k)].reshape(batch + (3, 3))
+    for strategy in ("reverse-mode", "forward-mode"):
+        for fn, at, want in ((solve_r, r, want_r), (solve_d, D, want_d)):
+            jac = torch.autograd.functional.jacobian(fn, at.contiguous(), vectorize=True, strategy=strategy)
+            np.testing.assert_allclose(per_element(jac).numpy(), want, rtol=1e-13, atol=1e-13, err_msg=strategy)
+    rr = r.clone().requires_grad_(True)
+    out = solve_r(rr)
+    eye = torch.eye(3, dtype=F64).reshape((3,) + (1,) * len(batch) + (3,)).expand((3,) + batch + (3,))
+    (g,) = torch.autograd.grad(out, rr, eye, is_grads_batched=True)  # row i: e_iᵀ A⁻¹
+    np.testing.assert_allclose(g.movedim(0, -2).numpy(), want_r, rtol=1e-13, atol=1e-13)
+
+
 def test_tridiagonal_solve_half_overflow_is_reported():
     # float16: solved in float32 and cast back; x_0 = 1.0e5 > 65504 came back Inf silently.
     d, o = torch.full((3,), 1e-2, dtype=torch.float16), torch.full((2,), 1e-3, dtype=torch.float16)
