@@ -125,7 +125,7 @@ class DeclarativeFunction(torch.autograd.Function):
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
         # create_graph=True: make a second differentiation fail loudly, not give 0.
         # (its advice for first-order products: forward_ad alone, the node refusing torch.func)
-        grads = guard_gradients("DeclarativeNode", grads, (grad_y, *xs, *params), forward_mode=FORWARD_AD_ONLY)
+        grads = guard_gradients(type(node).__name__, grads, (grad_y, *xs, *params), forward_mode=FORWARD_AD_ONLY)
         return (None, None, None, *grads)
 
 
