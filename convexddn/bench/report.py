@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..experiments.running import save_figure
 from .cases.common import SHAPES
 
 __all__ = ["estimate_skipped", "format_table", "plot"]
@@ -327,5 +328,5 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.set_title(f"{sel[0]['family']} {shape}")
     fig.suptitle(f"convexddn bench ({result['machine']['device']}, torch {result['machine']['torch']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)

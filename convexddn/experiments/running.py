@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -24,7 +24,9 @@ from ..errors import ConvexDDNWarning, OptionError
 __all__ = [
     "output_files",
     "prepare_out_dir",
+    "save_figure",
     "write_json",
+    "write_whole",
     "write_result",
     "resolve_device",
     "names_option",
@@ -275,22 +277,35 @@ def _new_beside(folder: str, base: str) -> tuple[int, str]:
             continue
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` whole or not at all: into a temporary file beside
-    it, then renamed over it. Written in place, an interrupted or failed write (Ctrl-C during
-    ``json.dump``, a value JSON cannot encode) left a truncated file where the previous run's
-    result had been. The file gets the mode a plain ``open(path, "w")`` gives it (:func:`_new_beside`;
-    mkstemp creates 0600, which the rename kept: result files came out unreadable to the group
-    and others whatever the umask, and an existing 0644 file turned 0600)."""
+def write_whole(path: str, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+    """Write ``path`` whole or not at all: ``write(f)`` into a temporary file beside it, then
+    renamed over it. Written in place, an interrupted or failed write (Ctrl-C during
+    ``json.dump`` or a figure's ``savefig``, a full disk, a value JSON cannot encode) left a
+    truncated file where the previous run's result had been. The file gets the mode a plain
+    ``open(path, "w")`` gives it (:func:`_new_beside`; mkstemp creates 0600, which the rename
+    kept: result files came out unreadable to the group and others whatever the umask, and an
+    existing 0644 file turned 0600)."""
     folder, base = os.path.split(os.path.abspath(path))
     fd, tmp = _new_beside(folder, base)
     try:
         with contextlib.suppress(FileNotFoundError):  # (an existing file keeps its mode, as open() leaves it)
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path``, whole or not at all (:func:`write_whole`)."""
+    write_whole(path, lambda f: json.dump(obj, f, indent=2))
+
+
+def save_figure(fig: Any, path: str) -> None:
+    """Save the matplotlib figure ``fig`` as a PNG at ``path``, whole or not at all
+    (:func:`write_whole`: the plot beside a result's JSON was written in place, and an
+    interrupted write left a truncated PNG over the previous run's)."""
+    write_whole(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)

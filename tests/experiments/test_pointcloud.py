@@ -105,6 +105,19 @@ def test_the_same_difference_in_every_seed_is_not_called_real():
     assert "beyond the spread" not in lines and "every other pooling is worse" not in lines
 
 
+def test_one_pooling_claims_nothing_about_others():
+    """With --poolings max alone the block read "best max; every other pooling is worse" at every
+    rate, where no other pooling ran and nothing was compared (each comparison's versus is {})."""
+    per_seed = [_record(s, {"max": 0.3 + 0.1 * s}) for s in range(3)]
+    result = {"protocol": "test_outliers_only", "seeds": [0, 1, 2], "n_test": 10,
+              "classes": list(CLASSES), "config": {"timing_batches": 1, "batch_size": 2},
+              "machine": {"device": "cpu", "torch_threads": 1},
+              **aggregate(per_seed)}
+    assert result["comparisons"] and all(c["versus"] == {} for c in result["comparisons"])
+    lines = pointcloud.format_comparisons(result)
+    assert "worse" not in lines and "best max; no other pooling ran" in lines
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -266,7 +279,7 @@ def test_config_from_args():
 @pytest.mark.parametrize(
     "argv",
     [["--poolings", "max,median"], ["--rates", "0,100"], ["--rates", "0,ten"], ["--seeds", "0"],
-     ["--epochs", "0"], ["--device", "tpu"]],
+     ["--epochs", "0"], ["--device", "tpu"], ["--device", ""]],
 )
 def test_cli_user_mistake_one_line_exit_2(argv, capsys, tmp_path):
     assert cli.main(["experiment", "pointcloud", "--quick", "--out", str(tmp_path), *argv]) == 2

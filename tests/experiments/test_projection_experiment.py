@@ -278,7 +278,7 @@ def test_config_invalid(kw):
         run(Config(out=None, progress=False, **kw))
 
 
-@pytest.mark.parametrize("argv", [["--variants", "l3_ball"], ["--seeds", "0"], ["--device", "tpu"],
+@pytest.mark.parametrize("argv", [["--variants", "l3_ball"], ["--seeds", "0"], ["--device", "tpu"], ["--device", ""],
                                   ["--train-fraction", "1.5"]])
 def test_cli_user_mistake_one_line_exit_2(argv, capsys, tmp_path):
     assert cli.main(["experiment", "projection", "--quick", "--out", str(tmp_path), *argv]) == 2

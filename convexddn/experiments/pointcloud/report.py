@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..running import write_result
+from ..running import save_figure, write_result
 from ..stats import format_mean_std
 from .config import DISPLAY_NAMES
 
@@ -122,6 +122,9 @@ def format_comparisons(result: dict[str, Any]) -> str:
         same = [f"{DISPLAY_NAMES[p]} −{100 * d['mean']:.1f}"
                 for p, d in c["versus"].items() if d["exceeds_spread"] is None]
         line = f"- {100 * c['rate']:g} %: best {DISPLAY_NAMES[c['best']]}"
+        if not c["versus"]:  # (one pooling ran: nothing compared, nothing to claim)
+            lines.append(line + "; no other pooling ran")
+            continue
         line += f"; within the spread: {', '.join(tied)}" if tied else "" if same else "; every other pooling is worse"
         line += f"; worse beyond the spread: {', '.join(real)}" if real else ""
         line += f"; the same difference in every seed (no spread to judge by): {', '.join(same)}" if same else ""
@@ -166,7 +169,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     spread = f"mean ± std over {n} seeds" if n > 1 else "one seed"
     fig.suptitle(f"PointNet on generated shapes, {protocol} ({spread})")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

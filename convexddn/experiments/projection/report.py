@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..running import write_result
+from ..running import save_figure, write_result
 from ..stats import format_mean_std
 from .config import DISPLAY_NAMES
 
@@ -139,7 +139,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"Lp projections before the last layer, digits CNN ({_spread(result)})")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
