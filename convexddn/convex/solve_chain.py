@@ -14,6 +14,15 @@ goes through the usual checks (a point within the certificate's reach leaves the
 standing, :func:`.dissent.within_reach`; one beyond it is returned with the fallback's
 ``SolverWarning``), and its failure is one more run for :func:`.dissent.judge` to weigh. An exact
 ray (an LP's, typically) decides with no such run, as before.
+
+Where every solver that ran failed and no verified certificate stands (nothing claims the
+problem infeasible or unbounded), the solvers of :data:`LAST_RESORT` that have not run and take
+the program's cones (:func:`takes_cones`) are tried, once each, before the verdict: ``max Σ log y
+s.t. aᵀy = 1`` with ``a ~ 1e8`` (``y = 1/(n a)``) left Clarabel at KKT residual 1.6e-6 and SCS at its
+iteration limit, while ECOS (installed with CVXPY) solves it to 4e-7. Its point goes through the
+checks of any other (the residual, the own-unit retry, the certificate's reach), is returned with
+the fallback's ``SolverWarning`` ("solved by the last resort ECOS"), and its failure joins the
+others in the error. ``fallback=None`` (no other solver, the user said) runs none.
 """
 from __future__ import annotations
 
@@ -26,9 +35,24 @@ from .dissent import judge, within_reach
 from .own_unit import try_in_unit
 from .rescues import failure_cause
 
-__all__ = ["OPINION", "after_failure"]
+__all__ = ["LAST_RESORT", "OPINION", "after_failure", "takes_cones"]
 
 OPINION = "Clarabel"  # the solver consulted on a certificate that is not exact, where it has not run
+#: Solvers tried, in order, where every solver that ran failed with no verified certificate standing
+#: (and ``fallback`` is not None); a solver that ran already, or cannot take the cones, is skipped.
+LAST_RESORT = ("ECOS",)
+#: The cones (keys of diffcp's cone dictionary, SCS's names) that each solver of :data:`LAST_RESORT`
+#: takes. diffcp hands ECOS the zero, nonnegative, second-order and primal exponential cones only: it
+#: refuses PSD blocks and would drop dual exponential ones ("ed") silently. (Power cones never reach
+#: diffcp: ``CheckedDiffcp.setup`` rewrites or refuses them.)
+_TAKES = {"ECOS": frozenset({"z", "f", "l", "q", "ep"})}
+
+
+def takes_cones(method: str, cone_dict: dict) -> bool:
+    """Whether ``method`` takes every cone of ``cone_dict`` (diffcp's dictionary: a count, or a
+    list of block sizes, per key); a solver not in :data:`_TAKES` takes them all."""
+    taken = _TAKES.get(method)
+    return taken is None or all(key in taken for key, size in cone_dict.items() if size)
 
 
 def _needs_opinion(fail: tuple, ran: list[str], failures: list[tuple]) -> bool:
@@ -56,6 +80,33 @@ def _standing(failures: list[tuple]) -> tuple:
     return next((f for f in failures if f[1] != "other"), failures[0])
 
 
+def _last_resort(backend, ran: list[str], failures: list[tuple]) -> str | None:
+    """The first solver of :data:`LAST_RESORT` to try now, or None: only where ``fallback`` is
+    not None, no verified certificate stands among ``failures`` (:func:`_standing`), and the
+    solver has not run (``ran``) and takes the program's cones (:func:`takes_cones`)."""
+    if backend.fallback is None or _standing(failures)[1] != "other":
+        return None
+    return next((m for m in LAST_RESORT if m not in ran and takes_cones(m, backend._cone_dict)), None)
+
+
+def _next_run(backend, ran: list[str], failures: list[tuple]) -> tuple[str | None, str | None]:
+    """``(solver, role)`` of the run that follows the failures so far, or ``(None, None)``:
+    :data:`OPINION` on a certificate not exact (:func:`_needs_opinion`), else a last resort."""
+    if _needs_opinion(_standing(failures), ran, failures):
+        return OPINION, "opinion"
+    last = _last_resort(backend, ran, failures)
+    return (last, "last resort") if last is not None else (None, None)
+
+
+# Per role of a run after the first: its name in messages, what its solution was ("solved by <that>"), and
+# what precedes its failure's message ("<solver>: ..."); {m}: the solver.
+_NAMED = {"fallback": "fallback {m}", "opinion": "{m} (consulted on a certificate not exact to rounding)",
+          "last resort": "last resort {m}"}
+_SOLVED_BY = {"fallback": "the fallback {m}", "opinion": _NAMED["opinion"], "last resort": "the last resort {m}"}
+_FAILED = {"fallback": "fallback", "opinion": "consulted on a certificate not exact to rounding:",
+           "last resort": "last resort"}
+
+
 def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray, c: np.ndarray,
                   fail: tuple) -> tuple[tuple | None, tuple, str, str | None, str | None]:
     """What becomes of an element whose first solver (``backend.solver``, with ``args``) failed
@@ -65,22 +116,22 @@ def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray
 
     The fallback runs unless there is none (``None`` or the first solver) or the first failure
     stands on an exact ray; then :data:`OPINION` where :func:`_needs_opinion` (with
-    ``fallback=None`` its solution is not returned: it only makes the claim uncertain); then
+    ``fallback=None`` its solution is not returned: it only makes the claim uncertain), or where no
+    verified certificate stands a solver of :data:`LAST_RESORT` (:func:`_last_resort`); then
     :func:`.dissent.judge` weighs the claim that stands against every run.
     """
     first, fallback, cones = backend.solver, backend.fallback, backend._cones
     ran, failures, message, cause = [first], [fail], fail[0], failure_cause(fail)
     # An exact ray (an LP's, typically) decides: no other solver's run can change the verdict.
     decided = fail[1] in ("infeasible", "unbounded") and fail[3] is not None and fail[3].exact
-    method = fallback if fallback not in (None, first) and not decided else (
-        OPINION if _needs_opinion(fail, ran, [fail]) else None)
+    method, role = (fallback, "fallback") if fallback not in (None, first) and not decided else (
+        _next_run(backend, ran, failures))
     while method is not None:
-        # (the opinion as the first solver is tried: in its own unit too where it fails without a certificate)
-        solve = backend._try if method == fallback else lambda *a: try_in_unit(backend, *a)
+        # (the others as the first solver is tried: in their own unit too where they fail without a certificate)
+        solve = backend._try if role == "fallback" else lambda *a: try_in_unit(backend, *a)
         out, fail2 = solve(method, {}, A, b, c)
         ran.append(method)
-        name = f"fallback {method}" if method == fallback else (
-            f"{method} (consulted on a certificate not exact to rounding)")
+        name, by = _NAMED[role].format(m=method), _SOLVED_BY[role].format(m=method)
         # A point any verified certificate so far accounts for leaves that certificate standing.
         held = None if out is None else _within_any(A, b, c, cones, failures, out)
         if held is not None:
@@ -91,13 +142,11 @@ def after_failure(backend, args: dict[str, Any], A: sp.csc_matrix, b: np.ndarray
             return None, (f"{message}; {mine[1]} not certain: {name} solves it at residual {out[5]:.1e} "
                           "(fallback=None: its solution not returned)", "other"), method, None, None
         if out is not None:
-            why = f"solved by the {name}" if method == fallback else f"solved by {name}"
-            return out, fail, method, f"{message}; {why}", f"{cause}; {why}"
+            return out, fail, method, f"{message}; solved by {by}", f"{cause}; solved by {by}"
         failures.append(fail2)
-        said = "fallback" if method == fallback else "consulted on a certificate not exact to rounding:"
+        said = _FAILED[role]
         message, cause = f"{message}; {said} {fail2[0]}", f"{cause}; {said} {failure_cause(fail2)}"
-        mine = _standing(failures)
-        method = OPINION if _needs_opinion(mine, ran, failures) else None
+        method, role = _next_run(backend, ran, failures)
     # A verified certificate from any solver decides the kind of failure unless another run
     # contradicts it (.dissent: a certificate has a reach).
     mine = _standing(failures)
