@@ -89,10 +89,10 @@ class ConvexLayer(nn.Module):
             tight defaults (e.g. ``{"max_iter": 1000}`` for Clarabel); unknown keys
             raise ``OptionError``. A time limit of 0 or inf means none (SCS's
             ``time_limit_secs`` says it with 0, Clarabel's ``time_limit`` with inf).
-        fallback: per-element solver tried where the first one fails (default
-            ``"SCS"``, which also polishes its points), or ``None``: no other solver. A
-            fallback that succeeds emits a :class:`~convexddn.errors.SolverWarning`, as
-            does SCS from the point of a first solver that failed (not with ``None``).
+        fallback: per-element solver tried where the first one fails (default ``"SCS"``, which also
+            polishes its points; where it fails too, with no certificate standing, ECOS once as a last
+            resort on cones it takes), or ``None``: no other solver, no last resort. Each that succeeds
+            emits a :class:`~convexddn.errors.SolverWarning`, as does SCS from a failed first solver's point.
         adjoint: how the per-element adjoint (and polish) systems are solved: ``"auto"``
             (dense up to 400 rows + columns, above a sparse LU where the cones are small,
             else LSMR), ``"dense"``, ``"sparse"`` (LSMR where its LU is singular), ``"lsmr"`` or ``"lsqr"``.
