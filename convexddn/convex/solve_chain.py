@@ -15,14 +15,15 @@ standing, :func:`.dissent.within_reach`; one beyond it is returned with the fall
 ``SolverWarning``), and its failure is one more run for :func:`.dissent.judge` to weigh. An exact
 ray (an LP's, typically) decides with no such run, as before.
 
-Where every solver that ran failed and no verified certificate stands (nothing claims the
-problem infeasible or unbounded), the solvers of :data:`LAST_RESORT` that have not run and take
+Where the first solver and the fallback both failed and no verified certificate stands (nothing
+claims the problem infeasible or unbounded), the solvers of :data:`LAST_RESORT` that have not run and take
 the program's cones (:func:`takes_cones`) are tried, once each, before the verdict: ``max Σ log y
 s.t. aᵀy = 1`` with ``a ~ 1e8`` (``y = 1/(n a)``) left Clarabel at KKT residual 1.6e-6 and SCS at its
 iteration limit, while ECOS (installed with CVXPY) solves it to 4e-7. Its point goes through the
 checks of any other (the residual, the own-unit retry, the certificate's reach), is returned with
 the fallback's ``SolverWarning`` ("solved by the last resort ECOS"), and its failure joins the
-others in the error. ``fallback=None`` (no other solver, the user said) runs none.
+others in the error. ``fallback=None`` (no other solver, the user said) runs none, nor does a
+fallback that is the first solver (``solver="SCS"``'s default), which never runs.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ from .rescues import failure_cause
 __all__ = ["LAST_RESORT", "OPINION", "after_failure", "takes_cones"]
 
 OPINION = "Clarabel"  # the solver consulted on a certificate that is not exact, where it has not run
-#: Solvers tried, in order, where every solver that ran failed with no verified certificate standing
-#: (and ``fallback`` is not None); a solver that ran already, or cannot take the cones, is skipped.
+#: Solvers tried, in order, where the first solver and the fallback failed with no verified certificate
+#: standing (:func:`_last_resort`); a solver that ran already, or cannot take the cones, is skipped.
 LAST_RESORT = ("ECOS",)
 #: The cones (keys of diffcp's cone dictionary, SCS's names) that each solver of :data:`LAST_RESORT`
 #: takes. diffcp hands ECOS the zero, nonnegative, second-order and primal exponential cones only: it
@@ -81,10 +82,13 @@ def _standing(failures: list[tuple]) -> tuple:
 
 
 def _last_resort(backend, ran: list[str], failures: list[tuple]) -> str | None:
-    """The first solver of :data:`LAST_RESORT` to try now, or None: only where ``fallback`` is
-    not None, no verified certificate stands among ``failures`` (:func:`_standing`), and the
-    solver has not run (``ran``) and takes the program's cones (:func:`takes_cones`)."""
-    if backend.fallback is None or _standing(failures)[1] != "other":
+    """The first solver of :data:`LAST_RESORT` to try now, or None: only where the fallback ran
+    after the first solver (``ran``: not with ``fallback=None``, nor where it is the first solver,
+    ``solver="SCS"``'s default: there the layer's batched check of results in doubt comes next, and
+    on ``min (a x − 1)²`` at ``a = 1e-15`` it solved silently what ECOS solved only with a warning), no
+    verified certificate stands among ``failures`` (:func:`_standing`), and the solver has not run
+    and takes the program's cones (:func:`takes_cones`)."""
+    if backend.fallback is None or backend.fallback not in ran[1:] or _standing(failures)[1] != "other":
         return None
     return next((m for m in LAST_RESORT if m not in ran and takes_cones(m, backend._cone_dict)), None)
 

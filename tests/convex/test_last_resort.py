@@ -88,6 +88,16 @@ def test_no_fallback_means_no_last_resort(monkeypatch):
     assert calls and set(calls) == {"Clarabel"}, calls
 
 
+def test_a_fallback_that_is_the_first_solver_means_no_last_resort(monkeypatch):
+    # solver="SCS" (its default fallback SCS never runs a second time): SCS made to fail, ECOS is not tried.
+    calls = _counted(monkeypatch, failing=("SCS",))
+    layer = _log_barrier(solver="SCS")
+    assert layer.fallback == "SCS"
+    with pytest.raises(SolverError):
+        layer(_a(1.0).unsqueeze(0))
+    assert calls[0] == "SCS" and "ECOS" not in calls, calls  # (Clarabel: the verdict's feasibility check)
+
+
 def test_a_problem_clarabel_solves_runs_no_other_solver(monkeypatch):
     calls = _counted(monkeypatch)
     layer = _log_barrier(solver="Clarabel")
