@@ -31,6 +31,7 @@ import torch
 from .._linalg import lu_factor_ex
 from .dense_kkt import MAX_SIZE, MEMORY_BUDGET
 from .estimate import error_estimate
+from .flat_face import flat_descent
 from .kkt import PatchedKKT, bmv, row_inf
 from .polish import polish as newton_polish
 from .polish import rounding_level
@@ -117,7 +118,8 @@ def degenerate_vertex(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
     return (rows > n) & (_violation(sc, zc, tol_s, tol_z) <= 1)
 
 
-def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall: torch.Tensor | None = None):
+def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall: torch.Tensor | None = None,
+            prox: torch.Tensor | None = None):
     """Primal active-set steps from ``(x, s, z)`` (equilibrated data, no second-order cones).
 
     The working set W is the equality rows and the nonnegative rows at their bound (slack
@@ -169,7 +171,8 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
     idx = torch.arange(B, device=A.device)
     # (with ``stall``: the working-set sizes each element has had, gathered with the rest)
     tracked = () if stall is None else (stall, torch.nn.functional.one_hot(W.sum(1), m + 1).bool())
-    data, point = (P, q, A, b, Prho, tol_z), (x, W, z)
+    prox = torch.zeros(B, dtype=A.dtype, device=A.device) if prox is None else prox.to(A.dtype)
+    data, point = (P, q, A, b, Prho, tol_z, prox), (x, W, z)
     for _ in range(steps):
         point, ended, found, failed = _step(*data, ineq, *point, ulp)
         done, ray = done.index_copy(0, idx, ended), ray.index_copy(0, idx, found)
@@ -197,9 +200,10 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
     return x, s, z, done, ray
 
 
-def _step(P, q, A, b, Prho, tol_z, ineq, x, W, z, ulp: float):
+def _step(P, q, A, b, Prho, tol_z, prox, ineq, x, W, z, ulp: float):
     """One of :func:`correct`'s steps for every element given (all still moving; ``Prho`` = P + ρI,
-    ``tol_z`` ``(B, m)``, ``ineq`` ``(m,)`` the nonnegative rows, ``W`` ``(B, m)`` the working sets):
+    ``tol_z`` ``(B, m)``, ``prox`` ``(B,)`` 1 where the rows' regularisation is about the multipliers held,
+    ``ineq`` ``(m,)`` the nonnegative rows, ``W`` ``(B, m)`` the working sets):
     ``((x, W, z), done, ray, failed)``, the elements' new points and working sets, where they ended
     at a minimiser with the signs right, where the step was a ray (``x`` is it) and where the
     factorisation failed (the point unchanged)."""
@@ -213,7 +217,13 @@ def _step(P, q, A, b, Prho, tol_z, ineq, x, W, z, ulp: float):
     K[:, n:, :n] = A * w[:, :, None]
     K[:, n:, n:] = torch.diag_embed(1 - w - delta * w)
     LU, piv, info = lu_factor_ex(K)
-    sol = torch.linalg.lu_solve(LU, piv, torch.cat([-g, r * w], 1).unsqueeze(-1)).squeeze(-1)
+    # With ``prox``, the rows' regularisation taken about the multipliers held, -δ(z_W' - z_W) (a
+    # proximal step on them), not about 0: -δ z_W' bent the step by δ z_W off the working rows, and where the cost
+    # falls along them by less than ~1e5 ulps of z (an LP's edge with a margin of 1e-11, z ~ 1) that
+    # bend outweighed the step's own descent (ρ‖p‖²): the line search took a unit step short of the
+    # vertex, and a ray left its rows by 4e-11 (no exact ray).
+    rhs = torch.cat([-g, (r - delta * z * prox[:, None]) * w], 1)
+    sol = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
     failed = (info != 0) | ~torch.isfinite(sol).all(1)
     sol = torch.where(failed[:, None], 0.0, sol)
     p, zn = sol[:, :n], sol[:, n:]
@@ -273,13 +283,16 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
         return (*point, ray)
     tol_accept, tol_error = tols
     wrong = live & (sign_violation(d.P, d.q, d.A, d.b, layout, xs, ss, zs) > 1)
+    rough = live & (residual <= tol_accept) & ~(error <= tol_error)
+    # A point whose cost still falls along its face (.flat_face): no solution either.
+    flat = flat_descent(d, layout, xs, ss, zs, live & ~wrong & ~rough & (residual <= tol_accept))
+    wrong = wrong | flat
     # (what stays of a wrong point: an infinite error, whatever the steps do)
     stays = torch.where(wrong, torch.inf, error)
     if not polish_steps:
         return xs, ss, zs, residual, kkt, stays, ray
     if d.A.shape[1] + d.A.shape[2] > MAX_SIZE:  # (no dense system that large: as without steps)
         return xs, ss, zs, residual, kkt, stays, ray
-    rough = live & (residual <= tol_accept) & ~(error <= tol_error)
     idx = torch.nonzero(wrong | rough).squeeze(1)  # (one host read per solve)
     if not idx.numel():
         return (*point, ray)
@@ -292,8 +305,9 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     chunk = max(1, MEMORY_BUDGET // (_BUDGET_SHARE * n_all * n_all * data[2].element_size()))
     start = (pick(xs), pick(ss), pick(zs))
     stall = degenerate_vertex(*data, layout, *start) if per_element_next else None
+    prox = pick(flat)  # (their multipliers are right: the steps' regularisation is about them)
     parts = [correct(*(v[lo:lo + chunk] for v in data), layout, *(v[lo:lo + chunk] for v in start),
-                     stall=None if stall is None else stall[lo:lo + chunk])
+                     stall=None if stall is None else stall[lo:lo + chunk], prox=prox[lo:lo + chunk])
              for lo in range(0, idx.numel(), chunk)]
     x0, s0, z0, done, found = (torch.cat(v) for v in zip(*parts))
     # (ok needs done: the others keep their point, ``stays``: an infinite error where their signs are wrong)
@@ -310,6 +324,8 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
                                               refine, error_cols, error_duals)
     part_error = torch.where(damped, torch.inf, part_error)  # (no polish follows: no estimate, as finish's)
     ok = done & (sign_violation(*data, layout, x, s, z) <= 1) & (part_error <= tol_error)
+    # (and no descent left along its face: the steps resolve margins to ~1e-12, not 1e-13)
+    ok = ok & ~flat_descent(sub, layout, x, s, z, ok)
     keep = lambda new, a, b: torch.where(new.view((-1,) + (1,) * (a.dim() - 1)), a, b)  # noqa: E731
     x, s, z, res = (keep(found, v0, keep(ok, v, pick(old)))
                     for v0, v, old in zip((x0, s0, z0, res), (x, s, z, res), (xs, ss, zs, residual)))

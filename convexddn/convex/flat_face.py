@@ -1,0 +1,117 @@
+"""A polished point inside a nearly flat face: the objective still falls along the face.
+
+Where the limit system of a polished point (:mod:`.uniqueness`) is singular, the point may
+move along a null direction :math:`v` of
+
+.. math::
+
+    P + C^T C, \\qquad C \\text{ the rows that hold (equalities, active bounds)},
+
+without leaving any row that holds (``Cv = 0``) and without curvature (``Pv = 0``): the
+objective is linear along ``v``, its slope the reduced gradient
+
+.. math::
+
+    v^T (Px + q) = v^T r_x, \\qquad r_x = Px + q + A^T z
+
+(``Pv = 0``, ``C v = 0`` and the other multipliers are 0). A solution has that slope 0: the
+face is a face of optima and the point any one of them (not unique: the backward's
+warning). Above rounding, the point is no solution: the cost falls along ``v`` until a
+row is met (a vertex) or forever (a ray). An LP with a small cost margin,
+:math:`\\min p^T x + \\|x\\|_1` s.t. :math:`\\|x\\|_\\infty \\le 1` at :math:`p = (-1 - 10^{-11},
+0.5)`, stopped at x = (0.07, 0) on the edge towards the vertex (1, 0): its residual
+(2.5e-12) passed, its signs were right, and the error estimate (a Newton step with the
+limit system regularised along ``v``: 7.8e-9, proportional to the margin) passed too.
+
+:func:`flat_descent` finds such points; the active-set steps (:mod:`.active_set`) then take
+them along ``v``. The slope is at rounding where ``|v^T r_x|`` is at most :data:`_FLAT`
+rounding levels (:func:`~.polish.rounding_level`, 16 ulps) of the dual residual's scale,
+``1 + max(‖q‖, ‖Px‖, ‖Aᵀz‖)`` — the sign tolerances' units (:func:`~.active_set.sign_tolerances`),
+a smaller multiple: ``r_x`` itself is what the Newton polish leaves at 0.3-4 ulps of that
+scale (the qp50, qp100, sparsemax and L1-ball benchmarks: at most 4), whereas a
+multiplier's sign compounds the rows' conditioning. A margin of 1e-13 on the LP above is
+~150 ulps of its scale; an exact tie, 0 to rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kkt import bmv, row_inf
+from .polish import rounding_level
+from .symmetric_cones import ConeLayout
+from .uniqueness import LIMIT_AMPLIFICATION, limit_rows
+
+__all__ = ["flat_descent", "flat_tolerance"]
+
+# The reduced gradient along a null direction of the limit system is at rounding at most
+# this many rounding levels (16 ulps each) of the dual residual's scale (module docstring).
+_FLAT = 4
+
+
+def flat_tolerance(P, q, A, x, z) -> torch.Tensor:
+    """``(B,)`` the largest reduced gradient at rounding: :data:`_FLAT` rounding levels of
+    ``1 + max(‖q‖∞, ‖Px‖∞, ‖Aᵀz‖∞)``."""
+    dual = torch.stack([row_inf(q), row_inf(bmv(P, x)), row_inf(bmv(A.mT, z))]).amax(0)
+    return _FLAT * rounding_level(x) * (1 + dual)
+
+
+def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                 where: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the elements among ``where`` whose objective falls along a null direction of
+    their limit system beyond rounding (the module docstring): not solutions.
+
+    The null space :math:`N` of :math:`P + C^T C` is found unsquared, as
+    :func:`~.uniqueness._unsquared` does: ``C``'s right singular vectors with singular values
+    at most :math:`\\max(\\max(k, n)\\,\\epsilon, 1/`:data:`~.uniqueness.LIMIT_AMPLIFICATION`:math:`)`
+    (unit rows), then, within them, the eigenvectors of :math:`V^T P V` with eigenvalues at
+    rounding, :math:`n \\epsilon (1 + \\max |V^T P V|)` (equilibrated units: P's entries ~1).
+    The slope is the length of :math:`r_x`'s projection on :math:`N`: the slope along the
+    steepest direction in :math:`N`.
+
+    Cost: only elements with :math:`\\|r_x\\|_2` above the tolerance can have such a slope
+    (:math:`|v^T r_x| \\le \\|r_x\\|_2` for a unit ``v``); polished points have ``r_x`` at
+    rounding and take one host read. The others take one SVD of their ``(k, n)`` rows and one
+    symmetric eigendecomposition of ``(n, n)``.
+
+    Shape:
+        ``d`` equilibrated data (``P (B, n, n), q (B, n), A (B, m, n)``), ``x (B, n)``,
+        ``s, z (B, m)`` its point, ``where (B,)`` -> ``(B,)`` bool.
+    """
+    B, m, n = d.A.shape
+    rx = bmv(d.P, x) + d.q + bmv(d.A.mT, z)
+    tol = flat_tolerance(d.P, d.q, d.A, x, z)
+    gate = where & (rx.norm(dim=1) > tol)
+    idx = torch.nonzero(gate).squeeze(1)  # (one host read; the common case stops here)
+    if not idx.numel():
+        return gate
+    part = d.select(idx)
+    slope = _null_slope(part, layout, *(v.index_select(0, idx) for v in (s, z, rx)))
+    return gate.index_copy(0, idx, slope > tol.index_select(0, idx))
+
+
+def _null_slope(d, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the 2-norm of ``rx`` ``(B, n)``'s projection on the null space of the limit
+    matrix of ``d`` at ``(s, z)`` (see :func:`flat_descent`)."""
+    P = d.P
+    B, n = rx.shape
+    eps = torch.finfo(rx.dtype).eps
+    C = limit_rows(d, layout, s, z)
+    if C.shape[1]:
+        _, sv, Vt = torch.linalg.svd(C)  # (full: Vt (B, n, n))
+        sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
+        free = sv <= max(max(C.shape[1:]) * eps, 1 / LIMIT_AMPLIFICATION)
+    else:
+        Vt = torch.eye(n, dtype=P.dtype, device=P.device).expand(B, n, n)
+        free = torch.ones(B, n, dtype=torch.bool, device=P.device)
+    # P within the rows' null space; the directions the rows fix get a weight above every
+    # eigenvalue of that block, so that they are never taken as null.
+    S = Vt @ P @ Vt.mT
+    S = 0.5 * (S + S.mT)
+    both = free[:, :, None] & free[:, None, :]
+    big = 1 + S.abs().amax((1, 2))
+    S = torch.where(both, S, 0.0) + torch.diag_embed(torch.where(free, 0.0, big[:, None]))
+    lam, Y = torch.linalg.eigh(S)
+    # (eigh's rounding is that of the whole matrix, big included: P = 0 came out at ~eps big)
+    null = lam <= n * eps * big[:, None]
+    coef = (Y.mT @ (Vt @ rx.unsqueeze(-1))).squeeze(-1)
+    return torch.where(null, coef, 0.0).norm(dim=1)
