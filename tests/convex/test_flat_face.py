@@ -1,0 +1,111 @@
+"""A polished point inside a nearly flat face is no solution (convexddn.convex.flat_face).
+
+The LPs, by hand (float64 data exact as written):
+
+- ``min p @ x + ||x||_1 s.t. ||x||_inf <= 1`` at ``p = (-1 - e, 0.5)``: the cost falls by ``e``
+  per unit along (1, 0) on the edge x0 in [0, 1], so the unique solution is the vertex (1, 0);
+- ``min c @ x s.t. x >= 0, x1 - x0 <= 1`` at ``c = (1 - e, -1)``: the ray (1, 1) keeps every row
+  exactly and costs ``c0 - 1 = -e`` exactly (Sterbenz): unbounded;
+- ``p @ x + ||x||_1`` unconstrained: unbounded along (1, 0) for ``e > 0``.
+
+At ``e = 0`` the first has an edge of optima and the second a ray of optima (not unique: the
+backward's GradientWarning). Margins 1e-11 and 1e-12 came back as points inside the face,
+"solved" without a warning (1e-9 and 1e-10 of the second from SCS / Clarabel with a generic one).
+"""
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import pytest
+import torch
+
+import convexddn as cddn
+from convexddn.errors import GradientWarning, UnboundedError
+
+F64 = torch.float64
+MARGINS = [1e-9, 1e-10, 1e-11, 1e-12]
+
+
+def box_layer():
+    x, p = cp.Variable(2), cp.Parameter(2)
+    return cddn.ConvexLayer(cp.Problem(cp.Minimize(p @ x + cp.norm1(x)), [cp.norm(x, "inf") <= 1]), [p], [x])
+
+
+def ray_layer():
+    x, c = cp.Variable(2), cp.Parameter(2)
+    return cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x), [x >= 0, x[1] - x[0] <= 1]), [c], [x])
+
+
+def free_layer():
+    x, p = cp.Variable(2), cp.Parameter(2)
+    return cddn.ConvexLayer(cp.Problem(cp.Minimize(p @ x + cp.norm1(x))), [p], [x])
+
+
+def quietly(layer, value):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return layer(value)
+
+
+@pytest.mark.parametrize("e", MARGINS)
+def test_small_margin_box_lp_ends_at_its_vertex(e):
+    layer = box_layer()
+    p = torch.tensor([-1 - e, 0.5], dtype=F64, requires_grad=True)
+    y = quietly(layer, p)
+    assert layer.last_solve.statuses == ["solved"]
+    torch.testing.assert_close(y.detach(), torch.tensor([1.0, 0.0], dtype=F64), atol=1e-9, rtol=0)
+    # dy/dp = 0: the vertex stays the solution for all nearby p (e > 0)
+    g, = torch.autograd.grad(y[0], p)
+    torch.testing.assert_close(g, torch.zeros_like(g), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("e", MARGINS)
+def test_small_margin_exact_ray_is_unbounded(e):
+    with pytest.raises(UnboundedError):
+        ray_layer()(torch.tensor([1 - e, -1.0], dtype=F64))
+    with pytest.raises(UnboundedError):
+        free_layer()(torch.tensor([-1 - e, 0.5], dtype=F64))
+
+
+@pytest.mark.parametrize("make, value", [(box_layer, [-1.0, 0.5]), (ray_layer, [1.0, -1.0])])
+def test_exact_tie_stays_not_unique(make, value):
+    """An exact tie (edge or ray of optima): a point of the face, solved, and the backward's
+    GradientWarning that it is not unique; never turned into a vertex silently."""
+    layer = make()
+    p = torch.tensor(value, dtype=F64, requires_grad=True)
+    y = layer(p)
+    assert layer.last_solve.statuses == ["solved"] and layer.last_solve.solvers == ["batched"]
+    yd = y.detach()
+    if make is box_layer:  # (on the edge x0 in [0, 1], x1 = 0)
+        assert -1e-9 <= float(yd[0]) <= 1 + 1e-9 and abs(float(yd[1])) <= 1e-9
+    else:  # (on the ray of optima x1 = x0 + 1)
+        assert float(yd[0]) >= -1e-9 and abs(float(yd[1] - yd[0] - 1)) <= 1e-9
+    with pytest.warns(GradientWarning, match="not unique"):
+        y.sum().backward()
+
+
+def test_batch_mixing_flat_faces_and_ordinary_elements():
+    """Small margins beside ordinary elements and an exact tie: each flat-face element at its
+    vertex, the others bitwise what they get alone (and their closed forms)."""
+    layer = box_layer()
+    rows = [[-1 - 1e-11, 0.5], [-2.0, 0.5], [0.3, -0.2], [-1 - 1e-12, 0.5], [1.5, -1 - 1e-8], [-1.0, 0.5]]
+    out = layer(torch.tensor(rows, dtype=F64))
+    assert layer.last_solve.statuses == ["solved"] * len(rows)
+    want = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-1.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(out[:5], want, atol=1e-9, rtol=0)
+    assert 0 <= float(out[5, 0]) <= 1 and abs(float(out[5, 1])) <= 1e-9  # (the tie: on its edge)
+    for i in (1, 2, 4):
+        assert torch.equal(layer(torch.tensor(rows[i], dtype=F64)), out[i])
+
+
+def test_float32_input():
+    """float32 parameters (solved in float64): the float32 margin 2^-23 and 2^-20 at the vertex."""
+    layer = box_layer()
+    e = torch.tensor([2.0 ** -23, 2.0 ** -20], dtype=torch.float32)
+    p = torch.stack([-1 - e, torch.full_like(e, 0.5)], 1)
+    y = quietly(layer, p)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, torch.tensor([[1.0, 0.0]] * 2), atol=1e-6, rtol=0)
+    with pytest.raises(UnboundedError):
+        ray_layer()(torch.tensor([1 - 2.0 ** -23, -1.0], dtype=torch.float32))
