@@ -118,8 +118,7 @@ def degenerate_vertex(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:
     return (rows > n) & (_violation(sc, zc, tol_s, tol_z) <= 1)
 
 
-def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall: torch.Tensor | None = None,
-            prox: torch.Tensor | None = None):
+def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall: torch.Tensor | None = None):
     """Primal active-set steps from ``(x, s, z)`` (equilibrated data, no second-order cones).
 
     The working set W is the equality rows and the nonnegative rows at their bound (slack
@@ -171,8 +170,7 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
     idx = torch.arange(B, device=A.device)
     # (with ``stall``: the working-set sizes each element has had, gathered with the rest)
     tracked = () if stall is None else (stall, torch.nn.functional.one_hot(W.sum(1), m + 1).bool())
-    prox = torch.zeros(B, dtype=A.dtype, device=A.device) if prox is None else prox.to(A.dtype)
-    data, point = (P, q, A, b, Prho, tol_z, prox), (x, W, z)
+    data, point = (P, q, A, b, Prho, tol_z), (x, W, z)
     for _ in range(steps):
         point, ended, found, failed = _step(*data, ineq, *point, ulp)
         done, ray = done.index_copy(0, idx, ended), ray.index_copy(0, idx, found)
@@ -200,10 +198,9 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
     return x, s, z, done, ray
 
 
-def _step(P, q, A, b, Prho, tol_z, prox, ineq, x, W, z, ulp: float):
+def _step(P, q, A, b, Prho, tol_z, ineq, x, W, z, ulp: float):
     """One of :func:`correct`'s steps for every element given (all still moving; ``Prho`` = P + ρI,
-    ``tol_z`` ``(B, m)``, ``prox`` ``(B,)`` 1 where the rows' regularisation is about the multipliers held,
-    ``ineq`` ``(m,)`` the nonnegative rows, ``W`` ``(B, m)`` the working sets):
+    ``tol_z`` ``(B, m)``, ``ineq`` ``(m,)`` the nonnegative rows, ``W`` ``(B, m)`` the working sets):
     ``((x, W, z), done, ray, failed)``, the elements' new points and working sets, where they ended
     at a minimiser with the signs right, where the step was a ray (``x`` is it) and where the
     factorisation failed (the point unchanged)."""
@@ -217,13 +214,20 @@ def _step(P, q, A, b, Prho, tol_z, prox, ineq, x, W, z, ulp: float):
     K[:, n:, :n] = A * w[:, :, None]
     K[:, n:, n:] = torch.diag_embed(1 - w - delta * w)
     LU, piv, info = lu_factor_ex(K)
-    # With ``prox``, the rows' regularisation taken about the multipliers held, -δ(z_W' - z_W) (a
-    # proximal step on them), not about 0: -δ z_W' bent the step by δ z_W off the working rows, and where the cost
-    # falls along them by less than ~1e5 ulps of z (an LP's edge with a margin of 1e-11, z ~ 1) that
-    # bend outweighed the step's own descent (ρ‖p‖²): the line search took a unit step short of the
-    # vertex, and a ray left its rows by 4e-11 (no exact ray).
-    rhs = torch.cat([-g, (r - delta * z * prox[:, None]) * w], 1)
-    sol = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
+    # The rows' regularisation is taken about the multipliers held, -δ(z_W' - z_W) (a proximal
+    # step on them), where those are unique: -δ z_W' alone bent the step by δ z_W off the working
+    # rows, and where the cost falls along them by less than ~1e5 ulps of z (an LP's edge with a
+    # margin of 1e-11, z ~ 1) that bend outweighed the step's own descent (ρ‖p‖²): the line search
+    # stopped short of the vertex, and a ray left its rows by 1e-12 to 4e-11 (no exact ray).
+    # Where the rows are dependent (a degenerate vertex) the multipliers are not unique and the
+    # proximal term would keep the held ones (the interior point's, strictly inside their set):
+    # there the term about 0 picks the least-norm ones, whose wrong signs release a row. The
+    # second column tells them apart: its multipliers are z_W's part in the null space of A_Wᵀ
+    # (0 to ~δρ/σ_min(A_W)² where the rows are independent).
+    centre = torch.cat([torch.zeros_like(g), -delta * z * w], 1)
+    both = torch.linalg.lu_solve(LU, piv, torch.stack([torch.cat([-g, r * w], 1), centre], -1))
+    unique = row_inf(both[:, n:, 1]) <= ulp ** 0.5 * (1 + row_inf(z * w))
+    sol = both[..., 0] + torch.where(unique[:, None], both[..., 1], 0.0)
     failed = (info != 0) | ~torch.isfinite(sol).all(1)
     sol = torch.where(failed[:, None], 0.0, sol)
     p, zn = sol[:, :n], sol[:, n:]
@@ -285,7 +289,7 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     wrong = live & (sign_violation(d.P, d.q, d.A, d.b, layout, xs, ss, zs) > 1)
     rough = live & (residual <= tol_accept) & ~(error <= tol_error)
     # A point whose cost still falls along its face (.flat_face): no solution either.
-    flat = flat_descent(d, layout, xs, ss, zs, live & ~wrong & ~rough & (residual <= tol_accept))
+    flat = flat_descent(d, layout, xs, ss, zs, live & ~wrong & (residual <= tol_accept))
     wrong = wrong | flat
     # (what stays of a wrong point: an infinite error, whatever the steps do)
     stays = torch.where(wrong, torch.inf, error)
@@ -305,9 +309,8 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     chunk = max(1, MEMORY_BUDGET // (_BUDGET_SHARE * n_all * n_all * data[2].element_size()))
     start = (pick(xs), pick(ss), pick(zs))
     stall = degenerate_vertex(*data, layout, *start) if per_element_next else None
-    prox = pick(flat)  # (their multipliers are right: the steps' regularisation is about them)
     parts = [correct(*(v[lo:lo + chunk] for v in data), layout, *(v[lo:lo + chunk] for v in start),
-                     stall=None if stall is None else stall[lo:lo + chunk], prox=prox[lo:lo + chunk])
+                     stall=None if stall is None else stall[lo:lo + chunk])
              for lo in range(0, idx.numel(), chunk)]
     x0, s0, z0, done, found = (torch.cat(v) for v in zip(*parts))
     # (ok needs done: the others keep their point, ``stays``: an infinite error where their signs are wrong)
