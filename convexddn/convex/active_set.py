@@ -128,10 +128,11 @@ def correct(P, q, A, b, layout: ConeLayout, x, s, z, steps: int = _STEPS, stall:
 
         \\begin{bmatrix} P + \\rho I & A_W^T \\\\ A_W & -\\delta I \\end{bmatrix}
         \\begin{bmatrix} p \\\\ z_W \\end{bmatrix} =
-        \\begin{bmatrix} -(Px + q) \\\\ b_W - A_W x \\end{bmatrix}
+        \\begin{bmatrix} -(Px + q) \\\\ b_W - A_W x - \\delta z_W \\end{bmatrix}
 
-    (the other multipliers 0): the step to the minimiser on W and its multipliers. The
-    step length is the exact line search's along ``p`` (1 on a set where the problem is
+    (the other multipliers 0; the held multipliers' term :math:`-\\delta z_W` only where the
+    rows of W are independent, :func:`_step`): the step to the minimiser on W and its
+    multipliers. The step length is the exact line search's along ``p`` (1 on a set where the problem is
     strictly convex; unbounded along an LP's edge) cut by the ratio test: a constraint met
     joins W; a step that reaches the minimiser takes its multipliers, and releases the
     rows whose multiplier is negative beyond rounding, or ends there if none is. A
@@ -275,16 +276,18 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     steps once these cycle there (:func:`correct`'s ``stall``), their point and bits as before.
 
     Returns:
-        ``(*point, ray)``: ``ray`` ``(B,)`` where the steps found the program unbounded along
+        ``(*point, ray, flat)``: ``ray`` ``(B,)`` where the steps found the program unbounded along
         a direction, then ``xs`` (``ss = -A xs``, ``zs = 0``): a candidate certificate, for the
-        caller to verify.
+        caller to verify; ``flat`` ``(B,)`` where the point's cost fell along a face of its limit system
+        beyond rounding (:func:`~.flat_face.flat_descent`) and the steps did not end at a solution
+        (their error infinite; a ray found stays flagged).
     """
     from .certify import decided
 
     xs, ss, zs, residual, kkt, error = point
     ray = torch.zeros_like(live)
     if layout.soc or not layout.nonneg:
-        return (*point, ray)
+        return (*point, ray, ray)
     tol_accept, tol_error = tols
     wrong = live & (sign_violation(d.P, d.q, d.A, d.b, layout, xs, ss, zs) > 1)
     rough = live & (residual <= tol_accept) & ~(error <= tol_error)
@@ -294,12 +297,12 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     # (what stays of a wrong point: an infinite error, whatever the steps do)
     stays = torch.where(wrong, torch.inf, error)
     if not polish_steps:
-        return xs, ss, zs, residual, kkt, stays, ray
+        return xs, ss, zs, residual, kkt, stays, ray, flat
     if d.A.shape[1] + d.A.shape[2] > MAX_SIZE:  # (no dense system that large: as without steps)
-        return xs, ss, zs, residual, kkt, stays, ray
+        return xs, ss, zs, residual, kkt, stays, ray, flat
     idx = torch.nonzero(wrong | rough).squeeze(1)  # (one host read per solve)
     if not idx.numel():
-        return (*point, ray)
+        return (*point, ray, flat)
     sub = d.select(idx)
     pick = lambda v: v.index_select(0, idx)  # noqa: E731
     data = (sub.P, sub.q, sub.A, sub.b)
@@ -316,7 +319,7 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     # (ok needs done: the others keep their point, ``stays``: an infinite error where their signs are wrong)
     moved = torch.nonzero(done | found).squeeze(1)  # (one host read, on the flagged elements only)
     if not moved.numel():
-        return xs, ss, zs, residual, kkt, stays, ray
+        return xs, ss, zs, residual, kkt, stays, ray, flat
     if moved.numel() < idx.numel():
         idx, sub = idx.index_select(0, moved), sub.select(moved)
         x0, s0, z0, done, found = (v.index_select(0, moved) for v in (x0, s0, z0, done, found))
@@ -344,4 +347,5 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     kkt = kkt if part is None else PatchedKKT(kkt, idx_ok, part)
     out = (xs.index_copy(0, idx, x), ss.index_copy(0, idx, s), zs.index_copy(0, idx, z),
            residual.index_copy(0, idx, res), kkt, stays.index_copy(0, idx, part_error))
-    return (*out, ray.index_copy(0, idx, found))
+    # (a ray found stays flagged: the caller's check may not certify it, and then nothing resolved the face)
+    return (*out, ray.index_copy(0, idx, found), flat.index_copy(0, idx, flat.index_select(0, idx) & ~ok))

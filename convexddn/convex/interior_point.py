@@ -51,7 +51,7 @@ from .far_rows import relax_far_rows
 from .kkt import DENSE, DataOps, KKTFactory, KKTStructure, KKTSystem, constant_part, row_inf
 from .limit_scaling import retry_at_limit
 from .ipm_step import STATE, STATUS, IterationData, column_mask, step, update
-from .measures import DEGENERATE, UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
+from .measures import DEGENERATE, FLAT, UNVERIFIABLE, Measures, caller_measures, kkt_measures, point_residual
 from .nullspace import ReducedSystems, SplitKKT, gather, reduce, unverifiable
 from .resolution import unresolved_columns
 from .rays import exact_unbounded_ray, verified_rays
@@ -196,7 +196,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
         d, systems, layout, xs, ss, zs, ~certified, point_residual(d, layout), polish, polish_steps,
         refine + 1, tol_error, error_cols, error_duals, natural=decide_pairs)
     # A polished point with a sign wrong beyond rounding: the wrong active set (.active_set).
-    xs, ss, zs, residual, kkt, error, ray = settle_signs(
+    xs, ss, zs, residual, kkt, error, ray, flat = settle_signs(
         d, systems, layout, (xs, ss, zs, residual, kkt, error), ~certified, point_residual(d, layout),
         polish_steps if polish != "never" else 0, refine + 1, (tol_accept, tol_error), error_cols, error_duals,
         per_element_next)
@@ -230,7 +230,7 @@ def solve_cone_batch(P: torch.Tensor, q: torch.Tensor, A: torch.Tensor, b: torch
     stuck = ok & ~ok_res & ~certified & (residual <= tol_accept)
     if bool(stuck.any()):  # (a host read; the common case, all solved, computes nothing more)
         stuck = stuck & degenerate_vertex(d.P, d.q, d.A, d.b, layout, xs, ss, zs)
-    points = points + unverifiable(error, red).long() * UNVERIFIABLE + stuck.long() * DEGENERATE
+    points = points + unverifiable(error, red).long() * UNVERIFIABLE + stuck.long() * DEGENERATE + flat.long() * FLAT
     points = torch.where(certified | ~ok, 0, points)
     # Columns whose equation the solve left unresolved (a weight far below the program's
     # scale), for the derivatives' warning; where the outputs are free along the limit

@@ -40,8 +40,8 @@ from .nonconvex import explain_nonconvex, unsolved
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
 from .power_cones import power_cone_free
 from .second_opinion import solve_with_opinion, unsettled
-from .status import (SolveInfo, adopt_certificates, doubt_certificates, failure_error, forward_mode_refused,
-                     masked_outputs, merge_resolved, refuse_per_element, refuse_unverifiable, warn_masked)
+from .status import (SolveInfo, adopt_certificates, batched_saw, doubt_certificates, failure_error,
+                     forward_mode_refused, masked_outputs, merge_resolved, refuse_per_element, warn_masked)
 from .spread import in_doubt, warn_unchecked, warn_unconfirmed
 from .state import picklable_state, restore_state, uncached
 from .validation import check_values, element_subset, flat_values, solver_choice, validate_problem, validate_solver_args
@@ -395,6 +395,5 @@ class ConvexLayer(nn.Module):
             warn_unconfirmed((redo, batch), [j for j in in_doubt(part, self.refine)[0] if part["solved"][j]],
                              part["residuals"], True, part["conditions"])
             adopt_certificates(info, redo, verdicts)
-            for check in (doubt_certificates, refuse_unverifiable):  # what the batched path saw
-                check(info, redo, [info["points"][i] for i in redo])
+            batched_saw(info, (range(math.prod(batch)), batch), redo)
         return sols, info

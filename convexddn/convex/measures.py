@@ -13,7 +13,7 @@ from .equilibration import Scaled
 from .kkt import DataOps, bmv, row_inf
 from .symmetric_cones import ConeLayout, soc_frame
 
-__all__ = ["DEGENERATE", "FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "NOT_COMPLEMENTARY", "ROUNDING", "UNVERIFIABLE",
+__all__ = ["DEGENERATE", "FLAT", "FEASIBLE_PRIMAL", "FEASIBLE_DUAL", "NOT_COMPLEMENTARY", "ROUNDING", "UNVERIFIABLE",
            "Measures", "caller_measures", "kkt_measures", "max_step", "own_complementarity", "point_residual"]
 
 
@@ -47,8 +47,10 @@ def _gap(q, b, x, z, Px) -> torch.Tensor:
 # point of the element's program (nearly dependent equality rows, see
 # nullspace.unverifiable), or (DEGENERATE) the point was not certified only because it is a
 # degenerate vertex whose error no estimate reaches (active_set.degenerate_vertex): the
-# batched path's other attempts nearly always end at the same vertex (second_opinion).
-FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE, DEGENERATE = 1, 2, 4, 8
+# batched path's other attempts nearly always end at the same vertex (second_opinion), or
+# (FLAT) the point's cost still fell along a face of its limit system beyond rounding and the
+# active-set steps did not resolve it (flat_face.flat_descent: a margin near rounding).
+FEASIBLE_PRIMAL, FEASIBLE_DUAL, UNVERIFIABLE, DEGENERATE, FLAT = 1, 2, 4, 8, 16
 
 
 def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,

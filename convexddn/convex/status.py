@@ -17,13 +17,13 @@ from torch.autograd import forward_ad
 from .._warn import warn
 from .._autograd import refuse_transforms
 from ..errors import ConvexDDNWarning, InfeasibleError, ProblemError, SolverError, SolverWarning, UnboundedError
-from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, UNVERIFIABLE
+from .measures import FEASIBLE_DUAL, FEASIBLE_PRIMAL, FLAT, UNVERIFIABLE
 from .nullspace import NEARLY_DEPENDENT
 from .widen import narrowed
 
 __all__ = ["INFO_KEYS", "SolveInfo", "adopt_certificates", "demote", "doubt_certificates", "failure_error",
            "masked_outputs", "refuse_per_element", "merge_resolved", "refuse_unverifiable", "status_kind", "unravel",
-           "name_elements", "warn_masked"]
+           "name_elements", "batched_saw", "warn_flat_faces", "warn_masked"]
 
 
 @dataclasses.dataclass
@@ -233,6 +233,38 @@ def refuse_unverifiable(info: dict, idx: Sequence[int], points: Sequence[int]) -
                                    f"their QR factor's diagonal: the least at most {NEARLY_DEPENDENT:g} of the "
                                    "largest): the solution is ill-determined by the data and no residual check can "
                                    "vouch for a point; drop or combine nearly parallel rows")
+
+
+def warn_flat_faces(where: tuple[Sequence[int], tuple[int, ...]], info: dict, idx: Sequence[int],
+                    points: Sequence[int]) -> None:
+    """The SolverWarning for elements ``idx`` of ``info`` (``where``: the whole solve's) that
+    another solver reports solved where the batched path found the cost still falling along a face
+    of its point's limit system beyond rounding and its active-set steps did not end at a solution
+    (``points``, in the order of ``idx``, with :data:`~.measures.FLAT`; :mod:`.flat_face`). The
+    other solver's residual check cannot tell such a point from the solution: with a cost margin μ
+    along the face, a point inside it has a KKT residual ~μ, so the error reaches residual / μ (up
+    to the face's extent), or a ray of unboundedness is exact (``min c @ x s.t. x >= 0,
+    x1 - x0 <= 1`` at ``c = (1 - 1e-13, -1)``: Clarabel's x ≈ (0.6, 1.6), "solved", on an
+    unbounded LP)."""
+    flat = [i for i, bits in zip(idx, points) if bits & FLAT and info["solved"][i]]
+    if flat:
+        warn(f"ConvexLayer, {name_elements(where, flat)}: accepted from another solver, but the batched "
+             "path found the cost still falling along a face at its point (the reduced gradient along a null "
+             "direction of the limit system above 4 rounding levels of the dual scale: a cost margin near "
+             "rounding) and its active-set steps could not resolve it: the solution is not determined to the "
+             "promised accuracy (its error may reach the residual over that margin, or the program is unbounded "
+             "along a ray); check the result", SolverWarning, elements=element_list(where, flat))
+
+
+def batched_saw(info: dict, where: tuple[Sequence[int], tuple[int, ...]], idx: Sequence[int]) -> None:
+    """What the batched path saw of elements ``idx`` that another solver then took (their
+    ``info["points"]`` bits), weighed against its results in place: certificates
+    (:func:`doubt_certificates`), unverifiable rows (:func:`refuse_unverifiable`) and flat faces
+    (:func:`warn_flat_faces`; ``where``: the whole solve's elements)."""
+    seen = [info["points"][i] for i in idx]
+    doubt_certificates(info, idx, seen)
+    refuse_unverifiable(info, idx, seen)
+    warn_flat_faces(where, info, idx, seen)
 
 
 def masked_outputs(sols: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], solved: torch.Tensor,

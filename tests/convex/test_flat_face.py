@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import convexddn as cddn
-from convexddn.errors import GradientWarning, UnboundedError
+from convexddn.errors import GradientWarning, SolverWarning, UnboundedError
 
 F64 = torch.float64
 MARGINS = [1e-9, 1e-10, 1e-11, 1e-12]
@@ -109,3 +109,23 @@ def test_float32_input():
     torch.testing.assert_close(y, torch.tensor([[1.0, 0.0]] * 2), atol=1e-6, rtol=0)
     with pytest.raises(UnboundedError):
         ray_layer()(torch.tensor([1 - 2.0 ** -23, -1.0], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("make, value", [(ray_layer, [1 - 1e-13, -1.0]), (box_layer, [-1 - 1e-13, 0.5])])
+def test_margin_near_rounding_is_never_silent(make, value):
+    """A margin of 1e-13 (~150 ulps of the scale): detected, but the active-set steps resolve it
+    only sometimes. The ray LP (unbounded by hand) came back as Clarabel's finite point, "solved",
+    without a warning; now an UnboundedError or the SolverWarning naming the flat face. The box LP
+    (vertex (1, 0) by hand): that vertex, or a warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            y = make()(torch.tensor(value, dtype=F64))
+        except UnboundedError:
+            assert make is ray_layer
+            return
+    warned = [w for w in caught if issubclass(w.category, SolverWarning) and "face" in str(w.message)]
+    if make is ray_layer:
+        assert warned
+    else:
+        assert warned or torch.allclose(y, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-9, rtol=0)
