@@ -23,6 +23,18 @@ caller's fallback. The same steps serve elements whose residual passes but whose
 estimate does not (the polish left them on an edge), and where the problem decreases
 without bound along a working set's edge they end with its ray (:func:`settle_signs`).
 Programs with second-order cones are left as they are.
+
+Smaller margins leave the signs right: the polish stops inside the nearly flat face, which
+its error estimate does not see (the same LP at a margin of 1e-11: x = (0.07, 0), "solved").
+Such a point's cost still falls along a null direction of its limit system
+(:func:`~.flat_face.flat_descent`, beyond 4 rounding levels of the dual scale), and it takes
+the same steps. Their rows' regularisation is about the held multipliers where those are
+unique (:func:`_step`): the vertex (1, 0) to rounding at margins 1e-9 to 1e-12, and an exact ray
+(UnboundedError) for ``min c @ x s.t. x >= 0, x1 - x0 <= 1`` at ``c = (1 - e, -1)``, e = 1e-9 to
+1e-12. At 1e-13 (~150 ulps of the scale) the steps end short of the vertex or with a ray the
+caller's exactness test (64 rounding levels) cannot confirm: the element is not solved here, and
+a point another solver returns for it carries a SolverWarning (:data:`~.measures.FLAT`). Below
+~3e-14 the slope is at rounding: a tie, its point not unique (the backward's GradientWarning).
 """
 from __future__ import annotations
 
