@@ -56,9 +56,14 @@ def flat_tolerance(P, q, A, x, z) -> torch.Tensor:
 
 
 def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                 where: torch.Tensor) -> torch.Tensor:
+                 where: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """``(B,)`` the elements among ``where`` whose objective falls along a null direction of
-    their limit system beyond rounding (the module docstring): not solutions.
+    their limit system beyond rounding (the module docstring) that moves the outputs: not solutions.
+
+    ``cols``: the output variables (all where ``None``), as the error estimate's. A direction
+    that moves none of them (an epigraph variable free above ``λ‖x‖₁`` with λ = 1e-12 beside a
+    strictly convex ``x``) leaves the outputs determined: that point stays (the backward warns of
+    the multiplier it cannot resolve), where the active-set steps could not always close the gap.
 
     The null space :math:`N` of :math:`P + C^T C` is found unsquared, as
     :func:`~.uniqueness._unsquared` does: ``C``'s right singular vectors with singular values
@@ -85,13 +90,17 @@ def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: tor
     if not idx.numel():
         return gate
     part = d.select(idx)
-    slope = _null_slope(part, layout, *(v.index_select(0, idx) for v in (s, z, rx)))
-    return gate.index_copy(0, idx, slope > tol.index_select(0, idx))
+    slope, v = _null_slope(part, layout, *(v.index_select(0, idx) for v in (s, z, rx)))
+    # (the steepest flat direction reaches the outputs beyond its own rounding)
+    out = v if cols is None else v.index_select(1, cols.to(v.device))
+    reached = row_inf(out) > torch.finfo(v.dtype).eps ** 0.5 * row_inf(v)
+    return gate.index_copy(0, idx, (slope > tol.index_select(0, idx)) & reached)
 
 
-def _null_slope(d, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` the 2-norm of ``rx`` ``(B, n)``'s projection on the null space of the limit
-    matrix of ``d`` at ``(s, z)`` (see :func:`flat_descent`)."""
+def _null_slope(d, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor,
+                rx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((B,), (B, n))`` the 2-norm of ``rx`` ``(B, n)``'s projection on the null space of the limit
+    matrix of ``d`` at ``(s, z)`` (see :func:`flat_descent`), and that projection."""
     P = d.P
     B, n = rx.shape
     eps = torch.finfo(rx.dtype).eps
@@ -113,5 +122,5 @@ def _null_slope(d, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor, rx: tor
     lam, Y = torch.linalg.eigh(S)
     # (eigh's rounding is that of the whole matrix, big included: P = 0 came out at ~eps big)
     null = lam <= n * eps * big[:, None]
-    coef = (Y.mT @ (Vt @ rx.unsqueeze(-1))).squeeze(-1)
-    return torch.where(null, coef, 0.0).norm(dim=1)
+    coef = torch.where(null, (Y.mT @ (Vt @ rx.unsqueeze(-1))).squeeze(-1), 0.0)
+    return coef.norm(dim=1), (Vt.mT @ (Y @ coef.unsqueeze(-1))).squeeze(-1)
