@@ -447,7 +447,7 @@ def _convex_layer():
 
 
 FORWARD_OVER_REVERSE = CASES + [  # (seeded, as CASES: a ConvexLayer input projected onto vertices has H = 0)
-    ("DeclarativeNode", torch.randn(2, 3, dtype=F64, generator=_G), Quartic()),
+    ("Quartic (a DeclarativeNode, named)", torch.randn(2, 3, dtype=F64, generator=_G), Quartic()),
     ("sinkhorn marginal", torch.softmax(torch.randn(2, 4, dtype=F64, generator=_G), -1), _sinkhorn_marginal),
     ("ConvexLayer", torch.randn(2, 4, dtype=F64, generator=_G), _convex_layer()),
     ("linear_fit", torch.randn(2, 3, 7, dtype=F64, generator=_G),
