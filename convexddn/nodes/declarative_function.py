@@ -27,8 +27,8 @@ from ._read_guard import ForwardVersions, check_solve_kept, versions_of
 from .degeneracy import naming_batch
 from .inputs import input_names
 
-__all__ = ["DeclarativeFunction", "arity_error", "check_structure", "differentiated_parameters", "parameter_leaves",
-           "refuse_batched", "refuse_functorch", "solve_input_names", "y_by_keyword"]
+__all__ = ["DeclarativeFunction", "arity_error", "backward_targets", "check_structure", "differentiated_parameters",
+           "held", "parameter_leaves", "refuse_batched", "refuse_functorch", "solve_input_names", "y_by_keyword"]
 
 Tensor = torch.Tensor
 
@@ -66,6 +66,7 @@ class DeclarativeFunction(torch.autograd.Function):
         # forward before it (the GAN pattern) steps them in place (an InputError in this backward before).
         state = held_per_call(node, state)
         ctx.node, ctx.n_inputs, ctx.batch_shape, ctx.state, ctx.names = node, n, batch_shape, state, names
+        ctx.held = held(state)  # (the values: a .half() before the backward converts the parameters in place)
         # The parameters that require grad are saved (not just referenced): one changed
         # in place before the backward raises autograd's error, as nn.Linear's would,
         # instead of being differentiated at its new value. Inputs made under
@@ -116,12 +117,17 @@ class DeclarativeFunction(torch.autograd.Function):
         # as torch's layers give it none, and is read as a constant (autograd's raw "One of
         # the differentiated Tensors does not require grad" failed the inputs' gradient too).
         want = [i for i, need in enumerate(needs[ctx.n_inputs:]) if need and params[i].requires_grad]
+        # At the values the forward solved with (ctx.state), whatever .half() or .to(dtype) made of them since.
+        targets, state, owners = backward_targets([params[i] for i in want], ctx.state, ctx.held,
+                                                  [ctx.names[i] for i in want])
         with torch.no_grad():
-            grad_xs, grad_want = node._vjp(xs, y, grad_y, [params[i] for i in want], ctx.batch_shape, ctx.state,
-                                           ctx.versions, needs[:ctx.n_inputs])
+            grad_xs, grad_targets = node._vjp(xs, y, grad_y, targets, ctx.batch_shape, state, ctx.versions,
+                                              needs[:ctx.n_inputs])
         grad_params: list[Tensor | None] = [None] * len(params)
-        for i, g in zip(want, grad_want):
-            grad_params[i] = g
+        for i, own in zip(want, owners):
+            grad_params[i] = grad_targets[own[0]]
+            for j in own[1:]:
+                grad_params[i] = grad_params[i] + grad_targets[j].to(grad_params[i].dtype)
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
         # create_graph=True: make a second differentiation fail loudly, not give 0.
         # (its advice for first-order products: forward_ad alone, the node refusing torch.func)
@@ -145,6 +151,62 @@ def differentiated_parameters(module: torch.nn.Module) -> list[tuple[str, Tensor
             "or pass them as inputs)")
     return [(n, p) for n, p in module.named_parameters()
             if p.requires_grad or forward_ad.unpack_dual(p).tangent is not None]
+
+
+def held(state: dict) -> dict:
+    """``state`` (a module's parameters and buffers by name, as a forward saw them) with each tensor
+    replaced by a detached alias of it, one per tensor (a tied one's names share it): the storage the
+    forward solved with and the same version counter, for its backward.
+
+    ``nn.Module._apply`` (``.half()``, ``.bfloat16()``, ``.double()``, ``.to(dtype)``) points each
+    parameter at a converted copy (``param.data = ...``): the same object, with no version bump, and
+    the old storage left to what still refers to it. Holding the parameter itself, the backward read the
+    converted values (after ``.half()``, every row's dL/dx 6e-5 off, silently), where torch's own layers
+    keep the forward's (their saved views). An in-place change still moves the alias's counter."""
+    aliases: dict[int, Tensor] = {}
+    for t in state.values():
+        if isinstance(t, Tensor) and id(t) not in aliases:
+            aliases[id(t)] = t.detach()
+    return {name: aliases.get(id(t), t) for name, t in state.items()}
+
+
+def backward_targets(params: list[Tensor], state: dict, held_state: dict,
+                     names: list[str]) -> tuple[list[Tensor], dict, list[tuple[int, ...]]]:
+    """What the backward differentiates for the parameters ``params`` (named ``names``; the forward's
+    ``state`` and its :func:`held` aliases ``held_state``): the tensors, the state the problem reads, and per
+    parameter the indices of its tensors, whose gradients sum to its.
+
+    Each tensor that still holds the storage its forward solved with is read itself and a parameter's
+    saved tensor differentiated, as ever (a graph built from it outside the problem, an attribute
+    ``self.r = self.w.exp()`` set in ``solve``, reaches it there; so does a saved tensor unpacked by
+    hooks, a non-reentrant checkpoint's, which shares its gradient accumulator). One given a new storage
+    since (``.half()``, ``.to(memory_format=...)``: a converted copy under the same object) is read at the
+    value held, a parameter's as a leaf of its own (by identity: a tied parameter's every name); the
+    parameter is differentiated too where graphs built at the forward still reach it: torch keeps its
+    gradient accumulator across ``.data = ...`` unless the dtype or device changes. Where it does not, such
+    a graph holds the parameter as a tensor the backward does not differentiate: the problem's check raises
+    ``InputError`` (differentiating the parameter gave that part of the gradient as 0, silently)."""
+    now = {name: t if _unmoved(t, held_state[name]) else held_state[name] for name, t in state.items()}
+    targets: list[Tensor] = []
+    owners: list[tuple[int, ...]] = []
+    by_id: dict[int, Tensor] = {}
+    for p, name in zip(params, names):
+        value = now[name]
+        if value is state[name]:
+            owners.append((len(targets),))
+            targets.append(p)
+        else:
+            by_id[id(value)] = leaf = value.detach().requires_grad_(True)
+            kept = p.dtype == value.dtype and p.device == value.device  # (its accumulator, as torch's set_data)
+            owners.append((len(targets), len(targets) + 1) if kept else (len(targets),))
+            targets += [leaf, p] if kept else [leaf]
+    return targets, {name: by_id.get(id(t), t) for name, t in now.items()}, owners
+
+
+def _unmoved(t, alias) -> bool:
+    """Whether ``t`` still holds the storage of its alias ``alias`` taken at the forward (a sparse tensor,
+    which ``_apply`` replaces as an object where it converts it, counts as unmoved)."""
+    return not isinstance(t, Tensor) or t.layout != torch.strided or t.is_set_to(alias)
 
 
 def parameter_leaves(params, state: dict, names) -> tuple[tuple[Tensor, ...], dict]:
