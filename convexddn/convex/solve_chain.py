@@ -19,7 +19,7 @@ Where the first solver and the fallback both failed and no verified certificate 
 claims the problem infeasible or unbounded), the solvers of :data:`LAST_RESORT` that have not run and take
 the program's cones (:func:`takes_cones`) are tried, once each, before the verdict: ``max Σ log y
 s.t. aᵀy = 1`` with ``a ~ 1e8`` (``y = 1/(n a)``) left Clarabel at KKT residual 1.6e-6 and SCS at its
-iteration limit, while ECOS (installed with CVXPY) solves it to 4e-7. Its point goes through the
+iteration limit, while ECOS (a dependency) solves it to 4e-7. Its point goes through the
 checks of any other (the residual, the own-unit retry, the certificate's reach), is returned with
 the fallback's ``SolverWarning`` ("solved by the last resort ECOS"), and its failure joins the
 others in the error. ``fallback=None`` (no other solver, the user said) runs none, nor does a
@@ -34,27 +34,15 @@ import scipy.sparse as sp
 
 from .dissent import judge, within_reach
 from .own_unit import try_in_unit
+from .solver_args import takes_cones
 from .rescues import failure_cause
 
-__all__ = ["LAST_RESORT", "OPINION", "after_failure", "takes_cones"]
+__all__ = ["LAST_RESORT", "OPINION", "after_failure"]
 
 OPINION = "Clarabel"  # the solver consulted on a certificate that is not exact, where it has not run
 #: Solvers tried, in order, where the first solver and the fallback failed with no verified certificate
 #: standing (:func:`_last_resort`); a solver that ran already, or cannot take the cones, is skipped.
 LAST_RESORT = ("ECOS",)
-#: The cones (keys of diffcp's cone dictionary, SCS's names) that each solver of :data:`LAST_RESORT`
-#: takes. diffcp hands ECOS the zero, nonnegative, second-order and primal exponential cones only: it
-#: refuses PSD blocks and would drop dual exponential ones ("ed") silently. (Power cones never reach
-#: diffcp: ``CheckedDiffcp.setup`` rewrites or refuses them.)
-_TAKES = {"ECOS": frozenset({"z", "f", "l", "q", "ep"})}
-
-
-def takes_cones(method: str, cone_dict: dict) -> bool:
-    """Whether ``method`` takes every cone of ``cone_dict`` (diffcp's dictionary: a count, or a
-    list of block sizes, per key); a solver not in :data:`_TAKES` takes them all."""
-    taken = _TAKES.get(method)
-    return taken is None or all(key in taken for key, size in cone_dict.items() if size)
-
 
 def _needs_opinion(fail: tuple, ran: list[str], failures: list[tuple]) -> bool:
     """Whether the failure ``fail`` (``(message, kind, claim, run)``, see :meth:`~.per_element.CheckedDiffcp._try`)

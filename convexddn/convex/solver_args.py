@@ -280,6 +280,14 @@ def solver_choice(name: str, value: Any, valid: tuple[str, ...], optional: bool 
 # Cones a per-element solver cannot take: diffcp hands them over anyway and the solver
 # fails on every element of every call (ECOS: "PSD cone not supported by ECOS").
 _CONES_NOT_TAKEN = {"ECOS": (("psd", "semidefinite cones (constraints such as X >> 0)"),)}
+# CVXPY's cone-dimension attribute -> its key in diffcp's cone dictionary (CVXPY's dims_to_solver_dict).
+_CONE_KEYS = {"psd": "s"}
+
+
+def takes_cones(solver: str, cone_dict: dict) -> bool:
+    """Whether ``solver`` takes every cone of diffcp's cone dictionary ``cone_dict`` (a count, or a list
+    of block sizes, per key): the same table as :func:`check_solver_cones`'s."""
+    return not any(cone_dict.get(_CONE_KEYS[attr]) for attr, _ in _CONES_NOT_TAKEN.get(solver, ()))
 
 
 def check_solver_cones(dims: Any, **solvers: str | None) -> None:

@@ -141,12 +141,12 @@ def test_the_last_resort_runs_where_it_takes_the_cones(monkeypatch):
 
 
 def test_takes_cones_reads_diffcp_cone_dictionaries():
-    from convexddn.convex.solve_chain import takes_cones
+    # (CVXPY's dims_to_solver_dict: keys z/f, l, q, ep, s, p, pnd; the table is check_solver_cones's)
+    from convexddn.convex.solver_args import takes_cones
 
-    assert takes_cones("ECOS", {"z": 1, "l": 2, "q": [3], "ep": 4, "s": [], "ed": 0})
+    assert takes_cones("ECOS", {"z": 1, "l": 2, "q": [3], "ep": 4, "s": []})
     assert not takes_cones("ECOS", {"z": 1, "s": [2]})
-    assert not takes_cones("ECOS", {"l": 1, "ed": 1})
-    assert takes_cones("Clarabel", {"s": [2], "ed": 1})  # (not a last resort: no restriction known)
+    assert takes_cones("Clarabel", {"s": [2]})  # (no restriction known)
 
 
 def test_worker_processes_take_the_last_resort_too():
