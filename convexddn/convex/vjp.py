@@ -58,8 +58,8 @@ from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
 from .zero_rows import held_zero_rows, moved_zero_rows
 
-__all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "LIMIT_GATE", "PROBE_GAIN",
-           "PROBE_GATE", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
+__all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "GRADIENT_ACCURACY", "LIMIT_GATE",
+           "PROBE_GAIN", "PROBE_GATE", "SIDE_RTOL", "cone_jvp", "cone_vjp"]
 
 
 def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refine: int = 3,
@@ -79,7 +79,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
             the limit test checks (the solve's ``error_cols``).
 
     Returns:
-        ``(gP, gq, gA, gb, not_differentiable, nonunique, unsolved, zero_rows)``: the gradients, exactly zero
+        ``(gP, gq, gA, gb, not_differentiable, nonunique, unsolved, zero_rows, error)``: the gradients, exactly zero
         for elements that are not solved, whose cotangent is zero, whose final KKT matrix
         could not be factorised or whose solution is not unique; ``(B,)`` masks of the
         solved elements whose solution is not unique along the cotangent (``nonunique``:
@@ -93,7 +93,10 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
         outputs that are not unique, or a degenerate vertex, see ``tangent``); ``unsolved``:
         those of ``nonunique`` whose system could not be solved and that no other test flags;
         ``zero_rows``: those of ``not_differentiable`` with a zero row that holds, which the
-        ``tangent`` moves (:func:`~.zero_rows.moved_zero_rows`: no derivative in its data).
+        ``tangent`` moves (:func:`~.zero_rows.moved_zero_rows`: no derivative in its data);
+        ``error``: ``(B,)`` the estimated relative error of the gradients kept from a dense solve
+        (:func:`_certify`; 0 elsewhere; None where none was solved), to be warned about above
+        :data:`GRADIENT_ACCURACY`.
     """
     d, kkt = sol.scaled, sol.kkt  # factorised at the solution by the forward
     rc = d.c.sqrt()[:, None]
@@ -173,7 +176,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # Beyond AMPLIFICATION, where the limit test finds the solution unique, an ill-conditioned
     # but unique solution (u^1.005 at u = 6e3: du/dq = 1.2e6): its answer kept where accurate.
     big = ok[:, 0] & (amplification > AMPLIFICATION)
-    ux, uz, certified = _certify(sol, layout, ok[:, 0] & ((big & ~reached) | steep) & ~unsolved, rx, rz, ux, uz)
+    ux, uz, certified, error = _certify(sol, layout, ok[:, 0] & ((big & ~reached) | steep) & ~unsolved, rx, rz,
+                                        ux, uz)
     uz = inactive_zero(kkt, layout, uz)
     # (not certified: unique, by the limit test or the rows' own rank, but not solved accurately:
     # rows 1e-7 apart in a QP, multipliers ~1/d², 5e-2 off; zeroed and warned as such)
@@ -198,7 +202,8 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     gP = torch.bmm(left, torch.stack([x, ux], 1)).mul_(-0.5)
     gA = torch.bmm(torch.stack([z, uz], -1), left.mT).neg_()
     unsolved = nonunique & (unsolved | uncertain) & ~(reached | outputs | vertex | kinks | (big & ~uncertain))
-    return gP, -ux, gA, uz, not_differentiable, nonunique, unsolved, zero & not_differentiable
+    error = None if error is None else torch.where(ok[:, 0], error, 0.0)  # (of the gradients kept)
+    return gP, -ux, gA, uz, not_differentiable, nonunique, unsolved, zero & not_differentiable, error
 
 
 def _objective_part(dP: torch.Tensor, dq: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +226,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     is zero).
 
     Returns:
-        ``(dx, dz, flagged, zeroed, unsolved, zero_rows)``: the tangents, exactly zero for elements that are
+        ``(dx, dz, flagged, zeroed, unsolved, zero_rows, error)``: the tangents, exactly zero for elements that are
         not solved and where no derivative exists (``zeroed``): the system amplifies the
         tangent's right-hand side by more than :data:`AMPLIFICATION` uncertified (:func:`_certify`), or the requested
         outputs (``cols``) or that right-hand side reach a null direction of the limit
@@ -232,7 +237,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
         vertex moved apart: a one-sided derivative); ``unsolved`` those ``zeroed`` whose
         system could not be solved and that nothing else flags; ``zero_rows`` the solved elements
         with a zero row that holds, which the tangent moves (:func:`~.zero_rows.held_zero_rows`):
-        that part of the tangent is dropped (no derivative in the row's data exists), the rest kept.
+        that part of the tangent is dropped (no derivative in the row's data exists), the rest kept;
+        ``error`` as :func:`cone_vjp`'s.
     """
     d, kkt, x, z = sol.scaled, sol.kkt, sol.x, sol.z
     rx, rz = torch.zeros_like(x), torch.zeros_like(z)
@@ -264,8 +270,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     # optima), and a tangent may not excite it at all: the limit system decides for every
     # solved element (the backward gates it by the cotangent's gain, its hot path).
     outputs, reached = _limit_test(sol, layout, ok, torch.full_like(amplification, math.inf), ex.squeeze(-1), cols)
-    ux, uz, certified = _certify(sol, layout, ok & (amplification > AMPLIFICATION) & ~reached & ~unsolved,
-                                 ex, ez, ux, uz)  # (as the backward)
+    ux, uz, certified, error = _certify(sol, layout, ok & (amplification > AMPLIFICATION) & ~reached & ~unsolved,
+                                        ex, ez, ux, uz)  # (as the backward)
     uz = inactive_zero(kkt, layout, uz)
     big = ok & (amplification > AMPLIFICATION) & ~certified
     uncertain = big & ~reached & ~unsolved & (rx.dtype == torch.float64)
@@ -282,7 +288,8 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     steep = ((amplification > PROBE_GAIN) & ~certified) | ~(apart <= INCONSISTENT_SURE)
     unsolved = zeroed & (unsolved | uncertain) & ~(outputs | reached | kinks | (steep & ~uncertain))
     flagged = zeroed | (ok & (kinks | steep | moved))
-    return dx, dz, flagged, zeroed, unsolved, flagged & moved
+    error = None if error is None else torch.where(keep[:, 0], error, 0.0)  # (of the tangents kept)
+    return dx, dz, flagged, zeroed, unsolved, flagged & moved, error
 
 
 # Relative residual the backward's KKT solve is refined to beyond its fixed steps
@@ -303,6 +310,10 @@ BACKWARD_ACCEPT = 1e-6
 AMPLIFICATION = 1e7
 # ... (the gradients' promised accuracy)
 CERTIFIED_ERROR = 1e-4
+# The relative accuracy float64 gradients promise; a certified answer estimated less accurate is kept,
+# with a GradientWarning giving the estimate: float64's floor there (u^1.005 at u* = 2e6, K's componentwise
+# condition 6.7e10: one-ulp changes of K's entries move it by 1-2e-6; 7.3e-7 off, estimated 3.5e-6).
+GRADIENT_ACCURACY = 1e-8
 # ... and above which the limit system's uniqueness test runs: non-unique solutions reach
 # at least ~lift/(eps·max z) (2.5e3 measured) even where rounding caps them; unique ones
 # stay near 1 (at most 4 on the OptNet QPs).
@@ -327,14 +338,16 @@ def _backward_accept(like: torch.Tensor) -> float:
 
 
 def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor):
-    """``(ux, uz, certified)``: the elements ``test`` ``(B,)`` (amplified beyond
+    """``(ux, uz, certified, error)``: the elements ``test`` ``(B,)`` (amplified beyond
     :data:`AMPLIFICATION`, unique by the limit system's test) solved densely
     (:func:`~.dense_kkt.dense_limit_solve_error`); ``certified`` where that answer's residual
     is below :func:`_backward_accept` and its estimated forward error below
     :data:`CERTIFIED_ERROR`, whose answers replace ``ux (B, n, 1), uz (B, m, 1)`` (all in the
-    equilibrated units of ``rx, rz``). The amplification is the derivative's size, not an error:
-    equality rows 1e-7 apart, unique vertex, amplify by 2.2e7 and come out 1e-8 exact; in a QP
-    (multipliers ~1/d²) by 1.3e7, 5e-2 off, not certified. float64 only, as the limit test."""
+    equilibrated units of ``rx, rz``); ``error`` ``(B,)`` their estimated relative error (0
+    elsewhere, None where none is tested; above :data:`GRADIENT_ACCURACY` the caller warns). The
+    amplification is the derivative's size, not an error: equality rows 1e-7 apart, unique vertex,
+    amplify by 2.2e7 and come out 1e-8 exact; in a QP (multipliers ~1/d²) by 1.3e7, 5e-2 off, not
+    certified. float64 only, as the limit test."""
     idx = torch.nonzero(test).squeeze(1) if rx.dtype == torch.float64 else test.new_zeros(0, dtype=torch.long)
     return _dense_where(sol, layout, test, idx, rx, rz, ux, uz, True)
 
@@ -363,16 +376,17 @@ def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
     :func:`_backward_accept` solved again densely (:func:`~.dense_kkt.dense_limit_solve`);
     ``unsolved`` ``(B,)`` marks those still above it. One host sync."""
     unsolved = (sol.status == SOLVED) & ~kkt.failed & ~(kkt.solve_residual <= _backward_accept(rx))  # (NaN: unsolved)
-    ux, uz, fixed = _dense_where(sol, layout, unsolved, torch.nonzero(unsolved).squeeze(1), rx, rz, ux, uz, False)
+    ux, uz, fixed, _ = _dense_where(sol, layout, unsolved, torch.nonzero(unsolved).squeeze(1), rx, rz, ux, uz, False)
     return ux, uz, unsolved & ~fixed
 
 
 def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux, uz, with_error: bool):
-    """``(ux, uz, good)``: the elements ``idx`` solved densely (:mod:`.dense_kkt`), their
+    """``(ux, uz, good, error)``: the elements ``idx`` solved densely (:mod:`.dense_kkt`), their
     answers taking the place of ``ux, uz`` where ``good`` ``(B,)``, like ``like``: the
     residual below :func:`_backward_accept` and, ``with_error``, the estimated error below
-    :data:`CERTIFIED_ERROR` (NaN: not good)."""
-    good = torch.zeros_like(like)
+    :data:`CERTIFIED_ERROR` (NaN: not good); ``error`` ``(B,)`` that estimate where ``good``
+    (0 elsewhere; None without ``with_error`` or elements: the backward's usual case, no host read)."""
+    good, estimate = torch.zeros_like(like), None
     if idx.numel():
         sub = (sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))
         x, z, res, error = dense_limit_solve_error(*sub) if with_error else (*dense_limit_solve(*sub), None)
@@ -381,4 +395,6 @@ def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux,
         ux = ux.index_copy(0, idx, torch.where(keep, x, ux.index_select(0, idx)))
         uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))
         good = good.index_copy(0, idx, ok)
-    return ux, uz, good
+        if error is not None:
+            estimate = torch.zeros_like(like, dtype=rx.dtype).index_copy(0, idx, torch.where(ok, error, 0.0))
+    return ux, uz, good, estimate

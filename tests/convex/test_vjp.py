@@ -219,26 +219,30 @@ def test_an_ill_conditioned_unique_solution_keeps_its_derivative(mode):
     """argmin over u >= 0 of u^1.005 - q u = (q/1.005)^200 (CVXPY's chain of second-order
     cones): at q = 1.05, du/dq = 200 (q/1.005)^199 / 1.005 = 1.2e6, and the derivative system
     amplifies the cotangent by 1.1e7, beyond AMPLIFICATION: the gradient was zeroed as "not
-    unique", although the limit test finds the solution unique and the dense solve is exact."""
+    unique", although the limit test finds the solution unique and the dense solve is 2.4e-8 off.
+    That is above float64's 1e-8 promise (the system's own floor: tests/convex/test_power_gradient.py),
+    so it is kept with the one GradientWarning that gives its estimated error (3e-7)."""
     u, q = cp.Variable(), cp.Parameter(name="q")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # (CVXPY's note on the rational approximation)
         layer = ConvexLayer(cp.Problem(cp.Minimize(cp.power(u, 1.005) - q * u), [u >= 0]), [q], [u])
     qv = 1.05
     Q = torch.tensor(qv, dtype=F64, requires_grad=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("error", GradientWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         g = torch.autograd.grad(layer(Q), Q)[0] if mode == "backward" else _forward_mode(layer, Q.detach())
     assert layer.last_solve.backend == ["batched"]
     torch.testing.assert_close(g, torch.tensor(200 * (qv / 1.005) ** 199 / 1.005, dtype=F64), rtol=1e-6, atol=0)
+    texts = [w.message for w in caught if issubclass(w.category, GradientWarning)]
+    assert len(texts) == 1 and 1e-8 < texts[0].estimated_error[0] < 1e-4, [str(t) for t in texts]
 
 
 def test_nearly_parallel_rows_have_their_derivative_where_it_is_solved_accurately():
     """min ‖y − c‖² s.t. Ey = f, y >= −5, rows 0 and 1 of E d apart: the solution is unique,
     d sum(y)/df = 1ᵀEᵀ(EEᵀ)⁻¹ ~ 1/d, and the multipliers go as 1/d². At d = 1e-7 the
     cotangent is amplified beyond AMPLIFICATION, and the gradient was zeroed as "not unique";
-    the dense solve's estimated error certifies it (1.6e-6 off). At 1e-8 it does not (a
+    the dense solve's estimated error certifies it (1.6e-6 off, estimated 1.7e-6: kept, with the
+    GradientWarning giving that estimate, above float64's 1e-8 promise). At 1e-8 it does not (a
     gradient of 3, for 1e8, came back warned as a one-sided blend): zeroed, with the warning
     that the system could not be solved accurately, not that the solution is not unique."""
     n, p = 5, 3
@@ -256,13 +260,18 @@ def test_nearly_parallel_rows_have_their_derivative_where_it_is_solved_accuratel
             (g,) = torch.autograd.grad(out.sum(), F)
         assert out.min() > -4  # (the bounds inactive)
         texts = [str(w.message) for w in caught if issubclass(w.category, GradientWarning)]
+        estimates = [e for w in caught for e in getattr(w.message, "estimated_error", [])]
         if d < 1e-7:
             assert len(texts) == 1 and "could not be solved accurately" in texts[0], texts
             assert not g.any()
         else:
             exact = torch.linalg.pinv(Et).T @ torch.ones(n, dtype=F64)  # (EEᵀ)⁻¹E 1, unsquared
-            assert not texts, texts
             torch.testing.assert_close(g, exact, rtol=1e-5, atol=0)
+            if d < 1e-6:
+                error = ((g - exact).abs().max() / exact.abs().max()).item()
+                assert len(texts) == 1 and len(estimates) == 1 and error <= estimates[0] < 1e-4, texts
+            else:
+                assert not texts, texts
 
 
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
