@@ -304,7 +304,8 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     wrong = live & (sign_violation(d.P, d.q, d.A, d.b, layout, xs, ss, zs) > 1)
     rough = live & (residual <= tol_accept) & ~(error <= tol_error)
     # A point whose cost still falls along its face (.flat_face): no solution either.
-    flat = flat_descent(d, layout, xs, ss, zs, live & ~wrong & (residual <= tol_accept), error_cols)
+    flat = flat_descent(d, layout, xs, ss, zs, live & ~wrong & (residual <= tol_accept), error_cols,
+                        error_duals)
     wrong = wrong | flat
     # (what stays of a wrong point: an infinite error, whatever the steps do)
     stays = torch.where(wrong, torch.inf, error)
@@ -343,7 +344,7 @@ def settle_signs(d, systems, layout: ConeLayout, point: tuple, live: torch.Tenso
     part_error = torch.where(damped, torch.inf, part_error)  # (no polish follows: no estimate, as finish's)
     ok = done & (sign_violation(*data, layout, x, s, z) <= 1) & (part_error <= tol_error)
     # (and no descent left along its face: the steps resolve margins to ~1e-12, not 1e-13)
-    ok = ok & ~flat_descent(sub, layout, x, s, z, ok, error_cols)
+    ok = ok & ~flat_descent(sub, layout, x, s, z, ok, error_cols, error_duals)
     keep = lambda new, a, b: torch.where(new.view((-1,) + (1,) * (a.dim() - 1)), a, b)  # noqa: E731
     x, s, z, res = (keep(found, v0, keep(ok, v, pick(old)))
                     for v0, v, old in zip((x0, s0, z0, res), (x, s, z, res), (xs, ss, zs, residual)))

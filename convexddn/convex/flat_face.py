@@ -56,14 +56,30 @@ def flat_tolerance(P, q, A, x, z) -> torch.Tensor:
 
 
 def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
-                 where: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+                 where: torch.Tensor, cols: torch.Tensor | None = None,
+                 duals: torch.Tensor | None = None) -> torch.Tensor:
     """``(B,)`` the elements among ``where`` whose objective falls along a null direction of
-    their limit system beyond rounding (the module docstring) that moves the outputs: not solutions.
+    their limit system beyond rounding (the module docstring): not solutions, with one excuse.
 
-    ``cols``: the output variables (all where ``None``), as the error estimate's. A direction
-    that moves none of them (an epigraph variable free above ``λ‖x‖₁`` with λ = 1e-12 beside a
-    strictly convex ``x``) leaves the outputs determined: that point stays (the backward warns of
-    the multiplier it cannot resolve), where the active-set steps could not always close the gap.
+    The excuse, ``cols`` the output variables (all where ``None``) and ``duals`` the output
+    multipliers' rows (none where ``None`` or empty), as the error estimate's: an epigraph
+    variable free above ``λ‖x‖₁`` with λ = 1e-12 beside a strictly convex ``x`` falls at slope λ
+    (not rounding) until its rows ``t ≥ ±x`` hold, and the active-set steps could not always close
+    that gap. Such a point stays (the backward warns of the multiplier it cannot resolve) where
+
+    - no multiplier is an output (the vertex the descent ends at has other ones),
+    - neither the steepest flat direction ``-v`` (``v`` = ``r_x``'s projection on ``N``) nor the
+      cost's, ``-u`` (``u`` = ``(Px + q)``'s), moves the output variables beyond its rounding,
+    - and the cost's descent is bounded: the inequality rows ``-u`` uses up,
+      ``B = {i : a_iᵀ u < 0}`` (unit rows, beyond ``√ε ‖u‖``), leave no fall in the face: the
+      steepest direction in :math:`N \\cap \\ker A_B` has its slope at rounding. Where none blocks
+      (the exact ray (1, 1) of ``min c·x, x ≥ 0, x1 − x0 ≤ 1``) that is ``u`` itself: a ray is
+      never excused, whatever the outputs; where the blockers stop only part of the fall (a ray
+      beside the epigraph variable) the rest is one too. (``N ∩ ker A_B`` keeps the blockers'
+      span, not Farkas's cone: with one blocker the two agree, with several it may excuse a ray
+      that a mixed-sign combination of blockers hides; the steps then never run.) The cost's
+      gradient, not ``r_x``: ``r_x`` also holds the unresolved multipliers of rows outside ``C``
+      (an epigraph row's λ-sized ``z``), whose share in ``r_x`` may point out of every blocker.
 
     The null space :math:`N` of :math:`P + C^T C` is found unsquared, as
     :func:`~.uniqueness._unsquared` does: ``C``'s right singular vectors with singular values
@@ -90,17 +106,56 @@ def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: tor
     if not idx.numel():
         return gate
     part = d.select(idx)
-    slope, v = _null_slope(part, layout, *(v.index_select(0, idx) for v in (s, z, rx)))
-    # (the steepest flat direction reaches the outputs beyond its own rounding)
+    slope, v, basis = _null_slope(part, layout, *(v.index_select(0, idx) for v in (s, z, rx)))
+    tol = tol.index_select(0, idx)
+    falls = slope > tol
+    if duals is not None and duals.numel():  # (the multipliers are outputs: no excuse)
+        return gate.index_copy(0, idx, falls)
+    # The cost's own fall in the face: g = Px + q along N (Pv = 0 there: linear). Not rx's,
+    # which holds the unresolved multipliers of rows outside C (an epigraph row's λ-sized z).
+    g = bmv(part.P, x.index_select(0, idx)) + part.q
+    u = bmv(basis, bmv(basis.mT, g))
+    reached = _moves(v, cols) | _moves(u, cols)
+    unblocked = _unblocked_slope(part.A[:, layout.zero:layout.zero + layout.nonneg], u, basis) > tol
+    return gate.index_copy(0, idx, falls & (reached | unblocked))
+
+
+def _moves(v: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """``(B,)`` the direction ``v`` ``(B, n)`` moves the variables ``cols`` (all where ``None``)
+    beyond its own rounding (``√ε ‖v‖∞``)."""
     out = v if cols is None else v.index_select(1, cols.to(v.device))
-    reached = row_inf(out) > torch.finfo(v.dtype).eps ** 0.5 * row_inf(v)
-    return gate.index_copy(0, idx, (slope > tol.index_select(0, idx)) & reached)
+    return row_inf(out) > torch.finfo(v.dtype).eps ** 0.5 * row_inf(v)
+
+
+def _unblocked_slope(A: torch.Tensor, v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the fall along the face that the rows blocking ``-v`` leave: the length of
+    ``v`` ``(B, n)`` (the cost's gradient projected on ``N``)'s projection on
+    :math:`N \\cap \\ker A_B` (see :func:`flat_descent`).
+
+    ``A`` ``(B, k, n)`` the inequality rows (``s = b - Ax ≥ 0``: ``-v`` uses row i up where
+    ``a_iᵀ v < 0``), ``basis`` ``(B, n, n)`` orthonormal columns, those outside ``N`` zero, ``v`` in
+    their span. In ``N``'s coordinates ``c = basisᵀ v`` the blockers are ``G = A_B basis``; the
+    projection keeps ``c``'s part along ``G``'s right singular vectors with singular values at
+    most ``√ε`` (unit rows: a blocker that far from ``N`` moves ``√ε`` per unit step, as the
+    blocking threshold). One SVD of ``(k, n)``, on the few elements flat_descent gates."""
+    B, k, n = A.shape
+    if not k:
+        return v.norm(dim=1)
+    root = torch.finfo(v.dtype).eps ** 0.5
+    unit = A / A.norm(dim=2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    blocks = bmv(unit, v) < -root * v.norm(dim=1, keepdim=True)
+    G = torch.where(blocks[:, :, None], unit, 0.0) @ basis
+    _, sv, Wt = torch.linalg.svd(G)  # (full: Wt (B, n, n))
+    sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
+    c = bmv(Wt, bmv(basis.mT, v))
+    return torch.where(sv <= root, c, 0.0).norm(dim=1)
 
 
 def _null_slope(d, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor,
-                rx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``((B,), (B, n))`` the 2-norm of ``rx`` ``(B, n)``'s projection on the null space of the limit
-    matrix of ``d`` at ``(s, z)`` (see :func:`flat_descent`), and that projection."""
+                rx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``((B,), (B, n), (B, n, n))`` the 2-norm of ``rx`` ``(B, n)``'s projection on the null space
+    :math:`N` of the limit matrix of ``d`` at ``(s, z)`` (see :func:`flat_descent`), that
+    projection, and an orthonormal basis of :math:`N` (its columns, the others zero)."""
     P = d.P
     B, n = rx.shape
     eps = torch.finfo(rx.dtype).eps
@@ -123,4 +178,5 @@ def _null_slope(d, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor,
     # (eigh's rounding is that of the whole matrix, big included: P = 0 came out at ~eps big)
     null = lam <= n * eps * big[:, None]
     coef = torch.where(null, (Y.mT @ (Vt @ rx.unsqueeze(-1))).squeeze(-1), 0.0)
-    return coef.norm(dim=1), (Vt.mT @ (Y @ coef.unsqueeze(-1))).squeeze(-1)
+    basis = torch.where(null[:, None, :], Vt.mT @ Y, 0.0)
+    return coef.norm(dim=1), bmv(basis, coef), basis

@@ -129,3 +129,33 @@ def test_margin_near_rounding_is_never_silent(make, value):
         assert warned
     else:
         assert warned or torch.allclose(y, torch.tensor([1.0, 0.0], dtype=F64), atol=1e-9, rtol=0)
+
+
+def ray_outputs(which):
+    """The ray LP with the outputs ``which``: ``x``; only its rows' multipliers; or only ``y`` of
+    ``+ ||y - p||^2`` beside it (strictly convex, untouched by the ray (1, 1) in ``x``)."""
+    x, y, c, p = cp.Variable(2), cp.Variable(2), cp.Parameter(2), cp.Parameter(2)
+    cons = [x >= 0, x[1] - x[0] <= 1]
+    if which == "y":
+        prob = cp.Problem(cp.Minimize(c @ x + cp.sum_squares(y - p)), cons)
+        return cddn.ConvexLayer(prob, [c, p], [y]), [torch.tensor([0.3, -0.2], dtype=F64)]
+    outs = [x] if which == "x" else [con.dual_variables[0] for con in cons]
+    return cddn.ConvexLayer(cp.Problem(cp.Minimize(c @ x), cons), [c], outs), []
+
+
+@pytest.mark.parametrize("which", ["x", "duals", "y"])
+@pytest.mark.parametrize("e", MARGINS)
+def test_unbounded_whatever_the_outputs(which, e):
+    """Unbounded by hand (the ray (1, 1)): an UnboundedError, or the SolverWarning naming the
+    flat face, whatever is asked for. Asking only for the multipliers, or for a variable the ray
+    leaves still, came back "solved" without a warning: the flat direction moved no output, and
+    that alone excused it."""
+    layer, rest = ray_outputs(which)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            layer(torch.tensor([1 - e, -1.0], dtype=F64), *rest)
+        except UnboundedError:
+            return
+    assert [w for w in caught if issubclass(w.category, SolverWarning) and "face" in str(w.message)], \
+        f"solved silently: {layer.last_solve}"
