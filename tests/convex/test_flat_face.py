@@ -159,3 +159,22 @@ def test_unbounded_whatever_the_outputs(which, e):
             return
     assert [w for w in caught if issubclass(w.category, SolverWarning) and "face" in str(w.message)], \
         f"solved silently: {layer.last_solve}"
+
+
+@pytest.mark.parametrize("e", [1e-10, 1e-12])
+def test_a_ray_beside_an_epigraph_variable_is_never_silent(e):
+    """The ray (1, 1) in ``x`` beside ``1e-12 ||w||_1 + ||w - p||^2``, output ``w`` only: unbounded
+    by hand. The steepest flat direction also lowers the epigraph variable, whose rows block it;
+    that block excused the whole fall ("solved" silently), the ray's part included."""
+    x, w, c, p, lam = cp.Variable(2), cp.Variable(3), cp.Parameter(2), cp.Parameter(3), cp.Parameter(nonneg=True)
+    cost = c @ x + lam * cp.norm1(w) + cp.sum_squares(w - p)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(cost), [x >= 0, x[1] - x[0] <= 1]), [c, p, lam], [w])
+    values = [torch.tensor([1 - e, -1.0], dtype=F64), torch.tensor([1.0, -2.0, 0.5], dtype=F64),
+              torch.tensor(1e-12, dtype=F64)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            layer(*values)
+        except UnboundedError:
+            return
+    assert [w for w in caught if issubclass(w.category, SolverWarning)], f"solved silently: {layer.last_solve}"
