@@ -128,7 +128,7 @@ def _other_side(sol: ConeSolution, layout, idx: torch.Tensor, hold: torch.Tensor
     below the radius: held active it fixes ``u_t``, which no output reads; the row equation's gap
     there was 1 with the sides equal on ``y``). On the row itself the inactive side's
     multiplier is 0, the active side's what the data's ``b_i`` would read (its one-sided gradient)."""
-    from .vjp import _backward_accept  # (vjp imports this module)
+    from .vjp_gates import backward_accept
 
     z0, k = layout.zero, layout.nonneg
     u_x, u_z = u
@@ -144,5 +144,5 @@ def _other_side(sol: ConeSolution, layout, idx: torch.Tensor, hold: torch.Tensor
     dz = u_z.index_copy(0, sub, oz) - u_z
     apart = torch.maximum(_read_size(dx, None if masks is None else masks[0]),
                           _read_size(dz, None if masks is None else masks[1]))
-    solved = torch.ones_like(apart, dtype=torch.bool).index_copy(0, sub, res <= _backward_accept(rx))
+    solved = torch.ones_like(apart, dtype=torch.bool).index_copy(0, sub, res <= backward_accept(rx))
     return torch.where(solved, apart, torch.inf)

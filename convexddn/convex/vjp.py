@@ -56,6 +56,8 @@ from .kink_reach import SIDE_RTOL, kinks_reached, read_by, read_cols
 from .kkt import bmv, row_inf
 from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
+from .vjp_gates import (AMPLIFICATION, BACKWARD_ACCEPT, BACKWARD_RTOL, CERTIFIED_ERROR, GRADIENT_ACCURACY, LIMIT_GATE,
+                        PROBE_GAIN, PROBE_GATE, backward_accept)
 from .zero_rows import held_zero_rows, moved_zero_rows
 
 __all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "GRADIENT_ACCURACY", "LIMIT_GATE",
@@ -107,6 +109,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     rx, rz_all = equilibrated(gx, gz)
     rz = inactive_zero(kkt, layout, rz_all)  # (the cotangent of a multiplier that stays 0)
     ux, uz, unsolved = _solve_derivative(sol, layout, kkt, rx, rz, refine)
+    loose = _loose(sol, kkt, unsolved, rx)
     vertex = zero = torch.zeros_like(sol.status, dtype=torch.bool)
     gain = px = secant = None
     if tangent is not None:
@@ -176,6 +179,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     # Beyond AMPLIFICATION, where the limit test finds the solution unique, an ill-conditioned
     # but unique solution (u^1.005 at u = 6e3: du/dq = 1.2e6): its answer kept where accurate.
     big = ok[:, 0] & (amplification > AMPLIFICATION)
+    big = big | loose  # (an answer whose residual does not bound its error: certified the same way)
     ux, uz, certified, error = _certify(sol, layout, ok[:, 0] & ((big & ~reached) | steep) & ~unsolved, rx, rz,
                                         ux, uz)
     uz = inactive_zero(kkt, layout, uz)
@@ -263,6 +267,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     ex, ez = (rc * d.D * rx).unsqueeze(-1), (d.E * rz / rc).unsqueeze(-1)  # V⁻¹ r, as cone_vjp
     ez_all, ez = ez, inactive_zero(kkt, layout, ez)  # (an inactive row's data moves nothing)
     ux, uz, unsolved = _solve_derivative(sol, layout, kkt, ex, ez, refine)
+    loose = _loose(sol, kkt, unsolved, ex)
     amplification = (torch.maximum(row_inf(ux), row_inf(uz))
                      / torch.maximum(row_inf(ex), row_inf(ez)).clamp_min(torch.finfo(rx.dtype).tiny))
     ok = (sol.status == SOLVED) & ~kkt.failed & ((rx != 0).any(1) | (rz != 0).any(1))
@@ -270,10 +275,10 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     # optima), and a tangent may not excite it at all: the limit system decides for every
     # solved element (the backward gates it by the cotangent's gain, its hot path).
     outputs, reached = _limit_test(sol, layout, ok, torch.full_like(amplification, math.inf), ex.squeeze(-1), cols)
-    ux, uz, certified, error = _certify(sol, layout, ok & (amplification > AMPLIFICATION) & ~reached & ~unsolved,
-                                        ex, ez, ux, uz)  # (as the backward)
+    big = ok & ((amplification > AMPLIFICATION) | loose)
+    ux, uz, certified, error = _certify(sol, layout, big & ~reached & ~unsolved, ex, ez, ux, uz)  # (as the backward)
     uz = inactive_zero(kkt, layout, uz)
-    big = ok & (amplification > AMPLIFICATION) & ~certified
+    big = big & ~certified
     uncertain = big & ~reached & ~unsolved & (rx.dtype == torch.float64)
     zeroed = ok & (big | outputs | reached | unsolved)
     keep = (ok & ~zeroed)[:, None]
@@ -292,56 +297,11 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     return dx, dz, flagged, zeroed, unsolved, flagged & moved, error
 
 
-# Relative residual the backward's KKT solve is refined to beyond its fixed steps
-# (KKTSystem.solve's ``until``): an MPC's gradient 7e-7 off finite differences (4e-3 after
-# 3 steps); the n = 50 QP's backward at batch 1024 106-123 -> 127-166 ms (1e-11: 220-252).
-BACKWARD_RTOL = 1e-9
-# ... and the residual above which the factorised solve has failed: refinement stalls where
-# the limit system is too ill-conditioned for its reduced form (CVXPY's chain of 40
-# second-order cones for p^1.005 stopped at 0.46, and the gradient came back 0.4 off
-# without a warning). Those elements are solved densely (:mod:`.dense_kkt`); where that
-# fails too, their gradient is zeroed and warned about. (An MPC's ill-conditioned solves
-# reach 2e-8.)
-BACKWARD_ACCEPT = 1e-6
-# Amplification of the derivative system above which the gradient is reported as not
-# existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7),
-# unless the limit system's test finds the solution unique (float64) and a dense solve's
-# estimated error is below CERTIFIED_ERROR (see _certify) ...
-AMPLIFICATION = 1e7
-# ... (the gradients' promised accuracy)
-CERTIFIED_ERROR = 1e-4
-# The relative accuracy float64 gradients promise; a certified answer estimated less accurate is kept,
-# with a GradientWarning giving the estimate: float64's floor there (u^1.005 at u* = 2e6, K's componentwise
-# condition 6.7e10: one-ulp changes of K's entries move it by 1-2e-6; 7.3e-7 off, estimated 3.5e-6).
-GRADIENT_ACCURACY = 1e-8
-# ... and above which the limit system's uniqueness test runs: non-unique solutions reach
-# at least ~lift/(eps·max z) (2.5e3 measured) even where rounding caps them; unique ones
-# stay near 1 (at most 4 on the OptNet QPs).
-LIMIT_GATE = 10.0
-# The same for the probe along a parameter direction: measured in a gradient fuzz, at most
-# 1.7e2 on 659 elements where central differences agree with the gradient to 1e-6, at
-# least 2.3e7 on the 20 where they disagree by more than 1e-4, 7.9e6 on one more. Used with
-# second-order cones only: on LPs and QPs the limit tests decide (rows 1e-5 apart gain 1e10
-# with a derivative, as 1/d², which the gain cannot tell from a degenerate vertex's 1/δ).
-PROBE_GAIN = 1e6
-# ... and above which the limit system's test runs on the probe's right-hand side:
-# rounding capped the probe's blow-up at 85 on min ‖x‖₁ s.t. aᵀx = b at a = (1, 1, 1),
-# whose face of optima the parameters tilt; on the bench's QPs and sparsemax no element
-# passes (no cost there), on the MPC at batch 8 all do.
-PROBE_GATE = 10.0
-
-
-def _backward_accept(like: torch.Tensor) -> float:
-    """:data:`BACKWARD_ACCEPT`, or in a low precision 1e4 ε (float32 solves stop at ~1e-5,
-    where its gradients are ~1e-3 accurate)."""
-    return max(BACKWARD_ACCEPT, 1e4 * torch.finfo(like.dtype).eps)
-
-
 def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor):
     """``(ux, uz, certified, error)``: the elements ``test`` ``(B,)`` (amplified beyond
     :data:`AMPLIFICATION`, unique by the limit system's test) solved densely
     (:func:`~.dense_kkt.dense_limit_solve_error`); ``certified`` where that answer's residual
-    is below :func:`_backward_accept` and its estimated forward error below
+    is below :func:`~.vjp_gates.backward_accept` and its estimated forward error below
     :data:`CERTIFIED_ERROR`, whose answers replace ``ux (B, n, 1), uz (B, m, 1)`` (all in the
     equilibrated units of ``rx, rz``); ``error`` ``(B,)`` their estimated relative error (0
     elsewhere, None where none is tested; above :data:`GRADIENT_ACCURACY` the caller warns). The
@@ -352,10 +312,30 @@ def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor
     return _dense_where(sol, layout, test, idx, rx, rz, ux, uz, True)
 
 
+def _loose(sol, kkt, unsolved: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
+    """(B,) the solved float64 elements whose factorised answer is kept with its solve stopped above the target
+    (:data:`BACKWARD_RTOL`), beyond :data:`LOOSE` (below :data:`BACKWARD_ACCEPT`; above, solved densely): the
+    residual, relative to the right-hand side, does not bound the answer's error. K's smallest singular value may be
+    far below δ (the regularised factors' refinement gains nothing along its vector, and stalls with no correction
+    to see, :mod:`.stall`): ``argmin_{u≥0} u³ − q u`` at u* = 1e3, K's condition 2e21, stopped at 5e-7 with an answer
+    2.5e6 times too small (its component along that vector missing), no amplification to see (2e3). Certified
+    densely, as the amplified ones (:func:`_certify`). float64 only, as the certification (float32 solves stop
+    at ~1e-5)."""
+    res = kkt.solve_residual
+    return ((sol.status == SOLVED) & ~kkt.failed & ~unsolved & (res > LOOSE) & (res <= backward_accept(rx))
+            & (rx.dtype == torch.float64))
+
+
+# The residual above which a kept factorised answer is certified densely: a refinement ending within 10x of
+# BACKWARD_RTOL is at its rounding floor (the n = 50 QP at batch 64: 16 elements at 1.0-1.7e-9; certifying
+# them cost +17 % of its forward+backward); u³ at u* = 1e3 stopped at 5e-7, u^1.25 at 1e3 at 3.8e-7.
+LOOSE = 1e-8
+
+
 def _solve_derivative(sol, layout, kkt, rx, rz, refine: int):
     """``(ux, uz, unsolved)``: the derivative system solved for the equilibrated ``rx (B, n, 1),
     rz (B, m, 1)``, refined to :data:`BACKWARD_RTOL`, densely where that stays above
-    :func:`_backward_accept` or stalled (:mod:`.stall`: ``kkt.solve_error``, the estimated
+    :func:`~.vjp_gates.backward_accept` or stalled (:mod:`.stall`: ``kkt.solve_error``, the estimated
     error). A dense answer that moved by less than :data:`RECOVERED` of that estimate
     stalled too (its refinement is from a regularised matrix as well) and is unsolved."""
     ux0, uz0, _ = kkt.solve(rx, rz, refine, until=BACKWARD_RTOL)
@@ -373,9 +353,9 @@ RECOVERED = 0.1
 
 def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
     """``(ux, uz, unsolved)``: the solved elements whose factorised solve stayed above
-    :func:`_backward_accept` solved again densely (:func:`~.dense_kkt.dense_limit_solve`);
+    :func:`~.vjp_gates.backward_accept` solved again densely (:func:`~.dense_kkt.dense_limit_solve`);
     ``unsolved`` ``(B,)`` marks those still above it. One host sync."""
-    unsolved = (sol.status == SOLVED) & ~kkt.failed & ~(kkt.solve_residual <= _backward_accept(rx))  # (NaN: unsolved)
+    unsolved = (sol.status == SOLVED) & ~kkt.failed & ~(kkt.solve_residual <= backward_accept(rx))  # (NaN: unsolved)
     ux, uz, fixed, _ = _dense_where(sol, layout, unsolved, torch.nonzero(unsolved).squeeze(1), rx, rz, ux, uz, False)
     return ux, uz, unsolved & ~fixed
 
@@ -383,14 +363,17 @@ def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
 def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux, uz, with_error: bool):
     """``(ux, uz, good, error)``: the elements ``idx`` solved densely (:mod:`.dense_kkt`), their
     answers taking the place of ``ux, uz`` where ``good`` ``(B,)``, like ``like``: the
-    residual below :func:`_backward_accept` and, ``with_error``, the estimated error below
+    residual below :func:`~.vjp_gates.backward_accept` and, ``with_error``, the estimated error below
     :data:`CERTIFIED_ERROR` (NaN: not good); ``error`` ``(B,)`` that estimate where ``good``
     (0 elsewhere; None without ``with_error`` or elements: the backward's usual case, no host read)."""
     good, estimate = torch.zeros_like(like), None
     if idx.numel():
         sub = (sol, layout, idx, rx.index_select(0, idx), rz.index_select(0, idx))
         x, z, res, error = dense_limit_solve_error(*sub) if with_error else (*dense_limit_solve(*sub), None)
-        ok = (res <= _backward_accept(rx)) & (True if error is None else error <= CERTIFIED_ERROR)
+        # (with its error estimate, that alone: it holds the residual, and a residual relative to the right-hand
+        # side does not shrink where the answer is far larger, beside large entries: u³ at u* = 1e3, 1.1e-6 for
+        # an answer 4e-8 off the exact solve, estimated 1e-5)
+        ok = res <= backward_accept(rx) if error is None else error <= CERTIFIED_ERROR
         keep = ok[:, None, None]
         ux = ux.index_copy(0, idx, torch.where(keep, x, ux.index_select(0, idx)))
         uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))

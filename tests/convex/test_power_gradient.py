@@ -114,7 +114,7 @@ def test_each_element_of_a_batch_meets_the_promise_or_is_named(mode):
     assert {0, 1, 2} <= set(estimates), [str(t) for t in texts]
 
 
-@pytest.mark.parametrize("p,u_star", [(1.5, 1e3), (1.25, 1e3), (1.005, 30.0)])
+@pytest.mark.parametrize("p,u_star", [(1.5, 1e3), (1.005, 30.0)])
 def test_a_well_conditioned_power_gradient_meets_the_promise_without_a_warning(p, u_star):
     layer = _layer(p)
     qv, exact = _closed_form(p, u_star)
@@ -124,3 +124,13 @@ def test_a_well_conditioned_power_gradient_meets_the_promise_without_a_warning(p
         (g,) = torch.autograd.grad(layer(Q), Q)
     assert not _gradient_warnings(caught)
     assert float(abs(mp.mpf(g.item()) - exact) / exact) < 1e-8
+
+
+def test_a_power_gradient_at_the_promise_s_border_is_accurate_and_warned_only_with_a_bounding_estimate():
+    """p = 1.25 at u* = 1e3: the factorised solve stops at a residual of 3.8e-7 (above its 1e-9 target),
+    which bounds nothing, so a dense solve certifies the answer: its estimate, 1.07e-8 (rounding K's own
+    entries), sits at the 1e-8 promise (1.5e-9 off in fact): a warning, if any, carries a bounding estimate."""
+    qv, exact = _closed_form(1.25, 1e3)
+    g, texts = _gradients(_layer(1.25), [qv], "backward")
+    assert float(abs(mp.mpf(g[0].item()) - exact) / exact) < 1e-8
+    _check_promise(g, [exact], texts, 1e-7)
