@@ -184,7 +184,7 @@ def _balance(K: torch.Tensor, sweeps: int = 8) -> torch.Tensor:
     return torch.exp2(torch.round(torch.log2(d)))
 
 
-def _forward_error(K, rhs, u, regularised, limit, exact, res, D=None) -> torch.Tensor:
+def _forward_error(K, rhs, u, regularised, limit, exact, res, D) -> torch.Tensor:
     """(k,) the forward error of ``u`` relative to ``‖u‖∞`` estimated as :math:`|K^{-1} e|`, ``e``
     the residual's size plus eps of :math:`|K||u| + |rhs|` in each row (its backward error, where
     rounding leaves more than the residual shows), with three sign patterns (the generic vector's
@@ -201,8 +201,7 @@ def _forward_error(K, rhs, u, regularised, limit, exact, res, D=None) -> torch.T
     solved = torch.where(exact[:, None, None], torch.linalg.lu_solve(*limit, e), torch.linalg.lu_solve(*regularised, e))
     for _ in range(0 if bool(exact.all()) else _REFINE):  # (the regularised factors: refined to K's inverse)
         solved = torch.where(exact[:, None, None], solved, solved + torch.linalg.lu_solve(*regularised, e - K @ solved))
-    if D is not None:  # (K, rhs, u balanced, D K D (D⁻¹u) = D rhs: the error in u's own units)
-        solved, u = D[:, :, None] * solved, D[:, :, None] * u
+    solved, u = D[:, :, None] * solved, D[:, :, None] * u  # (balanced, D K D (D⁻¹u) = D rhs: the error in u's units)
     error = solved.abs().amax((1, 2)) / row_inf(u[..., 0]).clamp_min(torch.finfo(K.dtype).tiny)
     return torch.where(torch.isfinite(res) & torch.isfinite(error), error, torch.inf)
 

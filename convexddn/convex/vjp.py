@@ -57,7 +57,7 @@ from .kkt import bmv, row_inf
 from .limit_scaling import inactive_zero
 from .uniqueness import INCONSISTENT_AMPLIFICATION, INCONSISTENT_SURE, limit_tests_at
 from .vjp_gates import (AMPLIFICATION, BACKWARD_ACCEPT, BACKWARD_RTOL, CERTIFIED_ERROR, GRADIENT_ACCURACY, LIMIT_GATE,
-                        PROBE_GAIN, PROBE_GATE, backward_accept)
+                        LOOSE, PROBE_GAIN, PROBE_GATE, backward_accept)
 from .zero_rows import held_zero_rows, moved_zero_rows
 
 __all__ = ["AMPLIFICATION", "BACKWARD_ACCEPT", "BACKWARD_RTOL", "CERTIFIED_ERROR", "GRADIENT_ACCURACY", "LIMIT_GATE",
@@ -300,13 +300,12 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
 def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor):
     """``(ux, uz, certified, error)``: the elements ``test`` ``(B,)`` (amplified beyond
     :data:`AMPLIFICATION`, unique by the limit system's test) solved densely
-    (:func:`~.dense_kkt.dense_limit_solve_error`); ``certified`` where that answer's residual
-    is below :func:`~.vjp_gates.backward_accept` and its estimated forward error below
-    :data:`CERTIFIED_ERROR`, whose answers replace ``ux (B, n, 1), uz (B, m, 1)`` (all in the
-    equilibrated units of ``rx, rz``); ``error`` ``(B,)`` their estimated relative error (0
-    elsewhere, None where none is tested; above :data:`GRADIENT_ACCURACY` the caller warns). The
-    amplification is the derivative's size, not an error: equality rows 1e-7 apart, unique vertex,
-    amplify by 2.2e7 and come out 1e-8 exact; in a QP (multipliers ~1/d²) by 1.3e7, 5e-2 off, not
+    (:func:`~.dense_kkt.dense_limit_solve_error`); ``certified`` where that answer's estimated
+    forward error is below :data:`CERTIFIED_ERROR` (the estimate holds the residual), whose answers
+    replace ``ux (B, n, 1), uz (B, m, 1)`` (all in the equilibrated units of ``rx, rz``); ``error``
+    ``(B,)`` their estimated relative error (0 elsewhere, None where none is tested; above
+    :data:`GRADIENT_ACCURACY` the caller warns). The amplification is the derivative's size, not an
+    error: equality rows 1e-7 apart, unique vertex, amplify by 2.2e7 and come out 1e-8 exact; in a QP (multipliers ~1/d²) by 1.3e7, 5e-2 off, not
     certified. float64 only, as the limit test."""
     idx = torch.nonzero(test).squeeze(1) if rx.dtype == torch.float64 else test.new_zeros(0, dtype=torch.long)
     return _dense_where(sol, layout, test, idx, rx, rz, ux, uz, True)
@@ -325,11 +324,6 @@ def _loose(sol, kkt, unsolved: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
     return ((sol.status == SOLVED) & ~kkt.failed & ~unsolved & (res > LOOSE) & (res <= backward_accept(rx))
             & (rx.dtype == torch.float64))
 
-
-# The residual above which a kept factorised answer is certified densely: a refinement ending within 10x of
-# BACKWARD_RTOL is at its rounding floor (the n = 50 QP at batch 64: 16 elements at 1.0-1.7e-9; certifying
-# them cost +17 % of its forward+backward); u³ at u* = 1e3 stopped at 5e-7, u^1.25 at 1e3 at 3.8e-7.
-LOOSE = 1e-8
 
 
 def _solve_derivative(sol, layout, kkt, rx, rz, refine: int):
@@ -362,9 +356,9 @@ def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
 
 def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux, uz, with_error: bool):
     """``(ux, uz, good, error)``: the elements ``idx`` solved densely (:mod:`.dense_kkt`), their
-    answers taking the place of ``ux, uz`` where ``good`` ``(B,)``, like ``like``: the
-    residual below :func:`~.vjp_gates.backward_accept` and, ``with_error``, the estimated error below
-    :data:`CERTIFIED_ERROR` (NaN: not good); ``error`` ``(B,)`` that estimate where ``good``
+    answers taking the place of ``ux, uz`` where ``good`` ``(B,)``, like ``like``: with ``with_error``
+    the estimated error below :data:`CERTIFIED_ERROR`, else the residual below
+    :func:`~.vjp_gates.backward_accept` (NaN: not good); ``error`` ``(B,)`` that estimate where ``good``
     (0 elsewhere; None without ``with_error`` or elements: the backward's usual case, no host read)."""
     good, estimate = torch.zeros_like(like), None
     if idx.numel():

@@ -27,8 +27,8 @@ from ._read_guard import ForwardVersions, check_solve_kept, versions_of
 from .degeneracy import naming_batch
 from .inputs import input_names
 
-__all__ = ["DeclarativeFunction", "arity_error", "backward_targets", "check_structure", "differentiated_parameters",
-           "held", "parameter_leaves", "refuse_batched", "refuse_functorch", "solve_input_names", "y_by_keyword"]
+__all__ = ["DeclarativeFunction", "arity_error", "check_structure", "differentiated_parameters", "parameter_leaves",
+           "refuse_batched", "refuse_functorch", "solve_input_names", "y_by_keyword"]
 
 Tensor = torch.Tensor
 
