@@ -305,8 +305,8 @@ def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor
     replace ``ux (B, n, 1), uz (B, m, 1)`` (all in the equilibrated units of ``rx, rz``); ``error``
     ``(B,)`` their estimated relative error (0 elsewhere, None where none is tested; above
     :data:`GRADIENT_ACCURACY` the caller warns). The amplification is the derivative's size, not an
-    error: equality rows 1e-7 apart, unique vertex, amplify by 2.2e7 and come out 1e-8 exact; in a QP (multipliers ~1/d²) by 1.3e7, 5e-2 off, not
-    certified. float64 only, as the limit test."""
+    error: equality rows 1e-7 apart, unique vertex, amplify by 2.2e7 and come out 1e-8 exact; in a QP
+    (multipliers ~1/d²) by 1.3e7, 5e-2 off, not certified. float64 only, as the limit test."""
     idx = torch.nonzero(test).squeeze(1) if rx.dtype == torch.float64 else test.new_zeros(0, dtype=torch.long)
     return _dense_where(sol, layout, test, idx, rx, rz, ux, uz, True)
 
