@@ -43,7 +43,7 @@ import torch
 from .._linalg import lu_factor_ex
 from .dense_kkt import MAX_SIZE, MEMORY_BUDGET
 from .estimate import error_estimate
-from .flat_face import flat_descent
+from .flat_face import dual_scale, flat_descent
 from .kkt import PatchedKKT, bmv, row_inf
 from .polish import polish as newton_polish
 from .polish import rounding_level
@@ -84,8 +84,7 @@ def sign_tolerances(P, q, A, b, layout: ConeLayout, x, z):
     z0, k = layout.zero, layout.nonneg
     unit = sign_tolerance(x)
     rho = torch.maximum(b[:, z0:z0 + k].abs(), bmv(A[:, z0:z0 + k].abs(), x.abs()))
-    dual = torch.stack([row_inf(q), row_inf(bmv(P, x)), row_inf(bmv(A.mT, z))]).amax(0)
-    return unit * (1 + rho), (unit * (1 + dual))[:, None].expand(-1, k)
+    return unit * (1 + rho), (unit * dual_scale(q, bmv(P, x), bmv(A.mT, z)))[:, None].expand(-1, k)
 
 
 def sign_violation(P, q, A, b, layout: ConeLayout, x, s, z) -> torch.Tensor:

@@ -41,18 +41,17 @@ from .polish import rounding_level
 from .symmetric_cones import ConeLayout
 from .uniqueness import LIMIT_AMPLIFICATION, limit_rows
 
-__all__ = ["flat_descent", "flat_tolerance"]
+__all__ = ["dual_scale", "flat_descent"]
 
 # The reduced gradient along a null direction of the limit system is at rounding at most
 # this many rounding levels (16 ulps each) of the dual residual's scale (module docstring).
 _FLAT = 4
 
 
-def flat_tolerance(P, q, A, x, z) -> torch.Tensor:
-    """``(B,)`` the largest reduced gradient at rounding: :data:`_FLAT` rounding levels of
-    ``1 + max(‖q‖∞, ‖Px‖∞, ‖Aᵀz‖∞)``."""
-    dual = torch.stack([row_inf(q), row_inf(bmv(P, x)), row_inf(bmv(A.mT, z))]).amax(0)
-    return _FLAT * rounding_level(x) * (1 + dual)
+def dual_scale(q: torch.Tensor, Px: torch.Tensor, ATz: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the dual residual's scale, ``1 + max(‖q‖∞, ‖Px‖∞, ‖Aᵀz‖∞)``: the units of the reduced
+    gradient here and of the multipliers' signs (:func:`~.active_set.sign_tolerances`)."""
+    return 1 + torch.stack([row_inf(q), row_inf(Px), row_inf(ATz)]).amax(0)
 
 
 def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
@@ -99,8 +98,9 @@ def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: tor
         ``s, z (B, m)`` its point, ``where (B,)`` -> ``(B,)`` bool.
     """
     B, m, n = d.A.shape
-    rx = bmv(d.P, x) + d.q + bmv(d.A.mT, z)
-    tol = flat_tolerance(d.P, d.q, d.A, x, z)
+    Px, ATz = bmv(d.P, x), bmv(d.A.mT, z)
+    rx = Px + d.q + ATz
+    tol = _FLAT * rounding_level(x) * dual_scale(d.q, Px, ATz)  # (the largest reduced gradient at rounding)
     gate = where & (rx.norm(dim=1) > tol)
     idx = torch.nonzero(gate).squeeze(1)  # (one host read; the common case stops here)
     if not idx.numel():
