@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 import time
 import warnings
 from typing import IO, Any, Callable, Iterator, Sequence
@@ -229,7 +228,7 @@ def prepare_out_dir(out: Any, option: str = "--out", files: Sequence[str] = ()) 
     # mount): the run completed, then its write failed with a PermissionError traceback.
     # A file made and removed there is the test.
     try:
-        fd, probe = tempfile.mkstemp(prefix=".convexddn-probe-", dir=path)
+        fd, probe = _new_beside(path, "convexddn-probe")
         os.close(fd)
         os.remove(probe)
     except OSError as err:

@@ -22,7 +22,7 @@ CVXPY_ROUNDS = 3  # timed calls of the cone-program path (after an untimed first
 
 def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable,
                   sample: tuple[torch.Tensor, torch.Tensor, float], B: int, mean_f: float, mean_b: float,
-                  progress, repeats: int = CVXPY_ROUNDS, whole_sample: bool = True) -> None:
+                  progress, repeats: int, whole_sample: bool = True) -> None:
     """Time the cvxpy path and record how far it is from the native path, on ``row`` and
     on the native row. ``sample = (X, G, per_sample)``: the rows of one sample, their
     upstream gradients, and the factor that turns the time of all of them into a time
@@ -30,8 +30,8 @@ def measure_cvxpy(row: dict, rows: list[dict], native: Callable, cvxpy: Callable
 
     After an untimed first call on the first :data:`CVXPY_ROWS` rows (canonicalisation,
     caches): where the layer solved them per element, their cost is linear in the rows,
-    and the median of ``rounds`` calls on them (``repeats``, at most :data:`CVXPY_ROUNDS`:
-    one cone program per row is slow) is scaled to the whole sample; where it
+    and the median of ``min(repeats, CVXPY_ROUNDS)`` calls on them (one cone program per
+    row is slow) is scaled to the whole sample; where it
     solved them as one batch, the cost per row falls with the batch (quadratic pooling:
     0.76 ms per row at 8 rows, 0.10 at 256), so the whole sample is timed instead (after
     its own first call): no scaling. Without ``whole_sample`` (``--quick``, a smoke test)

@@ -36,6 +36,7 @@ import torch
 
 from ...convex.layer import ConvexLayer
 from ..harness import round_order, sync
+from .common import CVXPY_ROUNDS
 
 __all__ = ["convex_cases", "CONVEX_PROBLEMS", "moreau_available"]
 
@@ -128,7 +129,7 @@ LSMR_ROWS = {"logreg60"}
 PEER_MAX_BATCH = 1024
 
 #: Timed rounds of the convex rows at least (a round of the slow rows takes minutes on a CPU).
-CONVEX_ROUNDS = 3
+CONVEX_ROUNDS = CVXPY_ROUNDS  # (one cap for both kinds of cone-program rows, as --help says)
 #: ... and at most, where a round is cheap: more interleaved rounds within this many
 #: seconds per problem and batch make the medians of the fast rows (a QP at batch 64: ~1.5 s
 #: a round for all four paths) robust to a shared machine's drift.

@@ -95,8 +95,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         OptionError: naming the option, for a malformed ``--rates`` or ``--poolings``, or
             a ``--device`` that is not there.
     """
-    device = getattr(args, "device", None)
-    device = "cpu" if device is None else device  # (not `or`: an empty --device is refused, not the CPU)
+    device = getattr(args, "device", "cpu")  # (not `or "cpu"`: an empty --device is refused, not the CPU)
     resolve_device(device, "--device")
     overrides: dict[str, Any] = {"device": device, "out": getattr(args, "out", "results")}
     if getattr(args, "train_outliers", False):
