@@ -137,14 +137,15 @@ def _warn_imprecise(mode: str, where, error: torch.Tensor | None, what: str) -> 
     idx = [] if error is None else torch.nonzero(error > GRADIENT_ACCURACY).squeeze(1).tolist()
     if not idx:
         return
-    worst = float(error[idx].max())
+    estimates = error[idx].tolist()  # (one host read)
+    worst = max(estimates)
     warn(f"ConvexLayer {mode} (batched): the derivative system of {len(idx)} batch element(s) "
          f"({name_elements(where, idx)}) is so ill-conditioned that float64 determines their {what} only to an "
          f"estimated relative error of up to {worst:.1e} (above the {GRADIENT_ACCURACY:.0e} promised; rounding "
          "the system's own entries leaves about that much: a derivative far larger than its data, arising by "
          "cancellation, e.g. CVXPY's chain of second-order cones for u**1.005 at u* = 2e6, du/dq = 3.7e8, "
          f"7e-7 off); their {what} is kept",
-         GradientWarning, elements=element_list(where, idx), estimated_error=[float(error[i]) for i in idx])
+         GradientWarning, elements=element_list(where, idx), estimated_error=estimates)
 
 
 def _warn_not_differentiable(mode: str, where, flagged: torch.Tensor, zeroed: torch.Tensor, along: str,

@@ -122,8 +122,9 @@ def _solve(sol, layout: ConeLayout, idx: torch.Tensor, rx: torch.Tensor, rz: tor
     eye = torch.eye(n + m, dtype=K.dtype, device=K.device)
     # Solved as D K D (D y) = D rhs, u = D y (see _balance): the LU's backward error is relative to
     # the balanced entries, not to the largest one of K.
-    D = _balance(torch.where(bad[:, None, None], eye, K))
-    LU, piv, info = lu_factor_ex(torch.where(bad[:, None, None], eye, D[:, :, None] * K * D[:, None, :]))
+    Kc = torch.where(bad[:, None, None], eye, K)
+    D = _balance(Kc)  # (1 where bad: the identity stays the identity)
+    LU, piv, info = lu_factor_ex(D[:, :, None] * Kc * D[:, None, :])
     # The exact limit (as in KKTSystem.solve): no -δ on the equality rows, no ẑ term in
     # the cone rows along H = 0, none in the first block row along H = ∞.
     diag[:, n:n + z0] = 0.0

@@ -23,6 +23,7 @@ import diffcp
 import numpy as np
 import scipy.sparse as sp
 
+from .reach import exact_ray
 from .status import status_kind
 
 __all__ = ["infeasible_without_objective"]
@@ -31,8 +32,6 @@ __all__ = ["infeasible_without_objective"]
 def infeasible_without_objective(backend, A: sp.csc_matrix, b: np.ndarray) -> bool:
     """Whether Clarabel, on the element's constraints alone (``c = 0``, the per-element backend's
     ``_solve_with``), claims infeasibility with a dual ray exact to rounding (:func:`~.reach.exact_ray`)."""
-    from .reach import exact_ray  # (here: dissent, which imports .reach, imports this module)
-
     try:
         _, y, _, status = backend._solve_with("Clarabel", {}, A, b, np.zeros(A.shape[1]))
     except (diffcp.SolverError, ValueError, RuntimeError, ArithmeticError):

@@ -97,7 +97,6 @@ def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: tor
         ``d`` equilibrated data (``P (B, n, n), q (B, n), A (B, m, n)``), ``x (B, n)``,
         ``s, z (B, m)`` its point, ``where (B,)`` -> ``(B,)`` bool.
     """
-    B, m, n = d.A.shape
     Px, ATz = bmv(d.P, x), bmv(d.A.mT, z)
     rx = Px + d.q + ATz
     tol = _FLAT * rounding_level(x) * dual_scale(d.q, Px, ATz)  # (the largest reduced gradient at rounding)
@@ -113,7 +112,7 @@ def flat_descent(d, layout: ConeLayout, x: torch.Tensor, s: torch.Tensor, z: tor
         return gate.index_copy(0, idx, falls)
     # The cost's own fall in the face: g = Px + q along N (Pv = 0 there: linear). Not rx's,
     # which holds the unresolved multipliers of rows outside C (an epigraph row's λ-sized z).
-    g = bmv(part.P, x.index_select(0, idx)) + part.q
+    g = Px.index_select(0, idx) + part.q
     u = bmv(basis, bmv(basis.mT, g))
     reached = _moves(v, cols) | _moves(u, cols)
     unblocked = _unblocked_slope(part.A[:, layout.zero:layout.zero + layout.nonneg], u, basis) > tol

@@ -86,7 +86,7 @@ def exact_ray(A: sp.csc_matrix, b: np.ndarray, cones: list, ray: np.ndarray) -> 
         # (lazily: the later parts cost a least squares)
         yb = project(ray / np.max(np.abs(ray)), cones, dual=True)
         yield yb  # (projected onto K*: verified again below, as the parts are)
-        rows = np.asarray(abs(A).max(axis=1).todense()).ravel() if A.nnz else np.zeros(A.shape[0])
+        rows = row_maxima(A)[0]
         clean = _drop_noise(yb, rows, cones, 1e-6)
         yield clean
         yield polyhedral(A, cones, clean)

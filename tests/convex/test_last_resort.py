@@ -1,5 +1,5 @@
 """The per-element chain's last resort (:data:`convexddn.convex.solve_chain.LAST_RESORT`): where the first
-solver and the fallback both failed with no verified certificate standing, ECOS (installed with CVXPY) is
+solver and the fallback both failed with no verified certificate standing, ECOS (a dependency of convexddn) is
 tried once, where it takes the program's cones and has not run. On ``max Σ log y s.t. aᵀy = 1`` with
 ``a ~ 1e8`` Clarabel stopped at a KKT residual of 1.6e-6 and SCS at its iteration limit, and the layer
 raised SolverError although ``solver="ECOS"`` of the same layer solves it (a tester's finding)."""
