@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .cholesky import chol, chol_solve, proportional_retry
 from .data_ops import DENSE, DataOps, KKTStructure, _mm, bmv
-from .stall import stall_error
+from .stall import refinement_error, stall_error
 from .symmetric_cones import ConeLayout, NTScaling
 
 if TYPE_CHECKING:  # (the derivative's scaling, built by certify)
@@ -82,42 +83,6 @@ def row_inf(*vs: torch.Tensor) -> torch.Tensor:
         return torch.stack([row_inf(v) for v in vs]).amax(0)
     v = vs[0].flatten(1)
     return v.abs().amax(1) if v.shape[1] else v.new_zeros(v.shape[0])
-
-
-def _chol(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky factor and failure mask; 1×1 systems elementwise (no LAPACK loop)."""
-    if M.shape[-1] == 1:
-        ok = M[:, 0, 0] > 0
-        return torch.sqrt(torch.where(ok, M[:, 0, 0], 1.0))[:, None, None], ~ok
-    L, info = torch.linalg.cholesky_ex(M)
-    return L, info != 0
-
-
-def _proportional_retry(S: torch.Tensor, L: torch.Tensor, failed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cholesky of the ``failed`` elements of ``S`` again, with ``_RETRY·n·eps·max diag`` on
-    the diagonal instead of δ alone: where the scalings span 1e21 (an LP with an edge of
-    optima at its solution: curvature 1e-9 along the edge, 4e12 across), rounding alone
-    makes a pivot negative (λ_min computed as -4e-5), on one CPU and not on another. The
-    solves refine against the unregularised system, which removes the added term's effect
-    where the system is well posed."""
-    idx = torch.nonzero(failed).squeeze(1)
-    part = S.index_select(0, idx)
-    n = part.shape[-1]
-    bump = _RETRY * n * torch.finfo(S.dtype).eps * part.diagonal(dim1=1, dim2=2).abs().amax(1)
-    L2, info = torch.linalg.cholesky_ex(part + bump[:, None, None] * torch.eye(n, dtype=S.dtype, device=S.device))
-    still = (info != 0) | ~torch.isfinite(L2.diagonal(dim1=1, dim2=2)).all(1)
-    return L.index_copy(0, idx, L2), failed.index_copy(0, idx, still)
-
-
-# The proportional regularisation of that retry, in units of n·eps·max diag: the rounding
-# of the product AᵀH⁻¹A that forms S is about that size.
-_RETRY = 4.0
-
-
-def _chol_solve(L: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if L.shape[-1] == 1:
-        return v / (L * L)
-    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, v, upper=False), upper=True)
 
 
 class KKTSystem:
@@ -164,13 +129,13 @@ class KKTSystem:
             L, info = torch.linalg.cholesky_ex(S)
             failed = (info != 0) | ~torch.isfinite(L.diagonal(dim1=1, dim2=2)).all(1)
             if retry and bool(failed.any()):
-                L, failed = _proportional_retry(S, L, failed)
+                L, failed = proportional_retry(S, L, failed)
             self.L = L
         if z:
             self.Y = self._lower(ops.AET)  # L⁻¹ A_Eᵀ
             self.YT = self.Y.mT
             eye = torch.eye(z, dtype=P.dtype, device=P.device)
-            self.LM, failed_m = _chol(_DELTA * eye + self._yt(self.Y))
+            self.LM, failed_m = chol(_DELTA * eye + self._yt(self.Y))
             failed = failed | failed_m
             if pivot_min is not None:
                 pivot_min = torch.minimum(pivot_min, self.LM[:, 0, 0] ** 2) if z == 1 else None
@@ -181,6 +146,8 @@ class KKTSystem:
         # (B,) where that solve stalled, the estimated distance ‖(x, z)‖∞ of its answer from
         # the exact system's, else 0 (see :mod:`.stall`).
         self.solve_error: torch.Tensor | None = None
+        # (B,) that solve's relative error as its own corrections estimate it (:func:`.stall.refinement_error`).
+        self.solve_estimate: torch.Tensor | None = None
         # The parts of the cone rows whose limit scaling is exactly H = 0 or ∞ (decided
         # active, inactive; a LimitRows): set by the error estimate for the backward's
         # refinement, see :meth:`solve`.
@@ -211,7 +178,7 @@ class KKTSystem:
             if self.rho:
                 rhs = rhs + _RHO * self.ops.e_tmv(rE)
             w1 = self._lower(rhs)
-            zE = _chol_solve(self.LM, self._yt(w1) - rE)
+            zE = chol_solve(self.LM, self._yt(w1) - rE)
             w1 = w1 - self._y(zE)
         else:
             zE = rE
@@ -250,7 +217,8 @@ class KKTSystem:
         a step gains only a constant factor (a constrained MPC's derivative: residual 2e-4,
         gradient 4e-3 off finite differences after 3 steps; 2e-8 and 2e-6 after 12). Where
         it gains nothing at a small residual (:mod:`.stall`), ``solve_residual`` is ∞ and
-        ``solve_error`` the estimated error.
+        ``solve_error`` the estimated error; ``solve_estimate`` is each answer's relative
+        error as its last two corrections estimate it (:func:`~.stall.refinement_error`).
 
         ``product`` (without ``until``): also return :math:`W^{-1} A_I x`, from the
         products the solve formed (the last step's correction added: equal to a fresh
@@ -285,7 +253,8 @@ class KKTSystem:
         lim = None if until is None else self.limit
         if until is not None:
             size, best, trail = row_inf(rx, rE, t).clamp_min(torch.finfo(rx.dtype).tiny), None, []
-        step_, on = None, mask  # on: the elements still refined (None: all)
+        # on: the elements still refined (None: all); prev_: the correction before step_ (first, the answer)
+        step_, prev_, on = None, (x, zE, zh), mask
         for step in range(refine if until is None else MAX_REFINE):
             # (W⁻¹A_I x: on the first step the regularised solve's own product of this x)
             ex, eE, et = self.residual(rx, rE, t, (x, zE, zh), lim, atx)
@@ -310,8 +279,12 @@ class KKTSystem:
             if on is not None:  # corrected only where this element's own rule refines (exactly as alone)
                 keep = on.view(-1, 1, 1)
                 new = tuple(v if v is None else torch.where(keep, v, w) for v, w in zip(new, (x, zE, zh, last)))
-                if until is not None:  # (each element's last step, read by stall_error only)
+                if until is not None:  # (each element's last two steps, read by stall_error, refinement_error)
+                    if step_ is not None:
+                        prev_ = tuple(torch.where(keep, v, w) for v, w in zip(step_, prev_))
                     d = tuple(torch.where(keep, v, w) for v, w in zip(d[:3], step_ or (0.0,) * 3))
+            elif step_ is not None:
+                prev_ = step_
             (x, zE, zh, last), step_, atx = new, d[:3], None
         x, zE, zh = (x, zE, zh) if until is None else best[1:]
         zI = zh if self.scaling is None else self.scaling.apply_inv(zh)
@@ -321,6 +294,7 @@ class KKTSystem:
             # distance solve_error (see :mod:`.stall`)
             self.solve_error = stall_error(self, (rx, rE, t), lim, (x, zE, zh), step_, row_inf(x, zE, zI))
             self.solve_residual = torch.where(self.solve_error > 0, torch.inf, best[0])
+            self.solve_estimate = refinement_error(self, prev_, step_, row_inf(x, zE, zI))
         zs = torch.cat([zE, zI], 1) if z else zI
         return (x, zs, zh, last) if product else (x, zs, zh)
 
@@ -350,7 +324,7 @@ class PatchedKKT:
         self.base, self.idx, self.part, self.part_is_batch = base, idx, part, part_is_batch
         part_failed = part.failed.index_select(0, idx) if part_is_batch else part.failed
         self.failed = base.failed.index_copy(0, idx, part_failed)
-        self.solve_residual = self.solve_error = None  # (as KKTSystem's)
+        self.solve_residual = self.solve_error = self.solve_estimate = None  # (as KKTSystem's)
 
     @property
     def limit(self):
@@ -375,7 +349,7 @@ class PatchedKKT:
             sub = self.part.solve(rx.index_select(0, self.idx), rz.index_select(0, self.idx), refine, scaled, until)
         out = tuple(v.index_copy(0, self.idx, w) for v, w in zip(out, sub))
         if until is not None:
-            for name in ("solve_residual", "solve_error"):
+            for name in ("solve_residual", "solve_error", "solve_estimate"):
                 part = getattr(self.part, name)
                 part = part.index_select(0, self.idx) if self.part_is_batch else part
                 setattr(self, name, getattr(self.base, name).index_copy(0, self.idx, part))

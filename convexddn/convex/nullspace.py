@@ -178,7 +178,7 @@ class _ReducedKKT:
 
     def __init__(self, systems: ReducedSystems, kkt: KKTSystem) -> None:
         self.systems, self.kkt, self.failed = systems, kkt, kkt.failed
-        self.solve_residual = self.solve_error = None  # (as KKTSystem's)
+        self.solve_residual = self.solve_error = self.solve_estimate = None  # (as KKTSystem's)
 
     @property
     def limit(self):
@@ -201,7 +201,8 @@ class _ReducedKKT:
         y, zI, zh = self.kkt.solve(_mm(red.N.mT, rx - ops.Pmv(xE)), rI - AxE, refine, scaled, until)
         # (the reduced system's: the one solved; x = x_E + N y with N orthonormal, z_I as
         # they are, z_E exact given them)
-        self.solve_residual, self.solve_error = self.kkt.solve_residual, self.kkt.solve_error
+        self.solve_residual, self.solve_error, self.solve_estimate = (self.kkt.solve_residual, self.kkt.solve_error,
+                                                                     self.kkt.solve_estimate)
         x = xE + _mm(red.N, y)
         g = rx - ops.Pmv(x) - _mm(ops.A[:, p:].mT, zI)
         zE = _range_coefficients(red.Q1, red.R, g)
@@ -287,7 +288,7 @@ class SplitKKT:
     def __init__(self, B: int, parts) -> None:
         self.B, self.parts = B, parts
         self.failed = gather(B, [(idx, kkt.failed) for idx, kkt in parts])
-        self.solve_residual = self.solve_error = None  # (as KKTSystem's)
+        self.solve_residual = self.solve_error = self.solve_estimate = None  # (as KKTSystem's)
 
     @property
     def limit(self):
@@ -310,6 +311,6 @@ class SplitKKT:
         outs = [(idx, kkt.solve(rx.index_select(0, idx), rz.index_select(0, idx), refine, scaled, until))
                 for idx, kkt in self.parts]
         if until is not None:
-            for name in ("solve_residual", "solve_error"):
+            for name in ("solve_residual", "solve_error", "solve_estimate"):
                 setattr(self, name, gather(self.B, [(idx, getattr(kkt, name)) for idx, kkt in self.parts]))
         return tuple(gather(self.B, [(idx, out[k]) for idx, out in outs]) for k in range(len(outs[0][1])))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["STALL_ERROR", "STALL_FLOOR", "stall_error"]
+__all__ = ["RATE_CAP", "STALL_ERROR", "STALL_FLOOR", "refinement_error", "stall_error"]
 
 # Estimated error, relative to the solution, above which a stalled solve counts (the
 # gradients' promised accuracy; the constrained MPC's derivative, refined to 2e-8, is 2e-6
@@ -30,6 +30,11 @@ STALL_ERROR = 1e-4
 # ... tested only where the last correction was above this part of the solution (converged
 # solves end at rounding; stalled ones at ~the solution's size).
 STALL_FLOOR = 1e-10
+
+
+# The largest contraction per step the estimate below takes from two corrections: ρ ≥ 1 (a correction
+# as large as the one before, as at a rounding floor) counts as 0.99, an error of 99 corrections.
+RATE_CAP = 0.99
 
 
 def _inf(*vs: torch.Tensor) -> torch.Tensor:
@@ -53,8 +58,7 @@ def stall_error(kkt, rhs, lim, point, step, size: torch.Tensor) -> torch.Tensor:
     none = torch.zeros_like(size)
     if step is None:
         return none
-    unscaled = step[2] if kkt.scaling is None else kkt.scaling.apply_inv(step[2])  # ẑ -> z_I
-    move = _inf(step[0], step[1], unscaled)
+    move = _moved(kkt, step)
     if not bool((move > STALL_FLOOR * size).any()):  # (a host sync; the solve takes one a step)
         return none
     r = kkt.residual(*rhs, point, lim)
@@ -64,3 +68,35 @@ def stall_error(kkt, rhs, lim, point, step, size: torch.Tensor) -> torch.Tensor:
     left = tau.abs() * move
     stalled = (_dot(after, after) <= 0.25 * _dot(r, r)) & (move > STALL_FLOOR * size) & (left > STALL_ERROR * size)
     return torch.where(stalled, left, none)
+
+
+def _moved(kkt, step) -> torch.Tensor:
+    """(B,) ‖(x, z_E, z_I)‖∞ of a correction ``(x, z_E, ẑ)``."""
+    return _inf(step[0], step[1], step[2] if kkt.scaling is None else kkt.scaling.apply_inv(step[2]))
+
+
+def refinement_error(kkt, prev, step, size: torch.Tensor) -> torch.Tensor:
+    """(B,) the relative error of a refined answer as its last two corrections estimate it: where
+    each step contracts the error by :math:`\\rho`, the last correction :math:`c_k` leaves
+    :math:`\\rho/(1 - \\rho)\\,\\lVert c_k \\rVert`, with :math:`\\rho = \\lVert c_k \\rVert /
+    \\lVert c_{k-1} \\rVert` (at most :data:`RATE_CAP`); 0 where no step was taken.
+
+    The residual does not bound that error: relative to the right-hand side it is at most
+    κ times smaller, and refinement stops at :data:`~.vjp_gates.BACKWARD_RTOL`. Measured
+    (the error against a dense solve or a closed form): ``argmin u^4 − q u`` at u* = 10,
+    residual 4e-10, corrections 5.4e-5, 4.6e-6, error 4.0e-7 (estimated 4.3e-7); u^2.5 at
+    u* = 100 (ρ = 0.55) 3.8e-7 (1.5e-7); one element of a constrained MPC 2.7e-7 (1.9e-7);
+    the n = 100 QP's elements 2e-12 to 3e-11 (3e-11 and below).
+
+    Args:
+        kkt: the :class:`~.kkt.KKTSystem` (its ``scaling``).
+        prev, step: the corrections before and at the last step, each ``(x, z_E, ẑ)`` (``prev``
+            the first answer where one step was taken; ``step`` None: none).
+        size: ``(B,)`` ‖(x, z)‖∞ of the answer (``z_I``, not ẑ).
+    """
+    if step is None:
+        return torch.zeros_like(size)
+    last, before = _moved(kkt, step), _moved(kkt, prev)
+    tiny = torch.finfo(size.dtype).tiny
+    rate = (last / before.clamp_min(tiny)).clamp(max=RATE_CAP)
+    return last * rate / (1.0 - rate) / size.clamp_min(tiny)

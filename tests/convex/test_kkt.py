@@ -1,4 +1,4 @@
-"""The KKT factorisation's retry (:func:`convexddn.convex.kkt._proportional_retry`): a
+"""The KKT factorisation's retry (:func:`convexddn.convex.cholesky.proportional_retry`): a
 pivot that rounding made negative is factorised again with a regularisation proportional
 to the matrix's scale; a matrix that is indefinite beyond rounding still fails.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from convexddn.convex.kkt import _proportional_retry
+from convexddn.convex.cholesky import proportional_retry as _proportional_retry
 
 F64 = torch.float64
 

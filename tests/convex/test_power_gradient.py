@@ -126,6 +126,18 @@ def test_a_well_conditioned_power_gradient_meets_the_promise_without_a_warning(p
     assert float(abs(mp.mpf(g.item()) - exact) / exact) < 1e-8
 
 
+@pytest.mark.parametrize("mode", ["backward", "forward mode"])
+@pytest.mark.parametrize("p,u_star", [(4.0, 10.0), (2.5, 100.0)])
+def test_a_small_residual_that_does_not_bound_the_error_is_certified(p, u_star, mode):
+    """The factorised solve met its residual target (4e-10 and 9e-9 of the right-hand side) with an
+    answer 4e-7 off, silently: the residual is up to κ times smaller than the error. Its own
+    corrections (contracting by ~0.09 and ~0.55 a step) estimate that error, and above 1e-8 the
+    answer goes to the dense check, which solves it to the promise here."""
+    qv, exact = _closed_form(p, u_star)
+    g, texts = _gradients(_layer(p), [qv], mode)
+    _check_promise(g, [exact], texts, 1e-8)
+
+
 def test_a_power_gradient_at_the_promise_s_border_is_accurate_and_warned_only_with_a_bounding_estimate():
     """p = 1.25 at u* = 1e3: the factorised solve stops at a residual of 3.8e-7 (above its 1e-9 target),
     which bounds nothing, so a dense solve certifies the answer: its estimate, 1.07e-8 (rounding K's own

@@ -62,3 +62,32 @@ def test_nearly_parallel_equality_rows_beyond_resolution_are_warned(d):
     layer, Et, ft, c0, exact = _nearly_parallel(d)
     got, warned = _grad_f(layer, Et, ft, c0)
     assert warned or np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max(), (got, exact)
+
+
+class _Unscaled:
+    scaling = None
+
+
+def _corrections(*sizes: float) -> tuple:
+    """A correction ``(x, z_E, ẑ)`` for each size (a batch of one; the size in x, the rest smaller)."""
+    return tuple((torch.tensor([[[s], [s / 4]]], dtype=torch.float64), torch.zeros(1, 0, 1, dtype=torch.float64),
+                  torch.tensor([[[-s / 2]]], dtype=torch.float64)) for s in sizes)
+
+
+@pytest.mark.parametrize("before,last,expected", [
+    (1e-3, 1e-4, 1e-4 * 0.1 / 0.9),  # contracting by 0.1: the error left is a ninth of the last step
+    (2e-6, 1e-6, 1e-6),  # by one half: as large as the last step
+    (1e-9, 3e-9, 99 * 3e-9),  # not contracting: the rate taken as 0.99
+])
+def test_refinement_error_is_the_geometric_tail_of_the_last_two_corrections(before, last, expected):
+    """(c_k ρ/(1 − ρ) with ρ = ‖c_k‖/‖c_{k−1}‖, relative to the answer's size, 2 here)."""
+    from convexddn.convex.stall import refinement_error
+    prev, step = _corrections(before, last)
+    got = refinement_error(_Unscaled(), prev, step, torch.tensor([2.0], dtype=torch.float64))
+    assert got.item() == pytest.approx(expected / 2, rel=1e-12)
+
+
+def test_refinement_error_without_a_step_is_zero():
+    from convexddn.convex.stall import refinement_error
+    (prev,) = _corrections(1.0)
+    assert refinement_error(_Unscaled(), prev, None, torch.tensor([1.0, 3.0], dtype=torch.float64)).tolist() == [0, 0]
