@@ -182,6 +182,7 @@ def cone_vjp(sol: ConeSolution, layout, gx: torch.Tensor, gz: torch.Tensor, refi
     big = big | loose  # (an answer whose residual does not bound its error: certified the same way)
     ux, uz, certified, error = _certify(sol, layout, ok[:, 0] & ((big & ~reached) | steep) & ~unsolved, rx, rz,
                                         ux, uz)
+    ux, uz = _confirm(sol, layout, kkt, ok[:, 0] & ~(big | reached | steep | unsolved | outputs), rx, rz, ux, uz)
     uz = inactive_zero(kkt, layout, uz)
     # (not certified: unique, by the limit test or the rows' own rank, but not solved accurately:
     # rows 1e-7 apart in a QP, multipliers ~1/d², 5e-2 off; zeroed and warned as such)
@@ -277,6 +278,7 @@ def cone_jvp(sol: ConeSolution, layout, dP, dq, dA, db, refine: int = 3, cols: t
     outputs, reached = _limit_test(sol, layout, ok, torch.full_like(amplification, math.inf), ex.squeeze(-1), cols)
     big = ok & ((amplification > AMPLIFICATION) | loose)
     ux, uz, certified, error = _certify(sol, layout, big & ~reached & ~unsolved, ex, ez, ux, uz)  # (as the backward)
+    ux, uz = _confirm(sol, layout, kkt, ok & ~(big | reached | unsolved | outputs), ex, ez, ux, uz)
     uz = inactive_zero(kkt, layout, uz)
     big = big & ~certified
     uncertain = big & ~reached & ~unsolved & (rx.dtype == torch.float64)
@@ -311,6 +313,23 @@ def _certify(sol, layout, test: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor
     return _dense_where(sol, layout, test, idx, rx, rz, ux, uz, True)
 
 
+def _confirm(sol, layout, kkt, test: torch.Tensor, rx, rz, ux, uz) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ux, uz)`` with the answers of the elements ``test`` ``(B,)`` whose refinement's own corrections
+    estimate an error above :data:`GRADIENT_ACCURACY` (``kkt.solve_estimate``, :func:`~.stall.refinement_error`)
+    replaced by a dense solve's where that one's estimated error is below it; elsewhere unchanged, and no
+    element flagged: those corrections also wander along directions the system leaves free (the auxiliary
+    cones of entmax's CVXPY form, whose outputs' derivatives are exact), which no cheap test tells from an
+    ill-conditioned unique answer. A residual at its target does not bound the error: relative to the
+    right-hand side it may be κ times smaller (u⁴ − q u at u* = 10: residual 4e-10, gradient 4e-7 off; u^2.5
+    at u* = 100 3.8e-7; an element of the bench's MPC 4-8e-7 off central differences; now 3e-12, 1e-10 and
+    5e-12). float64 only, as the certification."""
+    if rx.dtype != torch.float64 or kkt.solve_estimate is None:
+        return ux, uz
+    test = test & (kkt.solve_estimate > GRADIENT_ACCURACY)
+    idx = torch.nonzero(test).squeeze(1)
+    return _dense_where(sol, layout, test, idx, rx, rz, ux, uz, True, GRADIENT_ACCURACY)[:2]
+
+
 def _loose(sol, kkt, unsolved: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
     """(B,) the solved float64 elements whose factorised answer is kept with its solve stopped above the target
     (:data:`BACKWARD_RTOL`), beyond :data:`LOOSE` (below :data:`BACKWARD_ACCEPT`; above, solved densely): the
@@ -318,14 +337,11 @@ def _loose(sol, kkt, unsolved: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
     far below δ (the regularised factors' refinement gains nothing along its vector, and stalls with no correction
     to see, :mod:`.stall`): ``argmin_{u≥0} u³ − q u`` at u* = 1e3, K's condition 2e21, stopped at 5e-7 with an answer
     2.5e6 times too small (its component along that vector missing), no amplification to see (2e3). Certified
-    densely, as the amplified ones (:func:`_certify`). So are those whose own corrections estimate an error above
-    :data:`GRADIENT_ACCURACY` (:func:`~.stall.refinement_error`), whatever their residual: relative to the right-hand
-    side a residual is up to κ times smaller than the error (u⁴ − q u at u* = 10: residual 4e-10, 4e-7 off; one
-    element of the bench's MPC, 2.7e-7 off finite differences, now 1e-9). float64 only, as the certification
-    (float32 solves stop at ~1e-5)."""
-    res, estimate = kkt.solve_residual, kkt.solve_estimate
-    return ((sol.status == SOLVED) & ~kkt.failed & ~unsolved & ((res > LOOSE) | (estimate > GRADIENT_ACCURACY))
-            & (res <= backward_accept(rx)) & (rx.dtype == torch.float64))
+    densely, as the amplified ones (:func:`_certify`); below LOOSE, see :func:`_confirm`. float64 only, as the
+    certification (float32 solves stop at ~1e-5)."""
+    res = kkt.solve_residual
+    return ((sol.status == SOLVED) & ~kkt.failed & ~unsolved & (res > LOOSE) & (res <= backward_accept(rx))
+            & (rx.dtype == torch.float64))
 
 
 
@@ -357,10 +373,11 @@ def _densely_where_unsolved(sol, layout, kkt, rx, rz, ux, uz):
     return ux, uz, unsolved & ~fixed
 
 
-def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux, uz, with_error: bool):
+def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux, uz, with_error: bool,
+                 accept: float = CERTIFIED_ERROR):
     """``(ux, uz, good, error)``: the elements ``idx`` solved densely (:mod:`.dense_kkt`), their
     answers taking the place of ``ux, uz`` where ``good`` ``(B,)``, like ``like``: with ``with_error``
-    the estimated error below :data:`CERTIFIED_ERROR`, else the residual below
+    the estimated error below ``accept``, else the residual below
     :func:`~.vjp_gates.backward_accept` (NaN: not good); ``error`` ``(B,)`` that estimate where ``good``
     (0 elsewhere; None without ``with_error`` or elements: the backward's usual case, no host read)."""
     good, estimate = torch.zeros_like(like), None
@@ -370,7 +387,7 @@ def _dense_where(sol, layout, like: torch.Tensor, idx: torch.Tensor, rx, rz, ux,
         # (with its error estimate, that alone: it holds the residual, and a residual relative to the right-hand
         # side does not shrink where the answer is far larger, beside large entries: u³ at u* = 1e3, 1.1e-6 for
         # an answer 4e-8 off the exact solve, estimated 1e-5)
-        ok = res <= backward_accept(rx) if error is None else error <= CERTIFIED_ERROR
+        ok = res <= backward_accept(rx) if error is None else error <= accept
         keep = ok[:, None, None]
         ux = ux.index_copy(0, idx, torch.where(keep, x, ux.index_select(0, idx)))
         uz = uz.index_copy(0, idx, torch.where(keep, z, uz.index_select(0, idx)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from convexddn.convex.cholesky import proportional_retry as _proportional_retry
+from convexddn.convex.cholesky import proportional_retry
 
 F64 = torch.float64
 
@@ -27,7 +27,7 @@ def test_rounding_sized_negative_pivot_is_retried_and_others_untouched():
     L, info = torch.linalg.cholesky_ex(S)
     failed = info != 0
     assert failed.tolist() == [False, True, True]
-    L2, still = _proportional_retry(S, L, failed)
+    L2, still = proportional_retry(S, L, failed)
     assert still.tolist() == [False, False, True]
     assert torch.equal(L2[0], L[0])  # the factor that succeeded is kept as it was
     # The retried factor is of S plus a bump of a few eps times its scale.
