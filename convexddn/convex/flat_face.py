@@ -39,7 +39,7 @@ import torch
 from .kkt import bmv, row_inf
 from .polish import rounding_level
 from .symmetric_cones import ConeLayout
-from .uniqueness import LIMIT_AMPLIFICATION, limit_rows
+from .uniqueness import limit_rows, rows_basis
 
 __all__ = ["dual_scale", "flat_descent"]
 
@@ -156,16 +156,9 @@ def _null_slope(d, layout: ConeLayout, s: torch.Tensor, z: torch.Tensor,
     :math:`N` of the limit matrix of ``d`` at ``(s, z)`` (see :func:`flat_descent`), that
     projection, and an orthonormal basis of :math:`N` (its columns, the others zero)."""
     P = d.P
-    B, n = rx.shape
+    n = rx.shape[1]
     eps = torch.finfo(rx.dtype).eps
-    C = limit_rows(d, layout, s, z)
-    if C.shape[1]:
-        _, sv, Vt = torch.linalg.svd(C)  # (full: Vt (B, n, n))
-        sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
-        free = sv <= max(max(C.shape[1:]) * eps, 1 / LIMIT_AMPLIFICATION)
-    else:
-        Vt = torch.eye(n, dtype=P.dtype, device=P.device).expand(B, n, n)
-        free = torch.ones(B, n, dtype=torch.bool, device=P.device)
+    _, Vt, free = rows_basis(limit_rows(d, layout, s, z), n)
     # P within the rows' null space; the directions the rows fix get a weight above every
     # eigenvalue of that block, so that they are never taken as null.
     S = Vt @ P @ Vt.mT

@@ -45,7 +45,7 @@ from .symmetric_cones import soc_frame
 from .zero_rows import zero_rows
 
 __all__ = ["INCONSISTENT_AMPLIFICATION", "INCONSISTENT_SURE", "LIMIT_AMPLIFICATION", "limit_inconsistency",
-           "limit_nonunique", "limit_rows", "undetermined"]
+           "limit_nonunique", "limit_rows", "rows_basis", "undetermined"]
 
 # Amplification of the Jacobi-scaled limit matrix above which a right-hand side reaches
 # a null direction (see the module docstring: ~1e15 there, at most 2.2e5 elsewhere).
@@ -198,20 +198,29 @@ def _amplified(S: torch.Tensor, R: torch.Tensor, dg: torch.Tensor | None = None)
     return found
 
 
+def rows_basis(C: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sv (B, n), Vt (B, n, n), free (B, n))``: the singular values of the unit rows ``C`` ``(B, k, n)``
+    padded with zeros to n, their right singular vectors (all of them; the identity where k = 0), and
+    the directions the rows leave free: σ at most ``max(max(k, n)·eps, 1/LIMIT_AMPLIFICATION)`` (unit rows:
+    the largest σ is at least 1; below that, a direction free up to the rounding of the rows' data, or
+    one whose derivative is beyond reach)."""
+    B = C.shape[0]
+    if not C.shape[1]:
+        eye = torch.eye(n, dtype=C.dtype, device=C.device).expand(B, n, n)
+        return C.new_zeros(B, n), eye, torch.ones(B, n, dtype=torch.bool, device=C.device)
+    _, sv, Vt = torch.linalg.svd(C)  # (full: Vt (B, n, n))
+    sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
+    return sv, Vt, sv <= max(max(C.shape[1:]) * torch.finfo(C.dtype).eps, 1 / LIMIT_AMPLIFICATION)
+
+
 def _unsquared(P: torch.Tensor, C: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """:func:`_amplified` for :math:`P + C^\\top C` in the basis of ``C``'s right singular
     vectors, :math:`V^\\top P V + \\Sigma^2`, Jacobi-scaled by its diagonal with the singular
     values and ``V^T P V``'s entries at rounding taken as 0 (see the module docstring)."""
-    B, n = P.shape[0], P.shape[-1]
+    n = P.shape[-1]
     eps = torch.finfo(P.dtype).eps
-    if C.shape[1]:
-        _, sv, Vt = torch.linalg.svd(C)
-        # (unit rows: the largest is >= 1; below 1/LIMIT_AMPLIFICATION a direction the rows
-        # leave free up to rounding of their data, or one whose derivative is beyond reach)
-        sv = torch.where(sv > max(max(C.shape[1:]) * eps, 1 / LIMIT_AMPLIFICATION), sv, 0.0)
-        sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
-    else:
-        sv, Vt = P.new_zeros(B, n), torch.eye(n, dtype=P.dtype, device=P.device).expand(B, n, n)
+    sv, Vt, free = rows_basis(C, n)
+    sv = torch.where(free, 0.0, sv)
     S = Vt @ P @ Vt.mT
     pw = S.diagonal(dim1=1, dim2=2)
     dg = torch.where(pw > n * eps * pw.abs().amax(1, keepdim=True), pw, 0.0) + sv * sv
