@@ -23,7 +23,8 @@ BACKWARD_ACCEPT = 1e-6
 # BACKWARD_RTOL is at its rounding floor (the n = 50 QP at batch 64: 16 elements at 1.0-1.7e-9; certifying
 # them cost +17 % of its forward+backward); u³ at u* = 1e3 stopped at 5e-7, u^1.25 at 1e3 at 3.8e-7. (Below it
 # a residual need not bound the error either: u^4 at u* = 10 was 4e-7 off at a residual of 4e-10; there the
-# refinement's own error estimate, stall.refinement_error, above GRADIENT_ACCURACY sends it to the same check.)
+# refinement's own error estimate, stall.refinement_error, above GRADIENT_ACCURACY brings a dense solve's answer
+# where that one is certified below it: vjp._confirm.)
 LOOSE = 1e-8
 # Amplification of the derivative system above which the gradient is reported as not
 # existing (between ~10 for unique solutions and ~1e9 for non-unique ones; 1/√eps ≈ 7e7),
