@@ -84,9 +84,11 @@ def refinement_error(kkt, prev, step, size: torch.Tensor) -> torch.Tensor:
     The residual does not bound that error: relative to the right-hand side it is at most
     κ times smaller, and refinement stops at :data:`~.vjp_gates.BACKWARD_RTOL`. Measured
     (the error against a dense solve or a closed form): ``argmin u^4 − q u`` at u* = 10,
-    residual 4e-10, corrections 5.4e-5, 4.6e-6, error 4.0e-7 (estimated 4.3e-7); u^2.5 at
-    u* = 100 (ρ = 0.55) 3.8e-7 (1.5e-7); one element of a constrained MPC 2.7e-7 (3.2e-7);
-    the n = 100 QP's elements 2e-12 to 3e-11 (3e-11 and below). Corrections along a direction
+    residual 4e-10, corrections 5.4e-5, 4.6e-6, error 4.0e-7 (estimated 4.0e-7); u^2.5 at
+    u* = 100 (ρ = 0.55) 3.8e-7 (6.4e-8); one element of a constrained MPC 2.7e-7 (3.2e-7, for
+    the bench's cotangent); the n = 100 QP's elements 2e-12 to 3e-11 (3e-11 and below). It is
+    an estimate, not a bound (6× under above; the iterate kept is the one of least residual,
+    which may precede the last correction). Corrections along a direction
     the system leaves free (auxiliary variables that are not unique) read as an error too,
     which is why the backward only takes a better answer on this estimate's word
     (:func:`~.vjp._confirm`) and flags nothing.

@@ -210,7 +210,7 @@ def rows_basis(C: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, tor
         return C.new_zeros(B, n), eye, torch.ones(B, n, dtype=torch.bool, device=C.device)
     _, sv, Vt = torch.linalg.svd(C)  # (full: Vt (B, n, n))
     sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
-    return sv, Vt, sv <= max(max(C.shape[1:]) * torch.finfo(C.dtype).eps, 1 / LIMIT_AMPLIFICATION)
+    return sv, Vt, ~(sv > max(max(C.shape[1:]) * torch.finfo(C.dtype).eps, 1 / LIMIT_AMPLIFICATION))  # (NaN: free)
 
 
 def _unsquared(P: torch.Tensor, C: torch.Tensor, R: torch.Tensor) -> torch.Tensor:

@@ -129,13 +129,34 @@ def test_a_well_conditioned_power_gradient_meets_the_promise_without_a_warning(p
 @pytest.mark.parametrize("mode", ["backward", "forward mode"])
 @pytest.mark.parametrize("p,u_star", [(4.0, 10.0), (2.5, 100.0)])
 def test_a_small_residual_that_does_not_bound_the_error_is_certified(p, u_star, mode):
-    """The factorised solve met its residual target (4e-10 and 9e-9 of the right-hand side) with an
-    answer 4e-7 off, silently: the residual is up to κ times smaller than the error. Its own
-    corrections (contracting by ~0.09 and ~0.55 a step) estimate that error, and above 1e-8 the
-    answer goes to the dense check, which solves it to the promise here."""
+    """u^4 at 10 and u^2.5 at 100: the factorised solve met its residual target (4e-10, 9e-9 of the
+    right-hand side) with an answer 4e-7 off, silently: the residual is up to κ times smaller than
+    the error. Its own corrections (contracting by ~0.09 and ~0.55 a step) estimate that error, and
+    above 1e-8 a dense solve's certified answer replaces it."""
     qv, exact = _closed_form(p, u_star)
     g, texts = _gradients(_layer(p), [qv], mode)
     _check_promise(g, [exact], texts, 1e-8)
+
+
+def test_a_refinement_stopped_short_of_its_target_is_certified():
+    """A tester's batch (u of shape (1,), q = 4 u*³ at u* = 6.31e-3, 7.943e-3, 7.943e-4): the
+    refinements stopped near 2e-9, short of their 1e-9 target, and answers kept below 1e-8 were
+    5e-8, 2.7e-8 and 3e-8 off, silently (until 2026-12-07); now every such answer goes to the
+    dense check."""
+    u, q = cp.Variable(1), cp.Parameter(1)
+    layer = ConvexLayer(cp.Problem(cp.Minimize(cp.power(u, 4) - q @ u)), [q], [u])
+    u_star = [6.310e-3, 7.943e-3, 7.943e-4]
+    Q = (4 * torch.tensor(u_star, dtype=F64).unsqueeze(-1) ** 3).requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (g,) = torch.autograd.grad(layer(Q).sum(), Q)
+    assert layer.last_solve.backend == ["batched"] * 3
+    exact = []
+    for qv in Q.detach()[:, 0].tolist():
+        with mp.workdps(40):
+            us = (mp.mpf(qv) / 4) ** (mp.mpf(1) / 3)
+            exact.append(us / (3 * mp.mpf(qv)))
+    _check_promise(g[:, 0], exact, _gradient_warnings(caught), 1e-8)
 
 
 def test_a_power_gradient_at_the_promise_s_border_is_accurate_and_warned_only_with_a_bounding_estimate():

@@ -91,3 +91,50 @@ def test_refinement_error_without_a_step_is_zero():
     from convexddn.convex.stall import refinement_error
     (prev,) = _corrections(1.0)
     assert refinement_error(_Unscaled(), prev, None, torch.tensor([1.0, 3.0], dtype=torch.float64)).tolist() == [0, 0]
+
+
+def test_a_derivative_refined_to_its_residual_but_not_its_error_is_replaced_by_a_certified_one():
+    """One element of the bench's constrained MPC (``mpc30``, seed 0, element 6): its derivative
+    solve met its residual target with an answer 2.7e-7 off (the refinement's corrections still
+    contracting, by ~0.2 a step), and its gradient was 4e-7 off central differences, silently,
+    until 2026-12-07. Reference: Richardson-extrapolated central differences of ⟨g, y⟩ along a
+    fixed random direction, taken at two step sizes that must agree with each other first. On one
+    thread: the answer's last bits, and so how far that refinement stopped, follow the BLAS threads
+    (on two the old answer happened to land 9e-9 off)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_mpc_element()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_mpc_element() -> None:
+    from convexddn.bench.cases.convex import CONVEX_PROBLEMS
+
+    gen = torch.Generator().manual_seed(0)
+    prob, params, variables, data = CONVEX_PROBLEMS["mpc30"][1](16, gen)
+    g = torch.randn((16,) + tuple(variables[0].shape), dtype=torch.float64, generator=gen)[6:7]
+    layer = cddn.ConvexLayer(prob, params, variables)
+    point = [d[6:7].detach().clone() for d in data]
+    args = [v.clone().requires_grad_(True) for v in point]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = torch.autograd.grad((layer(*args) * g).sum(), args)
+    assert not [w for w in caught if issubclass(w.category, GradientWarning)]
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(3):  # (the third direction: differences consistent to 6e-11 there)
+        v = [torch.randn(p.shape, dtype=torch.float64, generator=rng) for p in point]
+
+    def f(t: float) -> float:
+        with torch.no_grad():
+            return float((layer(*[p + t * w for p, w in zip(point, v)]) * g).sum())
+
+    def richardson(h: float) -> float:
+        c = [(f(k) - f(-k)) / (2 * k) for k in (h, h / 2)]
+        return (4 * c[1] - c[0]) / 3
+
+    fd, fd_half = richardson(1e-4), richardson(5e-5)
+    assert abs(fd - fd_half) <= 1e-9 * abs(fd), "the differences disagree: the test lost its reference"
+    got = sum(float((a * w).sum()) for a, w in zip(grads, v))
+    assert abs(got - fd) <= 1e-8 * abs(fd), (got, fd)
