@@ -191,7 +191,7 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     if tangent is None or sol.scaled is None:
         return None  # (nothing checked: no host read in warn_weak)
     gP, gq, gA, gb = grads
-    idx, amp = _amplified(sol, gx, gz, gq, gb, live)  # (gq = -u_x, gb = u_z, caller units)
+    idx, _ = _amplified(sol, gx, gz, gq, gb, live)  # (gq = -u_x, gb = u_z, caller units)
     if not idx.numel():
         return None  # (nothing checked: no host read in warn_weak)
     pick = lambda v: v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
@@ -200,13 +200,16 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
     # which indexed its k rows by batch indices: an IndexError on ordinary ridge layers)
     dP, dq = secant(idx) if dP is None else (pick(dP), pick(dq))
     directions = [(dP, dq, pick(dA), pick(db))] + ([] if each is None else each(idx))
-    fx, fz = _floor(sol, idx, amp)
+    fx, fz = _floor(sol, idx)
     ux, uz = gq.index_select(0, idx).abs(), gb.index_select(0, idx).abs()
     gP, gq, gA, gb = (g.index_select(0, idx) for g in (gP, gq, gA, gb))
-    off = torch.zeros_like(idx, dtype=torch.bool)
+    off, whole = torch.zeros_like(idx, dtype=torch.bool), None
     for dP, dq, dA, db in directions:
-        along = (gP * dP).sum((1, 2)) + (gq * dq).sum(1) + (gA * dA).sum((1, 2)) + (gb * db).sum(1)
-        off = off | (_carried(fx, fz, ux, uz, dP, dA) > ROW_RTOL * along.abs())
+        along = ((gP * dP).sum((1, 2)) + (gq * dq).sum(1) + (gA * dA).sum((1, 2)) + (gb * db).sum(1)).abs()
+        # (one parameter's derivative below the rounding of the whole one's, along all of them, is that
+        # rounding: an inactive row's dL/dG, exactly 0, was called wrong by a bound of 1e-16 beside 1e9)
+        whole = along if whole is None else whole
+        off = off | (_carried(fx, fz, ux, uz, dP, dA) > ROW_RTOL * torch.maximum(along, torch.finfo(along.dtype).eps * whole))
     return flag.index_copy(0, idx, off)
 
 
@@ -239,16 +242,28 @@ def _carried(fx: torch.Tensor, fz: torch.Tensor, ux: torch.Tensor, uz: torch.Ten
     return bound
 
 
-def _floor(sol, idx: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(δx, δz)`` of the elements ``idx`` in the caller's units: the error the solution
-    may keep along a direction that ``inverse`` ``(len(idx),)`` (an estimate of
-    :math:`\\|K^{-1}\\|`, equilibrated) amplifies, ε times the rows' largest term (the
-    rounding of the residual the solve can reach, equilibrated) times that amplification."""
-    e = sol.scaled.select(idx)
-    x, s, z = e.scale(*(v.index_select(0, idx) for v in (sol.x, sol.s, sol.z)))
-    terms = row_inf(bmv(e.P.abs(), x.abs()), e.q, bmv(e.A.abs().mT, z.abs()), bmv(e.A.abs(), x.abs()), e.b, s)
-    floor = (FLOOR * torch.finfo(x.dtype).eps * terms.clamp_min(1.0) * inverse)[:, None] * e.sigma[:, None]
-    return floor * e.D, floor * e.E / e.c[:, None]
+def _floor(sol, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(δx, δz)`` of the elements ``idx`` in the caller's units: the error the solution may keep,
+    componentwise, :math:`|\hat K^{-1} f|` (Skeel's bound) with :math:`f = |r| + \mathrm{FLOOR}\,
+    \varepsilon\,(|\hat P||\hat x| + |\hat q| + |\hat A|^T|\hat z|,\ |\hat A||\hat x| + |\hat b|
+    + |\hat s|)`: each row's residual :math:`r` at the solution and its rounding, in the equilibrated
+    program (hats), through the KKT matrix :math:`\hat K` kept at the solution (its factorisation);
+    ``f`` with its own signs and with a generic sign pattern, the larger answer of the two, so that
+    cancellation hides nothing. A row whose terms are all small keeps its own precision: a diagonal P
+    of condition 1e6 fixes each entry of x to ε of itself (gradients exact to 1e-15), where ε times
+    the rows' largest term times ‖K⁻¹‖, the bound until 2026-12-07, put it at 1e6 ε and warned."""
+    d = sol.scaled
+    x, s, z = d.scale(sol.x, sol.s, sol.z)
+    Pa, Aa = d.P.abs(), d.A.abs()
+    unit = FLOOR * torch.finfo(x.dtype).eps
+    rx = (bmv(d.P, x) + d.q + bmv(d.A.mT, z)).abs() + unit * (bmv(Pa, x.abs()) + d.q.abs() + bmv(Aa.mT, z.abs()))
+    rz = (bmv(d.A, x) + s - d.b).abs() + unit * (bmv(Aa, x.abs()) + d.b.abs() + s.abs())
+    signs = generic_vector(rx.shape[1] + rz.shape[1], x.dtype, x.device).sign()
+    fx, fz = (torch.stack([r, r * sg], -1) for r, sg in ((rx, signs[:rx.shape[1]]), (rz, signs[rx.shape[1]:])))
+    wx, wz, _ = sol.kkt.solve(fx, fz, 0)
+    sig = d.sigma[:, None]
+    dx, dz = sig * d.D * wx.abs().amax(-1), sig * d.E * wz.abs().amax(-1) / d.c[:, None]
+    return dx.index_select(0, idx), dz.index_select(0, idx)
 
 
 def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor,
@@ -276,11 +291,11 @@ def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor,
     rc = d.c.sqrt()[:, None]
     ux, uz, _ = kkt.solve(probe.expand(B, n).unsqueeze(-1), torch.zeros_like(d.E).unsqueeze(-1), 0)
     g, ux, uz = probe / (rc * d.D), rc * d.D * ux.squeeze(-1), d.E * uz.squeeze(-1) / rc  # (caller units)
-    idx, amp = _amplified(sol, g, torch.zeros_like(uz), ux, uz, live)
+    idx, _ = _amplified(sol, g, torch.zeros_like(uz), ux, uz, live)
     if not idx.numel():
         return None  # (nothing checked: no host read in warn_weak)
     pick = lambda v: None if v is None else v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
-    fx, fz = _floor(sol, idx, amp)
+    fx, fz = _floor(sol, idx)
     bound = _carried(fx, fz, *(v.index_select(0, idx).abs() for v in (ux, uz)), pick(dP), pick(dA))
     size = (g.index_select(0, idx).abs() * dx.index_select(0, idx).abs()).sum(1)
     return flag.index_copy(0, idx, bound > ROW_RTOL * size)

@@ -278,3 +278,38 @@ def test_forward_mode_does_not_call_a_well_conditioned_projection_weak(ball):
             warnings.simplefilter("error", GradientWarning)
             t = fwAD.unpack_dual(layer(x, fwAD.make_dual(A, dA), b, *ball_r)).tangent
         torch.testing.assert_close(t, want, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("cond,scale,rotated", [(1e6, 1.0, False), (1e4, 0.1, False), (1e6, 1.0, True)])
+def test_a_well_posed_ill_conditioned_qp_is_not_called_weak(cond, scale, rotated):
+    """min ½‖Lx‖² + qᵀx s.t. gᵀx <= h, the row inactive by a wide margin, P = LᵀL of condition
+    1e4-1e6 (L diagonal, or rotated): every element was warned "curves only weakly" (a tester's
+    fuzz: 21 of 2,550 random QPs), its gradient exact to 1e-15 (1e-11 rotated). Two causes: the
+    inactive row's dL/dg is exactly 0, and any bound beside it (1e-16, beside dL/dL ~ 1e9) read as
+    relative error; and the floor was ε times the rows' largest term times ‖K⁻¹‖ in every entry,
+    where a diagonal P keeps each entry of x to ε of itself. Closed form: x* = −P⁻¹q, u = P⁻¹w,
+    dL/dq = −u, dL/dL = −L(u x*ᵀ + x* uᵀ), dL/dg = dL/dh = 0."""
+    n, B = 5, 4
+    Lp, q, G, h, x = cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((1, n)), cp.Parameter(1), cp.Variable(n)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Lp @ x) + q @ x), [G @ x <= h]),
+                             [Lp, q, G, h], [x])
+    rng = np.random.default_rng(0)
+    L = np.diag(np.logspace(0, -0.5 * np.log10(cond), n)) * scale
+    Ls = np.stack([L @ np.linalg.qr(rng.standard_normal((n, n)))[0].T if rotated else L for _ in range(B)])
+    L = torch.tensor(Ls, dtype=F64)
+    qq = torch.tensor(rng.standard_normal((B, n)), dtype=F64) * scale
+    GG = torch.tensor(rng.standard_normal((B, 1, n)), dtype=F64)
+    P = L.mT @ L
+    xs = -torch.linalg.solve(P, qq.unsqueeze(-1)).squeeze(-1)
+    hh = (GG @ xs.unsqueeze(-1)).squeeze(-1) + 1.0 + xs.abs().amax(1, keepdim=True)
+    w = torch.tensor(rng.standard_normal((B, n)), dtype=F64)
+    args = [v.clone().requires_grad_(True) for v in (L, qq, GG, hh)]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        grads = torch.autograd.grad(layer(*args), args, w)
+    assert not [str(r.message) for r in rec if issubclass(r.category, GradientWarning)]
+    u = torch.linalg.solve(P, w.unsqueeze(-1)).squeeze(-1)
+    want = [-L @ (u[:, :, None] * xs[:, None, :] + xs[:, :, None] * u[:, None, :]), -u, torch.zeros_like(GG),
+            torch.zeros_like(hh)]
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-8 * float(want[1].abs().max()))
