@@ -145,15 +145,14 @@ class ResidualMap:
         delta = sp.block_diag([sp.csr_matrix((n, n)), dproj.delta, sp.csr_matrix((1, 1))], format="csr")
         return Plus(op, self.Q @ delta - delta)
 
-    def _solve(self, M, rhs: np.ndarray, transpose: bool = False, refine: int = 0) -> np.ndarray:
+    def _solve(self, M, rhs: np.ndarray, transpose: bool = False, refine: int = 0, budget: int | None = None):
         """Minimum-norm solution of M d = rhs (or Mᵀ d = rhs).
 
         M is singular at every solution (R is positively homogeneous), so a plain LU
         solve returns a finite vector with an arbitrary, often huge, component along
         the null space of Mᵀ, which the adjoint's formula does not cancel (seen:
         gradients off by 8 on a projection with no active constraint). The minimum-norm
-        least-squares solution is the one the derivative is defined by (``refine``: iterative_solve's).
-        """
+        least-squares solution is the one the derivative is defined by (``refine``, ``budget``: iterative_solve's)."""
         if isinstance(M, Bordered):
             self.degenerate, self.outcome = False, "solved"  # (a rank below N - 1 gave diffcp's operator instead)
             sol, self.relative_residual = M.solve(rhs, transpose)
@@ -168,7 +167,8 @@ class ResidualMap:
             self.degenerate, self.rank = rank < rhs.size - 1, rank  # (rank: for unique_anyway)
             return sol
         self.degenerate = False  # (the iterative solvers give no rank: the adjoint tests M's null spaces, _doubt)
-        sol, self.relative_residual, self.outcome = iterative_solve(M, rhs, transpose, self.mode == "lsqr", refine)
+        lsqr = self.mode == "lsqr"
+        sol, self.relative_residual, self.outcome = iterative_solve(M, rhs, transpose, lsqr, refine, budget)
         return sol
 
     def _triple(self, z: np.ndarray):
@@ -269,10 +269,10 @@ class ResidualMap:
             dz = np.concatenate([dx, dproj.rmatvec(dy), [dw]])
             if not np.any(dz):
                 return np.zeros(rows.size), np.zeros(m), np.zeros(n)
-            # Refined above the dense fallback's size only: below, a residual over ADJOINT_RTOL goes to it (_doubt),
-            # cheaper than a step (a QP with 451 rows + columns: 3800 LSMR iterations, 0.39 s, per solve or step).
+            # Refined where steps cost less than the dense fallback's ~N³ (N iterations), else above ADJOINT_RTOL to it
+            # (_doubt): a QP, 451 rows + cols, 3800 iterations a step; an L1-ball projection, 2900: 5 ms LSMR, 3.4 s LU.
             Mz = M
-            r = self._solve(Mz, dz, True, ADJOINT_REFINE if dz.size > _DENSE_FALLBACK_MAX else 0)
+            r = self._solve(Mz, dz, True, ADJOINT_REFINE, None if dz.size > _DENSE_FALLBACK_MAX else dz.size)
             doubt = None if isinstance(Mz, np.ndarray) else self._doubt(Mz, z, pi_z, parametric, reach)
             if doubt is not None:
                 # Solved densely where that is affordable (its rank and unique_anyway decide), else reported.

@@ -60,34 +60,36 @@ _REFINED, _REFINE_GAIN = 1e-14, 0.1
 ADJOINT_REFINE, ADJOINT_RTOL = 3, 1e-12
 
 
-def iterative_solve(op, rhs: np.ndarray, transpose: bool = False, lsqr: bool = False, refine: int = 0
-                    ) -> tuple[np.ndarray, float, str]:
+def iterative_solve(op, rhs: np.ndarray, transpose: bool = False, lsqr: bool = False, refine: int = 0,
+                    budget: int | None = None) -> tuple[np.ndarray, float, str]:
     """``(d, relative residual, outcome)``: the minimum-norm least-squares solution of ``op d =
     rhs`` (``op.transpose()``'s where ``transpose``; ``op``: diffcp's operator or a :class:`Plus`,
     ``(N, N)``) by LSMR (LSQR where ``lsqr``) to 1e-12, at most ``10 N`` iterations; ``outcome``
     ``"solved"`` (consistent to those tolerances), ``"least squares"`` (not consistent) or
     ``"unfinished"`` (stopped on a limit: undecided). With ``refine`` > 0, a solved system is
-    refined by up to that many steps (:func:`_refine`) and the residual returned is the one measured."""
+    refined by up to that many steps (:func:`_refine`) and the residual returned is the one measured;
+    with a ``budget`` of iterations, only where the steps' likely cost (the first solve's iterations
+    each) is within it (a caller with a cheaper way to an exact answer: the dense solve, ~N³)."""
     size = rhs.size
     op = op.transpose() if transpose else op
     lin = sla.LinearOperator((size, size), matvec=op.matvec, rmatvec=op.rmatvec)
-    sol, istop, normr = _least_squares(lin, rhs, lsqr)
+    sol, istop, normr, iterations = _least_squares(lin, rhs, lsqr)
     scale = max(float(np.linalg.norm(rhs)), np.finfo(float).tiny)
     outcome = _OUTCOMES.get(istop, "unfinished")
-    if refine and outcome == "solved" and np.any(rhs):
+    if refine and outcome == "solved" and np.any(rhs) and (budget is None or iterations * refine <= budget):
         sol, normr = _refine(lin, rhs, sol, lsqr, refine)
     return sol, float(normr / scale), outcome
 
 
-def _least_squares(lin, rhs: np.ndarray, lsqr: bool) -> tuple[np.ndarray, int, float]:
-    """``(d, istop, ‖rhs − lin d‖)``: LSMR's (LSQR's where ``lsqr``) solution of ``lin d = rhs`` to
-    :data:`_SOLVER_TOL`, in ``10 N`` steps at most."""
-    # (scipy's lsqr calls the iteration limit iter_lim, lsmr maxiter; lsqr's 4th
-    # result is its residual norm r1norm, lsmr's normr.)
+def _least_squares(lin, rhs: np.ndarray, lsqr: bool) -> tuple[np.ndarray, int, float, int]:
+    """``(d, istop, ‖rhs − lin d‖, iterations)``: LSMR's (LSQR's where ``lsqr``) solution of ``lin d =
+    rhs`` to :data:`_SOLVER_TOL`, in ``10 N`` steps at most."""
+    # (scipy's lsqr calls the iteration limit iter_lim, lsmr maxiter; lsqr's 3rd and 4th
+    # results are its iterations and residual norm r1norm, lsmr's itn and normr.)
     solver = sla.lsqr if lsqr else sla.lsmr
     limit = {"iter_lim" if lsqr else "maxiter": 10 * rhs.size}
-    sol, istop, _, normr = solver(lin, rhs, atol=_SOLVER_TOL, btol=_SOLVER_TOL, **limit)[:4]
-    return sol, int(istop), float(normr)
+    sol, istop, iterations, normr = solver(lin, rhs, atol=_SOLVER_TOL, btol=_SOLVER_TOL, **limit)[:4]
+    return sol, int(istop), float(normr), int(iterations)
 
 
 def _refine(lin, rhs: np.ndarray, sol: np.ndarray, lsqr: bool, steps: int) -> tuple[np.ndarray, float]:
@@ -109,7 +111,7 @@ def _refine(lin, rhs: np.ndarray, sol: np.ndarray, lsqr: bool, steps: int) -> tu
     for _ in range(steps):
         if normr <= _REFINED * scale:
             break
-        delta, istop, _ = _least_squares(lin, res, lsqr)
+        delta, istop, _, _ = _least_squares(lin, res, lsqr)
         if _OUTCOMES.get(istop) is None or not np.all(np.isfinite(delta)):
             break
         cand = sol + delta
