@@ -209,7 +209,8 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
         # (one parameter's derivative below the rounding of the whole one's, along all of them, is that
         # rounding: an inactive row's dL/dG, exactly 0, was called wrong by a bound of 1e-16 beside 1e9)
         whole = along if whole is None else whole
-        off = off | (_carried(fx, fz, ux, uz, dP, dA) > ROW_RTOL * torch.maximum(along, torch.finfo(along.dtype).eps * whole))
+        floor = torch.maximum(along, torch.finfo(along.dtype).eps * whole)
+        off = off | (_carried(fx, fz, ux, uz, dP, dA) > ROW_RTOL * floor)
     return flag.index_copy(0, idx, off)
 
 
