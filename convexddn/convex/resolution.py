@@ -160,8 +160,8 @@ def warn_unresolved(mode: str, sol, layout: ConeLayout, where, live: torch.Tenso
 # floor, carried through a gradient, cannot reach the promise's 1e-4 whatever cancels:
 # checked only above it (the secant along P's direction costs a fill of the data).
 WEAK_GATE = 1e3
-# The residual's rounding in units of ε times the rows' largest term: the data's own
-# rounding and a sum's (the ridge's tangent at λ = 1e-6 was 1.3e-4 off, bounded at 8e-5 by 1).
+# A row's rounding in units of ε times its own terms (_floor): the data's own rounding and a
+# sum's (the ridge's tangent at λ = 1e-6 was 1.3e-4 off, bounded at 8e-5 by 1).
 FLOOR = 4.0
 
 
@@ -176,22 +176,22 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
 
     A direction :math:`v` of weak curvature (``‖y‖²`` at a weight λ beside ``‖Gy - h‖²``
     with G of rank 1 < dim y) fixes the solution along itself only to
-    :math:`\\delta \\approx \\varepsilon T \\|K^{-1}\\|` (T the rows' largest term): no
+    :math:`\\delta \\approx |K^{-1} f|`, f the rows' rounding (:func:`_floor`): no
     solve does better, the data themselves are that close. The cotangent's solve
     :math:`u = K^{-T} g` is amplified along :math:`v` too, and the data gradient
     :math:`-u x^T` (P), :math:`-z u_x^T - u_z x^T` (A) is exact to δ per entry yet its
     contraction with a parameter's data direction may cancel: :math:`dL/d\\lambda = -2u^T x`
     is 0.25 from terms of ~1/λ. The error bound along the direction ``dD`` of the data
-    (:func:`_carried`) is compared with the gradient there, :math:`\\langle g_D, dD\\rangle`.
-    :math:`\\|K^{-1}\\|` is estimated by the amplification :math:`\\|u\\|/\\|g\\|` (equilibrated),
-    a lower bound that is tight where the cotangent reaches :math:`v`, the only case the
-    floor is carried through :math:`u`; below :data:`WEAK_GATE` nothing is checked."""
+    (:func:`_carried`) is compared with the gradient there, :math:`\\langle g_D, dD\\rangle`
+    (at least ε of the gradient along all parameters). Only where the amplification
+    :math:`\\|u\\|/\\|g\\|` (equilibrated) passes :data:`WEAK_GATE` is the floor carried
+    far enough to matter: below it nothing is checked."""
     B = gx.shape[0]
     flag = torch.zeros(B, dtype=torch.bool, device=gx.device)
     if tangent is None or sol.scaled is None:
         return None  # (nothing checked: no host read in warn_weak)
     gP, gq, gA, gb = grads
-    idx, _ = _amplified(sol, gx, gz, gq, gb, live)  # (gq = -u_x, gb = u_z, caller units)
+    idx = _amplified(sol, gx, gz, gq, gb, live)  # (gq = -u_x, gb = u_z, caller units)
     if not idx.numel():
         return None  # (nothing checked: no host read in warn_weak)
     pick = lambda v: v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
@@ -215,18 +215,17 @@ def weakly_determined(sol, gx: torch.Tensor, gz: torch.Tensor, grads: tuple, tan
 
 
 def _amplified(sol, gx: torch.Tensor, gz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor,
-               live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(idx, amp)``: the elements of ``live`` whose cotangent ``(gx, gz)`` ``(B, n), (B, m)``
+               live: torch.Tensor) -> torch.Tensor:
+    """``(k,)`` indices of the elements of ``live`` whose cotangent ``(gx, gz)`` ``(B, n), (B, m)``
     the derivative system amplifies beyond :data:`WEAK_GATE` into ``u = K^{-1} g`` (``±ux,
-    uz``, caller units), and that amplification ``(len(idx),)``, equilibrated. Below the
-    gate the floor, carried through, cannot reach the promise: a well-conditioned program's
-    derivative of exactly 0 comes back as ~1e-18, right."""
+    uz``, caller units; the amplification equilibrated). Below the gate the floor, carried
+    through, cannot reach the promise: a well-conditioned program's derivative of exactly 0
+    comes back as ~1e-18, right."""
     d = sol.scaled
     rc = d.c.sqrt()[:, None]
     amp = (row_inf(ux.abs() / (rc * d.D), uz.abs() * rc / d.E)
            / row_inf(rc * d.D * gx, d.E * gz / rc).clamp_min(torch.finfo(gx.dtype).tiny))
-    idx = torch.nonzero(live & (amp > WEAK_GATE)).squeeze(1)
-    return idx, amp.index_select(0, idx)
+    return torch.nonzero(live & (amp > WEAK_GATE)).squeeze(1)
 
 
 def _carried(fx: torch.Tensor, fz: torch.Tensor, ux: torch.Tensor, uz: torch.Tensor, dP, dA) -> torch.Tensor:
@@ -292,7 +291,7 @@ def weak_tangent(sol, dP, dA, dx: torch.Tensor, live: torch.Tensor,
     rc = d.c.sqrt()[:, None]
     ux, uz, _ = kkt.solve(probe.expand(B, n).unsqueeze(-1), torch.zeros_like(d.E).unsqueeze(-1), 0)
     g, ux, uz = probe / (rc * d.D), rc * d.D * ux.squeeze(-1), d.E * uz.squeeze(-1) / rc  # (caller units)
-    idx, _ = _amplified(sol, g, torch.zeros_like(uz), ux, uz, live)
+    idx = _amplified(sol, g, torch.zeros_like(uz), ux, uz, live)
     if not idx.numel():
         return None  # (nothing checked: no host read in warn_weak)
     pick = lambda v: None if v is None else v if v.shape[0] == 1 else v.index_select(0, idx)  # noqa: E731
