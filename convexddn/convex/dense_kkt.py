@@ -28,6 +28,7 @@ import torch
 
 from .._generic import generic_vector
 from .._linalg import lu_factor_ex
+from .._pow2 import pow2_round
 from .kkt import row_inf
 from .symmetric_cones import ConeLayout
 
@@ -182,7 +183,7 @@ def _balance(K: torch.Tensor, sweeps: int = 8) -> torch.Tensor:
         s = d[:, :, None] * mag * d[:, None, :]
         r = torch.maximum(s.amax(2), s.amax(1))
         d = d / torch.where(r > 0, r, 1.0).sqrt()
-    return torch.exp2(torch.round(torch.log2(d)))
+    return pow2_round(d)
 
 
 def _forward_error(K, rhs, u, regularised, limit, exact, res, D) -> torch.Tensor:
