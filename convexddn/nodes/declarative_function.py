@@ -127,7 +127,7 @@ class DeclarativeFunction(torch.autograd.Function):
         for i, own in zip(want, owners):
             grad_params[i] = grad_targets[own[0]]
             for j in own[1:]:
-                grad_params[i] = grad_params[i] + grad_targets[j].to(grad_params[i].dtype)
+                grad_params[i] = grad_params[i] + grad_targets[j]  # (same dtype: kept only where it is)
         grads = [g if need else None for g, need in zip((*grad_xs, *grad_params), needs)]
         # create_graph=True: make a second differentiation fail loudly, not give 0.
         # (its advice for first-order products: forward_ad alone, the node refusing torch.func)

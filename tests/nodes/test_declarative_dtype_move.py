@@ -99,9 +99,15 @@ def test_frozen_parameter_keeps_the_forwards_value(convert):
     assert node.log_w.grad is None
 
 
-def test_to_same_device_changes_nothing():
-    """``.to(device="cpu")`` on a CPU node between forward and backward: the gradients bit for bit those of a
-    backward without it."""
+def test_to_same_device_changes_nothing(monkeypatch):
+    """``.to(device="cpu")`` on a CPU node between forward and backward: the parameter itself is
+    differentiated (its storage did not move: no held copy read), and the gradients are bit for bit those
+    of a backward without it."""
+    from convexddn.nodes import declarative_function
+
+    seen = []
+    real = declarative_function.backward_targets
+    monkeypatch.setattr(declarative_function, "backward_targets", lambda *a: seen.append(real(*a)) or seen[-1])
     grads = []
     for move in (False, True):
         node = WeightedMean(6, torch.float32)
@@ -111,6 +117,8 @@ def test_to_same_device_changes_nothing():
             node.to(device="cpu")
         (y * G).sum().backward()
         grads.append((x.grad, node.log_w.grad))
+        targets, _, owners = seen[-1]
+        assert len(targets) == 1 and targets[0] is node.log_w and owners == [(0,)]
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
