@@ -25,7 +25,6 @@ __all__ = [
     "prepare_out_dir",
     "save_figure",
     "write_json",
-    "write_whole",
     "write_result",
     "resolve_device",
     "names_option",
@@ -276,7 +275,7 @@ def _new_beside(folder: str, base: str) -> tuple[int, str]:
             continue
 
 
-def write_whole(path: str, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+def _write_whole(path: str, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
     """Write ``path`` whole or not at all: ``write(f)`` into a temporary file beside it, then
     renamed over it. Written in place, an interrupted or failed write (Ctrl-C during
     ``json.dump`` or a figure's ``savefig``, a full disk, a value JSON cannot encode) left a
@@ -299,12 +298,12 @@ def write_whole(path: str, write: Callable[[IO[Any]], None], binary: bool = Fals
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path``, whole or not at all (:func:`write_whole`)."""
-    write_whole(path, lambda f: json.dump(obj, f, indent=2))
+    """Write ``obj`` as JSON to ``path``, whole or not at all (:func:`_write_whole`)."""
+    _write_whole(path, lambda f: json.dump(obj, f, indent=2))
 
 
 def save_figure(fig: Any, path: str) -> None:
     """Save the matplotlib figure ``fig`` as a PNG at ``path``, whole or not at all
-    (:func:`write_whole`: the plot beside a result's JSON was written in place, and an
+    (:func:`_write_whole`: the plot beside a result's JSON was written in place, and an
     interrupted write left a truncated PNG over the previous run's)."""
-    write_whole(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    _write_whole(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
