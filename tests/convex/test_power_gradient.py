@@ -36,13 +36,20 @@ def _layer(p: float) -> ConvexLayer:
         return ConvexLayer(cp.Problem(cp.Minimize(cp.power(u, p) - q * u), [u >= 0]), [q], [u])
 
 
+def _derivative(p: float | str, q: float) -> mp.mpf:
+    """du*/dq = u*/((p − 1) q) at the float ``q``, u* = (q/p)^(1/(p−1)), in mpmath at 40 digits (``p`` a
+    float, or a decimal string for the exponent CVXPY reads: "1.005")."""
+    with mp.workdps(40):
+        P, Q = mp.mpf(p), mp.mpf(q)
+        return (Q / P) ** (1 / (P - 1)) / ((P - 1) * Q)
+
+
 def _closed_form(p: float, u_star: float) -> tuple[float, mp.mpf]:
     """The parameter q (a float) giving u* (near ``u_star``) and du*/dq at that very float, in mpmath."""
     with mp.workdps(40):
         P = mp.mpf(p)
         q = float(P * mp.mpf(u_star) ** (P - 1))
-        u = (mp.mpf(q) / P) ** (1 / (P - 1))
-        return q, u / ((P - 1) * mp.mpf(q))
+    return q, _derivative(p, q)
 
 
 def _gradient_warnings(caught) -> list:
@@ -63,13 +70,19 @@ def _gradients(layer: ConvexLayer, qs: list[float], mode: str):
     return g, _gradient_warnings(caught)
 
 
+def _named(texts: list) -> tuple[dict, set]:
+    """The elements the GradientWarnings ``texts`` name: kept with an estimate ``{index: estimated_error}``,
+    and zeroed."""
+    estimates = {e[0]: est for t in texts if hasattr(t, "estimated_error")
+                 for e, est in zip(t.elements, t.estimated_error)}
+    return estimates, {e[0] for t in texts if not hasattr(t, "estimated_error") for e in t.elements}
+
+
 def _check_promise(g: torch.Tensor, exact: list, texts: list, floor: float) -> dict:
     """Each element's gradient is within 1e-8 of the closed form or named in a warning: kept
     with an estimate (``estimated_error``) that bounds its error, which stays below ``floor``
     (the system's float64 floor), or set to zero; returns the kept elements' estimates."""
-    estimates = {e[0]: est for t in texts if hasattr(t, "estimated_error")
-                 for e, est in zip(t.elements, t.estimated_error)}
-    zeroed = {e[0] for t in texts if not hasattr(t, "estimated_error") for e in t.elements}
+    estimates, zeroed = _named(texts)
     for i, gex in enumerate(exact):
         error = float(abs(mp.mpf(g[i].item()) - gex) / gex)
         if i in estimates:
@@ -87,9 +100,7 @@ def test_the_reported_points_meet_the_promise_or_are_warned_with_a_bounding_esti
     silence before. Floors: Skeel's condition times eps, 3e-7 and 7e-6."""
     layer = _layer(1.005)
     for qv, floor in ((1.05, 1e-6), (1.005 * 2e6 ** 0.005, 1e-5)):
-        with mp.workdps(40):
-            u = (mp.mpf(qv) / mp.mpf("1.005")) ** 200
-            exact = [200 * u / mp.mpf(qv)]
+        exact = [_derivative("1.005", qv)]
         g, texts = _gradients(layer, [qv], mode)
         _check_promise(g, exact, texts, floor)
 
@@ -106,9 +117,7 @@ def test_each_element_of_a_batch_meets_the_promise_or_is_named(mode):
     for q0, _ in points:
         for k in (-1, 0, 1):
             qs.append(q0 + k * math.ulp(q0))
-            with mp.workdps(40):
-                u = (mp.mpf(qs[-1]) / mp.mpf("1.005")) ** 200
-                exact.append(200 * u / mp.mpf(qs[-1]))
+            exact.append(_derivative("1.005", qs[-1]))
     g, texts = _gradients(layer, qs, mode)
     estimates = _check_promise(g, exact, texts, 1e-5)
     assert {0, 1, 2} <= set(estimates), [str(t) for t in texts]
@@ -116,14 +125,10 @@ def test_each_element_of_a_batch_meets_the_promise_or_is_named(mode):
 
 @pytest.mark.parametrize("p,u_star", [(1.5, 1e3), (1.005, 30.0)])
 def test_a_well_conditioned_power_gradient_meets_the_promise_without_a_warning(p, u_star):
-    layer = _layer(p)
     qv, exact = _closed_form(p, u_star)
-    Q = torch.tensor(qv, dtype=F64, requires_grad=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        (g,) = torch.autograd.grad(layer(Q), Q)
-    assert not _gradient_warnings(caught)
-    assert float(abs(mp.mpf(g.item()) - exact) / exact) < 1e-8
+    g, texts = _gradients(_layer(p), [qv], "backward")
+    assert not texts
+    _check_promise(g, [exact], texts, 1e-8)
 
 
 @pytest.mark.parametrize("mode", ["backward", "forward mode"])
@@ -151,11 +156,7 @@ def test_a_refinement_stopped_short_of_its_target_is_certified():
         warnings.simplefilter("always")
         (g,) = torch.autograd.grad(layer(Q).sum(), Q)
     assert layer.last_solve.backend == ["batched"] * 3
-    exact = []
-    for qv in Q.detach()[:, 0].tolist():
-        with mp.workdps(40):
-            us = (mp.mpf(qv) / 4) ** (mp.mpf(1) / 3)
-            exact.append(us / (3 * mp.mpf(qv)))
+    exact = [_derivative(4.0, qv) for qv in Q.detach()[:, 0].tolist()]
     _check_promise(g[:, 0], exact, _gradient_warnings(caught), 1e-8)
 
 
@@ -189,16 +190,14 @@ def _outcomes(layer: ConvexLayer, qs: list[float], exact: list) -> list[tuple[st
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         (g,) = torch.autograd.grad(layer(Q).sum(), Q)
-    texts = [w.message for w in caught if issubclass(w.category, GradientWarning)]
+    texts = _gradient_warnings(caught)
     # (an element the batched forward did not solve, taken per element: u³ at u* = 1e4, is outside this
     # fix; there the per-element solver's own SolverWarning must say its gradient is not bounded)
     apart = [i for i, b in enumerate(layer.last_solve.backend) if b != "batched"]
     if apart:
         said = " ".join(str(w.message) for w in caught if issubclass(w.category, SolverWarning))
         assert "gradient" in said, said
-    estimates = {e[0]: est for t in texts if hasattr(t, "estimated_error")
-                 for e, est in zip(t.elements, t.estimated_error)}
-    zeroed = {e[0] for t in texts if not hasattr(t, "estimated_error") for e in t.elements}
+    estimates, zeroed = _named(texts)
     out = []
     for i, gex in enumerate(exact):
         error = float(abs(mp.mpf(g[i].item()) - gex) / gex)
