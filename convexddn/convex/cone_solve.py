@@ -134,10 +134,11 @@ def _warn_imprecise(mode: str, where, error: torch.Tensor | None, what: str) -> 
     ill-conditioned system (:func:`~.vjp._certify`), is estimated less accurate than the float64
     promise (:data:`~.vjp.GRADIENT_ACCURACY`): ``error`` ``(B,)`` the relative estimates (one host
     sync; None where no dense solve was certified, the usual case: none)."""
-    idx = [] if error is None else torch.nonzero(error > GRADIENT_ACCURACY).squeeze(1).tolist()
+    values = [] if error is None else error.tolist()  # (one host read)
+    idx = [i for i, e in enumerate(values) if e > GRADIENT_ACCURACY]
     if not idx:
         return
-    estimates = error[idx].tolist()  # (one host read)
+    estimates = [values[i] for i in idx]
     worst = max(estimates)
     warn(f"ConvexLayer {mode} (batched): the derivative system of {len(idx)} batch element(s) "
          f"({name_elements(where, idx)}) is so ill-conditioned that float64 determines their {what} only to an "

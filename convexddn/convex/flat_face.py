@@ -137,15 +137,14 @@ def _unblocked_slope(A: torch.Tensor, v: torch.Tensor, basis: torch.Tensor) -> t
     projection keeps ``c``'s part along ``G``'s right singular vectors with singular values at
     most ``√ε`` (unit rows: a blocker that far from ``N`` moves ``√ε`` per unit step, as the
     blocking threshold). One SVD of ``(k, n)``, on the few elements flat_descent gates."""
-    B, k, n = A.shape
+    k, n = A.shape[1:]
     if not k:
         return v.norm(dim=1)
     root = torch.finfo(v.dtype).eps ** 0.5
     unit = A / A.norm(dim=2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
     blocks = bmv(unit, v) < -root * v.norm(dim=1, keepdim=True)
     G = torch.where(blocks[:, :, None], unit, 0.0) @ basis
-    _, sv, Wt = torch.linalg.svd(G)  # (full: Wt (B, n, n))
-    sv = torch.cat([sv, sv.new_zeros(B, max(0, n - sv.shape[1]))], 1)[:, :n]
+    sv, Wt, _ = rows_basis(G, n)  # (full: Wt (B, n, n); sv padded to n)
     c = bmv(Wt, bmv(basis.mT, v))
     return torch.where(sv <= root, c, 0.0).norm(dim=1)
 

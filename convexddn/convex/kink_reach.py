@@ -28,6 +28,7 @@ from .dense_kkt import dense_limit_solve
 from .interior_point import ConeSolution
 from .kkt import row_inf
 from .resolution import moved_data
+from .vjp_gates import backward_accept
 
 __all__ = ["SIDE_RTOL", "kinks_reached", "read_by", "read_cols"]
 
@@ -128,8 +129,6 @@ def _other_side(sol: ConeSolution, layout, idx: torch.Tensor, hold: torch.Tensor
     below the radius: held active it fixes ``u_t``, which no output reads; the row equation's gap
     there was 1 with the sides equal on ``y``). On the row itself the inactive side's
     multiplier is 0, the active side's what the data's ``b_i`` would read (its one-sided gradient)."""
-    from .vjp_gates import backward_accept
-
     z0, k = layout.zero, layout.nonneg
     u_x, u_z = u
     sub = torch.nonzero(hold.any(1)).squeeze(1)

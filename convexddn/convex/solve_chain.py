@@ -44,6 +44,7 @@ OPINION = "Clarabel"  # the solver consulted on a certificate that is not exact,
 #: standing (:func:`_last_resort`); a solver that ran already, or cannot take the cones, is skipped.
 LAST_RESORT = ("ECOS",)
 
+
 def _needs_opinion(fail: tuple, ran: list[str], failures: list[tuple]) -> bool:
     """Whether the failure ``fail`` (``(message, kind, claim, run)``, see :meth:`~.per_element.CheckedDiffcp._try`)
     stands on a verified certificate that is not exact to rounding, :data:`OPINION` is not among the
@@ -76,7 +77,7 @@ def _last_resort(backend, ran: list[str], failures: list[tuple]) -> str | None:
     on ``min (a x − 1)²`` at ``a = 1e-15`` it solved silently what ECOS solved only with a warning), no
     verified certificate stands among ``failures`` (:func:`_standing`), and the solver has not run
     and takes the program's cones (:func:`takes_cones`)."""
-    if backend.fallback is None or backend.fallback not in ran[1:] or _standing(failures)[1] != "other":
+    if backend.fallback not in ran[1:] or _standing(failures)[1] != "other":  # (fallback None: never in ran)
         return None
     return next((m for m in LAST_RESORT if m not in ran and takes_cones(m, backend._cone_dict)), None)
 
