@@ -243,7 +243,7 @@ def _carried(fx: torch.Tensor, fz: torch.Tensor, ux: torch.Tensor, uz: torch.Ten
 
 
 def _floor(sol, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(δx, δz)`` of the elements ``idx`` in the caller's units: the error the solution may keep,
+    r"""``(δx, δz)`` of the elements ``idx`` in the caller's units: the error the solution may keep,
     componentwise, :math:`|\hat K^{-1} f|` (Skeel's bound) with :math:`f = |r| + \mathrm{FLOOR}\,
     \varepsilon\,(|\hat P||\hat x| + |\hat q| + |\hat A|^T|\hat z|,\ |\hat A||\hat x| + |\hat b|
     + |\hat s|)`: each row's residual :math:`r` at the solution and its rounding, in the equilibrated
