@@ -230,6 +230,30 @@ def test_entmax_cone_form_takes_ordinary_alphas_without_cvxpy_warnings(alpha):
     torch.testing.assert_close(p, torch.tensor(_entmax_reference(x, alpha), dtype=F64), atol=1e-7, rtol=0)
 
 
+def test_entmax_cone_form_warns_where_float64_does_not_resolve_ties():
+    """A tie at the maximum is resolved by the cone form only through ~p^(α−2): on [1, 1, 1, -5]
+    at α = 50 its split came back 0.327/0.316/0.356 (1/3 each: exact by symmetry, the native node
+    gets it) with no warning; at α = 20, 2.2e-7 off. Building the form warns from α = 16 on
+    (where ties first come back above ~1e-9); below, no warning and the tie is exact."""
+    from convexddn.errors import SolverWarning
+
+    x = torch.tensor([1.0, 1.0, 1.0, -5.0], dtype=F64)
+    exact = torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = cddn.layer("entmax", n=4, alpha=50.0, backend="cvxpy")
+        far = (layer(x) - exact).abs().max().item()
+    texts = [str(w.message) for w in caught if issubclass(w.category, SolverWarning)]
+    assert far > 1e-6 or texts  # (the subject: off without a warning before; warned now)
+    assert any("alpha = 50.0" in t and "native node" in t for t in texts), texts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = cddn.layer("entmax", n=4, alpha=15.0, backend="cvxpy")(x)
+        native = cddn.layer("entmax", n=4, alpha=50.0)(x)  # (the native node builds no cone form)
+    torch.testing.assert_close(p, exact, atol=1e-8, rtol=0)
+    torch.testing.assert_close(native, exact, atol=1e-15, rtol=0)
+
+
 def test_entmax_cone_form_refuses_alpha_too_close_to_one_or_too_large():
     for alpha in (1 + 5e-8, 1e10):
         with pytest.raises(OptionError, match=r"no cone form close enough.*alpha - 1 must be >= 1e-07"):
