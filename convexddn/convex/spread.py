@@ -113,8 +113,10 @@ def warn_unconfirmed(where: tuple[Sequence[int], tuple[int, ...]], idx: list[int
         warn(
             f"ConvexLayer, {name_elements(where, ill)}: the per-element solver's result is polished to rounding "
             f"level, but along directions whose condition reaches {max(conditions[i] for i in ill):.0e} (e.g. "
-            f"nearly parallel active constraints), where that residual does not bound the error of the solution "
-            f"or its gradient, and {why}; rescale or reformulate the constraints, or check the result",
+            f"nearly parallel active constraints, or data far from unit size: the cone program's constraints "
+            f"include those CVXPY writes for norms and other atoms), where that residual does not bound the error "
+            f"of the solution or its gradient, and {why}; rescale the data nearer unit size or reformulate the "
+            f"problem, or check the result",
             SolverWarning, elements=element_list(where, ill))
     idx = [i for i in idx if i not in ill]
     if idx:

@@ -20,6 +20,11 @@ def test_unconfirmed_warnings_list_their_elements():
         warn_unconfirmed(WHERE, [0, 1, 3], residuals, True, conditions)
     by_text = {("is polished to rounding" in str(w.message)): w.message.elements for w in got}
     assert by_text == {True: [(0, 2)], False: [(1, 1), (0, 0)]}
+    # (its advice fits a program without constraints of its own too: a group-lasso proximal map
+    # at data ~1e6, whose cone program's constraints are CVXPY's norm epigraphs, was told to
+    # "rescale or reformulate the constraints"; rescaled by 1e-6 it is exact)
+    ill = next(str(w.message) for w in got if "is polished to rounding" in str(w.message))
+    assert "data far from unit size" in ill and "rescale the data nearer unit size" in ill, ill
 
 
 def test_spread_warning_lists_its_elements():
