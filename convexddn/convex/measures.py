@@ -67,7 +67,9 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
 
     (the magnitudes of the terms, not of their sums, so rounding in a cancelling row
     passes), a slack's distance to K against its rows' :math:`\rho`, a multiplier's
-    against :math:`1 + \|z\|_\infty`, the gap of :func:`kkt_measures`, and a pair whose
+    against :math:`1 + \|z\|_\infty`, the gap
+    :math:`|x^TPx + q^Tx + b^Tz| / (1 + |x^TPx| + \sum_j |q_j x_j| + \sum_i |b_i z_i|)` (its
+    terms too, where :func:`kkt_measures` takes the sums), and a pair whose
     members are both large beside their own scales (:func:`own_complementarity`). With one norm
     for all rows, an inactive bound of 3e5 beside rows of 1e-2 let a violation of 1.85e-3
     in another row pass as 6e-9 (an infeasible LP certified as solved), and a box row
@@ -99,8 +101,13 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
     every datum) was demoted to a ``SolverError``.
     """
     Ax, Px, ATz = bmv(A, x), bmv(P, x), bmv(A.mT, z)
-    gap = _gap(q, b, x, z, Px)
     ax, Aa, Pa = x.abs(), A.abs(), P.abs()  # (each |·| once: this runs on every forward)
+    # The gap against its terms' magnitudes, as the rows are (|q_j x_j|, |b_i z_i|, not the sums,
+    # which cancel): a projection onto a second-order cone of a point 1e-6 of its size outside the
+    # polar cone, data ~1e6, solution ~0.3: qᵀx sums terms of 3e5 to -1, so a point 6e-11 off
+    # (the data fix it to 2e-10) read a gap of 1.4e-6 and was refused, then raised SolverError.
+    xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
+    gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + (q.abs() * ax).sum(1) + (b * z).abs().sum(1))
     rho = torch.stack([b.abs(), bmv(Aa, ax), s.abs()]).amax(0)  # (B, m)
     sigma = torch.stack([q.abs(), bmv(Pa, ax), bmv(Aa.mT, z.abs())]).amax(0)  # (B, n)
     unit = ROUNDING * torch.finfo(x.dtype).eps
