@@ -45,7 +45,7 @@ import torch
 from .._context import bound
 
 __all__ = ["DISAGREEMENT", "DependentRows", "ElementRows", "allowed", "dependent_rows", "disagreement",
-           "input_precision", "read_by_rows", "reduce_maps"]
+           "input_precision", "least_precise", "read_by_rows", "reduce_maps"]
 
 # The dense A_E (rows × the columns it touches) one SVD takes at most.
 _MAX_ENTRIES = 4_000_000
@@ -130,7 +130,8 @@ def allowed(tol: float) -> float:
     return max(float(tol), layer_tol, _ROUNDING_UNITS * (eps() if callable(eps) else eps))
 
 
-def _least_precise(values) -> float:
+def least_precise(values) -> float:
+    """The machine epsilon of the least precise floating tensor among ``values`` (float64's at least)."""
     eps = [torch.finfo(v.dtype).eps for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return max(eps + [float(torch.finfo(torch.float64).eps)])
 
@@ -152,7 +153,7 @@ def input_precision(values, tol: float = 0.0) -> AbstractContextManager[None]:
     layer's ``tol``. ``values`` may be a function returning them, called only where
     :func:`allowed` is (where dependent rows exist: finding which inputs they read may cost a
     canonicalisation)."""
-    eps = (lambda: _least_precise(values())) if callable(values) else _least_precise(values)
+    eps = (lambda: least_precise(values())) if callable(values) else least_precise(values)
     return bound(_INPUT_EPS, (eps, float(tol)))
 
 

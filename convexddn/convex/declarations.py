@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from .tensor_cache import cached
 
-__all__ = ["SYMMETRIC_ATTRIBUTES", "check_parameter_attributes", "parameter_label"]
+__all__ = ["SYMMETRIC_ATTRIBUTES", "check_parameter_attributes", "parameter_label", "psd_rounding"]
 
 
 # The entrywise declarations and what violates them (CVXPY takes a boolean as nonneg).
@@ -74,6 +74,15 @@ def _out_of_bounds(value: torch.Tensor, param: cp.Parameter) -> tuple[torch.Tens
     return mask, why
 
 
+def psd_rounding(eps: float, n: int) -> float:
+    """How far below 0, relative to an ``n``-square matrix's scale, a PSD matrix's smallest
+    eigenvalue may lie once rounded to a dtype of machine epsilon ``eps``: ``max(64·floor, n·eps)``,
+    ``floor`` 1e-12 for float64 and 1e-6 for the less precise (see :func:`_violations`;
+    :func:`.nonconvex.explain_nonconvex` takes it for the least precise dtype the parameters came
+    in, so that a matrix this check passes is not refused as nonconvex after the solve)."""
+    return max(64 * (1e-12 if eps <= torch.finfo(torch.float64).eps else 1e-6), n * eps)
+
+
 def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[[], str]]:
     """Per-entry (or per-matrix) violation mask of one declared attribute, and what the
     first violating matrix gets wrong (asked only when there is one: a host sync).
@@ -106,7 +115,7 @@ def _violations(value: torch.Tensor, attr: str) -> tuple[torch.Tensor, Callable[
     wide = value.double()  # (float16 entries of 40000 overflowed in value + valueᵀ)
     eig = torch.linalg.eigvalsh(0.5 * (wide + wide.transpose(-1, -2)))
     extreme = eig.amin(-1) if attr == "PSD" else eig.amax(-1)
-    eig_tol = max(64 * floor, n * info.eps) * scale + n * sub
+    eig_tol = psd_rounding(info.eps, n) * scale + n * sub
     mask = asym | (extreme < -eig_tol if attr == "PSD" else extreme > eig_tol)
 
     def why() -> str:

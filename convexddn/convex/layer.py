@@ -34,7 +34,7 @@ from .._checks import check_choice, check_int, check_tolerance
 from ..errors import OptionError
 from .batched import BatchedProgram, UnsupportedProblem
 from .canonical import batched_refusal
-from .consistent_rows import input_precision, read_by_rows
+from .consistent_rows import input_precision, least_precise, read_by_rows
 from .finite import finite_problem
 from .nonconvex import explain_nonconvex, unsolved
 from .per_element import MODES, SOLVERS, CheckedDiffcp, per_element_layer
@@ -335,7 +335,7 @@ class ConvexLayer(nn.Module):
         failed = unsolved(info)
         # (elements whose objective is nonconvex at their values, failed or, under a psd_wrap, any: unsolved or raised)
         failed = explain_nonconvex(self._batched or self._opinion, self.problem, self.parameters_, flat, failed, info,
-                                   batch, self.on_failure == "raise")
+                                   batch, self.on_failure == "raise", least_precise(values))
         if failed and self.on_failure == "raise":
             raise failure_error(failed, [info["statuses"][i] for i in failed], batch,
                                 [info["kinds"][i] for i in failed])

@@ -21,6 +21,7 @@ import cvxpy as cp
 import torch
 
 from ..errors import InputError
+from .declarations import psd_rounding
 from .status import unravel
 from .tensor_cache import cached
 from .validation import element_subset
@@ -98,7 +99,7 @@ def _on_equalities(P: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
 
 def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem, parameters: Sequence[cp.Parameter],
                       flat: list[torch.Tensor], failed: list[int], info: dict, batch: tuple[int, ...],
-                      raising: bool) -> list[int]:
+                      raising: bool, input_eps: float = float(torch.finfo(torch.float64).eps)) -> list[int]:
     """Name the elements whose objective's quadratic part is not PSD at their values: the
     ``failed`` ones, and where the quadratic part reads a parameter (``psd_wrap``), every
     element, solved or not (an interior point converged on such a nonconvex program to a
@@ -107,7 +108,9 @@ def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem
 
     ``program`` is the layer's :class:`~.batched.BatchedProgram` (None or False: the problem
     has no quadratic objective kept, nothing to test); ``flat`` the call's flat parameter
-    values. Each such element's status in ``info`` says so (what ``on_failure="mask"``
+    values (float64), ``input_eps`` the machine epsilon of the least precise dtype they came in
+    (its rounding is forgiven, as the PSD check before the solve forgives it:
+    :func:`~.declarations.psd_rounding`). Each such element's status in ``info`` says so (what ``on_failure="mask"``
     warns and ``last_solve`` reports); with ``raising``, an ``InputError`` names the batch
     indices, the smallest eigenvalue relative to the largest, and the likely cause.
     Returns the elements left unsolved (``failed`` and those made so).
@@ -122,7 +125,10 @@ def explain_nonconvex(program: BatchedProgram | bool | None, problem: cp.Problem
     failed = [i for i in failed if info["kinds"][i] != "infeasible"]
     if not failed:
         return unsolved(info)
-    tol = max(NONCONVEX_TOL, 100 * data.n * torch.finfo(torch.float64).eps)
+    # (and the rounding of the dtype the values came in, as the PSD check before the solve takes
+    # it: a float32 Gram matrix of rank 2, smallest eigenvalue -7.6e-9 of its largest, passed
+    # PSD=True there and was refused here as nonconvex, with advice to declare it PSD=True)
+    tol = max(NONCONVEX_TOL, 100 * data.n * torch.finfo(torch.float64).eps, psd_rounding(input_eps, data.n))
     try:  # (a diagnosis only: where it cannot be made, the solve's own result stands)
         with torch.no_grad():
             sub = [v.detach().to(dtype=torch.float64) for v in element_subset(parameters, flat, failed)]

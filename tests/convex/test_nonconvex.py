@@ -160,3 +160,32 @@ def test_indefinite_but_convex_on_the_equality_constraints_is_solved():
     # Indefinite on that line too (P = diag(-1, 0.5): -½t² + …) stays refused.
     with pytest.raises(InputError, match="not positive semidefinite"):
         layer(torch.diag(torch.tensor([-1.0, 0.5], **F64)), qv, bv)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_float32_gram_matrix_within_its_rounding_is_not_refused(wrapped):
+    """A float32 Gram matrix B Bᵀ of a rank-2 B is PSD to float32's rounding (smallest eigenvalue
+    -7.6e-9 of its largest): the PSD=True check before the solve passed it, and the check after
+    the solve, at float64's rounding, refused it as nonconvex, advising to declare it PSD=True
+    (a tester: 14 of 16 such matrices refused; psd_wrap 13 of 16). Now both forgive the rounding
+    of the least precise input: the float32 result is the float64 one to float32's rounding
+    (the same matrix widened), and an indefinite float32 matrix (-1e-3 of its largest) is
+    still refused."""
+    n = 5
+    P = cp.Parameter((n, n), PSD=not wrapped)
+    q, y = cp.Parameter(n), cp.Variable(n)
+    quad = cp.quad_form(y, cp.psd_wrap(P) if wrapped else P)
+    layer = cddn.ConvexLayer(cp.Problem(cp.Minimize(0.5 * quad + q @ y), [y >= -1, y <= 1]), [P, q], [y])
+    g = torch.Generator().manual_seed(4)
+    B64, Q64 = torch.randn(n, 2, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    B, Q = B64.float(), Q64.float()
+    P32 = B @ B.T
+    P32 = 0.5 * (P32 + P32.T)
+    assert float(torch.linalg.eigvalsh(P32.double())[0]) < 0  # (the subject: PSD only to rounding)
+    y32 = layer(P32, Q)
+    y64 = layer(B64 @ B64.T, Q64)  # (the same data in float64, PSD to its rounding)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), y64, atol=1e-5, rtol=0)
+    bad = P32 - 1e-3 * float(P32.abs().max()) * torch.eye(n)
+    with pytest.raises(InputError, match="not positive semidefinite|declared PSD=True, got 1 matrices that are not"):
+        layer(bad, Q)
