@@ -36,10 +36,14 @@ def kkt_measures(P, q, A, b, x, s, z) -> tuple[torch.Tensor, torch.Tensor, torch
     return pres, dres, _gap(q, b, x, z, Px)
 
 
-def _gap(q, b, x, z, Px) -> torch.Tensor:
-    """``(B,)`` relative duality gap :math:`|x^TPx + q^Tx + b^Tz| / (1 + |x^TPx| + |q^Tx| + |b^Tz|)`."""
-    xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
-    return (xPx + qx + bz).abs() / (1 + xPx.abs() + qx.abs() + bz.abs())
+def _gap(q, b, x, z, Px, by_terms: bool = False) -> torch.Tensor:
+    """``(B,)`` relative duality gap :math:`|x^TPx + q^Tx + b^Tz| / (1 + |x^TPx| + |q^Tx| + |b^Tz|)`,
+    or with ``by_terms`` against :math:`\\sum_j |q_j x_j| + \\sum_i |b_i z_i|` in place of the two sums
+    (:func:`caller_measures`: sums that cancel)."""
+    qx_, bz_ = q * x, b * z
+    xPx, qx, bz = (x * Px).sum(1), qx_.sum(1), bz_.sum(1)
+    size = qx_.abs().sum(1) + bz_.abs().sum(1) if by_terms else qx.abs() + bz.abs()
+    return (xPx + qx + bz).abs() / (1 + xPx.abs() + size)
 
 
 # Bits of caller_measures' second output, and of the batched solve's ``points``: the
@@ -106,8 +110,7 @@ def caller_measures(P, q, A, b, layout: ConeLayout, x, s, z, tol: float,
     # which cancel): a projection onto a second-order cone of a point 1e-6 of its size outside the
     # polar cone, data ~1e6, solution ~0.3: qᵀx sums terms of 3e5 to -1, so a point 6e-11 off
     # (the data fix it to 2e-10) read a gap of 1.4e-6 and was refused, then raised SolverError.
-    xPx, qx, bz = (x * Px).sum(1), (q * x).sum(1), (b * z).sum(1)
-    gap = (xPx + qx + bz).abs() / (1 + xPx.abs() + (q.abs() * ax).sum(1) + (b * z).abs().sum(1))
+    gap = _gap(q, b, x, z, Px, by_terms=True)
     rho = torch.stack([b.abs(), bmv(Aa, ax), s.abs()]).amax(0)  # (B, m)
     sigma = torch.stack([q.abs(), bmv(Pa, ax), bmv(Aa.mT, z.abs())]).amax(0)  # (B, n)
     unit = ROUNDING * torch.finfo(x.dtype).eps
