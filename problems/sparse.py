@@ -66,6 +66,7 @@ def entmax(n: int, alpha: float = 1.5):
 # Exact ties of 3 or 4 scores came back 3e-10 off at α = 15, 2.2e-7 at 20, 2.8e-6 at 30 and
 # 2.3e-2 at 50 (against the native node); so building the form warns from here.
 _TIES_UNRESOLVED = 16.0
+
 # CVXPY writes p^α with cones after rounding α to a fraction of bounded denominator
 # (1024 by default): α = 1.0001 became 1, a linear objective, and the layer returned a
 # vertex 0.15 from the solution as "solved". The rounding error δ moves the solution by

@@ -241,10 +241,8 @@ def test_entmax_cone_form_warns_where_float64_does_not_resolve_ties():
     exact = torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0], dtype=F64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        layer = cddn.layer("entmax", n=4, alpha=50.0, backend="cvxpy")
-        far = (layer(x) - exact).abs().max().item()
+        cddn.layer("entmax", n=4, alpha=50.0, backend="cvxpy")(x)  # (its split: 0.327/0.316/0.356, unwarned before)
     texts = [str(w.message) for w in caught if issubclass(w.category, SolverWarning)]
-    assert far > 1e-6 or texts  # (the subject: off without a warning before; warned now)
     assert any("alpha = 50.0" in t and "native node" in t for t in texts), texts
     with warnings.catch_warnings():
         warnings.simplefilter("error")
