@@ -67,11 +67,13 @@ import cvxpy as cp
 import torch
 from torch import nn
 
+from .._autograd import refusing_export
 from .._checks import check_flag
 from .._warn import warn
-from ..errors import ConvexDDNWarning, OptionError
+from ..errors import ConvexDDNWarning, OptionError, ShapeError
 from .compat_args import (ALIASES, APPLIED_SOLVER_ARGS, AUTO_ONLY, BACKENDS, IGNORED_SOLVER_ARGS, REPLACED_BACKENDS,
                           SOLVER_NAMES, canon_backend as check_canon_backend, classify, per_element, solver_name)
+from .declarations import parameter_label
 from .layer import ConvexLayer
 from .solver_args import spelled, validate_solver_args
 from .state import picklable_state
@@ -116,8 +118,11 @@ class CvxpyLayer(nn.Module):
 
     Shape:
         - Input: one tensor per parameter, ``(*batch_i, *param.shape)``; the batch
-          shapes broadcast (cvxpylayers allows one optional leading dimension; any
-          number works here).
+          shapes broadcast into one of them (cvxpylayers allows one optional leading
+          dimension; any number works here, and an unbatched or size-1 batch is shared),
+          but not into a grid that none of them has: ``(B,)`` beside ``(B, 1)`` raises
+          :class:`~convexddn.errors.ShapeError`, as cvxpylayers raises (:class:`ConvexLayer`
+          broadcasts there).
         - Output: a tuple with one ``(*batch, *var.shape)`` tensor per variable, even for
           one variable. dtype is the inputs' promoted dtype (cvxpylayers always returns
           float64), device the inputs' device.
@@ -135,7 +140,8 @@ class CvxpyLayer(nn.Module):
         ProblemError, NotDPPError: the problem is not DCP/DPP (DGP with ``gp=True``) or
             the parameters/variables do not match it (ValueError subclasses, as in
             cvxpylayers).
-        ShapeError, DTypeError, NonFiniteError: bad tensors (see :class:`ConvexLayer`).
+        ShapeError, DTypeError, NonFiniteError: bad tensors (see :class:`ConvexLayer`),
+            and batch shapes that broadcast into a grid none of them has (above).
         InfeasibleError, UnboundedError, SolverError: a solve failed (RuntimeError
             subclasses; cvxpylayers raises ``diffcp.SolverError`` there).
 
@@ -299,6 +305,8 @@ class CvxpyLayer(nn.Module):
             state_dict.pop(prefix + key, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @refusing_export("CvxpyLayer")  # (outside the break, as ConvexLayer's)
+    @torch.compiler.disable  # the solve is not traceable (nor its solver_args checks: lru_cache)
     def forward(
         self,
         *params: torch.Tensor,
@@ -317,6 +325,7 @@ class CvxpyLayer(nn.Module):
             raise OptionError(
                 "warm_start=True is not supported: convexddn solves each problem from "
                 "scratch (cvxpylayers supports it only with solver='MOREAU')")
+        _one_batch(params, self._declared[1])
         method, args = self._translate(solver_args, "solver_args")
         solver = method or self._solver
         # Checked here, under the user's keys (ConvexLayer would name the translated ones),
@@ -332,3 +341,31 @@ class CvxpyLayer(nn.Module):
         if solver not in self.layers:
             self.layers[solver] = layer
         return out if isinstance(out, tuple) else (out,)
+
+
+def _one_batch(values: Sequence[Any], parameters: Sequence[cp.Parameter]) -> None:
+    """Raise ``ShapeError`` where the parameters' batch shapes broadcast to one that none
+    of them has: ``p`` of ``(B, n)`` beside a scalar ``r`` given as ``(B, 1)`` would be a
+    ``(B, B)`` grid of problems (cvxpylayers refuses it: one optional leading dimension,
+    the same for every batched parameter). Broadcasting a batch into another's shape
+    (an unbatched or ``(1,)`` value beside ``(B,)``) is kept; :class:`ConvexLayer` takes
+    any broadcast. Values the layer refuses anyway (wrong trailing shape, not tensors)
+    are left to its precise errors."""
+    shapes = {}
+    for i, (value, param) in enumerate(zip(values, parameters)):
+        k = len(param.shape)
+        if isinstance(value, torch.Tensor) and value.dim() >= k and tuple(value.shape[value.dim() - k:]) == param.shape:
+            shapes[parameter_label(i, param)] = tuple(value.shape[: value.dim() - k])
+    try:
+        full = tuple(torch.broadcast_shapes(*shapes.values()))
+    except RuntimeError:
+        return  # (the layer names the shapes that do not broadcast)
+    if shapes and full not in shapes.values():
+        given = ", ".join(f"{label}: {shape}" for label, shape in shapes.items())
+        raise ShapeError(
+            f"CvxpyLayer: the parameters' batch shapes ({given}) broadcast to {full}, a grid of "
+            f"{torch.Size(full).numel()} problems that no single parameter's batch holds; cvxpylayers refuses "
+            "this (one optional leading batch dimension, shared by every batched parameter). A batched scalar "
+            "parameter given as (B, 1) is the usual cause: pass it as (B,). ConvexLayer broadcasts batch "
+            "shapes as torch does, where a grid is meant")
+

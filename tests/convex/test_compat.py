@@ -23,6 +23,7 @@ from convexddn.errors import (
     NonFiniteError,
     OptionError,
     ProblemError,
+    ShapeError,
     SolverWarning,
     UnboundedError,
 )
@@ -145,6 +146,55 @@ def test_cvxpy_layer_broadcasting_unbatched_and_batched():
     want = torch.autograd.grad(ref.sum(), [A_th, b_th])
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-7)
+
+
+def test_cvxpy_layer_refuses_batch_shapes_that_broadcast_into_a_grid():
+    """A batched scalar given as (B, 1) beside a (B, n) parameter: cvxpylayers raises, and
+    broadcasting would solve a (B, B) grid of problems (a (B, B, n) output a loss against
+    (B, n) targets broadcasts again, silently); a ShapeError naming the shapes and the fix.
+    A batch broadcast into one parameter's own batch shape stays accepted."""
+    x, p, r = cp.Variable(3), cp.Parameter(3), cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(x - p)), [cp.norm(x, 2) <= r])
+    layer = CvxpyLayer(problem, parameters=[p, r], variables=[x])
+    gen = torch.Generator().manual_seed(0)
+    P = 3 * torch.randn(5, 3, dtype=F64, generator=gen)
+    R = torch.rand(5, dtype=F64, generator=gen) + 0.5
+    with pytest.raises(ValueError, match="dimensionality"):  # cvxpylayers itself
+        Reference(problem, parameters=[p, r], variables=[x])(P, R[:, None])
+    with pytest.raises(ShapeError, match=r"\(5,\).*\(5, 1\).*broadcast to \(5, 5\).*pass it as \(B,\)"):
+        layer(P, R[:, None])
+    # The same values with r as (B,): each row of P projected onto its own ball.
+    (sol,) = layer(P, R)
+    want = P * torch.clamp(R / P.norm(dim=1), max=1.0)[:, None]
+    assert sol.shape == (5, 3) and torch.allclose(sol, want, atol=1e-9)
+    # Broadcast into one parameter's shape: a shared radius, a (1,) one, a (2, 5) batch of p.
+    for radius, points in ((R[0], P), (R[:1], P), (R, P.expand(2, 5, 3))):
+        (sol,) = layer(points, radius)
+        assert sol.shape == points.shape
+        want = points * torch.clamp(radius[..., None] / points.norm(dim=-1, keepdim=True), max=1.0)
+        assert torch.allclose(sol, want, atol=1e-9)
+    # ConvexLayer broadcasts as torch does: the grid, each (i, j) projecting P[j] onto R[i]'s ball.
+    grid = ConvexLayer(problem, [p, r], [x])(P, R[:, None])
+    assert grid.shape == (5, 5, 3)
+    assert torch.allclose(grid, P * torch.clamp(R[:, None, None] / P.norm(dim=1)[None, :, None], max=1.0),
+                          atol=1e-9)
+
+
+def test_cvxpy_layer_compiles_without_warnings_to_the_eager_result():
+    """torch.compile of a model holding a CvxpyLayer: dynamo traced into the call's
+    solver_args checks (an lru_cache) and warned; the call is a graph break, as
+    ConvexLayer's is, and gives the eager result."""
+    problem, A, b, x = ridge_problem()
+    layer = CvxpyLayer(problem, [A, b], [x])
+    gen = torch.Generator().manual_seed(4)
+    A_t, b_t = torch.randn(4, 6, 3, dtype=F64, generator=gen), torch.randn(4, 6, dtype=F64, generator=gen)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (sol,) = torch.compile(layer)(A_t, b_t)
+    # (torch's own DeprecationWarnings from its compiler's internals are not ours)
+    assert [str(w.message)[:160] for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    assert torch.allclose(sol, ridge_closed_form(A_t, b_t), atol=1e-9)
 
 
 def test_cvxpy_layer_batched_socp_matches_cvxpylayers_and_finite_differences():
