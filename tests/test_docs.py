@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -22,7 +23,8 @@ DOCS = ROOT / "docs"
 # Guide pages whose ```python blocks must run as printed (each page in one namespace).
 RUNNABLE_PAGES = ("index.md", "getting-started.md", "which-path.md", "registry.md", "declarative-node.md",
                   "nodes-pooling.md", "nodes-projection.md", "nodes-attention-transport-tv.md",
-                  "nodes-eigen-lstsq-vector-pool.md", "migrating-from-ddn.md")
+                  "nodes-eigen-lstsq-vector-pool.md", "migrating-from-ddn.md",
+                  "migrating-from-qpth.md")
 
 
 def _load_hook(name: str):
@@ -172,6 +174,44 @@ def test_docs_code_blocks_run():
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
+
+
+def test_docs_qpth_migration_table_holds():
+    """docs/migrating-from-qpth.md's layer and its table of differences, on the page's own
+    values: the layer is qpth's QP (one element against CVXPY + Clarabel at tight
+    tolerances), unbatched inputs give (n,), float32 inputs a float32 answer, qpth's empty
+    A and b a ShapeError, a Q that is not symmetric an InputError, and the gradient in a
+    PSD Q is symmetric."""
+    import cvxpy as cp
+    import numpy as np
+
+    from convexddn.errors import InputError, ShapeError
+
+    namespace = {}
+    for block in re.findall(r"```python\n(.*?)```", (DOCS / "migrating-from-qpth.md").read_text(), re.S):
+        exec(compile(block, "docs/migrating-from-qpth.md", "exec"), namespace)
+    qp = namespace["qp"]
+    Q, p, G, h, A, b = (namespace[k].detach() for k in ("Q_t", "p_t", "G_t", "h_t", "A_t", "b_t"))
+    z_star = namespace["z_star"].detach()
+    z = cp.Variable(Q.shape[0])
+    cp.Problem(cp.Minimize(0.5 * cp.quad_form(z, Q.numpy()) + p[3].numpy() @ z),
+               [G.numpy() @ z <= h.numpy(), A.numpy() @ z == b.numpy()]).solve(
+        solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    assert np.abs(z_star[3].numpy() - z.value).max() < 1e-8
+    assert qp(Q, p[3], G, h, A, b).shape == (Q.shape[0],)
+    assert torch.allclose(qp(Q, p[3], G, h, A, b), z_star[3], atol=1e-10)
+    single = qp(*(v.float() for v in (Q, p[3], G, h, A, b)))
+    assert single.dtype == torch.float32 and torch.allclose(single.double(), z_star[3], atol=1e-5)
+    empty = torch.empty(0, dtype=torch.float64)
+    with pytest.raises(ShapeError, match="trailing shape"):
+        qp(Q, p[3], G, h, empty, empty)
+    skew = Q.clone()
+    skew[0, 1] += 1e-3
+    with pytest.raises(InputError, match="not symmetric"):
+        qp(skew, p[3], G, h, A, b)
+    Q_var = Q.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(qp(Q_var, p, G, h, A, b).square().sum(), [Q_var])
+    assert torch.equal(grad, grad.mT)
 
 def test_docs_have_no_tracker_wording():
     # Readers do not have the project's tracker: say "goal" and where it comes from.
