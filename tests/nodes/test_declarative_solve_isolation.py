@@ -158,3 +158,81 @@ def test_non_leaf_functional_call_value_warns_nothing():
         y = torch.func.functional_call(node, {"k": 2 * theta}, (x,))
         (grad,) = torch.autograd.grad(y.sum(), theta)
     torch.testing.assert_close(grad, 2 * (x.detach() / 3.4 ** 2).sum(), rtol=1e-10, atol=0)
+
+
+class _HeldShrink(_NewtonShrink):
+    """_NewtonShrink whose solve, after its own backward passes, waits for the test's thread
+    (another thread's backward lands on ``k`` meanwhile)."""
+
+    def __init__(self, inside, release) -> None:
+        super().__init__(steps=2)
+        self.inside, self.release = inside, release
+
+    def solve(self, x):
+        u = super().solve(x)
+        self.inside.set()
+        assert self.release.wait(30)
+        return u
+
+
+@pytest.mark.parametrize("initial", [None, 10.0])
+def test_another_threads_gradient_landing_during_a_solve_stays(initial):
+    """Thread B's forward (its solve runs backward passes of its own into k) while the main
+    thread runs a backward into k: kept_grads put every parameter's .grad back as it was when
+    the solve began, so the main thread's gradient was erased (None, or the initial 10),
+    silently; with a solve that ran no backward of its own, too. Only B's own is taken out."""
+    import threading
+
+    for own_backward in (True, False):
+        inside, release = threading.Event(), threading.Event()
+        node = _HeldShrink(inside, release)
+        node.steps = 2 if own_backward else 0
+        node.k.grad = None if initial is None else torch.tensor(initial, dtype=F64)
+        out = {}
+
+        def forward():
+            with torch.no_grad():
+                out["y"] = node(torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1)))
+
+        thread = threading.Thread(target=forward)
+        thread.start()
+        assert inside.wait(30)
+        (node.k ** 2).backward()  # d(k²)/dk = 2k = 4
+        release.set()
+        thread.join(30)
+        want = 4.0 + (0.0 if initial is None else initial)
+        assert node.k.grad is not None and float(node.k.grad) == pytest.approx(want, abs=1e-12), own_backward
+        if own_backward:  # (B's solve is right: y = k x / (k + 1), Newton exact in one step)
+            x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(out["y"], 2 * x / 3)
+
+
+def test_a_backward_on_autograd_s_own_thread_counts_as_the_waiting_caller_s():
+    """On CUDA a backward's hooks run on autograd's device thread, which Python knows only as a
+    dummy thread (as one started by ``_thread``, here): its pass is the solving thread's while that
+    thread waits in a backward call, and not otherwise; a Python thread's is never."""
+    import _thread
+    import threading
+
+    from convexddn.nodes._kept_grads import _ours
+
+    owner = threading.get_ident()
+
+    def from_dummy_thread():
+        done, result = threading.Event(), []
+        _thread.start_new_thread(lambda: (result.append(_ours(owner)), done.set()), ())
+        assert done.wait(30)
+        return result[0]
+
+    seen = []
+    w = torch.ones(2, dtype=F64, requires_grad=True)
+    w.register_hook(lambda g: seen.append(from_dummy_thread()))
+    (w * 3).sum().backward()  # (the hook runs in this thread, inside its backward call)
+    assert seen == [True]
+    assert from_dummy_thread() is False  # (this thread is not in a backward now)
+    python_thread = []
+    t = threading.Thread(target=lambda: python_thread.append(_ours(owner)))
+    t.start()
+    t.join(30)
+    assert python_thread == [False]
+    assert _ours(owner) is True
