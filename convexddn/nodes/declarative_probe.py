@@ -6,6 +6,7 @@ guard, :mod:`._read_guard`, watches those from this call on)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
@@ -24,21 +25,35 @@ __all__ = ["probe"]
 Tensor = torch.Tensor
 
 
-def _keep(t: Tensor) -> Tensor:  # a saved-tensor hook that changes nothing
-    return t
-
-
-def _own_saved_tensors() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _own_saved_tensors() -> Iterator[None]:
     """The probe's own graph is thrown away: its saved tensors bypass any hooks around the call (a
     non-reentrant torch.utils.checkpoint counted them in the first forward only, not in its
     recomputation: CheckpointError on a node's first call). Under
     ``torch.autograd.graph.disable_saved_tensors_hooks`` none can be around it (torch refuses to
     disable them while any are registered), and registering one raises the caller's message (a
-    node's first call there failed): nothing to do."""
+    node's first call there failed): nothing to do.
+
+    The saved tensors are kept in a list of the call's, and the graph holds their positions: a
+    hook that returned the tensor itself made an op's saved output hold itself through its
+    ``grad_fn``, a cycle through torch's graph that Python's collector cannot free (every probe
+    leaked its outputs of ``exp``, ``tanh``, ...: 3 input-sized tensors a call). The list is
+    emptied as the probe ends, with the graph."""
     enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)  # (private)
     if not enabled():
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+        yield
+        return
+    kept: list[Tensor] = []
+
+    def pack(t: Tensor) -> int:
+        kept.append(t)
+        return len(kept) - 1
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, kept.__getitem__):
+            yield
+    finally:
+        kept.clear()
 
 
 def _groups(batch: int, device: torch.device) -> list[Tensor]:

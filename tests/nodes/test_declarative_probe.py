@@ -220,3 +220,47 @@ def test_first_call_under_disable_saved_tensors_hooks():
     n = x.detach().norm(dim=-1, keepdim=True)
     u = x.detach() / n
     torch.testing.assert_close(grad, (1 - u * u.sum(-1, keepdim=True)) / n, rtol=1e-10, atol=1e-12)
+
+
+class _LogMeanExp(DeclarativeNode):
+    """y = log mean exp(p) = argmin_y Σ exp(p − y) + n y (exp saves its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(8, dtype=DT))
+
+    def objective(self, p, y):
+        return torch.exp(self.scale * p - y).sum(-1) + p.shape[-1] * y.squeeze(-1)
+
+    def solve(self, p):
+        q = self.scale.detach() * p
+        return torch.logsumexp(q, -1, keepdim=True) - torch.log(torch.tensor(float(p.shape[-1]), dtype=p.dtype))
+
+
+def _live_tensors() -> int:
+    import gc
+    import warnings
+    gc.collect()
+    with warnings.catch_warnings():  # (isinstance on torch.distributed's deprecated aliases warns)
+        warnings.simplefilter("ignore", FutureWarning)
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_probes_leave_no_tensor_alive():
+    """The probe's saved-tensor hooks returned each tensor itself, so an op's saved output
+    held itself through its grad_fn, a cycle Python's collector cannot free: every probe
+    (each grad-mode call with nothing requiring grad; each new node's first call) leaked
+    its objective's exp outputs."""
+    node = _LogMeanExp()
+    node.scale.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    node(torch.randn(4, 8, dtype=DT, generator=gen))  # (a first call: the node's own set-up)
+    before = _live_tensors()
+    for _ in range(5):  # grad mode, nothing requires grad: probed each call
+        node(torch.randn(4, 8, dtype=DT, generator=gen))  # (the output dropped at once)
+    assert _live_tensors() == before
+    for _ in range(5):  # a node per trial, trained one step, dropped
+        trial = _LogMeanExp()
+        trial(torch.randn(4, 8, dtype=DT, generator=gen)).sum().backward()
+        del trial
+    assert _live_tensors() == before
