@@ -178,7 +178,8 @@ def check_gradients(
             tensor or the node does not return a floating-point tensor (or a tuple of
             them, checked as their concatenation).
         NonFiniteError: if an input contains NaN or Inf.
-        OptionError: if ``eps``, ``atol`` or ``rtol`` is not positive, ``n_directions``
+        OptionError: if ``eps``, ``atol`` or ``rtol`` is not positive, ``eps`` is no step at
+            the inputs' and parameters' magnitudes (lost to rounding, or overflowing), ``n_directions``
             is not ``None`` or an integer from 1 to 100 000, ``seed`` is not an integer in
             the 64-bit range, or ``raise_on_fail`` or ``params`` is not a bool.
         InputError: if no input is given, or the node's output is not connected to the
@@ -269,6 +270,7 @@ def check_gradients(
 
     total = sum(sizes)
     z = torch.cat([t.detach().flatten() for t in point + thetas])
+    _check_step(eps, z)
 
     def realised(delta: torch.Tensor) -> torch.Tensor:
         """The step shifted(delta) and shifted(-delta) are apart: (z + delta) - (z - delta).
@@ -370,3 +372,23 @@ def check_gradients(
     if raise_on_fail and not report.ok:
         raise GradientCheckError(report)
     return report
+
+
+def _check_step(eps: float, z: torch.Tensor) -> None:
+    """``OptionError`` naming ``eps`` where the step it sets cannot be taken at some entry of
+    ``z`` (the inputs and parameters, float64): lost to rounding, ``(z + eps) - (z - eps)`` is 0
+    (the difference then divided 0 by 0 and a correct gradient failed as "error nan"), or
+    ``z ± eps`` overflows."""
+    if not z.numel():
+        return
+    taken = (z + eps) - (z - eps)
+    lost, over = int((taken == 0).sum()), int((~torch.isfinite(taken)).sum())
+    if lost or over:
+        big = float(z.abs().max())
+        spacing = float(torch.finfo(torch.float64).eps) * max(big, torch.finfo(torch.float64).tiny)
+        why = (f"(z + eps) - (z - eps) rounds to 0 at {lost}" if lost else f"z ± eps overflows at {over}")
+        raise OptionError(
+            f"eps={eps:g} is no usable finite-difference step: {why} of the {z.numel()} entries of the "
+            f"inputs and parameters z (largest magnitude {big:g}, where floats are {spacing:.2g} apart); "
+            f"use an eps well above {spacing:.2g} and far below the float range (default 1e-6)")
+

@@ -1,6 +1,8 @@
 """Tests of convexddn.testing.check_gradients."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -187,6 +189,19 @@ def test_check_gradients_float32_module_copied_to_float64():
     assert report.ok and report.max_abs_error < 1e-8
     assert node.Q.dtype == torch.float32
 
+
+
+@pytest.mark.parametrize("eps, why", [(1e-17, "rounds to 0"), (1e308, "overflows")])
+def test_check_gradients_refuses_a_step_the_inputs_cannot_take(eps, why):
+    """A positive eps below the inputs' spacing (or past the float range) was accepted, and a
+    correct gradient (2x: J = 2I) failed as "max abs error nan": the realised step was 0 (or
+    inf) and the difference 0/0. An OptionError names eps and why; a step every entry takes passes."""
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(OptionError, match=re.escape(f"eps={eps:g} is no usable finite-difference step: ") + f".*{why}"):
+        check_gradients(lambda a: 2 * a, x, eps=eps)
+    assert check_gradients(lambda a: 2 * a, x, eps=1e-12).ok  # (above 4.8e-16, the spacing at |x| ~ 2.2)
+    # An entry of 0 takes any tiny step: only the entries that lose it count.
+    assert check_gradients(lambda a: 2 * a, torch.zeros(3, dtype=torch.float64), eps=1e-17).ok
 
 def test_check_gradients_invalid_inputs():
     with pytest.raises(DTypeError, match="x"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import row_scale
+from .kernels import clamp_saturated, row_scale
 from .penalties import Penalty
 
 
@@ -41,8 +41,17 @@ def bisect_rows(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 def _bisect(pen: Penalty, x: Tensor, al: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`bisect_rows` of rows ``x`` ``(R, N)`` whose entries lie within 1/16 of the float range,
     ``al`` 0-d or ``(R, 1)``, between the keys ``lo`` and ``hi`` ``(R, 1)`` of their min and max."""
+    def z(v: Tensor) -> Tensor:
+        # Residuals clamped where the penalty saturates, as the iterations clamp them: beyond, phi' is
+        # constant to working precision, and its formula may overflow (pseudo-Huber's (z / alpha)^2 from
+        # |z| ~ 1e154 alpha: phi' read 0 for every far point, and a row spread over 1e160 alpha was
+        # bisected to its minimum).
+        r = v - x
+        clamp_saturated(pen, r, al)
+        return r
+
     # g(lo) <= 0 <= g(hi)
-    grad = lambda k: pen.dphi(_values(k) - x, al).sum(-1, keepdim=True)  # noqa: E731
+    grad = lambda k: pen.dphi(z(_values(k)), al).sum(-1, keepdim=True)  # noqa: E731
     for _ in range(64):
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # (no overflow: the keys span up to 2^64)
         below = grad(mid) < 0
@@ -52,11 +61,11 @@ def _bisect(pen: Penalty, x: Tensor, al: Tensor, lo: Tensor, hi: Tensor) -> tupl
     # curvature (g jumps within alpha of a data point: a median's entry at hi, g(lo) = -alpha, g(hi) =
     # 256 alpha, is the minimiser), else the end with the smaller |g|.
     v_lo, v_hi = _values(lo), _values(hi)
-    h_lo, h_hi = (pen.d2phi(v - x, al).sum(-1, keepdim=True) for v in (v_lo, v_hi))
+    h_lo, h_hi = (pen.d2phi(z(v), al).sum(-1, keepdim=True) for v in (v_lo, v_hi))
     near = torch.where(g_hi <= -g_lo, v_hi, v_lo)
     step = torch.where(h_hi > 0, v_hi - g_hi / h_hi, torch.where(h_lo > 0, v_lo - g_lo / h_lo, near))
     y = torch.minimum(torch.maximum(torch.nan_to_num(step, nan=0.0), v_lo), v_hi)
     y = torch.where(torch.isfinite(step), y, near).squeeze(-1)
     # (a sum's rounding: at most N eps times the sum of its terms' magnitudes)
-    noise = x.shape[-1] * torch.finfo(torch.float64).eps * pen.dphi(_values(hi) - x, al).abs().sum(-1, keepdim=True)
+    noise = x.shape[-1] * torch.finfo(torch.float64).eps * pen.dphi(z(_values(hi)), al).abs().sum(-1, keepdim=True)
     return y, ((g_hi <= noise) & (-g_lo <= noise)).squeeze(-1)

@@ -37,6 +37,20 @@ def test_tiny_alpha_gives_the_median(penalty, dtype, alpha, offset):
     torch.testing.assert_close(x.grad, (x.detach() == med[:, None]).to(dtype), rtol=0, atol=1e-20)
 
 
+
+@pytest.mark.parametrize("alpha, scale", [(1e-160, 1.0), (1e-300, 1.0), (1.0, 1e200)])
+def test_spread_beyond_the_square_s_range_gives_the_median(alpha, scale):
+    """Spread over alpha past ~1e154 (float64): pseudo-Huber's phi' = z (1 + (z/alpha)^2)^(-1/2) read 0 at
+    every far point (the square overflowed), and the bisection returned the row's minimum, 0.0 for the
+    median 0.2, under a warning calling its gradient noise (tester terr); the bisection clamps residuals
+    where the penalty saturates, as the iterations do. (Huber gave 0.2 all along.)"""
+    x = torch.tensor([0.0, 0.1, 0.2, 5.0, 9.0], dtype=torch.float64) * scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for penalty in ("pseudo_huber", "huber"):
+            y = F.robust_pool(x, penalty, alpha=alpha)
+            assert float(y) == float(x[2]), penalty
+
 def test_keys_order_every_float_and_come_back():
     v = torch.tensor([-float("inf"), -1e308, -1.0, -5e-324, 0.0, 5e-324, 1.0, 1e308, float("inf")],
                      dtype=torch.float64)
