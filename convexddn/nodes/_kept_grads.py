@@ -6,14 +6,14 @@ A node's ``solve`` may minimise its objective with autograd (``torch.optim.LBFGS
 that requires grad is then a leaf of that inner graph, and the inner ``backward`` added
 its gradients to the parameter's ``.grad``; the implicit gradient came on top of them
 (``d(sum y)/d alpha`` 23.3 for 0.127 with ``alpha`` an ``nn.Parameter``, silently).
-:func:`kept_grads` puts each ``.grad`` back as it was before the call: ``None`` stays
-``None``, an existing one keeps its tensor and its values. The values are copied only
-where a gradient reaches the parameter (a hook before its accumulation), so a call that
-runs no backward copies nothing. Only the solving thread's backward passes are undone: the
-hooks see every thread's, and restoring ``.grad`` wholesale erased a gradient another thread's
-backward added while a forward solved there (a shared node in threaded training: parameter
-gradients 9e-2 to 8e-1 off, silently); where both reached a parameter, this thread's sum is
-taken out of it (to rounding).
+:func:`kept_grads` drops what the solving thread's own backward passes would accumulate into
+the parameters' ``.grad``, as it arrives: ``None`` stays ``None``, an existing one keeps its
+tensor and its values. Dropped at the source, not undone on exit: the hooks see every
+thread's passes, and restoring ``.grad`` as it was (or taking this thread's sum back out)
+erased or corrupted the gradients another thread's backward added while a forward solved
+there (a shared node in threaded training: 9e-2 to 8e-1 off; after a ``zero_grad()`` there,
+-2.3 for 4), silently. The module's ``zero_grad()`` does nothing while it solves in that thread
+(:class:`SolveZeroGrad`): ``solve``'s own passes add nothing to clear.
 
 Under ``torch.func.functional_call`` a parameter's value may be no leaf (fast weights
 ``{"k": 2 * theta}``, as in MAML): the inner ``backward`` ran on through the caller's graph,
@@ -37,51 +37,85 @@ from torch.nn.utils.stateless import _reparametrize_module
 from ._parametrize_cache import fresh_parametrizations
 from ._swap_guard import guarded, named_state
 
-__all__ = ["kept_grads", "solve_view"]
+__all__ = ["SolveZeroGrad", "kept_grads", "solve_view"]
 
 
 @contextlib.contextmanager
 def kept_grads(module: torch.nn.Module) -> Iterator[None]:
-    """Within: gradients that reach ``module``'s parameters (those that are leaves) from this
-    thread's backward passes are undone on exit (module docstring); another thread's, which
-    the same hooks see, stay (:func:`_ours`)."""
+    """Within: this thread's backward passes leave ``module``'s parameters' (leaves') ``.grad``
+    as it was: what they would accumulate there is dropped as it arrives (a hook hands autograd
+    zeros; a ``.grad`` that was None is set back to None right after), so another thread's
+    gradients, landing meanwhile, are neither erased nor mixed (module docstring). A
+    ``torch.autograd.grad`` in ``solve`` still gets the parameters' gradients (it accumulates
+    nothing). ``module.zero_grad()`` does nothing meanwhile in this thread (:class:`SolveZeroGrad`);
+    a ``.grad`` that ``solve`` assigns otherwise stays as assigned (another thread's
+    ``zero_grad()``, which no hook sees, could not be told apart from it)."""
     params = [p for p in module.parameters() if p.requires_grad and p.is_leaf]
     if not params or torch.compiler.is_compiling():  # (a compiled solve runs no backward of its own)
         yield
         return
     owner = threading.get_ident()
-    saved: dict[int, torch.Tensor | None] = {}  # before this thread's first accumulation
-    ours: dict[int, torch.Tensor] = {}  # what this thread's backward passes added
-    theirs: set[int] = set()  # parameters another thread's backward reached meanwhile
+    nodes = [torch.autograd.graph.get_gradient_edge(p).node for p in params]  # their AccumulateGrad
+    was_none: set[int] = set()  # this thread's pass found .grad None: set back right after
 
-    def hook(i: int):
-        def keep(grad: torch.Tensor) -> torch.Tensor:
-            if not _ours(owner):
-                theirs.add(i)
+    def drop(i: int):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if not _ours(owner) or not _accumulates(nodes[i]):
                 return grad
-            if i not in saved:
-                saved[i] = None if params[i].grad is None else params[i].grad.detach().clone()
-            ours[i] = grad.detach().clone() if i not in ours else ours[i] + grad.detach()
-            return grad
-        return keep
+            if params[i].grad is None:
+                was_none.add(i)
+            return torch.zeros_like(grad)
+        return hook
 
-    handles = [p.register_hook(hook(i)) for i, p in enumerate(params)]
-    before = [p.grad for p in params]  # (after the hooks: an accumulation in between is seen by them)
+    def restore_none(i: int):
+        def hook(p: torch.Tensor) -> None:
+            if i in was_none and _ours(owner):
+                was_none.discard(i)
+                p.grad = None
+        return hook
+
+    handles = [h for i, p in enumerate(params)
+               for h in (p.register_hook(drop(i)), p.register_post_accumulate_grad_hook(restore_none(i)))]
+    solving = _solving()
+    solving.append(module)
     try:
         yield
     finally:
+        solving.pop()
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                if i in theirs:
-                    # Another thread's gradient is in .grad too: take out only ours (to rounding).
-                    if i in ours and p.grad is not None:
-                        p.grad -= ours[i]
-                elif p.grad is not before[i] or i in saved:  # (this thread's doing: put back exactly)
-                    if before[i] is not None and i in saved:
-                        before[i].copy_(saved[i])
-                    p.grad = before[i]
+
+
+class SolveZeroGrad(torch.nn.Module):
+    """``zero_grad()`` that leaves the parameters' gradients alone while this thread solves with
+    the module (:func:`kept_grads`): they are the caller's, and ``solve``'s own backward passes
+    add nothing to them (a ``solve`` calling ``self.zero_grad()`` before its passes erased the
+    caller's gradient, or zeroed it in place with ``set_to_none=False``); elsewhere torch's."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if any(m is self for m in _solving()):
+            return
+        super().zero_grad(set_to_none)
+
+
+def _solving() -> list:
+    """The modules this thread is solving with (innermost last)."""
+    if not hasattr(_LOCAL, "solving"):
+        _LOCAL.solving = []
+    return _LOCAL.solving
+
+
+_LOCAL = threading.local()
+
+
+def _accumulates(node: torch.autograd.graph.Node) -> bool:
+    """Whether the running backward pass accumulates into the leaf whose AccumulateGrad is
+    ``node`` (``backward()``), rather than returning its gradient (``torch.autograd.grad``,
+    where torch cannot tell and says so)."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # ("... currently running autograd.grad(). This is currently not supported.")
+        return False
 
 
 def _ours(owner: int) -> bool:

@@ -30,7 +30,7 @@ from .._autograd import may_carry_tangents, outside_compile, refuse_export
 from .._checks import check_int
 from ..errors import InputError, ProblemError, SolverError
 from ._guarded_state import GuardedState
-from ._kept_grads import solve_view
+from ._kept_grads import SolveZeroGrad, solve_view
 from ._parametrize_cache import uncached
 from ._read_guard import check_outside_tangents, watch
 from ._reference_hooks import warn_reference_hooks
@@ -52,7 +52,7 @@ _METHODS = ("objective", "equality_constraints", "inequality_constraints")  # (t
 Tensor = torch.Tensor
 
 
-class DeclarativeNode(GuardedState):
+class DeclarativeNode(SolveZeroGrad, GuardedState):
     """Base class for a node whose output is the solution of an optimization problem.
 
     .. math::

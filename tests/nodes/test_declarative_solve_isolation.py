@@ -236,3 +236,105 @@ def test_a_backward_on_autograd_s_own_thread_counts_as_the_waiting_caller_s():
     t.join(30)
     assert python_thread == [False]
     assert _ours(owner) is True
+
+
+class _GradShrink(_NewtonShrink):
+    """_NewtonShrink whose solve also asks torch.autograd.grad for dF/dk (kept in ``seen``), then
+    waits for the test's thread."""
+
+    def __init__(self, inside, release) -> None:
+        super().__init__(steps=1)
+        self.inside, self.release, self.seen = inside, release, []
+
+    def solve(self, x):
+        u = torch.zeros_like(x).requires_grad_()
+        with torch.enable_grad():
+            du, dk = torch.autograd.grad(self.objective(x, u).sum(), [u, self.k])
+        self.seen.append(float(dk))
+        self.inside.set()
+        assert self.release.wait(30)
+        return (u - du / (self.k.detach() + 1)).detach()
+
+
+@pytest.mark.parametrize("node_kind", ["backward", "autograd.grad"])
+@pytest.mark.parametrize("main", ["zero_grad, backward", "zero_grad"])
+def test_a_training_step_in_another_thread_during_a_solve(node_kind, main):
+    """While thread B's solve (its own backward into k, or torch.autograd.grad of k) waits, the main
+    thread starts a step: zero_grad(), then a backward. k.grad is the main thread's alone: 4 (2k),
+    or None after zero_grad alone; taking B's own sum back out of a fresh gradient gave -2.3, and
+    putting .grad back as it was gave the stale 10. B's autograd.grad gets dF/dk = ½‖x‖²."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    node = _HeldShrink(inside, release) if node_kind == "backward" else _GradShrink(inside, release)
+    node.k.grad = torch.tensor(10.0, dtype=F64)  # (a previous step's)
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    thread = threading.Thread(target=lambda: node(x))
+    thread.start()
+    assert inside.wait(30)
+    node.zero_grad()
+    if main == "zero_grad, backward":
+        (node.k ** 2).backward()
+    release.set()
+    thread.join(30)
+    if main == "zero_grad":
+        assert node.k.grad is None
+    else:
+        assert float(node.k.grad) == 4.0
+    if node_kind == "autograd.grad":
+        assert node.seen == [pytest.approx(0.5 * float((x ** 2).sum()), rel=1e-14)]
+
+
+def test_two_threads_solving_at_once_leave_no_gradient():
+    """Two threads' inference through one node whose solve runs a backward of its own, A's waiting
+    for B's call to return: k.grad stays None (it came back 0 or 1e-17, and AdamW's weight decay
+    then stepped a parameter no loss reached)."""
+    import threading
+
+    class _Two(_NewtonShrink):
+        def __init__(self):
+            super().__init__(steps=1)
+            self.a_did, self.b_done = threading.Event(), threading.Event()
+
+        def solve(self, x):
+            if threading.current_thread().name == "B":
+                assert self.a_did.wait(30)
+            u = super().solve(x)
+            if threading.current_thread().name == "A":
+                self.a_did.set()
+                assert self.b_done.wait(30)
+            return u
+
+    node = _Two()
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+    def b():
+        with torch.no_grad():
+            node(x)
+        node.b_done.set()
+
+    threads = [threading.Thread(target=lambda: node(x), name="A"), threading.Thread(target=b, name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert node.k.grad is None
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_solve_that_zeroes_its_gradients_then_runs_backward_keeps_the_caller_s(set_to_none):
+    """solve calls self.zero_grad() and then its own backward: the caller's 10 stays, its tensor
+    and its value (a TypeError from copying None, for a while; zeroed in place with
+    set_to_none=False); outside solve, zero_grad is torch's."""
+    class _Zeroing(_NewtonShrink):
+        def solve(self, x):
+            self.zero_grad(set_to_none)
+            return super().solve(x)
+
+    node = _Zeroing(steps=1)
+    g = torch.tensor(10.0, dtype=F64)
+    node.k.grad = g
+    node(torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(4)))
+    assert node.k.grad is g and float(g) == 10.0
+    node.zero_grad(set_to_none)
+    assert node.k.grad is None if set_to_none else float(node.k.grad) == 0.0

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import clamp_saturated, row_scale
+from .kernels import row_scale
 from .penalties import Penalty
+
+
+# Residuals over alpha beyond which a saturating penalty's are clamped in the bisection (see _bisect).
+_FAR = 2.0 ** 500
 
 
 def _keys(v: Tensor) -> Tensor:
@@ -42,12 +46,15 @@ def _bisect(pen: Penalty, x: Tensor, al: Tensor, lo: Tensor, hi: Tensor) -> tupl
     """:func:`bisect_rows` of rows ``x`` ``(R, N)`` whose entries lie within 1/16 of the float range,
     ``al`` 0-d or ``(R, 1)``, between the keys ``lo`` and ``hi`` ``(R, 1)`` of their min and max."""
     def z(v: Tensor) -> Tensor:
-        # Residuals clamped where the penalty saturates, as the iterations clamp them: beyond, phi' is
-        # constant to working precision, and its formula may overflow (pseudo-Huber's (z / alpha)^2 from
-        # |z| ~ 1e154 alpha: phi' read 0 for every far point, and a row spread over 1e160 alpha was
-        # bisected to its minimum).
+        # Residuals of a saturating penalty clamped at 2^500 alpha, far beyond its saturation (phi' is
+        # constant there to working precision) and short of where its formula overflows: pseudo-Huber's
+        # (z / alpha)^2 from |z| ~ 1e154 alpha read phi' = 0 at every far point, and a row spread over
+        # 1e160 alpha was bisected to its minimum. (Not at the saturation itself, as the iterations
+        # clamp: a row whose points all lie beyond it, +-1e10 with alpha 1, keeps the formula's own
+        # rounding, which is symmetric there: the midpoint 0, where a clamped, flat g gave an end.)
         r = v - x
-        clamp_saturated(pen, r, al)
+        if pen.saturation is not None:
+            torch.clamp(r, -_FAR * al, _FAR * al, out=r)
         return r
 
     # g(lo) <= 0 <= g(hi)
