@@ -67,7 +67,7 @@ import cvxpy as cp
 import torch
 from torch import nn
 
-from .._autograd import refusing_export
+from .._autograd import refuse_vmap, refusing_export
 from .._checks import check_flag
 from .._warn import warn
 from ..errors import ConvexDDNWarning, OptionError, ShapeError
@@ -325,6 +325,8 @@ class CvxpyLayer(nn.Module):
             raise OptionError(
                 "warm_start=True is not supported: convexddn solves each problem from "
                 "scratch (cvxpylayers supports it only with solver='MOREAU')")
+        # (named as the caller's layer, before any check reads the values: a trace recorded those)
+        refuse_vmap("CvxpyLayer", *params, jacrev=False, constants=False)
         _one_batch(params, self._declared[1])
         method, args = self._translate(solver_args, "solver_args")
         solver = method or self._solver

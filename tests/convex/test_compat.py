@@ -903,3 +903,19 @@ def test_cvxpy_layer_symmetric_parameter_gradient_is_the_documented_split():
     differences = section[section.index("Differences:"):]
     differences = " ".join(differences[:differences.index("\n\n")].split())
     assert "symmetric split `(G + Gᵀ)/2`" in differences and "upper triangle" in differences
+
+
+def test_cvxpy_layer_refuses_tracing_and_vmap_by_its_own_name():
+    """torch.jit.trace of a CvxpyLayer named "ConvexLayer" (the layer inside), after two
+    TracerWarnings from the batch-shape check reading the values; it and torch.func.vmap now
+    name the caller's layer, before any check runs."""
+    problem, A, b, x = ridge_problem()
+    layer = CvxpyLayer(problem, [A, b], [x])
+    gen = torch.Generator().manual_seed(5)
+    A_t, b_t = torch.randn(2, 6, 3, dtype=F64, generator=gen), torch.randn(2, 6, dtype=F64, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        with pytest.raises(ProblemError, match="^CvxpyLayer does not run under torch.jit.trace"):
+            torch.jit.trace(lambda a, c: layer(a, c)[0], (A_t, b_t))
+    with pytest.raises(ProblemError, match="^CvxpyLayer"):
+        torch.func.vmap(lambda a, c: layer(a, c)[0])(A_t, b_t)
