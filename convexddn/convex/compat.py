@@ -77,6 +77,7 @@ from .declarations import parameter_label
 from .layer import ConvexLayer
 from .solver_args import spelled, validate_solver_args
 from .state import picklable_state
+from .validation import check_leaf_list
 
 __all__ = ["CvxpyLayer", "APPLIED_SOLVER_ARGS", "IGNORED_SOLVER_ARGS"]
 
@@ -169,6 +170,10 @@ class CvxpyLayer(nn.Module):
         self._warned_keys: set[str] = set()
         self._warned_auto_keys: set[str] = set()
         self._gp = gp
+        # A single leaf is iterable (over its entries): named as ConvexLayer names it, not as x[0].
+        for what, given, kind in (("parameters", parameters, cp.Parameter), ("variables", variables, cp.Variable)):
+            if isinstance(given, (cp.Parameter, cp.Variable)):
+                check_leaf_list(what, given, kind)
         # (nn.Module owns the names _parameters and parameters: keep the CVXPY objects apart)
         self._declared = (problem, list(parameters), list(variables))
         # The constructor's solver_args as given (less solve_method): each solver a call

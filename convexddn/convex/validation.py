@@ -28,7 +28,7 @@ from .solver_args import solver_choice, spelling, validate_solver_args
 from .widen import widened
 
 __all__ = ["batch_shape", "bind_names", "bind_parameters", "solver_choice", "validate_problem",
-           "validate_solver_args", "check_values", "describe_failure", "flat_values"]
+           "validate_solver_args", "check_leaf_list", "check_values", "describe_failure", "flat_values"]
 
 def _offending_expression(problem: cp.Problem, gp: bool, qp: bool = False) -> str:
     """Name the first objective or constraint that breaks DCP/DGP or DPP, where CVXPY can
@@ -125,8 +125,8 @@ def validate_problem(problem: Any, parameters: Sequence, variables: Sequence, gp
         raise ProblemError(
             "problem has no cvxpy.Parameter: its solution is a constant, so there is nothing to "
             "pass in or differentiate; declare the data that varies as cp.Parameter")
-    _check_leaf_list("parameters", parameters, cp.Parameter)
-    _check_leaf_list("variables", variables, cp.Variable)
+    check_leaf_list("parameters", parameters, cp.Parameter)
+    check_leaf_list("variables", variables, cp.Variable)
     declared = {p.id for p in problem.parameters()}
     given = [p.id for p in parameters]
     if len(set(given)) != len(given) or set(given) != declared:
@@ -275,7 +275,7 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__} ({obj!r:.60})"
 
 
-def _check_leaf_list(what: str, given: Any, kind: type) -> None:
+def check_leaf_list(what: str, given: Any, kind: type) -> None:
     """``given`` is a list (or tuple) of ``kind`` (cp.Parameter or cp.Variable), non-empty
     for variables; else a ``ProblemError`` naming the entry that is not, and what it is."""
     name = f"cvxpy.{kind.__name__}"

@@ -919,3 +919,18 @@ def test_cvxpy_layer_refuses_tracing_and_vmap_by_its_own_name():
             torch.jit.trace(lambda a, c: layer(a, c)[0], (A_t, b_t))
     with pytest.raises(ProblemError, match="^CvxpyLayer"):
         torch.func.vmap(lambda a, c: layer(a, c)[0])(A_t, b_t)
+
+
+def test_cvxpy_layer_names_a_single_parameter_or_variable_as_convex_layer_does():
+    """A single cp.Parameter (or Variable) for the list: CvxpyLayer iterated over its entries and
+    named an expression the user never wrote ("parameters[0] ... x[0]"), or a scalar's as an empty
+    list; the message is ConvexLayer's, with the fix."""
+    x, y, lam = cp.Parameter(3, name="x"), cp.Variable(3, name="y"), cp.Parameter(nonneg=True, name="lam")
+    problem = cp.Problem(cp.Minimize(cp.sum_squares(y - x) + lam * cp.norm1(y)))
+    for parameters, variables, message in (
+            (x, [y], r"parameters must be a list of cvxpy.Parameter, got a single cvxpy.Parameter 'x' .*\[x\]"),
+            ([x, lam], y, r"variables must be a list of cvxpy.Variable, got a single cvxpy.Variable 'y' .*\[y\]"),
+            (lam, [y], r"got a single cvxpy.Parameter 'lam' of shape \(\)"),
+            (y, [y], r"parameters must be a list of cvxpy.Parameter, got ")):
+        with pytest.raises(ProblemError, match=message):
+            CvxpyLayer(problem, parameters=parameters, variables=variables)
