@@ -13,7 +13,14 @@ thread's passes, and restoring ``.grad`` as it was (or taking this thread's sum 
 erased or corrupted the gradients another thread's backward added while a forward solved
 there (a shared node in threaded training: 9e-2 to 8e-1 off; after a ``zero_grad()`` there,
 -2.3 for 4), silently. The module's ``zero_grad()`` does nothing while it solves in that thread
-(:class:`SolveZeroGrad`): ``solve``'s own passes add nothing to clear.
+(:class:`SolveZeroGrad`): ``solve``'s own passes add nothing to clear. (Not stand-ins for the
+parameters while ``solve`` runs: a ``solve`` may build attributes whose graph reaches the
+parameters themselves, ``self.r = self.s.exp().sum()``, for the constraints to read.) Limits:
+the passes still run through the parameters' AccumulateGrad, so hooks a user put on them fire
+(their gradients zeros) and ``create_graph`` passes replace a ``.grad`` tensor by an equal one;
+and a node whose ``solve`` runs such passes should not be run in one thread while another
+thread clears or accumulates its parameters' gradients (torch's ``.grad`` updates are not
+thread-safe: a ``zero_grad()`` racing the zeros' accumulation crashed the process).
 
 Under ``torch.func.functional_call`` a parameter's value may be no leaf (fast weights
 ``{"k": 2 * theta}``, as in MAML): the inner ``backward`` ran on through the caller's graph,
@@ -57,13 +64,17 @@ def kept_grads(module: torch.nn.Module) -> Iterator[None]:
     owner = threading.get_ident()
     nodes = [torch.autograd.graph.get_gradient_edge(p).node for p in params]  # their AccumulateGrad
     was_none: set[int] = set()  # this thread's pass found .grad None: set back right after
+    was_sparse: set[int] = set()  # ... found it sparse: made sparse again right after
 
     def drop(i: int):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if not _ours(owner) or not _accumulates(nodes[i]):
                 return grad
-            if params[i].grad is None:
+            held = params[i].grad
+            if held is None:
                 was_none.add(i)
+            elif held.is_sparse:  # (dense zeros made it dense, and SparseAdam refused it: sparse again after)
+                was_sparse.add(i)
             return torch.zeros_like(grad)
         return hook
 
@@ -72,6 +83,10 @@ def kept_grads(module: torch.nn.Module) -> Iterator[None]:
             if i in was_none and _ours(owner):
                 was_none.discard(i)
                 p.grad = None
+            elif i in was_sparse and _ours(owner):
+                was_sparse.discard(i)
+                if not p.grad.is_sparse:
+                    p.grad = p.grad.to_sparse()
         return hook
 
     handles = [h for i, p in enumerate(params)

@@ -338,3 +338,24 @@ def test_a_solve_that_zeroes_its_gradients_then_runs_backward_keeps_the_caller_s
     assert node.k.grad is g and float(g) == 10.0
     node.zero_grad(set_to_none)
     assert node.k.grad is None if set_to_none else float(node.k.grad) == 0.0
+
+
+def test_a_submodule_s_sparse_gradient_stays_sparse():
+    """A parameter reached through a submodule (an Embedding(sparse=True) weight) is guarded by
+    hooks, which hand autograd dense zeros for the solve's passes: its sparse .grad came back dense
+    and SparseAdam refused it; it is sparse again, with its values."""
+    class _Embedded(PseudoHuberPool):
+        def __init__(self):
+            super().__init__(0.7)
+            self.emb = torch.nn.Embedding(4, 1, sparse=True, dtype=F64)
+
+        def objective(self, x, y):
+            return super().objective(x, y) * self.emb.weight[0, 0].exp()
+
+    node = _Embedded()
+    node.emb(torch.tensor([1, 2])).sum().backward()
+    before = node.emb.weight.grad.to_dense()
+    node(_x())
+    after = node.emb.weight.grad
+    assert after.is_sparse and torch.equal(after.to_dense(), before)
+    torch.optim.SparseAdam([node.emb.weight]).step()
