@@ -29,7 +29,9 @@ def bisect_rows(pen: Penalty, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     ``x`` ``(R, N)`` (float64) as the float where the gradient :math:`g(u) = \\sum_i \\phi'(u - x_i)`,
     non-decreasing, changes sign, to one ulp; ``noisy`` where :math:`|g|` at that point is within
     its rounding (:math:`N \\varepsilon \\sum_i |\\phi'|`) of 0 on both sides, the flat stretch
-    Newton's test stops in. 64 steps on :func:`_keys`, each one pass over the rows, without a host read.
+    Newton's test stops in, or where the gradient is within its rounding of 0 over a stretch wider
+    than an ulp (then the stretch's middle is returned). 3 × 64 steps on :func:`_keys`, each one pass
+    over the rows, without a host read.
 
     Rows with entries near the end of the float range are bisected in the units of
     :func:`.kernels.row_scale` (exact), where no residual overflows: unscaled, ``u - x_i`` was
@@ -59,10 +61,8 @@ def _bisect(pen: Penalty, x: Tensor, al: Tensor, lo: Tensor, hi: Tensor) -> tupl
 
     # g(lo) <= 0 <= g(hi)
     grad = lambda k: pen.dphi(z(_values(k)), al).sum(-1, keepdim=True)  # noqa: E731
-    for _ in range(64):
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # (no overflow: the keys span up to 2^64)
-        below = grad(mid) < 0
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    first, last = lo, hi
+    lo, hi = _split(lambda k: grad(k) < 0, lo, hi)
     g_lo, g_hi = grad(lo), grad(hi)
     # The zero lies in (lo, hi], adjacent floats: the nearer one from a Newton step off an end with
     # curvature (g jumps within alpha of a data point: a median's entry at hi, g(lo) = -alpha, g(hi) =
@@ -75,4 +75,26 @@ def _bisect(pen: Penalty, x: Tensor, al: Tensor, lo: Tensor, hi: Tensor) -> tupl
     y = torch.where(torch.isfinite(step), y, near).squeeze(-1)
     # (a sum's rounding: at most N eps times the sum of its terms' magnitudes)
     noise = x.shape[-1] * torch.finfo(torch.float64).eps * pen.dphi(z(_values(hi)), al).abs().sum(-1, keepdim=True)
-    return y, ((g_hi <= noise) & (-g_lo <= noise)).squeeze(-1)
+    # Where g is within its noise of 0 over a stretch (two far points at alpha ~1e-300 of their gap: every
+    # phi' is +-alpha to working precision, and g is 0 from one to the other), the crossing found is one
+    # end of it (the row's minimum was returned, silently): the stretch's ends are bisected too, and its
+    # middle returned (the minimiser where the row is symmetric), unresolved (warned) if wider than an ulp.
+    noisy = ((g_hi <= noise) & (-g_lo <= noise)).squeeze(-1)
+    flat = ((g_hi.abs() <= noise) | (g_lo.abs() <= noise)).squeeze(-1)  # (a stretch may begin at either end)
+    # (for every row: no host read, as above; the rows bisected are few)
+    left = _split(lambda k: grad(k) < -noise, first, hi)[1]  # the first key with g >= -noise
+    right = _split(lambda k: grad(k) <= noise, lo, last)[0]  # the last key with g <= noise
+    wide = flat & (right > left + 1).squeeze(-1)  # (not right - left: keys of opposite signs overflow)
+    mid = (0.5 * _values(left) + 0.5 * _values(right)).squeeze(-1)
+    return torch.where(wide, mid, y), noisy | wide
+
+
+def _split(below, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Adjacent keys ``(lo, hi)`` with ``below(lo)`` and not ``below(hi)``, for a predicate that is
+    true then false along the keys (given ``below(lo)``, not ``below(hi)`` at the start): 64 halvings."""
+    for _ in range(64):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # (no overflow: the keys span up to 2^64)
+        b = below(mid)
+        lo, hi = torch.where(b, mid, lo), torch.where(b, hi, mid)
+    return lo, hi
+

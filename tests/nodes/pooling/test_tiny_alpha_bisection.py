@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import convexddn.functional as F
+from convexddn.errors import SolverWarning
 from convexddn.nodes.pooling.bisection import _keys, _values
 
 
@@ -50,6 +51,18 @@ def test_spread_beyond_the_square_s_range_gives_the_median(alpha, scale):
         for penalty in ("pseudo_huber", "huber"):
             y = F.robust_pool(x, penalty, alpha=alpha)
             assert float(y) == float(x[2]), penalty
+
+
+@pytest.mark.parametrize("row, alpha, middle", [([-1.0, 1.0], 1e-300, 0.0), ([1.0, 1.0, 2.0, 2.0], 1e-300, 1.5),
+                                                ([1e40, 2e40], 1.0, 1.5e40), ([-1e200, 1e200], 1.0, 0.0)])
+def test_a_flat_middle_stretch_returns_its_middle_and_warns(row, alpha, middle):
+    """Rows whose middle stretch is flat to working precision (every phi' is +-alpha there, and g is 0
+    from one data point to the next): the crossing found was one end, the row's minimum returned silently
+    (the minimiser is the middle, by symmetry); the stretch's ends are bisected, its middle returned, and
+    the row named as unresolvable."""
+    with pytest.warns(SolverWarning, match="cannot be resolved"):
+        y = F.robust_pool(torch.tensor(row, dtype=torch.float64), "pseudo_huber", alpha=alpha)
+    assert float(y) == pytest.approx(middle, rel=1e-15, abs=0.0)
 
 def test_keys_order_every_float_and_come_back():
     v = torch.tensor([-float("inf"), -1e308, -1.0, -5e-324, 0.0, 5e-324, 1.0, 1e308, float("inf")],
