@@ -341,6 +341,13 @@ def check_gradients(
             # refuses to run backward after that, even once they are restored.
             # J applied to the direction actually stepped along (see realised), so the
             # difference is divided by the 2·eps it was taken over.
+            for k, (u, _) in enumerate(directions):
+                kept = float(realised(eps * u).norm() / (2 * eps * u.norm()))
+                if not kept >= 0.5:  # (lost to rounding: both sides read 0, and any backward passed)
+                    raise OptionError(
+                        f"eps={eps:g} is no usable finite-difference step along direction {k}: the inputs and "
+                        f"parameters (largest magnitude {float(z.abs().max()):g}) keep {kept:.0%} of it after "
+                        "rounding; use a larger eps (or the Jacobian mode, n_directions=None)")
             analytic = torch.stack([(vjp(w) * realised(eps * u) / (2 * eps)).sum() for u, w in directions])
             pairs = [(w, shifted(eps * u), shifted(-eps * u)) for u, w in directions]
             numeric = torch.stack([(w * (plus - minus) / (2 * eps)).sum() for w, plus, minus in pairs])

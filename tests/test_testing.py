@@ -200,6 +200,11 @@ def test_check_gradients_refuses_a_step_the_inputs_cannot_take(eps, why):
     with pytest.raises(OptionError, match=re.escape(f"eps={eps:g} is no usable finite-difference step: ") + f".*{why}"):
         check_gradients(lambda a: 2 * a, x, eps=eps)
     assert check_gradients(lambda a: 2 * a, x, eps=1e-12).ok  # (above 4.8e-16, the spacing at |x| ~ 2.2)
+    # Along a direction: 100 entries of 1e10 lose most of eps * u (each entry gets eps / 10), and a
+    # sign-flipped backward passed with error 0 (both sides read no change).
+    big = torch.full((100,), 1e10, dtype=torch.float64)
+    with pytest.raises(OptionError, match="along direction 0"):
+        check_gradients(lambda a: 2 * a, big, n_directions=3)
     # An entry of 0 takes any tiny step: only the entries that lose it count.
     assert check_gradients(lambda a: 2 * a, torch.zeros(3, dtype=torch.float64), eps=1e-17).ok
 

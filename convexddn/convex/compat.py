@@ -170,9 +170,10 @@ class CvxpyLayer(nn.Module):
         self._warned_keys: set[str] = set()
         self._warned_auto_keys: set[str] = set()
         self._gp = gp
-        # A single leaf is iterable (over its entries): named as ConvexLayer names it, not as x[0].
+        # A single leaf or expression is iterable (over its entries): named as ConvexLayer names it, not as
+        # x[0]; None (not iterable) as ConvexLayer names it, not as Python's TypeError.
         for what, given, kind in (("parameters", parameters, cp.Parameter), ("variables", variables, cp.Variable)):
-            if isinstance(given, (cp.Parameter, cp.Variable)):
+            if given is None or isinstance(given, cp.Expression):
                 check_leaf_list(what, given, kind)
         # (nn.Module owns the names _parameters and parameters: keep the CVXPY objects apart)
         self._declared = (problem, list(parameters), list(variables))

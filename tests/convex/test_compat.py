@@ -931,6 +931,9 @@ def test_cvxpy_layer_names_a_single_parameter_or_variable_as_convex_layer_does()
             (x, [y], r"parameters must be a list of cvxpy.Parameter, got a single cvxpy.Parameter 'x' .*\[x\]"),
             ([x, lam], y, r"variables must be a list of cvxpy.Variable, got a single cvxpy.Variable 'y' .*\[y\]"),
             (lam, [y], r"got a single cvxpy.Parameter 'lam' of shape \(\)"),
-            (y, [y], r"parameters must be a list of cvxpy.Parameter, got ")):
+            (y, [y], r"parameters must be a list of cvxpy.Parameter, got "),
+            (x[:2], [y], r"parameters must be a list of cvxpy.Parameter, got "),
+            (None, [y], r"parameters must be a list of cvxpy.Parameter, got None"),
+            ([x, lam], None, r"variables must be a list of cvxpy.Variable, got None")):
         with pytest.raises(ProblemError, match=message):
             CvxpyLayer(problem, parameters=parameters, variables=variables)
