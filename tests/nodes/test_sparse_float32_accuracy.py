@@ -114,6 +114,23 @@ def test_project_l1_ball_float32_small_entries_within_ulps():
     assert _worst(F.project_lp(x, p=1), exact) <= ULPS
 
 
+
+def test_entries_within_float32_rounding_of_the_max_stay_in_the_support():
+    """[1, 1e-9, 1e-9, 1e-9]: the small entries round onto the row max in float32 (t = x − max), so the
+    float32 support was {1}; the simplex gave [1, 0, 0, 0] for [1, 2.5e-10 ×3] (and its gradient 0), and
+    the L1 ball, whose float32 threshold put the row (outside by 3e-9) inside, returned x unchanged.
+    The float64 steps count the support again, from just below the float32 threshold."""
+    x = torch.tensor([[1.0, 1e-9, 1e-9, 1e-9]])
+    rows = x.double().tolist()
+    # (each small entry within 2 ulps: forming 1e-9 − θ in float64 leaves ~1e-16 absolute, 0.9 ulp here)
+    assert _worst(F.project_simplex(x), [_simplex_exact(r) for r in rows]) <= ULPS
+    assert _worst(F.project_lp(x, p=1), [_l1_ball_exact(r) for r in rows]) <= ULPS
+    for project in (F.project_simplex, lambda v: F.project_lp(v, p=1)):
+        xg = x.clone().requires_grad_()
+        g = torch.tensor([[1.0, -1.1, 1.2, -1.3]])
+        (grad,) = torch.autograd.grad((project(xg) * g).sum(), [xg])
+        torch.testing.assert_close(grad, g - g.mean(), rtol=0, atol=1e-6)  # (every entry in the support)
+
 def test_float32_huge_offsets_keep_the_answer():
     # The threshold relative to the row max: 3e38 − 2 is 3e38 in float64, so forming
     # x − (top + θ) there, not (x − top) − θ, lost θ (NaN rows in development).

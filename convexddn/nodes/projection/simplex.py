@@ -132,26 +132,36 @@ def _float32_answer(a: torch.Tensor, top: torch.Tensor, theta: torch.Tensor, rho
     # (a converted first: torch.sub(a, top64) across dtypes took 40× as long on CPU.)
     w = a.to(torch.float64).sub_(top.to(torch.float64))
     theta = theta.to(torch.float64)
-    g = (w - theta).clamp_(min=0.0).sum(d, keepdim=True)
-    theta = theta + (g - (z.to(torch.float64) if isinstance(z, torch.Tensor) else z)) / rho
-    return w.sub_(theta).clamp_(min=0.0)
+    z64 = z.to(torch.float64) if isinstance(z, torch.Tensor) else z
+    # Two Newton steps from just below θ₀, each with its support counted in float64 (Michelot's
+    # iteration: from below θ rises to the root, which it reaches once the support is the
+    # answer's). ρ itself can be wrong: entries within float32's rounding of the row max (1e-9
+    # beside 1) round onto it in t = a − top, and [1, 1e-9, 1e-9, 1e-9] gave [1, 0, 0, 0] for
+    # [1, 2.5e-10 ×3] from one step with ρ = 1. The margin covers θ₀'s float32 rounding.
+    theta = theta - 4 * torch.finfo(torch.float32).eps * (theta.abs() + z64)
+    for _ in range(2):
+        v = (w - theta).clamp_(min=0.0)
+        count = v.sign().sum(d, keepdim=True).clamp_(min=1.0)
+        theta = theta + (v.sum(d, keepdim=True) - z64) / count
+    return w.sub_(theta).clamp_(min=0.0), theta
 
 
 def _answer(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a: torch.Tensor, top: torch.Tensor,
-            z: float | torch.Tensor, d: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, support)`` from :func:`_shifted_simplex`'s ``(t, θ, ρ)``: y = max(a − top − θ, 0)
-    in x's dtype (for float32 x by :func:`_float32_answer`), and the support indicator where
-    y is rounded from a wider result (:func:`_support`; empty when it is y ≠ 0)."""
+            z: float | torch.Tensor, d: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, support, θ)`` from :func:`_shifted_simplex`'s ``(t, θ, ρ)``: y = max(a − top − θ, 0)
+    in x's dtype (for float32 x by :func:`_float32_answer`, whose float64 θ is returned), and the
+    support indicator where y is rounded from a wider result (:func:`_support`; empty when it is
+    y ≠ 0)."""
     t, theta, rho = out
     if x.dtype == torch.float32 and x.device.type != "mps":  # (MPS has no float64)
-        v = _float32_answer(a, top, theta, rho, z, d)
+        v, theta = _float32_answer(a, top, theta, rho, z, d)
         # A float64 vᵢ > 0 rounds to 0 only below float32's smallest subnormal: at a tie
         # with the threshold (no derivative; the entry counts as outside), or where z/n
         # itself is that small, where the support is kept as for 16-bit x.
         support = _support(v, x) if _may_underflow(z, x.shape[d], x.dtype) else x.new_empty(0)
-        return v.to(x.dtype), support
+        return v.to(x.dtype), support, theta
     v = (t - theta).clamp_(min=0.0)
-    return v.to(x.dtype), _support(v, x)
+    return v.to(x.dtype), _support(v, x), theta
 
 
 def _scaled(
@@ -196,8 +206,9 @@ def l1_forward(
         # Rows inside the ball keep x itself: scaled by 2^-k, entries near the subnormal
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
         return (y if sphere else torch.where(active, y, x)), active, support
-    theta = out[1]
-    t, support = _answer(out, ax, top, r, d, x)
+    # (θ refined in float64 for float32 x: its float32 value put [1, 1e-9, 1e-9, 1e-9], outside r = 1
+    # by 3e-9, inside the ball, returned unchanged)
+    t, support, theta = _answer(out, ax, top, r, d, x)
     # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
     # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
     # facet of the cross-polytope).
@@ -331,7 +342,7 @@ def simplex_forward(
         # its threshold is (max(t − θ, 0) with max t = 0 and θ ≤ 0), rounded to x's dtype:
         # the cheap (…, 1) test.
         warn_unrepresentable(out[1].to(x.dtype), d, "project_simplex", "z", "simplex")
-    return _answer(out, x, hi, z, d, x)
+    return _answer(out, x, hi, z, d, x)[:2]
 
 
 @bind_fast
