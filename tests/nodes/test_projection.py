@@ -1603,8 +1603,10 @@ def test_l2_saves_x_only_for_a_radius_below_the_normal_range():
     # x is saved (for û) only where the forward found some r below tiny/eps: a learned radius
     # of ordinary size keeps the memory and in-place semantics of before (x changed in place
     # after the call, as a plain y = r·x/‖x‖ node allows).
+    # (A float radius below x's normal range is solved in float64 (ranges.wide_dtype), where it is
+    # ordinary: x is not saved there.)
     for r, saved in ((torch.tensor(0.5, requires_grad=True), False), (torch.tensor(1e-41, requires_grad=True), True),
-                     (0.5, False), (1e-41, True)):
+                     (0.5, False), (1e-41, False)):
         x = _x(3, 4, seed=5).float().requires_grad_() * 1.0
         y = project_lp(x, 2, "sphere", r)
         x.add_(1.0)
@@ -1880,3 +1882,15 @@ def test_projection_inf_cotangent_off_the_support_gives_zero():
         for fn in (project_simplex, lambda a: project_lp(a, p=1, radius=1.0)):
             t = fwAD.unpack_dual(fn(fwAD.make_dual(x.detach(), v))).tangent
             assert torch.equal(t, torch.zeros(3, dtype=F64))
+
+
+def test_a_float_radius_below_the_dtype_s_range_keeps_the_inside_gradient():
+    """float32 zeros inside the L∞ ball of radius 1e-50 (which rounds to 0 in float32): the backward
+    read them as pinned at the face (slack r − |y| = 0), gradient 0 for the identity, silently; p = 1
+    and 2 gave ones. A float radius below x's range is solved in float64, as a tensor one is."""
+    for p in (1, 2, math.inf):
+        x = torch.zeros(3, requires_grad=True)
+        y = project_lp(x, p, "ball", 1e-50)
+        assert y.dtype == torch.float32
+        (grad,) = torch.autograd.grad(y.sum(), [x])
+        assert torch.equal(grad, torch.ones(3)), p

@@ -66,7 +66,9 @@ def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor,
     - a tensor radius below x's smallest normal float (float32 x, a float64 radius 1e-46;
       float16 x, a float32 one 1e-8): cast to x's dtype it rounded to 0 or a subnormal, and
       the L1 and L∞ gradients with respect to it came out 0 (x = [0.5, -2, 1], p = ∞:
-      0, not −0.6), silently. (A float radius has no gradient: its kernels keep x's dtype.)
+      0, not −0.6), silently; a float radius there too: it has no gradient, but x's does (a float32
+      0 inside the L∞ ball of radius 1e-50, which rounds to 0, read as pinned at its face: gradient
+      0 for the identity).
 
     The device is checked before any value is read; a tensor radius costs the one host
     read of its positivity check, which also reads its minimum and maximum where its
@@ -84,7 +86,7 @@ def wide_dtype(radius: float | torch.Tensor, x: torch.Tensor,
         low, value = positive_range(name, radius)
     else:
         check_positive(name, radius)
-        value, low = float(radius), info.tiny  # (a float has no gradient: only the top end widens)
+        value = low = float(radius)
     return radius, (None if value <= info.max and low >= info.tiny else torch.float64)
 
 
