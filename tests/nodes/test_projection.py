@@ -1894,3 +1894,13 @@ def test_a_float_radius_below_the_dtype_s_range_keeps_the_inside_gradient():
         assert y.dtype == torch.float32
         (grad,) = torch.autograd.grad(y.sum(), [x])
         assert torch.equal(grad, torch.ones(3)), p
+
+
+def test_sphere_of_a_huge_radius_keeps_a_subnormal_row_s_direction():
+    """x = (3, 4)·1e-320 onto the sphere of radius 1e300: r/‖x‖ overflows, and that inf read as x = 0,
+    r·e₀ returned (and the backward warned of x = 0); the answer is r·(0.6, 0.8), formed as r·(x/‖x‖)."""
+    x = torch.tensor([3e-320, 4e-320], dtype=torch.float64)
+    y = project_lp(x, 2, "sphere", 1e300)
+    torch.testing.assert_close(y, torch.tensor([6e299, 8e299], dtype=torch.float64), rtol=4e-16, atol=0)
+    assert torch.equal(project_lp(torch.zeros(2, dtype=torch.float64), 2, "sphere", 1e300),
+                       torch.tensor([1e300, 0.0], dtype=torch.float64))  # (x = 0 stays r·e₀)

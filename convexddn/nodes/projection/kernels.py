@@ -103,10 +103,13 @@ def l2_forward(
         a = row_pow2(x.abs(), d)
         xs = x.double() / a
         nw = _norm2(xs, d, torch.float64)
-        ratio = (r.double() if isinstance(r, torch.Tensor) else torch.full_like(nw, r)) / nw  # = a·r/‖x‖
-        zero = ratio == math.inf
+        rd = r.double() if isinstance(r, torch.Tensor) else torch.full_like(nw, r)
+        ratio = rd / nw  # = a·r/‖x‖
+        zero = nw == 0  # (not ratio == inf: a subnormal row under a radius of 1e300 overflows it, x ≠ 0)
         if sphere:
-            y = xs * torch.where(zero, torch.zeros_like(ratio), ratio)
+            # r·(xs/‖xs‖): the unit vector first, which no radius overflows (xs·ratio took x = [3e-320, 4e-320]
+            # at r = 1e300 for 0 and returned r·e₀, where r·(0.6, 0.8) is exact)
+            y = xs / torch.where(zero, torch.ones_like(nw), nw) * torch.where(zero, torch.zeros_like(rd), rd)
             # Every sphere point is nearest to 0; take r·e₀ (first coordinate).
             e0 = torch.zeros_like(xs).narrow(d, 0, 1).fill_(1.0)
             y.narrow(d, 0, 1).add_(torch.where(zero, e0 * r, torch.zeros_like(e0)))
