@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -270,15 +271,9 @@ def check_gradients(
 
     total = sum(sizes)
     z = torch.cat([t.detach().flatten() for t in point + thetas])
-    _check_step(eps, z)
-
-    def realised(delta: torch.Tensor) -> torch.Tensor:
-        """The step shifted(delta) and shifted(-delta) are apart: (z + delta) - (z - delta).
-
-        z ± delta rounds where |z| >> |delta| (Numerical Recipes §5.7: divide by the step
-        the arithmetic took); there the subtraction itself is exact (Sterbenz's lemma).
-        """
-        return (z + delta) - (z - delta)
+    realised = functools.partial(_realised, z)
+    taken = realised(torch.full_like(z, eps))  # (each coordinate's own step, Jacobian mode)
+    _check_step(eps, z, taken)
     with torch.enable_grad():
         xg = [x.clone().requires_grad_(True) for x in point]
         y = evaluate(xg)
@@ -317,7 +312,6 @@ def check_gradients(
             consistency = max(consistency, linear)
             if not within and not inconsistent:
                 inconsistent = "of a random incoming gradient w differs from w times its one-hot rows (not linear in w)"
-            taken = realised(torch.full((total,), eps, dtype=torch.float64, device=device))
             cols, floors = [], []
             for j in range(total):
                 step = torch.zeros(total, dtype=torch.float64, device=device)
@@ -342,12 +336,7 @@ def check_gradients(
             # J applied to the direction actually stepped along (see realised), so the
             # difference is divided by the 2·eps it was taken over.
             for k, (u, _) in enumerate(directions):
-                kept = float(realised(eps * u).norm() / (2 * eps * u.norm()))
-                if not kept >= 0.5:  # (lost to rounding: both sides read 0, and any backward passed)
-                    raise OptionError(
-                        f"eps={eps:g} is no usable finite-difference step along direction {k}: the inputs and "
-                        f"parameters (largest magnitude {float(z.abs().max()):g}) keep {kept:.0%} of it after "
-                        "rounding; use a larger eps (or the Jacobian mode, n_directions=None)")
+                _check_step(eps, z, realised(eps * u), k, u)
             analytic = torch.stack([(vjp(w) * realised(eps * u) / (2 * eps)).sum() for u, w in directions])
             pairs = [(w, shifted(eps * u), shifted(-eps * u)) for u, w in directions]
             numeric = torch.stack([(w * (plus - minus) / (2 * eps)).sum() for w, plus, minus in pairs])
@@ -381,21 +370,29 @@ def check_gradients(
     return report
 
 
-def _check_step(eps: float, z: torch.Tensor) -> None:
-    """``OptionError`` naming ``eps`` where the step it sets cannot be taken at some entry of
-    ``z`` (the inputs and parameters, float64): lost to rounding, ``(z + eps) - (z - eps)`` is 0
-    (the difference then divided 0 by 0 and a correct gradient failed as "error nan"), or
-    ``z ± eps`` overflows."""
-    if not z.numel():
-        return
-    taken = (z + eps) - (z - eps)
+def _realised(z: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The step the shifted points z ± delta are apart: (z + delta) - (z - delta).
+
+    z ± delta rounds where |z| >> |delta| (Numerical Recipes §5.7: divide by the step
+    the arithmetic took); there the subtraction itself is exact (Sterbenz's lemma).
+    """
+    return (z + delta) - (z - delta)
+
+
+def _check_step(eps: float, z: torch.Tensor, taken: torch.Tensor, k: int = 0, u: torch.Tensor | None = None) -> None:
+    """``OptionError`` naming ``eps`` where the step ``taken`` (:func:`_realised` at the inputs and
+    parameters ``z``) is none: lost to rounding at a coordinate (0: the difference was 0/0, and a
+    correct gradient failed as "error nan"), overflowing, or, along direction ``k`` (``u``), less than
+    half kept (both sides read the same point: a sign-flipped backward passed with error 0)."""
     lost, over = int((taken == 0).sum()), int((~torch.isfinite(taken)).sum())
-    if lost or over:
+    kept = 1.0 if u is None else float(taken.norm() / (2 * eps * u.norm()))
+    if (lost or over) if u is None else not kept >= 0.5:
         big = float(z.abs().max())
         spacing = float(torch.finfo(torch.float64).eps) * max(big, torch.finfo(torch.float64).tiny)
-        why = (f"(z + eps) - (z - eps) rounds to 0 at {lost}" if lost else f"z ± eps overflows at {over}")
+        why = (f"along direction {k} only {kept:.0%} of it is kept after rounding" if u is not None else
+               f"(z + eps) - (z - eps) rounds to 0 at {lost} of the {z.numel()} entries of z" if lost else
+               f"z ± eps overflows at {over} of the {z.numel()} entries of z")
         raise OptionError(
-            f"eps={eps:g} is no usable finite-difference step: {why} of the {z.numel()} entries of the "
-            f"inputs and parameters z (largest magnitude {big:g}, where floats are {spacing:.2g} apart); "
-            f"use an eps well above {spacing:.2g} and far below the float range (default 1e-6)")
-
+            f"eps={eps:g} is no usable finite-difference step: {why} (z: the inputs and parameters, largest "
+            f"magnitude {big:g}, where floats are {spacing:.2g} apart); use an eps well above {spacing:.2g} and "
+            "far below the float range (default 1e-6)")

@@ -53,9 +53,9 @@ def _support(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _sorted_threshold(
     u: torch.Tensor, c: torch.Tensor, z: float | torch.Tensor, d: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(θ, ρ)``: θ with Σᵢ max(vᵢ − θ, 0) = z, from v sorted descending (u) and its cumsum
-    (c), and the support's size ρ (in float32 at least).
+) -> torch.Tensor:
+    """θ with Σᵢ max(vᵢ − θ, 0) = z, from v sorted descending (u) and its cumsum (c); the
+    support's size ρ is counted in float32 at least.
 
     Duchi et al. 2008, Fig. 1: ρ = max{j : u_j − (c_j − z)/j > 0} and θ = (c_ρ − z)/ρ.
     The test f_j = j·u_j − c_j + z > 0 is monotone in j, so ρ is the count of its true
@@ -84,14 +84,14 @@ def _sorted_threshold(
     f = torch.sub(z, c).addcmul_(u, j)
     f = torch.minimum(f, u + z)
     rho = f.clamp_(min=0.0).sign_().sum(d, keepdim=True).clamp_(min=1.0)
-    return ((c.gather(d, rho.long() - 1) - z) / rho).to(dtype), rho
+    return ((c.gather(d, rho.long() - 1) - z) / rho).to(dtype)
 
 
 def _shifted_simplex(
     t: torch.Tensor, z: float | torch.Tensor, d: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Project ``t`` (each row's max 0) onto {v ≥ 0, Σv = z}: ``(t, θ, ρ)`` with v = max(t − θ, 0)
-    (t clamped at −z in place; the callers form v) and ρ the support's size; None on overflow.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Project ``t`` (each row's max 0) onto {v ≥ 0, Σv = z}: ``(t, θ)`` with v = max(t − θ, 0)
+    (t clamped at −z in place; the callers form v); None on overflow.
 
     Working relative to the row maximum keeps every quantity at the scale of z: the
     answer is max(t − θ, 0) with θ ∈ [−z, 0] (y_max ≤ z gives θ ≥ −z), so entries at
@@ -112,16 +112,15 @@ def _shifted_simplex(
     # in the threshold, with the host read that also catches NaN/Inf in the input.
     if not bool(torch.isfinite(torch.sub(c.narrow(d, c.shape[d] - 1, 1), z, alpha=2)).all()):
         return None
-    return t, *_sorted_threshold(u, c, z, d)
+    return t, _sorted_threshold(u, c, z, d)
 
 
-def _float32_answer(a: torch.Tensor, top: torch.Tensor, theta: torch.Tensor, rho: torch.Tensor,
-                    z: float | torch.Tensor, d: int) -> torch.Tensor:
-    """max(a − top − θ, 0) for float32 ``a`` (x, or |x| for L1; ``top`` its row max), formed
-    in float64 and rounded once, θ in float64: one Newton step on
-    g(θ) = Σᵢ max(aᵢ − top − θ, 0) − z from the float32 θ₀ and support size ρ of
-    :func:`_sorted_threshold`, θ = θ₀ + g(θ₀)/ρ, exact where θ₀ and θ have the same
-    support (g is linear there; they differ only at ties with the threshold).
+def _float32_answer(a: torch.Tensor, top: torch.Tensor, theta: torch.Tensor, z: float | torch.Tensor,
+                    d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(v, θ)``: v = max(a − top − θ, 0) for float32 ``a`` (x, or |x| for L1; ``top`` its row max),
+    formed in float64 and rounded once, θ in float64: Newton steps on
+    g(θ) = Σᵢ max(aᵢ − top − θ, 0) − z from the float32 θ₀ of :func:`_sorted_threshold`, exact
+    once their support is the answer's (g is linear there; they differ only at ties with the threshold).
 
     θ₀ is off by ~ε|θ| (the rounded prefix sums; t = a − top is rounded too), and so was
     every aᵢ − top − θ₀ in float32: a small entry lost its relative accuracy (73 ulps at
@@ -133,11 +132,9 @@ def _float32_answer(a: torch.Tensor, top: torch.Tensor, theta: torch.Tensor, rho
     w = a.to(torch.float64).sub_(top.to(torch.float64))
     theta = theta.to(torch.float64)
     z64 = z.to(torch.float64) if isinstance(z, torch.Tensor) else z
-    # Two Newton steps from just below θ₀, each with its support counted in float64 (Michelot's
-    # iteration: from below θ rises to the root, which it reaches once the support is the
-    # answer's). ρ itself can be wrong: entries within float32's rounding of the row max (1e-9
-    # beside 1) round onto it in t = a − top, and [1, 1e-9, 1e-9, 1e-9] gave [1, 0, 0, 0] for
-    # [1, 2.5e-10 ×3] from one step with ρ = 1. The margin covers θ₀'s float32 rounding.
+    # Two Newton (Michelot) steps from just below θ₀ (the margin: its float32 rounding), each counting
+    # its support in float64: float32's can be wrong, entries within its rounding of the row max rounding
+    # onto it in t ([1, 1e-9, 1e-9, 1e-9] gave [1, 0, 0, 0] for [1, 2.5e-10 ×3] from one step with it).
     theta = theta - 4 * torch.finfo(torch.float32).eps * (theta.abs() + z64)
     for _ in range(2):
         v = (w - theta).clamp_(min=0.0)
@@ -148,13 +145,11 @@ def _float32_answer(a: torch.Tensor, top: torch.Tensor, theta: torch.Tensor, rho
 
 def _answer(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a: torch.Tensor, top: torch.Tensor,
             z: float | torch.Tensor, d: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, support, θ)`` from :func:`_shifted_simplex`'s ``(t, θ, ρ)``: y = max(a − top − θ, 0)
-    in x's dtype (for float32 x by :func:`_float32_answer`, whose float64 θ is returned), and the
-    support indicator where y is rounded from a wider result (:func:`_support`; empty when it is
-    y ≠ 0)."""
-    t, theta, rho = out
+    """``(y, support, θ)`` from :func:`_shifted_simplex`'s ``(t, θ)``: y = max(a − top − θ, 0) in x's
+    dtype (float32: :func:`_float32_answer`'s, and its θ), the support where y is rounded (:func:`_support`)."""
+    t, theta = out
     if x.dtype == torch.float32 and x.device.type != "mps":  # (MPS has no float64)
-        v, theta = _float32_answer(a, top, theta, rho, z, d)
+        v, theta = _float32_answer(a, top, theta, z, d)
         # A float64 vᵢ > 0 rounds to 0 only below float32's smallest subnormal: at a tie
         # with the threshold (no derivative; the entry counts as outside), or where z/n
         # itself is that small, where the support is kept as for 16-bit x.
@@ -206,8 +201,7 @@ def l1_forward(
         # Rows inside the ball keep x itself: scaled by 2^-k, entries near the subnormal
         # range lost bits (float32, r = 3e38: 1.1258e-40 came back as 1.1264e-40).
         return (y if sphere else torch.where(active, y, x)), active, support
-    # (θ refined in float64 for float32 x: its float32 value put [1, 1e-9, 1e-9, 1e-9], outside r = 1
-    # by 3e-9, inside the ball, returned unchanged)
+    # (θ refined in float64 for float32 x: float32's put [1, 1e-9, 1e-9, 1e-9], 3e-9 outside r = 1, inside)
     t, support, theta = _answer(out, ax, top, r, d, x)
     # θ + max|x| is the threshold on |x|: ≤ 0 inside the ball, where the ball keeps x;
     # the sphere pushes every coordinate out by −θ along sign(x) there (the nearest
