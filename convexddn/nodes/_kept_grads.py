@@ -78,19 +78,19 @@ def kept_grads(module: torch.nn.Module) -> Iterator[None]:
             return torch.zeros_like(grad)
         return hook
 
-    def restore_none(i: int):
+    def restore(i: int):  # (right after this thread's accumulation of zeros: .grad as it was)
         def hook(p: torch.Tensor) -> None:
-            if i in was_none and _ours(owner):
-                was_none.discard(i)
-                p.grad = None
-            elif i in was_sparse and _ours(owner):
-                was_sparse.discard(i)
-                if not p.grad.is_sparse:
+            if (i in was_none or i in was_sparse) and _ours(owner):
+                if i in was_none:
+                    p.grad = None
+                elif not p.grad.is_sparse:
                     p.grad = p.grad.to_sparse()
+                was_none.discard(i)
+                was_sparse.discard(i)
         return hook
 
     handles = [h for i, p in enumerate(params)
-               for h in (p.register_hook(drop(i)), p.register_post_accumulate_grad_hook(restore_none(i)))]
+               for h in (p.register_hook(drop(i)), p.register_post_accumulate_grad_hook(restore(i)))]
     solving = _solving()
     solving.append(module)
     try:
